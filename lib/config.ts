@@ -1,0 +1,56 @@
+import { z } from "zod";
+
+/** A bad environment: the message names every offending variable. */
+export class ConfigError extends Error {
+  override name = "ConfigError";
+}
+
+const port = (fallback: number) => z.coerce.number().int().min(0).max(65535).default(fallback);
+
+/** Variables every service reads. Service schemas extend this shape. */
+export const commonEnv = {
+  LOG_LEVEL: z.enum(["debug", "info", "warn", "error"]).default("info"),
+  MESH_DATA_DIR: z.string().min(1).default(".data"),
+  /** Bearer token for admin RPCs and service-to-service calls. */
+  ADMIN_TOKEN: z.string().min(16, "must be at least 16 characters").default("dev-admin-token-change-me"),
+  OTEL_EXPORTER_OTLP_ENDPOINT: z.url().optional(),
+  /** Fraction of new traces to sample, 0..1 (parent-based: a sampled caller is always followed). */
+  OTEL_TRACES_SAMPLER_ARG: z.coerce.number().min(0).max(1).default(1),
+  /** How long SIGTERM waits for in-flight requests and streams before closing them. */
+  SHUTDOWN_GRACE_MS: z.coerce.number().int().min(0).max(600_000).default(10_000),
+};
+
+export const env = { port };
+
+/** Parses `source` with the schema built from `shape`, or throws a ConfigError naming each bad variable. */
+export function parseEnv<S extends z.ZodRawShape>(
+  shape: S,
+  source: Record<string, string | undefined> = process.env,
+): z.infer<z.ZodObject<S>> {
+  // Empty strings mean "unset", as in most shells' `VAR= cmd`.
+  const cleaned = Object.fromEntries(Object.entries(source).filter(([, v]) => v !== ""));
+  const result = z.object(shape).safeParse(cleaned);
+  if (result.success) return result.data;
+  const problems = result.error.issues.map((issue) => {
+    const name = issue.path.join(".");
+    const value = cleaned[name];
+    const shown = value === undefined ? "unset" : `"${looksSecret(name) ? "***" : value}"`;
+    return `${name} (${shown}): ${issue.message}`;
+  });
+  throw new ConfigError(`invalid environment: ${problems.join("; ")}`);
+}
+
+/** parseEnv for composition roots: prints the error on stderr and exits 2. */
+export function loadEnvOrExit<S extends z.ZodRawShape>(shape: S): z.infer<z.ZodObject<S>> {
+  try {
+    return parseEnv(shape);
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    process.stderr.write(`${e.message}\n`);
+    process.exit(2);
+  }
+}
+
+function looksSecret(name: string): boolean {
+  return /TOKEN|KEY|SECRET|PASSWORD/i.test(name);
+}

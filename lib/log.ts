@@ -1,0 +1,64 @@
+import { trace } from "@opentelemetry/api";
+
+export type LogLevel = "debug" | "info" | "warn" | "error";
+export type LogFields = Record<string, unknown>;
+
+export interface Logger {
+  debug(msg: string, fields?: LogFields): void;
+  info(msg: string, fields?: LogFields): void;
+  warn(msg: string, fields?: LogFields): void;
+  error(msg: string, fields?: LogFields): void;
+  child(fields: LogFields): Logger;
+}
+
+const order: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40 };
+
+// Field names whose values are never written, whatever the caller passes.
+const secretField = /secret|password|token|authorization|api_?key$|cookie/i;
+
+export interface LoggerOptions {
+  service: string;
+  level?: LogLevel;
+  /** Where lines go; stdout by default. Tests pass an array sink. */
+  write?: (line: string) => void;
+}
+
+/** A logger that writes one JSON object per line with the active trace_id and span_id. */
+export function createLogger(options: LoggerOptions, bound: LogFields = {}): Logger {
+  const min = order[options.level ?? "info"];
+  const write = options.write ?? ((line: string) => process.stdout.write(line));
+  const emit = (level: LogLevel, msg: string, fields?: LogFields) => {
+    if (order[level] < min) return;
+    const span = trace.getActiveSpan()?.spanContext();
+    const record: LogFields = {
+      time: new Date().toISOString(),
+      level,
+      service: options.service,
+      msg,
+      ...(span ? { trace_id: span.traceId, span_id: span.spanId } : {}),
+      ...redact(bound),
+      ...redact(fields),
+    };
+    write(`${JSON.stringify(record, jsonSafe)}\n`);
+  };
+  return {
+    debug: (m, f) => emit("debug", m, f),
+    info: (m, f) => emit("info", m, f),
+    warn: (m, f) => emit("warn", m, f),
+    error: (m, f) => emit("error", m, f),
+    child: (fields) => createLogger(options, { ...bound, ...fields }),
+  };
+}
+
+function redact(fields: LogFields | undefined): LogFields {
+  if (!fields) return {};
+  const out: LogFields = {};
+  for (const [k, v] of Object.entries(fields)) {
+    out[k] = secretField.test(k) ? "[redacted]" : v instanceof Error ? { name: v.name, message: v.message } : v;
+  }
+  return out;
+}
+
+function jsonSafe(_key: string, value: unknown): unknown {
+  return typeof value === "bigint" ? value.toString() : value;
+}

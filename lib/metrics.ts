@@ -1,0 +1,63 @@
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { collectDefaultMetrics, Counter, Histogram, Registry } from "prom-client";
+
+export interface Metrics {
+  registry: Registry;
+  serverInterceptor: Interceptor;
+  clientInterceptor: Interceptor;
+}
+
+const rpcBuckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+
+/** One registry per process with process metrics and RPC server/client metrics. */
+export function createMetrics(service: string): Metrics {
+  const registry = new Registry();
+  registry.setDefaultLabels({ service });
+  collectDefaultMetrics({ register: registry });
+  const labelNames = ["rpc_service", "rpc_method", "code"] as const;
+  const serverHandled = new Counter({
+    name: "rpc_server_handled_total",
+    help: "RPCs completed by the server, by service, method and status code.",
+    labelNames,
+    registers: [registry],
+  });
+  const serverDuration = new Histogram({
+    name: "rpc_server_handling_seconds",
+    help: "Time from receiving an RPC to returning its response (streams: the whole stream).",
+    labelNames,
+    buckets: rpcBuckets,
+    registers: [registry],
+  });
+  const clientHandled = new Counter({
+    name: "rpc_client_handled_total",
+    help: "RPCs completed by this process as a client, by service, method and status code.",
+    labelNames,
+    registers: [registry],
+  });
+  const clientDuration = new Histogram({
+    name: "rpc_client_handling_seconds",
+    help: "Time from starting an outgoing RPC to receiving its response headers.",
+    labelNames,
+    buckets: rpcBuckets,
+    registers: [registry],
+  });
+  const observe = (counter: Counter, histogram: Histogram): Interceptor => (next) => async (req) => {
+    const start = performance.now();
+    let code = "ok";
+    try {
+      return await next(req);
+    } catch (e) {
+      code = Code[ConnectError.from(e).code].toLowerCase();
+      throw e;
+    } finally {
+      const labels = { rpc_service: req.service.typeName, rpc_method: req.method.name, code };
+      counter.inc(labels);
+      histogram.observe(labels, (performance.now() - start) / 1000);
+    }
+  };
+  return {
+    registry,
+    serverInterceptor: observe(serverHandled, serverDuration),
+    clientInterceptor: observe(clientHandled, clientDuration),
+  };
+}

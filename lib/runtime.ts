@@ -1,0 +1,65 @@
+import type { Interceptor } from "@connectrpc/connect";
+import pkg from "../package.json" with { type: "json" };
+import { createLogger, type Logger, type LogLevel } from "./log.ts";
+import { createMetrics, type Metrics } from "./metrics.ts";
+import { setupTelemetry, type Telemetry } from "./telemetry.ts";
+
+export interface RuntimeConfig {
+  LOG_LEVEL: LogLevel;
+  OTEL_EXPORTER_OTLP_ENDPOINT?: string | undefined;
+  OTEL_TRACES_SAMPLER_ARG: number;
+}
+
+/** Telemetry, logging and metrics of one service process, in the order main.ts needs them. */
+export interface Runtime {
+  log: Logger;
+  telemetry: Telemetry;
+  metrics: Metrics;
+  /** Tracing then metrics, for startServer. */
+  serverInterceptors: Interceptor[];
+  /** For clients of other mesh services. */
+  clientInterceptors: Interceptor[];
+}
+
+export function createRuntime(service: string, config: RuntimeConfig): Runtime {
+  const telemetry = setupTelemetry({
+    service,
+    version: pkg.version,
+    otlpEndpoint: config.OTEL_EXPORTER_OTLP_ENDPOINT,
+    sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,
+  });
+  const log = createLogger({ service, level: config.LOG_LEVEL });
+  const metrics = createMetrics(service);
+  return {
+    log,
+    telemetry,
+    metrics,
+    serverInterceptors: [telemetry.serverInterceptor, metrics.serverInterceptor],
+    clientInterceptors: [metrics.clientInterceptor, telemetry.clientInterceptor],
+  };
+}
+
+/**
+ * On SIGTERM or SIGINT runs `stop` once (stop accepting, drain, flush), then exits 0;
+ * exits 1 if stopping throws. A second signal exits at once.
+ */
+export function stopOnSignals(log: Logger, stop: () => Promise<void>): void {
+  let stopping = false;
+  const onSignal = (signal: string) => {
+    if (stopping) process.exit(1);
+    stopping = true;
+    log.info("stopping", { signal });
+    stop().then(
+      () => {
+        log.info("stopped");
+        process.exit(0);
+      },
+      (e) => {
+        log.error("stop failed", { err: e });
+        process.exit(1);
+      },
+    );
+  };
+  process.on("SIGTERM", () => onSignal("SIGTERM"));
+  process.on("SIGINT", () => onSignal("SIGINT"));
+}

@@ -1,0 +1,153 @@
+import * as http from "node:http";
+import * as http2 from "node:http2";
+import * as net from "node:net";
+import type { ConnectRouter, ContextValues, Interceptor } from "@connectrpc/connect";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
+import type { Registry } from "prom-client";
+import type { Logger } from "./log.ts";
+
+export type NodeRequest = http.IncomingMessage | http2.Http2ServerRequest;
+export type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
+
+/** Serves plain HTTP routes next to the RPCs. Returns false when the path is not its own. */
+export type HttpRoutes = (req: NodeRequest, res: NodeResponse) => boolean | Promise<boolean>;
+
+export interface Readiness {
+  ready: boolean;
+  /** Per dependency: "ok" or what is wrong. */
+  checks: Record<string, string>;
+}
+
+export interface ServerOptions {
+  name: string;
+  port: number;
+  host?: string;
+  routes: (router: ConnectRouter) => void;
+  interceptors?: Interceptor[];
+  contextValues?: (req: NodeRequest) => ContextValues;
+  http?: HttpRoutes;
+  readiness?: () => Promise<Readiness>;
+  registry?: Registry;
+  log: Logger;
+  /** Largest RPC message accepted, in bytes. */
+  readMaxBytes?: number;
+}
+
+export interface RunningServer {
+  port: number;
+  /** http://host:port */
+  url: string;
+  /** Stops accepting, lets in-flight calls finish for up to graceMs, then closes what is left. */
+  close(graceMs: number): Promise<void>;
+}
+
+const h2Preface = Buffer.from("PRI * HTTP/2.0\r\n");
+
+/**
+ * One port for Connect, gRPC and gRPC-Web over HTTP/1.1 and h2c, plus /healthz, /readyz, /metrics
+ * and any extra HTTP routes. The first bytes of each connection decide which server takes it.
+ */
+export async function startServer(options: ServerOptions): Promise<RunningServer> {
+  const shutdown = new AbortController();
+  const rpc = connectNodeAdapter({
+    routes: options.routes,
+    interceptors: options.interceptors,
+    contextValues: options.contextValues,
+    shutdownSignal: shutdown.signal,
+    readMaxBytes: options.readMaxBytes ?? 16 * 1024 * 1024,
+  });
+
+  let inFlight = 0;
+  const handle = async (req: NodeRequest, res: NodeResponse) => {
+    inFlight++;
+    res.once("close", () => inFlight--);
+    try {
+      const path = req.url ?? "/";
+      if (req.method === "GET" && (await serveOps(path, res, options))) return;
+      if (options.http && (await options.http(req, res))) return;
+      rpc(req, res);
+    } catch (e) {
+      options.log.error("http handler failed", { err: e, path: req.url });
+      if (!res.headersSent) sendJson(res, 500, { error: { message: "internal error", type: "server_error" } });
+      else res.end();
+    }
+  };
+
+  const h1 = http.createServer({ keepAliveTimeout: 65_000 }, handle);
+  const h2 = http2.createServer({}, handle);
+  const sessions = new Set<http2.ServerHttp2Session>();
+  h2.on("session", (s) => {
+    sessions.add(s);
+    s.on("close", () => sessions.delete(s));
+  });
+  const sockets = new Set<net.Socket>();
+  const listener = net.createServer((socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+    socket.once("data", (first: Buffer) => {
+      socket.pause();
+      socket.unshift(first);
+      const target = first.subarray(0, h2Preface.length).equals(h2Preface) ? h2 : h1;
+      target.emit("connection", socket);
+      socket.resume();
+    });
+  });
+
+  await new Promise<void>((resolve, reject) => {
+    listener.once("error", reject);
+    listener.listen(options.port, options.host ?? "0.0.0.0", () => resolve());
+  });
+  const port = (listener.address() as net.AddressInfo).port;
+  options.log.info("listening", { port, server: options.name });
+
+  return {
+    port,
+    url: `http://127.0.0.1:${port}`,
+    async close(graceMs) {
+      listener.close();
+      h1.close();
+      h2.close();
+      for (const s of sessions) s.close();
+      h1.closeIdleConnections();
+      const deadline = Date.now() + graceMs;
+      while (inFlight > 0 && Date.now() < deadline) await Bun.sleep(10);
+      shutdown.abort();
+      await Bun.sleep(20);
+      for (const s of sessions) s.destroy();
+      h1.closeAllConnections();
+      for (const s of sockets) s.destroy();
+    },
+  };
+}
+
+async function serveOps(path: string, res: NodeResponse, options: ServerOptions): Promise<boolean> {
+  const bare = path.split("?")[0];
+  if (bare === "/healthz") {
+    sendJson(res, 200, { status: "ok", service: options.name });
+    return true;
+  }
+  if (bare === "/readyz") {
+    const readiness = (await options.readiness?.()) ?? { ready: true, checks: {} };
+    sendJson(res, readiness.ready ? 200 : 503, {
+      status: readiness.ready ? "ready" : "not_ready",
+      checks: readiness.checks,
+    });
+    return true;
+  }
+  if (bare === "/metrics" && options.registry) {
+    const body = await options.registry.metrics();
+    send(res, 200, { "content-type": options.registry.contentType }, body);
+    return true;
+  }
+  return false;
+}
+
+/** Writes a whole response; one signature for HTTP/1.1 and HTTP/2 responses. */
+export function send(res: NodeResponse, status: number, headers: Record<string, string>, body: string | Uint8Array): void {
+  (res as http.ServerResponse).writeHead(status, headers);
+  res.end(body);
+}
+
+export function sendJson(res: NodeResponse, status: number, value: unknown, headers: Record<string, string> = {}): void {
+  send(res, status, { "content-type": "application/json", ...headers }, JSON.stringify(value));
+}

@@ -1,0 +1,133 @@
+import {
+  context,
+  propagation,
+  type Span,
+  SpanKind,
+  SpanStatusCode,
+  type TextMapGetter,
+  type TextMapSetter,
+  trace,
+  type Tracer,
+} from "@opentelemetry/api";
+import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks";
+import { W3CTraceContextPropagator } from "@opentelemetry/core";
+import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
+import { resourceFromAttributes } from "@opentelemetry/resources";
+import {
+  BatchSpanProcessor,
+  ParentBasedSampler,
+  SimpleSpanProcessor,
+  type SpanExporter,
+  type SpanProcessor,
+  TraceIdRatioBasedSampler,
+  TracerProvider,
+} from "@opentelemetry/sdk-trace";
+import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions";
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+
+export interface TelemetryOptions {
+  service: string;
+  version: string;
+  /** OTLP/HTTP base endpoint, e.g. http://collector:4318; traces go to <endpoint>/v1/traces. */
+  otlpEndpoint?: string;
+  /** Fraction of root traces sampled, 0..1. */
+  sampleRatio?: number;
+  /** Extra exporter, exported synchronously (tests pass an InMemorySpanExporter). */
+  exporter?: SpanExporter;
+}
+
+export interface Telemetry {
+  tracer: Tracer;
+  /** Opens a server span per RPC, continuing the caller's W3C trace context. */
+  serverInterceptor: Interceptor;
+  /** Opens a client span per RPC and injects its W3C trace context into the request headers. */
+  clientInterceptor: Interceptor;
+  shutdown(): Promise<void>;
+}
+
+let installed = false;
+
+/** Installs the global tracer provider, context manager and W3C propagator. Call first in main.ts. */
+export function setupTelemetry(options: TelemetryOptions): Telemetry {
+  const processors: SpanProcessor[] = [];
+  if (options.otlpEndpoint) {
+    const url = `${options.otlpEndpoint.replace(/\/$/, "")}/v1/traces`;
+    processors.push(new BatchSpanProcessor({ exporter: new OTLPTraceExporter({ url }), scheduledDelayMillis: 500 }));
+  }
+  if (options.exporter) processors.push(new SimpleSpanProcessor({ exporter: options.exporter }));
+  const provider = new TracerProvider({
+    resource: resourceFromAttributes({ [ATTR_SERVICE_NAME]: options.service, [ATTR_SERVICE_VERSION]: options.version }),
+    sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(options.sampleRatio ?? 1) }),
+    spanProcessors: processors,
+  });
+  if (!installed) {
+    // Globals can be set once per process; tests that start several services share them.
+    context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable());
+    propagation.setGlobalPropagator(new W3CTraceContextPropagator());
+    installed = true;
+  }
+  trace.setGlobalTracerProvider(provider);
+  const tracer = provider.getTracer(options.service, options.version);
+  return {
+    tracer,
+    serverInterceptor: rpcServerTracing(tracer),
+    clientInterceptor: rpcClientTracing(tracer),
+    shutdown: () => provider.shutdown(),
+  };
+}
+
+const headerGetter: TextMapGetter<Headers> = {
+  keys: (h) => [...h.keys()],
+  get: (h, key) => h.get(key) ?? undefined,
+};
+const headerSetter: TextMapSetter<Headers> = { set: (h, key, value) => h.set(key, value) };
+
+/** W3C trace context of incoming headers (also used by the REST API). */
+export function extractContext(headers: Headers) {
+  return propagation.extract(context.active(), headers, headerGetter);
+}
+
+function rpcAttributes(service: string, method: string) {
+  return { "rpc.system": "grpc", "rpc.service": service, "rpc.method": method };
+}
+
+function rpcServerTracing(tracer: Tracer): Interceptor {
+  return (next) => async (req) => {
+    const parent = extractContext(req.header);
+    const name = `${req.service.typeName}/${req.method.name}`;
+    return tracer.startActiveSpan(
+      name,
+      { kind: SpanKind.SERVER, attributes: rpcAttributes(req.service.typeName, req.method.name) },
+      parent,
+      (span) => finishWith(span, () => next(req)),
+    );
+  };
+}
+
+function rpcClientTracing(tracer: Tracer): Interceptor {
+  return (next) => async (req) => {
+    const name = `${req.service.typeName}/${req.method.name}`;
+    return tracer.startActiveSpan(
+      name,
+      { kind: SpanKind.CLIENT, attributes: rpcAttributes(req.service.typeName, req.method.name) },
+      (span) => {
+        propagation.inject(context.active(), req.header, headerSetter);
+        return finishWith(span, () => next(req));
+      },
+    );
+  };
+}
+
+/** Runs fn inside span, records its outcome and ends the span. Streams end the span when the call returns. */
+export async function finishWith<T>(span: Span, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    const err = ConnectError.from(e);
+    span.setAttribute("rpc.grpc.status_code", err.code);
+    if (err.code !== Code.Canceled) span.setStatus({ code: SpanStatusCode.ERROR, message: err.rawMessage });
+    throw e;
+  } finally {
+    span.end();
+  }
+}
