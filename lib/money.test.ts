@@ -1,0 +1,89 @@
+import { describe, expect, test } from "bun:test";
+import {
+  costNanos,
+  divRoundHalfUp,
+  formatCents,
+  formatNanosUsd,
+  nanosToCents,
+  parseUsdMicros,
+  parseUsdNanos,
+  type Price,
+} from "./money.ts";
+
+const gpt4o: Price = {
+  inputMicros: parseUsdMicros("2.50"),
+  cachedInputMicros: parseUsdMicros("1.25"),
+  outputMicros: parseUsdMicros("10"),
+  reasoningMicros: parseUsdMicros("10"),
+};
+
+const tokens = (input: number, output: number, cached = 0, reasoning = 0) => ({
+  inputTokens: BigInt(input),
+  cachedInputTokens: BigInt(cached),
+  outputTokens: BigInt(output),
+  reasoningTokens: BigInt(reasoning),
+});
+
+describe("parseUsdMicros", () => {
+  test("parses decimal strings exactly", () => {
+    expect(parseUsdMicros("2.50")).toBe(2_500_000n);
+    expect(parseUsdMicros("0.075")).toBe(75_000n);
+    expect(parseUsdMicros("0.000001")).toBe(1n);
+    expect(parseUsdMicros("15")).toBe(15_000_000n);
+  });
+  test("rejects what is not a plain non-negative decimal", () => {
+    for (const bad of ["", "-1", "1e3", "0.0000001", "abc", "1.2.3", "NaN"]) {
+      expect(() => parseUsdMicros(bad)).toThrow(RangeError);
+    }
+  });
+  test("nanos parse budgets with 9 decimals", () => {
+    expect(parseUsdNanos("10")).toBe(10_000_000_000n);
+    expect(parseUsdNanos("0.000000001")).toBe(1n);
+  });
+});
+
+describe("costNanos", () => {
+  test("prices each token type at its own rate", () => {
+    // 1000 input at $2.50/M = $0.0025 = 2_500_000 nanos; 500 output at $10/M = 5_000_000 nanos.
+    expect(costNanos(tokens(1000, 500), gpt4o)).toBe(7_500_000n);
+    // 400 of the 1000 input cached: 600*2.5 + 400*1.25 = 2000 micro-token-USD... = 2_000_000 nanos
+    expect(costNanos(tokens(1000, 0, 400), gpt4o)).toBe(2_000_000n);
+  });
+  test("rounds half-up once per request, not per token type", () => {
+    const price: Price = { inputMicros: 1n, cachedInputMicros: 1n, outputMicros: 1n, reasoningMicros: 1n };
+    // 1 token at 1 micro-USD/M = 0.001 nano each; 499 tokens -> 0.499 -> 0; 500 -> 0.5 -> 1
+    expect(costNanos(tokens(499, 0), price)).toBe(0n);
+    expect(costNanos(tokens(500, 0), price)).toBe(1n);
+    // split across types the parts would round to 0 each, together they make 1
+    expect(costNanos(tokens(250, 250), price)).toBe(1n);
+  });
+  test("stays exact far beyond float precision", () => {
+    const big = tokens(2 ** 31 - 1, 2 ** 31 - 1);
+    const expensive: Price = {
+      inputMicros: parseUsdMicros("999.999999"),
+      cachedInputMicros: 0n,
+      outputMicros: parseUsdMicros("999.999999"),
+      reasoningMicros: 0n,
+    };
+    expect(costNanos(big, expensive)).toBe(divRoundHalfUp(2n * (2n ** 31n - 1n) * 999_999_999n, 1000n));
+  });
+  test("cached and reasoning counts larger than their totals are clamped", () => {
+    expect(costNanos(tokens(10, 10, 50, 50), gpt4o)).toBe(costNanos(tokens(10, 10, 10, 10), gpt4o));
+  });
+});
+
+describe("rounding and formatting", () => {
+  test("half-up to cents at the boundary, symmetric for credits", () => {
+    expect(nanosToCents(4_999_999n)).toBe(0n);
+    expect(nanosToCents(5_000_000n)).toBe(1n);
+    expect(nanosToCents(-5_000_000n)).toBe(-1n);
+    expect(nanosToCents(-4_999_999n)).toBe(0n);
+    expect(nanosToCents(1_234_567_890n)).toBe(123n);
+  });
+  test("formats", () => {
+    expect(formatCents(123456789n)).toBe("$1,234,567.89");
+    expect(formatCents(-5n)).toBe("-$0.05");
+    expect(formatNanosUsd(1500n)).toBe("0.0000015");
+    expect(formatNanosUsd(2_000_000_000n)).toBe("2");
+  });
+});

@@ -1,0 +1,91 @@
+/**
+ * Money is integer nano-USD (1e-9 USD) everywhere. Prices are configured as decimal USD per
+ * million tokens and held as integer micro-USD per million tokens. Arithmetic is in bigint so
+ * no product of tokens and prices can lose precision.
+ */
+
+export const NANOS_PER_USD = 1_000_000_000n;
+export const NANOS_PER_CENT = 10_000_000n;
+
+/** Integer micro-USD per million tokens for each token type. */
+export interface Price {
+  inputMicros: bigint;
+  cachedInputMicros: bigint;
+  outputMicros: bigint;
+  reasoningMicros: bigint;
+}
+
+export interface Tokens {
+  inputTokens: bigint;
+  cachedInputTokens: bigint;
+  outputTokens: bigint;
+  reasoningTokens: bigint;
+}
+
+const decimalUsd = /^(\d{1,9})(?:\.(\d{1,6}))?$/;
+
+/** Parses a non-negative decimal USD amount with at most 6 decimals ("2.5", "0.075") into micro-USD. */
+export function parseUsdMicros(text: string): bigint {
+  const match = decimalUsd.exec(text.trim());
+  if (!match) throw new RangeError(`"${text}" is not a USD amount with at most 6 decimals`);
+  const [, whole = "0", frac = ""] = match;
+  return BigInt(whole) * 1_000_000n + BigInt(frac.padEnd(6, "0"));
+}
+
+/** Parses a decimal USD amount with at most 9 decimals into nano-USD (budgets, discounts caps). */
+export function parseUsdNanos(text: string): bigint {
+  const match = /^(\d{1,12})(?:\.(\d{1,9}))?$/.exec(text.trim());
+  if (!match) throw new RangeError(`"${text}" is not a USD amount with at most 9 decimals`);
+  const [, whole = "0", frac = ""] = match;
+  return BigInt(whole) * NANOS_PER_USD + BigInt(frac.padEnd(9, "0"));
+}
+
+/** Integer division of a non-negative or negative numerator, rounding half away from zero. */
+export function divRoundHalfUp(numerator: bigint, denominator: bigint): bigint {
+  if (denominator <= 0n) throw new RangeError("denominator must be positive");
+  const sign = numerator < 0n ? -1n : 1n;
+  const abs = numerator * sign;
+  return sign * ((abs * 2n + denominator) / (denominator * 2n));
+}
+
+/**
+ * Exact cost of one request in nano-USD, rounded half-up once.
+ * Cached input tokens are part of input tokens and reasoning tokens part of output tokens;
+ * each part is priced at its own rate.
+ */
+export function costNanos(tokens: Tokens, price: Price): bigint {
+  const cached = min(tokens.cachedInputTokens, tokens.inputTokens);
+  const reasoning = min(tokens.reasoningTokens, tokens.outputTokens);
+  // tokens * micro-USD per 1e6 tokens = tokens * micros / 1e6 micro-USD = tokens * micros / 1e3 nano-USD
+  const microTokenProduct =
+    (tokens.inputTokens - cached) * price.inputMicros +
+    cached * price.cachedInputMicros +
+    (tokens.outputTokens - reasoning) * price.outputMicros +
+    reasoning * price.reasoningMicros;
+  return divRoundHalfUp(microTokenProduct, 1000n);
+}
+
+/** Rounds nano-USD to cents, half-up (away from zero), once. */
+export function nanosToCents(nanos: bigint): bigint {
+  return divRoundHalfUp(nanos, NANOS_PER_CENT);
+}
+
+/** "$1,234.56" from cents. */
+export function formatCents(cents: bigint): string {
+  const sign = cents < 0n ? "-" : "";
+  const abs = cents < 0n ? -cents : cents;
+  const dollars = (abs / 100n).toString().replace(/\B(?=(\d{3})+(?!\d))/g, ",");
+  return `${sign}$${dollars}.${(abs % 100n).toString().padStart(2, "0")}`;
+}
+
+/** Exact decimal USD from nano-USD, e.g. 1500n -> "0.0000015". */
+export function formatNanosUsd(nanos: bigint): string {
+  const sign = nanos < 0n ? "-" : "";
+  const abs = nanos < 0n ? -nanos : nanos;
+  const frac = (abs % NANOS_PER_USD).toString().padStart(9, "0").replace(/0+$/, "");
+  return `${sign}${abs / NANOS_PER_USD}${frac ? `.${frac}` : ""}`;
+}
+
+function min(a: bigint, b: bigint): bigint {
+  return a < b ? a : b;
+}
