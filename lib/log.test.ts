@@ -1,0 +1,34 @@
+import { expect, test } from "bun:test";
+import { trace } from "@opentelemetry/api";
+import { InMemorySpanExporter } from "@opentelemetry/sdk-trace";
+import { createLogger } from "./log.ts";
+import { setupTelemetry } from "./telemetry.ts";
+
+test("one JSON object per line, secrets redacted, trace ids from the active span", () => {
+  const lines: string[] = [];
+  const log = createLogger({ service: "t", level: "info", write: (l) => lines.push(l) }).child({ component: "c" });
+  const { tracer } = setupTelemetry({ service: "t", version: "0", exporter: new InMemorySpanExporter() });
+  log.debug("hidden");
+  tracer.startActiveSpan("work", (span) => {
+    log.info("hello", { authorization: "Bearer sk-secret", api_key: "sk-secret", count: 3n, err: new Error("boom") });
+    span.end();
+  });
+  expect(lines).toHaveLength(1);
+  const line = lines[0] ?? "";
+  expect(line.endsWith("\n")).toBe(true);
+  expect(line).not.toContain("sk-secret");
+  const record = JSON.parse(line);
+  expect(record).toMatchObject({
+    level: "info",
+    service: "t",
+    msg: "hello",
+    component: "c",
+    authorization: "[redacted]",
+    api_key: "[redacted]",
+    count: "3",
+    err: { name: "Error", message: "boom" },
+  });
+  expect(record.trace_id).toMatch(/^[0-9a-f]{32}$/);
+  expect(record.span_id).toMatch(/^[0-9a-f]{16}$/);
+  expect(trace.getActiveSpan()).toBeUndefined();
+});

@@ -1,0 +1,96 @@
+import * as net from "node:net";
+import type { Subprocess } from "bun";
+
+/** A free TCP port on loopback, picked by the kernel. */
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const { port } = srv.address() as net.AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+export interface ServiceProcessOptions {
+  name: string;
+  /** Command and arguments, e.g. [process.execPath, "billing/main.ts"]. */
+  cmd: string[];
+  env: Record<string, string | undefined>;
+  /** URL that answers 200 once the service is ready. */
+  readyUrl: string;
+  readyTimeoutMs?: number;
+  /** Receives each output line; defaults to `[name] line` on stdout. */
+  onLine?: (line: string) => void;
+  cwd?: string;
+}
+
+export interface ServiceProcess {
+  name: string;
+  proc: Subprocess;
+  /** Resolves when /readyz answers 200; rejects if the process exits or the timeout passes. */
+  ready: Promise<void>;
+  /** Sends the signal and waits for the exit code. */
+  stop(signal?: NodeJS.Signals, timeoutMs?: number): Promise<number>;
+}
+
+/** Starts a service as a child process with line-prefixed output and a readiness wait. */
+export function spawnService(options: ServiceProcessOptions): ServiceProcess {
+  const onLine = options.onLine ?? ((line: string) => process.stdout.write(`[${options.name}] ${line}\n`));
+  const proc = Bun.spawn(options.cmd, {
+    cwd: options.cwd,
+    env: { ...process.env, ...options.env },
+    stdout: "pipe",
+    stderr: "pipe",
+    stdin: "ignore",
+  });
+  void pipeLines(proc.stdout, onLine);
+  void pipeLines(proc.stderr, onLine);
+  const ready = waitReady(options.readyUrl, options.readyTimeoutMs ?? 30_000, proc, options.name);
+  return {
+    name: options.name,
+    proc,
+    ready,
+    async stop(signal = "SIGTERM", timeoutMs = 20_000) {
+      if (proc.exitCode !== null || proc.signalCode !== null) return proc.exitCode ?? -1;
+      proc.kill(signal);
+      const timer = setTimeout(() => proc.kill("SIGKILL"), timeoutMs);
+      const code = await proc.exited;
+      clearTimeout(timer);
+      return code;
+    },
+  };
+}
+
+async function waitReady(url: string, timeoutMs: number, proc: Subprocess, name: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (proc.exitCode !== null || proc.signalCode !== null) {
+      throw new Error(`${name} exited with ${proc.exitCode ?? proc.signalCode} before it was ready`);
+    }
+    try {
+      const res = await fetch(url, { signal: AbortSignal.timeout(1_000) });
+      if (res.status === 200) return;
+    } catch {
+      // not listening yet
+    }
+    await Bun.sleep(100);
+  }
+  throw new Error(`${name} was not ready at ${url} within ${timeoutMs} ms`);
+}
+
+async function pipeLines(stream: ReadableStream<Uint8Array>, onLine: (line: string) => void): Promise<void> {
+  const decoder = new TextDecoder();
+  let buffered = "";
+  for await (const chunk of stream) {
+    buffered += decoder.decode(chunk, { stream: true });
+    let nl = buffered.indexOf("\n");
+    while (nl >= 0) {
+      onLine(buffered.slice(0, nl));
+      buffered = buffered.slice(nl + 1);
+      nl = buffered.indexOf("\n");
+    }
+  }
+  if (buffered) onLine(buffered);
+}

@@ -1,0 +1,141 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
+import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
+import { BillingService, OrganizationSchema } from "../gen/billing/v1/billing_pb.ts";
+import { bearerToken } from "./auth.ts";
+import { createLogger } from "./log.ts";
+import { createMetrics } from "./metrics.ts";
+import { createServiceClient } from "./rpc-client.ts";
+import { type RunningServer, startServer } from "./server.ts";
+
+const metrics = createMetrics("test");
+let server: RunningServer;
+
+beforeAll(async () => {
+  server = await startServer({
+    name: "test",
+    port: 0,
+    host: "127.0.0.1",
+    log: createLogger({ service: "test", write: () => {} }),
+    registry: metrics.registry,
+    interceptors: [metrics.serverInterceptor],
+    readiness: async () => ({ ready: true, checks: { self: "ok" } }),
+    routes: (router) => {
+      router.service(BillingService, {
+        async listOrganizations(_req, ctx) {
+          if (!bearerToken(ctx.requestHeader)) throw new ConnectError("no token", Code.Unauthenticated);
+          return { organizations: [create(OrganizationSchema, { id: "org_1", name: "acme", monthlyBudgetNanos: 5n })] };
+        },
+      });
+      router.service(AnalyticsService, {
+        async *ingestMetrics(batches) {
+          for await (const batch of batches) yield { ackedSequence: batch.sequence, duplicateRows: 0 };
+        },
+      });
+    },
+  });
+});
+
+afterAll(() => server.close(1_000));
+
+describe("one port for every protocol", () => {
+  test("gRPC over h2c", async () => {
+    const client = createServiceClient(BillingService, { baseUrl: server.url, bearerToken: "t" });
+    const res = await client.listOrganizations({});
+    expect(res.organizations[0]?.monthlyBudgetNanos).toBe(5n);
+  });
+
+  test("Connect JSON over HTTP/1.1, as curl or a browser would send it", async () => {
+    const res = await fetch(`${server.url}/billing.v1.BillingService/ListOrganizations`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: "Bearer t" },
+      body: "{}",
+    });
+    expect(res.status).toBe(200);
+    expect(await res.json()).toEqual({ organizations: [{ id: "org_1", name: "acme", monthlyBudgetNanos: "5" }] });
+  });
+
+  test("gRPC-Web and Connect over HTTP/1.1 with the connect-node transports", async () => {
+    for (const transport of [
+      createGrpcWebTransport({ baseUrl: server.url, httpVersion: "1.1" }),
+      createConnectTransport({ baseUrl: server.url, httpVersion: "1.1" }),
+    ]) {
+      const client = createClient(BillingService, transport);
+      const res = await client.listOrganizations({}, { headers: { authorization: "Bearer t" } });
+      expect(res.organizations[0]?.name).toBe("acme");
+      const err = await client.listOrganizations({}).catch((e) => ConnectError.from(e));
+      expect(err).toBeInstanceOf(ConnectError);
+      expect((err as ConnectError).code).toBe(Code.Unauthenticated);
+    }
+  });
+
+  test("bidi streaming over gRPC", async () => {
+    const client = createServiceClient(AnalyticsService, { baseUrl: server.url });
+    async function* batches() {
+      for (let sequence = 1n; sequence <= 3n; sequence++) yield { gatewayInstanceId: "g", sequence, metrics: [] };
+    }
+    const acks: bigint[] = [];
+    for await (const ack of client.ingestMetrics(batches())) acks.push(ack.ackedSequence);
+    expect(acks).toEqual([1n, 2n, 3n]);
+  });
+
+  test("a grpc-js client under Node calls the Bun-served RPCs", async () => {
+    const proc = Bun.spawn(["node", "test/node/grpc-client.mjs", `127.0.0.1:${server.port}`], {
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [out, err, code] = await Promise.all([
+      new Response(proc.stdout).text(),
+      new Response(proc.stderr).text(),
+      proc.exited,
+    ]);
+    expect(err).toBe("");
+    expect(code).toBe(0);
+    const result = JSON.parse(out);
+    expect(result.node).toStartWith("v");
+    expect(result.unary.organizations[0]).toMatchObject({ id: "org_1", name: "acme", monthly_budget_nanos: "5" });
+    expect(result.acks).toEqual(["1", "2", "3"]);
+    expect(result.denied.code).toBe(16); // UNAUTHENTICATED
+  }, 20_000);
+
+  test("/healthz, /readyz and /metrics", async () => {
+    expect((await fetch(`${server.url}/healthz`)).status).toBe(200);
+    const ready = await fetch(`${server.url}/readyz`);
+    expect(await ready.json()).toEqual({ status: "ready", checks: { self: "ok" } });
+    const text = await (await fetch(`${server.url}/metrics`)).text();
+    expect(text).toMatch(/rpc_server_handled_total\{[^}]*rpc_method="ListOrganizations"[^}]*code="ok"[^}]*\} [1-9]/);
+    expect(text).toContain("process_cpu_seconds_total");
+  });
+});
+
+describe("close", () => {
+  test("lets an in-flight call finish, then refuses new connections", async () => {
+    const own = await startServer({
+      name: "drain",
+      port: 0,
+      host: "127.0.0.1",
+      log: createLogger({ service: "test", write: () => {} }),
+      routes: (router) =>
+        router.service(BillingService, {
+          async listProjects() {
+            await Bun.sleep(300);
+            return { projects: [] };
+          },
+        }),
+    });
+    const client = createServiceClient(BillingService, { baseUrl: own.url });
+    const inFlight = client.listProjects({ orgId: "o" });
+    await Bun.sleep(50);
+    const closed = own.close(5_000);
+    const outcome = await inFlight.catch((e) => ConnectError.from(e));
+    expect(outcome).toMatchObject({ projects: [] });
+    await closed;
+    const after = await fetch(`${own.url}/healthz`).then(
+      () => "answered",
+      () => "refused",
+    );
+    expect(after).toBe("refused");
+  });
+});

@@ -1,0 +1,199 @@
+/**
+ * Starts billing, analytics and gateway as separate processes with prefixed logs, waits until
+ * all are ready, makes sure a demo org and API key exist, and stops everything on Ctrl-C.
+ * `startMesh` is also what the end-to-end tests use.
+ */
+import { mkdir, readFile, writeFile } from "node:fs/promises";
+import * as path from "node:path";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { z } from "zod";
+import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
+import { freePort, type ServiceProcess, spawnService } from "../lib/processes.ts";
+import { createServiceClient } from "../lib/rpc-client.ts";
+
+const root = path.resolve(import.meta.dir, "..");
+
+export interface MeshOptions {
+  dataDir: string;
+  adminToken: string;
+  /** 0 picks a free port. */
+  ports: { gateway: number; billing: number; analytics: number };
+  /** Extra environment for every service (DATABASE_URL, CLICKHOUSE_URL, LOG_LEVEL, ...). */
+  env?: Record<string, string | undefined>;
+  /** Per-service extra environment. */
+  serviceEnv?: Partial<Record<ServiceName, Record<string, string | undefined>>>;
+  onLine?: (service: ServiceName, line: string) => void;
+  readyTimeoutMs?: number;
+}
+
+export type ServiceName = "billing" | "analytics" | "gateway";
+
+export interface Demo {
+  baseUrl: string;
+  apiKey: string;
+  orgId: string;
+}
+
+export interface Mesh {
+  urls: Record<ServiceName, string>;
+  processes: Record<ServiceName, ServiceProcess>;
+  /** Starts (again) one service on its port, e.g. after a test killed it. */
+  restart(name: ServiceName): Promise<ServiceProcess>;
+  /** SIGTERM to gateway, analytics, billing in that order (callers first); returns exit codes. */
+  stop(): Promise<Record<ServiceName, number>>;
+}
+
+export async function startMesh(options: MeshOptions): Promise<Mesh> {
+  const ports = {
+    billing: options.ports.billing || (await freePort()),
+    analytics: options.ports.analytics || (await freePort()),
+    gateway: options.ports.gateway || (await freePort()),
+  };
+  const urls = {
+    billing: `http://127.0.0.1:${ports.billing}`,
+    analytics: `http://127.0.0.1:${ports.analytics}`,
+    gateway: `http://127.0.0.1:${ports.gateway}`,
+  };
+  const shared = {
+    MESH_DATA_DIR: options.dataDir,
+    ADMIN_TOKEN: options.adminToken,
+    BILLING_URL: urls.billing,
+    ANALYTICS_URL: urls.analytics,
+    BILLING_PORT: String(ports.billing),
+    ANALYTICS_PORT: String(ports.analytics),
+    GATEWAY_PORT: String(ports.gateway),
+    ...options.env,
+  };
+  const spawn = (name: ServiceName) =>
+    spawnService({
+      name,
+      cmd: [process.execPath, path.join(root, name, "main.ts")],
+      cwd: root,
+      env: { ...shared, ...options.serviceEnv?.[name] },
+      readyUrl: `${urls[name]}/readyz`,
+      readyTimeoutMs: options.readyTimeoutMs ?? 60_000,
+      onLine: options.onLine && ((line) => options.onLine?.(name, line)),
+    });
+
+  const processes = {} as Record<ServiceName, ServiceProcess>;
+  const stop = async () => {
+    const codes = {} as Record<ServiceName, number>;
+    for (const name of ["gateway", "analytics", "billing"] as const) {
+      codes[name] = (await processes[name]?.stop()) ?? 0;
+    }
+    return codes;
+  };
+  try {
+    processes.billing = spawn("billing");
+    await processes.billing.ready;
+    // The gateway is ready only once billing answers; analytics once ClickHouse does.
+    processes.analytics = spawn("analytics");
+    processes.gateway = spawn("gateway");
+    await Promise.all([processes.analytics.ready, processes.gateway.ready]);
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+  return {
+    urls,
+    processes,
+    async restart(name) {
+      processes[name] = spawn(name);
+      await processes[name].ready;
+      return processes[name];
+    },
+    stop,
+  };
+}
+
+/** Finds or creates the demo org and a working key, kept in <dataDir>/demo.env across restarts. */
+export async function ensureDemo(mesh: Mesh, options: { dataDir: string; adminToken: string }): Promise<Demo> {
+  const billing = createServiceClient(BillingService, {
+    baseUrl: mesh.urls.billing,
+    bearerToken: options.adminToken,
+    timeoutMs: 10_000,
+  });
+  const file = path.join(options.dataDir, "demo.env");
+  const baseUrl = `${mesh.urls.gateway}/v1`;
+  const saved = await readFile(file, "utf8").catch(() => "");
+  const savedKey = /^OPENAI_API_KEY=(.+)$/m.exec(saved)?.[1];
+  if (savedKey) {
+    try {
+      const principal = await billing.authorizeKey({ secret: savedKey });
+      await writeDemo(file, baseUrl, savedKey);
+      return { baseUrl, apiKey: savedKey, orgId: principal.organization?.id ?? "" };
+    } catch (e) {
+      if (ConnectError.from(e).code !== Code.Unauthenticated) throw e;
+    }
+  }
+  const orgs = await billing.listOrganizations({});
+  const org =
+    orgs.organizations.find((o) => o.name === "demo") ?? (await billing.createOrganization({ name: "demo" })).organization;
+  if (!org) throw new Error("billing returned no organization");
+  const created = await billing.createApiKey({ orgId: org.id, name: "demo" });
+  await writeDemo(file, baseUrl, created.secret);
+  return { baseUrl, apiKey: created.secret, orgId: org.id };
+}
+
+async function writeDemo(file: string, baseUrl: string, apiKey: string) {
+  await mkdir(path.dirname(file), { recursive: true });
+  await writeFile(file, `OPENAI_BASE_URL=${baseUrl}\nOPENAI_API_KEY=${apiKey}\n`, { mode: 0o600 });
+}
+
+if (import.meta.main) {
+  const cfg = loadEnvOrExit({
+    MESH_DATA_DIR: commonEnv.MESH_DATA_DIR,
+    ADMIN_TOKEN: commonEnv.ADMIN_TOKEN,
+    GATEWAY_PORT: env.port(8080),
+    BILLING_PORT: env.port(8081),
+    ANALYTICS_PORT: env.port(8082),
+    MESH_READY_TIMEOUT_MS: z.coerce.number().int().positive().default(60_000),
+  });
+  const dataDir = path.resolve(cfg.MESH_DATA_DIR);
+  const started = Date.now();
+  const mesh = await startMesh({
+    dataDir,
+    adminToken: cfg.ADMIN_TOKEN,
+    ports: { gateway: cfg.GATEWAY_PORT, billing: cfg.BILLING_PORT, analytics: cfg.ANALYTICS_PORT },
+    readyTimeoutMs: cfg.MESH_READY_TIMEOUT_MS,
+  }).catch((e: Error) => {
+    process.stderr.write(`mesh failed to start: ${e.message}\n`);
+    process.exit(1);
+  });
+  let stopping = false;
+  const shutdown = async () => {
+    if (stopping) return;
+    stopping = true;
+    process.stdout.write("\nstopping the mesh...\n");
+    const codes = await mesh.stop();
+    process.stdout.write(`stopped: ${JSON.stringify(codes)}\n`);
+    process.exit(Object.values(codes).every((c) => c === 0) ? 0 : 1);
+  };
+  process.on("SIGINT", shutdown);
+  process.on("SIGTERM", shutdown);
+  for (const p of Object.values(mesh.processes)) {
+    void p.proc.exited.then((code) => {
+      if (!stopping) {
+        process.stderr.write(`${p.name} exited unexpectedly with ${code}; stopping the mesh\n`);
+        void shutdown();
+      }
+    });
+  }
+  const demo = await ensureDemo(mesh, { dataDir, adminToken: cfg.ADMIN_TOKEN });
+  const seconds = ((Date.now() - started) / 1000).toFixed(1);
+  process.stdout.write(
+    [
+      "",
+      `mesh ready in ${seconds}s: gateway ${mesh.urls.gateway}, billing ${mesh.urls.billing}, analytics ${mesh.urls.analytics}`,
+      `OPENAI_BASE_URL=${demo.baseUrl}`,
+      `OPENAI_API_KEY=${demo.apiKey}`,
+      `(also written to ${path.join(dataDir, "demo.env")})`,
+      "",
+      `try: curl ${demo.baseUrl}/chat/completions -H "authorization: Bearer $OPENAI_API_KEY" \\`,
+      `       -H 'content-type: application/json' -d '{"model":"mock","messages":[{"role":"user","content":"hello"}]}'`,
+      "Ctrl-C stops everything.",
+      "",
+    ].join("\n"),
+  );
+}
