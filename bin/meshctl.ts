@@ -1,0 +1,527 @@
+#!/usr/bin/env bun
+/**
+ * meshctl: operate billing and analytics from a terminal.
+ * Addresses from BILLING_URL / ANALYTICS_URL, admin token from ADMIN_TOKEN.
+ * Human tables by default, --json for scripts. Errors print one line and exit non-zero.
+ */
+import { writeFile } from "node:fs/promises";
+import { parseArgs } from "node:util";
+import { createRegistry, type DescMessage, type MessageInitShape, type MessageShape, toJson } from "@bufbuild/protobuf";
+import { type Timestamp, timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { ConnectError } from "@connectrpc/connect";
+import { z } from "zod";
+import { AnalyticsService, file_analytics_v1_analytics } from "../gen/analytics/v1/analytics_pb.ts";
+import {
+  BillingService,
+  DiscountKind,
+  type DiscountRuleSchema,
+  file_billing_v1_billing,
+  type Invoice,
+  InvoiceStatus,
+  type KeyLimits,
+  type KeyLimitsSchema,
+} from "../gen/billing/v1/billing_pb.ts";
+import { commonEnv, parseEnv } from "../lib/config.ts";
+import { formatCents, formatNanosUsd, parseUsdNanos } from "../lib/money.ts";
+import { createServiceClient } from "../lib/rpc-client.ts";
+
+export interface CliIo {
+  env: Record<string, string | undefined>;
+  out: (text: string) => void;
+  err: (text: string) => void;
+}
+
+class UsageError extends Error {}
+
+const usage = `usage: meshctl <command> [flags] [--json]
+
+  orgs create NAME [--tax-bps N] [--billing-day N] [--budget-usd X] | orgs list
+  projects create --org ID NAME | projects list --org ID
+  keys create --org ID [--project ID] [--name S] [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N]
+              [--models a,b] [--expires DATE]
+  keys list --org ID [--all] | keys revoke KEY_ID | keys rotate KEY_ID
+  quota set KEY_ID [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N] [--models a,b] [--expires DATE]
+  quota show KEY_ID --org ID
+  usage --org ID [--from DATE] [--to DATE] [--source billing|analytics]
+  discounts add --org ID --name S --kind volume-graduated|volume-all-units|time-window|promotional
+                [--percent P] [--tiers FROM_USD:PERCENT,...] [--hours 0-6] [--days 0,6] [--model M] [--provider P]
+                [--priority N] [--exclusive] [--from DATE] [--until DATE] [--cap-usd X]
+  discounts list --org ID | discounts remove RULE_ID
+  invoices generate --org ID [--period YYYY-MM] | invoices list --org ID | invoices show ID
+  invoices issue|pay|void ID | invoices render ID --html [--out FILE]
+
+environment: BILLING_URL, ANALYTICS_URL, ADMIN_TOKEN`;
+
+const flags = {
+  json: { type: "boolean" },
+  org: { type: "string" },
+  project: { type: "string" },
+  name: { type: "string" },
+  "budget-usd": { type: "string" },
+  "monthly-tokens": { type: "string" },
+  rpm: { type: "string" },
+  tpm: { type: "string" },
+  models: { type: "string" },
+  expires: { type: "string" },
+  all: { type: "boolean" },
+  from: { type: "string" },
+  to: { type: "string" },
+  until: { type: "string" },
+  source: { type: "string" },
+  kind: { type: "string" },
+  percent: { type: "string" },
+  tiers: { type: "string" },
+  hours: { type: "string" },
+  days: { type: "string" },
+  model: { type: "string" },
+  provider: { type: "string" },
+  priority: { type: "string" },
+  exclusive: { type: "boolean" },
+  "cap-usd": { type: "string" },
+  "tax-bps": { type: "string" },
+  "billing-day": { type: "string" },
+  period: { type: "string" },
+  html: { type: "boolean" },
+  out: { type: "string" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+export async function runCli(argv: string[], io: CliIo): Promise<number> {
+  try {
+    const { values, positionals } = parseArgs({ args: argv, options: flags, allowPositionals: true, strict: true });
+    const [group, action, ...rest] = positionals;
+    if (values.help || !group) {
+      io.out(`${usage}\n`);
+      return values.help ? 0 : 2;
+    }
+    const cfg = parseEnv(
+      {
+        ADMIN_TOKEN: commonEnv.ADMIN_TOKEN,
+        BILLING_URL: z.url().default("http://127.0.0.1:8081"),
+        ANALYTICS_URL: z.url().default("http://127.0.0.1:8082"),
+      },
+      io.env,
+    );
+    const billing = createServiceClient(BillingService, {
+      baseUrl: cfg.BILLING_URL,
+      bearerToken: cfg.ADMIN_TOKEN,
+      timeoutMs: 30_000,
+    });
+    const analytics = createServiceClient(AnalyticsService, {
+      baseUrl: cfg.ANALYTICS_URL,
+      bearerToken: cfg.ADMIN_TOKEN,
+      timeoutMs: 30_000,
+    });
+    const print = (schema: DescMessage, message: MessageShape<DescMessage>, table: () => string) =>
+      io.out(values.json ? `${JSON.stringify(toJson(schema, message), null, 2)}\n` : `${table()}\n`);
+    const need = (value: string | undefined, what: string) => {
+      if (!value) throw new UsageError(`missing ${what}`);
+      return value;
+    };
+    const arg = (what: string) => need(rest[0], what);
+
+    switch (`${group} ${group === "usage" ? "" : (action ?? "")}`.trim()) {
+      case "orgs create": {
+        const res = await billing.createOrganization({
+          name: need(rest[0], "NAME"),
+          taxRateBps: int(values["tax-bps"], "--tax-bps"),
+          billingDay: int(values["billing-day"], "--billing-day"),
+          monthlyBudgetNanos: usdNanos(values["budget-usd"]),
+        });
+        print(schemaOf(res), res, () =>
+          table([["ID", "NAME"], [res.organization?.id ?? "", res.organization?.name ?? ""]]),
+        );
+        return 0;
+      }
+      case "orgs list": {
+        const res = await billing.listOrganizations({});
+        print(schemaOf(res), res, () =>
+          table([
+            ["ID", "NAME", "TAX", "BUDGET", "CREATED"],
+            ...res.organizations.map((o) => [
+              o.id,
+              o.name,
+              `${o.taxRateBps / 100}%`,
+              o.monthlyBudgetNanos ? `$${formatNanosUsd(o.monthlyBudgetNanos)}` : "unlimited",
+              date(o.createTime),
+            ]),
+          ]),
+        );
+        return 0;
+      }
+      case "projects create": {
+        const res = await billing.createProject({ orgId: need(values.org, "--org"), name: need(rest[0], "NAME") });
+        print(schemaOf(res), res, () => table([["ID", "NAME"], [res.project?.id ?? "", res.project?.name ?? ""]]));
+        return 0;
+      }
+      case "projects list": {
+        const res = await billing.listProjects({ orgId: need(values.org, "--org") });
+        print(schemaOf(res), res, () =>
+          table([["ID", "NAME", "CREATED"], ...res.projects.map((p) => [p.id, p.name, date(p.createTime)])]),
+        );
+        return 0;
+      }
+      case "keys create": {
+        const res = await billing.createApiKey({
+          orgId: need(values.org, "--org"),
+          projectId: values.project ?? "",
+          name: values.name ?? "",
+          limits: limitsFrom(values),
+        });
+        print(schemaOf(res), res, () =>
+          [
+            table([["ID", "PREFIX", "LIMITS"], [res.apiKey?.id ?? "", res.apiKey?.prefix ?? "", limitsText(res.apiKey?.limits)]]),
+            "",
+            `secret (shown once, store it now): ${res.secret}`,
+          ].join("\n"),
+        );
+        return 0;
+      }
+      case "keys list": {
+        const res = await billing.listApiKeys({ orgId: need(values.org, "--org"), includeRevoked: values.all ?? false });
+        print(schemaOf(res), res, () =>
+          table([
+            ["ID", "PREFIX", "NAME", "PROJECT", "LIMITS", "STATUS"],
+            ...res.apiKeys.map((k) => [
+              k.id,
+              k.prefix,
+              k.name,
+              k.projectId || "-",
+              limitsText(k.limits),
+              k.revokeTime ? `revoked ${date(k.revokeTime)}` : "active",
+            ]),
+          ]),
+        );
+        return 0;
+      }
+      case "keys revoke": {
+        const res = await billing.revokeApiKey({ apiKeyId: arg("KEY_ID") });
+        print(schemaOf(res), res, () => `revoked ${res.apiKey?.id}`);
+        return 0;
+      }
+      case "keys rotate": {
+        const res = await billing.rotateApiKey({ apiKeyId: arg("KEY_ID") });
+        print(schemaOf(res), res, () =>
+          `new key ${res.apiKey?.id} (${res.apiKey?.prefix}); the old key is revoked\nsecret (shown once, store it now): ${res.secret}`,
+        );
+        return 0;
+      }
+      case "quota set": {
+        const res = await billing.updateApiKeyLimits({ apiKeyId: arg("KEY_ID"), limits: limitsFrom(values) });
+        print(schemaOf(res), res, () => `${res.apiKey?.id}: ${limitsText(res.apiKey?.limits)}`);
+        return 0;
+      }
+      case "quota show": {
+        const keyId = arg("KEY_ID");
+        const res = await billing.listApiKeys({ orgId: need(values.org, "--org"), includeRevoked: true });
+        const key = res.apiKeys.find((k) => k.id === keyId);
+        if (!key) throw new UsageError(`no key ${keyId} in org ${values.org}`);
+        const spent = await billing.getUsageSummary({ orgId: key.orgId, apiKeyId: key.id });
+        io.out(
+          values.json
+            ? `${JSON.stringify({ limits: key.limits ? toJson(schemaOf(key.limits), key.limits) : {}, usage: toJson(schemaOf(spent), spent) }, null, 2)}\n`
+            : `${table([
+                ["KEY", "LIMITS", "REQUESTS", "TOKENS", "SPENT (USD)"],
+                [
+                  key.id,
+                  limitsText(key.limits),
+                  String(spent.requests),
+                  String((spent.usage?.inputTokens ?? 0n) + (spent.usage?.outputTokens ?? 0n)),
+                  formatNanosUsd(spent.costNanos),
+                ],
+              ])}\n`,
+        );
+        return 0;
+      }
+      case "usage": {
+        const orgId = need(values.org, "--org");
+        const from = values.from ? parseDate(values.from, "--from") : undefined;
+        const to = values.to ? parseDate(values.to, "--to") : undefined;
+        const source = values.source ?? "billing";
+        if (source === "billing") {
+          const res = await billing.getUsageSummary({ orgId, startTime: from, endTime: to });
+          print(schemaOf(res), res, () =>
+            usageTable([
+              {
+                requests: res.requests,
+                input: res.usage?.inputTokens ?? 0n,
+                cached: res.usage?.cachedInputTokens ?? 0n,
+                output: res.usage?.outputTokens ?? 0n,
+                reasoning: res.usage?.reasoningTokens ?? 0n,
+                cost: res.costNanos,
+              },
+            ]),
+          );
+        } else if (source === "analytics") {
+          const now = Date.now();
+          const range = {
+            start: from ?? timestampFromMs(Date.UTC(new Date(now).getUTCFullYear(), new Date(now).getUTCMonth(), 1)),
+            end: to ?? timestampFromMs(now + 1000),
+          };
+          const res = await analytics.queryUsage({ orgId, range, groupBy: [] });
+          print(schemaOf(res), res, () =>
+            usageTable(
+              res.rows.map((r) => ({
+                requests: r.requests,
+                input: r.usage?.inputTokens ?? 0n,
+                cached: r.usage?.cachedInputTokens ?? 0n,
+                output: r.usage?.outputTokens ?? 0n,
+                reasoning: r.usage?.reasoningTokens ?? 0n,
+                cost: r.costNanos,
+              })),
+            ),
+          );
+        } else {
+          throw new UsageError(`--source must be billing or analytics, not "${source}"`);
+        }
+        return 0;
+      }
+      case "discounts add": {
+        const res = await billing.createDiscountRule({ rule: ruleFrom(values) });
+        print(schemaOf(res), res, () => `created discount rule ${res.rule?.id}`);
+        return 0;
+      }
+      case "discounts list": {
+        const res = await billing.listDiscountRules({ orgId: need(values.org, "--org") });
+        print(schemaOf(res), res, () =>
+          table([
+            ["ID", "NAME", "KIND", "DISCOUNT", "PRIORITY", "STACKS", "SCOPE"],
+            ...res.rules.map((r) => [
+              r.id,
+              r.name,
+              DiscountKind[r.kind].toLowerCase().replaceAll("_", "-"),
+              r.tiers.length
+                ? r.tiers.map((t) => `$${formatNanosUsd(t.fromNanos)}+: ${t.discountBps / 100}%`).join(", ")
+                : `${r.discountBps / 100}%`,
+              String(r.priority),
+              r.stackable ? "yes" : "no",
+              [r.model, r.provider].filter(Boolean).join("/") || "all",
+            ]),
+          ]),
+        );
+        return 0;
+      }
+      case "discounts remove": {
+        const res = await billing.deleteDiscountRule({ ruleId: arg("RULE_ID") });
+        print(schemaOf(res), res, () => `removed ${rest[0]}`);
+        return 0;
+      }
+      case "invoices generate": {
+        const periodTime = values.period ? parseDate(`${values.period}-01`, "--period") : timestampFromDate(new Date());
+        const res = await billing.generateInvoice({ orgId: need(values.org, "--org"), periodTime });
+        print(schemaOf(res), res, () => invoiceText(res.invoice));
+        return 0;
+      }
+      case "invoices list": {
+        const res = await billing.listInvoices({ orgId: need(values.org, "--org") });
+        print(schemaOf(res), res, () =>
+          table([
+            ["ID", "NUMBER", "PERIOD", "STATUS", "TOTAL"],
+            ...res.invoices.map((i) => [
+              i.id,
+              i.number,
+              date(i.periodStart),
+              statusText(i.status),
+              formatCents(i.totalCents),
+            ]),
+          ]),
+        );
+        return 0;
+      }
+      case "invoices show": {
+        const res = await billing.getInvoice({ invoiceId: arg("INVOICE_ID") });
+        print(schemaOf(res), res, () => invoiceText(res.invoice));
+        return 0;
+      }
+      case "invoices issue":
+      case "invoices pay":
+      case "invoices void": {
+        const status = { issue: InvoiceStatus.ISSUED, pay: InvoiceStatus.PAID, void: InvoiceStatus.VOID }[
+          action as "issue" | "pay" | "void"
+        ];
+        const res = await billing.updateInvoiceStatus({ invoiceId: arg("INVOICE_ID"), status });
+        print(schemaOf(res), res, () => `${res.invoice?.number}: ${statusText(res.invoice?.status)}`);
+        return 0;
+      }
+      case "invoices render": {
+        if (!values.html) throw new UsageError("invoices render needs --html");
+        const id = arg("INVOICE_ID");
+        const res = await fetch(`${cfg.BILLING_URL}/invoices/${encodeURIComponent(id)}`, {
+          headers: { authorization: `Bearer ${cfg.ADMIN_TOKEN}` },
+          signal: AbortSignal.timeout(30_000),
+        });
+        if (!res.ok) throw new UsageError(`billing answered ${res.status} for invoice ${id}`);
+        const html = await res.text();
+        if (values.out) await writeFile(values.out, html);
+        else io.out(html);
+        return 0;
+      }
+      default:
+        throw new UsageError(`unknown command "${positionals.join(" ")}"; see meshctl --help`);
+    }
+  } catch (e) {
+    io.err(`meshctl: ${errorLine(e)}\n`);
+    return e instanceof UsageError || (e instanceof Error && e.name === "ConfigError") ? 2 : 1;
+  }
+}
+
+/** One line: Connect errors already read "[code] message". */
+function errorLine(e: unknown): string {
+  const text = e instanceof ConnectError || e instanceof Error ? e.message : String(e);
+  return text.split("\n")[0] ?? text;
+}
+
+const registry = createRegistry(file_billing_v1_billing, file_analytics_v1_analytics);
+
+function schemaOf(message: { $typeName: string }): DescMessage {
+  const schema = registry.getMessage(message.$typeName);
+  if (!schema) throw new Error(`no schema for ${message.$typeName}`);
+  return schema;
+}
+
+function int(text: string | undefined, flag: string): number {
+  if (text === undefined) return 0;
+  if (!/^\d+$/.test(text)) throw new UsageError(`${flag} must be a non-negative integer, not "${text}"`);
+  return Number(text);
+}
+
+function usdNanos(text: string | undefined): bigint {
+  if (text === undefined) return 0n;
+  try {
+    return parseUsdNanos(text);
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+}
+
+function parseDate(text: string, flag: string): Timestamp {
+  const ms = Date.parse(/^\d{4}-\d{2}-\d{2}$/.test(text) ? `${text}T00:00:00Z` : text);
+  if (Number.isNaN(ms)) throw new UsageError(`${flag} must be a date like 2026-11-30, not "${text}"`);
+  return timestampFromMs(ms);
+}
+
+function percentBps(text: string, flag: string): number {
+  if (!/^\d{1,3}(\.\d{1,2})?$/.test(text) || Number(text) > 100) {
+    throw new UsageError(`${flag} must be a percentage 0..100 with at most 2 decimals, not "${text}"`);
+  }
+  return Math.round(Number(text) * 100);
+}
+
+type Flags = { [K in keyof typeof flags]?: (typeof flags)[K]["type"] extends "boolean" ? boolean : string };
+
+function limitsFrom(values: Flags): MessageInitShape<typeof KeyLimitsSchema> {
+  return {
+    monthlyBudgetNanos: usdNanos(values["budget-usd"]),
+    monthlyTokens: BigInt(int(values["monthly-tokens"], "--monthly-tokens")),
+    requestsPerMinute: int(values.rpm, "--rpm"),
+    tokensPerMinute: BigInt(int(values.tpm, "--tpm")),
+    allowedModels: values.models ? values.models.split(",").map((m) => m.trim()).filter(Boolean) : [],
+    expireTime: values.expires ? parseDate(values.expires, "--expires") : undefined,
+  };
+}
+
+function ruleFrom(values: Flags): MessageInitShape<typeof DiscountRuleSchema> {
+  const kinds: Record<string, DiscountKind> = {
+    "volume-graduated": DiscountKind.VOLUME_GRADUATED,
+    "volume-all-units": DiscountKind.VOLUME_ALL_UNITS,
+    "time-window": DiscountKind.TIME_WINDOW,
+    promotional: DiscountKind.PROMOTIONAL,
+  };
+  const kind = kinds[values.kind ?? ""];
+  if (!kind) throw new UsageError(`--kind must be one of ${Object.keys(kinds).join(", ")}`);
+  const [startHour, endHour] = (values.hours ?? "0-24").split("-").map((h) => int(h, "--hours"));
+  return {
+    orgId: values.org ?? "",
+    name: values.name ?? "",
+    kind,
+    priority: int(values.priority, "--priority"),
+    stackable: !values.exclusive,
+    model: values.model ?? "",
+    provider: values.provider ?? "",
+    discountBps: values.percent ? percentBps(values.percent, "--percent") : 0,
+    tiers: (values.tiers ?? "")
+      .split(",")
+      .filter(Boolean)
+      .map((tier) => {
+        const [from, percent] = tier.split(":");
+        return { fromNanos: usdNanos(from), discountBps: percentBps(percent ?? "", "--tiers") };
+      }),
+    startHour: startHour ?? 0,
+    endHour: endHour ?? 24,
+    daysOfWeek: values.days ? values.days.split(",").map((d) => int(d, "--days")) : [],
+    validFrom: values.from ? parseDate(values.from, "--from") : undefined,
+    validUntil: values.until ? parseDate(values.until, "--until") : undefined,
+    capNanos: usdNanos(values["cap-usd"]),
+  };
+}
+
+function limitsText(limits: KeyLimits | undefined): string {
+  if (!limits) return "none";
+  const parts = [
+    limits.monthlyBudgetNanos ? `budget $${formatNanosUsd(limits.monthlyBudgetNanos)}/mo` : "",
+    limits.monthlyTokens ? `${limits.monthlyTokens} tok/mo` : "",
+    limits.requestsPerMinute ? `${limits.requestsPerMinute} rpm` : "",
+    limits.tokensPerMinute ? `${limits.tokensPerMinute} tpm` : "",
+    limits.allowedModels.length ? `models ${limits.allowedModels.join(",")}` : "",
+    limits.expireTime ? `expires ${date(limits.expireTime)}` : "",
+  ].filter(Boolean);
+  return parts.length ? parts.join(", ") : "none";
+}
+
+interface UsageLine {
+  requests: bigint;
+  input: bigint;
+  cached: bigint;
+  output: bigint;
+  reasoning: bigint;
+  cost: bigint;
+}
+
+function usageTable(lines: UsageLine[]): string {
+  return table([
+    ["REQUESTS", "INPUT", "CACHED INPUT", "OUTPUT", "REASONING", "COST_NANOS", "COST (USD)"],
+    ...lines.map((l) => [l.requests, l.input, l.cached, l.output, l.reasoning, l.cost].map(String).concat(formatNanosUsd(l.cost))),
+  ]);
+}
+
+function invoiceText(invoice: Invoice | undefined): string {
+  if (!invoice) return "no invoice";
+  return [
+    `${invoice.number} (${invoice.id}) ${statusText(invoice.status)}, ${date(invoice.periodStart)} .. ${date(invoice.periodEnd)}`,
+    table([
+      ["DESCRIPTION", "QUANTITY", "AMOUNT (USD)"],
+      ...invoice.lineItems.map((l) => [l.description, String(l.quantity), formatNanosUsd(l.amountNanos)]),
+    ]),
+    `subtotal ${formatCents(invoice.subtotalCents)}  discounts ${formatCents(-invoice.discountCents)}  tax ${formatCents(invoice.taxCents)}  total ${formatCents(invoice.totalCents)}`,
+  ].join("\n");
+}
+
+function statusText(status: InvoiceStatus | undefined): string {
+  return (InvoiceStatus[status ?? InvoiceStatus.UNSPECIFIED] ?? "unknown").toLowerCase();
+}
+
+function date(ts: Timestamp | undefined): string {
+  return ts ? timestampDate(ts).toISOString().slice(0, 10) : "-";
+}
+
+/** Left-aligned columns; numbers right-aligned. */
+function table(rows: string[][]): string {
+  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? "").length))) ?? [];
+  return rows
+    .map((r) =>
+      r
+        .map((cell, i) => (/^-?[\d,.$]+$/.test(cell) && rows.indexOf(r) > 0 ? cell.padStart(widths[i] ?? 0) : cell.padEnd(widths[i] ?? 0)))
+        .join("  ")
+        .trimEnd(),
+    )
+    .join("\n");
+}
+
+if (import.meta.main) {
+  const code = await runCli(process.argv.slice(2), {
+    env: process.env,
+    out: (t) => process.stdout.write(t),
+    err: (t) => process.stderr.write(t),
+  });
+  process.exit(code);
+}
