@@ -886,7 +886,7 @@ export const AnalyticsService: GenService<{
     output: typeof QueryTimeSeriesResponseSchema;
   },
   /**
-   * Latency percentiles per served model.
+   * Latency percentiles per requested model.
    *
    * @generated from rpc analytics.v1.AnalyticsService.QueryLatency
    */

@@ -1,0 +1,223 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
+import {
+  AnalyticsService,
+  type IngestMetricsRequestSchema,
+  type IngestMetricsResponse,
+  type RequestMetrics,
+} from "../gen/analytics/v1/analytics_pb.ts";
+import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { Endpoint } from "../gen/common/v1/common_pb.ts";
+import { createLogger } from "../lib/log.ts";
+import { maxBatchRows, toUsageRecord } from "./ingest.ts";
+import { analyticsRoutes } from "./routes.ts";
+import { createAnalyticsService } from "./service.ts";
+import type { AnalyticsStore } from "./store/store.ts";
+import { createTestStore, sampleMetrics, type TestStore } from "./store/test-store.ts";
+import { createBatchQueue, createRecordingBilling } from "./test-helpers.ts";
+
+const adminToken = "test-admin-token-0123456789";
+const headers = { authorization: `Bearer ${adminToken}` };
+const log = createLogger({ service: "analytics-test", level: "error", write: () => {} });
+const now = Date.now();
+const window = { start: timestampFromDate(new Date(now - 86_400_000)), end: timestampFromDate(new Date(now + 60_000)) };
+
+type Batch = MessageInitShape<typeof IngestMetricsRequestSchema>;
+
+function setup(store: AnalyticsStore, billing = createRecordingBilling(), stopSignal?: AbortSignal) {
+  const billingTransport = createRouterTransport((r) => r.service(BillingService, billing.impl));
+  const billingClient = createClient(BillingService, billingTransport);
+  const service = createAnalyticsService({ store, billing: billingClient, log, adminToken, stopSignal });
+  const client = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service)));
+  /** Sends the batches on one stream; returns the acks received and the error that ended the stream, if any. */
+  const send = async (batches: Batch[]) => {
+    const acks: IngestMetricsResponse[] = [];
+    try {
+      for await (const ack of client.ingestMetrics(
+        (async function* () {
+          yield* batches;
+        })(),
+        { headers },
+      )) {
+        acks.push(ack);
+      }
+      return { acks, error: undefined };
+    } catch (e) {
+      return { acks, error: ConnectError.from(e) };
+    }
+  };
+  return { billing, client, send };
+}
+
+const rows = (n: number, init: Parameters<typeof sampleMetrics>[1] = {}): RequestMetrics[] =>
+  Array.from({ length: n }, (_, i) => sampleMetrics(new Date(now - 3_600_000 + i * 10), init));
+
+describe("IngestMetrics", () => {
+  let store: TestStore;
+  beforeAll(async () => {
+    store = await createTestStore();
+  });
+  afterAll(() => store.close());
+
+  const totals = async (orgId: string) => {
+    const [total] = await store.queryUsage({ orgId, ...window, groupBy: [], limit: 1 });
+    return { requests: total?.requests, costNanos: total?.costNanos };
+  };
+
+  test("acks each batch in order, only after it is in ClickHouse and in billing", async () => {
+    const org = "org_order";
+    const batches = [rows(3, { orgId: org }), rows(2, { orgId: org }), rows(4, { orgId: org })];
+    const inClickHouseWhenBilled: boolean[] = [];
+    const billing = createRecordingBilling({
+      onRecord: async (records) => {
+        const page = await store.listRequests({ orgId: org, window, limit: 1000 });
+        const written = new Set(page.requests.map((r) => r.requestId));
+        inClickHouseWhenBilled.push(records.every((r) => written.has(r.requestId)));
+      },
+    });
+    const { send } = setup(store, billing);
+    const { acks, error } = await send(
+      batches.map((metrics, i) => ({ gatewayInstanceId: "gw-1", sequence: BigInt(i + 1), metrics })),
+    );
+    expect(error).toBeUndefined();
+    expect(acks.map((a) => a.ackedSequence)).toEqual([1n, 2n, 3n]);
+    expect(acks.map((a) => a.duplicateRows)).toEqual([0, 0, 0]);
+    expect(inClickHouseWhenBilled).toEqual([true, true, true]);
+    expect(billing.calls.map((c) => c.map((r) => r.requestId))).toEqual(batches.map((b) => b.map((m) => m.requestId)));
+    expect(await totals(org)).toEqual({ requests: 9n, costNanos: 9n * 12_345n });
+  });
+
+  test("no ack when ClickHouse fails, and billing is not called", async () => {
+    // A database that was never migrated: every insert fails inside ClickHouse itself.
+    const broken = await createTestStore({ migrate: false });
+    const { billing, send } = setup(broken);
+    const { acks, error } = await send([{ gatewayInstanceId: "gw-1", sequence: 7n, metrics: rows(2) }]);
+    expect(acks).toEqual([]);
+    expect(error?.code).toBe(Code.Unavailable);
+    expect(billing.calls).toEqual([]);
+    await broken.close();
+  });
+
+  test("no ack when billing fails; the resend is acked and counted once everywhere", async () => {
+    const org = "org_resend";
+    const { billing, send } = setup(store);
+    const batch = { gatewayInstanceId: "gw-2", sequence: 41n, metrics: rows(5, { orgId: org }) };
+
+    billing.fail();
+    const failed = await send([batch, { ...batch, sequence: 42n, metrics: rows(1, { orgId: org }) }]);
+    expect(failed.acks).toEqual([]);
+    expect(failed.error?.code).toBe(Code.Unavailable);
+    // The rows reached ClickHouse before billing failed; the second batch was never processed.
+    expect(await totals(org)).toEqual({ requests: 5n, costNanos: 5n * 12_345n });
+
+    billing.fail(false);
+    const resent = await send([batch]);
+    expect(resent.error).toBeUndefined();
+    expect(resent.acks.map((a) => [a.ackedSequence, a.duplicateRows])).toEqual([[41n, 0]]);
+    const again = await send([batch]);
+    expect(again.acks.map((a) => [a.ackedSequence, a.duplicateRows])).toEqual([[41n, 5]]);
+
+    expect(await totals(org)).toEqual({ requests: 5n, costNanos: 5n * 12_345n });
+    expect(billing.stored.size).toBe(5);
+  });
+
+  test("invalid batches are refused before anything is written", async () => {
+    const org = "org_invalid";
+    const { billing, send } = setup(store);
+    const tooBig = await send([{ sequence: 1n, metrics: rows(maxBatchRows + 1, { orgId: org }) }]);
+    expect(tooBig.error?.code).toBe(Code.InvalidArgument);
+    expect(tooBig.error?.rawMessage).toContain("at most 10000");
+    const withoutId = sampleMetrics(new Date(now), { orgId: org, requestId: "" });
+    const noId = await send([{ sequence: 2n, metrics: [...rows(2, { orgId: org }), withoutId] }]);
+    expect(noId.error?.code).toBe(Code.InvalidArgument);
+    expect(noId.error?.rawMessage).toContain("row 2: request_id is required");
+    const withoutStart = sampleMetrics(new Date(now), { orgId: org, startTime: undefined });
+    const noStart = await send([{ sequence: 3n, metrics: [withoutStart] }]);
+    expect(noStart.error?.rawMessage).toContain("start_time is required");
+    expect(billing.calls).toEqual([]);
+    expect((await totals(org)).requests).toBe(0n);
+  });
+
+  test("a full batch of 10,000 rows is written and billed in one call", async () => {
+    const org = "org_full";
+    const { billing, send } = setup(store);
+    const { acks, error } = await send([{ sequence: 1n, metrics: rows(maxBatchRows, { orgId: org, costNanos: 3n }) }]);
+    expect(error).toBeUndefined();
+    expect(acks.map((a) => a.ackedSequence)).toEqual([1n]);
+    expect(billing.calls.map((c) => c.length)).toEqual([maxBatchRows]);
+    expect(await totals(org)).toEqual({ requests: 10_000n, costNanos: 30_000n });
+  });
+
+  test("requests without an org are stored but not billed; an empty batch is acked", async () => {
+    const { billing, send } = setup(store);
+    const anonymous = rows(2, { orgId: "", apiKeyId: "", costNanos: 0n });
+    const billed = rows(1, { orgId: "org_mixed" });
+    const { acks } = await send([
+      { sequence: 1n, metrics: [...anonymous, ...billed] },
+      { sequence: 2n, metrics: [] },
+    ]);
+    expect(acks.map((a) => a.ackedSequence)).toEqual([1n, 2n]);
+    expect(billing.calls.map((c) => c.map((r) => r.requestId))).toEqual([billed.map((m) => m.requestId)]);
+    expect((await totals("")).requests).toBe(2n);
+  });
+
+  test("on stop, a stream acks the batch in hand and then ends cleanly", async () => {
+    const org = "org_stop";
+    const stop = new AbortController();
+    // Stopping while the second batch is being billed must not cost it its ack.
+    const billing = createRecordingBilling({
+      onRecord: (records) => {
+        if (records.length === 2) stop.abort();
+      },
+    });
+    const { client } = setup(store, billing, stop.signal);
+    const queue = createBatchQueue();
+    const acks = client.ingestMetrics(queue, { headers })[Symbol.asyncIterator]();
+    queue.push({ sequence: 1n, metrics: rows(1, { orgId: org }) });
+    expect((await acks.next()).value?.ackedSequence).toBe(1n);
+    queue.push({ sequence: 2n, metrics: rows(2, { orgId: org }) });
+    expect((await acks.next()).value?.ackedSequence).toBe(2n);
+    // Ends without waiting for the gateway to close its side.
+    expect((await acks.next()).done).toBe(true);
+    queue.end();
+    expect((await totals(org)).requests).toBe(3n);
+  });
+
+  test("the stream requires the admin token", async () => {
+    const { client } = setup(store);
+    const attempt = async (auth?: string) => {
+      try {
+        for await (const _ of client.ingestMetrics(
+          (async function* () {
+            yield { sequence: 1n, metrics: rows(1) };
+          })(),
+          { headers: auth ? { authorization: auth } : {} },
+        ));
+      } catch (e) {
+        return ConnectError.from(e).code;
+      }
+    };
+    expect(await attempt()).toBe(Code.Unauthenticated);
+    expect(await attempt("Bearer wrong-token-wrong-token")).toBe(Code.PermissionDenied);
+  });
+});
+
+test("usage records carry what billing needs", () => {
+  const m = sampleMetrics(new Date(now), { orgId: "org_x", projectId: "proj_x", apiKeyId: "key_x", costNanos: 99n });
+  const record = toUsageRecord(m);
+  expect(record).toMatchObject({
+    requestId: m.requestId,
+    orgId: "org_x",
+    projectId: "proj_x",
+    apiKeyId: "key_x",
+    model: "gpt-4o-mini",
+    provider: "mock",
+    endpoint: Endpoint.CHAT_COMPLETIONS,
+    costNanos: 99n,
+    occurTime: m.startTime,
+  });
+  expect(record.usage).toEqual(m.usage);
+  expect(create(BillingService.method.recordUsage.input, { records: [record] }).records).toHaveLength(1);
+});

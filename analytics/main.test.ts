@@ -1,0 +1,56 @@
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, expect, test } from "bun:test";
+
+const dataDir = mkdtempSync(join(tmpdir(), "analytics-main-"));
+afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
+
+/** Starts analytics/main.ts on a free port; resolves once it logs that it listens. */
+async function startAnalytics() {
+  const proc = Bun.spawn([process.execPath, join(import.meta.dir, "main.ts")], {
+    // Its own process, so its chdb data directory does not clash with this test process's.
+    env: { ...process.env, MESH_DATA_DIR: dataDir, ANALYTICS_PORT: "0", CLICKHOUSE_URL: "", LOG_LEVEL: "info" },
+    stdout: "pipe",
+    stderr: "inherit",
+  });
+  const lines: Record<string, unknown>[] = [];
+  const decoder = new TextDecoder();
+  let buffered = "";
+  const reader = proc.stdout.getReader();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error(`analytics exited before listening: ${JSON.stringify(lines)}`);
+    buffered += decoder.decode(value, { stream: true });
+    const complete = buffered.split("\n");
+    buffered = complete.pop() ?? "";
+    lines.push(...complete.filter(Boolean).map((line) => JSON.parse(line) as Record<string, unknown>));
+    const listening = lines.find((l) => l.msg === "listening");
+    if (listening) {
+      reader.releaseLock();
+      return { proc, lines, url: `http://127.0.0.1:${listening.port}` };
+    }
+  }
+}
+
+test("main.ts starts ready, keeps its data across restarts and exits 0 on SIGTERM", async () => {
+  const first = await startAnalytics();
+  expect(first.lines.find((l) => l.msg === "clickhouse ready")?.migrations_applied).toEqual(["0001_requests"]);
+  const ready = await fetch(`${first.url}/readyz`);
+  expect(ready.status).toBe(200);
+  expect(await ready.json()).toEqual({ status: "ready", checks: { clickhouse: "ok" } });
+  first.proc.kill("SIGTERM");
+  expect(await first.proc.exited).toBe(0);
+
+  const second = await startAnalytics();
+  expect(second.lines.find((l) => l.msg === "clickhouse ready")?.migrations_applied).toEqual([]);
+  const res = await fetch(`${second.url}/analytics.v1.AnalyticsService/QueryUsage`, {
+    method: "POST",
+    headers: { "content-type": "application/json", authorization: "Bearer dev-admin-token-change-me" },
+    body: JSON.stringify({ orgId: "org_1", range: { start: "2026-01-01T00:00:00Z", end: "2026-02-01T00:00:00Z" } }),
+  });
+  expect(res.status).toBe(200);
+  expect(await res.json()).toEqual({ rows: [{ usage: {} }] });
+  second.proc.kill("SIGTERM");
+  expect(await second.proc.exited).toBe(0);
+});

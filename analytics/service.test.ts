@@ -1,0 +1,162 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { type Client, Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
+import { AnalyticsService, RequestStatus, UsageGroupBy } from "../gen/analytics/v1/analytics_pb.ts";
+import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { createLogger } from "../lib/log.ts";
+import { analyticsRoutes } from "./routes.ts";
+import { createAnalyticsService, decodePageToken, encodePageToken } from "./service.ts";
+import { createTestStore, sampleMetrics, type TestStore } from "./store/test-store.ts";
+import { createRecordingBilling } from "./test-helpers.ts";
+
+const adminToken = "test-admin-token-0123456789";
+const log = createLogger({ service: "analytics-test", level: "error", write: () => {} });
+const hour = 3_600_000;
+const base = Math.floor(Date.now() / hour) * hour - 24 * hour;
+const range = (startMs: number, endMs: number) => ({
+  start: timestampFromDate(new Date(startMs)),
+  end: timestampFromDate(new Date(endMs)),
+});
+const day = range(base - hour, base + 23 * hour);
+
+async function codeOf(call: Promise<unknown>): Promise<Code | undefined> {
+  try {
+    await call;
+    return undefined;
+  } catch (e) {
+    return ConnectError.from(e).code;
+  }
+}
+
+describe("AnalyticsService queries", () => {
+  let store: TestStore;
+  let client: Client<typeof AnalyticsService>;
+  const org = "org_svc";
+  const metrics = [
+    ...Array.from({ length: 12 }, (_, i) =>
+      sampleMetrics(new Date(base + i * 60_000), { orgId: org, requestedModel: i % 3 === 0 ? "m-a" : "m-b" }),
+    ),
+    sampleMetrics(new Date(base + 2 * hour), { orgId: org, requestedModel: "m-a", status: RequestStatus.TIMEOUT }),
+  ];
+
+  beforeAll(async () => {
+    store = await createTestStore();
+    await store.insertRequests(metrics, "svc-1");
+    const billing = createClient(
+      BillingService,
+      createRouterTransport((r) => r.service(BillingService, createRecordingBilling().impl)),
+    );
+    const service = createAnalyticsService({ store, billing, log, adminToken });
+    client = createClient(
+      AnalyticsService,
+      createRouterTransport(analyticsRoutes(service), {
+        transport: {
+          interceptors: [
+            (next) => (req) => {
+              req.header.set("authorization", `Bearer ${adminToken}`);
+              return next(req);
+            },
+          ],
+        },
+      }),
+    );
+  });
+  afterAll(() => store.close());
+
+  test("queries require the admin token", async () => {
+    const service = createAnalyticsService({
+      store,
+      billing: createClient(BillingService, createRouterTransport(() => {})),
+      log,
+      adminToken,
+    });
+    const anonymous = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service)));
+    expect(await codeOf(anonymous.queryUsage({ orgId: org, range: day }))).toBe(Code.Unauthenticated);
+    expect(await codeOf(anonymous.listRequests({ orgId: org, range: day }))).toBe(Code.Unauthenticated);
+    const wrongToken = { headers: { authorization: "Bearer nope-nope-nope-nope" } };
+    expect(await codeOf(anonymous.queryLatency({ orgId: org, range: day }, wrongToken))).toBe(Code.PermissionDenied);
+  });
+
+  test("QueryUsage groups in the order asked", async () => {
+    const res = await client.queryUsage({ orgId: org, range: day, groupBy: [UsageGroupBy.MODEL, UsageGroupBy.STATUS] });
+    expect(res.rows.map((r) => [r.group, r.requests, r.errors, r.costNanos])).toEqual([
+      [["m-a", "OK"], 4n, 0n, 4n * 12_345n],
+      [["m-a", "TIMEOUT"], 1n, 1n, 12_345n],
+      [["m-b", "OK"], 8n, 0n, 8n * 12_345n],
+    ]);
+    const total = await client.queryUsage({ orgId: org, range: day });
+    expect(total.rows.map((r) => [r.group, r.requests, r.usage?.outputTokens])).toEqual([[[], 13n, 13n * 50n]]);
+  });
+
+  test("QueryUsage validates org, range and group_by", async () => {
+    expect(await codeOf(client.queryUsage({ range: day }))).toBe(Code.InvalidArgument);
+    expect(await codeOf(client.queryUsage({ orgId: org }))).toBe(Code.InvalidArgument);
+    expect(await codeOf(client.queryUsage({ orgId: org, range: range(base, base) }))).toBe(Code.InvalidArgument);
+    expect(await codeOf(client.queryUsage({ orgId: org, range: range(base, base + 401 * 24 * hour) }))).toBe(
+      Code.InvalidArgument,
+    );
+    expect(await codeOf(client.queryUsage({ orgId: org, range: range(base - 400 * 24 * hour, base) }))).toBeUndefined();
+    const g = UsageGroupBy;
+    for (const groupBy of [[g.MODEL, g.DAY, g.HOUR, g.STATUS], [g.MODEL, g.MODEL], [g.UNSPECIFIED]]) {
+      expect(await codeOf(client.queryUsage({ orgId: org, range: day, groupBy }))).toBe(Code.InvalidArgument);
+    }
+  });
+
+  test("ListRequests pages newest first with opaque tokens", async () => {
+    const seen: string[] = [];
+    let pageToken = "";
+    let pages = 0;
+    do {
+      const res = await client.listRequests({ orgId: org, range: day, pageSize: 5, pageToken });
+      seen.push(...res.requests.map((r) => r.requestId));
+      pageToken = res.nextPageToken;
+      pages++;
+    } while (pageToken);
+    expect(pages).toBe(3);
+    expect(seen).toEqual([...metrics].reverse().map((m) => m.requestId));
+
+    const all = await client.listRequests({ orgId: org, range: day });
+    expect(all.requests).toHaveLength(13);
+    expect(all.nextPageToken).toBe("");
+    const timeouts = await client.listRequests({ orgId: org, range: day, status: RequestStatus.TIMEOUT, model: "m-a" });
+    expect(timeouts.requests.map((r) => r.requestId)).toEqual(metrics.slice(12).map((m) => m.requestId));
+    const requestId = metrics[3]?.requestId ?? "";
+    const byId = await client.listRequests({ orgId: org, requestId });
+    expect(byId.requests.map((r) => r.requestId)).toEqual([requestId]);
+    expect((await client.listRequests({ orgId: "other", requestId })).requests).toEqual([]);
+  });
+
+  test("ListRequests validates page size, token and range", async () => {
+    expect(await codeOf(client.listRequests({ orgId: org, range: day, pageSize: 1001 }))).toBe(Code.InvalidArgument);
+    expect(await codeOf(client.listRequests({ orgId: org, range: day, pageSize: -1 }))).toBe(Code.InvalidArgument);
+    expect(await codeOf(client.listRequests({ orgId: org, range: day, pageToken: "bm90LWEtdG9rZW4" }))).toBe(
+      Code.InvalidArgument,
+    );
+    expect(await codeOf(client.listRequests({ orgId: org }))).toBe(Code.InvalidArgument);
+    const cursor = { startTime: "2026-01-02 03:04:05.123456", requestId: "01J0000000000000000000000" };
+    expect(decodePageToken(encodePageToken(cursor))).toEqual(cursor);
+  });
+
+  test("QueryTimeSeries buckets and validates the bucket width and count", async () => {
+    const res = await client.queryTimeSeries({ orgId: org, range: day, bucketSeconds: 3600n });
+    expect(res.points.map((p) => [p.bucketStart?.seconds, p.requests, p.errors])).toEqual([
+      [BigInt(base / 1000), 12n, 0n],
+      [BigInt((base + 2 * hour) / 1000), 1n, 1n],
+    ]);
+    const onlyA = await client.queryTimeSeries({ orgId: org, range: day, bucketSeconds: 86400n, model: "m-a" });
+    expect(onlyA.points.reduce((n, p) => n + p.requests, 0n)).toBe(5n);
+    const twoDays = range(base, base + 48 * hour);
+    for (const [window, bucketSeconds] of [[day, 120n], [twoDays, 60n]] as const) {
+      const call = client.queryTimeSeries({ orgId: org, range: window, bucketSeconds });
+      expect(await codeOf(call)).toBe(Code.InvalidArgument);
+    }
+  });
+
+  test("QueryLatency reports percentiles per requested model", async () => {
+    const res = await client.queryLatency({ orgId: org, range: day });
+    expect(res.models.map((m) => [m.model, m.requests, m.total?.p50Us, m.gatewayOverhead?.p99Us])).toEqual([
+      ["m-a", 5n, 1_200_000n, 50_000n],
+      ["m-b", 8n, 1_200_000n, 50_000n],
+    ]);
+  });
+});

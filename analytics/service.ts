@@ -1,0 +1,168 @@
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, type Client, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import type { Tracer } from "@opentelemetry/api";
+import type { Registry } from "prom-client";
+import { type AnalyticsService, type TimeRange, UsageGroupBy } from "../gen/analytics/v1/analytics_pb.ts";
+import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { requireAdmin } from "../lib/auth.ts";
+import type { Logger } from "../lib/log.ts";
+import { createIngest } from "./ingest.ts";
+import type { AnalyticsStore, RequestCursor, TimeWindow, UsageDimension } from "./store/store.ts";
+
+export interface AnalyticsServiceDeps {
+  store: AnalyticsStore;
+  billing: Client<typeof BillingService>;
+  log: Logger;
+  /** Bearer token required on every RPC (gateways and admin tools use it). */
+  adminToken: string;
+  registry?: Registry;
+  tracer?: Tracer;
+  /** Aborted on shutdown so ingest streams end after their current batch instead of holding the grace period. */
+  stopSignal?: AbortSignal;
+}
+
+const maxRangeDays = 400;
+const maxGroupBy = 3;
+// A grouped usage answer larger than this is a mistake (e.g. hours x keys over a year); narrow the query.
+const maxUsageRows = 100_000;
+const bucketWidths = new Set([60, 300, 3600, 86400]);
+const maxBuckets = 2000;
+const defaultPageSize = 100;
+const maxPageSize = 1000;
+
+const dimensions: Partial<Record<UsageGroupBy, UsageDimension>> = {
+  [UsageGroupBy.MODEL]: "model",
+  [UsageGroupBy.API_KEY]: "api_key",
+  [UsageGroupBy.PROJECT]: "project",
+  [UsageGroupBy.PROVIDER]: "provider",
+  [UsageGroupBy.STATUS]: "status",
+  [UsageGroupBy.DAY]: "day",
+  [UsageGroupBy.HOUR]: "hour",
+};
+
+export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<typeof AnalyticsService> {
+  const { store } = deps;
+  const ingest = createIngest(deps);
+  const authorize = (ctx: HandlerContext) => requireAdmin(ctx.requestHeader, deps.adminToken);
+
+  return {
+    async *ingestMetrics(batches, ctx) {
+      authorize(ctx);
+      yield* ingest(batches);
+    },
+
+    async queryUsage(req, ctx) {
+      authorize(ctx);
+      const orgId = requireOrg(req.orgId);
+      const window = parseRange(req.range);
+      if (req.groupBy.length > maxGroupBy) invalid(`group_by allows at most ${maxGroupBy} dimensions`);
+      if (new Set(req.groupBy).size !== req.groupBy.length) invalid("group_by repeats a dimension");
+      const groupBy = req.groupBy.map((g) => dimensions[g] ?? invalid(`group_by ${g} is not a dimension`));
+      const rows = await query(deps.log, "QueryUsage", () =>
+        store.queryUsage({ orgId, ...window, groupBy, limit: maxUsageRows + 1 }),
+      );
+      if (rows.length > maxUsageRows) {
+        throw new ConnectError(
+          `more than ${maxUsageRows} groups; narrow the range or group by fewer dimensions`,
+          Code.ResourceExhausted,
+        );
+      }
+      return { rows };
+    },
+
+    async queryTimeSeries(req, ctx) {
+      authorize(ctx);
+      const orgId = requireOrg(req.orgId);
+      const window = parseRange(req.range);
+      const bucketSeconds = Number(req.bucketSeconds);
+      if (!bucketWidths.has(bucketSeconds)) invalid("bucket_seconds must be 60, 300, 3600 or 86400");
+      const buckets = Math.ceil((timestampMs(window.end) - timestampMs(window.start)) / (bucketSeconds * 1000));
+      if (buckets > maxBuckets) invalid(`the range spans ${buckets} buckets; at most ${maxBuckets} are allowed`);
+      const points = await query(deps.log, "QueryTimeSeries", () =>
+        store.queryTimeSeries({ orgId, ...window, bucketSeconds, model: req.model }),
+      );
+      return { points };
+    },
+
+    async queryLatency(req, ctx) {
+      authorize(ctx);
+      const orgId = requireOrg(req.orgId);
+      const window = parseRange(req.range);
+      const models = await query(deps.log, "QueryLatency", () => store.queryLatency({ orgId, ...window }));
+      return { models };
+    },
+
+    async listRequests(req, ctx) {
+      authorize(ctx);
+      const orgId = requireOrg(req.orgId);
+      // A lookup by request id may leave out the range; everything else is range-limited.
+      const window = req.requestId && !req.range ? undefined : parseRange(req.range);
+      const pageSize = req.pageSize === 0 ? defaultPageSize : req.pageSize;
+      if (pageSize < 1 || pageSize > maxPageSize) invalid(`page_size must be 1..${maxPageSize}`);
+      const after = req.pageToken ? decodePageToken(req.pageToken) : undefined;
+      const page = await query(deps.log, "ListRequests", () =>
+        store.listRequests({
+          orgId,
+          window,
+          limit: pageSize,
+          after,
+          model: req.model || undefined,
+          apiKeyId: req.apiKeyId || undefined,
+          status: req.status || undefined,
+          requestId: req.requestId || undefined,
+        }),
+      );
+      return { requests: page.requests, nextPageToken: page.next ? encodePageToken(page.next) : "" };
+    },
+  };
+}
+
+function invalid(message: string): never {
+  throw new ConnectError(message, Code.InvalidArgument);
+}
+
+function requireOrg(orgId: string): string {
+  return orgId || invalid("org_id is required");
+}
+
+function parseRange(range: TimeRange | undefined): TimeWindow {
+  const start = range?.start;
+  const end = range?.end;
+  if (!start || !end) invalid("range.start and range.end are required");
+  const span = timestampMs(end) - timestampMs(start);
+  if (span <= 0) invalid("range.end must be after range.start");
+  if (span > maxRangeDays * 86_400_000) invalid(`range must be at most ${maxRangeDays} days`);
+  return { start, end };
+}
+
+/** Runs a store read; its failures reach the caller as Unavailable without ClickHouse internals. */
+async function query<T>(log: Logger, rpc: string, run: () => Promise<T>): Promise<T> {
+  try {
+    return await run();
+  } catch (e) {
+    log.error("analytics query failed", { rpc, err: e });
+    throw new ConnectError("analytics store unavailable", Code.Unavailable);
+  }
+}
+
+export function encodePageToken(cursor: RequestCursor): string {
+  return Buffer.from(JSON.stringify([cursor.startTime, cursor.requestId])).toString("base64url");
+}
+
+export function decodePageToken(token: string): RequestCursor {
+  try {
+    const value: unknown = JSON.parse(Buffer.from(token, "base64url").toString("utf8"));
+    if (
+      Array.isArray(value) &&
+      value.length === 2 &&
+      typeof value[0] === "string" &&
+      /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$/.test(value[0]) &&
+      typeof value[1] === "string"
+    ) {
+      return { startTime: value[0], requestId: value[1] };
+    }
+  } catch {
+    // Falls through to the error below.
+  }
+  invalid("page_token is not one this service issued");
+}

@@ -1,0 +1,38 @@
+import type { ClickHouseClient } from "@clickhouse/client";
+import type { ClickHouseDriver, QueryParams } from "./driver.ts";
+
+// Quoted 64-bit integers keep sums of nano-USD exact through JSON.parse.
+const querySettings = { output_format_json_quote_64bit_integers: 1 } as const;
+
+/** A ClickHouse server through @clickhouse/client (HTTP). Owns the client: close() closes it. */
+export function createClientDriver(client: ClickHouseClient): ClickHouseDriver {
+  return {
+    async exec(sql, params?: QueryParams) {
+      await client.command({ query: sql, query_params: params });
+    },
+    async query<T>(sql: string, params?: QueryParams) {
+      const result = await client.query({
+        query: sql,
+        query_params: params,
+        format: "JSONEachRow",
+        clickhouse_settings: querySettings,
+      });
+      return result.json<T>();
+    },
+    async insert(table, columns, rows, settings) {
+      if (rows.length === 0) return;
+      await client.insert({
+        table,
+        columns: [...columns] as [string, ...string[]],
+        values: [...rows],
+        format: "JSONCompactEachRow",
+        clickhouse_settings: settings,
+      });
+    },
+    async ping() {
+      const result = await client.ping();
+      if (!result.success) throw result.error;
+    },
+    close: () => client.close(),
+  };
+}

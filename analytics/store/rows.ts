@@ -1,0 +1,158 @@
+import { create } from "@bufbuild/protobuf";
+import { type Timestamp, TimestampSchema } from "@bufbuild/protobuf/wkt";
+import { type RequestMetrics, RequestMetricsSchema, RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
+import { Endpoint, TokenUsageSchema } from "../../gen/common/v1/common_pb.ts";
+
+/** Columns of the requests table that mirror RequestMetrics, in table order. */
+export const requestColumns = [
+  "request_id",
+  "trace_id",
+  "span_id",
+  "start_time",
+  "first_token_time",
+  "end_time",
+  "org_id",
+  "project_id",
+  "api_key_id",
+  "end_user_id",
+  "provider",
+  "requested_model",
+  "served_model",
+  "endpoint",
+  "streamed",
+  "status",
+  "http_status",
+  "error_code",
+  "input_tokens",
+  "cached_input_tokens",
+  "output_tokens",
+  "reasoning_tokens",
+  "usage_estimated",
+  "cost_nanos",
+  "total_latency_us",
+  "upstream_latency_us",
+  "ttft_us",
+  "gateway_overhead_us",
+  "retries",
+  "fallback_used",
+  "gateway_instance_id",
+  "tags",
+] as const;
+
+/** A requests row as JSONEachRow reads and writes it: DateTime64 as text, Int64 as decimal strings. */
+export type RequestRow = {
+  [K in (typeof requestColumns)[number]]: K extends "first_token_time"
+    ? string | null
+    : K extends "streamed" | "usage_estimated" | "fallback_used"
+      ? boolean
+      : K extends "http_status" | "retries"
+        ? number
+        : K extends "tags"
+          ? Record<string, string>
+          : string;
+};
+
+export function toRequestRow(m: RequestMetrics): RequestRow {
+  const usage = m.usage;
+  return {
+    request_id: m.requestId,
+    trace_id: m.traceId,
+    span_id: m.spanId,
+    start_time: toDateTime64(m.startTime),
+    first_token_time: m.firstTokenTime ? toDateTime64(m.firstTokenTime) : null,
+    end_time: toDateTime64(m.endTime),
+    org_id: m.orgId,
+    project_id: m.projectId,
+    api_key_id: m.apiKeyId,
+    end_user_id: m.endUserId,
+    provider: m.provider,
+    requested_model: m.requestedModel,
+    served_model: m.servedModel,
+    endpoint: Endpoint[m.endpoint] ?? String(m.endpoint),
+    streamed: m.streamed,
+    status: statusName(m.status),
+    http_status: m.httpStatus,
+    error_code: m.errorCode,
+    input_tokens: String(usage?.inputTokens ?? 0n),
+    cached_input_tokens: String(usage?.cachedInputTokens ?? 0n),
+    output_tokens: String(usage?.outputTokens ?? 0n),
+    reasoning_tokens: String(usage?.reasoningTokens ?? 0n),
+    usage_estimated: m.usageEstimated,
+    cost_nanos: String(m.costNanos),
+    total_latency_us: String(m.totalLatencyUs),
+    upstream_latency_us: String(m.upstreamLatencyUs),
+    ttft_us: String(m.ttftUs),
+    gateway_overhead_us: String(m.gatewayOverheadUs),
+    retries: m.retries,
+    fallback_used: m.fallbackUsed,
+    gateway_instance_id: m.gatewayInstanceId,
+    tags: m.tags,
+  };
+}
+
+export function fromRequestRow(row: RequestRow): RequestMetrics {
+  return create(RequestMetricsSchema, {
+    requestId: row.request_id,
+    traceId: row.trace_id,
+    spanId: row.span_id,
+    startTime: fromDateTime64(row.start_time),
+    firstTokenTime: row.first_token_time === null ? undefined : fromDateTime64(row.first_token_time),
+    endTime: fromDateTime64(row.end_time),
+    orgId: row.org_id,
+    projectId: row.project_id,
+    apiKeyId: row.api_key_id,
+    endUserId: row.end_user_id,
+    provider: row.provider,
+    requestedModel: row.requested_model,
+    servedModel: row.served_model,
+    endpoint: enumValue(Endpoint, row.endpoint),
+    streamed: row.streamed,
+    status: enumValue(RequestStatus, row.status),
+    httpStatus: row.http_status,
+    errorCode: row.error_code,
+    usage: create(TokenUsageSchema, {
+      inputTokens: BigInt(row.input_tokens),
+      cachedInputTokens: BigInt(row.cached_input_tokens),
+      outputTokens: BigInt(row.output_tokens),
+      reasoningTokens: BigInt(row.reasoning_tokens),
+    }),
+    usageEstimated: row.usage_estimated,
+    costNanos: BigInt(row.cost_nanos),
+    totalLatencyUs: BigInt(row.total_latency_us),
+    upstreamLatencyUs: BigInt(row.upstream_latency_us),
+    ttftUs: BigInt(row.ttft_us),
+    gatewayOverheadUs: BigInt(row.gateway_overhead_us),
+    retries: row.retries,
+    fallbackUsed: row.fallback_used,
+    gatewayInstanceId: row.gateway_instance_id,
+    tags: row.tags,
+  });
+}
+
+/** The name stored in the status column, e.g. "OK", "RATE_LIMITED". */
+export function statusName(status: RequestStatus): string {
+  return RequestStatus[status] ?? String(status);
+}
+
+/** "YYYY-MM-DD hh:mm:ss.ffffff" in UTC: the text form of DateTime64(6, 'UTC'), exact to the microsecond. */
+export function toDateTime64(ts: Timestamp | undefined): string {
+  const seconds = ts?.seconds ?? 0n;
+  const micros = Math.floor((ts?.nanos ?? 0) / 1000);
+  const iso = new Date(Number(seconds) * 1000).toISOString();
+  return `${iso.slice(0, 10)} ${iso.slice(11, 19)}.${String(micros).padStart(6, "0")}`;
+}
+
+/** Parses DateTime64 or DateTime text in UTC ("YYYY-MM-DD hh:mm:ss[.ffffff]"). */
+export function fromDateTime64(text: string): Timestamp {
+  const ms = Date.parse(`${text.slice(0, 10)}T${text.slice(11, 19)}Z`);
+  if (Number.isNaN(ms)) throw new Error(`not a ClickHouse timestamp: ${JSON.stringify(text)}`);
+  const fraction = text.slice(20, 29).padEnd(9, "0");
+  return create(TimestampSchema, { seconds: BigInt(ms / 1000), nanos: Number(fraction) });
+}
+
+function enumValue<E extends Record<string, string | number>>(e: E, name: string): number {
+  const value = e[name];
+  if (typeof value === "number") return value;
+  const n = Number(name);
+  return Number.isInteger(n) ? n : 0;
+}

@@ -1,0 +1,63 @@
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
+import type { IngestMetricsRequestSchema } from "../gen/analytics/v1/analytics_pb.ts";
+import type { BillingService, UsageRecord } from "../gen/billing/v1/billing_pb.ts";
+
+/**
+ * An in-test BillingService that only records usage: idempotent by request_id like the real one,
+ * remembers every call, and fails on demand. Serve it with createRouterTransport or startServer.
+ */
+export function createRecordingBilling(options: { onRecord?: (records: UsageRecord[]) => void | Promise<void> } = {}) {
+  const calls: UsageRecord[][] = [];
+  const stored = new Map<string, UsageRecord>();
+  let failure: ConnectError | undefined;
+  const impl: Partial<ServiceImpl<typeof BillingService>> = {
+    async recordUsage(req) {
+      if (failure) throw failure;
+      await options.onRecord?.(req.records);
+      calls.push(req.records);
+      let inserted = 0;
+      for (const record of req.records) {
+        if (stored.has(record.requestId)) continue;
+        stored.set(record.requestId, record);
+        inserted++;
+      }
+      return { inserted, duplicates: req.records.length - inserted };
+    },
+  };
+  return {
+    impl,
+    calls,
+    stored,
+    /** Until called again with false, every RecordUsage fails with Unavailable. */
+    fail(on = true) {
+      failure = on ? new ConnectError("billing is down", Code.Unavailable) : undefined;
+    },
+  };
+}
+
+/** An IngestMetrics input stream the test feeds one batch at a time, like a gateway's spool. */
+export function createBatchQueue() {
+  type Batch = MessageInitShape<typeof IngestMetricsRequestSchema>;
+  const items: Batch[] = [];
+  let wake: (() => void) | undefined;
+  let ended = false;
+  return {
+    push(batch: Batch) {
+      items.push(batch);
+      wake?.();
+    },
+    end() {
+      ended = true;
+      wake?.();
+    },
+    async *[Symbol.asyncIterator]() {
+      for (;;) {
+        const next = items.shift();
+        if (next) yield next;
+        else if (ended) return;
+        else await new Promise<void>((resolve) => (wake = resolve));
+      }
+    },
+  };
+}
