@@ -1,0 +1,154 @@
+import { describe, expect, test } from "bun:test";
+import { fileURLToPath } from "node:url";
+import { ConfigError } from "../lib/config.ts";
+import { costNanos } from "../lib/money.ts";
+import { loadGatewayConfig, parseGatewayConfig } from "./config.ts";
+
+const base = (models: string) => `
+providers:
+  - { name: mock, kind: mock }
+  - { name: openai, kind: openai, api_key_env: OPENAI_API_KEY }
+models:
+${models}`;
+
+const tokens = (input: number, output: number, cached = 0, reasoning = 0) => ({
+  inputTokens: BigInt(input),
+  cachedInputTokens: BigInt(cached),
+  outputTokens: BigInt(output),
+  reasoningTokens: BigInt(reasoning),
+});
+
+function configError(text: string, source = "test.yaml"): string {
+  try {
+    parseGatewayConfig(text, source);
+  } catch (e) {
+    expect(e).toBeInstanceOf(ConfigError);
+    return (e as Error).message;
+  }
+  throw new Error("expected a ConfigError");
+}
+
+describe("gateway config", () => {
+  test("the shipped default file parses and serves mock offline", () => {
+    const config = loadGatewayConfig(fileURLToPath(new URL("./config.default.yaml", import.meta.url)));
+    const mock = config.models.get("mock");
+    expect(mock?.targets).toEqual([{ provider: "mock", model: "mock-echo-1", weight: undefined }]);
+    expect(config.providers.find((p) => p.name === "mock")?.kind).toBe("mock");
+    for (const name of ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]) expect(config.models.has(name)).toBe(true);
+  });
+
+  test("prices become exact micro-USD and costs exact nano-USD", () => {
+    const config = parseGatewayConfig(
+      base(`
+  - name: gpt-4o
+    targets: [{ provider: openai, model: gpt-4o-2024-08-06 }]
+    pricing: { input_per_mtok: "2.50", cached_input_per_mtok: "1.25", output_per_mtok: "10.00" }
+  - name: cheap
+    targets: [{ provider: mock, model: m }]
+    pricing: { input_per_mtok: "0.000001", output_per_mtok: "0.075" }
+`),
+      "test.yaml",
+    );
+    const gpt4o = config.models.get("gpt-4o");
+    expect(gpt4o?.price).toEqual({
+      inputMicros: 2_500_000n,
+      cachedInputMicros: 1_250_000n,
+      outputMicros: 10_000_000n,
+      // unset reasoning price falls back to the output price
+      reasoningMicros: 10_000_000n,
+    });
+    expect(gpt4o?.pricing).toEqual({ input: "2.50", cachedInput: "1.25", output: "10.00", reasoning: "10.00" });
+    // 1000 input of which 400 cached, 500 output of which 100 reasoning:
+    // (600*2.50 + 400*1.25 + 400*10 + 100*10) USD / 1M = $0.007
+    expect(costNanos(tokens(1000, 500, 400, 100), gpt4o!.price)).toBe(7_000_000n);
+    const cheap = config.models.get("cheap")!;
+    expect(cheap.price.cachedInputMicros).toBe(1n);
+    // 3 input at 1 micro-USD/M = 0.003 nano; 7 output at 75_000 micro-USD/M = 525 nano -> 525.003 -> 525
+    expect(costNanos(tokens(3, 7), cheap.price)).toBe(525n);
+    expect(cheap.timeoutMs).toBe(60_000);
+    expect(cheap.retries).toBe(0);
+  });
+
+  test("JSON files parse too", () => {
+    const config = parseGatewayConfig(
+      JSON.stringify({
+        providers: [{ name: "mock", kind: "mock", latency_ms: 5 }],
+        models: [{ name: "m", targets: [{ provider: "mock", model: "x" }], pricing: { input_per_mtok: "1", output_per_mtok: "2" } }],
+      }),
+      "routes.json",
+    );
+    expect(config.models.get("m")?.price.outputMicros).toBe(2_000_000n);
+  });
+
+  test("a bad price string names the field", () => {
+    const message = configError(
+      base(`
+  - name: m
+    targets: [{ provider: mock, model: x }]
+    pricing: { input_per_mtok: "1.5", output_per_mtok: "abc" }
+`),
+    );
+    expect(message).toContain("test.yaml");
+    expect(message).toContain("models[0].pricing.output_per_mtok");
+    expect(message).toContain('"abc"');
+  });
+
+  test("an unquoted YAML number price is refused with a hint", () => {
+    const message = configError(
+      base(`
+  - name: m
+    targets: [{ provider: mock, model: x }]
+    pricing: { input_per_mtok: 0.1, output_per_mtok: "1" }
+`),
+    );
+    expect(message).toContain("models[0].pricing.input_per_mtok");
+    expect(message).toContain("quote it");
+  });
+
+  test("an unknown provider reference names the field and the known providers", () => {
+    const message = configError(
+      base(`
+  - name: ok
+    targets: [{ provider: mock, model: x }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+  - name: broken
+    targets: [{ provider: mock, model: x }, { provider: anthropic, model: y }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+`),
+    );
+    expect(message).toContain("models[1].targets[1].provider");
+    expect(message).toContain('unknown provider "anthropic"');
+    expect(message).toContain("mock, openai");
+  });
+
+  test("duplicates, unknown kinds, typos and missing fields are refused", () => {
+    expect(
+      configError(
+        base(`
+  - { name: m, targets: [{ provider: mock, model: x }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }
+  - { name: m, targets: [{ provider: mock, model: x }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }
+`),
+      ),
+    ).toContain('models[1].name: duplicate model "m"');
+    expect(configError("providers: [{ name: x, kind: bedrock }]\nmodels: []")).toContain("providers[0].kind");
+    expect(
+      configError(
+        base(`
+  - { name: m, targets: [{ provider: mock, model: x }], pricing: { input_per_mtok: "1", output_per_mtok: "1" }, timeout: 5 }
+`),
+      ),
+    ).toContain("timeout");
+    expect(configError(base(`  - { name: m, targets: [], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`))).toContain(
+      "models[0].targets",
+    );
+    expect(configError(base(`  - { name: m, targets: [{ provider: mock, model: x }], pricing: { input_per_mtok: "1" } }`))).toContain(
+      "models[0].pricing.output_per_mtok",
+    );
+  });
+
+  test("unreadable files and broken syntax are ConfigErrors naming the file", () => {
+    expect(() => loadGatewayConfig("/nonexistent/gateway.yaml")).toThrow(/nonexistent\/gateway\.yaml/);
+    expect(configError("providers: [", "broken.yaml")).toContain("broken.yaml");
+    expect(configError("{", "broken.json")).toContain("broken.json");
+  });
+});

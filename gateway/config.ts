@@ -1,0 +1,193 @@
+import { readFileSync } from "node:fs";
+import { parse as parseYaml } from "yaml";
+import { z } from "zod";
+import { ConfigError } from "../lib/config.ts";
+import { parseUsdMicros, type Price } from "../lib/money.ts";
+
+/**
+ * The gateway's routes and prices (GATEWAY_CONFIG, YAML or JSON), parsed once at start into a
+ * typed object. Prices are decimal strings in USD per million tokens, held as integer micro-USD.
+ */
+
+const name = z
+  .string()
+  .regex(/^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$/, "must be 1..128 letters, digits or . _ : / -");
+
+const envName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, "must be an environment variable name");
+
+// Strings only: a YAML number such as 0.1 would reach us as a binary float.
+const usdPerMtok = z
+  .string({ error: 'must be a decimal USD string such as "2.50" (quote it in YAML)' })
+  .transform((text, ctx) => {
+    try {
+      return { text, micros: parseUsdMicros(text) };
+    } catch (e) {
+      ctx.addIssue({ code: "custom", message: (e as Error).message });
+      return z.NEVER;
+    }
+  });
+
+const openaiProvider = z.strictObject({
+  name,
+  kind: z.literal("openai"),
+  /** Any OpenAI-compatible base URL; the OpenAI API by default. */
+  base_url: z.url().optional(),
+  /** Variable holding the upstream key; unset for upstreams that need none. */
+  api_key_env: envName.optional(),
+  headers: z.record(z.string(), z.string()).optional(),
+});
+
+const azureProvider = z.strictObject({
+  name,
+  kind: z.literal("azure"),
+  /** The resource endpoint, e.g. https://example.openai.azure.com/ */
+  base_url: z.url(),
+  api_key_env: envName,
+  api_version: z.string().min(1).default("2024-10-21"),
+});
+
+const mockProvider = z.strictObject({
+  name,
+  kind: z.literal("mock"),
+  /** Added before every reply, to simulate an upstream's latency. */
+  latency_ms: z.number().int().min(0).max(600_000).default(0),
+});
+
+const provider = z.discriminatedUnion("kind", [openaiProvider, azureProvider, mockProvider]);
+
+const model = z.strictObject({
+  /** Public model name clients send. */
+  name,
+  /** In fallback order; a weight on any target picks the first choice at random by weight. */
+  targets: z
+    .array(
+      z.strictObject({
+        provider: z.string().min(1),
+        /** Upstream model (or Azure deployment) name. */
+        model: z.string().min(1),
+        weight: z.number().int().min(0).max(1_000_000).optional(),
+      }),
+    )
+    .min(1)
+    .max(16),
+  pricing: z.strictObject({
+    input_per_mtok: usdPerMtok,
+    /** Defaults to the input price. */
+    cached_input_per_mtok: usdPerMtok.optional(),
+    output_per_mtok: usdPerMtok,
+    /** Defaults to the output price. */
+    reasoning_per_mtok: usdPerMtok.optional(),
+  }),
+  /** Per upstream attempt. */
+  timeout_ms: z.number().int().min(1).max(600_000).default(60_000),
+  /** Extra attempts on the same target after a retryable failure. */
+  retries: z.number().int().min(0).max(5).default(0),
+});
+
+const file = z
+  .strictObject({
+    providers: z.array(provider).min(1),
+    models: z.array(model).min(1),
+  })
+  .superRefine((cfg, ctx) => {
+    const providers = new Set<string>();
+    cfg.providers.forEach((p, i) => {
+      if (providers.has(p.name)) ctx.addIssue({ code: "custom", path: ["providers", i, "name"], message: `duplicate provider "${p.name}"` });
+      providers.add(p.name);
+    });
+    const models = new Set<string>();
+    cfg.models.forEach((m, i) => {
+      if (models.has(m.name)) ctx.addIssue({ code: "custom", path: ["models", i, "name"], message: `duplicate model "${m.name}"` });
+      models.add(m.name);
+      m.targets.forEach((t, j) => {
+        if (!providers.has(t.provider)) {
+          ctx.addIssue({
+            code: "custom",
+            path: ["models", i, "targets", j, "provider"],
+            message: `unknown provider "${t.provider}" (configured: ${[...providers].join(", ")})`,
+          });
+        }
+      });
+    });
+  });
+
+export type ProviderConfig = z.infer<typeof provider>;
+export type OpenAIProviderConfig = z.infer<typeof openaiProvider>;
+export type AzureProviderConfig = z.infer<typeof azureProvider>;
+export type MockProviderConfig = z.infer<typeof mockProvider>;
+
+export interface Target {
+  provider: string;
+  model: string;
+  weight: number | undefined;
+}
+
+/** A public model: where it is served and what it costs. */
+export interface ModelRoute {
+  name: string;
+  targets: Target[];
+  price: Price;
+  /** Prices as configured (USD per million tokens), for listings. */
+  pricing: { input: string; cachedInput: string; output: string; reasoning: string };
+  timeoutMs: number;
+  retries: number;
+}
+
+export interface GatewayConfig {
+  providers: ProviderConfig[];
+  /** By public name, in file order. */
+  models: ReadonlyMap<string, ModelRoute>;
+}
+
+/** Parses the text of a config file; `source` names it in errors and picks JSON for *.json. */
+export function parseGatewayConfig(text: string, source: string): GatewayConfig {
+  let raw: unknown;
+  try {
+    raw = source.endsWith(".json") ? JSON.parse(text) : parseYaml(text);
+  } catch (e) {
+    throw new ConfigError(`invalid gateway config ${source}: ${(e as Error).message}`);
+  }
+  const result = file.safeParse(raw);
+  if (!result.success) {
+    const problems = result.error.issues.map((issue) => `${fieldPath(issue.path)}: ${issue.message}`);
+    throw new ConfigError(`invalid gateway config ${source}: ${problems.join("; ")}`);
+  }
+  const models = new Map<string, ModelRoute>();
+  for (const m of result.data.models) {
+    const { input_per_mtok: input, output_per_mtok: output } = m.pricing;
+    const cached = m.pricing.cached_input_per_mtok ?? input;
+    const reasoning = m.pricing.reasoning_per_mtok ?? output;
+    models.set(m.name, {
+      name: m.name,
+      targets: m.targets.map((t) => ({ provider: t.provider, model: t.model, weight: t.weight })),
+      price: {
+        inputMicros: input.micros,
+        cachedInputMicros: cached.micros,
+        outputMicros: output.micros,
+        reasoningMicros: reasoning.micros,
+      },
+      pricing: { input: input.text, cachedInput: cached.text, output: output.text, reasoning: reasoning.text },
+      timeoutMs: m.timeout_ms,
+      retries: m.retries,
+    });
+  }
+  return { providers: result.data.providers, models };
+}
+
+/** Reads and parses the config file at `path`, or throws a ConfigError naming the file and field. */
+export function loadGatewayConfig(path: string): GatewayConfig {
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (e) {
+    throw new ConfigError(`cannot read gateway config ${path}: ${(e as Error).message}`);
+  }
+  return parseGatewayConfig(text, path);
+}
+
+/** ["models", 0, "pricing"] -> "models[0].pricing" */
+function fieldPath(path: readonly PropertyKey[]): string {
+  let out = "";
+  for (const part of path) out += typeof part === "number" ? `[${part}]` : `${out ? "." : ""}${String(part)}`;
+  return out || "(root)";
+}

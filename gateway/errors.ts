@@ -1,0 +1,122 @@
+import { Code, ConnectError } from "@connectrpc/connect";
+import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
+
+/**
+ * A failure the client sees: its HTTP status, OpenAI-style type/code/param, and the outcome class
+ * recorded in the request's metrics. The one mapping from gateway failures to REST and RPC errors.
+ */
+export class GatewayError extends Error {
+  override name = "GatewayError";
+  constructor(
+    readonly status: number,
+    readonly type: string,
+    readonly code: string,
+    message: string,
+    readonly outcome: RequestStatus,
+    readonly param: string | null = null,
+  ) {
+    super(message);
+  }
+}
+
+export const invalidRequest = (message: string, param: string | null = null, code = "invalid_value") =>
+  new GatewayError(400, "invalid_request_error", code, message, RequestStatus.INVALID_REQUEST, param);
+
+export const unauthorized = (message: string, code = "invalid_api_key") =>
+  new GatewayError(401, "invalid_request_error", code, message, RequestStatus.UNAUTHORIZED);
+
+export const modelNotAllowed = (model: string) =>
+  new GatewayError(
+    403,
+    "permission_error",
+    "model_not_allowed",
+    `This API key may not use the model \`${model}\`.`,
+    RequestStatus.UNAUTHORIZED,
+    "model",
+  );
+
+export const modelNotFound = (model: string) =>
+  new GatewayError(
+    404,
+    "invalid_request_error",
+    "model_not_found",
+    `The model \`${model}\` does not exist.`,
+    RequestStatus.INVALID_REQUEST,
+    "model",
+  );
+
+export const unknownUrl = (method: string, path: string) =>
+  new GatewayError(
+    404,
+    "invalid_request_error",
+    "unknown_url",
+    `Unknown request URL: ${method} ${path}.`,
+    RequestStatus.INVALID_REQUEST,
+  );
+
+export const methodNotAllowed = (method: string, path: string) =>
+  new GatewayError(
+    405,
+    "invalid_request_error",
+    "method_not_allowed",
+    `Method ${method} is not allowed on ${path}.`,
+    RequestStatus.INVALID_REQUEST,
+  );
+
+export const bodyTooLarge = (limitBytes: number) =>
+  new GatewayError(
+    413,
+    "invalid_request_error",
+    "request_too_large",
+    `The request body exceeds the limit of ${limitBytes} bytes.`,
+    RequestStatus.INVALID_REQUEST,
+  );
+
+export const upstreamFailed = (message: string) =>
+  new GatewayError(502, "api_error", "upstream_error", message, RequestStatus.UPSTREAM_ERROR);
+
+export const upstreamTimeout = (message: string) =>
+  new GatewayError(504, "api_error", "upstream_timeout", message, RequestStatus.TIMEOUT);
+
+/** A dependency of the gateway itself (billing) cannot answer; the client may retry. */
+export const serviceUnavailable = (message: string, code: string) =>
+  new GatewayError(503, "api_error", code, message, RequestStatus.INTERNAL_ERROR);
+
+export const cancelled = () =>
+  new GatewayError(499, "invalid_request_error", "client_closed_request", "The client closed the request.", RequestStatus.CANCELLED);
+
+export const notImplemented = (what: string) =>
+  new GatewayError(501, "invalid_request_error", "not_implemented", `${what} is not implemented yet.`, RequestStatus.INVALID_REQUEST);
+
+const internal = () =>
+  new GatewayError(500, "server_error", "internal_error", "The gateway failed to handle the request.", RequestStatus.INTERNAL_ERROR);
+
+/** Any thrown value as a GatewayError; anything unexpected becomes a 500 without leaking its message. */
+export function toGatewayError(e: unknown): GatewayError {
+  return e instanceof GatewayError ? e : internal();
+}
+
+/** The OpenAI error body: {"error": {"message", "type", "param", "code"}}. */
+export function errorBody(e: GatewayError): string {
+  return JSON.stringify({ error: { message: e.message, type: e.type, param: e.param, code: e.code } });
+}
+
+const connectCodes: Record<number, Code> = {
+  400: Code.InvalidArgument,
+  401: Code.Unauthenticated,
+  403: Code.PermissionDenied,
+  404: Code.NotFound,
+  405: Code.InvalidArgument,
+  413: Code.InvalidArgument,
+  429: Code.ResourceExhausted,
+  499: Code.Canceled,
+  501: Code.Unimplemented,
+  502: Code.Unavailable,
+  503: Code.Unavailable,
+  504: Code.DeadlineExceeded,
+};
+
+/** The RPC form of a gateway failure; the OpenAI error code travels as metadata. */
+export function toConnectError(e: GatewayError): ConnectError {
+  return new ConnectError(e.message, connectCodes[e.status] ?? Code.Internal, { "x-error-code": e.code });
+}

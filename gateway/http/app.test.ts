@@ -1,0 +1,227 @@
+import { describe, expect, test } from "bun:test";
+import { trace } from "@opentelemetry/api";
+import { isValid as isUlid } from "ulid";
+import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
+import { Endpoint } from "../../gen/common/v1/common_pb.ts";
+import { createTestCore } from "../testing.ts";
+import { createRestApp } from "./app.ts";
+
+const maxBodyBytes = 4096;
+
+function setup() {
+  const gateway = createTestCore();
+  const app = createRestApp({ core: gateway.core, tracer: trace.getTracer("test"), maxBodyBytes });
+  const call = (path: string, init: RequestInit & { key?: string } = {}) => {
+    const headers = new Headers(init.headers);
+    if (init.key) headers.set("authorization", `Bearer ${init.key}`);
+    return app.fetch(new Request(`http://gateway.test${path}`, { ...init, headers }));
+  };
+  const chat = (body: unknown, key: string | null = "sk-good") =>
+    call("/v1/chat/completions", {
+      method: "POST",
+      key: key ?? undefined,
+      headers: { "content-type": "application/json" },
+      body: typeof body === "string" ? body : JSON.stringify(body),
+    });
+  return { ...gateway, app, call, chat };
+}
+
+const hello = { model: "mock", messages: [{ role: "system", content: "be brief" }, { role: "user", content: "hello there" }] };
+
+/** The OpenAI error shape, with its status and x-request-id checked. */
+async function expectError(res: Response, status: number, code: string, param: string | null = null) {
+  expect(res.status).toBe(status);
+  expect(res.headers.get("content-type")).toBe("application/json");
+  expect(isUlid(res.headers.get("x-request-id") ?? "")).toBe(true);
+  const body = (await res.json()) as { error: Record<string, unknown> };
+  expect(Object.keys(body.error).sort()).toEqual(["code", "message", "param", "type"]);
+  expect(body.error.code).toBe(code);
+  expect(body.error.param).toBe(param);
+  expect(typeof body.error.message).toBe("string");
+  return body.error;
+}
+
+describe("REST chat completions", () => {
+  test("answers in the OpenAI shape with request id and exact cost headers, and records metrics", async () => {
+    const { chat, shipper } = setup();
+    const res = await chat({ ...hello, user: "end-user-7", metadata: { team: "search", env: "test" } });
+    expect(res.status).toBe(200);
+    const requestId = res.headers.get("x-request-id") ?? "";
+    expect(isUlid(requestId)).toBe(true);
+    // 16 input tokens at $0.50/M + 6 output at $1.50/M = $0.000017
+    expect(res.headers.get("x-gateway-cost-nanos")).toBe("17000");
+    const body = (await res.json()) as Record<string, any>;
+    expect(body.object).toBe("chat.completion");
+    expect(body.model).toBe("mock-echo-1");
+    expect(body.choices[0].message).toEqual({ role: "assistant", content: "mock reply: hello there", refusal: null });
+    expect(body.usage).toEqual({ prompt_tokens: 16, completion_tokens: 6, total_tokens: 22 });
+
+    expect(shipper.rows).toHaveLength(1);
+    const m = shipper.rows[0]!;
+    expect(m).toMatchObject({
+      requestId,
+      orgId: "org_1",
+      projectId: "proj_1",
+      apiKeyId: "key_good",
+      endUserId: "end-user-7",
+      provider: "mock",
+      requestedModel: "mock",
+      servedModel: "mock-echo-1",
+      endpoint: Endpoint.CHAT_COMPLETIONS,
+      streamed: false,
+      status: RequestStatus.OK,
+      httpStatus: 200,
+      errorCode: "",
+      costNanos: 17000n,
+      retries: 0,
+      fallbackUsed: false,
+      gatewayInstanceId: "gw-test",
+      tags: { team: "search", env: "test" },
+    });
+    expect(m.usage).toMatchObject({ inputTokens: 16n, cachedInputTokens: 0n, outputTokens: 6n, reasoningTokens: 0n });
+    expect(m.startTime).toBeDefined();
+    expect(m.endTime).toBeDefined();
+    expect(m.totalLatencyUs).toBeGreaterThan(0n);
+    expect(m.totalLatencyUs).toBe(m.upstreamLatencyUs + m.gatewayOverheadUs);
+  });
+
+  test("malformed JSON and empty bodies are 400 invalid_json", async () => {
+    const { chat, shipper } = setup();
+    await expectError(await chat("{not json"), 400, "invalid_json");
+    await expectError(await chat(""), 400, "invalid_json");
+    expect(shipper.rows.map((m) => [m.status, m.httpStatus, m.errorCode])).toEqual([
+      [RequestStatus.INVALID_REQUEST, 400, "invalid_json"],
+      [RequestStatus.INVALID_REQUEST, 400, "invalid_json"],
+    ]);
+  });
+
+  test("invalid fields are 400 naming the parameter", async () => {
+    const { chat } = setup();
+    await expectError(await chat([1, 2]), 400, "invalid_value");
+    await expectError(await chat({ messages: hello.messages }), 400, "missing_required_parameter", "model");
+    await expectError(await chat({ model: "mock", messages: [] }), 400, "missing_required_parameter", "messages");
+    await expectError(await chat({ model: "mock", messages: [{ role: "robot", content: "x" }] }), 400, "invalid_value", "messages[0].role");
+    await expectError(await chat({ ...hello, messages: [{ role: "user", content: 5 }] }), 400, "invalid_value", "messages[0].content");
+    await expectError(await chat({ ...hello, n: 0 }), 400, "invalid_value", "n");
+    await expectError(await chat({ ...hello, stop: ["a", "b", "c", "d", "e"] }), 400, "invalid_value", "stop");
+    await expectError(await chat({ ...hello, metadata: { k: 1 } }), 400, "invalid_value", "metadata.k");
+    await expectError(await chat({ ...hello, metadata: { k: "x".repeat(257) } }), 400, "invalid_value", "metadata.k");
+    await expectError(await chat({ ...hello, stream: "yes" }), 400, "invalid_value", "stream");
+    await expectError(await chat({ ...hello, stream: true }), 400, "unsupported_parameter", "stream");
+  });
+
+  test("missing and unknown keys are 401; billing down is 503", async () => {
+    const { chat, billing, shipper } = setup();
+    const missing = await expectError(await chat(hello, null), 401, "missing_api_key");
+    expect(missing.type).toBe("invalid_request_error");
+    await expectError(await chat(hello, "sk-wrong"), 401, "invalid_api_key");
+    billing.setDown(true);
+    await expectError(await chat(hello), 503, "auth_unavailable");
+    expect(shipper.rows.map((m) => [m.status, m.httpStatus, m.orgId])).toEqual([
+      [RequestStatus.UNAUTHORIZED, 401, ""],
+      [RequestStatus.UNAUTHORIZED, 401, ""],
+      [RequestStatus.INTERNAL_ERROR, 503, ""],
+    ]);
+  });
+
+  test("a model outside the key's allowed models is 403; an unknown model is 404", async () => {
+    const { chat, shipper } = setup();
+    await expectError(await chat({ ...hello, model: "premium" }, "sk-limited"), 403, "model_not_allowed", "model");
+    expect((await chat(hello, "sk-limited")).status).toBe(200);
+    await expectError(await chat({ ...hello, model: "gpt-9" }), 404, "model_not_found", "model");
+    expect(shipper.rows[0]).toMatchObject({ status: RequestStatus.UNAUTHORIZED, httpStatus: 403, apiKeyId: "key_limited", requestedModel: "premium" });
+    expect(shipper.rows[2]).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 404, requestedModel: "gpt-9" });
+  });
+
+  test("bodies over the limit are 413, whether declared or streamed", async () => {
+    const { chat, call, shipper } = setup();
+    const big = JSON.stringify({ ...hello, user: "x".repeat(maxBodyBytes) });
+    await expectError(await chat(big), 413, "request_too_large");
+    const chunks = new ReadableStream<Uint8Array>({
+      start(controller) {
+        for (let i = 0; i < 10; i++) controller.enqueue(new TextEncoder().encode(" ".repeat(1000)));
+        controller.close();
+      },
+    });
+    const streamed = await call("/v1/chat/completions", { method: "POST", key: "sk-good", body: chunks });
+    await expectError(streamed, 413, "request_too_large");
+    expect(shipper.rows.map((m) => m.httpStatus)).toEqual([413, 413]);
+  });
+
+  test("an upstream that keeps failing is 502 after its retries; a fallback target serves instead", async () => {
+    const { chat, shipper, downCalls } = setup();
+    const failed = await expectError(await chat({ ...hello, model: "broken" }), 502, "upstream_error");
+    expect(failed.type).toBe("api_error");
+    expect(failed.message).toContain("boom");
+    expect(downCalls()).toBe(2);
+    expect(shipper.rows[0]).toMatchObject({
+      status: RequestStatus.UPSTREAM_ERROR,
+      httpStatus: 502,
+      provider: "down",
+      retries: 1,
+      costNanos: 0n,
+    });
+
+    const res = await chat({ ...hello, model: "resilient" });
+    expect(res.status).toBe(200);
+    expect(shipper.rows[1]).toMatchObject({ status: RequestStatus.OK, provider: "mock", servedModel: "mock-echo-1", fallbackUsed: true, retries: 1 });
+  });
+
+  test("an upstream slower than the model's timeout is 504; a client that leaves is recorded as cancelled", async () => {
+    const { app, chat, shipper } = setup();
+    await expectError(await chat({ ...hello, model: "slow" }), 504, "upstream_timeout");
+    expect(shipper.rows[0]).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504, provider: "slow" });
+    expect(shipper.rows[0]!.upstreamLatencyUs).toBeGreaterThanOrEqual(25_000n);
+
+    const gone = new AbortController();
+    const pending = app.fetch(
+      new Request("http://gateway.test/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: "Bearer sk-good" },
+        body: JSON.stringify({ ...hello, model: "slow" }),
+        signal: gone.signal,
+      }),
+    );
+    setTimeout(() => gone.abort(), 5);
+    expect((await pending).status).toBe(499);
+    expect(shipper.rows[1]).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, errorCode: "client_closed_request" });
+  });
+});
+
+describe("REST models and routing", () => {
+  test("lists the models a key may use", async () => {
+    const { call, shipper } = setup();
+    const all = await call("/v1/models", { key: "sk-good" });
+    expect(all.status).toBe(200);
+    expect(isUlid(all.headers.get("x-request-id") ?? "")).toBe(true);
+    const body = (await all.json()) as { object: string; data: Array<Record<string, unknown>> };
+    expect(body.object).toBe("list");
+    expect(body.data.map((m) => m.id)).toEqual(["mock", "premium", "broken", "resilient", "slow"]);
+    expect(body.data[0]).toMatchObject({ id: "mock", object: "model", owned_by: "mock" });
+
+    const limited = (await (await call("/v1/models", { key: "sk-limited" })).json()) as { data: Array<{ id: string }> };
+    expect(limited.data.map((m) => m.id)).toEqual(["mock"]);
+    await expectError(await call("/v1/models"), 401, "missing_api_key");
+    expect(shipper.rows.map((m) => [m.endpoint, m.httpStatus])).toEqual([
+      [Endpoint.MODELS, 200],
+      [Endpoint.MODELS, 200],
+      [Endpoint.MODELS, 401],
+    ]);
+  });
+
+  test("retrieves one model", async () => {
+    const { call } = setup();
+    const res = await call("/v1/models/premium", { key: "sk-good" });
+    expect(((await res.json()) as { id: string }).id).toBe("premium");
+    await expectError(await call("/v1/models/nope", { key: "sk-good" }), 404, "model_not_found", "model");
+    await expectError(await call("/v1/models/premium", { key: "sk-limited" }), 403, "model_not_allowed", "model");
+  });
+
+  test("unknown paths are 404 and wrong methods 405, in the same error shape", async () => {
+    const { call, shipper } = setup();
+    await expectError(await call("/v1/nothing", { key: "sk-good" }), 404, "unknown_url");
+    await expectError(await call("/v1/chat/completions", { key: "sk-good" }), 405, "method_not_allowed");
+    await expectError(await call("/v1/models", { method: "DELETE", key: "sk-good" }), 405, "method_not_allowed");
+    expect(shipper.rows).toHaveLength(0);
+  });
+});

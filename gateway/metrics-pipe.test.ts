@@ -1,0 +1,199 @@
+import { afterEach, describe, expect, test } from "bun:test";
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, type ConnectRouter, createClient, createRouterTransport } from "@connectrpc/connect";
+import {
+  AnalyticsService,
+  type IngestMetricsRequest,
+  RequestMetricsSchema,
+} from "../gen/analytics/v1/analytics_pb.ts";
+import { createServiceClient } from "../lib/rpc-client.ts";
+import { type RunningServer, startServer } from "../lib/server.ts";
+import { createMetricsShipper, type MetricsShipper, type MetricsShipperOptions } from "./metrics-pipe.ts";
+import { createMemorySpool, type Spool } from "./spool.ts";
+import { createTestLogger } from "./testing.ts";
+
+/** A real AnalyticsService.IngestMetrics that can refuse streams, break them, or withhold acks. */
+function createAnalyticsFake() {
+  const fake = {
+    /** Every batch received, across streams, in arrival order. */
+    received: [] as IngestMetricsRequest[],
+    /** Sequences received per stream. */
+    streams: [] as bigint[][],
+    /** Streams to refuse before accepting one. */
+    refuse: 0,
+    /** Break the current stream right after receiving this many batches on it (without acking the last). */
+    breakAfter: undefined as number | undefined,
+    acking: true,
+    routes(router: ConnectRouter) {
+      router.service(AnalyticsService, {
+        async *ingestMetrics(requests) {
+          if (fake.refuse > 0) {
+            fake.refuse--;
+            throw new ConnectError("analytics is down", Code.Unavailable);
+          }
+          const sequences: bigint[] = [];
+          fake.streams.push(sequences);
+          for await (const req of requests) {
+            fake.received.push(req);
+            sequences.push(req.sequence);
+            if (fake.breakAfter !== undefined && sequences.length >= fake.breakAfter) {
+              fake.breakAfter = undefined;
+              throw new ConnectError("analytics crashed", Code.Unavailable);
+            }
+            if (fake.acking) yield { ackedSequence: req.sequence };
+          }
+        },
+      });
+    },
+    requestIds: () => fake.received.flatMap((b) => b.metrics.map((m) => m.requestId)),
+  };
+  return fake;
+}
+
+const shippers: MetricsShipper[] = [];
+const servers: RunningServer[] = [];
+afterEach(async () => {
+  for (const s of shippers.splice(0)) await s.close();
+  for (const s of servers.splice(0)) await s.close(0);
+});
+
+function setup(options: Partial<MetricsShipperOptions> & { spool?: Spool } = {}) {
+  const analytics = createAnalyticsFake();
+  const spool = options.spool ?? createMemorySpool({ firstSequence: 1n });
+  const shipper = createMetricsShipper({
+    client: createClient(AnalyticsService, createRouterTransport((router) => analytics.routes(router))),
+    spool,
+    instanceId: "gw-test",
+    log: createTestLogger(),
+    batchRows: 10,
+    intervalMs: 20,
+    backoffBaseMs: 5,
+    backoffMaxMs: 20,
+    ...options,
+  });
+  shippers.push(shipper);
+  return { analytics, spool, shipper };
+}
+
+const row = (i: number) => create(RequestMetricsSchema, { requestId: `req-${String(i).padStart(4, "0")}` });
+const ids = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => row(from + i).requestId);
+
+/** Each stream saw strictly increasing sequences. */
+function expectOrderedStreams(streams: bigint[][]) {
+  for (const s of streams) for (let i = 1; i < s.length; i++) expect(s[i]! > s[i - 1]!).toBe(true);
+}
+
+describe("metrics shipper", () => {
+  test("batches by size and by interval, on one stream, and acks empty the spool", async () => {
+    const { analytics, spool, shipper } = setup();
+    shipper.start();
+    for (let i = 0; i < 25; i++) shipper.record(row(i));
+    expect(await shipper.flush(2000)).toBe(true);
+    expect(analytics.streams).toHaveLength(1);
+    expect(analytics.received.map((b) => [b.sequence, b.metrics.length])).toEqual([
+      [1n, 10],
+      [2n, 10],
+      [3n, 5],
+    ]);
+    expect(analytics.received.every((b) => b.gatewayInstanceId === "gw-test")).toBe(true);
+    expect(analytics.requestIds()).toEqual(ids(0, 25));
+    expect([...spool.unacked()]).toHaveLength(0);
+    expect(spool.rows).toBe(0);
+
+    // The interval alone sends a small batch.
+    shipper.record(row(25));
+    await Bun.sleep(60);
+    expect(analytics.received.at(-1)?.metrics.map((m) => m.requestId)).toEqual(ids(25, 26));
+    expect(shipper.status()).toMatchObject({ connected: true, rows: 0, full: false });
+  });
+
+  test("a broken stream loses nothing: unacked batches are resent in order, acked ones never", async () => {
+    const { analytics, shipper } = setup();
+    analytics.breakAfter = 3;
+    shipper.start();
+    for (let i = 0; i < 100; i++) shipper.record(row(i));
+    expect(await shipper.flush(5000)).toBe(true);
+
+    expect(analytics.streams.length).toBeGreaterThanOrEqual(2);
+    expectOrderedStreams(analytics.streams);
+    // Batches 1 and 2 were acked before the break and are not sent again; 3 was not and is.
+    const [first, second] = analytics.streams;
+    expect(first?.slice(0, 3)).toEqual([1n, 2n, 3n]);
+    expect(second?.[0]).toBe(3n);
+    const sent = analytics.received.map((b) => b.sequence);
+    expect(sent.filter((s) => s === 1n || s === 2n)).toEqual([1n, 2n]);
+    // Every row arrived; resends only repeat rows, never drop them.
+    expect(new Set(analytics.requestIds())).toEqual(new Set(ids(0, 100)));
+    expect(new Set(sent)).toEqual(new Set(Array.from({ length: 10 }, (_, i) => BigInt(i + 1))));
+  });
+
+  test("analytics down at start: rows wait in the spool, then all go once it is back", async () => {
+    const { analytics, spool, shipper } = setup();
+    analytics.refuse = 4;
+    shipper.start();
+    for (let i = 0; i < 35; i++) shipper.record(row(i));
+    await Bun.sleep(5);
+    expect(spool.rows).toBe(35);
+    expect(await shipper.flush(5000)).toBe(true);
+    expect(analytics.refuse).toBe(0);
+    expect(analytics.requestIds()).toEqual(ids(0, 35));
+    expectOrderedStreams(analytics.streams);
+  });
+
+  test("a stream that stops acking is replaced and its batches resent", async () => {
+    const { analytics, shipper } = setup({ ackTimeoutMs: 50 });
+    analytics.acking = false;
+    shipper.start();
+    for (let i = 0; i < 10; i++) shipper.record(row(i));
+    await Bun.sleep(20);
+    expect(analytics.received).toHaveLength(1);
+    analytics.acking = true;
+    expect(await shipper.flush(3000)).toBe(true);
+    expect(analytics.streams.length).toBeGreaterThanOrEqual(2);
+    expect(analytics.received.map((b) => b.sequence)).toEqual([1n, 1n]);
+  });
+
+  test("a full spool drops new rows, reports it, and flush gives up after its timeout", async () => {
+    const { analytics, shipper } = setup({ spool: createMemorySpool({ maxRows: 5, firstSequence: 1n }) });
+    analytics.refuse = Number.POSITIVE_INFINITY;
+    shipper.start();
+    for (let i = 0; i < 8; i++) shipper.record(row(i));
+    expect(shipper.status()).toMatchObject({ connected: false, rows: 5, full: true });
+    expect(await shipper.flush(50)).toBe(false);
+  });
+
+  test("over gRPC on a real server that restarts, nothing is lost", async () => {
+    const analytics = createAnalyticsFake();
+    const log = createTestLogger();
+    let server = await startServer({ name: "analytics-fake", port: 0, routes: analytics.routes, log });
+    servers.push(server);
+    const port = server.port;
+    const spool = createMemorySpool({ firstSequence: 1n });
+    const shipper = createMetricsShipper({
+      client: createServiceClient(AnalyticsService, { baseUrl: server.url }),
+      spool,
+      instanceId: "gw-real",
+      log,
+      batchRows: 10,
+      intervalMs: 10,
+      backoffBaseMs: 10,
+      backoffMaxMs: 50,
+    });
+    shippers.push(shipper);
+    shipper.start();
+    for (let i = 0; i < 30; i++) shipper.record(row(i));
+    expect(await shipper.flush(5000)).toBe(true);
+
+    await server.close(0);
+    servers.length = 0;
+    for (let i = 30; i < 55; i++) shipper.record(row(i));
+    await Bun.sleep(100);
+    expect(spool.rows).toBe(25);
+    server = await startServer({ name: "analytics-fake", port, routes: analytics.routes, log });
+    servers.push(server);
+    expect(await shipper.flush(5000)).toBe(true);
+    expect(new Set(analytics.requestIds())).toEqual(new Set(ids(0, 55)));
+    expectOrderedStreams(analytics.streams);
+    expect(analytics.received.map((b) => b.sequence)).toEqual([1n, 2n, 3n, 4n, 5n, 6n]);
+  });
+});

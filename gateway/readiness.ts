@@ -1,0 +1,46 @@
+import type { Readiness } from "../lib/server.ts";
+import type { ShipperStatus } from "./metrics-pipe.ts";
+
+export interface ReadinessOptions {
+  /** Base URL of billing; its /readyz says whether keys can be authorized. */
+  billingUrl: string;
+  shipper: { status(): ShipperStatus };
+  /** Probe results are reused this long, so frequent probes do not hammer billing. */
+  cacheMs?: number;
+  timeoutMs?: number;
+  fetch?: typeof fetch;
+}
+
+/** Ready when billing answers and the metrics pipe is connected or its spool is under its bound. */
+export function createReadiness(options: ReadinessOptions): () => Promise<Readiness> {
+  const cacheMs = options.cacheMs ?? 1000;
+  const timeoutMs = options.timeoutMs ?? 1000;
+  const doFetch = options.fetch ?? fetch;
+  const url = `${options.billingUrl.replace(/\/$/, "")}/readyz`;
+  let billing: { checkedAt: number; result: Promise<string> } | undefined;
+
+  const probeBilling = async (): Promise<string> => {
+    try {
+      const res = await doFetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+      await res.body?.cancel();
+      return res.ok ? "ok" : `not ready (HTTP ${res.status})`;
+    } catch (e) {
+      return `unreachable: ${(e as Error).message}`;
+    }
+  };
+
+  return async () => {
+    const now = Date.now();
+    if (!billing || now - billing.checkedAt > cacheMs) billing = { checkedAt: now, result: probeBilling() };
+    const billingCheck = await billing.result;
+    const pipe = options.shipper.status();
+    const pipeCheck = pipe.connected
+      ? "ok"
+      : `disconnected (${pipe.rows} rows spooled${pipe.lastError ? `; ${pipe.lastError}` : ""})`;
+    const spoolCheck = pipe.full ? `full (${pipe.rows} rows): metrics are being dropped` : `ok (${pipe.rows} rows)`;
+    return {
+      ready: billingCheck === "ok" && (pipe.connected || !pipe.full),
+      checks: { billing: billingCheck, analytics: pipeCheck, spool: spoolCheck },
+    };
+  };
+}

@@ -1,0 +1,138 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { trace } from "@opentelemetry/api";
+import { isValid as isUlid } from "ulid";
+import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
+import { GatewayService } from "../gen/gateway/v1/gateway_pb.ts";
+import { createServiceClient } from "../lib/rpc-client.ts";
+import { type RunningServer, startServer } from "../lib/server.ts";
+import { createRestApp } from "./http/app.ts";
+import { restRoutes } from "./http/node.ts";
+import { createGatewayService } from "./service.ts";
+import { createTestCore } from "./testing.ts";
+
+// One real server on port 0 carrying both the RPCs and the REST API, as main.ts wires them.
+let server: RunningServer;
+const gateway = createTestCore();
+
+beforeAll(async () => {
+  const rest = createRestApp({ core: gateway.core, tracer: trace.getTracer("test"), maxBodyBytes: 4096 });
+  server = await startServer({
+    name: "gateway-test",
+    port: 0,
+    routes: (router) => router.service(GatewayService, createGatewayService(gateway.core)),
+    http: restRoutes(rest),
+    log: gateway.log,
+  });
+});
+afterAll(() => server.close(0));
+
+const client = (key?: string) => createServiceClient(GatewayService, { baseUrl: server.url, bearerToken: key });
+
+const hello = {
+  model: "mock",
+  messages: [
+    { role: "system", content: "be brief" },
+    { role: "user", content: "hello there" },
+  ],
+};
+
+async function rpcError(p: Promise<unknown>): Promise<ConnectError> {
+  try {
+    await p;
+  } catch (e) {
+    return ConnectError.from(e);
+  }
+  throw new Error("expected the RPC to fail");
+}
+
+describe("GatewayService over gRPC", () => {
+  test("CreateChatCompletion shares the REST core: same reply, cost and metrics", async () => {
+    let requestId = "";
+    const res = await client("sk-good").createChatCompletion(
+      { params: { ...hello, metadata: { via: "rpc" }, user: "u1" } },
+      { onHeader: (h) => (requestId = h.get("x-request-id") ?? "") },
+    );
+    expect(res.choices[0]?.message?.content).toBe("mock reply: hello there");
+    expect(res.choices[0]?.finishReason).toBe("stop");
+    expect(res.model).toBe("mock-echo-1");
+    expect(isUlid(requestId)).toBe(true);
+    expect(res.accounting).toMatchObject({ requestId, costNanos: 17000n, provider: "mock", usageEstimated: false });
+    expect(res.accounting?.usage).toMatchObject({ inputTokens: 16n, outputTokens: 6n });
+    const m = gateway.shipper.rows.find((r) => r.requestId === requestId);
+    expect(m).toMatchObject({ status: RequestStatus.OK, costNanos: 17000n, endUserId: "u1", tags: { via: "rpc" }, orgId: "org_1" });
+  });
+
+  test("failures map to RPC codes and carry the request id", async () => {
+    const missing = await rpcError(client().createChatCompletion({ params: hello }));
+    expect(missing.code).toBe(Code.Unauthenticated);
+    expect(isUlid(missing.metadata.get("x-request-id") ?? "")).toBe(true);
+    expect(missing.metadata.get("x-error-code")).toBe("missing_api_key");
+
+    expect((await rpcError(client("sk-good").createChatCompletion({ params: { ...hello, model: "" } }))).code).toBe(
+      Code.InvalidArgument,
+    );
+    expect((await rpcError(client("sk-good").createChatCompletion({}))).code).toBe(Code.InvalidArgument);
+    expect((await rpcError(client("sk-good").createChatCompletion({ params: { ...hello, model: "nope" } }))).code).toBe(
+      Code.NotFound,
+    );
+    expect(
+      (await rpcError(client("sk-limited").createChatCompletion({ params: { ...hello, model: "premium" } }))).code,
+    ).toBe(Code.PermissionDenied);
+    expect((await rpcError(client("sk-good").createChatCompletion({ params: { ...hello, model: "broken" } }))).code).toBe(
+      Code.Unavailable,
+    );
+  });
+
+  test("ListModels returns the key's models with their configured prices", async () => {
+    const all = await client("sk-good").listModels({});
+    expect(all.models.map((m) => m.id)).toEqual(["mock", "premium", "broken", "resilient", "slow"]);
+    expect(all.models[1]).toMatchObject({ id: "premium", ownedBy: "mock", inputPerMtok: "2.50", cachedInputPerMtok: "1.25", outputPerMtok: "10" });
+    expect((await client("sk-limited").listModels({})).models.map((m) => m.id)).toEqual(["mock"]);
+  });
+
+  test("streaming and embeddings are Unimplemented for now", async () => {
+    const stream = async () => {
+      for await (const _ of client("sk-good").streamChatCompletion({ params: hello })) break;
+    };
+    expect((await rpcError(stream())).code).toBe(Code.Unimplemented);
+    expect((await rpcError(client("sk-good").createEmbedding({ model: "mock", input: ["x"] }))).code).toBe(Code.Unimplemented);
+  });
+});
+
+describe("the same server over plain HTTP", () => {
+  test("serves the REST API through node:http with headers intact", async () => {
+    const res = await fetch(`${server.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+      body: JSON.stringify(hello),
+    });
+    expect(res.status).toBe(200);
+    expect(isUlid(res.headers.get("x-request-id") ?? "")).toBe(true);
+    expect(res.headers.get("x-gateway-cost-nanos")).toBe("17000");
+    expect(((await res.json()) as { choices: unknown[] }).choices).toHaveLength(1);
+
+    const tooBig = await fetch(`${server.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good" },
+      body: "x".repeat(10_000),
+    });
+    expect(tooBig.status).toBe(413);
+    expect(((await tooBig.json()) as { error: { code: string } }).error.code).toBe("request_too_large");
+
+    const noKey = await fetch(`${server.url}/v1/models`);
+    expect(noKey.status).toBe(401);
+    expect(isUlid(noKey.headers.get("x-request-id") ?? "")).toBe(true);
+  });
+
+  test("answers Connect JSON calls, as a browser would make them", async () => {
+    const res = await fetch(`${server.url}/gateway.v1.GatewayService/ListModels`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-limited", "content-type": "application/json" },
+      body: "{}",
+    });
+    expect(res.status).toBe(200);
+    expect(isUlid(res.headers.get("x-request-id") ?? "")).toBe(true);
+    expect(((await res.json()) as { models: Array<{ id: string }> }).models.map((m) => m.id)).toEqual(["mock"]);
+  });
+});

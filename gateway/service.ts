@@ -1,0 +1,170 @@
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import type { ChatCompletion } from "openai/resources/chat/completions";
+import { Endpoint } from "../gen/common/v1/common_pb.ts";
+import {
+  type ChatCompletionParams,
+  type ChatMessage,
+  type CreateChatCompletionResponse,
+  CreateChatCompletionResponseSchema,
+  GatewayService,
+  type ListModelsResponse,
+  ListModelsResponseSchema,
+} from "../gen/gateway/v1/gateway_pb.ts";
+import { bearerToken } from "../lib/auth.ts";
+import type { Call, ChatOutcome, GatewayCore } from "./core.ts";
+import { toConnectError, toGatewayError } from "./errors.ts";
+
+/**
+ * GatewayService over Connect, gRPC and gRPC-Web: the same core as the REST API, with the
+ * OpenAI parameters carried as typed messages. Every response carries x-request-id.
+ */
+export function createGatewayService(core: GatewayCore): ServiceImpl<typeof GatewayService> {
+  const begin = (endpoint: Endpoint, ctx: HandlerContext): Call => {
+    // Response headers reach the client on errors too, merged into the error's metadata.
+    const call = core.begin(endpoint, bearerToken(ctx.requestHeader), ctx.signal);
+    ctx.responseHeader.set("x-request-id", call.requestId);
+    return call;
+  };
+
+  return {
+    async createChatCompletion(req, ctx) {
+      const call = begin(Endpoint.CHAT_COMPLETIONS, ctx);
+      try {
+        const outcome = await core.handle(call, async () => {
+          await core.authorize(call);
+          return core.chat(call, chatBody(req.params));
+        });
+        ctx.responseHeader.set("x-gateway-cost-nanos", outcome.costNanos.toString());
+        return chatResponse(outcome, call.requestId);
+      } catch (e) {
+        throw toConnectError(toGatewayError(e));
+      }
+    },
+
+    async listModels(_req, ctx): Promise<ListModelsResponse> {
+      const call = begin(Endpoint.MODELS, ctx);
+      try {
+        const models = await core.handle(call, async () => {
+          await core.authorize(call);
+          return core.models(call);
+        });
+        return create(ListModelsResponseSchema, {
+          models: models.map((route) => ({
+            id: route.name,
+            ownedBy: route.targets[0]?.provider ?? "",
+            inputPerMtok: route.pricing.input,
+            cachedInputPerMtok: route.pricing.cachedInput,
+            outputPerMtok: route.pricing.output,
+          })),
+        });
+      } catch (e) {
+        throw toConnectError(toGatewayError(e));
+      }
+    },
+
+    async *streamChatCompletion() {
+      throw new ConnectError("StreamChatCompletion is not implemented yet", Code.Unimplemented);
+    },
+
+    async createEmbedding() {
+      throw new ConnectError("CreateEmbedding is not implemented yet", Code.Unimplemented);
+    },
+  };
+}
+
+const toolChoiceModes = new Set(["none", "auto", "required"]);
+
+/** ChatCompletionParams as the OpenAI JSON body the core validates; unset optionals stay unset. */
+function chatBody(p: ChatCompletionParams | undefined): Record<string, unknown> {
+  if (!p) return {};
+  const body: Record<string, unknown> = { model: p.model, messages: p.messages.map(messageBody) };
+  if (p.temperature !== undefined) body.temperature = p.temperature;
+  if (p.topP !== undefined) body.top_p = p.topP;
+  if (p.maxTokens !== undefined) body.max_tokens = p.maxTokens;
+  if (p.maxCompletionTokens !== undefined) body.max_completion_tokens = p.maxCompletionTokens;
+  if (p.stop.length > 0) body.stop = p.stop;
+  if (p.n !== undefined) body.n = p.n;
+  if (p.seed !== undefined) body.seed = Number(p.seed);
+  if (p.user) body.user = p.user;
+  if (p.presencePenalty !== undefined) body.presence_penalty = p.presencePenalty;
+  if (p.frequencyPenalty !== undefined) body.frequency_penalty = p.frequencyPenalty;
+  if (p.tools.length > 0) {
+    body.tools = p.tools.map((t) => ({
+      type: t.type || "function",
+      function: {
+        name: t.function?.name ?? "",
+        ...(t.function?.description ? { description: t.function.description } : {}),
+        ...(t.function?.parameters ? { parameters: t.function.parameters } : {}),
+        ...(t.function?.strict ? { strict: true } : {}),
+      },
+    }));
+  }
+  if (p.toolChoice) {
+    body.tool_choice = toolChoiceModes.has(p.toolChoice)
+      ? p.toolChoice
+      : { type: "function", function: { name: p.toolChoice } };
+  }
+  if (p.responseFormat?.type) {
+    body.response_format =
+      p.responseFormat.type === "json_schema"
+        ? { type: "json_schema", json_schema: p.responseFormat.jsonSchema ?? {} }
+        : { type: p.responseFormat.type };
+  }
+  if (Object.keys(p.metadata).length > 0) body.metadata = p.metadata;
+  return body;
+}
+
+function messageBody(m: ChatMessage): Record<string, unknown> {
+  const body: Record<string, unknown> = { role: m.role };
+  if (m.parts.length > 0) {
+    body.content = m.parts.map((p) =>
+      p.part.case === "imageUrl"
+        ? { type: "image_url", image_url: { url: p.part.value.url, ...(p.part.value.detail ? { detail: p.part.value.detail } : {}) } }
+        : { type: "text", text: p.part.value ?? "" },
+    );
+  } else {
+    // An assistant turn that only calls tools has no content.
+    body.content = m.content === "" && m.toolCalls.length > 0 ? null : m.content;
+  }
+  if (m.name) body.name = m.name;
+  if (m.toolCalls.length > 0) {
+    body.tool_calls = m.toolCalls.map((c) => ({
+      id: c.id,
+      type: c.type || "function",
+      function: { name: c.function?.name ?? "", arguments: c.function?.arguments ?? "" },
+    }));
+  }
+  if (m.toolCallId) body.tool_call_id = m.toolCallId;
+  return body;
+}
+
+function chatResponse(outcome: ChatOutcome, requestId: string): CreateChatCompletionResponse {
+  const c: ChatCompletion = outcome.completion;
+  return create(CreateChatCompletionResponseSchema, {
+    id: c.id,
+    created: BigInt(c.created),
+    model: c.model,
+    systemFingerprint: c.system_fingerprint ?? "",
+    choices: c.choices.map((choice) => ({
+      index: choice.index,
+      finishReason: choice.finish_reason ?? "",
+      message: {
+        role: choice.message.role,
+        content: choice.message.content ?? "",
+        toolCalls: (choice.message.tool_calls ?? []).flatMap((call) =>
+          call.type === "function"
+            ? [{ id: call.id, type: "function", function: { name: call.function.name, arguments: call.function.arguments } }]
+            : [],
+        ),
+      },
+    })),
+    accounting: {
+      requestId,
+      usage: outcome.tokens,
+      costNanos: outcome.costNanos,
+      usageEstimated: outcome.usageEstimated,
+      provider: outcome.provider,
+    },
+  });
+}
