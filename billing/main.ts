@@ -1,0 +1,60 @@
+import { join } from "node:path";
+import pg from "pg";
+import { z } from "zod";
+import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
+import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
+import { startServer } from "../lib/server.ts";
+import { billingRoutes } from "./routes.ts";
+import { createBillingService } from "./service.ts";
+import { startEmbeddedPostgres } from "./store/embedded.ts";
+import { migrate } from "./store/migrate.ts";
+import { createBillingStore } from "./store/store.ts";
+
+const cfg = loadEnvOrExit({
+  ...commonEnv,
+  BILLING_PORT: env.port(8081),
+  /** Postgres to use; unset starts an embedded server under <MESH_DATA_DIR>/postgres. */
+  DATABASE_URL: z.string().min(1).optional(),
+});
+const runtime = createRuntime("billing", cfg);
+const { log } = runtime;
+
+const embedded = cfg.DATABASE_URL
+  ? undefined
+  : await startEmbeddedPostgres({ dataDir: join(cfg.MESH_DATA_DIR, "postgres"), log });
+const pool = new pg.Pool({
+  connectionString: cfg.DATABASE_URL ?? embedded?.connectionString,
+  max: 20,
+  connectionTimeoutMillis: 5_000,
+});
+// Idle connections that break (a restarted server) are dropped by the pool; without a listener they crash the process.
+pool.on("error", (e) => log.warn("idle postgres connection failed", { err: e }));
+
+const { applied } = await migrate(pool);
+log.info("migrations applied", { applied });
+const store = createBillingStore(pool);
+const service = createBillingService({ store, adminToken: cfg.ADMIN_TOKEN, clock: () => new Date(), log });
+
+const server = await startServer({
+  name: "billing",
+  port: cfg.BILLING_PORT,
+  routes: billingRoutes(service),
+  interceptors: runtime.serverInterceptors,
+  registry: runtime.metrics.registry,
+  log,
+  readiness: async () => {
+    try {
+      await store.ping();
+      return { ready: true, checks: { postgres: "ok" } };
+    } catch (e) {
+      return { ready: false, checks: { postgres: (e as Error).message } };
+    }
+  },
+});
+
+stopOnSignals(log, async () => {
+  await server.close(cfg.SHUTDOWN_GRACE_MS);
+  await pool.end();
+  await embedded?.stop();
+  await runtime.telemetry.shutdown();
+});

@@ -1,0 +1,34 @@
+import { expect, test } from "bun:test";
+import { billingPeriod, endOfUtcDay, startOfUtcDay, utcDate } from "./period.ts";
+
+const iso = (range: { start: Date; end: Date }) => [range.start.toISOString(), range.end.toISOString()];
+
+test("billing day 1 is the calendar month, across the year end", () => {
+  expect(iso(billingPeriod(new Date("2026-12-31T23:59:59.999Z"), 1))).toEqual([
+    "2026-12-01T00:00:00.000Z",
+    "2027-01-01T00:00:00.000Z",
+  ]);
+  expect(iso(billingPeriod(new Date("2026-03-01T00:00:00Z"), 1))).toEqual([
+    "2026-03-01T00:00:00.000Z",
+    "2026-04-01T00:00:00.000Z",
+  ]);
+});
+
+test("a later billing day starts the period in the previous month until that day", () => {
+  expect(iso(billingPeriod(new Date("2026-01-14T12:00:00Z"), 15))).toEqual([
+    "2025-12-15T00:00:00.000Z",
+    "2026-01-15T00:00:00.000Z",
+  ]);
+  expect(iso(billingPeriod(new Date("2026-01-15T00:00:00Z"), 15))).toEqual([
+    "2026-01-15T00:00:00.000Z",
+    "2026-02-15T00:00:00.000Z",
+  ]);
+});
+
+test("UTC day boundaries", () => {
+  const at = new Date("2026-05-07T13:45:00Z");
+  expect(startOfUtcDay(at).toISOString()).toBe("2026-05-07T00:00:00.000Z");
+  expect(endOfUtcDay(at).toISOString()).toBe("2026-05-08T00:00:00.000Z");
+  expect(endOfUtcDay(new Date("2026-05-07T00:00:00Z")).toISOString()).toBe("2026-05-07T00:00:00.000Z");
+  expect(utcDate(at)).toBe("2026-05-07");
+});

@@ -1,0 +1,393 @@
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { clone, create } from "@bufbuild/protobuf";
+import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
+import {
+  BillingService,
+  BudgetScope,
+  type UsageRecord,
+  UsageRecordSchema,
+} from "../gen/billing/v1/billing_pb.ts";
+import { Endpoint } from "../gen/common/v1/common_pb.ts";
+import { createLogger } from "../lib/log.ts";
+import { createServiceClient } from "../lib/rpc-client.ts";
+import { startServer } from "../lib/server.ts";
+import { billingRoutes } from "./routes.ts";
+import { createBillingService } from "./service.ts";
+import { createBillingStore } from "./store/store.ts";
+import { createTestDatabase, type TestDatabase } from "./store/test-db.ts";
+
+const adminToken = "test-admin-token-0123456789";
+const logLines: string[] = [];
+const log = createLogger({ service: "billing-test", level: "debug", write: (line) => logLines.push(line) });
+let now = new Date("2026-06-15T12:00:00Z");
+
+let db: TestDatabase;
+let service: ReturnType<typeof createBillingService>;
+let client: ReturnType<typeof createClient<typeof BillingService>>;
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  service = createBillingService({ store: createBillingStore(db.pool), adminToken, clock: () => now, log });
+  client = createClient(BillingService, createRouterTransport(billingRoutes(service)));
+});
+afterAll(() => db.drop());
+
+const as = (token?: string) => ({ headers: token ? { authorization: `Bearer ${token}` } : {} });
+const admin = as(adminToken);
+
+async function code(call: Promise<unknown>): Promise<Code> {
+  const error = await call.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  if (error === undefined) throw new Error("expected the call to fail");
+  return ConnectError.from(error).code;
+}
+
+let orgCount = 0;
+async function newOrg(extra: { billingDay?: number; monthlyBudgetNanos?: bigint } = {}) {
+  const res = await client.createOrganization({ name: `org-${++orgCount}`, ...extra }, admin);
+  return res.organization?.id as string;
+}
+
+let requestCount = 0;
+function usage(orgId: string, apiKeyId: string, costNanos: bigint, at = now): UsageRecord {
+  return create(UsageRecordSchema, {
+    requestId: `01TESTREQUEST${String(++requestCount).padStart(13, "0")}`,
+    orgId,
+    apiKeyId,
+    model: "mock",
+    provider: "mock",
+    endpoint: Endpoint.CHAT_COMPLETIONS,
+    usage: { inputTokens: 100n, cachedInputTokens: 10n, outputTokens: 40n, reasoningTokens: 0n },
+    costNanos,
+    occurTime: timestampFromDate(at),
+  });
+}
+
+test("admin RPCs need the admin token: none is Unauthenticated, a wrong one PermissionDenied", async () => {
+  expect(await code(client.listOrganizations({}))).toBe(Code.Unauthenticated);
+  expect(await code(client.listOrganizations({}, as("not-the-admin-token")))).toBe(Code.PermissionDenied);
+  expect(await code(client.createOrganization({ name: "x" }, as("not-the-admin-token")))).toBe(Code.PermissionDenied);
+  expect(await code(client.recordUsage({ records: [] }))).toBe(Code.Unauthenticated);
+
+  const orgId = await newOrg();
+  const { secret } = await client.createApiKey({ orgId }, admin);
+  // An org's own key is not an admin.
+  expect(await code(client.listOrganizations({}, as(secret)))).toBe(Code.PermissionDenied);
+  expect(await code(client.authorizeKey({ secret }, as(secret)))).toBe(Code.PermissionDenied);
+  expect((await client.listOrganizations({}, admin)).organizations.map((o) => o.id)).toContain(orgId);
+});
+
+test("organizations: validation and error codes", async () => {
+  const res = await client.createOrganization(
+    { name: "  Acme Corp  ", taxRateBps: 2000, billingDay: 0, monthlyBudgetNanos: 7_000_000_000n },
+    admin,
+  );
+  expect(res.organization).toMatchObject({
+    name: "Acme Corp",
+    taxRateBps: 2000,
+    billingDay: 1,
+    monthlyBudgetNanos: 7_000_000_000n,
+  });
+  expect(res.organization?.id).toStartWith("org_");
+  expect(res.organization?.createTime).toBeDefined();
+
+  expect(await code(client.createOrganization({ name: "Acme Corp" }, admin))).toBe(Code.AlreadyExists);
+  expect(await code(client.createOrganization({ name: "   " }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.createOrganization({ name: "x".repeat(201) }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.createOrganization({ name: "y", billingDay: 29 }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.createOrganization({ name: "y", taxRateBps: -1 }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.createOrganization({ name: "y", monthlyBudgetNanos: -1n }, admin))).toBe(
+    Code.InvalidArgument,
+  );
+  expect(await code(client.createProject({ orgId: "org_missing", name: "p" }, admin))).toBe(Code.NotFound);
+  expect(await code(client.createProject({ orgId: "", name: "p" }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.listApiKeys({ orgId: "org_missing" }, admin))).toBe(Code.NotFound);
+});
+
+test("AuthorizeKey resolves a valid key with its spend, and rejects unknown, revoked and expired keys", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 10_000n });
+  const { project } = await client.createProject({ orgId, name: "web" }, admin);
+  const created = await client.createApiKey(
+    {
+      orgId,
+      projectId: project?.id,
+      name: "web key",
+      limits: { monthlyBudgetNanos: 5_000n, requestsPerMinute: 30, allowedModels: ["mock", "mock", "gpt-4o"] },
+    },
+    admin,
+  );
+  expect(created.secret).toMatch(/^sk-mesh-[0-9A-Za-z]{43}$/);
+  expect(created.apiKey?.prefix).toBe(created.secret.slice(0, 12));
+  expect(created.apiKey?.limits?.allowedModels).toEqual(["mock", "gpt-4o"]);
+
+  const other = await client.createApiKey({ orgId }, admin);
+  await client.recordUsage(
+    {
+      records: [
+        usage(orgId, created.apiKey?.id as string, 1_000n),
+        usage(orgId, other.apiKey?.id as string, 250n),
+        // Last month: outside the current billing period.
+        usage(orgId, created.apiKey?.id as string, 99n, new Date("2026-05-31T23:59:59Z")),
+      ],
+    },
+    admin,
+  );
+
+  const auth = await client.authorizeKey({ secret: created.secret }, admin);
+  expect(auth.apiKey?.id).toBe(created.apiKey?.id as string);
+  expect(auth.apiKey?.projectId).toBe(project?.id as string);
+  expect(auth.organization?.id).toBe(orgId);
+  expect(auth.organization?.monthlyBudgetNanos).toBe(10_000n);
+  expect(auth.keySpentNanos).toBe(1_000n);
+  expect(auth.orgSpentNanos).toBe(1_250n);
+  expect(auth.keyTokens).toBe(140n);
+
+  expect(await code(client.authorizeKey({ secret: `${created.secret}0` }, admin))).toBe(Code.Unauthenticated);
+  expect(await code(client.authorizeKey({ secret: "" }, admin))).toBe(Code.Unauthenticated);
+
+  const expiring = await client.createApiKey(
+    { orgId, limits: { expireTime: timestampFromDate(new Date(now.getTime() + 1000)) } },
+    admin,
+  );
+  const stillValid = await client.authorizeKey({ secret: expiring.secret }, admin);
+  expect(stillValid.apiKey?.id).toBe(expiring.apiKey?.id as string);
+  const saved = now;
+  now = new Date(now.getTime() + 1000);
+  try {
+    expect(await code(client.authorizeKey({ secret: expiring.secret }, admin))).toBe(Code.Unauthenticated);
+  } finally {
+    now = saved;
+  }
+
+  const revoked = await client.revokeApiKey({ apiKeyId: created.apiKey?.id as string }, admin);
+  expect(revoked.apiKey?.revokeTime).toBeDefined();
+  expect(await code(client.authorizeKey({ secret: created.secret }, admin))).toBe(Code.Unauthenticated);
+  expect(logLines.join("\n")).not.toContain(created.secret);
+});
+
+test("RotateApiKey issues a working key with the same limits and retires the old one", async () => {
+  const orgId = await newOrg();
+  const first = await client.createApiKey({ orgId, name: "ci", limits: { tokensPerMinute: 1000n } }, admin);
+  const rotated = await client.rotateApiKey({ apiKeyId: first.apiKey?.id as string }, admin);
+  expect(rotated.apiKey?.limits?.tokensPerMinute).toBe(1000n);
+  expect(rotated.apiKey?.name).toBe("ci");
+  expect((await client.authorizeKey({ secret: rotated.secret }, admin)).apiKey?.id).toBe(rotated.apiKey?.id as string);
+  expect(await code(client.authorizeKey({ secret: first.secret }, admin))).toBe(Code.Unauthenticated);
+  expect(await code(client.rotateApiKey({ apiKeyId: first.apiKey?.id as string }, admin))).toBe(
+    Code.FailedPrecondition,
+  );
+
+  const updated = await client.updateApiKeyLimits(
+    { apiKeyId: rotated.apiKey?.id as string, limits: { monthlyTokens: 5n } },
+    admin,
+  );
+  expect(updated.apiKey?.limits?.monthlyTokens).toBe(5n);
+  expect(updated.apiKey?.limits?.tokensPerMinute).toBe(0n);
+  const negative = { apiKeyId: rotated.apiKey?.id as string, limits: { monthlyTokens: -5n } };
+  expect(await code(client.updateApiKeyLimits(negative, admin))).toBe(Code.InvalidArgument);
+  const listed = await client.listApiKeys({ orgId }, admin);
+  expect(listed.apiKeys.map((k) => k.id)).toEqual([rotated.apiKey?.id as string]);
+});
+
+test("RecordUsage is idempotent: resending a batch changes neither rows nor summaries", async () => {
+  const orgId = await newOrg();
+  const { apiKey } = await client.createApiKey({ orgId }, admin);
+  const keyId = apiKey?.id as string;
+  const batch = [usage(orgId, keyId, 1_000_000_001n), usage(orgId, keyId, 2n), usage(orgId, keyId, 3n)];
+
+  expect(await client.recordUsage({ records: batch }, admin)).toMatchObject({ inserted: 3, duplicates: 0 });
+  const summary = await client.getUsageSummary({ orgId }, admin);
+  expect(summary.requests).toBe(3n);
+  expect(summary.costNanos).toBe(1_000_000_006n);
+  expect(summary.usage).toMatchObject({
+    inputTokens: 300n,
+    cachedInputTokens: 30n,
+    outputTokens: 120n,
+    reasoningTokens: 0n,
+  });
+
+  expect(await client.recordUsage({ records: batch }, admin)).toMatchObject({ inserted: 0, duplicates: 3 });
+  expect(await client.getUsageSummary({ orgId }, admin)).toEqual(summary);
+  const rows = await db.pool.query("SELECT count(*)::int AS n FROM usage_records WHERE org_id = $1", [orgId]);
+  expect(rows.rows[0].n).toBe(3);
+});
+
+test("RecordUsage validates every record and the batch size", async () => {
+  const orgId = await newOrg();
+  const good = usage(orgId, "", 1n);
+  const bad = (edit: (r: UsageRecord) => void) => {
+    const record = clone(UsageRecordSchema, good);
+    edit(record);
+    return client.recordUsage({ records: [good, record] }, admin);
+  };
+  expect(await code(bad((r) => (r.requestId = "")))).toBe(Code.InvalidArgument);
+  expect(await code(bad((r) => (r.costNanos = -1n)))).toBe(Code.InvalidArgument);
+  expect(await code(bad((r) => (r.occurTime = undefined)))).toBe(Code.InvalidArgument);
+  expect(await code(bad((r) => r.usage && (r.usage.cachedInputTokens = 101n)))).toBe(Code.InvalidArgument);
+  expect(await code(bad((r) => r.usage && (r.usage.outputTokens = -1n)))).toBe(Code.InvalidArgument);
+  const error = ConnectError.from(await bad((r) => (r.requestId = "")).catch((e) => e));
+  expect(error.rawMessage).toBe("records[1].request_id: required");
+
+  const tooMany = Array.from({ length: 10_001 }, () => good);
+  expect(await code(client.recordUsage({ records: tooMany }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.recordUsage({ records: [usage("org_missing", "", 1n)] }, admin))).toBe(Code.NotFound);
+  // Nothing of a rejected batch was stored.
+  expect((await client.getUsageSummary({ orgId }, admin)).requests).toBe(0n);
+});
+
+test("an org's own key reads its org's usage and nothing else", async () => {
+  const orgId = await newOrg({ billingDay: 10 });
+  const otherOrgId = await newOrg();
+  const { secret, apiKey } = await client.createApiKey({ orgId }, admin);
+  await client.recordUsage(
+    {
+      records: [
+        usage(orgId, apiKey?.id as string, 5n, new Date("2026-06-10T00:00:00Z")),
+        // Before the period that started on June 10th.
+        usage(orgId, apiKey?.id as string, 7n, new Date("2026-06-09T23:59:59Z")),
+      ],
+    },
+    admin,
+  );
+
+  const own = await client.getUsageSummary({ orgId }, as(secret));
+  expect(own.requests).toBe(1n);
+  expect(own.costNanos).toBe(5n);
+  const ranged = await client.getUsageSummary(
+    { orgId, startTime: timestampFromDate(new Date("2026-06-01T00:00:00Z")) },
+    as(secret),
+  );
+  expect(ranged.costNanos).toBe(12n);
+  expect((await client.listUsageRecords({ orgId }, as(secret))).records).toHaveLength(2);
+
+  expect(await code(client.getUsageSummary({ orgId: otherOrgId }, as(secret)))).toBe(Code.PermissionDenied);
+  expect(await code(client.listUsageRecords({ orgId: otherOrgId }, as(secret)))).toBe(Code.PermissionDenied);
+  expect(await code(client.getUsageSummary({ orgId }))).toBe(Code.Unauthenticated);
+  expect(await code(client.getUsageSummary({ orgId }, as("wrong-admin-token")))).toBe(Code.PermissionDenied);
+  expect(await code(client.getUsageSummary({ orgId }, as(`${secret}x`)))).toBe(Code.Unauthenticated);
+  expect(
+    await code(
+      client.getUsageSummary(
+        { orgId, startTime: timestampFromDate(now), endTime: timestampFromDate(new Date(now.getTime() - 1)) },
+        admin,
+      ),
+    ),
+  ).toBe(Code.InvalidArgument);
+
+  await client.revokeApiKey({ apiKeyId: apiKey?.id as string }, admin);
+  expect(await code(client.getUsageSummary({ orgId }, as(secret)))).toBe(Code.Unauthenticated);
+});
+
+test("ListUsageRecords pages newest first with opaque tokens", async () => {
+  const orgId = await newOrg();
+  const records = [1, 2, 3].map((hour) => usage(orgId, "", BigInt(hour), new Date(Date.UTC(2026, 5, 2, hour))));
+  await client.recordUsage({ records }, admin);
+  const first = await client.listUsageRecords({ orgId, pageSize: 2 }, admin);
+  const ids = records.map((r) => r.requestId);
+  expect(first.records.map((r) => r.requestId)).toEqual(ids.slice(1).reverse());
+  expect(first.records[0]?.usage?.inputTokens).toBe(100n);
+  expect(timestampDate(first.records[0]?.occurTime ?? timestampFromDate(new Date(0)))).toEqual(
+    new Date(Date.UTC(2026, 5, 2, 3)),
+  );
+  const second = await client.listUsageRecords({ orgId, pageSize: 2, pageToken: first.nextPageToken }, admin);
+  expect(second.records.map((r) => r.requestId)).toEqual(ids.slice(0, 1));
+  expect(second.nextPageToken).toBe("");
+  const one = await client.listUsageRecords({ orgId, requestId: ids[1] }, admin);
+  expect(one.records.map((r) => r.costNanos)).toEqual([2n]);
+  expect(await code(client.listUsageRecords({ orgId, pageToken: "garbage" }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.listUsageRecords({ orgId, pageSize: 1001 }, admin))).toBe(Code.InvalidArgument);
+});
+
+test("budget leases over RPC", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 1_000n });
+  const lease = await client.acquireBudgetLease(
+    { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-a", requestedNanos: 800n, ttlSeconds: 60 },
+    admin,
+  );
+  expect(lease).toMatchObject({ grantedNanos: 800n, remainingNanos: 200n });
+  expect(timestampDate(lease.expireTime ?? timestampFromDate(new Date(0)))).toEqual(new Date(now.getTime() + 60_000));
+  await client.releaseBudgetLease({ leaseId: lease.leaseId, spentNanos: 300n }, admin);
+  const next = await client.acquireBudgetLease(
+    { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-b", requestedNanos: 900n, ttlSeconds: 60 },
+    admin,
+  );
+  expect(next).toMatchObject({ grantedNanos: 700n, remainingNanos: 0n });
+  const exhausted = await client.acquireBudgetLease(
+    { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-b", requestedNanos: 1n, ttlSeconds: 60 },
+    admin,
+  );
+  expect(exhausted).toMatchObject({ leaseId: "", grantedNanos: 0n, remainingNanos: 0n });
+
+  const { apiKey } = await client.createApiKey({ orgId }, admin);
+  const unlimited = await client.acquireBudgetLease(
+    { scope: BudgetScope.API_KEY, scopeId: apiKey?.id as string, holder: "gw-a", requestedNanos: 5n, ttlSeconds: 1 },
+    admin,
+  );
+  expect(unlimited).toMatchObject({ grantedNanos: 5n, remainingNanos: -1n });
+
+  const valid = { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw", requestedNanos: 1n, ttlSeconds: 60 };
+  for (const invalid of [
+    { scope: BudgetScope.UNSPECIFIED },
+    { holder: "" },
+    { requestedNanos: 0n },
+    { ttlSeconds: 3601 },
+    { scopeId: "" },
+  ]) {
+    expect(await code(client.acquireBudgetLease({ ...valid, ...invalid }, admin))).toBe(Code.InvalidArgument);
+  }
+  expect(await code(client.releaseBudgetLease({ leaseId: "lease_missing" }, admin))).toBe(Code.NotFound);
+});
+
+test("WatchKeyChanges streams revocations to gateways", async () => {
+  const orgId = await newOrg();
+  const { apiKey } = await client.createApiKey({ orgId }, admin);
+  const stop = new AbortController();
+  const stream = client.watchKeyChanges({}, { ...admin, signal: stop.signal });
+  const received = (async () => {
+    for await (const change of stream) {
+      stop.abort();
+      return change;
+    }
+  })();
+  // Revoke until the watcher, which starts listening asynchronously, has seen it.
+  const deadline = Date.now() + 5_000;
+  let change: Awaited<typeof received> | undefined;
+  while (!change && Date.now() < deadline) {
+    await client.updateApiKeyLimits({ apiKeyId: apiKey?.id as string }, admin);
+    change = await Promise.race([received, Bun.sleep(50).then(() => undefined)]);
+  }
+  expect(change).toMatchObject({ apiKeyId: apiKey?.id as string, revoked: false });
+  expect(change?.secretHash).toMatch(/^[0-9a-f]{64}$/);
+  expect(await code((async () => { for await (const _ of client.watchKeyChanges({})) break; })())).toBe(
+    Code.Unauthenticated,
+  );
+});
+
+test("discounts and invoices are not implemented yet", async () => {
+  expect(await code(client.listDiscountRules({ orgId: "org_x" }, admin))).toBe(Code.Unimplemented);
+  expect(await code(client.generateInvoice({ orgId: "org_x" }, admin))).toBe(Code.Unimplemented);
+});
+
+test("serves Connect JSON and gRPC on one real port", async () => {
+  const routes = billingRoutes(service);
+  const server = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes, log });
+  try {
+    const orgId = await newOrg();
+    const res = await fetch(`${server.url}/billing.v1.BillingService/ListProjects`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${adminToken}` },
+      body: JSON.stringify({ orgId }),
+    });
+    expect(res.status).toBe(200);
+    expect(await res.json()).toEqual({});
+
+    const grpc = createServiceClient(BillingService, { baseUrl: server.url, bearerToken: adminToken });
+    const { project } = await grpc.createProject({ orgId, name: "over-grpc" });
+    expect((await grpc.listProjects({ orgId })).projects.map((p) => p.id)).toEqual([project?.id as string]);
+  } finally {
+    await server.close(1_000);
+  }
+});

@@ -1,0 +1,286 @@
+import { randomBytes } from "node:crypto";
+import { ulid } from "ulid";
+import { sha256Hex } from "../../lib/auth.ts";
+import { BillingError, type Db, type Queryable } from "./db.ts";
+import type {
+  ApiKey,
+  IssuedApiKey,
+  KeyLimits,
+  NewApiKey,
+  NewOrganization,
+  Organization,
+  Project,
+} from "./types.ts";
+
+/** Every key secret starts with this; the rest is base62 from a CSPRNG. */
+export const keySecretPrefix = "sk-mesh-";
+const secretLength = 43; // base62 characters: about 256 bits
+const visiblePrefixLength = keySecretPrefix.length + 4;
+const base62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/** Postgres channel on which key revocations and limit changes are announced at commit. */
+export const keyChangesChannel = "billing_key_changes";
+// Select expression over a changed api_keys row; NOTIFY is transactional, so watchers hear only committed changes.
+const announceKeyChange = `pg_notify('${keyChangesChannel}', json_build_object('apiKeyId', id,
+  'secretSha256', secret_sha256, 'revoked', revoked_at IS NOT NULL)::text) AS announced`;
+
+const orgFields = ["id", "name", "tax_rate_bps", "billing_day", "monthly_budget_nanos", "created_at"] as const;
+const keyFields = [
+  "id",
+  "org_id",
+  "project_id",
+  "name",
+  "prefix",
+  "secret_sha256",
+  "monthly_budget_nanos",
+  "monthly_tokens",
+  "requests_per_minute",
+  "tokens_per_minute",
+  "allowed_models",
+  "expires_at",
+  "created_at",
+  "revoked_at",
+] as const;
+const orgColumns = orgFields.join(", ");
+const keyColumns = keyFields.join(", ");
+const projectColumns = "id, org_id, name, created_at";
+
+interface OrgRow {
+  id: string;
+  name: string;
+  tax_rate_bps: number;
+  billing_day: number;
+  monthly_budget_nanos: string;
+  created_at: Date;
+}
+
+interface ProjectRow {
+  id: string;
+  org_id: string;
+  name: string;
+  created_at: Date;
+}
+
+interface KeyRow {
+  id: string;
+  org_id: string;
+  project_id: string | null;
+  name: string;
+  prefix: string;
+  secret_sha256: string;
+  monthly_budget_nanos: string;
+  monthly_tokens: string;
+  requests_per_minute: number;
+  tokens_per_minute: string;
+  allowed_models: string[];
+  expires_at: Date | null;
+  created_at: Date;
+  revoked_at: Date | null;
+}
+
+export function createAccountStore(db: Db) {
+  const requireOrganization = async (orgId: string) => {
+    const rows = await db.query<OrgRow>(`SELECT ${orgColumns} FROM organizations WHERE id = $1`, [orgId]);
+    if (!rows[0]) throw new BillingError("not_found", `organization ${orgId} not found`);
+    return toOrganization(rows[0]);
+  };
+
+  const insertKey = async (q: Queryable, key: NewApiKey, rotatedFrom: string | null): Promise<IssuedApiKey> => {
+    const secret = generateSecret();
+    const rows = await q.query<KeyRow>(
+      `INSERT INTO api_keys (id, org_id, project_id, name, prefix, secret_sha256, monthly_budget_nanos, monthly_tokens,
+         requests_per_minute, tokens_per_minute, allowed_models, expires_at, rotated_from)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+       RETURNING ${keyColumns}`,
+      [
+        `key_${ulid()}`,
+        key.orgId,
+        key.projectId,
+        key.name,
+        secret.slice(0, visiblePrefixLength),
+        sha256Hex(secret),
+        ...limitParams(key.limits),
+        rotatedFrom,
+      ],
+    );
+    return { apiKey: toApiKey(rows[0] as KeyRow), secret };
+  };
+
+  return {
+    async createOrganization(org: NewOrganization): Promise<Organization> {
+      const rows = await db.query<OrgRow>(
+        `INSERT INTO organizations (id, name, tax_rate_bps, billing_day, monthly_budget_nanos)
+         VALUES ($1, $2, $3, $4, $5) RETURNING ${orgColumns}`,
+        [`org_${ulid()}`, org.name, org.taxRateBps, org.billingDay, org.monthlyBudgetNanos.toString()],
+      );
+      return toOrganization(rows[0] as OrgRow);
+    },
+
+    async listOrganizations(): Promise<Organization[]> {
+      const rows = await db.query<OrgRow>(`SELECT ${orgColumns} FROM organizations ORDER BY created_at, id`);
+      return rows.map(toOrganization);
+    },
+
+    getOrganization(orgId: string): Promise<Organization> {
+      return requireOrganization(orgId);
+    },
+
+    async createProject(project: { orgId: string; name: string }): Promise<Project> {
+      const rows = await db.query<ProjectRow>(
+        `INSERT INTO projects (id, org_id, name) VALUES ($1, $2, $3) RETURNING ${projectColumns}`,
+        [`proj_${ulid()}`, project.orgId, project.name],
+      );
+      return toProject(rows[0] as ProjectRow);
+    },
+
+    async listProjects(orgId: string): Promise<Project[]> {
+      const rows = await db.query<ProjectRow>(
+        `SELECT ${projectColumns} FROM projects WHERE org_id = $1 ORDER BY created_at, id`,
+        [orgId],
+      );
+      if (rows.length === 0) await requireOrganization(orgId);
+      return rows.map(toProject);
+    },
+
+    createApiKey(key: NewApiKey): Promise<IssuedApiKey> {
+      return insertKey(db, key, null);
+    },
+
+    async listApiKeys(orgId: string, options: { includeRevoked: boolean }): Promise<ApiKey[]> {
+      const rows = await db.query<KeyRow>(
+        `SELECT ${keyColumns} FROM api_keys
+         WHERE org_id = $1 AND ($2 OR revoked_at IS NULL)
+         ORDER BY created_at, id`,
+        [orgId, options.includeRevoked],
+      );
+      if (rows.length === 0) await requireOrganization(orgId);
+      return rows.map(toApiKey);
+    },
+
+    /** Revokes a key (a no-op when it already is) and announces it to watchers at commit. */
+    async revokeApiKey(apiKeyId: string): Promise<ApiKey> {
+      const rows = await db.query<KeyRow>(
+        `WITH revoked AS (
+           UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING ${keyColumns}
+         )
+         SELECT revoked.*, ${announceKeyChange} FROM revoked`,
+        [apiKeyId],
+      );
+      if (!rows[0]) throw new BillingError("not_found", `api key ${apiKeyId} not found`);
+      return toApiKey(rows[0]);
+    },
+
+    /** Revokes an active key and issues a new one with the same owner, name and limits, atomically. */
+    rotateApiKey(apiKeyId: string): Promise<IssuedApiKey> {
+      return db.transaction(async (tx) => {
+        const rows = await tx.query<KeyRow>(
+          `WITH revoked AS (
+             UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING ${keyColumns}
+           )
+           SELECT revoked.*, ${announceKeyChange} FROM revoked`,
+          [apiKeyId],
+        );
+        const old = rows[0];
+        if (!old) {
+          const exists = await tx.query("SELECT 1 FROM api_keys WHERE id = $1", [apiKeyId]);
+          throw exists.length
+            ? new BillingError("failed_precondition", `api key ${apiKeyId} is revoked`)
+            : new BillingError("not_found", `api key ${apiKeyId} not found`);
+        }
+        const { orgId, projectId, name, limits } = toApiKey(old);
+        return insertKey(tx, { orgId, projectId, name, limits }, apiKeyId);
+      });
+    },
+
+    /** Replaces the limits of a key and announces the change to watchers at commit. */
+    async updateApiKeyLimits(apiKeyId: string, limits: KeyLimits): Promise<ApiKey> {
+      const rows = await db.query<KeyRow>(
+        `WITH updated AS (
+           UPDATE api_keys SET monthly_budget_nanos = $2, monthly_tokens = $3, requests_per_minute = $4,
+             tokens_per_minute = $5, allowed_models = $6, expires_at = $7
+           WHERE id = $1 RETURNING ${keyColumns}
+         )
+         SELECT updated.*, ${announceKeyChange} FROM updated`,
+        [apiKeyId, ...limitParams(limits)],
+      );
+      if (!rows[0]) throw new BillingError("not_found", `api key ${apiKeyId} not found`);
+      return toApiKey(rows[0]);
+    },
+
+    /** The key with this secret hash and its organization, revoked or not; undefined when unknown. */
+    async findApiKeyBySecretHash(
+      secretSha256: string,
+    ): Promise<{ apiKey: ApiKey; organization: Organization } | undefined> {
+      // Organization columns come back prefixed so they cannot shadow the key's own.
+      const rows = await db.query<Record<string, never>>(
+        `SELECT ${keyFields.map((f) => `k.${f}`).join(", ")},
+           ${orgFields.map((f) => `o.${f} AS organization_${f}`).join(", ")}
+         FROM api_keys k JOIN organizations o ON o.id = k.org_id
+         WHERE k.secret_sha256 = $1`,
+        [secretSha256],
+      );
+      const row = rows[0];
+      if (!row) return undefined;
+      const org = Object.fromEntries(orgFields.map((f) => [f, row[`organization_${f}`]])) as unknown as OrgRow;
+      return { apiKey: toApiKey(row as unknown as KeyRow), organization: toOrganization(org) };
+    },
+  };
+}
+
+function generateSecret(): string {
+  let out = keySecretPrefix;
+  while (out.length < keySecretPrefix.length + secretLength) {
+    for (const byte of randomBytes(64)) {
+      // Rejection sampling keeps every character equally likely (248 = 4 * 62).
+      if (byte < 248 && out.length < keySecretPrefix.length + secretLength) out += base62[byte % 62];
+    }
+  }
+  return out;
+}
+
+function limitParams(limits: KeyLimits): unknown[] {
+  return [
+    limits.monthlyBudgetNanos.toString(),
+    limits.monthlyTokens.toString(),
+    limits.requestsPerMinute,
+    limits.tokensPerMinute.toString(),
+    limits.allowedModels,
+    limits.expiresAt,
+  ];
+}
+
+function toOrganization(row: OrgRow): Organization {
+  return {
+    id: row.id,
+    name: row.name,
+    taxRateBps: row.tax_rate_bps,
+    billingDay: row.billing_day,
+    monthlyBudgetNanos: BigInt(row.monthly_budget_nanos),
+    createdAt: row.created_at,
+  };
+}
+
+function toProject(row: ProjectRow): Project {
+  return { id: row.id, orgId: row.org_id, name: row.name, createdAt: row.created_at };
+}
+
+function toApiKey(row: KeyRow): ApiKey {
+  return {
+    id: row.id,
+    orgId: row.org_id,
+    projectId: row.project_id,
+    name: row.name,
+    prefix: row.prefix,
+    secretSha256: row.secret_sha256,
+    limits: {
+      monthlyBudgetNanos: BigInt(row.monthly_budget_nanos),
+      monthlyTokens: BigInt(row.monthly_tokens),
+      requestsPerMinute: row.requests_per_minute,
+      tokensPerMinute: BigInt(row.tokens_per_minute),
+      allowedModels: row.allowed_models,
+      expiresAt: row.expires_at,
+    },
+    createdAt: row.created_at,
+    revokedAt: row.revoked_at,
+  };
+}

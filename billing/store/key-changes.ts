@@ -1,0 +1,144 @@
+import type pg from "pg";
+import { keyChangesChannel } from "./accounts.ts";
+import { BillingError } from "./db.ts";
+import type { KeyChange } from "./types.ts";
+
+// A watcher this far behind is cut off; it reconnects and starts from a flushed cache.
+const maxQueuedChanges = 10_000;
+
+interface Listener {
+  /** UNLISTEN and return the connection to the pool. */
+  stop(): Promise<void>;
+}
+
+interface Watcher {
+  push(change: KeyChange): void;
+  fail(error: Error): void;
+}
+
+/**
+ * Key changes committed by any billing replica, fanned out to watchers. One pooled connection LISTENs while at
+ * least one watcher is subscribed and is returned to the pool when the last one leaves.
+ */
+export function createKeyChangeFeed(pool: pg.Pool) {
+  const watchers = new Set<Watcher>();
+  let listening: Promise<Listener> | undefined;
+
+  const failAll = (cause: Error) => {
+    const error = new BillingError("unavailable", `key change feed interrupted: ${cause.message}`);
+    for (const watcher of watchers) watcher.fail(error);
+  };
+
+  const listen = (): Promise<Listener> => {
+    const started = (async () => {
+      const client = await pool.connect();
+      const onNotification = (message: pg.Notification) => {
+        if (message.channel !== keyChangesChannel || !message.payload) return;
+        const change = JSON.parse(message.payload) as KeyChange;
+        for (const watcher of watchers) watcher.push(change);
+      };
+      // The client goes back to the pool afterwards, so these handlers must not outlive the LISTEN.
+      let released = false;
+      const release = (error?: Error) => {
+        if (released) return;
+        released = true;
+        client.off("notification", onNotification);
+        client.off("error", onError);
+        client.release(error);
+      };
+      const onError = (error: Error) => {
+        release(error);
+        // A listener already being stopped has no watchers of its own left to fail.
+        if (listening !== started) return;
+        listening = undefined;
+        failAll(error);
+      };
+      client.on("notification", onNotification);
+      client.on("error", onError);
+      try {
+        await client.query(`LISTEN ${keyChangesChannel}`);
+      } catch (e) {
+        release(e as Error);
+        throw e;
+      }
+      return {
+        async stop() {
+          try {
+            await client.query(`UNLISTEN ${keyChangesChannel}`);
+            release();
+          } catch (e) {
+            release(e as Error);
+          }
+        },
+      };
+    })();
+    started.catch((error: Error) => {
+      if (listening === started) listening = undefined;
+      failAll(error);
+    });
+    return started;
+  };
+
+  const unlisten = () => {
+    const stopping = listening;
+    listening = undefined;
+    stopping?.then(
+      (listener) => listener.stop(),
+      () => {},
+    );
+  };
+
+  return {
+    /** Changes committed from now on, until `signal` aborts or the feed fails. */
+    async *watchKeyChanges(signal: AbortSignal): AsyncGenerator<KeyChange> {
+      const queue: KeyChange[] = [];
+      let failure: Error | undefined;
+      let wake = () => {};
+      const watcher: Watcher = {
+        push(change) {
+          if (queue.length >= maxQueuedChanges) {
+            failure ??= new BillingError("resource_exhausted", "key change watcher fell too far behind");
+          } else {
+            queue.push(change);
+          }
+          wake();
+        },
+        fail(error) {
+          failure ??= error;
+          wake();
+        },
+      };
+      let left = false;
+      // Runs on abort too: a consumer that stops pulling never resumes this generator to reach `finally`.
+      const leave = () => {
+        if (left) return;
+        left = true;
+        signal.removeEventListener("abort", leave);
+        watchers.delete(watcher);
+        if (watchers.size === 0) unlisten();
+        wake();
+      };
+      signal.addEventListener("abort", leave);
+      watchers.add(watcher);
+      listening ??= listen();
+      try {
+        // Changes are only announced once LISTEN is in effect; a failure to listen arrives as `failure`.
+        await listening.catch(() => {});
+        while (!signal.aborted) {
+          const change = queue.shift();
+          if (change) {
+            yield change;
+          } else if (failure) {
+            throw failure;
+          } else {
+            await new Promise<void>((resolve) => {
+              wake = resolve;
+            });
+          }
+        }
+      } finally {
+        leave();
+      }
+    },
+  };
+}

@@ -1,0 +1,23 @@
+import type pg from "pg";
+import { createAccountStore } from "./accounts.ts";
+import { createBudgetLeaseStore } from "./budget-leases.ts";
+import { createDb } from "./db.ts";
+import { createKeyChangeFeed } from "./key-changes.ts";
+import { createUsageStore } from "./usage.ts";
+
+/** Everything billing keeps in Postgres, over one pool. */
+export function createBillingStore(pool: pg.Pool) {
+  const db = createDb(pool);
+  return {
+    ...createAccountStore(db),
+    ...createUsageStore(db),
+    ...createBudgetLeaseStore(db),
+    ...createKeyChangeFeed(pool),
+    /** Round trip to the database, for readiness. */
+    async ping(): Promise<void> {
+      await db.query("SELECT 1");
+    },
+  };
+}
+
+export type BillingStore = ReturnType<typeof createBillingStore>;

@@ -1,0 +1,193 @@
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { BillingError } from "./db.ts";
+import { type BillingStore, createBillingStore } from "./store.ts";
+import { createTestDatabase, type TestDatabase } from "./test-db.ts";
+import type { ApiKey, Organization, UsageRecord } from "./types.ts";
+
+let db: TestDatabase;
+let store: BillingStore;
+let org: Organization;
+let key: ApiKey;
+let otherKey: ApiKey;
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  store = createBillingStore(db.pool);
+  org = await newOrg("usage-org");
+  const limits = {
+    monthlyBudgetNanos: 0n,
+    monthlyTokens: 0n,
+    requestsPerMinute: 0,
+    tokensPerMinute: 0n,
+    allowedModels: [],
+    expiresAt: null,
+  };
+  key = (await store.createApiKey({ orgId: org.id, projectId: null, name: "a", limits })).apiKey;
+  otherKey = (await store.createApiKey({ orgId: org.id, projectId: null, name: "b", limits })).apiKey;
+});
+afterAll(() => db.drop());
+
+const newOrg = (name: string) =>
+  store.createOrganization({ name, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n });
+
+let sequence = 0;
+function usage(overrides: Partial<UsageRecord> = {}): UsageRecord {
+  sequence++;
+  return {
+    requestId: `req_${String(sequence).padStart(6, "0")}`,
+    orgId: org.id,
+    projectId: null,
+    apiKeyId: key.id,
+    model: "mock",
+    provider: "mock",
+    endpoint: "chat_completions",
+    inputTokens: 100n,
+    cachedInputTokens: 20n,
+    outputTokens: 50n,
+    reasoningTokens: 5n,
+    costNanos: 1_234_567n,
+    occurredAt: new Date("2026-03-10T12:00:00Z"),
+    ...overrides,
+  };
+}
+
+const summaries = async () =>
+  (
+    await db.pool.query(
+      `SELECT api_key_id, day::text AS day, requests::int, input_tokens::int, cached_input_tokens::int,
+         output_tokens::int, reasoning_tokens::int, cost_nanos::text
+       FROM usage_summaries WHERE org_id = $1 ORDER BY api_key_id, day`,
+      [org.id],
+    )
+  ).rows;
+
+test("a batch is stored once: resends are duplicates and leave rows and summaries unchanged", async () => {
+  const batch = [
+    usage({ occurredAt: new Date("2026-03-10T01:00:00Z") }),
+    usage({ occurredAt: new Date("2026-03-10T23:59:59.999Z"), costNanos: 1n }),
+    usage({
+      occurredAt: new Date("2026-03-11T00:00:00Z"),
+      apiKeyId: otherKey.id,
+      inputTokens: 7n,
+      cachedInputTokens: 0n,
+    }),
+  ];
+  expect(await store.recordUsage(batch)).toEqual({ inserted: 3, duplicates: 0 });
+  const expected = [
+    {
+      api_key_id: key.id,
+      day: "2026-03-10",
+      requests: 2,
+      input_tokens: 200,
+      cached_input_tokens: 40,
+      output_tokens: 100,
+      reasoning_tokens: 10,
+      cost_nanos: "1234568",
+    },
+    {
+      api_key_id: otherKey.id,
+      day: "2026-03-11",
+      requests: 1,
+      input_tokens: 7,
+      cached_input_tokens: 0,
+      output_tokens: 50,
+      reasoning_tokens: 5,
+      cost_nanos: "1234567",
+    },
+  ].sort((a, b) => a.api_key_id.localeCompare(b.api_key_id));
+  expect(await summaries()).toEqual(expected);
+
+  expect(await store.recordUsage(batch)).toEqual({ inserted: 0, duplicates: 3 });
+  expect(await summaries()).toEqual(expected);
+
+  // A partly new batch adds exactly its new rows; a request repeated inside one batch counts once.
+  const fresh = usage({ occurredAt: new Date("2026-03-10T05:00:00Z"), costNanos: 10n });
+  expect(await store.recordUsage([batch[0] as UsageRecord, fresh, fresh])).toEqual({ inserted: 1, duplicates: 2 });
+  const count = await db.pool.query("SELECT count(*)::int AS n FROM usage_records WHERE org_id = $1", [org.id]);
+  expect(count.rows[0].n).toBe(4);
+  const day = (await summaries()).find((s) => s.api_key_id === key.id);
+  expect(day).toMatchObject({ requests: 3, cost_nanos: "1234578" });
+});
+
+test("a batch naming an unknown key is rejected whole", async () => {
+  const before = await summaries();
+  const error = await store.recordUsage([usage(), usage({ apiKeyId: "key_missing" })]).catch((e: unknown) => e);
+  expect(error).toBeInstanceOf(BillingError);
+  expect((error as BillingError).kind).toBe("not_found");
+  expect(await summaries()).toEqual(before);
+});
+
+test("totals over any range are exact, from summaries for whole days and rows at the edges", async () => {
+  const totalsOrg = await newOrg("totals-org");
+  const times = [
+    "2026-04-01T00:00:00Z",
+    "2026-04-01T06:00:00Z",
+    "2026-04-02T12:00:00Z",
+    "2026-04-03T18:00:00Z",
+    "2026-04-30T23:59:59Z",
+    "2026-05-01T00:00:00Z",
+  ];
+  await store.recordUsage(
+    times.map((t, i) =>
+      usage({ orgId: totalsOrg.id, apiKeyId: null, occurredAt: new Date(t), costNanos: 10n ** BigInt(i) }),
+    ),
+  );
+  const cost = async (start: string, end: string) =>
+    (await store.usageTotals({ orgId: totalsOrg.id }, { start: new Date(start), end: new Date(end) })).costNanos;
+
+  expect(await cost("2026-04-01T00:00:00Z", "2026-05-01T00:00:00Z")).toBe(11_111n);
+  expect(await cost("2026-04-01T03:00:00Z", "2026-04-03T18:00:00Z")).toBe(110n);
+  expect(await cost("2026-04-01T03:00:00Z", "2026-04-03T18:00:01Z")).toBe(1_110n);
+  expect(await cost("2026-04-02T00:00:00Z", "2026-04-02T12:00:00Z")).toBe(0n);
+  expect(await cost("2026-04-02T11:00:00Z", "2026-04-02T13:00:00Z")).toBe(100n);
+  expect(await cost("2026-04-30T00:00:00Z", "2026-05-01T00:00:00.001Z")).toBe(110_000n);
+
+  const month = await store.usageTotals(
+    { orgId: totalsOrg.id },
+    { start: new Date("2026-04-01T00:00:00Z"), end: new Date("2026-05-01T00:00:00Z") },
+  );
+  expect(month).toEqual({
+    requests: 5n,
+    inputTokens: 500n,
+    cachedInputTokens: 100n,
+    outputTokens: 250n,
+    reasoningTokens: 25n,
+    costNanos: 11_111n,
+  });
+});
+
+test("totals narrow to a key, and period spend splits org and key", async () => {
+  const march = { start: new Date("2026-03-01T00:00:00Z"), end: new Date("2026-04-01T00:00:00Z") };
+  const other = await store.usageTotals({ orgId: org.id, apiKeyId: otherKey.id }, march);
+  expect(other).toMatchObject({ requests: 1n, inputTokens: 7n, costNanos: 1_234_567n });
+  const spend = await store.periodSpend({ orgId: org.id, apiKeyId: otherKey.id }, march);
+  expect(spend).toEqual({ orgSpentNanos: 1_234_567n * 2n + 1n + 10n, keySpentNanos: 1_234_567n, keyTokens: 57n });
+});
+
+test("usage records page newest first", async () => {
+  const pageOrg = await newOrg("pages-org");
+  const records = [0, 1, 2, 3, 4].map((i) =>
+    usage({ orgId: pageOrg.id, apiKeyId: null, occurredAt: new Date(Date.UTC(2026, 5, 1, i)) }),
+  );
+  await store.recordUsage(records);
+  const first = await store.listUsageRecords({
+    orgId: pageOrg.id,
+    requestId: null,
+    start: null,
+    end: null,
+    after: null,
+    limit: 2,
+  });
+  expect(first.records).toEqual([records[4], records[3]] as UsageRecord[]);
+  expect(first.more).toBe(true);
+  const last = first.records[1] as UsageRecord;
+  const rest = await store.listUsageRecords({
+    orgId: pageOrg.id,
+    requestId: null,
+    start: new Date(Date.UTC(2026, 5, 1, 1)),
+    end: null,
+    after: { occurredAt: last.occurredAt, requestId: last.requestId },
+    limit: 10,
+  });
+  expect(rest).toEqual({ records: [records[2], records[1]] as UsageRecord[], more: false });
+});

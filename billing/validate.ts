@@ -1,0 +1,42 @@
+import { Code, ConnectError } from "@connectrpc/connect";
+
+/** Request validation; every failure is InvalidArgument naming the field as in the .proto. */
+
+export function invalid(field: string, problem: string): ConnectError {
+  return new ConnectError(`${field}: ${problem}`, Code.InvalidArgument);
+}
+
+/** Trimmed text of `min`..`max` characters. */
+export function text(value: string, field: string, { min = 1, max = 200 } = {}): string {
+  const trimmed = value.trim();
+  if (trimmed.length < min) throw invalid(field, min === 1 ? "required" : `at least ${min} characters`);
+  if (trimmed.length > max) throw invalid(field, `at most ${max} characters`);
+  return trimmed;
+}
+
+/** A non-empty identifier such as "org_01J..." (ids are never trimmed or rewritten). */
+export function id(value: string, field: string): string {
+  if (value.length === 0) throw invalid(field, "required");
+  if (value.length > 128) throw invalid(field, "at most 128 characters");
+  return value;
+}
+
+/** An optional identifier: empty means absent. */
+export function optionalId(value: string, field: string): string | null {
+  return value === "" ? null : id(value, field);
+}
+
+export function intInRange(value: number, field: string, min: number, max: number): number {
+  if (!Number.isInteger(value) || value < min || value > max) throw invalid(field, `must be in ${min}..${max}`);
+  return value;
+}
+
+export function nonNegative(value: bigint, field: string): bigint {
+  if (value < 0n) throw invalid(field, "must not be negative");
+  return value;
+}
+
+export function positive(value: bigint, field: string): bigint {
+  if (value <= 0n) throw invalid(field, "must be positive");
+  return value;
+}
