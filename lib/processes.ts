@@ -44,6 +44,8 @@ export function spawnService(options: ServiceProcessOptions): ServiceProcess {
     stdout: "pipe",
     stderr: "pipe",
     stdin: "ignore",
+    // Its own process group: a terminal's Ctrl-C reaches only the launcher, which stops services in order.
+    detached: true,
   });
   void pipeLines(proc.stdout, onLine);
   void pipeLines(proc.stderr, onLine);

@@ -172,6 +172,12 @@ if (import.meta.main) {
   };
   process.on("SIGINT", shutdown);
   process.on("SIGTERM", shutdown);
+  // Services run in their own process groups; never leave them behind, even if the launcher crashes
+  // or its terminal pipe closes under it.
+  process.stdout.on("error", () => {});
+  process.on("exit", () => {
+    for (const p of Object.values(mesh.processes)) p.proc.kill("SIGTERM");
+  });
   for (const p of Object.values(mesh.processes)) {
     void p.proc.exited.then((code) => {
       if (!stopping) {

@@ -1,0 +1,127 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import * as path from "node:path";
+import OpenAI from "openai";
+import { AnalyticsService } from "../../gen/analytics/v1/analytics_pb.ts";
+import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { createServiceClient } from "../../lib/rpc-client.ts";
+import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.ts";
+
+const adminToken = "e2e-admin-token-0123456789";
+let dataDir: string;
+let mesh: Mesh;
+let demo: Demo;
+const logs: string[] = [];
+
+beforeAll(async () => {
+  dataDir = await mkdtemp(path.join(tmpdir(), "mesh-e2e-"));
+  mesh = await startMesh({
+    dataDir,
+    adminToken,
+    ports: { gateway: 0, billing: 0, analytics: 0 },
+    onLine: (service, line) => logs.push(`[${service}] ${line}`),
+  });
+  demo = await ensureDemo(mesh, { dataDir, adminToken });
+}, 120_000);
+
+afterAll(async () => {
+  const codes = await mesh?.stop();
+  if (codes) expect(codes).toEqual({ gateway: 0, analytics: 0, billing: 0 });
+  await rm(dataDir, { recursive: true, force: true });
+}, 60_000);
+
+async function eventually<T>(probe: () => Promise<T | undefined>, timeoutMs = 10_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error("condition not met in time");
+    await Bun.sleep(100);
+  }
+}
+
+describe("the mesh end to end", () => {
+  test("writes the demo credentials to <data dir>/demo.env", async () => {
+    const text = await readFile(path.join(dataDir, "demo.env"), "utf8");
+    expect(text).toBe(`OPENAI_BASE_URL=${demo.baseUrl}\nOPENAI_API_KEY=${demo.apiKey}\n`);
+  });
+
+  test("a completion through the openai SDK lands in analytics and billing with the same id and cost", async () => {
+    const client = new OpenAI({ baseURL: demo.baseUrl, apiKey: demo.apiKey, maxRetries: 0 });
+    const { data: completion, response } = await client.chat.completions
+      .create({ model: "mock", messages: [{ role: "user", content: "hello through the whole mesh" }] })
+      .withResponse();
+    expect(completion.choices[0]?.message.content).toBeTruthy();
+    expect(completion.usage?.prompt_tokens).toBeGreaterThan(0);
+    const requestId = response.headers.get("x-request-id");
+    expect(requestId).toMatch(/^[0-9A-HJKMNP-TV-Z]{26}$/);
+    const cost = BigInt(response.headers.get("x-gateway-cost-nanos") ?? "-1");
+    expect(cost).toBeGreaterThan(0n);
+
+    const range = { start: timestampFromMs(Date.now() - 3_600_000), end: timestampFromMs(Date.now() + 3_600_000) };
+    const analytics = createServiceClient(AnalyticsService, { baseUrl: mesh.urls.analytics, bearerToken: adminToken });
+    const row = await eventually(async () => {
+      const page = await analytics.listRequests({ orgId: demo.orgId, range, requestId: requestId ?? "" });
+      return page.requests[0];
+    });
+    expect(row.requestId).toBe(requestId ?? "");
+    expect(row.costNanos).toBe(cost);
+    expect(row.usage?.inputTokens).toBe(BigInt(completion.usage?.prompt_tokens ?? -1));
+    expect(row.usage?.outputTokens).toBe(BigInt(completion.usage?.completion_tokens ?? -1));
+
+    const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken });
+    const record = await eventually(async () => {
+      const page = await billing.listUsageRecords({ orgId: demo.orgId, requestId: requestId ?? "" });
+      return page.records[0];
+    });
+    expect(record.requestId).toBe(requestId ?? "");
+    expect(record.costNanos).toBe(cost);
+    const summary = await billing.getUsageSummary({ orgId: demo.orgId });
+    expect(summary.requests).toBe(1n);
+    expect(summary.costNanos).toBe(cost);
+  }, 30_000);
+
+  test("a bad key gets an OpenAI-style 401", async () => {
+    const res = await fetch(`${demo.baseUrl}/chat/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-mesh-not-a-real-key", "content-type": "application/json" },
+      body: JSON.stringify({ model: "mock", messages: [{ role: "user", content: "hi" }] }),
+    });
+    expect(res.status).toBe(401);
+    const body = (await res.json()) as { error: { message: string; type: string } };
+    expect(body.error.message).toBeTruthy();
+    expect(res.headers.get("x-request-id")).toBeTruthy();
+  });
+
+  test("a restart keeps the demo key and every recorded request", async () => {
+    const before = await createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken })
+      .getUsageSummary({ orgId: demo.orgId });
+    expect(await mesh.stop()).toEqual({ gateway: 0, analytics: 0, billing: 0 });
+    mesh = await startMesh({
+      dataDir,
+      adminToken,
+      ports: { gateway: 0, billing: 0, analytics: 0 },
+      onLine: (service, line) => logs.push(`[${service}] ${line}`),
+    });
+    const again = await ensureDemo(mesh, { dataDir, adminToken });
+    expect(again.apiKey).toBe(demo.apiKey);
+    expect(again.orgId).toBe(demo.orgId);
+    const after = await createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken })
+      .getUsageSummary({ orgId: demo.orgId });
+    expect(after.requests).toBe(before.requests);
+    expect(after.costNanos).toBe(before.costNanos);
+    const client = new OpenAI({ baseURL: again.baseUrl, apiKey: again.apiKey, maxRetries: 0 });
+    const completion = await client.chat.completions.create({ model: "mock", messages: [{ role: "user", content: "again" }] });
+    expect(completion.choices).toHaveLength(1);
+  }, 90_000);
+
+  test("no secret appears in any service log", () => {
+    expect(logs.length).toBeGreaterThan(0);
+    for (const line of logs) {
+      expect(line).not.toContain(demo.apiKey);
+      expect(line).not.toContain(adminToken);
+    }
+  });
+});
