@@ -100,6 +100,36 @@ describe("one port for every protocol", () => {
     expect(result.denied.code).toBe(16); // UNAUTHENTICATED
   }, 20_000);
 
+  test("stock gRPC reflection (v1, v1alpha) and health clients under Node", async () => {
+    const proc = Bun.spawn(
+      ["node", "test/node/reflection-client.mjs", `127.0.0.1:${server.port}`, "billing.v1.BillingService"],
+      { stdout: "pipe", stderr: "pipe" },
+    );
+    const [out, err, code] = await Promise.all([
+      new Response(proc.stdout).text(),
+      new Response(proc.stderr).text(),
+      proc.exited,
+    ]);
+    expect(err).toBe("");
+    expect(code).toBe(0);
+    const result = JSON.parse(out);
+    const services = [
+      "analytics.v1.AnalyticsService",
+      "billing.v1.BillingService",
+      "grpc.health.v1.Health",
+      "grpc.reflection.v1.ServerReflection",
+      "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    for (const version of ["v1", "v1alpha"]) {
+      expect(result[version].services).toEqual(services);
+      expect(result[version].methods).toContain("AuthorizeKey");
+      expect(result[version].methods).toContain("RecordUsage");
+    }
+    expect(result.describedHasService).toBe(true);
+    expect(result.health).toEqual({ server: { status: "SERVING" }, service: { status: "SERVING" }, unknown: { code: 5 } });
+    expect(result.watch).toBe("SERVING");
+  }, 20_000);
+
   test("/healthz, /readyz and /metrics", async () => {
     expect((await fetch(`${server.url}/healthz`)).status).toBe(200);
     const ready = await fetch(`${server.url}/readyz`);

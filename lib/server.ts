@@ -4,7 +4,10 @@ import * as net from "node:net";
 import type { ConnectRouter, ContextValues, Interceptor } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Registry } from "prom-client";
+import { Health } from "../gen/grpc/health/v1/health_pb.ts";
+import { registerHealth } from "./health.ts";
 import type { Logger } from "./log.ts";
+import { registerReflection } from "./reflection.ts";
 
 export type NodeRequest = http.IncomingMessage | http2.Http2ServerRequest;
 export type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
@@ -43,14 +46,28 @@ export interface RunningServer {
 
 const h2Preface = Buffer.from("PRI * HTTP/2.0\r\n");
 
+const alwaysReady = async (): Promise<Readiness> => ({ ready: true, checks: {} });
+
 /**
  * One port for Connect, gRPC and gRPC-Web over HTTP/1.1 and h2c, plus /healthz, /readyz, /metrics
  * and any extra HTTP routes. The first bytes of each connection decide which server takes it.
+ * Every server also answers grpc.health.v1.Health and gRPC server reflection for its services.
  */
 export async function startServer(options: ServerOptions): Promise<RunningServer> {
   const shutdown = new AbortController();
+  const draining = new AbortController();
+  const readiness = options.readiness ?? alwaysReady;
   const rpc = connectNodeAdapter({
-    routes: options.routes,
+    routes: (router) => {
+      options.routes(router);
+      const services = [...new Set(router.handlers.map((h) => h.service))];
+      registerHealth(router, {
+        services: services.map((s) => s.typeName),
+        readiness,
+        stopSignal: draining.signal,
+      });
+      registerReflection(router, [...services, Health]);
+    },
     interceptors: options.interceptors,
     contextValues: options.contextValues,
     shutdownSignal: shutdown.signal,
@@ -63,7 +80,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     res.once("close", () => inFlight--);
     try {
       const path = req.url ?? "/";
-      if (req.method === "GET" && (await serveOps(path, res, options))) return;
+      if (req.method === "GET" && (await serveOps(path, res, options, readiness, draining.signal))) return;
       if (options.http && (await options.http(req, res))) return;
       rpc(req, res);
     } catch (e) {
@@ -104,6 +121,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     port,
     url: `http://127.0.0.1:${port}`,
     async close(graceMs) {
+      draining.abort();
       listener.close();
       h1.close();
       h2.close();
@@ -120,18 +138,22 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   };
 }
 
-async function serveOps(path: string, res: NodeResponse, options: ServerOptions): Promise<boolean> {
+async function serveOps(
+  path: string,
+  res: NodeResponse,
+  options: ServerOptions,
+  readiness: () => Promise<Readiness>,
+  draining: AbortSignal,
+): Promise<boolean> {
   const bare = path.split("?")[0];
   if (bare === "/healthz") {
     sendJson(res, 200, { status: "ok", service: options.name });
     return true;
   }
   if (bare === "/readyz") {
-    const readiness = (await options.readiness?.()) ?? { ready: true, checks: {} };
-    sendJson(res, readiness.ready ? 200 : 503, {
-      status: readiness.ready ? "ready" : "not_ready",
-      checks: readiness.checks,
-    });
+    // A draining server stops taking new work first, so load balancers move away before it closes.
+    const state = draining.aborted ? { ready: false, checks: { server: "draining" } } : await readiness();
+    sendJson(res, state.ready ? 200 : 503, { status: state.ready ? "ready" : "not_ready", checks: state.checks });
     return true;
   }
   if (bare === "/metrics" && options.registry) {
