@@ -14,6 +14,10 @@ export function createMetrics(service: string): Metrics {
   const registry = new Registry();
   registry.setDefaultLabels({ service });
   collectDefaultMetrics({ register: registry });
+  // These gauges carry a counter's "_total" suffix, which promtool rejects; the handle counts add little.
+  for (const name of ["nodejs_active_handles_total", "nodejs_active_requests_total", "nodejs_active_resources_total"]) {
+    registry.removeSingleMetric(name);
+  }
   const labelNames = ["rpc_service", "rpc_method", "code"] as const;
   const serverHandled = new Counter({
     name: "rpc_server_handled_total",

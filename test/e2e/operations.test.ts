@@ -1,0 +1,98 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import * as path from "node:path";
+import OpenAI from "openai";
+import { freePort, spawnService } from "../../lib/processes.ts";
+import { type Demo, ensureDemo, type Mesh, type ServiceName, startMesh } from "../../scripts/mesh.ts";
+
+// Operators' view of the mesh: a stock Prometheus scrapes every service, promtool accepts every
+// exposition, and the health endpoints mean what the README says.
+const adminToken = "ops-admin-token-0123456789";
+let dataDir: string;
+let mesh: Mesh;
+let demo: Demo;
+
+beforeAll(async () => {
+  dataDir = await mkdtemp(path.join(tmpdir(), "mesh-ops-"));
+  mesh = await startMesh({ dataDir, adminToken, ports: { gateway: 0, billing: 0, analytics: 0 }, onLine: () => {} });
+  demo = await ensureDemo(mesh, { dataDir, adminToken });
+  const client = new OpenAI({ baseURL: demo.baseUrl, apiKey: demo.apiKey, maxRetries: 0 });
+  for (let i = 0; i < 3; i++) {
+    await client.chat.completions.create({ model: "mock", messages: [{ role: "user", content: `ping ${i}` }] });
+  }
+}, 120_000);
+
+afterAll(async () => {
+  await mesh?.stop();
+  await rm(dataDir, { recursive: true, force: true });
+}, 60_000);
+
+const services: ServiceName[] = ["gateway", "billing", "analytics"];
+
+describe("Prometheus", () => {
+  test.each(services)("promtool check metrics accepts %s's /metrics", async (name) => {
+    const text = await (await fetch(`${mesh.urls[name]}/metrics`)).text();
+    expect(text).toContain("rpc_server_handled_total");
+    const promtool = Bun.spawn(["promtool", "check", "metrics"], { stdin: new Blob([text]), stdout: "pipe", stderr: "pipe" });
+    const [out, err, code] = await Promise.all([
+      new Response(promtool.stdout).text(),
+      new Response(promtool.stderr).text(),
+      promtool.exited,
+    ]);
+    expect(out + err).toBe("");
+    expect(code).toBe(0);
+  });
+
+  test("a stock Prometheus scrapes all three services and answers a query", async () => {
+    const port = await freePort();
+    const configFile = path.join(dataDir, "prometheus.yml");
+    const targets = services.map((s) => `"${new URL(mesh.urls[s]).host}"`).join(", ");
+    await writeFile(
+      configFile,
+      `global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: mesh\n    static_configs:\n      - targets: [${targets}]\n`,
+    );
+    const prometheus = spawnService({
+      name: "prometheus",
+      cmd: [
+        "prometheus",
+        `--config.file=${configFile}`,
+        `--storage.tsdb.path=${path.join(dataDir, "prometheus")}`,
+        `--web.listen-address=127.0.0.1:${port}`,
+      ],
+      env: {},
+      readyUrl: `http://127.0.0.1:${port}/-/ready`,
+      onLine: () => {},
+    });
+    try {
+      await prometheus.ready;
+      const query = async (promql: string) => {
+        const url = `http://127.0.0.1:${port}/api/v1/query?query=${encodeURIComponent(promql)}`;
+        const body = (await (await fetch(url)).json()) as { data: { result: { metric: Record<string, string>; value: [number, string] }[] } };
+        return body.data.result;
+      };
+      const deadline = Date.now() + 30_000;
+      let up: Awaited<ReturnType<typeof query>> = [];
+      while (Date.now() < deadline) {
+        up = await query("up == 1");
+        if (up.length === 3) break;
+        await Bun.sleep(250);
+      }
+      expect(up).toHaveLength(3);
+      const handled = await query('sum by (service) (rpc_server_handled_total{rpc_method="AuthorizeKey"})');
+      expect(handled.find((r) => r.metric.service === "billing")?.value[1]).toBeDefined();
+      expect(Number(handled.find((r) => r.metric.service === "billing")?.value[1])).toBeGreaterThanOrEqual(1);
+    } finally {
+      await prometheus.stop();
+    }
+  }, 60_000);
+});
+
+describe("health", () => {
+  test.each(services)("%s answers /healthz and /readyz", async (name) => {
+    expect((await fetch(`${mesh.urls[name]}/healthz`)).status).toBe(200);
+    const ready = await fetch(`${mesh.urls[name]}/readyz`);
+    expect(ready.status).toBe(200);
+    expect(((await ready.json()) as { status: string }).status).toBe("ready");
+  });
+});
