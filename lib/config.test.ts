@@ -1,6 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import { z } from "zod";
 import { commonEnv, ConfigError, env, parseEnv } from "./config.ts";
+import { runCommand } from "./processes.ts";
 
 const shape = { ...commonEnv, GATEWAY_PORT: env.port(8080), BILLING_URL: z.url().default("http://127.0.0.1:8081") };
 
@@ -41,13 +42,13 @@ describe("parseEnv", () => {
 });
 
 test("a service started with a bad variable exits non-zero naming it", async () => {
-  const proc = Bun.spawn([process.execPath, "-e", `
+  const script = `
     import { loadEnvOrExit, env } from "./lib/config.ts";
     loadEnvOrExit({ GATEWAY_PORT: env.port(8080) });
     console.log("started");
-  `], { env: { ...process.env, GATEWAY_PORT: "eighty" }, stdout: "pipe", stderr: "pipe" });
-  const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  `;
+  const { stdout, stderr, code } = await runCommand([process.execPath, "-e", script], { env: { GATEWAY_PORT: "eighty" } });
   expect(code).toBe(2);
-  expect(out).toBe("");
-  expect(err).toContain('GATEWAY_PORT ("eighty")');
+  expect(stdout).toBe("");
+  expect(stderr).toContain('GATEWAY_PORT ("eighty")');
 });

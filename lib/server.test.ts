@@ -7,6 +7,7 @@ import { BillingService, OrganizationSchema } from "../gen/billing/v1/billing_pb
 import { bearerToken } from "./auth.ts";
 import { createLogger } from "./log.ts";
 import { createMetrics } from "./metrics.ts";
+import { runCommand } from "./processes.ts";
 import { createServiceClient } from "./rpc-client.ts";
 import { type RunningServer, startServer } from "./server.ts";
 
@@ -82,18 +83,10 @@ describe("one port for every protocol", () => {
   });
 
   test("a grpc-js client under Node calls the Bun-served RPCs", async () => {
-    const proc = Bun.spawn(["node", "test/node/grpc-client.mjs", `127.0.0.1:${server.port}`], {
-      stdout: "pipe",
-      stderr: "pipe",
-    });
-    const [out, err, code] = await Promise.all([
-      new Response(proc.stdout).text(),
-      new Response(proc.stderr).text(),
-      proc.exited,
-    ]);
-    expect(err).toBe("");
+    const { stdout, stderr, code } = await runCommand(["node", "test/node/grpc-client.mjs", `127.0.0.1:${server.port}`]);
+    expect(stderr).toBe("");
     expect(code).toBe(0);
-    const result = JSON.parse(out);
+    const result = JSON.parse(stdout);
     expect(result.node).toStartWith("v");
     expect(result.unary.organizations[0]).toMatchObject({ id: "org_1", name: "acme", monthly_budget_nanos: "5" });
     expect(result.acks).toEqual(["1", "2", "3"]);
@@ -101,18 +94,11 @@ describe("one port for every protocol", () => {
   }, 20_000);
 
   test("stock gRPC reflection (v1, v1alpha) and health clients under Node", async () => {
-    const proc = Bun.spawn(
-      ["node", "test/node/reflection-client.mjs", `127.0.0.1:${server.port}`, "billing.v1.BillingService"],
-      { stdout: "pipe", stderr: "pipe" },
-    );
-    const [out, err, code] = await Promise.all([
-      new Response(proc.stdout).text(),
-      new Response(proc.stderr).text(),
-      proc.exited,
-    ]);
-    expect(err).toBe("");
+    const target = `127.0.0.1:${server.port}`;
+    const { stdout, stderr, code } = await runCommand(["node", "test/node/reflection-client.mjs", target, "billing.v1.BillingService"]);
+    expect(stderr).toBe("");
     expect(code).toBe(0);
-    const result = JSON.parse(out);
+    const result = JSON.parse(stdout);
     const services = [
       "analytics.v1.AnalyticsService",
       "billing.v1.BillingService",

@@ -2,19 +2,14 @@ import { expect, test } from "bun:test";
 import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
+import { runCommand } from "../lib/processes.ts";
 
 const root = path.resolve(import.meta.dir, "..");
 const bin = path.join(root, "node_modules", ".bin");
 
 async function run(args: string[]) {
-  const proc = Bun.spawn(args, {
-    cwd: root,
-    env: { ...process.env, PATH: `${bin}:${process.env.PATH}` },
-    stdout: "pipe",
-    stderr: "pipe",
-  });
-  const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
-  return { out: out + err, code };
+  const { stdout, stderr, code } = await runCommand(args, { cwd: root, env: { PATH: `${bin}:${process.env.PATH}` } });
+  return { out: stdout + stderr, code };
 }
 
 async function files(dir: string): Promise<string[]> {

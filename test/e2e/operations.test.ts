@@ -3,7 +3,7 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import OpenAI from "openai";
-import { freePort, spawnService } from "../../lib/processes.ts";
+import { freePort, runCommand, spawnService } from "../../lib/processes.ts";
 import { type Demo, ensureDemo, type Mesh, type ServiceName, startMesh } from "../../scripts/mesh.ts";
 
 // Operators' view of the mesh: a stock Prometheus scrapes every service, promtool accepts every
@@ -38,13 +38,8 @@ describe.skipIf(!havePrometheus)("Prometheus (needs Debian's prometheus package)
   test.each(services)("promtool check metrics accepts %s's /metrics", async (name) => {
     const text = await (await fetch(`${mesh.urls[name]}/metrics`)).text();
     expect(text).toContain("rpc_server_handled_total");
-    const promtool = Bun.spawn(["promtool", "check", "metrics"], { stdin: new Blob([text]), stdout: "pipe", stderr: "pipe" });
-    const [out, err, code] = await Promise.all([
-      new Response(promtool.stdout).text(),
-      new Response(promtool.stderr).text(),
-      promtool.exited,
-    ]);
-    expect(out + err).toBe("");
+    const { stdout, stderr, code } = await runCommand(["promtool", "check", "metrics"], { stdin: text });
+    expect(stdout + stderr).toBe("");
     expect(code).toBe(0);
   });
 
