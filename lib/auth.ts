@@ -2,7 +2,7 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import { Code, ConnectError } from "@connectrpc/connect";
 
 /** The token of an `authorization: Bearer <token>` header, or undefined. */
-export function bearerToken(headers: Headers): string | undefined {
+export function bearerToken(headers: Pick<Headers, "get">): string | undefined {
   const value = headers.get("authorization");
   if (!value) return undefined;
   const match = /^Bearer\s+(.+)$/i.exec(value.trim());

@@ -14,6 +14,7 @@ import { W3CTraceContextPropagator } from "@opentelemetry/core";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { resourceFromAttributes } from "@opentelemetry/resources";
 import {
+  AlwaysOffSampler,
   BatchSpanProcessor,
   ParentBasedSampler,
   SimpleSpanProcessor,
@@ -57,7 +58,11 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
   if (options.exporter) processors.push(new SimpleSpanProcessor({ exporter: options.exporter }));
   const provider = new TracerProvider({
     resource: resourceFromAttributes({ [ATTR_SERVICE_NAME]: options.service, [ATTR_SERVICE_VERSION]: options.version }),
-    sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(options.sampleRatio ?? 1) }),
+    // With nowhere to export, record nothing: spans still carry context (ids in logs, traceparent onward).
+    sampler:
+      processors.length === 0
+        ? new AlwaysOffSampler()
+        : new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(options.sampleRatio ?? 1) }),
     spanProcessors: processors,
   });
   if (!installed) {
