@@ -4,11 +4,9 @@ import { z } from "zod";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
-import { billingRoutes } from "./routes.ts";
-import { createBillingService } from "./service.ts";
+import { createBillingApp } from "./app.ts";
 import { startEmbeddedPostgres } from "./store/embedded.ts";
 import { migrate } from "./store/migrate.ts";
-import { createBillingStore } from "./store/store.ts";
 
 const cfg = loadEnvOrExit({
   ...commonEnv,
@@ -32,13 +30,20 @@ pool.on("error", (e) => log.warn("idle postgres connection failed", { err: e }))
 
 const { applied } = await migrate(pool);
 log.info("migrations applied", { applied });
-const store = createBillingStore(pool);
-const service = createBillingService({ store, adminToken: cfg.ADMIN_TOKEN, clock: () => new Date(), log });
+const stopping = new AbortController();
+const { store, routes, http } = createBillingApp({
+  pool,
+  adminToken: cfg.ADMIN_TOKEN,
+  clock: () => new Date(),
+  log,
+  stopSignal: stopping.signal,
+});
 
 const server = await startServer({
   name: "billing",
   port: cfg.BILLING_PORT,
-  routes: billingRoutes(service),
+  routes,
+  http,
   interceptors: runtime.serverInterceptors,
   registry: runtime.metrics.registry,
   log,
@@ -53,6 +58,8 @@ const server = await startServer({
 });
 
 stopOnSignals(log, async () => {
+  // Key change streams would otherwise hold shutdown for the whole grace period; gateways reconnect elsewhere.
+  stopping.abort();
   await server.close(cfg.SHUTDOWN_GRACE_MS);
   await pool.end();
   await embedded?.stop();

@@ -1,8 +1,17 @@
 import { create } from "@bufbuild/protobuf";
-import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import {
   type ApiKey as ApiKeyMessage,
   ApiKeySchema,
+  type CostBreakdown as CostBreakdownMessage,
+  CostBreakdownSchema,
+  DiscountKind as DiscountKindEnum,
+  type DiscountRule as DiscountRuleMessage,
+  DiscountRuleSchema,
+  type Invoice as InvoiceMessage,
+  InvoiceLineItemSchema,
+  InvoiceSchema,
+  InvoiceStatus as InvoiceStatusEnum,
   type KeyLimits as KeyLimitsMessage,
   KeyLimitsSchema,
   type Organization as OrganizationMessage,
@@ -13,16 +22,24 @@ import {
   UsageRecordSchema,
 } from "../gen/billing/v1/billing_pb.ts";
 import { Endpoint as EndpointEnum, type TokenUsage, TokenUsageSchema } from "../gen/common/v1/common_pb.ts";
+import { roundingRule } from "./invoices/build.ts";
 import type {
   ApiKey,
+  CostBreakdown,
+  DiscountKind,
+  DiscountRule,
   Endpoint,
+  Invoice,
+  InvoiceStatus,
   KeyLimits,
+  NewDiscountRule,
   Organization,
   Project,
   UsageRecord,
   UsageTotals,
+  VolumeTier,
 } from "./store/types.ts";
-import { id, intInRange, invalid, nonNegative, optionalId, text } from "./validate.ts";
+import { id, instant, intInRange, invalid, nonNegative, optionalId, text } from "./validate.ts";
 
 /** Conversions between contract messages and store records; inbound ones validate as they go. */
 
@@ -49,6 +66,7 @@ export function organizationMessage(org: Organization): OrganizationMessage {
     taxRateBps: org.taxRateBps,
     billingDay: org.billingDay,
     monthlyBudgetNanos: org.monthlyBudgetNanos,
+    maxDiscountBps: org.maxDiscountBps,
   });
 }
 
@@ -98,6 +116,7 @@ export function usageRecordMessage(record: UsageRecord): UsageRecordMessage {
     }),
     costNanos: record.costNanos,
     occurTime: timestampFromDate(record.occurredAt),
+    costBreakdown: record.costBreakdown ? create(CostBreakdownSchema, record.costBreakdown) : undefined,
   });
 }
 
@@ -120,7 +139,7 @@ export function keyLimitsFrom(limits: KeyLimitsMessage | undefined, field = "lim
     requestsPerMinute: intInRange(limits?.requestsPerMinute ?? 0, `${field}.requests_per_minute`, 0, 2 ** 31 - 1),
     tokensPerMinute: nonNegative(limits?.tokensPerMinute ?? 0n, `${field}.tokens_per_minute`),
     allowedModels: [...new Set(models.map((model, i) => text(model, `${field}.allowed_models[${i}]`)))],
-    expiresAt: limits?.expireTime ? timestampDate(limits.expireTime) : null,
+    expiresAt: limits?.expireTime ? instant(limits.expireTime, `${field}.expire_time`) : null,
   };
 }
 
@@ -141,6 +160,7 @@ export function usageRecordFrom(record: UsageRecordMessage, at: string): UsageRe
   const reasoningTokens = tokens(record.usage?.reasoningTokens, "reasoning_tokens");
   if (cachedInputTokens > inputTokens) throw invalid(field("usage.cached_input_tokens"), "exceeds input_tokens");
   if (reasoningTokens > outputTokens) throw invalid(field("usage.reasoning_tokens"), "exceeds output_tokens");
+  const costNanos = nonNegative(record.costNanos, field("cost_nanos"));
   return {
     requestId: id(record.requestId, field("request_id")),
     orgId: id(record.orgId, field("org_id")),
@@ -153,7 +173,169 @@ export function usageRecordFrom(record: UsageRecordMessage, at: string): UsageRe
     cachedInputTokens,
     outputTokens,
     reasoningTokens,
-    costNanos: nonNegative(record.costNanos, field("cost_nanos")),
-    occurredAt: timestampDate(record.occurTime),
+    costNanos,
+    occurredAt: instant(record.occurTime, field("occur_time")),
+    costBreakdown: record.costBreakdown
+      ? costBreakdownFrom(record.costBreakdown, costNanos, field("cost_breakdown"))
+      : null,
   };
+}
+
+function costBreakdownFrom(breakdown: CostBreakdownMessage, costNanos: bigint, field: string): CostBreakdown {
+  const parts: CostBreakdown = {
+    inputNanos: nonNegative(breakdown.inputNanos, `${field}.input_nanos`),
+    cachedInputNanos: nonNegative(breakdown.cachedInputNanos, `${field}.cached_input_nanos`),
+    outputNanos: nonNegative(breakdown.outputNanos, `${field}.output_nanos`),
+    reasoningNanos: nonNegative(breakdown.reasoningNanos, `${field}.reasoning_nanos`),
+  };
+  const sum = parts.inputNanos + parts.cachedInputNanos + parts.outputNanos + parts.reasoningNanos;
+  if (sum !== costNanos) throw invalid(field, `parts add up to ${sum}, not cost_nanos ${costNanos}`);
+  return parts;
+}
+
+const discountKinds: Record<DiscountKindEnum, DiscountKind | undefined> = {
+  [DiscountKindEnum.UNSPECIFIED]: undefined,
+  [DiscountKindEnum.VOLUME_GRADUATED]: "volume_graduated",
+  [DiscountKindEnum.VOLUME_ALL_UNITS]: "volume_all_units",
+  [DiscountKindEnum.TIME_WINDOW]: "time_window",
+  [DiscountKindEnum.PROMOTIONAL]: "promotional",
+};
+const discountKindEnums = Object.fromEntries(
+  Object.entries(discountKinds).map(([k, v]) => [v, Number(k)]),
+) as Record<DiscountKind, DiscountKindEnum>;
+
+const maxTiers = 20;
+const hourMs = 3_600_000;
+
+/** A discount rule from CreateDiscountRule, checked against the rules DiscountRule documents. */
+export function discountRuleFrom(rule: DiscountRuleMessage | undefined, field = "rule"): NewDiscountRule {
+  if (!rule) throw invalid(field, "required");
+  const at = (name: string) => `${field}.${name}`;
+  const kind = discountKinds[rule.kind];
+  if (!kind) throw invalid(at("kind"), "required");
+  const volume = kind === "volume_graduated" || kind === "volume_all_units";
+  const window = kind === "time_window";
+
+  let tiers: VolumeTier[] = [];
+  if (volume) {
+    if (rule.discountBps !== 0) throw invalid(at("discount_bps"), "must be 0 for volume kinds; rates go in tiers");
+    if (rule.tiers.length < 1 || rule.tiers.length > maxTiers) throw invalid(at("tiers"), `1..${maxTiers} tiers`);
+    tiers = rule.tiers.map((tier, i) => ({
+      fromNanos: nonNegative(tier.fromNanos, at(`tiers[${i}].from_nanos`)),
+      discountBps: intInRange(tier.discountBps, at(`tiers[${i}].discount_bps`), 0, 10_000),
+    }));
+    tiers.forEach((tier, i) => {
+      const previous = tiers[i - 1];
+      if (!previous) return;
+      if (tier.fromNanos <= previous.fromNanos) throw invalid(at(`tiers[${i}].from_nanos`), "must ascend strictly");
+      if (tier.discountBps < previous.discountBps) throw invalid(at(`tiers[${i}].discount_bps`), "must not decrease");
+    });
+  } else {
+    if (rule.tiers.length > 0) throw invalid(at("tiers"), "only volume kinds have tiers");
+    intInRange(rule.discountBps, at("discount_bps"), 1, 10_000);
+  }
+
+  let startHour = 0;
+  let endHour = 24;
+  if (window) {
+    startHour = intInRange(rule.startHour, at("start_hour"), 0, 23);
+    endHour = intInRange(rule.endHour, at("end_hour"), 1, 24);
+    if (endHour <= startHour) throw invalid(at("end_hour"), "must be after start_hour");
+    rule.daysOfWeek.forEach((d, i) => intInRange(d, at(`days_of_week[${i}]`), 0, 6));
+  } else {
+    const defaultWindow = rule.startHour === 0 && (rule.endHour === 0 || rule.endHour === 24);
+    if (!defaultWindow || rule.daysOfWeek.length > 0) {
+      throw invalid(at("start_hour"), "only time windows have hours and days");
+    }
+  }
+
+  const wholeHour = (value: Date, name: string) => {
+    if (value.getTime() % hourMs !== 0) throw invalid(at(name), "must be a whole UTC hour");
+    return value;
+  };
+  const validFrom = rule.validFrom ? wholeHour(instant(rule.validFrom, at("valid_from")), "valid_from") : null;
+  const validUntil = rule.validUntil ? wholeHour(instant(rule.validUntil, at("valid_until")), "valid_until") : null;
+  if (validFrom && validUntil && validUntil <= validFrom) throw invalid(at("valid_until"), "must be after valid_from");
+
+  return {
+    orgId: id(rule.orgId, at("org_id")),
+    name: text(rule.name, at("name")),
+    kind,
+    priority: intInRange(rule.priority, at("priority"), -1_000_000, 1_000_000),
+    stackable: rule.stackable,
+    model: text(rule.model, at("model"), { min: 0 }) || null,
+    provider: text(rule.provider, at("provider"), { min: 0 }) || null,
+    discountBps: volume ? 0 : rule.discountBps,
+    tiers,
+    startHour,
+    endHour,
+    daysOfWeek: [...new Set(window ? rule.daysOfWeek : [])].sort((a, b) => a - b),
+    validFrom,
+    validUntil,
+    capNanos: nonNegative(rule.capNanos, at("cap_nanos")),
+  };
+}
+
+export function discountRuleMessage(rule: DiscountRule): DiscountRuleMessage {
+  return create(DiscountRuleSchema, {
+    id: rule.id,
+    orgId: rule.orgId,
+    name: rule.name,
+    kind: discountKindEnums[rule.kind],
+    priority: rule.priority,
+    stackable: rule.stackable,
+    model: rule.model ?? "",
+    provider: rule.provider ?? "",
+    discountBps: rule.discountBps,
+    tiers: rule.tiers,
+    startHour: rule.startHour,
+    endHour: rule.endHour,
+    daysOfWeek: rule.daysOfWeek,
+    validFrom: rule.validFrom ? timestampFromDate(rule.validFrom) : undefined,
+    validUntil: rule.validUntil ? timestampFromDate(rule.validUntil) : undefined,
+    capNanos: rule.capNanos,
+  });
+}
+
+const invoiceStatuses: Record<InvoiceStatus, InvoiceStatusEnum> = {
+  draft: InvoiceStatusEnum.DRAFT,
+  issued: InvoiceStatusEnum.ISSUED,
+  paid: InvoiceStatusEnum.PAID,
+  void: InvoiceStatusEnum.VOID,
+};
+
+/** The status an UpdateInvoiceStatus asks for. */
+export function invoiceStatusFrom(status: InvoiceStatusEnum, field = "status"): InvoiceStatus {
+  const found = (Object.keys(invoiceStatuses) as InvoiceStatus[]).find((s) => invoiceStatuses[s] === status);
+  if (!found) throw invalid(field, "must be DRAFT, ISSUED, PAID or VOID");
+  return found;
+}
+
+export function invoiceMessage(invoice: Invoice): InvoiceMessage {
+  return create(InvoiceSchema, {
+    id: invoice.id,
+    orgId: invoice.orgId,
+    number: invoice.number,
+    status: invoiceStatuses[invoice.status],
+    periodStart: timestampFromDate(invoice.periodStart),
+    periodEnd: timestampFromDate(invoice.periodEnd),
+    lineItems: invoice.lines.map((line) =>
+      create(InvoiceLineItemSchema, {
+        description: line.description,
+        model: line.model,
+        tokenType: line.tokenType,
+        quantity: line.quantity,
+        amountNanos: line.amountNanos,
+        discountRuleId: line.discountRuleId ?? "",
+      }),
+    ),
+    subtotalCents: invoice.subtotalCents,
+    discountCents: invoice.discountCents,
+    taxCents: invoice.taxCents,
+    totalCents: invoice.totalCents,
+    taxRateBps: invoice.taxRateBps,
+    createTime: timestampFromDate(invoice.createdAt),
+    issueTime: invoice.issuedAt ? timestampFromDate(invoice.issuedAt) : undefined,
+    roundingRule,
+  });
 }

@@ -1,10 +1,13 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { clone, create } from "@bufbuild/protobuf";
+import { clone, create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import {
   BillingService,
   BudgetScope,
+  DiscountKind,
+  type DiscountRuleSchema,
+  InvoiceStatus,
   type UsageRecord,
   UsageRecordSchema,
 } from "../gen/billing/v1/billing_pb.ts";
@@ -12,9 +15,7 @@ import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
-import { billingRoutes } from "./routes.ts";
-import { createBillingService } from "./service.ts";
-import { createBillingStore } from "./store/store.ts";
+import { createBillingApp } from "./app.ts";
 import { createTestDatabase, type TestDatabase } from "./store/test-db.ts";
 
 const adminToken = "test-admin-token-0123456789";
@@ -23,14 +24,14 @@ const log = createLogger({ service: "billing-test", level: "debug", write: (line
 let now = new Date("2026-06-15T12:00:00Z");
 
 let db: TestDatabase;
-let service: ReturnType<typeof createBillingService>;
+let app: ReturnType<typeof createBillingApp>;
 let client: ReturnType<typeof createClient<typeof BillingService>>;
 
 beforeAll(async () => {
   db = await createTestDatabase();
-  service = createBillingService({ store: createBillingStore(db.pool), adminToken, clock: () => now, log });
-  client = createClient(BillingService, createRouterTransport(billingRoutes(service)));
-});
+  app = createBillingApp({ pool: db.pool, adminToken, clock: () => now, log });
+  client = createClient(BillingService, createRouterTransport(app.routes));
+}, 60_000);
 afterAll(() => db.drop());
 
 const as = (token?: string) => ({ headers: token ? { authorization: `Bearer ${token}` } : {} });
@@ -102,6 +103,11 @@ test("organizations: validation and error codes", async () => {
   expect(await code(client.createOrganization({ name: "y", monthlyBudgetNanos: -1n }, admin))).toBe(
     Code.InvalidArgument,
   );
+  expect(await code(client.createOrganization({ name: "y", maxDiscountBps: 10_001 }, admin))).toBe(
+    Code.InvalidArgument,
+  );
+  const capped = await client.createOrganization({ name: "capped", maxDiscountBps: 2500 }, admin);
+  expect(capped.organization?.maxDiscountBps).toBe(2500);
   expect(await code(client.createProject({ orgId: "org_missing", name: "p" }, admin))).toBe(Code.NotFound);
   expect(await code(client.createProject({ orgId: "", name: "p" }, admin))).toBe(Code.InvalidArgument);
   expect(await code(client.listApiKeys({ orgId: "org_missing" }, admin))).toBe(Code.NotFound);
@@ -226,6 +232,8 @@ test("RecordUsage validates every record and the batch size", async () => {
   expect(await code(bad((r) => (r.requestId = "")))).toBe(Code.InvalidArgument);
   expect(await code(bad((r) => (r.costNanos = -1n)))).toBe(Code.InvalidArgument);
   expect(await code(bad((r) => (r.occurTime = undefined)))).toBe(Code.InvalidArgument);
+  expect(await code(bad((r) => (r.occurTime = { $typeName: "google.protobuf.Timestamp", seconds: 10n ** 15n, nanos: 0 }))))
+    .toBe(Code.InvalidArgument);
   expect(await code(bad((r) => r.usage && (r.usage.cachedInputTokens = 101n)))).toBe(Code.InvalidArgument);
   expect(await code(bad((r) => r.usage && (r.usage.outputTokens = -1n)))).toBe(Code.InvalidArgument);
   const error = ConnectError.from(await bad((r) => (r.requestId = "")).catch((e) => e));
@@ -366,14 +374,8 @@ test("WatchKeyChanges streams revocations to gateways", async () => {
   );
 });
 
-test("discounts and invoices are not implemented yet", async () => {
-  expect(await code(client.listDiscountRules({ orgId: "org_x" }, admin))).toBe(Code.Unimplemented);
-  expect(await code(client.generateInvoice({ orgId: "org_x" }, admin))).toBe(Code.Unimplemented);
-});
-
 test("serves Connect JSON and gRPC on one real port", async () => {
-  const routes = billingRoutes(service);
-  const server = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes, log });
+  const server = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes: app.routes, log });
   try {
     const orgId = await newOrg();
     const res = await fetch(`${server.url}/billing.v1.BillingService/ListProjects`, {
@@ -391,3 +393,257 @@ test("serves Connect JSON and gRPC on one real port", async () => {
     await server.close(1_000);
   }
 });
+
+test("AuthorizeKey answers spend from memory, adds recorded usage and starts over in a new month", async () => {
+  const orgId = await newOrg();
+  const { secret, apiKey } = await client.createApiKey({ orgId }, admin);
+  const keyId = apiKey?.id as string;
+  await client.recordUsage({ records: [usage(orgId, keyId, 100n)] }, admin);
+  expect((await client.authorizeKey({ secret }, admin)).keySpentNanos).toBe(100n);
+  await client.recordUsage({ records: [usage(orgId, keyId, 20n), usage(orgId, "", 3n)] }, admin);
+  expect(await client.authorizeKey({ secret }, admin)).toMatchObject({ keySpentNanos: 120n, orgSpentNanos: 123n });
+
+  const saved = now;
+  now = new Date("2026-07-01T00:00:00Z");
+  try {
+    expect(await client.authorizeKey({ secret }, admin)).toMatchObject({ keySpentNanos: 0n, orgSpentNanos: 0n });
+    await client.recordUsage({ records: [usage(orgId, keyId, 7n, now), usage(orgId, keyId, 1_000n, saved)] }, admin);
+    expect(await client.authorizeKey({ secret }, admin)).toMatchObject({ keySpentNanos: 7n, keyTokens: 140n });
+  } finally {
+    now = saved;
+  }
+});
+
+const promo = (orgId: string, extra: MessageInitShape<typeof DiscountRuleSchema> = {}) => ({
+  rule: { orgId, name: "promo", kind: DiscountKind.PROMOTIONAL, discountBps: 1000, ...extra },
+});
+
+test("discount rules: created, listed and deleted by admins, validated against the contract", async () => {
+  const orgId = await newOrg();
+  const volume = await client.createDiscountRule(
+    {
+      rule: {
+        orgId,
+        name: "volume",
+        kind: DiscountKind.VOLUME_ALL_UNITS,
+        priority: 2,
+        tiers: [
+          { fromNanos: 0n, discountBps: 0 },
+          { fromNanos: 1_000n, discountBps: 500 },
+        ],
+      },
+    },
+    admin,
+  );
+  expect(volume.rule).toMatchObject({ orgId, kind: DiscountKind.VOLUME_ALL_UNITS, stackable: false, endHour: 24 });
+  expect(volume.rule?.id).toStartWith("disc_");
+  const window = await client.createDiscountRule(
+    promo(orgId, { kind: DiscountKind.TIME_WINDOW, startHour: 22, endHour: 24, daysOfWeek: [6, 0, 6], model: " m " }),
+    admin,
+  );
+  expect(window.rule).toMatchObject({ daysOfWeek: [0, 6], model: "m", provider: "" });
+  const listed = await client.listDiscountRules({ orgId }, admin);
+  expect(listed.rules.map((r) => r.name)).toEqual(["volume", "promo"]);
+
+  const hour = (iso: string) => timestampFromDate(new Date(iso));
+  const invalid = [
+    { kind: DiscountKind.UNSPECIFIED },
+    { name: "" },
+    { discountBps: 0 },
+    { discountBps: 10_001 },
+    { tiers: [{ fromNanos: 0n, discountBps: 1 }] },
+    { kind: DiscountKind.VOLUME_GRADUATED, discountBps: 0, tiers: [] },
+    { kind: DiscountKind.VOLUME_GRADUATED, discountBps: 5, tiers: [{ fromNanos: 0n, discountBps: 1 }] },
+    {
+      kind: DiscountKind.VOLUME_GRADUATED,
+      discountBps: 0,
+      tiers: [
+        { fromNanos: 10n, discountBps: 1 },
+        { fromNanos: 10n, discountBps: 2 },
+      ],
+    },
+    {
+      kind: DiscountKind.VOLUME_GRADUATED,
+      discountBps: 0,
+      tiers: [
+        { fromNanos: 0n, discountBps: 5 },
+        { fromNanos: 10n, discountBps: 2 },
+      ],
+    },
+    { kind: DiscountKind.TIME_WINDOW, startHour: 6, endHour: 6 },
+    { kind: DiscountKind.TIME_WINDOW, startHour: 0, endHour: 25 },
+    { kind: DiscountKind.TIME_WINDOW, endHour: 5, daysOfWeek: [7] },
+    { startHour: 3, endHour: 5 },
+    { daysOfWeek: [1] },
+    { validFrom: hour("2026-06-01T00:30:00Z") },
+    { validFrom: hour("2026-06-02T00:00:00Z"), validUntil: hour("2026-06-01T00:00:00Z") },
+    { capNanos: -1n },
+    { orgId: "" },
+  ];
+  for (const extra of invalid) {
+    const failed = await code(client.createDiscountRule(promo(orgId, extra), admin));
+    if (failed !== Code.InvalidArgument) throw new Error(`${JSON.stringify(extra, (_, v) => String(v))}: ${failed}`);
+  }
+  expect(await code(client.createDiscountRule({}, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.createDiscountRule(promo("org_missing"), admin))).toBe(Code.NotFound);
+
+  const { secret } = await client.createApiKey({ orgId }, admin);
+  expect(await code(client.listDiscountRules({ orgId }, as(secret)))).toBe(Code.PermissionDenied);
+  expect(await code(client.createDiscountRule(promo(orgId), as(secret)))).toBe(Code.PermissionDenied);
+  expect(await code(client.deleteDiscountRule({ ruleId: volume.rule?.id as string }, as(secret)))).toBe(
+    Code.PermissionDenied,
+  );
+
+  await client.deleteDiscountRule({ ruleId: volume.rule?.id as string }, admin);
+  expect((await client.listDiscountRules({ orgId }, admin)).rules).toHaveLength(1);
+  expect(await code(client.deleteDiscountRule({ ruleId: volume.rule?.id as string }, admin))).toBe(Code.NotFound);
+});
+
+test("invoices over RPC: admins generate and move them, an org's own key reads only its own", async () => {
+  const orgId = await newOrg();
+  const otherOrgId = await newOrg();
+  const { secret, apiKey } = await client.createApiKey({ orgId }, admin);
+  const other = await client.createApiKey({ orgId: otherOrgId }, admin);
+  await client.recordUsage({ records: [usage(orgId, apiKey?.id as string, 12_345_678n)] }, admin);
+  await client.createDiscountRule(promo(orgId, { discountBps: 5000 }), admin);
+
+  const { invoice } = await client.generateInvoice({ orgId }, admin);
+  expect(invoice).toMatchObject({
+    orgId,
+    number: "INV-2026-06-0001",
+    status: InvoiceStatus.DRAFT,
+    subtotalCents: 1n,
+    discountCents: 1n,
+    taxCents: 0n,
+    totalCents: 1n,
+  });
+  expect(invoice?.roundingRule).toContain("half-up");
+  expect(invoice?.lineItems.map((l) => [l.tokenType, l.amountNanos])).toEqual([
+    ["usage", 12_345_678n],
+    ["discount", -6_172_839n],
+  ]);
+  const invoiceId = invoice?.id as string;
+
+  expect((await client.listInvoices({ orgId }, as(secret))).invoices.map((i) => i.id)).toEqual([invoiceId]);
+  expect((await client.getInvoice({ invoiceId }, as(secret))).invoice?.lineItems).toHaveLength(2);
+  expect(await code(client.getInvoice({ invoiceId }, as(other.secret)))).toBe(Code.PermissionDenied);
+  expect(await code(client.listInvoices({ orgId }, as(other.secret)))).toBe(Code.PermissionDenied);
+  expect(await code(client.getInvoice({ invoiceId }))).toBe(Code.Unauthenticated);
+  expect(await code(client.getInvoice({ invoiceId }, as("wrong-admin-token")))).toBe(Code.PermissionDenied);
+  expect(await code(client.generateInvoice({ orgId }, as(secret)))).toBe(Code.PermissionDenied);
+  const issue = { invoiceId, status: InvoiceStatus.ISSUED };
+  expect(await code(client.updateInvoiceStatus(issue, as(secret)))).toBe(Code.PermissionDenied);
+  expect(await code(client.getInvoice({ invoiceId: "inv_missing" }, admin))).toBe(Code.NotFound);
+  expect(await code(client.generateInvoice({ orgId, periodTime: { seconds: -(10n ** 12n) } }, admin))).toBe(
+    Code.InvalidArgument,
+  );
+
+  // June is not over yet.
+  expect(await code(client.updateInvoiceStatus(issue, admin))).toBe(Code.FailedPrecondition);
+  const saved = now;
+  now = new Date("2026-07-01T00:00:00Z");
+  try {
+    const issued = await client.updateInvoiceStatus(issue, admin);
+    expect(issued.invoice?.status).toBe(InvoiceStatus.ISSUED);
+    expect(issued.invoice?.issueTime).toEqual(timestampFromDate(now));
+    expect(await code(client.generateInvoice({ orgId, periodTime: timestampFromDate(saved) }, admin))).toBe(
+      Code.FailedPrecondition,
+    );
+    expect(await code(client.updateInvoiceStatus({ invoiceId, status: InvoiceStatus.DRAFT }, admin))).toBe(
+      Code.FailedPrecondition,
+    );
+    expect(await code(client.updateInvoiceStatus({ invoiceId, status: InvoiceStatus.UNSPECIFIED }, admin))).toBe(
+      Code.InvalidArgument,
+    );
+    const paid = await client.updateInvoiceStatus({ invoiceId, status: InvoiceStatus.PAID }, admin);
+    expect(paid.invoice?.status).toBe(InvoiceStatus.PAID);
+  } finally {
+    now = saved;
+  }
+});
+
+test("WatchKeyChanges streams end as soon as the service is told to stop", async () => {
+  const stopping = new AbortController();
+  const stoppable = createBillingApp({ pool: db.pool, adminToken, clock: () => now, log, stopSignal: stopping.signal });
+  const server = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes: stoppable.routes, log });
+  try {
+    const grpc = createServiceClient(BillingService, { baseUrl: server.url, bearerToken: adminToken });
+    const ended = (async () => {
+      for await (const _ of grpc.watchKeyChanges({})) {
+        // Changes are irrelevant here; the stream has to end.
+      }
+      return "ended";
+    })();
+    // The stream is open once LISTEN is in effect.
+    for (let i = 0; i < 500; i++) {
+      const { rows } = await db.pool.query(
+        "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+      );
+      if (rows[0].n > 0) break;
+      await Bun.sleep(10);
+    }
+    stopping.abort();
+    expect(await Promise.race([ended, Bun.sleep(5_000).then(() => "still open")])).toBe("ended");
+    const closing = Date.now();
+    await server.close(20_000);
+    // Nothing left in flight to wait the 20 s grace for.
+    expect(Date.now() - closing).toBeLessThan(10_000);
+  } finally {
+    await server.close(0);
+  }
+}, 60_000);
+
+test("two gateways leasing concurrently over a real server never get more than the budget", async () => {
+  const budget = 1_000_000n;
+  const orgId = await newOrg({ monthlyBudgetNanos: budget });
+  const server = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes: app.routes, log });
+  try {
+    // One connection per gateway replica.
+    const gateways = ["gw-a", "gw-b"].map((holder) => ({
+      holder,
+      rpc: createServiceClient(BillingService, { baseUrl: server.url, bearerToken: adminToken }),
+    }));
+    const acquire = (g: (typeof gateways)[number], requestedNanos: bigint) =>
+      g.rpc.acquireBudgetLease({
+        scope: BudgetScope.ORGANIZATION,
+        scopeId: orgId,
+        holder: g.holder,
+        requestedNanos,
+        ttlSeconds: 60,
+      });
+
+    // Round 1: 2 x 40 concurrent grants of 30,000 ask for 2.4x the budget; held, not released.
+    const held = await Promise.all(gateways.flatMap((g) => Array.from({ length: 40 }, () => acquire(g, 30_000n))));
+    const granted = held.reduce((sum, l) => sum + l.grantedNanos, 0n);
+    expect(granted).toBe(budget);
+    expect(held.filter((l) => l.grantedNanos > 0n).length).toBe(34);
+    expect(held.every((l) => l.remainingNanos >= 0n)).toBe(true);
+
+    // Round 2: every lease settles at a random part of its grant while both gateways keep asking for more.
+    let spent = 0n;
+    let regranted: bigint[] = [];
+    await Promise.all(
+      held.map(async (lease, i) => {
+        if (!lease.leaseId) return;
+        const used = (lease.grantedNanos * BigInt((i * 37) % 101)) / 100n;
+        spent += used;
+        const g = gateways[i % 2] as (typeof gateways)[number];
+        await g.rpc.releaseBudgetLease({ leaseId: lease.leaseId, spentNanos: used });
+        // Releasing twice is a no-op.
+        await g.rpc.releaseBudgetLease({ leaseId: lease.leaseId, spentNanos: 0n });
+        const more = await acquire(g, 10_000n);
+        regranted.push(more.grantedNanos);
+        if (more.leaseId) await g.rpc.releaseBudgetLease({ leaseId: more.leaseId, spentNanos: 0n });
+      }),
+    );
+    expect(regranted.length).toBe(34);
+
+    // Whatever is left is exactly the budget minus what was spent: nothing lost, nothing double counted.
+    const rest = await acquire(gateways[0] as (typeof gateways)[number], budget);
+    expect(rest.grantedNanos).toBe(budget - spent);
+    expect(rest.remainingNanos).toBe(0n);
+    regranted = [];
+  } finally {
+    await server.close(1_000);
+  }
+}, 60_000);

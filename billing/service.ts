@@ -1,16 +1,22 @@
 import { create } from "@bufbuild/protobuf";
-import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import {
   AcquireBudgetLeaseResponseSchema,
   AuthorizeKeyResponseSchema,
   BillingService,
   BudgetScope,
   CreateApiKeyResponseSchema,
+  CreateDiscountRuleResponseSchema,
   CreateOrganizationResponseSchema,
   CreateProjectResponseSchema,
+  DeleteDiscountRuleResponseSchema,
+  GenerateInvoiceResponseSchema,
+  GetInvoiceResponseSchema,
   GetUsageSummaryResponseSchema,
   ListApiKeysResponseSchema,
+  ListDiscountRulesResponseSchema,
+  ListInvoicesResponseSchema,
   ListOrganizationsResponseSchema,
   ListProjectsResponseSchema,
   ListUsageRecordsResponseSchema,
@@ -19,12 +25,17 @@ import {
   RevokeApiKeyResponseSchema,
   RotateApiKeyResponseSchema,
   UpdateApiKeyLimitsResponseSchema,
+  UpdateInvoiceStatusResponseSchema,
   WatchKeyChangesResponseSchema,
 } from "../gen/billing/v1/billing_pb.ts";
-import { bearerToken, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
 import type { Logger } from "../lib/log.ts";
+import type { BillingAuth } from "./auth.ts";
 import {
   apiKeyMessage,
+  discountRuleFrom,
+  discountRuleMessage,
+  invoiceMessage,
+  invoiceStatusFrom,
   keyLimitsFrom,
   organizationMessage,
   projectMessage,
@@ -33,19 +44,22 @@ import {
   usageRecordMessage,
 } from "./messages.ts";
 import { billingPeriod } from "./period.ts";
-import { keySecretPrefix } from "./store/accounts.ts";
-import { BillingError, type BillingErrorKind } from "./store/db.ts";
+import { toConnectError } from "./errors.ts";
 import type { BillingStore } from "./store/store.ts";
 import type { TimeRange } from "./store/types.ts";
 import type { UsageCursor } from "./store/usage.ts";
-import { id, intInRange, invalid, nonNegative, optionalId, positive, text } from "./validate.ts";
+import type { UsageTracker } from "./usage-tracker.ts";
+import { id, instant, intInRange, invalid, nonNegative, optionalId, positive, text } from "./validate.ts";
 
 export interface BillingServiceOptions {
   store: BillingStore;
-  /** Bearer token of admins and of the other mesh services. */
-  adminToken: string;
+  auth: BillingAuth;
+  /** Spend so far this period, in memory; fed by RecordUsage. */
+  usage: UsageTracker;
   clock: () => Date;
   log: Logger;
+  /** Aborted when the process is stopping: server streams end then instead of holding shutdown. */
+  stopSignal?: AbortSignal;
 }
 
 const maxUsageBatch = 10_000;
@@ -55,34 +69,17 @@ const maxPageSize = 1000;
 /** The BillingService contract over the store; every RPC authenticates its caller first. */
 export function createBillingService({
   store,
-  adminToken,
+  auth,
+  usage,
   clock,
   log,
+  stopSignal,
 }: BillingServiceOptions): ServiceImpl<typeof BillingService> {
-  const admin = (ctx: HandlerContext) => requireAdmin(ctx.requestHeader, adminToken);
-
-  /** The key and org of a presented secret; Unauthenticated when it is unknown, revoked or expired at `now`. */
-  const resolveKey = async (secret: string, now: Date) => {
-    const found = secret.startsWith(keySecretPrefix)
-      ? await store.findApiKeyBySecretHash(sha256Hex(secret))
-      : undefined;
-    if (!found) throw new ConnectError("unknown api key", Code.Unauthenticated);
-    const { revokedAt, limits } = found.apiKey;
-    if (revokedAt) throw new ConnectError("api key revoked", Code.Unauthenticated);
-    if (limits.expiresAt && limits.expiresAt <= now) throw new ConnectError("api key expired", Code.Unauthenticated);
-    return found;
-  };
+  const admin = (ctx: HandlerContext) => auth.requireAdmin(ctx.requestHeader);
 
   /** Admins read any org; an org's own valid API key reads only that org. */
   const requireOrgReader = async (ctx: HandlerContext, orgId: string): Promise<void> => {
-    const token = bearerToken(ctx.requestHeader);
-    if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
-    if (safeEqual(token, adminToken)) return;
-    if (!token.startsWith(keySecretPrefix)) throw new ConnectError("invalid admin token", Code.PermissionDenied);
-    const { apiKey } = await resolveKey(token, clock());
-    if (apiKey.orgId !== orgId) {
-      throw new ConnectError("an api key may only read its own organization", Code.PermissionDenied);
-    }
+    auth.requireOrgReader(await auth.caller(ctx.requestHeader), orgId);
   };
 
   const orgIdOf = (req: { orgId: string }) => id(req.orgId, "org_id");
@@ -95,6 +92,7 @@ export function createBillingService({
         taxRateBps: intInRange(req.taxRateBps, "tax_rate_bps", 0, 10_000),
         billingDay: req.billingDay === 0 ? 1 : intInRange(req.billingDay, "billing_day", 1, 28),
         monthlyBudgetNanos: nonNegative(req.monthlyBudgetNanos, "monthly_budget_nanos"),
+        maxDiscountBps: intInRange(req.maxDiscountBps, "max_discount_bps", 0, 10_000),
       });
       log.info("organization created", { org_id: organization.id });
       return create(CreateOrganizationResponseSchema, { organization: organizationMessage(organization) });
@@ -162,12 +160,8 @@ export function createBillingService({
 
     async authorizeKey(req, ctx) {
       admin(ctx);
-      const now = clock();
-      const { apiKey, organization } = await resolveKey(req.secret, now);
-      const spend = await store.periodSpend(
-        { orgId: organization.id, apiKeyId: apiKey.id },
-        billingPeriod(now, organization.billingDay),
-      );
+      const { apiKey, organization } = await auth.resolveKey(req.secret, clock());
+      const spend = await usage.spend(organization, apiKey.id);
       return create(AuthorizeKeyResponseSchema, {
         apiKey: apiKeyMessage(apiKey),
         organization: organizationMessage(organization),
@@ -179,7 +173,8 @@ export function createBillingService({
 
     async *watchKeyChanges(_req, ctx) {
       admin(ctx);
-      for await (const change of store.watchKeyChanges(ctx.signal)) {
+      const signal = stopSignal ? AbortSignal.any([ctx.signal, stopSignal]) : ctx.signal;
+      for await (const change of store.watchKeyChanges(signal)) {
         yield create(WatchKeyChangesResponseSchema, {
           apiKeyId: change.apiKeyId,
           secretHash: change.secretSha256,
@@ -223,9 +218,10 @@ export function createBillingService({
       admin(ctx);
       if (req.records.length > maxUsageBatch) throw invalid("records", `at most ${maxUsageBatch} per batch`);
       const records = req.records.map((record, i) => usageRecordFrom(record, `records[${i}]`));
-      const result = await store.recordUsage(records);
-      log.debug("usage recorded", result);
-      return create(RecordUsageResponseSchema, result);
+      const recorded = await store.recordUsage(records);
+      usage.record(recorded);
+      log.debug("usage recorded", { inserted: recorded.inserted, duplicates: recorded.duplicates });
+      return create(RecordUsageResponseSchema, { inserted: recorded.inserted, duplicates: recorded.duplicates });
     },
 
     async getUsageSummary(req, ctx) {
@@ -233,8 +229,8 @@ export function createBillingService({
       await requireOrgReader(ctx, orgId);
       const range = await usageRange(
         orgId,
-        req.startTime && timestampDate(req.startTime),
-        req.endTime && timestampDate(req.endTime),
+        req.startTime && instant(req.startTime, "start_time"),
+        req.endTime && instant(req.endTime, "end_time"),
       );
       const totals = await store.usageTotals(
         { orgId, projectId: optionalId(req.projectId, "project_id"), apiKeyId: optionalId(req.apiKeyId, "api_key_id") },
@@ -254,8 +250,8 @@ export function createBillingService({
       const page = await store.listUsageRecords({
         orgId,
         requestId: optionalId(req.requestId, "request_id"),
-        start: req.startTime ? timestampDate(req.startTime) : null,
-        end: req.endTime ? timestampDate(req.endTime) : null,
+        start: req.startTime ? instant(req.startTime, "start_time") : null,
+        end: req.endTime ? instant(req.endTime, "end_time") : null,
         after: req.pageToken ? decodePageToken(req.pageToken) : null,
         limit,
       });
@@ -266,13 +262,62 @@ export function createBillingService({
       });
     },
 
-    createDiscountRule: unimplemented,
-    listDiscountRules: unimplemented,
-    deleteDiscountRule: unimplemented,
-    generateInvoice: unimplemented,
-    listInvoices: unimplemented,
-    getInvoice: unimplemented,
-    updateInvoiceStatus: unimplemented,
+    async createDiscountRule(req, ctx) {
+      admin(ctx);
+      const rule = await store.createDiscountRule(discountRuleFrom(req.rule));
+      log.info("discount rule created", { org_id: rule.orgId, discount_rule_id: rule.id });
+      return create(CreateDiscountRuleResponseSchema, { rule: discountRuleMessage(rule) });
+    },
+
+    async listDiscountRules(req, ctx) {
+      admin(ctx);
+      const rules = await store.listDiscountRules(orgIdOf(req));
+      return create(ListDiscountRulesResponseSchema, { rules: rules.map(discountRuleMessage) });
+    },
+
+    async deleteDiscountRule(req, ctx) {
+      admin(ctx);
+      await store.deleteDiscountRule(id(req.ruleId, "rule_id"));
+      log.info("discount rule deleted", { discount_rule_id: req.ruleId });
+      return create(DeleteDiscountRuleResponseSchema);
+    },
+
+    async generateInvoice(req, ctx) {
+      admin(ctx);
+      const now = clock();
+      const invoice = await store.generateInvoice({
+        orgId: orgIdOf(req),
+        at: req.periodTime ? instant(req.periodTime, "period_time") : now,
+        now,
+      });
+      log.info("invoice generated", { org_id: invoice.orgId, invoice_id: invoice.id, number: invoice.number });
+      return create(GenerateInvoiceResponseSchema, { invoice: invoiceMessage(invoice) });
+    },
+
+    async listInvoices(req, ctx) {
+      const orgId = orgIdOf(req);
+      await requireOrgReader(ctx, orgId);
+      const invoices = await store.listInvoices(orgId);
+      return create(ListInvoicesResponseSchema, { invoices: invoices.map(invoiceMessage) });
+    },
+
+    async getInvoice(req, ctx) {
+      const caller = await auth.caller(ctx.requestHeader);
+      const invoice = await store.getInvoice(id(req.invoiceId, "invoice_id"));
+      auth.requireOrgReader(caller, invoice.orgId);
+      return create(GetInvoiceResponseSchema, { invoice: invoiceMessage(invoice) });
+    },
+
+    async updateInvoiceStatus(req, ctx) {
+      admin(ctx);
+      const invoice = await store.updateInvoiceStatus({
+        invoiceId: id(req.invoiceId, "invoice_id"),
+        status: invoiceStatusFrom(req.status),
+        now: clock(),
+      });
+      log.info("invoice status set", { invoice_id: invoice.id, status: invoice.status });
+      return create(UpdateInvoiceStatusResponseSchema, { invoice: invoiceMessage(invoice) });
+    },
   };
 
   /** [start, end) of a summary: unset bounds fall back to the billing period at now (or just before `end`). */
@@ -290,10 +335,6 @@ export function createBillingService({
   return withDomainErrors(impl, log);
 }
 
-function unimplemented(): never {
-  throw new ConnectError("not implemented yet", Code.Unimplemented);
-}
-
 function encodePageToken(cursor: UsageCursor): string {
   return Buffer.from(JSON.stringify([cursor.occurredAt.toISOString(), cursor.requestId])).toString("base64url");
 }
@@ -307,23 +348,6 @@ function decodePageToken(token: string): UsageCursor {
   } catch {
     throw invalid("page_token", "not a token from a previous response");
   }
-}
-
-const codes: Record<BillingErrorKind, Code> = {
-  not_found: Code.NotFound,
-  already_exists: Code.AlreadyExists,
-  invalid_argument: Code.InvalidArgument,
-  failed_precondition: Code.FailedPrecondition,
-  resource_exhausted: Code.ResourceExhausted,
-  unavailable: Code.Unavailable,
-};
-
-/** The one mapping from domain errors to Connect codes; unexpected errors are logged and reported as Internal. */
-function toConnectError(e: unknown, log: Logger): ConnectError {
-  if (e instanceof ConnectError) return e;
-  if (e instanceof BillingError) return new ConnectError(e.message, codes[e.kind]);
-  log.error("billing rpc failed", { err: e });
-  return new ConnectError("internal error", Code.Internal);
 }
 
 /** Applies toConnectError to every method, unary or streaming. */

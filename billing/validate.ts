@@ -1,3 +1,4 @@
+import { type Timestamp, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 
 /** Request validation; every failure is InvalidArgument naming the field as in the .proto. */
@@ -39,4 +40,15 @@ export function nonNegative(value: bigint, field: string): bigint {
 export function positive(value: bigint, field: string): bigint {
   if (value <= 0n) throw invalid(field, "must be positive");
   return value;
+}
+
+// Postgres timestamptz and JS Date both hold years 1..9999 exactly; beyond that a timestamp is a mistake.
+const minInstantMs = Date.UTC(1, 0, 1);
+const maxInstantMs = Date.UTC(10_000, 0, 1);
+
+/** A timestamp as a Date, InvalidArgument outside years 1..9999. */
+export function instant(value: Timestamp, field: string): Date {
+  const ms = timestampMs(value);
+  if (!(ms >= minInstantMs && ms < maxInstantMs)) throw invalid(field, "must be a time in years 1..9999");
+  return new Date(ms);
 }

@@ -12,14 +12,17 @@ import { ConnectError } from "@connectrpc/connect";
 import { z } from "zod";
 import { AnalyticsService, file_analytics_v1_analytics } from "../gen/analytics/v1/analytics_pb.ts";
 import {
+  type ApiKey,
   BillingService,
   DiscountKind,
+  type DiscountRule,
   type DiscountRuleSchema,
   file_billing_v1_billing,
   type Invoice,
   InvoiceStatus,
   type KeyLimits,
   type KeyLimitsSchema,
+  type Organization,
 } from "../gen/billing/v1/billing_pb.ts";
 import { commonEnv, parseEnv } from "../lib/config.ts";
 import { formatCents, formatNanosUsd, parseUsdNanos } from "../lib/money.ts";
@@ -31,26 +34,31 @@ export interface CliIo {
   err: (text: string) => void;
 }
 
+/** Wrong command line: exit code 2. */
 class UsageError extends Error {}
+/** A service answered with an error outside Connect (the HTML invoice page): exit code 1. */
+class ServiceError extends Error {}
 
 const usage = `usage: meshctl <command> [flags] [--json]
 
-  orgs create NAME [--tax-bps N] [--billing-day N] [--budget-usd X] | orgs list
+  orgs create NAME [--tax-bps N] [--billing-day N] [--budget-usd X] [--max-discount-percent P] | orgs list
   projects create --org ID NAME | projects list --org ID
   keys create --org ID [--project ID] [--name S] [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N]
               [--models a,b] [--expires DATE]
   keys list --org ID [--all] | keys revoke KEY_ID | keys rotate KEY_ID
   quota set KEY_ID [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N] [--models a,b] [--expires DATE]
-  quota show KEY_ID --org ID
+  quota show KEY_ID [--org ID]
   usage --org ID [--from DATE] [--to DATE] [--source billing|analytics]
   discounts add --org ID --name S --kind volume-graduated|volume-all-units|time-window|promotional
                 [--percent P] [--tiers FROM_USD:PERCENT,...] [--hours 0-6] [--days 0,6] [--model M] [--provider P]
                 [--priority N] [--exclusive] [--from DATE] [--until DATE] [--cap-usd X]
   discounts list --org ID | discounts remove RULE_ID
   invoices generate --org ID [--period YYYY-MM] | invoices list --org ID | invoices show ID
+      (--period: the billing period that starts in that month; default: the current one)
   invoices issue|pay|void ID | invoices render ID --html [--out FILE]
 
-environment: BILLING_URL, ANALYTICS_URL, ADMIN_TOKEN`;
+environment: BILLING_URL (http://127.0.0.1:8081), ANALYTICS_URL (http://127.0.0.1:8082), ADMIN_TOKEN
+exit codes: 0 ok, 1 the service refused or failed, 2 bad command line or environment`;
 
 const flags = {
   json: { type: "boolean" },
@@ -80,6 +88,7 @@ const flags = {
   "cap-usd": { type: "string" },
   "tax-bps": { type: "string" },
   "billing-day": { type: "string" },
+  "max-discount-percent": { type: "string" },
   period: { type: "string" },
   html: { type: "boolean" },
   out: { type: "string" },
@@ -91,7 +100,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
     const { values, positionals } = parseArgs({ args: argv, options: flags, allowPositionals: true, strict: true });
     const [group, action, ...rest] = positionals;
     if (values.help || !group) {
-      io.out(`${usage}\n`);
+      (values.help ? io.out : io.err)(`${usage}\n`);
       return values.help ? 0 : 2;
     }
     const cfg = parseEnv(
@@ -127,26 +136,16 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           taxRateBps: int(values["tax-bps"], "--tax-bps"),
           billingDay: int(values["billing-day"], "--billing-day"),
           monthlyBudgetNanos: usdNanos(values["budget-usd"]),
+          maxDiscountBps: values["max-discount-percent"]
+            ? percentBps(values["max-discount-percent"], "--max-discount-percent")
+            : 0,
         });
-        print(schemaOf(res), res, () =>
-          table([["ID", "NAME"], [res.organization?.id ?? "", res.organization?.name ?? ""]]),
-        );
+        print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
         return 0;
       }
       case "orgs list": {
         const res = await billing.listOrganizations({});
-        print(schemaOf(res), res, () =>
-          table([
-            ["ID", "NAME", "TAX", "BUDGET", "CREATED"],
-            ...res.organizations.map((o) => [
-              o.id,
-              o.name,
-              `${o.taxRateBps / 100}%`,
-              o.monthlyBudgetNanos ? `$${formatNanosUsd(o.monthlyBudgetNanos)}` : "unlimited",
-              date(o.createTime),
-            ]),
-          ]),
-        );
+        print(schemaOf(res), res, () => orgsTable(res.organizations));
         return 0;
       }
       case "projects create": {
@@ -213,9 +212,14 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
       }
       case "quota show": {
         const keyId = arg("KEY_ID");
-        const res = await billing.listApiKeys({ orgId: need(values.org, "--org"), includeRevoked: true });
-        const key = res.apiKeys.find((k) => k.id === keyId);
-        if (!key) throw new UsageError(`no key ${keyId} in org ${values.org}`);
+        const orgIds = values.org
+          ? [values.org]
+          : (await billing.listOrganizations({})).organizations.map((o) => o.id);
+        let key: ApiKey | undefined;
+        for (const orgId of orgIds) {
+          key ??= (await billing.listApiKeys({ orgId, includeRevoked: true })).apiKeys.find((k) => k.id === keyId);
+        }
+        if (!key) throw new ServiceError(`no key ${keyId}${values.org ? ` in org ${values.org}` : ""}`);
         const spent = await billing.getUsageSummary({ orgId: key.orgId, apiKeyId: key.id });
         io.out(
           values.json
@@ -253,11 +257,11 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
             ]),
           );
         } else if (source === "analytics") {
-          const now = Date.now();
-          const range = {
-            start: from ?? timestampFromMs(Date.UTC(new Date(now).getUTCFullYear(), new Date(now).getUTCMonth(), 1)),
-            end: to ?? timestampFromMs(now + 1000),
-          };
+          // The same default range as billing's: the org's current billing period.
+          const org = (await billing.listOrganizations({})).organizations.find((o) => o.id === orgId);
+          if (!org) throw new ServiceError(`no organization ${orgId}`);
+          const period = billingPeriod(to ? timestampMs(to) - 1 : Date.now(), org.billingDay);
+          const range = { start: from ?? timestampFromMs(period.start), end: to ?? timestampFromMs(period.end) };
           const res = await analytics.queryUsage({ orgId, range, groupBy: [] });
           print(schemaOf(res), res, () =>
             usageTable(
@@ -285,17 +289,19 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         const res = await billing.listDiscountRules({ orgId: need(values.org, "--org") });
         print(schemaOf(res), res, () =>
           table([
-            ["ID", "NAME", "KIND", "DISCOUNT", "PRIORITY", "STACKS", "SCOPE"],
+            ["ID", "NAME", "KIND", "DISCOUNT", "PRIORITY", "STACKS", "SCOPE", "WHEN", "CAP"],
             ...res.rules.map((r) => [
               r.id,
               r.name,
-              DiscountKind[r.kind].toLowerCase().replaceAll("_", "-"),
+              (DiscountKind[r.kind] ?? "unknown").toLowerCase().replaceAll("_", "-"),
               r.tiers.length
                 ? r.tiers.map((t) => `$${formatNanosUsd(t.fromNanos)}+: ${t.discountBps / 100}%`).join(", ")
                 : `${r.discountBps / 100}%`,
               String(r.priority),
               r.stackable ? "yes" : "no",
               [r.model, r.provider].filter(Boolean).join("/") || "all",
+              ruleWhen(r),
+              r.capNanos ? `$${formatNanosUsd(r.capNanos)}` : "-",
             ]),
           ]),
         );
@@ -307,7 +313,11 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "invoices generate": {
-        const periodTime = values.period ? parseDate(`${values.period}-01`, "--period") : timestampFromDate(new Date());
+        // Day 28 is on or after every billing day (1..28), so it falls in the period that starts in that month.
+        if (values.period && !/^\d{4}-(0[1-9]|1[0-2])$/.test(values.period)) {
+          throw new UsageError(`--period must be YYYY-MM, not "${values.period}"`);
+        }
+        const periodTime = values.period ? parseDate(`${values.period}-28`, "--period") : timestampFromDate(new Date());
         const res = await billing.generateInvoice({ orgId: need(values.org, "--org"), periodTime });
         print(schemaOf(res), res, () => invoiceText(res.invoice));
         return 0;
@@ -350,7 +360,10 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           headers: { authorization: `Bearer ${cfg.ADMIN_TOKEN}` },
           signal: AbortSignal.timeout(30_000),
         });
-        if (!res.ok) throw new UsageError(`billing answered ${res.status} for invoice ${id}`);
+        if (!res.ok) {
+          const reason = (await res.text()).split("\n")[0] || res.statusText;
+          throw new ServiceError(`billing answered ${res.status} for invoice ${id}: ${reason}`);
+        }
         const html = await res.text();
         if (values.out) await writeFile(values.out, html);
         else io.out(html);
@@ -361,8 +374,16 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
     }
   } catch (e) {
     io.err(`meshctl: ${errorLine(e)}\n`);
-    return e instanceof UsageError || (e instanceof Error && e.name === "ConfigError") ? 2 : 1;
+    return isUsageError(e) ? 2 : 1;
   }
+}
+
+/** Errors of the command line or environment, as opposed to errors of the services. */
+function isUsageError(e: unknown): boolean {
+  if (e instanceof UsageError) return true;
+  if (!(e instanceof Error)) return false;
+  const code = (e as { code?: unknown }).code;
+  return e.name === "ConfigError" || (typeof code === "string" && code.startsWith("ERR_PARSE_ARGS"));
 }
 
 /** One line: Connect errors already read "[code] message". */
@@ -381,7 +402,7 @@ function schemaOf(message: { $typeName: string }): DescMessage {
 
 function int(text: string | undefined, flag: string): number {
   if (text === undefined) return 0;
-  if (!/^\d+$/.test(text)) throw new UsageError(`${flag} must be a non-negative integer, not "${text}"`);
+  if (!/^\d{1,15}$/.test(text)) throw new UsageError(`${flag} must be a non-negative integer, not "${text}"`);
   return Number(text);
 }
 
@@ -429,6 +450,9 @@ function ruleFrom(values: Flags): MessageInitShape<typeof DiscountRuleSchema> {
   };
   const kind = kinds[values.kind ?? ""];
   if (!kind) throw new UsageError(`--kind must be one of ${Object.keys(kinds).join(", ")}`);
+  if (values.hours && !/^\d{1,2}-\d{1,2}$/.test(values.hours)) {
+    throw new UsageError(`--hours must be START-END in UTC hours, like 22-24, not "${values.hours}"`);
+  }
   const [startHour, endHour] = (values.hours ?? "0-24").split("-").map((h) => int(h, "--hours"));
   return {
     orgId: values.org ?? "",
@@ -444,7 +468,10 @@ function ruleFrom(values: Flags): MessageInitShape<typeof DiscountRuleSchema> {
       .filter(Boolean)
       .map((tier) => {
         const [from, percent] = tier.split(":");
-        return { fromNanos: usdNanos(from), discountBps: percentBps(percent ?? "", "--tiers") };
+        if (from === undefined || percent === undefined) {
+          throw new UsageError(`--tiers must be FROM_USD:PERCENT,..., not "${values.tiers}"`);
+        }
+        return { fromNanos: usdNanos(from), discountBps: percentBps(percent, "--tiers") };
       }),
     startHour: startHour ?? 0,
     endHour: endHour ?? 24,
@@ -486,14 +513,67 @@ function usageTable(lines: UsageLine[]): string {
 
 function invoiceText(invoice: Invoice | undefined): string {
   if (!invoice) return "no invoice";
+  const lastDay = invoice.periodEnd ? timestampFromMs(timestampMs(invoice.periodEnd) - 86_400_000) : undefined;
   return [
-    `${invoice.number} (${invoice.id}) ${statusText(invoice.status)}, ${date(invoice.periodStart)} .. ${date(invoice.periodEnd)}`,
+    `${invoice.number} (${invoice.id}) ${statusText(invoice.status)}, ${date(invoice.periodStart)} to ${date(lastDay)}`,
     table([
       ["DESCRIPTION", "QUANTITY", "AMOUNT (USD)"],
-      ...invoice.lineItems.map((l) => [l.description, String(l.quantity), formatNanosUsd(l.amountNanos)]),
+      ...invoice.lineItems.map((l) => [
+        l.description,
+        l.tokenType === "discount" ? "" : String(l.quantity),
+        formatNanosUsd(l.amountNanos),
+      ]),
     ]),
-    `subtotal ${formatCents(invoice.subtotalCents)}  discounts ${formatCents(-invoice.discountCents)}  tax ${formatCents(invoice.taxCents)}  total ${formatCents(invoice.totalCents)}`,
-  ].join("\n");
+    [
+      `subtotal ${formatCents(invoice.subtotalCents)}`,
+      `discounts ${formatCents(-invoice.discountCents)}`,
+      `tax (${invoice.taxRateBps / 100}%) ${formatCents(invoice.taxCents)}`,
+      `total ${formatCents(invoice.totalCents)}`,
+    ].join("  "),
+    invoice.roundingRule,
+  ]
+    .filter(Boolean)
+    .join("\n");
+}
+
+function orgsTable(orgs: Organization[]): string {
+  return table([
+    ["ID", "NAME", "TAX", "BILLING DAY", "BUDGET", "MAX DISCOUNT", "CREATED"],
+    ...orgs.map((o) => [
+      o.id,
+      o.name,
+      `${o.taxRateBps / 100}%`,
+      String(o.billingDay),
+      o.monthlyBudgetNanos ? `$${formatNanosUsd(o.monthlyBudgetNanos)}` : "unlimited",
+      o.maxDiscountBps ? `${o.maxDiscountBps / 100}%` : "none",
+      date(o.createTime),
+    ]),
+  ]);
+}
+
+/** When a rule applies: its time window and validity. */
+function ruleWhen(rule: DiscountRule): string {
+  const days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+  const onDays = rule.daysOfWeek.length ? ` ${rule.daysOfWeek.map((d) => days[d]).join(",")}` : "";
+  const parts = [
+    rule.kind === DiscountKind.TIME_WINDOW ? `${rule.startHour}-${rule.endHour}h UTC${onDays}` : "",
+    rule.validFrom || rule.validUntil ? `${date(rule.validFrom)}..${date(rule.validUntil)}` : "",
+  ].filter(Boolean);
+  return parts.join(" ") || "always";
+}
+
+/** The billing period containing `ms`: from day `billingDay` 00:00 UTC of a month to that day of the next. */
+function billingPeriod(ms: number, billingDay: number): { start: number; end: number } {
+  const at = new Date(ms);
+  const month = at.getUTCDate() >= billingDay ? at.getUTCMonth() : at.getUTCMonth() - 1;
+  return {
+    start: Date.UTC(at.getUTCFullYear(), month, billingDay),
+    end: Date.UTC(at.getUTCFullYear(), month + 1, billingDay),
+  };
+}
+
+function timestampMs(ts: Timestamp): number {
+  return timestampDate(ts).getTime();
 }
 
 function statusText(status: InvoiceStatus | undefined): string {

@@ -10,7 +10,7 @@ let store: BillingStore;
 beforeAll(async () => {
   db = await createTestDatabase();
   store = createBillingStore(db.pool);
-});
+}, 60_000);
 afterAll(() => db.drop());
 
 const noLimits: KeyLimits = {
@@ -23,7 +23,7 @@ const noLimits: KeyLimits = {
 };
 
 const newOrg = (name: string) =>
-  store.createOrganization({ name, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n });
+  store.createOrganization({ name, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n, maxDiscountBps: 0 });
 
 async function failure(promise: Promise<unknown>): Promise<BillingError> {
   const error = await promise.then(
@@ -40,6 +40,7 @@ test("creates and lists organizations; names are unique", async () => {
     taxRateBps: 1900,
     billingDay: 15,
     monthlyBudgetNanos: 12_345_000_000_000n,
+    maxDiscountBps: 2500,
   });
   expect(org.id).toMatch(/^org_[0-9A-HJKMNP-TV-Z]{26}$/);
   expect(org).toMatchObject({
@@ -47,11 +48,18 @@ test("creates and lists organizations; names are unique", async () => {
     taxRateBps: 1900,
     billingDay: 15,
     monthlyBudgetNanos: 12_345_000_000_000n,
+    maxDiscountBps: 2500,
   });
   expect(org.createdAt).toBeInstanceOf(Date);
 
   expect((await failure(newOrg("acme"))).kind).toBe("already_exists");
-  const badDay = store.createOrganization({ name: "bad day", taxRateBps: 0, billingDay: 29, monthlyBudgetNanos: 0n });
+  const badDay = store.createOrganization({
+    name: "bad day",
+    taxRateBps: 0,
+    billingDay: 29,
+    monthlyBudgetNanos: 0n,
+    maxDiscountBps: 0,
+  });
   expect((await failure(badDay)).kind).toBe("invalid_argument");
 
   const listed = await store.listOrganizations();

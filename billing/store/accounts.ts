@@ -24,7 +24,15 @@ export const keyChangesChannel = "billing_key_changes";
 const announceKeyChange = `pg_notify('${keyChangesChannel}', json_build_object('apiKeyId', id,
   'secretSha256', secret_sha256, 'revoked', revoked_at IS NOT NULL)::text) AS announced`;
 
-const orgFields = ["id", "name", "tax_rate_bps", "billing_day", "monthly_budget_nanos", "created_at"] as const;
+const orgFields = [
+  "id",
+  "name",
+  "tax_rate_bps",
+  "billing_day",
+  "monthly_budget_nanos",
+  "max_discount_bps",
+  "created_at",
+] as const;
 const keyFields = [
   "id",
   "org_id",
@@ -51,6 +59,7 @@ interface OrgRow {
   tax_rate_bps: number;
   billing_day: number;
   monthly_budget_nanos: string;
+  max_discount_bps: number;
   created_at: Date;
 }
 
@@ -109,9 +118,16 @@ export function createAccountStore(db: Db) {
   return {
     async createOrganization(org: NewOrganization): Promise<Organization> {
       const rows = await db.query<OrgRow>(
-        `INSERT INTO organizations (id, name, tax_rate_bps, billing_day, monthly_budget_nanos)
-         VALUES ($1, $2, $3, $4, $5) RETURNING ${orgColumns}`,
-        [`org_${ulid()}`, org.name, org.taxRateBps, org.billingDay, org.monthlyBudgetNanos.toString()],
+        `INSERT INTO organizations (id, name, tax_rate_bps, billing_day, monthly_budget_nanos, max_discount_bps)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING ${orgColumns}`,
+        [
+          `org_${ulid()}`,
+          org.name,
+          org.taxRateBps,
+          org.billingDay,
+          org.monthlyBudgetNanos.toString(),
+          org.maxDiscountBps,
+        ],
       );
       return toOrganization(rows[0] as OrgRow);
     },
@@ -256,6 +272,7 @@ function toOrganization(row: OrgRow): Organization {
     taxRateBps: row.tax_rate_bps,
     billingDay: row.billing_day,
     monthlyBudgetNanos: BigInt(row.monthly_budget_nanos),
+    maxDiscountBps: row.max_discount_bps,
     createdAt: row.created_at,
   };
 }

@@ -9,7 +9,7 @@ let store: BillingStore;
 beforeAll(async () => {
   db = await createTestDatabase();
   store = createBillingStore(db.pool);
-});
+}, 60_000);
 afterAll(() => db.drop());
 
 const now = new Date("2026-06-15T12:00:00Z");
@@ -24,7 +24,7 @@ const limits = (monthlyBudgetNanos: bigint): KeyLimits => ({
 
 let orgs = 0;
 const newOrg = (monthlyBudgetNanos: bigint) =>
-  store.createOrganization({ name: `lease-org-${++orgs}`, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos });
+  store.createOrganization({ name: `lease-org-${++orgs}`, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos, maxDiscountBps: 0 });
 
 const acquire = (scopeId: string, requestedNanos: bigint, extra: Partial<BudgetLeaseRequest> = {}) =>
   store.acquireBudgetLease({
@@ -84,6 +84,7 @@ test("expired leases return to the pool; recorded usage counts against the budge
       reasoningTokens: 0n,
       costNanos: 300n,
       occurredAt: now,
+      costBreakdown: null,
     },
   ]);
   expect(await acquire(fresh.id, 1000n)).toMatchObject({ grantedNanos: 700n, remainingNanos: 0n });
@@ -114,4 +115,25 @@ test("key scope: per-key budget, unlimited keys, revoked keys", async () => {
   expect((revoked as BillingError).kind).toBe("failed_precondition");
   const unknown = await acquire("key_missing", 1n, { scope: "api_key" }).catch((e) => e);
   expect((unknown as BillingError).kind).toBe("not_found");
+});
+
+test("settled spend is a running total per budget and period; a late release of an expired lease still counts", async () => {
+  const org = await newOrg(1000n);
+  const leases = await Promise.all([100n, 200n, 300n].map((n) => acquire(org.id, n)));
+  await Promise.all(
+    leases.map((l, i) => store.releaseBudgetLease({ leaseId: l.leaseId as string, spentNanos: BigInt(i * 10), now })),
+  );
+  const expiring = await acquire(org.id, 400n, { ttlSeconds: 1 });
+  const later = new Date(now.getTime() + 2_000);
+  // Expired: its grant is back in the pool.
+  expect(await acquire(org.id, 1000n, { now: later, ttlSeconds: 1 })).toMatchObject({ grantedNanos: 970n });
+  // Its holder reports what it spent after all.
+  await store.releaseBudgetLease({ leaseId: expiring.leaseId as string, spentNanos: 250n, now: later });
+  const { rows } = await db.pool.query(
+    "SELECT scope, spent_nanos::int AS spent FROM budget_settlements WHERE scope_id = $1",
+    [org.id],
+  );
+  expect(rows).toEqual([{ scope: "organization", spent: 280 }]);
+  const afterAll = new Date(later.getTime() + 2_000);
+  expect(await acquire(org.id, 1000n, { now: afterAll })).toMatchObject({ grantedNanos: 720n, remainingNanos: 0n });
 });

@@ -39,20 +39,23 @@ export function createBudgetLeaseStore(db: Db) {
         }
 
         const budget = BigInt(scope.monthly_budget_nanos);
+        const scopeColumn = request.scope === "organization" ? "org_id" : "api_key_id";
         const period = billingPeriod(request.now, scope.billing_day);
         const expiresAt = new Date(request.now.getTime() + request.ttlSeconds * 1000);
         let granted = request.requestedNanos;
         let remaining: bigint | null = null;
         if (budget > 0n) {
-          const scopeColumn = request.scope === "organization" ? "org_id" : "api_key_id";
+          // One statement, so one snapshot: a release committing meanwhile is counted either as still reserved or
+          // as settled, never as neither.
           const usedRows = await tx.query<{ recorded: string; settled: string; reserved: string }>(
             `SELECT
                (SELECT coalesce(sum(cost_nanos), 0) FROM usage_summaries
                 WHERE ${scopeColumn} = $1 AND day >= $2::date AND day < $3::date) AS recorded,
-               coalesce(sum(spent_nanos) FILTER (WHERE released_at IS NOT NULL), 0) AS settled,
-               coalesce(sum(granted_nanos) FILTER (WHERE released_at IS NULL AND expires_at > $5), 0) AS reserved
-             FROM budget_leases
-             WHERE scope = $4 AND ${scopeColumn} = $1 AND period_start = $6`,
+               (SELECT coalesce(sum(spent_nanos), 0) FROM budget_settlements
+                WHERE scope = $4 AND scope_id = $1 AND period_start = $6) AS settled,
+               (SELECT coalesce(sum(granted_nanos), 0) FROM budget_leases
+                WHERE released_at IS NULL AND scope = $4 AND coalesce(api_key_id, org_id) = $1 AND period_start = $6
+                  AND expires_at > $5) AS reserved`,
             [request.scopeId, utcDate(period.start), utcDate(period.end), request.scope, request.now, period.start],
           );
           const used = usedRows[0];
@@ -85,12 +88,20 @@ export function createBudgetLeaseStore(db: Db) {
       });
     },
 
-    /** Settles a lease at what its holder spent; the rest returns to the pool. Releasing twice is a no-op. */
+    /**
+     * Settles a lease at what its holder spent (the rest returns to the pool) and adds that to the period's settled
+     * total, in one statement. Releasing twice is a no-op.
+     */
     async releaseBudgetLease(release: { leaseId: string; spentNanos: bigint; now: Date }): Promise<void> {
       const rows = await db.query<{ released: boolean; known: boolean }>(
         `WITH released AS (
            UPDATE budget_leases SET released_at = $3, spent_nanos = $2
-           WHERE id = $1 AND released_at IS NULL RETURNING id
+           WHERE id = $1 AND released_at IS NULL
+           RETURNING scope, coalesce(api_key_id, org_id) AS scope_id, period_start, spent_nanos
+         ), settled AS (
+           INSERT INTO budget_settlements AS s (scope, scope_id, period_start, spent_nanos)
+           SELECT * FROM released
+           ON CONFLICT (scope, scope_id, period_start) DO UPDATE SET spent_nanos = s.spent_nanos + excluded.spent_nanos
          )
          SELECT EXISTS (SELECT 1 FROM released) AS released,
                 EXISTS (SELECT 1 FROM budget_leases WHERE id = $1) AS known`,

@@ -84,6 +84,8 @@ export function fromPgError(e: unknown): unknown {
       const table = /in table "(\w+)"/.exec(detail)?.[1] ?? "";
       return new BillingError("not_found", `${tableNouns[table] ?? "referenced row"} not found: ${detail}`);
     }
+    case "55000": // object_not_in_prerequisite_state: the invoice guards in the schema
+      return new BillingError("failed_precondition", e.message);
     case "23514": // check_violation
     case "23502": // not_null_violation
     case "22001": // string_data_right_truncation

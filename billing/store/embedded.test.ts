@@ -56,4 +56,4 @@ test("keeps data across restarts and first stops a server left behind by a kille
     if (stalePid && alive(stalePid)) process.kill(stalePid, "SIGQUIT");
     await rm(dir, { recursive: true, force: true });
   }
-});
+}, 60_000);

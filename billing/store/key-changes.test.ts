@@ -9,7 +9,7 @@ let store: BillingStore;
 beforeAll(async () => {
   db = await createTestDatabase();
   store = createBillingStore(db.pool);
-});
+}, 60_000);
 afterAll(() => db.drop());
 
 const noLimits: KeyLimits = {
@@ -22,7 +22,7 @@ const noLimits: KeyLimits = {
 };
 
 const newOrg = (name: string) =>
-  store.createOrganization({ name, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n });
+  store.createOrganization({ name, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n, maxDiscountBps: 0 });
 
 /** Resolves once a session of the test database has finished running LISTEN. */
 async function listening(): Promise<void> {

@@ -13,9 +13,11 @@ const emptyDatabase = async () => {
 };
 afterAll(() => Promise.all(databases.map((db) => db.drop())));
 
+const migrations = ["0001_init.sql", "0002_discounts_invoices.sql"];
 const billingTables = [
   "api_keys",
   "budget_leases",
+  "budget_settlements",
   "discount_rules",
   "discount_tiers",
   "invoice_line_items",
@@ -29,7 +31,7 @@ const billingTables = [
 
 test("migrates an empty database, then re-running applies nothing", async () => {
   const { pool } = await emptyDatabase();
-  expect((await migrate(pool)).applied).toEqual(["0001_init.sql"]);
+  expect((await migrate(pool)).applied).toEqual(migrations);
   const tables = await pool.query<{ table_name: string }>(
     "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY table_name",
   );
@@ -37,28 +39,28 @@ test("migrates an empty database, then re-running applies nothing", async () => 
 
   expect((await migrate(pool)).applied).toEqual([]);
   const recorded = await pool.query("SELECT name FROM schema_migrations");
-  expect(recorded.rows).toEqual([{ name: "0001_init.sql" }]);
-});
+  expect(recorded.rows.map((r) => r.name).sort()).toEqual(migrations);
+}, 60_000);
 
 test("concurrent migrators apply each file exactly once", async () => {
   const { pool } = await emptyDatabase();
   const results = await Promise.all([migrate(pool), migrate(pool), migrate(pool)]);
-  expect(results.map((r) => r.applied).flat()).toEqual(["0001_init.sql"]);
-});
+  expect(results.map((r) => r.applied).flat()).toEqual(migrations);
+}, 60_000);
 
 test("a failing migration rolls back everything of its run", async () => {
   const { pool } = await emptyDatabase();
   const dir = await mkdtemp(join(tmpdir(), "billing-migrations-"));
   try {
     await cp(migrationsDir, dir, { recursive: true });
-    await writeFile(join(dir, "0002_broken.sql"), "CREATE TABLE extra (id int);\nSELECT no_such_function();\n");
-    await expect(migrate(pool, dir)).rejects.toThrow(/0002_broken.sql failed/);
+    await writeFile(join(dir, "0099_broken.sql"), "CREATE TABLE extra (id int);\nSELECT no_such_function();\n");
+    await expect(migrate(pool, dir)).rejects.toThrow(/0099_broken.sql failed/);
     const tables = await pool.query("SELECT to_regclass('organizations') AS orgs, to_regclass('extra') AS extra");
     expect(tables.rows[0]).toEqual({ orgs: null, extra: null });
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
-});
+}, 60_000);
 
 test("refuses to run when an applied migration was edited", async () => {
   const { pool } = await emptyDatabase();
@@ -71,4 +73,35 @@ test("refuses to run when an applied migration was edited", async () => {
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
-});
+}, 60_000);
+
+test("upgrades a database that already holds data from the first migration", async () => {
+  const { pool } = await emptyDatabase();
+  const dir = await mkdtemp(join(tmpdir(), "billing-migrations-"));
+  try {
+    await cp(join(migrationsDir, "0001_init.sql"), join(dir, "0001_init.sql"));
+    expect((await migrate(pool, dir)).applied).toEqual(["0001_init.sql"]);
+    await pool.query("INSERT INTO organizations (id, name) VALUES ('org_old', 'old')");
+    await pool.query(
+      `INSERT INTO usage_records (request_id, org_id, model, provider, endpoint, input_tokens, cached_input_tokens,
+         output_tokens, reasoning_tokens, cost_nanos, occurred_at)
+       VALUES ('req_old', 'org_old', 'm', 'p', 'chat_completions', 1, 0, 1, 0, 5, now())`,
+    );
+    await pool.query(
+      `INSERT INTO budget_leases (id, scope, org_id, holder, period_start, granted_nanos, spent_nanos, expires_at,
+         released_at)
+       VALUES ('lease_1', 'organization', 'org_old', 'gw', '2026-06-01', 10, 4, now(), now()),
+              ('lease_2', 'organization', 'org_old', 'gw', '2026-06-01', 10, 3, now(), now()),
+              ('lease_3', 'organization', 'org_old', 'gw', '2026-06-01', 10, NULL, now(), NULL)`,
+    );
+    expect((await migrate(pool)).applied).toEqual(["0002_discounts_invoices.sql"]);
+    const { rows } = await pool.query(
+      `SELECT o.max_discount_bps, u.input_cost_nanos FROM organizations o JOIN usage_records u ON u.org_id = o.id`,
+    );
+    expect(rows).toEqual([{ max_discount_bps: 0, input_cost_nanos: null }]);
+    const settled = await pool.query("SELECT scope_id, spent_nanos::int AS spent FROM budget_settlements");
+    expect(settled.rows).toEqual([{ scope_id: "org_old", spent: 7 }]);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}, 60_000);

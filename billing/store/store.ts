@@ -2,6 +2,8 @@ import type pg from "pg";
 import { createAccountStore } from "./accounts.ts";
 import { createBudgetLeaseStore } from "./budget-leases.ts";
 import { createDb } from "./db.ts";
+import { createDiscountStore } from "./discounts.ts";
+import { createInvoiceStore } from "./invoices.ts";
 import { createKeyChangeFeed } from "./key-changes.ts";
 import { createUsageStore } from "./usage.ts";
 
@@ -12,6 +14,8 @@ export function createBillingStore(pool: pg.Pool) {
     ...createAccountStore(db),
     ...createUsageStore(db),
     ...createBudgetLeaseStore(db),
+    ...createDiscountStore(db),
+    ...createInvoiceStore(db),
     ...createKeyChangeFeed(pool),
     /** Round trip to the database, for readiness. */
     async ping(): Promise<void> {

@@ -8,6 +8,8 @@ export interface Organization {
   billingDay: number;
   /** 0 means unlimited. */
   monthlyBudgetNanos: bigint;
+  /** Most all discounts together may take off an invoice, in basis points of its subtotal; 0 = no limit. */
+  maxDiscountBps: number;
   createdAt: Date;
 }
 
@@ -16,6 +18,7 @@ export interface NewOrganization {
   taxRateBps: number;
   billingDay: number;
   monthlyBudgetNanos: bigint;
+  maxDiscountBps: number;
 }
 
 export interface Project {
@@ -85,6 +88,8 @@ export interface UsageRecord {
   reasoningTokens: bigint;
   costNanos: bigint;
   occurredAt: Date;
+  /** Null when the sender did not split the cost by token type. */
+  costBreakdown: CostBreakdown | null;
 }
 
 export interface UsageTotals {
@@ -121,4 +126,105 @@ export interface BudgetLeaseGrant {
   expiresAt: Date;
   /** Budget left unleased after this grant; null when the scope is unlimited. */
   remainingNanos: bigint | null;
+}
+
+/** Cost of a request per token type, adding up to its cost. */
+export interface CostBreakdown {
+  inputNanos: bigint;
+  cachedInputNanos: bigint;
+  outputNanos: bigint;
+  reasoningNanos: bigint;
+}
+
+/** What a stored batch added, per org, key and UTC day, and the transaction that added it. */
+export interface RecordedUsage {
+  inserted: number;
+  duplicates: number;
+  /** Id of the inserting transaction (Postgres xid8, decimal); empty when nothing was inserted. */
+  xid: string;
+  added: UsageDelta[];
+}
+
+export interface UsageDelta {
+  orgId: string;
+  apiKeyId: string | null;
+  /** UTC day, "YYYY-MM-DD". */
+  day: string;
+  costNanos: bigint;
+  /** Input + output tokens. */
+  tokens: bigint;
+}
+
+export type DiscountKind = "volume_graduated" | "volume_all_units" | "time_window" | "promotional";
+
+export interface VolumeTier {
+  /** Matching spend of the period, before discounts, at which the tier starts. */
+  fromNanos: bigint;
+  discountBps: number;
+}
+
+export interface NewDiscountRule {
+  orgId: string;
+  name: string;
+  kind: DiscountKind;
+  /** Higher applies first. */
+  priority: number;
+  /** False: usage this rule matched gets no discount from rules of lower priority. */
+  stackable: boolean;
+  /** Null matches every model / provider. */
+  model: string | null;
+  provider: string | null;
+  /** Flat kinds only; 0 for volume kinds. */
+  discountBps: number;
+  /** Volume kinds only, ascending. */
+  tiers: VolumeTier[];
+  /** UTC hours [startHour, endHour); 0 and 24 outside time windows. */
+  startHour: number;
+  endHour: number;
+  /** 0 = Sunday; empty means every day. */
+  daysOfWeek: number[];
+  /** Whole UTC hours; null is open. */
+  validFrom: Date | null;
+  validUntil: Date | null;
+  /** Most this rule may discount per period; 0 = no cap. */
+  capNanos: bigint;
+}
+
+export interface DiscountRule extends NewDiscountRule {
+  id: string;
+  createdAt: Date;
+}
+
+export type InvoiceStatus = "draft" | "issued" | "paid" | "void";
+
+export type LineTokenType = "input" | "cached_input" | "output" | "reasoning" | "usage" | "discount";
+
+export interface InvoiceLine {
+  description: string;
+  /** Empty for discounts. */
+  model: string;
+  tokenType: LineTokenType;
+  quantity: bigint;
+  /** Exact nano-USD; negative for discounts. */
+  amountNanos: bigint;
+  /** Set on discount lines only. */
+  discountRuleId: string | null;
+}
+
+export interface Invoice {
+  id: string;
+  orgId: string;
+  number: string;
+  status: InvoiceStatus;
+  periodStart: Date;
+  periodEnd: Date;
+  /** Empty when listed; filled when read one by one. */
+  lines: InvoiceLine[];
+  subtotalCents: bigint;
+  discountCents: bigint;
+  taxCents: bigint;
+  totalCents: bigint;
+  taxRateBps: number;
+  createdAt: Date;
+  issuedAt: Date | null;
 }

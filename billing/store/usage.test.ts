@@ -1,8 +1,10 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
+import fc from "fast-check";
 import { BillingError } from "./db.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
 import { createTestDatabase, type TestDatabase } from "./test-db.ts";
 import type { ApiKey, Organization, UsageRecord } from "./types.ts";
+import { arrayLiteral } from "./usage.ts";
 
 let db: TestDatabase;
 let store: BillingStore;
@@ -24,11 +26,11 @@ beforeAll(async () => {
   };
   key = (await store.createApiKey({ orgId: org.id, projectId: null, name: "a", limits })).apiKey;
   otherKey = (await store.createApiKey({ orgId: org.id, projectId: null, name: "b", limits })).apiKey;
-});
+}, 60_000);
 afterAll(() => db.drop());
 
 const newOrg = (name: string) =>
-  store.createOrganization({ name, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n });
+  store.createOrganization({ name, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n, maxDiscountBps: 0 });
 
 let sequence = 0;
 function usage(overrides: Partial<UsageRecord> = {}): UsageRecord {
@@ -47,6 +49,7 @@ function usage(overrides: Partial<UsageRecord> = {}): UsageRecord {
     reasoningTokens: 5n,
     costNanos: 1_234_567n,
     occurredAt: new Date("2026-03-10T12:00:00Z"),
+    costBreakdown: null,
     ...overrides,
   };
 }
@@ -72,7 +75,14 @@ test("a batch is stored once: resends are duplicates and leave rows and summarie
       cachedInputTokens: 0n,
     }),
   ];
-  expect(await store.recordUsage(batch)).toEqual({ inserted: 3, duplicates: 0 });
+  const first = await store.recordUsage(batch);
+  expect(first).toMatchObject({ inserted: 3, duplicates: 0 });
+  expect(first.xid).toMatch(/^\d+$/);
+  // What the batch added, per org, key and UTC day, for the in-memory usage tracker.
+  expect(first.added.sort((a, b) => a.day.localeCompare(b.day))).toEqual([
+    { orgId: org.id, apiKeyId: key.id, day: "2026-03-10", costNanos: 1_234_568n, tokens: 300n },
+    { orgId: org.id, apiKeyId: otherKey.id, day: "2026-03-11", costNanos: 1_234_567n, tokens: 57n },
+  ]);
   const expected = [
     {
       api_key_id: key.id,
@@ -97,12 +107,12 @@ test("a batch is stored once: resends are duplicates and leave rows and summarie
   ].sort((a, b) => a.api_key_id.localeCompare(b.api_key_id));
   expect(await summaries()).toEqual(expected);
 
-  expect(await store.recordUsage(batch)).toEqual({ inserted: 0, duplicates: 3 });
+  expect(await store.recordUsage(batch)).toEqual({ inserted: 0, duplicates: 3, xid: "", added: [] });
   expect(await summaries()).toEqual(expected);
 
   // A partly new batch adds exactly its new rows; a request repeated inside one batch counts once.
   const fresh = usage({ occurredAt: new Date("2026-03-10T05:00:00Z"), costNanos: 10n });
-  expect(await store.recordUsage([batch[0] as UsageRecord, fresh, fresh])).toEqual({ inserted: 1, duplicates: 2 });
+  expect(await store.recordUsage([batch[0] as UsageRecord, fresh, fresh])).toMatchObject({ inserted: 1, duplicates: 2 });
   const count = await db.pool.query("SELECT count(*)::int AS n FROM usage_records WHERE org_id = $1", [org.id]);
   expect(count.rows[0].n).toBe(4);
   const day = (await summaries()).find((s) => s.api_key_id === key.id);
@@ -156,12 +166,38 @@ test("totals over any range are exact, from summaries for whole days and rows at
   });
 });
 
-test("totals narrow to a key, and period spend splits org and key", async () => {
+test("totals narrow to a key, and period usage splits org and keys", async () => {
   const march = { start: new Date("2026-03-01T00:00:00Z"), end: new Date("2026-04-01T00:00:00Z") };
   const other = await store.usageTotals({ orgId: org.id, apiKeyId: otherKey.id }, march);
   expect(other).toMatchObject({ requests: 1n, inputTokens: 7n, costNanos: 1_234_567n });
-  const spend = await store.periodSpend({ orgId: org.id, apiKeyId: otherKey.id }, march);
-  expect(spend).toEqual({ orgSpentNanos: 1_234_567n * 2n + 1n + 10n, keySpentNanos: 1_234_567n, keyTokens: 57n });
+  const period = await store.periodUsage(org.id, march);
+  expect(period.orgSpentNanos).toBe(1_234_567n * 2n + 1n + 10n);
+  expect(period.keys.get(otherKey.id)).toEqual({ spentNanos: 1_234_567n, tokens: 57n });
+  expect(period.keys.get(key.id)).toEqual({ spentNanos: 1_234_568n + 10n, tokens: 450n });
+  expect(period.snapshot).toMatch(/^\d+:\d+:[\d,]*$/);
+  const empty = await store.periodUsage(org.id, { start: new Date("2027-01-01"), end: new Date("2027-02-01") });
+  expect(empty.orgSpentNanos).toBe(0n);
+  expect(empty.keys.size).toBe(0);
+  expect(empty.snapshot).toMatch(/^\d+:\d+:/);
+});
+
+test("a cost breakdown is stored with the record and must add up to its cost", async () => {
+  const costBreakdown = { inputNanos: 600n, cachedInputNanos: 100n, outputNanos: 250n, reasoningNanos: 50n };
+  const itemised = usage({ costNanos: 1_000n, costBreakdown });
+  await store.recordUsage([itemised]);
+  const listed = await store.listUsageRecords({
+    orgId: org.id,
+    requestId: itemised.requestId,
+    start: null,
+    end: null,
+    after: null,
+    limit: 1,
+  });
+  expect(listed.records).toEqual([itemised]);
+  const wrong = usage({ costNanos: 999n, costBreakdown });
+  expect((await store.recordUsage([wrong]).catch((e: BillingError) => e)) as BillingError).toMatchObject({
+    kind: "invalid_argument",
+  });
 });
 
 test("usage records page newest first", async () => {
@@ -190,4 +226,38 @@ test("usage records page newest first", async () => {
     limit: 10,
   });
   expect(rest).toEqual({ records: [records[2], records[1]] as UsageRecord[], more: false });
+});
+
+test("usage must name an org, and a project and key of that org; none of them can be deleted afterwards", async () => {
+  const elsewhere = await newOrg("elsewhere-org");
+  const project = await store.createProject({ orgId: elsewhere.id, name: "p" });
+  const kindOf = async (records: UsageRecord[]) =>
+    ((await store.recordUsage(records).catch((e: unknown) => e)) as BillingError).kind;
+  expect(await kindOf([usage({ orgId: "org_missing", apiKeyId: null })])).toBe("not_found");
+  expect(await kindOf([usage({ projectId: project.id })])).toBe("not_found");
+  expect(await kindOf([usage({ orgId: elsewhere.id })])).toBe("not_found");
+  const error = (await store.recordUsage([usage({ apiKeyId: "key_nope" })]).catch((e: unknown) => e)) as BillingError;
+  expect(error.message).toContain("api key not found");
+  await store.recordUsage([usage({ orgId: elsewhere.id, apiKeyId: null, projectId: project.id })]);
+
+  for (const sql of [
+    "DELETE FROM projects WHERE id = $1",
+    "UPDATE projects SET org_id = 'org_other' WHERE id = $1",
+    "DELETE FROM organizations WHERE id = (SELECT org_id FROM projects WHERE id = $1)",
+  ]) {
+    await expect(db.pool.query(sql, [project.id])).rejects.toThrow(/billing history/);
+  }
+  await expect(db.pool.query("DELETE FROM api_keys WHERE id = $1", [key.id])).rejects.toThrow(/billing history/);
+});
+
+test("array literals carry any text through Postgres unchanged", async () => {
+  // Postgres text cannot hold NUL; everything else must survive quoting and escaping.
+  const text = fc.string({ unit: "grapheme", maxLength: 12 }).map((t) => t.replaceAll("\u0000", ""));
+  const samples = fc.sample(fc.array(fc.option(text, { nil: null }), { maxLength: 20 }), 50);
+  samples.push([`"`, "\\", `a,b`, "{x}", "NULL", "", " spaced ", null, `\\"`, "é✓𝄞"]);
+  const { rows } = await db.pool.query<{ value: (string | null)[] }>(
+    `SELECT literal::text[] AS value FROM unnest($1::text[]) WITH ORDINALITY AS s(literal, n) ORDER BY n`,
+    [samples.map(arrayLiteral)],
+  );
+  expect(rows.map((r) => r.value)).toEqual(samples);
 });

@@ -1,6 +1,6 @@
 import { endOfUtcDay, startOfUtcDay, utcDate } from "../period.ts";
 import type { Db } from "./db.ts";
-import type { TimeRange, UsageRecord, UsageTotals } from "./types.ts";
+import type { CostBreakdown, RecordedUsage, TimeRange, UsageRecord, UsageTotals } from "./types.ts";
 
 const totalsColumns = `coalesce(sum(requests), 0) AS requests,
   coalesce(sum(input_tokens), 0) AS input_tokens,
@@ -47,6 +47,28 @@ interface UsageRecordRow {
   reasoning_tokens: string;
   cost_nanos: string;
   occurred_at: Date;
+  input_cost_nanos: string | null;
+  cached_input_cost_nanos: string | null;
+  output_cost_nanos: string | null;
+  reasoning_cost_nanos: string | null;
+}
+
+interface AddedRow {
+  org_id: string;
+  api_key_id: string | null;
+  day: string;
+  requests: number;
+  cost_nanos: string;
+  tokens: string;
+  xid: string;
+}
+
+export interface PeriodUsage {
+  orgSpentNanos: bigint;
+  /** Per key that has usage in the period. */
+  keys: Map<string, { spentNanos: bigint; tokens: bigint }>;
+  /** The snapshot the figures were read in, as Postgres prints a pg_snapshot ("xmin:xmax:xip,..."). */
+  snapshot: string;
 }
 
 export interface UsageFilter {
@@ -61,30 +83,43 @@ export function createUsageStore(db: Db) {
      * Stores a batch in one statement: rows whose request_id is already known are skipped, and the daily
      * summaries grow by exactly the rows inserted, atomically with them.
      */
-    async recordUsage(records: UsageRecord[]): Promise<{ inserted: number; duplicates: number }> {
-      if (records.length === 0) return { inserted: 0, duplicates: 0 };
-      const column = <T>(pick: (r: UsageRecord) => T) => records.map(pick);
-      const rows = await db.query<{ inserted: number }>(
+    async recordUsage(records: UsageRecord[]): Promise<RecordedUsage> {
+      if (records.length === 0) return { inserted: 0, duplicates: 0, xid: "", added: [] };
+      const column = (pick: (r: UsageRecord) => string | null) => arrayLiteral(records.map(pick));
+      // Numbers and ISO timestamps need no quoting in an array literal.
+      const plain = (pick: (r: UsageRecord) => bigint | string) => `{${records.map(pick).join(",")}}`;
+      // unnest pads shorter arrays with NULLs, so a batch without breakdowns sends empty arrays.
+      const itemised = records.some((r) => r.costBreakdown);
+      const part = (pick: (b: CostBreakdown) => bigint) =>
+        itemised ? column((r) => (r.costBreakdown ? pick(r.costBreakdown).toString() : null)) : "{}";
+      const rows = await db.query<AddedRow>(
         `WITH batch AS (
            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-             $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::timestamptz[])
+             $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::timestamptz[],
+             $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[])
            AS r(request_id, org_id, project_id, api_key_id, model, provider, endpoint, input_tokens,
-             cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, occurred_at)
+             cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, occurred_at, input_cost_nanos,
+             cached_input_cost_nanos, output_cost_nanos, reasoning_cost_nanos)
          ), inserted AS (
            INSERT INTO usage_records (request_id, org_id, project_id, api_key_id, model, provider, endpoint,
-             input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, occurred_at)
-           -- A stable order keeps concurrent overlapping batches from deadlocking.
-           SELECT * FROM batch ORDER BY request_id
+             input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, occurred_at,
+             input_cost_nanos, cached_input_cost_nanos, output_cost_nanos, reasoning_cost_nanos)
+           -- A stable order keeps concurrent overlapping batches from deadlocking; bytewise is enough and cheapest.
+           SELECT * FROM batch ORDER BY request_id COLLATE "C"
            ON CONFLICT (request_id) DO NOTHING
            RETURNING org_id, project_id, api_key_id, occurred_at, input_tokens, cached_input_tokens, output_tokens,
              reasoning_tokens, cost_nanos
+         ), added AS (
+           SELECT org_id, project_id, api_key_id, (occurred_at AT TIME ZONE 'UTC')::date AS day, count(*) AS requests,
+             sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens,
+             sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens,
+             sum(cost_nanos) AS cost_nanos
+           FROM inserted
+           GROUP BY 1, 2, 3, 4
          ), summarised AS (
            INSERT INTO usage_summaries AS s (org_id, project_id, api_key_id, day, requests, input_tokens,
              cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos)
-           SELECT org_id, project_id, api_key_id, (occurred_at AT TIME ZONE 'UTC')::date, count(*), sum(input_tokens),
-             sum(cached_input_tokens), sum(output_tokens), sum(reasoning_tokens), sum(cost_nanos)
-           FROM inserted
-           GROUP BY 1, 2, 3, 4
+           SELECT * FROM added
            ORDER BY 1, 2, 3, 4
            ON CONFLICT ON CONSTRAINT usage_summaries_key DO UPDATE SET
              requests = s.requests + excluded.requests,
@@ -94,7 +129,9 @@ export function createUsageStore(db: Db) {
              reasoning_tokens = s.reasoning_tokens + excluded.reasoning_tokens,
              cost_nanos = s.cost_nanos + excluded.cost_nanos
          )
-         SELECT count(*)::int AS inserted FROM inserted`,
+         SELECT org_id, api_key_id, day::text AS day, requests::int AS requests, cost_nanos::text AS cost_nanos,
+           (input_tokens + output_tokens)::text AS tokens, pg_current_xact_id()::text AS xid
+         FROM added`,
         [
           column((r) => r.requestId),
           column((r) => r.orgId),
@@ -103,16 +140,31 @@ export function createUsageStore(db: Db) {
           column((r) => r.model),
           column((r) => r.provider),
           column((r) => r.endpoint),
-          column((r) => r.inputTokens.toString()),
-          column((r) => r.cachedInputTokens.toString()),
-          column((r) => r.outputTokens.toString()),
-          column((r) => r.reasoningTokens.toString()),
-          column((r) => r.costNanos.toString()),
-          column((r) => r.occurredAt.toISOString()),
+          plain((r) => r.inputTokens),
+          plain((r) => r.cachedInputTokens),
+          plain((r) => r.outputTokens),
+          plain((r) => r.reasoningTokens),
+          plain((r) => r.costNanos),
+          plain((r) => r.occurredAt.toISOString()),
+          part((b) => b.inputNanos),
+          part((b) => b.cachedInputNanos),
+          part((b) => b.outputNanos),
+          part((b) => b.reasoningNanos),
         ],
       );
-      const inserted = rows[0]?.inserted ?? 0;
-      return { inserted, duplicates: records.length - inserted };
+      const inserted = rows.reduce((sum, row) => sum + row.requests, 0);
+      return {
+        inserted,
+        duplicates: records.length - inserted,
+        xid: rows[0]?.xid ?? "",
+        added: rows.map((row) => ({
+          orgId: row.org_id,
+          apiKeyId: row.api_key_id,
+          day: row.day,
+          costNanos: BigInt(row.cost_nanos),
+          tokens: BigInt(row.tokens),
+        })),
+      };
     },
 
     /**
@@ -157,7 +209,8 @@ export function createUsageStore(db: Db) {
     async listUsageRecords(query: UsageRecordQuery): Promise<{ records: UsageRecord[]; more: boolean }> {
       const rows = await db.query<UsageRecordRow>(
         `SELECT request_id, org_id, project_id, api_key_id, model, provider, endpoint, input_tokens,
-           cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, occurred_at
+           cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, occurred_at, input_cost_nanos,
+           cached_input_cost_nanos, output_cost_nanos, reasoning_cost_nanos
          FROM usage_records
          WHERE org_id = $1
            AND ($2::text IS NULL OR request_id = $2)
@@ -179,28 +232,53 @@ export function createUsageStore(db: Db) {
       return { records: rows.slice(0, query.limit).map(toUsageRecord), more: rows.length > query.limit };
     },
 
-    /** Spend of an org and one of its keys, and the key's input+output tokens, over a period of whole UTC days. */
-    async periodSpend(
-      ids: { orgId: string; apiKeyId: string },
-      period: TimeRange,
-    ): Promise<{ orgSpentNanos: bigint; keySpentNanos: bigint; keyTokens: bigint }> {
-      const rows = await db.query<{ org_spent: string; key_spent: string; key_tokens: string }>(
-        `SELECT coalesce(sum(cost_nanos), 0) AS org_spent,
-           coalesce(sum(cost_nanos) FILTER (WHERE api_key_id = $2), 0) AS key_spent,
-           coalesce(sum(input_tokens + output_tokens) FILTER (WHERE api_key_id = $2), 0) AS key_tokens
+    /**
+     * Spend and input+output tokens of an org and of each of its keys over a period of whole UTC days, and the
+     * snapshot they were read in (Postgres pg_snapshot text), which tells later transactions from included ones.
+     */
+    async periodUsage(orgId: string, period: TimeRange): Promise<PeriodUsage> {
+      type Row = { api_key_id: string | null; spent: string | null; tokens: string | null; snapshot: string };
+      const rows = await db.query<Row>(
+        `SELECT api_key_id, sum(cost_nanos)::text AS spent, sum(input_tokens + output_tokens)::text AS tokens,
+           pg_current_snapshot()::text AS snapshot
          FROM usage_summaries
-         WHERE org_id = $1 AND day >= $3::date AND day < $4::date`,
-        [ids.orgId, ids.apiKeyId, utcDate(period.start), utcDate(period.end)],
+         WHERE org_id = $1 AND day >= $2::date AND day < $3::date
+         GROUP BY api_key_id
+         UNION ALL
+         SELECT NULL, NULL, NULL, pg_current_snapshot()::text`,
+        [orgId, utcDate(period.start), utcDate(period.end)],
       );
-      const row = rows[0];
-      return {
-        orgSpentNanos: BigInt(row?.org_spent ?? 0),
-        keySpentNanos: BigInt(row?.key_spent ?? 0),
-        keyTokens: BigInt(row?.key_tokens ?? 0),
-      };
+      const keys = new Map<string, { spentNanos: bigint; tokens: bigint }>();
+      let orgSpentNanos = 0n;
+      for (const row of rows) {
+        if (row.spent === null) continue;
+        orgSpentNanos += BigInt(row.spent);
+        if (row.api_key_id) {
+          keys.set(row.api_key_id, { spentNanos: BigInt(row.spent), tokens: BigInt(row.tokens ?? 0) });
+        }
+      }
+      return { orgSpentNanos, keys, snapshot: rows.at(-1)?.snapshot ?? "" };
     },
   };
 }
+
+/**
+ * A Postgres array literal of text values (NULL for null), quoted and escaped. Written out here because pg's generic
+ * array serialiser, two regex replaces per element, was the largest cost of RecordUsage after protobuf decoding.
+ */
+export function arrayLiteral(values: readonly (string | null)[]): string {
+  let out = "{";
+  for (let i = 0; i < values.length; i++) {
+    const value = values[i];
+    if (i > 0) out += ",";
+    if (value === null || value === undefined) out += "NULL";
+    else out += `"${needsEscape.test(value) ? value.replace(escapable, "\\$&") : value}"`;
+  }
+  return `${out}}`;
+}
+
+const needsEscape = /["\\]/;
+const escapable = /["\\]/g;
 
 function toUsageRecord(row: UsageRecordRow): UsageRecord {
   return {
@@ -217,6 +295,15 @@ function toUsageRecord(row: UsageRecordRow): UsageRecord {
     reasoningTokens: BigInt(row.reasoning_tokens),
     costNanos: BigInt(row.cost_nanos),
     occurredAt: row.occurred_at,
+    costBreakdown:
+      row.input_cost_nanos === null
+        ? null
+        : {
+            inputNanos: BigInt(row.input_cost_nanos),
+            cachedInputNanos: BigInt(row.cached_input_cost_nanos ?? 0),
+            outputNanos: BigInt(row.output_cost_nanos ?? 0),
+            reasoningNanos: BigInt(row.reasoning_cost_nanos ?? 0),
+          },
   };
 }
 

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file billing/v1/billing.proto.
  */
 export const file_billing_v1_billing: GenFile = /*@__PURE__*/
-  fileDesc("ChhiaWxsaW5nL3YxL2JpbGxpbmcucHJvdG8SCmJpbGxpbmcudjEiogEKDE9yZ2FuaXphdGlvbhIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEi8KC2NyZWF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgx0YXhfcmF0ZV9icHMYBCABKAUSEwoLYmlsbGluZ19kYXkYBSABKAUSHAoUbW9udGhseV9idWRnZXRfbmFub3MYBiABKAMiZAoHUHJvamVjdBIKCgJpZBgBIAEoCRIOCgZvcmdfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiwgEKCUtleUxpbWl0cxIcChRtb250aGx5X2J1ZGdldF9uYW5vcxgBIAEoAxIWCg5tb250aGx5X3Rva2VucxgCIAEoAxIbChNyZXF1ZXN0c19wZXJfbWludXRlGAMgASgFEhkKEXRva2Vuc19wZXJfbWludXRlGAQgASgDEhYKDmFsbG93ZWRfbW9kZWxzGAUgAygJEi8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLfAQoGQXBpS2V5EgoKAmlkGAEgASgJEg4KBm9yZ19pZBgCIAEoCRISCgpwcm9qZWN0X2lkGAMgASgJEgwKBG5hbWUYBCABKAkSDgoGcHJlZml4GAUgASgJEiUKBmxpbWl0cxgGIAEoCzIVLmJpbGxpbmcudjEuS2V5TGltaXRzEi8KC2NyZWF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtyZXZva2VfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAicgoZQ3JlYXRlT3JnYW5pemF0aW9uUmVxdWVzdBIMCgRuYW1lGAEgASgJEhQKDHRheF9yYXRlX2JwcxgCIAEoBRITCgtiaWxsaW5nX2RheRgDIAEoBRIcChRtb250aGx5X2J1ZGdldF9uYW5vcxgEIAEoAyJMChpDcmVhdGVPcmdhbml6YXRpb25SZXNwb25zZRIuCgxvcmdhbml6YXRpb24YASABKAsyGC5iaWxsaW5nLnYxLk9yZ2FuaXphdGlvbiIaChhMaXN0T3JnYW5pemF0aW9uc1JlcXVlc3QiTAoZTGlzdE9yZ2FuaXphdGlvbnNSZXNwb25zZRIvCg1vcmdhbml6YXRpb25zGAEgAygLMhguYmlsbGluZy52MS5Pcmdhbml6YXRpb24iNAoUQ3JlYXRlUHJvamVjdFJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEgwKBG5hbWUYAiABKAkiPQoVQ3JlYXRlUHJvamVjdFJlc3BvbnNlEiQKB3Byb2plY3QYASABKAsyEy5iaWxsaW5nLnYxLlByb2plY3QiJQoTTGlzdFByb2plY3RzUmVxdWVzdBIOCgZvcmdfaWQYASABKAkiPQoUTGlzdFByb2plY3RzUmVzcG9uc2USJQoIcHJvamVjdHMYASADKAsyEy5iaWxsaW5nLnYxLlByb2plY3QibgoTQ3JlYXRlQXBpS2V5UmVxdWVzdBIOCgZvcmdfaWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIMCgRuYW1lGAMgASgJEiUKBmxpbWl0cxgEIAEoCzIVLmJpbGxpbmcudjEuS2V5TGltaXRzIksKFENyZWF0ZUFwaUtleVJlc3BvbnNlEiMKB2FwaV9rZXkYASABKAsyEi5iaWxsaW5nLnYxLkFwaUtleRIOCgZzZWNyZXQYAiABKAkiPQoSTGlzdEFwaUtleXNSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRIXCg9pbmNsdWRlX3Jldm9rZWQYAiABKAgiOwoTTGlzdEFwaUtleXNSZXNwb25zZRIkCghhcGlfa2V5cxgBIAMoCzISLmJpbGxpbmcudjEuQXBpS2V5IikKE1Jldm9rZUFwaUtleVJlcXVlc3QSEgoKYXBpX2tleV9pZBgBIAEoCSI7ChRSZXZva2VBcGlLZXlSZXNwb25zZRIjCgdhcGlfa2V5GAEgASgLMhIuYmlsbGluZy52MS5BcGlLZXkiKQoTUm90YXRlQXBpS2V5UmVxdWVzdBISCgphcGlfa2V5X2lkGAEgASgJIksKFFJvdGF0ZUFwaUtleVJlc3BvbnNlEiMKB2FwaV9rZXkYASABKAsyEi5iaWxsaW5nLnYxLkFwaUtleRIOCgZzZWNyZXQYAiABKAkiVgoZVXBkYXRlQXBpS2V5TGltaXRzUmVxdWVzdBISCgphcGlfa2V5X2lkGAEgASgJEiUKBmxpbWl0cxgCIAEoCzIVLmJpbGxpbmcudjEuS2V5TGltaXRzIkEKGlVwZGF0ZUFwaUtleUxpbWl0c1Jlc3BvbnNlEiMKB2FwaV9rZXkYASABKAsyEi5iaWxsaW5nLnYxLkFwaUtleSIlChNBdXRob3JpemVLZXlSZXF1ZXN0Eg4KBnNlY3JldBgBIAEoCSKxAQoUQXV0aG9yaXplS2V5UmVzcG9uc2USIwoHYXBpX2tleRgBIAEoCzISLmJpbGxpbmcudjEuQXBpS2V5Ei4KDG9yZ2FuaXphdGlvbhgCIAEoCzIYLmJpbGxpbmcudjEuT3JnYW5pemF0aW9uEhcKD2tleV9zcGVudF9uYW5vcxgDIAEoAxIXCg9vcmdfc3BlbnRfbmFub3MYBCABKAMSEgoKa2V5X3Rva2VucxgFIAEoAyIYChZXYXRjaEtleUNoYW5nZXNSZXF1ZXN0IlMKF1dhdGNoS2V5Q2hhbmdlc1Jlc3BvbnNlEhIKCmFwaV9rZXlfaWQYASABKAkSEwoLc2VjcmV0X2hhc2gYAiABKAkSDwoHcmV2b2tlZBgDIAEoCCKTAQoZQWNxdWlyZUJ1ZGdldExlYXNlUmVxdWVzdBImCgVzY29wZRgBIAEoDjIXLmJpbGxpbmcudjEuQnVkZ2V0U2NvcGUSEAoIc2NvcGVfaWQYAiABKAkSDgoGaG9sZGVyGAMgASgJEhcKD3JlcXVlc3RlZF9uYW5vcxgEIAEoAxITCgt0dGxfc2Vjb25kcxgFIAEoBSKPAQoaQWNxdWlyZUJ1ZGdldExlYXNlUmVzcG9uc2USEAoIbGVhc2VfaWQYASABKAkSFQoNZ3JhbnRlZF9uYW5vcxgCIAEoAxIvCgtleHBpcmVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFwoPcmVtYWluaW5nX25hbm9zGAQgASgDIkIKGVJlbGVhc2VCdWRnZXRMZWFzZVJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSEwoLc3BlbnRfbmFub3MYAiABKAMiHAoaUmVsZWFzZUJ1ZGdldExlYXNlUmVzcG9uc2UiiwIKC1VzYWdlUmVjb3JkEhIKCnJlcXVlc3RfaWQYASABKAkSDgoGb3JnX2lkGAIgASgJEhIKCnByb2plY3RfaWQYAyABKAkSEgoKYXBpX2tleV9pZBgEIAEoCRINCgVtb2RlbBgFIAEoCRIQCghwcm92aWRlchgGIAEoCRIlCghlbmRwb2ludBgHIAEoDjITLmNvbW1vbi52MS5FbmRwb2ludBIkCgV1c2FnZRgIIAEoCzIVLmNvbW1vbi52MS5Ub2tlblVzYWdlEhIKCmNvc3RfbmFub3MYCSABKAMSLgoKb2NjdXJfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiPgoSUmVjb3JkVXNhZ2VSZXF1ZXN0EigKB3JlY29yZHMYASADKAsyFy5iaWxsaW5nLnYxLlVzYWdlUmVjb3JkIjsKE1JlY29yZFVzYWdlUmVzcG9uc2USEAoIaW5zZXJ0ZWQYASABKAUSEgoKZHVwbGljYXRlcxgCIAEoBSKuAQoWR2V0VXNhZ2VTdW1tYXJ5UmVxdWVzdBIOCgZvcmdfaWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRISCgphcGlfa2V5X2lkGAMgASgJEi4KCnN0YXJ0X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJlChdHZXRVc2FnZVN1bW1hcnlSZXNwb25zZRIQCghyZXF1ZXN0cxgBIAEoAxIkCgV1c2FnZRgCIAEoCzIVLmNvbW1vbi52MS5Ub2tlblVzYWdlEhIKCmNvc3RfbmFub3MYAyABKAMiwgEKF0xpc3RVc2FnZVJlY29yZHNSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJEi4KCnN0YXJ0X3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBSABKAUSEgoKcGFnZV90b2tlbhgGIAEoCSJdChhMaXN0VXNhZ2VSZWNvcmRzUmVzcG9uc2USKAoHcmVjb3JkcxgBIAMoCzIXLmJpbGxpbmcudjEuVXNhZ2VSZWNvcmQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjYKClZvbHVtZVRpZXISEgoKZnJvbV9uYW5vcxgBIAEoAxIUCgxkaXNjb3VudF9icHMYAiABKAUikwMKDERpc2NvdW50UnVsZRIKCgJpZBgBIAEoCRIOCgZvcmdfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRImCgRraW5kGAQgASgOMhguYmlsbGluZy52MS5EaXNjb3VudEtpbmQSEAoIcHJpb3JpdHkYBSABKAUSEQoJc3RhY2thYmxlGAYgASgIEg0KBW1vZGVsGAcgASgJEhAKCHByb3ZpZGVyGAggASgJEhQKDGRpc2NvdW50X2JwcxgJIAEoBRIlCgV0aWVycxgKIAMoCzIWLmJpbGxpbmcudjEuVm9sdW1lVGllchISCgpzdGFydF9ob3VyGAsgASgFEhAKCGVuZF9ob3VyGAwgASgFEhQKDGRheXNfb2Zfd2VlaxgNIAMoBRIuCgp2YWxpZF9mcm9tGA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt2YWxpZF91bnRpbBgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJY2FwX25hbm9zGBAgASgDIkMKGUNyZWF0ZURpc2NvdW50UnVsZVJlcXVlc3QSJgoEcnVsZRgBIAEoCzIYLmJpbGxpbmcudjEuRGlzY291bnRSdWxlIkQKGkNyZWF0ZURpc2NvdW50UnVsZVJlc3BvbnNlEiYKBHJ1bGUYASABKAsyGC5iaWxsaW5nLnYxLkRpc2NvdW50UnVsZSIqChhMaXN0RGlzY291bnRSdWxlc1JlcXVlc3QSDgoGb3JnX2lkGAEgASgJIkQKGUxpc3REaXNjb3VudFJ1bGVzUmVzcG9uc2USJwoFcnVsZXMYASADKAsyGC5iaWxsaW5nLnYxLkRpc2NvdW50UnVsZSIsChlEZWxldGVEaXNjb3VudFJ1bGVSZXF1ZXN0Eg8KB3J1bGVfaWQYASABKAkiHAoaRGVsZXRlRGlzY291bnRSdWxlUmVzcG9uc2UicQoPSW52b2ljZUxpbmVJdGVtEhMKC2Rlc2NyaXB0aW9uGAEgASgJEg0KBW1vZGVsGAIgASgJEhIKCnRva2VuX3R5cGUYAyABKAkSEAoIcXVhbnRpdHkYBCABKAMSFAoMYW1vdW50X25hbm9zGAUgASgDIsIDCgdJbnZvaWNlEgoKAmlkGAEgASgJEg4KBm9yZ19pZBgCIAEoCRIOCgZudW1iZXIYAyABKAkSKQoGc3RhdHVzGAQgASgOMhkuYmlsbGluZy52MS5JbnZvaWNlU3RhdHVzEjAKDHBlcmlvZF9zdGFydBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcGVyaW9kX2VuZBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoKbGluZV9pdGVtcxgHIAMoCzIbLmJpbGxpbmcudjEuSW52b2ljZUxpbmVJdGVtEhYKDnN1YnRvdGFsX2NlbnRzGAggASgDEhYKDmRpc2NvdW50X2NlbnRzGAkgASgDEhEKCXRheF9jZW50cxgKIAEoAxITCgt0b3RhbF9jZW50cxgLIAEoAxIUCgx0YXhfcmF0ZV9icHMYDCABKAUSLwoLY3JlYXRlX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmlzc3VlX3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlkKFkdlbmVyYXRlSW52b2ljZVJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEi8KC3BlcmlvZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI/ChdHZW5lcmF0ZUludm9pY2VSZXNwb25zZRIkCgdpbnZvaWNlGAEgASgLMhMuYmlsbGluZy52MS5JbnZvaWNlIiUKE0xpc3RJbnZvaWNlc1JlcXVlc3QSDgoGb3JnX2lkGAEgASgJIj0KFExpc3RJbnZvaWNlc1Jlc3BvbnNlEiUKCGludm9pY2VzGAEgAygLMhMuYmlsbGluZy52MS5JbnZvaWNlIicKEUdldEludm9pY2VSZXF1ZXN0EhIKCmludm9pY2VfaWQYASABKAkiOgoSR2V0SW52b2ljZVJlc3BvbnNlEiQKB2ludm9pY2UYASABKAsyEy5iaWxsaW5nLnYxLkludm9pY2UiWwoaVXBkYXRlSW52b2ljZVN0YXR1c1JlcXVlc3QSEgoKaW52b2ljZV9pZBgBIAEoCRIpCgZzdGF0dXMYAiABKA4yGS5iaWxsaW5nLnYxLkludm9pY2VTdGF0dXMiQwobVXBkYXRlSW52b2ljZVN0YXR1c1Jlc3BvbnNlEiQKB2ludm9pY2UYASABKAsyEy5iaWxsaW5nLnYxLkludm9pY2UqZAoLQnVkZ2V0U2NvcGUSHAoYQlVER0VUX1NDT1BFX1VOU1BFQ0lGSUVEEAASHQoZQlVER0VUX1NDT1BFX09SR0FOSVpBVElPThABEhgKFEJVREdFVF9TQ09QRV9BUElfS0VZEAIqswEKDERpc2NvdW50S2luZBIdChlESVNDT1VOVF9LSU5EX1VOU1BFQ0lGSUVEEAASIgoeRElTQ09VTlRfS0lORF9WT0xVTUVfR1JBRFVBVEVEEAESIgoeRElTQ09VTlRfS0lORF9WT0xVTUVfQUxMX1VOSVRTEAISHQoZRElTQ09VTlRfS0lORF9USU1FX1dJTkRPVxADEh0KGURJU0NPVU5UX0tJTkRfUFJPTU9USU9OQUwQBCqWAQoNSW52b2ljZVN0YXR1cxIeChpJTlZPSUNFX1NUQVRVU19VTlNQRUNJRklFRBAAEhgKFElOVk9JQ0VfU1RBVFVTX0RSQUZUEAESGQoVSU5WT0lDRV9TVEFUVVNfSVNTVUVEEAISFwoTSU5WT0lDRV9TVEFUVVNfUEFJRBADEhcKE0lOVk9JQ0VfU1RBVFVTX1ZPSUQQBDLEEAoOQmlsbGluZ1NlcnZpY2USYwoSQ3JlYXRlT3JnYW5pemF0aW9uEiUuYmlsbGluZy52MS5DcmVhdGVPcmdhbml6YXRpb25SZXF1ZXN0GiYuYmlsbGluZy52MS5DcmVhdGVPcmdhbml6YXRpb25SZXNwb25zZRJgChFMaXN0T3JnYW5pemF0aW9ucxIkLmJpbGxpbmcudjEuTGlzdE9yZ2FuaXphdGlvbnNSZXF1ZXN0GiUuYmlsbGluZy52MS5MaXN0T3JnYW5pemF0aW9uc1Jlc3BvbnNlElQKDUNyZWF0ZVByb2plY3QSIC5iaWxsaW5nLnYxLkNyZWF0ZVByb2plY3RSZXF1ZXN0GiEuYmlsbGluZy52MS5DcmVhdGVQcm9qZWN0UmVzcG9uc2USUQoMTGlzdFByb2plY3RzEh8uYmlsbGluZy52MS5MaXN0UHJvamVjdHNSZXF1ZXN0GiAuYmlsbGluZy52MS5MaXN0UHJvamVjdHNSZXNwb25zZRJRCgxDcmVhdGVBcGlLZXkSHy5iaWxsaW5nLnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaIC5iaWxsaW5nLnYxLkNyZWF0ZUFwaUtleVJlc3BvbnNlEk4KC0xpc3RBcGlLZXlzEh4uYmlsbGluZy52MS5MaXN0QXBpS2V5c1JlcXVlc3QaHy5iaWxsaW5nLnYxLkxpc3RBcGlLZXlzUmVzcG9uc2USUQoMUmV2b2tlQXBpS2V5Eh8uYmlsbGluZy52MS5SZXZva2VBcGlLZXlSZXF1ZXN0GiAuYmlsbGluZy52MS5SZXZva2VBcGlLZXlSZXNwb25zZRJRCgxSb3RhdGVBcGlLZXkSHy5iaWxsaW5nLnYxLlJvdGF0ZUFwaUtleVJlcXVlc3QaIC5iaWxsaW5nLnYxLlJvdGF0ZUFwaUtleVJlc3BvbnNlEmMKElVwZGF0ZUFwaUtleUxpbWl0cxIlLmJpbGxpbmcudjEuVXBkYXRlQXBpS2V5TGltaXRzUmVxdWVzdBomLmJpbGxpbmcudjEuVXBkYXRlQXBpS2V5TGltaXRzUmVzcG9uc2USUQoMQXV0aG9yaXplS2V5Eh8uYmlsbGluZy52MS5BdXRob3JpemVLZXlSZXF1ZXN0GiAuYmlsbGluZy52MS5BdXRob3JpemVLZXlSZXNwb25zZRJcCg9XYXRjaEtleUNoYW5nZXMSIi5iaWxsaW5nLnYxLldhdGNoS2V5Q2hhbmdlc1JlcXVlc3QaIy5iaWxsaW5nLnYxLldhdGNoS2V5Q2hhbmdlc1Jlc3BvbnNlMAESYwoSQWNxdWlyZUJ1ZGdldExlYXNlEiUuYmlsbGluZy52MS5BY3F1aXJlQnVkZ2V0TGVhc2VSZXF1ZXN0GiYuYmlsbGluZy52MS5BY3F1aXJlQnVkZ2V0TGVhc2VSZXNwb25zZRJjChJSZWxlYXNlQnVkZ2V0TGVhc2USJS5iaWxsaW5nLnYxLlJlbGVhc2VCdWRnZXRMZWFzZVJlcXVlc3QaJi5iaWxsaW5nLnYxLlJlbGVhc2VCdWRnZXRMZWFzZVJlc3BvbnNlEk4KC1JlY29yZFVzYWdlEh4uYmlsbGluZy52MS5SZWNvcmRVc2FnZVJlcXVlc3QaHy5iaWxsaW5nLnYxLlJlY29yZFVzYWdlUmVzcG9uc2USWgoPR2V0VXNhZ2VTdW1tYXJ5EiIuYmlsbGluZy52MS5HZXRVc2FnZVN1bW1hcnlSZXF1ZXN0GiMuYmlsbGluZy52MS5HZXRVc2FnZVN1bW1hcnlSZXNwb25zZRJdChBMaXN0VXNhZ2VSZWNvcmRzEiMuYmlsbGluZy52MS5MaXN0VXNhZ2VSZWNvcmRzUmVxdWVzdBokLmJpbGxpbmcudjEuTGlzdFVzYWdlUmVjb3Jkc1Jlc3BvbnNlEmMKEkNyZWF0ZURpc2NvdW50UnVsZRIlLmJpbGxpbmcudjEuQ3JlYXRlRGlzY291bnRSdWxlUmVxdWVzdBomLmJpbGxpbmcudjEuQ3JlYXRlRGlzY291bnRSdWxlUmVzcG9uc2USYAoRTGlzdERpc2NvdW50UnVsZXMSJC5iaWxsaW5nLnYxLkxpc3REaXNjb3VudFJ1bGVzUmVxdWVzdBolLmJpbGxpbmcudjEuTGlzdERpc2NvdW50UnVsZXNSZXNwb25zZRJjChJEZWxldGVEaXNjb3VudFJ1bGUSJS5iaWxsaW5nLnYxLkRlbGV0ZURpc2NvdW50UnVsZVJlcXVlc3QaJi5iaWxsaW5nLnYxLkRlbGV0ZURpc2NvdW50UnVsZVJlc3BvbnNlEloKD0dlbmVyYXRlSW52b2ljZRIiLmJpbGxpbmcudjEuR2VuZXJhdGVJbnZvaWNlUmVxdWVzdBojLmJpbGxpbmcudjEuR2VuZXJhdGVJbnZvaWNlUmVzcG9uc2USUQoMTGlzdEludm9pY2VzEh8uYmlsbGluZy52MS5MaXN0SW52b2ljZXNSZXF1ZXN0GiAuYmlsbGluZy52MS5MaXN0SW52b2ljZXNSZXNwb25zZRJLCgpHZXRJbnZvaWNlEh0uYmlsbGluZy52MS5HZXRJbnZvaWNlUmVxdWVzdBoeLmJpbGxpbmcudjEuR2V0SW52b2ljZVJlc3BvbnNlEmYKE1VwZGF0ZUludm9pY2VTdGF0dXMSJi5iaWxsaW5nLnYxLlVwZGF0ZUludm9pY2VTdGF0dXNSZXF1ZXN0GicuYmlsbGluZy52MS5VcGRhdGVJbnZvaWNlU3RhdHVzUmVzcG9uc2ViBnByb3RvMw", [file_common_v1_common, file_google_protobuf_timestamp]);
+  fileDesc("ChhiaWxsaW5nL3YxL2JpbGxpbmcucHJvdG8SCmJpbGxpbmcudjEivAEKDE9yZ2FuaXphdGlvbhIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEi8KC2NyZWF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgx0YXhfcmF0ZV9icHMYBCABKAUSEwoLYmlsbGluZ19kYXkYBSABKAUSHAoUbW9udGhseV9idWRnZXRfbmFub3MYBiABKAMSGAoQbWF4X2Rpc2NvdW50X2JwcxgHIAEoBSJkCgdQcm9qZWN0EgoKAmlkGAEgASgJEg4KBm9yZ19pZBgCIAEoCRIMCgRuYW1lGAMgASgJEi8KC2NyZWF0ZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLCAQoJS2V5TGltaXRzEhwKFG1vbnRobHlfYnVkZ2V0X25hbm9zGAEgASgDEhYKDm1vbnRobHlfdG9rZW5zGAIgASgDEhsKE3JlcXVlc3RzX3Blcl9taW51dGUYAyABKAUSGQoRdG9rZW5zX3Blcl9taW51dGUYBCABKAMSFgoOYWxsb3dlZF9tb2RlbHMYBSADKAkSLwoLZXhwaXJlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIt8BCgZBcGlLZXkSCgoCaWQYASABKAkSDgoGb3JnX2lkGAIgASgJEhIKCnByb2plY3RfaWQYAyABKAkSDAoEbmFtZRgEIAEoCRIOCgZwcmVmaXgYBSABKAkSJQoGbGltaXRzGAYgASgLMhUuYmlsbGluZy52MS5LZXlMaW1pdHMSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKMAQoZQ3JlYXRlT3JnYW5pemF0aW9uUmVxdWVzdBIMCgRuYW1lGAEgASgJEhQKDHRheF9yYXRlX2JwcxgCIAEoBRITCgtiaWxsaW5nX2RheRgDIAEoBRIcChRtb250aGx5X2J1ZGdldF9uYW5vcxgEIAEoAxIYChBtYXhfZGlzY291bnRfYnBzGAUgASgFIkwKGkNyZWF0ZU9yZ2FuaXphdGlvblJlc3BvbnNlEi4KDG9yZ2FuaXphdGlvbhgBIAEoCzIYLmJpbGxpbmcudjEuT3JnYW5pemF0aW9uIhoKGExpc3RPcmdhbml6YXRpb25zUmVxdWVzdCJMChlMaXN0T3JnYW5pemF0aW9uc1Jlc3BvbnNlEi8KDW9yZ2FuaXphdGlvbnMYASADKAsyGC5iaWxsaW5nLnYxLk9yZ2FuaXphdGlvbiI0ChRDcmVhdGVQcm9qZWN0UmVxdWVzdBIOCgZvcmdfaWQYASABKAkSDAoEbmFtZRgCIAEoCSI9ChVDcmVhdGVQcm9qZWN0UmVzcG9uc2USJAoHcHJvamVjdBgBIAEoCzITLmJpbGxpbmcudjEuUHJvamVjdCIlChNMaXN0UHJvamVjdHNSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCSI9ChRMaXN0UHJvamVjdHNSZXNwb25zZRIlCghwcm9qZWN0cxgBIAMoCzITLmJpbGxpbmcudjEuUHJvamVjdCJuChNDcmVhdGVBcGlLZXlSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEgwKBG5hbWUYAyABKAkSJQoGbGltaXRzGAQgASgLMhUuYmlsbGluZy52MS5LZXlMaW1pdHMiSwoUQ3JlYXRlQXBpS2V5UmVzcG9uc2USIwoHYXBpX2tleRgBIAEoCzISLmJpbGxpbmcudjEuQXBpS2V5Eg4KBnNlY3JldBgCIAEoCSI9ChJMaXN0QXBpS2V5c1JlcXVlc3QSDgoGb3JnX2lkGAEgASgJEhcKD2luY2x1ZGVfcmV2b2tlZBgCIAEoCCI7ChNMaXN0QXBpS2V5c1Jlc3BvbnNlEiQKCGFwaV9rZXlzGAEgAygLMhIuYmlsbGluZy52MS5BcGlLZXkiKQoTUmV2b2tlQXBpS2V5UmVxdWVzdBISCgphcGlfa2V5X2lkGAEgASgJIjsKFFJldm9rZUFwaUtleVJlc3BvbnNlEiMKB2FwaV9rZXkYASABKAsyEi5iaWxsaW5nLnYxLkFwaUtleSIpChNSb3RhdGVBcGlLZXlSZXF1ZXN0EhIKCmFwaV9rZXlfaWQYASABKAkiSwoUUm90YXRlQXBpS2V5UmVzcG9uc2USIwoHYXBpX2tleRgBIAEoCzISLmJpbGxpbmcudjEuQXBpS2V5Eg4KBnNlY3JldBgCIAEoCSJWChlVcGRhdGVBcGlLZXlMaW1pdHNSZXF1ZXN0EhIKCmFwaV9rZXlfaWQYASABKAkSJQoGbGltaXRzGAIgASgLMhUuYmlsbGluZy52MS5LZXlMaW1pdHMiQQoaVXBkYXRlQXBpS2V5TGltaXRzUmVzcG9uc2USIwoHYXBpX2tleRgBIAEoCzISLmJpbGxpbmcudjEuQXBpS2V5IiUKE0F1dGhvcml6ZUtleVJlcXVlc3QSDgoGc2VjcmV0GAEgASgJIrEBChRBdXRob3JpemVLZXlSZXNwb25zZRIjCgdhcGlfa2V5GAEgASgLMhIuYmlsbGluZy52MS5BcGlLZXkSLgoMb3JnYW5pemF0aW9uGAIgASgLMhguYmlsbGluZy52MS5Pcmdhbml6YXRpb24SFwoPa2V5X3NwZW50X25hbm9zGAMgASgDEhcKD29yZ19zcGVudF9uYW5vcxgEIAEoAxISCgprZXlfdG9rZW5zGAUgASgDIhgKFldhdGNoS2V5Q2hhbmdlc1JlcXVlc3QiUwoXV2F0Y2hLZXlDaGFuZ2VzUmVzcG9uc2USEgoKYXBpX2tleV9pZBgBIAEoCRITCgtzZWNyZXRfaGFzaBgCIAEoCRIPCgdyZXZva2VkGAMgASgIIpMBChlBY3F1aXJlQnVkZ2V0TGVhc2VSZXF1ZXN0EiYKBXNjb3BlGAEgASgOMhcuYmlsbGluZy52MS5CdWRnZXRTY29wZRIQCghzY29wZV9pZBgCIAEoCRIOCgZob2xkZXIYAyABKAkSFwoPcmVxdWVzdGVkX25hbm9zGAQgASgDEhMKC3R0bF9zZWNvbmRzGAUgASgFIo8BChpBY3F1aXJlQnVkZ2V0TGVhc2VSZXNwb25zZRIQCghsZWFzZV9pZBgBIAEoCRIVCg1ncmFudGVkX25hbm9zGAIgASgDEi8KC2V4cGlyZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9yZW1haW5pbmdfbmFub3MYBCABKAMiQgoZUmVsZWFzZUJ1ZGdldExlYXNlUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRITCgtzcGVudF9uYW5vcxgCIAEoAyIcChpSZWxlYXNlQnVkZ2V0TGVhc2VSZXNwb25zZSK+AgoLVXNhZ2VSZWNvcmQSEgoKcmVxdWVzdF9pZBgBIAEoCRIOCgZvcmdfaWQYAiABKAkSEgoKcHJvamVjdF9pZBgDIAEoCRISCgphcGlfa2V5X2lkGAQgASgJEg0KBW1vZGVsGAUgASgJEhAKCHByb3ZpZGVyGAYgASgJEiUKCGVuZHBvaW50GAcgASgOMhMuY29tbW9uLnYxLkVuZHBvaW50EiQKBXVzYWdlGAggASgLMhUuY29tbW9uLnYxLlRva2VuVXNhZ2USEgoKY29zdF9uYW5vcxgJIAEoAxIuCgpvY2N1cl90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIxCg5jb3N0X2JyZWFrZG93bhgLIAEoCzIZLmJpbGxpbmcudjEuQ29zdEJyZWFrZG93biJvCg1Db3N0QnJlYWtkb3duEhMKC2lucHV0X25hbm9zGAEgASgDEhoKEmNhY2hlZF9pbnB1dF9uYW5vcxgCIAEoAxIUCgxvdXRwdXRfbmFub3MYAyABKAMSFwoPcmVhc29uaW5nX25hbm9zGAQgASgDIj4KElJlY29yZFVzYWdlUmVxdWVzdBIoCgdyZWNvcmRzGAEgAygLMhcuYmlsbGluZy52MS5Vc2FnZVJlY29yZCI7ChNSZWNvcmRVc2FnZVJlc3BvbnNlEhAKCGluc2VydGVkGAEgASgFEhIKCmR1cGxpY2F0ZXMYAiABKAUirgEKFkdldFVzYWdlU3VtbWFyeVJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSEgoKYXBpX2tleV9pZBgDIAEoCRIuCgpzdGFydF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiZQoXR2V0VXNhZ2VTdW1tYXJ5UmVzcG9uc2USEAoIcmVxdWVzdHMYASABKAMSJAoFdXNhZ2UYAiABKAsyFS5jb21tb24udjEuVG9rZW5Vc2FnZRISCgpjb3N0X25hbm9zGAMgASgDIsIBChdMaXN0VXNhZ2VSZWNvcmRzUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAUgASgFEhIKCnBhZ2VfdG9rZW4YBiABKAkiXQoYTGlzdFVzYWdlUmVjb3Jkc1Jlc3BvbnNlEigKB3JlY29yZHMYASADKAsyFy5iaWxsaW5nLnYxLlVzYWdlUmVjb3JkEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI2CgpWb2x1bWVUaWVyEhIKCmZyb21fbmFub3MYASABKAMSFAoMZGlzY291bnRfYnBzGAIgASgFIpMDCgxEaXNjb3VudFJ1bGUSCgoCaWQYASABKAkSDgoGb3JnX2lkGAIgASgJEgwKBG5hbWUYAyABKAkSJgoEa2luZBgEIAEoDjIYLmJpbGxpbmcudjEuRGlzY291bnRLaW5kEhAKCHByaW9yaXR5GAUgASgFEhEKCXN0YWNrYWJsZRgGIAEoCBINCgVtb2RlbBgHIAEoCRIQCghwcm92aWRlchgIIAEoCRIUCgxkaXNjb3VudF9icHMYCSABKAUSJQoFdGllcnMYCiADKAsyFi5iaWxsaW5nLnYxLlZvbHVtZVRpZXISEgoKc3RhcnRfaG91chgLIAEoBRIQCghlbmRfaG91chgMIAEoBRIUCgxkYXlzX29mX3dlZWsYDSADKAUSLgoKdmFsaWRfZnJvbRgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdmFsaWRfdW50aWwYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCWNhcF9uYW5vcxgQIAEoAyJDChlDcmVhdGVEaXNjb3VudFJ1bGVSZXF1ZXN0EiYKBHJ1bGUYASABKAsyGC5iaWxsaW5nLnYxLkRpc2NvdW50UnVsZSJEChpDcmVhdGVEaXNjb3VudFJ1bGVSZXNwb25zZRImCgRydWxlGAEgASgLMhguYmlsbGluZy52MS5EaXNjb3VudFJ1bGUiKgoYTGlzdERpc2NvdW50UnVsZXNSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCSJEChlMaXN0RGlzY291bnRSdWxlc1Jlc3BvbnNlEicKBXJ1bGVzGAEgAygLMhguYmlsbGluZy52MS5EaXNjb3VudFJ1bGUiLAoZRGVsZXRlRGlzY291bnRSdWxlUmVxdWVzdBIPCgdydWxlX2lkGAEgASgJIhwKGkRlbGV0ZURpc2NvdW50UnVsZVJlc3BvbnNlIosBCg9JbnZvaWNlTGluZUl0ZW0SEwoLZGVzY3JpcHRpb24YASABKAkSDQoFbW9kZWwYAiABKAkSEgoKdG9rZW5fdHlwZRgDIAEoCRIQCghxdWFudGl0eRgEIAEoAxIUCgxhbW91bnRfbmFub3MYBSABKAMSGAoQZGlzY291bnRfcnVsZV9pZBgGIAEoCSLZAwoHSW52b2ljZRIKCgJpZBgBIAEoCRIOCgZvcmdfaWQYAiABKAkSDgoGbnVtYmVyGAMgASgJEikKBnN0YXR1cxgEIAEoDjIZLmJpbGxpbmcudjEuSW52b2ljZVN0YXR1cxIwCgxwZXJpb2Rfc3RhcnQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnBlcmlvZF9lbmQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KCmxpbmVfaXRlbXMYByADKAsyGy5iaWxsaW5nLnYxLkludm9pY2VMaW5lSXRlbRIWCg5zdWJ0b3RhbF9jZW50cxgIIAEoAxIWCg5kaXNjb3VudF9jZW50cxgJIAEoAxIRCgl0YXhfY2VudHMYCiABKAMSEwoLdG90YWxfY2VudHMYCyABKAMSFAoMdGF4X3JhdGVfYnBzGAwgASgFEi8KC2NyZWF0ZV90aW1lGA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgppc3N1ZV90aW1lGA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yb3VuZGluZ19ydWxlGA8gASgJIlkKFkdlbmVyYXRlSW52b2ljZVJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEi8KC3BlcmlvZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI/ChdHZW5lcmF0ZUludm9pY2VSZXNwb25zZRIkCgdpbnZvaWNlGAEgASgLMhMuYmlsbGluZy52MS5JbnZvaWNlIiUKE0xpc3RJbnZvaWNlc1JlcXVlc3QSDgoGb3JnX2lkGAEgASgJIj0KFExpc3RJbnZvaWNlc1Jlc3BvbnNlEiUKCGludm9pY2VzGAEgAygLMhMuYmlsbGluZy52MS5JbnZvaWNlIicKEUdldEludm9pY2VSZXF1ZXN0EhIKCmludm9pY2VfaWQYASABKAkiOgoSR2V0SW52b2ljZVJlc3BvbnNlEiQKB2ludm9pY2UYASABKAsyEy5iaWxsaW5nLnYxLkludm9pY2UiWwoaVXBkYXRlSW52b2ljZVN0YXR1c1JlcXVlc3QSEgoKaW52b2ljZV9pZBgBIAEoCRIpCgZzdGF0dXMYAiABKA4yGS5iaWxsaW5nLnYxLkludm9pY2VTdGF0dXMiQwobVXBkYXRlSW52b2ljZVN0YXR1c1Jlc3BvbnNlEiQKB2ludm9pY2UYASABKAsyEy5iaWxsaW5nLnYxLkludm9pY2UqZAoLQnVkZ2V0U2NvcGUSHAoYQlVER0VUX1NDT1BFX1VOU1BFQ0lGSUVEEAASHQoZQlVER0VUX1NDT1BFX09SR0FOSVpBVElPThABEhgKFEJVREdFVF9TQ09QRV9BUElfS0VZEAIqswEKDERpc2NvdW50S2luZBIdChlESVNDT1VOVF9LSU5EX1VOU1BFQ0lGSUVEEAASIgoeRElTQ09VTlRfS0lORF9WT0xVTUVfR1JBRFVBVEVEEAESIgoeRElTQ09VTlRfS0lORF9WT0xVTUVfQUxMX1VOSVRTEAISHQoZRElTQ09VTlRfS0lORF9USU1FX1dJTkRPVxADEh0KGURJU0NPVU5UX0tJTkRfUFJPTU9USU9OQUwQBCqWAQoNSW52b2ljZVN0YXR1cxIeChpJTlZPSUNFX1NUQVRVU19VTlNQRUNJRklFRBAAEhgKFElOVk9JQ0VfU1RBVFVTX0RSQUZUEAESGQoVSU5WT0lDRV9TVEFUVVNfSVNTVUVEEAISFwoTSU5WT0lDRV9TVEFUVVNfUEFJRBADEhcKE0lOVk9JQ0VfU1RBVFVTX1ZPSUQQBDLEEAoOQmlsbGluZ1NlcnZpY2USYwoSQ3JlYXRlT3JnYW5pemF0aW9uEiUuYmlsbGluZy52MS5DcmVhdGVPcmdhbml6YXRpb25SZXF1ZXN0GiYuYmlsbGluZy52MS5DcmVhdGVPcmdhbml6YXRpb25SZXNwb25zZRJgChFMaXN0T3JnYW5pemF0aW9ucxIkLmJpbGxpbmcudjEuTGlzdE9yZ2FuaXphdGlvbnNSZXF1ZXN0GiUuYmlsbGluZy52MS5MaXN0T3JnYW5pemF0aW9uc1Jlc3BvbnNlElQKDUNyZWF0ZVByb2plY3QSIC5iaWxsaW5nLnYxLkNyZWF0ZVByb2plY3RSZXF1ZXN0GiEuYmlsbGluZy52MS5DcmVhdGVQcm9qZWN0UmVzcG9uc2USUQoMTGlzdFByb2plY3RzEh8uYmlsbGluZy52MS5MaXN0UHJvamVjdHNSZXF1ZXN0GiAuYmlsbGluZy52MS5MaXN0UHJvamVjdHNSZXNwb25zZRJRCgxDcmVhdGVBcGlLZXkSHy5iaWxsaW5nLnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaIC5iaWxsaW5nLnYxLkNyZWF0ZUFwaUtleVJlc3BvbnNlEk4KC0xpc3RBcGlLZXlzEh4uYmlsbGluZy52MS5MaXN0QXBpS2V5c1JlcXVlc3QaHy5iaWxsaW5nLnYxLkxpc3RBcGlLZXlzUmVzcG9uc2USUQoMUmV2b2tlQXBpS2V5Eh8uYmlsbGluZy52MS5SZXZva2VBcGlLZXlSZXF1ZXN0GiAuYmlsbGluZy52MS5SZXZva2VBcGlLZXlSZXNwb25zZRJRCgxSb3RhdGVBcGlLZXkSHy5iaWxsaW5nLnYxLlJvdGF0ZUFwaUtleVJlcXVlc3QaIC5iaWxsaW5nLnYxLlJvdGF0ZUFwaUtleVJlc3BvbnNlEmMKElVwZGF0ZUFwaUtleUxpbWl0cxIlLmJpbGxpbmcudjEuVXBkYXRlQXBpS2V5TGltaXRzUmVxdWVzdBomLmJpbGxpbmcudjEuVXBkYXRlQXBpS2V5TGltaXRzUmVzcG9uc2USUQoMQXV0aG9yaXplS2V5Eh8uYmlsbGluZy52MS5BdXRob3JpemVLZXlSZXF1ZXN0GiAuYmlsbGluZy52MS5BdXRob3JpemVLZXlSZXNwb25zZRJcCg9XYXRjaEtleUNoYW5nZXMSIi5iaWxsaW5nLnYxLldhdGNoS2V5Q2hhbmdlc1JlcXVlc3QaIy5iaWxsaW5nLnYxLldhdGNoS2V5Q2hhbmdlc1Jlc3BvbnNlMAESYwoSQWNxdWlyZUJ1ZGdldExlYXNlEiUuYmlsbGluZy52MS5BY3F1aXJlQnVkZ2V0TGVhc2VSZXF1ZXN0GiYuYmlsbGluZy52MS5BY3F1aXJlQnVkZ2V0TGVhc2VSZXNwb25zZRJjChJSZWxlYXNlQnVkZ2V0TGVhc2USJS5iaWxsaW5nLnYxLlJlbGVhc2VCdWRnZXRMZWFzZVJlcXVlc3QaJi5iaWxsaW5nLnYxLlJlbGVhc2VCdWRnZXRMZWFzZVJlc3BvbnNlEk4KC1JlY29yZFVzYWdlEh4uYmlsbGluZy52MS5SZWNvcmRVc2FnZVJlcXVlc3QaHy5iaWxsaW5nLnYxLlJlY29yZFVzYWdlUmVzcG9uc2USWgoPR2V0VXNhZ2VTdW1tYXJ5EiIuYmlsbGluZy52MS5HZXRVc2FnZVN1bW1hcnlSZXF1ZXN0GiMuYmlsbGluZy52MS5HZXRVc2FnZVN1bW1hcnlSZXNwb25zZRJdChBMaXN0VXNhZ2VSZWNvcmRzEiMuYmlsbGluZy52MS5MaXN0VXNhZ2VSZWNvcmRzUmVxdWVzdBokLmJpbGxpbmcudjEuTGlzdFVzYWdlUmVjb3Jkc1Jlc3BvbnNlEmMKEkNyZWF0ZURpc2NvdW50UnVsZRIlLmJpbGxpbmcudjEuQ3JlYXRlRGlzY291bnRSdWxlUmVxdWVzdBomLmJpbGxpbmcudjEuQ3JlYXRlRGlzY291bnRSdWxlUmVzcG9uc2USYAoRTGlzdERpc2NvdW50UnVsZXMSJC5iaWxsaW5nLnYxLkxpc3REaXNjb3VudFJ1bGVzUmVxdWVzdBolLmJpbGxpbmcudjEuTGlzdERpc2NvdW50UnVsZXNSZXNwb25zZRJjChJEZWxldGVEaXNjb3VudFJ1bGUSJS5iaWxsaW5nLnYxLkRlbGV0ZURpc2NvdW50UnVsZVJlcXVlc3QaJi5iaWxsaW5nLnYxLkRlbGV0ZURpc2NvdW50UnVsZVJlc3BvbnNlEloKD0dlbmVyYXRlSW52b2ljZRIiLmJpbGxpbmcudjEuR2VuZXJhdGVJbnZvaWNlUmVxdWVzdBojLmJpbGxpbmcudjEuR2VuZXJhdGVJbnZvaWNlUmVzcG9uc2USUQoMTGlzdEludm9pY2VzEh8uYmlsbGluZy52MS5MaXN0SW52b2ljZXNSZXF1ZXN0GiAuYmlsbGluZy52MS5MaXN0SW52b2ljZXNSZXNwb25zZRJLCgpHZXRJbnZvaWNlEh0uYmlsbGluZy52MS5HZXRJbnZvaWNlUmVxdWVzdBoeLmJpbGxpbmcudjEuR2V0SW52b2ljZVJlc3BvbnNlEmYKE1VwZGF0ZUludm9pY2VTdGF0dXMSJi5iaWxsaW5nLnYxLlVwZGF0ZUludm9pY2VTdGF0dXNSZXF1ZXN0GicuYmlsbGluZy52MS5VcGRhdGVJbnZvaWNlU3RhdHVzUmVzcG9uc2ViBnByb3RvMw", [file_common_v1_common, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message billing.v1.Organization
@@ -59,6 +59,14 @@ export type Organization = Message<"billing.v1.Organization"> & {
    * @generated from field: int64 monthly_budget_nanos = 6;
    */
   monthlyBudgetNanos: bigint;
+
+  /**
+   * Most that all discount rules together may take off an invoice, in basis points of its subtotal (0..10000);
+   * 0 means no limit beyond the subtotal itself. Rules of higher priority keep their discount first.
+   *
+   * @generated from field: int32 max_discount_bps = 7;
+   */
+  maxDiscountBps: number;
 };
 
 /**
@@ -247,6 +255,13 @@ export type CreateOrganizationRequest = Message<"billing.v1.CreateOrganizationRe
    * @generated from field: int64 monthly_budget_nanos = 4;
    */
   monthlyBudgetNanos: bigint;
+
+  /**
+   * See Organization.max_discount_bps.
+   *
+   * @generated from field: int32 max_discount_bps = 5;
+   */
+  maxDiscountBps: number;
 };
 
 /**
@@ -881,6 +896,14 @@ export type UsageRecord = Message<"billing.v1.UsageRecord"> & {
    * @generated from field: google.protobuf.Timestamp occur_time = 10;
    */
   occurTime?: Timestamp | undefined;
+
+  /**
+   * Optional split of cost_nanos by token type, set by whoever priced the request. When set, its four parts
+   * must add up to cost_nanos exactly; invoices itemise by token type only the records that carry it.
+   *
+   * @generated from field: billing.v1.CostBreakdown cost_breakdown = 11;
+   */
+  costBreakdown?: CostBreakdown | undefined;
 };
 
 /**
@@ -889,6 +912,44 @@ export type UsageRecord = Message<"billing.v1.UsageRecord"> & {
  */
 export const UsageRecordSchema: GenMessage<UsageRecord> = /*@__PURE__*/
   messageDesc(file_billing_v1_billing, 30);
+
+/**
+ * Parts of a request's cost_nanos per token type, in nano-USD, each priced at its own rate.
+ *
+ * @generated from message billing.v1.CostBreakdown
+ */
+export type CostBreakdown = Message<"billing.v1.CostBreakdown"> & {
+  /**
+   * Input tokens that were not cached.
+   *
+   * @generated from field: int64 input_nanos = 1;
+   */
+  inputNanos: bigint;
+
+  /**
+   * @generated from field: int64 cached_input_nanos = 2;
+   */
+  cachedInputNanos: bigint;
+
+  /**
+   * Output tokens that were not reasoning.
+   *
+   * @generated from field: int64 output_nanos = 3;
+   */
+  outputNanos: bigint;
+
+  /**
+   * @generated from field: int64 reasoning_nanos = 4;
+   */
+  reasoningNanos: bigint;
+};
+
+/**
+ * Describes the message billing.v1.CostBreakdown.
+ * Use `create(CostBreakdownSchema)` to create a new message.
+ */
+export const CostBreakdownSchema: GenMessage<CostBreakdown> = /*@__PURE__*/
+  messageDesc(file_billing_v1_billing, 31);
 
 /**
  * @generated from message billing.v1.RecordUsageRequest
@@ -907,7 +968,7 @@ export type RecordUsageRequest = Message<"billing.v1.RecordUsageRequest"> & {
  * Use `create(RecordUsageRequestSchema)` to create a new message.
  */
 export const RecordUsageRequestSchema: GenMessage<RecordUsageRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 31);
+  messageDesc(file_billing_v1_billing, 32);
 
 /**
  * @generated from message billing.v1.RecordUsageResponse
@@ -933,7 +994,7 @@ export type RecordUsageResponse = Message<"billing.v1.RecordUsageResponse"> & {
  * Use `create(RecordUsageResponseSchema)` to create a new message.
  */
 export const RecordUsageResponseSchema: GenMessage<RecordUsageResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 32);
+  messageDesc(file_billing_v1_billing, 33);
 
 /**
  * @generated from message billing.v1.GetUsageSummaryRequest
@@ -974,7 +1035,7 @@ export type GetUsageSummaryRequest = Message<"billing.v1.GetUsageSummaryRequest"
  * Use `create(GetUsageSummaryRequestSchema)` to create a new message.
  */
 export const GetUsageSummaryRequestSchema: GenMessage<GetUsageSummaryRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 33);
+  messageDesc(file_billing_v1_billing, 34);
 
 /**
  * @generated from message billing.v1.GetUsageSummaryResponse
@@ -1001,7 +1062,7 @@ export type GetUsageSummaryResponse = Message<"billing.v1.GetUsageSummaryRespons
  * Use `create(GetUsageSummaryResponseSchema)` to create a new message.
  */
 export const GetUsageSummaryResponseSchema: GenMessage<GetUsageSummaryResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 34);
+  messageDesc(file_billing_v1_billing, 35);
 
 /**
  * @generated from message billing.v1.ListUsageRecordsRequest
@@ -1051,7 +1112,7 @@ export type ListUsageRecordsRequest = Message<"billing.v1.ListUsageRecordsReques
  * Use `create(ListUsageRecordsRequestSchema)` to create a new message.
  */
 export const ListUsageRecordsRequestSchema: GenMessage<ListUsageRecordsRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 35);
+  messageDesc(file_billing_v1_billing, 36);
 
 /**
  * @generated from message billing.v1.ListUsageRecordsResponse
@@ -1075,7 +1136,7 @@ export type ListUsageRecordsResponse = Message<"billing.v1.ListUsageRecordsRespo
  * Use `create(ListUsageRecordsResponseSchema)` to create a new message.
  */
 export const ListUsageRecordsResponseSchema: GenMessage<ListUsageRecordsResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 36);
+  messageDesc(file_billing_v1_billing, 37);
 
 /**
  * @generated from message billing.v1.VolumeTier
@@ -1101,14 +1162,21 @@ export type VolumeTier = Message<"billing.v1.VolumeTier"> & {
  * Use `create(VolumeTierSchema)` to create a new message.
  */
 export const VolumeTierSchema: GenMessage<VolumeTier> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 37);
+  messageDesc(file_billing_v1_billing, 38);
 
 /**
+ * A discount on an org's usage, applied when its invoices are generated.
+ *
+ * Rules are evaluated per UTC hour of usage, highest priority first (ties by id). Each rule discounts the usage it
+ * matches (scope, validity, time window) as it stands after the rules before it, so stacked rules compound and the
+ * discount on any usage never exceeds that usage. A rule that is not stackable takes the usage it matched away from
+ * every rule after it. Discounts round down to the nano-USD. Organization.max_discount_bps limits the sum.
+ *
  * @generated from message billing.v1.DiscountRule
  */
 export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   /**
-   * ULID prefixed "disc_".
+   * ULID prefixed "disc_". Set by billing.
    *
    * @generated from field: string id = 1;
    */
@@ -1120,6 +1188,8 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   orgId: string;
 
   /**
+   * 1..200 characters; printed on invoices.
+   *
    * @generated from field: string name = 3;
    */
   name: string;
@@ -1137,14 +1207,14 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   priority: number;
 
   /**
-   * When false, a matching rule stops rules of lower priority.
+   * When false, usage this rule matched gets no discount from rules of lower priority.
    *
    * @generated from field: bool stackable = 6;
    */
   stackable: boolean;
 
   /**
-   * Optional scope: only usage of this model / provider.
+   * Optional scope: only usage of this public model name / provider; empty matches all.
    *
    * @generated from field: string model = 7;
    */
@@ -1156,21 +1226,24 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   provider: string;
 
   /**
-   * For flat kinds (time window, promotional): discount in basis points.
+   * Time window and promotional kinds: discount in basis points (1..10000). Must be 0 for volume kinds.
    *
    * @generated from field: int32 discount_bps = 9;
    */
   discountBps: number;
 
   /**
-   * Volume tiers, ascending by from_nanos.
+   * Volume kinds: 1..20 tiers, strictly ascending by from_nanos, with discount_bps never decreasing. The volume is
+   * the rule's matching usage in the period before any discount. Must be empty for other kinds.
    *
    * @generated from field: repeated billing.v1.VolumeTier tiers = 10;
    */
   tiers: VolumeTier[];
 
   /**
-   * Time window: hours [start_hour, end_hour) UTC, 0..24, and days of week (0 = Sunday); empty days = all.
+   * Time window kind: hours [start_hour, end_hour) UTC with 0 <= start_hour < end_hour <= 24, and days of week
+   * (0 = Sunday .. 6) of the usage; empty days means every day. Other kinds must leave them at 0, 0 (or 0, 24)
+   * and empty.
    *
    * @generated from field: int32 start_hour = 11;
    */
@@ -1187,7 +1260,7 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   daysOfWeek: number[];
 
   /**
-   * Validity (promotional, or any kind); unset means open.
+   * Validity, any kind: usage in [valid_from, valid_until) matches; unset means open. Whole UTC hours.
    *
    * @generated from field: google.protobuf.Timestamp valid_from = 14;
    */
@@ -1199,7 +1272,7 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   validUntil?: Timestamp | undefined;
 
   /**
-   * Promotional cap: the most this rule may discount in one period, in nano-USD; 0 = no cap.
+   * The most this rule may discount in one billing period, in nano-USD (the usage cap of promotions); 0 = no cap.
    *
    * @generated from field: int64 cap_nanos = 16;
    */
@@ -1211,7 +1284,7 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
  * Use `create(DiscountRuleSchema)` to create a new message.
  */
 export const DiscountRuleSchema: GenMessage<DiscountRule> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 38);
+  messageDesc(file_billing_v1_billing, 39);
 
 /**
  * @generated from message billing.v1.CreateDiscountRuleRequest
@@ -1230,7 +1303,7 @@ export type CreateDiscountRuleRequest = Message<"billing.v1.CreateDiscountRuleRe
  * Use `create(CreateDiscountRuleRequestSchema)` to create a new message.
  */
 export const CreateDiscountRuleRequestSchema: GenMessage<CreateDiscountRuleRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 39);
+  messageDesc(file_billing_v1_billing, 40);
 
 /**
  * @generated from message billing.v1.CreateDiscountRuleResponse
@@ -1247,7 +1320,7 @@ export type CreateDiscountRuleResponse = Message<"billing.v1.CreateDiscountRuleR
  * Use `create(CreateDiscountRuleResponseSchema)` to create a new message.
  */
 export const CreateDiscountRuleResponseSchema: GenMessage<CreateDiscountRuleResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 40);
+  messageDesc(file_billing_v1_billing, 41);
 
 /**
  * @generated from message billing.v1.ListDiscountRulesRequest
@@ -1264,7 +1337,7 @@ export type ListDiscountRulesRequest = Message<"billing.v1.ListDiscountRulesRequ
  * Use `create(ListDiscountRulesRequestSchema)` to create a new message.
  */
 export const ListDiscountRulesRequestSchema: GenMessage<ListDiscountRulesRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 41);
+  messageDesc(file_billing_v1_billing, 42);
 
 /**
  * @generated from message billing.v1.ListDiscountRulesResponse
@@ -1281,7 +1354,7 @@ export type ListDiscountRulesResponse = Message<"billing.v1.ListDiscountRulesRes
  * Use `create(ListDiscountRulesResponseSchema)` to create a new message.
  */
 export const ListDiscountRulesResponseSchema: GenMessage<ListDiscountRulesResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 42);
+  messageDesc(file_billing_v1_billing, 43);
 
 /**
  * @generated from message billing.v1.DeleteDiscountRuleRequest
@@ -1298,7 +1371,7 @@ export type DeleteDiscountRuleRequest = Message<"billing.v1.DeleteDiscountRuleRe
  * Use `create(DeleteDiscountRuleRequestSchema)` to create a new message.
  */
 export const DeleteDiscountRuleRequestSchema: GenMessage<DeleteDiscountRuleRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 43);
+  messageDesc(file_billing_v1_billing, 44);
 
 /**
  * @generated from message billing.v1.DeleteDiscountRuleResponse
@@ -1311,7 +1384,7 @@ export type DeleteDiscountRuleResponse = Message<"billing.v1.DeleteDiscountRuleR
  * Use `create(DeleteDiscountRuleResponseSchema)` to create a new message.
  */
 export const DeleteDiscountRuleResponseSchema: GenMessage<DeleteDiscountRuleResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 44);
+  messageDesc(file_billing_v1_billing, 45);
 
 /**
  * @generated from message billing.v1.InvoiceLineItem
@@ -1323,18 +1396,23 @@ export type InvoiceLineItem = Message<"billing.v1.InvoiceLineItem"> & {
   description: string;
 
   /**
+   * Public model name; empty for discounts that span models.
+   *
    * @generated from field: string model = 2;
    */
   model: string;
 
   /**
-   * "input", "cached_input", "output", "reasoning", or "discount".
+   * "input", "cached_input", "output", "reasoning", "usage" (cost of records that carry no cost_breakdown), or
+   * "discount".
    *
    * @generated from field: string token_type = 3;
    */
   tokenType: string;
 
   /**
+   * Tokens of this type (input + output tokens for "usage"); 0 for discounts.
+   *
    * @generated from field: int64 quantity = 4;
    */
   quantity: bigint;
@@ -1345,6 +1423,13 @@ export type InvoiceLineItem = Message<"billing.v1.InvoiceLineItem"> & {
    * @generated from field: int64 amount_nanos = 5;
    */
   amountNanos: bigint;
+
+  /**
+   * The discount rule of a "discount" line; empty otherwise.
+   *
+   * @generated from field: string discount_rule_id = 6;
+   */
+  discountRuleId: string;
 };
 
 /**
@@ -1352,7 +1437,7 @@ export type InvoiceLineItem = Message<"billing.v1.InvoiceLineItem"> & {
  * Use `create(InvoiceLineItemSchema)` to create a new message.
  */
 export const InvoiceLineItemSchema: GenMessage<InvoiceLineItem> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 45);
+  messageDesc(file_billing_v1_billing, 46);
 
 /**
  * @generated from message billing.v1.Invoice
@@ -1433,6 +1518,13 @@ export type Invoice = Message<"billing.v1.Invoice"> & {
    * @generated from field: google.protobuf.Timestamp issue_time = 14;
    */
   issueTime?: Timestamp | undefined;
+
+  /**
+   * How the totals were rounded, in words, for printing next to them.
+   *
+   * @generated from field: string rounding_rule = 15;
+   */
+  roundingRule: string;
 };
 
 /**
@@ -1440,9 +1532,11 @@ export type Invoice = Message<"billing.v1.Invoice"> & {
  * Use `create(InvoiceSchema)` to create a new message.
  */
 export const InvoiceSchema: GenMessage<Invoice> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 46);
+  messageDesc(file_billing_v1_billing, 47);
 
 /**
+ * Fails with FAILED_PRECONDITION when the period already has an issued or paid invoice (void it first).
+ *
  * @generated from message billing.v1.GenerateInvoiceRequest
  */
 export type GenerateInvoiceRequest = Message<"billing.v1.GenerateInvoiceRequest"> & {
@@ -1452,7 +1546,7 @@ export type GenerateInvoiceRequest = Message<"billing.v1.GenerateInvoiceRequest"
   orgId: string;
 
   /**
-   * Any instant inside the billing period to invoice.
+   * Any instant inside the billing period to invoice; unset means now.
    *
    * @generated from field: google.protobuf.Timestamp period_time = 2;
    */
@@ -1464,7 +1558,7 @@ export type GenerateInvoiceRequest = Message<"billing.v1.GenerateInvoiceRequest"
  * Use `create(GenerateInvoiceRequestSchema)` to create a new message.
  */
 export const GenerateInvoiceRequestSchema: GenMessage<GenerateInvoiceRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 47);
+  messageDesc(file_billing_v1_billing, 48);
 
 /**
  * @generated from message billing.v1.GenerateInvoiceResponse
@@ -1481,7 +1575,7 @@ export type GenerateInvoiceResponse = Message<"billing.v1.GenerateInvoiceRespons
  * Use `create(GenerateInvoiceResponseSchema)` to create a new message.
  */
 export const GenerateInvoiceResponseSchema: GenMessage<GenerateInvoiceResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 48);
+  messageDesc(file_billing_v1_billing, 49);
 
 /**
  * @generated from message billing.v1.ListInvoicesRequest
@@ -1498,9 +1592,11 @@ export type ListInvoicesRequest = Message<"billing.v1.ListInvoicesRequest"> & {
  * Use `create(ListInvoicesRequestSchema)` to create a new message.
  */
 export const ListInvoicesRequestSchema: GenMessage<ListInvoicesRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 49);
+  messageDesc(file_billing_v1_billing, 50);
 
 /**
+ * Newest period first. Line items are left out; GetInvoice has them.
+ *
  * @generated from message billing.v1.ListInvoicesResponse
  */
 export type ListInvoicesResponse = Message<"billing.v1.ListInvoicesResponse"> & {
@@ -1515,7 +1611,7 @@ export type ListInvoicesResponse = Message<"billing.v1.ListInvoicesResponse"> & 
  * Use `create(ListInvoicesResponseSchema)` to create a new message.
  */
 export const ListInvoicesResponseSchema: GenMessage<ListInvoicesResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 50);
+  messageDesc(file_billing_v1_billing, 51);
 
 /**
  * @generated from message billing.v1.GetInvoiceRequest
@@ -1532,7 +1628,7 @@ export type GetInvoiceRequest = Message<"billing.v1.GetInvoiceRequest"> & {
  * Use `create(GetInvoiceRequestSchema)` to create a new message.
  */
 export const GetInvoiceRequestSchema: GenMessage<GetInvoiceRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 51);
+  messageDesc(file_billing_v1_billing, 52);
 
 /**
  * @generated from message billing.v1.GetInvoiceResponse
@@ -1549,9 +1645,12 @@ export type GetInvoiceResponse = Message<"billing.v1.GetInvoiceResponse"> & {
  * Use `create(GetInvoiceResponseSchema)` to create a new message.
  */
 export const GetInvoiceResponseSchema: GenMessage<GetInvoiceResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 52);
+  messageDesc(file_billing_v1_billing, 53);
 
 /**
+ * Allowed: draft -> issued (once the period has ended), issued -> paid, draft or issued -> void. Anything else is
+ * FAILED_PRECONDITION. Setting the current status again is a no-op.
+ *
  * @generated from message billing.v1.UpdateInvoiceStatusRequest
  */
 export type UpdateInvoiceStatusRequest = Message<"billing.v1.UpdateInvoiceStatusRequest"> & {
@@ -1571,7 +1670,7 @@ export type UpdateInvoiceStatusRequest = Message<"billing.v1.UpdateInvoiceStatus
  * Use `create(UpdateInvoiceStatusRequestSchema)` to create a new message.
  */
 export const UpdateInvoiceStatusRequestSchema: GenMessage<UpdateInvoiceStatusRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 53);
+  messageDesc(file_billing_v1_billing, 54);
 
 /**
  * @generated from message billing.v1.UpdateInvoiceStatusResponse
@@ -1588,7 +1687,7 @@ export type UpdateInvoiceStatusResponse = Message<"billing.v1.UpdateInvoiceStatu
  * Use `create(UpdateInvoiceStatusResponseSchema)` to create a new message.
  */
 export const UpdateInvoiceStatusResponseSchema: GenMessage<UpdateInvoiceStatusResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 54);
+  messageDesc(file_billing_v1_billing, 55);
 
 /**
  * Which budget a lease draws on.

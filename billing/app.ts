@@ -1,0 +1,27 @@
+import type pg from "pg";
+import type { Logger } from "../lib/log.ts";
+import { createBillingAuth } from "./auth.ts";
+import { invoicePages } from "./invoices/http.ts";
+import { billingRoutes } from "./routes.ts";
+import { createBillingService } from "./service.ts";
+import { createBillingStore } from "./store/store.ts";
+import { createUsageTracker } from "./usage-tracker.ts";
+
+export interface BillingAppOptions {
+  pool: pg.Pool;
+  /** Bearer token of admins and of the other mesh services. */
+  adminToken: string;
+  clock: () => Date;
+  log: Logger;
+  /** Aborted when the process is stopping. */
+  stopSignal?: AbortSignal;
+}
+
+/** Billing's parts wired together over one pool: what main.ts serves and what tests and benchmarks start. */
+export function createBillingApp({ pool, adminToken, clock, log, stopSignal }: BillingAppOptions) {
+  const store = createBillingStore(pool);
+  const auth = createBillingAuth({ store, adminToken, clock });
+  const usage = createUsageTracker({ load: store.periodUsage, clock, log });
+  const service = createBillingService({ store, auth, usage, clock, log, stopSignal });
+  return { store, service, routes: billingRoutes(service), http: invoicePages({ store, auth, log }) };
+}

@@ -1,0 +1,60 @@
+import { Code, ConnectError } from "@connectrpc/connect";
+import { bearerToken, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
+import { keySecretPrefix } from "./store/accounts.ts";
+import type { BillingStore } from "./store/store.ts";
+
+/** Who is calling: an admin (or another mesh service), or an org through one of its own API keys. */
+export type Caller = { kind: "admin" } | { kind: "api_key"; orgId: string; apiKeyId: string };
+
+/**
+ * Authentication of billing's callers, shared by the RPCs and the HTTP invoice pages. Failures are ConnectErrors:
+ * Unauthenticated without credentials or with an unknown, revoked or expired key; PermissionDenied otherwise.
+ */
+export function createBillingAuth({
+  store,
+  adminToken,
+  clock,
+}: {
+  store: Pick<BillingStore, "findApiKeyBySecretHash">;
+  adminToken: string;
+  clock: () => Date;
+}) {
+  /** The key and org of a presented secret, valid at `now`. */
+  const resolveKey = async (secret: string, now: Date) => {
+    const found = secret.startsWith(keySecretPrefix)
+      ? await store.findApiKeyBySecretHash(sha256Hex(secret))
+      : undefined;
+    if (!found) throw new ConnectError("unknown api key", Code.Unauthenticated);
+    const { revokedAt, limits } = found.apiKey;
+    if (revokedAt) throw new ConnectError("api key revoked", Code.Unauthenticated);
+    if (limits.expiresAt && limits.expiresAt <= now) throw new ConnectError("api key expired", Code.Unauthenticated);
+    return found;
+  };
+
+  const caller = async (headers: Headers): Promise<Caller> => {
+    const token = bearerToken(headers);
+    if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
+    if (safeEqual(token, adminToken)) return { kind: "admin" };
+    if (!token.startsWith(keySecretPrefix)) throw new ConnectError("invalid admin token", Code.PermissionDenied);
+    const { apiKey } = await resolveKey(token, clock());
+    return { kind: "api_key", orgId: apiKey.orgId, apiKeyId: apiKey.id };
+  };
+
+  return {
+    resolveKey,
+    caller,
+
+    requireAdmin(headers: Headers): void {
+      requireAdmin(headers, adminToken);
+    },
+
+    /** Throws unless the caller is an admin or holds a key of `orgId`. */
+    requireOrgReader(who: Caller, orgId: string): void {
+      if (who.kind === "api_key" && who.orgId !== orgId) {
+        throw new ConnectError("an api key may only read its own organization", Code.PermissionDenied);
+      }
+    },
+  };
+}
+
+export type BillingAuth = ReturnType<typeof createBillingAuth>;

@@ -1,0 +1,298 @@
+import { describe, expect, test } from "bun:test";
+import fc from "fast-check";
+import type { DiscountRule, VolumeTier } from "../store/types.ts";
+import { calculateDiscounts, type UsageHour } from "./calculate.ts";
+
+const monthStart = Date.UTC(2026, 2, 1);
+const hourMs = 3_600_000;
+const usd = 1_000_000_000n;
+
+function rule(overrides: Partial<DiscountRule> & Pick<DiscountRule, "kind">): DiscountRule {
+  return {
+    id: "disc_1",
+    orgId: "org_1",
+    name: "rule",
+    priority: 0,
+    stackable: true,
+    model: null,
+    provider: null,
+    discountBps: 0,
+    tiers: [],
+    startHour: 0,
+    endHour: 24,
+    daysOfWeek: [],
+    validFrom: null,
+    validUntil: null,
+    capNanos: 0n,
+    createdAt: new Date(monthStart),
+    ...overrides,
+  };
+}
+
+const hours = (n: number, cost: bigint, extra: Partial<UsageHour> = {}): UsageHour[] =>
+  Array.from({ length: n }, (_, i) => ({
+    hour: new Date(monthStart + i * hourMs),
+    model: "gpt",
+    provider: "openai",
+    costNanos: cost,
+    ...extra,
+  }));
+
+const noMax = { maxDiscountBps: 0 };
+const tiers: VolumeTier[] = [
+  { fromNanos: 0n, discountBps: 0 },
+  { fromNanos: 100n * usd, discountBps: 1000 },
+  { fromNanos: 1000n * usd, discountBps: 2000 },
+];
+
+describe("examples", () => {
+  test("graduated tiers discount each slice at its own rate; all-units uses the reached rate for everything", () => {
+    const usage = hours(10, 150n * usd); // $1,500
+    const graduated = calculateDiscounts(usage, [rule({ kind: "volume_graduated", tiers })], noMax);
+    // $0 on the first $100, 10% of $900, 20% of $500
+    expect(graduated.totalNanos).toBe(190n * usd);
+    const allUnits = calculateDiscounts(usage, [rule({ kind: "volume_all_units", tiers })], noMax);
+    expect(allUnits.totalNanos).toBe(300n * usd);
+    expect(graduated.subtotalNanos).toBe(1500n * usd);
+  });
+
+  test("time windows match UTC hours and weekdays", () => {
+    // 2026-03-01 is a Sunday: hours 0..47 cover Sunday and Monday.
+    const usage = hours(48, 1000n);
+    const nights = rule({ kind: "time_window", discountBps: 5000, startHour: 0, endHour: 6 });
+    expect(calculateDiscounts(usage, [nights], noMax).totalNanos).toBe(12n * 500n);
+    const sundayNights = { ...nights, daysOfWeek: [0] };
+    expect(calculateDiscounts(usage, [sundayNights], noMax).totalNanos).toBe(6n * 500n);
+  });
+
+  test("promotions apply inside their validity, up to their cap", () => {
+    const usage = hours(48, 1000n);
+    const promo = rule({
+      kind: "promotional",
+      discountBps: 10_000,
+      validFrom: new Date(monthStart + 10 * hourMs),
+      validUntil: new Date(monthStart + 20 * hourMs),
+    });
+    expect(calculateDiscounts(usage, [promo], noMax).totalNanos).toBe(10_000n);
+    expect(calculateDiscounts(usage, [{ ...promo, capNanos: 2_500n }], noMax).totalNanos).toBe(2_500n);
+  });
+
+  test("scope narrows a rule to one model or provider", () => {
+    const usage = [...hours(2, 1000n), ...hours(2, 3000n, { model: "claude", provider: "anthropic" })];
+    const promo = (scope: Partial<DiscountRule>) => rule({ kind: "promotional", discountBps: 1000, ...scope });
+    expect(calculateDiscounts(usage, [promo({ model: "claude" })], noMax).totalNanos).toBe(600n);
+    expect(calculateDiscounts(usage, [promo({ provider: "openai" })], noMax).totalNanos).toBe(200n);
+    expect(calculateDiscounts(usage, [promo({ model: "claude", provider: "openai" })], noMax).applied).toEqual([]);
+  });
+
+  test("stackable rules compound; a non-stackable one closes the usage it matched", () => {
+    const usage = [...hours(1, 10_000n), ...hours(1, 10_000n, { model: "claude" })];
+    const tenPercent = (id: string, priority: number, extra: Partial<DiscountRule> = {}) =>
+      rule({ id, kind: "promotional", discountBps: 1000, priority, ...extra });
+    const stacked = calculateDiscounts(usage, [tenPercent("a", 2), tenPercent("b", 1)], noMax);
+    expect(stacked.applied.map((a) => a.amountNanos)).toEqual([2000n, 1800n]);
+
+    const exclusiveOnGpt = tenPercent("a", 2, { stackable: false, model: "gpt" });
+    const result = calculateDiscounts(usage, [tenPercent("b", 1), exclusiveOnGpt], noMax);
+    // The lower rule still discounts claude, but not gpt.
+    expect(result.applied.map((a) => [a.rule.id, a.amountNanos])).toEqual([
+      ["a", 1000n],
+      ["b", 1000n],
+    ]);
+  });
+
+  test("the org maximum cuts rules of lower priority first", () => {
+    const usage = hours(1, 10_000n);
+    const rules = [
+      rule({ id: "a", kind: "promotional", discountBps: 2000, priority: 2 }),
+      rule({ id: "b", kind: "promotional", discountBps: 2000, priority: 1 }),
+    ];
+    const result = calculateDiscounts(usage, rules, { maxDiscountBps: 2500 });
+    expect(result.applied.map((a) => a.amountNanos)).toEqual([2000n, 500n]);
+    expect(result.totalNanos).toBe(2500n);
+  });
+
+  test("no usage, no rules: nothing", () => {
+    expect(calculateDiscounts([], [rule({ kind: "promotional", discountBps: 5000 })], noMax)).toEqual({
+      subtotalNanos: 0n,
+      applied: [],
+      totalNanos: 0n,
+    });
+    expect(calculateDiscounts(hours(1, 5n), [], noMax).totalNanos).toBe(0n);
+  });
+});
+
+// Generators: a month of hourly usage over a few models and providers, and rules of every kind.
+const models = ["gpt", "claude", "mistral"];
+const providers = ["openai", "azure"];
+const wholeHour = fc.integer({ min: 0, max: 31 * 24 }).map((h) => new Date(monthStart + h * hourMs));
+const usageArb = fc.array(
+  fc.record({
+    hour: wholeHour,
+    model: fc.constantFrom(...models),
+    provider: fc.constantFrom(...providers),
+    costNanos: fc.bigInt({ min: 0n, max: 10n ** 13n }),
+  }),
+  { maxLength: 40 },
+);
+const bps = fc.integer({ min: 0, max: 10_000 });
+const tiersArb = fc
+  .uniqueArray(fc.bigInt({ min: 0n, max: 10n ** 14n }), { minLength: 1, maxLength: 5 })
+  .chain((froms) =>
+    fc.array(bps, { minLength: froms.length, maxLength: froms.length }).map((rates) => {
+      const sortedRates = [...rates].sort((a, b) => a - b);
+      return [...froms].sort((a, b) => (a < b ? -1 : 1)).map((fromNanos, i) => ({
+        fromNanos,
+        discountBps: sortedRates[i] ?? 0,
+      }));
+    }),
+  );
+const windowArb = fc
+  .tuple(fc.integer({ min: 0, max: 23 }), fc.integer({ min: 1, max: 24 }))
+  .filter(([a, b]) => a < b);
+const ruleArb = fc
+  .record({
+    kind: fc.constantFrom("volume_graduated", "volume_all_units", "time_window", "promotional" as const),
+    priority: fc.integer({ min: 0, max: 5 }),
+    stackable: fc.boolean(),
+    model: fc.option(fc.constantFrom(...models)),
+    provider: fc.option(fc.constantFrom(...providers)),
+    discountBps: bps,
+    tiers: tiersArb,
+    window: windowArb,
+    daysOfWeek: fc.uniqueArray(fc.integer({ min: 0, max: 6 }), { maxLength: 7 }),
+    validFrom: fc.option(wholeHour),
+    validHours: fc.option(fc.integer({ min: 1, max: 31 * 24 })),
+    capNanos: fc.oneof(fc.constant(0n), fc.bigInt({ min: 1n, max: 10n ** 13n })),
+  })
+  .map((r) => {
+    const volume = r.kind === "volume_graduated" || r.kind === "volume_all_units";
+    const window = r.kind === "time_window";
+    return rule({
+      kind: r.kind,
+      priority: r.priority,
+      stackable: r.stackable,
+      model: r.model,
+      provider: r.provider,
+      discountBps: volume ? 0 : r.discountBps,
+      tiers: volume ? r.tiers : [],
+      startHour: window ? r.window[0] : 0,
+      endHour: window ? r.window[1] : 24,
+      daysOfWeek: window ? r.daysOfWeek : [],
+      validFrom: r.validFrom,
+      validUntil: r.validFrom && r.validHours ? new Date(r.validFrom.getTime() + r.validHours * hourMs) : null,
+      capNanos: r.capNanos,
+    });
+  });
+const rulesArb = fc
+  .array(ruleArb, { maxLength: 6 })
+  .map((rules) => rules.map((r, i) => ({ ...r, id: `disc_${String(i).padStart(2, "0")}` })));
+const maxArb = fc.oneof(fc.constant(0), bps);
+
+describe("properties", () => {
+  test("the discount is never negative, never above the subtotal, the org maximum or a rule's cap", () => {
+    fc.assert(
+      fc.property(usageArb, rulesArb, maxArb, (usage, rules, maxDiscountBps) => {
+        const result = calculateDiscounts(usage, rules, { maxDiscountBps });
+        const subtotal = usage.reduce((s, u) => s + u.costNanos, 0n);
+        expect(result.subtotalNanos).toBe(subtotal);
+        expect(result.totalNanos).toBe(result.applied.reduce((s, a) => s + a.amountNanos, 0n));
+        expect(result.totalNanos).toBeGreaterThanOrEqual(0n);
+        expect(result.totalNanos).toBeLessThanOrEqual(subtotal);
+        if (maxDiscountBps > 0) {
+          expect(result.totalNanos).toBeLessThanOrEqual((subtotal * BigInt(maxDiscountBps)) / 10_000n);
+        }
+        for (const a of result.applied) {
+          expect(a.amountNanos).toBeGreaterThanOrEqual(0n);
+          expect(a.amountNanos).toBeLessThanOrEqual(a.matchedNanos);
+          if (a.rule.capNanos > 0n) expect(a.amountNanos).toBeLessThanOrEqual(a.rule.capNanos);
+        }
+      }),
+    );
+  });
+
+  test("the discount on the usage of one model never exceeds that usage", () => {
+    fc.assert(
+      fc.property(usageArb, rulesArb, fc.constantFrom(...models), (usage, rules, model) => {
+        const scoped = rules.map((r) => ({ ...r, model }));
+        const ofModel = usage.filter((u) => u.model === model).reduce((s, u) => s + u.costNanos, 0n);
+        expect(calculateDiscounts(usage, scoped, noMax).totalNanos).toBeLessThanOrEqual(ofModel);
+      }),
+    );
+  });
+
+  test("the order rules are given in does not matter", () => {
+    fc.assert(
+      fc.property(usageArb, rulesArb, maxArb, fc.integer(), (usage, rules, maxDiscountBps, seed) => {
+        const shuffled = [...rules].sort(() => (seed = (seed * 1103515245 + 12345) | 0) & 1 ? 1 : -1);
+        const a = calculateDiscounts(usage, rules, { maxDiscountBps });
+        const b = calculateDiscounts(usage, shuffled, { maxDiscountBps });
+        expect(b.applied.map((x) => [x.rule.id, x.amountNanos])).toEqual(a.applied.map((x) => [x.rule.id, x.amountNanos]));
+      }),
+    );
+  });
+
+  test("graduated tiers never discount more than all-units tiers over the same usage", () => {
+    fc.assert(
+      fc.property(usageArb, tiersArb, (usage, t) => {
+        const graduated = calculateDiscounts(usage, [rule({ kind: "volume_graduated", tiers: t })], noMax);
+        const allUnits = calculateDiscounts(usage, [rule({ kind: "volume_all_units", tiers: t })], noMax);
+        expect(graduated.totalNanos).toBeLessThanOrEqual(allUnits.totalNanos);
+      }),
+    );
+  });
+
+  test("volume discounts grow with volume", () => {
+    fc.assert(
+      fc.property(
+        usageArb,
+        usageArb,
+        tiersArb,
+        fc.constantFrom("volume_graduated", "volume_all_units" as const),
+        (usage, more, t, kind) => {
+          const r = [rule({ kind, tiers: t })];
+          expect(calculateDiscounts([...usage, ...more], r, noMax).totalNanos).toBeGreaterThanOrEqual(
+            calculateDiscounts(usage, r, noMax).totalNanos,
+          );
+        },
+      ),
+    );
+  });
+
+  test("a higher rate, cap or maximum never lowers the discount of a single rule", () => {
+    fc.assert(
+      fc.property(usageArb, ruleArb, bps, bps, maxArb, (usage, r, a, b, maxDiscountBps) => {
+        const [low, high] = a < b ? [a, b] : [b, a];
+        const flat = { ...r, kind: "promotional" as const, tiers: [], discountBps: low };
+        const at = (x: DiscountRule, max = maxDiscountBps) =>
+          calculateDiscounts(usage, [x], { maxDiscountBps: max }).totalNanos;
+        expect(at({ ...flat, discountBps: high })).toBeGreaterThanOrEqual(at(flat));
+        if (r.capNanos > 0n) expect(at({ ...flat, capNanos: 0n })).toBeGreaterThanOrEqual(at(flat));
+        if (maxDiscountBps > 0) expect(at(flat, 0)).toBeGreaterThanOrEqual(at(flat));
+      }),
+    );
+  });
+
+  test("adding a rule of lower priority never lowers the total or changes the rules before it", () => {
+    fc.assert(
+      fc.property(usageArb, rulesArb, ruleArb, maxArb, (usage, rules, extra, maxDiscountBps) => {
+        const lowest = { ...extra, id: "disc_zz", priority: -1 };
+        const before = calculateDiscounts(usage, rules, { maxDiscountBps });
+        const after = calculateDiscounts(usage, [...rules, lowest], { maxDiscountBps });
+        expect(after.totalNanos).toBeGreaterThanOrEqual(before.totalNanos);
+        expect(after.applied.slice(0, before.applied.length)).toEqual(before.applied);
+      }),
+    );
+  });
+
+  test("a non-stackable rule matching all usage stops every rule of lower priority", () => {
+    fc.assert(
+      fc.property(usageArb, rulesArb, bps, (usage, rules, rate) => {
+        const exclusive = rule({ id: "disc_top", kind: "promotional", discountBps: rate, priority: 99, stackable: false });
+        const alone = calculateDiscounts(usage, [exclusive], noMax);
+        const withOthers = calculateDiscounts(usage, [exclusive, ...rules], noMax);
+        expect(withOthers.totalNanos).toBe(alone.totalNanos);
+      }),
+    );
+  });
+});

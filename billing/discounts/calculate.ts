@@ -1,0 +1,144 @@
+import type { DiscountRule } from "../store/types.ts";
+
+/** Usage cost of one model and provider in one UTC hour: the unit discount rules are evaluated on. */
+export interface UsageHour {
+  /** Start of the hour, UTC. */
+  hour: Date;
+  model: string;
+  provider: string;
+  costNanos: bigint;
+}
+
+export interface AppliedDiscount {
+  rule: DiscountRule;
+  /** Usage the rule matched, before any discount. */
+  matchedNanos: bigint;
+  /** What the rule took off, >= 0. */
+  amountNanos: bigint;
+}
+
+export interface DiscountResult {
+  subtotalNanos: bigint;
+  /** Rules that matched some usage, in the order they were applied. */
+  applied: AppliedDiscount[];
+  totalNanos: bigint;
+}
+
+const bpsScale = 10_000n;
+
+/**
+ * Discounts of one billing period. Rules apply highest priority first (ties by id), each to the usage it matches as
+ * it stands after the rules before it; a rule that is not stackable closes the usage it matched to later rules.
+ * Each rule is limited by its cap and by what is left of the org's maximum (`maxDiscountBps` of the subtotal, 0 = no
+ * maximum). Every amount rounds down to the nano-USD, so no bound is ever crossed by rounding.
+ */
+export function calculateDiscounts(
+  usage: readonly UsageHour[],
+  rules: readonly DiscountRule[],
+  options: { maxDiscountBps: number },
+): DiscountResult {
+  const remaining = usage.map((u) => u.costNanos);
+  const open = usage.map(() => true);
+  const subtotalNanos = remaining.reduce((sum, cost) => sum + cost, 0n);
+  let allowance =
+    options.maxDiscountBps > 0 ? (subtotalNanos * BigInt(options.maxDiscountBps)) / bpsScale : subtotalNanos;
+  const applied: AppliedDiscount[] = [];
+
+  for (const rule of [...rules].sort(byPriority)) {
+    const matched = usage.flatMap((u, i) => (open[i] && matches(rule, u) ? [i] : []));
+    if (matched.length === 0) continue;
+    const gross = sumAt(usage.map((u) => u.costNanos), matched);
+    const base = sumAt(remaining, matched);
+    let amount = ruleAmount(rule, gross, base);
+    if (rule.capNanos > 0n && amount > rule.capNanos) amount = rule.capNanos;
+    if (amount > allowance) amount = allowance;
+    allowance -= amount;
+    takeProportionally(remaining, matched, base, amount);
+    if (!rule.stackable) for (const i of matched) open[i] = false;
+    applied.push({ rule, matchedNanos: gross, amountNanos: amount });
+  }
+
+  const totalNanos = applied.reduce((sum, a) => sum + a.amountNanos, 0n);
+  return { subtotalNanos, applied, totalNanos };
+}
+
+/** Whether a rule covers one hour of one model's usage: scope, validity and (time windows) hour and weekday. */
+export function matches(rule: DiscountRule, usage: UsageHour): boolean {
+  if (rule.model !== null && rule.model !== usage.model) return false;
+  if (rule.provider !== null && rule.provider !== usage.provider) return false;
+  if (rule.validFrom && usage.hour < rule.validFrom) return false;
+  if (rule.validUntil && usage.hour >= rule.validUntil) return false;
+  if (rule.kind === "time_window") {
+    const hour = usage.hour.getUTCHours();
+    if (hour < rule.startHour || hour >= rule.endHour) return false;
+    if (rule.daysOfWeek.length > 0 && !rule.daysOfWeek.includes(usage.hour.getUTCDay())) return false;
+  }
+  return true;
+}
+
+/**
+ * What a rule takes off `base` (its matching usage after earlier rules), given `gross` (the same usage before
+ * any discount, which decides volume tiers). Never more than `base`.
+ */
+function ruleAmount(rule: DiscountRule, gross: bigint, base: bigint): bigint {
+  if (base <= 0n) return 0n;
+  switch (rule.kind) {
+    case "time_window":
+    case "promotional":
+      return (base * BigInt(rule.discountBps)) / bpsScale;
+    case "volume_all_units":
+      return (base * BigInt(allUnitsBps(rule, gross))) / bpsScale;
+    case "volume_graduated":
+      // The graduated rate of the gross volume, applied to what is left of it.
+      return (graduatedBpsNanos(rule, gross) * base) / (gross * bpsScale);
+  }
+}
+
+/** Basis points of the highest tier `volume` reaches; 0 below the first tier. */
+export function allUnitsBps(rule: Pick<DiscountRule, "tiers">, volume: bigint): number {
+  let bps = 0;
+  for (const tier of rule.tiers) if (volume >= tier.fromNanos) bps = tier.discountBps;
+  return bps;
+}
+
+/** Sum over tiers of (volume inside the tier) * (its basis points): the graduated discount times 10,000. */
+export function graduatedBpsNanos(rule: Pick<DiscountRule, "tiers">, volume: bigint): bigint {
+  let total = 0n;
+  rule.tiers.forEach((tier, i) => {
+    const next = rule.tiers[i + 1]?.fromNanos;
+    const top = next !== undefined && next < volume ? next : volume;
+    if (top > tier.fromNanos) total += (top - tier.fromNanos) * BigInt(tier.discountBps);
+  });
+  return total;
+}
+
+function byPriority(a: DiscountRule, b: DiscountRule): number {
+  return b.priority - a.priority || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
+}
+
+function sumAt(values: readonly bigint[], indexes: readonly number[]): bigint {
+  let sum = 0n;
+  for (const i of indexes) sum += values[i] ?? 0n;
+  return sum;
+}
+
+/**
+ * Takes `amount` (<= `base`, the sum of `remaining` at `indexes`) out of those entries in proportion to each,
+ * rounding down and then one nano-USD at a time from the first entries that still have some, so none goes negative.
+ */
+function takeProportionally(remaining: bigint[], indexes: readonly number[], base: bigint, amount: bigint): void {
+  if (amount === 0n) return;
+  let left = amount;
+  for (const i of indexes) {
+    const share = (amount * (remaining[i] ?? 0n)) / base;
+    remaining[i] = (remaining[i] ?? 0n) - share;
+    left -= share;
+  }
+  for (const i of indexes) {
+    if (left === 0n) break;
+    if ((remaining[i] ?? 0n) > 0n) {
+      remaining[i] = (remaining[i] ?? 0n) - 1n;
+      left -= 1n;
+    }
+  }
+}

@@ -1,0 +1,151 @@
+import { expect, test } from "bun:test";
+import fc from "fast-check";
+import type { DiscountRule } from "../store/types.ts";
+import { buildInvoice, describeRule, type UsageSlice } from "./build.ts";
+
+const hour = new Date("2026-03-02T10:00:00Z");
+
+function slice(overrides: Partial<UsageSlice>): UsageSlice {
+  const s: UsageSlice = {
+    hour,
+    model: "gpt-4o",
+    provider: "openai",
+    costNanos: 0n,
+    inputTokens: 0n,
+    cachedInputTokens: 0n,
+    outputTokens: 0n,
+    reasoningTokens: 0n,
+    inputNanos: 0n,
+    cachedInputNanos: 0n,
+    outputNanos: 0n,
+    reasoningNanos: 0n,
+    unitemisedTokens: 0n,
+    unitemisedNanos: 0n,
+    ...overrides,
+  };
+  s.costNanos = s.inputNanos + s.cachedInputNanos + s.outputNanos + s.reasoningNanos + s.unitemisedNanos;
+  return s;
+}
+
+const promo = (overrides: Partial<DiscountRule> = {}): DiscountRule => ({
+  id: "disc_A",
+  orgId: "org_1",
+  name: "Launch promo",
+  kind: "promotional",
+  priority: 0,
+  stackable: true,
+  model: null,
+  provider: null,
+  discountBps: 1000,
+  tiers: [],
+  startHour: 0,
+  endHour: 24,
+  daysOfWeek: [],
+  validFrom: null,
+  validUntil: null,
+  capNanos: 0n,
+  createdAt: hour,
+  ...overrides,
+});
+
+test("one line per model and token type, unitemised usage on its own line, discounts as negative lines", () => {
+  const usage = [
+    slice({ inputTokens: 1000n, inputNanos: 2_500_000n, outputTokens: 200n, outputNanos: 2_000_000n }),
+    slice({ hour: new Date("2026-03-02T11:00:00Z"), cachedInputTokens: 400n, cachedInputNanos: 500_000n }),
+    slice({ model: "claude", provider: "anthropic", unitemisedTokens: 77n, unitemisedNanos: 3_000_000n }),
+    slice({ model: "claude", provider: "anthropic", reasoningTokens: 10n, reasoningNanos: 100_000n }),
+  ];
+  const invoice = buildInvoice(usage, [promo({ model: "gpt-4o" })], { taxRateBps: 0, maxDiscountBps: 0 });
+  expect(invoice.lines.map((l) => [l.description, l.tokenType, l.quantity, l.amountNanos])).toEqual([
+    ["claude: reasoning tokens", "reasoning", 10n, 100_000n],
+    ["claude: usage not itemised by token type", "usage", 77n, 3_000_000n],
+    ["gpt-4o: input tokens", "input", 1000n, 2_500_000n],
+    ["gpt-4o: cached input tokens", "cached_input", 400n, 500_000n],
+    ["gpt-4o: output tokens", "output", 200n, 2_000_000n],
+    ["Discount: Launch promo (10% off, model gpt-4o)", "discount", 0n, -500_000n],
+  ]);
+  expect(invoice.lines.at(-1)).toMatchObject({ discountRuleId: "disc_A", model: "gpt-4o" });
+  expect(invoice).toMatchObject({ subtotalCents: 1n, discountCents: 0n, taxCents: 0n, totalCents: 1n });
+});
+
+test("each total is rounded once, half-up, from exact nano-USD", () => {
+  // $10.004999999 subtotal, 10% off = $1.0004999999 rounded down to the nano, 19% tax.
+  const usage = [slice({ inputTokens: 1n, inputNanos: 10_004_999_999n })];
+  const invoice = buildInvoice(usage, [promo()], { taxRateBps: 1900, maxDiscountBps: 0 });
+  const discount = 1_000_499_999n;
+  expect(invoice.lines.at(-1)?.amountNanos).toBe(-discount);
+  const net = 10_004_999_999n - discount; // 9_004_500_000: $9.0045
+  expect(invoice.subtotalCents).toBe(1000n); // $10.004999999 -> $10.00
+  expect(invoice.discountCents).toBe(100n); // $1.000499999 -> $1.00
+  expect(invoice.taxCents).toBe(171n); // 19% of $9.0045 = $1.710855 -> $1.71
+  expect(invoice.totalCents).toBe(1072n); // $10.715355 -> $10.72
+  // Rounded once at the total: not 1000 - 100 + 171 = 1071.
+  expect(net * 11_900n).toBe(107_153_550_000_000n);
+
+  const halfCent = buildInvoice([slice({ inputTokens: 1n, inputNanos: 5_000_000n })], [], {
+    taxRateBps: 0,
+    maxDiscountBps: 0,
+  });
+  expect(halfCent).toMatchObject({ subtotalCents: 1n, totalCents: 1n });
+});
+
+test("totals are consistent for any usage, rules and tax rate", () => {
+  fc.assert(
+    fc.property(
+      fc.array(
+        fc.record({
+          model: fc.constantFrom("a", "b"),
+          inputNanos: fc.bigInt({ min: 0n, max: 10n ** 12n }),
+          unitemisedNanos: fc.bigInt({ min: 0n, max: 10n ** 12n }),
+        }),
+        { maxLength: 10 },
+      ),
+      fc.integer({ min: 0, max: 10_000 }),
+      fc.integer({ min: 0, max: 10_000 }),
+      fc.integer({ min: 0, max: 10_000 }),
+      (slices, discountBps, taxRateBps, maxDiscountBps) => {
+        const usage = slices.map((s) => slice(s));
+        const invoice = buildInvoice(usage, discountBps ? [promo({ discountBps })] : [], { taxRateBps, maxDiscountBps });
+        const usageLines = invoice.lines.filter((l) => l.tokenType !== "discount");
+        const discountLines = invoice.lines.filter((l) => l.tokenType === "discount");
+        const subtotal = usageLines.reduce((s, l) => s + l.amountNanos, 0n);
+        const discount = -discountLines.reduce((s, l) => s + l.amountNanos, 0n);
+        expect(subtotal).toBe(usage.reduce((s, u) => s + u.costNanos, 0n));
+        expect(discount).toBeGreaterThanOrEqual(0n);
+        expect(invoice.discountCents).toBeLessThanOrEqual(invoice.subtotalCents);
+        expect(invoice.totalCents).toBeGreaterThanOrEqual(0n);
+        // Rounded separately, the figures never drift more than the one cent the rounding rule warns of.
+        const drift = invoice.totalCents - (invoice.subtotalCents - invoice.discountCents + invoice.taxCents);
+        expect(drift >= -1n && drift <= 1n).toBe(true);
+      },
+    ),
+  );
+});
+
+test("rules are described in words on their lines", () => {
+  expect(
+    describeRule(
+      promo({
+        kind: "volume_graduated",
+        discountBps: 0,
+        tiers: [
+          { fromNanos: 0n, discountBps: 0 },
+          { fromNanos: 100_000_000_000n, discountBps: 500 },
+        ],
+        provider: "openai",
+        capNanos: 5_000_000_000n,
+      }),
+    ),
+  ).toBe("graduated volume tiers $0+ 0%, $100+ 5%, provider openai, capped at $5");
+  expect(
+    describeRule(
+      promo({
+        kind: "time_window",
+        startHour: 0,
+        endHour: 6,
+        daysOfWeek: [6, 0],
+        validFrom: new Date("2026-03-01T00:00:00Z"),
+      }),
+    ),
+  ).toBe("10% off 00:00-06:00 UTC on Sun, Sat, valid 2026-03-01 00:00 UTC to open");
+});

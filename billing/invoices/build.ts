@@ -1,0 +1,149 @@
+import { divRoundHalfUp, formatNanosUsd, NANOS_PER_CENT, nanosToCents } from "../../lib/money.ts";
+import { calculateDiscounts, type UsageHour } from "../discounts/calculate.ts";
+import type { DiscountRule, InvoiceLine, LineTokenType } from "../store/types.ts";
+
+/**
+ * Usage of one model and provider in one UTC hour, split into records that carry a cost breakdown by token type
+ * (itemised) and records that do not.
+ */
+export interface UsageSlice extends UsageHour {
+  /** Itemised records: input tokens not cached, cached input, output not reasoning, reasoning; and their costs. */
+  inputTokens: bigint;
+  cachedInputTokens: bigint;
+  outputTokens: bigint;
+  reasoningTokens: bigint;
+  inputNanos: bigint;
+  cachedInputNanos: bigint;
+  outputNanos: bigint;
+  reasoningNanos: bigint;
+  /** Records without a breakdown: input + output tokens and cost. */
+  unitemisedTokens: bigint;
+  unitemisedNanos: bigint;
+}
+
+export interface InvoiceContent {
+  lines: InvoiceLine[];
+  subtotalCents: bigint;
+  discountCents: bigint;
+  taxCents: bigint;
+  totalCents: bigint;
+}
+
+export const roundingRule =
+  "Amounts are exact in nano-USD (1e-9 USD) until the totals. Subtotal, discounts, tax and total are each rounded " +
+  "once to the cent, half-up, from their exact values, so a total may differ by a cent from the sum of the rounded " +
+  "figures above it. Tax is charged on the subtotal less discounts. Discounts round down to the nano-USD.";
+
+type UsageLineType = Exclude<LineTokenType, "discount">;
+
+const usageLines: { type: UsageLineType; label: string }[] = [
+  { type: "input", label: "input tokens" },
+  { type: "cached_input", label: "cached input tokens" },
+  { type: "output", label: "output tokens" },
+  { type: "reasoning", label: "reasoning tokens" },
+  { type: "usage", label: "usage not itemised by token type" },
+];
+
+/** The lines and totals of an invoice over `usage`, with `rules` applied and the org's tax rate. */
+export function buildInvoice(
+  usage: readonly UsageSlice[],
+  rules: readonly DiscountRule[],
+  org: { taxRateBps: number; maxDiscountBps: number },
+): InvoiceContent {
+  type Totals = Record<UsageLineType, { quantity: bigint; amountNanos: bigint }>;
+  const perModel = new Map<string, Totals>();
+  for (const slice of usage) {
+    let model = perModel.get(slice.model);
+    if (!model) {
+      const zero = () => ({ quantity: 0n, amountNanos: 0n });
+      model = { input: zero(), cached_input: zero(), output: zero(), reasoning: zero(), usage: zero() };
+      perModel.set(slice.model, model);
+    }
+    add(model.input, slice.inputTokens, slice.inputNanos);
+    add(model.cached_input, slice.cachedInputTokens, slice.cachedInputNanos);
+    add(model.output, slice.outputTokens, slice.outputNanos);
+    add(model.reasoning, slice.reasoningTokens, slice.reasoningNanos);
+    add(model.usage, slice.unitemisedTokens, slice.unitemisedNanos);
+  }
+
+  const lines: InvoiceLine[] = [];
+  for (const model of [...perModel.keys()].sort()) {
+    const totals = perModel.get(model);
+    if (!totals) continue;
+    const name = model || "(no model)";
+    for (const { type, label } of usageLines) {
+      const { quantity, amountNanos } = totals[type];
+      if (quantity === 0n && amountNanos === 0n) continue;
+      const description = `${name}: ${label}`;
+      lines.push({ description, model, tokenType: type, quantity, amountNanos, discountRuleId: null });
+    }
+  }
+
+  const discounts = calculateDiscounts(usage, rules, org);
+  for (const { rule, amountNanos } of discounts.applied) {
+    if (amountNanos === 0n) continue;
+    lines.push({
+      description: `Discount: ${rule.name} (${describeRule(rule)})`,
+      model: rule.model ?? "",
+      tokenType: "discount",
+      quantity: 0n,
+      amountNanos: -amountNanos,
+      discountRuleId: rule.id,
+    });
+  }
+
+  const net = discounts.subtotalNanos - discounts.totalNanos;
+  const bps = BigInt(org.taxRateBps);
+  return {
+    lines,
+    subtotalCents: nanosToCents(discounts.subtotalNanos),
+    discountCents: nanosToCents(discounts.totalNanos),
+    taxCents: divRoundHalfUp(net * bps, 10_000n * NANOS_PER_CENT),
+    totalCents: divRoundHalfUp(net * (10_000n + bps), 10_000n * NANOS_PER_CENT),
+  };
+}
+
+function add(line: { quantity: bigint; amountNanos: bigint }, quantity: bigint, amountNanos: bigint): void {
+  line.quantity += quantity;
+  line.amountNanos += amountNanos;
+}
+
+/** A rule in words, e.g. "20% off, model gpt-4o, 2026-03-01 00:00 to 2026-04-01 00:00 UTC, capped at $100". */
+export function describeRule(rule: DiscountRule): string {
+  const percent = (bps: number) => `${bps / 100}%`;
+  const usd = (nanos: bigint) => `$${formatNanosUsd(nanos)}`;
+  const parts: string[] = [];
+  switch (rule.kind) {
+    case "volume_graduated":
+    case "volume_all_units":
+      parts.push(
+        `${rule.kind === "volume_graduated" ? "graduated" : "all-units"} volume tiers ` +
+          rule.tiers.map((t) => `${usd(t.fromNanos)}+ ${percent(t.discountBps)}`).join(", "),
+      );
+      break;
+    case "time_window": {
+      const days = rule.daysOfWeek.length
+        ? ` on ${[...rule.daysOfWeek].sort().map((d) => weekdays[d]).join(", ")}`
+        : "";
+      parts.push(`${percent(rule.discountBps)} off ${pad(rule.startHour)}:00-${pad(rule.endHour)}:00 UTC${days}`);
+      break;
+    }
+    case "promotional":
+      parts.push(`${percent(rule.discountBps)} off`);
+      break;
+  }
+  if (rule.model) parts.push(`model ${rule.model}`);
+  if (rule.provider) parts.push(`provider ${rule.provider}`);
+  if (rule.validFrom || rule.validUntil) {
+    const at = (d: Date | null) => (d ? `${d.toISOString().slice(0, 16).replace("T", " ")} UTC` : "open");
+    parts.push(`valid ${at(rule.validFrom)} to ${at(rule.validUntil)}`);
+  }
+  if (rule.capNanos > 0n) parts.push(`capped at ${usd(rule.capNanos)}`);
+  return parts.join(", ");
+}
+
+const weekdays = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+
+function pad(hour: number): string {
+  return String(hour).padStart(2, "0");
+}

@@ -1,0 +1,87 @@
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
+import { Endpoint } from "../../gen/common/v1/common_pb.ts";
+import { createLogger } from "../../lib/log.ts";
+import { createServiceClient } from "../../lib/rpc-client.ts";
+import { type RunningServer, startServer } from "../../lib/server.ts";
+import { createBillingApp } from "../app.ts";
+import { createTestDatabase, type TestDatabase } from "../store/test-db.ts";
+
+const adminToken = "test-admin-token-0123456789";
+const log = createLogger({ service: "billing-test", level: "error" });
+const xss = "<script>alert(1)</script>";
+
+let db: TestDatabase;
+let server: RunningServer;
+let invoiceId: string;
+let orgSecret: string;
+let otherSecret: string;
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  const app = createBillingApp({ pool: db.pool, adminToken, clock: () => new Date("2026-06-15T12:00:00Z"), log });
+  server = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes: app.routes, http: app.http, log });
+  const billing = createServiceClient(BillingService, { baseUrl: server.url, bearerToken: adminToken });
+  const orgId = (await billing.createOrganization({ name: xss, taxRateBps: 1000 })).organization?.id as string;
+  const otherOrgId = (await billing.createOrganization({ name: "other" })).organization?.id as string;
+  orgSecret = (await billing.createApiKey({ orgId })).secret;
+  otherSecret = (await billing.createApiKey({ orgId: otherOrgId })).secret;
+  await billing.recordUsage({
+    records: [
+      {
+        requestId: "req_html_1",
+        orgId,
+        model: `<img src=x onerror=alert(2)>`,
+        provider: "mock",
+        endpoint: Endpoint.CHAT_COMPLETIONS,
+        usage: { inputTokens: 10n, outputTokens: 5n },
+        costNanos: 1_500_000_000n,
+        occurTime: timestampFromDate(new Date("2026-06-02T10:00:00Z")),
+      },
+    ],
+  });
+  invoiceId = (await billing.generateInvoice({ orgId })).invoice?.id as string;
+}, 60_000);
+afterAll(async () => {
+  await server.close(1_000);
+  await db.drop();
+});
+
+const page = (path: string, token?: string, method = "GET") =>
+  fetch(`${server.url}${path}`, { method, headers: token ? { authorization: `Bearer ${token}` } : {} });
+
+test("GET /invoices/<id> serves a printable page to admins and the org's own keys, escaped", async () => {
+  for (const token of [adminToken, orgSecret]) {
+    const res = await page(`/invoices/${invoiceId}`, token);
+    expect(res.status).toBe(200);
+    expect(res.headers.get("content-type")).toBe("text/html; charset=utf-8");
+    expect(res.headers.get("content-security-policy")).toContain("default-src 'none'");
+    expect(res.headers.get("cache-control")).toBe("no-store");
+    const html = await res.text();
+    expect(html).toContain("&lt;script&gt;alert(1)&lt;/script&gt;");
+    expect(html).toContain("&lt;img src=x onerror=alert(2)&gt;");
+    expect(html).not.toContain("<script");
+    expect(html).not.toContain("<img");
+    expect(html).toContain("INV-2026-06-0001");
+    expect(html).toContain("$1.50");
+  }
+  const head = await page(`/invoices/${invoiceId}`, adminToken, "HEAD");
+  expect(head.status).toBe(200);
+});
+
+test("everyone else gets 401, 403 or 404", async () => {
+  const unauthenticated = await page(`/invoices/${invoiceId}`);
+  expect(unauthenticated.status).toBe(401);
+  expect(unauthenticated.headers.get("www-authenticate")).toContain("Bearer");
+  expect((await page(`/invoices/${invoiceId}`, `${orgSecret}x`)).status).toBe(401);
+  expect((await page(`/invoices/${invoiceId}`, "not-the-admin-token")).status).toBe(403);
+  expect((await page(`/invoices/${invoiceId}`, otherSecret)).status).toBe(403);
+  expect((await page("/invoices/inv_missing", adminToken)).status).toBe(404);
+  expect((await page("/invoices/../../etc/passwd", adminToken)).status).toBe(404);
+  // Credentials are checked before existence.
+  expect((await page("/invoices/inv_missing")).status).toBe(401);
+  expect((await page(`/invoices/${invoiceId}`, adminToken, "POST")).status).toBe(405);
+  // Other paths still reach the RPCs.
+  expect((await fetch(`${server.url}/healthz`)).status).toBe(200);
+});

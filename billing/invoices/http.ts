@@ -1,0 +1,68 @@
+import { Code, ConnectError } from "@connectrpc/connect";
+import type { Logger } from "../../lib/log.ts";
+import { type HttpRoutes, send } from "../../lib/server.ts";
+import type { BillingAuth } from "../auth.ts";
+import { toConnectError } from "../errors.ts";
+import type { BillingStore } from "../store/store.ts";
+import { renderInvoiceHtml } from "./render-html.ts";
+
+const invoicePath = /^\/invoices\/([A-Za-z0-9_]{1,128})\/?$/;
+
+const statuses: Partial<Record<Code, number>> = {
+  [Code.Unauthenticated]: 401,
+  [Code.PermissionDenied]: 403,
+  [Code.NotFound]: 404,
+};
+
+// A rendered invoice is a private document: never cached, never framed, no scripts whatever its content.
+const pageHeaders = {
+  "content-type": "text/html; charset=utf-8",
+  "cache-control": "no-store",
+  "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+  "x-content-type-options": "nosniff",
+  "referrer-policy": "no-referrer",
+};
+
+/**
+ * `GET /invoices/<id>`: the printable HTML page of an invoice, for an admin or the invoice's own org
+ * (`authorization: Bearer <admin token or org API key>`); 401, 403 or 404 otherwise.
+ */
+export function invoicePages({
+  store,
+  auth,
+  log,
+}: {
+  store: Pick<BillingStore, "getInvoice" | "getOrganization">;
+  auth: BillingAuth;
+  log: Logger;
+}): HttpRoutes {
+  return async (req, res) => {
+    const path = (req.url ?? "/").split("?")[0] ?? "/";
+    if (!path.startsWith("/invoices/")) return false;
+    const match = invoicePath.exec(path);
+    if (req.method !== "GET" && req.method !== "HEAD") {
+      send(res, 405, { allow: "GET, HEAD", "content-type": "text/plain" }, "method not allowed\n");
+      return true;
+    }
+    try {
+      const headers = new Headers();
+      if (req.headers.authorization) headers.set("authorization", req.headers.authorization);
+      const caller = await auth.caller(headers);
+      if (!match?.[1]) throw new ConnectError("no such invoice", Code.NotFound);
+      const invoice = await store.getInvoice(match[1]);
+      auth.requireOrgReader(caller, invoice.orgId);
+      const page = renderInvoiceHtml(invoice, await store.getOrganization(invoice.orgId));
+      send(res, 200, pageHeaders, req.method === "HEAD" ? "" : page);
+    } catch (e) {
+      const error = toConnectError(e, log);
+      const status = statuses[error.code] ?? 500;
+      const headers: Record<string, string> = {
+        "content-type": "text/plain; charset=utf-8",
+        "cache-control": "no-store",
+      };
+      if (status === 401) headers["www-authenticate"] = 'Bearer realm="billing"';
+      send(res, status, headers, `${error.rawMessage}\n`);
+    }
+    return true;
+  };
+}

@@ -1,0 +1,114 @@
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { BillingError } from "./db.ts";
+import { type BillingStore, createBillingStore } from "./store.ts";
+import { createTestDatabase, type TestDatabase } from "./test-db.ts";
+import type { NewDiscountRule } from "./types.ts";
+
+let db: TestDatabase;
+let store: BillingStore;
+let orgId: string;
+beforeAll(async () => {
+  db = await createTestDatabase();
+  store = createBillingStore(db.pool);
+  orgId = (
+    await store.createOrganization({ name: "disc", taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n, maxDiscountBps: 0 })
+  ).id;
+}, 60_000);
+afterAll(() => db.drop());
+
+const rule = (overrides: Partial<NewDiscountRule> = {}): NewDiscountRule => ({
+  orgId,
+  name: "rule",
+  kind: "promotional",
+  priority: 0,
+  stackable: true,
+  model: null,
+  provider: null,
+  discountBps: 1000,
+  tiers: [],
+  startHour: 0,
+  endHour: 24,
+  daysOfWeek: [],
+  validFrom: null,
+  validUntil: null,
+  capNanos: 0n,
+  ...overrides,
+});
+
+const kind = (e: unknown) => (e as BillingError).kind;
+
+test("rules are stored with their tiers, listed highest priority first, and deleted", async () => {
+  const volume = await store.createDiscountRule(
+    rule({
+      name: "volume",
+      kind: "volume_graduated",
+      discountBps: 0,
+      priority: 1,
+      tiers: [
+        { fromNanos: 0n, discountBps: 0 },
+        { fromNanos: 10n ** 12n, discountBps: 500 },
+      ],
+    }),
+  );
+  const window = await store.createDiscountRule(
+    rule({
+      name: "nights",
+      kind: "time_window",
+      priority: 5,
+      stackable: false,
+      model: "gpt-4o",
+      provider: "openai",
+      startHour: 22,
+      endHour: 24,
+      daysOfWeek: [0, 6],
+      validFrom: new Date("2026-03-01T00:00:00Z"),
+      validUntil: new Date("2026-04-01T00:00:00Z"),
+      capNanos: 123n,
+    }),
+  );
+  expect(volume.id).toMatch(/^disc_[0-9A-HJKMNP-TV-Z]{26}$/);
+  expect(volume.tiers).toEqual([
+    { fromNanos: 0n, discountBps: 0 },
+    { fromNanos: 10n ** 12n, discountBps: 500 },
+  ]);
+  expect(window).toMatchObject({
+    kind: "time_window",
+    stackable: false,
+    model: "gpt-4o",
+    daysOfWeek: [0, 6],
+    validFrom: new Date("2026-03-01T00:00:00Z"),
+    capNanos: 123n,
+    tiers: [],
+  });
+  expect((await store.listDiscountRules(orgId)).map((r) => r.name)).toEqual(["nights", "volume"]);
+
+  await store.deleteDiscountRule(volume.id);
+  expect((await store.listDiscountRules(orgId)).map((r) => r.id)).toEqual([window.id]);
+  const tiers = await db.pool.query("SELECT count(*)::int AS n FROM discount_tiers WHERE rule_id = $1", [volume.id]);
+  expect(tiers.rows[0].n).toBe(0);
+  expect(kind(await store.deleteDiscountRule(volume.id).catch((e) => e))).toBe("not_found");
+});
+
+test("the schema refuses what the contract forbids", async () => {
+  expect(kind(await store.createDiscountRule(rule({ orgId: "org_missing" })).catch((e) => e))).toBe("not_found");
+  expect(kind(await store.listDiscountRules("org_missing").catch((e) => e))).toBe("not_found");
+  expect(kind(await store.createDiscountRule(rule({ discountBps: 10_001 })).catch((e) => e))).toBe("invalid_argument");
+  expect(kind(await store.createDiscountRule(rule({ startHour: 6, endHour: 6 })).catch((e) => e))).toBe(
+    "invalid_argument",
+  );
+  const halfHour = rule({ validFrom: new Date("2026-03-01T00:30:00Z") });
+  expect(kind(await store.createDiscountRule(halfHour).catch((e) => e))).toBe("invalid_argument");
+  const backwards = rule({ validFrom: new Date("2026-03-02T00:00:00Z"), validUntil: new Date("2026-03-01T00:00:00Z") });
+  expect(kind(await store.createDiscountRule(backwards).catch((e) => e))).toBe("invalid_argument");
+  const duplicateTier = rule({
+    kind: "volume_all_units",
+    discountBps: 0,
+    tiers: [
+      { fromNanos: 5n, discountBps: 1 },
+      { fromNanos: 5n, discountBps: 2 },
+    ],
+  });
+  expect(kind(await store.createDiscountRule(duplicateTier).catch((e) => e))).toBe("already_exists");
+  // Nothing of a refused rule was kept.
+  expect(await store.listDiscountRules(orgId)).toHaveLength(1);
+});

@@ -1,0 +1,115 @@
+import { ulid } from "ulid";
+import { BillingError, type Db, type Queryable } from "./db.ts";
+import type { DiscountKind, DiscountRule, NewDiscountRule } from "./types.ts";
+
+interface RuleRow {
+  id: string;
+  org_id: string;
+  name: string;
+  kind: DiscountKind;
+  priority: number;
+  stackable: boolean;
+  model: string | null;
+  provider: string | null;
+  discount_bps: number;
+  start_hour: number;
+  end_hour: number;
+  days_of_week: number[];
+  valid_from: Date | null;
+  valid_until: Date | null;
+  cap_nanos: string;
+  created_at: Date;
+  /** [from_nanos, discount_bps] pairs, ascending. */
+  tiers: [string, number][];
+}
+
+const ruleSelect = `SELECT r.id, r.org_id, r.name, r.kind, r.priority, r.stackable, r.model, r.provider, r.discount_bps,
+    r.start_hour, r.end_hour, r.days_of_week, r.valid_from, r.valid_until, r.cap_nanos, r.created_at,
+    coalesce((SELECT json_agg(json_build_array(t.from_nanos::text, t.discount_bps) ORDER BY t.from_nanos)
+              FROM discount_tiers t WHERE t.rule_id = r.id), '[]') AS tiers
+  FROM discount_rules r`;
+
+/** Discount rules of an org, highest priority first. */
+export async function discountRulesOf(q: Queryable, orgId: string): Promise<DiscountRule[]> {
+  const rows = await q.query<RuleRow>(`${ruleSelect} WHERE r.org_id = $1 ORDER BY r.priority DESC, r.id`, [orgId]);
+  return rows.map(toRule);
+}
+
+export function createDiscountStore(db: Db) {
+  return {
+    /** Stores a rule and its tiers together. */
+    createDiscountRule(rule: NewDiscountRule): Promise<DiscountRule> {
+      return db.transaction(async (tx) => {
+        const id = `disc_${ulid()}`;
+        await tx.query(
+          `INSERT INTO discount_rules (id, org_id, name, kind, priority, stackable, model, provider, discount_bps,
+             start_hour, end_hour, days_of_week, valid_from, valid_until, cap_nanos)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)`,
+          [
+            id,
+            rule.orgId,
+            rule.name,
+            rule.kind,
+            rule.priority,
+            rule.stackable,
+            rule.model,
+            rule.provider,
+            rule.discountBps,
+            rule.startHour,
+            rule.endHour,
+            rule.daysOfWeek,
+            rule.validFrom,
+            rule.validUntil,
+            rule.capNanos.toString(),
+          ],
+        );
+        if (rule.tiers.length > 0) {
+          await tx.query(
+            `INSERT INTO discount_tiers (rule_id, from_nanos, discount_bps)
+             SELECT $1, * FROM unnest($2::bigint[], $3::int[])`,
+            [id, rule.tiers.map((t) => t.fromNanos.toString()), rule.tiers.map((t) => t.discountBps)],
+          );
+        }
+        const rows = await tx.query<RuleRow>(`${ruleSelect} WHERE r.id = $1`, [id]);
+        return toRule(rows[0] as RuleRow);
+      });
+    },
+
+    async listDiscountRules(orgId: string): Promise<DiscountRule[]> {
+      const rules = await discountRulesOf(db, orgId);
+      if (rules.length === 0) {
+        const org = await db.query("SELECT 1 FROM organizations WHERE id = $1", [orgId]);
+        if (org.length === 0) throw new BillingError("not_found", `organization ${orgId} not found`);
+      }
+      return rules;
+    },
+
+    /** Deletes a rule; invoices already generated keep the discount lines it produced. */
+    async deleteDiscountRule(ruleId: string): Promise<void> {
+      const rows = await db.query("DELETE FROM discount_rules WHERE id = $1 RETURNING id", [ruleId]);
+      if (rows.length === 0) throw new BillingError("not_found", `discount rule ${ruleId} not found`);
+    },
+  };
+}
+
+function toRule(row: RuleRow): DiscountRule {
+  return {
+    id: row.id,
+    orgId: row.org_id,
+    name: row.name,
+    kind: row.kind,
+    priority: row.priority,
+    stackable: row.stackable,
+    model: row.model,
+    provider: row.provider,
+    discountBps: row.discount_bps,
+    tiers: row.tiers.map(([fromNanos, discountBps]) => ({ fromNanos: BigInt(fromNanos), discountBps })),
+    startHour: row.start_hour,
+    endHour: row.end_hour,
+    daysOfWeek: row.days_of_week,
+    validFrom: row.valid_from,
+    validUntil: row.valid_until,
+    capNanos: BigInt(row.cap_nanos),
+    createdAt: row.created_at,
+  };
+}

@@ -1,0 +1,220 @@
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import type { BillingError } from "./db.ts";
+import { type BillingStore, createBillingStore } from "./store.ts";
+import { createTestDatabase, type TestDatabase } from "./test-db.ts";
+import type { Organization, UsageRecord } from "./types.ts";
+
+let db: TestDatabase;
+let store: BillingStore;
+beforeAll(async () => {
+  db = await createTestDatabase();
+  store = createBillingStore(db.pool);
+}, 60_000);
+afterAll(() => db.drop());
+
+const march = new Date("2026-03-15T12:00:00Z");
+const afterMarch = new Date("2026-04-02T00:00:00Z");
+const kind = (e: unknown) => (e as BillingError).kind;
+
+let orgs = 0;
+const newOrg = (extra: Partial<Organization> = {}) =>
+  store.createOrganization({
+    name: `invoice-org-${++orgs}`,
+    taxRateBps: 2000,
+    billingDay: 1,
+    monthlyBudgetNanos: 0n,
+    maxDiscountBps: 0,
+    ...extra,
+  });
+
+let requests = 0;
+const usage = (orgId: string, overrides: Partial<UsageRecord> = {}): UsageRecord => ({
+  requestId: `req_inv_${++requests}`,
+  orgId,
+  projectId: null,
+  apiKeyId: null,
+  model: "gpt-4o",
+  provider: "openai",
+  endpoint: "chat_completions",
+  inputTokens: 1000n,
+  cachedInputTokens: 200n,
+  outputTokens: 500n,
+  reasoningTokens: 100n,
+  costNanos: 10_000_000n,
+  occurredAt: march,
+  costBreakdown: { inputNanos: 4_000_000n, cachedInputNanos: 500_000n, outputNanos: 4_500_000n, reasoningNanos: 1_000_000n },
+  ...overrides,
+});
+
+test("an invoice itemises the period's usage per model and token type, with discounts and tax", async () => {
+  const org = await newOrg();
+  await store.recordUsage([
+    usage(org.id),
+    usage(org.id),
+    usage(org.id, { model: "mini", costNanos: 333_333n, costBreakdown: null }),
+    // Outside March: not on this invoice.
+    usage(org.id, { occurredAt: new Date("2026-04-01T00:00:00Z") }),
+    usage(org.id, { occurredAt: new Date("2026-02-28T23:59:59Z") }),
+  ]);
+  const rule = await store.createDiscountRule({
+    orgId: org.id,
+    name: "gpt-4o promo",
+    kind: "promotional",
+    priority: 0,
+    stackable: true,
+    model: "gpt-4o",
+    provider: null,
+    discountBps: 2500,
+    tiers: [],
+    startHour: 0,
+    endHour: 24,
+    daysOfWeek: [],
+    validFrom: null,
+    validUntil: null,
+    capNanos: 0n,
+  });
+
+  const invoice = await store.generateInvoice({ orgId: org.id, at: march, now: march });
+  expect(invoice).toMatchObject({
+    orgId: org.id,
+    number: "INV-2026-03-0001",
+    status: "draft",
+    periodStart: new Date("2026-03-01T00:00:00Z"),
+    periodEnd: new Date("2026-04-01T00:00:00Z"),
+    taxRateBps: 2000,
+    issuedAt: null,
+  });
+  expect(invoice.lines.map((l) => [l.tokenType, l.model, l.quantity, l.amountNanos, l.discountRuleId])).toEqual([
+    ["input", "gpt-4o", 1600n, 8_000_000n, null],
+    ["cached_input", "gpt-4o", 400n, 1_000_000n, null],
+    ["output", "gpt-4o", 800n, 9_000_000n, null],
+    ["reasoning", "gpt-4o", 200n, 2_000_000n, null],
+    ["usage", "mini", 1500n, 333_333n, null],
+    ["discount", "gpt-4o", 0n, -5_000_000n, rule.id],
+  ]);
+  // $0.020333333 -> 2 cents; $0.005 discount -> 1 cent (half-up); tax 20% of $0.015333333 -> 0 cents;
+  // total $0.0183999996 -> 2 cents.
+  expect(invoice).toMatchObject({ subtotalCents: 2n, discountCents: 1n, taxCents: 0n, totalCents: 2n });
+  expect(await store.getInvoice(invoice.id)).toEqual(invoice);
+});
+
+test("regenerating a draft replaces it in place; issued invoices never change", async () => {
+  const org = await newOrg();
+  await store.recordUsage([usage(org.id)]);
+  const draft = await store.generateInvoice({ orgId: org.id, at: march, now: march });
+  await store.recordUsage([usage(org.id, { occurredAt: new Date("2026-03-31T23:00:00Z") })]);
+  const later = new Date("2026-03-31T23:30:00Z");
+  const regenerated = await store.generateInvoice({ orgId: org.id, at: march, now: later });
+  expect(regenerated).toMatchObject({ id: draft.id, number: draft.number, createdAt: later });
+  expect(regenerated.lines[0]?.quantity).toBe(2n * 800n);
+  expect(await store.listInvoices(org.id)).toHaveLength(1);
+
+  const tooEarly = await store.updateInvoiceStatus({ invoiceId: draft.id, status: "issued", now: later }).catch((e) => e);
+  expect(kind(tooEarly)).toBe("failed_precondition");
+  const issued = await store.updateInvoiceStatus({ invoiceId: draft.id, status: "issued", now: afterMarch });
+  expect(issued).toMatchObject({ status: "issued", issuedAt: afterMarch });
+
+  // More usage arrives for March: the issued invoice stays as it was.
+  await store.recordUsage([usage(org.id)]);
+  const again = await store.generateInvoice({ orgId: org.id, at: march, now: afterMarch }).catch((e) => e);
+  expect(kind(again)).toBe("failed_precondition");
+  expect(await store.getInvoice(draft.id)).toEqual(issued);
+
+  // Not even SQL behind billing's back can change it.
+  const edits = [
+    "UPDATE invoices SET total_cents = 0 WHERE id = $1",
+    "UPDATE invoices SET status = 'draft' WHERE id = $1",
+    "DELETE FROM invoices WHERE id = $1",
+    "UPDATE invoice_line_items SET amount_nanos = 1 WHERE invoice_id = $1",
+    "DELETE FROM invoice_line_items WHERE invoice_id = $1",
+    `INSERT INTO invoice_line_items (invoice_id, position, description, token_type, quantity, amount_nanos)
+     VALUES ($1, 99, 'extra', 'input', 1, 1)`,
+  ];
+  for (const sql of edits) {
+    await expect(db.pool.query(sql, [draft.id])).rejects.toThrow(/issued/);
+  }
+  expect(await store.getInvoice(draft.id)).toEqual(issued);
+});
+
+test("status moves draft -> issued -> paid or to void, and nowhere else", async () => {
+  const org = await newOrg();
+  const set = (invoiceId: string, status: "draft" | "issued" | "paid" | "void") =>
+    store.updateInvoiceStatus({ invoiceId, status, now: afterMarch });
+  const draft = await store.generateInvoice({ orgId: org.id, at: march, now: march });
+  expect(draft.lines).toEqual([]);
+  expect(kind(await set(draft.id, "paid").catch((e) => e))).toBe("failed_precondition");
+  expect((await set(draft.id, "draft")).status).toBe("draft");
+  await set(draft.id, "issued");
+  expect((await set(draft.id, "issued")).issuedAt).toEqual(afterMarch);
+  const paid = await set(draft.id, "paid");
+  expect(paid.status).toBe("paid");
+  for (const status of ["draft", "issued", "void"] as const) {
+    expect(kind(await set(draft.id, status).catch((e) => e))).toBe("failed_precondition");
+  }
+
+  // Voiding frees the period for a new invoice with the next number.
+  const april = new Date("2026-04-10T00:00:00Z");
+  const first = await store.generateInvoice({ orgId: org.id, at: april, now: april });
+  expect((await set(first.id, "void")).status).toBe("void");
+  const second = await store.generateInvoice({ orgId: org.id, at: april, now: april });
+  expect([first.number, second.number]).toEqual(["INV-2026-04-0002", "INV-2026-04-0003"]);
+  expect((await store.listInvoices(org.id)).map((i) => [i.number, i.status])).toEqual([
+    ["INV-2026-04-0003", "draft"],
+    ["INV-2026-04-0002", "void"],
+    ["INV-2026-03-0001", "paid"],
+  ]);
+  expect(kind(await set("inv_missing", "void").catch((e) => e))).toBe("not_found");
+  expect(kind(await store.getInvoice("inv_missing").catch((e) => e))).toBe("not_found");
+  expect(kind(await store.listInvoices("org_missing").catch((e) => e))).toBe("not_found");
+  expect(kind(await store.generateInvoice({ orgId: "org_missing", at: march, now: march }).catch((e) => e))).toBe(
+    "not_found",
+  );
+});
+
+test("invoice numbers are unique per org, by constraint and under concurrent generation", async () => {
+  const org = await newOrg();
+  const other = await newOrg();
+  const months = [1, 2, 3, 4, 5, 6].map((m) => new Date(Date.UTC(2026, m, 10)));
+  const generated = await Promise.all(months.map((at) => store.generateInvoice({ orgId: org.id, at, now: at })));
+  const numbers = generated.map((i) => i.number.slice(-4)).sort();
+  expect(numbers).toEqual(["0001", "0002", "0003", "0004", "0005", "0006"]);
+  // The same period at once: one draft, generated twice.
+  const same = await Promise.all([1, 2, 3].map(() => store.generateInvoice({ orgId: other.id, at: march, now: march })));
+  expect(new Set(same.map((i) => i.id)).size).toBe(1);
+
+  const [first] = generated;
+  const copy = db.pool.query(
+    `INSERT INTO invoices (id, org_id, number, status, period_start, period_end, subtotal_cents, discount_cents,
+       tax_cents, total_cents, tax_rate_bps)
+     VALUES ('inv_copy', $1, $2, 'void', '2020-01-01', '2020-02-01', 0, 0, 0, 0, 0)`,
+    [org.id, first?.number],
+  );
+  await expect(copy).rejects.toThrow(/invoices_org_number_key/);
+}, 60_000);
+
+test("the org's billing day sets the period; the maximum discount applies", async () => {
+  const org = await newOrg({ billingDay: 15, maxDiscountBps: 1000, taxRateBps: 0 });
+  await store.recordUsage([usage(org.id, { occurredAt: new Date("2026-03-14T23:59:59Z") }), usage(org.id)]);
+  await store.createDiscountRule({
+    orgId: org.id,
+    name: "half off",
+    kind: "promotional",
+    priority: 0,
+    stackable: true,
+    model: null,
+    provider: null,
+    discountBps: 5000,
+    tiers: [],
+    startHour: 0,
+    endHour: 24,
+    daysOfWeek: [],
+    validFrom: null,
+    validUntil: null,
+    capNanos: 0n,
+  });
+  const invoice = await store.generateInvoice({ orgId: org.id, at: march, now: march });
+  expect(invoice.periodStart).toEqual(new Date("2026-03-15T00:00:00Z"));
+  expect(invoice.periodEnd).toEqual(new Date("2026-04-15T00:00:00Z"));
+  expect(invoice.number).toBe("INV-2026-03-0001");
+  expect(invoice.lines.at(-1)?.amountNanos).toBe(-1_000_000n);
+});

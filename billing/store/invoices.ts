@@ -1,0 +1,271 @@
+import { ulid } from "ulid";
+import { buildInvoice, type UsageSlice } from "../invoices/build.ts";
+import { billingPeriod } from "../period.ts";
+import { BillingError, type Db, type Queryable } from "./db.ts";
+import { discountRulesOf } from "./discounts.ts";
+import type { Invoice, InvoiceLine, InvoiceStatus, LineTokenType } from "./types.ts";
+
+interface InvoiceRow {
+  id: string;
+  org_id: string;
+  number: string;
+  status: InvoiceStatus;
+  period_start: Date;
+  period_end: Date;
+  subtotal_cents: string;
+  discount_cents: string;
+  tax_cents: string;
+  total_cents: string;
+  tax_rate_bps: number;
+  created_at: Date;
+  issued_at: Date | null;
+}
+
+interface LineRow {
+  description: string;
+  model: string;
+  token_type: LineTokenType;
+  quantity: string;
+  amount_nanos: string;
+  discount_rule_id: string | null;
+}
+
+type SliceRow = { [K in keyof UsageSlice]: K extends "hour" ? Date : string };
+
+const invoiceColumns = `id, org_id, number, status, period_start, period_end, subtotal_cents, discount_cents, tax_cents,
+  total_cents, tax_rate_bps, created_at, issued_at`;
+
+const allowedTransitions: Record<InvoiceStatus, InvoiceStatus[]> = {
+  draft: ["issued", "void"],
+  issued: ["paid", "void"],
+  paid: [],
+  void: [],
+};
+
+export function createInvoiceStore(db: Db) {
+  const readInvoice = async (q: Queryable, invoiceId: string, lock = false): Promise<Invoice> => {
+    const rows = await q.query<InvoiceRow>(
+      `SELECT ${invoiceColumns} FROM invoices WHERE id = $1${lock ? " FOR UPDATE" : ""}`,
+      [invoiceId],
+    );
+    if (!rows[0]) throw new BillingError("not_found", `invoice ${invoiceId} not found`);
+    const lines = await q.query<LineRow>(
+      `SELECT description, model, token_type, quantity, amount_nanos, discount_rule_id
+       FROM invoice_line_items WHERE invoice_id = $1 ORDER BY position`,
+      [invoiceId],
+    );
+    return { ...toInvoice(rows[0]), lines: lines.map(toLine) };
+  };
+
+  return {
+    /**
+     * Builds the invoice of the billing period containing `at` from the usage and discount rules as they are now.
+     * A draft of that period is replaced in place (same id and number); an issued or paid one is left alone and
+     * the call fails. Generations of one org are serialised, so numbers never collide.
+     */
+    generateInvoice(request: { orgId: string; at: Date; now: Date }): Promise<Invoice> {
+      return db.transaction(async (tx) => {
+        // An advisory lock rather than a row lock: usage inserts and lease grants keep going meanwhile.
+        await tx.query("SELECT pg_advisory_xact_lock(hashtextextended('billing.invoices:' || $1, 0))", [
+          request.orgId,
+        ]);
+        const orgs = await tx.query<{ billing_day: number; tax_rate_bps: number; max_discount_bps: number }>(
+          "SELECT billing_day, tax_rate_bps, max_discount_bps FROM organizations WHERE id = $1",
+          [request.orgId],
+        );
+        const org = orgs[0];
+        if (!org) throw new BillingError("not_found", `organization ${request.orgId} not found`);
+        const period = billingPeriod(request.at, org.billing_day);
+        const live = await tx.query<{ id: string; number: string; status: InvoiceStatus }>(
+          "SELECT id, number, status FROM invoices WHERE org_id = $1 AND period_start = $2 AND status <> 'void'",
+          [request.orgId, period.start],
+        );
+        const existing = live[0];
+        if (existing && existing.status !== "draft") {
+          throw new BillingError(
+            "failed_precondition",
+            `invoice ${existing.number} of this period is already ${existing.status}; void it to generate another`,
+          );
+        }
+
+        const usage = await usageSlices(tx, request.orgId, period.start, period.end);
+        const rules = await discountRulesOf(tx, request.orgId);
+        const content = buildInvoice(usage, rules, {
+          taxRateBps: org.tax_rate_bps,
+          maxDiscountBps: org.max_discount_bps,
+        });
+        const totals = [
+          content.subtotalCents.toString(),
+          content.discountCents.toString(),
+          content.taxCents.toString(),
+          content.totalCents.toString(),
+          org.tax_rate_bps,
+          request.now,
+        ];
+
+        let invoiceId: string;
+        if (existing) {
+          invoiceId = existing.id;
+          await tx.query("DELETE FROM invoice_line_items WHERE invoice_id = $1", [invoiceId]);
+          await tx.query(
+            `UPDATE invoices SET subtotal_cents = $2, discount_cents = $3, tax_cents = $4, total_cents = $5,
+               tax_rate_bps = $6, created_at = $7
+             WHERE id = $1`,
+            [invoiceId, ...totals],
+          );
+        } else {
+          invoiceId = `inv_${ulid()}`;
+          const counted = await tx.query<{ n: number }>("SELECT count(*)::int AS n FROM invoices WHERE org_id = $1", [
+            request.orgId,
+          ]);
+          const sequence = String((counted[0]?.n ?? 0) + 1).padStart(4, "0");
+          const number = `INV-${period.start.toISOString().slice(0, 7)}-${sequence}`;
+          await tx.query(
+            `INSERT INTO invoices (id, org_id, number, status, period_start, period_end, subtotal_cents, discount_cents,
+               tax_cents, total_cents, tax_rate_bps, created_at)
+             VALUES ($1, $2, $3, 'draft', $4, $5, $6, $7, $8, $9, $10, $11)`,
+            [invoiceId, request.orgId, number, period.start, period.end, ...totals],
+          );
+        }
+        await insertLines(tx, invoiceId, content.lines);
+        return readInvoice(tx, invoiceId);
+      });
+    },
+
+    /** An org's invoices without their lines, newest period first. */
+    async listInvoices(orgId: string): Promise<Invoice[]> {
+      const rows = await db.query<InvoiceRow>(
+        `SELECT ${invoiceColumns} FROM invoices WHERE org_id = $1
+         ORDER BY period_start DESC, created_at DESC, number DESC`,
+        [orgId],
+      );
+      if (rows.length === 0) {
+        const org = await db.query("SELECT 1 FROM organizations WHERE id = $1", [orgId]);
+        if (org.length === 0) throw new BillingError("not_found", `organization ${orgId} not found`);
+      }
+      return rows.map(toInvoice);
+    },
+
+    getInvoice(invoiceId: string): Promise<Invoice> {
+      return readInvoice(db, invoiceId);
+    },
+
+    /**
+     * Moves an invoice along draft -> issued -> paid or to void; the same status again is a no-op. Issuing needs the
+     * period to be over, since an issued invoice never changes. The schema's trigger enforces the same transitions.
+     */
+    updateInvoiceStatus(request: { invoiceId: string; status: InvoiceStatus; now: Date }): Promise<Invoice> {
+      return db.transaction(async (tx) => {
+        const invoice = await readInvoice(tx, request.invoiceId, true);
+        if (invoice.status === request.status) return invoice;
+        if (!allowedTransitions[invoice.status].includes(request.status)) {
+          throw new BillingError(
+            "failed_precondition",
+            `invoice ${invoice.number} is ${invoice.status} and cannot become ${request.status}`,
+          );
+        }
+        if (request.status === "issued" && invoice.periodEnd > request.now) {
+          throw new BillingError(
+            "failed_precondition",
+            `invoice ${invoice.number} cannot be issued before its period ends at ${invoice.periodEnd.toISOString()}`,
+          );
+        }
+        await tx.query(
+          `UPDATE invoices SET status = $2, issued_at = CASE WHEN $2 = 'issued' THEN $3 ELSE issued_at END
+           WHERE id = $1`,
+          [request.invoiceId, request.status, request.now],
+        );
+        return readInvoice(tx, request.invoiceId);
+      });
+    },
+  };
+}
+
+/** Usage of an org in [start, end) per UTC hour, model and provider, from one consistent read of the records. */
+async function usageSlices(q: Queryable, orgId: string, start: Date, end: Date): Promise<UsageSlice[]> {
+  const rows = await q.query<SliceRow>(
+    `SELECT date_trunc('hour', occurred_at, 'UTC') AS hour, model, provider,
+       sum(cost_nanos)::text AS "costNanos",
+       coalesce(sum(input_tokens - cached_input_tokens) FILTER (WHERE itemised), 0)::text AS "inputTokens",
+       coalesce(sum(cached_input_tokens) FILTER (WHERE itemised), 0)::text AS "cachedInputTokens",
+       coalesce(sum(output_tokens - reasoning_tokens) FILTER (WHERE itemised), 0)::text AS "outputTokens",
+       coalesce(sum(reasoning_tokens) FILTER (WHERE itemised), 0)::text AS "reasoningTokens",
+       coalesce(sum(input_cost_nanos), 0)::text AS "inputNanos",
+       coalesce(sum(cached_input_cost_nanos), 0)::text AS "cachedInputNanos",
+       coalesce(sum(output_cost_nanos), 0)::text AS "outputNanos",
+       coalesce(sum(reasoning_cost_nanos), 0)::text AS "reasoningNanos",
+       coalesce(sum(input_tokens + output_tokens) FILTER (WHERE NOT itemised), 0)::text AS "unitemisedTokens",
+       coalesce(sum(cost_nanos) FILTER (WHERE NOT itemised), 0)::text AS "unitemisedNanos"
+     FROM (SELECT *, input_cost_nanos IS NOT NULL AS itemised FROM usage_records
+           WHERE org_id = $1 AND occurred_at >= $2 AND occurred_at < $3) AS r
+     GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3`,
+    [orgId, start, end],
+  );
+  return rows.map((row) => ({
+    hour: row.hour,
+    model: row.model,
+    provider: row.provider,
+    costNanos: BigInt(row.costNanos),
+    inputTokens: BigInt(row.inputTokens),
+    cachedInputTokens: BigInt(row.cachedInputTokens),
+    outputTokens: BigInt(row.outputTokens),
+    reasoningTokens: BigInt(row.reasoningTokens),
+    inputNanos: BigInt(row.inputNanos),
+    cachedInputNanos: BigInt(row.cachedInputNanos),
+    outputNanos: BigInt(row.outputNanos),
+    reasoningNanos: BigInt(row.reasoningNanos),
+    unitemisedTokens: BigInt(row.unitemisedTokens),
+    unitemisedNanos: BigInt(row.unitemisedNanos),
+  }));
+}
+
+async function insertLines(q: Queryable, invoiceId: string, lines: InvoiceLine[]): Promise<void> {
+  if (lines.length === 0) return;
+  await q.query(
+    `INSERT INTO invoice_line_items (invoice_id, position, description, model, token_type, quantity, amount_nanos,
+       discount_rule_id)
+     SELECT $1, ordinality - 1, d, m, t, qty, amt, rule
+     FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::text[])
+       WITH ORDINALITY AS l(d, m, t, qty, amt, rule)`,
+    [
+      invoiceId,
+      lines.map((l) => l.description),
+      lines.map((l) => l.model),
+      lines.map((l) => l.tokenType),
+      lines.map((l) => l.quantity.toString()),
+      lines.map((l) => l.amountNanos.toString()),
+      lines.map((l) => l.discountRuleId),
+    ],
+  );
+}
+
+function toInvoice(row: InvoiceRow): Invoice {
+  return {
+    id: row.id,
+    orgId: row.org_id,
+    number: row.number,
+    status: row.status,
+    periodStart: row.period_start,
+    periodEnd: row.period_end,
+    lines: [],
+    subtotalCents: BigInt(row.subtotal_cents),
+    discountCents: BigInt(row.discount_cents),
+    taxCents: BigInt(row.tax_cents),
+    totalCents: BigInt(row.total_cents),
+    taxRateBps: row.tax_rate_bps,
+    createdAt: row.created_at,
+    issuedAt: row.issued_at,
+  };
+}
+
+function toLine(row: LineRow): InvoiceLine {
+  return {
+    description: row.description,
+    model: row.model,
+    tokenType: row.token_type,
+    quantity: BigInt(row.quantity),
+    amountNanos: BigInt(row.amount_nanos),
+    discountRuleId: row.discount_rule_id,
+  };
+}

@@ -1,0 +1,220 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { createLogger } from "../lib/log.ts";
+import { type BillingStore, createBillingStore } from "./store/store.ts";
+import { createTestDatabase, type TestDatabase } from "./store/test-db.ts";
+import type { RecordedUsage, TimeRange, UsageRecord } from "./store/types.ts";
+import type { PeriodUsage } from "./store/usage.ts";
+import { createUsageTracker, snapshotVisibility } from "./usage-tracker.ts";
+
+const log = createLogger({ service: "billing-test", level: "error" });
+const org = { id: "org_1", billingDay: 1 };
+
+function fakeLoad(figures: () => { spent: bigint; snapshot: string }) {
+  const calls: TimeRange[] = [];
+  let release: (() => void) | undefined;
+  let gate: Promise<void> | undefined;
+  return {
+    calls,
+    /** Holds the next loads until the returned function is called. */
+    hold() {
+      gate = new Promise((resolve) => (release = resolve));
+      return () => {
+        gate = undefined;
+        release?.();
+      };
+    },
+    async load(_orgId: string, period: TimeRange): Promise<PeriodUsage> {
+      calls.push(period);
+      const { spent, snapshot } = figures();
+      await gate;
+      return { orgSpentNanos: spent, keys: new Map([["key_1", { spentNanos: spent, tokens: 10n }]]), snapshot };
+    },
+  };
+}
+
+const batch = (xid: number, costNanos: bigint, day = "2026-06-15"): RecordedUsage => ({
+  inserted: 1,
+  duplicates: 0,
+  xid: String(xid),
+  added: [{ orgId: "org_1", apiKeyId: "key_1", day, costNanos, tokens: 5n }],
+});
+
+describe("snapshot visibility", () => {
+  test("finished before the snapshot: below xmin, or below xmax and not in progress", () => {
+    const visible = snapshotVisibility("100:105:101,103");
+    expect([99n, 100n, 102n, 104n].map(visible)).toEqual([true, true, true, true]);
+    expect([101n, 103n, 105n, 200n].map(visible)).toEqual([false, false, false, false]);
+    expect(snapshotVisibility("7:7:")(6n)).toBe(true);
+    expect(snapshotVisibility("7:7:")(7n)).toBe(false);
+  });
+});
+
+describe("in memory", () => {
+  test("reads once, then answers from memory and adds what this replica records", async () => {
+    let now = new Date("2026-06-15T12:00:00Z");
+    const source = fakeLoad(() => ({ spent: 1_000n, snapshot: "50:50:" }));
+    const tracker = createUsageTracker({ load: source.load, clock: () => now, log, refreshMs: 60_000 });
+    expect(await tracker.spend(org, "key_1")).toEqual({ orgSpentNanos: 1_000n, keySpentNanos: 1_000n, keyTokens: 10n });
+    tracker.record(batch(60, 25n));
+    // Already part of what was read: not added again.
+    tracker.record(batch(40, 999n));
+    for (let i = 0; i < 100; i++) await tracker.spend(org, "key_1");
+    expect(await tracker.spend(org, "key_1")).toEqual({ orgSpentNanos: 1_025n, keySpentNanos: 1_025n, keyTokens: 15n });
+    expect(await tracker.spend(org, "key_2")).toEqual({ orgSpentNanos: 1_025n, keySpentNanos: 0n, keyTokens: 0n });
+    expect(source.calls).toHaveLength(1);
+    expect(source.calls[0]?.start.toISOString()).toBe("2026-06-01T00:00:00.000Z");
+
+    // Usage of another period, or of an org nobody asked about, is ignored.
+    tracker.record(batch(61, 7n, "2026-05-31"));
+    tracker.record({ ...batch(62, 7n), added: [{ ...batch(62, 7n).added[0]!, orgId: "org_other" }] });
+    expect((await tracker.spend(org, "key_1")).orgSpentNanos).toBe(1_025n);
+
+    now = new Date("2026-07-01T00:00:00Z");
+    await tracker.spend(org, "key_1");
+    expect(source.calls).toHaveLength(2);
+    expect(source.calls[1]?.start.toISOString()).toBe("2026-07-01T00:00:00.000Z");
+  });
+
+  test("the period follows the org's billing day", async () => {
+    let now = new Date("2026-06-14T23:59:59Z");
+    const source = fakeLoad(() => ({ spent: 0n, snapshot: "1:1:" }));
+    const tracker = createUsageTracker({ load: source.load, clock: () => now, log });
+    await tracker.spend({ id: "org_1", billingDay: 15 }, "key_1");
+    now = new Date("2026-06-15T00:00:00Z");
+    await tracker.spend({ id: "org_1", billingDay: 15 }, "key_1");
+    expect(source.calls.map((p) => p.start.toISOString())).toEqual([
+      "2026-05-15T00:00:00.000Z",
+      "2026-06-15T00:00:00.000Z",
+    ]);
+  });
+
+  test("usage committed while a read runs counts once, whether or not the read saw it", async () => {
+    const now = new Date("2026-06-15T12:00:00Z");
+    let snapshot = "100:100:";
+    const source = fakeLoad(() => ({ spent: 500n, snapshot }));
+    const tracker = createUsageTracker({ load: source.load, clock: () => now, log });
+    const release = source.hold();
+    const first = tracker.spend(org, "key_1");
+    tracker.record(batch(99, 11n)); // committed before the read's snapshot: already in 500
+    tracker.record(batch(100, 22n)); // after it
+    release();
+    expect((await first).orgSpentNanos).toBe(522n);
+
+    // A background refresh that runs while more usage commits.
+    let clock = now.getTime();
+    const refreshing = createUsageTracker({ load: source.load, clock: () => new Date(clock), log, refreshMs: 10 });
+    snapshot = "200:200:";
+    await refreshing.spend(org, "key_1");
+    clock += 10;
+    snapshot = "300:302:301";
+    const hold = source.hold();
+    await refreshing.spend(org, "key_1"); // stale: served from memory, refresh starts
+    refreshing.record(batch(250, 1n)); // in the coming read
+    refreshing.record(batch(301, 2n)); // in progress at the read
+    expect((await refreshing.spend(org, "key_1")).orgSpentNanos).toBe(503n);
+    hold();
+    await Bun.sleep(1);
+    // The read counted 500 including xid 250, plus 301 which it could not see.
+    expect((await refreshing.spend(org, "key_1")).orgSpentNanos).toBe(502n);
+  });
+
+  test("a failed read is retried on the next call; a failed refresh keeps the figures it had", async () => {
+    let fail = true;
+    let clock = Date.parse("2026-06-15T12:00:00Z");
+    const tracker = createUsageTracker({
+      load: async () => {
+        if (fail) throw new Error("postgres is down");
+        return { orgSpentNanos: 7n, keys: new Map(), snapshot: "1:1:" };
+      },
+      clock: () => new Date(clock),
+      log,
+      refreshMs: 10,
+    });
+    await expect(tracker.spend(org, "key_1")).rejects.toThrow("postgres is down");
+    fail = false;
+    expect((await tracker.spend(org, "key_1")).orgSpentNanos).toBe(7n);
+    fail = true;
+    clock += 10;
+    expect((await tracker.spend(org, "key_1")).orgSpentNanos).toBe(7n);
+    await Bun.sleep(1);
+    expect((await tracker.spend(org, "key_1")).orgSpentNanos).toBe(7n);
+  });
+});
+
+describe("over Postgres", () => {
+  let db: TestDatabase;
+  let store: BillingStore;
+  beforeAll(async () => {
+    db = await createTestDatabase();
+    store = createBillingStore(db.pool);
+  }, 60_000);
+  afterAll(() => db.drop());
+
+  test("matches the database while batches commit concurrently with reads", async () => {
+    const created = await store.createOrganization({
+      name: "tracked",
+      taxRateBps: 0,
+      billingDay: 1,
+      monthlyBudgetNanos: 0n,
+      maxDiscountBps: 0,
+    });
+    const noLimits = {
+      monthlyBudgetNanos: 0n,
+      monthlyTokens: 0n,
+      requestsPerMinute: 0,
+      tokensPerMinute: 0n,
+      allowedModels: [],
+      expiresAt: null,
+    };
+    const { apiKey } = await store.createApiKey({ orgId: created.id, projectId: null, name: "", limits: noLimits });
+    const now = new Date("2026-06-15T12:00:00Z");
+    let clock = now.getTime();
+    let loads = 0;
+    const tracker = createUsageTracker({
+      load: (orgId, period) => {
+        loads++;
+        return store.periodUsage(orgId, period);
+      },
+      clock: () => new Date(clock),
+      log,
+      refreshMs: 5,
+    });
+    let n = 0;
+    const record = (costNanos: bigint): UsageRecord => ({
+      requestId: `req_tracked_${++n}`,
+      orgId: created.id,
+      projectId: null,
+      apiKeyId: apiKey.id,
+      model: "mock",
+      provider: "mock",
+      endpoint: "chat_completions",
+      inputTokens: 3n,
+      cachedInputTokens: 0n,
+      outputTokens: 4n,
+      reasoningTokens: 0n,
+      costNanos,
+      occurredAt: now,
+      costBreakdown: null,
+    });
+    // Writers and readers interleave; the clock moves so that refreshes keep racing the writes.
+    const writers = Array.from({ length: 4 }, async (_, w) => {
+      for (let i = 0; i < 10; i++) {
+        tracker.record(await store.recordUsage([record(BigInt(w + 1)), record(100n)]));
+      }
+    });
+    const readers = (async () => {
+      for (let i = 0; i < 40; i++) {
+        clock += 5;
+        await tracker.spend(created, apiKey.id);
+        await Bun.sleep(0);
+      }
+    })();
+    await Promise.all([...writers, readers]);
+    await Bun.sleep(20);
+    const truth = await store.periodUsage(created.id, { start: new Date("2026-06-01"), end: new Date("2026-07-01") });
+    const spend = await tracker.spend(created, apiKey.id);
+    expect(truth.orgSpentNanos).toBe(10n * (1n + 2n + 3n + 4n) + 40n * 100n);
+    expect(spend).toEqual({ orgSpentNanos: truth.orgSpentNanos, keySpentNanos: truth.orgSpentNanos, keyTokens: 560n });
+    expect(loads).toBeGreaterThan(1);
+  }, 60_000);
+});

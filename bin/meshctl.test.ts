@@ -1,0 +1,281 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { ConnectRouter } from "@connectrpc/connect";
+import { AnalyticsService, type QueryUsageRequest } from "../gen/analytics/v1/analytics_pb.ts";
+import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { Endpoint } from "../gen/common/v1/common_pb.ts";
+import { createBillingApp } from "../billing/app.ts";
+import { createTestDatabase, type TestDatabase } from "../billing/store/test-db.ts";
+import { createLogger } from "../lib/log.ts";
+import { createServiceClient } from "../lib/rpc-client.ts";
+import { type RunningServer, startServer } from "../lib/server.ts";
+import { runCli } from "./meshctl.ts";
+
+const adminToken = "test-admin-token-0123456789";
+const log = createLogger({ service: "meshctl-test", level: "error" });
+
+let db: TestDatabase;
+let billingServer: RunningServer;
+let analyticsServer: RunningServer;
+let dir: string;
+const analyticsQueries: QueryUsageRequest[] = [];
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  dir = await mkdtemp(join(tmpdir(), "meshctl-test-"));
+  const app = createBillingApp({ pool: db.pool, adminToken, clock: () => new Date(), log });
+  billingServer = await startServer({
+    name: "billing",
+    port: 0,
+    host: "127.0.0.1",
+    routes: app.routes,
+    http: app.http,
+    log,
+  });
+  // Analytics answers QueryUsage with one fixed row; the real service is driven in test/e2e/meshctl.test.ts.
+  analyticsServer = await startServer({
+    name: "analytics",
+    port: 0,
+    host: "127.0.0.1",
+    routes: (router: ConnectRouter) =>
+      router.service(AnalyticsService, {
+        async queryUsage(req) {
+          analyticsQueries.push(req);
+          return {
+            rows: [
+              {
+                requests: 3n,
+                usage: { inputTokens: 30n, cachedInputTokens: 3n, outputTokens: 12n, reasoningTokens: 1n },
+                costNanos: 4_200n,
+              },
+            ],
+          };
+        },
+      }),
+    log,
+  });
+}, 60_000);
+afterAll(async () => {
+  await billingServer.close(1_000);
+  await analyticsServer.close(1_000);
+  await db.drop();
+  await rm(dir, { recursive: true, force: true });
+});
+
+interface Run {
+  code: number;
+  out: string;
+  err: string;
+}
+
+async function cli(args: string, env: Record<string, string> = {}): Promise<Run> {
+  const argv = args.match(/"[^"]*"|\S+/g)?.map((a) => a.replace(/^"|"$/g, "")) ?? [];
+  let out = "";
+  let err = "";
+  const code = await runCli(argv, {
+    env: { BILLING_URL: billingServer.url, ANALYTICS_URL: analyticsServer.url, ADMIN_TOKEN: adminToken, ...env },
+    out: (t) => (out += t),
+    err: (t) => (err += t),
+  });
+  return { code, out, err };
+}
+
+/** Runs a command that must succeed and returns its stdout. */
+async function ok(args: string): Promise<string> {
+  const run = await cli(args);
+  if (run.code !== 0) throw new Error(`meshctl ${args} exited ${run.code}: ${run.err}`);
+  expect(run.err).toBe("");
+  return run.out;
+}
+
+const json = async <T = Record<string, unknown>>(args: string) => JSON.parse(await ok(`${args} --json`)) as T;
+
+/** A failure prints exactly one line on stderr. */
+function failsWith(run: Run, code: number, pattern: RegExp): void {
+  expect(run.code).toBe(code);
+  expect(run.out).toBe("");
+  expect(run.err).toMatch(/^meshctl: [^\n]+\n$/);
+  expect(run.err).toMatch(pattern);
+}
+
+describe("meshctl against a real billing", () => {
+  let orgId: string;
+  let keyId: string;
+  let secret: string;
+
+  test("orgs create and list", async () => {
+    const created = await json<{ organization: { id: string; name: string; maxDiscountBps: number } }>(
+      `orgs create "Acme Corp" --tax-bps 1000 --billing-day 1 --budget-usd 50 --max-discount-percent 30`,
+    );
+    orgId = created.organization.id;
+    expect(created.organization).toMatchObject({ name: "Acme Corp", maxDiscountBps: 3000 });
+    const table = await ok("orgs list");
+    expect(table.split("\n")[0]).toMatch(/^ID\s+NAME\s+TAX\s+BILLING DAY\s+BUDGET\s+MAX DISCOUNT\s+CREATED$/);
+    expect(table).toContain(orgId);
+    expect(table).toMatch(/Acme Corp\s+10%\s+1\s+\$50\s+30%/);
+    expect(await ok("projects create --org " + orgId + " web")).toContain("web");
+    expect(await ok(`projects list --org ${orgId}`)).toContain("web");
+  });
+
+  test("keys create prints the secret once; list, rotate and revoke", async () => {
+    const out = await ok(
+      `keys create --org ${orgId} --name ci --budget-usd 5 --rpm 60 --models gpt-4o,mini --expires 2030-01-01`,
+    );
+    expect(out).toMatch(/budget \$5\/mo, 60 rpm, models gpt-4o,mini, expires 2030-01-01/);
+    secret = /secret \(shown once, store it now\): (sk-mesh-\w+)/.exec(out)?.[1] as string;
+    expect(secret).toHaveLength(51);
+    keyId = /^(key_\w+)/m.exec(out)?.[1] as string;
+    const listed = await ok(`keys list --org ${orgId}`);
+    expect(listed).toContain(keyId);
+    expect(listed).not.toContain(secret);
+
+    const rotated = await json<{ apiKey: { id: string }; secret: string }>(`keys rotate ${keyId}`);
+    expect(rotated.secret).toStartWith("sk-mesh-");
+    expect(rotated.apiKey.id).not.toBe(keyId);
+    expect(await ok(`keys revoke ${rotated.apiKey.id}`)).toBe(`revoked ${rotated.apiKey.id}\n`);
+    const all = await ok(`keys list --org ${orgId} --all`);
+    expect(all.match(/revoked \d{4}-\d{2}-\d{2}/g)).toHaveLength(2);
+    expect(await ok(`keys list --org ${orgId}`)).not.toContain("revoked");
+
+    const fresh = await json<{ apiKey: { id: string }; secret: string }>(`keys create --org ${orgId}`);
+    keyId = fresh.apiKey.id;
+    secret = fresh.secret;
+  });
+
+  test("quota set and show", async () => {
+    expect(await ok(`quota set ${keyId} --monthly-tokens 1000 --tpm 500 --budget-usd 2.5`)).toBe(
+      `${keyId}: budget $2.5/mo, 1000 tok/mo, 500 tpm\n`,
+    );
+    const shown = await ok(`quota show ${keyId}`);
+    expect(shown).toMatch(/budget \$2\.5\/mo, 1000 tok\/mo, 500 tpm\s+0\s+0\s+0$/m);
+    const asJson = await json<{ limits: { monthlyTokens: string } }>(`quota show ${keyId} --org ${orgId}`);
+    expect(asJson.limits.monthlyTokens).toBe("1000");
+  });
+
+  test("usage from billing and from analytics", async () => {
+    const billing = createServiceClient(BillingService, { baseUrl: billingServer.url, bearerToken: adminToken });
+    const now = new Date();
+    await billing.recordUsage({
+      records: [1n, 2n].map((n) => ({
+        requestId: `req_cli_${n}`,
+        orgId,
+        apiKeyId: keyId,
+        model: "gpt-4o",
+        provider: "openai",
+        endpoint: Endpoint.CHAT_COMPLETIONS,
+        usage: { inputTokens: 100n * n, cachedInputTokens: n, outputTokens: 10n * n, reasoningTokens: n },
+        costNanos: 1_000_000_000n * n + 1n,
+        occurTime: timestampFromDate(now),
+      })),
+    });
+    const table = await ok(`usage --org ${orgId}`);
+    expect(table.split("\n")[0]).toMatch(/^REQUESTS\s+INPUT\s+CACHED INPUT\s+OUTPUT\s+REASONING\s+COST_NANOS\s+COST \(USD\)$/);
+    expect(table.split("\n")[1]).toMatch(/^\s*2\s+300\s+3\s+30\s+3\s+3000000002\s+3\.000000002$/);
+    const summary = await json<{ requests: string; costNanos: string }>(`usage --org ${orgId} --source billing`);
+    expect(summary).toMatchObject({ requests: "2", costNanos: "3000000002" });
+    const ranged = await json<{ requests?: string }>(`usage --org ${orgId} --from 2020-01-01 --to 2020-02-01`);
+    expect(ranged.requests).toBeUndefined();
+
+    const fromAnalytics = await ok(`usage --org ${orgId} --source analytics`);
+    expect(fromAnalytics.split("\n")[1]).toMatch(/^\s*3\s+30\s+3\s+12\s+1\s+4200\s+0\.0000042$/);
+    const query = analyticsQueries.at(-1);
+    expect(query?.orgId).toBe(orgId);
+    // The org's billing period, as billing uses by default.
+    const start = timestampDate(query?.range?.start ?? timestampFromDate(new Date(0)));
+    expect(start.toISOString()).toBe(new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), 1)).toISOString());
+    failsWith(await cli(`usage --org ${orgId} --source clickhouse`), 2, /--source must be billing or analytics/);
+  });
+
+  test("discounts add, list and remove", async () => {
+    const promo = await json<{ rule: { id: string } }>(
+      `discounts add --org ${orgId} --name "Spring promo" --kind promotional --percent 10 --from 2026-01-01 ` +
+        "--until 2027-01-01 --cap-usd 1 --model gpt-4o --priority 5",
+    );
+    expect(promo.rule.id).toStartWith("disc_");
+    expect(
+      await ok(`discounts add --org ${orgId} --name volume --kind volume-graduated --tiers 0:0,1:5,10:7.5`),
+    ).toMatch(/^created discount rule disc_\w+\n$/);
+    const night = await json<{ rule: { id: string; stackable?: boolean } }>(
+      `discounts add --org ${orgId} --name nights --kind time-window --percent 20 --hours 22-24 --days 0,6 --exclusive`,
+    );
+    expect(night.rule.stackable).toBeUndefined();
+    const listed = await ok(`discounts list --org ${orgId}`);
+    expect(listed).toMatch(/Spring promo\s+promotional\s+10%\s+5\s+yes\s+gpt-4o\s+2026-01-01\.\.2027-01-01\s+\$1/);
+    expect(listed).toMatch(/volume\s+volume-graduated\s+\$0\+: 0%, \$1\+: 5%, \$10\+: 7\.5%\s+0\s+yes\s+all\s+always\s+-/);
+    expect(listed).toMatch(/nights\s+time-window\s+20%\s+0\s+no\s+all\s+22-24h UTC Sun,Sat/);
+    expect(await ok(`discounts remove ${night.rule.id}`)).toBe(`removed ${night.rule.id}\n`);
+    expect(await ok(`discounts list --org ${orgId}`)).not.toContain("nights");
+    failsWith(await cli(`discounts add --org ${orgId} --name x --kind bogus`), 2, /--kind must be one of/);
+    failsWith(await cli(`discounts add --org ${orgId} --name x --kind promotional`), 1, /invalid_argument.*discount_bps/);
+    failsWith(await cli(`discounts add --org ${orgId} --name x --kind time-window --percent 5 --hours 9`), 2, /--hours/);
+    failsWith(await cli(`discounts remove ${night.rule.id}`), 1, /not_found/);
+  });
+
+  test("invoices generate, list, show, move through their states and render as HTML", async () => {
+    const billing = createServiceClient(BillingService, { baseUrl: billingServer.url, bearerToken: adminToken });
+    await billing.recordUsage({
+      records: [
+        {
+          requestId: "req_cli_march",
+          orgId,
+          model: "gpt-4o",
+          provider: "openai",
+          endpoint: Endpoint.CHAT_COMPLETIONS,
+          usage: { inputTokens: 1000n, outputTokens: 100n },
+          costNanos: 12_345_678_901n,
+          occurTime: timestampFromDate(new Date("2026-03-10T12:00:00Z")),
+          costBreakdown: { inputNanos: 10_000_000_000n, outputNanos: 2_345_678_901n },
+        },
+      ],
+    });
+    const generated = await ok(`invoices generate --org ${orgId} --period 2026-03`);
+    const [heading] = generated.split("\n");
+    expect(heading).toMatch(/^INV-2026-03-0001 \(inv_\w+\) draft, 2026-03-01 to 2026-03-31$/);
+    const invoiceId = /\((inv_\w+)\)/.exec(generated)?.[1] as string;
+    expect(generated).toMatch(/gpt-4o: input tokens\s+1000\s+10$/m);
+    expect(generated).toMatch(/gpt-4o: output tokens\s+100\s+2\.345678901$/m);
+    // 10% promo on gpt-4o, capped at $1; then the graduated tiers' rate on what is left.
+    expect(generated).toMatch(/Discount: Spring promo .*capped at \$1\)\s+-1$/m);
+    expect(generated).toMatch(/Discount: volume \(graduated volume tiers .*\)\s+-0\.575225917$/m);
+    expect(generated).toContain("subtotal $12.35  discounts -$1.58  tax (10%) $1.08  total $11.85");
+    expect(generated).toContain("rounded once to the cent, half-up");
+
+    expect(await ok(`invoices list --org ${orgId}`)).toMatch(/INV-2026-03-0001\s+2026-03-01\s+draft\s+\$11\.85/);
+    expect((await ok(`invoices show ${invoiceId}`)).split("\n")[0]).toBe(heading as string);
+    expect(await ok(`invoices issue ${invoiceId}`)).toBe("INV-2026-03-0001: issued\n");
+    failsWith(await cli(`invoices generate --org ${orgId} --period 2026-03`), 1, /failed_precondition.*already issued/);
+    expect(await ok(`invoices pay ${invoiceId}`)).toBe("INV-2026-03-0001: paid\n");
+    failsWith(await cli(`invoices void ${invoiceId}`), 1, /failed_precondition/);
+
+    const out = join(dir, "invoice.html");
+    expect(await ok(`invoices render ${invoiceId} --html --out ${out}`)).toBe("");
+    const html = await readFile(out, "utf8");
+    expect(html).toStartWith("<!doctype html>");
+    expect(html).toContain("Acme Corp");
+    expect(await ok(`invoices render ${invoiceId} --html`)).toBe(html);
+    failsWith(await cli(`invoices render ${invoiceId}`), 2, /needs --html/);
+    failsWith(await cli("invoices render inv_missing --html"), 1, /billing answered 404 for invoice inv_missing/);
+    failsWith(await cli(`invoices generate --org ${orgId} --period 2026-3`), 2, /--period must be YYYY-MM/);
+  }, 60_000);
+
+  test("errors print one line and exit non-zero", async () => {
+    failsWith(await cli("orgs create"), 2, /missing NAME/);
+    failsWith(await cli("keys revoke key_missing"), 1, /^meshctl: \[not_found\] api key key_missing not found\n$/);
+    failsWith(await cli("frobnicate"), 2, /unknown command "frobnicate"/);
+    failsWith(await cli("orgs list --frobnicate"), 2, /--frobnicate/);
+    failsWith(await cli("keys create --org x --rpm lots"), 2, /--rpm must be a non-negative integer/);
+    failsWith(await cli("orgs list", { ADMIN_TOKEN: "wrong-token-0123456789" }), 1, /permission_denied/);
+    failsWith(await cli("orgs list", { ADMIN_TOKEN: "short" }), 2, /ADMIN_TOKEN/);
+    failsWith(await cli("orgs list", { BILLING_URL: "not a url" }), 2, /BILLING_URL/);
+    failsWith(await cli("orgs list", { BILLING_URL: "http://127.0.0.1:1" }), 1, /unavailable/);
+    const none = await cli("");
+    expect(none.code).toBe(2);
+    expect(none.err).toContain("usage: meshctl");
+    const help = await cli("--help");
+    expect(help.code).toBe(0);
+    expect(help.out).toContain("invoices generate --org ID");
+  });
+});

@@ -1,0 +1,139 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import * as path from "node:path";
+import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
+import { createServiceClient } from "../../lib/rpc-client.ts";
+import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.ts";
+
+const root = path.resolve(import.meta.dir, "../..");
+const adminToken = "e2e-admin-token-0123456789";
+// Long enough that a stop which waited for open streams would be obvious.
+const graceMs = 30_000;
+let dataDir: string;
+let mesh: Mesh;
+let demo: Demo;
+
+beforeAll(async () => {
+  dataDir = await mkdtemp(path.join(tmpdir(), "meshctl-e2e-"));
+  mesh = await startMesh({
+    dataDir,
+    adminToken,
+    ports: { gateway: 0, billing: 0, analytics: 0 },
+    env: { SHUTDOWN_GRACE_MS: String(graceMs), LOG_LEVEL: "warn" },
+    onLine: () => {},
+  });
+  demo = await ensureDemo(mesh, { dataDir, adminToken });
+}, 120_000);
+
+afterAll(async () => {
+  await mesh?.stop();
+  await rm(dataDir, { recursive: true, force: true });
+}, 90_000);
+
+/** meshctl as a user runs it: its own process, configured by the environment. */
+async function meshctl(...args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const proc = Bun.spawn([process.execPath, path.join(root, "bin/meshctl.ts"), ...args], {
+    cwd: root,
+    env: {
+      PATH: process.env.PATH,
+      BILLING_URL: mesh.urls.billing,
+      ANALYTICS_URL: mesh.urls.analytics,
+      ADMIN_TOKEN: adminToken,
+    },
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  const [out, err, code] = await Promise.all([
+    new Response(proc.stdout).text(),
+    new Response(proc.stderr).text(),
+    proc.exited,
+  ]);
+  return { code, out, err };
+}
+
+async function eventually<T>(probe: () => Promise<T | undefined>, timeoutMs = 15_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error("condition not met in time");
+    await Bun.sleep(200);
+  }
+}
+
+interface UsageJson {
+  requests?: string;
+  costNanos?: string;
+  rows?: { requests?: string; costNanos?: string }[];
+}
+
+describe("meshctl drives the mesh", () => {
+  test("usage of a real request agrees between billing and analytics", async () => {
+    const res = await fetch(`${demo.baseUrl}/chat/completions`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${demo.apiKey}`, "content-type": "application/json" },
+      body: JSON.stringify({ model: "mock", messages: [{ role: "user", content: "count me twice, bill me once" }] }),
+    });
+    expect(res.status).toBe(200);
+    const cost = res.headers.get("x-gateway-cost-nanos");
+    expect(Number(cost)).toBeGreaterThan(0);
+
+    const billing = await eventually(async () => {
+      const run = await meshctl("usage", "--org", demo.orgId, "--json");
+      const usage = JSON.parse(run.out) as UsageJson;
+      return usage.requests === "1" ? usage : undefined;
+    });
+    expect(billing.costNanos).toBe(cost ?? "");
+    const analytics = JSON.parse((await meshctl("usage", "--org", demo.orgId, "--source", "analytics", "--json")).out);
+    expect((analytics as UsageJson).rows?.[0]).toMatchObject({ requests: "1", costNanos: cost });
+
+    const table = await meshctl("usage", "--org", demo.orgId);
+    expect(table.code).toBe(0);
+    expect(table.out).toContain(cost ?? "");
+  }, 60_000);
+
+  test("orgs, keys, discounts and an invoice rendered as HTML", async () => {
+    const created = await meshctl("orgs", "create", "<script>alert(1)</script>", "--tax-bps", "2000");
+    expect(created.code).toBe(0);
+    const orgId = /^(org_\w+)/m.exec(created.out)?.[1] as string;
+    expect((await meshctl("orgs", "list")).out).toContain(orgId);
+    const key = await meshctl("keys", "create", "--org", orgId, "--budget-usd", "1");
+    expect(key.out).toContain("secret (shown once");
+    const discount = await meshctl("discounts", "add", "--org", orgId, "--name", "promo", "--kind", "promotional", "--percent", "10");
+    expect(discount.code).toBe(0);
+    const generated = await meshctl("invoices", "generate", "--org", orgId);
+    expect(generated.code).toBe(0);
+    const invoiceId = /\((inv_\w+)\)/.exec(generated.out)?.[1] as string;
+    const html = await meshctl("invoices", "render", invoiceId, "--html");
+    expect(html.code).toBe(0);
+    expect(html.out).toContain("&lt;script&gt;alert(1)&lt;/script&gt;");
+    expect(html.out).not.toContain("<script>");
+
+    const missing = await meshctl("invoices", "show", "inv_missing");
+    expect(missing.code).toBe(1);
+    expect(missing.err).toBe("meshctl: [not_found] invoice inv_missing not found\n");
+  }, 60_000);
+
+  test("billing stops promptly on SIGTERM even with key change streams open", async () => {
+    const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken });
+    const watching = new AbortController();
+    const stream = (async () => {
+      try {
+        for await (const _ of billing.watchKeyChanges({}, { signal: watching.signal })) {
+          // Only the stream's end matters.
+        }
+      } catch {
+        // Ended by the server going away.
+      }
+    })();
+    // Let the stream reach billing.
+    await Bun.sleep(500);
+    const started = Date.now();
+    const code = await mesh.processes.billing.stop("SIGTERM", graceMs * 2);
+    expect(code).toBe(0);
+    expect(Date.now() - started).toBeLessThan(graceMs / 2);
+    watching.abort();
+    await stream;
+  }, 90_000);
+});
