@@ -1,6 +1,8 @@
 import { describe, expect, test } from "bun:test";
+import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
+import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
-import { createKeyAuthorizer } from "./auth.ts";
+import { createKeyAuthorizer, type KeyAuthorizerOptions, watchKeyChanges } from "./auth.ts";
 import { GatewayError } from "./errors.ts";
 import { createBillingFake } from "./testing.ts";
 
@@ -10,7 +12,7 @@ function setup(now = { t: 1_000_000 }) {
     "sk-limited": { id: "key_2", orgId: "org_1", allowedModels: ["mock"] },
     "sk-expiring": { id: "key_3", orgId: "org_1", expireMs: now.t + 10_000 },
   });
-  const keys = createKeyAuthorizer({ billing: billing.client, hitTtlMs: 30_000, missTtlMs: 2_000, now: () => now.t });
+  const keys = createKeyAuthorizer({ billing: billing.client, hitTtlMs: 30_000, missTtlMs: 2_000, watching: true, now: () => now.t });
   return { billing, keys, now };
 }
 
@@ -105,3 +107,149 @@ describe("key authorizer", () => {
     expect((await keys.authorize("sk-good")).apiKeyId).toBe("key_1");
   });
 });
+
+describe("key cache without and with the change stream", () => {
+  test("without the stream entries live only the fallback TTL; keys loaded while it is healthy get the full TTL", async () => {
+    const now = { t: 1_000_000 };
+    const billing = createBillingFake({ "sk-good": { id: "key_1", orgId: "org_1" } });
+    const keys = createKeyAuthorizer({ billing: billing.client, hitTtlMs: 30_000, fallbackTtlMs: 1_000, now: () => now.t });
+    await keys.authorize("sk-good");
+    now.t += 1_000;
+    await keys.authorize("sk-good");
+    expect(billing.calls()).toBe(2);
+
+    keys.setWatching(true);
+    // Loaded before the stream was confirmed: still the short TTL.
+    now.t += 1_000;
+    await keys.authorize("sk-good");
+    expect(billing.calls()).toBe(3);
+    now.t += 20_000;
+    await keys.authorize("sk-good");
+    expect(billing.calls()).toBe(3);
+
+    // The stream is lost: every entry falls back to the short TTL at once.
+    keys.setWatching(false);
+    await keys.authorize("sk-good");
+    expect(billing.calls()).toBe(4);
+  });
+
+  test("a change announced while a load is in flight keeps that load's answer out of the cache", async () => {
+    const billing = createBillingFake({ "sk-good": { id: "key_1", orgId: "org_1" } });
+    let open = () => {};
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    const slow: KeyAuthorizerOptions["billing"] = {
+      // Billing has answered, but the answer is still on its way when the change is announced.
+      authorizeKey: async (req) => {
+        const res = await billing.client.authorizeKey(req);
+        await gate;
+        return res;
+      },
+    };
+    const keys = createKeyAuthorizer({ billing: slow, watching: true });
+    const loading = keys.authorize("sk-good");
+    await Bun.sleep(5);
+    billing.revoke("sk-good");
+    keys.forget(sha256Hex("sk-good"));
+    open();
+    // Requests that arrived before the change still get the answer they were waiting for...
+    expect((await loading).apiKeyId).toBe("key_1");
+    // ...but the next one asks billing again.
+    expect((await failure(keys.authorize("sk-good"))).status).toBe(401);
+  });
+});
+
+describe("watching key changes", () => {
+  /** A billing whose WatchKeyChanges stream the test drives: push changes, break the stream. */
+  function streamFake() {
+    let opened = 0;
+    let push: (change: { secretHash: string; apiKeyId: string; revoked: boolean } | Error) => void = () => {};
+    const transport = createRouterTransport((router) =>
+      router.service(BillingService, {
+        async *watchKeyChanges(_req, ctx) {
+          opened++;
+          const queue: ({ secretHash: string; apiKeyId: string; revoked: boolean } | Error)[] = [];
+          let wake = () => {};
+          push = (item) => {
+            queue.push(item);
+            wake();
+          };
+          while (!ctx.signal.aborted) {
+            const item = queue.shift();
+            if (item instanceof Error) throw new ConnectError(item.message, Code.Unavailable);
+            if (item) yield item;
+            else await new Promise<void>((resolve) => (wake = resolve));
+          }
+        },
+      }),
+    );
+    return { client: createClient(BillingService, transport), opened: () => opened, push: (item: Parameters<typeof push>[0]) => push(item) };
+  }
+
+  function recorder() {
+    const forgotten: string[] = [];
+    const watching: boolean[] = [];
+    const keys = {
+      authorize: () => Promise.reject(new Error("unused")),
+      forget: (hash: string) => void forgotten.push(hash),
+      setWatching: (healthy: boolean) => void watching.push(healthy),
+    };
+    return { keys, forgotten, watching };
+  }
+
+  test("drops changed keys, confirms the stream, and reconnects after it fails", async () => {
+    const billing = streamFake();
+    const { keys, forgotten, watching } = recorder();
+    const watch = watchKeyChanges({ billing: billing.client, keys, confirmAfterMs: 20, backoffMs: 10, random: () => 1 });
+    await until(() => watch.healthy());
+    expect(watching).toEqual([true]);
+
+    billing.push({ secretHash: "abc", apiKeyId: "key_1", revoked: true });
+    await until(() => forgotten.length > 0);
+    expect(forgotten).toEqual(["abc"]);
+
+    billing.push(new Error("billing restarting"));
+    await until(() => !watch.healthy());
+    expect(watching).toEqual([true, false]);
+    await until(() => watch.healthy());
+    expect(billing.opened()).toBe(2);
+
+    await watch.stop();
+    expect(watch.healthy()).toBe(false);
+  });
+
+  test("a message confirms the stream at once; a failing stream is retried with growing delays", async () => {
+    const billing = streamFake();
+    const { keys, watching } = recorder();
+    const watch = watchKeyChanges({ billing: billing.client, keys, confirmAfterMs: 60_000 });
+    await until(() => billing.opened() === 1);
+    expect(watch.healthy()).toBe(false);
+    billing.push({ secretHash: "", apiKeyId: "", revoked: false });
+    await until(() => watch.healthy());
+    expect(watching).toEqual([true]);
+    await watch.stop();
+
+    const opened: number[] = [];
+    const down = {
+      watchKeyChanges: () => {
+        opened.push(performance.now());
+        return (async function* () {
+          throw new ConnectError("connection refused", Code.Unavailable);
+        })();
+      },
+    };
+    const retrying = watchKeyChanges({ billing: down as never, keys: recorder().keys, backoffMs: 10, maxBackoffMs: 40, random: () => 1 });
+    await until(() => opened.length >= 5);
+    await retrying.stop();
+    const gaps = opened.slice(1).map((t, i) => t - (opened[i] as number));
+    // Timers never fire early, so load on the machine can only stretch these.
+    [10, 20, 40, 40].forEach((min, i) => expect(gaps[i] as number).toBeGreaterThanOrEqual(min - 1));
+  });
+});
+
+async function until(condition: () => boolean, timeoutMs = 5_000): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
+  while (!condition()) {
+    if (performance.now() > deadline) throw new Error("condition not met in time");
+    await Bun.sleep(2);
+  }
+}

@@ -23,15 +23,24 @@ export interface KeyAuthorizer {
   authorize(secret: string | undefined): Promise<Principal>;
   /** Drops a cached key by the SHA-256 hex of its secret (revocations, limit changes). */
   forget(secretHash: string): void;
+  /**
+   * Tells the cache whether billing's change stream is delivering: while it is, keys loaded since it
+   * started are trusted for the full TTL; otherwise every entry is trusted only for the short fallback TTL.
+   */
+  setWatching(healthy: boolean): void;
 }
 
 export interface KeyAuthorizerOptions {
   billing: Pick<Client<typeof BillingService>, "authorizeKey">;
-  /** How long a valid key is trusted without asking billing again. */
+  /** How long a valid key is trusted without asking billing again, while key changes are watched. */
   hitTtlMs?: number;
+  /** How long a valid key is trusted while key changes are not being watched. */
+  fallbackTtlMs?: number;
   /** How long an unknown or revoked key is rejected without asking billing again. */
   missTtlMs?: number;
   maxEntries?: number;
+  /** Start as if the change stream were healthy (callers that apply changes by other means). */
+  watching?: boolean;
   now?: () => number;
   log?: Logger;
 }
@@ -39,23 +48,32 @@ export interface KeyAuthorizerOptions {
 interface Entry {
   principal: Principal | undefined;
   rejection: GatewayError | undefined;
-  expiresAt: number;
-  /** After this, a hit still answers from the cache but refreshes the entry in the background. */
-  refreshAt: number;
+  /** When the AuthorizeKey call that produced this entry started. */
+  loadedAt: number;
+}
+
+interface Load {
+  promise: Promise<Entry>;
+  /** Set when the key changed while this load was in flight: its answer may predate the change. */
+  stale: boolean;
 }
 
 /**
  * Resolves API keys through billing's AuthorizeKey, cached by the SHA-256 of the secret so a hit
  * costs no round trip. Concurrent misses for one key share one call; busy keys are refreshed
- * before they expire so their requests never wait on billing.
+ * before they expire so their requests never wait on billing. Changes billing announces (through
+ * `watchKeyChanges`) drop entries at once; without that stream, entries live only `fallbackTtlMs`.
  */
 export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorizer {
   const hitTtlMs = options.hitTtlMs ?? 30_000;
+  const fallbackTtlMs = Math.min(hitTtlMs, options.fallbackTtlMs ?? 1_000);
   const missTtlMs = options.missTtlMs ?? 2_000;
   const maxEntries = options.maxEntries ?? 100_000;
   const now = options.now ?? Date.now;
   const cache = new Map<string, Entry>();
-  const loading = new Map<string, Promise<Entry>>();
+  const loading = new Map<string, Load>();
+  /** Start of the current healthy period of the change stream; undefined while it is down. */
+  let watchedSince: number | undefined = options.watching ? Number.NEGATIVE_INFINITY : undefined;
 
   const store = (hash: string, entry: Entry) => {
     cache.delete(hash);
@@ -64,34 +82,39 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     cache.set(hash, entry);
   };
 
+  const ttlOf = (entry: Entry) => {
+    if (entry.rejection) return missTtlMs;
+    // Strictly after: a load begun in the very millisecond the stream was confirmed may predate it.
+    return watchedSince !== undefined && entry.loadedAt > watchedSince ? hitTtlMs : fallbackTtlMs;
+  };
+
   const load = (hash: string, secret: string): Promise<Entry> => {
     const pending = loading.get(hash);
-    if (pending) return pending;
-    const promise = options.billing
+    if (pending) return pending.promise;
+    const loadedAt = now();
+    const current: Load = { promise: undefined as unknown as Promise<Entry>, stale: false };
+    current.promise = options.billing
       .authorizeKey({ secret })
       .then(
-        (grant): Entry => {
-          const t = now();
-          return { principal: principalOf(grant), rejection: undefined, expiresAt: t + hitTtlMs, refreshAt: t + hitTtlMs * 0.8 };
-        },
+        (grant): Entry => ({ principal: principalOf(grant), rejection: undefined, loadedAt }),
         (e): Entry => {
           const err = ConnectError.from(e);
           if (err.code === Code.Unauthenticated) {
-            const t = now();
-            const rejection = unauthorized("Incorrect API key provided.");
-            return { principal: undefined, rejection, expiresAt: t + missTtlMs, refreshAt: t + missTtlMs };
+            return { principal: undefined, rejection: unauthorized("Incorrect API key provided."), loadedAt };
           }
           options.log?.warn("billing AuthorizeKey failed", { code: Code[err.code], err: err.rawMessage });
           throw serviceUnavailable("API keys cannot be checked right now; retry shortly.", "auth_unavailable");
         },
       )
       .then((entry) => {
-        store(hash, entry);
+        if (!current.stale) store(hash, entry);
         return entry;
       })
-      .finally(() => loading.delete(hash));
-    loading.set(hash, promise);
-    return promise;
+      .finally(() => {
+        if (loading.get(hash) === current) loading.delete(hash);
+      });
+    loading.set(hash, current);
+    return current.promise;
   };
 
   const admit = (entry: Entry, t: number): Principal => {
@@ -111,17 +134,30 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
       const hash = sha256Hex(secret);
       const t = now();
       const entry = cache.get(hash);
-      if (entry && t < entry.expiresAt) {
-        if (t >= entry.refreshAt && entry.principal && !loading.has(hash)) {
-          // A failed refresh keeps the entry until it expires.
-          load(hash, secret).catch(() => {});
+      if (entry) {
+        const age = t - entry.loadedAt;
+        const ttl = ttlOf(entry);
+        if (age < ttl) {
+          if (age >= ttl * 0.8 && entry.principal && !loading.has(hash)) {
+            // A failed refresh keeps the entry until it expires.
+            load(hash, secret).catch(() => {});
+          }
+          return admit(entry, t);
         }
-        return admit(entry, t);
       }
       return admit(await load(hash, secret), now());
     },
     forget(secretHash) {
       cache.delete(secretHash);
+      const pending = loading.get(secretHash);
+      if (pending) {
+        pending.stale = true;
+        loading.delete(secretHash);
+      }
+    },
+    setWatching(healthy) {
+      if (!healthy) watchedSince = undefined;
+      else watchedSince ??= now();
     },
   };
 }
@@ -136,5 +172,103 @@ function principalOf(grant: AuthorizeKeyResponse): Principal {
     allowedModels: limits && limits.allowedModels.length > 0 ? new Set(limits.allowedModels) : undefined,
     expireMs: limits?.expireTime ? timestampMs(limits.expireTime) : undefined,
     grant,
+  };
+}
+
+export interface KeyChangeWatchOptions {
+  billing: Pick<Client<typeof BillingService>, "watchKeyChanges">;
+  keys: KeyAuthorizer;
+  /**
+   * A stream open this long without failing counts as delivering. (Billing sends nothing until a key
+   * changes, so there is no earlier sign; a message with no key id confirms at once.)
+   */
+  confirmAfterMs?: number;
+  /** First reconnect delay; doubles up to `maxBackoffMs`, with jitter. */
+  backoffMs?: number;
+  maxBackoffMs?: number;
+  random?: () => number;
+  log?: Logger;
+}
+
+export interface KeyChangeWatch {
+  /** True while the stream is confirmed to deliver. */
+  healthy(): boolean;
+  stop(): Promise<void>;
+}
+
+/**
+ * Follows billing's WatchKeyChanges stream and drops each changed key from the cache, so revocations
+ * and limit changes apply within a round trip. When the stream fails the cache falls back to its
+ * short TTL, and the stream is reopened with exponential backoff.
+ */
+export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch {
+  const { billing, keys, log } = options;
+  const confirmAfterMs = options.confirmAfterMs ?? 1_000;
+  const baseBackoffMs = options.backoffMs ?? 100;
+  const maxBackoffMs = options.maxBackoffMs ?? 10_000;
+  const random = options.random ?? Math.random;
+  const stopping = new AbortController();
+  let healthy = false;
+
+  const setHealthy = (value: boolean) => {
+    healthy = value;
+    keys.setWatching(value);
+  };
+
+  const once = async (): Promise<boolean> => {
+    const call = new AbortController();
+    const onStop = () => call.abort();
+    stopping.signal.addEventListener("abort", onStop);
+    const confirm = setTimeout(() => setHealthy(true), confirmAfterMs);
+    try {
+      // No deadline: the stream is meant to stay open for the life of the process.
+      for await (const change of billing.watchKeyChanges({}, { signal: call.signal, timeoutMs: 0 })) {
+        if (!healthy) {
+          clearTimeout(confirm);
+          setHealthy(true);
+        }
+        if (change.secretHash) keys.forget(change.secretHash);
+      }
+      if (!stopping.signal.aborted) log?.warn("key change stream ended; watching again");
+    } catch (e) {
+      if (!stopping.signal.aborted) {
+        const err = ConnectError.from(e);
+        log?.warn("key change stream failed; key cache uses its short TTL until it is back", { code: Code[err.code], err: err.rawMessage });
+      }
+    } finally {
+      clearTimeout(confirm);
+      stopping.signal.removeEventListener("abort", onStop);
+    }
+    const wasHealthy = healthy;
+    setHealthy(false);
+    return wasHealthy;
+  };
+
+  const running = (async () => {
+    let backoff = baseBackoffMs;
+    while (!stopping.signal.aborted) {
+      const delivered = await once();
+      if (stopping.signal.aborted) break;
+      if (delivered) backoff = baseBackoffMs;
+      const wait = backoff * (0.5 + random() / 2);
+      backoff = Math.min(maxBackoffMs, backoff * 2);
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(timer);
+          stopping.signal.removeEventListener("abort", done);
+          resolve();
+        };
+        const timer = setTimeout(done, wait);
+        stopping.signal.addEventListener("abort", done);
+      });
+    }
+  })();
+
+  return {
+    healthy: () => healthy,
+    async stop() {
+      stopping.abort();
+      await running;
+    },
   };
 }

@@ -45,4 +45,18 @@ describe("chat input", () => {
     const metadata = Object.fromEntries(Array.from({ length: 17 }, (_, i) => [`k${i}`, "v"]));
     expect(() => parseChatInput({ model: "m", messages: [{ role: "user", content: "x" }], metadata })).toThrow(/16 entries/);
   });
+
+  test("streaming: stream and stream_options are the gateway's, never forwarded as sent", () => {
+    const input = parseChatInput({
+      model: "m",
+      messages: [{ role: "user", content: "x" }],
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    expect([input.stream, input.includeUsage]).toEqual([true, true]);
+    expect(input.upstream as unknown).toEqual({ model: "m", messages: [{ role: "user", content: "x" }] });
+    const plain = parseChatInput({ model: "m", messages: [{ role: "user", content: "x" }], stream: true });
+    expect([plain.stream, plain.includeUsage]).toEqual([true, false]);
+    expect(() => parseChatInput({ model: "m", messages: [{ role: "user", content: "x" }], stream_options: {} })).toThrow(/only allowed/);
+  });
 });

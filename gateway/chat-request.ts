@@ -11,6 +11,10 @@ export interface ChatInput {
   user: string;
   /** From `metadata`: recorded with the request's metrics, never sent upstream. */
   tags: Record<string, string>;
+  /** `stream: true`: answer with server-sent chunks. */
+  stream: boolean;
+  /** `stream_options.include_usage`: end the stream with a usage chunk. Upstreams are always asked for usage. */
+  includeUsage: boolean;
 }
 
 const roles = new Set(["system", "developer", "user", "assistant", "tool", "function"]);
@@ -20,7 +24,7 @@ const maxMessages = 2048;
 const maxTags = 16;
 const maxTagBytes = 256;
 
-const isObject = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
+export const isObject = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
 
 /**
  * Checks what the gateway relies on (model, messages, n, stop, limits, user, metadata) and leaves
@@ -35,9 +39,8 @@ export function parseChatInput(body: unknown): ChatInput {
   if (body.stream !== undefined && body.stream !== null && typeof body.stream !== "boolean") {
     throw invalidRequest("`stream` must be a boolean.", "stream");
   }
-  if (body.stream === true) {
-    throw invalidRequest("Streaming is not supported by this gateway yet; send `stream: false`.", "stream", "unsupported_parameter");
-  }
+  const stream = body.stream === true;
+  const includeUsage = parseStreamOptions(body.stream_options, stream);
   const messages = body.messages;
   if (!Array.isArray(messages) || messages.length === 0) {
     throw invalidRequest("`messages` must be a non-empty array.", "messages", "missing_required_parameter");
@@ -52,6 +55,14 @@ export function parseChatInput(body: unknown): ChatInput {
     const content = m.content;
     if (content !== undefined && content !== null && typeof content !== "string" && !Array.isArray(content)) {
       throw invalidRequest("`content` must be a string or an array of content parts.", `messages[${i}].content`);
+    }
+    if (Array.isArray(content)) {
+      for (let j = 0; j < content.length; j++) {
+        const part: unknown = content[j];
+        if (!isObject(part) || typeof part.type !== "string") {
+          throw invalidRequest("Each content part must be an object with a `type`.", `messages[${i}].content[${j}]`);
+        }
+      }
     }
   }
   positiveInt(body, "n", 8);
@@ -69,7 +80,18 @@ export function parseChatInput(body: unknown): ChatInput {
 
   const upstream: Record<string, unknown> = {};
   for (const key in body) if (!gatewayOnly.has(key)) upstream[key] = body[key];
-  return { model, upstream: upstream as unknown as ChatRequest, user, tags };
+  return { model, upstream: upstream as unknown as ChatRequest, user, tags, stream, includeUsage };
+}
+
+function parseStreamOptions(options: unknown, stream: boolean): boolean {
+  if (options === undefined || options === null) return false;
+  if (!stream) throw invalidRequest("`stream_options` is only allowed when `stream` is true.", "stream_options");
+  if (!isObject(options)) throw invalidRequest("`stream_options` must be an object.", "stream_options");
+  const include = options.include_usage;
+  if (include !== undefined && include !== null && typeof include !== "boolean") {
+    throw invalidRequest("`stream_options.include_usage` must be a boolean.", "stream_options.include_usage");
+  }
+  return include === true;
 }
 
 function positiveInt(body: Record<string, unknown>, field: string, max = 2 ** 31 - 1): void {

@@ -51,6 +51,8 @@ const mockProvider = z.strictObject({
   kind: z.literal("mock"),
   /** Added before every reply, to simulate an upstream's latency. */
   latency_ms: z.number().int().min(0).max(600_000).default(0),
+  /** Added between two streamed chunks, to simulate generation speed. */
+  chunk_latency_ms: z.number().int().min(0).max(60_000).default(0),
 });
 
 const provider = z.discriminatedUnion("kind", [openaiProvider, azureProvider, mockProvider]);
@@ -66,6 +68,10 @@ const model = z.strictObject({
         /** Upstream model (or Azure deployment) name. */
         model: z.string().min(1),
         weight: z.number().int().min(0).max(1_000_000).optional(),
+        /** Overrides the model's timeout_ms for this target. */
+        timeout_ms: z.number().int().min(1).max(600_000).optional(),
+        /** Overrides the model's retries for this target. */
+        retries: z.number().int().min(0).max(5).optional(),
       }),
     )
     .min(1)
@@ -82,6 +88,10 @@ const model = z.strictObject({
   timeout_ms: z.number().int().min(1).max(600_000).default(60_000),
   /** Extra attempts on the same target after a retryable failure. */
   retries: z.number().int().min(0).max(5).default(0),
+  /** Whole-request limit (every attempt, backoff and fallback); GATEWAY_REQUEST_TIMEOUT_MS when unset. */
+  request_timeout_ms: z.number().int().min(1).max(3_600_000).optional(),
+  /** Output tokens a request without max_tokens is budgeted for; GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS when unset. */
+  max_output_tokens: z.number().int().min(1).max(10_000_000).optional(),
 });
 
 const file = z
@@ -120,6 +130,10 @@ export interface Target {
   provider: string;
   model: string;
   weight: number | undefined;
+  /** Per-attempt limit of this target; the model's when undefined. */
+  timeoutMs?: number | undefined;
+  /** Retries on this target; the model's when undefined. */
+  retries?: number | undefined;
 }
 
 /** A public model: where it is served and what it costs. */
@@ -131,6 +145,10 @@ export interface ModelRoute {
   pricing: { input: string; cachedInput: string; output: string; reasoning: string };
   timeoutMs: number;
   retries: number;
+  /** Whole-request limit; the gateway's default when undefined. */
+  requestTimeoutMs?: number | undefined;
+  /** Output tokens budgeted for requests that set no max_tokens; the gateway's default when undefined. */
+  maxOutputTokens?: number | undefined;
 }
 
 export interface GatewayConfig {
@@ -159,7 +177,13 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
     const reasoning = m.pricing.reasoning_per_mtok ?? output;
     models.set(m.name, {
       name: m.name,
-      targets: m.targets.map((t) => ({ provider: t.provider, model: t.model, weight: t.weight })),
+      targets: m.targets.map((t) => ({
+        provider: t.provider,
+        model: t.model,
+        weight: t.weight,
+        timeoutMs: t.timeout_ms,
+        retries: t.retries,
+      })),
       price: {
         inputMicros: input.micros,
         cachedInputMicros: cached.micros,
@@ -169,6 +193,8 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
       pricing: { input: input.text, cachedInput: cached.text, output: output.text, reasoning: reasoning.text },
       timeoutMs: m.timeout_ms,
       retries: m.retries,
+      requestTimeoutMs: m.request_timeout_ms,
+      maxOutputTokens: m.max_output_tokens,
     });
   }
   return { providers: result.data.providers, models };

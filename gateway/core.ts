@@ -8,20 +8,16 @@ import { Endpoint, TokenUsageSchema } from "../gen/common/v1/common_pb.ts";
 import type { Logger } from "../lib/log.ts";
 import { costNanos, type Tokens } from "../lib/money.ts";
 import type { KeyAuthorizer, Principal } from "./auth.ts";
-import { type ChatInput, parseChatInput } from "./chat-request.ts";
-import type { GatewayConfig, ModelRoute, Target } from "./config.ts";
-import {
-  cancelled,
-  type GatewayError,
-  invalidRequest,
-  modelNotAllowed,
-  modelNotFound,
-  toGatewayError,
-  upstreamFailed,
-  upstreamTimeout,
-} from "./errors.ts";
-import type { ChatCompletion, ChatResult, Provider } from "./providers/provider.ts";
-import { UpstreamError } from "./providers/provider.ts";
+import { type BudgetKeeper, maxChatCostNanos, maxCostNanos, maxEmbeddingInputTokens, type Reservation } from "./budget.ts";
+import { parseChatInput } from "./chat-request.ts";
+import { type ChatStream, meterChatStream } from "./chat-stream.ts";
+import { createCircuitBreakers } from "./circuit-breaker.ts";
+import type { GatewayConfig, ModelRoute } from "./config.ts";
+import { parseEmbeddingInput } from "./embedding-request.ts";
+import { type GatewayError, invalidRequest, modelNotAllowed, modelNotFound, toGatewayError } from "./errors.ts";
+import type { ChatCompletion, CreateEmbeddingResponse, Provider } from "./providers/provider.ts";
+import { estimatedChatTokens, type RateLimiter, type RateTicket } from "./rate-limits.ts";
+import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
 
 /** One request in flight: who asked, what it cost, and its metrics as they fill in. */
 export interface Call {
@@ -48,15 +44,29 @@ export interface ChatOutcome {
   provider: string;
 }
 
+export interface EmbeddingOutcome {
+  response: CreateEmbeddingResponse;
+  tokens: Tokens;
+  costNanos: bigint;
+  usageEstimated: boolean;
+  provider: string;
+}
+
 /** The request pipeline REST and RPC share: auth, routing, upstream calls, cost and metrics. */
 export interface GatewayCore {
   /** Starts a call at arrival. */
   begin(endpoint: Endpoint, secret: string | undefined, signal?: AbortSignal): Call;
-  /** Runs one request's work, then records its metrics; failures come out as GatewayError. */
+  /** Runs one request's work, then records its metrics (streams: when they end); failures come out as GatewayError. */
   handle<T>(call: Call, work: () => Promise<T>): Promise<T>;
   /** Resolves the caller's API key (401/503 otherwise). */
   authorize(call: Call): Promise<Principal>;
   chat(call: Call, body: unknown): Promise<ChatOutcome>;
+  /**
+   * Opens a streamed completion (the body must ask for `stream: true`). Failures before the stream
+   * opens are thrown; once it is open the stream records the call's metrics itself when it ends.
+   */
+  chatStream(call: Call, body: unknown): Promise<ChatStream>;
+  embed(call: Call, body: unknown): Promise<EmbeddingOutcome>;
   /** The models the authorized caller may use; `routes` itself when the key is unrestricted. */
   models(call: Call): readonly ModelRoute[];
   /** One model the authorized caller may use (404/403 otherwise). */
@@ -77,6 +87,21 @@ export interface CoreOptions {
   log: Logger;
   registry?: Registry;
   random?: () => number;
+  /** Circuit breakers, backoff and the whole-request limit; defaults when unset. */
+  routing?: Partial<Omit<RouterOptions, "providers">>;
+  /** Per-key RPM and TPM limits; none when unset. */
+  rateLimits?: RateLimiter;
+  /** Budget leases; budgets are not enforced when unset. */
+  budget?: BudgetKeeper;
+  /** Output tokens budgeted for requests without max_tokens on models with no max_output_tokens. */
+  defaultMaxOutputTokens?: number;
+}
+
+/** What a call holds while it runs: its rate-limit ticket, budget reservation and stream deadline. */
+interface Admission {
+  ticket: RateTicket | undefined;
+  reservation: Reservation | undefined;
+  deadlineTimer?: ReturnType<typeof setTimeout>;
 }
 
 const endpointLabels: Record<number, string> = {
@@ -96,6 +121,16 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     }
   }
   const instruments = options.registry ? createInstruments(options.registry) : undefined;
+  const router = createUpstreamRouter({
+    providers,
+    breakers: createCircuitBreakers(),
+    requestTimeoutMs: 600_000,
+    random,
+    log,
+    ...options.routing,
+  });
+  const defaultMaxOutputTokens = options.defaultMaxOutputTokens ?? 4096;
+  const admissions = new WeakMap<Call, Admission>();
 
   const authorize = async (call: Call) => {
     const principal = await keys.authorize(call.secret);
@@ -114,44 +149,41 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     return route;
   };
 
-  /** Tries targets in order (a weighted first pick when weights are set), retrying transient failures. */
-  const callUpstream = async (call: Call, route: ModelRoute, input: ChatInput): Promise<ChatResult> => {
-    const m = call.metrics;
-    const order = attemptOrder(route.targets, random);
-    let attempts = 0;
-    let last: UpstreamError | undefined;
-    for (let t = 0; t < order.length; t++) {
-      const target = order[t] as Target;
-      const provider = providers.get(target.provider) as Provider;
-      m.provider = target.provider;
-      m.servedModel = target.model;
-      m.fallbackUsed = t > 0;
-      input.upstream.model = target.model;
-      for (let retry = 0; retry <= route.retries; retry++) {
-        if (retry > 0) await sleep(Math.min(1000, 100 * 2 ** (retry - 1)) * (0.5 + random() / 2));
-        m.retries = attempts++;
-        const sent = performance.now();
-        try {
-          const result = await provider.chat(input.upstream, { signal: call.signal, timeoutMs: route.timeoutMs });
-          call.upstreamMs += performance.now() - sent;
-          if (result.completion.model) m.servedModel = result.completion.model;
-          return result;
-        } catch (e) {
-          call.upstreamMs += performance.now() - sent;
-          last = e instanceof UpstreamError ? e : new UpstreamError("transient", `${target.provider}: ${String(e)}`);
-          if (last.failure === "cancelled" || call.signal?.aborted) throw cancelled();
-          if (last.failure === "rejected") throw invalidRequest(last.message, null, "upstream_rejected");
-          if (last.failure === "misconfigured") break;
-          log.warn("upstream attempt failed", { request_id: call.requestId, provider: target.provider, err: last.message });
-        }
-      }
+  const callUpstream = <T>(call: Call, route: ModelRoute, attempt: Attempt<T>, signal?: AbortSignal): Promise<T> =>
+    router.run(call, route, attempt, signal);
+
+  /**
+   * Checks the key's rate limits and reserves the request's maximum cost on its budgets, before any
+   * upstream call; `finish` settles both at what the call really used.
+   */
+  const admit = async (call: Call, principal: Principal, route: ModelRoute, maxCost: bigint, estimatedTokens: number) => {
+    const limits = principal.grant.apiKey?.limits;
+    const ticket = options.rateLimits?.admit(
+      principal.apiKeyId,
+      { requestsPerMinute: limits?.requestsPerMinute ?? 0, tokensPerMinute: Number(limits?.tokensPerMinute ?? 0n) },
+      estimatedTokens,
+    );
+    let reservation: Reservation | undefined;
+    try {
+      reservation = await options.budget?.reserve(principal, maxCost, router.deadline(call, route) - performance.now());
+    } catch (e) {
+      ticket?.settle(0);
+      throw e;
     }
-    const message = `Every upstream of \`${route.name}\` failed; last: ${last?.message ?? "no target"}`;
-    throw last?.failure === "timeout" ? upstreamTimeout(message) : upstreamFailed(message);
+    const admission: Admission = { ticket, reservation };
+    admissions.set(call, admission);
+    return admission;
   };
 
   const finish = (call: Call, error?: GatewayError) => {
     const m = call.metrics;
+    const admission = admissions.get(call);
+    if (admission) {
+      admissions.delete(call);
+      clearTimeout(admission.deadlineTimer);
+      admission.reservation?.settle(m.costNanos);
+      admission.ticket?.settle(Number((m.usage?.inputTokens ?? 0n) + (m.usage?.outputTokens ?? 0n)));
+    }
     const totalMs = performance.now() - call.startTick;
     m.endTime = timestampFromMs(Math.round(call.startMs + totalMs));
     const totalUs = Math.round(totalMs * 1000);
@@ -204,7 +236,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     async handle(call, work) {
       try {
         const result = await work();
-        finish(call);
+        // An open stream records its metrics when it ends.
+        if (!call.metrics.streamed) finish(call);
         return result;
       } catch (e) {
         const error = toGatewayError(e);
@@ -222,7 +255,13 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       m.endUserId = input.user;
       m.tags = input.tags;
       const route = admitModel(principal, input.model);
-      const result = await callUpstream(call, route, input);
+      if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
+      const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
+      await admit(call, principal, route, maxChatCostNanos(input.upstream, route.price, cap), estimatedChatTokens(input.upstream));
+      const result = await callUpstream(call, route, (provider, model, options) =>
+        provider.chat({ ...input.upstream, model }, options),
+      );
+      if (result.completion.model) m.servedModel = result.completion.model;
       const cost = costNanos(result.tokens, route.price);
       m.usage = create(TokenUsageSchema, result.tokens);
       m.usageEstimated = result.usageEstimated;
@@ -249,6 +288,64 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         provider: m.provider,
       };
     },
+    async chatStream(call, body) {
+      const principal = call.principal ?? (await authorize(call));
+      const input = parseChatInput(body);
+      const m = call.metrics;
+      m.requestedModel = input.model;
+      m.endUserId = input.user;
+      m.tags = input.tags;
+      m.streamed = true;
+      const route = admitModel(principal, input.model);
+      const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
+      const maxCost = maxChatCostNanos(input.upstream, route.price, cap);
+      const admission = await admit(call, principal, route, maxCost, estimatedChatTokens(input.upstream));
+      // A stream outlives routing: its whole-request limit aborts the upstream wherever it is.
+      const deadline = new AbortController();
+      admission.deadlineTimer = setTimeout(() => {
+        deadline.abort();
+        // A stream nobody iterates never reaches finish; its reservation must still end, counted in full.
+        setTimeout(() => admission.reservation?.settle(maxCost), 5_000).unref?.();
+      }, Math.max(0, router.deadline(call, route) - performance.now()));
+      const signal = call.signal ? AbortSignal.any([call.signal, deadline.signal]) : deadline.signal;
+      let request = input.upstream;
+      const chunks = await callUpstream(
+        call,
+        route,
+        (provider, model, options) => {
+          request = { ...input.upstream, model };
+          return provider.streamChat(request, options);
+        },
+        signal,
+      );
+      return meterChatStream({
+        call,
+        chunks: limitStream(chunks, deadline.signal, router.limitMs(route)),
+        request,
+        price: route.price,
+        includeUsage: input.includeUsage,
+        finish,
+      });
+    },
+    async embed(call, body) {
+      const principal = call.principal ?? (await authorize(call));
+      const input = parseEmbeddingInput(body);
+      const m = call.metrics;
+      m.requestedModel = input.model;
+      m.endUserId = input.user;
+      const route = admitModel(principal, input.model);
+      const inputTokens = maxEmbeddingInputTokens(input.upstream.input);
+      await admit(call, principal, route, maxCostNanos(inputTokens, 0, route.price), Math.ceil(inputTokens / 4));
+      const result = await callUpstream(call, route, (provider, model, options) =>
+        provider.embed({ ...input.upstream, model }, options),
+      );
+      if (result.response.model) m.servedModel = result.response.model;
+      const cost = costNanos(result.tokens, route.price);
+      m.usage = create(TokenUsageSchema, result.tokens);
+      m.usageEstimated = result.usageEstimated;
+      m.costNanos = cost;
+      return { response: result.response, tokens: result.tokens, costNanos: cost, usageEstimated: result.usageEstimated, provider: m.provider };
+    },
     models(call) {
       const allowed = call.principal?.allowedModels;
       return allowed ? routes.filter((r) => allowed.has(r.name)) : routes;
@@ -259,29 +356,6 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     },
     finish,
   };
-}
-
-/** Targets in the order to try them: config order, or a weighted first pick then the rest in order. */
-function attemptOrder(targets: readonly Target[], random: () => number): readonly Target[] {
-  if (targets.length < 2) return targets;
-  let total = 0;
-  for (const t of targets) total += t.weight ?? 0;
-  if (total === 0) return targets;
-  let pick = random() * total;
-  let first = targets.length - 1;
-  for (let i = 0; i < targets.length; i++) {
-    pick -= targets[i]?.weight ?? 0;
-    if (pick < 0) {
-      first = i;
-      break;
-    }
-  }
-  if (first === 0) return targets;
-  return [targets[first] as Target, ...targets.filter((_, i) => i !== first)];
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function createInstruments(registry: Registry) {

@@ -14,6 +14,8 @@ export class GatewayError extends Error {
     message: string,
     readonly outcome: RequestStatus,
     readonly param: string | null = null,
+    /** Seconds the client should wait before retrying; sent as Retry-After. */
+    readonly retryAfterS: number | undefined = undefined,
   ) {
     super(message);
   }
@@ -75,8 +77,28 @@ export const bodyTooLarge = (limitBytes: number) =>
 export const upstreamFailed = (message: string) =>
   new GatewayError(502, "api_error", "upstream_error", message, RequestStatus.UPSTREAM_ERROR);
 
+/** Every attempt was refused by an upstream's rate limit; its Retry-After, when it sent one, is passed on. */
+export const upstreamRateLimited = (message: string, retryAfterS: number | undefined) =>
+  new GatewayError(429, "rate_limit_error", "upstream_rate_limited", message, RequestStatus.RATE_LIMITED, null, retryAfterS);
+
 export const upstreamTimeout = (message: string) =>
   new GatewayError(504, "api_error", "upstream_timeout", message, RequestStatus.TIMEOUT);
+
+/** Every target's circuit breaker is open: failing fast until one may be probed again. */
+export const upstreamUnavailable = (message: string, retryAfterS: number) =>
+  new GatewayError(503, "api_error", "upstream_unavailable", message, RequestStatus.UPSTREAM_ERROR, null, retryAfterS);
+
+/** The whole request, retries and fallbacks included, ran past its time limit. */
+export const requestTimeout = (limitMs: number) =>
+  new GatewayError(504, "api_error", "request_timeout", `The request did not finish within the gateway's limit of ${limitMs} ms.`, RequestStatus.TIMEOUT);
+
+/** A per-key requests- or tokens-per-minute limit, in OpenAI's shape (type "requests" or "tokens"). */
+export const rateLimited = (kind: "requests" | "tokens", message: string, retryAfterS: number) =>
+  new GatewayError(429, kind, "rate_limit_exceeded", message, RequestStatus.RATE_LIMITED, null, retryAfterS);
+
+/** The key's or org's budget cannot cover the request; no upstream was called. */
+export const insufficientQuota = (message: string, retryAfterS?: number) =>
+  new GatewayError(429, "insufficient_quota", "insufficient_quota", message, RequestStatus.RATE_LIMITED, null, retryAfterS);
 
 /** A dependency of the gateway itself (billing) cannot answer; the client may retry. */
 export const serviceUnavailable = (message: string, code: string) =>
@@ -118,5 +140,7 @@ const connectCodes: Record<number, Code> = {
 
 /** The RPC form of a gateway failure; the OpenAI error code travels as metadata. */
 export function toConnectError(e: GatewayError): ConnectError {
-  return new ConnectError(e.message, connectCodes[e.status] ?? Code.Internal, { "x-error-code": e.code });
+  const metadata: Record<string, string> = { "x-error-code": e.code };
+  if (e.retryAfterS !== undefined) metadata["retry-after"] = String(e.retryAfterS);
+  return new ConnectError(e.message, connectCodes[e.status] ?? Code.Internal, metadata);
 }

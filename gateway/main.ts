@@ -1,4 +1,5 @@
 import { hostname } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { z } from "zod";
 import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
@@ -8,20 +9,26 @@ import { ConfigError, commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
-import { createKeyAuthorizer } from "./auth.ts";
+import { createKeyAuthorizer, watchKeyChanges } from "./auth.ts";
+import { createBudgetKeeper } from "./budget.ts";
+import { createCircuitBreakers } from "./circuit-breaker.ts";
 import { type GatewayConfig, loadGatewayConfig } from "./config.ts";
 import { createGatewayCore } from "./core.ts";
 import { createRestApp } from "./http/app.ts";
+import { serveRest } from "./http/bun.ts";
 import { restRoutes } from "./http/node.ts";
 import { createMetricsShipper } from "./metrics-pipe.ts";
 import { createProviders } from "./providers/index.ts";
+import { createRateLimiter } from "./rate-limits.ts";
 import { createReadiness } from "./readiness.ts";
 import { createGatewayService } from "./service.ts";
-import { createMemorySpool } from "./spool.ts";
+import { type FileSpool, openFileSpool } from "./spool-file.ts";
 
 const cfg = loadEnvOrExit({
   ...commonEnv,
   GATEWAY_PORT: env.port(8080),
+  /** Also serve the REST API on this port with Bun's native HTTP server (its fast path); unset: only on GATEWAY_PORT. */
+  GATEWAY_REST_PORT: z.coerce.number().int().min(0).max(65535).optional(),
   BILLING_URL: z.url().default("http://127.0.0.1:8081"),
   ANALYTICS_URL: z.url().default("http://127.0.0.1:8082"),
   /** Routes and prices, YAML or JSON. */
@@ -30,7 +37,31 @@ const cfg = loadEnvOrExit({
   GATEWAY_INSTANCE_ID: z.string().min(1).max(128).default(`${hostname()}-${process.pid}`),
   GATEWAY_MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(64 * 1024 * 1024).default(4 * 1024 * 1024),
   GATEWAY_KEY_CACHE_TTL_MS: z.coerce.number().int().min(0).max(3_600_000).default(30_000),
-  GATEWAY_SPOOL_MAX_ROWS: z.coerce.number().int().min(1000).max(10_000_000).default(100_000),
+  /** Key cache TTL while billing's key change stream is down. */
+  GATEWAY_KEY_CACHE_FALLBACK_TTL_MS: z.coerce.number().int().min(0).max(3_600_000).default(1000),
+  /** Whole-request limit (attempts, backoff, fallbacks, stream) of models that set no request_timeout_ms. */
+  GATEWAY_REQUEST_TIMEOUT_MS: z.coerce.number().int().min(1).max(3_600_000).default(600_000),
+  GATEWAY_RETRY_BASE_MS: z.coerce.number().int().min(0).max(60_000).default(100),
+  GATEWAY_RETRY_MAX_MS: z.coerce.number().int().min(0).max(600_000).default(2000),
+  /** An upstream Retry-After longer than this moves on to the next target instead of waiting. */
+  GATEWAY_RETRY_AFTER_MAX_MS: z.coerce.number().int().min(0).max(600_000).default(5000),
+  /** Consecutive failures that open a target's circuit breaker. */
+  GATEWAY_BREAKER_FAILURES: z.coerce.number().int().min(1).max(1000).default(5),
+  GATEWAY_BREAKER_COOLDOWN_MS: z.coerce.number().int().min(1).max(3_600_000).default(30_000),
+  /** Output tokens budgeted for requests without max_tokens on models that set no max_output_tokens. */
+  GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS: z.coerce.number().int().min(1).max(10_000_000).default(4096),
+  /** Lifetime of budget leases; must exceed the longest request time limit by 10 s. */
+  GATEWAY_BUDGET_LEASE_TTL_S: z.coerce.number().int().min(20).max(3600).default(900),
+  /** A new lease covers about this many seconds of the budget's recent spend. */
+  GATEWAY_BUDGET_LEASE_HORIZON_S: z.coerce.number().int().min(1).max(3600).default(60),
+  GATEWAY_BUDGET_MIN_LEASE_NANOS: z.coerce.bigint().min(1n).default(1_000_000n),
+  GATEWAY_BUDGET_MAX_LEASE_NANOS: z.coerce.bigint().min(1n).default(10_000_000_000n),
+  /** Holds one metrics spool directory per replica (named by GATEWAY_INSTANCE_ID); default <MESH_DATA_DIR>/spool. */
+  GATEWAY_SPOOL_DIR: z.string().min(1).optional(),
+  GATEWAY_SPOOL_MAX_BYTES: z.coerce.number().int().min(1024 * 1024).max(1024 ** 4).default(256 * 1024 * 1024),
+  /** always: fdatasync per request; interval: every GATEWAY_SPOOL_FSYNC_INTERVAL_MS; never: the OS decides. */
+  GATEWAY_SPOOL_FSYNC: z.enum(["always", "interval", "never"]).default("interval"),
+  GATEWAY_SPOOL_FSYNC_INTERVAL_MS: z.coerce.number().int().min(1).max(60_000).default(1000),
   GATEWAY_METRICS_BATCH_ROWS: z.coerce.number().int().min(1).max(10_000).default(1000),
   GATEWAY_METRICS_INTERVAL_MS: z.coerce.number().int().min(1).max(60_000).default(100),
   /** How long SIGTERM waits for analytics to ack the last metrics. */
@@ -43,6 +74,15 @@ try {
 } catch (e) {
   if (!(e instanceof ConfigError)) throw e;
   process.stderr.write(`${e.message}\n`);
+  process.exit(2);
+}
+
+// Leases must outlive every request that reserves on them, or billing could regrant money still in use.
+const longestRequestMs = Math.max(cfg.GATEWAY_REQUEST_TIMEOUT_MS, ...[...config.models.values()].map((m) => m.requestTimeoutMs ?? 0));
+if (cfg.GATEWAY_BUDGET_LEASE_TTL_S * 1000 < longestRequestMs + 10_000) {
+  process.stderr.write(
+    `GATEWAY_BUDGET_LEASE_TTL_S: ${cfg.GATEWAY_BUDGET_LEASE_TTL_S} s must exceed the longest request time limit (${longestRequestMs} ms) by 10 s\n`,
+  );
   process.exit(2);
 }
 
@@ -64,10 +104,42 @@ const analytics = createServiceClient(AnalyticsService, {
   interceptors: runtime.clientInterceptors,
 });
 
-const keys = createKeyAuthorizer({ billing, hitTtlMs: cfg.GATEWAY_KEY_CACHE_TTL_MS, log });
+const keys = createKeyAuthorizer({
+  billing,
+  hitTtlMs: cfg.GATEWAY_KEY_CACHE_TTL_MS,
+  fallbackTtlMs: cfg.GATEWAY_KEY_CACHE_FALLBACK_TTL_MS,
+  log,
+});
+const keyChanges = watchKeyChanges({ billing, keys, log: log.child({ component: "key-changes" }) });
+const budget = createBudgetKeeper({
+  billing,
+  holder: cfg.GATEWAY_INSTANCE_ID,
+  leaseTtlSeconds: cfg.GATEWAY_BUDGET_LEASE_TTL_S,
+  leaseHorizonSeconds: cfg.GATEWAY_BUDGET_LEASE_HORIZON_S,
+  minLeaseNanos: cfg.GATEWAY_BUDGET_MIN_LEASE_NANOS,
+  maxLeaseNanos: cfg.GATEWAY_BUDGET_MAX_LEASE_NANOS,
+  log: log.child({ component: "budget" }),
+  registry: runtime.metrics.registry,
+});
+let spool: FileSpool;
+try {
+  spool = openFileSpool({
+    root: cfg.GATEWAY_SPOOL_DIR ?? join(cfg.MESH_DATA_DIR, "spool"),
+    name: cfg.GATEWAY_INSTANCE_ID.replace(/[^A-Za-z0-9._-]/g, "_"),
+    maxBytes: cfg.GATEWAY_SPOOL_MAX_BYTES,
+    fsync: cfg.GATEWAY_SPOOL_FSYNC,
+    fsyncIntervalMs: cfg.GATEWAY_SPOOL_FSYNC_INTERVAL_MS,
+    batchRows: cfg.GATEWAY_METRICS_BATCH_ROWS,
+    log: log.child({ component: "spool" }),
+  });
+} catch (e) {
+  log.error("cannot open the metrics spool", { err: e });
+  process.exit(1);
+}
+log.info("metrics spool open", { dir: spool.dir, ...spool.recovery });
 const shipper = createMetricsShipper({
   client: analytics,
-  spool: createMemorySpool({ maxRows: cfg.GATEWAY_SPOOL_MAX_ROWS }),
+  spool,
   instanceId: cfg.GATEWAY_INSTANCE_ID,
   log: log.child({ component: "metrics-pipe" }),
   batchRows: cfg.GATEWAY_METRICS_BATCH_ROWS,
@@ -84,6 +156,20 @@ const core = createGatewayCore({
   instanceId: cfg.GATEWAY_INSTANCE_ID,
   log,
   registry: runtime.metrics.registry,
+  routing: {
+    breakers: createCircuitBreakers({
+      failureThreshold: cfg.GATEWAY_BREAKER_FAILURES,
+      cooldownMs: cfg.GATEWAY_BREAKER_COOLDOWN_MS,
+      onChange: (target, state) => log.warn("circuit breaker changed", { target, state }),
+    }),
+    requestTimeoutMs: cfg.GATEWAY_REQUEST_TIMEOUT_MS,
+    backoffBaseMs: cfg.GATEWAY_RETRY_BASE_MS,
+    backoffMaxMs: cfg.GATEWAY_RETRY_MAX_MS,
+    maxRetryAfterMs: cfg.GATEWAY_RETRY_AFTER_MAX_MS,
+  },
+  rateLimits: createRateLimiter(),
+  budget,
+  defaultMaxOutputTokens: cfg.GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS,
 });
 const service = createGatewayService(core);
 const rest = createRestApp({ core, tracer: runtime.telemetry.tracer, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES });
@@ -99,13 +185,21 @@ const server = await startServer({
   log,
   readMaxBytes: cfg.GATEWAY_MAX_BODY_BYTES,
 });
-log.info("gateway started", { models: config.models.size, instance: cfg.GATEWAY_INSTANCE_ID, url: server.url });
+const fastRest =
+  cfg.GATEWAY_REST_PORT === undefined
+    ? undefined
+    : serveRest(rest, { port: cfg.GATEWAY_REST_PORT, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log });
+log.info("gateway started", { models: config.models.size, instance: cfg.GATEWAY_INSTANCE_ID, url: server.url, rest_url: fastRest?.url });
 
 stopOnSignals(log, async () => {
-  await server.close(cfg.SHUTDOWN_GRACE_MS);
+  await Promise.all([server.close(cfg.SHUTDOWN_GRACE_MS), fastRest?.close(cfg.SHUTDOWN_GRACE_MS)]);
+  // In-flight requests have settled: hand every lease back with what was spent from it.
+  await budget.close();
+  await keyChanges.stop();
   if (!(await shipper.flush(cfg.GATEWAY_FLUSH_TIMEOUT_MS))) {
     log.error("request metrics not acked by analytics before exit", { rows: shipper.status().rows });
   }
   await shipper.close();
+  spool.close();
   await runtime.telemetry.shutdown();
 });

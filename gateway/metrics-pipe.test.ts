@@ -1,4 +1,8 @@
 import { afterEach, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Registry } from "prom-client";
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError, type ConnectRouter, createClient, createRouterTransport } from "@connectrpc/connect";
 import {
@@ -10,6 +14,7 @@ import { createServiceClient } from "../lib/rpc-client.ts";
 import { type RunningServer, startServer } from "../lib/server.ts";
 import { createMetricsShipper, type MetricsShipper, type MetricsShipperOptions } from "./metrics-pipe.ts";
 import { createMemorySpool, type Spool } from "./spool.ts";
+import { openFileSpool } from "./spool-file.ts";
 import { createTestLogger } from "./testing.ts";
 
 /** A real AnalyticsService.IngestMetrics that can refuse streams, break them, or withhold acks. */
@@ -153,12 +158,51 @@ describe("metrics shipper", () => {
     expect(analytics.received.map((b) => b.sequence)).toEqual([1n, 1n]);
   });
 
+  test("at most maxInFlightRows rows are unacked on the stream; the rest wait in the spool", async () => {
+    const { analytics, spool, shipper } = setup({ maxInFlightRows: 20, ackTimeoutMs: 200 });
+    analytics.acking = false;
+    shipper.start();
+    for (let i = 0; i < 55; i++) shipper.record(row(i));
+    await Bun.sleep(100);
+    expect(analytics.received.map((b) => b.sequence)).toEqual([1n, 2n]);
+    expect(spool.rows).toBe(55);
+    analytics.acking = true;
+    expect(await shipper.flush(5000)).toBe(true);
+    expect(new Set(analytics.requestIds())).toEqual(new Set(ids(0, 55)));
+    expectOrderedStreams(analytics.streams);
+  });
+
+  test("a restarted gateway resends from its file spool what analytics never acked, and counts it", async () => {
+    const root = mkdtempSync(join(tmpdir(), "shipper-spool-"));
+    try {
+      const open = () => openFileSpool({ root, name: "gw", maxBytes: 1 << 20, fsync: "never" });
+      const first = setup({ spool: open() });
+      first.analytics.refuse = Number.POSITIVE_INFINITY;
+      first.shipper.start();
+      for (let i = 0; i < 25; i++) first.shipper.record(row(i));
+      expect(await first.shipper.flush(50)).toBe(false);
+      await first.shipper.close();
+      first.spool.close();
+
+      const registry = new Registry();
+      const second = setup({ spool: open(), registry });
+      second.shipper.start();
+      expect(await second.shipper.flush(5000)).toBe(true);
+      expect(second.analytics.requestIds()).toEqual(ids(0, 25));
+      const resent = await registry.getSingleMetric("gateway_ingest_batches_resent_total")?.get();
+      expect(resent?.values[0]?.value).toBe(3);
+      second.spool.close();
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+
   test("a full spool drops new rows, reports it, and flush gives up after its timeout", async () => {
-    const { analytics, shipper } = setup({ spool: createMemorySpool({ maxRows: 5, firstSequence: 1n }) });
+    const { analytics, spool, shipper } = setup({ spool: createMemorySpool({ maxBytes: 5 * (row(0).requestId.length + 2 + 9), firstSequence: 1n }) });
     analytics.refuse = Number.POSITIVE_INFINITY;
     shipper.start();
     for (let i = 0; i < 8; i++) shipper.record(row(i));
-    expect(shipper.status()).toMatchObject({ connected: false, rows: 5, full: true });
+    expect(shipper.status()).toMatchObject({ connected: false, rows: 5, full: true, maxBytes: spool.maxBytes });
     expect(await shipper.flush(50)).toBe(false);
   });
 

@@ -1,4 +1,5 @@
 import { create } from "@bufbuild/protobuf";
+import { WireType } from "@bufbuild/protobuf/wire";
 import { type Client, ConnectError } from "@connectrpc/connect";
 import { Counter, Gauge, type Registry } from "prom-client";
 import {
@@ -15,10 +16,12 @@ export interface MetricsShipperOptions {
   spool: Spool;
   instanceId: string;
   log: Logger;
-  /** A batch is sent once this many rows are pending... */
+  /** A batch is sealed once this many rows are pending... */
   batchRows?: number;
   /** ...or this long after its first row arrived. */
   intervalMs?: number;
+  /** Rows sent on the stream and not acked yet; more wait in the spool until acks come back. */
+  maxInFlightRows?: number;
   /** Reconnect delay: doubles from base to max, with jitter. */
   backoffBaseMs?: number;
   backoffMaxMs?: number;
@@ -33,18 +36,22 @@ export interface ShipperStatus {
   connected: boolean;
   /** Rows waiting in the spool (pending and unacked). */
   rows: number;
-  /** The spool is at its bound and new rows are dropped. */
+  /** Spool fill level against its bound. */
+  bytes: number;
+  maxBytes: number;
+  /** The spool is at its bound: new rows are being dropped. */
   full: boolean;
   lastError: string | undefined;
 }
 
 export interface MetricsShipper {
-  /** Queues one finished request; never blocks, never throws. */
+  /** Spools one finished request; never waits on analytics, never throws. */
   record(metrics: RequestMetrics): void;
   /** Opens the ingest stream and keeps it open (reconnecting) until close. */
   start(): void;
-  /** Sends everything queued and waits for its acks; false when timeoutMs passed first. */
+  /** Sends everything spooled and waits for its acks; false when timeoutMs passed first. */
   flush(timeoutMs: number): Promise<boolean>;
+  /** Stops streaming; what is not acked stays in the spool (the caller closes the spool). */
   close(): Promise<void>;
   status(): ShipperStatus;
 }
@@ -52,24 +59,36 @@ export interface MetricsShipper {
 // A stream that has not failed for this long counts as connected even before its first ack.
 const settleMs = 500;
 
+interface Stream {
+  outbox: Outbox<IngestMetricsRequest>;
+  abort: AbortController;
+  /** Batches sent on this stream and not acked: rows and when they were sent. */
+  inFlight: Map<bigint, { rows: number; sentAt: number }>;
+  inFlightRows: number;
+  /** Highest sequence sent on this stream; batches are sent in sequence order. */
+  lastSent: bigint;
+}
+
 /**
  * Ships RequestMetrics to analytics on one long-lived IngestMetrics stream. Rows go to the spool,
- * are sealed into numbered batches (by size or interval), and stay there until analytics acks
- * their sequence; every (re)connect first resends all unacked batches in order.
+ * are sealed into numbered batches (by size or interval) and stay there until analytics acks their
+ * sequence. Batches are sent in order within a window of unacked rows, so a slow analytics holds
+ * rows on disk rather than in memory; every (re)connect starts again from the oldest unacked batch.
  */
 export function createMetricsShipper(options: MetricsShipperOptions): MetricsShipper {
   const { client, spool, instanceId, log } = options;
   const batchRows = options.batchRows ?? 1000;
   const intervalMs = options.intervalMs ?? 100;
+  const maxInFlightRows = options.maxInFlightRows ?? 50_000;
   const backoffBaseMs = options.backoffBaseMs ?? 100;
   const backoffMaxMs = options.backoffMaxMs ?? 10_000;
   const ackTimeoutMs = options.ackTimeoutMs ?? 30_000;
   const random = options.random ?? Math.random;
 
   let sealTimer: ReturnType<typeof setTimeout> | undefined;
-  let stream: { outbox: Outbox<IngestMetricsRequest>; abort: AbortController } | undefined;
-  // When each unacked batch was last sent on the current stream.
-  const sentAt = new Map<bigint, number>();
+  let stream: Stream | undefined;
+  // Sequences sent at least once by this process, to count resends.
+  const sentBefore = new Set<bigint>();
   let connected = false;
   let lastError: string | undefined;
   let dropping = false;
@@ -80,16 +99,37 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
 
   const instruments = options.registry ? createInstruments(options.registry, spool, () => connected) : undefined;
 
-  const send = (batch: SpoolBatch) => {
-    if (!stream) return;
-    stream.outbox.push(
-      create(IngestMetricsRequestSchema, {
-        gatewayInstanceId: instanceId,
-        sequence: batch.sequence,
-        metrics: batch.metrics as RequestMetrics[],
-      }),
-    );
-    sentAt.set(batch.sequence, performance.now());
+  const send = (s: Stream, batch: SpoolBatch) => {
+    let rows: Uint8Array[];
+    try {
+      rows = spool.read(batch);
+    } catch (e) {
+      // Unreadable means lost on disk; acking it locally keeps the stream moving past it.
+      log.error("a spooled batch could not be read and is dropped", { err: e, sequence: batch.sequence });
+      instruments?.dropped.inc(batch.rows);
+      spool.ack(batch.sequence);
+      return;
+    }
+    if (batch.recovered || sentBefore.has(batch.sequence)) {
+      instruments?.resentBatches.inc();
+      instruments?.resentRows.inc(batch.rows);
+    }
+    sentBefore.add(batch.sequence);
+    s.outbox.push(encodedBatch(instanceId, batch.sequence, rows));
+    s.inFlight.set(batch.sequence, { rows: batch.rows, sentAt: performance.now() });
+    s.inFlightRows += batch.rows;
+    s.lastSent = batch.sequence;
+  };
+
+  /** Sends the next unacked batches, oldest first, while the window has room. */
+  const pump = () => {
+    const s = stream;
+    if (!s || s.inFlightRows >= maxInFlightRows) return;
+    for (const batch of spool.unacked()) {
+      if (batch.sequence <= s.lastSent) continue;
+      if (s.inFlightRows >= maxInFlightRows) break;
+      send(s, batch);
+    }
   };
 
   const sealPending = () => {
@@ -97,48 +137,65 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       clearTimeout(sealTimer);
       sealTimer = undefined;
     }
-    for (let batch = spool.seal(batchRows); batch; batch = spool.seal(batchRows)) send(batch);
+    while (spool.seal(batchRows));
+    pump();
   };
 
-  const onAck = (sequence: bigint) => {
-    sentAt.delete(sequence);
-    if (spool.ack(sequence)) instruments?.acked.inc();
+  const onAck = (s: Stream, sequence: bigint) => {
+    const sent = s.inFlight.get(sequence);
+    if (sent) {
+      s.inFlight.delete(sequence);
+      s.inFlightRows -= sent.rows;
+    }
+    sentBefore.delete(sequence);
+    if (spool.ack(sequence)) {
+      instruments?.acked.inc();
+      dropping = false;
+    }
     if (spool.rows === 0) {
       for (const resolve of drainedWaiters) resolve();
       drainedWaiters.clear();
     }
+    pump();
   };
 
   /** One stream's life; true when it was up (acked something or lasted settleMs). */
   const runStream = async (): Promise<boolean> => {
-    const outbox = createOutbox<IngestMetricsRequest>();
-    const abort = new AbortController();
-    stream = { outbox, abort };
-    sentAt.clear();
-    for (const batch of spool.unacked()) send(batch);
+    const s: Stream = {
+      outbox: createOutbox<IngestMetricsRequest>(),
+      abort: new AbortController(),
+      inFlight: new Map(),
+      inFlightRows: 0,
+      lastSent: -1n,
+    };
+    stream = s;
+    pump();
     let wasUp = false;
     const settle = setTimeout(() => {
       connected = true;
       wasUp = true;
     }, settleMs);
-    const watchdog = setInterval(() => {
-      const oldest = sentAt.values().next().value;
-      if (oldest !== undefined && performance.now() - oldest > ackTimeoutMs) abort.abort(new Error("ack timeout"));
-    }, Math.min(ackTimeoutMs, 1000));
+    const watchdog = setInterval(
+      () => {
+        const oldest = s.inFlight.values().next().value;
+        if (oldest && performance.now() - oldest.sentAt > ackTimeoutMs) s.abort.abort(new Error("ack timeout"));
+      },
+      Math.min(ackTimeoutMs, 1000),
+    );
     try {
-      for await (const res of client.ingestMetrics(outbox, { signal: abort.signal })) {
+      for await (const res of client.ingestMetrics(s.outbox, { signal: s.abort.signal })) {
         connected = true;
         wasUp = true;
         lastError = undefined;
-        onAck(res.ackedSequence);
+        onAck(s, res.ackedSequence);
       }
       lastError = "stream ended by analytics";
     } catch (e) {
-      lastError = abort.signal.aborted && !closed ? "no ack in time" : ConnectError.from(e).message;
+      lastError = s.abort.signal.aborted && !closed ? "no ack in time" : ConnectError.from(e).message;
     } finally {
       clearTimeout(settle);
       clearInterval(watchdog);
-      outbox.end();
+      s.outbox.end();
       stream = undefined;
       connected = false;
     }
@@ -208,8 +265,45 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       wakeFromBackoff?.();
       await running;
     },
-    status: () => ({ connected, rows: spool.rows, full: spool.rows >= spool.maxRows, lastError }),
+    status: () => ({
+      connected,
+      rows: spool.rows,
+      bytes: spool.bytes,
+      maxBytes: spool.maxBytes,
+      full: dropping,
+      lastError,
+    }),
   };
+}
+
+/**
+ * An ingest batch whose rows travel as the bytes the spool holds: each is written as field 3
+ * (`metrics`, length-delimited), exactly what encoding the decoded message would produce, without
+ * decoding and re-encoding every row.
+ */
+export function encodedBatch(instanceId: string, sequence: bigint, rows: readonly Uint8Array[]): IngestMetricsRequest {
+  const batch = create(IngestMetricsRequestSchema, { gatewayInstanceId: instanceId, sequence });
+  batch.$unknown = rows.map((row) => ({ no: 3, wireType: WireType.LengthDelimited, data: lengthPrefixed(row) }));
+  return batch;
+}
+
+function lengthPrefixed(bytes: Uint8Array): Uint8Array {
+  let n = bytes.length;
+  let size = 1;
+  while (n >= 0x80) {
+    n >>>= 7;
+    size++;
+  }
+  const out = new Uint8Array(size + bytes.length);
+  n = bytes.length;
+  let i = 0;
+  while (n >= 0x80) {
+    out[i++] = (n & 0x7f) | 0x80;
+    n >>>= 7;
+  }
+  out[i] = n;
+  out.set(bytes, size);
+  return out;
 }
 
 interface Outbox<T> extends AsyncIterable<T> {
@@ -259,6 +353,22 @@ function createInstruments(registry: Registry, spool: Spool, connected: () => bo
     },
   });
   new Gauge({
+    name: "gateway_spool_bytes",
+    help: "Space the metrics spool uses, counted against gateway_spool_limit_bytes.",
+    registers: [registry],
+    collect() {
+      this.set(spool.bytes);
+    },
+  });
+  new Gauge({
+    name: "gateway_spool_limit_bytes",
+    help: "Bound of the metrics spool; past it new request metrics are dropped.",
+    registers: [registry],
+    collect() {
+      this.set(spool.maxBytes);
+    },
+  });
+  new Gauge({
     name: "gateway_ingest_stream_connected",
     help: "1 while the IngestMetrics stream to analytics is up.",
     registers: [registry],
@@ -269,12 +379,22 @@ function createInstruments(registry: Registry, spool: Spool, connected: () => bo
   return {
     dropped: new Counter({
       name: "gateway_metrics_dropped_total",
-      help: "Request metrics dropped because the spool was full.",
+      help: "Request metrics dropped because the spool was full or could not be written.",
       registers: [registry],
     }),
     acked: new Counter({
       name: "gateway_ingest_batches_acked_total",
       help: "Metric batches acked by analytics.",
+      registers: [registry],
+    }),
+    resentBatches: new Counter({
+      name: "gateway_ingest_batches_resent_total",
+      help: "Metric batches sent again: after a reconnect, or left unacked by an earlier process.",
+      registers: [registry],
+    }),
+    resentRows: new Counter({
+      name: "gateway_ingest_rows_resent_total",
+      help: "Request metrics in batches sent again.",
       registers: [registry],
     }),
     reconnects: new Counter({

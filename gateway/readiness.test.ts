@@ -3,7 +3,7 @@ import type { ShipperStatus } from "./metrics-pipe.ts";
 import { createReadiness } from "./readiness.ts";
 
 function setup(billing: () => Promise<Response>) {
-  const status: ShipperStatus = { connected: true, rows: 0, full: false, lastError: undefined };
+  const status: ShipperStatus = { connected: true, rows: 0, bytes: 0, maxBytes: 1000, full: false, lastError: undefined };
   let probes = 0;
   const readiness = createReadiness({
     billingUrl: "http://billing.test/",
@@ -19,17 +19,21 @@ function setup(billing: () => Promise<Response>) {
 }
 
 describe("readiness", () => {
-  test("ready with billing up and the pipe connected or its spool under bound", async () => {
+  test("ready with billing up and the spool under its bound, connected or not", async () => {
     const { readiness, status } = setup(async () => new Response("{}"));
-    expect(await readiness()).toEqual({ ready: true, checks: { billing: "ok", analytics: "ok", spool: "ok (0 rows)" } });
-    Object.assign(status, { connected: false, rows: 12, lastError: "connect ECONNREFUSED" });
+    expect(await readiness()).toEqual({
+      ready: true,
+      checks: { billing: "ok", analytics: "ok", spool: "ok (0 rows, 0% of 1000 bytes)" },
+    });
+    Object.assign(status, { connected: false, rows: 12, bytes: 250, lastError: "connect ECONNREFUSED" });
     const disconnected = await readiness();
     expect(disconnected.ready).toBe(true);
     expect(disconnected.checks.analytics).toBe("disconnected (12 rows spooled; connect ECONNREFUSED)");
-    status.full = true;
+    expect(disconnected.checks.spool).toBe("ok (12 rows, 25% of 1000 bytes)");
+    Object.assign(status, { connected: true, full: true, bytes: 999 });
     const full = await readiness();
     expect(full.ready).toBe(false);
-    expect(full.checks.spool).toContain("full");
+    expect(full.checks.spool).toBe("full (12 rows, 100% of 1000 bytes): metrics are being dropped");
   });
 
   test("not ready when billing is unreachable or not ready", async () => {

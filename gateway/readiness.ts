@@ -11,7 +11,7 @@ export interface ReadinessOptions {
   fetch?: typeof fetch;
 }
 
-/** Ready when billing answers and the metrics pipe is connected or its spool is under its bound. */
+/** Ready when billing answers and the metrics spool is under its bound (a full spool drops metrics). */
 export function createReadiness(options: ReadinessOptions): () => Promise<Readiness> {
   const cacheMs = options.cacheMs ?? 1000;
   const timeoutMs = options.timeoutMs ?? 1000;
@@ -37,9 +37,10 @@ export function createReadiness(options: ReadinessOptions): () => Promise<Readin
     const pipeCheck = pipe.connected
       ? "ok"
       : `disconnected (${pipe.rows} rows spooled${pipe.lastError ? `; ${pipe.lastError}` : ""})`;
-    const spoolCheck = pipe.full ? `full (${pipe.rows} rows): metrics are being dropped` : `ok (${pipe.rows} rows)`;
+    const fill = `${pipe.rows} rows, ${Math.round((100 * pipe.bytes) / pipe.maxBytes)}% of ${pipe.maxBytes} bytes`;
+    const spoolCheck = pipe.full ? `full (${fill}): metrics are being dropped` : `ok (${fill})`;
     return {
-      ready: billingCheck === "ok" && (pipe.connected || !pipe.full),
+      ready: billingCheck === "ok" && !pipe.full,
       checks: { billing: billingCheck, analytics: pipeCheck, spool: spoolCheck },
     };
   };

@@ -91,12 +91,46 @@ describe("GatewayService over gRPC", () => {
     expect((await client("sk-limited").listModels({})).models.map((m) => m.id)).toEqual(["mock"]);
   });
 
-  test("streaming and embeddings are Unimplemented for now", async () => {
-    const stream = async () => {
-      for await (const _ of client("sk-good").streamChatCompletion({ params: hello })) break;
+  test("StreamChatCompletion streams deltas and ends with the accounting", async () => {
+    let requestId = "";
+    const messages = [];
+    for await (const m of client("sk-good").streamChatCompletion(
+      { params: hello },
+      { onHeader: (h) => (requestId = h.get("x-request-id") ?? "") },
+    )) {
+      messages.push(m);
+    }
+    const content = messages.map((m) => m.choices[0]?.content ?? "").join("");
+    expect(content).toBe("mock reply: hello there");
+    expect(messages[0]?.choices[0]?.role).toBe("assistant");
+    expect(messages.at(-2)?.choices[0]?.finishReason).toBe("stop");
+    expect(messages.slice(0, -1).every((m) => m.accounting === undefined)).toBe(true);
+    const last = messages.at(-1);
+    expect(last?.choices).toEqual([]);
+    expect(last?.accounting).toMatchObject({ requestId, costNanos: 17000n, provider: "mock", usageEstimated: false });
+    expect(last?.accounting?.usage).toMatchObject({ inputTokens: 16n, outputTokens: 6n });
+    const m = gateway.shipper.rows.find((r) => r.requestId === requestId);
+    expect(m).toMatchObject({ status: RequestStatus.OK, streamed: true, costNanos: 17000n });
+  });
+
+  test("StreamChatCompletion fails with RPC codes before the stream opens", async () => {
+    const stream = async (key: string | undefined, model: string) => {
+      for await (const _ of client(key).streamChatCompletion({ params: { ...hello, model } }));
     };
-    expect((await rpcError(stream())).code).toBe(Code.Unimplemented);
-    expect((await rpcError(client("sk-good").createEmbedding({ model: "mock", input: ["x"] }))).code).toBe(Code.Unimplemented);
+    expect((await rpcError(stream(undefined, "mock"))).code).toBe(Code.Unauthenticated);
+    expect((await rpcError(stream("sk-good", "nope"))).code).toBe(Code.NotFound);
+    expect((await rpcError(stream("sk-good", "broken"))).code).toBe(Code.Unavailable);
+  });
+
+  test("CreateEmbedding returns float vectors with the accounting", async () => {
+    const res = await client("sk-good").createEmbedding({ model: "mock", input: ["a cat", "a dog"], dimensions: 8 });
+    expect(res.data.map((d) => d.index)).toEqual([0, 1]);
+    expect(res.data[0]?.embedding).toHaveLength(8);
+    const norm = Math.hypot(...(res.data[0]?.embedding ?? []));
+    expect(norm).toBeCloseTo(1, 5);
+    // ceil(5/4) + ceil(5/4) = 4 input tokens at $0.50/M = $0.000002
+    expect(res.accounting).toMatchObject({ costNanos: 2000n, provider: "mock", usage: { inputTokens: 4n } });
+    expect((await rpcError(client("sk-good").createEmbedding({ model: "mock", input: [] }))).code).toBe(Code.InvalidArgument);
   });
 });
 

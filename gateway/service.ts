@@ -1,17 +1,22 @@
 import { create } from "@bufbuild/protobuf";
-import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
-import type { ChatCompletion } from "openai/resources/chat/completions";
+import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
+import type { ChatCompletion, ChatCompletionChunk } from "openai/resources/chat/completions";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import {
   type ChatCompletionParams,
   type ChatMessage,
   type CreateChatCompletionResponse,
   CreateChatCompletionResponseSchema,
+  type CreateEmbeddingRequest,
+  CreateEmbeddingResponseSchema,
   GatewayService,
   type ListModelsResponse,
   ListModelsResponseSchema,
+  type StreamChatCompletionResponse,
+  StreamChatCompletionResponseSchema,
 } from "../gen/gateway/v1/gateway_pb.ts";
 import { bearerToken } from "../lib/auth.ts";
+import type { StreamOutcome } from "./chat-stream.ts";
 import type { Call, ChatOutcome, GatewayCore } from "./core.ts";
 import { toConnectError, toGatewayError } from "./errors.ts";
 
@@ -63,12 +68,45 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
       }
     },
 
-    async *streamChatCompletion() {
-      throw new ConnectError("StreamChatCompletion is not implemented yet", Code.Unimplemented);
+    async *streamChatCompletion(req, ctx) {
+      const call = begin(Endpoint.CHAT_COMPLETIONS, ctx);
+      let last: ChatCompletionChunk | undefined;
+      try {
+        const stream = await core.handle(call, async () => {
+          await core.authorize(call);
+          return core.chatStream(call, { ...chatBody(req.params), stream: true });
+        });
+        for await (const chunk of stream) {
+          last = chunk;
+          yield streamResponse(chunk);
+        }
+        yield create(StreamChatCompletionResponseSchema, {
+          id: last?.id ?? "",
+          created: BigInt(last?.created ?? 0),
+          model: last?.model ?? "",
+          accounting: accounting(stream.outcome as StreamOutcome, call.requestId),
+        });
+      } catch (e) {
+        throw toConnectError(toGatewayError(e));
+      }
     },
 
-    async createEmbedding() {
-      throw new ConnectError("CreateEmbedding is not implemented yet", Code.Unimplemented);
+    async createEmbedding(req, ctx) {
+      const call = begin(Endpoint.EMBEDDINGS, ctx);
+      try {
+        const outcome = await core.handle(call, async () => {
+          await core.authorize(call);
+          return core.embed(call, embeddingBody(req));
+        });
+        ctx.responseHeader.set("x-gateway-cost-nanos", outcome.costNanos.toString());
+        return create(CreateEmbeddingResponseSchema, {
+          model: outcome.response.model,
+          data: outcome.response.data.map((d) => ({ index: d.index, embedding: d.embedding })),
+          accounting: accounting(outcome, call.requestId),
+        });
+      } catch (e) {
+        throw toConnectError(toGatewayError(e));
+      }
     },
   };
 }
@@ -159,12 +197,44 @@ function chatResponse(outcome: ChatOutcome, requestId: string): CreateChatComple
         ),
       },
     })),
-    accounting: {
-      requestId,
-      usage: outcome.tokens,
-      costNanos: outcome.costNanos,
-      usageEstimated: outcome.usageEstimated,
-      provider: outcome.provider,
-    },
+    accounting: accounting(outcome, requestId),
   });
+}
+
+function accounting(outcome: Pick<ChatOutcome, "tokens" | "costNanos" | "usageEstimated" | "provider">, requestId: string) {
+  return {
+    requestId,
+    usage: outcome.tokens,
+    costNanos: outcome.costNanos,
+    usageEstimated: outcome.usageEstimated,
+    provider: outcome.provider,
+  };
+}
+
+function streamResponse(chunk: ChatCompletionChunk): StreamChatCompletionResponse {
+  return create(StreamChatCompletionResponseSchema, {
+    id: chunk.id,
+    created: BigInt(chunk.created),
+    model: chunk.model,
+    choices: chunk.choices.map((choice) => ({
+      index: choice.index,
+      role: choice.delta.role ?? "",
+      content: choice.delta.content ?? "",
+      finishReason: choice.finish_reason ?? "",
+      toolCalls: (choice.delta.tool_calls ?? []).map((call) => ({
+        index: call.index,
+        id: call.id ?? "",
+        type: call.type ?? "",
+        function: { name: call.function?.name ?? "", arguments: call.function?.arguments ?? "" },
+      })),
+    })),
+  });
+}
+
+/** CreateEmbeddingRequest as the OpenAI JSON body; vectors come back as floats. */
+function embeddingBody(req: CreateEmbeddingRequest): Record<string, unknown> {
+  const body: Record<string, unknown> = { model: req.model, input: req.input, encoding_format: "float" };
+  if (req.dimensions !== undefined) body.dimensions = req.dimensions;
+  if (req.user) body.user = req.user;
+  return body;
 }

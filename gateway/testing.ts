@@ -108,14 +108,11 @@ export function createTestCore() {
   const config = parseGatewayConfig(testRoutes, "test-routes.yaml");
   const providers = createProviders(config.providers, {});
   let downCalls = 0;
-  providers.set("down", {
-    name: "down",
-    kind: "openai",
-    async chat() {
-      downCalls++;
-      throw new UpstreamError("transient", "down answered 500: boom", 500);
-    },
-  });
+  const fail = async (): Promise<never> => {
+    downCalls++;
+    throw new UpstreamError("transient", "down answered 500: boom", 500);
+  };
+  providers.set("down", { name: "down", kind: "openai", chat: fail, streamChat: fail, embed: fail });
   const log = createTestLogger();
   const core = createGatewayCore({
     config,

@@ -107,7 +107,9 @@ describe("REST chat completions", () => {
     await expectError(await chat({ ...hello, metadata: { k: 1 } }), 400, "invalid_value", "metadata.k");
     await expectError(await chat({ ...hello, metadata: { k: "x".repeat(257) } }), 400, "invalid_value", "metadata.k");
     await expectError(await chat({ ...hello, stream: "yes" }), 400, "invalid_value", "stream");
-    await expectError(await chat({ ...hello, stream: true }), 400, "unsupported_parameter", "stream");
+    await expectError(await chat({ ...hello, stream_options: { include_usage: true } }), 400, "invalid_value", "stream_options");
+    await expectError(await chat({ ...hello, stream: true, stream_options: { include_usage: 1 } }), 400, "invalid_value", "stream_options.include_usage");
+    await expectError(await chat({ ...hello, messages: [{ role: "user", content: ["hi"] }] }), 400, "invalid_value", "messages[0].content[0]");
   });
 
   test("missing and unknown keys are 401; billing down is 503", async () => {

@@ -1,10 +1,10 @@
-import { SpanKind, SpanStatusCode, type Tracer } from "@opentelemetry/api";
+import { context, propagation, type Span, SpanKind, SpanStatusCode, type TextMapGetter, type Tracer } from "@opentelemetry/api";
 import { ulid } from "ulid";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { bearerToken } from "../../lib/auth.ts";
-import { extractContext } from "../../lib/telemetry.ts";
+import type { ChatStream } from "../chat-stream.ts";
 import type { ModelRoute } from "../config.ts";
-import type { GatewayCore } from "../core.ts";
+import type { Call, GatewayCore } from "../core.ts";
 import {
   bodyTooLarge,
   errorBody,
@@ -22,12 +22,39 @@ export interface RestAppOptions {
   maxBodyBytes: number;
 }
 
-/** The OpenAI-compatible REST API as a Fetch handler: no sockets here, so tests call it in memory. */
+/** What the app needs of a request; adapters build it from node:http or a Fetch Request. */
+export interface RestRequest {
+  readonly method: string;
+  /** Path without the query string. */
+  readonly path: string;
+  /** The request's headers; only `get` is used. */
+  readonly headers: Pick<Headers, "get">;
+  /** The body as text, read up to `limit` bytes; fails with a 413 GatewayError past it. */
+  text(limit: number): Promise<string>;
+  /** Aborted when the client goes away. */
+  readonly signal: AbortSignal;
+}
+
+export interface RestResponse {
+  status: number;
+  headers: Record<string, string>;
+  /** A whole body, or server-sent events to write as they come (stop iterating when the client leaves). */
+  body: string | AsyncIterable<string>;
+}
+
+/** The OpenAI-compatible REST API. No sockets here, so tests call it in memory. */
 export interface RestApp {
+  handle(request: RestRequest): Promise<RestResponse>;
+  /** The same app as a Fetch handler. */
   fetch(request: Request): Promise<Response>;
 }
 
 const modelsPrefix = "/v1/models/";
+const json = "application/json";
+const traceHeaders: TextMapGetter<Pick<Headers, "get">> = {
+  keys: () => [],
+  get: (headers, key) => headers.get(key) ?? undefined,
+};
 
 export function createRestApp(options: RestAppOptions): RestApp {
   const { core, tracer, maxBodyBytes } = options;
@@ -41,106 +68,173 @@ export function createRestApp(options: RestAppOptions): RestApp {
   // Unrestricted keys (most) all see the same list: render it once.
   const allModels = JSON.stringify({ object: "list", data: core.routes.map(renderModel) });
 
-  const traced = (name: string, request: Request, path: string, handler: () => Promise<Response>) =>
+  const traced = (name: string, request: RestRequest, handler: (span: Span) => Promise<RestResponse>) =>
     tracer.startActiveSpan(
       name,
-      { kind: SpanKind.SERVER, attributes: { "http.request.method": request.method, "url.path": path } },
-      extractContext(request.headers),
+      { kind: SpanKind.SERVER, attributes: { "http.request.method": request.method, "url.path": request.path } },
+      propagation.extract(context.active(), request.headers, traceHeaders),
       async (span) => {
+        let response: RestResponse | undefined;
         try {
-          const response = await handler();
+          response = await handler(span);
           span.setAttribute("http.response.status_code", response.status);
           if (response.status >= 500) span.setStatus({ code: SpanStatusCode.ERROR });
           return response;
         } finally {
-          span.end();
+          // A stream's span ends with the stream.
+          if (typeof response?.body !== "object") span.end();
         }
       },
     );
 
-  const chatCompletions = async (request: Request) => {
-    const call = core.begin(Endpoint.CHAT_COMPLETIONS, bearerToken(request.headers), request.signal);
+  const begin = (endpoint: Endpoint, request: RestRequest) =>
+    core.begin(endpoint, bearerToken(request.headers), request.signal);
+
+  const ok = (call: Call, body: string, costNanos?: bigint): RestResponse => {
+    const headers: Record<string, string> = { "content-type": json, "x-request-id": call.requestId };
+    if (costNanos !== undefined) headers["x-gateway-cost-nanos"] = costNanos.toString();
+    return { status: 200, headers, body };
+  };
+
+  const chatCompletions = async (request: RestRequest, span: Span): Promise<RestResponse> => {
+    const call = begin(Endpoint.CHAT_COMPLETIONS, request);
     try {
-      const outcome = await core.handle(call, async () => {
+      const result = await core.handle(call, async () => {
         await core.authorize(call);
-        return core.chat(call, await readJson(request, maxBodyBytes));
+        const body = parseJson(await request.text(maxBodyBytes));
+        return isStreamRequest(body) ? core.chatStream(call, body) : core.chat(call, body);
       });
-      return new Response(JSON.stringify(outcome.completion), {
-        status: 200,
-        headers: {
-          "content-type": "application/json",
-          "x-request-id": call.requestId,
-          "x-gateway-cost-nanos": outcome.costNanos.toString(),
-        },
-      });
+      if (!(Symbol.asyncIterator in result)) return ok(call, JSON.stringify(result.completion), result.costNanos);
+      const headers = { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-request-id": call.requestId };
+      return { status: 200, headers, body: serverSentEvents(result, span) };
     } catch (e) {
       return errorResponse(toGatewayError(e), call.requestId);
     }
   };
 
-  const listModels = async (request: Request) => {
-    const call = core.begin(Endpoint.MODELS, bearerToken(request.headers), request.signal);
+  const embeddings = async (request: RestRequest): Promise<RestResponse> => {
+    const call = begin(Endpoint.EMBEDDINGS, request);
+    try {
+      const outcome = await core.handle(call, async () => {
+        await core.authorize(call);
+        return core.embed(call, parseJson(await request.text(maxBodyBytes)));
+      });
+      return ok(call, JSON.stringify(outcome.response), outcome.costNanos);
+    } catch (e) {
+      return errorResponse(toGatewayError(e), call.requestId);
+    }
+  };
+
+  const listModels = async (request: RestRequest): Promise<RestResponse> => {
+    const call = begin(Endpoint.MODELS, request);
     try {
       const body = await core.handle(call, async () => {
         await core.authorize(call);
         const models = core.models(call);
         return models === core.routes ? allModels : JSON.stringify({ object: "list", data: models.map(renderModel) });
       });
-      return json(body, call.requestId);
+      return ok(call, body);
     } catch (e) {
       return errorResponse(toGatewayError(e), call.requestId);
     }
   };
 
-  const retrieveModel = async (request: Request, name: string) => {
-    const call = core.begin(Endpoint.MODELS, bearerToken(request.headers), request.signal);
+  const retrieveModel = async (request: RestRequest, name: string): Promise<RestResponse> => {
+    const call = begin(Endpoint.MODELS, request);
     try {
       const body = await core.handle(call, async () => {
         await core.authorize(call);
         return JSON.stringify(renderModel(core.model(call, name)));
       });
-      return json(body, call.requestId);
+      return ok(call, body);
     } catch (e) {
       return errorResponse(toGatewayError(e), call.requestId);
     }
   };
 
+  const handle = async (request: RestRequest): Promise<RestResponse> => {
+    const { path, method } = request;
+    if (path === "/v1/chat/completions") {
+      if (method !== "POST") return errorResponse(methodNotAllowed(method, path), ulid());
+      return traced("POST /v1/chat/completions", request, (span) => chatCompletions(request, span));
+    }
+    if (path === "/v1/embeddings") {
+      if (method !== "POST") return errorResponse(methodNotAllowed(method, path), ulid());
+      return traced("POST /v1/embeddings", request, () => embeddings(request));
+    }
+    if (path === "/v1/models") {
+      if (method !== "GET") return errorResponse(methodNotAllowed(method, path), ulid());
+      return traced("GET /v1/models", request, () => listModels(request));
+    }
+    if (path.startsWith(modelsPrefix) && path.length > modelsPrefix.length) {
+      if (method !== "GET") return errorResponse(methodNotAllowed(method, path), ulid());
+      let name: string;
+      try {
+        name = decodeURIComponent(path.slice(modelsPrefix.length));
+      } catch {
+        return errorResponse(invalidRequest("The model name in the URL is not valid percent-encoding."), ulid());
+      }
+      return traced("GET /v1/models/{model}", request, () => retrieveModel(request, name));
+    }
+    return errorResponse(unknownUrl(method, path), ulid());
+  };
+
   return {
+    handle,
     async fetch(request) {
-      const path = pathOf(request.url);
-      const method = request.method;
-      if (path === "/v1/chat/completions") {
-        if (method !== "POST") return errorResponse(methodNotAllowed(method, path), ulid());
-        return traced("POST /v1/chat/completions", request, path, () => chatCompletions(request));
-      }
-      if (path === "/v1/models") {
-        if (method !== "GET") return errorResponse(methodNotAllowed(method, path), ulid());
-        return traced("GET /v1/models", request, path, () => listModels(request));
-      }
-      if (path.startsWith(modelsPrefix) && path.length > modelsPrefix.length) {
-        if (method !== "GET") return errorResponse(methodNotAllowed(method, path), ulid());
-        let name: string;
-        try {
-          name = decodeURIComponent(path.slice(modelsPrefix.length));
-        } catch {
-          return errorResponse(invalidRequest("The model name in the URL is not valid percent-encoding."), ulid());
-        }
-        return traced("GET /v1/models/{model}", request, path, () => retrieveModel(request, name));
-      }
-      return errorResponse(unknownUrl(method, path), ulid());
+      const response = await handle({
+        method: request.method,
+        path: pathOf(request.url),
+        headers: request.headers,
+        text: (limit) => readText(request, limit),
+        signal: request.signal,
+      });
+      return new Response(typeof response.body === "string" ? response.body : toReadable(response.body), {
+        status: response.status,
+        headers: response.headers,
+      });
     },
   };
 }
 
-function json(body: string, requestId: string): Response {
-  return new Response(body, { status: 200, headers: { "content-type": "application/json", "x-request-id": requestId } });
+function isStreamRequest(body: unknown): boolean {
+  return typeof body === "object" && body !== null && (body as { stream?: unknown }).stream === true;
 }
 
-function errorResponse(error: GatewayError, requestId: string): Response {
-  return new Response(errorBody(error), {
-    status: error.status,
-    headers: { "content-type": "application/json", "x-request-id": requestId },
-  });
+/**
+ * The stream as SSE in OpenAI's framing: one `data:` event per chunk, then `data: [DONE]`. A failure
+ * after the first byte can no longer change the status, so it goes out as an error event, as OpenAI
+ * sends them (the SDKs raise it); a client that left gets nothing more.
+ */
+async function* serverSentEvents(stream: ChatStream, span: Span): AsyncGenerator<string> {
+  try {
+    for await (const chunk of stream) yield `data: ${JSON.stringify(chunk)}\n\n`;
+    yield "data: [DONE]\n\n";
+  } catch (e) {
+    const error = toGatewayError(e);
+    span.setAttribute("gateway.stream_error", error.code);
+    if (error.status !== 499) {
+      span.setStatus({ code: SpanStatusCode.ERROR });
+      yield `data: ${errorBody(error)}\n\n`;
+    }
+  } finally {
+    span.end();
+  }
+}
+
+export function errorResponse(error: GatewayError, requestId: string): RestResponse {
+  const headers: Record<string, string> = { "content-type": json, "x-request-id": requestId };
+  if (error.retryAfterS !== undefined) headers["retry-after"] = String(error.retryAfterS);
+  return { status: error.status, headers, body: errorBody(error) };
+}
+
+function parseJson(text: string): unknown {
+  if (text.trim() === "") throw invalidRequest("The request body is empty; send a JSON object.", null, "invalid_json");
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw invalidRequest("We could not parse the JSON body of your request.", null, "invalid_json");
+  }
 }
 
 /** The path of an absolute URL without parsing all of it. */
@@ -151,43 +245,54 @@ function pathOf(url: string): string {
   return query < 0 ? url.slice(start) : url.slice(start, query);
 }
 
-const decoder = new TextDecoder();
-
-/** The JSON body, read with a size limit: 413 past it, 400 for anything that is not JSON. */
-async function readJson(request: Request, limit: number): Promise<unknown> {
+/** A Fetch body as text with a size limit: 413 past it, whether declared or streamed. */
+async function readText(request: Request, limit: number): Promise<string> {
   const declared = request.headers.get("content-length");
-  if (declared !== null && Number(declared) > limit) throw bodyTooLarge(limit);
-  let text = "";
-  if (request.body) {
-    const reader = request.body.getReader();
-    const chunks: Uint8Array[] = [];
-    let size = 0;
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      size += value.byteLength;
-      if (size > limit) {
-        await reader.cancel();
-        throw bodyTooLarge(limit);
-      }
-      chunks.push(value);
+  if (declared !== null) {
+    if (Number(declared) > limit) throw bodyTooLarge(limit);
+    // A declared length is the length the server reads: one read, no stream.
+    return request.text();
+  }
+  if (!request.body) return "";
+  const reader = request.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    size += value.byteLength;
+    if (size > limit) {
+      await reader.cancel();
+      throw bodyTooLarge(limit);
     }
-    text = decoder.decode(chunks.length === 1 ? chunks[0] : concat(chunks, size));
+    chunks.push(value);
   }
-  if (text.trim() === "") throw invalidRequest("The request body is empty; send a JSON object.", null, "invalid_json");
-  try {
-    return JSON.parse(text);
-  } catch {
-    throw invalidRequest("We could not parse the JSON body of your request.", null, "invalid_json");
-  }
+  return Buffer.concat(chunks, size).toString("utf8");
 }
 
-function concat(chunks: Uint8Array[], size: number): Uint8Array {
-  const out = new Uint8Array(size);
-  let offset = 0;
-  for (const chunk of chunks) {
-    out.set(chunk, offset);
-    offset += chunk.byteLength;
-  }
-  return out;
+/** Server-sent events as a Bun "direct" stream: strings go to the socket as written, flushed per event. */
+function toReadable(events: AsyncIterable<string>): ReadableStream<Uint8Array> {
+  const iterator = events[Symbol.asyncIterator]();
+  return new ReadableStream({
+    type: "direct",
+    async pull(controller) {
+      try {
+        for (;;) {
+          const { done, value } = await iterator.next();
+          if (done) break;
+          const written = controller.write(value);
+          if (typeof written !== "number") await written;
+          // Nothing more reaches a client that left; stop the stream and its upstream.
+          else if (written === 0) break;
+          await controller.flush();
+        }
+      } finally {
+        await iterator.return?.();
+        controller.close();
+      }
+    },
+    async cancel() {
+      await iterator.return?.();
+    },
+  }) as ReadableStream<Uint8Array>;
 }

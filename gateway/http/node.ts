@@ -1,57 +1,102 @@
-import type { Readable } from "node:stream";
+import type { IncomingHttpHeaders, ServerResponse } from "node:http";
 import { type HttpRoutes, type NodeRequest, type NodeResponse, send } from "../../lib/server.ts";
-import type { RestApp } from "./app.ts";
+import { bodyTooLarge } from "../errors.ts";
+import type { RestApp, RestRequest } from "./app.ts";
 
-/** Serves a RestApp on startServer's node:http(2) requests, for paths under `prefix`. */
+/**
+ * Serves a RestApp on startServer's node:http(2) requests, for paths under `prefix`. Requests are
+ * handed over as they are (no Fetch Request or Headers built) and streams written with back-pressure.
+ */
 export function restRoutes(app: RestApp, prefix = "/v1/"): HttpRoutes {
   return (req, res) => {
-    if (!(req.url ?? "/").startsWith(prefix)) return false;
-    return serve(app, req, res).then(() => true);
+    const url = req.url ?? "/";
+    if (!url.startsWith(prefix)) return false;
+    return serve(app, req, res, url).then(() => true);
   };
 }
 
-async function serve(app: RestApp, req: NodeRequest, res: NodeResponse): Promise<void> {
+/** node:http's lower-cased header object behind the Headers.get the app reads. */
+function headersOf(raw: IncomingHttpHeaders): Pick<Headers, "get"> {
+  return {
+    get(name) {
+      const value = raw[name];
+      return value === undefined ? null : Array.isArray(value) ? value.join(", ") : value;
+    },
+  };
+}
+
+async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: string): Promise<void> {
   const gone = new AbortController();
   res.once("close", () => {
     if (!res.writableFinished) gone.abort();
   });
-  const headers = new Headers();
-  const raw = req.rawHeaders;
-  for (let i = 0; i + 1 < raw.length; i += 2) {
-    const name = raw[i] as string;
-    // HTTP/2 pseudo-headers (:path, :authority) are not headers of the request.
-    if (name.charCodeAt(0) !== 58) headers.append(name, raw[i + 1] as string);
+  const query = url.indexOf("?");
+  const request: RestRequest = {
+    method: req.method ?? "GET",
+    path: query < 0 ? url : url.slice(0, query),
+    headers: headersOf(req.headers),
+    text: (limit) => readText(req, limit),
+    signal: gone.signal,
+  };
+  const response = await app.handle(request);
+  if (typeof response.body === "string") {
+    send(res, response.status, response.headers, response.body);
+    return;
   }
-  const host = req.headers.host ?? req.headers[":authority"] ?? "localhost";
-  const method = req.method ?? "GET";
-  const init: RequestInit = { method, headers, signal: gone.signal };
-  if (method !== "GET" && method !== "HEAD") init.body = bodyOf(req);
-  const response = await app.fetch(new Request(`http://${host}${req.url}`, init));
-  const out: Record<string, string> = {};
-  response.headers.forEach((value, name) => {
-    out[name] = value;
-  });
-  send(res, response.status, out, new Uint8Array(await response.arrayBuffer()));
+  // One signature for HTTP/1.1 and HTTP/2 responses, as lib/server's send does.
+  const out = res as ServerResponse;
+  out.writeHead(response.status, response.headers);
+  const events = response.body[Symbol.asyncIterator]();
+  try {
+    while (!gone.signal.aborted) {
+      const { done, value } = await events.next();
+      if (done) break;
+      if (!out.write(value)) await drained(res);
+    }
+  } finally {
+    // Stops the stream (and with it the upstream call) when the client left mid-way.
+    if (gone.signal.aborted) await events.return?.();
+    if (!res.writableEnded) res.end();
+  }
 }
 
-/** The request body as a web stream; the app enforces the size limit and cancels past it. */
-function bodyOf(req: Readable): ReadableStream<Uint8Array> {
-  let discard = false;
-  return new ReadableStream<Uint8Array>({
-    start(controller) {
-      req.on("data", (chunk: Buffer) => {
-        if (!discard) controller.enqueue(chunk);
-      });
-      req.once("end", () => {
-        if (!discard) controller.close();
-      });
-      req.once("error", (e) => {
-        if (!discard) controller.error(e);
-      });
-    },
-    cancel() {
-      // Drain the rest so the connection can still carry the error response.
-      discard = true;
-    },
+function drained(res: NodeResponse): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      res.off("drain", done);
+      res.off("close", done);
+      resolve();
+    };
+    res.on("drain", done);
+    res.on("close", done);
+  });
+}
+
+/** The body as text, up to `limit` bytes; past it the rest is drained so the 413 can still be sent. */
+function readText(req: NodeRequest, limit: number): Promise<string> {
+  const declared = req.headers["content-length"];
+  if (declared !== undefined && Number(declared) > limit) {
+    req.resume();
+    return Promise.reject(bodyTooLarge(limit));
+  }
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    let over = false;
+    req.on("data", (chunk: Buffer) => {
+      if (over) return;
+      size += chunk.length;
+      if (size > limit) {
+        over = true;
+        chunks.length = 0;
+        reject(bodyTooLarge(limit));
+        return;
+      }
+      chunks.push(chunk);
+    });
+    req.once("end", () => {
+      if (!over) resolve(chunks.length === 1 ? (chunks[0] as Buffer).toString("utf8") : Buffer.concat(chunks, size).toString("utf8"));
+    });
+    req.once("error", reject);
   });
 }

@@ -72,4 +72,45 @@ describe("mock provider", () => {
     gone.abort();
     expect(((await pending) as UpstreamError).failure).toBe("cancelled");
   });
+
+  test("streams the same reply in one-token chunks, then usage", async () => {
+    const whole = await mock.chat(request("hello there"), { timeoutMs: 1000 });
+    const chunks = [];
+    for await (const chunk of await mock.streamChat(request("hello there"), { timeoutMs: 1000 })) chunks.push(chunk);
+    expect(chunks[0]?.choices[0]?.delta).toEqual({ role: "assistant", content: "" });
+    const content = chunks.map((c) => c.choices[0]?.delta.content ?? "").join("");
+    expect(content).toBe(whole.completion.choices[0]?.message.content ?? "");
+    expect(chunks.slice(1, -2).every((c) => (c.choices[0]?.delta.content ?? "").length <= 4)).toBe(true);
+    expect(chunks.at(-2)?.choices[0]?.finish_reason).toBe("stop");
+    expect(chunks.at(-1)?.choices).toEqual([]);
+    expect(chunks.at(-1)?.usage).toEqual(whole.completion.usage ?? null);
+    expect(new Set(chunks.map((c) => c.id))).toEqual(new Set([whole.completion.id]));
+  });
+
+  test("a stream with chunk latency stops when the client leaves", async () => {
+    const paced = createMockProvider({ name: "paced", latency_ms: 0, chunk_latency_ms: 20 });
+    const gone = new AbortController();
+    const stream = await paced.streamChat(request("a long enough message"), { timeoutMs: 1000, signal: gone.signal });
+    const seen: string[] = [];
+    const failure = await (async () => {
+      for await (const chunk of stream) {
+        seen.push(chunk.choices[0]?.delta.content ?? "");
+        if (seen.length === 2) gone.abort();
+      }
+    })().catch((e) => e);
+    expect((failure as UpstreamError).failure).toBe("cancelled");
+    expect(seen).toHaveLength(2);
+  });
+
+  test("embeddings are deterministic unit vectors, as floats or base64", async () => {
+    const floats = await mock.embed({ model: "m", input: ["cat", "dog"], encoding_format: "float" }, { timeoutMs: 1000 });
+    const again = await mock.embed({ model: "m", input: "cat", encoding_format: "float", dimensions: 16 }, { timeoutMs: 1000 });
+    expect(floats.response.data).toHaveLength(2);
+    expect(again.response.data[0]?.embedding).toEqual(floats.response.data[0]?.embedding as number[]);
+    expect(Math.hypot(...(floats.response.data[0]?.embedding as number[]))).toBeCloseTo(1, 5);
+    expect(floats.tokens.inputTokens).toBe(2n);
+    const packed = await mock.embed({ model: "m", input: "cat", encoding_format: "base64" }, { timeoutMs: 1000 });
+    const decoded = new Float32Array(Uint8Array.from(Buffer.from(packed.response.data[0]?.embedding as unknown as string, "base64")).buffer);
+    expect(Array.from(decoded)).toEqual(floats.response.data[0]?.embedding as number[]);
+  });
 });

@@ -1,75 +1,151 @@
 import type { ChatCompletion } from "openai/resources/chat/completions";
+import type { Embedding } from "openai/resources/embeddings";
 import type { MockProviderConfig } from "../config.ts";
 import {
   approxInputTokens,
   approxTokens,
   type CallOptions,
+  type ChatCompletionChunk,
   type ChatRequest,
   type ChatResult,
+  type ChunkStream,
+  type EmbeddingRequest,
+  type EmbeddingResult,
   messageText,
   type Provider,
   UpstreamError,
+  usageOfTokens,
 } from "./provider.ts";
+
+type MockConfig = Pick<MockProviderConfig, "name" | "latency_ms"> & Partial<Pick<MockProviderConfig, "chunk_latency_ms">>;
+
+// Characters per streamed chunk: one mock token.
+const chunkChars = 4;
+const embeddingDimensions = 16;
 
 /**
  * An offline upstream whose replies and usage follow from the request alone: it echoes the last
- * user message, counts one token per four characters, honours max_tokens, and waits latency_ms.
+ * user message, counts one token per four characters, honours max_tokens and n, waits latency_ms
+ * before answering and chunk_latency_ms between streamed chunks (one token each). Embeddings are
+ * unit vectors seeded by a hash of each input.
  */
-export function createMockProvider(config: Pick<MockProviderConfig, "name" | "latency_ms">): Provider {
+export function createMockProvider(config: MockConfig): Provider {
   const latencyMs = config.latency_ms;
+  const chunkLatencyMs = config.chunk_latency_ms ?? 0;
+
+  const answer = async (options: CallOptions) => {
+    if (latencyMs > 0) await wait(Math.min(latencyMs, options.timeoutMs), options.signal);
+    if (latencyMs > options.timeoutMs) {
+      throw new UpstreamError("timeout", `mock upstream took longer than ${options.timeoutMs} ms`);
+    }
+  };
+
   return {
     name: config.name,
     kind: "mock",
     async chat(request: ChatRequest, options: CallOptions): Promise<ChatResult> {
-      if (latencyMs > 0) await wait(Math.min(latencyMs, options.timeoutMs), options.signal);
-      if (latencyMs > options.timeoutMs) {
-        throw new UpstreamError("timeout", `mock upstream took longer than ${options.timeoutMs} ms`);
-      }
-      let prompt = "";
-      for (let i = request.messages.length - 1; i >= 0; i--) {
-        const m = request.messages[i];
-        if (m?.role === "user") {
-          prompt = messageText(m);
-          break;
-        }
-      }
-      let content = `mock reply: ${prompt}`;
-      let finishReason: "stop" | "length" = "stop";
-      const limit = request.max_completion_tokens ?? request.max_tokens;
-      if (limit != null && approxTokens(content) > limit) {
-        content = content.slice(0, limit * 4);
-        finishReason = "length";
-      }
-      const n = request.n ?? 1;
-      const inputTokens = approxInputTokens(request.messages);
-      const outputTokens = approxTokens(content) * n;
+      await answer(options);
+      const reply = replyTo(request);
       const choices: ChatCompletion["choices"] = [];
-      for (let index = 0; index < n; index++) {
+      for (let index = 0; index < reply.n; index++) {
         choices.push({
           index,
-          message: { role: "assistant", content, refusal: null },
-          finish_reason: finishReason,
+          message: { role: "assistant", content: reply.content, refusal: null },
+          finish_reason: reply.finishReason,
           logprobs: null,
         });
       }
       const completion: ChatCompletion = {
-        id: `chatcmpl-mock-${fnv1a(content)}`,
+        id: reply.id,
         object: "chat.completion",
         created: Math.floor(Date.now() / 1000),
         model: request.model,
         choices,
-        usage: { prompt_tokens: inputTokens, completion_tokens: outputTokens, total_tokens: inputTokens + outputTokens },
+        usage: usageOfTokens(reply.tokens),
       };
+      return { completion, tokens: reply.tokens, usageEstimated: false };
+    },
+
+    async streamChat(request: ChatRequest, options: CallOptions): Promise<ChunkStream> {
+      await answer(options);
+      const reply = replyTo(request);
+      const created = Math.floor(Date.now() / 1000);
+      const chunk = (choices: ChatCompletionChunk["choices"], usage: ChatCompletionChunk["usage"] = null): ChatCompletionChunk => ({
+        id: reply.id,
+        object: "chat.completion.chunk",
+        created,
+        model: request.model,
+        choices,
+        usage,
+      });
+      const signal = options.signal;
+      return (async function* () {
+        for (let index = 0; index < reply.n; index++) {
+          yield chunk([{ index, delta: { role: "assistant", content: "" }, finish_reason: null, logprobs: null }]);
+          for (let at = 0; at < reply.content.length; at += chunkChars) {
+            if (chunkLatencyMs > 0) await wait(chunkLatencyMs, signal);
+            else if (signal?.aborted) throw new UpstreamError("cancelled", "client went away");
+            const content = reply.content.slice(at, at + chunkChars);
+            yield chunk([{ index, delta: { content }, finish_reason: null, logprobs: null }]);
+          }
+          yield chunk([{ index, delta: {}, finish_reason: reply.finishReason, logprobs: null }]);
+        }
+        yield chunk([], usageOfTokens(reply.tokens));
+      })();
+    },
+
+    async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
+      await answer(options);
+      const inputs = typeof request.input === "string" ? [request.input] : request.input;
+      const dimensions = request.dimensions ?? embeddingDimensions;
+      let tokens = 0;
+      const data: Embedding[] = [];
+      inputs.forEach((input: string | number | number[], index: number) => {
+        const text = typeof input === "string" ? input : JSON.stringify(input);
+        tokens += typeof input === "string" ? approxTokens(input) : Array.isArray(input) ? input.length : 1;
+        const vector = unitVector(text, dimensions);
+        const embedding = request.encoding_format === "base64" ? Buffer.from(vector.buffer).toString("base64") : Array.from(vector);
+        // Base64 vectors travel as strings, as the API sends them.
+        data.push({ object: "embedding", index, embedding: embedding as number[] });
+      });
+      const usage = { inputTokens: BigInt(tokens), cachedInputTokens: 0n, outputTokens: 0n, reasoningTokens: 0n };
       return {
-        completion,
-        tokens: {
-          inputTokens: BigInt(inputTokens),
-          cachedInputTokens: 0n,
-          outputTokens: BigInt(outputTokens),
-          reasoningTokens: 0n,
-        },
+        response: { object: "list", model: request.model, data, usage: { prompt_tokens: tokens, total_tokens: tokens } },
+        tokens: usage,
         usageEstimated: false,
       };
+    },
+  };
+}
+
+/** The mock's reply to a request: the last user message echoed, cut at the token limit. */
+function replyTo(request: ChatRequest) {
+  let prompt = "";
+  for (let i = request.messages.length - 1; i >= 0; i--) {
+    const m = request.messages[i];
+    if (m?.role === "user") {
+      prompt = messageText(m);
+      break;
+    }
+  }
+  let content = `mock reply: ${prompt}`;
+  let finishReason: "stop" | "length" = "stop";
+  const limit = request.max_completion_tokens ?? request.max_tokens;
+  if (limit != null && approxTokens(content) > limit) {
+    content = content.slice(0, limit * chunkChars);
+    finishReason = "length";
+  }
+  const n = request.n ?? 1;
+  return {
+    id: `chatcmpl-mock-${fnv1a(content)}`,
+    content,
+    finishReason,
+    n,
+    tokens: {
+      inputTokens: BigInt(approxInputTokens(request.messages)),
+      cachedInputTokens: 0n,
+      outputTokens: BigInt(approxTokens(content) * n),
+      reasoningTokens: 0n,
     },
   };
 }
@@ -87,6 +163,25 @@ function wait(ms: number, signal: AbortSignal | undefined): Promise<void> {
     }, ms);
     signal?.addEventListener("abort", onAbort, { once: true });
   });
+}
+
+/** A unit vector of `dimensions` floats, the same for the same text. */
+function unitVector(text: string, dimensions: number): Float32Array {
+  const vector = new Float32Array(dimensions);
+  let state = Number.parseInt(fnv1a(text), 16) || 1;
+  let norm = 0;
+  for (let i = 0; i < dimensions; i++) {
+    // xorshift32: cheap, deterministic, spread over [-1, 1).
+    state ^= state << 13;
+    state ^= state >>> 17;
+    state ^= state << 5;
+    const value = (state >>> 0) / 2 ** 31 - 1;
+    vector[i] = value;
+    norm += value * value;
+  }
+  const scale = 1 / Math.sqrt(norm || 1);
+  for (let i = 0; i < dimensions; i++) vector[i] = (vector[i] as number) * scale;
+  return vector;
 }
 
 /** 32-bit FNV-1a as 8 hex digits: a stable id for identical replies. */

@@ -58,11 +58,11 @@ describe("openai provider", () => {
     expect(result.usageEstimated).toBe(false);
   });
 
-  test("estimates usage when the upstream reports none", async () => {
+  test("counts usage with the tokenizer when the upstream reports none", async () => {
     const result = await provider.chat(request("no-usage"), { timeoutMs: 5000 });
     expect(result.usageEstimated).toBe(true);
-    // 3 priming + 4 per message + ceil(5/4); ceil("hi there".length / 4)
-    expect(result.tokens).toMatchObject({ inputTokens: 9n, outputTokens: 2n });
+    // o200k_base: 3 priming + (3 framing + "user" 1 + "hello" 1); "hi there" is 2 tokens
+    expect(result.tokens).toMatchObject({ inputTokens: 8n, outputTokens: 2n });
   });
 
   test("classifies failures so routing knows whether to retry, fall back or stop", async () => {

@@ -1,13 +1,18 @@
 import OpenAI, { APIConnectionError, APIConnectionTimeoutError, APIError, APIUserAbortError, AzureOpenAI } from "openai";
+import type { Stream } from "openai/streaming";
 import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
+import { countEmbeddingTokens, countInputTokens, countTextTokens, estimatedTokens } from "../tokenizer.ts";
 import {
-  approxInputTokens,
-  approxTokens,
   type CallOptions,
+  type ChatCompletionChunk,
   type ChatRequest,
   type ChatResult,
+  type ChunkStream,
+  type EmbeddingRequest,
+  type EmbeddingResult,
   failureOfStatus,
   type Provider,
+  retryAfterMs,
   tokensFromUsage,
   UpstreamError,
 } from "./provider.ts";
@@ -19,8 +24,8 @@ import {
  */
 export function createOpenAIProvider(config: OpenAIProviderConfig | AzureProviderConfig, apiKey: string | undefined): Provider {
   const missingKey = config.api_key_env !== undefined && !apiKey;
-  // Explicit nulls keep the SDK from reading OPENAI_* variables behind the config's back.
-  const common = { maxRetries: 0, organization: null, project: null, webhookSecret: null } as const;
+  // Explicit nulls keep the SDK from reading OPENAI_* variables behind the config's back; the gateway logs for itself.
+  const common = { maxRetries: 0, organization: null, project: null, webhookSecret: null, logLevel: "off" } as const;
   const client =
     missingKey
       ? undefined
@@ -34,48 +39,123 @@ export function createOpenAIProvider(config: OpenAIProviderConfig | AzureProvide
             apiKey: apiKey ?? "unused",
             defaultHeaders: config.headers,
           });
+  const connected = (): OpenAI => {
+    if (!client) throw new UpstreamError("misconfigured", `provider ${config.name}: ${config.api_key_env} is not set`);
+    return client;
+  };
 
   return {
     name: config.name,
     kind: config.kind,
     async chat(request: ChatRequest, options: CallOptions): Promise<ChatResult> {
-      if (!client) {
-        throw new UpstreamError("misconfigured", `provider ${config.name}: ${config.api_key_env} is not set`);
-      }
+      const sdk = connected();
       let completion;
       try {
-        completion = await client.chat.completions.create(request, {
-          signal: options.signal,
-          timeout: options.timeoutMs,
-          maxRetries: 0,
-        });
+        completion = await sdk.chat.completions.create(request, { signal: options.signal, timeout: options.timeoutMs, maxRetries: 0 });
       } catch (e) {
         throw upstreamError(config.name, e);
       }
+      if (!completion || typeof completion !== "object" || !Array.isArray(completion.choices)) {
+        throw new UpstreamError("transient", `${config.name}: the response is not a chat completion`);
+      }
       const tokens = tokensFromUsage(completion.usage);
       if (tokens) return { completion, tokens, usageEstimated: false };
-      let outputTokens = 0;
-      for (const c of completion.choices) outputTokens += approxTokens(c.message.content ?? "");
-      return {
-        completion,
-        tokens: {
-          inputTokens: BigInt(approxInputTokens(request.messages)),
-          cachedInputTokens: 0n,
-          outputTokens: BigInt(outputTokens),
-          reasoningTokens: 0n,
-        },
-        usageEstimated: true,
-      };
+      const output: string[] = [];
+      for (const c of completion.choices) {
+        if (c.message.content) output.push(c.message.content);
+        for (const call of c.message.tool_calls ?? []) {
+          if (call.type === "function") output.push(call.function.name, call.function.arguments);
+        }
+      }
+      const input = await countInputTokens(request.messages, request.tools);
+      return { completion, tokens: estimatedTokens(input, await countTextTokens(output)), usageEstimated: true };
+    },
+
+    async streamChat(request: ChatRequest, options: CallOptions): Promise<ChunkStream> {
+      const sdk = connected();
+      let stream: Stream<ChatCompletionChunk>;
+      try {
+        stream = await sdk.chat.completions.create(
+          { ...request, stream: true, stream_options: { include_usage: true } },
+          { signal: options.signal, timeout: options.timeoutMs, maxRetries: 0 },
+        );
+      } catch (e) {
+        throw upstreamError(config.name, e);
+      }
+      return relay(stream, config.name, options);
+    },
+
+    async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
+      const sdk = connected();
+      let response;
+      try {
+        response = await sdk.embeddings.create(request, { signal: options.signal, timeout: options.timeoutMs, maxRetries: 0 });
+      } catch (e) {
+        throw upstreamError(config.name, e);
+      }
+      if (!response || !Array.isArray(response.data)) {
+        throw new UpstreamError("transient", `${config.name}: the embeddings response has no data`);
+      }
+      const prompt = response.usage?.prompt_tokens;
+      if (typeof prompt === "number") {
+        return { response, tokens: estimatedTokens(prompt, 0), usageEstimated: false };
+      }
+      return { response, tokens: estimatedTokens(await countEmbeddingTokens(request.input), 0), usageEstimated: true };
     },
   };
 }
 
+/**
+ * The SDK's stream with the gateway's rules: silence longer than the attempt timeout is a timeout,
+ * the client leaving is a cancellation, and a stream that ends before any finish_reason was cut.
+ * (The SDK ends a stream quietly when it is aborted, so those cases are told apart here.)
+ */
+async function* relay(stream: Stream<ChatCompletionChunk>, provider: string, options: CallOptions): ChunkStream {
+  const { timeoutMs, signal } = options;
+  let lastActive = performance.now();
+  let timedOut = false;
+  let finished = false;
+  // One timer re-armed only when it fires: chunks only touch a timestamp.
+  const check = () => {
+    const idle = performance.now() - lastActive;
+    if (idle < timeoutMs) {
+      timer = setTimeout(check, timeoutMs - idle);
+      return;
+    }
+    timedOut = true;
+    stream.controller.abort();
+  };
+  let timer = setTimeout(check, timeoutMs);
+  try {
+    for await (const chunk of stream) {
+      if (!finished) for (const choice of chunk.choices ?? []) if (choice.finish_reason) finished = true;
+      yield chunk;
+      lastActive = performance.now();
+    }
+  } catch (e) {
+    if (timedOut) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
+    throw upstreamError(provider, e);
+  } finally {
+    clearTimeout(timer);
+  }
+  if (timedOut) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
+  if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
+  if (!finished) throw new UpstreamError("transient", `${provider}: the stream ended before it finished`);
+}
+
 function upstreamError(provider: string, e: unknown): UpstreamError {
+  if (e instanceof UpstreamError) return e;
   if (e instanceof APIUserAbortError) return new UpstreamError("cancelled", `${provider}: request aborted`);
   if (e instanceof APIConnectionTimeoutError) return new UpstreamError("timeout", `${provider}: timed out`);
   if (e instanceof APIConnectionError) return new UpstreamError("transient", `${provider}: ${e.message}`);
   if (e instanceof APIError && e.status !== undefined) {
-    return new UpstreamError(failureOfStatus(e.status), `${provider} answered ${e.status}: ${e.message}`, e.status);
+    return new UpstreamError(
+      failureOfStatus(e.status),
+      `${provider} answered ${e.status}: ${e.message}`,
+      e.status,
+      retryAfterMs(e.headers),
+    );
   }
+  if (e instanceof SyntaxError) return new UpstreamError("transient", `${provider}: unreadable response (${e.message})`);
   return new UpstreamError("transient", `${provider}: ${(e as Error).message ?? String(e)}`);
 }

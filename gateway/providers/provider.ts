@@ -1,19 +1,25 @@
 import type {
   ChatCompletion,
+  ChatCompletionChunk,
   ChatCompletionCreateParamsNonStreaming,
   ChatCompletionMessageParam,
 } from "openai/resources/chat/completions";
 import type { CompletionUsage } from "openai/resources/completions";
+import type { CreateEmbeddingResponse, EmbeddingCreateParams } from "openai/resources/embeddings";
 import type { Tokens } from "../../lib/money.ts";
 
 /** A validated chat request in the OpenAI wire shape; `model` is already the upstream model. */
 export type ChatRequest = ChatCompletionCreateParamsNonStreaming;
-export type { ChatCompletion };
+export type { ChatCompletion, ChatCompletionChunk };
+
+/** A validated embeddings request in the OpenAI wire shape; `encoding_format` is always set. */
+export type EmbeddingRequest = EmbeddingCreateParams & { encoding_format: "float" | "base64" };
+export type { CreateEmbeddingResponse };
 
 export interface CallOptions {
   /** Aborted when the client goes away. */
   signal?: AbortSignal | undefined;
-  /** Limit of this one attempt. */
+  /** Limit of this one attempt; for streams, the limit until the upstream answers and between two chunks. */
   timeoutMs: number;
 }
 
@@ -25,21 +31,34 @@ export interface ChatResult {
   usageEstimated: boolean;
 }
 
-/**
- * An upstream the gateway routes to. Streaming (`streamChat`) and embeddings (`embed`) join this
- * interface as their endpoints land; every provider reports usage in the same `Tokens` shape.
- */
+export interface EmbeddingResult {
+  /** As the upstream returned it; vectors are base64 strings when the request asked for them. */
+  response: CreateEmbeddingResponse;
+  tokens: Tokens;
+  usageEstimated: boolean;
+}
+
+/** Chunks of one streamed completion in OpenAI's chunk shape; iterating fails with UpstreamError. */
+export type ChunkStream = AsyncIterable<ChatCompletionChunk>;
+
+/** An upstream the gateway routes to; every provider reports usage in the same `Tokens` shape. */
 export interface Provider {
   readonly name: string;
   readonly kind: "openai" | "azure" | "mock";
   /** One whole completion; fails with UpstreamError. */
   chat(request: ChatRequest, options: CallOptions): Promise<ChatResult>;
+  /**
+   * Opens a streamed completion, asking for usage in a last chunk. Resolves once the upstream has
+   * accepted the request (so routing may still retry until then); fails with UpstreamError.
+   */
+  streamChat(request: ChatRequest, options: CallOptions): Promise<ChunkStream>;
+  embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult>;
 }
 
 /**
  * How an upstream attempt failed, which decides what the gateway does next:
  * "rejected" (the upstream refused the request itself, 400/422) fails the request as the client's fault,
- * "transient" (connection, 408/409/429/5xx) and "timeout" may be retried on the same target,
+ * "transient" (connection, 408/409/429/5xx, unreadable answers) and "timeout" may be retried on the same target,
  * "misconfigured" (401/403/404, missing key) moves on to the next target, "cancelled" stops.
  */
 export type UpstreamFailure = "rejected" | "transient" | "timeout" | "misconfigured" | "cancelled";
@@ -51,6 +70,8 @@ export class UpstreamError extends Error {
     message: string,
     /** HTTP status the upstream answered with, when it answered. */
     readonly status?: number,
+    /** How long the upstream asked us to wait (Retry-After), in ms. */
+    readonly retryAfterMs?: number,
   ) {
     super(message);
   }
@@ -61,6 +82,21 @@ export function failureOfStatus(status: number): UpstreamFailure {
   if (status === 400 || status === 422) return "rejected";
   if (status === 408 || status === 409 || status === 429 || status >= 500) return "transient";
   return "misconfigured";
+}
+
+/** Retry-After (seconds or HTTP date) or retry-after-ms, in ms; undefined when absent or unreadable. */
+export function retryAfterMs(headers: { get(name: string): string | null } | undefined, now = Date.now()): number | undefined {
+  const ms = headers?.get("retry-after-ms");
+  if (ms) {
+    const value = Number(ms);
+    if (Number.isFinite(value) && value >= 0) return value;
+  }
+  const after = headers?.get("retry-after");
+  if (!after) return undefined;
+  const seconds = Number(after);
+  if (Number.isFinite(seconds)) return seconds >= 0 ? seconds * 1000 : undefined;
+  const date = Date.parse(after);
+  return Number.isNaN(date) ? undefined : Math.max(0, date - now);
 }
 
 /** Tokens from an OpenAI usage object; undefined when the upstream sent none. */
@@ -74,7 +110,17 @@ export function tokensFromUsage(usage: CompletionUsage | null | undefined): Toke
   };
 }
 
-/** Roughly one token per four characters, as OpenAI's rule of thumb; the mock's tokenizer and the fallback estimate. */
+/** The usage object of a Tokens count, as OpenAI reports it. */
+export function usageOfTokens(tokens: Tokens): CompletionUsage {
+  const input = Number(tokens.inputTokens);
+  const output = Number(tokens.outputTokens);
+  const usage: CompletionUsage = { prompt_tokens: input, completion_tokens: output, total_tokens: input + output };
+  if (tokens.cachedInputTokens > 0n) usage.prompt_tokens_details = { cached_tokens: Number(tokens.cachedInputTokens) };
+  if (tokens.reasoningTokens > 0n) usage.completion_tokens_details = { reasoning_tokens: Number(tokens.reasoningTokens) };
+  return usage;
+}
+
+/** Roughly one token per four characters, as OpenAI's rule of thumb: the mock provider's deterministic tokenizer. */
 export function approxTokens(text: string): number {
   return Math.ceil(text.length / 4);
 }

@@ -1,0 +1,239 @@
+/**
+ * What the gateway adds to a request, with full accounting on: a fast fake upstream in its own
+ * process, the whole mesh (billing on embedded Postgres, analytics on chdb) with a model routed to
+ * it, and autocannon at fixed rates and at saturation, straight to the upstream and through the
+ * gateway, whole and streamed. Prints a table and exits. Only 127.0.0.1 is contacted.
+ *
+ *   ./node_modules/.bin/bun bench/gateway.ts        (BENCH_SECONDS=10 per run, BENCH_CONNECTIONS=50)
+ */
+import { readFileSync } from "node:fs";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import * as path from "node:path";
+import autocannon from "autocannon";
+import { freePort } from "../lib/processes.ts";
+import { ensureDemo, type Mesh, startMesh } from "../scripts/mesh.ts";
+
+const seconds = Number(process.env.BENCH_SECONDS ?? 10);
+const connections = Number(process.env.BENCH_CONNECTIONS ?? 50);
+const rates = [500, 1000, 2000, 0] as const; // 0: as fast as it goes
+const root = path.resolve(import.meta.dir, "..");
+
+interface Run {
+  p50: number;
+  p99: number;
+  /** Time to the first content token (streams only). */
+  ttft50: number;
+  ttft99: number;
+  rps: number;
+  errors: number;
+}
+
+/** Exact percentiles of float ms (autocannon's own histogram keeps whole ms only). */
+function percentile(values: number[], p: number): number {
+  if (values.length === 0) return Number.NaN;
+  const sorted = Float64Array.from(values).sort();
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] as number;
+}
+
+const decoder = new TextDecoder();
+const firstContent = /"content":"[^"]/;
+
+/**
+ * Requests at a fixed rate, spread evenly over each millisecond (open loop: a slow answer does not
+ * delay the next request). autocannon's own rate limit sends each connection's quota for a second
+ * back to back, which measures bursts rather than a rate.
+ */
+async function paced(url: string, headers: Record<string, string>, body: string, rate: number, duration: number): Promise<Run> {
+  const latencies: number[] = [];
+  const ttfts: number[] = [];
+  let errors = 0;
+  const inflight = new Set<Promise<void>>();
+  const one = async () => {
+    const start = performance.now();
+    try {
+      const res = await fetch(url, { method: "POST", headers, body });
+      const reader = (res.body as ReadableStream<Uint8Array>).getReader();
+      let text = "";
+      let ttft = Number.NaN;
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        if (Number.isNaN(ttft)) {
+          text += decoder.decode(value);
+          if (firstContent.test(text)) ttft = performance.now() - start;
+        }
+      }
+      if (res.status !== 200) errors++;
+      else {
+        latencies.push(performance.now() - start);
+        if (!Number.isNaN(ttft)) ttfts.push(ttft);
+      }
+    } catch {
+      errors++;
+    }
+  };
+  const interval = 1000 / rate;
+  const begin = performance.now();
+  const end = begin + duration * 1000;
+  let next = begin;
+  let sent = 0;
+  for (let now = begin; now < end; now = performance.now()) {
+    while (next <= now) {
+      const p = one();
+      inflight.add(p);
+      void p.finally(() => inflight.delete(p));
+      next += interval;
+      sent++;
+    }
+    await Bun.sleep(1);
+  }
+  await Promise.all(inflight);
+  return {
+    p50: percentile(latencies, 50),
+    p99: percentile(latencies, 99),
+    ttft50: percentile(ttfts, 50),
+    ttft99: percentile(ttfts, 99),
+    rps: sent / duration,
+    errors,
+  };
+}
+
+/** As many requests as `connections` keep-alive connections carry (closed loop). */
+async function saturate(url: string, headers: Record<string, string>, body: string, duration: number): Promise<Run> {
+  const result = await autocannon({ url, method: "POST", headers, body, connections, duration });
+  return {
+    p50: result.latency.p50,
+    p99: result.latency.p99,
+    ttft50: Number.NaN,
+    ttft99: Number.NaN,
+    rps: result.requests.total / duration,
+    errors: result.errors + result.timeouts + result.non2xx,
+  };
+}
+
+function rssMb(pid: number): number {
+  const status = readFileSync(`/proc/${pid}/status`, "utf8");
+  const kb = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
+  return kb / 1024;
+}
+
+async function startUpstream() {
+  const proc = Bun.spawn([process.execPath, path.join(root, "gateway/testing/fake-upstream.ts"), "0"], {
+    stdout: "pipe",
+    stderr: "inherit",
+  });
+  const reader = proc.stdout.getReader();
+  let line = "";
+  while (!line.includes("\n")) {
+    const { done, value } = await reader.read();
+    if (done) throw new Error("the fake upstream exited before it listened");
+    line += new TextDecoder().decode(value);
+  }
+  return { proc, url: line.trim() };
+}
+
+const fmt = (ms: number) => (Number.isNaN(ms) ? "-" : ms.toFixed(3));
+
+async function main() {
+  const dataDir = await mkdtemp(path.join(tmpdir(), "bench-gateway-"));
+  const upstream = await startUpstream();
+  const configFile = path.join(dataDir, "gateway.yaml");
+  await writeFile(
+    configFile,
+    [
+      "providers:",
+      `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
+      "models:",
+      "  - name: bench",
+      "    targets: [{ provider: fake, model: bench-model }]",
+      '    pricing: { input_per_mtok: "2.50", cached_input_per_mtok: "1.25", output_per_mtok: "10" }',
+      "",
+    ].join("\n"),
+  );
+  const errors: string[] = [];
+  let mesh: Mesh | undefined;
+  const restPort = await freePort();
+  try {
+    mesh = await startMesh({
+      dataDir,
+      adminToken: "bench-admin-token-0123456789",
+      ports: { gateway: 0, billing: 0, analytics: 0 },
+      env: { LOG_LEVEL: "warn" },
+      serviceEnv: { gateway: { GATEWAY_CONFIG: configFile, GATEWAY_REST_PORT: String(restPort) } },
+      onLine: (service, line) => {
+        if (line.includes('"level":"error"')) errors.push(`[${service}] ${line}`);
+      },
+    });
+    const demo = await ensureDemo(mesh, { dataDir, adminToken: "bench-admin-token-0123456789" });
+    const gatewayPid = mesh.processes.gateway.proc.pid;
+    let peakRss = 0;
+    const sampler = setInterval(() => (peakRss = Math.max(peakRss, rssMb(gatewayPid))), 250);
+
+    const messages = [{ role: "user", content: "hello benchmark" }];
+    const bodyFor = (model: string, stream: boolean) =>
+      JSON.stringify({ model, messages, max_tokens: 16, ...(stream ? { stream: true, stream_options: { include_usage: true } } : {}) });
+    const json = { "content-type": "application/json" };
+    const auth = { ...json, authorization: `Bearer ${demo.apiKey}` };
+    const direct = { name: "direct", url: `${upstream.url}/chat/completions`, headers: json, model: "bench-model" };
+    const fast = { name: "gateway", url: `http://127.0.0.1:${restPort}/v1/chat/completions`, headers: auth, model: "bench" };
+    // The same REST API on the port it shares with the RPCs (node:http), for comparison.
+    const shared = { name: "gateway (rpc port)", url: `${demo.baseUrl}/chat/completions`, headers: auth, model: "bench" };
+    type Target = typeof direct;
+    const run = (t: Target, stream: boolean, rate: number, duration = seconds) =>
+      rate > 0 ? paced(t.url, t.headers, bodyFor(t.model, stream), rate, duration) : saturate(t.url, t.headers, bodyFor(t.model, stream), duration);
+
+    // Warm every path (JIT, connection pools, the key cache, budget leases) before measuring.
+    for (const t of [direct, fast, shared]) {
+      await run(t, false, 0, 2);
+      await run(t, true, 0, 1);
+    }
+
+    const rows: string[][] = [];
+    const plan: Array<[stream: boolean, rate: number, via: Target]> = [];
+    for (const stream of [false, true]) for (const rate of rates) plan.push([stream, rate, fast]);
+    plan.push([false, 1000, shared]);
+    for (const [stream, rate, via] of plan) {
+      const base = await run(direct, stream, rate);
+      const gw = await run(via, stream, rate);
+      rows.push([
+        `${stream ? "stream" : "whole"}${via === shared ? " (rpc port)" : ""}`,
+        rate > 0 ? String(rate) : "max",
+        fmt(base.p50),
+        fmt(gw.p50),
+        fmt(gw.p50 - base.p50),
+        fmt(base.p99),
+        fmt(gw.p99),
+        fmt(gw.p99 - base.p99),
+        stream && rate > 0 ? `${fmt(gw.ttft50 - base.ttft50)} / ${fmt(gw.ttft99 - base.ttft99)}` : "",
+        base.rps.toFixed(0),
+        gw.rps.toFixed(0),
+        rate > 0 ? "" : (gw.rps / base.rps).toFixed(2),
+        String(base.errors + gw.errors),
+      ]);
+      process.stderr.write(`${rows.at(-1)?.join("  ")}\n`);
+    }
+    clearInterval(sampler);
+
+    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "errors"];
+    const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
+    const line = (cells: string[]) => `| ${cells.map((c, i) => c.padStart(widths[i] ?? 0)).join(" | ")} |`;
+    const out = [
+      `gateway benchmark: ${seconds} s per run; fixed rates paced evenly (open loop), "max" by autocannon with ${connections} connections; ms`,
+      line(header),
+      line(widths.map((w) => "-".repeat(w))),
+      ...rows.map(line),
+      `gateway peak RSS: ${peakRss.toFixed(1)} MB`,
+      ...(errors.length ? [`service errors logged: ${errors.length}`, ...errors.slice(0, 5)] : []),
+    ];
+    process.stdout.write(`${out.join("\n")}\n`);
+  } finally {
+    await mesh?.stop();
+    upstream.proc.kill();
+    await upstream.proc.exited;
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}
+
+await main();
+process.exit(0);

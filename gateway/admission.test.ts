@@ -1,0 +1,232 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { createClient, createRouterTransport } from "@connectrpc/connect";
+import { trace } from "@opentelemetry/api";
+import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
+import { BillingService, type KeyLimits } from "../gen/billing/v1/billing_pb.ts";
+import { Endpoint } from "../gen/common/v1/common_pb.ts";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import type { KeyLimitsSchema } from "../gen/billing/v1/billing_pb.ts";
+import { createBillingApp } from "../billing/app.ts";
+import { createTestDatabase, type TestDatabase } from "../billing/store/test-db.ts";
+import { createLogger } from "../lib/log.ts";
+import { createKeyAuthorizer } from "./auth.ts";
+import { createBudgetKeeper } from "./budget.ts";
+import { createCircuitBreakers } from "./circuit-breaker.ts";
+import { parseGatewayConfig } from "./config.ts";
+import { createGatewayCore, type GatewayCore } from "./core.ts";
+import type { GatewayError } from "./errors.ts";
+import { createRestApp, type RestApp } from "./http/app.ts";
+import { createProviders } from "./providers/index.ts";
+import type { Provider } from "./providers/provider.ts";
+import { createRateLimiter } from "./rate-limits.ts";
+import { createRecordingShipper, createTestLogger } from "./testing.ts";
+import { type FakeUpstream, startFakeUpstream } from "./testing/fake-upstream.ts";
+
+// Real billing (Postgres) for keys, limits and leases; a real OpenAI-compatible upstream on a socket.
+const adminToken = "admission-test-admin-token-01";
+const auth = { headers: { authorization: `Bearer ${adminToken}` } };
+let db: TestDatabase;
+let billing: ReturnType<typeof createClient<typeof BillingService>>;
+let upstream: FakeUpstream;
+let core: GatewayCore;
+let app: RestApp;
+let orgId: string;
+const shipper = createRecordingShipper();
+let mockCalls = 0;
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  const billingLog = createLogger({ service: "billing-test", level: "error" });
+  billing = createClient(BillingService, createRouterTransport(createBillingApp({ pool: db.pool, adminToken, clock: () => new Date(), log: billingLog }).routes));
+  orgId = (await billing.createOrganization({ name: "admission" }, auth)).organization?.id as string;
+  upstream = startFakeUpstream();
+  const config = parseGatewayConfig(
+    `
+providers:
+  - { name: fake, kind: openai, base_url: "${upstream.url}" }
+  - { name: mock, kind: mock }
+models:
+  - name: mock
+    targets: [{ provider: mock, model: mock-echo-1 }]
+    # $1000 per million tokens: a token costs 1,000,000 nano-USD, so budgets read in tokens.
+    pricing: { input_per_mtok: "1000", output_per_mtok: "1000" }
+  - name: routed
+    targets: [{ provider: fake, model: flaky }, { provider: fake, model: stable }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+    retries: 1
+  - name: patient
+    targets: [{ provider: fake, model: busy }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+    retries: 1
+  - name: held
+    targets: [{ provider: fake, model: slowdown }, { provider: fake, model: stable }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+    retries: 2
+  - name: hung
+    targets: [{ provider: fake, model: hang, timeout_ms: 5000 }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+    request_timeout_ms: 300
+  - name: dribble
+    targets: [{ provider: fake, model: dribble }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+    request_timeout_ms: 400
+`,
+    "admission.yaml",
+  );
+  const providers = createProviders(config.providers, {});
+  const mock = providers.get("mock") as Provider;
+  providers.set("mock", { ...mock, chat: (req, opts) => (mockCalls++, mock.chat(req, opts)) });
+  core = createGatewayCore({
+    config,
+    providers,
+    keys: createKeyAuthorizer({ billing: { authorizeKey: (req) => billing.authorizeKey(req, auth) }, watching: true }),
+    shipper,
+    instanceId: "gw-admission",
+    log: createTestLogger(),
+    rateLimits: createRateLimiter(),
+    budget: createBudgetKeeper({
+      billing: {
+        acquireBudgetLease: (req) => billing.acquireBudgetLease(req, auth),
+        releaseBudgetLease: (req) => billing.releaseBudgetLease(req, auth),
+      },
+      holder: "gw-admission",
+      leaseTtlSeconds: 3600,
+    }),
+    routing: { breakers: createCircuitBreakers({ failureThreshold: 2, cooldownMs: 60_000 }), backoffBaseMs: 5, requestTimeoutMs: 30_000 },
+  });
+  app = createRestApp({ core, tracer: trace.getTracer("test"), maxBodyBytes: 1 << 20 });
+}, 60_000);
+
+afterAll(async () => {
+  await upstream?.stop();
+  await db?.drop();
+}, 30_000);
+
+async function keyWith(limits: MessageInitShape<typeof KeyLimitsSchema>): Promise<string> {
+  return (await billing.createApiKey({ orgId, name: "k", limits: limits as KeyLimits }, auth)).secret;
+}
+
+function post(key: string, body: Record<string, unknown>) {
+  return app.fetch(
+    new Request("http://gateway.test/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+      body: JSON.stringify(body),
+    }),
+  );
+}
+
+const hi = (model: string, extra: Record<string, unknown> = {}) => ({ model, messages: [{ role: "user", content: "hi" }], ...extra });
+const errorOf = async (res: Response) => ((await res.json()) as { error: { type: string; code: string; message: string; param: null } }).error;
+
+describe("per-key limits", () => {
+  test("requests per minute: 429 in OpenAI's shape with Retry-After, recorded as rate limited", async () => {
+    const key = await keyWith({ requestsPerMinute: 2 });
+    expect((await post(key, hi("mock"))).status).toBe(200);
+    expect((await post(key, hi("mock"))).status).toBe(200);
+    const before = mockCalls;
+    const res = await post(key, hi("mock"));
+    expect(res.status).toBe(429);
+    expect(Number(res.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
+    expect(await errorOf(res)).toMatchObject({ type: "requests", code: "rate_limit_exceeded", param: null });
+    expect(mockCalls).toBe(before);
+    const requestId = res.headers.get("x-request-id");
+    expect(shipper.rows.find((m) => m.requestId === requestId)).toMatchObject({ status: RequestStatus.RATE_LIMITED, httpStatus: 429 });
+  });
+
+  test("tokens per minute count the prompt and max_tokens while a request runs", async () => {
+    const key = await keyWith({ tokensPerMinute: 100n });
+    expect((await post(key, hi("mock", { max_tokens: 60 }))).status).toBe(200);
+    // The first used about 12 tokens; 12 + 8 + 90 > 100.
+    const res = await post(key, hi("mock", { max_tokens: 90 }));
+    expect(res.status).toBe(429);
+    expect((await errorOf(res)).type).toBe("tokens");
+    expect((await post(key, hi("mock", { max_tokens: 50 }))).status).toBe(200);
+  });
+});
+
+describe("budget", () => {
+  test("a key's budget stops requests before the upstream, with insufficient_quota", async () => {
+    // Each request reserves 17 input (bytes bound) + 5 output tokens and costs 8 + 4 tokens.
+    const key = await keyWith({ monthlyBudgetNanos: 50n * 1_000_000n });
+    let served = 0;
+    let res: Response;
+    for (;;) {
+      const before = mockCalls;
+      res = await post(key, hi("mock", { max_tokens: 5 }));
+      if (res.status !== 200) {
+        expect(mockCalls).toBe(before);
+        break;
+      }
+      expect(res.headers.get("x-gateway-cost-nanos")).toBe("12000000");
+      served++;
+    }
+    expect(res.status).toBe(429);
+    expect(await errorOf(res)).toMatchObject({ type: "insufficient_quota", code: "insufficient_quota" });
+    // 4 x 12 = 48 of 50 spent: the last request that fits in what is left is served.
+    expect(served).toBeGreaterThanOrEqual(2);
+    expect(served).toBeLessThanOrEqual(4);
+  });
+});
+
+describe("routing against a real upstream", () => {
+  test("a failing target is retried, then the fallback serves; once its breaker opens it is skipped", async () => {
+    upstream.script("flaky", { status: 500 });
+    const key = await keyWith({});
+    const first = await post(key, hi("routed"));
+    expect(first.status).toBe(200);
+    expect(upstream.seen("flaky")).toHaveLength(2);
+    expect(upstream.seen("stable").length).toBeGreaterThanOrEqual(1);
+    const served = shipper.rows.find((m) => m.requestId === first.headers.get("x-request-id"));
+    expect(served).toMatchObject({ servedModel: "stable-fake", fallbackUsed: true, retries: 2 });
+    expect((await post(key, hi("routed"))).status).toBe(200);
+    expect(upstream.seen("flaky")).toHaveLength(2);
+  });
+
+  test("Retry-After from the upstream is waited out before the retry", async () => {
+    upstream.script("busy", { status: 429, retryAfter: "0.25" }, {});
+    const key = await keyWith({});
+    expect((await post(key, hi("patient"))).status).toBe(200);
+    const [a, b] = upstream.seen("busy");
+    expect((b?.at ?? 0) - (a?.at ?? 0)).toBeGreaterThanOrEqual(240);
+  });
+
+  test("a Retry-After too long to wait falls back at once, and later requests skip that target", async () => {
+    upstream.script("slowdown", { status: 429, retryAfter: "30" });
+    const key = await keyWith({});
+    const started = performance.now();
+    expect((await post(key, hi("held"))).status).toBe(200);
+    expect(performance.now() - started).toBeLessThan(2_000);
+    expect((await post(key, hi("held"))).status).toBe(200);
+    expect(upstream.seen("slowdown")).toHaveLength(1);
+  });
+
+  test("the whole-request limit ends a hung request with 504 request_timeout", async () => {
+    upstream.script("hang", { hang: true });
+    const key = await keyWith({});
+    const started = performance.now();
+    const res = await post(key, hi("hung"));
+    expect(res.status).toBe(504);
+    expect((await errorOf(res)).code).toBe("request_timeout");
+    expect(performance.now() - started).toBeLessThan(3_000);
+  });
+
+  test("a stream past the whole-request limit is cut with request_timeout", async () => {
+    upstream.script("dribble", { content: "one two three four five six seven eight nine ten", chunkDelayMs: 100 });
+    const key = await keyWith({});
+    const call = core.begin(Endpoint.CHAT_COMPLETIONS, key);
+    const stream = await core.handle(call, () => core.chatStream(call, hi("dribble", { stream: true })));
+    const failed = await (async () => {
+      try {
+        for await (const _ of stream) {
+          // drain
+        }
+      } catch (e) {
+        return e as GatewayError;
+      }
+      throw new Error("expected the stream to be cut");
+    })();
+    expect([failed.status, failed.code]).toEqual([504, "request_timeout"]);
+    expect(shipper.rows.find((m) => m.requestId === call.requestId)).toMatchObject({ status: RequestStatus.TIMEOUT });
+  });
+});

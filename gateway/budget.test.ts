@@ -1,0 +1,288 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { createClient, createRouterTransport } from "@connectrpc/connect";
+import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { createLogger } from "../lib/log.ts";
+import { costNanos } from "../lib/money.ts";
+import { createBillingApp } from "../billing/app.ts";
+import { createTestDatabase, type TestDatabase } from "../billing/store/test-db.ts";
+import { createKeyAuthorizer, type Principal } from "./auth.ts";
+import { type BudgetKeeperOptions, createBudgetKeeper, maxChatCostNanos, maxInputTokens, maxOutputTokens } from "./budget.ts";
+import type { GatewayError } from "./errors.ts";
+import { approxInputTokens } from "./providers/provider.ts";
+
+// A real billing service (Postgres included) behind an in-memory transport.
+const adminToken = "budget-test-admin-token-0123";
+const auth = { headers: { authorization: `Bearer ${adminToken}` } };
+let db: TestDatabase;
+let client: ReturnType<typeof createClient<typeof BillingService>>;
+const calls = { acquire: 0, release: 0 };
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  const log = createLogger({ service: "billing-test", level: "error" });
+  const app = createBillingApp({ pool: db.pool, adminToken, clock: () => new Date(), log });
+  client = createClient(BillingService, createRouterTransport(app.routes));
+}, 60_000);
+afterAll(() => db.drop(), 30_000);
+
+// The keeper's view of billing: the admin token added and calls counted.
+const billing: BudgetKeeperOptions["billing"] = {
+  acquireBudgetLease: (req) => {
+    calls.acquire++;
+    return client.acquireBudgetLease(req, auth);
+  },
+  releaseBudgetLease: (req) => {
+    calls.release++;
+    return client.releaseBudgetLease(req, auth);
+  },
+};
+
+let orgs = 0;
+async function principalWith(budgets: { org?: bigint; key?: bigint }): Promise<Principal> {
+  const org = await client.createOrganization({ name: `budget-org-${++orgs}`, monthlyBudgetNanos: budgets.org ?? 0n }, auth);
+  const orgId = org.organization?.id as string;
+  const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: budgets.key ?? 0n } }, auth);
+  const keys = createKeyAuthorizer({
+    billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
+    watching: true,
+  });
+  return keys.authorize(key.secret);
+}
+
+function keeper(extra: Partial<BudgetKeeperOptions> = {}) {
+  const clock = { t: 1_000_000 };
+  const k = createBudgetKeeper({
+    billing,
+    holder: "gw-test",
+    leaseTtlSeconds: 300,
+    minLeaseNanos: 1_000n,
+    exhaustedBackoffMs: 1_000,
+    maintenanceIntervalMs: 60_000,
+    now: () => clock.t,
+    ...extra,
+  });
+  return { keeper: k, clock };
+}
+
+const leasesOf = async (scopeId: string) =>
+  (
+    await db.pool.query<{ granted_nanos: string; spent_nanos: string | null; released_at: Date | null }>(
+      `SELECT granted_nanos, spent_nanos, released_at FROM budget_leases
+       WHERE (scope = 'organization' AND org_id = $1) OR (scope = 'api_key' AND api_key_id = $1) ORDER BY id`,
+      [scopeId],
+    )
+  ).rows.map((r) => ({ granted: BigInt(r.granted_nanos), spent: r.spent_nanos === null ? null : BigInt(r.spent_nanos) }));
+
+const refusal = (p: Promise<unknown>) =>
+  p.then(
+    () => {
+      throw new Error("expected a refusal");
+    },
+    (e: unknown) => e as GatewayError,
+  );
+
+async function until(condition: () => boolean | Promise<boolean>, timeoutMs = 10_000): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
+  while (!(await condition())) {
+    if (performance.now() > deadline) throw new Error("condition not met in time");
+    await Bun.sleep(5);
+  }
+}
+
+describe("budget leases", () => {
+  test("reserves the maximum, settles the actual cost, and asks billing only when the lease runs low", async () => {
+    const principal = await principalWith({ org: 1_000_000n });
+    const { keeper: k, clock } = keeper({ minLeaseNanos: 10_000n });
+    const before = calls.acquire;
+    const r = await k.reserve(principal, 500n, 60_000);
+    expect(calls.acquire - before).toBe(1);
+    expect(k.snapshot().get(`organization:${principal.orgId}`)).toEqual({ leases: 1, grantedNanos: 10_000n, spentNanos: 0n, reservedNanos: 500n });
+    r.settle(120n);
+    r.settle(999n); // settling twice changes nothing
+    expect(k.snapshot().get(`organization:${principal.orgId}`)).toMatchObject({ spentNanos: 120n, reservedNanos: 0n });
+
+    // More requests fit in the lease without a round trip (while it stays above its renewal mark).
+    for (let i = 0; i < 8; i++) {
+      (await k.reserve(principal, 500n, 60_000)).settle(500n);
+      clock.t += 1_000;
+    }
+    expect(calls.acquire - before).toBe(1);
+    await k.close();
+    expect(await leasesOf(principal.orgId)).toEqual([{ granted: 10_000n, spent: 120n + 8n * 500n }]);
+  });
+
+  test("unlimited principals reserve nothing and never call billing", async () => {
+    const principal = await principalWith({});
+    const { keeper: k } = keeper();
+    const before = calls.acquire;
+    (await k.reserve(principal, 10n ** 12n, 60_000)).settle(10n ** 12n);
+    expect(calls.acquire).toBe(before);
+    expect(k.snapshot().size).toBe(0);
+    await k.close();
+  });
+
+  test("an exhausted budget is a 429 insufficient_quota, and billing is not asked again for a while", async () => {
+    const principal = await principalWith({ key: 1_000n });
+    const { keeper: k, clock } = keeper({ minLeaseNanos: 400n });
+    const held = await k.reserve(principal, 400n, 60_000);
+    const second = await k.reserve(principal, 400n, 60_000);
+    const before = calls.acquire;
+    const e = await refusal(k.reserve(principal, 400n, 60_000));
+    expect([e.status, e.type, e.code, e.retryAfterS]).toEqual([429, "insufficient_quota", "insufficient_quota", 1]);
+    expect(calls.acquire - before).toBe(1);
+    // Within the backoff, refusals are local.
+    for (let i = 0; i < 10; i++) await refusal(k.reserve(principal, 400n, 60_000));
+    expect(calls.acquire - before).toBe(1);
+    // What is left still serves a request small enough.
+    (await k.reserve(principal, 200n, 60_000)).settle(200n);
+
+    // Spending less than reserved returns money: after the backoff, billing is asked again.
+    held.settle(100n);
+    second.settle(100n);
+    clock.t += 1_000;
+    (await k.reserve(principal, 400n, 60_000)).settle(400n);
+    await k.close();
+    const leases = await leasesOf(principal.apiKeyId);
+    const spent = leases.reduce((sum, l) => sum + (l.spent ?? 0n), 0n);
+    expect(spent).toBe(800n);
+  });
+
+  test("a lease running low is renewed in the background, sized by the recent spend rate", async () => {
+    const principal = await principalWith({ org: 10n ** 12n });
+    const { keeper: k, clock } = keeper({ minLeaseNanos: 10_000n, leaseHorizonSeconds: 60 });
+    const scope = `organization:${principal.orgId}`;
+    // 100 nano-USD per 100 ms: 1,000 nano-USD a second.
+    for (let i = 0; i < 95; i++) {
+      (await k.reserve(principal, 100n, 60_000)).settle(100n);
+      clock.t += 100;
+    }
+    // Below its low-water mark the scope asked for more in the background; no reservation waited for it.
+    await until(async () => (await leasesOf(principal.orgId)).length > 1);
+    const leases = await leasesOf(principal.orgId);
+    const last = leases.at(-1)?.granted as bigint;
+    // About 60 s of ~1,000/s spend (decayed average), far above the minimum lease.
+    expect(last).toBeGreaterThan(20_000n);
+    expect(last).toBeLessThan(80_000n);
+    expect(k.snapshot().get(scope)?.spentNanos).toBeGreaterThan(0n);
+    await k.close();
+  });
+
+  test("both org and key budgets are charged; the tighter one decides", async () => {
+    const principal = await principalWith({ org: 5_000n, key: 1_000n });
+    const { keeper: k } = keeper({ minLeaseNanos: 300n });
+    const a = await k.reserve(principal, 600n, 60_000);
+    expect((await refusal(k.reserve(principal, 600n, 60_000))).code).toBe("insufficient_quota");
+    a.settle(600n);
+    await k.close();
+    const spent = (leases: { spent: bigint | null }[]) => leases.reduce((sum, l) => sum + (l.spent ?? 0n), 0n);
+    expect(spent(await leasesOf(principal.apiKeyId))).toBe(600n);
+    expect(spent(await leasesOf(principal.orgId))).toBe(600n);
+  });
+
+  test("a cost above the reservation is charged in full, so the overshoot is visible to billing", async () => {
+    const principal = await principalWith({ key: 1_000n });
+    const { keeper: k } = keeper({ minLeaseNanos: 1_000n });
+    (await k.reserve(principal, 900n, 60_000)).settle(1_100n);
+    await k.close();
+    expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 1_000n, spent: 1_100n }]);
+  });
+
+  test("leases too close to expiry for a request's time limit are not used for it", async () => {
+    const principal = await principalWith({ org: 10n ** 9n });
+    const { keeper: k, clock } = keeper({ leaseTtlSeconds: 120, minLeaseNanos: 10_000n, settleMarginMs: 5_000 });
+    (await k.reserve(principal, 100n, 10_000)).settle(100n);
+    const before = calls.acquire;
+    clock.t += 100_000;
+    // 100 s into a 120 s lease: a request that may take 10 s still fits, one that may take 30 s needs a new lease.
+    (await k.reserve(principal, 100n, 10_000)).settle(100n);
+    expect(calls.acquire).toBe(before);
+    (await k.reserve(principal, 100n, 30_000)).settle(100n);
+    expect(calls.acquire - before).toBe(1);
+    // The old lease, idle, went back to billing before the new one was asked for.
+    expect(k.snapshot().get(`organization:${principal.orgId}`)?.leases).toBe(1);
+    expect((await leasesOf(principal.orgId))[0]).toEqual({ granted: 10_000n, spent: 200n });
+    await k.close();
+  });
+
+  test("idle leases go back to billing with what was spent", async () => {
+    const principal = await principalWith({ org: 10n ** 9n });
+    const { keeper: k, clock } = keeper({ idleReleaseMs: 5_000, maintenanceIntervalMs: 10 });
+    (await k.reserve(principal, 100n, 10_000)).settle(70n);
+    clock.t += 5_000;
+    await until(() => k.snapshot().get(`organization:${principal.orgId}`) === undefined);
+    await until(async () => (await leasesOf(principal.orgId))[0]?.spent !== null);
+    expect(await leasesOf(principal.orgId)).toEqual([{ granted: 1_000n, spent: 70n }]);
+    await k.close();
+  });
+
+  test("a revoked key's budget cannot be leased: 401", async () => {
+    const principal = await principalWith({ key: 1_000n });
+    await client.revokeApiKey({ apiKeyId: principal.apiKeyId }, auth);
+    const { keeper: k } = keeper();
+    expect((await refusal(k.reserve(principal, 10n, 60_000))).status).toBe(401);
+    await k.close();
+  });
+
+  test("two replicas racing for one budget never hold or spend more than it", async () => {
+    const cost = 700n;
+    const budget = cost * 20n;
+    const principal = await principalWith({ key: budget });
+    const replicas = [keeper({ holder: "gw-a", minLeaseNanos: cost * 3n }), keeper({ holder: "gw-b", minLeaseNanos: cost * 3n })];
+    const results = await Promise.all(
+      Array.from({ length: 200 }, async (_, i) => {
+        const k = (replicas[i % 2] as (typeof replicas)[number]).keeper;
+        try {
+          const r = await k.reserve(principal, cost, 60_000);
+          await Bun.sleep(1);
+          r.settle(cost);
+          return true;
+        } catch (e) {
+          expect((e as GatewayError).code).toBe("insufficient_quota");
+          return false;
+        }
+      }),
+    );
+    const served = results.filter(Boolean).length;
+    await Promise.all(replicas.map((r) => r.keeper.close()));
+    const leases = await leasesOf(principal.apiKeyId);
+    const spent = leases.reduce((sum, l) => sum + (l.spent ?? 0n), 0n);
+    expect(BigInt(served) * cost).toBe(spent);
+    expect(spent).toBeLessThanOrEqual(budget);
+    expect(served).toBeLessThanOrEqual(20);
+    // Every request that fit was served once billing had the leases back: nothing is stranded for long.
+    expect(served).toBeGreaterThanOrEqual(14);
+  });
+});
+
+describe("maximum cost of a request", () => {
+  const price = { inputMicros: 2_500_000n, cachedInputMicros: 1_250_000n, outputMicros: 10_000_000n, reasoningMicros: 10_000_000n };
+
+  test("input is bounded by UTF-8 bytes plus framing, never below the token count", () => {
+    const messages = [
+      { role: "system" as const, content: "be brief" },
+      { role: "user" as const, content: "héllo wörld, 你好" },
+      { role: "user" as const, content: [{ type: "text" as const, text: "part" }, { type: "image_url" as const, image_url: { url: "data:," } }] },
+    ];
+    const bound = maxInputTokens({ messages });
+    expect(bound).toBeGreaterThanOrEqual(approxInputTokens(messages));
+    expect(bound).toBe(3 + (8 + 6 + 8) + (8 + 4 + 21) + (8 + 4 + 4 + 40_000));
+    expect(maxInputTokens({ messages, tools: [{ type: "function", function: { name: "f" } }] })).toBe(
+      bound + JSON.stringify([{ type: "function", function: { name: "f" } }]).length + 32,
+    );
+  });
+
+  test("output is max_completion_tokens, else max_tokens, else the cap, times n", () => {
+    expect(maxOutputTokens({ max_completion_tokens: 10, max_tokens: 99, n: 3 }, 4096)).toBe(30);
+    expect(maxOutputTokens({ max_tokens: 99 }, 4096)).toBe(99);
+    expect(maxOutputTokens({}, 4096)).toBe(4096);
+  });
+
+  test("cost prices every token at the dearest rate of its kind", () => {
+    const request = { messages: [{ role: "user" as const, content: "abcd" }], max_tokens: 10 };
+    const bound = maxChatCostNanos(request, price, 4096);
+    const input = maxInputTokens(request);
+    expect(bound).toBe(costNanos({ inputTokens: BigInt(input), cachedInputTokens: 0n, outputTokens: 10n, reasoningTokens: 0n }, price));
+    const dearReasoning = { ...price, reasoningMicros: 40_000_000n };
+    expect(maxChatCostNanos(request, dearReasoning, 4096)).toBeGreaterThan(bound);
+  });
+});

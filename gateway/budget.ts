@@ -1,0 +1,521 @@
+import type { Client } from "@connectrpc/connect";
+import { Code, ConnectError } from "@connectrpc/connect";
+import type { ChatCompletionMessageParam } from "openai/resources/chat/completions";
+import { Counter, type Registry } from "prom-client";
+import { type BillingService, BudgetScope } from "../gen/billing/v1/billing_pb.ts";
+import type { Logger } from "../lib/log.ts";
+import { costNanos, type Price } from "../lib/money.ts";
+import type { Principal } from "./auth.ts";
+import { insufficientQuota, serviceUnavailable, unauthorized } from "./errors.ts";
+import type { ChatRequest } from "./providers/provider.ts";
+
+/**
+ * Budget enforcement through billing's leases (DESIGN.md section 5), with no billing round trip on
+ * the request path while a lease has room.
+ *
+ * For every budget a request draws on (its org's and its key's, whichever are set) the gateway holds
+ * leases: slices of the remaining monthly budget that billing granted atomically, so all replicas
+ * together never hold more than the budget. Before calling upstream, a request reserves the most it
+ * can cost (`maxChatCostNanos`) against every such budget; when it ends it settles at its actual cost
+ * and the difference returns to the lease. A scope whose leases run low is topped up in the
+ * background, sized by its recent spend rate; drained, idle or soon-expiring leases are released to
+ * billing with what was spent from them, and every lease is released on shutdown.
+ *
+ * Overshoot bound: a budget's settled spend can exceed it only by the sum over requests of
+ * max(0, actual cost - reserved maximum). Concurrency adds nothing: a reservation is taken from
+ * granted lease money before the upstream is called, and grants never exceed the budget. The
+ * reserved maximum is input tokens bounded by the prompt's UTF-8 bytes (byte-level BPE never
+ * yields more tokens than bytes) plus framing, a fixed 40,000 tokens per image, and output of
+ * max_completion_tokens / max_tokens (or the model's configured cap) times n, each at the dearest
+ * price of its kind. So overshoot happens only when an upstream bills more output than the cap it
+ * was given (ignores max_tokens, or the client set none and the reply outgrew the configured cap),
+ * or an image costs more than 40,000 tokens.
+ */
+
+export interface Reservation {
+  /** Charges the actual cost and returns the rest to the lease; only the first call counts. */
+  settle(costNanos: bigint): void;
+}
+
+export interface BudgetKeeper {
+  /**
+   * Reserves `maxCostNanos` against every budget of the principal for at most `holdMs`; throws a 429
+   * (insufficient_quota) when a budget cannot cover it, or 503 when billing cannot be asked.
+   */
+  reserve(principal: Principal, maxCostNanos: bigint, holdMs: number): Promise<Reservation>;
+  /** Stops background work and releases every lease to billing, reporting what was spent. */
+  close(): Promise<void>;
+  /** Local accounting per scope ("organization:<id>" or "api_key:<id>"), for tests and debugging. */
+  snapshot(): Map<string, ScopeSnapshot>;
+}
+
+export interface ScopeSnapshot {
+  leases: number;
+  grantedNanos: bigint;
+  spentNanos: bigint;
+  reservedNanos: bigint;
+}
+
+export interface BudgetKeeperOptions {
+  billing: Pick<Client<typeof BillingService>, "acquireBudgetLease" | "releaseBudgetLease">;
+  /** This replica's name in billing's lease table. */
+  holder: string;
+  /** Lifetime asked for each lease; must exceed the longest request plus `settleMarginMs`. */
+  leaseTtlSeconds: number;
+  /** A new lease covers about this many seconds of the scope's recent spend. */
+  leaseHorizonSeconds?: number;
+  /** Smallest lease asked for. */
+  minLeaseNanos?: bigint;
+  /** Largest lease asked for (unless one request needs more). */
+  maxLeaseNanos?: bigint;
+  /** A scope billing reported exhausted is not asked again for this long. */
+  exhaustedBackoffMs?: number;
+  /** Leases untouched this long go back to billing. */
+  idleReleaseMs?: number;
+  /** Time a reservation needs after its request's deadline to be settled. */
+  settleMarginMs?: number;
+  /** How often leases are checked for renewal and release. */
+  maintenanceIntervalMs?: number;
+  /** Epoch ms. */
+  now?: () => number;
+  log?: Logger;
+  registry?: Registry;
+}
+
+interface Lease {
+  id: string;
+  granted: bigint;
+  spent: bigint;
+  reserved: bigint;
+  /** Epoch ms, from our own clock when we asked, so clock skew can only shorten it. */
+  expiresAt: number;
+  lastUsed: number;
+}
+
+interface Scope {
+  key: string;
+  kind: BudgetScope;
+  id: string;
+  leases: Lease[];
+  acquiring: Promise<void> | undefined;
+  exhaustedUntil: number;
+  /** Exponentially decayed sum of settled spend, for the spend rate. */
+  decayedSpend: number;
+  decayedAt: number;
+  /** First settled spend, so a young scope's rate is not diluted by time before it existed. */
+  firstSpendAt: number | undefined;
+  /** Unleased budget billing reported with its last grant; null when unknown or unlimited. */
+  remaining: bigint | null;
+  lastUsed: number;
+  /** Longest hold asked for lately: leases that can no longer serve one go back to billing. */
+  maxHoldMs: number;
+  /** Requests waiting for this scope's next grant. */
+  waiters: number;
+}
+
+interface Part {
+  lease: Lease;
+  amount: bigint;
+}
+
+const rateTimeConstantMs = 30_000;
+const settled: Reservation = { settle() {} };
+
+export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
+  const { billing, holder, log } = options;
+  const ttlMs = options.leaseTtlSeconds * 1000;
+  const horizonS = options.leaseHorizonSeconds ?? 60;
+  const minLease = options.minLeaseNanos ?? 1_000_000n;
+  const maxLease = options.maxLeaseNanos ?? 10_000_000_000n;
+  const exhaustedBackoffMs = options.exhaustedBackoffMs ?? 1_000;
+  const idleReleaseMs = options.idleReleaseMs ?? 30_000;
+  const marginMs = options.settleMarginMs ?? 5_000;
+  const now = options.now ?? Date.now;
+  const scopes = new Map<string, Scope>();
+  const scopesOfPrincipal = new WeakMap<Principal, Scope[]>();
+  const releasing = new Set<Promise<void>>();
+  let closed = false;
+  const instruments = options.registry ? createInstruments(options.registry) : undefined;
+
+  const scopeFor = (kind: BudgetScope, id: string): Scope => {
+    const key = `${kind === BudgetScope.ORGANIZATION ? "organization" : "api_key"}:${id}`;
+    let scope = scopes.get(key);
+    if (!scope) {
+      const t = now();
+      scope = {
+        key,
+        kind,
+        id,
+        leases: [],
+        acquiring: undefined,
+        exhaustedUntil: 0,
+        decayedSpend: 0,
+        decayedAt: t,
+        firstSpendAt: undefined,
+        remaining: null,
+        lastUsed: t,
+        maxHoldMs: 0,
+        waiters: 0,
+      };
+      scopes.set(key, scope);
+    }
+    return scope;
+  };
+
+  const scopesOf = (principal: Principal): Scope[] => {
+    let list = scopesOfPrincipal.get(principal);
+    if (!list) {
+      list = [];
+      if ((principal.grant.organization?.monthlyBudgetNanos ?? 0n) > 0n) list.push(scopeFor(BudgetScope.ORGANIZATION, principal.orgId));
+      if ((principal.grant.apiKey?.limits?.monthlyBudgetNanos ?? 0n) > 0n) list.push(scopeFor(BudgetScope.API_KEY, principal.apiKeyId));
+      scopesOfPrincipal.set(principal, list);
+    }
+    // Scopes dropped by the maintenance sweep come back on use.
+    for (let i = 0; i < list.length; i++) {
+      const s = list[i] as Scope;
+      if (scopes.get(s.key) !== s) list[i] = scopeFor(s.kind, s.id);
+    }
+    return list;
+  };
+
+  const free = (lease: Lease) => {
+    const left = lease.granted - lease.spent - lease.reserved;
+    return left > 0n ? left : 0n;
+  };
+
+  /** Unreserved lease money usable by a reservation that must settle before `until`. */
+  const available = (scope: Scope, until: number) => {
+    let sum = 0n;
+    for (const lease of scope.leases) if (lease.expiresAt >= until) sum += free(lease);
+    return sum;
+  };
+
+  /** Nano-USD per second: an exponentially weighted average over about half a minute. */
+  const spendRate = (scope: Scope, t: number) => {
+    if (scope.firstSpendAt === undefined) return 0;
+    const decayed = scope.decayedSpend * Math.exp(-(t - scope.decayedAt) / rateTimeConstantMs);
+    // Weight of the time observed so far, at least a second so one early request is not a huge rate.
+    const observedMs = Math.max(1_000, t - scope.firstSpendAt);
+    return decayed / ((rateTimeConstantMs / 1000) * (1 - Math.exp(-observedMs / rateTimeConstantMs)));
+  };
+
+  const leaseSize = (scope: Scope, shortfall: bigint): bigint => {
+    let size = BigInt(Math.ceil(spendRate(scope, now()) * horizonS));
+    if (size < minLease) size = minLease;
+    // A burst of waiters is served by one grant rather than one round trip each.
+    const burst = shortfall * BigInt(Math.max(1, scope.waiters));
+    if (size < burst) size = burst;
+    if (size > maxLease) size = maxLease;
+    // Leave other replicas room: at most half of what billing last said was left.
+    if (scope.remaining !== null && scope.remaining > 0n && size > scope.remaining / 2n) size = scope.remaining / 2n;
+    return size > shortfall ? size : shortfall;
+  };
+
+  const release = (scope: Scope, lease: Lease, spentNanos = lease.spent): Promise<void> => {
+    const i = scope.leases.indexOf(lease);
+    if (i >= 0) scope.leases.splice(i, 1);
+    const done = (async () => {
+      for (let attempt = 0; attempt < 5; attempt++) {
+        try {
+          await billing.releaseBudgetLease({ leaseId: lease.id, spentNanos });
+          instruments?.leases.inc({ outcome: "released" });
+          return;
+        } catch (e) {
+          const code = ConnectError.from(e).code;
+          // Unknown to billing: nothing to give back.
+          if (code === Code.NotFound) return;
+          if (attempt === 4 || closed) {
+            // Billing frees it at expiry; the spend still reaches it as usage records.
+            log?.warn("budget lease release failed", { lease_id: lease.id, err: ConnectError.from(e).rawMessage });
+            return;
+          }
+          await Bun.sleep(200 * 2 ** attempt);
+        }
+      }
+    })();
+    releasing.add(done);
+    void done.finally(() => releasing.delete(done));
+    return done;
+  };
+
+  /**
+   * Asks billing for `size()` more; resolves once the grant (or nothing) is in `scope.leases`. With
+   * `returnIdle`, leases no request is using go back first, so billing can grant their rest in one piece.
+   */
+  const acquire = (scope: Scope, size: () => bigint, returnIdle = false): Promise<void> => {
+    if (scope.acquiring) return scope.acquiring;
+    const acquiring = (async () => {
+      if (returnIdle) await Promise.all(scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease)));
+      const requestedNanos = size();
+      const asked = now();
+      try {
+        const res = await billing.acquireBudgetLease({
+          scope: scope.kind,
+          scopeId: scope.id,
+          holder,
+          requestedNanos,
+          ttlSeconds: options.leaseTtlSeconds,
+        });
+        scope.remaining = res.remainingNanos >= 0n ? res.remainingNanos : null;
+        if (res.grantedNanos > 0n && res.leaseId) {
+          scope.leases.push({ id: res.leaseId, granted: res.grantedNanos, spent: 0n, reserved: 0n, expiresAt: asked + ttlMs, lastUsed: now() });
+          instruments?.leases.inc({ outcome: res.grantedNanos < requestedNanos ? "partial" : "granted" });
+          instruments?.granted.inc(Number(res.grantedNanos) / 1e9);
+        } else {
+          instruments?.leases.inc({ outcome: "exhausted" });
+        }
+        if (res.grantedNanos < requestedNanos && res.remainingNanos === 0n) scope.exhaustedUntil = now() + exhaustedBackoffMs;
+      } catch (e) {
+        instruments?.leases.inc({ outcome: "error" });
+        const err = ConnectError.from(e);
+        if (err.code === Code.FailedPrecondition || err.code === Code.NotFound) {
+          throw unauthorized("This API key has been revoked or has expired.", "invalid_api_key");
+        }
+        log?.warn("budget lease request failed", { scope: scope.key, code: Code[err.code], err: err.rawMessage });
+        throw serviceUnavailable("Budgets cannot be checked right now; retry shortly.", "budget_unavailable");
+      } finally {
+        scope.acquiring = undefined;
+      }
+    })();
+    scope.acquiring = acquiring;
+    return acquiring;
+  };
+
+  /** Tops a scope up in the background when its room falls under about a few seconds of spend. */
+  const renewIfLow = (scope: Scope, until: number, lastCost: bigint) => {
+    if (closed || scope.acquiring || now() < scope.exhaustedUntil) return;
+    const room = available(scope, until);
+    let low = BigInt(Math.ceil(spendRate(scope, now()) * Math.min(10, horizonS / 4)));
+    if (low < lastCost * 2n) low = lastCost * 2n;
+    if (room >= low) return;
+    acquire(scope, () => leaseSize(scope, 0n)).catch(() => {});
+  };
+
+  const take = (scope: Scope, amount: bigint, until: number, t: number): Part[] => {
+    const parts: Part[] = [];
+    let left = amount;
+    // Oldest first, so older leases drain and go back to billing.
+    for (const lease of scope.leases) {
+      if (left === 0n) break;
+      if (lease.expiresAt < until) continue;
+      const room = free(lease);
+      if (room === 0n) continue;
+      const part = room < left ? room : left;
+      lease.reserved += part;
+      lease.lastUsed = t;
+      parts.push({ lease, amount: part });
+      left -= part;
+    }
+    scope.lastUsed = t;
+    return parts;
+  };
+
+  const settleScope = (scope: Scope, reserved: Part[], cost: bigint) => {
+    let parts = reserved;
+    const t = now();
+    let left = cost;
+    if (parts.length === 0 && cost > 0n) {
+      // Reserved nothing (a free model that turned out not to be): charge the newest lease.
+      const newest = scope.leases.at(-1);
+      if (newest) parts = [{ lease: newest, amount: 0n }];
+    }
+    for (let i = 0; i < parts.length; i++) {
+      const { lease, amount } = parts[i] as Part;
+      // Actual cost fills the parts in order; anything beyond the reservation lands on the last.
+      const charge = i === parts.length - 1 ? left : left < amount ? left : amount;
+      lease.reserved -= amount;
+      lease.spent += charge;
+      lease.lastUsed = t;
+      left -= charge;
+      if (lease.reserved === 0n && free(lease) === 0n && scope.leases.includes(lease)) void release(scope, lease);
+    }
+    const c = Number(cost);
+    scope.firstSpendAt ??= t;
+    scope.decayedSpend = scope.decayedSpend * Math.exp(-(t - scope.decayedAt) / rateTimeConstantMs) + c;
+    scope.decayedAt = t;
+  };
+
+  const maintain = () => {
+    const t = now();
+    for (const scope of scopes.values()) {
+      for (const lease of [...scope.leases]) {
+        if (lease.reserved !== 0n) continue;
+        // Too close to expiry for the next request, or idle: let other replicas have it.
+        if (lease.expiresAt < t + scope.maxHoldMs + marginMs * 2 || t - lease.lastUsed >= idleReleaseMs) void release(scope, lease);
+      }
+      if (scope.leases.length === 0 && !scope.acquiring && t - scope.lastUsed >= idleReleaseMs) scopes.delete(scope.key);
+    }
+  };
+  const timer = setInterval(maintain, options.maintenanceIntervalMs ?? 1_000);
+  timer.unref?.();
+
+  return {
+    async reserve(principal, maxCostNanos, holdMs) {
+      const list = scopesOf(principal);
+      if (list.length === 0) return settled;
+      if (closed) throw serviceUnavailable("The gateway is shutting down.", "budget_unavailable");
+      const amount = maxCostNanos > 0n ? maxCostNanos : 0n;
+      for (const scope of list) if (holdMs > scope.maxHoldMs) scope.maxHoldMs = holdMs;
+      for (let round = 0; ; round++) {
+        const t = now();
+        const until = t + holdMs + marginMs;
+        let short: Scope | undefined;
+        for (const scope of list) {
+          if (available(scope, until) < amount) {
+            short = scope;
+            break;
+          }
+        }
+        if (!short) {
+          const taken = list.map((scope) => ({ scope, parts: take(scope, amount, until, t) }));
+          for (const scope of list) renewIfLow(scope, until, amount);
+          let done = false;
+          return {
+            settle(cost) {
+              if (done) return;
+              done = true;
+              for (const { scope, parts } of taken) settleScope(scope, parts, cost);
+            },
+          };
+        }
+        // Billing said it has less than was asked: the budget is spent. (The round cap only stops pathological loops.)
+        if (t < short.exhaustedUntil || round >= 10) {
+          instruments?.rejected.inc();
+          throw insufficientQuota(
+            `This request may cost up to ${formatUsd(amount)} and the ${short.kind === BudgetScope.ORGANIZATION ? "organization's" : "API key's"} monthly budget has less than that left.`,
+            Math.max(1, Math.ceil(exhaustedBackoffMs / 1000)),
+          );
+        }
+        short.waiters++;
+        try {
+          const pending = short.acquiring;
+          // Leftovers too small for this request are returned before asking, or they would sit idle here.
+          if (pending) await pending.catch(() => {});
+          else await acquire(short, () => leaseSize(short, amount - available(short, until)), true);
+        } finally {
+          short.waiters--;
+        }
+      }
+    },
+
+    async close() {
+      closed = true;
+      clearInterval(timer);
+      await Promise.all([...scopes.values()].map((s) => s.acquiring?.catch(() => {})));
+      for (const scope of scopes.values()) {
+        // Reservations still open at shutdown are reported as spent: over-reporting only lowers later grants.
+        for (const lease of [...scope.leases]) void release(scope, lease, lease.spent + lease.reserved);
+      }
+      await Promise.all([...releasing]);
+    },
+
+    snapshot() {
+      const out = new Map<string, ScopeSnapshot>();
+      for (const scope of scopes.values()) {
+        const snap: ScopeSnapshot = { leases: scope.leases.length, grantedNanos: 0n, spentNanos: 0n, reservedNanos: 0n };
+        for (const lease of scope.leases) {
+          snap.grantedNanos += lease.granted;
+          snap.spentNanos += lease.spent;
+          snap.reservedNanos += lease.reserved;
+        }
+        out.set(scope.key, snap);
+      }
+      return out;
+    },
+  };
+}
+
+// Per-message framing tokens (OpenAI adds 3-4, plus one for a name) and the reply priming.
+const framingPerMessage = 8;
+const replyPriming = 3;
+// Images are priced by size and model; the largest OpenAI charges today (gpt-4o-mini, 6 tiles) is under this.
+const imageTokensBound = 40_000;
+// Tool definitions are rendered to the model in a form at most this much longer than their JSON.
+const framingPerTool = 32;
+
+/** An upper bound on a chat request's input tokens: UTF-8 bytes of everything the model reads. */
+export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" | "response_format">): number {
+  let tokens = replyPriming;
+  for (const m of request.messages as readonly ChatCompletionMessageParam[]) {
+    tokens += framingPerMessage + Buffer.byteLength(m.role);
+    if ("name" in m && typeof m.name === "string") tokens += Buffer.byteLength(m.name);
+    const content = m.content;
+    if (typeof content === "string") tokens += Buffer.byteLength(content);
+    else if (Array.isArray(content)) {
+      for (const part of content as readonly { type: string; text?: unknown }[]) {
+        if (part.type === "text" && typeof part.text === "string") tokens += Buffer.byteLength(part.text);
+        else if (part.type === "image_url") tokens += imageTokensBound;
+        else tokens += Buffer.byteLength(JSON.stringify(part));
+      }
+    }
+    if ("tool_calls" in m && m.tool_calls) tokens += Buffer.byteLength(JSON.stringify(m.tool_calls));
+    if ("tool_call_id" in m && typeof m.tool_call_id === "string") tokens += Buffer.byteLength(m.tool_call_id);
+  }
+  if (request.tools && request.tools.length > 0) {
+    tokens += Buffer.byteLength(JSON.stringify(request.tools)) + framingPerTool * request.tools.length;
+  }
+  if (request.response_format) tokens += Buffer.byteLength(JSON.stringify(request.response_format));
+  return tokens;
+}
+
+/** The most output a chat request may produce: its max_completion_tokens or max_tokens (else `cap`) times n. */
+export function maxOutputTokens(request: Pick<ChatRequest, "max_completion_tokens" | "max_tokens" | "n">, cap: number): number {
+  const limit = request.max_completion_tokens ?? request.max_tokens ?? cap;
+  return limit * (request.n ?? 1);
+}
+
+/** The most a request of these token bounds can cost: every token at the dearest price of its kind. */
+export function maxCostNanos(inputTokens: number, outputTokens: number, price: Price): bigint {
+  const input = price.inputMicros > price.cachedInputMicros ? price.inputMicros : price.cachedInputMicros;
+  const output = price.outputMicros > price.reasoningMicros ? price.outputMicros : price.reasoningMicros;
+  return costNanos(
+    { inputTokens: BigInt(inputTokens), cachedInputTokens: 0n, outputTokens: BigInt(outputTokens), reasoningTokens: 0n },
+    { inputMicros: input, cachedInputMicros: input, outputMicros: output, reasoningMicros: output },
+  );
+}
+
+/** The most a chat request can cost; `cap` is the output budgeted when it sets no max_tokens. */
+export function maxChatCostNanos(
+  request: Pick<ChatRequest, "messages" | "tools" | "response_format" | "max_completion_tokens" | "max_tokens" | "n">,
+  price: Price,
+  cap: number,
+): bigint {
+  return maxCostNanos(maxInputTokens(request), maxOutputTokens(request, cap), price);
+}
+
+/** An upper bound on an embeddings request's input tokens: UTF-8 bytes of strings, lengths of token arrays. */
+export function maxEmbeddingInputTokens(input: string | readonly string[] | readonly number[] | readonly number[][]): number {
+  if (typeof input === "string") return Buffer.byteLength(input);
+  let tokens = 0;
+  for (const item of input) {
+    if (typeof item === "string") tokens += Buffer.byteLength(item);
+    else if (typeof item === "number") tokens += 1;
+    else tokens += item.length;
+  }
+  return tokens;
+}
+
+function formatUsd(nanos: bigint): string {
+  return `$${(Number(nanos) / 1e9).toFixed(6)}`;
+}
+
+function createInstruments(registry: Registry) {
+  return {
+    leases: new Counter({
+      name: "gateway_budget_lease_requests_total",
+      help: "Budget lease requests to billing and releases, by outcome.",
+      labelNames: ["outcome"] as const,
+      registers: [registry],
+    }),
+    granted: new Counter({
+      name: "gateway_budget_leased_usd_total",
+      help: "Budget granted to this replica by billing, in USD.",
+      registers: [registry],
+    }),
+    rejected: new Counter({
+      name: "gateway_budget_rejections_total",
+      help: "Requests refused because a budget could not cover their maximum cost.",
+      registers: [registry],
+    }),
+  };
+}

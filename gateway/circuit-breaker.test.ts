@@ -1,0 +1,101 @@
+import { describe, expect, test } from "bun:test";
+import { type BreakerState, createCircuitBreakers } from "./circuit-breaker.ts";
+
+function setup() {
+  const clock = { t: 1_000_000 };
+  const changes: [string, BreakerState][] = [];
+  const breakers = createCircuitBreakers({
+    failureThreshold: 3,
+    cooldownMs: 10_000,
+    maxCooldownMs: 25_000,
+    now: () => clock.t,
+    onChange: (target, state) => changes.push([target, state]),
+  });
+  return { breakers, clock, changes };
+}
+
+describe("circuit breakers", () => {
+  test("open after consecutive failures; a success in between resets the count", () => {
+    const { breakers, changes } = setup();
+    breakers.fail("a");
+    breakers.fail("a");
+    breakers.succeed("a");
+    breakers.fail("a");
+    breakers.fail("a");
+    expect(breakers.state("a")).toBe("closed");
+    expect(breakers.allow("a")).toBe(true);
+    breakers.fail("a");
+    expect(breakers.state("a")).toBe("open");
+    expect(breakers.allow("a")).toBe(false);
+    expect(breakers.waitMs("a")).toBe(10_000);
+    // Other targets are independent.
+    expect(breakers.allow("b")).toBe(true);
+    expect(changes).toEqual([["a", "open"]]);
+  });
+
+  test("after the cooldown one probe goes through; its success closes the breaker", () => {
+    const { breakers, clock, changes } = setup();
+    for (let i = 0; i < 3; i++) breakers.fail("a");
+    clock.t += 9_999;
+    expect(breakers.allow("a")).toBe(false);
+    clock.t += 1;
+    expect(breakers.state("a")).toBe("half-open");
+    expect(breakers.allow("a")).toBe(true);
+    // Only one probe at a time.
+    expect(breakers.allow("a")).toBe(false);
+    expect(breakers.allow("a")).toBe(false);
+    breakers.succeed("a");
+    expect(breakers.state("a")).toBe("closed");
+    expect(breakers.allow("a")).toBe(true);
+    expect(breakers.allow("a")).toBe(true);
+    expect(changes).toEqual([
+      ["a", "open"],
+      ["a", "half-open"],
+      ["a", "closed"],
+    ]);
+  });
+
+  test("a failed probe reopens with a doubled cooldown, capped", () => {
+    const { breakers, clock } = setup();
+    for (let i = 0; i < 3; i++) breakers.fail("a");
+    clock.t += 10_000;
+    expect(breakers.allow("a")).toBe(true);
+    breakers.fail("a");
+    expect(breakers.state("a")).toBe("open");
+    expect(breakers.waitMs("a")).toBe(20_000);
+    clock.t += 20_000;
+    expect(breakers.allow("a")).toBe(true);
+    breakers.fail("a");
+    expect(breakers.waitMs("a")).toBe(25_000);
+    clock.t += 25_000;
+    expect(breakers.allow("a")).toBe(true);
+    breakers.succeed("a");
+    // Closed again: the next trip starts from the base cooldown.
+    for (let i = 0; i < 3; i++) breakers.fail("a");
+    expect(breakers.waitMs("a")).toBe(10_000);
+  });
+
+  test("an abandoned probe frees the slot for another; late failures of old requests change nothing", () => {
+    const { breakers, clock } = setup();
+    for (let i = 0; i < 3; i++) breakers.fail("a");
+    breakers.fail("a"); // in flight before the breaker opened
+    expect(breakers.waitMs("a")).toBe(10_000);
+    clock.t += 10_000;
+    expect(breakers.allow("a")).toBe(true);
+    breakers.abandon("a");
+    expect(breakers.state("a")).toBe("half-open");
+    expect(breakers.allow("a")).toBe(true);
+    breakers.succeed("a");
+    expect(breakers.state("a")).toBe("closed");
+  });
+
+  test("Retry-After holds a target back without tripping the breaker", () => {
+    const { breakers, clock } = setup();
+    breakers.holdFor("a", 3_000);
+    expect(breakers.allow("a")).toBe(false);
+    expect(breakers.state("a")).toBe("closed");
+    expect(breakers.waitMs("a")).toBe(3_000);
+    clock.t += 3_000;
+    expect(breakers.allow("a")).toBe(true);
+  });
+});

@@ -1,0 +1,101 @@
+import { describe, expect, test } from "bun:test";
+import type { GatewayError } from "./errors.ts";
+import { createRateLimiter } from "./rate-limits.ts";
+
+function setup() {
+  // 12:00:00.250 on some day: 250 ms into a second.
+  const clock = { t: 1_750_000_000_250 };
+  const limiter = createRateLimiter({ now: () => clock.t, maxKeys: 3 });
+  return { clock, limiter };
+}
+
+const refused = (f: () => unknown): GatewayError => {
+  try {
+    f();
+  } catch (e) {
+    return e as GatewayError;
+  }
+  throw new Error("expected a 429");
+};
+
+describe("requests per minute", () => {
+  test("admits up to the limit in a sliding minute, then 429 until the oldest requests leave the window", () => {
+    const { clock, limiter } = setup();
+    const rpm = { requestsPerMinute: 3, tokensPerMinute: 0 };
+    limiter.admit("k", rpm, 0);
+    clock.t += 10_000;
+    limiter.admit("k", rpm, 0);
+    limiter.admit("k", rpm, 0);
+    const e = refused(() => limiter.admit("k", rpm, 0));
+    expect([e.status, e.type, e.code]).toEqual([429, "requests", "rate_limit_exceeded"]);
+    // The first request's second leaves the window 60 s after it began: 50 s from now, less the 250 ms into it.
+    expect(e.retryAfterS).toBe(50);
+    expect(e.message).toContain("limit 3");
+    // Other keys have their own windows.
+    limiter.admit("other", rpm, 0);
+
+    clock.t += 49_000;
+    expect(refused(() => limiter.admit("k", rpm, 0)).retryAfterS).toBe(1);
+    clock.t += 750;
+    limiter.admit("k", rpm, 0);
+    expect(refused(() => limiter.admit("k", rpm, 0)).retryAfterS).toBe(10);
+  });
+
+  test("unlimited keys are never tracked", () => {
+    const { limiter } = setup();
+    for (let i = 0; i < 1000; i++) limiter.admit("k", { requestsPerMinute: 0, tokensPerMinute: 0 }, 1e6);
+    expect(limiter.size()).toBe(0);
+  });
+});
+
+describe("tokens per minute", () => {
+  test("counts in-flight requests at their estimate and finished ones at actual usage", () => {
+    const { clock, limiter } = setup();
+    const tpm = { requestsPerMinute: 0, tokensPerMinute: 1000 };
+    const first = limiter.admit("k", tpm, 600);
+    // 600 held + 500 > 1000
+    const e = refused(() => limiter.admit("k", tpm, 500));
+    expect([e.status, e.type]).toEqual([429, "tokens"]);
+    expect(e.retryAfterS).toBe(60);
+    // Settling at the real (smaller) usage frees room.
+    first.settle(300);
+    first.settle(10_000); // only the first settlement counts
+    const second = limiter.admit("k", tpm, 500);
+    clock.t += 30_000;
+    second.settle(700); // 300 + 700 = 1000 in the window
+    expect(refused(() => limiter.admit("k", tpm, 1)).retryAfterS).toBe(30);
+    clock.t += 30_000;
+    // The first second of usage has left the window: 1000 - 300 + 1 fits.
+    limiter.admit("k", tpm, 1);
+  });
+
+  test("a request larger than the whole limit goes through an empty window only", () => {
+    const { clock, limiter } = setup();
+    const tpm = { requestsPerMinute: 0, tokensPerMinute: 1000 };
+    const big = limiter.admit("k", tpm, 5_000);
+    big.settle(4_000);
+    expect(refused(() => limiter.admit("k", tpm, 5_000)).retryAfterS).toBe(60);
+    clock.t += 60_000;
+    limiter.admit("k", tpm, 5_000);
+  });
+
+  test("both limits apply together; a refused request holds nothing", () => {
+    const { limiter } = setup();
+    const both = { requestsPerMinute: 2, tokensPerMinute: 100 };
+    limiter.admit("k", both, 90);
+    refused(() => limiter.admit("k", both, 20));
+    limiter.admit("k", both, 10);
+    expect(refused(() => limiter.admit("k", both, 0)).type).toBe("requests");
+  });
+
+  test("idle keys are dropped once too many are tracked", () => {
+    const { clock, limiter } = setup();
+    const rpm = { requestsPerMinute: 1, tokensPerMinute: 0 };
+    limiter.admit("a", rpm, 0);
+    limiter.admit("b", rpm, 0);
+    limiter.admit("c", rpm, 0);
+    clock.t += 60_000;
+    limiter.admit("d", rpm, 0);
+    expect(limiter.size()).toBe(1);
+  });
+});

@@ -1,0 +1,254 @@
+import { describe, expect, test } from "bun:test";
+import { create } from "@bufbuild/protobuf";
+import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
+import { createCircuitBreakers } from "./circuit-breaker.ts";
+import type { ModelRoute, Target } from "./config.ts";
+import type { Call } from "./core.ts";
+import type { GatewayError } from "./errors.ts";
+import type { CallOptions, Provider } from "./providers/provider.ts";
+import { UpstreamError } from "./providers/provider.ts";
+import { attemptOrder, createUpstreamRouter } from "./routing.ts";
+
+/** Park-Miller: a repeatable stream of numbers in [0, 1). */
+function seeded(seed = 42) {
+  let state = seed;
+  return () => {
+    state = (state * 48271) % 2147483647;
+    return (state - 1) / 2147483646;
+  };
+}
+
+type Script = (provider: string, options: CallOptions) => Promise<string>;
+
+function setup(targets: Target[], extra: Partial<ModelRoute> = {}, script: Script = async (p) => p) {
+  const clock = { t: 10_000 };
+  const sleeps: number[] = [];
+  const attempts: { provider: string; timeoutMs: number }[] = [];
+  const providers = new Map<string, Provider>();
+  for (const t of targets) providers.set(t.provider, { name: t.provider } as Provider);
+  const breakers = createCircuitBreakers({ failureThreshold: 3, cooldownMs: 5_000, now: () => clock.t });
+  const router = createUpstreamRouter({
+    providers,
+    breakers,
+    requestTimeoutMs: 60_000,
+    backoffBaseMs: 100,
+    backoffMaxMs: 1_000,
+    maxRetryAfterMs: 2_000,
+    random: () => 0.5,
+    tick: () => clock.t,
+    sleep: async (ms) => {
+      sleeps.push(ms);
+      clock.t += ms;
+    },
+  });
+  const route: ModelRoute = {
+    name: "m",
+    targets,
+    price: { inputMicros: 0n, cachedInputMicros: 0n, outputMicros: 0n, reasoningMicros: 0n },
+    pricing: { input: "0", cachedInput: "0", output: "0", reasoning: "0" },
+    timeoutMs: 30_000,
+    retries: 0,
+    ...extra,
+  };
+  const newCall = (signal?: AbortSignal): Call => ({
+    requestId: "req",
+    startMs: 0,
+    startTick: clock.t,
+    secret: undefined,
+    signal,
+    principal: undefined,
+    upstreamMs: 0,
+    metrics: create(RequestMetricsSchema),
+  });
+  const run = (call = newCall()) =>
+    router.run(call, route, (provider, _model, options) => {
+      attempts.push({ provider: provider.name, timeoutMs: options.timeoutMs });
+      return script(provider.name, options);
+    });
+  return { clock, sleeps, attempts, breakers, run, newCall };
+}
+
+const failure = (p: Promise<unknown>) =>
+  p.then(
+    () => {
+      throw new Error("expected a rejection");
+    },
+    (e: unknown) => e as GatewayError,
+  );
+
+const t = (provider: string, weight?: number, more: Partial<Target> = {}): Target => ({ provider, model: `${provider}-model`, weight, ...more });
+
+describe("weighted choice", () => {
+  test("first picks follow the weights; the rest keep config order; weight 0 is fallback only", () => {
+    const targets = [t("a", 70), t("b", 20), t("c", 10), t("d", 0)];
+    const random = seeded();
+    const firsts: Record<string, number> = { a: 0, b: 0, c: 0, d: 0 };
+    const n = 20_000;
+    for (let i = 0; i < n; i++) {
+      const order = attemptOrder(targets, random);
+      const first = order[0]?.provider as string;
+      firsts[first] = (firsts[first] ?? 0) + 1;
+      expect(order.map((x) => x.provider).filter((p) => p !== first)).toEqual(["a", "b", "c", "d"].filter((p) => p !== first));
+    }
+    expect(Math.abs((firsts.a as number) / n - 0.7)).toBeLessThan(0.015);
+    expect(Math.abs((firsts.b as number) / n - 0.2)).toBeLessThan(0.015);
+    expect(Math.abs((firsts.c as number) / n - 0.1)).toBeLessThan(0.015);
+    expect(firsts.d).toBe(0);
+  });
+
+  test("without weights the config order stands", () => {
+    const targets = [t("a"), t("b"), t("c")];
+    expect(attemptOrder(targets, () => 0.99)).toBe(targets);
+  });
+});
+
+describe("retries and fallback", () => {
+  test("transient failures are retried with exponential backoff and jitter, then fall back", async () => {
+    const { run, sleeps, attempts, newCall } = setup([t("a"), t("b")], { retries: 2 }, async (p) => {
+      if (p === "a") throw new UpstreamError("transient", "a answered 500", 500);
+      return "b served";
+    });
+    const call = newCall();
+    expect(await run(call)).toBe("b served");
+    expect(attempts.map((a) => a.provider)).toEqual(["a", "a", "a", "b"]);
+    // base * 2^retry * (0.5 + random / 2) with random = 0.5
+    expect(sleeps).toEqual([75, 150]);
+    expect(call.metrics).toMatchObject({ provider: "b", servedModel: "b-model", fallbackUsed: true, retries: 3 });
+  });
+
+  test("Retry-After is honoured when it is longer than the backoff", async () => {
+    let n = 0;
+    const { run, sleeps } = setup([t("a")], { retries: 2 }, async () => {
+      if (n++ < 2) throw new UpstreamError("transient", "a answered 429", 429, 1_500);
+      return "ok";
+    });
+    expect(await run()).toBe("ok");
+    expect(sleeps).toEqual([1_500, 1_500]);
+  });
+
+  test("a Retry-After longer than a request should wait falls back at once and holds the target back", async () => {
+    const { run, sleeps, attempts, breakers } = setup([t("a"), t("b")], { retries: 3 }, async (p) => {
+      if (p === "a") throw new UpstreamError("transient", "a answered 429", 429, 30_000);
+      return "b";
+    });
+    expect(await run()).toBe("b");
+    expect(sleeps).toEqual([]);
+    expect(breakers.state("a/a-model")).toBe("closed");
+    // The next request skips the held target.
+    expect(await run()).toBe("b");
+    expect(attempts.map((a) => a.provider)).toEqual(["a", "b", "b"]);
+  });
+
+  test("per-target retries and timeouts override the model's", async () => {
+    const { run, attempts } = setup([t("a", undefined, { retries: 0, timeoutMs: 250 }), t("b")], { retries: 4, timeoutMs: 9_000 }, async (p) => {
+      if (p === "a") throw new UpstreamError("timeout", "a timed out");
+      return "b";
+    });
+    expect(await run()).toBe("b");
+    expect(attempts).toEqual([
+      { provider: "a", timeoutMs: 250 },
+      { provider: "b", timeoutMs: 9_000 },
+    ]);
+  });
+
+  test("misconfigured targets are not retried; rejected requests are 400; cancelled ones 499", async () => {
+    const misconfigured = setup([t("a"), t("b")], { retries: 3 }, async (p) => {
+      if (p === "a") throw new UpstreamError("misconfigured", "a answered 401", 401);
+      return "b";
+    });
+    expect(await misconfigured.run()).toBe("b");
+    expect(misconfigured.attempts.map((a) => a.provider)).toEqual(["a", "b"]);
+
+    const rejected = setup([t("a"), t("b")], { retries: 3 }, async () => {
+      throw new UpstreamError("rejected", "a answered 400: bad tool schema", 400);
+    });
+    const bad = await failure(rejected.run());
+    expect([bad.status, bad.code]).toEqual([400, "upstream_rejected"]);
+    expect(rejected.attempts).toHaveLength(1);
+
+    const gone = setup([t("a"), t("b")], { retries: 3 }, async () => {
+      throw new UpstreamError("cancelled", "client went away");
+    });
+    expect((await failure(gone.run())).status).toBe(499);
+    expect(gone.attempts).toHaveLength(1);
+  });
+
+  test("when every target fails: 504 after timeouts, 429 with Retry-After after rate limits, else 502", async () => {
+    const timeouts = setup([t("a"), t("b")], {}, async () => {
+      throw new UpstreamError("timeout", "timed out");
+    });
+    expect((await failure(timeouts.run())).code).toBe("upstream_timeout");
+
+    const limited = setup([t("a")], {}, async () => {
+      throw new UpstreamError("transient", "a answered 429", 429, 1_200);
+    });
+    const e = await failure(limited.run());
+    expect([e.status, e.retryAfterS]).toEqual([429, 2]);
+
+    const broken = setup([t("a")], {}, async () => {
+      throw new Error("socket hang up");
+    });
+    expect((await failure(broken.run())).status).toBe(502);
+  });
+});
+
+describe("time limits", () => {
+  test("attempts get what is left of the request's limit; backoff never sleeps past it", async () => {
+    const s = setup([t("a")], { retries: 5, timeoutMs: 3_000, requestTimeoutMs: 4_000 }, async () => {
+      s.clock.t += 1_000;
+      throw new UpstreamError("transient", "a answered 503", 503);
+    });
+    const e = await failure(s.run());
+    // Out of time for another try, though not yet past the limit: the upstream's failure is the answer.
+    expect([e.status, e.code]).toEqual([502, "upstream_error"]);
+    // 1000 ms attempt + 75 + 1000 + 150 + 1000 = 3225; a 300 ms backoff and a try would not fit before 4000.
+    expect(s.attempts.map((a) => a.timeoutMs)).toEqual([3_000, 2_925, 1_775]);
+    expect(s.sleeps).toEqual([75, 150]);
+  });
+
+  test("a request that runs out of time is 504 request_timeout", async () => {
+    const s = setup([t("a"), t("b")], { retries: 1, timeoutMs: 3_000, requestTimeoutMs: 2_500 }, async (_p, options) => {
+      s.clock.t += Math.min(1_000, options.timeoutMs);
+      throw new UpstreamError(options.timeoutMs <= 1_000 ? "timeout" : "transient", "slow and failing");
+    });
+    const e = await failure(s.run());
+    expect([e.status, e.code, e.message]).toEqual([504, "request_timeout", "The request did not finish within the gateway's limit of 2500 ms."]);
+    expect(s.attempts).toEqual([
+      { provider: "a", timeoutMs: 2_500 },
+      { provider: "a", timeoutMs: 1_425 },
+      { provider: "b", timeoutMs: 425 },
+    ]);
+  });
+});
+
+describe("circuit breaker in routing", () => {
+  test("a failing target is skipped while open, probed after the cooldown, and closed by a good probe", async () => {
+    let aHealthy = false;
+    const s = setup([t("a"), t("b")], {}, async (p) => {
+      if (p === "a" && !aHealthy) throw new UpstreamError("transient", "a answered 500", 500);
+      return p;
+    });
+    for (let i = 0; i < 3; i++) expect(await s.run()).toBe("b");
+    expect(s.breakers.state("a/a-model")).toBe("open");
+    s.attempts.length = 0;
+    expect(await s.run()).toBe("b");
+    expect(s.attempts.map((a) => a.provider)).toEqual(["b"]);
+
+    s.clock.t += 5_000;
+    aHealthy = true;
+    expect(await s.run()).toBe("a");
+    expect(s.breakers.state("a/a-model")).toBe("closed");
+  });
+
+  test("every target open fails fast with 503 and a Retry-After", async () => {
+    const s = setup([t("a")], {}, async () => {
+      throw new UpstreamError("transient", "a answered 500", 500);
+    });
+    for (let i = 0; i < 3; i++) expect((await failure(s.run())).status).toBe(502);
+    s.attempts.length = 0;
+    s.clock.t += 1_000;
+    const e = await failure(s.run());
+    expect([e.status, e.code, e.retryAfterS]).toEqual([503, "upstream_unavailable", 4]);
+    expect(s.attempts).toHaveLength(0);
+  });
+});

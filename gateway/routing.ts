@@ -1,0 +1,207 @@
+import type { Logger } from "../lib/log.ts";
+import type { CircuitBreakers } from "./circuit-breaker.ts";
+import type { ModelRoute, Target } from "./config.ts";
+import type { Call } from "./core.ts";
+import {
+  cancelled,
+  invalidRequest,
+  requestTimeout,
+  upstreamFailed,
+  upstreamRateLimited,
+  upstreamTimeout,
+  upstreamUnavailable,
+} from "./errors.ts";
+import type { CallOptions, Provider } from "./providers/provider.ts";
+import { UpstreamError } from "./providers/provider.ts";
+
+/** One upstream attempt: send the request to `provider` as upstream `model`. */
+export type Attempt<T> = (provider: Provider, model: string, options: CallOptions) => Promise<T>;
+
+export interface UpstreamRouter {
+  /**
+   * Runs `attempt` against the route's targets: a weighted first choice, then the others in config order;
+   * transient failures are retried with backoff (honouring Retry-After), open circuit breakers are skipped,
+   * and no attempt outlives the request's time limit. Fills the call's routing metrics. Attempts get
+   * `signal` (the call's own by default).
+   */
+  run<T>(call: Call, route: ModelRoute, attempt: Attempt<T>, signal?: AbortSignal): Promise<T>;
+  /** performance.now() value after which the call is past its whole-request time limit. */
+  deadline(call: Call, route: ModelRoute): number;
+  /** The whole-request time limit of a route, in ms. */
+  limitMs(route: ModelRoute): number;
+}
+
+export interface RouterOptions {
+  providers: ReadonlyMap<string, Provider>;
+  breakers: CircuitBreakers;
+  /** Whole-request time limit of models that set none, in ms. */
+  requestTimeoutMs: number;
+  /** First retry waits about this long; each further retry twice as long. */
+  backoffBaseMs?: number;
+  /** Longest backoff between two attempts on one target. */
+  backoffMaxMs?: number;
+  /** A Retry-After longer than this moves on to the next target instead of waiting. */
+  maxRetryAfterMs?: number;
+  random?: () => number;
+  /** Monotonic ms, as performance.now(). */
+  tick?: () => number;
+  sleep?: (ms: number, signal?: AbortSignal) => Promise<void>;
+  log?: Logger;
+}
+
+/** Breaker key of a target: one upstream model at one provider. */
+export const targetKey = (target: Target) => `${target.provider}/${target.model}`;
+
+export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
+  const { providers, breakers, log } = options;
+  const backoffBaseMs = options.backoffBaseMs ?? 100;
+  const backoffMaxMs = options.backoffMaxMs ?? 2_000;
+  const maxRetryAfterMs = options.maxRetryAfterMs ?? 5_000;
+  const random = options.random ?? Math.random;
+  const tick = options.tick ?? (() => performance.now());
+  const sleep = options.sleep ?? abortableSleep;
+
+  const limitOf = (route: ModelRoute) => route.requestTimeoutMs ?? options.requestTimeoutMs;
+  const deadline = (call: Call, route: ModelRoute) => call.startTick + limitOf(route);
+
+  return {
+    deadline,
+    limitMs: limitOf,
+    async run(call, route, attempt, signal = call.signal) {
+      const m = call.metrics;
+      const end = deadline(call, route);
+      const limitMs = limitOf(route);
+      const order = attemptOrder(route.targets, random);
+      let attempts = 0;
+      let last: UpstreamError | undefined;
+      let skipped = 0;
+      let waitMs = Number.POSITIVE_INFINITY;
+      for (let t = 0; t < order.length; t++) {
+        const target = order[t] as Target;
+        const key = targetKey(target);
+        const provider = providers.get(target.provider) as Provider;
+        const retries = target.retries ?? route.retries;
+        for (let retry = 0; retry <= retries; retry++) {
+          if (!breakers.allow(key)) {
+            if (retry === 0) {
+              skipped++;
+              waitMs = Math.min(waitMs, breakers.waitMs(key));
+            }
+            break;
+          }
+          const remaining = end - tick();
+          if (remaining <= 0) {
+            breakers.abandon(key);
+            throw requestTimeout(limitMs);
+          }
+          m.provider = target.provider;
+          m.servedModel = target.model;
+          m.fallbackUsed = t > 0;
+          m.retries = attempts++;
+          const timeoutMs = Math.max(1, Math.min(target.timeoutMs ?? route.timeoutMs, Math.ceil(remaining)));
+          const sent = tick();
+          try {
+            const result = await attempt(provider, target.model, { signal, timeoutMs });
+            call.upstreamMs += tick() - sent;
+            breakers.succeed(key);
+            return result;
+          } catch (e) {
+            call.upstreamMs += tick() - sent;
+            last = e instanceof UpstreamError ? e : new UpstreamError("transient", `${target.provider}: ${String(e)}`);
+            if (last.failure === "cancelled" || call.signal?.aborted || signal?.aborted) {
+              breakers.abandon(key);
+              throw call.signal?.aborted || !signal?.aborted ? cancelled() : requestTimeout(limitMs);
+            }
+            if (last.failure === "rejected") {
+              // The upstream answered sensibly: the request, not the target, is at fault.
+              breakers.succeed(key);
+              throw invalidRequest(last.message, null, "upstream_rejected");
+            }
+            breakers.fail(key);
+            log?.warn("upstream attempt failed", { request_id: call.requestId, provider: target.provider, err: last.message });
+            if (last.failure === "misconfigured") break;
+            const hinted = last.retryAfterMs;
+            if (hinted !== undefined && hinted > maxRetryAfterMs) {
+              // Asked to stay away longer than a request should wait: let other requests skip it too.
+              breakers.holdFor(key, hinted);
+              break;
+            }
+            // Out of retries, or this failure tripped the breaker: no point waiting to try it again.
+            if (retry === retries || breakers.state(key) === "open") break;
+            const backoff = Math.min(backoffMaxMs, backoffBaseMs * 2 ** retry) * (0.5 + random() / 2);
+            const wait = Math.max(backoff, hinted ?? 0);
+            if (tick() + wait >= end) break;
+            try {
+              await sleep(wait, call.signal);
+            } catch {
+              throw cancelled();
+            }
+          }
+        }
+      }
+      if (!last && skipped > 0) {
+        throw upstreamUnavailable(`Every upstream of \`${route.name}\` is failing; retry later.`, Math.max(1, Math.ceil(waitMs / 1000)));
+      }
+      if (tick() >= end) throw requestTimeout(limitMs);
+      const message = `Every upstream of \`${route.name}\` failed; last: ${last?.message ?? "no target"}`;
+      if (last?.failure === "timeout") throw upstreamTimeout(message);
+      if (last?.status === 429) {
+        throw upstreamRateLimited(message, last.retryAfterMs === undefined ? undefined : Math.ceil(last.retryAfterMs / 1000));
+      }
+      throw upstreamFailed(message);
+    },
+  };
+}
+
+/**
+ * A stream whose whole-request time limit is enforced by `deadline` aborting its upstream: however the
+ * upstream then ends (failure or quiet end), the stream fails with 504 request_timeout.
+ */
+export async function* limitStream<T>(chunks: AsyncIterable<T>, deadline: AbortSignal, limitMs: number): AsyncGenerator<T> {
+  try {
+    for await (const chunk of chunks) {
+      if (deadline.aborted) break;
+      yield chunk;
+    }
+  } catch (e) {
+    if (!deadline.aborted) throw e;
+  }
+  if (deadline.aborted) throw requestTimeout(limitMs);
+}
+
+/**
+ * Targets in the order to try them: config order, or, when any target has a weight, a first pick
+ * at random in proportion to the weights and then the rest in config order.
+ */
+export function attemptOrder(targets: readonly Target[], random: () => number): readonly Target[] {
+  if (targets.length < 2) return targets;
+  let total = 0;
+  for (const t of targets) total += t.weight ?? 0;
+  if (total === 0) return targets;
+  let pick = random() * total;
+  let first = targets.length - 1;
+  for (let i = 0; i < targets.length; i++) {
+    pick -= targets[i]?.weight ?? 0;
+    if (pick < 0) {
+      first = i;
+      break;
+    }
+  }
+  if (first === 0) return targets;
+  return [targets[first] as Target, ...targets.filter((_, i) => i !== first)];
+}
+
+function abortableSleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason);
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal?.reason);
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}

@@ -1,0 +1,216 @@
+import { afterEach, describe, expect, test } from "bun:test";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
+import { hostname, tmpdir } from "node:os";
+import { join } from "node:path";
+import { create, fromBinary } from "@bufbuild/protobuf";
+import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
+import { type FileSpool, type FileSpoolOptions, openFileSpool } from "./spool-file.ts";
+import { createTestLogger } from "./testing.ts";
+
+const roots: string[] = [];
+const open: FileSpool[] = [];
+afterEach(() => {
+  for (const spool of open.splice(0)) spool.close();
+  for (const root of roots.splice(0)) rmSync(root, { recursive: true, force: true });
+});
+
+function newRoot(): string {
+  const root = mkdtempSync(join(tmpdir(), "spool-test-"));
+  roots.push(root);
+  return root;
+}
+
+function openSpool(root: string, options: Partial<FileSpoolOptions> = {}): FileSpool {
+  const spool = openFileSpool({ root, name: "gw-1", maxBytes: 1024 * 1024, fsync: "never", log: createTestLogger(), ...options });
+  open.push(spool);
+  return spool;
+}
+
+/** Closes a spool as a crash would leave it: files as written, lock still naming a dead process. */
+function abandon(spool: FileSpool) {
+  open.splice(open.indexOf(spool), 1);
+  spool.close();
+  writeFileSync(join(spool.dir, "LOCK"), JSON.stringify({ pid: deadPid, host: hostname(), started: null }));
+}
+
+const deadPid = (() => {
+  const proc = Bun.spawnSync(["true"]);
+  return proc.pid;
+})();
+
+const row = (i: number) => create(RequestMetricsSchema, { requestId: `req-${String(i).padStart(5, "0")}`, costNanos: BigInt(i) });
+const ids = (rows: Uint8Array[]) => rows.map((r) => fromBinary(RequestMetricsSchema, r).requestId);
+const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => row(from + i).requestId);
+const segmentFiles = (dir: string) => readdirSync(dir).filter((n) => n.endsWith(".seg")).sort();
+
+describe("file spool", () => {
+  test("appends, seals, reads back and acks; acked segments and finally the directory go away", () => {
+    const root = newRoot();
+    const spool = openSpool(root);
+    for (let i = 0; i < 25; i++) expect(spool.append(row(i))).toBe(true);
+    expect(spool.pendingRows).toBe(25);
+    const first = spool.seal(10);
+    const second = spool.seal(10);
+    const third = spool.seal(10);
+    expect(spool.seal(10)).toBeUndefined();
+    expect([first?.rows, second?.rows, third?.rows]).toEqual([10, 10, 5]);
+    expect(second!.sequence).toBe(first!.sequence + 1n);
+    expect([...spool.unacked()].map((b) => b.sequence)).toEqual([first!.sequence, second!.sequence, third!.sequence]);
+    expect(ids(spool.read(second!))).toEqual(range(10, 20));
+    expect(spool.rows).toBe(25);
+    expect(spool.bytes).toBeGreaterThan(25 * 9);
+
+    expect(spool.ack(second!.sequence)).toBe(true);
+    expect(spool.ack(second!.sequence)).toBe(false);
+    expect(spool.rows).toBe(15);
+    expect(spool.ack(first!.sequence)).toBe(true);
+    expect(spool.ack(third!.sequence)).toBe(true);
+    expect(spool.rows).toBe(0);
+    expect(segmentFiles(spool.dir)).toEqual([]);
+    spool.close();
+    expect(existsSync(spool.dir)).toBe(false);
+  });
+
+  test("a restart resends exactly what was not acked, under the same sequences, and keeps numbering upwards", () => {
+    const root = newRoot();
+    const before = openSpool(root);
+    for (let i = 0; i < 30; i++) before.append(row(i));
+    const a = before.seal(10)!;
+    const b = before.seal(10)!;
+    const c = before.seal(10)!;
+    before.ack(b.sequence);
+    for (let i = 30; i < 34; i++) before.append(row(i));
+    abandon(before);
+
+    const after = openSpool(root);
+    expect(after.recovery).toMatchObject({ rows: 24, tornRecords: 0, adoptedRows: 0 });
+    const batches = [...after.unacked()];
+    expect(batches.map((x) => x.sequence).slice(0, 2)).toEqual([a.sequence, c.sequence]);
+    expect(batches.every((x) => x.recovered)).toBe(true);
+    expect(batches.map((x) => ids(after.read(x)))).toEqual([range(0, 10), range(20, 30), range(30, 34)]);
+    // The unsealed tail was sealed at open under a new, higher sequence.
+    expect(batches[2]!.sequence).toBeGreaterThan(c.sequence);
+    after.append(row(99));
+    expect(after.seal(10)!.sequence).toBeGreaterThan(batches[2]!.sequence);
+    for (const x of batches) after.ack(x.sequence);
+    abandon(after);
+
+    const third = openSpool(root);
+    expect(ids(third.read([...third.unacked()][0]!))).toEqual([row(99).requestId]);
+    expect(third.recovery.rows).toBe(1);
+  });
+
+  test("a torn record at the tail is skipped; everything before it survives", () => {
+    const root = newRoot();
+    const spool = openSpool(root);
+    for (let i = 0; i < 5; i++) spool.append(row(i));
+    const sealed = spool.seal(10)!;
+    spool.append(row(5));
+    spool.append(row(6));
+    abandon(spool);
+    const [file] = segmentFiles(spool.dir);
+    const path = join(spool.dir, file!);
+    truncateSync(path, statSync(path).size - 3);
+
+    const after = openSpool(root);
+    expect(after.recovery.tornRecords).toBe(1);
+    const batches = [...after.unacked()];
+    expect(batches.map((x) => x.sequence)[0]).toBe(sealed.sequence);
+    expect(batches.map((x) => ids(after.read(x)))).toEqual([range(0, 5), range(5, 6)]);
+  });
+
+  test("a record whose bytes do not match its checksum ends the segment", () => {
+    const root = newRoot();
+    const spool = openSpool(root);
+    for (let i = 0; i < 3; i++) spool.append(row(i));
+    abandon(spool);
+    const path = join(spool.dir, segmentFiles(spool.dir)[0]!);
+    const bytes = readFileSync(path);
+    bytes[bytes.length - 2] = (bytes[bytes.length - 2]! + 1) % 256;
+    writeFileSync(path, bytes);
+    const after = openSpool(root);
+    expect(after.recovery).toMatchObject({ rows: 2, tornRecords: 1 });
+  });
+
+  test("rows past the byte bound are refused until acks free space", () => {
+    const root = newRoot();
+    const spool = openSpool(root, { maxBytes: 2048, segmentBytes: 1024 });
+    let accepted = 0;
+    while (spool.append(row(accepted))) accepted++;
+    expect(accepted).toBeGreaterThan(10);
+    expect(spool.bytes).toBeLessThanOrEqual(2048);
+    const batch = spool.seal(1000)!;
+    expect(spool.append(row(1000))).toBe(false);
+    spool.ack(batch.sequence);
+    expect(spool.bytes).toBe(0);
+    expect(spool.append(row(1000))).toBe(true);
+  });
+
+  test("segments rotate by size and are deleted oldest first as their batches are acked", () => {
+    const root = newRoot();
+    const spool = openSpool(root, { segmentBytes: 16 * 1024, maxBytes: 10 * 1024 * 1024 });
+    const batches = [];
+    for (let b = 0; b < 6; b++) {
+      for (let i = 0; i < 1000; i++) spool.append(row(b * 1000 + i));
+      batches.push(spool.seal(1000)!);
+    }
+    const files = segmentFiles(spool.dir);
+    expect(files.length).toBeGreaterThan(2);
+    // Acking a newer batch first deletes nothing: the older segment before it is still needed.
+    spool.ack(batches[3]!.sequence);
+    expect(segmentFiles(spool.dir)).toEqual(expect.arrayContaining(files));
+    spool.ack(batches[0]!.sequence);
+    expect(segmentFiles(spool.dir)).not.toContain(files[0]);
+    expect(ids(spool.read(batches[5]!))).toEqual(range(5000, 6000));
+  });
+
+  test("every fsync policy keeps the same data", () => {
+    for (const fsync of ["always", "interval", "never"] as const) {
+      const root = newRoot();
+      const spool = openSpool(root, { fsync, fsyncIntervalMs: 5 });
+      for (let i = 0; i < 20; i++) spool.append(row(i));
+      spool.seal(100);
+      abandon(spool);
+      const after = openSpool(root, { fsync });
+      expect(after.recovery.rows).toBe(20);
+    }
+  });
+
+  test("a directory held by a live process is refused; one held by a dead process is taken over", () => {
+    const root = newRoot();
+    const first = openSpool(root);
+    expect(() => openSpool(root)).toThrow(/in use by pid/);
+    first.append(row(1));
+    abandon(first);
+    expect(openSpool(root).recovery.rows).toBe(1);
+
+    const other = join(root, "gw-live");
+    mkdirSync(other);
+    writeFileSync(join(other, "LOCK"), JSON.stringify({ pid: process.ppid, host: hostname(), started: null }));
+    expect(() => openSpool(root, { name: "gw-live" })).toThrow(`in use by pid ${process.ppid}`);
+  });
+
+  test("a replica restarted under a new name adopts the spools of replicas that are gone", () => {
+    const root = newRoot();
+    // A live replica's spool is left alone.
+    const live = openSpool(root, { name: "gw-live" });
+    live.append(row(500));
+    const old = openSpool(root, { name: "gw-old-1" });
+    const older = openSpool(root, { name: "gw-old-2" });
+    for (let i = 0; i < 12; i++) old.append(row(i));
+    old.seal(5);
+    old.ack(old.seal(5)!.sequence);
+    for (let i = 100; i < 103; i++) older.append(row(i));
+    abandon(old);
+    abandon(older);
+
+    const fresh = openSpool(root, { name: "gw-new", batchRows: 4 });
+    expect(fresh.recovery.adoptedRows).toBe(10);
+    expect(fresh.recovery.adoptedDirs.sort()).toEqual([join(root, "gw-old-1"), join(root, "gw-old-2")]);
+    const batches = [...fresh.unacked()];
+    expect(batches.every((b) => b.recovered && b.rows <= 4)).toBe(true);
+    expect(batches.flatMap((b) => ids(fresh.read(b))).sort()).toEqual([...range(0, 5), ...range(10, 12), ...range(100, 103)]);
+    expect(readdirSync(root).sort()).toEqual(["gw-live", "gw-new"]);
+    expect(live.rows).toBe(1);
+  });
+});

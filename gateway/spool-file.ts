@@ -1,0 +1,654 @@
+import {
+  closeSync,
+  fdatasync,
+  fdatasyncSync,
+  fsyncSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  unlinkSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
+import { hostname } from "node:os";
+import { join } from "node:path";
+import { toBinary } from "@bufbuild/protobuf";
+import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
+import type { Logger } from "../lib/log.ts";
+import { clockSequence, type Spool, type SpoolBatch } from "./spool.ts";
+
+/**
+ * On-disk layout. Each gateway replica owns `<root>/<name>/`, holding a LOCK file and numbered
+ * segment files `<id>.seg`. A segment starts with the 8-byte magic and is a sequence of records:
+ *
+ *   u32 LE payload length | u32 LE crc32(type, payload) | u8 type | payload
+ *
+ *   ROW  (1): RequestMetrics, protobuf binary
+ *   SEAL (2): u64 sequence | u32 rows | u32 parts | parts x (u32 segment | u32 start | u32 end)
+ *             the batch is every ROW record inside those byte ranges
+ *   ACK  (3): u64 sequence
+ *
+ * Records are only ever appended. Segments are deleted oldest first, each once every batch with rows in
+ * it is acked, so SEAL and ACK records (which may sit in a newer segment) outlive the rows they describe.
+ * A record cut short by a crash fails its length or crc check and ends the reading of its segment.
+ */
+const magic = Buffer.from("MSPOOL01");
+const headerBytes = 9;
+const rowType = 1;
+const sealType = 2;
+const ackType = 3;
+
+export type FsyncPolicy = "always" | "interval" | "never";
+
+export interface FileSpoolOptions {
+  /** Directory holding one spool directory per gateway replica. */
+  root: string;
+  /** This replica's directory under root; other directories there whose owner is gone are adopted. */
+  name: string;
+  /** Bound on the segment files' total size; rows that do not fit are dropped. */
+  maxBytes: number;
+  /**
+   * When appended rows reach the disk: "always" fdatasyncs every append (survives a host crash, costs a
+   * disk flush per request), "interval" every fsyncIntervalMs, "never" leaves it to the OS. A process crash
+   * loses nothing in any mode: every append is written to the file before append returns.
+   */
+  fsync: FsyncPolicy;
+  fsyncIntervalMs?: number;
+  /** A segment is closed and a new one started once it is this large (and has no pending rows). */
+  segmentBytes?: number;
+  /** Rows recovered unsealed, or adopted from another directory, are sealed into batches this large. */
+  batchRows?: number;
+  /** Rows of sealed batches kept in memory for sending; batches beyond it are read back from disk. */
+  cacheRows?: number;
+  log?: Logger;
+}
+
+export interface SpoolRecovery {
+  /** Unacked rows found in this replica's own directory (unsealed ones included). */
+  rows: number;
+  /** Records cut short by a crash, skipped. */
+  tornRecords: number;
+  /** Directories of replicas that are gone, whose rows moved into this spool. */
+  adoptedDirs: string[];
+  adoptedRows: number;
+}
+
+export interface FileSpool extends Spool {
+  readonly dir: string;
+  readonly recovery: SpoolRecovery;
+}
+
+interface Part {
+  segment: number;
+  start: number;
+  end: number;
+}
+
+interface DiskBatch extends SpoolBatch {
+  readonly parts: readonly Part[];
+}
+
+interface Segment {
+  id: number;
+  path: string;
+  size: number;
+  /** Unacked batches with rows in this segment. */
+  refs: number;
+}
+
+interface PendingRow extends Part {
+  row: Uint8Array;
+}
+
+// Directories this process holds, so a second open in the same process is refused.
+const openDirs = new Set<string>();
+
+/** Opens (or creates) this replica's spool: replays what an earlier process left, then adopts orphans. */
+export function openFileSpool(options: FileSpoolOptions): FileSpool {
+  const { log } = options;
+  const dir = join(options.root, options.name);
+  const maxBytes = options.maxBytes;
+  const segmentBytes = options.segmentBytes ?? clamp(Math.floor(maxBytes / 16), 64 * 1024, 64 * 1024 * 1024);
+  const batchRows = options.batchRows ?? 1000;
+  const cacheRows = options.cacheRows ?? 20_000;
+  const fsyncPolicy = options.fsync;
+
+  mkdirSync(dir, { recursive: true });
+  const owner = acquireLock(dir);
+  if (owner !== undefined) {
+    throw new Error(
+      `spool directory ${dir} is in use by pid ${owner}; give each gateway replica its own GATEWAY_INSTANCE_ID`,
+    );
+  }
+  openDirs.add(dir);
+
+  const loaded = loadDir(dir, log);
+  const segments = loaded.segments;
+  const batches = new Map<bigint, DiskBatch>();
+  const cache = new Map<bigint, Uint8Array[]>();
+  let cachedRows = 0;
+  let pending: PendingRow[] = [];
+  let sealedRows = 0;
+  let bytes = [...segments.values()].reduce((n, s) => n + s.size, 0);
+  let next = loaded.maxSequence >= clockSequence() ? loaded.maxSequence + 1n : clockSequence();
+  let current: { segment: Segment; fd: number; dirty: boolean } | undefined;
+  let closed = false;
+
+  const segmentPath = (id: number) => join(dir, `${String(id).padStart(10, "0")}.seg`);
+  let nextSegmentId = Math.max(0, ...segments.keys()) + 1;
+
+  const syncDir = () => {
+    const fd = openSync(dir, "r");
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  };
+
+  const openSegment = () => {
+    const id = nextSegmentId++;
+    const segment: Segment = { id, path: segmentPath(id), size: magic.length, refs: 0 };
+    const fd = openSync(segment.path, "wx");
+    writeSync(fd, magic);
+    if (fsyncPolicy !== "never") syncDir();
+    segments.set(id, segment);
+    bytes += magic.length;
+    current = { segment, fd, dirty: true };
+    return current;
+  };
+
+  const closeCurrent = () => {
+    if (!current) return;
+    if (fsyncPolicy !== "never" && current.dirty) fdatasyncSync(current.fd);
+    closeSync(current.fd);
+    current = undefined;
+    collectSegments();
+  };
+
+  /** Deletes fully acked segments, oldest first, up to the first one still needed. */
+  const collectSegments = () => {
+    for (const segment of [...segments.values()].sort((a, b) => a.id - b.id)) {
+      if (segment.refs > 0 || segment === current?.segment) return;
+      deleteSegment(segment);
+    }
+  };
+
+  const deleteSegment = (segment: Segment) => {
+    if (current?.segment === segment) {
+      closeSync(current.fd);
+      current = undefined;
+    }
+    unlinkSync(segment.path);
+    segments.delete(segment.id);
+    bytes -= segment.size;
+  };
+
+  /** Appends one record to the current segment; returns its byte range there. */
+  const writeRecord = (type: number, payload: Uint8Array): Part => {
+    const target = current ?? openSegment();
+    const record = Buffer.allocUnsafe(headerBytes + payload.length);
+    record.writeUInt32LE(payload.length, 0);
+    record[8] = type;
+    record.set(payload, headerBytes);
+    record.writeUInt32LE(Bun.hash.crc32(record.subarray(8)), 4);
+    const start = target.segment.size;
+    try {
+      writeSync(target.fd, record);
+    } catch (e) {
+      // A half-written record reads as a torn tail; nothing may follow it in that segment.
+      closeSync(target.fd);
+      current = undefined;
+      throw e;
+    }
+    target.segment.size += record.length;
+    target.dirty = true;
+    bytes += record.length;
+    if (fsyncPolicy === "always") {
+      fdatasyncSync(target.fd);
+      target.dirty = false;
+    }
+    return { segment: target.segment.id, start, end: start + record.length };
+  };
+
+  const appendRow = (row: Uint8Array): boolean => {
+    if (closed) return false;
+    if (bytes + headerBytes + row.length > maxBytes) return false;
+    try {
+      pending.push({ ...writeRecord(rowType, row), row });
+      return true;
+    } catch (e) {
+      log?.error("writing to the metrics spool failed", { err: e, dir });
+      return false;
+    }
+  };
+
+  const addBatch = (batch: DiskBatch, rows: Uint8Array[] | undefined) => {
+    batches.set(batch.sequence, batch);
+    sealedRows += batch.rows;
+    for (const part of batch.parts) {
+      const segment = segments.get(part.segment);
+      if (segment) segment.refs++;
+    }
+    if (rows && cachedRows + rows.length <= cacheRows) {
+      cache.set(batch.sequence, rows);
+      cachedRows += rows.length;
+    }
+  };
+
+  /** Seals pending rows; adopted rows are marked recovered and not cached. */
+  const sealRows = (take: PendingRow[], recovered: boolean): DiskBatch => {
+    const parts = partsOf(take);
+    const batch: DiskBatch = { sequence: next++, rows: take.length, recovered, parts };
+    writeRecord(sealType, encodeSeal(batch.sequence, batch.rows, parts));
+    addBatch(batch, recovered ? undefined : take.map((p) => p.row));
+    return batch;
+  };
+
+  const sealPending = (maxRows: number, recovered: boolean): DiskBatch | undefined => {
+    if (pending.length === 0 || closed) return undefined;
+    const take = pending.length <= maxRows ? pending : pending.slice(0, maxRows);
+    pending = pending.length <= maxRows ? [] : pending.slice(maxRows);
+    const batch = sealRows(take, recovered);
+    if (pending.length === 0 && current && current.segment.size >= segmentBytes) closeCurrent();
+    return batch;
+  };
+
+  const readBatch = (batch: DiskBatch): Uint8Array[] => {
+    const rows: Uint8Array[] = [];
+    for (const part of batch.parts) {
+      const segment = segments.get(part.segment);
+      if (!segment) throw new Error(`spool segment ${part.segment} of batch ${batch.sequence} is gone`);
+      const buf = Buffer.allocUnsafe(part.end - part.start);
+      const fd = openSync(segment.path, "r");
+      try {
+        let read = 0;
+        while (read < buf.length) {
+          const n = readSync(fd, buf, read, buf.length - read, part.start + read);
+          if (n === 0) throw new Error(`spool segment ${segment.path} is shorter than expected`);
+          read += n;
+        }
+      } finally {
+        closeSync(fd);
+      }
+      forEachRecord(buf, 0, (type, payload) => {
+        if (type === rowType) rows.push(payload);
+      });
+    }
+    return rows;
+  };
+
+  // Batches left by the previous process, and rows it appended but never sealed.
+  for (const batch of loaded.batches.values()) addBatch(batch, undefined);
+  const recovery: SpoolRecovery = {
+    rows: sealedRows + loaded.unsealed.length,
+    tornRecords: loaded.torn,
+    adoptedDirs: [],
+    adoptedRows: 0,
+  };
+  for (let i = 0; i < loaded.unsealed.length; i += batchRows) {
+    const rows = loaded.unsealed.slice(i, i + batchRows);
+    const parts = partsOf(rows);
+    const batch: DiskBatch = { sequence: next++, rows: rows.length, recovered: true, parts };
+    writeRecord(sealType, encodeSeal(batch.sequence, batch.rows, parts));
+    addBatch(batch, undefined);
+  }
+  collectSegments();
+
+  const fsyncTimer =
+    fsyncPolicy === "interval"
+      ? setInterval(() => {
+          const target = current;
+          if (!target?.dirty) return;
+          target.dirty = false;
+          fdatasync(target.fd, (err) => {
+            if (err && current === target) log?.warn("fdatasync of the metrics spool failed", { err, dir });
+          });
+        }, options.fsyncIntervalMs ?? 1000)
+      : undefined;
+  fsyncTimer?.unref?.();
+
+  const spool: FileSpool = {
+    dir,
+    recovery,
+    append(metrics) {
+      return appendRow(toBinary(RequestMetricsSchema, metrics));
+    },
+    seal: (maxRows) => sealPending(maxRows, false),
+    unacked: () => batches.values(),
+    read(batch) {
+      const cached = cache.get(batch.sequence);
+      if (cached) return cached;
+      const known = batches.get(batch.sequence);
+      if (!known) throw new Error(`batch ${batch.sequence} is not in the spool`);
+      return readBatch(known);
+    },
+    ack(sequence) {
+      const batch = batches.get(sequence);
+      if (!batch) return false;
+      batches.delete(sequence);
+      sealedRows -= batch.rows;
+      const cached = cache.get(sequence);
+      if (cached) {
+        cache.delete(sequence);
+        cachedRows -= cached.length;
+      }
+      if (pending.length === 0 && batches.size === 0) {
+        // Nothing left to resend: every segment can go, so the ACK record is not worth writing.
+        for (const segment of [...segments.values()]) deleteSegment(segment);
+        return true;
+      }
+      try {
+        writeRecord(ackType, encodeSequence(sequence));
+      } catch (e) {
+        // A lost ACK record only means a resend after a restart.
+        log?.warn("writing an ack to the metrics spool failed", { err: e, dir });
+      }
+      for (const part of batch.parts) {
+        const segment = segments.get(part.segment);
+        if (segment) segment.refs--;
+      }
+      collectSegments();
+      return true;
+    },
+    get pendingRows() {
+      return pending.length;
+    },
+    get rows() {
+      return pending.length + sealedRows;
+    },
+    get bytes() {
+      return bytes;
+    },
+    maxBytes,
+    close() {
+      if (closed) return;
+      closed = true;
+      if (fsyncTimer) clearInterval(fsyncTimer);
+      if (current) {
+        if (fsyncPolicy !== "never" && current.dirty) fdatasyncSync(current.fd);
+        closeSync(current.fd);
+        current = undefined;
+      }
+      openDirs.delete(dir);
+      if (pending.length === 0 && batches.size === 0) rmSync(dir, { recursive: true, force: true });
+      else rmSync(join(dir, "LOCK"), { force: true });
+    },
+  };
+
+  adoptOrphans(options.root, dir, log, (orphanDir, orphan) => {
+    let moved = 0;
+    const sealFull = (force: boolean) => {
+      while (pending.length >= batchRows || (force && pending.length > 0)) sealPending(batchRows, true);
+    };
+    const move = (rows: readonly Uint8Array[]) => {
+      for (const row of rows) {
+        if (!appendRow(row)) return false;
+        moved++;
+        sealFull(false);
+      }
+      return true;
+    };
+    const orphanReader = createDirReader(orphan.segments);
+    let complete = true;
+    for (const batch of orphan.batches.values()) {
+      if (!(complete = move(orphanReader(batch.parts)))) break;
+    }
+    if (complete) complete = move(orphanReader(partsOf(orphan.unsealed)));
+    sealFull(true);
+    // The orphan is deleted next: its rows must be on disk here first.
+    if (current && fsyncPolicy !== "never") fdatasyncSync(current.fd);
+    recovery.adoptedRows += moved;
+    if (complete) recovery.adoptedDirs.push(orphanDir);
+    return complete;
+  });
+  return spool;
+}
+
+interface Loaded {
+  segments: Map<number, Segment>;
+  /** Unacked batches in sequence order. */
+  batches: Map<bigint, DiskBatch>;
+  /** Rows no SEAL covers, in append order. */
+  unsealed: Part[];
+  maxSequence: bigint;
+  torn: number;
+}
+
+/** Replays a spool directory: which batches are sealed and unacked, and which rows were never sealed. */
+function loadDir(dir: string, log: Logger | undefined): Loaded {
+  const segments = new Map<number, Segment>();
+  const rowsBySegment = new Map<number, Part[]>();
+  const seals: { sequence: bigint; rows: number; parts: Part[] }[] = [];
+  const acked = new Set<bigint>();
+  let maxSequence = 0n;
+  let torn = 0;
+  const files = readdirSync(dir)
+    .filter((name) => /^\d{10}\.seg$/.test(name))
+    .sort();
+  for (const name of files) {
+    const id = Number(name.slice(0, 10));
+    const path = join(dir, name);
+    const buf = readFileSync(path);
+    segments.set(id, { id, path, size: buf.length, refs: 0 });
+    if (buf.length < magic.length || !buf.subarray(0, magic.length).equals(magic)) {
+      if (buf.length > 0) log?.warn("skipping a metrics spool segment with a bad header", { path });
+      continue;
+    }
+    const rows: Part[] = [];
+    rowsBySegment.set(id, rows);
+    const end = forEachRecord(buf, magic.length, (type, payload, start, recordEnd) => {
+      if (type === rowType) rows.push({ segment: id, start, end: recordEnd });
+      else if (type === sealType) {
+        const seal = decodeSeal(payload);
+        seals.push(seal);
+        if (seal.sequence > maxSequence) maxSequence = seal.sequence;
+      } else if (type === ackType) acked.add(decodeSequence(payload));
+    });
+    if (end < buf.length) {
+      torn++;
+      log?.warn("skipping a torn record at the end of a metrics spool segment", {
+        path,
+        offset: end,
+        bytes: buf.length - end,
+      });
+    }
+  }
+
+  const batches = new Map<bigint, DiskBatch>();
+  const sealedEnd = new Map<number, number>();
+  for (const seal of seals) {
+    for (const part of seal.parts) sealedEnd.set(part.segment, Math.max(sealedEnd.get(part.segment) ?? 0, part.end));
+    // A batch whose segment is gone was acked before that segment was deleted.
+    if (acked.has(seal.sequence) || !seal.parts.every((p) => rowsBySegment.has(p.segment))) continue;
+    batches.set(seal.sequence, { sequence: seal.sequence, rows: seal.rows, recovered: true, parts: seal.parts });
+  }
+  const unsealed: Part[] = [];
+  for (const [id, rows] of [...rowsBySegment].sort(([a], [b]) => a - b)) {
+    const end = sealedEnd.get(id) ?? 0;
+    for (const row of rows) if (row.start >= end) unsealed.push(row);
+  }
+  return { segments, batches, unsealed, maxSequence, torn };
+}
+
+/** Calls fn for each whole record from `offset`; returns where the whole records end. */
+function forEachRecord(
+  buf: Uint8Array,
+  offset: number,
+  fn: (type: number, payload: Uint8Array, start: number, end: number) => void,
+): number {
+  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  let at = offset;
+  while (at + headerBytes <= buf.length) {
+    const length = view.getUint32(at, true);
+    const end = at + headerBytes + length;
+    if (end > buf.length) break;
+    if (Bun.hash.crc32(buf.subarray(at + 8, end)) !== view.getUint32(at + 4, true)) break;
+    fn(buf[at + 8] as number, buf.subarray(at + headerBytes, end), at, end);
+    at = end;
+  }
+  return at;
+}
+
+function encodeSeal(sequence: bigint, rows: number, parts: readonly Part[]): Uint8Array {
+  const buf = Buffer.allocUnsafe(16 + parts.length * 12);
+  buf.writeBigUInt64LE(sequence, 0);
+  buf.writeUInt32LE(rows, 8);
+  buf.writeUInt32LE(parts.length, 12);
+  parts.forEach((p, i) => {
+    buf.writeUInt32LE(p.segment, 16 + i * 12);
+    buf.writeUInt32LE(p.start, 20 + i * 12);
+    buf.writeUInt32LE(p.end, 24 + i * 12);
+  });
+  return buf;
+}
+
+function decodeSeal(payload: Uint8Array): { sequence: bigint; rows: number; parts: Part[] } {
+  const buf = Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength);
+  const count = buf.readUInt32LE(12);
+  const parts = Array.from({ length: count }, (_, i) => ({
+    segment: buf.readUInt32LE(16 + i * 12),
+    start: buf.readUInt32LE(20 + i * 12),
+    end: buf.readUInt32LE(24 + i * 12),
+  }));
+  return { sequence: buf.readBigUInt64LE(0), rows: buf.readUInt32LE(8), parts };
+}
+
+function encodeSequence(sequence: bigint): Uint8Array {
+  const buf = Buffer.allocUnsafe(8);
+  buf.writeBigUInt64LE(sequence, 0);
+  return buf;
+}
+
+function decodeSequence(payload: Uint8Array): bigint {
+  return Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength).readBigUInt64LE(0);
+}
+
+/** Byte ranges covering consecutive rows, one per segment run. */
+function partsOf(rows: readonly Part[]): Part[] {
+  const parts: Part[] = [];
+  for (const row of rows) {
+    const last = parts[parts.length - 1];
+    if (last && last.segment === row.segment) last.end = row.end;
+    else parts.push({ segment: row.segment, start: row.start, end: row.end });
+  }
+  return parts;
+}
+
+/** Reads the ROW records inside byte ranges of a directory's segments (whole files; used once per orphan). */
+function createDirReader(segments: ReadonlyMap<number, Segment>) {
+  const files = new Map<number, Buffer>();
+  return (parts: readonly Part[]): Uint8Array[] => {
+    const rows: Uint8Array[] = [];
+    for (const part of parts) {
+      const segment = segments.get(part.segment);
+      if (!segment) continue;
+      let buf = files.get(part.segment);
+      if (!buf) {
+        buf = readFileSync(segment.path);
+        files.set(part.segment, buf);
+      }
+      forEachRecord(buf.subarray(part.start, part.end), 0, (type, payload) => {
+        if (type === rowType) rows.push(payload);
+      });
+    }
+    return rows;
+  };
+}
+
+/**
+ * Moves the rows of sibling directories whose owner process is gone (a replica restarted under a new
+ * instance id) into this spool through `adopt`, then deletes them. A crash midway leaves the orphan
+ * in place to be adopted again: its rows are then sent twice, which analytics and billing absorb.
+ */
+function adoptOrphans(
+  root: string,
+  ownDir: string,
+  log: Logger | undefined,
+  adopt: (dir: string, orphan: Loaded) => boolean,
+): void {
+  let names: string[];
+  try {
+    names = readdirSync(root, { withFileTypes: true })
+      .filter((e) => e.isDirectory())
+      .map((e) => e.name);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    const dir = join(root, name);
+    if (dir === ownDir || openDirs.has(dir)) continue;
+    if (acquireLock(dir) !== undefined) continue;
+    let complete = false;
+    try {
+      complete = adopt(dir, loadDir(dir, log));
+    } catch (e) {
+      log?.error("adopting an orphaned metrics spool failed", { err: e, dir });
+    }
+    if (complete) rmSync(dir, { recursive: true, force: true });
+    else {
+      log?.warn("metrics spool full: part of an orphaned spool stays on disk for a later start", { dir });
+      rmSync(join(dir, "LOCK"), { force: true });
+    }
+  }
+}
+
+interface LockOwner {
+  pid: number;
+  host: string;
+  /** Start time of the process in clock ticks since boot, so a recycled pid is not mistaken for the owner. */
+  started: string | null;
+}
+
+/** Takes dir/LOCK for this process; returns the pid of a live owner instead when there is one. */
+function acquireLock(dir: string): number | undefined {
+  const path = join(dir, "LOCK");
+  const me: LockOwner = { pid: process.pid, host: hostname(), started: processStart(process.pid) };
+  for (let attempt = 0; attempt < 3; attempt++) {
+    try {
+      writeFileSync(path, JSON.stringify(me), { flag: "wx" });
+      return undefined;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+    }
+    let owner: LockOwner | undefined;
+    try {
+      owner = JSON.parse(readFileSync(path, "utf8")) as LockOwner;
+    } catch {
+      owner = undefined;
+    }
+    if (owner && isAlive(owner, dir)) return owner.pid;
+    rmSync(path, { force: true });
+  }
+  return -1;
+}
+
+function isAlive(owner: LockOwner, dir: string): boolean {
+  // Another host's process cannot be checked from here: assume it is alive.
+  if (owner.host !== hostname()) return true;
+  if (owner.pid === process.pid) return openDirs.has(dir);
+  try {
+    process.kill(owner.pid, 0);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== "EPERM") return false;
+  }
+  const started = processStart(owner.pid);
+  return started === null || owner.started === null || started === owner.started;
+}
+
+function processStart(pid: number): string | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // Field 22 (starttime), counted after the parenthesised command name, which may contain spaces.
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19] ?? null;
+  } catch {
+    return null;
+  }
+}
+
+function clamp(n: number, min: number, max: number): number {
+  return Math.min(max, Math.max(min, n));
+}

@@ -1,0 +1,245 @@
+/**
+ * An OpenAI-compatible upstream on a real socket whose behaviour tests script per model: replies
+ * whole or streamed (SSE), with or without usage, errors with any status and Retry-After,
+ * malformed JSON, delays, hangs and streams that stop short. It records every request it gets
+ * and whether its client went away. Run as a script it serves fixed fast replies for benchmarks:
+ *   bun gateway/testing/fake-upstream.ts [port]
+ */
+import type { Server } from "bun";
+
+export interface FakeUsage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  prompt_tokens_details?: { cached_tokens: number };
+  completion_tokens_details?: { reasoning_tokens: number };
+}
+
+/** What the upstream does with one request. */
+export interface Behaviour {
+  /** Reply text; by default "echo: " and the last user message. */
+  content?: string;
+  /** Usage to report, or false for none; by default derived from the text lengths (4 chars a token). */
+  usage?: FakeUsage | false;
+  /** Answer with this status and an OpenAI error body instead. */
+  status?: number;
+  /** Retry-After header value sent with `status`. */
+  retryAfter?: string;
+  /** Wait this long before answering. */
+  delayMs?: number;
+  /** Wait this long between streamed chunks. */
+  chunkDelayMs?: number;
+  /** Send a body (or, streaming, a chunk) that is not JSON. */
+  malformed?: boolean;
+  /** Never answer: wait for the client to give up. */
+  hang?: boolean;
+  /** Streaming: stop after this many content chunks, without finish_reason or [DONE]. */
+  cutAfterChunks?: number;
+  /** Reply with this tool call instead of text. */
+  toolCall?: { name: string; arguments: string };
+}
+
+export interface SeenRequest {
+  path: string;
+  model: string;
+  body: Record<string, any>;
+  headers: Record<string, string>;
+  /** Arrival, performance.now() of this process. */
+  at: number;
+  /** The client closed the connection before the reply was complete. */
+  aborted: boolean;
+}
+
+export interface FakeUpstream {
+  /** Base URL for an OpenAI client: http://127.0.0.1:port/v1 */
+  readonly url: string;
+  readonly requests: SeenRequest[];
+  /** Requests for `model` get these behaviours in turn; the last one repeats. */
+  script(model: string, ...behaviours: Behaviour[]): void;
+  /** Requests seen for one model. */
+  seen(model: string): SeenRequest[];
+  reset(): void;
+  stop(): Promise<void>;
+}
+
+const encoder = new TextEncoder();
+
+export function startFakeUpstream(options: { port?: number; record?: boolean } = {}): FakeUpstream {
+  const record = options.record ?? true;
+  const scripts = new Map<string, Behaviour[]>();
+  const requests: SeenRequest[] = [];
+
+  const behaviourFor = (model: string): Behaviour => {
+    const queue = scripts.get(model);
+    if (!queue || queue.length === 0) return {};
+    return (queue.length > 1 ? queue.shift() : queue[0]) as Behaviour;
+  };
+
+  const server: Server<undefined> = Bun.serve({
+    port: options.port ?? 0,
+    hostname: "127.0.0.1",
+    idleTimeout: 0,
+    async fetch(req) {
+      const path = new URL(req.url).pathname;
+      if (req.method === "GET" && path === "/v1/models") return Response.json({ object: "list", data: [] });
+      let body: Record<string, any>;
+      try {
+        body = (await req.json()) as Record<string, any>;
+      } catch {
+        return Response.json({ error: { message: "bad json", type: "invalid_request_error" } }, { status: 400 });
+      }
+      const model = String(body.model);
+      if (record) {
+        const seen: SeenRequest = { path, model, body, headers: Object.fromEntries(req.headers), at: performance.now(), aborted: false };
+        requests.push(seen);
+        req.signal.addEventListener("abort", () => (seen.aborted = true), { once: true });
+      }
+      const b = behaviourFor(model);
+      if (b.delayMs) await Bun.sleep(b.delayMs);
+      if (b.hang) {
+        await new Promise((resolve) => req.signal.addEventListener("abort", resolve, { once: true }));
+        return new Response(null, { status: 204 });
+      }
+      if (b.status) {
+        const headers: Record<string, string> = b.retryAfter ? { "retry-after": b.retryAfter } : {};
+        return Response.json(
+          { error: { message: `scripted ${b.status}`, type: b.status === 429 ? "rate_limit_error" : "api_error", param: null, code: null } },
+          { status: b.status, headers },
+        );
+      }
+      if (path === "/v1/embeddings") return embeddings(body, b);
+      if (path !== "/v1/chat/completions") return new Response("not found", { status: 404 });
+      return body.stream === true ? stream(body, b, req.signal) : completion(body, b);
+    },
+  });
+
+  return {
+    url: `http://127.0.0.1:${server.port}/v1`,
+    requests,
+    script(model, ...behaviours) {
+      scripts.set(model, behaviours);
+    },
+    seen: (model) => requests.filter((r) => r.model === model),
+    reset() {
+      scripts.clear();
+      requests.length = 0;
+    },
+    stop: () => server.stop(true),
+  };
+}
+
+function replyText(body: Record<string, any>, b: Behaviour): string {
+  if (b.content !== undefined) return b.content;
+  const messages = Array.isArray(body.messages) ? body.messages : [];
+  for (let i = messages.length - 1; i >= 0; i--) {
+    const m = messages[i];
+    if (m?.role !== "user") continue;
+    const text = typeof m.content === "string" ? m.content : Array.isArray(m.content) ? m.content.map((p: any) => p.text ?? "").join("") : "";
+    return `echo: ${text}`;
+  }
+  return "echo:";
+}
+
+function usageOf(body: Record<string, any>, text: string, b: Behaviour): FakeUsage | undefined {
+  if (b.usage === false) return undefined;
+  if (b.usage) return b.usage;
+  const prompt = Math.ceil(JSON.stringify(body.messages ?? body.input ?? "").length / 4);
+  const completion = Math.ceil(text.length / 4);
+  return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
+}
+
+function toolCalls(b: Behaviour) {
+  return b.toolCall ? [{ id: "call_fake_1", type: "function", function: b.toolCall }] : undefined;
+}
+
+function completion(body: Record<string, any>, b: Behaviour): Response {
+  if (b.malformed) return new Response('{"id": "chatcmpl-fake", "choices": [', { headers: { "content-type": "application/json" } });
+  const text = b.toolCall ? "" : replyText(body, b);
+  const usage = usageOf(body, b.toolCall ? b.toolCall.arguments : text, b);
+  return Response.json({
+    id: "chatcmpl-fake",
+    object: "chat.completion",
+    created: 1_700_000_000,
+    model: `${body.model}-fake`,
+    choices: [
+      {
+        index: 0,
+        message: { role: "assistant", content: b.toolCall ? null : text, refusal: null, tool_calls: toolCalls(b) },
+        finish_reason: b.toolCall ? "tool_calls" : "stop",
+        logprobs: null,
+      },
+    ],
+    ...(usage ? { usage } : {}),
+  });
+}
+
+/** Text pieces as a model streams them: words with their leading space. */
+function pieces(text: string): string[] {
+  return text.match(/\s*\S+/g) ?? [text];
+}
+
+function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): Response {
+  const text = b.toolCall ? "" : replyText(body, b);
+  const usage = usageOf(body, b.toolCall ? b.toolCall.arguments : text, b);
+  const wantsUsage = body.stream_options?.include_usage === true;
+  const base = { id: "chatcmpl-fake", object: "chat.completion.chunk", created: 1_700_000_000, model: `${body.model}-fake` };
+  const event = (value: unknown) => encoder.encode(`data: ${JSON.stringify(value)}\n\n`);
+  const chunk = (delta: Record<string, unknown>, finish: string | null = null) =>
+    event({ ...base, choices: [{ index: 0, delta, finish_reason: finish, logprobs: null }], ...(wantsUsage ? { usage: null } : {}) });
+  return new Response(
+    new ReadableStream<Uint8Array>({
+      async start(controller) {
+        const pause = () => (b.chunkDelayMs ? Bun.sleep(b.chunkDelayMs) : undefined);
+        controller.enqueue(chunk({ role: "assistant", content: "" }));
+        if (b.toolCall) {
+          controller.enqueue(chunk({ tool_calls: [{ index: 0, id: "call_fake_1", type: "function", function: { name: b.toolCall.name, arguments: "" } }] }));
+          controller.enqueue(chunk({ tool_calls: [{ index: 0, function: { arguments: b.toolCall.arguments } }] }));
+        }
+        let sent = 0;
+        for (const content of b.toolCall ? [] : pieces(text)) {
+          await pause();
+          if (signal.aborted) return;
+          if (b.malformed && sent === 1) {
+            controller.enqueue(encoder.encode("data: {not json\n\n"));
+            controller.close();
+            return;
+          }
+          if (b.cutAfterChunks !== undefined && sent >= b.cutAfterChunks) {
+            controller.close();
+            return;
+          }
+          controller.enqueue(chunk({ content }));
+          sent++;
+        }
+        await pause();
+        if (signal.aborted) return;
+        controller.enqueue(chunk({}, b.toolCall ? "tool_calls" : "stop"));
+        if (wantsUsage && usage) controller.enqueue(event({ ...base, choices: [], usage }));
+        controller.enqueue(encoder.encode("data: [DONE]\n\n"));
+        controller.close();
+      },
+    }),
+    { headers: { "content-type": "text/event-stream" } },
+  );
+}
+
+function embeddings(body: Record<string, any>, b: Behaviour): Response {
+  if (b.malformed) return new Response("{", { headers: { "content-type": "application/json" } });
+  const inputs: unknown[] = typeof body.input === "string" ? [body.input] : body.input;
+  const dimensions = typeof body.dimensions === "number" ? body.dimensions : 4;
+  const data = inputs.map((input, index) => {
+    const vector = new Float32Array(dimensions);
+    for (let i = 0; i < dimensions; i++) vector[i] = (String(input).length + i) / 100;
+    const embedding = body.encoding_format === "base64" ? Buffer.from(vector.buffer).toString("base64") : Array.from(vector);
+    return { object: "embedding", index, embedding };
+  });
+  const tokens = Math.ceil(JSON.stringify(body.input).length / 4);
+  const usage = b.usage === false ? undefined : { prompt_tokens: b.usage ? b.usage.prompt_tokens : tokens, total_tokens: b.usage ? b.usage.total_tokens : tokens };
+  return Response.json({ object: "list", model: `${body.model}-fake`, data, ...(usage ? { usage } : {}) });
+}
+
+if (import.meta.main) {
+  // Benchmarks run long: keep no history.
+  const upstream = startFakeUpstream({ port: Number(process.argv[2] ?? 0), record: false });
+  process.stdout.write(`${upstream.url}\n`);
+}

@@ -1,0 +1,72 @@
+import { trace } from "@opentelemetry/api";
+import type { RequestMetrics } from "../../gen/analytics/v1/analytics_pb.ts";
+import { GatewayService } from "../../gen/gateway/v1/gateway_pb.ts";
+import { createServiceClient } from "../../lib/rpc-client.ts";
+import { startServer } from "../../lib/server.ts";
+import { createKeyAuthorizer } from "../auth.ts";
+import { parseGatewayConfig } from "../config.ts";
+import { createGatewayCore } from "../core.ts";
+import { createRestApp } from "../http/app.ts";
+import { serveRest } from "../http/bun.ts";
+import { restRoutes } from "../http/node.ts";
+import { createProviders } from "../providers/index.ts";
+import { createGatewayService } from "../service.ts";
+import { createBillingFake, createRecordingShipper, createTestLogger } from "../testing.ts";
+
+/**
+ * A whole gateway (core, REST and RPC) on a real port, plus the REST API alone on Bun's server
+ * (`restUrl`), configured by `routes` (gateway config YAML), with the billing fake's keys sk-good
+ * (any model) and sk-limited (only "ok").
+ */
+export async function startTestGateway(routes: string, options: { maxBodyBytes?: number } = {}) {
+  const billing = createBillingFake({
+    "sk-good": { id: "key_good", orgId: "org_1", projectId: "proj_1" },
+    "sk-limited": { id: "key_limited", orgId: "org_2", allowedModels: ["ok"] },
+  });
+  const shipper = createRecordingShipper();
+  const log = createTestLogger();
+  const config = parseGatewayConfig(routes, "test-routes.yaml");
+  const core = createGatewayCore({
+    config,
+    providers: createProviders(config.providers, {}),
+    keys: createKeyAuthorizer({ billing: billing.client }),
+    shipper,
+    instanceId: "gw-test",
+    log,
+  });
+  const tracer = trace.getTracer("test");
+  const maxBodyBytes = options.maxBodyBytes ?? 64 * 1024;
+  const rest = createRestApp({ core, tracer, maxBodyBytes });
+  const fast = serveRest(rest, { port: 0, hostname: "127.0.0.1", maxBodyBytes });
+  const server = await startServer({
+    name: "gateway-test",
+    port: 0,
+    host: "127.0.0.1",
+    routes: (router) => router.service(GatewayService, createGatewayService(core)),
+    http: restRoutes(rest),
+    log,
+  });
+
+  /** The metrics row of a request, once it has been recorded. */
+  const row = async (requestId: string, timeoutMs = 5000): Promise<RequestMetrics> => {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const found = shipper.rows.find((m) => m.requestId === requestId);
+      if (found) return found;
+      if (Date.now() > deadline) throw new Error(`no metrics for ${requestId}`);
+      await Bun.sleep(10);
+    }
+  };
+
+  return {
+    url: server.url,
+    restUrl: fast.url,
+    core,
+    billing,
+    shipper,
+    log,
+    row,
+    rpc: (key?: string) => createServiceClient(GatewayService, { baseUrl: server.url, bearerToken: key }),
+    close: () => Promise.all([server.close(0), fast.close(0)]),
+  };
+}

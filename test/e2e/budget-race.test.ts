@@ -1,0 +1,228 @@
+/**
+ * Budgets under concurrency, with real processes: billing, analytics and two gateway replicas share one key whose
+ * budget covers exactly N requests of known cost, and 10*N requests race for it (then 2*N more once leftovers can be
+ * granted again). Settled spend must stay within the budget plus the documented estimation bound (zero here: the mock
+ * never exceeds its reserved maximum), at most N requests may succeed, and billing's lease table must show that the
+ * leases outstanding never exceeded the budget.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import * as path from "node:path";
+import { decodeTime } from "ulid";
+import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
+import { freePort, type ServiceProcess, spawnService } from "../../lib/processes.ts";
+import { createServiceClient } from "../../lib/rpc-client.ts";
+import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
+import { type Mesh, startMesh } from "../../scripts/mesh.ts";
+
+const root = path.resolve(import.meta.dir, "../..");
+const adminToken = "race-admin-token-0123456789";
+const N = 20;
+// The mock counts 4 characters a token: 3 + 4 + 80/4 = 27 input tokens, and the reply is cut at max_tokens.
+const prompt = "x".repeat(80);
+const maxTokens = 20;
+const inputTokens = 27n;
+// Input $0.01 and output $100 per million tokens: 10 and 100,000 nano-USD a token.
+const costPerRequest = inputTokens * 10n + BigInt(maxTokens) * 100_000n;
+const budget = costPerRequest * BigInt(N);
+// Overshoot bound of budget.ts: the sum of (actual - reserved) over requests where positive; the mock never goes over.
+const estimationBound = 0n;
+
+const routes = `
+providers:
+  - { name: mock, kind: mock, latency_ms: 40 }
+models:
+  - name: race
+    targets: [{ provider: mock, model: mock-race }]
+    pricing: { input_per_mtok: "0.01", output_per_mtok: "100" }
+`;
+
+let db: TestDatabase;
+let dataDir: string;
+let mesh: Mesh;
+let second: ServiceProcess;
+let gateways: string[];
+let billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
+let orgId: string;
+const logs: string[] = [];
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  dataDir = await mkdtemp(path.join(tmpdir(), "budget-race-"));
+  const config = path.join(dataDir, "race.yaml");
+  await writeFile(config, routes);
+  const gatewayEnv = {
+    GATEWAY_CONFIG: config,
+    // Small leases (a burst would otherwise take the whole budget in one): many grants and releases race in billing.
+    GATEWAY_BUDGET_MIN_LEASE_NANOS: String(costPerRequest * 2n),
+    GATEWAY_BUDGET_MAX_LEASE_NANOS: String(costPerRequest * 3n),
+    GATEWAY_BUDGET_LEASE_HORIZON_S: "1",
+  };
+  mesh = await startMesh({
+    dataDir,
+    adminToken,
+    ports: { gateway: 0, billing: 0, analytics: 0 },
+    env: { DATABASE_URL: db.connectionString, LOG_LEVEL: "warn" },
+    serviceEnv: { gateway: { ...gatewayEnv, GATEWAY_INSTANCE_ID: "race-gw-1" } },
+    onLine: (service, line) => logs.push(`[${service}] ${line}`),
+  });
+  const port = await freePort();
+  second = spawnService({
+    name: "gateway-2",
+    cmd: [process.execPath, path.join(root, "gateway", "main.ts")],
+    cwd: root,
+    env: {
+      MESH_DATA_DIR: dataDir,
+      ADMIN_TOKEN: adminToken,
+      BILLING_URL: mesh.urls.billing,
+      ANALYTICS_URL: mesh.urls.analytics,
+      LOG_LEVEL: "warn",
+      GATEWAY_PORT: String(port),
+      ...gatewayEnv,
+      GATEWAY_INSTANCE_ID: "race-gw-2",
+    },
+    readyUrl: `http://127.0.0.1:${port}/readyz`,
+    onLine: (line) => logs.push(`[gateway-2] ${line}`),
+  });
+  await second.ready;
+  gateways = [mesh.urls.gateway, `http://127.0.0.1:${port}`];
+  billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken, timeoutMs: 10_000 });
+  orgId = (await billing.createOrganization({ name: "race" })).organization?.id as string;
+  // Both gateways confirm billing's key change stream after a second of it being open.
+  await Bun.sleep(1_200);
+}, 120_000);
+
+afterAll(async () => {
+  await second?.stop();
+  await mesh?.stop();
+  await db?.drop();
+  if (dataDir) await rm(dataDir, { recursive: true, force: true });
+}, 60_000);
+
+function chat(gateway: string, key: string) {
+  return fetch(`${gateway}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+    body: JSON.stringify({ model: "race", messages: [{ role: "user", content: prompt }], max_tokens: maxTokens }),
+  });
+}
+
+async function eventually<T>(probe: () => Promise<T | undefined>, timeoutMs = 20_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error("condition not met in time");
+    await Bun.sleep(100);
+  }
+}
+
+interface LeaseRow {
+  id: string;
+  holder: string;
+  granted_nanos: string;
+  spent_nanos: string | null;
+  released_at: Date | null;
+}
+
+describe("a budget raced by two gateway replicas", () => {
+  test(
+    `${10 * N} concurrent requests against a budget for ${N}: no overspend, no over-grant`,
+    async () => {
+      const { secret, apiKey } = await billing.createApiKey({ orgId, name: "race", limits: { monthlyBudgetNanos: budget } });
+      const keyId = apiKey?.id as string;
+
+      const burst = (count: number) => Promise.all(Array.from({ length: count }, (_, i) => chat(gateways[i % 2] as string, secret)));
+      const responses = await burst(10 * N);
+      // A second wave once the replicas may ask billing again: leftovers too small for a request go back and are
+      // granted again, so leases are released and re-granted while requests race.
+      await Bun.sleep(1_100);
+      responses.push(...(await burst(2 * N)));
+      const total = responses.length;
+      const statuses = responses.map((r) => r.status);
+      const served = responses.filter((r) => r.status === 200);
+      const costs = served.map((r) => BigInt(r.headers.get("x-gateway-cost-nanos") ?? "-1"));
+      const refusals = await Promise.all(responses.filter((r) => r.status !== 200).map((r) => r.json()));
+      for (const body of refusals) expect(body).toMatchObject({ error: { code: "insufficient_quota", type: "insufficient_quota" } });
+      expect(new Set(statuses)).toEqual(new Set([200, 429]));
+      for (const cost of costs) expect(cost).toBe(costPerRequest);
+      expect(served.length).toBeLessThanOrEqual(N);
+      // The reserved maximum (bytes, not characters, of the prompt) is a little above the cost, so the last request
+      // may not fit, and each replica may be refused while the other still holds less than one reservation.
+      expect(served.length).toBeGreaterThanOrEqual(N - 3);
+
+      // The pipeline drains: billing has a usage record for every request, refused ones at no cost.
+      const usage = await eventually(async () => {
+        const summary = await billing.getUsageSummary({ orgId, apiKeyId: keyId });
+        return summary.requests === BigInt(total) ? summary : undefined;
+      });
+      const spent = usage.costNanos;
+      expect(spent).toBe(costPerRequest * BigInt(served.length));
+      expect(spent).toBeLessThanOrEqual(budget + estimationBound);
+
+      // Replicas hand their leases back on shutdown, reporting what they spent.
+      expect(await second.stop()).toBe(0);
+      expect(await mesh.processes.gateway.stop()).toBe(0);
+      const { rows } = await db.pool.query<LeaseRow>(
+        "SELECT id, holder, granted_nanos, spent_nanos, released_at FROM budget_leases WHERE api_key_id = $1",
+        [keyId],
+      );
+      expect(rows.length).toBeGreaterThan(2);
+      expect(new Set(rows.map((r) => r.holder))).toEqual(new Set(["race-gw-1", "race-gw-2"]));
+      for (const row of rows) expect(row.released_at).not.toBeNull();
+      const reported = rows.reduce((sum, r) => sum + BigInt(r.spent_nanos ?? 0), 0n);
+      expect(reported).toBe(spent);
+
+      // Replay grants (at the time billing minted their id, inside the locked transaction) and releases (at the
+      // time the release began, so never later than a grant that saw it): money outstanding, granted and not yet
+      // returned, may never exceed the budget.
+      const events = rows.flatMap((r) => [
+        { at: decodeTime(r.id.slice("lease_".length)), delta: BigInt(r.granted_nanos), release: false },
+        { at: (r.released_at as Date).getTime(), delta: -(BigInt(r.granted_nanos) - BigInt(r.spent_nanos ?? 0)), release: true },
+      ]);
+      events.sort((a, b) => a.at - b.at || Number(b.release) - Number(a.release));
+      let outstanding = 0n;
+      let peak = 0n;
+      for (const e of events) {
+        outstanding += e.delta;
+        if (outstanding > peak) peak = outstanding;
+      }
+      expect(peak).toBeLessThanOrEqual(budget);
+      const granted = rows.reduce((sum, r) => sum + BigInt(r.granted_nanos), 0n);
+      process.stdout.write(
+        `budget race: N=${N} budget=${budget} served=${served.length} spent=${spent} overshoot=${spent - budget} ` +
+          `leases=${rows.length} granted_total=${granted} peak_outstanding=${peak}\n`,
+      );
+
+      mesh.processes.gateway = await mesh.restart("gateway");
+      gateways = [mesh.urls.gateway];
+    },
+    120_000,
+  );
+
+  test("a revoked key is refused by a gateway that had it cached within a second; a limit change too", async () => {
+    const gateway = gateways[0] as string;
+    await Bun.sleep(1_200); // the restarted gateway confirms its change stream
+    const { secret, apiKey } = await billing.createApiKey({ orgId, name: "revoked soon" });
+    const keyId = apiKey?.id as string;
+    expect((await chat(gateway, secret)).status).toBe(200);
+
+    // Limits: this key may no longer use the model.
+    const narrowed = Date.now();
+    await billing.updateApiKeyLimits({ apiKeyId: keyId, limits: { allowedModels: ["something-else"] } });
+    const forbidden = await eventually(async () => ((await chat(gateway, secret)).status === 403 ? Date.now() : undefined), 5_000);
+    expect(forbidden - narrowed).toBeLessThan(1_000);
+    await billing.updateApiKeyLimits({ apiKeyId: keyId, limits: {} });
+    await eventually(async () => ((await chat(gateway, secret)).status === 200 ? true : undefined), 5_000);
+
+    const revoked = Date.now();
+    await billing.revokeApiKey({ apiKeyId: keyId });
+    const refused = await eventually(async () => {
+      const res = await chat(gateway, secret);
+      return res.status === 401 ? Date.now() : undefined;
+    }, 5_000);
+    expect(refused - revoked).toBeLessThan(1_000);
+    process.stdout.write(`key changes seen: limit change ${forbidden - narrowed} ms, revocation ${refused - revoked} ms\n`);
+  }, 30_000);
+});
