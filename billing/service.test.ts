@@ -354,8 +354,14 @@ test("WatchKeyChanges streams revocations to gateways", async () => {
   const { apiKey } = await client.createApiKey({ orgId }, admin);
   const stop = new AbortController();
   const stream = client.watchKeyChanges({}, { ...admin, signal: stop.signal });
+  let live = false;
   const received = (async () => {
     for await (const change of stream) {
+      // The first, empty message says the watch is live.
+      if (!change.apiKeyId) {
+        live = true;
+        continue;
+      }
       stop.abort();
       return change;
     }
@@ -367,6 +373,7 @@ test("WatchKeyChanges streams revocations to gateways", async () => {
     await client.updateApiKeyLimits({ apiKeyId: apiKey?.id as string }, admin);
     change = await Promise.race([received, Bun.sleep(50).then(() => undefined)]);
   }
+  expect(live).toBe(true);
   expect(change).toMatchObject({ apiKeyId: apiKey?.id as string, revoked: false });
   expect(change?.secretHash).toMatch(/^[0-9a-f]{64}$/);
   expect(await code((async () => { for await (const _ of client.watchKeyChanges({})) break; })())).toBe(

@@ -175,11 +175,11 @@ export function createBillingService({
       admin(ctx);
       const signal = stopSignal ? AbortSignal.any([ctx.signal, stopSignal]) : ctx.signal;
       for await (const change of store.watchKeyChanges(signal)) {
-        yield create(WatchKeyChangesResponseSchema, {
-          apiKeyId: change.apiKeyId,
-          secretHash: change.secretSha256,
-          revoked: change.revoked,
-        });
+        // null: the watch is live; sent as an empty message so the gateway can trust the stream at once.
+        yield create(
+          WatchKeyChangesResponseSchema,
+          change ? { apiKeyId: change.apiKeyId, secretHash: change.secretSha256, revoked: change.revoked } : {},
+        );
       }
     },
 

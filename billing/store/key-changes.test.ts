@@ -43,10 +43,12 @@ async function watch(count: number, act: () => Promise<void>): Promise<KeyChange
   const changes: KeyChange[] = [];
   const iterator = store.watchKeyChanges(stop.signal)[Symbol.asyncIterator]();
   const collecting = (async () => {
+    // The first item says the watch is live; changes follow.
+    expect((await iterator.next()).value).toBeNull();
     while (changes.length < count) {
       const next = await iterator.next();
       if (next.done) break;
-      changes.push(next.value);
+      if (next.value) changes.push(next.value);
     }
     stop.abort();
     await iterator.return?.(undefined);
@@ -79,7 +81,9 @@ test("watchers hear committed revocations, rotations and limit changes, and noth
 test("the listening connection goes back to the pool when the last watcher leaves", async () => {
   const busy = () => db.pool.totalCount - db.pool.idleCount;
   const stop = new AbortController();
-  const first = store.watchKeyChanges(stop.signal)[Symbol.asyncIterator]().next();
+  const iterator = store.watchKeyChanges(stop.signal)[Symbol.asyncIterator]();
+  expect((await iterator.next()).value).toBeNull();
+  const first = iterator.next();
   await listening();
   expect(busy()).toBe(1);
   stop.abort();
@@ -94,10 +98,10 @@ test("a watcher that stops pulling after a change frees the connection when abor
   const { apiKey } = await store.createApiKey({ orgId: org.id, projectId: null, name: "k", limits: noLimits });
   const busy = () => db.pool.totalCount - db.pool.idleCount;
   const stop = new AbortController();
-  const first = store.watchKeyChanges(stop.signal)[Symbol.asyncIterator]().next();
-  await listening();
+  const iterator = store.watchKeyChanges(stop.signal)[Symbol.asyncIterator]();
+  expect((await iterator.next()).value).toBeNull();
   await store.revokeApiKey(apiKey.id);
-  expect((await first).value).toEqual({ apiKeyId: apiKey.id, secretSha256: apiKey.secretSha256, revoked: true });
+  expect((await iterator.next()).value).toEqual({ apiKeyId: apiKey.id, secretSha256: apiKey.secretSha256, revoked: true });
   // The generator stays suspended at its yield: neither next() nor return() is called again.
   stop.abort();
   for (let i = 0; i < 100 && busy() > 0; i++) await Bun.sleep(10);
@@ -106,9 +110,9 @@ test("a watcher that stops pulling after a change frees the connection when abor
 
 test("watchers fail as unavailable when the listening connection dies, and a new watcher listens afresh", async () => {
   // Settled into a value at once: the rejection may arrive before the terminating query returns.
-  const first = store
-    .watchKeyChanges(new AbortController().signal)
-    [Symbol.asyncIterator]()
+  const iterator = store.watchKeyChanges(new AbortController().signal)[Symbol.asyncIterator]();
+  expect((await iterator.next()).value).toBeNull();
+  const first = iterator
     .next()
     .then(
       () => undefined,

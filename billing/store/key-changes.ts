@@ -89,8 +89,11 @@ export function createKeyChangeFeed(pool: pg.Pool) {
   };
 
   return {
-    /** Changes committed from now on, until `signal` aborts or the feed fails. */
-    async *watchKeyChanges(signal: AbortSignal): AsyncGenerator<KeyChange> {
+    /**
+     * Changes committed from now on, until `signal` aborts or the feed fails. The first item is null,
+     * once LISTEN is in effect, so watchers know from then on nothing is missed.
+     */
+    async *watchKeyChanges(signal: AbortSignal): AsyncGenerator<KeyChange | null> {
       const queue: KeyChange[] = [];
       let failure: Error | undefined;
       let wake = () => {};
@@ -124,6 +127,7 @@ export function createKeyChangeFeed(pool: pg.Pool) {
       try {
         // Changes are only announced once LISTEN is in effect; a failure to listen arrives as `failure`.
         await listening.catch(() => {});
+        if (!failure && !signal.aborted) yield null;
         while (!signal.aborted) {
           const change = queue.shift();
           if (change) {

@@ -681,6 +681,9 @@ export const WatchKeyChangesRequestSchema: GenMessage<WatchKeyChangesRequest> = 
   messageDesc(file_billing_v1_billing, 24);
 
 /**
+ * The first message of every stream is empty (no api_key_id): it says the watch is live, and every
+ * change committed after it will be delivered.
+ *
  * @generated from message billing.v1.WatchKeyChangesResponse
  */
 export type WatchKeyChangesResponse = Message<"billing.v1.WatchKeyChangesResponse"> & {
