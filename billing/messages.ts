@@ -3,8 +3,6 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import {
   type ApiKey as ApiKeyMessage,
   ApiKeySchema,
-  type CostBreakdown as CostBreakdownMessage,
-  CostBreakdownSchema,
   DiscountKind as DiscountKindEnum,
   type DiscountRule as DiscountRuleMessage,
   DiscountRuleSchema,
@@ -21,7 +19,13 @@ import {
   type UsageRecord as UsageRecordMessage,
   UsageRecordSchema,
 } from "../gen/billing/v1/billing_pb.ts";
-import { Endpoint as EndpointEnum, type TokenUsage, TokenUsageSchema } from "../gen/common/v1/common_pb.ts";
+import {
+  type CostBreakdown as CostBreakdownMessage,
+  CostBreakdownSchema,
+  Endpoint as EndpointEnum,
+  type TokenUsage,
+  TokenUsageSchema,
+} from "../gen/common/v1/common_pb.ts";
 import { roundingRule } from "./invoices/build.ts";
 import type {
   ApiKey,

@@ -1,8 +1,6 @@
-import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { CompletionUsage } from "openai/resources/completions";
-import { TokenUsageSchema } from "../gen/common/v1/common_pb.ts";
-import { costNanos, type Price, type Tokens } from "../lib/money.ts";
+import type { Price, Tokens } from "../lib/money.ts";
 import type { Call } from "./core.ts";
 import { cancelled, type GatewayError, toGatewayError, upstreamFailed, upstreamTimeout } from "./errors.ts";
 import {
@@ -13,6 +11,7 @@ import {
   UpstreamError,
   usageOfTokens,
 } from "./providers/provider.ts";
+import { meterUsage } from "./metering.ts";
 import { countInputTokens, countTextTokens, estimatedTokens } from "./tokenizer.ts";
 
 /** Accounting of a stream, known once it has ended however it ended. */
@@ -125,10 +124,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       if (error) await iterator.return?.().catch(() => undefined);
       // Metrics are recorded even if counting fails (the tokenizer cannot load): with zero tokens, marked estimated.
       tokens ??= await settle().catch(() => ({ value: estimatedTokens(0, 0), estimated: true }));
-      const cost = costNanos(tokens.value, options.price);
-      m.usage = create(TokenUsageSchema, tokens.value);
-      m.usageEstimated = tokens.estimated;
-      m.costNanos = cost;
+      const cost = meterUsage(m, tokens.value, tokens.estimated, options.price);
       outcome = { tokens: tokens.value, costNanos: cost, usageEstimated: tokens.estimated, provider: m.provider, error };
       options.finish(call, error);
     }

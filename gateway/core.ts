@@ -4,9 +4,9 @@ import { isSpanContextValid, trace } from "@opentelemetry/api";
 import { Counter, Histogram, type Registry } from "prom-client";
 import { ulid } from "ulid";
 import { type RequestMetrics, RequestMetricsSchema, RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
-import { Endpoint, TokenUsageSchema } from "../gen/common/v1/common_pb.ts";
+import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import type { Logger } from "../lib/log.ts";
-import { costNanos, type Tokens } from "../lib/money.ts";
+import type { Tokens } from "../lib/money.ts";
 import type { KeyAuthorizer, Principal } from "./auth.ts";
 import { type BudgetKeeper, maxChatCostNanos, maxCostNanos, maxEmbeddingInputTokens, type Reservation } from "./budget.ts";
 import { parseChatInput } from "./chat-request.ts";
@@ -16,6 +16,7 @@ import type { GatewayConfig, ModelRoute } from "./config.ts";
 import { parseEmbeddingInput } from "./embedding-request.ts";
 import { type GatewayError, invalidRequest, modelNotAllowed, modelNotFound, toGatewayError } from "./errors.ts";
 import type { ChatCompletion, CreateEmbeddingResponse, Provider } from "./providers/provider.ts";
+import { meterUsage } from "./metering.ts";
 import { estimatedChatTokens, type RateLimiter, type RateTicket } from "./rate-limits.ts";
 import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
 
@@ -262,10 +263,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         provider.chat({ ...input.upstream, model }, options),
       );
       if (result.completion.model) m.servedModel = result.completion.model;
-      const cost = costNanos(result.tokens, route.price);
-      m.usage = create(TokenUsageSchema, result.tokens);
-      m.usageEstimated = result.usageEstimated;
-      m.costNanos = cost;
+      const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price);
       const span = trace.getActiveSpan();
       if (span?.isRecording()) {
         span.setAttributes({
@@ -340,10 +338,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         provider.embed({ ...input.upstream, model }, options),
       );
       if (result.response.model) m.servedModel = result.response.model;
-      const cost = costNanos(result.tokens, route.price);
-      m.usage = create(TokenUsageSchema, result.tokens);
-      m.usageEstimated = result.usageEstimated;
-      m.costNanos = cost;
+      const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price);
       return { response: result.response, tokens: result.tokens, costNanos: cost, usageEstimated: result.usageEstimated, provider: m.provider };
     },
     models(call) {

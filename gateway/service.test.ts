@@ -61,6 +61,8 @@ describe("GatewayService over gRPC", () => {
     expect(res.accounting?.usage).toMatchObject({ inputTokens: 16n, outputTokens: 6n });
     const m = gateway.shipper.rows.find((r) => r.requestId === requestId);
     expect(m).toMatchObject({ status: RequestStatus.OK, costNanos: 17000n, endUserId: "u1", tags: { via: "rpc" }, orgId: "org_1" });
+    // 16 input tokens at $0.50/M and 6 output at $1.50/M, itemised for invoices.
+    expect(m?.costBreakdown).toMatchObject({ inputNanos: 8000n, cachedInputNanos: 0n, outputNanos: 9000n, reasoningNanos: 0n });
   });
 
   test("failures map to RPC codes and carry the request id", async () => {
@@ -111,6 +113,7 @@ describe("GatewayService over gRPC", () => {
     expect(last?.accounting?.usage).toMatchObject({ inputTokens: 16n, outputTokens: 6n });
     const m = gateway.shipper.rows.find((r) => r.requestId === requestId);
     expect(m).toMatchObject({ status: RequestStatus.OK, streamed: true, costNanos: 17000n });
+    expect(m?.costBreakdown).toMatchObject({ inputNanos: 8000n, outputNanos: 9000n });
   });
 
   test("StreamChatCompletion fails with RPC codes before the stream opens", async () => {

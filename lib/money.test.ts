@@ -1,6 +1,8 @@
 import { describe, expect, test } from "bun:test";
+import fc from "fast-check";
 import {
   costNanos,
+  costParts,
   divRoundHalfUp,
   formatCents,
   formatNanosUsd,
@@ -69,6 +71,51 @@ describe("costNanos", () => {
   });
   test("cached and reasoning counts larger than their totals are clamped", () => {
     expect(costNanos(tokens(10, 10, 50, 50), gpt4o)).toBe(costNanos(tokens(10, 10, 10, 10), gpt4o));
+  });
+});
+
+describe("costParts", () => {
+  test("parts add up exactly to the total, the rounding going to the largest remainders", () => {
+    const price: Price = { inputMicros: 1n, cachedInputMicros: 3n, outputMicros: 7n, reasoningMicros: 11n };
+    for (const t of [tokens(250, 250), tokens(1999, 333, 77, 12), tokens(1, 1, 1, 1), tokens(0, 0), tokens(123457, 98765, 4321, 567)]) {
+      const parts = costParts(t, price);
+      expect(parts.inputNanos + parts.cachedInputNanos + parts.outputNanos + parts.reasoningNanos).toBe(parts.totalNanos);
+      expect(parts.totalNanos).toBe(costNanos(t, price));
+    }
+    // 250 input at 1 micro/M = 0.25 nano, 250 output at 7 = 1.75 nano: total 2, output takes the leftover.
+    expect(costParts(tokens(250, 250), price)).toEqual({
+      inputNanos: 0n,
+      cachedInputNanos: 0n,
+      outputNanos: 2n,
+      reasoningNanos: 0n,
+      totalNanos: 2n,
+    });
+  });
+  test("for any tokens and prices, parts sum to the total and each is within one nano of its exact share", () => {
+    const count = fc.bigInt({ min: 0n, max: 2n ** 31n - 1n });
+    const micros = fc.bigInt({ min: 0n, max: 1_000_000_000n });
+    fc.assert(
+      fc.property(count, count, count, count, micros, micros, micros, micros, (i, c, o, r, pi, pc, po, pr) => {
+        const t = { inputTokens: i, cachedInputTokens: c, outputTokens: o, reasoningTokens: r };
+        const parts = costParts(t, { inputMicros: pi, cachedInputMicros: pc, outputMicros: po, reasoningMicros: pr });
+        const sum = parts.inputNanos + parts.cachedInputNanos + parts.outputNanos + parts.reasoningNanos;
+        const cached = c < i ? c : i;
+        const reasoning = r < o ? r : o;
+        const exact = [(i - cached) * pi, cached * pc, (o - reasoning) * po, reasoning * pr];
+        const got = [parts.inputNanos, parts.cachedInputNanos, parts.outputNanos, parts.reasoningNanos];
+        return sum === parts.totalNanos && got.every((g, k) => g * 1000n >= (exact[k] ?? 0n) - 1000n && g * 1000n <= (exact[k] ?? 0n) + 1000n);
+      }),
+    );
+  });
+
+  test("each part is priced at its own rate", () => {
+    expect(costParts(tokens(1000, 500, 400, 100), gpt4o)).toEqual({
+      inputNanos: 1_500_000n,
+      cachedInputNanos: 500_000n,
+      outputNanos: 4_000_000n,
+      reasoningNanos: 1_000_000n,
+      totalNanos: 7_000_000n,
+    });
   });
 });
 

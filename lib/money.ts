@@ -48,21 +48,47 @@ export function divRoundHalfUp(numerator: bigint, denominator: bigint): bigint {
   return sign * ((abs * 2n + denominator) / (denominator * 2n));
 }
 
+/** A request's cost in nano-USD and its parts per token type; the parts add up to the total exactly. */
+export interface CostParts {
+  inputNanos: bigint;
+  cachedInputNanos: bigint;
+  outputNanos: bigint;
+  reasoningNanos: bigint;
+  totalNanos: bigint;
+}
+
 /**
- * Exact cost of one request in nano-USD, rounded half-up once.
+ * Exact cost of one request in nano-USD, rounded half-up once, split per token type.
  * Cached input tokens are part of input tokens and reasoning tokens part of output tokens;
- * each part is priced at its own rate.
+ * each part is priced at its own rate. The parts are floored and the rounding left over goes to
+ * the parts with the largest remainders, so invoices itemise exactly what was charged.
  */
-export function costNanos(tokens: Tokens, price: Price): bigint {
+export function costParts(tokens: Tokens, price: Price): CostParts {
   const cached = min(tokens.cachedInputTokens, tokens.inputTokens);
   const reasoning = min(tokens.reasoningTokens, tokens.outputTokens);
   // tokens * micro-USD per 1e6 tokens = tokens * micros / 1e6 micro-USD = tokens * micros / 1e3 nano-USD
-  const microTokenProduct =
-    (tokens.inputTokens - cached) * price.inputMicros +
-    cached * price.cachedInputMicros +
-    (tokens.outputTokens - reasoning) * price.outputMicros +
-    reasoning * price.reasoningMicros;
-  return divRoundHalfUp(microTokenProduct, 1000n);
+  const products = [
+    (tokens.inputTokens - cached) * price.inputMicros,
+    cached * price.cachedInputMicros,
+    (tokens.outputTokens - reasoning) * price.outputMicros,
+    reasoning * price.reasoningMicros,
+  ];
+  const totalNanos = divRoundHalfUp(products.reduce((a, b) => a + b, 0n), 1000n);
+  const parts = products.map((p) => p / 1000n);
+  let leftover = totalNanos - parts.reduce((a, b) => a + b, 0n);
+  const byRemainder = products.map((p, i) => ({ i, r: p % 1000n })).sort((a, b) => (b.r > a.r ? 1 : b.r < a.r ? -1 : a.i - b.i));
+  for (const { i, r } of byRemainder) {
+    if (leftover === 0n || r === 0n) break;
+    parts[i] = (parts[i] ?? 0n) + 1n;
+    leftover--;
+  }
+  const [inputNanos = 0n, cachedInputNanos = 0n, outputNanos = 0n, reasoningNanos = 0n] = parts;
+  return { inputNanos, cachedInputNanos, outputNanos, reasoningNanos, totalNanos };
+}
+
+/** Exact cost of one request in nano-USD, rounded half-up once (see costParts). */
+export function costNanos(tokens: Tokens, price: Price): bigint {
+  return costParts(tokens, price).totalNanos;
 }
 
 /** Rounds nano-USD to cents, half-up (away from zero), once. */

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file common/v1/common.proto.
  */
 export const file_common_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChZjb21tb24vdjEvY29tbW9uLnByb3RvEgljb21tb24udjEicAoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgCIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAMgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBCABKAMqcQoIRW5kcG9pbnQSGAoURU5EUE9JTlRfVU5TUEVDSUZJRUQQABIdChlFTkRQT0lOVF9DSEFUX0NPTVBMRVRJT05TEAESFwoTRU5EUE9JTlRfRU1CRURESU5HUxACEhMKD0VORFBPSU5UX01PREVMUxADYgZwcm90bzM");
+  fileDesc("ChZjb21tb24vdjEvY29tbW9uLnByb3RvEgljb21tb24udjEicAoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgCIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAMgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBCABKAMibwoNQ29zdEJyZWFrZG93bhITCgtpbnB1dF9uYW5vcxgBIAEoAxIaChJjYWNoZWRfaW5wdXRfbmFub3MYAiABKAMSFAoMb3V0cHV0X25hbm9zGAMgASgDEhcKD3JlYXNvbmluZ19uYW5vcxgEIAEoAypxCghFbmRwb2ludBIYChRFTkRQT0lOVF9VTlNQRUNJRklFRBAAEh0KGUVORFBPSU5UX0NIQVRfQ09NUExFVElPTlMQARIXChNFTkRQT0lOVF9FTUJFRERJTkdTEAISEwoPRU5EUE9JTlRfTU9ERUxTEANiBnByb3RvMw");
 
 /**
  * Token counts of one request, as reported by the upstream provider or, when it
@@ -54,6 +54,46 @@ export type TokenUsage = Message<"common.v1.TokenUsage"> & {
  */
 export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
   messageDesc(file_common_v1_common, 0);
+
+/**
+ * Parts of a request's cost_nanos per token type, in nano-USD, each priced at its own rate. Set by the
+ * gateway; the parts add up to cost_nanos exactly (the single half-up rounding of the request goes to
+ * the parts with the largest remainders). Invoices itemise usage by these parts.
+ *
+ * @generated from message common.v1.CostBreakdown
+ */
+export type CostBreakdown = Message<"common.v1.CostBreakdown"> & {
+  /**
+   * Input tokens that were not cached.
+   *
+   * @generated from field: int64 input_nanos = 1;
+   */
+  inputNanos: bigint;
+
+  /**
+   * @generated from field: int64 cached_input_nanos = 2;
+   */
+  cachedInputNanos: bigint;
+
+  /**
+   * Output tokens that were not reasoning.
+   *
+   * @generated from field: int64 output_nanos = 3;
+   */
+  outputNanos: bigint;
+
+  /**
+   * @generated from field: int64 reasoning_nanos = 4;
+   */
+  reasoningNanos: bigint;
+};
+
+/**
+ * Describes the message common.v1.CostBreakdown.
+ * Use `create(CostBreakdownSchema)` to create a new message.
+ */
+export const CostBreakdownSchema: GenMessage<CostBreakdown> = /*@__PURE__*/
+  messageDesc(file_common_v1_common, 1);
 
 /**
  * The API surface a request used. Shared by analytics (dimensions) and billing (usage lines).
