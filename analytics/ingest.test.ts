@@ -11,7 +11,7 @@ import {
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createLogger } from "../lib/log.ts";
-import { maxBatchRows, toUsageRecord } from "./ingest.ts";
+import { type IngestOptions, maxBatchRows, toUsageRecord } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
 import { createAnalyticsService } from "./service.ts";
 import type { AnalyticsStore } from "./store/store.ts";
@@ -26,10 +26,24 @@ const window = { start: timestampFromDate(new Date(now - 86_400_000)), end: time
 
 type Batch = MessageInitShape<typeof IngestMetricsRequestSchema>;
 
-function setup(store: AnalyticsStore, billing = createRecordingBilling(), stopSignal?: AbortSignal) {
+interface SetupOptions {
+  billing?: ReturnType<typeof createRecordingBilling>;
+  stopSignal?: AbortSignal;
+  ingest?: Partial<IngestOptions>;
+}
+
+function setup(store: AnalyticsStore, options: SetupOptions = {}) {
+  const billing = options.billing ?? createRecordingBilling();
   const billingTransport = createRouterTransport((r) => r.service(BillingService, billing.impl));
-  const billingClient = createClient(BillingService, billingTransport);
-  const service = createAnalyticsService({ store, billing: billingClient, log, adminToken, stopSignal });
+  const service = createAnalyticsService({
+    store,
+    billing: createClient(BillingService, billingTransport),
+    log,
+    adminToken,
+    stopSignal: options.stopSignal,
+    // Short intervals keep the suite fast; each test that cares sets its own.
+    ingest: { flushIntervalMs: 20, ...options.ingest },
+  });
   const client = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service)));
   /** Sends the batches on one stream; returns the acks received and the error that ended the stream, if any. */
   const send = async (batches: Batch[]) => {
@@ -54,6 +68,8 @@ function setup(store: AnalyticsStore, billing = createRecordingBilling(), stopSi
 const rows = (n: number, init: Parameters<typeof sampleMetrics>[1] = {}): RequestMetrics[] =>
   Array.from({ length: n }, (_, i) => sampleMetrics(new Date(now - 3_600_000 + i * 10), init));
 
+const sequences = (acks: IngestMetricsResponse[]) => acks.map((a) => a.ackedSequence);
+
 describe("IngestMetrics", () => {
   let store: TestStore;
   beforeAll(async () => {
@@ -66,7 +82,7 @@ describe("IngestMetrics", () => {
     return { requests: total?.requests, costNanos: total?.costNanos };
   };
 
-  test("acks each batch in order, only after it is in ClickHouse and in billing", async () => {
+  test("batches are combined into one flush and acked in order, only once in ClickHouse and in billing", async () => {
     const org = "org_order";
     const batches = [rows(3, { orgId: org }), rows(2, { orgId: org }), rows(4, { orgId: org })];
     const inClickHouseWhenBilled: boolean[] = [];
@@ -77,16 +93,44 @@ describe("IngestMetrics", () => {
         inClickHouseWhenBilled.push(records.every((r) => written.has(r.requestId)));
       },
     });
-    const { send } = setup(store, billing);
+    const { send } = setup(store, { billing, ingest: { flushIntervalMs: 200 } });
     const { acks, error } = await send(
       batches.map((metrics, i) => ({ gatewayInstanceId: "gw-1", sequence: BigInt(i + 1), metrics })),
     );
     expect(error).toBeUndefined();
-    expect(acks.map((a) => a.ackedSequence)).toEqual([1n, 2n, 3n]);
-    expect(acks.map((a) => a.duplicateRows)).toEqual([0, 0, 0]);
-    expect(inClickHouseWhenBilled).toEqual([true, true, true]);
-    expect(billing.calls.map((c) => c.map((r) => r.requestId))).toEqual(batches.map((b) => b.map((m) => m.requestId)));
+    expect(sequences(acks)).toEqual([1n, 2n, 3n]);
+    expect(inClickHouseWhenBilled).toEqual([true]);
+    expect(billing.calls.map((c) => c.map((r) => r.requestId))).toEqual([batches.flat().map((m) => m.requestId)]);
     expect(await totals(org)).toEqual({ requests: 9n, costNanos: 9n * 12_345n });
+  });
+
+  test("a flush starts once enough rows are buffered, before the interval", async () => {
+    const org = "org_rows";
+    const { billing, client } = setup(store, { ingest: { flushRows: 5, flushIntervalMs: 60_000 } });
+    const queue = createBatchQueue();
+    const acks = client.ingestMetrics(queue, { headers })[Symbol.asyncIterator]();
+    queue.push({ sequence: 1n, metrics: rows(3, { orgId: org }) });
+    queue.push({ sequence: 2n, metrics: rows(3, { orgId: org }) });
+    expect((await acks.next()).value?.ackedSequence).toBe(1n);
+    expect((await acks.next()).value?.ackedSequence).toBe(2n);
+    expect(billing.calls.map((c) => c.length)).toEqual([6]);
+    queue.end();
+    expect((await acks.next()).done).toBe(true);
+  });
+
+  test("batches of several gateways share a flush; each stream gets its own acks", async () => {
+    const org = "org_shared";
+    const { billing, client } = setup(store, { ingest: { flushIntervalMs: 300 } });
+    const streams = ["gw-a", "gw-b"].map((gw) => {
+      const queue = createBatchQueue();
+      const acks = client.ingestMetrics(queue, { headers })[Symbol.asyncIterator]();
+      queue.push({ gatewayInstanceId: gw, sequence: 7n, metrics: rows(2, { orgId: org }) });
+      return { queue, acks };
+    });
+    for (const s of streams) expect((await s.acks.next()).value?.ackedSequence).toBe(7n);
+    expect(billing.calls.map((c) => c.length)).toEqual([4]);
+    for (const s of streams) s.queue.end();
+    expect(await totals(org)).toEqual({ requests: 4n, costNanos: 4n * 12_345n });
   });
 
   test("no ack when ClickHouse fails, and billing is not called", async () => {
@@ -106,10 +150,10 @@ describe("IngestMetrics", () => {
     const batch = { gatewayInstanceId: "gw-2", sequence: 41n, metrics: rows(5, { orgId: org }) };
 
     billing.fail();
-    const failed = await send([batch, { ...batch, sequence: 42n, metrics: rows(1, { orgId: org }) }]);
+    const failed = await send([batch]);
     expect(failed.acks).toEqual([]);
     expect(failed.error?.code).toBe(Code.Unavailable);
-    // The rows reached ClickHouse before billing failed; the second batch was never processed.
+    // The rows reached ClickHouse before billing failed.
     expect(await totals(org)).toEqual({ requests: 5n, costNanos: 5n * 12_345n });
 
     billing.fail(false);
@@ -140,46 +184,67 @@ describe("IngestMetrics", () => {
     expect((await totals(org)).requests).toBe(0n);
   });
 
-  test("a full batch of 10,000 rows is written and billed in one call", async () => {
+  test("a full batch of 10,000 rows is written at once and billed in calls of billingBatchRows", async () => {
     const org = "org_full";
-    const { billing, send } = setup(store);
+    const { billing, send } = setup(store, { ingest: { billingBatchRows: 4000 } });
     const { acks, error } = await send([{ sequence: 1n, metrics: rows(maxBatchRows, { orgId: org, costNanos: 3n }) }]);
     expect(error).toBeUndefined();
-    expect(acks.map((a) => a.ackedSequence)).toEqual([1n]);
-    expect(billing.calls.map((c) => c.length)).toEqual([maxBatchRows]);
+    expect(sequences(acks)).toEqual([1n]);
+    expect(billing.calls.map((c) => c.length).sort()).toEqual([2000, 4000, 4000]);
     expect(await totals(org)).toEqual({ requests: 10_000n, costNanos: 30_000n });
   });
 
   test("requests without an org are stored but not billed; an empty batch is acked", async () => {
-    const { billing, send } = setup(store);
+    const { billing, send } = setup(store, { ingest: { flushIntervalMs: 100 } });
     const anonymous = rows(2, { orgId: "", apiKeyId: "", costNanos: 0n });
     const billed = rows(1, { orgId: "org_mixed" });
     const { acks } = await send([
       { sequence: 1n, metrics: [...anonymous, ...billed] },
       { sequence: 2n, metrics: [] },
     ]);
-    expect(acks.map((a) => a.ackedSequence)).toEqual([1n, 2n]);
+    expect(sequences(acks)).toEqual([1n, 2n]);
     expect(billing.calls.map((c) => c.map((r) => r.requestId))).toEqual([billed.map((m) => m.requestId)]);
     expect((await totals("")).requests).toBe(2n);
   });
 
-  test("on stop, a stream acks the batch in hand and then ends cleanly", async () => {
+  test("while the buffer is full the stream is not read; memory stays bounded and nothing is lost", async () => {
+    const org = "org_pressure";
+    let release: () => void = () => {};
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    const billing = createRecordingBilling({ onRecord: () => gate });
+    const { client } = setup(store, { billing, ingest: { flushRows: 10, flushIntervalMs: 5, maxBufferedRows: 30 } });
+    const queue = createBatchQueue();
+    const acks = client.ingestMetrics(queue, { headers })[Symbol.asyncIterator]();
+    for (let i = 1; i <= 40; i++) queue.push({ sequence: BigInt(i), metrics: rows(10, { orgId: org }) });
+    const first = acks.next();
+    await Bun.sleep(300);
+    // Billing holds the first flush: 30 rows fill the buffer, so only a few batches beyond are pulled.
+    expect(queue.taken).toBeLessThan(10);
+    release();
+    expect((await first).value?.ackedSequence).toBe(1n);
+    const seen = [1n];
+    for (let i = 2; i <= 40; i++) seen.push((await acks.next()).value?.ackedSequence ?? -1n);
+    expect(seen).toEqual(Array.from({ length: 40 }, (_, i) => BigInt(i + 1)));
+    queue.end();
+    expect((await acks.next()).done).toBe(true);
+    expect(await totals(org)).toEqual({ requests: 400n, costNanos: 400n * 12_345n });
+  });
+
+  test("on stop, streams stop being read; what is buffered is flushed and acked, then streams end", async () => {
     const org = "org_stop";
     const stop = new AbortController();
-    // Stopping while the second batch is being billed must not cost it its ack.
-    const billing = createRecordingBilling({
-      onRecord: (records) => {
-        if (records.length === 2) stop.abort();
-      },
-    });
-    const { client } = setup(store, billing, stop.signal);
+    const { client } = setup(store, { stopSignal: stop.signal, ingest: { flushIntervalMs: 60_000 } });
     const queue = createBatchQueue();
     const acks = client.ingestMetrics(queue, { headers })[Symbol.asyncIterator]();
     queue.push({ sequence: 1n, metrics: rows(1, { orgId: org }) });
-    expect((await acks.next()).value?.ackedSequence).toBe(1n);
     queue.push({ sequence: 2n, metrics: rows(2, { orgId: org }) });
+    await Bun.sleep(50);
+    expect((await totals(org)).requests).toBe(0n);
+    stop.abort();
+    expect((await acks.next()).value?.ackedSequence).toBe(1n);
     expect((await acks.next()).value?.ackedSequence).toBe(2n);
-    // Ends without waiting for the gateway to close its side.
+    // Ends without waiting for the gateway to close its side, and without reading more.
+    queue.push({ sequence: 3n, metrics: rows(1, { orgId: org }) });
     expect((await acks.next()).done).toBe(true);
     queue.end();
     expect((await totals(org)).requests).toBe(3n);
@@ -205,7 +270,13 @@ describe("IngestMetrics", () => {
 });
 
 test("usage records carry what billing needs", () => {
-  const m = sampleMetrics(new Date(now), { orgId: "org_x", projectId: "proj_x", apiKeyId: "key_x", costNanos: 99n });
+  const m = sampleMetrics(new Date(now), {
+    orgId: "org_x",
+    projectId: "proj_x",
+    apiKeyId: "key_x",
+    costNanos: 99n,
+    costBreakdown: { inputNanos: 50n, cachedInputNanos: 9n, outputNanos: 30n, reasoningNanos: 10n },
+  });
   const record = toUsageRecord(m);
   expect(record).toMatchObject({
     requestId: m.requestId,
@@ -219,5 +290,6 @@ test("usage records carry what billing needs", () => {
     occurTime: m.startTime,
   });
   expect(record.usage).toEqual(m.usage);
+  expect(record.costBreakdown).toEqual(m.costBreakdown);
   expect(create(BillingService.method.recordUsage.input, { records: [record] }).records).toHaveLength(1);
 });

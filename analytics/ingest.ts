@@ -2,7 +2,7 @@ import { createHash } from "node:crypto";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
 import { type Link, trace, type Tracer } from "@opentelemetry/api";
-import { Counter, Histogram, type Registry } from "prom-client";
+import { Counter, Gauge, Histogram, type Registry } from "prom-client";
 import type {
   IngestMetricsRequest,
   IngestMetricsResponseSchema,
@@ -15,125 +15,333 @@ import type { AnalyticsStore } from "./store/store.ts";
 
 /** Most rows in one IngestMetrics batch, and in one RecordUsage call. */
 export const maxBatchRows = 10_000;
-// A batch span links to at most this many request spans; more would bloat every exported span.
+// A flush span links to at most this many request spans; more would bloat every exported span.
 const maxSpanLinks = 128;
+
+export interface IngestOptions {
+  /** A flush starts once this many rows are buffered (across every gateway's stream)... */
+  flushRows: number;
+  /** ...or this long after the oldest buffered row arrived. */
+  flushIntervalMs: number;
+  /** Rows held in memory (buffered and being flushed); streams are not read while it is reached. */
+  maxBufferedRows: number;
+  /** ClickHouse inserts in flight at once; acks still go out in insert order. */
+  insertConcurrency: number;
+  /** Rows per RecordUsage call (at most 10,000)... */
+  billingBatchRows: number;
+  /** ...and calls in flight at once, across flushes. */
+  billingConcurrency: number;
+}
+
+export const defaultIngestOptions: IngestOptions = {
+  // ClickHouse wants inserts of 10,000 to 100,000 rows, about once a second, not one per request.
+  flushRows: 20_000,
+  flushIntervalMs: 1000,
+  // About 1.2 KB per decoded row: some 120 MB of heap at most. Acks wait for billing, so the rows in flight
+  // (and the gateways' windows) must cover a couple of flushes' latency or throughput stalls.
+  maxBufferedRows: 100_000,
+  // One insert is encoded while the engine writes another.
+  insertConcurrency: 2,
+  // Two calls of 5,000 keep both billing and its Postgres busy (bench/billing.ts measures the same shape).
+  billingBatchRows: 5000,
+  billingConcurrency: 2,
+};
 
 export interface IngestDeps {
   store: AnalyticsStore;
   billing: Client<typeof BillingService>;
   log: Logger;
+  options?: Partial<IngestOptions>;
   /** Where ingest metrics are registered; none in most tests. */
   registry?: Registry;
   tracer?: Tracer;
-  /** Aborted when the process stops: each stream finishes the batch in hand, acks it and ends cleanly. */
+  /** Aborted when the process stops: streams stop being read, what is buffered is flushed and acked, streams end. */
   stopSignal?: AbortSignal;
 }
 
 type Ack = MessageInitShape<typeof IngestMetricsResponseSchema>;
 
+/** One gateway's stream: acks waiting to be sent, and how its batches stand. */
+interface StreamState {
+  acks: Ack[];
+  /** Batches read and not yet acked or failed. */
+  unacked: number;
+  readerDone: boolean;
+  failure: ConnectError | undefined;
+  wake: (() => void) | undefined;
+}
+
+/** One gateway batch inside the buffer or a flush. */
+interface Chunk {
+  stream: StreamState;
+  sequence: bigint;
+  rows: RequestMetrics[];
+}
+
+export interface Ingest {
+  /** Handles one IngestMetrics stream: its batches join the shared buffer; yields their acks in order. */
+  handle(batches: AsyncIterable<IngestMetricsRequest>): AsyncIterable<Ack>;
+}
+
 /**
- * Handles one IngestMetrics stream. Batches are processed in order; each is written to ClickHouse, then
- * recorded in billing, and only then acked. Any failure ends the stream with an error and no ack for that
- * batch, so the gateway keeps it in its spool and resends it; request_id makes the resend harmless.
+ * IngestMetrics for every gateway at once. Batches from all streams are buffered together and flushed
+ * by size or interval: each flush is one ClickHouse insert, then batched RecordUsage calls, then the acks
+ * of every batch it holds. A failure in either step acks nothing: the streams holding those batches end
+ * with Unavailable and their gateways resend; request_id makes the resends harmless downstream.
+ * Flushes overlap (insertConcurrency inserts, billingConcurrency RecordUsage calls) and are acked in insert order.
+ * Memory is bounded by maxBufferedRows: past it no stream is read, so gateways keep their rows in their spools.
  */
-export function createIngest(deps: IngestDeps): (batches: AsyncIterable<IngestMetricsRequest>) => AsyncIterable<Ack> {
+export function createIngest(deps: IngestDeps): Ingest {
+  const options = { ...defaultIngestOptions, ...deps.options };
   const tracer = deps.tracer ?? trace.getTracer("analytics");
-  const registers = deps.registry ? [deps.registry] : [];
-  const batchesTotal = new Counter({
-    name: "analytics_ingest_batches_total",
-    help: "IngestMetrics batches by outcome: acked, rejected (invalid), failed (ClickHouse or billing).",
-    labelNames: ["outcome"] as const,
-    registers,
-  });
-  const rowsTotal = new Counter({
-    name: "analytics_ingest_rows_total",
-    help: "Request rows in acked IngestMetrics batches, resends included.",
-    registers,
-  });
-  const batchSeconds = new Histogram({
-    name: "analytics_ingest_batch_seconds",
-    help: "Time to write a batch to ClickHouse and record it in billing.",
-    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
-    registers,
-  });
+  const instruments = createInstruments(deps.registry ? [deps.registry] : [], () => held);
 
-  async function processBatch(batch: IngestMetricsRequest): Promise<Ack> {
-    const log = deps.log.child({ gateway_instance_id: batch.gatewayInstanceId, sequence: batch.sequence });
-    const rows = batch.metrics;
-    try {
-      validateBatch(batch);
-    } catch (e) {
-      batchesTotal.inc({ outcome: "rejected" });
-      log.warn("rejected an invalid batch", { err: e });
-      throw e;
-    }
-    const stopTimer = batchSeconds.startTimer();
-    try {
-      await insertRows(rows, log);
-      const duplicateRows = await recordUsage(rows, log);
-      rowsTotal.inc(rows.length);
-      batchesTotal.inc({ outcome: "acked" });
-      return { ackedSequence: batch.sequence, duplicateRows };
-    } catch (e) {
-      batchesTotal.inc({ outcome: "failed" });
-      throw e;
-    } finally {
-      stopTimer();
-    }
-  }
+  let buffer: Chunk[] = [];
+  let bufferRows = 0;
+  let bufferSince = 0;
+  // Rows buffered plus rows in flushes that have not finished.
+  let held = 0;
+  let flushTimer: ReturnType<typeof setTimeout> | undefined;
+  let inserting = 0;
+  // Acks go out in the order of the inserts, whichever flush's billing finishes first.
+  let ackChain: Promise<void> = Promise.resolve();
+  let billingCalls = 0;
+  const billingWaiters: (() => void)[] = [];
+  const roomWaiters = new Set<() => void>();
+  const stopping = deps.stopSignal;
 
-  async function insertRows(rows: readonly RequestMetrics[], log: Logger): Promise<void> {
-    try {
-      await deps.store.insertRequests(rows, dedupToken(rows));
-    } catch (e) {
-      log.error("writing batch to ClickHouse failed", { err: e });
-      throw new ConnectError("writing the batch to ClickHouse failed; resend it", Code.Unavailable);
-    }
-  }
+  const wakeRoom = () => {
+    if (held >= options.maxBufferedRows && !stopping?.aborted) return;
+    for (const wake of roomWaiters) wake();
+    roomWaiters.clear();
+  };
 
-  /** Records the billable rows; returns how many billing already knew. */
-  async function recordUsage(rows: readonly RequestMetrics[], log: Logger): Promise<number> {
-    const records = rows.filter((m) => m.orgId !== "").map(toUsageRecord);
-    let duplicates = 0;
-    for (let i = 0; i < records.length; i += maxBatchRows) {
-      try {
-        const res = await deps.billing.recordUsage({ records: records.slice(i, i + maxBatchRows) });
-        duplicates += res.duplicates;
-      } catch (e) {
-        const err = ConnectError.from(e);
-        log.error("recording usage in billing failed", { err, code: Code[err.code] });
-        throw new ConnectError(
-          `recording usage in billing failed (${Code[err.code]}); resend the batch`,
-          Code.Unavailable,
-        );
+  const waitForRoom = (): Promise<void> =>
+    held < options.maxBufferedRows || stopping?.aborted
+      ? Promise.resolve()
+      : new Promise((resolve) => roomWaiters.add(resolve));
+
+  const settle = (stream: StreamState) => stream.wake?.();
+
+  const fail = (chunks: readonly Chunk[], error: ConnectError) => {
+    for (const chunk of chunks) {
+      if (!chunk.stream.failure) chunk.stream.failure = error;
+      settle(chunk.stream);
+    }
+    // Rows of failed streams still buffered would only be resent by their gateways anyway.
+    dropFailed();
+  };
+
+  const dropFailed = () => {
+    const kept = buffer.filter((c) => !c.stream.failure);
+    if (kept.length === buffer.length) return;
+    const dropped = bufferRows - kept.reduce((n, c) => n + c.rows.length, 0);
+    buffer = kept;
+    bufferRows -= dropped;
+    held -= dropped;
+    wakeRoom();
+  };
+
+  /** Starts a flush when one is due and an insert slot is free; otherwise rows keep gathering. */
+  const maybeFlush = () => {
+    if (inserting >= options.insertConcurrency || buffer.length === 0) return;
+    const due =
+      bufferRows >= options.flushRows ||
+      performance.now() - bufferSince >= options.flushIntervalMs ||
+      stopping?.aborted === true;
+    if (!due) {
+      flushTimer ??= setTimeout(
+        () => {
+          flushTimer = undefined;
+          maybeFlush();
+        },
+        Math.max(0, options.flushIntervalMs - (performance.now() - bufferSince)),
+      );
+      return;
+    }
+    if (flushTimer) {
+      clearTimeout(flushTimer);
+      flushTimer = undefined;
+    }
+    const chunks = buffer;
+    const rows = bufferRows;
+    buffer = [];
+    bufferRows = 0;
+    inserting++;
+    void runFlush(chunks, rows);
+  };
+
+  const runFlush = async (chunks: Chunk[], rowCount: number) => {
+    const rows = chunks.length === 1 ? (chunks[0] as Chunk).rows : chunks.flatMap((c) => c.rows);
+    const links: Link[] = [];
+    for (const m of rows) {
+      if (links.length >= maxSpanLinks) break;
+      if (/^[0-9a-f]{32}$/.test(m.traceId) && /^[0-9a-f]{16}$/.test(m.spanId)) {
+        links.push({ context: { traceId: m.traceId, spanId: m.spanId, traceFlags: 1 } });
       }
     }
-    return duplicates;
+    const stopTimer = instruments.flushSeconds.startTimer();
+    await tracer.startActiveSpan(
+      "analytics.ingest_flush",
+      { links, attributes: { "mesh.flush.rows": rowCount, "mesh.flush.batches": chunks.length } },
+      async (span) => {
+        const inserted = insertRows(rows).finally(() => {
+          inserting--;
+          maybeFlush();
+        });
+        // Billing starts once the rows are in ClickHouse, overlapping the next insert and the previous billing.
+        const billed = inserted.then(() => recordUsage(rows));
+        billed.catch(() => {});
+        ackChain = ackChain.then(() =>
+          finishWith(span, async () => {
+            try {
+              const duplicates = await billed;
+              for (const chunk of chunks) {
+                // Billing counts duplicates per call: a batch's own count is known only when it was flushed alone.
+                const duplicateRows = chunks.length === 1 ? duplicates : 0;
+                chunk.stream.acks.push({ ackedSequence: chunk.sequence, duplicateRows });
+                chunk.stream.unacked--;
+                settle(chunk.stream);
+              }
+              instruments.batches.inc({ outcome: "acked" }, chunks.length);
+              instruments.rows.inc(rowCount);
+              instruments.duplicates.inc(duplicates);
+            } catch (e) {
+              instruments.batches.inc({ outcome: "failed" }, chunks.length);
+              fail(chunks, ConnectError.from(e, Code.Unavailable));
+              throw e;
+            } finally {
+              stopTimer();
+              held -= rowCount;
+              wakeRoom();
+            }
+          }).catch(() => {}),
+        );
+        await inserted.catch(() => {});
+      },
+    );
+  };
+
+  async function insertRows(rows: readonly RequestMetrics[]): Promise<void> {
+    const stopTimer = instruments.insertSeconds.startTimer();
+    instruments.insertBusy.start();
+    try {
+      await deps.store.insertRequests(rows, dedupToken(rows));
+      stopTimer();
+    } catch (e) {
+      deps.log.error("writing a flush to ClickHouse failed", { err: e, rows: rows.length });
+      throw new ConnectError("writing the batch to ClickHouse failed; resend it", Code.Unavailable);
+    } finally {
+      instruments.insertBusy.end();
+    }
   }
 
-  return async function* ingest(batches) {
-    const pending = batches[Symbol.asyncIterator]();
-    for (;;) {
-      const next = await nextUnlessStopped(pending, deps.stopSignal);
-      if (!next || next.done) return;
-      const batch = next.value;
-      const links: Link[] = batch.metrics
-        .filter((m) => /^[0-9a-f]{32}$/.test(m.traceId) && /^[0-9a-f]{16}$/.test(m.spanId))
-        .slice(0, maxSpanLinks)
-        .map((m) => ({ context: { traceId: m.traceId, spanId: m.spanId, traceFlags: 1 } }));
-      yield await tracer.startActiveSpan(
-        "analytics.ingest_batch",
-        {
-          links,
-          attributes: {
-            "mesh.gateway_instance_id": batch.gatewayInstanceId,
-            "mesh.batch.sequence": batch.sequence.toString(),
-            "mesh.batch.rows": batch.metrics.length,
-          },
-        },
-        (span) => finishWith(span, () => processBatch(batch)),
-      );
+  /** Records the billable rows in RecordUsage calls of billingBatchRows; returns how many billing already knew. */
+  async function recordUsage(rows: readonly RequestMetrics[]): Promise<number> {
+    const stopTimer = instruments.billingSeconds.startTimer();
+    instruments.billingBusy.start();
+    const records = rows.filter((m) => m.orgId !== "").map(toUsageRecord);
+    const size = Math.min(options.billingBatchRows, maxBatchRows);
+    const calls: Promise<number>[] = [];
+    for (let i = 0; i < records.length; i += size) calls.push(recordBatch(records.slice(i, i + size)));
+    try {
+      const duplicates = (await Promise.all(calls)).reduce((a, b) => a + b, 0);
+      stopTimer();
+      return duplicates;
+    } finally {
+      instruments.billingBusy.end();
     }
+  }
+
+  async function recordBatch(records: UsageRecord[]): Promise<number> {
+    // Calls wait in order for one of billingConcurrency slots, so an older flush's calls go first.
+    if (billingCalls >= options.billingConcurrency) await new Promise<void>((resolve) => billingWaiters.push(resolve));
+    else billingCalls++;
+    try {
+      return (await deps.billing.recordUsage({ records })).duplicates;
+    } catch (e) {
+      const err = ConnectError.from(e);
+      deps.log.error("recording usage in billing failed", { err, code: Code[err.code] });
+      throw new ConnectError(`recording usage in billing failed (${Code[err.code]}); resend the batch`, Code.Unavailable);
+    } finally {
+      const next = billingWaiters.shift();
+      if (next) next();
+      else billingCalls--;
+    }
+  }
+
+  /** Reads one stream into the buffer while there is room, until it ends, fails or the process stops. */
+  const read = async (batches: AsyncIterable<IngestMetricsRequest>, stream: StreamState) => {
+    const pending = batches[Symbol.asyncIterator]();
+    try {
+      for (;;) {
+        await waitForRoom();
+        if (stream.failure) return;
+        const next = await nextUnlessStopped(pending, stopping);
+        if (!next || next.done || stream.failure) return;
+        const batch = next.value;
+        try {
+          validateBatch(batch);
+        } catch (e) {
+          instruments.batches.inc({ outcome: "rejected" });
+          deps.log.warn("rejected an invalid batch", {
+            err: e,
+            gateway_instance_id: batch.gatewayInstanceId,
+            sequence: batch.sequence,
+          });
+          fail([{ stream, sequence: batch.sequence, rows: [] }], ConnectError.from(e));
+          return;
+        }
+        if (buffer.length === 0) bufferSince = performance.now();
+        buffer.push({ stream, sequence: batch.sequence, rows: batch.metrics });
+        bufferRows += batch.metrics.length;
+        held += batch.metrics.length;
+        stream.unacked++;
+        maybeFlush();
+      }
+    } catch (e) {
+      // The gateway went away or broke the stream: nothing more to read from it.
+      const err = ConnectError.from(e);
+      if (err.code !== Code.Canceled) deps.log.debug("ingest stream ended with an error", { err });
+    } finally {
+      stream.readerDone = true;
+      settle(stream);
+      maybeFlush();
+    }
+  };
+
+  stopping?.addEventListener(
+    "abort",
+    () => {
+      wakeRoom();
+      maybeFlush();
+    },
+    { once: true },
+  );
+
+  return {
+    async *handle(batches) {
+      const stream: StreamState = { acks: [], unacked: 0, readerDone: false, failure: undefined, wake: undefined };
+      instruments.streams.inc();
+      void read(batches, stream);
+      try {
+        for (;;) {
+          const ack = stream.acks.shift();
+          if (ack) {
+            yield ack;
+            continue;
+          }
+          if (stream.failure) throw stream.failure;
+          if (stream.readerDone && stream.unacked === 0) break;
+          await new Promise<void>((resolve) => (stream.wake = resolve));
+          stream.wake = undefined;
+        }
+      } finally {
+        instruments.streams.dec();
+        // A closed stream cannot be acked: its buffered rows still go in, and its gateway resends them.
+        if (!stream.failure) stream.failure = new ConnectError("stream closed", Code.Canceled);
+      }
+    },
   };
 }
 
@@ -169,7 +377,7 @@ function validateBatch(batch: IngestMetricsRequest): void {
   });
 }
 
-/** The same request ids give the same token, so ClickHouse drops a resent batch whole. */
+/** The same request ids give the same token, so ClickHouse drops a repeated insert whole. */
 export function dedupToken(rows: readonly RequestMetrics[]): string {
   const hash = createHash("sha256");
   for (const id of rows.map((m) => m.requestId).sort()) hash.update(id).update("\n");
@@ -187,6 +395,90 @@ export function toUsageRecord(m: RequestMetrics): UsageRecord {
     endpoint: m.endpoint,
     usage: m.usage,
     costNanos: m.costNanos,
+    costBreakdown: m.costBreakdown,
     occurTime: m.startTime,
   });
+}
+
+const flushBuckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+
+/** Counts the seconds during which at least one of overlapping operations runs. */
+function busyTime(counter: Counter) {
+  let running = 0;
+  let since = 0;
+  return {
+    start() {
+      if (running++ === 0) since = performance.now();
+    },
+    end() {
+      if (--running === 0) counter.inc((performance.now() - since) / 1000);
+    },
+  };
+}
+
+function createInstruments(registers: Registry[], held: () => number) {
+  new Gauge({
+    name: "analytics_ingest_buffered_rows",
+    help: "Request rows held in memory: buffered for the next flush or being flushed.",
+    registers,
+    collect() {
+      this.set(held());
+    },
+  });
+  return {
+    streams: new Gauge({
+      name: "analytics_ingest_streams",
+      help: "Open IngestMetrics streams (one per connected gateway).",
+      registers,
+    }),
+    batches: new Counter({
+      name: "analytics_ingest_batches_total",
+      help: "IngestMetrics batches by outcome: acked, rejected (invalid), failed (ClickHouse or billing).",
+      labelNames: ["outcome"] as const,
+      registers,
+    }),
+    rows: new Counter({
+      name: "analytics_ingest_rows_total",
+      help: "Request rows in acked batches, resends included.",
+      registers,
+    }),
+    duplicates: new Counter({
+      name: "analytics_ingest_duplicate_rows_total",
+      help: "Acked rows billing already had: resends after a failure or restart.",
+      registers,
+    }),
+    flushSeconds: new Histogram({
+      name: "analytics_ingest_flush_seconds",
+      help: "Time from the start of a flush to its acks: ClickHouse insert, waiting for the previous flush, billing.",
+      buckets: flushBuckets,
+      registers,
+    }),
+    insertSeconds: new Histogram({
+      name: "analytics_ingest_insert_seconds",
+      help: "Time to write a flush to ClickHouse (successful inserts).",
+      buckets: flushBuckets,
+      registers,
+    }),
+    billingSeconds: new Histogram({
+      name: "analytics_ingest_billing_seconds",
+      help: "Time to record a flush's usage in billing (successful flushes).",
+      buckets: flushBuckets,
+      registers,
+    }),
+    // Flushes overlap: rows over busy time is what each leg sustains, where summed durations would understate it.
+    insertBusy: busyTime(
+      new Counter({
+        name: "analytics_ingest_insert_busy_seconds_total",
+        help: "Time during which at least one ClickHouse insert was running.",
+        registers,
+      }),
+    ),
+    billingBusy: busyTime(
+      new Counter({
+        name: "analytics_ingest_billing_busy_seconds_total",
+        help: "Time during which at least one flush was being recorded in billing.",
+        registers,
+      }),
+    ),
+  };
 }

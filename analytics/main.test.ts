@@ -14,6 +14,7 @@ async function startAnalytics() {
     stdout: "pipe",
     stderr: "inherit",
   });
+  started.push(proc);
   const lines: Record<string, unknown>[] = [];
   const decoder = new TextDecoder();
   let buffered = "";
@@ -33,9 +34,17 @@ async function startAnalytics() {
   }
 }
 
+const started: ReturnType<typeof Bun.spawn>[] = [];
+afterAll(() => {
+  for (const proc of started) proc.kill("SIGKILL");
+});
+
 test("main.ts starts ready, keeps its data across restarts and exits 0 on SIGTERM", async () => {
   const first = await startAnalytics();
-  expect(first.lines.find((l) => l.msg === "clickhouse ready")?.migrations_applied).toEqual(["0001_requests"]);
+  expect(first.lines.find((l) => l.msg === "clickhouse ready")?.migrations_applied).toEqual([
+    "0001_requests",
+    "0002_rollups",
+  ]);
   const ready = await fetch(`${first.url}/readyz`);
   expect(ready.status).toBe(200);
   expect(await ready.json()).toEqual({ status: "ready", checks: { clickhouse: "ok" } });

@@ -6,11 +6,12 @@ import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
+import { defaultIngestOptions } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
 import { createAnalyticsService } from "./service.ts";
 import { createChdbDriver } from "./store/chdb-driver.ts";
 import { createClientDriver } from "./store/client-driver.ts";
-import { createAnalyticsStore } from "./store/store.ts";
+import { createAnalyticsStore, defaultRollupLagMs } from "./store/store.ts";
 
 const cfg = loadEnvOrExit({
   ...commonEnv,
@@ -26,6 +27,30 @@ const cfg = loadEnvOrExit({
     .default("mesh"),
   /** Request rows are dropped this many days after they started. */
   CLICKHOUSE_TTL_DAYS: z.coerce.number().int().min(1).max(36_500).default(400),
+  /** A cluster name from the server's remote_servers: DDL runs ON CLUSTER with Replicated and Distributed tables. */
+  CLICKHOUSE_CLUSTER: z
+    .string()
+    .regex(/^[A-Za-z_][A-Za-z0-9_]*$/, "must be a plain identifier")
+    .optional(),
+  /** Ingest flushes (one ClickHouse insert, then RecordUsage) once this many rows are buffered... */
+  ANALYTICS_FLUSH_ROWS: z.coerce.number().int().min(1).max(1_000_000).default(defaultIngestOptions.flushRows),
+  /** ...or this long after the oldest buffered row arrived. */
+  ANALYTICS_FLUSH_INTERVAL_MS: z.coerce.number().int().min(1).max(60_000).default(defaultIngestOptions.flushIntervalMs),
+  /** Rows held in memory by ingest; gateways' streams are not read while it is reached. */
+  ANALYTICS_MAX_BUFFERED_ROWS: z.coerce
+    .number()
+    .int()
+    .min(1000)
+    .max(10_000_000)
+    .default(defaultIngestOptions.maxBufferedRows),
+  /** Rows per RecordUsage call... */
+  ANALYTICS_BILLING_BATCH_ROWS: z.coerce.number().int().min(1).max(10_000).default(defaultIngestOptions.billingBatchRows),
+  /** ...and RecordUsage calls in flight at once. */
+  ANALYTICS_BILLING_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(defaultIngestOptions.billingConcurrency),
+  /** How often closed minutes are rolled up (0: never, e.g. when another replica does it). */
+  ANALYTICS_ROLLUP_INTERVAL_MS: z.coerce.number().int().min(0).max(3_600_000).default(30_000),
+  /** Minutes are rolled up once this old; rows arriving later than half of it are recomputed in. */
+  ANALYTICS_ROLLUP_LAG_MS: z.coerce.number().int().min(60_000).max(86_400_000).default(defaultRollupLagMs),
 });
 
 const runtime = createRuntime("analytics", cfg);
@@ -41,12 +66,18 @@ const driver = cfg.CLICKHOUSE_URL
       }),
     )
   : createChdbDriver(join(cfg.MESH_DATA_DIR, "clickhouse"));
-const store = createAnalyticsStore(driver, { database: cfg.CLICKHOUSE_DATABASE, ttlDays: cfg.CLICKHOUSE_TTL_DAYS });
+const store = createAnalyticsStore(driver, {
+  database: cfg.CLICKHOUSE_DATABASE,
+  ttlDays: cfg.CLICKHOUSE_TTL_DAYS,
+  cluster: cfg.CLICKHOUSE_CLUSTER,
+  rollupLagMs: cfg.ANALYTICS_ROLLUP_LAG_MS,
+});
 try {
   const applied = await store.migrate();
   log.info("clickhouse ready", {
     backend: cfg.CLICKHOUSE_URL ? "server" : "chdb",
     database: cfg.CLICKHOUSE_DATABASE,
+    cluster: cfg.CLICKHOUSE_CLUSTER,
     migrations_applied: applied,
   });
 } catch (e) {
@@ -70,7 +101,26 @@ const service = createAnalyticsService({
   registry: runtime.metrics.registry,
   tracer: runtime.telemetry.tracer,
   stopSignal: stopping.signal,
+  ingest: {
+    flushRows: cfg.ANALYTICS_FLUSH_ROWS,
+    flushIntervalMs: cfg.ANALYTICS_FLUSH_INTERVAL_MS,
+    maxBufferedRows: Math.max(cfg.ANALYTICS_MAX_BUFFERED_ROWS, cfg.ANALYTICS_FLUSH_ROWS),
+    billingBatchRows: cfg.ANALYTICS_BILLING_BATCH_ROWS,
+    billingConcurrency: cfg.ANALYTICS_BILLING_CONCURRENCY,
+  },
 });
+
+let rollingUp: Promise<unknown> | undefined;
+const rollupTimer =
+  cfg.ANALYTICS_ROLLUP_INTERVAL_MS > 0
+    ? setInterval(() => {
+        rollingUp ??= store
+          .rollUp()
+          .then((result) => log.debug("rolled up", { ...result }))
+          .catch((e) => log.warn("rolling up failed; the next run retries", { err: e }))
+          .finally(() => (rollingUp = undefined));
+      }, cfg.ANALYTICS_ROLLUP_INTERVAL_MS)
+    : undefined;
 
 const server = await startServer({
   name: "analytics",
@@ -90,8 +140,11 @@ const server = await startServer({
 });
 
 stopOnSignals(log, async () => {
+  // Ingest stops reading, flushes and acks what it holds; its streams then end and the server can close.
   stopping.abort();
   await server.close(cfg.SHUTDOWN_GRACE_MS);
+  clearInterval(rollupTimer);
+  await rollingUp;
   await store.close();
   await runtime.telemetry.shutdown();
 });

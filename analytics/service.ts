@@ -6,7 +6,7 @@ import { type AnalyticsService, type TimeRange, UsageGroupBy } from "../gen/anal
 import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { requireAdmin } from "../lib/auth.ts";
 import type { Logger } from "../lib/log.ts";
-import { createIngest } from "./ingest.ts";
+import { createIngest, type IngestOptions } from "./ingest.ts";
 import type { AnalyticsStore, RequestCursor, TimeWindow, UsageDimension } from "./store/store.ts";
 
 export interface AnalyticsServiceDeps {
@@ -17,8 +17,10 @@ export interface AnalyticsServiceDeps {
   adminToken: string;
   registry?: Registry;
   tracer?: Tracer;
-  /** Aborted on shutdown so ingest streams end after their current batch instead of holding the grace period. */
+  /** Aborted on shutdown: ingest stops reading, flushes and acks what it holds, and ends its streams. */
   stopSignal?: AbortSignal;
+  /** Flush size, interval and memory bound of ingest. */
+  ingest?: Partial<IngestOptions>;
 }
 
 const maxRangeDays = 400;
@@ -42,13 +44,13 @@ const dimensions: Partial<Record<UsageGroupBy, UsageDimension>> = {
 
 export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<typeof AnalyticsService> {
   const { store } = deps;
-  const ingest = createIngest(deps);
+  const ingest = createIngest({ ...deps, options: deps.ingest });
   const authorize = (ctx: HandlerContext) => requireAdmin(ctx.requestHeader, deps.adminToken);
 
   return {
     async *ingestMetrics(batches, ctx) {
       authorize(ctx);
-      yield* ingest(batches);
+      yield* ingest.handle(batches);
     },
 
     async queryUsage(req, ctx) {

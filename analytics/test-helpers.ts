@@ -42,7 +42,12 @@ export function createBatchQueue() {
   const items: Batch[] = [];
   let wake: (() => void) | undefined;
   let ended = false;
+  let taken = 0;
   return {
+    /** Batches the stream has pulled so far. */
+    get taken() {
+      return taken;
+    },
     push(batch: Batch) {
       items.push(batch);
       wake?.();
@@ -54,7 +59,10 @@ export function createBatchQueue() {
     async *[Symbol.asyncIterator]() {
       for (;;) {
         const next = items.shift();
-        if (next) yield next;
+        if (next) {
+          taken++;
+          yield next;
+        }
         else if (ended) return;
         else await new Promise<void>((resolve) => (wake = resolve));
       }

@@ -79,7 +79,8 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   const { client, spool, instanceId, log } = options;
   const batchRows = options.batchRows ?? 1000;
   const intervalMs = options.intervalMs ?? 100;
-  const maxInFlightRows = options.maxInFlightRows ?? 50_000;
+  // Analytics acks a batch only after its flush is in ClickHouse and billing: the window covers that latency.
+  const maxInFlightRows = options.maxInFlightRows ?? 100_000;
   const backoffBaseMs = options.backoffBaseMs ?? 100;
   const backoffMaxMs = options.backoffMaxMs ?? 10_000;
   const ackTimeoutMs = options.ackTimeoutMs ?? 30_000;

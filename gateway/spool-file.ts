@@ -113,7 +113,8 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const maxBytes = options.maxBytes;
   const segmentBytes = options.segmentBytes ?? clamp(Math.floor(maxBytes / 16), 64 * 1024, 64 * 1024 * 1024);
   const batchRows = options.batchRows ?? 1000;
-  const cacheRows = options.cacheRows ?? 20_000;
+  // As many as the shipper keeps in flight by default, so sending rarely reads the disk.
+  const cacheRows = options.cacheRows ?? 100_000;
   const fsyncPolicy = options.fsync;
 
   mkdirSync(dir, { recursive: true });

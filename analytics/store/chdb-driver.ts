@@ -11,8 +11,11 @@ interface SharedSession {
 // libchdb binds one data directory per process, so every driver in the process shares one session per path.
 const sessions = new Map<string, SharedSession>();
 
-/** The in-process ClickHouse engine with its data under `path`. */
-export function createChdbDriver(path: string): ClickHouseDriver {
+/**
+ * The process's chdb session on `path`, shared with every other user of that path in the process;
+ * release() closes it once the last user lets go.
+ */
+export function openChdbSession(path: string): { session: Session; release(): void } {
   const key = resolve(path);
   let shared = sessions.get(key);
   if (!shared) {
@@ -27,8 +30,25 @@ export function createChdbDriver(path: string): ClickHouseDriver {
     sessions.set(key, shared);
   }
   shared.users++;
-  const { session } = shared;
-  let closed = false;
+  const held = shared;
+  let released = false;
+  return {
+    session: held.session,
+    release() {
+      if (released) return;
+      released = true;
+      held.users--;
+      if (held.users === 0) {
+        sessions.delete(key);
+        held.session.close();
+      }
+    },
+  };
+}
+
+/** The in-process ClickHouse engine with its data under `path`. */
+export function createChdbDriver(path: string): ClickHouseDriver {
+  const { session, release } = openChdbSession(path);
 
   const run = (sql: string, params: QueryParams | undefined, format: string) =>
     params && Object.keys(params).length > 0
@@ -55,13 +75,7 @@ export function createChdbDriver(path: string): ClickHouseDriver {
       await session.queryAsync("SELECT 1", { format: "CSV" });
     },
     async close() {
-      if (closed || !shared) return;
-      closed = true;
-      shared.users--;
-      if (shared.users === 0) {
-        sessions.delete(key);
-        session.close();
-      }
+      release();
     },
   };
 }

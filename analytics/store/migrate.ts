@@ -16,6 +16,8 @@ export interface Migration {
 export interface MigrateOptions {
   /** Validated identifier; replaces {{database}}. */
   database: string;
+  /** A ClickHouse cluster name (validated identifier): DDL runs ON CLUSTER with Replicated and Distributed tables. */
+  cluster?: string;
   /** Other {{name}} placeholders and their values (config, never user input). */
   vars: Record<string, string | number>;
   dir?: string;
@@ -38,12 +40,7 @@ export function loadMigrations(dir = migrationsDir): Migration[] {
  */
 export async function migrate(driver: ClickHouseDriver, options: MigrateOptions): Promise<string[]> {
   const db = options.database;
-  await driver.exec(`CREATE DATABASE IF NOT EXISTS ${db}`);
-  await driver.exec(
-    `CREATE TABLE IF NOT EXISTS ${db}.schema_migrations
-     (version String, checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3))
-     ENGINE = ReplacingMergeTree ORDER BY version`,
-  );
+  for (const statement of bootstrapStatements(options)) await driver.exec(statement);
   const recorded = new Map(
     (await driver.query<{ version: string; checksum: string }>(
       `SELECT version, checksum FROM ${db}.schema_migrations FINAL`,
@@ -60,20 +57,73 @@ export async function migrate(driver: ClickHouseDriver, options: MigrateOptions)
       }
       continue;
     }
-    const sql = substitute(migration.sql, { database: db, ...options.vars });
-    for (const statement of splitStatements(sql)) await driver.exec(statement);
+    for (const statement of renderMigration(migration.sql, options)) await driver.exec(statement);
     await driver.insert(`${db}.schema_migrations`, ["version", "checksum"], [[migration.version, migration.checksum]]);
     applied.push(migration.version);
   }
   return applied;
 }
 
-function substitute(sql: string, vars: Record<string, string | number>): string {
-  return sql.replace(/\{\{(\w+)\}\}/g, (_, name: string) => {
-    const value = vars[name];
-    if (value === undefined) throw new Error(`migration placeholder {{${name}}} has no value`);
-    return String(value);
+/** The database and the migrations table, before any migration runs. */
+export function bootstrapStatements(options: Pick<MigrateOptions, "database" | "cluster">): string[] {
+  const sql = `CREATE TABLE IF NOT EXISTS {{shared_table schema_migrations}}
+    (version String, checksum String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3))
+    ENGINE = {{shared_engine ReplacingMergeTree}} ORDER BY version`;
+  const onCluster = options.cluster ? ` ON CLUSTER ${options.cluster}` : "";
+  return [`CREATE DATABASE IF NOT EXISTS ${options.database}${onCluster}`, ...renderMigration(sql, { ...options, vars: {} })];
+}
+
+/**
+ * The statements of a migration for this deployment. Besides {{name}} variables, table definitions use:
+ *
+ * - `{{table t}}`: the table t as created. On a cluster it is `t_local ON CLUSTER c`, a shard's part of t.
+ * - `{{engine E(args)}}`: a MergeTree-family engine; on a cluster `ReplicatedE(<keeper path per shard>, '{replica}', args)`.
+ * - `{{distributed t key}}`: on a cluster, the Distributed table t over t_local, sharded by key; nothing otherwise.
+ * - `{{local t}}`: where t's rows live (t, or t_local on a cluster), for ALTERs.
+ * - `{{shared_table t}}` / `{{shared_engine E}}`: a small table replicated to every node of the cluster, unsharded.
+ * - `{{dedup_window n}}`: the setting that keeps the last n insert dedup tokens.
+ */
+export function renderMigration(sql: string, options: Omit<MigrateOptions, "dir">): string[] {
+  const { database: db, cluster } = options;
+  const onCluster = cluster ? ` ON CLUSTER ${cluster}` : "";
+  const replicated = (engine: string, keeperPath: string) => {
+    if (!cluster) return engine;
+    const match = /^(\w*MergeTree)(?:\((.*)\))?$/s.exec(engine.trim());
+    if (!match) throw new Error(`migration engine ${engine} is not a MergeTree engine`);
+    const args = [`'${keeperPath}'`, keeperPath.includes("{shard}") ? "'{replica}'" : "'{shard}-{replica}'"];
+    if (match[2]) args.push(match[2]);
+    return `Replicated${match[1]}(${args.join(", ")})`;
+  };
+  const rendered = sql.replace(/\{\{(\w+)(?:\s+([^}]*?))?\s*\}\}/g, (_, name: string, arg: string | undefined) => {
+    switch (name) {
+      case "database":
+        return db;
+      case "table":
+        return cluster ? `${db}.${arg}_local${onCluster}` : `${db}.${arg}`;
+      case "local":
+        return cluster ? `${db}.${arg}_local` : `${db}.${arg}`;
+      case "shared_table":
+        return `${db}.${arg}${onCluster}`;
+      case "engine":
+        return replicated(arg ?? "", "/clickhouse/tables/{shard}/{database}/{table}");
+      case "shared_engine":
+        return replicated(arg ?? "", "/clickhouse/tables/shared/{database}/{table}");
+      case "distributed": {
+        if (!cluster) return "";
+        const [table, ...key] = (arg ?? "").split(/\s+/);
+        return `CREATE TABLE IF NOT EXISTS ${db}.${table}${onCluster} AS ${db}.${table}_local
+ENGINE = Distributed(${cluster}, ${db}, ${table}_local, ${key.join(" ")})`;
+      }
+      case "dedup_window":
+        return `${cluster ? "replicated" : "non_replicated"}_deduplication_window = ${arg}`;
+      default: {
+        const value = options.vars[name];
+        if (value === undefined) throw new Error(`migration placeholder {{${name}}} has no value`);
+        return String(value);
+      }
+    }
   });
+  return splitStatements(rendered);
 }
 
 /** Statements end with ";" at the end of a line; comment-only chunks are dropped. */

@@ -1,7 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { type Timestamp, TimestampSchema } from "@bufbuild/protobuf/wkt";
 import { type RequestMetrics, RequestMetricsSchema, RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
-import { Endpoint, TokenUsageSchema } from "../../gen/common/v1/common_pb.ts";
+import { CostBreakdownSchema, Endpoint, TokenUsageSchema } from "../../gen/common/v1/common_pb.ts";
 
 /** Columns of the requests table that mirror RequestMetrics, in table order. */
 export const requestColumns = [
@@ -29,6 +29,10 @@ export const requestColumns = [
   "reasoning_tokens",
   "usage_estimated",
   "cost_nanos",
+  "cost_input_nanos",
+  "cost_cached_input_nanos",
+  "cost_output_nanos",
+  "cost_reasoning_nanos",
   "total_latency_us",
   "upstream_latency_us",
   "ttft_us",
@@ -41,7 +45,7 @@ export const requestColumns = [
 
 /** A requests row as JSONEachRow reads and writes it: DateTime64 as text, Int64 as decimal strings. */
 export type RequestRow = {
-  [K in (typeof requestColumns)[number]]: K extends "first_token_time"
+  [K in (typeof requestColumns)[number]]: K extends "first_token_time" | `cost_${string}_nanos`
     ? string | null
     : K extends "streamed" | "usage_estimated" | "fallback_used"
       ? boolean
@@ -54,6 +58,7 @@ export type RequestRow = {
 
 export function toRequestRow(m: RequestMetrics): RequestRow {
   const usage = m.usage;
+  const parts = m.costBreakdown;
   return {
     request_id: m.requestId,
     trace_id: m.traceId,
@@ -79,6 +84,10 @@ export function toRequestRow(m: RequestMetrics): RequestRow {
     reasoning_tokens: String(usage?.reasoningTokens ?? 0n),
     usage_estimated: m.usageEstimated,
     cost_nanos: String(m.costNanos),
+    cost_input_nanos: parts ? String(parts.inputNanos) : null,
+    cost_cached_input_nanos: parts ? String(parts.cachedInputNanos) : null,
+    cost_output_nanos: parts ? String(parts.outputNanos) : null,
+    cost_reasoning_nanos: parts ? String(parts.reasoningNanos) : null,
     total_latency_us: String(m.totalLatencyUs),
     upstream_latency_us: String(m.upstreamLatencyUs),
     ttft_us: String(m.ttftUs),
@@ -118,6 +127,15 @@ export function fromRequestRow(row: RequestRow): RequestMetrics {
     }),
     usageEstimated: row.usage_estimated,
     costNanos: BigInt(row.cost_nanos),
+    costBreakdown:
+      row.cost_input_nanos === null
+        ? undefined
+        : create(CostBreakdownSchema, {
+            inputNanos: BigInt(row.cost_input_nanos),
+            cachedInputNanos: BigInt(row.cost_cached_input_nanos ?? 0),
+            outputNanos: BigInt(row.cost_output_nanos ?? 0),
+            reasoningNanos: BigInt(row.cost_reasoning_nanos ?? 0),
+          }),
     totalLatencyUs: BigInt(row.total_latency_us),
     upstreamLatencyUs: BigInt(row.upstream_latency_us),
     ttftUs: BigInt(row.ttft_us),
@@ -134,12 +152,21 @@ export function statusName(status: RequestStatus): string {
   return RequestStatus[status] ?? String(status);
 }
 
+// Formatting a date is the costly part of a row; rows of a batch share a few seconds.
+const secondsText = new Map<bigint, string>();
+
 /** "YYYY-MM-DD hh:mm:ss.ffffff" in UTC: the text form of DateTime64(6, 'UTC'), exact to the microsecond. */
 export function toDateTime64(ts: Timestamp | undefined): string {
   const seconds = ts?.seconds ?? 0n;
   const micros = Math.floor((ts?.nanos ?? 0) / 1000);
-  const iso = new Date(Number(seconds) * 1000).toISOString();
-  return `${iso.slice(0, 10)} ${iso.slice(11, 19)}.${String(micros).padStart(6, "0")}`;
+  let text = secondsText.get(seconds);
+  if (text === undefined) {
+    const iso = new Date(Number(seconds) * 1000).toISOString();
+    text = `${iso.slice(0, 10)} ${iso.slice(11, 19)}`;
+    if (secondsText.size >= 4096) secondsText.clear();
+    secondsText.set(seconds, text);
+  }
+  return `${text}.${String(micros).padStart(6, "0")}`;
 }
 
 /** Parses DateTime64 or DateTime text in UTC ("YYYY-MM-DD hh:mm:ss[.ffffff]"). */

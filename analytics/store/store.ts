@@ -15,6 +15,7 @@ import {
 import { TokenUsageSchema } from "../../gen/common/v1/common_pb.ts";
 import type { ClickHouseDriver, QueryParams } from "./driver.ts";
 import { migrate } from "./migrate.ts";
+import { createRollups, micros, microsText, planSources, type RollupResult, type Span } from "./rollups.ts";
 import {
   fromDateTime64,
   fromRequestRow,
@@ -82,6 +83,8 @@ export interface AnalyticsStore {
   migrate(): Promise<string[]>;
   /** Writes rows; a retry with the same dedupToken is a no-op, and any duplicate request_id is read once. */
   insertRequests(rows: readonly RequestMetrics[], dedupToken: string): Promise<void>;
+  /** Rolls up closed minutes into the per-minute and per-hour tables and recomputes minutes late rows reached. */
+  rollUp(now?: Date): Promise<RollupResult>;
   queryUsage(query: UsageQuery): Promise<UsageRow[]>;
   queryTimeSeries(query: TimeSeriesQuery): Promise<TimeSeriesPoint[]>;
   queryLatency(query: LatencyQuery): Promise<ModelLatency[]>;
@@ -95,17 +98,26 @@ export interface StoreOptions {
   database: string;
   /** Rows older than this many days (by start_time) are dropped. */
   ttlDays: number;
+  /** A ClickHouse cluster: tables are Replicated per shard, queried through Distributed tables. */
+  cluster?: string;
+  /** Minutes are rolled up once they are this old; rows arriving later than half of it are recomputed in. */
+  rollupLagMs?: number;
 }
 
+export const defaultRollupLagMs = 5 * 60_000;
+
+// Over the union of raw rows and rollups (see usageSources), where t is a row's start or its bucket's.
 const dimensionSql: Record<UsageDimension, string> = {
   model: "requested_model",
   api_key: "api_key_id",
   project: "project_id",
   provider: "provider",
   status: "status",
-  day: "formatDateTime(toStartOfDay(start_time), '%Y-%m-%dT%H:%i:%SZ')",
-  hour: "formatDateTime(toStartOfHour(start_time), '%Y-%m-%dT%H:%i:%SZ')",
+  day: "formatDateTime(toStartOfDay(t), '%Y-%m-%dT%H:%i:%SZ')",
+  hour: "formatDateTime(toStartOfHour(t), '%Y-%m-%dT%H:%i:%SZ')",
 };
+
+const identifier = /^[A-Za-z_][A-Za-z0-9_]*$/;
 
 const orgWindow =
   "org_id = {org_id:String} AND start_time >= {start:DateTime64(6, 'UTC')} AND start_time < {end:DateTime64(6, 'UTC')}";
@@ -117,14 +129,32 @@ const percentilesIf = (expr: string, cond: string) =>
   `arrayMap(x -> if(isNaN(x), 0, toInt64(round(x))), quantilesIf(0.5, 0.9, 0.99)(${expr}, ${cond}))`;
 
 export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOptions): AnalyticsStore {
-  if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(options.database)) {
+  if (!identifier.test(options.database)) {
     throw new Error(`invalid ClickHouse database name: ${JSON.stringify(options.database)}`);
+  }
+  if (options.cluster !== undefined && !identifier.test(options.cluster)) {
+    throw new Error(`invalid ClickHouse cluster name: ${JSON.stringify(options.cluster)}`);
   }
   if (!Number.isInteger(options.ttlDays) || options.ttlDays < 1) {
     throw new Error(`invalid TTL: ${options.ttlDays} days`);
   }
   const db = options.database;
+  const { cluster } = options;
   const requests = `${db}.requests`;
+  const local = (table: string) => (cluster ? `${db}.${table}_local` : `${db}.${table}`);
+  const rollups = createRollups(
+    driver,
+    {
+      requests,
+      minutes: `${db}.requests_1m`,
+      hours: `${db}.requests_1h`,
+      dirty: `${db}.rollup_dirty`,
+      state: `${db}.rollup_state`,
+    },
+    options.rollupLagMs ?? defaultRollupLagMs,
+  );
+  // A Distributed insert returns only once every shard has its rows, so an ack means they are stored.
+  const insertSettings: Record<string, string> = cluster ? { distributed_foreground_insert: "1" } : {};
   const windowParams = (q: { orgId: string } & TimeWindow): QueryParams => ({
     org_id: q.orgId,
     start: toDateTime64(q.start),
@@ -132,34 +162,93 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
   });
 
   async function applyRetention(): Promise<void> {
-    const [table] = await driver.query<{ engine_full: string }>(
-      "SELECT engine_full FROM system.tables WHERE database = {database:String} AND name = 'requests'",
-      { database: db },
-    );
-    if (!table || table.engine_full.includes(`toIntervalDay(${options.ttlDays})`)) return;
-    await driver.exec(`ALTER TABLE ${requests} MODIFY TTL toDateTime(start_time) + INTERVAL ${options.ttlDays} DAY`);
+    const ttlColumns: [string, string][] = [
+      ["requests", "toDateTime(start_time)"],
+      ["requests_1m", "minute"],
+      ["requests_1h", "hour"],
+    ];
+    for (const [name, column] of ttlColumns) {
+      const [table] = await driver.query<{ engine_full: string }>(
+        "SELECT engine_full FROM system.tables WHERE database = {database:String} AND name = {name:String}",
+        { database: db, name: cluster ? `${name}_local` : name },
+      );
+      if (!table || table.engine_full.includes(`toIntervalDay(${options.ttlDays})`)) continue;
+      await driver.exec(
+        `ALTER TABLE ${local(name)}${cluster ? ` ON CLUSTER ${cluster}` : ""} MODIFY TTL ${column} + INTERVAL ${options.ttlDays} DAY`,
+      );
+    }
+  }
+
+  /**
+   * The rows of an org's window as (t, dimensions, n requests, tokens, cost): whole hours and minutes from the
+   * rollups where they are complete, everything else from the raw table. `hourly` allows the hour rollup.
+   */
+  async function usageSources(
+    q: { orgId: string } & TimeWindow,
+    hourly: boolean,
+    extraWhere = "",
+  ): Promise<{ sql: string; params: QueryParams }> {
+    const start = micros(q.start);
+    const end = micros(q.end);
+    const rolledUntil = (await rollups.rolledUntil()) ?? 0;
+    const dirtyMinutes = rolledUntil > start ? await rollups.dirtyMinutes(q.orgId, start, Math.min(end, rolledUntil)) : [];
+    const plan = planSources({ start, end, rolledUntil, dirtyMinutes, hourly });
+    const params: QueryParams = { org_id: q.orgId };
+    const within = (column: string, spans: Span[], prefix: string) =>
+      spans
+        .map((span, i) => {
+          params[`${prefix}${i}_from`] = microsText(span.from);
+          params[`${prefix}${i}_to`] = microsText(span.to);
+          return `(${column} >= {${prefix}${i}_from:DateTime64(6, 'UTC')} AND ${column} < {${prefix}${i}_to:DateTime64(6, 'UTC')})`;
+        })
+        .join(" OR ");
+    const columns = "project_id, api_key_id, requested_model, provider, status";
+    const totals = "input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos";
+    const parts: string[] = [];
+    if (plan.hours.length > 0) {
+      parts.push(`SELECT toDateTime64(hour, 6, 'UTC') AS t, ${columns}, requests AS n, ${totals}
+        FROM ${db}.requests_1h FINAL
+        WHERE org_id = {org_id:String} AND (${within("hour", plan.hours, "h")})${extraWhere}`);
+    }
+    if (plan.minutes.length > 0) {
+      parts.push(`SELECT toDateTime64(minute, 6, 'UTC') AS t, ${columns}, requests AS n, ${totals}
+        FROM ${db}.requests_1m FINAL
+        WHERE org_id = {org_id:String} AND (${within("minute", plan.minutes, "m")})${extraWhere}`);
+    }
+    if (plan.raw.length > 0) {
+      parts.push(`SELECT start_time AS t, ${columns}, toUInt64(1) AS n, ${totals}
+        FROM ${requests} FINAL
+        WHERE org_id = {org_id:String} AND (${within("start_time", plan.raw, "r")})${extraWhere}`);
+    }
+    return { sql: parts.join("\n UNION ALL \n"), params };
   }
 
   return {
     async migrate() {
-      const applied = await migrate(driver, { database: db, vars: { ttl_days: options.ttlDays } });
+      const applied = await migrate(driver, { database: db, cluster, vars: { ttl_days: options.ttlDays } });
       await applyRetention();
       return applied;
     },
 
     async insertRequests(rows, dedupToken) {
       if (rows.length === 0) return;
+      const marks = rollups.lateMarks(rows);
       const values = rows.map((m) => {
         const row = toRequestRow(m);
         return requestColumns.map((column) => row[column]);
       });
-      await driver.insert(requests, requestColumns, values, { insert_deduplication_token: dedupToken });
+      await driver.insert(requests, requestColumns, values, { ...insertSettings, insert_deduplication_token: dedupToken });
+      // After the rows, so a mark that is visible always has its rows visible too.
+      if (marks.length > 0) await driver.insert(`${db}.rollup_dirty`, ["org_id", "minute"], marks);
     },
+
+    rollUp: (now) => rollups.rollUp(now),
 
     async queryUsage(q) {
       const groups = q.groupBy.map((d, i) => `${dimensionSql[d]} AS g${i}`);
       const names = q.groupBy.map((_, i) => `g${i}`);
       const grouping = names.length > 0 ? `GROUP BY ${names.join(", ")} ORDER BY ${names.join(", ")}` : "";
+      const sources = await usageSources(q, true);
       const rows = await driver.query<{
         groups: string[];
         requests: string;
@@ -171,18 +260,17 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
         errors: string;
       }>(
         `SELECT ${[...groups, `[${names.join(", ")}] AS groups`].join(", ")},
-           count() AS requests,
+           sum(n) AS requests,
            sum(input_tokens) AS input_tokens,
            sum(cached_input_tokens) AS cached_input_tokens,
            sum(output_tokens) AS output_tokens,
            sum(reasoning_tokens) AS reasoning_tokens,
            sum(cost_nanos) AS cost_nanos,
-           countIf(status != 'OK') AS errors
-         FROM ${requests} FINAL
-         WHERE ${orgWindow}
+           sumIf(n, status != 'OK') AS errors
+         FROM (${sources.sql})
          ${grouping}
          LIMIT {limit:UInt32}`,
-        { ...windowParams(q), limit: q.limit },
+        { ...sources.params, limit: q.limit },
       );
       return rows.map((r) =>
         create(UsageRowSchema, {
@@ -201,6 +289,12 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
     },
 
     async queryTimeSeries(q) {
+      // Hour rollups fit buckets that are whole hours; minute rollups fit every allowed width.
+      const sources = await usageSources(
+        q,
+        q.bucketSeconds % 3600 === 0,
+        " AND ({model:String} = '' OR requested_model = {model:String})",
+      );
       const rows = await driver.query<{
         bucket_start: string;
         requests: string;
@@ -209,17 +303,16 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
         cost_nanos: string;
         errors: string;
       }>(
-        `SELECT toStartOfInterval(start_time, toIntervalSecond({bucket_seconds:UInt32})) AS bucket_start,
-           count() AS requests,
+        `SELECT toStartOfInterval(t, toIntervalSecond({bucket_seconds:UInt32})) AS bucket_start,
+           sum(n) AS requests,
            sum(input_tokens) AS input_tokens,
            sum(output_tokens) AS output_tokens,
            sum(cost_nanos) AS cost_nanos,
-           countIf(status != 'OK') AS errors
-         FROM ${requests} FINAL
-         WHERE ${orgWindow} AND ({model:String} = '' OR requested_model = {model:String})
+           sumIf(n, status != 'OK') AS errors
+         FROM (${sources.sql})
          GROUP BY bucket_start
          ORDER BY bucket_start`,
-        { ...windowParams(q), bucket_seconds: q.bucketSeconds, model: q.model },
+        { ...sources.params, bucket_seconds: q.bucketSeconds, model: q.model },
       );
       return rows.map((r) =>
         create(TimeSeriesPointSchema, {

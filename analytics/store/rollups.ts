@@ -1,0 +1,259 @@
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import type { RequestMetrics } from "../../gen/analytics/v1/analytics_pb.ts";
+import type { ClickHouseDriver, QueryParams } from "./driver.ts";
+
+/** Microseconds since the epoch: exact in a double for any date this schema holds. */
+export type Micros = number;
+
+export const minuteUs = 60_000_000;
+export const hourUs = 60 * minuteUs;
+// Past this many minutes awaiting recomputation in one window, a query reads the raw table alone.
+const maxDirtyMinutes = 100;
+
+/** [from, to) in microseconds. */
+export interface Span {
+  from: Micros;
+  to: Micros;
+}
+
+/** Which table answers which part of a query window. */
+export interface SourcePlan {
+  hours: Span[];
+  minutes: Span[];
+  raw: Span[];
+}
+
+export function micros(ts: Timestamp | undefined): Micros {
+  return Number(ts?.seconds ?? 0n) * 1_000_000 + Math.floor((ts?.nanos ?? 0) / 1000);
+}
+
+/** "YYYY-MM-DD hh:mm:ss.ffffff" in UTC, the text of DateTime64(6, 'UTC'). */
+export function microsText(us: Micros): string {
+  const ms = Math.floor(us / 1000);
+  const iso = new Date(ms).toISOString();
+  return `${iso.slice(0, 10)} ${iso.slice(11, 19)}.${String(us % 1_000_000).padStart(6, "0")}`;
+}
+
+/** Parses DateTime or DateTime64 text in UTC. */
+export function textMicros(text: string): Micros {
+  const ms = Date.parse(`${text.slice(0, 10)}T${text.slice(11, 19)}Z`);
+  if (Number.isNaN(ms)) throw new Error(`not a ClickHouse timestamp: ${JSON.stringify(text)}`);
+  return ms * 1000 + Number((text.slice(20, 26) || "0").padEnd(6, "0"));
+}
+
+const floorTo = (us: Micros, unit: number) => Math.floor(us / unit) * unit;
+const ceilTo = (us: Micros, unit: number) => Math.ceil(us / unit) * unit;
+
+/**
+ * Splits [start, end) between the hourly rollup (whole hours, when `hourly`), the minute rollup (whole
+ * minutes) and the raw table (partial minutes at the edges, minutes not rolled up yet, minutes awaiting a
+ * recomputation). Every instant of the window is read from exactly one source.
+ */
+export function planSources(options: {
+  start: Micros;
+  end: Micros;
+  /** Every minute before this is rolled up. */
+  rolledUntil: Micros;
+  /** Starts of rolled-up minutes that late rows reached and that are not recomputed yet. */
+  dirtyMinutes: readonly Micros[];
+  hourly: boolean;
+}): SourcePlan {
+  const { start, end } = options;
+  const m0 = ceilTo(start, minuteUs);
+  const m1 = floorTo(Math.min(end, options.rolledUntil), minuteUs);
+  const dirty = [...new Set(options.dirtyMinutes)].filter((m) => m >= m0 && m < m1).sort((a, b) => a - b);
+  if (m0 >= m1 || dirty.length > maxDirtyMinutes) return { hours: [], minutes: [], raw: [{ from: start, to: end }] };
+
+  const raw: Span[] = [];
+  if (start < m0) raw.push({ from: start, to: m0 });
+  for (const m of dirty) raw.push({ from: m, to: m + minuteUs });
+  if (m1 < end) raw.push({ from: m1, to: end });
+
+  // Clean minutes, then whole clean hours taken out of them.
+  let clean: Span[] = [];
+  let at = m0;
+  for (const m of dirty) {
+    if (at < m) clean.push({ from: at, to: m });
+    at = m + minuteUs;
+  }
+  if (at < m1) clean.push({ from: at, to: m1 });
+  const hours: Span[] = [];
+  if (options.hourly) {
+    for (let h = ceilTo(m0, hourUs); h + hourUs <= m1; h += hourUs) {
+      if (clean.some((c) => c.from <= h && c.to >= h + hourUs)) hours.push({ from: h, to: h + hourUs });
+    }
+    for (const h of hours) {
+      clean = clean.flatMap((c) => {
+        if (c.to <= h.from || c.from >= h.to) return [c];
+        const kept: Span[] = [];
+        if (c.from < h.from) kept.push({ from: c.from, to: h.from });
+        if (c.to > h.to) kept.push({ from: h.to, to: c.to });
+        return kept;
+      });
+    }
+  }
+  return { hours: coalesce(hours), minutes: coalesce(clean), raw: coalesce(raw.sort((a, b) => a.from - b.from)) };
+}
+
+function coalesce(spans: readonly Span[]): Span[] {
+  const out: Span[] = [];
+  for (const s of spans) {
+    const last = out[out.length - 1];
+    if (last && last.to === s.from) last.to = s.to;
+    else out.push({ ...s });
+  }
+  return out;
+}
+
+export interface RollupTables {
+  requests: string;
+  minutes: string;
+  hours: string;
+  dirty: string;
+  state: string;
+}
+
+export interface RollupResult {
+  /** Every minute before this is rolled up (DateTime text). */
+  rolledUntil: string;
+  /** Minutes recomputed because late rows reached them. */
+  recomputedMinutes: number;
+}
+
+const dims = "org_id, project_id, api_key_id, requested_model, provider, status";
+const sums = `sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens,
+  sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens, sum(cost_nanos) AS cost_nanos`;
+const rollupColumns = (time: string) =>
+  `${time}, ${dims}, requests, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, computed_at`;
+
+/**
+ * Rollup upkeep. Minutes older than `lagMs` are rolled up from the raw table (FINAL, so each request once).
+ * Rows that arrive later than lagMs / 2 are late: ingest marks their minutes, and the next roll-up recomputes
+ * them. A row that is not late cannot be in a minute being rolled up unless its insert takes over lagMs / 2.
+ */
+export function createRollups(driver: ClickHouseDriver, tables: RollupTables, lagMs: number) {
+  const lagUs = lagMs * 1000;
+
+  const minutesFromRaw = (where: string) =>
+    `INSERT INTO ${tables.minutes} (${rollupColumns("minute")})
+     SELECT toStartOfMinute(start_time) AS minute, ${dims}, count() AS requests, ${sums}, now64(6)
+     FROM ${tables.requests} FINAL WHERE ${where}
+     GROUP BY minute, ${dims}`;
+  const hoursFromMinutes = (where: string) =>
+    `INSERT INTO ${tables.hours} (${rollupColumns("hour")})
+     SELECT toStartOfHour(minute) AS hour, ${dims}, sum(requests) AS requests, ${sums}, now64(6)
+     FROM ${tables.minutes} FINAL WHERE ${where}
+     GROUP BY hour, ${dims}`;
+
+  async function rolledUntil(): Promise<Micros | undefined> {
+    const [row] = await driver.query<{ done_until: string }>(
+      `SELECT done_until FROM ${tables.state} FINAL WHERE name = 'rollups'`,
+    );
+    return row ? textMicros(row.done_until) : undefined;
+  }
+
+  return {
+    rolledUntil,
+
+    /** Minute marks for the rows that arrive late, to insert after the rows themselves. */
+    lateMarks(rows: readonly RequestMetrics[], now = Date.now()): string[][] {
+      const lateBefore = now * 1000 - lagUs / 2;
+      const marks = new Map<string, string[]>();
+      for (const m of rows) {
+        const start = micros(m.startTime);
+        if (start >= lateBefore) continue;
+        const minute = microsText(floorTo(start, minuteUs)).slice(0, 19);
+        marks.set(`${m.orgId}|${minute}`, [m.orgId, minute]);
+      }
+      return [...marks.values()];
+    },
+
+    /** Rolled-up minutes of an org in [start, end) awaiting recomputation. */
+    async dirtyMinutes(orgId: string, start: Micros, end: Micros): Promise<Micros[]> {
+      const rows = await driver.query<{ minute: string }>(
+        `SELECT DISTINCT minute FROM ${tables.dirty}
+         WHERE org_id = {org_id:String} AND minute >= {start:DateTime64(6, 'UTC')} AND minute < {end:DateTime64(6, 'UTC')}
+         LIMIT ${maxDirtyMinutes + 1}`,
+        { org_id: orgId, start: microsText(floorTo(start, minuteUs)), end: microsText(end) },
+      );
+      return rows.map((r) => textMicros(r.minute));
+    },
+
+    /** Rolls up the minutes closed since the last run and recomputes the marked ones. */
+    async rollUp(now = new Date()): Promise<RollupResult> {
+      const target = floorTo(now.getTime() * 1000 - lagUs, minuteUs);
+      // Marks are read first: their rows committed before them, so everything below sees those rows.
+      const marks = await driver.query<{ org_id: string; minute: string; key: string }>(
+        `SELECT org_id, minute, concat(org_id, '|', toString(minute), '|', toString(marked_at)) AS key
+         FROM ${tables.dirty} LIMIT 100000`,
+      );
+      let done = await rolledUntil();
+      if (done === undefined) {
+        const [first] = await driver.query<{ start: string | null }>(
+          `SELECT toString(toStartOfMinute(min(start_time))) AS start FROM ${tables.requests} HAVING count() > 0`,
+        );
+        done = first?.start ? textMicros(first.start) : target;
+      }
+      const before = done;
+      if (done < target) {
+        const window: QueryParams = { from: microsText(done), to: microsText(target) };
+        await driver.exec(
+          minutesFromRaw("start_time >= {from:DateTime64(6, 'UTC')} AND start_time < {to:DateTime64(6, 'UTC')}"),
+          window,
+        );
+        await driver.exec(
+          hoursFromMinutes("minute >= {hour_from:DateTime64(6, 'UTC')} AND minute < {to:DateTime64(6, 'UTC')}"),
+          { ...window, hour_from: microsText(floorTo(done, hourUs)) },
+        );
+        done = target;
+      }
+      await driver.insert(tables.state, ["name", "done_until"], [["rollups", microsText(done).slice(0, 19)]]);
+
+      // Marked minutes rolled up before this run; later ones were just rolled up with their late rows.
+      const byOrg = new Map<string, Micros[]>();
+      for (const mark of marks) {
+        const minute = textMicros(mark.minute);
+        if (minute < before) byOrg.set(mark.org_id, [...(byOrg.get(mark.org_id) ?? []), minute]);
+      }
+      let recomputed = 0;
+      for (const [orgId, list] of byOrg) {
+        const minutes = [...new Set(list)].sort((a, b) => a - b);
+        const hours = [...new Set(minutes.map((m) => floorTo(m, hourUs)))];
+        recomputed += minutes.length;
+        const first = minutes[0] as Micros;
+        const last = minutes[minutes.length - 1] as Micros;
+        await driver.exec(
+          minutesFromRaw(`org_id = {org_id:String}
+            AND start_time >= {from:DateTime64(6, 'UTC')} AND start_time < {to:DateTime64(6, 'UTC')}
+            AND toStartOfMinute(start_time) IN {minutes:Array(DateTime('UTC'))}`),
+          {
+            org_id: orgId,
+            from: microsText(first),
+            to: microsText(last + minuteUs),
+            minutes: minutes.map((m) => microsText(m).slice(0, 19)),
+          },
+        );
+        await driver.exec(
+          hoursFromMinutes(`org_id = {org_id:String}
+            AND minute >= {from:DateTime64(6, 'UTC')} AND minute < {to:DateTime64(6, 'UTC')}
+            AND toStartOfHour(minute) IN {hours:Array(DateTime('UTC'))}`),
+          {
+            org_id: orgId,
+            from: microsText(hours[0] as Micros),
+            to: microsText((hours[hours.length - 1] as Micros) + hourUs),
+            hours: hours.map((h) => microsText(h).slice(0, 19)),
+          },
+        );
+      }
+      if (marks.length > 0) {
+        // Only the marks read above: one written meanwhile stays for the next run.
+        await driver.exec(
+          `DELETE FROM ${tables.dirty}
+           WHERE concat(org_id, '|', toString(minute), '|', toString(marked_at)) IN {keys:Array(String)}`,
+          { keys: marks.map((m) => m.key) },
+        );
+      }
+      return { rolledUntil: microsText(done).slice(0, 19), recomputedMinutes: recomputed };
+    },
+  };
+}
