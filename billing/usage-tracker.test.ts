@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createLogger } from "../lib/log.ts";
 import { type BillingStore, createBillingStore } from "./store/store.ts";
-import { createTestDatabase, type TestDatabase } from "./store/test-db.ts";
+import { type TestDatabase, createTestDatabase, noLimits } from "./store/test-db.ts";
 import type { RecordedUsage, TimeRange, UsageRecord } from "./store/types.ts";
 import type { PeriodUsage } from "./store/usage.ts";
 import { createUsageTracker, snapshotVisibility } from "./usage-tracker.ts";
@@ -158,14 +158,6 @@ describe("over Postgres", () => {
       monthlyBudgetNanos: 0n,
       maxDiscountBps: 0,
     });
-    const noLimits = {
-      monthlyBudgetNanos: 0n,
-      monthlyTokens: 0n,
-      requestsPerMinute: 0,
-      tokensPerMinute: 0n,
-      allowedModels: [],
-      expiresAt: null,
-    };
     const { apiKey } = await store.createApiKey({ orgId: created.id, projectId: null, name: "", limits: noLimits });
     const now = new Date("2026-06-15T12:00:00Z");
     let clock = now.getTime();

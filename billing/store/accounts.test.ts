@@ -1,29 +1,11 @@
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { expect, test } from "bun:test";
 import { sha256Hex } from "../../lib/auth.ts";
 import { BillingError } from "./db.ts";
-import { type BillingStore, createBillingStore } from "./store.ts";
-import { createTestDatabase, type TestDatabase } from "./test-db.ts";
+import { newOrg as newOrgIn, noLimits, useTestStore } from "./test-db.ts";
 import type { KeyLimits } from "./types.ts";
 
-let db: TestDatabase;
-let store: BillingStore;
-beforeAll(async () => {
-  db = await createTestDatabase();
-  store = createBillingStore(db.pool);
-}, 60_000);
-afterAll(() => db.drop());
-
-const noLimits: KeyLimits = {
-  monthlyBudgetNanos: 0n,
-  monthlyTokens: 0n,
-  requestsPerMinute: 0,
-  tokensPerMinute: 0n,
-  allowedModels: [],
-  expiresAt: null,
-};
-
-const newOrg = (name: string) =>
-  store.createOrganization({ name, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n, maxDiscountBps: 0 });
+const fixture = useTestStore();
+const newOrg = (name: string) => newOrgIn(fixture.store, name);
 
 async function failure(promise: Promise<unknown>): Promise<BillingError> {
   const error = await promise.then(
@@ -35,7 +17,7 @@ async function failure(promise: Promise<unknown>): Promise<BillingError> {
 }
 
 test("creates and lists organizations; names are unique", async () => {
-  const org = await store.createOrganization({
+  const org = await fixture.store.createOrganization({
     name: "acme",
     taxRateBps: 1900,
     billingDay: 15,
@@ -53,7 +35,7 @@ test("creates and lists organizations; names are unique", async () => {
   expect(org.createdAt).toBeInstanceOf(Date);
 
   expect((await failure(newOrg("acme"))).kind).toBe("already_exists");
-  const badDay = store.createOrganization({
+  const badDay = fixture.store.createOrganization({
     name: "bad day",
     taxRateBps: 0,
     billingDay: 29,
@@ -62,21 +44,21 @@ test("creates and lists organizations; names are unique", async () => {
   });
   expect((await failure(badDay)).kind).toBe("invalid_argument");
 
-  const listed = await store.listOrganizations();
+  const listed = await fixture.store.listOrganizations();
   expect(listed.find((o) => o.id === org.id)).toEqual(org);
-  expect(await store.getOrganization(org.id)).toEqual(org);
-  expect((await failure(store.getOrganization("org_missing"))).kind).toBe("not_found");
+  expect(await fixture.store.getOrganization(org.id)).toEqual(org);
+  expect((await failure(fixture.store.getOrganization("org_missing"))).kind).toBe("not_found");
 });
 
 test("projects belong to an existing org and are unique by name within it", async () => {
   const org = await newOrg("projects-org");
-  const project = await store.createProject({ orgId: org.id, name: "web" });
+  const project = await fixture.store.createProject({ orgId: org.id, name: "web" });
   expect(project).toMatchObject({ orgId: org.id, name: "web" });
   expect(project.id).toStartWith("proj_");
-  expect((await failure(store.createProject({ orgId: org.id, name: "web" }))).kind).toBe("already_exists");
-  expect((await failure(store.createProject({ orgId: "org_missing", name: "web" }))).kind).toBe("not_found");
-  expect(await store.listProjects(org.id)).toEqual([project]);
-  expect((await failure(store.listProjects("org_missing"))).kind).toBe("not_found");
+  expect((await failure(fixture.store.createProject({ orgId: org.id, name: "web" }))).kind).toBe("already_exists");
+  expect((await failure(fixture.store.createProject({ orgId: "org_missing", name: "web" }))).kind).toBe("not_found");
+  expect(await fixture.store.listProjects(org.id)).toEqual([project]);
+  expect((await failure(fixture.store.listProjects("org_missing"))).kind).toBe("not_found");
 });
 
 test("a key's secret is random, shown once and stored only as its SHA-256", async () => {
@@ -89,8 +71,8 @@ test("a key's secret is random, shown once and stored only as its SHA-256", asyn
     allowedModels: ["gpt-4o-mini", "mock"],
     expiresAt: new Date("2030-01-01T00:00:00Z"),
   };
-  const { apiKey, secret } = await store.createApiKey({ orgId: org.id, projectId: null, name: "ci", limits });
-  const other = await store.createApiKey({ orgId: org.id, projectId: null, name: "ci", limits: noLimits });
+  const { apiKey, secret } = await fixture.store.createApiKey({ orgId: org.id, projectId: null, name: "ci", limits });
+  const other = await fixture.store.createApiKey({ orgId: org.id, projectId: null, name: "ci", limits: noLimits });
 
   expect(secret).toMatch(/^sk-mesh-[0-9A-Za-z]{43}$/);
   expect(other.secret).not.toBe(secret);
@@ -98,53 +80,53 @@ test("a key's secret is random, shown once and stored only as its SHA-256", asyn
   expect(apiKey.secretSha256).toBe(sha256Hex(secret));
   expect(apiKey).toMatchObject({ orgId: org.id, projectId: null, name: "ci", limits, revokedAt: null });
 
-  const stored = await db.pool.query("SELECT * FROM api_keys WHERE id = $1", [apiKey.id]);
+  const stored = await fixture.db.pool.query("SELECT * FROM api_keys WHERE id = $1", [apiKey.id]);
   expect(JSON.stringify(stored.rows)).not.toContain(secret);
 
-  const found = await store.findApiKeyBySecretHash(sha256Hex(secret));
+  const found = await fixture.store.findApiKeyBySecretHash(sha256Hex(secret));
   expect(found?.apiKey).toEqual(apiKey);
   expect(found?.organization).toEqual(org);
-  expect(await store.findApiKeyBySecretHash(sha256Hex(`${secret}x`))).toBeUndefined();
+  expect(await fixture.store.findApiKeyBySecretHash(sha256Hex(`${secret}x`))).toBeUndefined();
 });
 
 test("a key's project must belong to the key's org", async () => {
   const org = await newOrg("project-keys-org");
   const elsewhere = await newOrg("elsewhere-org");
-  const project = await store.createProject({ orgId: elsewhere.id, name: "theirs" });
+  const project = await fixture.store.createProject({ orgId: elsewhere.id, name: "theirs" });
   const error = await failure(
-    store.createApiKey({ orgId: org.id, projectId: project.id, name: "", limits: noLimits }),
+    fixture.store.createApiKey({ orgId: org.id, projectId: project.id, name: "", limits: noLimits }),
   );
   expect(error.kind).toBe("not_found");
   expect(error.message).toStartWith("project not found");
 
-  const own = await store.createProject({ orgId: org.id, name: "ours" });
-  const { apiKey } = await store.createApiKey({ orgId: org.id, projectId: own.id, name: "", limits: noLimits });
+  const own = await fixture.store.createProject({ orgId: org.id, name: "ours" });
+  const { apiKey } = await fixture.store.createApiKey({ orgId: org.id, projectId: own.id, name: "", limits: noLimits });
   expect(apiKey.projectId).toBe(own.id);
 });
 
 test("revoke, rotate and update limits", async () => {
   const org = await newOrg("lifecycle-org");
   const limits = { ...noLimits, requestsPerMinute: 10, allowedModels: ["mock"] };
-  const first = await store.createApiKey({ orgId: org.id, projectId: null, name: "svc", limits });
+  const first = await fixture.store.createApiKey({ orgId: org.id, projectId: null, name: "svc", limits });
 
-  const rotated = await store.rotateApiKey(first.apiKey.id);
+  const rotated = await fixture.store.rotateApiKey(first.apiKey.id);
   expect(rotated.secret).not.toBe(first.secret);
   expect(rotated.apiKey).toMatchObject({ orgId: org.id, name: "svc", limits, revokedAt: null });
-  expect((await store.findApiKeyBySecretHash(sha256Hex(first.secret)))?.apiKey.revokedAt).toBeInstanceOf(Date);
-  expect((await failure(store.rotateApiKey(first.apiKey.id))).kind).toBe("failed_precondition");
-  expect((await failure(store.rotateApiKey("key_missing"))).kind).toBe("not_found");
+  expect((await fixture.store.findApiKeyBySecretHash(sha256Hex(first.secret)))?.apiKey.revokedAt).toBeInstanceOf(Date);
+  expect((await failure(fixture.store.rotateApiKey(first.apiKey.id))).kind).toBe("failed_precondition");
+  expect((await failure(fixture.store.rotateApiKey("key_missing"))).kind).toBe("not_found");
 
-  const updated = await store.updateApiKeyLimits(rotated.apiKey.id, { ...noLimits, monthlyTokens: 42n });
+  const updated = await fixture.store.updateApiKeyLimits(rotated.apiKey.id, { ...noLimits, monthlyTokens: 42n });
   expect(updated.limits).toEqual({ ...noLimits, monthlyTokens: 42n });
-  expect((await failure(store.updateApiKeyLimits("key_missing", noLimits))).kind).toBe("not_found");
+  expect((await failure(fixture.store.updateApiKeyLimits("key_missing", noLimits))).kind).toBe("not_found");
 
-  const revoked = await store.revokeApiKey(rotated.apiKey.id);
+  const revoked = await fixture.store.revokeApiKey(rotated.apiKey.id);
   expect(revoked.revokedAt).toBeInstanceOf(Date);
-  const again = await store.revokeApiKey(rotated.apiKey.id);
+  const again = await fixture.store.revokeApiKey(rotated.apiKey.id);
   expect(again.revokedAt).toEqual(revoked.revokedAt);
-  expect((await failure(store.revokeApiKey("key_missing"))).kind).toBe("not_found");
+  expect((await failure(fixture.store.revokeApiKey("key_missing"))).kind).toBe("not_found");
 
-  expect(await store.listApiKeys(org.id, { includeRevoked: false })).toEqual([]);
-  const all = await store.listApiKeys(org.id, { includeRevoked: true });
+  expect(await fixture.store.listApiKeys(org.id, { includeRevoked: false })).toEqual([]);
+  const all = await fixture.store.listApiKeys(org.id, { includeRevoked: true });
   expect(all.map((k) => k.id)).toEqual([first.apiKey.id, rotated.apiKey.id]);
 });

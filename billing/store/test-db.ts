@@ -3,10 +3,13 @@ import { randomBytes } from "node:crypto";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { afterAll, beforeAll } from "bun:test";
 import pg from "pg";
 import { createLogger } from "../../lib/log.ts";
 import { startEmbeddedPostgres } from "./embedded.ts";
 import { migrate } from "./migrate.ts";
+import { type BillingStore, createBillingStore } from "./store.ts";
+import type { KeyLimits } from "./types.ts";
 
 export interface TestDatabase {
   pool: pg.Pool;
@@ -82,4 +85,43 @@ export async function createTestDatabase(options: { migrate?: boolean } = {}): P
       await admin(`DROP DATABASE ${name} WITH (FORCE)`);
     },
   };
+}
+
+/** Key limits with every limit off. */
+export const noLimits: KeyLimits = {
+  monthlyBudgetNanos: 0n,
+  monthlyTokens: 0n,
+  requestsPerMinute: 0,
+  tokensPerMinute: 0n,
+  allowedModels: [],
+  expiresAt: null,
+};
+
+/**
+ * A store on a fresh database for the calling test file (or describe block): registers the hooks that
+ * create and drop it. Read `db` and `store` inside tests, after the hooks ran.
+ */
+export function useTestStore(): { readonly db: TestDatabase; readonly store: BillingStore } {
+  let db: TestDatabase | undefined;
+  let store: BillingStore | undefined;
+  beforeAll(async () => {
+    db = await createTestDatabase();
+    store = createBillingStore(db.pool);
+  }, 60_000);
+  afterAll(() => db?.drop());
+  return {
+    get db() {
+      if (!db) throw new Error("the test database is created in beforeAll");
+      return db;
+    },
+    get store() {
+      if (!store) throw new Error("the test store is created in beforeAll");
+      return store;
+    },
+  };
+}
+
+/** An org with no tax, budget or discount cap, for tests that need one to hang keys and usage on. */
+export function newOrg(store: BillingStore, name: string) {
+  return store.createOrganization({ name, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n, maxDiscountBps: 0 });
 }
