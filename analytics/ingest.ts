@@ -10,7 +10,7 @@ import type {
 } from "../gen/analytics/v1/analytics_pb.ts";
 import { type BillingService, type UsageRecord, UsageRecordSchema } from "../gen/billing/v1/billing_pb.ts";
 import type { Logger } from "../lib/log.ts";
-import { finishWith } from "../lib/telemetry.ts";
+import { finishWith, withChildSpan } from "../lib/telemetry.ts";
 import type { AnalyticsStore } from "./store/store.ts";
 
 /** Most rows in one IngestMetrics batch, and in one RecordUsage call. */
@@ -226,7 +226,9 @@ export function createIngest(deps: IngestDeps): Ingest {
     const stopTimer = instruments.insertSeconds.startTimer();
     instruments.insertBusy.start();
     try {
-      await deps.store.insertRequests(rows, dedupToken(rows));
+      await withChildSpan("clickhouse.insert", { "db.system.name": "clickhouse", "db.operation.batch.size": rows.length }, () =>
+        deps.store.insertRequests(rows, dedupToken(rows)),
+      );
       stopTimer();
     } catch (e) {
       deps.log.error("writing a flush to ClickHouse failed", { err: e, rows: rows.length });

@@ -6,6 +6,7 @@ import { ulid } from "ulid";
 import { type RequestMetrics, RequestMetricsSchema, RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import type { Logger } from "../lib/log.ts";
+import { withChildSpan } from "../lib/telemetry.ts";
 import type { Tokens } from "../lib/money.ts";
 import type { KeyAuthorizer, Principal } from "./auth.ts";
 import { type BudgetKeeper, maxChatCostNanos, maxCostNanos, maxEmbeddingInputTokens, type Reservation } from "./budget.ts";
@@ -134,7 +135,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const admissions = new WeakMap<Call, Admission>();
 
   const authorize = async (call: Call) => {
-    const principal = await keys.authorize(call.secret);
+    const principal = await withChildSpan("gateway.authorize_key", {}, () => keys.authorize(call.secret));
     call.principal = principal;
     const m = call.metrics;
     m.orgId = principal.orgId;
@@ -166,7 +167,9 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     );
     let reservation: Reservation | undefined;
     try {
-      reservation = await options.budget?.reserve(principal, maxCost, router.deadline(call, route) - performance.now());
+      reservation = await withChildSpan("gateway.reserve_budget", { "gateway.max_cost_nanos": Number(maxCost) }, () =>
+        options.budget?.reserve(principal, maxCost, router.deadline(call, route) - performance.now()),
+      );
     } catch (e) {
       ticket?.settle(0);
       throw e;
@@ -200,7 +203,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       m.status = RequestStatus.OK;
       m.httpStatus = 200;
     }
-    shipper.record(m);
+    withChildSpan("gateway.enqueue_metrics", {}, () => shipper.record(m));
     if (instruments) {
       const endpoint = endpointLabels[m.endpoint] ?? "unspecified";
       instruments.requests.inc({ endpoint, code: m.httpStatus });

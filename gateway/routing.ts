@@ -1,4 +1,5 @@
 import type { Logger } from "../lib/log.ts";
+import { withChildSpan } from "../lib/telemetry.ts";
 import type { CircuitBreakers } from "./circuit-breaker.ts";
 import type { ModelRoute, Target } from "./config.ts";
 import type { Call } from "./core.ts";
@@ -101,7 +102,11 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
           const timeoutMs = Math.max(1, Math.min(target.timeoutMs ?? route.timeoutMs, Math.ceil(remaining)));
           const sent = tick();
           try {
-            const result = await attempt(provider, target.model, { signal, timeoutMs });
+            const result = await withChildSpan(
+              "gateway.upstream_attempt",
+              { "gen_ai.provider.name": target.provider, "gen_ai.request.model": target.model, "gateway.attempt": attempts - 1, "gateway.fallback": t > 0 },
+              () => attempt(provider, target.model, { signal, timeoutMs }),
+            );
             call.upstreamMs += tick() - sent;
             breakers.succeed(key);
             return result;

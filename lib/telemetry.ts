@@ -1,4 +1,5 @@
 import {
+  type Attributes,
   context,
   propagation,
   type Span,
@@ -135,4 +136,32 @@ export async function finishWith<T>(span: Span, fn: () => Promise<T>): Promise<T
   } finally {
     span.end();
   }
+}
+
+/**
+ * Runs fn in a child span of the active span when that span is recording, else just runs fn, so
+ * fine-grained spans cost nothing when tracing is off or the request is not sampled.
+ */
+export function withChildSpan<T>(name: string, attributes: Attributes, fn: () => T): T {
+  if (!trace.getActiveSpan()?.isRecording()) return fn();
+  return trace.getTracer("mesh").startActiveSpan(name, { attributes }, (span) => {
+    const fail = (e: unknown) => {
+      span.setStatus({ code: SpanStatusCode.ERROR, message: e instanceof Error ? e.message : String(e) });
+      span.end();
+      throw e;
+    };
+    try {
+      const result = fn();
+      if (result instanceof Promise) {
+        return result.then((value) => {
+          span.end();
+          return value;
+        }, fail) as T;
+      }
+      span.end();
+      return result;
+    } catch (e) {
+      return fail(e);
+    }
+  });
 }

@@ -124,6 +124,15 @@ test("a request is one trace from the client's traceparent through gateway, bill
   const inTrace = spans.filter((s) => s.traceId === traceId);
   const authorize = inTrace.find((s) => s.service === "billing" && s.name === "billing.v1.BillingService/AuthorizeKey");
   expect(authorize).toBeDefined();
+  // Children of the request span: key authorization, budget reservation, each upstream attempt, metric enqueue.
+  const children = inTrace.filter((s) => s.parentSpanId === root.spanId).map((s) => s.name);
+  for (const name of ["gateway.authorize_key", "gateway.reserve_budget", "gateway.upstream_attempt", "gateway.enqueue_metrics"]) {
+    expect(children).toContain(name);
+  }
+  const attempt = inTrace.find((s) => s.name === "gateway.upstream_attempt");
+  expect(attempt && attribute(attempt, "gen_ai.provider.name")).toBe("mock");
+  expect(attribute(root, "gen_ai.request.model")).toBe("mock");
+  expect(Number(attribute(root, "gen_ai.usage.input_tokens"))).toBeGreaterThan(0);
   const ancestors = (span: Span | undefined): string[] => {
     const parent = span && inTrace.find((s) => s.spanId === span.parentSpanId);
     return parent ? [parent.spanId, ...ancestors(parent)] : [];
@@ -139,4 +148,6 @@ test("a request is one trace from the client's traceparent through gateway, bill
     return parent ? [parent.spanId, ...batchAncestors(parent)] : [];
   };
   expect(batchAncestors(recordUsage)).toContain(batch.spanId);
+  const insert = batchTrace.find((s) => s.name === "clickhouse.insert");
+  expect(insert?.parentSpanId).toBe(batch.spanId);
 }, 60_000);
