@@ -1,7 +1,9 @@
 import type pg from "pg";
+import type { Registry } from "prom-client";
 import type { Logger } from "../lib/log.ts";
 import { createBillingAuth } from "./auth.ts";
 import { invoicePages } from "./invoices/http.ts";
+import { createBillingMetrics } from "./metrics.ts";
 import { billingRoutes } from "./routes.ts";
 import { createBillingService } from "./service.ts";
 import { createBillingStore } from "./store/store.ts";
@@ -15,13 +17,16 @@ export interface BillingAppOptions {
   log: Logger;
   /** Aborted when the process is stopping. */
   stopSignal?: AbortSignal;
+  /** Where billing's domain metrics register; none when unset (tests, benchmarks). */
+  registry?: Registry;
 }
 
 /** Billing's parts wired together over one pool: what main.ts serves and what tests and benchmarks start. */
-export function createBillingApp({ pool, adminToken, clock, log, stopSignal }: BillingAppOptions) {
+export function createBillingApp({ pool, adminToken, clock, log, stopSignal, registry }: BillingAppOptions) {
   const store = createBillingStore(pool);
   const auth = createBillingAuth({ store, adminToken, clock });
   const usage = createUsageTracker({ load: store.periodUsage, clock, log });
-  const service = createBillingService({ store, auth, usage, clock, log, stopSignal });
+  const metrics = registry && createBillingMetrics(registry);
+  const service = createBillingService({ store, auth, usage, clock, log, stopSignal, metrics });
   return { store, service, routes: billingRoutes(service), http: invoicePages({ store, auth, log }) };
 }

@@ -37,6 +37,7 @@ const { store, routes, http } = createBillingApp({
   clock: () => new Date(),
   log,
   stopSignal: stopping.signal,
+  registry: runtime.metrics.registry,
 });
 
 const server = await startServer({

@@ -45,6 +45,7 @@ import {
 } from "./messages.ts";
 import { billingPeriod } from "./period.ts";
 import { toConnectError } from "./errors.ts";
+import type { BillingMetrics } from "./metrics.ts";
 import type { BillingStore } from "./store/store.ts";
 import type { TimeRange } from "./store/types.ts";
 import type { UsageCursor } from "./store/usage.ts";
@@ -60,6 +61,7 @@ export interface BillingServiceOptions {
   log: Logger;
   /** Aborted when the process is stopping: server streams end then instead of holding shutdown. */
   stopSignal?: AbortSignal;
+  metrics?: BillingMetrics;
 }
 
 const maxUsageBatch = 10_000;
@@ -74,6 +76,7 @@ export function createBillingService({
   clock,
   log,
   stopSignal,
+  metrics,
 }: BillingServiceOptions): ServiceImpl<typeof BillingService> {
   const admin = (ctx: HandlerContext) => auth.requireAdmin(ctx.requestHeader);
 
@@ -160,7 +163,11 @@ export function createBillingService({
 
     async authorizeKey(req, ctx) {
       admin(ctx);
-      const { apiKey, organization } = await auth.resolveKey(req.secret, clock());
+      const { apiKey, organization } = await auth.resolveKey(req.secret, clock()).catch((e: unknown) => {
+        metrics?.authorizations.inc({ result: "rejected" });
+        throw e;
+      });
+      metrics?.authorizations.inc({ result: "ok" });
       const spend = await usage.spend(organization, apiKey.id);
       return create(AuthorizeKeyResponseSchema, {
         apiKey: apiKeyMessage(apiKey),
@@ -196,6 +203,8 @@ export function createBillingService({
         ttlSeconds: intInRange(req.ttlSeconds, "ttl_seconds", 1, 3600),
         now: clock(),
       });
+      metrics?.leases.inc({ result: grant.grantedNanos > 0n ? "granted" : "exhausted" });
+      metrics?.leasedUsd.inc(Number(grant.grantedNanos) / 1e9);
       return create(AcquireBudgetLeaseResponseSchema, {
         leaseId: grant.leaseId ?? "",
         grantedNanos: grant.grantedNanos,
@@ -220,6 +229,8 @@ export function createBillingService({
       const records = req.records.map((record, i) => usageRecordFrom(record, `records[${i}]`));
       const recorded = await store.recordUsage(records);
       usage.record(recorded);
+      metrics?.usageRows.inc({ result: "inserted" }, recorded.inserted);
+      metrics?.usageRows.inc({ result: "duplicate" }, recorded.duplicates);
       log.debug("usage recorded", { inserted: recorded.inserted, duplicates: recorded.duplicates });
       return create(RecordUsageResponseSchema, { inserted: recorded.inserted, duplicates: recorded.duplicates });
     },
@@ -290,6 +301,7 @@ export function createBillingService({
         at: req.periodTime ? instant(req.periodTime, "period_time") : now,
         now,
       });
+      metrics?.invoices.inc();
       log.info("invoice generated", { org_id: invoice.orgId, invoice_id: invoice.id, number: invoice.number });
       return create(GenerateInvoiceResponseSchema, { invoice: invoiceMessage(invoice) });
     },

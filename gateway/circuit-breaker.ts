@@ -5,7 +5,22 @@
  * hold a target back without counting as a trip.
  */
 
+import { Gauge, type Registry } from "prom-client";
+
 export type BreakerState = "closed" | "open" | "half-open";
+
+const stateValues: Record<BreakerState, number> = { closed: 0, "half-open": 1, open: 2 };
+
+/** A gauge of each target's breaker (0 closed, 1 half-open, 2 open); returns the onChange that keeps it. */
+export function breakerStateMetric(registry: Registry): (target: string, state: BreakerState) => void {
+  const gauge = new Gauge({
+    name: "gateway_circuit_breaker_state",
+    help: "Circuit breaker of each upstream target: 0 closed, 1 half-open, 2 open.",
+    labelNames: ["target"] as const,
+    registers: [registry],
+  });
+  return (target, state) => gauge.set({ target }, stateValues[state]);
+}
 
 export interface CircuitBreakerOptions {
   /** Consecutive failures that open a breaker. */

@@ -206,9 +206,23 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     withChildSpan("gateway.enqueue_metrics", {}, () => shipper.record(m));
     if (instruments) {
       const endpoint = endpointLabels[m.endpoint] ?? "unspecified";
-      instruments.requests.inc({ endpoint, code: m.httpStatus });
+      const model = m.requestedModel;
+      const status = (RequestStatus[m.status] ?? "unspecified").toLowerCase();
+      instruments.requests.inc({ endpoint, model, provider: m.provider, status, code: m.httpStatus });
       instruments.duration.observe({ endpoint }, totalMs / 1000);
       instruments.overhead.observe({ endpoint }, (totalUs - upstreamUs) / 1e6);
+      if (upstreamUs > 0) instruments.upstream.observe({ endpoint, provider: m.provider }, upstreamUs / 1e6);
+      if (m.ttftUs > 0n) instruments.ttft.observe({ model }, Number(m.ttftUs) / 1e6);
+      const usage = m.usage;
+      if (usage) {
+        instruments.tokens.inc({ model, type: "input" }, Number(usage.inputTokens));
+        instruments.tokens.inc({ model, type: "cached_input" }, Number(usage.cachedInputTokens));
+        instruments.tokens.inc({ model, type: "output" }, Number(usage.outputTokens));
+        instruments.tokens.inc({ model, type: "reasoning" }, Number(usage.reasoningTokens));
+      }
+      if (m.costNanos > 0n) instruments.cost.inc({ model }, Number(m.costNanos) / 1e9);
+      if (m.retries > 0) instruments.retries.inc({ model }, m.retries);
+      if (m.fallbackUsed) instruments.fallbacks.inc({ model });
     }
   };
 
@@ -357,18 +371,33 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
 }
 
 function createInstruments(registry: Registry) {
+  const latencyBuckets = [0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
   return {
     requests: new Counter({
       name: "gateway_requests_total",
-      help: "Finished API requests by endpoint and HTTP status.",
-      labelNames: ["endpoint", "code"] as const,
+      help: "Finished API requests by endpoint, requested model, serving provider, outcome and HTTP status.",
+      labelNames: ["endpoint", "model", "provider", "status", "code"] as const,
       registers: [registry],
     }),
     duration: new Histogram({
       name: "gateway_request_duration_seconds",
       help: "Time from a request's arrival to its end.",
       labelNames: ["endpoint"] as const,
-      buckets: [0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
+      buckets: latencyBuckets,
+      registers: [registry],
+    }),
+    upstream: new Histogram({
+      name: "gateway_upstream_duration_seconds",
+      help: "Time a request spent waiting on upstream attempts, retries included.",
+      labelNames: ["endpoint", "provider"] as const,
+      buckets: latencyBuckets,
+      registers: [registry],
+    }),
+    ttft: new Histogram({
+      name: "gateway_time_to_first_token_seconds",
+      help: "Time from a streamed request's arrival to its first content token.",
+      labelNames: ["model"] as const,
+      buckets: latencyBuckets,
       registers: [registry],
     }),
     overhead: new Histogram({
@@ -376,6 +405,30 @@ function createInstruments(registry: Registry) {
       help: "What the gateway itself added to a request: total time minus time waiting on upstreams.",
       labelNames: ["endpoint"] as const,
       buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05],
+      registers: [registry],
+    }),
+    tokens: new Counter({
+      name: "gateway_tokens_total",
+      help: "Tokens metered, by requested model and type (input includes cached input, output includes reasoning).",
+      labelNames: ["model", "type"] as const,
+      registers: [registry],
+    }),
+    cost: new Counter({
+      name: "gateway_cost_usd_total",
+      help: "Cost metered, in USD, by requested model (monitoring only; billing uses exact nano-USD).",
+      labelNames: ["model"] as const,
+      registers: [registry],
+    }),
+    retries: new Counter({
+      name: "gateway_upstream_retries_total",
+      help: "Upstream attempts after a request's first, by requested model.",
+      labelNames: ["model"] as const,
+      registers: [registry],
+    }),
+    fallbacks: new Counter({
+      name: "gateway_fallbacks_total",
+      help: "Requests served or last tried by a target other than their first choice, by requested model.",
+      labelNames: ["model"] as const,
       registers: [registry],
     }),
   };

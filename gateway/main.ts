@@ -11,7 +11,7 @@ import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
 import { createKeyAuthorizer, watchKeyChanges } from "./auth.ts";
 import { createBudgetKeeper } from "./budget.ts";
-import { createCircuitBreakers } from "./circuit-breaker.ts";
+import { breakerStateMetric, createCircuitBreakers } from "./circuit-breaker.ts";
 import { type GatewayConfig, loadGatewayConfig } from "./config.ts";
 import { createGatewayCore } from "./core.ts";
 import { createRestApp } from "./http/app.ts";
@@ -148,6 +148,7 @@ const shipper = createMetricsShipper({
 });
 shipper.start();
 
+const breakerState = breakerStateMetric(runtime.metrics.registry);
 const core = createGatewayCore({
   config,
   providers,
@@ -160,7 +161,10 @@ const core = createGatewayCore({
     breakers: createCircuitBreakers({
       failureThreshold: cfg.GATEWAY_BREAKER_FAILURES,
       cooldownMs: cfg.GATEWAY_BREAKER_COOLDOWN_MS,
-      onChange: (target, state) => log.warn("circuit breaker changed", { target, state }),
+      onChange: (target, state) => {
+        log.warn("circuit breaker changed", { target, state });
+        breakerState(target, state);
+      },
     }),
     requestTimeoutMs: cfg.GATEWAY_REQUEST_TIMEOUT_MS,
     backoffBaseMs: cfg.GATEWAY_RETRY_BASE_MS,

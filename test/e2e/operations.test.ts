@@ -81,6 +81,19 @@ describe.skipIf(!havePrometheus)("Prometheus (needs Debian's prometheus package)
       const handled = await query('sum by (service) (rpc_server_handled_total{rpc_method="AuthorizeKey"})');
       expect(handled.find((r) => r.metric.service === "billing")?.value[1]).toBeDefined();
       expect(Number(handled.find((r) => r.metric.service === "billing")?.value[1])).toBeGreaterThanOrEqual(1);
+      // Domain metrics of each service, as an operator would chart them.
+      for (const promql of [
+        'sum(gateway_requests_total{model="mock",status="ok"})',
+        'sum(gateway_tokens_total{model="mock",type="input"})',
+        "sum(billing_key_authorizations_total)",
+      ]) {
+        let value = 0;
+        while (value === 0 && Date.now() < deadline) {
+          value = Number((await query(promql))[0]?.value[1] ?? 0);
+          if (value === 0) await Bun.sleep(250);
+        }
+        expect(value).toBeGreaterThan(0);
+      }
     } finally {
       await prometheus.stop();
     }
