@@ -151,6 +151,15 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     return route;
   };
 
+  /** Records who asked for which model, and resolves the route the caller's key may use. */
+  const routeFor = (call: Call, principal: Principal, input: { model: string; user: string; tags?: Record<string, string> }) => {
+    const m = call.metrics;
+    m.requestedModel = input.model;
+    m.endUserId = input.user;
+    if (input.tags) m.tags = input.tags;
+    return admitModel(principal, input.model);
+  };
+
   const callUpstream = <T>(call: Call, route: ModelRoute, attempt: Attempt<T>, signal?: AbortSignal): Promise<T> =>
     router.run(call, route, attempt, signal);
 
@@ -269,10 +278,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const principal = call.principal ?? (await authorize(call));
       const input = parseChatInput(body);
       const m = call.metrics;
-      m.requestedModel = input.model;
-      m.endUserId = input.user;
-      m.tags = input.tags;
-      const route = admitModel(principal, input.model);
+      const route = routeFor(call, principal, input);
       if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
       const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
       await admit(call, principal, route, maxChatCostNanos(input.upstream, route.price, cap), estimatedChatTokens(input.upstream));
@@ -307,11 +313,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const principal = call.principal ?? (await authorize(call));
       const input = parseChatInput(body);
       const m = call.metrics;
-      m.requestedModel = input.model;
-      m.endUserId = input.user;
-      m.tags = input.tags;
       m.streamed = true;
-      const route = admitModel(principal, input.model);
+      const route = routeFor(call, principal, input);
       const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
       const maxCost = maxChatCostNanos(input.upstream, route.price, cap);
       const admission = await admit(call, principal, route, maxCost, estimatedChatTokens(input.upstream));
@@ -346,9 +349,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const principal = call.principal ?? (await authorize(call));
       const input = parseEmbeddingInput(body);
       const m = call.metrics;
-      m.requestedModel = input.model;
-      m.endUserId = input.user;
-      const route = admitModel(principal, input.model);
+      const route = routeFor(call, principal, input);
       const inputTokens = maxEmbeddingInputTokens(input.upstream.input);
       await admit(call, principal, route, maxCostNanos(inputTokens, 0, route.price), Math.ceil(inputTokens / 4));
       const result = await callUpstream(call, route, (provider, model, options) =>
