@@ -2,6 +2,7 @@ import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
 import type { DiscountRule, VolumeTier } from "../store/types.ts";
 import { calculateDiscounts, type UsageHour } from "./calculate.ts";
+import { unscopedRule } from "./test-rules.ts";
 
 const monthStart = Date.UTC(2026, 2, 1);
 const hourMs = 3_600_000;
@@ -12,18 +13,8 @@ function rule(overrides: Partial<DiscountRule> & Pick<DiscountRule, "kind">): Di
     id: "disc_1",
     orgId: "org_1",
     name: "rule",
-    priority: 0,
-    stackable: true,
-    model: null,
-    provider: null,
     discountBps: 0,
-    tiers: [],
-    startHour: 0,
-    endHour: 24,
-    daysOfWeek: [],
-    validFrom: null,
-    validUntil: null,
-    capNanos: 0n,
+    ...unscopedRule,
     createdAt: new Date(monthStart),
     ...overrides,
   };

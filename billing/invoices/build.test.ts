@@ -1,5 +1,6 @@
 import { expect, test } from "bun:test";
 import fc from "fast-check";
+import { unscopedRule } from "../discounts/test-rules.ts";
 import type { DiscountRule } from "../store/types.ts";
 import { buildInvoice, describeRule, type UsageSlice } from "./build.ts";
 
@@ -32,18 +33,8 @@ const promo = (overrides: Partial<DiscountRule> = {}): DiscountRule => ({
   orgId: "org_1",
   name: "Launch promo",
   kind: "promotional",
-  priority: 0,
-  stackable: true,
-  model: null,
-  provider: null,
   discountBps: 1000,
-  tiers: [],
-  startHour: 0,
-  endHour: 24,
-  daysOfWeek: [],
-  validFrom: null,
-  validUntil: null,
-  capNanos: 0n,
+  ...unscopedRule,
   createdAt: hour,
   ...overrides,
 });

@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
+import { unscopedRule } from "../discounts/test-rules.ts";
 import { BillingError } from "./db.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
 import { createTestDatabase, type TestDatabase } from "./test-db.ts";
@@ -20,18 +21,8 @@ const rule = (overrides: Partial<NewDiscountRule> = {}): NewDiscountRule => ({
   orgId,
   name: "rule",
   kind: "promotional",
-  priority: 0,
-  stackable: true,
-  model: null,
-  provider: null,
   discountBps: 1000,
-  tiers: [],
-  startHour: 0,
-  endHour: 24,
-  daysOfWeek: [],
-  validFrom: null,
-  validUntil: null,
-  capNanos: 0n,
+  ...unscopedRule,
   ...overrides,
 });
 

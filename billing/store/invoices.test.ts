@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
+import { unscopedRule } from "../discounts/test-rules.ts";
 import type { BillingError } from "./db.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
 import { createTestDatabase, type TestDatabase } from "./test-db.ts";
@@ -60,18 +61,9 @@ test("an invoice itemises the period's usage per model and token type, with disc
     orgId: org.id,
     name: "gpt-4o promo",
     kind: "promotional",
-    priority: 0,
-    stackable: true,
-    model: "gpt-4o",
-    provider: null,
     discountBps: 2500,
-    tiers: [],
-    startHour: 0,
-    endHour: 24,
-    daysOfWeek: [],
-    validFrom: null,
-    validUntil: null,
-    capNanos: 0n,
+    ...unscopedRule,
+    model: "gpt-4o",
   });
 
   const invoice = await store.generateInvoice({ orgId: org.id, at: march, now: march });
