@@ -19,14 +19,17 @@ export interface BillingAppOptions {
   stopSignal?: AbortSignal;
   /** Where billing's domain metrics register; none when unset (tests, benchmarks). */
   registry?: Registry;
+  /** See BudgetLeaseStoreOptions. */
+  abandonedLeaseGraceMs?: number;
 }
 
 /** Billing's parts wired together over one pool: what main.ts serves and what tests and benchmarks start. */
-export function createBillingApp({ pool, adminToken, clock, log, stopSignal, registry }: BillingAppOptions) {
-  const store = createBillingStore(pool);
+export function createBillingApp(options: BillingAppOptions) {
+  const { pool, adminToken, clock, log, stopSignal, registry } = options;
+  const store = createBillingStore(pool, { abandonedLeaseGraceMs: options.abandonedLeaseGraceMs });
   const auth = createBillingAuth({ store, adminToken, clock });
   const usage = createUsageTracker({ load: store.periodUsage, clock, log });
-  const metrics = registry && createBillingMetrics(registry);
+  const metrics = registry && createBillingMetrics(registry, { openLeases: () => store.openBudgetLeases(clock()) });
   const service = createBillingService({ store, auth, usage, clock, log, stopSignal, metrics });
   return { store, service, routes: billingRoutes(service), http: invoicePages({ store, auth, log }) };
 }

@@ -13,6 +13,8 @@ const cfg = loadEnvOrExit({
   BILLING_PORT: env.port(8081),
   /** Postgres to use; unset starts an embedded server under <MESH_DATA_DIR>/postgres. */
   DATABASE_URL: z.string().min(1).optional(),
+  /** How long a lease that expired unreleased (its gateway died) still reserves its grant; see budget-leases.ts. */
+  BUDGET_LEASE_GRACE_SECONDS: z.coerce.number().int().min(0).max(86_400).default(600),
 });
 const runtime = createRuntime("billing", cfg);
 const { log } = runtime;
@@ -38,6 +40,7 @@ const { store, routes, http } = createBillingApp({
   log,
   stopSignal: stopping.signal,
   registry: runtime.metrics.registry,
+  abandonedLeaseGraceMs: cfg.BUDGET_LEASE_GRACE_SECONDS * 1000,
 });
 
 const server = await startServer({

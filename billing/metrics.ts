@@ -1,8 +1,24 @@
-import { Counter, type Registry } from "prom-client";
+import { Counter, Gauge, type Registry } from "prom-client";
 
 /** Billing's domain metrics; RPC counts and latencies come from lib/metrics.ts. */
-export function createBillingMetrics(registry: Registry) {
+export function createBillingMetrics(
+  registry: Registry,
+  sources: { openLeases(): Promise<{ active: number; abandoned: number }> },
+) {
   return {
+    openLeases: new Gauge({
+      name: "billing_budget_leases_open",
+      help:
+        "Unreleased budget leases of current billing periods: active, or abandoned (expired without a release, " +
+        "its gateway gone; it reserves its grant for BUDGET_LEASE_GRACE_SECONDS more).",
+      labelNames: ["state"] as const,
+      registers: [registry],
+      async collect() {
+        const open = await sources.openLeases();
+        this.set({ state: "active" }, open.active);
+        this.set({ state: "abandoned" }, open.abandoned);
+      },
+    }),
     usageRows: new Counter({
       name: "billing_usage_rows_total",
       help: "Usage records received by RecordUsage: inserted, or duplicate (already known by request_id).",

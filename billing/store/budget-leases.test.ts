@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
+import { defaultAbandonedLeaseGraceMs } from "./budget-leases.ts";
 import { BillingError } from "./db.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
 import { createTestDatabase, type TestDatabase } from "./test-db.ts";
@@ -61,12 +62,16 @@ test("grants never exceed what is left, and releases return the unspent part", a
   expect((missing as BillingError).kind).toBe("not_found");
 });
 
-test("expired leases return to the pool; recorded usage counts against the budget", async () => {
+test("abandoned leases return to the pool after the grace window; recorded usage counts against the budget", async () => {
   const org = await newOrg(1000n);
   await acquire(org.id, 1000n, { ttlSeconds: 30 });
   expect((await acquire(org.id, 1n)).grantedNanos).toBe(0n);
-  const later = new Date(now.getTime() + 30_000);
-  expect(await acquire(org.id, 2000n, { now: later })).toMatchObject({ grantedNanos: 1000n, remainingNanos: 0n });
+  // Expired without a release: its holder may have served requests whose usage is not recorded yet.
+  const expired = new Date(now.getTime() + 30_000);
+  expect((await acquire(org.id, 1n, { now: expired })).grantedNanos).toBe(0n);
+  expect(await store.openBudgetLeases(expired)).toMatchObject({ abandoned: 1 });
+  const afterGrace = new Date(expired.getTime() + defaultAbandonedLeaseGraceMs);
+  expect(await acquire(org.id, 2000n, { now: afterGrace })).toMatchObject({ grantedNanos: 1000n, remainingNanos: 0n });
 
   const fresh = await newOrg(1000n);
   await store.recordUsage([
@@ -124,8 +129,8 @@ test("settled spend is a running total per budget and period; a late release of 
     leases.map((l, i) => store.releaseBudgetLease({ leaseId: l.leaseId as string, spentNanos: BigInt(i * 10), now })),
   );
   const expiring = await acquire(org.id, 400n, { ttlSeconds: 1 });
-  const later = new Date(now.getTime() + 2_000);
-  // Expired: its grant is back in the pool.
+  const later = new Date(now.getTime() + 2_000 + defaultAbandonedLeaseGraceMs);
+  // Abandoned past the grace window: its grant is back in the pool.
   expect(await acquire(org.id, 1000n, { now: later, ttlSeconds: 1 })).toMatchObject({ grantedNanos: 970n });
   // Its holder reports what it spent after all.
   await store.releaseBudgetLease({ leaseId: expiring.leaseId as string, spentNanos: 250n, now: later });
@@ -134,6 +139,40 @@ test("settled spend is a running total per budget and period; a late release of 
     [org.id],
   );
   expect(rows).toEqual([{ scope: "organization", spent: 280 }]);
-  const afterAll = new Date(later.getTime() + 2_000);
+  const afterAll = new Date(later.getTime() + 2_000 + defaultAbandonedLeaseGraceMs);
   expect(await acquire(org.id, 1000n, { now: afterAll })).toMatchObject({ grantedNanos: 720n, remainingNanos: 0n });
+});
+
+test("a dead gateway's lease keeps its grant reserved until its resent usage is recorded", async () => {
+  const org = await newOrg(1000n);
+  const dead = await acquire(org.id, 600n, { ttlSeconds: 10, holder: "gw-dead" });
+  expect(dead.grantedNanos).toBe(600n);
+  // The holder spent 500 of it and died; its lease expires unreleased.
+  const expired = new Date(now.getTime() + 11_000);
+  // Another gateway gets only what the dead lease did not hold.
+  expect(await acquire(org.id, 1000n, { now: expired, holder: "gw-2" })).toMatchObject({ grantedNanos: 400n });
+  // The dead gateway comes back and resends its spool: 500 recorded.
+  await store.recordUsage([
+    {
+      requestId: `req_dead_${org.id}`,
+      orgId: org.id,
+      projectId: null,
+      apiKeyId: null,
+      model: "mock",
+      provider: "mock",
+      endpoint: "chat_completions",
+      inputTokens: 1n,
+      cachedInputTokens: 0n,
+      outputTokens: 1n,
+      reasoningTokens: 0n,
+      costNanos: 500n,
+      occurredAt: now,
+      costBreakdown: null,
+    },
+  ]);
+  // Past the grace window only the recorded 500 and gw-2's active 400 count: 100 is left, never 600.
+  const afterGrace = new Date(expired.getTime() + defaultAbandonedLeaseGraceMs);
+  expect(await acquire(org.id, 1000n, { now: afterGrace, holder: "gw-3", ttlSeconds: 3600 })).toMatchObject({
+    grantedNanos: 100n,
+  });
 });

@@ -11,13 +11,27 @@ interface ScopeRow {
   expires_at: Date | null;
 }
 
-export function createBudgetLeaseStore(db: Db) {
+export interface BudgetLeaseStoreOptions {
+  /**
+   * How long a lease that expired without being released (its gateway died) keeps reserving its whole grant.
+   * The gateway's spool resends the usage of what it served when it comes back; until that usage is recorded the
+   * grant is the only bound on it, so returning it to the pool at once could grant the same money twice. After the
+   * window the lease reserves nothing and what it spent counts once its usage is recorded. Default 10 minutes.
+   */
+  abandonedLeaseGraceMs?: number;
+}
+
+export const defaultAbandonedLeaseGraceMs = 600_000;
+
+export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions = {}) {
+  const graceMs = options.abandonedLeaseGraceMs ?? defaultAbandonedLeaseGraceMs;
   return {
     /**
      * Grants up to `requestedNanos` of what is left of the scope's budget in the current billing period.
      * The scope's row is locked for the transaction, so concurrent grants are serialised and together never exceed
      * the budget. Committed spend counts as the larger of recorded usage and what released leases reported spent
-     * (usage arrives later than releases); active leases reserve their whole grant; expired ones reserve nothing.
+     * (usage arrives later than releases); active leases reserve their whole grant, and so do expired unreleased
+     * ones for `abandonedLeaseGraceMs` after expiry; older abandoned leases reserve nothing.
      */
     acquireBudgetLease(request: BudgetLeaseRequest): Promise<BudgetLeaseGrant> {
       return db.transaction(async (tx) => {
@@ -56,7 +70,14 @@ export function createBudgetLeaseStore(db: Db) {
                (SELECT coalesce(sum(granted_nanos), 0) FROM budget_leases
                 WHERE released_at IS NULL AND scope = $4 AND coalesce(api_key_id, org_id) = $1 AND period_start = $6
                   AND expires_at > $5) AS reserved`,
-            [request.scopeId, utcDate(period.start), utcDate(period.end), request.scope, request.now, period.start],
+            [
+              request.scopeId,
+              utcDate(period.start),
+              utcDate(period.end),
+              request.scope,
+              new Date(request.now.getTime() - graceMs),
+              period.start,
+            ],
           );
           const used = usedRows[0];
           const recorded = BigInt(used?.recorded ?? 0);
@@ -86,6 +107,17 @@ export function createBudgetLeaseStore(db: Db) {
         );
         return { leaseId, grantedNanos: granted, expiresAt, remainingNanos: remaining };
       });
+    },
+
+    /** Unreleased leases of current billing periods: still active, or expired without a release (holder gone). */
+    async openBudgetLeases(now: Date): Promise<{ active: number; abandoned: number }> {
+      const rows = await db.query<{ active: number; abandoned: number }>(
+        `SELECT count(*) FILTER (WHERE expires_at > $1)::int AS active,
+                count(*) FILTER (WHERE expires_at <= $1)::int AS abandoned
+         FROM budget_leases WHERE released_at IS NULL AND period_start > $1::timestamptz - interval '32 days'`,
+        [now],
+      );
+      return { active: rows[0]?.active ?? 0, abandoned: rows[0]?.abandoned ?? 0 };
     },
 
     /**

@@ -1,6 +1,6 @@
 import type pg from "pg";
 import { createAccountStore } from "./accounts.ts";
-import { createBudgetLeaseStore } from "./budget-leases.ts";
+import { type BudgetLeaseStoreOptions, createBudgetLeaseStore } from "./budget-leases.ts";
 import { createDb } from "./db.ts";
 import { createDiscountStore } from "./discounts.ts";
 import { createInvoiceStore } from "./invoices.ts";
@@ -8,12 +8,12 @@ import { createKeyChangeFeed } from "./key-changes.ts";
 import { createUsageStore } from "./usage.ts";
 
 /** Everything billing keeps in Postgres, over one pool. */
-export function createBillingStore(pool: pg.Pool) {
+export function createBillingStore(pool: pg.Pool, options: BudgetLeaseStoreOptions = {}) {
   const db = createDb(pool);
   return {
     ...createAccountStore(db),
     ...createUsageStore(db),
-    ...createBudgetLeaseStore(db),
+    ...createBudgetLeaseStore(db, options),
     ...createDiscountStore(db),
     ...createInvoiceStore(db),
     ...createKeyChangeFeed(pool),
