@@ -113,6 +113,43 @@ test("organizations: validation and error codes", async () => {
   expect(await code(client.listApiKeys({ orgId: "org_missing" }, admin))).toBe(Code.NotFound);
 });
 
+test("UpdateOrganization changes only the fields set, validates them and tells key watchers", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 5n });
+  const { apiKey, secret } = await client.createApiKey({ orgId }, admin);
+  const stop = new AbortController();
+  const changes: string[] = [];
+  let live: () => void = () => {};
+  const isLive = new Promise<void>((resolve) => (live = resolve));
+  const watching = (async () => {
+    for await (const change of client.watchKeyChanges({}, { ...admin, signal: stop.signal })) {
+      if (!change.apiKeyId) live();
+      else changes.push(change.apiKeyId);
+    }
+  })().catch(() => {});
+  await isLive;
+
+  const res = await client.updateOrganization({ orgId, taxRateBps: 1900, maxDiscountBps: 3000 }, admin);
+  expect(res.organization).toMatchObject({ id: orgId, taxRateBps: 1900, maxDiscountBps: 3000, monthlyBudgetNanos: 5n });
+  const renamed = await client.updateOrganization({ orgId, name: " Renamed ", monthlyBudgetNanos: 0n }, admin);
+  expect(renamed.organization).toMatchObject({ name: "Renamed", taxRateBps: 1900, monthlyBudgetNanos: 0n });
+  // A gateway re-authorizing after the announcement sees the new settings.
+  expect((await client.authorizeKey({ secret }, admin)).organization).toMatchObject({ taxRateBps: 1900, monthlyBudgetNanos: 0n });
+  const deadline = Date.now() + 5_000;
+  while (changes.length < 2 && Date.now() < deadline) await Bun.sleep(20);
+  expect(changes).toEqual([apiKey?.id as string, apiKey?.id as string]);
+  stop.abort();
+  await watching;
+
+  expect(await code(client.updateOrganization({ orgId, taxRateBps: 10_001 }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.updateOrganization({ orgId, name: "" }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.updateOrganization({ orgId, monthlyBudgetNanos: -1n }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.updateOrganization({ orgId: "org_missing", taxRateBps: 1 }, admin))).toBe(Code.NotFound);
+  const other = await client.createOrganization({ name: "taken by another org" }, admin);
+  expect(other.organization).toBeDefined();
+  expect(await code(client.updateOrganization({ orgId, name: "taken by another org" }, admin))).toBe(Code.AlreadyExists);
+  expect(await code(client.updateOrganization({ orgId, taxRateBps: 1 }, as(secret)))).toBe(Code.PermissionDenied);
+});
+
 test("AuthorizeKey resolves a valid key with its spend, and rejects unknown, revoked and expired keys", async () => {
   const orgId = await newOrg({ monthlyBudgetNanos: 10_000n });
   const { project } = await client.createProject({ orgId, name: "web" }, admin);

@@ -25,6 +25,7 @@ import {
   RevokeApiKeyResponseSchema,
   RotateApiKeyResponseSchema,
   UpdateApiKeyLimitsResponseSchema,
+  UpdateOrganizationResponseSchema,
   UpdateInvoiceStatusResponseSchema,
   WatchKeyChangesResponseSchema,
 } from "../gen/billing/v1/billing_pb.ts";
@@ -99,6 +100,21 @@ export function createBillingService({
       });
       log.info("organization created", { org_id: organization.id });
       return create(CreateOrganizationResponseSchema, { organization: organizationMessage(organization) });
+    },
+
+    async updateOrganization(req, ctx) {
+      admin(ctx);
+      const orgId = orgIdOf(req);
+      const organization = await store.updateOrganization(orgId, {
+        name: req.name === undefined ? undefined : text(req.name, "name"),
+        taxRateBps: req.taxRateBps === undefined ? undefined : intInRange(req.taxRateBps, "tax_rate_bps", 0, 10_000),
+        monthlyBudgetNanos:
+          req.monthlyBudgetNanos === undefined ? undefined : nonNegative(req.monthlyBudgetNanos, "monthly_budget_nanos"),
+        maxDiscountBps:
+          req.maxDiscountBps === undefined ? undefined : intInRange(req.maxDiscountBps, "max_discount_bps", 0, 10_000),
+      });
+      log.info("organization updated", { org_id: orgId });
+      return create(UpdateOrganizationResponseSchema, { organization: organizationMessage(organization) });
     },
 
     async listOrganizations(_req, ctx) {

@@ -116,6 +116,10 @@ describe("meshctl against a real billing", () => {
     expect(table.split("\n")[0]).toMatch(/^ID\s+NAME\s+TAX\s+BILLING DAY\s+BUDGET\s+MAX DISCOUNT\s+CREATED$/);
     expect(table).toContain(orgId);
     expect(table).toMatch(/Acme Corp\s+10%\s+1\s+\$50\s+30%/);
+    const updated = await ok(`orgs update ${orgId} --tax-bps 2000 --max-discount-percent 25`);
+    expect(updated).toMatch(/Acme Corp\s+20%\s+1\s+\$50\s+25%/);
+    failsWith(await cli(`orgs update ${orgId} --tax-bps 20000`), 1, /tax_rate_bps/);
+    expect(await ok(`orgs update ${orgId} --tax-bps 1000 --max-discount-percent 30`)).toMatch(/10%\s+1\s+\$50\s+30%/);
     expect(await ok("projects create --org " + orgId + " web")).toContain("web");
     expect(await ok(`projects list --org ${orgId}`)).toContain("web");
   });

@@ -42,6 +42,7 @@ class ServiceError extends Error {}
 const usage = `usage: meshctl <command> [flags] [--json]
 
   orgs create NAME [--tax-bps N] [--billing-day N] [--budget-usd X] [--max-discount-percent P] | orgs list
+  orgs update ORG_ID [--name S] [--tax-bps N] [--budget-usd X] [--max-discount-percent P]
   projects create --org ID NAME | projects list --org ID
   keys create --org ID [--project ID] [--name S] [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N]
               [--models a,b] [--expires DATE]
@@ -139,6 +140,18 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           maxDiscountBps: values["max-discount-percent"]
             ? percentBps(values["max-discount-percent"], "--max-discount-percent")
             : 0,
+        });
+        print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
+        return 0;
+      }
+      case "orgs update": {
+        const percent = values["max-discount-percent"];
+        const res = await billing.updateOrganization({
+          orgId: arg("ORG_ID"),
+          name: values.name,
+          taxRateBps: values["tax-bps"] === undefined ? undefined : int(values["tax-bps"], "--tax-bps"),
+          monthlyBudgetNanos: values["budget-usd"] === undefined ? undefined : usdNanos(values["budget-usd"]),
+          maxDiscountBps: percent === undefined ? undefined : percentBps(percent, "--max-discount-percent"),
         });
         print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
         return 0;

@@ -9,6 +9,7 @@ import type {
   NewApiKey,
   NewOrganization,
   Organization,
+  OrganizationChanges,
   Project,
 } from "./types.ts";
 
@@ -139,6 +140,33 @@ export function createAccountStore(db: Db) {
 
     getOrganization(orgId: string): Promise<Organization> {
       return requireOrganization(orgId);
+    },
+
+    /**
+     * Applies the changes given and announces every key of the org to watchers at commit, so gateways re-authorize
+     * and pick up the org's new budget.
+     */
+    async updateOrganization(orgId: string, changes: OrganizationChanges): Promise<Organization> {
+      const rows = await db.query<OrgRow>(
+        `WITH updated AS (
+           UPDATE organizations SET name = coalesce($2, name), tax_rate_bps = coalesce($3, tax_rate_bps),
+             monthly_budget_nanos = coalesce($4, monthly_budget_nanos),
+             max_discount_bps = coalesce($5, max_discount_bps)
+           WHERE id = $1 RETURNING ${orgColumns}
+         ), announced AS (
+           SELECT ${announceKeyChange} FROM api_keys WHERE org_id = $1 AND EXISTS (SELECT 1 FROM updated)
+         )
+         SELECT updated.* FROM updated, (SELECT count(*) FROM announced) AS n`,
+        [
+          orgId,
+          changes.name ?? null,
+          changes.taxRateBps ?? null,
+          changes.monthlyBudgetNanos?.toString() ?? null,
+          changes.maxDiscountBps ?? null,
+        ],
+      );
+      if (!rows[0]) throw new BillingError("not_found", `organization ${orgId} not found`);
+      return toOrganization(rows[0]);
     },
 
     async createProject(project: { orgId: string; name: string }): Promise<Project> {

@@ -21,6 +21,9 @@ export interface NewOrganization {
   maxDiscountBps: number;
 }
 
+/** Settings of an org that may change; undefined fields keep their value. */
+export type OrganizationChanges = Partial<Pick<NewOrganization, "name" | "taxRateBps" | "monthlyBudgetNanos" | "maxDiscountBps">>;
+
 export interface Project {
   id: string;
   orgId: string;

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file billing/v1/billing.proto.
  */
 export const file_billing_v1_billing: GenFile = /*@__PURE__*/
-  fileDesc("ChhiaWxsaW5nL3YxL2JpbGxpbmcucHJvdG8SCmJpbGxpbmcudjEivAEKDE9yZ2FuaXphdGlvbhIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEi8KC2NyZWF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgx0YXhfcmF0ZV9icHMYBCABKAUSEwoLYmlsbGluZ19kYXkYBSABKAUSHAoUbW9udGhseV9idWRnZXRfbmFub3MYBiABKAMSGAoQbWF4X2Rpc2NvdW50X2JwcxgHIAEoBSJkCgdQcm9qZWN0EgoKAmlkGAEgASgJEg4KBm9yZ19pZBgCIAEoCRIMCgRuYW1lGAMgASgJEi8KC2NyZWF0ZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLCAQoJS2V5TGltaXRzEhwKFG1vbnRobHlfYnVkZ2V0X25hbm9zGAEgASgDEhYKDm1vbnRobHlfdG9rZW5zGAIgASgDEhsKE3JlcXVlc3RzX3Blcl9taW51dGUYAyABKAUSGQoRdG9rZW5zX3Blcl9taW51dGUYBCABKAMSFgoOYWxsb3dlZF9tb2RlbHMYBSADKAkSLwoLZXhwaXJlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIt8BCgZBcGlLZXkSCgoCaWQYASABKAkSDgoGb3JnX2lkGAIgASgJEhIKCnByb2plY3RfaWQYAyABKAkSDAoEbmFtZRgEIAEoCRIOCgZwcmVmaXgYBSABKAkSJQoGbGltaXRzGAYgASgLMhUuYmlsbGluZy52MS5LZXlMaW1pdHMSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKMAQoZQ3JlYXRlT3JnYW5pemF0aW9uUmVxdWVzdBIMCgRuYW1lGAEgASgJEhQKDHRheF9yYXRlX2JwcxgCIAEoBRITCgtiaWxsaW5nX2RheRgDIAEoBRIcChRtb250aGx5X2J1ZGdldF9uYW5vcxgEIAEoAxIYChBtYXhfZGlzY291bnRfYnBzGAUgASgFIkwKGkNyZWF0ZU9yZ2FuaXphdGlvblJlc3BvbnNlEi4KDG9yZ2FuaXphdGlvbhgBIAEoCzIYLmJpbGxpbmcudjEuT3JnYW5pemF0aW9uIhoKGExpc3RPcmdhbml6YXRpb25zUmVxdWVzdCJMChlMaXN0T3JnYW5pemF0aW9uc1Jlc3BvbnNlEi8KDW9yZ2FuaXphdGlvbnMYASADKAsyGC5iaWxsaW5nLnYxLk9yZ2FuaXphdGlvbiI0ChRDcmVhdGVQcm9qZWN0UmVxdWVzdBIOCgZvcmdfaWQYASABKAkSDAoEbmFtZRgCIAEoCSI9ChVDcmVhdGVQcm9qZWN0UmVzcG9uc2USJAoHcHJvamVjdBgBIAEoCzITLmJpbGxpbmcudjEuUHJvamVjdCIlChNMaXN0UHJvamVjdHNSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCSI9ChRMaXN0UHJvamVjdHNSZXNwb25zZRIlCghwcm9qZWN0cxgBIAMoCzITLmJpbGxpbmcudjEuUHJvamVjdCJuChNDcmVhdGVBcGlLZXlSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEgwKBG5hbWUYAyABKAkSJQoGbGltaXRzGAQgASgLMhUuYmlsbGluZy52MS5LZXlMaW1pdHMiSwoUQ3JlYXRlQXBpS2V5UmVzcG9uc2USIwoHYXBpX2tleRgBIAEoCzISLmJpbGxpbmcudjEuQXBpS2V5Eg4KBnNlY3JldBgCIAEoCSI9ChJMaXN0QXBpS2V5c1JlcXVlc3QSDgoGb3JnX2lkGAEgASgJEhcKD2luY2x1ZGVfcmV2b2tlZBgCIAEoCCI7ChNMaXN0QXBpS2V5c1Jlc3BvbnNlEiQKCGFwaV9rZXlzGAEgAygLMhIuYmlsbGluZy52MS5BcGlLZXkiKQoTUmV2b2tlQXBpS2V5UmVxdWVzdBISCgphcGlfa2V5X2lkGAEgASgJIjsKFFJldm9rZUFwaUtleVJlc3BvbnNlEiMKB2FwaV9rZXkYASABKAsyEi5iaWxsaW5nLnYxLkFwaUtleSIpChNSb3RhdGVBcGlLZXlSZXF1ZXN0EhIKCmFwaV9rZXlfaWQYASABKAkiSwoUUm90YXRlQXBpS2V5UmVzcG9uc2USIwoHYXBpX2tleRgBIAEoCzISLmJpbGxpbmcudjEuQXBpS2V5Eg4KBnNlY3JldBgCIAEoCSJWChlVcGRhdGVBcGlLZXlMaW1pdHNSZXF1ZXN0EhIKCmFwaV9rZXlfaWQYASABKAkSJQoGbGltaXRzGAIgASgLMhUuYmlsbGluZy52MS5LZXlMaW1pdHMiQQoaVXBkYXRlQXBpS2V5TGltaXRzUmVzcG9uc2USIwoHYXBpX2tleRgBIAEoCzISLmJpbGxpbmcudjEuQXBpS2V5IiUKE0F1dGhvcml6ZUtleVJlcXVlc3QSDgoGc2VjcmV0GAEgASgJIrEBChRBdXRob3JpemVLZXlSZXNwb25zZRIjCgdhcGlfa2V5GAEgASgLMhIuYmlsbGluZy52MS5BcGlLZXkSLgoMb3JnYW5pemF0aW9uGAIgASgLMhguYmlsbGluZy52MS5Pcmdhbml6YXRpb24SFwoPa2V5X3NwZW50X25hbm9zGAMgASgDEhcKD29yZ19zcGVudF9uYW5vcxgEIAEoAxISCgprZXlfdG9rZW5zGAUgASgDIhgKFldhdGNoS2V5Q2hhbmdlc1JlcXVlc3QiUwoXV2F0Y2hLZXlDaGFuZ2VzUmVzcG9uc2USEgoKYXBpX2tleV9pZBgBIAEoCRITCgtzZWNyZXRfaGFzaBgCIAEoCRIPCgdyZXZva2VkGAMgASgIIpMBChlBY3F1aXJlQnVkZ2V0TGVhc2VSZXF1ZXN0EiYKBXNjb3BlGAEgASgOMhcuYmlsbGluZy52MS5CdWRnZXRTY29wZRIQCghzY29wZV9pZBgCIAEoCRIOCgZob2xkZXIYAyABKAkSFwoPcmVxdWVzdGVkX25hbm9zGAQgASgDEhMKC3R0bF9zZWNvbmRzGAUgASgFIo8BChpBY3F1aXJlQnVkZ2V0TGVhc2VSZXNwb25zZRIQCghsZWFzZV9pZBgBIAEoCRIVCg1ncmFudGVkX25hbm9zGAIgASgDEi8KC2V4cGlyZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9yZW1haW5pbmdfbmFub3MYBCABKAMiQgoZUmVsZWFzZUJ1ZGdldExlYXNlUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRITCgtzcGVudF9uYW5vcxgCIAEoAyIcChpSZWxlYXNlQnVkZ2V0TGVhc2VSZXNwb25zZSK9AgoLVXNhZ2VSZWNvcmQSEgoKcmVxdWVzdF9pZBgBIAEoCRIOCgZvcmdfaWQYAiABKAkSEgoKcHJvamVjdF9pZBgDIAEoCRISCgphcGlfa2V5X2lkGAQgASgJEg0KBW1vZGVsGAUgASgJEhAKCHByb3ZpZGVyGAYgASgJEiUKCGVuZHBvaW50GAcgASgOMhMuY29tbW9uLnYxLkVuZHBvaW50EiQKBXVzYWdlGAggASgLMhUuY29tbW9uLnYxLlRva2VuVXNhZ2USEgoKY29zdF9uYW5vcxgJIAEoAxIuCgpvY2N1cl90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCg5jb3N0X2JyZWFrZG93bhgLIAEoCzIYLmNvbW1vbi52MS5Db3N0QnJlYWtkb3duIj4KElJlY29yZFVzYWdlUmVxdWVzdBIoCgdyZWNvcmRzGAEgAygLMhcuYmlsbGluZy52MS5Vc2FnZVJlY29yZCI7ChNSZWNvcmRVc2FnZVJlc3BvbnNlEhAKCGluc2VydGVkGAEgASgFEhIKCmR1cGxpY2F0ZXMYAiABKAUirgEKFkdldFVzYWdlU3VtbWFyeVJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSEgoKYXBpX2tleV9pZBgDIAEoCRIuCgpzdGFydF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiZQoXR2V0VXNhZ2VTdW1tYXJ5UmVzcG9uc2USEAoIcmVxdWVzdHMYASABKAMSJAoFdXNhZ2UYAiABKAsyFS5jb21tb24udjEuVG9rZW5Vc2FnZRISCgpjb3N0X25hbm9zGAMgASgDIsIBChdMaXN0VXNhZ2VSZWNvcmRzUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAUgASgFEhIKCnBhZ2VfdG9rZW4YBiABKAkiXQoYTGlzdFVzYWdlUmVjb3Jkc1Jlc3BvbnNlEigKB3JlY29yZHMYASADKAsyFy5iaWxsaW5nLnYxLlVzYWdlUmVjb3JkEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI2CgpWb2x1bWVUaWVyEhIKCmZyb21fbmFub3MYASABKAMSFAoMZGlzY291bnRfYnBzGAIgASgFIpMDCgxEaXNjb3VudFJ1bGUSCgoCaWQYASABKAkSDgoGb3JnX2lkGAIgASgJEgwKBG5hbWUYAyABKAkSJgoEa2luZBgEIAEoDjIYLmJpbGxpbmcudjEuRGlzY291bnRLaW5kEhAKCHByaW9yaXR5GAUgASgFEhEKCXN0YWNrYWJsZRgGIAEoCBINCgVtb2RlbBgHIAEoCRIQCghwcm92aWRlchgIIAEoCRIUCgxkaXNjb3VudF9icHMYCSABKAUSJQoFdGllcnMYCiADKAsyFi5iaWxsaW5nLnYxLlZvbHVtZVRpZXISEgoKc3RhcnRfaG91chgLIAEoBRIQCghlbmRfaG91chgMIAEoBRIUCgxkYXlzX29mX3dlZWsYDSADKAUSLgoKdmFsaWRfZnJvbRgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdmFsaWRfdW50aWwYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCWNhcF9uYW5vcxgQIAEoAyJDChlDcmVhdGVEaXNjb3VudFJ1bGVSZXF1ZXN0EiYKBHJ1bGUYASABKAsyGC5iaWxsaW5nLnYxLkRpc2NvdW50UnVsZSJEChpDcmVhdGVEaXNjb3VudFJ1bGVSZXNwb25zZRImCgRydWxlGAEgASgLMhguYmlsbGluZy52MS5EaXNjb3VudFJ1bGUiKgoYTGlzdERpc2NvdW50UnVsZXNSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCSJEChlMaXN0RGlzY291bnRSdWxlc1Jlc3BvbnNlEicKBXJ1bGVzGAEgAygLMhguYmlsbGluZy52MS5EaXNjb3VudFJ1bGUiLAoZRGVsZXRlRGlzY291bnRSdWxlUmVxdWVzdBIPCgdydWxlX2lkGAEgASgJIhwKGkRlbGV0ZURpc2NvdW50UnVsZVJlc3BvbnNlIosBCg9JbnZvaWNlTGluZUl0ZW0SEwoLZGVzY3JpcHRpb24YASABKAkSDQoFbW9kZWwYAiABKAkSEgoKdG9rZW5fdHlwZRgDIAEoCRIQCghxdWFudGl0eRgEIAEoAxIUCgxhbW91bnRfbmFub3MYBSABKAMSGAoQZGlzY291bnRfcnVsZV9pZBgGIAEoCSLZAwoHSW52b2ljZRIKCgJpZBgBIAEoCRIOCgZvcmdfaWQYAiABKAkSDgoGbnVtYmVyGAMgASgJEikKBnN0YXR1cxgEIAEoDjIZLmJpbGxpbmcudjEuSW52b2ljZVN0YXR1cxIwCgxwZXJpb2Rfc3RhcnQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnBlcmlvZF9lbmQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KCmxpbmVfaXRlbXMYByADKAsyGy5iaWxsaW5nLnYxLkludm9pY2VMaW5lSXRlbRIWCg5zdWJ0b3RhbF9jZW50cxgIIAEoAxIWCg5kaXNjb3VudF9jZW50cxgJIAEoAxIRCgl0YXhfY2VudHMYCiABKAMSEwoLdG90YWxfY2VudHMYCyABKAMSFAoMdGF4X3JhdGVfYnBzGAwgASgFEi8KC2NyZWF0ZV90aW1lGA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgppc3N1ZV90aW1lGA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yb3VuZGluZ19ydWxlGA8gASgJIlkKFkdlbmVyYXRlSW52b2ljZVJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEi8KC3BlcmlvZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI/ChdHZW5lcmF0ZUludm9pY2VSZXNwb25zZRIkCgdpbnZvaWNlGAEgASgLMhMuYmlsbGluZy52MS5JbnZvaWNlIiUKE0xpc3RJbnZvaWNlc1JlcXVlc3QSDgoGb3JnX2lkGAEgASgJIj0KFExpc3RJbnZvaWNlc1Jlc3BvbnNlEiUKCGludm9pY2VzGAEgAygLMhMuYmlsbGluZy52MS5JbnZvaWNlIicKEUdldEludm9pY2VSZXF1ZXN0EhIKCmludm9pY2VfaWQYASABKAkiOgoSR2V0SW52b2ljZVJlc3BvbnNlEiQKB2ludm9pY2UYASABKAsyEy5iaWxsaW5nLnYxLkludm9pY2UiWwoaVXBkYXRlSW52b2ljZVN0YXR1c1JlcXVlc3QSEgoKaW52b2ljZV9pZBgBIAEoCRIpCgZzdGF0dXMYAiABKA4yGS5iaWxsaW5nLnYxLkludm9pY2VTdGF0dXMiQwobVXBkYXRlSW52b2ljZVN0YXR1c1Jlc3BvbnNlEiQKB2ludm9pY2UYASABKAsyEy5iaWxsaW5nLnYxLkludm9pY2UqZAoLQnVkZ2V0U2NvcGUSHAoYQlVER0VUX1NDT1BFX1VOU1BFQ0lGSUVEEAASHQoZQlVER0VUX1NDT1BFX09SR0FOSVpBVElPThABEhgKFEJVREdFVF9TQ09QRV9BUElfS0VZEAIqswEKDERpc2NvdW50S2luZBIdChlESVNDT1VOVF9LSU5EX1VOU1BFQ0lGSUVEEAASIgoeRElTQ09VTlRfS0lORF9WT0xVTUVfR1JBRFVBVEVEEAESIgoeRElTQ09VTlRfS0lORF9WT0xVTUVfQUxMX1VOSVRTEAISHQoZRElTQ09VTlRfS0lORF9USU1FX1dJTkRPVxADEh0KGURJU0NPVU5UX0tJTkRfUFJPTU9USU9OQUwQBCqWAQoNSW52b2ljZVN0YXR1cxIeChpJTlZPSUNFX1NUQVRVU19VTlNQRUNJRklFRBAAEhgKFElOVk9JQ0VfU1RBVFVTX0RSQUZUEAESGQoVSU5WT0lDRV9TVEFUVVNfSVNTVUVEEAISFwoTSU5WT0lDRV9TVEFUVVNfUEFJRBADEhcKE0lOVk9JQ0VfU1RBVFVTX1ZPSUQQBDLEEAoOQmlsbGluZ1NlcnZpY2USYwoSQ3JlYXRlT3JnYW5pemF0aW9uEiUuYmlsbGluZy52MS5DcmVhdGVPcmdhbml6YXRpb25SZXF1ZXN0GiYuYmlsbGluZy52MS5DcmVhdGVPcmdhbml6YXRpb25SZXNwb25zZRJgChFMaXN0T3JnYW5pemF0aW9ucxIkLmJpbGxpbmcudjEuTGlzdE9yZ2FuaXphdGlvbnNSZXF1ZXN0GiUuYmlsbGluZy52MS5MaXN0T3JnYW5pemF0aW9uc1Jlc3BvbnNlElQKDUNyZWF0ZVByb2plY3QSIC5iaWxsaW5nLnYxLkNyZWF0ZVByb2plY3RSZXF1ZXN0GiEuYmlsbGluZy52MS5DcmVhdGVQcm9qZWN0UmVzcG9uc2USUQoMTGlzdFByb2plY3RzEh8uYmlsbGluZy52MS5MaXN0UHJvamVjdHNSZXF1ZXN0GiAuYmlsbGluZy52MS5MaXN0UHJvamVjdHNSZXNwb25zZRJRCgxDcmVhdGVBcGlLZXkSHy5iaWxsaW5nLnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaIC5iaWxsaW5nLnYxLkNyZWF0ZUFwaUtleVJlc3BvbnNlEk4KC0xpc3RBcGlLZXlzEh4uYmlsbGluZy52MS5MaXN0QXBpS2V5c1JlcXVlc3QaHy5iaWxsaW5nLnYxLkxpc3RBcGlLZXlzUmVzcG9uc2USUQoMUmV2b2tlQXBpS2V5Eh8uYmlsbGluZy52MS5SZXZva2VBcGlLZXlSZXF1ZXN0GiAuYmlsbGluZy52MS5SZXZva2VBcGlLZXlSZXNwb25zZRJRCgxSb3RhdGVBcGlLZXkSHy5iaWxsaW5nLnYxLlJvdGF0ZUFwaUtleVJlcXVlc3QaIC5iaWxsaW5nLnYxLlJvdGF0ZUFwaUtleVJlc3BvbnNlEmMKElVwZGF0ZUFwaUtleUxpbWl0cxIlLmJpbGxpbmcudjEuVXBkYXRlQXBpS2V5TGltaXRzUmVxdWVzdBomLmJpbGxpbmcudjEuVXBkYXRlQXBpS2V5TGltaXRzUmVzcG9uc2USUQoMQXV0aG9yaXplS2V5Eh8uYmlsbGluZy52MS5BdXRob3JpemVLZXlSZXF1ZXN0GiAuYmlsbGluZy52MS5BdXRob3JpemVLZXlSZXNwb25zZRJcCg9XYXRjaEtleUNoYW5nZXMSIi5iaWxsaW5nLnYxLldhdGNoS2V5Q2hhbmdlc1JlcXVlc3QaIy5iaWxsaW5nLnYxLldhdGNoS2V5Q2hhbmdlc1Jlc3BvbnNlMAESYwoSQWNxdWlyZUJ1ZGdldExlYXNlEiUuYmlsbGluZy52MS5BY3F1aXJlQnVkZ2V0TGVhc2VSZXF1ZXN0GiYuYmlsbGluZy52MS5BY3F1aXJlQnVkZ2V0TGVhc2VSZXNwb25zZRJjChJSZWxlYXNlQnVkZ2V0TGVhc2USJS5iaWxsaW5nLnYxLlJlbGVhc2VCdWRnZXRMZWFzZVJlcXVlc3QaJi5iaWxsaW5nLnYxLlJlbGVhc2VCdWRnZXRMZWFzZVJlc3BvbnNlEk4KC1JlY29yZFVzYWdlEh4uYmlsbGluZy52MS5SZWNvcmRVc2FnZVJlcXVlc3QaHy5iaWxsaW5nLnYxLlJlY29yZFVzYWdlUmVzcG9uc2USWgoPR2V0VXNhZ2VTdW1tYXJ5EiIuYmlsbGluZy52MS5HZXRVc2FnZVN1bW1hcnlSZXF1ZXN0GiMuYmlsbGluZy52MS5HZXRVc2FnZVN1bW1hcnlSZXNwb25zZRJdChBMaXN0VXNhZ2VSZWNvcmRzEiMuYmlsbGluZy52MS5MaXN0VXNhZ2VSZWNvcmRzUmVxdWVzdBokLmJpbGxpbmcudjEuTGlzdFVzYWdlUmVjb3Jkc1Jlc3BvbnNlEmMKEkNyZWF0ZURpc2NvdW50UnVsZRIlLmJpbGxpbmcudjEuQ3JlYXRlRGlzY291bnRSdWxlUmVxdWVzdBomLmJpbGxpbmcudjEuQ3JlYXRlRGlzY291bnRSdWxlUmVzcG9uc2USYAoRTGlzdERpc2NvdW50UnVsZXMSJC5iaWxsaW5nLnYxLkxpc3REaXNjb3VudFJ1bGVzUmVxdWVzdBolLmJpbGxpbmcudjEuTGlzdERpc2NvdW50UnVsZXNSZXNwb25zZRJjChJEZWxldGVEaXNjb3VudFJ1bGUSJS5iaWxsaW5nLnYxLkRlbGV0ZURpc2NvdW50UnVsZVJlcXVlc3QaJi5iaWxsaW5nLnYxLkRlbGV0ZURpc2NvdW50UnVsZVJlc3BvbnNlEloKD0dlbmVyYXRlSW52b2ljZRIiLmJpbGxpbmcudjEuR2VuZXJhdGVJbnZvaWNlUmVxdWVzdBojLmJpbGxpbmcudjEuR2VuZXJhdGVJbnZvaWNlUmVzcG9uc2USUQoMTGlzdEludm9pY2VzEh8uYmlsbGluZy52MS5MaXN0SW52b2ljZXNSZXF1ZXN0GiAuYmlsbGluZy52MS5MaXN0SW52b2ljZXNSZXNwb25zZRJLCgpHZXRJbnZvaWNlEh0uYmlsbGluZy52MS5HZXRJbnZvaWNlUmVxdWVzdBoeLmJpbGxpbmcudjEuR2V0SW52b2ljZVJlc3BvbnNlEmYKE1VwZGF0ZUludm9pY2VTdGF0dXMSJi5iaWxsaW5nLnYxLlVwZGF0ZUludm9pY2VTdGF0dXNSZXF1ZXN0GicuYmlsbGluZy52MS5VcGRhdGVJbnZvaWNlU3RhdHVzUmVzcG9uc2ViBnByb3RvMw", [file_common_v1_common, file_google_protobuf_timestamp]);
+  fileDesc("ChhiaWxsaW5nL3YxL2JpbGxpbmcucHJvdG8SCmJpbGxpbmcudjEivAEKDE9yZ2FuaXphdGlvbhIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEi8KC2NyZWF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgx0YXhfcmF0ZV9icHMYBCABKAUSEwoLYmlsbGluZ19kYXkYBSABKAUSHAoUbW9udGhseV9idWRnZXRfbmFub3MYBiABKAMSGAoQbWF4X2Rpc2NvdW50X2JwcxgHIAEoBSJkCgdQcm9qZWN0EgoKAmlkGAEgASgJEg4KBm9yZ19pZBgCIAEoCRIMCgRuYW1lGAMgASgJEi8KC2NyZWF0ZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLCAQoJS2V5TGltaXRzEhwKFG1vbnRobHlfYnVkZ2V0X25hbm9zGAEgASgDEhYKDm1vbnRobHlfdG9rZW5zGAIgASgDEhsKE3JlcXVlc3RzX3Blcl9taW51dGUYAyABKAUSGQoRdG9rZW5zX3Blcl9taW51dGUYBCABKAMSFgoOYWxsb3dlZF9tb2RlbHMYBSADKAkSLwoLZXhwaXJlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIt8BCgZBcGlLZXkSCgoCaWQYASABKAkSDgoGb3JnX2lkGAIgASgJEhIKCnByb2plY3RfaWQYAyABKAkSDAoEbmFtZRgEIAEoCRIOCgZwcmVmaXgYBSABKAkSJQoGbGltaXRzGAYgASgLMhUuYmlsbGluZy52MS5LZXlMaW1pdHMSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKMAQoZQ3JlYXRlT3JnYW5pemF0aW9uUmVxdWVzdBIMCgRuYW1lGAEgASgJEhQKDHRheF9yYXRlX2JwcxgCIAEoBRITCgtiaWxsaW5nX2RheRgDIAEoBRIcChRtb250aGx5X2J1ZGdldF9uYW5vcxgEIAEoAxIYChBtYXhfZGlzY291bnRfYnBzGAUgASgFIkwKGkNyZWF0ZU9yZ2FuaXphdGlvblJlc3BvbnNlEi4KDG9yZ2FuaXphdGlvbhgBIAEoCzIYLmJpbGxpbmcudjEuT3JnYW5pemF0aW9uIhoKGExpc3RPcmdhbml6YXRpb25zUmVxdWVzdCLjAQoZVXBkYXRlT3JnYW5pemF0aW9uUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSEQoEbmFtZRgCIAEoCUgAiAEBEhkKDHRheF9yYXRlX2JwcxgDIAEoBUgBiAEBEiEKFG1vbnRobHlfYnVkZ2V0X25hbm9zGAQgASgDSAKIAQESHQoQbWF4X2Rpc2NvdW50X2JwcxgFIAEoBUgDiAEBQgcKBV9uYW1lQg8KDV90YXhfcmF0ZV9icHNCFwoVX21vbnRobHlfYnVkZ2V0X25hbm9zQhMKEV9tYXhfZGlzY291bnRfYnBzIkwKGlVwZGF0ZU9yZ2FuaXphdGlvblJlc3BvbnNlEi4KDG9yZ2FuaXphdGlvbhgBIAEoCzIYLmJpbGxpbmcudjEuT3JnYW5pemF0aW9uIkwKGUxpc3RPcmdhbml6YXRpb25zUmVzcG9uc2USLwoNb3JnYW5pemF0aW9ucxgBIAMoCzIYLmJpbGxpbmcudjEuT3JnYW5pemF0aW9uIjQKFENyZWF0ZVByb2plY3RSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRIMCgRuYW1lGAIgASgJIj0KFUNyZWF0ZVByb2plY3RSZXNwb25zZRIkCgdwcm9qZWN0GAEgASgLMhMuYmlsbGluZy52MS5Qcm9qZWN0IiUKE0xpc3RQcm9qZWN0c1JlcXVlc3QSDgoGb3JnX2lkGAEgASgJIj0KFExpc3RQcm9qZWN0c1Jlc3BvbnNlEiUKCHByb2plY3RzGAEgAygLMhMuYmlsbGluZy52MS5Qcm9qZWN0Im4KE0NyZWF0ZUFwaUtleVJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIlCgZsaW1pdHMYBCABKAsyFS5iaWxsaW5nLnYxLktleUxpbWl0cyJLChRDcmVhdGVBcGlLZXlSZXNwb25zZRIjCgdhcGlfa2V5GAEgASgLMhIuYmlsbGluZy52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIj0KEkxpc3RBcGlLZXlzUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSFwoPaW5jbHVkZV9yZXZva2VkGAIgASgIIjsKE0xpc3RBcGlLZXlzUmVzcG9uc2USJAoIYXBpX2tleXMYASADKAsyEi5iaWxsaW5nLnYxLkFwaUtleSIpChNSZXZva2VBcGlLZXlSZXF1ZXN0EhIKCmFwaV9rZXlfaWQYASABKAkiOwoUUmV2b2tlQXBpS2V5UmVzcG9uc2USIwoHYXBpX2tleRgBIAEoCzISLmJpbGxpbmcudjEuQXBpS2V5IikKE1JvdGF0ZUFwaUtleVJlcXVlc3QSEgoKYXBpX2tleV9pZBgBIAEoCSJLChRSb3RhdGVBcGlLZXlSZXNwb25zZRIjCgdhcGlfa2V5GAEgASgLMhIuYmlsbGluZy52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIlYKGVVwZGF0ZUFwaUtleUxpbWl0c1JlcXVlc3QSEgoKYXBpX2tleV9pZBgBIAEoCRIlCgZsaW1pdHMYAiABKAsyFS5iaWxsaW5nLnYxLktleUxpbWl0cyJBChpVcGRhdGVBcGlLZXlMaW1pdHNSZXNwb25zZRIjCgdhcGlfa2V5GAEgASgLMhIuYmlsbGluZy52MS5BcGlLZXkiJQoTQXV0aG9yaXplS2V5UmVxdWVzdBIOCgZzZWNyZXQYASABKAkisQEKFEF1dGhvcml6ZUtleVJlc3BvbnNlEiMKB2FwaV9rZXkYASABKAsyEi5iaWxsaW5nLnYxLkFwaUtleRIuCgxvcmdhbml6YXRpb24YAiABKAsyGC5iaWxsaW5nLnYxLk9yZ2FuaXphdGlvbhIXCg9rZXlfc3BlbnRfbmFub3MYAyABKAMSFwoPb3JnX3NwZW50X25hbm9zGAQgASgDEhIKCmtleV90b2tlbnMYBSABKAMiGAoWV2F0Y2hLZXlDaGFuZ2VzUmVxdWVzdCJTChdXYXRjaEtleUNoYW5nZXNSZXNwb25zZRISCgphcGlfa2V5X2lkGAEgASgJEhMKC3NlY3JldF9oYXNoGAIgASgJEg8KB3Jldm9rZWQYAyABKAgikwEKGUFjcXVpcmVCdWRnZXRMZWFzZVJlcXVlc3QSJgoFc2NvcGUYASABKA4yFy5iaWxsaW5nLnYxLkJ1ZGdldFNjb3BlEhAKCHNjb3BlX2lkGAIgASgJEg4KBmhvbGRlchgDIAEoCRIXCg9yZXF1ZXN0ZWRfbmFub3MYBCABKAMSEwoLdHRsX3NlY29uZHMYBSABKAUijwEKGkFjcXVpcmVCdWRnZXRMZWFzZVJlc3BvbnNlEhAKCGxlYXNlX2lkGAEgASgJEhUKDWdyYW50ZWRfbmFub3MYAiABKAMSLwoLZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3JlbWFpbmluZ19uYW5vcxgEIAEoAyJCChlSZWxlYXNlQnVkZ2V0TGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEhMKC3NwZW50X25hbm9zGAIgASgDIhwKGlJlbGVhc2VCdWRnZXRMZWFzZVJlc3BvbnNlIr0CCgtVc2FnZVJlY29yZBISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBm9yZ19pZBgCIAEoCRISCgpwcm9qZWN0X2lkGAMgASgJEhIKCmFwaV9rZXlfaWQYBCABKAkSDQoFbW9kZWwYBSABKAkSEAoIcHJvdmlkZXIYBiABKAkSJQoIZW5kcG9pbnQYByABKA4yEy5jb21tb24udjEuRW5kcG9pbnQSJAoFdXNhZ2UYCCABKAsyFS5jb21tb24udjEuVG9rZW5Vc2FnZRISCgpjb3N0X25hbm9zGAkgASgDEi4KCm9jY3VyX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDmNvc3RfYnJlYWtkb3duGAsgASgLMhguY29tbW9uLnYxLkNvc3RCcmVha2Rvd24iPgoSUmVjb3JkVXNhZ2VSZXF1ZXN0EigKB3JlY29yZHMYASADKAsyFy5iaWxsaW5nLnYxLlVzYWdlUmVjb3JkIjsKE1JlY29yZFVzYWdlUmVzcG9uc2USEAoIaW5zZXJ0ZWQYASABKAUSEgoKZHVwbGljYXRlcxgCIAEoBSKuAQoWR2V0VXNhZ2VTdW1tYXJ5UmVxdWVzdBIOCgZvcmdfaWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRISCgphcGlfa2V5X2lkGAMgASgJEi4KCnN0YXJ0X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJlChdHZXRVc2FnZVN1bW1hcnlSZXNwb25zZRIQCghyZXF1ZXN0cxgBIAEoAxIkCgV1c2FnZRgCIAEoCzIVLmNvbW1vbi52MS5Ub2tlblVzYWdlEhIKCmNvc3RfbmFub3MYAyABKAMiwgEKF0xpc3RVc2FnZVJlY29yZHNSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJEi4KCnN0YXJ0X3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBSABKAUSEgoKcGFnZV90b2tlbhgGIAEoCSJdChhMaXN0VXNhZ2VSZWNvcmRzUmVzcG9uc2USKAoHcmVjb3JkcxgBIAMoCzIXLmJpbGxpbmcudjEuVXNhZ2VSZWNvcmQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjYKClZvbHVtZVRpZXISEgoKZnJvbV9uYW5vcxgBIAEoAxIUCgxkaXNjb3VudF9icHMYAiABKAUikwMKDERpc2NvdW50UnVsZRIKCgJpZBgBIAEoCRIOCgZvcmdfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRImCgRraW5kGAQgASgOMhguYmlsbGluZy52MS5EaXNjb3VudEtpbmQSEAoIcHJpb3JpdHkYBSABKAUSEQoJc3RhY2thYmxlGAYgASgIEg0KBW1vZGVsGAcgASgJEhAKCHByb3ZpZGVyGAggASgJEhQKDGRpc2NvdW50X2JwcxgJIAEoBRIlCgV0aWVycxgKIAMoCzIWLmJpbGxpbmcudjEuVm9sdW1lVGllchISCgpzdGFydF9ob3VyGAsgASgFEhAKCGVuZF9ob3VyGAwgASgFEhQKDGRheXNfb2Zfd2VlaxgNIAMoBRIuCgp2YWxpZF9mcm9tGA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt2YWxpZF91bnRpbBgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJY2FwX25hbm9zGBAgASgDIkMKGUNyZWF0ZURpc2NvdW50UnVsZVJlcXVlc3QSJgoEcnVsZRgBIAEoCzIYLmJpbGxpbmcudjEuRGlzY291bnRSdWxlIkQKGkNyZWF0ZURpc2NvdW50UnVsZVJlc3BvbnNlEiYKBHJ1bGUYASABKAsyGC5iaWxsaW5nLnYxLkRpc2NvdW50UnVsZSIqChhMaXN0RGlzY291bnRSdWxlc1JlcXVlc3QSDgoGb3JnX2lkGAEgASgJIkQKGUxpc3REaXNjb3VudFJ1bGVzUmVzcG9uc2USJwoFcnVsZXMYASADKAsyGC5iaWxsaW5nLnYxLkRpc2NvdW50UnVsZSIsChlEZWxldGVEaXNjb3VudFJ1bGVSZXF1ZXN0Eg8KB3J1bGVfaWQYASABKAkiHAoaRGVsZXRlRGlzY291bnRSdWxlUmVzcG9uc2UiiwEKD0ludm9pY2VMaW5lSXRlbRITCgtkZXNjcmlwdGlvbhgBIAEoCRINCgVtb2RlbBgCIAEoCRISCgp0b2tlbl90eXBlGAMgASgJEhAKCHF1YW50aXR5GAQgASgDEhQKDGFtb3VudF9uYW5vcxgFIAEoAxIYChBkaXNjb3VudF9ydWxlX2lkGAYgASgJItkDCgdJbnZvaWNlEgoKAmlkGAEgASgJEg4KBm9yZ19pZBgCIAEoCRIOCgZudW1iZXIYAyABKAkSKQoGc3RhdHVzGAQgASgOMhkuYmlsbGluZy52MS5JbnZvaWNlU3RhdHVzEjAKDHBlcmlvZF9zdGFydBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcGVyaW9kX2VuZBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoKbGluZV9pdGVtcxgHIAMoCzIbLmJpbGxpbmcudjEuSW52b2ljZUxpbmVJdGVtEhYKDnN1YnRvdGFsX2NlbnRzGAggASgDEhYKDmRpc2NvdW50X2NlbnRzGAkgASgDEhEKCXRheF9jZW50cxgKIAEoAxITCgt0b3RhbF9jZW50cxgLIAEoAxIUCgx0YXhfcmF0ZV9icHMYDCABKAUSLwoLY3JlYXRlX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmlzc3VlX3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDXJvdW5kaW5nX3J1bGUYDyABKAkiWQoWR2VuZXJhdGVJbnZvaWNlUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSLwoLcGVyaW9kX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIj8KF0dlbmVyYXRlSW52b2ljZVJlc3BvbnNlEiQKB2ludm9pY2UYASABKAsyEy5iaWxsaW5nLnYxLkludm9pY2UiJQoTTGlzdEludm9pY2VzUmVxdWVzdBIOCgZvcmdfaWQYASABKAkiPQoUTGlzdEludm9pY2VzUmVzcG9uc2USJQoIaW52b2ljZXMYASADKAsyEy5iaWxsaW5nLnYxLkludm9pY2UiJwoRR2V0SW52b2ljZVJlcXVlc3QSEgoKaW52b2ljZV9pZBgBIAEoCSI6ChJHZXRJbnZvaWNlUmVzcG9uc2USJAoHaW52b2ljZRgBIAEoCzITLmJpbGxpbmcudjEuSW52b2ljZSJbChpVcGRhdGVJbnZvaWNlU3RhdHVzUmVxdWVzdBISCgppbnZvaWNlX2lkGAEgASgJEikKBnN0YXR1cxgCIAEoDjIZLmJpbGxpbmcudjEuSW52b2ljZVN0YXR1cyJDChtVcGRhdGVJbnZvaWNlU3RhdHVzUmVzcG9uc2USJAoHaW52b2ljZRgBIAEoCzITLmJpbGxpbmcudjEuSW52b2ljZSpkCgtCdWRnZXRTY29wZRIcChhCVURHRVRfU0NPUEVfVU5TUEVDSUZJRUQQABIdChlCVURHRVRfU0NPUEVfT1JHQU5JWkFUSU9OEAESGAoUQlVER0VUX1NDT1BFX0FQSV9LRVkQAiqzAQoMRGlzY291bnRLaW5kEh0KGURJU0NPVU5UX0tJTkRfVU5TUEVDSUZJRUQQABIiCh5ESVNDT1VOVF9LSU5EX1ZPTFVNRV9HUkFEVUFURUQQARIiCh5ESVNDT1VOVF9LSU5EX1ZPTFVNRV9BTExfVU5JVFMQAhIdChlESVNDT1VOVF9LSU5EX1RJTUVfV0lORE9XEAMSHQoZRElTQ09VTlRfS0lORF9QUk9NT1RJT05BTBAEKpYBCg1JbnZvaWNlU3RhdHVzEh4KGklOVk9JQ0VfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGAoUSU5WT0lDRV9TVEFUVVNfRFJBRlQQARIZChVJTlZPSUNFX1NUQVRVU19JU1NVRUQQAhIXChNJTlZPSUNFX1NUQVRVU19QQUlEEAMSFwoTSU5WT0lDRV9TVEFUVVNfVk9JRBAEMqkRCg5CaWxsaW5nU2VydmljZRJjChJDcmVhdGVPcmdhbml6YXRpb24SJS5iaWxsaW5nLnYxLkNyZWF0ZU9yZ2FuaXphdGlvblJlcXVlc3QaJi5iaWxsaW5nLnYxLkNyZWF0ZU9yZ2FuaXphdGlvblJlc3BvbnNlEmAKEUxpc3RPcmdhbml6YXRpb25zEiQuYmlsbGluZy52MS5MaXN0T3JnYW5pemF0aW9uc1JlcXVlc3QaJS5iaWxsaW5nLnYxLkxpc3RPcmdhbml6YXRpb25zUmVzcG9uc2USYwoSVXBkYXRlT3JnYW5pemF0aW9uEiUuYmlsbGluZy52MS5VcGRhdGVPcmdhbml6YXRpb25SZXF1ZXN0GiYuYmlsbGluZy52MS5VcGRhdGVPcmdhbml6YXRpb25SZXNwb25zZRJUCg1DcmVhdGVQcm9qZWN0EiAuYmlsbGluZy52MS5DcmVhdGVQcm9qZWN0UmVxdWVzdBohLmJpbGxpbmcudjEuQ3JlYXRlUHJvamVjdFJlc3BvbnNlElEKDExpc3RQcm9qZWN0cxIfLmJpbGxpbmcudjEuTGlzdFByb2plY3RzUmVxdWVzdBogLmJpbGxpbmcudjEuTGlzdFByb2plY3RzUmVzcG9uc2USUQoMQ3JlYXRlQXBpS2V5Eh8uYmlsbGluZy52MS5DcmVhdGVBcGlLZXlSZXF1ZXN0GiAuYmlsbGluZy52MS5DcmVhdGVBcGlLZXlSZXNwb25zZRJOCgtMaXN0QXBpS2V5cxIeLmJpbGxpbmcudjEuTGlzdEFwaUtleXNSZXF1ZXN0Gh8uYmlsbGluZy52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlElEKDFJldm9rZUFwaUtleRIfLmJpbGxpbmcudjEuUmV2b2tlQXBpS2V5UmVxdWVzdBogLmJpbGxpbmcudjEuUmV2b2tlQXBpS2V5UmVzcG9uc2USUQoMUm90YXRlQXBpS2V5Eh8uYmlsbGluZy52MS5Sb3RhdGVBcGlLZXlSZXF1ZXN0GiAuYmlsbGluZy52MS5Sb3RhdGVBcGlLZXlSZXNwb25zZRJjChJVcGRhdGVBcGlLZXlMaW1pdHMSJS5iaWxsaW5nLnYxLlVwZGF0ZUFwaUtleUxpbWl0c1JlcXVlc3QaJi5iaWxsaW5nLnYxLlVwZGF0ZUFwaUtleUxpbWl0c1Jlc3BvbnNlElEKDEF1dGhvcml6ZUtleRIfLmJpbGxpbmcudjEuQXV0aG9yaXplS2V5UmVxdWVzdBogLmJpbGxpbmcudjEuQXV0aG9yaXplS2V5UmVzcG9uc2USXAoPV2F0Y2hLZXlDaGFuZ2VzEiIuYmlsbGluZy52MS5XYXRjaEtleUNoYW5nZXNSZXF1ZXN0GiMuYmlsbGluZy52MS5XYXRjaEtleUNoYW5nZXNSZXNwb25zZTABEmMKEkFjcXVpcmVCdWRnZXRMZWFzZRIlLmJpbGxpbmcudjEuQWNxdWlyZUJ1ZGdldExlYXNlUmVxdWVzdBomLmJpbGxpbmcudjEuQWNxdWlyZUJ1ZGdldExlYXNlUmVzcG9uc2USYwoSUmVsZWFzZUJ1ZGdldExlYXNlEiUuYmlsbGluZy52MS5SZWxlYXNlQnVkZ2V0TGVhc2VSZXF1ZXN0GiYuYmlsbGluZy52MS5SZWxlYXNlQnVkZ2V0TGVhc2VSZXNwb25zZRJOCgtSZWNvcmRVc2FnZRIeLmJpbGxpbmcudjEuUmVjb3JkVXNhZ2VSZXF1ZXN0Gh8uYmlsbGluZy52MS5SZWNvcmRVc2FnZVJlc3BvbnNlEloKD0dldFVzYWdlU3VtbWFyeRIiLmJpbGxpbmcudjEuR2V0VXNhZ2VTdW1tYXJ5UmVxdWVzdBojLmJpbGxpbmcudjEuR2V0VXNhZ2VTdW1tYXJ5UmVzcG9uc2USXQoQTGlzdFVzYWdlUmVjb3JkcxIjLmJpbGxpbmcudjEuTGlzdFVzYWdlUmVjb3Jkc1JlcXVlc3QaJC5iaWxsaW5nLnYxLkxpc3RVc2FnZVJlY29yZHNSZXNwb25zZRJjChJDcmVhdGVEaXNjb3VudFJ1bGUSJS5iaWxsaW5nLnYxLkNyZWF0ZURpc2NvdW50UnVsZVJlcXVlc3QaJi5iaWxsaW5nLnYxLkNyZWF0ZURpc2NvdW50UnVsZVJlc3BvbnNlEmAKEUxpc3REaXNjb3VudFJ1bGVzEiQuYmlsbGluZy52MS5MaXN0RGlzY291bnRSdWxlc1JlcXVlc3QaJS5iaWxsaW5nLnYxLkxpc3REaXNjb3VudFJ1bGVzUmVzcG9uc2USYwoSRGVsZXRlRGlzY291bnRSdWxlEiUuYmlsbGluZy52MS5EZWxldGVEaXNjb3VudFJ1bGVSZXF1ZXN0GiYuYmlsbGluZy52MS5EZWxldGVEaXNjb3VudFJ1bGVSZXNwb25zZRJaCg9HZW5lcmF0ZUludm9pY2USIi5iaWxsaW5nLnYxLkdlbmVyYXRlSW52b2ljZVJlcXVlc3QaIy5iaWxsaW5nLnYxLkdlbmVyYXRlSW52b2ljZVJlc3BvbnNlElEKDExpc3RJbnZvaWNlcxIfLmJpbGxpbmcudjEuTGlzdEludm9pY2VzUmVxdWVzdBogLmJpbGxpbmcudjEuTGlzdEludm9pY2VzUmVzcG9uc2USSwoKR2V0SW52b2ljZRIdLmJpbGxpbmcudjEuR2V0SW52b2ljZVJlcXVlc3QaHi5iaWxsaW5nLnYxLkdldEludm9pY2VSZXNwb25zZRJmChNVcGRhdGVJbnZvaWNlU3RhdHVzEiYuYmlsbGluZy52MS5VcGRhdGVJbnZvaWNlU3RhdHVzUmVxdWVzdBonLmJpbGxpbmcudjEuVXBkYXRlSW52b2ljZVN0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_common_v1_common, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message billing.v1.Organization
@@ -302,6 +302,62 @@ export const ListOrganizationsRequestSchema: GenMessage<ListOrganizationsRequest
   messageDesc(file_billing_v1_billing, 6);
 
 /**
+ * @generated from message billing.v1.UpdateOrganizationRequest
+ */
+export type UpdateOrganizationRequest = Message<"billing.v1.UpdateOrganizationRequest"> & {
+  /**
+   * @generated from field: string org_id = 1;
+   */
+  orgId: string;
+
+  /**
+   * Each field is changed only when set; see Organization for ranges.
+   *
+   * @generated from field: optional string name = 2;
+   */
+  name?: string | undefined;
+
+  /**
+   * @generated from field: optional int32 tax_rate_bps = 3;
+   */
+  taxRateBps?: number | undefined;
+
+  /**
+   * @generated from field: optional int64 monthly_budget_nanos = 4;
+   */
+  monthlyBudgetNanos?: bigint | undefined;
+
+  /**
+   * @generated from field: optional int32 max_discount_bps = 5;
+   */
+  maxDiscountBps?: number | undefined;
+};
+
+/**
+ * Describes the message billing.v1.UpdateOrganizationRequest.
+ * Use `create(UpdateOrganizationRequestSchema)` to create a new message.
+ */
+export const UpdateOrganizationRequestSchema: GenMessage<UpdateOrganizationRequest> = /*@__PURE__*/
+  messageDesc(file_billing_v1_billing, 7);
+
+/**
+ * @generated from message billing.v1.UpdateOrganizationResponse
+ */
+export type UpdateOrganizationResponse = Message<"billing.v1.UpdateOrganizationResponse"> & {
+  /**
+   * @generated from field: billing.v1.Organization organization = 1;
+   */
+  organization?: Organization | undefined;
+};
+
+/**
+ * Describes the message billing.v1.UpdateOrganizationResponse.
+ * Use `create(UpdateOrganizationResponseSchema)` to create a new message.
+ */
+export const UpdateOrganizationResponseSchema: GenMessage<UpdateOrganizationResponse> = /*@__PURE__*/
+  messageDesc(file_billing_v1_billing, 8);
+
+/**
  * @generated from message billing.v1.ListOrganizationsResponse
  */
 export type ListOrganizationsResponse = Message<"billing.v1.ListOrganizationsResponse"> & {
@@ -316,7 +372,7 @@ export type ListOrganizationsResponse = Message<"billing.v1.ListOrganizationsRes
  * Use `create(ListOrganizationsResponseSchema)` to create a new message.
  */
 export const ListOrganizationsResponseSchema: GenMessage<ListOrganizationsResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 7);
+  messageDesc(file_billing_v1_billing, 9);
 
 /**
  * @generated from message billing.v1.CreateProjectRequest
@@ -338,7 +394,7 @@ export type CreateProjectRequest = Message<"billing.v1.CreateProjectRequest"> & 
  * Use `create(CreateProjectRequestSchema)` to create a new message.
  */
 export const CreateProjectRequestSchema: GenMessage<CreateProjectRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 8);
+  messageDesc(file_billing_v1_billing, 10);
 
 /**
  * @generated from message billing.v1.CreateProjectResponse
@@ -355,7 +411,7 @@ export type CreateProjectResponse = Message<"billing.v1.CreateProjectResponse"> 
  * Use `create(CreateProjectResponseSchema)` to create a new message.
  */
 export const CreateProjectResponseSchema: GenMessage<CreateProjectResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 9);
+  messageDesc(file_billing_v1_billing, 11);
 
 /**
  * @generated from message billing.v1.ListProjectsRequest
@@ -372,7 +428,7 @@ export type ListProjectsRequest = Message<"billing.v1.ListProjectsRequest"> & {
  * Use `create(ListProjectsRequestSchema)` to create a new message.
  */
 export const ListProjectsRequestSchema: GenMessage<ListProjectsRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 10);
+  messageDesc(file_billing_v1_billing, 12);
 
 /**
  * @generated from message billing.v1.ListProjectsResponse
@@ -389,7 +445,7 @@ export type ListProjectsResponse = Message<"billing.v1.ListProjectsResponse"> & 
  * Use `create(ListProjectsResponseSchema)` to create a new message.
  */
 export const ListProjectsResponseSchema: GenMessage<ListProjectsResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 11);
+  messageDesc(file_billing_v1_billing, 13);
 
 /**
  * @generated from message billing.v1.CreateApiKeyRequest
@@ -423,7 +479,7 @@ export type CreateApiKeyRequest = Message<"billing.v1.CreateApiKeyRequest"> & {
  * Use `create(CreateApiKeyRequestSchema)` to create a new message.
  */
 export const CreateApiKeyRequestSchema: GenMessage<CreateApiKeyRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 12);
+  messageDesc(file_billing_v1_billing, 14);
 
 /**
  * @generated from message billing.v1.CreateApiKeyResponse
@@ -447,7 +503,7 @@ export type CreateApiKeyResponse = Message<"billing.v1.CreateApiKeyResponse"> & 
  * Use `create(CreateApiKeyResponseSchema)` to create a new message.
  */
 export const CreateApiKeyResponseSchema: GenMessage<CreateApiKeyResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 13);
+  messageDesc(file_billing_v1_billing, 15);
 
 /**
  * @generated from message billing.v1.ListApiKeysRequest
@@ -471,7 +527,7 @@ export type ListApiKeysRequest = Message<"billing.v1.ListApiKeysRequest"> & {
  * Use `create(ListApiKeysRequestSchema)` to create a new message.
  */
 export const ListApiKeysRequestSchema: GenMessage<ListApiKeysRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 14);
+  messageDesc(file_billing_v1_billing, 16);
 
 /**
  * @generated from message billing.v1.ListApiKeysResponse
@@ -488,7 +544,7 @@ export type ListApiKeysResponse = Message<"billing.v1.ListApiKeysResponse"> & {
  * Use `create(ListApiKeysResponseSchema)` to create a new message.
  */
 export const ListApiKeysResponseSchema: GenMessage<ListApiKeysResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 15);
+  messageDesc(file_billing_v1_billing, 17);
 
 /**
  * @generated from message billing.v1.RevokeApiKeyRequest
@@ -505,7 +561,7 @@ export type RevokeApiKeyRequest = Message<"billing.v1.RevokeApiKeyRequest"> & {
  * Use `create(RevokeApiKeyRequestSchema)` to create a new message.
  */
 export const RevokeApiKeyRequestSchema: GenMessage<RevokeApiKeyRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 16);
+  messageDesc(file_billing_v1_billing, 18);
 
 /**
  * @generated from message billing.v1.RevokeApiKeyResponse
@@ -522,7 +578,7 @@ export type RevokeApiKeyResponse = Message<"billing.v1.RevokeApiKeyResponse"> & 
  * Use `create(RevokeApiKeyResponseSchema)` to create a new message.
  */
 export const RevokeApiKeyResponseSchema: GenMessage<RevokeApiKeyResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 17);
+  messageDesc(file_billing_v1_billing, 19);
 
 /**
  * @generated from message billing.v1.RotateApiKeyRequest
@@ -539,7 +595,7 @@ export type RotateApiKeyRequest = Message<"billing.v1.RotateApiKeyRequest"> & {
  * Use `create(RotateApiKeyRequestSchema)` to create a new message.
  */
 export const RotateApiKeyRequestSchema: GenMessage<RotateApiKeyRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 18);
+  messageDesc(file_billing_v1_billing, 20);
 
 /**
  * @generated from message billing.v1.RotateApiKeyResponse
@@ -563,7 +619,7 @@ export type RotateApiKeyResponse = Message<"billing.v1.RotateApiKeyResponse"> & 
  * Use `create(RotateApiKeyResponseSchema)` to create a new message.
  */
 export const RotateApiKeyResponseSchema: GenMessage<RotateApiKeyResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 19);
+  messageDesc(file_billing_v1_billing, 21);
 
 /**
  * @generated from message billing.v1.UpdateApiKeyLimitsRequest
@@ -585,7 +641,7 @@ export type UpdateApiKeyLimitsRequest = Message<"billing.v1.UpdateApiKeyLimitsRe
  * Use `create(UpdateApiKeyLimitsRequestSchema)` to create a new message.
  */
 export const UpdateApiKeyLimitsRequestSchema: GenMessage<UpdateApiKeyLimitsRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 20);
+  messageDesc(file_billing_v1_billing, 22);
 
 /**
  * @generated from message billing.v1.UpdateApiKeyLimitsResponse
@@ -602,7 +658,7 @@ export type UpdateApiKeyLimitsResponse = Message<"billing.v1.UpdateApiKeyLimitsR
  * Use `create(UpdateApiKeyLimitsResponseSchema)` to create a new message.
  */
 export const UpdateApiKeyLimitsResponseSchema: GenMessage<UpdateApiKeyLimitsResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 21);
+  messageDesc(file_billing_v1_billing, 23);
 
 /**
  * @generated from message billing.v1.AuthorizeKeyRequest
@@ -621,7 +677,7 @@ export type AuthorizeKeyRequest = Message<"billing.v1.AuthorizeKeyRequest"> & {
  * Use `create(AuthorizeKeyRequestSchema)` to create a new message.
  */
 export const AuthorizeKeyRequestSchema: GenMessage<AuthorizeKeyRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 22);
+  messageDesc(file_billing_v1_billing, 24);
 
 /**
  * Who a key belongs to and what it may do. Returned only for a valid, unrevoked, unexpired key;
@@ -665,7 +721,7 @@ export type AuthorizeKeyResponse = Message<"billing.v1.AuthorizeKeyResponse"> & 
  * Use `create(AuthorizeKeyResponseSchema)` to create a new message.
  */
 export const AuthorizeKeyResponseSchema: GenMessage<AuthorizeKeyResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 23);
+  messageDesc(file_billing_v1_billing, 25);
 
 /**
  * @generated from message billing.v1.WatchKeyChangesRequest
@@ -678,7 +734,7 @@ export type WatchKeyChangesRequest = Message<"billing.v1.WatchKeyChangesRequest"
  * Use `create(WatchKeyChangesRequestSchema)` to create a new message.
  */
 export const WatchKeyChangesRequestSchema: GenMessage<WatchKeyChangesRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 24);
+  messageDesc(file_billing_v1_billing, 26);
 
 /**
  * The first message of every stream is empty (no api_key_id): it says the watch is live, and every
@@ -714,7 +770,7 @@ export type WatchKeyChangesResponse = Message<"billing.v1.WatchKeyChangesRespons
  * Use `create(WatchKeyChangesResponseSchema)` to create a new message.
  */
 export const WatchKeyChangesResponseSchema: GenMessage<WatchKeyChangesResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 25);
+  messageDesc(file_billing_v1_billing, 27);
 
 /**
  * @generated from message billing.v1.AcquireBudgetLeaseRequest
@@ -759,7 +815,7 @@ export type AcquireBudgetLeaseRequest = Message<"billing.v1.AcquireBudgetLeaseRe
  * Use `create(AcquireBudgetLeaseRequestSchema)` to create a new message.
  */
 export const AcquireBudgetLeaseRequestSchema: GenMessage<AcquireBudgetLeaseRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 26);
+  messageDesc(file_billing_v1_billing, 28);
 
 /**
  * @generated from message billing.v1.AcquireBudgetLeaseResponse
@@ -797,7 +853,7 @@ export type AcquireBudgetLeaseResponse = Message<"billing.v1.AcquireBudgetLeaseR
  * Use `create(AcquireBudgetLeaseResponseSchema)` to create a new message.
  */
 export const AcquireBudgetLeaseResponseSchema: GenMessage<AcquireBudgetLeaseResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 27);
+  messageDesc(file_billing_v1_billing, 29);
 
 /**
  * @generated from message billing.v1.ReleaseBudgetLeaseRequest
@@ -821,7 +877,7 @@ export type ReleaseBudgetLeaseRequest = Message<"billing.v1.ReleaseBudgetLeaseRe
  * Use `create(ReleaseBudgetLeaseRequestSchema)` to create a new message.
  */
 export const ReleaseBudgetLeaseRequestSchema: GenMessage<ReleaseBudgetLeaseRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 28);
+  messageDesc(file_billing_v1_billing, 30);
 
 /**
  * @generated from message billing.v1.ReleaseBudgetLeaseResponse
@@ -834,7 +890,7 @@ export type ReleaseBudgetLeaseResponse = Message<"billing.v1.ReleaseBudgetLeaseR
  * Use `create(ReleaseBudgetLeaseResponseSchema)` to create a new message.
  */
 export const ReleaseBudgetLeaseResponseSchema: GenMessage<ReleaseBudgetLeaseResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 29);
+  messageDesc(file_billing_v1_billing, 31);
 
 /**
  * One billed request, derived by analytics from RequestMetrics.
@@ -914,7 +970,7 @@ export type UsageRecord = Message<"billing.v1.UsageRecord"> & {
  * Use `create(UsageRecordSchema)` to create a new message.
  */
 export const UsageRecordSchema: GenMessage<UsageRecord> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 30);
+  messageDesc(file_billing_v1_billing, 32);
 
 /**
  * @generated from message billing.v1.RecordUsageRequest
@@ -933,7 +989,7 @@ export type RecordUsageRequest = Message<"billing.v1.RecordUsageRequest"> & {
  * Use `create(RecordUsageRequestSchema)` to create a new message.
  */
 export const RecordUsageRequestSchema: GenMessage<RecordUsageRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 31);
+  messageDesc(file_billing_v1_billing, 33);
 
 /**
  * @generated from message billing.v1.RecordUsageResponse
@@ -959,7 +1015,7 @@ export type RecordUsageResponse = Message<"billing.v1.RecordUsageResponse"> & {
  * Use `create(RecordUsageResponseSchema)` to create a new message.
  */
 export const RecordUsageResponseSchema: GenMessage<RecordUsageResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 32);
+  messageDesc(file_billing_v1_billing, 34);
 
 /**
  * @generated from message billing.v1.GetUsageSummaryRequest
@@ -1000,7 +1056,7 @@ export type GetUsageSummaryRequest = Message<"billing.v1.GetUsageSummaryRequest"
  * Use `create(GetUsageSummaryRequestSchema)` to create a new message.
  */
 export const GetUsageSummaryRequestSchema: GenMessage<GetUsageSummaryRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 33);
+  messageDesc(file_billing_v1_billing, 35);
 
 /**
  * @generated from message billing.v1.GetUsageSummaryResponse
@@ -1027,7 +1083,7 @@ export type GetUsageSummaryResponse = Message<"billing.v1.GetUsageSummaryRespons
  * Use `create(GetUsageSummaryResponseSchema)` to create a new message.
  */
 export const GetUsageSummaryResponseSchema: GenMessage<GetUsageSummaryResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 34);
+  messageDesc(file_billing_v1_billing, 36);
 
 /**
  * @generated from message billing.v1.ListUsageRecordsRequest
@@ -1077,7 +1133,7 @@ export type ListUsageRecordsRequest = Message<"billing.v1.ListUsageRecordsReques
  * Use `create(ListUsageRecordsRequestSchema)` to create a new message.
  */
 export const ListUsageRecordsRequestSchema: GenMessage<ListUsageRecordsRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 35);
+  messageDesc(file_billing_v1_billing, 37);
 
 /**
  * @generated from message billing.v1.ListUsageRecordsResponse
@@ -1101,7 +1157,7 @@ export type ListUsageRecordsResponse = Message<"billing.v1.ListUsageRecordsRespo
  * Use `create(ListUsageRecordsResponseSchema)` to create a new message.
  */
 export const ListUsageRecordsResponseSchema: GenMessage<ListUsageRecordsResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 36);
+  messageDesc(file_billing_v1_billing, 38);
 
 /**
  * @generated from message billing.v1.VolumeTier
@@ -1127,7 +1183,7 @@ export type VolumeTier = Message<"billing.v1.VolumeTier"> & {
  * Use `create(VolumeTierSchema)` to create a new message.
  */
 export const VolumeTierSchema: GenMessage<VolumeTier> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 37);
+  messageDesc(file_billing_v1_billing, 39);
 
 /**
  * A discount on an org's usage, applied when its invoices are generated.
@@ -1249,7 +1305,7 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
  * Use `create(DiscountRuleSchema)` to create a new message.
  */
 export const DiscountRuleSchema: GenMessage<DiscountRule> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 38);
+  messageDesc(file_billing_v1_billing, 40);
 
 /**
  * @generated from message billing.v1.CreateDiscountRuleRequest
@@ -1268,7 +1324,7 @@ export type CreateDiscountRuleRequest = Message<"billing.v1.CreateDiscountRuleRe
  * Use `create(CreateDiscountRuleRequestSchema)` to create a new message.
  */
 export const CreateDiscountRuleRequestSchema: GenMessage<CreateDiscountRuleRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 39);
+  messageDesc(file_billing_v1_billing, 41);
 
 /**
  * @generated from message billing.v1.CreateDiscountRuleResponse
@@ -1285,7 +1341,7 @@ export type CreateDiscountRuleResponse = Message<"billing.v1.CreateDiscountRuleR
  * Use `create(CreateDiscountRuleResponseSchema)` to create a new message.
  */
 export const CreateDiscountRuleResponseSchema: GenMessage<CreateDiscountRuleResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 40);
+  messageDesc(file_billing_v1_billing, 42);
 
 /**
  * @generated from message billing.v1.ListDiscountRulesRequest
@@ -1302,7 +1358,7 @@ export type ListDiscountRulesRequest = Message<"billing.v1.ListDiscountRulesRequ
  * Use `create(ListDiscountRulesRequestSchema)` to create a new message.
  */
 export const ListDiscountRulesRequestSchema: GenMessage<ListDiscountRulesRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 41);
+  messageDesc(file_billing_v1_billing, 43);
 
 /**
  * @generated from message billing.v1.ListDiscountRulesResponse
@@ -1319,7 +1375,7 @@ export type ListDiscountRulesResponse = Message<"billing.v1.ListDiscountRulesRes
  * Use `create(ListDiscountRulesResponseSchema)` to create a new message.
  */
 export const ListDiscountRulesResponseSchema: GenMessage<ListDiscountRulesResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 42);
+  messageDesc(file_billing_v1_billing, 44);
 
 /**
  * @generated from message billing.v1.DeleteDiscountRuleRequest
@@ -1336,7 +1392,7 @@ export type DeleteDiscountRuleRequest = Message<"billing.v1.DeleteDiscountRuleRe
  * Use `create(DeleteDiscountRuleRequestSchema)` to create a new message.
  */
 export const DeleteDiscountRuleRequestSchema: GenMessage<DeleteDiscountRuleRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 43);
+  messageDesc(file_billing_v1_billing, 45);
 
 /**
  * @generated from message billing.v1.DeleteDiscountRuleResponse
@@ -1349,7 +1405,7 @@ export type DeleteDiscountRuleResponse = Message<"billing.v1.DeleteDiscountRuleR
  * Use `create(DeleteDiscountRuleResponseSchema)` to create a new message.
  */
 export const DeleteDiscountRuleResponseSchema: GenMessage<DeleteDiscountRuleResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 44);
+  messageDesc(file_billing_v1_billing, 46);
 
 /**
  * @generated from message billing.v1.InvoiceLineItem
@@ -1402,7 +1458,7 @@ export type InvoiceLineItem = Message<"billing.v1.InvoiceLineItem"> & {
  * Use `create(InvoiceLineItemSchema)` to create a new message.
  */
 export const InvoiceLineItemSchema: GenMessage<InvoiceLineItem> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 45);
+  messageDesc(file_billing_v1_billing, 47);
 
 /**
  * @generated from message billing.v1.Invoice
@@ -1497,7 +1553,7 @@ export type Invoice = Message<"billing.v1.Invoice"> & {
  * Use `create(InvoiceSchema)` to create a new message.
  */
 export const InvoiceSchema: GenMessage<Invoice> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 46);
+  messageDesc(file_billing_v1_billing, 48);
 
 /**
  * Fails with FAILED_PRECONDITION when the period already has an issued or paid invoice (void it first).
@@ -1523,7 +1579,7 @@ export type GenerateInvoiceRequest = Message<"billing.v1.GenerateInvoiceRequest"
  * Use `create(GenerateInvoiceRequestSchema)` to create a new message.
  */
 export const GenerateInvoiceRequestSchema: GenMessage<GenerateInvoiceRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 47);
+  messageDesc(file_billing_v1_billing, 49);
 
 /**
  * @generated from message billing.v1.GenerateInvoiceResponse
@@ -1540,7 +1596,7 @@ export type GenerateInvoiceResponse = Message<"billing.v1.GenerateInvoiceRespons
  * Use `create(GenerateInvoiceResponseSchema)` to create a new message.
  */
 export const GenerateInvoiceResponseSchema: GenMessage<GenerateInvoiceResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 48);
+  messageDesc(file_billing_v1_billing, 50);
 
 /**
  * @generated from message billing.v1.ListInvoicesRequest
@@ -1557,7 +1613,7 @@ export type ListInvoicesRequest = Message<"billing.v1.ListInvoicesRequest"> & {
  * Use `create(ListInvoicesRequestSchema)` to create a new message.
  */
 export const ListInvoicesRequestSchema: GenMessage<ListInvoicesRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 49);
+  messageDesc(file_billing_v1_billing, 51);
 
 /**
  * Newest period first. Line items are left out; GetInvoice has them.
@@ -1576,7 +1632,7 @@ export type ListInvoicesResponse = Message<"billing.v1.ListInvoicesResponse"> & 
  * Use `create(ListInvoicesResponseSchema)` to create a new message.
  */
 export const ListInvoicesResponseSchema: GenMessage<ListInvoicesResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 50);
+  messageDesc(file_billing_v1_billing, 52);
 
 /**
  * @generated from message billing.v1.GetInvoiceRequest
@@ -1593,7 +1649,7 @@ export type GetInvoiceRequest = Message<"billing.v1.GetInvoiceRequest"> & {
  * Use `create(GetInvoiceRequestSchema)` to create a new message.
  */
 export const GetInvoiceRequestSchema: GenMessage<GetInvoiceRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 51);
+  messageDesc(file_billing_v1_billing, 53);
 
 /**
  * @generated from message billing.v1.GetInvoiceResponse
@@ -1610,7 +1666,7 @@ export type GetInvoiceResponse = Message<"billing.v1.GetInvoiceResponse"> & {
  * Use `create(GetInvoiceResponseSchema)` to create a new message.
  */
 export const GetInvoiceResponseSchema: GenMessage<GetInvoiceResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 52);
+  messageDesc(file_billing_v1_billing, 54);
 
 /**
  * Allowed: draft -> issued (once the period has ended), issued -> paid, draft or issued -> void. Anything else is
@@ -1635,7 +1691,7 @@ export type UpdateInvoiceStatusRequest = Message<"billing.v1.UpdateInvoiceStatus
  * Use `create(UpdateInvoiceStatusRequestSchema)` to create a new message.
  */
 export const UpdateInvoiceStatusRequestSchema: GenMessage<UpdateInvoiceStatusRequest> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 53);
+  messageDesc(file_billing_v1_billing, 55);
 
 /**
  * @generated from message billing.v1.UpdateInvoiceStatusResponse
@@ -1652,7 +1708,7 @@ export type UpdateInvoiceStatusResponse = Message<"billing.v1.UpdateInvoiceStatu
  * Use `create(UpdateInvoiceStatusResponseSchema)` to create a new message.
  */
 export const UpdateInvoiceStatusResponseSchema: GenMessage<UpdateInvoiceStatusResponse> = /*@__PURE__*/
-  messageDesc(file_billing_v1_billing, 54);
+  messageDesc(file_billing_v1_billing, 56);
 
 /**
  * Which budget a lease draws on.
@@ -1790,6 +1846,17 @@ export const BillingService: GenService<{
     methodKind: "unary";
     input: typeof ListOrganizationsRequestSchema;
     output: typeof ListOrganizationsResponseSchema;
+  },
+  /**
+   * Changes an org's name, tax rate, monthly budget or maximum discount; fields left unset keep their value.
+   * Invoices already issued keep the figures they were issued with.
+   *
+   * @generated from rpc billing.v1.BillingService.UpdateOrganization
+   */
+  updateOrganization: {
+    methodKind: "unary";
+    input: typeof UpdateOrganizationRequestSchema;
+    output: typeof UpdateOrganizationResponseSchema;
   },
   /**
    * @generated from rpc billing.v1.BillingService.CreateProject
