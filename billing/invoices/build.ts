@@ -48,33 +48,46 @@ const usageLines: { type: UsageLineType; label: string }[] = [
 export function buildInvoice(
   usage: readonly UsageSlice[],
   rules: readonly DiscountRule[],
-  org: { taxRateBps: number; maxDiscountBps: number },
+  org: {
+    taxRateBps: number;
+    maxDiscountBps: number;
+    /**
+     * Start of the invoice's period: usage before it arrived after its own period was invoiced and gets lines of
+     * its own. Unset: every slice counts as the period's.
+     */
+    periodStart?: Date;
+  },
 ): InvoiceContent {
   type Totals = Record<UsageLineType, { quantity: bigint; amountNanos: bigint }>;
-  const perModel = new Map<string, Totals>();
+  // Per model, the period's own usage first, then late usage.
+  const groups = new Map<string, { model: string; late: boolean; totals: Totals }>();
   for (const slice of usage) {
-    let model = perModel.get(slice.model);
-    if (!model) {
+    const late = org.periodStart !== undefined && slice.hour < org.periodStart;
+    const key = `${slice.model}\u0000${late ? 1 : 0}`;
+    let group = groups.get(key);
+    if (!group) {
       const zero = () => ({ quantity: 0n, amountNanos: 0n });
-      model = { input: zero(), cached_input: zero(), output: zero(), reasoning: zero(), usage: zero() };
-      perModel.set(slice.model, model);
+      const totals = { input: zero(), cached_input: zero(), output: zero(), reasoning: zero(), usage: zero() };
+      group = { model: slice.model, late, totals };
+      groups.set(key, group);
     }
-    add(model.input, slice.inputTokens, slice.inputNanos);
-    add(model.cached_input, slice.cachedInputTokens, slice.cachedInputNanos);
-    add(model.output, slice.outputTokens, slice.outputNanos);
-    add(model.reasoning, slice.reasoningTokens, slice.reasoningNanos);
-    add(model.usage, slice.unitemisedTokens, slice.unitemisedNanos);
+    const totals = group.totals;
+    add(totals.input, slice.inputTokens, slice.inputNanos);
+    add(totals.cached_input, slice.cachedInputTokens, slice.cachedInputNanos);
+    add(totals.output, slice.outputTokens, slice.outputNanos);
+    add(totals.reasoning, slice.reasoningTokens, slice.reasoningNanos);
+    add(totals.usage, slice.unitemisedTokens, slice.unitemisedNanos);
   }
 
   const lines: InvoiceLine[] = [];
-  for (const model of [...perModel.keys()].sort()) {
-    const totals = perModel.get(model);
-    if (!totals) continue;
+  const ordered = [...groups.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([, group]) => group);
+  for (const { model, late, totals } of ordered) {
     const name = model || "(no model)";
+    const suffix = late && org.periodStart ? ` (used before ${utcDay(org.periodStart)}, not billed on an earlier invoice)` : "";
     for (const { type, label } of usageLines) {
       const { quantity, amountNanos } = totals[type];
       if (quantity === 0n && amountNanos === 0n) continue;
-      const description = `${name}: ${label}`;
+      const description = `${name}: ${label}${suffix}`;
       lines.push({ description, model, tokenType: type, quantity, amountNanos, discountRuleId: null });
     }
   }
@@ -101,6 +114,10 @@ export function buildInvoice(
     taxCents: divRoundHalfUp(net * bps, 10_000n * NANOS_PER_CENT),
     totalCents: divRoundHalfUp(net * (10_000n + bps), 10_000n * NANOS_PER_CENT),
   };
+}
+
+function utcDay(at: Date): string {
+  return at.toISOString().slice(0, 10);
 }
 
 function add(line: { quantity: bigint; amountNanos: bigint }, quantity: bigint, amountNanos: bigint): void {

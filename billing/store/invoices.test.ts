@@ -210,3 +210,85 @@ test("the org's billing day sets the period; the maximum discount applies", asyn
   expect(invoice.number).toBe("INV-2026-03-0001");
   expect(invoice.lines.at(-1)?.amountNanos).toBe(-1_000_000n);
 });
+
+test("usage recorded after its period's invoice was issued is billed once, by the next invoice", async () => {
+  const org = await newOrg({ taxRateBps: 0 });
+  const april = new Date("2026-04-10T12:00:00Z");
+  const afterApril = new Date("2026-05-02T00:00:00Z");
+  await store.recordUsage([usage(org.id), usage(org.id)]);
+  const march1 = await store.generateInvoice({ orgId: org.id, at: march, now: afterMarch });
+  const issuedMarch = await store.updateInvoiceStatus({ invoiceId: march1.id, status: "issued", now: afterMarch });
+  expect(issuedMarch.subtotalCents).toBe(2n);
+
+  // A gateway's spool delivers one more March request after March was issued, then April's usage arrives.
+  await store.recordUsage([usage(org.id, { costNanos: 7_000_000n, costBreakdown: null })]);
+  await store.recordUsage([usage(org.id, { occurredAt: april })]);
+  expect(await store.getInvoice(march1.id)).toEqual(issuedMarch);
+
+  const aprilDraft = await store.generateInvoice({ orgId: org.id, at: april, now: afterApril });
+  const describe = (lines: { description: string; amountNanos: bigint }[]) =>
+    lines.map((l) => [l.description, l.amountNanos]);
+  expect(describe(aprilDraft.lines)).toEqual([
+    ["gpt-4o: input tokens", 4_000_000n],
+    ["gpt-4o: cached input tokens", 500_000n],
+    ["gpt-4o: output tokens", 4_500_000n],
+    ["gpt-4o: reasoning tokens", 1_000_000n],
+    ["gpt-4o: usage not itemised by token type (used before 2026-04-01, not billed on an earlier invoice)", 7_000_000n],
+  ]);
+  const issuedApril = await store.updateInvoiceStatus({ invoiceId: aprilDraft.id, status: "issued", now: afterApril });
+  expect(issuedApril).toMatchObject({ subtotalCents: 2n, lines: aprilDraft.lines });
+
+  const billedBy = async () =>
+    (
+      await db.pool.query<{ invoice_id: string | null; n: number; cost: string }>(
+        `SELECT invoice_id, count(*)::int AS n, sum(cost_nanos)::text AS cost FROM usage_records WHERE org_id = $1
+         GROUP BY 1 ORDER BY 2`,
+        [org.id],
+      )
+    ).rows;
+  expect(await billedBy()).toEqual([
+    { invoice_id: march1.id, n: 2, cost: "20000000" },
+    { invoice_id: aprilDraft.id, n: 2, cost: "17000000" },
+  ]);
+
+  // Voiding April's invoice releases its usage to the one that replaces it.
+  await store.updateInvoiceStatus({ invoiceId: aprilDraft.id, status: "void", now: afterApril });
+  const replacement = await store.generateInvoice({ orgId: org.id, at: april, now: afterApril });
+  expect(replacement.number).not.toBe(aprilDraft.number);
+  expect(describe(replacement.lines)).toEqual(describe(aprilDraft.lines));
+  await store.updateInvoiceStatus({ invoiceId: replacement.id, status: "issued", now: afterApril });
+  expect(await billedBy()).toEqual([
+    { invoice_id: march1.id, n: 2, cost: "20000000" },
+    { invoice_id: replacement.id, n: 2, cost: "17000000" },
+  ]);
+});
+
+test("issuing while usage keeps arriving bills every record exactly once across invoices", async () => {
+  const org = await newOrg({ taxRateBps: 0 });
+  await store.generateInvoice({ orgId: org.id, at: march, now: afterMarch });
+  const draft = (await store.listInvoices(org.id))[0];
+  let writing = true;
+  const writer = (async () => {
+    let batches = 0;
+    while (writing || batches < 5) {
+      await store.recordUsage(Array.from({ length: 50 }, () => usage(org.id, { costNanos: 1_000n, costBreakdown: null })));
+      batches++;
+    }
+    return batches * 50;
+  })();
+  await Bun.sleep(30);
+  const issued = await store.updateInvoiceStatus({ invoiceId: draft?.id as string, status: "issued", now: afterMarch });
+  writing = false;
+  const written = await writer;
+  const april = new Date("2026-04-10T12:00:00Z");
+  const next = await store.generateInvoice({ orgId: org.id, at: april, now: new Date("2026-05-02T00:00:00Z") });
+  const billed = (invoice: { lines: { amountNanos: bigint }[] }) => invoice.lines.reduce((sum, l) => sum + l.amountNanos, 0n);
+  // Every record is on the issued invoice or on the next one's late lines, and nowhere twice.
+  expect(billed(issued) + billed(next)).toBe(BigInt(written) * 1_000n);
+  expect(billed(issued)).toBeGreaterThan(0n);
+  const { rows } = await db.pool.query<{ n: number }>(
+    "SELECT count(*)::int AS n FROM usage_records WHERE org_id = $1 AND invoice_id = $2",
+    [org.id, issued.id],
+  );
+  expect(BigInt(rows[0]?.n ?? 0) * 1_000n).toBe(billed(issued));
+});

@@ -1,5 +1,5 @@
 import { ulid } from "ulid";
-import { buildInvoice, type UsageSlice } from "../invoices/build.ts";
+import { buildInvoice, type InvoiceContent, type UsageSlice } from "../invoices/build.ts";
 import { billingPeriod } from "../period.ts";
 import { BillingError, type Db, type Queryable } from "./db.ts";
 import { discountRulesOf } from "./discounts.ts";
@@ -61,20 +61,14 @@ export function createInvoiceStore(db: Db) {
     /**
      * Builds the invoice of the billing period containing `at` from the usage and discount rules as they are now.
      * A draft of that period is replaced in place (same id and number); an issued or paid one is left alone and
-     * the call fails. Generations of one org are serialised, so numbers never collide.
+     * the call fails. The draft shows the period's usage and, once the org has an issued invoice of an earlier
+     * period, earlier usage that no issued invoice has billed (late arrivals, on lines of their own); issuing it
+     * bills exactly that usage as of then (see updateInvoiceStatus).
      */
     generateInvoice(request: { orgId: string; at: Date; now: Date }): Promise<Invoice> {
       return db.transaction(async (tx) => {
-        // An advisory lock rather than a row lock: usage inserts and lease grants keep going meanwhile.
-        await tx.query("SELECT pg_advisory_xact_lock(hashtextextended('billing.invoices:' || $1, 0))", [
-          request.orgId,
-        ]);
-        const orgs = await tx.query<{ billing_day: number; tax_rate_bps: number; max_discount_bps: number }>(
-          "SELECT billing_day, tax_rate_bps, max_discount_bps FROM organizations WHERE id = $1",
-          [request.orgId],
-        );
-        const org = orgs[0];
-        if (!org) throw new BillingError("not_found", `organization ${request.orgId} not found`);
+        await lockOrgInvoices(tx, request.orgId);
+        const org = await orgSettings(tx, request.orgId);
         const period = billingPeriod(request.at, org.billing_day);
         const live = await tx.query<{ id: string; number: string; status: InvoiceStatus }>(
           "SELECT id, number, status FROM invoices WHERE org_id = $1 AND period_start = $2 AND status <> 'void'",
@@ -88,32 +82,10 @@ export function createInvoiceStore(db: Db) {
           );
         }
 
-        const usage = await usageSlices(tx, request.orgId, period.start, period.end);
-        const rules = await discountRulesOf(tx, request.orgId);
-        const content = buildInvoice(usage, rules, {
-          taxRateBps: org.tax_rate_bps,
-          maxDiscountBps: org.max_discount_bps,
-        });
-        const totals = [
-          content.subtotalCents.toString(),
-          content.discountCents.toString(),
-          content.taxCents.toString(),
-          content.totalCents.toString(),
-          org.tax_rate_bps,
-          request.now,
-        ];
-
-        let invoiceId: string;
-        if (existing) {
-          invoiceId = existing.id;
-          await tx.query("DELETE FROM invoice_line_items WHERE invoice_id = $1", [invoiceId]);
-          await tx.query(
-            `UPDATE invoices SET subtotal_cents = $2, discount_cents = $3, tax_cents = $4, total_cents = $5,
-               tax_rate_bps = $6, created_at = $7
-             WHERE id = $1`,
-            [invoiceId, ...totals],
-          );
-        } else {
+        const usage = await unbilledSlices(tx, request.orgId, period);
+        const content = await compose(tx, request.orgId, org, period.start, usage);
+        let invoiceId = existing?.id;
+        if (!invoiceId) {
           invoiceId = `inv_${ulid()}`;
           const counted = await tx.query<{ n: number }>("SELECT count(*)::int AS n FROM invoices WHERE org_id = $1", [
             request.orgId,
@@ -123,11 +95,11 @@ export function createInvoiceStore(db: Db) {
           await tx.query(
             `INSERT INTO invoices (id, org_id, number, status, period_start, period_end, subtotal_cents, discount_cents,
                tax_cents, total_cents, tax_rate_bps, created_at)
-             VALUES ($1, $2, $3, 'draft', $4, $5, $6, $7, $8, $9, $10, $11)`,
-            [invoiceId, request.orgId, number, period.start, period.end, ...totals],
+             VALUES ($1, $2, $3, 'draft', $4, $5, 0, 0, 0, 0, $6, $7)`,
+            [invoiceId, request.orgId, number, period.start, period.end, org.tax_rate_bps, request.now],
           );
         }
-        await insertLines(tx, invoiceId, content.lines);
+        await replaceDraftContent(tx, invoiceId, content, org.tax_rate_bps, request.now);
         return readInvoice(tx, invoiceId);
       });
     },
@@ -152,10 +124,15 @@ export function createInvoiceStore(db: Db) {
 
     /**
      * Moves an invoice along draft -> issued -> paid or to void; the same status again is a no-op. Issuing needs the
-     * period to be over, since an issued invoice never changes. The schema's trigger enforces the same transitions.
+     * period to be over, since an issued invoice never changes; it claims the org's unbilled usage of its range (see
+     * unbilledRange) and rebuilds the draft from exactly those records in the same transaction, so a record recorded meanwhile
+     * is either on this invoice or left for the next, never both and never neither. Voiding an issued invoice
+     * releases its records to the next invoice. The schema's trigger enforces the same transitions.
      */
     updateInvoiceStatus(request: { invoiceId: string; status: InvoiceStatus; now: Date }): Promise<Invoice> {
       return db.transaction(async (tx) => {
+        const head = await tx.query<{ org_id: string }>("SELECT org_id FROM invoices WHERE id = $1", [request.invoiceId]);
+        if (head[0]) await lockOrgInvoices(tx, head[0].org_id);
         const invoice = await readInvoice(tx, request.invoiceId, true);
         if (invoice.status === request.status) return invoice;
         if (!allowedTransitions[invoice.status].includes(request.status)) {
@@ -170,6 +147,19 @@ export function createInvoiceStore(db: Db) {
             `invoice ${invoice.number} cannot be issued before its period ends at ${invoice.periodEnd.toISOString()}`,
           );
         }
+        if (request.status === "issued") {
+          // The invoice bills exactly the records it claims now: its draft is rebuilt from them first.
+          const org = await orgSettings(tx, invoice.orgId);
+          const usage = await claimUnbilledSlices(tx, invoice.orgId, { start: invoice.periodStart, end: invoice.periodEnd }, invoice.id);
+          const content = await compose(tx, invoice.orgId, org, invoice.periodStart, usage);
+          await replaceDraftContent(tx, invoice.id, content, org.tax_rate_bps, invoice.createdAt);
+        } else if (request.status === "void" && invoice.status === "issued") {
+          // Its records go back to unbilled, for the invoice that replaces it.
+          await tx.query(
+            "UPDATE usage_records SET invoice_id = NULL WHERE org_id = $1 AND occurred_at < $2 AND invoice_id = $3",
+            [invoice.orgId, invoice.periodEnd, invoice.id],
+          );
+        }
         await tx.query(
           `UPDATE invoices SET status = $2, issued_at = CASE WHEN $2 = 'issued' THEN $3 ELSE issued_at END
            WHERE id = $1`,
@@ -181,10 +171,96 @@ export function createInvoiceStore(db: Db) {
   };
 }
 
-/** Usage of an org in [start, end) per UTC hour, model and provider, from one consistent read of the records. */
-async function usageSlices(q: Queryable, orgId: string, start: Date, end: Date): Promise<UsageSlice[]> {
+interface OrgSettings {
+  billing_day: number;
+  tax_rate_bps: number;
+  max_discount_bps: number;
+}
+
+/**
+ * Serialises invoice generation and status changes of one org, so numbers never collide and two invoices never claim
+ * the same usage. An advisory lock rather than a row lock: usage inserts and lease grants keep going meanwhile.
+ */
+async function lockOrgInvoices(q: Queryable, orgId: string): Promise<void> {
+  await q.query("SELECT pg_advisory_xact_lock(hashtextextended('billing.invoices:' || $1, 0))", [orgId]);
+}
+
+async function orgSettings(q: Queryable, orgId: string): Promise<OrgSettings> {
+  const rows = await q.query<OrgSettings>(
+    "SELECT billing_day, tax_rate_bps, max_discount_bps FROM organizations WHERE id = $1",
+    [orgId],
+  );
+  if (!rows[0]) throw new BillingError("not_found", `organization ${orgId} not found`);
+  return rows[0];
+}
+
+/** Lines and totals over `usage` with the org's discount rules and tax as they are now. */
+async function compose(q: Queryable, orgId: string, org: OrgSettings, periodStart: Date, usage: UsageSlice[]) {
+  const rules = await discountRulesOf(q, orgId);
+  return buildInvoice(usage, rules, {
+    taxRateBps: org.tax_rate_bps,
+    maxDiscountBps: org.max_discount_bps,
+    periodStart,
+  });
+}
+
+async function replaceDraftContent(
+  q: Queryable,
+  invoiceId: string,
+  content: InvoiceContent,
+  taxRateBps: number,
+  createdAt: Date,
+): Promise<void> {
+  await q.query("DELETE FROM invoice_line_items WHERE invoice_id = $1", [invoiceId]);
+  await q.query(
+    `UPDATE invoices SET subtotal_cents = $2, discount_cents = $3, tax_cents = $4, total_cents = $5,
+       tax_rate_bps = $6, created_at = $7
+     WHERE id = $1`,
+    [
+      invoiceId,
+      content.subtotalCents.toString(),
+      content.discountCents.toString(),
+      content.taxCents.toString(),
+      content.totalCents.toString(),
+      taxRateBps,
+      createdAt,
+    ],
+  );
+  await insertLines(q, invoiceId, content.lines);
+}
+
+/**
+ * Where the usage an invoice of the period [$2, $3) bills begins: its own period, or earlier when the org has an
+ * issued invoice of an earlier period, whose late arrivals (and those of any period skipped since) it then bills.
+ * Usage from before an org's first issued invoice is left to invoices of its own periods.
+ */
+const unbilledRange = `org_id = $1 AND invoice_id IS NULL AND occurred_at < $3 AND occurred_at >= least($2,
+  (SELECT min(period_start) FROM invoices WHERE org_id = $1 AND status IN ('issued', 'paid')))`;
+
+/** Usage of an org in an invoice's range (see unbilledRange) that no issued invoice has billed yet. */
+function unbilledSlices(q: Queryable, orgId: string, period: { start: Date; end: Date }): Promise<UsageSlice[]> {
+  return slicesOf(q, `SELECT * FROM usage_records WHERE ${unbilledRange}`, [orgId, period.start, period.end]);
+}
+
+/** Marks the org's unbilled usage in the invoice's range as billed by it, in the same statement that sums it. */
+function claimUnbilledSlices(
+  q: Queryable,
+  orgId: string,
+  period: { start: Date; end: Date },
+  invoiceId: string,
+): Promise<UsageSlice[]> {
+  return slicesOf(
+    q,
+    `UPDATE usage_records SET invoice_id = $4 WHERE ${unbilledRange} RETURNING *`,
+    [orgId, period.start, period.end, invoiceId],
+  );
+}
+
+/** The records `source` yields (a query or a data-modifying statement) per UTC hour, model and provider. */
+async function slicesOf(q: Queryable, source: string, params: unknown[]): Promise<UsageSlice[]> {
   const rows = await q.query<SliceRow>(
-    `SELECT date_trunc('hour', occurred_at, 'UTC') AS hour, model, provider,
+    `WITH source AS (${source})
+     SELECT date_trunc('hour', occurred_at, 'UTC') AS hour, model, provider,
        sum(cost_nanos)::text AS "costNanos",
        coalesce(sum(input_tokens - cached_input_tokens) FILTER (WHERE itemised), 0)::text AS "inputTokens",
        coalesce(sum(cached_input_tokens) FILTER (WHERE itemised), 0)::text AS "cachedInputTokens",
@@ -196,11 +272,10 @@ async function usageSlices(q: Queryable, orgId: string, start: Date, end: Date):
        coalesce(sum(reasoning_cost_nanos), 0)::text AS "reasoningNanos",
        coalesce(sum(input_tokens + output_tokens) FILTER (WHERE NOT itemised), 0)::text AS "unitemisedTokens",
        coalesce(sum(cost_nanos) FILTER (WHERE NOT itemised), 0)::text AS "unitemisedNanos"
-     FROM (SELECT *, input_cost_nanos IS NOT NULL AS itemised FROM usage_records
-           WHERE org_id = $1 AND occurred_at >= $2 AND occurred_at < $3) AS r
+     FROM (SELECT *, input_cost_nanos IS NOT NULL AS itemised FROM source) AS r
      GROUP BY 1, 2, 3
      ORDER BY 1, 2, 3`,
-    [orgId, start, end],
+    params,
   );
   return rows.map((row) => ({
     hour: row.hour,

@@ -13,7 +13,7 @@ const emptyDatabase = async () => {
 };
 afterAll(() => Promise.all(databases.map((db) => db.drop())));
 
-const migrations = ["0001_init.sql", "0002_discounts_invoices.sql"];
+const migrations = ["0001_init.sql", "0002_discounts_invoices.sql", "0003_invoiced_usage.sql"];
 const billingTables = [
   "api_keys",
   "budget_leases",
@@ -94,7 +94,7 @@ test("upgrades a database that already holds data from the first migration", asy
               ('lease_2', 'organization', 'org_old', 'gw', '2026-06-01', 10, 3, now(), now()),
               ('lease_3', 'organization', 'org_old', 'gw', '2026-06-01', 10, NULL, now(), NULL)`,
     );
-    expect((await migrate(pool)).applied).toEqual(["0002_discounts_invoices.sql"]);
+    expect((await migrate(pool)).applied).toEqual(["0002_discounts_invoices.sql", "0003_invoiced_usage.sql"]);
     const { rows } = await pool.query(
       `SELECT o.max_discount_bps, u.input_cost_nanos FROM organizations o JOIN usage_records u ON u.org_id = o.id`,
     );
