@@ -1,15 +1,19 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { createClient, createRouterTransport } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
+import { timestampNow } from "@bufbuild/protobuf/wkt";
 import { trace } from "@opentelemetry/api";
+import { ulid } from "ulid";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService, type KeyLimits } from "../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
+import { GatewayService } from "../gen/gateway/v1/gateway_pb.ts";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { KeyLimitsSchema } from "../gen/billing/v1/billing_pb.ts";
 import { createBillingApp } from "../billing/app.ts";
 import { createTestDatabase, type TestDatabase } from "../billing/store/test-db.ts";
+import { sha256Hex } from "../lib/auth.ts";
 import { createLogger } from "../lib/log.ts";
-import { createKeyAuthorizer } from "./auth.ts";
+import { createKeyAuthorizer, type KeyAuthorizer } from "./auth.ts";
 import { createBudgetKeeper } from "./budget.ts";
 import { createCircuitBreakers } from "./circuit-breaker.ts";
 import { parseGatewayConfig } from "./config.ts";
@@ -19,6 +23,7 @@ import { createRestApp, type RestApp } from "./http/app.ts";
 import { createProviders } from "./providers/index.ts";
 import type { Provider } from "./providers/provider.ts";
 import { createRateLimiter } from "./rate-limits.ts";
+import { createGatewayService } from "./service.ts";
 import { createRecordingShipper, createTestLogger } from "./testing.ts";
 import { type FakeUpstream, startFakeUpstream } from "./testing/fake-upstream.ts";
 
@@ -28,8 +33,10 @@ const auth = { headers: { authorization: `Bearer ${adminToken}` } };
 let db: TestDatabase;
 let billing: ReturnType<typeof createClient<typeof BillingService>>;
 let upstream: FakeUpstream;
+let keys: KeyAuthorizer;
 let core: GatewayCore;
 let app: RestApp;
+let rpc: ReturnType<typeof createClient<typeof GatewayService>>;
 let orgId: string;
 const shipper = createRecordingShipper();
 let mockCalls = 0;
@@ -76,13 +83,16 @@ models:
   const providers = createProviders(config.providers, {});
   const mock = providers.get("mock") as Provider;
   providers.set("mock", { ...mock, chat: (req, opts) => (mockCalls++, mock.chat(req, opts)) });
+  keys = createKeyAuthorizer({ billing: { authorizeKey: (req) => billing.authorizeKey(req, auth) }, watching: true });
   core = createGatewayCore({
     config,
     providers,
-    keys: createKeyAuthorizer({ billing: { authorizeKey: (req) => billing.authorizeKey(req, auth) }, watching: true }),
+    keys,
     shipper,
     instanceId: "gw-admission",
     log: createTestLogger(),
+    // Billing's figure is always current here, even in a period's first minute (the production default skips it).
+    tokenQuota: { periodSkewMs: 0 },
     rateLimits: createRateLimiter(),
     budget: createBudgetKeeper({
       billing: {
@@ -95,6 +105,7 @@ models:
     routing: { breakers: createCircuitBreakers({ failureThreshold: 2, cooldownMs: 60_000 }), backoffBaseMs: 5, requestTimeoutMs: 30_000 },
   });
   app = createRestApp({ core, tracer: trace.getTracer("test"), maxBodyBytes: 1 << 20 });
+  rpc = createClient(GatewayService, createRouterTransport((router) => router.service(GatewayService, createGatewayService(core))));
 }, 60_000);
 
 afterAll(async () => {
@@ -104,6 +115,22 @@ afterAll(async () => {
 
 async function keyWith(limits: MessageInitShape<typeof KeyLimitsSchema>): Promise<string> {
   return (await billing.createApiKey({ orgId, name: "k", limits: limits as KeyLimits }, auth)).secret;
+}
+
+/** Records usage of the key in billing, as analytics does for what gateways served. */
+async function recordInBilling(key: string, rows: readonly { requestId: string; usage?: { inputTokens: bigint; outputTokens: bigint } }[]) {
+  const { apiKey } = await billing.authorizeKey({ secret: key }, auth);
+  const records = rows.map((m) => ({
+    requestId: m.requestId,
+    orgId,
+    apiKeyId: apiKey?.id ?? "",
+    model: "mock",
+    provider: "mock",
+    endpoint: Endpoint.CHAT_COMPLETIONS,
+    usage: { inputTokens: m.usage?.inputTokens ?? 0n, outputTokens: m.usage?.outputTokens ?? 0n },
+    occurTime: timestampNow(),
+  }));
+  await billing.recordUsage({ records }, auth);
 }
 
 function post(key: string, body: Record<string, unknown>) {
@@ -142,6 +169,85 @@ describe("per-key limits", () => {
     expect(res.status).toBe(429);
     expect((await errorOf(res)).type).toBe("tokens");
     expect((await post(key, hi("mock", { max_tokens: 50 }))).status).toBe(200);
+  });
+});
+
+describe("monthly tokens", () => {
+  // Each "hi" to mock uses 8 input + 4 output = 12 tokens.
+  const bearer = (key: string) => ({ headers: { authorization: `Bearer ${key}` } });
+  const rpcHi = { params: { model: "mock", messages: [{ role: "user", content: "hi" }] } };
+  const rpcError = (p: Promise<unknown>) =>
+    p.then(
+      () => {
+        throw new Error("expected the RPC to fail");
+      },
+      (e: unknown) => ConnectError.from(e),
+    );
+
+  /** Requests until the first refusal; the number served and the refusal. */
+  async function serveUntilRefused(key: string) {
+    for (let served = 0; served < 100; served++) {
+      const before = mockCalls;
+      const res = await post(key, hi("mock"));
+      if (res.status !== 200) {
+        expect(mockCalls).toBe(before);
+        return { served, res };
+      }
+    }
+    throw new Error("never refused");
+  }
+
+  test("a key is served until it reaches monthly_tokens, then gets 429 insufficient_quota over REST and ResourceExhausted over RPC", async () => {
+    const key = await keyWith({ monthlyTokens: 30n });
+    const { served, res } = await serveUntilRefused(key);
+    // At 0, 12 and 24 tokens the key is under 30; at 36 it is over.
+    expect(served).toBe(3);
+    expect(res.status).toBe(429);
+    const error = await errorOf(res);
+    expect(error).toMatchObject({ type: "insufficient_quota", code: "insufficient_quota", param: null });
+    expect(error.message).toContain("monthly limit of 30 tokens");
+    expect(shipper.rows.find((m) => m.requestId === res.headers.get("x-request-id"))).toMatchObject({
+      status: RequestStatus.RATE_LIMITED,
+      httpStatus: 429,
+      errorCode: "insufficient_quota",
+    });
+    const streamed = await post(key, hi("mock", { stream: true }));
+    expect(streamed.status).toBe(429);
+    expect((await errorOf(streamed)).code).toBe("insufficient_quota");
+
+    const before = mockCalls;
+    const unary = await rpcError(rpc.createChatCompletion(rpcHi, bearer(key)));
+    expect(unary.code).toBe(Code.ResourceExhausted);
+    expect(unary.metadata.get("x-error-code")).toBe("insufficient_quota");
+    const stream = await rpcError((async () => { for await (const _ of rpc.streamChatCompletion(rpcHi, bearer(key))); })());
+    expect(stream.code).toBe(Code.ResourceExhausted);
+    expect(mockCalls).toBe(before);
+  });
+
+  test("tokens served over RPC, streamed or not, count against the same limit", async () => {
+    const key = await keyWith({ monthlyTokens: 30n });
+    await rpc.createChatCompletion(rpcHi, bearer(key));
+    for await (const _ of rpc.streamChatCompletion(rpcHi, bearer(key)));
+    await rpc.createChatCompletion(rpcHi, bearer(key));
+    expect((await rpcError(rpc.createChatCompletion(rpcHi, bearer(key)))).code).toBe(Code.ResourceExhausted);
+    expect((await post(key, hi("mock"))).status).toBe(429);
+  });
+
+  test("a fresh authorization counts what billing knows, and nothing twice", async () => {
+    const key = await keyWith({ monthlyTokens: 50n });
+    const first = shipper.rows.length;
+    for (let i = 0; i < 3; i++) expect((await post(key, hi("mock"))).status).toBe(200);
+    // Billing records those 36 tokens; the gateway's next authorization reads them back.
+    await recordInBilling(key, shipper.rows.slice(first));
+    keys.forget(sha256Hex(key));
+    // 36 (not 72) and 48 are under 50.
+    expect((await serveUntilRefused(key)).served).toBe(2);
+
+    // Usage billing has from elsewhere (other replicas) counts from the key's authorization.
+    const busy = await keyWith({ monthlyTokens: 50n });
+    await recordInBilling(busy, [{ requestId: ulid(), usage: { inputTokens: 40n, outputTokens: 8n } }]);
+    // 48 is under 50; 60 is not.
+    expect((await serveUntilRefused(busy)).served).toBe(1);
   });
 });
 

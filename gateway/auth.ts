@@ -16,6 +16,8 @@ export interface Principal {
   expireMs: number | undefined;
   /** Everything billing returned (limits, spend), for budgets and quotas. */
   grant: AuthorizeKeyResponse;
+  /** Epoch ms (the authorizer's clock) when the AuthorizeKey call that returned `grant` started: its figures are at least this recent. */
+  authorizedAt: number;
 }
 
 export interface KeyAuthorizer {
@@ -96,7 +98,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     current.promise = options.billing
       .authorizeKey({ secret })
       .then(
-        (grant): Entry => ({ principal: principalOf(grant), rejection: undefined, loadedAt }),
+        (grant): Entry => ({ principal: principalOf(grant, loadedAt), rejection: undefined, loadedAt }),
         (e): Entry => {
           const err = ConnectError.from(e);
           if (err.code === Code.Unauthenticated) {
@@ -162,7 +164,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   };
 }
 
-function principalOf(grant: AuthorizeKeyResponse): Principal {
+function principalOf(grant: AuthorizeKeyResponse, authorizedAt: number): Principal {
   const key = grant.apiKey;
   const limits = key?.limits;
   return {
@@ -172,6 +174,7 @@ function principalOf(grant: AuthorizeKeyResponse): Principal {
     allowedModels: limits && limits.allowedModels.length > 0 ? new Set(limits.allowedModels) : undefined,
     expireMs: limits?.expireTime ? timestampMs(limits.expireTime) : undefined,
     grant,
+    authorizedAt,
   };
 }
 

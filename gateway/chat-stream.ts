@@ -26,10 +26,12 @@ export interface StreamOutcome {
 
 /**
  * A streamed completion as the client sees it: OpenAI chunks, ending with a usage chunk only when
- * the client asked for one. Iterating to the end (or stopping early) records the call's metrics once.
+ * the client asked for one. The call's metrics are recorded exactly once, when the stream ends:
+ * iterated to the end, stopped early (`return()`, also before the first chunk), or, while nobody is
+ * reading it, when the client leaves or the deadline passes.
  */
 export interface ChatStream extends AsyncIterable<ChatCompletionChunk> {
-  /** Set when iteration has ended. */
+  /** Set once the stream has been metered. */
   readonly outcome: StreamOutcome | undefined;
 }
 
@@ -41,6 +43,8 @@ export interface MeterOptions {
   price: Price;
   /** The client asked for the usage chunk (stream_options.include_usage). */
   includeUsage: boolean;
+  /** Aborted, with the GatewayError as its reason, when the request runs past its time limit. */
+  deadline: AbortSignal;
   /** Records the call's metrics. */
   finish(call: Call, error?: GatewayError): void;
 }
@@ -51,33 +55,64 @@ export interface MeterOptions {
  * cancel or failure), exact cost, and the call's metrics when the stream ends.
  */
 export function meterChatStream(options: MeterOptions): ChatStream {
-  const { call, request, includeUsage } = options;
+  const { call, request, includeUsage, deadline } = options;
   const m = call.metrics;
+  const upstream = options.chunks[Symbol.asyncIterator]();
+  // Generated text, kept only to count tokens when the upstream reports no usage.
+  const generated: string[] = [];
+  let usage: CompletionUsage | undefined;
   let outcome: StreamOutcome | undefined;
+  let ending: Promise<void> | undefined;
+  /**
+   * Who holds the stream: nobody has asked for a chunk yet ("idle"), the generator is running
+   * ("running"), the consumer holds a chunk ("yielded"), or it is over ("done").
+   */
+  let phase: "idle" | "running" | "yielded" | "done" = "idle";
+
+  const count = async () => {
+    const reported = tokensFromUsage(usage);
+    if (reported) return { value: reported, estimated: false };
+    const input = await countInputTokens(request.messages, request.tools);
+    return { value: estimatedTokens(input, await countTextTokens(generated)), estimated: true };
+  };
+
+  /** Meters the stream and records the call's metrics; whichever way the stream ends first wins. */
+  const end = (error: GatewayError | undefined, tokens?: { value: Tokens; estimated: boolean }): Promise<void> => {
+    ending ??= (async () => {
+      call.signal?.removeEventListener("abort", onAbort);
+      deadline.removeEventListener("abort", onAbort);
+      // Metrics are recorded even if counting fails (the tokenizer cannot load): with zero tokens, marked estimated.
+      const counted = tokens ?? (await count().catch(() => ({ value: estimatedTokens(0, 0), estimated: true })));
+      const cost = meterUsage(m, counted.value, counted.estimated, options.price);
+      outcome = { tokens: counted.value, costNanos: cost, usageEstimated: counted.estimated, provider: m.provider, error };
+      options.finish(call, error);
+    })();
+    return ending;
+  };
+
+  // While the generator runs it sees an abort itself (the upstream and the deadline fail its read);
+  // a stream nobody is reading would never notice, so it is ended here.
+  function onAbort() {
+    if (phase !== "idle" && phase !== "yielded") return;
+    void end(call.signal?.aborted ? cancelled() : toGatewayError(deadline.reason));
+  }
+  if (call.signal?.aborted || deadline.aborted) onAbort();
+  else {
+    call.signal?.addEventListener("abort", onAbort, { once: true });
+    deadline.addEventListener("abort", onAbort, { once: true });
+  }
 
   async function* run(): AsyncGenerator<ChatCompletionChunk> {
-    const iterator = options.chunks[Symbol.asyncIterator]();
-    // Generated text, kept only to count tokens when the upstream reports no usage.
-    const generated: string[] = [];
-    let usage: CompletionUsage | undefined;
     let last: ChatCompletionChunk | undefined;
     let firstToken = true;
     let error: GatewayError | undefined;
     let tokens: { value: Tokens; estimated: boolean } | undefined;
-
-    const settle = async () => {
-      const reported = tokensFromUsage(usage);
-      if (reported) return { value: reported, estimated: false };
-      const input = await countInputTokens(request.messages, request.tools);
-      return { value: estimatedTokens(input, await countTextTokens(generated)), estimated: true };
-    };
-
     try {
       for (;;) {
         const waited = performance.now();
         let step: IteratorResult<ChatCompletionChunk>;
         try {
-          step = await iterator.next();
+          step = await upstream.next();
         } finally {
           call.upstreamMs += performance.now() - waited;
         }
@@ -111,7 +146,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         }
         yield chunk;
       }
-      tokens = await settle();
+      tokens = await count();
       if (includeUsage && tokens.estimated && last) {
         yield { id: last.id, object: "chat.completion.chunk", created: last.created, model: last.model, choices: [], usage: usageOfTokens(tokens.value) };
       }
@@ -121,18 +156,38 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     } finally {
       // Stopped by the consumer (the client left) if neither completed nor failed.
       if (!tokens && !error) error = cancelled();
-      if (error) await iterator.return?.().catch(() => undefined);
-      // Metrics are recorded even if counting fails (the tokenizer cannot load): with zero tokens, marked estimated.
-      tokens ??= await settle().catch(() => ({ value: estimatedTokens(0, 0), estimated: true }));
-      const cost = meterUsage(m, tokens.value, tokens.estimated, options.price);
-      outcome = { tokens: tokens.value, costNanos: cost, usageEstimated: tokens.estimated, provider: m.provider, error };
-      options.finish(call, error);
+      if (error) await upstream.return?.().catch(() => undefined);
+      await end(error, tokens);
     }
   }
 
   const chunks = run();
+  const iterator: AsyncIterableIterator<ChatCompletionChunk> = {
+    async next() {
+      phase = "running";
+      try {
+        const step = await chunks.next();
+        phase = step.done ? "done" : "yielded";
+        return step;
+      } catch (e) {
+        phase = "done";
+        throw e;
+      }
+    },
+    async return() {
+      const idle = phase === "idle";
+      phase = "done";
+      // A generator stopped before its first step never runs its finally: end the stream here.
+      if (idle) {
+        await upstream.return?.().catch(() => undefined);
+        await end(cancelled());
+      }
+      return chunks.return(undefined);
+    },
+    [Symbol.asyncIterator]: () => iterator,
+  };
   return {
-    [Symbol.asyncIterator]: () => chunks,
+    [Symbol.asyncIterator]: () => iterator,
     get outcome() {
       return outcome;
     },

@@ -15,11 +15,12 @@ import { type ChatStream, meterChatStream } from "./chat-stream.ts";
 import { createCircuitBreakers } from "./circuit-breaker.ts";
 import type { GatewayConfig, ModelRoute } from "./config.ts";
 import { parseEmbeddingInput } from "./embedding-request.ts";
-import { type GatewayError, invalidRequest, modelNotAllowed, modelNotFound, toGatewayError } from "./errors.ts";
+import { type GatewayError, invalidRequest, modelNotAllowed, modelNotFound, requestTimeout, toGatewayError } from "./errors.ts";
 import type { ChatCompletion, CreateEmbeddingResponse, Provider } from "./providers/provider.ts";
 import { meterUsage } from "./metering.ts";
 import { estimatedChatTokens, type RateLimiter, type RateTicket } from "./rate-limits.ts";
 import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
+import { createTokenQuota, type QuotaTicket, type TokenQuotaOptions } from "./token-quota.ts";
 
 /** One request in flight: who asked, what it cost, and its metrics as they fill in. */
 export interface Call {
@@ -97,13 +98,18 @@ export interface CoreOptions {
   budget?: BudgetKeeper;
   /** Output tokens budgeted for requests without max_tokens on models with no max_output_tokens. */
   defaultMaxOutputTokens?: number;
+  /** Monthly token limits' clock and tuning; defaults suit production. */
+  tokenQuota?: TokenQuotaOptions;
 }
 
-/** What a call holds while it runs: its rate-limit ticket, budget reservation and stream deadline. */
+/** What a call holds while it runs: its monthly-token ticket, rate-limit ticket, budget reservation, and a stream's deadline and upstream. */
 interface Admission {
+  quota: QuotaTicket;
   ticket: RateTicket | undefined;
   reservation: Reservation | undefined;
   deadlineTimer?: ReturnType<typeof setTimeout>;
+  /** Aborts a stream's upstream call, which must not outlive the call's metrics. */
+  upstream?: AbortController;
 }
 
 const endpointLabels: Record<number, string> = {
@@ -133,6 +139,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   });
   const defaultMaxOutputTokens = options.defaultMaxOutputTokens ?? 4096;
   const admissions = new WeakMap<Call, Admission>();
+  const finished = new WeakSet<Call>();
+  const tokenQuota = createTokenQuota(options.tokenQuota);
 
   const authorize = async (call: Call) => {
     const principal = await withChildSpan("gateway.authorize_key", {}, () => keys.authorize(call.secret));
@@ -164,11 +172,12 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     router.run(call, route, attempt, signal);
 
   /**
-   * Checks the key's rate limits and reserves the request's maximum cost on its budgets, before any
-   * upstream call; `finish` settles both at what the call really used.
+   * Checks the key's monthly tokens and rate limits and reserves the request's maximum cost on its
+   * budgets, before any upstream call; `finish` settles all three at what the call really used.
    */
   const admit = async (call: Call, principal: Principal, route: ModelRoute, maxCost: bigint, estimatedTokens: number) => {
     const limits = principal.grant.apiKey?.limits;
+    const quota = tokenQuota.admit(principal);
     const ticket = options.rateLimits?.admit(
       principal.apiKeyId,
       { requestsPerMinute: limits?.requestsPerMinute ?? 0, tokensPerMinute: Number(limits?.tokensPerMinute ?? 0n) },
@@ -183,19 +192,25 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       ticket?.settle(0);
       throw e;
     }
-    const admission: Admission = { ticket, reservation };
+    const admission: Admission = { quota, ticket, reservation };
     admissions.set(call, admission);
     return admission;
   };
 
   const finish = (call: Call, error?: GatewayError) => {
+    // One call, one RequestMetrics, however many ways it ends.
+    if (finished.has(call)) return;
+    finished.add(call);
     const m = call.metrics;
     const admission = admissions.get(call);
     if (admission) {
       admissions.delete(call);
       clearTimeout(admission.deadlineTimer);
+      admission.upstream?.abort();
+      const tokens = (m.usage?.inputTokens ?? 0n) + (m.usage?.outputTokens ?? 0n);
+      admission.quota.settle(tokens, call.startMs);
       admission.reservation?.settle(m.costNanos);
-      admission.ticket?.settle(Number((m.usage?.inputTokens ?? 0n) + (m.usage?.outputTokens ?? 0n)));
+      admission.ticket?.settle(Number(tokens));
     }
     const totalMs = performance.now() - call.startTick;
     m.endTime = timestampFromMs(Math.round(call.startMs + totalMs));
@@ -316,16 +331,17 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       m.streamed = true;
       const route = routeFor(call, principal, input);
       const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
-      const maxCost = maxChatCostNanos(input.upstream, route.price, cap);
-      const admission = await admit(call, principal, route, maxCost, estimatedChatTokens(input.upstream));
-      // A stream outlives routing: its whole-request limit aborts the upstream wherever it is.
+      const admission = await admit(call, principal, route, maxChatCostNanos(input.upstream, route.price, cap), estimatedChatTokens(input.upstream));
+      // A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and
+      // ends (and meters) a stream nobody reads; finishing the call aborts whatever is left upstream.
       const deadline = new AbortController();
-      admission.deadlineTimer = setTimeout(() => {
-        deadline.abort();
-        // A stream nobody iterates never reaches finish; its reservation must still end, counted in full.
-        setTimeout(() => admission.reservation?.settle(maxCost), 5_000).unref?.();
-      }, Math.max(0, router.deadline(call, route) - performance.now()));
-      const signal = call.signal ? AbortSignal.any([call.signal, deadline.signal]) : deadline.signal;
+      const limitMs = router.limitMs(route);
+      admission.deadlineTimer = setTimeout(
+        () => deadline.abort(requestTimeout(limitMs)),
+        Math.max(0, router.deadline(call, route) - performance.now()),
+      );
+      admission.upstream = new AbortController();
+      const signal = AbortSignal.any([deadline.signal, admission.upstream.signal, ...(call.signal ? [call.signal] : [])]);
       let request = input.upstream;
       const chunks = await callUpstream(
         call,
@@ -338,10 +354,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       );
       return meterChatStream({
         call,
-        chunks: limitStream(chunks, deadline.signal, router.limitMs(route)),
+        chunks: limitStream(chunks, deadline.signal, limitMs),
         request,
         price: route.price,
         includeUsage: input.includeUsage,
+        deadline: deadline.signal,
         finish,
       });
     },

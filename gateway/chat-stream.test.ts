@@ -1,0 +1,168 @@
+import { describe, expect, test } from "bun:test";
+import { trace } from "@opentelemetry/api";
+import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
+import { Endpoint } from "../gen/common/v1/common_pb.ts";
+import { createKeyAuthorizer } from "./auth.ts";
+import { parseGatewayConfig } from "./config.ts";
+import { createGatewayCore } from "./core.ts";
+import type { GatewayError } from "./errors.ts";
+import { createRestApp } from "./http/app.ts";
+import { createProviders } from "./providers/index.ts";
+import { createBillingFake, createRecordingShipper, createTestLogger } from "./testing.ts";
+
+// Every finished request is exactly one RequestMetrics, also when its stream is never read.
+function setup() {
+  const billing = createBillingFake({ "sk-good": { id: "key_good", orgId: "org_1" } });
+  const shipper = createRecordingShipper();
+  const config = parseGatewayConfig(
+    `
+providers:
+  - { name: mock, kind: mock }
+models:
+  - name: mock
+    targets: [{ provider: mock, model: mock-echo-1 }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+  - name: brief
+    targets: [{ provider: mock, model: mock-echo-1 }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+    request_timeout_ms: 50
+`,
+    "chat-stream.yaml",
+  );
+  const core = createGatewayCore({
+    config,
+    providers: createProviders(config.providers, {}),
+    keys: createKeyAuthorizer({ billing: billing.client }),
+    shipper,
+    instanceId: "gw-test",
+    log: createTestLogger(),
+  });
+  const open = async (model = "mock", signal?: AbortSignal) => {
+    const call = core.begin(Endpoint.CHAT_COMPLETIONS, "sk-good", signal);
+    const stream = await core.handle(call, () =>
+      core.chatStream(call, { model, messages: [{ role: "user", content: "hello there" }], stream: true }),
+    );
+    return { call, stream };
+  };
+  /** The metrics rows of a request, after giving any late ones time to arrive. */
+  const rowsOf = async (requestId: string, settleMs = 150) => {
+    const deadline = performance.now() + 2_000;
+    while (!shipper.rows.some((m) => m.requestId === requestId) && performance.now() < deadline) await Bun.sleep(5);
+    await Bun.sleep(settleMs);
+    return shipper.rows.filter((m) => m.requestId === requestId);
+  };
+  return { core, shipper, open, rowsOf };
+}
+
+describe("streams that are never iterated", () => {
+  test("a client that leaves before the first read is metered once, as cancelled with its input tokens", async () => {
+    const { open, rowsOf } = setup();
+    const gone = new AbortController();
+    const { call } = await open("mock", gone.signal);
+    gone.abort();
+    const rows = await rowsOf(call.requestId);
+    expect(rows).toHaveLength(1);
+    expect(rows[0]).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, errorCode: "client_closed_request", streamed: true });
+    expect(rows[0]?.usage?.inputTokens).toBeGreaterThan(0n);
+    expect(rows[0]?.usage?.outputTokens).toBe(0n);
+  });
+
+  test("a REST client that disconnects before the body is read is metered once", async () => {
+    const { core, shipper, rowsOf } = setup();
+    const app = createRestApp({ core, tracer: trace.getTracer("test"), maxBodyBytes: 4096 });
+    const gone = new AbortController();
+    const res = await app.fetch(
+      new Request("http://gateway.test/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+        body: JSON.stringify({ model: "mock", messages: [{ role: "user", content: "hello there" }], stream: true }),
+        signal: gone.signal,
+      }),
+    );
+    expect(res.status).toBe(200);
+    gone.abort();
+    const rows = await rowsOf(res.headers.get("x-request-id") ?? "");
+    expect(rows).toHaveLength(1);
+    expect(rows[0]).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499 });
+    expect(shipper.rows).toHaveLength(1);
+  });
+
+  test("a stream disposed without being iterated is metered once", async () => {
+    const { open, rowsOf } = setup();
+    const { call, stream } = await open();
+    await stream[Symbol.asyncIterator]().return?.();
+    const rows = await rowsOf(call.requestId);
+    expect(rows).toHaveLength(1);
+    expect(rows[0]).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499 });
+    expect(stream.outcome?.error?.code).toBe("client_closed_request");
+  });
+
+  test("a stream nobody reads before its whole-request limit is metered once, as timed out", async () => {
+    const { open, rowsOf } = setup();
+    const { call } = await open("brief");
+    const rows = await rowsOf(call.requestId);
+    expect(rows).toHaveLength(1);
+    expect(rows[0]).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504, errorCode: "request_timeout" });
+  });
+});
+
+describe("streams are metered exactly once however they end", () => {
+  const drain = async (stream: AsyncIterable<unknown>) => {
+    try {
+      for await (const _ of stream) {
+        // read to the end
+      }
+    } catch (e) {
+      return e as GatewayError;
+    }
+    return undefined;
+  };
+
+  test("read to the end, then the client leaves", async () => {
+    const { open, rowsOf } = setup();
+    const gone = new AbortController();
+    const { call, stream } = await open("mock", gone.signal);
+    expect(await drain(stream)).toBeUndefined();
+    gone.abort();
+    const rows = await rowsOf(call.requestId);
+    expect(rows).toHaveLength(1);
+    expect(rows[0]).toMatchObject({ status: RequestStatus.OK, httpStatus: 200 });
+    expect(rows[0]?.usage?.outputTokens).toBeGreaterThan(0n);
+  });
+
+  test("the client leaves, then the stream is read anyway", async () => {
+    const { open, rowsOf } = setup();
+    const gone = new AbortController();
+    const { call, stream } = await open("mock", gone.signal);
+    gone.abort();
+    expect((await drain(stream))?.code).toBe("client_closed_request");
+    const rows = await rowsOf(call.requestId);
+    expect(rows).toHaveLength(1);
+    expect(rows[0]?.status).toBe(RequestStatus.CANCELLED);
+  });
+
+  test("the client leaves while its reader holds a chunk and never comes back", async () => {
+    const { open, rowsOf } = setup();
+    const gone = new AbortController();
+    const { call, stream } = await open("mock", gone.signal);
+    const iterator = stream[Symbol.asyncIterator]();
+    expect((await iterator.next()).done).toBe(false);
+    gone.abort();
+    const rows = await rowsOf(call.requestId);
+    expect(rows).toHaveLength(1);
+    expect(rows[0]?.status).toBe(RequestStatus.CANCELLED);
+  });
+
+  test("the client leaves while holding a chunk, then stops reading", async () => {
+    const { open, rowsOf } = setup();
+    const gone = new AbortController();
+    const { call, stream } = await open("mock", gone.signal);
+    const iterator = stream[Symbol.asyncIterator]();
+    expect((await iterator.next()).done).toBe(false);
+    gone.abort();
+    await iterator.return?.();
+    const rows = await rowsOf(call.requestId);
+    expect(rows).toHaveLength(1);
+    expect(rows[0]?.status).toBe(RequestStatus.CANCELLED);
+  });
+});
