@@ -1,15 +1,19 @@
 import {
+  close,
   closeSync,
   fdatasync,
   fdatasyncSync,
+  fsync,
   fsyncSync,
   mkdirSync,
+  open,
   openSync,
   readdirSync,
   readFileSync,
   readSync,
   rmSync,
-  unlinkSync,
+  unlink,
+  write,
   writeFileSync,
   writeSync,
 } from "node:fs";
@@ -17,8 +21,19 @@ import { hostname } from "node:os";
 import { join } from "node:path";
 import { toBinary } from "@bufbuild/protobuf";
 import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
+import { promisify } from "node:util";
 import type { Logger } from "../lib/log.ts";
 import { clockSequence, type Spool, type SpoolBatch } from "./spool.ts";
+
+// Descriptor-level file calls off the event loop (fs/promises would wrap descriptors in handles).
+const fsAsync = {
+  open: promisify(open),
+  write: promisify(write) as (fd: number, data: Uint8Array) => Promise<unknown>,
+  fsync: promisify(fsync),
+  fdatasync: promisify(fdatasync),
+  close: promisify(close),
+  unlink: promisify(unlink),
+};
 
 /**
  * On-disk layout. Each gateway replica owns `<root>/<name>/`, holding a LOCK file and numbered
@@ -32,7 +47,8 @@ import { clockSequence, type Spool, type SpoolBatch } from "./spool.ts";
  *   ACK  (3): u64 sequence
  *
  * Records are only ever appended. Segments are deleted oldest first, each once every batch with rows in
- * it is acked, so SEAL and ACK records (which may sit in a newer segment) outlive the rows they describe.
+ * it is acked and it is no longer the one being written, so SEAL and ACK records (which may sit in a newer
+ * segment) outlive the rows they describe. The next segment is created ahead of need and may be empty.
  * A record cut short by a crash fails its length or crc check and ends the reading of its segment.
  */
 const magic = Buffer.from("MSPOOL01");
@@ -79,6 +95,8 @@ export interface SpoolRecovery {
 export interface FileSpool extends Spool {
   readonly dir: string;
   readonly recovery: SpoolRecovery;
+  /** Resolves once background file work (segment deletions, closes, the spare segment) has caught up. */
+  idle(): Promise<void>;
 }
 
 interface Part {
@@ -150,22 +168,75 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     }
   };
 
-  const openSegment = () => {
+  // Creating, syncing, closing and deleting files can stall for a long time while the disk is busy (they wait for
+  // the filesystem's journal), so none of it happens on the request path: the next segment is created ahead of
+  // need, and closes and deletions run in the background, one after another in the order they were asked for.
+  let background: Promise<void> = Promise.resolve();
+  const inBackground = (what: string, work: () => Promise<void>) => {
+    background = background.then(work).catch((err) => {
+      // Once closed, the directory may be gone with what the work was about.
+      if (!closed) log?.warn(`metrics spool: ${what} failed`, { err, dir });
+    });
+  };
+  let spare: { id: number; fd: number } | undefined;
+  let preparingSpare = false;
+
+  const prepareSpare = () => {
+    if (spare || preparingSpare || closed) return;
+    preparingSpare = true;
     const id = nextSegmentId++;
+    inBackground("creating the next segment", async () => {
+      try {
+        const fd = await fsAsync.open(segmentPath(id), "wx");
+        await fsAsync.write(fd, magic);
+        if (fsyncPolicy !== "never") {
+          const dirFd = await fsAsync.open(dir, "r");
+          await fsAsync.fsync(dirFd).finally(() => fsAsync.close(dirFd));
+        }
+        if (closed) {
+          await fsAsync.close(fd);
+          await fsAsync.unlink(segmentPath(id));
+          return;
+        }
+        spare = { id, fd };
+      } finally {
+        preparingSpare = false;
+      }
+    });
+  };
+
+  const openSegment = () => {
+    let id: number;
+    let fd: number;
+    if (spare) {
+      ({ id, fd } = spare);
+      spare = undefined;
+    } else {
+      // No spare yet (the first segment, or rotations faster than the disk): create one here.
+      id = nextSegmentId++;
+      fd = openSync(segmentPath(id), "wx");
+      writeSync(fd, magic);
+      if (fsyncPolicy !== "never") syncDir();
+    }
     const segment: Segment = { id, path: segmentPath(id), size: magic.length, refs: 0 };
-    const fd = openSync(segment.path, "wx");
-    writeSync(fd, magic);
-    if (fsyncPolicy !== "never") syncDir();
     segments.set(id, segment);
     bytes += magic.length;
     current = { segment, fd, dirty: true };
+    prepareSpare();
     return current;
+  };
+
+  /** Closes a segment's descriptor in the background, its rows reaching the disk first unless fsync is "never". */
+  const closeInBackground = (fd: number, dirty: boolean) => {
+    inBackground("closing a segment", async () => {
+      if (fsyncPolicy !== "never" && dirty) await fsAsync.fdatasync(fd);
+      await fsAsync.close(fd);
+    });
   };
 
   const closeCurrent = () => {
     if (!current) return;
-    if (fsyncPolicy !== "never" && current.dirty) fdatasyncSync(current.fd);
-    closeSync(current.fd);
+    closeInBackground(current.fd, current.dirty);
     current = undefined;
     collectSegments();
   };
@@ -180,12 +251,12 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
 
   const deleteSegment = (segment: Segment) => {
     if (current?.segment === segment) {
-      closeSync(current.fd);
+      closeInBackground(current.fd, false);
       current = undefined;
     }
-    unlinkSync(segment.path);
     segments.delete(segment.id);
     bytes -= segment.size;
+    inBackground("deleting an acked segment", () => fsAsync.unlink(segment.path));
   };
 
   /** Appends one record to the current segment; returns its byte range there. */
@@ -337,11 +408,6 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
         cache.delete(sequence);
         cachedRows -= cached.length;
       }
-      if (pending.length === 0 && batches.size === 0) {
-        // Nothing left to resend: every segment can go, so the ACK record is not worth writing.
-        for (const segment of [...segments.values()]) deleteSegment(segment);
-        return true;
-      }
       try {
         writeRecord(ackType, encodeSequence(sequence));
       } catch (e) {
@@ -365,6 +431,13 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       return bytes;
     },
     maxBytes,
+    idle: async () => {
+      // Work queued by the work awaited is awaited too.
+      for (let seen: Promise<void> | undefined; seen !== background; ) {
+        seen = background;
+        await seen;
+      }
+    },
     close() {
       if (closed) return;
       closed = true;
@@ -373,6 +446,11 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
         if (fsyncPolicy !== "never" && current.dirty) fdatasyncSync(current.fd);
         closeSync(current.fd);
         current = undefined;
+      }
+      if (spare) {
+        closeSync(spare.fd);
+        rmSync(segmentPath(spare.id), { force: true });
+        spare = undefined;
       }
       openDirs.delete(dir);
       if (pending.length === 0 && batches.size === 0) rmSync(dir, { recursive: true, force: true });
