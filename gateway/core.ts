@@ -6,6 +6,7 @@ import { ulid } from "ulid";
 import { type RequestMetrics, RequestMetricsSchema, RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import type { Logger } from "../lib/log.ts";
+import { createWaiters } from "../lib/waiters.ts";
 import { withChildSpan } from "../lib/telemetry.ts";
 import type { Tokens } from "../lib/money.ts";
 import type { KeyAuthorizer, Principal } from "./auth.ts";
@@ -78,6 +79,11 @@ export interface GatewayCore {
   readonly routes: readonly ModelRoute[];
   /** Records the metrics of a finished call; `handle` calls it, streams call it when they end. */
   finish(call: Call, error?: GatewayError): void;
+  /**
+   * Resolves true once every call begun so far has finished (its metrics recorded), false after timeoutMs: at
+   * shutdown, streams the servers cut still record what they sent before the spool is flushed.
+   */
+  settled(timeoutMs: number): Promise<boolean>;
 }
 
 export interface CoreOptions {
@@ -140,6 +146,9 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const defaultMaxOutputTokens = options.defaultMaxOutputTokens ?? 4096;
   const admissions = new WeakMap<Call, Admission>();
   const finished = new WeakSet<Call>();
+  // Calls begun and not yet finished, and who waits for there to be none.
+  let open = 0;
+  const allFinished = createWaiters();
   const tokenQuota = createTokenQuota(options.tokenQuota);
 
   const authorize = async (call: Call) => {
@@ -201,6 +210,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     // One call, one RequestMetrics, however many ways it ends.
     if (finished.has(call)) return;
     finished.add(call);
+    if (--open === 0) allFinished.wakeAll();
     const m = call.metrics;
     const admission = admissions.get(call);
     if (admission) {
@@ -257,6 +267,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const span = trace.getActiveSpan()?.spanContext();
       const traced = span !== undefined && isSpanContextValid(span);
       const requestId = ulid(startMs);
+      open++;
       return {
         requestId,
         startMs,
@@ -275,6 +286,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         }),
       };
     },
+    settled: (timeoutMs) => (open === 0 ? Promise.resolve(true) : allFinished.wait(timeoutMs)),
     async handle(call, work) {
       try {
         const result = await work();

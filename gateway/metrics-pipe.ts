@@ -9,6 +9,7 @@ import {
   type RequestMetrics,
 } from "../gen/analytics/v1/analytics_pb.ts";
 import type { Logger } from "../lib/log.ts";
+import { createWaiters } from "../lib/waiters.ts";
 import type { Spool, SpoolBatch } from "./spool.ts";
 
 export interface MetricsShipperOptions {
@@ -96,7 +97,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   let closed = false;
   let running: Promise<void> | undefined;
   let wakeFromBackoff: (() => void) | undefined;
-  const drainedWaiters = new Set<() => void>();
+  const drained = createWaiters();
 
   const instruments = options.registry ? createInstruments(options.registry, spool, () => connected) : undefined;
 
@@ -153,10 +154,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       instruments?.acked.inc();
       dropping = false;
     }
-    if (spool.rows === 0) {
-      for (const resolve of drainedWaiters) resolve();
-      drainedWaiters.clear();
-    }
+    if (spool.rows === 0) drained.wakeAll();
     pump();
   };
 
@@ -246,18 +244,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     },
     flush(timeoutMs) {
       sealPending();
-      if (spool.rows === 0) return Promise.resolve(true);
-      return new Promise((resolve) => {
-        const done = () => {
-          clearTimeout(timer);
-          resolve(true);
-        };
-        const timer = setTimeout(() => {
-          drainedWaiters.delete(done);
-          resolve(false);
-        }, timeoutMs);
-        drainedWaiters.add(done);
-      });
+      return spool.rows === 0 ? Promise.resolve(true) : drained.wait(timeoutMs);
     },
     async close() {
       closed = true;

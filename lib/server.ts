@@ -40,11 +40,17 @@ export interface RunningServer {
   port: number;
   /** http://host:port */
   url: string;
-  /** Stops accepting, lets in-flight calls finish for up to graceMs, then closes what is left. */
+  /**
+   * Stops accepting, lets in-flight calls finish for up to graceMs, then closes what is left and waits (a few
+   * seconds at most) for the handlers it cut to return.
+   */
   close(graceMs: number): Promise<void>;
 }
 
 const h2Preface = Buffer.from("PRI * HTTP/2.0\r\n");
+
+/** How long close() waits, after the grace period, for the handlers it cut to return. */
+const cutSettleMs = 5_000;
 
 const alwaysReady = async (): Promise<Readiness> => ({ ready: true, checks: {} });
 
@@ -74,9 +80,13 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     readMaxBytes: options.readMaxBytes ?? 16 * 1024 * 1024,
   });
 
+  // Responses not yet closed, and handlers not yet returned (a cut stream's handler still meters what it sent).
   let inFlight = 0;
+  let handling = 0;
+  const settled = () => inFlight === 0 && handling === 0;
   const handle = async (req: NodeRequest, res: NodeResponse) => {
     inFlight++;
+    handling++;
     res.once("close", () => inFlight--);
     try {
       const path = req.url ?? "/";
@@ -87,6 +97,8 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       options.log.error("http handler failed", { err: e, path: req.url });
       if (!res.headersSent) sendJson(res, 500, { error: { message: "internal error", type: "server_error" } });
       else res.end();
+    } finally {
+      handling--;
     }
   };
 
@@ -128,12 +140,15 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       for (const s of sessions) s.close();
       h1.closeIdleConnections();
       const deadline = Date.now() + graceMs;
-      while (inFlight > 0 && Date.now() < deadline) await Bun.sleep(10);
+      while (!settled() && Date.now() < deadline) await Bun.sleep(10);
       shutdown.abort();
       await Bun.sleep(20);
       for (const s of sessions) s.destroy();
       h1.closeAllConnections();
       for (const s of sockets) s.destroy();
+      // What was cut still finishes its own work (a stream records its metrics) before the caller flushes and exits.
+      const cutDeadline = Date.now() + cutSettleMs;
+      while (!settled() && Date.now() < cutDeadline) await Bun.sleep(10);
     },
   };
 }
