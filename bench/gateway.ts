@@ -5,6 +5,9 @@
  * gateway, whole and streamed. Prints a table and exits. Only 127.0.0.1 is contacted.
  *
  *   ./node_modules/.bin/bun bench/gateway.ts        (BENCH_SECONDS=10 per run, BENCH_CONNECTIONS=50)
+ *
+ * BENCH_ONLY=whole:1000,stream:max runs just those rows. "CPU/req" is what each process of the mesh used per
+ * request during the gateway's run (gateway, billing, analytics; from /proc), in microseconds.
  */
 import { readFileSync } from "node:fs";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
@@ -17,6 +20,7 @@ import { ensureDemo, type Mesh, startMesh } from "../scripts/mesh.ts";
 const seconds = Number(process.env.BENCH_SECONDS ?? 10);
 const connections = Number(process.env.BENCH_CONNECTIONS ?? 50);
 const rates = [500, 1000, 2000, 0] as const; // 0: as fast as it goes
+const only = process.env.BENCH_ONLY?.split(",").map((s) => s.trim());
 const root = path.resolve(import.meta.dir, "..");
 
 interface Run {
@@ -112,6 +116,14 @@ async function saturate(url: string, headers: Record<string, string>, body: stri
   };
 }
 
+/** CPU seconds (user + system) a process has used so far. */
+function cpuSeconds(pid: number): number {
+  // Fields after the command name, which is in parentheses and may contain spaces: utime and stime are 12th and 13th.
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
 function rssMb(pid: number): number {
   const status = readFileSync(`/proc/${pid}/status`, "utf8");
   const kb = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
@@ -193,9 +205,14 @@ async function main() {
     const plan: Array<[stream: boolean, rate: number, via: Target]> = [];
     for (const stream of [false, true]) for (const rate of rates) plan.push([stream, rate, fast]);
     plan.push([false, 1000, shared]);
+    const pids = (["gateway", "billing", "analytics"] as const).map((name) => mesh?.processes[name].proc.pid ?? 0);
     for (const [stream, rate, via] of plan) {
+      const label = `${stream ? "stream" : "whole"}${via === shared ? "-rpc-port" : ""}:${rate > 0 ? rate : "max"}`;
+      if (only && !only.includes(label)) continue;
       const base = await run(direct, stream, rate);
+      const cpuBefore = pids.map(cpuSeconds);
       const gw = await run(via, stream, rate);
+      const perRequest = pids.map((pid, i) => ((cpuSeconds(pid) - (cpuBefore[i] ?? 0)) / Math.max(1, gw.rps * seconds)) * 1e6);
       rows.push([
         `${stream ? "stream" : "whole"}${via === shared ? " (rpc port)" : ""}`,
         rate > 0 ? String(rate) : "max",
@@ -210,12 +227,13 @@ async function main() {
         gw.rps.toFixed(0),
         rate > 0 ? "" : (gw.rps / base.rps).toFixed(2),
         String(base.errors + gw.errors),
+        perRequest.map((us) => us.toFixed(0)).join(" / "),
       ]);
       process.stderr.write(`${rows.at(-1)?.join("  ")}\n`);
     }
     clearInterval(sampler);
 
-    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "errors"];
+    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "errors", "CPU/req gw / billing / analytics"];
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
     const line = (cells: string[]) => `| ${cells.map((c, i) => c.padStart(widths[i] ?? 0)).join(" | ")} |`;
     const out = [
