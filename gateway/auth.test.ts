@@ -1,5 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
+import { Registry } from "prom-client";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
 import { createKeyAuthorizer, type KeyAuthorizerOptions, watchKeyChanges } from "./auth.ts";
@@ -32,6 +33,16 @@ describe("key authorizer", () => {
     expect(billing.calls()).toBe(1);
     for (let i = 0; i < 100; i++) await keys.authorize("sk-good");
     expect(billing.calls()).toBe(1);
+  });
+
+  test("counts cache hits and misses for Prometheus", async () => {
+    const billing = createBillingFake({ "sk-good": { id: "key_1", orgId: "org_1" } });
+    const registry = new Registry();
+    const keys = createKeyAuthorizer({ billing: billing.client, watching: true, registry });
+    for (let i = 0; i < 5; i++) await keys.authorize("sk-good");
+    const values = (await registry.getSingleMetric("gateway_key_cache_lookups_total")?.get())?.values ?? [];
+    const count = (result: string) => values.find((v) => v.labels.result === result)?.value;
+    expect([count("hit"), count("miss")]).toEqual([4, 1]);
   });
 
   test("concurrent misses for one key share a single billing call", async () => {

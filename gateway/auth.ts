@@ -1,5 +1,6 @@
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { type Client, Code, ConnectError } from "@connectrpc/connect";
+import { Counter, type Registry } from "prom-client";
 import type { AuthorizeKeyResponse, BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
 import type { Logger } from "../lib/log.ts";
@@ -45,6 +46,8 @@ export interface KeyAuthorizerOptions {
   watching?: boolean;
   now?: () => number;
   log?: Logger;
+  /** Where the cache's hit and miss counts register; none when unset. */
+  registry?: Registry;
 }
 
 interface Entry {
@@ -74,6 +77,16 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   const now = options.now ?? Date.now;
   const cache = new Map<string, Entry>();
   const loading = new Map<string, Load>();
+  const lookups = options.registry
+    ? new Counter({
+        name: "gateway_key_cache_lookups_total",
+        help: "API key lookups: hit (answered from the cache, no billing call) or miss (AuthorizeKey called or joined).",
+        labelNames: ["result"] as const,
+        registers: [options.registry],
+      })
+    : undefined;
+  const hits = lookups?.labels({ result: "hit" });
+  const misses = lookups?.labels({ result: "miss" });
   /** Start of the current healthy period of the change stream; undefined while it is down. */
   let watchedSince: number | undefined = options.watching ? Number.NEGATIVE_INFINITY : undefined;
 
@@ -144,9 +157,11 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
             // A failed refresh keeps the entry until it expires.
             load(hash, secret).catch(() => {});
           }
+          hits?.inc();
           return admit(entry, t);
         }
       }
+      misses?.inc();
       return admit(await load(hash, secret), now());
     },
     forget(secretHash) {

@@ -109,6 +109,7 @@ const keys = createKeyAuthorizer({
   hitTtlMs: cfg.GATEWAY_KEY_CACHE_TTL_MS,
   fallbackTtlMs: cfg.GATEWAY_KEY_CACHE_FALLBACK_TTL_MS,
   log,
+  registry: runtime.metrics.registry,
 });
 const keyChanges = watchKeyChanges({ billing, keys, log: log.child({ component: "key-changes" }) });
 const budget = createBudgetKeeper({
