@@ -14,7 +14,7 @@ import { createTestDatabase, type TestDatabase } from "../billing/store/test-db.
 import { sha256Hex } from "../lib/auth.ts";
 import { createLogger } from "../lib/log.ts";
 import { createKeyAuthorizer, type KeyAuthorizer } from "./auth.ts";
-import { createBudgetKeeper } from "./budget.ts";
+import { type BudgetKeeper, createBudgetKeeper } from "./budget.ts";
 import { createCircuitBreakers } from "./circuit-breaker.ts";
 import { parseGatewayConfig } from "./config.ts";
 import { createGatewayCore, type GatewayCore } from "./core.ts";
@@ -34,6 +34,7 @@ let db: TestDatabase;
 let billing: ReturnType<typeof createClient<typeof BillingService>>;
 let upstream: FakeUpstream;
 let keys: KeyAuthorizer;
+let budget: BudgetKeeper | undefined;
 let core: GatewayCore;
 let app: RestApp;
 let rpc: ReturnType<typeof createClient<typeof GatewayService>>;
@@ -94,14 +95,14 @@ models:
     // Billing's figure is always current here, even in a period's first minute (the production default skips it).
     tokenQuota: { periodSkewMs: 0 },
     rateLimits: createRateLimiter(),
-    budget: createBudgetKeeper({
+    budget: (budget = createBudgetKeeper({
       billing: {
         acquireBudgetLease: (req) => billing.acquireBudgetLease(req, auth),
         releaseBudgetLease: (req) => billing.releaseBudgetLease(req, auth),
       },
       holder: "gw-admission",
       leaseTtlSeconds: 3600,
-    }),
+    })),
     routing: { breakers: createCircuitBreakers({ failureThreshold: 2, cooldownMs: 60_000 }), backoffBaseMs: 5, requestTimeoutMs: 30_000 },
   });
   app = createRestApp({ core, tracer: trace.getTracer("test"), maxBodyBytes: 1 << 20 });
@@ -109,6 +110,8 @@ models:
 }, 60_000);
 
 afterAll(async () => {
+  // Its leases go back while billing is still there; nothing keeps retrying once the database is gone.
+  await budget?.close();
   await upstream?.stop();
   await db?.drop();
 }, 30_000);
