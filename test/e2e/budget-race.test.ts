@@ -15,6 +15,7 @@ import { freePort, type ServiceProcess, spawnService } from "../../lib/processes
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
 import { type Mesh, startMesh } from "../../scripts/mesh.ts";
+import { eventually } from "../support.ts";
 
 const root = path.resolve(import.meta.dir, "../..");
 const adminToken = "race-admin-token-0123456789";
@@ -108,15 +109,6 @@ function chat(gateway: string, key: string) {
   });
 }
 
-async function eventually<T>(probe: () => Promise<T | undefined>, timeoutMs = 20_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error("condition not met in time");
-    await Bun.sleep(100);
-  }
-}
 
 interface LeaseRow {
   id: string;
@@ -156,7 +148,7 @@ describe("a budget raced by two gateway replicas", () => {
       const usage = await eventually(async () => {
         const summary = await billing.getUsageSummary({ orgId, apiKeyId: keyId });
         return summary.requests === BigInt(total) ? summary : undefined;
-      });
+      }, { timeoutMs: 20_000, what: "every served request billed" });
       const spent = usage.costNanos;
       expect(spent).toBe(costPerRequest * BigInt(served.length));
       expect(spent).toBeLessThanOrEqual(budget + estimationBound);
@@ -211,17 +203,17 @@ describe("a budget raced by two gateway replicas", () => {
     // Limits: this key may no longer use the model.
     const narrowed = Date.now();
     await billing.updateApiKeyLimits({ apiKeyId: keyId, limits: { allowedModels: ["something-else"] } });
-    const forbidden = await eventually(async () => ((await chat(gateway, secret)).status === 403 ? Date.now() : undefined), 5_000);
+    const forbidden = await eventually(async () => ((await chat(gateway, secret)).status === 403 ? Date.now() : undefined), { timeoutMs: 5_000 });
     expect(forbidden - narrowed).toBeLessThan(1_000);
     await billing.updateApiKeyLimits({ apiKeyId: keyId, limits: {} });
-    await eventually(async () => ((await chat(gateway, secret)).status === 200 ? true : undefined), 5_000);
+    await eventually(async () => ((await chat(gateway, secret)).status === 200 ? true : undefined), { timeoutMs: 5_000 });
 
     const revoked = Date.now();
     await billing.revokeApiKey({ apiKeyId: keyId });
     const refused = await eventually(async () => {
       const res = await chat(gateway, secret);
       return res.status === 401 ? Date.now() : undefined;
-    }, 5_000);
+    }, { timeoutMs: 5_000 });
     expect(refused - revoked).toBeLessThan(1_000);
     process.stdout.write(`key changes seen: limit change ${forbidden - narrowed} ms, revocation ${refused - revoked} ms\n`);
   }, 30_000);

@@ -14,6 +14,7 @@ import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { freePort } from "../../lib/processes.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Mesh, type ServiceName, startMesh } from "../../scripts/mesh.ts";
+import { eventually } from "../support.ts";
 
 const adminToken = "faults-admin-token-0123456789";
 const root = path.resolve(import.meta.dir, "../..");
@@ -88,13 +89,6 @@ function startLoad(baseUrl: () => string, org: Org, options: { total: number; co
   };
 }
 
-async function eventually(probe: () => Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await probe())) {
-    if (Date.now() > deadline) throw new Error(`${what}: not reached within ${timeoutMs} ms`);
-    await Bun.sleep(200);
-  }
-}
 
 function createChecker(mesh: () => Mesh) {
   const analytics = () => createServiceClient(AnalyticsService, { baseUrl: mesh().urls.analytics, bearerToken: adminToken, timeoutMs: 30_000 });
@@ -147,8 +141,7 @@ function createChecker(mesh: () => Mesh) {
             return false;
           }
         },
-        60_000,
-        "the mesh settling",
+        { timeoutMs: 60_000, what: "the mesh settling" },
       );
       const { clickhouse, billed } = await stored(org.id);
       expect([...billed.keys()].sort()).toEqual([...clickhouse.keys()].sort());

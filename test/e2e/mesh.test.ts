@@ -8,6 +8,7 @@ import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.ts";
+import { eventually } from "../support.ts";
 
 const adminToken = "e2e-admin-token-0123456789";
 let dataDir: string;
@@ -32,15 +33,6 @@ afterAll(async () => {
   await rm(dataDir, { recursive: true, force: true });
 }, 60_000);
 
-async function eventually<T>(probe: () => Promise<T | undefined>, timeoutMs = 10_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error("condition not met in time");
-    await Bun.sleep(100);
-  }
-}
 
 describe("the mesh end to end", () => {
   test("writes the demo credentials to <data dir>/demo.env", async () => {

@@ -5,6 +5,7 @@ import * as path from "node:path";
 import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.ts";
+import { eventually } from "../support.ts";
 
 const root = path.resolve(import.meta.dir, "../..");
 const adminToken = "e2e-admin-token-0123456789";
@@ -52,15 +53,6 @@ async function meshctl(...args: string[]): Promise<{ code: number; out: string; 
   return { code, out, err };
 }
 
-async function eventually<T>(probe: () => Promise<T | undefined>, timeoutMs = 15_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error("condition not met in time");
-    await Bun.sleep(200);
-  }
-}
 
 interface UsageJson {
   requests?: string;
@@ -83,7 +75,7 @@ describe("meshctl drives the mesh", () => {
       const run = await meshctl("usage", "--org", demo.orgId, "--json");
       const usage = JSON.parse(run.out) as UsageJson;
       return usage.requests === "1" ? usage : undefined;
-    });
+    }, { timeoutMs: 15_000, what: "the request billed" });
     expect(billing.costNanos).toBe(cost ?? "");
     const analytics = JSON.parse((await meshctl("usage", "--org", demo.orgId, "--source", "analytics", "--json")).out);
     expect((analytics as UsageJson).rows?.[0]).toMatchObject({ requests: "1", costNanos: cost });

@@ -19,6 +19,7 @@ import { isAlive, postmasterPid } from "../../billing/store/embedded.ts";
 import { freePort } from "../../lib/processes.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Mesh, startMesh } from "../../scripts/mesh.ts";
+import { eventually } from "../support.ts";
 
 const adminToken = "shutdown-admin-token-0123456789";
 const graceMs = 4000;
@@ -238,13 +239,6 @@ async function gatewaySpoolRows(): Promise<number> {
   return Number(/^gateway_spool_rows(?:\{[^}]*\})? (\d+)/m.exec(text)?.[1] ?? Number.NaN);
 }
 
-async function eventually(probe: () => Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await probe().catch(() => false))) {
-    if (Date.now() > deadline) throw new Error(`${what}: not reached within ${timeoutMs} ms`);
-    await Bun.sleep(100);
-  }
-}
 
 const reply = (prompt: string) => `mock reply: ${prompt}`;
 
@@ -260,7 +254,7 @@ describe("SIGTERM", () => {
     const signalled = Date.now();
     proc.kill("SIGTERM");
 
-    await eventually(() => refusesConnections(mesh.urls.gateway), 1000, "new connections refused");
+    await eventually(() => refusesConnections(mesh.urls.gateway), { timeoutMs: 1000, what: "new connections refused" });
     const stillStreaming = Date.now();
     const code = await proc.exited;
     const exitedAfterMs = Date.now() - signalled;
@@ -317,8 +311,7 @@ describe("SIGTERM", () => {
         const { clickhouse, billed } = await recorded(org.id);
         return cuts.every((cut) => clickhouse.has(cut.requestId) && billed.has(cut.requestId));
       },
-      20_000,
-      "the cut streams recorded",
+      { timeoutMs: 20_000, what: "the cut streams recorded" },
     );
     const { clickhouse, billed } = await recorded(org.id);
     for (const cut of cuts) {
@@ -376,8 +369,7 @@ describe("SIGTERM", () => {
     expect(answers.filter((a) => a.status !== 200 || !a.done)).toEqual([]);
     await eventually(
       async () => (await gatewaySpoolRows()) === 0 && (await recorded(org.id)).billed.size >= answers.length,
-      30_000,
-      "the gateway's spool resent",
+      { timeoutMs: 30_000, what: "the gateway's spool resent" },
     );
     await expectRecorded(org.id, answers);
   }, 60_000);
@@ -408,7 +400,7 @@ describe("SIGTERM", () => {
       );
       // pg_locks, not pg_stat_activity: the latter is a snapshot for the rest of this transaction.
       const waiting = "SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'organizations'::regclass";
-      await eventually(async () => (await db.query(waiting)).rows[0].n >= names.length, 10_000, "billing's calls waiting on the lock");
+      await eventually(async () => (await db.query(waiting)).rows[0].n >= names.length, { timeoutMs: 10_000, what: "billing's calls waiting on the lock" });
 
       const { proc } = mesh.processes.billing;
       const signalled = Date.now();
