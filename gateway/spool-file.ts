@@ -212,9 +212,17 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       ({ id, fd } = spare);
       spare = undefined;
     } else {
-      // No spare yet (the first segment, or rotations faster than the disk): create one here.
-      id = nextSegmentId++;
-      fd = openSync(segmentPath(id), "wx");
+      // No spare yet (the first segment, or rotations faster than the disk): create one here, past any file
+      // that appeared meanwhile (a previous owner's spare, created after this spool read the directory).
+      for (;;) {
+        id = nextSegmentId++;
+        try {
+          fd = openSync(segmentPath(id), "wx");
+          break;
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+        }
+      }
       writeSync(fd, magic);
       if (fsyncPolicy !== "never") syncDir();
     }
