@@ -7,7 +7,9 @@
  *   ./node_modules/.bin/bun bench/gateway.ts        (BENCH_SECONDS=10 per run, BENCH_CONNECTIONS=50)
  *
  * BENCH_ONLY=whole:1000,stream:max runs just those rows. "CPU/req" is what each process of the mesh used per
- * request during the gateway's run (gateway, billing, analytics; from /proc), in microseconds.
+ * request during the gateway's run (gateway, billing, analytics; from /proc), in microseconds; "gw RSS" the
+ * gateway's peak resident memory during that run. Past its capacity an open-loop rate queues requests in the
+ * gateway, so rows beyond it show latency and memory growing with the backlog.
  */
 import { readFileSync } from "node:fs";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
@@ -180,7 +182,13 @@ async function main() {
     const demo = await ensureDemo(mesh, { dataDir, adminToken: "bench-admin-token-0123456789" });
     const gatewayPid = mesh.processes.gateway.proc.pid;
     let peakRss = 0;
-    const sampler = setInterval(() => (peakRss = Math.max(peakRss, rssMb(gatewayPid))), 250);
+    // Peak over the whole benchmark, and over the current gateway run (reset before each).
+    let runPeakRss = 0;
+    const sampler = setInterval(() => {
+      const rss = rssMb(gatewayPid);
+      peakRss = Math.max(peakRss, rss);
+      runPeakRss = Math.max(runPeakRss, rss);
+    }, 100);
 
     const messages = [{ role: "user", content: "hello benchmark" }];
     const bodyFor = (model: string, stream: boolean) =>
@@ -211,6 +219,7 @@ async function main() {
       if (only && !only.includes(label)) continue;
       const base = await run(direct, stream, rate);
       const cpuBefore = pids.map(cpuSeconds);
+      runPeakRss = 0;
       const gw = await run(via, stream, rate);
       const perRequest = pids.map((pid, i) => ((cpuSeconds(pid) - (cpuBefore[i] ?? 0)) / Math.max(1, gw.rps * seconds)) * 1e6);
       rows.push([
@@ -228,12 +237,13 @@ async function main() {
         rate > 0 ? "" : (gw.rps / base.rps).toFixed(2),
         String(base.errors + gw.errors),
         perRequest.map((us) => us.toFixed(0)).join(" / "),
+        runPeakRss.toFixed(0),
       ]);
       process.stderr.write(`${rows.at(-1)?.join("  ")}\n`);
     }
     clearInterval(sampler);
 
-    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "errors", "CPU/req gw / billing / analytics"];
+    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "errors", "CPU/req gw / billing / analytics", "gw RSS MB"];
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
     const line = (cells: string[]) => `| ${cells.map((c, i) => c.padStart(widths[i] ?? 0)).join(" | ")} |`;
     const out = [
