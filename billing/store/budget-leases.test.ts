@@ -27,6 +27,28 @@ let orgs = 0;
 const newOrg = (monthlyBudgetNanos: bigint) =>
   store.createOrganization({ name: `lease-org-${++orgs}`, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos, maxDiscountBps: 0 });
 
+let spends = 0;
+/** One request of `costNanos` recorded for the org, as analytics would. */
+const recordSpend = (orgId: string, costNanos: bigint) =>
+  store.recordUsage([
+    {
+      requestId: `req_spend_${++spends}`,
+      orgId,
+      projectId: null,
+      apiKeyId: null,
+      model: "mock",
+      provider: "mock",
+      endpoint: "chat_completions",
+      inputTokens: 1n,
+      cachedInputTokens: 0n,
+      outputTokens: 1n,
+      reasoningTokens: 0n,
+      costNanos,
+      occurredAt: now,
+      costBreakdown: null,
+    },
+  ]);
+
 const acquire = (scopeId: string, requestedNanos: bigint, extra: Partial<BudgetLeaseRequest> = {}) =>
   store.acquireBudgetLease({
     scope: "organization",
@@ -74,24 +96,7 @@ test("abandoned leases return to the pool after the grace window; recorded usage
   expect(await acquire(org.id, 2000n, { now: afterGrace })).toMatchObject({ grantedNanos: 1000n, remainingNanos: 0n });
 
   const fresh = await newOrg(1000n);
-  await store.recordUsage([
-    {
-      requestId: `req_${fresh.id}`,
-      orgId: fresh.id,
-      projectId: null,
-      apiKeyId: null,
-      model: "mock",
-      provider: "mock",
-      endpoint: "chat_completions",
-      inputTokens: 1n,
-      cachedInputTokens: 0n,
-      outputTokens: 1n,
-      reasoningTokens: 0n,
-      costNanos: 300n,
-      occurredAt: now,
-      costBreakdown: null,
-    },
-  ]);
+  await recordSpend(fresh.id, 300n);
   expect(await acquire(fresh.id, 1000n)).toMatchObject({ grantedNanos: 700n, remainingNanos: 0n });
   // Last month's usage and leases do not count in this period.
   const nextMonth = new Date("2026-07-01T00:00:00Z");
@@ -152,24 +157,7 @@ test("a dead gateway's lease keeps its grant reserved until its resent usage is 
   // Another gateway gets only what the dead lease did not hold.
   expect(await acquire(org.id, 1000n, { now: expired, holder: "gw-2" })).toMatchObject({ grantedNanos: 400n });
   // The dead gateway comes back and resends its spool: 500 recorded.
-  await store.recordUsage([
-    {
-      requestId: `req_dead_${org.id}`,
-      orgId: org.id,
-      projectId: null,
-      apiKeyId: null,
-      model: "mock",
-      provider: "mock",
-      endpoint: "chat_completions",
-      inputTokens: 1n,
-      cachedInputTokens: 0n,
-      outputTokens: 1n,
-      reasoningTokens: 0n,
-      costNanos: 500n,
-      occurredAt: now,
-      costBreakdown: null,
-    },
-  ]);
+  await recordSpend(org.id, 500n);
   // Past the grace window only the recorded 500 and gw-2's active 400 count: 100 is left, never 600.
   const afterGrace = new Date(expired.getTime() + defaultAbandonedLeaseGraceMs);
   expect(await acquire(org.id, 1000n, { now: afterGrace, holder: "gw-3", ttlSeconds: 3600 })).toMatchObject({
