@@ -109,7 +109,19 @@ test("a request is one trace from the client's traceparent through gateway, bill
   const gatewaySpan = () => spans.find((s) => s.traceId === traceId && s.service === "gateway" && s.parentSpanId === clientSpanId);
   const batchSpan = () =>
     spans.find((s) => s.service === "analytics" && s.links?.some((l) => l.traceId === traceId && l.spanId === gatewaySpan()?.spanId));
-  while ((!gatewaySpan() || !batchSpan()) && Date.now() < deadline) await Bun.sleep(100);
+  // Each process exports on its own schedule: billing's server spans may come after the ones that called them.
+  const billingSpan = (traceOf: string | undefined, name: string) =>
+    spans.find((s) => s.traceId === traceOf && s.service === "billing" && s.name === name);
+  const complete = () => {
+    const batch = batchSpan();
+    return (
+      gatewaySpan() !== undefined &&
+      batch !== undefined &&
+      billingSpan(traceId, "billing.v1.BillingService/AuthorizeKey") !== undefined &&
+      billingSpan(batch.traceId, "billing.v1.BillingService/RecordUsage") !== undefined
+    );
+  };
+  while (!complete() && Date.now() < deadline) await Bun.sleep(100);
 
   const root = gatewaySpan();
   const batch = batchSpan();
