@@ -2,7 +2,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { isSpanContextValid, trace } from "@opentelemetry/api";
 import { Counter, Histogram, type Registry } from "prom-client";
-import { ulid } from "ulid";
+import { monotonicFactory } from "ulid";
 import { type RequestMetrics, RequestMetricsSchema, RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import type { Logger } from "../lib/log.ts";
@@ -22,6 +22,9 @@ import { meterUsage } from "./metering.ts";
 import { estimatedChatTokens, type RateLimiter, type RateTicket } from "./rate-limits.ts";
 import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
 import { createTokenQuota, type QuotaTicket, type TokenQuotaOptions } from "./token-quota.ts";
+
+// Request ids: ULIDs, increasing within a process; the factory finds its random source once, not per id.
+const newRequestId = monotonicFactory();
 
 /** One request in flight: who asked, what it cost, and its metrics as they fill in. */
 export interface Call {
@@ -216,7 +219,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     if (admission) {
       admissions.delete(call);
       clearTimeout(admission.deadlineTimer);
-      admission.upstream?.abort();
+      // A stream that ended well has read its upstream to the end; any other end leaves it to be cut.
+      if (error) admission.upstream?.abort();
       const tokens = (m.usage?.inputTokens ?? 0n) + (m.usage?.outputTokens ?? 0n);
       admission.quota.settle(tokens, call.startMs);
       admission.reservation?.settle(m.costNanos);
@@ -266,7 +270,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const startMs = Date.now();
       const span = trace.getActiveSpan()?.spanContext();
       const traced = span !== undefined && isSpanContextValid(span);
-      const requestId = ulid(startMs);
+      const requestId = newRequestId(startMs);
       open++;
       return {
         requestId,
