@@ -191,18 +191,8 @@ test("the org's billing day sets the period; the maximum discount applies", asyn
     orgId: org.id,
     name: "half off",
     kind: "promotional",
-    priority: 0,
-    stackable: true,
-    model: null,
-    provider: null,
     discountBps: 5000,
-    tiers: [],
-    startHour: 0,
-    endHour: 24,
-    daysOfWeek: [],
-    validFrom: null,
-    validUntil: null,
-    capNanos: 0n,
+    ...unscopedRule,
   });
   const invoice = await store.generateInvoice({ orgId: org.id, at: march, now: march });
   expect(invoice.periodStart).toEqual(new Date("2026-03-15T00:00:00Z"));
