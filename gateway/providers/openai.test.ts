@@ -100,3 +100,121 @@ describe("openai provider", () => {
     expect((await failure(nowhere.chat(request("ok"), { timeoutMs: 2000 })))?.failure).toBe("transient");
   });
 });
+
+// Streams sent as raw bytes, in the pieces given, with a pause between pieces: SSE framing as upstreams really send it.
+const chunkEvent = (delta: Record<string, unknown>, finish: string | null = null) =>
+  `data: ${JSON.stringify({ id: "c1", object: "chat.completion.chunk", created: 1, model: "m", choices: [{ index: 0, delta, finish_reason: finish }] })}\n\n`;
+const usageEvent = `data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n`;
+/** `text` as UTF-8, cut into pieces at the given byte offsets. */
+const cutBytes = (text: string, ...offsets: number[]): Uint8Array[] => {
+  const bytes = new TextEncoder().encode(text);
+  return [0, ...offsets].map((start, i) => bytes.subarray(start, offsets[i] ?? bytes.length));
+};
+const framedText = [
+  ": keep-alive\r\n\r\nretry: 1000\r\n\r\n",
+  chunkEvent({ role: "assistant", content: "" }).replace(/\n/g, "\r\n"),
+  chunkEvent({ content: "caf\u00e9" }),
+  chunkEvent({}, "stop"),
+  usageEvent,
+  "data: [DONE]\n\n",
+  chunkEvent({ content: "after done" }),
+].join("");
+// The second cut falls between the two bytes of the "é".
+const eAcute = new TextEncoder().encode(framedText).indexOf(0xc3);
+const streams: Record<string, Array<string | Uint8Array>> = {
+  // Split inside events and inside a multi-byte character, CRLF line ends, a comment and a retry field.
+  framed: cutBytes(framedText, 40, eAcute + 1, eAcute + 30),
+  "error-event": [chunkEvent({ content: "partial" }), `data: {"error":{"message":"The server had an error","type":"server_error"}}\n\n`],
+  "named-error": [chunkEvent({ content: "partial" }), `event: error\ndata: {"message":"overloaded"}\n\n`],
+  unreadable: [chunkEvent({ content: "partial" }), "data: {not json\n\n"],
+  cut: [chunkEvent({ content: "partial" })],
+  silent: [chunkEvent({ content: "partial" }), "WAIT"],
+};
+const streamingUpstream = Bun.serve({
+  port: 0,
+  async fetch(req) {
+    const { model } = (await req.json()) as { model: string };
+    const parts = streams[model] ?? [];
+    const bytes = new TextEncoder();
+    return new Response(
+      new ReadableStream<Uint8Array>({
+        async start(controller) {
+          for (const part of parts) {
+            if (part === "WAIT") await Bun.sleep(1000);
+            else controller.enqueue(typeof part === "string" ? bytes.encode(part) : part);
+            await Bun.sleep(5);
+          }
+          controller.close();
+        },
+      }),
+      { headers: { "content-type": "text/event-stream" } },
+    );
+  },
+});
+afterAll(() => streamingUpstream.stop(true));
+const streaming = createOpenAIProvider(
+  { name: "sse", kind: "openai", base_url: `http://127.0.0.1:${streamingUpstream.port}/v1` },
+  undefined,
+);
+const drain = async (model: string, timeoutMs = 5000) => {
+  const contents: string[] = [];
+  let usage: unknown;
+  try {
+    for await (const chunk of await streaming.streamChat(request(model), { timeoutMs })) {
+      for (const choice of chunk.choices) if (choice.delta.content) contents.push(choice.delta.content);
+      if (chunk.usage) usage = chunk.usage;
+    }
+    return { contents, usage, error: undefined };
+  } catch (e) {
+    return { contents, usage, error: e as UpstreamError };
+  }
+};
+
+describe("openai provider streams", () => {
+  test("reads events however the bytes are split, with CRLF, comments and nothing after [DONE]", async () => {
+    const { contents, usage, error } = await drain("framed");
+    expect(error).toBeUndefined();
+    expect(contents).toEqual(["caf\u00e9"]);
+    expect(usage).toEqual({ prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 });
+  });
+
+  test("an error event fails the attempt after the chunks before it", async () => {
+    for (const model of ["error-event", "named-error"]) {
+      const { contents, error } = await drain(model);
+      expect(contents).toEqual(["partial"]);
+      expect(error).toBeInstanceOf(UpstreamError);
+      expect(error?.failure).toBe("transient");
+    }
+    expect((await drain("error-event")).error?.message).toContain("The server had an error");
+    expect((await drain("named-error")).error?.message).toContain("overloaded");
+  });
+
+  test("unreadable JSON, a stream cut short and silence past the timeout each fail the attempt", async () => {
+    const unreadable = await drain("unreadable");
+    expect(unreadable.error?.failure).toBe("transient");
+    expect(unreadable.error?.message).toContain("unreadable");
+    const cut = await drain("cut");
+    expect(cut.contents).toEqual(["partial"]);
+    expect(cut.error?.message).toContain("ended before it finished");
+    const silent = await drain("silent", 200);
+    expect(silent.contents).toEqual(["partial"]);
+    expect(silent.error?.failure).toBe("timeout");
+  });
+
+  test("a client that leaves ends the attempt as cancelled", async () => {
+    const controller = new AbortController();
+    const stream = await streaming.streamChat(request("silent"), { timeoutMs: 5000, signal: controller.signal });
+    const seenChunks: unknown[] = [];
+    const done = (async () => {
+      for await (const chunk of stream) {
+        seenChunks.push(chunk);
+        controller.abort();
+      }
+    })().then(
+      () => undefined,
+      (e: unknown) => e as UpstreamError,
+    );
+    expect((await done)?.failure).toBe("cancelled");
+    expect(seenChunks).toHaveLength(1);
+  });
+});

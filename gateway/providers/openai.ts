@@ -1,5 +1,5 @@
 import OpenAI, { APIConnectionError, APIConnectionTimeoutError, APIError, APIUserAbortError, AzureOpenAI } from "openai";
-import type { Stream } from "openai/streaming";
+import { createParser } from "eventsource-parser";
 import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
 import { countEmbeddingTokens, countInputTokens, countTextTokens, estimatedTokens } from "../tokenizer.ts";
 import {
@@ -73,16 +73,20 @@ export function createOpenAIProvider(config: OpenAIProviderConfig | AzureProvide
 
     async streamChat(request: ChatRequest, options: CallOptions): Promise<ChunkStream> {
       const sdk = connected();
-      let stream: Stream<ChatCompletionChunk>;
+      let response: Response;
       try {
-        stream = await sdk.chat.completions.create(
-          { ...request, stream: true, stream_options: { include_usage: true } },
-          { signal: options.signal, timeout: options.timeoutMs, maxRetries: 0 },
-        );
+        // The SDK makes the call (URL, auth, Azure deployments, errors before the first byte); the events are read
+        // with eventsource-parser, which costs about half of what the SDK's own stream decoder does per chunk.
+        response = await sdk.chat.completions
+          .create(
+            { ...request, stream: true, stream_options: { include_usage: true } },
+            { signal: options.signal, timeout: options.timeoutMs, maxRetries: 0 },
+          )
+          .asResponse();
       } catch (e) {
         throw upstreamError(config.name, e);
       }
-      return relay(stream, config.name, options);
+      return relay(response, config.name, options);
     },
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
@@ -106,16 +110,49 @@ export function createOpenAIProvider(config: OpenAIProviderConfig | AzureProvide
 }
 
 /**
- * The SDK's stream with the gateway's rules: silence longer than the attempt timeout is a timeout,
- * the client leaving is a cancellation, and a stream that ends before any finish_reason was cut.
- * (The SDK ends a stream quietly when it is aborted, so those cases are told apart here.)
+ * An upstream's server-sent events as chat chunks, under the gateway's rules: silence longer than the
+ * attempt timeout is a timeout, the client leaving is a cancellation, an error event or unreadable JSON
+ * fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
+ * ignored; a stream left early closes its upstream connection.
  */
-async function* relay(stream: Stream<ChatCompletionChunk>, provider: string, options: CallOptions): ChunkStream {
+async function* relay(response: Response, provider: string, options: CallOptions): ChunkStream {
   const { timeoutMs, signal } = options;
+  const body = response.body;
+  if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  const chunks: ChatCompletionChunk[] = [];
+  let failure: UpstreamError | undefined;
+  let sentinel = false;
+  const parser = createParser({
+    onEvent(event) {
+      if (sentinel || failure) return;
+      if (event.data === "[DONE]") {
+        sentinel = true;
+        return;
+      }
+      let data: unknown;
+      try {
+        data = JSON.parse(event.data);
+      } catch {
+        failure = new UpstreamError("transient", `${provider}: unreadable response (malformed server-sent event JSON)`);
+        return;
+      }
+      const error = event.event === "error" ? ((data as { error?: unknown })?.error ?? data) : (data as { error?: unknown })?.error;
+      if (error) {
+        const message = (error as { message?: unknown }).message;
+        failure = new UpstreamError("transient", `${provider}: ${typeof message === "string" ? message : JSON.stringify(error)}`);
+        return;
+      }
+      chunks.push(data as ChatCompletionChunk);
+    },
+  });
+
   let lastActive = performance.now();
   let timedOut = false;
   let finished = false;
-  // One timer re-armed only when it fires: chunks only touch a timestamp.
+  let ended = false;
+  // One timer re-armed only when it fires: reads only touch a timestamp.
   const check = () => {
     const idle = performance.now() - lastActive;
     if (idle < timeoutMs) {
@@ -123,21 +160,36 @@ async function* relay(stream: Stream<ChatCompletionChunk>, provider: string, opt
       return;
     }
     timedOut = true;
-    stream.controller.abort();
+    void reader.cancel().catch(() => {});
   };
   let timer = setTimeout(check, timeoutMs);
   try {
-    for await (const chunk of stream) {
-      if (!finished) for (const choice of chunk.choices ?? []) if (choice.finish_reason) finished = true;
-      yield chunk;
+    while (!sentinel && !failure) {
+      let read: Awaited<ReturnType<typeof reader.read>>;
+      try {
+        read = await reader.read();
+      } catch (e) {
+        if (timedOut) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
+        if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
+        throw upstreamError(provider, e);
+      }
+      if (read.done) {
+        ended = true;
+        break;
+      }
       lastActive = performance.now();
+      parser.feed(decoder.decode(read.value, { stream: true }));
+      for (const chunk of chunks.splice(0)) {
+        if (!finished) for (const choice of chunk.choices ?? []) if (choice.finish_reason) finished = true;
+        yield chunk;
+      }
     }
-  } catch (e) {
-    if (timedOut) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
-    throw upstreamError(provider, e);
   } finally {
     clearTimeout(timer);
+    // Left early (the client went away, or a failure): the rest of the upstream's answer is not wanted.
+    if (!ended) void reader.cancel().catch(() => {});
   }
+  if (failure) throw failure;
   if (timedOut) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
   if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
   if (!finished) throw new UpstreamError("transient", `${provider}: the stream ended before it finished`);
