@@ -6,18 +6,20 @@
  *
  *   ./node_modules/.bin/bun bench/gateway.ts        (BENCH_SECONDS=10 per run, BENCH_CONNECTIONS=50)
  *
- * BENCH_ONLY=whole:1000,stream:max runs just those rows. "CPU/req" is what each process of the mesh used per
- * request during the gateway's run (gateway, billing, analytics; from /proc), in microseconds; "gw RSS" the
- * gateway's peak resident memory during that run. Past its capacity an open-loop rate queues requests in the
+ * BENCH_ONLY=whole:1000,stream:max runs just those rows. "CPU/req" is what each process used per request during
+ * the gateway's run (gateway, billing with its Postgres, analytics, the fake upstream, and this process, which
+ * generates the load; from /proc), in microseconds, and "direct CPU/req" the same for the direct run (upstream and
+ * load generator); "gw ceiling" is what this machine's cores could carry at the gateway run's total CPU per
+ * request, whatever the scheduling; "gw RSS" the gateway's peak resident memory during that run. Past its capacity an open-loop rate queues requests in the
  * gateway, so rows beyond it show latency and memory growing with the backlog.
  */
-import { readFileSync } from "node:fs";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import autocannon from "autocannon";
 import { freePort } from "../lib/processes.ts";
 import { ensureDemo, type Mesh, startMesh } from "../scripts/mesh.ts";
+import { ceilingPerSecond, cpuSeconds, rssMb } from "./proc-stats.ts";
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 10);
 const connections = Number(process.env.BENCH_CONNECTIONS ?? 50);
@@ -118,20 +120,6 @@ async function saturate(url: string, headers: Record<string, string>, body: stri
   };
 }
 
-/** CPU seconds (user + system) a process has used so far. */
-function cpuSeconds(pid: number): number {
-  // Fields after the command name, which is in parentheses and may contain spaces: utime and stime are 12th and 13th.
-  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
-
-function rssMb(pid: number): number {
-  const status = readFileSync(`/proc/${pid}/status`, "utf8");
-  const kb = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
-  return kb / 1024;
-}
-
 async function startUpstream() {
   const proc = Bun.spawn([process.execPath, path.join(root, "gateway/testing/fake-upstream.ts"), "0"], {
     stdout: "pipe",
@@ -148,6 +136,7 @@ async function startUpstream() {
 }
 
 const fmt = (ms: number) => (Number.isNaN(ms) ? "-" : ms.toFixed(3));
+const fmtRate = (n: number) => Math.round(n).toLocaleString("en-US");
 
 async function main() {
   const dataDir = await mkdtemp(path.join(tmpdir(), "bench-gateway-"));
@@ -213,15 +202,24 @@ async function main() {
     const plan: Array<[stream: boolean, rate: number, via: Target]> = [];
     for (const stream of [false, true]) for (const rate of rates) plan.push([stream, rate, fast]);
     plan.push([false, 1000, shared]);
-    const pids = (["gateway", "billing", "analytics"] as const).map((name) => mesh?.processes[name].proc.pid ?? 0);
+    // Billing's CPU includes its Postgres server's processes; the load generator is this process.
+    const pids = [...(["gateway", "billing", "analytics"] as const).map((name) => mesh?.processes[name].proc.pid ?? 0), upstream.proc.pid];
+    const cpuNow = () => [...pids.map((pid) => cpuSeconds(pid, { tree: true })), process.cpuUsage().user / 1e6 + process.cpuUsage().system / 1e6];
     for (const [stream, rate, via] of plan) {
       const label = `${stream ? "stream" : "whole"}${via === shared ? "-rpc-port" : ""}:${rate > 0 ? rate : "max"}`;
       if (only && !only.includes(label)) continue;
+      const directBefore = cpuNow();
       const base = await run(direct, stream, rate);
-      const cpuBefore = pids.map(cpuSeconds);
+      // Only the fake upstream and the load generator work in a direct run.
+      const directUs = cpuNow()
+        .map((now, i) => ((now - (directBefore[i] ?? 0)) / Math.max(1, base.rps * seconds)) * 1e6)
+        .slice(3)
+        .reduce((a, b) => a + b, 0);
+      const cpuBefore = cpuNow();
       runPeakRss = 0;
       const gw = await run(via, stream, rate);
-      const perRequest = pids.map((pid, i) => ((cpuSeconds(pid) - (cpuBefore[i] ?? 0)) / Math.max(1, gw.rps * seconds)) * 1e6);
+      const perRequest = cpuNow().map((now, i) => ((now - (cpuBefore[i] ?? 0)) / Math.max(1, gw.rps * seconds)) * 1e6);
+      const totalUs = perRequest.reduce((a, b) => a + b, 0);
       rows.push([
         `${stream ? "stream" : "whole"}${via === shared ? " (rpc port)" : ""}`,
         rate > 0 ? String(rate) : "max",
@@ -236,14 +234,16 @@ async function main() {
         gw.rps.toFixed(0),
         rate > 0 ? "" : (gw.rps / base.rps).toFixed(2),
         String(base.errors + gw.errors),
+        directUs.toFixed(0),
         perRequest.map((us) => us.toFixed(0)).join(" / "),
+        fmtRate(ceilingPerSecond(totalUs)),
         runPeakRss.toFixed(0),
       ]);
       process.stderr.write(`${rows.at(-1)?.join("  ")}\n`);
     }
     clearInterval(sampler);
 
-    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "errors", "CPU/req gw / billing / analytics", "gw RSS MB"];
+    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "errors", "direct CPU/req µs", "gw CPU/req µs: gw / billing+pg / analytics / upstream / load gen", "gw ceiling req/s", "gw RSS MB"];
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
     const line = (cells: string[]) => `| ${cells.map((c, i) => c.padStart(widths[i] ?? 0)).join(" | ")} |`;
     const out = [

@@ -8,8 +8,9 @@
  *   real billing  billing/main.ts (its own process, embedded Postgres or DATABASE_URL): the whole mesh
  *
  * Each pass reports end-to-end rows/s (first row spooled to last ack), the ClickHouse and billing legs from
- * analytics' own metrics (rows over the time that leg was busy), CPU per row, and analytics' RSS over the pass (bounded memory: it must level off, not grow with
- * the rows). The baseline is chdb's raw insert of the same rows (already encoded as JSONCompactEachRow, same
+ * analytics' own metrics (rows over the time that leg was busy), CPU per row of each process (billing counted with
+ * its Postgres server) and what this machine's cores could carry at their sum, and analytics' RSS over the pass
+ * (bounded memory: it must level off, not grow with the rows). The baseline is chdb's raw insert of the same rows (already encoded as JSONCompactEachRow, same
  * table, same batch size) in this process. Checks that every row arrived once everywhere, prints a table, exits.
  *
  *   ./node_modules/.bin/bun bench/pipeline.ts     (BENCH_ROWS=300000, BENCH_FLUSH_ROWS=10000, BENCH_KEYS=8)
@@ -32,6 +33,7 @@ import { createLogger } from "../lib/log.ts";
 import { freePort, type ServiceProcess, spawnService } from "../lib/processes.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
+import { ceilingPerSecond, cpuSeconds } from "./proc-stats.ts";
 
 const rowCount = Number(process.env.BENCH_ROWS ?? 300_000);
 const flushRows = Number(process.env.BENCH_FLUSH_ROWS ?? 10_000);
@@ -133,7 +135,7 @@ interface Pass {
   /** Analytics RSS when ready, and its peak over each quarter of the rows. */
   rss: { idle: number; quarters: number[] };
   /** CPU time per row, in microseconds: analytics' process, and this one (producer, spool, shipper, stub). */
-  cpuUs: { analytics: number; gatewaySide: number };
+  cpuUs: { analytics: number; billing: number; gatewaySide: number };
   spoolPeak: number;
   exact: boolean;
 }
@@ -152,12 +154,10 @@ async function runPass(name: string, billingUrl: string, checkBilling: boolean):
     return Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0) * 1024;
   };
   const idle = await rss();
-  const cpuTicks = async () => {
-    const stat = await Bun.file(`/proc/${analyticsProcess.proc.pid}/stat`).text();
-    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    return Number(fields[11]) + Number(fields[12]);
-  };
-  const analyticsTicks = await cpuTicks();
+  // Billing's CPU includes its Postgres server's processes.
+  const billingPid = billingProcess.proc.pid;
+  const analyticsCpu = cpuSeconds(analyticsProcess.proc.pid);
+  const billingCpu = cpuSeconds(billingPid, { tree: true });
   const ownCpu = process.cpuUsage();
   const spool = openFileSpool({ root: path.join(dataDir, "spool"), name, maxBytes: 1024 ** 3, fsync: "interval", log });
   const shipper = createMetricsShipper({
@@ -183,9 +183,9 @@ async function runPass(name: string, billingUrl: string, checkBilling: boolean):
   const producedSeconds = (performance.now() - started) / 1000;
   if (!(await shipper.flush(600_000))) throw new Error(`${name}: analytics did not ack every row`);
   const endToEndSeconds = (performance.now() - started) / 1000;
-  // /proc counts CPU time in clock ticks of 10 ms.
   const cpuUs = {
-    analytics: (((await cpuTicks()) - analyticsTicks) * 10_000) / rowCount,
+    analytics: ((cpuSeconds(analyticsProcess.proc.pid) - analyticsCpu) * 1e6) / rowCount,
+    billing: ((cpuSeconds(billingPid, { tree: true }) - billingCpu) * 1e6) / rowCount,
     gatewaySide: (process.cpuUsage(ownCpu).user + process.cpuUsage(ownCpu).system) / rowCount,
   };
   clearInterval(sampler);
@@ -233,6 +233,8 @@ const realPass = await runPass("real", urlOf(billingProcess), true);
 await stopAll();
 rmSync(dataDir, { recursive: true, force: true });
 
+const total = (pass: Pass, withBilling: boolean) =>
+  pass.cpuUs.analytics + pass.cpuUs.gatewaySide + (withBilling ? pass.cpuUs.billing : 0);
 const table: string[][] = [
   ["", "stub billing", "real billing"],
   ["end to end: spool -> IngestMetrics -> ClickHouse + billing -> ack (rows/s)", fmt(stubPass.endToEnd), fmt(realPass.endToEnd)],
@@ -244,6 +246,9 @@ const table: string[][] = [
   ["analytics RSS: ready, then peak per quarter of the rows", [stubPass.rss.idle, ...stubPass.rss.quarters].map(mib).join(" "), [realPass.rss.idle, ...realPass.rss.quarters].map(mib).join(" ")],
   ["CPU per row: analytics process (us)", stubPass.cpuUs.analytics.toFixed(1), realPass.cpuUs.analytics.toFixed(1)],
   ["CPU per row: this process, gateway side (and the stub) (us)", stubPass.cpuUs.gatewaySide.toFixed(1), realPass.cpuUs.gatewaySide.toFixed(1)],
+  ["CPU per row: billing and its Postgres (us)", "-", realPass.cpuUs.billing.toFixed(1)],
+  ["CPU per row: all of the above (us)", total(stubPass, false).toFixed(1), total(realPass, true).toFixed(1)],
+  ["  what this machine's cores carry at that CPU per row (rows/s)", fmt(ceilingPerSecond(total(stubPass, false))), fmt(ceilingPerSecond(total(realPass, true)))],
   ["gateway spool peak", mib(stubPass.spoolPeak), mib(realPass.spoolPeak)],
   ["every row once, costs exact (ClickHouse; and billing)", String(stubPass.exact), String(realPass.exact)],
 ];

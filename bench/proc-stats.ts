@@ -1,0 +1,61 @@
+import { readdirSync, readFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
+
+/** The fields of /proc/<pid>/stat after the command name (which is in parentheses and may hold spaces). */
+function statFields(pid: number): string[] | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  } catch {
+    return undefined; // gone
+  }
+}
+
+/** Live processes whose ancestor is `pid` (children, grandchildren, ...). */
+function descendants(pid: number): number[] {
+  const parentOf = new Map<number, number>();
+  for (const entry of readdirSync("/proc")) {
+    const child = Number(entry);
+    if (!Number.isInteger(child)) continue;
+    const ppid = Number(statFields(child)?.[1]);
+    if (Number.isInteger(ppid)) parentOf.set(child, ppid);
+  }
+  const found: number[] = [];
+  const wanted = new Set([pid]);
+  let grew = true;
+  while (grew) {
+    grew = false;
+    for (const [child, ppid] of parentOf) {
+      if (wanted.has(ppid) && !wanted.has(child)) {
+        wanted.add(child);
+        found.push(child);
+        grew = true;
+      }
+    }
+  }
+  return found;
+}
+
+/**
+ * CPU seconds (user + system) used so far by a process and, with `tree`, by every process under it, counting
+ * children that already exited (a Postgres server's backends under billing, for one). /proc counts in 10 ms ticks.
+ */
+export function cpuSeconds(pid: number, options: { tree?: boolean } = {}): number {
+  const ticks = (fields: string[] | undefined, withReaped: boolean) =>
+    fields ? Number(fields[11]) + Number(fields[12]) + (withReaped ? Number(fields[13]) + Number(fields[14]) : 0) : 0;
+  if (!options.tree) return ticks(statFields(pid), false) / 100;
+  let total = ticks(statFields(pid), true);
+  for (const child of descendants(pid)) total += ticks(statFields(child), true);
+  return total / 100;
+}
+
+export function rssMb(pid: number): number {
+  const status = readFileSync(`/proc/${pid}/status`, "utf8");
+  const kb = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
+  return kb / 1024;
+}
+
+/** What this machine's cores can carry at `cpuUs` of CPU per unit of work, all processes together. */
+export function ceilingPerSecond(cpuUs: number): number {
+  return (availableParallelism() * 1e6) / cpuUs;
+}
