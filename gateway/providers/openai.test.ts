@@ -129,10 +129,14 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   unreadable: [chunkEvent({ content: "partial" }), "data: {not json\n\n"],
   cut: [chunkEvent({ content: "partial" })],
   silent: [chunkEvent({ content: "partial" }), "WAIT"],
+  // Done, but the body ends only a while later.
+  lingering: [chunkEvent({ content: "done" }, "stop"), "data: [DONE]\n\n", "PAUSE"],
 };
+const clientPorts: number[] = [];
 const streamingUpstream = Bun.serve({
   port: 0,
-  async fetch(req) {
+  async fetch(req, server) {
+    clientPorts.push(server.requestIP(req)?.port ?? 0);
     const { model } = (await req.json()) as { model: string };
     const parts = streams[model] ?? [];
     const bytes = new TextEncoder();
@@ -141,6 +145,7 @@ const streamingUpstream = Bun.serve({
         async start(controller) {
           for (const part of parts) {
             if (part === "WAIT") await Bun.sleep(1000);
+            else if (part === "PAUSE") await Bun.sleep(300);
             else controller.enqueue(typeof part === "string" ? bytes.encode(part) : part);
             await Bun.sleep(5);
           }
@@ -199,6 +204,18 @@ describe("openai provider streams", () => {
     const silent = await drain("silent", 200);
     expect(silent.contents).toEqual(["partial"]);
     expect(silent.error?.failure).toBe("timeout");
+  });
+
+  test("a finished stream ends at [DONE] while its connection is kept for the next call", async () => {
+    const started = performance.now();
+    const first = await drain("lingering");
+    expect(performance.now() - started).toBeLessThan(250);
+    expect(first).toMatchObject({ contents: ["done"], error: undefined });
+    await Bun.sleep(400); // the upstream ends the body
+    const before = clientPorts.length;
+    await drain("lingering");
+    expect(clientPorts.slice(before - 1)).toHaveLength(2);
+    expect(clientPorts.at(-1)).toBe(clientPorts.at(-2));
   });
 
   test("a client that leaves ends the attempt as cancelled", async () => {

@@ -186,13 +186,33 @@ async function* relay(response: Response, provider: string, options: CallOptions
     }
   } finally {
     clearTimeout(timer);
-    // Left early (the client went away, or a failure): the rest of the upstream's answer is not wanted.
-    if (!ended) void reader.cancel().catch(() => {});
+    if (ended) {
+      // Read to its end: the connection goes back to the pool.
+    } else if (sentinel && !failure) {
+      // Done, but the body has not ended yet: let it end in the background (keeping the connection for the next
+      // call) rather than make the client wait for it, and give up on it after a second.
+      void drainBody(reader, Math.min(timeoutMs, 1000));
+    } else {
+      // Left early (the client went away, or a failure): the rest of the upstream's answer is not wanted.
+      void reader.cancel().catch(() => {});
+    }
   }
   if (failure) throw failure;
   if (timedOut) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
   if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
   if (!finished) throw new UpstreamError("transient", `${provider}: the stream ended before it finished`);
+}
+
+/** Reads what is left of a body after [DONE], cancelling it if it has not ended within `limitMs`. */
+async function drainBody(reader: { read(): Promise<{ done: boolean }>; cancel(): Promise<void> }, limitMs: number): Promise<void> {
+  const timer = setTimeout(() => void reader.cancel().catch(() => {}), limitMs);
+  try {
+    while (!(await reader.read()).done);
+  } catch {
+    // Cancelled or broken: either way nothing more is wanted from it.
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 function upstreamError(provider: string, e: unknown): UpstreamError {
