@@ -129,6 +129,17 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   unreadable: [chunkEvent({ content: "partial" }), "data: {not json\n\n"],
   cut: [chunkEvent({ content: "partial" })],
   silent: [chunkEvent({ content: "partial" }), "WAIT"],
+  // The last event without its blank line, a chunk without finish_reason, a usage chunk without choices.
+  unterminated: [
+    `data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n`,
+    chunkEvent({}, "stop"),
+    `data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}`,
+  ],
+  // Keep-alive comments are not chunks: they do not hold off the timeout.
+  "keep-alive": [chunkEvent({ content: "partial" }), ": ping\n\n", "PAUSE", ": ping\n\n", "PAUSE", chunkEvent({}, "stop")],
+  "null-event": [chunkEvent({ content: "partial" }), "data: null\n\n", chunkEvent({}, "stop")],
+  "bad-choices": [chunkEvent({ content: "partial" }), `data: {"choices":5}\n\n`, chunkEvent({}, "stop")],
+  "null-error-event": [chunkEvent({ content: "partial" }), "event: error\ndata: null\n\n", chunkEvent({}, "stop")],
   // Done, but the body ends only a while later.
   lingering: [chunkEvent({ content: "done" }, "stop"), "data: [DONE]\n\n", "PAUSE"],
 };
@@ -204,6 +215,25 @@ describe("openai provider streams", () => {
     const silent = await drain("silent", 200);
     expect(silent.contents).toEqual(["partial"]);
     expect(silent.error?.failure).toBe("timeout");
+  });
+
+  test("reads a last event left without its blank line, fills in finish_reason and tolerates a usage chunk without choices", async () => {
+    const chunks: unknown[] = [];
+    for await (const chunk of await streaming.streamChat(request("unterminated"), { timeoutMs: 5000 })) chunks.push(chunk);
+    expect(chunks).toHaveLength(3);
+    expect(chunks[0]).toMatchObject({ choices: [{ delta: { content: "a" }, finish_reason: null }] });
+    expect(chunks[2]).toMatchObject({ choices: [], usage: { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 } });
+  });
+
+  test("comments do not keep a silent stream alive; events that are not chunks fail the attempt", async () => {
+    const idle = await drain("keep-alive", 450);
+    expect(idle.error?.failure).toBe("timeout");
+    for (const model of ["null-event", "bad-choices", "null-error-event"]) {
+      const { contents, error } = await drain(model);
+      expect(contents).toEqual(["partial"]);
+      expect(error).toBeInstanceOf(UpstreamError);
+      expect(error?.failure).toBe("transient");
+    }
   });
 
   test("a finished stream ends at [DONE] while its connection is kept for the next call", async () => {

@@ -121,7 +121,7 @@ async function* relay(response: Response, provider: string, options: CallOptions
   if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
   const reader = body.getReader();
   const decoder = new TextDecoder();
-  const chunks: ChatCompletionChunk[] = [];
+  const chunks: unknown[] = [];
   let failure: UpstreamError | undefined;
   let sentinel = false;
   const parser = createParser({
@@ -139,12 +139,12 @@ async function* relay(response: Response, provider: string, options: CallOptions
         return;
       }
       const error = event.event === "error" ? ((data as { error?: unknown })?.error ?? data) : (data as { error?: unknown })?.error;
-      if (error) {
-        const message = (error as { message?: unknown }).message;
+      if (error || event.event === "error") {
+        const message = (error as { message?: unknown } | null)?.message;
         failure = new UpstreamError("transient", `${provider}: ${typeof message === "string" ? message : JSON.stringify(error)}`);
         return;
       }
-      chunks.push(data as ChatCompletionChunk);
+      chunks.push(data);
     },
   });
 
@@ -173,16 +173,17 @@ async function* relay(response: Response, provider: string, options: CallOptions
         if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
         throw upstreamError(provider, e);
       }
-      if (read.done) {
-        ended = true;
-        break;
-      }
-      lastActive = performance.now();
-      parser.feed(decoder.decode(read.value, { stream: true }));
-      for (const chunk of chunks.splice(0)) {
-        if (!finished) for (const choice of chunk.choices ?? []) if (choice.finish_reason) finished = true;
+      // A last event without its blank line still counts once the body ends.
+      if (read.done) ended = true;
+      parser.feed(read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true }));
+      for (const data of chunks.splice(0)) {
+        const chunk = checkedChunk(data, provider);
+        if (chunk.choices.some((choice) => choice.finish_reason)) finished = true;
         yield chunk;
+        // Silence is measured between chunks: keep-alive comments and the client's own pace do not count.
+        lastActive = performance.now();
       }
+      if (ended) break;
     }
   } finally {
     clearTimeout(timer);
@@ -201,6 +202,23 @@ async function* relay(response: Response, provider: string, options: CallOptions
   if (timedOut) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
   if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
   if (!finished) throw new UpstreamError("transient", `${provider}: the stream ended before it finished`);
+}
+
+/** A parsed event as a chunk the rest of the gateway can rely on, or a transient failure of the attempt. */
+function checkedChunk(data: unknown, provider: string): ChatCompletionChunk {
+  if (typeof data !== "object" || data === null || Array.isArray(data)) {
+    throw new UpstreamError("transient", `${provider}: a stream event is not a chunk object`);
+  }
+  const chunk = data as ChatCompletionChunk;
+  // Some compatible servers leave choices out of the usage chunk.
+  chunk.choices ??= [];
+  if (!Array.isArray(chunk.choices)) throw new UpstreamError("transient", `${provider}: a chunk's choices are not a list`);
+  for (const choice of chunk.choices) {
+    if (typeof choice !== "object" || choice === null) throw new UpstreamError("transient", `${provider}: a malformed choice`);
+    // As the SDK's stream does: a choice always has finish_reason, null until it finishes.
+    choice.finish_reason ??= null;
+  }
+  return chunk;
 }
 
 /** Reads what is left of a body after [DONE], cancelling it if it has not ended within `limitMs`. */
