@@ -4,7 +4,10 @@
  * it, and autocannon at fixed rates and at saturation, straight to the upstream and through the
  * gateway, whole and streamed. Prints a table and exits. Only 127.0.0.1 is contacted.
  *
- *   ./node_modules/.bin/bun bench/gateway.ts        (BENCH_SECONDS=10 per run, BENCH_CONNECTIONS=50)
+ *   ./node_modules/.bin/bun bench/gateway.ts        (BENCH_SECONDS=10 per run, BENCH_CONNECTIONS=50, BENCH_REPEAT=1)
+ *
+ * This machine's timing varies from run to run by more than the differences worth knowing: BENCH_REPEAT=3 runs
+ * every row three times (direct and gateway alternating) and prints medians, with the added latency's spread.
  *
  * BENCH_ONLY=whole:1000,stream:max runs just those rows. "CPU/req" is what each process used per request during
  * the gateway's run (gateway, billing with its Postgres, analytics, the fake upstream, and this process, which
@@ -23,6 +26,7 @@ import { ceilingPerSecond, cpuSeconds, rssMb } from "./proc-stats.ts";
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 10);
 const connections = Number(process.env.BENCH_CONNECTIONS ?? 50);
+const repeat = Math.max(1, Number(process.env.BENCH_REPEAT ?? 1));
 const rates = [500, 1000, 2000, 0] as const; // 0: as fast as it goes
 const only = process.env.BENCH_ONLY?.split(",").map((s) => s.trim());
 const root = path.resolve(import.meta.dir, "..");
@@ -35,6 +39,12 @@ interface Run {
   ttft99: number;
   rps: number;
   errors: number;
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? (sorted[mid] as number) : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2;
 }
 
 /** Exact percentiles of float ms (autocannon's own histogram keeps whole ms only). */
@@ -205,9 +215,8 @@ async function main() {
     // Billing's CPU includes its Postgres server's processes; the load generator is this process.
     const pids = [...(["gateway", "billing", "analytics"] as const).map((name) => mesh?.processes[name].proc.pid ?? 0), upstream.proc.pid];
     const cpuNow = () => [...pids.map((pid) => cpuSeconds(pid, { tree: true })), process.cpuUsage().user / 1e6 + process.cpuUsage().system / 1e6];
-    for (const [stream, rate, via] of plan) {
-      const label = `${stream ? "stream" : "whole"}${via === shared ? "-rpc-port" : ""}:${rate > 0 ? rate : "max"}`;
-      if (only && !only.includes(label)) continue;
+    /** One direct run and one gateway run of a plan row, as numbers. */
+    const measure = async (stream: boolean, rate: number, via: Target) => {
       const directBefore = cpuNow();
       const base = await run(direct, stream, rate);
       // Only the fake upstream and the load generator work in a direct run.
@@ -219,25 +228,45 @@ async function main() {
       runPeakRss = 0;
       const gw = await run(via, stream, rate);
       const perRequest = cpuNow().map((now, i) => ((now - (cpuBefore[i] ?? 0)) / Math.max(1, gw.rps * seconds)) * 1e6);
-      const totalUs = perRequest.reduce((a, b) => a + b, 0);
+      return { base, gw, directUs, perRequest, rss: runPeakRss };
+    };
+    for (const [stream, rate, via] of plan) {
+      const label = `${stream ? "stream" : "whole"}${via === shared ? "-rpc-port" : ""}:${rate > 0 ? rate : "max"}`;
+      if (only && !only.includes(label)) continue;
+      const runs: Awaited<ReturnType<typeof measure>>[] = [];
+      for (let i = 0; i < repeat; i++) {
+        runs.push(await measure(stream, rate, via));
+        if (repeat > 1) process.stderr.write(`${label} run ${i + 1}/${repeat}\n`);
+      }
+      // The median of each figure over the repeats; the added latencies also show their spread.
+      const med = (pick: (r: (typeof runs)[number]) => number) => median(runs.map(pick));
+      const spread = (pick: (r: (typeof runs)[number]) => number) => {
+        const values = runs.map(pick);
+        return repeat > 1 ? ` (${fmt(Math.min(...values))}–${fmt(Math.max(...values))})` : "";
+      };
+      const added50 = (r: (typeof runs)[number]) => r.gw.p50 - r.base.p50;
+      const added99 = (r: (typeof runs)[number]) => r.gw.p99 - r.base.p99;
+      const perRequest = [0, 1, 2, 3, 4].map((i) => med((r) => r.perRequest[i] ?? 0));
       rows.push([
         `${stream ? "stream" : "whole"}${via === shared ? " (rpc port)" : ""}`,
         rate > 0 ? String(rate) : "max",
-        fmt(base.p50),
-        fmt(gw.p50),
-        fmt(gw.p50 - base.p50),
-        fmt(base.p99),
-        fmt(gw.p99),
-        fmt(gw.p99 - base.p99),
-        stream && rate > 0 ? `${fmt(gw.ttft50 - base.ttft50)} / ${fmt(gw.ttft99 - base.ttft99)}` : "",
-        base.rps.toFixed(0),
-        gw.rps.toFixed(0),
-        rate > 0 ? "" : (gw.rps / base.rps).toFixed(2),
-        String(base.errors + gw.errors),
-        directUs.toFixed(0),
+        fmt(med((r) => r.base.p50)),
+        fmt(med((r) => r.gw.p50)),
+        `${fmt(med(added50))}${spread(added50)}`,
+        fmt(med((r) => r.base.p99)),
+        fmt(med((r) => r.gw.p99)),
+        `${fmt(med(added99))}${spread(added99)}`,
+        stream && rate > 0
+          ? `${fmt(med((r) => r.gw.ttft50 - r.base.ttft50))} / ${fmt(med((r) => r.gw.ttft99 - r.base.ttft99))}`
+          : "",
+        med((r) => r.base.rps).toFixed(0),
+        med((r) => r.gw.rps).toFixed(0),
+        rate > 0 ? "" : med((r) => r.gw.rps / r.base.rps).toFixed(2),
+        String(runs.reduce((n, r) => n + r.base.errors + r.gw.errors, 0)),
+        med((r) => r.directUs).toFixed(0),
         perRequest.map((us) => us.toFixed(0)).join(" / "),
-        fmtRate(ceilingPerSecond(totalUs)),
-        runPeakRss.toFixed(0),
+        fmtRate(med((r) => ceilingPerSecond(r.perRequest.reduce((a, b) => a + b, 0)))),
+        Math.max(...runs.map((r) => r.rss)).toFixed(0),
       ]);
       process.stderr.write(`${rows.at(-1)?.join("  ")}\n`);
     }
@@ -247,7 +276,7 @@ async function main() {
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
     const line = (cells: string[]) => `| ${cells.map((c, i) => c.padStart(widths[i] ?? 0)).join(" | ")} |`;
     const out = [
-      `gateway benchmark: ${seconds} s per run; fixed rates paced evenly (open loop), "max" by autocannon with ${connections} connections; ms`,
+      `gateway benchmark: ${seconds} s per run${repeat > 1 ? `, each row the median of ${repeat} runs (added latency: median (min–max)); gw RSS the peak of all` : ""}; fixed rates paced evenly (open loop), "max" by autocannon with ${connections} connections; ms`,
       line(header),
       line(widths.map((w) => "-".repeat(w))),
       ...rows.map(line),
