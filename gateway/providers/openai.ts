@@ -152,7 +152,7 @@ async function* relay(response: Response, provider: string, options: CallOptions
   let timedOut = false;
   let finished = false;
   let ended = false;
-  // One timer re-armed only when it fires: reads only touch a timestamp.
+  // One timer re-armed only when it fires: chunks only touch a timestamp.
   const check = () => {
     const idle = performance.now() - lastActive;
     if (idle < timeoutMs) {
@@ -187,13 +187,12 @@ async function* relay(response: Response, provider: string, options: CallOptions
     }
   } finally {
     clearTimeout(timer);
-    if (ended) {
-      // Read to its end: the connection goes back to the pool.
-    } else if (sentinel && !failure) {
+    // A body read to its end has given its connection back to the pool already.
+    if (!ended && sentinel && !failure) {
       // Done, but the body has not ended yet: let it end in the background (keeping the connection for the next
       // call) rather than make the client wait for it, and give up on it after a second.
       void drainBody(reader, Math.min(timeoutMs, 1000));
-    } else {
+    } else if (!ended) {
       // Left early (the client went away, or a failure): the rest of the upstream's answer is not wanted.
       void reader.cancel().catch(() => {});
     }
