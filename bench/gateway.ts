@@ -214,7 +214,10 @@ async function main() {
     plan.push([false, 1000, shared]);
     // Billing's CPU includes its Postgres server's processes; the load generator is this process.
     const pids = [...(["gateway", "billing", "analytics"] as const).map((name) => mesh?.processes[name].proc.pid ?? 0), upstream.proc.pid];
-    const cpuNow = () => [...pids.map((pid) => cpuSeconds(pid, { tree: true })), process.cpuUsage().user / 1e6 + process.cpuUsage().system / 1e6];
+    const cpuNow = () => {
+      const own = process.cpuUsage();
+      return [...pids.map((pid) => cpuSeconds(pid, { tree: true })), (own.user + own.system) / 1e6];
+    };
     /** One direct run and one gateway run of a plan row, as numbers. */
     const measure = async (stream: boolean, rate: number, via: Target) => {
       const directBefore = cpuNow();

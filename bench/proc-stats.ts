@@ -1,15 +1,6 @@
 import { readdirSync, readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
-
-/** The fields of /proc/<pid>/stat after the command name (which is in parentheses and may hold spaces). */
-function statFields(pid: number): string[] | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  } catch {
-    return undefined; // gone
-  }
-}
+import { procStatFields } from "../lib/processes.ts";
 
 /** Live processes whose ancestor is `pid` (children, grandchildren, ...). */
 function descendants(pid: number): number[] {
@@ -17,7 +8,7 @@ function descendants(pid: number): number[] {
   for (const entry of readdirSync("/proc")) {
     const child = Number(entry);
     if (!Number.isInteger(child)) continue;
-    const ppid = Number(statFields(child)?.[1]);
+    const ppid = Number(procStatFields(child)?.[1]);
     if (Number.isInteger(ppid)) parentOf.set(child, ppid);
   }
   const found: number[] = [];
@@ -43,9 +34,9 @@ function descendants(pid: number): number[] {
 export function cpuSeconds(pid: number, options: { tree?: boolean } = {}): number {
   const ticks = (fields: string[] | undefined, withReaped: boolean) =>
     fields ? Number(fields[11]) + Number(fields[12]) + (withReaped ? Number(fields[13]) + Number(fields[14]) : 0) : 0;
-  if (!options.tree) return ticks(statFields(pid), false) / 100;
-  let total = ticks(statFields(pid), true);
-  for (const child of descendants(pid)) total += ticks(statFields(child), true);
+  if (!options.tree) return ticks(procStatFields(pid), false) / 100;
+  let total = ticks(procStatFields(pid), true);
+  for (const child of descendants(pid)) total += ticks(procStatFields(child), true);
   return total / 100;
 }
 

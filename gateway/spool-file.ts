@@ -23,6 +23,7 @@ import { toBinary } from "@bufbuild/protobuf";
 import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
 import { promisify } from "node:util";
 import type { Logger } from "../lib/log.ts";
+import { procStatFields } from "../lib/processes.ts";
 import { clockSequence, type Spool, type SpoolBatch } from "./spool.ts";
 
 // Descriptor-level file calls off the event loop (fs/promises would wrap descriptors in handles).
@@ -727,13 +728,7 @@ function isAlive(owner: LockOwner, dir: string): boolean {
 }
 
 function processStart(pid: number): string | null {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    // Field 22 (starttime), counted after the parenthesised command name, which may contain spaces.
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19] ?? null;
-  } catch {
-    return null;
-  }
+  return procStatFields(pid)?.[19] ?? null;
 }
 
 function clamp(n: number, min: number, max: number): number {

@@ -1,5 +1,20 @@
+import { readFileSync } from "node:fs";
 import * as net from "node:net";
 import type { Subprocess } from "bun";
+
+/**
+ * The fields of /proc/<pid>/stat after the command name (which is in parentheses and may hold spaces), so
+ * index 0 is the state, 1 the parent pid, 11 and 12 utime and stime, 19 starttime; undefined when the
+ * process is gone or there is no /proc.
+ */
+export function procStatFields(pid: number): string[] | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  } catch {
+    return undefined;
+  }
+}
 
 /** A free TCP port on loopback, picked by the kernel. */
 export async function freePort(): Promise<number> {

@@ -4,7 +4,7 @@ import { chmod, mkdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import pg from "pg";
 import type { Logger } from "../../lib/log.ts";
-import { freePort } from "../../lib/processes.ts";
+import { freePort, procStatFields } from "../../lib/processes.ts";
 
 export interface EmbeddedPostgresOptions {
   /** Cluster directory, e.g. `<MESH_DATA_DIR>/postgres`; its password lives next to it in `<dir>.password`. */
@@ -178,8 +178,7 @@ export function isAlive(pid: number): boolean {
     return (e as NodeJS.ErrnoException).code === "EPERM";
   }
   // An exited server orphaned by a killed parent stays a zombie until an init process reaps it.
-  const stat = readProcFile(`/proc/${pid}/stat`);
-  return !/^\d+ \(.*\) Z/.test(stat);
+  return procStatFields(pid)?.[0] !== "Z";
 }
 
 function readProcFile(path: string): string {

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, expect, test } from "bun:test";
 import fc from "fast-check";
 import { BillingError } from "./db.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
-import { createTestDatabase, type TestDatabase } from "./test-db.ts";
+import { createTestDatabase, noLimits, type TestDatabase } from "./test-db.ts";
 import type { ApiKey, Organization, UsageRecord } from "./types.ts";
 import { arrayLiteral } from "./usage.ts";
 
@@ -16,16 +16,8 @@ beforeAll(async () => {
   db = await createTestDatabase();
   store = createBillingStore(db.pool);
   org = await newOrg("usage-org");
-  const limits = {
-    monthlyBudgetNanos: 0n,
-    monthlyTokens: 0n,
-    requestsPerMinute: 0,
-    tokensPerMinute: 0n,
-    allowedModels: [],
-    expiresAt: null,
-  };
-  key = (await store.createApiKey({ orgId: org.id, projectId: null, name: "a", limits })).apiKey;
-  otherKey = (await store.createApiKey({ orgId: org.id, projectId: null, name: "b", limits })).apiKey;
+  key = (await store.createApiKey({ orgId: org.id, projectId: null, name: "a", limits: noLimits })).apiKey;
+  otherKey = (await store.createApiKey({ orgId: org.id, projectId: null, name: "b", limits: noLimits })).apiKey;
 }, 60_000);
 afterAll(() => db.drop());
 
