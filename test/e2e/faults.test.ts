@@ -4,7 +4,7 @@
  * billing, and the cost sums agree to the nano-USD.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
@@ -305,6 +305,12 @@ describe("faults with ClickHouse as a server", () => {
     clickhouse?.kill("SIGKILL");
     await rm(dataDir, { recursive: true, force: true });
   }, 60_000);
+
+  test("analytics on a server leaves the in-process engine unloaded", async () => {
+    const maps = await readFile(`/proc/${mesh.processes.analytics.proc.pid}/maps`, "utf8");
+    expect(maps).toContain("/bun");
+    expect(maps).not.toContain("libchdb");
+  });
 
   test("ClickHouse unreachable (connections refused), then reachable again", async () => {
     const org = await createOrg(mesh, "faults-clickhouse-down");

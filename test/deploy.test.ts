@@ -1,0 +1,191 @@
+import { describe, expect, test } from "bun:test";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
+import * as path from "node:path";
+import { Deployment, StatefulSet } from "kubernetes-models/apps/v1";
+import { Service } from "kubernetes-models/v1";
+import { parse, parseAllDocuments } from "yaml";
+
+/**
+ * The Kubernetes manifests and the image, checked against the Kubernetes API schema and against the code they run:
+ * entry files exist, every variable they set is one the service reads, ports and probes line up, the stores replicas
+ * share are required, and the gateway's spool survives its pod.
+ */
+const root = path.resolve(import.meta.dir, "..");
+const base = path.join(root, "deploy/k8s/base");
+
+interface EnvVar {
+  name: string;
+  value?: string;
+  valueFrom?: { secretKeyRef?: { name: string; key: string; optional?: boolean }; fieldRef?: { fieldPath: string } };
+}
+interface Container {
+  name: string;
+  args: string[];
+  env: EnvVar[];
+  ports: { name: string; containerPort: number }[];
+  volumeMounts?: { name: string; mountPath: string }[];
+  readinessProbe: { httpGet: { path: string; port: string } };
+  livenessProbe: { httpGet: { path: string; port: string } };
+}
+interface Workload {
+  kind: "Deployment" | "StatefulSet";
+  metadata: { name: string };
+  spec: {
+    serviceName?: string;
+    selector: { matchLabels: Record<string, string> };
+    template: {
+      metadata: { labels: Record<string, string> };
+      spec: {
+        terminationGracePeriodSeconds: number;
+        securityContext?: { runAsUser?: number; fsGroup?: number };
+        containers: Container[];
+      };
+    };
+    volumeClaimTemplates?: { metadata: { name: string } }[];
+  };
+}
+interface ServiceManifest {
+  kind: "Service";
+  metadata: { name: string };
+  spec: { clusterIP?: string; selector: Record<string, string>; ports: { targetPort: string }[] };
+}
+
+const files = readdirSync(base).filter((f) => f.endsWith(".yaml") && f !== "kustomization.yaml");
+const objects = files.flatMap((f) =>
+  parseAllDocuments(readFileSync(path.join(base, f), "utf8")).map((doc) => doc.toJS() as Workload | ServiceManifest),
+);
+const workloads = objects.filter((o): o is Workload => o.kind !== "Service");
+const services = objects.filter((o): o is ServiceManifest => o.kind === "Service");
+const workload = (name: string) => {
+  const found = workloads.find((w) => w.metadata.name === name);
+  if (!found) throw new Error(`no workload ${name}`);
+  return found;
+};
+const container = (name: string) => workload(name).spec.template.spec.containers[0] as Container;
+const envOf = (name: string, variable: string) => container(name).env.find((e) => e.name === variable);
+
+/** Variables a service declares: the keys of the env schemas in its main.ts and lib/config.ts's common ones. */
+function declaredEnv(entry: string): Set<string> {
+  const names = new Set<string>();
+  for (const file of [entry, path.join(root, "lib/config.ts")]) {
+    for (const match of readFileSync(file, "utf8").matchAll(/^ {2}([A-Z][A-Z0-9_]+): /gm)) names.add(match[1] as string);
+  }
+  return names;
+}
+
+/** A number default of an env schema entry, as written in `file`. */
+function envDefault(file: string, name: string): number {
+  const match = new RegExp(`${name}: .*\\.default\\(([0-9_]+)\\)`).exec(readFileSync(path.join(root, file), "utf8"));
+  if (!match) throw new Error(`${name} has no number default in ${file}`);
+  return Number((match[1] as string).replaceAll("_", ""));
+}
+
+describe("Kubernetes manifests", () => {
+  test("are valid objects of the Kubernetes API, all listed in the kustomization", () => {
+    const models = { Deployment, StatefulSet, Service } as const;
+    for (const object of objects) {
+      const Model = models[object.kind];
+      expect(Model).toBeDefined();
+      expect(() => new Model(object as never).validate()).not.toThrow();
+    }
+    const kustomization = parse(readFileSync(path.join(base, "kustomization.yaml"), "utf8")) as { resources: string[] };
+    expect([...kustomization.resources].sort()).toEqual([...files].sort());
+    expect(workloads.map((w) => w.metadata.name).sort()).toEqual(["analytics", "billing", "gateway"]);
+  });
+
+  test("run existing entry files with only variables their service reads", () => {
+    for (const w of workloads) {
+      const c = container(w.metadata.name);
+      const entry = path.join(root, c.args[0] as string);
+      expect(existsSync(entry)).toBe(true);
+      const declared = declaredEnv(entry);
+      for (const variable of c.env) expect(declared).toContain(variable.name);
+    }
+  });
+
+  test("line up ports, probes and Services with the containers", () => {
+    for (const w of workloads) {
+      const name = w.metadata.name;
+      const c = container(name);
+      const port = c.ports[0];
+      expect(envOf(name, `${name.toUpperCase()}_PORT`)?.value).toBe(String(port?.containerPort));
+      expect(c.readinessProbe.httpGet).toEqual({ path: "/readyz", port: port?.name as string });
+      expect(c.livenessProbe.httpGet).toEqual({ path: "/healthz", port: port?.name as string });
+      expect(w.spec.template.metadata.labels).toMatchObject(w.spec.selector.matchLabels);
+      const own = services.filter((s) => Object.entries(s.spec.selector).every(([k, v]) => w.spec.template.metadata.labels[k] === v));
+      expect(own.map((s) => s.metadata.name)).toContain(name);
+      for (const s of own) for (const p of s.spec.ports) expect(c.ports.map((cp) => cp.name)).toContain(p.targetPort);
+      // Other services reach it by its Service's name.
+      for (const other of workloads) {
+        const url = envOf(other.metadata.name, `${name.toUpperCase()}_URL`);
+        if (url) expect(url.value).toBe(`http://${name}:${port?.containerPort}`);
+      }
+    }
+  });
+
+  test("require the stores that replicas share instead of starting engines in each container", () => {
+    for (const [name, variable] of [
+      ["billing", "DATABASE_URL"],
+      ["analytics", "CLICKHOUSE_URL"],
+    ] as const) {
+      expect(workload(name).spec.template.spec.containers).toHaveLength(1);
+      const ref = envOf(name, variable)?.valueFrom?.secretKeyRef;
+      expect(ref?.name).toBeDefined();
+      expect(ref?.optional ?? false).toBe(false);
+    }
+  });
+
+  test("keep each gateway replica's spool on its own volume under a stable name", () => {
+    const gateway = workload("gateway");
+    expect(gateway.kind).toBe("StatefulSet");
+    const governing = services.find((s) => s.metadata.name === gateway.spec.serviceName);
+    expect(governing?.spec.clusterIP).toBe("None");
+    expect(envOf("gateway", "GATEWAY_INSTANCE_ID")?.valueFrom?.fieldRef?.fieldPath).toBe("metadata.name");
+    const spoolDir = envOf("gateway", "GATEWAY_SPOOL_DIR")?.value as string;
+    const mount = container("gateway").volumeMounts?.find((m) => spoolDir.startsWith(`${m.mountPath}/`));
+    expect(gateway.spec.volumeClaimTemplates?.map((t) => t.metadata.name)).toContain(mount?.name as string);
+    // The volume is writable by the image's user.
+    const security = gateway.spec.template.spec.securityContext;
+    expect(security?.fsGroup).toBe(security?.runAsUser as number);
+  });
+
+  test("give a stopping pod the time to finish requests and ship what it holds", () => {
+    const graceMs = envDefault("lib/config.ts", "SHUTDOWN_GRACE_MS");
+    for (const w of workloads) {
+      const flushMs = w.metadata.name === "gateway" ? envDefault("gateway/main.ts", "GATEWAY_FLUSH_TIMEOUT_MS") : 0;
+      expect(w.spec.template.spec.terminationGracePeriodSeconds * 1000).toBeGreaterThan(graceMs + flushMs);
+    }
+  });
+});
+
+describe("the image", () => {
+  const dockerfile = readFileSync(path.join(root, "deploy/Dockerfile"), "utf8");
+
+  test("holds every directory its entry files import from", () => {
+    // Sources of the final stage's COPY lines (every argument but the destination).
+    const copied = new Set([...dockerfile.matchAll(/^COPY (?!--from)(.+) \S+$/gm)].flatMap((m) => (m[1] as string).split(" ")));
+    const transpiler = new Bun.Transpiler({ loader: "ts" });
+    const seen = new Set<string>();
+    const visit = (file: string) => {
+      if (seen.has(file)) return;
+      seen.add(file);
+      if (!file.endsWith(".ts")) return;
+      const source = readFileSync(file, "utf8").replace(/^#!.*\n/, "");
+      for (const { path: specifier } of transpiler.scanImports(source)) {
+        if (specifier.startsWith(".")) visit(path.resolve(path.dirname(file), specifier));
+      }
+    };
+    const entries = [...workloads.map((w) => container(w.metadata.name).args[0] as string), "bin/meshctl.ts"];
+    for (const entry of entries) visit(path.join(root, entry));
+    const dirs = new Set([...seen].map((file) => path.relative(root, file).split(path.sep)[0] as string));
+    for (const dir of dirs) expect(copied).toContain(dir);
+  });
+
+  test("lets its user write MESH_DATA_DIR, where the manifests mount volumes", () => {
+    const dataDir = /ENV .*MESH_DATA_DIR=(\S+)/.exec(dockerfile)?.[1] as string;
+    expect(dockerfile).toContain(`chown node:node ${dataDir}`);
+    expect(dockerfile).toMatch(/^USER node$/m);
+    const mount = container("gateway").volumeMounts?.[0]?.mountPath;
+    expect(mount).toBe(dataDir);
+  });
+});
