@@ -9,7 +9,8 @@
  * This machine's timing varies from run to run by more than the differences worth knowing: BENCH_REPEAT=3 runs
  * every row three times (direct and gateway alternating) and prints medians, with the added latency's spread.
  *
- * BENCH_ONLY=whole:1000,stream:max runs just those rows. "CPU/req" is what each process used per request during
+ * BENCH_RATES=200,1000 replaces the fixed rates (500, 1000, 2000; 0 is saturation); BENCH_ONLY=whole:1000,stream:max
+ * runs just those rows. "CPU/req" is what each process used per request during
  * the gateway's run (gateway, billing with its Postgres, analytics, the fake upstream, and this process, which
  * generates the load; from /proc), in microseconds, and "direct CPU/req" the same for the direct run (upstream and
  * load generator); "gw ceiling" is what this machine's cores could carry at the gateway run's total CPU per
@@ -27,7 +28,8 @@ import { ceilingPerSecond, cpuSeconds, rssMb } from "./proc-stats.ts";
 const seconds = Number(process.env.BENCH_SECONDS ?? 10);
 const connections = Number(process.env.BENCH_CONNECTIONS ?? 50);
 const repeat = Math.max(1, Number(process.env.BENCH_REPEAT ?? 1));
-const rates = [500, 1000, 2000, 0] as const; // 0: as fast as it goes
+// 0: as fast as it goes.
+const rates = process.env.BENCH_RATES?.split(",").map(Number) ?? [500, 1000, 2000, 0];
 const only = process.env.BENCH_ONLY?.split(",").map((s) => s.trim());
 const root = path.resolve(import.meta.dir, "..");
 

@@ -2,6 +2,7 @@ import { describe, expect, test } from "bun:test";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import * as path from "node:path";
 import { Deployment, StatefulSet } from "kubernetes-models/apps/v1";
+import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
 import { Service } from "kubernetes-models/v1";
 import { parse, parseAllDocuments } from "yaml";
 
@@ -44,6 +45,11 @@ interface Workload {
     volumeClaimTemplates?: { metadata: { name: string } }[];
   };
 }
+interface DisruptionBudget {
+  kind: "PodDisruptionBudget";
+  metadata: { name: string };
+  spec: { maxUnavailable?: number; selector: { matchLabels: Record<string, string> } };
+}
 interface ServiceManifest {
   kind: "Service";
   metadata: { name: string };
@@ -52,10 +58,13 @@ interface ServiceManifest {
 
 const files = readdirSync(base).filter((f) => f.endsWith(".yaml") && f !== "kustomization.yaml");
 const objects = files.flatMap((f) =>
-  parseAllDocuments(readFileSync(path.join(base, f), "utf8")).map((doc) => doc.toJS() as Workload | ServiceManifest),
+  parseAllDocuments(readFileSync(path.join(base, f), "utf8")).map(
+    (doc) => doc.toJS() as Workload | ServiceManifest | DisruptionBudget,
+  ),
 );
-const workloads = objects.filter((o): o is Workload => o.kind !== "Service");
+const workloads = objects.filter((o): o is Workload => o.kind === "Deployment" || o.kind === "StatefulSet");
 const services = objects.filter((o): o is ServiceManifest => o.kind === "Service");
+const disruptionBudgets = objects.filter((o): o is DisruptionBudget => o.kind === "PodDisruptionBudget");
 const workload = (name: string) => {
   const found = workloads.find((w) => w.metadata.name === name);
   if (!found) throw new Error(`no workload ${name}`);
@@ -82,7 +91,7 @@ function envDefault(file: string, name: string): number {
 
 describe("Kubernetes manifests", () => {
   test("are valid objects of the Kubernetes API, all listed in the kustomization", () => {
-    const models = { Deployment, StatefulSet, Service } as const;
+    const models = { Deployment, StatefulSet, Service, PodDisruptionBudget } as const;
     for (const object of objects) {
       const Model = models[object.kind];
       expect(Model).toBeDefined();
@@ -115,6 +124,10 @@ describe("Kubernetes manifests", () => {
       const own = services.filter((s) => Object.entries(s.spec.selector).every(([k, v]) => w.spec.template.metadata.labels[k] === v));
       expect(own.map((s) => s.metadata.name)).toContain(name);
       for (const s of own) for (const p of s.spec.ports) expect(c.ports.map((cp) => cp.name)).toContain(p.targetPort);
+      // Voluntary evictions (drains, upgrades) leave all but one replica serving.
+      const budget = disruptionBudgets.find((b) => b.metadata.name === name);
+      expect(budget?.spec.selector.matchLabels).toEqual(w.spec.selector.matchLabels);
+      expect(budget?.spec.maxUnavailable).toBe(1);
       // Other services reach it by its Service's name.
       for (const other of workloads) {
         const url = envOf(other.metadata.name, `${name.toUpperCase()}_URL`);
