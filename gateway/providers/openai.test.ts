@@ -265,3 +265,63 @@ describe("openai provider streams", () => {
     expect(seenChunks).toHaveLength(1);
   });
 });
+
+describe("azure provider", () => {
+  // Azure's routes: the deployment in the path, the API version in the query, the key in an api-key header.
+  const calls: Array<{ url: string; apiKey: string | null; auth: string | null }> = [];
+  const azure = Bun.serve({
+    port: 0,
+    async fetch(req) {
+      const url = new URL(req.url);
+      calls.push({ url: `${url.pathname}${url.search}`, apiKey: req.headers.get("api-key"), auth: req.headers.get("authorization") });
+      const body = (await req.json()) as { stream?: boolean; model?: string };
+      if (body.model === "missing") {
+        return Response.json({ error: { code: "DeploymentNotFound", message: "no such deployment" } }, { status: 404 });
+      }
+      if (url.pathname.endsWith("/embeddings")) {
+        return Response.json({ object: "list", data: [{ object: "embedding", index: 0, embedding: [0.5] }], model: "e", usage: { prompt_tokens: 2, total_tokens: 2 } });
+      }
+      if (body.stream) {
+        return new Response(`${chunkEvent({ content: "hi" })}${chunkEvent({}, "stop")}${usageEvent}data: [DONE]\n\n`, {
+          headers: { "content-type": "text/event-stream" },
+        });
+      }
+      return Response.json({
+        id: "c",
+        object: "chat.completion",
+        created: 1,
+        model: "gpt-4o",
+        choices: [{ index: 0, message: { role: "assistant", content: "hi", refusal: null }, finish_reason: "stop", logprobs: null }],
+        usage: { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 },
+      });
+    },
+  });
+  afterAll(() => azure.stop(true));
+  const provider = createOpenAIProvider(
+    { name: "azure", kind: "azure", base_url: `http://127.0.0.1:${azure.port}`, api_key_env: "AZURE_KEY", api_version: "2024-10-21" },
+    "sk-azure",
+  );
+
+  test("chat, streamed chat and embeddings go to the model's deployment with the api-key header", async () => {
+    const whole = await provider.chat(request("prod-gpt4o"), { timeoutMs: 5000 });
+    expect(whole.tokens).toMatchObject({ inputTokens: 3n, outputTokens: 1n });
+    const contents: unknown[] = [];
+    for await (const chunk of await provider.streamChat(request("prod-gpt4o"), { timeoutMs: 5000 })) {
+      contents.push(chunk.choices[0]?.delta?.content);
+    }
+    expect(contents).toContain("hi");
+    const embedded = await provider.embed({ model: "prod-embed", input: "hello", encoding_format: "float" }, { timeoutMs: 5000 });
+    expect(embedded.response.data[0]?.embedding).toEqual([0.5]);
+    expect(calls).toEqual([
+      { url: "/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
+      { url: "/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
+      { url: "/openai/deployments/prod-embed/embeddings?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
+    ]);
+  });
+
+  test("a missing deployment is a misconfigured target with Azure's message", async () => {
+    const e = await failure(provider.chat(request("missing"), { timeoutMs: 5000 }));
+    expect([e?.failure, e?.status]).toEqual(["misconfigured", 404]);
+    expect(e?.message).toContain("no such deployment");
+  });
+});
