@@ -53,20 +53,25 @@ export function createOpenAIProvider(config: OpenAIProviderConfig | AzureProvide
    * loop, request logging and timers) cost about 100 µs of CPU more per call than fetch.
    */
   const post = async <T>(path: string, body: object, options: CallOptions, read: (response: Response) => Promise<T>) => {
+    const { signal } = options;
     const attempt = new AbortController();
-    const timer = setTimeout(() => attempt.abort(), options.timeoutMs);
+    // A listener rather than AbortSignal.any, which kept about 20 MB more alive at a thousand calls a second.
+    const abort = () => attempt.abort();
+    const timer = setTimeout(abort, options.timeoutMs);
+    signal?.addEventListener("abort", abort);
     try {
+      if (signal?.aborted) abort();
       const { req, url } = await connected().buildRequest({ method: "post", path, body });
-      const signal = options.signal ? AbortSignal.any([options.signal, attempt.signal]) : attempt.signal;
-      const response = await fetch(url, { ...req, signal } as RequestInit);
+      const response = await fetch(url, { ...req, signal: attempt.signal } as RequestInit);
       if (!response.ok) throw await refusal(response);
       return await read(response);
     } catch (e) {
-      if (options.signal?.aborted) throw new UpstreamError("cancelled", `${config.name}: request aborted`);
+      if (signal?.aborted) throw new UpstreamError("cancelled", `${config.name}: request aborted`);
       if (attempt.signal.aborted) throw new UpstreamError("timeout", `${config.name}: timed out`);
       throw upstreamError(config.name, e);
     } finally {
       clearTimeout(timer);
+      signal?.removeEventListener("abort", abort);
     }
   };
 
@@ -93,7 +98,7 @@ export function createOpenAIProvider(config: OpenAIProviderConfig | AzureProvide
 
     async streamChat(request: ChatRequest, options: CallOptions): Promise<ChunkStream> {
       // The attempt's time limit covers the wait for the answer's headers; relay() then limits the silence between
-      // chunks. The client leaving still aborts the body. Events are read with eventsource-parser, which costs about
+      // chunks and stops reading when the client leaves. Events are read with eventsource-parser, which costs about
       // half of what the SDK's own stream decoder does per chunk.
       const body = { ...request, stream: true, stream_options: { include_usage: true } };
       const response = await post("/chat/completions", body, options, async (r) => r);
@@ -169,7 +174,10 @@ async function* relay(response: Response, provider: string, options: CallOptions
     void reader.cancel().catch(() => {});
   };
   let timer = setTimeout(check, timeoutMs);
+  const leave = () => void reader.cancel().catch(() => {});
+  signal?.addEventListener("abort", leave);
   try {
+    if (signal?.aborted) leave();
     while (!sentinel && !failure) {
       let read: Awaited<ReturnType<typeof reader.read>>;
       try {
@@ -193,6 +201,7 @@ async function* relay(response: Response, provider: string, options: CallOptions
     }
   } finally {
     clearTimeout(timer);
+    signal?.removeEventListener("abort", leave);
     // A body read to its end has given its connection back to the pool already.
     if (!ended && sentinel && !failure) {
       // Done, but the body has not ended yet: let it end in the background (keeping the connection for the next
