@@ -38,8 +38,9 @@ interface Workload {
       metadata: { labels: Record<string, string> };
       spec: {
         terminationGracePeriodSeconds: number;
-        securityContext?: { runAsUser?: number; fsGroup?: number };
+        securityContext?: { runAsUser?: number; runAsGroup?: number; fsGroup?: number };
         containers: Container[];
+        volumes?: { name: string }[];
       };
     };
     volumeClaimTemplates?: { metadata: { name: string } }[];
@@ -102,6 +103,16 @@ describe("Kubernetes manifests", () => {
     expect(workloads.map((w) => w.metadata.name).sort()).toEqual(["analytics", "billing", "gateway"]);
   });
 
+  test("mount only volumes their pods declare", () => {
+    for (const w of workloads) {
+      const declared = [
+        ...(w.spec.template.spec.volumes ?? []).map((v) => v.name),
+        ...(w.spec.volumeClaimTemplates ?? []).map((t) => t.metadata.name),
+      ];
+      for (const mount of container(w.metadata.name).volumeMounts ?? []) expect(declared).toContain(mount.name);
+    }
+  });
+
   test("run existing entry files with only variables their service reads", () => {
     for (const w of workloads) {
       const c = container(w.metadata.name);
@@ -157,9 +168,9 @@ describe("Kubernetes manifests", () => {
     const spoolDir = envOf("gateway", "GATEWAY_SPOOL_DIR")?.value as string;
     const mount = container("gateway").volumeMounts?.find((m) => spoolDir.startsWith(`${m.mountPath}/`));
     expect(gateway.spec.volumeClaimTemplates?.map((t) => t.metadata.name)).toContain(mount?.name as string);
-    // The volume is writable by the image's user.
+    // The volume belongs to the group the image's user runs in, so it can write there.
     const security = gateway.spec.template.spec.securityContext;
-    expect(security?.fsGroup).toBe(security?.runAsUser as number);
+    expect(security?.fsGroup).toBe(security?.runAsGroup as number);
   });
 
   test("give a stopping pod the time to finish requests and ship what it holds", () => {

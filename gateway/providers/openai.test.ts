@@ -2,6 +2,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { createOpenAIProvider } from "./openai.ts";
 import type { ChatRequest } from "./provider.ts";
 import { UpstreamError, type UpstreamFailure } from "./provider.ts";
+import { eventually } from "../../test/support.ts";
 
 // A stand-in for an OpenAI-compatible upstream: the reply depends on the requested model.
 const seen: Array<{ auth: string | null; body: Record<string, unknown> }> = [];
@@ -34,6 +35,12 @@ const upstream = Bun.serve({
       case "slow":
         await Bun.sleep(300);
         return Response.json(completion);
+      case "vllm-400":
+        // vLLM's and others' error shape: no `error` member.
+        return Response.json(
+          { object: "error", message: "This model's maximum context length is 8192 tokens", type: "BadRequestError", code: 400 },
+          { status: 400 },
+        );
       default:
         return Response.json({ error: { message: `status ${body.model}`, type: "x" } }, { status: Number(body.model) });
     }
@@ -79,6 +86,9 @@ describe("openai provider", () => {
       expect(e).toBeInstanceOf(UpstreamError);
       expect([e?.failure, e?.status]).toEqual([failureClass, Number(status)]);
     }
+    const vllm = await failure(provider.chat(request("vllm-400"), { timeoutMs: 5000 }));
+    expect([vllm?.failure, vllm?.status]).toEqual(["rejected", 400]);
+    expect(vllm?.message).toContain("maximum context length is 8192 tokens");
     expect((await failure(provider.chat(request("slow"), { timeoutMs: 50 })))?.failure).toBe("timeout");
     const gone = new AbortController();
     const pending = failure(provider.chat(request("slow"), { timeoutMs: 5000, signal: gone.signal }));
@@ -142,7 +152,11 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   "null-error-event": [chunkEvent({ content: "partial" }), "event: error\ndata: null\n\n", chunkEvent({}, "stop")],
   // Done, but the body ends only a while later.
   lingering: [chunkEvent({ content: "done" }, "stop"), "data: [DONE]\n\n", "PAUSE"],
+  // Half an event, then nothing for a second.
+  "half-event": [`data: {"id":"c1","object":"chat.comp`, "WAIT"],
 };
+// Models whose stream the gateway closed before it ended.
+const closedEarly: string[] = [];
 const clientPorts: number[] = [];
 const streamingUpstream = Bun.serve({
   port: 0,
@@ -161,6 +175,9 @@ const streamingUpstream = Bun.serve({
             await Bun.sleep(5);
           }
           controller.close();
+        },
+        cancel() {
+          closedEarly.push(model);
         },
       }),
       { headers: { "content-type": "text/event-stream" } },
@@ -246,6 +263,29 @@ describe("openai provider streams", () => {
     await drain("lingering");
     expect(clientPorts.slice(before - 1)).toHaveLength(2);
     expect(clientPorts.at(-1)).toBe(clientPorts.at(-2));
+  });
+
+  test("a client that leaves before the stream is read still closes the upstream", async () => {
+    const closed = () => closedEarly.filter((model) => model === "silent").length;
+    const before = closed();
+    const controller = new AbortController();
+    await streaming.streamChat(request("silent"), { timeoutMs: 5000, signal: controller.signal });
+    controller.abort();
+    await eventually(() => closed() > before || undefined, { timeoutMs: 200, what: "the upstream closed" });
+  });
+
+  test("an event cut off by the client or the timeout is a cancellation or a timeout, not unreadable", async () => {
+    expect((await drain("half-event", 200)).error?.failure).toBe("timeout");
+    const controller = new AbortController();
+    const stream = await streaming.streamChat(request("half-event"), { timeoutMs: 5000, signal: controller.signal });
+    setTimeout(() => controller.abort(), 100);
+    const left = await (async () => {
+      for await (const _ of stream);
+    })().then(
+      () => undefined,
+      (e: unknown) => e as UpstreamError,
+    );
+    expect(left?.failure).toBe("cancelled");
   });
 
   test("a client that leaves ends the attempt as cancelled", async () => {

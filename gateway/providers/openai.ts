@@ -61,7 +61,9 @@ export function createOpenAIProvider(config: OpenAIProviderConfig | AzureProvide
     signal?.addEventListener("abort", abort);
     try {
       if (signal?.aborted) abort();
-      const { req, url } = await connected().buildRequest({ method: "post", path, body });
+      // The time limit goes along too, as the SDK's X-Stainless-Timeout header.
+      const timeout = Math.max(1, Math.ceil(options.timeoutMs));
+      const { req, url } = await connected().buildRequest({ method: "post", path, body, timeout });
       const response = await fetch(url, { ...req, signal: attempt.signal } as RequestInit);
       if (!response.ok) throw await refusal(response);
       return await read(response);
@@ -126,11 +128,30 @@ export function createOpenAIProvider(config: OpenAIProviderConfig | AzureProvide
  * fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
  * ignored; a stream left early closes its upstream connection.
  */
-async function* relay(response: Response, provider: string, options: CallOptions): ChunkStream {
-  const { timeoutMs, signal } = options;
+function relay(response: Response, provider: string, options: CallOptions): ChunkStream {
   const body = response.body;
   if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
   const reader = body.getReader();
+  // Listened to from now rather than from the first read: a client gone before it still closes the upstream.
+  const leave = () => void reader.cancel().catch(() => {});
+  options.signal?.addEventListener("abort", leave, { once: true });
+  if (options.signal?.aborted) leave();
+  return chunksOf(reader, leave, provider, options);
+}
+
+/** What the relay uses of a body's reader. */
+interface BodyReader {
+  read(): Promise<{ done: true; value?: undefined } | { done: false; value: Uint8Array }>;
+  cancel(): Promise<void>;
+}
+
+async function* chunksOf(
+  reader: BodyReader,
+  leave: () => void,
+  provider: string,
+  options: CallOptions,
+): ChunkStream {
+  const { timeoutMs, signal } = options;
   const decoder = new TextDecoder();
   const chunks: unknown[] = [];
   let failure: UpstreamError | undefined;
@@ -171,13 +192,10 @@ async function* relay(response: Response, provider: string, options: CallOptions
       return;
     }
     timedOut = true;
-    void reader.cancel().catch(() => {});
+    leave();
   };
   let timer = setTimeout(check, timeoutMs);
-  const leave = () => void reader.cancel().catch(() => {});
-  signal?.addEventListener("abort", leave);
   try {
-    if (signal?.aborted) leave();
     while (!sentinel && !failure) {
       let read: Awaited<ReturnType<typeof reader.read>>;
       try {
@@ -187,6 +205,8 @@ async function* relay(response: Response, provider: string, options: CallOptions
         if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
         throw upstreamError(provider, e);
       }
+      // Cut off by the timeout or the client: what arrived of an event is not one.
+      if (timedOut || signal?.aborted) break;
       // A last event without its blank line still counts once the body ends.
       if (read.done) ended = true;
       parser.feed(read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true }));
@@ -209,7 +229,7 @@ async function* relay(response: Response, provider: string, options: CallOptions
       void drainBody(reader, Math.min(timeoutMs, 1000));
     } else if (!ended) {
       // Left early (the client went away, or a failure): the rest of the upstream's answer is not wanted.
-      void reader.cancel().catch(() => {});
+      leave();
     }
   }
   if (failure) throw failure;
@@ -247,16 +267,21 @@ async function drainBody(reader: { read(): Promise<{ done: boolean }>; cancel():
   }
 }
 
-/** A refused call as the SDK reports it: its APIError subclass for the status, with the upstream's message. */
+/**
+ * A refused call as the SDK reports it: its APIError subclass for the status, with the upstream's message. As the
+ * SDK's makeStatusError does, a JSON body without an `error` member (vLLM's `{"object":"error","message"}`, a 422's
+ * `{"detail"}`) is the error itself.
+ */
 async function refusal(response: Response): Promise<APIError> {
-  const text = await response.text();
-  let body: object | undefined;
+  const text = await response.text().catch((e: unknown) => (e as Error).message ?? String(e));
+  let body: unknown;
   try {
-    body = JSON.parse(text) as object;
+    body = JSON.parse(text);
   } catch {
     body = undefined;
   }
-  return APIError.generate(response.status, body, body ? undefined : text, response.headers);
+  const error = body && typeof body === "object" && (body as { error?: unknown }).error == null ? { error: body } : body;
+  return APIError.generate(response.status, error as object | undefined, body ? undefined : text, response.headers);
 }
 
 function upstreamError(provider: string, e: unknown): UpstreamError {
