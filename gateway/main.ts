@@ -22,7 +22,7 @@ import { createProviders } from "./providers/index.ts";
 import { createRateLimiter } from "./rate-limits.ts";
 import { createReadiness } from "./readiness.ts";
 import { createGatewayService } from "./service.ts";
-import { type FileSpool, openFileSpool } from "./spool-file.ts";
+import { type FileSpool, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
 
 const cfg = loadEnvOrExit({
   ...commonEnv,
@@ -122,20 +122,37 @@ const budget = createBudgetKeeper({
   log: log.child({ component: "budget" }),
   registry: runtime.metrics.registry,
 });
-let spool: FileSpool;
-try {
-  spool = openFileSpool({
-    root: cfg.GATEWAY_SPOOL_DIR ?? join(cfg.MESH_DATA_DIR, "spool"),
-    name: cfg.GATEWAY_INSTANCE_ID.replace(/[^A-Za-z0-9._-]/g, "_"),
-    maxBytes: cfg.GATEWAY_SPOOL_MAX_BYTES,
-    fsync: cfg.GATEWAY_SPOOL_FSYNC,
-    fsyncIntervalMs: cfg.GATEWAY_SPOOL_FSYNC_INTERVAL_MS,
-    batchRows: cfg.GATEWAY_METRICS_BATCH_ROWS,
-    log: log.child({ component: "spool" }),
-  });
-} catch (e) {
-  log.error("cannot open the metrics spool", { err: e });
-  process.exit(1);
+let spool: FileSpool | undefined;
+// A LOCK left by a process that cannot be checked from here (the container before this one, in a pod) is
+// waited out; one of a live process of this host and container is a configuration error.
+const lockDeadline = Date.now() + lockStaleMs + 5000;
+let waited = false;
+while (!spool) {
+  try {
+    spool = openFileSpool({
+      root: cfg.GATEWAY_SPOOL_DIR ?? join(cfg.MESH_DATA_DIR, "spool"),
+      name: cfg.GATEWAY_INSTANCE_ID.replace(/[^A-Za-z0-9._-]/g, "_"),
+      maxBytes: cfg.GATEWAY_SPOOL_MAX_BYTES,
+      fsync: cfg.GATEWAY_SPOOL_FSYNC,
+      fsyncIntervalMs: cfg.GATEWAY_SPOOL_FSYNC_INTERVAL_MS,
+      batchRows: cfg.GATEWAY_METRICS_BATCH_ROWS,
+      log: log.child({ component: "spool" }),
+    });
+  } catch (e) {
+    if (e instanceof SpoolInUseError && e.mayGoStale && Date.now() < lockDeadline) {
+      if (!waited) {
+        log.warn("metrics spool locked by a process that cannot be checked from here; waiting for its lock to go stale", {
+          dir: e.dir,
+          pid: e.pid,
+        });
+      }
+      waited = true;
+      await Bun.sleep(1000);
+      continue;
+    }
+    log.error("cannot open the metrics spool", { err: e });
+    process.exit(1);
+  }
 }
 log.info("metrics spool open", { dir: spool.dir, ...spool.recovery });
 const shipper = createMetricsShipper({

@@ -1,10 +1,21 @@
 import { afterEach, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  truncateSync,
+  utimesSync,
+  writeFileSync,
+} from "node:fs";
 import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { create, fromBinary } from "@bufbuild/protobuf";
 import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
-import { type FileSpool, type FileSpoolOptions, openFileSpool } from "./spool-file.ts";
+import { type FileSpool, type FileSpoolOptions, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
 import { createTestLogger } from "./testing.ts";
 
 const roots: string[] = [];
@@ -193,6 +204,43 @@ describe("file spool", () => {
     mkdirSync(other);
     writeFileSync(join(other, "LOCK"), JSON.stringify({ pid: process.ppid, host: hostname(), started: null }));
     expect(() => openSpool(root, { name: "gw-live" })).toThrow(`in use by pid ${process.ppid}`);
+  });
+
+  test("a LOCK from another container is held while refreshed, and taken over once stale", () => {
+    const root = newRoot();
+    const before = openSpool(root);
+    before.append(row(7));
+    abandon(before);
+    // The container before this one in the pod: pid 1 on the same hostname, in its own PID namespace.
+    const lock = join(before.dir, "LOCK");
+    writeFileSync(lock, JSON.stringify({ pid: 1, host: hostname(), started: "1", pidNamespace: "pid:[4026531000]" }));
+    let refused: unknown;
+    try {
+      openSpool(root);
+    } catch (e) {
+      refused = e;
+    }
+    expect(refused).toBeInstanceOf(SpoolInUseError);
+    expect((refused as SpoolInUseError).mayGoStale).toBe(true);
+    const stale = new Date(Date.now() - lockStaleMs - 1000);
+    utimesSync(lock, stale, stale);
+    expect(openSpool(root).recovery.rows).toBe(1);
+    // Another host's LOCK of a version that did not refresh it is still assumed live.
+    const other = join(root, "gw-elsewhere");
+    mkdirSync(other);
+    writeFileSync(join(other, "LOCK"), JSON.stringify({ pid: 1, host: "another-host", started: null }));
+    utimesSync(join(other, "LOCK"), stale, stale);
+    expect(() => openSpool(root, { name: "gw-elsewhere" })).toThrow(/in use by pid 1/);
+  });
+
+  test("an open spool keeps its LOCK fresh", async () => {
+    const spool = openSpool(newRoot(), { lockRefreshMs: 20 });
+    const lock = join(spool.dir, "LOCK");
+    const stale = new Date(Date.now() - lockStaleMs - 1000);
+    utimesSync(lock, stale, stale);
+    await Bun.sleep(100);
+    expect(Date.now() - statSync(lock).mtimeMs).toBeLessThan(1000);
+    expect(JSON.parse(readFileSync(lock, "utf8"))).toMatchObject({ pid: process.pid, host: hostname() });
   });
 
   test("a replica restarted under a new name adopts the spools of replicas that are gone", () => {

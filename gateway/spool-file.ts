@@ -10,9 +10,12 @@ import {
   openSync,
   readdirSync,
   readFileSync,
+  readlinkSync,
   readSync,
   rmSync,
+  statSync,
   unlink,
+  utimesSync,
   write,
   writeFileSync,
   writeSync,
@@ -80,7 +83,33 @@ export interface FileSpoolOptions {
   batchRows?: number;
   /** Rows of sealed batches kept in memory for sending; batches beyond it are read back from disk. */
   cacheRows?: number;
+  /** How often the open spool refreshes its LOCK, for owners that cannot check this process (default 2 s). */
+  lockRefreshMs?: number;
   log?: Logger;
+}
+
+/**
+ * A LOCK whose owner cannot be checked from here (another host, or another container's PID namespace) is held
+ * while its owner refreshes it: one untouched for this long is stale. Hosts sharing a spool root must keep their
+ * clocks within a fraction of it.
+ */
+export const lockStaleMs = 10_000;
+
+/** The spool's directory is locked by another live process, or one this process cannot check. */
+export class SpoolInUseError extends Error {
+  override name = "SpoolInUseError";
+  constructor(
+    readonly dir: string,
+    readonly pid: number,
+    /** The owner could not be checked: its LOCK goes stale within lockStaleMs if it has stopped. */
+    readonly mayGoStale: boolean,
+  ) {
+    super(
+      mayGoStale
+        ? `spool directory ${dir} is locked by pid ${pid} of another host or container, refreshed in the last ${lockStaleMs / 1000} s`
+        : `spool directory ${dir} is in use by pid ${pid}; give each gateway replica its own GATEWAY_INSTANCE_ID`,
+    );
+  }
 }
 
 export interface SpoolRecovery {
@@ -138,12 +167,18 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
 
   mkdirSync(dir, { recursive: true });
   const owner = acquireLock(dir);
-  if (owner !== undefined) {
-    throw new Error(
-      `spool directory ${dir} is in use by pid ${owner}; give each gateway replica its own GATEWAY_INSTANCE_ID`,
-    );
-  }
+  if (owner !== undefined) throw new SpoolInUseError(dir, owner.pid, heldByRefresh(owner));
   openDirs.add(dir);
+  const lockPath = join(dir, "LOCK");
+  const lockTimer = setInterval(() => {
+    try {
+      const now = new Date();
+      utimesSync(lockPath, now, now);
+    } catch (e) {
+      log?.warn("refreshing the metrics spool's LOCK failed", { err: e, dir });
+    }
+  }, options.lockRefreshMs ?? 2000);
+  lockTimer.unref?.();
 
   const loaded = loadDir(dir, log);
   const segments = loaded.segments;
@@ -461,6 +496,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
         rmSync(segmentPath(spare.id), { force: true });
         spare = undefined;
       }
+      clearInterval(lockTimer);
       openDirs.delete(dir);
       if (pending.length === 0 && batches.size === 0) rmSync(dir, { recursive: true, force: true });
       else rmSync(join(dir, "LOCK"), { force: true });
@@ -689,12 +725,35 @@ interface LockOwner {
   host: string;
   /** Start time of the process in clock ticks since boot, so a recycled pid is not mistaken for the owner. */
   started: string | null;
+  /**
+   * The owner's PID namespace: containers each have their own, so a restarted gateway in a pod is pid 1 on the same
+   * hostname as the one before it. Absent in LOCKs of versions that did not refresh them.
+   */
+  pidNamespace?: string | null;
 }
 
-/** Takes dir/LOCK for this process; returns the pid of a live owner instead when there is one. */
-function acquireLock(dir: string): number | undefined {
+const ownPidNamespace = (() => {
+  try {
+    return readlinkSync("/proc/self/ns/pid");
+  } catch {
+    return null;
+  }
+})();
+
+/** Whether the owner's process can be looked up from here: same host and same PID namespace. */
+function checkable(owner: LockOwner): boolean {
+  return owner.host === hostname() && (owner.pidNamespace === undefined || owner.pidNamespace === ownPidNamespace);
+}
+
+/** Takes dir/LOCK for this process; returns its live owner instead when there is one. */
+function acquireLock(dir: string): LockOwner | undefined {
   const path = join(dir, "LOCK");
-  const me: LockOwner = { pid: process.pid, host: hostname(), started: processStart(process.pid) };
+  const me: LockOwner = {
+    pid: process.pid,
+    host: hostname(),
+    started: processStart(process.pid),
+    pidNamespace: ownPidNamespace,
+  };
   for (let attempt = 0; attempt < 3; attempt++) {
     try {
       writeFileSync(path, JSON.stringify(me), { flag: "wx" });
@@ -708,15 +767,26 @@ function acquireLock(dir: string): number | undefined {
     } catch {
       owner = undefined;
     }
-    if (owner && isAlive(owner, dir)) return owner.pid;
+    if (owner && isAlive(owner, dir)) return owner;
     rmSync(path, { force: true });
   }
-  return -1;
+  return { pid: -1, host: hostname(), started: null, pidNamespace: ownPidNamespace };
+}
+
+/** An owner that cannot be checked holds its LOCK while it refreshes it; one of an older version, forever. */
+function heldByRefresh(owner: LockOwner): boolean {
+  return !checkable(owner) && owner.pidNamespace !== undefined;
 }
 
 function isAlive(owner: LockOwner, dir: string): boolean {
-  // Another host's process cannot be checked from here: assume it is alive.
-  if (owner.host !== hostname()) return true;
+  if (!checkable(owner)) {
+    if (!heldByRefresh(owner)) return true;
+    try {
+      return Date.now() - statSync(join(dir, "LOCK")).mtimeMs < lockStaleMs;
+    } catch {
+      return false;
+    }
+  }
   if (owner.pid === process.pid) return openDirs.has(dir);
   try {
     process.kill(owner.pid, 0);
