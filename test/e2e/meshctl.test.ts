@@ -14,6 +14,8 @@ const graceMs = 30_000;
 let dataDir: string;
 let mesh: Mesh;
 let demo: Demo;
+// The services' warnings and errors, shown when a wait on them times out.
+const serviceLogs: string[] = [];
 
 beforeAll(async () => {
   dataDir = await mkdtemp(path.join(tmpdir(), "meshctl-e2e-"));
@@ -22,7 +24,7 @@ beforeAll(async () => {
     adminToken,
     ports: { gateway: 0, billing: 0, analytics: 0 },
     env: { SHUTDOWN_GRACE_MS: String(graceMs), LOG_LEVEL: "warn" },
-    onLine: () => {},
+    onLine: (service, line) => serviceLogs.push(`[${service}] ${line}`),
   });
   demo = await ensureDemo(mesh, { dataDir, adminToken });
 }, 120_000);
@@ -75,7 +77,9 @@ describe("meshctl drives the mesh", () => {
       const run = await meshctl("usage", "--org", demo.orgId, "--json");
       const usage = JSON.parse(run.out) as UsageJson;
       return usage.requests === "1" ? usage : undefined;
-    }, { timeoutMs: 15_000, what: "the request billed" });
+    }, { timeoutMs: 15_000, what: "the request billed" }).catch((e: Error) => {
+      throw new Error(`${e.message}; service logs:\n${serviceLogs.slice(-50).join("\n")}`);
+    });
     expect(billing.costNanos).toBe(cost ?? "");
     const analytics = JSON.parse((await meshctl("usage", "--org", demo.orgId, "--source", "analytics", "--json")).out);
     expect((analytics as UsageJson).rows?.[0]).toMatchObject({ requests: "1", costNanos: cost });
