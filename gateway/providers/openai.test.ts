@@ -5,12 +5,17 @@ import { UpstreamError, type UpstreamFailure } from "./provider.ts";
 import { eventually } from "../../test/support.ts";
 
 // A stand-in for an OpenAI-compatible upstream: the reply depends on the requested model.
-const seen: Array<{ auth: string | null; body: Record<string, unknown> }> = [];
+const seen: Array<{ auth: string | null; timeout: string | null; userAgent: string | null; body: Record<string, unknown> }> = [];
 const upstream = Bun.serve({
   port: 0,
   async fetch(req) {
     const body = (await req.json()) as Record<string, unknown>;
-    seen.push({ auth: req.headers.get("authorization"), body });
+    seen.push({
+      auth: req.headers.get("authorization"),
+      timeout: req.headers.get("x-stainless-timeout"),
+      userAgent: req.headers.get("user-agent"),
+      body,
+    });
     const completion = {
       id: "chatcmpl-1",
       object: "chat.completion",
@@ -60,9 +65,25 @@ describe("openai provider", () => {
     const result = await provider.chat(request("ok"), { timeoutMs: 5000 });
     expect(seen.at(-1)?.auth).toBe("Bearer sk-upstream");
     expect(seen.at(-1)?.body.model).toBe("ok");
+    expect(seen.at(-1)?.userAgent).toStartWith("OpenAI/JS ");
     expect(result.completion.model).toBe("ok-2024");
     expect(result.tokens).toEqual({ inputTokens: 100n, cachedInputTokens: 40n, outputTokens: 50n, reasoningTokens: 20n });
     expect(result.usageEstimated).toBe(false);
+  });
+
+  test("each call carries its own body and the SDK's header for its own time limit", async () => {
+    const before = seen.length;
+    const asked = { ...request("ok"), temperature: 0.25, user: "u-1" };
+    await provider.chat(asked, { timeoutMs: 5000 });
+    await provider.chat(request("no-usage"), { timeoutMs: 5000 });
+    await provider.chat(request("ok"), { timeoutMs: 12_500 });
+    await provider.chat(request("ok"), { timeoutMs: 400 });
+    expect(seen.slice(before).map((s) => [s.body, s.timeout])).toEqual([
+      [asked, "5"],
+      [request("no-usage"), "5"],
+      [request("ok"), "12"],
+      [request("ok"), "0"],
+    ]);
   });
 
   test("counts usage with the tokenizer when the upstream reports none", async () => {
@@ -352,10 +373,12 @@ describe("azure provider", () => {
     expect(contents).toContain("hi");
     const embedded = await provider.embed({ model: "prod-embed", input: "hello", encoding_format: "float" }, { timeoutMs: 5000 });
     expect(embedded.response.data[0]?.embedding).toEqual([0.5]);
+    await provider.chat(request("prod-gpt4o-mini"), { timeoutMs: 5000 });
     expect(calls).toEqual([
       { url: "/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
       { url: "/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
       { url: "/openai/deployments/prod-embed/embeddings?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
+      { url: "/openai/deployments/prod-gpt4o-mini/chat/completions?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
     ]);
   });
 
