@@ -123,6 +123,9 @@ describe("one port for every protocol", () => {
     const text = await (await fetch(`${server.url}/metrics`)).text();
     expect(text).toMatch(/rpc_server_handled_total\{[^}]*rpc_method="ListOrganizations"[^}]*code="ok"[^}]*\} [1-9]/);
     expect(text).toContain("process_cpu_seconds_total");
+    expect(text).toContain("nodejs_heap_size_used_bytes");
+    // Collected by walking the whole heap, stalling the service at every scrape.
+    expect(text).not.toContain("nodejs_heap_space_size");
   });
 });
 
