@@ -11,7 +11,7 @@ import {
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createLogger } from "../lib/log.ts";
-import { type IngestOptions, maxBatchRows, toUsageRecord } from "./ingest.ts";
+import { dedupToken, type IngestOptions, maxBatchRows, toUsageRecord } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
 import { createAnalyticsService } from "./service.ts";
 import type { AnalyticsStore } from "./store/store.ts";
@@ -292,4 +292,18 @@ test("usage records carry what billing needs", () => {
   expect(record.usage).toEqual(m.usage);
   expect(record.costBreakdown).toEqual(m.costBreakdown);
   expect(create(BillingService.method.recordUsage.input, { records: [record] }).records).toHaveLength(1);
+});
+
+describe("dedupToken", () => {
+  test("depends on the set of request ids only, and keeps its format across versions", () => {
+    const rows = ["01JB0000000000000000000002", "01JB0000000000000000000001", "01JB0000000000000000000003"].map((requestId) =>
+      sampleMetrics(new Date(now), { requestId }),
+    );
+    const token = dedupToken(rows);
+    expect(dedupToken([...rows].reverse())).toBe(token);
+    expect(dedupToken(rows.slice(1))).not.toBe(token);
+    // A retried insert matches the first one only with the same token, even when analytics was upgraded in between.
+    const sorted = rows.map((m) => `${m.requestId}\n`).sort().join("");
+    expect(token).toBe(`ingest-${new Bun.CryptoHasher("sha256").update(sorted).digest("hex")}`);
+  });
 });

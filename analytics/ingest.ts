@@ -381,9 +381,9 @@ function validateBatch(batch: IngestMetricsRequest): void {
 
 /** The same request ids give the same token, so ClickHouse drops a repeated insert whole. */
 export function dedupToken(rows: readonly RequestMetrics[]): string {
-  const hash = createHash("sha256");
-  for (const id of rows.map((m) => m.requestId).sort()) hash.update(id).update("\n");
-  return `ingest-${hash.digest("hex")}`;
+  // One update of the whole list: two per row were most of the cost.
+  const ids = rows.map((m) => m.requestId).sort();
+  return `ingest-${createHash("sha256").update(`${ids.join("\n")}\n`).digest("hex")}`;
 }
 
 export function toUsageRecord(m: RequestMetrics): UsageRecord {

@@ -78,7 +78,7 @@ describe("openai provider", () => {
     await provider.chat(request("no-usage"), { timeoutMs: 5000 });
     await provider.chat(request("ok"), { timeoutMs: 12_500 });
     await provider.chat(request("ok"), { timeoutMs: 400 });
-    expect(seen.slice(before).map((s) => [s.body, s.timeout])).toEqual([
+    expect(seen.slice(before).map((s): unknown[] => [s.body, s.timeout])).toEqual([
       [asked, "5"],
       [request("no-usage"), "5"],
       [request("ok"), "12"],
