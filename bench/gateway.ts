@@ -21,7 +21,6 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import autocannon from "autocannon";
-import { freePort } from "../lib/processes.ts";
 import { ensureDemo, type Mesh, startMesh } from "../scripts/mesh.ts";
 import { ceilingPerSecond, cpuSeconds, rssMb } from "./proc-stats.ts";
 
@@ -168,14 +167,13 @@ async function main() {
   );
   const errors: string[] = [];
   let mesh: Mesh | undefined;
-  const restPort = await freePort();
   try {
     mesh = await startMesh({
       dataDir,
       adminToken: "bench-admin-token-0123456789",
       ports: { gateway: 0, billing: 0, analytics: 0 },
       env: { LOG_LEVEL: "warn" },
-      serviceEnv: { gateway: { GATEWAY_CONFIG: configFile, GATEWAY_REST_PORT: String(restPort) } },
+      serviceEnv: { gateway: { GATEWAY_CONFIG: configFile } },
       onLine: (service, line) => {
         if (line.includes('"level":"error"')) errors.push(`[${service}] ${line}`);
       },
@@ -197,9 +195,9 @@ async function main() {
     const json = { "content-type": "application/json" };
     const auth = { ...json, authorization: `Bearer ${demo.apiKey}` };
     const direct = { name: "direct", url: `${upstream.url}/chat/completions`, headers: json, model: "bench-model" };
-    const fast = { name: "gateway", url: `http://127.0.0.1:${restPort}/v1/chat/completions`, headers: auth, model: "bench" };
+    const fast = { name: "gateway", url: `${demo.baseUrl}/chat/completions`, headers: auth, model: "bench" };
     // The same REST API on the port it shares with the RPCs (node:http), for comparison.
-    const shared = { name: "gateway (rpc port)", url: `${demo.baseUrl}/chat/completions`, headers: auth, model: "bench" };
+    const shared = { name: "gateway (rpc port)", url: `${mesh.urls.gateway}/v1/chat/completions`, headers: auth, model: "bench" };
     type Target = typeof direct;
     const run = (t: Target, stream: boolean, rate: number, duration = seconds) =>
       rate > 0 ? paced(t.url, t.headers, bodyFor(t.model, stream), rate, duration) : saturate(t.url, t.headers, bodyFor(t.model, stream), duration);

@@ -17,8 +17,11 @@ const root = path.resolve(import.meta.dir, "..");
 export interface MeshOptions {
   dataDir: string;
   adminToken: string;
-  /** 0 picks a free port. */
-  ports: { gateway: number; billing: number; analytics: number };
+  /**
+   * 0 picks a free port. `openai` is the gateway's OpenAI-compatible REST API on Bun's own server (its fast path; the
+   * gateway port serves it too, beside the RPCs); a free port when left out.
+   */
+  ports: { gateway: number; billing: number; analytics: number; openai?: number };
   /** Extra environment for every service (DATABASE_URL, CLICKHOUSE_URL, LOG_LEVEL, ...). */
   env?: Record<string, string | undefined>;
   /** Per-service extra environment. */
@@ -37,6 +40,8 @@ export interface Demo {
 
 export interface Mesh {
   urls: Record<ServiceName, string>;
+  /** The gateway's OpenAI-compatible REST API on its fast port (add /v1 for an SDK's base URL). */
+  openaiUrl: string;
   processes: Record<ServiceName, ServiceProcess>;
   /** Starts (again) one service on its port, e.g. after a test killed it. */
   restart(name: ServiceName): Promise<ServiceProcess>;
@@ -49,6 +54,7 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     billing: options.ports.billing || (await freePort()),
     analytics: options.ports.analytics || (await freePort()),
     gateway: options.ports.gateway || (await freePort()),
+    openai: options.ports.openai || (await freePort()),
   };
   const urls = {
     billing: `http://127.0.0.1:${ports.billing}`,
@@ -63,6 +69,7 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     BILLING_PORT: String(ports.billing),
     ANALYTICS_PORT: String(ports.analytics),
     GATEWAY_PORT: String(ports.gateway),
+    GATEWAY_REST_PORT: String(ports.openai),
     ...options.env,
   };
   const spawn = (name: ServiceName) =>
@@ -97,6 +104,7 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
   }
   return {
     urls,
+    openaiUrl: `http://127.0.0.1:${ports.openai}`,
     processes,
     async restart(name) {
       processes[name] = spawn(name);
@@ -115,7 +123,7 @@ export async function ensureDemo(mesh: Mesh, options: { dataDir: string; adminTo
     timeoutMs: 10_000,
   });
   const file = path.join(options.dataDir, "demo.env");
-  const baseUrl = `${mesh.urls.gateway}/v1`;
+  const baseUrl = `${mesh.openaiUrl}/v1`;
   const saved = await readFile(file, "utf8").catch(() => "");
   const savedKey = /^OPENAI_API_KEY=(.+)$/m.exec(saved)?.[1];
   if (savedKey) {
@@ -148,6 +156,7 @@ if (import.meta.main) {
     GATEWAY_PORT: env.port(8080),
     BILLING_PORT: env.port(8081),
     ANALYTICS_PORT: env.port(8082),
+    GATEWAY_REST_PORT: env.port(8090),
     MESH_READY_TIMEOUT_MS: z.coerce.number().int().positive().default(60_000),
   });
   const dataDir = path.resolve(cfg.MESH_DATA_DIR);
@@ -155,7 +164,7 @@ if (import.meta.main) {
   const mesh = await startMesh({
     dataDir,
     adminToken: cfg.ADMIN_TOKEN,
-    ports: { gateway: cfg.GATEWAY_PORT, billing: cfg.BILLING_PORT, analytics: cfg.ANALYTICS_PORT },
+    ports: { gateway: cfg.GATEWAY_PORT, billing: cfg.BILLING_PORT, analytics: cfg.ANALYTICS_PORT, openai: cfg.GATEWAY_REST_PORT },
     readyTimeoutMs: cfg.MESH_READY_TIMEOUT_MS,
   }).catch((e: Error) => {
     process.stderr.write(`mesh failed to start: ${e.message}\n`);
@@ -191,7 +200,7 @@ if (import.meta.main) {
   process.stdout.write(
     [
       "",
-      `mesh ready in ${seconds}s: gateway ${mesh.urls.gateway}, billing ${mesh.urls.billing}, analytics ${mesh.urls.analytics}`,
+      `mesh ready in ${seconds}s: gateway ${mesh.urls.gateway} (RPCs; OpenAI API on ${mesh.openaiUrl}), billing ${mesh.urls.billing}, analytics ${mesh.urls.analytics}`,
       `OPENAI_BASE_URL=${demo.baseUrl}`,
       `OPENAI_API_KEY=${demo.apiKey}`,
       `(also written to ${path.join(dataDir, "demo.env")})`,
