@@ -46,7 +46,13 @@ export interface RestResponse {
 export interface RestApp {
   handle(request: RestRequest): Promise<RestResponse>;
   /** The same app as a Fetch handler. */
-  fetch(request: Request): Promise<Response>;
+  fetch(request: Request, hooks?: FetchHooks): Promise<Response>;
+}
+
+/** Told when a Fetch request's body has been read, and when its answer is all handed over (a stream's last event). */
+export interface FetchHooks {
+  bodyRead?(): void;
+  answered?(): void;
 }
 
 const modelsPrefix = "/v1/models/";
@@ -181,15 +187,17 @@ export function createRestApp(options: RestAppOptions): RestApp {
 
   return {
     handle,
-    async fetch(request) {
+    async fetch(request, hooks) {
       const response = await handle({
         method: request.method,
         path: pathOf(request.url),
         headers: request.headers,
-        text: (limit) => readText(request, limit),
+        text: (limit) => readText(request, limit).finally(() => hooks?.bodyRead?.()),
         signal: request.signal,
       });
-      return new Response(typeof response.body === "string" ? response.body : toReadable(response.body), {
+      const body = response.body;
+      if (typeof body === "string") hooks?.answered?.();
+      return new Response(typeof body === "string" ? body : toReadable(body, () => hooks?.answered?.()), {
         status: response.status,
         headers: response.headers,
       });
@@ -271,7 +279,7 @@ async function readText(request: Request, limit: number): Promise<string> {
 }
 
 /** Server-sent events as a Bun "direct" stream: strings go to the socket as written, flushed per event. */
-function toReadable(events: AsyncIterable<string>): ReadableStream<Uint8Array> {
+function toReadable(events: AsyncIterable<string>, ended: () => void): ReadableStream<Uint8Array> {
   const iterator = events[Symbol.asyncIterator]();
   return new ReadableStream({
     type: "direct",
@@ -289,6 +297,7 @@ function toReadable(events: AsyncIterable<string>): ReadableStream<Uint8Array> {
       } finally {
         await iterator.return?.();
         controller.close();
+        ended();
       }
     },
     async cancel() {

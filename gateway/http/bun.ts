@@ -18,16 +18,32 @@ export interface BunRestServer {
  */
 export function serveRest(
   app: RestApp,
-  options: { port: number; hostname?: string; maxBodyBytes: number; log?: Logger },
+  options: {
+    port: number;
+    hostname?: string;
+    maxBodyBytes: number;
+    log?: Logger;
+    /**
+     * How long a connection may sit silent while a request's head or body arrives, and idle between requests. Past
+     * 60 s so a load balancer's keep-alive (AWS: 60 s) ends first, like the RPC port's.
+     */
+    idleTimeoutSeconds?: number;
+  },
 ): BunRestServer {
+  const idle = options.idleTimeoutSeconds ?? 65;
   const server: Server<undefined> = Bun.serve({
     port: options.port,
     hostname: options.hostname ?? "0.0.0.0",
     // The app answers 413 itself; Bun's own limit only stops bodies far past it.
     maxRequestBodySize: options.maxBodyBytes * 2,
-    // Streams may sit silent while an upstream thinks; the gateway's own time limits end them.
-    idleTimeout: 0,
-    fetch: (request) => app.fetch(request),
+    idleTimeout: idle,
+    fetch: (request, bun) =>
+      app.fetch(request, {
+        // Once the request is read, its answer may be silent for as long as an upstream thinks: the gateway's own
+        // time limits end it. Then the connection is idle again and its limit is back.
+        bodyRead: () => bun.timeout(request, 0),
+        answered: () => bun.timeout(request, idle),
+      }),
     // The app answers its own failures; anything that escapes still gets OpenAI's error shape.
     error(e) {
       options.log?.error("rest handler failed", { err: e });

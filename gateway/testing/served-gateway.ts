@@ -18,7 +18,7 @@ import { createBillingFake, createRecordingShipper, createTestLogger } from "../
  * (`restUrl`), configured by `routes` (gateway config YAML), with the billing fake's keys sk-good
  * (any model) and sk-limited (only "ok").
  */
-export async function startTestGateway(routes: string, options: { maxBodyBytes?: number } = {}) {
+export async function startTestGateway(routes: string, options: { maxBodyBytes?: number; idleTimeoutSeconds?: number } = {}) {
   const billing = createBillingFake({
     "sk-good": { id: "key_good", orgId: "org_1", projectId: "proj_1" },
     "sk-limited": { id: "key_limited", orgId: "org_2", allowedModels: ["ok"] },
@@ -37,7 +37,7 @@ export async function startTestGateway(routes: string, options: { maxBodyBytes?:
   const tracer = trace.getTracer("test");
   const maxBodyBytes = options.maxBodyBytes ?? 64 * 1024;
   const rest = createRestApp({ core, tracer, maxBodyBytes });
-  const fast = serveRest(rest, { port: 0, hostname: "127.0.0.1", maxBodyBytes });
+  const fast = serveRest(rest, { port: 0, hostname: "127.0.0.1", maxBodyBytes, idleTimeoutSeconds: options.idleTimeoutSeconds });
   const server = await startServer({
     name: "gateway-test",
     port: 0,

@@ -1,0 +1,86 @@
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import net from "node:net";
+import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
+import { startTestGateway } from "../testing/served-gateway.ts";
+
+// The REST port's connection limits: a request must arrive without long pauses, an answer may take as long as the
+// gateway's own time limits allow, and an idle connection is closed.
+let upstream: FakeUpstream;
+let gateway: Awaited<ReturnType<typeof startTestGateway>>;
+const idleSeconds = 1;
+
+beforeAll(async () => {
+  upstream = startFakeUpstream();
+  gateway = await startTestGateway(
+    [
+      "providers:",
+      `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
+      "models:",
+      "  - name: ok",
+      "    targets: [{ provider: fake, model: ok }]",
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+    ].join("\n"),
+    { idleTimeoutSeconds: idleSeconds },
+  );
+});
+afterAll(async () => {
+  await gateway.close();
+  upstream.stop();
+});
+
+/** A raw connection to the REST port: what it has received, and a promise of its closing. */
+function connect() {
+  const { port } = new URL(gateway.restUrl);
+  const socket = net.connect(Number(port), "127.0.0.1");
+  const state = { received: "", closedAt: 0 };
+  socket.on("data", (d) => {
+    state.received += d.toString();
+  });
+  const closed = new Promise<void>((resolve) => socket.on("close", () => resolve()));
+  socket.on("error", () => {});
+  return { socket, state, closed };
+}
+
+const chat = (stream = false) =>
+  JSON.stringify({ model: "ok", messages: [{ role: "user", content: "hello" }], ...(stream ? { stream: true } : {}) });
+const head = (length: number) =>
+  `POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\nContent-Type: application/json\r\nContent-Length: ${length}\r\n\r\n`;
+
+test("a request whose body stops arriving is cut off", async () => {
+  const { socket, state, closed } = connect();
+  const body = chat();
+  socket.write(head(body.length) + body.slice(0, 10));
+  await closed;
+  expect(state.received).toBe("");
+  expect(upstream.requests).toHaveLength(0);
+}, 15_000);
+
+test("an answer may be silent for longer than the idle limit, whole or streamed", async () => {
+  upstream.script("ok", { delayMs: 2500 });
+  const whole = await fetch(`${gateway.restUrl}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+    body: chat(),
+  });
+  expect(whole.status).toBe(200);
+  expect(((await whole.json()) as { choices: unknown[] }).choices).toHaveLength(1);
+
+  upstream.script("ok", { content: "one two", chunkDelayMs: 1500 });
+  const streamed = await fetch(`${gateway.restUrl}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+    body: chat(true),
+  });
+  const text = await streamed.text();
+  expect(text).toContain("two");
+  expect(text.trimEnd().endsWith("data: [DONE]")).toBe(true);
+}, 30_000);
+
+test("a connection left idle after its answer is closed", async () => {
+  upstream.script("ok", {});
+  const { socket, state, closed } = connect();
+  const body = chat();
+  socket.write(head(body.length) + body);
+  await closed;
+  expect(state.received).toStartWith("HTTP/1.1 200");
+}, 15_000);
