@@ -14,7 +14,9 @@
  * the gateway's run (gateway, billing with its Postgres, analytics, the fake upstream, and this process, which
  * generates the load; from /proc), in microseconds, and "direct CPU/req" the same for the direct run (upstream and
  * load generator); "gw ceiling" is what this machine's cores could carry at the gateway run's total CPU per
- * request, whatever the scheduling; "gw RSS" the gateway's peak resident memory during that run. Past its capacity an open-loop rate queues requests in the
+ * request, whatever the scheduling; "gw RSS" the gateway's peak resident memory during that run; "stolen" the share
+ * of this machine's CPU time its hypervisor gave other guests during the row's runs (/proc/stat), which moves
+ * latencies between runs more than most changes do. Past its capacity an open-loop rate queues requests in the
  * gateway, so rows beyond it show latency and memory growing with the backlog.
  */
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
@@ -22,7 +24,7 @@ import { tmpdir } from "node:os";
 import * as path from "node:path";
 import autocannon from "autocannon";
 import { ensureDemo, type Mesh, startMesh } from "../scripts/mesh.ts";
-import { ceilingPerSecond, cpuSeconds, rssMb } from "./proc-stats.ts";
+import { ceilingPerSecond, cpuSeconds, rssMb, stolenShare } from "./proc-stats.ts";
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 10);
 const connections = Number(process.env.BENCH_CONNECTIONS ?? 50);
@@ -221,6 +223,7 @@ async function main() {
     /** One direct run and one gateway run of a plan row, as numbers. */
     const measure = async (stream: boolean, rate: number, via: Target) => {
       const directBefore = cpuNow();
+      const stolen = stolenShare();
       const base = await run(direct, stream, rate);
       // Only the fake upstream and the load generator work in a direct run.
       const directUs = cpuNow()
@@ -231,7 +234,7 @@ async function main() {
       runPeakRss = 0;
       const gw = await run(via, stream, rate);
       const perRequest = cpuNow().map((now, i) => ((now - (cpuBefore[i] ?? 0)) / Math.max(1, gw.rps * seconds)) * 1e6);
-      return { base, gw, directUs, perRequest, rss: runPeakRss };
+      return { base, gw, directUs, perRequest, rss: runPeakRss, stolen: stolen() };
     };
     for (const [stream, rate, via] of plan) {
       const label = `${stream ? "stream" : "whole"}${via === shared ? "-rpc-port" : ""}:${rate > 0 ? rate : "max"}`;
@@ -270,12 +273,13 @@ async function main() {
         perRequest.map((us) => us.toFixed(0)).join(" / "),
         fmtRate(med((r) => ceilingPerSecond(r.perRequest.reduce((a, b) => a + b, 0)))),
         Math.max(...runs.map((r) => r.rss)).toFixed(0),
+        `${(100 * med((r) => r.stolen)).toFixed(1)}${repeat > 1 ? ` (${runs.map((r) => (100 * r.stolen).toFixed(1)).join(", ")})` : ""}`,
       ]);
       process.stderr.write(`${rows.at(-1)?.join("  ")}\n`);
     }
     clearInterval(sampler);
 
-    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "errors", "direct CPU/req µs", "gw CPU/req µs: gw / billing+pg / analytics / upstream / load gen", "gw ceiling req/s", "gw RSS MB"];
+    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "errors", "direct CPU/req µs", "gw CPU/req µs: gw / billing+pg / analytics / upstream / load gen", "gw ceiling req/s", "gw RSS MB", "stolen %"];
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
     const line = (cells: string[]) => `| ${cells.map((c, i) => c.padStart(widths[i] ?? 0)).join(" | ")} |`;
     const out = [

@@ -33,7 +33,7 @@ import { createLogger } from "../lib/log.ts";
 import { freePort, type ServiceProcess, spawnService } from "../lib/processes.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
-import { ceilingPerSecond, cpuSeconds } from "./proc-stats.ts";
+import { ceilingPerSecond, cpuSeconds, stolenShare } from "./proc-stats.ts";
 
 const rowCount = Number(process.env.BENCH_ROWS ?? 300_000);
 const flushRows = Number(process.env.BENCH_FLUSH_ROWS ?? 10_000);
@@ -137,6 +137,8 @@ interface Pass {
   /** CPU time per row, in microseconds: analytics' process, and this one (producer, spool, shipper, stub). */
   cpuUs: { analytics: number; billing: number; gatewaySide: number };
   spoolPeak: number;
+  /** Share of this machine's CPU time its hypervisor gave other guests during the pass. */
+  stolen: number;
   exact: boolean;
 }
 
@@ -159,6 +161,7 @@ async function runPass(name: string, billingUrl: string, checkBilling: boolean):
   const analyticsCpu = cpuSeconds(analyticsProcess.proc.pid);
   const billingCpu = cpuSeconds(billingPid, { tree: true });
   const ownCpu = process.cpuUsage();
+  const stolen = stolenShare();
   const spool = openFileSpool({ root: path.join(dataDir, "spool"), name, maxBytes: 1024 ** 3, fsync: "interval", log });
   const shipper = createMetricsShipper({
     client: createServiceClient(AnalyticsService, { baseUrl: analyticsUrl, bearerToken: adminToken }),
@@ -188,6 +191,7 @@ async function runPass(name: string, billingUrl: string, checkBilling: boolean):
     billing: ((cpuSeconds(billingPid, { tree: true }) - billingCpu) * 1e6) / rowCount,
     gatewaySide: (process.cpuUsage(ownCpu).user + process.cpuUsage(ownCpu).system) / rowCount,
   };
+  const stolenShareOfPass = stolen();
   clearInterval(sampler);
   await shipper.close();
   spool.close();
@@ -213,6 +217,7 @@ async function runPass(name: string, billingUrl: string, checkBilling: boolean):
     rss: { idle, quarters },
     cpuUs,
     spoolPeak,
+    stolen: stolenShareOfPass,
     exact,
   };
 }
@@ -250,6 +255,7 @@ const table: string[][] = [
   ["CPU per row: all of the above (us)", total(stubPass, false).toFixed(1), total(realPass, true).toFixed(1)],
   ["  what this machine's cores carry at that CPU per row (rows/s)", fmt(ceilingPerSecond(total(stubPass, false))), fmt(ceilingPerSecond(total(realPass, true)))],
   ["gateway spool peak", mib(stubPass.spoolPeak), mib(realPass.spoolPeak)],
+  ["machine CPU time taken by the hypervisor for other guests", `${(100 * stubPass.stolen).toFixed(1)}%`, `${(100 * realPass.stolen).toFixed(1)}%`],
   ["every row once, costs exact (ClickHouse; and billing)", String(stubPass.exact), String(realPass.exact)],
 ];
 const widths = [0, 1, 2].map((c) => Math.max(...table.map((r) => (r[c] ?? "").length)));

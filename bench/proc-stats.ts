@@ -50,3 +50,24 @@ export function rssMb(pid: number): number {
 export function ceilingPerSecond(cpuUs: number): number {
   return (availableParallelism() * 1e6) / cpuUs;
 }
+
+/** This machine's CPU time so far, in ticks: all of it, and what its hypervisor gave other guests (steal). */
+function machineTicks(): { total: number; steal: number } {
+  const line = readFileSync("/proc/stat", "utf8").split("\n", 1)[0] ?? "";
+  // user nice system idle iowait irq softirq steal (guest time is counted in user already).
+  const fields = line.trim().split(/\s+/).slice(1, 9).map(Number);
+  return { total: fields.reduce((a, b) => a + b, 0), steal: fields[7] ?? 0 };
+}
+
+/**
+ * Starts counting the share of this machine's CPU time its hypervisor took for other guests; the function returned
+ * reads it. On a shared VM that share moves timings between runs more than most changes do, so runs show it.
+ */
+export function stolenShare(): () => number {
+  const start = machineTicks();
+  return () => {
+    const now = machineTicks();
+    const total = now.total - start.total;
+    return total > 0 ? (now.steal - start.steal) / total : 0;
+  };
+}
