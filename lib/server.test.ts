@@ -158,3 +158,47 @@ describe("close", () => {
     expect(after).toBe("refused");
   });
 });
+
+describe("request bodies over HTTP/1.1", () => {
+  test("a body that stops arriving closes its connection; a slow answer to a whole body does not", async () => {
+    const own = await startServer({
+      name: "slow-bodies",
+      port: 0,
+      host: "127.0.0.1",
+      log: createLogger({ service: "test", write: () => {} }),
+      requestBodyTimeoutMs: 300,
+      routes: (router) =>
+        router.service(BillingService, {
+          async listProjects() {
+            await Bun.sleep(800);
+            return { projects: [] };
+          },
+        }),
+    });
+    try {
+      const { port } = new URL(own.url);
+      const socket = (await import("node:net")).connect(Number(port), "127.0.0.1");
+      let received = "";
+      socket.on("data", (d) => {
+        received += d.toString();
+      });
+      socket.on("error", () => {});
+      const closed = new Promise<string>((resolve) => socket.on("close", () => resolve("closed")));
+      socket.write(
+        "POST /billing.v1.BillingService/ListProjects HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n{",
+      );
+      expect(await Promise.race([closed, Bun.sleep(8_000).then(() => "still open")])).toBe("closed");
+      expect(received).toBe("");
+
+      const answered = await fetch(`${own.url}/billing.v1.BillingService/ListProjects`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ orgId: "o" }),
+      });
+      expect(answered.status).toBe(200);
+      expect(await answered.json()).toEqual({});
+    } finally {
+      await own.close(0);
+    }
+  }, 15_000);
+});

@@ -34,6 +34,12 @@ export interface ServerOptions {
   log: Logger;
   /** Largest RPC message accepted, in bytes. */
   readMaxBytes?: number;
+  /**
+   * How long an HTTP/1.1 request's body may take to arrive (120 s by default); past it the connection is closed. Node's
+   * own requestTimeout does this, but Bun's node:http does not enforce it. HTTP/2 streams are left alone: IngestMetrics
+   * sends its requests for as long as the gateway runs.
+   */
+  requestBodyTimeoutMs?: number;
 }
 
 export interface RunningServer {
@@ -84,10 +90,13 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   let inFlight = 0;
   let handling = 0;
   const settled = () => inFlight === 0 && handling === 0;
+  const bodyTimeoutMs = options.requestBodyTimeoutMs ?? 120_000;
   const handle = async (req: NodeRequest, res: NodeResponse) => {
     inFlight++;
     handling++;
     res.once("close", () => inFlight--);
+    const hasBody = req.headers["transfer-encoding"] !== undefined || (req.headers["content-length"] ?? "0") !== "0";
+    if (req.httpVersionMajor === 1 && hasBody) limitBodyTime(req, res, bodyTimeoutMs);
     try {
       const path = req.url ?? "/";
       if (req.method === "GET" && (await serveOps(path, res, options, readiness, draining.signal))) return;
@@ -151,6 +160,14 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       while (!settled() && Date.now() < cutDeadline) await Bun.sleep(10);
     },
   };
+}
+
+/** Closes the connection of a request whose body has not all arrived within `ms`; listening for its end reads nothing. */
+function limitBodyTime(req: NodeRequest, res: NodeResponse, ms: number): void {
+  const timer = setTimeout(() => req.socket.destroy(), ms);
+  const done = () => clearTimeout(timer);
+  req.once("end", done);
+  res.once("close", done);
 }
 
 async function serveOps(
