@@ -50,34 +50,35 @@ export interface Mesh {
 }
 
 export async function startMesh(options: MeshOptions): Promise<Mesh> {
-  const ports = {
-    billing: options.ports.billing || (await freePort()),
-    analytics: options.ports.analytics || (await freePort()),
-    gateway: options.ports.gateway || (await freePort()),
-    openai: options.ports.openai || (await freePort()),
-  };
-  const urls = {
-    billing: `http://127.0.0.1:${ports.billing}`,
-    analytics: `http://127.0.0.1:${ports.analytics}`,
-    gateway: `http://127.0.0.1:${ports.gateway}`,
-  };
-  const shared = {
-    MESH_DATA_DIR: options.dataDir,
-    ADMIN_TOKEN: options.adminToken,
-    BILLING_URL: urls.billing,
-    ANALYTICS_URL: urls.analytics,
-    BILLING_PORT: String(ports.billing),
-    ANALYTICS_PORT: String(ports.analytics),
-    GATEWAY_PORT: String(ports.gateway),
-    GATEWAY_REST_PORT: String(ports.openai),
-    ...options.env,
+  // Free ports are picked just before the service that listens on them starts (a port found free can be taken by
+  // any connection's local end meanwhile), and each service starts after those it calls.
+  const ports = { billing: 0, analytics: 0, gateway: 0, openai: 0 };
+  const urls = { billing: "", analytics: "", gateway: "" };
+  const pick = async (name: ServiceName) => {
+    ports[name] ||= options.ports[name] || (await freePort());
+    if (name === "gateway") ports.openai ||= options.ports.openai || (await freePort());
+    urls[name] = `http://127.0.0.1:${ports[name]}`;
   };
   const spawn = (name: ServiceName) =>
     spawnService({
       name,
       cmd: [process.execPath, path.join(root, name, "main.ts")],
       cwd: root,
-      env: { ...shared, ...options.serviceEnv?.[name] },
+      env: {
+        MESH_DATA_DIR: options.dataDir,
+        ADMIN_TOKEN: options.adminToken,
+        // What is known so far: a service starts after the ones whose addresses it needs.
+        ...known({
+          BILLING_URL: urls.billing,
+          ANALYTICS_URL: urls.analytics,
+          BILLING_PORT: ports.billing,
+          ANALYTICS_PORT: ports.analytics,
+          GATEWAY_PORT: ports.gateway,
+          GATEWAY_REST_PORT: ports.openai,
+        }),
+        ...options.env,
+        ...options.serviceEnv?.[name],
+      },
       readyUrl: `${urls[name]}/readyz`,
       readyTimeoutMs: options.readyTimeoutMs ?? 60_000,
       onLine: options.onLine && ((line) => options.onLine?.(name, line)),
@@ -92,12 +93,13 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     return codes;
   };
   try {
-    processes.billing = spawn("billing");
-    await processes.billing.ready;
-    // The gateway is ready only once billing answers; analytics once ClickHouse does.
-    processes.analytics = spawn("analytics");
-    processes.gateway = spawn("gateway");
-    await Promise.all([processes.analytics.ready, processes.gateway.ready]);
+    // The gateway is ready only once billing answers, and its metrics stream to analytics connects at once rather
+    // than after a backoff (up to 10 s) that would hold back the first usage.
+    for (const name of ["billing", "analytics", "gateway"] as const) {
+      await pick(name);
+      processes[name] = spawn(name);
+      await processes[name].ready;
+    }
   } catch (e) {
     await stop();
     throw e;
@@ -113,6 +115,11 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     },
     stop,
   };
+}
+
+/** The entries that have a value, as environment strings. */
+function known(values: Record<string, string | number>): Record<string, string> {
+  return Object.fromEntries(Object.entries(values).flatMap(([k, v]) => (v ? [[k, String(v)]] : [])));
 }
 
 /** Finds or creates the demo org and a working key, kept in <dataDir>/demo.env across restarts. */

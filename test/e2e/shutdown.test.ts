@@ -16,7 +16,6 @@ import pg from "pg";
 import { AnalyticsService, type RequestMetrics, RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { isAlive, postmasterPid } from "../../billing/store/embedded.ts";
-import { freePort } from "../../lib/processes.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Mesh, startMesh } from "../../scripts/mesh.ts";
 import { eventually } from "../support.ts";
@@ -61,20 +60,20 @@ beforeAll(async () => {
   dataDir = await mkdtemp(path.join(tmpdir(), "mesh-shutdown-"));
   const config = path.join(dataDir, "routes.yaml");
   await writeFile(config, routes);
-  restUrl = `http://127.0.0.1:${await freePort()}`;
   mesh = await startMesh({
     dataDir,
     adminToken,
     ports: { gateway: 0, billing: 0, analytics: 0 },
     // Quick flushes, so the mesh settles in well under a second. SHUTDOWN_LOG=1 prints the services' logs.
     env: { LOG_LEVEL: "warn", ANALYTICS_FLUSH_INTERVAL_MS: "100", GATEWAY_METRICS_INTERVAL_MS: "50", SHUTDOWN_GRACE_MS: String(graceMs) },
-    // The REST API's Bun fast path too, which has its own server to drain.
-    serviceEnv: { gateway: { GATEWAY_CONFIG: config, GATEWAY_REST_PORT: new URL(restUrl).port } },
+    serviceEnv: { gateway: { GATEWAY_CONFIG: config } },
     onLine: (service, line) => {
       logs.push(`[${service}] ${line}`);
       if (process.env.SHUTDOWN_LOG) process.stderr.write(`[${service}] ${line}\n`);
     },
   });
+  // The REST API's Bun fast path too, which has its own server to drain.
+  restUrl = mesh.openaiUrl;
   analytics = createServiceClient(AnalyticsService, { baseUrl: mesh.urls.analytics, bearerToken: adminToken, timeoutMs: 30_000 });
   billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken, timeoutMs: 30_000 });
 }, 120_000);
