@@ -166,11 +166,11 @@ describe("request bodies over HTTP/1.1", () => {
       port: 0,
       host: "127.0.0.1",
       log: createLogger({ service: "test", write: () => {} }),
-      requestBodyTimeoutMs: 300,
+      requestBodyTimeoutMs: 1_000,
       routes: (router) =>
         router.service(BillingService, {
           async listProjects() {
-            await Bun.sleep(800);
+            await Bun.sleep(2_000);
             return { projects: [] };
           },
         }),
