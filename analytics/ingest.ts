@@ -1,4 +1,3 @@
-import { createHash } from "node:crypto";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
 import { type Link, trace, type Tracer } from "@opentelemetry/api";
@@ -9,6 +8,7 @@ import type {
   RequestMetrics,
 } from "../gen/analytics/v1/analytics_pb.ts";
 import { type BillingService, type UsageRecord, UsageRecordSchema } from "../gen/billing/v1/billing_pb.ts";
+import { sha256Hex } from "../lib/auth.ts";
 import type { Logger } from "../lib/log.ts";
 import { finishWith, withChildSpan } from "../lib/telemetry.ts";
 import type { AnalyticsStore } from "./store/store.ts";
@@ -381,9 +381,9 @@ function validateBatch(batch: IngestMetricsRequest): void {
 
 /** The same request ids give the same token, so ClickHouse drops a repeated insert whole. */
 export function dedupToken(rows: readonly RequestMetrics[]): string {
-  // One update of the whole list: two per row were most of the cost.
+  // One hash of the whole list: two updates per row were most of the cost.
   const ids = rows.map((m) => m.requestId).sort();
-  return `ingest-${createHash("sha256").update(`${ids.join("\n")}\n`).digest("hex")}`;
+  return `ingest-${sha256Hex(`${ids.join("\n")}\n`)}`;
 }
 
 export function toUsageRecord(m: RequestMetrics): UsageRecord {
