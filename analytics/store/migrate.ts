@@ -1,6 +1,6 @@
-import { createHash } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { sha256Hex } from "../../lib/auth.ts";
 import type { ClickHouseDriver } from "./driver.ts";
 
 export const migrationsDir = join(import.meta.dir, "..", "migrations");
@@ -29,7 +29,7 @@ export function loadMigrations(dir = migrationsDir): Migration[] {
     .sort()
     .map((name) => {
       const sql = readFileSync(join(dir, name), "utf8");
-      return { version: name.slice(0, -4), sql, checksum: createHash("sha256").update(sql).digest("hex") };
+      return { version: name.slice(0, -4), sql, checksum: sha256Hex(sql) };
     });
 }
 
