@@ -83,7 +83,11 @@ describe("one port for every protocol", () => {
   });
 
   test("a grpc-js client under Node calls the Bun-served RPCs", async () => {
-    const { stdout, stderr, code } = await runCommand(["node", "test/node/grpc-client.mjs", `127.0.0.1:${server.port}`]);
+    const { stdout, stderr, code } = await runCommand([
+      "node",
+      "test/node/grpc-client.mjs",
+      `127.0.0.1:${server.port}`,
+    ]);
     expect(stderr).toBe("");
     expect(code).toBe(0);
     const result = JSON.parse(stdout);
@@ -95,7 +99,12 @@ describe("one port for every protocol", () => {
 
   test("stock gRPC reflection (v1, v1alpha) and health clients under Node", async () => {
     const target = `127.0.0.1:${server.port}`;
-    const { stdout, stderr, code } = await runCommand(["node", "test/node/reflection-client.mjs", target, "billing.v1.BillingService"]);
+    const { stdout, stderr, code } = await runCommand([
+      "node",
+      "test/node/reflection-client.mjs",
+      target,
+      "billing.v1.BillingService",
+    ]);
     expect(stderr).toBe("");
     expect(code).toBe(0);
     const result = JSON.parse(stdout);
@@ -112,7 +121,11 @@ describe("one port for every protocol", () => {
       expect(result[version].methods).toContain("RecordUsage");
     }
     expect(result.describedHasService).toBe(true);
-    expect(result.health).toEqual({ server: { status: "SERVING" }, service: { status: "SERVING" }, unknown: { code: 5 } });
+    expect(result.health).toEqual({
+      server: { status: "SERVING" },
+      service: { status: "SERVING" },
+      unknown: { code: 5 },
+    });
     expect(result.watch).toBe("SERVING");
   }, 20_000);
 
@@ -159,7 +172,7 @@ describe("close", () => {
   });
 });
 
-describe("request bodies over HTTP/1.1", () => {
+describe("request bodies must arrive in time", () => {
   test("a body that stops arriving closes its connection; a slow answer to a whole body does not", async () => {
     const own = await startServer({
       name: "slow-bodies",
@@ -198,6 +211,68 @@ describe("request bodies over HTTP/1.1", () => {
       expect(answered.status).toBe(200);
       expect(await answered.json()).toEqual({});
     } finally {
+      await own.close(0);
+    }
+  }, 15_000);
+
+  test("over HTTP/2 a stalled body resets its own stream only; a streamed request may pause for longer", async () => {
+    const own = await startServer({
+      name: "slow-h2-bodies",
+      port: 0,
+      host: "127.0.0.1",
+      log: createLogger({ service: "test", write: () => {} }),
+      requestBodyTimeoutMs: 1_000,
+      routes: (router) => {
+        router.service(BillingService, { listProjects: async () => ({ projects: [] }) });
+        router.service(AnalyticsService, {
+          async *ingestMetrics(batches) {
+            for await (const batch of batches) yield { ackedSequence: batch.sequence, duplicateRows: 0 };
+          },
+        });
+      },
+    });
+    const http2 = await import("node:http2");
+    const session = http2.connect(own.url);
+    session.on("error", () => {});
+    try {
+      const stalled = session.request(
+        { ":method": "POST", ":path": "/billing.v1.BillingService/ListProjects", "content-type": "application/grpc" },
+        { endStream: false },
+      );
+      stalled.on("error", () => {});
+      stalled.on("data", () => {});
+      // A gRPC frame header announcing 10 bytes, and then nothing.
+      stalled.write(Buffer.from([0, 0, 0, 0, 10]));
+      const reset = new Promise<number>((resolve) => stalled.on("close", () => resolve(stalled.rstCode ?? -1)));
+      expect(await Promise.race([reset, Bun.sleep(8_000).then(() => -1)])).toBe(http2.constants.NGHTTP2_CANCEL);
+
+      // The same connection still serves a whole request.
+      const whole = session.request({
+        ":method": "POST",
+        ":path": "/billing.v1.BillingService/ListProjects",
+        "content-type": "application/json",
+      });
+      whole.end("{}");
+      let body = "";
+      whole.on("data", (d: Buffer) => {
+        body += d.toString();
+      });
+      const status = await new Promise<unknown>((resolve) => whole.on("response", (h) => resolve(h[":status"])));
+      await new Promise((resolve) => whole.on("close", resolve));
+      expect([status, body]).toEqual([200, "{}"]);
+
+      // A bidi stream whose next message comes after the limit is not cut.
+      const client = createServiceClient(AnalyticsService, { baseUrl: own.url });
+      async function* batches() {
+        yield { gatewayInstanceId: "g", sequence: 1n, metrics: [] };
+        await Bun.sleep(1_800);
+        yield { gatewayInstanceId: "g", sequence: 2n, metrics: [] };
+      }
+      const acks: bigint[] = [];
+      for await (const ack of client.ingestMetrics(batches())) acks.push(ack.ackedSequence);
+      expect(acks).toEqual([1n, 2n]);
+    } finally {
+      session.close();
       await own.close(0);
     }
   }, 15_000);

@@ -35,9 +35,10 @@ export interface ServerOptions {
   /** Largest RPC message accepted, in bytes. */
   readMaxBytes?: number;
   /**
-   * How long an HTTP/1.1 request's body may take to arrive (120 s by default); past it the connection is closed. Node's
-   * own requestTimeout does this, but Bun's node:http does not enforce it. HTTP/2 streams are left alone: IngestMetrics
-   * sends its requests for as long as the gateway runs.
+   * How long a request's body may take to arrive (120 s by default). Past it an HTTP/1.1 connection is closed and an
+   * HTTP/2 stream is reset, leaving the session's other streams alone. Node's own requestTimeout does the first, but
+   * Bun's node:http enforces neither. Client- and bidi-streaming RPCs are exempt: IngestMetrics sends its requests for
+   * as long as the gateway runs.
    */
   requestBodyTimeoutMs?: number;
 }
@@ -69,9 +70,16 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   const shutdown = new AbortController();
   const draining = new AbortController();
   const readiness = options.readiness ?? alwaysReady;
+  // Paths whose request is a stream of messages: its body lasts as long as the call.
+  const streamingRequests = new Set<string>();
   const rpc = connectNodeAdapter({
     routes: (router) => {
       options.routes(router);
+      for (const h of router.handlers) {
+        if (h.method.methodKind === "client_streaming" || h.method.methodKind === "bidi_streaming") {
+          streamingRequests.add(h.requestPath);
+        }
+      }
       const services = [...new Set(router.handlers.map((h) => h.service))];
       registerHealth(router, {
         services: services.map((s) => s.typeName),
@@ -95,10 +103,9 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     inFlight++;
     handling++;
     res.once("close", () => inFlight--);
-    const hasBody = req.headers["transfer-encoding"] !== undefined || (req.headers["content-length"] ?? "0") !== "0";
-    if (req.httpVersionMajor === 1 && hasBody) limitBodyTime(req, res, bodyTimeoutMs);
+    const path = req.url ?? "/";
+    if (mayHaveBody(req) && !streamingRequests.has(path.split("?")[0] ?? path)) limitBodyTime(req, res, bodyTimeoutMs);
     try {
-      const path = req.url ?? "/";
       if (req.method === "GET" && (await serveOps(path, res, options, readiness, draining.signal))) return;
       if (options.http && (await options.http(req, res))) return;
       rpc(req, res);
@@ -162,9 +169,22 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   };
 }
 
-/** Closes the connection of a request whose body has not all arrived within `ms`; listening for its end reads nothing. */
+/** HTTP/2 requests carry no length; a stream whose headers ended it has no body to wait for. */
+function mayHaveBody(req: NodeRequest): boolean {
+  if (req.httpVersionMajor === 2) return !(req as http2.Http2ServerRequest).stream.endAfterHeaders;
+  return req.headers["transfer-encoding"] !== undefined || (req.headers["content-length"] ?? "0") !== "0";
+}
+
+/**
+ * Gives up on a request whose body has not all arrived within `ms`: its HTTP/1.1 connection is closed, its HTTP/2
+ * stream reset. Listening for the body's end reads nothing.
+ */
 function limitBodyTime(req: NodeRequest, res: NodeResponse, ms: number): void {
-  const timer = setTimeout(() => req.socket.destroy(), ms);
+  const cut =
+    req.httpVersionMajor === 2
+      ? () => (req as http2.Http2ServerRequest).stream.close(http2.constants.NGHTTP2_CANCEL)
+      : () => req.socket.destroy();
+  const timer = setTimeout(cut, ms);
   const done = () => clearTimeout(timer);
   req.once("end", done);
   res.once("close", done);
