@@ -3,6 +3,7 @@ import { createClient } from "@clickhouse/client";
 import { z } from "zod";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
+import { createCorsPolicy } from "../lib/cors.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
@@ -137,6 +138,7 @@ const server = await startServer({
   },
   registry: runtime.metrics.registry,
   log,
+  cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
 });
 
 stopOnSignals(log, async () => {

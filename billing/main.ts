@@ -2,6 +2,7 @@ import { join } from "node:path";
 import pg from "pg";
 import { z } from "zod";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
+import { createCorsPolicy } from "../lib/cors.ts";
 import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
 import { createBillingApp } from "./app.ts";
@@ -51,6 +52,7 @@ const server = await startServer({
   interceptors: runtime.serverInterceptors,
   registry: runtime.metrics.registry,
   log,
+  cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
   readiness: async () => {
     try {
       await store.ping();

@@ -6,6 +6,7 @@ import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { GatewayService } from "../gen/gateway/v1/gateway_pb.ts";
 import { ConfigError, commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
+import { createCorsPolicy } from "../lib/cors.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
@@ -196,6 +197,8 @@ const core = createGatewayCore({
 const service = createGatewayService(core);
 const rest = createRestApp({ core, tracer: runtime.telemetry.tracer, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES });
 
+// Browsers may read what OpenAI's clients read: the request id, the cost and when to retry.
+const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, ["x-request-id", "x-gateway-cost-nanos", "x-error-code", "retry-after"]);
 const server = await startServer({
   name: "gateway",
   port: cfg.GATEWAY_PORT,
@@ -206,11 +209,12 @@ const server = await startServer({
   registry: runtime.metrics.registry,
   log,
   readMaxBytes: cfg.GATEWAY_MAX_BODY_BYTES,
+  cors,
 });
 const fastRest =
   cfg.GATEWAY_REST_PORT === undefined
     ? undefined
-    : serveRest(rest, { port: cfg.GATEWAY_REST_PORT, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log });
+    : serveRest(rest, { port: cfg.GATEWAY_REST_PORT, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log, cors });
 log.info("gateway started", { models: config.models.size, instance: cfg.GATEWAY_INSTANCE_ID, url: server.url, rest_url: fastRest?.url });
 
 stopOnSignals(log, async () => {

@@ -7,6 +7,26 @@ export class ConfigError extends Error {
 
 const port = (fallback: number) => z.coerce.number().int().min(0).max(65535).default(fallback);
 
+/** `*`, or a comma-separated list of origins such as `https://app.example.com,http://localhost:5173`. */
+const origins = z
+  .string()
+  .transform((value) =>
+    value
+      .split(",")
+      .map((s) => s.trim())
+      .filter((s) => s !== ""),
+  )
+  .pipe(z.array(z.string().refine((s) => s === "*" || isOrigin(s), "each entry must be * or an origin such as https://app.example.com")));
+
+function isOrigin(value: string): boolean {
+  try {
+    const url = new URL(value);
+    return (url.protocol === "http:" || url.protocol === "https:") && url.origin === value;
+  } catch {
+    return false;
+  }
+}
+
 /** Variables every service reads. Service schemas extend this shape. */
 export const commonEnv = {
   LOG_LEVEL: z.enum(["debug", "info", "warn", "error"]).default("info"),
@@ -18,6 +38,11 @@ export const commonEnv = {
   OTEL_TRACES_SAMPLER_ARG: z.coerce.number().min(0).max(1).default(1),
   /** How long SIGTERM waits for in-flight requests and streams before closing them. */
   SHUTDOWN_GRACE_MS: z.coerce.number().int().min(0).max(600_000).default(10_000),
+  /**
+   * Browser origins that may call the service's APIs. Any by default, as OpenAI's API allows: every API takes a bearer
+   * token, never a cookie, so a page can only use a token it already holds.
+   */
+  CORS_ALLOWED_ORIGINS: origins.default(["*"]),
 };
 
 export const env = { port };

@@ -5,6 +5,7 @@ import type { ConnectRouter, ContextValues, Interceptor } from "@connectrpc/conn
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Registry } from "prom-client";
 import { Health } from "../gen/grpc/health/v1/health_pb.ts";
+import type { CorsPolicy } from "./cors.ts";
 import { registerHealth } from "./health.ts";
 import type { Logger } from "./log.ts";
 import { registerReflection } from "./reflection.ts";
@@ -41,6 +42,8 @@ export interface ServerOptions {
    * as long as the gateway runs.
    */
   requestBodyTimeoutMs?: number;
+  /** Which browser origins may call, answered on every route (RPCs, HTTP routes, ops); none when unset. */
+  cors?: CorsPolicy;
 }
 
 export interface RunningServer {
@@ -106,6 +109,12 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     const path = req.url ?? "/";
     if (mayHaveBody(req) && !streamingRequests.has(path.split("?")[0] ?? path)) limitBodyTime(req, res, bodyTimeoutMs);
     try {
+      if (options.cors) {
+        const headers = headersOf(req.headers);
+        const preflight = options.cors.preflight(req.method ?? "GET", headers);
+        if (preflight) return send(res, preflight.status, preflight.headers, "");
+        for (const [name, value] of Object.entries(options.cors.headers(headers.get("origin")))) res.setHeader(name, value);
+      }
       if (req.method === "GET" && (await serveOps(path, res, options, readiness, draining.signal))) return;
       if (options.http && (await options.http(req, res))) return;
       rpc(req, res);
@@ -165,6 +174,16 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       // What was cut still finishes its own work (a stream records its metrics) before the caller flushes and exits.
       const cutDeadline = Date.now() + cutSettleMs;
       while (!settled() && Date.now() < cutDeadline) await Bun.sleep(10);
+    },
+  };
+}
+
+/** node:http's lower-cased header object behind the Fetch Headers `get`. */
+export function headersOf(raw: http.IncomingHttpHeaders): Pick<Headers, "get"> {
+  return {
+    get(name) {
+      const value = raw[name.toLowerCase()];
+      return value === undefined ? null : Array.isArray(value) ? value.join(", ") : value;
     },
   };
 }

@@ -84,3 +84,24 @@ test("a connection left idle after its answer is closed", async () => {
   await closed;
   expect(state.received).toStartWith("HTTP/1.1 200");
 }, 15_000);
+
+test("a body far past the limit gets OpenAI's 413, declared or streamed", async () => {
+  const huge = "x".repeat(1024 * 1024);
+  const before = upstream.requests.length;
+  const declared = await fetch(`${gateway.restUrl}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+    body: huge,
+  });
+  const streamed = await fetch(`${gateway.restUrl}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+    body: new Blob([huge]).stream(),
+  });
+  for (const res of [declared, streamed]) {
+    expect(res.status).toBe(413);
+    expect(res.headers.get("x-request-id")).toMatch(/^[0-9A-HJKMNP-TV-Z]{26}$/);
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("request_too_large");
+  }
+  expect(upstream.requests).toHaveLength(before);
+});

@@ -1,5 +1,6 @@
 import type { Server } from "bun";
 import { ulid } from "ulid";
+import type { CorsPolicy } from "../../lib/cors.ts";
 import type { Logger } from "../../lib/log.ts";
 import { errorBody, toGatewayError } from "../errors.ts";
 import type { RestApp } from "./app.ts";
@@ -28,22 +29,31 @@ export function serveRest(
      * 60 s so a load balancer's keep-alive (AWS: 60 s) ends first, like the RPC port's.
      */
     idleTimeoutSeconds?: number;
+    /** Which browser origins may call; none when unset. */
+    cors?: CorsPolicy;
   },
 ): BunRestServer {
   const idle = options.idleTimeoutSeconds ?? 65;
+  const cors = options.cors;
   const server: Server<undefined> = Bun.serve({
     port: options.port,
     hostname: options.hostname ?? "0.0.0.0",
-    // The app answers 413 itself; Bun's own limit only stops bodies far past it.
-    maxRequestBodySize: options.maxBodyBytes * 2,
+    // The app answers 413 itself, in OpenAI's shape, without reading past its limit. Bun's own limit would answer
+    // first, with a bare 413, so it is out of the way.
+    maxRequestBodySize: Number.MAX_SAFE_INTEGER,
     idleTimeout: idle,
-    fetch: (request, bun) =>
-      app.fetch(request, {
+    async fetch(request, bun) {
+      const preflight = cors?.preflight(request.method, request.headers);
+      if (preflight) return new Response(null, preflight);
+      const response = await app.fetch(request, {
         // Once the request is read, its answer may be silent for as long as an upstream thinks: the gateway's own
         // time limits end it. Then the connection is idle again and its limit is back.
         bodyRead: () => bun.timeout(request, 0),
         answered: () => bun.timeout(request, idle),
-      }),
+      });
+      if (cors) for (const [name, value] of Object.entries(cors.headers(request.headers.get("origin")))) response.headers.set(name, value);
+      return response;
+    },
     // The app answers its own failures; anything that escapes still gets OpenAI's error shape.
     error(e) {
       options.log?.error("rest handler failed", { err: e });

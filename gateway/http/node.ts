@@ -1,5 +1,5 @@
-import type { IncomingHttpHeaders, ServerResponse } from "node:http";
-import { type HttpRoutes, type NodeRequest, type NodeResponse, send } from "../../lib/server.ts";
+import type { ServerResponse } from "node:http";
+import { type HttpRoutes, headersOf, type NodeRequest, type NodeResponse, send } from "../../lib/server.ts";
 import { bodyTooLarge } from "../errors.ts";
 import type { RestApp, RestRequest } from "./app.ts";
 
@@ -12,16 +12,6 @@ export function restRoutes(app: RestApp, prefix = "/v1/"): HttpRoutes {
     const url = req.url ?? "/";
     if (!url.startsWith(prefix)) return false;
     return serve(app, req, res, url).then(() => true);
-  };
-}
-
-/** node:http's lower-cased header object behind the Headers.get the app reads. */
-function headersOf(raw: IncomingHttpHeaders): Pick<Headers, "get"> {
-  return {
-    get(name) {
-      const value = raw[name];
-      return value === undefined ? null : Array.isArray(value) ? value.join(", ") : value;
-    },
   };
 }
 

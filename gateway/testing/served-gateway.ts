@@ -1,6 +1,7 @@
 import { trace } from "@opentelemetry/api";
 import type { RequestMetrics } from "../../gen/analytics/v1/analytics_pb.ts";
 import { GatewayService } from "../../gen/gateway/v1/gateway_pb.ts";
+import type { CorsPolicy } from "../../lib/cors.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { startServer } from "../../lib/server.ts";
 import { createKeyAuthorizer } from "../auth.ts";
@@ -18,7 +19,10 @@ import { createBillingFake, createRecordingShipper, createTestLogger } from "../
  * (`restUrl`), configured by `routes` (gateway config YAML), with the billing fake's keys sk-good
  * (any model) and sk-limited (only "ok").
  */
-export async function startTestGateway(routes: string, options: { maxBodyBytes?: number; idleTimeoutSeconds?: number } = {}) {
+export async function startTestGateway(
+  routes: string,
+  options: { maxBodyBytes?: number; idleTimeoutSeconds?: number; cors?: CorsPolicy } = {},
+) {
   const billing = createBillingFake({
     "sk-good": { id: "key_good", orgId: "org_1", projectId: "proj_1" },
     "sk-limited": { id: "key_limited", orgId: "org_2", allowedModels: ["ok"] },
@@ -37,7 +41,13 @@ export async function startTestGateway(routes: string, options: { maxBodyBytes?:
   const tracer = trace.getTracer("test");
   const maxBodyBytes = options.maxBodyBytes ?? 64 * 1024;
   const rest = createRestApp({ core, tracer, maxBodyBytes });
-  const fast = serveRest(rest, { port: 0, hostname: "127.0.0.1", maxBodyBytes, idleTimeoutSeconds: options.idleTimeoutSeconds });
+  const fast = serveRest(rest, {
+    port: 0,
+    hostname: "127.0.0.1",
+    maxBodyBytes,
+    idleTimeoutSeconds: options.idleTimeoutSeconds,
+    cors: options.cors,
+  });
   const server = await startServer({
     name: "gateway-test",
     port: 0,
@@ -45,6 +55,7 @@ export async function startTestGateway(routes: string, options: { maxBodyBytes?:
     routes: (router) => router.service(GatewayService, createGatewayService(core)),
     http: restRoutes(rest),
     log,
+    cors: options.cors,
   });
 
   /** The metrics row of a request, once it has been recorded. */

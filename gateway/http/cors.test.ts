@@ -1,0 +1,86 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { createCorsPolicy } from "../../lib/cors.ts";
+import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
+import { startTestGateway } from "../testing/served-gateway.ts";
+
+// Both ports that serve the REST API answer browsers the same way; the RPC port's RPCs too.
+let upstream: FakeUpstream;
+let gateway: Awaited<ReturnType<typeof startTestGateway>>;
+const app = "https://app.example.com";
+
+beforeAll(async () => {
+  upstream = startFakeUpstream();
+  gateway = await startTestGateway(
+    [
+      "providers:",
+      `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
+      "models:",
+      "  - name: ok",
+      "    targets: [{ provider: fake, model: ok }]",
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+    ].join("\n"),
+    { cors: createCorsPolicy([app], ["x-request-id", "x-gateway-cost-nanos"]) },
+  );
+});
+afterAll(async () => {
+  await gateway.close();
+  upstream.stop();
+});
+
+const chat = (base: string, origin?: string) =>
+  fetch(`${base}/v1/chat/completions`, {
+    method: "POST",
+    headers: {
+      authorization: "Bearer sk-good",
+      "content-type": "application/json",
+      ...(origin ? { origin } : {}),
+    },
+    body: JSON.stringify({ model: "ok", messages: [{ role: "user", content: "hello" }] }),
+  });
+
+describe.each([
+  ["Bun's REST port", () => gateway.restUrl],
+  ["the RPC port", () => gateway.url],
+])("%s", (_name, base) => {
+  test("a preflight from an allowed origin is granted what it asks", async () => {
+    const before = upstream.requests.length;
+    const res = await fetch(`${base()}/v1/chat/completions`, {
+      method: "OPTIONS",
+      headers: {
+        origin: app,
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type, x-stainless-retry-count",
+      },
+    });
+    expect(res.status).toBe(204);
+    expect(res.headers.get("access-control-allow-origin")).toBe(app);
+    expect(res.headers.get("access-control-allow-methods")).toBe("GET, POST");
+    expect(res.headers.get("access-control-allow-headers")).toBe("authorization, content-type, x-stainless-retry-count");
+    expect(upstream.requests).toHaveLength(before);
+  });
+
+  test("answers to an allowed origin expose the request id and cost; others get no CORS headers", async () => {
+    const allowed = await chat(base(), app);
+    expect(allowed.status).toBe(200);
+    expect(allowed.headers.get("access-control-allow-origin")).toBe(app);
+    expect(allowed.headers.get("access-control-expose-headers")).toContain("x-gateway-cost-nanos");
+    expect(allowed.headers.get("vary")).toBe("Origin");
+
+    const other = await chat(base(), "https://elsewhere.example.com");
+    expect(other.headers.get("access-control-allow-origin")).toBeNull();
+    const plain = await chat(base());
+    expect(plain.status).toBe(200);
+    expect(plain.headers.get("access-control-allow-origin")).toBeNull();
+  });
+});
+
+test("the RPCs answer an allowed origin too", async () => {
+  const res = await fetch(`${gateway.url}/gateway.v1.GatewayService/ListModels`, {
+    method: "POST",
+    headers: { authorization: "Bearer sk-good", "content-type": "application/json", origin: app },
+    body: "{}",
+  });
+  expect(res.status).toBe(200);
+  expect(res.headers.get("access-control-allow-origin")).toBe(app);
+  expect(res.headers.get("access-control-expose-headers")).toContain("Grpc-Status");
+});

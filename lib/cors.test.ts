@@ -1,0 +1,75 @@
+import { describe, expect, test } from "bun:test";
+import { cors as connectCors } from "@connectrpc/connect";
+import { commonEnv, parseEnv } from "./config.ts";
+import { createCorsPolicy } from "./cors.ts";
+
+const preflightFrom = (origin: string, asked = "authorization, content-type, x-stainless-os") =>
+  new Headers({ origin, "access-control-request-method": "POST", "access-control-request-headers": asked });
+
+describe("createCorsPolicy", () => {
+  test("any origin: *, with Connect's status headers and the extras exposed", () => {
+    const policy = createCorsPolicy(["*"], ["x-request-id"]);
+    expect(policy.headers("https://app.example.com")).toEqual({
+      "access-control-allow-origin": "*",
+      "access-control-expose-headers": [...connectCors.exposedHeaders, "x-request-id"].join(", "),
+    });
+    // Same-origin and non-browser requests send no Origin and need nothing.
+    expect(policy.headers(null)).toEqual({});
+  });
+
+  test("a list: listed origins are echoed with Vary, others get nothing", () => {
+    const policy = createCorsPolicy(["https://app.example.com", "http://localhost:5173"]);
+    expect(policy.headers("http://localhost:5173")).toMatchObject({
+      "access-control-allow-origin": "http://localhost:5173",
+      vary: "Origin",
+    });
+    expect(policy.headers("https://evil.example.com")).toEqual({});
+    expect(policy.headers("https://app.example.com.evil.example.com")).toEqual({});
+  });
+
+  test("preflights grant the methods and the headers asked for, cached for two hours", () => {
+    const policy = createCorsPolicy(["https://app.example.com"]);
+    expect(policy.preflight("OPTIONS", preflightFrom("https://app.example.com"))).toEqual({
+      status: 204,
+      headers: {
+        "access-control-allow-origin": "https://app.example.com",
+        "access-control-expose-headers": connectCors.exposedHeaders.join(", "),
+        "access-control-allow-methods": "GET, POST",
+        "access-control-allow-headers": "authorization, content-type, x-stainless-os",
+        "access-control-max-age": "7200",
+        vary: "Origin, Access-Control-Request-Headers",
+      },
+    });
+    // Not allowed: an answer the browser refuses.
+    expect(policy.preflight("OPTIONS", preflightFrom("https://evil.example.com"))).toEqual({
+      status: 204,
+      headers: {},
+    });
+    // Header names that are not HTTP tokens are not echoed.
+    const odd = policy.preflight("OPTIONS", preflightFrom("https://app.example.com", "x-a, <script>"));
+    expect(odd?.headers["access-control-allow-headers"]).toBeUndefined();
+  });
+
+  test("only OPTIONS with Access-Control-Request-Method is a preflight", () => {
+    const policy = createCorsPolicy(["*"]);
+    expect(policy.preflight("POST", preflightFrom("https://app.example.com"))).toBeUndefined();
+    expect(policy.preflight("OPTIONS", new Headers({ origin: "https://app.example.com" }))).toBeUndefined();
+  });
+});
+
+describe("CORS_ALLOWED_ORIGINS", () => {
+  const shape = { CORS_ALLOWED_ORIGINS: commonEnv.CORS_ALLOWED_ORIGINS };
+
+  test("any origin by default; a list is split and trimmed", () => {
+    expect(parseEnv(shape, {}).CORS_ALLOWED_ORIGINS).toEqual(["*"]);
+    expect(
+      parseEnv(shape, { CORS_ALLOWED_ORIGINS: "https://a.example.com, http://localhost:5173" }).CORS_ALLOWED_ORIGINS,
+    ).toEqual(["https://a.example.com", "http://localhost:5173"]);
+  });
+
+  test("entries that are not origins are refused, naming the variable", () => {
+    for (const bad of ["https://a.example.com/app", "a.example.com", "ftp://a.example.com", "https://a.example.com/"]) {
+      expect(() => parseEnv(shape, { CORS_ALLOWED_ORIGINS: bad })).toThrow(/CORS_ALLOWED_ORIGINS/);
+    }
+  });
+});

@@ -1,0 +1,66 @@
+import { cors as connectCors } from "@connectrpc/connect";
+
+/**
+ * Which browser origins may call a service, and what they may read. Auth is a bearer token, never a cookie, so a
+ * cross-origin call carries no ambient credentials: allowing an origin only lets its pages use keys they hold.
+ */
+export interface CorsPolicy {
+  /** Headers for the answer to a request from `origin`; empty when there is no origin or it is not allowed. */
+  headers(origin: string | null | undefined): Record<string, string>;
+  /**
+   * The answer to a preflight (OPTIONS with Access-Control-Request-Method); undefined for any other request. An
+   * origin that is not allowed gets 204 without CORS headers, which the browser refuses.
+   */
+  preflight(
+    method: string,
+    headers: Pick<Headers, "get">,
+  ): { status: number; headers: Record<string, string> } | undefined;
+}
+
+// Preflights are cached by the browser this long (Chromium caps it at 2 hours).
+const maxAgeSeconds = 7200;
+// Request header names a preflight may ask for: HTTP tokens only, so the echo cannot inject anything.
+const headerList = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(\s*,\s*[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*$/;
+
+/**
+ * A policy for `origins` (`*` allows any). Exposed headers: Connect's and gRPC-Web's status headers plus `expose`.
+ * Preflights allow GET and POST with whatever request headers they ask for (the OpenAI SDKs send a dozen of their
+ * own), since which headers a caller sends is no protection once its origin is allowed.
+ */
+export function createCorsPolicy(origins: readonly string[], expose: readonly string[] = []): CorsPolicy {
+  const any = origins.includes("*");
+  const allowed = new Set(origins);
+  const exposed = [...connectCors.exposedHeaders, ...expose].join(", ");
+  const methods = ["GET", "POST"].join(", ");
+
+  const headers = (origin: string | null | undefined): Record<string, string> => {
+    if (!origin || (!any && !allowed.has(origin))) return {};
+    // A listed origin is echoed, so caches must keep answers to different origins apart.
+    return any
+      ? { "access-control-allow-origin": "*", "access-control-expose-headers": exposed }
+      : { "access-control-allow-origin": origin, "access-control-expose-headers": exposed, vary: "Origin" };
+  };
+
+  return {
+    headers,
+    preflight(method, request) {
+      if (method !== "OPTIONS") return undefined;
+      const wanted = request.get("access-control-request-method");
+      if (wanted === null) return undefined;
+      const granted = headers(request.get("origin"));
+      if (granted["access-control-allow-origin"] === undefined) return { status: 204, headers: {} };
+      const asked = request.get("access-control-request-headers")?.trim() ?? "";
+      return {
+        status: 204,
+        headers: {
+          ...granted,
+          "access-control-allow-methods": methods,
+          ...(headerList.test(asked) ? { "access-control-allow-headers": asked } : {}),
+          "access-control-max-age": String(maxAgeSeconds),
+          // The answer differs by what was asked.
+          vary: any ? "Access-Control-Request-Headers" : "Origin, Access-Control-Request-Headers",
+        },
+      };
+    },
+  };
+}
