@@ -1,5 +1,6 @@
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { CompletionUsage } from "openai/resources/completions";
+import type { Logger } from "../lib/log.ts";
 import type { Price, Tokens } from "../lib/money.ts";
 import type { Call } from "./core.ts";
 import { cancelled, type GatewayError, toGatewayError, upstreamFailed, upstreamTimeout } from "./errors.ts";
@@ -47,6 +48,8 @@ export interface MeterOptions {
   deadline: AbortSignal;
   /** Records the call's metrics. */
   finish(call: Call, error?: GatewayError): void;
+  /** Hears the upstream's own account of a failure the client is told about in the gateway's words. */
+  log?: Logger;
 }
 
 /**
@@ -151,7 +154,10 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         yield { id: last.id, object: "chat.completion.chunk", created: last.created, model: last.model, choices: [], usage: usageOfTokens(tokens.value) };
       }
     } catch (e) {
-      error = e instanceof UpstreamError ? streamError(e) : toGatewayError(e);
+      if (e instanceof UpstreamError && e.failure !== "cancelled") {
+        options.log?.warn("upstream stream failed", { request_id: call.requestId, provider: m.provider, err: e.message });
+      }
+      error = e instanceof UpstreamError ? streamError(e, m.requestedModel) : toGatewayError(e);
       throw error;
     } finally {
       // Stopped by the consumer (the client left) if neither completed nor failed.
@@ -194,8 +200,9 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   };
 }
 
-function streamError(e: UpstreamError): GatewayError {
+/** A failure after the stream opened, in words for the client: the upstream's own are only logged. */
+function streamError(e: UpstreamError, model: string): GatewayError {
   if (e.failure === "cancelled") return cancelled();
-  if (e.failure === "timeout") return upstreamTimeout(`The upstream stream stalled: ${e.message}`);
-  return upstreamFailed(`The upstream stream failed: ${e.message}`);
+  if (e.failure === "timeout") return upstreamTimeout(`The upstream of \`${model}\` stalled mid-stream.`);
+  return upstreamFailed(`The upstream of \`${model}\` failed mid-stream.`);
 }

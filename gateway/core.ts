@@ -383,6 +383,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         includeUsage: input.includeUsage,
         deadline: deadline.signal,
         finish,
+        log,
       });
     },
     async embed(call, body) {

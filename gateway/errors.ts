@@ -1,5 +1,6 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
+import type { UpstreamErrorBody } from "./providers/provider.ts";
 
 /**
  * A failure the client sees: its HTTP status, OpenAI-style type/code/param, and the outcome class
@@ -74,12 +75,32 @@ export const bodyTooLarge = (limitBytes: number) =>
     RequestStatus.INVALID_REQUEST,
   );
 
+/**
+ * An upstream refused the request itself (400, 413, 422): the client gets that status and, when the upstream sent its
+ * error in OpenAI's shape, its message, type, param and code as they were (clients branch on codes such as
+ * context_length_exceeded); otherwise the gateway's.
+ */
+export const upstreamRejected = (model: string, status: number, error: UpstreamErrorBody | undefined) =>
+  new GatewayError(
+    status,
+    error?.type ?? "invalid_request_error",
+    error?.code ?? (status === 413 ? "request_too_large" : "upstream_rejected"),
+    error?.message ??
+      (status === 413 ? `The request is too large for the upstream of \`${model}\`.` : `The upstream of \`${model}\` rejected the request (HTTP ${status}).`),
+    RequestStatus.INVALID_REQUEST,
+    error?.param ?? null,
+  );
+
 export const upstreamFailed = (message: string) =>
   new GatewayError(502, "api_error", "upstream_error", message, RequestStatus.UPSTREAM_ERROR);
 
 /** Every attempt was refused by an upstream's rate limit; its Retry-After, when it sent one, is passed on. */
 export const upstreamRateLimited = (message: string, retryAfterS: number | undefined) =>
   new GatewayError(429, "rate_limit_error", "upstream_rate_limited", message, RequestStatus.RATE_LIMITED, null, retryAfterS);
+
+/** The upstream's account is out of credit: not the client's to retry, so not a 429. */
+export const upstreamQuotaExceeded = (message: string) =>
+  new GatewayError(502, "api_error", "upstream_quota_exceeded", message, RequestStatus.UPSTREAM_ERROR);
 
 export const upstreamTimeout = (message: string) =>
   new GatewayError(504, "api_error", "upstream_timeout", message, RequestStatus.TIMEOUT);
@@ -130,6 +151,7 @@ const connectCodes: Record<number, Code> = {
   404: Code.NotFound,
   405: Code.InvalidArgument,
   413: Code.InvalidArgument,
+  422: Code.InvalidArgument,
   429: Code.ResourceExhausted,
   499: Code.Canceled,
   501: Code.Unimplemented,
@@ -138,9 +160,10 @@ const connectCodes: Record<number, Code> = {
   504: Code.DeadlineExceeded,
 };
 
-/** The RPC form of a gateway failure; the OpenAI error code travels as metadata. */
+/** The RPC form of a gateway failure; the OpenAI error code, type and param travel as metadata. */
 export function toConnectError(e: GatewayError): ConnectError {
-  const metadata: Record<string, string> = { "x-error-code": e.code };
+  const metadata: Record<string, string> = { "x-error-code": e.code, "x-error-type": e.type };
+  if (e.param !== null) metadata["x-error-param"] = e.param;
   if (e.retryAfterS !== undefined) metadata["retry-after"] = String(e.retryAfterS);
   return new ConnectError(e.message, connectCodes[e.status] ?? Code.Internal, metadata);
 }

@@ -173,6 +173,95 @@ describe("retries and fallback", () => {
     expect(gone.attempts).toHaveLength(1);
   });
 
+  test("a rejection passes on the upstream's status and OpenAI error, or else the gateway's code; the breaker stays closed", async () => {
+    const context = {
+      message: "This model's maximum context length is 128000 tokens. However, your messages resulted in 130412 tokens.",
+      type: "invalid_request_error",
+      param: "messages",
+      code: "context_length_exceeded",
+    };
+    const rejected = setup([t("a"), t("b")], { retries: 3 }, async () => {
+      throw new UpstreamError("rejected", `a answered 400: 400 ${context.message}`, 400, undefined, context);
+    });
+    const e = await failure(rejected.run());
+    expect([e.status, e.type, e.code, e.param, e.message]).toEqual([400, context.type, context.code, context.param, context.message]);
+    expect(rejected.attempts).toHaveLength(1);
+
+    const unprocessable = setup([t("a")], {}, async () => {
+      throw new UpstreamError("rejected", "a answered 422: 422 {\"detail\":[]}", 422);
+    });
+    const u = await failure(unprocessable.run());
+    expect([u.status, u.type, u.code, u.param, u.message]).toEqual([422, "invalid_request_error", "upstream_rejected", null, "The upstream of `m` rejected the request (HTTP 422)."]);
+
+    // Too large for this upstream: the request's fault, however often it happens.
+    const tooLarge = setup([t("a"), t("b")], {}, async (p) => {
+      throw new UpstreamError("rejected", `${p} answered 413: <html>413 Request Entity Too Large</html>`, 413);
+    });
+    for (let i = 0; i < 5; i++) {
+      const big = await failure(tooLarge.run());
+      expect([big.status, big.type, big.code, big.message]).toEqual([413, "invalid_request_error", "request_too_large", "The request is too large for the upstream of `m`."]);
+    }
+    expect(tooLarge.breakers.state("a/a-model")).toBe("closed");
+    expect(tooLarge.attempts.map((a) => a.provider)).toEqual(["a", "a", "a", "a", "a"]);
+  });
+
+  test("an upstream account out of quota is not retried and falls back; alone it is 502 upstream_quota_exceeded, not 429", async () => {
+    const quota = {
+      message: "You exceeded your current quota, please check your plan and billing details.",
+      type: "insufficient_quota",
+      param: null,
+      code: "insufficient_quota",
+    };
+    const outOfQuota = (p: string) => new UpstreamError("misconfigured", `${p} answered 429: 429 ${quota.message}`, 429, 20_000, quota);
+    const fallback = setup([t("a"), t("b")], { retries: 3 }, async (p) => {
+      if (p === "a") throw outOfQuota(p);
+      return "b";
+    });
+    expect(await fallback.run()).toBe("b");
+    expect(fallback.attempts.map((a) => a.provider)).toEqual(["a", "b"]);
+    expect(fallback.sleeps).toEqual([]);
+
+    const alone = setup([t("a")], { retries: 3 }, async (p) => {
+      throw outOfQuota(p);
+    });
+    const e = await failure(alone.run());
+    expect([e.status, e.type, e.code, e.retryAfterS]).toEqual([502, "api_error", "upstream_quota_exceeded", undefined]);
+    expect(e.message).toBe("The upstream of `m` is out of quota.");
+    expect(alone.attempts).toHaveLength(1);
+    // A breaker failure like any misconfigured target: it opens after the threshold.
+    await failure(alone.run());
+    await failure(alone.run());
+    expect(alone.breakers.state("a/a-model")).toBe("open");
+  });
+
+  test("when every target fails the message says what failed, without the upstream's words or provider details", async () => {
+    const keyless = setup([t("a"), t("b")], {}, async (p) => {
+      throw new UpstreamError("misconfigured", `provider ${p}: OPENAI_API_KEY is not set`);
+    });
+    const k = await failure(keyless.run());
+    expect([k.status, k.code, k.message]).toEqual([502, "upstream_error", "Every upstream of `m` failed; the last one is not configured."]);
+
+    const refused = setup([t("a")], {}, async () => {
+      throw new UpstreamError("misconfigured", "a answered 401: 401 Incorrect API key provided: sk-proj-abc", 401);
+    });
+    expect((await failure(refused.run())).message).toBe("The upstream of `m` refused the gateway's request (HTTP 401).");
+
+    const failing = setup([t("a")], {}, async () => {
+      throw new UpstreamError("transient", "a answered 503: 503 upstream connect error at http://10.0.0.7:8000", 503);
+    });
+    expect((await failure(failing.run())).message).toBe("The upstream of `m` answered HTTP 503.");
+
+    const limited = setup([t("a")], {}, async () => {
+      throw new UpstreamError("transient", "a answered 429: 429 Rate limit reached for org-123", 429);
+    });
+    expect((await failure(limited.run())).message).toBe("The upstream of `m` is rate limited.");
+
+    const slow = setup([t("a")], {}, async () => {
+      throw new UpstreamError("timeout", "a: timed out");
+    });
+    expect((await failure(slow.run())).message).toBe("The upstream of `m` timed out.");
+  });
+
   test("when every target fails: 504 after timeouts, 429 with Retry-After after rate limits, else 502", async () => {
     const timeouts = setup([t("a"), t("b")], {}, async () => {
       throw new UpstreamError("timeout", "timed out");
@@ -188,7 +277,8 @@ describe("retries and fallback", () => {
     const broken = setup([t("a")], {}, async () => {
       throw new Error("socket hang up");
     });
-    expect((await failure(broken.run())).status).toBe(502);
+    const b = await failure(broken.run());
+    expect([b.status, b.message]).toEqual([502, "The upstream of `m` gave no usable answer."]);
   });
 });
 

@@ -5,15 +5,16 @@ import type { ModelRoute, Target } from "./config.ts";
 import type { Call } from "./core.ts";
 import {
   cancelled,
-  invalidRequest,
   requestTimeout,
   upstreamFailed,
+  upstreamQuotaExceeded,
   upstreamRateLimited,
+  upstreamRejected,
   upstreamTimeout,
   upstreamUnavailable,
 } from "./errors.ts";
 import type { CallOptions, Provider } from "./providers/provider.ts";
-import { UpstreamError } from "./providers/provider.ts";
+import { outOfQuota, UpstreamError } from "./providers/provider.ts";
 
 /** One upstream attempt: send the request to `provider` as upstream `model`. */
 export type Attempt<T> = (provider: Provider, model: string, options: CallOptions) => Promise<T>;
@@ -120,7 +121,7 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
             if (last.failure === "rejected") {
               // The upstream answered sensibly: the request, not the target, is at fault.
               breakers.succeed(key);
-              throw invalidRequest(last.message, null, "upstream_rejected");
+              throw upstreamRejected(route.name, last.status ?? 400, last.error);
             }
             breakers.fail(key);
             log?.warn("upstream attempt failed", { request_id: call.requestId, provider: target.provider, err: last.message });
@@ -148,14 +149,31 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
         throw upstreamUnavailable(`Every upstream of \`${route.name}\` is failing; retry later.`, Math.max(1, Math.ceil(waitMs / 1000)));
       }
       if (tick() >= end) throw requestTimeout(limitMs);
-      const message = `Every upstream of \`${route.name}\` failed; last: ${last?.message ?? "no target"}`;
+      // What the client reads names the model and what failed; the upstream's own words went to the log above.
+      const message =
+        order.length === 1
+          ? `The upstream of \`${route.name}\` ${whatFailed(last)}.`
+          : `Every upstream of \`${route.name}\` failed; the last one ${whatFailed(last)}.`;
       if (last?.failure === "timeout") throw upstreamTimeout(message);
+      if (outOfQuota(last?.status, last?.error)) throw upstreamQuotaExceeded(message);
       if (last?.status === 429) {
         throw upstreamRateLimited(message, last.retryAfterMs === undefined ? undefined : Math.ceil(last.retryAfterMs / 1000));
       }
       throw upstreamFailed(message);
     },
   };
+}
+
+/** An attempt's failure in words for the client: no provider names, URLs, key variables or upstream text. */
+function whatFailed(e: UpstreamError | undefined): string {
+  if (!e) return "could not be tried";
+  if (e.failure === "timeout") return "timed out";
+  if (outOfQuota(e.status, e.error)) return "is out of quota";
+  if (e.failure === "misconfigured") {
+    return e.status === undefined ? "is not configured" : `refused the gateway's request (HTTP ${e.status})`;
+  }
+  if (e.status === 429) return "is rate limited";
+  return e.status === undefined ? "gave no usable answer" : `answered HTTP ${e.status}`;
 }
 
 /**

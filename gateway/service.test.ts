@@ -10,6 +10,8 @@ import { createRestApp } from "./http/app.ts";
 import { restRoutes } from "./http/node.ts";
 import { createGatewayService } from "./service.ts";
 import { createTestCore } from "./testing.ts";
+import { startFakeUpstream } from "./testing/fake-upstream.ts";
+import { startTestGateway } from "./testing/served-gateway.ts";
 
 // One real server on port 0 carrying both the RPCs and the REST API, as main.ts wires them.
 let server: RunningServer;
@@ -134,6 +136,55 @@ describe("GatewayService over gRPC", () => {
     // ceil(5/4) + ceil(5/4) = 4 input tokens at $0.50/M = $0.000002
     expect(res.accounting).toMatchObject({ costNanos: 2000n, provider: "mock", usage: { inputTokens: 4n } });
     expect((await rpcError(client("sk-good").createEmbedding({ model: "mock", input: [] }))).code).toBe(Code.InvalidArgument);
+  });
+});
+
+describe("upstream failures over gRPC", () => {
+  const upstream = startFakeUpstream();
+  let served: Awaited<ReturnType<typeof startTestGateway>>;
+  beforeAll(async () => {
+    const model = (name: string, provider = "fake") =>
+      `  - { name: ${name}, targets: [{ provider: ${provider}, model: ${name} }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;
+    served = await startTestGateway(
+      [
+        "providers:",
+        `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
+        `  - { name: keyless, kind: openai, base_url: "${upstream.url}", api_key_env: FAKE_UPSTREAM_KEY }`,
+        "models:",
+        model("rejecting"),
+        model("quota"),
+        model("keyless", "keyless"),
+      ].join("\n"),
+    );
+  });
+  afterAll(() => Promise.all([served.close(), upstream.stop()]));
+
+  test("an upstream's refusal keeps its message, code, type and param; gateway-side failures keep internals out", async () => {
+    const context = {
+      message: "This model's maximum context length is 128000 tokens.",
+      type: "invalid_request_error",
+      param: "messages",
+      code: "context_length_exceeded",
+    };
+    upstream.script("rejecting", { status: 400, error: context }, { status: 422, error: { ...context, param: "temperature", code: "decimal_above_max_value" } });
+    const rejected = await rpcError(served.rpc("sk-good").createChatCompletion({ params: { ...hello, model: "rejecting" } }));
+    expect([rejected.code, rejected.rawMessage]).toEqual([Code.InvalidArgument, context.message]);
+    expect(["x-error-code", "x-error-type", "x-error-param"].map((k) => rejected.metadata.get(k))).toEqual([context.code, context.type, context.param]);
+    const streamed = await rpcError(
+      (async () => {
+        for await (const _ of served.rpc("sk-good").streamChatCompletion({ params: { ...hello, model: "rejecting" } }));
+      })(),
+    );
+    expect(streamed.code).toBe(Code.InvalidArgument);
+    expect([streamed.metadata.get("x-error-code"), streamed.metadata.get("x-error-param")]).toEqual(["decimal_above_max_value", "temperature"]);
+
+    upstream.script("quota", { status: 429, error: { message: "You exceeded your current quota.", type: "insufficient_quota", code: "insufficient_quota" } });
+    const quota = await rpcError(served.rpc("sk-good").createChatCompletion({ params: { ...hello, model: "quota" } }));
+    expect([quota.code, quota.metadata.get("x-error-code")]).toEqual([Code.Unavailable, "upstream_quota_exceeded"]);
+    expect(quota.metadata.get("x-error-param")).toBeNull();
+
+    const keyless = await rpcError(served.rpc("sk-good").createChatCompletion({ params: { ...hello, model: "keyless" } }));
+    expect([keyless.code, keyless.rawMessage]).toEqual([Code.Unavailable, "The upstream of `keyless` is not configured."]);
   });
 });
 

@@ -24,12 +24,18 @@ const models: Array<[name: string, extra?: string]> = [
   ["stalls", "timeout_ms: 300"],
   ["slow-stream"],
   ["embed"],
+  ["rejecting"],
+  ["too-large"],
+  ["quota", "retries: 2"],
+  ["throttled"],
 ];
 
 function routes(url: string) {
   const lines = [
     "providers:",
     `  - { name: fake, kind: openai, base_url: "${url}" }`,
+    // Its key variable is unset: every call fails before reaching the upstream.
+    `  - { name: keyless, kind: openai, base_url: "${url}", api_key_env: FAKE_UPSTREAM_KEY }`,
     "  - { name: mock, kind: mock }",
     "models:",
   ];
@@ -41,6 +47,13 @@ function routes(url: string) {
   lines.push(
     "  - name: fallback",
     "    targets: [{ provider: fake, model: fallback-primary }, { provider: fake, model: fallback-secondary }]",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: quota-fallback",
+    "    targets: [{ provider: fake, model: quota-primary }, { provider: fake, model: quota-secondary }]",
+    "    retries: 2",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: keyless",
+    "    targets: [{ provider: keyless, model: keyless }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: breaker",
     "    targets: [{ provider: fake, model: breaker-primary }, { provider: mock, model: mock-echo-1 }]",
@@ -260,10 +273,13 @@ describe(`on the ${port} port`, () => {
 
     test("a stream the upstream cuts short is an error, not a silent success", async () => {
       upstream.script("cut", { content: "one two three four", cutAfterChunks: 2 });
-      const stream = await sdk().chat.completions.create({ model: "cut", messages: hello, stream: true });
+      const { data: stream, response } = await sdk().chat.completions.create({ model: "cut", messages: hello, stream: true }).withResponse();
       const e = await apiError((async () => { for await (const _ of stream); })());
       expect(e.code).toBe("upstream_error");
-      expect(e.message).toContain("ended before it finished");
+      expect(e.message).toContain("The upstream of `cut` failed mid-stream.");
+      // What the upstream did wrong is in the log, with the request id.
+      const requestId = response.headers.get("x-request-id") ?? "";
+      expect(gateway.log.lines.some((line) => line.includes(requestId) && line.includes("ended before it finished"))).toBe(true);
     });
 
     test("an upstream that goes silent mid-stream times out with an error event", async () => {
@@ -378,7 +394,7 @@ describe(`on the ${port} port`, () => {
       upstream.script("garbled", { malformed: true });
       const garbled = await apiError(sdk().chat.completions.create({ model: "garbled", messages: hello }));
       expectShape(garbled, 502, "upstream_error");
-      expect(garbled.message).toContain("unreadable");
+      expect(garbled.message).toContain("The upstream of `garbled` gave no usable answer.");
       upstream.script("slow", { hang: true });
       expectShape(await apiError(sdk().chat.completions.create({ model: "slow", messages: hello })), 504, "upstream_timeout");
       expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
@@ -387,6 +403,93 @@ describe(`on the ${port} port`, () => {
         expectShape(await apiError(sdk("sk-unseen").chat.completions.create({ model: "ok", messages: hello })), 503, "auth_unavailable");
       } finally {
         gateway.billing.setDown(false);
+      }
+    });
+  });
+
+  describe("upstream failures seen by the client", () => {
+    const contextLength = {
+      message: "This model's maximum context length is 128000 tokens. However, your messages resulted in 130412 tokens.",
+      type: "invalid_request_error",
+      param: "messages",
+      code: "context_length_exceeded",
+    };
+
+    test("an upstream's refusal reaches the SDK with the upstream's status, message, type, param and code", async () => {
+      upstream.script("rejecting", { status: 400, error: contextLength });
+      const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+      expectShape(e, 400, "context_length_exceeded", "invalid_request_error");
+      expect(e.error).toEqual(contextLength);
+      expect(e.param).toBe("messages");
+      const m = await gateway.row(e.headers?.get("x-request-id") ?? "");
+      expect(m).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 400, errorCode: "context_length_exceeded" });
+
+      const temperature = { message: "Invalid 'temperature': decimal above maximum value.", type: "invalid_request_error", param: "temperature", code: "decimal_above_max_value" };
+      upstream.script("rejecting", { status: 422, error: temperature });
+      const streamed = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello, temperature: 1.5, stream: true }));
+      expectShape(streamed, 422, "decimal_above_max_value", "invalid_request_error");
+      expect(streamed.error).toEqual(temperature);
+      expect(upstream.seen("rejecting")).toHaveLength(2);
+
+      // No OpenAI error body: the gateway's code, and none of the upstream's text.
+      upstream.script("rejecting", { status: 400, error: "<html><body>Bad Request</body></html>" });
+      const bare = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+      expectShape(bare, 400, "upstream_rejected", "invalid_request_error");
+      expect(bare.message).not.toContain("html");
+    });
+
+    test("an upstream's 413 is the client's 413, and never opens the breaker", async () => {
+      upstream.script("too-large", { status: 413, error: "<html><body>413 Request Entity Too Large</body></html>" });
+      for (let i = 0; i < 6; i++) {
+        const e = await apiError(sdk().chat.completions.create({ model: "too-large", messages: hello }));
+        expectShape(e, 413, "request_too_large", "invalid_request_error");
+      }
+      upstream.script("too-large", {});
+      const completion = await sdk().chat.completions.create({ model: "too-large", messages: hello });
+      expect(completion.model).toBe("too-large-fake");
+      expect(upstream.seen("too-large")).toHaveLength(7);
+    });
+
+    test("an upstream out of quota is not retried but falls back; alone the client gets 502, not a 429 to retry", async () => {
+      const quota = { status: 429, retryAfter: "1", error: { message: "You exceeded your current quota, please check your plan and billing details.", type: "insufficient_quota", code: "insufficient_quota" } };
+      upstream.script("quota-primary", quota);
+      const served = await sdk().chat.completions.create({ model: "quota-fallback", messages: hello });
+      expect(served.model).toBe("quota-secondary-fake");
+      expect(upstream.seen("quota-primary")).toHaveLength(1);
+
+      upstream.script("quota", quota);
+      const e = await apiError(sdk().chat.completions.create({ model: "quota", messages: hello }));
+      expectShape(e, 502, "upstream_quota_exceeded", "api_error");
+      expect(e.message).not.toContain("billing details");
+      expect(e.headers?.get("retry-after")).toBeNull();
+      expect(upstream.seen("quota")).toHaveLength(1);
+      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.UPSTREAM_ERROR, httpStatus: 502, errorCode: "upstream_quota_exceeded" });
+    });
+
+    test("messages of gateway-side failures say what failed; key variables, URLs and upstream text go only to the log", async () => {
+      const keyless = await apiError(sdk().chat.completions.create({ model: "keyless", messages: hello }));
+      expectShape(keyless, 502, "upstream_error", "api_error");
+      expect(keyless.message).toContain("The upstream of `keyless` is not configured.");
+      const requestId = keyless.headers?.get("x-request-id") ?? "";
+      expect(gateway.log.lines.some((line) => line.includes(requestId) && line.includes("FAKE_UPSTREAM_KEY"))).toBe(true);
+
+      upstream.script("throttled", { status: 429, error: { message: "Rate limit reached for org-secret on requests per min." } });
+      upstream.script("failing", { status: 503, error: { message: "upstream connect error at 10.0.0.7" } });
+      upstream.script("garbled", { content: "first second third", malformed: true });
+      upstream.script("slow", { hang: true });
+      const failures = [
+        keyless,
+        await apiError(sdk().chat.completions.create({ model: "throttled", messages: hello })),
+        await apiError(sdk().chat.completions.create({ model: "failing", messages: hello })),
+        await apiError(sdk().chat.completions.create({ model: "failing", messages: hello, stream: true })),
+        await apiError((async () => { for await (const _ of await sdk().chat.completions.create({ model: "garbled", messages: hello, stream: true })); })()),
+        await apiError(sdk().chat.completions.create({ model: "slow", messages: hello })),
+      ];
+      expect(failures.map((e) => e.code)).toEqual(["upstream_error", "upstream_rate_limited", "upstream_error", "upstream_error", "upstream_error", "upstream_timeout"]);
+      for (const e of failures) {
+        for (const leak of ["FAKE_UPSTREAM_KEY", "fake", "keyless:", "127.0.0.1", "scripted", "org-secret", "10.0.0.7", "JSON"]) {
+          expect(e.message).not.toContain(leak);
+        }
       }
     });
   });

@@ -46,6 +46,23 @@ const upstream = Bun.serve({
           { object: "error", message: "This model's maximum context length is 8192 tokens", type: "BadRequestError", code: 400 },
           { status: 400 },
         );
+      case "context":
+        return Response.json(
+          { error: { message: "This model's maximum context length is 128000 tokens.", type: "invalid_request_error", param: "messages", code: "context_length_exceeded" } },
+          { status: 400 },
+        );
+      case "quota":
+        return Response.json(
+          { error: { message: "You exceeded your current quota.", type: "insufficient_quota", param: null, code: "insufficient_quota" } },
+          { status: 429 },
+        );
+      case "unbounded":
+        return Response.json(
+          { error: { message: "x".repeat(10_000), type: "invalid_request_error", param: "p".repeat(500), code: "bad\ncode" } },
+          { status: 400 },
+        );
+      case "proxy-413":
+        return new Response("<html><body>413 Request Entity Too Large</body></html>", { status: 413 });
       default:
         return Response.json({ error: { message: `status ${body.model}`, type: "x" } }, { status: Number(body.model) });
     }
@@ -99,13 +116,17 @@ describe("openai provider", () => {
       ["503", "transient"],
       ["429", "transient"],
       ["400", "rejected"],
+      ["413", "rejected"],
+      ["422", "rejected"],
       ["401", "misconfigured"],
+      ["403", "misconfigured"],
       ["404", "misconfigured"],
+      ["quota", "misconfigured"],
     ];
     for (const [status, failureClass] of cases) {
       const e = await failure(provider.chat(request(status), { timeoutMs: 5000 }));
       expect(e).toBeInstanceOf(UpstreamError);
-      expect([e?.failure, e?.status]).toEqual([failureClass, Number(status)]);
+      expect([e?.failure, e?.status]).toEqual([failureClass, status === "quota" ? 429 : Number(status)]);
     }
     const vllm = await failure(provider.chat(request("vllm-400"), { timeoutMs: 5000 }));
     expect([vllm?.failure, vllm?.status]).toEqual(["rejected", 400]);
@@ -115,6 +136,23 @@ describe("openai provider", () => {
     const pending = failure(provider.chat(request("slow"), { timeoutMs: 5000, signal: gone.signal }));
     gone.abort();
     expect((await pending)?.failure).toBe("cancelled");
+  });
+
+  test("keeps an upstream's OpenAI-shaped error, bounded, for the client", async () => {
+    const context = await failure(provider.chat(request("context"), { timeoutMs: 5000 }));
+    expect(context?.error).toEqual({
+      message: "This model's maximum context length is 128000 tokens.",
+      type: "invalid_request_error",
+      param: "messages",
+      code: "context_length_exceeded",
+    });
+    const unbounded = await failure(provider.chat(request("unbounded"), { timeoutMs: 5000 }));
+    expect(unbounded?.error?.message).toHaveLength(2000);
+    expect([unbounded?.error?.type, unbounded?.error?.param, unbounded?.error?.code]).toEqual(["invalid_request_error", null, null]);
+    const vllm = await failure(provider.chat(request("vllm-400"), { timeoutMs: 5000 }));
+    expect(vllm?.error).toEqual({ message: "This model's maximum context length is 8192 tokens", type: "BadRequestError", param: null, code: null });
+    const proxy = await failure(provider.chat(request("proxy-413"), { timeoutMs: 5000 }));
+    expect([proxy?.failure, proxy?.status, proxy?.error]).toEqual(["rejected", 413, undefined]);
   });
 
   test("a provider whose key variable is unset fails as misconfigured without calling out", async () => {

@@ -17,6 +17,7 @@ import {
   retryAfterMs,
   tokensFromUsage,
   UpstreamError,
+  upstreamErrorBody,
 } from "./provider.ts";
 
 /**
@@ -315,11 +316,13 @@ async function refusal(response: Response): Promise<APIError> {
 function upstreamError(provider: string, e: unknown): UpstreamError {
   if (e instanceof UpstreamError) return e;
   if (e instanceof APIError && e.status !== undefined) {
+    const error = upstreamErrorBody(e.error);
     return new UpstreamError(
-      failureOfStatus(e.status),
+      failureOfStatus(e.status, error),
       `${provider} answered ${e.status}: ${e.message}`,
       e.status,
       retryAfterMs(e.headers),
+      error,
     );
   }
   if (e instanceof SyntaxError) return new UpstreamError("transient", `${provider}: unreadable response (${e.message})`);

@@ -57,14 +57,27 @@ export interface Provider {
 
 /**
  * How an upstream attempt failed, which decides what the gateway does next:
- * "rejected" (the upstream refused the request itself, 400/422) fails the request as the client's fault,
+ * "rejected" (the upstream refused the request itself, 400/413/422) fails the request as the client's fault,
  * "transient" (connection, 408/409/429/5xx, unreadable answers) and "timeout" may be retried on the same target,
- * "misconfigured" (401/403/404, missing key) moves on to the next target, "cancelled" stops.
+ * "misconfigured" (401/403/404 and other 4xx, missing key, an account out of quota) moves on to the next target,
+ * "cancelled" stops.
  */
 export type UpstreamFailure = "rejected" | "transient" | "timeout" | "misconfigured" | "cancelled";
 
+/**
+ * An upstream's error in OpenAI's shape ({"error": {"message", "type", "param", "code"}}), bounded: it comes from
+ * outside, and is passed on to the client when the request was at fault.
+ */
+export interface UpstreamErrorBody {
+  message: string;
+  type: string | null;
+  param: string | null;
+  code: string | null;
+}
+
 export class UpstreamError extends Error {
   override name = "UpstreamError";
+  /** The message says what happened for the log; it may name the provider, its key variable or the upstream's words. */
   constructor(
     readonly failure: UpstreamFailure,
     message: string,
@@ -72,16 +85,46 @@ export class UpstreamError extends Error {
     readonly status?: number,
     /** How long the upstream asked us to wait (Retry-After), in ms. */
     readonly retryAfterMs?: number,
+    /** The upstream's own error, when it sent one in OpenAI's shape. */
+    readonly error?: UpstreamErrorBody,
   ) {
     super(message);
   }
 }
 
-/** The failure class of an upstream HTTP status. */
-export function failureOfStatus(status: number): UpstreamFailure {
-  if (status === 400 || status === 422) return "rejected";
+/** The failure class of an upstream HTTP status and the error it came with. */
+export function failureOfStatus(status: number, error?: UpstreamErrorBody): UpstreamFailure {
+  if (status === 400 || status === 413 || status === 422) return "rejected";
+  // Out of credit is not transient: retrying the account only delays the next target.
+  if (outOfQuota(status, error)) return "misconfigured";
   if (status === 408 || status === 409 || status === 429 || status >= 500) return "transient";
   return "misconfigured";
+}
+
+/** The upstream's account is out of credit (OpenAI's 429 insufficient_quota), as opposed to a rate limit. */
+export function outOfQuota(status: number | undefined, error: UpstreamErrorBody | undefined): boolean {
+  return status === 429 && (error?.code === "insufficient_quota" || error?.type === "insufficient_quota");
+}
+
+const maxMessageLength = 2_000;
+// type, param and code also travel as RPC metadata (header values): printable ASCII, short.
+const identifier = /^[\x20-\x7e]{1,128}$/;
+
+/**
+ * The OpenAI-shaped error in a refusal's `error` member; undefined unless it has a message. Messages are cut to a
+ * bounded length; a type, param or code that is not a short printable string is left out.
+ */
+export function upstreamErrorBody(error: unknown): UpstreamErrorBody | undefined {
+  if (typeof error !== "object" || error === null) return undefined;
+  const { message, type, param, code } = error as Record<string, unknown>;
+  if (typeof message !== "string" || message.trim() === "") return undefined;
+  const id = (value: unknown) => (typeof value === "string" && identifier.test(value) ? value : null);
+  return {
+    message: message.length > maxMessageLength ? `${message.slice(0, maxMessageLength - 1)}\u2026` : message,
+    type: id(type),
+    param: id(param),
+    code: id(code),
+  };
 }
 
 /** Retry-After (seconds or HTTP date) or retry-after-ms, in ms; undefined when absent or unreadable. */

@@ -23,6 +23,8 @@ export interface Behaviour {
   usage?: FakeUsage | false;
   /** Answer with this status and an OpenAI error body instead. */
   status?: number;
+  /** With `status`: fields of the OpenAI error body over the defaults, or a whole body that is not OpenAI's shape. */
+  error?: { message?: string; type?: string; param?: string | null; code?: string | null } | string;
   /** Retry-After header value sent with `status`. */
   retryAfter?: string;
   /** Wait this long before answering. */
@@ -102,10 +104,9 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
       }
       if (b.status) {
         const headers: Record<string, string> = b.retryAfter ? { "retry-after": b.retryAfter } : {};
-        return Response.json(
-          { error: { message: `scripted ${b.status}`, type: b.status === 429 ? "rate_limit_error" : "api_error", param: null, code: null } },
-          { status: b.status, headers },
-        );
+        if (typeof b.error === "string") return new Response(b.error, { status: b.status, headers });
+        const error = { message: `scripted ${b.status}`, type: b.status === 429 ? "rate_limit_error" : "api_error", param: null, code: null, ...b.error };
+        return Response.json({ error }, { status: b.status, headers });
       }
       if (path === "/v1/embeddings") return embeddings(body, b);
       if (path !== "/v1/chat/completions") return new Response("not found", { status: 404 });
