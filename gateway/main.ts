@@ -198,7 +198,14 @@ const service = createGatewayService(core);
 const rest = createRestApp({ core, tracer: runtime.telemetry.tracer, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES });
 
 // Browsers may read what OpenAI's clients read: the request id, the cost and when to retry.
-const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, ["x-request-id", "x-gateway-cost-nanos", "x-error-code", "retry-after"]);
+const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, [
+  "x-request-id",
+  "x-gateway-cost-nanos",
+  "x-error-code",
+  "x-error-type",
+  "x-error-param",
+  "retry-after",
+]);
 const server = await startServer({
   name: "gateway",
   port: cfg.GATEWAY_PORT,
