@@ -1,5 +1,128 @@
 import { describe, expect, test } from "bun:test";
 import { parseChatInput } from "./chat-request.ts";
+import { GatewayError } from "./errors.ts";
+
+const hello = [{ role: "user", content: "hi" }];
+
+/** The param and code of the 400 a body is answered with, in OpenAI's error type. */
+function rejection(body: unknown): [param: string | null, code: string] {
+  try {
+    parseChatInput(body);
+  } catch (e) {
+    if (!(e instanceof GatewayError)) throw e;
+    expect([e.status, e.type]).toEqual([400, "invalid_request_error"]);
+    return [e.param, e.code];
+  }
+  throw new Error("the body was accepted");
+}
+
+const tool = (fn: Record<string, unknown>) => ({ type: "function", function: { name: "f", ...fn } });
+const assistantCalls = (calls: unknown) => ({ model: "m", messages: [...hello, { role: "assistant", content: null, tool_calls: calls }] });
+const call = (fn: Record<string, unknown> = {}, extra: Record<string, unknown> = {}) => ({
+  id: "c1",
+  type: "function",
+  function: { name: "f", arguments: "{}", ...fn },
+  ...extra,
+});
+const withMessage = (message: unknown) => ({ model: "m", messages: [message] });
+const withPart = (part: unknown) => withMessage({ role: "user", content: [part] });
+
+// Each body fails on one field: [what, the request's fields over a valid one, param, code].
+const invalid: Array<[string, Record<string, unknown>, string | null, string]> = [
+  ["no model", { model: undefined }, "model", "missing_required_parameter"],
+  ["a model that is not a string", { model: 5 }, "model", "invalid_type"],
+  ["temperature above 2", { temperature: 5 }, "temperature", "decimal_above_max_value"],
+  ["temperature below 0", { temperature: -0.5 }, "temperature", "decimal_below_min_value"],
+  ["temperature as a string", { temperature: "hot" }, "temperature", "invalid_type"],
+  ["top_p above 1", { top_p: 7 }, "top_p", "decimal_above_max_value"],
+  ["presence_penalty above 2", { presence_penalty: 99 }, "presence_penalty", "decimal_above_max_value"],
+  ["frequency_penalty below -2", { frequency_penalty: -99 }, "frequency_penalty", "decimal_below_min_value"],
+  ["seed as a string", { seed: "x" }, "seed", "invalid_type"],
+  ["seed as a fraction", { seed: 1.5 }, "seed", "invalid_type"],
+  ["logit_bias not an object", { logit_bias: [1] }, "logit_bias", "invalid_type"],
+  ["logit_bias above 100", { logit_bias: { "50256": 101 } }, "logit_bias.50256", "decimal_above_max_value"],
+  ["logit_bias below -100", { logit_bias: { "50256": -101 } }, "logit_bias.50256", "decimal_below_min_value"],
+  ["logit_bias keyed by a word", { logit_bias: { cat: 1 } }, "logit_bias.cat", "invalid_value"],
+  ["logit_bias with a string bias", { logit_bias: { "1": "up" } }, "logit_bias.1", "invalid_type"],
+  ["logprobs not a boolean", { logprobs: "yes" }, "logprobs", "invalid_type"],
+  ["top_logprobs above 20", { logprobs: true, top_logprobs: 21 }, "top_logprobs", "integer_above_max_value"],
+  ["top_logprobs as a fraction", { logprobs: true, top_logprobs: 1.5 }, "top_logprobs", "invalid_type"],
+  ["top_logprobs without logprobs", { top_logprobs: 5 }, "top_logprobs", "invalid_value"],
+  ["parallel_tool_calls not a boolean", { parallel_tool_calls: "no" }, "parallel_tool_calls", "invalid_type"],
+  ["n of 0", { n: 0 }, "n", "integer_below_min_value"],
+  ["n above 128", { n: 129 }, "n", "integer_above_max_value"],
+  ["n as a fraction", { n: 2.5 }, "n", "invalid_type"],
+  ["max_tokens of 0", { max_tokens: 0 }, "max_tokens", "integer_below_min_value"],
+  ["max_completion_tokens as a string", { max_completion_tokens: "10" }, "max_completion_tokens", "invalid_type"],
+  ["five stop sequences", { stop: ["a", "b", "c", "d", "e"] }, "stop", "array_above_max_length"],
+  ["stop as a number", { stop: 5 }, "stop", "invalid_type"],
+  ["a stop sequence that is not a string", { stop: [1] }, "stop[0]", "invalid_type"],
+  ["stream not a boolean", { stream: "yes" }, "stream", "invalid_type"],
+  ["stream_options without stream", { stream_options: { include_usage: true } }, "stream_options", "invalid_value"],
+  ["include_usage not a boolean", { stream: true, stream_options: { include_usage: 1 } }, "stream_options.include_usage", "invalid_type"],
+  ["tools as a string", { tools: "garbage" }, "tools", "invalid_type"],
+  ["129 tools", { tools: Array.from({ length: 129 }, () => tool({})) }, "tools", "array_above_max_length"],
+  ["a tool of unknown type", { tools: [{ type: "bogus" }] }, "tools[0].type", "invalid_value"],
+  ["a tool without type", { tools: [{ function: { name: "f" } }] }, "tools[0].type", "missing_required_parameter"],
+  ["a function tool without function", { tools: [{ type: "function" }] }, "tools[0].function", "missing_required_parameter"],
+  ["a function without a name", { tools: [{ type: "function", function: {} }] }, "tools[0].function.name", "missing_required_parameter"],
+  ["a function name with a space", { tools: [tool({ name: "look up" })] }, "tools[0].function.name", "invalid_value"],
+  ["a function name over 64 characters", { tools: [tool({ name: "f".repeat(65) })] }, "tools[0].function.name", "invalid_value"],
+  ["function parameters not an object", { tools: [tool({ parameters: "x" })] }, "tools[0].function.parameters", "invalid_type"],
+  ["a function description not a string", { tools: [tool({ description: 1 })] }, "tools[0].function.description", "invalid_type"],
+  ["strict not a boolean", { tools: [tool({ strict: "yes" })] }, "tools[0].function.strict", "invalid_type"],
+  ["tool_choice of unknown mode", { tool_choice: "sometimes" }, "tool_choice", "invalid_value"],
+  ["tool_choice as a number", { tool_choice: 5 }, "tool_choice", "invalid_type"],
+  ["tool_choice of unknown type", { tool_choice: { type: "bogus" } }, "tool_choice.type", "invalid_value"],
+  ["tool_choice without the function", { tool_choice: { type: "function" } }, "tool_choice.function", "missing_required_parameter"],
+  ["tool_choice without the name", { tool_choice: { type: "function", function: {} } }, "tool_choice.function.name", "missing_required_parameter"],
+  ["response_format of unknown type", { response_format: { type: "bogus" } }, "response_format.type", "invalid_value"],
+  ["response_format as a string", { response_format: "json" }, "response_format", "invalid_type"],
+  ["json_schema missing", { response_format: { type: "json_schema" } }, "response_format.json_schema", "missing_required_parameter"],
+  ["json_schema without a name", { response_format: { type: "json_schema", json_schema: { schema: {} } } }, "response_format.json_schema.name", "missing_required_parameter"],
+  ["json_schema schema not an object", { response_format: { type: "json_schema", json_schema: { name: "a", schema: "x" } } }, "response_format.json_schema.schema", "invalid_type"],
+  ["user not a string", { user: 5 }, "user", "invalid_type"],
+  ["user over 256 characters", { user: "u".repeat(257) }, "user", "string_above_max_length"],
+  ["metadata not an object", { metadata: "x" }, "metadata", "invalid_type"],
+  ["17 metadata pairs", { metadata: Object.fromEntries(Array.from({ length: 17 }, (_, i) => [`k${i}`, "v"])) }, "metadata", "object_above_max_properties"],
+  ["a metadata value that is not a string", { metadata: { k: 1 } }, "metadata.k", "invalid_type"],
+  ["a metadata value over 512 characters", { metadata: { k: "x".repeat(513) } }, "metadata.k", "string_above_max_length"],
+  ["a metadata key over 64 characters", { metadata: { ["k".repeat(65)]: "v" } }, `metadata.${"k".repeat(65)}`, "string_above_max_length"],
+  // Messages.
+  ["no messages", { messages: undefined }, "messages", "missing_required_parameter"],
+  ["messages not an array", { messages: "hi" }, "messages", "invalid_type"],
+  ["no message", { messages: [] }, "messages", "empty_array"],
+  ["2049 messages", { messages: Array.from({ length: 2049 }, () => hello[0]) }, "messages", "array_above_max_length"],
+  ["a message that is not an object", { messages: ["hi"] }, "messages[0]", "invalid_type"],
+  ["a message without a role", withMessage({ content: "hi" }), "messages[0].role", "missing_required_parameter"],
+  ["an unknown role", withMessage({ role: "robot", content: "hi" }), "messages[0].role", "invalid_value"],
+  ["content as a number", withMessage({ role: "user", content: 5 }), "messages[0].content", "invalid_type"],
+  ["content as an empty array", withMessage({ role: "user", content: [] }), "messages[0].content", "empty_array"],
+  ["a user message without content", withMessage({ role: "user" }), "messages[0].content", "missing_required_parameter"],
+  ["a system message without content", withMessage({ role: "system", content: null }), "messages[0].content", "missing_required_parameter"],
+  ["a developer message without content", withMessage({ role: "developer" }), "messages[0].content", "missing_required_parameter"],
+  ["a name that is not a string", withMessage({ role: "user", content: "hi", name: 1 }), "messages[0].name", "invalid_type"],
+  ["a part of unknown type", withPart({ type: "bogus" }), "messages[0].content[0].type", "invalid_value"],
+  ["a part that is not an object", withPart("hi"), "messages[0].content[0]", "invalid_type"],
+  ["a part without type", withPart({ text: "hi" }), "messages[0].content[0].type", "missing_required_parameter"],
+  ["a text part without text", withPart({ type: "text" }), "messages[0].content[0].text", "missing_required_parameter"],
+  ["a text part with a number", withPart({ type: "text", text: 1 }), "messages[0].content[0].text", "invalid_type"],
+  ["an image part without a url", withPart({ type: "image_url", image_url: {} }), "messages[0].content[0].image_url.url", "missing_required_parameter"],
+  ["an image part with a url string only", withPart({ type: "image_url", image_url: "https://x" }), "messages[0].content[0].image_url", "invalid_type"],
+  ["an audio part without data", withPart({ type: "input_audio", input_audio: { format: "wav" } }), "messages[0].content[0].input_audio.data", "missing_required_parameter"],
+  ["a file part without the file", withPart({ type: "file" }), "messages[0].content[0].file", "missing_required_parameter"],
+  ["a tool message without tool_call_id", { messages: [...hello, { role: "tool", content: "42" }] }, "messages[1].tool_call_id", "missing_required_parameter"],
+  ["a tool_call_id that is not a string", { messages: [...hello, { role: "tool", content: "42", tool_call_id: 7 }] }, "messages[1].tool_call_id", "invalid_type"],
+  ["a tool message without content", { messages: [...hello, { role: "tool", tool_call_id: "c1" }] }, "messages[1].content", "missing_required_parameter"],
+  ["an assistant message with neither content nor calls", { messages: [...hello, { role: "assistant", content: null }] }, "messages[1].content", "missing_required_parameter"],
+  ["an assistant message with no calls and no content", assistantCalls([]), "messages[1].content", "missing_required_parameter"],
+  ["tool_calls not an array", { messages: [...hello, { role: "assistant", content: "ok", tool_calls: {} }] }, "messages[1].tool_calls", "invalid_type"],
+  ["a tool call without id", assistantCalls([call({}, { id: undefined })]), "messages[1].tool_calls[0].id", "missing_required_parameter"],
+  ["a tool call of unknown type", assistantCalls([call({}, { type: "bogus" })]), "messages[1].tool_calls[0].type", "invalid_value"],
+  ["a tool call without a name", assistantCalls([call({ name: undefined })]), "messages[1].tool_calls[0].function.name", "missing_required_parameter"],
+  ["tool call arguments as an object", assistantCalls([call({ arguments: {} })]), "messages[1].tool_calls[0].function.arguments", "invalid_type"],
+  ["a function message without a name", withMessage({ role: "function", content: "42" }), "messages[0].name", "missing_required_parameter"],
+];
 
 describe("chat input", () => {
   test("keeps the OpenAI parameters for upstream and takes the gateway's own fields out", () => {
@@ -33,17 +156,112 @@ describe("chat input", () => {
         { role: "assistant", content: null, tool_calls: [{ id: "c1", type: "function", function: { name: "f", arguments: "{}" } }] },
         { role: "tool", tool_call_id: "c1", content: "42" },
       ],
-      metadata: { ["k".repeat(16)]: "é".repeat(128) },
     });
     expect(input.upstream.messages).toHaveLength(3);
-    expect(() => parseChatInput({ model: "m", messages: [{ role: "user" }], metadata: { k: "é".repeat(129) } })).toThrow(
-      /at most 256 bytes/,
+  });
+
+  test("metadata: at most 16 pairs, keys up to 64 characters and values up to 512, counted as characters", () => {
+    const at = (metadata: Record<string, string>) => parseChatInput({ model: "m", messages: hello, metadata }).tags;
+    const most = Object.fromEntries(Array.from({ length: 16 }, (_, i) => [`${i}`.padEnd(64, "k"), "🧪".repeat(512)]));
+    expect(at(most)).toEqual(most);
+    expect(at({ ["é".repeat(64)]: "é".repeat(512) })).toEqual({ ["é".repeat(64)]: "é".repeat(512) });
+    expect(rejection({ model: "m", messages: hello, metadata: { k: "🧪".repeat(513) } })).toEqual(["metadata.k", "string_above_max_length"]);
+    expect(rejection({ model: "m", messages: hello, metadata: { ["é".repeat(65)]: "v" } })).toEqual([`metadata.${"é".repeat(65)}`, "string_above_max_length"]);
+  });
+
+  test.each(invalid)("400 for %s", (_, fields, param, code) => {
+    expect(rejection({ model: "m", messages: hello, ...fields })).toEqual([param, code]);
+  });
+
+  test("errors read as OpenAI's", () => {
+    const message = (body: unknown) => {
+      try {
+        parseChatInput(body);
+      } catch (e) {
+        return (e as Error).message;
+      }
+    };
+    expect(message({ model: "m", messages: hello, temperature: 5 })).toBe(
+      "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got 5 instead.",
+    );
+    expect(message({ model: "m", messages: hello, temperature: "hot" })).toBe(
+      "Invalid type for 'temperature': expected a decimal, but got a string instead.",
+    );
+    expect(message({ model: "m", messages: [{ role: "tool", content: "x" }] })).toBe("Missing required parameter: 'messages[0].tool_call_id'.");
+    expect(message(withPart({ type: "bogus" }))).toBe(
+      "Invalid value for 'messages[0].content[0].type': 'bogus'. Supported values are: 'text', 'image_url', 'input_audio', 'file', 'refusal'.",
     );
   });
 
-  test("at most 16 tags", () => {
-    const metadata = Object.fromEntries(Array.from({ length: 17 }, (_, i) => [`k${i}`, "v"]));
-    expect(() => parseChatInput({ model: "m", messages: [{ role: "user", content: "x" }], metadata })).toThrow(/16 entries/);
+  test("a body with every checked field at its limits passes, and is sent upstream as it came", () => {
+    const fields = {
+      model: "m",
+      messages: [
+        { role: "developer", content: "be brief" },
+        { role: "system", content: [{ type: "text", text: "be kind" }] },
+        {
+          role: "user",
+          name: "ann",
+          content: [
+            { type: "text", text: "what is this?" },
+            { type: "image_url", image_url: { url: "https://example.com/cat.png", detail: "low" } },
+            { type: "input_audio", input_audio: { data: "AAAA", format: "wav" } },
+            { type: "file", file: { file_id: "file-1" } },
+          ],
+        },
+        {
+          role: "assistant",
+          content: null,
+          tool_calls: [
+            { id: "c1", type: "function", function: { name: "look_up", arguments: "{}" } },
+            { id: "c2", type: "custom", custom: { name: "sql", input: "select 1" } },
+          ],
+        },
+        { role: "tool", tool_call_id: "c1", content: [{ type: "text", text: "a cat" }] },
+        { role: "assistant", content: [{ type: "refusal", refusal: "no" }] },
+        { role: "assistant", content: null, function_call: { name: "look_up", arguments: "{}" } },
+        { role: "function", name: "look_up", content: null },
+        { role: "user", content: "" },
+      ],
+      temperature: 2,
+      top_p: 0,
+      presence_penalty: -2,
+      frequency_penalty: 2,
+      seed: -7,
+      logit_bias: { "50256": -100, "1": 100 },
+      logprobs: true,
+      top_logprobs: 20,
+      parallel_tool_calls: false,
+      n: 128,
+      max_tokens: 1,
+      max_completion_tokens: 2 ** 31 - 1,
+      stop: ["a", "b", "c", "d"],
+      tools: [
+        ...Array.from({ length: 127 }, (_, i) => tool({ name: `f_${i}`.padEnd(64, "-") })),
+        { type: "custom", custom: { name: "sql", format: { type: "text" } } },
+      ],
+      tool_choice: { type: "function", function: { name: "f_0" } },
+      response_format: { type: "json_schema", json_schema: { name: "answer", schema: { type: "object" }, strict: true } },
+      user: "u".repeat(256),
+      // Fields the gateway does not know pass through for the upstream to judge.
+      verbosity: "low",
+      a_future_field: { anything: [1, "two"] },
+    };
+    const input = parseChatInput({ ...fields, metadata: { team: "a" }, stream: true, stream_options: { include_usage: true } });
+    expect(input.upstream as unknown).toEqual(fields);
+    expect(input.tags).toEqual({ team: "a" });
+    for (const choice of ["none", "auto", "required", { type: "custom", custom: { name: "sql" } }, { type: "allowed_tools", allowed_tools: { mode: "auto", tools: [] } }]) {
+      expect(parseChatInput({ ...fields, tool_choice: choice }).upstream.tool_choice as unknown).toEqual(choice);
+    }
+    for (const format of [{ type: "text" }, { type: "json_object" }, { type: "json_schema", json_schema: { name: "a-b_c" } }]) {
+      expect(parseChatInput({ ...fields, response_format: format }).upstream.response_format as unknown).toEqual(format);
+    }
+  });
+
+  test("null stands for an absent optional field", () => {
+    const nulls = { temperature: null, top_p: null, n: null, seed: null, logit_bias: null, tools: null, tool_choice: null, response_format: null, user: null, metadata: null };
+    const input = parseChatInput({ model: "m", messages: hello, ...nulls });
+    expect([input.user, input.tags]).toEqual(["", {}]);
   });
 
   test("streaming: stream and stream_options are the gateway's, never forwarded as sent", () => {

@@ -1,5 +1,27 @@
 import { invalidRequest } from "./errors.ts";
 import type { ChatRequest } from "./providers/provider.ts";
+import {
+  arrayOf,
+  arrayTooLong,
+  boolean,
+  byType,
+  type Check,
+  decimal,
+  emptyArray,
+  integer,
+  isObject,
+  missing,
+  object,
+  objectWith,
+  oneOf,
+  parseModel,
+  parseUser,
+  string,
+  stringUpTo,
+  tooLong,
+  unsupported,
+  wrongType,
+} from "./request-checks.ts";
 
 /** A chat request as the gateway understands it, whether it came over REST or RPC. */
 export interface ChatInput {
@@ -17,109 +39,223 @@ export interface ChatInput {
   includeUsage: boolean;
 }
 
-const roles = new Set(["system", "developer", "user", "assistant", "tool", "function"]);
+const roles = ["system", "developer", "user", "assistant", "tool", "function"];
+const roleSet = new Set(roles);
 // Fields that are the gateway's, not the upstream's.
 const gatewayOnly = new Set(["metadata", "stream", "stream_options"]);
 const maxMessages = 2048;
+const maxChoices = 128;
+const maxStops = 4;
+const maxTools = 128;
 const maxTags = 16;
-const maxTagBytes = 256;
+const maxTagKeyChars = 64;
+const maxTagValueChars = 512;
+const int32Max = 2 ** 31 - 1;
 
-export const isObject = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
+// Function, tool and schema names as the API allows them.
+const namePattern = /^[a-zA-Z0-9_-]{1,64}$/;
+const name: Check = (v, param) => {
+  string(v, param);
+  if (!namePattern.test(v as string)) {
+    throw invalidRequest(
+      `Invalid '${param}': string does not match pattern. Expected a string that matches the pattern '${namePattern.source}'.`,
+      param,
+      "invalid_value",
+    );
+  }
+};
+
+const contentPart = byType({
+  text: objectWith({ text: string }),
+  image_url: objectWith({ image_url: objectWith({ url: string }) }),
+  input_audio: objectWith({ input_audio: objectWith({ data: string, format: string }) }),
+  file: objectWith({ file: object }),
+  refusal: objectWith({ refusal: string }),
+});
+
+const toolCall = byType({
+  function: objectWith({ id: string, function: objectWith({ name: string, arguments: string }) }),
+  custom: objectWith({ id: string, custom: objectWith({ name: string, input: string }) }),
+});
+const toolCalls = arrayOf(toolCall);
+const functionCall = objectWith({ name: string, arguments: string });
+
+const tool = byType({
+  function: objectWith({
+    function: objectWith({ name }, { description: string, parameters: object, strict: boolean }),
+  }),
+  custom: objectWith({ custom: objectWith({ name: string }) }),
+});
+
+const toolChoiceModes = oneOf("none", "auto", "required");
+const namedToolChoice = byType({
+  function: objectWith({ function: objectWith({ name: string }) }),
+  custom: objectWith({ custom: objectWith({ name: string }) }),
+  allowed_tools: objectWith({ allowed_tools: objectWith({ mode: oneOf("auto", "required"), tools: arrayOf(object) }) }),
+});
+
+const stopSequences = arrayOf(string, { max: maxStops });
+const logitBiasValue = decimal(-100, 100);
+const tokenId = /^\d+$/;
 
 /**
- * Checks what the gateway relies on (model, messages, n, stop, limits, user, metadata) and leaves
- * the rest of the OpenAI parameters for the upstream to judge. Throws a 400 naming the field.
+ * OpenAI parameters whose meaning is fixed, checked as the API checks them. Fields not listed here
+ * pass through for the upstream to judge, so new API fields keep working.
+ */
+const fieldChecks = new Map<string, Check>([
+  ["stream", boolean],
+  ["temperature", decimal(0, 2)],
+  ["top_p", decimal(0, 1)],
+  ["presence_penalty", decimal(-2, 2)],
+  ["frequency_penalty", decimal(-2, 2)],
+  ["n", integer(1, maxChoices)],
+  ["max_tokens", integer(1, int32Max)],
+  ["max_completion_tokens", integer(1, int32Max)],
+  // An int64, as closely as a JSON number can say.
+  ["seed", integer(-(2 ** 63), 2 ** 63)],
+  ["logprobs", boolean],
+  ["top_logprobs", integer(0, 20)],
+  ["parallel_tool_calls", boolean],
+  [
+    "logit_bias",
+    (v, param) => {
+      object(v, param);
+      const bias = v as Record<string, unknown>;
+      for (const token in bias) {
+        if (!tokenId.test(token)) {
+          throw invalidRequest(`Invalid key in '${param}': '${token}' is not a token id.`, `${param}.${token}`, "invalid_value");
+        }
+        logitBiasValue(bias[token], `${param}.${token}`);
+      }
+    },
+  ],
+  [
+    "stop",
+    (v, param) => {
+      if (typeof v === "string") return;
+      if (!Array.isArray(v)) throw wrongType(param, "a string or an array of strings", v);
+      stopSequences(v, param);
+    },
+  ],
+  ["tools", arrayOf(tool, { max: maxTools })],
+  [
+    "tool_choice",
+    (v, param) => {
+      if (typeof v === "string") toolChoiceModes(v, param);
+      else if (isObject(v)) namedToolChoice(v, param);
+      else throw wrongType(param, "a string or an object", v);
+    },
+  ],
+  [
+    "response_format",
+    byType({
+      text: object,
+      json_object: object,
+      json_schema: objectWith({
+        json_schema: objectWith({ name }, { description: string, schema: object, strict: boolean }),
+      }),
+    }),
+  ],
+]);
+
+/**
+ * Checks the fields whose meaning is fixed (model, messages, sampling ranges, tools, formats, limits,
+ * user, metadata) as OpenAI does, and leaves any other field for the upstream to judge. Throws a 400
+ * naming the field.
  */
 export function parseChatInput(body: unknown): ChatInput {
   if (!isObject(body)) throw invalidRequest("The request body must be a JSON object.");
-  const model = body.model;
-  if (typeof model !== "string" || model === "") {
-    throw invalidRequest("`model` is required and must be a non-empty string.", "model", "missing_required_parameter");
+  const model = parseModel(body);
+  parseMessages(body.messages);
+  const upstream: Record<string, unknown> = {};
+  for (const key in body) {
+    const value = body[key];
+    if (value !== undefined && value !== null) fieldChecks.get(key)?.(value, key);
+    if (!gatewayOnly.has(key)) upstream[key] = value;
   }
-  if (body.stream !== undefined && body.stream !== null && typeof body.stream !== "boolean") {
-    throw invalidRequest("`stream` must be a boolean.", "stream");
+  if (body.top_logprobs !== undefined && body.top_logprobs !== null && body.logprobs !== true) {
+    throw invalidRequest("Invalid 'top_logprobs': only allowed when 'logprobs' is true.", "top_logprobs", "invalid_value");
   }
   const stream = body.stream === true;
   const includeUsage = parseStreamOptions(body.stream_options, stream);
-  const messages = body.messages;
-  if (!Array.isArray(messages) || messages.length === 0) {
-    throw invalidRequest("`messages` must be a non-empty array.", "messages", "missing_required_parameter");
-  }
-  if (messages.length > maxMessages) throw invalidRequest(`\`messages\` may hold at most ${maxMessages} messages.`, "messages");
-  for (let i = 0; i < messages.length; i++) {
-    const m: unknown = messages[i];
-    if (!isObject(m)) throw invalidRequest("Each message must be an object.", `messages[${i}]`);
-    if (typeof m.role !== "string" || !roles.has(m.role)) {
-      throw invalidRequest(`\`role\` must be one of ${[...roles].join(", ")}.`, `messages[${i}].role`);
-    }
-    const content = m.content;
-    if (content !== undefined && content !== null && typeof content !== "string" && !Array.isArray(content)) {
-      throw invalidRequest("`content` must be a string or an array of content parts.", `messages[${i}].content`);
-    }
-    if (Array.isArray(content)) {
-      for (let j = 0; j < content.length; j++) {
-        const part: unknown = content[j];
-        if (!isObject(part) || typeof part.type !== "string") {
-          throw invalidRequest("Each content part must be an object with a `type`.", `messages[${i}].content[${j}]`);
-        }
-      }
-    }
-  }
-  positiveInt(body, "n", 8);
-  positiveInt(body, "max_tokens");
-  positiveInt(body, "max_completion_tokens");
-  const stop = body.stop;
-  if (stop !== undefined && stop !== null && typeof stop !== "string") {
-    if (!Array.isArray(stop) || stop.length > 4 || stop.some((s) => typeof s !== "string")) {
-      throw invalidRequest("`stop` must be a string or an array of up to 4 strings.", "stop");
-    }
-  }
-  const user = body.user ?? "";
-  if (typeof user !== "string" || user.length > 256) throw invalidRequest("`user` must be a string of at most 256 characters.", "user");
+  const user = parseUser(body);
   const tags = parseTags(body.metadata);
-
-  const upstream: Record<string, unknown> = {};
-  for (const key in body) if (!gatewayOnly.has(key)) upstream[key] = body[key];
   return { model, upstream: upstream as unknown as ChatRequest, user, tags, stream, includeUsage };
 }
 
+function parseMessages(messages: unknown): void {
+  if (messages === undefined || messages === null) throw missing("messages");
+  if (!Array.isArray(messages)) throw wrongType("messages", "an array", messages);
+  if (messages.length === 0) throw emptyArray("messages");
+  if (messages.length > maxMessages) throw arrayTooLong("messages", maxMessages, messages.length);
+  for (let i = 0; i < messages.length; i++) checkMessage(messages[i], i);
+}
+
+/** A message's role, content and the fields its role requires. Its param is spelled out only when needed. */
+function checkMessage(m: unknown, i: number): void {
+  const at = (field: string) => `messages[${i}]${field}`;
+  if (!isObject(m)) throw wrongType(at(""), "an object", m);
+  const role = m.role;
+  if (role === undefined || role === null) throw missing(at(".role"));
+  if (typeof role !== "string") throw wrongType(at(".role"), "a string", role);
+  if (!roleSet.has(role)) throw unsupported(at(".role"), role, roles);
+  const content = m.content;
+  if (Array.isArray(content)) {
+    if (content.length === 0) throw emptyArray(at(".content"));
+    for (let j = 0; j < content.length; j++) contentPart(content[j], at(`.content[${j}]`));
+  } else if (content !== undefined && content !== null) {
+    if (typeof content !== "string") throw wrongType(at(".content"), "a string or an array of content parts", content);
+  } else if (role !== "function" && !(role === "assistant" && calls(m))) {
+    // Only a tool-calling assistant turn (or a legacy function result) may go without content.
+    throw missing(at(".content"));
+  }
+  if (m.name !== undefined && m.name !== null) {
+    if (typeof m.name !== "string") throw wrongType(at(".name"), "a string", m.name);
+  } else if (role === "function") throw missing(at(".name"));
+  if (role === "tool") {
+    if (m.tool_call_id === undefined || m.tool_call_id === null) throw missing(at(".tool_call_id"));
+    if (typeof m.tool_call_id !== "string") throw wrongType(at(".tool_call_id"), "a string", m.tool_call_id);
+  }
+  if (m.tool_calls !== undefined && m.tool_calls !== null) toolCalls(m.tool_calls, at(".tool_calls"));
+  if (m.function_call !== undefined && m.function_call !== null) functionCall(m.function_call, at(".function_call"));
+}
+
+const calls = (m: Record<string, unknown>) =>
+  (Array.isArray(m.tool_calls) && m.tool_calls.length > 0) || (m.function_call !== undefined && m.function_call !== null);
+
 function parseStreamOptions(options: unknown, stream: boolean): boolean {
   if (options === undefined || options === null) return false;
-  if (!stream) throw invalidRequest("`stream_options` is only allowed when `stream` is true.", "stream_options");
-  if (!isObject(options)) throw invalidRequest("`stream_options` must be an object.", "stream_options");
-  const include = options.include_usage;
-  if (include !== undefined && include !== null && typeof include !== "boolean") {
-    throw invalidRequest("`stream_options.include_usage` must be a boolean.", "stream_options.include_usage");
-  }
+  if (!stream) throw invalidRequest("Invalid 'stream_options': only allowed when 'stream' is true.", "stream_options");
+  object(options, "stream_options");
+  const include = (options as Record<string, unknown>).include_usage;
+  if (include !== undefined && include !== null) boolean(include, "stream_options.include_usage");
   return include === true;
 }
 
-function positiveInt(body: Record<string, unknown>, field: string, max = 2 ** 31 - 1): void {
-  const v = body[field];
-  if (v === undefined || v === null) return;
-  if (typeof v !== "number" || !Number.isInteger(v) || v < 1 || v > max) {
-    throw invalidRequest(`\`${field}\` must be an integer from 1 to ${max}.`, field);
-  }
-}
-
 const noTags: Record<string, string> = Object.freeze({}) as Record<string, string>;
+const tagValue = stringUpTo(maxTagValueChars);
 
 function parseTags(metadata: unknown): Record<string, string> {
   if (metadata === undefined || metadata === null) return noTags;
-  if (!isObject(metadata)) throw invalidRequest("`metadata` must be an object of string values.", "metadata");
+  object(metadata, "metadata");
+  const tags = metadata as Record<string, unknown>;
   let count = 0;
-  for (const key in metadata) {
-    const value = metadata[key];
-    if (++count > maxTags) throw invalidRequest(`\`metadata\` may hold at most ${maxTags} entries.`, "metadata");
-    if (typeof value !== "string") throw invalidRequest("`metadata` values must be strings.", `metadata.${key}`);
-    if (tooLong(key) || tooLong(value)) {
-      throw invalidRequest(`\`metadata\` keys and values may be at most ${maxTagBytes} bytes.`, `metadata.${key}`);
+  for (const key in tags) {
+    if (++count > maxTags) {
+      throw invalidRequest(
+        `Invalid 'metadata': too many properties. Expected an object with at most ${maxTags} properties, but got an object with ${Object.keys(tags).length} properties instead.`,
+        "metadata",
+        "object_above_max_properties",
+      );
     }
+    if (tooLong(key, maxTagKeyChars)) {
+      throw invalidRequest(
+        `Invalid property name in 'metadata': '${key}' is too long. Expected a string with maximum length ${maxTagKeyChars}.`,
+        `metadata.${key}`,
+        "string_above_max_length",
+      );
+    }
+    tagValue(tags[key], `metadata.${key}`);
   }
-  return metadata as Record<string, string>;
-}
-
-function tooLong(text: string): boolean {
-  // A UTF-16 unit is at most 3 UTF-8 bytes, so short strings need no byte count.
-  return text.length > maxTagBytes || (text.length > maxTagBytes / 3 && Buffer.byteLength(text) > maxTagBytes);
+  return tags as Record<string, string>;
 }

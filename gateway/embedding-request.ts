@@ -1,6 +1,6 @@
-import { isObject } from "./chat-request.ts";
 import { invalidRequest } from "./errors.ts";
 import type { EmbeddingRequest } from "./providers/provider.ts";
+import { arrayTooLong, emptyArray, integer, isObject, missing, oneOf, parseModel, parseUser, wrongType } from "./request-checks.ts";
 
 /** An embeddings request as the gateway understands it, whether it came over REST or RPC. */
 export interface EmbeddingInput {
@@ -13,41 +13,60 @@ export interface EmbeddingInput {
 }
 
 const maxInputs = 2048;
+const dimensions = integer(1, 65_536);
+const encodingFormat = oneOf("float", "base64");
 
 /**
- * Checks model, input (a string, strings, or token arrays, never empty), dimensions, encoding_format
- * and user, as OpenAI does. Throws a 400 naming the field. The encoding defaults to float as in the API.
+ * Checks model, input, dimensions, encoding_format and user as OpenAI does. Throws a 400 naming the
+ * field. The encoding defaults to float as in the API.
  */
 export function parseEmbeddingInput(body: unknown): EmbeddingInput {
   if (!isObject(body)) throw invalidRequest("The request body must be a JSON object.");
-  const model = body.model;
-  if (typeof model !== "string" || model === "") {
-    throw invalidRequest("`model` is required and must be a non-empty string.", "model", "missing_required_parameter");
-  }
-  const input = body.input;
-  if (typeof input === "string") {
-    if (input === "") throw invalidRequest("`input` must not be empty.", "input");
-  } else if (Array.isArray(input)) {
-    if (input.length === 0 || input.length > maxInputs) {
-      throw invalidRequest(`\`input\` must hold 1 to ${maxInputs} items.`, "input", input.length === 0 ? "missing_required_parameter" : "invalid_value");
-    }
-    const allStrings = input.every((x) => typeof x === "string" && x !== "");
-    const tokens = input.every((x) => Number.isInteger(x) && x >= 0);
-    const tokenLists = input.every((x) => Array.isArray(x) && x.length > 0 && x.every((t) => Number.isInteger(t) && t >= 0));
-    if (!allStrings && !tokens && !tokenLists) {
-      throw invalidRequest("`input` must be a non-empty string, an array of them, or token arrays.", "input");
-    }
-  } else {
-    throw invalidRequest("`input` is required: a string or an array of strings.", "input", "missing_required_parameter");
-  }
-  const dimensions = body.dimensions;
-  if (dimensions !== undefined && dimensions !== null && (!Number.isInteger(dimensions) || (dimensions as number) < 1 || (dimensions as number) > 65_536)) {
-    throw invalidRequest("`dimensions` must be an integer from 1 to 65536.", "dimensions");
-  }
+  const model = parseModel(body);
+  parseInput(body.input);
+  if (body.dimensions !== undefined && body.dimensions !== null) dimensions(body.dimensions, "dimensions");
   const format = body.encoding_format ?? "float";
-  if (format !== "float" && format !== "base64") throw invalidRequest("`encoding_format` must be `float` or `base64`.", "encoding_format");
-  const user = body.user ?? "";
-  if (typeof user !== "string" || user.length > 256) throw invalidRequest("`user` must be a string of at most 256 characters.", "user");
+  encodingFormat(format, "encoding_format");
+  const user = parseUser(body);
   const upstream = { ...body, encoding_format: format } as EmbeddingRequest;
   return { model, upstream, user };
+}
+
+/**
+ * One input (a string or an array of token ids) or up to 2048 of them (strings or token arrays),
+ * none empty.
+ */
+function parseInput(input: unknown): void {
+  if (input === undefined || input === null) throw missing("input");
+  if (typeof input === "string") {
+    if (input === "") throw invalidRequest("Invalid 'input': empty string. Expected a non-empty string.", "input");
+    return;
+  }
+  if (!Array.isArray(input)) throw wrongType("input", "a string or an array", input);
+  if (input.length === 0) throw emptyArray("input");
+  // A flat array of token ids is one input, however long.
+  if (typeof input[0] === "number") return checkTokens(input, "input");
+  if (input.length > maxInputs) throw arrayTooLong("input", maxInputs, input.length);
+  const strings = typeof input[0] === "string";
+  if (!strings && !Array.isArray(input[0])) throw wrongType("input[0]", "a string or an array of token ids", input[0]);
+  for (let i = 0; i < input.length; i++) {
+    const item: unknown = input[i];
+    if (strings) {
+      if (typeof item !== "string") throw wrongType(`input[${i}]`, "a string", item);
+      if (item === "") throw invalidRequest(`Invalid 'input[${i}]': empty string. Expected a non-empty string.`, `input[${i}]`);
+    } else {
+      if (!Array.isArray(item)) throw wrongType(`input[${i}]`, "an array of token ids", item);
+      if (item.length === 0) throw emptyArray(`input[${i}]`);
+      checkTokens(item, `input[${i}]`);
+    }
+  }
+}
+
+function checkTokens(tokens: readonly unknown[], param: string): void {
+  for (let j = 0; j < tokens.length; j++) {
+    const t = tokens[j];
+    if (typeof t !== "number" || !Number.isInteger(t) || t < 0) {
+      throw invalidRequest(`Invalid '${param}[${j}]': expected a token id (a non-negative integer).`, `${param}[${j}]`);
+    }
+  }
 }

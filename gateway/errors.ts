@@ -160,10 +160,13 @@ const connectCodes: Record<number, Code> = {
   504: Code.DeadlineExceeded,
 };
 
+const printable = /^[\x20-\x7e]+$/;
+
 /** The RPC form of a gateway failure; the OpenAI error code, type and param travel as metadata. */
 export function toConnectError(e: GatewayError): ConnectError {
   const metadata: Record<string, string> = { "x-error-code": e.code, "x-error-type": e.type };
-  if (e.param !== null) metadata["x-error-param"] = e.param;
+  // A param naming a client's metadata key may hold what a header cannot; the message names it anyway.
+  if (e.param !== null && printable.test(e.param)) metadata["x-error-param"] = e.param;
   if (e.retryAfterS !== undefined) metadata["retry-after"] = String(e.retryAfterS);
   return new ConnectError(e.message, connectCodes[e.status] ?? Code.Internal, metadata);
 }

@@ -88,6 +88,33 @@ describe("GatewayService over gRPC", () => {
     );
   });
 
+  test("invalid fields are InvalidArgument naming the field, as over REST", async () => {
+    const invalid = async (params: Record<string, unknown>) => {
+      const e = await rpcError(client("sk-good").createChatCompletion({ params: { ...hello, ...params } }));
+      expect(e.code).toBe(Code.InvalidArgument);
+      return [e.metadata.get("x-error-param"), e.metadata.get("x-error-code")];
+    };
+    expect(await invalid({ temperature: 5 })).toEqual(["temperature", "decimal_above_max_value"]);
+    expect(await invalid({ n: 129 })).toEqual(["n", "integer_above_max_value"]);
+    expect(await invalid({ responseFormat: { type: "bogus" } })).toEqual(["response_format.type", "invalid_value"]);
+    expect(await invalid({ responseFormat: { type: "json_schema" } })).toEqual(["response_format.json_schema.name", "missing_required_parameter"]);
+    expect(await invalid({ tools: [{ type: "function", function: { name: "look up" } }] })).toEqual(["tools[0].function.name", "invalid_value"]);
+    expect(await invalid({ messages: [...hello.messages, { role: "tool", content: "42" }] })).toEqual([
+      "messages[2].tool_call_id",
+      "missing_required_parameter",
+    ]);
+    // A content part with neither text nor an image set.
+    expect(await invalid({ messages: [{ role: "user", parts: [{}] }] })).toEqual(["messages[0].content[0].type", "missing_required_parameter"]);
+    const stream = await rpcError(
+      (async () => {
+        for await (const _ of client("sk-good").streamChatCompletion({ params: { ...hello, topP: 7 } }));
+      })(),
+    );
+    expect([stream.code, stream.metadata.get("x-error-param")]).toEqual([Code.InvalidArgument, "top_p"]);
+    const embedding = await rpcError(client("sk-good").createEmbedding({ model: "mock", input: ["a"], dimensions: 0 }));
+    expect([embedding.code, embedding.metadata.get("x-error-param")]).toEqual([Code.InvalidArgument, "dimensions"]);
+  });
+
   test("ListModels returns the key's models with their configured prices", async () => {
     const all = await client("sk-good").listModels({});
     expect(all.models.map((m) => m.id)).toEqual(["mock", "premium", "broken", "resilient", "slow"]);

@@ -156,11 +156,14 @@ function chatBody(p: ChatCompletionParams | undefined): Record<string, unknown> 
 function messageBody(m: ChatMessage): Record<string, unknown> {
   const body: Record<string, unknown> = { role: m.role };
   if (m.parts.length > 0) {
-    body.content = m.parts.map((p) =>
-      p.part.case === "imageUrl"
-        ? { type: "image_url", image_url: { url: p.part.value.url, ...(p.part.value.detail ? { detail: p.part.value.detail } : {}) } }
-        : { type: "text", text: p.part.value ?? "" },
-    );
+    body.content = m.parts.map(({ part }) => {
+      if (part.case === "text") return { type: "text", text: part.value };
+      if (part.case === "imageUrl") {
+        return { type: "image_url", image_url: { url: part.value.url, ...(part.value.detail ? { detail: part.value.detail } : {}) } };
+      }
+      // A part with neither set: the core answers that its type is missing.
+      return {};
+    });
   } else {
     // An assistant turn that only calls tools has no content.
     body.content = m.content === "" && m.toolCalls.length > 0 ? null : m.content;

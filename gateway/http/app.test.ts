@@ -95,21 +95,42 @@ describe("REST chat completions", () => {
     ]);
   });
 
-  test("invalid fields are 400 naming the parameter", async () => {
-    const { chat } = setup();
+  test("invalid fields are 400 naming the parameter, and never reach the upstream", async () => {
+    const { chat, shipper } = setup();
     await expectError(await chat([1, 2]), 400, "invalid_value");
     await expectError(await chat({ messages: hello.messages }), 400, "missing_required_parameter", "model");
-    await expectError(await chat({ model: "mock", messages: [] }), 400, "missing_required_parameter", "messages");
+    await expectError(await chat({ model: "mock", messages: [] }), 400, "empty_array", "messages");
     await expectError(await chat({ model: "mock", messages: [{ role: "robot", content: "x" }] }), 400, "invalid_value", "messages[0].role");
-    await expectError(await chat({ ...hello, messages: [{ role: "user", content: 5 }] }), 400, "invalid_value", "messages[0].content");
-    await expectError(await chat({ ...hello, n: 0 }), 400, "invalid_value", "n");
-    await expectError(await chat({ ...hello, stop: ["a", "b", "c", "d", "e"] }), 400, "invalid_value", "stop");
-    await expectError(await chat({ ...hello, metadata: { k: 1 } }), 400, "invalid_value", "metadata.k");
-    await expectError(await chat({ ...hello, metadata: { k: "x".repeat(257) } }), 400, "invalid_value", "metadata.k");
-    await expectError(await chat({ ...hello, stream: "yes" }), 400, "invalid_value", "stream");
+    await expectError(await chat({ ...hello, messages: [{ role: "user", content: 5 }] }), 400, "invalid_type", "messages[0].content");
+    await expectError(await chat({ ...hello, n: 0 }), 400, "integer_below_min_value", "n");
+    await expectError(await chat({ ...hello, n: 129 }), 400, "integer_above_max_value", "n");
+    await expectError(await chat({ ...hello, stop: ["a", "b", "c", "d", "e"] }), 400, "array_above_max_length", "stop");
+    await expectError(await chat({ ...hello, metadata: { k: 1 } }), 400, "invalid_type", "metadata.k");
+    await expectError(await chat({ ...hello, metadata: { k: "x".repeat(513) } }), 400, "string_above_max_length", "metadata.k");
+    await expectError(await chat({ ...hello, stream: "yes" }), 400, "invalid_type", "stream");
     await expectError(await chat({ ...hello, stream_options: { include_usage: true } }), 400, "invalid_value", "stream_options");
-    await expectError(await chat({ ...hello, stream: true, stream_options: { include_usage: 1 } }), 400, "invalid_value", "stream_options.include_usage");
-    await expectError(await chat({ ...hello, messages: [{ role: "user", content: ["hi"] }] }), 400, "invalid_value", "messages[0].content[0]");
+    await expectError(await chat({ ...hello, stream: true, stream_options: { include_usage: 1 } }), 400, "invalid_type", "stream_options.include_usage");
+    await expectError(await chat({ ...hello, messages: [{ role: "user", content: ["hi"] }] }), 400, "invalid_type", "messages[0].content[0]");
+    const temperature = await expectError(await chat({ ...hello, temperature: 5 }), 400, "decimal_above_max_value", "temperature");
+    expect(temperature).toMatchObject({
+      type: "invalid_request_error",
+      message: "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got 5 instead.",
+    });
+    await expectError(await chat({ ...hello, tools: "garbage" }), 400, "invalid_type", "tools");
+    await expectError(await chat({ ...hello, response_format: { type: "bogus" } }), 400, "invalid_value", "response_format.type");
+    await expectError(await chat({ ...hello, messages: [{ role: "user", content: [{ type: "bogus" }] }] }), 400, "invalid_value", "messages[0].content[0].type");
+    await expectError(await chat({ ...hello, stream: true, top_p: 7 }), 400, "decimal_above_max_value", "top_p");
+    expect(shipper.rows.every((m) => m.status === RequestStatus.INVALID_REQUEST && m.httpStatus === 400 && m.provider === "")).toBe(true);
+  });
+
+  test("n up to 128: the mock answers every choice, whole or streamed", async () => {
+    const { chat } = setup();
+    const whole = (await (await chat({ ...hello, n: 128 })).json()) as { choices: Array<{ index: number }> };
+    expect(whole.choices.map((c) => c.index)).toEqual(Array.from({ length: 128 }, (_, i) => i));
+    const streamed = await (await chat({ ...hello, n: 128, stream: true })).text();
+    const finished = streamed.split("\n").filter((line) => line.startsWith("data: {") && line.includes('"finish_reason":"stop"'));
+    expect(finished).toHaveLength(1);
+    expect(finished[0]?.match(/"finish_reason":"stop"/g)).toHaveLength(128);
   });
 
   test("missing and unknown keys are 401; billing down is 503", async () => {

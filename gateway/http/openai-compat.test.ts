@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
-import OpenAI, { APIError } from "openai";
+import OpenAI, { APIError, BadRequestError } from "openai";
 import { isValid as isUlid } from "ulid";
 import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
@@ -368,14 +368,29 @@ describe(`on the ${port} port`, () => {
 
   describe("error shapes for every status", () => {
     test("400 invalid field, 401 bad key, 403 model not allowed, 404 unknown model, 413 too large", async () => {
-      expectShape(await apiError(sdk().chat.completions.create({ model: "ok", messages: [], n: 1 })), 400, "missing_required_parameter", "invalid_request_error");
-      expectShape(await apiError(sdk().chat.completions.create({ model: "ok", messages: hello, n: 99 })), 400, "invalid_value");
+      expectShape(await apiError(sdk().chat.completions.create({ model: "ok", messages: [], n: 1 })), 400, "empty_array", "invalid_request_error");
+      expectShape(await apiError(sdk().chat.completions.create({ model: "ok", messages: hello, n: 129 })), 400, "integer_above_max_value");
       expectShape(await apiError(sdk().embeddings.create({ model: "embed", input: "" })), 400, "invalid_value");
       expectShape(await apiError(sdk("sk-nope").chat.completions.create({ model: "ok", messages: hello })), 401, "invalid_api_key");
       expectShape(await apiError(sdk("sk-limited").chat.completions.create({ model: "premium", messages: hello })), 403, "model_not_allowed");
       expectShape(await apiError(sdk().chat.completions.create({ model: "gpt-9", messages: hello })), 404, "model_not_found");
       const big = [{ role: "user" as const, content: "x".repeat(20_000) }];
       expectShape(await apiError(sdk().chat.completions.create({ model: "ok", messages: big })), 413, "request_too_large");
+      expect(upstream.requests).toHaveLength(0);
+    });
+
+    test("an invalid field is a BadRequestError naming it, and the upstream never sees the request", async () => {
+      const temperature = await apiError(sdk().chat.completions.create({ model: "ok", messages: hello, temperature: 5 }));
+      expect(temperature).toBeInstanceOf(BadRequestError);
+      expectShape(temperature, 400, "decimal_above_max_value", "invalid_request_error");
+      expect(temperature.param).toBe("temperature");
+      const tools = await apiError(sdk().chat.completions.create({ model: "ok", messages: hello, tools: "garbage" as never }));
+      expect([tools.constructor, tools.param, tools.code]).toEqual([BadRequestError, "tools", "invalid_type"]);
+      const toolTurn = [...hello, { role: "tool" as const, content: "42" } as never];
+      const stream = await apiError(sdk().chat.completions.create({ model: "ok", messages: toolTurn, stream: true }));
+      expect([stream.constructor, stream.param, stream.code]).toEqual([BadRequestError, "messages[1].tool_call_id", "missing_required_parameter"]);
+      const dimensions = await apiError(sdk().embeddings.create({ model: "embed", input: "hi", dimensions: 0 }));
+      expect([dimensions.constructor, dimensions.param, dimensions.code]).toEqual([BadRequestError, "dimensions", "integer_below_min_value"]);
       expect(upstream.requests).toHaveLength(0);
     });
 

@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { createMockProvider } from "./mock.ts";
-import type { ChatRequest } from "./provider.ts";
+import type { ChatCompletionChunk, ChatRequest } from "./provider.ts";
 import { UpstreamError } from "./provider.ts";
 
 const request = (content: string, extra: Partial<ChatRequest> = {}): ChatRequest => ({
@@ -87,6 +87,18 @@ describe("mock provider", () => {
     expect(new Set(chunks.map((c) => c.id))).toEqual(new Set([whole.completion.id]));
   });
 
+  test("a stream of n choices advances every choice in each chunk, so n does not lengthen it", async () => {
+    const one: ChatCompletionChunk[] = [];
+    for await (const chunk of await mock.streamChat(request("hello there"), { timeoutMs: 1000 })) one.push(chunk);
+    const many: ChatCompletionChunk[] = [];
+    for await (const chunk of await mock.streamChat(request("hello there", { n: 128 }), { timeoutMs: 1000 })) many.push(chunk);
+    expect(many).toHaveLength(one.length);
+    expect(many.slice(0, -1).every((c) => c.choices.map((choice) => choice.index).join() === Array.from({ length: 128 }, (_, i) => i).join())).toBe(true);
+    const texts = Array.from({ length: 128 }, (_, i) => many.map((c) => c.choices[i]?.delta.content ?? "").join(""));
+    expect(new Set(texts)).toEqual(new Set(["mock reply: hello there"]));
+    expect(many.at(-1)?.usage?.completion_tokens).toBe(128 * (one.at(-1)?.usage?.completion_tokens ?? 0));
+  });
+
   test("a stream with chunk latency stops when the client leaves", async () => {
     const paced = createMockProvider({ name: "paced", latency_ms: 0, chunk_latency_ms: 20 });
     const gone = new AbortController();
@@ -100,6 +112,14 @@ describe("mock provider", () => {
     })().catch((e) => e);
     expect((failure as UpstreamError).failure).toBe("cancelled");
     expect(seen).toHaveLength(2);
+  });
+
+  test("a flat array of token ids is one input", async () => {
+    const tokens = await mock.embed({ model: "m", input: [1, 2, 3], encoding_format: "float" }, { timeoutMs: 1000 });
+    expect(tokens.response.data).toHaveLength(1);
+    expect(tokens.tokens.inputTokens).toBe(3n);
+    const lists = await mock.embed({ model: "m", input: [[1, 2], [3]], encoding_format: "float" }, { timeoutMs: 1000 });
+    expect(lists.response.data).toHaveLength(2);
   });
 
   test("embeddings are deterministic unit vectors, as floats or base64", async () => {

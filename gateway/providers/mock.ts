@@ -26,8 +26,8 @@ const embeddingDimensions = 16;
 /**
  * An offline upstream whose replies and usage follow from the request alone: it echoes the last
  * user message, counts one token per four characters, honours max_tokens and n, waits latency_ms
- * before answering and chunk_latency_ms between streamed chunks (one token each). Embeddings are
- * unit vectors seeded by a hash of each input.
+ * before answering and chunk_latency_ms between streamed chunks (one token of every choice each).
+ * Embeddings are unit vectors seeded by a hash of each input.
  */
 export function createMockProvider(config: MockConfig): Provider {
   const latencyMs = config.latency_ms;
@@ -78,31 +78,36 @@ export function createMockProvider(config: MockConfig): Provider {
         choices,
         usage,
       });
+      // Every choice advances in the same chunk, so a stream's length and pacing do not grow with n.
+      const each = (delta: ChatCompletionChunk.Choice.Delta, finish: ChatCompletionChunk.Choice["finish_reason"] = null) => {
+        const choices: ChatCompletionChunk["choices"] = [];
+        for (let index = 0; index < reply.n; index++) choices.push({ index, delta, finish_reason: finish, logprobs: null });
+        return chunk(choices);
+      };
       const signal = options.signal;
       return (async function* () {
-        for (let index = 0; index < reply.n; index++) {
-          yield chunk([{ index, delta: { role: "assistant", content: "" }, finish_reason: null, logprobs: null }]);
-          for (let at = 0; at < reply.content.length; at += chunkChars) {
-            if (chunkLatencyMs > 0) await wait(chunkLatencyMs, signal);
-            else if (signal?.aborted) throw new UpstreamError("cancelled", "client went away");
-            const content = reply.content.slice(at, at + chunkChars);
-            yield chunk([{ index, delta: { content }, finish_reason: null, logprobs: null }]);
-          }
-          yield chunk([{ index, delta: {}, finish_reason: reply.finishReason, logprobs: null }]);
+        yield each({ role: "assistant", content: "" });
+        for (let at = 0; at < reply.content.length; at += chunkChars) {
+          if (chunkLatencyMs > 0) await wait(chunkLatencyMs, signal);
+          else if (signal?.aborted) throw new UpstreamError("cancelled", "client went away");
+          yield each({ content: reply.content.slice(at, at + chunkChars) });
         }
+        yield each({}, reply.finishReason);
         yield chunk([], usageOfTokens(reply.tokens));
       })();
     },
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
       await answer(options);
-      const inputs = typeof request.input === "string" ? [request.input] : request.input;
+      // A string or a flat array of token ids is one input.
+      const input = request.input;
+      const inputs = (typeof input === "string" || typeof input[0] === "number" ? [input] : input) as Array<string | number[]>;
       const dimensions = request.dimensions ?? embeddingDimensions;
       let tokens = 0;
       const data: Embedding[] = [];
-      inputs.forEach((input: string | number | number[], index: number) => {
-        const text = typeof input === "string" ? input : JSON.stringify(input);
-        tokens += typeof input === "string" ? approxTokens(input) : Array.isArray(input) ? input.length : 1;
+      inputs.forEach((item, index) => {
+        const text = typeof item === "string" ? item : JSON.stringify(item);
+        tokens += typeof item === "string" ? approxTokens(item) : item.length;
         const vector = unitVector(text, dimensions);
         const embedding = request.encoding_format === "base64" ? Buffer.from(vector.buffer).toString("base64") : Array.from(vector);
         // Base64 vectors travel as strings, as the API sends them.

@@ -221,7 +221,8 @@ export type RequestMetrics = Message<"analytics.v1.RequestMetrics"> & {
   gatewayInstanceId: string;
 
   /**
-   * Free-form labels from the client's `metadata` field; at most 16 entries, keys and values up to 256 bytes.
+   * Free-form labels from the client's `metadata` field: at most 16 entries, keys up to 64 characters and
+   * values up to 512.
    *
    * @generated from field: map<string, string> tags = 29;
    */

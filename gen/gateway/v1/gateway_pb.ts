@@ -321,7 +321,7 @@ export type ChatCompletionParams = Message<"gateway.v1.ChatCompletionParams"> & 
   stop: string[];
 
   /**
-   * Number of choices, 1..8.
+   * Number of choices, 1..128.
    *
    * @generated from field: optional int32 n = 8;
    */
