@@ -258,6 +258,19 @@ describe("chat input", () => {
     }
   });
 
+  test("a body's own __proto__ field is refused, never made the upstream request's prototype", () => {
+    // As JSON.parse leaves it: an own field, which a copy by assignment would turn into a prototype.
+    const body = JSON.parse('{"model":"m","messages":[{"role":"user","content":"x"}],"__proto__":{"n":1000000,"max_tokens":-5}}');
+    const error = (() => {
+      try {
+        parseChatInput(body);
+      } catch (e) {
+        return e as GatewayError;
+      }
+    })();
+    expect(error).toMatchObject({ status: 400, param: "__proto__", code: "unknown_parameter" });
+  });
+
   test("null stands for an absent optional field", () => {
     const nulls = { temperature: null, top_p: null, n: null, seed: null, logit_bias: null, tools: null, tool_choice: null, response_format: null, user: null, metadata: null };
     const input = parseChatInput({ model: "m", messages: hello, ...nulls });

@@ -169,6 +169,9 @@ export function parseChatInput(body: unknown): ChatInput {
   parseMessages(body.messages);
   const upstream: Record<string, unknown> = {};
   for (const key in body) {
+    // JSON.parse keeps "__proto__" as a plain field; copied by assignment it would become the upstream request's
+    // prototype, whose fields (n, max_tokens) the gateway reads unchecked.
+    if (key === "__proto__") throw invalidRequest(`Unrecognized request argument supplied: ${key}`, key, "unknown_parameter");
     const value = body[key];
     if (value !== undefined && value !== null) fieldChecks.get(key)?.(value, key);
     if (!gatewayOnly.has(key)) upstream[key] = value;
