@@ -28,14 +28,63 @@ describe("mock provider", () => {
     expect(result.usageEstimated).toBe(false);
   });
 
-  test("the same input gives the same reply, id and usage", async () => {
+  test("the same input gives the same reply and usage, under a fresh id each time as OpenAI's", async () => {
     const a = await mock.chat(request("same"), { timeoutMs: 1000 });
     const b = await mock.chat(request("same"), { timeoutMs: 1000 });
-    const c = await mock.chat(request("different"), { timeoutMs: 1000 });
-    expect(b.completion.id).toBe(a.completion.id);
     expect(b.completion.choices).toEqual(a.completion.choices);
     expect(b.tokens).toEqual(a.tokens);
-    expect(c.completion.id).not.toBe(a.completion.id);
+    expect(a.completion.id).toMatch(/^chatcmpl-[0-9A-HJKMNP-TV-Z]{26}$/);
+    expect(b.completion.id).not.toBe(a.completion.id);
+  });
+
+  test("stops at the first stop sequence", async () => {
+    const cut = await mock.chat(request("one two three", { stop: ["three", "two"] }), { timeoutMs: 1000 });
+    expect(cut.completion.choices[0]).toMatchObject({ message: { content: "mock reply: one " }, finish_reason: "stop" });
+    const none = await mock.chat(request("one", { stop: "zzz" }), { timeoutMs: 1000 });
+    expect(none.completion.choices[0]?.message.content).toBe("mock reply: one");
+  });
+
+  test("a JSON response format gets a JSON object", async () => {
+    for (const response_format of [{ type: "json_object" as const }, { type: "json_schema" as const, json_schema: { name: "a" } }]) {
+      const result = await mock.chat(request("hi", { response_format }), { timeoutMs: 1000 });
+      expect(JSON.parse(result.completion.choices[0]?.message.content ?? "")).toEqual({ reply: "mock reply: hi" });
+    }
+  });
+
+  const tools = [
+    { type: "function" as const, function: { name: "lookup", parameters: { type: "object" } } },
+    { type: "function" as const, function: { name: "book" } },
+  ];
+
+  test("calls the tool that tool_choice requires; auto answers in words", async () => {
+    const required = await mock.chat(request("hi", { tools, tool_choice: "required" }), { timeoutMs: 1000 });
+    const choice = required.completion.choices[0];
+    expect(choice?.finish_reason).toBe("tool_calls");
+    expect(choice?.message.content).toBeNull();
+    expect(choice?.message.tool_calls).toEqual([
+      { id: expect.stringMatching(/^call_/), type: "function", function: { name: "lookup", arguments: "{}" } },
+    ]);
+    // ceil("lookup{}".length / 4)
+    expect(required.tokens.outputTokens).toBe(2n);
+    const named = await mock.chat(request("hi", { tools, tool_choice: { type: "function", function: { name: "book" } } }), {
+      timeoutMs: 1000,
+    });
+    expect(named.completion.choices[0]?.message.tool_calls?.[0]).toMatchObject({ function: { name: "book" } });
+    const auto = await mock.chat(request("hi", { tools, tool_choice: "auto" }), { timeoutMs: 1000 });
+    expect(auto.completion.choices[0]).toMatchObject({ message: { content: "mock reply: hi" }, finish_reason: "stop" });
+  });
+
+  test("a streamed tool call: id and name first, then the arguments, then tool_calls", async () => {
+    const chunks: ChatCompletionChunk[] = [];
+    for await (const chunk of await mock.streamChat(request("hi", { tools, tool_choice: "required" }), { timeoutMs: 1000 })) {
+      chunks.push(chunk);
+    }
+    const first = chunks[0]?.choices[0]?.delta.tool_calls?.[0];
+    expect(first).toMatchObject({ index: 0, id: expect.stringMatching(/^call_/), type: "function", function: { name: "lookup", arguments: "" } });
+    const args = chunks.map((c) => c.choices[0]?.delta.tool_calls?.[0]?.function?.arguments ?? "").join("");
+    expect(args).toBe("{}");
+    expect(chunks.at(-2)?.choices[0]?.finish_reason).toBe("tool_calls");
+    expect(chunks.at(-1)?.usage?.completion_tokens).toBe(2);
   });
 
   test("content parts are read as text", async () => {
@@ -84,7 +133,9 @@ describe("mock provider", () => {
     expect(chunks.at(-2)?.choices[0]?.finish_reason).toBe("stop");
     expect(chunks.at(-1)?.choices).toEqual([]);
     expect(chunks.at(-1)?.usage).toEqual(whole.completion.usage ?? null);
-    expect(new Set(chunks.map((c) => c.id))).toEqual(new Set([whole.completion.id]));
+    // One id for the whole stream.
+    expect(new Set(chunks.map((c) => c.id)).size).toBe(1);
+    expect(chunks[0]?.id).toMatch(/^chatcmpl-/);
   });
 
   test("a stream of n choices advances every choice in each chunk, so n does not lengthen it", async () => {

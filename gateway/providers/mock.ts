@@ -1,4 +1,5 @@
-import type { ChatCompletion } from "openai/resources/chat/completions";
+import type { ChatCompletion, ChatCompletionMessageToolCall } from "openai/resources/chat/completions";
+import { ulid } from "ulid";
 import type { Embedding } from "openai/resources/embeddings";
 import type { MockProviderConfig } from "../config.ts";
 import {
@@ -25,7 +26,8 @@ const embeddingDimensions = 16;
 
 /**
  * An offline upstream whose replies and usage follow from the request alone: it echoes the last
- * user message, counts one token per four characters, honours max_tokens and n, waits latency_ms
+ * user message, counts one token per four characters, honours max_tokens, n, stop, JSON response
+ * formats and a tool_choice that requires a tool call (see replyTo), waits latency_ms
  * before answering and chunk_latency_ms between streamed chunks (one token of every choice each).
  * Embeddings are unit vectors seeded by a hash of each input.
  */
@@ -48,12 +50,10 @@ export function createMockProvider(config: MockConfig): Provider {
       const reply = replyTo(request);
       const choices: ChatCompletion["choices"] = [];
       for (let index = 0; index < reply.n; index++) {
-        choices.push({
-          index,
-          message: { role: "assistant", content: reply.content, refusal: null },
-          finish_reason: reply.finishReason,
-          logprobs: null,
-        });
+        const message: ChatCompletion["choices"][number]["message"] = reply.toolCall
+          ? { role: "assistant", content: null, refusal: null, tool_calls: [reply.toolCall] }
+          : { role: "assistant", content: reply.content, refusal: null };
+        choices.push({ index, message, finish_reason: reply.finishReason, logprobs: null });
       }
       const completion: ChatCompletion = {
         id: reply.id,
@@ -86,11 +86,19 @@ export function createMockProvider(config: MockConfig): Provider {
       };
       const signal = options.signal;
       return (async function* () {
-        yield each({ role: "assistant", content: "" });
-        for (let at = 0; at < reply.content.length; at += chunkChars) {
+        const call = reply.toolCall;
+        yield each(
+          call
+            ? { role: "assistant", content: null, tool_calls: [{ index: 0, id: call.id, type: "function", function: { name: call.function.name, arguments: "" } }] }
+            : { role: "assistant", content: "" },
+        );
+        // A tool call's arguments stream as its content would, one token a chunk.
+        const text = call ? call.function.arguments : reply.content;
+        for (let at = 0; at < text.length; at += chunkChars) {
           if (chunkLatencyMs > 0) await wait(chunkLatencyMs, signal);
           else if (signal?.aborted) throw new UpstreamError("cancelled", "client went away");
-          yield each({ content: reply.content.slice(at, at + chunkChars) });
+          const piece = text.slice(at, at + chunkChars);
+          yield each(call ? { tool_calls: [{ index: 0, function: { arguments: piece } }] } : { content: piece });
         }
         yield each({}, reply.finishReason);
         yield chunk([], usageOfTokens(reply.tokens));
@@ -123,7 +131,11 @@ export function createMockProvider(config: MockConfig): Provider {
   };
 }
 
-/** The mock's reply to a request: the last user message echoed, cut at the token limit. */
+/**
+ * The mock's reply to a request: the last user message echoed (as {"reply": ...} when a JSON response format is asked
+ * for), or a call of the tool that tool_choice requires, with "{}" for arguments; cut at the first stop sequence and
+ * at the token limit. Ids are fresh each time, as OpenAI's are.
+ */
 function replyTo(request: ChatRequest) {
   let prompt = "";
   for (let i = request.messages.length - 1; i >= 0; i--) {
@@ -133,26 +145,52 @@ function replyTo(request: ChatRequest) {
       break;
     }
   }
-  let content = `mock reply: ${prompt}`;
-  let finishReason: "stop" | "length" = "stop";
+  const echo = `mock reply: ${prompt}`;
+  const format = request.response_format?.type;
+  let content = format === "json_object" || format === "json_schema" ? JSON.stringify({ reply: echo }) : echo;
+  let finishReason: "stop" | "length" | "tool_calls" = "stop";
+  const stops = typeof request.stop === "string" ? [request.stop] : (request.stop ?? []);
+  for (const stop of stops) {
+    const at = stop === "" ? -1 : content.indexOf(stop);
+    if (at >= 0) content = content.slice(0, at);
+  }
+  const tool = requiredTool(request);
+  const toolCall: ChatCompletionMessageToolCall | undefined = tool
+    ? { id: `call_${ulid()}`, type: "function", function: { name: tool, arguments: "{}" } }
+    : undefined;
+  if (toolCall) {
+    content = "";
+    finishReason = "tool_calls";
+  }
   const limit = request.max_completion_tokens ?? request.max_tokens;
-  if (limit != null && approxTokens(content) > limit) {
+  if (!toolCall && limit != null && approxTokens(content) > limit) {
     content = content.slice(0, limit * chunkChars);
     finishReason = "length";
   }
   const n = request.n ?? 1;
+  const outputTokens = toolCall ? approxTokens(toolCall.function.name + toolCall.function.arguments) : approxTokens(content);
   return {
-    id: `chatcmpl-mock-${fnv1a(content)}`,
+    id: `chatcmpl-${ulid()}`,
     content,
+    toolCall,
     finishReason,
     n,
     tokens: {
       inputTokens: BigInt(approxInputTokens(request.messages)),
       cachedInputTokens: 0n,
-      outputTokens: BigInt(approxTokens(content) * n),
+      outputTokens: BigInt(outputTokens * n),
       reasoningTokens: 0n,
     },
   };
+}
+
+/** The function tool a request obliges the model to call: the one named by tool_choice, or the first when "required". */
+function requiredTool(request: ChatRequest): string | undefined {
+  const choice = request.tool_choice;
+  if (typeof choice === "object" && choice !== null && choice.type === "function") return choice.function.name;
+  if (choice !== "required") return undefined;
+  for (const tool of request.tools ?? []) if (tool.type === "function") return tool.function.name;
+  return undefined;
 }
 
 function wait(ms: number, signal: AbortSignal | undefined): Promise<void> {
@@ -189,7 +227,7 @@ function unitVector(text: string, dimensions: number): Float32Array {
   return vector;
 }
 
-/** 32-bit FNV-1a as 8 hex digits: a stable id for identical replies. */
+/** 32-bit FNV-1a as 8 hex digits: the seed of an input's embedding. */
 function fnv1a(text: string): string {
   let hash = 0x811c9dc5;
   for (let i = 0; i < text.length; i++) {
