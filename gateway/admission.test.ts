@@ -164,6 +164,41 @@ describe("per-key limits", () => {
     expect(shipper.rows.find((m) => m.requestId === requestId)).toMatchObject({ status: RequestStatus.RATE_LIMITED, httpStatus: 429 });
   });
 
+  test("responses carry OpenAI's x-ratelimit-* headers for the key, 429s and RPCs too", async () => {
+    const key = await keyWith({ requestsPerMinute: 2, tokensPerMinute: 1000n });
+    const first = await post(key, hi("mock", { max_tokens: 10 }));
+    expect(first.status).toBe(200);
+    // "hi" is 8 prompt tokens; 10 output tokens are reserved while it runs, and booked at what it used (4) once done.
+    expect(Object.fromEntries([...first.headers].filter(([name]) => name.startsWith("x-ratelimit-")))).toEqual({
+      "x-ratelimit-limit-requests": "2",
+      "x-ratelimit-remaining-requests": "1",
+      "x-ratelimit-reset-requests": expect.stringMatching(/^(\d+s|1m0s)$/),
+      "x-ratelimit-limit-tokens": "1000",
+      "x-ratelimit-remaining-tokens": "982",
+      "x-ratelimit-reset-tokens": expect.stringMatching(/^(\d+s|1m0s)$/),
+    });
+    const streamed = await post(key, hi("mock", { stream: true }));
+    expect(streamed.headers.get("x-ratelimit-remaining-requests")).toBe("0");
+    await streamed.text();
+    const refused = await post(key, hi("mock"));
+    expect(refused.status).toBe(429);
+    expect(refused.headers.get("x-ratelimit-remaining-requests")).toBe("0");
+    expect(refused.headers.get("x-ratelimit-limit-tokens")).toBe("1000");
+
+    const rpcKey = await keyWith({ requestsPerMinute: 1 });
+    const bearer = { headers: { authorization: `Bearer ${rpcKey}` } };
+    const rpcHi = { params: { model: "mock", messages: [{ role: "user", content: "hi" }] } };
+    let headers: Headers | undefined;
+    await rpc.createChatCompletion(rpcHi, { ...bearer, onHeader: (h) => (headers = h) });
+    expect(headers?.get("x-ratelimit-remaining-requests")).toBe("0");
+    const error = await rpc.createChatCompletion(rpcHi, bearer).then(
+      () => undefined,
+      (e: unknown) => ConnectError.from(e),
+    );
+    expect(error?.code).toBe(Code.ResourceExhausted);
+    expect(error?.metadata.get("x-ratelimit-limit-requests")).toBe("1");
+  });
+
   test("tokens per minute count the prompt and max_tokens while a request runs", async () => {
     const key = await keyWith({ tokensPerMinute: 100n });
     expect((await post(key, hi("mock", { max_tokens: 60 }))).status).toBe(200);

@@ -19,7 +19,7 @@ import { parseEmbeddingInput } from "./embedding-request.ts";
 import { type GatewayError, invalidRequest, modelNotAllowed, modelNotFound, requestTimeout, toGatewayError } from "./errors.ts";
 import type { ChatCompletion, CreateEmbeddingResponse, Provider } from "./providers/provider.ts";
 import { meterUsage } from "./metering.ts";
-import { estimatedChatTokens, type RateLimiter, type RateTicket } from "./rate-limits.ts";
+import { estimatedChatTokens, type RateLimiter, type RateTicket, rateLimitHeaders } from "./rate-limits.ts";
 import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
 import { createTokenQuota, type QuotaTicket, type TokenQuotaOptions } from "./token-quota.ts";
 
@@ -40,6 +40,8 @@ export interface Call {
   /** Time spent waiting on upstream attempts, in ms. */
   upstreamMs: number;
   readonly metrics: RequestMetrics;
+  /** OpenAI's x-ratelimit-* headers, once the call was admitted under its key's rate limits. */
+  limitHeaders?: Record<string, string>;
 }
 
 export interface ChatOutcome {
@@ -195,6 +197,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       { requestsPerMinute: limits?.requestsPerMinute ?? 0, tokensPerMinute: Number(limits?.tokensPerMinute ?? 0n) },
       estimatedTokens,
     );
+    if (ticket?.state) call.limitHeaders = rateLimitHeaders(ticket.state);
     let reservation: Reservation | undefined;
     try {
       reservation = await withChildSpan("gateway.reserve_budget", { "gateway.max_cost_nanos": Number(maxCost) }, () =>

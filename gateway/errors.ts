@@ -17,6 +17,8 @@ export class GatewayError extends Error {
     readonly param: string | null = null,
     /** Seconds the client should wait before retrying; sent as Retry-After. */
     readonly retryAfterS: number | undefined = undefined,
+    /** More response headers (REST) or metadata (RPC), such as the key's rate limits. */
+    readonly headers: Record<string, string> | undefined = undefined,
   ) {
     super(message);
   }
@@ -114,8 +116,8 @@ export const requestTimeout = (limitMs: number) =>
   new GatewayError(504, "api_error", "request_timeout", `The request did not finish within the gateway's limit of ${limitMs} ms.`, RequestStatus.TIMEOUT);
 
 /** A per-key requests- or tokens-per-minute limit, in OpenAI's shape (type "requests" or "tokens"). */
-export const rateLimited = (kind: "requests" | "tokens", message: string, retryAfterS: number) =>
-  new GatewayError(429, kind, "rate_limit_exceeded", message, RequestStatus.RATE_LIMITED, null, retryAfterS);
+export const rateLimited = (kind: "requests" | "tokens", message: string, retryAfterS: number, headers?: Record<string, string>) =>
+  new GatewayError(429, kind, "rate_limit_exceeded", message, RequestStatus.RATE_LIMITED, null, retryAfterS, headers);
 
 /** The key's or org's budget cannot cover the request; no upstream was called. */
 export const insufficientQuota = (message: string, retryAfterS?: number) =>
@@ -168,5 +170,6 @@ export function toConnectError(e: GatewayError): ConnectError {
   // A param naming a client's metadata key may hold what a header cannot; the message names it anyway.
   if (e.param !== null && printable.test(e.param)) metadata["x-error-param"] = e.param;
   if (e.retryAfterS !== undefined) metadata["retry-after"] = String(e.retryAfterS);
+  if (e.headers) Object.assign(metadata, e.headers);
   return new ConnectError(e.message, connectCodes[e.status] ?? Code.Internal, metadata);
 }

@@ -197,7 +197,7 @@ const core = createGatewayCore({
 const service = createGatewayService(core);
 const rest = createRestApp({ core, tracer: runtime.telemetry.tracer, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES });
 
-// Browsers may read what OpenAI's clients read: the request id, the cost and when to retry.
+// Browsers may read what OpenAI's clients read: the request id, the cost, errors, and the key's rate limits.
 const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, [
   "x-request-id",
   "x-gateway-cost-nanos",
@@ -205,6 +205,7 @@ const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, [
   "x-error-type",
   "x-error-param",
   "retry-after",
+  ...["limit", "remaining", "reset"].flatMap((what) => [`x-ratelimit-${what}-requests`, `x-ratelimit-${what}-tokens`]),
 ]);
 const server = await startServer({
   name: "gateway",

@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import type { GatewayError } from "./errors.ts";
-import { createRateLimiter } from "./rate-limits.ts";
+import { createRateLimiter, rateLimitHeaders } from "./rate-limits.ts";
 
 function setup() {
   // 12:00:00.250 on some day: 250 ms into a second.
@@ -97,5 +97,53 @@ describe("tokens per minute", () => {
     clock.t += 60_000;
     limiter.admit("d", rpm, 0);
     expect(limiter.size()).toBe(1);
+  });
+});
+
+describe("where a key stands", () => {
+  test("each admission says the limit, what remains, and when the oldest usage leaves the window", () => {
+    const { clock, limiter } = setup();
+    const limits = { requestsPerMinute: 3, tokensPerMinute: 100 };
+    expect(limiter.admit("k", limits, 40).state).toEqual({
+      requests: { limit: 3, remaining: 2, resetMs: 59_750 },
+      tokens: { limit: 100, remaining: 60, resetMs: 59_750 },
+    });
+    clock.t += 20_000;
+    const second = limiter.admit("k", limits, 10);
+    // The first request's second still leads the window: 40 s left of it.
+    expect(second.state).toEqual({
+      requests: { limit: 3, remaining: 1, resetMs: 39_750 },
+      tokens: { limit: 100, remaining: 50, resetMs: 39_750 },
+    });
+    expect(limiter.admit("k", { requestsPerMinute: 0, tokensPerMinute: 0 }, 10).state).toBeUndefined();
+    expect(limiter.admit("k", { requestsPerMinute: 5, tokensPerMinute: 0 }, 10).state).toEqual({
+      requests: { limit: 5, remaining: 2, resetMs: 39_750 },
+    });
+  });
+
+  test("a refusal carries the headers too, with nothing remaining", () => {
+    const { limiter } = setup();
+    const rpm = { requestsPerMinute: 1, tokensPerMinute: 0 };
+    limiter.admit("k", rpm, 0);
+    expect(refused(() => limiter.admit("k", rpm, 0)).headers).toEqual({
+      "x-ratelimit-limit-requests": "1",
+      "x-ratelimit-remaining-requests": "0",
+      "x-ratelimit-reset-requests": "1m0s",
+    });
+  });
+
+  test("durations are written as OpenAI writes them", () => {
+    const headers = (resetMs: number) =>
+      rateLimitHeaders({ tokens: { limit: 1, remaining: 0, resetMs } })["x-ratelimit-reset-tokens"];
+    expect([0, 250.4, 999, 1000, 1001, 59_000, 59_750, 60_000].map(headers)).toEqual([
+      "0ms",
+      "251ms",
+      "999ms",
+      "1s",
+      "2s",
+      "59s",
+      "1m0s",
+      "1m0s",
+    ]);
   });
 });

@@ -16,8 +16,24 @@ export interface KeyRateLimits {
   tokensPerMinute: number;
 }
 
+/** Where one limit of a key stands: what OpenAI's x-ratelimit-{limit,remaining,reset}-* headers say. */
+export interface LimitState {
+  limit: number;
+  remaining: number;
+  /** Until the oldest usage counted in the window expires, when `remaining` next grows. */
+  resetMs: number;
+}
+
+/** A key's limits after a request was admitted or refused; a limit the key does not have is absent. */
+export interface RateState {
+  requests?: LimitState;
+  tokens?: LimitState;
+}
+
 /** An admitted request's hold on the window; settle it once with the tokens it really used. */
 export interface RateTicket {
+  /** The key's limits with this request counted; undefined for a key without limits. */
+  readonly state: RateState | undefined;
   settle(tokens: number): void;
 }
 
@@ -44,7 +60,9 @@ interface Window {
   lastSecond: number;
 }
 
-const noTicket: RateTicket = { settle() {} };
+const noTicket: RateTicket = { state: undefined, settle() {} };
+// Any positive amount: the ms until it has expired is the ms until the oldest usage leaves the window.
+const oldest = Number.MIN_VALUE;
 
 export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter {
   const now = options.now ?? Date.now;
@@ -114,44 +132,74 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       const t = now();
       const second = Math.floor(t / 1000);
       const w = windowOf(keyId, second);
-      if (rpm > 0) {
-        const { total } = usage(w.requests, w, second, 0, t);
-        if (total + 1 > rpm) {
-          const { waitMs } = usage(w.requests, w, second, total + 1 - rpm, t);
-          throw rateLimited(
-            "requests",
-            `Rate limit reached for requests per minute (RPM): limit ${rpm}, used ${total}. Retry in ${Math.ceil(waitMs / 1000)}s.`,
-            Math.max(1, Math.ceil(waitMs / 1000)),
-          );
-        }
-      }
+      const requests = rpm > 0 ? usage(w.requests, w, second, 0, t).total : 0;
       const estimate = tpm > 0 ? Math.max(0, Math.ceil(estimatedTokens)) : 0;
-      if (tpm > 0) {
-        const { total } = usage(w.tokens, w, second, 0, t);
-        if (total > 0 && total + estimate > tpm) {
-          // Room for this request once enough has expired; all of it when it alone exceeds the limit.
-          const { waitMs } = usage(w.tokens, w, second, Math.min(total, total + estimate - tpm), t);
-          throw rateLimited(
-            "tokens",
-            `Rate limit reached for tokens per minute (TPM): limit ${tpm}, used ${total}, requested ${estimate}. Retry in ${Math.ceil(waitMs / 1000)}s.`,
-            Math.max(1, Math.ceil(waitMs / 1000)),
-          );
-        }
+      const tokens = tpm > 0 ? usage(w.tokens, w, second, 0, t).total : 0;
+      /** The key's limits as they stand now: after this request was counted, or at its refusal. */
+      const state = (): RateState => ({
+        ...(rpm > 0 && { requests: { limit: rpm, remaining: Math.max(0, rpm - usage(w.requests, w, second, 0, t).total), resetMs: usage(w.requests, w, second, oldest, t).waitMs } }),
+        ...(tpm > 0 && { tokens: { limit: tpm, remaining: Math.max(0, tpm - usage(w.tokens, w, second, 0, t).total), resetMs: usage(w.tokens, w, second, oldest, t).waitMs } }),
+      });
+      if (rpm > 0 && requests + 1 > rpm) {
+        const { waitMs } = usage(w.requests, w, second, requests + 1 - rpm, t);
+        throw rateLimited(
+          "requests",
+          `Rate limit reached for requests per minute (RPM): limit ${rpm}, used ${requests}. Retry in ${Math.ceil(waitMs / 1000)}s.`,
+          Math.max(1, Math.ceil(waitMs / 1000)),
+          rateLimitHeaders(state()),
+        );
+      }
+      if (tpm > 0 && tokens > 0 && tokens + estimate > tpm) {
+        // Room for this request once enough has expired; all of it when it alone exceeds the limit.
+        const { waitMs } = usage(w.tokens, w, second, Math.min(tokens, tokens + estimate - tpm), t);
+        throw rateLimited(
+          "tokens",
+          `Rate limit reached for tokens per minute (TPM): limit ${tpm}, used ${tokens}, requested ${estimate}. Retry in ${Math.ceil(waitMs / 1000)}s.`,
+          Math.max(1, Math.ceil(waitMs / 1000)),
+          rateLimitHeaders(state()),
+        );
       }
       add(w, second, 1, estimate);
-      if (tpm <= 0) return noTicket;
+      const admitted = state();
+      if (tpm <= 0) return { state: admitted, settle() {} };
       let settled = false;
       return {
-        settle(tokens) {
+        state: admitted,
+        settle(used) {
           if (settled) return;
           settled = true;
           // The estimate was booked in the admitting second; actual usage replaces it there.
-          add(w, second, 0, Math.max(0, tokens) - estimate);
+          add(w, second, 0, Math.max(0, used) - estimate);
         },
       };
     },
     size: () => windows.size,
   };
+}
+
+/**
+ * OpenAI's rate limit headers for a key's state: x-ratelimit-limit-requests, -remaining-requests, -reset-requests
+ * (a duration such as "12s" or "1m0s") and the same for tokens.
+ */
+export function rateLimitHeaders(state: RateState): Record<string, string> {
+  const headers: Record<string, string> = {};
+  for (const [name, limit] of [
+    ["requests", state.requests],
+    ["tokens", state.tokens],
+  ] as const) {
+    if (!limit) continue;
+    headers[`x-ratelimit-limit-${name}`] = String(limit.limit);
+    headers[`x-ratelimit-remaining-${name}`] = String(limit.remaining);
+    headers[`x-ratelimit-reset-${name}`] = duration(limit.resetMs);
+  }
+  return headers;
+}
+
+/** A duration as OpenAI writes it: "250ms", "12s", "1m0s". */
+function duration(ms: number): string {
+  if (ms < 1000) return `${Math.max(0, Math.ceil(ms))}ms`;
+  const seconds = Math.ceil(ms / 1000);
+  return seconds < 60 ? `${seconds}s` : `${Math.floor(seconds / 60)}m${seconds % 60}s`;
 }
 
 /** Tokens a chat request is counted at while it runs: its prompt (about four characters a token) plus the output it asks for. */

@@ -32,6 +32,15 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
     return call;
   };
 
+  /** The key's rate limit headers, on the response or (merged by Connect) on the error. */
+  const limits = (call: Call, ctx: HandlerContext) => {
+    if (call.limitHeaders) for (const [name, value] of Object.entries(call.limitHeaders)) ctx.responseHeader.set(name, value);
+  };
+  const failed = (call: Call, ctx: HandlerContext, e: unknown) => {
+    limits(call, ctx);
+    return toConnectError(toGatewayError(e));
+  };
+
   return {
     async createChatCompletion(req, ctx) {
       const call = begin(Endpoint.CHAT_COMPLETIONS, ctx);
@@ -41,9 +50,10 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
           return core.chat(call, chatBody(req.params));
         });
         ctx.responseHeader.set("x-gateway-cost-nanos", outcome.costNanos.toString());
+        limits(call, ctx);
         return chatResponse(outcome, call.requestId);
       } catch (e) {
-        throw toConnectError(toGatewayError(e));
+        throw failed(call, ctx, e);
       }
     },
 
@@ -54,6 +64,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
           await core.authorize(call);
           return core.models(call);
         });
+        limits(call, ctx);
         return create(ListModelsResponseSchema, {
           models: models.map((route) => ({
             id: route.name,
@@ -64,7 +75,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
           })),
         });
       } catch (e) {
-        throw toConnectError(toGatewayError(e));
+        throw failed(call, ctx, e);
       }
     },
 
@@ -76,6 +87,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
           await core.authorize(call);
           return core.chatStream(call, { ...chatBody(req.params), stream: true });
         });
+        limits(call, ctx);
         for await (const chunk of stream) {
           last = chunk;
           yield streamResponse(chunk);
@@ -87,7 +99,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
           accounting: accounting(stream.outcome as StreamOutcome, call.requestId),
         });
       } catch (e) {
-        throw toConnectError(toGatewayError(e));
+        throw failed(call, ctx, e);
       }
     },
 
@@ -99,13 +111,14 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
           return core.embed(call, embeddingBody(req));
         });
         ctx.responseHeader.set("x-gateway-cost-nanos", outcome.costNanos.toString());
+        limits(call, ctx);
         return create(CreateEmbeddingResponseSchema, {
           model: outcome.response.model,
           data: outcome.response.data.map((d) => ({ index: d.index, embedding: d.embedding })),
           accounting: accounting(outcome, call.requestId),
         });
       } catch (e) {
-        throw toConnectError(toGatewayError(e));
+        throw failed(call, ctx, e);
       }
     },
   };

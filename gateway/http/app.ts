@@ -99,8 +99,10 @@ export function createRestApp(options: RestAppOptions): RestApp {
   const ok = (call: Call, body: string, costNanos?: bigint): RestResponse => {
     const headers: Record<string, string> = { "content-type": json, "x-request-id": call.requestId };
     if (costNanos !== undefined) headers["x-gateway-cost-nanos"] = costNanos.toString();
+    if (call.limitHeaders) Object.assign(headers, call.limitHeaders);
     return { status: 200, headers, body };
   };
+  const failed = (call: Call, e: unknown) => errorResponse(toGatewayError(e), call.requestId, call.limitHeaders);
 
   const chatCompletions = async (request: RestRequest, span: Span): Promise<RestResponse> => {
     const call = begin(Endpoint.CHAT_COMPLETIONS, request);
@@ -111,10 +113,15 @@ export function createRestApp(options: RestAppOptions): RestApp {
         return isStreamRequest(body) ? core.chatStream(call, body) : core.chat(call, body);
       });
       if (!(Symbol.asyncIterator in result)) return ok(call, JSON.stringify(result.completion), result.costNanos);
-      const headers = { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-request-id": call.requestId };
+      const headers = {
+        "content-type": "text/event-stream; charset=utf-8",
+        "cache-control": "no-cache",
+        "x-request-id": call.requestId,
+        ...call.limitHeaders,
+      };
       return { status: 200, headers, body: serverSentEvents(result, span) };
     } catch (e) {
-      return errorResponse(toGatewayError(e), call.requestId);
+      return failed(call, e);
     }
   };
 
@@ -127,7 +134,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
       });
       return ok(call, JSON.stringify(outcome.response), outcome.costNanos);
     } catch (e) {
-      return errorResponse(toGatewayError(e), call.requestId);
+      return failed(call, e);
     }
   };
 
@@ -141,7 +148,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
       });
       return ok(call, body);
     } catch (e) {
-      return errorResponse(toGatewayError(e), call.requestId);
+      return failed(call, e);
     }
   };
 
@@ -154,7 +161,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
       });
       return ok(call, body);
     } catch (e) {
-      return errorResponse(toGatewayError(e), call.requestId);
+      return failed(call, e);
     }
   };
 
@@ -230,8 +237,8 @@ async function* serverSentEvents(stream: ChatStream, span: Span): AsyncGenerator
   }
 }
 
-export function errorResponse(error: GatewayError, requestId: string): RestResponse {
-  const headers: Record<string, string> = { "content-type": json, "x-request-id": requestId };
+export function errorResponse(error: GatewayError, requestId: string, limitHeaders?: Record<string, string>): RestResponse {
+  const headers: Record<string, string> = { "content-type": json, "x-request-id": requestId, ...limitHeaders, ...error.headers };
   if (error.retryAfterS !== undefined) headers["retry-after"] = String(error.retryAfterS);
   return { status: error.status, headers, body: errorBody(error) };
 }
