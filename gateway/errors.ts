@@ -59,13 +59,16 @@ export const unknownUrl = (method: string, path: string) =>
     RequestStatus.INVALID_REQUEST,
   );
 
-export const methodNotAllowed = (method: string, path: string) =>
+export const methodNotAllowed = (method: string, path: string, allowed: string) =>
   new GatewayError(
     405,
     "invalid_request_error",
     "method_not_allowed",
-    `Method ${method} is not allowed on ${path}.`,
+    `Method ${method} is not allowed on ${path}; use ${allowed}.`,
     RequestStatus.INVALID_REQUEST,
+    null,
+    undefined,
+    { allow: allowed },
   );
 
 export const bodyTooLarge = (limitBytes: number) =>

@@ -244,8 +244,12 @@ describe("REST models and routing", () => {
   test("unknown paths are 404 and wrong methods 405, in the same error shape", async () => {
     const { call, shipper } = setup();
     await expectError(await call("/v1/nothing", { key: "sk-good" }), 404, "unknown_url");
-    await expectError(await call("/v1/chat/completions", { key: "sk-good" }), 405, "method_not_allowed");
-    await expectError(await call("/v1/models", { method: "DELETE", key: "sk-good" }), 405, "method_not_allowed");
+    const get = await call("/v1/chat/completions", { key: "sk-good" });
+    expect(get.headers.get("allow")).toBe("POST");
+    await expectError(get, 405, "method_not_allowed");
+    const del = await call("/v1/models", { method: "DELETE", key: "sk-good" });
+    expect(del.headers.get("allow")).toBe("GET");
+    await expectError(del, 405, "method_not_allowed");
     expect(shipper.rows).toHaveLength(0);
   });
 });

@@ -168,19 +168,19 @@ export function createRestApp(options: RestAppOptions): RestApp {
   const handle = async (request: RestRequest): Promise<RestResponse> => {
     const { path, method } = request;
     if (path === "/v1/chat/completions") {
-      if (method !== "POST") return errorResponse(methodNotAllowed(method, path), ulid());
+      if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
       return traced("POST /v1/chat/completions", request, (span) => chatCompletions(request, span));
     }
     if (path === "/v1/embeddings") {
-      if (method !== "POST") return errorResponse(methodNotAllowed(method, path), ulid());
+      if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
       return traced("POST /v1/embeddings", request, () => embeddings(request));
     }
     if (path === "/v1/models") {
-      if (method !== "GET") return errorResponse(methodNotAllowed(method, path), ulid());
+      if (method !== "GET") return errorResponse(methodNotAllowed(method, path, "GET"), ulid());
       return traced("GET /v1/models", request, () => listModels(request));
     }
     if (path.startsWith(modelsPrefix) && path.length > modelsPrefix.length) {
-      if (method !== "GET") return errorResponse(methodNotAllowed(method, path), ulid());
+      if (method !== "GET") return errorResponse(methodNotAllowed(method, path, "GET"), ulid());
       let name: string;
       try {
         name = decodeURIComponent(path.slice(modelsPrefix.length));
