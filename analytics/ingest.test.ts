@@ -8,7 +8,7 @@ import {
   type IngestMetricsResponse,
   type RequestMetrics,
 } from "../gen/analytics/v1/analytics_pb.ts";
-import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { BillingService, type UsageRecord } from "../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { dedupToken, type IngestOptions, maxBatchRows, toUsageRecord } from "./ingest.ts";
@@ -165,6 +165,29 @@ describe("IngestMetrics", () => {
 
     expect(await totals(org)).toEqual({ requests: 5n, costNanos: 5n * 12_345n });
     expect(billing.stored.size).toBe(5);
+  });
+
+  test("a record billing refuses for good is set aside alone; the rest of its flush is billed and acked", async () => {
+    const org = "org_poison";
+    const refuse = (records: UsageRecord[]) => {
+      const bad = records.findIndex((r) => r.model.length > 200);
+      if (bad >= 0) throw new ConnectError(`records[${bad}].model: at most 200 characters`, Code.InvalidArgument);
+    };
+    const { billing, send } = setup(store, { billing: createRecordingBilling({ onRecord: refuse }), ingest: { billingBatchRows: 4 } });
+    const metrics = rows(9, { orgId: org });
+    const poisoned = metrics[6] as RequestMetrics;
+    poisoned.requestedModel = "m".repeat(201);
+    const first = await send([{ gatewayInstanceId: "gw-poison", sequence: 1n, metrics }]);
+    expect(first.error).toBeUndefined();
+    expect(sequences(first.acks)).toEqual([1n]);
+    expect([...billing.stored.keys()].sort()).toEqual(metrics.filter((m) => m !== poisoned).map((m) => m.requestId).sort());
+    // ClickHouse keeps every row, the refused one too.
+    expect((await totals(org)).requests).toBe(9n);
+
+    // Nothing is stuck: the next batch goes through as usual.
+    const next = await send([{ gatewayInstanceId: "gw-poison", sequence: 2n, metrics: rows(2, { orgId: org }) }]);
+    expect(sequences(next.acks)).toEqual([2n]);
+    expect(billing.stored.size).toBe(10);
   });
 
   test("invalid batches are refused before anything is written", async () => {

@@ -17,6 +17,8 @@ import type { AnalyticsStore } from "./store/store.ts";
 export const maxBatchRows = 10_000;
 // A flush span links to at most this many request spans; more would bloat every exported span.
 const maxSpanLinks = 128;
+// Billing's answers to records it will never take, however often they are resent.
+const refusals = new Set([Code.InvalidArgument, Code.NotFound]);
 
 export interface IngestOptions {
   /** A flush starts once this many rows are buffered (across every gateway's stream)... */
@@ -255,7 +257,34 @@ export function createIngest(deps: IngestDeps): Ingest {
     }
   }
 
+  /**
+   * One RecordUsage call. Billing refuses a whole call for one record it cannot take (invalid, or naming an org or key
+   * it does not know), and would refuse every resend: such a call is split until the refused records are alone, and
+   * those are set aside (kept in ClickHouse, logged with their request_id, counted), so one bad row never holds back
+   * the rest. Any other failure fails the flush, to be resent.
+   */
   async function recordBatch(records: UsageRecord[]): Promise<number> {
+    const outcome = await callBilling(records);
+    if (typeof outcome === "number") return outcome;
+    if (records.length === 1) {
+      const [record] = records as [UsageRecord];
+      instruments.unbillable.inc();
+      deps.log.error("billing refused a usage record; it stays in ClickHouse and is not billed", {
+        request_id: record.requestId,
+        org_id: record.orgId,
+        code: Code[outcome.code],
+        err: outcome.rawMessage,
+      });
+      return 0;
+    }
+    // A refused call stored nothing: its halves can be tried alone.
+    const half = Math.ceil(records.length / 2);
+    const [a, b] = await Promise.all([recordBatch(records.slice(0, half)), recordBatch(records.slice(half))]);
+    return a + b;
+  }
+
+  /** RecordUsage in one of billingConcurrency slots: the duplicates billing counted, or its refusal of the records. */
+  async function callBilling(records: UsageRecord[]): Promise<number | ConnectError> {
     // Calls wait in order for one of billingConcurrency slots, so an older flush's calls go first.
     if (billingCalls >= options.billingConcurrency) await new Promise<void>((resolve) => billingWaiters.push(resolve));
     else billingCalls++;
@@ -263,6 +292,7 @@ export function createIngest(deps: IngestDeps): Ingest {
       return (await deps.billing.recordUsage({ records })).duplicates;
     } catch (e) {
       const err = ConnectError.from(e);
+      if (refusals.has(err.code)) return err;
       deps.log.error("recording usage in billing failed", { err, code: Code[err.code] });
       throw new ConnectError(`recording usage in billing failed (${Code[err.code]}); resend the batch`, Code.Unavailable);
     } finally {
@@ -442,6 +472,11 @@ function createInstruments(registers: Registry[], held: () => number) {
     rows: new Counter({
       name: "analytics_ingest_rows_total",
       help: "Request rows in acked batches, resends included.",
+      registers,
+    }),
+    unbillable: new Counter({
+      name: "analytics_ingest_unbillable_rows_total",
+      help: "Rows billing refused as invalid or of an unknown org or key: kept in ClickHouse, logged, not billed.",
       registers,
     }),
     duplicates: new Counter({

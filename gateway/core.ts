@@ -176,7 +176,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   /** Records who asked for which model, and resolves the route the caller's key may use. */
   const routeFor = (call: Call, principal: Principal, input: { model: string; user: string; tags?: Record<string, string> }) => {
     const m = call.metrics;
-    m.requestedModel = input.model;
+    m.requestedModel = meteredName(input.model);
     m.endUserId = input.user;
     if (input.tags) m.tags = input.tags;
     return admitModel(principal, input.model);
@@ -247,7 +247,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     withChildSpan("gateway.enqueue_metrics", {}, () => shipper.record(m));
     if (instruments) {
       const endpoint = endpointLabels[m.endpoint] ?? "unspecified";
-      const model = m.requestedModel;
+      // Clients name any model they like: the label only takes configured names, so series stay bounded.
+      const model = config.models.has(m.requestedModel) ? m.requestedModel : "unknown";
       const status = (RequestStatus[m.status] ?? "unspecified").toLowerCase();
       instruments.requests.inc({ endpoint, model, provider: m.provider, status, code: m.httpStatus });
       instruments.duration.observe({ endpoint }, totalMs / 1000);
@@ -408,11 +409,24 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       return allowed ? routes.filter((r) => allowed.has(r.name)) : routes;
     },
     model(call, name) {
-      call.metrics.requestedModel = name;
+      call.metrics.requestedModel = meteredName(name);
       return admitModel(call.principal as Principal, name);
     },
     finish,
   };
+}
+
+// Billing's usage records hold a model name of at most 200 characters.
+const maxMeteredName = 200;
+const controlCharacters = /[\u0000-\u001f\u007f]/g;
+
+/**
+ * A model name as the client sent it, made fit for the metrics row (an unknown model is metered too): control
+ * characters replaced and cut to billing's bound, so the row is never refused downstream.
+ */
+export function meteredName(name: string): string {
+  const clean = name.replace(controlCharacters, "\ufffd");
+  return clean.length <= maxMeteredName ? clean : [...clean].slice(0, maxMeteredName).join("");
 }
 
 function createInstruments(registry: Registry) {

@@ -1,3 +1,4 @@
+import type { Registry } from "prom-client";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import type { RequestMetrics } from "../gen/analytics/v1/analytics_pb.ts";
@@ -99,7 +100,7 @@ models:
  * A gateway core on the mock provider and a provider that always fails, with the billing fake's
  * keys: sk-good (any model), sk-limited (only "mock").
  */
-export function createTestCore() {
+export function createTestCore(options: { registry?: Registry } = {}) {
   const billing = createBillingFake({
     "sk-good": { id: "key_good", orgId: "org_1", projectId: "proj_1" },
     "sk-limited": { id: "key_limited", orgId: "org_2", allowedModels: ["mock"] },
@@ -121,6 +122,7 @@ export function createTestCore() {
     shipper,
     instanceId: "gw-test",
     log,
+    registry: options.registry,
   });
   return { core, billing, shipper, log, downCalls: () => downCalls };
 }

@@ -1,5 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { trace } from "@opentelemetry/api";
+import { Registry } from "prom-client";
 import { isValid as isUlid } from "ulid";
 import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
@@ -8,8 +9,8 @@ import { createRestApp } from "./app.ts";
 
 const maxBodyBytes = 4096;
 
-function setup() {
-  const gateway = createTestCore();
+function setup(registry?: Registry) {
+  const gateway = createTestCore({ registry });
   const app = createRestApp({ core: gateway.core, tracer: trace.getTracer("test"), maxBodyBytes });
   const call = (path: string, init: RequestInit & { key?: string } = {}) => {
     const headers = new Headers(init.headers);
@@ -83,6 +84,21 @@ describe("REST chat completions", () => {
     expect(m.endTime).toBeDefined();
     expect(m.totalLatencyUs).toBeGreaterThan(0n);
     expect(m.totalLatencyUs).toBe(m.upstreamLatencyUs + m.gatewayOverheadUs);
+  });
+
+  test("a model name the client makes up is metered fit for billing, and labels no new metric series", async () => {
+    const registry = new Registry();
+    const { chat, call, shipper } = setup(registry);
+    const odd = `${"é".repeat(150)}\u0000${"x".repeat(100)}`;
+    await expectError(await chat({ ...hello, model: odd }), 404, "model_not_found", "model");
+    await expectError(await call(`/v1/models/${encodeURIComponent("nul\u0000model")}`, { key: "sk-good" }), 404, "model_not_found", "model");
+    for (let i = 0; i < 5; i++) await chat({ ...hello, model: `made-up-${i}` });
+    const [long, nul] = shipper.rows.map((m) => m.requestedModel);
+    expect([...(long as string)]).toHaveLength(200);
+    expect(long).toStartWith(`${"é".repeat(150)}\ufffd`);
+    expect(nul).toBe("nul\ufffdmodel");
+    const series = (await registry.getSingleMetric("gateway_requests_total")?.get())?.values ?? [];
+    expect(new Set(series.map((v) => v.labels.model))).toEqual(new Set(["unknown"]));
   });
 
   test("malformed JSON and empty bodies are 400 invalid_json", async () => {
