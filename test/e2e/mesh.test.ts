@@ -87,6 +87,25 @@ describe("the mesh end to end", () => {
     expect(res.headers.get("x-request-id")).toBeTruthy();
   });
 
+  test("a made-up model name of any length or content is metered, billed, and holds nothing back", async () => {
+    const post = (model: string) =>
+      fetch(`${demo.baseUrl}/chat/completions`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${demo.apiKey}`, "content-type": "application/json" },
+        body: JSON.stringify({ model, messages: [{ role: "user", content: "hi" }] }),
+      });
+    const odd = await post(`${"m".repeat(300)}\u0000`);
+    expect(odd.status).toBe(404);
+    const fine = await post("mock");
+    expect(fine.status).toBe(200);
+    const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken });
+    for (const res of [odd, fine]) {
+      const requestId = res.headers.get("x-request-id") ?? "";
+      const record = await eventually(async () => (await billing.listUsageRecords({ orgId: demo.orgId, requestId })).records[0]);
+      expect(record.requestId).toBe(requestId);
+    }
+  }, 30_000);
+
   test("a restart keeps the demo key and every recorded request", async () => {
     const before = await createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken })
       .getUsageSummary({ orgId: demo.orgId });
