@@ -63,18 +63,46 @@ describe("AnalyticsService queries", () => {
   });
   afterAll(() => store.close());
 
-  test("queries require the admin token", async () => {
-    const service = createAnalyticsService({
-      store,
-      billing: createClient(BillingService, createRouterTransport(() => {})),
-      log,
-      adminToken,
-    });
+  test("queries take the admin token, or an API key of the org they name; ingest only the admin token", async () => {
+    let checks = 0;
+    const billing = createClient(
+      BillingService,
+      createRouterTransport((r) =>
+        r.service(BillingService, {
+          async authorizeKey(req) {
+            checks++;
+            if (req.secret === "sk-mesh-down") throw new ConnectError("billing is down", Code.Unavailable);
+            if (req.secret !== "sk-mesh-of-org") throw new ConnectError("unknown api key", Code.Unauthenticated);
+            return { apiKey: { id: "key_1", orgId: org } };
+          },
+        }),
+      ),
+    );
+    const service = createAnalyticsService({ store, billing, log, adminToken });
     const anonymous = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service)));
+    const as = (token: string) => ({ headers: { authorization: `Bearer ${token}` } });
     expect(await codeOf(anonymous.queryUsage({ orgId: org, range: day }))).toBe(Code.Unauthenticated);
     expect(await codeOf(anonymous.listRequests({ orgId: org, range: day }))).toBe(Code.Unauthenticated);
-    const wrongToken = { headers: { authorization: "Bearer nope-nope-nope-nope" } };
-    expect(await codeOf(anonymous.queryLatency({ orgId: org, range: day }, wrongToken))).toBe(Code.PermissionDenied);
+    expect(await codeOf(anonymous.queryLatency({ orgId: org, range: day }, as("nope-nope-nope-nope")))).toBe(Code.Unauthenticated);
+
+    // The org's own key reads its org, and only its org; billing is asked once for it.
+    const own = await anonymous.queryUsage({ orgId: org, range: day }, as("sk-mesh-of-org"));
+    expect(own.rows.length).toBeGreaterThan(0);
+    expect(await codeOf(anonymous.listRequests({ orgId: org, range: day }, as("sk-mesh-of-org")))).toBeUndefined();
+    expect(await codeOf(anonymous.queryLatency({ orgId: "org_other", range: day }, as("sk-mesh-of-org")))).toBe(
+      Code.PermissionDenied,
+    );
+    expect(checks).toBe(2);
+    // A key can only be checked while billing answers; that is not the caller's fault.
+    expect(await codeOf(anonymous.queryUsage({ orgId: org, range: day }, as("sk-mesh-down")))).toBe(Code.Unavailable);
+
+    const ingest = async (token: string) => {
+      const batches = (async function* () {
+        yield { gatewayInstanceId: "g", sequence: 1n, metrics: [] };
+      })();
+      for await (const _ of anonymous.ingestMetrics(batches, as(token)));
+    };
+    expect(await codeOf(ingest("sk-mesh-of-org"))).toBe(Code.PermissionDenied);
   });
 
   test("QueryUsage groups in the order asked", async () => {
@@ -95,7 +123,13 @@ describe("AnalyticsService queries", () => {
     expect(await codeOf(client.queryUsage({ orgId: org, range: range(base, base + 401 * 24 * hour) }))).toBe(
       Code.InvalidArgument,
     );
-    expect(await codeOf(client.queryUsage({ orgId: org, range: range(base - 400 * 24 * hour, base) }))).toBeUndefined();
+    expect(await codeOf(client.queryUsage({ orgId: org, range: range(base - 400 * 24 * hour, base) }))).toBe(undefined);
+    // Past what ClickHouse's DateTime64 holds: refused, not retried as an unavailable store.
+    const far = { start: { seconds: 1_000_000_000_000_000n, nanos: 0 }, end: { seconds: 1_000_000_000_000_001n, nanos: 0 } };
+    expect(await codeOf(client.queryLatency({ orgId: org, range: far }))).toBe(Code.InvalidArgument);
+    expect(await codeOf(client.queryUsage({ orgId: org, range: range(Date.UTC(1899, 11, 31), Date.UTC(1900, 0, 2)) }))).toBe(
+      Code.InvalidArgument,
+    );
     const g = UsageGroupBy;
     for (const groupBy of [[g.MODEL, g.DAY, g.HOUR, g.STATUS], [g.MODEL, g.MODEL], [g.UNSPECIFIED]]) {
       expect(await codeOf(client.queryUsage({ orgId: org, range: day, groupBy }))).toBe(Code.InvalidArgument);

@@ -4,8 +4,8 @@ import type { Tracer } from "@opentelemetry/api";
 import type { Registry } from "prom-client";
 import { type AnalyticsService, type TimeRange, UsageGroupBy } from "../gen/analytics/v1/analytics_pb.ts";
 import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
-import { requireAdmin } from "../lib/auth.ts";
 import type { Logger } from "../lib/log.ts";
+import { createAnalyticsAuth } from "./auth.ts";
 import { createIngest, type IngestOptions } from "./ingest.ts";
 import type { AnalyticsStore, RequestCursor, TimeWindow, UsageDimension } from "./store/store.ts";
 
@@ -30,6 +30,9 @@ const maxUsageRows = 100_000;
 const bucketWidths = new Set([60, 300, 3600, 86400]);
 const maxBuckets = 2000;
 const defaultPageSize = 100;
+// What ClickHouse's DateTime64 holds.
+const earliestMs = Date.UTC(1900, 0, 1);
+const latestMs = Date.UTC(2300, 0, 1) - 1;
 const maxPageSize = 1000;
 
 const dimensions: Partial<Record<UsageGroupBy, UsageDimension>> = {
@@ -45,17 +48,22 @@ const dimensions: Partial<Record<UsageGroupBy, UsageDimension>> = {
 export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<typeof AnalyticsService> {
   const { store } = deps;
   const ingest = createIngest({ ...deps, options: deps.ingest });
-  const authorize = (ctx: HandlerContext) => requireAdmin(ctx.requestHeader, deps.adminToken);
+  const auth = createAnalyticsAuth({ adminToken: deps.adminToken, billing: deps.billing });
+  /** The org a query names, once the caller may read it. */
+  const readable = async (ctx: HandlerContext, orgId: string) => {
+    const org = requireOrg(orgId);
+    await auth.requireOrgReader(ctx.requestHeader, org);
+    return org;
+  };
 
   return {
     async *ingestMetrics(batches, ctx) {
-      authorize(ctx);
+      auth.requireAdmin(ctx.requestHeader);
       yield* ingest.handle(batches);
     },
 
     async queryUsage(req, ctx) {
-      authorize(ctx);
-      const orgId = requireOrg(req.orgId);
+      const orgId = await readable(ctx, req.orgId);
       const window = parseRange(req.range);
       if (req.groupBy.length > maxGroupBy) invalid(`group_by allows at most ${maxGroupBy} dimensions`);
       if (new Set(req.groupBy).size !== req.groupBy.length) invalid("group_by repeats a dimension");
@@ -73,8 +81,7 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
     },
 
     async queryTimeSeries(req, ctx) {
-      authorize(ctx);
-      const orgId = requireOrg(req.orgId);
+      const orgId = await readable(ctx, req.orgId);
       const window = parseRange(req.range);
       const bucketSeconds = Number(req.bucketSeconds);
       if (!bucketWidths.has(bucketSeconds)) invalid("bucket_seconds must be 60, 300, 3600 or 86400");
@@ -87,16 +94,14 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
     },
 
     async queryLatency(req, ctx) {
-      authorize(ctx);
-      const orgId = requireOrg(req.orgId);
+      const orgId = await readable(ctx, req.orgId);
       const window = parseRange(req.range);
       const models = await query(deps.log, "QueryLatency", () => store.queryLatency({ orgId, ...window }));
       return { models };
     },
 
     async listRequests(req, ctx) {
-      authorize(ctx);
-      const orgId = requireOrg(req.orgId);
+      const orgId = await readable(ctx, req.orgId);
       // A lookup by request id may leave out the range; everything else is range-limited.
       const window = req.requestId && !req.range ? undefined : parseRange(req.range);
       const pageSize = req.pageSize === 0 ? defaultPageSize : req.pageSize;
@@ -131,6 +136,10 @@ function parseRange(range: TimeRange | undefined): TimeWindow {
   const start = range?.start;
   const end = range?.end;
   if (!start || !end) invalid("range.start and range.end are required");
+  for (const [name, at] of [["start", start], ["end", end]] as const) {
+    const ms = timestampMs(at);
+    if (!(ms >= earliestMs && ms <= latestMs)) invalid(`range.${name} must be in the years 1900 to 2299`);
+  }
   const span = timestampMs(end) - timestampMs(start);
   if (span <= 0) invalid("range.end must be after range.start");
   if (span > maxRangeDays * 86_400_000) invalid(`range must be at most ${maxRangeDays} days`);

@@ -1,0 +1,71 @@
+import { Code, type Client, ConnectError } from "@connectrpc/connect";
+import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { bearerToken, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
+
+export interface AnalyticsAuthOptions {
+  adminToken: string;
+  /** Billing, called with the admin token: it owns the keys. */
+  billing: Pick<Client<typeof BillingService>, "authorizeKey">;
+  /** How long a key's org is remembered (so a revoked key may read for this long); 30 s by default. */
+  ttlMs?: number;
+  /** How long an unknown key is remembered as such, so it cannot make every call a billing call; 5 s by default. */
+  rejectedTtlMs?: number;
+  /** Keys remembered at most; the oldest are forgotten first. */
+  maxKeys?: number;
+  now?: () => number;
+}
+
+interface Remembered {
+  orgId: string | undefined;
+  until: number;
+}
+
+/**
+ * Who may call analytics: the admin token for everything (ingest included), or an org's API key for its own org's
+ * queries. Keys are checked with billing's AuthorizeKey and their org remembered briefly, by hash.
+ */
+export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
+  const { adminToken, billing } = options;
+  const ttlMs = options.ttlMs ?? 30_000;
+  const rejectedTtlMs = options.rejectedTtlMs ?? 5_000;
+  const maxKeys = options.maxKeys ?? 10_000;
+  const now = options.now ?? Date.now;
+  const keys = new Map<string, Remembered>();
+
+  const orgOfKey = async (secret: string): Promise<string | undefined> => {
+    const hash = sha256Hex(secret);
+    const known = keys.get(hash);
+    if (known && known.until > now()) return known.orgId;
+    let orgId: string | undefined;
+    try {
+      orgId = (await billing.authorizeKey({ secret })).apiKey?.orgId;
+    } catch (e) {
+      const err = ConnectError.from(e);
+      if (err.code !== Code.Unauthenticated) {
+        throw new ConnectError("the api key cannot be checked now; retry later", Code.Unavailable);
+      }
+    }
+    keys.delete(hash);
+    if (keys.size >= maxKeys) keys.delete(keys.keys().next().value as string);
+    keys.set(hash, { orgId, until: now() + (orgId ? ttlMs : rejectedTtlMs) });
+    return orgId;
+  };
+
+  return {
+    requireAdmin(headers: Headers): void {
+      requireAdmin(headers, adminToken);
+    },
+
+    /** Throws unless the caller holds the admin token or an API key of `orgId`. */
+    async requireOrgReader(headers: Headers, orgId: string): Promise<void> {
+      const token = bearerToken(headers);
+      if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
+      if (safeEqual(token, adminToken)) return;
+      const keyOrg = await orgOfKey(token);
+      if (keyOrg === undefined) throw new ConnectError("unknown, revoked or expired api key", Code.Unauthenticated);
+      if (keyOrg !== orgId) throw new ConnectError("an api key may only read its own organization", Code.PermissionDenied);
+    },
+  };
+}
+
+export type AnalyticsAuth = ReturnType<typeof createAnalyticsAuth>;
