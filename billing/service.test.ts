@@ -2,6 +2,7 @@ import { afterAll, beforeAll, expect, test } from "bun:test";
 import { clone, create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
+import pg from "pg";
 import {
   BillingService,
   BudgetScope,
@@ -691,3 +692,60 @@ test("two gateways leasing concurrently over a real server never get more than t
     await server.close(1_000);
   }
 }, 60_000);
+
+/** Code and message of a call that must fail. */
+async function failure(call: Promise<unknown>): Promise<{ code: Code; message: string }> {
+  const error = await call.then(
+    () => undefined,
+    (e: unknown) => ConnectError.from(e),
+  );
+  if (!error) throw new Error("expected the call to fail");
+  return { code: error.code, message: error.rawMessage };
+}
+
+test("refusals name the field and value in the API's words; what the database said stays in the log", async () => {
+  const orgId = await newOrg();
+  const from = logLines.length;
+  expect(await failure(client.createProject({ orgId: "org_nope", name: "p" }, admin))).toEqual({
+    code: Code.NotFound,
+    message: "org_id: organization org_nope does not exist",
+  });
+  expect(await failure(client.recordUsage({ records: [usage("org_nope", "", 1n)] }, admin))).toEqual({
+    code: Code.NotFound,
+    message: "org_id: organization org_nope does not exist",
+  });
+  expect(await failure(client.recordUsage({ records: [usage(orgId, "key_nope", 1n)] }, admin))).toEqual({
+    code: Code.NotFound,
+    message: `api_key_id: api key key_nope does not exist in organization ${orgId}`,
+  });
+  expect(await failure(client.createApiKey({ orgId, projectId: "proj_nope" }, admin))).toEqual({
+    code: Code.NotFound,
+    message: `project_id: project proj_nope does not exist in organization ${orgId}`,
+  });
+  await client.createProject({ orgId, name: "web" }, admin);
+  expect(await failure(client.createProject({ orgId, name: "web" }, admin))).toEqual({
+    code: Code.AlreadyExists,
+    message: "name: the organization already has a project with this name",
+  });
+  await client.createOrganization({ name: "taken" }, admin);
+  expect(await failure(client.createOrganization({ name: "taken" }, admin))).toEqual({
+    code: Code.AlreadyExists,
+    message: "name: an organization with this name already exists",
+  });
+  const logged = logLines.slice(from).join("");
+  expect(logged).toContain('Key (org_id)=(org_nope) is not present in table \\"organizations\\".');
+  expect(logged).toContain("organizations_name_key");
+});
+
+test("readiness says a database is unreachable, not where it is: that goes to the log", async () => {
+  const pool = new pg.Pool({ connectionString: "postgres://billing@127.0.0.1:1/billing" });
+  try {
+    const unready = createBillingApp({ pool, adminToken, clock: () => now, log });
+    const from = logLines.length;
+    expect(await unready.readiness()).toEqual({ ready: false, checks: { postgres: "unreachable" } });
+    expect(logLines.slice(from).join("")).toContain("127.0.0.1:1");
+    expect(await app.readiness()).toEqual({ ready: true, checks: { postgres: "ok" } });
+  } finally {
+    await pool.end();
+  }
+});
