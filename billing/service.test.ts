@@ -703,6 +703,20 @@ async function failure(call: Promise<unknown>): Promise<{ code: Code; message: s
   return { code: error.code, message: error.rawMessage };
 }
 
+test("times in years 1..9999 are accepted, as the message says, and none before", async () => {
+  const orgId = await newOrg();
+  const year1 = new Date("0001-01-01T00:00:00Z");
+  const year1900 = new Date("1900-06-01T12:00:00Z");
+  await client.recordUsage({ records: [usage(orgId, "", 1n, year1), usage(orgId, "", 2n, year1900)] }, admin);
+  const listed = await client.listUsageRecords({ orgId }, admin);
+  expect(listed.records.map((r) => timestampDate(r.occurTime ?? timestampFromDate(now)))).toEqual([year1900, year1]);
+  const year2 = new Date("0002-01-01T00:00:00Z");
+  const firstYear = { startTime: timestampFromDate(year1), endTime: timestampFromDate(year2) };
+  expect((await client.getUsageSummary({ orgId, ...firstYear }, admin)).costNanos).toBe(1n);
+  expect(await failure(client.recordUsage({ records: [usage(orgId, "", 1n, new Date(year1.getTime() - 1))] }, admin)))
+    .toEqual({ code: Code.InvalidArgument, message: "records[0].occur_time: must be a time in years 1..9999" });
+});
+
 test("refusals name the field and value in the API's words; what the database said stays in the log", async () => {
   const orgId = await newOrg();
   const from = logLines.length;

@@ -43,8 +43,9 @@ export function positive(value: bigint, field: string): bigint {
 }
 
 // Postgres timestamptz and JS Date both hold years 1..9999 exactly; beyond that a timestamp is a mistake.
-const minInstantMs = Date.UTC(1, 0, 1);
-const maxInstantMs = Date.UTC(10_000, 0, 1);
+// setUTCFullYear, because Date.UTC reads years 0..99 as 1900..1999.
+const minInstantMs = new Date(0).setUTCFullYear(1, 0, 1);
+const maxInstantMs = new Date(0).setUTCFullYear(10_000, 0, 1);
 
 /** A timestamp as a Date, InvalidArgument outside years 1..9999. */
 export function instant(value: Timestamp, field: string): Date {
