@@ -43,7 +43,7 @@ import type {
   UsageTotals,
   VolumeTier,
 } from "./store/types.ts";
-import { id, instant, intInRange, invalid, nonNegative, optionalId, text } from "./validate.ts";
+import { id, instant, intInRange, invalid, nonNegative, optionalId, ordered, text } from "./validate.ts";
 
 /** Conversions between contract messages and store records; inbound ones validate as they go. */
 
@@ -259,7 +259,7 @@ export function discountRuleFrom(rule: DiscountRuleMessage | undefined, field = 
   };
   const validFrom = rule.validFrom ? wholeHour(instant(rule.validFrom, at("valid_from")), "valid_from") : null;
   const validUntil = rule.validUntil ? wholeHour(instant(rule.validUntil, at("valid_until")), "valid_until") : null;
-  if (validFrom && validUntil && validUntil <= validFrom) throw invalid(at("valid_until"), "must be after valid_from");
+  ordered(validFrom, validUntil, "valid_from", at("valid_until"));
 
   return {
     orgId: id(rule.orgId, at("org_id")),

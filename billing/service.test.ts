@@ -717,6 +717,21 @@ test("times in years 1..9999 are accepted, as the message says, and none before"
     .toEqual({ code: Code.InvalidArgument, message: "records[0].occur_time: must be a time in years 1..9999" });
 });
 
+test("an empty or reversed time range is InvalidArgument wherever one is taken", async () => {
+  const orgId = await newOrg();
+  const at = timestampFromDate(now);
+  const before = timestampFromDate(new Date(now.getTime() - 1));
+  const refused = { code: Code.InvalidArgument, message: "end_time: must be after start_time" };
+  expect(await failure(client.listUsageRecords({ orgId, startTime: at, endTime: at }, admin))).toEqual(refused);
+  expect(await failure(client.listUsageRecords({ orgId, startTime: at, endTime: before }, admin))).toEqual(refused);
+  expect(await failure(client.getUsageSummary({ orgId, startTime: at, endTime: at }, admin))).toEqual(refused);
+  const hour = timestampFromDate(new Date("2026-06-01T00:00:00Z"));
+  expect(await failure(client.createDiscountRule(promo(orgId, { validFrom: hour, validUntil: hour }), admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "rule.valid_until: must be after valid_from",
+  });
+});
+
 test("refusals name the field and value in the API's words; what the database said stays in the log", async () => {
   const orgId = await newOrg();
   const from = logLines.length;

@@ -51,7 +51,7 @@ import type { BillingStore } from "./store/store.ts";
 import type { TimeRange } from "./store/types.ts";
 import type { UsageCursor } from "./store/usage.ts";
 import type { UsageTracker } from "./usage-tracker.ts";
-import { id, instant, intInRange, invalid, nonNegative, optionalId, positive, text } from "./validate.ts";
+import { id, instant, intInRange, invalid, nonNegative, optionalId, ordered, positive, text } from "./validate.ts";
 
 export interface BillingServiceOptions {
   store: BillingStore;
@@ -274,11 +274,14 @@ export function createBillingService({
       const orgId = orgIdOf(req);
       await requireOrgReader(ctx, orgId);
       const limit = req.pageSize === 0 ? defaultPageSize : intInRange(req.pageSize, "page_size", 1, maxPageSize);
+      const start = req.startTime ? instant(req.startTime, "start_time") : null;
+      const end = req.endTime ? instant(req.endTime, "end_time") : null;
+      ordered(start, end, "start_time", "end_time");
       const page = await store.listUsageRecords({
         orgId,
         requestId: optionalId(req.requestId, "request_id"),
-        start: req.startTime ? instant(req.startTime, "start_time") : null,
-        end: req.endTime ? instant(req.endTime, "end_time") : null,
+        start,
+        end,
         after: req.pageToken ? decodePageToken(req.pageToken) : null,
         limit,
       });
@@ -356,7 +359,7 @@ export function createBillingService({
       start ??= period.start;
       end ??= period.end;
     }
-    if (start >= end) throw invalid("end_time", "must be after start_time");
+    ordered(start, end, "start_time", "end_time");
     return { start, end };
   }
 

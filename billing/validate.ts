@@ -53,3 +53,8 @@ export function instant(value: Timestamp, field: string): Date {
   if (!(ms >= minInstantMs && ms < maxInstantMs)) throw invalid(field, "must be a time in years 1..9999");
   return new Date(ms);
 }
+
+/** A time range with both bounds set must not be empty; `startField` and `endField` name them. */
+export function ordered(start: Date | null, end: Date | null, startField: string, endField: string): void {
+  if (start && end && end <= start) throw invalid(endField, `must be after ${startField}`);
+}
