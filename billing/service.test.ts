@@ -703,6 +703,46 @@ async function failure(call: Promise<unknown>): Promise<{ code: Code; message: s
   return { code: error.code, message: error.rawMessage };
 }
 
+test("text and ids with control characters are InvalidArgument naming the field, wherever they come in", async () => {
+  const orgId = await newOrg();
+  const { secret } = await client.createApiKey({ orgId }, admin);
+  const own = as(secret);
+  const refused = (field: string) => ({
+    code: Code.InvalidArgument,
+    message: `${field}: must not contain control characters`,
+  });
+  expect(await failure(client.listUsageRecords({ orgId, requestId: "a\u0000" }, own))).toEqual(refused("request_id"));
+  expect(await failure(client.getUsageSummary({ orgId, projectId: "a\u0000" }, own))).toEqual(refused("project_id"));
+  expect(await failure(client.getUsageSummary({ orgId, apiKeyId: "a\u001f" }, own))).toEqual(refused("api_key_id"));
+  const token = (cursor: unknown) => Buffer.from(JSON.stringify(cursor)).toString("base64url");
+  for (const cursor of [[now.toISOString(), "a\u0000"], ["-100000-01-01T00:00:00Z", "x"]]) {
+    expect(await failure(client.listUsageRecords({ orgId, pageToken: token(cursor) }, own))).toEqual({
+      code: Code.InvalidArgument,
+      message: "page_token: not a token from a previous response",
+    });
+  }
+  for (const name of ["a\u0000b", "tab\there", "new\nline", "bell\u0007", "\u001b[31mred"]) {
+    expect(await failure(client.createOrganization({ name }, admin))).toEqual(refused("name"));
+    expect(await failure(client.createProject({ orgId, name }, admin))).toEqual(refused("name"));
+  }
+  // Surrounding whitespace, newlines included, is trimmed as before.
+  expect((await client.createProject({ orgId, name: "\n web \t" }, admin)).project?.name).toBe("web");
+  const model = usage(orgId, "", 1n);
+  model.model = "mock\u0000";
+  expect(await failure(client.recordUsage({ records: [model] }, admin))).toEqual(refused("records[0].model"));
+  const limits = { allowedModels: ["mock", "bad\u0001"] };
+  expect(await failure(client.createApiKey({ orgId, limits }, admin))).toEqual(refused("limits.allowed_models[1]"));
+  expect(
+    await failure(
+      client.acquireBudgetLease(
+        { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw\u0000", requestedNanos: 1n, ttlSeconds: 60 },
+        admin,
+      ),
+    ),
+  ).toEqual(refused("holder"));
+  expect(await failure(client.revokeApiKey({ apiKeyId: "key_\u0000" }, admin))).toEqual(refused("api_key_id"));
+});
+
 test("times in years 1..9999 are accepted, as the message says, and none before", async () => {
   const orgId = await newOrg();
   const year1 = new Date("0001-01-01T00:00:00Z");

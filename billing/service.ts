@@ -1,5 +1,5 @@
 import { create } from "@bufbuild/protobuf";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import {
   AcquireBudgetLeaseResponseSchema,
@@ -373,9 +373,10 @@ function encodePageToken(cursor: UsageCursor): string {
 function decodePageToken(token: string): UsageCursor {
   try {
     const [at, requestId] = JSON.parse(Buffer.from(token, "base64url").toString("utf8")) as [string, string];
-    const occurredAt = new Date(at);
-    if (typeof requestId !== "string" || Number.isNaN(occurredAt.getTime())) throw new Error("bad cursor");
-    return { occurredAt, requestId };
+    if (typeof requestId !== "string") throw new Error("bad cursor");
+    // A token is client input like any other: the same checks as the fields it stands for.
+    const occurredAt = instant(timestampFromMs(Date.parse(at)), "page_token");
+    return { occurredAt, requestId: id(requestId, "page_token") };
   } catch {
     throw invalid("page_token", "not a token from a previous response");
   }

@@ -7,19 +7,26 @@ export function invalid(field: string, problem: string): ConnectError {
   return new ConnectError(`${field}: ${problem}`, Code.InvalidArgument);
 }
 
+// C0 controls: Postgres refuses NUL outright, and no billing text (names, ids, models) is multi-line.
+const controlCharacter = /[\u0000-\u001f]/;
+
+/** The check every text and id input passes through: no control characters, and `min`..`max` characters. */
+function characters(value: string, field: string, min: number, max: number): string {
+  if (controlCharacter.test(value)) throw invalid(field, "must not contain control characters");
+  const length = value.length;
+  if (length < min) throw invalid(field, min === 1 ? "required" : `at least ${min} characters`);
+  if (length > max) throw invalid(field, `at most ${max} characters`);
+  return value;
+}
+
 /** Trimmed text of `min`..`max` characters. */
 export function text(value: string, field: string, { min = 1, max = 200 } = {}): string {
-  const trimmed = value.trim();
-  if (trimmed.length < min) throw invalid(field, min === 1 ? "required" : `at least ${min} characters`);
-  if (trimmed.length > max) throw invalid(field, `at most ${max} characters`);
-  return trimmed;
+  return characters(value.trim(), field, min, max);
 }
 
 /** A non-empty identifier such as "org_01J..." (ids are never trimmed or rewritten). */
 export function id(value: string, field: string): string {
-  if (value.length === 0) throw invalid(field, "required");
-  if (value.length > 128) throw invalid(field, "at most 128 characters");
-  return value;
+  return characters(value, field, 1, 128);
 }
 
 /** An optional identifier: empty means absent. */
