@@ -743,6 +743,29 @@ test("text and ids with control characters are InvalidArgument naming the field,
   expect(await failure(client.revokeApiKey({ apiKeyId: "key_\u0000" }, admin))).toEqual(refused("api_key_id"));
 });
 
+test("lengths count characters as the database does, not UTF-16 units", async () => {
+  const emoji = "\u{1F600}";
+  expect((await client.createOrganization({ name: emoji.repeat(150) }, admin)).organization?.name).toBe(
+    emoji.repeat(150),
+  );
+  expect((await client.createOrganization({ name: `a${emoji.repeat(199)}` }, admin)).organization?.name).toHaveLength(
+    399,
+  );
+  expect(await failure(client.createOrganization({ name: emoji.repeat(201) }, admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "name: at most 200 characters",
+  });
+  const orgId = await newOrg();
+  const longId = usage(orgId, "", 1n);
+  longId.requestId = emoji.repeat(128);
+  expect((await client.recordUsage({ records: [longId] }, admin)).inserted).toBe(1);
+  longId.requestId = emoji.repeat(129);
+  expect(await failure(client.recordUsage({ records: [longId] }, admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "records[0].request_id: at most 128 characters",
+  });
+});
+
 test("times in years 1..9999 are accepted, as the message says, and none before", async () => {
   const orgId = await newOrg();
   const year1 = new Date("0001-01-01T00:00:00Z");

@@ -10,10 +10,15 @@ export function invalid(field: string, problem: string): ConnectError {
 // C0 controls: Postgres refuses NUL outright, and no billing text (names, ids, models) is multi-line.
 const controlCharacter = /[\u0000-\u001f]/;
 
-/** The check every text and id input passes through: no control characters, and `min`..`max` characters. */
+/**
+ * The check every text and id input passes through: no control characters, and `min`..`max` characters counted
+ * as Postgres' char_length counts them (code points, not UTF-16 units).
+ */
 function characters(value: string, field: string, min: number, max: number): string {
   if (controlCharacter.test(value)) throw invalid(field, "must not contain control characters");
-  const length = value.length;
+  let length = value.length;
+  // Code points are at most UTF-16 units and at least half of them: counted only when that could decide a bound.
+  if (length > max || length < 2 * min) length = [...value].length;
   if (length < min) throw invalid(field, min === 1 ? "required" : `at least ${min} characters`);
   if (length > max) throw invalid(field, `at most ${max} characters`);
   return value;
