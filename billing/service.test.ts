@@ -12,7 +12,7 @@ import {
   type UsageRecord,
   UsageRecordSchema,
 } from "../gen/billing/v1/billing_pb.ts";
-import { Endpoint } from "../gen/common/v1/common_pb.ts";
+import { CostBreakdownSchema, Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
@@ -702,6 +702,57 @@ async function failure(call: Promise<unknown>): Promise<{ code: Code; message: s
   if (!error) throw new Error("expected the call to fail");
   return { code: error.code, message: error.rawMessage };
 }
+
+test("RecordUsage bounds a record's cost and its parts; totals past int64 fail in the API's words", async () => {
+  const orgId = await newOrg();
+  const maxCost = 10n ** 15n;
+  const maxInt64 = 2n ** 63n - 1n;
+  const record = (costNanos: bigint, at = now, edit: (r: UsageRecord) => void = () => {}) => {
+    const r = usage(orgId, "", costNanos, at);
+    edit(r);
+    return r;
+  };
+  const overflowing = [record(1n), record(maxInt64), record(maxInt64)];
+  expect(await failure(client.recordUsage({ records: overflowing }, admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "records[1].cost_nanos: at most 1000000000000000",
+  });
+  const breakdown = (inputNanos: bigint, outputNanos: bigint) =>
+    create(CostBreakdownSchema, { inputNanos, cachedInputNanos: 0n, outputNanos, reasoningNanos: 0n });
+  const hugePart = record(maxCost, now, (r) => (r.costBreakdown = breakdown(maxInt64, maxCost - maxInt64)));
+  expect(await failure(client.recordUsage({ records: [hugePart] }, admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "records[0].cost_breakdown.input_nanos: at most 1000000000000000",
+  });
+  const hugeTokens = record(1n, now, (r) => r.usage && (r.usage.outputTokens = maxInt64));
+  expect(await failure(client.recordUsage({ records: [hugeTokens] }, admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "records[0].usage.output_tokens: at most 2147483648",
+  });
+  expect((await client.recordUsage({ records: [record(maxCost)] }, admin)).inserted).toBe(1);
+
+  // Thousands of records at the bound can still outgrow one day's total: refused in the API's words.
+  await db.pool.query("UPDATE usage_summaries SET cost_nanos = $2 WHERE org_id = $1", [orgId, String(maxInt64 - 1n)]);
+  expect(await failure(client.recordUsage({ records: [record(maxCost)] }, admin))).toEqual({
+    code: Code.FailedPrecondition,
+    message: "a total would exceed the largest amount billing can hold (2^63-1)",
+  });
+
+  // Days that each fit can add up to more than an int64 field carries.
+  await client.recordUsage({ records: [record(1n, new Date("2026-06-02T00:00:00Z"))] }, admin);
+  await db.pool.query("UPDATE usage_summaries SET cost_nanos = $2 WHERE org_id = $1", [orgId, String(maxInt64 - 1n)]);
+  expect(await failure(client.getUsageSummary({ orgId }, admin))).toMatchObject({ code: Code.FailedPrecondition });
+  expect((await failure(client.getUsageSummary({ orgId }, admin))).message).toContain("ask for a shorter range");
+  const { secret } = await client.createApiKey({ orgId }, admin);
+  expect((await client.authorizeKey({ secret }, admin)).orgSpentNanos).toBe(maxInt64);
+
+  // So can an invoice line.
+  await db.pool.query("UPDATE usage_records SET cost_nanos = $2 WHERE org_id = $1", [orgId, String(maxInt64 - 1n)]);
+  expect(await failure(client.generateInvoice({ orgId }, admin))).toEqual({
+    code: Code.FailedPrecondition,
+    message: "a total would exceed the largest amount billing can hold (2^63-1)",
+  });
+});
 
 test("text and ids with control characters are InvalidArgument naming the field, wherever they come in", async () => {
   const orgId = await newOrg();

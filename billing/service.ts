@@ -1,6 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
-import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
+import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import {
   AcquireBudgetLeaseResponseSchema,
   AuthorizeKeyResponseSchema,
@@ -66,6 +66,7 @@ export interface BillingServiceOptions {
 }
 
 const maxUsageBatch = 10_000;
+const maxInt64 = 2n ** 63n - 1n;
 const defaultPageSize = 100;
 const maxPageSize = 1000;
 
@@ -185,12 +186,14 @@ export function createBillingService({
       });
       metrics?.authorizations.inc({ result: "ok" });
       const spend = await usage.spend(organization, apiKey.id);
+      // Saturated: the gateway compares these with limits, which are int64 too, so a larger total is simply over.
+      const int64 = (total: bigint) => (total > maxInt64 ? maxInt64 : total);
       return create(AuthorizeKeyResponseSchema, {
         apiKey: apiKeyMessage(apiKey),
         organization: organizationMessage(organization),
-        keySpentNanos: spend.keySpentNanos,
-        orgSpentNanos: spend.orgSpentNanos,
-        keyTokens: spend.keyTokens,
+        keySpentNanos: int64(spend.keySpentNanos),
+        orgSpentNanos: int64(spend.orgSpentNanos),
+        keyTokens: int64(spend.keyTokens),
       });
     },
 
@@ -263,6 +266,13 @@ export function createBillingService({
         { orgId, projectId: optionalId(req.projectId, "project_id"), apiKeyId: optionalId(req.apiKeyId, "api_key_id") },
         range,
       );
+      // Each daily summary row fits in int64 (the schema's bigint); their sum over a range need not.
+      if (Object.values(totals).some((total) => total > maxInt64)) {
+        throw new ConnectError(
+          "usage over this range exceeds what int64 fields can carry: ask for a shorter range",
+          Code.FailedPrecondition,
+        );
+      }
       return create(GetUsageSummaryResponseSchema, {
         requests: totals.requests,
         usage: tokenUsageMessage(totals),

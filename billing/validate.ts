@@ -49,6 +49,12 @@ export function nonNegative(value: bigint, field: string): bigint {
   return value;
 }
 
+/** 0..`max`. */
+export function atMost(value: bigint, field: string, max: bigint): bigint {
+  if (nonNegative(value, field) > max) throw invalid(field, `at most ${max}`);
+  return value;
+}
+
 export function positive(value: bigint, field: string): bigint {
   if (value <= 0n) throw invalid(field, "must be positive");
   return value;

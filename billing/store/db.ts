@@ -97,11 +97,12 @@ export function fromPgError(e: unknown): unknown {
       return refused("not_found", missingReference(e.detail ?? ""));
     case "55000": // object_not_in_prerequisite_state: raised by the schema's guards, in messages of our own
       return refused("failed_precondition", e.message);
+    case "22003": // numeric_value_out_of_range: inputs are bounded, so only a running total gets here
+      return refused("failed_precondition", "a total would exceed the largest amount billing can hold (2^63-1)");
     // Requests are validated before they get here: these are the schema's backstop.
     case "23514": // check_violation
     case "23502": // not_null_violation
     case "22001": // string_data_right_truncation
-    case "22003": // numeric_value_out_of_range
     case "22P02": // invalid_text_representation
       return refused("invalid_argument", `${e.column ?? checkedColumn(e) ?? noun}: value not accepted`);
     default:
