@@ -11,10 +11,16 @@ const codes: Record<BillingErrorKind, Code> = {
   unavailable: Code.Unavailable,
 };
 
-/** The one mapping from domain errors to Connect codes; unexpected errors are logged and reported as Internal. */
+/**
+ * The one mapping from domain errors to Connect codes; what the database said behind a refusal is logged, never sent,
+ * and unexpected errors are logged and reported as Internal.
+ */
 export function toConnectError(e: unknown, log: Logger): ConnectError {
   if (e instanceof ConnectError) return e;
-  if (e instanceof BillingError) return new ConnectError(e.message, codes[e.kind]);
+  if (e instanceof BillingError) {
+    if (e.internal) log.info("request refused by the database", { refusal: e.message, ...e.internal });
+    return new ConnectError(e.message, codes[e.kind]);
+  }
   log.error("billing request failed", { err: e });
   return new ConnectError("internal error", Code.Internal);
 }

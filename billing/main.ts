@@ -34,7 +34,7 @@ pool.on("error", (e) => log.warn("idle postgres connection failed", { err: e }))
 const { applied } = await migrate(pool);
 log.info("migrations applied", { applied });
 const stopping = new AbortController();
-const { store, routes, http } = createBillingApp({
+const { routes, http, readiness } = createBillingApp({
   pool,
   adminToken: cfg.ADMIN_TOKEN,
   clock: () => new Date(),
@@ -53,14 +53,7 @@ const server = await startServer({
   registry: runtime.metrics.registry,
   log,
   cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
-  readiness: async () => {
-    try {
-      await store.ping();
-      return { ready: true, checks: { postgres: "ok" } };
-    } catch (e) {
-      return { ready: false, checks: { postgres: (e as Error).message } };
-    }
-  },
+  readiness,
 });
 
 stopOnSignals(log, async () => {

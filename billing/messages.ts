@@ -43,7 +43,7 @@ import type {
   UsageTotals,
   VolumeTier,
 } from "./store/types.ts";
-import { id, instant, intInRange, invalid, nonNegative, optionalId, text } from "./validate.ts";
+import { atMost, id, instant, intInRange, invalid, nonNegative, optionalId, ordered, text } from "./validate.ts";
 
 /** Conversions between contract messages and store records; inbound ones validate as they go. */
 
@@ -61,6 +61,8 @@ const endpointEnums = Object.fromEntries(Object.entries(endpoints).map(([k, v]) 
 const maxAllowedModels = 1000;
 // TokenUsage documents 0..2^31 per request.
 const maxTokensPerRequest = 2n ** 31n;
+// $1,000,000 per request: over 9,000 such requests of one org, day, project and key fit in a bigint daily total.
+const maxCostNanosPerRequest = 10n ** 15n;
 
 export function organizationMessage(org: Organization): OrganizationMessage {
   return create(OrganizationSchema, {
@@ -153,18 +155,15 @@ export function usageRecordFrom(record: UsageRecordMessage, at: string): UsageRe
   if (!record.occurTime) throw invalid(field("occur_time"), "required");
   const endpoint = endpoints[record.endpoint];
   if (!endpoint) throw invalid(field("endpoint"), `unknown value ${record.endpoint}`);
-  const tokens = (value: bigint | undefined, name: string) => {
-    const count = nonNegative(value ?? 0n, field(`usage.${name}`));
-    if (count > maxTokensPerRequest) throw invalid(field(`usage.${name}`), `at most ${maxTokensPerRequest}`);
-    return count;
-  };
+  const tokens = (value: bigint | undefined, name: string) =>
+    atMost(value ?? 0n, field(`usage.${name}`), maxTokensPerRequest);
   const inputTokens = tokens(record.usage?.inputTokens, "input_tokens");
   const cachedInputTokens = tokens(record.usage?.cachedInputTokens, "cached_input_tokens");
   const outputTokens = tokens(record.usage?.outputTokens, "output_tokens");
   const reasoningTokens = tokens(record.usage?.reasoningTokens, "reasoning_tokens");
   if (cachedInputTokens > inputTokens) throw invalid(field("usage.cached_input_tokens"), "exceeds input_tokens");
   if (reasoningTokens > outputTokens) throw invalid(field("usage.reasoning_tokens"), "exceeds output_tokens");
-  const costNanos = nonNegative(record.costNanos, field("cost_nanos"));
+  const costNanos = atMost(record.costNanos, field("cost_nanos"), maxCostNanosPerRequest);
   return {
     requestId: id(record.requestId, field("request_id")),
     orgId: id(record.orgId, field("org_id")),
@@ -187,10 +186,10 @@ export function usageRecordFrom(record: UsageRecordMessage, at: string): UsageRe
 
 function costBreakdownFrom(breakdown: CostBreakdownMessage, costNanos: bigint, field: string): CostBreakdown {
   const parts: CostBreakdown = {
-    inputNanos: nonNegative(breakdown.inputNanos, `${field}.input_nanos`),
-    cachedInputNanos: nonNegative(breakdown.cachedInputNanos, `${field}.cached_input_nanos`),
-    outputNanos: nonNegative(breakdown.outputNanos, `${field}.output_nanos`),
-    reasoningNanos: nonNegative(breakdown.reasoningNanos, `${field}.reasoning_nanos`),
+    inputNanos: atMost(breakdown.inputNanos, `${field}.input_nanos`, maxCostNanosPerRequest),
+    cachedInputNanos: atMost(breakdown.cachedInputNanos, `${field}.cached_input_nanos`, maxCostNanosPerRequest),
+    outputNanos: atMost(breakdown.outputNanos, `${field}.output_nanos`, maxCostNanosPerRequest),
+    reasoningNanos: atMost(breakdown.reasoningNanos, `${field}.reasoning_nanos`, maxCostNanosPerRequest),
   };
   const sum = parts.inputNanos + parts.cachedInputNanos + parts.outputNanos + parts.reasoningNanos;
   if (sum !== costNanos) throw invalid(field, `parts add up to ${sum}, not cost_nanos ${costNanos}`);
@@ -259,7 +258,7 @@ export function discountRuleFrom(rule: DiscountRuleMessage | undefined, field = 
   };
   const validFrom = rule.validFrom ? wholeHour(instant(rule.validFrom, at("valid_from")), "valid_from") : null;
   const validUntil = rule.validUntil ? wholeHour(instant(rule.validUntil, at("valid_until")), "valid_until") : null;
-  if (validFrom && validUntil && validUntil <= validFrom) throw invalid(at("valid_until"), "must be after valid_from");
+  ordered(validFrom, validUntil, "valid_from", at("valid_until"));
 
   return {
     orgId: id(rule.orgId, at("org_id")),

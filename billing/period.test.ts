@@ -32,3 +32,18 @@ test("UTC day boundaries", () => {
   expect(endOfUtcDay(new Date("2026-05-07T00:00:00Z")).toISOString()).toBe("2026-05-07T00:00:00.000Z");
   expect(utcDate(at)).toBe("2026-05-07");
 });
+
+test("years 1..99 are years 1..99, not 1901..1999", () => {
+  expect(iso(billingPeriod(new Date("0001-01-20T10:00:00Z"), 15))).toEqual([
+    "0001-01-15T00:00:00.000Z",
+    "0001-02-15T00:00:00.000Z",
+  ]);
+  expect(iso(billingPeriod(new Date("0099-12-31T10:00:00Z"), 1))).toEqual([
+    "0099-12-01T00:00:00.000Z",
+    "0100-01-01T00:00:00.000Z",
+  ]);
+  const at = new Date("0001-01-01T13:45:00Z");
+  expect(startOfUtcDay(at).toISOString()).toBe("0001-01-01T00:00:00.000Z");
+  expect(endOfUtcDay(at).toISOString()).toBe("0001-01-02T00:00:00.000Z");
+  expect(startOfUtcDay(new Date("1969-12-31T23:59:59.999Z")).toISOString()).toBe("1969-12-31T00:00:00.000Z");
+});

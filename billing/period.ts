@@ -1,14 +1,17 @@
 export { billingPeriod } from "../lib/billing-period.ts";
 
+const dayMs = 86_400_000;
+
 /** Midnight UTC at or before `at`. */
 export function startOfUtcDay(at: Date): Date {
-  return new Date(Date.UTC(at.getUTCFullYear(), at.getUTCMonth(), at.getUTCDate()));
+  // Floored also before 1970; Date.UTC would read years 0..99 as 1900..1999.
+  return new Date(at.getTime() - (((at.getTime() % dayMs) + dayMs) % dayMs));
 }
 
 /** Midnight UTC at or after `at`. */
 export function endOfUtcDay(at: Date): Date {
   const start = startOfUtcDay(at);
-  return start.getTime() === at.getTime() ? start : new Date(start.getTime() + 86_400_000);
+  return start.getTime() === at.getTime() ? start : new Date(start.getTime() + dayMs);
 }
 
 /** "YYYY-MM-DD" of the UTC day of `at`, as Postgres `date` input. */

@@ -2,6 +2,7 @@ import { afterAll, beforeAll, expect, test } from "bun:test";
 import { clone, create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
+import pg from "pg";
 import {
   BillingService,
   BudgetScope,
@@ -11,7 +12,7 @@ import {
   type UsageRecord,
   UsageRecordSchema,
 } from "../gen/billing/v1/billing_pb.ts";
-import { Endpoint } from "../gen/common/v1/common_pb.ts";
+import { CostBreakdownSchema, Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
@@ -691,3 +692,203 @@ test("two gateways leasing concurrently over a real server never get more than t
     await server.close(1_000);
   }
 }, 60_000);
+
+/** Code and message of a call that must fail. */
+async function failure(call: Promise<unknown>): Promise<{ code: Code; message: string }> {
+  const error = await call.then(
+    () => undefined,
+    (e: unknown) => ConnectError.from(e),
+  );
+  if (!error) throw new Error("expected the call to fail");
+  return { code: error.code, message: error.rawMessage };
+}
+
+test("RecordUsage bounds a record's cost and its parts; totals past int64 fail in the API's words", async () => {
+  const orgId = await newOrg();
+  const maxCost = 10n ** 15n;
+  const maxInt64 = 2n ** 63n - 1n;
+  const record = (costNanos: bigint, at = now, edit: (r: UsageRecord) => void = () => {}) => {
+    const r = usage(orgId, "", costNanos, at);
+    edit(r);
+    return r;
+  };
+  const overflowing = [record(1n), record(maxInt64), record(maxInt64)];
+  expect(await failure(client.recordUsage({ records: overflowing }, admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "records[1].cost_nanos: at most 1000000000000000",
+  });
+  const breakdown = (inputNanos: bigint, outputNanos: bigint) =>
+    create(CostBreakdownSchema, { inputNanos, cachedInputNanos: 0n, outputNanos, reasoningNanos: 0n });
+  const hugePart = record(maxCost, now, (r) => (r.costBreakdown = breakdown(maxInt64, maxCost - maxInt64)));
+  expect(await failure(client.recordUsage({ records: [hugePart] }, admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "records[0].cost_breakdown.input_nanos: at most 1000000000000000",
+  });
+  const hugeTokens = record(1n, now, (r) => r.usage && (r.usage.outputTokens = maxInt64));
+  expect(await failure(client.recordUsage({ records: [hugeTokens] }, admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "records[0].usage.output_tokens: at most 2147483648",
+  });
+  expect((await client.recordUsage({ records: [record(maxCost)] }, admin)).inserted).toBe(1);
+
+  // Thousands of records at the bound can still outgrow one day's total: refused in the API's words.
+  await db.pool.query("UPDATE usage_summaries SET cost_nanos = $2 WHERE org_id = $1", [orgId, String(maxInt64 - 1n)]);
+  expect(await failure(client.recordUsage({ records: [record(maxCost)] }, admin))).toEqual({
+    code: Code.FailedPrecondition,
+    message: "a total would exceed the largest amount billing can hold (2^63-1)",
+  });
+
+  // Days that each fit can add up to more than an int64 field carries.
+  await client.recordUsage({ records: [record(1n, new Date("2026-06-02T00:00:00Z"))] }, admin);
+  await db.pool.query("UPDATE usage_summaries SET cost_nanos = $2 WHERE org_id = $1", [orgId, String(maxInt64 - 1n)]);
+  expect(await failure(client.getUsageSummary({ orgId }, admin))).toMatchObject({ code: Code.FailedPrecondition });
+  expect((await failure(client.getUsageSummary({ orgId }, admin))).message).toContain("ask for a shorter range");
+  const { secret } = await client.createApiKey({ orgId }, admin);
+  expect((await client.authorizeKey({ secret }, admin)).orgSpentNanos).toBe(maxInt64);
+
+  // So can an invoice line.
+  await db.pool.query("UPDATE usage_records SET cost_nanos = $2 WHERE org_id = $1", [orgId, String(maxInt64 - 1n)]);
+  expect(await failure(client.generateInvoice({ orgId }, admin))).toEqual({
+    code: Code.FailedPrecondition,
+    message: "a total would exceed the largest amount billing can hold (2^63-1)",
+  });
+});
+
+test("text and ids with control characters are InvalidArgument naming the field, wherever they come in", async () => {
+  const orgId = await newOrg();
+  const { secret } = await client.createApiKey({ orgId }, admin);
+  const own = as(secret);
+  const refused = (field: string) => ({
+    code: Code.InvalidArgument,
+    message: `${field}: must not contain control characters`,
+  });
+  expect(await failure(client.listUsageRecords({ orgId, requestId: "a\u0000" }, own))).toEqual(refused("request_id"));
+  expect(await failure(client.getUsageSummary({ orgId, projectId: "a\u0000" }, own))).toEqual(refused("project_id"));
+  expect(await failure(client.getUsageSummary({ orgId, apiKeyId: "a\u001f" }, own))).toEqual(refused("api_key_id"));
+  const token = (cursor: unknown) => Buffer.from(JSON.stringify(cursor)).toString("base64url");
+  for (const cursor of [[now.toISOString(), "a\u0000"], ["-100000-01-01T00:00:00Z", "x"]]) {
+    expect(await failure(client.listUsageRecords({ orgId, pageToken: token(cursor) }, own))).toEqual({
+      code: Code.InvalidArgument,
+      message: "page_token: not a token from a previous response",
+    });
+  }
+  for (const name of ["a\u0000b", "tab\there", "new\nline", "bell\u0007", "\u001b[31mred"]) {
+    expect(await failure(client.createOrganization({ name }, admin))).toEqual(refused("name"));
+    expect(await failure(client.createProject({ orgId, name }, admin))).toEqual(refused("name"));
+  }
+  // Surrounding whitespace, newlines included, is trimmed as before.
+  expect((await client.createProject({ orgId, name: "\n web \t" }, admin)).project?.name).toBe("web");
+  const model = usage(orgId, "", 1n);
+  model.model = "mock\u0000";
+  expect(await failure(client.recordUsage({ records: [model] }, admin))).toEqual(refused("records[0].model"));
+  const limits = { allowedModels: ["mock", "bad\u0001"] };
+  expect(await failure(client.createApiKey({ orgId, limits }, admin))).toEqual(refused("limits.allowed_models[1]"));
+  expect(
+    await failure(
+      client.acquireBudgetLease(
+        { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw\u0000", requestedNanos: 1n, ttlSeconds: 60 },
+        admin,
+      ),
+    ),
+  ).toEqual(refused("holder"));
+  expect(await failure(client.revokeApiKey({ apiKeyId: "key_\u0000" }, admin))).toEqual(refused("api_key_id"));
+});
+
+test("lengths count characters as the database does, not UTF-16 units", async () => {
+  const emoji = "\u{1F600}";
+  expect((await client.createOrganization({ name: emoji.repeat(150) }, admin)).organization?.name).toBe(
+    emoji.repeat(150),
+  );
+  expect((await client.createOrganization({ name: `a${emoji.repeat(199)}` }, admin)).organization?.name).toHaveLength(
+    399,
+  );
+  expect(await failure(client.createOrganization({ name: emoji.repeat(201) }, admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "name: at most 200 characters",
+  });
+  const orgId = await newOrg();
+  const longId = usage(orgId, "", 1n);
+  longId.requestId = emoji.repeat(128);
+  expect((await client.recordUsage({ records: [longId] }, admin)).inserted).toBe(1);
+  longId.requestId = emoji.repeat(129);
+  expect(await failure(client.recordUsage({ records: [longId] }, admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "records[0].request_id: at most 128 characters",
+  });
+});
+
+test("times in years 1..9999 are accepted, as the message says, and none before", async () => {
+  const orgId = await newOrg();
+  const year1 = new Date("0001-01-01T00:00:00Z");
+  const year1900 = new Date("1900-06-01T12:00:00Z");
+  await client.recordUsage({ records: [usage(orgId, "", 1n, year1), usage(orgId, "", 2n, year1900)] }, admin);
+  const listed = await client.listUsageRecords({ orgId }, admin);
+  expect(listed.records.map((r) => timestampDate(r.occurTime ?? timestampFromDate(now)))).toEqual([year1900, year1]);
+  const year2 = new Date("0002-01-01T00:00:00Z");
+  const firstYear = { startTime: timestampFromDate(year1), endTime: timestampFromDate(year2) };
+  expect((await client.getUsageSummary({ orgId, ...firstYear }, admin)).costNanos).toBe(1n);
+  expect(await failure(client.recordUsage({ records: [usage(orgId, "", 1n, new Date(year1.getTime() - 1))] }, admin)))
+    .toEqual({ code: Code.InvalidArgument, message: "records[0].occur_time: must be a time in years 1..9999" });
+});
+
+test("an empty or reversed time range is InvalidArgument wherever one is taken", async () => {
+  const orgId = await newOrg();
+  const at = timestampFromDate(now);
+  const before = timestampFromDate(new Date(now.getTime() - 1));
+  const refused = { code: Code.InvalidArgument, message: "end_time: must be after start_time" };
+  expect(await failure(client.listUsageRecords({ orgId, startTime: at, endTime: at }, admin))).toEqual(refused);
+  expect(await failure(client.listUsageRecords({ orgId, startTime: at, endTime: before }, admin))).toEqual(refused);
+  expect(await failure(client.getUsageSummary({ orgId, startTime: at, endTime: at }, admin))).toEqual(refused);
+  const hour = timestampFromDate(new Date("2026-06-01T00:00:00Z"));
+  expect(await failure(client.createDiscountRule(promo(orgId, { validFrom: hour, validUntil: hour }), admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "rule.valid_until: must be after valid_from",
+  });
+});
+
+test("refusals name the field and value in the API's words; what the database said stays in the log", async () => {
+  const orgId = await newOrg();
+  const from = logLines.length;
+  expect(await failure(client.createProject({ orgId: "org_nope", name: "p" }, admin))).toEqual({
+    code: Code.NotFound,
+    message: "org_id: organization org_nope does not exist",
+  });
+  expect(await failure(client.recordUsage({ records: [usage("org_nope", "", 1n)] }, admin))).toEqual({
+    code: Code.NotFound,
+    message: "org_id: organization org_nope does not exist",
+  });
+  expect(await failure(client.recordUsage({ records: [usage(orgId, "key_nope", 1n)] }, admin))).toEqual({
+    code: Code.NotFound,
+    message: `api_key_id: api key key_nope does not exist in organization ${orgId}`,
+  });
+  expect(await failure(client.createApiKey({ orgId, projectId: "proj_nope" }, admin))).toEqual({
+    code: Code.NotFound,
+    message: `project_id: project proj_nope does not exist in organization ${orgId}`,
+  });
+  await client.createProject({ orgId, name: "web" }, admin);
+  expect(await failure(client.createProject({ orgId, name: "web" }, admin))).toEqual({
+    code: Code.AlreadyExists,
+    message: "name: the organization already has a project with this name",
+  });
+  await client.createOrganization({ name: "taken" }, admin);
+  expect(await failure(client.createOrganization({ name: "taken" }, admin))).toEqual({
+    code: Code.AlreadyExists,
+    message: "name: an organization with this name already exists",
+  });
+  const logged = logLines.slice(from).join("");
+  expect(logged).toContain('Key (org_id)=(org_nope) is not present in table \\"organizations\\".');
+  expect(logged).toContain("organizations_name_key");
+});
+
+test("readiness says a database is unreachable, not where it is: that goes to the log", async () => {
+  const pool = new pg.Pool({ connectionString: "postgres://billing@127.0.0.1:1/billing" });
+  try {
+    const unready = createBillingApp({ pool, adminToken, clock: () => now, log });
+    const from = logLines.length;
+    expect(await unready.readiness()).toEqual({ ready: false, checks: { postgres: "unreachable" } });
+    expect(logLines.slice(from).join("")).toContain("127.0.0.1:1");
+    expect(await app.readiness()).toEqual({ ready: true, checks: { postgres: "ok" } });
+  } finally {
+    await pool.end();
+  }
+});

@@ -1,6 +1,6 @@
 import { create } from "@bufbuild/protobuf";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
-import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
+import { timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import {
   AcquireBudgetLeaseResponseSchema,
   AuthorizeKeyResponseSchema,
@@ -51,7 +51,7 @@ import type { BillingStore } from "./store/store.ts";
 import type { TimeRange } from "./store/types.ts";
 import type { UsageCursor } from "./store/usage.ts";
 import type { UsageTracker } from "./usage-tracker.ts";
-import { id, instant, intInRange, invalid, nonNegative, optionalId, positive, text } from "./validate.ts";
+import { id, instant, intInRange, invalid, nonNegative, optionalId, ordered, positive, text } from "./validate.ts";
 
 export interface BillingServiceOptions {
   store: BillingStore;
@@ -66,6 +66,7 @@ export interface BillingServiceOptions {
 }
 
 const maxUsageBatch = 10_000;
+const maxInt64 = 2n ** 63n - 1n;
 const defaultPageSize = 100;
 const maxPageSize = 1000;
 
@@ -185,12 +186,14 @@ export function createBillingService({
       });
       metrics?.authorizations.inc({ result: "ok" });
       const spend = await usage.spend(organization, apiKey.id);
+      // Saturated: the gateway compares these with limits, which are int64 too, so a larger total is simply over.
+      const int64 = (total: bigint) => (total > maxInt64 ? maxInt64 : total);
       return create(AuthorizeKeyResponseSchema, {
         apiKey: apiKeyMessage(apiKey),
         organization: organizationMessage(organization),
-        keySpentNanos: spend.keySpentNanos,
-        orgSpentNanos: spend.orgSpentNanos,
-        keyTokens: spend.keyTokens,
+        keySpentNanos: int64(spend.keySpentNanos),
+        orgSpentNanos: int64(spend.orgSpentNanos),
+        keyTokens: int64(spend.keyTokens),
       });
     },
 
@@ -263,6 +266,13 @@ export function createBillingService({
         { orgId, projectId: optionalId(req.projectId, "project_id"), apiKeyId: optionalId(req.apiKeyId, "api_key_id") },
         range,
       );
+      // Each daily summary row fits in int64 (the schema's bigint); their sum over a range need not.
+      if (Object.values(totals).some((total) => total > maxInt64)) {
+        throw new ConnectError(
+          "usage over this range exceeds what int64 fields can carry: ask for a shorter range",
+          Code.FailedPrecondition,
+        );
+      }
       return create(GetUsageSummaryResponseSchema, {
         requests: totals.requests,
         usage: tokenUsageMessage(totals),
@@ -274,11 +284,14 @@ export function createBillingService({
       const orgId = orgIdOf(req);
       await requireOrgReader(ctx, orgId);
       const limit = req.pageSize === 0 ? defaultPageSize : intInRange(req.pageSize, "page_size", 1, maxPageSize);
+      const start = req.startTime ? instant(req.startTime, "start_time") : null;
+      const end = req.endTime ? instant(req.endTime, "end_time") : null;
+      ordered(start, end, "start_time", "end_time");
       const page = await store.listUsageRecords({
         orgId,
         requestId: optionalId(req.requestId, "request_id"),
-        start: req.startTime ? instant(req.startTime, "start_time") : null,
-        end: req.endTime ? instant(req.endTime, "end_time") : null,
+        start,
+        end,
         after: req.pageToken ? decodePageToken(req.pageToken) : null,
         limit,
       });
@@ -356,7 +369,7 @@ export function createBillingService({
       start ??= period.start;
       end ??= period.end;
     }
-    if (start >= end) throw invalid("end_time", "must be after start_time");
+    ordered(start, end, "start_time", "end_time");
     return { start, end };
   }
 
@@ -370,9 +383,10 @@ function encodePageToken(cursor: UsageCursor): string {
 function decodePageToken(token: string): UsageCursor {
   try {
     const [at, requestId] = JSON.parse(Buffer.from(token, "base64url").toString("utf8")) as [string, string];
-    const occurredAt = new Date(at);
-    if (typeof requestId !== "string" || Number.isNaN(occurredAt.getTime())) throw new Error("bad cursor");
-    return { occurredAt, requestId };
+    if (typeof requestId !== "string") throw new Error("bad cursor");
+    // A token is client input like any other: the same checks as the fields it stands for.
+    const occurredAt = instant(timestampFromMs(Date.parse(at)), "page_token");
+    return { occurredAt, requestId: id(requestId, "page_token") };
   } catch {
     throw invalid("page_token", "not a token from a previous response");
   }

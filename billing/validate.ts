@@ -7,19 +7,31 @@ export function invalid(field: string, problem: string): ConnectError {
   return new ConnectError(`${field}: ${problem}`, Code.InvalidArgument);
 }
 
+// C0 controls: Postgres refuses NUL outright, and no billing text (names, ids, models) is multi-line.
+const controlCharacter = /[\u0000-\u001f]/;
+
+/**
+ * The check every text and id input passes through: no control characters, and `min`..`max` characters counted
+ * as Postgres' char_length counts them (code points, not UTF-16 units).
+ */
+function characters(value: string, field: string, min: number, max: number): string {
+  if (controlCharacter.test(value)) throw invalid(field, "must not contain control characters");
+  let length = value.length;
+  // Code points are at most UTF-16 units and at least half of them: counted only when that could decide a bound.
+  if (length > max || length < 2 * min) length = [...value].length;
+  if (length < min) throw invalid(field, min === 1 ? "required" : `at least ${min} characters`);
+  if (length > max) throw invalid(field, `at most ${max} characters`);
+  return value;
+}
+
 /** Trimmed text of `min`..`max` characters. */
 export function text(value: string, field: string, { min = 1, max = 200 } = {}): string {
-  const trimmed = value.trim();
-  if (trimmed.length < min) throw invalid(field, min === 1 ? "required" : `at least ${min} characters`);
-  if (trimmed.length > max) throw invalid(field, `at most ${max} characters`);
-  return trimmed;
+  return characters(value.trim(), field, min, max);
 }
 
 /** A non-empty identifier such as "org_01J..." (ids are never trimmed or rewritten). */
 export function id(value: string, field: string): string {
-  if (value.length === 0) throw invalid(field, "required");
-  if (value.length > 128) throw invalid(field, "at most 128 characters");
-  return value;
+  return characters(value, field, 1, 128);
 }
 
 /** An optional identifier: empty means absent. */
@@ -37,18 +49,30 @@ export function nonNegative(value: bigint, field: string): bigint {
   return value;
 }
 
+/** 0..`max`. */
+export function atMost(value: bigint, field: string, max: bigint): bigint {
+  if (nonNegative(value, field) > max) throw invalid(field, `at most ${max}`);
+  return value;
+}
+
 export function positive(value: bigint, field: string): bigint {
   if (value <= 0n) throw invalid(field, "must be positive");
   return value;
 }
 
 // Postgres timestamptz and JS Date both hold years 1..9999 exactly; beyond that a timestamp is a mistake.
-const minInstantMs = Date.UTC(1, 0, 1);
-const maxInstantMs = Date.UTC(10_000, 0, 1);
+// setUTCFullYear, because Date.UTC reads years 0..99 as 1900..1999.
+const minInstantMs = new Date(0).setUTCFullYear(1, 0, 1);
+const maxInstantMs = new Date(0).setUTCFullYear(10_000, 0, 1);
 
 /** A timestamp as a Date, InvalidArgument outside years 1..9999. */
 export function instant(value: Timestamp, field: string): Date {
   const ms = timestampMs(value);
   if (!(ms >= minInstantMs && ms < maxInstantMs)) throw invalid(field, "must be a time in years 1..9999");
   return new Date(ms);
+}
+
+/** A time range with both bounds set must not be empty; `startField` and `endField` name them. */
+export function ordered(start: Date | null, end: Date | null, startField: string, endField: string): void {
+  if (start && end && end <= start) throw invalid(endField, `must be after ${startField}`);
 }

@@ -81,3 +81,13 @@ test("a printable page with the period, lines, totals and the rounding rule", ()
   expect(empty).toContain("not yet issued");
   expect(empty).toContain('class="status status-draft">draft<');
 });
+
+test("only an issued invoice asks for payment: drafts and void invoices say so, paid ones say paid", () => {
+  const total = (status: Invoice["status"]) => renderInvoiceHtml({ ...invoice, status }, organization);
+  expect(total("issued")).toContain("<td>Total due</td><td class=\"num\">$3.31</td>");
+  for (const status of ["draft", "paid", "void"] as const) expect(total(status)).not.toContain("Total due");
+  expect(total("void")).toContain('<tr class="notice"><td colspan="2">VOID – nothing is due</td></tr>');
+  expect(total("draft")).toContain('<tr class="notice"><td colspan="2">DRAFT – not payable yet</td></tr>');
+  expect(total("paid")).toContain("<td>Paid</td><td class=\"num\">$3.31</td>");
+  expect(total("issued")).not.toContain('class="notice"');
+});

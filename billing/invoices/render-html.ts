@@ -1,6 +1,6 @@
 import escapeHtml from "escape-html";
 import { formatCents, formatNanosUsd } from "../../lib/money.ts";
-import type { Invoice, Organization } from "../store/types.ts";
+import type { Invoice, InvoiceStatus, Organization } from "../store/types.ts";
 import { roundingRule } from "./build.ts";
 
 /** Markup that is already escaped; everything else interpolated into `html` is escaped. */
@@ -28,11 +28,20 @@ const day = (at: Date) => at.toISOString().slice(0, 10);
 const usd = (nanos: bigint) => (nanos < 0n ? `-$${formatNanosUsd(-nanos)}` : `$${formatNanosUsd(nanos)}`);
 const quantity = (n: bigint) => n.toLocaleString("en-US");
 
+// Label of the total and a notice under it: only an issued invoice asks for payment.
+const totalRows: Record<InvoiceStatus, [label: string, notice: string]> = {
+  draft: ["Total", "DRAFT – not payable yet"],
+  issued: ["Total due", ""],
+  paid: ["Paid", ""],
+  void: ["Total", "VOID – nothing is due"],
+};
+
 /** A printable, self-contained HTML page of one invoice. */
 export function renderInvoiceHtml(invoice: Invoice, organization: Organization): string {
   // The period ends at the start of its last day's successor; people read the last day itself.
   const lastDay = new Date(invoice.periodEnd.getTime() - 86_400_000);
   const taxPercent = `${invoice.taxRateBps / 100}%`;
+  const [totalLabel, notice] = totalRows[invoice.status];
   const rows = invoice.lines.map((line) => {
     const discount = line.tokenType === "discount";
     return html`    <tr class="${discount ? "discount" : "usage"}"><td>${line.description}</td>\
@@ -66,6 +75,7 @@ export function renderInvoiceHtml(invoice: Invoice, organization: Organization):
   table.totals { width: auto; margin-left: auto; min-width: 18rem; }
   table.totals td { border: none; padding: .2rem .5rem; }
   table.totals tr.total td { border-top: 2px solid #1a1a1a; font-weight: 600; font-size: 1.05rem; }
+  table.totals tr.notice td { color: #b3261e; font-weight: 600; text-align: right; }
   footer { margin-top: 2rem; font-size: .8rem; color: #5f6368; }
   @media print { main { margin: 0; max-width: none; } .status { border-width: 2px; } }
 </style>
@@ -94,8 +104,8 @@ ${invoice.lines.length === 0 ? html`    <tr><td colspan="3" class="muted">No usa
   <tr><td>Subtotal</td><td class="num">${formatCents(invoice.subtotalCents)}</td></tr>
   <tr><td>Discounts</td><td class="num">${formatCents(-invoice.discountCents)}</td></tr>
   <tr><td>Tax (${taxPercent})</td><td class="num">${formatCents(invoice.taxCents)}</td></tr>
-  <tr class="total"><td>Total due</td><td class="num">${formatCents(invoice.totalCents)}</td></tr>
-</table>
+  <tr class="total"><td>${totalLabel}</td><td class="num">${formatCents(invoice.totalCents)}</td></tr>
+${notice ? html`  <tr class="notice"><td colspan="2">${notice}</td></tr>\n` : ""}</table>
 <footer>
   <p>Rounding: ${roundingRule}</p>
   <p>Quantities are tokens. Line amounts are exact and unrounded.</p>

@@ -97,7 +97,7 @@ test("a key's project must belong to the key's org", async () => {
     fixture.store.createApiKey({ orgId: org.id, projectId: project.id, name: "", limits: noLimits }),
   );
   expect(error.kind).toBe("not_found");
-  expect(error.message).toStartWith("project not found");
+  expect(error.message).toBe(`project_id: project ${project.id} does not exist in organization ${org.id}`);
 
   const own = await fixture.store.createProject({ orgId: org.id, name: "ours" });
   const { apiKey } = await fixture.store.createApiKey({ orgId: org.id, projectId: own.id, name: "", limits: noLimits });

@@ -164,3 +164,45 @@ test("a dead gateway's lease keeps its grant reserved until its resent usage is 
     grantedNanos: 100n,
   });
 });
+
+test("a lease that lives on into the next period counts against it until released, then settles there", async () => {
+  const org = await newOrg(1000n);
+  const lastMinute = new Date("2026-06-30T23:59:00Z");
+  const early = await acquire(org.id, 300n, { now: new Date("2026-06-30T23:40:00Z"), ttlSeconds: 60 });
+  await store.releaseBudgetLease({ leaseId: early.leaseId as string, spentNanos: 300n, now: lastMinute });
+  // Abandoned, but over before July: June's alone.
+  await acquire(org.id, 100n, { now: lastMinute, ttlSeconds: 30, holder: "gw-gone" });
+  const late = await acquire(org.id, 1000n, { now: lastMinute, ttlSeconds: 900, holder: "gw-a" });
+  expect(late).toMatchObject({ grantedNanos: 600n, remainingNanos: 0n });
+
+  // A minute into July gw-a may still spend its June lease: another gateway gets only the rest of July's budget.
+  const july = new Date("2026-07-01T00:01:00Z");
+  expect(await acquire(org.id, 1000n, { now: july, holder: "gw-b" })).toMatchObject({
+    grantedNanos: 400n,
+    remainingNanos: 0n,
+  });
+  // Released in July with 200 spent: all of it counts in July, as the release does not say how much was June's.
+  const released = new Date(july.getTime() + 60_000);
+  await store.releaseBudgetLease({ leaseId: late.leaseId as string, spentNanos: 200n, now: released });
+  expect(await acquire(org.id, 1000n, { now: released, holder: "gw-c" })).toMatchObject({
+    grantedNanos: 400n,
+    remainingNanos: 0n,
+  });
+  const { rows } = await db.pool.query(
+    "SELECT period_start, spent_nanos::int AS spent FROM budget_settlements WHERE scope_id = $1 ORDER BY 1",
+    [org.id],
+  );
+  expect(rows).toEqual([
+    { period_start: new Date("2026-06-01T00:00:00Z"), spent: 300 },
+    { period_start: new Date("2026-07-01T00:00:00Z"), spent: 200 },
+  ]);
+});
+
+test("a June lease abandoned across the boundary reserves in July through its grace window", async () => {
+  const org = await newOrg(1000n);
+  await acquire(org.id, 400n, { now: new Date("2026-06-30T23:55:00Z"), ttlSeconds: 600, holder: "gw-dead" });
+  const expired = new Date("2026-07-01T00:05:00Z");
+  expect(await acquire(org.id, 1000n, { now: expired, ttlSeconds: 1 })).toMatchObject({ grantedNanos: 600n });
+  const afterGrace = new Date(expired.getTime() + defaultAbandonedLeaseGraceMs + 2_000);
+  expect(await acquire(org.id, 1000n, { now: afterGrace })).toMatchObject({ grantedNanos: 1000n });
+});

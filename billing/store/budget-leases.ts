@@ -31,7 +31,9 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
      * The scope's row is locked for the transaction, so concurrent grants are serialised and together never exceed
      * the budget. Committed spend counts as the larger of recorded usage and what released leases reported spent
      * (usage arrives later than releases); active leases reserve their whole grant, and so do expired unreleased
-     * ones for `abandonedLeaseGraceMs` after expiry; older abandoned leases reserve nothing.
+     * ones for `abandonedLeaseGraceMs` after expiry; older abandoned leases reserve nothing. A lease of the previous
+     * period that lives on into this one can be spent in both, so it reserves here too until released, and is
+     * settled here when released after its own period ended (see releaseBudgetLease).
      */
     acquireBudgetLease(request: BudgetLeaseRequest): Promise<BudgetLeaseGrant> {
       return db.transaction(async (tx) => {
@@ -55,6 +57,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
         const budget = BigInt(scope.monthly_budget_nanos);
         const scopeColumn = request.scope === "organization" ? "org_id" : "api_key_id";
         const period = billingPeriod(request.now, scope.billing_day);
+        const previousPeriodStart = billingPeriod(new Date(period.start.getTime() - 1), scope.billing_day).start;
         const expiresAt = new Date(request.now.getTime() + request.ttlSeconds * 1000);
         let granted = request.requestedNanos;
         let remaining: bigint | null = null;
@@ -68,8 +71,8 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
                (SELECT coalesce(sum(spent_nanos), 0) FROM budget_settlements
                 WHERE scope = $4 AND scope_id = $1 AND period_start = $6) AS settled,
                (SELECT coalesce(sum(granted_nanos), 0) FROM budget_leases
-                WHERE released_at IS NULL AND scope = $4 AND coalesce(api_key_id, org_id) = $1 AND period_start = $6
-                  AND expires_at > $5) AS reserved`,
+                WHERE released_at IS NULL AND scope = $4 AND coalesce(api_key_id, org_id) = $1
+                  AND period_start >= $7 AND expires_at > greatest($5, $6)) AS reserved`,
             [
               request.scopeId,
               utcDate(period.start),
@@ -77,6 +80,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
               request.scope,
               new Date(request.now.getTime() - graceMs),
               period.start,
+              previousPeriodStart,
             ],
           );
           const used = usedRows[0];
@@ -122,17 +126,25 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
 
     /**
      * Settles a lease at what its holder spent (the rest returns to the pool) and adds that to the period's settled
-     * total, in one statement. Releasing twice is a no-op.
+     * total, in one statement. Releasing twice is a no-op. A lease released after its period ended, having lived on
+     * into the next, settles in the next: its own period grants no more, and the next must count what it spent
+     * there before that usage is recorded (all of it, as a release does not say when it was spent).
      */
     async releaseBudgetLease(release: { leaseId: string; spentNanos: bigint; now: Date }): Promise<void> {
       const rows = await db.query<{ released: boolean; known: boolean }>(
         `WITH released AS (
            UPDATE budget_leases SET released_at = $3, spent_nanos = $2
            WHERE id = $1 AND released_at IS NULL
-           RETURNING scope, coalesce(api_key_id, org_id) AS scope_id, period_start, spent_nanos
+           RETURNING scope, coalesce(api_key_id, org_id) AS scope_id, period_start, spent_nanos, expires_at
+         ), periods AS (
+           -- Periods are whole months from the billing day (at most the 28th), so the next starts a month later.
+           SELECT *, (period_start AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC' AS next_start
+           FROM released
          ), settled AS (
            INSERT INTO budget_settlements AS s (scope, scope_id, period_start, spent_nanos)
-           SELECT * FROM released
+           SELECT scope, scope_id,
+             CASE WHEN $3 >= next_start AND expires_at > next_start THEN next_start ELSE period_start END, spent_nanos
+           FROM periods
            ON CONFLICT (scope, scope_id, period_start) DO UPDATE SET spent_nanos = s.spent_nanos + excluded.spent_nanos
          )
          SELECT EXISTS (SELECT 1 FROM released) AS released,

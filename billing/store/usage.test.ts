@@ -229,7 +229,7 @@ test("usage must name an org, and a project and key of that org; none of them ca
   expect(await kindOf([usage({ projectId: project.id })])).toBe("not_found");
   expect(await kindOf([usage({ orgId: elsewhere.id })])).toBe("not_found");
   const error = (await store.recordUsage([usage({ apiKeyId: "key_nope" })]).catch((e: unknown) => e)) as BillingError;
-  expect(error.message).toContain("api key not found");
+  expect(error.message).toBe(`api_key_id: api key key_nope does not exist in organization ${org.id}`);
   await store.recordUsage([usage({ orgId: elsewhere.id, apiKeyId: null, projectId: project.id })]);
 
   for (const sql of [

@@ -943,7 +943,7 @@ export type UsageRecord = Message<"billing.v1.UsageRecord"> & {
   usage?: TokenUsage | undefined;
 
   /**
-   * Exact cost in nano-USD.
+   * Exact cost in nano-USD, 0..10^15 ($1,000,000); RecordUsage refuses a record above that.
    *
    * @generated from field: int64 cost_nanos = 9;
    */
