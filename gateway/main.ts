@@ -213,7 +213,7 @@ const server = await startServer({
   routes: (router) => router.service(GatewayService, service),
   interceptors: runtime.serverInterceptors,
   http: restRoutes(rest),
-  readiness: createReadiness({ billingUrl: cfg.BILLING_URL, shipper }),
+  readiness: createReadiness({ billingUrl: cfg.BILLING_URL, shipper, log }),
   registry: runtime.metrics.registry,
   log,
   readMaxBytes: cfg.GATEWAY_MAX_BODY_BYTES,
