@@ -24,6 +24,7 @@ import {
   type KeyLimitsSchema,
   type Organization,
 } from "../gen/billing/v1/billing_pb.ts";
+import { billingPeriod } from "../lib/billing-period.ts";
 import { commonEnv, parseEnv } from "../lib/config.ts";
 import { formatCents, formatNanosUsd, parseUsdNanos } from "../lib/money.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
@@ -273,8 +274,8 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           // The same default range as billing's: the org's current billing period.
           const org = (await billing.listOrganizations({})).organizations.find((o) => o.id === orgId);
           if (!org) throw new ServiceError(`no organization ${orgId}`);
-          const period = billingPeriod(to ? timestampMs(to) - 1 : Date.now(), org.billingDay);
-          const range = { start: from ?? timestampFromMs(period.start), end: to ?? timestampFromMs(period.end) };
+          const period = billingPeriod(new Date(to ? timestampMs(to) - 1 : Date.now()), org.billingDay);
+          const range = { start: from ?? timestampFromDate(period.start), end: to ?? timestampFromDate(period.end) };
           const res = await analytics.queryUsage({ orgId, range, groupBy: [] });
           print(schemaOf(res), res, () =>
             usageTable(
@@ -573,16 +574,6 @@ function ruleWhen(rule: DiscountRule): string {
     rule.validFrom || rule.validUntil ? `${date(rule.validFrom)}..${date(rule.validUntil)}` : "",
   ].filter(Boolean);
   return parts.join(" ") || "always";
-}
-
-/** The billing period containing `ms`: from day `billingDay` 00:00 UTC of a month to that day of the next. */
-function billingPeriod(ms: number, billingDay: number): { start: number; end: number } {
-  const at = new Date(ms);
-  const month = at.getUTCDate() >= billingDay ? at.getUTCMonth() : at.getUTCMonth() - 1;
-  return {
-    start: Date.UTC(at.getUTCFullYear(), month, billingDay),
-    end: Date.UTC(at.getUTCFullYear(), month + 1, billingDay),
-  };
 }
 
 function timestampMs(ts: Timestamp): number {
