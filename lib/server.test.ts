@@ -129,6 +129,17 @@ describe("one port for every protocol", () => {
     expect(result.watch).toBe("SERVING");
   }, 20_000);
 
+  test("a path that is neither an RPC nor a route is a 404 in Connect's error shape", async () => {
+    const res = await fetch(`${server.url}/nowhere?x=1`, { method: "POST", body: "{}" });
+    expect(res.status).toBe(404);
+    expect(res.headers.get("content-type")).toBe("application/json");
+    expect(await res.json()).toEqual({ code: "unimplemented", message: "no procedure or route at POST /nowhere" });
+    const unknownRpc = await createClient(BillingService, createConnectTransport({ baseUrl: server.url, httpVersion: "1.1" }))
+      .listProjects({})
+      .catch((e: unknown) => ConnectError.from(e));
+    expect((unknownRpc as ConnectError).code).toBe(Code.Unimplemented);
+  });
+
   test("/healthz, /readyz and /metrics", async () => {
     expect((await fetch(`${server.url}/healthz`)).status).toBe(200);
     const ready = await fetch(`${server.url}/readyz`);

@@ -95,6 +95,12 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     contextValues: options.contextValues,
     shutdownSignal: shutdown.signal,
     readMaxBytes: options.readMaxBytes ?? 16 * 1024 * 1024,
+    // Neither an RPC nor a route: a 404 that says so in Connect's error shape (gRPC clients read it as Unimplemented).
+    fallback: (req, res) =>
+      sendJson(res as NodeResponse, 404, {
+        code: "unimplemented",
+        message: `no procedure or route at ${req.method} ${(req.url ?? "/").split("?")[0]}`,
+      }),
   });
 
   // Responses not yet closed, and handlers not yet returned (a cut stream's handler still meters what it sent).
