@@ -1,7 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
 import type { DiscountRule, VolumeTier } from "../store/types.ts";
-import { calculateDiscounts, type UsageHour } from "./calculate.ts";
+import { calculateDiscounts, marginalDiscounts, type UsageHour } from "./calculate.ts";
 import { unscopedRule } from "./test-rules.ts";
 
 const monthStart = Date.UTC(2026, 2, 1);
@@ -101,6 +101,40 @@ describe("examples", () => {
     const result = calculateDiscounts(usage, rules, { maxDiscountBps: 2500 });
     expect(result.applied.map((a) => a.amountNanos)).toEqual([2000n, 500n]);
     expect(result.totalNanos).toBe(2500n);
+  });
+
+  test("late usage of a period gets what it adds to the period's discount: the rest of a cap, the next tiers", () => {
+    const billed = hours(1, 150n * usd);
+    const late = hours(1, 100n * usd, { hour: new Date(monthStart + 5 * hourMs) });
+    const capped = rule({ kind: "promotional", discountBps: 1000, capNanos: 20n * usd });
+    expect(marginalDiscounts(billed, late, [capped], noMax)).toEqual([
+      { rule: capped, matchedNanos: 100n * usd, amountNanos: 5n * usd },
+    ]);
+    // The billed $150 already passed the 10% tier at $100, so all of the $100 more is at 10%; alone it would be 0%.
+    const graduated = rule({ kind: "volume_graduated", tiers });
+    expect(marginalDiscounts(billed, late, [graduated], noMax)[0]?.amountNanos).toBe(10n * usd);
+    expect(marginalDiscounts([], late, [graduated], noMax)[0]?.amountNanos).toBe(0n);
+    expect(marginalDiscounts(billed, [], [capped, graduated], noMax).map((a) => a.amountNanos)).toEqual([0n, 0n]);
+  });
+
+  test("what late usage adds is given to rules in the order they apply, none of them charging", () => {
+    // Late usage lifts "a" to its 20% tier; the 25% maximum then leaves "b" less than it had on the billed usage.
+    const rules = [
+      rule({ id: "a", kind: "volume_all_units", tiers: [{ fromNanos: 150n, discountBps: 2000 }], priority: 2 }),
+      rule({ id: "b", kind: "promotional", discountBps: 2000, priority: 1 }),
+    ];
+    const billed = hours(1, 100n);
+    const late = hours(1, 100n, { hour: new Date(monthStart + hourMs) });
+    const options = { maxDiscountBps: 2500 };
+    expect(calculateDiscounts(billed, rules, options).applied.map((a) => a.amountNanos)).toEqual([0n, 20n]);
+    expect(calculateDiscounts([...billed, ...late], rules, options).applied.map((a) => a.amountNanos)).toEqual([
+      40n,
+      10n,
+    ]);
+    expect(marginalDiscounts(billed, late, rules, options).map((a) => [a.rule.id, a.amountNanos])).toEqual([
+      ["a", 30n],
+      ["b", 0n],
+    ]);
   });
 
   test("no usage, no rules: nothing", () => {
@@ -272,6 +306,23 @@ describe("properties", () => {
         const after = calculateDiscounts(usage, [...rules, lowest], { maxDiscountBps });
         expect(after.totalNanos).toBeGreaterThanOrEqual(before.totalNanos);
         expect(after.applied.slice(0, before.applied.length)).toEqual(before.applied);
+      }),
+    );
+  });
+
+  test("late usage adds exactly the difference it makes to its period's discount, and no rule goes negative", () => {
+    fc.assert(
+      fc.property(usageArb, usageArb, rulesArb, maxArb, (billed, late, rules, maxDiscountBps) => {
+        const before = calculateDiscounts(billed, rules, { maxDiscountBps });
+        const after = calculateDiscounts([...billed, ...late], rules, { maxDiscountBps });
+        const added = marginalDiscounts(billed, late, rules, { maxDiscountBps });
+        expect(after.totalNanos).toBeGreaterThanOrEqual(before.totalNanos);
+        expect(added.reduce((s, a) => s + a.amountNanos, 0n)).toBe(after.totalNanos - before.totalNanos);
+        for (const a of added) {
+          expect(a.amountNanos).toBeGreaterThanOrEqual(0n);
+          const earlier = before.applied.find((b) => b.rule.id === a.rule.id)?.amountNanos ?? 0n;
+          if (a.rule.capNanos > 0n) expect(earlier + a.amountNanos).toBeLessThanOrEqual(a.rule.capNanos);
+        }
       }),
     );
   });

@@ -62,6 +62,31 @@ export function calculateDiscounts(
   return { subtotalNanos, applied, totalNanos };
 }
 
+/**
+ * The discounts `late` usage of a billing period adds to those of the period's `billed` usage: per rule, what it takes
+ * off both together less what it takes off `billed` alone, so a cap, volume tier or maximum that `billed` used is not
+ * granted again. Rules that matched some of the usage, in the order they were applied; `matchedNanos` is late usage.
+ */
+export function marginalDiscounts(
+  billed: readonly UsageHour[],
+  late: readonly UsageHour[],
+  rules: readonly DiscountRule[],
+  options: { maxDiscountBps: number },
+): AppliedDiscount[] {
+  const before = calculateDiscounts(billed, rules, options);
+  const after = calculateDiscounts([...billed, ...late], rules, options);
+  const was = new Map(before.applied.map((a) => [a.rule.id, a]));
+  let left = after.totalNanos > before.totalNanos ? after.totalNanos - before.totalNanos : 0n;
+  return after.applied.map(({ rule, matchedNanos, amountNanos }) => {
+    const earlier = was.get(rule.id);
+    const added = amountNanos - (earlier?.amountNanos ?? 0n);
+    // A discount never charges: a rule left less goes to 0 and the added total to rules in the order they apply.
+    const amount = added <= 0n ? 0n : added < left ? added : left;
+    left -= amount;
+    return { rule, matchedNanos: matchedNanos - (earlier?.matchedNanos ?? 0n), amountNanos: amount };
+  });
+}
+
 /** Whether a rule covers one hour of one model's usage: scope, validity and (time windows) hour and weekday. */
 export function matches(rule: DiscountRule, usage: UsageHour): boolean {
   if (rule.model !== null && rule.model !== usage.model) return false;
@@ -112,7 +137,8 @@ export function graduatedBpsNanos(rule: Pick<DiscountRule, "tiers">, volume: big
   return total;
 }
 
-function byPriority(a: DiscountRule, b: DiscountRule): number {
+/** The order rules apply in: highest priority first, ties by id. */
+export function byPriority(a: DiscountRule, b: DiscountRule): number {
   return b.priority - a.priority || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
 }
 

@@ -59,6 +59,37 @@ test("one line per model and token type, unitemised usage on its own line, disco
   expect(invoice).toMatchObject({ subtotalCents: 1n, discountCents: 0n, taxCents: 0n, totalCents: 1n });
 });
 
+test("late usage is discounted by what it adds to its own period's discount; the period's usage alone", () => {
+  const usd = 1_000_000_000n;
+  const at = (iso: string, nanos: bigint) => slice({ hour: new Date(iso), inputTokens: 1n, inputNanos: nanos });
+  const capped = promo({ capNanos: usd / 5n });
+  const billed = [
+    // January's invoice reached the $0.20 cap; February's took $0.10 of it.
+    at("2026-01-10T00:00:00Z", 2n * usd),
+    at("2026-02-10T00:00:00Z", usd),
+  ];
+  const usage = [
+    at("2026-01-31T23:00:00Z", usd),
+    at("2026-02-01T00:00:00Z", 2n * usd),
+    at("2026-03-01T00:00:00Z", 3n * usd),
+  ];
+  const period = { start: new Date("2026-03-01T00:00:00Z"), billingDay: 1, billed };
+  const invoice = buildInvoice(usage, [capped], { taxRateBps: 0, maxDiscountBps: 0, period });
+  expect(invoice.lines.map((l) => [l.description, l.amountNanos])).toEqual([
+    ["gpt-4o: input tokens", 3n * usd],
+    ["gpt-4o: input tokens (used before 2026-03-01, not billed on an earlier invoice)", 3n * usd],
+    // March's own $0.20 cap, nothing more for January, the $0.10 left of February's cap.
+    ["Discount: Launch promo (10% off, capped at $0.2)", -(3n * usd) / 10n],
+  ]);
+  expect(invoice).toMatchObject({ subtotalCents: 600n, discountCents: 30n, taxCents: 0n, totalCents: 570n });
+
+  // Without late usage, the same as an invoice of the period alone.
+  const march = usage.slice(2);
+  expect(buildInvoice(march, [capped], { taxRateBps: 0, maxDiscountBps: 0, period })).toEqual(
+    buildInvoice(march, [capped], { taxRateBps: 0, maxDiscountBps: 0 }),
+  );
+});
+
 test("each total is rounded once, half-up, from exact nano-USD", () => {
   // $10.004999999 subtotal, 10% off = $1.0004999999 rounded down to the nano, 19% tax.
   const usage = [slice({ inputTokens: 1n, inputNanos: 10_004_999_999n })];

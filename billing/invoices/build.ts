@@ -1,5 +1,6 @@
 import { divRoundHalfUp, formatNanosUsd, NANOS_PER_CENT, nanosToCents } from "../../lib/money.ts";
-import { calculateDiscounts, type UsageHour } from "../discounts/calculate.ts";
+import { byPriority, calculateDiscounts, marginalDiscounts, type UsageHour } from "../discounts/calculate.ts";
+import { billingPeriod } from "../period.ts";
 import type { DiscountRule, InvoiceLine, LineTokenType } from "../store/types.ts";
 
 /**
@@ -52,17 +53,19 @@ export function buildInvoice(
     taxRateBps: number;
     maxDiscountBps: number;
     /**
-     * Start of the invoice's period: usage before it arrived after its own period was invoiced and gets lines of
-     * its own. Unset: every slice counts as the period's.
+     * The invoice's period: usage before its start arrived after its own period was invoiced. It gets lines of its
+     * own and, per period it belongs to (see latePeriods), the discount it adds to `billed`, that period's usage that
+     * issued invoices billed. Unset: every slice counts as the period's.
      */
-    periodStart?: Date;
+    period?: { start: Date; billingDay: number; billed: readonly UsageHour[] };
   },
 ): InvoiceContent {
+  const period = org.period;
   type Totals = Record<UsageLineType, { quantity: bigint; amountNanos: bigint }>;
   // Per model, the period's own usage first, then late usage.
   const groups = new Map<string, { model: string; late: boolean; totals: Totals }>();
   for (const slice of usage) {
-    const late = org.periodStart !== undefined && slice.hour < org.periodStart;
+    const late = period !== undefined && slice.hour < period.start;
     const key = `${slice.model}\u0000${late ? 1 : 0}`;
     let group = groups.get(key);
     if (!group) {
@@ -83,7 +86,7 @@ export function buildInvoice(
   const ordered = [...groups.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([, group]) => group);
   for (const { model, late, totals } of ordered) {
     const name = model || "(no model)";
-    const suffix = late && org.periodStart ? ` (used before ${utcDay(org.periodStart)}, not billed on an earlier invoice)` : "";
+    const suffix = late && period ? ` (used before ${utcDay(period.start)}, not billed on an earlier invoice)` : "";
     for (const { type, label } of usageLines) {
       const { quantity, amountNanos } = totals[type];
       if (quantity === 0n && amountNanos === 0n) continue;
@@ -92,9 +95,22 @@ export function buildInvoice(
     }
   }
 
-  const discounts = calculateDiscounts(usage, rules, org);
-  for (const { rule, amountNanos } of discounts.applied) {
+  // The period's own usage is discounted alone; late usage of an earlier period by what it adds to that period's.
+  const current = period ? usage.filter((slice) => slice.hour >= period.start) : usage;
+  const applied = calculateDiscounts(current, rules, org).applied;
+  if (period) {
+    for (const earlier of latePeriods(usage, period.start, period.billingDay)) {
+      const billed = period.billed.filter((b) => b.hour >= earlier.start && b.hour < earlier.end);
+      applied.push(...marginalDiscounts(billed, earlier.usage, rules, org));
+    }
+  }
+  const discountOf = new Map<string, bigint>();
+  for (const { rule, amountNanos } of applied) discountOf.set(rule.id, (discountOf.get(rule.id) ?? 0n) + amountNanos);
+  let discountNanos = 0n;
+  for (const rule of [...rules].sort(byPriority)) {
+    const amountNanos = discountOf.get(rule.id) ?? 0n;
     if (amountNanos === 0n) continue;
+    discountNanos += amountNanos;
     lines.push({
       description: `Discount: ${rule.name} (${describeRule(rule)})`,
       model: rule.model ?? "",
@@ -105,15 +121,39 @@ export function buildInvoice(
     });
   }
 
-  const net = discounts.subtotalNanos - discounts.totalNanos;
+  const subtotalNanos = usage.reduce((sum, slice) => sum + slice.costNanos, 0n);
+  const net = subtotalNanos - discountNanos;
   const bps = BigInt(org.taxRateBps);
   return {
     lines,
-    subtotalCents: nanosToCents(discounts.subtotalNanos),
-    discountCents: nanosToCents(discounts.totalNanos),
+    subtotalCents: nanosToCents(subtotalNanos),
+    discountCents: nanosToCents(discountNanos),
     taxCents: divRoundHalfUp(net * bps, 10_000n * NANOS_PER_CENT),
     totalCents: divRoundHalfUp(net * (10_000n + bps), 10_000n * NANOS_PER_CENT),
   };
+}
+
+/**
+ * Usage before `periodStart` (late usage) by the billing period it belongs to, with the org's `billingDay`, earliest
+ * first.
+ */
+export function latePeriods<T extends UsageHour>(
+  usage: readonly T[],
+  periodStart: Date,
+  billingDay: number,
+): { start: Date; end: Date; usage: T[] }[] {
+  const periods = new Map<number, { start: Date; end: Date; usage: T[] }>();
+  for (const slice of usage) {
+    if (slice.hour >= periodStart) continue;
+    const { start, end } = billingPeriod(slice.hour, billingDay);
+    let earlier = periods.get(start.getTime());
+    if (!earlier) {
+      earlier = { start, end, usage: [] };
+      periods.set(start.getTime(), earlier);
+    }
+    earlier.usage.push(slice);
+  }
+  return [...periods.values()].sort((a, b) => a.start.getTime() - b.start.getTime());
 }
 
 function utcDay(at: Date): string {

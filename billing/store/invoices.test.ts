@@ -1,9 +1,11 @@
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import type pg from "pg";
 import { unscopedRule } from "../discounts/test-rules.ts";
-import type { BillingError } from "./db.ts";
+import { type BillingError, createDb, type Queryable } from "./db.ts";
+import { createInvoiceStore } from "./invoices.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
 import { createTestDatabase, type TestDatabase } from "./test-db.ts";
-import type { Organization, UsageRecord } from "./types.ts";
+import type { Invoice, Organization, UsageRecord } from "./types.ts";
 
 let db: TestDatabase;
 let store: BillingStore;
@@ -281,4 +283,125 @@ test("issuing while usage keeps arriving bills every record exactly once across 
     [org.id, issued.id],
   );
   expect(BigInt(rows[0]?.n ?? 0) * 1_000n).toBe(billed(issued));
+});
+
+describe("late usage is discounted as part of its own period", () => {
+  const usd = 1_000_000_000n;
+  const october = new Date("2026-10-10T12:00:00Z");
+  const november = new Date("2026-11-10T12:00:00Z");
+  const afterOctober = new Date("2026-11-02T00:00:00Z");
+  const afterNovember = new Date("2026-12-02T00:00:00Z");
+  const spend = (orgId: string, occurredAt: Date, ...costs: bigint[]) =>
+    store.recordUsage(costs.map((costNanos) => usage(orgId, { occurredAt, costNanos, costBreakdown: null })));
+  const discountLines = (invoice: Invoice) =>
+    invoice.lines.filter((l) => l.tokenType === "discount").map((l) => [l.discountRuleId, l.amountNanos]);
+  const issueOctober = async (orgId: string) => {
+    const draft = await store.generateInvoice({ orgId, at: october, now: afterOctober });
+    return store.updateInvoiceStatus({ invoiceId: draft.id, status: "issued", now: afterOctober });
+  };
+
+  test("a cap reached in October gives late October usage nothing more; November has its own", async () => {
+    const org = await newOrg({ taxRateBps: 0 });
+    const rule = await store.createDiscountRule({
+      orgId: org.id,
+      name: "promo",
+      kind: "promotional",
+      discountBps: 1000,
+      ...unscopedRule,
+      capNanos: usd / 5n,
+    });
+    await spend(org.id, october, usd, usd, usd);
+    expect(discountLines(await issueOctober(org.id))).toEqual([[rule.id, -usd / 5n]]);
+
+    // Three October records arrive after October's invoice was issued; November has $1 so far.
+    await spend(org.id, new Date("2026-10-31T23:00:00Z"), usd, usd, usd);
+    await spend(org.id, november, usd);
+    const draft = await store.generateInvoice({ orgId: org.id, at: november, now: november });
+    expect(draft).toMatchObject({ subtotalCents: 400n, discountCents: 10n, totalCents: 390n });
+    expect(discountLines(draft)).toEqual([[rule.id, -usd / 10n]]);
+
+    await spend(org.id, november, usd, usd);
+    const issued = await store.updateInvoiceStatus({ invoiceId: draft.id, status: "issued", now: afterNovember });
+    expect(issued).toMatchObject({ subtotalCents: 600n, discountCents: 20n, totalCents: 580n });
+    expect(discountLines(issued)).toEqual([[rule.id, -usd / 5n]]);
+  });
+
+  test("late usage continues October's volume tiers and leaves November's alone", async () => {
+    const org = await newOrg({ taxRateBps: 0 });
+    const tiers = [
+      { fromNanos: 0n, discountBps: 0 },
+      { fromNanos: 2n * usd, discountBps: 1000 },
+      { fromNanos: 4n * usd, discountBps: 2000 },
+    ];
+    const rule = await store.createDiscountRule({
+      orgId: org.id,
+      name: "volume",
+      kind: "volume_graduated",
+      discountBps: 0,
+      ...unscopedRule,
+      tiers,
+    });
+    // October billed $3: 10% of its last $1.
+    await spend(org.id, october, usd, 2n * usd);
+    expect(discountLines(await issueOctober(org.id))).toEqual([[rule.id, -usd / 10n]]);
+
+    // $2 more of October is 10% of $1 and 20% of $1; November's $1.50 alone is below the first tier.
+    await spend(org.id, october, 2n * usd);
+    await spend(org.id, november, (3n * usd) / 2n);
+    const draft = await store.generateInvoice({ orgId: org.id, at: november, now: november });
+    expect(discountLines(draft)).toEqual([[rule.id, -(3n * usd) / 10n]]);
+    expect(draft).toMatchObject({ subtotalCents: 350n, discountCents: 30n, totalCents: 320n });
+
+    // Usage billed late by an issued invoice counts as October's too.
+    await store.updateInvoiceStatus({ invoiceId: draft.id, status: "issued", now: afterNovember });
+    await spend(org.id, october, usd);
+    const december = await store.generateInvoice({ orgId: org.id, at: afterNovember, now: afterNovember });
+    expect(discountLines(december)).toEqual([[rule.id, -usd / 5n]]);
+  });
+
+  test("a percentage without a cap gives late usage the same percentage", async () => {
+    const org = await newOrg({ taxRateBps: 0 });
+    const rule = await store.createDiscountRule({
+      orgId: org.id,
+      name: "ten percent",
+      kind: "promotional",
+      discountBps: 1000,
+      ...unscopedRule,
+    });
+    await spend(org.id, october, 5n * usd);
+    await issueOctober(org.id);
+    await spend(org.id, october, 2n * usd);
+    await spend(org.id, november, usd);
+    const draft = await store.generateInvoice({ orgId: org.id, at: november, now: november });
+    expect(discountLines(draft)).toEqual([[rule.id, -(3n * usd) / 10n]]);
+  });
+
+  test("billed usage of earlier periods is read only when the invoice has late usage", async () => {
+    const org = await newOrg({ taxRateBps: 0 });
+    const statements: string[] = [];
+    const pool = createDb(db.pool);
+    const counted = (q: Queryable): Queryable => ({
+      query<R extends pg.QueryResultRow>(sql: string, params?: unknown[]) {
+        statements.push(sql);
+        return q.query<R>(sql, params);
+      },
+    });
+    const invoices = createInvoiceStore({
+      ...counted(pool),
+      transaction: (fn) => pool.transaction((tx) => fn(counted(tx))),
+    });
+    const generate = async () => {
+      statements.length = 0;
+      await invoices.generateInvoice({ orgId: org.id, at: november, now: november });
+      return statements.length;
+    };
+    await spend(org.id, october, usd);
+    await issueOctober(org.id);
+    await spend(org.id, november, usd);
+    await generate();
+    // The draft exists now, so each generation below runs the same statements, and late usage one more.
+    const withoutLate = await generate();
+    await spend(org.id, october, usd);
+    expect(await generate()).toBe(withoutLate + 1);
+  });
 });

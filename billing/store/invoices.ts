@@ -1,5 +1,5 @@
 import { ulid } from "ulid";
-import { buildInvoice, type InvoiceContent, type UsageSlice } from "../invoices/build.ts";
+import { buildInvoice, type InvoiceContent, latePeriods, type UsageSlice } from "../invoices/build.ts";
 import { billingPeriod } from "../period.ts";
 import { BillingError, type Db, type Queryable } from "./db.ts";
 import { discountRulesOf } from "./discounts.ts";
@@ -62,8 +62,8 @@ export function createInvoiceStore(db: Db) {
      * Builds the invoice of the billing period containing `at` from the usage and discount rules as they are now.
      * A draft of that period is replaced in place (same id and number); an issued or paid one is left alone and
      * the call fails. The draft shows the period's usage and, once the org has an issued invoice of an earlier
-     * period, earlier usage that no issued invoice has billed (late arrivals, on lines of their own); issuing it
-     * bills exactly that usage as of then (see updateInvoiceStatus).
+     * period, earlier usage that no issued invoice has billed (late arrivals, on lines of their own and discounted
+     * as part of their own period); issuing it bills exactly that usage as of then (see updateInvoiceStatus).
      */
     generateInvoice(request: { orgId: string; at: Date; now: Date }): Promise<Invoice> {
       return db.transaction(async (tx) => {
@@ -194,13 +194,18 @@ async function orgSettings(q: Queryable, orgId: string): Promise<OrgSettings> {
   return rows[0];
 }
 
-/** Lines and totals over `usage` with the org's discount rules and tax as they are now. */
+/**
+ * Lines and totals over `usage` with the org's discount rules and tax as they are now. Late usage is discounted
+ * against what issued invoices billed of its own period, read only when there is some.
+ */
 async function compose(q: Queryable, orgId: string, org: OrgSettings, periodStart: Date, usage: UsageSlice[]) {
   const rules = await discountRulesOf(q, orgId);
+  const earlier = latePeriods(usage, periodStart, org.billing_day);
+  const billed = earlier.length === 0 ? [] : await billedSlices(q, orgId, earlier);
   return buildInvoice(usage, rules, {
     taxRateBps: org.tax_rate_bps,
     maxDiscountBps: org.max_discount_bps,
-    periodStart,
+    period: { start: periodStart, billingDay: org.billing_day, billed },
   });
 }
 
@@ -253,6 +258,17 @@ function claimUnbilledSlices(
     q,
     `UPDATE usage_records SET invoice_id = $4 WHERE ${unbilledRange} RETURNING *`,
     [orgId, period.start, period.end, invoiceId],
+  );
+}
+
+/** Usage of an org in `periods` that issued or paid invoices billed. */
+function billedSlices(q: Queryable, orgId: string, periods: { start: Date; end: Date }[]): Promise<UsageSlice[]> {
+  return slicesOf(
+    q,
+    `SELECT u.* FROM unnest($2::timestamptz[], $3::timestamptz[]) AS p(start, "end")
+     JOIN usage_records u ON u.org_id = $1 AND u.occurred_at >= p.start AND u.occurred_at < p."end"
+     WHERE u.invoice_id IN (SELECT id FROM invoices WHERE org_id = $1 AND status IN ('issued', 'paid'))`,
+    [orgId, periods.map((p) => p.start), periods.map((p) => p.end)],
   );
 }
 
