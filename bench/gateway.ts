@@ -14,12 +14,16 @@
  * the gateway's run (gateway, billing with its Postgres, analytics, the fake upstream, and this process, which
  * generates the load; from /proc), in microseconds, and "direct CPU/req" the same for the direct run (upstream and
  * load generator); "gw ceiling" is what this machine's cores could carry at the gateway run's total CPU per
- * request, whatever the scheduling; "gw RSS" the gateway's peak resident memory during that run; "stolen" the share
+ * request, whatever the scheduling; "gw RSS" the gateway's peak resident memory during that run; "loop delay" how
+ * late the gateway's event loop ran its timers during its run (prom-client's 100 ms sampling: the max catches stalls)
+ * and the same for this process at 1 ms resolution, since a late load generator adds to every latency it measures;
+ * "stolen" the share
  * of this machine's CPU time its hypervisor gave other guests during the row's runs (/proc/stat), which moves
  * latencies between runs more than most changes do. Past its capacity an open-loop rate queues requests in the
  * gateway, so rows beyond it show latency and memory growing with the backlog.
  */
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { monitorEventLoopDelay } from "node:perf_hooks";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import autocannon from "autocannon";
@@ -221,6 +225,12 @@ async function main() {
       return [...pids.map((pid) => cpuSeconds(pid, { tree: true })), (own.user + own.system) / 1e6];
     };
     /** One direct run and one gateway run of a plan row, as numbers. */
+    /** The gateway's event-loop delay since the last scrape (each scrape restarts prom-client's histogram), in ms. */
+    const gatewayLoopDelay = async () => {
+      const text = await (await fetch(`${mesh?.urls.gateway}/metrics`)).text();
+      const ms = (name: string) => 1000 * Number(new RegExp(`^${name}\\{[^}]*\\} (\\S+)$`, "m").exec(text)?.[1] ?? Number.NaN);
+      return { p99: ms("nodejs_eventloop_lag_p99_seconds"), max: ms("nodejs_eventloop_lag_max_seconds") };
+    };
     const measure = async (stream: boolean, rate: number, via: Target) => {
       const directBefore = cpuNow();
       const stolen = stolenShare();
@@ -232,9 +242,15 @@ async function main() {
         .reduce((a, b) => a + b, 0);
       const cpuBefore = cpuNow();
       runPeakRss = 0;
+      await gatewayLoopDelay();
+      // This process's own delay: a late load generator adds to every latency it measures.
+      const ownDelay = monitorEventLoopDelay({ resolution: 1 });
+      ownDelay.enable();
       const gw = await run(via, stream, rate);
+      ownDelay.disable();
       const perRequest = cpuNow().map((now, i) => ((now - (cpuBefore[i] ?? 0)) / Math.max(1, gw.rps * seconds)) * 1e6);
-      return { base, gw, directUs, perRequest, rss: runPeakRss, stolen: stolen() };
+      const delay = { gateway: await gatewayLoopDelay(), loadGen: { p99: ownDelay.percentile(99) / 1e6, max: ownDelay.max / 1e6 } };
+      return { base, gw, directUs, perRequest, rss: runPeakRss, stolen: stolen(), delay };
     };
     for (const [stream, rate, via] of plan) {
       const label = `${stream ? "stream" : "whole"}${via === shared ? "-rpc-port" : ""}:${rate > 0 ? rate : "max"}`;
@@ -273,13 +289,14 @@ async function main() {
         perRequest.map((us) => us.toFixed(0)).join(" / "),
         fmtRate(med((r) => ceilingPerSecond(r.perRequest.reduce((a, b) => a + b, 0)))),
         Math.max(...runs.map((r) => r.rss)).toFixed(0),
+        `${fmt(med((r) => r.delay.gateway.p99))} / ${fmt(med((r) => r.delay.gateway.max))} · ${fmt(med((r) => r.delay.loadGen.p99))} / ${fmt(med((r) => r.delay.loadGen.max))}`,
         `${(100 * med((r) => r.stolen)).toFixed(1)}${repeat > 1 ? ` (${runs.map((r) => (100 * r.stolen).toFixed(1)).join(", ")})` : ""}`,
       ]);
       process.stderr.write(`${rows.at(-1)?.join("  ")}\n`);
     }
     clearInterval(sampler);
 
-    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "errors", "direct CPU/req µs", "gw CPU/req µs: gw / billing+pg / analytics / upstream / load gen", "gw ceiling req/s", "gw RSS MB", "stolen %"];
+    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "errors", "direct CPU/req µs", "gw CPU/req µs: gw / billing+pg / analytics / upstream / load gen", "gw ceiling req/s", "gw RSS MB", "loop delay p99 / max: gw · load gen", "stolen %"];
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
     const line = (cells: string[]) => `| ${cells.map((c, i) => c.padStart(widths[i] ?? 0)).join(" | ")} |`;
     const out = [
