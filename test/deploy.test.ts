@@ -5,6 +5,7 @@ import { Deployment, StatefulSet } from "kubernetes-models/apps/v1";
 import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
 import { Service } from "kubernetes-models/v1";
 import { parse, parseAllDocuments } from "yaml";
+import { runCommand } from "../lib/processes.ts";
 
 /**
  * The Kubernetes manifests and the image, checked against the Kubernetes API schema and against the code they run:
@@ -211,5 +212,32 @@ describe("the image", () => {
     expect(dockerfile).toMatch(/^USER node$/m);
     const mount = container("gateway").volumeMounts?.[0]?.mountPath;
     expect(mount).toBe(dataDir);
+  });
+});
+
+const havePromtool = Bun.which("promtool") !== null;
+if (!havePromtool && process.env.CI) throw new Error("CI must provide promtool (Debian's prometheus package)");
+
+describe.skipIf(!havePromtool)("alert rules (needs Debian's prometheus package)", () => {
+  const dir = path.join(root, "deploy/prometheus");
+
+  test("are valid Prometheus rules and pass their unit tests", async () => {
+    for (const args of [
+      ["check", "rules", "alerts.yaml"],
+      ["test", "rules", "alerts.test.yaml"],
+    ]) {
+      const { stdout, stderr, code } = await runCommand(["promtool", ...args], { cwd: dir });
+      expect(`${stdout}${stderr}`).toContain("SUCCESS");
+      expect(code).toBe(0);
+    }
+  });
+
+  test("every alert has a test", () => {
+    const rules = parse(readFileSync(path.join(dir, "alerts.yaml"), "utf8")) as { groups: { rules: { alert: string }[] }[] };
+    const tests = parse(readFileSync(path.join(dir, "alerts.test.yaml"), "utf8")) as {
+      tests: { alert_rule_test: { alertname: string }[] }[];
+    };
+    const tested = new Set(tests.tests.flatMap((t) => t.alert_rule_test.map((a) => a.alertname)));
+    for (const { alert } of rules.groups.flatMap((g) => g.rules)) expect(tested).toContain(alert);
   });
 });

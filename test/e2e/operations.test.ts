@@ -43,6 +43,15 @@ describe.skipIf(!havePrometheus)("Prometheus (needs Debian's prometheus package)
     expect(code).toBe(0);
   });
 
+  test("every metric the alert rules use is one a service exposes", async () => {
+    const rules = await Bun.file(path.join(import.meta.dir, "../../deploy/prometheus/alerts.yaml")).text();
+    const used = new Set(rules.match(/\b(?:gateway|analytics|billing)_[a-z_]+\b/g));
+    // Names in prose (annotations) are metric names too, or environment variables, which are upper case.
+    expect(used.size).toBeGreaterThan(5);
+    const exposed = (await Promise.all(services.map(async (s) => (await fetch(`${mesh.urls[s]}/metrics`)).text()))).join("\n");
+    for (const name of used) expect(exposed).toContain(`# TYPE ${name} `);
+  });
+
   test("a stock Prometheus scrapes all three services and answers a query", async () => {
     const port = await freePort();
     const configFile = path.join(dataDir, "prometheus.yml");
