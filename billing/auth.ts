@@ -48,6 +48,14 @@ export function createBillingAuth({
       requireAdmin(headers, adminToken);
     },
 
+    /**
+     * Throws as `notFound` does for a record that does not exist unless the caller is an admin or holds a key of the
+     * org owning it, so a key cannot learn which ids exist in other orgs.
+     */
+    requireOwnRecord(who: Caller, orgId: string, notFound: () => Error): void {
+      if (who.kind === "api_key" && who.orgId !== orgId) throw notFound();
+    },
+
     /** Throws unless the caller is an admin or holds a key of `orgId`. */
     requireOrgReader(who: Caller, orgId: string): void {
       if (who.kind === "api_key" && who.orgId !== orgId) {

@@ -47,6 +47,7 @@ import {
 import { billingPeriod } from "./period.ts";
 import { toConnectError } from "./errors.ts";
 import type { BillingMetrics } from "./metrics.ts";
+import { invoiceNotFound } from "./store/invoices.ts";
 import type { BillingStore } from "./store/store.ts";
 import type { TimeRange } from "./store/types.ts";
 import type { UsageCursor } from "./store/usage.ts";
@@ -345,7 +346,7 @@ export function createBillingService({
     async getInvoice(req, ctx) {
       const caller = await auth.caller(ctx.requestHeader);
       const invoice = await store.getInvoice(id(req.invoiceId, "invoice_id"));
-      auth.requireOrgReader(caller, invoice.orgId);
+      auth.requireOwnRecord(caller, invoice.orgId, () => invoiceNotFound(invoice.id));
       return create(GetInvoiceResponseSchema, { invoice: invoiceMessage(invoice) });
     },
 

@@ -70,13 +70,17 @@ test("GET /invoices/<id> serves a printable page to admins and the org's own key
   expect(head.status).toBe(200);
 });
 
-test("everyone else gets 401, 403 or 404", async () => {
+test("everyone else gets 401, 403 or 404; another org's invoice is as unknown as a missing one", async () => {
   const unauthenticated = await page(`/invoices/${invoiceId}`);
   expect(unauthenticated.status).toBe(401);
   expect(unauthenticated.headers.get("www-authenticate")).toContain("Bearer");
   expect((await page(`/invoices/${invoiceId}`, `${orgSecret}x`)).status).toBe(401);
   expect((await page(`/invoices/${invoiceId}`, "not-the-admin-token")).status).toBe(403);
-  expect((await page(`/invoices/${invoiceId}`, otherSecret)).status).toBe(403);
+  // Another org's key is told what an unknown id tells it: which ids exist elsewhere stays unknown.
+  const others = await page(`/invoices/${invoiceId}`, otherSecret);
+  const unknown = await page(`/invoices/${invoiceId.slice(0, -1)}${invoiceId.endsWith("0") ? "1" : "0"}`, otherSecret);
+  expect([others.status, unknown.status]).toEqual([404, 404]);
+  expect((await others.text()).replace(invoiceId, "ID")).toBe((await unknown.text()).replace(/inv_\w+/, "ID"));
   expect((await page("/invoices/inv_missing", adminToken)).status).toBe(404);
   expect((await page("/invoices/../../etc/passwd", adminToken)).status).toBe(404);
   // Credentials are checked before existence.

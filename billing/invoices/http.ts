@@ -3,6 +3,7 @@ import type { Logger } from "../../lib/log.ts";
 import { type HttpRoutes, send } from "../../lib/server.ts";
 import type { BillingAuth } from "../auth.ts";
 import { toConnectError } from "../errors.ts";
+import { invoiceNotFound } from "../store/invoices.ts";
 import type { BillingStore } from "../store/store.ts";
 import { renderInvoiceHtml } from "./render-html.ts";
 
@@ -50,7 +51,7 @@ export function invoicePages({
       const caller = await auth.caller(headers);
       if (!match?.[1]) throw new ConnectError("no such invoice", Code.NotFound);
       const invoice = await store.getInvoice(match[1]);
-      auth.requireOrgReader(caller, invoice.orgId);
+      auth.requireOwnRecord(caller, invoice.orgId, () => invoiceNotFound(invoice.id));
       const page = renderInvoiceHtml(invoice, await store.getOrganization(invoice.orgId));
       send(res, 200, pageHeaders, req.method === "HEAD" ? "" : page);
     } catch (e) {

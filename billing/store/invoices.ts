@@ -48,7 +48,7 @@ export function createInvoiceStore(db: Db) {
       `SELECT ${invoiceColumns} FROM invoices WHERE id = $1${lock ? " FOR UPDATE" : ""}`,
       [invoiceId],
     );
-    if (!rows[0]) throw new BillingError("not_found", `invoice ${invoiceId} not found`);
+    if (!rows[0]) throw invoiceNotFound(invoiceId);
     const lines = await q.query<LineRow>(
       `SELECT description, model, token_type, quantity, amount_nanos, discount_rule_id
        FROM invoice_line_items WHERE invoice_id = $1 ORDER BY position`,
@@ -360,3 +360,6 @@ function toLine(row: LineRow): InvoiceLine {
     discountRuleId: row.discount_rule_id,
   };
 }
+
+/** The answer for an invoice that does not exist, and for one of another org (see BillingAuth.requireOwnRecord). */
+export const invoiceNotFound = (invoiceId: string) => new BillingError("not_found", `invoice ${invoiceId} not found`);
