@@ -4,6 +4,7 @@ import { z } from "zod";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
+import { pingReadiness } from "../lib/health.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
@@ -128,16 +129,7 @@ const server = await startServer({
   port: cfg.ANALYTICS_PORT,
   routes: analyticsRoutes(service),
   interceptors: runtime.serverInterceptors,
-  readiness: async () => {
-    try {
-      await store.ping();
-      return { ready: true, checks: { clickhouse: "ok" } };
-    } catch (e) {
-      // /readyz answers anyone: the driver's words (hosts, ports) stay in the log.
-      log.warn("readiness: ClickHouse does not answer", { err: e });
-      return { ready: false, checks: { clickhouse: "unreachable" } };
-    }
-  },
+  readiness: pingReadiness("clickhouse", () => store.ping(), log),
   registry: runtime.metrics.registry,
   log,
   cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),

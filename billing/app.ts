@@ -1,7 +1,7 @@
 import type pg from "pg";
 import type { Registry } from "prom-client";
 import type { Logger } from "../lib/log.ts";
-import type { Readiness } from "../lib/server.ts";
+import { pingReadiness } from "../lib/health.ts";
 import { createBillingAuth } from "./auth.ts";
 import { invoicePages } from "./invoices/http.ts";
 import { createBillingMetrics } from "./metrics.ts";
@@ -32,15 +32,6 @@ export function createBillingApp(options: BillingAppOptions) {
   const usage = createUsageTracker({ load: store.periodUsage, clock, log });
   const metrics = registry && createBillingMetrics(registry, { openLeases: () => store.openBudgetLeases(clock()) });
   const service = createBillingService({ store, auth, usage, clock, log, stopSignal, metrics });
-  // /readyz answers anyone: the driver's error (hosts, ports) goes to the log, not to the caller.
-  const readiness = async (): Promise<Readiness> => {
-    try {
-      await store.ping();
-      return { ready: true, checks: { postgres: "ok" } };
-    } catch (e) {
-      log.warn("postgres unreachable", { err: e });
-      return { ready: false, checks: { postgres: "unreachable" } };
-    }
-  };
+  const readiness = pingReadiness("postgres", () => store.ping(), log);
   return { store, service, routes: billingRoutes(service), http: invoicePages({ store, auth, log }), readiness };
 }

@@ -1,5 +1,6 @@
 import { Code, type ConnectRouter, ConnectError } from "@connectrpc/connect";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../gen/grpc/health/v1/health_pb.ts";
+import type { Logger } from "./log.ts";
 import type { Readiness } from "./server.ts";
 
 export interface HealthOptions {
@@ -50,4 +51,20 @@ function abortableSleep(ms: number, ...signals: AbortSignal[]): Promise<void> {
     const timer = setTimeout(done, ms);
     for (const s of signals) s.addEventListener("abort", done, { once: true });
   });
+}
+
+/**
+ * Readiness from one store's ping: `{ [name]: "ok" }`, or "unreachable" with the error in the log only, since /readyz
+ * answers anyone and a driver's error names hosts and ports.
+ */
+export function pingReadiness(name: string, ping: () => Promise<unknown>, log: Logger): () => Promise<Readiness> {
+  return async () => {
+    try {
+      await ping();
+      return { ready: true, checks: { [name]: "ok" } };
+    } catch (e) {
+      log.warn(`readiness: ${name} does not answer`, { err: e });
+      return { ready: false, checks: { [name]: "unreachable" } };
+    }
+  };
 }

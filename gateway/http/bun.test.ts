@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import net from "node:net";
 import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
-import { startTestGateway } from "../testing/served-gateway.ts";
+import { oneModelRoutes, startTestGateway } from "../testing/served-gateway.ts";
 
 // The REST port's connection limits: a request must arrive without long pauses, an answer may take as long as the
 // gateway's own time limits allow, and an idle connection is closed.
@@ -12,14 +12,7 @@ const idleSeconds = 1;
 beforeAll(async () => {
   upstream = startFakeUpstream();
   gateway = await startTestGateway(
-    [
-      "providers:",
-      `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
-      "models:",
-      "  - name: ok",
-      "    targets: [{ provider: fake, model: ok }]",
-      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
-    ].join("\n"),
+    oneModelRoutes(upstream.url),
     { idleTimeoutSeconds: idleSeconds },
   );
 });

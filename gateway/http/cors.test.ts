@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createCorsPolicy } from "../../lib/cors.ts";
 import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
-import { startTestGateway } from "../testing/served-gateway.ts";
+import { oneModelRoutes, startTestGateway } from "../testing/served-gateway.ts";
 
 // Both ports that serve the REST API answer browsers the same way; the RPC port's RPCs too.
 let upstream: FakeUpstream;
@@ -11,14 +11,7 @@ const app = "https://app.example.com";
 beforeAll(async () => {
   upstream = startFakeUpstream();
   gateway = await startTestGateway(
-    [
-      "providers:",
-      `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
-      "models:",
-      "  - name: ok",
-      "    targets: [{ provider: fake, model: ok }]",
-      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
-    ].join("\n"),
+    oneModelRoutes(upstream.url),
     { cors: createCorsPolicy([app], ["x-request-id", "x-gateway-cost-nanos"]) },
   );
 });

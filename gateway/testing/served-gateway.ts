@@ -14,6 +14,18 @@ import { createProviders } from "../providers/index.ts";
 import { createGatewayService } from "../service.ts";
 import { createBillingFake, createRecordingShipper, createTestLogger } from "../testing.ts";
 
+/** Routes of one model, `ok`, served by the upstream at `url` (an OpenAI-compatible fake) at $1 per million tokens. */
+export function oneModelRoutes(url: string): string {
+  return [
+    "providers:",
+    `  - { name: fake, kind: openai, base_url: "${url}" }`,
+    "models:",
+    "  - name: ok",
+    "    targets: [{ provider: fake, model: ok }]",
+    '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+  ].join("\n");
+}
+
 /**
  * A whole gateway (core, REST and RPC) on a real port, plus the REST API alone on Bun's server
  * (`restUrl`), configured by `routes` (gateway config YAML), with the billing fake's keys sk-good
