@@ -134,7 +134,10 @@ describe("one port for every protocol", () => {
     expect(res.status).toBe(404);
     expect(res.headers.get("content-type")).toBe("application/json");
     expect(await res.json()).toEqual({ code: "unimplemented", message: "no procedure or route at POST /nowhere" });
-    const unknownRpc = await createClient(BillingService, createConnectTransport({ baseUrl: server.url, httpVersion: "1.1" }))
+    const unknownRpc = await createClient(
+      BillingService,
+      createConnectTransport({ baseUrl: server.url, httpVersion: "1.1" }),
+    )
       .listProjects({})
       .catch((e: unknown) => ConnectError.from(e));
     expect((unknownRpc as ConnectError).code).toBe(Code.Unimplemented);
@@ -287,4 +290,58 @@ describe("request bodies must arrive in time", () => {
       await own.close(0);
     }
   }, 15_000);
+});
+
+describe("connections with nothing to do", () => {
+  test("are closed after the idle limit: silent, a head that stops, an HTTP/2 session without streams", async () => {
+    const own = await startServer({
+      name: "idle",
+      port: 0,
+      host: "127.0.0.1",
+      log: createLogger({ service: "test", write: () => {} }),
+      connectionIdleTimeoutMs: 1_000,
+      routes: (router) =>
+        router.service(AnalyticsService, {
+          async *ingestMetrics(batches) {
+            for await (const batch of batches) yield { ackedSequence: batch.sequence, duplicateRows: 0 };
+          },
+        }),
+    });
+    const net = await import("node:net");
+    const { port } = new URL(own.url);
+    const open = (first?: string) => {
+      const socket = net.connect(Number(port), "127.0.0.1");
+      socket.on("error", () => {});
+      socket.on("data", () => {});
+      if (first) socket.write(first);
+      return new Promise<string>((resolve) => socket.on("close", () => resolve("closed")));
+    };
+    try {
+      const silent = open();
+      const halfHead = open("GET /healthz HTTP/1.1\r\nHost: a\r\n");
+      const bareSession = open("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+      // A keep-alive connection after its answer.
+      const answered = open("GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n");
+      const within = (p: Promise<string>) => Promise.race([p, Bun.sleep(8_000).then(() => "still open")]);
+      expect(await Promise.all([silent, halfHead, bareSession, answered].map(within))).toEqual([
+        "closed",
+        "closed",
+        "closed",
+        "closed",
+      ]);
+
+      // A stream keeps its session busy however long it waits between messages.
+      const client = createServiceClient(AnalyticsService, { baseUrl: own.url });
+      async function* batches() {
+        yield { gatewayInstanceId: "g", sequence: 1n, metrics: [] };
+        await Bun.sleep(2_500);
+        yield { gatewayInstanceId: "g", sequence: 2n, metrics: [] };
+      }
+      const acks: bigint[] = [];
+      for await (const ack of client.ingestMetrics(batches())) acks.push(ack.ackedSequence);
+      expect(acks).toEqual([1n, 2n]);
+    } finally {
+      await own.close(0);
+    }
+  }, 20_000);
 });

@@ -42,6 +42,12 @@ export interface ServerOptions {
    * as long as the gateway runs.
    */
   requestBodyTimeoutMs?: number;
+  /**
+   * How long a connection may have nothing to do (65 s by default, past a load balancer's usual 60 s): silent before
+   * its first byte, an HTTP/1.1 connection between requests or while a request's head arrives, an HTTP/2 connection
+   * without streams. Node's own timeouts do part of this, but Bun's node:http enforces none of them.
+   */
+  connectionIdleTimeoutMs?: number;
   /** Which browser origins may call, answered on every route (RPCs, HTTP routes, ops); none when unset. */
   cors?: CorsPolicy;
 }
@@ -108,10 +114,30 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   let handling = 0;
   const settled = () => inFlight === 0 && handling === 0;
   const bodyTimeoutMs = options.requestBodyTimeoutMs ?? 120_000;
+  // Connections (sockets, HTTP/2 sessions) with nothing to do, and what closes each once its idle time is up.
+  const idleMs = options.connectionIdleTimeoutMs ?? 65_000;
+  const idle = new Map<object, ReturnType<typeof setTimeout>>();
+  const idleFrom = (connection: object, close: () => void) => {
+    clearTimeout(idle.get(connection));
+    idle.set(connection, setTimeout(() => (idle.delete(connection), close()), idleMs));
+  };
+  const busy = (connection: object) => {
+    clearTimeout(idle.get(connection));
+    idle.delete(connection);
+  };
+
   const handle = async (req: NodeRequest, res: NodeResponse) => {
     inFlight++;
     handling++;
     res.once("close", () => inFlight--);
+    if (req.httpVersionMajor === 1) {
+      // Its head has arrived; once answered, the connection waits for the next request's head.
+      const socket = req.socket;
+      busy(socket);
+      res.once("close", () => {
+        if (!socket.destroyed) idleFrom(socket, () => socket.destroy());
+      });
+    }
     const path = req.url ?? "/";
     if (mayHaveBody(req) && !streamingRequests.has(path.split("?")[0] ?? path)) limitBodyTime(req, res, bodyTimeoutMs);
     try {
@@ -138,17 +164,38 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   const sessions = new Set<http2.ServerHttp2Session>();
   h2.on("session", (s) => {
     sessions.add(s);
-    s.on("close", () => sessions.delete(s));
+    // A session is idle while it has no streams; an IngestMetrics stream keeps it busy for as long as it lasts.
+    let streams = 0;
+    // GOAWAY first, so a client that is about to open a stream opens it on a new connection instead.
+    const closeIdle = () => s.close();
+    idleFrom(s, closeIdle);
+    s.on("stream", (stream: http2.ServerHttp2Stream) => {
+      streams++;
+      busy(s);
+      stream.once("close", () => {
+        if (--streams === 0 && !s.destroyed) idleFrom(s, closeIdle);
+      });
+    });
+    s.on("close", () => {
+      sessions.delete(s);
+      busy(s);
+    });
   });
   const sockets = new Set<net.Socket>();
   const listener = net.createServer((socket) => {
     sockets.add(socket);
-    socket.on("close", () => sockets.delete(socket));
+    idleFrom(socket, () => socket.destroy());
+    socket.on("close", () => {
+      sockets.delete(socket);
+      busy(socket);
+    });
     socket.once("data", (first: Buffer) => {
       socket.pause();
       socket.unshift(first);
-      const target = first.subarray(0, h2Preface.length).equals(h2Preface) ? h2 : h1;
-      target.emit("connection", socket);
+      const isH2 = first.subarray(0, h2Preface.length).equals(h2Preface);
+      // An HTTP/2 connection's idle time is its session's; an HTTP/1.1 one waits for its first request's head.
+      if (isH2) busy(socket);
+      (isH2 ? h2 : h1).emit("connection", socket);
       socket.resume();
     });
   });
