@@ -5,8 +5,9 @@ import { AnalyticsService, RequestStatus, UsageGroupBy } from "../gen/analytics/
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { analyticsRoutes } from "./routes.ts";
-import { createAnalyticsService, decodePageToken, encodePageToken } from "./service.ts";
-import { createTestStore, sampleMetrics, type TestStore } from "./store/test-store.ts";
+import { createAnalyticsService, decodePageToken, encodePageToken, query } from "./service.ts";
+import { createChdbDriver } from "./store/chdb-driver.ts";
+import { createTestStore, sampleMetrics, type TestStore, testDataDir } from "./store/test-store.ts";
 import { createRecordingBilling } from "./test-helpers.ts";
 
 const adminToken = "test-admin-token-0123456789";
@@ -103,6 +104,32 @@ describe("AnalyticsService queries", () => {
       for await (const _ of anonymous.ingestMetrics(batches, as(token)));
     };
     expect(await codeOf(ingest("sk-mesh-of-org"))).toBe(Code.PermissionDenied);
+  });
+
+  test("at most 4 report queries of one org run at once; more are refused until one ends", async () => {
+    let release = () => {};
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    const slow = { ...store, queryLatency: async (q: Parameters<typeof store.queryLatency>[0]) => (await gate, store.queryLatency(q)) };
+    const service = createAnalyticsService({ store: slow, billing: createClient(BillingService, createRouterTransport(() => {})), log, adminToken });
+    const admin = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service)));
+    const as = { headers: { authorization: `Bearer ${adminToken}` } };
+    const first = Array.from({ length: 4 }, () => admin.queryLatency({ orgId: org, range: day }, as));
+    expect(await codeOf(admin.queryLatency({ orgId: org, range: day }, as))).toBe(Code.ResourceExhausted);
+    // Another org is not held back.
+    expect(await codeOf(admin.queryUsage({ orgId: "org_other", range: day }, as))).toBeUndefined();
+    release();
+    await Promise.all(first);
+    expect(await codeOf(admin.queryLatency({ orgId: org, range: day }, as))).toBeUndefined();
+  });
+
+  test("a query past the engine's time limit is ResourceExhausted, not an unavailable store", async () => {
+    const driver = createChdbDriver(testDataDir());
+    const endless = () => driver.query("SELECT count() FROM numbers(1000000000000) SETTINGS max_execution_time = 0.2");
+    const error = await query(log, "test", endless)
+      .catch((e: unknown) => ConnectError.from(e))
+      .finally(() => driver.close());
+    expect(error).toBeInstanceOf(ConnectError);
+    expect((error as ConnectError).code).toBe(Code.ResourceExhausted);
   });
 
   test("QueryUsage groups in the order asked", async () => {

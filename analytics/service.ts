@@ -30,6 +30,7 @@ const maxUsageRows = 100_000;
 const bucketWidths = new Set([60, 300, 3600, 86400]);
 const maxBuckets = 2000;
 const defaultPageSize = 100;
+const maxQueriesPerOrg = 4;
 // What ClickHouse's DateTime64 holds.
 const earliestMs = Date.UTC(1900, 0, 1);
 const latestMs = Date.UTC(2300, 0, 1) - 1;
@@ -56,6 +57,23 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
     return org;
   };
 
+  // Report queries running per org: one key, a browser page's included, cannot tie up the engine every org shares.
+  const running = new Map<string, number>();
+  const report = async <T>(rpc: string, orgId: string, run: () => Promise<T>): Promise<T> => {
+    const now = running.get(orgId) ?? 0;
+    if (now >= maxQueriesPerOrg) {
+      throw new ConnectError(`${maxQueriesPerOrg} queries of this organization are running; retry when one ends`, Code.ResourceExhausted);
+    }
+    running.set(orgId, now + 1);
+    try {
+      return await query(deps.log, rpc, run);
+    } finally {
+      const left = (running.get(orgId) ?? 1) - 1;
+      if (left > 0) running.set(orgId, left);
+      else running.delete(orgId);
+    }
+  };
+
   return {
     async *ingestMetrics(batches, ctx) {
       auth.requireAdmin(ctx.requestHeader);
@@ -68,7 +86,7 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       if (req.groupBy.length > maxGroupBy) invalid(`group_by allows at most ${maxGroupBy} dimensions`);
       if (new Set(req.groupBy).size !== req.groupBy.length) invalid("group_by repeats a dimension");
       const groupBy = req.groupBy.map((g) => dimensions[g] ?? invalid(`group_by ${g} is not a dimension`));
-      const rows = await query(deps.log, "QueryUsage", () =>
+      const rows = await report("QueryUsage", orgId, () =>
         store.queryUsage({ orgId, ...window, groupBy, limit: maxUsageRows + 1 }),
       );
       if (rows.length > maxUsageRows) {
@@ -87,7 +105,7 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       if (!bucketWidths.has(bucketSeconds)) invalid("bucket_seconds must be 60, 300, 3600 or 86400");
       const buckets = Math.ceil((timestampMs(window.end) - timestampMs(window.start)) / (bucketSeconds * 1000));
       if (buckets > maxBuckets) invalid(`the range spans ${buckets} buckets; at most ${maxBuckets} are allowed`);
-      const points = await query(deps.log, "QueryTimeSeries", () =>
+      const points = await report("QueryTimeSeries", orgId, () =>
         store.queryTimeSeries({ orgId, ...window, bucketSeconds, model: req.model }),
       );
       return { points };
@@ -96,7 +114,7 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
     async queryLatency(req, ctx) {
       const orgId = await readable(ctx, req.orgId);
       const window = parseRange(req.range);
-      const models = await query(deps.log, "QueryLatency", () => store.queryLatency({ orgId, ...window }));
+      const models = await report("QueryLatency", orgId, () => store.queryLatency({ orgId, ...window }));
       return { models };
     },
 
@@ -107,7 +125,7 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       const pageSize = req.pageSize === 0 ? defaultPageSize : req.pageSize;
       if (pageSize < 1 || pageSize > maxPageSize) invalid(`page_size must be 1..${maxPageSize}`);
       const after = req.pageToken ? decodePageToken(req.pageToken) : undefined;
-      const page = await query(deps.log, "ListRequests", () =>
+      const page = await report("ListRequests", orgId, () =>
         store.listRequests({
           orgId,
           window,
@@ -146,11 +164,18 @@ function parseRange(range: TimeRange | undefined): TimeWindow {
   return { start, end };
 }
 
-/** Runs a store read; its failures reach the caller as Unavailable without ClickHouse internals. */
-async function query<T>(log: Logger, rpc: string, run: () => Promise<T>): Promise<T> {
+/**
+ * Runs a store read; its failures reach the caller without ClickHouse internals: a query past the store's time limit
+ * as ResourceExhausted (asking less helps), anything else as Unavailable.
+ */
+export async function query<T>(log: Logger, rpc: string, run: () => Promise<T>): Promise<T> {
   try {
     return await run();
   } catch (e) {
+    if (/\bTIMEOUT_EXCEEDED\b/.test(e instanceof Error ? e.message : String(e))) {
+      log.warn("analytics query ran out of time", { rpc });
+      throw new ConnectError("the query ran out of time; narrow the range or group by fewer dimensions", Code.ResourceExhausted);
+    }
     log.error("analytics query failed", { rpc, err: e });
     throw new ConnectError("analytics store unavailable", Code.Unavailable);
   }

@@ -102,6 +102,8 @@ export interface StoreOptions {
   cluster?: string;
   /** Minutes are rolled up once they are this old; rows arriving later than half of it are recomputed in. */
   rollupLagMs?: number;
+  /** How long one report query may run (ClickHouse's max_execution_time); 30 s by default. */
+  queryTimeoutSeconds?: number;
 }
 
 export const defaultRollupLagMs = 5 * 60_000;
@@ -138,6 +140,10 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
   if (!Number.isInteger(options.ttlDays) || options.ttlDays < 1) {
     throw new Error(`invalid TTL: ${options.ttlDays} days`);
   }
+  const queryTimeoutSeconds = options.queryTimeoutSeconds ?? 30;
+  if (!(queryTimeoutSeconds > 0)) throw new Error(`invalid query timeout: ${queryTimeoutSeconds} s`);
+  // Reports read what callers choose (ranges of up to 400 days): each gets a time limit in the engine itself.
+  const reportLimits = `SETTINGS max_execution_time = ${queryTimeoutSeconds}`;
   const db = options.database;
   const { cluster } = options;
   const requests = `${db}.requests`;
@@ -269,7 +275,8 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
            sumIf(n, status != 'OK') AS errors
          FROM (${sources.sql})
          ${grouping}
-         LIMIT {limit:UInt32}`,
+         LIMIT {limit:UInt32}
+         ${reportLimits}`,
         { ...sources.params, limit: q.limit },
       );
       return rows.map((r) =>
@@ -311,7 +318,8 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
            sumIf(n, status != 'OK') AS errors
          FROM (${sources.sql})
          GROUP BY bucket_start
-         ORDER BY bucket_start`,
+         ORDER BY bucket_start
+         ${reportLimits}`,
         { ...sources.params, bucket_seconds: q.bucketSeconds, model: q.model },
       );
       return rows.map((r) =>
@@ -345,7 +353,8 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
          FROM ${requests} FINAL
          WHERE ${orgWindow}
          GROUP BY model
-         ORDER BY model`,
+         ORDER BY model
+         ${reportLimits}`,
         windowParams(q),
       );
       const toPercentiles = ([p50, p90, p99]: Triple): LatencyPercentiles =>
@@ -396,7 +405,8 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
          FROM ${requests} FINAL
          WHERE ${where.join(" AND ")}
          ORDER BY start_time DESC, request_id DESC
-         LIMIT {limit:UInt32}`,
+         LIMIT {limit:UInt32}
+         ${reportLimits}`,
         params,
       );
       const page = rows.slice(0, q.limit);
