@@ -76,6 +76,21 @@ describe("key authorizer", () => {
     expect(revoked.status).toBe(401);
   });
 
+  test("a flood of made-up keys does not push working keys out of the cache", async () => {
+    const billing = createBillingFake({ "sk-good": { id: "key_1", orgId: "org_1" } });
+    const keys = createKeyAuthorizer({ billing: billing.client, maxEntries: 2, maxRejectedEntries: 10, watching: true });
+    await keys.authorize("sk-good");
+    for (let i = 0; i < 50; i++) await failure(keys.authorize(`sk-mesh-made-up-${i}`));
+    const calls = billing.calls();
+    await keys.authorize("sk-good");
+    expect(billing.calls()).toBe(calls);
+    // The rejections are remembered too, within their own bound: the last ones are still answered without billing.
+    await failure(keys.authorize("sk-mesh-made-up-49"));
+    expect(billing.calls()).toBe(calls);
+    await failure(keys.authorize("sk-mesh-made-up-0"));
+    expect(billing.calls()).toBe(calls + 1);
+  });
+
   test("a revoked key is refused once its cache entry expires", async () => {
     const { billing, keys, now } = setup();
     await keys.authorize("sk-good");

@@ -41,7 +41,10 @@ export interface KeyAuthorizerOptions {
   fallbackTtlMs?: number;
   /** How long an unknown or revoked key is rejected without asking billing again. */
   missTtlMs?: number;
+  /** Working keys remembered at most (100,000 by default); the least recently loaded go first. */
   maxEntries?: number;
+  /** Rejected secrets remembered at most (10,000 by default), apart from the keys that work. */
+  maxRejectedEntries?: number;
   /** Start as if the change stream were healthy (callers that apply changes by other means). */
   watching?: boolean;
   now?: () => number;
@@ -76,6 +79,9 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   const maxEntries = options.maxEntries ?? 100_000;
   const now = options.now ?? Date.now;
   const cache = new Map<string, Entry>();
+  // Rejected secrets apart, in a smaller map: a flood of made-up keys cannot push real ones out of `cache`.
+  const rejected = new Map<string, Entry>();
+  const maxRejected = options.maxRejectedEntries ?? 10_000;
   const loading = new Map<string, Load>();
   const lookups = options.registry
     ? new Counter({
@@ -92,9 +98,11 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
 
   const store = (hash: string, entry: Entry) => {
     cache.delete(hash);
+    rejected.delete(hash);
+    const into = entry.rejection ? rejected : cache;
     // Maps iterate in insertion order: the first key is the least recently loaded.
-    if (cache.size >= maxEntries) cache.delete(cache.keys().next().value as string);
-    cache.set(hash, entry);
+    if (into.size >= (entry.rejection ? maxRejected : maxEntries)) into.delete(into.keys().next().value as string);
+    into.set(hash, entry);
   };
 
   const ttlOf = (entry: Entry) => {
@@ -148,7 +156,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
       }
       const hash = sha256Hex(secret);
       const t = now();
-      const entry = cache.get(hash);
+      const entry = cache.get(hash) ?? rejected.get(hash);
       if (entry) {
         const age = t - entry.loadedAt;
         const ttl = ttlOf(entry);
@@ -166,6 +174,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     },
     forget(secretHash) {
       cache.delete(secretHash);
+      rejected.delete(secretHash);
       const pending = loading.get(secretHash);
       if (pending) {
         pending.stale = true;
