@@ -12,6 +12,16 @@ import { createServiceClient } from "./rpc-client.ts";
 import { type RunningServer, startServer } from "./server.ts";
 
 const metrics = createMetrics("test");
+const quietLog = createLogger({ service: "test", write: () => {} });
+/** IngestMetrics that acks every batch at once. */
+const ackingIngest = {
+  async *ingestMetrics(batches: AsyncIterable<{ sequence: bigint }>) {
+    for await (const batch of batches) yield { ackedSequence: batch.sequence, duplicateRows: 0 };
+  },
+};
+/** A server of the test's own on a free loopback port. */
+const startOwn = (options: Omit<Parameters<typeof startServer>[0], "port" | "host" | "log">) =>
+  startServer({ port: 0, host: "127.0.0.1", log: quietLog, ...options });
 let server: RunningServer;
 
 beforeAll(async () => {
@@ -30,11 +40,7 @@ beforeAll(async () => {
           return { organizations: [create(OrganizationSchema, { id: "org_1", name: "acme", monthlyBudgetNanos: 5n })] };
         },
       });
-      router.service(AnalyticsService, {
-        async *ingestMetrics(batches) {
-          for await (const batch of batches) yield { ackedSequence: batch.sequence, duplicateRows: 0 };
-        },
-      });
+      router.service(AnalyticsService, ackingIngest);
     },
   });
 });
@@ -158,11 +164,8 @@ describe("one port for every protocol", () => {
 
 describe("close", () => {
   test("lets an in-flight call finish, then refuses new connections", async () => {
-    const own = await startServer({
+    const own = await startOwn({
       name: "drain",
-      port: 0,
-      host: "127.0.0.1",
-      log: createLogger({ service: "test", write: () => {} }),
       routes: (router) =>
         router.service(BillingService, {
           async listProjects() {
@@ -188,11 +191,8 @@ describe("close", () => {
 
 describe("request bodies must arrive in time", () => {
   test("a body that stops arriving closes its connection; a slow answer to a whole body does not", async () => {
-    const own = await startServer({
+    const own = await startOwn({
       name: "slow-bodies",
-      port: 0,
-      host: "127.0.0.1",
-      log: createLogger({ service: "test", write: () => {} }),
       requestBodyTimeoutMs: 1_000,
       routes: (router) =>
         router.service(BillingService, {
@@ -230,19 +230,12 @@ describe("request bodies must arrive in time", () => {
   }, 15_000);
 
   test("over HTTP/2 a stalled body resets its own stream only; a streamed request may pause for longer", async () => {
-    const own = await startServer({
+    const own = await startOwn({
       name: "slow-h2-bodies",
-      port: 0,
-      host: "127.0.0.1",
-      log: createLogger({ service: "test", write: () => {} }),
       requestBodyTimeoutMs: 1_000,
       routes: (router) => {
         router.service(BillingService, { listProjects: async () => ({ projects: [] }) });
-        router.service(AnalyticsService, {
-          async *ingestMetrics(batches) {
-            for await (const batch of batches) yield { ackedSequence: batch.sequence, duplicateRows: 0 };
-          },
-        });
+        router.service(AnalyticsService, ackingIngest);
       },
     });
     const http2 = await import("node:http2");
@@ -294,18 +287,10 @@ describe("request bodies must arrive in time", () => {
 
 describe("connections with nothing to do", () => {
   test("are closed after the idle limit: silent, a head that stops, an HTTP/2 session without streams", async () => {
-    const own = await startServer({
+    const own = await startOwn({
       name: "idle",
-      port: 0,
-      host: "127.0.0.1",
-      log: createLogger({ service: "test", write: () => {} }),
       connectionIdleTimeoutMs: 1_000,
-      routes: (router) =>
-        router.service(AnalyticsService, {
-          async *ingestMetrics(batches) {
-            for await (const batch of batches) yield { ackedSequence: batch.sequence, duplicateRows: 0 };
-          },
-        }),
+      routes: (router) => router.service(AnalyticsService, ackingIngest),
     });
     const net = await import("node:net");
     const { port } = new URL(own.url);
