@@ -132,7 +132,7 @@ export async function ensureDemo(mesh: Mesh, options: { dataDir: string; adminTo
   const file = path.join(options.dataDir, "demo.env");
   const baseUrl = `${mesh.openaiUrl}/v1`;
   const saved = await readFile(file, "utf8").catch(() => "");
-  const savedKey = /^OPENAI_API_KEY=(.+)$/m.exec(saved)?.[1];
+  const savedKey = /^(?:export )?OPENAI_API_KEY=(.+)$/m.exec(saved)?.[1];
   if (savedKey) {
     try {
       const principal = await billing.authorizeKey({ secret: savedKey });
@@ -151,9 +151,10 @@ export async function ensureDemo(mesh: Mesh, options: { dataDir: string; adminTo
   return { baseUrl, apiKey: created.secret, orgId: org.id };
 }
 
+/** Exported, so `source demo.env` reaches the programs the shell starts (the SDKs read their environment). */
 async function writeDemo(file: string, baseUrl: string, apiKey: string) {
   await mkdir(path.dirname(file), { recursive: true });
-  await writeFile(file, `OPENAI_BASE_URL=${baseUrl}\nOPENAI_API_KEY=${apiKey}\n`, { mode: 0o600 });
+  await writeFile(file, `export OPENAI_BASE_URL=${baseUrl}\nexport OPENAI_API_KEY=${apiKey}\n`, { mode: 0o600 });
 }
 
 if (import.meta.main) {

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import OpenAI from "openai";
@@ -33,11 +33,16 @@ afterAll(async () => {
   await rm(dataDir, { recursive: true, force: true });
 }, 60_000);
 
-
 describe("the mesh end to end", () => {
-  test("writes the demo credentials to <data dir>/demo.env", async () => {
-    const text = await readFile(path.join(dataDir, "demo.env"), "utf8");
-    expect(text).toBe(`OPENAI_BASE_URL=${demo.baseUrl}\nOPENAI_API_KEY=${demo.apiKey}\n`);
+  test("writes the demo credentials to <data dir>/demo.env, exported to what a shell that sources it starts", async () => {
+    const file = path.join(dataDir, "demo.env");
+    const child = Bun.spawnSync(
+      ["bash", "-c", 'source "$1" && sh -c \'echo "$OPENAI_BASE_URL $OPENAI_API_KEY"\'', "-", file],
+      {
+        env: { PATH: process.env.PATH ?? "" },
+      },
+    );
+    expect(child.stdout.toString()).toBe(`${demo.baseUrl} ${demo.apiKey}\n`);
   });
 
   test("a completion through the openai SDK lands in analytics and billing with the same id and cost", async () => {
@@ -101,14 +106,18 @@ describe("the mesh end to end", () => {
     const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken });
     for (const res of [odd, fine]) {
       const requestId = res.headers.get("x-request-id") ?? "";
-      const record = await eventually(async () => (await billing.listUsageRecords({ orgId: demo.orgId, requestId })).records[0]);
+      const record = await eventually(
+        async () => (await billing.listUsageRecords({ orgId: demo.orgId, requestId })).records[0],
+      );
       expect(record.requestId).toBe(requestId);
     }
   }, 30_000);
 
   test("a restart keeps the demo key and every recorded request", async () => {
-    const before = await createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken })
-      .getUsageSummary({ orgId: demo.orgId });
+    const before = await createServiceClient(BillingService, {
+      baseUrl: mesh.urls.billing,
+      bearerToken: adminToken,
+    }).getUsageSummary({ orgId: demo.orgId });
     expect(await mesh.stop()).toEqual({ gateway: 0, analytics: 0, billing: 0 });
     mesh = await startMesh({
       dataDir,
@@ -119,12 +128,17 @@ describe("the mesh end to end", () => {
     const again = await ensureDemo(mesh, { dataDir, adminToken });
     expect(again.apiKey).toBe(demo.apiKey);
     expect(again.orgId).toBe(demo.orgId);
-    const after = await createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken })
-      .getUsageSummary({ orgId: demo.orgId });
+    const after = await createServiceClient(BillingService, {
+      baseUrl: mesh.urls.billing,
+      bearerToken: adminToken,
+    }).getUsageSummary({ orgId: demo.orgId });
     expect(after.requests).toBe(before.requests);
     expect(after.costNanos).toBe(before.costNanos);
     const client = new OpenAI({ baseURL: again.baseUrl, apiKey: again.apiKey, maxRetries: 0 });
-    const completion = await client.chat.completions.create({ model: "mock", messages: [{ role: "user", content: "again" }] });
+    const completion = await client.chat.completions.create({
+      model: "mock",
+      messages: [{ role: "user", content: "again" }],
+    });
     expect(completion.choices).toHaveLength(1);
   }, 90_000);
 
