@@ -1,5 +1,6 @@
 import { describe, expect, test } from "bun:test";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import * as path from "node:path";
 import { Deployment, StatefulSet } from "kubernetes-models/apps/v1";
 import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
@@ -79,7 +80,8 @@ const envOf = (name: string, variable: string) => container(name).env.find((e) =
 function declaredEnv(entry: string): Set<string> {
   const names = new Set<string>();
   for (const file of [entry, path.join(root, "lib/config.ts")]) {
-    for (const match of readFileSync(file, "utf8").matchAll(/^ {2}([A-Z][A-Z0-9_]+): /gm)) names.add(match[1] as string);
+    for (const match of readFileSync(file, "utf8").matchAll(/^ {2}([A-Z][A-Z0-9_]+): /gm))
+      names.add(match[1] as string);
   }
   return names;
 }
@@ -133,7 +135,9 @@ describe("Kubernetes manifests", () => {
       expect(c.readinessProbe.httpGet).toEqual({ path: "/readyz", port: port?.name as string });
       expect(c.livenessProbe.httpGet).toEqual({ path: "/healthz", port: port?.name as string });
       expect(w.spec.template.metadata.labels).toMatchObject(w.spec.selector.matchLabels);
-      const own = services.filter((s) => Object.entries(s.spec.selector).every(([k, v]) => w.spec.template.metadata.labels[k] === v));
+      const own = services.filter((s) =>
+        Object.entries(s.spec.selector).every(([k, v]) => w.spec.template.metadata.labels[k] === v),
+      );
       expect(own.map((s) => s.metadata.name)).toContain(name);
       for (const s of own) for (const p of s.spec.ports) expect(c.ports.map((cp) => cp.name)).toContain(p.targetPort);
       // Voluntary evictions (drains, upgrades) leave all but one replica serving.
@@ -188,7 +192,9 @@ describe("the image", () => {
 
   test("holds every directory its entry files import from", () => {
     // Sources of the final stage's COPY lines (every argument but the destination).
-    const copied = new Set([...dockerfile.matchAll(/^COPY (?!--from)(.+) \S+$/gm)].flatMap((m) => (m[1] as string).split(" ")));
+    const copied = new Set(
+      [...dockerfile.matchAll(/^COPY (?!--from)(.+) \S+$/gm)].flatMap((m) => (m[1] as string).split(" ")),
+    );
     const transpiler = new Bun.Transpiler({ loader: "ts" });
     const seen = new Set<string>();
     const visit = (file: string) => {
@@ -204,6 +210,27 @@ describe("the image", () => {
     for (const entry of entries) visit(path.join(root, entry));
     const dirs = new Set([...seen].map((file) => path.relative(root, file).split(path.sep)[0] as string));
     for (const dir of dirs) expect(copied).toContain(dir);
+  });
+
+  test("installs its dependencies with a command the lock file satisfies", async () => {
+    const install = /^RUN (npm .+)$/m.exec(dockerfile)?.[1]?.split(" ") as string[];
+    expect(install).toBeDefined();
+    const dir = mkdtempSync(path.join(tmpdir(), "image-install-"));
+    try {
+      for (const file of ["package.json", "package-lock.json"])
+        copyFileSync(path.join(root, file), path.join(dir, file));
+      // What the image's build resolves, without the network: the packages are in npm's cache once the suite runs.
+      const result = await runCommand([...install, "--dry-run", "--offline"], { cwd: dir });
+      expect(
+        result.stderr
+          .split("\n")
+          .filter((line) => line.startsWith("npm error"))
+          .slice(0, 4),
+      ).toEqual([]);
+      expect(result.code).toBe(0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test("lets its user write MESH_DATA_DIR, where the manifests mount volumes", () => {
@@ -233,7 +260,9 @@ describe.skipIf(!havePromtool)("alert rules (needs Debian's prometheus package)"
   });
 
   test("every alert has a test", () => {
-    const rules = parse(readFileSync(path.join(dir, "alerts.yaml"), "utf8")) as { groups: { rules: { alert: string }[] }[] };
+    const rules = parse(readFileSync(path.join(dir, "alerts.yaml"), "utf8")) as {
+      groups: { rules: { alert: string }[] }[];
+    };
     const tests = parse(readFileSync(path.join(dir, "alerts.test.yaml"), "utf8")) as {
       tests: { alert_rule_test: { alertname: string }[] }[];
     };
