@@ -22,7 +22,7 @@ import { createMetricsShipper } from "./metrics-pipe.ts";
 import { createProviders } from "./providers/index.ts";
 import { createRateLimiter } from "./rate-limits.ts";
 import { createReadiness } from "./readiness.ts";
-import { createGatewayService } from "./service.ts";
+import { createGatewayRequestGate, createGatewayService } from "./service.ts";
 import { type FileSpool, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
 
 const cfg = loadEnvOrExit({
@@ -212,6 +212,7 @@ const server = await startServer({
   port: cfg.GATEWAY_PORT,
   routes: (router) => router.service(GatewayService, service),
   interceptors: runtime.serverInterceptors,
+  requestGate: createGatewayRequestGate(core, cfg.GATEWAY_MAX_BODY_BYTES),
   http: restRoutes(rest),
   readiness: createReadiness({ billingUrl: cfg.BILLING_URL, shipper, log }),
   registry: runtime.metrics.registry,

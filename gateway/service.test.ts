@@ -8,7 +8,7 @@ import { createServiceClient } from "../lib/rpc-client.ts";
 import { type RunningServer, startServer } from "../lib/server.ts";
 import { createRestApp } from "./http/app.ts";
 import { restRoutes } from "./http/node.ts";
-import { createGatewayService } from "./service.ts";
+import { createGatewayRequestGate, createGatewayService } from "./service.ts";
 import { createTestCore } from "./testing.ts";
 import { startFakeUpstream } from "./testing/fake-upstream.ts";
 import { startTestGateway } from "./testing/served-gateway.ts";
@@ -23,6 +23,8 @@ beforeAll(async () => {
     name: "gateway-test",
     port: 0,
     routes: (router) => router.service(GatewayService, createGatewayService(gateway.core)),
+    requestGate: createGatewayRequestGate(gateway.core, 4096),
+    readMaxBytes: 4096,
     http: restRoutes(rest),
     log: gateway.log,
   });
@@ -238,6 +240,41 @@ describe("the same server over plain HTTP", () => {
     const noKey = await fetch(`${server.url}/v1/models`);
     expect(noKey.status).toBe(401);
     expect(isUlid(noKey.headers.get("x-request-id") ?? "")).toBe(true);
+  });
+
+  test("refuses an RPC body over the limit as REST does: the key first, then invalid_argument, metered", async () => {
+    const big = JSON.stringify({ params: { model: "mock", messages: [{ role: "user", content: "x".repeat(5000) }] } });
+    const post = (key: string) =>
+      fetch(`${server.url}/gateway.v1.GatewayService/CreateChatCompletion`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+        body: big,
+      });
+    const res = await post("sk-good");
+    expect(res.status).toBe(400);
+    expect(await res.json()).toEqual({ code: "invalid_argument", message: "The request body exceeds the limit of 4096 bytes." });
+    expect(res.headers.get("x-error-code")).toBe("request_too_large");
+    const requestId = res.headers.get("x-request-id") ?? "";
+    expect(isUlid(requestId)).toBe(true);
+    const row = gateway.shipper.rows.find((m) => m.requestId === requestId);
+    expect(row).toMatchObject({ status: RequestStatus.INVALID_REQUEST, orgId: "org_1", errorCode: "request_too_large" });
+
+    const stranger = await post("sk-unknown");
+    expect(stranger.status).toBe(401);
+    expect(isUlid(stranger.headers.get("x-request-id") ?? "")).toBe(true);
+  });
+
+  test("a gRPC message over the limit (no declared length) is resource_exhausted with the request id, metered", async () => {
+    const params = { model: "mock", messages: [{ role: "user", content: "x".repeat(5000) }] };
+    const e = await rpcError(client("sk-good").createChatCompletion({ params }));
+    expect(e.code).toBe(Code.ResourceExhausted);
+    const requestId = e.metadata.get("x-request-id") ?? "";
+    expect(isUlid(requestId)).toBe(true);
+    // Metered once the key is checked, after the answer.
+    for (let i = 0; i < 100 && !gateway.shipper.rows.some((m) => m.requestId === requestId); i++) await Bun.sleep(20);
+    const row = gateway.shipper.rows.find((m) => m.requestId === requestId);
+    expect(row).toMatchObject({ status: RequestStatus.INVALID_REQUEST, orgId: "org_1", errorCode: "request_too_large" });
+    expect(await gateway.core.settled(1000)).toBe(true);
   });
 
   test("answers Connect JSON calls, as a browser would make them", async () => {

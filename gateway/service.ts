@@ -1,5 +1,5 @@
-import { create } from "@bufbuild/protobuf";
-import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
+import { create, type DescMethod } from "@bufbuild/protobuf";
+import { Code, ConnectError, createContextKey, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { ChatCompletion, ChatCompletionChunk } from "openai/resources/chat/completions";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import {
@@ -18,28 +18,88 @@ import {
 import { bearerToken } from "../lib/auth.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
 import type { Call, ChatOutcome, GatewayCore } from "./core.ts";
-import { toConnectError, toGatewayError } from "./errors.ts";
+import { bodyTooLarge, cancelled, type GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
+
+/** The call the request gate began for an RPC before its body was read. */
+const gatedCall = createContextKey<Call | undefined>(undefined);
+
+const endpoints = new Map<DescMethod, Endpoint>([
+  [GatewayService.method.createChatCompletion, Endpoint.CHAT_COMPLETIONS],
+  [GatewayService.method.streamChatCompletion, Endpoint.CHAT_COMPLETIONS],
+  [GatewayService.method.createEmbedding, Endpoint.EMBEDDINGS],
+  [GatewayService.method.listModels, Endpoint.MODELS],
+]);
+
+const beginCall = (core: GatewayCore, endpoint: Endpoint, ctx: HandlerContext): Call => {
+  // Response headers reach the client on errors too, merged into the error's metadata.
+  const call = core.begin(endpoint, bearerToken(ctx.requestHeader), ctx.signal);
+  ctx.responseHeader.set("x-request-id", call.requestId);
+  return call;
+};
+
+/** The key's rate limit headers, on the response or (merged by Connect) on the error. */
+const setLimitHeaders = (call: Call, ctx: HandlerContext) => {
+  if (call.limitHeaders) for (const [name, value] of Object.entries(call.limitHeaders)) ctx.responseHeader.set(name, value);
+};
+
+const failed = (call: Call, ctx: HandlerContext, e: unknown) => {
+  setLimitHeaders(call, ctx);
+  return toConnectError(toGatewayError(e));
+};
+
+/** The call the gate began for this RPC, handed over once: to its handler, or to the metering of a refusal. */
+const takeGatedCall = (ctx: HandlerContext): Call | undefined => {
+  const call = ctx.values.get(gatedCall);
+  ctx.values.delete(gatedCall);
+  return call;
+};
+
+/** Why an RPC's message never reached its handler, in the REST API's terms. */
+function unreadMessage(reason: unknown, maxBodyBytes: number): GatewayError {
+  const error = ConnectError.from(reason);
+  if (error.code === Code.ResourceExhausted) return bodyTooLarge(maxBodyBytes);
+  if (error.code === Code.Canceled || error.code === Code.DeadlineExceeded) return cancelled();
+  return invalidRequest(`The request message could not be read: ${error.rawMessage}`);
+}
+
+/**
+ * The router's request gate: a GatewayService call gets its request id before its body is read, so every answer
+ * carries x-request-id. A body whose declared length is over the limit is refused as the REST API refuses it (the
+ * key first, then invalid_argument `request_too_large`) without being read; one with no length (gRPC) is cut by the
+ * transport's readMaxBytes, which answers resource_exhausted. Either way, and when a message cannot be read at all,
+ * the call is metered as REST meters it.
+ */
+export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number) {
+  const refuse = (call: Call, error: GatewayError) =>
+    core.handle(call, () => core.authorize(call).then(() => Promise.reject(error))).catch((e: unknown) => e);
+  return async (ctx: HandlerContext) => {
+    const endpoint = endpoints.get(ctx.method);
+    if (endpoint === undefined) return;
+    const call = beginCall(core, endpoint, ctx);
+    ctx.values.set(gatedCall, call);
+    // Every RPC's signal aborts once it is answered; the reason is the error, when there was one.
+    ctx.signal.addEventListener("abort", () => takeGatedCall(ctx) && void refuse(call, unreadMessage(ctx.signal.reason, maxBodyBytes)), { once: true });
+    const declared = Number(ctx.requestHeader.get("content-length") ?? Number.NaN);
+    // Only a Connect unary body is the bare message; the others carry it in a 5-byte envelope.
+    const enveloped = ctx.protocolName !== "connect" || ctx.method.methodKind !== "unary";
+    if (declared - (enveloped ? 5 : 0) > maxBodyBytes) {
+      takeGatedCall(ctx);
+      throw failed(call, ctx, await refuse(call, bodyTooLarge(maxBodyBytes)));
+    }
+  };
+}
+
+/**
+ * GatewayService over Connect, gRPC and gRPC-Web: the same core as the REST API, with the
+ * OpenAI parameters carried as typed messages. Every response carries x-request-id.
+ */
 
 /**
  * GatewayService over Connect, gRPC and gRPC-Web: the same core as the REST API, with the
  * OpenAI parameters carried as typed messages. Every response carries x-request-id.
  */
 export function createGatewayService(core: GatewayCore): ServiceImpl<typeof GatewayService> {
-  const begin = (endpoint: Endpoint, ctx: HandlerContext): Call => {
-    // Response headers reach the client on errors too, merged into the error's metadata.
-    const call = core.begin(endpoint, bearerToken(ctx.requestHeader), ctx.signal);
-    ctx.responseHeader.set("x-request-id", call.requestId);
-    return call;
-  };
-
-  /** The key's rate limit headers, on the response or (merged by Connect) on the error. */
-  const limits = (call: Call, ctx: HandlerContext) => {
-    if (call.limitHeaders) for (const [name, value] of Object.entries(call.limitHeaders)) ctx.responseHeader.set(name, value);
-  };
-  const failed = (call: Call, ctx: HandlerContext, e: unknown) => {
-    limits(call, ctx);
-    return toConnectError(toGatewayError(e));
-  };
+  const begin = (endpoint: Endpoint, ctx: HandlerContext): Call => takeGatedCall(ctx) ?? beginCall(core, endpoint, ctx);
 
   return {
     async createChatCompletion(req, ctx) {
@@ -50,7 +110,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
           return core.chat(call, chatBody(req.params));
         });
         ctx.responseHeader.set("x-gateway-cost-nanos", outcome.costNanos.toString());
-        limits(call, ctx);
+        setLimitHeaders(call, ctx);
         return chatResponse(outcome, call.requestId);
       } catch (e) {
         throw failed(call, ctx, e);
@@ -64,7 +124,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
           await core.authorize(call);
           return core.models(call);
         });
-        limits(call, ctx);
+        setLimitHeaders(call, ctx);
         return create(ListModelsResponseSchema, {
           models: models.map((route) => ({
             id: route.name,
@@ -87,7 +147,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
           await core.authorize(call);
           return core.chatStream(call, { ...chatBody(req.params), stream: true });
         });
-        limits(call, ctx);
+        setLimitHeaders(call, ctx);
         for await (const chunk of stream) {
           last = chunk;
           yield streamResponse(chunk);
@@ -111,7 +171,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
           return core.embed(call, embeddingBody(req));
         });
         ctx.responseHeader.set("x-gateway-cost-nanos", outcome.costNanos.toString());
-        limits(call, ctx);
+        setLimitHeaders(call, ctx);
         return create(CreateEmbeddingResponseSchema, {
           model: outcome.response.model,
           data: outcome.response.data.map((d) => ({ index: d.index, embedding: d.embedding })),

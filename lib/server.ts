@@ -1,7 +1,7 @@
 import * as http from "node:http";
 import * as http2 from "node:http2";
 import * as net from "node:net";
-import type { ConnectRouter, ContextValues, Interceptor } from "@connectrpc/connect";
+import type { ConnectRouter, ContextValues, HandlerContext, Interceptor } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Registry } from "prom-client";
 import { Health } from "../gen/grpc/health/v1/health_pb.ts";
@@ -28,6 +28,8 @@ export interface ServerOptions {
   host?: string;
   routes: (router: ConnectRouter) => void;
   interceptors?: Interceptor[];
+  /** Runs once an RPC's headers are in, before its body is read: throw a ConnectError to answer without reading it. */
+  requestGate?: (context: HandlerContext) => void | Promise<void>;
   contextValues?: (req: NodeRequest) => ContextValues;
   http?: HttpRoutes;
   readiness?: () => Promise<Readiness>;
@@ -98,6 +100,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       registerReflection(router, [...services, Health]);
     },
     interceptors: options.interceptors,
+    requestGate: options.requestGate,
     contextValues: options.contextValues,
     shutdownSignal: shutdown.signal,
     readMaxBytes: options.readMaxBytes ?? 16 * 1024 * 1024,
