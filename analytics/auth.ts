@@ -32,10 +32,10 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
   const now = options.now ?? Date.now;
   const keys = new Map<string, Remembered>();
 
-  const orgOfKey = async (secret: string): Promise<string | undefined> => {
-    const hash = sha256Hex(secret);
-    const known = keys.get(hash);
-    if (known && known.until > now()) return known.orgId;
+  // Lookups in flight, by hash: concurrent first uses of a key share one billing call.
+  const checking = new Map<string, Promise<string | undefined>>();
+
+  const lookUp = async (secret: string, hash: string): Promise<string | undefined> => {
     let orgId: string | undefined;
     try {
       orgId = (await billing.authorizeKey({ secret })).apiKey?.orgId;
@@ -49,6 +49,18 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
     if (keys.size >= maxKeys) keys.delete(keys.keys().next().value as string);
     keys.set(hash, { orgId, until: now() + (orgId ? ttlMs : rejectedTtlMs) });
     return orgId;
+  };
+
+  const orgOfKey = (secret: string): Promise<string | undefined> => {
+    const hash = sha256Hex(secret);
+    const known = keys.get(hash);
+    if (known && known.until > now()) return Promise.resolve(known.orgId);
+    let pending = checking.get(hash);
+    if (!pending) {
+      pending = lookUp(secret, hash).finally(() => checking.delete(hash));
+      checking.set(hash, pending);
+    }
+    return pending;
   };
 
   return {

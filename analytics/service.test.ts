@@ -94,6 +94,10 @@ describe("AnalyticsService queries", () => {
       Code.PermissionDenied,
     );
     expect(checks).toBe(2);
+    // Concurrent first uses of a key wait for one check.
+    const firstUses = Array.from({ length: 5 }, () => codeOf(anonymous.queryUsage({ orgId: org, range: day }, as("sk-mesh-new-one"))));
+    expect(await Promise.all(firstUses)).toEqual(Array(5).fill(Code.Unauthenticated));
+    expect(checks).toBe(3);
     // A key can only be checked while billing answers; that is not the caller's fault.
     expect(await codeOf(anonymous.queryUsage({ orgId: org, range: day }, as("sk-mesh-down")))).toBe(Code.Unavailable);
 
