@@ -32,3 +32,14 @@ test("one JSON object per line, secrets redacted, trace ids from the active span
   expect(record.span_id).toMatch(/^[0-9a-f]{16}$/);
   expect(trace.getActiveSpan()).toBeUndefined();
 });
+
+test("key-shaped words in messages and text fields are redacted", () => {
+  const lines: string[] = [];
+  const log = createLogger({ service: "t", write: (l) => lines.push(l) });
+  const refusal = "Incorrect API key provided: sk-proj-****************abcd. You can find your API key at https://x.";
+  log.warn("upstream attempt failed", { err: new Error(refusal), detail: "sent Bearer abc123 and sk-mesh-0123456789" });
+  const record = JSON.parse(lines[0] ?? "");
+  expect(record.err.message).toBe("Incorrect API key provided: [redacted] You can find your API key at https://x.");
+  expect(record.detail).toBe("sent [redacted] and [redacted]");
+  expect(lines[0]).not.toContain("abcd");
+});

@@ -15,6 +15,9 @@ const order: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 
 
 // Field names whose values are never written, whatever the caller passes.
 const secretField = /secret|password|token|authorization|api_?key$|cookie/i;
+// Key-shaped words inside text (an upstream's error message may quote the key it refused, masked or not).
+const secretText = /\b(?:sk|rk)-[^\s,;'"]{3,}|\bBearer\s+[^\s,;'"]+/gi;
+const scrub = (text: string) => text.replace(secretText, "[redacted]");
 
 export interface LoggerOptions {
   service: string;
@@ -54,7 +57,13 @@ function redact(fields: LogFields | undefined): LogFields {
   if (!fields) return {};
   const out: LogFields = {};
   for (const [k, v] of Object.entries(fields)) {
-    out[k] = secretField.test(k) ? "[redacted]" : v instanceof Error ? { name: v.name, message: v.message } : v;
+    out[k] = secretField.test(k)
+      ? "[redacted]"
+      : v instanceof Error
+        ? { name: v.name, message: scrub(v.message) }
+        : typeof v === "string"
+          ? scrub(v)
+          : v;
   }
   return out;
 }
