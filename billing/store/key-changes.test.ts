@@ -108,6 +108,9 @@ test("watchers fail as unavailable when the listening connection dies, and a new
   const error = await first;
   expect(error).toBeInstanceOf(BillingError);
   expect((error as BillingError).kind).toBe("unavailable");
+  // The watcher is told what to do; what the driver said is for the log.
+  expect((error as BillingError).message).toBe("key change feed interrupted; watch again");
+  expect((error as BillingError).internal?.cause).toContain("terminat");
 
   const { apiKey } = await fixture.store.createApiKey({
     orgId: (await newOrg("relisten-org")).id,

@@ -25,7 +25,8 @@ export function createKeyChangeFeed(pool: pg.Pool) {
   let listening: Promise<Listener> | undefined;
 
   const failAll = (cause: Error) => {
-    const error = new BillingError("unavailable", `key change feed interrupted: ${cause.message}`);
+    // The driver's words (hosts, states) go to the log with the refusal, not to the watcher.
+    const error = new BillingError("unavailable", "key change feed interrupted; watch again", { cause: cause.message });
     for (const watcher of watchers) watcher.fail(error);
   };
 
