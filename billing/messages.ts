@@ -203,9 +203,10 @@ const discountKinds: Record<DiscountKindEnum, DiscountKind | undefined> = {
   [DiscountKindEnum.TIME_WINDOW]: "time_window",
   [DiscountKindEnum.PROMOTIONAL]: "promotional",
 };
-const discountKindEnums = Object.fromEntries(
-  Object.entries(discountKinds).map(([k, v]) => [v, Number(k)]),
-) as Record<DiscountKind, DiscountKindEnum>;
+const discountKindEnums = Object.fromEntries(Object.entries(discountKinds).map(([k, v]) => [v, Number(k)])) as Record<
+  DiscountKind,
+  DiscountKindEnum
+>;
 
 const maxTiers = 20;
 const hourMs = 3_600_000;

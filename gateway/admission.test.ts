@@ -45,7 +45,12 @@ let mockCalls = 0;
 beforeAll(async () => {
   db = await createTestDatabase();
   const billingLog = createLogger({ service: "billing-test", level: "error" });
-  billing = createClient(BillingService, createRouterTransport(createBillingApp({ pool: db.pool, adminToken, clock: () => new Date(), log: billingLog }).routes));
+  billing = createClient(
+    BillingService,
+    createRouterTransport(
+      createBillingApp({ pool: db.pool, adminToken, clock: () => new Date(), log: billingLog }).routes,
+    ),
+  );
   orgId = (await billing.createOrganization({ name: "admission" }, auth)).organization?.id as string;
   upstream = startFakeUpstream();
   const config = parseGatewayConfig(
@@ -103,10 +108,17 @@ models:
       holder: "gw-admission",
       leaseTtlSeconds: 3600,
     })),
-    routing: { breakers: createCircuitBreakers({ failureThreshold: 2, cooldownMs: 60_000 }), backoffBaseMs: 5, requestTimeoutMs: 30_000 },
+    routing: {
+      breakers: createCircuitBreakers({ failureThreshold: 2, cooldownMs: 60_000 }),
+      backoffBaseMs: 5,
+      requestTimeoutMs: 30_000,
+    },
   });
   app = createRestApp({ core, tracer: trace.getTracer("test"), maxBodyBytes: 1 << 20 });
-  rpc = createClient(GatewayService, createRouterTransport((router) => router.service(GatewayService, createGatewayService(core))));
+  rpc = createClient(
+    GatewayService,
+    createRouterTransport((router) => router.service(GatewayService, createGatewayService(core))),
+  );
 }, 60_000);
 
 afterAll(async () => {
@@ -121,7 +133,10 @@ async function keyWith(limits: MessageInitShape<typeof KeyLimitsSchema>): Promis
 }
 
 /** Records usage of the key in billing, as analytics does for what gateways served. */
-async function recordInBilling(key: string, rows: readonly { requestId: string; usage?: { inputTokens: bigint; outputTokens: bigint } }[]) {
+async function recordInBilling(
+  key: string,
+  rows: readonly { requestId: string; usage?: { inputTokens: bigint; outputTokens: bigint } }[],
+) {
   const { apiKey } = await billing.authorizeKey({ secret: key }, auth);
   const records = rows.map((m) => ({
     requestId: m.requestId,
@@ -146,8 +161,13 @@ function post(key: string, body: Record<string, unknown>) {
   );
 }
 
-const hi = (model: string, extra: Record<string, unknown> = {}) => ({ model, messages: [{ role: "user", content: "hi" }], ...extra });
-const errorOf = async (res: Response) => ((await res.json()) as { error: { type: string; code: string; message: string; param: null } }).error;
+const hi = (model: string, extra: Record<string, unknown> = {}) => ({
+  model,
+  messages: [{ role: "user", content: "hi" }],
+  ...extra,
+});
+const errorOf = async (res: Response) =>
+  ((await res.json()) as { error: { type: string; code: string; message: string; param: null } }).error;
 
 describe("per-key limits", () => {
   test("requests per minute: 429 in OpenAI's shape with Retry-After, recorded as rate limited", async () => {
@@ -161,7 +181,10 @@ describe("per-key limits", () => {
     expect(await errorOf(res)).toMatchObject({ type: "requests", code: "rate_limit_exceeded", param: null });
     expect(mockCalls).toBe(before);
     const requestId = res.headers.get("x-request-id");
-    expect(shipper.rows.find((m) => m.requestId === requestId)).toMatchObject({ status: RequestStatus.RATE_LIMITED, httpStatus: 429 });
+    expect(shipper.rows.find((m) => m.requestId === requestId)).toMatchObject({
+      status: RequestStatus.RATE_LIMITED,
+      httpStatus: 429,
+    });
   });
 
   test("responses carry OpenAI's x-ratelimit-* headers for the key, 429s and RPCs too", async () => {
@@ -257,7 +280,11 @@ describe("monthly tokens", () => {
     const unary = await rpcError(rpc.createChatCompletion(rpcHi, bearer(key)));
     expect(unary.code).toBe(Code.ResourceExhausted);
     expect(unary.metadata.get("x-error-code")).toBe("insufficient_quota");
-    const stream = await rpcError((async () => { for await (const _ of rpc.streamChatCompletion(rpcHi, bearer(key))); })());
+    const stream = await rpcError(
+      (async () => {
+        for await (const _ of rpc.streamChatCompletion(rpcHi, bearer(key)));
+      })(),
+    );
     expect(stream.code).toBe(Code.ResourceExhausted);
     expect(mockCalls).toBe(before);
   });

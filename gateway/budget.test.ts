@@ -6,7 +6,13 @@ import { costNanos } from "../lib/money.ts";
 import { createBillingApp } from "../billing/app.ts";
 import { createTestDatabase, type TestDatabase } from "../billing/store/test-db.ts";
 import { createKeyAuthorizer, type Principal } from "./auth.ts";
-import { type BudgetKeeperOptions, createBudgetKeeper, maxChatCostNanos, maxInputTokens, maxOutputTokens } from "./budget.ts";
+import {
+  type BudgetKeeperOptions,
+  createBudgetKeeper,
+  maxChatCostNanos,
+  maxInputTokens,
+  maxOutputTokens,
+} from "./budget.ts";
 import type { GatewayError } from "./errors.ts";
 import { approxInputTokens } from "./providers/provider.ts";
 
@@ -39,7 +45,10 @@ const billing: BudgetKeeperOptions["billing"] = {
 
 let orgs = 0;
 async function principalWith(budgets: { org?: bigint; key?: bigint }): Promise<Principal> {
-  const org = await client.createOrganization({ name: `budget-org-${++orgs}`, monthlyBudgetNanos: budgets.org ?? 0n }, auth);
+  const org = await client.createOrganization(
+    { name: `budget-org-${++orgs}`, monthlyBudgetNanos: budgets.org ?? 0n },
+    auth,
+  );
   const orgId = org.organization?.id as string;
   const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: budgets.key ?? 0n } }, auth);
   const keys = createKeyAuthorizer({
@@ -71,7 +80,10 @@ const leasesOf = async (scopeId: string) =>
        WHERE (scope = 'organization' AND org_id = $1) OR (scope = 'api_key' AND api_key_id = $1) ORDER BY id`,
       [scopeId],
     )
-  ).rows.map((r) => ({ granted: BigInt(r.granted_nanos), spent: r.spent_nanos === null ? null : BigInt(r.spent_nanos) }));
+  ).rows.map((r) => ({
+    granted: BigInt(r.granted_nanos),
+    spent: r.spent_nanos === null ? null : BigInt(r.spent_nanos),
+  }));
 
 const refusal = (p: Promise<unknown>) =>
   p.then(
@@ -96,7 +108,12 @@ describe("budget leases", () => {
     const before = calls.acquire;
     const r = await k.reserve(principal, 500n, 60_000);
     expect(calls.acquire - before).toBe(1);
-    expect(k.snapshot().get(`organization:${principal.orgId}`)).toEqual({ leases: 1, grantedNanos: 10_000n, spentNanos: 0n, reservedNanos: 500n });
+    expect(k.snapshot().get(`organization:${principal.orgId}`)).toEqual({
+      leases: 1,
+      grantedNanos: 10_000n,
+      spentNanos: 0n,
+      reservedNanos: 500n,
+    });
     r.settle(120n);
     r.settle(999n); // settling twice changes nothing
     expect(k.snapshot().get(`organization:${principal.orgId}`)).toMatchObject({ spentNanos: 120n, reservedNanos: 0n });
@@ -227,7 +244,10 @@ describe("budget leases", () => {
     const cost = 700n;
     const budget = cost * 20n;
     const principal = await principalWith({ key: budget });
-    const replicas = [keeper({ holder: "gw-a", minLeaseNanos: cost * 3n }), keeper({ holder: "gw-b", minLeaseNanos: cost * 3n })];
+    const replicas = [
+      keeper({ holder: "gw-a", minLeaseNanos: cost * 3n }),
+      keeper({ holder: "gw-b", minLeaseNanos: cost * 3n }),
+    ];
     const results = await Promise.all(
       Array.from({ length: 200 }, async (_, i) => {
         const k = (replicas[i % 2] as (typeof replicas)[number]).keeper;
@@ -255,13 +275,24 @@ describe("budget leases", () => {
 });
 
 describe("maximum cost of a request", () => {
-  const price = { inputMicros: 2_500_000n, cachedInputMicros: 1_250_000n, outputMicros: 10_000_000n, reasoningMicros: 10_000_000n };
+  const price = {
+    inputMicros: 2_500_000n,
+    cachedInputMicros: 1_250_000n,
+    outputMicros: 10_000_000n,
+    reasoningMicros: 10_000_000n,
+  };
 
   test("input is bounded by UTF-8 bytes plus framing, never below the token count", () => {
     const messages = [
       { role: "system" as const, content: "be brief" },
       { role: "user" as const, content: "héllo wörld, 你好" },
-      { role: "user" as const, content: [{ type: "text" as const, text: "part" }, { type: "image_url" as const, image_url: { url: "data:," } }] },
+      {
+        role: "user" as const,
+        content: [
+          { type: "text" as const, text: "part" },
+          { type: "image_url" as const, image_url: { url: "data:," } },
+        ],
+      },
     ];
     const bound = maxInputTokens({ messages });
     expect(bound).toBeGreaterThanOrEqual(approxInputTokens(messages));
@@ -281,7 +312,9 @@ describe("maximum cost of a request", () => {
     const request = { messages: [{ role: "user" as const, content: "abcd" }], max_tokens: 10 };
     const bound = maxChatCostNanos(request, price, 4096);
     const input = maxInputTokens(request);
-    expect(bound).toBe(costNanos({ inputTokens: BigInt(input), cachedInputTokens: 0n, outputTokens: 10n, reasoningTokens: 0n }, price));
+    expect(bound).toBe(
+      costNanos({ inputTokens: BigInt(input), cachedInputTokens: 0n, outputTokens: 10n, reasoningTokens: 0n }, price),
+    );
     const dearReasoning = { ...price, reasoningMicros: 40_000_000n };
     expect(maxChatCostNanos(request, dearReasoning, 4096)).toBeGreaterThan(bound);
   });

@@ -166,8 +166,10 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     let list = scopesOfPrincipal.get(principal);
     if (!list) {
       list = [];
-      if ((principal.grant.organization?.monthlyBudgetNanos ?? 0n) > 0n) list.push(scopeFor(BudgetScope.ORGANIZATION, principal.orgId));
-      if ((principal.grant.apiKey?.limits?.monthlyBudgetNanos ?? 0n) > 0n) list.push(scopeFor(BudgetScope.API_KEY, principal.apiKeyId));
+      if ((principal.grant.organization?.monthlyBudgetNanos ?? 0n) > 0n)
+        list.push(scopeFor(BudgetScope.ORGANIZATION, principal.orgId));
+      if ((principal.grant.apiKey?.limits?.monthlyBudgetNanos ?? 0n) > 0n)
+        list.push(scopeFor(BudgetScope.API_KEY, principal.apiKeyId));
       scopesOfPrincipal.set(principal, list);
     }
     // Scopes dropped by the maintenance sweep come back on use.
@@ -245,7 +247,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const acquire = (scope: Scope, size: () => bigint, returnIdle = false): Promise<void> => {
     if (scope.acquiring) return scope.acquiring;
     const acquiring = (async () => {
-      if (returnIdle) await Promise.all(scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease)));
+      if (returnIdle)
+        await Promise.all(scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease)));
       const requestedNanos = size();
       const asked = now();
       try {
@@ -258,13 +261,21 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         });
         scope.remaining = res.remainingNanos >= 0n ? res.remainingNanos : null;
         if (res.grantedNanos > 0n && res.leaseId) {
-          scope.leases.push({ id: res.leaseId, granted: res.grantedNanos, spent: 0n, reserved: 0n, expiresAt: asked + ttlMs, lastUsed: now() });
+          scope.leases.push({
+            id: res.leaseId,
+            granted: res.grantedNanos,
+            spent: 0n,
+            reserved: 0n,
+            expiresAt: asked + ttlMs,
+            lastUsed: now(),
+          });
           instruments?.leases.inc({ outcome: res.grantedNanos < requestedNanos ? "partial" : "granted" });
           instruments?.granted.inc(Number(res.grantedNanos) / 1e9);
         } else {
           instruments?.leases.inc({ outcome: "exhausted" });
         }
-        if (res.grantedNanos < requestedNanos && res.remainingNanos === 0n) scope.exhaustedUntil = now() + exhaustedBackoffMs;
+        if (res.grantedNanos < requestedNanos && res.remainingNanos === 0n)
+          scope.exhaustedUntil = now() + exhaustedBackoffMs;
       } catch (e) {
         instruments?.leases.inc({ outcome: "error" });
         const err = ConnectError.from(e);
@@ -341,9 +352,11 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       for (const lease of [...scope.leases]) {
         if (lease.reserved !== 0n) continue;
         // Too close to expiry for the next request, or idle: let other replicas have it.
-        if (lease.expiresAt < t + scope.maxHoldMs + marginMs * 2 || t - lease.lastUsed >= idleReleaseMs) void release(scope, lease);
+        if (lease.expiresAt < t + scope.maxHoldMs + marginMs * 2 || t - lease.lastUsed >= idleReleaseMs)
+          void release(scope, lease);
       }
-      if (scope.leases.length === 0 && !scope.acquiring && t - scope.lastUsed >= idleReleaseMs) scopes.delete(scope.key);
+      if (scope.leases.length === 0 && !scope.acquiring && t - scope.lastUsed >= idleReleaseMs)
+        scopes.delete(scope.key);
     }
   };
   const timer = setInterval(maintain, options.maintenanceIntervalMs ?? 1_000);
@@ -412,7 +425,12 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     snapshot() {
       const out = new Map<string, ScopeSnapshot>();
       for (const scope of scopes.values()) {
-        const snap: ScopeSnapshot = { leases: scope.leases.length, grantedNanos: 0n, spentNanos: 0n, reservedNanos: 0n };
+        const snap: ScopeSnapshot = {
+          leases: scope.leases.length,
+          grantedNanos: 0n,
+          spentNanos: 0n,
+          reservedNanos: 0n,
+        };
         for (const lease of scope.leases) {
           snap.grantedNanos += lease.granted;
           snap.spentNanos += lease.spent;
@@ -459,7 +477,10 @@ export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" |
 }
 
 /** The most output a chat request may produce: its max_completion_tokens or max_tokens (else `cap`) times n. */
-export function maxOutputTokens(request: Pick<ChatRequest, "max_completion_tokens" | "max_tokens" | "n">, cap: number): number {
+export function maxOutputTokens(
+  request: Pick<ChatRequest, "max_completion_tokens" | "max_tokens" | "n">,
+  cap: number,
+): number {
   const limit = request.max_completion_tokens ?? request.max_tokens ?? cap;
   return limit * (request.n ?? 1);
 }
@@ -469,7 +490,12 @@ export function maxCostNanos(inputTokens: number, outputTokens: number, price: P
   const input = price.inputMicros > price.cachedInputMicros ? price.inputMicros : price.cachedInputMicros;
   const output = price.outputMicros > price.reasoningMicros ? price.outputMicros : price.reasoningMicros;
   return costNanos(
-    { inputTokens: BigInt(inputTokens), cachedInputTokens: 0n, outputTokens: BigInt(outputTokens), reasoningTokens: 0n },
+    {
+      inputTokens: BigInt(inputTokens),
+      cachedInputTokens: 0n,
+      outputTokens: BigInt(outputTokens),
+      reasoningTokens: 0n,
+    },
     { inputMicros: input, cachedInputMicros: input, outputMicros: output, reasoningMicros: output },
   );
 }
@@ -484,7 +510,9 @@ export function maxChatCostNanos(
 }
 
 /** An upper bound on an embeddings request's input tokens: UTF-8 bytes of strings, lengths of token arrays. */
-export function maxEmbeddingInputTokens(input: string | readonly string[] | readonly number[] | readonly number[][]): number {
+export function maxEmbeddingInputTokens(
+  input: string | readonly string[] | readonly number[] | readonly number[][],
+): number {
   if (typeof input === "string") return Buffer.byteLength(input);
   let tokens = 0;
   for (const item of input) {

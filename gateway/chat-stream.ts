@@ -87,7 +87,13 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       // Metrics are recorded even if counting fails (the tokenizer cannot load): with zero tokens, marked estimated.
       const counted = tokens ?? (await count().catch(() => ({ value: estimatedTokens(0, 0), estimated: true })));
       const cost = meterUsage(m, counted.value, counted.estimated, options.price);
-      outcome = { tokens: counted.value, costNanos: cost, usageEstimated: counted.estimated, provider: m.provider, error };
+      outcome = {
+        tokens: counted.value,
+        costNanos: cost,
+        usageEstimated: counted.estimated,
+        provider: m.provider,
+        error,
+      };
       options.finish(call, error);
     })();
     return ending;
@@ -151,11 +157,22 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       }
       tokens = await count();
       if (includeUsage && tokens.estimated && last) {
-        yield { id: last.id, object: "chat.completion.chunk", created: last.created, model: last.model, choices: [], usage: usageOfTokens(tokens.value) };
+        yield {
+          id: last.id,
+          object: "chat.completion.chunk",
+          created: last.created,
+          model: last.model,
+          choices: [],
+          usage: usageOfTokens(tokens.value),
+        };
       }
     } catch (e) {
       if (e instanceof UpstreamError && e.failure !== "cancelled") {
-        options.log?.warn("upstream stream failed", { request_id: call.requestId, provider: m.provider, err: e.message });
+        options.log?.warn("upstream stream failed", {
+          request_id: call.requestId,
+          provider: m.provider,
+          err: e.message,
+        });
       }
       error = e instanceof UpstreamError ? streamError(e, m.requestedModel) : toGatewayError(e);
       throw error;

@@ -10,13 +10,26 @@ import { createWaiters } from "../lib/waiters.ts";
 import { withChildSpan } from "../lib/telemetry.ts";
 import type { Tokens } from "../lib/money.ts";
 import type { KeyAuthorizer, Principal } from "./auth.ts";
-import { type BudgetKeeper, maxChatCostNanos, maxCostNanos, maxEmbeddingInputTokens, type Reservation } from "./budget.ts";
+import {
+  type BudgetKeeper,
+  maxChatCostNanos,
+  maxCostNanos,
+  maxEmbeddingInputTokens,
+  type Reservation,
+} from "./budget.ts";
 import { parseChatInput } from "./chat-request.ts";
 import { type ChatStream, meterChatStream } from "./chat-stream.ts";
 import { createCircuitBreakers } from "./circuit-breaker.ts";
 import type { GatewayConfig, ModelRoute } from "./config.ts";
 import { parseEmbeddingInput } from "./embedding-request.ts";
-import { type GatewayError, invalidRequest, modelNotAllowed, modelNotFound, requestTimeout, toGatewayError } from "./errors.ts";
+import {
+  type GatewayError,
+  invalidRequest,
+  modelNotAllowed,
+  modelNotFound,
+  requestTimeout,
+  toGatewayError,
+} from "./errors.ts";
 import type { ChatCompletion, CreateEmbeddingResponse, Provider } from "./providers/provider.ts";
 import { meterUsage } from "./metering.ts";
 import { estimatedChatTokens, type RateLimiter, type RateTicket, rateLimitHeaders } from "./rate-limits.ts";
@@ -174,7 +187,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   };
 
   /** Records who asked for which model, and resolves the route the caller's key may use. */
-  const routeFor = (call: Call, principal: Principal, input: { model: string; user: string; tags?: Record<string, string> }) => {
+  const routeFor = (
+    call: Call,
+    principal: Principal,
+    input: { model: string; user: string; tags?: Record<string, string> },
+  ) => {
     const m = call.metrics;
     m.requestedModel = meteredName(input.model);
     m.endUserId = input.user;
@@ -189,7 +206,13 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
    * Checks the key's monthly tokens and rate limits and reserves the request's maximum cost on its
    * budgets, before any upstream call; `finish` settles all three at what the call really used.
    */
-  const admit = async (call: Call, principal: Principal, route: ModelRoute, maxCost: bigint, estimatedTokens: number) => {
+  const admit = async (
+    call: Call,
+    principal: Principal,
+    route: ModelRoute,
+    maxCost: bigint,
+    estimatedTokens: number,
+  ) => {
     const limits = principal.grant.apiKey?.limits;
     const quota = tokenQuota.admit(principal);
     const ticket = options.rateLimits?.admit(
@@ -316,7 +339,13 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const route = routeFor(call, principal, input);
       if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
       const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
-      await admit(call, principal, route, maxChatCostNanos(input.upstream, route.price, cap), estimatedChatTokens(input.upstream));
+      await admit(
+        call,
+        principal,
+        route,
+        maxChatCostNanos(input.upstream, route.price, cap),
+        estimatedChatTokens(input.upstream),
+      );
       const result = await callUpstream(call, route, (provider, model, options) =>
         provider.chat({ ...input.upstream, model }, options),
       );
@@ -351,7 +380,13 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       m.streamed = true;
       const route = routeFor(call, principal, input);
       const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
-      const admission = await admit(call, principal, route, maxChatCostNanos(input.upstream, route.price, cap), estimatedChatTokens(input.upstream));
+      const admission = await admit(
+        call,
+        principal,
+        route,
+        maxChatCostNanos(input.upstream, route.price, cap),
+        estimatedChatTokens(input.upstream),
+      );
       // A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and
       // ends (and meters) a stream nobody reads; finishing the call aborts whatever is left upstream.
       const deadline = new AbortController();
@@ -402,7 +437,13 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       );
       if (result.response.model) m.servedModel = result.response.model;
       const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price);
-      return { response: result.response, tokens: result.tokens, costNanos: cost, usageEstimated: result.usageEstimated, provider: m.provider };
+      return {
+        response: result.response,
+        tokens: result.tokens,
+        costNanos: cost,
+        usageEstimated: result.usageEstimated,
+        provider: m.provider,
+      };
     },
     models(call) {
       const allowed = call.principal?.allowedModels;

@@ -73,10 +73,15 @@ export function costParts(tokens: Tokens, price: Price): CostParts {
     (tokens.outputTokens - reasoning) * price.outputMicros,
     reasoning * price.reasoningMicros,
   ];
-  const totalNanos = divRoundHalfUp(products.reduce((a, b) => a + b, 0n), 1000n);
+  const totalNanos = divRoundHalfUp(
+    products.reduce((a, b) => a + b, 0n),
+    1000n,
+  );
   const parts = products.map((p) => p / 1000n);
   let leftover = totalNanos - parts.reduce((a, b) => a + b, 0n);
-  const byRemainder = products.map((p, i) => ({ i, r: p % 1000n })).sort((a, b) => (b.r > a.r ? 1 : b.r < a.r ? -1 : a.i - b.i));
+  const byRemainder = products
+    .map((p, i) => ({ i, r: p % 1000n }))
+    .sort((a, b) => (b.r > a.r ? 1 : b.r < a.r ? -1 : a.i - b.i));
   for (const { i, r } of byRemainder) {
     if (leftover === 0n || r === 0n) break;
     parts[i] = (parts[i] ?? 0n) + 1n;

@@ -18,7 +18,8 @@ import {
   usageOfTokens,
 } from "./provider.ts";
 
-type MockConfig = Pick<MockProviderConfig, "name" | "latency_ms"> & Partial<Pick<MockProviderConfig, "chunk_latency_ms">>;
+type MockConfig = Pick<MockProviderConfig, "name" | "latency_ms"> &
+  Partial<Pick<MockProviderConfig, "chunk_latency_ms">>;
 
 // Characters per streamed chunk: one mock token.
 const chunkChars = 4;
@@ -70,7 +71,10 @@ export function createMockProvider(config: MockConfig): Provider {
       await answer(options);
       const reply = replyTo(request);
       const created = Math.floor(Date.now() / 1000);
-      const chunk = (choices: ChatCompletionChunk["choices"], usage: ChatCompletionChunk["usage"] = null): ChatCompletionChunk => ({
+      const chunk = (
+        choices: ChatCompletionChunk["choices"],
+        usage: ChatCompletionChunk["usage"] = null,
+      ): ChatCompletionChunk => ({
         id: reply.id,
         object: "chat.completion.chunk",
         created,
@@ -79,9 +83,13 @@ export function createMockProvider(config: MockConfig): Provider {
         usage,
       });
       // Every choice advances in the same chunk, so a stream's length and pacing do not grow with n.
-      const each = (delta: ChatCompletionChunk.Choice.Delta, finish: ChatCompletionChunk.Choice["finish_reason"] = null) => {
+      const each = (
+        delta: ChatCompletionChunk.Choice.Delta,
+        finish: ChatCompletionChunk.Choice["finish_reason"] = null,
+      ) => {
         const choices: ChatCompletionChunk["choices"] = [];
-        for (let index = 0; index < reply.n; index++) choices.push({ index, delta, finish_reason: finish, logprobs: null });
+        for (let index = 0; index < reply.n; index++)
+          choices.push({ index, delta, finish_reason: finish, logprobs: null });
         return chunk(choices);
       };
       const signal = options.signal;
@@ -89,7 +97,13 @@ export function createMockProvider(config: MockConfig): Provider {
         const call = reply.toolCall;
         yield each(
           call
-            ? { role: "assistant", content: null, tool_calls: [{ index: 0, id: call.id, type: "function", function: { name: call.function.name, arguments: "" } }] }
+            ? {
+                role: "assistant",
+                content: null,
+                tool_calls: [
+                  { index: 0, id: call.id, type: "function", function: { name: call.function.name, arguments: "" } },
+                ],
+              }
             : { role: "assistant", content: "" },
         );
         // A tool call's arguments stream as its content would, one token a chunk.
@@ -109,7 +123,9 @@ export function createMockProvider(config: MockConfig): Provider {
       await answer(options);
       // A string or a flat array of token ids is one input.
       const input = request.input;
-      const inputs = (typeof input === "string" || typeof input[0] === "number" ? [input] : input) as Array<string | number[]>;
+      const inputs = (typeof input === "string" || typeof input[0] === "number" ? [input] : input) as Array<
+        string | number[]
+      >;
       const dimensions = request.dimensions ?? embeddingDimensions;
       let tokens = 0;
       const data: Embedding[] = [];
@@ -117,13 +133,19 @@ export function createMockProvider(config: MockConfig): Provider {
         const text = typeof item === "string" ? item : JSON.stringify(item);
         tokens += typeof item === "string" ? approxTokens(item) : item.length;
         const vector = unitVector(text, dimensions);
-        const embedding = request.encoding_format === "base64" ? Buffer.from(vector.buffer).toString("base64") : Array.from(vector);
+        const embedding =
+          request.encoding_format === "base64" ? Buffer.from(vector.buffer).toString("base64") : Array.from(vector);
         // Base64 vectors travel as strings, as the API sends them.
         data.push({ object: "embedding", index, embedding: embedding as number[] });
       });
       const usage = { inputTokens: BigInt(tokens), cachedInputTokens: 0n, outputTokens: 0n, reasoningTokens: 0n };
       return {
-        response: { object: "list", model: request.model, data, usage: { prompt_tokens: tokens, total_tokens: tokens } },
+        response: {
+          object: "list",
+          model: request.model,
+          data,
+          usage: { prompt_tokens: tokens, total_tokens: tokens },
+        },
         tokens: usage,
         usageEstimated: false,
       };
@@ -168,7 +190,9 @@ function replyTo(request: ChatRequest) {
     finishReason = "length";
   }
   const n = request.n ?? 1;
-  const outputTokens = toolCall ? approxTokens(toolCall.function.name + toolCall.function.arguments) : approxTokens(content);
+  const outputTokens = toolCall
+    ? approxTokens(toolCall.function.name + toolCall.function.arguments)
+    : approxTokens(content);
   return {
     id: `chatcmpl-${ulid()}`,
     content,

@@ -128,7 +128,10 @@ export function upstreamErrorBody(error: unknown): UpstreamErrorBody | undefined
 }
 
 /** Retry-After (seconds or HTTP date) or retry-after-ms, in ms; undefined when absent or unreadable. */
-export function retryAfterMs(headers: { get(name: string): string | null } | undefined, now = Date.now()): number | undefined {
+export function retryAfterMs(
+  headers: { get(name: string): string | null } | undefined,
+  now = Date.now(),
+): number | undefined {
   const ms = headers?.get("retry-after-ms");
   if (ms) {
     const value = Number(ms);
@@ -159,7 +162,8 @@ export function usageOfTokens(tokens: Tokens): CompletionUsage {
   const output = Number(tokens.outputTokens);
   const usage: CompletionUsage = { prompt_tokens: input, completion_tokens: output, total_tokens: input + output };
   if (tokens.cachedInputTokens > 0n) usage.prompt_tokens_details = { cached_tokens: Number(tokens.cachedInputTokens) };
-  if (tokens.reasoningTokens > 0n) usage.completion_tokens_details = { reasoning_tokens: Number(tokens.reasoningTokens) };
+  if (tokens.reasoningTokens > 0n)
+    usage.completion_tokens_details = { reasoning_tokens: Number(tokens.reasoningTokens) };
   return usage;
 }
 
