@@ -22,6 +22,9 @@ export interface Tokens {
   reasoningTokens: bigint;
 }
 
+/** Most tokens of each kind one request is metered with, as the TokenUsage contract documents (0..2^31). */
+export const MAX_TOKENS_PER_REQUEST = 2n ** 31n;
+
 const decimalUsd = /^(\d{1,9})(?:\.(\d{1,6}))?$/;
 
 /** Parses a non-negative decimal USD amount with at most 6 decimals ("2.5", "0.075") into micro-USD. */

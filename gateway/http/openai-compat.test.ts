@@ -3,7 +3,7 @@ import OpenAI, { APIError, BadRequestError } from "openai";
 import { isValid as isUlid } from "ulid";
 import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
-import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
+import { type FakeUpstream, type FakeUsage, startFakeUpstream } from "../testing/fake-upstream.ts";
 import { startTestGateway } from "../testing/served-gateway.ts";
 
 // The gateway in front of a real OpenAI-compatible upstream on a socket, called with the official SDK.
@@ -28,6 +28,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["too-large"],
   ["quota", "retries: 2"],
   ["throttled"],
+  ["odd-usage"],
 ];
 
 function routes(url: string) {
@@ -559,6 +560,108 @@ for (const port of ["rpc", "rest"] as const) {
         } finally {
           gateway.billing.setDown(false);
         }
+      });
+    });
+
+    describe("upstream usage as it is metered", () => {
+      // An OpenAI-compatible server may report counts no token count can be; the cast lets the fake send them.
+      const odd = (usage: Record<string, unknown>) => usage as unknown as FakeUsage;
+      /** The row of a response, checked to hold what billing accepts and what the client was charged. */
+      const meteredRow = async (response: Response) => {
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m.status).toBe(RequestStatus.OK);
+        expect(m.usage?.cachedInputTokens).toBeLessThanOrEqual(m.usage?.inputTokens ?? 0n);
+        expect(m.usage?.reasoningTokens).toBeLessThanOrEqual(m.usage?.outputTokens ?? 0n);
+        const charged = response.headers.get("x-gateway-cost-nanos");
+        if (charged !== null) expect(charged).toBe(String(m.costNanos));
+        return m;
+      };
+      const fractional = odd({
+        prompt_tokens: 10.5,
+        completion_tokens: 4,
+        total_tokens: 14.5,
+        prompt_tokens_details: { cached_tokens: 20 },
+        completion_tokens_details: { reasoning_tokens: 9 },
+      });
+      // 11 cached input at $1.25/M + 4 output, all reasoning, at $10/M
+      const fractionalCost = 11n * 1_250n + 4n * 10_000n;
+
+      test("a whole completion: fractions round up, cached input and reasoning stay within their totals", async () => {
+        upstream.script("odd-usage", { content: "hi", usage: fractional });
+        const { response } = await sdk()
+          .chat.completions.create({ model: "odd-usage", messages: hello })
+          .withResponse();
+        const m = await meteredRow(response);
+        expect(m.usage).toMatchObject({
+          inputTokens: 11n,
+          cachedInputTokens: 11n,
+          outputTokens: 4n,
+          reasoningTokens: 4n,
+        });
+        expect(m).toMatchObject({ usageEstimated: false, costNanos: fractionalCost });
+        expect(upstream.seen("odd-usage")).toHaveLength(1);
+      });
+
+      test("a streamed completion is metered by the same rule", async () => {
+        upstream.script("odd-usage", { content: "one two", usage: fractional });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({
+            model: "odd-usage",
+            messages: hello,
+            stream: true,
+            stream_options: { include_usage: true },
+          })
+          .withResponse();
+        for await (const _ of stream);
+        const m = await meteredRow(response);
+        expect(m.usage).toMatchObject({
+          inputTokens: 11n,
+          cachedInputTokens: 11n,
+          outputTokens: 4n,
+          reasoningTokens: 4n,
+        });
+        expect(m).toMatchObject({ usageEstimated: false, costNanos: fractionalCost });
+      });
+
+      test("a negative count is no count: the tokenizer's estimate stands in for it, marked estimated", async () => {
+        upstream.script("odd-usage", {
+          content: "Hello world",
+          usage: odd({ prompt_tokens: -5, completion_tokens: 3, total_tokens: -2 }),
+        });
+        const whole = await meteredRow(
+          (await sdk().chat.completions.create({ model: "odd-usage", messages: hello }).withResponse()).response,
+        );
+        // o200k_base: 3 priming + 3 framing + "user" + "hello there friend" (3 tokens)
+        expect(whole.usage).toMatchObject({ inputTokens: 10n, outputTokens: 3n });
+        expect(whole.usageEstimated).toBe(true);
+
+        upstream.script("odd-usage", {
+          content: "Hello world",
+          usage: odd({ prompt_tokens: 12, completion_tokens: -1, total_tokens: 11 }),
+        });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "odd-usage", messages: hello, stream: true })
+          .withResponse();
+        for await (const _ of stream);
+        const streamed = await meteredRow(response);
+        // "Hello world" is 2 tokens.
+        expect(streamed.usage).toMatchObject({ inputTokens: 12n, outputTokens: 2n });
+        expect(streamed.usageEstimated).toBe(true);
+      });
+
+      test("embeddings: a fraction rounds up, a negative count is estimated", async () => {
+        upstream.script("embed", { usage: odd({ prompt_tokens: 7.2, total_tokens: 7.2 }) });
+        const { response } = await sdk().embeddings.create({ model: "embed", input: "Hello world" }).withResponse();
+        const m = await meteredRow(response);
+        expect(m.usage?.inputTokens).toBe(8n);
+        expect(m).toMatchObject({ usageEstimated: false, costNanos: 8n * 2_500n });
+
+        upstream.script("embed", { usage: odd({ prompt_tokens: -1, total_tokens: -1 }) });
+        const estimated = await meteredRow(
+          (await sdk().embeddings.create({ model: "embed", input: "Hello world" }).withResponse()).response,
+        );
+        expect(estimated.usage?.inputTokens).toBe(2n);
+        expect(estimated.usageEstimated).toBe(true);
       });
     });
 

@@ -1,7 +1,7 @@
 import OpenAI, { APIError, AzureOpenAI } from "openai";
 import { createParser } from "eventsource-parser";
 import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
-import { countEmbeddingTokens, countInputTokens, countTextTokens, estimatedTokens } from "../tokenizer.ts";
+import { countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
 import {
   type CallOptions,
   type ChatCompletion,
@@ -13,9 +13,9 @@ import {
   type EmbeddingRequest,
   type EmbeddingResult,
   failureOfStatus,
+  meteredUsage,
   type Provider,
   retryAfterMs,
-  tokensFromUsage,
   UpstreamError,
   upstreamErrorBody,
 } from "./provider.ts";
@@ -116,17 +116,20 @@ export function createOpenAIProvider(
       if (!completion || typeof completion !== "object" || !Array.isArray(completion.choices)) {
         throw new UpstreamError("transient", `${config.name}: the response is not a chat completion`);
       }
-      const tokens = tokensFromUsage(completion.usage);
-      if (tokens) return { completion, tokens, usageEstimated: false };
-      const output: string[] = [];
-      for (const c of completion.choices) {
-        if (c.message.content) output.push(c.message.content);
-        for (const call of c.message.tool_calls ?? []) {
-          if (call.type === "function") output.push(call.function.name, call.function.arguments);
-        }
-      }
-      const input = await countInputTokens(request.messages, request.tools);
-      return { completion, tokens: estimatedTokens(input, await countTextTokens(output)), usageEstimated: true };
+      const { tokens, estimated } = await meteredUsage(completion.usage, {
+        input: () => countInputTokens(request.messages, request.tools),
+        output: () => {
+          const output: string[] = [];
+          for (const c of completion.choices) {
+            if (c.message.content) output.push(c.message.content);
+            for (const call of c.message.tool_calls ?? []) {
+              if (call.type === "function") output.push(call.function.name, call.function.arguments);
+            }
+          }
+          return countTextTokens(output);
+        },
+      });
+      return { completion, tokens, usageEstimated: estimated };
     },
 
     async streamChat(request: ChatRequest, options: CallOptions): Promise<ChunkStream> {
@@ -144,11 +147,10 @@ export function createOpenAIProvider(
       if (!response || !Array.isArray(response.data)) {
         throw new UpstreamError("transient", `${config.name}: the embeddings response has no data`);
       }
-      const prompt = response.usage?.prompt_tokens;
-      if (typeof prompt === "number") {
-        return { response, tokens: estimatedTokens(prompt, 0), usageEstimated: false };
-      }
-      return { response, tokens: estimatedTokens(await countEmbeddingTokens(request.input), 0), usageEstimated: true };
+      const { tokens, estimated } = await meteredUsage(response.usage, {
+        input: () => countEmbeddingTokens(request.input),
+      });
+      return { response, tokens, usageEstimated: estimated };
     },
   };
 }
