@@ -83,6 +83,9 @@ models:
     targets: [{ provider: fake, model: dribble }]
     pricing: { input_per_mtok: "1", output_per_mtok: "1" }
     request_timeout_ms: 400
+  - name: late
+    targets: [{ provider: fake, model: late }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
 `,
     "admission.yaml",
   );
@@ -380,6 +383,40 @@ describe("routing against a real upstream", () => {
     expect(res.status).toBe(504);
     expect((await errorOf(res)).code).toBe("request_timeout");
     expect(performance.now() - started).toBeLessThan(3_000);
+    // The upstream has the prompt: it is metered, counted by the tokenizer.
+    const m = shipper.rows.find((row) => row.requestId === res.headers.get("x-request-id"));
+    expect(m).toMatchObject({ status: RequestStatus.TIMEOUT, usageEstimated: true });
+    expect(m?.usage).toMatchObject({ inputTokens: 8n, outputTokens: 0n });
+    expect(m?.costNanos).toBe(8_000n);
+  });
+
+  test("a client gone while the upstream has its prompt is charged the prompt against its budget", async () => {
+    upstream.script("late", { delayMs: 2_000 });
+    const key = await keyWith({ monthlyBudgetNanos: 1_000_000_000n });
+    const keyId = (await billing.authorizeKey({ secret: key }, auth)).apiKey?.id;
+    const gone = new AbortController();
+    const pending = app.fetch(
+      new Request("http://gateway.test/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+        body: JSON.stringify({
+          model: "late",
+          messages: [{ role: "user", content: "one two three four ".repeat(1_000) }],
+        }),
+        signal: gone.signal,
+      }),
+    );
+    while (upstream.seen("late").length === 0) await Bun.sleep(5);
+    await Bun.sleep(200);
+    gone.abort();
+    const res = await pending;
+    expect(res.status).toBe(499);
+    const m = shipper.rows.find((row) => row.requestId === res.headers.get("x-request-id"));
+    expect(m).toMatchObject({ status: RequestStatus.CANCELLED, usageEstimated: true });
+    // o200k_base: 4,000 words and a trailing space, framing and role; nothing was generated.
+    expect(m?.usage).toMatchObject({ inputTokens: 4_008n, outputTokens: 0n });
+    expect(m?.costNanos).toBe(4_008_000n);
+    expect(budget?.snapshot().get(`api_key:${keyId}`)).toMatchObject({ spentNanos: 4_008_000n, reservedNanos: 0n });
   });
 
   test("a stream past the whole-request limit is cut with request_timeout", async () => {

@@ -30,11 +30,17 @@ import {
   requestTimeout,
   toGatewayError,
 } from "./errors.ts";
-import type { ChatCompletion, CreateEmbeddingResponse, Provider } from "./providers/provider.ts";
+import {
+  type ChatCompletion,
+  type CreateEmbeddingResponse,
+  type Provider,
+  UpstreamError,
+} from "./providers/provider.ts";
 import { meterUsage } from "./metering.ts";
 import { estimatedChatTokens, type RateLimiter, type RateTicket, rateLimitHeaders } from "./rate-limits.ts";
 import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
 import { createTokenQuota, type QuotaTicket, type TokenQuotaOptions } from "./token-quota.ts";
+import { countEmbeddingTokens, countInputTokens, estimatedTokens } from "./tokenizer.ts";
 
 // Request ids: ULIDs, increasing within a process; the factory finds its random source once, not per id.
 const newRequestId = monotonicFactory();
@@ -199,8 +205,39 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     return admitModel(principal, input.model);
   };
 
-  const callUpstream = <T>(call: Call, route: ModelRoute, attempt: Attempt<T>, signal?: AbortSignal): Promise<T> =>
-    router.run(call, route, attempt, signal);
+  /**
+   * Runs a request's upstream attempts. One cut off by the client leaving or a time limit has already handed the
+   * prompt to its upstream, which bills for it: a request that then ends cancelled or timed out is metered at its
+   * input tokens (`countInput`, by the tokenizer, marked estimated), which `finish` charges to its budget and quota.
+   */
+  const callUpstream = async <T>(
+    call: Call,
+    route: ModelRoute,
+    attempt: Attempt<T>,
+    countInput: () => Promise<number>,
+    signal?: AbortSignal,
+  ): Promise<T> => {
+    let promptSent = false;
+    const watched: Attempt<T> = async (provider, model, options) => {
+      try {
+        return await attempt(provider, model, options);
+      } catch (e) {
+        if (e instanceof UpstreamError && (e.failure === "cancelled" || e.failure === "timeout")) promptSent = true;
+        throw e;
+      }
+    };
+    try {
+      return await router.run(call, route, watched, signal);
+    } catch (e) {
+      const outcome = toGatewayError(e).outcome;
+      if (promptSent && (outcome === RequestStatus.CANCELLED || outcome === RequestStatus.TIMEOUT)) {
+        // Recorded even if the tokenizer cannot load, as a stream's count is: with zero tokens.
+        const input = await countInput().catch(() => 0);
+        meterUsage(call.metrics, estimatedTokens(input, 0), true, route.price);
+      }
+      throw e;
+    }
+  };
 
   /**
    * Checks the key's monthly tokens and rate limits and reserves the request's maximum cost on its
@@ -346,8 +383,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         maxChatCostNanos(input.upstream, route.price, cap),
         estimatedChatTokens(input.upstream),
       );
-      const result = await callUpstream(call, route, (provider, model, options) =>
-        provider.chat({ ...input.upstream, model }, options),
+      const result = await callUpstream(
+        call,
+        route,
+        (provider, model, options) => provider.chat({ ...input.upstream, model }, options),
+        () => countInputTokens(input.upstream.messages, input.upstream.tools),
       );
       if (result.completion.model) m.servedModel = result.completion.model;
       const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price);
@@ -412,6 +452,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
           request = { ...input.upstream, model };
           return provider.streamChat(request, options);
         },
+        () => countInputTokens(input.upstream.messages, input.upstream.tools),
         signal,
       );
       return meterChatStream({
@@ -432,8 +473,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const route = routeFor(call, principal, input);
       const inputTokens = maxEmbeddingInputTokens(input.upstream.input);
       await admit(call, principal, route, maxCostNanos(inputTokens, 0, route.price), Math.ceil(inputTokens / 4));
-      const result = await callUpstream(call, route, (provider, model, options) =>
-        provider.embed({ ...input.upstream, model }, options),
+      const result = await callUpstream(
+        call,
+        route,
+        (provider, model, options) => provider.embed({ ...input.upstream, model }, options),
+        () => countEmbeddingTokens(input.upstream.input),
       );
       if (result.response.model) m.servedModel = result.response.model;
       const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price);

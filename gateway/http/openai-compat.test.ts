@@ -406,6 +406,46 @@ for (const port of ["rpc", "rest"] as const) {
       });
     });
 
+    describe("requests cut off once the upstream has the prompt", () => {
+      /** The metrics row recorded after `before` rows, once it is there. */
+      const rowAfter = async (before: number) => {
+        const deadline = Date.now() + 5000;
+        while (gateway.shipper.rows.length <= before && Date.now() < deadline) await Bun.sleep(5);
+        return gateway.shipper.rows[before];
+      };
+
+      test("a client that leaves before the first chunk is metered at its prompt, whole or streamed", async () => {
+        upstream.script("slow-stream", { hang: true });
+        for (const stream of [false, true]) {
+          const before = gateway.shipper.rows.length;
+          const sent = upstream.seen("slow-stream").length;
+          const gone = new AbortController();
+          const pending = sdk()
+            .chat.completions.create({ model: "slow-stream", messages: hello, stream }, { signal: gone.signal })
+            .catch(() => undefined);
+          while (upstream.seen("slow-stream").length === sent) await Bun.sleep(5);
+          gone.abort();
+          await pending;
+          const m = await rowAfter(before);
+          expect(m).toMatchObject({ status: RequestStatus.CANCELLED, streamed: stream, usageEstimated: true });
+          // o200k_base: "hello there friend" framed as a user message; 10 tokens at $2.50/M.
+          expect(m?.usage).toMatchObject({ inputTokens: 10n, outputTokens: 0n });
+          expect(m?.costNanos).toBe(25_000n);
+        }
+      });
+
+      test("an embedding whose upstream times out is metered at its input", async () => {
+        upstream.script("slow", { hang: true });
+        const before = gateway.shipper.rows.length;
+        const e = await apiError(sdk().embeddings.create({ model: "slow", input: "Hello world" }));
+        expectShape(e, 504, "upstream_timeout");
+        const m = await rowAfter(before);
+        expect(m).toMatchObject({ status: RequestStatus.TIMEOUT, endpoint: Endpoint.EMBEDDINGS, usageEstimated: true });
+        expect(m?.usage?.inputTokens).toBe(2n);
+        expect(m?.costNanos).toBe(5_000n);
+      });
+    });
+
     describe("embeddings and models", () => {
       test("embeddings through the SDK (its default base64 encoding and floats), priced on input tokens", async () => {
         upstream.script("embed", { usage: { prompt_tokens: 400, completion_tokens: 0, total_tokens: 400 } });
