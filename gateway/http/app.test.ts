@@ -211,6 +211,20 @@ describe("REST chat completions", () => {
     expect(finished[0]?.match(/"finish_reason":"stop"/g)).toHaveLength(128);
   });
 
+  test("embeddings the mock would answer with over a million values are a 400 naming dimensions", async () => {
+    const { call, shipper } = setup();
+    const input = Array.from({ length: 256 }, (_, i) => `${i}`);
+    const res = await call("/v1/embeddings", {
+      method: "POST",
+      key: "sk-good",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: "mock", input, dimensions: 65_536 }),
+    });
+    const error = await expectError(res, 400, "invalid_value", "dimensions");
+    expect(error.type).toBe("invalid_request_error");
+    expect(shipper.rows[0]).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 400 });
+  });
+
   test("missing and unknown keys are 401; billing down is 503", async () => {
     const { chat, billing, shipper } = setup();
     const missing = await expectError(await chat(hello, null), 401, "missing_api_key");

@@ -133,6 +133,23 @@ describe("mock provider", () => {
     expect(three.tokens.outputTokens).toBe(6n);
   });
 
+  test("writes at most 4,096 tokens a choice, so n copies of a long prompt stay small, whole or streamed", async () => {
+    const long = request("x".repeat(100_000), { n: 128, max_tokens: 100_000 });
+    const whole = await mock.chat(long, { timeoutMs: 1000 });
+    expect(whole.completion.choices).toHaveLength(128);
+    for (const choice of whole.completion.choices) {
+      expect(choice.message.content).toHaveLength(4096 * 4);
+      expect(choice.finish_reason).toBe("length");
+    }
+    expect(whole.tokens.outputTokens).toBe(4096n * 128n);
+    expect(JSON.stringify(whole.completion).length).toBeLessThan(3 << 20);
+    let streamed = "";
+    for await (const chunk of await mock.streamChat(long, { timeoutMs: 1000 })) {
+      streamed += chunk.choices[0]?.delta.content ?? "";
+    }
+    expect(streamed).toBe(whole.completion.choices[0]?.message.content as string);
+  });
+
   test("waits its latency, times out past the attempt limit, and stops when the client leaves", async () => {
     const slow = createMockProvider({ name: "slow", latency_ms: 30 });
     const start = performance.now();
@@ -205,6 +222,24 @@ describe("mock provider", () => {
     expect(tokens.tokens.inputTokens).toBe(3n);
     const lists = await mock.embed({ model: "m", input: [[1, 2], [3]], encoding_format: "float" }, { timeoutMs: 1000 });
     expect(lists.response.data).toHaveLength(2);
+  });
+
+  test("refuses embeddings of more than 1,048,576 values (inputs x dimensions) with a 400 naming the parameter", async () => {
+    const inputs = Array.from({ length: 256 }, (_, i) => `input ${i}`);
+    const refused = await mock
+      .embed({ model: "m", input: inputs, dimensions: 65_536, encoding_format: "float" }, { timeoutMs: 1000 })
+      .then(
+        () => undefined,
+        (e: unknown) => e as UpstreamError,
+      );
+    expect(refused).toBeInstanceOf(UpstreamError);
+    expect([refused?.failure, refused?.status, refused?.error?.param]).toEqual(["rejected", 400, "dimensions"]);
+    expect(refused?.error?.message).toContain("1048576");
+    const most = await mock.embed(
+      { model: "m", input: inputs, dimensions: 4096, encoding_format: "base64" },
+      { timeoutMs: 1000 },
+    );
+    expect(most.response.data).toHaveLength(256);
   });
 
   test("embeddings are deterministic unit vectors, as floats or base64", async () => {

@@ -24,6 +24,10 @@ type MockConfig = Pick<MockProviderConfig, "name" | "latency_ms"> &
 // Characters per streamed chunk: one mock token.
 const chunkChars = 4;
 const embeddingDimensions = 16;
+// A reply's most tokens a choice, as a model's maximum output: n echoes of a long prompt stay about 2 MB at most.
+const maxReplyTokens = 4096;
+// The most values (inputs x dimensions) one embeddings response holds: about 20 MB of JSON floats.
+const maxEmbeddingValues = 1 << 20;
 
 /**
  * An offline upstream whose replies and usage follow from the request alone: it echoes the last
@@ -120,13 +124,26 @@ export function createMockProvider(config: MockConfig): Provider {
     },
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
-      await answer(options);
       // A string or a flat array of token ids is one input.
       const input = request.input;
       const inputs = (typeof input === "string" || typeof input[0] === "number" ? [input] : input) as Array<
         string | number[]
       >;
       const dimensions = request.dimensions ?? embeddingDimensions;
+      const values = inputs.length * dimensions;
+      if (values > maxEmbeddingValues) {
+        const message =
+          `The mock provider returns at most ${maxEmbeddingValues} embedding values (inputs x dimensions) per request; ` +
+          `${inputs.length} inputs of ${dimensions} dimensions are ${values}. Ask for fewer dimensions or send fewer inputs.`;
+        const param = request.dimensions == null ? "input" : "dimensions";
+        throw new UpstreamError("rejected", `mock: ${message}`, 400, undefined, {
+          message,
+          type: "invalid_request_error",
+          param,
+          code: "invalid_value",
+        });
+      }
+      await answer(options);
       let tokens = 0;
       const data: Embedding[] = [];
       inputs.forEach((item, index) => {
@@ -184,8 +201,8 @@ function replyTo(request: ChatRequest) {
     content = "";
     finishReason = "tool_calls";
   }
-  const limit = request.max_completion_tokens ?? request.max_tokens;
-  if (!toolCall && limit != null && approxTokens(content) > limit) {
+  const limit = Math.min(request.max_completion_tokens ?? request.max_tokens ?? maxReplyTokens, maxReplyTokens);
+  if (!toolCall && approxTokens(content) > limit) {
     content = content.slice(0, limit * chunkChars);
     finishReason = "length";
   }
