@@ -343,6 +343,20 @@ describe("budget", () => {
   });
 });
 
+describe("budget with files", () => {
+  test("a file part reserves a whole context window, so a budget that covers text cannot be overrun by a PDF", async () => {
+    // $1,000 per million tokens: a file part alone may cost over $1,000, far past this key's $1.
+    const key = await keyWith({ monthlyBudgetNanos: 1_000_000_000n });
+    expect((await post(key, hi("mock", { max_tokens: 5 }))).status).toBe(200);
+    const before = mockCalls;
+    const pdf = { type: "file", file: { file_id: "file-300-pages" } };
+    const res = await post(key, { model: "mock", messages: [{ role: "user", content: [pdf] }], max_tokens: 5 });
+    expect(res.status).toBe(429);
+    expect(await errorOf(res)).toMatchObject({ type: "insufficient_quota", code: "insufficient_quota" });
+    expect(mockCalls).toBe(before);
+  });
+});
+
 describe("routing against a real upstream", () => {
   test("a failing target is retried, then the fallback serves; once its breaker opens it is skipped", async () => {
     upstream.script("flaky", { status: 500 });

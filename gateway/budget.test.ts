@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createClient, createRouterTransport } from "@connectrpc/connect";
+import type { ChatCompletionContentPart } from "openai/resources/chat/completions";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { costNanos } from "../lib/money.ts";
@@ -300,6 +301,21 @@ describe("maximum cost of a request", () => {
     expect(maxInputTokens({ messages, tools: [{ type: "function", function: { name: "f" } }] })).toBe(
       bound + JSON.stringify([{ type: "function", function: { name: "f" } }]).length + 32,
     );
+  });
+
+  test("an image, a file or an audio part is reserved at its kind's bound, whatever few bytes it takes", () => {
+    const withPart = (part: ChatCompletionContentPart) =>
+      maxInputTokens({ messages: [{ role: "user", content: [part] }] });
+    // Reply priming, then one user message's framing and role.
+    const framing = 3 + 8 + 4;
+    expect(withPart({ type: "image_url", image_url: { url: "data:," } })).toBe(framing + 40_000);
+    // A PDF of hundreds of pages, named by id or sent inline, fills at most gpt-4.1's whole context window.
+    expect(withPart({ type: "file", file: { file_id: "file-abc123" } })).toBe(framing + 1_047_576);
+    expect(
+      withPart({ type: "file", file: { filename: "a.pdf", file_data: "data:application/pdf;base64,JVBERi0=" } }),
+    ).toBe(framing + 1_047_576);
+    // Audio fills at most the 128,000-token context of OpenAI's audio models.
+    expect(withPart({ type: "input_audio", input_audio: { data: "UklGRg==", format: "wav" } })).toBe(framing + 128_000);
   });
 
   test("output is max_completion_tokens, else max_tokens, else the cap, times n", () => {

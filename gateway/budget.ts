@@ -25,11 +25,11 @@ import type { ChatRequest } from "./providers/provider.ts";
  * max(0, actual cost - reserved maximum). Concurrency adds nothing: a reservation is taken from
  * granted lease money before the upstream is called, and grants never exceed the budget. The
  * reserved maximum is input tokens bounded by the prompt's UTF-8 bytes (byte-level BPE never
- * yields more tokens than bytes) plus framing, a fixed 40,000 tokens per image, and output of
- * max_completion_tokens / max_tokens (or the model's configured cap) times n, each at the dearest
- * price of its kind. So overshoot happens only when an upstream bills more output than the cap it
- * was given (ignores max_tokens, or the client set none and the reply outgrew the configured cap),
- * or an image costs more than 40,000 tokens.
+ * yields more tokens than bytes) plus framing, a fixed bound per image, file or audio part
+ * (`partTokensBound`), and output of max_completion_tokens / max_tokens (or the model's configured
+ * cap) times n, each at the dearest price of its kind. So overshoot happens only when an upstream
+ * bills more output than the cap it was given (ignores max_tokens, or the client set none and the
+ * reply outgrew the configured cap), or an image, file or audio part costs more than its bound.
  */
 
 export interface Reservation {
@@ -446,8 +446,17 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
 // Per-message framing tokens (OpenAI adds 3-4, plus one for a name) and the reply priming.
 const framingPerMessage = 8;
 const replyPriming = 3;
-// Images are priced by size and model; the largest OpenAI charges today (gpt-4o-mini, 6 tiles) is under this.
-const imageTokensBound = 40_000;
+/**
+ * Tokens reserved for a content part whose few bytes do not bound what the model reads: an image is priced by its size
+ * (the largest OpenAI charges today, gpt-4o-mini's 6 tiles, is under 40,000); a file (a PDF by file_id, text and an
+ * image of every page) can fill at most a whole context window, 1,047,576 tokens for gpt-4.1, the largest of OpenAI's
+ * models that read files; audio at most the 128,000-token context of OpenAI's audio models.
+ */
+const partTokensBound = new Map([
+  ["image_url", 40_000],
+  ["file", 1_047_576],
+  ["input_audio", 128_000],
+]);
 // Tool definitions are rendered to the model in a form at most this much longer than their JSON.
 const framingPerTool = 32;
 
@@ -462,8 +471,7 @@ export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" |
     else if (Array.isArray(content)) {
       for (const part of content as readonly { type: string; text?: unknown }[]) {
         if (part.type === "text" && typeof part.text === "string") tokens += Buffer.byteLength(part.text);
-        else if (part.type === "image_url") tokens += imageTokensBound;
-        else tokens += Buffer.byteLength(JSON.stringify(part));
+        else tokens += partTokensBound.get(part.type) ?? Buffer.byteLength(JSON.stringify(part));
       }
     }
     if ("tool_calls" in m && m.tool_calls) tokens += Buffer.byteLength(JSON.stringify(m.tool_calls));
