@@ -26,6 +26,7 @@ import {
   type TokenUsage,
   TokenUsageSchema,
 } from "../gen/common/v1/common_pb.ts";
+import { MAX_TOKENS_PER_REQUEST } from "../lib/money.ts";
 import { roundingRule } from "./invoices/build.ts";
 import type {
   ApiKey,
@@ -59,8 +60,6 @@ const endpointEnums = Object.fromEntries(Object.entries(endpoints).map(([k, v]) 
 >;
 
 const maxAllowedModels = 1000;
-// TokenUsage documents 0..2^31 per request.
-const maxTokensPerRequest = 2n ** 31n;
 // $1,000,000 per request: over 9,000 such requests of one org, day, project and key fit in a bigint daily total.
 const maxCostNanosPerRequest = 10n ** 15n;
 
@@ -156,7 +155,7 @@ export function usageRecordFrom(record: UsageRecordMessage, at: string): UsageRe
   const endpoint = endpoints[record.endpoint];
   if (!endpoint) throw invalid(field("endpoint"), `unknown value ${record.endpoint}`);
   const tokens = (value: bigint | undefined, name: string) =>
-    atMost(value ?? 0n, field(`usage.${name}`), maxTokensPerRequest);
+    atMost(value ?? 0n, field(`usage.${name}`), MAX_TOKENS_PER_REQUEST);
   const inputTokens = tokens(record.usage?.inputTokens, "input_tokens");
   const cachedInputTokens = tokens(record.usage?.cachedInputTokens, "cached_input_tokens");
   const outputTokens = tokens(record.usage?.outputTokens, "output_tokens");
@@ -203,9 +202,10 @@ const discountKinds: Record<DiscountKindEnum, DiscountKind | undefined> = {
   [DiscountKindEnum.TIME_WINDOW]: "time_window",
   [DiscountKindEnum.PROMOTIONAL]: "promotional",
 };
-const discountKindEnums = Object.fromEntries(
-  Object.entries(discountKinds).map(([k, v]) => [v, Number(k)]),
-) as Record<DiscountKind, DiscountKindEnum>;
+const discountKindEnums = Object.fromEntries(Object.entries(discountKinds).map(([k, v]) => [v, Number(k)])) as Record<
+  DiscountKind,
+  DiscountKindEnum
+>;
 
 const maxTiers = 20;
 const hourMs = 3_600_000;

@@ -45,7 +45,12 @@ let mockCalls = 0;
 beforeAll(async () => {
   db = await createTestDatabase();
   const billingLog = createLogger({ service: "billing-test", level: "error" });
-  billing = createClient(BillingService, createRouterTransport(createBillingApp({ pool: db.pool, adminToken, clock: () => new Date(), log: billingLog }).routes));
+  billing = createClient(
+    BillingService,
+    createRouterTransport(
+      createBillingApp({ pool: db.pool, adminToken, clock: () => new Date(), log: billingLog }).routes,
+    ),
+  );
   orgId = (await billing.createOrganization({ name: "admission" }, auth)).organization?.id as string;
   upstream = startFakeUpstream();
   const config = parseGatewayConfig(
@@ -78,6 +83,9 @@ models:
     targets: [{ provider: fake, model: dribble }]
     pricing: { input_per_mtok: "1", output_per_mtok: "1" }
     request_timeout_ms: 400
+  - name: late
+    targets: [{ provider: fake, model: late }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
 `,
     "admission.yaml",
   );
@@ -103,10 +111,17 @@ models:
       holder: "gw-admission",
       leaseTtlSeconds: 3600,
     })),
-    routing: { breakers: createCircuitBreakers({ failureThreshold: 2, cooldownMs: 60_000 }), backoffBaseMs: 5, requestTimeoutMs: 30_000 },
+    routing: {
+      breakers: createCircuitBreakers({ failureThreshold: 2, cooldownMs: 60_000 }),
+      backoffBaseMs: 5,
+      requestTimeoutMs: 30_000,
+    },
   });
   app = createRestApp({ core, tracer: trace.getTracer("test"), maxBodyBytes: 1 << 20 });
-  rpc = createClient(GatewayService, createRouterTransport((router) => router.service(GatewayService, createGatewayService(core))));
+  rpc = createClient(
+    GatewayService,
+    createRouterTransport((router) => router.service(GatewayService, createGatewayService(core))),
+  );
 }, 60_000);
 
 afterAll(async () => {
@@ -121,7 +136,10 @@ async function keyWith(limits: MessageInitShape<typeof KeyLimitsSchema>): Promis
 }
 
 /** Records usage of the key in billing, as analytics does for what gateways served. */
-async function recordInBilling(key: string, rows: readonly { requestId: string; usage?: { inputTokens: bigint; outputTokens: bigint } }[]) {
+async function recordInBilling(
+  key: string,
+  rows: readonly { requestId: string; usage?: { inputTokens: bigint; outputTokens: bigint } }[],
+) {
   const { apiKey } = await billing.authorizeKey({ secret: key }, auth);
   const records = rows.map((m) => ({
     requestId: m.requestId,
@@ -146,8 +164,13 @@ function post(key: string, body: Record<string, unknown>) {
   );
 }
 
-const hi = (model: string, extra: Record<string, unknown> = {}) => ({ model, messages: [{ role: "user", content: "hi" }], ...extra });
-const errorOf = async (res: Response) => ((await res.json()) as { error: { type: string; code: string; message: string; param: null } }).error;
+const hi = (model: string, extra: Record<string, unknown> = {}) => ({
+  model,
+  messages: [{ role: "user", content: "hi" }],
+  ...extra,
+});
+const errorOf = async (res: Response) =>
+  ((await res.json()) as { error: { type: string; code: string; message: string; param: null } }).error;
 
 describe("per-key limits", () => {
   test("requests per minute: 429 in OpenAI's shape with Retry-After, recorded as rate limited", async () => {
@@ -161,7 +184,10 @@ describe("per-key limits", () => {
     expect(await errorOf(res)).toMatchObject({ type: "requests", code: "rate_limit_exceeded", param: null });
     expect(mockCalls).toBe(before);
     const requestId = res.headers.get("x-request-id");
-    expect(shipper.rows.find((m) => m.requestId === requestId)).toMatchObject({ status: RequestStatus.RATE_LIMITED, httpStatus: 429 });
+    expect(shipper.rows.find((m) => m.requestId === requestId)).toMatchObject({
+      status: RequestStatus.RATE_LIMITED,
+      httpStatus: 429,
+    });
   });
 
   test("responses carry OpenAI's x-ratelimit-* headers for the key, 429s and RPCs too", async () => {
@@ -257,7 +283,11 @@ describe("monthly tokens", () => {
     const unary = await rpcError(rpc.createChatCompletion(rpcHi, bearer(key)));
     expect(unary.code).toBe(Code.ResourceExhausted);
     expect(unary.metadata.get("x-error-code")).toBe("insufficient_quota");
-    const stream = await rpcError((async () => { for await (const _ of rpc.streamChatCompletion(rpcHi, bearer(key))); })());
+    const stream = await rpcError(
+      (async () => {
+        for await (const _ of rpc.streamChatCompletion(rpcHi, bearer(key)));
+      })(),
+    );
     expect(stream.code).toBe(Code.ResourceExhausted);
     expect(mockCalls).toBe(before);
   });
@@ -313,6 +343,20 @@ describe("budget", () => {
   });
 });
 
+describe("budget with files", () => {
+  test("a file part reserves a whole context window, so a budget that covers text cannot be overrun by a PDF", async () => {
+    // $1,000 per million tokens: a file part alone may cost over $1,000, far past this key's $1.
+    const key = await keyWith({ monthlyBudgetNanos: 1_000_000_000n });
+    expect((await post(key, hi("mock", { max_tokens: 5 }))).status).toBe(200);
+    const before = mockCalls;
+    const pdf = { type: "file", file: { file_id: "file-300-pages" } };
+    const res = await post(key, { model: "mock", messages: [{ role: "user", content: [pdf] }], max_tokens: 5 });
+    expect(res.status).toBe(429);
+    expect(await errorOf(res)).toMatchObject({ type: "insufficient_quota", code: "insufficient_quota" });
+    expect(mockCalls).toBe(before);
+  });
+});
+
 describe("routing against a real upstream", () => {
   test("a failing target is retried, then the fallback serves; once its breaker opens it is skipped", async () => {
     upstream.script("flaky", { status: 500 });
@@ -353,6 +397,40 @@ describe("routing against a real upstream", () => {
     expect(res.status).toBe(504);
     expect((await errorOf(res)).code).toBe("request_timeout");
     expect(performance.now() - started).toBeLessThan(3_000);
+    // The upstream has the prompt: it is metered, counted by the tokenizer.
+    const m = shipper.rows.find((row) => row.requestId === res.headers.get("x-request-id"));
+    expect(m).toMatchObject({ status: RequestStatus.TIMEOUT, usageEstimated: true });
+    expect(m?.usage).toMatchObject({ inputTokens: 8n, outputTokens: 0n });
+    expect(m?.costNanos).toBe(8_000n);
+  });
+
+  test("a client gone while the upstream has its prompt is charged the prompt against its budget", async () => {
+    upstream.script("late", { delayMs: 2_000 });
+    const key = await keyWith({ monthlyBudgetNanos: 1_000_000_000n });
+    const keyId = (await billing.authorizeKey({ secret: key }, auth)).apiKey?.id;
+    const gone = new AbortController();
+    const pending = app.fetch(
+      new Request("http://gateway.test/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+        body: JSON.stringify({
+          model: "late",
+          messages: [{ role: "user", content: "one two three four ".repeat(1_000) }],
+        }),
+        signal: gone.signal,
+      }),
+    );
+    while (upstream.seen("late").length === 0) await Bun.sleep(5);
+    await Bun.sleep(200);
+    gone.abort();
+    const res = await pending;
+    expect(res.status).toBe(499);
+    const m = shipper.rows.find((row) => row.requestId === res.headers.get("x-request-id"));
+    expect(m).toMatchObject({ status: RequestStatus.CANCELLED, usageEstimated: true });
+    // o200k_base: 4,000 words and a trailing space, framing and role; nothing was generated.
+    expect(m?.usage).toMatchObject({ inputTokens: 4_008n, outputTokens: 0n });
+    expect(m?.costNanos).toBe(4_008_000n);
+    expect(budget?.snapshot().get(`api_key:${keyId}`)).toMatchObject({ spentNanos: 4_008_000n, reservedNanos: 0n });
   });
 
   test("a stream past the whole-request limit is cut with request_timeout", async () => {

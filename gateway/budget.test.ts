@@ -1,12 +1,19 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createClient, createRouterTransport } from "@connectrpc/connect";
+import type { ChatCompletionContentPart } from "openai/resources/chat/completions";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { costNanos } from "../lib/money.ts";
 import { createBillingApp } from "../billing/app.ts";
 import { createTestDatabase, type TestDatabase } from "../billing/store/test-db.ts";
 import { createKeyAuthorizer, type Principal } from "./auth.ts";
-import { type BudgetKeeperOptions, createBudgetKeeper, maxChatCostNanos, maxInputTokens, maxOutputTokens } from "./budget.ts";
+import {
+  type BudgetKeeperOptions,
+  createBudgetKeeper,
+  maxChatCostNanos,
+  maxInputTokens,
+  maxOutputTokens,
+} from "./budget.ts";
 import type { GatewayError } from "./errors.ts";
 import { approxInputTokens } from "./providers/provider.ts";
 
@@ -39,7 +46,10 @@ const billing: BudgetKeeperOptions["billing"] = {
 
 let orgs = 0;
 async function principalWith(budgets: { org?: bigint; key?: bigint }): Promise<Principal> {
-  const org = await client.createOrganization({ name: `budget-org-${++orgs}`, monthlyBudgetNanos: budgets.org ?? 0n }, auth);
+  const org = await client.createOrganization(
+    { name: `budget-org-${++orgs}`, monthlyBudgetNanos: budgets.org ?? 0n },
+    auth,
+  );
   const orgId = org.organization?.id as string;
   const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: budgets.key ?? 0n } }, auth);
   const keys = createKeyAuthorizer({
@@ -71,7 +81,10 @@ const leasesOf = async (scopeId: string) =>
        WHERE (scope = 'organization' AND org_id = $1) OR (scope = 'api_key' AND api_key_id = $1) ORDER BY id`,
       [scopeId],
     )
-  ).rows.map((r) => ({ granted: BigInt(r.granted_nanos), spent: r.spent_nanos === null ? null : BigInt(r.spent_nanos) }));
+  ).rows.map((r) => ({
+    granted: BigInt(r.granted_nanos),
+    spent: r.spent_nanos === null ? null : BigInt(r.spent_nanos),
+  }));
 
 const refusal = (p: Promise<unknown>) =>
   p.then(
@@ -96,7 +109,12 @@ describe("budget leases", () => {
     const before = calls.acquire;
     const r = await k.reserve(principal, 500n, 60_000);
     expect(calls.acquire - before).toBe(1);
-    expect(k.snapshot().get(`organization:${principal.orgId}`)).toEqual({ leases: 1, grantedNanos: 10_000n, spentNanos: 0n, reservedNanos: 500n });
+    expect(k.snapshot().get(`organization:${principal.orgId}`)).toEqual({
+      leases: 1,
+      grantedNanos: 10_000n,
+      spentNanos: 0n,
+      reservedNanos: 500n,
+    });
     r.settle(120n);
     r.settle(999n); // settling twice changes nothing
     expect(k.snapshot().get(`organization:${principal.orgId}`)).toMatchObject({ spentNanos: 120n, reservedNanos: 0n });
@@ -227,7 +245,10 @@ describe("budget leases", () => {
     const cost = 700n;
     const budget = cost * 20n;
     const principal = await principalWith({ key: budget });
-    const replicas = [keeper({ holder: "gw-a", minLeaseNanos: cost * 3n }), keeper({ holder: "gw-b", minLeaseNanos: cost * 3n })];
+    const replicas = [
+      keeper({ holder: "gw-a", minLeaseNanos: cost * 3n }),
+      keeper({ holder: "gw-b", minLeaseNanos: cost * 3n }),
+    ];
     const results = await Promise.all(
       Array.from({ length: 200 }, async (_, i) => {
         const k = (replicas[i % 2] as (typeof replicas)[number]).keeper;
@@ -255,13 +276,24 @@ describe("budget leases", () => {
 });
 
 describe("maximum cost of a request", () => {
-  const price = { inputMicros: 2_500_000n, cachedInputMicros: 1_250_000n, outputMicros: 10_000_000n, reasoningMicros: 10_000_000n };
+  const price = {
+    inputMicros: 2_500_000n,
+    cachedInputMicros: 1_250_000n,
+    outputMicros: 10_000_000n,
+    reasoningMicros: 10_000_000n,
+  };
 
   test("input is bounded by UTF-8 bytes plus framing, never below the token count", () => {
     const messages = [
       { role: "system" as const, content: "be brief" },
       { role: "user" as const, content: "héllo wörld, 你好" },
-      { role: "user" as const, content: [{ type: "text" as const, text: "part" }, { type: "image_url" as const, image_url: { url: "data:," } }] },
+      {
+        role: "user" as const,
+        content: [
+          { type: "text" as const, text: "part" },
+          { type: "image_url" as const, image_url: { url: "data:," } },
+        ],
+      },
     ];
     const bound = maxInputTokens({ messages });
     expect(bound).toBeGreaterThanOrEqual(approxInputTokens(messages));
@@ -269,6 +301,21 @@ describe("maximum cost of a request", () => {
     expect(maxInputTokens({ messages, tools: [{ type: "function", function: { name: "f" } }] })).toBe(
       bound + JSON.stringify([{ type: "function", function: { name: "f" } }]).length + 32,
     );
+  });
+
+  test("an image, a file or an audio part is reserved at its kind's bound, whatever few bytes it takes", () => {
+    const withPart = (part: ChatCompletionContentPart) =>
+      maxInputTokens({ messages: [{ role: "user", content: [part] }] });
+    // Reply priming, then one user message's framing and role.
+    const framing = 3 + 8 + 4;
+    expect(withPart({ type: "image_url", image_url: { url: "data:," } })).toBe(framing + 40_000);
+    // A PDF of hundreds of pages, named by id or sent inline, fills at most gpt-4.1's whole context window.
+    expect(withPart({ type: "file", file: { file_id: "file-abc123" } })).toBe(framing + 1_047_576);
+    expect(
+      withPart({ type: "file", file: { filename: "a.pdf", file_data: "data:application/pdf;base64,JVBERi0=" } }),
+    ).toBe(framing + 1_047_576);
+    // Audio fills at most the 128,000-token context of OpenAI's audio models.
+    expect(withPart({ type: "input_audio", input_audio: { data: "UklGRg==", format: "wav" } })).toBe(framing + 128_000);
   });
 
   test("output is max_completion_tokens, else max_tokens, else the cap, times n", () => {
@@ -281,7 +328,9 @@ describe("maximum cost of a request", () => {
     const request = { messages: [{ role: "user" as const, content: "abcd" }], max_tokens: 10 };
     const bound = maxChatCostNanos(request, price, 4096);
     const input = maxInputTokens(request);
-    expect(bound).toBe(costNanos({ inputTokens: BigInt(input), cachedInputTokens: 0n, outputTokens: 10n, reasoningTokens: 0n }, price));
+    expect(bound).toBe(
+      costNanos({ inputTokens: BigInt(input), cachedInputTokens: 0n, outputTokens: 10n, reasoningTokens: 0n }, price),
+    );
     const dearReasoning = { ...price, reasoningMicros: 40_000_000n };
     expect(maxChatCostNanos(request, dearReasoning, 4096)).toBeGreaterThan(bound);
   });

@@ -25,11 +25,11 @@ import type { ChatRequest } from "./providers/provider.ts";
  * max(0, actual cost - reserved maximum). Concurrency adds nothing: a reservation is taken from
  * granted lease money before the upstream is called, and grants never exceed the budget. The
  * reserved maximum is input tokens bounded by the prompt's UTF-8 bytes (byte-level BPE never
- * yields more tokens than bytes) plus framing, a fixed 40,000 tokens per image, and output of
- * max_completion_tokens / max_tokens (or the model's configured cap) times n, each at the dearest
- * price of its kind. So overshoot happens only when an upstream bills more output than the cap it
- * was given (ignores max_tokens, or the client set none and the reply outgrew the configured cap),
- * or an image costs more than 40,000 tokens.
+ * yields more tokens than bytes) plus framing, a fixed bound per image, file or audio part
+ * (`partTokensBound`), and output of max_completion_tokens / max_tokens (or the model's configured
+ * cap) times n, each at the dearest price of its kind. So overshoot happens only when an upstream
+ * bills more output than the cap it was given (ignores max_tokens, or the client set none and the
+ * reply outgrew the configured cap), or an image, file or audio part costs more than its bound.
  */
 
 export interface Reservation {
@@ -166,8 +166,10 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     let list = scopesOfPrincipal.get(principal);
     if (!list) {
       list = [];
-      if ((principal.grant.organization?.monthlyBudgetNanos ?? 0n) > 0n) list.push(scopeFor(BudgetScope.ORGANIZATION, principal.orgId));
-      if ((principal.grant.apiKey?.limits?.monthlyBudgetNanos ?? 0n) > 0n) list.push(scopeFor(BudgetScope.API_KEY, principal.apiKeyId));
+      if ((principal.grant.organization?.monthlyBudgetNanos ?? 0n) > 0n)
+        list.push(scopeFor(BudgetScope.ORGANIZATION, principal.orgId));
+      if ((principal.grant.apiKey?.limits?.monthlyBudgetNanos ?? 0n) > 0n)
+        list.push(scopeFor(BudgetScope.API_KEY, principal.apiKeyId));
       scopesOfPrincipal.set(principal, list);
     }
     // Scopes dropped by the maintenance sweep come back on use.
@@ -245,7 +247,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const acquire = (scope: Scope, size: () => bigint, returnIdle = false): Promise<void> => {
     if (scope.acquiring) return scope.acquiring;
     const acquiring = (async () => {
-      if (returnIdle) await Promise.all(scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease)));
+      if (returnIdle)
+        await Promise.all(scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease)));
       const requestedNanos = size();
       const asked = now();
       try {
@@ -258,13 +261,21 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         });
         scope.remaining = res.remainingNanos >= 0n ? res.remainingNanos : null;
         if (res.grantedNanos > 0n && res.leaseId) {
-          scope.leases.push({ id: res.leaseId, granted: res.grantedNanos, spent: 0n, reserved: 0n, expiresAt: asked + ttlMs, lastUsed: now() });
+          scope.leases.push({
+            id: res.leaseId,
+            granted: res.grantedNanos,
+            spent: 0n,
+            reserved: 0n,
+            expiresAt: asked + ttlMs,
+            lastUsed: now(),
+          });
           instruments?.leases.inc({ outcome: res.grantedNanos < requestedNanos ? "partial" : "granted" });
           instruments?.granted.inc(Number(res.grantedNanos) / 1e9);
         } else {
           instruments?.leases.inc({ outcome: "exhausted" });
         }
-        if (res.grantedNanos < requestedNanos && res.remainingNanos === 0n) scope.exhaustedUntil = now() + exhaustedBackoffMs;
+        if (res.grantedNanos < requestedNanos && res.remainingNanos === 0n)
+          scope.exhaustedUntil = now() + exhaustedBackoffMs;
       } catch (e) {
         instruments?.leases.inc({ outcome: "error" });
         const err = ConnectError.from(e);
@@ -341,9 +352,11 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       for (const lease of [...scope.leases]) {
         if (lease.reserved !== 0n) continue;
         // Too close to expiry for the next request, or idle: let other replicas have it.
-        if (lease.expiresAt < t + scope.maxHoldMs + marginMs * 2 || t - lease.lastUsed >= idleReleaseMs) void release(scope, lease);
+        if (lease.expiresAt < t + scope.maxHoldMs + marginMs * 2 || t - lease.lastUsed >= idleReleaseMs)
+          void release(scope, lease);
       }
-      if (scope.leases.length === 0 && !scope.acquiring && t - scope.lastUsed >= idleReleaseMs) scopes.delete(scope.key);
+      if (scope.leases.length === 0 && !scope.acquiring && t - scope.lastUsed >= idleReleaseMs)
+        scopes.delete(scope.key);
     }
   };
   const timer = setInterval(maintain, options.maintenanceIntervalMs ?? 1_000);
@@ -412,7 +425,12 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     snapshot() {
       const out = new Map<string, ScopeSnapshot>();
       for (const scope of scopes.values()) {
-        const snap: ScopeSnapshot = { leases: scope.leases.length, grantedNanos: 0n, spentNanos: 0n, reservedNanos: 0n };
+        const snap: ScopeSnapshot = {
+          leases: scope.leases.length,
+          grantedNanos: 0n,
+          spentNanos: 0n,
+          reservedNanos: 0n,
+        };
         for (const lease of scope.leases) {
           snap.grantedNanos += lease.granted;
           snap.spentNanos += lease.spent;
@@ -428,8 +446,17 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
 // Per-message framing tokens (OpenAI adds 3-4, plus one for a name) and the reply priming.
 const framingPerMessage = 8;
 const replyPriming = 3;
-// Images are priced by size and model; the largest OpenAI charges today (gpt-4o-mini, 6 tiles) is under this.
-const imageTokensBound = 40_000;
+/**
+ * Tokens reserved for a content part whose few bytes do not bound what the model reads: an image is priced by its size
+ * (the largest OpenAI charges today, gpt-4o-mini's 6 tiles, is under 40,000); a file (a PDF by file_id, text and an
+ * image of every page) can fill at most a whole context window, 1,047,576 tokens for gpt-4.1, the largest of OpenAI's
+ * models that read files; audio at most the 128,000-token context of OpenAI's audio models.
+ */
+const partTokensBound = new Map([
+  ["image_url", 40_000],
+  ["file", 1_047_576],
+  ["input_audio", 128_000],
+]);
 // Tool definitions are rendered to the model in a form at most this much longer than their JSON.
 const framingPerTool = 32;
 
@@ -444,8 +471,7 @@ export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" |
     else if (Array.isArray(content)) {
       for (const part of content as readonly { type: string; text?: unknown }[]) {
         if (part.type === "text" && typeof part.text === "string") tokens += Buffer.byteLength(part.text);
-        else if (part.type === "image_url") tokens += imageTokensBound;
-        else tokens += Buffer.byteLength(JSON.stringify(part));
+        else tokens += partTokensBound.get(part.type) ?? Buffer.byteLength(JSON.stringify(part));
       }
     }
     if ("tool_calls" in m && m.tool_calls) tokens += Buffer.byteLength(JSON.stringify(m.tool_calls));
@@ -459,7 +485,10 @@ export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" |
 }
 
 /** The most output a chat request may produce: its max_completion_tokens or max_tokens (else `cap`) times n. */
-export function maxOutputTokens(request: Pick<ChatRequest, "max_completion_tokens" | "max_tokens" | "n">, cap: number): number {
+export function maxOutputTokens(
+  request: Pick<ChatRequest, "max_completion_tokens" | "max_tokens" | "n">,
+  cap: number,
+): number {
   const limit = request.max_completion_tokens ?? request.max_tokens ?? cap;
   return limit * (request.n ?? 1);
 }
@@ -469,7 +498,12 @@ export function maxCostNanos(inputTokens: number, outputTokens: number, price: P
   const input = price.inputMicros > price.cachedInputMicros ? price.inputMicros : price.cachedInputMicros;
   const output = price.outputMicros > price.reasoningMicros ? price.outputMicros : price.reasoningMicros;
   return costNanos(
-    { inputTokens: BigInt(inputTokens), cachedInputTokens: 0n, outputTokens: BigInt(outputTokens), reasoningTokens: 0n },
+    {
+      inputTokens: BigInt(inputTokens),
+      cachedInputTokens: 0n,
+      outputTokens: BigInt(outputTokens),
+      reasoningTokens: 0n,
+    },
     { inputMicros: input, cachedInputMicros: input, outputMicros: output, reasoningMicros: output },
   );
 }
@@ -484,7 +518,9 @@ export function maxChatCostNanos(
 }
 
 /** An upper bound on an embeddings request's input tokens: UTF-8 bytes of strings, lengths of token arrays. */
-export function maxEmbeddingInputTokens(input: string | readonly string[] | readonly number[] | readonly number[][]): number {
+export function maxEmbeddingInputTokens(
+  input: string | readonly string[] | readonly number[] | readonly number[][],
+): number {
   if (typeof input === "string") return Buffer.byteLength(input);
   let tokens = 0;
   for (const item of input) {

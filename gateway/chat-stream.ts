@@ -8,7 +8,8 @@ import {
   type ChatCompletionChunk,
   type ChatRequest,
   type ChunkStream,
-  tokensFromUsage,
+  type MeteredTokens,
+  meteredUsage,
   UpstreamError,
   usageOfTokens,
 } from "./providers/provider.ts";
@@ -72,22 +73,22 @@ export function meterChatStream(options: MeterOptions): ChatStream {
    */
   let phase: "idle" | "running" | "yielded" | "done" = "idle";
 
-  const count = async () => {
-    const reported = tokensFromUsage(usage);
-    if (reported) return { value: reported, estimated: false };
-    const input = await countInputTokens(request.messages, request.tools);
-    return { value: estimatedTokens(input, await countTextTokens(generated)), estimated: true };
-  };
+  const count = () =>
+    meteredUsage(usage, {
+      input: () => countInputTokens(request.messages, request.tools),
+      output: () => countTextTokens(generated),
+    });
 
   /** Meters the stream and records the call's metrics; whichever way the stream ends first wins. */
-  const end = (error: GatewayError | undefined, tokens?: { value: Tokens; estimated: boolean }): Promise<void> => {
+  const end = (error: GatewayError | undefined, counted?: MeteredTokens): Promise<void> => {
     ending ??= (async () => {
       call.signal?.removeEventListener("abort", onAbort);
       deadline.removeEventListener("abort", onAbort);
       // Metrics are recorded even if counting fails (the tokenizer cannot load): with zero tokens, marked estimated.
-      const counted = tokens ?? (await count().catch(() => ({ value: estimatedTokens(0, 0), estimated: true })));
-      const cost = meterUsage(m, counted.value, counted.estimated, options.price);
-      outcome = { tokens: counted.value, costNanos: cost, usageEstimated: counted.estimated, provider: m.provider, error };
+      const { tokens, estimated } =
+        counted ?? (await count().catch(() => ({ tokens: estimatedTokens(0, 0), estimated: true })));
+      const cost = meterUsage(m, tokens, estimated, options.price);
+      outcome = { tokens, costNanos: cost, usageEstimated: estimated, provider: m.provider, error };
       options.finish(call, error);
     })();
     return ending;
@@ -109,7 +110,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     let last: ChatCompletionChunk | undefined;
     let firstToken = true;
     let error: GatewayError | undefined;
-    let tokens: { value: Tokens; estimated: boolean } | undefined;
+    let counted: MeteredTokens | undefined;
     try {
       for (;;) {
         const waited = performance.now();
@@ -149,21 +150,33 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         }
         yield chunk;
       }
-      tokens = await count();
-      if (includeUsage && tokens.estimated && last) {
-        yield { id: last.id, object: "chat.completion.chunk", created: last.created, model: last.model, choices: [], usage: usageOfTokens(tokens.value) };
+      counted = await count();
+      // A client that asked for usage gets one usage chunk: the upstream's, or else the gateway's count.
+      if (includeUsage && !usage && last) {
+        yield {
+          id: last.id,
+          object: "chat.completion.chunk",
+          created: last.created,
+          model: last.model,
+          choices: [],
+          usage: usageOfTokens(counted.tokens),
+        };
       }
     } catch (e) {
       if (e instanceof UpstreamError && e.failure !== "cancelled") {
-        options.log?.warn("upstream stream failed", { request_id: call.requestId, provider: m.provider, err: e.message });
+        options.log?.warn("upstream stream failed", {
+          request_id: call.requestId,
+          provider: m.provider,
+          err: e.message,
+        });
       }
       error = e instanceof UpstreamError ? streamError(e, m.requestedModel) : toGatewayError(e);
       throw error;
     } finally {
       // Stopped by the consumer (the client left) if neither completed nor failed.
-      if (!tokens && !error) error = cancelled();
+      if (!counted && !error) error = cancelled();
       if (error) await upstream.return?.().catch(() => undefined);
-      await end(error, tokens);
+      await end(error, counted);
     }
   }
 

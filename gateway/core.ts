@@ -10,18 +10,37 @@ import { createWaiters } from "../lib/waiters.ts";
 import { withChildSpan } from "../lib/telemetry.ts";
 import type { Tokens } from "../lib/money.ts";
 import type { KeyAuthorizer, Principal } from "./auth.ts";
-import { type BudgetKeeper, maxChatCostNanos, maxCostNanos, maxEmbeddingInputTokens, type Reservation } from "./budget.ts";
+import {
+  type BudgetKeeper,
+  maxChatCostNanos,
+  maxCostNanos,
+  maxEmbeddingInputTokens,
+  type Reservation,
+} from "./budget.ts";
 import { parseChatInput } from "./chat-request.ts";
 import { type ChatStream, meterChatStream } from "./chat-stream.ts";
 import { createCircuitBreakers } from "./circuit-breaker.ts";
 import type { GatewayConfig, ModelRoute } from "./config.ts";
 import { parseEmbeddingInput } from "./embedding-request.ts";
-import { type GatewayError, invalidRequest, modelNotAllowed, modelNotFound, requestTimeout, toGatewayError } from "./errors.ts";
-import type { ChatCompletion, CreateEmbeddingResponse, Provider } from "./providers/provider.ts";
+import {
+  type GatewayError,
+  invalidRequest,
+  modelNotAllowed,
+  modelNotFound,
+  requestTimeout,
+  toGatewayError,
+} from "./errors.ts";
+import {
+  type ChatCompletion,
+  type CreateEmbeddingResponse,
+  type Provider,
+  UpstreamError,
+} from "./providers/provider.ts";
 import { meterUsage } from "./metering.ts";
 import { estimatedChatTokens, type RateLimiter, type RateTicket, rateLimitHeaders } from "./rate-limits.ts";
 import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
 import { createTokenQuota, type QuotaTicket, type TokenQuotaOptions } from "./token-quota.ts";
+import { countEmbeddingTokens, countInputTokens, estimatedTokens } from "./tokenizer.ts";
 
 // Request ids: ULIDs, increasing within a process; the factory finds its random source once, not per id.
 const newRequestId = monotonicFactory();
@@ -174,7 +193,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   };
 
   /** Records who asked for which model, and resolves the route the caller's key may use. */
-  const routeFor = (call: Call, principal: Principal, input: { model: string; user: string; tags?: Record<string, string> }) => {
+  const routeFor = (
+    call: Call,
+    principal: Principal,
+    input: { model: string; user: string; tags?: Record<string, string> },
+  ) => {
     const m = call.metrics;
     m.requestedModel = meteredName(input.model);
     m.endUserId = input.user;
@@ -182,14 +205,51 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     return admitModel(principal, input.model);
   };
 
-  const callUpstream = <T>(call: Call, route: ModelRoute, attempt: Attempt<T>, signal?: AbortSignal): Promise<T> =>
-    router.run(call, route, attempt, signal);
+  /**
+   * Runs a request's upstream attempts. One cut off by the client leaving or a time limit has already handed the
+   * prompt to its upstream, which bills for it: a request that then ends cancelled or timed out is metered at its
+   * input tokens (`countInput`, by the tokenizer, marked estimated), which `finish` charges to its budget and quota.
+   */
+  const callUpstream = async <T>(
+    call: Call,
+    route: ModelRoute,
+    attempt: Attempt<T>,
+    countInput: () => Promise<number>,
+    signal?: AbortSignal,
+  ): Promise<T> => {
+    let promptSent = false;
+    const watched: Attempt<T> = async (provider, model, options) => {
+      try {
+        return await attempt(provider, model, options);
+      } catch (e) {
+        if (e instanceof UpstreamError && (e.failure === "cancelled" || e.failure === "timeout")) promptSent = true;
+        throw e;
+      }
+    };
+    try {
+      return await router.run(call, route, watched, signal);
+    } catch (e) {
+      const outcome = toGatewayError(e).outcome;
+      if (promptSent && (outcome === RequestStatus.CANCELLED || outcome === RequestStatus.TIMEOUT)) {
+        // Recorded even if the tokenizer cannot load, as a stream's count is: with zero tokens.
+        const input = await countInput().catch(() => 0);
+        meterUsage(call.metrics, estimatedTokens(input, 0), true, route.price);
+      }
+      throw e;
+    }
+  };
 
   /**
    * Checks the key's monthly tokens and rate limits and reserves the request's maximum cost on its
    * budgets, before any upstream call; `finish` settles all three at what the call really used.
    */
-  const admit = async (call: Call, principal: Principal, route: ModelRoute, maxCost: bigint, estimatedTokens: number) => {
+  const admit = async (
+    call: Call,
+    principal: Principal,
+    route: ModelRoute,
+    maxCost: bigint,
+    estimatedTokens: number,
+  ) => {
     const limits = principal.grant.apiKey?.limits;
     const quota = tokenQuota.admit(principal);
     const ticket = options.rateLimits?.admit(
@@ -316,9 +376,18 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const route = routeFor(call, principal, input);
       if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
       const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
-      await admit(call, principal, route, maxChatCostNanos(input.upstream, route.price, cap), estimatedChatTokens(input.upstream));
-      const result = await callUpstream(call, route, (provider, model, options) =>
-        provider.chat({ ...input.upstream, model }, options),
+      await admit(
+        call,
+        principal,
+        route,
+        maxChatCostNanos(input.upstream, route.price, cap),
+        estimatedChatTokens(input.upstream),
+      );
+      const result = await callUpstream(
+        call,
+        route,
+        (provider, model, options) => provider.chat({ ...input.upstream, model }, options),
+        () => countInputTokens(input.upstream.messages, input.upstream.tools),
       );
       if (result.completion.model) m.servedModel = result.completion.model;
       const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price);
@@ -351,7 +420,13 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       m.streamed = true;
       const route = routeFor(call, principal, input);
       const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
-      const admission = await admit(call, principal, route, maxChatCostNanos(input.upstream, route.price, cap), estimatedChatTokens(input.upstream));
+      const admission = await admit(
+        call,
+        principal,
+        route,
+        maxChatCostNanos(input.upstream, route.price, cap),
+        estimatedChatTokens(input.upstream),
+      );
       // A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and
       // ends (and meters) a stream nobody reads; finishing the call aborts whatever is left upstream.
       const deadline = new AbortController();
@@ -377,6 +452,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
           request = { ...input.upstream, model };
           return provider.streamChat(request, options);
         },
+        () => countInputTokens(input.upstream.messages, input.upstream.tools),
         signal,
       );
       return meterChatStream({
@@ -397,12 +473,21 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const route = routeFor(call, principal, input);
       const inputTokens = maxEmbeddingInputTokens(input.upstream.input);
       await admit(call, principal, route, maxCostNanos(inputTokens, 0, route.price), Math.ceil(inputTokens / 4));
-      const result = await callUpstream(call, route, (provider, model, options) =>
-        provider.embed({ ...input.upstream, model }, options),
+      const result = await callUpstream(
+        call,
+        route,
+        (provider, model, options) => provider.embed({ ...input.upstream, model }, options),
+        () => countEmbeddingTokens(input.upstream.input),
       );
       if (result.response.model) m.servedModel = result.response.model;
       const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price);
-      return { response: result.response, tokens: result.tokens, costNanos: cost, usageEstimated: result.usageEstimated, provider: m.provider };
+      return {
+        response: result.response,
+        tokens: result.tokens,
+        costNanos: cost,
+        usageEstimated: result.usageEstimated,
+        provider: m.provider,
+      };
     },
     models(call) {
       const allowed = call.principal?.allowedModels;

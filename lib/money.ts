@@ -22,6 +22,9 @@ export interface Tokens {
   reasoningTokens: bigint;
 }
 
+/** Most tokens of each kind one request is metered with, as the TokenUsage contract documents (0..2^31). */
+export const MAX_TOKENS_PER_REQUEST = 2n ** 31n;
+
 const decimalUsd = /^(\d{1,9})(?:\.(\d{1,6}))?$/;
 
 /** Parses a non-negative decimal USD amount with at most 6 decimals ("2.5", "0.075") into micro-USD. */
@@ -73,10 +76,15 @@ export function costParts(tokens: Tokens, price: Price): CostParts {
     (tokens.outputTokens - reasoning) * price.outputMicros,
     reasoning * price.reasoningMicros,
   ];
-  const totalNanos = divRoundHalfUp(products.reduce((a, b) => a + b, 0n), 1000n);
+  const totalNanos = divRoundHalfUp(
+    products.reduce((a, b) => a + b, 0n),
+    1000n,
+  );
   const parts = products.map((p) => p / 1000n);
   let leftover = totalNanos - parts.reduce((a, b) => a + b, 0n);
-  const byRemainder = products.map((p, i) => ({ i, r: p % 1000n })).sort((a, b) => (b.r > a.r ? 1 : b.r < a.r ? -1 : a.i - b.i));
+  const byRemainder = products
+    .map((p, i) => ({ i, r: p % 1000n }))
+    .sort((a, b) => (b.r > a.r ? 1 : b.r < a.r ? -1 : a.i - b.i));
   for (const { i, r } of byRemainder) {
     if (leftover === 0n || r === 0n) break;
     parts[i] = (parts[i] ?? 0n) + 1n;

@@ -27,7 +27,13 @@ function setup(registry?: Registry) {
   return { ...gateway, app, call, chat };
 }
 
-const hello = { model: "mock", messages: [{ role: "system", content: "be brief" }, { role: "user", content: "hello there" }] };
+const hello = {
+  model: "mock",
+  messages: [
+    { role: "system", content: "be brief" },
+    { role: "user", content: "hello there" },
+  ],
+};
 
 /** The OpenAI error shape, with its status and x-request-id checked. */
 async function expectError(res: Response, status: number, code: string, param: string | null = null) {
@@ -91,7 +97,12 @@ describe("REST chat completions", () => {
     const { chat, call, shipper } = setup(registry);
     const odd = `${"é".repeat(150)}\u0000${"x".repeat(100)}`;
     await expectError(await chat({ ...hello, model: odd }), 404, "model_not_found", "model");
-    await expectError(await call(`/v1/models/${encodeURIComponent("nul\u0000model")}`, { key: "sk-good" }), 404, "model_not_found", "model");
+    await expectError(
+      await call(`/v1/models/${encodeURIComponent("nul\u0000model")}`, { key: "sk-good" }),
+      404,
+      "model_not_found",
+      "model",
+    );
     for (let i = 0; i < 5; i++) await chat({ ...hello, model: `made-up-${i}` });
     const [long, nul] = shipper.rows.map((m) => m.requestedModel);
     expect([...(long as string)]).toHaveLength(200);
@@ -116,27 +127,76 @@ describe("REST chat completions", () => {
     await expectError(await chat([1, 2]), 400, "invalid_value");
     await expectError(await chat({ messages: hello.messages }), 400, "missing_required_parameter", "model");
     await expectError(await chat({ model: "mock", messages: [] }), 400, "empty_array", "messages");
-    await expectError(await chat({ model: "mock", messages: [{ role: "robot", content: "x" }] }), 400, "invalid_value", "messages[0].role");
-    await expectError(await chat({ ...hello, messages: [{ role: "user", content: 5 }] }), 400, "invalid_type", "messages[0].content");
+    await expectError(
+      await chat({ model: "mock", messages: [{ role: "robot", content: "x" }] }),
+      400,
+      "invalid_value",
+      "messages[0].role",
+    );
+    await expectError(
+      await chat({ ...hello, messages: [{ role: "user", content: 5 }] }),
+      400,
+      "invalid_type",
+      "messages[0].content",
+    );
     await expectError(await chat({ ...hello, n: 0 }), 400, "integer_below_min_value", "n");
     await expectError(await chat({ ...hello, n: 129 }), 400, "integer_above_max_value", "n");
     await expectError(await chat({ ...hello, stop: ["a", "b", "c", "d", "e"] }), 400, "array_above_max_length", "stop");
     await expectError(await chat({ ...hello, metadata: { k: 1 } }), 400, "invalid_type", "metadata.k");
-    await expectError(await chat({ ...hello, metadata: { k: "x".repeat(513) } }), 400, "string_above_max_length", "metadata.k");
+    await expectError(
+      await chat({ ...hello, metadata: { k: "x".repeat(513) } }),
+      400,
+      "string_above_max_length",
+      "metadata.k",
+    );
     await expectError(await chat({ ...hello, stream: "yes" }), 400, "invalid_type", "stream");
-    await expectError(await chat({ ...hello, stream_options: { include_usage: true } }), 400, "invalid_value", "stream_options");
-    await expectError(await chat({ ...hello, stream: true, stream_options: { include_usage: 1 } }), 400, "invalid_type", "stream_options.include_usage");
-    await expectError(await chat({ ...hello, messages: [{ role: "user", content: ["hi"] }] }), 400, "invalid_type", "messages[0].content[0]");
-    const temperature = await expectError(await chat({ ...hello, temperature: 5 }), 400, "decimal_above_max_value", "temperature");
+    await expectError(
+      await chat({ ...hello, stream_options: { include_usage: true } }),
+      400,
+      "invalid_value",
+      "stream_options",
+    );
+    await expectError(
+      await chat({ ...hello, stream: true, stream_options: { include_usage: 1 } }),
+      400,
+      "invalid_type",
+      "stream_options.include_usage",
+    );
+    await expectError(
+      await chat({ ...hello, messages: [{ role: "user", content: ["hi"] }] }),
+      400,
+      "invalid_type",
+      "messages[0].content[0]",
+    );
+    const temperature = await expectError(
+      await chat({ ...hello, temperature: 5 }),
+      400,
+      "decimal_above_max_value",
+      "temperature",
+    );
     expect(temperature).toMatchObject({
       type: "invalid_request_error",
       message: "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got 5 instead.",
     });
     await expectError(await chat({ ...hello, tools: "garbage" }), 400, "invalid_type", "tools");
-    await expectError(await chat({ ...hello, response_format: { type: "bogus" } }), 400, "invalid_value", "response_format.type");
-    await expectError(await chat({ ...hello, messages: [{ role: "user", content: [{ type: "bogus" }] }] }), 400, "invalid_value", "messages[0].content[0].type");
+    await expectError(
+      await chat({ ...hello, response_format: { type: "bogus" } }),
+      400,
+      "invalid_value",
+      "response_format.type",
+    );
+    await expectError(
+      await chat({ ...hello, messages: [{ role: "user", content: [{ type: "bogus" }] }] }),
+      400,
+      "invalid_value",
+      "messages[0].content[0].type",
+    );
     await expectError(await chat({ ...hello, stream: true, top_p: 7 }), 400, "decimal_above_max_value", "top_p");
-    expect(shipper.rows.every((m) => m.status === RequestStatus.INVALID_REQUEST && m.httpStatus === 400 && m.provider === "")).toBe(true);
+    expect(
+      shipper.rows.every(
+        (m) => m.status === RequestStatus.INVALID_REQUEST && m.httpStatus === 400 && m.provider === "",
+      ),
+    ).toBe(true);
   });
 
   test("n up to 128: the mock answers every choice, whole or streamed", async () => {
@@ -144,9 +204,25 @@ describe("REST chat completions", () => {
     const whole = (await (await chat({ ...hello, n: 128 })).json()) as { choices: Array<{ index: number }> };
     expect(whole.choices.map((c) => c.index)).toEqual(Array.from({ length: 128 }, (_, i) => i));
     const streamed = await (await chat({ ...hello, n: 128, stream: true })).text();
-    const finished = streamed.split("\n").filter((line) => line.startsWith("data: {") && line.includes('"finish_reason":"stop"'));
+    const finished = streamed
+      .split("\n")
+      .filter((line) => line.startsWith("data: {") && line.includes('"finish_reason":"stop"'));
     expect(finished).toHaveLength(1);
     expect(finished[0]?.match(/"finish_reason":"stop"/g)).toHaveLength(128);
+  });
+
+  test("embeddings the mock would answer with over a million values are a 400 naming dimensions", async () => {
+    const { call, shipper } = setup();
+    const input = Array.from({ length: 256 }, (_, i) => `${i}`);
+    const res = await call("/v1/embeddings", {
+      method: "POST",
+      key: "sk-good",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: "mock", input, dimensions: 65_536 }),
+    });
+    const error = await expectError(res, 400, "invalid_value", "dimensions");
+    expect(error.type).toBe("invalid_request_error");
+    expect(shipper.rows[0]).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 400 });
   });
 
   test("missing and unknown keys are 401; billing down is 503", async () => {
@@ -168,8 +244,17 @@ describe("REST chat completions", () => {
     await expectError(await chat({ ...hello, model: "premium" }, "sk-limited"), 403, "model_not_allowed", "model");
     expect((await chat(hello, "sk-limited")).status).toBe(200);
     await expectError(await chat({ ...hello, model: "gpt-9" }), 404, "model_not_found", "model");
-    expect(shipper.rows[0]).toMatchObject({ status: RequestStatus.UNAUTHORIZED, httpStatus: 403, apiKeyId: "key_limited", requestedModel: "premium" });
-    expect(shipper.rows[2]).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 404, requestedModel: "gpt-9" });
+    expect(shipper.rows[0]).toMatchObject({
+      status: RequestStatus.UNAUTHORIZED,
+      httpStatus: 403,
+      apiKeyId: "key_limited",
+      requestedModel: "premium",
+    });
+    expect(shipper.rows[2]).toMatchObject({
+      status: RequestStatus.INVALID_REQUEST,
+      httpStatus: 404,
+      requestedModel: "gpt-9",
+    });
   });
 
   test("bodies over the limit are 413, whether declared or streamed", async () => {
@@ -204,7 +289,13 @@ describe("REST chat completions", () => {
 
     const res = await chat({ ...hello, model: "resilient" });
     expect(res.status).toBe(200);
-    expect(shipper.rows[1]).toMatchObject({ status: RequestStatus.OK, provider: "mock", servedModel: "mock-echo-1", fallbackUsed: true, retries: 1 });
+    expect(shipper.rows[1]).toMatchObject({
+      status: RequestStatus.OK,
+      provider: "mock",
+      servedModel: "mock-echo-1",
+      fallbackUsed: true,
+      retries: 1,
+    });
   });
 
   test("an upstream slower than the model's timeout is 504; a client that leaves is recorded as cancelled", async () => {
@@ -224,7 +315,11 @@ describe("REST chat completions", () => {
     );
     setTimeout(() => gone.abort(), 5);
     expect((await pending).status).toBe(499);
-    expect(shipper.rows[1]).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, errorCode: "client_closed_request" });
+    expect(shipper.rows[1]).toMatchObject({
+      status: RequestStatus.CANCELLED,
+      httpStatus: 499,
+      errorCode: "client_closed_request",
+    });
   });
 });
 

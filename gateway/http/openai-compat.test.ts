@@ -3,7 +3,7 @@ import OpenAI, { APIError, BadRequestError } from "openai";
 import { isValid as isUlid } from "ulid";
 import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
-import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
+import { type FakeUpstream, type FakeUsage, startFakeUpstream } from "../testing/fake-upstream.ts";
 import { startTestGateway } from "../testing/served-gateway.ts";
 
 // The gateway in front of a real OpenAI-compatible upstream on a socket, called with the official SDK.
@@ -28,6 +28,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["too-large"],
   ["quota", "retries: 2"],
   ["throttled"],
+  ["odd-usage"],
 ];
 
 function routes(url: string) {
@@ -93,440 +94,781 @@ function expectShape(e: APIError, status: number, code: string, type?: string) {
 }
 
 for (const port of ["rpc", "rest"] as const) {
-describe(`on the ${port} port`, () => {
-  // A gateway of its own, so circuit breakers opened by one run do not leak into the other.
-  beforeAll(async () => {
-    gateway = await startTestGateway(routes(upstream.url), { maxBodyBytes: 16 * 1024 });
-    base = () => (port === "rpc" ? gateway.url : gateway.restUrl);
-  });
-  afterAll(() => gateway.close());
+  describe(`on the ${port} port`, () => {
+    // A gateway of its own, so circuit breakers opened by one run do not leak into the other.
+    beforeAll(async () => {
+      gateway = await startTestGateway(routes(upstream.url), { maxBodyBytes: 16 * 1024 });
+      base = () => (port === "rpc" ? gateway.url : gateway.restUrl);
+    });
+    afterAll(() => gateway.close());
 
-  describe("chat completions through the official SDK", () => {
-    test("a whole completion: upstream usage, exact cost header, request id and metrics", async () => {
-      upstream.script("ok", {
-        content: "hi there",
-        usage: {
-          prompt_tokens: 1000,
-          completion_tokens: 200,
-          total_tokens: 1200,
-          prompt_tokens_details: { cached_tokens: 400 },
-        },
+    describe("chat completions through the official SDK", () => {
+      test("a whole completion: upstream usage, exact cost header, request id and metrics", async () => {
+        upstream.script("ok", {
+          content: "hi there",
+          usage: {
+            prompt_tokens: 1000,
+            completion_tokens: 200,
+            total_tokens: 1200,
+            prompt_tokens_details: { cached_tokens: 400 },
+          },
+        });
+        const { data, response } = await sdk().chat.completions.create({ model: "ok", messages: hello }).withResponse();
+        expect(data.choices[0]?.message.content).toBe("hi there");
+        expect(data.usage?.prompt_tokens).toBe(1000);
+        // 600 input at $2.50/M + 400 cached at $1.25/M + 200 output at $10/M = $0.004
+        expect(response.headers.get("x-gateway-cost-nanos")).toBe("4000000");
+        const requestId = response.headers.get("x-request-id") ?? "";
+        const m = await gateway.row(requestId);
+        expect(m).toMatchObject({
+          status: RequestStatus.OK,
+          streamed: false,
+          usageEstimated: false,
+          costNanos: 4_000_000n,
+          servedModel: "ok-fake",
+        });
+        expect(m.usage).toMatchObject({ inputTokens: 1000n, cachedInputTokens: 400n, outputTokens: 200n });
       });
-      const { data, response } = await sdk().chat.completions.create({ model: "ok", messages: hello }).withResponse();
-      expect(data.choices[0]?.message.content).toBe("hi there");
-      expect(data.usage?.prompt_tokens).toBe(1000);
-      // 600 input at $2.50/M + 400 cached at $1.25/M + 200 output at $10/M = $0.004
-      expect(response.headers.get("x-gateway-cost-nanos")).toBe("4000000");
-      const requestId = response.headers.get("x-request-id") ?? "";
-      const m = await gateway.row(requestId);
-      expect(m).toMatchObject({ status: RequestStatus.OK, streamed: false, usageEstimated: false, costNanos: 4_000_000n, servedModel: "ok-fake" });
-      expect(m.usage).toMatchObject({ inputTokens: 1000n, cachedInputTokens: 400n, outputTokens: 200n });
-    });
 
-    test("every common request field reaches the upstream; the gateway's own fields do not", async () => {
-      const tools = [{ type: "function" as const, function: { name: "lookup", description: "find", parameters: { type: "object", properties: {} } } }];
-      await sdk().chat.completions.create({
-        model: "ok",
-        messages: [
-          { role: "system", content: "be brief" },
-          { role: "user", content: [{ type: "text", text: "what is this?" }, { type: "image_url", image_url: { url: "data:image/png;base64,AAAA", detail: "low" } }] },
-          { role: "assistant", content: null, tool_calls: [{ id: "c1", type: "function", function: { name: "lookup", arguments: "{}" } }] },
-          { role: "tool", tool_call_id: "c1", content: "a cat" },
-        ],
-        tools,
-        tool_choice: "auto",
-        response_format: { type: "json_object" },
-        temperature: 0.3,
-        top_p: 0.9,
-        max_tokens: 50,
-        max_completion_tokens: 60,
-        stop: ["\n\n"],
-        n: 2,
-        seed: 42,
-        user: "end-user-1",
-        metadata: { team: "vision" },
+      test("every common request field reaches the upstream; the gateway's own fields do not", async () => {
+        const tools = [
+          {
+            type: "function" as const,
+            function: { name: "lookup", description: "find", parameters: { type: "object", properties: {} } },
+          },
+        ];
+        await sdk().chat.completions.create({
+          model: "ok",
+          messages: [
+            { role: "system", content: "be brief" },
+            {
+              role: "user",
+              content: [
+                { type: "text", text: "what is this?" },
+                { type: "image_url", image_url: { url: "data:image/png;base64,AAAA", detail: "low" } },
+              ],
+            },
+            {
+              role: "assistant",
+              content: null,
+              tool_calls: [{ id: "c1", type: "function", function: { name: "lookup", arguments: "{}" } }],
+            },
+            { role: "tool", tool_call_id: "c1", content: "a cat" },
+          ],
+          tools,
+          tool_choice: "auto",
+          response_format: { type: "json_object" },
+          temperature: 0.3,
+          top_p: 0.9,
+          max_tokens: 50,
+          max_completion_tokens: 60,
+          stop: ["\n\n"],
+          n: 2,
+          seed: 42,
+          user: "end-user-1",
+          metadata: { team: "vision" },
+        });
+        const sent = upstream.seen("ok")[0]?.body ?? {};
+        expect(sent).toMatchObject({
+          model: "ok",
+          tools,
+          tool_choice: "auto",
+          response_format: { type: "json_object" },
+          temperature: 0.3,
+          top_p: 0.9,
+          max_tokens: 50,
+          max_completion_tokens: 60,
+          stop: ["\n\n"],
+          n: 2,
+          seed: 42,
+          user: "end-user-1",
+        });
+        expect(sent.messages[1].content[1]).toEqual({
+          type: "image_url",
+          image_url: { url: "data:image/png;base64,AAAA", detail: "low" },
+        });
+        expect(sent.messages[2].tool_calls[0].function.name).toBe("lookup");
+        expect(sent.metadata).toBeUndefined();
       });
-      const sent = upstream.seen("ok")[0]?.body ?? {};
-      expect(sent).toMatchObject({
-        model: "ok",
-        tools,
-        tool_choice: "auto",
-        response_format: { type: "json_object" },
-        temperature: 0.3,
-        top_p: 0.9,
-        max_tokens: 50,
-        max_completion_tokens: 60,
-        stop: ["\n\n"],
-        n: 2,
-        seed: 42,
-        user: "end-user-1",
+
+      test("without upstream usage, tokens are counted with the tokenizer and marked estimated", async () => {
+        upstream.script("no-usage", { content: "Hello world", usage: false });
+        const { response } = await sdk().chat.completions.create({ model: "no-usage", messages: hello }).withResponse();
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m.usageEstimated).toBe(true);
+        // o200k_base: "Hello world" is 2 tokens; the prompt is framed per message.
+        expect(m.usage?.outputTokens).toBe(2n);
+        expect(m.usage?.inputTokens).toBeGreaterThan(3n);
+        expect(m.costNanos).toBeGreaterThan(0n);
       });
-      expect(sent.messages[1].content[1]).toEqual({ type: "image_url", image_url: { url: "data:image/png;base64,AAAA", detail: "low" } });
-      expect(sent.messages[2].tool_calls[0].function.name).toBe("lookup");
-      expect(sent.metadata).toBeUndefined();
-    });
 
-    test("without upstream usage, tokens are counted with the tokenizer and marked estimated", async () => {
-      upstream.script("no-usage", { content: "Hello world", usage: false });
-      const { response } = await sdk().chat.completions.create({ model: "no-usage", messages: hello }).withResponse();
-      const m = await gateway.row(response.headers.get("x-request-id") ?? "");
-      expect(m.usageEstimated).toBe(true);
-      // o200k_base: "Hello world" is 2 tokens; the prompt is framed per message.
-      expect(m.usage?.outputTokens).toBe(2n);
-      expect(m.usage?.inputTokens).toBeGreaterThan(3n);
-      expect(m.costNanos).toBeGreaterThan(0n);
-    });
-
-    test("a tool call comes back in OpenAI's shape", async () => {
-      upstream.script("tools", { toolCall: { name: "lookup", arguments: '{"q":"cats"}' } });
-      const completion = await sdk().chat.completions.create({ model: "tools", messages: hello });
-      expect(completion.choices[0]?.finish_reason).toBe("tool_calls");
-      expect(completion.choices[0]?.message.tool_calls?.[0]).toMatchObject({ type: "function", function: { name: "lookup", arguments: '{"q":"cats"}' } });
-    });
-  });
-
-  describe("streaming through the official SDK", () => {
-    test("chunks in OpenAI's shape, usage last when asked for, TTFT and cost in the metrics", async () => {
-      upstream.script("ok", { content: "one two three four", usage: { prompt_tokens: 10, completion_tokens: 4, total_tokens: 14 } });
-      const { data: stream, response } = await sdk()
-        .chat.completions.create({ model: "ok", messages: hello, stream: true, stream_options: { include_usage: true } })
-        .withResponse();
-      expect(response.headers.get("content-type")).toContain("text/event-stream");
-      expect(response.headers.get("x-gateway-cost-nanos")).toBeNull();
-      let content = "";
-      const chunks = [];
-      for await (const chunk of stream) {
-        chunks.push(chunk);
-        content += chunk.choices[0]?.delta.content ?? "";
-      }
-      expect(content).toBe("one two three four");
-      expect(chunks[0]?.object).toBe("chat.completion.chunk");
-      expect(chunks.at(-2)?.choices[0]?.finish_reason).toBe("stop");
-      expect(chunks.at(-1)?.choices).toEqual([]);
-      expect(chunks.at(-1)?.usage).toEqual({ prompt_tokens: 10, completion_tokens: 4, total_tokens: 14 });
-      // The gateway always asks upstream for usage.
-      expect(upstream.seen("ok")[0]?.body.stream_options).toEqual({ include_usage: true });
-
-      const m = await gateway.row(response.headers.get("x-request-id") ?? "");
-      expect(m).toMatchObject({ status: RequestStatus.OK, httpStatus: 200, streamed: true, usageEstimated: false });
-      // 10 input at $2.50/M + 4 output at $10/M
-      expect(m.costNanos).toBe(65_000n);
-      expect(m.ttftUs).toBeGreaterThan(0n);
-      expect(m.ttftUs).toBeLessThanOrEqual(m.totalLatencyUs);
-      expect(m.firstTokenTime).toBeDefined();
-      expect(m.totalLatencyUs).toBe(m.upstreamLatencyUs + m.gatewayOverheadUs);
-    });
-
-    test("no usage chunk unless the client asks, though the gateway still meters it", async () => {
-      upstream.script("ok", { content: "a b c", usage: { prompt_tokens: 7, completion_tokens: 3, total_tokens: 10 } });
-      const { data: stream, response } = await sdk().chat.completions.create({ model: "ok", messages: hello, stream: true }).withResponse();
-      const chunks = [];
-      for await (const chunk of stream) chunks.push(chunk);
-      expect(chunks.every((c) => c.choices.length > 0 && !c.usage)).toBe(true);
-      const m = await gateway.row(response.headers.get("x-request-id") ?? "");
-      expect(m.usage).toMatchObject({ inputTokens: 7n, outputTokens: 3n });
-      expect(m.usageEstimated).toBe(false);
-    });
-
-    test("an upstream stream without usage is counted with the tokenizer; the client still gets a usage chunk", async () => {
-      upstream.script("no-usage", { content: "Hello world", usage: false });
-      const { data: stream, response } = await sdk()
-        .chat.completions.create({ model: "no-usage", messages: hello, stream: true, stream_options: { include_usage: true } })
-        .withResponse();
-      const chunks = [];
-      for await (const chunk of stream) chunks.push(chunk);
-      expect(chunks.at(-1)?.usage?.completion_tokens).toBe(2);
-      const m = await gateway.row(response.headers.get("x-request-id") ?? "");
-      expect(m.usageEstimated).toBe(true);
-      expect(m.usage?.outputTokens).toBe(2n);
-      expect(Number(m.usage?.inputTokens)).toBe(chunks.at(-1)?.usage?.prompt_tokens ?? -1);
-    });
-
-    test("streamed tool calls pass through", async () => {
-      upstream.script("tools", { toolCall: { name: "lookup", arguments: '{"q":"cats"}' } });
-      const stream = await sdk().chat.completions.create({ model: "tools", messages: hello, stream: true });
-      let args = "";
-      let finish: string | null = null;
-      for await (const chunk of stream) {
-        args += chunk.choices[0]?.delta.tool_calls?.[0]?.function?.arguments ?? "";
-        finish ??= chunk.choices[0]?.finish_reason ?? null;
-      }
-      expect(args).toBe('{"q":"cats"}');
-      expect(finish).toBe("tool_calls");
-    });
-
-    test("an upstream failing mid-stream reaches the SDK as an error event and is metered", async () => {
-      upstream.script("garbled", { content: "first second third", malformed: true });
-      const stream = await sdk().chat.completions.create({ model: "garbled", messages: hello, stream: true });
-      let content = "";
-      const e = await apiError(
-        (async () => {
-          for await (const chunk of stream) content += chunk.choices[0]?.delta.content ?? "";
-        })(),
-      );
-      expect(content).toBe("first");
-      expect(e.code).toBe("upstream_error");
-      const m = gateway.shipper.rows.at(-1);
-      expect(m).toMatchObject({ status: RequestStatus.UPSTREAM_ERROR, httpStatus: 502, streamed: true, usageEstimated: true });
-      expect(m?.usage?.outputTokens).toBe(1n);
-    });
-
-    test("a stream the upstream cuts short is an error, not a silent success", async () => {
-      upstream.script("cut", { content: "one two three four", cutAfterChunks: 2 });
-      const { data: stream, response } = await sdk().chat.completions.create({ model: "cut", messages: hello, stream: true }).withResponse();
-      const e = await apiError((async () => { for await (const _ of stream); })());
-      expect(e.code).toBe("upstream_error");
-      expect(e.message).toContain("The upstream of `cut` failed mid-stream.");
-      // What the upstream did wrong is in the log, with the request id.
-      const requestId = response.headers.get("x-request-id") ?? "";
-      expect(gateway.log.lines.some((line) => line.includes(requestId) && line.includes("ended before it finished"))).toBe(true);
-    });
-
-    test("an upstream that goes silent mid-stream times out with an error event", async () => {
-      upstream.script("stalls", { content: "one two", chunkDelayMs: 2000 });
-      const stream = await sdk().chat.completions.create({ model: "stalls", messages: hello, stream: true });
-      const e = await apiError((async () => { for await (const _ of stream); })());
-      expect(e.code).toBe("upstream_timeout");
-      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
-    });
-
-    test("a client that disconnects mid-stream aborts the upstream call and is metered as cancelled", async () => {
-      upstream.script("slow-stream", { content: "one two three four five six seven eight", chunkDelayMs: 100, usage: false });
-      const gone = new AbortController();
-      const res = await fetch(`${base()}/v1/chat/completions`, {
-        method: "POST",
-        headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
-        body: JSON.stringify({ model: "slow-stream", messages: hello, stream: true }),
-        signal: gone.signal,
+      test("a tool call comes back in OpenAI's shape", async () => {
+        upstream.script("tools", { toolCall: { name: "lookup", arguments: '{"q":"cats"}' } });
+        const completion = await sdk().chat.completions.create({ model: "tools", messages: hello });
+        expect(completion.choices[0]?.finish_reason).toBe("tool_calls");
+        expect(completion.choices[0]?.message.tool_calls?.[0]).toMatchObject({
+          type: "function",
+          function: { name: "lookup", arguments: '{"q":"cats"}' },
+        });
       });
-      const requestId = res.headers.get("x-request-id") ?? "";
-      const reader = (res.body as ReadableStream<Uint8Array>).getReader();
-      let text = "";
-      while (!text.includes('"content":" two"')) text += new TextDecoder().decode((await reader.read()).value);
-      gone.abort();
-      const m = await gateway.row(requestId);
-      expect(m).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, errorCode: "client_closed_request", streamed: true, usageEstimated: true });
-      // "one two" at least, as o200k_base counts it; the input is estimated too.
-      expect(m.usage?.outputTokens).toBeGreaterThanOrEqual(2n);
-      expect(m.usage?.outputTokens).toBeLessThan(8n);
-      expect(m.usage?.inputTokens).toBeGreaterThan(0n);
-      expect(m.costNanos).toBeGreaterThan(0n);
-      const deadline = Date.now() + 5000;
-      while (!upstream.seen("slow-stream")[0]?.aborted && Date.now() < deadline) await Bun.sleep(10);
-      expect(upstream.seen("slow-stream")[0]?.aborted).toBe(true);
     });
 
-    test("a client that disconnects before the upstream answers aborts it too", async () => {
-      upstream.script("slow-stream", { hang: true });
-      const gone = new AbortController();
-      const pending = sdk().chat.completions.create({ model: "slow-stream", messages: hello }, { signal: gone.signal }).catch(() => undefined);
-      while (upstream.seen("slow-stream").length === 0) await Bun.sleep(5);
-      gone.abort();
-      await pending;
-      const deadline = Date.now() + 5000;
-      while (!upstream.seen("slow-stream")[0]?.aborted && Date.now() < deadline) await Bun.sleep(10);
-      expect(upstream.seen("slow-stream")[0]?.aborted).toBe(true);
-      const m = gateway.shipper.rows.at(-1);
-      expect(m).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, requestedModel: "slow-stream" });
-    });
-  });
-
-  describe("embeddings and models", () => {
-    test("embeddings through the SDK (its default base64 encoding and floats), priced on input tokens", async () => {
-      upstream.script("embed", { usage: { prompt_tokens: 400, completion_tokens: 0, total_tokens: 400 } });
-      const { data, response } = await sdk().embeddings.create({ model: "embed", input: ["alpha", "beta"] }).withResponse();
-      expect(data.data).toHaveLength(2);
-      expect(data.data[0]?.embedding).toHaveLength(4);
-      expect(data.data[0]?.embedding[0]).toBeCloseTo(0.05, 5);
-      expect(upstream.seen("embed")[0]?.body.encoding_format).toBe("base64");
-      // 400 tokens at $2.50/M
-      expect(response.headers.get("x-gateway-cost-nanos")).toBe("1000000");
-      const floats = await sdk().embeddings.create({ model: "embed", input: "gamma", encoding_format: "float", dimensions: 3 });
-      expect(floats.data[0]?.embedding).toHaveLength(3);
-      const m = await gateway.row(response.headers.get("x-request-id") ?? "");
-      expect(m).toMatchObject({ endpoint: Endpoint.EMBEDDINGS, status: RequestStatus.OK, costNanos: 1_000_000n });
-      expect(m.usage?.inputTokens).toBe(400n);
-    });
-
-    test("embeddings without upstream usage are counted", async () => {
-      upstream.script("embed", { usage: false });
-      const { response } = await sdk().embeddings.create({ model: "embed", input: "Hello world" }).withResponse();
-      const m = await gateway.row(response.headers.get("x-request-id") ?? "");
-      expect(m).toMatchObject({ usageEstimated: true });
-      expect(m.usage?.inputTokens).toBe(2n);
-    });
-
-    test("models list only what the key may use", async () => {
-      const all = await sdk().models.list();
-      expect(all.data.map((m) => m.id)).toContain("premium");
-      const limited = await sdk("sk-limited").models.list();
-      expect(limited.data.map((m) => m.id)).toEqual(["ok"]);
-      expect((await sdk("sk-limited").models.retrieve("ok")).id).toBe("ok");
-      expectShape(await apiError(sdk("sk-limited").models.retrieve("premium")), 403, "model_not_allowed", "permission_error");
-    });
-  });
-
-  describe("error shapes for every status", () => {
-    test("400 invalid field, 401 bad key, 403 model not allowed, 404 unknown model, 413 too large", async () => {
-      expectShape(await apiError(sdk().chat.completions.create({ model: "ok", messages: [], n: 1 })), 400, "empty_array", "invalid_request_error");
-      expectShape(await apiError(sdk().chat.completions.create({ model: "ok", messages: hello, n: 129 })), 400, "integer_above_max_value");
-      expectShape(await apiError(sdk().embeddings.create({ model: "embed", input: "" })), 400, "invalid_value");
-      expectShape(await apiError(sdk("sk-nope").chat.completions.create({ model: "ok", messages: hello })), 401, "invalid_api_key");
-      expectShape(await apiError(sdk("sk-limited").chat.completions.create({ model: "premium", messages: hello })), 403, "model_not_allowed");
-      expectShape(await apiError(sdk().chat.completions.create({ model: "gpt-9", messages: hello })), 404, "model_not_found");
-      const big = [{ role: "user" as const, content: "x".repeat(20_000) }];
-      expectShape(await apiError(sdk().chat.completions.create({ model: "ok", messages: big })), 413, "request_too_large");
-      expect(upstream.requests).toHaveLength(0);
-    });
-
-    test("an invalid field is a BadRequestError naming it, and the upstream never sees the request", async () => {
-      const temperature = await apiError(sdk().chat.completions.create({ model: "ok", messages: hello, temperature: 5 }));
-      expect(temperature).toBeInstanceOf(BadRequestError);
-      expectShape(temperature, 400, "decimal_above_max_value", "invalid_request_error");
-      expect(temperature.param).toBe("temperature");
-      const tools = await apiError(sdk().chat.completions.create({ model: "ok", messages: hello, tools: "garbage" as never }));
-      expect([tools.constructor, tools.param, tools.code]).toEqual([BadRequestError, "tools", "invalid_type"]);
-      const toolTurn = [...hello, { role: "tool" as const, content: "42" } as never];
-      const stream = await apiError(sdk().chat.completions.create({ model: "ok", messages: toolTurn, stream: true }));
-      expect([stream.constructor, stream.param, stream.code]).toEqual([BadRequestError, "messages[1].tool_call_id", "missing_required_parameter"]);
-      const dimensions = await apiError(sdk().embeddings.create({ model: "embed", input: "hi", dimensions: 0 }));
-      expect([dimensions.constructor, dimensions.param, dimensions.code]).toEqual([BadRequestError, "dimensions", "integer_below_min_value"]);
-      expect(upstream.requests).toHaveLength(0);
-    });
-
-    test("429 from the upstream is passed on with its Retry-After", async () => {
-      upstream.script("rate-limited", { status: 429, retryAfter: "7" });
-      const e = await apiError(sdk().chat.completions.create({ model: "rate-limited", messages: hello }));
-      expectShape(e, 429, "upstream_rate_limited", "rate_limit_error");
-      expect(e.headers?.get("retry-after")).toBe("7");
-      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED, httpStatus: 429 });
-    });
-
-    test("502 when the upstream fails or answers garbage, 503 when keys cannot be checked, 504 on timeout", async () => {
-      upstream.script("failing", { status: 500 });
-      expectShape(await apiError(sdk().chat.completions.create({ model: "failing", messages: hello })), 502, "upstream_error", "api_error");
-      expectShape(await apiError(sdk().chat.completions.create({ model: "failing", messages: hello, stream: true })), 502, "upstream_error");
-      upstream.script("garbled", { malformed: true });
-      const garbled = await apiError(sdk().chat.completions.create({ model: "garbled", messages: hello }));
-      expectShape(garbled, 502, "upstream_error");
-      expect(garbled.message).toContain("The upstream of `garbled` gave no usable answer.");
-      upstream.script("slow", { hang: true });
-      expectShape(await apiError(sdk().chat.completions.create({ model: "slow", messages: hello })), 504, "upstream_timeout");
-      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
-      gateway.billing.setDown(true);
-      try {
-        expectShape(await apiError(sdk("sk-unseen").chat.completions.create({ model: "ok", messages: hello })), 503, "auth_unavailable");
-      } finally {
-        gateway.billing.setDown(false);
-      }
-    });
-  });
-
-  describe("upstream failures seen by the client", () => {
-    const contextLength = {
-      message: "This model's maximum context length is 128000 tokens. However, your messages resulted in 130412 tokens.",
-      type: "invalid_request_error",
-      param: "messages",
-      code: "context_length_exceeded",
-    };
-
-    test("an upstream's refusal reaches the SDK with the upstream's status, message, type, param and code", async () => {
-      upstream.script("rejecting", { status: 400, error: contextLength });
-      const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
-      expectShape(e, 400, "context_length_exceeded", "invalid_request_error");
-      expect(e.error).toEqual(contextLength);
-      expect(e.param).toBe("messages");
-      const m = await gateway.row(e.headers?.get("x-request-id") ?? "");
-      expect(m).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 400, errorCode: "context_length_exceeded" });
-
-      const temperature = { message: "Invalid 'temperature': decimal above maximum value.", type: "invalid_request_error", param: "temperature", code: "decimal_above_max_value" };
-      upstream.script("rejecting", { status: 422, error: temperature });
-      const streamed = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello, temperature: 1.5, stream: true }));
-      expectShape(streamed, 422, "decimal_above_max_value", "invalid_request_error");
-      expect(streamed.error).toEqual(temperature);
-      expect(upstream.seen("rejecting")).toHaveLength(2);
-
-      // No OpenAI error body: the gateway's code, and none of the upstream's text.
-      upstream.script("rejecting", { status: 400, error: "<html><body>Bad Request</body></html>" });
-      const bare = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
-      expectShape(bare, 400, "upstream_rejected", "invalid_request_error");
-      expect(bare.message).not.toContain("html");
-    });
-
-    test("an upstream's 413 is the client's 413, and never opens the breaker", async () => {
-      upstream.script("too-large", { status: 413, error: "<html><body>413 Request Entity Too Large</body></html>" });
-      for (let i = 0; i < 6; i++) {
-        const e = await apiError(sdk().chat.completions.create({ model: "too-large", messages: hello }));
-        expectShape(e, 413, "request_too_large", "invalid_request_error");
-      }
-      upstream.script("too-large", {});
-      const completion = await sdk().chat.completions.create({ model: "too-large", messages: hello });
-      expect(completion.model).toBe("too-large-fake");
-      expect(upstream.seen("too-large")).toHaveLength(7);
-    });
-
-    test("an upstream out of quota is not retried but falls back; alone the client gets 502, not a 429 to retry", async () => {
-      const quota = { status: 429, retryAfter: "1", error: { message: "You exceeded your current quota, please check your plan and billing details.", type: "insufficient_quota", code: "insufficient_quota" } };
-      upstream.script("quota-primary", quota);
-      const served = await sdk().chat.completions.create({ model: "quota-fallback", messages: hello });
-      expect(served.model).toBe("quota-secondary-fake");
-      expect(upstream.seen("quota-primary")).toHaveLength(1);
-
-      upstream.script("quota", quota);
-      const e = await apiError(sdk().chat.completions.create({ model: "quota", messages: hello }));
-      expectShape(e, 502, "upstream_quota_exceeded", "api_error");
-      expect(e.message).not.toContain("billing details");
-      expect(e.headers?.get("retry-after")).toBeNull();
-      expect(upstream.seen("quota")).toHaveLength(1);
-      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.UPSTREAM_ERROR, httpStatus: 502, errorCode: "upstream_quota_exceeded" });
-    });
-
-    test("messages of gateway-side failures say what failed; key variables, URLs and upstream text go only to the log", async () => {
-      const keyless = await apiError(sdk().chat.completions.create({ model: "keyless", messages: hello }));
-      expectShape(keyless, 502, "upstream_error", "api_error");
-      expect(keyless.message).toContain("The upstream of `keyless` is not configured.");
-      const requestId = keyless.headers?.get("x-request-id") ?? "";
-      expect(gateway.log.lines.some((line) => line.includes(requestId) && line.includes("FAKE_UPSTREAM_KEY"))).toBe(true);
-
-      upstream.script("throttled", { status: 429, error: { message: "Rate limit reached for org-secret on requests per min." } });
-      upstream.script("failing", { status: 503, error: { message: "upstream connect error at 10.0.0.7" } });
-      upstream.script("garbled", { content: "first second third", malformed: true });
-      upstream.script("slow", { hang: true });
-      const failures = [
-        keyless,
-        await apiError(sdk().chat.completions.create({ model: "throttled", messages: hello })),
-        await apiError(sdk().chat.completions.create({ model: "failing", messages: hello })),
-        await apiError(sdk().chat.completions.create({ model: "failing", messages: hello, stream: true })),
-        await apiError((async () => { for await (const _ of await sdk().chat.completions.create({ model: "garbled", messages: hello, stream: true })); })()),
-        await apiError(sdk().chat.completions.create({ model: "slow", messages: hello })),
-      ];
-      expect(failures.map((e) => e.code)).toEqual(["upstream_error", "upstream_rate_limited", "upstream_error", "upstream_error", "upstream_error", "upstream_timeout"]);
-      for (const e of failures) {
-        for (const leak of ["FAKE_UPSTREAM_KEY", "fake", "keyless:", "127.0.0.1", "scripted", "org-secret", "10.0.0.7", "JSON"]) {
-          expect(e.message).not.toContain(leak);
+    describe("streaming through the official SDK", () => {
+      test("chunks in OpenAI's shape, usage last when asked for, TTFT and cost in the metrics", async () => {
+        upstream.script("ok", {
+          content: "one two three four",
+          usage: { prompt_tokens: 10, completion_tokens: 4, total_tokens: 14 },
+        });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({
+            model: "ok",
+            messages: hello,
+            stream: true,
+            stream_options: { include_usage: true },
+          })
+          .withResponse();
+        expect(response.headers.get("content-type")).toContain("text/event-stream");
+        expect(response.headers.get("x-gateway-cost-nanos")).toBeNull();
+        let content = "";
+        const chunks = [];
+        for await (const chunk of stream) {
+          chunks.push(chunk);
+          content += chunk.choices[0]?.delta.content ?? "";
         }
-      }
+        expect(content).toBe("one two three four");
+        expect(chunks[0]?.object).toBe("chat.completion.chunk");
+        expect(chunks.at(-2)?.choices[0]?.finish_reason).toBe("stop");
+        expect(chunks.at(-1)?.choices).toEqual([]);
+        expect(chunks.at(-1)?.usage).toEqual({ prompt_tokens: 10, completion_tokens: 4, total_tokens: 14 });
+        // The gateway always asks upstream for usage.
+        expect(upstream.seen("ok")[0]?.body.stream_options).toEqual({ include_usage: true });
+
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ status: RequestStatus.OK, httpStatus: 200, streamed: true, usageEstimated: false });
+        // 10 input at $2.50/M + 4 output at $10/M
+        expect(m.costNanos).toBe(65_000n);
+        expect(m.ttftUs).toBeGreaterThan(0n);
+        expect(m.ttftUs).toBeLessThanOrEqual(m.totalLatencyUs);
+        expect(m.firstTokenTime).toBeDefined();
+        expect(m.totalLatencyUs).toBe(m.upstreamLatencyUs + m.gatewayOverheadUs);
+      });
+
+      test("no usage chunk unless the client asks, though the gateway still meters it", async () => {
+        upstream.script("ok", {
+          content: "a b c",
+          usage: { prompt_tokens: 7, completion_tokens: 3, total_tokens: 10 },
+        });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "ok", messages: hello, stream: true })
+          .withResponse();
+        const chunks = [];
+        for await (const chunk of stream) chunks.push(chunk);
+        expect(chunks.every((c) => c.choices.length > 0 && !c.usage)).toBe(true);
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m.usage).toMatchObject({ inputTokens: 7n, outputTokens: 3n });
+        expect(m.usageEstimated).toBe(false);
+      });
+
+      test("an upstream stream without usage is counted with the tokenizer; the client still gets a usage chunk", async () => {
+        upstream.script("no-usage", { content: "Hello world", usage: false });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({
+            model: "no-usage",
+            messages: hello,
+            stream: true,
+            stream_options: { include_usage: true },
+          })
+          .withResponse();
+        const chunks = [];
+        for await (const chunk of stream) chunks.push(chunk);
+        expect(chunks.at(-1)?.usage?.completion_tokens).toBe(2);
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m.usageEstimated).toBe(true);
+        expect(m.usage?.outputTokens).toBe(2n);
+        expect(Number(m.usage?.inputTokens)).toBe(chunks.at(-1)?.usage?.prompt_tokens ?? -1);
+      });
+
+      test("streamed tool calls pass through", async () => {
+        upstream.script("tools", { toolCall: { name: "lookup", arguments: '{"q":"cats"}' } });
+        const stream = await sdk().chat.completions.create({ model: "tools", messages: hello, stream: true });
+        let args = "";
+        let finish: string | null = null;
+        for await (const chunk of stream) {
+          args += chunk.choices[0]?.delta.tool_calls?.[0]?.function?.arguments ?? "";
+          finish ??= chunk.choices[0]?.finish_reason ?? null;
+        }
+        expect(args).toBe('{"q":"cats"}');
+        expect(finish).toBe("tool_calls");
+      });
+
+      test("an upstream failing mid-stream reaches the SDK as an error event and is metered", async () => {
+        upstream.script("garbled", { content: "first second third", malformed: true });
+        const stream = await sdk().chat.completions.create({ model: "garbled", messages: hello, stream: true });
+        let content = "";
+        const e = await apiError(
+          (async () => {
+            for await (const chunk of stream) content += chunk.choices[0]?.delta.content ?? "";
+          })(),
+        );
+        expect(content).toBe("first");
+        expect(e.code).toBe("upstream_error");
+        const m = gateway.shipper.rows.at(-1);
+        expect(m).toMatchObject({
+          status: RequestStatus.UPSTREAM_ERROR,
+          httpStatus: 502,
+          streamed: true,
+          usageEstimated: true,
+        });
+        expect(m?.usage?.outputTokens).toBe(1n);
+      });
+
+      test("a stream the upstream cuts short is an error, not a silent success", async () => {
+        upstream.script("cut", { content: "one two three four", cutAfterChunks: 2 });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "cut", messages: hello, stream: true })
+          .withResponse();
+        const e = await apiError(
+          (async () => {
+            for await (const _ of stream);
+          })(),
+        );
+        expect(e.code).toBe("upstream_error");
+        expect(e.message).toContain("The upstream of `cut` failed mid-stream.");
+        // What the upstream did wrong is in the log, with the request id.
+        const requestId = response.headers.get("x-request-id") ?? "";
+        expect(
+          gateway.log.lines.some((line) => line.includes(requestId) && line.includes("ended before it finished")),
+        ).toBe(true);
+      });
+
+      test("an upstream that goes silent mid-stream times out with an error event", async () => {
+        upstream.script("stalls", { content: "one two", chunkDelayMs: 2000 });
+        const stream = await sdk().chat.completions.create({ model: "stalls", messages: hello, stream: true });
+        const e = await apiError(
+          (async () => {
+            for await (const _ of stream);
+          })(),
+        );
+        expect(e.code).toBe("upstream_timeout");
+        expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+      });
+
+      test("a client that disconnects mid-stream aborts the upstream call and is metered as cancelled", async () => {
+        upstream.script("slow-stream", {
+          content: "one two three four five six seven eight",
+          chunkDelayMs: 100,
+          usage: false,
+        });
+        const gone = new AbortController();
+        const res = await fetch(`${base()}/v1/chat/completions`, {
+          method: "POST",
+          headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+          body: JSON.stringify({ model: "slow-stream", messages: hello, stream: true }),
+          signal: gone.signal,
+        });
+        const requestId = res.headers.get("x-request-id") ?? "";
+        const reader = (res.body as ReadableStream<Uint8Array>).getReader();
+        let text = "";
+        while (!text.includes('"content":" two"')) text += new TextDecoder().decode((await reader.read()).value);
+        gone.abort();
+        const m = await gateway.row(requestId);
+        expect(m).toMatchObject({
+          status: RequestStatus.CANCELLED,
+          httpStatus: 499,
+          errorCode: "client_closed_request",
+          streamed: true,
+          usageEstimated: true,
+        });
+        // "one two" at least, as o200k_base counts it; the input is estimated too.
+        expect(m.usage?.outputTokens).toBeGreaterThanOrEqual(2n);
+        expect(m.usage?.outputTokens).toBeLessThan(8n);
+        expect(m.usage?.inputTokens).toBeGreaterThan(0n);
+        expect(m.costNanos).toBeGreaterThan(0n);
+        const deadline = Date.now() + 5000;
+        while (!upstream.seen("slow-stream")[0]?.aborted && Date.now() < deadline) await Bun.sleep(10);
+        expect(upstream.seen("slow-stream")[0]?.aborted).toBe(true);
+      });
+
+      test("a client that disconnects before the upstream answers aborts it too", async () => {
+        upstream.script("slow-stream", { hang: true });
+        const gone = new AbortController();
+        const pending = sdk()
+          .chat.completions.create({ model: "slow-stream", messages: hello }, { signal: gone.signal })
+          .catch(() => undefined);
+        while (upstream.seen("slow-stream").length === 0) await Bun.sleep(5);
+        gone.abort();
+        await pending;
+        const deadline = Date.now() + 5000;
+        while (!upstream.seen("slow-stream")[0]?.aborted && Date.now() < deadline) await Bun.sleep(10);
+        expect(upstream.seen("slow-stream")[0]?.aborted).toBe(true);
+        const m = gateway.shipper.rows.at(-1);
+        expect(m).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, requestedModel: "slow-stream" });
+      });
+    });
+
+    describe("requests cut off once the upstream has the prompt", () => {
+      /** The metrics row recorded after `before` rows, once it is there. */
+      const rowAfter = async (before: number) => {
+        const deadline = Date.now() + 5000;
+        while (gateway.shipper.rows.length <= before && Date.now() < deadline) await Bun.sleep(5);
+        return gateway.shipper.rows[before];
+      };
+
+      test("a client that leaves before the first chunk is metered at its prompt, whole or streamed", async () => {
+        upstream.script("slow-stream", { hang: true });
+        for (const stream of [false, true]) {
+          const before = gateway.shipper.rows.length;
+          const sent = upstream.seen("slow-stream").length;
+          const gone = new AbortController();
+          const pending = sdk()
+            .chat.completions.create({ model: "slow-stream", messages: hello, stream }, { signal: gone.signal })
+            .catch(() => undefined);
+          while (upstream.seen("slow-stream").length === sent) await Bun.sleep(5);
+          gone.abort();
+          await pending;
+          const m = await rowAfter(before);
+          expect(m).toMatchObject({ status: RequestStatus.CANCELLED, streamed: stream, usageEstimated: true });
+          // o200k_base: "hello there friend" framed as a user message; 10 tokens at $2.50/M.
+          expect(m?.usage).toMatchObject({ inputTokens: 10n, outputTokens: 0n });
+          expect(m?.costNanos).toBe(25_000n);
+        }
+      });
+
+      test("an embedding whose upstream times out is metered at its input", async () => {
+        upstream.script("slow", { hang: true });
+        const before = gateway.shipper.rows.length;
+        const e = await apiError(sdk().embeddings.create({ model: "slow", input: "Hello world" }));
+        expectShape(e, 504, "upstream_timeout");
+        const m = await rowAfter(before);
+        expect(m).toMatchObject({ status: RequestStatus.TIMEOUT, endpoint: Endpoint.EMBEDDINGS, usageEstimated: true });
+        expect(m?.usage?.inputTokens).toBe(2n);
+        expect(m?.costNanos).toBe(5_000n);
+      });
+    });
+
+    describe("embeddings and models", () => {
+      test("embeddings through the SDK (its default base64 encoding and floats), priced on input tokens", async () => {
+        upstream.script("embed", { usage: { prompt_tokens: 400, completion_tokens: 0, total_tokens: 400 } });
+        const { data, response } = await sdk()
+          .embeddings.create({ model: "embed", input: ["alpha", "beta"] })
+          .withResponse();
+        expect(data.data).toHaveLength(2);
+        expect(data.data[0]?.embedding).toHaveLength(4);
+        expect(data.data[0]?.embedding[0]).toBeCloseTo(0.05, 5);
+        expect(upstream.seen("embed")[0]?.body.encoding_format).toBe("base64");
+        // 400 tokens at $2.50/M
+        expect(response.headers.get("x-gateway-cost-nanos")).toBe("1000000");
+        const floats = await sdk().embeddings.create({
+          model: "embed",
+          input: "gamma",
+          encoding_format: "float",
+          dimensions: 3,
+        });
+        expect(floats.data[0]?.embedding).toHaveLength(3);
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ endpoint: Endpoint.EMBEDDINGS, status: RequestStatus.OK, costNanos: 1_000_000n });
+        expect(m.usage?.inputTokens).toBe(400n);
+      });
+
+      test("embeddings without upstream usage are counted", async () => {
+        upstream.script("embed", { usage: false });
+        const { response } = await sdk().embeddings.create({ model: "embed", input: "Hello world" }).withResponse();
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ usageEstimated: true });
+        expect(m.usage?.inputTokens).toBe(2n);
+      });
+
+      test("models list only what the key may use", async () => {
+        const all = await sdk().models.list();
+        expect(all.data.map((m) => m.id)).toContain("premium");
+        const limited = await sdk("sk-limited").models.list();
+        expect(limited.data.map((m) => m.id)).toEqual(["ok"]);
+        expect((await sdk("sk-limited").models.retrieve("ok")).id).toBe("ok");
+        expectShape(
+          await apiError(sdk("sk-limited").models.retrieve("premium")),
+          403,
+          "model_not_allowed",
+          "permission_error",
+        );
+      });
+    });
+
+    describe("error shapes for every status", () => {
+      test("400 invalid field, 401 bad key, 403 model not allowed, 404 unknown model, 413 too large", async () => {
+        expectShape(
+          await apiError(sdk().chat.completions.create({ model: "ok", messages: [], n: 1 })),
+          400,
+          "empty_array",
+          "invalid_request_error",
+        );
+        expectShape(
+          await apiError(sdk().chat.completions.create({ model: "ok", messages: hello, n: 129 })),
+          400,
+          "integer_above_max_value",
+        );
+        expectShape(await apiError(sdk().embeddings.create({ model: "embed", input: "" })), 400, "invalid_value");
+        expectShape(
+          await apiError(sdk("sk-nope").chat.completions.create({ model: "ok", messages: hello })),
+          401,
+          "invalid_api_key",
+        );
+        expectShape(
+          await apiError(sdk("sk-limited").chat.completions.create({ model: "premium", messages: hello })),
+          403,
+          "model_not_allowed",
+        );
+        expectShape(
+          await apiError(sdk().chat.completions.create({ model: "gpt-9", messages: hello })),
+          404,
+          "model_not_found",
+        );
+        const big = [{ role: "user" as const, content: "x".repeat(20_000) }];
+        expectShape(
+          await apiError(sdk().chat.completions.create({ model: "ok", messages: big })),
+          413,
+          "request_too_large",
+        );
+        expect(upstream.requests).toHaveLength(0);
+      });
+
+      test("an invalid field is a BadRequestError naming it, and the upstream never sees the request", async () => {
+        const temperature = await apiError(
+          sdk().chat.completions.create({ model: "ok", messages: hello, temperature: 5 }),
+        );
+        expect(temperature).toBeInstanceOf(BadRequestError);
+        expectShape(temperature, 400, "decimal_above_max_value", "invalid_request_error");
+        expect(temperature.param).toBe("temperature");
+        const tools = await apiError(
+          sdk().chat.completions.create({ model: "ok", messages: hello, tools: "garbage" as never }),
+        );
+        expect([tools.constructor, tools.param, tools.code]).toEqual([BadRequestError, "tools", "invalid_type"]);
+        const toolTurn = [...hello, { role: "tool" as const, content: "42" } as never];
+        const stream = await apiError(sdk().chat.completions.create({ model: "ok", messages: toolTurn, stream: true }));
+        expect([stream.constructor, stream.param, stream.code]).toEqual([
+          BadRequestError,
+          "messages[1].tool_call_id",
+          "missing_required_parameter",
+        ]);
+        const dimensions = await apiError(sdk().embeddings.create({ model: "embed", input: "hi", dimensions: 0 }));
+        expect([dimensions.constructor, dimensions.param, dimensions.code]).toEqual([
+          BadRequestError,
+          "dimensions",
+          "integer_below_min_value",
+        ]);
+        expect(upstream.requests).toHaveLength(0);
+      });
+
+      test("429 from the upstream is passed on with its Retry-After", async () => {
+        upstream.script("rate-limited", { status: 429, retryAfter: "7" });
+        const e = await apiError(sdk().chat.completions.create({ model: "rate-limited", messages: hello }));
+        expectShape(e, 429, "upstream_rate_limited", "rate_limit_error");
+        expect(e.headers?.get("retry-after")).toBe("7");
+        expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED, httpStatus: 429 });
+      });
+
+      test("502 when the upstream fails or answers garbage, 503 when keys cannot be checked, 504 on timeout", async () => {
+        upstream.script("failing", { status: 500 });
+        expectShape(
+          await apiError(sdk().chat.completions.create({ model: "failing", messages: hello })),
+          502,
+          "upstream_error",
+          "api_error",
+        );
+        expectShape(
+          await apiError(sdk().chat.completions.create({ model: "failing", messages: hello, stream: true })),
+          502,
+          "upstream_error",
+        );
+        upstream.script("garbled", { malformed: true });
+        const garbled = await apiError(sdk().chat.completions.create({ model: "garbled", messages: hello }));
+        expectShape(garbled, 502, "upstream_error");
+        expect(garbled.message).toContain("The upstream of `garbled` gave no usable answer.");
+        upstream.script("slow", { hang: true });
+        expectShape(
+          await apiError(sdk().chat.completions.create({ model: "slow", messages: hello })),
+          504,
+          "upstream_timeout",
+        );
+        expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+        gateway.billing.setDown(true);
+        try {
+          expectShape(
+            await apiError(sdk("sk-unseen").chat.completions.create({ model: "ok", messages: hello })),
+            503,
+            "auth_unavailable",
+          );
+        } finally {
+          gateway.billing.setDown(false);
+        }
+      });
+    });
+
+    describe("upstream usage as it is metered", () => {
+      // An OpenAI-compatible server may report counts no token count can be; the cast lets the fake send them.
+      const odd = (usage: Record<string, unknown>) => usage as unknown as FakeUsage;
+      /** The row of a response, checked to hold what billing accepts and what the client was charged. */
+      const meteredRow = async (response: Response) => {
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m.status).toBe(RequestStatus.OK);
+        expect(m.usage?.cachedInputTokens).toBeLessThanOrEqual(m.usage?.inputTokens ?? 0n);
+        expect(m.usage?.reasoningTokens).toBeLessThanOrEqual(m.usage?.outputTokens ?? 0n);
+        const charged = response.headers.get("x-gateway-cost-nanos");
+        if (charged !== null) expect(charged).toBe(String(m.costNanos));
+        return m;
+      };
+      const fractional = odd({
+        prompt_tokens: 10.5,
+        completion_tokens: 4,
+        total_tokens: 14.5,
+        prompt_tokens_details: { cached_tokens: 20 },
+        completion_tokens_details: { reasoning_tokens: 9 },
+      });
+      // 11 cached input at $1.25/M + 4 output, all reasoning, at $10/M
+      const fractionalCost = 11n * 1_250n + 4n * 10_000n;
+
+      test("a whole completion: fractions round up, cached input and reasoning stay within their totals", async () => {
+        upstream.script("odd-usage", { content: "hi", usage: fractional });
+        const { response } = await sdk()
+          .chat.completions.create({ model: "odd-usage", messages: hello })
+          .withResponse();
+        const m = await meteredRow(response);
+        expect(m.usage).toMatchObject({
+          inputTokens: 11n,
+          cachedInputTokens: 11n,
+          outputTokens: 4n,
+          reasoningTokens: 4n,
+        });
+        expect(m).toMatchObject({ usageEstimated: false, costNanos: fractionalCost });
+        expect(upstream.seen("odd-usage")).toHaveLength(1);
+      });
+
+      test("a streamed completion is metered by the same rule", async () => {
+        upstream.script("odd-usage", { content: "one two", usage: fractional });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({
+            model: "odd-usage",
+            messages: hello,
+            stream: true,
+            stream_options: { include_usage: true },
+          })
+          .withResponse();
+        for await (const _ of stream);
+        const m = await meteredRow(response);
+        expect(m.usage).toMatchObject({
+          inputTokens: 11n,
+          cachedInputTokens: 11n,
+          outputTokens: 4n,
+          reasoningTokens: 4n,
+        });
+        expect(m).toMatchObject({ usageEstimated: false, costNanos: fractionalCost });
+      });
+
+      test("a negative count is no count: the tokenizer's estimate stands in for it, marked estimated", async () => {
+        upstream.script("odd-usage", {
+          content: "Hello world",
+          usage: odd({ prompt_tokens: -5, completion_tokens: 3, total_tokens: -2 }),
+        });
+        const whole = await meteredRow(
+          (await sdk().chat.completions.create({ model: "odd-usage", messages: hello }).withResponse()).response,
+        );
+        // o200k_base: 3 priming + 3 framing + "user" + "hello there friend" (3 tokens)
+        expect(whole.usage).toMatchObject({ inputTokens: 10n, outputTokens: 3n });
+        expect(whole.usageEstimated).toBe(true);
+
+        upstream.script("odd-usage", {
+          content: "Hello world",
+          usage: odd({ prompt_tokens: 12, completion_tokens: -1, total_tokens: 11 }),
+        });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "odd-usage", messages: hello, stream: true })
+          .withResponse();
+        for await (const _ of stream);
+        const streamed = await meteredRow(response);
+        // "Hello world" is 2 tokens.
+        expect(streamed.usage).toMatchObject({ inputTokens: 12n, outputTokens: 2n });
+        expect(streamed.usageEstimated).toBe(true);
+      });
+
+      test("embeddings: a fraction rounds up, a negative count is estimated", async () => {
+        upstream.script("embed", { usage: odd({ prompt_tokens: 7.2, total_tokens: 7.2 }) });
+        const { response } = await sdk().embeddings.create({ model: "embed", input: "Hello world" }).withResponse();
+        const m = await meteredRow(response);
+        expect(m.usage?.inputTokens).toBe(8n);
+        expect(m).toMatchObject({ usageEstimated: false, costNanos: 8n * 2_500n });
+
+        upstream.script("embed", { usage: odd({ prompt_tokens: -1, total_tokens: -1 }) });
+        const estimated = await meteredRow(
+          (await sdk().embeddings.create({ model: "embed", input: "Hello world" }).withResponse()).response,
+        );
+        expect(estimated.usage?.inputTokens).toBe(2n);
+        expect(estimated.usageEstimated).toBe(true);
+      });
+    });
+
+    describe("upstream failures seen by the client", () => {
+      const contextLength = {
+        message:
+          "This model's maximum context length is 128000 tokens. However, your messages resulted in 130412 tokens.",
+        type: "invalid_request_error",
+        param: "messages",
+        code: "context_length_exceeded",
+      };
+
+      test("an upstream's refusal reaches the SDK with the upstream's status, message, type, param and code", async () => {
+        upstream.script("rejecting", { status: 400, error: contextLength });
+        const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+        expectShape(e, 400, "context_length_exceeded", "invalid_request_error");
+        expect(e.error).toEqual(contextLength);
+        expect(e.param).toBe("messages");
+        const m = await gateway.row(e.headers?.get("x-request-id") ?? "");
+        expect(m).toMatchObject({
+          status: RequestStatus.INVALID_REQUEST,
+          httpStatus: 400,
+          errorCode: "context_length_exceeded",
+        });
+
+        const temperature = {
+          message: "Invalid 'temperature': decimal above maximum value.",
+          type: "invalid_request_error",
+          param: "temperature",
+          code: "decimal_above_max_value",
+        };
+        upstream.script("rejecting", { status: 422, error: temperature });
+        const streamed = await apiError(
+          sdk().chat.completions.create({ model: "rejecting", messages: hello, temperature: 1.5, stream: true }),
+        );
+        expectShape(streamed, 422, "decimal_above_max_value", "invalid_request_error");
+        expect(streamed.error).toEqual(temperature);
+        expect(upstream.seen("rejecting")).toHaveLength(2);
+
+        // No OpenAI error body: the gateway's code, and none of the upstream's text.
+        upstream.script("rejecting", { status: 400, error: "<html><body>Bad Request</body></html>" });
+        const bare = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+        expectShape(bare, 400, "upstream_rejected", "invalid_request_error");
+        expect(bare.message).not.toContain("html");
+      });
+
+      test("an upstream's 413 is the client's 413, and never opens the breaker", async () => {
+        upstream.script("too-large", { status: 413, error: "<html><body>413 Request Entity Too Large</body></html>" });
+        for (let i = 0; i < 6; i++) {
+          const e = await apiError(sdk().chat.completions.create({ model: "too-large", messages: hello }));
+          expectShape(e, 413, "request_too_large", "invalid_request_error");
+        }
+        upstream.script("too-large", {});
+        const completion = await sdk().chat.completions.create({ model: "too-large", messages: hello });
+        expect(completion.model).toBe("too-large-fake");
+        expect(upstream.seen("too-large")).toHaveLength(7);
+      });
+
+      test("an upstream out of quota is not retried but falls back; alone the client gets 502, not a 429 to retry", async () => {
+        const quota = {
+          status: 429,
+          retryAfter: "1",
+          error: {
+            message: "You exceeded your current quota, please check your plan and billing details.",
+            type: "insufficient_quota",
+            code: "insufficient_quota",
+          },
+        };
+        upstream.script("quota-primary", quota);
+        const served = await sdk().chat.completions.create({ model: "quota-fallback", messages: hello });
+        expect(served.model).toBe("quota-secondary-fake");
+        expect(upstream.seen("quota-primary")).toHaveLength(1);
+
+        upstream.script("quota", quota);
+        const e = await apiError(sdk().chat.completions.create({ model: "quota", messages: hello }));
+        expectShape(e, 502, "upstream_quota_exceeded", "api_error");
+        expect(e.message).not.toContain("billing details");
+        expect(e.headers?.get("retry-after")).toBeNull();
+        expect(upstream.seen("quota")).toHaveLength(1);
+        expect(gateway.shipper.rows.at(-1)).toMatchObject({
+          status: RequestStatus.UPSTREAM_ERROR,
+          httpStatus: 502,
+          errorCode: "upstream_quota_exceeded",
+        });
+      });
+
+      test("messages of gateway-side failures say what failed; key variables, URLs and upstream text go only to the log", async () => {
+        const keyless = await apiError(sdk().chat.completions.create({ model: "keyless", messages: hello }));
+        expectShape(keyless, 502, "upstream_error", "api_error");
+        expect(keyless.message).toContain("The upstream of `keyless` is not configured.");
+        const requestId = keyless.headers?.get("x-request-id") ?? "";
+        expect(gateway.log.lines.some((line) => line.includes(requestId) && line.includes("FAKE_UPSTREAM_KEY"))).toBe(
+          true,
+        );
+
+        upstream.script("throttled", {
+          status: 429,
+          error: { message: "Rate limit reached for org-secret on requests per min." },
+        });
+        upstream.script("failing", { status: 503, error: { message: "upstream connect error at 10.0.0.7" } });
+        upstream.script("garbled", { content: "first second third", malformed: true });
+        upstream.script("slow", { hang: true });
+        const failures = [
+          keyless,
+          await apiError(sdk().chat.completions.create({ model: "throttled", messages: hello })),
+          await apiError(sdk().chat.completions.create({ model: "failing", messages: hello })),
+          await apiError(sdk().chat.completions.create({ model: "failing", messages: hello, stream: true })),
+          await apiError(
+            (async () => {
+              for await (const _ of await sdk().chat.completions.create({
+                model: "garbled",
+                messages: hello,
+                stream: true,
+              }));
+            })(),
+          ),
+          await apiError(sdk().chat.completions.create({ model: "slow", messages: hello })),
+        ];
+        expect(failures.map((e) => e.code)).toEqual([
+          "upstream_error",
+          "upstream_rate_limited",
+          "upstream_error",
+          "upstream_error",
+          "upstream_error",
+          "upstream_timeout",
+        ]);
+        for (const e of failures) {
+          for (const leak of [
+            "FAKE_UPSTREAM_KEY",
+            "fake",
+            "keyless:",
+            "127.0.0.1",
+            "scripted",
+            "org-secret",
+            "10.0.0.7",
+            "JSON",
+          ]) {
+            expect(e.message).not.toContain(leak);
+          }
+        }
+      });
+    });
+
+    describe("routing seen from outside", () => {
+      test("a failing first target falls back to the next", async () => {
+        upstream.script("fallback-primary", { status: 500 });
+        const { data, response } = await sdk()
+          .chat.completions.create({ model: "fallback", messages: hello })
+          .withResponse();
+        expect(data.model).toBe("fallback-secondary-fake");
+        expect(upstream.seen("fallback-primary").length).toBeGreaterThanOrEqual(1);
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({
+          status: RequestStatus.OK,
+          fallbackUsed: true,
+          servedModel: "fallback-secondary-fake",
+        });
+      });
+
+      test("a target that keeps failing is skipped for a while (circuit breaker)", async () => {
+        upstream.script("breaker-primary", { status: 500 });
+        for (let i = 0; i < 20; i++) {
+          const completion = await sdk().chat.completions.create({ model: "breaker", messages: hello });
+          expect(completion.model).toBe("mock-echo-1");
+        }
+        expect(upstream.seen("breaker-primary").length).toBeLessThan(20);
+      });
     });
   });
-
-  describe("routing seen from outside", () => {
-    test("a failing first target falls back to the next", async () => {
-      upstream.script("fallback-primary", { status: 500 });
-      const { data, response } = await sdk().chat.completions.create({ model: "fallback", messages: hello }).withResponse();
-      expect(data.model).toBe("fallback-secondary-fake");
-      expect(upstream.seen("fallback-primary").length).toBeGreaterThanOrEqual(1);
-      const m = await gateway.row(response.headers.get("x-request-id") ?? "");
-      expect(m).toMatchObject({ status: RequestStatus.OK, fallbackUsed: true, servedModel: "fallback-secondary-fake" });
-    });
-
-    test("a target that keeps failing is skipped for a while (circuit breaker)", async () => {
-      upstream.script("breaker-primary", { status: 500 });
-      for (let i = 0; i < 20; i++) {
-        const completion = await sdk().chat.completions.create({ model: "breaker", messages: hello });
-        expect(completion.model).toBe("mock-echo-1");
-      }
-      expect(upstream.seen("breaker-primary").length).toBeLessThan(20);
-    });
-  });
-});
 }

@@ -39,13 +39,19 @@ describe("mock provider", () => {
 
   test("stops at the first stop sequence", async () => {
     const cut = await mock.chat(request("one two three", { stop: ["three", "two"] }), { timeoutMs: 1000 });
-    expect(cut.completion.choices[0]).toMatchObject({ message: { content: "mock reply: one " }, finish_reason: "stop" });
+    expect(cut.completion.choices[0]).toMatchObject({
+      message: { content: "mock reply: one " },
+      finish_reason: "stop",
+    });
     const none = await mock.chat(request("one", { stop: "zzz" }), { timeoutMs: 1000 });
     expect(none.completion.choices[0]?.message.content).toBe("mock reply: one");
   });
 
   test("a JSON response format gets a JSON object", async () => {
-    for (const response_format of [{ type: "json_object" as const }, { type: "json_schema" as const, json_schema: { name: "a" } }]) {
+    for (const response_format of [
+      { type: "json_object" as const },
+      { type: "json_schema" as const, json_schema: { name: "a" } },
+    ]) {
       const result = await mock.chat(request("hi", { response_format }), { timeoutMs: 1000 });
       expect(JSON.parse(result.completion.choices[0]?.message.content ?? "")).toEqual({ reply: "mock reply: hi" });
     }
@@ -66,9 +72,12 @@ describe("mock provider", () => {
     ]);
     // ceil("lookup{}".length / 4)
     expect(required.tokens.outputTokens).toBe(2n);
-    const named = await mock.chat(request("hi", { tools, tool_choice: { type: "function", function: { name: "book" } } }), {
-      timeoutMs: 1000,
-    });
+    const named = await mock.chat(
+      request("hi", { tools, tool_choice: { type: "function", function: { name: "book" } } }),
+      {
+        timeoutMs: 1000,
+      },
+    );
     expect(named.completion.choices[0]?.message.tool_calls?.[0]).toMatchObject({ function: { name: "book" } });
     const auto = await mock.chat(request("hi", { tools, tool_choice: "auto" }), { timeoutMs: 1000 });
     expect(auto.completion.choices[0]).toMatchObject({ message: { content: "mock reply: hi" }, finish_reason: "stop" });
@@ -76,11 +85,18 @@ describe("mock provider", () => {
 
   test("a streamed tool call: id and name first, then the arguments, then tool_calls", async () => {
     const chunks: ChatCompletionChunk[] = [];
-    for await (const chunk of await mock.streamChat(request("hi", { tools, tool_choice: "required" }), { timeoutMs: 1000 })) {
+    for await (const chunk of await mock.streamChat(request("hi", { tools, tool_choice: "required" }), {
+      timeoutMs: 1000,
+    })) {
       chunks.push(chunk);
     }
     const first = chunks[0]?.choices[0]?.delta.tool_calls?.[0];
-    expect(first).toMatchObject({ index: 0, id: expect.stringMatching(/^call_/), type: "function", function: { name: "lookup", arguments: "" } });
+    expect(first).toMatchObject({
+      index: 0,
+      id: expect.stringMatching(/^call_/),
+      type: "function",
+      function: { name: "lookup", arguments: "" },
+    });
     const args = chunks.map((c) => c.choices[0]?.delta.tool_calls?.[0]?.function?.arguments ?? "").join("");
     expect(args).toBe("{}");
     expect(chunks.at(-2)?.choices[0]?.finish_reason).toBe("tool_calls");
@@ -89,7 +105,18 @@ describe("mock provider", () => {
 
   test("content parts are read as text", async () => {
     const parts = await mock.chat(
-      { model: "m", messages: [{ role: "user", content: [{ type: "text", text: "hi" }, { type: "text", text: " you" }] }] },
+      {
+        model: "m",
+        messages: [
+          {
+            role: "user",
+            content: [
+              { type: "text", text: "hi" },
+              { type: "text", text: " you" },
+            ],
+          },
+        ],
+      },
       { timeoutMs: 1000 },
     );
     expect(parts.completion.choices[0]?.message.content).toBe("mock reply: hi you");
@@ -104,6 +131,23 @@ describe("mock provider", () => {
     const three = await mock.chat(request("x", { n: 3, max_completion_tokens: 2 }), { timeoutMs: 1000 });
     expect(three.completion.choices.map((c) => c.index)).toEqual([0, 1, 2]);
     expect(three.tokens.outputTokens).toBe(6n);
+  });
+
+  test("writes at most 4,096 tokens a choice, so n copies of a long prompt stay small, whole or streamed", async () => {
+    const long = request("x".repeat(100_000), { n: 128, max_tokens: 100_000 });
+    const whole = await mock.chat(long, { timeoutMs: 1000 });
+    expect(whole.completion.choices).toHaveLength(128);
+    for (const choice of whole.completion.choices) {
+      expect(choice.message.content).toHaveLength(4096 * 4);
+      expect(choice.finish_reason).toBe("length");
+    }
+    expect(whole.tokens.outputTokens).toBe(4096n * 128n);
+    expect(JSON.stringify(whole.completion).length).toBeLessThan(3 << 20);
+    let streamed = "";
+    for await (const chunk of await mock.streamChat(long, { timeoutMs: 1000 })) {
+      streamed += chunk.choices[0]?.delta.content ?? "";
+    }
+    expect(streamed).toBe(whole.completion.choices[0]?.message.content as string);
   });
 
   test("waits its latency, times out past the attempt limit, and stops when the client leaves", async () => {
@@ -142,9 +186,16 @@ describe("mock provider", () => {
     const one: ChatCompletionChunk[] = [];
     for await (const chunk of await mock.streamChat(request("hello there"), { timeoutMs: 1000 })) one.push(chunk);
     const many: ChatCompletionChunk[] = [];
-    for await (const chunk of await mock.streamChat(request("hello there", { n: 128 }), { timeoutMs: 1000 })) many.push(chunk);
+    for await (const chunk of await mock.streamChat(request("hello there", { n: 128 }), { timeoutMs: 1000 }))
+      many.push(chunk);
     expect(many).toHaveLength(one.length);
-    expect(many.slice(0, -1).every((c) => c.choices.map((choice) => choice.index).join() === Array.from({ length: 128 }, (_, i) => i).join())).toBe(true);
+    expect(
+      many
+        .slice(0, -1)
+        .every(
+          (c) => c.choices.map((choice) => choice.index).join() === Array.from({ length: 128 }, (_, i) => i).join(),
+        ),
+    ).toBe(true);
     const texts = Array.from({ length: 128 }, (_, i) => many.map((c) => c.choices[i]?.delta.content ?? "").join(""));
     expect(new Set(texts)).toEqual(new Set(["mock reply: hello there"]));
     expect(many.at(-1)?.usage?.completion_tokens).toBe(128 * (one.at(-1)?.usage?.completion_tokens ?? 0));
@@ -173,15 +224,41 @@ describe("mock provider", () => {
     expect(lists.response.data).toHaveLength(2);
   });
 
+  test("refuses embeddings of more than 1,048,576 values (inputs x dimensions) with a 400 naming the parameter", async () => {
+    const inputs = Array.from({ length: 256 }, (_, i) => `input ${i}`);
+    const refused = await mock
+      .embed({ model: "m", input: inputs, dimensions: 65_536, encoding_format: "float" }, { timeoutMs: 1000 })
+      .then(
+        () => undefined,
+        (e: unknown) => e as UpstreamError,
+      );
+    expect(refused).toBeInstanceOf(UpstreamError);
+    expect([refused?.failure, refused?.status, refused?.error?.param]).toEqual(["rejected", 400, "dimensions"]);
+    expect(refused?.error?.message).toContain("1048576");
+    const most = await mock.embed(
+      { model: "m", input: inputs, dimensions: 4096, encoding_format: "base64" },
+      { timeoutMs: 1000 },
+    );
+    expect(most.response.data).toHaveLength(256);
+  });
+
   test("embeddings are deterministic unit vectors, as floats or base64", async () => {
-    const floats = await mock.embed({ model: "m", input: ["cat", "dog"], encoding_format: "float" }, { timeoutMs: 1000 });
-    const again = await mock.embed({ model: "m", input: "cat", encoding_format: "float", dimensions: 16 }, { timeoutMs: 1000 });
+    const floats = await mock.embed(
+      { model: "m", input: ["cat", "dog"], encoding_format: "float" },
+      { timeoutMs: 1000 },
+    );
+    const again = await mock.embed(
+      { model: "m", input: "cat", encoding_format: "float", dimensions: 16 },
+      { timeoutMs: 1000 },
+    );
     expect(floats.response.data).toHaveLength(2);
     expect(again.response.data[0]?.embedding).toEqual(floats.response.data[0]?.embedding as number[]);
     expect(Math.hypot(...(floats.response.data[0]?.embedding as number[]))).toBeCloseTo(1, 5);
     expect(floats.tokens.inputTokens).toBe(2n);
     const packed = await mock.embed({ model: "m", input: "cat", encoding_format: "base64" }, { timeoutMs: 1000 });
-    const decoded = new Float32Array(Uint8Array.from(Buffer.from(packed.response.data[0]?.embedding as unknown as string, "base64")).buffer);
+    const decoded = new Float32Array(
+      Uint8Array.from(Buffer.from(packed.response.data[0]?.embedding as unknown as string, "base64")).buffer,
+    );
     expect(Array.from(decoded)).toEqual(floats.response.data[0]?.embedding as number[]);
   });
 });

@@ -18,11 +18,16 @@ import {
   usageOfTokens,
 } from "./provider.ts";
 
-type MockConfig = Pick<MockProviderConfig, "name" | "latency_ms"> & Partial<Pick<MockProviderConfig, "chunk_latency_ms">>;
+type MockConfig = Pick<MockProviderConfig, "name" | "latency_ms"> &
+  Partial<Pick<MockProviderConfig, "chunk_latency_ms">>;
 
 // Characters per streamed chunk: one mock token.
 const chunkChars = 4;
 const embeddingDimensions = 16;
+// A reply's most tokens a choice, as a model's maximum output: n echoes of a long prompt stay about 2 MB at most.
+const maxReplyTokens = 4096;
+// The most values (inputs x dimensions) one embeddings response holds: about 20 MB of JSON floats.
+const maxEmbeddingValues = 1 << 20;
 
 /**
  * An offline upstream whose replies and usage follow from the request alone: it echoes the last
@@ -70,7 +75,10 @@ export function createMockProvider(config: MockConfig): Provider {
       await answer(options);
       const reply = replyTo(request);
       const created = Math.floor(Date.now() / 1000);
-      const chunk = (choices: ChatCompletionChunk["choices"], usage: ChatCompletionChunk["usage"] = null): ChatCompletionChunk => ({
+      const chunk = (
+        choices: ChatCompletionChunk["choices"],
+        usage: ChatCompletionChunk["usage"] = null,
+      ): ChatCompletionChunk => ({
         id: reply.id,
         object: "chat.completion.chunk",
         created,
@@ -79,9 +87,13 @@ export function createMockProvider(config: MockConfig): Provider {
         usage,
       });
       // Every choice advances in the same chunk, so a stream's length and pacing do not grow with n.
-      const each = (delta: ChatCompletionChunk.Choice.Delta, finish: ChatCompletionChunk.Choice["finish_reason"] = null) => {
+      const each = (
+        delta: ChatCompletionChunk.Choice.Delta,
+        finish: ChatCompletionChunk.Choice["finish_reason"] = null,
+      ) => {
         const choices: ChatCompletionChunk["choices"] = [];
-        for (let index = 0; index < reply.n; index++) choices.push({ index, delta, finish_reason: finish, logprobs: null });
+        for (let index = 0; index < reply.n; index++)
+          choices.push({ index, delta, finish_reason: finish, logprobs: null });
         return chunk(choices);
       };
       const signal = options.signal;
@@ -89,7 +101,13 @@ export function createMockProvider(config: MockConfig): Provider {
         const call = reply.toolCall;
         yield each(
           call
-            ? { role: "assistant", content: null, tool_calls: [{ index: 0, id: call.id, type: "function", function: { name: call.function.name, arguments: "" } }] }
+            ? {
+                role: "assistant",
+                content: null,
+                tool_calls: [
+                  { index: 0, id: call.id, type: "function", function: { name: call.function.name, arguments: "" } },
+                ],
+              }
             : { role: "assistant", content: "" },
         );
         // A tool call's arguments stream as its content would, one token a chunk.
@@ -106,24 +124,45 @@ export function createMockProvider(config: MockConfig): Provider {
     },
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
-      await answer(options);
       // A string or a flat array of token ids is one input.
       const input = request.input;
-      const inputs = (typeof input === "string" || typeof input[0] === "number" ? [input] : input) as Array<string | number[]>;
+      const inputs = (typeof input === "string" || typeof input[0] === "number" ? [input] : input) as Array<
+        string | number[]
+      >;
       const dimensions = request.dimensions ?? embeddingDimensions;
+      const values = inputs.length * dimensions;
+      if (values > maxEmbeddingValues) {
+        const message =
+          `The mock provider returns at most ${maxEmbeddingValues} embedding values (inputs x dimensions) per request; ` +
+          `${inputs.length} inputs of ${dimensions} dimensions are ${values}. Ask for fewer dimensions or send fewer inputs.`;
+        const param = request.dimensions == null ? "input" : "dimensions";
+        throw new UpstreamError("rejected", `mock: ${message}`, 400, undefined, {
+          message,
+          type: "invalid_request_error",
+          param,
+          code: "invalid_value",
+        });
+      }
+      await answer(options);
       let tokens = 0;
       const data: Embedding[] = [];
       inputs.forEach((item, index) => {
         const text = typeof item === "string" ? item : JSON.stringify(item);
         tokens += typeof item === "string" ? approxTokens(item) : item.length;
         const vector = unitVector(text, dimensions);
-        const embedding = request.encoding_format === "base64" ? Buffer.from(vector.buffer).toString("base64") : Array.from(vector);
+        const embedding =
+          request.encoding_format === "base64" ? Buffer.from(vector.buffer).toString("base64") : Array.from(vector);
         // Base64 vectors travel as strings, as the API sends them.
         data.push({ object: "embedding", index, embedding: embedding as number[] });
       });
       const usage = { inputTokens: BigInt(tokens), cachedInputTokens: 0n, outputTokens: 0n, reasoningTokens: 0n };
       return {
-        response: { object: "list", model: request.model, data, usage: { prompt_tokens: tokens, total_tokens: tokens } },
+        response: {
+          object: "list",
+          model: request.model,
+          data,
+          usage: { prompt_tokens: tokens, total_tokens: tokens },
+        },
         tokens: usage,
         usageEstimated: false,
       };
@@ -162,13 +201,15 @@ function replyTo(request: ChatRequest) {
     content = "";
     finishReason = "tool_calls";
   }
-  const limit = request.max_completion_tokens ?? request.max_tokens;
-  if (!toolCall && limit != null && approxTokens(content) > limit) {
+  const limit = Math.min(request.max_completion_tokens ?? request.max_tokens ?? maxReplyTokens, maxReplyTokens);
+  if (!toolCall && approxTokens(content) > limit) {
     content = content.slice(0, limit * chunkChars);
     finishReason = "length";
   }
   const n = request.n ?? 1;
-  const outputTokens = toolCall ? approxTokens(toolCall.function.name + toolCall.function.arguments) : approxTokens(content);
+  const outputTokens = toolCall
+    ? approxTokens(toolCall.function.name + toolCall.function.arguments)
+    : approxTokens(content);
   return {
     id: `chatcmpl-${ulid()}`,
     content,

@@ -1,7 +1,7 @@
 import OpenAI, { APIError, AzureOpenAI } from "openai";
 import { createParser } from "eventsource-parser";
 import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
-import { countEmbeddingTokens, countInputTokens, countTextTokens, estimatedTokens } from "../tokenizer.ts";
+import { countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
 import {
   type CallOptions,
   type ChatCompletion,
@@ -13,9 +13,9 @@ import {
   type EmbeddingRequest,
   type EmbeddingResult,
   failureOfStatus,
+  meteredUsage,
   type Provider,
   retryAfterMs,
-  tokensFromUsage,
   UpstreamError,
   upstreamErrorBody,
 } from "./provider.ts";
@@ -26,23 +26,25 @@ import {
  * sends it with fetch, since it owns retries and timeouts. `apiKey` is undefined when the provider's key variable is
  * unset: every call then fails as misconfigured and routing moves on.
  */
-export function createOpenAIProvider(config: OpenAIProviderConfig | AzureProviderConfig, apiKey: string | undefined): Provider {
+export function createOpenAIProvider(
+  config: OpenAIProviderConfig | AzureProviderConfig,
+  apiKey: string | undefined,
+): Provider {
   const missingKey = config.api_key_env !== undefined && !apiKey;
   // Explicit nulls keep the SDK from reading OPENAI_* variables behind the config's back; the gateway logs for itself.
   const common = { organization: null, project: null, webhookSecret: null, logLevel: "off" } as const;
-  const client =
-    missingKey
-      ? undefined
-      : config.kind === "azure"
-        ? new AzureOpenAI({ ...common, endpoint: config.base_url, apiKey, apiVersion: config.api_version })
-        : new OpenAI({
-            ...common,
-            adminAPIKey: null,
-            baseURL: config.base_url ?? "https://api.openai.com/v1",
-            // The SDK insists on a key; upstreams configured without one (local servers) ignore it.
-            apiKey: apiKey ?? "unused",
-            defaultHeaders: config.headers,
-          });
+  const client = missingKey
+    ? undefined
+    : config.kind === "azure"
+      ? new AzureOpenAI({ ...common, endpoint: config.base_url, apiKey, apiVersion: config.api_version })
+      : new OpenAI({
+          ...common,
+          adminAPIKey: null,
+          baseURL: config.base_url ?? "https://api.openai.com/v1",
+          // The SDK insists on a key; upstreams configured without one (local servers) ignore it.
+          apiKey: apiKey ?? "unused",
+          defaultHeaders: config.headers,
+        });
   const connected = (): OpenAI => {
     if (!client) throw new UpstreamError("misconfigured", `provider ${config.name}: ${config.api_key_env} is not set`);
     return client;
@@ -114,17 +116,20 @@ export function createOpenAIProvider(config: OpenAIProviderConfig | AzureProvide
       if (!completion || typeof completion !== "object" || !Array.isArray(completion.choices)) {
         throw new UpstreamError("transient", `${config.name}: the response is not a chat completion`);
       }
-      const tokens = tokensFromUsage(completion.usage);
-      if (tokens) return { completion, tokens, usageEstimated: false };
-      const output: string[] = [];
-      for (const c of completion.choices) {
-        if (c.message.content) output.push(c.message.content);
-        for (const call of c.message.tool_calls ?? []) {
-          if (call.type === "function") output.push(call.function.name, call.function.arguments);
-        }
-      }
-      const input = await countInputTokens(request.messages, request.tools);
-      return { completion, tokens: estimatedTokens(input, await countTextTokens(output)), usageEstimated: true };
+      const { tokens, estimated } = await meteredUsage(completion.usage, {
+        input: () => countInputTokens(request.messages, request.tools),
+        output: () => {
+          const output: string[] = [];
+          for (const c of completion.choices) {
+            if (c.message.content) output.push(c.message.content);
+            for (const call of c.message.tool_calls ?? []) {
+              if (call.type === "function") output.push(call.function.name, call.function.arguments);
+            }
+          }
+          return countTextTokens(output);
+        },
+      });
+      return { completion, tokens, usageEstimated: estimated };
     },
 
     async streamChat(request: ChatRequest, options: CallOptions): Promise<ChunkStream> {
@@ -142,11 +147,10 @@ export function createOpenAIProvider(config: OpenAIProviderConfig | AzureProvide
       if (!response || !Array.isArray(response.data)) {
         throw new UpstreamError("transient", `${config.name}: the embeddings response has no data`);
       }
-      const prompt = response.usage?.prompt_tokens;
-      if (typeof prompt === "number") {
-        return { response, tokens: estimatedTokens(prompt, 0), usageEstimated: false };
-      }
-      return { response, tokens: estimatedTokens(await countEmbeddingTokens(request.input), 0), usageEstimated: true };
+      const { tokens, estimated } = await meteredUsage(response.usage, {
+        input: () => countEmbeddingTokens(request.input),
+      });
+      return { response, tokens, usageEstimated: estimated };
     },
   };
 }
@@ -174,12 +178,7 @@ interface BodyReader {
   cancel(): Promise<void>;
 }
 
-async function* chunksOf(
-  reader: BodyReader,
-  leave: () => void,
-  provider: string,
-  options: CallOptions,
-): ChunkStream {
+async function* chunksOf(reader: BodyReader, leave: () => void, provider: string, options: CallOptions): ChunkStream {
   const { timeoutMs, signal } = options;
   const decoder = new TextDecoder();
   const chunks: unknown[] = [];
@@ -199,10 +198,14 @@ async function* chunksOf(
         failure = new UpstreamError("transient", `${provider}: unreadable response (malformed server-sent event JSON)`);
         return;
       }
-      const error = event.event === "error" ? ((data as { error?: unknown })?.error ?? data) : (data as { error?: unknown })?.error;
+      const error =
+        event.event === "error" ? ((data as { error?: unknown })?.error ?? data) : (data as { error?: unknown })?.error;
       if (error || event.event === "error") {
         const message = (error as { message?: unknown } | null)?.message;
-        failure = new UpstreamError("transient", `${provider}: ${typeof message === "string" ? message : JSON.stringify(error)}`);
+        failure = new UpstreamError(
+          "transient",
+          `${provider}: ${typeof message === "string" ? message : JSON.stringify(error)}`,
+        );
         return;
       }
       chunks.push(data);
@@ -275,9 +278,11 @@ function checkedChunk(data: unknown, provider: string): ChatCompletionChunk {
   const chunk = data as ChatCompletionChunk;
   // Some compatible servers leave choices out of the usage chunk.
   chunk.choices ??= [];
-  if (!Array.isArray(chunk.choices)) throw new UpstreamError("transient", `${provider}: a chunk's choices are not a list`);
+  if (!Array.isArray(chunk.choices))
+    throw new UpstreamError("transient", `${provider}: a chunk's choices are not a list`);
   for (const choice of chunk.choices) {
-    if (typeof choice !== "object" || choice === null) throw new UpstreamError("transient", `${provider}: a malformed choice`);
+    if (typeof choice !== "object" || choice === null)
+      throw new UpstreamError("transient", `${provider}: a malformed choice`);
     // As the SDK's stream does: a choice always has finish_reason, null until it finishes.
     choice.finish_reason ??= null;
   }
@@ -309,7 +314,8 @@ async function refusal(response: Response): Promise<APIError> {
   } catch {
     body = undefined;
   }
-  const error = body && typeof body === "object" && (body as { error?: unknown }).error == null ? { error: body } : body;
+  const error =
+    body && typeof body === "object" && (body as { error?: unknown }).error == null ? { error: body } : body;
   return APIError.generate(response.status, error as object | undefined, body ? undefined : text, response.headers);
 }
 
@@ -325,6 +331,7 @@ function upstreamError(provider: string, e: unknown): UpstreamError {
       error,
     );
   }
-  if (e instanceof SyntaxError) return new UpstreamError("transient", `${provider}: unreadable response (${e.message})`);
+  if (e instanceof SyntaxError)
+    return new UpstreamError("transient", `${provider}: unreadable response (${e.message})`);
   return new UpstreamError("transient", `${provider}: ${(e as Error).message ?? String(e)}`);
 }

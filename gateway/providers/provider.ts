@@ -6,7 +6,7 @@ import type {
 } from "openai/resources/chat/completions";
 import type { CompletionUsage } from "openai/resources/completions";
 import type { CreateEmbeddingResponse, EmbeddingCreateParams } from "openai/resources/embeddings";
-import type { Tokens } from "../../lib/money.ts";
+import { MAX_TOKENS_PER_REQUEST, type Tokens } from "../../lib/money.ts";
 
 /** A validated chat request in the OpenAI wire shape; `model` is already the upstream model. */
 export type ChatRequest = ChatCompletionCreateParamsNonStreaming;
@@ -128,7 +128,10 @@ export function upstreamErrorBody(error: unknown): UpstreamErrorBody | undefined
 }
 
 /** Retry-After (seconds or HTTP date) or retry-after-ms, in ms; undefined when absent or unreadable. */
-export function retryAfterMs(headers: { get(name: string): string | null } | undefined, now = Date.now()): number | undefined {
+export function retryAfterMs(
+  headers: { get(name: string): string | null } | undefined,
+  now = Date.now(),
+): number | undefined {
   const ms = headers?.get("retry-after-ms");
   if (ms) {
     const value = Number(ms);
@@ -142,16 +145,63 @@ export function retryAfterMs(headers: { get(name: string): string | null } | und
   return Number.isNaN(date) ? undefined : Math.max(0, date - now);
 }
 
-/** Tokens from an OpenAI usage object; undefined when the upstream sent none. */
-export function tokensFromUsage(usage: CompletionUsage | null | undefined): Tokens | undefined {
-  if (!usage) return undefined;
-  return {
-    inputTokens: BigInt(usage.prompt_tokens ?? 0),
-    cachedInputTokens: BigInt(usage.prompt_tokens_details?.cached_tokens ?? 0),
-    outputTokens: BigInt(usage.completion_tokens ?? 0),
-    reasoningTokens: BigInt(usage.completion_tokens_details?.reasoning_tokens ?? 0),
-  };
+/** How to count what an upstream left out of its usage: the prompt and, for endpoints that generate, the output. */
+export interface TokenEstimates {
+  input(): Promise<number>;
+  /** Unset for endpoints without output (embeddings): output is then zero. */
+  output?: () => Promise<number>;
 }
+
+/** Tokens as metered, and whether the gateway counted any of them itself. */
+export interface MeteredTokens {
+  tokens: Tokens;
+  estimated: boolean;
+}
+
+/**
+ * The tokens to meter for an upstream's usage object (OpenAI's shape), normalised where usage enters the gateway so
+ * cost, headers, budgets, quotas and the metrics row all hold the same numbers, and billing accepts them: a fraction
+ * is rounded up (a token begun is billed), cached input is at most the input and reasoning at most the output. A
+ * prompt or completion count that is missing or no count at all (negative, not a number, past the contract's
+ * 2^31) is counted by `estimate` instead, and the tokens are then marked estimated.
+ */
+export async function meteredUsage(usage: unknown, estimate: TokenEstimates): Promise<MeteredTokens> {
+  const reported = record(usage);
+  let estimated = false;
+  let inputTokens = tokenCount(reported.prompt_tokens);
+  if (inputTokens === undefined) {
+    inputTokens = BigInt(await estimate.input());
+    estimated = true;
+  }
+  let outputTokens = 0n;
+  if (estimate.output) {
+    const count = tokenCount(reported.completion_tokens);
+    estimated ||= count === undefined;
+    outputTokens = count ?? BigInt(await estimate.output());
+  }
+  const cached = tokenCount(record(reported.prompt_tokens_details).cached_tokens) ?? 0n;
+  const reasoning = tokenCount(record(reported.completion_tokens_details).reasoning_tokens) ?? 0n;
+  const tokens = {
+    inputTokens,
+    cachedInputTokens: cached < inputTokens ? cached : inputTokens,
+    outputTokens,
+    reasoningTokens: reasoning < outputTokens ? reasoning : outputTokens,
+  };
+  return { tokens, estimated };
+}
+
+function record(value: unknown): Record<string, unknown> {
+  return typeof value === "object" && value !== null ? (value as Record<string, unknown>) : {};
+}
+
+/** A reported count as whole tokens; undefined unless it is a number from 0 to the contract's bound. */
+function tokenCount(value: unknown): bigint | undefined {
+  // NaN fails both comparisons; an overflowing JSON number (1e400) is Infinity and fails the second.
+  if (typeof value !== "number" || !(value >= 0 && value <= maxTokens)) return undefined;
+  return BigInt(Math.ceil(value));
+}
+
+const maxTokens = Number(MAX_TOKENS_PER_REQUEST);
 
 /** The usage object of a Tokens count, as OpenAI reports it. */
 export function usageOfTokens(tokens: Tokens): CompletionUsage {
@@ -159,7 +209,8 @@ export function usageOfTokens(tokens: Tokens): CompletionUsage {
   const output = Number(tokens.outputTokens);
   const usage: CompletionUsage = { prompt_tokens: input, completion_tokens: output, total_tokens: input + output };
   if (tokens.cachedInputTokens > 0n) usage.prompt_tokens_details = { cached_tokens: Number(tokens.cachedInputTokens) };
-  if (tokens.reasoningTokens > 0n) usage.completion_tokens_details = { reasoning_tokens: Number(tokens.reasoningTokens) };
+  if (tokens.reasoningTokens > 0n)
+    usage.completion_tokens_details = { reasoning_tokens: Number(tokens.reasoningTokens) };
   return usage;
 }
 
