@@ -193,6 +193,41 @@ describe("meshctl against a real billing", () => {
     failsWith(await cli(`usage --org ${orgId} --source clickhouse`), 2, /--source must be billing or analytics/);
   });
 
+  test("quota show counts the usage of the keys a key was rotated from, as its limits do", async () => {
+    const billing = createServiceClient(BillingService, { baseUrl: billingServer.url, bearerToken: adminToken });
+    const first = await json<{ apiKey: { id: string } }>(`keys create --org ${orgId} --budget-usd 1`);
+    const spend = (apiKeyId: string, n: number) =>
+      billing.recordUsage({
+        records: [
+          {
+            requestId: `req_rotated_${n}`,
+            orgId,
+            apiKeyId,
+            model: "mock",
+            provider: "mock",
+            endpoint: Endpoint.CHAT_COMPLETIONS,
+            usage: { inputTokens: 10n, outputTokens: 5n },
+            costNanos: 100_000_000n,
+            occurTime: timestampFromDate(new Date()),
+          },
+        ],
+      });
+    await spend(first.apiKey.id, 1);
+    const second = await json<{ apiKey: { id: string } }>(`keys rotate ${first.apiKey.id}`);
+    await spend(second.apiKey.id, 2);
+    const third = await json<{ apiKey: { id: string } }>(`keys rotate ${second.apiKey.id}`);
+    await spend(third.apiKey.id, 3);
+
+    const shown = await ok(`quota show ${third.apiKey.id}`);
+    expect(shown).toMatch(/budget \$1\/mo\s+3\s+45\s+0\.3$/m);
+    expect(shown).toEndWith(`including the keys it was rotated from: ${second.apiKey.id}, ${first.apiKey.id}\n`);
+    const asJson = await json<{ usage: { requests: string; costNanos: string }; rotatedFrom: string[] }>(
+      `quota show ${second.apiKey.id} --org ${orgId}`,
+    );
+    expect(asJson).toMatchObject({ usage: { requests: "2", costNanos: "200000000" }, rotatedFrom: [first.apiKey.id] });
+    expect(await ok(`quota show ${first.apiKey.id}`)).not.toContain("rotated from");
+  });
+
   test("discounts add, list and remove", async () => {
     const promo = await json<{ rule: { id: string } }>(
       `discounts add --org ${orgId} --name "Spring promo" --kind promotional --percent 10 --from 2026-01-01 ` +

@@ -6,9 +6,16 @@
  */
 import { writeFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
-import { createRegistry, type DescMessage, type MessageInitShape, type MessageShape, toJson } from "@bufbuild/protobuf";
+import {
+  create,
+  createRegistry,
+  type DescMessage,
+  type MessageInitShape,
+  type MessageShape,
+  toJson,
+} from "@bufbuild/protobuf";
 import { type Timestamp, timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { ConnectError } from "@connectrpc/connect";
+import { type Client, ConnectError } from "@connectrpc/connect";
 import { z } from "zod";
 import { AnalyticsService, file_analytics_v1_analytics } from "../gen/analytics/v1/analytics_pb.ts";
 import {
@@ -18,6 +25,8 @@ import {
   type DiscountRule,
   type DiscountRuleSchema,
   file_billing_v1_billing,
+  type GetUsageSummaryResponse,
+  GetUsageSummaryResponseSchema,
   type Invoice,
   InvoiceStatus,
   type KeyLimits,
@@ -50,6 +59,7 @@ const usage = `usage: meshctl <command> [flags] [--json]
   keys list --org ID [--all] | keys revoke KEY_ID | keys rotate KEY_ID
   quota set KEY_ID [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N] [--models a,b] [--expires DATE]
   quota show KEY_ID [--org ID]
+      (usage this period, the keys it was rotated from included: what its limits count)
   usage --org ID [--from DATE] [--to DATE] [--source billing|analytics]
   discounts add --org ID --name S --kind volume-graduated|volume-all-units|time-window|promotional
                 [--percent P] [--tiers FROM_USD:PERCENT,...] [--hours 0-6] [--days 0,6] [--model M] [--provider P]
@@ -225,19 +235,33 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "quota show": {
-        const keyId = arg("KEY_ID");
-        const orgIds = values.org
-          ? [values.org]
-          : (await billing.listOrganizations({})).organizations.map((o) => o.id);
-        let key: ApiKey | undefined;
-        for (const orgId of orgIds) {
-          key ??= (await billing.listApiKeys({ orgId, includeRevoked: true })).apiKeys.find((k) => k.id === keyId);
+        const { key, orgKeys } = await findKey(billing, arg("KEY_ID"), values.org);
+        // Limits count the usage of the keys this one was rotated from too; each record stays with its own key.
+        const rotatedFrom: string[] = [];
+        for (let k = key; k.rotatedFromApiKeyId;) {
+          const previous = orgKeys.find((o) => o.id === k.rotatedFromApiKeyId);
+          if (!previous) break;
+          rotatedFrom.push(previous.id);
+          k = previous;
         }
-        if (!key) throw new ServiceError(`no key ${keyId}${values.org ? ` in org ${values.org}` : ""}`);
-        const spent = await billing.getUsageSummary({ orgId: key.orgId, apiKeyId: key.id });
+        const summaries = await Promise.all(
+          [key.id, ...rotatedFrom].map((apiKeyId) => billing.getUsageSummary({ orgId: key.orgId, apiKeyId })),
+        );
+        const sum = (pick: (s: GetUsageSummaryResponse) => bigint | undefined) =>
+          summaries.reduce((total, s) => total + (pick(s) ?? 0n), 0n);
+        const spent = create(GetUsageSummaryResponseSchema, {
+          requests: sum((s) => s.requests),
+          usage: {
+            inputTokens: sum((s) => s.usage?.inputTokens),
+            cachedInputTokens: sum((s) => s.usage?.cachedInputTokens),
+            outputTokens: sum((s) => s.usage?.outputTokens),
+            reasoningTokens: sum((s) => s.usage?.reasoningTokens),
+          },
+          costNanos: sum((s) => s.costNanos),
+        });
         io.out(
           values.json
-            ? `${JSON.stringify({ limits: key.limits ? toJson(schemaOf(key.limits), key.limits) : {}, usage: toJson(schemaOf(spent), spent) }, null, 2)}\n`
+            ? `${JSON.stringify({ limits: key.limits ? toJson(schemaOf(key.limits), key.limits) : {}, usage: toJson(schemaOf(spent), spent), rotatedFrom }, null, 2)}\n`
             : `${table([
                 ["KEY", "LIMITS", "REQUESTS", "TOKENS", "SPENT (USD)"],
                 [
@@ -247,7 +271,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
                   String((spent.usage?.inputTokens ?? 0n) + (spent.usage?.outputTokens ?? 0n)),
                   formatNanosUsd(spent.costNanos),
                 ],
-              ])}\n`,
+              ])}\n${rotatedFrom.length ? `including the keys it was rotated from: ${rotatedFrom.join(", ")}\n` : ""}`,
         );
         return 0;
       }
@@ -390,6 +414,21 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
     io.err(`meshctl: ${errorLine(e)}\n`);
     return isUsageError(e) ? 2 : 1;
   }
+}
+
+/** A key by id, looked up in `orgId` or else in every org, with all the keys of its org (revoked ones too). */
+async function findKey(
+  billing: Client<typeof BillingService>,
+  keyId: string,
+  orgId: string | undefined,
+): Promise<{ key: ApiKey; orgKeys: ApiKey[] }> {
+  const orgIds = orgId ? [orgId] : (await billing.listOrganizations({})).organizations.map((o) => o.id);
+  for (const id of orgIds) {
+    const orgKeys = (await billing.listApiKeys({ orgId: id, includeRevoked: true })).apiKeys;
+    const key = orgKeys.find((k) => k.id === keyId);
+    if (key) return { key, orgKeys };
+  }
+  throw new ServiceError(`no key ${keyId}${orgId ? ` in org ${orgId}` : ""}`);
 }
 
 /** Errors of the command line or environment, as opposed to errors of the services. */
