@@ -57,7 +57,9 @@ const usage = `usage: meshctl <command> [flags] [--json]
   keys create --org ID [--project ID] [--name S] [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N]
               [--models a,b] [--expires DATE]
   keys list --org ID [--all] | keys revoke KEY_ID | keys rotate KEY_ID
-  quota set KEY_ID [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N] [--models a,b] [--expires DATE]
+  quota set KEY_ID [--org ID] [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N] [--models a,b]
+            [--expires DATE]
+      (changes only the limits given, the others stay; 0, or --models '' and --expires '', removes a limit)
   quota show KEY_ID [--org ID]
       (usage this period, the keys it was rotated from included: what its limits count)
   usage --org ID [--from DATE] [--to DATE] [--source billing|analytics]
@@ -230,7 +232,13 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "quota set": {
-        const res = await billing.updateApiKeyLimits({ apiKeyId: arg("KEY_ID"), limits: limitsFrom(values) });
+        const keyId = arg("KEY_ID");
+        if (!limitFlags.some((flag) => values[flag] !== undefined)) {
+          throw new UsageError(`quota set needs at least one of ${limitFlags.map((f) => `--${f}`).join(", ")}`);
+        }
+        // The RPC replaces every limit: the ones not given keep the key's current value.
+        const { key } = await findKey(billing, keyId, values.org);
+        const res = await billing.updateApiKeyLimits({ apiKeyId: keyId, limits: limitsFrom(values, key.limits) });
         print(schemaOf(res), res, () => `${res.apiKey?.id}: ${limitsText(res.apiKey?.limits)}`);
         return 0;
       }
@@ -483,14 +491,31 @@ function percentBps(text: string, flag: string): number {
 
 type Flags = { [K in keyof typeof flags]?: (typeof flags)[K]["type"] extends "boolean" ? boolean : string };
 
-function limitsFrom(values: Flags): MessageInitShape<typeof KeyLimitsSchema> {
+const limitFlags = ["budget-usd", "monthly-tokens", "rpm", "tpm", "models", "expires"] as const;
+
+/**
+ * Key limits from the flags given; a limit whose flag is absent keeps its value in `current` (none for a new key).
+ * 0, or an empty --models or --expires, means no limit.
+ */
+function limitsFrom(values: Flags, current?: KeyLimits): MessageInitShape<typeof KeyLimitsSchema> {
+  const { expires, models } = values;
   return {
-    monthlyBudgetNanos: usdNanos(values["budget-usd"]),
-    monthlyTokens: BigInt(int(values["monthly-tokens"], "--monthly-tokens")),
-    requestsPerMinute: int(values.rpm, "--rpm"),
-    tokensPerMinute: BigInt(int(values.tpm, "--tpm")),
-    allowedModels: values.models ? values.models.split(",").map((m) => m.trim()).filter(Boolean) : [],
-    expireTime: values.expires ? parseDate(values.expires, "--expires") : undefined,
+    monthlyBudgetNanos:
+      values["budget-usd"] === undefined ? (current?.monthlyBudgetNanos ?? 0n) : usdNanos(values["budget-usd"]),
+    monthlyTokens:
+      values["monthly-tokens"] === undefined
+        ? (current?.monthlyTokens ?? 0n)
+        : BigInt(int(values["monthly-tokens"], "--monthly-tokens")),
+    requestsPerMinute: values.rpm === undefined ? (current?.requestsPerMinute ?? 0) : int(values.rpm, "--rpm"),
+    tokensPerMinute: values.tpm === undefined ? (current?.tokensPerMinute ?? 0n) : BigInt(int(values.tpm, "--tpm")),
+    allowedModels:
+      models === undefined
+        ? (current?.allowedModels ?? [])
+        : models
+            .split(",")
+            .map((m) => m.trim())
+            .filter(Boolean),
+    expireTime: expires === undefined ? current?.expireTime : expires ? parseDate(expires, "--expires") : undefined,
   };
 }
 

@@ -121,6 +121,31 @@ describe("meshctl drives the mesh", () => {
     expect(missing.err).toBe("meshctl: [not_found] invoice inv_missing not found\n");
   }, 60_000);
 
+  test("quota set keeps the limits it is not given, as in the README's example", async () => {
+    const orgId = /^(org_\w+)/m.exec((await meshctl("orgs", "create", "quota")).out)?.[1] as string;
+    const created = await meshctl(
+      "keys",
+      "create",
+      "--org",
+      orgId,
+      "--budget-usd",
+      "50",
+      "--rpm",
+      "60",
+      "--models",
+      "gpt-4o,mock",
+    );
+    const keyId = /^(key_\w+)/m.exec(created.out)?.[1] as string;
+    const set = await meshctl("quota", "set", keyId, "--monthly-tokens", "1000000");
+    expect(set).toMatchObject({ code: 0, err: "" });
+    const limits = "budget $50/mo, 1000000 tok/mo, 60 rpm, models gpt-4o,mock";
+    expect(set.out).toBe(`${keyId}: ${limits}\n`);
+    expect((await meshctl("keys", "list", "--org", orgId)).out).toContain(limits);
+    // An explicit 0 or empty list removes a limit.
+    const cleared = await meshctl("quota", "set", keyId, "--rpm", "0", "--models", "");
+    expect(cleared.out).toBe(`${keyId}: budget $50/mo, 1000000 tok/mo\n`);
+  }, 60_000);
+
   test("a rotated key is refused at the same total spend as the key it replaced", async () => {
     const orgId = /^(org_\w+)/m.exec((await meshctl("orgs", "create", "rotation")).out)?.[1] as string;
     const body = { model: "mock", messages: [{ role: "user" as const, content: "rotate me" }], max_tokens: 1 };

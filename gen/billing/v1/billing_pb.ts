@@ -1926,7 +1926,8 @@ export const BillingService: GenService<{
     output: typeof RotateApiKeyResponseSchema;
   },
   /**
-   * Replaces the limits of a key.
+   * Replaces the limits of a key, all of them: a limit left unset (0 or empty) is removed. To change some, send the
+   * key's current limits with those changed (meshctl quota set does).
    *
    * @generated from rpc billing.v1.BillingService.UpdateApiKeyLimits
    */
