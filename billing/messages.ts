@@ -101,6 +101,7 @@ export function apiKeyMessage(key: ApiKey): ApiKeyMessage {
     }),
     createTime: timestampFromDate(key.createdAt),
     revokeTime: key.revokedAt ? timestampFromDate(key.revokedAt) : undefined,
+    rotatedFromApiKeyId: key.rotatedFromId ?? "",
   });
 }
 

@@ -236,6 +236,55 @@ test("RotateApiKey issues a working key with the same limits and retires the old
   expect(listed.apiKeys.map((k) => k.id)).toEqual([rotated.apiKey?.id as string]);
 });
 
+test("a rotated key carries on its period: it hits its budget and token limits at the same totals as the old key", async () => {
+  const orgId = await newOrg();
+  const limits = { monthlyBudgetNanos: 1_000n, monthlyTokens: 500n };
+  const first = await client.createApiKey({ orgId, name: "leaked", limits }, admin);
+  const firstId = first.apiKey?.id as string;
+  const lease = (scopeId: string, requestedNanos: bigint) =>
+    client.acquireBudgetLease(
+      { scope: BudgetScope.API_KEY, scopeId, holder: "gw", requestedNanos, ttlSeconds: 60 },
+      admin,
+    );
+  /** What a gateway does for a request of `costNanos`: lease, spend, release, then analytics records it. */
+  const serve = async (keyId: string, costNanos: bigint) => {
+    const grant = await lease(keyId, costNanos);
+    expect(grant.grantedNanos).toBe(costNanos);
+    await client.releaseBudgetLease({ leaseId: grant.leaseId, spentNanos: costNanos }, admin);
+    await client.recordUsage({ records: [usage(orgId, keyId, costNanos)] }, admin);
+  };
+  /** Rotates a key and checks that its successor starts from what the chain spent and used so far. */
+  const rotate = async (keyId: string, spentNanos: bigint, tokens: bigint) => {
+    const rotated = await client.rotateApiKey({ apiKeyId: keyId }, admin);
+    expect(rotated.apiKey?.rotatedFromApiKeyId).toBe(keyId);
+    expect(await client.authorizeKey({ secret: rotated.secret }, admin)).toMatchObject({
+      keySpentNanos: spentNanos,
+      keyTokens: tokens,
+    });
+    return rotated.apiKey?.id as string;
+  };
+  await serve(firstId, 300n);
+  await serve(firstId, 300n);
+  const secondId = await rotate(firstId, 600n, 280n);
+  await serve(secondId, 300n);
+  // Rotated again: the whole chain counts.
+  const thirdId = await rotate(secondId, 900n, 420n);
+  // 100 is left of the 1000 budget, as it would be had the key never been rotated.
+  expect(await lease(thirdId, 300n)).toMatchObject({ grantedNanos: 100n, remainingNanos: 0n });
+
+  // Usage stays with the key that served it.
+  const summary = (apiKeyId: string) => client.getUsageSummary({ orgId, apiKeyId }, admin);
+  expect(await summary(firstId)).toMatchObject({ requests: 2n, costNanos: 600n });
+  expect(await summary(secondId)).toMatchObject({ requests: 1n, costNanos: 300n });
+  expect(await summary(thirdId)).toMatchObject({ requests: 0n, costNanos: 0n });
+  const listed = await client.listApiKeys({ orgId, includeRevoked: true }, admin);
+  expect(listed.apiKeys.map((k) => [k.id, k.rotatedFromApiKeyId])).toEqual([
+    [firstId, ""],
+    [secondId, firstId],
+    [thirdId, secondId],
+  ]);
+});
+
 test("RecordUsage is idempotent: resending a batch changes neither rows nor summaries", async () => {
   const orgId = await newOrg();
   const { apiKey } = await client.createApiKey({ orgId }, admin);

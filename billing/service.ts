@@ -181,12 +181,12 @@ export function createBillingService({
 
     async authorizeKey(req, ctx) {
       admin(ctx);
-      const { apiKey, organization } = await auth.resolveKey(req.secret, clock()).catch((e: unknown) => {
+      const { apiKey, organization, lineageKeyIds } = await auth.resolveKey(req.secret, clock()).catch((e: unknown) => {
         metrics?.authorizations.inc({ result: "rejected" });
         throw e;
       });
       metrics?.authorizations.inc({ result: "ok" });
-      const spend = await usage.spend(organization, apiKey.id);
+      const spend = await usage.spend(organization, lineageKeyIds);
       // Saturated: the gateway compares these with limits, which are int64 too, so a larger total is simply over.
       const int64 = (total: bigint) => (total > maxInt64 ? maxInt64 : total);
       return create(AuthorizeKeyResponseSchema, {

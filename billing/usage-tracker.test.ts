@@ -54,34 +54,59 @@ describe("in memory", () => {
     let now = new Date("2026-06-15T12:00:00Z");
     const source = fakeLoad(() => ({ spent: 1_000n, snapshot: "50:50:" }));
     const tracker = createUsageTracker({ load: source.load, clock: () => now, log, refreshMs: 60_000 });
-    expect(await tracker.spend(org, "key_1")).toEqual({ orgSpentNanos: 1_000n, keySpentNanos: 1_000n, keyTokens: 10n });
+    expect(await tracker.spend(org, ["key_1"])).toEqual({
+      orgSpentNanos: 1_000n,
+      keySpentNanos: 1_000n,
+      keyTokens: 10n,
+    });
     tracker.record(batch(60, 25n));
     // Already part of what was read: not added again.
     tracker.record(batch(40, 999n));
-    for (let i = 0; i < 100; i++) await tracker.spend(org, "key_1");
-    expect(await tracker.spend(org, "key_1")).toEqual({ orgSpentNanos: 1_025n, keySpentNanos: 1_025n, keyTokens: 15n });
-    expect(await tracker.spend(org, "key_2")).toEqual({ orgSpentNanos: 1_025n, keySpentNanos: 0n, keyTokens: 0n });
+    for (let i = 0; i < 100; i++) await tracker.spend(org, ["key_1"]);
+    expect(await tracker.spend(org, ["key_1"])).toEqual({
+      orgSpentNanos: 1_025n,
+      keySpentNanos: 1_025n,
+      keyTokens: 15n,
+    });
+    expect(await tracker.spend(org, ["key_2"])).toEqual({ orgSpentNanos: 1_025n, keySpentNanos: 0n, keyTokens: 0n });
     expect(source.calls).toHaveLength(1);
     expect(source.calls[0]?.start.toISOString()).toBe("2026-06-01T00:00:00.000Z");
 
     // Usage of another period, or of an org nobody asked about, is ignored.
     tracker.record(batch(61, 7n, "2026-05-31"));
     tracker.record({ ...batch(62, 7n), added: [{ ...batch(62, 7n).added[0]!, orgId: "org_other" }] });
-    expect((await tracker.spend(org, "key_1")).orgSpentNanos).toBe(1_025n);
+    expect((await tracker.spend(org, ["key_1"])).orgSpentNanos).toBe(1_025n);
 
     now = new Date("2026-07-01T00:00:00Z");
-    await tracker.spend(org, "key_1");
+    await tracker.spend(org, ["key_1"]);
     expect(source.calls).toHaveLength(2);
     expect(source.calls[1]?.start.toISOString()).toBe("2026-07-01T00:00:00.000Z");
+  });
+
+  test("a key's spend and tokens add up the keys of its lineage", async () => {
+    const keys = new Map([
+      ["key_old", { spentNanos: 700n, tokens: 70n }],
+      ["key_1", { spentNanos: 300n, tokens: 30n }],
+      ["key_other", { spentNanos: 5n, tokens: 1n }],
+    ]);
+    const load = async () => ({ orgSpentNanos: 1_005n, keys, snapshot: "50:50:" });
+    const tracker = createUsageTracker({ load, clock: () => new Date("2026-06-15T12:00:00Z"), log });
+    expect(await tracker.spend(org, ["key_old", "key_1"])).toEqual({
+      orgSpentNanos: 1_005n,
+      keySpentNanos: 1_000n,
+      keyTokens: 100n,
+    });
+    tracker.record(batch(60, 25n));
+    expect(await tracker.spend(org, ["key_old", "key_1"])).toMatchObject({ keySpentNanos: 1_025n, keyTokens: 105n });
   });
 
   test("the period follows the org's billing day", async () => {
     let now = new Date("2026-06-14T23:59:59Z");
     const source = fakeLoad(() => ({ spent: 0n, snapshot: "1:1:" }));
     const tracker = createUsageTracker({ load: source.load, clock: () => now, log });
-    await tracker.spend({ id: "org_1", billingDay: 15 }, "key_1");
+    await tracker.spend({ id: "org_1", billingDay: 15 }, ["key_1"]);
     now = new Date("2026-06-15T00:00:00Z");
-    await tracker.spend({ id: "org_1", billingDay: 15 }, "key_1");
+    await tracker.spend({ id: "org_1", billingDay: 15 }, ["key_1"]);
     expect(source.calls.map((p) => p.start.toISOString())).toEqual([
       "2026-05-15T00:00:00.000Z",
       "2026-06-15T00:00:00.000Z",
@@ -94,7 +119,7 @@ describe("in memory", () => {
     const source = fakeLoad(() => ({ spent: 500n, snapshot }));
     const tracker = createUsageTracker({ load: source.load, clock: () => now, log });
     const release = source.hold();
-    const first = tracker.spend(org, "key_1");
+    const first = tracker.spend(org, ["key_1"]);
     tracker.record(batch(99, 11n)); // committed before the read's snapshot: already in 500
     tracker.record(batch(100, 22n)); // after it
     release();
@@ -104,18 +129,18 @@ describe("in memory", () => {
     let clock = now.getTime();
     const refreshing = createUsageTracker({ load: source.load, clock: () => new Date(clock), log, refreshMs: 10 });
     snapshot = "200:200:";
-    await refreshing.spend(org, "key_1");
+    await refreshing.spend(org, ["key_1"]);
     clock += 10;
     snapshot = "300:302:301";
     const hold = source.hold();
-    await refreshing.spend(org, "key_1"); // stale: served from memory, refresh starts
+    await refreshing.spend(org, ["key_1"]); // stale: served from memory, refresh starts
     refreshing.record(batch(250, 1n)); // in the coming read
     refreshing.record(batch(301, 2n)); // in progress at the read
-    expect((await refreshing.spend(org, "key_1")).orgSpentNanos).toBe(503n);
+    expect((await refreshing.spend(org, ["key_1"])).orgSpentNanos).toBe(503n);
     hold();
     await Bun.sleep(1);
     // The read counted 500 including xid 250, plus 301 which it could not see.
-    expect((await refreshing.spend(org, "key_1")).orgSpentNanos).toBe(502n);
+    expect((await refreshing.spend(org, ["key_1"])).orgSpentNanos).toBe(502n);
   });
 
   test("a failed read is retried on the next call; a failed refresh keeps the figures it had", async () => {
@@ -130,14 +155,14 @@ describe("in memory", () => {
       log,
       refreshMs: 10,
     });
-    await expect(tracker.spend(org, "key_1")).rejects.toThrow("postgres is down");
+    await expect(tracker.spend(org, ["key_1"])).rejects.toThrow("postgres is down");
     fail = false;
-    expect((await tracker.spend(org, "key_1")).orgSpentNanos).toBe(7n);
+    expect((await tracker.spend(org, ["key_1"])).orgSpentNanos).toBe(7n);
     fail = true;
     clock += 10;
-    expect((await tracker.spend(org, "key_1")).orgSpentNanos).toBe(7n);
+    expect((await tracker.spend(org, ["key_1"])).orgSpentNanos).toBe(7n);
     await Bun.sleep(1);
-    expect((await tracker.spend(org, "key_1")).orgSpentNanos).toBe(7n);
+    expect((await tracker.spend(org, ["key_1"])).orgSpentNanos).toBe(7n);
   });
 });
 
@@ -197,14 +222,14 @@ describe("over Postgres", () => {
     const readers = (async () => {
       for (let i = 0; i < 40; i++) {
         clock += 5;
-        await tracker.spend(created, apiKey.id);
+        await tracker.spend(created, [apiKey.id]);
         await Bun.sleep(0);
       }
     })();
     await Promise.all([...writers, readers]);
     await Bun.sleep(20);
     const truth = await store.periodUsage(created.id, { start: new Date("2026-06-01"), end: new Date("2026-07-01") });
-    const spend = await tracker.spend(created, apiKey.id);
+    const spend = await tracker.spend(created, [apiKey.id]);
     expect(truth.orgSpentNanos).toBe(10n * (1n + 2n + 3n + 4n) + 40n * 100n);
     expect(spend).toEqual({ orgSpentNanos: truth.orgSpentNanos, keySpentNanos: truth.orgSpentNanos, keyTokens: 560n });
     expect(loads).toBeGreaterThan(1);

@@ -5,8 +5,9 @@ import type { RecordedUsage, TimeRange, UsageDelta } from "./store/types.ts";
 
 export interface Spend {
   orgSpentNanos: bigint;
+  /** Of the key's lineage: the key and the keys it was rotated from. */
   keySpentNanos: bigint;
-  /** Input + output tokens of the key. */
+  /** Input + output tokens of the key's lineage. */
   keyTokens: bigint;
 }
 
@@ -58,8 +59,11 @@ export function createUsageTracker({ load, clock, log, refreshMs = 1_000, maxOrg
   };
 
   return {
-    /** Spend of the org and key in the org's current period; reads Postgres only on first use or a new period. */
-    async spend(org: { id: string; billingDay: number }, apiKeyId: string): Promise<Spend> {
+    /**
+     * Spend of the org, and of the keys of a key's lineage together, in the org's current period; reads Postgres
+     * only on first use or a new period.
+     */
+    async spend(org: { id: string; billingDay: number }, lineageKeyIds: readonly string[]): Promise<Spend> {
       const now = clock();
       const period = billingPeriod(now, org.billingDay);
       let entry = entries.get(org.id);
@@ -76,8 +80,13 @@ export function createUsageTracker({ load, clock, log, refreshMs = 1_000, maxOrg
         refresh(org.id, entry).catch((e) => log.warn("usage tracker refresh failed", { err: e, org_id: org.id }));
       }
       const usage = entry.usage as PeriodUsage;
-      const key = usage.keys.get(apiKeyId);
-      return { orgSpentNanos: usage.orgSpentNanos, keySpentNanos: key?.spentNanos ?? 0n, keyTokens: key?.tokens ?? 0n };
+      const spend = { orgSpentNanos: usage.orgSpentNanos, keySpentNanos: 0n, keyTokens: 0n };
+      for (const keyId of lineageKeyIds) {
+        const key = usage.keys.get(keyId);
+        spend.keySpentNanos += key?.spentNanos ?? 0n;
+        spend.keyTokens += key?.tokens ?? 0n;
+      }
+      return spend;
     },
 
     /** Adds a batch this replica just committed. */

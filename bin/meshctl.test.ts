@@ -159,6 +159,25 @@ describe("meshctl against a real billing", () => {
     expect(asJson.limits.monthlyTokens).toBe("1000");
   });
 
+  test("quota set changes only the limits given; 0 or an empty list or date removes one", async () => {
+    const created = await json<{ apiKey: { id: string } }>(
+      `keys create --org ${orgId} --budget-usd 50 --rpm 60 --models gpt-4o,mock --expires 2030-01-01`,
+    );
+    const id = created.apiKey.id;
+    expect(await ok(`quota set ${id} --monthly-tokens 1000000`)).toBe(
+      `${id}: budget $50/mo, 1000000 tok/mo, 60 rpm, models gpt-4o,mock, expires 2030-01-01\n`,
+    );
+    expect(await ok(`keys list --org ${orgId}`)).toMatch(
+      new RegExp(`^${id} .*budget \\$50/mo, 1000000 tok/mo, 60 rpm, models gpt-4o,mock, expires 2030-01-01`, "m"),
+    );
+    expect(await ok(`quota set ${id} --org ${orgId} --rpm 0 --models "" --tpm 100`)).toBe(
+      `${id}: budget $50/mo, 1000000 tok/mo, 100 tpm, expires 2030-01-01\n`,
+    );
+    expect(await ok(`quota set ${id} --budget-usd 0 --expires ""`)).toBe(`${id}: 1000000 tok/mo, 100 tpm\n`);
+    failsWith(await cli(`quota set ${id}`), 2, /quota set needs at least one of --budget-usd/);
+    failsWith(await cli(`quota set key_missing --rpm 1`), 1, /no key key_missing/);
+  });
+
   test("usage from billing and from analytics", async () => {
     const billing = createServiceClient(BillingService, { baseUrl: billingServer.url, bearerToken: adminToken });
     const now = new Date();
@@ -191,6 +210,41 @@ describe("meshctl against a real billing", () => {
     const start = timestampDate(query?.range?.start ?? timestampFromDate(new Date(0)));
     expect(start.toISOString()).toBe(new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), 1)).toISOString());
     failsWith(await cli(`usage --org ${orgId} --source clickhouse`), 2, /--source must be billing or analytics/);
+  });
+
+  test("quota show counts the usage of the keys a key was rotated from, as its limits do", async () => {
+    const billing = createServiceClient(BillingService, { baseUrl: billingServer.url, bearerToken: adminToken });
+    const first = await json<{ apiKey: { id: string } }>(`keys create --org ${orgId} --budget-usd 1`);
+    const spend = (apiKeyId: string, n: number) =>
+      billing.recordUsage({
+        records: [
+          {
+            requestId: `req_rotated_${n}`,
+            orgId,
+            apiKeyId,
+            model: "mock",
+            provider: "mock",
+            endpoint: Endpoint.CHAT_COMPLETIONS,
+            usage: { inputTokens: 10n, outputTokens: 5n },
+            costNanos: 100_000_000n,
+            occurTime: timestampFromDate(new Date()),
+          },
+        ],
+      });
+    await spend(first.apiKey.id, 1);
+    const second = await json<{ apiKey: { id: string } }>(`keys rotate ${first.apiKey.id}`);
+    await spend(second.apiKey.id, 2);
+    const third = await json<{ apiKey: { id: string } }>(`keys rotate ${second.apiKey.id}`);
+    await spend(third.apiKey.id, 3);
+
+    const shown = await ok(`quota show ${third.apiKey.id}`);
+    expect(shown).toMatch(/budget \$1\/mo\s+3\s+45\s+0\.3$/m);
+    expect(shown).toEndWith(`including the keys it was rotated from: ${second.apiKey.id}, ${first.apiKey.id}\n`);
+    const asJson = await json<{ usage: { requests: string; costNanos: string }; rotatedFrom: string[] }>(
+      `quota show ${second.apiKey.id} --org ${orgId}`,
+    );
+    expect(asJson).toMatchObject({ usage: { requests: "2", costNanos: "200000000" }, rotatedFrom: [first.apiKey.id] });
+    expect(await ok(`quota show ${first.apiKey.id}`)).not.toContain("rotated from");
   });
 
   test("discounts add, list and remove", async () => {

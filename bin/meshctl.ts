@@ -6,9 +6,16 @@
  */
 import { writeFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
-import { createRegistry, type DescMessage, type MessageInitShape, type MessageShape, toJson } from "@bufbuild/protobuf";
+import {
+  create,
+  createRegistry,
+  type DescMessage,
+  type MessageInitShape,
+  type MessageShape,
+  toJson,
+} from "@bufbuild/protobuf";
 import { type Timestamp, timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { ConnectError } from "@connectrpc/connect";
+import { type Client, ConnectError } from "@connectrpc/connect";
 import { z } from "zod";
 import { AnalyticsService, file_analytics_v1_analytics } from "../gen/analytics/v1/analytics_pb.ts";
 import {
@@ -18,6 +25,8 @@ import {
   type DiscountRule,
   type DiscountRuleSchema,
   file_billing_v1_billing,
+  type GetUsageSummaryResponse,
+  GetUsageSummaryResponseSchema,
   type Invoice,
   InvoiceStatus,
   type KeyLimits,
@@ -48,8 +57,11 @@ const usage = `usage: meshctl <command> [flags] [--json]
   keys create --org ID [--project ID] [--name S] [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N]
               [--models a,b] [--expires DATE]
   keys list --org ID [--all] | keys revoke KEY_ID | keys rotate KEY_ID
-  quota set KEY_ID [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N] [--models a,b] [--expires DATE]
+  quota set KEY_ID [--org ID] [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N] [--models a,b]
+            [--expires DATE]
+      (changes only the limits given, the others stay; 0, or --models '' and --expires '', removes a limit)
   quota show KEY_ID [--org ID]
+      (usage this period, the keys it was rotated from included: what its limits count)
   usage --org ID [--from DATE] [--to DATE] [--source billing|analytics]
   discounts add --org ID --name S --kind volume-graduated|volume-all-units|time-window|promotional
                 [--percent P] [--tiers FROM_USD:PERCENT,...] [--hours 0-6] [--days 0,6] [--model M] [--provider P]
@@ -220,24 +232,44 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "quota set": {
-        const res = await billing.updateApiKeyLimits({ apiKeyId: arg("KEY_ID"), limits: limitsFrom(values) });
+        const keyId = arg("KEY_ID");
+        if (!limitFlags.some((flag) => values[flag] !== undefined)) {
+          throw new UsageError(`quota set needs at least one of ${limitFlags.map((f) => `--${f}`).join(", ")}`);
+        }
+        // The RPC replaces every limit: the ones not given keep the key's current value.
+        const { key } = await findKey(billing, keyId, values.org);
+        const res = await billing.updateApiKeyLimits({ apiKeyId: keyId, limits: limitsFrom(values, key.limits) });
         print(schemaOf(res), res, () => `${res.apiKey?.id}: ${limitsText(res.apiKey?.limits)}`);
         return 0;
       }
       case "quota show": {
-        const keyId = arg("KEY_ID");
-        const orgIds = values.org
-          ? [values.org]
-          : (await billing.listOrganizations({})).organizations.map((o) => o.id);
-        let key: ApiKey | undefined;
-        for (const orgId of orgIds) {
-          key ??= (await billing.listApiKeys({ orgId, includeRevoked: true })).apiKeys.find((k) => k.id === keyId);
+        const { key, orgKeys } = await findKey(billing, arg("KEY_ID"), values.org);
+        // Limits count the usage of the keys this one was rotated from too; each record stays with its own key.
+        const rotatedFrom: string[] = [];
+        for (let k = key; k.rotatedFromApiKeyId;) {
+          const previous = orgKeys.find((o) => o.id === k.rotatedFromApiKeyId);
+          if (!previous) break;
+          rotatedFrom.push(previous.id);
+          k = previous;
         }
-        if (!key) throw new ServiceError(`no key ${keyId}${values.org ? ` in org ${values.org}` : ""}`);
-        const spent = await billing.getUsageSummary({ orgId: key.orgId, apiKeyId: key.id });
+        const summaries = await Promise.all(
+          [key.id, ...rotatedFrom].map((apiKeyId) => billing.getUsageSummary({ orgId: key.orgId, apiKeyId })),
+        );
+        const sum = (pick: (s: GetUsageSummaryResponse) => bigint | undefined) =>
+          summaries.reduce((total, s) => total + (pick(s) ?? 0n), 0n);
+        const spent = create(GetUsageSummaryResponseSchema, {
+          requests: sum((s) => s.requests),
+          usage: {
+            inputTokens: sum((s) => s.usage?.inputTokens),
+            cachedInputTokens: sum((s) => s.usage?.cachedInputTokens),
+            outputTokens: sum((s) => s.usage?.outputTokens),
+            reasoningTokens: sum((s) => s.usage?.reasoningTokens),
+          },
+          costNanos: sum((s) => s.costNanos),
+        });
         io.out(
           values.json
-            ? `${JSON.stringify({ limits: key.limits ? toJson(schemaOf(key.limits), key.limits) : {}, usage: toJson(schemaOf(spent), spent) }, null, 2)}\n`
+            ? `${JSON.stringify({ limits: key.limits ? toJson(schemaOf(key.limits), key.limits) : {}, usage: toJson(schemaOf(spent), spent), rotatedFrom }, null, 2)}\n`
             : `${table([
                 ["KEY", "LIMITS", "REQUESTS", "TOKENS", "SPENT (USD)"],
                 [
@@ -247,7 +279,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
                   String((spent.usage?.inputTokens ?? 0n) + (spent.usage?.outputTokens ?? 0n)),
                   formatNanosUsd(spent.costNanos),
                 ],
-              ])}\n`,
+              ])}\n${rotatedFrom.length ? `including the keys it was rotated from: ${rotatedFrom.join(", ")}\n` : ""}`,
         );
         return 0;
       }
@@ -392,6 +424,21 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
   }
 }
 
+/** A key by id, looked up in `orgId` or else in every org, with all the keys of its org (revoked ones too). */
+async function findKey(
+  billing: Client<typeof BillingService>,
+  keyId: string,
+  orgId: string | undefined,
+): Promise<{ key: ApiKey; orgKeys: ApiKey[] }> {
+  const orgIds = orgId ? [orgId] : (await billing.listOrganizations({})).organizations.map((o) => o.id);
+  for (const id of orgIds) {
+    const orgKeys = (await billing.listApiKeys({ orgId: id, includeRevoked: true })).apiKeys;
+    const key = orgKeys.find((k) => k.id === keyId);
+    if (key) return { key, orgKeys };
+  }
+  throw new ServiceError(`no key ${keyId}${orgId ? ` in org ${orgId}` : ""}`);
+}
+
 /** Errors of the command line or environment, as opposed to errors of the services. */
 function isUsageError(e: unknown): boolean {
   if (e instanceof UsageError) return true;
@@ -444,14 +491,31 @@ function percentBps(text: string, flag: string): number {
 
 type Flags = { [K in keyof typeof flags]?: (typeof flags)[K]["type"] extends "boolean" ? boolean : string };
 
-function limitsFrom(values: Flags): MessageInitShape<typeof KeyLimitsSchema> {
+const limitFlags = ["budget-usd", "monthly-tokens", "rpm", "tpm", "models", "expires"] as const;
+
+/**
+ * Key limits from the flags given; a limit whose flag is absent keeps its value in `current` (none for a new key).
+ * 0, or an empty --models or --expires, means no limit.
+ */
+function limitsFrom(values: Flags, current?: KeyLimits): MessageInitShape<typeof KeyLimitsSchema> {
+  const { expires, models } = values;
   return {
-    monthlyBudgetNanos: usdNanos(values["budget-usd"]),
-    monthlyTokens: BigInt(int(values["monthly-tokens"], "--monthly-tokens")),
-    requestsPerMinute: int(values.rpm, "--rpm"),
-    tokensPerMinute: BigInt(int(values.tpm, "--tpm")),
-    allowedModels: values.models ? values.models.split(",").map((m) => m.trim()).filter(Boolean) : [],
-    expireTime: values.expires ? parseDate(values.expires, "--expires") : undefined,
+    monthlyBudgetNanos:
+      values["budget-usd"] === undefined ? (current?.monthlyBudgetNanos ?? 0n) : usdNanos(values["budget-usd"]),
+    monthlyTokens:
+      values["monthly-tokens"] === undefined
+        ? (current?.monthlyTokens ?? 0n)
+        : BigInt(int(values["monthly-tokens"], "--monthly-tokens")),
+    requestsPerMinute: values.rpm === undefined ? (current?.requestsPerMinute ?? 0) : int(values.rpm, "--rpm"),
+    tokensPerMinute: values.tpm === undefined ? (current?.tokensPerMinute ?? 0n) : BigInt(int(values.tpm, "--tpm")),
+    allowedModels:
+      models === undefined
+        ? (current?.allowedModels ?? [])
+        : models
+            .split(",")
+            .map((m) => m.trim())
+            .filter(Boolean),
+    expireTime: expires === undefined ? current?.expireTime : expires ? parseDate(expires, "--expires") : undefined,
   };
 }
 

@@ -225,13 +225,26 @@ describe("watching key changes", () => {
   test("drops changed keys, confirms the stream, and reconnects after it fails", async () => {
     const billing = streamFake();
     const { keys, forgotten, watching } = recorder();
-    const watch = watchKeyChanges({ billing: billing.client, keys, confirmAfterMs: 20, backoffMs: 10, random: () => 1 });
+    const revoked: string[] = [];
+    const watch = watchKeyChanges({
+      billing: billing.client,
+      keys,
+      onRevoked: (apiKeyId) => void revoked.push(apiKeyId),
+      confirmAfterMs: 20,
+      backoffMs: 10,
+      random: () => 1,
+    });
     await until(() => watch.healthy());
     expect(watching).toEqual([true]);
 
     billing.push({ secretHash: "abc", apiKeyId: "key_1", revoked: true });
     await until(() => forgotten.length > 0);
     expect(forgotten).toEqual(["abc"]);
+    // Revocations (rotations too) are passed on, so the key's budget leases go back to billing.
+    expect(revoked).toEqual(["key_1"]);
+    billing.push({ secretHash: "def", apiKeyId: "key_2", revoked: false });
+    await until(() => forgotten.length > 1);
+    expect(revoked).toEqual(["key_1"]);
 
     billing.push(new Error("billing restarting"));
     await until(() => !watch.healthy());

@@ -205,6 +205,8 @@ function principalOf(grant: AuthorizeKeyResponse, authorizedAt: number): Princip
 export interface KeyChangeWatchOptions {
   billing: Pick<Client<typeof BillingService>, "watchKeyChanges">;
   keys: KeyAuthorizer;
+  /** Told of each key revoked (a rotation revokes the old key), so its budget leases can go back to billing. */
+  onRevoked?: (apiKeyId: string) => void;
   /**
    * A stream open this long without failing counts as delivering. (Billing sends nothing until a key
    * changes, so there is no earlier sign; a message with no key id confirms at once.)
@@ -255,6 +257,7 @@ export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch 
           setHealthy(true);
         }
         if (change.secretHash) keys.forget(change.secretHash);
+        if (change.revoked && change.apiKeyId) options.onRevoked?.(change.apiKeyId);
       }
       if (!stopping.signal.aborted) log?.warn("key change stream ended; watching again");
     } catch (e) {

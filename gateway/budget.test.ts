@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createClient, createRouterTransport } from "@connectrpc/connect";
 import type { ChatCompletionContentPart } from "openai/resources/chat/completions";
-import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { BillingService, BudgetScope } from "../gen/billing/v1/billing_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { costNanos } from "../lib/money.ts";
 import { createBillingApp } from "../billing/app.ts";
@@ -238,6 +238,40 @@ describe("budget leases", () => {
     await client.revokeApiKey({ apiKeyId: principal.apiKeyId }, auth);
     const { keeper: k } = keeper();
     expect((await refusal(k.reserve(principal, 10n, 60_000))).status).toBe(401);
+    await k.close();
+  });
+
+  test("a revoked key's leases go back to billing at once, or when their last request settles", async () => {
+    const principal = await principalWith({ key: 10_000n });
+    const { keeper: k } = keeper({ minLeaseNanos: 10_000n });
+    (await k.reserve(principal, 100n, 60_000)).settle(60n);
+    const running = await k.reserve(principal, 100n, 60_000);
+    // The lease holds the whole budget: a successor of this key gets nothing until it comes back.
+    const rotated = await client.rotateApiKey({ apiKeyId: principal.apiKeyId }, auth);
+    const successor = {
+      scope: BudgetScope.API_KEY,
+      scopeId: rotated.apiKey?.id as string,
+      holder: "gw-other",
+      ttlSeconds: 60,
+    };
+    expect((await client.acquireBudgetLease({ ...successor, requestedNanos: 1n }, auth)).grantedNanos).toBe(0n);
+
+    k.releaseKey(principal.apiKeyId);
+    // A request still running keeps the lease until it settles.
+    expect(k.snapshot().get(`api_key:${principal.apiKeyId}`)?.leases).toBe(1);
+    running.settle(40n);
+    await until(async () => (await leasesOf(principal.apiKeyId))[0]?.spent !== null);
+    expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 10_000n, spent: 100n }]);
+    expect(await client.acquireBudgetLease({ ...successor, requestedNanos: 20_000n }, auth)).toMatchObject({
+      grantedNanos: 9_900n,
+    });
+
+    // An idle lease goes back at once.
+    const idle = await principalWith({ key: 10_000n });
+    (await k.reserve(idle, 100n, 60_000)).settle(30n);
+    k.releaseKey(idle.apiKeyId);
+    await until(async () => (await leasesOf(idle.apiKeyId))[0]?.spent !== null);
+    expect(await leasesOf(idle.apiKeyId)).toEqual([{ granted: 10_000n, spent: 30n }]);
     await k.close();
   });
 

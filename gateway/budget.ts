@@ -43,6 +43,12 @@ export interface BudgetKeeper {
    * (insufficient_quota) when a budget cannot cover it, or 503 when billing cannot be asked.
    */
   reserve(principal: Principal, maxCostNanos: bigint, holdMs: number): Promise<Reservation>;
+  /**
+   * Gives a revoked key's leases back to billing: those no request is using at once, the others as their last
+   * request settles. A rotated key's successor shares its budget, and billing counts these leases against it until
+   * they are released.
+   */
+  releaseKey(apiKeyId: string): void;
   /** Stops background work and releases every lease to billing, reporting what was spent. */
   close(): Promise<void>;
   /** Local accounting per scope ("organization:<id>" or "api_key:<id>"), for tests and debugging. */
@@ -111,6 +117,8 @@ interface Scope {
   maxHoldMs: number;
   /** Requests waiting for this scope's next grant. */
   waiters: number;
+  /** Its key was revoked: leases go back to billing as soon as nothing is reserved on them. */
+  retired: boolean;
 }
 
 interface Part {
@@ -156,6 +164,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         lastUsed: t,
         maxHoldMs: 0,
         waiters: 0,
+        retired: false,
       };
       scopes.set(key, scope);
     }
@@ -338,7 +347,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       lease.spent += charge;
       lease.lastUsed = t;
       left -= charge;
-      if (lease.reserved === 0n && free(lease) === 0n && scope.leases.includes(lease)) void release(scope, lease);
+      if (lease.reserved === 0n && (scope.retired || free(lease) === 0n) && scope.leases.includes(lease)) {
+        void release(scope, lease);
+      }
     }
     const c = Number(cost);
     scope.firstSpendAt ??= t;
@@ -409,6 +420,13 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           short.waiters--;
         }
       }
+    },
+
+    releaseKey(apiKeyId) {
+      const scope = scopes.get(`api_key:${apiKeyId}`);
+      if (!scope) return;
+      scope.retired = true;
+      for (const lease of [...scope.leases]) if (lease.reserved === 0n) void release(scope, lease);
     },
 
     async close() {

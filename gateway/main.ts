@@ -112,7 +112,6 @@ const keys = createKeyAuthorizer({
   log,
   registry: runtime.metrics.registry,
 });
-const keyChanges = watchKeyChanges({ billing, keys, log: log.child({ component: "key-changes" }) });
 const budget = createBudgetKeeper({
   billing,
   holder: cfg.GATEWAY_INSTANCE_ID,
@@ -122,6 +121,12 @@ const budget = createBudgetKeeper({
   maxLeaseNanos: cfg.GATEWAY_BUDGET_MAX_LEASE_NANOS,
   log: log.child({ component: "budget" }),
   registry: runtime.metrics.registry,
+});
+const keyChanges = watchKeyChanges({
+  billing,
+  keys,
+  onRevoked: (apiKeyId) => budget.releaseKey(apiKeyId),
+  log: log.child({ component: "key-changes" }),
 });
 let spool: FileSpool | undefined;
 // A LOCK left by a process that cannot be checked from here (the container before this one, in a pod) is

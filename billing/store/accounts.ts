@@ -49,6 +49,7 @@ const keyFields = [
   "expires_at",
   "created_at",
   "revoked_at",
+  "rotated_from",
 ] as const;
 const orgColumns = orgFields.join(", ");
 const keyColumns = keyFields.join(", ");
@@ -86,6 +87,7 @@ interface KeyRow {
   expires_at: Date | null;
   created_at: Date;
   revoked_at: Date | null;
+  rotated_from: string | null;
 }
 
 export function createAccountStore(db: Db) {
@@ -214,7 +216,10 @@ export function createAccountStore(db: Db) {
       return toApiKey(rows[0]);
     },
 
-    /** Revokes an active key and issues a new one with the same owner, name and limits, atomically. */
+    /**
+     * Revokes an active key and issues a new one with the same owner, name and limits, atomically. The new key joins
+     * the old one's lineage (schema trigger), so the period's spend and tokens so far keep counting against its limits.
+     */
     rotateApiKey(apiKeyId: string): Promise<IssuedApiKey> {
       return db.transaction(async (tx) => {
         const rows = await tx.query<KeyRow>(
@@ -251,14 +256,19 @@ export function createAccountStore(db: Db) {
       return toApiKey(rows[0]);
     },
 
-    /** The key with this secret hash and its organization, revoked or not; undefined when unknown. */
+    /**
+     * The key with this secret hash, revoked or not, its organization, and the ids of its lineage (the key and those
+     * it was rotated from, or rotated into), whose usage counts against its limits; undefined when unknown.
+     */
     async findApiKeyBySecretHash(
       secretSha256: string,
-    ): Promise<{ apiKey: ApiKey; organization: Organization } | undefined> {
+    ): Promise<{ apiKey: ApiKey; organization: Organization; lineageKeyIds: string[] } | undefined> {
       // Organization columns come back prefixed so they cannot shadow the key's own.
-      const rows = await db.query<Record<string, never>>(
+      const rows = await db.query<Record<string, never> & { lineage_key_ids: string[] }>(
         `SELECT ${keyFields.map((f) => `k.${f}`).join(", ")},
-           ${orgFields.map((f) => `o.${f} AS organization_${f}`).join(", ")}
+           ${orgFields.map((f) => `o.${f} AS organization_${f}`).join(", ")},
+           array(SELECT l.id FROM api_keys l WHERE l.lineage_id = k.lineage_id ORDER BY l.created_at, l.id)
+             AS lineage_key_ids
          FROM api_keys k JOIN organizations o ON o.id = k.org_id
          WHERE k.secret_sha256 = $1`,
         [secretSha256],
@@ -266,7 +276,11 @@ export function createAccountStore(db: Db) {
       const row = rows[0];
       if (!row) return undefined;
       const org = Object.fromEntries(orgFields.map((f) => [f, row[`organization_${f}`]])) as unknown as OrgRow;
-      return { apiKey: toApiKey(row as unknown as KeyRow), organization: toOrganization(org) };
+      return {
+        apiKey: toApiKey(row as unknown as KeyRow),
+        organization: toOrganization(org),
+        lineageKeyIds: row.lineage_key_ids,
+      };
     },
   };
 }
@@ -327,5 +341,6 @@ function toApiKey(row: KeyRow): ApiKey {
     },
     createdAt: row.created_at,
     revokedAt: row.revoked_at,
+    rotatedFromId: row.rotated_from,
   };
 }

@@ -28,14 +28,14 @@ const newOrg = (monthlyBudgetNanos: bigint) =>
   store.createOrganization({ name: `lease-org-${++orgs}`, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos, maxDiscountBps: 0 });
 
 let spends = 0;
-/** One request of `costNanos` recorded for the org, as analytics would. */
-const recordSpend = (orgId: string, costNanos: bigint) =>
+/** One request of `costNanos` recorded for the org (and key), as analytics would. */
+const recordSpend = (orgId: string, costNanos: bigint, apiKeyId: string | null = null) =>
   store.recordUsage([
     {
       requestId: `req_spend_${++spends}`,
       orgId,
       projectId: null,
-      apiKeyId: null,
+      apiKeyId,
       model: "mock",
       provider: "mock",
       endpoint: "chat_completions",
@@ -125,6 +125,41 @@ test("key scope: per-key budget, unlimited keys, revoked keys", async () => {
   expect((revoked as BillingError).kind).toBe("failed_precondition");
   const unknown = await acquire("key_missing", 1n, { scope: "api_key" }).catch((e) => e);
   expect((unknown as BillingError).kind).toBe("not_found");
+});
+
+test("a rotated key's budget counts what the keys it replaced spent and still hold, through chains of rotations", async () => {
+  const org = await newOrg(0n);
+  const first = (await store.createApiKey({ orgId: org.id, projectId: null, name: "k", limits: limits(1000n) })).apiKey;
+  const keyLease = (keyId: string, requestedNanos: bigint, extra: Partial<BudgetLeaseRequest> = {}) =>
+    acquire(keyId, requestedNanos, { scope: "api_key", ...extra });
+
+  // The first key spends 250 (released; its usage is still on its way, 200 recorded so far) and holds 200 more.
+  const spent = await keyLease(first.id, 300n);
+  await store.releaseBudgetLease({ leaseId: spent.leaseId as string, spentNanos: 250n, now });
+  await recordSpend(org.id, 200n, first.id);
+  const held = await keyLease(first.id, 200n);
+  expect(held.grantedNanos).toBe(200n);
+
+  const second = (await store.rotateApiKey(first.id)).apiKey;
+  expect(second.rotatedFromId).toBe(first.id);
+  // 1000 - 250 spent - 200 still leased to a gateway that may be spending it.
+  expect(await keyLease(second.id, 100n)).toMatchObject({ grantedNanos: 100n, remainingNanos: 450n });
+  await recordSpend(org.id, 100n, second.id);
+
+  const third = (await store.rotateApiKey(second.id)).apiKey;
+  expect(third.rotatedFromId).toBe(second.id);
+  // 1000 - 250 and 200 of the first key - 100 spent and 100 leased of the second.
+  const last = await keyLease(third.id, 10_000n);
+  expect(last).toMatchObject({ grantedNanos: 350n, remainingNanos: 0n });
+  // The first key's gateway gives back what it did not spend: 50 of its 200.
+  await store.releaseBudgetLease({ leaseId: held.leaseId as string, spentNanos: 150n, now });
+  expect(await keyLease(third.id, 10_000n)).toMatchObject({ grantedNanos: 50n, remainingNanos: 0n });
+
+  // Other keys of the org keep their own budgets, and a new period starts afresh.
+  const other = (await store.createApiKey({ orgId: org.id, projectId: null, name: "o", limits: limits(1000n) })).apiKey;
+  expect(await keyLease(other.id, 10_000n)).toMatchObject({ grantedNanos: 1000n });
+  const july = new Date("2026-07-01T00:00:00Z");
+  expect(await keyLease(third.id, 10_000n, { now: july })).toMatchObject({ grantedNanos: 1000n });
 });
 
 test("settled spend is a running total per budget and period; a late release of an expired lease still counts", async () => {

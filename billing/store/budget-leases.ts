@@ -27,7 +27,8 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
   const graceMs = options.abandonedLeaseGraceMs ?? defaultAbandonedLeaseGraceMs;
   return {
     /**
-     * Grants up to `requestedNanos` of what is left of the scope's budget in the current billing period.
+     * Grants up to `requestedNanos` of what is left of the scope's budget in the current billing period; a key's
+     * budget is shared with the keys it was rotated from (its lineage), whose spend and leases count here too.
      * The scope's row is locked for the transaction, so concurrent grants are serialised and together never exceed
      * the budget. Committed spend counts as the larger of recorded usage and what released leases reported spent
      * (usage arrives later than releases); active leases reserve their whole grant, and so do expired unreleased
@@ -56,6 +57,12 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
 
         const budget = BigInt(scope.monthly_budget_nanos);
         const scopeColumn = request.scope === "organization" ? "org_id" : "api_key_id";
+        // A key's budget counts its whole lineage: the keys it was rotated from spent from it too. They are revoked,
+        // so every grant of the lineage goes through this key's row, locked above.
+        const scopeIds =
+          request.scope === "organization"
+            ? "SELECT $1::text AS id"
+            : "SELECT id FROM api_keys WHERE lineage_id = (SELECT lineage_id FROM api_keys WHERE id = $1)";
         const period = billingPeriod(request.now, scope.billing_day);
         const previousPeriodStart = billingPeriod(new Date(period.start.getTime() - 1), scope.billing_day).start;
         const expiresAt = new Date(request.now.getTime() + request.ttlSeconds * 1000);
@@ -63,15 +70,20 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
         let remaining: bigint | null = null;
         if (budget > 0n) {
           // One statement, so one snapshot: a release committing meanwhile is counted either as still reserved or
-          // as settled, never as neither.
-          const usedRows = await tx.query<{ recorded: string; settled: string; reserved: string }>(
-            `SELECT
-               (SELECT coalesce(sum(cost_nanos), 0) FROM usage_summaries
-                WHERE ${scopeColumn} = $1 AND day >= $2::date AND day < $3::date) AS recorded,
-               (SELECT coalesce(sum(spent_nanos), 0) FROM budget_settlements
-                WHERE scope = $4 AND scope_id = $1 AND period_start = $6) AS settled,
+          // as settled, never as neither. Recorded usage and settled releases are two views of the same spend, so
+          // each key counts the larger of its two.
+          const usedRows = await tx.query<{ committed: string; reserved: string }>(
+            `WITH scope_ids AS (${scopeIds})
+             SELECT
+               (SELECT coalesce(sum(greatest(
+                  (SELECT coalesce(sum(cost_nanos), 0) FROM usage_summaries
+                   WHERE ${scopeColumn} = s.id AND day >= $2::date AND day < $3::date),
+                  (SELECT coalesce(sum(spent_nanos), 0) FROM budget_settlements
+                   WHERE scope = $4 AND scope_id = s.id AND period_start = $6))), 0)
+                FROM scope_ids s) AS committed,
                (SELECT coalesce(sum(granted_nanos), 0) FROM budget_leases
-                WHERE released_at IS NULL AND scope = $4 AND coalesce(api_key_id, org_id) = $1
+                WHERE released_at IS NULL AND scope = $4
+                  AND coalesce(api_key_id, org_id) = ANY (ARRAY(SELECT id FROM scope_ids))
                   AND period_start >= $7 AND expires_at > greatest($5, $6)) AS reserved`,
             [
               request.scopeId,
@@ -84,9 +96,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
             ],
           );
           const used = usedRows[0];
-          const recorded = BigInt(used?.recorded ?? 0);
-          const settled = BigInt(used?.settled ?? 0);
-          const left = budget - (recorded > settled ? recorded : settled) - BigInt(used?.reserved ?? 0);
+          const left = budget - BigInt(used?.committed ?? 0) - BigInt(used?.reserved ?? 0);
           granted = left <= 0n ? 0n : left < request.requestedNanos ? left : request.requestedNanos;
           remaining = left - granted > 0n ? left - granted : 0n;
         }

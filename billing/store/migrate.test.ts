@@ -2,6 +2,7 @@ import { afterAll, expect, test } from "bun:test";
 import { cp, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { sha256Hex } from "../../lib/auth.ts";
 import { migrate, migrationsDir } from "./migrate.ts";
 import { createTestDatabase, type TestDatabase } from "./test-db.ts";
 
@@ -13,7 +14,7 @@ const emptyDatabase = async () => {
 };
 afterAll(() => Promise.all(databases.map((db) => db.drop())));
 
-const migrations = ["0001_init.sql", "0002_discounts_invoices.sql", "0003_invoiced_usage.sql"];
+const migrations = ["0001_init.sql", "0002_discounts_invoices.sql", "0003_invoiced_usage.sql", "0004_key_lineage.sql"];
 const billingTables = [
   "api_keys",
   "budget_leases",
@@ -94,13 +95,57 @@ test("upgrades a database that already holds data from the first migration", asy
               ('lease_2', 'organization', 'org_old', 'gw', '2026-06-01', 10, 3, now(), now()),
               ('lease_3', 'organization', 'org_old', 'gw', '2026-06-01', 10, NULL, now(), NULL)`,
     );
-    expect((await migrate(pool)).applied).toEqual(["0002_discounts_invoices.sql", "0003_invoiced_usage.sql"]);
+    expect((await migrate(pool)).applied).toEqual(migrations.slice(1));
     const { rows } = await pool.query(
       `SELECT o.max_discount_bps, u.input_cost_nanos FROM organizations o JOIN usage_records u ON u.org_id = o.id`,
     );
     expect(rows).toEqual([{ max_discount_bps: 0, input_cost_nanos: null }]);
     const settled = await pool.query("SELECT scope_id, spent_nanos::int AS spent FROM budget_settlements");
     expect(settled.rows).toEqual([{ scope_id: "org_old", spent: 7 }]);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}, 60_000);
+
+test("keys rotated before lineages existed join the lineage of the key their chain started from", async () => {
+  const { pool } = await emptyDatabase();
+  const dir = await mkdtemp(join(tmpdir(), "billing-migrations-"));
+  try {
+    for (const name of migrations.slice(0, 3)) await cp(join(migrationsDir, name), join(dir, name));
+    await migrate(pool, dir);
+    await pool.query("INSERT INTO organizations (id, name) VALUES ('org_old', 'old')");
+    const key = (id: string, rotatedFrom: string | null) =>
+      pool.query(
+        `INSERT INTO api_keys (id, org_id, secret_sha256, prefix, rotated_from) VALUES ($1, 'org_old', $2, 'sk-mesh-x', $3)`,
+        [id, sha256Hex(id), rotatedFrom],
+      );
+    await key("key_a", null);
+    await key("key_b", "key_a");
+    await key("key_c", "key_b");
+    await key("key_other", null);
+    expect((await migrate(pool)).applied).toEqual(["0004_key_lineage.sql"]);
+    const lineages = await pool.query("SELECT id, lineage_id FROM api_keys ORDER BY id");
+    expect(lineages.rows).toEqual([
+      { id: "key_a", lineage_id: "key_a" },
+      { id: "key_b", lineage_id: "key_a" },
+      { id: "key_c", lineage_id: "key_a" },
+      { id: "key_other", lineage_id: "key_other" },
+    ]);
+
+    // From now on the schema sets a new key's lineage and keeps it.
+    await key("key_d", "key_c");
+    await key("key_new", null);
+    const added = await pool.query("SELECT id, lineage_id FROM api_keys WHERE id IN ('key_d', 'key_new') ORDER BY id");
+    expect(added.rows).toEqual([
+      { id: "key_d", lineage_id: "key_a" },
+      { id: "key_new", lineage_id: "key_new" },
+    ]);
+    await expect(pool.query("UPDATE api_keys SET lineage_id = 'key_d' WHERE id = 'key_d'")).rejects.toThrow(
+      /keeps the lineage/,
+    );
+    await expect(pool.query("UPDATE api_keys SET rotated_from = NULL WHERE id = 'key_d'")).rejects.toThrow(
+      /keeps the lineage/,
+    );
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

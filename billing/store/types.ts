@@ -53,6 +53,8 @@ export interface ApiKey {
   limits: KeyLimits;
   createdAt: Date;
   revokedAt: Date | null;
+  /** The key this one replaced, when RotateApiKey created it. */
+  rotatedFromId: string | null;
 }
 
 export interface NewApiKey {

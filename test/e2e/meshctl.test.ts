@@ -2,7 +2,10 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
+import { maxChatCostNanos } from "../../gateway/budget.ts";
+import { loadGatewayConfig } from "../../gateway/config.ts";
 import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
+import { formatNanosUsd } from "../../lib/money.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.ts";
 import { eventually } from "../support.ts";
@@ -55,6 +58,13 @@ async function meshctl(...args: string[]): Promise<{ code: number; out: string; 
   return { code, out, err };
 }
 
+
+/** Budget leases the gateway has released to billing so far. */
+async function leaseReleases(): Promise<number> {
+  const text = await (await fetch(`${mesh.urls.gateway}/metrics`)).text();
+  const line = text.split("\n").find((l) => l.startsWith('gateway_budget_lease_requests_total{outcome="released"'));
+  return Number(line?.split(" ").at(-1) ?? 0);
+}
 
 interface UsageJson {
   requests?: string;
@@ -109,6 +119,71 @@ describe("meshctl drives the mesh", () => {
     const missing = await meshctl("invoices", "show", "inv_missing");
     expect(missing.code).toBe(1);
     expect(missing.err).toBe("meshctl: [not_found] invoice inv_missing not found\n");
+  }, 60_000);
+
+  test("quota set keeps the limits it is not given, as in the README's example", async () => {
+    const orgId = /^(org_\w+)/m.exec((await meshctl("orgs", "create", "quota")).out)?.[1] as string;
+    const created = await meshctl(
+      "keys",
+      "create",
+      "--org",
+      orgId,
+      "--budget-usd",
+      "50",
+      "--rpm",
+      "60",
+      "--models",
+      "gpt-4o,mock",
+    );
+    const keyId = /^(key_\w+)/m.exec(created.out)?.[1] as string;
+    const set = await meshctl("quota", "set", keyId, "--monthly-tokens", "1000000");
+    expect(set).toMatchObject({ code: 0, err: "" });
+    const limits = "budget $50/mo, 1000000 tok/mo, 60 rpm, models gpt-4o,mock";
+    expect(set.out).toBe(`${keyId}: ${limits}\n`);
+    expect((await meshctl("keys", "list", "--org", orgId)).out).toContain(limits);
+    // An explicit 0 or empty list removes a limit.
+    const cleared = await meshctl("quota", "set", keyId, "--rpm", "0", "--models", "");
+    expect(cleared.out).toBe(`${keyId}: budget $50/mo, 1000000 tok/mo\n`);
+  }, 60_000);
+
+  test("a rotated key is refused at the same total spend as the key it replaced", async () => {
+    const orgId = /^(org_\w+)/m.exec((await meshctl("orgs", "create", "rotation")).out)?.[1] as string;
+    const body = { model: "mock", messages: [{ role: "user" as const, content: "rotate me" }], max_tokens: 1 };
+    const chat = (secret: string) =>
+      fetch(`${demo.baseUrl}/chat/completions`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${secret}`, "content-type": "application/json" },
+        body: JSON.stringify(body),
+      });
+    const created = (run: { out: string }) => ({
+      id: /^(key_\w+)/m.exec(run.out)?.[1] as string,
+      secret: /secret \(shown once, store it now\): (sk-mesh-\w+)/.exec(run.out)?.[1] as string,
+    });
+
+    // What one request costs, and what the gateway reserves for it before calling upstream.
+    const probe = created(await meshctl("keys", "create", "--org", orgId, "--name", "probe"));
+    const cost = BigInt((await chat(probe.secret)).headers.get("x-gateway-cost-nanos") ?? "0");
+    expect(cost).toBeGreaterThan(0n);
+    const price = loadGatewayConfig(path.join(root, "gateway/config.default.yaml")).models.get("mock")?.price;
+    const reserved = maxChatCostNanos(body, price as NonNullable<typeof price>, 1);
+    // Room for exactly four requests: the fifth cannot reserve its maximum.
+    const budget = 3n * cost + reserved + cost / 2n;
+
+    const old = created(await meshctl("keys", "create", "--org", orgId, "--budget-usd", formatNanosUsd(budget)));
+    for (let i = 0; i < 2; i++) expect((await chat(old.secret)).status).toBe(200);
+    const released = () => leaseReleases();
+    const before = await released();
+    const rotated = await meshctl("keys", "rotate", old.id);
+    expect(rotated.code).toBe(0);
+    const next = created(rotated);
+    // The gateway hears of the revocation and gives the old key's lease back, so the new key can lease the rest.
+    await eventually(async () => (await released()) > before, { what: "the old key's lease released" });
+
+    const statuses: number[] = [];
+    for (let i = 0; i < 3; i++) statuses.push((await chat(next.secret)).status);
+    expect(statuses).toEqual([200, 200, 429]);
+    const refused = await chat(next.secret);
+    expect(await refused.json()).toMatchObject({ error: { code: "insufficient_quota" } });
   }, 60_000);
 
   test("billing stops promptly on SIGTERM even with key change streams open", async () => {
