@@ -14,7 +14,7 @@ const emptyDatabase = async () => {
 };
 afterAll(() => Promise.all(databases.map((db) => db.drop())));
 
-const migrations = ["0001_init.sql", "0002_discounts_invoices.sql", "0003_invoiced_usage.sql", "0004_key_lineage.sql"];
+const migrations = ["0001_init.sql", "0002_discounts_invoices.sql", "0003_invoiced_usage.sql", "0004_key_lineage.sql", "0005_usage_bounds.sql"];
 const billingTables = [
   "api_keys",
   "budget_leases",
@@ -123,7 +123,7 @@ test("keys rotated before lineages existed join the lineage of the key their cha
     await key("key_b", "key_a");
     await key("key_c", "key_b");
     await key("key_other", null);
-    expect((await migrate(pool)).applied).toEqual(["0004_key_lineage.sql"]);
+    expect((await migrate(pool)).applied).toEqual(migrations.slice(3));
     const lineages = await pool.query("SELECT id, lineage_id FROM api_keys ORDER BY id");
     expect(lineages.rows).toEqual([
       { id: "key_a", lineage_id: "key_a" },
@@ -149,4 +149,21 @@ test("keys rotated before lineages existed join the lineage of the key their cha
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+}, 60_000);
+
+test("the table refuses usage past the bounds RecordUsage checks, whoever writes it", async () => {
+  const { pool } = await emptyDatabase();
+  await migrate(pool);
+  await pool.query("INSERT INTO organizations (id, name) VALUES ('org_b', 'bounds')");
+  const insert = (id: string, costNanos: string, outputTokens: string) =>
+    pool.query(
+      `INSERT INTO usage_records (request_id, org_id, model, provider, endpoint, input_tokens, cached_input_tokens,
+         output_tokens, reasoning_tokens, cost_nanos, occurred_at)
+       VALUES ($1, 'org_b', 'm', 'p', 'chat_completions', 1, 0, $3, 0, $2, now())`,
+      [id, costNanos, outputTokens],
+    );
+  await insert("req_at_bounds", "1000000000000000", "2147483648");
+  await expect(insert("req_dear", "1000000000000001", "1")).rejects.toThrow(/usage_records_bounds_check/);
+  await expect(insert("req_long", "1", "2147483649")).rejects.toThrow(/usage_records_bounds_check/);
+  expect((await pool.query("SELECT count(*)::int AS n FROM usage_records")).rows).toEqual([{ n: 1 }]);
 }, 60_000);
