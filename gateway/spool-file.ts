@@ -22,12 +22,10 @@ import {
 } from "node:fs";
 import { hostname } from "node:os";
 import { join } from "node:path";
-import { toBinary } from "@bufbuild/protobuf";
-import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
 import { promisify } from "node:util";
 import type { Logger } from "../lib/log.ts";
 import { procStatFields } from "../lib/processes.ts";
-import { clockSequence, type Spool, type SpoolBatch } from "./spool.ts";
+import { batchLength, clockSequence, defaultBatchBytes, type Spool, type SpoolBatch } from "./spool.ts";
 
 // Descriptor-level file calls off the event loop (fs/promises would wrap descriptors in handles).
 const fsAsync = {
@@ -79,8 +77,10 @@ export interface FileSpoolOptions {
   fsyncIntervalMs?: number;
   /** A segment is closed and a new one started once it is this large (and has no pending rows). */
   segmentBytes?: number;
-  /** Rows recovered unsealed, or adopted from another directory, are sealed into batches this large. */
+  /** Rows recovered unsealed, or adopted from another directory, are sealed into batches of this many rows... */
   batchRows?: number;
+  /** ...and of at most this many bytes of encoded rows (the shipper's limits). */
+  batchBytes?: number;
   /** Rows of sealed batches kept in memory for sending; batches beyond it are read back from disk. */
   cacheRows?: number;
   /** How often the open spool refreshes its LOCK, for owners that cannot check this process (default 2 s). */
@@ -161,6 +161,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const maxBytes = options.maxBytes;
   const segmentBytes = options.segmentBytes ?? clamp(Math.floor(maxBytes / 16), 64 * 1024, 64 * 1024 * 1024);
   const batchRows = options.batchRows ?? 1000;
+  const batchBytes = options.batchBytes ?? defaultBatchBytes;
   // As many as the shipper keeps in flight by default, so sending rarely reads the disk.
   const cacheRows = options.cacheRows ?? 100_000;
   const fsyncPolicy = options.fsync;
@@ -186,6 +187,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const cache = new Map<bigint, Uint8Array[]>();
   let cachedRows = 0;
   let pending: PendingRow[] = [];
+  let pendingBytes = 0;
   let sealedRows = 0;
   let bytes = [...segments.values()].reduce((n, s) => n + s.size, 0);
   let next = loaded.maxSequence >= clockSequence() ? loaded.maxSequence + 1n : clockSequence();
@@ -335,6 +337,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     if (bytes + headerBytes + row.length > maxBytes) return false;
     try {
       pending.push({ ...writeRecord(rowType, row), row });
+      pendingBytes += row.length;
       return true;
     } catch (e) {
       log?.error("writing to the metrics spool failed", { err: e, dir });
@@ -364,10 +367,12 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     return batch;
   };
 
-  const sealPending = (maxRows: number, recovered: boolean): DiskBatch | undefined => {
+  const sealPending = (maxRows: number, maxBytes: number, recovered: boolean): DiskBatch | undefined => {
     if (pending.length === 0 || closed) return undefined;
-    const take = pending.length <= maxRows ? pending : pending.slice(0, maxRows);
-    pending = pending.length <= maxRows ? [] : pending.slice(maxRows);
+    const n = batchLength(pending.length, (i) => (pending[i] as PendingRow).row.length, maxRows, maxBytes);
+    const take = n === pending.length ? pending : pending.slice(0, n);
+    pending = n === pending.length ? [] : pending.slice(n);
+    for (const p of take) pendingBytes -= p.row.length;
     const batch = sealRows(take, recovered);
     if (pending.length === 0 && current && current.segment.size >= segmentBytes) closeCurrent();
     return batch;
@@ -405,8 +410,10 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     adoptedDirs: [],
     adoptedRows: 0,
   };
-  for (let i = 0; i < loaded.unsealed.length; i += batchRows) {
-    const rows = loaded.unsealed.slice(i, i + batchRows);
+  for (let i = 0; i < loaded.unsealed.length;) {
+    const left = loaded.unsealed.length - i;
+    const n = batchLength(left, (j) => rowBytes(loaded.unsealed[i + j] as Part), batchRows, batchBytes);
+    const rows = loaded.unsealed.slice(i, (i += n));
     const parts = partsOf(rows);
     const batch: DiskBatch = { sequence: next++, rows: rows.length, recovered: true, parts };
     writeRecord(sealType, encodeSeal(batch.sequence, batch.rows, parts));
@@ -430,10 +437,8 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const spool: FileSpool = {
     dir,
     recovery,
-    append(metrics) {
-      return appendRow(toBinary(RequestMetricsSchema, metrics));
-    },
-    seal: (maxRows) => sealPending(maxRows, false),
+    append: appendRow,
+    seal: (maxRows, maxBytes) => sealPending(maxRows, maxBytes, false),
     unacked: () => batches.values(),
     read(batch) {
       const cached = cache.get(batch.sequence);
@@ -467,6 +472,9 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     },
     get pendingRows() {
       return pending.length;
+    },
+    get pendingBytes() {
+      return pendingBytes;
     },
     get rows() {
       return pending.length + sealedRows;
@@ -506,7 +514,9 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   adoptOrphans(options.root, dir, log, (orphanDir, orphan) => {
     let moved = 0;
     const sealFull = (force: boolean) => {
-      while (pending.length >= batchRows || (force && pending.length > 0)) sealPending(batchRows, true);
+      while (pending.length >= batchRows || pendingBytes >= batchBytes || (force && pending.length > 0)) {
+        sealPending(batchRows, batchBytes, true);
+      }
     };
     const move = (rows: readonly Uint8Array[]) => {
       for (const row of rows) {
@@ -650,6 +660,9 @@ function encodeSequence(sequence: bigint): Uint8Array {
 function decodeSequence(payload: Uint8Array): bigint {
   return Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength).readBigUInt64LE(0);
 }
+
+/** Encoded size of the row a ROW record's range holds. */
+const rowBytes = (row: Part) => row.end - row.start - headerBytes;
 
 /** Byte ranges covering consecutive rows, one per segment run. */
 function partsOf(rows: readonly Part[]): Part[] {
