@@ -122,6 +122,60 @@ describe("file spool", () => {
     expect(batches).toEqual([range(0, 2), range(2, 4), range(4, 6), range(10, 12), range(12, 14), range(14, 16)]);
   });
 
+  test("a batch beyond the bounds, sealed by an earlier version, is sealed again within them at open, then acked", () => {
+    const root = newRoot();
+    const before = openSpool(root);
+    for (let i = 0; i < 10; i++) before.append(sizedRow(i, 100));
+    before.seal(1000, noByteLimit);
+    for (let i = 10; i < 12; i++) before.append(sizedRow(i, 100));
+    const within = before.seal(1000, noByteLimit)!;
+    abandon(before);
+
+    const bounds = { batchRows: 1000, batchBytes: 3 * sizedRow(0, 100).length };
+    const after = openSpool(root, bounds);
+    expect(after.recovery).toMatchObject({ rows: 12, resealedBatches: 1 });
+    const batches = [...after.unacked()];
+    const sequences = batches.map((b) => b.sequence);
+    // The batch within the bounds keeps its sequence; the new ones follow it, all in the order they are sent.
+    expect(sequences[0]).toBe(within.sequence);
+    expect(sequences).toEqual([...sequences].sort((a, b) => (a < b ? -1 : 1)));
+    expect(batches.every((b) => b.recovered)).toBe(true);
+    const expected = [range(10, 12), range(0, 3), range(3, 6), range(6, 9), range(9, 10)];
+    expect(batches.map((b) => ids(after.read(b)))).toEqual(expected);
+    abandon(after);
+
+    // The old batch's ack is on disk: the next start finds the same batches, no row in two of them.
+    const again = openSpool(root, bounds);
+    expect(again.recovery).toMatchObject({ rows: 12, resealedBatches: 0 });
+    expect([...again.unacked()].map((b) => b.sequence)).toEqual(sequences);
+    for (const b of [...again.unacked()]) again.ack(b.sequence);
+    expect(again.rows).toBe(0);
+  });
+
+  test("a crash before the old batch's ack is written sends its rows twice at worst, never loses them", () => {
+    const root = newRoot();
+    const before = openSpool(root);
+    for (let i = 0; i < 10; i++) before.append(sizedRow(i, 100));
+    before.seal(1000, noByteLimit);
+    abandon(before);
+    const bounds = { batchRows: 1000, batchBytes: 3 * sizedRow(0, 100).length };
+    const cut = openSpool(root, bounds);
+    expect(cut.recovery.resealedBatches).toBe(1);
+    abandon(cut);
+    // The ack (9-byte header, 8-byte sequence) is the last record the reopened spool wrote.
+    const written = segmentFiles(cut.dir)
+      .map((name) => join(cut.dir, name))
+      .filter((path) => statSync(path).size > 8)
+      .at(-1)!;
+    truncateSync(written, statSync(written).size - 17);
+
+    const after = openSpool(root, bounds);
+    expect(after.recovery.resealedBatches).toBe(1);
+    const rows = [...after.unacked()].flatMap((b) => ids(after.read(b)));
+    expect(new Set(rows)).toEqual(new Set(range(0, 10)));
+    expect(rows).toHaveLength(20);
+  });
+
   test("a restart resends exactly what was not acked, under the same sequences, and keeps numbering upwards", () => {
     const root = newRoot();
     const before = openSpool(root);

@@ -117,6 +117,8 @@ export interface SpoolRecovery {
   rows: number;
   /** Records cut short by a crash, skipped. */
   tornRecords: number;
+  /** Batches beyond the batch bounds (sealed by an earlier version or other settings), sealed again within them. */
+  resealedBatches: number;
   /** Directories of replicas that are gone, whose rows moved into this spool. */
   adoptedDirs: string[];
   adoptedRows: number;
@@ -402,23 +404,43 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     return rows;
   };
 
-  // Batches left by the previous process, and rows it appended but never sealed.
-  for (const batch of loaded.batches.values()) addBatch(batch, undefined);
+  /** Seals rows found on disk into batches within the bounds. */
+  const sealRecovered = (rows: readonly Part[]) => {
+    for (let i = 0; i < rows.length;) {
+      const n = batchLength(rows.length - i, (j) => rowBytes(rows[i + j] as Part), batchRows, batchBytes);
+      const take = rows.slice(i, (i += n));
+      const parts = partsOf(take);
+      const batch: DiskBatch = { sequence: next++, rows: take.length, recovered: true, parts };
+      writeRecord(sealType, encodeSeal(batch.sequence, batch.rows, parts));
+      addBatch(batch, undefined);
+    }
+  };
+
+  // Batches left by the previous process, and rows it appended but never sealed. A batch beyond the bounds would be
+  // refused by analytics on every resend: its rows are sealed again in batches within them, and only then is it acked
+  // (a crash in between sends them twice, which analytics and billing absorb, but never loses them).
+  const beyondBounds: { sequence: bigint; rows: Part[] }[] = [];
+  for (const batch of loaded.batches.values()) {
+    // A batch's byte ranges hold its rows and their record headers: within the bounds, so are its rows.
+    const span = batch.parts.reduce((n, p) => n + p.end - p.start, 0);
+    const rows = batch.rows > batchRows || span > batchBytes ? loaded.rowsIn(batch.parts) : undefined;
+    if (!rows || batchLength(rows.length, (i) => rowBytes(rows[i] as Part), batchRows, batchBytes) === rows.length) {
+      addBatch(batch, undefined);
+    } else beyondBounds.push({ sequence: batch.sequence, rows });
+  }
+  // After the batches kept, so that batches are sent in sequence order.
+  for (const { sequence, rows } of beyondBounds) {
+    sealRecovered(rows);
+    writeRecord(ackType, encodeSequence(sequence));
+  }
   const recovery: SpoolRecovery = {
     rows: sealedRows + loaded.unsealed.length,
     tornRecords: loaded.torn,
+    resealedBatches: beyondBounds.length,
     adoptedDirs: [],
     adoptedRows: 0,
   };
-  for (let i = 0; i < loaded.unsealed.length;) {
-    const left = loaded.unsealed.length - i;
-    const n = batchLength(left, (j) => rowBytes(loaded.unsealed[i + j] as Part), batchRows, batchBytes);
-    const rows = loaded.unsealed.slice(i, (i += n));
-    const parts = partsOf(rows);
-    const batch: DiskBatch = { sequence: next++, rows: rows.length, recovered: true, parts };
-    writeRecord(sealType, encodeSeal(batch.sequence, batch.rows, parts));
-    addBatch(batch, undefined);
-  }
+  sealRecovered(loaded.unsealed);
   collectSegments();
 
   const fsyncTimer =
@@ -548,6 +570,8 @@ interface Loaded {
   batches: Map<bigint, DiskBatch>;
   /** Rows no SEAL covers, in append order. */
   unsealed: Part[];
+  /** The rows inside a batch's byte ranges. */
+  rowsIn(parts: readonly Part[]): Part[];
   maxSequence: bigint;
   torn: number;
 }
@@ -605,7 +629,15 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
     const end = sealedEnd.get(id) ?? 0;
     for (const row of rows) if (row.start >= end) unsealed.push(row);
   }
-  return { segments, batches, unsealed, maxSequence, torn };
+  const rowsIn = (parts: readonly Part[]) =>
+    parts.flatMap((part) => {
+      const rows = rowsBySegment.get(part.segment) ?? [];
+      const first = firstAtOrAfter(rows, part.start);
+      let end = first;
+      while (end < rows.length && (rows[end] as Part).end <= part.end) end++;
+      return rows.slice(first, end);
+    });
+  return { segments, batches, unsealed, rowsIn, maxSequence, torn };
 }
 
 /** Calls fn for each whole record from `offset`; returns where the whole records end. */
@@ -659,6 +691,18 @@ function encodeSequence(sequence: bigint): Uint8Array {
 
 function decodeSequence(payload: Uint8Array): bigint {
   return Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength).readBigUInt64LE(0);
+}
+
+/** Index of the first of rows (in file order) that starts at or after offset. */
+function firstAtOrAfter(rows: readonly Part[], offset: number): number {
+  let low = 0;
+  let high = rows.length;
+  while (low < high) {
+    const mid = (low + high) >>> 1;
+    if ((rows[mid] as Part).start < offset) low = mid + 1;
+    else high = mid;
+  }
+  return low;
 }
 
 /** Encoded size of the row a ROW record's range holds. */

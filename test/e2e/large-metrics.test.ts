@@ -113,6 +113,13 @@ function newRoot(): string {
   return root;
 }
 
+/** The gateway's spool under root, closed after the test. */
+function openSpool(root: string): FileSpool {
+  const spool = openFileSpool({ root, name: "gw", maxBytes: 256 * 1024 * 1024, fsync: "never", log });
+  cleanups.push(() => spool.close());
+  return spool;
+}
+
 /** Rows of the org in ClickHouse, counted as merged (FINAL) and as stored. */
 async function stored(orgId: string) {
   const page = await store.listRequests({ orgId, window, limit: 5000 });
@@ -130,8 +137,7 @@ describe("large request metrics, shipped to a real analytics server", () => {
     // However small a batch is configured, a few of these fit in it.
     expect(toBinary(RequestMetricsSchema, rows[0] as RequestMetrics).length).toBeLessThan(minBatchBytes / 4);
     const { billing, server } = await startAnalytics();
-    const spool = openFileSpool({ root: newRoot(), name: "gw", maxBytes: 256 * 1024 * 1024, fsync: "never", log });
-    cleanups.push(() => spool.close());
+    const spool = openSpool(newRoot());
     const registry = new Registry();
     const shipper = startShipper(server, spool, registry);
     for (const m of rows) shipper.record(m);
@@ -154,8 +160,7 @@ describe("large request metrics, shipped to a real analytics server", () => {
     });
     const after = Array.from({ length: 5 }, (_, i) => largestMetrics(org, i));
     const { billing, server } = await startAnalytics();
-    const spool = openFileSpool({ root: newRoot(), name: "gw", maxBytes: 256 * 1024 * 1024, fsync: "never", log });
-    cleanups.push(() => spool.close());
+    const spool = openSpool(newRoot());
     const shipper = startShipper(server, spool);
     for (const m of [oversized, ...after]) shipper.record(m);
 
@@ -165,5 +170,26 @@ describe("large request metrics, shipped to a real analytics server", () => {
     const [row] = (await store.listRequests({ orgId: org, window, limit: 1, requestId: oversized.requestId })).requests;
     expect(row).toMatchObject({ costNanos: oversized.costNanos, tags: {} });
     expect([...billing.stored.keys()].sort()).toEqual(expected);
+  }, 60_000);
+
+  test("a spool left with a batch analytics cannot take (sealed by rows alone, as before) drains: once everywhere", async () => {
+    const org = "org_old_spool";
+    const rows = Array.from({ length: 500 }, (_, i) => largestMetrics(org, i));
+    const root = newRoot();
+    const old = openSpool(root);
+    for (const m of rows) old.append(toBinary(RequestMetricsSchema, m));
+    expect(old.seal(1000, Number.POSITIVE_INFINITY)?.rows).toBe(500);
+    old.close();
+
+    const spool = openSpool(root);
+    expect(spool.recovery).toMatchObject({ rows: 500, resealedBatches: 1 });
+    const { billing, server } = await startAnalytics();
+    const shipper = startShipper(server, spool);
+    expect(await shipper.flush(20_000)).toBe(true);
+    expect(spool.rows).toBe(0);
+    const expected = rows.map((m) => m.requestId).sort();
+    expect(await stored(org)).toEqual({ ids: expected, raw: 500 });
+    expect([...billing.stored.keys()].sort()).toEqual(expected);
+    expect(billing.calls.flat()).toHaveLength(500);
   }, 60_000);
 });
