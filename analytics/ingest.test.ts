@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
+import { Registry } from "prom-client";
 import {
   AnalyticsService,
   type IngestMetricsRequestSchema,
@@ -11,7 +12,7 @@ import {
 import { BillingService, type UsageRecord } from "../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createLogger } from "../lib/log.ts";
-import { dedupToken, type IngestOptions, maxBatchRows, toUsageRecord } from "./ingest.ts";
+import { dedupToken, estimatedBytes, type IngestOptions, maxBatchRows, toUsageRecord } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
 import { createAnalyticsService } from "./service.ts";
 import type { AnalyticsStore } from "./store/store.ts";
@@ -30,6 +31,7 @@ interface SetupOptions {
   billing?: ReturnType<typeof createRecordingBilling>;
   stopSignal?: AbortSignal;
   ingest?: Partial<IngestOptions>;
+  registry?: Registry;
 }
 
 function setup(store: AnalyticsStore, options: SetupOptions = {}) {
@@ -41,6 +43,7 @@ function setup(store: AnalyticsStore, options: SetupOptions = {}) {
     log,
     adminToken,
     stopSignal: options.stopSignal,
+    registry: options.registry,
     // Short intervals keep the suite fast; each test that cares sets its own.
     ingest: { flushIntervalMs: 20, ...options.ingest },
   });
@@ -230,19 +233,28 @@ describe("IngestMetrics", () => {
     expect((await totals("")).requests).toBe(2n);
   });
 
-  test("while the buffer is full the stream is not read; memory stays bounded and nothing is lost", async () => {
-    const org = "org_pressure";
+  /**
+   * Sends 40 batches of 10 rows on one stream while billing holds the first flush, and checks that fewer than 10
+   * were pulled meanwhile (`whileHeld` looks at the rest), then that every one is acked in order and counted once.
+   */
+  const underPressure = async (
+    org: string,
+    init: Parameters<typeof sampleMetrics>[1],
+    ingest: Partial<IngestOptions>,
+    whileHeld: (registry: Registry) => Promise<void> = async () => {},
+  ) => {
     let release: () => void = () => {};
     const gate = new Promise<void>((resolve) => (release = resolve));
     const billing = createRecordingBilling({ onRecord: () => gate });
-    const { client } = setup(store, { billing, ingest: { flushRows: 10, flushIntervalMs: 5, maxBufferedRows: 30 } });
+    const registry = new Registry();
+    const { client } = setup(store, { billing, registry, ingest: { flushRows: 10, flushIntervalMs: 5, ...ingest } });
     const queue = createBatchQueue();
     const acks = client.ingestMetrics(queue, { headers })[Symbol.asyncIterator]();
-    for (let i = 1; i <= 40; i++) queue.push({ sequence: BigInt(i), metrics: rows(10, { orgId: org }) });
+    for (let i = 1; i <= 40; i++) queue.push({ sequence: BigInt(i), metrics: rows(10, { ...init, orgId: org }) });
     const first = acks.next();
     await Bun.sleep(300);
-    // Billing holds the first flush: 30 rows fill the buffer, so only a few batches beyond are pulled.
     expect(queue.taken).toBeLessThan(10);
+    await whileHeld(registry);
     release();
     expect((await first).value?.ackedSequence).toBe(1n);
     const seen = [1n];
@@ -251,6 +263,42 @@ describe("IngestMetrics", () => {
     queue.end();
     expect((await acks.next()).done).toBe(true);
     expect(await totals(org)).toEqual({ requests: 400n, costNanos: 400n * 12_345n });
+  };
+
+  test("while the buffer is full the stream is not read; memory stays bounded and nothing is lost", async () => {
+    // Billing holds the first flush: 30 rows fill the buffer, so only a few batches beyond are pulled.
+    await underPressure("org_pressure", {}, { maxBufferedRows: 30 });
+  });
+
+  test("rows are held back by their size in memory too: large ones stop the reading long before the row bound", async () => {
+    // As large as the gateway's request checks allow: 16 tags of 64 and 512 characters.
+    const tags = Object.fromEntries(Array.from({ length: 16 }, (_, t) => [`${t}`.padStart(64, "k"), "v".repeat(512)]));
+    const rowBytes = estimatedBytes(sampleMetrics(new Date(now), { tags }));
+    expect(rowBytes).toBeGreaterThan(16 * 2 * (64 + 512));
+    // 30 rows' worth of bytes fill the buffer, though 100,000 rows would fit.
+    const bounds = { maxBufferedRows: 100_000, maxBufferedBytes: 30 * rowBytes };
+    await underPressure("org_pressure_bytes", { tags }, bounds, async (registry) => {
+      const buffered = await registry.getSingleMetric("analytics_ingest_buffered_bytes")?.get();
+      expect(buffered?.values[0]?.value).toBeGreaterThanOrEqual(30 * rowBytes);
+    });
+  });
+
+  test("a flush starts once a quarter of the byte bound is buffered, before the interval and the row count", async () => {
+    const org = "org_flush_bytes";
+    const big = rows(4, { orgId: org, tags: { note: "v".repeat(10_000) } });
+    const bound = 4 * big.reduce((n, m) => n + estimatedBytes(m), 0);
+    const { billing, client } = setup(store, {
+      ingest: { flushRows: 1000, flushIntervalMs: 60_000, maxBufferedBytes: bound },
+    });
+    const queue = createBatchQueue();
+    const acks = client.ingestMetrics(queue, { headers })[Symbol.asyncIterator]();
+    queue.push({ sequence: 1n, metrics: big.slice(0, 2) });
+    queue.push({ sequence: 2n, metrics: big.slice(2) });
+    expect((await acks.next()).value?.ackedSequence).toBe(1n);
+    expect((await acks.next()).value?.ackedSequence).toBe(2n);
+    expect(billing.calls.map((c) => c.length)).toEqual([4]);
+    queue.end();
+    expect((await acks.next()).done).toBe(true);
   });
 
   test("on stop, streams stop being read; what is buffered is flushed and acked, then streams end", async () => {

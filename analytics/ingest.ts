@@ -25,8 +25,13 @@ export interface IngestOptions {
   flushRows: number;
   /** ...or this long after the oldest buffered row arrived. */
   flushIntervalMs: number;
-  /** Rows held in memory (buffered and being flushed); streams are not read while it is reached. */
+  /** Rows held in memory (buffered and being flushed)... */
   maxBufferedRows: number;
+  /**
+   * ...and their estimated size in memory (estimatedBytes); streams are not read while either is reached. A flush
+   * also starts once a quarter of it is buffered.
+   */
+  maxBufferedBytes: number;
   /** ClickHouse inserts in flight at once; acks still go out in insert order. */
   insertConcurrency: number;
   /** Rows per RecordUsage call (at most 10,000)... */
@@ -42,6 +47,9 @@ export const defaultIngestOptions: IngestOptions = {
   // About 1.2 KB per decoded row: some 120 MB of heap at most. Acks wait for billing, so the rows in flight
   // (and the gateways' windows) must cover a couple of flushes' latency or throughput stalls.
   maxBufferedRows: 100_000,
+  // Rows with large tags take up to about 45 KB each: this keeps them, and their copies encoded for ClickHouse
+  // while flushes run, well inside a 512 MiB container beside the process's own ~150 MB.
+  maxBufferedBytes: 128 * 1024 * 1024,
   // One insert is encoded while the engine writes another.
   insertConcurrency: 2,
   // Two calls of 5,000 keep both billing and its Postgres busy (bench/billing.ts measures the same shape).
@@ -78,6 +86,8 @@ interface Chunk {
   stream: StreamState;
   sequence: bigint;
   rows: RequestMetrics[];
+  /** estimatedBytes of the rows. */
+  bytes: number;
 }
 
 export interface Ingest {
@@ -91,18 +101,21 @@ export interface Ingest {
  * of every batch it holds. A failure in either step acks nothing: the streams holding those batches end
  * with Unavailable and their gateways resend; request_id makes the resends harmless downstream.
  * Flushes overlap (insertConcurrency inserts, billingConcurrency RecordUsage calls) and are acked in insert order.
- * Memory is bounded by maxBufferedRows: past it no stream is read, so gateways keep their rows in their spools.
+ * Memory is bounded by maxBufferedRows and maxBufferedBytes: past either no stream is read, so gateways keep their
+ * rows in their spools.
  */
 export function createIngest(deps: IngestDeps): Ingest {
   const options = { ...defaultIngestOptions, ...deps.options };
   const tracer = deps.tracer ?? trace.getTracer("analytics");
-  const instruments = createInstruments(deps.registry ? [deps.registry] : [], () => held);
+  const instruments = createInstruments(deps.registry ? [deps.registry] : [], () => ({ rows: held, bytes: heldBytes }));
 
   let buffer: Chunk[] = [];
   let bufferRows = 0;
+  let bufferBytes = 0;
   let bufferSince = 0;
-  // Rows buffered plus rows in flushes that have not finished.
+  // Rows buffered plus rows in flushes that have not finished, and their size.
   let held = 0;
+  let heldBytes = 0;
   let flushTimer: ReturnType<typeof setTimeout> | undefined;
   let inserting = 0;
   // Acks go out in the order of the inserts, whichever flush's billing finishes first.
@@ -112,16 +125,16 @@ export function createIngest(deps: IngestDeps): Ingest {
   const roomWaiters = new Set<() => void>();
   const stopping = deps.stopSignal;
 
+  const full = () => (held >= options.maxBufferedRows || heldBytes >= options.maxBufferedBytes) && !stopping?.aborted;
+
   const wakeRoom = () => {
-    if (held >= options.maxBufferedRows && !stopping?.aborted) return;
+    if (full()) return;
     for (const wake of roomWaiters) wake();
     roomWaiters.clear();
   };
 
   const waitForRoom = (): Promise<void> =>
-    held < options.maxBufferedRows || stopping?.aborted
-      ? Promise.resolve()
-      : new Promise((resolve) => roomWaiters.add(resolve));
+    full() ? new Promise((resolve) => roomWaiters.add(resolve)) : Promise.resolve();
 
   const settle = (stream: StreamState) => stream.wake?.();
 
@@ -137,10 +150,14 @@ export function createIngest(deps: IngestDeps): Ingest {
   const dropFailed = () => {
     const kept = buffer.filter((c) => !c.stream.failure);
     if (kept.length === buffer.length) return;
-    const dropped = bufferRows - kept.reduce((n, c) => n + c.rows.length, 0);
+    for (const chunk of buffer) {
+      if (!chunk.stream.failure) continue;
+      bufferRows -= chunk.rows.length;
+      bufferBytes -= chunk.bytes;
+      held -= chunk.rows.length;
+      heldBytes -= chunk.bytes;
+    }
     buffer = kept;
-    bufferRows -= dropped;
-    held -= dropped;
     wakeRoom();
   };
 
@@ -149,6 +166,7 @@ export function createIngest(deps: IngestDeps): Ingest {
     if (inserting >= options.insertConcurrency || buffer.length === 0) return;
     const due =
       bufferRows >= options.flushRows ||
+      bufferBytes >= options.maxBufferedBytes / 4 ||
       performance.now() - bufferSince >= options.flushIntervalMs ||
       stopping?.aborted === true;
     if (!due) {
@@ -167,13 +185,15 @@ export function createIngest(deps: IngestDeps): Ingest {
     }
     const chunks = buffer;
     const rows = bufferRows;
+    const bytes = bufferBytes;
     buffer = [];
     bufferRows = 0;
+    bufferBytes = 0;
     inserting++;
-    void runFlush(chunks, rows);
+    void runFlush(chunks, rows, bytes);
   };
 
-  const runFlush = async (chunks: Chunk[], rowCount: number) => {
+  const runFlush = async (chunks: Chunk[], rowCount: number, bytes: number) => {
     const rows = chunks.length === 1 ? (chunks[0] as Chunk).rows : chunks.flatMap((c) => c.rows);
     const links: Link[] = [];
     for (const m of rows) {
@@ -215,6 +235,7 @@ export function createIngest(deps: IngestDeps): Ingest {
             } finally {
               stopTimer();
               held -= rowCount;
+              heldBytes -= bytes;
               wakeRoom();
             }
           }).catch(() => {}),
@@ -321,13 +342,16 @@ export function createIngest(deps: IngestDeps): Ingest {
             gateway_instance_id: batch.gatewayInstanceId,
             sequence: batch.sequence,
           });
-          fail([{ stream, sequence: batch.sequence, rows: [] }], ConnectError.from(e));
+          fail([{ stream, sequence: batch.sequence, rows: [], bytes: 0 }], ConnectError.from(e));
           return;
         }
         if (buffer.length === 0) bufferSince = performance.now();
-        buffer.push({ stream, sequence: batch.sequence, rows: batch.metrics });
+        const bytes = batch.metrics.reduce((n, m) => n + estimatedBytes(m), 0);
+        buffer.push({ stream, sequence: batch.sequence, rows: batch.metrics, bytes });
         bufferRows += batch.metrics.length;
+        bufferBytes += bytes;
         held += batch.metrics.length;
+        heldBytes += bytes;
         stream.unacked++;
         maybeFlush();
       }
@@ -409,6 +433,19 @@ function validateBatch(batch: IngestMetricsRequest): void {
   });
 }
 
+// What a decoded row takes in memory, measured on Bun: about 1.2 KB with short strings (ids, names), plus two bytes
+// per UTF-16 unit of the strings clients and upstreams size (protobuf-es decodes into two-byte strings) and the
+// objects of each tag.
+const rowBaseBytes = 1200;
+const tagBaseBytes = 100;
+
+/** Estimated memory of a decoded row, for the byte bound: cheap, as every row of every batch is counted. */
+export function estimatedBytes(m: RequestMetrics): number {
+  let bytes = rowBaseBytes + 2 * (m.endUserId.length + m.requestedModel.length + m.servedModel.length);
+  for (const key in m.tags) bytes += tagBaseBytes + 2 * (key.length + (m.tags[key] as string).length);
+  return bytes;
+}
+
 /** The same request ids give the same token, so ClickHouse drops a repeated insert whole. */
 export function dedupToken(rows: readonly RequestMetrics[]): string {
   // One hash of the whole list: two updates per row were most of the cost.
@@ -448,13 +485,21 @@ function busyTime(counter: Counter) {
   };
 }
 
-function createInstruments(registers: Registry[], held: () => number) {
+function createInstruments(registers: Registry[], held: () => { rows: number; bytes: number }) {
   new Gauge({
     name: "analytics_ingest_buffered_rows",
     help: "Request rows held in memory: buffered for the next flush or being flushed.",
     registers,
     collect() {
-      this.set(held());
+      this.set(held().rows);
+    },
+  });
+  new Gauge({
+    name: "analytics_ingest_buffered_bytes",
+    help: "Estimated memory of the request rows held: buffered for the next flush or being flushed.",
+    registers,
+    collect() {
+      this.set(held().bytes);
     },
   });
   return {

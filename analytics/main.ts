@@ -37,13 +37,20 @@ const cfg = loadEnvOrExit({
   ANALYTICS_FLUSH_ROWS: z.coerce.number().int().min(1).max(1_000_000).default(defaultIngestOptions.flushRows),
   /** ...or this long after the oldest buffered row arrived. */
   ANALYTICS_FLUSH_INTERVAL_MS: z.coerce.number().int().min(1).max(60_000).default(defaultIngestOptions.flushIntervalMs),
-  /** Rows held in memory by ingest; gateways' streams are not read while it is reached. */
+  /** Rows held in memory by ingest... */
   ANALYTICS_MAX_BUFFERED_ROWS: z.coerce
     .number()
     .int()
     .min(1000)
     .max(10_000_000)
     .default(defaultIngestOptions.maxBufferedRows),
+  /** ...and their estimated bytes; gateways' streams are not read while either is reached. */
+  ANALYTICS_MAX_BUFFERED_BYTES: z.coerce
+    .number()
+    .int()
+    .min(16 * 1024 * 1024)
+    .max(64 * 1024 ** 3)
+    .default(defaultIngestOptions.maxBufferedBytes),
   /** Rows per RecordUsage call... */
   ANALYTICS_BILLING_BATCH_ROWS: z.coerce.number().int().min(1).max(10_000).default(defaultIngestOptions.billingBatchRows),
   /** ...and RecordUsage calls in flight at once. */
@@ -107,6 +114,7 @@ const service = createAnalyticsService({
     flushRows: cfg.ANALYTICS_FLUSH_ROWS,
     flushIntervalMs: cfg.ANALYTICS_FLUSH_INTERVAL_MS,
     maxBufferedRows: Math.max(cfg.ANALYTICS_MAX_BUFFERED_ROWS, cfg.ANALYTICS_FLUSH_ROWS),
+    maxBufferedBytes: cfg.ANALYTICS_MAX_BUFFERED_BYTES,
     billingBatchRows: cfg.ANALYTICS_BILLING_BATCH_ROWS,
     billingConcurrency: cfg.ANALYTICS_BILLING_CONCURRENCY,
   },

@@ -13,7 +13,7 @@ import {
   UpstreamError,
   usageOfTokens,
 } from "./providers/provider.ts";
-import { meterUsage } from "./metering.ts";
+import { meteredName, meterUsage } from "./metering.ts";
 import { countInputTokens, countTextTokens, estimatedTokens } from "./tokenizer.ts";
 
 /** Accounting of a stream, known once it has ended however it ended. */
@@ -128,7 +128,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         }
         // Chunks carry a usage field only for clients that asked for usage, as OpenAI sends them.
         if (!includeUsage && chunk.usage !== undefined) chunk.usage = undefined;
-        if (!last && chunk.model) m.servedModel = chunk.model;
+        if (!last && chunk.model) m.servedModel = meteredName(chunk.model);
         last = chunk;
         for (const choice of chunk.choices) {
           const delta = choice.delta;

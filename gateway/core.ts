@@ -36,7 +36,7 @@ import {
   type Provider,
   UpstreamError,
 } from "./providers/provider.ts";
-import { meterUsage } from "./metering.ts";
+import { meteredName, meterUsage } from "./metering.ts";
 import { estimatedChatTokens, type RateLimiter, type RateTicket, rateLimitHeaders } from "./rate-limits.ts";
 import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
 import { createTokenQuota, type QuotaTicket, type TokenQuotaOptions } from "./token-quota.ts";
@@ -389,7 +389,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         (provider, model, options) => provider.chat({ ...input.upstream, model }, options),
         () => countInputTokens(input.upstream.messages, input.upstream.tools),
       );
-      if (result.completion.model) m.servedModel = result.completion.model;
+      if (result.completion.model) m.servedModel = meteredName(result.completion.model);
       const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price);
       const span = trace.getActiveSpan();
       if (span?.isRecording()) {
@@ -479,7 +479,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         (provider, model, options) => provider.embed({ ...input.upstream, model }, options),
         () => countEmbeddingTokens(input.upstream.input),
       );
-      if (result.response.model) m.servedModel = result.response.model;
+      if (result.response.model) m.servedModel = meteredName(result.response.model);
       const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price);
       return {
         response: result.response,
@@ -499,19 +499,6 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     },
     finish,
   };
-}
-
-// Billing's usage records hold a model name of at most 200 characters.
-const maxMeteredName = 200;
-const controlCharacters = /[\u0000-\u001f\u007f]/g;
-
-/**
- * A model name as the client sent it, made fit for the metrics row (an unknown model is metered too): control
- * characters replaced and cut to billing's bound, so the row is never refused downstream.
- */
-export function meteredName(name: string): string {
-  const clean = name.replace(controlCharacters, "\ufffd");
-  return clean.length <= maxMeteredName ? clean : [...clean].slice(0, maxMeteredName).join("");
 }
 
 function createInstruments(registry: Registry) {

@@ -9,7 +9,7 @@ import { ConfigError, commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
-import { startServer } from "../lib/server.ts";
+import { defaultReadMaxBytes, startServer } from "../lib/server.ts";
 import { createKeyAuthorizer, watchKeyChanges } from "./auth.ts";
 import { createBudgetKeeper } from "./budget.ts";
 import { breakerStateMetric, createCircuitBreakers } from "./circuit-breaker.ts";
@@ -23,6 +23,7 @@ import { createProviders } from "./providers/index.ts";
 import { createRateLimiter } from "./rate-limits.ts";
 import { createReadiness } from "./readiness.ts";
 import { createGatewayRequestGate, createGatewayService } from "./service.ts";
+import { defaultBatchBytes, minBatchBytes } from "./spool.ts";
 import { type FileSpool, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
 
 const cfg = loadEnvOrExit({
@@ -64,6 +65,16 @@ const cfg = loadEnvOrExit({
   GATEWAY_SPOOL_FSYNC: z.enum(["always", "interval", "never"]).default("interval"),
   GATEWAY_SPOOL_FSYNC_INTERVAL_MS: z.coerce.number().int().min(1).max(60_000).default(1000),
   GATEWAY_METRICS_BATCH_ROWS: z.coerce.number().int().min(1).max(10_000).default(1000),
+  /**
+   * A batch is also sealed at this many bytes of encoded rows: at least room for several of the largest rows the
+   * request checks allow (about 40 KB each), at most half of what analytics accepts in one message.
+   */
+  GATEWAY_METRICS_BATCH_BYTES: z.coerce
+    .number()
+    .int()
+    .min(minBatchBytes)
+    .max(defaultReadMaxBytes / 2)
+    .default(defaultBatchBytes),
   GATEWAY_METRICS_INTERVAL_MS: z.coerce.number().int().min(1).max(60_000).default(100),
   /** How long SIGTERM waits for analytics to ack the last metrics. */
   GATEWAY_FLUSH_TIMEOUT_MS: z.coerce.number().int().min(0).max(600_000).default(5000),
@@ -142,6 +153,7 @@ while (!spool) {
       fsync: cfg.GATEWAY_SPOOL_FSYNC,
       fsyncIntervalMs: cfg.GATEWAY_SPOOL_FSYNC_INTERVAL_MS,
       batchRows: cfg.GATEWAY_METRICS_BATCH_ROWS,
+      batchBytes: cfg.GATEWAY_METRICS_BATCH_BYTES,
       log: log.child({ component: "spool" }),
     });
   } catch (e) {
@@ -167,6 +179,7 @@ const shipper = createMetricsShipper({
   instanceId: cfg.GATEWAY_INSTANCE_ID,
   log: log.child({ component: "metrics-pipe" }),
   batchRows: cfg.GATEWAY_METRICS_BATCH_ROWS,
+  batchBytes: cfg.GATEWAY_METRICS_BATCH_BYTES,
   intervalMs: cfg.GATEWAY_METRICS_INTERVAL_MS,
   registry: runtime.metrics.registry,
 });

@@ -12,3 +12,17 @@ export function meterUsage(metrics: RequestMetrics, tokens: Tokens, estimated: b
   metrics.costBreakdown = create(CostBreakdownSchema, parts);
   return totalNanos;
 }
+
+// Billing's usage records hold a model name of at most 200 characters.
+const maxMeteredName = 200;
+const controlCharacters = /[\u0000-\u001f\u007f]/g;
+
+/**
+ * A model name as a client asked for it (an unknown model is metered too) or as an upstream says it served it (any
+ * string it likes), made fit for the metrics row: control characters replaced and cut to billing's bound, so the
+ * row is never refused downstream nor grows with what others send.
+ */
+export function meteredName(name: string): string {
+  const clean = name.replace(controlCharacters, "\ufffd");
+  return clean.length <= maxMeteredName ? clean : [...clean].slice(0, maxMeteredName).join("");
+}

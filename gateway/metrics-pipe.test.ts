@@ -3,7 +3,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Registry } from "prom-client";
-import { create } from "@bufbuild/protobuf";
+import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, type ConnectRouter, createClient, createRouterTransport } from "@connectrpc/connect";
 import {
   AnalyticsService,
@@ -110,6 +110,36 @@ describe("metrics shipper", () => {
     await Bun.sleep(60);
     expect(analytics.received.at(-1)?.metrics.map((m) => m.requestId)).toEqual(ids(25, 26));
     expect(shipper.status()).toMatchObject({ connected: true, rows: 0, full: false });
+  });
+
+  test("a batch is also sealed by the encoded size of its rows; the rest wait for the next", async () => {
+    const rowBytes = toBinary(RequestMetricsSchema, row(0)).length;
+    const { analytics, shipper } = setup({ batchRows: 100, batchBytes: 3 * rowBytes + 1 });
+    shipper.start();
+    for (let i = 0; i < 10; i++) shipper.record(row(i));
+    expect(await shipper.flush(2000)).toBe(true);
+    expect(analytics.received.map((b) => b.metrics.length)).toEqual([3, 3, 3, 1]);
+    expect(analytics.requestIds()).toEqual(ids(0, 10));
+  });
+
+  test("a row larger than a batch may be goes without its tags; one too large even so is dropped, never sent", async () => {
+    const registry = new Registry();
+    const { analytics, shipper } = setup({ batchBytes: 4096, registry });
+    const tagged = create(RequestMetricsSchema, { requestId: "req-tagged", tags: { note: "x".repeat(5000) } });
+    const huge = create(RequestMetricsSchema, { requestId: "req-huge", provider: "p".repeat(5000) });
+    shipper.start();
+    shipper.record(row(0));
+    shipper.record(tagged);
+    shipper.record(huge);
+    shipper.record(row(1));
+    expect(await shipper.flush(2000)).toBe(true);
+    expect(analytics.requestIds()).toEqual(["req-0000", "req-tagged", "req-0001"]);
+    expect(analytics.received.flatMap((b) => b.metrics).find((m) => m.requestId === "req-tagged")?.tags).toEqual({});
+    const count = async (name: string) => (await registry.getSingleMetric(name)?.get())?.values[0]?.value;
+    expect(await count("gateway_metrics_trimmed_total")).toBe(1);
+    expect(await count("gateway_metrics_dropped_total")).toBe(1);
+    // The caller's own metrics are left as they were.
+    expect(tagged.tags.note).toHaveLength(5000);
   });
 
   test("a broken stream loses nothing: unacked batches are resent in order, acked ones never", async () => {

@@ -1,4 +1,4 @@
-import { create } from "@bufbuild/protobuf";
+import { clone, create, toBinary } from "@bufbuild/protobuf";
 import { WireType } from "@bufbuild/protobuf/wire";
 import { type Client, ConnectError } from "@connectrpc/connect";
 import { Counter, Gauge, type Registry } from "prom-client";
@@ -7,10 +7,11 @@ import {
   type IngestMetricsRequest,
   IngestMetricsRequestSchema,
   type RequestMetrics,
+  RequestMetricsSchema,
 } from "../gen/analytics/v1/analytics_pb.ts";
 import type { Logger } from "../lib/log.ts";
 import { createWaiters } from "../lib/waiters.ts";
-import type { Spool, SpoolBatch } from "./spool.ts";
+import { defaultBatchBytes, type Spool, type SpoolBatch } from "./spool.ts";
 
 export interface MetricsShipperOptions {
   client: Pick<Client<typeof AnalyticsService>, "ingestMetrics">;
@@ -19,6 +20,11 @@ export interface MetricsShipperOptions {
   log: Logger;
   /** A batch is sealed once this many rows are pending... */
   batchRows?: number;
+  /**
+   * ...or once they take this many bytes encoded, so every batch fits in one message analytics accepts (a row
+   * larger than this alone is shipped without its tags)...
+   */
+  batchBytes?: number;
   /** ...or this long after its first row arrived. */
   intervalMs?: number;
   /** Rows sent on the stream and not acked yet; more wait in the spool until acks come back. */
@@ -79,6 +85,7 @@ interface Stream {
 export function createMetricsShipper(options: MetricsShipperOptions): MetricsShipper {
   const { client, spool, instanceId, log } = options;
   const batchRows = options.batchRows ?? 1000;
+  const batchBytes = options.batchBytes ?? defaultBatchBytes;
   const intervalMs = options.intervalMs ?? 100;
   // Analytics acks a batch only after its flush is in ClickHouse and billing: the window covers that latency.
   const maxInFlightRows = options.maxInFlightRows ?? 100_000;
@@ -134,13 +141,45 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     }
   };
 
-  const sealPending = () => {
+  const full = () => spool.pendingRows >= batchRows || spool.pendingBytes >= batchBytes;
+
+  const armSealTimer = () => {
+    if (sealTimer) return;
+    sealTimer = setTimeout(() => sealPending(), intervalMs);
+    sealTimer.unref?.();
+  };
+
+  /** Seals pending rows into batches: all of them, or (fullOnly) those that make full batches, the rest waiting. */
+  const sealPending = (fullOnly = false) => {
     if (sealTimer) {
       clearTimeout(sealTimer);
       sealTimer = undefined;
     }
-    while (spool.seal(batchRows));
+    while ((fullOnly ? full() : spool.pendingRows > 0) && spool.seal(batchRows, batchBytes));
+    if (spool.pendingRows > 0) armSealTimer();
     pump();
+  };
+
+  /**
+   * The row of one request, encoded. One larger than a batch may be (tags are its only part a client sizes, and the
+   * request checks bound them far below the limit) goes without its tags rather than wedging the stream; one still
+   * too large is dropped, which no request or upstream reply can cause.
+   */
+  const encodeRow = (metrics: RequestMetrics): Uint8Array | undefined => {
+    const row = toBinary(RequestMetricsSchema, metrics);
+    if (row.length <= batchBytes) return row;
+    const untagged = clone(RequestMetricsSchema, metrics);
+    untagged.tags = {};
+    const trimmed = toBinary(RequestMetricsSchema, untagged);
+    const fields = { request_id: metrics.requestId, bytes: row.length, batch_bytes: batchBytes };
+    if (trimmed.length <= batchBytes) {
+      log.warn("request metrics larger than a batch are shipped without their tags", fields);
+      instruments?.trimmed.inc();
+      return trimmed;
+    }
+    log.error("request metrics larger than a batch even without tags are dropped", fields);
+    instruments?.dropped.inc();
+    return undefined;
   };
 
   const onAck = (s: Stream, sequence: bigint) => {
@@ -226,18 +265,17 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
 
   return {
     record(metrics) {
-      if (!spool.append(metrics)) {
+      const row = encodeRow(metrics);
+      if (!row) return;
+      if (!spool.append(row)) {
         instruments?.dropped.inc();
         if (!dropping) log.error("metrics spool full: dropping request metrics", { spooled_rows: spool.rows });
         dropping = true;
         return;
       }
       dropping = false;
-      if (spool.pendingRows >= batchRows) sealPending();
-      else if (!sealTimer) {
-        sealTimer = setTimeout(sealPending, intervalMs);
-        sealTimer.unref?.();
-      }
+      if (full()) sealPending(true);
+      else armSealTimer();
     },
     start() {
       running ??= run();
@@ -378,6 +416,11 @@ function createInstruments(registry: Registry, spool: Spool, connected: () => bo
     resentBatches: new Counter({
       name: "gateway_ingest_batches_resent_total",
       help: "Metric batches sent again: after a reconnect, or left unacked by an earlier process.",
+      registers: [registry],
+    }),
+    trimmed: new Counter({
+      name: "gateway_metrics_trimmed_total",
+      help: "Request metrics shipped without their tags: encoded, they were larger than a batch may be.",
       registers: [registry],
     }),
     resentRows: new Counter({

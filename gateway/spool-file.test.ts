@@ -13,7 +13,7 @@ import {
 } from "node:fs";
 import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
-import { create, fromBinary } from "@bufbuild/protobuf";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
 import { type FileSpool, type FileSpoolOptions, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
 import { createTestLogger } from "./testing.ts";
@@ -49,9 +49,19 @@ const deadPid = (() => {
   return proc.pid;
 })();
 
-const row = (i: number) => create(RequestMetricsSchema, { requestId: `req-${String(i).padStart(5, "0")}`, costNanos: BigInt(i) });
+const requestId = (i: number) => `req-${String(i).padStart(5, "0")}`;
+const row = (i: number) =>
+  toBinary(RequestMetricsSchema, create(RequestMetricsSchema, { requestId: requestId(i), costNanos: BigInt(i) }));
 const ids = (rows: Uint8Array[]) => rows.map((r) => fromBinary(RequestMetricsSchema, r).requestId);
-const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => row(from + i).requestId);
+const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => requestId(from + i));
+/** A row whose encoded size grows with `chars`. */
+const sizedRow = (i: number, chars: number) =>
+  toBinary(
+    RequestMetricsSchema,
+    create(RequestMetricsSchema, { requestId: requestId(i), endUserId: "u".repeat(chars) }),
+  );
+// Batches cut by row count alone.
+const noByteLimit = Number.POSITIVE_INFINITY;
 const segmentFiles = (dir: string) => readdirSync(dir).filter((n) => n.endsWith(".seg")).sort();
 
 describe("file spool", () => {
@@ -60,10 +70,10 @@ describe("file spool", () => {
     const spool = openSpool(root);
     for (let i = 0; i < 25; i++) expect(spool.append(row(i))).toBe(true);
     expect(spool.pendingRows).toBe(25);
-    const first = spool.seal(10);
-    const second = spool.seal(10);
-    const third = spool.seal(10);
-    expect(spool.seal(10)).toBeUndefined();
+    const first = spool.seal(10, noByteLimit);
+    const second = spool.seal(10, noByteLimit);
+    const third = spool.seal(10, noByteLimit);
+    expect(spool.seal(10, noByteLimit)).toBeUndefined();
     expect([first?.rows, second?.rows, third?.rows]).toEqual([10, 10, 5]);
     expect(second!.sequence).toBe(first!.sequence + 1n);
     expect([...spool.unacked()].map((b) => b.sequence)).toEqual([first!.sequence, second!.sequence, third!.sequence]);
@@ -84,13 +94,95 @@ describe("file spool", () => {
     expect(existsSync(spool.dir)).toBe(false);
   });
 
+  test("a batch holds at most maxBytes of encoded rows, but at least one row", () => {
+    const spool = openSpool(newRoot());
+    const rows = [100, 100, 100, 900, 100].map((chars, i) => sizedRow(i, chars));
+    for (const r of rows) spool.append(r);
+    expect(spool.pendingBytes).toBe(rows.reduce((n, r) => n + r.length, 0));
+    const limit = 2 * rows[0]!.length;
+    const batches = [1, 2, 3, 4].map(() => spool.seal(10, limit)!);
+    // The fourth row is larger than the limit: it goes alone rather than never.
+    expect(batches.map((b) => ids(spool.read(b)))).toEqual([range(0, 2), range(2, 3), range(3, 4), range(4, 5)]);
+    expect(spool.pendingBytes).toBe(0);
+    expect(spool.seal(10, limit)).toBeUndefined();
+  });
+
+  test("rows the spool seals itself at open, left unsealed or adopted, go in batches within both bounds", () => {
+    const root = newRoot();
+    const crashed = openSpool(root);
+    const orphan = openSpool(root, { name: "gw-gone" });
+    for (let i = 0; i < 6; i++) crashed.append(sizedRow(i, 100));
+    for (let i = 10; i < 16; i++) orphan.append(sizedRow(i, 100));
+    abandon(crashed);
+    abandon(orphan);
+    const limit = 2 * sizedRow(0, 100).length;
+    const reopened = openSpool(root, { batchRows: 1000, batchBytes: limit });
+    expect(reopened.recovery).toMatchObject({ rows: 6, adoptedRows: 6 });
+    const batches = [...reopened.unacked()].map((b) => ids(reopened.read(b)));
+    expect(batches).toEqual([range(0, 2), range(2, 4), range(4, 6), range(10, 12), range(12, 14), range(14, 16)]);
+  });
+
+  test("a batch beyond the bounds, sealed by an earlier version, is sealed again within them at open, then acked", () => {
+    const root = newRoot();
+    const before = openSpool(root);
+    for (let i = 0; i < 10; i++) before.append(sizedRow(i, 100));
+    before.seal(1000, noByteLimit);
+    for (let i = 10; i < 12; i++) before.append(sizedRow(i, 100));
+    const within = before.seal(1000, noByteLimit)!;
+    abandon(before);
+
+    const bounds = { batchRows: 1000, batchBytes: 3 * sizedRow(0, 100).length };
+    const after = openSpool(root, bounds);
+    expect(after.recovery).toMatchObject({ rows: 12, resealedBatches: 1 });
+    const batches = [...after.unacked()];
+    const sequences = batches.map((b) => b.sequence);
+    // The batch within the bounds keeps its sequence; the new ones follow it, all in the order they are sent.
+    expect(sequences[0]).toBe(within.sequence);
+    expect(sequences).toEqual([...sequences].sort((a, b) => (a < b ? -1 : 1)));
+    expect(batches.every((b) => b.recovered)).toBe(true);
+    const expected = [range(10, 12), range(0, 3), range(3, 6), range(6, 9), range(9, 10)];
+    expect(batches.map((b) => ids(after.read(b)))).toEqual(expected);
+    abandon(after);
+
+    // The old batch's ack is on disk: the next start finds the same batches, no row in two of them.
+    const again = openSpool(root, bounds);
+    expect(again.recovery).toMatchObject({ rows: 12, resealedBatches: 0 });
+    expect([...again.unacked()].map((b) => b.sequence)).toEqual(sequences);
+    for (const b of [...again.unacked()]) again.ack(b.sequence);
+    expect(again.rows).toBe(0);
+  });
+
+  test("a crash before the old batch's ack is written sends its rows twice at worst, never loses them", () => {
+    const root = newRoot();
+    const before = openSpool(root);
+    for (let i = 0; i < 10; i++) before.append(sizedRow(i, 100));
+    before.seal(1000, noByteLimit);
+    abandon(before);
+    const bounds = { batchRows: 1000, batchBytes: 3 * sizedRow(0, 100).length };
+    const cut = openSpool(root, bounds);
+    expect(cut.recovery.resealedBatches).toBe(1);
+    abandon(cut);
+    // The ack (9-byte header, 8-byte sequence) is the last record the reopened spool wrote.
+    const written = segmentFiles(cut.dir)
+      .map((name) => join(cut.dir, name))
+      .filter((path) => statSync(path).size > 8)
+      .at(-1)!;
+    truncateSync(written, statSync(written).size - 17);
+
+    const after = openSpool(root, bounds);
+    expect(after.recovery.resealedBatches).toBe(1);
+    const rows = [...after.unacked()].flatMap((b) => ids(after.read(b)));
+    expect(new Set(rows)).toEqual(new Set(range(0, 10)));
+    expect(rows).toHaveLength(20);
+  });
+
   test("a restart resends exactly what was not acked, under the same sequences, and keeps numbering upwards", () => {
     const root = newRoot();
     const before = openSpool(root);
     for (let i = 0; i < 30; i++) before.append(row(i));
-    const a = before.seal(10)!;
-    const b = before.seal(10)!;
-    const c = before.seal(10)!;
+    const a = before.seal(10, noByteLimit)!;
+    const b = before.seal(10, noByteLimit)!;
+    const c = before.seal(10, noByteLimit)!;
     before.ack(b.sequence);
     for (let i = 30; i < 34; i++) before.append(row(i));
     abandon(before);
@@ -104,12 +196,12 @@ describe("file spool", () => {
     // The unsealed tail was sealed at open under a new, higher sequence.
     expect(batches[2]!.sequence).toBeGreaterThan(c.sequence);
     after.append(row(99));
-    expect(after.seal(10)!.sequence).toBeGreaterThan(batches[2]!.sequence);
+    expect(after.seal(10, noByteLimit)!.sequence).toBeGreaterThan(batches[2]!.sequence);
     for (const x of batches) after.ack(x.sequence);
     abandon(after);
 
     const third = openSpool(root);
-    expect(ids(third.read([...third.unacked()][0]!))).toEqual([row(99).requestId]);
+    expect(ids(third.read([...third.unacked()][0]!))).toEqual([requestId(99)]);
     expect(third.recovery.rows).toBe(1);
   });
 
@@ -117,7 +209,7 @@ describe("file spool", () => {
     const root = newRoot();
     const spool = openSpool(root);
     for (let i = 0; i < 5; i++) spool.append(row(i));
-    const sealed = spool.seal(10)!;
+    const sealed = spool.seal(10, noByteLimit)!;
     spool.append(row(5));
     spool.append(row(6));
     abandon(spool);
@@ -152,7 +244,7 @@ describe("file spool", () => {
     while (spool.append(row(accepted))) accepted++;
     expect(accepted).toBeGreaterThan(10);
     expect(spool.bytes).toBeLessThanOrEqual(2048);
-    const batch = spool.seal(1000)!;
+    const batch = spool.seal(1000, noByteLimit)!;
     expect(spool.append(row(1000))).toBe(false);
     spool.ack(batch.sequence);
     // All that is left is the segment holding the ACK record.
@@ -166,7 +258,7 @@ describe("file spool", () => {
     const batches = [];
     for (let b = 0; b < 6; b++) {
       for (let i = 0; i < 1000; i++) spool.append(row(b * 1000 + i));
-      batches.push(spool.seal(1000)!);
+      batches.push(spool.seal(1000, noByteLimit)!);
     }
     const files = segmentFiles(spool.dir);
     expect(files.length).toBeGreaterThan(2);
@@ -185,7 +277,7 @@ describe("file spool", () => {
       const root = newRoot();
       const spool = openSpool(root, { fsync, fsyncIntervalMs: 5 });
       for (let i = 0; i < 20; i++) spool.append(row(i));
-      spool.seal(100);
+      spool.seal(100, noByteLimit);
       abandon(spool);
       const after = openSpool(root, { fsync });
       expect(after.recovery.rows).toBe(20);
@@ -251,8 +343,8 @@ describe("file spool", () => {
     const old = openSpool(root, { name: "gw-old-1" });
     const older = openSpool(root, { name: "gw-old-2" });
     for (let i = 0; i < 12; i++) old.append(row(i));
-    old.seal(5);
-    old.ack(old.seal(5)!.sequence);
+    old.seal(5, noByteLimit);
+    old.ack(old.seal(5, noByteLimit)!.sequence);
     for (let i = 100; i < 103; i++) older.append(row(i));
     abandon(old);
     abandon(older);

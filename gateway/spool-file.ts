@@ -22,12 +22,10 @@ import {
 } from "node:fs";
 import { hostname } from "node:os";
 import { join } from "node:path";
-import { toBinary } from "@bufbuild/protobuf";
-import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
 import { promisify } from "node:util";
 import type { Logger } from "../lib/log.ts";
 import { procStatFields } from "../lib/processes.ts";
-import { clockSequence, type Spool, type SpoolBatch } from "./spool.ts";
+import { batchLength, clockSequence, defaultBatchBytes, type Spool, type SpoolBatch } from "./spool.ts";
 
 // Descriptor-level file calls off the event loop (fs/promises would wrap descriptors in handles).
 const fsAsync = {
@@ -79,8 +77,10 @@ export interface FileSpoolOptions {
   fsyncIntervalMs?: number;
   /** A segment is closed and a new one started once it is this large (and has no pending rows). */
   segmentBytes?: number;
-  /** Rows recovered unsealed, or adopted from another directory, are sealed into batches this large. */
+  /** Rows recovered unsealed, or adopted from another directory, are sealed into batches of this many rows... */
   batchRows?: number;
+  /** ...and of at most this many bytes of encoded rows (the shipper's limits). */
+  batchBytes?: number;
   /** Rows of sealed batches kept in memory for sending; batches beyond it are read back from disk. */
   cacheRows?: number;
   /** How often the open spool refreshes its LOCK, for owners that cannot check this process (default 2 s). */
@@ -117,6 +117,8 @@ export interface SpoolRecovery {
   rows: number;
   /** Records cut short by a crash, skipped. */
   tornRecords: number;
+  /** Batches beyond the batch bounds (sealed by an earlier version or other settings), sealed again within them. */
+  resealedBatches: number;
   /** Directories of replicas that are gone, whose rows moved into this spool. */
   adoptedDirs: string[];
   adoptedRows: number;
@@ -161,6 +163,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const maxBytes = options.maxBytes;
   const segmentBytes = options.segmentBytes ?? clamp(Math.floor(maxBytes / 16), 64 * 1024, 64 * 1024 * 1024);
   const batchRows = options.batchRows ?? 1000;
+  const batchBytes = options.batchBytes ?? defaultBatchBytes;
   // As many as the shipper keeps in flight by default, so sending rarely reads the disk.
   const cacheRows = options.cacheRows ?? 100_000;
   const fsyncPolicy = options.fsync;
@@ -186,6 +189,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const cache = new Map<bigint, Uint8Array[]>();
   let cachedRows = 0;
   let pending: PendingRow[] = [];
+  let pendingBytes = 0;
   let sealedRows = 0;
   let bytes = [...segments.values()].reduce((n, s) => n + s.size, 0);
   let next = loaded.maxSequence >= clockSequence() ? loaded.maxSequence + 1n : clockSequence();
@@ -335,6 +339,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     if (bytes + headerBytes + row.length > maxBytes) return false;
     try {
       pending.push({ ...writeRecord(rowType, row), row });
+      pendingBytes += row.length;
       return true;
     } catch (e) {
       log?.error("writing to the metrics spool failed", { err: e, dir });
@@ -364,10 +369,12 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     return batch;
   };
 
-  const sealPending = (maxRows: number, recovered: boolean): DiskBatch | undefined => {
+  const sealPending = (maxRows: number, maxBytes: number, recovered: boolean): DiskBatch | undefined => {
     if (pending.length === 0 || closed) return undefined;
-    const take = pending.length <= maxRows ? pending : pending.slice(0, maxRows);
-    pending = pending.length <= maxRows ? [] : pending.slice(maxRows);
+    const n = batchLength(pending.length, (i) => (pending[i] as PendingRow).row.length, maxRows, maxBytes);
+    const take = n === pending.length ? pending : pending.slice(0, n);
+    pending = n === pending.length ? [] : pending.slice(n);
+    for (const p of take) pendingBytes -= p.row.length;
     const batch = sealRows(take, recovered);
     if (pending.length === 0 && current && current.segment.size >= segmentBytes) closeCurrent();
     return batch;
@@ -397,21 +404,43 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     return rows;
   };
 
-  // Batches left by the previous process, and rows it appended but never sealed.
-  for (const batch of loaded.batches.values()) addBatch(batch, undefined);
+  /** Seals rows found on disk into batches within the bounds. */
+  const sealRecovered = (rows: readonly Part[]) => {
+    for (let i = 0; i < rows.length;) {
+      const n = batchLength(rows.length - i, (j) => rowBytes(rows[i + j] as Part), batchRows, batchBytes);
+      const take = rows.slice(i, (i += n));
+      const parts = partsOf(take);
+      const batch: DiskBatch = { sequence: next++, rows: take.length, recovered: true, parts };
+      writeRecord(sealType, encodeSeal(batch.sequence, batch.rows, parts));
+      addBatch(batch, undefined);
+    }
+  };
+
+  // Batches left by the previous process, and rows it appended but never sealed. A batch beyond the bounds would be
+  // refused by analytics on every resend: its rows are sealed again in batches within them, and only then is it acked
+  // (a crash in between sends them twice, which analytics and billing absorb, but never loses them).
+  const beyondBounds: { sequence: bigint; rows: Part[] }[] = [];
+  for (const batch of loaded.batches.values()) {
+    // A batch's byte ranges hold its rows and their record headers: within the bounds, so are its rows.
+    const span = batch.parts.reduce((n, p) => n + p.end - p.start, 0);
+    const rows = batch.rows > batchRows || span > batchBytes ? loaded.rowsIn(batch.parts) : undefined;
+    if (!rows || batchLength(rows.length, (i) => rowBytes(rows[i] as Part), batchRows, batchBytes) === rows.length) {
+      addBatch(batch, undefined);
+    } else beyondBounds.push({ sequence: batch.sequence, rows });
+  }
+  // After the batches kept, so that batches are sent in sequence order.
+  for (const { sequence, rows } of beyondBounds) {
+    sealRecovered(rows);
+    writeRecord(ackType, encodeSequence(sequence));
+  }
   const recovery: SpoolRecovery = {
     rows: sealedRows + loaded.unsealed.length,
     tornRecords: loaded.torn,
+    resealedBatches: beyondBounds.length,
     adoptedDirs: [],
     adoptedRows: 0,
   };
-  for (let i = 0; i < loaded.unsealed.length; i += batchRows) {
-    const rows = loaded.unsealed.slice(i, i + batchRows);
-    const parts = partsOf(rows);
-    const batch: DiskBatch = { sequence: next++, rows: rows.length, recovered: true, parts };
-    writeRecord(sealType, encodeSeal(batch.sequence, batch.rows, parts));
-    addBatch(batch, undefined);
-  }
+  sealRecovered(loaded.unsealed);
   collectSegments();
 
   const fsyncTimer =
@@ -430,10 +459,8 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const spool: FileSpool = {
     dir,
     recovery,
-    append(metrics) {
-      return appendRow(toBinary(RequestMetricsSchema, metrics));
-    },
-    seal: (maxRows) => sealPending(maxRows, false),
+    append: appendRow,
+    seal: (maxRows, maxBytes) => sealPending(maxRows, maxBytes, false),
     unacked: () => batches.values(),
     read(batch) {
       const cached = cache.get(batch.sequence);
@@ -467,6 +494,9 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     },
     get pendingRows() {
       return pending.length;
+    },
+    get pendingBytes() {
+      return pendingBytes;
     },
     get rows() {
       return pending.length + sealedRows;
@@ -506,7 +536,9 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   adoptOrphans(options.root, dir, log, (orphanDir, orphan) => {
     let moved = 0;
     const sealFull = (force: boolean) => {
-      while (pending.length >= batchRows || (force && pending.length > 0)) sealPending(batchRows, true);
+      while (pending.length >= batchRows || pendingBytes >= batchBytes || (force && pending.length > 0)) {
+        sealPending(batchRows, batchBytes, true);
+      }
     };
     const move = (rows: readonly Uint8Array[]) => {
       for (const row of rows) {
@@ -538,6 +570,8 @@ interface Loaded {
   batches: Map<bigint, DiskBatch>;
   /** Rows no SEAL covers, in append order. */
   unsealed: Part[];
+  /** The rows inside a batch's byte ranges. */
+  rowsIn(parts: readonly Part[]): Part[];
   maxSequence: bigint;
   torn: number;
 }
@@ -595,7 +629,15 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
     const end = sealedEnd.get(id) ?? 0;
     for (const row of rows) if (row.start >= end) unsealed.push(row);
   }
-  return { segments, batches, unsealed, maxSequence, torn };
+  const rowsIn = (parts: readonly Part[]) =>
+    parts.flatMap((part) => {
+      const rows = rowsBySegment.get(part.segment) ?? [];
+      const first = firstAtOrAfter(rows, part.start);
+      let end = first;
+      while (end < rows.length && (rows[end] as Part).end <= part.end) end++;
+      return rows.slice(first, end);
+    });
+  return { segments, batches, unsealed, rowsIn, maxSequence, torn };
 }
 
 /** Calls fn for each whole record from `offset`; returns where the whole records end. */
@@ -650,6 +692,21 @@ function encodeSequence(sequence: bigint): Uint8Array {
 function decodeSequence(payload: Uint8Array): bigint {
   return Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength).readBigUInt64LE(0);
 }
+
+/** Index of the first of rows (in file order) that starts at or after offset. */
+function firstAtOrAfter(rows: readonly Part[], offset: number): number {
+  let low = 0;
+  let high = rows.length;
+  while (low < high) {
+    const mid = (low + high) >>> 1;
+    if ((rows[mid] as Part).start < offset) low = mid + 1;
+    else high = mid;
+  }
+  return low;
+}
+
+/** Encoded size of the row a ROW record's range holds. */
+const rowBytes = (row: Part) => row.end - row.start - headerBytes;
 
 /** Byte ranges covering consecutive rows, one per segment run. */
 function partsOf(rows: readonly Part[]): Part[] {

@@ -1,6 +1,3 @@
-import { toBinary } from "@bufbuild/protobuf";
-import { type RequestMetrics, RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
-
 /** Rows of finished requests sealed under one sequence number for the ingest stream. */
 export interface SpoolBatch {
   readonly sequence: bigint;
@@ -16,18 +13,23 @@ export interface SpoolBatch {
  * Rows are held encoded (toBinary of RequestMetrics), the form they travel in.
  */
 export interface Spool {
-  /** Keeps one finished request before returning; false when the spool is full and the row was dropped. */
-  append(metrics: RequestMetrics): boolean;
-  /** Cuts up to maxRows pending rows into the next batch; undefined when nothing is pending. */
-  seal(maxRows: number): SpoolBatch | undefined;
+  /** Keeps one finished request's encoded row before returning; false when the spool is full and it was dropped. */
+  append(row: Uint8Array): boolean;
+  /**
+   * Cuts the oldest pending rows into the next batch: up to maxRows, and up to maxBytes of encoded rows unless the
+   * first row alone is larger. Undefined when nothing is pending.
+   */
+  seal(maxRows: number, maxBytes: number): SpoolBatch | undefined;
   /** Sealed batches not acked yet, oldest (lowest sequence) first. */
   unacked(): Iterable<SpoolBatch>;
   /** The encoded rows of an unacked batch, in append order. */
   read(batch: SpoolBatch): Uint8Array[];
   /** Forgets the batch with this sequence; false for unknown sequences (late duplicate acks). */
   ack(sequence: bigint): boolean;
-  /** Rows appended but not sealed. */
+  /** Rows appended but not sealed... */
   readonly pendingRows: number;
+  /** ...and their encoded size. */
+  readonly pendingBytes: number;
   /** All rows held: pending and unacked. */
   readonly rows: number;
   /** Space used, in bytes, counted against maxBytes. */
@@ -43,6 +45,16 @@ export interface Spool {
  */
 export const clockSequence = (): bigint => BigInt(Date.now()) * 1000n;
 
+/**
+ * Encoded rows in one batch at most, by default: analytics takes IngestMetrics messages of up to 16 MiB, and the
+ * largest row the gateway's request checks let through (16 tags of 64 and 512 four-byte characters, a 256-character
+ * user) takes about 40 KB.
+ */
+export const defaultBatchBytes = 4 * 1024 * 1024;
+
+/** The least a batch's bytes may be bounded to: room for a few of those largest rows. */
+export const minBatchBytes = 256 * 1024;
+
 export interface MemorySpoolOptions {
   maxBytes?: number;
   firstSequence?: bigint;
@@ -51,28 +63,46 @@ export interface MemorySpoolOptions {
 // Per-row bookkeeping counted on top of the encoded row, as a file spool's record header is.
 const rowOverheadBytes = 9;
 
+/**
+ * How many of the `count` oldest pending rows, `bytes(i)` each when encoded, make the next batch: at most maxRows
+ * and at most maxBytes, but at least one, so a row larger than maxBytes goes alone.
+ */
+export function batchLength(count: number, bytes: (i: number) => number, maxRows: number, maxBytes: number): number {
+  let n = 0;
+  let size = 0;
+  while (n < count && n < maxRows) {
+    size += bytes(n);
+    if (n > 0 && size > maxBytes) break;
+    n++;
+  }
+  return n;
+}
+
 /** A Spool in process memory: fast, bounded, and lost with the process. For tests and benchmarks. */
 export function createMemorySpool(options: MemorySpoolOptions = {}): Spool {
   const maxBytes = options.maxBytes ?? 64 * 1024 * 1024;
   let next = options.firstSequence ?? clockSequence();
   let pending: Uint8Array[] = [];
+  let pendingBytes = 0;
   const sealed = new Map<bigint, { batch: SpoolBatch; rows: Uint8Array[] }>();
   let sealedRows = 0;
   let bytes = 0;
   const size = (rows: readonly Uint8Array[]) => rows.reduce((n, r) => n + r.length + rowOverheadBytes, 0);
 
   return {
-    append(metrics) {
-      const row = toBinary(RequestMetricsSchema, metrics);
+    append(row) {
       if (bytes + row.length + rowOverheadBytes > maxBytes) return false;
       pending.push(row);
+      pendingBytes += row.length;
       bytes += row.length + rowOverheadBytes;
       return true;
     },
-    seal(max) {
+    seal(maxRows, maxBatchBytes) {
       if (pending.length === 0) return undefined;
-      const rows = pending.slice(0, max);
-      pending = pending.slice(max);
+      const n = batchLength(pending.length, (i) => (pending[i] as Uint8Array).length, maxRows, maxBatchBytes);
+      const rows = pending.slice(0, n);
+      pending = pending.slice(n);
+      for (const row of rows) pendingBytes -= row.length;
       const batch: SpoolBatch = { sequence: next++, rows: rows.length, recovered: false };
       sealed.set(batch.sequence, { batch, rows });
       sealedRows += rows.length;
@@ -96,6 +126,9 @@ export function createMemorySpool(options: MemorySpoolOptions = {}): Spool {
     },
     get pendingRows() {
       return pending.length;
+    },
+    get pendingBytes() {
+      return pendingBytes;
     },
     get rows() {
       return pending.length + sealedRows;

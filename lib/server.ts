@@ -16,6 +16,9 @@ export type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
 /** Serves plain HTTP routes next to the RPCs. Returns false when the path is not its own. */
 export type HttpRoutes = (req: NodeRequest, res: NodeResponse) => boolean | Promise<boolean>;
 
+/** Largest RPC message a service accepts unless it sets its own (analytics: every IngestMetrics batch). */
+export const defaultReadMaxBytes = 16 * 1024 * 1024;
+
 export interface Readiness {
   ready: boolean;
   /** Per dependency: "ok" or what is wrong. */
@@ -35,7 +38,7 @@ export interface ServerOptions {
   readiness?: () => Promise<Readiness>;
   registry?: Registry;
   log: Logger;
-  /** Largest RPC message accepted, in bytes. */
+  /** Largest RPC message accepted, in bytes; defaultReadMaxBytes when unset. */
   readMaxBytes?: number;
   /**
    * How long a request's body may take to arrive (120 s by default). Past it an HTTP/1.1 connection is closed and an
@@ -103,7 +106,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     requestGate: options.requestGate,
     contextValues: options.contextValues,
     shutdownSignal: shutdown.signal,
-    readMaxBytes: options.readMaxBytes ?? 16 * 1024 * 1024,
+    readMaxBytes: options.readMaxBytes ?? defaultReadMaxBytes,
     // Neither an RPC nor a route: a 404 that says so in Connect's error shape (gRPC clients read it as Unimplemented).
     fallback: (req, res) =>
       sendJson(res as NodeResponse, 404, {

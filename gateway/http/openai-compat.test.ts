@@ -211,6 +211,22 @@ for (const port of ["rpc", "rest"] as const) {
           function: { name: "lookup", arguments: '{"q":"cats"}' },
         });
       });
+
+      test("the model an upstream says it served is metered as at most 200 characters, whichever endpoint", async () => {
+        // The upstream names it as it likes; its metrics row must stay small enough to ship and bill.
+        const served = `\u0007${"\u{1F600}".repeat(100_000)}`;
+        upstream.script("ok", { model: served });
+        upstream.script("embed", { model: served });
+        const whole = await sdk().chat.completions.create({ model: "ok", messages: hello }).withResponse();
+        expect(whole.data.model).toBe(served);
+        const streamed = await sdk().chat.completions.create({ model: "ok", messages: hello, stream: true }).withResponse();
+        for await (const _ of streamed.data);
+        const embedded = await sdk().embeddings.create({ model: "embed", input: "alpha" }).withResponse();
+        for (const { response } of [whole, streamed, embedded]) {
+          const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+          expect(m.servedModel).toBe(`\ufffd${"\u{1F600}".repeat(199)}`);
+        }
+      });
     });
 
     describe("streaming through the official SDK", () => {

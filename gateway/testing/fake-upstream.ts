@@ -39,6 +39,8 @@ export interface Behaviour {
   cutAfterChunks?: number;
   /** Reply with this tool call instead of text. */
   toolCall?: { name: string; arguments: string };
+  /** The model the reply says served it; by default the requested one with `-fake`. */
+  model?: string;
 }
 
 export interface SeenRequest {
@@ -161,7 +163,7 @@ function completion(body: Record<string, any>, b: Behaviour): Response {
     id: "chatcmpl-fake",
     object: "chat.completion",
     created: 1_700_000_000,
-    model: `${body.model}-fake`,
+    model: b.model ?? `${body.model}-fake`,
     choices: [
       {
         index: 0,
@@ -183,7 +185,12 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
   const text = b.toolCall ? "" : replyText(body, b);
   const usage = usageOf(body, b.toolCall ? b.toolCall.arguments : text, b);
   const wantsUsage = body.stream_options?.include_usage === true;
-  const base = { id: "chatcmpl-fake", object: "chat.completion.chunk", created: 1_700_000_000, model: `${body.model}-fake` };
+  const base = {
+    id: "chatcmpl-fake",
+    object: "chat.completion.chunk",
+    created: 1_700_000_000,
+    model: b.model ?? `${body.model}-fake`,
+  };
   const event = (value: unknown) => encoder.encode(`data: ${JSON.stringify(value)}\n\n`);
   const chunk = (delta: Record<string, unknown>, finish: string | null = null) =>
     event({ ...base, choices: [{ index: 0, delta, finish_reason: finish, logprobs: null }], ...(wantsUsage ? { usage: null } : {}) });
@@ -236,7 +243,7 @@ function embeddings(body: Record<string, any>, b: Behaviour): Response {
   });
   const tokens = Math.ceil(JSON.stringify(body.input).length / 4);
   const usage = b.usage === false ? undefined : { prompt_tokens: b.usage ? b.usage.prompt_tokens : tokens, total_tokens: b.usage ? b.usage.total_tokens : tokens };
-  return Response.json({ object: "list", model: `${body.model}-fake`, data, ...(usage ? { usage } : {}) });
+  return Response.json({ object: "list", model: b.model ?? `${body.model}-fake`, data, ...(usage ? { usage } : {}) });
 }
 
 if (import.meta.main) {
