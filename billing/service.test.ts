@@ -796,8 +796,13 @@ test("RecordUsage bounds a record's cost and its parts; totals past int64 fail i
   const { secret } = await client.createApiKey({ orgId }, admin);
   expect((await client.authorizeKey({ secret }, admin)).orgSpentNanos).toBe(maxInt64);
 
-  // So can an invoice line.
-  await db.pool.query("UPDATE usage_records SET cost_nanos = $2 WHERE org_id = $1", [orgId, String(maxInt64 - 1n)]);
+  // So can an invoice line: 9,224 records at the bound (as the table holds them) add up past int64.
+  await db.pool.query(
+    `INSERT INTO usage_records (request_id, org_id, model, provider, endpoint, input_tokens, cached_input_tokens,
+       output_tokens, reasoning_tokens, cost_nanos, occurred_at)
+     SELECT 'req_bound_' || i, $1, 'm', 'p', 'chat_completions', 1, 0, 1, 0, $2, $3 FROM generate_series(1, 9224) AS i`,
+    [orgId, String(maxCost), now.toISOString()],
+  );
   expect(await failure(client.generateInvoice({ orgId }, admin))).toEqual({
     code: Code.FailedPrecondition,
     message: "a total would exceed the largest amount billing can hold (2^63-1)",
