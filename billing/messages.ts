@@ -149,6 +149,12 @@ export function keyLimitsFrom(limits: KeyLimitsMessage | undefined, field = "lim
   };
 }
 
+/** Limits for a new key: one that would be born expired is a mistake, not a key. */
+export function unexpired(limits: KeyLimits, now: Date, field = "limits"): KeyLimits {
+  if (limits.expiresAt && limits.expiresAt <= now) throw invalid(`${field}.expire_time`, "must be in the future");
+  return limits;
+}
+
 /** A usage record from RecordUsage, checked field by field; `at` names it in errors. */
 export function usageRecordFrom(record: UsageRecordMessage, at: string): UsageRecord {
   const field = (name: string) => `${at}.${name}`;

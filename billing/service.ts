@@ -38,6 +38,7 @@ import {
   invoiceMessage,
   invoiceStatusFrom,
   keyLimitsFrom,
+  unexpired,
   organizationMessage,
   projectMessage,
   tokenUsageMessage,
@@ -143,7 +144,7 @@ export function createBillingService({
         orgId: orgIdOf(req),
         projectId: optionalId(req.projectId, "project_id"),
         name: text(req.name, "name", { min: 0 }),
-        limits: keyLimitsFrom(req.limits),
+        limits: unexpired(keyLimitsFrom(req.limits), clock()),
       });
       log.info("api key created", { org_id: issued.apiKey.orgId, api_key_id: issued.apiKey.id });
       return create(CreateApiKeyResponseSchema, { apiKey: apiKeyMessage(issued.apiKey), secret: issued.secret });

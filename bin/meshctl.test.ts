@@ -144,6 +144,12 @@ describe("meshctl against a real billing", () => {
     expect(all.match(/revoked \d{4}-\d{2}-\d{2}/g)).toHaveLength(2);
     expect(await ok(`keys list --org ${orgId}`)).not.toContain("revoked");
 
+    // A key born expired is refused; one that expired since is listed as such.
+    failsWith(await cli(`keys create --org ${orgId} --expires 2020-01-01`), 1, /limits\.expire_time: must be in the future/);
+    const lapsing = await json<{ apiKey: { id: string } }>(`keys create --org ${orgId} --expires 2030-01-01`);
+    await ok(`quota set ${lapsing.apiKey.id} --expires 2020-01-01`);
+    expect(await ok(`keys list --org ${orgId}`)).toMatch(new RegExp(`${lapsing.apiKey.id}.*expired 2020-01-01`));
+
     const fresh = await json<{ apiKey: { id: string }; secret: string }>(`keys create --org ${orgId}`);
     keyId = fresh.apiKey.id;
     secret = fresh.secret;

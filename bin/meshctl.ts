@@ -213,7 +213,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
               k.name,
               k.projectId || "-",
               limitsText(k.limits),
-              k.revokeTime ? `revoked ${date(k.revokeTime)}` : "active",
+              keyStatus(k),
             ]),
           ]),
         );
@@ -646,6 +646,13 @@ function timestampMs(ts: Timestamp): number {
 
 function statusText(status: InvoiceStatus | undefined): string {
   return (InvoiceStatus[status ?? InvoiceStatus.UNSPECIFIED] ?? "unknown").toLowerCase();
+}
+
+/** What a key can do now: revoked and expired keys are refused by the gateway. */
+function keyStatus(key: ApiKey): string {
+  if (key.revokeTime) return `revoked ${date(key.revokeTime)}`;
+  const expires = key.limits?.expireTime;
+  return expires && timestampDate(expires).getTime() <= Date.now() ? `expired ${date(expires)}` : "active";
 }
 
 function date(ts: Timestamp | undefined): string {
