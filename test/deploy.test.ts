@@ -23,6 +23,7 @@ interface EnvVar {
 }
 interface Container {
   name: string;
+  image: string;
   args: string[];
   env: EnvVar[];
   ports: { name: string; containerPort: number }[];
@@ -210,6 +211,17 @@ describe("the image", () => {
     for (const entry of entries) visit(path.join(root, entry));
     const dirs = new Set([...seen].map((file) => path.relative(root, file).split(path.sep)[0] as string));
     for (const dir of dirs) expect(copied).toContain(dir);
+  });
+
+  test("is built, in the README and the Dockerfile, with the name and tag the manifests run", () => {
+    const { images } = parse(readFileSync(path.join(base, "kustomization.yaml"), "utf8")) as {
+      images: Array<{ name: string; newTag: string }>;
+    };
+    const pods = new Set(workloads.map((w) => w.spec.template.spec.containers[0]?.image));
+    expect([...pods]).toEqual([images[0]?.name]);
+    const built = `docker build -f deploy/Dockerfile -t ${images[0]?.name}:${images[0]?.newTag} .`;
+    expect(readFileSync(path.join(root, "README.md"), "utf8")).toContain(built);
+    expect(dockerfile).toContain(built);
   });
 
   test("installs its dependencies with a command the lock file satisfies", async () => {
