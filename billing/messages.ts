@@ -325,6 +325,7 @@ export function invoiceMessage(invoice: Invoice): InvoiceMessage {
   return create(InvoiceSchema, {
     id: invoice.id,
     orgId: invoice.orgId,
+    orgName: invoice.orgName,
     number: invoice.number,
     status: invoiceStatuses[invoice.status],
     periodStart: timestampFromDate(invoice.periodStart),

@@ -308,17 +308,24 @@ describe("meshctl against a real billing", () => {
     expect(generated).toContain("rounded once to the cent, half-up");
 
     expect(await ok(`invoices list --org ${orgId}`)).toMatch(/INV-2026-03-0001\s+2026-03-01\s+draft\s+\$11\.85/);
-    expect((await ok(`invoices show ${invoiceId}`)).split("\n")[0]).toBe(heading as string);
+    expect((await ok(`invoices show ${invoiceId}`)).split("\n").slice(0, 2)).toEqual([
+      heading as string,
+      `billed to Acme Corp (${orgId})`,
+    ]);
     expect(await ok(`invoices issue ${invoiceId}`)).toBe("INV-2026-03-0001: issued\n");
     failsWith(await cli(`invoices generate --org ${orgId} --period 2026-03`), 1, /failed_precondition.*already issued/);
     expect(await ok(`invoices pay ${invoiceId}`)).toBe("INV-2026-03-0001: paid\n");
     failsWith(await cli(`invoices void ${invoiceId}`), 1, /failed_precondition/);
 
+    // The paid invoice keeps the name it was issued with.
+    await ok(`orgs update ${orgId} --name "Acme Renamed Ltd"`);
+    expect((await ok(`invoices show ${invoiceId}`)).split("\n")[1]).toBe(`billed to Acme Corp (${orgId})`);
     const out = join(dir, "invoice.html");
     expect(await ok(`invoices render ${invoiceId} --html --out ${out}`)).toBe("");
     const html = await readFile(out, "utf8");
     expect(html).toStartWith("<!doctype html>");
-    expect(html).toContain("Acme Corp");
+    expect(html).toContain("<dt>Billed to</dt><dd>Acme Corp</dd>");
+    expect(html).not.toContain("Renamed");
     expect(await ok(`invoices render ${invoiceId} --html`)).toBe(html);
     failsWith(await cli(`invoices render ${invoiceId}`), 2, /needs --html/);
     failsWith(await cli("invoices render inv_missing --html"), 1, /billing answered 404 for invoice inv_missing/);

@@ -594,6 +594,7 @@ function invoiceText(invoice: Invoice | undefined): string {
   const lastDay = invoice.periodEnd ? timestampFromMs(timestampMs(invoice.periodEnd) - 86_400_000) : undefined;
   return [
     `${invoice.number} (${invoice.id}) ${statusText(invoice.status)}, ${date(invoice.periodStart)} to ${date(lastDay)}`,
+    `billed to ${invoice.orgName} (${invoice.orgId})`,
     table([
       ["DESCRIPTION", "QUANTITY", "AMOUNT (USD)"],
       ...invoice.lineItems.map((l) => [

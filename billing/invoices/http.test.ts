@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
+import { BillingService, InvoiceStatus } from "../../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { createLogger } from "../../lib/log.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
@@ -14,6 +14,7 @@ const xss = "<script>alert(1)</script>";
 
 let db: TestDatabase;
 let server: RunningServer;
+let billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
 let invoiceId: string;
 let orgSecret: string;
 let otherSecret: string;
@@ -22,7 +23,7 @@ beforeAll(async () => {
   db = await createTestDatabase();
   const app = createBillingApp({ pool: db.pool, adminToken, clock: () => new Date("2026-06-15T12:00:00Z"), log });
   server = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes: app.routes, http: app.http, log });
-  const billing = createServiceClient(BillingService, { baseUrl: server.url, bearerToken: adminToken });
+  billing = createServiceClient(BillingService, { baseUrl: server.url, bearerToken: adminToken });
   const orgId = (await billing.createOrganization({ name: xss, taxRateBps: 1000 })).organization?.id as string;
   const otherOrgId = (await billing.createOrganization({ name: "other" })).organization?.id as string;
   orgSecret = (await billing.createApiKey({ orgId })).secret;
@@ -88,4 +89,57 @@ test("everyone else gets 401, 403 or 404; another org's invoice is as unknown as
   expect((await page(`/invoices/${invoiceId}`, adminToken, "POST")).status).toBe(405);
   // Other paths still reach the RPCs.
   expect((await fetch(`${server.url}/healthz`)).status).toBe(200);
+});
+
+test("an invoice that left draft stays billed to the name it was issued with when the org is renamed", async () => {
+  const orgId = (await billing.createOrganization({ name: "Acme Ltd", taxRateBps: 1000 })).organization?.id as string;
+  await billing.recordUsage({
+    records: [
+      {
+        requestId: "req_html_may",
+        orgId,
+        model: "gpt-4o",
+        provider: "mock",
+        endpoint: Endpoint.CHAT_COMPLETIONS,
+        usage: { inputTokens: 10n, outputTokens: 5n },
+        costNanos: 2_000_000_000n,
+        occurTime: timestampFromDate(new Date("2026-05-20T10:00:00Z")),
+      },
+    ],
+  });
+  const may = await billing.generateInvoice({ orgId, periodTime: timestampFromDate(new Date("2026-05-10T00:00:00Z")) });
+  const invoiceId = may.invoice?.id as string;
+  await billing.updateInvoiceStatus({ invoiceId, status: InvoiceStatus.ISSUED });
+  await billing.updateInvoiceStatus({ invoiceId, status: InvoiceStatus.PAID });
+  const june = await billing.generateInvoice({ orgId });
+  expect(june.invoice?.orgName).toBe("Acme Ltd");
+
+  await billing.updateOrganization({ orgId, name: "Acme Renamed Ltd", taxRateBps: 2000 });
+  const html = await (await page(`/invoices/${invoiceId}`, adminToken)).text();
+  expect(html).toContain("<title>Invoice INV-2026-05-0001: Acme Ltd</title>");
+  expect(html).toContain("<dt>Billed to</dt><dd>Acme Ltd</dd>");
+  expect(html).toContain("Tax (10%)");
+  expect(html).not.toContain("Renamed");
+  expect((await billing.getInvoice({ invoiceId })).invoice).toMatchObject({
+    orgName: "Acme Ltd",
+    taxRateBps: 1000,
+    status: InvoiceStatus.PAID,
+  });
+  const listed = (await billing.listInvoices({ orgId })).invoices.map((i) => [i.number, i.orgName]);
+  expect(listed).toEqual([
+    ["INV-2026-06-0002", "Acme Ltd"],
+    ["INV-2026-05-0001", "Acme Ltd"],
+  ]);
+
+  // Drafts take the org's settings each time they are built: a new one, and one generated again.
+  const july = await billing.generateInvoice({
+    orgId,
+    periodTime: timestampFromDate(new Date("2026-07-10T00:00:00Z")),
+  });
+  expect(july.invoice).toMatchObject({ orgName: "Acme Renamed Ltd", taxRateBps: 2000 });
+  const draft = await (await page(`/invoices/${july.invoice?.id}`, adminToken)).text();
+  expect(draft).toContain("<title>Invoice INV-2026-07-0003: Acme Renamed Ltd</title>");
+  expect(draft).toContain("<dt>Billed to</dt><dd>Acme Renamed Ltd</dd>");
+  const regenerated = await billing.generateInvoice({ orgId });
+  expect(regenerated.invoice).toMatchObject({ id: june.invoice?.id, orgName: "Acme Renamed Ltd", taxRateBps: 2000 });
 });

@@ -33,7 +33,7 @@ export function invoicePages({
   auth,
   log,
 }: {
-  store: Pick<BillingStore, "getInvoice" | "getOrganization">;
+  store: Pick<BillingStore, "getInvoice">;
   auth: BillingAuth;
   log: Logger;
 }): HttpRoutes {
@@ -52,7 +52,7 @@ export function invoicePages({
       if (!match?.[1]) throw new ConnectError("no such invoice", Code.NotFound);
       const invoice = await store.getInvoice(match[1]);
       auth.requireOwnRecord(caller, invoice.orgId, () => invoiceNotFound(invoice.id));
-      const page = renderInvoiceHtml(invoice, await store.getOrganization(invoice.orgId));
+      const page = renderInvoiceHtml(invoice);
       send(res, 200, pageHeaders, req.method === "HEAD" ? "" : page);
     } catch (e) {
       const error = toConnectError(e, log);

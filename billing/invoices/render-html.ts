@@ -1,6 +1,6 @@
 import escapeHtml from "escape-html";
 import { formatCents, formatNanosUsd } from "../../lib/money.ts";
-import type { Invoice, InvoiceStatus, Organization } from "../store/types.ts";
+import type { Invoice, InvoiceStatus } from "../store/types.ts";
 import { roundingRule } from "./build.ts";
 
 /** Markup that is already escaped; everything else interpolated into `html` is escaped. */
@@ -36,8 +36,8 @@ const totalRows: Record<InvoiceStatus, [label: string, notice: string]> = {
   void: ["Total", "VOID – nothing is due"],
 };
 
-/** A printable, self-contained HTML page of one invoice. */
-export function renderInvoiceHtml(invoice: Invoice, organization: Organization): string {
+/** A printable, self-contained HTML page of one invoice, billed to the org name the invoice holds. */
+export function renderInvoiceHtml(invoice: Invoice): string {
   // The period ends at the start of its last day's successor; people read the last day itself.
   const lastDay = new Date(invoice.periodEnd.getTime() - 86_400_000);
   const taxPercent = `${invoice.taxRateBps / 100}%`;
@@ -52,7 +52,7 @@ export function renderInvoiceHtml(invoice: Invoice, organization: Organization):
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Invoice ${invoice.number}: ${organization.name}</title>
+<title>Invoice ${invoice.number}: ${invoice.orgName}</title>
 <style>
   body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1a1a1a; margin: 0; }
   main { max-width: 820px; margin: 2rem auto; padding: 0 1.5rem; }
@@ -88,8 +88,8 @@ export function renderInvoiceHtml(invoice: Invoice, organization: Organization):
     <span class="status status-${invoice.status}">${invoice.status}</span>
   </div>
   <dl>
-    <dt>Billed to</dt><dd>${organization.name}</dd>
-    <dt>Account</dt><dd>${organization.id}</dd>
+    <dt>Billed to</dt><dd>${invoice.orgName}</dd>
+    <dt>Account</dt><dd>${invoice.orgId}</dd>
     <dt>Period</dt><dd>${day(invoice.periodStart)} to ${day(lastDay)}</dd>
     <dt>Issued</dt><dd>${invoice.issuedAt ? day(invoice.issuedAt) : "not yet issued"}</dd>
     <dt>Invoice id</dt><dd>${invoice.id}</dd>

@@ -117,6 +117,7 @@ test("regenerating a draft replaces it in place; issued invoices never change", 
   // Not even SQL behind billing's back can change it.
   const edits = [
     "UPDATE invoices SET total_cents = 0 WHERE id = $1",
+    "UPDATE invoices SET org_name = 'renamed' WHERE id = $1",
     "UPDATE invoices SET status = 'draft' WHERE id = $1",
     "DELETE FROM invoices WHERE id = $1",
     "UPDATE invoice_line_items SET amount_nanos = 1 WHERE invoice_id = $1",
@@ -178,9 +179,9 @@ test("invoice numbers are unique per org, by constraint and under concurrent gen
 
   const [first] = generated;
   const copy = db.pool.query(
-    `INSERT INTO invoices (id, org_id, number, status, period_start, period_end, subtotal_cents, discount_cents,
-       tax_cents, total_cents, tax_rate_bps)
-     VALUES ('inv_copy', $1, $2, 'void', '2020-01-01', '2020-02-01', 0, 0, 0, 0, 0)`,
+    `INSERT INTO invoices (id, org_id, org_name, number, status, period_start, period_end, subtotal_cents,
+       discount_cents, tax_cents, total_cents, tax_rate_bps)
+     VALUES ('inv_copy', $1, 'copy', $2, 'void', '2020-01-01', '2020-02-01', 0, 0, 0, 0, 0)`,
     [org.id, first?.number],
   );
   await expect(copy).rejects.toThrow(/invoices_org_number_key/);

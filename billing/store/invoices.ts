@@ -8,6 +8,7 @@ import type { Invoice, InvoiceLine, InvoiceStatus, LineTokenType } from "./types
 interface InvoiceRow {
   id: string;
   org_id: string;
+  org_name: string;
   number: string;
   status: InvoiceStatus;
   period_start: Date;
@@ -32,8 +33,8 @@ interface LineRow {
 
 type SliceRow = { [K in keyof UsageSlice]: K extends "hour" ? Date : string };
 
-const invoiceColumns = `id, org_id, number, status, period_start, period_end, subtotal_cents, discount_cents, tax_cents,
-  total_cents, tax_rate_bps, created_at, issued_at`;
+const invoiceColumns = `id, org_id, org_name, number, status, period_start, period_end, subtotal_cents, discount_cents,
+  tax_cents, total_cents, tax_rate_bps, created_at, issued_at`;
 
 const allowedTransitions: Record<InvoiceStatus, InvoiceStatus[]> = {
   draft: ["issued", "void"],
@@ -93,13 +94,13 @@ export function createInvoiceStore(db: Db) {
           const sequence = String((counted[0]?.n ?? 0) + 1).padStart(4, "0");
           const number = `INV-${period.start.toISOString().slice(0, 7)}-${sequence}`;
           await tx.query(
-            `INSERT INTO invoices (id, org_id, number, status, period_start, period_end, subtotal_cents, discount_cents,
-               tax_cents, total_cents, tax_rate_bps, created_at)
-             VALUES ($1, $2, $3, 'draft', $4, $5, 0, 0, 0, 0, $6, $7)`,
-            [invoiceId, request.orgId, number, period.start, period.end, org.tax_rate_bps, request.now],
+            `INSERT INTO invoices (id, org_id, org_name, number, status, period_start, period_end, subtotal_cents,
+               discount_cents, tax_cents, total_cents, tax_rate_bps, created_at)
+             VALUES ($1, $2, $3, $4, 'draft', $5, $6, 0, 0, 0, 0, $7, $8)`,
+            [invoiceId, request.orgId, org.name, number, period.start, period.end, org.tax_rate_bps, request.now],
           );
         }
-        await replaceDraftContent(tx, invoiceId, content, org.tax_rate_bps, request.now);
+        await replaceDraftContent(tx, invoiceId, content, org, request.now);
         return readInvoice(tx, invoiceId);
       });
     },
@@ -152,7 +153,7 @@ export function createInvoiceStore(db: Db) {
           const org = await orgSettings(tx, invoice.orgId);
           const usage = await claimUnbilledSlices(tx, invoice.orgId, { start: invoice.periodStart, end: invoice.periodEnd }, invoice.id);
           const content = await compose(tx, invoice.orgId, org, invoice.periodStart, usage);
-          await replaceDraftContent(tx, invoice.id, content, org.tax_rate_bps, invoice.createdAt);
+          await replaceDraftContent(tx, invoice.id, content, org, invoice.createdAt);
         } else if (request.status === "void" && invoice.status === "issued") {
           // Its records go back to unbilled, for the invoice that replaces it.
           await tx.query(
@@ -172,6 +173,7 @@ export function createInvoiceStore(db: Db) {
 }
 
 interface OrgSettings {
+  name: string;
   billing_day: number;
   tax_rate_bps: number;
   max_discount_bps: number;
@@ -187,7 +189,7 @@ async function lockOrgInvoices(q: Queryable, orgId: string): Promise<void> {
 
 async function orgSettings(q: Queryable, orgId: string): Promise<OrgSettings> {
   const rows = await q.query<OrgSettings>(
-    "SELECT billing_day, tax_rate_bps, max_discount_bps FROM organizations WHERE id = $1",
+    "SELECT name, billing_day, tax_rate_bps, max_discount_bps FROM organizations WHERE id = $1",
     [orgId],
   );
   if (!rows[0]) throw new BillingError("not_found", `organization ${orgId} not found`);
@@ -209,17 +211,18 @@ async function compose(q: Queryable, orgId: string, org: OrgSettings, periodStar
   });
 }
 
+/** Fills a draft with `content` and the org's name and tax rate as they are now. */
 async function replaceDraftContent(
   q: Queryable,
   invoiceId: string,
   content: InvoiceContent,
-  taxRateBps: number,
+  org: OrgSettings,
   createdAt: Date,
 ): Promise<void> {
   await q.query("DELETE FROM invoice_line_items WHERE invoice_id = $1", [invoiceId]);
   await q.query(
     `UPDATE invoices SET subtotal_cents = $2, discount_cents = $3, tax_cents = $4, total_cents = $5,
-       tax_rate_bps = $6, created_at = $7
+       tax_rate_bps = $6, org_name = $7, created_at = $8
      WHERE id = $1`,
     [
       invoiceId,
@@ -227,7 +230,8 @@ async function replaceDraftContent(
       content.discountCents.toString(),
       content.taxCents.toString(),
       content.totalCents.toString(),
-      taxRateBps,
+      org.tax_rate_bps,
+      org.name,
       createdAt,
     ],
   );
@@ -335,6 +339,7 @@ function toInvoice(row: InvoiceRow): Invoice {
   return {
     id: row.id,
     orgId: row.org_id,
+    orgName: row.org_name,
     number: row.number,
     status: row.status,
     periodStart: row.period_start,

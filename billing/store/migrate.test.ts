@@ -14,7 +14,14 @@ const emptyDatabase = async () => {
 };
 afterAll(() => Promise.all(databases.map((db) => db.drop())));
 
-const migrations = ["0001_init.sql", "0002_discounts_invoices.sql", "0003_invoiced_usage.sql", "0004_key_lineage.sql", "0005_usage_bounds.sql"];
+const migrations = [
+  "0001_init.sql",
+  "0002_discounts_invoices.sql",
+  "0003_invoiced_usage.sql",
+  "0004_key_lineage.sql",
+  "0005_usage_bounds.sql",
+  "0006_invoice_org_name.sql",
+];
 const billingTables = [
   "api_keys",
   "budget_leases",
@@ -166,4 +173,35 @@ test("the table refuses usage past the bounds RecordUsage checks, whoever writes
   await expect(insert("req_dear", "1000000000000001", "1")).rejects.toThrow(/usage_records_bounds_check/);
   await expect(insert("req_long", "1", "2147483649")).rejects.toThrow(/usage_records_bounds_check/);
   expect((await pool.query("SELECT count(*)::int AS n FROM usage_records")).rows).toEqual([{ n: 1 }]);
+}, 60_000);
+
+test("invoices from before they held the org's name take its current one, and keep it once out of draft", async () => {
+  const { pool } = await emptyDatabase();
+  const dir = await mkdtemp(join(tmpdir(), "billing-migrations-"));
+  try {
+    for (const name of migrations.slice(0, 5)) await cp(join(migrationsDir, name), join(dir, name));
+    await migrate(pool, dir);
+    await pool.query("INSERT INTO organizations (id, name) VALUES ('org_a', 'Acme'), ('org_b', 'Beta')");
+    await pool.query(
+      `INSERT INTO invoices (id, org_id, number, status, period_start, period_end, subtotal_cents, discount_cents,
+         tax_cents, total_cents, tax_rate_bps)
+       VALUES ('inv_draft', 'org_a', 'INV-2026-03-0001', 'draft', '2026-03-01', '2026-04-01', 0, 0, 0, 0, 0),
+              ('inv_paid', 'org_b', 'INV-2026-02-0001', 'draft', '2026-02-01', '2026-03-01', 0, 0, 0, 0, 0)`,
+    );
+    await pool.query("UPDATE invoices SET status = 'issued' WHERE id = 'inv_paid'");
+    await pool.query("UPDATE invoices SET status = 'paid' WHERE id = 'inv_paid'");
+    expect((await migrate(pool)).applied).toEqual(migrations.slice(5));
+    const named = await pool.query("SELECT id, org_name FROM invoices ORDER BY id");
+    expect(named.rows).toEqual([
+      { id: "inv_draft", org_name: "Acme" },
+      { id: "inv_paid", org_name: "Beta" },
+    ]);
+    await pool.query("UPDATE organizations SET name = 'Beta Renamed' WHERE id = 'org_b'");
+    await expect(pool.query("UPDATE invoices SET org_name = 'Beta Renamed' WHERE id = 'inv_paid'")).rejects.toThrow(
+      /it can no longer change/,
+    );
+    await expect(pool.query("UPDATE invoices SET org_name = NULL WHERE id = 'inv_draft'")).rejects.toThrow(/org_name/);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 }, 60_000);

@@ -219,6 +219,8 @@ export interface InvoiceLine {
 export interface Invoice {
   id: string;
   orgId: string;
+  /** The org's name as of the draft's last build; an invoice that left draft keeps it when the org is renamed. */
+  orgName: string;
   number: string;
   status: InvoiceStatus;
   periodStart: Date;
