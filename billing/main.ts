@@ -34,6 +34,12 @@ pool.on("error", (e) => log.warn("idle postgres connection failed", { err: e }))
 const { applied } = await migrate(pool);
 log.info("migrations applied", { applied });
 const stopping = new AbortController();
+// Billing cannot serve without its database and nothing here restarts it: exit so a supervisor restarts both.
+void embedded?.exited.then(() => {
+  if (stopping.signal.aborted) return;
+  log.error("embedded postgres exited; exiting", { pid: embedded.pid });
+  process.exit(1);
+});
 const { routes, http, readiness } = createBillingApp({
   pool,
   adminToken: cfg.ADMIN_TOKEN,

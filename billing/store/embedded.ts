@@ -19,6 +19,8 @@ export interface EmbeddedPostgresServer {
   connectionString: string;
   /** Process id of the postmaster. */
   pid: number;
+  /** Resolves once the postmaster has exited, whether stopped or killed (noticed within a second). */
+  exited: Promise<void>;
   /** Fast shutdown; resolves once the server has exited. */
   stop(): Promise<void>;
 }
@@ -103,6 +105,7 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
     return {
       connectionString: `${base}/${database}`,
       pid,
+      exited: waitForExit(pid, Number.POSITIVE_INFINITY, 1_000).then(() => {}),
       async stop() {
         if (!isAlive(pid)) return;
         await Promise.race([server.stop(), waitForExit(pid, 30_000)]);
@@ -189,11 +192,11 @@ function readProcFile(path: string): string {
   }
 }
 
-async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
+async function waitForExit(pid: number, timeoutMs: number, pollMs = 25): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
   while (isAlive(pid)) {
     if (Date.now() > deadline) return false;
-    await Bun.sleep(25);
+    await Bun.sleep(pollMs);
   }
   return true;
 }
