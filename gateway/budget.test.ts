@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { createClient, createRouterTransport } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import type { ChatCompletionContentPart } from "openai/resources/chat/completions";
 import { BillingService, BudgetScope } from "../gen/billing/v1/billing_pb.ts";
 import { createLogger } from "../lib/log.ts";
@@ -23,6 +23,8 @@ const auth = { headers: { authorization: `Bearer ${adminToken}` } };
 let db: TestDatabase;
 let client: ReturnType<typeof createClient<typeof BillingService>>;
 const calls = { acquire: 0, release: 0 };
+// Billing unreachable, or releasing a lease and losing its answer.
+let billingFault: "down" | "answer lost" | undefined;
 
 beforeAll(async () => {
   db = await createTestDatabase();
@@ -34,13 +36,17 @@ afterAll(() => db.drop(), 30_000);
 
 // The keeper's view of billing: the admin token added and calls counted.
 const billing: BudgetKeeperOptions["billing"] = {
-  acquireBudgetLease: (req) => {
+  acquireBudgetLease: async (req) => {
     calls.acquire++;
+    if (billingFault) throw new ConnectError("billing is unreachable", Code.Unavailable);
     return client.acquireBudgetLease(req, auth);
   },
-  releaseBudgetLease: (req) => {
+  releaseBudgetLease: async (req) => {
     calls.release++;
-    return client.releaseBudgetLease(req, auth);
+    if (billingFault === "down") throw new ConnectError("billing is unreachable", Code.Unavailable);
+    const res = await client.releaseBudgetLease(req, auth);
+    if (billingFault === "answer lost") throw new ConnectError("billing's answer was lost", Code.Unavailable);
+    return res;
   },
 };
 
@@ -231,6 +237,55 @@ describe("budget leases", () => {
     await until(async () => (await leasesOf(principal.orgId))[0]?.spent !== null);
     expect(await leasesOf(principal.orgId)).toEqual([{ granted: 1_000n, spent: 70n }]);
     await k.close();
+  });
+
+  test("a release billing missed is sent again until it lands, so an outage does not lock the budget", async () => {
+    const principal = await principalWith({ key: 10_000n });
+    const { keeper: k, clock } = keeper({
+      leaseTtlSeconds: 900,
+      minLeaseNanos: 10_000n,
+      idleReleaseMs: 5_000,
+      maintenanceIntervalMs: 10,
+    });
+    (await k.reserve(principal, 100n, 60_000)).settle(70n);
+    // The lease holds the whole budget, and billing is down when the idle sweep gives it back.
+    billingFault = "down";
+    try {
+      let sent = calls.release;
+      clock.t += 5_000;
+      await until(() => calls.release > sent);
+      expect(k.snapshot().get(`api_key:${principal.apiKeyId}`)?.leases ?? 0).toBe(0);
+      // Sent again, later each time, for as long as billing stays down; a request may still ask for a grant.
+      for (let i = 0; i < 8; i++) {
+        sent = calls.release;
+        clock.t += 30_000;
+        await until(() => calls.release > sent);
+      }
+      expect((await refusal(k.reserve(principal, 9_000n, 60_000))).code).toBe("budget_unavailable");
+      expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 10_000n, spent: null }]);
+
+      // Billing settles it but its answer is lost: the gateway sends it again, and billing counts it once.
+      billingFault = "answer lost";
+      clock.t += 30_000;
+      await until(async () => (await leasesOf(principal.apiKeyId))[0]?.spent !== null);
+      sent = calls.release;
+      clock.t += 30_000;
+      await until(() => calls.release > sent);
+    } finally {
+      billingFault = undefined;
+    }
+    // Billing is back: a request the rest of the budget covers fits.
+    (await k.reserve(principal, 9_000n, 60_000)).settle(9_000n);
+    await k.close();
+    expect(await leasesOf(principal.apiKeyId)).toEqual([
+      { granted: 10_000n, spent: 70n },
+      { granted: 9_930n, spent: 9_000n },
+    ]);
+    const settlements = await db.pool.query<{ spent: string }>(
+      "SELECT sum(spent_nanos)::text AS spent FROM budget_settlements WHERE scope = 'api_key' AND scope_id = $1",
+      [principal.apiKeyId],
+    );
+    expect(settlements.rows[0]?.spent).toBe("9070");
   });
 
   test("a revoked key's budget cannot be leased: 401", async () => {

@@ -80,6 +80,8 @@ export interface BudgetKeeperOptions {
   idleReleaseMs?: number;
   /** Time a reservation needs after its request's deadline to be settled. */
   settleMarginMs?: number;
+  /** Longest wait between tries of a release billing failed, until the lease expires. */
+  releaseRetryMaxMs?: number;
   /** How often leases are checked for renewal and release. */
   maintenanceIntervalMs?: number;
   /** Epoch ms. */
@@ -121,6 +123,16 @@ interface Scope {
   retired: boolean;
 }
 
+/** A lease given up whose release billing has not taken yet, with what was spent from it. */
+interface UnreleasedLease {
+  scopeKey: string;
+  lease: Lease;
+  spentNanos: bigint;
+  failures: number;
+  /** Epoch ms. */
+  retryAt: number;
+}
+
 interface Part {
   lease: Lease;
   amount: bigint;
@@ -142,6 +154,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const scopes = new Map<string, Scope>();
   const scopesOfPrincipal = new WeakMap<Principal, Scope[]>();
   const releasing = new Set<Promise<void>>();
+  const unreleased = new Map<string, UnreleasedLease>();
+  const releaseRetryMaxMs = options.releaseRetryMaxMs ?? 30_000;
   let closed = false;
   const instruments = options.registry ? createInstruments(options.registry) : undefined;
 
@@ -222,31 +236,39 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     return size > shortfall ? size : shortfall;
   };
 
-  const release = (scope: Scope, lease: Lease, spentNanos = lease.spent): Promise<void> => {
-    const i = scope.leases.indexOf(lease);
-    if (i >= 0) scope.leases.splice(i, 1);
+  /** Sends one release; a failed one waits in `unreleased` for `maintain` to send again, later each time. */
+  const sendRelease = (pending: UnreleasedLease): Promise<void> => {
+    unreleased.delete(pending.lease.id);
     const done = (async () => {
-      for (let attempt = 0; attempt < 5; attempt++) {
-        try {
-          await billing.releaseBudgetLease({ leaseId: lease.id, spentNanos });
-          instruments?.leases.inc({ outcome: "released" });
+      try {
+        // Billing settles a lease once: a resent release that already landed changes nothing.
+        await billing.releaseBudgetLease({ leaseId: pending.lease.id, spentNanos: pending.spentNanos });
+        instruments?.leases.inc({ outcome: "released" });
+      } catch (e) {
+        const err = ConnectError.from(e);
+        // Unknown to billing: nothing to give back.
+        if (err.code === Code.NotFound) return;
+        pending.failures++;
+        if (closed || now() >= pending.lease.expiresAt) {
+          // Billing frees it at expiry (plus its grace); the spend still reaches it as usage records.
+          log?.warn("budget lease release failed", { lease_id: pending.lease.id, err: err.rawMessage });
           return;
-        } catch (e) {
-          const code = ConnectError.from(e).code;
-          // Unknown to billing: nothing to give back.
-          if (code === Code.NotFound) return;
-          if (attempt === 4 || closed) {
-            // Billing frees it at expiry; the spend still reaches it as usage records.
-            log?.warn("budget lease release failed", { lease_id: lease.id, err: ConnectError.from(e).rawMessage });
-            return;
-          }
-          await Bun.sleep(200 * 2 ** attempt);
         }
+        if (pending.failures === 1)
+          log?.warn("budget lease release failed; retrying", { lease_id: pending.lease.id, err: err.rawMessage });
+        pending.retryAt = now() + Math.min(releaseRetryMaxMs, 1_000 * 2 ** (pending.failures - 1));
+        unreleased.set(pending.lease.id, pending);
       }
     })();
     releasing.add(done);
     void done.finally(() => releasing.delete(done));
     return done;
+  };
+
+  const release = (scope: Scope, lease: Lease, spentNanos = lease.spent): Promise<void> => {
+    const i = scope.leases.indexOf(lease);
+    if (i >= 0) scope.leases.splice(i, 1);
+    return sendRelease({ scopeKey: scope.key, lease, spentNanos, failures: 0, retryAt: 0 });
   };
 
   /**
@@ -256,8 +278,12 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const acquire = (scope: Scope, size: () => bigint, returnIdle = false): Promise<void> => {
     if (scope.acquiring) return scope.acquiring;
     const acquiring = (async () => {
-      if (returnIdle)
-        await Promise.all(scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease)));
+      if (returnIdle) {
+        // Releases billing missed go again too, so it does not refuse money this replica already gave back.
+        const resent = [...unreleased.values()].filter((p) => p.scopeKey === scope.key).map(sendRelease);
+        const idle = scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease));
+        await Promise.all([...resent, ...idle]);
+      }
       const requestedNanos = size();
       const asked = now();
       try {
@@ -359,6 +385,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
 
   const maintain = () => {
     const t = now();
+    for (const pending of [...unreleased.values()]) if (pending.retryAt <= t) void sendRelease(pending);
     for (const scope of scopes.values()) {
       for (const lease of [...scope.leases]) {
         if (lease.reserved !== 0n) continue;
@@ -437,6 +464,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         // Reservations still open at shutdown are reported as spent: over-reporting only lowers later grants.
         for (const lease of [...scope.leases]) void release(scope, lease, lease.spent + lease.reserved);
       }
+      // One more try for releases billing missed; those that fail again are left to billing's expiry.
+      for (const pending of [...unreleased.values()]) void sendRelease(pending);
       await Promise.all([...releasing]);
     },
 
