@@ -29,9 +29,15 @@ function createAnalyticsFake() {
     /** Break the current stream right after receiving this many batches on it (without acking the last). */
     breakAfter: undefined as number | undefined,
     acking: true,
+    /** Fail every stream this long after its first batch arrives (as analytics does when billing is down). */
+    failAfterMs: undefined as number | undefined,
+    /** When each stream was opened, and when each failed by failAfterMs. */
+    opened: [] as number[],
+    failed: [] as number[],
     routes(router: ConnectRouter) {
       router.service(AnalyticsService, {
         async *ingestMetrics(requests) {
+          fake.opened.push(performance.now());
           if (fake.refuse > 0) {
             fake.refuse--;
             throw new ConnectError("analytics is down", Code.Unavailable);
@@ -41,6 +47,11 @@ function createAnalyticsFake() {
           for await (const req of requests) {
             fake.received.push(req);
             sequences.push(req.sequence);
+            if (fake.failAfterMs !== undefined) {
+              await Bun.sleep(fake.failAfterMs);
+              fake.failed.push(performance.now());
+              throw new ConnectError("billing is down", Code.Unavailable);
+            }
             if (fake.breakAfter !== undefined && sequences.length >= fake.breakAfter) {
               fake.breakAfter = undefined;
               throw new ConnectError("analytics crashed", Code.Unavailable);
@@ -187,6 +198,21 @@ describe("metrics shipper", () => {
     expect(analytics.streams.length).toBeGreaterThanOrEqual(2);
     expect(analytics.received.map((b) => b.sequence)).toEqual([1n, 1n]);
   });
+
+  test("a stream that takes batches and never acks them was not up: each reconnect waits longer", async () => {
+    const { analytics, shipper } = setup({ backoffBaseMs: 100, backoffMaxMs: 10_000, random: () => 1 });
+    analytics.acking = false;
+    // Longer than a stream must last to count as up by time alone.
+    analytics.failAfterMs = 600;
+    shipper.start();
+    for (let i = 0; i < 10; i++) shipper.record(row(i));
+    while (analytics.opened.length < 4) await Bun.sleep(20);
+    const delays = analytics.opened.slice(1, 4).map((at, i) => at - analytics.failed[i]!);
+    // Doubling from the base (random 1 waits the whole ceiling): 100, 200, 400 ms.
+    expect(delays[0]!).toBeGreaterThanOrEqual(90);
+    expect(delays[1]!).toBeGreaterThanOrEqual(190);
+    expect(delays[2]!).toBeGreaterThanOrEqual(390);
+  }, 10_000);
 
   test("at most maxInFlightRows rows are unacked on the stream; the rest wait in the spool", async () => {
     const { analytics, spool, shipper } = setup({ maxInFlightRows: 20, ackTimeoutMs: 200 });

@@ -197,7 +197,10 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     pump();
   };
 
-  /** One stream's life; true when it was up (acked something or lasted settleMs). */
+  /**
+   * One stream's life; true when it was up: acked something, or lasted settleMs with nothing to send. A stream that
+   * takes batches and never acks them (analytics up, billing down) was not up, so the backoff keeps growing.
+   */
   const runStream = async (): Promise<boolean> => {
     const s: Stream = {
       outbox: createOutbox<IngestMetricsRequest>(),
@@ -208,10 +211,11 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     };
     stream = s;
     pump();
-    let wasUp = false;
+    let acked = false;
+    let settled = false;
     const settle = setTimeout(() => {
       connected = true;
-      wasUp = true;
+      settled = true;
     }, settleMs);
     const watchdog = setInterval(
       () => {
@@ -223,7 +227,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     try {
       for await (const res of client.ingestMetrics(s.outbox, { signal: s.abort.signal })) {
         connected = true;
-        wasUp = true;
+        acked = true;
         lastError = undefined;
         onAck(s, res.ackedSequence);
       }
@@ -237,7 +241,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       stream = undefined;
       connected = false;
     }
-    return wasUp;
+    return acked || (settled && s.lastSent === -1n);
   };
 
   const run = async () => {
