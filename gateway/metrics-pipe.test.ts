@@ -15,7 +15,7 @@ import { type RunningServer, startServer } from "../lib/server.ts";
 import { createMetricsShipper, type MetricsShipper, type MetricsShipperOptions } from "./metrics-pipe.ts";
 import { createMemorySpool, type Spool } from "./spool.ts";
 import { openFileSpool } from "./spool-file.ts";
-import { createTestLogger } from "./testing.ts";
+import { createFillingDisk, createTestLogger } from "./testing.ts";
 
 /** A real AnalyticsService.IngestMetrics that can refuse streams, break them, or withhold acks. */
 function createAnalyticsFake() {
@@ -260,6 +260,34 @@ describe("metrics shipper", () => {
     for (let i = 0; i < 8; i++) shipper.record(row(i));
     expect(shipper.status()).toMatchObject({ connected: false, rows: 5, full: true, maxBytes: spool.maxBytes });
     expect(await shipper.flush(50)).toBe(false);
+  });
+
+  test("a full disk under the file spool: nothing throws, refused rows are counted dropped, and it all resumes with room", async () => {
+    const root = mkdtempSync(join(tmpdir(), "shipper-spool-"));
+    try {
+      const disk = createFillingDisk();
+      const registry = new Registry();
+      const spool = openFileSpool({ root, name: "gw", maxBytes: 1 << 20, fsync: "never", write: disk.write });
+      const { analytics, shipper } = setup({ spool, registry });
+      analytics.refuse = Number.POSITIVE_INFINITY;
+      shipper.start();
+      for (let i = 0; i < 5; i++) shipper.record(row(i));
+      disk.room = 0;
+      expect(await shipper.flush(50)).toBe(false);
+      expect(shipper.status()).toMatchObject({ rows: 5, full: true });
+      for (let i = 5; i < 15; i++) shipper.record(row(i));
+      const dropped = await registry.getSingleMetric("gateway_metrics_dropped_total")?.get();
+      expect(dropped?.values[0]?.value).toBe(10);
+
+      disk.room = Number.POSITIVE_INFINITY;
+      analytics.refuse = 0;
+      expect(await shipper.flush(5000)).toBe(true);
+      expect(analytics.requestIds()).toEqual(ids(0, 5));
+      expect(shipper.status().full).toBe(false);
+      spool.close();
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
   });
 
   test("over gRPC on a real server that restarts, nothing is lost", async () => {

@@ -46,7 +46,7 @@ export interface ShipperStatus {
   /** Spool fill level against its bound. */
   bytes: number;
   maxBytes: number;
-  /** The spool is at its bound: new rows are being dropped. */
+  /** The spool is at its bound, or its disk refuses writes: new rows are being dropped, or cannot be sealed. */
   full: boolean;
   lastError: string | undefined;
 }
@@ -101,6 +101,8 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   let connected = false;
   let lastError: string | undefined;
   let dropping = false;
+  // Rows pending that the spool could not seal (its disk refused the write): retried on the seal timer.
+  let sealFailing = false;
   let closed = false;
   let running: Promise<void> | undefined;
   let wakeFromBackoff: (() => void) | undefined;
@@ -156,6 +158,11 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       sealTimer = undefined;
     }
     while ((fullOnly ? full() : spool.pendingRows > 0) && spool.seal(batchRows, batchBytes));
+    const failed = fullOnly ? full() : spool.pendingRows > 0;
+    if (failed && !sealFailing) {
+      log.error("metrics spool: rows cannot be sealed; retrying", { pending_rows: spool.pendingRows });
+    }
+    sealFailing = failed;
     if (spool.pendingRows > 0) armSealTimer();
     pump();
   };
@@ -282,6 +289,8 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       else armSealTimer();
     },
     start() {
+      // Rows a restart found that the spool could not seal yet.
+      if (spool.pendingRows > 0) armSealTimer();
       running ??= run();
     },
     flush(timeoutMs) {
@@ -300,7 +309,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       rows: spool.rows,
       bytes: spool.bytes,
       maxBytes: spool.maxBytes,
-      full: dropping,
+      full: dropping || sealFailing,
       lastError,
     }),
   };
