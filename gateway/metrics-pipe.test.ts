@@ -15,7 +15,7 @@ import { type RunningServer, startServer } from "../lib/server.ts";
 import { createMetricsShipper, type MetricsShipper, type MetricsShipperOptions } from "./metrics-pipe.ts";
 import { createMemorySpool, type Spool } from "./spool.ts";
 import { openFileSpool } from "./spool-file.ts";
-import { createTestLogger } from "./testing.ts";
+import { createFillingDisk, createTestLogger } from "./testing.ts";
 
 /** A real AnalyticsService.IngestMetrics that can refuse streams, break them, or withhold acks. */
 function createAnalyticsFake() {
@@ -29,9 +29,15 @@ function createAnalyticsFake() {
     /** Break the current stream right after receiving this many batches on it (without acking the last). */
     breakAfter: undefined as number | undefined,
     acking: true,
+    /** Fail every stream this long after its first batch arrives (as analytics does when billing is down). */
+    failAfterMs: undefined as number | undefined,
+    /** When each stream was opened, and when each failed by failAfterMs. */
+    opened: [] as number[],
+    failed: [] as number[],
     routes(router: ConnectRouter) {
       router.service(AnalyticsService, {
         async *ingestMetrics(requests) {
+          fake.opened.push(performance.now());
           if (fake.refuse > 0) {
             fake.refuse--;
             throw new ConnectError("analytics is down", Code.Unavailable);
@@ -41,6 +47,11 @@ function createAnalyticsFake() {
           for await (const req of requests) {
             fake.received.push(req);
             sequences.push(req.sequence);
+            if (fake.failAfterMs !== undefined) {
+              await Bun.sleep(fake.failAfterMs);
+              fake.failed.push(performance.now());
+              throw new ConnectError("billing is down", Code.Unavailable);
+            }
             if (fake.breakAfter !== undefined && sequences.length >= fake.breakAfter) {
               fake.breakAfter = undefined;
               throw new ConnectError("analytics crashed", Code.Unavailable);
@@ -188,6 +199,21 @@ describe("metrics shipper", () => {
     expect(analytics.received.map((b) => b.sequence)).toEqual([1n, 1n]);
   });
 
+  test("a stream that takes batches and never acks them was not up: each reconnect waits longer", async () => {
+    const { analytics, shipper } = setup({ backoffBaseMs: 100, backoffMaxMs: 10_000, random: () => 1 });
+    analytics.acking = false;
+    // Longer than a stream must last to count as up by time alone.
+    analytics.failAfterMs = 600;
+    shipper.start();
+    for (let i = 0; i < 10; i++) shipper.record(row(i));
+    while (analytics.opened.length < 4) await Bun.sleep(20);
+    const delays = analytics.opened.slice(1, 4).map((at, i) => at - analytics.failed[i]!);
+    // Doubling from the base (random 1 waits the whole ceiling): 100, 200, 400 ms.
+    expect(delays[0]!).toBeGreaterThanOrEqual(90);
+    expect(delays[1]!).toBeGreaterThanOrEqual(190);
+    expect(delays[2]!).toBeGreaterThanOrEqual(390);
+  }, 10_000);
+
   test("at most maxInFlightRows rows are unacked on the stream; the rest wait in the spool", async () => {
     const { analytics, spool, shipper } = setup({ maxInFlightRows: 20, ackTimeoutMs: 200 });
     analytics.acking = false;
@@ -234,6 +260,34 @@ describe("metrics shipper", () => {
     for (let i = 0; i < 8; i++) shipper.record(row(i));
     expect(shipper.status()).toMatchObject({ connected: false, rows: 5, full: true, maxBytes: spool.maxBytes });
     expect(await shipper.flush(50)).toBe(false);
+  });
+
+  test("a full disk under the file spool: nothing throws, refused rows are counted dropped, and it all resumes with room", async () => {
+    const root = mkdtempSync(join(tmpdir(), "shipper-spool-"));
+    try {
+      const disk = createFillingDisk();
+      const registry = new Registry();
+      const spool = openFileSpool({ root, name: "gw", maxBytes: 1 << 20, fsync: "never", write: disk.write });
+      const { analytics, shipper } = setup({ spool, registry });
+      analytics.refuse = Number.POSITIVE_INFINITY;
+      shipper.start();
+      for (let i = 0; i < 5; i++) shipper.record(row(i));
+      disk.room = 0;
+      expect(await shipper.flush(50)).toBe(false);
+      expect(shipper.status()).toMatchObject({ rows: 5, full: true });
+      for (let i = 5; i < 15; i++) shipper.record(row(i));
+      const dropped = await registry.getSingleMetric("gateway_metrics_dropped_total")?.get();
+      expect(dropped?.values[0]?.value).toBe(10);
+
+      disk.room = Number.POSITIVE_INFINITY;
+      analytics.refuse = 0;
+      expect(await shipper.flush(5000)).toBe(true);
+      expect(analytics.requestIds()).toEqual(ids(0, 5));
+      expect(shipper.status().full).toBe(false);
+      spool.close();
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
   });
 
   test("over gRPC on a real server that restarts, nothing is lost", async () => {

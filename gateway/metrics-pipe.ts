@@ -46,7 +46,7 @@ export interface ShipperStatus {
   /** Spool fill level against its bound. */
   bytes: number;
   maxBytes: number;
-  /** The spool is at its bound: new rows are being dropped. */
+  /** The spool is at its bound, or its disk refuses writes: new rows are being dropped, or cannot be sealed. */
   full: boolean;
   lastError: string | undefined;
 }
@@ -101,6 +101,8 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   let connected = false;
   let lastError: string | undefined;
   let dropping = false;
+  // Rows pending that the spool could not seal (its disk refused the write): retried on the seal timer.
+  let sealFailing = false;
   let closed = false;
   let running: Promise<void> | undefined;
   let wakeFromBackoff: (() => void) | undefined;
@@ -156,6 +158,11 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       sealTimer = undefined;
     }
     while ((fullOnly ? full() : spool.pendingRows > 0) && spool.seal(batchRows, batchBytes));
+    const failed = fullOnly ? full() : spool.pendingRows > 0;
+    if (failed && !sealFailing) {
+      log.error("metrics spool: rows cannot be sealed; retrying", { pending_rows: spool.pendingRows });
+    }
+    sealFailing = failed;
     if (spool.pendingRows > 0) armSealTimer();
     pump();
   };
@@ -197,7 +204,10 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     pump();
   };
 
-  /** One stream's life; true when it was up (acked something or lasted settleMs). */
+  /**
+   * One stream's life; true when it was up: acked something, or lasted settleMs with nothing to send. A stream that
+   * takes batches and never acks them (analytics up, billing down) was not up, so the backoff keeps growing.
+   */
   const runStream = async (): Promise<boolean> => {
     const s: Stream = {
       outbox: createOutbox<IngestMetricsRequest>(),
@@ -208,10 +218,11 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     };
     stream = s;
     pump();
-    let wasUp = false;
+    let acked = false;
+    let settled = false;
     const settle = setTimeout(() => {
       connected = true;
-      wasUp = true;
+      settled = true;
     }, settleMs);
     const watchdog = setInterval(
       () => {
@@ -223,7 +234,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     try {
       for await (const res of client.ingestMetrics(s.outbox, { signal: s.abort.signal })) {
         connected = true;
-        wasUp = true;
+        acked = true;
         lastError = undefined;
         onAck(s, res.ackedSequence);
       }
@@ -237,7 +248,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       stream = undefined;
       connected = false;
     }
-    return wasUp;
+    return acked || (settled && s.lastSent === -1n);
   };
 
   const run = async () => {
@@ -278,6 +289,8 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       else armSealTimer();
     },
     start() {
+      // Rows a restart found that the spool could not seal yet.
+      if (spool.pendingRows > 0) armSealTimer();
       running ??= run();
     },
     flush(timeoutMs) {
@@ -296,7 +309,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       rows: spool.rows,
       bytes: spool.bytes,
       maxBytes: spool.maxBytes,
-      full: dropping,
+      full: dropping || sealFailing,
       lastError,
     }),
   };

@@ -16,7 +16,7 @@ import { join } from "node:path";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
 import { type FileSpool, type FileSpoolOptions, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
-import { createTestLogger } from "./testing.ts";
+import { createFillingDisk, createTestLogger } from "./testing.ts";
 
 const roots: string[] = [];
 const open: FileSpool[] = [];
@@ -235,6 +235,59 @@ describe("file spool", () => {
     writeFileSync(path, bytes);
     const after = openSpool(root);
     expect(after.recovery).toMatchObject({ rows: 2, tornRecords: 1 });
+  });
+
+  test("a row cut short by a full disk is cut off and refused; rows after it read back whole, also after a restart", () => {
+    const root = newRoot();
+    const disk = createFillingDisk();
+    const spool = openSpool(root, { write: disk.write });
+    for (let i = 0; i < 5; i++) expect(spool.append(row(i))).toBe(true);
+    disk.room = 10;
+    expect(spool.append(row(5))).toBe(false);
+    disk.room = Number.POSITIVE_INFINITY;
+    for (let i = 6; i < 10; i++) expect(spool.append(row(i))).toBe(true);
+    const batch = spool.seal(100, noByteLimit)!;
+    expect(ids(spool.read(batch))).toEqual([...range(0, 5), ...range(6, 10)]);
+    abandon(spool);
+
+    const after = openSpool(root);
+    expect(after.recovery).toMatchObject({ rows: 9, tornRecords: 0 });
+    expect([...after.unacked()].flatMap((b) => ids(after.read(b)))).toEqual([...range(0, 5), ...range(6, 10)]);
+  });
+
+  test("a seal the full disk refuses throws nothing and keeps its rows pending; they seal once there is room", () => {
+    const root = newRoot();
+    const disk = createFillingDisk();
+    const spool = openSpool(root, { write: disk.write });
+    for (let i = 0; i < 10; i++) spool.append(row(i));
+    disk.room = 0;
+    expect(spool.seal(100, noByteLimit)).toBeUndefined();
+    expect(spool.append(row(10))).toBe(false);
+    expect([spool.pendingRows, spool.rows]).toEqual([10, 10]);
+    disk.room = Number.POSITIVE_INFINITY;
+    const batch = spool.seal(100, noByteLimit)!;
+    expect(ids(spool.read(batch))).toEqual(range(0, 10));
+  });
+
+  test("a disk full at start: the spool opens, keeps the rows it found pending, and leaves no empty segment", async () => {
+    const root = newRoot();
+    const first = openSpool(root);
+    for (let i = 0; i < 5; i++) first.append(row(i));
+    await first.idle();
+    abandon(first);
+
+    const disk = createFillingDisk();
+    disk.room = 0;
+    const spool = openSpool(root, { write: disk.write });
+    expect(spool.recovery.rows).toBe(5);
+    expect(spool.pendingRows).toBe(5);
+    expect(spool.append(row(5))).toBe(false);
+    expect(spool.seal(100, noByteLimit)).toBeUndefined();
+    await spool.idle();
+    for (const name of segmentFiles(spool.dir)) expect(statSync(join(spool.dir, name)).size).toBeGreaterThan(0);
+    disk.room = Number.POSITIVE_INFINITY;
+    const batch = spool.seal(100, noByteLimit)!;
+    expect(ids(spool.read(batch))).toEqual(range(0, 5));
   });
 
   test("rows past the byte bound are refused until acks free space", () => {

@@ -5,6 +5,7 @@ import {
   fdatasyncSync,
   fsync,
   fsyncSync,
+  ftruncateSync,
   mkdirSync,
   open,
   openSync,
@@ -85,6 +86,8 @@ export interface FileSpoolOptions {
   cacheRows?: number;
   /** How often the open spool refreshes its LOCK, for owners that cannot check this process (default 2 s). */
   lockRefreshMs?: number;
+  /** Writes length bytes of data from offset at the descriptor's position (fs.writeSync); tests fill the disk here. */
+  write?: (fd: number, data: Uint8Array, offset: number, length: number) => number;
   log?: Logger;
 }
 
@@ -167,6 +170,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   // As many as the shipper keeps in flight by default, so sending rarely reads the disk.
   const cacheRows = options.cacheRows ?? 100_000;
   const fsyncPolicy = options.fsync;
+  const write = options.write ?? ((fd, data, offset, length) => writeSync(fd, data, offset, length));
 
   mkdirSync(dir, { recursive: true });
   const owner = acquireLock(dir);
@@ -199,6 +203,22 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const segmentPath = (id: number) => join(dir, `${String(id).padStart(10, "0")}.seg`);
   let nextSegmentId = Math.max(0, ...segments.keys()) + 1;
 
+  /** Writes all of data at fd's position: a short write (a disk filling up) goes on, one without progress fails. */
+  const writeAll = (fd: number, data: Uint8Array) => {
+    for (let done = 0; done < data.length;) {
+      const n = write(fd, data, done, data.length - done);
+      if (n <= 0) throw new Error(`no room to write ${data.length - done} more bytes to the metrics spool`);
+      done += n;
+    }
+  };
+
+  // Loud once while the disk refuses writes (full, most likely), quiet while retrying.
+  let failing = false;
+  const writeFailed = (what: string, err: unknown) => {
+    (failing ? log?.debug : log?.error)?.(`metrics spool: ${what} failed`, { err, dir });
+    failing = true;
+  };
+
   const syncDir = () => {
     const fd = openSync(dir, "r");
     try {
@@ -228,7 +248,14 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     inBackground("creating the next segment", async () => {
       try {
         const fd = await fsAsync.open(segmentPath(id), "wx");
-        await fsAsync.write(fd, magic);
+        try {
+          await fsAsync.write(fd, magic);
+        } catch (e) {
+          // A full disk must not leave a segment without its header behind.
+          await fsAsync.close(fd);
+          await fsAsync.unlink(segmentPath(id));
+          throw e;
+        }
         if (fsyncPolicy !== "never") {
           const dirFd = await fsAsync.open(dir, "r");
           await fsAsync.fsync(dirFd).finally(() => fsAsync.close(dirFd));
@@ -263,8 +290,14 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
           if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
         }
       }
-      writeSync(fd, magic);
-      if (fsyncPolicy !== "never") syncDir();
+      try {
+        writeAll(fd, magic);
+        if (fsyncPolicy !== "never") syncDir();
+      } catch (e) {
+        closeSync(fd);
+        rmSync(segmentPath(id), { force: true });
+        throw e;
+      }
     }
     const segment: Segment = { id, path: segmentPath(id), size: magic.length, refs: 0 };
     segments.set(id, segment);
@@ -291,8 +324,10 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
 
   /** Deletes fully acked segments, oldest first, up to the first one still needed. */
   const collectSegments = () => {
+    // Rows appended and not sealed yet lie in the oldest pending row's segment and after it.
+    const firstPending = pending[0]?.segment ?? Number.POSITIVE_INFINITY;
     for (const segment of [...segments.values()].sort((a, b) => a.id - b.id)) {
-      if (segment.refs > 0 || segment === current?.segment) return;
+      if (segment.refs > 0 || segment === current?.segment || segment.id >= firstPending) return;
       deleteSegment(segment);
     }
   };
@@ -317,12 +352,21 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     record.writeUInt32LE(Bun.hash.crc32(record.subarray(8)), 4);
     const start = target.segment.size;
     try {
-      writeSync(target.fd, record);
+      writeAll(target.fd, record);
     } catch (e) {
-      // A half-written record reads as a torn tail; nothing may follow it in that segment.
+      // Nothing may follow a half-written record: it is cut off, and writing goes on in a new segment.
+      try {
+        ftruncateSync(target.fd, start);
+      } catch (err) {
+        log?.warn("metrics spool: cutting off a half-written record failed; it reads as a torn tail", { err, dir });
+      }
       closeSync(target.fd);
       current = undefined;
       throw e;
+    }
+    if (failing) {
+      failing = false;
+      log?.info("metrics spool: writing works again", { dir });
     }
     target.segment.size += record.length;
     target.dirty = true;
@@ -342,7 +386,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       pendingBytes += row.length;
       return true;
     } catch (e) {
-      log?.error("writing to the metrics spool failed", { err: e, dir });
+      writeFailed("writing a row", e);
       return false;
     }
   };
@@ -369,13 +413,20 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     return batch;
   };
 
+  /** Seals the oldest pending rows; undefined when none are pending, or when the disk refuses and they stay pending. */
   const sealPending = (maxRows: number, maxBytes: number, recovered: boolean): DiskBatch | undefined => {
     if (pending.length === 0 || closed) return undefined;
     const n = batchLength(pending.length, (i) => (pending[i] as PendingRow).row.length, maxRows, maxBytes);
     const take = n === pending.length ? pending : pending.slice(0, n);
+    let batch: DiskBatch;
+    try {
+      batch = sealRows(take, recovered);
+    } catch (e) {
+      writeFailed("sealing a batch", e);
+      return undefined;
+    }
     pending = n === pending.length ? [] : pending.slice(n);
     for (const p of take) pendingBytes -= p.row.length;
-    const batch = sealRows(take, recovered);
     if (pending.length === 0 && current && current.segment.size >= segmentBytes) closeCurrent();
     return batch;
   };
@@ -404,16 +455,33 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     return rows;
   };
 
-  /** Seals rows found on disk into batches within the bounds. */
-  const sealRecovered = (rows: readonly Part[]) => {
+  /**
+   * Seals rows found on disk into batches within the bounds; false when the disk refused, the rows not sealed then
+   * pending (read into memory), to be sealed once it takes writes again.
+   */
+  const sealRecovered = (rows: readonly Part[]): boolean => {
     for (let i = 0; i < rows.length;) {
       const n = batchLength(rows.length - i, (j) => rowBytes(rows[i + j] as Part), batchRows, batchBytes);
-      const take = rows.slice(i, (i += n));
+      const take = rows.slice(i, i + n);
       const parts = partsOf(take);
       const batch: DiskBatch = { sequence: next++, rows: take.length, recovered: true, parts };
-      writeRecord(sealType, encodeSeal(batch.sequence, batch.rows, parts));
+      try {
+        writeRecord(sealType, encodeSeal(batch.sequence, batch.rows, parts));
+      } catch (e) {
+        writeFailed("sealing recovered rows", e);
+        const read = createDirReader(segments);
+        for (const part of rows.slice(i)) {
+          const [row] = read([part]);
+          if (!row) continue;
+          pending.push({ ...part, row });
+          pendingBytes += row.length;
+        }
+        return false;
+      }
+      i += n;
       addBatch(batch, undefined);
     }
+    return true;
   };
 
   // Batches left by the previous process, and rows it appended but never sealed. A batch beyond the bounds would be
@@ -430,8 +498,13 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   }
   // After the batches kept, so that batches are sent in sequence order.
   for (const { sequence, rows } of beyondBounds) {
-    sealRecovered(rows);
-    writeRecord(ackType, encodeSequence(sequence));
+    // Unless all its rows are in new batches, the old batch stays unacked and is sealed again at the next start.
+    if (!sealRecovered(rows)) continue;
+    try {
+      writeRecord(ackType, encodeSequence(sequence));
+    } catch (e) {
+      writeFailed("acking a batch sealed again", e);
+    }
   }
   const recovery: SpoolRecovery = {
     rows: sealedRows + loaded.unsealed.length,
@@ -536,9 +609,10 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   adoptOrphans(options.root, dir, log, (orphanDir, orphan) => {
     let moved = 0;
     const sealFull = (force: boolean) => {
-      while (pending.length >= batchRows || pendingBytes >= batchBytes || (force && pending.length > 0)) {
-        sealPending(batchRows, batchBytes, true);
-      }
+      while (
+        (pending.length >= batchRows || pendingBytes >= batchBytes || (force && pending.length > 0)) &&
+        sealPending(batchRows, batchBytes, true)
+      );
     };
     const move = (rows: readonly Uint8Array[]) => {
       for (const row of rows) {

@@ -1,3 +1,4 @@
+import { writeSync } from "node:fs";
 import type { Registry } from "prom-client";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
@@ -125,4 +126,21 @@ export function createTestCore(options: { registry?: Registry } = {}) {
     registry: options.registry,
   });
   return { core, billing, shipper, log, downCalls: () => downCalls };
+}
+
+/**
+ * The spool's writes on a disk that fills up: each takes what room is left (a short write when the data does not
+ * fit) and, once none is, fails with ENOSPC. Room is unbounded until a test sets it.
+ */
+export function createFillingDisk() {
+  const disk = {
+    room: Number.POSITIVE_INFINITY,
+    write(fd: number, data: Uint8Array, offset: number, length: number): number {
+      if (disk.room <= 0) throw Object.assign(new Error("ENOSPC: no space left on device, write"), { code: "ENOSPC" });
+      const n = writeSync(fd, data, offset, Math.min(length, disk.room));
+      disk.room -= n;
+      return n;
+    },
+  };
+  return disk;
 }
