@@ -5,7 +5,7 @@ import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
 import { createKeyAuthorizer, type KeyAuthorizerOptions, watchKeyChanges } from "./auth.ts";
 import { GatewayError } from "./errors.ts";
-import { createBillingFake } from "./testing.ts";
+import { createBillingFake, createTestLogger } from "./testing.ts";
 
 function setup(now = { t: 1_000_000 }) {
   const billing = createBillingFake({
@@ -108,13 +108,22 @@ describe("key authorizer", () => {
     expect([expired.status, expired.code]).toEqual([401, "expired_api_key"]);
   });
 
-  test("billing down is a 503 that is not cached", async () => {
-    const { billing, keys } = setup();
+  test("billing down is a 503 that is not cached, logged once per outage", async () => {
+    const billing = createBillingFake({ "sk-good": { id: "key_1", orgId: "org_1" } });
+    const log = createTestLogger();
+    const keys = createKeyAuthorizer({ billing: billing.client, watching: true, log });
     billing.setDown(true);
-    const down = await failure(keys.authorize("sk-good"));
-    expect([down.status, down.code]).toEqual([503, "auth_unavailable"]);
+    for (let i = 0; i < 50; i++) {
+      const down = await failure(keys.authorize("sk-good"));
+      expect([down.status, down.code]).toEqual([503, "auth_unavailable"]);
+    }
     billing.setDown(false);
     expect((await keys.authorize("sk-good")).apiKeyId).toBe("key_1");
+    const said = log.lines.map((line) => JSON.parse(line) as { level: string; msg: string });
+    expect(said.filter((l) => l.level !== "debug").map((l) => [l.level, l.msg])).toEqual([
+      ["warn", "billing AuthorizeKey failed"],
+      ["info", "billing AuthorizeKey answers again"],
+    ]);
   });
 
   test("busy keys are refreshed in the background before they expire", async () => {

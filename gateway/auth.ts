@@ -111,6 +111,14 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     return watchedSince !== undefined && entry.loadedAt > watchedSince ? hitTtlMs : fallbackTtlMs;
   };
 
+  // Loud once per billing outage (every request that misses the cache fails alike), and once when it answers again.
+  let billingDown = false;
+  const billingAnswered = () => {
+    if (!billingDown) return;
+    billingDown = false;
+    options.log?.info("billing AuthorizeKey answers again");
+  };
+
   const load = (hash: string, secret: string): Promise<Entry> => {
     const pending = loading.get(hash);
     if (pending) return pending.promise;
@@ -119,13 +127,21 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     current.promise = options.billing
       .authorizeKey({ secret })
       .then(
-        (grant): Entry => ({ principal: principalOf(grant, loadedAt), rejection: undefined, loadedAt }),
+        (grant): Entry => {
+          billingAnswered();
+          return { principal: principalOf(grant, loadedAt), rejection: undefined, loadedAt };
+        },
         (e): Entry => {
           const err = ConnectError.from(e);
           if (err.code === Code.Unauthenticated) {
+            billingAnswered();
             return { principal: undefined, rejection: unauthorized("Incorrect API key provided."), loadedAt };
           }
-          options.log?.warn("billing AuthorizeKey failed", { code: Code[err.code], err: err.rawMessage });
+          (billingDown ? options.log?.debug : options.log?.warn)?.("billing AuthorizeKey failed", {
+            code: Code[err.code],
+            err: err.rawMessage,
+          });
+          billingDown = true;
           throw serviceUnavailable("API keys cannot be checked right now; retry shortly.", "auth_unavailable");
         },
       )
