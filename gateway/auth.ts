@@ -3,7 +3,7 @@ import { type Client, Code, ConnectError } from "@connectrpc/connect";
 import { Counter, type Registry } from "prom-client";
 import type { AuthorizeKeyResponse, BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
-import type { Logger } from "../lib/log.ts";
+import { createOutageLog, type Logger } from "../lib/log.ts";
 import { type GatewayError, serviceUnavailable, unauthorized } from "./errors.ts";
 
 /** Who is calling, as billing resolved the API key. */
@@ -111,13 +111,10 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     return watchedSince !== undefined && entry.loadedAt > watchedSince ? hitTtlMs : fallbackTtlMs;
   };
 
-  // Loud once per billing outage (every request that misses the cache fails alike), and once when it answers again.
-  let billingDown = false;
-  const billingAnswered = () => {
-    if (!billingDown) return;
-    billingDown = false;
-    options.log?.info("billing AuthorizeKey answers again");
-  };
+  const billingOutage = createOutageLog(options.log, {
+    failed: "billing AuthorizeKey failed",
+    recovered: "billing AuthorizeKey answers again",
+  });
 
   const load = (hash: string, secret: string): Promise<Entry> => {
     const pending = loading.get(hash);
@@ -128,20 +125,16 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
       .authorizeKey({ secret })
       .then(
         (grant): Entry => {
-          billingAnswered();
+          billingOutage.recovered();
           return { principal: principalOf(grant, loadedAt), rejection: undefined, loadedAt };
         },
         (e): Entry => {
           const err = ConnectError.from(e);
           if (err.code === Code.Unauthenticated) {
-            billingAnswered();
+            billingOutage.recovered();
             return { principal: undefined, rejection: unauthorized("Incorrect API key provided."), loadedAt };
           }
-          (billingDown ? options.log?.debug : options.log?.warn)?.("billing AuthorizeKey failed", {
-            code: Code[err.code],
-            err: err.rawMessage,
-          });
-          billingDown = true;
+          billingOutage.failed({ code: Code[err.code], err: err.rawMessage });
           throw serviceUnavailable("API keys cannot be checked right now; retry shortly.", "auth_unavailable");
         },
       )

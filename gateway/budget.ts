@@ -3,7 +3,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import type { ChatCompletionMessageParam } from "openai/resources/chat/completions";
 import { Counter, type Registry } from "prom-client";
 import { type BillingService, BudgetScope } from "../gen/billing/v1/billing_pb.ts";
-import type { Logger } from "../lib/log.ts";
+import { createOutageLog, type Logger } from "../lib/log.ts";
 import { costNanos, type Price } from "../lib/money.ts";
 import type { Principal } from "./auth.ts";
 import { insufficientQuota, serviceUnavailable, unauthorized } from "./errors.ts";
@@ -143,6 +143,10 @@ const settled: Reservation = { settle() {} };
 
 export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const { billing, holder, log } = options;
+  const grantOutage = createOutageLog(log, {
+    failed: "budget lease request failed",
+    recovered: "budget lease requests answer again",
+  });
   const ttlMs = options.leaseTtlSeconds * 1000;
   const horizonS = options.leaseHorizonSeconds ?? 60;
   const minLease = options.minLeaseNanos ?? 1_000_000n;
@@ -294,6 +298,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           requestedNanos,
           ttlSeconds: options.leaseTtlSeconds,
         });
+        grantOutage.recovered();
         scope.remaining = res.remainingNanos >= 0n ? res.remainingNanos : null;
         if (res.grantedNanos > 0n && res.leaseId) {
           scope.leases.push({
@@ -317,7 +322,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         if (err.code === Code.FailedPrecondition || err.code === Code.NotFound) {
           throw unauthorized("This API key has been revoked or has expired.", "invalid_api_key");
         }
-        log?.warn("budget lease request failed", { scope: scope.key, code: Code[err.code], err: err.rawMessage });
+        grantOutage.failed({ scope: scope.key, code: Code[err.code], err: err.rawMessage });
         throw serviceUnavailable("Budgets cannot be checked right now; retry shortly.", "budget_unavailable");
       } finally {
         scope.acquiring = undefined;

@@ -24,7 +24,7 @@ import {
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import type { Logger } from "../lib/log.ts";
+import { createOutageLog, type Logger } from "../lib/log.ts";
 import { procStatFields } from "../lib/processes.ts";
 import { batchLength, clockSequence, defaultBatchBytes, type Spool, type SpoolBatch } from "./spool.ts";
 
@@ -213,11 +213,12 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   };
 
   // Loud once while the disk refuses writes (full, most likely), quiet while retrying.
-  let failing = false;
-  const writeFailed = (what: string, err: unknown) => {
-    (failing ? log?.debug : log?.error)?.(`metrics spool: ${what} failed`, { err, dir });
-    failing = true;
-  };
+  const diskOutage = createOutageLog(
+    log,
+    { failed: "metrics spool: writing failed", recovered: "metrics spool: writing works again" },
+    "error",
+  );
+  const writeFailed = (what: string, err: unknown) => diskOutage.failed({ what, err, dir });
 
   const syncDir = () => {
     const fd = openSync(dir, "r");
@@ -364,10 +365,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       current = undefined;
       throw e;
     }
-    if (failing) {
-      failing = false;
-      log?.info("metrics spool: writing works again", { dir });
-    }
+    diskOutage.recovered({ dir });
     target.segment.size += record.length;
     target.dirty = true;
     bytes += record.length;

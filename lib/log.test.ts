@@ -1,7 +1,7 @@
 import { expect, test } from "bun:test";
 import { trace } from "@opentelemetry/api";
 import { InMemorySpanExporter } from "@opentelemetry/sdk-trace";
-import { createLogger } from "./log.ts";
+import { createLogger, createOutageLog } from "./log.ts";
 import { setupTelemetry } from "./telemetry.ts";
 
 test("one JSON object per line, secrets redacted, trace ids from the active span", () => {
@@ -42,4 +42,23 @@ test("key-shaped words in messages and text fields are redacted", () => {
   expect(record.err.message).toBe("Incorrect API key provided: [redacted] You can find your API key at https://x.");
   expect(record.detail).toBe("sent [redacted] and [redacted]");
   expect(lines[0]).not.toContain("abcd");
+});
+
+test("an outage is logged once at its level, its repeats at debug, and its end once", () => {
+  const lines: string[] = [];
+  const log = createLogger({ service: "t", level: "debug", write: (l) => lines.push(l) });
+  const outage = createOutageLog(log, { failed: "store down", recovered: "store answers again" });
+  outage.recovered();
+  for (let i = 0; i < 3; i++) outage.failed({ attempt: i });
+  outage.recovered();
+  outage.recovered();
+  outage.failed();
+  const said = lines.map((l) => JSON.parse(l) as { level: string; msg: string });
+  expect(said.map((l) => `${l.level} ${l.msg}`)).toEqual([
+    "warn store down",
+    "debug store down",
+    "debug store down",
+    "info store answers again",
+    "warn store down",
+  ]);
 });

@@ -53,6 +53,29 @@ export function createLogger(options: LoggerOptions, bound: LogFields = {}): Log
   };
 }
 
+/**
+ * Logs a dependency's outage once: its first failure at `level`, the rest at debug (every request that meets the
+ * outage fails alike; metrics count them), and its end once at info.
+ */
+export function createOutageLog(
+  log: Logger | undefined,
+  messages: { failed: string; recovered: string },
+  level: "warn" | "error" = "warn",
+) {
+  let down = false;
+  return {
+    failed(fields?: LogFields): void {
+      (down ? log?.debug : log?.[level])?.(messages.failed, fields);
+      down = true;
+    },
+    recovered(fields?: LogFields): void {
+      if (!down) return;
+      down = false;
+      log?.info(messages.recovered, fields);
+    },
+  };
+}
+
 function redact(fields: LogFields | undefined): LogFields {
   if (!fields) return {};
   const out: LogFields = {};
