@@ -9,7 +9,7 @@ import {
   type RequestMetrics,
   RequestMetricsSchema,
 } from "../gen/analytics/v1/analytics_pb.ts";
-import type { Logger } from "../lib/log.ts";
+import { createOutageLog, type Logger } from "../lib/log.ts";
 import { createWaiters } from "../lib/waiters.ts";
 import { defaultBatchBytes, type Spool, type SpoolBatch } from "./spool.ts";
 
@@ -208,6 +208,9 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
    * One stream's life; true when it was up: acked something, or lasted settleMs with nothing to send. A stream that
    * takes batches and never acks them (analytics up, billing down) was not up, so the backoff keeps growing.
    */
+  // Loud once per outage, quiet while retrying; its end is an ack, or a stream that stays up with nothing to send.
+  const outage = createOutageLog(log, { failed: "analytics ingest stream lost", recovered: "analytics ingest stream is up again" });
+
   const runStream = async (): Promise<boolean> => {
     const s: Stream = {
       outbox: createOutbox<IngestMetricsRequest>(),
@@ -223,6 +226,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     const settle = setTimeout(() => {
       connected = true;
       settled = true;
+      if (s.lastSent === -1n) outage.recovered();
     }, settleMs);
     const watchdog = setInterval(
       () => {
@@ -234,6 +238,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     try {
       for await (const res of client.ingestMetrics(s.outbox, { signal: s.abort.signal })) {
         connected = true;
+        if (!acked) outage.recovered();
         acked = true;
         lastError = undefined;
         onAck(s, res.ackedSequence);
@@ -257,11 +262,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       if (await runStream()) failures = 0;
       if (closed) break;
       instruments?.reconnects.inc();
-      // Loud once per outage, quiet while retrying.
-      (failures === 0 ? log.warn : log.debug)("analytics ingest stream lost", {
-        err: lastError,
-        spooled_rows: spool.rows,
-      });
+      outage.failed({ err: lastError, spooled_rows: spool.rows });
       const ceiling = Math.min(backoffMaxMs, backoffBaseMs * 2 ** Math.min(failures++, 20));
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, ceiling / 2 + (random() * ceiling) / 2);
