@@ -1,5 +1,5 @@
 import { create } from "@bufbuild/protobuf";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { type FieldMask, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import {
   type ApiKey as ApiKeyMessage,
   ApiKeySchema,
@@ -147,6 +147,30 @@ export function keyLimitsFrom(limits: KeyLimitsMessage | undefined, field = "lim
     allowedModels: [...new Set(models.map((model, i) => text(model, `${field}.allowed_models[${i}]`)))],
     expiresAt: limits?.expireTime ? instant(limits.expireTime, `${field}.expire_time`) : null,
   };
+}
+
+/** KeyLimits' fields by their names in the contract, as field mask paths name them. */
+const keyLimitPaths: Record<string, keyof KeyLimits> = {
+  monthly_budget_nanos: "monthlyBudgetNanos",
+  monthly_tokens: "monthlyTokens",
+  requests_per_minute: "requestsPerMinute",
+  tokens_per_minute: "tokensPerMinute",
+  allowed_models: "allowedModels",
+  expire_time: "expiresAt",
+};
+
+/** The limits an update mask names; every limit when it names none. */
+export function keyLimitFieldsFrom(mask: FieldMask | undefined, field = "update_mask"): (keyof KeyLimits)[] | undefined {
+  if (!mask || mask.paths.length === 0) return undefined;
+  return [
+    ...new Set(
+      mask.paths.map((path) => {
+        const name = Object.hasOwn(keyLimitPaths, path) ? keyLimitPaths[path] : undefined;
+        if (!name) throw invalid(field, `unknown path "${path.slice(0, 100)}"; KeyLimits has ${Object.keys(keyLimitPaths).join(", ")}`);
+        return name;
+      }),
+    ),
+  ];
 }
 
 /** Limits for a new key: one that would be born expired is a mistake, not a key. */

@@ -232,6 +232,30 @@ test("RotateApiKey issues a working key with the same limits and retires the old
   expect(updated.apiKey?.limits?.tokensPerMinute).toBe(0n);
   const negative = { apiKeyId: rotated.apiKey?.id as string, limits: { monthlyTokens: -5n } };
   expect(await code(client.updateApiKeyLimits(negative, admin))).toBe(Code.InvalidArgument);
+
+  // An update mask changes the limits it names and keeps the rest, a named but unset one being removed.
+  const masked = await client.updateApiKeyLimits(
+    {
+      apiKeyId: rotated.apiKey?.id as string,
+      limits: { requestsPerMinute: 30, monthlyTokens: 999n },
+      updateMask: { paths: ["requests_per_minute", "allowed_models"] },
+    },
+    admin,
+  );
+  expect(masked.apiKey?.limits).toMatchObject({ monthlyTokens: 5n, requestsPerMinute: 30, allowedModels: [] });
+  const unknownPath = client.updateApiKeyLimits(
+    { apiKeyId: rotated.apiKey?.id as string, limits: {}, updateMask: { paths: ["monthly_tokens", "secret"] } },
+    admin,
+  );
+  expect(await code(unknownPath)).toBe(Code.InvalidArgument);
+  expect(await unknownPath.catch((e: unknown) => String(e))).toContain('update_mask: unknown path "secret"');
+  // In Connect's JSON form a mask is one string of camelCase names.
+  const json = createClient(BillingService, createRouterTransport(app.routes, { transport: { useBinaryFormat: false } }));
+  const viaJson = await json.updateApiKeyLimits(
+    { apiKeyId: rotated.apiKey?.id as string, limits: { monthlyTokens: 77n }, updateMask: { paths: ["monthly_tokens"] } },
+    admin,
+  );
+  expect(viaJson.apiKey?.limits).toMatchObject({ monthlyTokens: 77n, requestsPerMinute: 30 });
   const listed = await client.listApiKeys({ orgId }, admin);
   expect(listed.apiKeys.map((k) => k.id)).toEqual([rotated.apiKey?.id as string]);
 });

@@ -37,6 +37,7 @@ import {
   discountRuleMessage,
   invoiceMessage,
   invoiceStatusFrom,
+  keyLimitFieldsFrom,
   keyLimitsFrom,
   unexpired,
   organizationMessage,
@@ -176,7 +177,11 @@ export function createBillingService({
 
     async updateApiKeyLimits(req, ctx) {
       admin(ctx);
-      const key = await store.updateApiKeyLimits(id(req.apiKeyId, "api_key_id"), keyLimitsFrom(req.limits));
+      const key = await store.updateApiKeyLimits(
+        id(req.apiKeyId, "api_key_id"),
+        keyLimitsFrom(req.limits),
+        keyLimitFieldsFrom(req.updateMask),
+      );
       return create(UpdateApiKeyLimitsResponseSchema, { apiKey: apiKeyMessage(key) });
     },
 

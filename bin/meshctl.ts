@@ -57,7 +57,7 @@ const usage = `usage: meshctl <command> [flags] [--json]
   keys create --org ID [--project ID] [--name S] [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N]
               [--models a,b] [--expires DATE]
   keys list --org ID [--all] | keys revoke KEY_ID | keys rotate KEY_ID
-  quota set KEY_ID [--org ID] [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N] [--models a,b]
+  quota set KEY_ID [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N] [--models a,b]
             [--expires DATE]
       (changes only the limits given, the others stay; 0, or --models '' and --expires '', removes a limit)
   quota show KEY_ID [--org ID]
@@ -236,9 +236,12 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         if (!limitFlags.some((flag) => values[flag] !== undefined)) {
           throw new UsageError(`quota set needs at least one of ${limitFlags.map((f) => `--${f}`).join(", ")}`);
         }
-        // The RPC replaces every limit: the ones not given keep the key's current value.
-        const { key } = await findKey(billing, keyId, values.org);
-        const res = await billing.updateApiKeyLimits({ apiKeyId: keyId, limits: limitsFrom(values, key.limits) });
+        // Only the limits given are named in the mask: billing changes those in one statement and keeps the others.
+        const res = await billing.updateApiKeyLimits({
+          apiKeyId: keyId,
+          limits: limitsFrom(values),
+          updateMask: { paths: limitFlags.filter((flag) => values[flag] !== undefined).map((flag) => limitPaths[flag]) },
+        });
         print(schemaOf(res), res, () => `${res.apiKey?.id}: ${limitsText(res.apiKey?.limits)}`);
         return 0;
       }
@@ -492,30 +495,29 @@ function percentBps(text: string, flag: string): number {
 type Flags = { [K in keyof typeof flags]?: (typeof flags)[K]["type"] extends "boolean" ? boolean : string };
 
 const limitFlags = ["budget-usd", "monthly-tokens", "rpm", "tpm", "models", "expires"] as const;
+/** The KeyLimits field each limit flag sets, as an update mask names it. */
+const limitPaths: Record<(typeof limitFlags)[number], string> = {
+  "budget-usd": "monthly_budget_nanos",
+  "monthly-tokens": "monthly_tokens",
+  rpm: "requests_per_minute",
+  tpm: "tokens_per_minute",
+  models: "allowed_models",
+  expires: "expire_time",
+};
 
-/**
- * Key limits from the flags given; a limit whose flag is absent keeps its value in `current` (none for a new key).
- * 0, or an empty --models or --expires, means no limit.
- */
-function limitsFrom(values: Flags, current?: KeyLimits): MessageInitShape<typeof KeyLimitsSchema> {
+/** Key limits from the flags given, an absent flag leaving its limit unset; 0, or an empty --models or --expires, is no limit. */
+function limitsFrom(values: Flags): MessageInitShape<typeof KeyLimitsSchema> {
   const { expires, models } = values;
   return {
-    monthlyBudgetNanos:
-      values["budget-usd"] === undefined ? (current?.monthlyBudgetNanos ?? 0n) : usdNanos(values["budget-usd"]),
-    monthlyTokens:
-      values["monthly-tokens"] === undefined
-        ? (current?.monthlyTokens ?? 0n)
-        : BigInt(int(values["monthly-tokens"], "--monthly-tokens")),
-    requestsPerMinute: values.rpm === undefined ? (current?.requestsPerMinute ?? 0) : int(values.rpm, "--rpm"),
-    tokensPerMinute: values.tpm === undefined ? (current?.tokensPerMinute ?? 0n) : BigInt(int(values.tpm, "--tpm")),
-    allowedModels:
-      models === undefined
-        ? (current?.allowedModels ?? [])
-        : models
-            .split(",")
-            .map((m) => m.trim())
-            .filter(Boolean),
-    expireTime: expires === undefined ? current?.expireTime : expires ? parseDate(expires, "--expires") : undefined,
+    monthlyBudgetNanos: values["budget-usd"] === undefined ? 0n : usdNanos(values["budget-usd"]),
+    monthlyTokens: values["monthly-tokens"] === undefined ? 0n : BigInt(int(values["monthly-tokens"], "--monthly-tokens")),
+    requestsPerMinute: values.rpm === undefined ? 0 : int(values.rpm, "--rpm"),
+    tokensPerMinute: values.tpm === undefined ? 0n : BigInt(int(values.tpm, "--tpm")),
+    allowedModels: (models ?? "")
+      .split(",")
+      .map((m) => m.trim())
+      .filter(Boolean),
+    expireTime: expires ? parseDate(expires, "--expires") : undefined,
   };
 }
 

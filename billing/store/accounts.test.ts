@@ -119,6 +119,21 @@ test("revoke, rotate and update limits", async () => {
   const updated = await fixture.store.updateApiKeyLimits(rotated.apiKey.id, { ...noLimits, monthlyTokens: 42n });
   expect(updated.limits).toEqual({ ...noLimits, monthlyTokens: 42n });
   expect((await failure(fixture.store.updateApiKeyLimits("key_missing", noLimits))).kind).toBe("not_found");
+  // Only the fields named change; concurrent updates of different limits both hold.
+  const expires = new Date("2031-05-01T00:00:00Z");
+  await Promise.all([
+    fixture.store.updateApiKeyLimits(rotated.apiKey.id, { ...noLimits, requestsPerMinute: 7 }, ["requestsPerMinute"]),
+    fixture.store.updateApiKeyLimits(rotated.apiKey.id, { ...noLimits, allowedModels: ["mock"] }, ["allowedModels"]),
+    fixture.store.updateApiKeyLimits(rotated.apiKey.id, { ...noLimits, expiresAt: expires }, ["expiresAt"]),
+  ]);
+  const masked = await fixture.store.updateApiKeyLimits(rotated.apiKey.id, noLimits, ["monthlyBudgetNanos"]);
+  expect(masked.limits).toEqual({
+    ...noLimits,
+    monthlyTokens: 42n,
+    requestsPerMinute: 7,
+    allowedModels: ["mock"],
+    expiresAt: expires,
+  });
 
   const revoked = await fixture.store.revokeApiKey(rotated.apiKey.id);
   expect(revoked.revokedAt).toBeInstanceOf(Date);

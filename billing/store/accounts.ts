@@ -241,16 +241,28 @@ export function createAccountStore(db: Db) {
       });
     },
 
-    /** Replaces the limits of a key and announces the change to watchers at commit. */
-    async updateApiKeyLimits(apiKeyId: string, limits: KeyLimits): Promise<ApiKey> {
+    /**
+     * Sets the limits named in `fields` (all of them by default) from `limits`, leaving the others as they are, in one
+     * statement: concurrent updates of different limits both hold. Announces the change to watchers at commit.
+     */
+    async updateApiKeyLimits(
+      apiKeyId: string,
+      limits: KeyLimits,
+      fields: readonly (keyof KeyLimits)[] = keyLimitFields,
+    ): Promise<ApiKey> {
       const rows = await db.query<KeyRow>(
         `WITH updated AS (
-           UPDATE api_keys SET monthly_budget_nanos = $2, monthly_tokens = $3, requests_per_minute = $4,
-             tokens_per_minute = $5, allowed_models = $6, expires_at = $7
+           UPDATE api_keys SET
+             monthly_budget_nanos = CASE WHEN 'monthlyBudgetNanos' = ANY($8) THEN $2 ELSE monthly_budget_nanos END,
+             monthly_tokens = CASE WHEN 'monthlyTokens' = ANY($8) THEN $3 ELSE monthly_tokens END,
+             requests_per_minute = CASE WHEN 'requestsPerMinute' = ANY($8) THEN $4 ELSE requests_per_minute END,
+             tokens_per_minute = CASE WHEN 'tokensPerMinute' = ANY($8) THEN $5 ELSE tokens_per_minute END,
+             allowed_models = CASE WHEN 'allowedModels' = ANY($8) THEN $6 ELSE allowed_models END,
+             expires_at = CASE WHEN 'expiresAt' = ANY($8) THEN $7 ELSE expires_at END
            WHERE id = $1 RETURNING ${keyColumns}
          )
          SELECT updated.*, ${announceKeyChange} FROM updated`,
-        [apiKeyId, ...limitParams(limits)],
+        [apiKeyId, ...limitParams(limits), fields],
       );
       if (!rows[0]) throw new BillingError("not_found", `api key ${apiKeyId} not found`);
       return toApiKey(rows[0]);
@@ -295,6 +307,16 @@ function generateSecret(): string {
   }
   return out;
 }
+
+/** Every limit a key has, in the order of limitParams. */
+export const keyLimitFields = [
+  "monthlyBudgetNanos",
+  "monthlyTokens",
+  "requestsPerMinute",
+  "tokensPerMinute",
+  "allowedModels",
+  "expiresAt",
+] as const satisfies readonly (keyof KeyLimits)[];
 
 function limitParams(limits: KeyLimits): unknown[] {
   return [
