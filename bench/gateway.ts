@@ -14,7 +14,10 @@
  * the gateway's run (gateway, billing with its Postgres, analytics, the fake upstream, and this process, which
  * generates the load; from /proc), in microseconds, and "direct CPU/req" the same for the direct run (upstream and
  * load generator); "gw ceiling" is what this machine's cores could carry at the gateway run's total CPU per
- * request, whatever the scheduling; "gw RSS" the gateway's peak resident memory during that run; "loop delay" how
+ * request, whatever the scheduling; "ratio bound, gw free" the highest ratio these cores would allow if the gateway
+ * itself used no CPU (the direct run's CPU per request against the rest of the gateway run's: accounting in billing,
+ * its Postgres and analytics, the upstream and the load generator); "gw RSS" the gateway's peak resident memory during
+ * that run; "loop delay" how
  * late the gateway's event loop ran its timers during its run (prom-client's 100 ms sampling: the max catches stalls)
  * and the same for this process at 1 ms resolution, since a late load generator adds to every latency it measures;
  * "stolen" the share
@@ -284,6 +287,9 @@ async function main() {
         med((r) => r.base.rps).toFixed(0),
         med((r) => r.gw.rps).toFixed(0),
         rate > 0 ? "" : med((r) => r.gw.rps / r.base.rps).toFixed(2),
+        // The ratio's bound on this machine's cores if the gateway's own CPU were zero: the direct run's CPU per
+        // request against what the rest of the gateway run (accounting, upstream, load generator) used.
+        rate > 0 ? "" : med((r) => r.directUs / r.perRequest.slice(1).reduce((a, b) => a + b, 0)).toFixed(2),
         String(runs.reduce((n, r) => n + r.base.errors + r.gw.errors, 0)),
         med((r) => r.directUs).toFixed(0),
         perRequest.map((us) => us.toFixed(0)).join(" / "),
@@ -296,7 +302,7 @@ async function main() {
     }
     clearInterval(sampler);
 
-    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "errors", "direct CPU/req µs", "gw CPU/req µs: gw / billing+pg / analytics / upstream / load gen", "gw ceiling req/s", "gw RSS MB", "loop delay p99 / max: gw · load gen", "stolen %"];
+    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "ratio bound, gw free", "errors", "direct CPU/req µs", "gw CPU/req µs: gw / billing+pg / analytics / upstream / load gen", "gw ceiling req/s", "gw RSS MB", "loop delay p99 / max: gw · load gen", "stolen %"];
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
     const line = (cells: string[]) => `| ${cells.map((c, i) => c.padStart(widths[i] ?? 0)).join(" | ")} |`;
     const out = [
