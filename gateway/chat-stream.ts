@@ -11,6 +11,7 @@ import {
   type MeteredTokens,
   meteredUsage,
   UpstreamError,
+  answeredUsage,
   usageOfTokens,
 } from "./providers/provider.ts";
 import { meteredName, meterUsage } from "./metering.ts";
@@ -108,6 +109,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
 
   async function* run(): AsyncGenerator<ChatCompletionChunk> {
     let last: ChatCompletionChunk | undefined;
+    let usageChunk: ChatCompletionChunk | undefined;
     let firstToken = true;
     let error: GatewayError | undefined;
     let counted: MeteredTokens | undefined;
@@ -124,7 +126,11 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         const chunk = step.value;
         if (chunk.usage) {
           usage = chunk.usage;
-          if (!includeUsage && chunk.choices.length === 0) continue;
+          // The usage chunk is held to go last with the metered counts.
+          if (chunk.choices.length === 0) {
+            if (includeUsage) usageChunk = chunk;
+            continue;
+          }
         }
         // Chunks carry a usage field only for clients that asked for usage, as OpenAI sends them.
         if (!includeUsage && chunk.usage !== undefined) chunk.usage = undefined;
@@ -151,8 +157,12 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         yield chunk;
       }
       counted = await count();
-      // A client that asked for usage gets one usage chunk: the upstream's, or else the gateway's count.
-      if (includeUsage && !usage && last) {
+      // A client that asked for usage gets one usage chunk: the upstream's, its counts the metered ones (normalised, or
+      // counted where it had none), or else the gateway's count.
+      if (usageChunk) {
+        usageChunk.usage = answeredUsage(usageChunk.usage, counted.tokens);
+        yield usageChunk;
+      } else if (includeUsage && !usage && last) {
         yield {
           id: last.id,
           object: "chat.completion.chunk",

@@ -193,13 +193,18 @@ for (const port of ["rpc", "rest"] as const) {
 
       test("without upstream usage, tokens are counted with the tokenizer and marked estimated", async () => {
         upstream.script("no-usage", { content: "Hello world", usage: false });
-        const { response } = await sdk().chat.completions.create({ model: "no-usage", messages: hello }).withResponse();
+        const { data: completion, response } = await sdk()
+          .chat.completions.create({ model: "no-usage", messages: hello })
+          .withResponse();
         const m = await gateway.row(response.headers.get("x-request-id") ?? "");
         expect(m.usageEstimated).toBe(true);
         // o200k_base: "Hello world" is 2 tokens; the prompt is framed per message.
         expect(m.usage?.outputTokens).toBe(2n);
         expect(m.usage?.inputTokens).toBeGreaterThan(3n);
         expect(m.costNanos).toBeGreaterThan(0n);
+        // The client is shown the counts it is charged for.
+        const input = Number(m.usage?.inputTokens);
+        expect(completion.usage).toEqual({ prompt_tokens: input, completion_tokens: 2, total_tokens: input + 2 });
       });
 
       test("a tool call comes back in OpenAI's shape", async () => {
@@ -642,11 +647,21 @@ for (const port of ["rpc", "rest"] as const) {
       // 11 cached input at $1.25/M + 4 output, all reasoning, at $10/M
       const fractionalCost = 11n * 1_250n + 4n * 10_000n;
 
+      // What the client is shown: the metered counts, with the upstream's other fields.
+      const answered = {
+        prompt_tokens: 11,
+        completion_tokens: 4,
+        total_tokens: 15,
+        prompt_tokens_details: { cached_tokens: 11 },
+        completion_tokens_details: { reasoning_tokens: 4 },
+      };
+
       test("a whole completion: fractions round up, cached input and reasoning stay within their totals", async () => {
         upstream.script("odd-usage", { content: "hi", usage: fractional });
-        const { response } = await sdk()
+        const { data: completion, response } = await sdk()
           .chat.completions.create({ model: "odd-usage", messages: hello })
           .withResponse();
+        expect(completion.usage).toEqual(answered);
         const m = await meteredRow(response);
         expect(m.usage).toMatchObject({
           inputTokens: 11n,
@@ -668,7 +683,9 @@ for (const port of ["rpc", "rest"] as const) {
             stream_options: { include_usage: true },
           })
           .withResponse();
-        for await (const _ of stream);
+        const usages = [];
+        for await (const chunk of stream) if (chunk.usage) usages.push(chunk.usage);
+        expect(usages).toEqual([answered]);
         const m = await meteredRow(response);
         expect(m.usage).toMatchObject({
           inputTokens: 11n,
@@ -707,7 +724,10 @@ for (const port of ["rpc", "rest"] as const) {
 
       test("embeddings: a fraction rounds up, a negative count is estimated", async () => {
         upstream.script("embed", { usage: odd({ prompt_tokens: 7.2, total_tokens: 7.2 }) });
-        const { response } = await sdk().embeddings.create({ model: "embed", input: "Hello world" }).withResponse();
+        const { data: embedding, response } = await sdk()
+          .embeddings.create({ model: "embed", input: "Hello world" })
+          .withResponse();
+        expect(embedding.usage).toEqual({ prompt_tokens: 8, total_tokens: 8 });
         const m = await meteredRow(response);
         expect(m.usage?.inputTokens).toBe(8n);
         expect(m).toMatchObject({ usageEstimated: false, costNanos: 8n * 2_500n });

@@ -3,6 +3,8 @@ import { createParser } from "eventsource-parser";
 import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
 import { countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
 import {
+  answeredEmbeddingUsage,
+  answeredUsage,
   type CallOptions,
   type ChatCompletion,
   type ChatCompletionChunk,
@@ -129,6 +131,7 @@ export function createOpenAIProvider(
           return countTextTokens(output);
         },
       });
+      completion.usage = answeredUsage(completion.usage, tokens);
       return { completion, tokens, usageEstimated: estimated };
     },
 
@@ -150,6 +153,7 @@ export function createOpenAIProvider(
       const { tokens, estimated } = await meteredUsage(response.usage, {
         input: () => countEmbeddingTokens(request.input),
       });
+      response.usage = answeredEmbeddingUsage(response.usage, tokens);
       return { response, tokens, usageEstimated: estimated };
     },
   };

@@ -214,6 +214,47 @@ export function usageOfTokens(tokens: Tokens): CompletionUsage {
   return usage;
 }
 
+/**
+ * The usage object to answer a chat client with: the upstream's, its counts replaced by the metered ones, so the client
+ * is shown what it is charged for (and REST answers what the RPCs do), or the metered counts alone when the upstream
+ * sent none. Other fields the upstream reported (audio tokens, prediction tokens, ...) are kept. Returned as it came
+ * when its counts already are the metered ones, as they are unless the upstream's were missing or malformed.
+ */
+export function answeredUsage(usage: unknown, tokens: Tokens): CompletionUsage {
+  const metered = usageOfTokens(tokens);
+  if (typeof usage !== "object" || usage === null) return metered;
+  const reported = usage as Record<string, unknown>;
+  const prompt = record(reported.prompt_tokens_details);
+  const completion = record(reported.completion_tokens_details);
+  const cached = Number(tokens.cachedInputTokens);
+  const reasoning = Number(tokens.reasoningTokens);
+  if (
+    reported.prompt_tokens === metered.prompt_tokens &&
+    reported.completion_tokens === metered.completion_tokens &&
+    reported.total_tokens === metered.total_tokens &&
+    (prompt.cached_tokens ?? 0) === cached &&
+    (completion.reasoning_tokens ?? 0) === reasoning
+  ) {
+    return usage as CompletionUsage;
+  }
+  const answered: Record<string, unknown> = { ...reported, ...metered };
+  if (cached > 0 || reported.prompt_tokens_details !== undefined) {
+    answered.prompt_tokens_details = { ...prompt, cached_tokens: cached };
+  }
+  if (reasoning > 0 || reported.completion_tokens_details !== undefined) {
+    answered.completion_tokens_details = { ...completion, reasoning_tokens: reasoning };
+  }
+  return answered as unknown as CompletionUsage;
+}
+
+/** The usage object to answer an embeddings client with: the metered input tokens, as answeredUsage does for chat. */
+export function answeredEmbeddingUsage(usage: unknown, tokens: Tokens): CreateEmbeddingResponse["usage"] {
+  const input = Number(tokens.inputTokens);
+  const reported = record(usage);
+  if (reported.prompt_tokens === input && reported.total_tokens === input) return usage as CreateEmbeddingResponse["usage"];
+  return { ...reported, prompt_tokens: input, total_tokens: input };
+}
+
 /** Roughly one token per four characters, as OpenAI's rule of thumb: the mock provider's deterministic tokenizer. */
 export function approxTokens(text: string): number {
   return Math.ceil(text.length / 4);
