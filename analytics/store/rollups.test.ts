@@ -54,6 +54,9 @@ describe("planSources", () => {
   test("timestamps keep their microseconds through text", () => {
     const us = textMicros("2026-03-10 12:34:56.123456");
     expect(microsText(us)).toBe("2026-03-10 12:34:56.123456");
+    // Before 1970 the fraction counts forward from the whole second below, as the date part does.
+    expect(microsText(-500_000)).toBe("1969-12-31 23:59:59.500000");
+    expect(textMicros(microsText(-1_999_999))).toBe(-1_999_999);
     expect(textMicros("2026-03-10 12:34:56")).toBe(us - 123456);
   });
 });

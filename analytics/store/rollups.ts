@@ -31,7 +31,9 @@ export function micros(ts: Timestamp | undefined): Micros {
 export function microsText(us: Micros): string {
   const ms = Math.floor(us / 1000);
   const iso = new Date(ms).toISOString();
-  return `${iso.slice(0, 10)} ${iso.slice(11, 19)}.${String(us % 1_000_000).padStart(6, "0")}`;
+  // Floored, so an instant before 1970 has its fraction counted forward from its whole second, as the date part is.
+  const fraction = ((us % 1_000_000) + 1_000_000) % 1_000_000;
+  return `${iso.slice(0, 10)} ${iso.slice(11, 19)}.${String(fraction).padStart(6, "0")}`;
 }
 
 /** Parses DateTime or DateTime64 text in UTC. */

@@ -145,3 +145,18 @@ test("revoke, rotate and update limits", async () => {
   const all = await fixture.store.listApiKeys(org.id, { includeRevoked: true });
   expect(all.map((k) => k.id)).toEqual([first.apiKey.id, rotated.apiKey.id]);
 });
+
+test("an expired key is not rotated: its successor would be born expired", async () => {
+  const org = await newOrg("lapsed-org");
+  const lapsed = await fixture.store.createApiKey({
+    orgId: org.id,
+    projectId: null,
+    name: "lapsed",
+    limits: { ...noLimits, expiresAt: new Date(Date.now() + 50) },
+  });
+  await Bun.sleep(60);
+  const refused = await failure(fixture.store.rotateApiKey(lapsed.apiKey.id));
+  expect(refused).toMatchObject({ kind: "failed_precondition", message: expect.stringContaining("has expired") });
+  // The old key stays as it was, and no new key appeared.
+  expect(await fixture.store.listApiKeys(org.id, { includeRevoked: true })).toEqual([lapsed.apiKey]);
+});

@@ -224,17 +224,27 @@ export function createAccountStore(db: Db) {
       return db.transaction(async (tx) => {
         const rows = await tx.query<KeyRow>(
           `WITH revoked AS (
-             UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING ${keyColumns}
+             UPDATE api_keys SET revoked_at = now()
+             WHERE id = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())
+             RETURNING ${keyColumns}
            )
            SELECT revoked.*, ${announceKeyChange} FROM revoked`,
           [apiKeyId],
         );
         const old = rows[0];
         if (!old) {
-          const exists = await tx.query("SELECT 1 FROM api_keys WHERE id = $1", [apiKeyId]);
-          throw exists.length
-            ? new BillingError("failed_precondition", `api key ${apiKeyId} is revoked`)
-            : new BillingError("not_found", `api key ${apiKeyId} not found`);
+          // An expired key's limits would give its successor the same past expiry: a key born dead.
+          const found = await tx.query<{ revoked: boolean }>(
+            "SELECT revoked_at IS NOT NULL AS revoked FROM api_keys WHERE id = $1",
+            [apiKeyId],
+          );
+          if (!found[0]) throw new BillingError("not_found", `api key ${apiKeyId} not found`);
+          throw new BillingError(
+            "failed_precondition",
+            found[0].revoked
+              ? `api key ${apiKeyId} is revoked`
+              : `api key ${apiKeyId} has expired: change its expire_time (UpdateApiKeyLimits) or create a new key`,
+          );
         }
         const { orgId, projectId, name, limits } = toApiKey(old);
         return insertKey(tx, { orgId, projectId, name, limits }, apiKeyId);

@@ -1932,7 +1932,8 @@ export const BillingService: GenService<{
   /**
    * Revokes a key and creates a new one with the same limits; the new secret is returned once. The new key carries
    * on the old one's billing period: what the old key spent and used so far counts against the new key's budget
-   * and monthly tokens (see ApiKey.rotated_from_api_key_id).
+   * and monthly tokens (see ApiKey.rotated_from_api_key_id). An expired key is refused (FAILED_PRECONDITION): its
+   * successor would be born expired; extend its expire_time first.
    *
    * @generated from rpc billing.v1.BillingService.RotateApiKey
    */
