@@ -95,9 +95,14 @@ export function buildInvoice(
     }
   }
 
-  // The period's own usage is discounted alone; late usage of an earlier period by what it adds to that period's.
+  // The period's own usage is discounted by what it adds to the part of the period an issued invoice already billed
+  // (a later period's invoice took it as late usage): caps, tiers and the maximum discount hold for the whole
+  // period. Likewise late usage of an earlier period by what it adds to that period's.
   const current = period ? usage.filter((slice) => slice.hour >= period.start) : usage;
-  const applied = calculateDiscounts(current, rules, org).applied;
+  const ownEnd = period && billingPeriod(period.start, period.billingDay).end;
+  const ownBilled = period ? period.billed.filter((b) => b.hour >= period.start && b.hour < (ownEnd as Date)) : [];
+  const applied =
+    ownBilled.length > 0 ? marginalDiscounts(ownBilled, current, rules, org) : calculateDiscounts(current, rules, org).applied;
   if (period) {
     for (const earlier of latePeriods(usage, period.start, period.billingDay)) {
       const billed = period.billed.filter((b) => b.hour >= earlier.start && b.hour < earlier.end);

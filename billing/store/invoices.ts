@@ -197,13 +197,13 @@ async function orgSettings(q: Queryable, orgId: string): Promise<OrgSettings> {
 }
 
 /**
- * Lines and totals over `usage` with the org's discount rules and tax as they are now. Late usage is discounted
- * against what issued invoices billed of its own period, read only when there is some.
+ * Lines and totals over `usage` with the org's discount rules and tax as they are now. Usage of each period, the
+ * invoice's own and those of late usage, is discounted against what issued invoices already billed of that period.
  */
 async function compose(q: Queryable, orgId: string, org: OrgSettings, periodStart: Date, usage: UsageSlice[]) {
   const rules = await discountRulesOf(q, orgId);
-  const earlier = latePeriods(usage, periodStart, org.billing_day);
-  const billed = earlier.length === 0 ? [] : await billedSlices(q, orgId, earlier);
+  const own = billingPeriod(periodStart, org.billing_day);
+  const billed = await billedSlices(q, orgId, [own, ...latePeriods(usage, periodStart, org.billing_day)]);
   return buildInvoice(usage, rules, {
     taxRateBps: org.tax_rate_bps,
     maxDiscountBps: org.max_discount_bps,
