@@ -466,6 +466,7 @@ export function toUsageRecord(m: RequestMetrics): UsageRecord {
     costNanos: m.costNanos,
     costBreakdown: m.costBreakdown,
     occurTime: m.startTime,
+    budgetCharges: m.budgetCharges,
   });
 }
 

@@ -20,6 +20,7 @@ import {
   UsageRecordSchema,
 } from "../gen/billing/v1/billing_pb.ts";
 import {
+  type BudgetCharge as BudgetChargeMessage,
   type CostBreakdown as CostBreakdownMessage,
   CostBreakdownSchema,
   Endpoint as EndpointEnum,
@@ -30,6 +31,7 @@ import { MAX_TOKENS_PER_REQUEST } from "../lib/money.ts";
 import { roundingRule } from "./invoices/build.ts";
 import type {
   ApiKey,
+  BudgetCharge,
   CostBreakdown,
   DiscountKind,
   DiscountRule,
@@ -211,7 +213,19 @@ export function usageRecordFrom(record: UsageRecordMessage, at: string): UsageRe
     costBreakdown: record.costBreakdown
       ? costBreakdownFrom(record.costBreakdown, costNanos, field("cost_breakdown"))
       : null,
+    budgetCharges: budgetChargesFrom(record.budgetCharges, costNanos, field("budget_charges")),
   };
+}
+
+/** A request draws on at most its org's and its key's budgets, each perhaps from a few leases. */
+const maxBudgetCharges = 8;
+
+function budgetChargesFrom(charges: readonly BudgetChargeMessage[], costNanos: bigint, field: string): BudgetCharge[] {
+  if (charges.length > maxBudgetCharges) throw invalid(field, `at most ${maxBudgetCharges} charges`);
+  return charges.map((charge, i) => ({
+    leaseId: id(charge.leaseId, `${field}[${i}].lease_id`),
+    nanos: atMost(charge.nanos, `${field}[${i}].nanos`, costNanos),
+  }));
 }
 
 function costBreakdownFrom(breakdown: CostBreakdownMessage, costNanos: bigint, field: string): CostBreakdown {

@@ -12,7 +12,7 @@ import {
   type UsageRecord,
   UsageRecordSchema,
 } from "../gen/billing/v1/billing_pb.ts";
-import { CostBreakdownSchema, Endpoint } from "../gen/common/v1/common_pb.ts";
+import { BudgetChargeSchema, CostBreakdownSchema, Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
@@ -275,7 +275,9 @@ test("a rotated key carries on its period: it hits its budget and token limits a
     const grant = await lease(keyId, costNanos);
     expect(grant.grantedNanos).toBe(costNanos);
     await client.releaseBudgetLease({ leaseId: grant.leaseId, spentNanos: costNanos }, admin);
-    await client.recordUsage({ records: [usage(orgId, keyId, costNanos)] }, admin);
+    const record = usage(orgId, keyId, costNanos);
+    record.budgetCharges = [create(BudgetChargeSchema, { leaseId: grant.leaseId, nanos: costNanos })];
+    await client.recordUsage({ records: [record] }, admin);
   };
   /** Rotates a key and checks that its successor starts from what the chain spent and used so far. */
   const rotate = async (keyId: string, spentNanos: bigint, tokens: bigint) => {

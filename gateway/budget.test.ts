@@ -80,6 +80,14 @@ function keeper(extra: Partial<BudgetKeeperOptions> = {}) {
   return { keeper: k, clock };
 }
 
+const spendingLeasesOf = async (scopeId: string) =>
+  (
+    await db.pool.query<{ id: string }>(
+      `SELECT id FROM budget_leases
+       WHERE ((scope = 'organization' AND org_id = $1) OR (scope = 'api_key' AND api_key_id = $1)) AND spent_nanos > 0`,
+      [scopeId],
+    )
+  ).rows.map((r) => r.id);
 const leasesOf = async (scopeId: string) =>
   (
     await db.pool.query<{ granted_nanos: string; spent_nanos: string | null; released_at: Date | null }>(
@@ -196,8 +204,14 @@ describe("budget leases", () => {
     const { keeper: k } = keeper({ minLeaseNanos: 300n });
     const a = await k.reserve(principal, 600n, 60_000);
     expect((await refusal(k.reserve(principal, 600n, 60_000))).code).toBe("insufficient_quota");
-    a.settle(600n);
+    // What each budget's lease paid, for the request's usage record; settling again charges nothing.
+    const charges = a.settle(600n);
+    expect(charges.map((c) => c.nanos)).toEqual([600n, 600n]);
+    expect(a.settle(600n)).toEqual([]);
     await k.close();
+    // The leases charged are the ones that report the spend.
+    const ids = [...(await spendingLeasesOf(principal.orgId)), ...(await spendingLeasesOf(principal.apiKeyId))];
+    expect(charges.map((c) => c.leaseId).sort()).toEqual(ids.sort());
     const spent = (leases: { spent: bigint | null }[]) => leases.reduce((sum, l) => sum + (l.spent ?? 0n), 0n);
     expect(spent(await leasesOf(principal.apiKeyId))).toBe(600n);
     expect(spent(await leasesOf(principal.orgId))).toBe(600n);
@@ -282,7 +296,7 @@ describe("budget leases", () => {
       { granted: 9_930n, spent: 9_000n },
     ]);
     const settlements = await db.pool.query<{ spent: string }>(
-      "SELECT sum(spent_nanos)::text AS spent FROM budget_settlements WHERE scope = 'api_key' AND scope_id = $1",
+      "SELECT sum(spent_nanos)::text AS spent FROM budget_leases WHERE api_key_id = $1 AND released_at IS NOT NULL",
       [principal.apiKeyId],
     );
     expect(settlements.rows[0]?.spent).toBe("9070");

@@ -33,8 +33,18 @@ import type { ChatRequest } from "./providers/provider.ts";
  */
 
 export interface Reservation {
-  /** Charges the actual cost and returns the rest to the lease; only the first call counts. */
-  settle(costNanos: bigint): void;
+  /**
+   * Charges the actual cost and returns the rest to the leases; only the first call counts. Returns what was drawn
+   * from each lease (each budget pays the whole cost), for the request's usage record: billing counts a released
+   * lease's spend only as far as the usage recorded against it does not.
+   */
+  settle(costNanos: bigint): LeaseCharge[];
+}
+
+/** What a request drew from one lease. */
+export interface LeaseCharge {
+  leaseId: string;
+  nanos: bigint;
 }
 
 export interface BudgetKeeper {
@@ -139,7 +149,7 @@ interface Part {
 }
 
 const rateTimeConstantMs = 30_000;
-const settled: Reservation = { settle() {} };
+const settled: Reservation = { settle: () => [] };
 
 export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const { billing, holder, log } = options;
@@ -361,7 +371,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     return parts;
   };
 
-  const settleScope = (scope: Scope, reserved: Part[], cost: bigint) => {
+  const settleScope = (scope: Scope, reserved: Part[], cost: bigint, charges: LeaseCharge[]) => {
     let parts = reserved;
     const t = now();
     let left = cost;
@@ -376,6 +386,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       const charge = i === parts.length - 1 ? left : left < amount ? left : amount;
       lease.reserved -= amount;
       lease.spent += charge;
+      if (charge > 0n) charges.push({ leaseId: lease.id, nanos: charge });
       lease.lastUsed = t;
       left -= charge;
       if (lease.reserved === 0n && (scope.retired || free(lease) === 0n) && scope.leases.includes(lease)) {
@@ -428,9 +439,11 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           let done = false;
           return {
             settle(cost) {
-              if (done) return;
+              if (done) return [];
               done = true;
-              for (const { scope, parts } of taken) settleScope(scope, parts, cost);
+              const charges: LeaseCharge[] = [];
+              for (const { scope, parts } of taken) settleScope(scope, parts, cost, charges);
+              return charges;
             },
           };
         }

@@ -4,7 +4,7 @@ import { isSpanContextValid, trace } from "@opentelemetry/api";
 import { Counter, Histogram, type Registry } from "prom-client";
 import { monotonicFactory } from "ulid";
 import { type RequestMetrics, RequestMetricsSchema, RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
-import { Endpoint } from "../gen/common/v1/common_pb.ts";
+import { BudgetChargeSchema, Endpoint } from "../gen/common/v1/common_pb.ts";
 import type { Logger } from "../lib/log.ts";
 import { createWaiters } from "../lib/waiters.ts";
 import { withChildSpan } from "../lib/telemetry.ts";
@@ -286,7 +286,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       if (error) admission.upstream?.abort();
       const tokens = (m.usage?.inputTokens ?? 0n) + (m.usage?.outputTokens ?? 0n);
       admission.quota.settle(tokens, call.startMs);
-      admission.reservation?.settle(m.costNanos);
+      const charges = admission.reservation?.settle(m.costNanos);
+      if (charges?.length) m.budgetCharges = charges.map((charge) => create(BudgetChargeSchema, charge));
       admission.ticket?.settle(Number(tokens));
     }
     const totalMs = performance.now() - call.startTick;

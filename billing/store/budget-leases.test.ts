@@ -28,26 +28,26 @@ const newOrg = (monthlyBudgetNanos: bigint) =>
   store.createOrganization({ name: `lease-org-${++orgs}`, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos, maxDiscountBps: 0 });
 
 let spends = 0;
-/** One request of `costNanos` recorded for the org (and key), as analytics would. */
-const recordSpend = (orgId: string, costNanos: bigint, apiKeyId: string | null = null) =>
-  store.recordUsage([
-    {
-      requestId: `req_spend_${++spends}`,
-      orgId,
-      projectId: null,
-      apiKeyId,
-      model: "mock",
-      provider: "mock",
-      endpoint: "chat_completions",
-      inputTokens: 1n,
-      cachedInputTokens: 0n,
-      outputTokens: 1n,
-      reasoningTokens: 0n,
-      costNanos,
-      occurredAt: now,
-      costBreakdown: null,
-    },
-  ]);
+/** One request of `costNanos` for the org (and key) as analytics records it; drawn from `leaseId` when given. */
+const spendRecord = (orgId: string, costNanos: bigint, apiKeyId: string | null = null, leaseId?: string | null) => ({
+  requestId: `req_spend_${++spends}`,
+  orgId,
+  projectId: null,
+  apiKeyId,
+  model: "mock",
+  provider: "mock",
+  endpoint: "chat_completions" as const,
+  inputTokens: 1n,
+  cachedInputTokens: 0n,
+  outputTokens: 1n,
+  reasoningTokens: 0n,
+  costNanos,
+  occurredAt: now,
+  costBreakdown: null,
+  budgetCharges: leaseId ? [{ leaseId, nanos: costNanos }] : [],
+});
+/** Records one request, as analytics would; a gateway's usage names the lease it spent from. */
+const recordSpend = (...args: Parameters<typeof spendRecord>) => store.recordUsage([spendRecord(...args)]);
 
 const acquire = (scopeId: string, requestedNanos: bigint, extra: Partial<BudgetLeaseRequest> = {}) =>
   store.acquireBudgetLease({
@@ -136,7 +136,7 @@ test("a rotated key's budget counts what the keys it replaced spent and still ho
   // The first key spends 250 (released; its usage is still on its way, 200 recorded so far) and holds 200 more.
   const spent = await keyLease(first.id, 300n);
   await store.releaseBudgetLease({ leaseId: spent.leaseId as string, spentNanos: 250n, now });
-  await recordSpend(org.id, 200n, first.id);
+  await recordSpend(org.id, 200n, first.id, spent.leaseId);
   const held = await keyLease(first.id, 200n);
   expect(held.grantedNanos).toBe(200n);
 
@@ -162,7 +162,7 @@ test("a rotated key's budget counts what the keys it replaced spent and still ho
   expect(await keyLease(third.id, 10_000n, { now: july })).toMatchObject({ grantedNanos: 1000n });
 });
 
-test("settled spend is a running total per budget and period; a late release of an expired lease still counts", async () => {
+test("released spend counts until its usage is recorded; a late release of an expired lease still counts", async () => {
   const org = await newOrg(1000n);
   const leases = await Promise.all([100n, 200n, 300n].map((n) => acquire(org.id, n)));
   await Promise.all(
@@ -174,11 +174,6 @@ test("settled spend is a running total per budget and period; a late release of 
   expect(await acquire(org.id, 1000n, { now: later, ttlSeconds: 1 })).toMatchObject({ grantedNanos: 970n });
   // Its holder reports what it spent after all.
   await store.releaseBudgetLease({ leaseId: expiring.leaseId as string, spentNanos: 250n, now: later });
-  const { rows } = await db.pool.query(
-    "SELECT scope, spent_nanos::int AS spent FROM budget_settlements WHERE scope_id = $1",
-    [org.id],
-  );
-  expect(rows).toEqual([{ scope: "organization", spent: 280 }]);
   const afterAll = new Date(later.getTime() + 2_000 + defaultAbandonedLeaseGraceMs);
   expect(await acquire(org.id, 1000n, { now: afterAll })).toMatchObject({ grantedNanos: 720n, remainingNanos: 0n });
 });
@@ -224,7 +219,8 @@ test("a lease that lives on into the next period counts against it until release
     remainingNanos: 0n,
   });
   const { rows } = await db.pool.query(
-    "SELECT period_start, spent_nanos::int AS spent FROM budget_settlements WHERE scope_id = $1 ORDER BY 1",
+    `SELECT settled_period_start AS period_start, spent_nanos::int AS spent FROM budget_leases
+     WHERE org_id = $1 AND released_at IS NOT NULL ORDER BY 1`,
     [org.id],
   );
   expect(rows).toEqual([
@@ -240,4 +236,54 @@ test("a June lease abandoned across the boundary reserves in July through its gr
   expect(await acquire(org.id, 1000n, { now: expired, ttlSeconds: 1 })).toMatchObject({ grantedNanos: 600n });
   const afterGrace = new Date(expired.getTime() + defaultAbandonedLeaseGraceMs + 2_000);
   expect(await acquire(org.id, 1000n, { now: afterGrace })).toMatchObject({ grantedNanos: 1000n });
+});
+
+test("usage recorded without a lease still counts while released spend waits for its usage", async () => {
+  // $90 spent before the org had a budget, then a $100 budget: $10 is left, however often it is leased.
+  const org = await newOrg(0n);
+  await recordSpend(org.id, 90n);
+  await store.updateOrganization(org.id, { monthlyBudgetNanos: 100n });
+  let granted = 0n;
+  const leases: string[] = [];
+  for (let round = 0; round < 5; round++) {
+    const lease = await acquire(org.id, 10n);
+    granted += lease.grantedNanos;
+    if (!lease.leaseId) break;
+    leases.push(lease.leaseId);
+    // Spent in full and released; its usage is still on its way (a gateway's spool, analytics' buffer).
+    await store.releaseBudgetLease({ leaseId: lease.leaseId, spentNanos: lease.grantedNanos, now });
+  }
+  expect(granted).toBe(10n);
+  // The usage arrives, naming its lease; resent, it changes nothing. Still nothing left.
+  await recordSpend(org.id, 10n, null, leases[0]);
+  expect(await acquire(org.id, 10n)).toMatchObject({ grantedNanos: 0n, remainingNanos: 0n });
+  const { rows } = await db.pool.query("SELECT recorded_nanos::int AS recorded FROM budget_leases WHERE id = $1", [
+    leases[0],
+  ]);
+  expect(rows).toEqual([{ recorded: 10 }]);
+});
+
+test("spend is counted once whether its usage is recorded before or after the release, and resends add nothing", async () => {
+  const org = await newOrg(1000n);
+  // Usage recorded while the lease is open shrinks what the lease reserves.
+  const open = await acquire(org.id, 400n);
+  await recordSpend(org.id, 150n, null, open.leaseId);
+  expect(await acquire(org.id, 10_000n, { holder: "gw-2" })).toMatchObject({ grantedNanos: 600n, remainingNanos: 0n });
+  // Released with 300 spent, 150 of it recorded: 150 counts until its usage comes.
+  await store.releaseBudgetLease({ leaseId: open.leaseId as string, spentNanos: 300n, now });
+  // 1000 - (150 recorded + 150 unrecorded) - 600 held by gw-2 = 100.
+  const check = async () => (await acquire(org.id, 10_000n, { holder: "gw-4" })).grantedNanos;
+  expect(await check()).toBe(100n);
+  // The rest of its usage arrives, twice (a resend): recorded once, and the lease's spend is all accounted for.
+  const rest = spendRecord(org.id, 150n, null, open.leaseId);
+  await store.recordUsage([rest]);
+  const resent = await store.recordUsage([rest]);
+  expect(resent.duplicates).toBe(1);
+  const { rows } = await db.pool.query(
+    "SELECT spent_nanos::int AS spent, recorded_nanos::int AS recorded FROM budget_leases WHERE id = $1",
+    [open.leaseId],
+  );
+  expect(rows).toEqual([{ spent: 300, recorded: 300 }]);
+  // Nothing more is left: 300 recorded, 600 held by gw-2 and 100 by gw-4.
+  expect(await check()).toBe(0n);
 });

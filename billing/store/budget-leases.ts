@@ -30,9 +30,10 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
      * Grants up to `requestedNanos` of what is left of the scope's budget in the current billing period; a key's
      * budget is shared with the keys it was rotated from (its lineage), whose spend and leases count here too.
      * The scope's row is locked for the transaction, so concurrent grants are serialised and together never exceed
-     * the budget. Committed spend counts as the larger of recorded usage and what released leases reported spent
-     * (usage arrives later than releases); active leases reserve their whole grant, and so do expired unreleased
-     * ones for `abandonedLeaseGraceMs` after expiry; older abandoned leases reserve nothing. A lease of the previous
+     * the budget. Committed spend is the recorded usage plus what released leases reported spent beyond the usage
+     * recorded against them (usage arrives later than releases, and names its leases); active leases reserve their
+     * grant beyond their recorded usage, and so do expired unreleased ones for `abandonedLeaseGraceMs` after expiry;
+     * older abandoned leases reserve nothing, their usage counting as it is recorded. A lease of the previous
      * period that lives on into this one can be spent in both, so it reserves here too until released, and is
      * settled here when released after its own period ended (see releaseBudgetLease).
      */
@@ -69,21 +70,22 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
         let granted = request.requestedNanos;
         let remaining: bigint | null = null;
         if (budget > 0n) {
-          // One statement, so one snapshot: a release committing meanwhile is counted either as still reserved or
-          // as settled, never as neither. Recorded usage and settled releases are two views of the same spend, so
-          // each key counts the larger of its two.
+          // One statement, so one snapshot: a release or a RecordUsage committing meanwhile is counted whole or not at
+          // all. Usage records name the leases they were drawn from, so each lease knows how much of its spend is
+          // recorded: committed spend is the recorded usage plus what released leases spent beyond theirs, and an
+          // open lease reserves its grant beyond its recorded usage.
           const usedRows = await tx.query<{ committed: string; reserved: string }>(
             `WITH scope_ids AS (${scopeIds})
              SELECT
-               (SELECT coalesce(sum(greatest(
-                  (SELECT coalesce(sum(cost_nanos), 0) FROM usage_summaries
-                   WHERE ${scopeColumn} = s.id AND day >= $2::date AND day < $3::date),
-                  (SELECT coalesce(sum(spent_nanos), 0) FROM budget_settlements
-                   WHERE scope = $4 AND scope_id = s.id AND period_start = $6))), 0)
-                FROM scope_ids s) AS committed,
-               (SELECT coalesce(sum(granted_nanos), 0) FROM budget_leases
+               (SELECT coalesce(sum(cost_nanos), 0) FROM usage_summaries
+                WHERE ${scopeColumn} IN (SELECT id FROM scope_ids) AND day >= $2::date AND day < $3::date)
+               + (SELECT coalesce(sum(spent_nanos - recorded_nanos), 0) FROM budget_leases
+                  WHERE spent_nanos > recorded_nanos AND scope = $4
+                    AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids) AND settled_period_start = $6)
+                 AS committed,
+               (SELECT coalesce(sum(greatest(granted_nanos - recorded_nanos, 0)), 0) FROM budget_leases
                 WHERE released_at IS NULL AND scope = $4
-                  AND coalesce(api_key_id, org_id) = ANY (ARRAY(SELECT id FROM scope_ids))
+                  AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids)
                   AND period_start >= $7 AND expires_at > greatest($5, $6)) AS reserved`,
             [
               request.scopeId,
@@ -135,30 +137,24 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
     },
 
     /**
-     * Settles a lease at what its holder spent (the rest returns to the pool) and adds that to the period's settled
-     * total, in one statement. Releasing twice is a no-op. A lease released after its period ended, having lived on
-     * into the next, settles in the next: its own period grants no more, and the next must count what it spent
-     * there before that usage is recorded (all of it, as a release does not say when it was spent).
+     * Settles a lease at what its holder spent: the rest returns to the pool, and what it spent beyond its recorded
+     * usage counts until that usage is recorded. Releasing twice is a no-op. A lease released after its period ended,
+     * having lived on into the next, settles in the next: its own period grants no more, and the next must count what
+     * it spent there before that usage is recorded (all of it, as a release does not say when it was spent).
      */
     async releaseBudgetLease(release: { leaseId: string; spentNanos: bigint; now: Date }): Promise<void> {
-      const rows = await db.query<{ released: boolean; known: boolean }>(
-        `WITH released AS (
-           UPDATE budget_leases SET released_at = $3, spent_nanos = $2
-           WHERE id = $1 AND released_at IS NULL
-           RETURNING scope, coalesce(api_key_id, org_id) AS scope_id, period_start, spent_nanos, expires_at
-         ), periods AS (
-           -- Periods are whole months from the billing day (at most the 28th), so the next starts a month later.
-           SELECT *, (period_start AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC' AS next_start
-           FROM released
-         ), settled AS (
-           INSERT INTO budget_settlements AS s (scope, scope_id, period_start, spent_nanos)
-           SELECT scope, scope_id,
-             CASE WHEN $3 >= next_start AND expires_at > next_start THEN next_start ELSE period_start END, spent_nanos
-           FROM periods
-           ON CONFLICT (scope, scope_id, period_start) DO UPDATE SET spent_nanos = s.spent_nanos + excluded.spent_nanos
+      const rows = await db.query<{ known: boolean }>(
+        // Periods are whole months from the billing day (at most the 28th), so the next starts a month later.
+        `WITH lease AS (
+           SELECT id, (period_start AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC' AS next_start
+           FROM budget_leases WHERE id = $1
+         ), released AS (
+           UPDATE budget_leases l SET released_at = $3, spent_nanos = $2,
+             settled_period_start = CASE WHEN $3 >= lease.next_start AND l.expires_at > lease.next_start
+               THEN lease.next_start ELSE l.period_start END
+           FROM lease WHERE l.id = lease.id AND l.released_at IS NULL
          )
-         SELECT EXISTS (SELECT 1 FROM released) AS released,
-                EXISTS (SELECT 1 FROM budget_leases WHERE id = $1) AS known`,
+         SELECT EXISTS (SELECT 1 FROM lease) AS known`,
         [release.leaseId, release.spentNanos.toString(), release.now],
       );
       if (!rows[0]?.known) throw new BillingError("not_found", `budget lease ${release.leaseId} not found`);

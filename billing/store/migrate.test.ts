@@ -21,11 +21,11 @@ const migrations = [
   "0004_key_lineage.sql",
   "0005_usage_bounds.sql",
   "0006_invoice_org_name.sql",
+  "0007_lease_recorded_spend.sql",
 ];
 const billingTables = [
   "api_keys",
   "budget_leases",
-  "budget_settlements",
   "discount_rules",
   "discount_tiers",
   "invoice_line_items",
@@ -107,8 +107,15 @@ test("upgrades a database that already holds data from the first migration", asy
       `SELECT o.max_discount_bps, u.input_cost_nanos FROM organizations o JOIN usage_records u ON u.org_id = o.id`,
     );
     expect(rows).toEqual([{ max_discount_bps: 0, input_cost_nanos: null }]);
-    const settled = await pool.query("SELECT scope_id, spent_nanos::int AS spent FROM budget_settlements");
-    expect(settled.rows).toEqual([{ scope_id: "org_old", spent: 7 }]);
+    // Leases released before their usage named them are taken as recorded, and settle in their own period.
+    const leases = await pool.query(
+      `SELECT id, recorded_nanos::int AS recorded, settled_period_start AS settled FROM budget_leases ORDER BY id`,
+    );
+    expect(leases.rows).toEqual([
+      { id: "lease_1", recorded: 4, settled: new Date("2026-06-01T00:00:00Z") },
+      { id: "lease_2", recorded: 3, settled: new Date("2026-06-01T00:00:00Z") },
+      { id: "lease_3", recorded: 0, settled: null },
+    ]);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

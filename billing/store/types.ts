@@ -95,6 +95,14 @@ export interface UsageRecord {
   occurredAt: Date;
   /** Null when the sender did not split the cost by token type. */
   costBreakdown: CostBreakdown | null;
+  /** The budget leases the cost was drawn from, and how much from each; none when no budget applied. */
+  budgetCharges?: readonly BudgetCharge[];
+}
+
+/** What one request drew from one budget lease, in nano-USD. */
+export interface BudgetCharge {
+  leaseId: string;
+  nanos: bigint;
 }
 
 export interface UsageTotals {

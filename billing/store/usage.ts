@@ -81,7 +81,8 @@ export function createUsageStore(db: Db) {
   return {
     /**
      * Stores a batch in one statement: rows whose request_id is already known are skipped, and the daily
-     * summaries grow by exactly the rows inserted, atomically with them.
+     * summaries and the recorded spend of the budget leases they were drawn from grow by exactly the rows inserted,
+     * atomically with them.
      */
     async recordUsage(records: UsageRecord[]): Promise<RecordedUsage> {
       if (records.length === 0) return { inserted: 0, duplicates: 0, xid: "", added: [] };
@@ -90,6 +91,9 @@ export function createUsageStore(db: Db) {
       const plain = (pick: (r: UsageRecord) => bigint | string) => `{${records.map(pick).join(",")}}`;
       // unnest pads shorter arrays with NULLs, so a batch without breakdowns sends empty arrays.
       const itemised = records.some((r) => r.costBreakdown);
+      const charges = records.flatMap((r) =>
+        (r.budgetCharges ?? []).map((c) => ({ requestId: r.requestId, leaseId: c.leaseId, nanos: c.nanos })),
+      );
       const part = (pick: (b: CostBreakdown) => bigint) =>
         itemised ? column((r) => (r.costBreakdown ? pick(r.costBreakdown).toString() : null)) : "{}";
       const rows = await db.query<AddedRow>(
@@ -107,8 +111,21 @@ export function createUsageStore(db: Db) {
            -- A stable order keeps concurrent overlapping batches from deadlocking; bytewise is enough and cheapest.
            SELECT * FROM batch ORDER BY request_id COLLATE "C"
            ON CONFLICT (request_id) DO NOTHING
-           RETURNING org_id, project_id, api_key_id, occurred_at, input_tokens, cached_input_tokens, output_tokens,
-             reasoning_tokens, cost_nanos
+           RETURNING request_id, org_id, project_id, api_key_id, occurred_at, input_tokens, cached_input_tokens,
+             output_tokens, reasoning_tokens, cost_nanos
+         ), charges AS (
+           -- What the newly recorded requests drew from each budget lease (a resent request adds nothing again).
+           SELECT c.lease_id, sum(c.nanos) AS nanos
+           FROM unnest($18::text[], $19::text[], $20::bigint[]) AS c(request_id, lease_id, nanos)
+           JOIN inserted USING (request_id)
+           GROUP BY c.lease_id
+         ), locked AS (
+           -- Locked in one order, so concurrent batches charging the same leases cannot deadlock.
+           SELECT id FROM budget_leases WHERE id IN (SELECT lease_id FROM charges) ORDER BY id FOR NO KEY UPDATE
+         ), recorded AS (
+           UPDATE budget_leases l SET recorded_nanos = l.recorded_nanos + charges.nanos
+           FROM charges JOIN locked ON locked.id = charges.lease_id
+           WHERE l.id = charges.lease_id
          ), added AS (
            SELECT org_id, project_id, api_key_id, (occurred_at AT TIME ZONE 'UTC')::date AS day, count(*) AS requests,
              sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens,
@@ -150,6 +167,9 @@ export function createUsageStore(db: Db) {
           part((b) => b.cachedInputNanos),
           part((b) => b.outputNanos),
           part((b) => b.reasoningNanos),
+          arrayLiteral(charges.map((c) => c.requestId)),
+          arrayLiteral(charges.map((c) => c.leaseId)),
+          `{${charges.map((c) => c.nanos).join(",")}}`,
         ],
       );
       const inserted = rows.reduce((sum, row) => sum + row.requests, 0);

@@ -165,6 +165,13 @@ describe("a budget raced by two gateway replicas", () => {
       for (const row of rows) expect(row.released_at).not.toBeNull();
       const reported = rows.reduce((sum, r) => sum + BigInt(r.spent_nanos ?? 0), 0n);
       expect(reported).toBe(spent);
+      // Each request's usage named the leases it was drawn from: every lease's spend is recorded against it, so
+      // billing counts none of it twice and none beyond its usage.
+      const recorded = await db.pool.query<{ id: string; spent: string; recorded: string }>(
+        "SELECT id, spent_nanos::text AS spent, recorded_nanos::text AS recorded FROM budget_leases WHERE api_key_id = $1",
+        [keyId],
+      );
+      for (const lease of recorded.rows) expect(lease.recorded).toBe(lease.spent);
 
       // Replay grants (at the time billing minted their id, inside the locked transaction) and releases (at the
       // time the release began, so never later than a grant that saw it): money outstanding, granted and not yet

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file common/v1/common.proto.
  */
 export const file_common_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChZjb21tb24vdjEvY29tbW9uLnByb3RvEgljb21tb24udjEicAoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgCIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAMgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBCABKAMibwoNQ29zdEJyZWFrZG93bhITCgtpbnB1dF9uYW5vcxgBIAEoAxIaChJjYWNoZWRfaW5wdXRfbmFub3MYAiABKAMSFAoMb3V0cHV0X25hbm9zGAMgASgDEhcKD3JlYXNvbmluZ19uYW5vcxgEIAEoAypxCghFbmRwb2ludBIYChRFTkRQT0lOVF9VTlNQRUNJRklFRBAAEh0KGUVORFBPSU5UX0NIQVRfQ09NUExFVElPTlMQARIXChNFTkRQT0lOVF9FTUJFRERJTkdTEAISEwoPRU5EUE9JTlRfTU9ERUxTEANiBnByb3RvMw");
+  fileDesc("ChZjb21tb24vdjEvY29tbW9uLnByb3RvEgljb21tb24udjEicAoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgCIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAMgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBCABKAMiLwoMQnVkZ2V0Q2hhcmdlEhAKCGxlYXNlX2lkGAEgASgJEg0KBW5hbm9zGAIgASgDIm8KDUNvc3RCcmVha2Rvd24SEwoLaW5wdXRfbmFub3MYASABKAMSGgoSY2FjaGVkX2lucHV0X25hbm9zGAIgASgDEhQKDG91dHB1dF9uYW5vcxgDIAEoAxIXCg9yZWFzb25pbmdfbmFub3MYBCABKAMqcQoIRW5kcG9pbnQSGAoURU5EUE9JTlRfVU5TUEVDSUZJRUQQABIdChlFTkRQT0lOVF9DSEFUX0NPTVBMRVRJT05TEAESFwoTRU5EUE9JTlRfRU1CRURESU5HUxACEhMKD0VORFBPSU5UX01PREVMUxADYgZwcm90bzM");
 
 /**
  * Token counts of one request, as reported by the upstream provider or, when it
@@ -56,6 +56,30 @@ export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
   messageDesc(file_common_v1_common, 0);
 
 /**
+ * What one request drew from one budget lease (billing.v1.BillingService.AcquireBudgetLease), in nano-USD.
+ *
+ * @generated from message common.v1.BudgetCharge
+ */
+export type BudgetCharge = Message<"common.v1.BudgetCharge"> & {
+  /**
+   * @generated from field: string lease_id = 1;
+   */
+  leaseId: string;
+
+  /**
+   * @generated from field: int64 nanos = 2;
+   */
+  nanos: bigint;
+};
+
+/**
+ * Describes the message common.v1.BudgetCharge.
+ * Use `create(BudgetChargeSchema)` to create a new message.
+ */
+export const BudgetChargeSchema: GenMessage<BudgetCharge> = /*@__PURE__*/
+  messageDesc(file_common_v1_common, 1);
+
+/**
  * Parts of a request's cost_nanos per token type, in nano-USD, each priced at its own rate. Set by the
  * gateway; the parts add up to cost_nanos exactly (the single half-up rounding of the request goes to
  * the parts with the largest remainders). Invoices itemise usage by these parts.
@@ -93,7 +117,7 @@ export type CostBreakdown = Message<"common.v1.CostBreakdown"> & {
  * Use `create(CostBreakdownSchema)` to create a new message.
  */
 export const CostBreakdownSchema: GenMessage<CostBreakdown> = /*@__PURE__*/
-  messageDesc(file_common_v1_common, 1);
+  messageDesc(file_common_v1_common, 2);
 
 /**
  * The API surface a request used. Shared by analytics (dimensions) and billing (usage lines).
