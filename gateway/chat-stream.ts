@@ -15,7 +15,7 @@ import {
   usageOfTokens,
 } from "./providers/provider.ts";
 import { meteredName, meterUsage } from "./metering.ts";
-import { countInputTokens, countTextTokens, estimatedTokens } from "./tokenizer.ts";
+import { countInputTokens, countTextTokens } from "./tokenizer.ts";
 
 /** Accounting of a stream, known once it has ended however it ended. */
 export interface StreamOutcome {
@@ -85,9 +85,8 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     ending ??= (async () => {
       call.signal?.removeEventListener("abort", onAbort);
       deadline.removeEventListener("abort", onAbort);
-      // Metrics are recorded even if counting fails (the tokenizer cannot load): with zero tokens, marked estimated.
-      const { tokens, estimated } =
-        counted ?? (await count().catch(() => ({ tokens: estimatedTokens(0, 0), estimated: true })));
+      // Counted if the stream ended before its usage was (a count never fails, see tokenizer.ts).
+      const { tokens, estimated } = counted ?? (await count());
       const cost = meterUsage(m, tokens, estimated, options.price);
       outcome = { tokens, costNanos: cost, usageEstimated: estimated, provider: m.provider, error };
       options.finish(call, error);

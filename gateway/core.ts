@@ -231,8 +231,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     } catch (e) {
       const outcome = toGatewayError(e).outcome;
       if (promptSent && (outcome === RequestStatus.CANCELLED || outcome === RequestStatus.TIMEOUT)) {
-        // Recorded even if the tokenizer cannot load, as a stream's count is: with zero tokens.
-        const input = await countInput().catch(() => 0);
+        // Counted on the prompt the upstream was sent (a count never fails, see tokenizer.ts).
+        const input = await countInput();
         meterUsage(call.metrics, estimatedTokens(input, 0), true, route.price);
       }
       throw e;

@@ -5,11 +5,60 @@ import type { Tokens } from "../lib/money.ts";
  * Token counts by OpenAI's o200k_base encoding (GPT-4o, GPT-4.1, o-series), for upstreams that
  * report no usage. The encoding is loaded on first use: it takes about a second and ~110 MB, which
  * a gateway whose upstreams report usage never pays.
+ *
+ * Counting runs on the event loop, so its cost is bounded whatever the text: the first `exactChars` characters of a
+ * count are encoded and the rest scaled from them, a run without whitespace is encoded in pieces of `maxRun`
+ * characters (byte-pair merging a run costs the square of its length: 20,000 CJK characters took 2.2 s whole), and
+ * special-token text such as `<|endoftext|>` is counted as the plain text it is. A count never fails: should the
+ * encoding not load, it falls back to four characters a token.
  */
 type Encoding = typeof import("gpt-tokenizer/encoding/o200k_base");
 
-let loading: Promise<Encoding> | undefined;
-const encoding = () => (loading ??= import("gpt-tokenizer/encoding/o200k_base"));
+let loading: Promise<Encoding | undefined> | undefined;
+const encoding = () => (loading ??= import("gpt-tokenizer/encoding/o200k_base").catch(() => undefined));
+
+/** Characters of one count encoded exactly; beyond them tokens are scaled by the ratio found so far. */
+export const exactChars = 32_768;
+/** Longest run without whitespace encoded at once. */
+export const maxRun = 128;
+const longRun = new RegExp(`\\S{${maxRun + 1},}`, "g");
+// Special tokens are text a client wrote, not control tokens: encoded as ordinary text, never refused.
+const plainText = { disallowedSpecial: new Set<string>() };
+
+/** A running token count over pieces of text, bounded in cost. */
+interface Count {
+  add(text: string): void;
+  total(): number;
+}
+
+async function newCount(): Promise<Count> {
+  const encoded = await encoding();
+  let exact = 0;
+  let tokens = 0;
+  let rest = 0;
+  const encode = (text: string): number => {
+    if (!encoded) return Math.ceil(text.length / 4);
+    if (text.length <= maxRun) return encoded.countTokens(text, plainText);
+    let sum = 0;
+    let from = 0;
+    for (const run of text.matchAll(longRun)) {
+      sum += encoded.countTokens(text.slice(from, run.index), plainText);
+      for (let at = 0; at < run[0].length; at += maxRun) sum += encoded.countTokens(run[0].slice(at, at + maxRun), plainText);
+      from = run.index + run[0].length;
+    }
+    return sum + encoded.countTokens(text.slice(from), plainText);
+  };
+  return {
+    add(text) {
+      const room = exactChars - exact;
+      const part = text.length <= room ? text : text.slice(0, Math.max(room, 0));
+      if (part.length > 0) tokens += encode(part);
+      exact += part.length;
+      rest += text.length - part.length;
+    },
+    total: () => tokens + (rest === 0 ? 0 : Math.ceil((rest * Math.max(tokens, 1)) / Math.max(exact, 1))),
+  };
+}
 
 // OpenAI's chat framing: tokens around each message, one more for a name, three priming the reply.
 const perMessage = 3;
@@ -23,47 +72,55 @@ export async function countInputTokens(
   messages: readonly ChatCompletionMessageParam[],
   tools?: readonly ChatCompletionTool[] | null,
 ): Promise<number> {
-  const { countTokens } = await encoding();
+  const count = await newCount();
   let tokens = replyPriming;
   for (const m of messages) {
-    tokens += perMessage + countTokens(m.role);
-    if ("name" in m && m.name) tokens += perName + countTokens(m.name);
+    tokens += perMessage;
+    count.add(m.role);
+    if ("name" in m && m.name) {
+      tokens += perName;
+      count.add(m.name);
+    }
     const content = m.content;
-    if (typeof content === "string") tokens += countTokens(content);
+    if (typeof content === "string") count.add(content);
     else if (Array.isArray(content)) {
       for (const part of content) {
-        if (part.type === "text") tokens += countTokens(part.text);
+        if (part.type === "text") count.add(part.text);
         else if (part.type === "image_url") tokens += part.image_url.detail === "low" ? imageTokens.low : imageTokens.high;
-        else if (part.type === "refusal") tokens += countTokens(part.refusal);
+        else if (part.type === "refusal") count.add(part.refusal);
       }
     }
     if (m.role === "assistant" && m.tool_calls) {
       for (const call of m.tool_calls) {
-        if (call.type === "function") tokens += countTokens(call.function.name) + countTokens(call.function.arguments);
+        if (call.type === "function") {
+          count.add(call.function.name);
+          count.add(call.function.arguments);
+        }
       }
     }
   }
-  if (tools && tools.length > 0) tokens += countTokens(JSON.stringify(tools));
-  return tokens;
+  if (tools && tools.length > 0) count.add(JSON.stringify(tools));
+  return tokens + count.total();
 }
 
 /** Tokens of generated text (content, refusals, tool call arguments), summed over pieces. */
 export async function countTextTokens(pieces: readonly string[]): Promise<number> {
   if (pieces.length === 0) return 0;
-  const { countTokens } = await encoding();
-  return countTokens(pieces.join(""));
+  const count = await newCount();
+  count.add(pieces.join(""));
+  return count.total();
 }
 
 /** Tokens of embedding inputs: strings are encoded, token arrays counted as they are. */
 export async function countEmbeddingTokens(input: string | readonly string[] | readonly number[] | readonly number[][]): Promise<number> {
-  if (typeof input === "string") return (await encoding()).countTokens(input);
+  const count = await newCount();
   let tokens = 0;
-  for (const item of input) {
+  for (const item of typeof input === "string" ? [input] : input) {
     if (typeof item === "number") tokens++;
     else if (Array.isArray(item)) tokens += item.length;
-    else tokens += (await encoding()).countTokens(item as string);
+    else count.add(item as string);
   }
-  return tokens;
+  return tokens + count.total();
 }
 
 /** Estimated usage: input and output counts, nothing cached or hidden. */

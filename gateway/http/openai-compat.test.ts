@@ -207,6 +207,24 @@ for (const port of ["rpc", "rest"] as const) {
         expect(completion.usage).toEqual({ prompt_tokens: input, completion_tokens: 2, total_tokens: input + 2 });
       });
 
+      test("special-token text in a prompt or a reply is counted as text: answered and metered, never a failure", async () => {
+        upstream.script("no-usage", { content: "done <|endoftext|>", usage: false });
+        const special = [{ role: "user" as const, content: "summarise <|endoftext|> <|fim_prefix|> this" }];
+        for (let i = 0; i < 6; i++) {
+          const { data: completion, response } = await sdk()
+            .chat.completions.create({ model: "no-usage", messages: special })
+            .withResponse();
+          expect(completion.choices[0]?.message.content).toBe("done <|endoftext|>");
+          const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+          expect(m).toMatchObject({ status: RequestStatus.OK, usageEstimated: true });
+          expect(m.usage?.inputTokens).toBeGreaterThan(10n);
+          expect(m.usage?.outputTokens).toBeGreaterThan(2n);
+          expect(m.costNanos).toBeGreaterThan(0n);
+        }
+        // Six answers in a row: none counted against the upstream, so its breaker stays closed.
+        expect(upstream.seen("no-usage").length).toBeGreaterThanOrEqual(6);
+      });
+
       test("a tool call comes back in OpenAI's shape", async () => {
         upstream.script("tools", { toolCall: { name: "lookup", arguments: '{"q":"cats"}' } });
         const completion = await sdk().chat.completions.create({ model: "tools", messages: hello });

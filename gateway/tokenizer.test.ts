@@ -1,0 +1,43 @@
+import { describe, expect, test } from "bun:test";
+import { countEmbeddingTokens, countInputTokens, countTextTokens, exactChars, maxRun } from "./tokenizer.ts";
+
+const user = (content: string) => [{ role: "user" as const, content }];
+/** A prompt's framing: 3 priming the reply, 3 around the message, 1 for "user". */
+const framing = 7;
+
+describe("token counts", () => {
+  test("ordinary text is counted as OpenAI's o200k_base counts it, with chat framing", async () => {
+    expect(await countInputTokens(user("hello there friend"))).toBe(framing + 3);
+    expect(await countTextTokens(["Hello", " world"])).toBe(2);
+    expect(await countEmbeddingTokens(["Hello world", "Hello world"])).toBe(4);
+    expect(await countEmbeddingTokens([[1, 2, 3], [4]])).toBe(4);
+  });
+
+  test("special-token text is plain text a client wrote: counted, never refused", async () => {
+    for (const special of ["<|endoftext|>", "<|endofprompt|>", "<|fim_prefix|>"]) {
+      const tokens = await countInputTokens(user(`hi ${special} there`));
+      expect(tokens).toBeGreaterThan(framing + 3);
+      expect(await countTextTokens([special])).toBeGreaterThan(1);
+      expect(await countEmbeddingTokens(special)).toBeGreaterThan(1);
+    }
+  });
+
+  test("a run without whitespace is encoded in pieces of maxRun characters", async () => {
+    const piece = await countTextTokens(["a".repeat(maxRun)]);
+    expect(await countTextTokens(["a".repeat(maxRun * 40)])).toBe(piece * 40);
+    const cjk = "漢字".repeat(maxRun / 2);
+    expect(await countTextTokens([`${cjk.repeat(10)} ok`])).toBe((await countTextTokens([cjk])) * 10 + 1);
+  });
+
+  test("beyond exactChars characters a count is scaled from those it encoded", async () => {
+    const sentence = "The quick brown fox jumps over the lazy dog. ";
+    const exact = sentence.repeat(Math.floor(exactChars / sentence.length));
+    const perChar = (await countTextTokens([exact])) / exact.length;
+    const huge = sentence.repeat(100_000);
+    const counted = await countTextTokens([huge]);
+    expect(Math.abs(counted - huge.length * perChar) / counted).toBeLessThan(0.01);
+    // Across the messages of a prompt the budget is shared: the later ones are scaled too.
+    const prompt = await countInputTokens([...user(huge), ...user(huge)]);
+    expect(Math.abs(prompt - 2 * counted) / prompt).toBeLessThan(0.01);
+  });
+});
