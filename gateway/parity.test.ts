@@ -138,3 +138,39 @@ describe("REST and RPC parity", () => {
     expect(restCost).toBe(cost);
   });
 });
+
+describe("odd but parseable upstream answers", () => {
+  test("a fractional created and tool arguments sent as an object are answered over RPC as over REST, not failed", async () => {
+    upstream.script("upstream-model", {
+      toolCall: { name: "weather", arguments: "unused" },
+      odd: { created: 1_700_000_000.75, toolArguments: { city: "Oslo" } },
+    });
+    try {
+      const viaRest = await sdk().chat.completions.create({ model: "ok", messages: [{ role: "user", content: "hi" }] });
+      expect(viaRest.choices[0]?.message.tool_calls?.[0]).toMatchObject({ function: { arguments: { city: "Oslo" } } });
+      const viaRpc = await gateway
+        .rpc("sk-good")
+        .createChatCompletion({ params: create(ChatCompletionParamsSchema, { model: "ok", messages: [{ role: "user", content: "hi" }] }) });
+      expect(viaRpc.created).toBe(1_700_000_000n);
+      expect(viaRpc.choices[0]?.message?.toolCalls[0]?.function).toMatchObject({ name: "weather", arguments: '{"city":"Oslo"}' });
+      expect(viaRpc.accounting?.costNanos).toBeGreaterThan(0n);
+
+      const chunks = [];
+      for await (const message of gateway
+        .rpc("sk-good")
+        .streamChatCompletion({ params: create(ChatCompletionParamsSchema, { model: "ok", messages: [{ role: "user", content: "hi" }] }) })) {
+        chunks.push(message);
+      }
+      expect(chunks.every((m) => m.created === 1_700_000_000n)).toBe(true);
+      expect(chunks.flatMap((m) => m.choices.flatMap((c) => c.toolCalls.map((t) => t.function?.arguments ?? "")))).toContain(
+        '{"city":"Oslo"}',
+      );
+      expect(chunks.at(-1)?.accounting?.costNanos).toBeGreaterThan(0n);
+    } finally {
+      upstream.script("upstream-model", {
+        content: "the same answer both ways",
+        usage: { prompt_tokens: 321, completion_tokens: 45, total_tokens: 366, prompt_tokens_details: { cached_tokens: 100 } },
+      });
+    }
+  });
+});

@@ -154,7 +154,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
         }
         yield create(StreamChatCompletionResponseSchema, {
           id: last?.id ?? "",
-          created: BigInt(last?.created ?? 0),
+          created: int64Of(last?.created),
           model: last?.model ?? "",
           accounting: accounting(stream.outcome as StreamOutcome, call.requestId),
         });
@@ -174,7 +174,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
         setLimitHeaders(call, ctx);
         return create(CreateEmbeddingResponseSchema, {
           model: outcome.response.model,
-          data: outcome.response.data.map((d) => ({ index: d.index, embedding: d.embedding })),
+          data: outcome.response.data.map((d) => ({ index: int32Of(d.index), embedding: floatsOf(d.embedding) })),
           accounting: accounting(outcome, call.requestId),
         });
       } catch (e) {
@@ -256,19 +256,25 @@ function messageBody(m: ChatMessage): Record<string, unknown> {
 function chatResponse(outcome: ChatOutcome, requestId: string): CreateChatCompletionResponse {
   const c: ChatCompletion = outcome.completion;
   return create(CreateChatCompletionResponseSchema, {
-    id: c.id,
-    created: BigInt(c.created),
-    model: c.model,
-    systemFingerprint: c.system_fingerprint ?? "",
+    id: textOf(c.id),
+    created: int64Of(c.created),
+    model: textOf(c.model),
+    systemFingerprint: textOf(c.system_fingerprint),
     choices: c.choices.map((choice) => ({
-      index: choice.index,
-      finishReason: choice.finish_reason ?? "",
+      index: int32Of(choice.index),
+      finishReason: textOf(choice.finish_reason),
       message: {
-        role: choice.message.role,
-        content: choice.message.content ?? "",
-        toolCalls: (choice.message.tool_calls ?? []).flatMap((call) =>
+        role: textOf(choice.message?.role),
+        content: textOf(choice.message?.content),
+        toolCalls: (choice.message?.tool_calls ?? []).flatMap((call) =>
           call.type === "function"
-            ? [{ id: call.id, type: "function", function: { name: call.function.name, arguments: call.function.arguments } }]
+            ? [
+                {
+                  id: textOf(call.id),
+                  type: "function",
+                  function: { name: textOf(call.function?.name), arguments: textOf(call.function?.arguments) },
+                },
+              ]
             : [],
         ),
       },
@@ -289,19 +295,19 @@ function accounting(outcome: Pick<ChatOutcome, "tokens" | "costNanos" | "usageEs
 
 function streamResponse(chunk: ChatCompletionChunk): StreamChatCompletionResponse {
   return create(StreamChatCompletionResponseSchema, {
-    id: chunk.id,
-    created: BigInt(chunk.created),
-    model: chunk.model,
+    id: textOf(chunk.id),
+    created: int64Of(chunk.created),
+    model: textOf(chunk.model),
     choices: chunk.choices.map((choice) => ({
-      index: choice.index,
-      role: choice.delta.role ?? "",
-      content: choice.delta.content ?? "",
-      finishReason: choice.finish_reason ?? "",
-      toolCalls: (choice.delta.tool_calls ?? []).map((call) => ({
-        index: call.index,
-        id: call.id ?? "",
-        type: call.type ?? "",
-        function: { name: call.function?.name ?? "", arguments: call.function?.arguments ?? "" },
+      index: int32Of(choice.index),
+      role: textOf(choice.delta?.role),
+      content: textOf(choice.delta?.content),
+      finishReason: textOf(choice.finish_reason),
+      toolCalls: (choice.delta?.tool_calls ?? []).map((call) => ({
+        index: int32Of(call.index),
+        id: textOf(call.id),
+        type: textOf(call.type),
+        function: { name: textOf(call.function?.name), arguments: textOf(call.function?.arguments) },
       })),
     })),
   });
@@ -313,4 +319,30 @@ function embeddingBody(req: CreateEmbeddingRequest): Record<string, unknown> {
   if (req.dimensions !== undefined) body.dimensions = req.dimensions;
   if (req.user) body.user = req.user;
   return body;
+}
+
+/*
+ * Upstream JSON as contract fields. An OpenAI-compatible server's answer is relayed as it came over REST; over RPC a
+ * field of an odd type (a fractional `created`, tool arguments as an object, vectors as base64) is converted rather
+ * than failing an answer the upstream gave and the gateway already metered.
+ */
+function int64Of(value: unknown): bigint {
+  return typeof value === "number" && Number.isFinite(value) ? BigInt(Math.trunc(value)) : 0n;
+}
+
+function int32Of(value: unknown): number {
+  return typeof value === "number" && Number.isFinite(value) ? Math.max(-(2 ** 31), Math.min(2 ** 31 - 1, Math.trunc(value))) : 0;
+}
+
+function textOf(value: unknown): string {
+  return typeof value === "string" ? value : value === null || value === undefined ? "" : JSON.stringify(value);
+}
+
+/** An embedding as floats: a list of numbers, or base64 of little-endian float32s as OpenAI encodes them. */
+function floatsOf(value: unknown): number[] {
+  if (Array.isArray(value)) return value.map((v) => (typeof v === "number" ? v : Number.NaN));
+  if (typeof value !== "string") return [];
+  // Copied, so the floats start at an offset a Float32Array can take.
+  const bytes = Uint8Array.from(Buffer.from(value, "base64"));
+  return Array.from(new Float32Array(bytes.buffer, 0, Math.floor(bytes.length / 4)));
 }

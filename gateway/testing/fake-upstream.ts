@@ -41,6 +41,11 @@ export interface Behaviour {
   toolCall?: { name: string; arguments: string };
   /** The model the reply says served it; by default the requested one with `-fake`. */
   model?: string;
+  /**
+   * Fields of an odd but parseable reply, set over the whole reply or every chunk: a fractional `created`, a tool
+   * call's arguments as an object rather than a string, as some servers send them.
+   */
+  odd?: { created?: unknown; toolArguments?: unknown };
 }
 
 export interface SeenRequest {
@@ -152,7 +157,9 @@ function usageOf(body: Record<string, any>, text: string, b: Behaviour): FakeUsa
 }
 
 function toolCalls(b: Behaviour) {
-  return b.toolCall ? [{ id: "call_fake_1", type: "function", function: b.toolCall }] : undefined;
+  if (!b.toolCall) return undefined;
+  const { name, arguments: args } = b.toolCall;
+  return [{ id: "call_fake_1", type: "function", function: { name, arguments: b.odd?.toolArguments ?? args } }];
 }
 
 function completion(body: Record<string, any>, b: Behaviour): Response {
@@ -162,7 +169,7 @@ function completion(body: Record<string, any>, b: Behaviour): Response {
   return Response.json({
     id: "chatcmpl-fake",
     object: "chat.completion",
-    created: 1_700_000_000,
+    created: b.odd?.created ?? 1_700_000_000,
     model: b.model ?? `${body.model}-fake`,
     choices: [
       {
@@ -188,7 +195,7 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
   const base = {
     id: "chatcmpl-fake",
     object: "chat.completion.chunk",
-    created: 1_700_000_000,
+    created: b.odd?.created ?? 1_700_000_000,
     model: b.model ?? `${body.model}-fake`,
   };
   const event = (value: unknown) => encoder.encode(`data: ${JSON.stringify(value)}\n\n`);
@@ -201,7 +208,9 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
         controller.enqueue(chunk({ role: "assistant", content: "" }));
         if (b.toolCall) {
           controller.enqueue(chunk({ tool_calls: [{ index: 0, id: "call_fake_1", type: "function", function: { name: b.toolCall.name, arguments: "" } }] }));
-          controller.enqueue(chunk({ tool_calls: [{ index: 0, function: { arguments: b.toolCall.arguments } }] }));
+          controller.enqueue(
+            chunk({ tool_calls: [{ index: 0, function: { arguments: b.odd?.toolArguments ?? b.toolCall.arguments } }] }),
+          );
         }
         let sent = 0;
         for (const content of b.toolCall ? [] : pieces(text)) {
