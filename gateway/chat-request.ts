@@ -116,6 +116,8 @@ const fieldChecks = new Map<string, Check>([
   ["logprobs", boolean],
   ["top_logprobs", integer(0, 20)],
   ["parallel_tool_calls", boolean],
+  // Which tiers a model may be asked for depends on its prices: checked with its route.
+  ["service_tier", string],
   [
     "logit_bias",
     (v, param) => {

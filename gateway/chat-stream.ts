@@ -43,7 +43,10 @@ export interface MeterOptions {
   chunks: ChunkStream;
   /** As sent upstream: the input of token estimates. */
   request: ChatRequest;
+  /** What the request is billed at, unless a chunk names the service tier that served it: */
   price: Price;
+  /** the price of that tier. */
+  servedPrice?: (tier: unknown) => Price;
   /** The client asked for the usage chunk (stream_options.include_usage). */
   includeUsage: boolean;
   /** Aborted, with the GatewayError as its reason, when the request runs past its time limit. */
@@ -66,6 +69,8 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   // Generated text, kept only to count tokens when the upstream reports no usage.
   const generated: string[] = [];
   let usage: CompletionUsage | undefined;
+  /** The service tier the upstream's chunks say served the request. */
+  let servedTier: unknown;
   let outcome: StreamOutcome | undefined;
   let ending: Promise<void> | undefined;
   /**
@@ -87,7 +92,8 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       deadline.removeEventListener("abort", onAbort);
       // Counted if the stream ended before its usage was (a count never fails, see tokenizer.ts).
       const { tokens, estimated } = counted ?? (await count());
-      const cost = meterUsage(m, tokens, estimated, options.price);
+      const price = servedTier === undefined ? options.price : (options.servedPrice?.(servedTier) ?? options.price);
+      const cost = meterUsage(m, tokens, estimated, price);
       outcome = { tokens, costNanos: cost, usageEstimated: estimated, provider: m.provider, error };
       options.finish(call, error);
     })();
@@ -123,6 +129,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         }
         if (step.done) break;
         const chunk = step.value;
+        if (chunk.service_tier) servedTier = chunk.service_tier;
         if (chunk.usage) {
           usage = chunk.usage;
           // The usage chunk is held to go last with the metered counts.

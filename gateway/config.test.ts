@@ -69,6 +69,32 @@ describe("gateway config", () => {
     expect(cheap.retries).toBe(0);
   });
 
+  test("a model may price other service tiers; their cached and reasoning prices default as the model's do", () => {
+    const config = parseGatewayConfig(
+      base(`
+  - name: o3
+    targets: [{ provider: openai, model: o3 }]
+    pricing:
+      input_per_mtok: "2"
+      output_per_mtok: "8"
+      service_tiers: { flex: { input_per_mtok: "1", cached_input_per_mtok: "0.25", output_per_mtok: "4" } }
+`),
+      "test.yaml",
+    );
+    expect(config.models.get("o3")?.tierPrices).toEqual(
+      new Map([["flex", { inputMicros: 1_000_000n, cachedInputMicros: 250_000n, outputMicros: 4_000_000n, reasoningMicros: 4_000_000n }]]),
+    );
+    expect(
+      configError(
+        base(`
+  - name: o3
+    targets: [{ provider: openai, model: o3 }]
+    pricing: { input_per_mtok: "2", output_per_mtok: "8", service_tiers: { turbo: { input_per_mtok: "1", output_per_mtok: "4" } } }
+`),
+      ),
+    ).toContain("models[0].pricing.service_tiers");
+  });
+
   test("JSON files parse too", () => {
     const config = parseGatewayConfig(
       JSON.stringify({

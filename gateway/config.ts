@@ -57,6 +57,19 @@ const mockProvider = z.strictObject({
 
 const provider = z.discriminatedUnion("kind", [openaiProvider, azureProvider, mockProvider]);
 
+/** USD per million tokens of each kind. */
+const prices = z.strictObject({
+  input_per_mtok: usdPerMtok,
+  /** Defaults to the input price. */
+  cached_input_per_mtok: usdPerMtok.optional(),
+  output_per_mtok: usdPerMtok,
+  /** Defaults to the output price. */
+  reasoning_per_mtok: usdPerMtok.optional(),
+});
+
+/** OpenAI's service tiers besides the default ("auto" lets the upstream's project setting decide). */
+export const serviceTiers = ["flex", "scale", "priority"] as const;
+
 const model = z.strictObject({
   /** Public model name clients send. */
   name,
@@ -76,13 +89,12 @@ const model = z.strictObject({
     )
     .min(1)
     .max(16),
-  pricing: z.strictObject({
-    input_per_mtok: usdPerMtok,
-    /** Defaults to the input price. */
-    cached_input_per_mtok: usdPerMtok.optional(),
-    output_per_mtok: usdPerMtok,
-    /** Defaults to the output price. */
-    reasoning_per_mtok: usdPerMtok.optional(),
+  pricing: prices.extend({
+    /**
+     * Prices of OpenAI's other service tiers for this model. A request may ask for a tier (`service_tier`) only if it
+     * is priced here, and is billed at the tier the upstream says served it.
+     */
+    service_tiers: z.partialRecord(z.enum(serviceTiers), prices).optional(),
   }),
   /** Per upstream attempt. */
   timeout_ms: z.number().int().min(1).max(600_000).default(60_000),
@@ -143,6 +155,8 @@ export interface ModelRoute {
   price: Price;
   /** Prices as configured (USD per million tokens), for listings. */
   pricing: { input: string; cachedInput: string; output: string; reasoning: string };
+  /** Prices of the other service tiers a request may ask for, by tier name. */
+  tierPrices: ReadonlyMap<string, Price>;
   timeoutMs: number;
   retries: number;
   /** Whole-request limit; the gateway's default when undefined. */
@@ -172,9 +186,8 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
   }
   const models = new Map<string, ModelRoute>();
   for (const m of result.data.models) {
-    const { input_per_mtok: input, output_per_mtok: output } = m.pricing;
-    const cached = m.pricing.cached_input_per_mtok ?? input;
-    const reasoning = m.pricing.reasoning_per_mtok ?? output;
+    const { input, cached, output, reasoning, price } = priceOf(m.pricing);
+    const tierPrices = new Map(Object.entries(m.pricing.service_tiers ?? {}).map(([tier, p]) => [tier, priceOf(p).price]));
     models.set(m.name, {
       name: m.name,
       targets: m.targets.map((t) => ({
@@ -184,13 +197,9 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
         timeoutMs: t.timeout_ms,
         retries: t.retries,
       })),
-      price: {
-        inputMicros: input.micros,
-        cachedInputMicros: cached.micros,
-        outputMicros: output.micros,
-        reasoningMicros: reasoning.micros,
-      },
+      price,
       pricing: { input: input.text, cachedInput: cached.text, output: output.text, reasoning: reasoning.text },
+      tierPrices,
       timeoutMs: m.timeout_ms,
       retries: m.retries,
       requestTimeoutMs: m.request_timeout_ms,
@@ -198,6 +207,20 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
     });
   }
   return { providers: result.data.providers, models };
+}
+
+/** A model's or tier's prices, cached input and reasoning at the input and output prices unless set. */
+function priceOf(p: z.infer<typeof prices>) {
+  const { input_per_mtok: input, output_per_mtok: output } = p;
+  const cached = p.cached_input_per_mtok ?? input;
+  const reasoning = p.reasoning_per_mtok ?? output;
+  const price: Price = {
+    inputMicros: input.micros,
+    cachedInputMicros: cached.micros,
+    outputMicros: output.micros,
+    reasoningMicros: reasoning.micros,
+  };
+  return { input, cached, output, reasoning, price };
 }
 
 /** Reads and parses the config file at `path`, or throws a ConfigError naming the file and field. */

@@ -8,7 +8,7 @@ import { BudgetChargeSchema, Endpoint } from "../gen/common/v1/common_pb.ts";
 import type { Logger } from "../lib/log.ts";
 import { createWaiters } from "../lib/waiters.ts";
 import { withChildSpan } from "../lib/telemetry.ts";
-import type { Tokens } from "../lib/money.ts";
+import type { Price, Tokens } from "../lib/money.ts";
 import type { KeyAuthorizer, Principal } from "./auth.ts";
 import {
   type BudgetKeeper,
@@ -32,6 +32,7 @@ import {
 } from "./errors.ts";
 import {
   type ChatCompletion,
+  type ChatRequest,
   type CreateEmbeddingResponse,
   type Provider,
   UpstreamError,
@@ -213,6 +214,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const callUpstream = async <T>(
     call: Call,
     route: ModelRoute,
+    price: Price,
     attempt: Attempt<T>,
     countInput: () => Promise<number>,
     signal?: AbortSignal,
@@ -233,7 +235,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       if (promptSent && (outcome === RequestStatus.CANCELLED || outcome === RequestStatus.TIMEOUT)) {
         // Counted on the prompt the upstream was sent (a count never fails, see tokenizer.ts).
         const input = await countInput();
-        meterUsage(call.metrics, estimatedTokens(input, 0), true, route.price);
+        meterUsage(call.metrics, estimatedTokens(input, 0), true, price);
       }
       throw e;
     }
@@ -376,22 +378,25 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const m = call.metrics;
       const route = routeFor(call, principal, input);
       if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
+      const price = requestedPrice(route, input.upstream);
       const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
       await admit(
         call,
         principal,
         route,
-        maxChatCostNanos(input.upstream, route.price, cap),
+        maxChatCostNanos(input.upstream, price, cap),
         estimatedChatTokens(input.upstream),
       );
       const result = await callUpstream(
         call,
         route,
+        price,
         (provider, model, options) => provider.chat({ ...input.upstream, model }, options),
         () => countInputTokens(input.upstream.messages, input.upstream.tools),
       );
       if (result.completion.model) m.servedModel = meteredName(result.completion.model);
-      const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price);
+      const served = servedPrice(route, result.completion.service_tier, price);
+      const cost = meterUsage(m, result.tokens, result.usageEstimated, served);
       const span = trace.getActiveSpan();
       if (span?.isRecording()) {
         span.setAttributes({
@@ -420,12 +425,13 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const m = call.metrics;
       m.streamed = true;
       const route = routeFor(call, principal, input);
+      const price = requestedPrice(route, input.upstream);
       const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
       const admission = await admit(
         call,
         principal,
         route,
-        maxChatCostNanos(input.upstream, route.price, cap),
+        maxChatCostNanos(input.upstream, price, cap),
         estimatedChatTokens(input.upstream),
       );
       // A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and
@@ -449,6 +455,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const chunks = await callUpstream(
         call,
         route,
+        price,
         (provider, model, options) => {
           request = { ...input.upstream, model };
           return provider.streamChat(request, options);
@@ -460,7 +467,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         chunks: limitStream(chunks, deadline.signal, limitMs),
         request,
-        price: route.price,
+        price,
+        servedPrice: (tier) => servedPrice(route, tier, price),
         includeUsage: input.includeUsage,
         deadline: deadline.signal,
         finish,
@@ -477,6 +485,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const result = await callUpstream(
         call,
         route,
+        route.price,
         (provider, model, options) => provider.embed({ ...input.upstream, model }, options),
         () => countEmbeddingTokens(input.upstream.input),
       );
@@ -564,4 +573,28 @@ function createInstruments(registry: Registry) {
       registers: [registry],
     }),
   };
+}
+
+/**
+ * The price a chat request is reserved and, unless the upstream says otherwise, billed at: its service tier's when it
+ * asks for one. Only tiers the config prices may be asked for: an upstream bills another at prices the gateway does not
+ * know (priority above the default, flex below it), so it is refused.
+ */
+function requestedPrice(route: ModelRoute, request: ChatRequest): Price {
+  const tier = (request as { service_tier?: unknown }).service_tier;
+  if (tier === undefined || tier === null || tier === "auto" || tier === "default") return route.price;
+  const price = typeof tier === "string" ? route.tierPrices.get(tier) : undefined;
+  if (price) return price;
+  const offered = ["auto", "default", ...route.tierPrices.keys()].map((t) => `'${t}'`).join(", ");
+  throw invalidRequest(
+    `Model '${route.name}' is not offered with service_tier '${String(tier).slice(0, 40)}' here; use one of ${offered}.`,
+    "service_tier",
+    "invalid_value",
+  );
+}
+
+/** The price of the tier an upstream says served a request (`service_tier` of its answer), else the requested one. */
+function servedPrice(route: ModelRoute, served: unknown, requested: Price): Price {
+  if (served === "default") return route.price;
+  return (typeof served === "string" && route.tierPrices.get(served)) || requested;
 }

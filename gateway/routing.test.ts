@@ -46,6 +46,7 @@ function setup(targets: Target[], extra: Partial<ModelRoute> = {}, script: Scrip
     targets,
     price: { inputMicros: 0n, cachedInputMicros: 0n, outputMicros: 0n, reasoningMicros: 0n },
     pricing: { input: "0", cachedInput: "0", output: "0", reasoning: "0" },
+    tierPrices: new Map(),
     timeoutMs: 30_000,
     retries: 0,
     ...extra,

@@ -46,6 +46,10 @@ function routes(url: string) {
     if (extra) lines.push(`    ${extra}`);
   }
   lines.push(
+    "  - name: tiered",
+    "    targets: [{ provider: fake, model: tiered }]",
+    `    pricing:`,
+    `      { input_per_mtok: "2", output_per_mtok: "8", service_tiers: { flex: { input_per_mtok: "1", output_per_mtok: "4" }, priority: { input_per_mtok: "4", output_per_mtok: "16" } } }`,
     "  - name: fallback",
     "    targets: [{ provider: fake, model: fallback-primary }, { provider: fake, model: fallback-secondary }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
@@ -223,6 +227,50 @@ for (const port of ["rpc", "rest"] as const) {
         }
         // Six answers in a row: none counted against the upstream, so its breaker stays closed.
         expect(upstream.seen("no-usage").length).toBeGreaterThanOrEqual(6);
+      });
+
+      test("service tiers: only priced ones may be asked for, and a request is billed at the tier that served it", async () => {
+        const usage = { prompt_tokens: 1_000, completion_tokens: 500, total_tokens: 1_500 };
+        // 1,000 input and 500 output tokens at $2/$8, $1/$4 and $4/$16 a million.
+        const at = { default: 6_000_000n, flex: 3_000_000n, priority: 12_000_000n };
+        const charged = async (request: Record<string, unknown>, served?: string) => {
+          upstream.script("tiered", { usage, serviceTier: served });
+          const { response } = await sdk()
+            .chat.completions.create({ model: "tiered", messages: hello, ...request })
+            .withResponse();
+          return (await gateway.row(response.headers.get("x-request-id") ?? "")).costNanos;
+        };
+        expect(await charged({})).toBe(at.default);
+        expect(await charged({ service_tier: "flex" }, "flex")).toBe(at.flex);
+        expect(await charged({ service_tier: "priority" })).toBe(at.priority);
+        // The upstream's word decides: asked for auto, served at priority; asked for flex, served at default.
+        expect(await charged({ service_tier: "auto" }, "priority")).toBe(at.priority);
+        expect(await charged({ service_tier: "flex" }, "default")).toBe(at.default);
+        expect(upstream.seen("tiered").at(-1)?.body.service_tier).toBe("flex");
+
+        // Streamed, the chunks name the tier.
+        upstream.script("tiered", { usage, serviceTier: "flex" });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "tiered", messages: hello, stream: true, service_tier: "flex" })
+          .withResponse();
+        for await (const _ of stream);
+        expect((await gateway.row(response.headers.get("x-request-id") ?? "")).costNanos).toBe(at.flex);
+
+        // A tier the model is not priced for is refused before the upstream is asked.
+        const before = upstream.seen("ok").length;
+        for (const [model, tier] of [["ok", "priority"], ["tiered", "scale"]] as const) {
+          const refused = await sdk()
+            .chat.completions.create({ model, messages: hello, service_tier: tier })
+            .catch((e: unknown) => e);
+          expect(refused).toBeInstanceOf(OpenAI.BadRequestError);
+          expect((refused as InstanceType<typeof OpenAI.BadRequestError>).param).toBe("service_tier");
+          expect(String((refused as Error).message)).toContain(`service_tier '${tier}'`);
+        }
+        expect(upstream.seen("ok").length).toBe(before);
+        const wrongType = await sdk()
+          .chat.completions.create({ model: "tiered", messages: hello, service_tier: 1 as never })
+          .catch((e: unknown) => e);
+        expect((wrongType as InstanceType<typeof OpenAI.BadRequestError>).param).toBe("service_tier");
       });
 
       test("a tool call comes back in OpenAI's shape", async () => {

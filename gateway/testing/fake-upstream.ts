@@ -46,6 +46,8 @@ export interface Behaviour {
    * call's arguments as an object rather than a string, as some servers send them.
    */
   odd?: { created?: unknown; toolArguments?: unknown };
+  /** The service tier the reply (every chunk) says served it; none by default. */
+  serviceTier?: string;
 }
 
 export interface SeenRequest {
@@ -170,6 +172,7 @@ function completion(body: Record<string, any>, b: Behaviour): Response {
     id: "chatcmpl-fake",
     object: "chat.completion",
     created: b.odd?.created ?? 1_700_000_000,
+    ...(b.serviceTier ? { service_tier: b.serviceTier } : {}),
     model: b.model ?? `${body.model}-fake`,
     choices: [
       {
@@ -196,6 +199,7 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
     id: "chatcmpl-fake",
     object: "chat.completion.chunk",
     created: b.odd?.created ?? 1_700_000_000,
+    ...(b.serviceTier ? { service_tier: b.serviceTier } : {}),
     model: b.model ?? `${body.model}-fake`,
   };
   const event = (value: unknown) => encoder.encode(`data: ${JSON.stringify(value)}\n\n`);
