@@ -39,6 +39,11 @@ export const commonEnv = {
   /** How long SIGTERM waits for in-flight requests and streams before closing them. */
   SHUTDOWN_GRACE_MS: z.coerce.number().int().min(0).max(600_000).default(10_000),
   /**
+   * How long after SIGTERM /readyz answers 503 `draining` while every port still serves, so load balancers stop sending
+   * new connections before the ports close; then SHUTDOWN_GRACE_MS begins.
+   */
+  SHUTDOWN_DRAIN_MS: z.coerce.number().int().min(0).max(120_000).default(0),
+  /**
    * Browser origins that may call the service's APIs. Any by default, as OpenAI's API allows: every API takes a bearer
    * token, never a cookie, so a page can only use a token it already holds.
    */
@@ -57,10 +62,13 @@ export function parseEnv<S extends z.ZodRawShape>(
   const result = z.object(shape).safeParse(cleaned);
   if (result.success) return result.data;
   const problems = result.error.issues.map((issue) => {
-    const name = issue.path.join(".");
+    // The variable is the path's head; the rest points inside its parsed value (an entry of a list).
+    const [head, ...inside] = issue.path;
+    const name = String(head);
     const value = cleaned[name];
     const shown = value === undefined ? "unset" : `"${looksSecret(name) ? "***" : value}"`;
-    return `${name} (${shown}): ${issue.message}`;
+    const entry = typeof inside[0] === "number" ? `, entry ${inside[0] + 1}` : "";
+    return `${name} (${shown}${entry}): ${issue.message}`;
   });
   throw new ConfigError(`invalid environment: ${problems.join("; ")}`);
 }

@@ -71,5 +71,9 @@ describe("CORS_ALLOWED_ORIGINS", () => {
     for (const bad of ["https://a.example.com/app", "a.example.com", "ftp://a.example.com", "https://a.example.com/"]) {
       expect(() => parseEnv(shape, { CORS_ALLOWED_ORIGINS: bad })).toThrow(/CORS_ALLOWED_ORIGINS/);
     }
+    // The message names the variable as set, its value, and which entry is wrong.
+    expect(() => parseEnv(shape, { CORS_ALLOWED_ORIGINS: "*, https://a.example.com/" })).toThrow(
+      'CORS_ALLOWED_ORIGINS ("*, https://a.example.com/", entry 2): each entry must be * or an origin',
+    );
   });
 });
