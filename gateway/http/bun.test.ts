@@ -8,12 +8,13 @@ import { oneModelRoutes, startTestGateway } from "../testing/served-gateway.ts";
 let upstream: FakeUpstream;
 let gateway: Awaited<ReturnType<typeof startTestGateway>>;
 const idleSeconds = 1;
+const bodySeconds = 10;
 
 beforeAll(async () => {
   upstream = startFakeUpstream();
   gateway = await startTestGateway(
     oneModelRoutes(upstream.url),
-    { idleTimeoutSeconds: idleSeconds },
+    { idleTimeoutSeconds: idleSeconds, requestBodyTimeoutSeconds: bodySeconds },
   );
 });
 afterAll(async () => {
@@ -46,6 +47,24 @@ test("a request whose body stops arriving is cut off", async () => {
   await closed;
   expect(state.received).toBe("");
   expect(upstream.requests).toHaveLength(0);
+}, 15_000);
+
+test("a body trickling in for longer than the idle limit is read and answered, within its own limit", async () => {
+  upstream.script("ok", {});
+  const { socket, state, closed } = connect();
+  const body = chat();
+  socket.write(head(body.length));
+  // A byte every 500 ms for several times the idle limit: never silent for long, but slow.
+  const slow = body.slice(0, 12);
+  for (const byte of slow) {
+    socket.write(byte);
+    await Bun.sleep(500);
+  }
+  socket.write(body.slice(slow.length));
+  for (let i = 0; i < 40 && !state.received; i++) await Bun.sleep(50);
+  expect(state.received).toStartWith("HTTP/1.1 200");
+  socket.destroy();
+  await closed;
 }, 15_000);
 
 test("an answer may be silent for longer than the idle limit, whole or streamed", async () => {

@@ -9,8 +9,11 @@ export interface BunRestServer {
   readonly port: number;
   /** http://host:port */
   readonly url: string;
-  /** Stops accepting, waits up to graceMs for in-flight requests and streams, then closes the rest. */
-  close(graceMs: number): Promise<void>;
+  /**
+   * Serves on for drainMs (while the RPC port's /readyz says draining), then stops accepting, waits up to graceMs for
+   * in-flight requests and streams, and closes the rest.
+   */
+  close(graceMs: number, drainMs?: number): Promise<void>;
 }
 
 /**
@@ -29,11 +32,17 @@ export function serveRest(
      * 60 s so a load balancer's keep-alive (AWS: 60 s) ends first, like the RPC port's.
      */
     idleTimeoutSeconds?: number;
+    /**
+     * How long a request's body may take to arrive, however it trickles (120 s by default, as on the service ports).
+     * Bun's server applies this from the request's head; the connection is closed past it.
+     */
+    requestBodyTimeoutSeconds?: number;
     /** Which browser origins may call; none when unset. */
     cors?: CorsPolicy;
   },
 ): BunRestServer {
   const idle = options.idleTimeoutSeconds ?? 65;
+  const bodyTime = options.requestBodyTimeoutSeconds ?? 120;
   const cors = options.cors;
   const server: Server<undefined> = Bun.serve({
     port: options.port,
@@ -43,6 +52,8 @@ export function serveRest(
     maxRequestBodySize: Number.MAX_SAFE_INTEGER,
     idleTimeout: idle,
     async fetch(request, bun) {
+      // The idle limit would cut a body still arriving after `idle` seconds, data or not: it gets its own limit.
+      bun.timeout(request, bodyTime);
       const preflight = cors?.preflight(request.method, request.headers);
       if (preflight) return new Response(null, preflight);
       const response = await app.fetch(request, {
@@ -68,7 +79,8 @@ export function serveRest(
   return {
     port,
     url: `http://127.0.0.1:${port}`,
-    async close(graceMs) {
+    async close(graceMs, drainMs = 0) {
+      if (drainMs > 0) await Bun.sleep(drainMs);
       const drained = server.stop(false);
       const timer = setTimeout(() => void server.stop(true), graceMs);
       await drained;

@@ -33,7 +33,7 @@ export function oneModelRoutes(url: string): string {
  */
 export async function startTestGateway(
   routes: string,
-  options: { maxBodyBytes?: number; idleTimeoutSeconds?: number; cors?: CorsPolicy } = {},
+  options: { maxBodyBytes?: number; idleTimeoutSeconds?: number; requestBodyTimeoutSeconds?: number; cors?: CorsPolicy } = {},
 ) {
   const billing = createBillingFake({
     "sk-good": { id: "key_good", orgId: "org_1", projectId: "proj_1" },
@@ -58,6 +58,7 @@ export async function startTestGateway(
     hostname: "127.0.0.1",
     maxBodyBytes,
     idleTimeoutSeconds: options.idleTimeoutSeconds,
+    requestBodyTimeoutSeconds: options.requestBodyTimeoutSeconds,
     cors: options.cors,
   });
   const server = await startServer({
