@@ -146,7 +146,7 @@ const server = await startServer({
 stopOnSignals(log, async () => {
   // Ingest stops reading, flushes and acks what it holds; its streams then end and the server can close.
   stopping.abort();
-  await server.close(cfg.SHUTDOWN_GRACE_MS);
+  await server.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS);
   clearInterval(rollupTimer);
   await rollingUp;
   await store.close();

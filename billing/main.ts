@@ -65,7 +65,7 @@ const server = await startServer({
 stopOnSignals(log, async () => {
   // Key change streams would otherwise hold shutdown for the whole grace period; gateways reconnect elsewhere.
   stopping.abort();
-  await server.close(cfg.SHUTDOWN_GRACE_MS);
+  await server.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS);
   await pool.end();
   await embedded?.stop();
   await runtime.telemetry.shutdown();

@@ -245,7 +245,10 @@ const fastRest =
 log.info("gateway started", { models: config.models.size, instance: cfg.GATEWAY_INSTANCE_ID, url: server.url, rest_url: fastRest?.url });
 
 stopOnSignals(log, async () => {
-  await Promise.all([server.close(cfg.SHUTDOWN_GRACE_MS), fastRest?.close(cfg.SHUTDOWN_GRACE_MS)]);
+  await Promise.all([
+    server.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS),
+    fastRest?.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS),
+  ]);
   // Streams cut at the end of the grace period record what they sent (counting it takes a moment) before the flush.
   if (!(await core.settled(5_000))) log.warn("requests still unfinished at shutdown; their metrics are lost");
   // In-flight requests have settled: hand every lease back with what was spent from it.

@@ -187,6 +187,29 @@ describe("close", () => {
     );
     expect(after).toBe("refused");
   });
+
+  test("draining first: /readyz says so while new connections are still served, then the port closes", async () => {
+    const own = await startOwn({
+      name: "drain-first",
+      readiness: async () => ({ ready: true, checks: {} }),
+      routes: (router) => router.service(BillingService, { listProjects: async () => ({ projects: [] }) }),
+    });
+    expect((await fetch(`${own.url}/readyz`)).status).toBe(200);
+    const closed = own.close(1_000, 600);
+    await Bun.sleep(100);
+    // A new connection (no keep-alive) during the drain: not ready, yet served.
+    const ready = await fetch(`${own.url}/readyz`, { keepalive: false });
+    expect(ready.status).toBe(503);
+    expect(await ready.json()).toMatchObject({ status: "not_ready", checks: { server: "draining" } });
+    const client = createServiceClient(BillingService, { baseUrl: own.url });
+    expect(await client.listProjects({ orgId: "o" })).toMatchObject({ projects: [] });
+    await closed;
+    const after = await fetch(`${own.url}/healthz`).then(
+      () => "answered",
+      () => "refused",
+    );
+    expect(after).toBe("refused");
+  });
 });
 
 describe("request bodies must arrive in time", () => {

@@ -62,10 +62,10 @@ export interface RunningServer {
   /** http://host:port */
   url: string;
   /**
-   * Stops accepting, lets in-flight calls finish for up to graceMs, then closes what is left and waits (a few
-   * seconds at most) for the handlers it cut to return.
+   * Answers /readyz with 503 `draining` while still serving for drainMs, then stops accepting, lets in-flight calls
+   * finish for up to graceMs, closes what is left and waits (a few seconds at most) for the handlers it cut to return.
    */
-  close(graceMs: number): Promise<void>;
+  close(graceMs: number, drainMs?: number): Promise<void>;
 }
 
 const h2Preface = Buffer.from("PRI * HTTP/2.0\r\n");
@@ -216,8 +216,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   return {
     port,
     url: `http://127.0.0.1:${port}`,
-    async close(graceMs) {
+    async close(graceMs, drainMs = 0) {
       draining.abort();
+      // Load balancers see the 503 and stop sending; until they have, new connections are still served.
+      if (drainMs > 0) await Bun.sleep(drainMs);
       listener.close();
       h1.close();
       h2.close();

@@ -179,11 +179,14 @@ describe("Kubernetes manifests", () => {
     expect(security?.fsGroup).toBe(security?.runAsGroup as number);
   });
 
-  test("give a stopping pod the time to finish requests and ship what it holds", () => {
+  test("give a stopping pod the time to drain, finish requests and ship what it holds", () => {
     const graceMs = envDefault("lib/config.ts", "SHUTDOWN_GRACE_MS");
     for (const w of workloads) {
-      const flushMs = w.metadata.name === "gateway" ? envDefault("gateway/main.ts", "GATEWAY_FLUSH_TIMEOUT_MS") : 0;
-      expect(w.spec.template.spec.terminationGracePeriodSeconds * 1000).toBeGreaterThan(graceMs + flushMs);
+      const name = w.metadata.name;
+      const drainMs = Number(envOf(name, "SHUTDOWN_DRAIN_MS")?.value);
+      expect(drainMs).toBeGreaterThan(0);
+      const flushMs = name === "gateway" ? envDefault("gateway/main.ts", "GATEWAY_FLUSH_TIMEOUT_MS") : 0;
+      expect(w.spec.template.spec.terminationGracePeriodSeconds * 1000).toBeGreaterThan(drainMs + graceMs + flushMs);
     }
   });
 });
