@@ -7,8 +7,9 @@ import type { ModelRoute } from "../config.ts";
 import type { Call, GatewayCore } from "../core.ts";
 import {
   bodyTooLarge,
+  cancelled,
   errorBody,
-  type GatewayError,
+  GatewayError,
   invalidRequest,
   methodNotAllowed,
   toGatewayError,
@@ -109,7 +110,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
     try {
       const result = await core.handle(call, async () => {
         await core.authorize(call);
-        const body = parseJson(await request.text(maxBodyBytes));
+        const body = parseJson(await bodyText(request, maxBodyBytes));
         return isStreamRequest(body) ? core.chatStream(call, body) : core.chat(call, body);
       });
       if (!(Symbol.asyncIterator in result)) return ok(call, JSON.stringify(result.completion), result.costNanos);
@@ -130,7 +131,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
     try {
       const outcome = await core.handle(call, async () => {
         await core.authorize(call);
-        return core.embed(call, parseJson(await request.text(maxBodyBytes)));
+        return core.embed(call, parseJson(await bodyText(request, maxBodyBytes)));
       });
       return ok(call, JSON.stringify(outcome.response), outcome.costNanos);
     } catch (e) {
@@ -241,6 +242,18 @@ export function errorResponse(error: GatewayError, requestId: string, limitHeade
   const headers: Record<string, string> = { "content-type": json, "x-request-id": requestId, ...limitHeaders, ...error.headers };
   if (error.retryAfterS !== undefined) headers["retry-after"] = String(error.retryAfterS);
   return { status: error.status, headers, body: errorBody(error) };
+}
+
+/**
+ * The request's body, or why it could not be had: too large (413), or broken off by the client while it arrived,
+ * which is the client leaving (cancelled, 499), not a failure of the gateway.
+ */
+async function bodyText(request: RestRequest, limit: number): Promise<string> {
+  try {
+    return await request.text(limit);
+  } catch (e) {
+    throw e instanceof GatewayError ? e : cancelled();
+  }
 }
 
 function parseJson(text: string): unknown {

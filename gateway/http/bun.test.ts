@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import net from "node:net";
+import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
 import { oneModelRoutes, startTestGateway } from "../testing/served-gateway.ts";
 
@@ -47,6 +48,21 @@ test("a request whose body stops arriving is cut off", async () => {
   await closed;
   expect(state.received).toBe("");
   expect(upstream.requests).toHaveLength(0);
+}, 15_000);
+
+test("a client that breaks off while sending its body is metered as cancelled (499), on either port", async () => {
+  for (const url of [gateway.restUrl, gateway.url]) {
+    const before = gateway.shipper.rows.length;
+    const socket = net.connect(Number(new URL(url).port), "127.0.0.1");
+    socket.on("error", () => {});
+    socket.write(head(1000) + chat().slice(0, 10));
+    await Bun.sleep(200);
+    socket.destroy();
+    for (let i = 0; i < 100 && gateway.shipper.rows.length === before; i++) await Bun.sleep(20);
+    const row = gateway.shipper.rows.at(-1);
+    expect(gateway.shipper.rows.length).toBe(before + 1);
+    expect(row).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, errorCode: "client_closed_request" });
+  }
 }, 15_000);
 
 test("a body trickling in for longer than the idle limit is read and answered, within its own limit", async () => {
