@@ -171,8 +171,9 @@ describe("openai provider", () => {
 });
 
 // Streams sent as raw bytes, in the pieces given, with a pause between pieces: SSE framing as upstreams really send it.
-const chunkEvent = (delta: Record<string, unknown>, finish: string | null = null) =>
-  `data: ${JSON.stringify({ id: "c1", object: "chat.completion.chunk", created: 1, model: "m", choices: [{ index: 0, delta, finish_reason: finish }] })}\n\n`;
+const choiceEvent = (index: number, delta: Record<string, unknown>, finish: string | null = null) =>
+  `data: ${JSON.stringify({ id: "c1", object: "chat.completion.chunk", created: 1, model: "m", choices: [{ index, delta, finish_reason: finish }] })}\n\n`;
+const chunkEvent = (delta: Record<string, unknown>, finish: string | null = null) => choiceEvent(0, delta, finish);
 const usageEvent = `data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n`;
 /** `text` as UTF-8, cut into pieces at the given byte offsets. */
 const cutBytes = (text: string, ...offsets: number[]): Uint8Array[] => {
@@ -213,6 +214,15 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   lingering: [chunkEvent({ content: "done" }, "stop"), "data: [DONE]\n\n", "PAUSE"],
   // Half an event, then nothing for a second.
   "half-event": [`data: {"id":"c1","object":"chat.comp`, "WAIT"],
+  // Two choices (n = 2): the first finishes, the second is cut off; then both finishing.
+  "two-cut": [choiceEvent(0, { content: "one" }, "stop"), choiceEvent(1, { content: "tw" })],
+  "two-done": [
+    choiceEvent(0, { content: "one" }),
+    choiceEvent(1, { content: "two" }),
+    choiceEvent(1, {}, "stop"),
+    choiceEvent(0, {}, "stop"),
+    "data: [DONE]\n\n",
+  ],
 };
 // Models whose stream the gateway closed before it ended.
 const closedEarly: string[] = [];
@@ -279,6 +289,15 @@ describe("openai provider streams", () => {
     }
     expect((await drain("error-event")).error?.message).toContain("The server had an error");
     expect((await drain("named-error")).error?.message).toContain("overloaded");
+  });
+
+  test("with several choices the stream has finished only when every one has", async () => {
+    const cut = await drain("two-cut");
+    expect(cut.contents).toEqual(["one", "tw"]);
+    expect(cut.error?.message).toContain("ended before it finished");
+    const done = await drain("two-done");
+    expect(done.error).toBeUndefined();
+    expect(done.contents).toEqual(["one", "two"]);
   });
 
   test("unreadable JSON, a stream cut short and silence past the timeout each fail the attempt", async () => {

@@ -218,7 +218,9 @@ async function* chunksOf(reader: BodyReader, leave: () => void, provider: string
 
   let lastActive = performance.now();
   let timedOut = false;
-  let finished = false;
+  // Choices seen unfinished and those that finished: with n > 1 every one must finish.
+  const open = new Set<unknown>();
+  const done = new Set<unknown>();
   let ended = false;
   // One timer re-armed only when it fires: chunks only touch a timestamp.
   const check = () => {
@@ -248,7 +250,12 @@ async function* chunksOf(reader: BodyReader, leave: () => void, provider: string
       parser.feed(read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true }));
       for (const data of chunks.splice(0)) {
         const chunk = checkedChunk(data, provider);
-        if (chunk.choices.some((choice) => choice.finish_reason)) finished = true;
+        for (const choice of chunk.choices) {
+          if (choice.finish_reason) {
+            open.delete(choice.index);
+            done.add(choice.index);
+          } else if (!done.has(choice.index)) open.add(choice.index);
+        }
         yield chunk;
         // Silence is measured between chunks: keep-alive comments and the client's own pace do not count.
         lastActive = performance.now();
@@ -271,7 +278,9 @@ async function* chunksOf(reader: BodyReader, leave: () => void, provider: string
   if (failure) throw failure;
   if (timedOut) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
   if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
-  if (!finished) throw new UpstreamError("transient", `${provider}: the stream ended before it finished`);
+  if (done.size === 0 || open.size > 0) {
+    throw new UpstreamError("transient", `${provider}: the stream ended before it finished`);
+  }
 }
 
 /** A parsed event as a chunk the rest of the gateway can rely on, or a transient failure of the attempt. */
