@@ -53,6 +53,8 @@ export interface MeterOptions {
   deadline: AbortSignal;
   /** Records the call's metrics. */
   finish(call: Call, error?: GatewayError): void;
+  /** Hears how the stream ended (completed, or the error its client was given), before the metrics are recorded. */
+  upstreamEnded?(error: GatewayError | undefined): void;
   /** Hears the upstream's own account of a failure the client is told about in the gateway's words. */
   log?: Logger;
 }
@@ -95,6 +97,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       const price = servedTier === undefined ? options.price : (options.servedPrice?.(servedTier) ?? options.price);
       const cost = meterUsage(m, tokens, estimated, price);
       outcome = { tokens, costNanos: cost, usageEstimated: estimated, provider: m.provider, error };
+      options.upstreamEnded?.(error);
       options.finish(call, error);
     })();
     return ending;

@@ -218,6 +218,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     attempt: Attempt<T>,
     countInput: () => Promise<number>,
     signal?: AbortSignal,
+    stream = false,
   ): Promise<T> => {
     let promptSent = false;
     const watched: Attempt<T> = async (provider, model, options) => {
@@ -229,7 +230,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       }
     };
     try {
-      return await router.run(call, route, watched, signal);
+      return await router.run(call, route, watched, signal, stream);
     } catch (e) {
       const outcome = toGatewayError(e).outcome;
       if (promptSent && (outcome === RequestStatus.CANCELLED || outcome === RequestStatus.TIMEOUT)) {
@@ -462,6 +463,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         },
         () => countInputTokens(input.upstream.messages, input.upstream.tools),
         signal,
+        true,
       );
       return meterChatStream({
         call,
@@ -469,6 +471,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         request,
         price,
         servedPrice: (tier) => servedPrice(route, tier, price),
+        upstreamEnded: (error) => router.streamEnded(call, error),
         includeUsage: input.includeUsage,
         deadline: deadline.signal,
         finish,

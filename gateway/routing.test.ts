@@ -61,12 +61,18 @@ function setup(targets: Target[], extra: Partial<ModelRoute> = {}, script: Scrip
     upstreamMs: 0,
     metrics: create(RequestMetricsSchema),
   });
-  const run = (call = newCall()) =>
-    router.run(call, route, (provider, _model, options) => {
-      attempts.push({ provider: provider.name, timeoutMs: options.timeoutMs });
-      return script(provider.name, options);
-    });
-  return { clock, sleeps, attempts, breakers, run, newCall };
+  const run = (call = newCall(), stream = false) =>
+    router.run(
+      call,
+      route,
+      (provider, _model, options) => {
+        attempts.push({ provider: provider.name, timeoutMs: options.timeoutMs });
+        return script(provider.name, options);
+      },
+      call.signal,
+      stream,
+    );
+  return { clock, sleeps, attempts, breakers, run, newCall, router };
 }
 
 const failure = (p: Promise<unknown>) =>
@@ -341,5 +347,65 @@ describe("circuit breaker in routing", () => {
     const e = await failure(s.run());
     expect([e.status, e.code, e.retryAfterS]).toEqual([503, "upstream_unavailable", 4]);
     expect(s.attempts).toHaveLength(0);
+  });
+});
+
+describe("what an attempt's end says about its target", () => {
+  test("a client gone before an attempt: no upstream hears of it", async () => {
+    const { run, attempts, newCall } = setup([t("a")]);
+    const gone = new AbortController();
+    gone.abort();
+    expect((await failure(run(newCall(gone.signal)))).code).toBe("client_closed_request");
+    expect(attempts).toEqual([]);
+  });
+
+  test("an attempt cut by the request's own time limit is not its target's failure", async () => {
+    const { run, attempts, breakers } = setup([t("a")], { requestTimeoutMs: 1_000 }, async () => {
+      throw new UpstreamError("timeout", "a: timed out");
+    });
+    for (let i = 0; i < 5; i++) expect((await failure(run())).code).toBe("request_timeout");
+    // Each attempt had what was left of the second, not the target's 30 s.
+    expect(attempts.every((a) => a.timeoutMs === 1_000)).toBe(true);
+    expect(breakers.state("a/a-model")).toBe("closed");
+  });
+
+  test("waiting out a Retry-After is the upstream's time, not the gateway's", async () => {
+    let n = 0;
+    const { run, newCall } = setup([t("a")], { retries: 2 }, async () => {
+      if (n++ < 2) throw new UpstreamError("transient", "a answered 429", 429, 1_500);
+      return "ok";
+    });
+    const call = newCall();
+    expect(await run(call)).toBe("ok");
+    expect(call.upstreamMs).toBe(3_000);
+  });
+
+  test("a target held back by its Retry-After is a 429 to retry later, not a failing upstream", async () => {
+    const { run } = setup([t("a")], {}, async () => {
+      throw new UpstreamError("transient", "a answered 429", 429, 30_000);
+    });
+    expect(await failure(run())).toMatchObject({ status: 429, code: "upstream_rate_limited", retryAfterS: 30 });
+    expect(await failure(run())).toMatchObject({ status: 429, code: "upstream_rate_limited", retryAfterS: 30 });
+  });
+
+  test("a stream's target is judged when the stream ends: failures mid-stream open its breaker", async () => {
+    const { run, newCall, router, breakers } = setup([t("a")]);
+    const broken = { status: 502, code: "upstream_error" } as GatewayError;
+    for (let i = 0; i < 3; i++) {
+      const call = newCall();
+      expect(await run(call, true)).toBe("a");
+      router.streamEnded(call, broken);
+    }
+    expect(breakers.state("a/a-model")).toBe("open");
+
+    // A stream its client left, or that ran out of the request's time, says nothing; a completed one closes it.
+    const other = setup([t("b")]);
+    for (const error of [{ code: "client_closed_request" }, { code: "request_timeout" }, undefined] as GatewayError[]) {
+      const call = other.newCall();
+      await other.run(call, true);
+      other.router.streamEnded(call, error);
+      other.router.streamEnded(call, broken); // only the first end counts
+    }
+    expect(other.breakers.state("b/b-model")).toBe("closed");
   });
 });

@@ -5,6 +5,7 @@ import type { ModelRoute, Target } from "./config.ts";
 import type { Call } from "./core.ts";
 import {
   cancelled,
+  type GatewayError,
   requestTimeout,
   upstreamFailed,
   upstreamQuotaExceeded,
@@ -26,7 +27,12 @@ export interface UpstreamRouter {
    * and no attempt outlives the request's time limit. Fills the call's routing metrics. Attempts get
    * `signal` (the call's own by default).
    */
-  run<T>(call: Call, route: ModelRoute, attempt: Attempt<T>, signal?: AbortSignal): Promise<T>;
+  run<T>(call: Call, route: ModelRoute, attempt: Attempt<T>, signal?: AbortSignal, stream?: boolean): Promise<T>;
+  /**
+   * How a stream `run` returned (with `stream`) ended, for its target's circuit breaker: a stream's headers say
+   * little, its failures mid-stream count against the target like any other. Only the first call counts.
+   */
+  streamEnded(call: Call, error: GatewayError | undefined): void;
   /** performance.now() value after which the call is past its whole-request time limit. */
   deadline(call: Call, route: ModelRoute): number;
   /** The whole-request time limit of a route, in ms. */
@@ -66,10 +72,23 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
   const limitOf = (route: ModelRoute) => route.requestTimeoutMs ?? options.requestTimeoutMs;
   const deadline = (call: Call, route: ModelRoute) => call.startTick + limitOf(route);
 
+  // Targets of streams that answered and are still running: their breaker hears the outcome when they end.
+  const streaming = new WeakMap<Call, string>();
+
   return {
     deadline,
     limitMs: limitOf,
-    async run(call, route, attempt, signal = call.signal) {
+    streamEnded(call, error) {
+      const key = streaming.get(call);
+      if (key === undefined) return;
+      streaming.delete(call);
+      // A stream the upstream broke or stalled fails its target; one the client or the request's limit ended says
+      // nothing about it.
+      if (!error) breakers.succeed(key);
+      else if (error.code === "upstream_error" || error.code === "upstream_timeout") breakers.fail(key);
+      else breakers.abandon(key);
+    },
+    async run(call, route, attempt, signal = call.signal, stream = false) {
       const m = call.metrics;
       const end = deadline(call, route);
       const limitMs = limitOf(route);
@@ -77,6 +96,7 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
       let attempts = 0;
       let last: UpstreamError | undefined;
       let skipped = 0;
+      let held = 0;
       let waitMs = Number.POSITIVE_INFINITY;
       for (let t = 0; t < order.length; t++) {
         const target = order[t] as Target;
@@ -87,6 +107,8 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
           if (!breakers.allow(key)) {
             if (retry === 0) {
               skipped++;
+              // Closed but not allowed: held back, as its upstream's Retry-After asked.
+              if (breakers.state(key) === "closed") held++;
               waitMs = Math.min(waitMs, breakers.waitMs(key));
             }
             break;
@@ -96,11 +118,17 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
             breakers.abandon(key);
             throw requestTimeout(limitMs);
           }
+          // Gone already (while the request waited for its budget, say): no upstream hears of it.
+          if (call.signal?.aborted || signal?.aborted) {
+            breakers.abandon(key);
+            throw call.signal?.aborted || !signal?.aborted ? cancelled() : requestTimeout(limitMs);
+          }
           m.provider = target.provider;
           m.servedModel = target.model;
           m.fallbackUsed = t > 0;
           m.retries = attempts++;
-          const timeoutMs = Math.max(1, Math.min(target.timeoutMs ?? route.timeoutMs, Math.ceil(remaining)));
+          const ownTimeoutMs = target.timeoutMs ?? route.timeoutMs;
+          const timeoutMs = Math.max(1, Math.min(ownTimeoutMs, Math.ceil(remaining)));
           const sent = tick();
           try {
             const result = await withChildSpan(
@@ -109,7 +137,8 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
               () => attempt(provider, target.model, { signal, timeoutMs }),
             );
             call.upstreamMs += tick() - sent;
-            breakers.succeed(key);
+            if (stream) streaming.set(call, key);
+            else breakers.succeed(key);
             return result;
           } catch (e) {
             call.upstreamMs += tick() - sent;
@@ -117,6 +146,11 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
             if (last.failure === "cancelled" || call.signal?.aborted || signal?.aborted) {
               breakers.abandon(key);
               throw call.signal?.aborted || !signal?.aborted ? cancelled() : requestTimeout(limitMs);
+            }
+            if (last.failure === "timeout" && timeoutMs < ownTimeoutMs) {
+              // Cut by what was left of the request's own limit, not by the target's: nothing said about the target.
+              breakers.abandon(key);
+              throw requestTimeout(limitMs);
             }
             if (last.failure === "rejected") {
               // The upstream answered sensibly: the request, not the target, is at fault.
@@ -137,13 +171,21 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
             const backoff = Math.min(backoffMaxMs, backoffBaseMs * 2 ** retry) * (0.5 + random() / 2);
             const wait = Math.max(backoff, hinted ?? 0);
             if (tick() + wait >= end) break;
+            // Waiting as the upstream asked (or backing off from it) is the upstream's time, not the gateway's.
+            const waited = tick();
             try {
               await sleep(wait, call.signal);
             } catch {
               throw cancelled();
+            } finally {
+              call.upstreamMs += tick() - waited;
             }
           }
         }
+      }
+      if (!last && skipped > 0 && held === skipped) {
+        const retryAfterS = Math.max(1, Math.ceil(waitMs / 1000));
+        throw upstreamRateLimited(`Every upstream of \`${route.name}\` asked to wait; retry later.`, retryAfterS);
       }
       if (!last && skipped > 0) {
         throw upstreamUnavailable(`Every upstream of \`${route.name}\` is failing; retry later.`, Math.max(1, Math.ceil(waitMs / 1000)));

@@ -63,6 +63,9 @@ function routes(url: string) {
     "  - name: breaker",
     "    targets: [{ provider: fake, model: breaker-primary }, { provider: mock, model: mock-echo-1 }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: stream-breaker",
+    "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
   );
   return lines.join("\n");
 }
@@ -970,6 +973,21 @@ for (const port of ["rpc", "rest"] as const) {
           expect(completion.model).toBe("mock-echo-1");
         }
         expect(upstream.seen("breaker-primary").length).toBeLessThan(20);
+      });
+
+      test("a target whose streams keep failing mid-stream is skipped for a while too", async () => {
+        upstream.script("stream-breaker-primary", { content: "one two three", malformed: true });
+        const served: string[] = [];
+        for (let i = 0; i < 20; i++) {
+          const stream = await sdk().chat.completions.create({ model: "stream-breaker", messages: hello, stream: true });
+          try {
+            for await (const chunk of stream) served.push(chunk.model);
+          } catch {
+            // The broken ones end with an error event.
+          }
+        }
+        expect(upstream.seen("stream-breaker-primary").length).toBeLessThan(20);
+        expect(served).toContain("mock-echo-1");
       });
     });
   });
