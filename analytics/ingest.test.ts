@@ -47,7 +47,7 @@ function setup(store: AnalyticsStore, options: SetupOptions = {}) {
     // Short intervals keep the suite fast; each test that cares sets its own.
     ingest: { flushIntervalMs: 20, ...options.ingest },
   });
-  const client = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service)));
+  const client = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service, adminToken)));
   /** Sends the batches on one stream; returns the acks received and the error that ended the stream, if any. */
   const send = async (batches: Batch[]) => {
     const acks: IngestMetricsResponse[] = [];

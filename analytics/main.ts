@@ -135,7 +135,7 @@ const rollupTimer =
 const server = await startServer({
   name: "analytics",
   port: cfg.ANALYTICS_PORT,
-  routes: analyticsRoutes(service),
+  routes: analyticsRoutes(service, cfg.ADMIN_TOKEN),
   interceptors: runtime.serverInterceptors,
   readiness: pingReadiness("clickhouse", () => store.ping(), log),
   registry: runtime.metrics.registry,

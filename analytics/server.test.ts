@@ -33,7 +33,7 @@ beforeAll(async () => {
   analyticsServer = await startServer({
     name: "analytics",
     port: 0,
-    routes: analyticsRoutes(service),
+    routes: analyticsRoutes(service, adminToken),
     readiness: async () => {
       await store.ping();
       return { ready: true, checks: { clickhouse: "ok" } };

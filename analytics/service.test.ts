@@ -50,7 +50,7 @@ describe("AnalyticsService queries", () => {
     const service = createAnalyticsService({ store, billing, log, adminToken });
     client = createClient(
       AnalyticsService,
-      createRouterTransport(analyticsRoutes(service), {
+      createRouterTransport(analyticsRoutes(service, adminToken), {
         transport: {
           interceptors: [
             (next) => (req) => {
@@ -80,7 +80,7 @@ describe("AnalyticsService queries", () => {
       ),
     );
     const service = createAnalyticsService({ store, billing, log, adminToken });
-    const anonymous = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service)));
+    const anonymous = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service, adminToken)));
     const as = (token: string) => ({ headers: { authorization: `Bearer ${token}` } });
     expect(await codeOf(anonymous.queryUsage({ orgId: org, range: day }))).toBe(Code.Unauthenticated);
     expect(await codeOf(anonymous.listRequests({ orgId: org, range: day }))).toBe(Code.Unauthenticated);
@@ -115,7 +115,7 @@ describe("AnalyticsService queries", () => {
     const gate = new Promise<void>((resolve) => (release = resolve));
     const slow = { ...store, queryLatency: async (q: Parameters<typeof store.queryLatency>[0]) => (await gate, store.queryLatency(q)) };
     const service = createAnalyticsService({ store: slow, billing: createClient(BillingService, createRouterTransport(() => {})), log, adminToken });
-    const admin = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service)));
+    const admin = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service, adminToken)));
     const as = { headers: { authorization: `Bearer ${adminToken}` } };
     const first = Array.from({ length: 4 }, () => admin.queryLatency({ orgId: org, range: day }, as));
     expect(await codeOf(admin.queryLatency({ orgId: org, range: day }, as))).toBe(Code.ResourceExhausted);

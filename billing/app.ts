@@ -33,5 +33,5 @@ export function createBillingApp(options: BillingAppOptions) {
   const metrics = registry && createBillingMetrics(registry, { openLeases: () => store.openBudgetLeases(clock()) });
   const service = createBillingService({ store, auth, usage, clock, log, stopSignal, metrics });
   const readiness = pingReadiness("postgres", () => store.ping(), log);
-  return { store, service, routes: billingRoutes(service), http: invoicePages({ store, auth, log }), readiness };
+  return { store, service, routes: billingRoutes(service, adminToken), http: invoicePages({ store, auth, log }), readiness };
 }

@@ -1,6 +1,16 @@
 import type { ConnectRouter, ServiceImpl } from "@connectrpc/connect";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { defaultReadMaxBytes } from "../lib/server.ts";
+import { guardedRoutes } from "../lib/routes.ts";
 
-export function billingRoutes(impl: ServiceImpl<typeof BillingService>) {
-  return (router: ConnectRouter) => router.service(BillingService, impl);
+/**
+ * BillingService's routes. Callers without the admin token are turned away before their message is read, except on
+ * the reads an org's own API key may make; usage batches from analytics are the only large messages.
+ */
+export function billingRoutes(impl: ServiceImpl<typeof BillingService>, adminToken: string): (router: ConnectRouter) => void {
+  return guardedRoutes(BillingService, impl, {
+    adminToken,
+    orgMethods: ["getUsageSummary", "listUsageRecords", "listInvoices", "getInvoice"],
+    bulk: { recordUsage: defaultReadMaxBytes },
+  });
 }

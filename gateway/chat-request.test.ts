@@ -44,6 +44,12 @@ const invalid: Array<[string, Record<string, unknown>, string | null, string]> =
   ["logit_bias below -100", { logit_bias: { "50256": -101 } }, "logit_bias.50256", "decimal_below_min_value"],
   ["logit_bias keyed by a word", { logit_bias: { cat: 1 } }, "logit_bias.cat", "invalid_value"],
   ["logit_bias with a string bias", { logit_bias: { "1": "up" } }, "logit_bias.1", "invalid_type"],
+  [
+    "logit_bias over 1,024 tokens",
+    { logit_bias: Object.fromEntries(Array.from({ length: 1_025 }, (_, i) => [String(i), 1])) },
+    "logit_bias",
+    "invalid_value",
+  ],
   ["logprobs not a boolean", { logprobs: "yes" }, "logprobs", "invalid_type"],
   ["top_logprobs above 20", { logprobs: true, top_logprobs: 21 }, "top_logprobs", "integer_above_max_value"],
   ["top_logprobs as a fraction", { logprobs: true, top_logprobs: 1.5 }, "top_logprobs", "invalid_type"],

@@ -47,6 +47,8 @@ const maxMessages = 2048;
 const maxChoices = 128;
 const maxStops = 4;
 const maxTools = 128;
+/** Tokens one request may bias: far more than any sampling needs, few enough to check at once. */
+const maxLogitBias = 1_024;
 const maxTags = 16;
 const maxTagKeyChars = 64;
 const maxTagValueChars = 512;
@@ -123,6 +125,9 @@ const fieldChecks = new Map<string, Check>([
     (v, param) => {
       object(v, param);
       const bias = v as Record<string, unknown>;
+      if (Object.keys(bias).length > maxLogitBias) {
+        throw invalidRequest(`Invalid '${param}': at most ${maxLogitBias} tokens may be biased.`, param, "invalid_value");
+      }
       for (const token in bias) {
         if (!tokenId.test(token)) {
           throw invalidRequest(`Invalid key in '${param}': '${token}' is not a token id.`, `${param}.${token}`, "invalid_value");
@@ -240,6 +245,9 @@ function parseStreamOptions(options: unknown, stream: boolean): boolean {
 const noTags: Record<string, string> = Object.freeze({}) as Record<string, string>;
 const tagValue = stringUpTo(maxTagValueChars);
 
+/** A client's text as an error echoes it: in full unless it is far longer than any name should be. */
+const echoed = (text: string) => (text.length > 256 ? `${text.slice(0, 256)}...` : text);
+
 function parseTags(metadata: unknown): Record<string, string> {
   if (metadata === undefined || metadata === null) return noTags;
   object(metadata, "metadata");
@@ -255,8 +263,8 @@ function parseTags(metadata: unknown): Record<string, string> {
     }
     if (tooLong(key, maxTagKeyChars)) {
       throw invalidRequest(
-        `Invalid property name in 'metadata': '${key}' is too long. Expected a string with maximum length ${maxTagKeyChars}.`,
-        `metadata.${key}`,
+        `Invalid property name in 'metadata': '${echoed(key)}' is too long. Expected a string with maximum length ${maxTagKeyChars}.`,
+        `metadata.${echoed(key)}`,
         "string_above_max_length",
       );
     }

@@ -177,6 +177,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const tokenQuota = createTokenQuota(options.tokenQuota);
 
   const authorize = async (call: Call) => {
+    // Checked once a call: an RPC's key is checked before its message is read, then again by its handler.
+    if (call.principal) return call.principal;
     const principal = await withChildSpan("gateway.authorize_key", {}, () => keys.authorize(call.secret));
     call.principal = principal;
     const m = call.metrics;

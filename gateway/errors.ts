@@ -166,12 +166,14 @@ const connectCodes: Record<number, Code> = {
 };
 
 const printable = /^[\x20-\x7e]+$/;
+/** Longest param sent as a header: a field path, never a client's whole input. */
+const maxParamChars = 256;
 
 /** The RPC form of a gateway failure; the OpenAI error code, type and param travel as metadata. */
 export function toConnectError(e: GatewayError): ConnectError {
   const metadata: Record<string, string> = { "x-error-code": e.code, "x-error-type": e.type };
-  // A param naming a client's metadata key may hold what a header cannot; the message names it anyway.
-  if (e.param !== null && printable.test(e.param)) metadata["x-error-param"] = e.param;
+  // A param naming a client's metadata key may hold what a header cannot, or be long; the message names it anyway.
+  if (e.param !== null && e.param.length <= maxParamChars && printable.test(e.param)) metadata["x-error-param"] = e.param;
   if (e.retryAfterS !== undefined) metadata["retry-after"] = String(e.retryAfterS);
   if (e.headers) Object.assign(metadata, e.headers);
   return new ConnectError(e.message, connectCodes[e.status] ?? Code.Internal, metadata);

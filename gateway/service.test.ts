@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { trace } from "@opentelemetry/api";
 import { isValid as isUlid } from "ulid";
+import { answerToHead } from "../lib/testing.ts";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { GatewayService } from "../gen/gateway/v1/gateway_pb.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
@@ -262,6 +263,32 @@ describe("the same server over plain HTTP", () => {
     const stranger = await post("sk-unknown");
     expect(stranger.status).toBe(401);
     expect(isUlid(stranger.headers.get("x-request-id") ?? "")).toBe(true);
+  });
+
+  test("an error naming a client's long input echoes a bounded part of it, and no header longer than a field path", async () => {
+    const params = { model: "mock", messages: [{ role: "user", content: "hi" }], metadata: { ["k".repeat(3000)]: "v" } };
+    const e = await rpcError(client("sk-good").createChatCompletion({ params }));
+    expect(e.code).toBe(Code.InvalidArgument);
+    expect(e.rawMessage.length).toBeLessThan(400);
+    expect(e.rawMessage).toContain(`'${"k".repeat(256)}...'`);
+    expect(e.metadata.get("x-error-param")).toBeNull();
+    expect(e.metadata.get("x-error-code")).toBe("string_above_max_length");
+  });
+
+  test("an RPC without a valid key is answered before its message is read, and metered", async () => {
+    for (const key of ["", "sk-unknown"]) {
+      // A body within the limit is declared and never sent: only an answer that does not wait for it arrives.
+      const answer = await answerToHead(
+        server.url,
+        "POST /gateway.v1.GatewayService/CreateChatCompletion HTTP/1.1\r\nHost: gw\r\nContent-Type: application/proto\r\n" +
+          `${key ? `Authorization: Bearer ${key}\r\n` : ""}Content-Length: 4000\r\n\r\n`,
+      );
+      expect(answer).toStartWith("HTTP/1.1 401");
+      const requestId = /x-request-id: (\S+)/i.exec(answer)?.[1] ?? "";
+      expect(isUlid(requestId)).toBe(true);
+      const row = gateway.shipper.rows.find((m) => m.requestId === requestId);
+      expect(row).toMatchObject({ httpStatus: 401 });
+    }
   });
 
   test("a gRPC message over the limit (no declared length) is resource_exhausted with the request id, metered", async () => {

@@ -86,13 +86,17 @@ export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number
       takeGatedCall(ctx);
       throw failed(call, ctx, await refuse(call, bodyTooLarge(maxBodyBytes)));
     }
+    // The key too is checked before the message is read: decoding one is what a caller without a key would cost.
+    const denied = await core.authorize(call).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    if (denied !== undefined) {
+      takeGatedCall(ctx);
+      throw failed(call, ctx, await core.handle(call, () => Promise.reject(denied)).catch((e: unknown) => e));
+    }
   };
 }
-
-/**
- * GatewayService over Connect, gRPC and gRPC-Web: the same core as the REST API, with the
- * OpenAI parameters carried as typed messages. Every response carries x-request-id.
- */
 
 /**
  * GatewayService over Connect, gRPC and gRPC-Web: the same core as the REST API, with the

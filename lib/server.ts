@@ -107,6 +107,8 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     contextValues: options.contextValues,
     shutdownSignal: shutdown.signal,
     readMaxBytes: options.readMaxBytes ?? defaultReadMaxBytes,
+    // Fields a message does not define are skipped, not kept: each would be an object of its own.
+    binaryOptions: { readUnknownFields: false },
     // Neither an RPC nor a route: a 404 that says so in Connect's error shape (gRPC clients read it as Unimplemented).
     fallback: (req, res) =>
       sendJson(res as NodeResponse, 404, {

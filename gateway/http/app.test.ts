@@ -116,9 +116,17 @@ describe("REST chat completions", () => {
     const { chat, shipper } = setup();
     await expectError(await chat("{not json"), 400, "invalid_json");
     await expectError(await chat(""), 400, "invalid_json");
+    // Nesting deeper than an RPC message may, anywhere in the body (here in a field passed upstream), is refused
+    // before it is parsed; brackets inside strings do not count.
+    const deep = `{"model":"mock","messages":[{"role":"user","content":"${"[".repeat(500)}"}],"x":${"[".repeat(101)}${"]".repeat(101)}}`;
+    await expectError(await chat(deep), 400, "invalid_json");
+    const fine = await chat(`{"model":"mock","messages":[{"role":"user","content":"${"[{".repeat(300)}"}],"x":${"[".repeat(97)}${"]".repeat(97)}}`);
+    expect(fine.status).toBe(200);
     expect(shipper.rows.map((m) => [m.status, m.httpStatus, m.errorCode])).toEqual([
       [RequestStatus.INVALID_REQUEST, 400, "invalid_json"],
       [RequestStatus.INVALID_REQUEST, 400, "invalid_json"],
+      [RequestStatus.INVALID_REQUEST, 400, "invalid_json"],
+      [RequestStatus.OK, 200, ""],
     ]);
   });
 

@@ -256,8 +256,34 @@ async function bodyText(request: RestRequest, limit: number): Promise<string> {
   }
 }
 
+/** Deepest nesting of arrays and objects a body may have, as for the RPCs' messages. */
+const maxJsonDepth = 100;
+
+/**
+ * Whether JSON text nests arrays and objects deeper than `max`, by one scan of its characters: parsing a body nested
+ * millions deep takes half a second, and serialising it again for an upstream overflows the stack.
+ */
+function nestsDeeper(text: string, max: number): boolean {
+  let depth = 0;
+  let inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (inString) {
+      if (c === 0x5c) i++;
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) inString = true;
+    else if (c === 0x5b || c === 0x7b) {
+      if (++depth > max) return true;
+    } else if (c === 0x5d || c === 0x7d) depth--;
+  }
+  return false;
+}
+
 function parseJson(text: string): unknown {
   if (text.trim() === "") throw invalidRequest("The request body is empty; send a JSON object.", null, "invalid_json");
+  if (nestsDeeper(text, maxJsonDepth)) {
+    throw invalidRequest(`The JSON body nests deeper than ${maxJsonDepth} levels.`, null, "invalid_json");
+  }
   try {
     return JSON.parse(text);
   } catch {

@@ -85,7 +85,7 @@ async function startAnalytics() {
   const server: RunningServer = await startServer({
     name: "analytics",
     port: 0,
-    routes: analyticsRoutes(service),
+    routes: analyticsRoutes(service, adminToken),
     log,
   });
   cleanups.push(() => server.close(0));

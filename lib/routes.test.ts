@@ -1,0 +1,73 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { createLogger } from "./log.ts";
+import { adminMessageBytes, guardedRoutes, orgMessageBytes } from "./routes.ts";
+import { createServiceClient } from "./rpc-client.ts";
+import { type RunningServer, startServer } from "./server.ts";
+import { answerToHead } from "./testing.ts";
+
+const adminToken = "routes-admin-token-0123456789";
+let server: RunningServer;
+let recorded = 0;
+
+beforeAll(async () => {
+  server = await startServer({
+    name: "guarded",
+    port: 0,
+    host: "127.0.0.1",
+    log: createLogger({ service: "test", write: () => {} }),
+    routes: guardedRoutes(
+      BillingService,
+      {
+        async recordUsage(req) {
+          recorded += req.records.length;
+          return { inserted: req.records.length, duplicates: 0 };
+        },
+        listInvoices: async () => ({ invoices: [], nextPageToken: "" }),
+        listOrganizations: async () => ({ organizations: [] }),
+        createProject: async () => ({}),
+      },
+      { adminToken, orgMethods: ["listInvoices"], bulk: { recordUsage: 4 << 20 } },
+    ),
+  });
+});
+afterAll(() => server.close(0));
+
+/** What a POST to `path` declaring a body it never sends gets back. */
+const headOnly = (path: string, headers: string) =>
+  answerToHead(
+    server.url,
+    `POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/proto\r\nContent-Length: 16000000\r\n${headers}\r\n`,
+  );
+
+/** The code a call failed with, or "ok". */
+const code = (call: Promise<unknown>) =>
+  call.then(
+    () => "ok" as const,
+    (e: unknown) => ConnectError.from(e).code,
+  );
+
+describe("guarded routes", () => {
+  test("a caller without a token, or without the admin's on an admin method, is answered before its message is read", async () => {
+    const path = "/billing.v1.BillingService/RecordUsage";
+    expect(await headOnly(path, "")).toStartWith("HTTP/1.1 401");
+    expect(await headOnly(path, "Authorization: Bearer sk-mesh-somebody\r\n")).toStartWith("HTTP/1.1 403");
+    // A method an org's key may call lets any token through to its handler, which checks it.
+    const anyone = createServiceClient(BillingService, { baseUrl: server.url, bearerToken: "sk-mesh-somebody" });
+    expect(await code(anyone.listInvoices({ orgId: "org_1" }))).toBe("ok");
+    expect(await code(anyone.listOrganizations({}))).toBe(Code.PermissionDenied);
+    const nobody = createServiceClient(BillingService, { baseUrl: server.url });
+    expect(await code(nobody.listInvoices({ orgId: "org_1" }))).toBe(Code.Unauthenticated);
+    expect(recorded).toBe(0);
+  });
+
+  test("each method reads at most its own size of message", async () => {
+    const admin = createServiceClient(BillingService, { baseUrl: server.url, bearerToken: adminToken });
+    // A usage batch may be large; a query or an admin change may not.
+    const records = Array.from({ length: 5_000 }, (_, i) => ({ requestId: `req_${i}`.padEnd(200, "x"), orgId: "org_1" }));
+    expect(await admin.recordUsage({ records })).toMatchObject({ inserted: 5_000 });
+    expect(await code(admin.listInvoices({ orgId: "x".repeat(orgMessageBytes) }))).toBe(Code.ResourceExhausted);
+    expect(await code(admin.createProject({ orgId: "org_1", name: "x".repeat(adminMessageBytes) }))).toBe(Code.ResourceExhausted);
+  });
+});
