@@ -287,3 +287,13 @@ test("spend is counted once whether its usage is recorded before or after the re
   // Nothing more is left: 300 recorded, 600 held by gw-2 and 100 by gw-4.
   expect(await check()).toBe(0n);
 });
+
+test("a request sent twice in one batch charges its lease once", async () => {
+  const org = await newOrg(1000n);
+  const lease = await acquire(org.id, 1000n);
+  const record = spendRecord(org.id, 300n, null, lease.leaseId);
+  expect(await store.recordUsage([record, { ...record }])).toMatchObject({ inserted: 1, duplicates: 1 });
+  // 600 spent: 300 recorded, another 300 on its way. 400 is left, not 700.
+  await store.releaseBudgetLease({ leaseId: lease.leaseId as string, spentNanos: 600n, now });
+  expect(await acquire(org.id, 1000n)).toMatchObject({ grantedNanos: 400n });
+});

@@ -84,8 +84,12 @@ export function createUsageStore(db: Db) {
      * summaries and the recorded spend of the budget leases they were drawn from grow by exactly the rows inserted,
      * atomically with them.
      */
-    async recordUsage(records: UsageRecord[]): Promise<RecordedUsage> {
-      if (records.length === 0) return { inserted: 0, duplicates: 0, xid: "", added: [] };
+    async recordUsage(batch: UsageRecord[]): Promise<RecordedUsage> {
+      if (batch.length === 0) return { inserted: 0, duplicates: 0, xid: "", added: [] };
+      // A request sent twice in one batch (a resend landing in the flush that holds the original) is inserted once;
+      // its budget charges must be counted once too, so the batch keeps its first copy only.
+      const seen = new Set<string>();
+      const records = batch.filter((r) => !seen.has(r.requestId) && seen.add(r.requestId));
       const column = (pick: (r: UsageRecord) => string | null) => arrayLiteral(records.map(pick));
       // Numbers and ISO timestamps need no quoting in an array literal.
       const plain = (pick: (r: UsageRecord) => bigint | string) => `{${records.map(pick).join(",")}}`;
@@ -175,7 +179,7 @@ export function createUsageStore(db: Db) {
       const inserted = rows.reduce((sum, row) => sum + row.requests, 0);
       return {
         inserted,
-        duplicates: records.length - inserted,
+        duplicates: batch.length - inserted,
         xid: rows[0]?.xid ?? "",
         added: rows.map((row) => ({
           orgId: row.org_id,
