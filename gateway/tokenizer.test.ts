@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { countEmbeddingTokens, countInputTokens, countTextTokens, exactChars, maxRun } from "./tokenizer.ts";
+import { countEmbeddingTokens, countInputTokens, countTextTokens, encodedPieces, exactChars, maxRun } from "./tokenizer.ts";
 
 const user = (content: string) => [{ role: "user" as const, content }];
 /** A prompt's framing: 3 priming the reply, 3 around the message, 1 for "user". */
@@ -22,9 +22,17 @@ describe("token counts", () => {
     }
   });
 
-  test("a run without whitespace is encoded in pieces of maxRun characters", async () => {
+  test("a run of whitespace, or of anything but whitespace, is encoded in pieces of maxRun characters", async () => {
     const piece = await countTextTokens(["a".repeat(maxRun)]);
     expect(await countTextTokens(["a".repeat(maxRun * 40)])).toBe(piece * 40);
+    const blank = await countTextTokens(["\t\n".repeat(maxRun / 2)]);
+    expect(await countTextTokens(["\t\n".repeat(maxRun * 20)])).toBe(blank * 40);
+    // No piece is longer than maxRun, and together they are the text.
+    for (const text of ["\n".repeat(5_000), "ab".repeat(3_000), `x ${" ".repeat(700)}y${"z".repeat(900)} end`, "short"]) {
+      const pieces = [...encodedPieces(text)];
+      expect(pieces.join("")).toBe(text);
+      expect(Math.max(...pieces.map((p) => (/^\s+$|^\S+$/.test(p) ? p.length : 0)))).toBeLessThanOrEqual(maxRun);
+    }
     const cjk = "漢字".repeat(maxRun / 2);
     expect(await countTextTokens([`${cjk.repeat(10)} ok`])).toBe((await countTextTokens([cjk])) * 10 + 1);
   });
