@@ -1,10 +1,12 @@
 import { describe, expect, test } from "bun:test";
+import { create } from "@bufbuild/protobuf";
 import { trace } from "@opentelemetry/api";
-import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
+import { RequestMetricsSchema, RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createKeyAuthorizer } from "./auth.ts";
 import { parseGatewayConfig } from "./config.ts";
-import { createGatewayCore } from "./core.ts";
+import { meterChatStream } from "./chat-stream.ts";
+import { type Call, createGatewayCore } from "./core.ts";
 import type { GatewayError } from "./errors.ts";
 import { createRestApp } from "./http/app.ts";
 import { createProviders } from "./providers/index.ts";
@@ -164,5 +166,36 @@ describe("streams are metered exactly once however they end", () => {
     const rows = await rowsOf(call.requestId);
     expect(rows).toHaveLength(1);
     expect(rows[0]?.status).toBe(RequestStatus.CANCELLED);
+  });
+});
+
+describe("the usage a client is shown", () => {
+  test("usage some servers put on the last content chunk comes last, in a chunk of its own, with the metered counts", async () => {
+    const chunks = async function* () {
+      yield {
+        id: "c",
+        object: "chat.completion.chunk" as const,
+        created: 1,
+        model: "m",
+        choices: [{ index: 0, delta: { content: "hi" }, finish_reason: "stop" as const, logprobs: null }],
+        usage: { prompt_tokens: 3.5, completion_tokens: 1, total_tokens: 4.5 },
+      };
+    };
+    const call = { metrics: create(RequestMetricsSchema), upstreamMs: 0, startTick: performance.now(), startMs: Date.now(), requestId: "r" };
+    const stream = meterChatStream({
+      call: call as unknown as Call,
+      chunks: chunks(),
+      request: { model: "m", messages: [{ role: "user", content: "x" }] },
+      price: { inputMicros: 1n, cachedInputMicros: 1n, outputMicros: 1n, reasoningMicros: 1n },
+      includeUsage: true,
+      deadline: new AbortController().signal,
+      finish() {},
+    });
+    const seen = [];
+    for await (const chunk of stream) seen.push({ choices: chunk.choices.length, usage: chunk.usage });
+    expect(seen).toEqual([
+      { choices: 1, usage: null },
+      { choices: 0, usage: { prompt_tokens: 4, completion_tokens: 1, total_tokens: 5 } },
+    ]);
   });
 });

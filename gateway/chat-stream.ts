@@ -140,6 +140,12 @@ export function meterChatStream(options: MeterOptions): ChatStream {
             if (includeUsage) usageChunk = chunk;
             continue;
           }
+          // Usage some servers put on a content chunk goes in a chunk of its own, last, as OpenAI sends it.
+          if (includeUsage) {
+            const { id, created, model } = chunk;
+            usageChunk = { id, object: "chat.completion.chunk", created, model, choices: [], usage: chunk.usage };
+            chunk.usage = null;
+          }
         }
         // Chunks carry a usage field only for clients that asked for usage, as OpenAI sends them.
         if (!includeUsage && chunk.usage !== undefined) chunk.usage = undefined;

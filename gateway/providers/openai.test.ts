@@ -216,6 +216,10 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   "half-event": [`data: {"id":"c1","object":"chat.comp`, "WAIT"],
   // Two choices (n = 2): the first finishes, the second is cut off; then both finishing.
   "two-cut": [choiceEvent(0, { content: "one" }, "stop"), choiceEvent(1, { content: "tw" })],
+  // Two asked for, the first finished, the connection closed before the second began.
+  "two-unbegun": [choiceEvent(0, { content: "one" }, "stop")],
+  // A server that ignores n: one choice, then [DONE].
+  "one-of-two": [choiceEvent(0, { content: "one" }, "stop"), "data: [DONE]\n\n"],
   "two-done": [
     choiceEvent(0, { content: "one" }),
     choiceEvent(1, { content: "two" }),
@@ -258,11 +262,11 @@ const streaming = createOpenAIProvider(
   { name: "sse", kind: "openai", base_url: `http://127.0.0.1:${streamingUpstream.port}/v1` },
   undefined,
 );
-const drain = async (model: string, timeoutMs = 5000) => {
+const drain = async (model: string, timeoutMs = 5000, n?: number) => {
   const contents: string[] = [];
   let usage: unknown;
   try {
-    for await (const chunk of await streaming.streamChat(request(model), { timeoutMs })) {
+    for await (const chunk of await streaming.streamChat({ ...request(model), ...(n ? { n } : {}) }, { timeoutMs })) {
       for (const choice of chunk.choices) if (choice.delta.content) contents.push(choice.delta.content);
       if (chunk.usage) usage = chunk.usage;
     }
@@ -295,6 +299,9 @@ describe("openai provider streams", () => {
     const cut = await drain("two-cut");
     expect(cut.contents).toEqual(["one", "tw"]);
     expect(cut.error?.message).toContain("ended before it finished");
+    const unbegun = await drain("two-unbegun", 5000, 2);
+    expect(unbegun.error?.message).toContain("ended before it finished");
+    expect((await drain("one-of-two", 5000, 2)).error).toBeUndefined();
     const done = await drain("two-done");
     expect(done.error).toBeUndefined();
     expect(done.contents).toEqual(["one", "two"]);

@@ -141,7 +141,7 @@ export function createOpenAIProvider(
       // half of what the SDK's own stream decoder does per chunk.
       const body = { ...request, stream: true, stream_options: { include_usage: true } };
       const response = await post("/chat/completions", body, options, async (r) => r);
-      return relay(response, config.name, options);
+      return relay(response, config.name, options, typeof request.n === "number" && request.n > 1 ? request.n : 1);
     },
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
@@ -165,7 +165,7 @@ export function createOpenAIProvider(
  * fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
  * ignored; a stream left early closes its upstream connection.
  */
-function relay(response: Response, provider: string, options: CallOptions): ChunkStream {
+function relay(response: Response, provider: string, options: CallOptions, choices: number): ChunkStream {
   const body = response.body;
   if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
   const reader = body.getReader();
@@ -173,7 +173,7 @@ function relay(response: Response, provider: string, options: CallOptions): Chun
   const leave = () => void reader.cancel().catch(() => {});
   options.signal?.addEventListener("abort", leave, { once: true });
   if (options.signal?.aborted) leave();
-  return chunksOf(reader, leave, provider, options);
+  return chunksOf(reader, leave, provider, options, choices);
 }
 
 /** What the relay uses of a body's reader. */
@@ -182,7 +182,13 @@ interface BodyReader {
   cancel(): Promise<void>;
 }
 
-async function* chunksOf(reader: BodyReader, leave: () => void, provider: string, options: CallOptions): ChunkStream {
+async function* chunksOf(
+  reader: BodyReader,
+  leave: () => void,
+  provider: string,
+  options: CallOptions,
+  choices: number,
+): ChunkStream {
   const { timeoutMs, signal } = options;
   const decoder = new TextDecoder();
   const chunks: unknown[] = [];
@@ -218,7 +224,7 @@ async function* chunksOf(reader: BodyReader, leave: () => void, provider: string
 
   let lastActive = performance.now();
   let timedOut = false;
-  // Choices seen unfinished and those that finished: with n > 1 every one must finish.
+  // Choices seen unfinished and those that finished: every one of the `choices` asked for must finish.
   const open = new Set<unknown>();
   const done = new Set<unknown>();
   let ended = false;
@@ -278,7 +284,9 @@ async function* chunksOf(reader: BodyReader, leave: () => void, provider: string
   if (failure) throw failure;
   if (timedOut) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
   if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
-  if (done.size === 0 || open.size > 0) {
+  // Without [DONE], a stream that ends between choices may have lost the rest: all of them must have finished. (With
+  // it the upstream says it is done: a server that ignores n answers fewer.)
+  if (open.size > 0 || done.size === 0 || (!sentinel && done.size < choices)) {
     throw new UpstreamError("transient", `${provider}: the stream ended before it finished`);
   }
 }
