@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { clone, create, type MessageInitShape } from "@bufbuild/protobuf";
-import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { TimestampSchema, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import pg from "pg";
 import {
@@ -910,6 +910,38 @@ test("times in years 1..9999 are accepted, as the message says, and none before"
   expect((await client.getUsageSummary({ orgId, ...firstYear }, admin)).costNanos).toBe(1n);
   expect(await failure(client.recordUsage({ records: [usage(orgId, "", 1n, new Date(year1.getTime() - 1))] }, admin)))
     .toEqual({ code: Code.InvalidArgument, message: "records[0].occur_time: must be a time in years 1..9999" });
+
+  // A period whose start or end would leave those years is refused, not stored or failed on the way out.
+  const anchored = "must be a time from 0001-02-01 to 9999-11-30, so that its billing period lies in years 1..9999";
+  for (const at of ["9999-12-31T00:00:00Z", "0001-01-01T00:00:00Z"]) {
+    expect(await failure(client.generateInvoice({ orgId, periodTime: timestampFromDate(new Date(at)) }, admin))).toEqual({
+      code: Code.InvalidArgument,
+      message: `period_time: ${anchored}`,
+    });
+  }
+  expect((await client.listInvoices({ orgId }, admin)).invoices).toEqual([]);
+  const endOnly = { endTime: timestampFromDate(new Date("0001-01-20T00:00:00Z")) };
+  expect(await failure(client.getUsageSummary({ orgId, ...endOnly }, admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: `end_time: ${anchored}`,
+  });
+});
+
+test("a time is taken to the millisecond rounded down: the last instant of a day stays in that day and period", async () => {
+  const orgId = await newOrg({ billingDay: 28 });
+  const last = usage(orgId, "", 111n);
+  last.occurTime = create(TimestampSchema, {
+    seconds: BigInt(Date.parse("2026-09-28T00:00:00Z") / 1000) - 1n,
+    nanos: 999_999_900,
+  });
+  await client.recordUsage({ records: [last] }, admin);
+  const [listed] = (await client.listUsageRecords({ orgId, requestId: last.requestId }, admin)).records;
+  expect(timestampDate(listed?.occurTime ?? timestampFromDate(now)).toISOString()).toBe("2026-09-27T23:59:59.999Z");
+  const august = {
+    startTime: timestampFromDate(new Date("2026-08-28T00:00:00Z")),
+    endTime: timestampFromDate(new Date("2026-09-28T00:00:00Z")),
+  };
+  expect((await client.getUsageSummary({ orgId, ...august }, admin)).costNanos).toBe(111n);
 });
 
 test("an empty or reversed time range is InvalidArgument wherever one is taken", async () => {

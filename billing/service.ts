@@ -54,7 +54,18 @@ import type { BillingStore } from "./store/store.ts";
 import type { TimeRange } from "./store/types.ts";
 import type { UsageCursor } from "./store/usage.ts";
 import type { UsageTracker } from "./usage-tracker.ts";
-import { id, instant, intInRange, invalid, nonNegative, optionalId, ordered, positive, text } from "./validate.ts";
+import {
+  id,
+  instant,
+  intInRange,
+  invalid,
+  nonNegative,
+  optionalId,
+  ordered,
+  periodAnchor,
+  positive,
+  text,
+} from "./validate.ts";
 
 export interface BillingServiceOptions {
   store: BillingStore;
@@ -334,7 +345,7 @@ export function createBillingService({
       const now = clock();
       const invoice = await store.generateInvoice({
         orgId: orgIdOf(req),
-        at: req.periodTime ? instant(req.periodTime, "period_time") : now,
+        at: req.periodTime ? periodAnchor(instant(req.periodTime, "period_time"), "period_time") : now,
         now,
       });
       metrics?.invoices.inc();
@@ -372,7 +383,8 @@ export function createBillingService({
   async function usageRange(orgId: string, start: Date | undefined, end: Date | undefined): Promise<TimeRange> {
     if (!start || !end) {
       const org = await store.getOrganization(orgId);
-      const period = billingPeriod(end ? new Date(end.getTime() - 1) : clock(), org.billingDay);
+      const anchor = end ? periodAnchor(new Date(end.getTime() - 1), "end_time") : clock();
+      const period = billingPeriod(anchor, org.billingDay);
       start ??= period.start;
       end ??= period.end;
     }

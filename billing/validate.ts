@@ -1,4 +1,4 @@
-import { type Timestamp, timestampMs } from "@bufbuild/protobuf/wkt";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 
 /** Request validation; every failure is InvalidArgument naming the field as in the .proto. */
@@ -65,11 +65,28 @@ export function positive(value: bigint, field: string): bigint {
 const minInstantMs = new Date(0).setUTCFullYear(1, 0, 1);
 const maxInstantMs = new Date(0).setUTCFullYear(10_000, 0, 1);
 
-/** A timestamp as a Date, InvalidArgument outside years 1..9999. */
+/**
+ * A timestamp as a Date (to the millisecond, rounded down: 23:59:59.9999 is still that day, and that billing period),
+ * InvalidArgument outside years 1..9999.
+ */
 export function instant(value: Timestamp, field: string): Date {
-  const ms = timestampMs(value);
+  const ms = Number(value.seconds) * 1000 + Math.floor(value.nanos / 1_000_000);
   if (!(ms >= minInstantMs && ms < maxInstantMs)) throw invalid(field, "must be a time in years 1..9999");
   return new Date(ms);
+}
+
+// A billing period lasts a month from a day up to the 28th: anchored from February of year 1 to November of 9999,
+// every period lies within years 1..9999.
+const minAnchorMs = new Date(0).setUTCFullYear(1, 1, 1);
+const maxAnchorMs = new Date(0).setUTCFullYear(9999, 11, 1);
+
+/** An instant whose billing period is wanted: InvalidArgument unless that period lies within years 1..9999. */
+export function periodAnchor(at: Date, field: string): Date {
+  const ms = at.getTime();
+  if (!(ms >= minAnchorMs && ms < maxAnchorMs)) {
+    throw invalid(field, "must be a time from 0001-02-01 to 9999-11-30, so that its billing period lies in years 1..9999");
+  }
+  return at;
 }
 
 /** A time range with both bounds set must not be empty; `startField` and `endField` name them. */
