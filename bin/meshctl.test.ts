@@ -165,6 +165,17 @@ describe("meshctl against a real billing", () => {
     expect(asJson.limits.monthlyTokens).toBe("1000");
   });
 
+  test("a time without an offset is UTC, whatever the operator's zone; one with an offset is that instant", async () => {
+    const utc = await json<{ apiKey: { limits: { expireTime: string } } }>(
+      `keys create --org ${orgId} --expires 2031-01-15T10:00`,
+    );
+    expect(utc.apiKey.limits.expireTime).toBe("2031-01-15T10:00:00Z");
+    const offset = await json<{ apiKey: { limits: { expireTime: string } } }>(
+      `keys create --org ${orgId} --expires 2031-01-15T10:00:00+01:00`,
+    );
+    expect(offset.apiKey.limits.expireTime).toBe("2031-01-15T09:00:00Z");
+  });
+
   test("quota set changes only the limits given; 0 or an empty list or date removes one", async () => {
     const created = await json<{ apiKey: { id: string } }>(
       `keys create --org ${orgId} --budget-usd 50 --rpm 60 --models gpt-4o,mock --expires 2030-01-01`,
@@ -272,6 +283,12 @@ describe("meshctl against a real billing", () => {
     expect(listed).toMatch(/nights\s+time-window\s+20%\s+0\s+no\s+all\s+22-24h UTC Sun,Sat/);
     expect(await ok(`discounts remove ${night.rule.id}`)).toBe(`removed ${night.rule.id}\n`);
     expect(await ok(`discounts list --org ${orgId}`)).not.toContain("nights");
+    // Priorities may be negative (applied after the default 0).
+    const late = await json<{ rule: { id: string; priority: number } }>(
+      `discounts add --org ${orgId} --name late --kind promotional --percent 1 --priority=-5`,
+    );
+    expect(late.rule.priority).toBe(-5);
+    await ok(`discounts remove ${late.rule.id}`);
     failsWith(await cli(`discounts add --org ${orgId} --name x --kind bogus`), 2, /--kind must be one of/);
     failsWith(await cli(`discounts add --org ${orgId} --name x --kind promotional`), 1, /invalid_argument.*discount_bps/);
     failsWith(await cli(`discounts add --org ${orgId} --name x --kind time-window --percent 5 --hours 9`), 2, /--hours/);
@@ -338,6 +355,15 @@ describe("meshctl against a real billing", () => {
     failsWith(await cli("frobnicate"), 2, /unknown command "frobnicate"/);
     failsWith(await cli("orgs list --frobnicate"), 2, /--frobnicate/);
     failsWith(await cli("keys create --org x --rpm lots"), 2, /--rpm must be a non-negative integer/);
+    // Numbers past what the contract holds are the command line's fault, not the service's.
+    failsWith(await cli("quota set key_x --rpm 99999999999"), 2, /--rpm must be a non-negative integer up to 2147483647/);
+    failsWith(await cli("quota set key_x --budget-usd 999999999999.999999999"), 2, /at most \$9,223,372,036.85/);
+    // A flag the command does not take, or an extra argument, is refused rather than ignored.
+    failsWith(await cli("orgs update org_x --billing-day 15"), 2, /orgs update does not take --billing-day/);
+    failsWith(await cli("usage --org org_x extra"), 2, /unexpected argument "extra"/);
+    // Dates are UTC, and only dates there are.
+    failsWith(await cli("keys create --org x --expires 2027-02-30"), 2, /--expires must be a date like 2026-11-30/);
+    failsWith(await cli("keys create --org x --expires 01/15/2027"), 2, /--expires must be a date/);
     failsWith(await cli("orgs list", { ADMIN_TOKEN: "wrong-token-0123456789" }), 1, /permission_denied/);
     failsWith(await cli("orgs list", { ADMIN_TOKEN: "short" }), 2, /ADMIN_TOKEN/);
     failsWith(await cli("orgs list", { BILLING_URL: "not a url" }), 2, /BILLING_URL/);

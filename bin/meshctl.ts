@@ -65,13 +65,14 @@ const usage = `usage: meshctl <command> [flags] [--json]
   usage --org ID [--from DATE] [--to DATE] [--source billing|analytics]
   discounts add --org ID --name S --kind volume-graduated|volume-all-units|time-window|promotional
                 [--percent P] [--tiers FROM_USD:PERCENT,...] [--hours 0-6] [--days 0,6] [--model M] [--provider P]
-                [--priority N] [--exclusive] [--from DATE] [--until DATE] [--cap-usd X]
+                [--priority N] [--exclusive] [--from DATE] [--until DATE] [--cap-usd X]   (a negative N: --priority=-5)
   discounts list --org ID | discounts remove RULE_ID
   invoices generate --org ID [--period YYYY-MM] | invoices list --org ID | invoices show ID
       (--period: the billing period that starts in that month; default: the current one)
   invoices issue|pay|void ID | invoices render ID --html [--out FILE]
 
 environment: BILLING_URL (http://127.0.0.1:8081), ANALYTICS_URL (http://127.0.0.1:8082), ADMIN_TOKEN
+dates: 2026-11-30 (midnight UTC) or 2026-11-30T14:00 (UTC unless an offset like +01:00 follows)
 exit codes: 0 ok, 1 the service refused or failed, 2 bad command line or environment`;
 
 const flags = {
@@ -109,6 +110,55 @@ const flags = {
   help: { type: "boolean", short: "h" },
 } as const;
 
+type FlagName = keyof typeof flags;
+
+/** What each command takes besides --json and --help: its flags, and how many arguments follow its name. */
+const commands: Record<string, { flags: readonly FlagName[]; args: number }> = {
+  "orgs create": { flags: ["tax-bps", "billing-day", "budget-usd", "max-discount-percent"], args: 1 },
+  "orgs update": { flags: ["name", "tax-bps", "budget-usd", "max-discount-percent"], args: 1 },
+  "orgs list": { flags: [], args: 0 },
+  "projects create": { flags: ["org"], args: 1 },
+  "projects list": { flags: ["org"], args: 0 },
+  "keys create": {
+    flags: ["org", "project", "name", "budget-usd", "monthly-tokens", "rpm", "tpm", "models", "expires"],
+    args: 0,
+  },
+  "keys list": { flags: ["org", "all"], args: 0 },
+  "keys revoke": { flags: [], args: 1 },
+  "keys rotate": { flags: [], args: 1 },
+  "quota set": { flags: ["budget-usd", "monthly-tokens", "rpm", "tpm", "models", "expires"], args: 1 },
+  "quota show": { flags: ["org"], args: 1 },
+  usage: { flags: ["org", "from", "to", "source"], args: 0 },
+  "discounts add": {
+    flags: [
+      ...["org", "name", "kind", "percent", "tiers", "hours", "days", "model", "provider"],
+      ...["priority", "exclusive", "from", "until", "cap-usd"],
+    ] as FlagName[],
+    args: 0,
+  },
+  "discounts list": { flags: ["org"], args: 0 },
+  "discounts remove": { flags: [], args: 1 },
+  "invoices generate": { flags: ["org", "period"], args: 0 },
+  "invoices list": { flags: ["org"], args: 0 },
+  "invoices show": { flags: [], args: 1 },
+  "invoices issue": { flags: [], args: 1 },
+  "invoices pay": { flags: [], args: 1 },
+  "invoices void": { flags: [], args: 1 },
+  "invoices render": { flags: ["html", "out"], args: 1 },
+};
+
+/** Refuses flags a command does not take and arguments past its own, which it would otherwise ignore silently. */
+function checkCommandLine(command: string, values: Record<string, unknown>, args: readonly string[]): void {
+  const spec = commands[command];
+  if (!spec) return;
+  for (const flag of Object.keys(values)) {
+    if (flag !== "json" && flag !== "help" && !spec.flags.includes(flag as FlagName)) {
+      throw new UsageError(`${command} does not take --${flag}; see meshctl --help`);
+    }
+  }
+  if (args.length > spec.args) throw new UsageError(`${command}: unexpected argument "${args[spec.args]}"`);
+}
+
 export async function runCli(argv: string[], io: CliIo): Promise<number> {
   try {
     const { values, positionals } = parseArgs({ args: argv, options: flags, allowPositionals: true, strict: true });
@@ -143,7 +193,9 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
     };
     const arg = (what: string) => need(rest[0], what);
 
-    switch (`${group} ${group === "usage" ? "" : (action ?? "")}`.trim()) {
+    const command = `${group} ${group === "usage" ? "" : (action ?? "")}`.trim();
+    checkCommandLine(command, values, group === "usage" ? positionals.slice(1) : rest);
+    switch (command) {
       case "orgs create": {
         const res = await billing.createOrganization({
           name: need(rest[0], "NAME"),
@@ -464,24 +516,46 @@ function schemaOf(message: { $typeName: string }): DescMessage {
   return schema;
 }
 
-function int(text: string | undefined, flag: string): number {
+/** An integer flag within [min, max] (an int32's non-negative range by default). */
+function int(text: string | undefined, flag: string, max = 2 ** 31 - 1, min = 0): number {
   if (text === undefined) return 0;
-  if (!/^\d{1,15}$/.test(text)) throw new UsageError(`${flag} must be a non-negative integer, not "${text}"`);
-  return Number(text);
+  const value = /^-?\d{1,16}$/.test(text) ? Number(text) : Number.NaN;
+  if (!(value >= min && value <= max)) {
+    const range = min === 0 ? `a non-negative integer up to ${max}` : `an integer from ${min} to ${max}`;
+    throw new UsageError(`${flag} must be ${range}, not "${text}"`);
+  }
+  return value;
 }
+
+/** Most nano-USD an int64 holds: about $9.2 billion. */
+const maxNanos = 2n ** 63n - 1n;
 
 function usdNanos(text: string | undefined): bigint {
   if (text === undefined) return 0n;
+  let nanos: bigint;
   try {
-    return parseUsdNanos(text);
+    nanos = parseUsdNanos(text);
   } catch (e) {
     throw new UsageError((e as Error).message);
   }
+  if (nanos > maxNanos) throw new UsageError(`an amount must be at most $9,223,372,036.85, not "${text}"`);
+  return nanos;
 }
 
+/**
+ * A date (midnight UTC) or a date and time, in UTC unless it names its offset: `2026-11-30`, `2026-11-30T14:00`,
+ * `2026-11-30T14:00:00+01:00`. Anything else, and days a month does not have, are refused: never the operator's
+ * local time zone, never a date rolled over into the next month.
+ */
 function parseDate(text: string, flag: string): Timestamp {
-  const ms = Date.parse(/^\d{4}-\d{2}-\d{2}$/.test(text) ? `${text}T00:00:00Z` : text);
-  if (Number.isNaN(ms)) throw new UsageError(`${flag} must be a date like 2026-11-30, not "${text}"`);
+  const match = /^(\d{4})-(\d{2})-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d{1,9})?)?(Z|[+-]\d{2}:\d{2})?)?$/.exec(text);
+  const [year, month, day] = match ? [Number(match[1]), Number(match[2]), Number(match[3])] : [0, 0, 0];
+  const calendar = new Date(new Date(0).setUTCFullYear(year, month - 1, day));
+  const valid = match && calendar.getUTCMonth() === month - 1 && calendar.getUTCDate() === day;
+  const ms = valid ? Date.parse(match[4] === undefined ? `${text.slice(0, 10)}T00:00:00Z` : match[7] ? text : `${text}Z`) : Number.NaN;
+  if (Number.isNaN(ms)) {
+    throw new UsageError(`${flag} must be a date like 2026-11-30 or a UTC time like 2026-11-30T14:00, not "${text}"`);
+  }
   return timestampFromMs(ms);
 }
 
@@ -510,9 +584,12 @@ function limitsFrom(values: Flags): MessageInitShape<typeof KeyLimitsSchema> {
   const { expires, models } = values;
   return {
     monthlyBudgetNanos: values["budget-usd"] === undefined ? 0n : usdNanos(values["budget-usd"]),
-    monthlyTokens: values["monthly-tokens"] === undefined ? 0n : BigInt(int(values["monthly-tokens"], "--monthly-tokens")),
+    monthlyTokens:
+      values["monthly-tokens"] === undefined
+        ? 0n
+        : BigInt(int(values["monthly-tokens"], "--monthly-tokens", Number.MAX_SAFE_INTEGER)),
     requestsPerMinute: values.rpm === undefined ? 0 : int(values.rpm, "--rpm"),
-    tokensPerMinute: values.tpm === undefined ? 0n : BigInt(int(values.tpm, "--tpm")),
+    tokensPerMinute: values.tpm === undefined ? 0n : BigInt(int(values.tpm, "--tpm", Number.MAX_SAFE_INTEGER)),
     allowedModels: (models ?? "")
       .split(",")
       .map((m) => m.trim())
@@ -538,7 +615,7 @@ function ruleFrom(values: Flags): MessageInitShape<typeof DiscountRuleSchema> {
     orgId: values.org ?? "",
     name: values.name ?? "",
     kind,
-    priority: int(values.priority, "--priority"),
+    priority: int(values.priority, "--priority", 1_000_000, -1_000_000),
     stackable: !values.exclusive,
     model: values.model ?? "",
     provider: values.provider ?? "",
