@@ -853,12 +853,20 @@ test("text and ids with control characters are InvalidArgument naming the field,
       message: "page_token: not a token from a previous response",
     });
   }
-  for (const name of ["a\u0000b", "tab\there", "new\nline", "bell\u0007", "\u001b[31mred"]) {
+  for (const name of ["a\u0000b", "tab\there", "new\nline", "bell\u0007", "\u001b[31mred", "del\u007f", "line\u2028sep"]) {
     expect(await failure(client.createOrganization({ name }, admin))).toEqual(refused("name"));
     expect(await failure(client.createProject({ orgId, name }, admin))).toEqual(refused("name"));
   }
   // Surrounding whitespace, newlines included, is trimmed as before.
   expect((await client.createProject({ orgId, name: "\n web \t" }, admin)).project?.name).toBe("web");
+  // A name of nothing visible is no name; names that look the same are the same (composed form).
+  expect(await failure(client.createProject({ orgId, name: "\u200b" }, admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "name: required",
+  });
+  const composed = await client.createProject({ orgId, name: "Cafe\u0301" }, admin);
+  expect(composed.project?.name).toBe("Caf\u00e9");
+  expect(await failure(client.createProject({ orgId, name: "Caf\u00e9" }, admin))).toMatchObject({ code: Code.AlreadyExists });
   const model = usage(orgId, "", 1n);
   model.model = "mock\u0000";
   expect(await failure(client.recordUsage({ records: [model] }, admin))).toEqual(refused("records[0].model"));

@@ -7,8 +7,11 @@ export function invalid(field: string, problem: string): ConnectError {
   return new ConnectError(`${field}: ${problem}`, Code.InvalidArgument);
 }
 
-// C0 controls: Postgres refuses NUL outright, and no billing text (names, ids, models) is multi-line.
-const controlCharacter = /[\u0000-\u001f]/;
+// Control characters (C0, DEL, C1) and line or paragraph separators: Postgres refuses NUL outright, and no billing
+// text (names, ids, models) is multi-line.
+const controlCharacter = /[\p{Cc}\u2028\u2029]/u;
+// Something to see: a name of only spaces, zero-width or other format characters looks like no name at all.
+const visible = /[^\p{Z}\p{Cf}\s]/u;
 
 /**
  * The check every text and id input passes through: no control characters, and `min`..`max` characters counted
@@ -24,9 +27,14 @@ function characters(value: string, field: string, min: number, max: number): str
   return value;
 }
 
-/** Trimmed text of `min`..`max` characters. */
+/**
+ * Trimmed text of `min`..`max` characters, in Unicode's composed form (NFC), so names that look the same are the
+ * same; text that is required must have a visible character.
+ */
 export function text(value: string, field: string, { min = 1, max = 200 } = {}): string {
-  return characters(value.trim(), field, min, max);
+  const normalized = characters(value.trim().normalize("NFC"), field, min, max);
+  if (min > 0 && !visible.test(normalized)) throw invalid(field, "required");
+  return normalized;
 }
 
 /** A non-empty identifier such as "org_01J..." (ids are never trimmed or rewritten). */
