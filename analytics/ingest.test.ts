@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { TimestampSchema, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { Registry } from "prom-client";
 import {
@@ -206,6 +206,19 @@ describe("IngestMetrics", () => {
     const withoutStart = sampleMetrics(new Date(now), { orgId: org, startTime: undefined });
     const noStart = await send([{ sequence: 3n, metrics: [withoutStart] }]);
     expect(noStart.error?.rawMessage).toContain("start_time is required");
+    // Times ClickHouse cannot hold as sent: out of the columns' years, or nanos out of range.
+    const at = (seconds: bigint, nanos = 0) => create(TimestampSchema, { seconds, nanos });
+    const odd = [
+      { firstTokenTime: at(10n ** 15n) },
+      { startTime: at(BigInt(Date.UTC(2400, 0, 1) / 1000)) },
+      { endTime: at(BigInt(Math.floor(now / 1000)), -5) },
+      { startTime: at(BigInt(Math.floor(now / 1000)), 1_500_000_000) },
+    ];
+    for (const [i, fields] of odd.entries()) {
+      const refused = await send([{ sequence: 10n + BigInt(i), metrics: [sampleMetrics(new Date(now), { orgId: org, ...fields })] }]);
+      expect(refused.error?.code).toBe(Code.InvalidArgument);
+      expect(refused.error?.rawMessage).toContain("must be a time in years 1900..2299");
+    }
     expect(billing.calls).toEqual([]);
     expect((await totals(org)).requests).toBe(0n);
   });

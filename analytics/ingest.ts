@@ -1,4 +1,5 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
 import { type Link, trace, type Tracer } from "@opentelemetry/api";
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
@@ -430,7 +431,24 @@ function validateBatch(batch: IngestMetricsRequest): void {
     if (missing) {
       throw new ConnectError(`batch ${batch.sequence}, row ${i}: ${missing} is required`, Code.InvalidArgument);
     }
+    for (const [field, ts] of [["start_time", m.startTime], ["end_time", m.endTime], ["first_token_time", m.firstTokenTime]] as const) {
+      if (ts && !storableTime(ts)) {
+        throw new ConnectError(
+          `batch ${batch.sequence}, row ${i}: ${field} must be a time in years 1900..2299 (nanos 0..999999999)`,
+          Code.InvalidArgument,
+        );
+      }
+    }
   });
+}
+
+// What DateTime64 columns, their TTL and the queries hold: a time outside is refused before anything is written, so
+// it can neither fail a flush other gateways' rows share nor be acked and then missing or wrong in ClickHouse.
+const minStorableSeconds = BigInt(Date.UTC(1900, 0, 1) / 1000);
+const maxStorableSeconds = BigInt(Date.UTC(2300, 0, 1) / 1000);
+
+function storableTime(ts: Timestamp): boolean {
+  return ts.seconds >= minStorableSeconds && ts.seconds < maxStorableSeconds && ts.nanos >= 0 && ts.nanos < 1_000_000_000;
 }
 
 // What a decoded row takes in memory, measured on Bun: about 1.2 KB with short strings (ids, names), plus two bytes

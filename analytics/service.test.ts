@@ -215,6 +215,12 @@ describe("AnalyticsService queries", () => {
       const call = client.queryTimeSeries({ orgId: org, range: window, bucketSeconds });
       expect(await codeOf(call)).toBe(Code.InvalidArgument);
     }
+    // 2,000 minutes exactly are 2,000 buckets from a minute's start, and 2,001 from half a minute in.
+    const minutes = 2_000 * 60_000;
+    const aligned = client.queryTimeSeries({ orgId: org, range: range(base, base + minutes), bucketSeconds: 60n });
+    expect((await aligned).points.length).toBeGreaterThan(0);
+    const unaligned = client.queryTimeSeries({ orgId: org, range: range(base + 30_000, base + 30_000 + minutes), bucketSeconds: 60n });
+    expect(await codeOf(unaligned)).toBe(Code.InvalidArgument);
   });
 
   test("QueryLatency reports percentiles per requested model", async () => {

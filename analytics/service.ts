@@ -103,7 +103,10 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       const window = parseRange(req.range);
       const bucketSeconds = Number(req.bucketSeconds);
       if (!bucketWidths.has(bucketSeconds)) invalid("bucket_seconds must be 60, 300, 3600 or 86400");
-      const buckets = Math.ceil((timestampMs(window.end) - timestampMs(window.start)) / (bucketSeconds * 1000));
+      // Buckets are aligned to the epoch: a range that starts inside one touches one more than its length holds.
+      const width = bucketSeconds * 1000;
+      const firstBucket = Math.floor(timestampMs(window.start) / width) * width;
+      const buckets = Math.ceil((timestampMs(window.end) - firstBucket) / width);
       if (buckets > maxBuckets) invalid(`the range spans ${buckets} buckets; at most ${maxBuckets} are allowed`);
       const points = await report("QueryTimeSeries", orgId, () =>
         store.queryTimeSeries({ orgId, ...window, bucketSeconds, model: req.model }),
