@@ -112,6 +112,15 @@ test("organizations: validation and error codes", async () => {
   expect(await code(client.createProject({ orgId: "org_missing", name: "p" }, admin))).toBe(Code.NotFound);
   expect(await code(client.createProject({ orgId: "", name: "p" }, admin))).toBe(Code.InvalidArgument);
   expect(await code(client.listApiKeys({ orgId: "org_missing" }, admin))).toBe(Code.NotFound);
+  // Usage of an org nobody created is not an empty answer either, whatever the range.
+  expect(await code(client.listUsageRecords({ orgId: "org_missing" }, admin))).toBe(Code.NotFound);
+  const range = { startTime: timestampFromDate(new Date("2026-01-01T00:00:00Z")), endTime: timestampFromDate(now) };
+  expect(await code(client.getUsageSummary({ orgId: "org_missing", ...range }, admin))).toBe(Code.NotFound);
+  expect((await client.listUsageRecords({ orgId: capped.organization?.id as string }, admin)).records).toEqual([]);
+  // A summary from a start past the current period names the bound it was given.
+  const future = { startTime: timestampFromDate(new Date(now.getTime() + 62 * 86_400_000)) };
+  const refused = await client.getUsageSummary({ orgId: capped.organization?.id as string, ...future }, admin).catch((e) => e);
+  expect(ConnectError.from(refused).rawMessage).toStartWith("start_time: must be before the end of the current billing period");
 });
 
 test("UpdateOrganization changes only the fields set, validates them and tells key watchers", async () => {

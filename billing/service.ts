@@ -284,6 +284,7 @@ export function createBillingService({
         { orgId, projectId: optionalId(req.projectId, "project_id"), apiKeyId: optionalId(req.apiKeyId, "api_key_id") },
         range,
       );
+      if (totals.requests === 0n) await store.getOrganization(orgId);
       // Each daily summary row fits in int64 (the schema's bigint); their sum over a range need not.
       if (Object.values(totals).some((total) => total > maxInt64)) {
         throw new ConnectError(
@@ -313,6 +314,8 @@ export function createBillingService({
         after: req.pageToken ? decodePageToken(req.pageToken) : null,
         limit,
       });
+      // An org nobody created is not_found, as in the other lists; asked only when there is nothing to list.
+      if (page.records.length === 0) await store.getOrganization(orgId);
       const last = page.records.at(-1);
       return create(ListUsageRecordsResponseSchema, {
         records: page.records.map(usageRecordMessage),
@@ -385,6 +388,9 @@ export function createBillingService({
       const org = await store.getOrganization(orgId);
       const anchor = end ? periodAnchor(new Date(end.getTime() - 1), "end_time") : clock();
       const period = billingPeriod(anchor, org.billingDay);
+      if (start && start >= period.end) {
+        throw invalid("start_time", `must be before the end of the current billing period, ${period.end.toISOString()}`);
+      }
       start ??= period.start;
       end ??= period.end;
     }
