@@ -224,10 +224,13 @@ test("AuthorizeKey resolves a valid key with its spend, and rejects unknown, rev
 test("RotateApiKey issues a working key with the same limits and retires the old one", async () => {
   const orgId = await newOrg();
   const first = await client.createApiKey({ orgId, name: "ci", limits: { tokensPerMinute: 1000n } }, admin);
+  expect((await client.authorizeKey({ secret: first.secret }, admin)).lineageId).toBe(first.apiKey?.id as string);
   const rotated = await client.rotateApiKey({ apiKeyId: first.apiKey?.id as string }, admin);
   expect(rotated.apiKey?.limits?.tokensPerMinute).toBe(1000n);
   expect(rotated.apiKey?.name).toBe("ci");
   expect((await client.authorizeKey({ secret: rotated.secret }, admin)).apiKey?.id).toBe(rotated.apiKey?.id as string);
+  // Its lineage is the key it was rotated from: gateways count per-key limits by it.
+  expect((await client.authorizeKey({ secret: rotated.secret }, admin)).lineageId).toBe(first.apiKey?.id as string);
   expect(await code(client.authorizeKey({ secret: first.secret }, admin))).toBe(Code.Unauthenticated);
   expect(await code(client.rotateApiKey({ apiKeyId: first.apiKey?.id as string }, admin))).toBe(
     Code.FailedPrecondition,

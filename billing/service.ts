@@ -212,6 +212,7 @@ export function createBillingService({
         keySpentNanos: int64(spend.keySpentNanos),
         orgSpentNanos: int64(spend.orgSpentNanos),
         keyTokens: int64(spend.keyTokens),
+        lineageId: lineageKeyIds[0] ?? apiKey.id,
       });
     },
 

@@ -9,6 +9,8 @@ import { type GatewayError, serviceUnavailable, unauthorized } from "./errors.ts
 /** Who is calling, as billing resolved the API key. */
 export interface Principal {
   apiKeyId: string;
+  /** The first key of its lineage (itself unless rotated from another): what per-key limits are counted by. */
+  lineageId: string;
   orgId: string;
   projectId: string;
   /** Public model names the key may use; undefined allows all. */
@@ -202,6 +204,7 @@ function principalOf(grant: AuthorizeKeyResponse, authorizedAt: number): Princip
   const limits = key?.limits;
   return {
     apiKeyId: key?.id ?? "",
+    lineageId: grant.lineageId || key?.id || "",
     orgId: key?.orgId || grant.organization?.id || "",
     projectId: key?.projectId ?? "",
     allowedModels: limits && limits.allowedModels.length > 0 ? new Set(limits.allowedModels) : undefined,

@@ -257,8 +257,9 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   ) => {
     const limits = principal.grant.apiKey?.limits;
     const quota = tokenQuota.admit(principal);
+    // Counted per lineage, as billing counts the monthly figures: a rotated key carries on its windows.
     const ticket = options.rateLimits?.admit(
-      principal.apiKeyId,
+      principal.lineageId,
       { requestsPerMinute: limits?.requestsPerMinute ?? 0, tokensPerMinute: Number(limits?.tokensPerMinute ?? 0n) },
       estimatedTokens,
     );

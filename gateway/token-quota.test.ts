@@ -10,15 +10,22 @@ const day = 86_400_000;
 const midMarch = Date.UTC(2025, 2, 15, 12);
 
 /** A principal as the authorizer builds it: billing's answer read at `authorizedAt`. */
-function principal(monthlyTokens: bigint, keyTokens: bigint, authorizedAt: number, billingDay = 1): Principal {
+function principal(
+  monthlyTokens: bigint,
+  keyTokens: bigint,
+  authorizedAt: number,
+  billingDay = 1,
+  key = { id: "key_1", lineageId: "key_1" },
+): Principal {
   return {
-    apiKeyId: "key_1",
+    apiKeyId: key.id,
+    lineageId: key.lineageId,
     orgId: "org_1",
     projectId: "",
     allowedModels: undefined,
     expireMs: undefined,
     grant: create(AuthorizeKeyResponseSchema, {
-      apiKey: { id: "key_1", orgId: "org_1", limits: { monthlyTokens } },
+      apiKey: { id: key.id, orgId: "org_1", limits: { monthlyTokens } },
       organization: { id: "org_1", billingDay },
       keyTokens,
     }),
@@ -113,5 +120,17 @@ describe("monthly token quota", () => {
     expect(periodStart(Date.UTC(2025, 0, 5), 10)).toBe(Date.UTC(2024, 11, 10));
     expect(periodStart(Date.UTC(2025, 2, 20) - 1, 20)).toBe(Date.UTC(2025, 1, 20));
     expect(periodStart(Date.UTC(2025, 2, 20), 20) - periodStart(Date.UTC(2025, 2, 20) - 1, 20)).toBe(28 * day);
+  });
+});
+
+describe("a rotated key", () => {
+  test("carries on its lineage's tokens on this replica, counted before billing has them", () => {
+    const quota = createTokenQuota({ now: () => midMarch });
+    const old = principal(100n, 0n, midMarch - day, 1, { id: "key_old", lineageId: "key_old" });
+    quota.admit(old).settle(90n, midMarch);
+    // Rotated: billing has not recorded the 90 yet, so its figure for the new key says 0.
+    const rotated = principal(100n, 0n, midMarch, 1, { id: "key_new", lineageId: "key_old" });
+    quota.admit(rotated).settle(20n, midMarch);
+    expect(refused(() => quota.admit(rotated)).code).toBe("insufficient_quota");
   });
 });

@@ -75,7 +75,8 @@ export function createTokenQuota(options: TokenQuotaOptions = {}): TokenQuota {
     admit(principal) {
       const limit = principal.grant.apiKey?.limits?.monthlyTokens ?? 0n;
       if (limit <= 0n) return noTicket;
-      const keyId = principal.apiKeyId;
+      // Per lineage: a rotated key's tokens so far on this replica stay counted, as billing counts them.
+      const keyId = principal.lineageId;
       const billingDay = principal.grant.organization?.billingDay || 1;
       const usage = usageOf(keyId, billingDay, now());
       const readAt = principal.authorizedAt;
