@@ -22,6 +22,8 @@ export interface BillingAppOptions {
   registry?: Registry;
   /** See BudgetLeaseStoreOptions. */
   abandonedLeaseGraceMs?: number;
+  /** See BillingServiceOptions. */
+  keyChangeHeartbeatMs?: number;
 }
 
 /** Billing's parts wired together over one pool: what main.ts serves and what tests and benchmarks start. */
@@ -31,7 +33,8 @@ export function createBillingApp(options: BillingAppOptions) {
   const auth = createBillingAuth({ store, adminToken, clock });
   const usage = createUsageTracker({ load: store.periodUsage, clock, log });
   const metrics = registry && createBillingMetrics(registry, { openLeases: () => store.openBudgetLeases(clock()) });
-  const service = createBillingService({ store, auth, usage, clock, log, stopSignal, metrics });
+  const { keyChangeHeartbeatMs } = options;
+  const service = createBillingService({ store, auth, usage, clock, log, stopSignal, metrics, keyChangeHeartbeatMs });
   const readiness = pingReadiness("postgres", () => store.ping(), log);
   return { store, service, routes: billingRoutes(service, adminToken), http: invoicePages({ store, auth, log }), readiness };
 }

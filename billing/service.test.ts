@@ -506,6 +506,26 @@ test("WatchKeyChanges streams revocations to gateways", async () => {
   );
 });
 
+test("WatchKeyChanges sends an empty message every heartbeat once live, so a silent stream is a stopped one", async () => {
+  const beating = createBillingApp({ pool: db.pool, adminToken, clock: () => now, log, keyChangeHeartbeatMs: 40 });
+  const watcher = createClient(BillingService, createRouterTransport(beating.routes));
+  const stop = new AbortController();
+  const arrivals: number[] = [];
+  const started = performance.now();
+  try {
+    for await (const change of watcher.watchKeyChanges({}, { ...admin, signal: stop.signal })) {
+      expect(change.apiKeyId).toBe("");
+      arrivals.push(performance.now() - started);
+      if (arrivals.length === 4) break;
+    }
+  } finally {
+    stop.abort();
+  }
+  // The live message, then heartbeats about 40 ms apart.
+  expect(arrivals).toHaveLength(4);
+  for (let i = 2; i < arrivals.length; i++) expect((arrivals[i] as number) - (arrivals[i - 1] as number)).toBeGreaterThan(30);
+});
+
 test("serves Connect JSON and gRPC on one real port", async () => {
   const server = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes: app.routes, log });
   try {

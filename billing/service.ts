@@ -77,6 +77,8 @@ export interface BillingServiceOptions {
   /** Aborted when the process is stopping: server streams end then instead of holding shutdown. */
   stopSignal?: AbortSignal;
   metrics?: BillingMetrics;
+  /** How often a key change stream with nothing to say sends an empty message (1 s by default). */
+  keyChangeHeartbeatMs?: number;
 }
 
 const maxUsageBatch = 10_000;
@@ -93,6 +95,7 @@ export function createBillingService({
   log,
   stopSignal,
   metrics,
+  keyChangeHeartbeatMs: heartbeatMs = 1_000,
 }: BillingServiceOptions): ServiceImpl<typeof BillingService> {
   const admin = (ctx: HandlerContext) => auth.requireAdmin(ctx.requestHeader);
 
@@ -219,8 +222,9 @@ export function createBillingService({
     async *watchKeyChanges(_req, ctx) {
       admin(ctx);
       const signal = stopSignal ? AbortSignal.any([ctx.signal, stopSignal]) : ctx.signal;
-      for await (const change of store.watchKeyChanges(signal)) {
-        // null: the watch is live; sent as an empty message so the gateway can trust the stream at once.
+      // null: the watch is live (sent once billing listens, so the gateway can trust the stream from then on), or a
+      // heartbeat: a gateway hearing nothing knows this stream, or this replica, has stopped, and stops trusting it.
+      for await (const change of withHeartbeats(store.watchKeyChanges(signal), heartbeatMs)) {
         yield create(
           WatchKeyChangesResponseSchema,
           change ? { apiKeyId: change.apiKeyId, secretHash: change.secretSha256, revoked: change.revoked } : {},
@@ -444,4 +448,31 @@ function withDomainErrors(
           };
   }
   return wrapped as ServiceImpl<typeof BillingService>;
+}
+
+/** `source`'s items and, once it has yielded one, null whenever it stays silent for `everyMs`. */
+async function* withHeartbeats<T>(source: AsyncIterable<T>, everyMs: number): AsyncGenerator<T | null> {
+  const items = source[Symbol.asyncIterator]();
+  let next = items.next();
+  let started = false;
+  try {
+    for (;;) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const beat = new Promise<"beat">((resolve) => {
+        if (started) timer = setTimeout(resolve, everyMs, "beat");
+      });
+      const step = await Promise.race([next, beat]);
+      clearTimeout(timer);
+      if (step === "beat") {
+        yield null;
+        continue;
+      }
+      if (step.done) return;
+      started = true;
+      next = items.next();
+      yield step.value;
+    }
+  } finally {
+    void items.return?.();
+  }
 }

@@ -239,10 +239,14 @@ describe("watching key changes", () => {
       billing: billing.client,
       keys,
       onRevoked: (apiKeyId) => void revoked.push(apiKeyId),
-      confirmAfterMs: 20,
       backoffMs: 10,
       random: () => 1,
     });
+    await until(() => billing.opened() === 1);
+    // Trusted from billing's first message (it listens by then), not before.
+    await Bun.sleep(50);
+    expect(watch.healthy()).toBe(false);
+    billing.push({ secretHash: "", apiKeyId: "", revoked: false });
     await until(() => watch.healthy());
     expect(watching).toEqual([true]);
 
@@ -258,17 +262,38 @@ describe("watching key changes", () => {
     billing.push(new Error("billing restarting"));
     await until(() => !watch.healthy());
     expect(watching).toEqual([true, false]);
+    await until(() => billing.opened() === 2);
+    billing.push({ secretHash: "", apiKeyId: "", revoked: false });
     await until(() => watch.healthy());
-    expect(billing.opened()).toBe(2);
 
     await watch.stop();
     expect(watch.healthy()).toBe(false);
   });
 
+  test("a stream silent past silenceMs (a hung billing replica) is no longer trusted, and is reopened", async () => {
+    const billing = streamFake();
+    const { keys, watching } = recorder();
+    const watch = watchKeyChanges({ billing: billing.client, keys, silenceMs: 100, backoffMs: 10, random: () => 1 });
+    await until(() => billing.opened() === 1);
+    billing.push({ secretHash: "", apiKeyId: "", revoked: false });
+    await until(() => watch.healthy());
+    // Heartbeats keep it trusted...
+    for (let i = 0; i < 4; i++) {
+      await Bun.sleep(50);
+      billing.push({ secretHash: "", apiKeyId: "", revoked: false });
+    }
+    expect(watch.healthy()).toBe(true);
+    // ...silence does not.
+    await until(() => !watch.healthy());
+    expect(watching).toEqual([true, false]);
+    await until(() => billing.opened() === 2);
+    await watch.stop();
+  });
+
   test("a message confirms the stream at once; a failing stream is retried with growing delays", async () => {
     const billing = streamFake();
     const { keys, watching } = recorder();
-    const watch = watchKeyChanges({ billing: billing.client, keys, confirmAfterMs: 60_000 });
+    const watch = watchKeyChanges({ billing: billing.client, keys });
     await until(() => billing.opened() === 1);
     expect(watch.healthy()).toBe(false);
     billing.push({ secretHash: "", apiKeyId: "", revoked: false });

@@ -220,10 +220,11 @@ export interface KeyChangeWatchOptions {
   /** Told of each key revoked (a rotation revokes the old key), so its budget leases can go back to billing. */
   onRevoked?: (apiKeyId: string) => void;
   /**
-   * A stream open this long without failing counts as delivering. (Billing sends nothing until a key
-   * changes, so there is no earlier sign; a message with no key id confirms at once.)
+   * A stream silent this long counts as failed and is reopened (3 s by default). Billing sends an empty message once
+   * it listens for changes, which confirms the stream, and then one a second when nothing changes: a billing replica
+   * that hangs cannot keep a stream trusted while revocations pass it by.
    */
-  confirmAfterMs?: number;
+  silenceMs?: number;
   /** First reconnect delay; doubles up to `maxBackoffMs`, with jitter. */
   backoffMs?: number;
   maxBackoffMs?: number;
@@ -244,7 +245,7 @@ export interface KeyChangeWatch {
  */
 export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch {
   const { billing, keys, log } = options;
-  const confirmAfterMs = options.confirmAfterMs ?? 1_000;
+  const silenceMs = options.silenceMs ?? 3_000;
   const baseBackoffMs = options.backoffMs ?? 100;
   const maxBackoffMs = options.maxBackoffMs ?? 10_000;
   const random = options.random ?? Math.random;
@@ -260,25 +261,36 @@ export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch 
     const call = new AbortController();
     const onStop = () => call.abort();
     stopping.signal.addEventListener("abort", onStop);
-    const confirm = setTimeout(() => setHealthy(true), confirmAfterMs);
+    // Trusted from billing's first message, not before: it comes once billing listens, so nothing after is missed.
+    let silent = false;
+    let lastHeard = performance.now();
+    const check = () => {
+      const quiet = performance.now() - lastHeard;
+      if (quiet < silenceMs) {
+        timer = setTimeout(check, silenceMs - quiet);
+        return;
+      }
+      silent = true;
+      call.abort();
+    };
+    let timer = setTimeout(check, silenceMs);
     try {
       // No deadline: the stream is meant to stay open for the life of the process.
       for await (const change of billing.watchKeyChanges({}, { signal: call.signal, timeoutMs: 0 })) {
-        if (!healthy) {
-          clearTimeout(confirm);
-          setHealthy(true);
-        }
+        lastHeard = performance.now();
+        if (!healthy) setHealthy(true);
         if (change.secretHash) keys.forget(change.secretHash);
         if (change.revoked && change.apiKeyId) options.onRevoked?.(change.apiKeyId);
       }
       if (!stopping.signal.aborted) log?.warn("key change stream ended; watching again");
     } catch (e) {
-      if (!stopping.signal.aborted) {
+      if (silent) log?.warn(`key change stream silent for ${silenceMs} ms; key cache uses its short TTL until it is back`);
+      else if (!stopping.signal.aborted) {
         const err = ConnectError.from(e);
         log?.warn("key change stream failed; key cache uses its short TTL until it is back", { code: Code[err.code], err: err.rawMessage });
       }
     } finally {
-      clearTimeout(confirm);
+      clearTimeout(timer);
       stopping.signal.removeEventListener("abort", onStop);
     }
     const wasHealthy = healthy;
