@@ -91,12 +91,25 @@ describe("key authorizer", () => {
     expect(billing.calls()).toBe(calls + 1);
   });
 
-  test("a revoked key is refused once its cache entry expires", async () => {
-    const { billing, keys, now } = setup();
+  test("a revoked key is refused once its cache entry expires, and its leases are told to go back", async () => {
+    const now = { t: 1_000_000 };
+    const billing = createBillingFake({ "sk-good": { id: "key_1", orgId: "org_1" } });
+    const refused: string[] = [];
+    const keys = createKeyAuthorizer({
+      billing: billing.client,
+      hitTtlMs: 30_000,
+      watching: true,
+      now: () => now.t,
+      onRefused: (apiKeyId) => void refused.push(apiKeyId),
+    });
     await keys.authorize("sk-good");
     billing.revoke("sk-good");
     now.t += 30_001;
     expect((await failure(keys.authorize("sk-good"))).status).toBe(401);
+    // The revocation was not heard on the stream; billing's refusal says it instead.
+    expect(refused).toEqual(["key_1"]);
+    await failure(keys.authorize("sk-unknown"));
+    expect(refused).toEqual(["key_1"]);
   });
 
   test("carries allowed models and refuses keys past their expire time, even from the cache", async () => {

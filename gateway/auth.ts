@@ -53,6 +53,11 @@ export interface KeyAuthorizerOptions {
   log?: Logger;
   /** Where the cache's hit and miss counts register; none when unset. */
   registry?: Registry;
+  /**
+   * Told of a key that worked and billing now refuses (revoked or expired while the change stream was down, so its
+   * change went unheard): its budget leases can go back to billing, as for a revocation the stream reports.
+   */
+  onRefused?: (apiKeyId: string) => void;
 }
 
 interface Entry {
@@ -99,6 +104,8 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   let watchedSince: number | undefined = options.watching ? Number.NEGATIVE_INFINITY : undefined;
 
   const store = (hash: string, entry: Entry) => {
+    const was = cache.get(hash)?.principal;
+    if (entry.rejection && was) options.onRefused?.(was.apiKeyId);
     cache.delete(hash);
     rejected.delete(hash);
     const into = entry.rejection ? rejected : cache;

@@ -122,6 +122,8 @@ const keys = createKeyAuthorizer({
   fallbackTtlMs: cfg.GATEWAY_KEY_CACHE_FALLBACK_TTL_MS,
   log,
   registry: runtime.metrics.registry,
+  // A key billing now refuses gives its budget leases back, even if its revocation was not heard on the stream.
+  onRefused: (apiKeyId) => budget.releaseKey(apiKeyId),
 });
 const budget = createBudgetKeeper({
   billing,
