@@ -4,6 +4,7 @@ import { Counter, type Registry } from "prom-client";
 import type { AuthorizeKeyResponse, BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
 import { createOutageLog, type Logger } from "../lib/log.ts";
+import { watchSilence } from "../lib/silence.ts";
 import { type GatewayError, serviceUnavailable, unauthorized } from "./errors.ts";
 
 /** Who is calling, as billing resolved the API key. */
@@ -269,35 +270,24 @@ export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch 
     const onStop = () => call.abort();
     stopping.signal.addEventListener("abort", onStop);
     // Trusted from billing's first message, not before: it comes once billing listens, so nothing after is missed.
-    let silent = false;
-    let lastHeard = performance.now();
-    const check = () => {
-      const quiet = performance.now() - lastHeard;
-      if (quiet < silenceMs) {
-        timer = setTimeout(check, silenceMs - quiet);
-        return;
-      }
-      silent = true;
-      call.abort();
-    };
-    let timer = setTimeout(check, silenceMs);
+    const silence = watchSilence(silenceMs, () => call.abort());
     try {
       // No deadline: the stream is meant to stay open for the life of the process.
       for await (const change of billing.watchKeyChanges({}, { signal: call.signal, timeoutMs: 0 })) {
-        lastHeard = performance.now();
+        silence.heard();
         if (!healthy) setHealthy(true);
         if (change.secretHash) keys.forget(change.secretHash);
         if (change.revoked && change.apiKeyId) options.onRevoked?.(change.apiKeyId);
       }
       if (!stopping.signal.aborted) log?.warn("key change stream ended; watching again");
     } catch (e) {
-      if (silent) log?.warn(`key change stream silent for ${silenceMs} ms; key cache uses its short TTL until it is back`);
+      if (silence.expired) log?.warn(`key change stream silent for ${silenceMs} ms; key cache uses its short TTL until it is back`);
       else if (!stopping.signal.aborted) {
         const err = ConnectError.from(e);
         log?.warn("key change stream failed; key cache uses its short TTL until it is back", { code: Code[err.code], err: err.rawMessage });
       }
     } finally {
-      clearTimeout(timer);
+      silence.stop();
       stopping.signal.removeEventListener("abort", onStop);
     }
     const wasHealthy = healthy;

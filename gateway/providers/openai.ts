@@ -1,5 +1,6 @@
 import OpenAI, { APIError, AzureOpenAI } from "openai";
 import { createParser } from "eventsource-parser";
+import { watchSilence } from "../../lib/silence.ts";
 import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
 import { countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
 import {
@@ -222,23 +223,11 @@ async function* chunksOf(
     },
   });
 
-  let lastActive = performance.now();
-  let timedOut = false;
   // Choices seen unfinished and those that finished: every one of the `choices` asked for must finish.
   const open = new Set<unknown>();
   const done = new Set<unknown>();
   let ended = false;
-  // One timer re-armed only when it fires: chunks only touch a timestamp.
-  const check = () => {
-    const idle = performance.now() - lastActive;
-    if (idle < timeoutMs) {
-      timer = setTimeout(check, timeoutMs - idle);
-      return;
-    }
-    timedOut = true;
-    leave();
-  };
-  let timer = setTimeout(check, timeoutMs);
+  const silence = watchSilence(timeoutMs, leave);
   try {
     while (!sentinel && !failure) {
       let read: Awaited<ReturnType<typeof reader.read>>;
@@ -246,11 +235,11 @@ async function* chunksOf(
         read = await reader.read();
       } catch (e) {
         // Cut off by the timeout or the client: said below, as when the read ends instead.
-        if (timedOut || signal?.aborted) break;
+        if (silence.expired || signal?.aborted) break;
         throw upstreamError(provider, e);
       }
       // Cut off by the timeout or the client: what arrived of an event is not one.
-      if (timedOut || signal?.aborted) break;
+      if (silence.expired || signal?.aborted) break;
       // A last event without its blank line still counts once the body ends.
       if (read.done) ended = true;
       parser.feed(read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true }));
@@ -264,12 +253,12 @@ async function* chunksOf(
         }
         yield chunk;
         // Silence is measured between chunks: keep-alive comments and the client's own pace do not count.
-        lastActive = performance.now();
+        silence.heard();
       }
       if (ended) break;
     }
   } finally {
-    clearTimeout(timer);
+    silence.stop();
     signal?.removeEventListener("abort", leave);
     // A body read to its end has given its connection back to the pool already.
     if (!ended && sentinel && !failure) {
@@ -282,7 +271,7 @@ async function* chunksOf(
     }
   }
   if (failure) throw failure;
-  if (timedOut) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
+  if (silence.expired) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
   if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
   // Without [DONE], a stream that ends between choices may have lost the rest: all of them must have finished. (With
   // it the upstream says it is done: a server that ignores n answers fewer.)
