@@ -1,10 +1,15 @@
 import { Code, ConnectError } from "@connectrpc/connect";
+import { KeyRefusalReason, KeyRefusalSchema } from "../gen/billing/v1/billing_pb.ts";
 import { bearerToken, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
 import { keySecretPrefix } from "./store/accounts.ts";
 import type { BillingStore } from "./store/store.ts";
 
 /** Who is calling: an admin (or another mesh service), or an org through one of its own API keys. */
 export type Caller = { kind: "admin" } | { kind: "api_key"; orgId: string; apiKeyId: string };
+
+/** Unauthenticated, with a `KeyRefusal` detail so a gateway can tell its client why. */
+const refused = (message: string, reason: KeyRefusalReason) =>
+  new ConnectError(message, Code.Unauthenticated, undefined, [{ desc: KeyRefusalSchema, value: { reason } }]);
 
 /**
  * Authentication of billing's callers, shared by the RPCs and the HTTP invoice pages. Failures are ConnectErrors:
@@ -24,10 +29,10 @@ export function createBillingAuth({
     const found = secret.startsWith(keySecretPrefix)
       ? await store.findApiKeyBySecretHash(sha256Hex(secret))
       : undefined;
-    if (!found) throw new ConnectError("unknown api key", Code.Unauthenticated);
+    if (!found) throw refused("unknown api key", KeyRefusalReason.UNKNOWN);
     const { revokedAt, limits } = found.apiKey;
-    if (revokedAt) throw new ConnectError("api key revoked", Code.Unauthenticated);
-    if (limits.expiresAt && limits.expiresAt <= now) throw new ConnectError("api key expired", Code.Unauthenticated);
+    if (revokedAt) throw refused("api key revoked", KeyRefusalReason.REVOKED);
+    if (limits.expiresAt && limits.expiresAt <= now) throw refused("api key expired", KeyRefusalReason.EXPIRED);
     return found;
   };
 

@@ -1,11 +1,19 @@
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { type Client, Code, ConnectError } from "@connectrpc/connect";
 import { Counter, type Registry } from "prom-client";
-import type { AuthorizeKeyResponse, BillingService } from "../gen/billing/v1/billing_pb.ts";
+import {
+  type AuthorizeKeyResponse,
+  type BillingService,
+  KeyRefusalReason,
+  KeyRefusalSchema,
+} from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
 import { createOutageLog, type Logger } from "../lib/log.ts";
 import { watchSilence } from "../lib/silence.ts";
 import { type GatewayError, serviceUnavailable, unauthorized } from "./errors.ts";
+
+/** The same answer whether the key expired while cached or billing already refuses it as expired. */
+const keyExpired = () => unauthorized("This API key has expired.", "expired_api_key");
 
 /** Who is calling, as billing resolved the API key. */
 export interface Principal {
@@ -142,7 +150,9 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
           const err = ConnectError.from(e);
           if (err.code === Code.Unauthenticated) {
             billingOutage.recovered();
-            return { principal: undefined, rejection: unauthorized("Incorrect API key provided."), loadedAt };
+            const expired = err.findDetails(KeyRefusalSchema).some((d) => d.reason === KeyRefusalReason.EXPIRED);
+            const rejection = expired ? keyExpired() : unauthorized("Incorrect API key provided.");
+            return { principal: undefined, rejection, loadedAt };
           }
           billingOutage.failed({ code: Code[err.code], err: err.rawMessage });
           throw serviceUnavailable("API keys cannot be checked right now; retry shortly.", "auth_unavailable");
@@ -163,7 +173,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     if (entry.rejection) throw entry.rejection;
     const principal = entry.principal as Principal;
     if (principal.expireMs !== undefined && t >= principal.expireMs) {
-      throw unauthorized("This API key has expired.", "expired_api_key");
+      throw keyExpired();
     }
     return principal;
   };

@@ -5,7 +5,7 @@ import * as path from "node:path";
 import OpenAI from "openai";
 import { AnalyticsService } from "../../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
-import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.ts";
 import { eventually } from "../support.ts";
@@ -90,6 +90,27 @@ describe("the mesh end to end", () => {
     const body = (await res.json()) as { error: { message: string; type: string } };
     expect(body.error.message).toBeTruthy();
     expect(res.headers.get("x-request-id")).toBeTruthy();
+  });
+
+  test("an expired key is 401 expired_api_key, whether the gateway met it before it expired or not", async () => {
+    const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken });
+    const { organization } = await billing.createOrganization({ name: "expiring keys" });
+    const expireTime = timestampFromMs(Date.now() + 1_500);
+    const create = (name: string) => billing.createApiKey({ orgId: organization?.id ?? "", name, limits: { expireTime } });
+    const [seen, unseen] = await Promise.all([create("seen"), create("unseen")]);
+    const chat = (secret: string) =>
+      fetch(`${demo.baseUrl}/chat/completions`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${secret}`, "content-type": "application/json" },
+        body: JSON.stringify({ model: "mock", messages: [{ role: "user", content: "hi" }] }),
+      });
+    expect((await chat(seen.secret)).status).toBe(200);
+    await Bun.sleep(Math.max(0, timestampMs(expireTime) - Date.now() + 50));
+    for (const secret of [seen.secret, unseen.secret]) {
+      const res = await chat(secret);
+      const { error } = (await res.json()) as { error: { code: string } };
+      expect([res.status, error.code]).toEqual([401, "expired_api_key"]);
+    }
   });
 
   test("a made-up model name of any length or content is metered, billed, and holds nothing back", async () => {
