@@ -10,7 +10,8 @@
  * every row three times (direct and gateway alternating) and prints medians, with the added latency's spread.
  *
  * BENCH_RATES=200,1000 replaces the fixed rates (500, 1000, 2000; 0 is saturation); BENCH_ONLY=whole:1000,stream:max
- * runs just those rows. "CPU/req" is what each process used per request during
+ * runs just those rows. BENCH_GATEWAY_MEMORY_MB=128 paces the gateway's garbage collector to that much memory, as a
+ * container's memory limit does (Bun reads the cgroup's); unset, it is paced to this machine's memory. "CPU/req" is what each process used per request during
  * the gateway's run (gateway, billing with its Postgres, analytics, the fake upstream, and this process, which
  * generates the load; from /proc), in microseconds, and "direct CPU/req" the same for the direct run (upstream and
  * load generator); "gw ceiling" is what this machine's cores could carry at the gateway run's total CPU per
@@ -39,6 +40,7 @@ const repeat = Math.max(1, Number(process.env.BENCH_REPEAT ?? 1));
 // 0: as fast as it goes.
 const rates = process.env.BENCH_RATES?.split(",").map(Number) ?? [500, 1000, 2000, 0];
 const only = process.env.BENCH_ONLY?.split(",").map((s) => s.trim());
+const gatewayMemoryMb = Number(process.env.BENCH_GATEWAY_MEMORY_MB ?? 0);
 const root = path.resolve(import.meta.dir, "..");
 
 interface Run {
@@ -182,7 +184,12 @@ async function main() {
       adminToken: "bench-admin-token-0123456789",
       ports: { gateway: 0, billing: 0, analytics: 0 },
       env: { LOG_LEVEL: "warn" },
-      serviceEnv: { gateway: { GATEWAY_CONFIG: configFile } },
+      serviceEnv: {
+        gateway: {
+          GATEWAY_CONFIG: configFile,
+          ...(gatewayMemoryMb > 0 ? { BUN_JSC_forceRAMSize: String(gatewayMemoryMb * 1048576) } : {}),
+        },
+      },
       onLine: (service, line) => {
         if (line.includes('"level":"error"')) errors.push(`[${service}] ${line}`);
       },
@@ -310,7 +317,7 @@ async function main() {
       line(header),
       line(widths.map((w) => "-".repeat(w))),
       ...rows.map(line),
-      `gateway peak RSS: ${peakRss.toFixed(1)} MB`,
+      `gateway peak RSS: ${peakRss.toFixed(1)} MB${gatewayMemoryMb > 0 ? ` (garbage collector paced to ${gatewayMemoryMb} MiB)` : ""}`,
       ...(errors.length ? [`service errors logged: ${errors.length}`, ...errors.slice(0, 5)] : []),
     ];
     process.stdout.write(`${out.join("\n")}\n`);
