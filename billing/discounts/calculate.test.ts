@@ -118,7 +118,8 @@ describe("examples", () => {
   });
 
   test("what late usage adds is given to rules in the order they apply, none of them charging", () => {
-    // Late usage lifts "a" to its 20% tier; the 25% maximum then leaves "b" less than it had on the billed usage.
+    // Late usage lifts "a" to its 20% tier; the 25% maximum then leaves "b" less than it had on the billed usage. The
+    // 30 added in all is more than the maximum share of the late usage itself, 25.
     const rules = [
       rule({ id: "a", kind: "volume_all_units", tiers: [{ fromNanos: 150n, discountBps: 2000 }], priority: 2 }),
       rule({ id: "b", kind: "promotional", discountBps: 2000, priority: 1 }),
@@ -132,9 +133,23 @@ describe("examples", () => {
       10n,
     ]);
     expect(marginalDiscounts(billed, late, rules, options).map((a) => [a.rule.id, a.amountNanos])).toEqual([
-      ["a", 30n],
+      ["a", 25n],
       ["b", 0n],
     ]);
+  });
+
+  test("late usage lifting its period into an all-units tier gets the tier's rate on itself, not on the billed", () => {
+    // $99.99 was invoiced without discount; $0.02 more takes the period past $100, where all of it is 50% off.
+    const tiers50 = [
+      { fromNanos: 0n, discountBps: 0 },
+      { fromNanos: 100n * usd, discountBps: 5000 },
+    ];
+    const allUnits = rule({ kind: "volume_all_units", tiers: tiers50 });
+    const billed = hours(1, 9_999n * (usd / 100n));
+    const late = hours(1, 2n * (usd / 100n), { hour: new Date(monthStart + 5 * hourMs) });
+    expect(calculateDiscounts([...billed, ...late], [allUnits], noMax).totalNanos).toBe(50_005n * (usd / 1000n));
+    expect(marginalDiscounts(billed, late, [allUnits], noMax)[0]?.amountNanos).toBe(2n * (usd / 100n));
+    expect(marginalDiscounts(billed, late, [allUnits], { maxDiscountBps: 5000 })[0]?.amountNanos).toBe(usd / 100n);
   });
 
   test("no usage, no rules: nothing", () => {
@@ -310,14 +325,17 @@ describe("properties", () => {
     );
   });
 
-  test("late usage adds exactly the difference it makes to its period's discount, and no rule goes negative", () => {
+  test("late usage adds the difference it makes to its period's discount, at most the maximum share of itself", () => {
     fc.assert(
       fc.property(usageArb, usageArb, rulesArb, maxArb, (billed, late, rules, maxDiscountBps) => {
         const before = calculateDiscounts(billed, rules, { maxDiscountBps });
         const after = calculateDiscounts([...billed, ...late], rules, { maxDiscountBps });
         const added = marginalDiscounts(billed, late, rules, { maxDiscountBps });
         expect(after.totalNanos).toBeGreaterThanOrEqual(before.totalNanos);
-        expect(added.reduce((s, a) => s + a.amountNanos, 0n)).toBe(after.totalNanos - before.totalNanos);
+        const lateNanos = late.reduce((s, u) => s + u.costNanos, 0n);
+        const bound = maxDiscountBps > 0 ? (lateNanos * BigInt(maxDiscountBps)) / 10_000n : lateNanos;
+        const difference = after.totalNanos - before.totalNanos;
+        expect(added.reduce((s, a) => s + a.amountNanos, 0n)).toBe(difference < bound ? difference : bound);
         for (const a of added) {
           expect(a.amountNanos).toBeGreaterThanOrEqual(0n);
           const earlier = before.applied.find((b) => b.rule.id === a.rule.id)?.amountNanos ?? 0n;

@@ -65,7 +65,10 @@ export function calculateDiscounts(
 /**
  * The discounts `late` usage of a billing period adds to those of the period's `billed` usage: per rule, what it takes
  * off both together less what it takes off `billed` alone, so a cap, volume tier or maximum that `billed` used is not
- * granted again. Rules that matched some of the usage, in the order they were applied; `matchedNanos` is late usage.
+ * granted again. In all never more than the org's maximum share of the late usage itself (all of it without a
+ * maximum): what issued invoices billed is not discounted again, so late usage that lifts its period into an
+ * all-units tier gets that tier's rate on itself, not a credit for the usage billed before. Rules that matched some
+ * of the usage, in the order they were applied; `matchedNanos` is late usage.
  */
 export function marginalDiscounts(
   billed: readonly UsageHour[],
@@ -76,7 +79,10 @@ export function marginalDiscounts(
   const before = calculateDiscounts(billed, rules, options);
   const after = calculateDiscounts([...billed, ...late], rules, options);
   const was = new Map(before.applied.map((a) => [a.rule.id, a]));
+  const lateNanos = late.reduce((sum, u) => sum + u.costNanos, 0n);
+  const bound = options.maxDiscountBps > 0 ? (lateNanos * BigInt(options.maxDiscountBps)) / bpsScale : lateNanos;
   let left = after.totalNanos > before.totalNanos ? after.totalNanos - before.totalNanos : 0n;
+  if (left > bound) left = bound;
   return after.applied.map(({ rule, matchedNanos, amountNanos }) => {
     const earlier = was.get(rule.id);
     const added = amountNanos - (earlier?.amountNanos ?? 0n);

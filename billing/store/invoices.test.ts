@@ -375,6 +375,33 @@ describe("late usage is discounted as part of its own period", () => {
     expect(discountLines(december)).toEqual([[rule.id, -usd / 5n]]);
   });
 
+  test("late usage lifting October into an all-units tier gets its rate, not a credit for October's", async () => {
+    const org = await newOrg({ taxRateBps: 0, maxDiscountBps: 5000 });
+    const tiers = [
+      { fromNanos: 0n, discountBps: 0 },
+      { fromNanos: 100n * usd, discountBps: 5000 },
+    ];
+    const rule = await store.createDiscountRule({
+      orgId: org.id,
+      name: "volume",
+      kind: "volume_all_units",
+      discountBps: 0,
+      ...unscopedRule,
+      tiers,
+    });
+    await spend(org.id, october, 9_999n * (usd / 100n));
+    expect(await issueOctober(org.id)).toMatchObject({ subtotalCents: 9_999n, discountCents: 0n });
+    // $0.02 of October arrives late, November has $1: October's whole $100.01 is now at 50%, but the $99.99 billed
+    // stays billed; the late $0.02 gets at most the org's 50% of itself. The invoice was refused before (total < 0).
+    await spend(org.id, new Date("2026-10-20T12:00:00Z"), 2n * (usd / 100n));
+    await spend(org.id, november, usd);
+    const draft = await store.generateInvoice({ orgId: org.id, at: november, now: afterNovember });
+    expect(discountLines(draft)).toEqual([[rule.id, -usd / 100n]]);
+    expect(draft).toMatchObject({ subtotalCents: 102n, discountCents: 1n, totalCents: 101n });
+    const issued = await store.updateInvoiceStatus({ invoiceId: draft.id, status: "issued", now: afterNovember });
+    expect(issued).toMatchObject({ subtotalCents: 102n, discountCents: 1n, totalCents: 101n });
+  });
+
   test("a percentage without a cap gives late usage the same percentage", async () => {
     const org = await newOrg({ taxRateBps: 0 });
     const rule = await store.createDiscountRule({
