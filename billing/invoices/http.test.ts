@@ -132,13 +132,13 @@ test("an invoice that left draft stays billed to the name it was issued with whe
   ]);
 
   // Drafts take the org's settings each time they are built: a new one, and one generated again.
-  const july = await billing.generateInvoice({
+  const april = await billing.generateInvoice({
     orgId,
-    periodTime: timestampFromDate(new Date("2026-07-10T00:00:00Z")),
+    periodTime: timestampFromDate(new Date("2026-04-10T00:00:00Z")),
   });
-  expect(july.invoice).toMatchObject({ orgName: "Acme Renamed Ltd", taxRateBps: 2000 });
-  const draft = await (await page(`/invoices/${july.invoice?.id}`, adminToken)).text();
-  expect(draft).toContain("<title>Invoice INV-2026-07-0003: Acme Renamed Ltd</title>");
+  expect(april.invoice).toMatchObject({ orgName: "Acme Renamed Ltd", taxRateBps: 2000 });
+  const draft = await (await page(`/invoices/${april.invoice?.id}`, adminToken)).text();
+  expect(draft).toContain("<title>Invoice INV-2026-04-0003: Acme Renamed Ltd</title>");
   expect(draft).toContain("<dt>Billed to</dt><dd>Acme Renamed Ltd</dd>");
   const regenerated = await billing.generateInvoice({ orgId });
   expect(regenerated.invoice).toMatchObject({ id: june.invoice?.id, orgName: "Acme Renamed Ltd", taxRateBps: 2000 });

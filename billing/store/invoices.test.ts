@@ -92,6 +92,17 @@ test("an invoice itemises the period's usage per model and token type, with disc
   expect(await store.getInvoice(invoice.id)).toEqual(invoice);
 });
 
+test("a period that has not begun is not invoiced: its draft would bill earlier usage as its own", async () => {
+  const org = await newOrg();
+  await store.recordUsage([usage(org.id)]);
+  const april = new Date("2026-04-01T00:00:00Z");
+  const early = await store.generateInvoice({ orgId: org.id, at: april, now: new Date(april.getTime() - 1) }).catch((e) => e);
+  expect(kind(early)).toBe("failed_precondition");
+  expect(String(early.message)).toContain("has not begun");
+  expect(await store.listInvoices(org.id)).toEqual([]);
+  expect((await store.generateInvoice({ orgId: org.id, at: april, now: april })).periodStart).toEqual(april);
+});
+
 test("regenerating a draft replaces it in place; issued invoices never change", async () => {
   const org = await newOrg();
   await store.recordUsage([usage(org.id)]);

@@ -71,6 +71,13 @@ export function createInvoiceStore(db: Db) {
         await lockOrgInvoices(tx, request.orgId);
         const org = await orgSettings(tx, request.orgId);
         const period = billingPeriod(request.at, org.billing_day);
+        if (period.start > request.now) {
+          // Its draft would bill the usage so far of periods before it as theirs, and take an invoice number.
+          throw new BillingError(
+            "failed_precondition",
+            `the billing period starting ${period.start.toISOString()} has not begun; invoice this period or earlier ones`,
+          );
+        }
         const live = await tx.query<{ id: string; number: string; status: InvoiceStatus }>(
           "SELECT id, number, status FROM invoices WHERE org_id = $1 AND period_start = $2 AND status <> 'void'",
           [request.orgId, period.start],

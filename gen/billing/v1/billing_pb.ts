@@ -1620,7 +1620,8 @@ export const InvoiceSchema: GenMessage<Invoice> = /*@__PURE__*/
   messageDesc(file_billing_v1_billing, 49);
 
 /**
- * Fails with FAILED_PRECONDITION when the period already has an issued or paid invoice (void it first).
+ * Fails with FAILED_PRECONDITION when the period already has an issued or paid invoice (void it first), or has not
+ * begun.
  *
  * @generated from message billing.v1.GenerateInvoiceRequest
  */
