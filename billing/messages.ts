@@ -364,7 +364,7 @@ export function invoiceMessage(invoice: Invoice): InvoiceMessage {
     id: invoice.id,
     orgId: invoice.orgId,
     orgName: invoice.orgName,
-    number: invoice.number,
+    number: invoice.number ?? "",
     status: invoiceStatuses[invoice.status],
     periodStart: timestampFromDate(invoice.periodStart),
     periodEnd: timestampFromDate(invoice.periodEnd),

@@ -314,7 +314,7 @@ describe("meshctl against a real billing", () => {
     });
     const generated = await ok(`invoices generate --org ${orgId} --period 2026-03`);
     const [heading] = generated.split("\n");
-    expect(heading).toMatch(/^INV-2026-03-0001 \(inv_\w+\) draft, 2026-03-01 to 2026-03-31$/);
+    expect(heading).toMatch(/^Draft \(inv_\w+\) draft, 2026-03-01 to 2026-03-31$/);
     const invoiceId = /\((inv_\w+)\)/.exec(generated)?.[1] as string;
     expect(generated).toMatch(/gpt-4o: input tokens\s+1000\s+10$/m);
     expect(generated).toMatch(/gpt-4o: output tokens\s+100\s+2\.345678901$/m);
@@ -324,12 +324,13 @@ describe("meshctl against a real billing", () => {
     expect(generated).toContain("subtotal $12.35  discounts -$1.58  tax (10%) $1.08  total $11.85");
     expect(generated).toContain("rounded once to the cent, half-up");
 
-    expect(await ok(`invoices list --org ${orgId}`)).toMatch(/INV-2026-03-0001\s+2026-03-01\s+draft\s+\$11\.85/);
+    expect(await ok(`invoices list --org ${orgId}`)).toMatch(/inv_\w+\s+-\s+2026-03-01\s+draft\s+\$11\.85/);
     expect((await ok(`invoices show ${invoiceId}`)).split("\n").slice(0, 2)).toEqual([
       heading as string,
       `billed to Acme Corp (${orgId})`,
     ]);
     expect(await ok(`invoices issue ${invoiceId}`)).toBe("INV-2026-03-0001: issued\n");
+    expect((await ok(`invoices show ${invoiceId}`)).split("\n")[0]).toMatch(/^INV-2026-03-0001 \(inv_\w+\) issued,/);
     failsWith(await cli(`invoices generate --org ${orgId} --period 2026-03`), 1, /failed_precondition.*already issued/);
     expect(await ok(`invoices pay ${invoiceId}`)).toBe("INV-2026-03-0001: paid\n");
     failsWith(await cli(`invoices void ${invoiceId}`), 1, /failed_precondition/);

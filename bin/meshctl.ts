@@ -430,7 +430,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
             ["ID", "NUMBER", "PERIOD", "STATUS", "TOTAL"],
             ...res.invoices.map((i) => [
               i.id,
-              i.number,
+              i.number || "-",
               date(i.periodStart),
               statusText(i.status),
               formatCents(i.totalCents),
@@ -451,7 +451,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           action as "issue" | "pay" | "void"
         ];
         const res = await billing.updateInvoiceStatus({ invoiceId: arg("INVOICE_ID"), status });
-        print(schemaOf(res), res, () => `${res.invoice?.number}: ${statusText(res.invoice?.status)}`);
+        print(schemaOf(res), res, () => `${res.invoice?.number || res.invoice?.id}: ${statusText(res.invoice?.status)}`);
         return 0;
       }
       case "invoices render": {
@@ -672,7 +672,8 @@ function invoiceText(invoice: Invoice | undefined): string {
   if (!invoice) return "no invoice";
   const lastDay = invoice.periodEnd ? timestampFromMs(timestampMs(invoice.periodEnd) - 86_400_000) : undefined;
   return [
-    `${invoice.number} (${invoice.id}) ${statusText(invoice.status)}, ${date(invoice.periodStart)} to ${date(lastDay)}`,
+    `${invoice.number || "Draft"} (${invoice.id}) ${statusText(invoice.status)}, ` +
+      `${date(invoice.periodStart)} to ${date(lastDay)}`,
     `billed to ${invoice.orgName} (${invoice.orgId})`,
     table([
       ["DESCRIPTION", "QUANTITY", "AMOUNT (USD)"],

@@ -67,7 +67,8 @@ test("a printable page with the period, lines, totals and the rounding rule", ()
   expect(page).toContain(roundingRule);
   expect(page).toContain("2026-04-02");
 
-  const empty = renderInvoiceHtml({ ...invoice, lines: [], status: "draft", issuedAt: null });
+  const empty = renderInvoiceHtml({ ...invoice, number: null, lines: [], status: "draft", issuedAt: null });
+  expect(empty).toContain("<title>Draft invoice: ");
   expect(empty).toContain("No usage in this period.");
   expect(empty).toContain("not yet issued");
   expect(empty).toContain('class="status status-draft">draft<');

@@ -47,12 +47,14 @@ export function renderInvoiceHtml(invoice: Invoice): string {
     return html`    <tr class="${discount ? "discount" : "usage"}"><td>${line.description}</td>\
 <td class="num">${discount ? "" : quantity(line.quantity)}</td><td class="num">${usd(line.amountNanos)}</td></tr>\n`;
   });
+  // A draft has no number until it is issued.
+  const title = invoice.number ? `Invoice ${invoice.number}` : "Draft invoice";
   const page = html`<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Invoice ${invoice.number}: ${invoice.orgName}</title>
+<title>${title}: ${invoice.orgName}</title>
 <style>
   body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1a1a1a; margin: 0; }
   main { max-width: 820px; margin: 2rem auto; padding: 0 1.5rem; }
@@ -84,7 +86,7 @@ export function renderInvoiceHtml(invoice: Invoice): string {
 <main>
 <header>
   <div>
-    <h1>Invoice ${invoice.number}</h1>
+    <h1>${title}</h1>
     <span class="status status-${invoice.status}">${invoice.status}</span>
   </div>
   <dl>

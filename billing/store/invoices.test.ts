@@ -71,7 +71,7 @@ test("an invoice itemises the period's usage per model and token type, with disc
   const invoice = await store.generateInvoice({ orgId: org.id, at: march, now: march });
   expect(invoice).toMatchObject({
     orgId: org.id,
-    number: "INV-2026-03-0001",
+    number: null,
     status: "draft",
     periodStart: new Date("2026-03-01T00:00:00Z"),
     periodEnd: new Date("2026-04-01T00:00:00Z"),
@@ -158,15 +158,23 @@ test("status moves draft -> issued -> paid or to void, and nowhere else", async 
     expect(kind(await set(draft.id, status).catch((e) => e))).toBe("failed_precondition");
   }
 
-  // Voiding frees the period for a new invoice with the next number.
+  // Voiding frees the period for a new invoice. Numbers are given at issue: a voided draft takes none, a voided
+  // issued invoice keeps its own.
   const april = new Date("2026-04-10T00:00:00Z");
+  const afterApril = new Date("2026-05-01T00:00:00Z");
   const first = await store.generateInvoice({ orgId: org.id, at: april, now: april });
   expect((await set(first.id, "void")).status).toBe("void");
-  const second = await store.generateInvoice({ orgId: org.id, at: april, now: april });
-  expect([first.number, second.number]).toEqual(["INV-2026-04-0002", "INV-2026-04-0003"]);
+  const second = await store.generateInvoice({ orgId: org.id, at: april, now: new Date(april.getTime() + 1_000) });
+  const issue = (invoiceId: string) => store.updateInvoiceStatus({ invoiceId, status: "issued", now: afterApril });
+  expect((await issue(second.id)).number).toBe("INV-2026-04-0002");
+  expect((await set(second.id, "void")).number).toBe("INV-2026-04-0002");
+  const third = await store.generateInvoice({ orgId: org.id, at: april, now: afterApril });
+  expect(third.number).toBeNull();
+  expect((await issue(third.id)).number).toBe("INV-2026-04-0003");
   expect((await store.listInvoices(org.id)).map((i) => [i.number, i.status])).toEqual([
-    ["INV-2026-04-0003", "draft"],
+    ["INV-2026-04-0003", "issued"],
     ["INV-2026-04-0002", "void"],
+    [null, "void"],
     ["INV-2026-03-0001", "paid"],
   ]);
   expect(kind(await set("inv_missing", "void").catch((e) => e))).toBe("not_found");
@@ -177,13 +185,20 @@ test("status moves draft -> issued -> paid or to void, and nowhere else", async 
   );
 });
 
-test("invoice numbers are unique per org, by constraint and under concurrent generation", async () => {
+test("invoice numbers are given at issue, unique per org and without gaps, by constraint and concurrently", async () => {
   const org = await newOrg();
   const other = await newOrg();
   const months = [1, 2, 3, 4, 5, 6].map((m) => new Date(Date.UTC(2026, m, 10)));
-  const generated = await Promise.all(months.map((at) => store.generateInvoice({ orgId: org.id, at, now: at })));
-  const numbers = generated.map((i) => i.number.slice(-4)).sort();
+  const later = new Date(Date.UTC(2026, 8, 1));
+  // Drafts take no number; issuing them all at once numbers them 1 to 6, each under its own period's month.
+  const drafts = await Promise.all(months.map((at) => store.generateInvoice({ orgId: org.id, at, now: later })));
+  expect(drafts.map((i) => i.number)).toEqual(months.map(() => null));
+  const generated = await Promise.all(
+    drafts.map((d) => store.updateInvoiceStatus({ invoiceId: d.id, status: "issued", now: later })),
+  );
+  const numbers = generated.map((i) => (i.number ?? "").slice(-4)).sort();
   expect(numbers).toEqual(["0001", "0002", "0003", "0004", "0005", "0006"]);
+  for (const i of generated) expect(i.number?.slice(4, 11)).toBe(i.periodStart.toISOString().slice(0, 7));
   // The same period at once: one draft, generated twice.
   const same = await Promise.all([1, 2, 3].map(() => store.generateInvoice({ orgId: other.id, at: march, now: march })));
   expect(new Set(same.map((i) => i.id)).size).toBe(1);
@@ -196,6 +211,13 @@ test("invoice numbers are unique per org, by constraint and under concurrent gen
     [org.id, first?.number],
   );
   await expect(copy).rejects.toThrow(/invoices_org_number_key/);
+  const unnumbered = db.pool.query(
+    `INSERT INTO invoices (id, org_id, org_name, status, period_start, period_end, subtotal_cents, discount_cents,
+       tax_cents, total_cents, tax_rate_bps)
+     VALUES ('inv_unnumbered', $1, 'copy', 'issued', '2020-01-01', '2020-02-01', 0, 0, 0, 0, 0)`,
+    [org.id],
+  );
+  await expect(unnumbered).rejects.toThrow(/invoices_number_check/);
 }, 60_000);
 
 test("the org's billing day sets the period; the maximum discount applies", async () => {
@@ -211,7 +233,7 @@ test("the org's billing day sets the period; the maximum discount applies", asyn
   const invoice = await store.generateInvoice({ orgId: org.id, at: march, now: march });
   expect(invoice.periodStart).toEqual(new Date("2026-03-15T00:00:00Z"));
   expect(invoice.periodEnd).toEqual(new Date("2026-04-15T00:00:00Z"));
-  expect(invoice.number).toBe("INV-2026-03-0001");
+  expect(invoice.number).toBeNull();
   expect(invoice.lines.at(-1)?.amountNanos).toBe(-1_000_000n);
 });
 
@@ -258,7 +280,8 @@ test("usage recorded after its period's invoice was issued is billed once, by th
   // Voiding April's invoice releases its usage to the one that replaces it.
   await store.updateInvoiceStatus({ invoiceId: aprilDraft.id, status: "void", now: afterApril });
   const replacement = await store.generateInvoice({ orgId: org.id, at: april, now: afterApril });
-  expect(replacement.number).not.toBe(aprilDraft.number);
+  expect(replacement).toMatchObject({ number: null, status: "draft" });
+  expect(replacement.id).not.toBe(aprilDraft.id);
   expect(describe(replacement.lines)).toEqual(describe(aprilDraft.lines));
   await store.updateInvoiceStatus({ invoiceId: replacement.id, status: "issued", now: afterApril });
   expect(await billedBy()).toEqual([

@@ -9,7 +9,7 @@ interface InvoiceRow {
   id: string;
   org_id: string;
   org_name: string;
-  number: string;
+  number: string | null;
   status: InvoiceStatus;
   period_start: Date;
   period_end: Date;
@@ -78,7 +78,7 @@ export function createInvoiceStore(db: Db) {
             `the billing period starting ${period.start.toISOString()} has not begun; invoice this period or earlier ones`,
           );
         }
-        const live = await tx.query<{ id: string; number: string; status: InvoiceStatus }>(
+        const live = await tx.query<{ id: string; number: string | null; status: InvoiceStatus }>(
           "SELECT id, number, status FROM invoices WHERE org_id = $1 AND period_start = $2 AND status <> 'void'",
           [request.orgId, period.start],
         );
@@ -95,16 +95,11 @@ export function createInvoiceStore(db: Db) {
         let invoiceId = existing?.id;
         if (!invoiceId) {
           invoiceId = `inv_${ulid()}`;
-          const counted = await tx.query<{ n: number }>("SELECT count(*)::int AS n FROM invoices WHERE org_id = $1", [
-            request.orgId,
-          ]);
-          const sequence = String((counted[0]?.n ?? 0) + 1).padStart(4, "0");
-          const number = `INV-${period.start.toISOString().slice(0, 7)}-${sequence}`;
           await tx.query(
-            `INSERT INTO invoices (id, org_id, org_name, number, status, period_start, period_end, subtotal_cents,
+            `INSERT INTO invoices (id, org_id, org_name, status, period_start, period_end, subtotal_cents,
                discount_cents, tax_cents, total_cents, tax_rate_bps, created_at)
-             VALUES ($1, $2, $3, $4, 'draft', $5, $6, 0, 0, 0, 0, $7, $8)`,
-            [invoiceId, request.orgId, org.name, number, period.start, period.end, org.tax_rate_bps, request.now],
+             VALUES ($1, $2, $3, 'draft', $4, $5, 0, 0, 0, 0, $6, $7)`,
+            [invoiceId, request.orgId, org.name, period.start, period.end, org.tax_rate_bps, request.now],
           );
         }
         await replaceDraftContent(tx, invoiceId, content, org, request.now);
@@ -146,13 +141,14 @@ export function createInvoiceStore(db: Db) {
         if (!allowedTransitions[invoice.status].includes(request.status)) {
           throw new BillingError(
             "failed_precondition",
-            `invoice ${invoice.number} is ${invoice.status} and cannot become ${request.status}`,
+            `invoice ${invoiceName(invoice)} is ${invoice.status} and cannot become ${request.status}`,
           );
         }
         if (request.status === "issued" && invoice.periodEnd > request.now) {
           throw new BillingError(
             "failed_precondition",
-            `invoice ${invoice.number} cannot be issued before its period ends at ${invoice.periodEnd.toISOString()}`,
+            `invoice ${invoiceName(invoice)} cannot be issued before its period ends at ` +
+              invoice.periodEnd.toISOString(),
           );
         }
         if (request.status === "issued") {
@@ -168,10 +164,12 @@ export function createInvoiceStore(db: Db) {
             [invoice.orgId, invoice.periodEnd, invoice.id],
           );
         }
+        const number = request.status === "issued" ? await nextInvoiceNumber(tx, invoice) : null;
         await tx.query(
-          `UPDATE invoices SET status = $2, issued_at = CASE WHEN $2 = 'issued' THEN $3 ELSE issued_at END
+          `UPDATE invoices SET status = $2, issued_at = CASE WHEN $2 = 'issued' THEN $3 ELSE issued_at END,
+             number = coalesce($4, number)
            WHERE id = $1`,
-          [request.invoiceId, request.status, request.now],
+          [request.invoiceId, request.status, request.now, number],
         );
         return readInvoice(tx, request.invoiceId);
       });
@@ -340,6 +338,25 @@ async function insertLines(q: Queryable, invoiceId: string, lines: InvoiceLine[]
       lines.map((l) => l.discountRuleId),
     ],
   );
+}
+
+/**
+ * The number an invoice is issued with: its period's month and the org's last number plus one (the caller holds the
+ * org's invoice lock), so an org's issued invoices are numbered in the order they were issued, without gaps.
+ */
+async function nextInvoiceNumber(q: Queryable, invoice: Invoice): Promise<string> {
+  const rows = await q.query<{ last: string }>(
+    `SELECT coalesce(max((regexp_match(number, '([0-9]+)$'))[1]::bigint), 0)::text AS last
+     FROM invoices WHERE org_id = $1 AND number IS NOT NULL`,
+    [invoice.orgId],
+  );
+  const sequence = String(BigInt(rows[0]?.last ?? "0") + 1n).padStart(4, "0");
+  return `INV-${invoice.periodStart.toISOString().slice(0, 7)}-${sequence}`;
+}
+
+/** How messages name an invoice: its number, or a draft's id. */
+function invoiceName(invoice: Invoice): string {
+  return invoice.number ?? `draft ${invoice.id}`;
 }
 
 function toInvoice(row: InvoiceRow): Invoice {

@@ -22,6 +22,7 @@ const migrations = [
   "0005_usage_bounds.sql",
   "0006_invoice_org_name.sql",
   "0007_lease_recorded_spend.sql",
+  "0008_invoice_numbers_at_issue.sql",
 ];
 const billingTables = [
   "api_keys",

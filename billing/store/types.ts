@@ -229,7 +229,8 @@ export interface Invoice {
   orgId: string;
   /** The org's name as of the draft's last build; an invoice that left draft keeps it when the org is renamed. */
   orgName: string;
-  number: string;
+  /** Given when the invoice is issued (see nextInvoiceNumber); null on a draft. */
+  number: string | null;
   status: InvoiceStatus;
   periodStart: Date;
   periodEnd: Date;

@@ -1541,7 +1541,9 @@ export type Invoice = Message<"billing.v1.Invoice"> & {
   orgName: string;
 
   /**
-   * Unique per org, e.g. "INV-2026-11-0001".
+   * Unique per org, e.g. "INV-2026-11-0001": the period's month and the org's last number plus one, given when the
+   * invoice is issued, so an org's issued invoices are numbered in the order they were issued without gaps. Empty on
+   * a draft (and on a draft that was voided).
    *
    * @generated from field: string number = 3;
    */
