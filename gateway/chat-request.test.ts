@@ -122,6 +122,9 @@ const invalid: Array<[string, Record<string, unknown>, string | null, string]> =
   ["a tool message without content", { messages: [...hello, { role: "tool", tool_call_id: "c1" }] }, "messages[1].content", "missing_required_parameter"],
   ["an assistant message with neither content nor calls", { messages: [...hello, { role: "assistant", content: null }] }, "messages[1].content", "missing_required_parameter"],
   ["an assistant message with no calls and no content", assistantCalls([]), "messages[1].content", "missing_required_parameter"],
+  ["an assistant's audio without its id", { messages: [...hello, { role: "assistant", audio: {} }] }, "messages[1].audio.id", "missing_required_parameter"],
+  ["an assistant's audio that is not an object", { messages: [...hello, { role: "assistant", audio: "audio_abc" }] }, "messages[1].audio", "invalid_type"],
+  ["an assistant's refusal that is not a string", { messages: [...hello, { role: "assistant", content: null, refusal: 5 }] }, "messages[1].refusal", "invalid_type"],
   ["tool_calls not an array", { messages: [...hello, { role: "assistant", content: "ok", tool_calls: {} }] }, "messages[1].tool_calls", "invalid_type"],
   ["a tool call without id", assistantCalls([call({}, { id: undefined })]), "messages[1].tool_calls[0].id", "missing_required_parameter"],
   ["a tool call of unknown type", assistantCalls([call({}, { type: "bogus" })]), "messages[1].tool_calls[0].type", "invalid_value"],
@@ -164,6 +167,17 @@ describe("chat input", () => {
       ],
     });
     expect(input.upstream.messages).toHaveLength(3);
+  });
+
+  test("an assistant turn without content: its earlier audio answer by id, or its refusal (as the SDK's message has it)", () => {
+    const messages = [
+      ...hello,
+      { role: "assistant", audio: { id: "audio_abc" } },
+      { role: "user", content: "and again?" },
+      { role: "assistant", content: null, refusal: "I can't help with that.", audio: null, tool_calls: null },
+      { role: "user", content: "please" },
+    ];
+    expect(parseChatInput({ model: "m", messages }).upstream.messages as unknown).toEqual(messages);
   });
 
   test("metadata: at most 16 pairs, keys up to 64 characters and values up to 512, counted as characters", () => {

@@ -215,9 +215,14 @@ function checkMessage(m: unknown, i: number): void {
     for (let j = 0; j < content.length; j++) contentPart(content[j], at(`.content[${j}]`));
   } else if (content !== undefined && content !== null) {
     if (typeof content !== "string") throw wrongType(at(".content"), "a string or an array of content parts", content);
-  } else if (role !== "function" && !(role === "assistant" && calls(m))) {
-    // Only a tool-calling assistant turn (or a legacy function result) may go without content.
+  } else if (role !== "function" && !(role === "assistant" && (calls(m) || present(m.audio) || present(m.refusal)))) {
+    // Only an assistant turn that calls tools, refers to its earlier audio answer by id or refuses (the SDK's own
+    // message shape, pushed back as it came) or a legacy function result may go without content.
     throw missing(at(".content"));
+  }
+  if (role === "assistant") {
+    if (present(m.audio)) assistantAudio(m.audio, at(".audio"));
+    if (present(m.refusal)) string(m.refusal, at(".refusal"));
   }
   if (m.name !== undefined && m.name !== null) {
     if (typeof m.name !== "string") throw wrongType(at(".name"), "a string", m.name);
@@ -229,6 +234,9 @@ function checkMessage(m: unknown, i: number): void {
   if (m.tool_calls !== undefined && m.tool_calls !== null) toolCalls(m.tool_calls, at(".tool_calls"));
   if (m.function_call !== undefined && m.function_call !== null) functionCall(m.function_call, at(".function_call"));
 }
+
+const present = (v: unknown) => v !== undefined && v !== null;
+const assistantAudio = objectWith({ id: string });
 
 const calls = (m: Record<string, unknown>) =>
   (Array.isArray(m.tool_calls) && m.tool_calls.length > 0) || (m.function_call !== undefined && m.function_call !== null);

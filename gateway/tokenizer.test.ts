@@ -13,6 +13,12 @@ describe("token counts", () => {
     expect(await countEmbeddingTokens([[1, 2, 3], [4]])).toBe(4);
   });
 
+  test("an assistant's refusal in the prompt is counted as its text", async () => {
+    // 3 priming, 3 around the message, 1 for "assistant", then "Hello world".
+    expect(await countInputTokens([{ role: "assistant", content: null, refusal: "Hello world" }])).toBe(7 + 2);
+    expect(await countInputTokens([{ role: "assistant", audio: { id: "audio_abc" } }])).toBe(7);
+  });
+
   test("special-token text is plain text a client wrote: counted, never refused", async () => {
     for (const special of ["<|endoftext|>", "<|endofprompt|>", "<|fim_prefix|>"]) {
       const tokens = await countInputTokens(user(`hi ${special} there`));

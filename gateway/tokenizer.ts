@@ -100,6 +100,7 @@ export async function countInputTokens(
         else if (part.type === "refusal") count.add(part.refusal);
       }
     }
+    if (m.role === "assistant" && m.refusal) count.add(m.refusal);
     if (m.role === "assistant" && m.tool_calls) {
       for (const call of m.tool_calls) {
         if (call.type === "function") {

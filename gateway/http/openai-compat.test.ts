@@ -198,6 +198,26 @@ for (const port of ["rpc", "rest"] as const) {
         expect(sent.metadata).toBeUndefined();
       });
 
+      test("an assistant turn pushed back as the SDK gave it (a refusal), or naming its audio answer by id, reaches the upstream", async () => {
+        const refusal = "I can't help with that.";
+        upstream.script("ok", { refusal }, { content: "fine" });
+        const first = await sdk().chat.completions.create({ model: "ok", messages: hello });
+        const refused = first.choices[0]?.message;
+        expect(refused).toMatchObject({ content: null, refusal });
+        const messages: OpenAI.ChatCompletionMessageParam[] = [
+          ...hello,
+          refused as OpenAI.ChatCompletionMessage,
+          { role: "user", content: "say it out loud then" },
+          { role: "assistant", audio: { id: "audio_abc" } },
+          { role: "user", content: "and again" },
+        ];
+        const second = await sdk().chat.completions.create({ model: "ok", messages });
+        expect(second.choices[0]?.message.content).toBe("fine");
+        const sent = upstream.seen("ok")[1]?.body ?? {};
+        expect(sent.messages[1]).toMatchObject({ role: "assistant", content: null, refusal });
+        expect(sent.messages[3]).toEqual({ role: "assistant", audio: { id: "audio_abc" } });
+      });
+
       test("without upstream usage, tokens are counted with the tokenizer and marked estimated", async () => {
         upstream.script("no-usage", { content: "Hello world", usage: false });
         const { data: completion, response } = await sdk()
