@@ -157,6 +157,16 @@ describe("chat input", () => {
     });
   });
 
+  test("metadata goes upstream with a completion the upstream stores (store: true), and is recorded as tags either way", () => {
+    const stored = parseChatInput({ model: "m", messages: hello, store: true, metadata: { team: "a" } });
+    expect(stored.tags).toEqual({ team: "a" });
+    expect(stored.upstream as unknown).toEqual({ model: "m", messages: hello, store: true, metadata: { team: "a" } });
+    const unstored = parseChatInput({ model: "m", messages: hello, store: false, metadata: { team: "a" } });
+    expect(unstored.tags).toEqual({ team: "a" });
+    expect(unstored.upstream as unknown).toEqual({ model: "m", messages: hello, store: false });
+    expect(rejection({ model: "m", messages: hello, store: "yes" })).toEqual(["store", "invalid_type"]);
+  });
+
   test("accepts tool turns and content parts", () => {
     const input = parseChatInput({
       model: "m",

@@ -31,7 +31,7 @@ export interface ChatInput {
   upstream: ChatRequest;
   /** End-user id from `user`; empty when absent. */
   user: string;
-  /** From `metadata`: recorded with the request's metrics, never sent upstream. */
+  /** From `metadata`: recorded with the request's metrics; sent upstream too only with `store: true`. */
   tags: Record<string, string>;
   /** `stream: true`: answer with server-sent chunks. */
   stream: boolean;
@@ -41,7 +41,7 @@ export interface ChatInput {
 
 const roles = ["system", "developer", "user", "assistant", "tool", "function"];
 const roleSet = new Set(roles);
-// Fields that are the gateway's, not the upstream's.
+// Fields that are the gateway's, not the upstream's (metadata goes with a completion the upstream stores, too).
 const gatewayOnly = new Set(["metadata", "stream", "stream_options"]);
 const maxMessages = 2048;
 const maxChoices = 128;
@@ -118,6 +118,7 @@ const fieldChecks = new Map<string, Check>([
   ["logprobs", boolean],
   ["top_logprobs", integer(0, 20)],
   ["parallel_tool_calls", boolean],
+  ["store", boolean],
   // Which tiers a model may be asked for depends on its prices: checked with its route.
   ["service_tier", string],
   [
@@ -190,6 +191,8 @@ export function parseChatInput(body: unknown): ChatInput {
   const includeUsage = parseStreamOptions(body.stream_options, stream);
   const user = parseUser(body);
   const tags = parseTags(body.metadata);
+  // A stored completion keeps its metadata at the upstream, where the client filters stored completions by it.
+  if (body.store === true && tags !== noTags) upstream.metadata = tags;
   return { model, upstream: upstream as unknown as ChatRequest, user, tags, stream, includeUsage };
 }
 

@@ -198,6 +198,14 @@ for (const port of ["rpc", "rest"] as const) {
         expect(sent.metadata).toBeUndefined();
       });
 
+      test("metadata reaches the upstream with store: true, for the stored completion, and is recorded as tags", async () => {
+        const { response } = await sdk()
+          .chat.completions.create({ model: "ok", messages: hello, store: true, metadata: { team: "vision" } })
+          .withResponse();
+        expect(upstream.seen("ok")[0]?.body).toMatchObject({ store: true, metadata: { team: "vision" } });
+        expect((await gateway.row(response.headers.get("x-request-id") ?? "")).tags).toEqual({ team: "vision" });
+      });
+
       test("an assistant turn pushed back as the SDK gave it (a refusal), or naming its audio answer by id, reaches the upstream", async () => {
         const refusal = "I can't help with that.";
         upstream.script("ok", { refusal }, { content: "fine" });
