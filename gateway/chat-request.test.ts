@@ -278,7 +278,7 @@ describe("chat input", () => {
       a_future_field: { anything: [1, "two"] },
     };
     const input = parseChatInput({ ...fields, metadata: { team: "a" }, stream: true, stream_options: { include_usage: true } });
-    expect(input.upstream as unknown).toEqual(fields);
+    expect(input.upstream as unknown).toEqual({ ...fields, stream_options: { include_usage: true } });
     expect(input.tags).toEqual({ team: "a" });
     for (const choice of ["none", "auto", "required", { type: "custom", custom: { name: "sql" } }, { type: "allowed_tools", allowed_tools: { mode: "auto", tools: [] } }]) {
       expect(parseChatInput({ ...fields, tool_choice: choice }).upstream.tool_choice as unknown).toEqual(choice);
@@ -307,15 +307,20 @@ describe("chat input", () => {
     expect([input.user, input.tags]).toEqual(["", {}]);
   });
 
-  test("streaming: stream and stream_options are the gateway's, never forwarded as sent", () => {
+  test("streaming: stream is the gateway's; the client's stream_options are kept for the upstream, include_usage noted", () => {
     const input = parseChatInput({
       model: "m",
       messages: [{ role: "user", content: "x" }],
       stream: true,
-      stream_options: { include_usage: true },
+      stream_options: { include_usage: true, include_obfuscation: false },
     });
     expect([input.stream, input.includeUsage]).toEqual([true, true]);
-    expect(input.upstream as unknown).toEqual({ model: "m", messages: [{ role: "user", content: "x" }] });
+    expect(input.upstream as unknown).toEqual({
+      model: "m",
+      messages: [{ role: "user", content: "x" }],
+      stream_options: { include_usage: true, include_obfuscation: false },
+    });
+    expect(rejection({ model: "m", messages: hello, stream: true, stream_options: "usage" })).toEqual(["stream_options", "invalid_type"]);
     const plain = parseChatInput({ model: "m", messages: [{ role: "user", content: "x" }], stream: true });
     expect([plain.stream, plain.includeUsage]).toEqual([true, false]);
     expect(() => parseChatInput({ model: "m", messages: [{ role: "user", content: "x" }], stream_options: {} })).toThrow(/only allowed/);

@@ -35,7 +35,10 @@ export interface ChatInput {
   tags: Record<string, string>;
   /** `stream: true`: answer with server-sent chunks. */
   stream: boolean;
-  /** `stream_options.include_usage`: end the stream with a usage chunk. Upstreams are always asked for usage. */
+  /**
+   * `stream_options.include_usage`: end the stream with a usage chunk. Upstreams are always asked for usage, with the
+   * client's other stream options (`upstream.stream_options`) as it sent them.
+   */
   includeUsage: boolean;
 }
 
@@ -189,6 +192,7 @@ export function parseChatInput(body: unknown): ChatInput {
   }
   const stream = body.stream === true;
   const includeUsage = parseStreamOptions(body.stream_options, stream);
+  if (isObject(body.stream_options)) upstream.stream_options = body.stream_options;
   const user = parseUser(body);
   const tags = parseTags(body.metadata);
   // A stored completion keeps its metadata at the upstream, where the client filters stored completions by it.

@@ -371,6 +371,20 @@ for (const port of ["rpc", "rest"] as const) {
         expect(m.totalLatencyUs).toBe(m.upstreamLatencyUs + m.gatewayOverheadUs);
       });
 
+      test("the client's stream options reach the upstream as it set them, with usage always asked for", async () => {
+        const stream = await sdk().chat.completions.create({
+          model: "ok",
+          messages: hello,
+          stream: true,
+          stream_options: { include_obfuscation: false },
+        });
+        const chunks = [];
+        for await (const chunk of stream) chunks.push(chunk);
+        expect(upstream.seen("ok")[0]?.body.stream_options).toEqual({ include_obfuscation: false, include_usage: true });
+        // The client did not ask for usage: it gets no usage chunk.
+        expect(chunks.every((c) => c.usage === undefined)).toBe(true);
+      });
+
       test("no usage chunk unless the client asks, though the gateway still meters it", async () => {
         upstream.script("ok", {
           content: "a b c",

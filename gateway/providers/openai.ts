@@ -140,7 +140,8 @@ export function createOpenAIProvider(
       // The attempt's time limit covers the wait for the answer's headers; relay() then limits the silence between
       // chunks and stops reading when the client leaves. Events are read with eventsource-parser, which costs about
       // half of what the SDK's own stream decoder does per chunk.
-      const body = { ...request, stream: true, stream_options: { include_usage: true } };
+      // The client's stream options (include_obfuscation, ...) go as it set them, with usage always asked for.
+      const body = { ...request, stream: true, stream_options: { ...request.stream_options, include_usage: true } };
       const response = await post("/chat/completions", body, options, async (r) => r);
       return relay(response, config.name, options, typeof request.n === "number" && request.n > 1 ? request.n : 1);
     },
