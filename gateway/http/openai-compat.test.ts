@@ -242,6 +242,20 @@ for (const port of ["rpc", "rest"] as const) {
         expect(completion.usage).toEqual({ prompt_tokens: input, completion_tokens: 2, total_tokens: input + 2 });
       });
 
+      test("without upstream usage, a refusal is counted as output, whole or streamed alike", async () => {
+        upstream.script("no-usage", { refusal: "I can't help with that request.", usage: false });
+        const { response } = await sdk().chat.completions.create({ model: "no-usage", messages: hello }).withResponse();
+        const whole = await gateway.row(response.headers.get("x-request-id") ?? "");
+        const { data: stream, response: streamed } = await sdk()
+          .chat.completions.create({ model: "no-usage", messages: hello, stream: true })
+          .withResponse();
+        for await (const _ of stream);
+        const streamedRow = await gateway.row(streamed.headers.get("x-request-id") ?? "");
+        expect(whole).toMatchObject({ usageEstimated: true });
+        expect(whole.usage?.outputTokens).toBeGreaterThan(4n);
+        expect(whole.usage?.outputTokens).toBe(streamedRow.usage?.outputTokens as bigint);
+      });
+
       test("special-token text in a prompt or a reply is counted as text: answered and metered, never a failure", async () => {
         upstream.script("no-usage", { content: "done <|endoftext|>", usage: false });
         const special = [{ role: "user" as const, content: "summarise <|endoftext|> <|fim_prefix|> this" }];

@@ -2,7 +2,7 @@ import OpenAI, { APIError, AzureOpenAI } from "openai";
 import { createParser } from "eventsource-parser";
 import { watchSilence } from "../../lib/silence.ts";
 import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
-import { countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
+import { addGenerated, countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
 import {
   answeredEmbeddingUsage,
   answeredUsage,
@@ -123,12 +123,7 @@ export function createOpenAIProvider(
         input: () => countInputTokens(request.messages, request.tools),
         output: () => {
           const output: string[] = [];
-          for (const c of completion.choices) {
-            if (c.message.content) output.push(c.message.content);
-            for (const call of c.message.tool_calls ?? []) {
-              if (call.type === "function") output.push(call.function.name, call.function.arguments);
-            }
-          }
+          for (const c of completion.choices) if (c.message) addGenerated(output, c.message);
           return countTextTokens(output);
         },
       });
