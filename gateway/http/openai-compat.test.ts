@@ -677,6 +677,31 @@ for (const port of ["rpc", "rest"] as const) {
         expect(upstream.requests).toHaveLength(0);
       });
 
+      test("415 unsupported_content_encoding for a compressed body, not invalid_json; the connection serves on", async () => {
+        const json = JSON.stringify({ model: "ok", messages: hello });
+        const post = (path: string, encoding: string | undefined, body: Uint8Array | string) =>
+          fetch(`${base()}/v1/${path}`, {
+            method: "POST",
+            headers: { authorization: "Bearer sk-good", "content-type": "application/json", ...(encoding ? { "content-encoding": encoding } : {}) },
+            body,
+          });
+        for (const [path, encoding] of [["chat/completions", "gzip"], ["chat/completions", "deflate, br"], ["embeddings", "gzip"]] as const) {
+          const response = await post(path, encoding, Bun.gzipSync(json));
+          expect(response.status).toBe(415);
+          expect(await response.json()).toEqual({
+            error: {
+              message: `Content-Encoding '${encoding}' is not supported: send the request body uncompressed.`,
+              type: "invalid_request_error",
+              param: null,
+              code: "unsupported_content_encoding",
+            },
+          });
+        }
+        expect(upstream.requests).toHaveLength(0);
+        expect((await post("chat/completions", "identity", json)).status).toBe(200);
+        expect((await post("chat/completions", undefined, json)).status).toBe(200);
+      });
+
       test("an invalid field is a BadRequestError naming it, and the upstream never sees the request", async () => {
         const temperature = await apiError(
           sdk().chat.completions.create({ model: "ok", messages: hello, temperature: 5 }),
