@@ -421,6 +421,13 @@ describe("maximum cost of a request", () => {
     expect(withPart({ type: "input_audio", input_audio: { data: "UklGRg==", format: "wav" } })).toBe(framing + 128_000);
   });
 
+  test("an assistant turn without content is reserved at its refusal's bytes, or the audio bound for audio by id", () => {
+    // Reply priming, then one assistant message's framing and role.
+    const framing = 3 + 8 + 9;
+    expect(maxInputTokens({ messages: [{ role: "assistant", audio: { id: "audio_abc" } }] })).toBe(framing + 128_000);
+    expect(maxInputTokens({ messages: [{ role: "assistant", content: null, refusal: "I can't" }] })).toBe(framing + 7);
+  });
+
   test("output is max_completion_tokens, else max_tokens, else the cap, times n", () => {
     expect(maxOutputTokens({ max_completion_tokens: 10, max_tokens: 99, n: 3 }, 4096)).toBe(30);
     expect(maxOutputTokens({ max_tokens: 99 }, 4096)).toBe(99);

@@ -539,6 +539,9 @@ export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" |
         else tokens += partTokensBound.get(part.type) ?? Buffer.byteLength(JSON.stringify(part));
       }
     }
+    if ("refusal" in m && typeof m.refusal === "string") tokens += Buffer.byteLength(m.refusal);
+    // An assistant's earlier audio answer, referred to by id: the model hears it again, bounded as an audio part.
+    if ("audio" in m && m.audio) tokens += partTokensBound.get("input_audio") as number;
     if ("tool_calls" in m && m.tool_calls) tokens += Buffer.byteLength(JSON.stringify(m.tool_calls));
     if ("tool_call_id" in m && typeof m.tool_call_id === "string") tokens += Buffer.byteLength(m.tool_call_id);
   }

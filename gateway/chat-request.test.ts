@@ -122,6 +122,9 @@ const invalid: Array<[string, Record<string, unknown>, string | null, string]> =
   ["a tool message without content", { messages: [...hello, { role: "tool", tool_call_id: "c1" }] }, "messages[1].content", "missing_required_parameter"],
   ["an assistant message with neither content nor calls", { messages: [...hello, { role: "assistant", content: null }] }, "messages[1].content", "missing_required_parameter"],
   ["an assistant message with no calls and no content", assistantCalls([]), "messages[1].content", "missing_required_parameter"],
+  ["an assistant's audio without its id", { messages: [...hello, { role: "assistant", audio: {} }] }, "messages[1].audio.id", "missing_required_parameter"],
+  ["an assistant's audio that is not an object", { messages: [...hello, { role: "assistant", audio: "audio_abc" }] }, "messages[1].audio", "invalid_type"],
+  ["an assistant's refusal that is not a string", { messages: [...hello, { role: "assistant", content: null, refusal: 5 }] }, "messages[1].refusal", "invalid_type"],
   ["tool_calls not an array", { messages: [...hello, { role: "assistant", content: "ok", tool_calls: {} }] }, "messages[1].tool_calls", "invalid_type"],
   ["a tool call without id", assistantCalls([call({}, { id: undefined })]), "messages[1].tool_calls[0].id", "missing_required_parameter"],
   ["a tool call of unknown type", assistantCalls([call({}, { type: "bogus" })]), "messages[1].tool_calls[0].type", "invalid_value"],
@@ -154,6 +157,16 @@ describe("chat input", () => {
     });
   });
 
+  test("metadata goes upstream with a completion the upstream stores (store: true), and is recorded as tags either way", () => {
+    const stored = parseChatInput({ model: "m", messages: hello, store: true, metadata: { team: "a" } });
+    expect(stored.tags).toEqual({ team: "a" });
+    expect(stored.upstream as unknown).toEqual({ model: "m", messages: hello, store: true, metadata: { team: "a" } });
+    const unstored = parseChatInput({ model: "m", messages: hello, store: false, metadata: { team: "a" } });
+    expect(unstored.tags).toEqual({ team: "a" });
+    expect(unstored.upstream as unknown).toEqual({ model: "m", messages: hello, store: false });
+    expect(rejection({ model: "m", messages: hello, store: "yes" })).toEqual(["store", "invalid_type"]);
+  });
+
   test("accepts tool turns and content parts", () => {
     const input = parseChatInput({
       model: "m",
@@ -164,6 +177,17 @@ describe("chat input", () => {
       ],
     });
     expect(input.upstream.messages).toHaveLength(3);
+  });
+
+  test("an assistant turn without content: its earlier audio answer by id, or its refusal (as the SDK's message has it)", () => {
+    const messages = [
+      ...hello,
+      { role: "assistant", audio: { id: "audio_abc" } },
+      { role: "user", content: "and again?" },
+      { role: "assistant", content: null, refusal: "I can't help with that.", audio: null, tool_calls: null },
+      { role: "user", content: "please" },
+    ];
+    expect(parseChatInput({ model: "m", messages }).upstream.messages as unknown).toEqual(messages);
   });
 
   test("metadata: at most 16 pairs, keys up to 64 characters and values up to 512, counted as characters", () => {
@@ -254,7 +278,7 @@ describe("chat input", () => {
       a_future_field: { anything: [1, "two"] },
     };
     const input = parseChatInput({ ...fields, metadata: { team: "a" }, stream: true, stream_options: { include_usage: true } });
-    expect(input.upstream as unknown).toEqual(fields);
+    expect(input.upstream as unknown).toEqual({ ...fields, stream_options: { include_usage: true } });
     expect(input.tags).toEqual({ team: "a" });
     for (const choice of ["none", "auto", "required", { type: "custom", custom: { name: "sql" } }, { type: "allowed_tools", allowed_tools: { mode: "auto", tools: [] } }]) {
       expect(parseChatInput({ ...fields, tool_choice: choice }).upstream.tool_choice as unknown).toEqual(choice);
@@ -283,15 +307,20 @@ describe("chat input", () => {
     expect([input.user, input.tags]).toEqual(["", {}]);
   });
 
-  test("streaming: stream and stream_options are the gateway's, never forwarded as sent", () => {
+  test("streaming: stream is the gateway's; the client's stream_options are kept for the upstream, include_usage noted", () => {
     const input = parseChatInput({
       model: "m",
       messages: [{ role: "user", content: "x" }],
       stream: true,
-      stream_options: { include_usage: true },
+      stream_options: { include_usage: true, include_obfuscation: false },
     });
     expect([input.stream, input.includeUsage]).toEqual([true, true]);
-    expect(input.upstream as unknown).toEqual({ model: "m", messages: [{ role: "user", content: "x" }] });
+    expect(input.upstream as unknown).toEqual({
+      model: "m",
+      messages: [{ role: "user", content: "x" }],
+      stream_options: { include_usage: true, include_obfuscation: false },
+    });
+    expect(rejection({ model: "m", messages: hello, stream: true, stream_options: "usage" })).toEqual(["stream_options", "invalid_type"]);
     const plain = parseChatInput({ model: "m", messages: [{ role: "user", content: "x" }], stream: true });
     expect([plain.stream, plain.includeUsage]).toEqual([true, false]);
     expect(() => parseChatInput({ model: "m", messages: [{ role: "user", content: "x" }], stream_options: {} })).toThrow(/only allowed/);

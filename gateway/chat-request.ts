@@ -31,17 +31,20 @@ export interface ChatInput {
   upstream: ChatRequest;
   /** End-user id from `user`; empty when absent. */
   user: string;
-  /** From `metadata`: recorded with the request's metrics, never sent upstream. */
+  /** From `metadata`: recorded with the request's metrics; sent upstream too only with `store: true`. */
   tags: Record<string, string>;
   /** `stream: true`: answer with server-sent chunks. */
   stream: boolean;
-  /** `stream_options.include_usage`: end the stream with a usage chunk. Upstreams are always asked for usage. */
+  /**
+   * `stream_options.include_usage`: end the stream with a usage chunk. Upstreams are always asked for usage, with the
+   * client's other stream options (`upstream.stream_options`) as it sent them.
+   */
   includeUsage: boolean;
 }
 
 const roles = ["system", "developer", "user", "assistant", "tool", "function"];
 const roleSet = new Set(roles);
-// Fields that are the gateway's, not the upstream's.
+// Fields that are the gateway's, not the upstream's (metadata goes with a completion the upstream stores, too).
 const gatewayOnly = new Set(["metadata", "stream", "stream_options"]);
 const maxMessages = 2048;
 const maxChoices = 128;
@@ -118,6 +121,7 @@ const fieldChecks = new Map<string, Check>([
   ["logprobs", boolean],
   ["top_logprobs", integer(0, 20)],
   ["parallel_tool_calls", boolean],
+  ["store", boolean],
   // Which tiers a model may be asked for depends on its prices: checked with its route.
   ["service_tier", string],
   [
@@ -188,8 +192,11 @@ export function parseChatInput(body: unknown): ChatInput {
   }
   const stream = body.stream === true;
   const includeUsage = parseStreamOptions(body.stream_options, stream);
+  if (isObject(body.stream_options)) upstream.stream_options = body.stream_options;
   const user = parseUser(body);
   const tags = parseTags(body.metadata);
+  // A stored completion keeps its metadata at the upstream, where the client filters stored completions by it.
+  if (body.store === true && tags !== noTags) upstream.metadata = tags;
   return { model, upstream: upstream as unknown as ChatRequest, user, tags, stream, includeUsage };
 }
 
@@ -215,9 +222,14 @@ function checkMessage(m: unknown, i: number): void {
     for (let j = 0; j < content.length; j++) contentPart(content[j], at(`.content[${j}]`));
   } else if (content !== undefined && content !== null) {
     if (typeof content !== "string") throw wrongType(at(".content"), "a string or an array of content parts", content);
-  } else if (role !== "function" && !(role === "assistant" && calls(m))) {
-    // Only a tool-calling assistant turn (or a legacy function result) may go without content.
+  } else if (role !== "function" && !(role === "assistant" && (calls(m) || present(m.audio) || present(m.refusal)))) {
+    // Only an assistant turn that calls tools, refers to its earlier audio answer by id or refuses (the SDK's own
+    // message shape, pushed back as it came) or a legacy function result may go without content.
     throw missing(at(".content"));
+  }
+  if (role === "assistant") {
+    if (present(m.audio)) assistantAudio(m.audio, at(".audio"));
+    if (present(m.refusal)) string(m.refusal, at(".refusal"));
   }
   if (m.name !== undefined && m.name !== null) {
     if (typeof m.name !== "string") throw wrongType(at(".name"), "a string", m.name);
@@ -229,6 +241,9 @@ function checkMessage(m: unknown, i: number): void {
   if (m.tool_calls !== undefined && m.tool_calls !== null) toolCalls(m.tool_calls, at(".tool_calls"));
   if (m.function_call !== undefined && m.function_call !== null) functionCall(m.function_call, at(".function_call"));
 }
+
+const present = (v: unknown) => v !== undefined && v !== null;
+const assistantAudio = objectWith({ id: string });
 
 const calls = (m: Record<string, unknown>) =>
   (Array.isArray(m.tool_calls) && m.tool_calls.length > 0) || (m.function_call !== undefined && m.function_call !== null);

@@ -15,7 +15,7 @@ import {
   usageOfTokens,
 } from "./providers/provider.ts";
 import { meteredName, meterUsage } from "./metering.ts";
-import { countInputTokens, countTextTokens } from "./tokenizer.ts";
+import { addGenerated, countInputTokens, countTextTokens } from "./tokenizer.ts";
 
 /** Accounting of a stream, known once it has ended however it ended. */
 export interface StreamOutcome {
@@ -152,16 +152,8 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         if (!last && chunk.model) m.servedModel = meteredName(chunk.model);
         last = chunk;
         for (const choice of chunk.choices) {
-          const delta = choice.delta;
           const before = generated.length;
-          if (delta.content) generated.push(delta.content);
-          if (delta.refusal) generated.push(delta.refusal);
-          if (delta.tool_calls) {
-            for (const tool of delta.tool_calls) {
-              if (tool.function?.name) generated.push(tool.function.name);
-              if (tool.function?.arguments) generated.push(tool.function.arguments);
-            }
-          }
+          if (choice.delta) addGenerated(generated, choice.delta);
           if (firstToken && generated.length > before) {
             firstToken = false;
             const elapsed = performance.now() - call.startTick;

@@ -80,6 +80,16 @@ export const bodyTooLarge = (limitBytes: number) =>
     RequestStatus.INVALID_REQUEST,
   );
 
+/** A request body sent compressed (or in any Content-Encoding but identity), which the gateway does not decode. */
+export const unsupportedContentEncoding = (encoding: string) =>
+  new GatewayError(
+    415,
+    "invalid_request_error",
+    "unsupported_content_encoding",
+    `Content-Encoding '${encoding.length > 64 ? `${encoding.slice(0, 64)}...` : encoding}' is not supported: send the request body uncompressed.`,
+    RequestStatus.INVALID_REQUEST,
+  );
+
 /**
  * An upstream refused the request itself (400, 413, 422): the client gets that status and, when the upstream sent its
  * error in OpenAI's shape, its message, type, param and code as they were (clients branch on codes such as
@@ -156,6 +166,7 @@ const connectCodes: Record<number, Code> = {
   404: Code.NotFound,
   405: Code.InvalidArgument,
   413: Code.InvalidArgument,
+  415: Code.InvalidArgument,
   422: Code.InvalidArgument,
   429: Code.ResourceExhausted,
   499: Code.Canceled,

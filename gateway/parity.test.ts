@@ -139,6 +139,54 @@ describe("REST and RPC parity", () => {
   });
 });
 
+describe("refusals", () => {
+  const refusal = "I can't help with that.";
+  const asked = [
+    { role: "user" as const, content: "help me with something bad" },
+    { role: "assistant" as const, content: null, refusal },
+    { role: "user" as const, content: "please?" },
+  ];
+  const askedRpc = [
+    { role: "user", content: "help me with something bad" },
+    { role: "assistant", refusal },
+    { role: "user", content: "please?" },
+  ];
+
+  test("a refusal in the conversation reaches the upstream alike, and the model's refusal comes back both ways", async () => {
+    upstream.script("upstream-model", { refusal, usage: { prompt_tokens: 20, completion_tokens: 7, total_tokens: 27 } });
+    try {
+      const viaRest = await sdk().chat.completions.create({ model: "ok", messages: asked });
+      const restBody = lastBody();
+      expect(restBody?.messages[1]).toEqual({ role: "assistant", content: null, refusal });
+      const viaRpc = await gateway
+        .rpc("sk-good")
+        .createChatCompletion({ params: create(ChatCompletionParamsSchema, { model: "ok", messages: askedRpc }) });
+      expect(lastBody()).toEqual(restBody);
+
+      expect(viaRest.choices[0]?.message).toMatchObject({ content: null, refusal });
+      expect(viaRpc.choices[0]?.message).toMatchObject({ role: "assistant", content: "", refusal });
+
+      let restRefusal = "";
+      for await (const chunk of await sdk().chat.completions.create({ model: "ok", messages: asked, stream: true })) {
+        restRefusal += chunk.choices[0]?.delta.refusal ?? "";
+      }
+      let rpcRefusal = "";
+      for await (const message of gateway
+        .rpc("sk-good")
+        .streamChatCompletion({ params: create(ChatCompletionParamsSchema, { model: "ok", messages: askedRpc }) })) {
+        rpcRefusal += message.choices[0]?.refusal ?? "";
+      }
+      expect(restRefusal).toBe(refusal);
+      expect(rpcRefusal).toBe(refusal);
+    } finally {
+      upstream.script("upstream-model", {
+        content: "the same answer both ways",
+        usage: { prompt_tokens: 321, completion_tokens: 45, total_tokens: 366, prompt_tokens_details: { cached_tokens: 100 } },
+      });
+    }
+  });
+});
+
 describe("odd but parseable upstream answers", () => {
   test("a fractional created and tool arguments sent as an object are answered over RPC as over REST, not failed", async () => {
     upstream.script("upstream-model", {

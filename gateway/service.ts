@@ -242,9 +242,10 @@ function messageBody(m: ChatMessage): Record<string, unknown> {
       return {};
     });
   } else {
-    // An assistant turn that only calls tools has no content.
-    body.content = m.content === "" && m.toolCalls.length > 0 ? null : m.content;
+    // An assistant turn that only calls tools or refuses has no content.
+    body.content = m.content === "" && (m.toolCalls.length > 0 || m.refusal !== "") ? null : m.content;
   }
+  if (m.refusal) body.refusal = m.refusal;
   if (m.name) body.name = m.name;
   if (m.toolCalls.length > 0) {
     body.tool_calls = m.toolCalls.map((c) => ({
@@ -270,6 +271,7 @@ function chatResponse(outcome: ChatOutcome, requestId: string): CreateChatComple
       message: {
         role: textOf(choice.message?.role),
         content: textOf(choice.message?.content),
+        refusal: textOf(choice.message?.refusal),
         toolCalls: (choice.message?.tool_calls ?? []).flatMap((call) =>
           call.type === "function"
             ? [
@@ -306,6 +308,7 @@ function streamResponse(chunk: ChatCompletionChunk): StreamChatCompletionRespons
       index: int32Of(choice.index),
       role: textOf(choice.delta?.role),
       content: textOf(choice.delta?.content),
+      refusal: textOf(choice.delta?.refusal),
       finishReason: textOf(choice.finish_reason),
       toolCalls: (choice.delta?.tool_calls ?? []).map((call) => ({
         index: int32Of(call.index),

@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { countEmbeddingTokens, countInputTokens, countTextTokens, encodedPieces, exactChars, maxRun } from "./tokenizer.ts";
+import { addGenerated, countEmbeddingTokens, countInputTokens, countTextTokens, encodedPieces, exactChars, maxRun } from "./tokenizer.ts";
 
 const user = (content: string) => [{ role: "user" as const, content }];
 /** A prompt's framing: 3 priming the reply, 3 around the message, 1 for "user". */
@@ -11,6 +11,39 @@ describe("token counts", () => {
     expect(await countTextTokens(["Hello", " world"])).toBe(2);
     expect(await countEmbeddingTokens(["Hello world", "Hello world"])).toBe(4);
     expect(await countEmbeddingTokens([[1, 2, 3], [4]])).toBe(4);
+  });
+
+  test("an assistant's refusal in the prompt is counted as its text", async () => {
+    // 3 priming, 3 around the message, 1 for "assistant", then "Hello world".
+    expect(await countInputTokens([{ role: "assistant", content: null, refusal: "Hello world" }])).toBe(7 + 2);
+    expect(await countInputTokens([{ role: "assistant", audio: { id: "audio_abc" } }])).toBe(7);
+  });
+
+  test("a whole answer and the same answer streamed count the same generated text", async () => {
+    const whole: string[] = [];
+    addGenerated(whole, {
+      content: null,
+      refusal: "I can't help with that.",
+      audio: { transcript: "Hello world" },
+      tool_calls: [
+        { function: { name: "lookup", arguments: '{"q":1}' } },
+        { custom: { name: "sql", input: "select 1" } },
+      ],
+    });
+    const streamed: string[] = [];
+    for (const delta of [
+      { refusal: "I can't" },
+      { refusal: " help with that." },
+      { audio: { transcript: "Hello" } },
+      { audio: { transcript: " world" } },
+      { tool_calls: [{ function: { name: "lookup", arguments: "" } }] },
+      { tool_calls: [{ function: { arguments: '{"q":1}' } }] },
+      { tool_calls: [{ custom: { name: "sql", input: "select 1" } }] },
+    ]) {
+      addGenerated(streamed, delta);
+    }
+    expect(streamed.join("")).toBe(whole.join(""));
+    expect(whole.join("")).toBe(`I can't help with that.Hello worldlookup{"q":1}sqlselect 1`);
   });
 
   test("special-token text is plain text a client wrote: counted, never refused", async () => {

@@ -100,6 +100,7 @@ export async function countInputTokens(
         else if (part.type === "refusal") count.add(part.refusal);
       }
     }
+    if (m.role === "assistant" && m.refusal) count.add(m.refusal);
     if (m.role === "assistant" && m.tool_calls) {
       for (const call of m.tool_calls) {
         if (call.type === "function") {
@@ -111,6 +112,39 @@ export async function countInputTokens(
   }
   if (tools && tools.length > 0) count.add(JSON.stringify(tools));
   return tokens + count.total();
+}
+
+/** What a whole answer's message or a streamed delta may hold of generated text. */
+export interface Generated {
+  content?: string | null;
+  refusal?: string | null;
+  audio?: { transcript?: unknown } | null;
+  tool_calls?: readonly {
+    function?: { name?: unknown; arguments?: unknown } | null;
+    custom?: { name?: unknown; input?: unknown } | null;
+  }[] | null;
+  function_call?: { name?: unknown; arguments?: unknown } | null;
+}
+
+/**
+ * Adds a message's or a delta's generated text to `pieces`: content, refusal, the audio's transcript, tool and function
+ * calls. The one rule of what output counts, so a whole answer and the same answer streamed are counted alike.
+ */
+export function addGenerated(pieces: string[], m: Generated): void {
+  const add = (text: unknown) => {
+    if (typeof text === "string" && text) pieces.push(text);
+  };
+  add(m.content);
+  add(m.refusal);
+  add(m.audio?.transcript);
+  for (const call of m.tool_calls ?? []) {
+    add(call.function?.name);
+    add(call.function?.arguments);
+    add(call.custom?.name);
+    add(call.custom?.input);
+  }
+  add(m.function_call?.name);
+  add(m.function_call?.arguments);
 }
 
 /** Tokens of generated text (content, refusals, tool call arguments), summed over pieces. */

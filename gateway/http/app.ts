@@ -14,6 +14,7 @@ import {
   methodNotAllowed,
   toGatewayError,
   unknownUrl,
+  unsupportedContentEncoding,
 } from "../errors.ts";
 
 export interface RestAppOptions {
@@ -245,10 +246,13 @@ export function errorResponse(error: GatewayError, requestId: string, limitHeade
 }
 
 /**
- * The request's body, or why it could not be had: too large (413), or broken off by the client while it arrived,
- * which is the client leaving (cancelled, 499), not a failure of the gateway.
+ * The request's body, or why it could not be had: in a Content-Encoding the gateway does not decode (415, before it is
+ * read), too large (413), or broken off by the client while it arrived, which is the client leaving (cancelled, 499),
+ * not a failure of the gateway.
  */
 async function bodyText(request: RestRequest, limit: number): Promise<string> {
+  const encoding = request.headers.get("content-encoding")?.trim();
+  if (encoding && encoding.toLowerCase() !== "identity") throw unsupportedContentEncoding(encoding);
   try {
     return await request.text(limit);
   } catch (e) {

@@ -198,6 +198,34 @@ for (const port of ["rpc", "rest"] as const) {
         expect(sent.metadata).toBeUndefined();
       });
 
+      test("metadata reaches the upstream with store: true, for the stored completion, and is recorded as tags", async () => {
+        const { response } = await sdk()
+          .chat.completions.create({ model: "ok", messages: hello, store: true, metadata: { team: "vision" } })
+          .withResponse();
+        expect(upstream.seen("ok")[0]?.body).toMatchObject({ store: true, metadata: { team: "vision" } });
+        expect((await gateway.row(response.headers.get("x-request-id") ?? "")).tags).toEqual({ team: "vision" });
+      });
+
+      test("an assistant turn pushed back as the SDK gave it (a refusal), or naming its audio answer by id, reaches the upstream", async () => {
+        const refusal = "I can't help with that.";
+        upstream.script("ok", { refusal }, { content: "fine" });
+        const first = await sdk().chat.completions.create({ model: "ok", messages: hello });
+        const refused = first.choices[0]?.message;
+        expect(refused).toMatchObject({ content: null, refusal });
+        const messages: OpenAI.ChatCompletionMessageParam[] = [
+          ...hello,
+          refused as OpenAI.ChatCompletionMessage,
+          { role: "user", content: "say it out loud then" },
+          { role: "assistant", audio: { id: "audio_abc" } },
+          { role: "user", content: "and again" },
+        ];
+        const second = await sdk().chat.completions.create({ model: "ok", messages });
+        expect(second.choices[0]?.message.content).toBe("fine");
+        const sent = upstream.seen("ok")[1]?.body ?? {};
+        expect(sent.messages[1]).toMatchObject({ role: "assistant", content: null, refusal });
+        expect(sent.messages[3]).toEqual({ role: "assistant", audio: { id: "audio_abc" } });
+      });
+
       test("without upstream usage, tokens are counted with the tokenizer and marked estimated", async () => {
         upstream.script("no-usage", { content: "Hello world", usage: false });
         const { data: completion, response } = await sdk()
@@ -212,6 +240,20 @@ for (const port of ["rpc", "rest"] as const) {
         // The client is shown the counts it is charged for.
         const input = Number(m.usage?.inputTokens);
         expect(completion.usage).toEqual({ prompt_tokens: input, completion_tokens: 2, total_tokens: input + 2 });
+      });
+
+      test("without upstream usage, a refusal is counted as output, whole or streamed alike", async () => {
+        upstream.script("no-usage", { refusal: "I can't help with that request.", usage: false });
+        const { response } = await sdk().chat.completions.create({ model: "no-usage", messages: hello }).withResponse();
+        const whole = await gateway.row(response.headers.get("x-request-id") ?? "");
+        const { data: stream, response: streamed } = await sdk()
+          .chat.completions.create({ model: "no-usage", messages: hello, stream: true })
+          .withResponse();
+        for await (const _ of stream);
+        const streamedRow = await gateway.row(streamed.headers.get("x-request-id") ?? "");
+        expect(whole).toMatchObject({ usageEstimated: true });
+        expect(whole.usage?.outputTokens).toBeGreaterThan(4n);
+        expect(whole.usage?.outputTokens).toBe(streamedRow.usage?.outputTokens as bigint);
       });
 
       test("special-token text in a prompt or a reply is counted as text: answered and metered, never a failure", async () => {
@@ -341,6 +383,20 @@ for (const port of ["rpc", "rest"] as const) {
         expect(m.ttftUs).toBeLessThanOrEqual(m.totalLatencyUs);
         expect(m.firstTokenTime).toBeDefined();
         expect(m.totalLatencyUs).toBe(m.upstreamLatencyUs + m.gatewayOverheadUs);
+      });
+
+      test("the client's stream options reach the upstream as it set them, with usage always asked for", async () => {
+        const stream = await sdk().chat.completions.create({
+          model: "ok",
+          messages: hello,
+          stream: true,
+          stream_options: { include_obfuscation: false },
+        });
+        const chunks = [];
+        for await (const chunk of stream) chunks.push(chunk);
+        expect(upstream.seen("ok")[0]?.body.stream_options).toEqual({ include_obfuscation: false, include_usage: true });
+        // The client did not ask for usage: it gets no usage chunk.
+        expect(chunks.every((c) => c.usage === undefined)).toBe(true);
       });
 
       test("no usage chunk unless the client asks, though the gateway still meters it", async () => {
@@ -619,6 +675,31 @@ for (const port of ["rpc", "rest"] as const) {
           "request_too_large",
         );
         expect(upstream.requests).toHaveLength(0);
+      });
+
+      test("415 unsupported_content_encoding for a compressed body, not invalid_json; the connection serves on", async () => {
+        const json = JSON.stringify({ model: "ok", messages: hello });
+        const post = (path: string, encoding: string | undefined, body: Uint8Array | string) =>
+          fetch(`${base()}/v1/${path}`, {
+            method: "POST",
+            headers: { authorization: "Bearer sk-good", "content-type": "application/json", ...(encoding ? { "content-encoding": encoding } : {}) },
+            body,
+          });
+        for (const [path, encoding] of [["chat/completions", "gzip"], ["chat/completions", "deflate, br"], ["embeddings", "gzip"]] as const) {
+          const response = await post(path, encoding, Bun.gzipSync(json));
+          expect(response.status).toBe(415);
+          expect(await response.json()).toEqual({
+            error: {
+              message: `Content-Encoding '${encoding}' is not supported: send the request body uncompressed.`,
+              type: "invalid_request_error",
+              param: null,
+              code: "unsupported_content_encoding",
+            },
+          });
+        }
+        expect(upstream.requests).toHaveLength(0);
+        expect((await post("chat/completions", "identity", json)).status).toBe(200);
+        expect((await post("chat/completions", undefined, json)).status).toBe(200);
       });
 
       test("an invalid field is a BadRequestError naming it, and the upstream never sees the request", async () => {

@@ -2,7 +2,7 @@ import OpenAI, { APIError, AzureOpenAI } from "openai";
 import { createParser } from "eventsource-parser";
 import { watchSilence } from "../../lib/silence.ts";
 import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
-import { countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
+import { addGenerated, countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
 import {
   answeredEmbeddingUsage,
   answeredUsage,
@@ -123,12 +123,7 @@ export function createOpenAIProvider(
         input: () => countInputTokens(request.messages, request.tools),
         output: () => {
           const output: string[] = [];
-          for (const c of completion.choices) {
-            if (c.message.content) output.push(c.message.content);
-            for (const call of c.message.tool_calls ?? []) {
-              if (call.type === "function") output.push(call.function.name, call.function.arguments);
-            }
-          }
+          for (const c of completion.choices) if (c.message) addGenerated(output, c.message);
           return countTextTokens(output);
         },
       });
@@ -140,7 +135,8 @@ export function createOpenAIProvider(
       // The attempt's time limit covers the wait for the answer's headers; relay() then limits the silence between
       // chunks and stops reading when the client leaves. Events are read with eventsource-parser, which costs about
       // half of what the SDK's own stream decoder does per chunk.
-      const body = { ...request, stream: true, stream_options: { include_usage: true } };
+      // The client's stream options (include_obfuscation, ...) go as it set them, with usage always asked for.
+      const body = { ...request, stream: true, stream_options: { ...request.stream_options, include_usage: true } };
       const response = await post("/chat/completions", body, options, async (r) => r);
       return relay(response, config.name, options, typeof request.n === "number" && request.n > 1 ? request.n : 1);
     },

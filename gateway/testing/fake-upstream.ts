@@ -37,6 +37,8 @@ export interface Behaviour {
   hang?: boolean;
   /** Streaming: stop after this many content chunks, without finish_reason or [DONE]. */
   cutAfterChunks?: number;
+  /** Refuse with this text instead of answering (content null, or streamed as `delta.refusal`). */
+  refusal?: string;
   /** Reply with this tool call instead of text. */
   toolCall?: { name: string; arguments: string };
   /** The model the reply says served it; by default the requested one with `-fake`. */
@@ -166,8 +168,9 @@ function toolCalls(b: Behaviour) {
 
 function completion(body: Record<string, any>, b: Behaviour): Response {
   if (b.malformed) return new Response('{"id": "chatcmpl-fake", "choices": [', { headers: { "content-type": "application/json" } });
-  const text = b.toolCall ? "" : replyText(body, b);
+  const text = b.toolCall ? "" : (b.refusal ?? replyText(body, b));
   const usage = usageOf(body, b.toolCall ? b.toolCall.arguments : text, b);
+  const content = b.toolCall || b.refusal !== undefined ? null : text;
   return Response.json({
     id: "chatcmpl-fake",
     object: "chat.completion",
@@ -177,7 +180,7 @@ function completion(body: Record<string, any>, b: Behaviour): Response {
     choices: [
       {
         index: 0,
-        message: { role: "assistant", content: b.toolCall ? null : text, refusal: null, tool_calls: toolCalls(b) },
+        message: { role: "assistant", content, refusal: b.refusal ?? null, tool_calls: toolCalls(b) },
         finish_reason: b.toolCall ? "tool_calls" : "stop",
         logprobs: null,
       },
@@ -192,7 +195,7 @@ function pieces(text: string): string[] {
 }
 
 function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): Response {
-  const text = b.toolCall ? "" : replyText(body, b);
+  const text = b.toolCall ? "" : (b.refusal ?? replyText(body, b));
   const usage = usageOf(body, b.toolCall ? b.toolCall.arguments : text, b);
   const wantsUsage = body.stream_options?.include_usage === true;
   const base = {
@@ -229,7 +232,7 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
             controller.close();
             return;
           }
-          controller.enqueue(chunk({ content }));
+          controller.enqueue(chunk(b.refusal !== undefined ? { refusal: content } : { content }));
           sent++;
         }
         await pause();
