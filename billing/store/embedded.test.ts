@@ -1,4 +1,5 @@
 import { expect, test } from "bun:test";
+import { readFileSync } from "node:fs";
 import { mkdtemp, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -54,6 +55,39 @@ test("keeps data across restarts and first stops a server left behind by a kille
   } finally {
     await server?.stop();
     if (stalePid && alive(stalePid)) process.kill(stalePid, "SIGQUIT");
+    await rm(dir, { recursive: true, force: true });
+  }
+}, 60_000);
+
+test("starts on a directory whose postmaster was killed with its parent and is not reaped yet", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "billing-embedded-"));
+  const dataDir = join(dir, "postgres");
+  let server: EmbeddedPostgresServer | undefined;
+  const child = Bun.spawn([process.execPath, "--eval", firstLife, dataDir], { stdout: "pipe", stderr: "inherit" });
+  try {
+    let output = "";
+    for await (const chunk of child.stdout) {
+      output += new TextDecoder().decode(chunk);
+      if (output.includes("\n")) break;
+    }
+    const stalePid = Number(/ready (\d+)/.exec(output)?.[1]);
+    expect(stalePid).toBeGreaterThan(0);
+    // The parent is stopped, so the killed postmaster stays a zombie, as under an init process that does not reap.
+    child.kill("SIGSTOP");
+    process.kill(stalePid, "SIGKILL");
+    const state = () => readFileSync(`/proc/${stalePid}/stat`, "utf8").split(") ")[1]?.[0];
+    for (let i = 0; i < 200 && state() !== "Z"; i++) await Bun.sleep(25);
+    expect(state()).toBe("Z");
+
+    server = await startEmbeddedPostgres({ dataDir, log: createLogger({ service: "t", level: "error" }) });
+    const client = new pg.Client({ connectionString: server.connectionString });
+    await client.connect();
+    expect((await client.query("SELECT body FROM notes")).rows).toEqual([{ body: "kept" }]);
+    await client.end();
+  } finally {
+    await server?.stop();
+    child.kill("SIGKILL");
+    await child.exited;
     await rm(dir, { recursive: true, force: true });
   }
 }, 60_000);

@@ -162,7 +162,18 @@ export async function postmasterPid(dataDir: string): Promise<number | undefined
 
 async function stopStalePostmaster(dataDir: string, log: Logger): Promise<void> {
   const pid = await postmasterPid(dataDir);
-  if (pid === undefined || !isAlive(pid)) return;
+  if (pid === undefined) return;
+  if (isUnreaped(pid)) {
+    // A postmaster killed with its parent is a zombie until an init process reaps it, which postgres's own check of
+    // its lock file (kill(pid, 0)) takes for a running server, refusing to start. Dead it is: its lock file goes once
+    // reaping is overdue. The data directory's shared memory interlock still refuses a start beside any of its
+    // backends left alive.
+    if (await waitUntil(() => !isUnreaped(pid), 2_000)) return;
+    log.warn("removing the lock file of a postgres that exited but was not reaped", { pid, dataDir });
+    await rm(join(dataDir, "postmaster.pid"), { force: true });
+    return;
+  }
+  if (!isAlive(pid)) return;
   // Only a postgres process serving this very directory is ours to stop (pids get reused).
   const cmdline = readProcFile(`/proc/${pid}/cmdline`);
   if (!cmdline.includes("postgres") || !cmdline.includes(dataDir)) return;
@@ -192,9 +203,18 @@ function readProcFile(path: string): string {
   }
 }
 
-async function waitForExit(pid: number, timeoutMs: number, pollMs = 25): Promise<boolean> {
+/** Whether a process exited but its parent has not reaped it yet (a zombie). */
+function isUnreaped(pid: number): boolean {
+  return procStatFields(pid)?.[0] === "Z";
+}
+
+function waitForExit(pid: number, timeoutMs: number, pollMs = 25): Promise<boolean> {
+  return waitUntil(() => !isAlive(pid), timeoutMs, pollMs);
+}
+
+async function waitUntil(done: () => boolean, timeoutMs: number, pollMs = 25): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
-  while (isAlive(pid)) {
+  while (!done()) {
     if (Date.now() > deadline) return false;
     await Bun.sleep(pollMs);
   }
