@@ -137,7 +137,7 @@ const server = await startServer({
   port: cfg.ANALYTICS_PORT,
   routes: analyticsRoutes(service, cfg.ADMIN_TOKEN),
   interceptors: runtime.serverInterceptors,
-  readiness: pingReadiness("clickhouse", () => store.ping(), log),
+  readiness: pingReadiness("clickhouse", (timeoutMs) => store.ping(timeoutMs), log),
   registry: runtime.metrics.registry,
   log,
   cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),

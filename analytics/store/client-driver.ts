@@ -29,8 +29,8 @@ export function createClientDriver(client: ClickHouseClient): ClickHouseDriver {
         clickhouse_settings: settings,
       });
     },
-    async ping() {
-      const result = await client.ping();
+    async ping(timeoutMs) {
+      const result = await client.ping({ select: false, abort_signal: timeoutMs ? AbortSignal.timeout(timeoutMs) : undefined });
       if (!result.success) throw result.error;
     },
     close: () => client.close(),
