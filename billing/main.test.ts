@@ -110,3 +110,37 @@ test("/readyz and the gRPC health check answer 503 postgres timeout within about
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 90_000);
+
+test.each([
+  ["its DATABASE_URL unreachable", "unreachable"],
+  ["its embedded postgres unable to start", "unstartable"],
+])("with %s it exits 1, every line it writes one JSON object and the password in none", async (_, fault) => {
+  const dataDir = await mkdtemp(join(tmpdir(), "billing-main-"));
+  const closed = await freePort();
+  try {
+    // A file where the embedded server's directory would go.
+    if (fault === "unstartable") await Bun.write(join(dataDir, "data"), "not a directory");
+    const proc = Bun.spawn([process.execPath, join(root, "billing", "main.ts")], {
+      cwd: root,
+      env: {
+        ...process.env,
+        MESH_DATA_DIR: fault === "unstartable" ? join(dataDir, "data") : dataDir,
+        ADMIN_TOKEN: "main-test-admin-token-0123456789",
+        BILLING_PORT: "0",
+        DATABASE_URL: fault === "unreachable" ? `postgres://mesh:db-pass-0123456789@127.0.0.1:${closed}/mesh` : undefined,
+        LOG_LEVEL: "debug",
+      },
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+    expect(code).toBe(1);
+    const lines = `${out}${err}`.split("\n").filter((line) => line !== "");
+    expect(lines.length).toBeGreaterThan(0);
+    for (const line of lines) expect(() => JSON.parse(line), line).not.toThrow();
+    expect(lines.map((line) => JSON.parse(line).level)).toContain("error");
+    expect(`${out}${err}`).not.toContain("db-pass-0123456789");
+  } finally {
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 60_000);
