@@ -11,7 +11,7 @@ import { startServer } from "../lib/server.ts";
 import { defaultIngestOptions } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
 import { createAnalyticsService } from "./service.ts";
-import { createClientDriver } from "./store/client-driver.ts";
+import { clickHouseLoggerClass, createClientDriver } from "./store/client-driver.ts";
 import { createAnalyticsStore, defaultRollupLagMs } from "./store/store.ts";
 
 const cfg = loadEnvOrExit({
@@ -71,6 +71,7 @@ const driver = cfg.CLICKHOUSE_URL
         username: cfg.CLICKHOUSE_USER,
         password: cfg.CLICKHOUSE_PASSWORD,
         application: "mesh-analytics",
+        log: { LoggerClass: clickHouseLoggerClass(log.child({ component: "clickhouse-client" })) },
       }),
     )
   : // Loaded only when used: the engine's library adds about 150 MB to the process and 0.2 s to its start.
@@ -137,7 +138,7 @@ const server = await startServer({
   port: cfg.ANALYTICS_PORT,
   routes: analyticsRoutes(service, cfg.ADMIN_TOKEN),
   interceptors: runtime.serverInterceptors,
-  readiness: pingReadiness("clickhouse", () => store.ping(), log),
+  readiness: pingReadiness("clickhouse", (timeoutMs) => store.ping(timeoutMs), log),
   registry: runtime.metrics.registry,
   log,
   cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),

@@ -35,6 +35,6 @@ export function createBillingApp(options: BillingAppOptions) {
   const metrics = registry && createBillingMetrics(registry, { openLeases: () => store.openBudgetLeases(clock()) });
   const { keyChangeHeartbeatMs } = options;
   const service = createBillingService({ store, auth, usage, clock, log, stopSignal, metrics, keyChangeHeartbeatMs });
-  const readiness = pingReadiness("postgres", () => store.ping(), log);
+  const readiness = pingReadiness("postgres", (timeoutMs) => store.ping(timeoutMs), log);
   return { store, service, routes: billingRoutes(service, adminToken), http: invoicePages({ store, auth, log }), readiness };
 }

@@ -41,3 +41,106 @@ test("exits non-zero when its embedded postgres dies, so a supervisor restarts i
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 90_000);
+
+test("/readyz and the gRPC health check answer 503 postgres timeout within about a second while postgres hangs", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "billing-main-"));
+  const port = await freePort();
+  const billing = spawnService({
+    name: "billing",
+    cmd: [process.execPath, join(root, "billing", "main.ts")],
+    cwd: root,
+    env: {
+      MESH_DATA_DIR: dataDir,
+      ADMIN_TOKEN: "main-test-admin-token-0123456789",
+      BILLING_PORT: String(port),
+      DATABASE_URL: undefined,
+      LOG_LEVEL: "error",
+    },
+    readyUrl: `http://127.0.0.1:${port}/readyz`,
+    readyTimeoutMs: 60_000,
+    onLine: () => {},
+  });
+  let stopped: number[] = [];
+  const resume = () => {
+    for (const pid of stopped) if (isAlive(pid)) process.kill(pid, "SIGCONT");
+    stopped = [];
+  };
+  const probe = async () => {
+    const started = performance.now();
+    const res = await fetch(`http://127.0.0.1:${port}/readyz`, { signal: AbortSignal.timeout(10_000) });
+    return { status: res.status, body: await res.json(), ms: performance.now() - started };
+  };
+  const healthCheck = async () => {
+    const res = await fetch(`http://127.0.0.1:${port}/grpc.health.v1.Health/Check`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: "{}",
+      signal: AbortSignal.timeout(10_000),
+    });
+    return res.json();
+  };
+  try {
+    await billing.ready;
+    const pid = (await postmasterPid(join(dataDir, "postgres"))) as number;
+    const children = (await Bun.$`pgrep -P ${pid}`.nothrow().text()).split("\n").filter(Boolean).map(Number);
+    stopped = [pid, ...children];
+    for (const p of stopped) process.kill(p, "SIGSTOP");
+    // More probes than the pool has connections: none may hold one while postgres hangs.
+    const probes = await Promise.all(Array.from({ length: 25 }, probe));
+    for (const { status, body, ms } of probes) {
+      expect(status).toBe(503);
+      expect(body).toEqual({ status: "not_ready", checks: { postgres: "timeout" } });
+      expect(ms).toBeLessThan(3_000);
+    }
+    expect(await healthCheck()).toEqual({ status: "NOT_SERVING" });
+    resume();
+    const deadline = Date.now() + 15_000;
+    let last = await probe();
+    while (last.status !== 200 && Date.now() < deadline) {
+      await Bun.sleep(200);
+      last = await probe();
+    }
+    expect(last).toMatchObject({ status: 200, body: { status: "ready", checks: { postgres: "ok" } } });
+    expect(await healthCheck()).toEqual({ status: "SERVING" });
+  } finally {
+    resume();
+    await billing.stop("SIGKILL");
+    const pid = await postmasterPid(join(dataDir, "postgres"));
+    if (pid && isAlive(pid)) process.kill(pid, "SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
+test.each([
+  ["its DATABASE_URL unreachable", "unreachable"],
+  ["its embedded postgres unable to start", "unstartable"],
+])("with %s it exits 1, every line it writes one JSON object and the password in none", async (_, fault) => {
+  const dataDir = await mkdtemp(join(tmpdir(), "billing-main-"));
+  const closed = await freePort();
+  try {
+    // A file where the embedded server's directory would go.
+    if (fault === "unstartable") await Bun.write(join(dataDir, "data"), "not a directory");
+    const proc = Bun.spawn([process.execPath, join(root, "billing", "main.ts")], {
+      cwd: root,
+      env: {
+        ...process.env,
+        MESH_DATA_DIR: fault === "unstartable" ? join(dataDir, "data") : dataDir,
+        ADMIN_TOKEN: "main-test-admin-token-0123456789",
+        BILLING_PORT: "0",
+        DATABASE_URL: fault === "unreachable" ? `postgres://mesh:db-pass-0123456789@127.0.0.1:${closed}/mesh` : undefined,
+        LOG_LEVEL: "debug",
+      },
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+    expect(code).toBe(1);
+    const lines = `${out}${err}`.split("\n").filter((line) => line !== "");
+    expect(lines.length).toBeGreaterThan(0);
+    for (const line of lines) expect(() => JSON.parse(line), line).not.toThrow();
+    expect(lines.map((line) => JSON.parse(line).level)).toContain("error");
+    expect(`${out}${err}`).not.toContain("db-pass-0123456789");
+  } finally {
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 60_000);

@@ -20,9 +20,13 @@ const cfg = loadEnvOrExit({
 const runtime = createRuntime("billing", cfg);
 const { log } = runtime;
 
+// A start-up failure is one JSON error line and exit 1, as every line of the process is JSON, not an uncaught stack.
 const embedded = cfg.DATABASE_URL
   ? undefined
-  : await startEmbeddedPostgres({ dataDir: join(cfg.MESH_DATA_DIR, "postgres"), log });
+  : await startEmbeddedPostgres({ dataDir: join(cfg.MESH_DATA_DIR, "postgres"), log }).catch((e: unknown) => {
+      log.error("embedded postgres failed to start", { err: e });
+      process.exit(1);
+    });
 const pool = new pg.Pool({
   connectionString: cfg.DATABASE_URL ?? embedded?.connectionString,
   max: 20,
@@ -31,8 +35,15 @@ const pool = new pg.Pool({
 // Idle connections that break (a restarted server) are dropped by the pool; without a listener they crash the process.
 pool.on("error", (e) => log.warn("idle postgres connection failed", { err: e }));
 
-const { applied } = await migrate(pool);
-log.info("migrations applied", { applied });
+try {
+  const { applied } = await migrate(pool);
+  log.info("migrations applied", { applied });
+} catch (e) {
+  // pg's errors name the host, never the password.
+  log.error("postgres migration failed", { err: e });
+  await embedded?.stop();
+  process.exit(1);
+}
 const stopping = new AbortController();
 // Billing cannot serve without its database and nothing here restarts it: exit so a supervisor restarts both.
 void embedded?.exited.then(() => {

@@ -101,9 +101,11 @@ if (cfg.GATEWAY_BUDGET_LEASE_TTL_S * 1000 < longestRequestMs + 10_000) {
 const runtime = createRuntime("gateway", cfg);
 const { log } = runtime;
 
-const providers = createProviders(config.providers, process.env, (provider, variable) =>
-  log.warn("provider has no API key; its models fail until it is set", { provider, variable }),
-);
+const providers = createProviders(config.providers, process.env, {
+  onMissingKey: (provider, variable) =>
+    log.warn("provider has no API key; its models fail until it is set", { provider, variable }),
+  secrets: [cfg.ADMIN_TOKEN],
+});
 const billing = createServiceClient(BillingService, {
   baseUrl: cfg.BILLING_URL,
   bearerToken: cfg.ADMIN_TOKEN,

@@ -53,18 +53,36 @@ function abortableSleep(ms: number, ...signals: AbortSignal[]): Promise<void> {
   });
 }
 
+/** How long readiness waits for a store's ping. */
+export const pingTimeoutMs = 1000;
+
 /**
  * Readiness from one store's ping: `{ [name]: "ok" }`, or "unreachable" with the error in the log only, since /readyz
- * answers anyone and a driver's error names hosts and ports.
+ * answers anyone and a driver's error names hosts and ports, or "timeout" when the ping has not answered within
+ * `timeoutMs`, which it is given to bound its own wait by (so a hung store does not hold a connection either): a probe
+ * of a hung store answers rather than hangs with it.
  */
-export function pingReadiness(name: string, ping: () => Promise<unknown>, log: Logger): () => Promise<Readiness> {
+export function pingReadiness(
+  name: string,
+  ping: (timeoutMs: number) => Promise<unknown>,
+  log: Logger,
+  timeoutMs = pingTimeoutMs,
+): () => Promise<Readiness> {
   return async () => {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = Symbol("timeout");
     try {
-      await ping();
+      const expired = new Promise<typeof timedOut>((resolve) => (timer = setTimeout(() => resolve(timedOut), timeoutMs)));
+      if ((await Promise.race([ping(timeoutMs), expired])) === timedOut) {
+        log.warn(`readiness: ${name} does not answer within ${timeoutMs} ms`);
+        return { ready: false, checks: { [name]: "timeout" } };
+      }
       return { ready: true, checks: { [name]: "ok" } };
     } catch (e) {
       log.warn(`readiness: ${name} does not answer`, { err: e });
       return { ready: false, checks: { [name]: "unreachable" } };
+    } finally {
+      clearTimeout(timer);
     }
   };
 }

@@ -1,8 +1,8 @@
 import { expect, test } from "bun:test";
 import { trace } from "@opentelemetry/api";
 import { InMemorySpanExporter } from "@opentelemetry/sdk-trace";
-import { createLogger, createOutageLog } from "./log.ts";
-import { setupTelemetry } from "./telemetry.ts";
+import { createLogger, createOutageLog, redactSecrets } from "./log.ts";
+import { setupTelemetry, withChildSpan } from "./telemetry.ts";
 
 test("one JSON object per line, secrets redacted, trace ids from the active span", () => {
   const lines: string[] = [];
@@ -42,6 +42,34 @@ test("key-shaped words in messages and text fields are redacted", () => {
   expect(record.err.message).toBe("Incorrect API key provided: [redacted] You can find your API key at https://x.");
   expect(record.detail).toBe("sent [redacted] and [redacted]");
   expect(lines[0]).not.toContain("abcd");
+});
+
+test("keys of other shapes, and known secrets of any shape, are redacted", () => {
+  const text = "gsk_abcdef0123456789abcdef xai-abcdef0123456789abcdef api-key: 0123456789abcdef, api_key=hunter22hunter22";
+  expect(redactSecrets(text)).toBe("[redacted] [redacted] [redacted], [redacted]");
+  expect(redactSecrets("model xai-grok-2 of provider xai-eu, api_key_env: XAI_KEY")).toBe(
+    "model xai-grok-2 of provider xai-eu, api_key_env: XAI_KEY",
+  );
+  expect(redactSecrets("quoted 0123456789abcdefAZURE and 0123456789abcdef", ["0123456789abcdef", "0123456789abcdefAZURE"]))
+    .toBe("quoted [redacted]AZURE and [redacted]");
+  expect(redactSecrets("short keys stay: abc", ["abc"])).toBe("short keys stay: abc");
+});
+
+test("a failed span's status message is redacted as logs are", () => {
+  const exporter = new InMemorySpanExporter();
+  // The global tracer provider (withChildSpan's) is the first one set in the process unless it is reset.
+  trace.disable();
+  const { tracer } = setupTelemetry({ service: "t", version: "0", exporter });
+  tracer.startActiveSpan("request", (span) => {
+    expect(() =>
+      withChildSpan("attempt", {}, () => {
+        throw new Error("fake answered 401: Incorrect API key provided: sk-proj-SECRET123456, Bearer abcdef");
+      }),
+    ).toThrow();
+    span.end();
+  });
+  const attempt = exporter.getFinishedSpans().find((s) => s.name === "attempt");
+  expect(attempt?.status.message).toBe("fake answered 401: Incorrect API key provided: [redacted], [redacted]");
 });
 
 test("an outage is logged once at its level, its repeats at debug, and its end once", () => {

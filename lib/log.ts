@@ -16,8 +16,27 @@ const order: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 
 // Field names whose values are never written, whatever the caller passes.
 const secretField = /secret|password|token|authorization|api_?key$|cookie/i;
 // Key-shaped words inside text (an upstream's error message may quote the key it refused, masked or not).
-const secretText = /\b(?:sk|rk)-[^\s,;'"]{3,}|\bBearer\s+[^\s,;'"]+/gi;
-const scrub = (text: string) => text.replace(secretText, "[redacted]");
+const secretText = new RegExp(
+  [
+    String.raw`\b(?:sk|rk)-[^\s,;'"]{3,}`,
+    // xAI's and Groq's keys are long: a model or provider named xai-something is not one.
+    String.raw`\b(?:xai-|gsk_)[A-Za-z0-9]{20,}`,
+    String.raw`\bBearer\s+[^\s,;'"]+`,
+    String.raw`\bapi[-_]?key["']?\s*[:=]\s*["']?[^\s,;'"]+`,
+  ].join("|"),
+  "gi",
+);
+// Shorter known values would redact ordinary words.
+const minKnownSecretLength = 8;
+
+/**
+ * Text with key-shaped words and every `known` secret (provider keys, the admin token: keys of any shape, such as
+ * Azure's 32 hex digits) replaced by "[redacted]". Logs, span statuses and upstream error messages all pass through it.
+ */
+export function redactSecrets(text: string, known: readonly string[] = []): string {
+  for (const secret of known) if (secret.length >= minKnownSecretLength) text = text.replaceAll(secret, "[redacted]");
+  return text.replace(secretText, "[redacted]");
+}
 
 export interface LoggerOptions {
   service: string;
@@ -83,9 +102,9 @@ function redact(fields: LogFields | undefined): LogFields {
     out[k] = secretField.test(k)
       ? "[redacted]"
       : v instanceof Error
-        ? { name: v.name, message: scrub(v.message) }
+        ? { name: v.name, message: redactSecrets(v.message) }
         : typeof v === "string"
-          ? scrub(v)
+          ? redactSecrets(v)
           : v;
   }
   return out;

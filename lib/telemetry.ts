@@ -26,6 +26,7 @@ import {
 } from "@opentelemetry/sdk-trace";
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { redactSecrets } from "./log.ts";
 
 export interface TelemetryOptions {
   service: string;
@@ -131,7 +132,7 @@ export async function finishWith<T>(span: Span, fn: () => Promise<T>): Promise<T
   } catch (e) {
     const err = ConnectError.from(e);
     span.setAttribute("rpc.grpc.status_code", err.code);
-    if (err.code !== Code.Canceled) span.setStatus({ code: SpanStatusCode.ERROR, message: err.rawMessage });
+    if (err.code !== Code.Canceled) span.setStatus({ code: SpanStatusCode.ERROR, message: redactSecrets(err.rawMessage) });
     throw e;
   } finally {
     span.end();
@@ -146,7 +147,8 @@ export function withChildSpan<T>(name: string, attributes: Attributes, fn: () =>
   if (!trace.getActiveSpan()?.isRecording()) return fn();
   return trace.getTracer("mesh").startActiveSpan(name, { attributes }, (span) => {
     const fail = (e: unknown) => {
-      span.setStatus({ code: SpanStatusCode.ERROR, message: e instanceof Error ? e.message : String(e) });
+      // Exported as logs are: an upstream's words may quote a key.
+      span.setStatus({ code: SpanStatusCode.ERROR, message: redactSecrets(e instanceof Error ? e.message : String(e)) });
       span.end();
       throw e;
     };

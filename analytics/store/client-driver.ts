@@ -1,8 +1,32 @@
-import type { ClickHouseClient } from "@clickhouse/client";
+import type { ClickHouseClient, Logger as ClickHouseLogger, LogParams, WarnLogParams } from "@clickhouse/client";
+import type { Logger } from "../../lib/log.ts";
 import type { ClickHouseDriver, QueryParams } from "./driver.ts";
 
 // Quoted 64-bit integers keep sums of nano-USD exact through JSON.parse.
 const querySettings = { output_format_json_quote_64bit_integers: 1 } as const;
+
+/**
+ * @clickhouse/client's `log.LoggerClass` writing through `log`, so its lines are JSON like every other (its own logger
+ * prints multi-line text with stacks).
+ */
+export function clickHouseLoggerClass(log: Logger): new () => ClickHouseLogger {
+  const fields = ({ module, args, err }: WarnLogParams) => ({ module, ...args, ...(err ? { err } : {}) });
+  return class {
+    trace() {}
+    debug(p: LogParams) {
+      log.debug(p.message, fields(p));
+    }
+    info(p: LogParams) {
+      log.info(p.message, fields(p));
+    }
+    warn(p: WarnLogParams) {
+      log.warn(p.message, fields(p));
+    }
+    error(p: WarnLogParams) {
+      log.error(p.message, fields(p));
+    }
+  };
+}
 
 /** A ClickHouse server through @clickhouse/client (HTTP). Owns the client: close() closes it. */
 export function createClientDriver(client: ClickHouseClient): ClickHouseDriver {
@@ -29,8 +53,8 @@ export function createClientDriver(client: ClickHouseClient): ClickHouseDriver {
         clickhouse_settings: settings,
       });
     },
-    async ping() {
-      const result = await client.ping();
+    async ping(timeoutMs) {
+      const result = await client.ping({ select: false, abort_signal: timeoutMs ? AbortSignal.timeout(timeoutMs) : undefined });
       if (!result.success) throw result.error;
     },
     close: () => client.close(),

@@ -20,6 +20,7 @@ export interface ClickHouseDriver {
     rows: readonly (readonly unknown[])[],
     settings?: Record<string, string>,
   ): Promise<void>;
-  ping(): Promise<void>;
+  /** A round trip, for readiness; gives up after `timeoutMs` where the driver can. */
+  ping(timeoutMs?: number): Promise<void>;
   close(): Promise<void>;
 }

@@ -89,7 +89,7 @@ export interface AnalyticsStore {
   queryTimeSeries(query: TimeSeriesQuery): Promise<TimeSeriesPoint[]>;
   queryLatency(query: LatencyQuery): Promise<ModelLatency[]>;
   listRequests(query: RequestsQuery): Promise<RequestPage>;
-  ping(): Promise<void>;
+  ping(timeoutMs?: number): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -417,7 +417,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
       };
     },
 
-    ping: () => driver.ping(),
+    ping: (timeoutMs) => driver.ping(timeoutMs),
     close: () => driver.close(),
   };
 }

@@ -17,9 +17,10 @@ export function createBillingStore(pool: pg.Pool, options: BudgetLeaseStoreOptio
     ...createDiscountStore(db),
     ...createInvoiceStore(db),
     ...createKeyChangeFeed(pool),
-    /** Round trip to the database, for readiness. */
-    async ping(): Promise<void> {
-      await db.query("SELECT 1");
+    /** Round trip to the database, for readiness; past `timeoutMs` it fails and its connection is dropped. */
+    async ping(timeoutMs?: number): Promise<void> {
+      // pg honours query_timeout per query, though its types leave it out.
+      await pool.query({ text: "SELECT 1", query_timeout: timeoutMs } as pg.QueryConfig);
     },
   };
 }

@@ -6,23 +6,30 @@ import type { Provider } from "./provider.ts";
 export type { Provider } from "./provider.ts";
 
 /**
- * One Provider per configured provider, by name. `env` supplies the upstream keys named by
- * api_key_env; `onMissingKey` hears about each that is unset (those providers fail their calls).
+ * One Provider per configured provider, by name. `env` supplies the upstream keys named by api_key_env; `onMissingKey`
+ * hears about each that is unset (those providers fail their calls). Every provider redacts all of those keys, and
+ * `secrets` (the admin token), from the upstream's words it passes on.
  */
 export function createProviders(
   configs: readonly ProviderConfig[],
   env: Record<string, string | undefined>,
-  onMissingKey: (provider: string, variable: string) => void = () => {},
+  options: { onMissingKey?: (provider: string, variable: string) => void; secrets?: readonly string[] } = {},
 ): Map<string, Provider> {
+  const keyOf = (config: ProviderConfig) =>
+    config.kind !== "mock" && config.api_key_env ? env[config.api_key_env] || undefined : undefined;
+  // Longest first, so a key that holds another is redacted whole.
+  const secrets = [...configs.map(keyOf), ...(options.secrets ?? [])]
+    .filter((s): s is string => s !== undefined)
+    .sort((a, b) => b.length - a.length);
   const providers = new Map<string, Provider>();
   for (const config of configs) {
     if (config.kind === "mock") {
       providers.set(config.name, createMockProvider(config));
       continue;
     }
-    const apiKey = config.api_key_env ? env[config.api_key_env] || undefined : undefined;
-    if (config.api_key_env && !apiKey) onMissingKey(config.name, config.api_key_env);
-    providers.set(config.name, createOpenAIProvider(config, apiKey));
+    const apiKey = keyOf(config);
+    if (config.api_key_env && !apiKey) options.onMissingKey?.(config.name, config.api_key_env);
+    providers.set(config.name, createOpenAIProvider(config, apiKey, secrets));
   }
   return providers;
 }

@@ -1,5 +1,6 @@
 import OpenAI, { APIError, AzureOpenAI } from "openai";
 import { createParser } from "eventsource-parser";
+import { redactSecrets } from "../../lib/log.ts";
 import { watchSilence } from "../../lib/silence.ts";
 import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
 import { addGenerated, countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
@@ -27,13 +28,17 @@ import {
  * OpenAI, Azure OpenAI or any OpenAI-compatible URL through the official SDK. The SDK builds each request (URL, auth,
  * Azure's deployment path and api-version, configured headers) and its error classes describe a refusal; the gateway
  * sends it with fetch, since it owns retries and timeouts. `apiKey` is undefined when the provider's key variable is
- * unset: every call then fails as misconfigured and routing moves on.
+ * unset: every call then fails as misconfigured and routing moves on. The upstream's words in its errors are passed on
+ * with `secrets` (the gateway's keys and tokens, this provider's key among them) redacted, as upstreams quote the key
+ * they refused.
  */
 export function createOpenAIProvider(
   config: OpenAIProviderConfig | AzureProviderConfig,
   apiKey: string | undefined,
+  secrets: readonly string[] = apiKey ? [apiKey] : [],
 ): Provider {
   const missingKey = config.api_key_env !== undefined && !apiKey;
+  const redact = (text: string) => redactSecrets(text, secrets);
   // Explicit nulls keep the SDK from reading OPENAI_* variables behind the config's back; the gateway logs for itself.
   const common = { organization: null, project: null, webhookSecret: null, logLevel: "off" } as const;
   const client = missingKey
@@ -104,7 +109,7 @@ export function createOpenAIProvider(
     } catch (e) {
       if (signal?.aborted) throw new UpstreamError("cancelled", `${config.name}: request aborted`);
       if (attempt.signal.aborted) throw new UpstreamError("timeout", `${config.name}: timed out`);
-      throw upstreamError(config.name, e);
+      throw upstreamError(config.name, e, redact);
     } finally {
       clearTimeout(timer);
       signal?.removeEventListener("abort", abort);
@@ -138,7 +143,7 @@ export function createOpenAIProvider(
       // The client's stream options (include_obfuscation, ...) go as it set them, with usage always asked for.
       const body = { ...request, stream: true, stream_options: { ...request.stream_options, include_usage: true } };
       const response = await post("/chat/completions", body, options, async (r) => r);
-      return relay(response, config.name, options, typeof request.n === "number" && request.n > 1 ? request.n : 1);
+      return relay(response, config.name, options, typeof request.n === "number" && request.n > 1 ? request.n : 1, redact);
     },
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
@@ -162,7 +167,13 @@ export function createOpenAIProvider(
  * fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
  * ignored; a stream left early closes its upstream connection.
  */
-function relay(response: Response, provider: string, options: CallOptions, choices: number): ChunkStream {
+function relay(
+  response: Response,
+  provider: string,
+  options: CallOptions,
+  choices: number,
+  redact: (text: string) => string,
+): ChunkStream {
   const body = response.body;
   if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
   const reader = body.getReader();
@@ -170,7 +181,7 @@ function relay(response: Response, provider: string, options: CallOptions, choic
   const leave = () => void reader.cancel().catch(() => {});
   options.signal?.addEventListener("abort", leave, { once: true });
   if (options.signal?.aborted) leave();
-  return chunksOf(reader, leave, provider, options, choices);
+  return chunksOf(reader, leave, provider, options, choices, redact);
 }
 
 /** What the relay uses of a body's reader. */
@@ -185,6 +196,7 @@ async function* chunksOf(
   provider: string,
   options: CallOptions,
   choices: number,
+  redact: (text: string) => string,
 ): ChunkStream {
   const { timeoutMs, signal } = options;
   const decoder = new TextDecoder();
@@ -211,7 +223,7 @@ async function* chunksOf(
         const message = (error as { message?: unknown } | null)?.message;
         failure = new UpstreamError(
           "transient",
-          `${provider}: ${typeof message === "string" ? message : JSON.stringify(error)}`,
+          `${provider}: ${redact(typeof message === "string" ? message : JSON.stringify(error))}`,
         );
         return;
       }
@@ -232,7 +244,7 @@ async function* chunksOf(
       } catch (e) {
         // Cut off by the timeout or the client: said below, as when the read ends instead.
         if (silence.expired || signal?.aborted) break;
-        throw upstreamError(provider, e);
+        throw upstreamError(provider, e, redact);
       }
       // Cut off by the timeout or the client: what arrived of an event is not one.
       if (silence.expired || signal?.aborted) break;
@@ -325,19 +337,21 @@ async function refusal(response: Response): Promise<APIError> {
   return APIError.generate(response.status, error as object | undefined, body ? undefined : text, response.headers);
 }
 
-function upstreamError(provider: string, e: unknown): UpstreamError {
+/** A failed call as an UpstreamError, the upstream's words (in the message and its error) passed through `redact`. */
+function upstreamError(provider: string, e: unknown, redact: (text: string) => string): UpstreamError {
   if (e instanceof UpstreamError) return e;
   if (e instanceof APIError && e.status !== undefined) {
     const error = upstreamErrorBody(e.error);
+    if (error) error.message = redact(error.message);
     return new UpstreamError(
       failureOfStatus(e.status, error),
-      `${provider} answered ${e.status}: ${e.message}`,
+      `${provider} answered ${e.status}: ${redact(e.message)}`,
       e.status,
       retryAfterMs(e.headers),
       error,
     );
   }
   if (e instanceof SyntaxError)
-    return new UpstreamError("transient", `${provider}: unreadable response (${e.message})`);
-  return new UpstreamError("transient", `${provider}: ${(e as Error).message ?? String(e)}`);
+    return new UpstreamError("transient", `${provider}: unreadable response (${redact(e.message)})`);
+  return new UpstreamError("transient", `${provider}: ${redact((e as Error).message ?? String(e))}`);
 }

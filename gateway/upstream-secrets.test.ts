@@ -1,0 +1,153 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { trace } from "@opentelemetry/api";
+import { InMemorySpanExporter } from "@opentelemetry/sdk-trace";
+import type { Server } from "bun";
+import { setupTelemetry } from "../lib/telemetry.ts";
+import { createKeyAuthorizer } from "./auth.ts";
+import { parseGatewayConfig } from "./config.ts";
+import { createGatewayCore } from "./core.ts";
+import { createRestApp } from "./http/app.ts";
+import { createProviders } from "./providers/index.ts";
+import { createBillingFake, createRecordingShipper, createTestLogger } from "./testing.ts";
+
+// Upstreams quote the key they were sent in their errors: no key the gateway holds reaches its logs, spans or clients.
+const openaiKey = "sk-proj-UPSTREAMSECRET1234567890";
+const azureKey = "0123456789abcdefAZURESECRETabcdef";
+const adminToken = "admin-token-ADMINSECRET-0123456789";
+const secrets = [openaiKey, azureKey, adminToken, "UPSTREAMSECRET", "AZURESECRET", "ADMINSECRET"];
+
+/** How the upstream fails, by the model asked for; every failure quotes the key it was sent, and the admin token. */
+function quotingUpstream(): Server<undefined> {
+  return Bun.serve({
+    port: 0,
+    hostname: "127.0.0.1",
+    async fetch(req) {
+      const body = (await req.json()) as { model: string };
+      const key = req.headers.get("api-key") ?? req.headers.get("authorization")?.replace(/^Bearer /, "") ?? "";
+      const quoted = `${key} (admin ${adminToken})`;
+      if (body.model === "refuses") {
+        const error = { message: `Incorrect API key provided: ${quoted}`, type: "invalid_request_error", code: "invalid_api_key" };
+        return Response.json({ error }, { status: 401 });
+      }
+      if (body.model === "breaks") return new Response(`upstream fault; request had authorization=Bearer ${quoted}`, { status: 500 });
+      if (body.model === "rejects") {
+        return Response.json({ error: { message: `key ${quoted} may not ask this`, type: "invalid_request_error" } }, { status: 400 });
+      }
+      // "cuts": one chunk, then an error event.
+      const chunk = { id: "c", object: "chat.completion.chunk", created: 1, model: "cuts", choices: [{ index: 0, delta: { content: "hi" }, finish_reason: null }] };
+      const text = `data: ${JSON.stringify(chunk)}\n\nevent: error\ndata: ${JSON.stringify({ error: { message: `key ${quoted} revoked` } })}\n\n`;
+      return new Response(text, { headers: { "content-type": "text/event-stream" } });
+    },
+  });
+}
+
+let upstream: Server<undefined>;
+const exporter = new InMemorySpanExporter();
+let setup: ReturnType<typeof build>;
+
+function build() {
+  const base = `http://127.0.0.1:${upstream.port}`;
+  const config = parseGatewayConfig(
+    `
+providers:
+  - { name: fake, kind: openai, base_url: "${base}/v1", api_key_env: FAKE_KEY }
+  - { name: azfake, kind: azure, base_url: "${base}", api_key_env: AZFAKE_KEY }
+models:
+${["fake", "azfake"]
+  .flatMap((provider) =>
+    ["refuses", "breaks", "rejects", "cuts"].map(
+      (model) => `  - { name: ${provider}-${model}, targets: [{ provider: ${provider}, model: ${model} }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`,
+    ),
+  )
+  .join("\n")}
+`,
+    "secrets.yaml",
+  );
+  const billing = createBillingFake({ "sk-good": { id: "key_good", orgId: "org_1" } });
+  const log = createTestLogger();
+  const core = createGatewayCore({
+    config,
+    providers: createProviders(config.providers, { FAKE_KEY: openaiKey, AZFAKE_KEY: azureKey }, { secrets: [adminToken] }),
+    keys: createKeyAuthorizer({ billing: billing.client }),
+    shipper: createRecordingShipper(),
+    instanceId: "gw-test",
+    log,
+  });
+  // The global tracer provider (withChildSpan's) is the first one set in the process unless it is reset.
+  trace.disable();
+  const { tracer } = setupTelemetry({ service: "gateway-test", version: "0", exporter });
+  const app = createRestApp({ core, tracer, maxBodyBytes: 64 * 1024 });
+  const ask = async (model: string, stream = false) => {
+    const res = await app.fetch(
+      new Request("http://gateway.test/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+        body: JSON.stringify({ model, messages: [{ role: "user", content: "hello" }], stream }),
+      }),
+    );
+    return { status: res.status, text: await res.text() };
+  };
+  return { log, ask };
+}
+
+beforeAll(() => {
+  upstream = quotingUpstream();
+  setup = build();
+});
+
+afterAll(() => upstream.stop(true));
+
+/** Every span status message, attribute and event exported so far, as text. */
+function exported(): string {
+  return exporter
+    .getFinishedSpans()
+    .map((s) => JSON.stringify({ name: s.name, status: s.status, attributes: s.attributes, events: s.events }))
+    .join("\n");
+}
+
+function expectNoSecret(text: string) {
+  for (const secret of secrets) expect(text).not.toContain(secret);
+}
+
+describe.each(["fake", "azfake"])("a %s upstream quoting its key", (provider) => {
+  test("in a 401 and a 500: not in the logs, the upstream_attempt span's status or the answer", async () => {
+    for (const model of ["refuses", "breaks"]) {
+      const before = { lines: setup.log.lines.length, spans: exporter.getFinishedSpans().length };
+      const { status, text } = await setup.ask(`${provider}-${model}`);
+      expect(status).toBe(502);
+      expectNoSecret(text);
+      const lines = setup.log.lines.slice(before.lines).join("");
+      expect(lines).toContain("upstream attempt failed");
+      expect(lines).toContain("[redacted]");
+      expectNoSecret(lines);
+      const attempt = exporter
+        .getFinishedSpans()
+        .slice(before.spans)
+        .find((s) => s.name === "gateway.upstream_attempt");
+      expect(attempt?.status.message).toContain(`${provider} answered ${model === "refuses" ? 401 : 500}: `);
+      expect(attempt?.status.message).toContain("[redacted]");
+      expectNoSecret(exported());
+    }
+  });
+
+  test("in a refusal passed on to the client (400)", async () => {
+    const { status, text } = await setup.ask(`${provider}-rejects`);
+    expect(status).toBe(400);
+    expect(text).toContain("[redacted]");
+    expectNoSecret(text);
+    expectNoSecret(exported());
+  });
+
+  test("in a mid-stream error event: not in the logs, the spans or the stream", async () => {
+    const before = setup.log.lines.length;
+    const { status, text } = await setup.ask(`${provider}-cuts`, true);
+    expect(status).toBe(200);
+    expect(text).toContain("error");
+    expectNoSecret(text);
+    const lines = setup.log.lines.slice(before).join("");
+    expect(lines).toContain("upstream stream failed");
+    expect(lines).toContain("[redacted]");
+    expectNoSecret(lines);
+    expectNoSecret(exported());
+  });
+});
