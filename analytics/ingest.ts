@@ -1,7 +1,7 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
-import { type Link, trace, type Tracer } from "@opentelemetry/api";
+import { type Link, ROOT_CONTEXT, trace, type Tracer } from "@opentelemetry/api";
 import { Counter, Gauge, Histogram, type Registry } from "prom-client";
 import type {
   IngestMetricsRequest,
@@ -204,9 +204,11 @@ export function createIngest(deps: IngestDeps): Ingest {
       }
     }
     const stopTimer = instruments.flushSeconds.startTimer();
+    // A flush carries rows of many requests, often from several streams: a trace of its own, linked to theirs.
     await tracer.startActiveSpan(
       "analytics.ingest_flush",
       { links, attributes: { "mesh.flush.rows": rowCount, "mesh.flush.batches": chunks.length } },
+      ROOT_CONTEXT,
       async (span) => {
         const inserted = insertRows(rows).finally(() => {
           inserting--;

@@ -46,6 +46,13 @@ import { countEmbeddingTokens, countInputTokens, estimatedTokens } from "./token
 // Request ids: ULIDs, increasing within a process; the factory finds its random source once, not per id.
 const newRequestId = monotonicFactory();
 
+/** The ids of the active span, for a call's metrics; empty outside one. */
+export function activeTrace(): { traceId: string; spanId: string } {
+  const span = trace.getActiveSpan()?.spanContext();
+  const traced = span !== undefined && isSpanContextValid(span);
+  return { traceId: traced ? span.traceId : "", spanId: traced ? span.spanId : "" };
+}
+
 /** One request in flight: who asked, what it cost, and its metrics as they fill in. */
 export interface Call {
   /** ULID minted at arrival; the x-request-id header and the idempotency key downstream. */
@@ -339,8 +346,6 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     routes,
     begin(endpoint, secret, signal) {
       const startMs = Date.now();
-      const span = trace.getActiveSpan()?.spanContext();
-      const traced = span !== undefined && isSpanContextValid(span);
       const requestId = newRequestId(startMs);
       open++;
       return {
@@ -353,8 +358,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         upstreamMs: 0,
         metrics: create(RequestMetricsSchema, {
           requestId,
-          traceId: traced ? span.traceId : "",
-          spanId: traced ? span.spanId : "",
+          ...activeTrace(),
           startTime: timestampFromMs(startMs),
           endpoint,
           gatewayInstanceId: instanceId,

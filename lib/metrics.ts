@@ -1,5 +1,6 @@
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { collectDefaultMetrics, Counter, Histogram, Registry } from "prom-client";
+import { onStreamEnd } from "./streams.ts";
 
 export interface Metrics {
   registry: Registry;
@@ -50,23 +51,29 @@ export function createMetrics(service: string): Metrics {
     buckets: rpcBuckets,
     registers: [registry],
   });
-  const observe = (counter: Counter, histogram: Histogram): Interceptor => (next) => async (req) => {
+  // A server's stream is counted when it ends, with the code its client saw; a client's when its headers arrive.
+  const observe = (counter: Counter, histogram: Histogram, wholeStreams: boolean): Interceptor => (next) => async (req) => {
     const start = performance.now();
-    let code = "ok";
-    try {
-      return await next(req);
-    } catch (e) {
-      code = Code[ConnectError.from(e).code].toLowerCase();
-      throw e;
-    } finally {
+    const record = (error?: unknown) => {
+      const code = error === undefined ? "ok" : Code[ConnectError.from(error).code].toLowerCase();
       const labels = { rpc_service: req.service.typeName, rpc_method: req.method.name, code };
       counter.inc(labels);
       histogram.observe(labels, (performance.now() - start) / 1000);
+    };
+    let res: Awaited<ReturnType<typeof next>>;
+    try {
+      res = await next(req);
+    } catch (e) {
+      record(e);
+      throw e;
     }
+    if (wholeStreams && res.stream) return { ...res, message: onStreamEnd(res.message, record) };
+    record();
+    return res;
   };
   return {
     registry,
-    serverInterceptor: observe(serverHandled, serverDuration),
-    clientInterceptor: observe(clientHandled, clientDuration),
+    serverInterceptor: observe(serverHandled, serverDuration, true),
+    clientInterceptor: observe(clientHandled, clientDuration, false),
   };
 }

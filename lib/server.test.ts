@@ -353,3 +353,57 @@ describe("connections with nothing to do", () => {
     }
   }, 20_000);
 });
+
+describe("RPC metrics", () => {
+  test("a stream is counted when it ends, with the code its client saw and its whole duration", async () => {
+    const own = createMetrics("streams");
+    const server = await startOwn({
+      name: "streams",
+      interceptors: [own.serverInterceptor],
+      routes: (router) => {
+        router.service(BillingService, {
+          async *watchKeyChanges() {
+            yield { apiKeyId: "key_1" };
+            await Bun.sleep(200);
+            throw new ConnectError("the store went away", Code.Unavailable);
+          },
+        });
+        router.service(AnalyticsService, ackingIngest);
+      },
+    });
+    const handled = async (method: string) => {
+      const values = (await own.registry.getSingleMetric("rpc_server_handled_total")?.get())?.values ?? [];
+      return Object.fromEntries(values.filter((v) => v.labels.rpc_method === method).map((v) => [v.labels.code, v.value]));
+    };
+    const seconds = async (method: string, code: string) => {
+      const values = (await own.registry.getSingleMetric("rpc_server_handling_seconds")?.get())?.values ?? [];
+      const sum = (v: (typeof values)[number]) => (v as { metricName?: string }).metricName?.endsWith("_sum");
+      return values.find((v) => sum(v) && v.labels.rpc_method === method && v.labels.code === code)?.value;
+    };
+    try {
+      const billing = createServiceClient(BillingService, { baseUrl: server.url });
+      const failed = await (async () => {
+        for await (const _ of billing.watchKeyChanges({}));
+      })().catch((e: unknown) => ConnectError.from(e));
+      expect((failed as ConnectError).code).toBe(Code.Unavailable);
+      expect(await handled("WatchKeyChanges")).toEqual({ unavailable: 1 });
+      expect(await seconds("WatchKeyChanges", "unavailable")).toBeGreaterThanOrEqual(0.2);
+
+      // A bidi stream is counted once its last message is sent, not when it opens.
+      const analytics = createServiceClient(AnalyticsService, { baseUrl: server.url });
+      let open = -1;
+      async function* batches() {
+        yield { gatewayInstanceId: "g", sequence: 1n, metrics: [] };
+        await Bun.sleep(200);
+        open = Object.keys(await handled("IngestMetrics")).length;
+        yield { gatewayInstanceId: "g", sequence: 2n, metrics: [] };
+      }
+      for await (const _ of analytics.ingestMetrics(batches()));
+      expect(open).toBe(0);
+      expect(await handled("IngestMetrics")).toEqual({ ok: 1 });
+      expect(await seconds("IngestMetrics", "ok")).toBeGreaterThanOrEqual(0.2);
+    } finally {
+      await server.close(0);
+    }
+  });
+});

@@ -27,6 +27,7 @@ import {
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { redactSecrets } from "./log.ts";
+import { inContext, onStreamEnd } from "./streams.ts";
 
 export interface TelemetryOptions {
   service: string;
@@ -106,7 +107,16 @@ function rpcServerTracing(tracer: Tracer): Interceptor {
       name,
       { kind: SpanKind.SERVER, attributes: rpcAttributes(req.service.typeName, req.method.name) },
       parent,
-      (span) => finishWith(span, () => next(req)),
+      async (span) => {
+        const res = await next(req).catch((e: unknown) => finishWith(span, () => Promise.reject(e)));
+        if (!res.stream) return finishWith(span, async () => res);
+        // A stream's messages are made after the handler returns: its span ends with the stream and they are made in it.
+        const ended = (error?: unknown) =>
+          void finishWith(span, async () => {
+            if (error !== undefined) throw error;
+          }).catch(() => {});
+        return { ...res, message: onStreamEnd(inContext(res.message, context.active()), ended) };
+      },
     );
   };
 }
@@ -125,7 +135,7 @@ function rpcClientTracing(tracer: Tracer): Interceptor {
   };
 }
 
-/** Runs fn inside span, records its outcome and ends the span. Streams end the span when the call returns. */
+/** Runs fn inside span, records its outcome and ends the span. A client's stream ends it when the call returns. */
 export async function finishWith<T>(span: Span, fn: () => Promise<T>): Promise<T> {
   try {
     return await fn();

@@ -2,6 +2,7 @@ import { context, propagation, type Span, SpanKind, SpanStatusCode, type TextMap
 import { ulid } from "ulid";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { bearerToken } from "../../lib/auth.ts";
+import { inContext } from "../../lib/streams.ts";
 import type { ChatStream } from "../chat-stream.ts";
 import type { ModelRoute } from "../config.ts";
 import type { Call, GatewayCore } from "../core.ts";
@@ -121,7 +122,8 @@ export function createRestApp(options: RestAppOptions): RestApp {
         "x-request-id": call.requestId,
         ...call.limitHeaders,
       };
-      return { status: 200, headers, body: serverSentEvents(result, span) };
+      // The events are made as the client reads them, after this returns: in the request's span all the same.
+      return { status: 200, headers, body: inContext(serverSentEvents(result, span), context.active()) };
     } catch (e) {
       return failed(call, e);
     }

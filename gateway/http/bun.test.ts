@@ -1,8 +1,11 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import net from "node:net";
+import { isValid as isUlid } from "ulid";
 import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
 import { oneModelRoutes, startTestGateway } from "../testing/served-gateway.ts";
+import { createTestLogger } from "../testing.ts";
+import { serveRest } from "./bun.ts";
 
 // The REST port's connection limits: a request must arrive without long pauses, an answer may take as long as the
 // gateway's own time limits allow, and an idle connection is closed.
@@ -132,4 +135,23 @@ test("a body far past the limit gets OpenAI's 413, declared or streamed", async 
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe("request_too_large");
   }
   expect(upstream.requests).toHaveLength(before);
+});
+
+test("a failure that escapes the app is answered and logged under one request id", async () => {
+  const log = createTestLogger();
+  const failing = {
+    handle: () => Promise.reject(new Error("boom")),
+    fetch: () => Promise.reject(new Error("boom")),
+  };
+  const server = serveRest(failing, { port: 0, hostname: "127.0.0.1", maxBodyBytes: 1024, log });
+  try {
+    const res = await fetch(`${server.url}/v1/models`);
+    expect(res.status).toBe(500);
+    const requestId = res.headers.get("x-request-id") ?? "";
+    expect(isUlid(requestId)).toBe(true);
+    const lines = log.lines.map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(lines.filter((l) => l.msg === "rest handler failed").map((l) => l.request_id)).toEqual([requestId]);
+  } finally {
+    await server.close(0);
+  }
 });

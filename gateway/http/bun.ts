@@ -67,11 +67,13 @@ export function serveRest(
     },
     // The app answers its own failures; anything that escapes still gets OpenAI's error shape.
     error(e) {
-      options.log?.error("rest handler failed", { err: e });
+      // The id the client gets is the one logged, so a report of it finds the failure.
+      const requestId = ulid();
+      options.log?.error("rest handler failed", { request_id: requestId, err: e });
       const error = toGatewayError(e);
       return new Response(errorBody(error), {
         status: error.status,
-        headers: { "content-type": "application/json", "x-request-id": ulid() },
+        headers: { "content-type": "application/json", "x-request-id": requestId },
       });
     },
   });

@@ -1,4 +1,5 @@
-import { trace } from "@opentelemetry/api";
+import type { Interceptor } from "@connectrpc/connect";
+import { type Tracer, trace } from "@opentelemetry/api";
 import type { RequestMetrics } from "../../gen/analytics/v1/analytics_pb.ts";
 import { GatewayService } from "../../gen/gateway/v1/gateway_pb.ts";
 import type { CorsPolicy } from "../../lib/cors.ts";
@@ -11,7 +12,7 @@ import { createRestApp } from "../http/app.ts";
 import { serveRest } from "../http/bun.ts";
 import { restRoutes } from "../http/node.ts";
 import { createProviders } from "../providers/index.ts";
-import { createGatewayService } from "../service.ts";
+import { createGatewayRequestGate, createGatewayService } from "../service.ts";
 import { createBillingFake, createRecordingShipper, createTestLogger } from "../testing.ts";
 
 /** Routes of one model, `ok`, served by the upstream at `url` (an OpenAI-compatible fake) at $1 per million tokens. */
@@ -33,7 +34,16 @@ export function oneModelRoutes(url: string): string {
  */
 export async function startTestGateway(
   routes: string,
-  options: { maxBodyBytes?: number; idleTimeoutSeconds?: number; requestBodyTimeoutSeconds?: number; cors?: CorsPolicy } = {},
+  options: {
+    maxBodyBytes?: number;
+    idleTimeoutSeconds?: number;
+    requestBodyTimeoutSeconds?: number;
+    cors?: CorsPolicy;
+    /** The RPC port's interceptors and request gate, as main.ts wires them (none by default). */
+    interceptors?: Interceptor[];
+    gated?: boolean;
+    tracer?: Tracer;
+  } = {},
 ) {
   const billing = createBillingFake({
     "sk-good": { id: "key_good", orgId: "org_1", projectId: "proj_1" },
@@ -50,7 +60,7 @@ export async function startTestGateway(
     instanceId: "gw-test",
     log,
   });
-  const tracer = trace.getTracer("test");
+  const tracer = options.tracer ?? trace.getTracer("test");
   const maxBodyBytes = options.maxBodyBytes ?? 64 * 1024;
   const rest = createRestApp({ core, tracer, maxBodyBytes });
   const fast = serveRest(rest, {
@@ -66,6 +76,8 @@ export async function startTestGateway(
     port: 0,
     host: "127.0.0.1",
     routes: (router) => router.service(GatewayService, createGatewayService(core)),
+    interceptors: options.interceptors,
+    requestGate: options.gated ? createGatewayRequestGate(core, maxBodyBytes) : undefined,
     http: restRoutes(rest),
     log,
     cors: options.cors,

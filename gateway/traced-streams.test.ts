@@ -1,0 +1,124 @@
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { SpanStatusCode } from "@opentelemetry/api";
+import { InMemorySpanExporter, type ReadableSpan } from "@opentelemetry/sdk-trace";
+import OpenAI from "openai";
+import { createMetrics } from "../lib/metrics.ts";
+import { setupTelemetry } from "../lib/telemetry.ts";
+import { type FakeUpstream, startFakeUpstream } from "./testing/fake-upstream.ts";
+import { oneModelRoutes, startTestGateway } from "./testing/served-gateway.ts";
+
+// Streams that fail midway, over RPC and REST, on a gateway wired as main.ts wires it: tracing and metrics
+// interceptors, the request gate, the request's span around everything the stream does.
+
+const exporter = new InMemorySpanExporter();
+const telemetry = setupTelemetry({ service: "gateway-test", version: "0", exporter });
+const metrics = createMetrics("gateway-test");
+let upstream: FakeUpstream;
+let gateway: Awaited<ReturnType<typeof startTestGateway>>;
+
+beforeAll(async () => {
+  upstream = startFakeUpstream();
+  gateway = await startTestGateway(oneModelRoutes(upstream.url), {
+    interceptors: [telemetry.serverInterceptor, metrics.serverInterceptor],
+    gated: true,
+    tracer: telemetry.tracer,
+  });
+});
+afterAll(async () => {
+  await gateway.close();
+  await upstream.stop();
+});
+
+const traceId = "4bf92f3577b34da6a3ce929d0e0e4736";
+const clientSpanId = "00f067aa0ba902b7";
+const hello = [{ role: "user" as const, content: "one two three four five" }];
+const children = (span: ReadableSpan) =>
+  exporter
+    .getFinishedSpans()
+    .filter((s) => s.parentSpanContext?.spanId === span.spanContext().spanId)
+    .map((s) => s.name);
+const seconds = (span: ReadableSpan) => span.duration[0] + span.duration[1] / 1e9;
+/** The log lines of a request, parsed. */
+const logged = (requestId: string, msg: string) =>
+  gateway.log.lines
+    .map((l) => JSON.parse(l) as Record<string, unknown>)
+    .filter((l) => l.request_id === requestId && l.msg === msg);
+
+test("an RPC stream failing midway is counted, traced and metered as failed, over its whole length", async () => {
+  upstream.script("ok", { chunkDelayMs: 100, cutAfterChunks: 3 });
+  let requestId = "";
+  const started = performance.now();
+  const error = await (async () => {
+    const stream = gateway.rpc("sk-good").streamChatCompletion(
+      { params: { model: "ok", messages: hello } },
+      {
+        headers: { traceparent: `00-${traceId}-${clientSpanId}-01` },
+        onHeader: (h) => (requestId = h.get("x-request-id") ?? ""),
+      },
+    );
+    for await (const _ of stream);
+  })().catch((e: unknown) => ConnectError.from(e));
+  const tookSeconds = (performance.now() - started) / 1000;
+  expect(error).toBeInstanceOf(ConnectError);
+  expect([(error as ConnectError).code, (error as ConnectError).rawMessage]).toEqual([
+    Code.Unavailable,
+    "The upstream of `ok` failed mid-stream.",
+  ]);
+
+  // Counted once, with the code the client saw, for the time the stream took.
+  const handled = (await metrics.registry.getSingleMetric("rpc_server_handled_total")?.get())?.values ?? [];
+  const streams = handled.filter((v) => v.labels.rpc_method === "StreamChatCompletion");
+  expect(streams.map((v) => [v.labels.code, v.value])).toEqual([["unavailable", 1]]);
+  const durations = (await metrics.registry.getSingleMetric("rpc_server_handling_seconds")?.get())?.values ?? [];
+  const sum = durations.find(
+    (v) => (v as { metricName?: string }).metricName?.endsWith("_sum") && v.labels.rpc_method === "StreamChatCompletion",
+  );
+  expect(sum?.value).toBeGreaterThanOrEqual(0.25);
+  expect(sum?.value).toBeLessThanOrEqual(tookSeconds);
+
+  // One span, continuing the client's trace, failed, around the stream's work.
+  const span = exporter.getFinishedSpans().find((s) => s.name === "gateway.v1.GatewayService/StreamChatCompletion");
+  expect(span).toBeDefined();
+  if (!span) return;
+  expect([span.spanContext().traceId, span.parentSpanContext?.spanId]).toEqual([traceId, clientSpanId]);
+  expect(span.status.code).toBe(SpanStatusCode.ERROR);
+  expect(seconds(span)).toBeGreaterThanOrEqual(0.25);
+  const work = ["gateway.reserve_budget", "gateway.upstream_attempt", "gateway.enqueue_metrics"];
+  expect(children(span)).toEqual(expect.arrayContaining(work));
+
+  // The request's metrics and its log lines name the span.
+  const row = await gateway.row(requestId);
+  expect([row.traceId, row.spanId]).toEqual([traceId, span.spanContext().spanId]);
+  const [line] = logged(requestId, "upstream stream failed");
+  expect(line).toMatchObject({ trace_id: traceId, span_id: span.spanContext().spanId });
+});
+
+test("a REST stream failing midway logs and meters its request's trace", async () => {
+  upstream.script("ok", { chunkDelayMs: 20, cutAfterChunks: 2 });
+  const restTrace = "5bf92f3577b34da6a3ce929d0e0e4737";
+  const sdk = new OpenAI({
+    baseURL: `${gateway.restUrl}/v1`,
+    apiKey: "sk-good",
+    maxRetries: 0,
+    defaultHeaders: { traceparent: `00-${restTrace}-${clientSpanId}-01` },
+  });
+  const { data: stream, response } = await sdk.chat.completions
+    .create({ model: "ok", messages: hello, stream: true })
+    .withResponse();
+  const error = await (async () => {
+    for await (const _ of stream);
+  })().catch((e: unknown) => e);
+  expect(error).toBeInstanceOf(OpenAI.APIError);
+  const requestId = response.headers.get("x-request-id") ?? "";
+  const span = exporter
+    .getFinishedSpans()
+    .find((s) => s.spanContext().traceId === restTrace && s.name === "POST /v1/chat/completions");
+  expect(span?.status.code).toBe(SpanStatusCode.ERROR);
+  const spanId = span?.spanContext().spanId ?? "";
+  const [line] = logged(requestId, "upstream stream failed");
+  expect(line).toMatchObject({ trace_id: restTrace, span_id: spanId });
+  expect(children(span as ReadableSpan)).toContain("gateway.enqueue_metrics");
+  const row = await gateway.row(requestId);
+  expect([row.traceId, row.spanId]).toEqual([restTrace, spanId]);
+});
