@@ -200,6 +200,34 @@ describe("AnalyticsService queries", () => {
     expect(await codeOf(client.listRequests({ orgId: org }))).toBe(Code.InvalidArgument);
     const cursor = { startTime: "2026-01-02 03:04:05.123456", requestId: "01J0000000000000000000000" };
     expect(decodePageToken(encodePageToken(cursor))).toEqual(cursor);
+    // Tokens this service never wrote: a 13th month, a 99th hour, a year it holds no rows for. They read as the end
+    // of the listing before.
+    for (const startTime of ["2026-13-45 99:99:99.000000", "2026-02-30 10:00:00.000000", "2399-01-01 00:00:00.000000"]) {
+      const pageToken = encodePageToken({ startTime, requestId: "zzz" });
+      expect(await codeOf(client.listRequests({ orgId: org, range: day, pageToken }))).toBe(Code.InvalidArgument);
+    }
+  });
+
+  test("range bounds hold to the nanosecond: a row stored to the microsecond is in [start, end) or not", async () => {
+    const row = metrics[3] as (typeof metrics)[number];
+    const t = row.startTime as { seconds: bigint; nanos: number };
+    const at = (nanos: number) => {
+      const total = t.seconds * 1_000_000_000n + BigInt(t.nanos + nanos);
+      return { seconds: total / 1_000_000_000n, nanos: Number(total % 1_000_000_000n) };
+    };
+    const ids = async (start: number, end: number) =>
+      (await client.listRequests({ orgId: org, range: { start: at(start), end: at(end) } })).requests.map((r) => r.requestId);
+    expect(await ids(-1_000_000, 500)).toEqual([row.requestId]);
+    expect(await ids(0, 1)).toEqual([row.requestId]);
+    expect(await ids(500, 1_000_000)).toEqual([]);
+    expect(await ids(-1_000_000, 0)).toEqual([]);
+    // Within one microsecond, [start, end) holds no instant a row can have.
+    expect(await codeOf(client.listRequests({ orgId: org, range: { start: at(100), end: at(900) } }))).toBe(
+      Code.InvalidArgument,
+    );
+    expect(await codeOf(client.listRequests({ orgId: org, range: { start: at(0), end: { ...at(0), nanos: 1e9 } } }))).toBe(
+      Code.InvalidArgument,
+    );
   });
 
   test("QueryTimeSeries buckets and validates the bucket width and count", async () => {

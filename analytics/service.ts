@@ -1,4 +1,5 @@
-import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { create } from "@bufbuild/protobuf";
+import { type Timestamp, TimestampSchema, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { Tracer } from "@opentelemetry/api";
 import type { Registry } from "prom-client";
@@ -7,6 +8,7 @@ import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import type { Logger } from "../lib/log.ts";
 import { createAnalyticsAuth } from "./auth.ts";
 import { createIngest, type IngestOptions } from "./ingest.ts";
+import { microsText, textMicros } from "./store/rollups.ts";
 import type { AnalyticsStore, RequestCursor, TimeWindow, UsageDimension } from "./store/store.ts";
 
 export interface AnalyticsServiceDeps {
@@ -161,10 +163,23 @@ function parseRange(range: TimeRange | undefined): TimeWindow {
     const ms = timestampMs(at);
     if (!(ms >= earliestMs && ms <= latestMs)) invalid(`range.${name} must be in the years 1900 to 2299`);
   }
-  const span = timestampMs(end) - timestampMs(start);
-  if (span <= 0) invalid("range.end must be after range.start");
-  if (span > maxRangeDays * 86_400_000) invalid(`range must be at most ${maxRangeDays} days`);
-  return { start, end };
+  for (const [name, at] of [["start", start], ["end", end]] as const) {
+    if (!(at.nanos >= 0 && at.nanos < 1_000_000_000)) invalid(`range.${name}.nanos must be 0..999999999`);
+  }
+  // Rows are stored to the microsecond: bounds rounded up to it select exactly the rows in [start, end).
+  const window = { start: toMicrosecondAbove(start), end: toMicrosecondAbove(end) };
+  const startNs = window.start.seconds * 1_000_000_000n + BigInt(window.start.nanos);
+  const endNs = window.end.seconds * 1_000_000_000n + BigInt(window.end.nanos);
+  if (endNs <= startNs) invalid("range.end must be after range.start (to the microsecond)");
+  if (timestampMs(end) - timestampMs(start) > maxRangeDays * 86_400_000) invalid(`range must be at most ${maxRangeDays} days`);
+  return window;
+}
+
+function toMicrosecondAbove(at: Timestamp): Timestamp {
+  const nanos = Math.ceil(at.nanos / 1000) * 1000;
+  return nanos === at.nanos
+    ? at
+    : create(TimestampSchema, nanos === 1_000_000_000 ? { seconds: at.seconds + 1n, nanos: 0 } : { seconds: at.seconds, nanos });
 }
 
 /**
@@ -175,13 +190,22 @@ export async function query<T>(log: Logger, rpc: string, run: () => Promise<T>):
   try {
     return await run();
   } catch (e) {
-    if (/\bTIMEOUT_EXCEEDED\b/.test(e instanceof Error ? e.message : String(e))) {
+    if (timedOut(e)) {
       log.warn("analytics query ran out of time", { rpc });
       throw new ConnectError("the query ran out of time; narrow the range or group by fewer dimensions", Code.ResourceExhausted);
     }
     log.error("analytics query failed", { rpc, err: e });
     throw new ConnectError("analytics store unavailable", Code.Unavailable);
   }
+}
+
+/**
+ * Whether ClickHouse stopped a query at its time limit: chdb says TIMEOUT_EXCEEDED in its message, @clickhouse/client
+ * moves the name into the error's `type` and its number, 159, into `code`.
+ */
+function timedOut(e: unknown): boolean {
+  const { message, type, code } = (typeof e === "object" && e !== null ? e : {}) as Record<string, unknown>;
+  return type === "TIMEOUT_EXCEEDED" || code === "159" || /\bTIMEOUT_EXCEEDED\b/.test(String(message ?? e));
 }
 
 export function encodePageToken(cursor: RequestCursor): string {
@@ -198,7 +222,11 @@ export function decodePageToken(token: string): RequestCursor {
       /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$/.test(value[0]) &&
       typeof value[1] === "string"
     ) {
-      return { startTime: value[0], requestId: value[1] };
+      // A time this service wrote: it reads back as itself (no 13th month, no 25th hour) and in the years it holds.
+      const us = textMicros(value[0]);
+      if (microsText(us) === value[0] && us >= earliestMs * 1000 && us <= latestMs * 1000) {
+        return { startTime: value[0], requestId: value[1] };
+      }
     }
   } catch {
     // Falls through to the error below.

@@ -170,13 +170,16 @@ export function createRollups(driver: ClickHouseDriver, tables: RollupTables, la
       return [...marks.values()];
     },
 
-    /** Rolled-up minutes of an org in [start, end) awaiting recomputation. */
+    /**
+     * Rolled-up whole minutes of an org in [start, end) awaiting recomputation, at most one more than planSources
+     * takes: partial minutes at the edges are read raw anyway, and counting them could leave dirty minutes out.
+     */
     async dirtyMinutes(orgId: string, start: Micros, end: Micros): Promise<Micros[]> {
       const rows = await driver.query<{ minute: string }>(
         `SELECT DISTINCT minute FROM ${tables.dirty}
          WHERE org_id = {org_id:String} AND minute >= {start:DateTime64(6, 'UTC')} AND minute < {end:DateTime64(6, 'UTC')}
          LIMIT ${maxDirtyMinutes + 1}`,
-        { org_id: orgId, start: microsText(floorTo(start, minuteUs)), end: microsText(end) },
+        { org_id: orgId, start: microsText(ceilTo(start, minuteUs)), end: microsText(floorTo(end, minuteUs)) },
       );
       return rows.map((r) => textMicros(r.minute));
     },

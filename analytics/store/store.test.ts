@@ -5,7 +5,10 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { equals } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { createClient } from "@clickhouse/client";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { RequestMetricsSchema, RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
+import { createLogger } from "../../lib/log.ts";
+import { query } from "../service.ts";
 import { createChdbDriver } from "./chdb-driver.ts";
 import { createClientDriver } from "./client-driver.ts";
 import type { ClickHouseDriver } from "./driver.ts";
@@ -235,6 +238,28 @@ for (const [name, makeDriver] of backends) {
       expect(sum?.costNanos).toBe(25n * 12_345n + 9_007_199_254_740_993n);
     });
 
+    test("a query past ClickHouse's time limit is ResourceExhausted on this backend too", async () => {
+      const slow = () =>
+        driver.query("SELECT count() FROM numbers(10000000000) WHERE sipHash64(number) = 7 SETTINGS max_execution_time = 1");
+      const silent = createLogger({ service: "t", level: "error", write: () => {} });
+      const err = await query(silent, "Slow", slow).catch((e: unknown) => ConnectError.from(e));
+      expect(err instanceof ConnectError && err.code).toBe(Code.ResourceExhausted);
+    }, 30_000);
+
+    test("upstream latency counts requests that reached an upstream only", async () => {
+      const org = "org_upstream";
+      const reached = [1000n, 3000n].map((us, i) =>
+        sampleMetrics(at(i * 1000), { orgId: org, totalLatencyUs: us + 100n, upstreamLatencyUs: us }),
+      );
+      const refused = [0, 1, 2].map((i) =>
+        sampleMetrics(at(5000 + i), { orgId: org, status: RequestStatus.RATE_LIMITED, upstreamLatencyUs: 0n }),
+      );
+      await store.insertRequests([...reached, ...refused], "upstream-1");
+      const [model] = await store.queryLatency({ orgId: org, ...window });
+      expect(model?.requests).toBe(5n);
+      expect(model?.upstream?.p50Us).toBe(2000n);
+    });
+
     test("time series buckets and latency percentiles", async () => {
       const org = "org_series";
       const latencies = [100n, 200n, 300n, 400n, 500n];
@@ -357,6 +382,24 @@ describe("rollups", () => {
     const [marks] = await driver.query<{ n: string }>(`SELECT count() AS n FROM ${store.database}.rollup_dirty`);
     expect(marks?.n).toBe("0");
     expect(await answers()).toEqual(withLate);
+  });
+
+  test("more late minutes than the rollups are patched for, one of them in a partial edge minute, read raw", async () => {
+    const orgId = "org_many_late";
+    const onTime = Array.from({ length: 240 }, (_, m) => sampleMetrics(at(m * 60_000), { orgId }));
+    await store.insertRequests(onTime, "many-late-1");
+    await store.rollUp();
+    // Late rows in the range's partial first minute and in the 101 whole minutes after it.
+    const late = Array.from({ length: 102 }, (_, m) => sampleMetrics(at(m * 60_000 + (m === 0 ? 30_000 : 10_000)), { orgId }));
+    await store.insertRequests(late, "many-late-2");
+    const [start, end] = [at(15_000), at(3 * hour + 15_000)];
+    const expected = [...onTime, ...late].filter((r) => {
+      const t = Number(r.startTime?.seconds) * 1000;
+      return t >= start.getTime() && t < end.getTime();
+    }).length;
+    const window = { start: timestampFromDate(start), end: timestampFromDate(end) };
+    const [total] = await store.queryUsage({ orgId, ...window, groupBy: [], limit: 1 });
+    expect(total?.requests).toBe(BigInt(expected));
   });
 });
 

@@ -347,7 +347,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
         `SELECT requested_model AS model,
            count() AS requests,
            ${percentiles("total_latency_us")} AS total,
-           ${percentiles("upstream_latency_us")} AS upstream,
+           ${percentilesIf("upstream_latency_us", "upstream_latency_us > 0")} AS upstream,
            ${percentilesIf("ttft_us", "streamed AND ttft_us > 0")} AS ttft,
            ${percentiles("gateway_overhead_us")} AS overhead
          FROM ${requests} FINAL

@@ -560,7 +560,8 @@ export const QueryLatencyRequestSchema: GenMessage<QueryLatencyRequest> = /*@__P
   messageDesc(file_analytics_v1_analytics, 10);
 
 /**
- * Percentiles in microseconds.
+ * Percentiles in microseconds, approximate: ClickHouse's quantile, interpolated between values, over a sample of 8,192
+ * of them when there are more. 0 when no request counts.
  *
  * @generated from message analytics.v1.LatencyPercentiles
  */
@@ -610,6 +611,8 @@ export type ModelLatency = Message<"analytics.v1.ModelLatency"> & {
   total?: LatencyPercentiles | undefined;
 
   /**
+   * Over requests that reached an upstream only.
+   *
    * @generated from field: analytics.v1.LatencyPercentiles upstream = 4;
    */
   upstream?: LatencyPercentiles | undefined;
