@@ -11,7 +11,7 @@ import {
 } from "../gen/analytics/v1/analytics_pb.ts";
 import { createOutageLog, type Logger } from "../lib/log.ts";
 import { createWaiters } from "../lib/waiters.ts";
-import { defaultBatchBytes, type Spool, type SpoolBatch } from "./spool.ts";
+import { defaultBatchBytes, type Spool, type SpoolBatch, SpoolBatchDamagedError } from "./spool.ts";
 
 export interface MetricsShipperOptions {
   client: Pick<Client<typeof AnalyticsService>, "ingestMetrics">;
@@ -110,17 +110,57 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
 
   const instruments = options.registry ? createInstruments(options.registry, spool, () => connected) : undefined;
 
-  const send = (s: Stream, batch: SpoolBatch) => {
+  // Loud once while batches cannot be read for now (descriptors or memory run out, a disk error), quiet while retrying.
+  const readOutage = createOutageLog(
+    log,
+    { failed: "metrics spool: a batch cannot be read; retrying", recovered: "metrics spool: batches can be read again" },
+    "error",
+  );
+  let readRetry: ReturnType<typeof setTimeout> | undefined;
+  let readFailures = 0;
+
+  /** Pumps again after a backoff, while the batch that could not be read stays unacked. */
+  const retryReadLater = () => {
+    if (readRetry) return;
+    const ceiling = Math.min(backoffMaxMs, backoffBaseMs * 2 ** Math.min(readFailures++, 20));
+    readRetry = setTimeout(
+      () => {
+        readRetry = undefined;
+        pump();
+      },
+      ceiling / 2 + (random() * ceiling) / 2,
+    );
+    readRetry.unref?.();
+  };
+
+  /** Sends one batch; false when it cannot be read for now, and sending stops until the retry. */
+  const send = (s: Stream, batch: SpoolBatch): boolean => {
     let rows: Uint8Array[];
     try {
       rows = spool.read(batch);
     } catch (e) {
-      // Unreadable means lost on disk; acking it locally keeps the stream moving past it.
-      log.error("a spooled batch could not be read and is dropped", { err: e, sequence: batch.sequence });
-      instruments?.dropped.inc(batch.rows);
-      spool.ack(batch.sequence);
-      return;
+      if (!(e instanceof SpoolBatchDamagedError)) {
+        readOutage.failed({ err: e, sequence: batch.sequence, spooled_rows: spool.rows });
+        retryReadLater();
+        return false;
+      }
+      // Lost on disk: the rows still whole go, the rest are counted dropped. Acking an empty one moves the stream on.
+      const lost = Math.max(0, batch.rows - e.rows.length);
+      log.error("a spooled batch is damaged: its unreadable rows are dropped", {
+        err: e,
+        sequence: batch.sequence,
+        dropped_rows: lost,
+      });
+      instruments?.dropped.inc(lost);
+      if (e.rows.length === 0) {
+        spool.ack(batch.sequence);
+        if (spool.rows === 0) drained.wakeAll();
+        return true;
+      }
+      rows = e.rows;
     }
+    readFailures = 0;
+    readOutage.recovered({ sequence: batch.sequence });
     if (batch.recovered || sentBefore.has(batch.sequence)) {
       instruments?.resentBatches.inc();
       instruments?.resentRows.inc(batch.rows);
@@ -130,16 +170,16 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     s.inFlight.set(batch.sequence, { rows: batch.rows, sentAt: performance.now() });
     s.inFlightRows += batch.rows;
     s.lastSent = batch.sequence;
+    return true;
   };
 
   /** Sends the next unacked batches, oldest first, while the window has room. */
   const pump = () => {
     const s = stream;
-    if (!s || s.inFlightRows >= maxInFlightRows) return;
+    if (!s || readRetry || s.inFlightRows >= maxInFlightRows) return;
     for (const batch of spool.unacked()) {
       if (batch.sequence <= s.lastSent) continue;
-      if (s.inFlightRows >= maxInFlightRows) break;
-      send(s, batch);
+      if (s.inFlightRows >= maxInFlightRows || !send(s, batch)) break;
     }
   };
 
@@ -301,6 +341,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     async close() {
       closed = true;
       if (sealTimer) clearTimeout(sealTimer);
+      clearTimeout(readRetry);
       stream?.abort.abort();
       wakeFromBackoff?.();
       await running;
@@ -419,7 +460,7 @@ function createInstruments(registry: Registry, spool: Spool, connected: () => bo
   return {
     dropped: new Counter({
       name: "gateway_metrics_dropped_total",
-      help: "Request metrics dropped because the spool was full or could not be written.",
+      help: "Request metrics dropped because the spool was full, could not be written, or lost them on disk.",
       registers: [registry],
     }),
     acked: new Counter({
