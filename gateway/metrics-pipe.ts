@@ -11,7 +11,7 @@ import {
 } from "../gen/analytics/v1/analytics_pb.ts";
 import { createOutageLog, type Logger } from "../lib/log.ts";
 import { createWaiters } from "../lib/waiters.ts";
-import { defaultBatchBytes, type Spool, type SpoolBatch, SpoolBatchDamagedError } from "./spool.ts";
+import { defaultBatchBytes, rowOverheadBytes, type Spool, type SpoolBatch, SpoolBatchDamagedError } from "./spool.ts";
 
 export interface MetricsShipperOptions {
   client: Pick<Client<typeof AnalyticsService>, "ingestMetrics">;
@@ -46,7 +46,10 @@ export interface ShipperStatus {
   /** Spool fill level against its bound. */
   bytes: number;
   maxBytes: number;
-  /** The spool is at its bound, or its disk refuses writes: new rows are being dropped, or cannot be sealed. */
+  /**
+   * The spool has no room for another row as large as the largest recorded (or, before any, as its rows on average),
+   * and stays full until back under 90% of its bound; or its disk refuses writes. New rows are dropped or not sealed.
+   */
   full: boolean;
   lastError: string | undefined;
 }
@@ -65,6 +68,13 @@ export interface MetricsShipper {
 
 // A stream that has not failed for this long counts as connected even before its first ack.
 const settleMs = 500;
+
+// A full spool stops counting as full only under this share of its bound, so acks that free room for a row or two,
+// taken again by the next requests, do not flap readiness.
+const readyFill = 0.9;
+
+// Rows are never larger (the request checks bound one to about 40 KB): caps a guess from a spool's average row.
+const rowGuessCapBytes = 64 * 1024;
 
 interface Stream {
   outbox: Outbox<IngestMetricsRequest>;
@@ -100,7 +110,12 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   const sentBefore = new Set<bigint>();
   let connected = false;
   let lastError: string | undefined;
+  // Rows are being dropped: logged once until one is spooled again.
   let dropping = false;
+  // The last row was refused with room for it: the disk refuses writes.
+  let appendFailing = false;
+  let largestRow = 0;
+  let atBound = false;
   // Rows pending that the spool could not seal (its disk refused the write): retried on the seal timer.
   let sealFailing = false;
   let closed = false;
@@ -183,6 +198,14 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     }
   };
 
+  /** Whether the spool is at its bound (see ShipperStatus.full): from its fill, so also right after a restart. */
+  const spoolAtBound = () => {
+    const average = spool.rows > 0 ? Math.min(Math.ceil(spool.bytes / spool.rows), rowGuessCapBytes) : 0;
+    const next = Math.max(largestRow + rowOverheadBytes, average);
+    atBound = atBound ? spool.bytes > spool.maxBytes * readyFill : spool.bytes + next > spool.maxBytes;
+    return atBound;
+  };
+
   const full = () => spool.pendingRows >= batchRows || spool.pendingBytes >= batchBytes;
 
   const armSealTimer = () => {
@@ -238,7 +261,8 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     sentBefore.delete(sequence);
     if (spool.ack(sequence)) {
       instruments?.acked.inc();
-      dropping = false;
+      // Room freed, and a disk that refused writes may take them again: the next append says.
+      appendFailing = false;
     }
     if (spool.rows === 0) drained.wakeAll();
     pump();
@@ -319,13 +343,16 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     record(metrics) {
       const row = encodeRow(metrics);
       if (!row) return;
+      largestRow = Math.max(largestRow, row.length);
       if (!spool.append(row)) {
         instruments?.dropped.inc();
         if (!dropping) log.error("metrics spool full: dropping request metrics", { spooled_rows: spool.rows });
         dropping = true;
+        appendFailing = !spoolAtBound();
         return;
       }
       dropping = false;
+      appendFailing = false;
       if (full()) sealPending(true);
       else armSealTimer();
     },
@@ -351,7 +378,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       rows: spool.rows,
       bytes: spool.bytes,
       maxBytes: spool.maxBytes,
-      full: dropping || sealFailing,
+      full: spoolAtBound() || appendFailing || sealFailing,
       lastError,
     }),
   };

@@ -78,8 +78,8 @@ export interface MemorySpoolOptions {
   firstSequence?: bigint;
 }
 
-// Per-row bookkeeping counted on top of the encoded row, as a file spool's record header is.
-const rowOverheadBytes = 9;
+/** Per-row bookkeeping counted against a spool's bound on top of the encoded row (a file spool's record header). */
+export const rowOverheadBytes = 9;
 
 /**
  * How many of the `count` oldest pending rows, `bytes(i)` each when encoded, make the next batch: at most maxRows
