@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Registry } from "prom-client";
@@ -248,6 +248,63 @@ describe("metrics shipper", () => {
       const resent = await registry.getSingleMetric("gateway_ingest_batches_resent_total")?.get();
       expect(resent?.values[0]?.value).toBe(3);
       second.spool.close();
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+
+  test("a batch that cannot be read for now (no file descriptors left) stays spooled and goes once it can", async () => {
+    const root = mkdtempSync(join(tmpdir(), "shipper-spool-"));
+    try {
+      // An earlier process's sealed batches: read back from disk, since the new process has none of them in memory.
+      const earlier = openFileSpool({ root, name: "gw", maxBytes: 1 << 20, fsync: "never" });
+      for (let i = 0; i < 50; i++) earlier.append(toBinary(RequestMetricsSchema, row(i)));
+      while (earlier.seal(10, 1 << 20));
+      earlier.close();
+
+      const fixture = join(import.meta.dir, "testing/shipper-out-of-descriptors.ts");
+      const child = Bun.spawnSync(
+        ["sh", "-c", 'ulimit -n 200 && exec "$0" "$@"', process.execPath, fixture, root, "300"],
+        { stderr: "pipe" },
+      );
+      expect(child.stderr.toString()).toBe("");
+      const result = JSON.parse(child.stdout.toString());
+      expect(result).toMatchObject({ exhausted: "EMFILE", spooledWhileHeld: 50, flushed: true, dropped: 0 });
+      expect(result.received).toEqual(ids(0, 50));
+      // Logged once for the whole outage, not once per batch or retry.
+      expect(result.errors).toEqual(["metrics spool: a batch cannot be read; retrying"]);
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+
+  test("a batch damaged on disk sends the rows still whole and counts the rest dropped", async () => {
+    const root = mkdtempSync(join(tmpdir(), "shipper-spool-"));
+    try {
+      const open = () => openFileSpool({ root, name: "gw", maxBytes: 1 << 20, fsync: "never" });
+      const earlier = open();
+      for (let i = 0; i < 25; i++) earlier.append(toBinary(RequestMetricsSchema, row(i)));
+      while (earlier.seal(10, 1 << 20));
+      earlier.close();
+
+      const registry = new Registry();
+      const spool = open();
+      const { analytics, shipper } = setup({ spool, registry });
+      const segment = join(spool.dir, "0000000001.seg");
+      const bytes = readFileSync(segment);
+      // A flipped byte in the second batch's fourth row ends what can be read of it...
+      const flipped = bytes.indexOf("req-0013") + 7;
+      bytes[flipped] = bytes[flipped]! ^ 1;
+      writeFileSync(segment, bytes);
+      // ...and the third batch is cut off the file (its record starts 9 header and 2 field bytes before its id).
+      truncateSync(segment, bytes.indexOf("req-0020") - 11);
+      shipper.start();
+      expect(await shipper.flush(5000)).toBe(true);
+      expect(analytics.requestIds()).toEqual(ids(0, 13));
+      const dropped = await registry.getSingleMetric("gateway_metrics_dropped_total")?.get();
+      expect(dropped?.values[0]?.value).toBe(12);
+      expect(spool.rows).toBe(0);
+      spool.close();
     } finally {
       rmSync(root, { recursive: true, force: true });
     }

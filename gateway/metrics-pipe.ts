@@ -11,7 +11,7 @@ import {
 } from "../gen/analytics/v1/analytics_pb.ts";
 import { createOutageLog, type Logger } from "../lib/log.ts";
 import { createWaiters } from "../lib/waiters.ts";
-import { defaultBatchBytes, type Spool, type SpoolBatch } from "./spool.ts";
+import { defaultBatchBytes, rowOverheadBytes, type Spool, type SpoolBatch, SpoolBatchDamagedError } from "./spool.ts";
 
 export interface MetricsShipperOptions {
   client: Pick<Client<typeof AnalyticsService>, "ingestMetrics">;
@@ -46,7 +46,10 @@ export interface ShipperStatus {
   /** Spool fill level against its bound. */
   bytes: number;
   maxBytes: number;
-  /** The spool is at its bound, or its disk refuses writes: new rows are being dropped, or cannot be sealed. */
+  /**
+   * The spool has no room for another row as large as the largest recorded (or, before any, as its rows on average),
+   * and stays full until back under 90% of its bound; or its disk refuses writes. New rows are dropped or not sealed.
+   */
   full: boolean;
   lastError: string | undefined;
 }
@@ -65,6 +68,13 @@ export interface MetricsShipper {
 
 // A stream that has not failed for this long counts as connected even before its first ack.
 const settleMs = 500;
+
+// A full spool stops counting as full only under this share of its bound, so acks that free room for a row or two,
+// taken again by the next requests, do not flap readiness.
+const readyFill = 0.9;
+
+// Rows are never larger (the request checks bound one to about 40 KB): caps a guess from a spool's average row.
+const rowGuessCapBytes = 64 * 1024;
 
 interface Stream {
   outbox: Outbox<IngestMetricsRequest>;
@@ -100,7 +110,12 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   const sentBefore = new Set<bigint>();
   let connected = false;
   let lastError: string | undefined;
+  // Rows are being dropped: logged once until one is spooled again.
   let dropping = false;
+  // The last row was refused with room for it: the disk refuses writes.
+  let appendFailing = false;
+  let largestRow = 0;
+  let atBound = false;
   // Rows pending that the spool could not seal (its disk refused the write): retried on the seal timer.
   let sealFailing = false;
   let closed = false;
@@ -110,17 +125,57 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
 
   const instruments = options.registry ? createInstruments(options.registry, spool, () => connected) : undefined;
 
-  const send = (s: Stream, batch: SpoolBatch) => {
+  // Loud once while batches cannot be read for now (descriptors or memory run out, a disk error), quiet while retrying.
+  const readOutage = createOutageLog(
+    log,
+    { failed: "metrics spool: a batch cannot be read; retrying", recovered: "metrics spool: batches can be read again" },
+    "error",
+  );
+  let readRetry: ReturnType<typeof setTimeout> | undefined;
+  let readFailures = 0;
+
+  /** Pumps again after a backoff, while the batch that could not be read stays unacked. */
+  const retryReadLater = () => {
+    if (readRetry) return;
+    const ceiling = Math.min(backoffMaxMs, backoffBaseMs * 2 ** Math.min(readFailures++, 20));
+    readRetry = setTimeout(
+      () => {
+        readRetry = undefined;
+        pump();
+      },
+      ceiling / 2 + (random() * ceiling) / 2,
+    );
+    readRetry.unref?.();
+  };
+
+  /** Sends one batch; false when it cannot be read for now, and sending stops until the retry. */
+  const send = (s: Stream, batch: SpoolBatch): boolean => {
     let rows: Uint8Array[];
     try {
       rows = spool.read(batch);
     } catch (e) {
-      // Unreadable means lost on disk; acking it locally keeps the stream moving past it.
-      log.error("a spooled batch could not be read and is dropped", { err: e, sequence: batch.sequence });
-      instruments?.dropped.inc(batch.rows);
-      spool.ack(batch.sequence);
-      return;
+      if (!(e instanceof SpoolBatchDamagedError)) {
+        readOutage.failed({ err: e, sequence: batch.sequence, spooled_rows: spool.rows });
+        retryReadLater();
+        return false;
+      }
+      // Lost on disk: the rows still whole go, the rest are counted dropped. Acking an empty one moves the stream on.
+      const lost = Math.max(0, batch.rows - e.rows.length);
+      log.error("a spooled batch is damaged: its unreadable rows are dropped", {
+        err: e,
+        sequence: batch.sequence,
+        dropped_rows: lost,
+      });
+      instruments?.dropped.inc(lost);
+      if (e.rows.length === 0) {
+        spool.ack(batch.sequence);
+        if (spool.rows === 0) drained.wakeAll();
+        return true;
+      }
+      rows = e.rows;
     }
+    readFailures = 0;
+    readOutage.recovered({ sequence: batch.sequence });
     if (batch.recovered || sentBefore.has(batch.sequence)) {
       instruments?.resentBatches.inc();
       instruments?.resentRows.inc(batch.rows);
@@ -130,17 +185,25 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     s.inFlight.set(batch.sequence, { rows: batch.rows, sentAt: performance.now() });
     s.inFlightRows += batch.rows;
     s.lastSent = batch.sequence;
+    return true;
   };
 
   /** Sends the next unacked batches, oldest first, while the window has room. */
   const pump = () => {
     const s = stream;
-    if (!s || s.inFlightRows >= maxInFlightRows) return;
+    if (!s || readRetry || s.inFlightRows >= maxInFlightRows) return;
     for (const batch of spool.unacked()) {
       if (batch.sequence <= s.lastSent) continue;
-      if (s.inFlightRows >= maxInFlightRows) break;
-      send(s, batch);
+      if (s.inFlightRows >= maxInFlightRows || !send(s, batch)) break;
     }
+  };
+
+  /** Whether the spool is at its bound (see ShipperStatus.full): from its fill, so also right after a restart. */
+  const spoolAtBound = () => {
+    const average = spool.rows > 0 ? Math.min(Math.ceil(spool.bytes / spool.rows), rowGuessCapBytes) : 0;
+    const next = Math.max(largestRow + rowOverheadBytes, average);
+    atBound = atBound ? spool.bytes > spool.maxBytes * readyFill : spool.bytes + next > spool.maxBytes;
+    return atBound;
   };
 
   const full = () => spool.pendingRows >= batchRows || spool.pendingBytes >= batchBytes;
@@ -198,7 +261,8 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     sentBefore.delete(sequence);
     if (spool.ack(sequence)) {
       instruments?.acked.inc();
-      dropping = false;
+      // Room freed, and a disk that refused writes may take them again: the next append says.
+      appendFailing = false;
     }
     if (spool.rows === 0) drained.wakeAll();
     pump();
@@ -279,13 +343,16 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     record(metrics) {
       const row = encodeRow(metrics);
       if (!row) return;
+      largestRow = Math.max(largestRow, row.length);
       if (!spool.append(row)) {
         instruments?.dropped.inc();
         if (!dropping) log.error("metrics spool full: dropping request metrics", { spooled_rows: spool.rows });
         dropping = true;
+        appendFailing = !spoolAtBound();
         return;
       }
       dropping = false;
+      appendFailing = false;
       if (full()) sealPending(true);
       else armSealTimer();
     },
@@ -301,6 +368,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     async close() {
       closed = true;
       if (sealTimer) clearTimeout(sealTimer);
+      clearTimeout(readRetry);
       stream?.abort.abort();
       wakeFromBackoff?.();
       await running;
@@ -310,7 +378,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       rows: spool.rows,
       bytes: spool.bytes,
       maxBytes: spool.maxBytes,
-      full: dropping || sealFailing,
+      full: spoolAtBound() || appendFailing || sealFailing,
       lastError,
     }),
   };
@@ -419,7 +487,7 @@ function createInstruments(registry: Registry, spool: Spool, connected: () => bo
   return {
     dropped: new Counter({
       name: "gateway_metrics_dropped_total",
-      help: "Request metrics dropped because the spool was full or could not be written.",
+      help: "Request metrics dropped because the spool was full, could not be written, or lost them on disk.",
       registers: [registry],
     }),
     acked: new Counter({

@@ -1,6 +1,15 @@
-import { describe, expect, test } from "bun:test";
-import type { ShipperStatus } from "./metrics-pipe.ts";
+import { afterEach, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
+import { AnalyticsService, RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
+import { createMetricsShipper, type MetricsShipper, type ShipperStatus } from "./metrics-pipe.ts";
 import { createReadiness } from "./readiness.ts";
+import { createMemorySpool, type Spool } from "./spool.ts";
+import { openFileSpool } from "./spool-file.ts";
+import { createTestLogger } from "./testing.ts";
 
 function setup(billing: () => Promise<Response>) {
   const status: ShipperStatus = { connected: true, rows: 0, bytes: 0, maxBytes: 1000, full: false, lastError: undefined };
@@ -17,6 +26,47 @@ function setup(billing: () => Promise<Response>) {
   });
   return { readiness, status, probes: () => probes };
 }
+
+const shippers: MetricsShipper[] = [];
+const roots: string[] = [];
+afterEach(async () => {
+  for (const shipper of shippers.splice(0)) await shipper.close();
+  for (const root of roots.splice(0)) rmSync(root, { recursive: true, force: true });
+});
+
+/** A real shipper on `spool` to an analytics that is down; readiness over it with billing up. */
+function withSpool(spool: Spool) {
+  const analytics = createRouterTransport((router) =>
+    router.service(AnalyticsService, {
+      // biome-ignore lint/correctness/useYield: analytics is down
+      async *ingestMetrics() {
+        throw new ConnectError("analytics is down", Code.Unavailable);
+      },
+    }),
+  );
+  const shipper = createMetricsShipper({
+    client: createClient(AnalyticsService, analytics),
+    spool,
+    instanceId: "gw-test",
+    log: createTestLogger(),
+    batchRows: 1,
+    backoffBaseMs: 5,
+    backoffMaxMs: 20,
+  });
+  shippers.push(shipper);
+  shipper.start();
+  const readiness = createReadiness({
+    billingUrl: "http://billing.test",
+    shipper,
+    cacheMs: 0,
+    fetch: (async () => new Response("{}")) as unknown as typeof fetch,
+  });
+  return { shipper, ready: async () => (await readiness()).ready };
+}
+
+/** A row of 10 bytes encoded, and 2 more and `userChars` with an end user. */
+const row = (i: number, userChars = 0) =>
+  create(RequestMetricsSchema, { requestId: `req-${String(i).padStart(4, "0")}`, endUserId: "u".repeat(userChars) });
 
 describe("readiness", () => {
   test("ready with billing up and the spool under its bound, connected or not", async () => {
@@ -42,5 +92,44 @@ describe("readiness", () => {
       throw new Error("connection refused");
     }).readiness();
     expect(down).toMatchObject({ ready: false, checks: { billing: "unreachable" } });
+  });
+
+  test("a spool found full at start is not ready, and a smaller row that still fits does not make it ready", async () => {
+    const root = mkdtempSync(join(tmpdir(), "readiness-spool-"));
+    roots.push(root);
+    const open = () => openFileSpool({ root, name: "gw", maxBytes: 4096, segmentBytes: 1024, fsync: "never" });
+    const spool = open();
+    const before = withSpool(spool);
+    for (let i = 0; i < 100; i++) before.shipper.record(row(i, 200));
+    expect(spool.rows).toBeLessThan(100);
+    expect(await before.ready()).toBe(false);
+    await before.shipper.close();
+    spool.close();
+
+    const restarted = open();
+    const after = withSpool(restarted);
+    expect(after.shipper.status()).toMatchObject({ rows: restarted.rows, full: true });
+    expect(await after.ready()).toBe(false);
+    const rows = restarted.rows;
+    after.shipper.record(row(1000));
+    expect(restarted.rows).toBe(rows + 1);
+    expect(await after.ready()).toBe(false);
+    restarted.close();
+  });
+
+  test("a full spool is ready again only once acks bring it under 90% of its bound", async () => {
+    // 20 rows of 10 bytes and 9 of overhead fill it.
+    const spool = createMemorySpool({ maxBytes: 20 * 19, firstSequence: 1n });
+    const { shipper, ready } = withSpool(spool);
+    for (let i = 0; i < 21; i++) shipper.record(row(i));
+    expect(spool.rows).toBe(20);
+    expect(await ready()).toBe(false);
+    // Room for a row again, but not under 90%: a new row would take it and the next be dropped.
+    spool.ack(1n);
+    expect(spool.bytes + 19).toBeLessThanOrEqual(spool.maxBytes);
+    expect(await ready()).toBe(false);
+    spool.ack(2n);
+    expect(spool.bytes).toBe(spool.maxBytes * 0.9);
+    expect(await ready()).toBe(true);
   });
 });

@@ -26,7 +26,14 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import { createOutageLog, type Logger } from "../lib/log.ts";
 import { procStatFields } from "../lib/processes.ts";
-import { batchLength, clockSequence, defaultBatchBytes, type Spool, type SpoolBatch } from "./spool.ts";
+import {
+  batchLength,
+  clockSequence,
+  defaultBatchBytes,
+  type Spool,
+  type SpoolBatch,
+  SpoolBatchDamagedError,
+} from "./spool.ts";
 
 // Descriptor-level file calls off the event loop (fs/promises would wrap descriptors in handles).
 const fsAsync = {
@@ -429,27 +436,33 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     return batch;
   };
 
+  /**
+   * A batch's rows read back from its segments. A segment gone, short or damaged throws SpoolBatchDamagedError with
+   * the rows still whole; any other error (too many open files, EIO) is thrown as it is, the batch kept for a retry.
+   */
   const readBatch = (batch: DiskBatch): Uint8Array[] => {
     const rows: Uint8Array[] = [];
+    const damage: string[] = [];
     for (const part of batch.parts) {
       const segment = segments.get(part.segment);
-      if (!segment) throw new Error(`spool segment ${part.segment} of batch ${batch.sequence} is gone`);
-      const buf = Buffer.allocUnsafe(part.end - part.start);
-      const fd = openSync(segment.path, "r");
+      let buf: Buffer | undefined;
       try {
-        let read = 0;
-        while (read < buf.length) {
-          const n = readSync(fd, buf, read, buf.length - read, part.start + read);
-          if (n === 0) throw new Error(`spool segment ${segment.path} is shorter than expected`);
-          read += n;
-        }
-      } finally {
-        closeSync(fd);
+        buf = segment && readRange(segment.path, part.start, part.end);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
       }
-      forEachRecord(buf, 0, (type, payload) => {
+      if (!buf) {
+        damage.push(`segment ${part.segment} is gone`);
+        continue;
+      }
+      const end = forEachRecord(buf, 0, (type, payload) => {
         if (type === rowType) rows.push(payload);
       });
+      if (buf.length < part.end - part.start) damage.push(`segment ${part.segment} is shorter than expected`);
+      else if (end < buf.length) damage.push(`segment ${part.segment} has a damaged record at ${part.start + end}`);
     }
+    if (damage.length === 0 && rows.length < batch.rows) damage.push(`${rows.length} of its ${batch.rows} rows found`);
+    if (damage.length > 0) throw new SpoolBatchDamagedError(`spool batch ${batch.sequence}: ${damage.join("; ")}`, rows);
     return rows;
   };
 
@@ -537,7 +550,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       const cached = cache.get(batch.sequence);
       if (cached) return cached;
       const known = batches.get(batch.sequence);
-      if (!known) throw new Error(`batch ${batch.sequence} is not in the spool`);
+      if (!known) throw new SpoolBatchDamagedError(`batch ${batch.sequence} is not in the spool`);
       return readBatch(known);
     },
     ack(sequence) {
@@ -775,6 +788,23 @@ function firstAtOrAfter(rows: readonly Part[], offset: number): number {
     else high = mid;
   }
   return low;
+}
+
+/** Bytes start..end of a file, fewer when it ends sooner. */
+function readRange(path: string, start: number, end: number): Buffer {
+  const buf = Buffer.allocUnsafe(end - start);
+  const fd = openSync(path, "r");
+  try {
+    let read = 0;
+    while (read < buf.length) {
+      const n = readSync(fd, buf, read, buf.length - read, start + read);
+      if (n === 0) return buf.subarray(0, read);
+      read += n;
+    }
+    return buf;
+  } finally {
+    closeSync(fd);
+  }
 }
 
 /** Encoded size of the row a ROW record's range holds. */

@@ -7,6 +7,21 @@ export interface SpoolBatch {
 }
 
 /**
+ * A batch the spool holds but cannot give back whole: its file is gone, shorter than its records, or damaged. Reading
+ * it again will not help; any other error from read (too many open files, EIO) may pass, and the batch is kept.
+ */
+export class SpoolBatchDamagedError extends Error {
+  override name = "SpoolBatchDamagedError";
+  constructor(
+    message: string,
+    /** The rows that could still be read whole, in append order. */
+    readonly rows: Uint8Array[] = [],
+  ) {
+    super(message);
+  }
+}
+
+/**
  * Where finished requests wait until analytics acks them. The shipper appends each request,
  * seals pending rows into numbered batches, reads batches to send them, and acks them as
  * analytics confirms; a durable implementation keeps all of it across restarts.
@@ -22,7 +37,10 @@ export interface Spool {
   seal(maxRows: number, maxBytes: number): SpoolBatch | undefined;
   /** Sealed batches not acked yet, oldest (lowest sequence) first. */
   unacked(): Iterable<SpoolBatch>;
-  /** The encoded rows of an unacked batch, in append order. */
+  /**
+   * The encoded rows of an unacked batch, in append order. Throws SpoolBatchDamagedError when they cannot all be read
+   * and never will; any other error is worth a retry.
+   */
   read(batch: SpoolBatch): Uint8Array[];
   /** Forgets the batch with this sequence; false for unknown sequences (late duplicate acks). */
   ack(sequence: bigint): boolean;
@@ -60,8 +78,8 @@ export interface MemorySpoolOptions {
   firstSequence?: bigint;
 }
 
-// Per-row bookkeeping counted on top of the encoded row, as a file spool's record header is.
-const rowOverheadBytes = 9;
+/** Per-row bookkeeping counted against a spool's bound on top of the encoded row (a file spool's record header). */
+export const rowOverheadBytes = 9;
 
 /**
  * How many of the `count` oldest pending rows, `bytes(i)` each when encoded, make the next batch: at most maxRows
@@ -113,7 +131,7 @@ export function createMemorySpool(options: MemorySpoolOptions = {}): Spool {
     },
     read(batch) {
       const entry = sealed.get(batch.sequence);
-      if (!entry) throw new Error(`batch ${batch.sequence} is not in the spool`);
+      if (!entry) throw new SpoolBatchDamagedError(`batch ${batch.sequence} is not in the spool`);
       return entry.rows;
     },
     ack(sequence) {
