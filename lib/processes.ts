@@ -52,7 +52,14 @@ export interface ServiceProcess {
 
 /** Starts a service as a child process with line-prefixed output and a readiness wait. */
 export function spawnService(options: ServiceProcessOptions): ServiceProcess {
-  const onLine = options.onLine ?? ((line: string) => process.stdout.write(`[${options.name}] ${line}\n`));
+  const print = options.onLine ?? ((line: string) => process.stdout.write(`[${options.name}] ${line}\n`));
+  // Its last words, for the error when it exits before it is ready.
+  const recent: string[] = [];
+  const onLine = (line: string) => {
+    recent.push(line.length > 500 ? `${line.slice(0, 500)}...` : line);
+    if (recent.length > 5) recent.shift();
+    print(line);
+  };
   const proc = Bun.spawn(options.cmd, {
     cwd: options.cwd,
     env: { ...process.env, ...options.env },
@@ -64,7 +71,7 @@ export function spawnService(options: ServiceProcessOptions): ServiceProcess {
   });
   void pipeLines(proc.stdout, onLine);
   void pipeLines(proc.stderr, onLine);
-  const ready = waitReady(options.readyUrl, options.readyTimeoutMs ?? 30_000, proc, options.name);
+  const ready = waitReady(options.readyUrl, options.readyTimeoutMs ?? 30_000, proc, options.name, recent);
   return {
     name: options.name,
     proc,
@@ -80,11 +87,20 @@ export function spawnService(options: ServiceProcessOptions): ServiceProcess {
   };
 }
 
-async function waitReady(url: string, timeoutMs: number, proc: Subprocess, name: string): Promise<void> {
+async function waitReady(
+  url: string,
+  timeoutMs: number,
+  proc: Subprocess,
+  name: string,
+  recent: readonly string[],
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     if (proc.exitCode !== null || proc.signalCode !== null) {
-      throw new Error(`${name} exited with ${proc.exitCode ?? proc.signalCode} before it was ready`);
+      // Its output is still being read when it exits: what is left arrives shortly.
+      await Bun.sleep(50);
+      const said = recent.length ? `; its last output:\n${recent.join("\n")}` : "";
+      throw new Error(`${name} exited with ${proc.exitCode ?? proc.signalCode} before it was ready${said}`);
     }
     try {
       const res = await fetch(url, { signal: AbortSignal.timeout(1_000) });

@@ -364,7 +364,7 @@ describe("RPC metrics", () => {
         router.service(BillingService, {
           async *watchKeyChanges() {
             yield { apiKeyId: "key_1" };
-            await Bun.sleep(200);
+            await Bun.sleep(250);
             throw new ConnectError("the store went away", Code.Unavailable);
           },
         });
@@ -394,7 +394,7 @@ describe("RPC metrics", () => {
       let open = -1;
       async function* batches() {
         yield { gatewayInstanceId: "g", sequence: 1n, metrics: [] };
-        await Bun.sleep(200);
+        await Bun.sleep(250);
         open = Object.keys(await handled("IngestMetrics")).length;
         yield { gatewayInstanceId: "g", sequence: 2n, metrics: [] };
       }

@@ -54,9 +54,16 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
   // any connection's local end meanwhile), and each service starts after those it calls.
   const ports = { billing: 0, analytics: 0, gateway: 0, openai: 0 };
   const urls = { billing: "", analytics: "", gateway: "" };
+  // The kernel may hand out a port it just handed out: each service gets one no other has.
+  const unused = async () => {
+    for (;;) {
+      const port = await freePort();
+      if (!Object.values(ports).includes(port)) return port;
+    }
+  };
   const pick = async (name: ServiceName) => {
-    ports[name] ||= options.ports[name] || (await freePort());
-    if (name === "gateway") ports.openai ||= options.ports.openai || (await freePort());
+    ports[name] ||= options.ports[name] || (await unused());
+    if (name === "gateway") ports.openai ||= options.ports.openai || (await unused());
     urls[name] = `http://127.0.0.1:${ports[name]}`;
   };
   const spawn = (name: ServiceName) =>
