@@ -65,10 +65,11 @@ export function calculateDiscounts(
 /**
  * The discounts `late` usage of a billing period adds to those of the period's `billed` usage: per rule, what it takes
  * off both together less what it takes off `billed` alone, so a cap, volume tier or maximum that `billed` used is not
- * granted again. In all never more than the org's maximum share of the late usage itself (all of it without a
- * maximum): what issued invoices billed is not discounted again, so late usage that lifts its period into an
- * all-units tier gets that tier's rate on itself, not a credit for the usage billed before. Rules that matched some
- * of the usage, in the order they were applied; `matchedNanos` is late usage.
+ * granted again. Never more than each rule's rate (the tier the period's whole usage reaches) on the late usage it
+ * matched, nor in all than the org's maximum share of the late usage: what issued invoices billed is not discounted
+ * again, so late usage that lifts its period into an all-units tier gets that tier's rate on itself, not a credit for
+ * the usage billed before. Rules that matched some of the usage, in the order they were applied; `matchedNanos` is
+ * late usage.
  */
 export function marginalDiscounts(
   billed: readonly UsageHour[],
@@ -85,11 +86,16 @@ export function marginalDiscounts(
   if (left > bound) left = bound;
   return after.applied.map(({ rule, matchedNanos, amountNanos }) => {
     const earlier = was.get(rule.id);
-    const added = amountNanos - (earlier?.amountNanos ?? 0n);
+    const lateMatched = matchedNanos - (earlier?.matchedNanos ?? 0n);
+    // Never more than the rule's rate, as the period's whole usage reaches it, on the late usage it matched.
+    const rateBps = rule.kind === "promotional" || rule.kind === "time_window" ? rule.discountBps : allUnitsBps(rule, matchedNanos);
+    const atRate = (lateMatched * BigInt(rateBps)) / bpsScale;
+    let added = amountNanos - (earlier?.amountNanos ?? 0n);
+    if (added > atRate) added = atRate;
     // A discount never charges: a rule left less goes to 0 and the added total to rules in the order they apply.
     const amount = added <= 0n ? 0n : added < left ? added : left;
     left -= amount;
-    return { rule, matchedNanos: matchedNanos - (earlier?.matchedNanos ?? 0n), amountNanos: amount };
+    return { rule, matchedNanos: lateMatched, amountNanos: amount };
   });
 }
 
