@@ -11,8 +11,8 @@ import { startServer } from "../lib/server.ts";
 import { defaultIngestOptions } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
 import { createAnalyticsService } from "./service.ts";
-import { clickHouseLoggerClass, createClientDriver } from "./store/client-driver.ts";
-import { createAnalyticsStore, defaultRollupLagMs } from "./store/store.ts";
+import { clickHouseLoggerClass, clientRequestTimeoutMs, createClientDriver } from "./store/client-driver.ts";
+import { createAnalyticsStore, defaultQueryTimeoutSeconds, defaultRollupLagMs } from "./store/store.ts";
 
 const cfg = loadEnvOrExit({
   ...commonEnv,
@@ -71,6 +71,7 @@ const driver = cfg.CLICKHOUSE_URL
         username: cfg.CLICKHOUSE_USER,
         password: cfg.CLICKHOUSE_PASSWORD,
         application: "mesh-analytics",
+        request_timeout: clientRequestTimeoutMs(defaultQueryTimeoutSeconds),
         log: { LoggerClass: clickHouseLoggerClass(log.child({ component: "clickhouse-client" })) },
       }),
     )

@@ -28,6 +28,15 @@ export function clickHouseLoggerClass(log: Logger): new () => ClickHouseLogger {
   };
 }
 
+/**
+ * How long @clickhouse/client waits for an answer, past the server's own limit on a report query: a query the server
+ * stops at its limit then reaches the caller as ClickHouse's TIMEOUT_EXCEEDED (ResourceExhausted), not as the client
+ * giving up at the same moment (Unavailable, which clients retry). The client's default, 30 s, equals that limit.
+ */
+export function clientRequestTimeoutMs(queryTimeoutSeconds: number): number {
+  return (queryTimeoutSeconds + 15) * 1000;
+}
+
 /** A ClickHouse server through @clickhouse/client (HTTP). Owns the client: close() closes it. */
 export function createClientDriver(client: ClickHouseClient): ClickHouseDriver {
   return {

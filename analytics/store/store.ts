@@ -107,6 +107,8 @@ export interface StoreOptions {
 }
 
 export const defaultRollupLagMs = 5 * 60_000;
+/** How long a report query may run in ClickHouse by default (max_execution_time). */
+export const defaultQueryTimeoutSeconds = 30;
 
 // Over the union of raw rows and rollups (see usageSources), where t is a row's start or its bucket's.
 const dimensionSql: Record<UsageDimension, string> = {
@@ -140,7 +142,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
   if (!Number.isInteger(options.ttlDays) || options.ttlDays < 1) {
     throw new Error(`invalid TTL: ${options.ttlDays} days`);
   }
-  const queryTimeoutSeconds = options.queryTimeoutSeconds ?? 30;
+  const queryTimeoutSeconds = options.queryTimeoutSeconds ?? defaultQueryTimeoutSeconds;
   if (!(queryTimeoutSeconds > 0)) throw new Error(`invalid query timeout: ${queryTimeoutSeconds} s`);
   // Reports read what callers choose (ranges of up to 400 days): each gets a time limit in the engine itself.
   const reportLimits = `SETTINGS max_execution_time = ${queryTimeoutSeconds}`;

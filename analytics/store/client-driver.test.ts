@@ -1,0 +1,39 @@
+import { afterAll, expect, test } from "bun:test";
+import { createClient } from "@clickhouse/client";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { createLogger } from "../../lib/log.ts";
+import { query } from "../service.ts";
+import { clickHouseLoggerClass, clientRequestTimeoutMs, createClientDriver } from "./client-driver.ts";
+
+// A ClickHouse server that stops every query at its 1 s limit, as a real one does: a little after it, with code 159.
+const limitSeconds = 1;
+const server = Bun.serve({
+  port: 0,
+  hostname: "127.0.0.1",
+  async fetch() {
+    await Bun.sleep(limitSeconds * 1000 + 300);
+    return new Response("Code: 159. DB::Exception: Timeout exceeded: elapsed 1.3 seconds, maximum: 1. (TIMEOUT_EXCEEDED)", {
+      status: 500,
+      headers: { "x-clickhouse-exception-code": "159" },
+    });
+  },
+});
+afterAll(() => server.stop(true));
+
+const silent = createLogger({ service: "t", level: "error", write: () => {} });
+const slowQuery = async (requestTimeoutMs: number) => {
+  const url = `http://127.0.0.1:${server.port}`;
+  const log = { LoggerClass: clickHouseLoggerClass(silent) };
+  const driver = createClientDriver(createClient({ url, request_timeout: requestTimeoutMs, log }));
+  try {
+    return await query(silent, "Slow", () => driver.query("SELECT 1")).catch((e: unknown) => ConnectError.from(e).code);
+  } finally {
+    await driver.close();
+  }
+};
+
+test("a query the server stops at its limit is ResourceExhausted: the client waits past that limit", async () => {
+  expect(await slowQuery(clientRequestTimeoutMs(limitSeconds))).toBe(Code.ResourceExhausted);
+  // A client giving up at the server's limit (its default: 30 s against 30 s) answered Unavailable, which is retried.
+  expect(await slowQuery(limitSeconds * 1000)).toBe(Code.Unavailable);
+}, 20_000);
