@@ -51,7 +51,17 @@ test("keys of other shapes, and known secrets of any shape, are redacted", () =>
     "model xai-grok-2 of provider xai-eu, api_key_env: XAI_KEY",
   );
   expect(redactSecrets("quoted 0123456789abcdefAZURE and 0123456789abcdef", ["0123456789abcdef", "0123456789abcdefAZURE"]))
-    .toBe("quoted [redacted]AZURE and [redacted]");
+    .toBe("quoted [redacted] and [redacted]");
+  expect(redactSecrets("key=0123456789abcdef0123, sent (0123456789abcdef0123).", ["0123456789abcdef0123"])).toBe(
+    "key=[redacted], sent ([redacted]).",
+  );
+  // Placeholder keys of local servers, and words, are not secrets to scrub from every sentence.
+  expect(redactSecrets("model 'qwen2' is not loaded; load it in lm-studio first", ["lm-studio"])).toBe(
+    "model 'qwen2' is not loaded; load it in lm-studio first",
+  );
+  expect(redactSecrets("expected a string, got expectedness", ["expectedness-but-longer"])).toBe(
+    "expected a string, got expectedness",
+  );
   expect(redactSecrets("short keys stay: abc", ["abc"])).toBe("short keys stay: abc");
 });
 

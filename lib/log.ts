@@ -27,14 +27,20 @@ const secretText = new RegExp(
   "gi",
 );
 // Shorter known values would redact ordinary words.
-const minKnownSecretLength = 8;
+// Shorter "keys" are placeholders local servers document (lm-studio, ollama), whose every mention would go.
+const minKnownSecretLength = 16;
 
 /**
  * Text with key-shaped words and every `known` secret (provider keys, the admin token: keys of any shape, such as
- * Azure's 32 hex digits) replaced by "[redacted]". Logs, span statuses and upstream error messages all pass through it.
+ * Azure's 32 hex digits) replaced by "[redacted]", a known secret where it stands as a word of its own (not inside a
+ * longer run of letters and digits). Logs, span statuses and upstream error messages all pass through it.
  */
 export function redactSecrets(text: string, known: readonly string[] = []): string {
-  for (const secret of known) if (secret.length >= minKnownSecretLength) text = text.replaceAll(secret, "[redacted]");
+  for (const secret of known) {
+    if (secret.length < minKnownSecretLength || !text.includes(secret)) continue;
+    const escaped = secret.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+    text = text.replace(new RegExp(`(?<![A-Za-z0-9])${escaped}(?![A-Za-z0-9])`, "g"), "[redacted]");
+  }
   return text.replace(secretText, "[redacted]");
 }
 
