@@ -179,6 +179,20 @@ describe("budget leases", () => {
     expect(spent).toBe(800n);
   });
 
+  test("a budget with 1 nano-USD left unleased is not asked for a zero-size lease in the background", async () => {
+    const principal = await principalWith({ org: 1_001n });
+    const { keeper: k } = keeper({ minLeaseNanos: 1_000n });
+    const before = calls.acquire;
+    // The grant leaves billing 1 nano-USD: half of it, what renewal may take, is nothing to ask for.
+    const r = await k.reserve(principal, 1_000n, 60_000);
+    r.settle(500n);
+    (await k.reserve(principal, 400n, 60_000)).settle(400n);
+    await Bun.sleep(20);
+    expect(calls.acquire - before).toBe(1);
+    await k.close();
+    expect(await leasesOf(principal.orgId)).toEqual([{ granted: 1_000n, spent: 900n }]);
+  });
+
   test("a lease running low is renewed in the background, sized by the recent spend rate", async () => {
     const principal = await principalWith({ org: 10n ** 12n });
     const { keeper: k, clock } = keeper({ minLeaseNanos: 10_000n, leaseHorizonSeconds: 60 });

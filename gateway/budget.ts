@@ -299,6 +299,11 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         await Promise.all([...resent, ...idle]);
       }
       const requestedNanos = size();
+      if (requestedNanos <= 0n) {
+        // Billing's last word leaves nothing to ask for (half of 1 nano-USD is 0): as good as a grant of nothing.
+        scope.exhaustedUntil = now() + exhaustedBackoffMs;
+        return;
+      }
       const asked = now();
       try {
         const res = await billing.acquireBudgetLease({
@@ -334,10 +339,10 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         }
         grantOutage.failed({ scope: scope.key, code: Code[err.code], err: err.rawMessage });
         throw serviceUnavailable("Budgets cannot be checked right now; retry shortly.", "budget_unavailable");
-      } finally {
-        scope.acquiring = undefined;
       }
-    })();
+    })().finally(() => {
+      if (scope.acquiring === acquiring) scope.acquiring = undefined;
+    });
     scope.acquiring = acquiring;
     return acquiring;
   };
