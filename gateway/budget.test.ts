@@ -213,6 +213,26 @@ describe("budget leases", () => {
     await k.close();
   });
 
+  test("renewals leave other replicas half of what is left, however many follow one another", async () => {
+    const cost = 1_000n;
+    const budget = cost * 40n;
+    const principal = await principalWith({ org: budget });
+    const a = keeper({ holder: "gw-a", minLeaseNanos: cost });
+    for (let i = 0; i < 10; i++) {
+      (await a.keeper.reserve(principal, cost, 60_000)).settle(cost);
+      // Ten requests a second: a few seconds of spend is more than the whole budget, so every request renews.
+      a.clock.t += 100;
+      await Bun.sleep(20);
+    }
+    const held = a.keeper.snapshot().get(`organization:${principal.orgId}`) as { grantedNanos: bigint; spentNanos: bigint };
+    const left = budget - cost * 10n;
+    expect(held.grantedNanos - held.spentNanos).toBeLessThanOrEqual(left / 2n + cost);
+    // Were this replica to die now, another could still serve about half of what is left.
+    const b = keeper({ holder: "gw-b", minLeaseNanos: cost });
+    for (let i = 0; i < 13; i++) (await b.keeper.reserve(principal, cost, 60_000)).settle(cost);
+    await Promise.all([a.keeper.close(), b.keeper.close()]);
+  });
+
   test("both org and key budgets are charged; the tighter one decides", async () => {
     const principal = await principalWith({ org: 5_000n, key: 1_000n });
     const { keeper: k } = keeper({ minLeaseNanos: 300n });

@@ -245,9 +245,20 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     const burst = shortfall * BigInt(Math.max(1, scope.waiters));
     if (size < burst) size = burst;
     if (size > maxLease) size = maxLease;
-    // Leave other replicas room: at most half of what billing last said was left.
-    if (scope.remaining !== null && scope.remaining > 0n && size > scope.remaining / 2n) size = scope.remaining / 2n;
+    const cap = shareLeft(scope);
+    if (cap !== null && size > cap) size = cap > 0n ? cap : 0n;
     return size > shortfall ? size : shortfall;
+  };
+
+  /**
+   * How much more this replica may hold: with it, its unreserved room is at most half of that room plus what billing
+   * last said was left, so grants cannot pile up (1/2 + 1/4 + ...) into the whole budget, stranded if it dies. Null
+   * when billing's figure is unknown or the budget unlimited.
+   */
+  const shareLeft = (scope: Scope): bigint | null => {
+    if (scope.remaining === null) return null;
+    const room = available(scope, 0);
+    return (room + scope.remaining) / 2n - room;
   };
 
   /** Sends one release; a failed one waits in `unreleased` for `maintain` to send again, later each time. */
@@ -282,6 +293,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const release = (scope: Scope, lease: Lease, spentNanos = lease.spent): Promise<void> => {
     const i = scope.leases.indexOf(lease);
     if (i >= 0) scope.leases.splice(i, 1);
+    // What goes back is billing's to grant again, to this replica as to others.
+    if (scope.remaining !== null && lease.granted > spentNanos) scope.remaining += lease.granted - spentNanos;
     return sendRelease({ scopeKey: scope.key, lease, spentNanos, failures: 0, retryAt: 0 });
   };
 
@@ -354,6 +367,10 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     let low = BigInt(Math.ceil(spendRate(scope, now()) * Math.min(10, horizonS / 4)));
     if (low < lastCost * 2n) low = lastCost * 2n;
     if (room >= low) return;
+    // Within a request of its share of what is left: the rest is for other replicas, and for this one's requests
+    // that find too little room (they ask for what they need).
+    const cap = shareLeft(scope);
+    if (cap !== null && (cap <= 0n || cap < lastCost) && (scope.remaining as bigint) > 1n) return;
     acquire(scope, () => leaseSize(scope, 0n)).catch(() => {});
   };
 
