@@ -336,6 +336,35 @@ describe("budget leases", () => {
     expect(settlements.rows[0]?.spent).toBe("9070");
   });
 
+  test("a release billing missed is sent again after its lease expired, so billing does not hold it for its grace", async () => {
+    const principal = await principalWith({ key: 10_000n });
+    const { keeper: k, clock } = keeper({
+      leaseTtlSeconds: 60,
+      minLeaseNanos: 10_000n,
+      idleReleaseMs: 5_000,
+      maintenanceIntervalMs: 10,
+    });
+    (await k.reserve(principal, 100n, 30_000)).settle(70n);
+    billingFault = "down";
+    try {
+      let sent = calls.release;
+      clock.t += 5_000;
+      await until(() => calls.release > sent);
+      // The outage outlasts the lease: its release is still sent, later each time.
+      for (let i = 0; i < 4; i++) {
+        sent = calls.release;
+        clock.t += 30_000;
+        await until(() => calls.release > sent);
+      }
+    } finally {
+      billingFault = undefined;
+    }
+    clock.t += 30_000;
+    await until(async () => (await leasesOf(principal.apiKeyId))[0]?.spent !== null, 3_000);
+    expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 10_000n, spent: 70n }]);
+    await k.close();
+  });
+
   test("a revoked key's budget cannot be leased: 401", async () => {
     const principal = await principalWith({ key: 1_000n });
     await client.revokeApiKey({ apiKeyId: principal.apiKeyId }, auth);

@@ -90,8 +90,13 @@ export interface BudgetKeeperOptions {
   idleReleaseMs?: number;
   /** Time a reservation needs after its request's deadline to be settled. */
   settleMarginMs?: number;
-  /** Longest wait between tries of a release billing failed, until the lease expires. */
+  /** Longest wait between tries of a release billing failed. */
   releaseRetryMaxMs?: number;
+  /**
+   * How long after its lease expired a failed release is still sent again (an hour by default): billing reserves an
+   * expired lease's grant for its grace period unless the release lands, and takes a late one.
+   */
+  releaseRetryAfterExpiryMs?: number;
   /** How often leases are checked for renewal and release. */
   maintenanceIntervalMs?: number;
   /** Epoch ms. */
@@ -170,6 +175,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const releasing = new Set<Promise<void>>();
   const unreleased = new Map<string, UnreleasedLease>();
   const releaseRetryMaxMs = options.releaseRetryMaxMs ?? 30_000;
+  const releaseRetryAfterExpiryMs = options.releaseRetryAfterExpiryMs ?? 3_600_000;
   let closed = false;
   const instruments = options.registry ? createInstruments(options.registry) : undefined;
 
@@ -274,8 +280,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         // Unknown to billing: nothing to give back.
         if (err.code === Code.NotFound) return;
         pending.failures++;
-        if (closed || now() >= pending.lease.expiresAt) {
-          // Billing frees it at expiry (plus its grace); the spend still reaches it as usage records.
+        if (closed || now() >= pending.lease.expiresAt + releaseRetryAfterExpiryMs) {
+          // Billing frees it at expiry plus its grace; the spend still reaches it as usage records.
           log?.warn("budget lease release failed", { lease_id: pending.lease.id, err: err.rawMessage });
           return;
         }
