@@ -365,6 +365,42 @@ describe("budget leases", () => {
     await k.close();
   });
 
+  test("a budget lowered below its spend is refused at once; running requests keep their reservations", async () => {
+    const org = await client.createOrganization({ name: `budget-org-${++orgs}`, monthlyBudgetNanos: 100_000n }, auth);
+    const orgId = org.organization?.id as string;
+    const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: 100_000n } }, auth);
+    // A fresh authorization each time, as after billing announced the key's change.
+    const authorize = () =>
+      createKeyAuthorizer({
+        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
+        watching: true,
+      }).authorize(key.secret);
+    const { keeper: k, clock } = keeper({ minLeaseNanos: 50_000n });
+    const before = await authorize();
+    for (let i = 0; i < 10; i++) (await k.reserve(before, 1_000n, 60_000)).settle(1_000n);
+    const running = await k.reserve(before, 1_000n, 60_000);
+
+    await client.updateOrganization({ orgId, monthlyBudgetNanos: 5_000n }, auth);
+    clock.t += 1;
+    const lowered = await authorize();
+    expect((await refusal(k.reserve(lowered, 1_000n, 60_000))).code).toBe("insufficient_quota");
+    // The request that was running settles on its lease, which then goes back with what it spent.
+    expect(running.settle(1_000n)).toHaveLength(2);
+    await until(async () => (await leasesOf(orgId)).every((l) => l.spent !== null));
+
+    // A key's budget, the same.
+    await client.updateOrganization({ orgId, monthlyBudgetNanos: 0n }, auth);
+    clock.t += 1;
+    (await k.reserve(await authorize(), 1_000n, 60_000)).settle(1_000n);
+    await client.updateApiKeyLimits({ apiKeyId: key.apiKey?.id as string, limits: { monthlyBudgetNanos: 12_000n } }, auth);
+    clock.t += 1;
+    expect((await refusal(k.reserve(await authorize(), 1_000n, 60_000))).code).toBe("insufficient_quota");
+    await k.close();
+    const spent = (leases: { spent: bigint | null }[]) => leases.reduce((sum, l) => sum + (l.spent ?? 0n), 0n);
+    expect(spent(await leasesOf(orgId))).toBe(11_000n);
+    expect(spent(await leasesOf(key.apiKey?.id as string))).toBe(12_000n);
+  });
+
   test("a revoked key's budget cannot be leased: 401", async () => {
     const principal = await principalWith({ key: 1_000n });
     await client.revokeApiKey({ apiKeyId: principal.apiKeyId }, auth);

@@ -113,6 +113,8 @@ interface Lease {
   /** Epoch ms, from our own clock when we asked, so clock skew can only shorten it. */
   expiresAt: number;
   lastUsed: number;
+  /** Granted under a budget since changed: serves no new request, and goes back once its last one settles. */
+  withdrawn: boolean;
 }
 
 interface Scope {
@@ -136,6 +138,11 @@ interface Scope {
   waiters: number;
   /** Its key was revoked: leases go back to billing as soon as nothing is reserved on them. */
   retired: boolean;
+  /** The monthly budget its leases were granted under, as of the key authorization at `budgetAt` (epoch ms). */
+  budgetNanos: bigint;
+  budgetAt: number;
+  /** Counts budget changes: a grant asked for before one is given back as it arrives. */
+  generation: number;
 }
 
 /** A lease given up whose release billing has not taken yet, with what was spent from it. */
@@ -179,10 +186,24 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   let closed = false;
   const instruments = options.registry ? createInstruments(options.registry) : undefined;
 
-  const scopeFor = (kind: BudgetScope, id: string): Scope => {
+  const budgetOf = (principal: Principal, kind: BudgetScope) =>
+    (kind === BudgetScope.ORGANIZATION
+      ? principal.grant.organization?.monthlyBudgetNanos
+      : principal.grant.apiKey?.limits?.monthlyBudgetNanos) ?? 0n;
+
+  const scopeFor = (kind: BudgetScope, principal: Principal): Scope => {
+    const id = kind === BudgetScope.ORGANIZATION ? principal.orgId : principal.apiKeyId;
     const key = `${kind === BudgetScope.ORGANIZATION ? "organization" : "api_key"}:${id}`;
+    const budgetNanos = budgetOf(principal, kind);
     let scope = scopes.get(key);
-    if (!scope) {
+    if (scope) {
+      // Billing announced a change, the key was authorized again: leases granted under another budget go back.
+      if (principal.authorizedAt >= scope.budgetAt) {
+        if (budgetNanos !== scope.budgetNanos) withdraw(scope);
+        scope.budgetNanos = budgetNanos;
+        scope.budgetAt = principal.authorizedAt;
+      }
+    } else {
       const t = now();
       scope = {
         key,
@@ -199,6 +220,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         maxHoldMs: 0,
         waiters: 0,
         retired: false,
+        budgetNanos,
+        budgetAt: principal.authorizedAt,
+        generation: 0,
       };
       scopes.set(key, scope);
     }
@@ -209,21 +233,20 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     let list = scopesOfPrincipal.get(principal);
     if (!list) {
       list = [];
-      if ((principal.grant.organization?.monthlyBudgetNanos ?? 0n) > 0n)
-        list.push(scopeFor(BudgetScope.ORGANIZATION, principal.orgId));
-      if ((principal.grant.apiKey?.limits?.monthlyBudgetNanos ?? 0n) > 0n)
-        list.push(scopeFor(BudgetScope.API_KEY, principal.apiKeyId));
+      for (const kind of [BudgetScope.ORGANIZATION, BudgetScope.API_KEY])
+        if (budgetOf(principal, kind) > 0n) list.push(scopeFor(kind, principal));
       scopesOfPrincipal.set(principal, list);
     }
     // Scopes dropped by the maintenance sweep come back on use.
     for (let i = 0; i < list.length; i++) {
       const s = list[i] as Scope;
-      if (scopes.get(s.key) !== s) list[i] = scopeFor(s.kind, s.id);
+      if (scopes.get(s.key) !== s) list[i] = scopeFor(s.kind, principal);
     }
     return list;
   };
 
   const free = (lease: Lease) => {
+    if (lease.withdrawn) return 0n;
     const left = lease.granted - lease.spent - lease.reserved;
     return left > 0n ? left : 0n;
   };
@@ -305,6 +328,20 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   };
 
   /**
+   * Gives back the leases of a scope whose budget changed, so its next request is granted under the new one: at once
+   * those no request is using, the others as their last request settles (requests running keep their reservations).
+   */
+  const withdraw = (scope: Scope) => {
+    scope.generation++;
+    scope.remaining = null;
+    scope.exhaustedUntil = 0;
+    for (const lease of [...scope.leases]) {
+      if (lease.reserved === 0n) void release(scope, lease);
+      else lease.withdrawn = true;
+    }
+  };
+
+  /**
    * Asks billing for `size()` more; resolves once the grant (or nothing) is in `scope.leases`. With
    * `returnIdle`, leases no request is using go back first, so billing can grant their rest in one piece.
    */
@@ -317,6 +354,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         const idle = scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease));
         await Promise.all([...resent, ...idle]);
       }
+      const generation = scope.generation;
       const requestedNanos = size();
       if (requestedNanos <= 0n) {
         // Billing's last word leaves nothing to ask for (half of 1 nano-USD is 0): as good as a grant of nothing.
@@ -333,6 +371,22 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           ttlSeconds: options.leaseTtlSeconds,
         });
         grantOutage.recovered();
+        if (scope.generation !== generation) {
+          // The budget changed while billing was asked: this grant may be the old budget's.
+          if (res.grantedNanos > 0n && res.leaseId) {
+            const lease: Lease = {
+              id: res.leaseId,
+              granted: res.grantedNanos,
+              spent: 0n,
+              reserved: 0n,
+              expiresAt: asked + ttlMs,
+              lastUsed: now(),
+              withdrawn: true,
+            };
+            void sendRelease({ scopeKey: scope.key, lease, spentNanos: 0n, failures: 0, retryAt: 0 });
+          }
+          return;
+        }
         scope.remaining = res.remainingNanos >= 0n ? res.remainingNanos : null;
         if (res.grantedNanos > 0n && res.leaseId) {
           scope.leases.push({
@@ -342,6 +396,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
             reserved: 0n,
             expiresAt: asked + ttlMs,
             lastUsed: now(),
+            withdrawn: false,
           });
           instruments?.leases.inc({ outcome: res.grantedNanos < requestedNanos ? "partial" : "granted" });
           instruments?.granted.inc(Number(res.grantedNanos) / 1e9);
