@@ -179,6 +179,20 @@ describe("budget leases", () => {
     expect(spent).toBe(800n);
   });
 
+  test("a budget with 1 nano-USD left unleased is not asked for a zero-size lease in the background", async () => {
+    const principal = await principalWith({ org: 1_001n });
+    const { keeper: k } = keeper({ minLeaseNanos: 1_000n });
+    const before = calls.acquire;
+    // The grant leaves billing 1 nano-USD: half of it, what renewal may take, is nothing to ask for.
+    const r = await k.reserve(principal, 1_000n, 60_000);
+    r.settle(500n);
+    (await k.reserve(principal, 400n, 60_000)).settle(400n);
+    await Bun.sleep(20);
+    expect(calls.acquire - before).toBe(1);
+    await k.close();
+    expect(await leasesOf(principal.orgId)).toEqual([{ granted: 1_000n, spent: 900n }]);
+  });
+
   test("a lease running low is renewed in the background, sized by the recent spend rate", async () => {
     const principal = await principalWith({ org: 10n ** 12n });
     const { keeper: k, clock } = keeper({ minLeaseNanos: 10_000n, leaseHorizonSeconds: 60 });
@@ -197,6 +211,26 @@ describe("budget leases", () => {
     expect(last).toBeLessThan(80_000n);
     expect(k.snapshot().get(scope)?.spentNanos).toBeGreaterThan(0n);
     await k.close();
+  });
+
+  test("renewals leave other replicas half of what is left, however many follow one another", async () => {
+    const cost = 1_000n;
+    const budget = cost * 40n;
+    const principal = await principalWith({ org: budget });
+    const a = keeper({ holder: "gw-a", minLeaseNanos: cost });
+    for (let i = 0; i < 10; i++) {
+      (await a.keeper.reserve(principal, cost, 60_000)).settle(cost);
+      // Ten requests a second: a few seconds of spend is more than the whole budget, so every request renews.
+      a.clock.t += 100;
+      await Bun.sleep(20);
+    }
+    const held = a.keeper.snapshot().get(`organization:${principal.orgId}`) as { grantedNanos: bigint; spentNanos: bigint };
+    const left = budget - cost * 10n;
+    expect(held.grantedNanos - held.spentNanos).toBeLessThanOrEqual(left / 2n + cost);
+    // Were this replica to die now, another could still serve about half of what is left.
+    const b = keeper({ holder: "gw-b", minLeaseNanos: cost });
+    for (let i = 0; i < 13; i++) (await b.keeper.reserve(principal, cost, 60_000)).settle(cost);
+    await Promise.all([a.keeper.close(), b.keeper.close()]);
   });
 
   test("both org and key budgets are charged; the tighter one decides", async () => {
@@ -300,6 +334,71 @@ describe("budget leases", () => {
       [principal.apiKeyId],
     );
     expect(settlements.rows[0]?.spent).toBe("9070");
+  });
+
+  test("a release billing missed is sent again after its lease expired, so billing does not hold it for its grace", async () => {
+    const principal = await principalWith({ key: 10_000n });
+    const { keeper: k, clock } = keeper({
+      leaseTtlSeconds: 60,
+      minLeaseNanos: 10_000n,
+      idleReleaseMs: 5_000,
+      maintenanceIntervalMs: 10,
+    });
+    (await k.reserve(principal, 100n, 30_000)).settle(70n);
+    billingFault = "down";
+    try {
+      let sent = calls.release;
+      clock.t += 5_000;
+      await until(() => calls.release > sent);
+      // The outage outlasts the lease: its release is still sent, later each time.
+      for (let i = 0; i < 4; i++) {
+        sent = calls.release;
+        clock.t += 30_000;
+        await until(() => calls.release > sent);
+      }
+    } finally {
+      billingFault = undefined;
+    }
+    clock.t += 30_000;
+    await until(async () => (await leasesOf(principal.apiKeyId))[0]?.spent !== null, 3_000);
+    expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 10_000n, spent: 70n }]);
+    await k.close();
+  });
+
+  test("a budget lowered below its spend is refused at once; running requests keep their reservations", async () => {
+    const org = await client.createOrganization({ name: `budget-org-${++orgs}`, monthlyBudgetNanos: 100_000n }, auth);
+    const orgId = org.organization?.id as string;
+    const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: 100_000n } }, auth);
+    // A fresh authorization each time, as after billing announced the key's change.
+    const authorize = () =>
+      createKeyAuthorizer({
+        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
+        watching: true,
+      }).authorize(key.secret);
+    const { keeper: k, clock } = keeper({ minLeaseNanos: 50_000n });
+    const before = await authorize();
+    for (let i = 0; i < 10; i++) (await k.reserve(before, 1_000n, 60_000)).settle(1_000n);
+    const running = await k.reserve(before, 1_000n, 60_000);
+
+    await client.updateOrganization({ orgId, monthlyBudgetNanos: 5_000n }, auth);
+    clock.t += 1;
+    const lowered = await authorize();
+    expect((await refusal(k.reserve(lowered, 1_000n, 60_000))).code).toBe("insufficient_quota");
+    // The request that was running settles on its lease, which then goes back with what it spent.
+    expect(running.settle(1_000n)).toHaveLength(2);
+    await until(async () => (await leasesOf(orgId)).every((l) => l.spent !== null));
+
+    // A key's budget, the same.
+    await client.updateOrganization({ orgId, monthlyBudgetNanos: 0n }, auth);
+    clock.t += 1;
+    (await k.reserve(await authorize(), 1_000n, 60_000)).settle(1_000n);
+    await client.updateApiKeyLimits({ apiKeyId: key.apiKey?.id as string, limits: { monthlyBudgetNanos: 12_000n } }, auth);
+    clock.t += 1;
+    expect((await refusal(k.reserve(await authorize(), 1_000n, 60_000))).code).toBe("insufficient_quota");
+    await k.close();
+    const spent = (leases: { spent: bigint | null }[]) => leases.reduce((sum, l) => sum + (l.spent ?? 0n), 0n);
+    expect(spent(await leasesOf(orgId))).toBe(11_000n);
+    expect(spent(await leasesOf(key.apiKey?.id as string))).toBe(12_000n);
   });
 
   test("a revoked key's budget cannot be leased: 401", async () => {

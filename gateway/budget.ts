@@ -90,8 +90,13 @@ export interface BudgetKeeperOptions {
   idleReleaseMs?: number;
   /** Time a reservation needs after its request's deadline to be settled. */
   settleMarginMs?: number;
-  /** Longest wait between tries of a release billing failed, until the lease expires. */
+  /** Longest wait between tries of a release billing failed. */
   releaseRetryMaxMs?: number;
+  /**
+   * How long after its lease expired a failed release is still sent again (an hour by default): billing reserves an
+   * expired lease's grant for its grace period unless the release lands, and takes a late one.
+   */
+  releaseRetryAfterExpiryMs?: number;
   /** How often leases are checked for renewal and release. */
   maintenanceIntervalMs?: number;
   /** Epoch ms. */
@@ -108,6 +113,8 @@ interface Lease {
   /** Epoch ms, from our own clock when we asked, so clock skew can only shorten it. */
   expiresAt: number;
   lastUsed: number;
+  /** Granted under a budget since changed: serves no new request, and goes back once its last one settles. */
+  withdrawn: boolean;
 }
 
 interface Scope {
@@ -131,6 +138,11 @@ interface Scope {
   waiters: number;
   /** Its key was revoked: leases go back to billing as soon as nothing is reserved on them. */
   retired: boolean;
+  /** The monthly budget its leases were granted under, as of the key authorization at `budgetAt` (epoch ms). */
+  budgetNanos: bigint;
+  budgetAt: number;
+  /** Counts budget changes: a grant asked for before one is given back as it arrives. */
+  generation: number;
 }
 
 /** A lease given up whose release billing has not taken yet, with what was spent from it. */
@@ -170,13 +182,28 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const releasing = new Set<Promise<void>>();
   const unreleased = new Map<string, UnreleasedLease>();
   const releaseRetryMaxMs = options.releaseRetryMaxMs ?? 30_000;
+  const releaseRetryAfterExpiryMs = options.releaseRetryAfterExpiryMs ?? 3_600_000;
   let closed = false;
   const instruments = options.registry ? createInstruments(options.registry) : undefined;
 
-  const scopeFor = (kind: BudgetScope, id: string): Scope => {
+  const budgetOf = (principal: Principal, kind: BudgetScope) =>
+    (kind === BudgetScope.ORGANIZATION
+      ? principal.grant.organization?.monthlyBudgetNanos
+      : principal.grant.apiKey?.limits?.monthlyBudgetNanos) ?? 0n;
+
+  const scopeFor = (kind: BudgetScope, principal: Principal): Scope => {
+    const id = kind === BudgetScope.ORGANIZATION ? principal.orgId : principal.apiKeyId;
     const key = `${kind === BudgetScope.ORGANIZATION ? "organization" : "api_key"}:${id}`;
+    const budgetNanos = budgetOf(principal, kind);
     let scope = scopes.get(key);
-    if (!scope) {
+    if (scope) {
+      // Billing announced a change, the key was authorized again: leases granted under another budget go back.
+      if (principal.authorizedAt >= scope.budgetAt) {
+        if (budgetNanos !== scope.budgetNanos) withdraw(scope);
+        scope.budgetNanos = budgetNanos;
+        scope.budgetAt = principal.authorizedAt;
+      }
+    } else {
       const t = now();
       scope = {
         key,
@@ -193,6 +220,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         maxHoldMs: 0,
         waiters: 0,
         retired: false,
+        budgetNanos,
+        budgetAt: principal.authorizedAt,
+        generation: 0,
       };
       scopes.set(key, scope);
     }
@@ -203,21 +233,20 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     let list = scopesOfPrincipal.get(principal);
     if (!list) {
       list = [];
-      if ((principal.grant.organization?.monthlyBudgetNanos ?? 0n) > 0n)
-        list.push(scopeFor(BudgetScope.ORGANIZATION, principal.orgId));
-      if ((principal.grant.apiKey?.limits?.monthlyBudgetNanos ?? 0n) > 0n)
-        list.push(scopeFor(BudgetScope.API_KEY, principal.apiKeyId));
+      for (const kind of [BudgetScope.ORGANIZATION, BudgetScope.API_KEY])
+        if (budgetOf(principal, kind) > 0n) list.push(scopeFor(kind, principal));
       scopesOfPrincipal.set(principal, list);
     }
     // Scopes dropped by the maintenance sweep come back on use.
     for (let i = 0; i < list.length; i++) {
       const s = list[i] as Scope;
-      if (scopes.get(s.key) !== s) list[i] = scopeFor(s.kind, s.id);
+      if (scopes.get(s.key) !== s) list[i] = scopeFor(s.kind, principal);
     }
     return list;
   };
 
   const free = (lease: Lease) => {
+    if (lease.withdrawn) return 0n;
     const left = lease.granted - lease.spent - lease.reserved;
     return left > 0n ? left : 0n;
   };
@@ -245,9 +274,20 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     const burst = shortfall * BigInt(Math.max(1, scope.waiters));
     if (size < burst) size = burst;
     if (size > maxLease) size = maxLease;
-    // Leave other replicas room: at most half of what billing last said was left.
-    if (scope.remaining !== null && scope.remaining > 0n && size > scope.remaining / 2n) size = scope.remaining / 2n;
+    const cap = shareLeft(scope);
+    if (cap !== null && size > cap) size = cap > 0n ? cap : 0n;
     return size > shortfall ? size : shortfall;
+  };
+
+  /**
+   * How much more this replica may hold: with it, its unreserved room is at most half of that room plus what billing
+   * last said was left, so grants cannot pile up (1/2 + 1/4 + ...) into the whole budget, stranded if it dies. Null
+   * when billing's figure is unknown or the budget unlimited.
+   */
+  const shareLeft = (scope: Scope): bigint | null => {
+    if (scope.remaining === null) return null;
+    const room = available(scope, 0);
+    return (room + scope.remaining) / 2n - room;
   };
 
   /** Sends one release; a failed one waits in `unreleased` for `maintain` to send again, later each time. */
@@ -263,8 +303,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         // Unknown to billing: nothing to give back.
         if (err.code === Code.NotFound) return;
         pending.failures++;
-        if (closed || now() >= pending.lease.expiresAt) {
-          // Billing frees it at expiry (plus its grace); the spend still reaches it as usage records.
+        if (closed || now() >= pending.lease.expiresAt + releaseRetryAfterExpiryMs) {
+          // Billing frees it at expiry plus its grace; the spend still reaches it as usage records.
           log?.warn("budget lease release failed", { lease_id: pending.lease.id, err: err.rawMessage });
           return;
         }
@@ -282,7 +322,23 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const release = (scope: Scope, lease: Lease, spentNanos = lease.spent): Promise<void> => {
     const i = scope.leases.indexOf(lease);
     if (i >= 0) scope.leases.splice(i, 1);
+    // What goes back is billing's to grant again, to this replica as to others.
+    if (scope.remaining !== null && lease.granted > spentNanos) scope.remaining += lease.granted - spentNanos;
     return sendRelease({ scopeKey: scope.key, lease, spentNanos, failures: 0, retryAt: 0 });
+  };
+
+  /**
+   * Gives back the leases of a scope whose budget changed, so its next request is granted under the new one: at once
+   * those no request is using, the others as their last request settles (requests running keep their reservations).
+   */
+  const withdraw = (scope: Scope) => {
+    scope.generation++;
+    scope.remaining = null;
+    scope.exhaustedUntil = 0;
+    for (const lease of [...scope.leases]) {
+      if (lease.reserved === 0n) void release(scope, lease);
+      else lease.withdrawn = true;
+    }
   };
 
   /**
@@ -298,7 +354,13 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         const idle = scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease));
         await Promise.all([...resent, ...idle]);
       }
+      const generation = scope.generation;
       const requestedNanos = size();
+      if (requestedNanos <= 0n) {
+        // Billing's last word leaves nothing to ask for (half of 1 nano-USD is 0): as good as a grant of nothing.
+        scope.exhaustedUntil = now() + exhaustedBackoffMs;
+        return;
+      }
       const asked = now();
       try {
         const res = await billing.acquireBudgetLease({
@@ -309,6 +371,22 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           ttlSeconds: options.leaseTtlSeconds,
         });
         grantOutage.recovered();
+        if (scope.generation !== generation) {
+          // The budget changed while billing was asked: this grant may be the old budget's.
+          if (res.grantedNanos > 0n && res.leaseId) {
+            const lease: Lease = {
+              id: res.leaseId,
+              granted: res.grantedNanos,
+              spent: 0n,
+              reserved: 0n,
+              expiresAt: asked + ttlMs,
+              lastUsed: now(),
+              withdrawn: true,
+            };
+            void sendRelease({ scopeKey: scope.key, lease, spentNanos: 0n, failures: 0, retryAt: 0 });
+          }
+          return;
+        }
         scope.remaining = res.remainingNanos >= 0n ? res.remainingNanos : null;
         if (res.grantedNanos > 0n && res.leaseId) {
           scope.leases.push({
@@ -318,6 +396,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
             reserved: 0n,
             expiresAt: asked + ttlMs,
             lastUsed: now(),
+            withdrawn: false,
           });
           instruments?.leases.inc({ outcome: res.grantedNanos < requestedNanos ? "partial" : "granted" });
           instruments?.granted.inc(Number(res.grantedNanos) / 1e9);
@@ -334,10 +413,10 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         }
         grantOutage.failed({ scope: scope.key, code: Code[err.code], err: err.rawMessage });
         throw serviceUnavailable("Budgets cannot be checked right now; retry shortly.", "budget_unavailable");
-      } finally {
-        scope.acquiring = undefined;
       }
-    })();
+    })().finally(() => {
+      if (scope.acquiring === acquiring) scope.acquiring = undefined;
+    });
     scope.acquiring = acquiring;
     return acquiring;
   };
@@ -349,6 +428,10 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     let low = BigInt(Math.ceil(spendRate(scope, now()) * Math.min(10, horizonS / 4)));
     if (low < lastCost * 2n) low = lastCost * 2n;
     if (room >= low) return;
+    // Within a request of its share of what is left: the rest is for other replicas, and for this one's requests
+    // that find too little room (they ask for what they need).
+    const cap = shareLeft(scope);
+    if (cap !== null && (cap <= 0n || cap < lastCost) && (scope.remaining as bigint) > 1n) return;
     acquire(scope, () => leaseSize(scope, 0n)).catch(() => {});
   };
 

@@ -224,4 +224,18 @@ describe("a budget raced by two gateway replicas", () => {
     expect(refused - revoked).toBeLessThan(1_000);
     process.stdout.write(`key changes seen: limit change ${forbidden - narrowed} ms, revocation ${refused - revoked} ms\n`);
   }, 30_000);
+
+  test("a budget lowered below what was spent is refused within a second, though a gateway holds leases", async () => {
+    const gateway = gateways[0] as string;
+    const org = await billing.createOrganization({ name: "lowered", monthlyBudgetNanos: costPerRequest * 10n });
+    const loweredOrgId = org.organization?.id as string;
+    const { secret } = await billing.createApiKey({ orgId: loweredOrgId, name: "lowered" });
+    for (let i = 0; i < 3; i++) expect((await chat(gateway, secret)).status).toBe(200);
+    // The gateway holds room for more requests; the budget now covers fewer than it served.
+    await billing.updateOrganization({ orgId: loweredOrgId, monthlyBudgetNanos: costPerRequest * 2n });
+    await Bun.sleep(1_000);
+    const statuses = [];
+    for (let i = 0; i < 5; i++) statuses.push((await chat(gateway, secret)).status);
+    expect(statuses).toEqual([429, 429, 429, 429, 429]);
+  }, 30_000);
 });
