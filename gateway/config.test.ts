@@ -172,6 +172,37 @@ describe("gateway config", () => {
     );
   });
 
+  test("a JSON file repeating a key is refused, as YAML is: the last price would have won silently", () => {
+    const json = `{"providers": [{"name": "mock", "kind": "mock"}], "models": [{"name": "m",
+      "targets": [{"provider": "mock", "model": "x"}],
+      "pricing": {"input_per_mtok": "2.50", "output_per_mtok": "10", "input_per_mtok": "0"}}]}`;
+    expect(configError(json, "routes.json")).toContain("routes.json");
+  });
+
+  test("weights are on every target of a model or on none, and not all 0", () => {
+    const weights = (targets: string) =>
+      base(`  - { name: m, targets: [${targets}], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`);
+    // The unweighted primary would never have been picked first: every first try went to the canary.
+    expect(configError(weights("{ provider: openai, model: a }, { provider: openai, model: b, weight: 1 }"))).toContain(
+      "models[0].targets[0].weight: give every target of the model a weight, or none",
+    );
+    expect(configError(weights("{ provider: openai, model: a, weight: 0 }, { provider: openai, model: b, weight: 0 }"))).toContain(
+      "at least one weight must be above 0",
+    );
+    const fallbackOnly = weights("{ provider: openai, model: a, weight: 3 }, { provider: openai, model: b, weight: 0 }");
+    expect(parseGatewayConfig(fallbackOnly, "ok.yaml").models.get("m")?.targets.map((t) => t.weight)).toEqual([3, 0]);
+  });
+
+  test("a provider's name has no slash: provider/model names a target's breaker once", () => {
+    const config = `
+providers:
+  - { name: a/b, kind: openai }
+models:
+  - { name: m, targets: [{ provider: a/b, model: c }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }
+`;
+    expect(configError(config)).toContain("providers[0].name");
+  });
+
   test("unreadable files and broken syntax are ConfigErrors naming the file", () => {
     expect(() => loadGatewayConfig("/nonexistent/gateway.yaml")).toThrow(/nonexistent\/gateway\.yaml/);
     expect(configError("providers: [", "broken.yaml")).toContain("broken.yaml");

@@ -13,6 +13,12 @@ const name = z
   .string()
   .regex(/^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$/, "must be 1..128 letters, digits or . _ : / -");
 
+// A provider's name is the part of a target's breaker key ("provider/model") before the first "/": it holds none, so
+// provider "a/b" with model "c" is not the breaker of provider "a" with model "b/c".
+const providerName = z
+  .string()
+  .regex(/^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/, "must be 1..128 letters, digits or . _ : -");
+
 const envName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, "must be an environment variable name");
 
 // Strings only: a YAML number such as 0.1 would reach us as a binary float.
@@ -28,7 +34,7 @@ const usdPerMtok = z
   });
 
 const openaiProvider = z.strictObject({
-  name,
+  name: providerName,
   kind: z.literal("openai"),
   /** Any OpenAI-compatible base URL; the OpenAI API by default. */
   base_url: z.url().optional(),
@@ -38,7 +44,7 @@ const openaiProvider = z.strictObject({
 });
 
 const azureProvider = z.strictObject({
-  name,
+  name: providerName,
   kind: z.literal("azure"),
   /** The resource endpoint, e.g. https://example.openai.azure.com/ */
   base_url: z.url(),
@@ -47,7 +53,7 @@ const azureProvider = z.strictObject({
 });
 
 const mockProvider = z.strictObject({
-  name,
+  name: providerName,
   kind: z.literal("mock"),
   /** Added before every reply, to simulate an upstream's latency. */
   latency_ms: z.number().int().min(0).max(600_000).default(0),
@@ -130,6 +136,18 @@ const file = z
           });
         }
       });
+      // A target without a weight beside weighted ones would never be picked first: say which is meant.
+      const weighted = m.targets.filter((t) => t.weight !== undefined);
+      if (weighted.length > 0 && weighted.length < m.targets.length) {
+        const j = m.targets.findIndex((t) => t.weight === undefined);
+        ctx.addIssue({
+          code: "custom",
+          path: ["models", i, "targets", j, "weight"],
+          message: "give every target of the model a weight, or none (0 keeps a target for fallback only)",
+        });
+      } else if (weighted.length > 0 && weighted.every((t) => t.weight === 0)) {
+        ctx.addIssue({ code: "custom", path: ["models", i, "targets"], message: "at least one weight must be above 0" });
+      }
     });
   });
 
@@ -171,11 +189,13 @@ export interface GatewayConfig {
   models: ReadonlyMap<string, ModelRoute>;
 }
 
-/** Parses the text of a config file; `source` names it in errors and picks JSON for *.json. */
+/** Parses the text of a config file, YAML or JSON; `source` names it in errors. */
 export function parseGatewayConfig(text: string, source: string): GatewayConfig {
   let raw: unknown;
   try {
-    raw = source.endsWith(".json") ? JSON.parse(text) : parseYaml(text);
+    // JSON through the YAML parser too (JSON is YAML): it refuses duplicate keys, which JSON.parse resolves to the
+    // last, so a repeated price could silently become 0.
+    raw = parseYaml(text, { uniqueKeys: true });
   } catch (e) {
     throw new ConfigError(`invalid gateway config ${source}: ${(e as Error).message}`);
   }
