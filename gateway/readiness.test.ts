@@ -83,7 +83,7 @@ describe("readiness", () => {
     Object.assign(status, { connected: true, full: true, bytes: 999 });
     const full = await readiness();
     expect(full.ready).toBe(false);
-    expect(full.checks.spool).toBe("full (12 rows, 100% of 1000 bytes): metrics are being dropped");
+    expect(full.checks.spool).toBe("full (12 rows, 100% of 1000 bytes): request metrics that do not fit are dropped");
   });
 
   test("not ready when billing is unreachable or not ready", async () => {

@@ -41,7 +41,7 @@ export function createReadiness(options: ReadinessOptions): () => Promise<Readin
     // Why the stream is down (the shipper logs it) may name hosts: not for an open endpoint.
     const pipeCheck = pipe.connected ? "ok" : `disconnected (${pipe.rows} rows spooled)`;
     const fill = `${pipe.rows} rows, ${Math.round((100 * pipe.bytes) / pipe.maxBytes)}% of ${pipe.maxBytes} bytes`;
-    const spoolCheck = pipe.full ? `full (${fill}): metrics are being dropped` : `ok (${fill})`;
+    const spoolCheck = pipe.full ? `full (${fill}): request metrics that do not fit are dropped` : `ok (${fill})`;
     return {
       ready: billingCheck === "ok" && !pipe.full,
       checks: { billing: billingCheck, analytics: pipeCheck, spool: spoolCheck },
