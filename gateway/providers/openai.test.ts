@@ -196,6 +196,20 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   framed: cutBytes(framedText, 40, eAcute + 1, eAcute + 30),
   "error-event": [chunkEvent({ content: "partial" }), `data: {"error":{"message":"The server had an error","type":"server_error"}}\n\n`],
   "named-error": [chunkEvent({ content: "partial" }), `event: error\ndata: {"message":"overloaded"}\n\n`],
+  // Errors without the {"error": ...} wrapper, as vLLM and others send them.
+  "bare-error": [chunkEvent({ content: "partial" }), `data: {"object":"error","message":"overloaded","code":503}\n\n`],
+  "message-error": [chunkEvent({ content: "partial" }), `data: {"message":"overloaded","code":503}\n\n`],
+  // An event that says it is something else than a chunk.
+  "foreign-object": [
+    chunkEvent({ content: "partial" }),
+    `data: {"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[]}\n\n`,
+    chunkEvent({}, "stop"),
+  ],
+  // Azure's first chunk: prompt filter results, an empty object and model, no choices.
+  "azure-first": [
+    `data: {"id":"","object":"","created":0,"model":"","choices":[],"prompt_filter_results":[{"prompt_index":0}]}\n\n`,
+    chunkEvent({ content: "partial" }, "stop"),
+  ],
   unreadable: [chunkEvent({ content: "partial" }), "data: {not json\n\n"],
   cut: [chunkEvent({ content: "partial" })],
   silent: [chunkEvent({ content: "partial" }), "WAIT"],
@@ -293,6 +307,17 @@ describe("openai provider streams", () => {
     }
     expect((await drain("error-event")).error?.message).toContain("The server had an error");
     expect((await drain("named-error")).error?.message).toContain("overloaded");
+  });
+
+  test("an error without the error wrapper, or an event of another object, fails the attempt; Azure's first chunk does not", async () => {
+    for (const model of ["bare-error", "message-error", "foreign-object"]) {
+      const { contents, error } = await drain(model);
+      expect(contents).toEqual(["partial"]);
+      expect(error?.failure).toBe("transient");
+    }
+    expect((await drain("bare-error")).error?.message).toBe("sse: overloaded");
+    expect((await drain("message-error")).error?.message).toBe("sse: overloaded");
+    expect(await drain("azure-first")).toMatchObject({ contents: ["partial"], error: undefined });
   });
 
   test("with several choices the stream has finished only when every one has", async () => {

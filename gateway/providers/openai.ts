@@ -217,8 +217,12 @@ async function* chunksOf(
         failure = new UpstreamError("transient", `${provider}: unreadable response (malformed server-sent event JSON)`);
         return;
       }
-      const error =
-        event.event === "error" ? ((data as { error?: unknown })?.error ?? data) : (data as { error?: unknown })?.error;
+      const fields = typeof data === "object" && data !== null ? (data as Record<string, unknown>) : undefined;
+      // Some servers send a streamed error without the {"error": ...} wrapper, as they do their refusals (vLLM's
+      // {"object":"error","message"}): the event is then the error itself.
+      const unwrapped =
+        fields && (fields.object === "error" || (fields.message !== undefined && fields.choices === undefined));
+      const error = fields?.error ?? (event.event === "error" || unwrapped ? data : undefined);
       if (error || event.event === "error") {
         const message = (error as { message?: unknown } | null)?.message;
         failure = new UpstreamError(
@@ -294,6 +298,11 @@ function checkedChunk(data: unknown, provider: string): ChatCompletionChunk {
     throw new UpstreamError("transient", `${provider}: a stream event is not a chunk object`);
   }
   const chunk = data as ChatCompletionChunk;
+  // Azure's first chunk (its prompt filter results) has an empty object; any other object is not a chunk.
+  const object: unknown = chunk.object;
+  if (object !== undefined && object !== null && object !== "" && object !== "chat.completion.chunk") {
+    throw new UpstreamError("transient", `${provider}: a stream event is not a chunk object`);
+  }
   // Some compatible servers leave choices out of the usage chunk.
   chunk.choices ??= [];
   if (!Array.isArray(chunk.choices))
