@@ -477,3 +477,68 @@ describe("azure provider", () => {
     expect(e?.message).toContain("no such deployment");
   });
 });
+
+describe("the SDK's environment variables", () => {
+  // What `source .data/demo.env` and a shell's other settings put in the gateway's environment: none of it may reach
+  // the SDK, which reads OPENAI_* and AZURE_OPENAI_* variables where an option is not given.
+  const environment: Record<string, string> = {
+    OPENAI_BASE_URL: "http://127.0.0.1:9/v1",
+    OPENAI_API_KEY: "sk-from-the-environment",
+    OPENAI_ORG_ID: "org-from-the-environment",
+    OPENAI_PROJECT_ID: "proj-from-the-environment",
+    OPENAI_CUSTOM_HEADERS: "x-team: other-app",
+    OPENAI_API_VERSION: "2024-02-01",
+    AZURE_OPENAI_ENDPOINT: "http://127.0.0.1:9",
+    AZURE_OPENAI_API_KEY: "azure-from-the-environment",
+  };
+  const calls: Array<{ url: string; headers: Record<string, string> }> = [];
+  const upstream = Bun.serve({
+    port: 0,
+    async fetch(req) {
+      const url = new URL(req.url);
+      calls.push({ url: `${url.pathname}${url.search}`, headers: Object.fromEntries(req.headers) });
+      await req.json();
+      return Response.json({
+        id: "c",
+        object: "chat.completion",
+        created: 1,
+        model: "m",
+        choices: [{ index: 0, message: { role: "assistant", content: "hi", refusal: null }, finish_reason: "stop", logprobs: null }],
+        usage: { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 },
+      });
+    },
+  });
+  afterAll(() => upstream.stop(true));
+
+  test("are not read: base URLs, keys, versions and headers are the config's alone", async () => {
+    const saved = Object.fromEntries(Object.keys(environment).map((name) => [name, process.env[name]]));
+    Object.assign(process.env, environment);
+    try {
+      const base = `http://127.0.0.1:${upstream.port}`;
+      const openai = createOpenAIProvider(
+        { name: "compat", kind: "openai", base_url: `${base}/v1`, api_key_env: "COMPAT_KEY", headers: { "x-team": "gateway" } },
+        "sk-configured",
+      );
+      const keyless = createOpenAIProvider({ name: "local", kind: "openai", base_url: `${base}/v1` }, undefined);
+      const azure = createOpenAIProvider(
+        { name: "azure", kind: "azure", base_url: `${base}/`, api_key_env: "AZURE_KEY", api_version: "2024-10-21" },
+        "azure-configured",
+      );
+      for (const provider of [openai, keyless, azure]) await provider.chat(request("dep"), { timeoutMs: 5000 });
+      expect(calls.map((c) => [c.url, c.headers.authorization, c.headers["api-key"], c.headers["x-team"]])).toEqual([
+        ["/v1/chat/completions", "Bearer sk-configured", undefined, "gateway"],
+        ["/v1/chat/completions", "Bearer unused", undefined, undefined],
+        ["/openai/deployments/dep/chat/completions?api-version=2024-10-21", undefined, "azure-configured", undefined],
+      ]);
+      for (const { headers } of calls) {
+        expect(headers["openai-organization"]).toBeUndefined();
+        expect(headers["openai-project"]).toBeUndefined();
+      }
+    } finally {
+      for (const [name, value] of Object.entries(saved)) {
+        if (value === undefined) delete process.env[name];
+        else process.env[name] = value;
+      }
+    }
+  });
+});

@@ -39,20 +39,32 @@ export function createOpenAIProvider(
 ): Provider {
   const missingKey = config.api_key_env !== undefined && !apiKey;
   const redact = (text: string) => redactSecrets(text, secrets);
-  // Explicit nulls keep the SDK from reading OPENAI_* variables behind the config's back; the gateway logs for itself.
+  // Explicit values keep the SDK from reading OPENAI_* and AZURE_OPENAI_* variables behind the config's back (a gateway
+  // run with the demo's OPENAI_BASE_URL set, say); the gateway logs for itself.
   const common = { organization: null, project: null, webhookSecret: null, logLevel: "off" } as const;
   const client = missingKey
     ? undefined
     : config.kind === "azure"
-      ? new AzureOpenAI({ ...common, endpoint: config.base_url, apiKey, apiVersion: config.api_version })
-      : new OpenAI({
-          ...common,
-          adminAPIKey: null,
-          baseURL: config.base_url ?? "https://api.openai.com/v1",
-          // The SDK insists on a key; upstreams configured without one (local servers) ignore it.
-          apiKey: apiKey ?? "unused",
-          defaultHeaders: config.headers,
-        });
+      ? withHeaders(
+          // The base URL the SDK makes of an `endpoint`, built here: given an endpoint, it reads OPENAI_BASE_URL too.
+          new AzureOpenAI({
+            ...common,
+            baseURL: `${config.base_url.replace(/\/+$/, "")}/openai`,
+            apiKey,
+            apiVersion: config.api_version,
+          }),
+          undefined,
+        )
+      : withHeaders(
+          new OpenAI({
+            ...common,
+            adminAPIKey: null,
+            baseURL: config.base_url ?? "https://api.openai.com/v1",
+            // The SDK insists on a key; upstreams configured without one (local servers) ignore it.
+            apiKey: apiKey ?? "unused",
+          }),
+          config.headers,
+        );
   const connected = (): OpenAI => {
     if (!client) throw new UpstreamError("misconfigured", `provider ${config.name}: ${config.api_key_env} is not set`);
     return client;
@@ -159,6 +171,15 @@ export function createOpenAIProvider(
       return { response, tokens, usageEstimated: estimated };
     },
   };
+}
+
+/**
+ * A client whose default headers are the configured ones alone: the SDK adds those of OPENAI_CUSTOM_HEADERS from the
+ * environment to the ones it is given, and no option turns that off.
+ */
+function withHeaders<C extends OpenAI>(client: C, headers: Record<string, string> | undefined): C {
+  (client as unknown as { _options: { defaultHeaders?: unknown } })._options.defaultHeaders = headers;
+  return client;
 }
 
 /**
