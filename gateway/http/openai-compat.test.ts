@@ -3,7 +3,7 @@ import OpenAI, { APIError, BadRequestError } from "openai";
 import { isValid as isUlid } from "ulid";
 import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
-import { type FakeUpstream, type FakeUsage, startFakeUpstream } from "../testing/fake-upstream.ts";
+import { type Behaviour, type FakeUpstream, type FakeUsage, startFakeUpstream } from "../testing/fake-upstream.ts";
 import { startTestGateway } from "../testing/served-gateway.ts";
 
 // The gateway in front of a real OpenAI-compatible upstream on a socket, called with the official SDK.
@@ -62,6 +62,14 @@ function routes(url: string) {
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: breaker",
     "    targets: [{ provider: fake, model: breaker-primary }, { provider: mock, model: mock-echo-1 }]",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: stream-fallback",
+    "    targets: [{ provider: fake, model: stream-primary }, { provider: fake, model: stream-secondary }]",
+    "    timeout_ms: 300",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: stream-alone",
+    "    targets: [{ provider: fake, model: stream-alone }]",
+    "    timeout_ms: 300",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
@@ -1054,6 +1062,45 @@ for (const port of ["rpc", "rest"] as const) {
           expect(completion.model).toBe("mock-echo-1");
         }
         expect(upstream.seen("breaker-primary").length).toBeLessThan(20);
+      });
+
+      // Failures of a stream before its first chunk: a proxy's 200 with a JSON error, an error event first (as
+      // OpenRouter sends them), a prefill longer than the target's timeout.
+      const failedBeforeFirstChunk: Array<[string, Behaviour]> = [
+        ["a 200 with an error body", { status: 200 }],
+        ["an error event first", { firstEvent: { error: { message: "provider overloaded", type: "server_error" } } }],
+        ["no first chunk within the timeout", { firstChunkDelayMs: 1000 }],
+      ];
+
+      test.each(failedBeforeFirstChunk)("a stream failing before its first chunk (%s) falls back to the next target", async (_, failure) => {
+        upstream.script("stream-primary", failure);
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "stream-fallback", messages: hello, stream: true, stream_options: { include_usage: true } })
+          .withResponse();
+        const served = new Set<string>();
+        let usage: OpenAI.CompletionUsage | undefined;
+        for await (const chunk of stream) {
+          served.add(chunk.model);
+          usage = chunk.usage ?? usage;
+        }
+        expect([...served]).toEqual(["stream-secondary-fake"]);
+        expect(upstream.seen("stream-primary")).toHaveLength(1);
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ status: RequestStatus.OK, fallbackUsed: true, servedModel: "stream-secondary-fake" });
+        // Billed for the answer the client got, at $1 per million tokens.
+        expect(m.costNanos).toBe(BigInt(((usage?.prompt_tokens ?? 0) + (usage?.completion_tokens ?? 0)) * 1000));
+      });
+
+      test.each(failedBeforeFirstChunk)("a stream failing before its first chunk (%s) on its only target is an HTTP error", async (_, failure) => {
+        upstream.script("stream-alone", failure);
+        const e = await apiError(sdk().chat.completions.create({ model: "stream-alone", messages: hello, stream: true }));
+        const timedOut = failure.firstChunkDelayMs !== undefined;
+        expect([e.status, e.code]).toEqual(timedOut ? [504, "upstream_timeout"] : [502, "upstream_error"]);
+        const m = await gateway.row(e.headers?.get("x-request-id") ?? "");
+        // The upstream answered nothing: only a prompt cut off by the time limit is billed, as it is for whole ones.
+        expect(m.status).toBe(timedOut ? RequestStatus.TIMEOUT : RequestStatus.UPSTREAM_ERROR);
+        if (timedOut) expect(m.costNanos).toBeGreaterThan(0n);
+        else expect(m.costNanos).toBe(0n);
       });
 
       test("a target whose streams keep failing mid-stream is skipped for a while too", async () => {

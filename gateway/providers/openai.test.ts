@@ -196,6 +196,9 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   framed: cutBytes(framedText, 40, eAcute + 1, eAcute + 30),
   "error-event": [chunkEvent({ content: "partial" }), `data: {"error":{"message":"The server had an error","type":"server_error"}}\n\n`],
   "named-error": [chunkEvent({ content: "partial" }), `event: error\ndata: {"message":"overloaded"}\n\n`],
+  // Failures before the first chunk: an error event first, a prefill longer than the attempt's limit.
+  "error-first": [`data: {"error":{"message":"overloaded","type":"server_error"}}\n\n`],
+  prefill: [": prefill\n\n", "WAIT", chunkEvent({ content: "late" }, "stop")],
   // Errors without the {"error": ...} wrapper, as vLLM and others send them.
   "bare-error": [chunkEvent({ content: "partial" }), `data: {"object":"error","message":"overloaded","code":503}\n\n`],
   "message-error": [chunkEvent({ content: "partial" }), `data: {"message":"overloaded","code":503}\n\n`],
@@ -250,6 +253,8 @@ const streamingUpstream = Bun.serve({
   async fetch(req, server) {
     clientPorts.push(server.requestIP(req)?.port ?? 0);
     const { model } = (await req.json()) as { model: string };
+    // A proxy's failure as a 200 with a JSON error body.
+    if (model === "json-200") return Response.json({ error: { message: "no healthy backend", type: "proxy_error" } });
     const parts = streams[model] ?? [];
     const bytes = new TextEncoder();
     return new Response(
@@ -320,6 +325,21 @@ describe("openai provider streams", () => {
     expect(await drain("azure-first")).toMatchObject({ contents: ["partial"], error: undefined });
   });
 
+  test("a failure before the first chunk fails the attempt itself, within its time limit", async () => {
+    const opened = (model: string, timeoutMs = 5000) =>
+      streaming.streamChat(request(model), { timeoutMs }).then(
+        () => undefined,
+        (e: unknown) => e as UpstreamError,
+      );
+    expect(await opened("error-first")).toMatchObject({ failure: "transient", message: "sse: overloaded" });
+    const json = await opened("json-200");
+    expect(json?.failure).toBe("transient");
+    expect(json?.message).toContain("no healthy backend");
+    const started = performance.now();
+    expect((await opened("prefill", 300))?.failure).toBe("timeout");
+    expect(performance.now() - started).toBeLessThan(900);
+  });
+
   test("with several choices the stream has finished only when every one has", async () => {
     const cut = await drain("two-cut");
     expect(cut.contents).toEqual(["one", "tw"]);
@@ -387,10 +407,9 @@ describe("openai provider streams", () => {
   test("an event cut off by the client or the timeout is a cancellation or a timeout, not unreadable", async () => {
     expect((await drain("half-event", 200)).error?.failure).toBe("timeout");
     const controller = new AbortController();
-    const stream = await streaming.streamChat(request("half-event"), { timeoutMs: 5000, signal: controller.signal });
     setTimeout(() => controller.abort(), 100);
     const left = await (async () => {
-      for await (const _ of stream);
+      for await (const _ of await streaming.streamChat(request("half-event"), { timeoutMs: 5000, signal: controller.signal }));
     })().then(
       () => undefined,
       (e: unknown) => e as UpstreamError,

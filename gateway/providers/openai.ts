@@ -149,13 +149,25 @@ export function createOpenAIProvider(
     },
 
     async streamChat(request: ChatRequest, options: CallOptions): Promise<ChunkStream> {
-      // The attempt's time limit covers the wait for the answer's headers; relay() then limits the silence between
-      // chunks and stops reading when the client leaves. Events are read with eventsource-parser, which costs about
-      // half of what the SDK's own stream decoder does per chunk.
+      // The attempt's time limit covers the wait for the answer's headers and its first chunk: until a chunk has come,
+      // a failure (a 200 with an error body, an error event first, a prefill past the limit) is the attempt's, which
+      // routing may retry or fall back from. relay() then limits the silence between chunks and stops reading when
+      // the client leaves. Events are read with eventsource-parser, which costs about half of what the SDK's own
+      // stream decoder does per chunk.
       // The client's stream options (include_obfuscation, ...) go as it set them, with usage always asked for.
       const body = { ...request, stream: true, stream_options: { ...request.stream_options, include_usage: true } };
-      const response = await post("/chat/completions", body, options, async (r) => r);
-      return relay(response, config.name, options, typeof request.n === "number" && request.n > 1 ? request.n : 1, redact);
+      const choices = typeof request.n === "number" && request.n > 1 ? request.n : 1;
+      return post("/chat/completions", body, options, async (response) => {
+        if (/[/+]json\b/i.test(response.headers.get("content-type") ?? "")) {
+          // JSON rather than events, as some proxies answer a failure with a 200: its error, read as a refusal's.
+          const error = upstreamError(config.name, await refusal(response), redact);
+          throw new UpstreamError("transient", error.message);
+        }
+        const chunks = relay(response, config.name, options, choices, redact)[Symbol.asyncIterator]();
+        const first = await chunks.next();
+        if (first.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
+        return resumed(first.value, chunks);
+      });
     },
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
@@ -171,6 +183,25 @@ export function createOpenAIProvider(
       return { response, tokens, usageEstimated: estimated };
     },
   };
+}
+
+/** A stream's first chunk, read already, in front of the rest of it; stopping it stops the rest. */
+function resumed(first: ChatCompletionChunk, rest: AsyncIterator<ChatCompletionChunk>): ChunkStream {
+  let held: ChatCompletionChunk | undefined = first;
+  const iterator: AsyncIterableIterator<ChatCompletionChunk> = {
+    next() {
+      if (!held) return rest.next();
+      const value = held;
+      held = undefined;
+      return Promise.resolve({ done: false, value });
+    },
+    return() {
+      held = undefined;
+      return rest.return?.() ?? Promise.resolve({ done: true, value: undefined });
+    },
+    [Symbol.asyncIterator]: () => iterator,
+  };
+  return iterator;
 }
 
 /**

@@ -48,8 +48,8 @@ export interface Provider {
   /** One whole completion; fails with UpstreamError. */
   chat(request: ChatRequest, options: CallOptions): Promise<ChatResult>;
   /**
-   * Opens a streamed completion, asking for usage in a last chunk. Resolves once the upstream has
-   * accepted the request (so routing may still retry until then); fails with UpstreamError.
+   * Opens a streamed completion, asking for usage in a last chunk. Resolves once the upstream's first
+   * chunk has come (so routing may still retry or fall back until then); fails with UpstreamError.
    */
   streamChat(request: ChatRequest, options: CallOptions): Promise<ChunkStream>;
   embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult>;

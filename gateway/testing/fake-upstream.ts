@@ -35,6 +35,10 @@ export interface Behaviour {
   malformed?: boolean;
   /** Never answer: wait for the client to give up. */
   hang?: boolean;
+  /** Streaming: wait this long after the headers (sent at once, with a comment) before the first chunk (a prefill). */
+  firstChunkDelayMs?: number;
+  /** Streaming: send this event (an error, say) first, and nothing after it. */
+  firstEvent?: unknown;
   /** Streaming: stop after this many content chunks, without finish_reason or [DONE]. */
   cutAfterChunks?: number;
   /** Refuse with this text instead of answering (content null, or streamed as `delta.refusal`). */
@@ -212,6 +216,16 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
     new ReadableStream<Uint8Array>({
       async start(controller) {
         const pause = () => (b.chunkDelayMs ? Bun.sleep(b.chunkDelayMs) : undefined);
+        if (b.firstChunkDelayMs) {
+          controller.enqueue(encoder.encode(": prefill\n\n"));
+          await Bun.sleep(b.firstChunkDelayMs);
+        }
+        if (signal.aborted) return;
+        if (b.firstEvent !== undefined) {
+          controller.enqueue(event(b.firstEvent));
+          controller.close();
+          return;
+        }
         controller.enqueue(chunk({ role: "assistant", content: "" }));
         if (b.toolCall) {
           controller.enqueue(chunk({ tool_calls: [{ index: 0, id: "call_fake_1", type: "function", function: { name: b.toolCall.name, arguments: "" } }] }));
