@@ -38,6 +38,7 @@ function routes(url: string) {
     // Its key variable is unset: every call fails before reaching the upstream.
     `  - { name: keyless, kind: openai, base_url: "${url}", api_key_env: FAKE_UPSTREAM_KEY }`,
     "  - { name: mock, kind: mock }",
+    `  - { name: no-stream-usage, kind: openai, base_url: "${url}", stream_usage: false }`,
     "models:",
   ];
   for (const [name, extra] of models) {
@@ -70,6 +71,9 @@ function routes(url: string) {
     "  - name: stream-alone",
     "    targets: [{ provider: fake, model: stream-alone }]",
     "    timeout_ms: 300",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: unasked",
+    "    targets: [{ provider: no-stream-usage, model: unasked }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
@@ -405,6 +409,32 @@ for (const port of ["rpc", "rest"] as const) {
         expect(upstream.seen("ok")[0]?.body.stream_options).toEqual({ include_obfuscation: false, include_usage: true });
         // The client did not ask for usage: it gets no usage chunk.
         expect(chunks.every((c) => c.usage === undefined)).toBe(true);
+      });
+
+      test("an upstream that refuses stream_options is asked again without, and from then on; or is never asked", async () => {
+        const streamed = async (model: string) => {
+          const { data: stream, response } = await sdk()
+            .chat.completions.create({ model, messages: hello, stream: true, stream_options: { include_usage: true } })
+            .withResponse();
+          let content = "";
+          let usage: OpenAI.CompletionUsage | undefined;
+          for await (const chunk of stream) {
+            content += chunk.choices[0]?.delta.content ?? "";
+            usage = chunk.usage ?? usage;
+          }
+          return { content, usage, m: await gateway.row(response.headers.get("x-request-id") ?? "") };
+        };
+        upstream.script("no-usage", { rejectsField: "stream_options" });
+        for (const model of ["no-usage", "no-usage", "unasked"]) {
+          const { content, usage, m } = await streamed(model);
+          expect(content).toBe("echo: hello there friend");
+          // The upstream reports no usage unless asked for it: counted with the tokenizer.
+          expect(usage).toMatchObject({ prompt_tokens: 10, completion_tokens: 5 });
+          expect(m).toMatchObject({ status: RequestStatus.OK, usageEstimated: true });
+        }
+        // Once refused, not asked again.
+        expect(upstream.seen("no-usage").map((r) => "stream_options" in r.body)).toEqual([true, false, false]);
+        expect(upstream.seen("unasked").map((r) => "stream_options" in r.body)).toEqual([false]);
       });
 
       test("no usage chunk unless the client asks, though the gateway still meters it", async () => {

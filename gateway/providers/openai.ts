@@ -128,6 +128,24 @@ export function createOpenAIProvider(
     }
   };
 
+  /** Upstream models that refused stream_options: their streams go without. */
+  const refusesStreamOptions = new Set<string>();
+
+  /** One streamed attempt, resolved with the stream once its first chunk has come. */
+  const open = (body: Omit<ChatRequest, "stream"> & { stream: true }, options: CallOptions) =>
+    post("/chat/completions", body, options, async (response) => {
+      if (/[/+]json\b/i.test(response.headers.get("content-type") ?? "")) {
+        // JSON rather than events, as some proxies answer a failure with a 200: its error, read as a refusal's.
+        const error = upstreamError(config.name, await refusal(response), redact);
+        throw new UpstreamError("transient", error.message);
+      }
+      const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
+      const chunks = relay(response, config.name, options, choices, redact)[Symbol.asyncIterator]();
+      const first = await chunks.next();
+      if (first.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
+      return resumed(first.value, chunks);
+    });
+
   return {
     name: config.name,
     kind: config.kind,
@@ -154,20 +172,23 @@ export function createOpenAIProvider(
       // routing may retry or fall back from. relay() then limits the silence between chunks and stops reading when
       // the client leaves. Events are read with eventsource-parser, which costs about half of what the SDK's own
       // stream decoder does per chunk.
-      // The client's stream options (include_obfuscation, ...) go as it set them, with usage always asked for.
-      const body = { ...request, stream: true, stream_options: { ...request.stream_options, include_usage: true } };
-      const choices = typeof request.n === "number" && request.n > 1 ? request.n : 1;
-      return post("/chat/completions", body, options, async (response) => {
-        if (/[/+]json\b/i.test(response.headers.get("content-type") ?? "")) {
-          // JSON rather than events, as some proxies answer a failure with a 200: its error, read as a refusal's.
-          const error = upstreamError(config.name, await refusal(response), redact);
-          throw new UpstreamError("transient", error.message);
-        }
-        const chunks = relay(response, config.name, options, choices, redact)[Symbol.asyncIterator]();
-        const first = await chunks.next();
-        if (first.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
-        return resumed(first.value, chunks);
-      });
+      // The client's stream options (include_obfuscation, ...) go as it set them, with usage always asked for, unless
+      // the upstream refuses stream_options: its usage is then counted.
+      const { stream_options, ...rest } = request;
+      const plain = { ...rest, stream: true as const };
+      if (config.stream_usage === false || refusesStreamOptions.has(request.model)) return open(plain, options);
+      const started = performance.now();
+      try {
+        return await open({ ...plain, stream_options: { ...stream_options, include_usage: true } }, options);
+      } catch (e) {
+        // A server that forbids fields it does not know (422 "extra fields not permitted"), Azure before its api
+        // version took stream_options (400): asked again without them, and from then on.
+        if (!(e instanceof UpstreamError && e.failure === "rejected" && e.message.includes("stream_options"))) throw e;
+        if (refusesStreamOptions.size >= 512) refusesStreamOptions.clear();
+        refusesStreamOptions.add(request.model);
+        const timeoutMs = Math.max(1, options.timeoutMs - (performance.now() - started));
+        return open(plain, { ...options, timeoutMs });
+      }
     },
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {

@@ -25,6 +25,8 @@ export interface Behaviour {
   status?: number;
   /** With `status`: fields of the OpenAI error body over the defaults, or a whole body that is not OpenAI's shape. */
   error?: { message?: string; type?: string; param?: string | null; code?: string | null } | string;
+  /** Refuse a request that has this field with 422, as servers that forbid extra fields do (FastAPI's `detail`). */
+  rejectsField?: string;
   /** Retry-After header value sent with `status`. */
   retryAfter?: string;
   /** Wait this long before answering. */
@@ -116,6 +118,10 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
       if (b.hang) {
         await new Promise((resolve) => req.signal.addEventListener("abort", resolve, { once: true }));
         return new Response(null, { status: 204 });
+      }
+      if (b.rejectsField !== undefined && b.rejectsField in body) {
+        const detail = [{ loc: ["body", b.rejectsField], msg: "extra fields not permitted", type: "value_error.extra" }];
+        return Response.json({ detail }, { status: 422 });
       }
       if (b.status) {
         const headers: Record<string, string> = b.retryAfter ? { "retry-after": b.retryAfter } : {};
