@@ -29,6 +29,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["quota", "retries: 2"],
   ["throttled"],
   ["odd-usage"],
+  ["azure-like"],
 ];
 
 function routes(url: string) {
@@ -435,6 +436,18 @@ for (const port of ["rpc", "rest"] as const) {
         // Once refused, not asked again.
         expect(upstream.seen("no-usage").map((r) => "stream_options" in r.body)).toEqual([true, false, false]);
         expect(upstream.seen("unasked").map((r) => "stream_options" in r.body)).toEqual([false]);
+      });
+
+      test("the served model is the first a chunk names, past Azure's first chunk that names none", async () => {
+        upstream.script("azure-like", { promptFilterChunk: true, model: "gpt-4o-2024-11-20" });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "azure-like", messages: hello, stream: true })
+          .withResponse();
+        let content = "";
+        for await (const chunk of stream) content += chunk.choices[0]?.delta?.content ?? "";
+        expect(content).toBe("echo: hello there friend");
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ status: RequestStatus.OK, servedModel: "gpt-4o-2024-11-20" });
       });
 
       test("no usage chunk unless the client asks, though the gateway still meters it", async () => {

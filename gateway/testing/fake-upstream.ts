@@ -41,6 +41,8 @@ export interface Behaviour {
   firstChunkDelayMs?: number;
   /** Streaming: send this event (an error, say) first, and nothing after it. */
   firstEvent?: unknown;
+  /** Streaming: first a chunk as Azure sends it, of prompt filter results, with an empty object and model. */
+  promptFilterChunk?: boolean;
   /** Streaming: stop after this many content chunks, without finish_reason or [DONE]. */
   cutAfterChunks?: number;
   /** Refuse with this text instead of answering (content null, or streamed as `delta.refusal`). */
@@ -231,6 +233,10 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
           controller.enqueue(event(b.firstEvent));
           controller.close();
           return;
+        }
+        if (b.promptFilterChunk) {
+          const filters = [{ prompt_index: 0, content_filter_results: {} }];
+          controller.enqueue(event({ id: "", object: "", created: 0, model: "", choices: [], prompt_filter_results: filters }));
         }
         controller.enqueue(chunk({ role: "assistant", content: "" }));
         if (b.toolCall) {
