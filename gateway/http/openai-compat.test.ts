@@ -985,6 +985,16 @@ for (const port of ["rpc", "rest"] as const) {
         expect(bare.message).not.toContain("html");
       });
 
+      test("an upstream's refusal in plain text passes its words on, redacted and bounded", async () => {
+        const words = "context too long for this model, sent with Bearer sk-abcdefghijklmnopqrstuvwxyz0123 and more";
+        upstream.script("rejecting", { status: 400, error: `${words} ${"x".repeat(1000)}` });
+        const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+        expectShape(e, 400, "upstream_rejected", "invalid_request_error");
+        const { message } = e.error as { message: string };
+        expect(message).toStartWith("context too long for this model, sent with [redacted] and more xxx");
+        expect(message).toHaveLength(500);
+      });
+
       test("an upstream's 413 is the client's 413, and never opens the breaker", async () => {
         upstream.script("too-large", { status: 413, error: "<html><body>413 Request Entity Too Large</body></html>" });
         for (let i = 0; i < 6; i++) {

@@ -61,6 +61,11 @@ const upstream = Bun.serve({
           { error: { message: "x".repeat(10_000), type: "invalid_request_error", param: "p".repeat(500), code: "bad\ncode" } },
           { status: 400 },
         );
+      case "tgi-422":
+        // TGI's error shape: the message is the `error` member itself.
+        return Response.json({ error: "Input validation error: `inputs` must have less than 4096 tokens", error_type: "validation" }, { status: 422 });
+      case "text-400":
+        return new Response("context too long", { status: 400, headers: { "content-type": "text/plain" } });
       case "proxy-413":
         return new Response("<html><body>413 Request Entity Too Large</body></html>", { status: 413 });
       default:
@@ -153,6 +158,17 @@ describe("openai provider", () => {
     expect(vllm?.error).toEqual({ message: "This model's maximum context length is 8192 tokens", type: "BadRequestError", param: null, code: null });
     const proxy = await failure(provider.chat(request("proxy-413"), { timeoutMs: 5000 }));
     expect([proxy?.failure, proxy?.status, proxy?.error]).toEqual(["rejected", 413, undefined]);
+  });
+
+  test("keeps the words of an error in no OpenAI shape: TGI's error string, a plain text body", async () => {
+    const tgi = await failure(provider.chat(request("tgi-422"), { timeoutMs: 5000 }));
+    expect([tgi?.failure, tgi?.status, tgi?.error]).toEqual([
+      "rejected",
+      422,
+      { message: "Input validation error: `inputs` must have less than 4096 tokens", type: null, param: null, code: null },
+    ]);
+    const text = await failure(provider.chat(request("text-400"), { timeoutMs: 5000 }));
+    expect([text?.failure, text?.status, text?.error?.message]).toEqual(["rejected", 400, "context too long"]);
   });
 
   test("a provider whose key variable is unset fails as misconfigured without calling out", async () => {

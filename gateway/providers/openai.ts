@@ -404,7 +404,7 @@ async function drainBody(reader: BodyReader, limitMs: number): Promise<void> {
 /**
  * A refused call as the SDK reports it: its APIError subclass for the status, with the upstream's message. As the
  * SDK's makeStatusError does, a JSON body without an `error` member (vLLM's `{"object":"error","message"}`, a 422's
- * `{"detail"}`) is the error itself.
+ * `{"detail"}`) is the error itself; a plain text body that is not markup (a proxy's page) is its message.
  */
 async function refusal(response: Response): Promise<APIError> {
   const text = await response.text().catch((e: unknown) => (e as Error).message ?? String(e));
@@ -414,8 +414,13 @@ async function refusal(response: Response): Promise<APIError> {
   } catch {
     body = undefined;
   }
-  const error =
-    body && typeof body === "object" && (body as { error?: unknown }).error == null ? { error: body } : body;
+  const plain =
+    body === undefined && /^text\/plain\b/i.test(response.headers.get("content-type") ?? "") && !/^\s*</.test(text);
+  const error = plain
+    ? { error: text }
+    : body && typeof body === "object" && (body as { error?: unknown }).error == null
+      ? { error: body }
+      : body;
   return APIError.generate(response.status, error as object | undefined, body ? undefined : text, response.headers);
 }
 
@@ -423,8 +428,7 @@ async function refusal(response: Response): Promise<APIError> {
 function upstreamError(provider: string, e: unknown, redact: (text: string) => string): UpstreamError {
   if (e instanceof UpstreamError) return e;
   if (e instanceof APIError && e.status !== undefined) {
-    const error = upstreamErrorBody(e.error);
-    if (error) error.message = redact(error.message);
+    const error = upstreamErrorBody(e.error, redact);
     return new UpstreamError(
       failureOfStatus(e.status, error),
       `${provider} answered ${e.status}: ${redact(e.message)}`,
