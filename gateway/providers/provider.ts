@@ -126,7 +126,8 @@ export function upstreamErrorBody(
     return message.length > max ? `${message.slice(0, max - 1)}\u2026` : message;
   };
   if (typeof error === "string") {
-    return error.trim() === "" ? undefined : { message: bounded(error, maxTextLength), type: null, param: null, code: null };
+    if (error.trim() === "") return undefined;
+    return { message: bounded(error, maxTextLength), type: null, param: null, code: null };
   }
   if (typeof error !== "object" || error === null) return undefined;
   const { message, type, param, code } = error as Record<string, unknown>;
