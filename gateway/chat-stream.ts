@@ -118,6 +118,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   async function* run(): AsyncGenerator<ChatCompletionChunk> {
     let last: ChatCompletionChunk | undefined;
     let usageChunk: ChatCompletionChunk | undefined;
+    let modelNamed = false;
     let firstToken = true;
     let error: GatewayError | undefined;
     let counted: MeteredTokens | undefined;
@@ -149,7 +150,11 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         }
         // Chunks carry a usage field only for clients that asked for usage, as OpenAI sends them.
         if (!includeUsage && chunk.usage !== undefined) chunk.usage = undefined;
-        if (!last && chunk.model) m.servedModel = meteredName(chunk.model);
+        // The first model named: Azure's first chunk (its prompt filter results) names none.
+        if (!modelNamed && chunk.model) {
+          m.servedModel = meteredName(chunk.model);
+          modelNamed = true;
+        }
         last = chunk;
         for (const choice of chunk.choices) {
           const before = generated.length;

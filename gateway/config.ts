@@ -41,6 +41,8 @@ const openaiProvider = z.strictObject({
   /** Variable holding the upstream key; unset for upstreams that need none. */
   api_key_env: envName.optional(),
   headers: z.record(z.string(), z.string()).optional(),
+  /** false: streams are sent without stream_options (for servers that refuse it); usage is then counted. */
+  stream_usage: z.boolean().optional(),
 });
 
 const azureProvider = z.strictObject({
@@ -50,6 +52,8 @@ const azureProvider = z.strictObject({
   base_url: z.url(),
   api_key_env: envName,
   api_version: z.string().min(1).default("2024-10-21"),
+  /** As for openai: older api versions (2024-02-01) refuse stream_options. */
+  stream_usage: z.boolean().optional(),
 });
 
 const mockProvider = z.strictObject({

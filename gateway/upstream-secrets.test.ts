@@ -33,9 +33,13 @@ function quotingUpstream(): Server<undefined> {
       if (body.model === "rejects") {
         return Response.json({ error: { message: `key ${quoted} may not ask this`, type: "invalid_request_error" } }, { status: 400 });
       }
-      // "cuts": one chunk, then an error event.
+      // "cuts": one chunk, then an error event; "cuts-bare": then an error without the {"error": ...} wrapper.
       const chunk = { id: "c", object: "chat.completion.chunk", created: 1, model: "cuts", choices: [{ index: 0, delta: { content: "hi" }, finish_reason: null }] };
-      const text = `data: ${JSON.stringify(chunk)}\n\nevent: error\ndata: ${JSON.stringify({ error: { message: `key ${quoted} revoked` } })}\n\n`;
+      const error =
+        body.model === "cuts-bare"
+          ? `data: ${JSON.stringify({ object: "error", message: `Invalid key Bearer ${quoted}` })}`
+          : `event: error\ndata: ${JSON.stringify({ error: { message: `key ${quoted} revoked` } })}`;
+      const text = `data: ${JSON.stringify(chunk)}\n\n${error}\n\n`;
       return new Response(text, { headers: { "content-type": "text/event-stream" } });
     },
   });
@@ -55,7 +59,7 @@ providers:
 models:
 ${["fake", "azfake"]
   .flatMap((provider) =>
-    ["refuses", "breaks", "rejects", "cuts"].map(
+    ["refuses", "breaks", "rejects", "cuts", "cuts-bare"].map(
       (model) => `  - { name: ${provider}-${model}, targets: [{ provider: ${provider}, model: ${model} }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`,
     ),
   )
@@ -138,12 +142,16 @@ describe.each(["fake", "azfake"])("a %s upstream quoting its key", (provider) =>
     expectNoSecret(exported());
   });
 
-  test("in a mid-stream error event: not in the logs, the spans or the stream", async () => {
+  test.each(["cuts", "cuts-bare"])("in a mid-stream error event (%s): not in the logs, the spans or the stream", async (model) => {
     const before = setup.log.lines.length;
-    const { status, text } = await setup.ask(`${provider}-cuts`, true);
+    const { status, text } = await setup.ask(`${provider}-${model}`, true);
     expect(status).toBe(200);
-    expect(text).toContain("error");
     expectNoSecret(text);
+    // The client hears of the failure in the gateway's words only, after the chunk that came before it.
+    const events = text.split("\n\n").filter((e) => e.startsWith("data: {"));
+    expect(events.map((e) => Object.keys(JSON.parse(e.slice(6))).includes("error"))).toEqual([false, true]);
+    expect(text).toContain("failed mid-stream");
+    expect(text).not.toContain("Invalid key");
     const lines = setup.log.lines.slice(before).join("");
     expect(lines).toContain("upstream stream failed");
     expect(lines).toContain("[redacted]");

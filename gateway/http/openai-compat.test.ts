@@ -3,7 +3,7 @@ import OpenAI, { APIError, BadRequestError } from "openai";
 import { isValid as isUlid } from "ulid";
 import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
-import { type FakeUpstream, type FakeUsage, startFakeUpstream } from "../testing/fake-upstream.ts";
+import { type Behaviour, type FakeUpstream, type FakeUsage, startFakeUpstream } from "../testing/fake-upstream.ts";
 import { startTestGateway } from "../testing/served-gateway.ts";
 
 // The gateway in front of a real OpenAI-compatible upstream on a socket, called with the official SDK.
@@ -29,6 +29,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["quota", "retries: 2"],
   ["throttled"],
   ["odd-usage"],
+  ["azure-like"],
 ];
 
 function routes(url: string) {
@@ -38,6 +39,7 @@ function routes(url: string) {
     // Its key variable is unset: every call fails before reaching the upstream.
     `  - { name: keyless, kind: openai, base_url: "${url}", api_key_env: FAKE_UPSTREAM_KEY }`,
     "  - { name: mock, kind: mock }",
+    `  - { name: no-stream-usage, kind: openai, base_url: "${url}", stream_usage: false }`,
     "models:",
   ];
   for (const [name, extra] of models) {
@@ -62,6 +64,17 @@ function routes(url: string) {
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: breaker",
     "    targets: [{ provider: fake, model: breaker-primary }, { provider: mock, model: mock-echo-1 }]",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: stream-fallback",
+    "    targets: [{ provider: fake, model: stream-primary }, { provider: fake, model: stream-secondary }]",
+    "    timeout_ms: 300",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: stream-alone",
+    "    targets: [{ provider: fake, model: stream-alone }]",
+    "    timeout_ms: 300",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: unasked",
+    "    targets: [{ provider: no-stream-usage, model: unasked }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
@@ -397,6 +410,44 @@ for (const port of ["rpc", "rest"] as const) {
         expect(upstream.seen("ok")[0]?.body.stream_options).toEqual({ include_obfuscation: false, include_usage: true });
         // The client did not ask for usage: it gets no usage chunk.
         expect(chunks.every((c) => c.usage === undefined)).toBe(true);
+      });
+
+      test("an upstream that refuses stream_options is asked again without, and from then on; or is never asked", async () => {
+        const streamed = async (model: string) => {
+          const { data: stream, response } = await sdk()
+            .chat.completions.create({ model, messages: hello, stream: true, stream_options: { include_usage: true } })
+            .withResponse();
+          let content = "";
+          let usage: OpenAI.CompletionUsage | undefined;
+          for await (const chunk of stream) {
+            content += chunk.choices[0]?.delta.content ?? "";
+            usage = chunk.usage ?? usage;
+          }
+          return { content, usage, m: await gateway.row(response.headers.get("x-request-id") ?? "") };
+        };
+        upstream.script("no-usage", { rejectsField: "stream_options" });
+        for (const model of ["no-usage", "no-usage", "unasked"]) {
+          const { content, usage, m } = await streamed(model);
+          expect(content).toBe("echo: hello there friend");
+          // The upstream reports no usage unless asked for it: counted with the tokenizer.
+          expect(usage).toMatchObject({ prompt_tokens: 10, completion_tokens: 5 });
+          expect(m).toMatchObject({ status: RequestStatus.OK, usageEstimated: true });
+        }
+        // Once refused, not asked again.
+        expect(upstream.seen("no-usage").map((r) => "stream_options" in r.body)).toEqual([true, false, false]);
+        expect(upstream.seen("unasked").map((r) => "stream_options" in r.body)).toEqual([false]);
+      });
+
+      test("the served model is the first a chunk names, past Azure's first chunk that names none", async () => {
+        upstream.script("azure-like", { promptFilterChunk: true, model: "gpt-4o-2024-11-20" });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "azure-like", messages: hello, stream: true })
+          .withResponse();
+        let content = "";
+        for await (const chunk of stream) content += chunk.choices[0]?.delta?.content ?? "";
+        expect(content).toBe("echo: hello there friend");
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ status: RequestStatus.OK, servedModel: "gpt-4o-2024-11-20" });
       });
 
       test("no usage chunk unless the client asks, though the gateway still meters it", async () => {
@@ -934,6 +985,16 @@ for (const port of ["rpc", "rest"] as const) {
         expect(bare.message).not.toContain("html");
       });
 
+      test("an upstream's refusal in plain text passes its words on, redacted and bounded", async () => {
+        const words = "context too long for this model, sent with Bearer sk-abcdefghijklmnopqrstuvwxyz0123 and more";
+        upstream.script("rejecting", { status: 400, error: `${words} ${"x".repeat(1000)}` });
+        const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+        expectShape(e, 400, "upstream_rejected", "invalid_request_error");
+        const { message } = e.error as { message: string };
+        expect(message).toStartWith("context too long for this model, sent with [redacted] and more xxx");
+        expect(message).toHaveLength(500);
+      });
+
       test("an upstream's 413 is the client's 413, and never opens the breaker", async () => {
         upstream.script("too-large", { status: 413, error: "<html><body>413 Request Entity Too Large</body></html>" });
         for (let i = 0; i < 6; i++) {
@@ -1054,6 +1115,45 @@ for (const port of ["rpc", "rest"] as const) {
           expect(completion.model).toBe("mock-echo-1");
         }
         expect(upstream.seen("breaker-primary").length).toBeLessThan(20);
+      });
+
+      // Failures of a stream before its first chunk: a proxy's 200 with a JSON error, an error event first (as
+      // OpenRouter sends them), a prefill longer than the target's timeout.
+      const failedBeforeFirstChunk: Array<[string, Behaviour]> = [
+        ["a 200 with an error body", { status: 200 }],
+        ["an error event first", { firstEvent: { error: { message: "provider overloaded", type: "server_error" } } }],
+        ["no first chunk within the timeout", { firstChunkDelayMs: 1000 }],
+      ];
+
+      test.each(failedBeforeFirstChunk)("a stream failing before its first chunk (%s) falls back to the next target", async (_, failure) => {
+        upstream.script("stream-primary", failure);
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "stream-fallback", messages: hello, stream: true, stream_options: { include_usage: true } })
+          .withResponse();
+        const served = new Set<string>();
+        let usage: OpenAI.CompletionUsage | undefined;
+        for await (const chunk of stream) {
+          served.add(chunk.model);
+          usage = chunk.usage ?? usage;
+        }
+        expect([...served]).toEqual(["stream-secondary-fake"]);
+        expect(upstream.seen("stream-primary")).toHaveLength(1);
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ status: RequestStatus.OK, fallbackUsed: true, servedModel: "stream-secondary-fake" });
+        // Billed for the answer the client got, at $1 per million tokens.
+        expect(m.costNanos).toBe(BigInt(((usage?.prompt_tokens ?? 0) + (usage?.completion_tokens ?? 0)) * 1000));
+      });
+
+      test.each(failedBeforeFirstChunk)("a stream failing before its first chunk (%s) on its only target is an HTTP error", async (_, failure) => {
+        upstream.script("stream-alone", failure);
+        const e = await apiError(sdk().chat.completions.create({ model: "stream-alone", messages: hello, stream: true }));
+        const timedOut = failure.firstChunkDelayMs !== undefined;
+        expect([e.status, e.code]).toEqual(timedOut ? [504, "upstream_timeout"] : [502, "upstream_error"]);
+        const m = await gateway.row(e.headers?.get("x-request-id") ?? "");
+        // The upstream answered nothing: only a prompt cut off by the time limit is billed, as it is for whole ones.
+        expect(m.status).toBe(timedOut ? RequestStatus.TIMEOUT : RequestStatus.UPSTREAM_ERROR);
+        if (timedOut) expect(m.costNanos).toBeGreaterThan(0n);
+        else expect(m.costNanos).toBe(0n);
       });
 
       test("a target whose streams keep failing mid-stream is skipped for a while too", async () => {

@@ -61,6 +61,11 @@ const upstream = Bun.serve({
           { error: { message: "x".repeat(10_000), type: "invalid_request_error", param: "p".repeat(500), code: "bad\ncode" } },
           { status: 400 },
         );
+      case "tgi-422":
+        // TGI's error shape: the message is the `error` member itself.
+        return Response.json({ error: "Input validation error: `inputs` must have less than 4096 tokens", error_type: "validation" }, { status: 422 });
+      case "text-400":
+        return new Response("context too long", { status: 400, headers: { "content-type": "text/plain" } });
       case "proxy-413":
         return new Response("<html><body>413 Request Entity Too Large</body></html>", { status: 413 });
       default:
@@ -155,6 +160,17 @@ describe("openai provider", () => {
     expect([proxy?.failure, proxy?.status, proxy?.error]).toEqual(["rejected", 413, undefined]);
   });
 
+  test("keeps the words of an error in no OpenAI shape: TGI's error string, a plain text body", async () => {
+    const tgi = await failure(provider.chat(request("tgi-422"), { timeoutMs: 5000 }));
+    expect([tgi?.failure, tgi?.status, tgi?.error]).toEqual([
+      "rejected",
+      422,
+      { message: "Input validation error: `inputs` must have less than 4096 tokens", type: null, param: null, code: null },
+    ]);
+    const text = await failure(provider.chat(request("text-400"), { timeoutMs: 5000 }));
+    expect([text?.failure, text?.status, text?.error?.message]).toEqual(["rejected", 400, "context too long"]);
+  });
+
   test("a provider whose key variable is unset fails as misconfigured without calling out", async () => {
     const before = seen.length;
     const keyless = createOpenAIProvider({ name: "openai", kind: "openai", api_key_env: "OPENAI_API_KEY" }, undefined);
@@ -196,6 +212,23 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   framed: cutBytes(framedText, 40, eAcute + 1, eAcute + 30),
   "error-event": [chunkEvent({ content: "partial" }), `data: {"error":{"message":"The server had an error","type":"server_error"}}\n\n`],
   "named-error": [chunkEvent({ content: "partial" }), `event: error\ndata: {"message":"overloaded"}\n\n`],
+  // Failures before the first chunk: an error event first, a prefill longer than the attempt's limit.
+  "error-first": [`data: {"error":{"message":"overloaded","type":"server_error"}}\n\n`],
+  prefill: [": prefill\n\n", "WAIT", chunkEvent({ content: "late" }, "stop")],
+  // Errors without the {"error": ...} wrapper, as vLLM and others send them.
+  "bare-error": [chunkEvent({ content: "partial" }), `data: {"object":"error","message":"overloaded","code":503}\n\n`],
+  "message-error": [chunkEvent({ content: "partial" }), `data: {"message":"overloaded","code":503}\n\n`],
+  // An event that says it is something else than a chunk.
+  "foreign-object": [
+    chunkEvent({ content: "partial" }),
+    `data: {"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[]}\n\n`,
+    chunkEvent({}, "stop"),
+  ],
+  // Azure's first chunk: prompt filter results, an empty object and model, no choices.
+  "azure-first": [
+    `data: {"id":"","object":"","created":0,"model":"","choices":[],"prompt_filter_results":[{"prompt_index":0}]}\n\n`,
+    chunkEvent({ content: "partial" }, "stop"),
+  ],
   unreadable: [chunkEvent({ content: "partial" }), "data: {not json\n\n"],
   cut: [chunkEvent({ content: "partial" })],
   silent: [chunkEvent({ content: "partial" }), "WAIT"],
@@ -236,6 +269,8 @@ const streamingUpstream = Bun.serve({
   async fetch(req, server) {
     clientPorts.push(server.requestIP(req)?.port ?? 0);
     const { model } = (await req.json()) as { model: string };
+    // A proxy's failure as a 200 with a JSON error body.
+    if (model === "json-200") return Response.json({ error: { message: "no healthy backend", type: "proxy_error" } });
     const parts = streams[model] ?? [];
     const bytes = new TextEncoder();
     return new Response(
@@ -293,6 +328,32 @@ describe("openai provider streams", () => {
     }
     expect((await drain("error-event")).error?.message).toContain("The server had an error");
     expect((await drain("named-error")).error?.message).toContain("overloaded");
+  });
+
+  test("an error without the error wrapper, or an event of another object, fails the attempt; Azure's first chunk does not", async () => {
+    for (const model of ["bare-error", "message-error", "foreign-object"]) {
+      const { contents, error } = await drain(model);
+      expect(contents).toEqual(["partial"]);
+      expect(error?.failure).toBe("transient");
+    }
+    expect((await drain("bare-error")).error?.message).toBe("sse: overloaded");
+    expect((await drain("message-error")).error?.message).toBe("sse: overloaded");
+    expect(await drain("azure-first")).toMatchObject({ contents: ["partial"], error: undefined });
+  });
+
+  test("a failure before the first chunk fails the attempt itself, within its time limit", async () => {
+    const opened = (model: string, timeoutMs = 5000) =>
+      streaming.streamChat(request(model), { timeoutMs }).then(
+        () => undefined,
+        (e: unknown) => e as UpstreamError,
+      );
+    expect(await opened("error-first")).toMatchObject({ failure: "transient", message: "sse: overloaded" });
+    const json = await opened("json-200");
+    expect(json?.failure).toBe("transient");
+    expect(json?.message).toContain("no healthy backend");
+    const started = performance.now();
+    expect((await opened("prefill", 300))?.failure).toBe("timeout");
+    expect(performance.now() - started).toBeLessThan(900);
   });
 
   test("with several choices the stream has finished only when every one has", async () => {
@@ -362,10 +423,9 @@ describe("openai provider streams", () => {
   test("an event cut off by the client or the timeout is a cancellation or a timeout, not unreadable", async () => {
     expect((await drain("half-event", 200)).error?.failure).toBe("timeout");
     const controller = new AbortController();
-    const stream = await streaming.streamChat(request("half-event"), { timeoutMs: 5000, signal: controller.signal });
     setTimeout(() => controller.abort(), 100);
     const left = await (async () => {
-      for await (const _ of stream);
+      for await (const _ of await streaming.streamChat(request("half-event"), { timeoutMs: 5000, signal: controller.signal }));
     })().then(
       () => undefined,
       (e: unknown) => e as UpstreamError,
@@ -450,5 +510,70 @@ describe("azure provider", () => {
     const e = await failure(provider.chat(request("missing"), { timeoutMs: 5000 }));
     expect([e?.failure, e?.status]).toEqual(["misconfigured", 404]);
     expect(e?.message).toContain("no such deployment");
+  });
+});
+
+describe("the SDK's environment variables", () => {
+  // What `source .data/demo.env` and a shell's other settings put in the gateway's environment: none of it may reach
+  // the SDK, which reads OPENAI_* and AZURE_OPENAI_* variables where an option is not given.
+  const environment: Record<string, string> = {
+    OPENAI_BASE_URL: "http://127.0.0.1:9/v1",
+    OPENAI_API_KEY: "sk-from-the-environment",
+    OPENAI_ORG_ID: "org-from-the-environment",
+    OPENAI_PROJECT_ID: "proj-from-the-environment",
+    OPENAI_CUSTOM_HEADERS: "x-team: other-app",
+    OPENAI_API_VERSION: "2024-02-01",
+    AZURE_OPENAI_ENDPOINT: "http://127.0.0.1:9",
+    AZURE_OPENAI_API_KEY: "azure-from-the-environment",
+  };
+  const calls: Array<{ url: string; headers: Record<string, string> }> = [];
+  const upstream = Bun.serve({
+    port: 0,
+    async fetch(req) {
+      const url = new URL(req.url);
+      calls.push({ url: `${url.pathname}${url.search}`, headers: Object.fromEntries(req.headers) });
+      await req.json();
+      return Response.json({
+        id: "c",
+        object: "chat.completion",
+        created: 1,
+        model: "m",
+        choices: [{ index: 0, message: { role: "assistant", content: "hi", refusal: null }, finish_reason: "stop", logprobs: null }],
+        usage: { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 },
+      });
+    },
+  });
+  afterAll(() => upstream.stop(true));
+
+  test("are not read: base URLs, keys, versions and headers are the config's alone", async () => {
+    const saved = Object.fromEntries(Object.keys(environment).map((name) => [name, process.env[name]]));
+    Object.assign(process.env, environment);
+    try {
+      const base = `http://127.0.0.1:${upstream.port}`;
+      const openai = createOpenAIProvider(
+        { name: "compat", kind: "openai", base_url: `${base}/v1`, api_key_env: "COMPAT_KEY", headers: { "x-team": "gateway" } },
+        "sk-configured",
+      );
+      const keyless = createOpenAIProvider({ name: "local", kind: "openai", base_url: `${base}/v1` }, undefined);
+      const azure = createOpenAIProvider(
+        { name: "azure", kind: "azure", base_url: `${base}/`, api_key_env: "AZURE_KEY", api_version: "2024-10-21" },
+        "azure-configured",
+      );
+      for (const provider of [openai, keyless, azure]) await provider.chat(request("dep"), { timeoutMs: 5000 });
+      expect(calls.map((c) => [c.url, c.headers.authorization, c.headers["api-key"], c.headers["x-team"]])).toEqual([
+        ["/v1/chat/completions", "Bearer sk-configured", undefined, "gateway"],
+        ["/v1/chat/completions", "Bearer unused", undefined, undefined],
+        ["/openai/deployments/dep/chat/completions?api-version=2024-10-21", undefined, "azure-configured", undefined],
+      ]);
+      for (const { headers } of calls) {
+        expect(headers["openai-organization"]).toBeUndefined();
+        expect(headers["openai-project"]).toBeUndefined();
+      }
+    } finally {
+      for (const [name, value] of Object.entries(saved)) {
+        if (value === undefined) delete process.env[name];
+        else process.env[name] = value;
+      }
+    }
   });
 });

@@ -39,20 +39,32 @@ export function createOpenAIProvider(
 ): Provider {
   const missingKey = config.api_key_env !== undefined && !apiKey;
   const redact = (text: string) => redactSecrets(text, secrets);
-  // Explicit nulls keep the SDK from reading OPENAI_* variables behind the config's back; the gateway logs for itself.
+  // Explicit values keep the SDK from reading OPENAI_* and AZURE_OPENAI_* variables behind the config's back (a gateway
+  // run with the demo's OPENAI_BASE_URL set, say); the gateway logs for itself.
   const common = { organization: null, project: null, webhookSecret: null, logLevel: "off" } as const;
   const client = missingKey
     ? undefined
     : config.kind === "azure"
-      ? new AzureOpenAI({ ...common, endpoint: config.base_url, apiKey, apiVersion: config.api_version })
-      : new OpenAI({
-          ...common,
-          adminAPIKey: null,
-          baseURL: config.base_url ?? "https://api.openai.com/v1",
-          // The SDK insists on a key; upstreams configured without one (local servers) ignore it.
-          apiKey: apiKey ?? "unused",
-          defaultHeaders: config.headers,
-        });
+      ? withHeaders(
+          // The base URL the SDK makes of an `endpoint`, built here: given an endpoint, it reads OPENAI_BASE_URL too.
+          new AzureOpenAI({
+            ...common,
+            baseURL: `${config.base_url.replace(/\/+$/, "")}/openai`,
+            apiKey,
+            apiVersion: config.api_version,
+          }),
+          undefined,
+        )
+      : withHeaders(
+          new OpenAI({
+            ...common,
+            adminAPIKey: null,
+            baseURL: config.base_url ?? "https://api.openai.com/v1",
+            // The SDK insists on a key; upstreams configured without one (local servers) ignore it.
+            apiKey: apiKey ?? "unused",
+          }),
+          config.headers,
+        );
   const connected = (): OpenAI => {
     if (!client) throw new UpstreamError("misconfigured", `provider ${config.name}: ${config.api_key_env} is not set`);
     return client;
@@ -116,6 +128,24 @@ export function createOpenAIProvider(
     }
   };
 
+  /** Upstream models that refused stream_options: their streams go without. */
+  const refusesStreamOptions = new Set<string>();
+
+  /** One streamed attempt, resolved with the stream once its first chunk has come. */
+  const open = (body: Omit<ChatRequest, "stream"> & { stream: true }, options: CallOptions) =>
+    post("/chat/completions", body, options, async (response) => {
+      if (/[/+]json\b/i.test(response.headers.get("content-type") ?? "")) {
+        // JSON rather than events, as some proxies answer a failure with a 200: its error, read as a refusal's.
+        const error = upstreamError(config.name, await refusal(response), redact);
+        throw new UpstreamError("transient", error.message);
+      }
+      const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
+      const chunks = relay(response, config.name, options, choices, redact)[Symbol.asyncIterator]();
+      const first = await chunks.next();
+      if (first.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
+      return resumed(first.value, chunks);
+    });
+
   return {
     name: config.name,
     kind: config.kind,
@@ -137,13 +167,28 @@ export function createOpenAIProvider(
     },
 
     async streamChat(request: ChatRequest, options: CallOptions): Promise<ChunkStream> {
-      // The attempt's time limit covers the wait for the answer's headers; relay() then limits the silence between
-      // chunks and stops reading when the client leaves. Events are read with eventsource-parser, which costs about
-      // half of what the SDK's own stream decoder does per chunk.
-      // The client's stream options (include_obfuscation, ...) go as it set them, with usage always asked for.
-      const body = { ...request, stream: true, stream_options: { ...request.stream_options, include_usage: true } };
-      const response = await post("/chat/completions", body, options, async (r) => r);
-      return relay(response, config.name, options, typeof request.n === "number" && request.n > 1 ? request.n : 1, redact);
+      // The attempt's time limit covers the wait for the answer's headers and its first chunk: until a chunk has come,
+      // a failure (a 200 with an error body, an error event first, a prefill past the limit) is the attempt's, which
+      // routing may retry or fall back from. relay() then limits the silence between chunks and stops reading when
+      // the client leaves. Events are read with eventsource-parser, which costs about half of what the SDK's own
+      // stream decoder does per chunk.
+      // The client's stream options (include_obfuscation, ...) go as it set them, with usage always asked for, unless
+      // the upstream refuses stream_options: its usage is then counted.
+      const { stream_options, ...rest } = request;
+      const plain = { ...rest, stream: true as const };
+      if (config.stream_usage === false || refusesStreamOptions.has(request.model)) return open(plain, options);
+      const started = performance.now();
+      try {
+        return await open({ ...plain, stream_options: { ...stream_options, include_usage: true } }, options);
+      } catch (e) {
+        // A server that forbids fields it does not know (422 "extra fields not permitted"), Azure before its api
+        // version took stream_options (400): asked again without them, and from then on.
+        if (!(e instanceof UpstreamError && e.failure === "rejected" && e.message.includes("stream_options"))) throw e;
+        if (refusesStreamOptions.size >= 512) refusesStreamOptions.clear();
+        refusesStreamOptions.add(request.model);
+        const timeoutMs = Math.max(1, options.timeoutMs - (performance.now() - started));
+        return open(plain, { ...options, timeoutMs });
+      }
     },
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
@@ -159,6 +204,34 @@ export function createOpenAIProvider(
       return { response, tokens, usageEstimated: estimated };
     },
   };
+}
+
+/** A stream's first chunk, read already, in front of the rest of it; stopping it stops the rest. */
+function resumed(first: ChatCompletionChunk, rest: AsyncIterator<ChatCompletionChunk>): ChunkStream {
+  let held: ChatCompletionChunk | undefined = first;
+  const iterator: AsyncIterableIterator<ChatCompletionChunk> = {
+    next() {
+      if (!held) return rest.next();
+      const value = held;
+      held = undefined;
+      return Promise.resolve({ done: false, value });
+    },
+    return() {
+      held = undefined;
+      return rest.return?.() ?? Promise.resolve({ done: true, value: undefined });
+    },
+    [Symbol.asyncIterator]: () => iterator,
+  };
+  return iterator;
+}
+
+/**
+ * A client whose default headers are the configured ones alone: the SDK adds those of OPENAI_CUSTOM_HEADERS from the
+ * environment to the ones it is given, and no option turns that off.
+ */
+function withHeaders<C extends OpenAI>(client: C, headers: Record<string, string> | undefined): C {
+  (client as unknown as { _options: { defaultHeaders?: unknown } })._options.defaultHeaders = headers;
+  return client;
 }
 
 /**
@@ -217,8 +290,12 @@ async function* chunksOf(
         failure = new UpstreamError("transient", `${provider}: unreadable response (malformed server-sent event JSON)`);
         return;
       }
-      const error =
-        event.event === "error" ? ((data as { error?: unknown })?.error ?? data) : (data as { error?: unknown })?.error;
+      const fields = typeof data === "object" && data !== null ? (data as Record<string, unknown>) : undefined;
+      // Some servers send a streamed error without the {"error": ...} wrapper, as they do their refusals (vLLM's
+      // {"object":"error","message"}): the event is then the error itself.
+      const unwrapped =
+        fields && (fields.object === "error" || (fields.message !== undefined && fields.choices === undefined));
+      const error = fields?.error ?? (event.event === "error" || unwrapped ? data : undefined);
       if (error || event.event === "error") {
         const message = (error as { message?: unknown } | null)?.message;
         failure = new UpstreamError(
@@ -294,6 +371,11 @@ function checkedChunk(data: unknown, provider: string): ChatCompletionChunk {
     throw new UpstreamError("transient", `${provider}: a stream event is not a chunk object`);
   }
   const chunk = data as ChatCompletionChunk;
+  // Azure's first chunk (its prompt filter results) has an empty object; any other object is not a chunk.
+  const object: unknown = chunk.object;
+  if (object !== undefined && object !== null && object !== "" && object !== "chat.completion.chunk") {
+    throw new UpstreamError("transient", `${provider}: a stream event is not a chunk object`);
+  }
   // Some compatible servers leave choices out of the usage chunk.
   chunk.choices ??= [];
   if (!Array.isArray(chunk.choices))
@@ -322,7 +404,7 @@ async function drainBody(reader: BodyReader, limitMs: number): Promise<void> {
 /**
  * A refused call as the SDK reports it: its APIError subclass for the status, with the upstream's message. As the
  * SDK's makeStatusError does, a JSON body without an `error` member (vLLM's `{"object":"error","message"}`, a 422's
- * `{"detail"}`) is the error itself.
+ * `{"detail"}`) is the error itself; a plain text body that is not markup (a proxy's page) is its message.
  */
 async function refusal(response: Response): Promise<APIError> {
   const text = await response.text().catch((e: unknown) => (e as Error).message ?? String(e));
@@ -332,8 +414,13 @@ async function refusal(response: Response): Promise<APIError> {
   } catch {
     body = undefined;
   }
-  const error =
-    body && typeof body === "object" && (body as { error?: unknown }).error == null ? { error: body } : body;
+  const plain =
+    body === undefined && /^text\/plain\b/i.test(response.headers.get("content-type") ?? "") && !/^\s*</.test(text);
+  const error = plain
+    ? { error: text }
+    : body && typeof body === "object" && (body as { error?: unknown }).error == null
+      ? { error: body }
+      : body;
   return APIError.generate(response.status, error as object | undefined, body ? undefined : text, response.headers);
 }
 
@@ -341,8 +428,7 @@ async function refusal(response: Response): Promise<APIError> {
 function upstreamError(provider: string, e: unknown, redact: (text: string) => string): UpstreamError {
   if (e instanceof UpstreamError) return e;
   if (e instanceof APIError && e.status !== undefined) {
-    const error = upstreamErrorBody(e.error);
-    if (error) error.message = redact(error.message);
+    const error = upstreamErrorBody(e.error, redact);
     return new UpstreamError(
       failureOfStatus(e.status, error),
       `${provider} answered ${e.status}: ${redact(e.message)}`,

@@ -48,8 +48,8 @@ export interface Provider {
   /** One whole completion; fails with UpstreamError. */
   chat(request: ChatRequest, options: CallOptions): Promise<ChatResult>;
   /**
-   * Opens a streamed completion, asking for usage in a last chunk. Resolves once the upstream has
-   * accepted the request (so routing may still retry until then); fails with UpstreamError.
+   * Opens a streamed completion, asking for usage in a last chunk. Resolves once the upstream's first
+   * chunk has come (so routing may still retry or fall back until then); fails with UpstreamError.
    */
   streamChat(request: ChatRequest, options: CallOptions): Promise<ChunkStream>;
   embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult>;
@@ -107,24 +107,33 @@ export function outOfQuota(status: number | undefined, error: UpstreamErrorBody 
 }
 
 const maxMessageLength = 2_000;
+// Words in no known shape (a plain text body, TGI's {"error": "..."}) say less and may echo more of the request.
+const maxTextLength = 500;
 // type, param and code also travel as RPC metadata (header values): printable ASCII, short.
 const identifier = /^[\x20-\x7e]{1,128}$/;
 
 /**
- * The OpenAI-shaped error in a refusal's `error` member; undefined unless it has a message. Messages are cut to a
- * bounded length; a type, param or code that is not a short printable string is left out.
+ * The error in a refusal's `error` member: OpenAI's shape, or a string as its message; undefined without a message.
+ * Messages pass through `redact`, then are cut to a bounded length; a type, param or code that is not a short
+ * printable string is left out.
  */
-export function upstreamErrorBody(error: unknown): UpstreamErrorBody | undefined {
+export function upstreamErrorBody(
+  error: unknown,
+  redact: (text: string) => string = (text) => text,
+): UpstreamErrorBody | undefined {
+  const bounded = (text: string, max: number) => {
+    const message = redact(text.trim());
+    return message.length > max ? `${message.slice(0, max - 1)}\u2026` : message;
+  };
+  if (typeof error === "string") {
+    if (error.trim() === "") return undefined;
+    return { message: bounded(error, maxTextLength), type: null, param: null, code: null };
+  }
   if (typeof error !== "object" || error === null) return undefined;
   const { message, type, param, code } = error as Record<string, unknown>;
   if (typeof message !== "string" || message.trim() === "") return undefined;
   const id = (value: unknown) => (typeof value === "string" && identifier.test(value) ? value : null);
-  return {
-    message: message.length > maxMessageLength ? `${message.slice(0, maxMessageLength - 1)}\u2026` : message,
-    type: id(type),
-    param: id(param),
-    code: id(code),
-  };
+  return { message: bounded(message, maxMessageLength), type: id(type), param: id(param), code: id(code) };
 }
 
 /** Retry-After (seconds or HTTP date) or retry-after-ms, in ms; undefined when absent or unreadable. */

@@ -25,6 +25,8 @@ export interface Behaviour {
   status?: number;
   /** With `status`: fields of the OpenAI error body over the defaults, or a whole body that is not OpenAI's shape. */
   error?: { message?: string; type?: string; param?: string | null; code?: string | null } | string;
+  /** Refuse a request that has this field with 422, as servers that forbid extra fields do (FastAPI's `detail`). */
+  rejectsField?: string;
   /** Retry-After header value sent with `status`. */
   retryAfter?: string;
   /** Wait this long before answering. */
@@ -35,6 +37,12 @@ export interface Behaviour {
   malformed?: boolean;
   /** Never answer: wait for the client to give up. */
   hang?: boolean;
+  /** Streaming: wait this long after the headers (sent at once, with a comment) before the first chunk (a prefill). */
+  firstChunkDelayMs?: number;
+  /** Streaming: send this event (an error, say) first, and nothing after it. */
+  firstEvent?: unknown;
+  /** Streaming: first a chunk as Azure sends it, of prompt filter results, with an empty object and model. */
+  promptFilterChunk?: boolean;
   /** Streaming: stop after this many content chunks, without finish_reason or [DONE]. */
   cutAfterChunks?: number;
   /** Refuse with this text instead of answering (content null, or streamed as `delta.refusal`). */
@@ -112,6 +120,10 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
       if (b.hang) {
         await new Promise((resolve) => req.signal.addEventListener("abort", resolve, { once: true }));
         return new Response(null, { status: 204 });
+      }
+      if (b.rejectsField !== undefined && b.rejectsField in body) {
+        const detail = [{ loc: ["body", b.rejectsField], msg: "extra fields not permitted", type: "value_error.extra" }];
+        return Response.json({ detail }, { status: 422 });
       }
       if (b.status) {
         const headers: Record<string, string> = b.retryAfter ? { "retry-after": b.retryAfter } : {};
@@ -212,6 +224,20 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
     new ReadableStream<Uint8Array>({
       async start(controller) {
         const pause = () => (b.chunkDelayMs ? Bun.sleep(b.chunkDelayMs) : undefined);
+        if (b.firstChunkDelayMs) {
+          controller.enqueue(encoder.encode(": prefill\n\n"));
+          await Bun.sleep(b.firstChunkDelayMs);
+        }
+        if (signal.aborted) return;
+        if (b.firstEvent !== undefined) {
+          controller.enqueue(event(b.firstEvent));
+          controller.close();
+          return;
+        }
+        if (b.promptFilterChunk) {
+          const filters = [{ prompt_index: 0, content_filter_results: {} }];
+          controller.enqueue(event({ id: "", object: "", created: 0, model: "", choices: [], prompt_filter_results: filters }));
+        }
         controller.enqueue(chunk({ role: "assistant", content: "" }));
         if (b.toolCall) {
           controller.enqueue(chunk({ tool_calls: [{ index: 0, id: "call_fake_1", type: "function", function: { name: b.toolCall.name, arguments: "" } }] }));
