@@ -1,7 +1,9 @@
 /** A watch on something that should keep being heard from: a stream's chunks, a heartbeat. */
 export interface SilenceWatch {
-  /** Something was heard: the silence starts again from now. */
+  /** Something was heard: the silence starts again from now (and a pause ends). */
   heard(): void;
+  /** Not listening for a while (the listener is busy elsewhere, e.g. waiting on its own consumer): no silence counts. */
+  pause(): void;
   /** Whether the silence ran out (and `onSilent` was called). */
   readonly expired: boolean;
   stop(): void;
@@ -14,10 +16,11 @@ export interface SilenceWatch {
 export function watchSilence(ms: number, onSilent: () => void): SilenceWatch {
   let last = performance.now();
   let expired = false;
+  let paused = false;
   const check = () => {
     const quiet = performance.now() - last;
-    if (quiet < ms) {
-      timer = setTimeout(check, ms - quiet);
+    if (paused || quiet < ms) {
+      timer = setTimeout(check, paused ? ms : ms - quiet);
       return;
     }
     expired = true;
@@ -27,6 +30,10 @@ export function watchSilence(ms: number, onSilent: () => void): SilenceWatch {
   return {
     heard() {
       last = performance.now();
+      paused = false;
+    },
+    pause() {
+      paused = true;
     },
     get expired() {
       return expired;

@@ -312,6 +312,15 @@ const drain = async (model: string, timeoutMs = 5000, n?: number) => {
 };
 
 describe("openai provider streams", () => {
+  test("a consumer that takes longer than the timeout to read a chunk is not the upstream's silence", async () => {
+    const contents: string[] = [];
+    for await (const chunk of await streaming.streamChat(request("two-done"), { timeoutMs: 200 })) {
+      for (const choice of chunk.choices) if (choice.delta.content) contents.push(choice.delta.content);
+      await Bun.sleep(400);
+    }
+    expect(contents).toEqual(["one", "two"]);
+  });
+
   test("reads events however the bytes are split, with CRLF, comments and nothing after [DONE]", async () => {
     const { contents, usage, error } = await drain("framed");
     expect(error).toBeUndefined();

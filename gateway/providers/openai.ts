@@ -336,8 +336,9 @@ async function* chunksOf(
             done.add(choice.index);
           } else if (!done.has(choice.index)) open.add(choice.index);
         }
+        // Silence is the upstream's between chunks: not keep-alive comments, nor the time the client takes to read.
+        silence.pause();
         yield chunk;
-        // Silence is measured between chunks: keep-alive comments and the client's own pace do not count.
         silence.heard();
       }
       if (ended) break;
