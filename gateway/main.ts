@@ -38,6 +38,11 @@ const cfg = loadEnvOrExit({
   /** Names this replica in metrics; stable per pod in Kubernetes. */
   GATEWAY_INSTANCE_ID: z.string().min(1).max(128).default(`${hostname()}-${process.pid}`),
   GATEWAY_MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(64 * 1024 * 1024).default(4 * 1024 * 1024),
+  /**
+   * Upstream calls Bun's fetch runs at once (Bun reads it at start; 256 unless set): the others wait inside fetch with
+   * their attempt's time running, so a busy replica would time out calls its upstreams never saw.
+   */
+  BUN_CONFIG_MAX_HTTP_REQUESTS: z.coerce.number().int().min(1).max(65_535).default(256),
   GATEWAY_KEY_CACHE_TTL_MS: z.coerce.number().int().min(0).max(3_600_000).default(30_000),
   /** Key cache TTL while billing's key change stream is down. */
   GATEWAY_KEY_CACHE_FALLBACK_TTL_MS: z.coerce.number().int().min(0).max(3_600_000).default(1000),
@@ -100,6 +105,12 @@ if (cfg.GATEWAY_BUDGET_LEASE_TTL_S * 1000 < longestRequestMs + 10_000) {
 
 const runtime = createRuntime("gateway", cfg);
 const { log } = runtime;
+
+if (cfg.BUN_CONFIG_MAX_HTTP_REQUESTS < 1024) {
+  log.warn("upstream calls past this many at once wait inside fetch: set BUN_CONFIG_MAX_HTTP_REQUESTS (4096 in the image)", {
+    max_http_requests: cfg.BUN_CONFIG_MAX_HTTP_REQUESTS,
+  });
+}
 
 const providers = createProviders(config.providers, process.env, {
   onMissingKey: (provider, variable) =>

@@ -74,6 +74,8 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
       env: {
         MESH_DATA_DIR: options.dataDir,
         ADMIN_TOKEN: options.adminToken,
+        // Read by Bun at start: upstream calls past 256 at once would wait inside the gateway's fetch.
+        BUN_CONFIG_MAX_HTTP_REQUESTS: process.env.BUN_CONFIG_MAX_HTTP_REQUESTS ?? "4096",
         // What is known so far: a service starts after the ones whose addresses it needs.
         ...known({
           BILLING_URL: urls.billing,

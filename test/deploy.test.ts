@@ -255,6 +255,10 @@ describe("the image", () => {
     const mount = container("gateway").volumeMounts?.[0]?.mountPath;
     expect(mount).toBe(dataDir);
   });
+
+  test("lets a gateway's fetch run 4096 upstream calls at once (Bun's default is 256)", () => {
+    expect(dockerfile).toMatch(/^ENV .*BUN_CONFIG_MAX_HTTP_REQUESTS=4096/m);
+  });
 });
 
 const havePromtool = Bun.which("promtool") !== null;

@@ -163,6 +163,12 @@ describe("the mesh end to end", () => {
     expect(completion.choices).toHaveLength(1);
   }, 90_000);
 
+  test("the gateway runs with room for 4096 upstream calls at once (Bun's fetch runs 256 unless told)", async () => {
+    const environ = await Bun.file(`/proc/${mesh.processes.gateway.proc.pid}/environ`).text();
+    expect(environ.split("\0")).toContain("BUN_CONFIG_MAX_HTTP_REQUESTS=4096");
+    expect(logs.some((line) => line.includes("BUN_CONFIG_MAX_HTTP_REQUESTS"))).toBe(false);
+  });
+
   test("no secret appears in any service log", () => {
     expect(logs.length).toBeGreaterThan(0);
     for (const line of logs) {
