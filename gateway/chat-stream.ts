@@ -36,6 +36,11 @@ export interface StreamOutcome {
 export interface ChatStream extends AsyncIterable<ChatCompletionChunk> {
   /** Set once the stream has been metered. */
   readonly outcome: StreamOutcome | undefined;
+  /**
+   * Aborted when the stream ends while its consumer holds a chunk (the client left or the deadline passed): what the
+   * consumer is still writing is owed to nobody, so its transport should end the response rather than finish the write.
+   */
+  readonly cutOff: AbortSignal;
 }
 
 export interface MeterOptions {
@@ -75,6 +80,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   let servedTier: unknown;
   let outcome: StreamOutcome | undefined;
   let ending: Promise<void> | undefined;
+  const cutOff = new AbortController();
   /**
    * Who holds the stream: nobody has asked for a chunk yet ("idle"), the generator is running
    * ("running"), the consumer holds a chunk ("yielded"), or it is over ("done").
@@ -107,6 +113,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   // a stream nobody is reading would never notice, so it is ended here.
   function onAbort() {
     if (phase !== "idle" && phase !== "yielded") return;
+    cutOff.abort();
     void end(call.signal?.aborted ? cancelled() : toGatewayError(deadline.reason));
   }
   if (call.signal?.aborted || deadline.aborted) onAbort();
@@ -232,6 +239,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     get outcome() {
       return outcome;
     },
+    cutOff: cutOff.signal,
   };
 }
 
