@@ -12,10 +12,11 @@ import {
   meteredUsage,
   UpstreamError,
   answeredUsage,
+  tokenCount,
   usageOfTokens,
 } from "./providers/provider.ts";
 import { meteredName, meterUsage } from "./metering.ts";
-import { addGenerated, countInputTokens, countTextTokens } from "./tokenizer.ts";
+import { countInputTokens, generatedText } from "./tokenizer.ts";
 
 /** Accounting of a stream, known once it has ended however it ended. */
 export interface StreamOutcome {
@@ -73,8 +74,8 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   const { call, request, includeUsage, deadline } = options;
   const m = call.metrics;
   const upstream = options.chunks[Symbol.asyncIterator]();
-  // Generated text, kept only to count tokens when the upstream reports no usage.
-  const generated: string[] = [];
+  // Generated text, as far as a count needs it, kept only to count tokens when the upstream reports no usage.
+  const generated = generatedText();
   let usage: CompletionUsage | undefined;
   /** The service tier the upstream's chunks say served the request. */
   let servedTier: unknown;
@@ -90,7 +91,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   const count = () =>
     meteredUsage(usage, {
       input: () => countInputTokens(request.messages, request.tools),
-      output: () => countTextTokens(generated),
+      output: () => generated.tokens(),
     });
 
   /** Meters the stream and records the call's metrics; whichever way the stream ends first wins. */
@@ -143,6 +144,8 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         if (chunk.service_tier) servedTier = chunk.service_tier;
         if (chunk.usage) {
           usage = chunk.usage;
+          // The upstream counted the output: the text need not be.
+          if (tokenCount(usage.completion_tokens) !== undefined) generated.drop();
           // The usage chunk is held to go last with the metered counts.
           if (chunk.choices.length === 0) {
             if (includeUsage) usageChunk = chunk;
@@ -164,9 +167,8 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         }
         last = chunk;
         for (const choice of chunk.choices) {
-          const before = generated.length;
-          if (choice.delta) addGenerated(generated, choice.delta);
-          if (firstToken && generated.length > before) {
+          const added = choice.delta ? generated.add(choice.delta) : false;
+          if (firstToken && added) {
             firstToken = false;
             const elapsed = performance.now() - call.startTick;
             m.firstTokenTime = timestampFromMs(Math.round(call.startMs + elapsed));

@@ -213,3 +213,31 @@ test("a stream past its deadline while its client reads nothing has its connecti
     await patient.close();
   }
 }, 40_000);
+
+test("a stalled stream holds in memory no more of its answer's text than a token count needs", async () => {
+  const patient = await startTestGateway(oneModelRoutes(upstream.url), { idleTimeoutSeconds: 60 });
+  const streams: ReturnType<typeof stalledStream>[] = [];
+  try {
+    // No usage from the upstream: the gateway would count the output itself.
+    upstream.script("ok", { content: bigAnswer, usage: false });
+    Bun.gc(true);
+    const before = process.memoryUsage().heapUsed;
+    for (let i = 0; i < 8; i++) streams.push(stalledStream(patient.restUrl));
+    // Each is written up to what its socket holds, a few MB, and then waits for its client.
+    let settled = 0;
+    for (let i = 0; i < 100 && settled < 3; i++) {
+      const sent = upstream.requests.length;
+      await Bun.sleep(100);
+      settled = upstream.requests.length === sent ? settled + 1 : 0;
+    }
+    await Bun.sleep(1000);
+    Bun.gc(true);
+    const held = (process.memoryUsage().heapUsed - before) / streams.length;
+    console.log(`heap held per stalled stream: ${(held / 2 ** 20).toFixed(2)} MB`);
+    // About 2 MB of it is the fake upstream's own queue, in this process; the text streamed so far was 5.4 MB more.
+    expect(held).toBeLessThan(3.5 * 2 ** 20);
+  } finally {
+    for (const { socket } of streams) socket.destroy();
+    await patient.close();
+  }
+}, 30_000);
