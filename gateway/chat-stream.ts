@@ -12,10 +12,11 @@ import {
   meteredUsage,
   UpstreamError,
   answeredUsage,
+  tokenCount,
   usageOfTokens,
 } from "./providers/provider.ts";
 import { meteredName, meterUsage } from "./metering.ts";
-import { addGenerated, countInputTokens, countTextTokens } from "./tokenizer.ts";
+import { countInputTokens, generatedText } from "./tokenizer.ts";
 
 /** Accounting of a stream, known once it has ended however it ended. */
 export interface StreamOutcome {
@@ -36,6 +37,11 @@ export interface StreamOutcome {
 export interface ChatStream extends AsyncIterable<ChatCompletionChunk> {
   /** Set once the stream has been metered. */
   readonly outcome: StreamOutcome | undefined;
+  /**
+   * Aborted when the stream ends while its consumer holds a chunk (the client left or the deadline passed): what the
+   * consumer is still writing is owed to nobody, so its transport should end the response rather than finish the write.
+   */
+  readonly cutOff: AbortSignal;
 }
 
 export interface MeterOptions {
@@ -68,13 +74,14 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   const { call, request, includeUsage, deadline } = options;
   const m = call.metrics;
   const upstream = options.chunks[Symbol.asyncIterator]();
-  // Generated text, kept only to count tokens when the upstream reports no usage.
-  const generated: string[] = [];
+  // Generated text, as far as a count needs it, kept only to count tokens when the upstream reports no usage.
+  const generated = generatedText();
   let usage: CompletionUsage | undefined;
   /** The service tier the upstream's chunks say served the request. */
   let servedTier: unknown;
   let outcome: StreamOutcome | undefined;
   let ending: Promise<void> | undefined;
+  const cutOff = new AbortController();
   /**
    * Who holds the stream: nobody has asked for a chunk yet ("idle"), the generator is running
    * ("running"), the consumer holds a chunk ("yielded"), or it is over ("done").
@@ -84,7 +91,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   const count = () =>
     meteredUsage(usage, {
       input: () => countInputTokens(request.messages, request.tools),
-      output: () => countTextTokens(generated),
+      output: () => generated.tokens(),
     });
 
   /** Meters the stream and records the call's metrics; whichever way the stream ends first wins. */
@@ -107,6 +114,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   // a stream nobody is reading would never notice, so it is ended here.
   function onAbort() {
     if (phase !== "idle" && phase !== "yielded") return;
+    cutOff.abort();
     void end(call.signal?.aborted ? cancelled() : toGatewayError(deadline.reason));
   }
   if (call.signal?.aborted || deadline.aborted) onAbort();
@@ -136,6 +144,8 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         if (chunk.service_tier) servedTier = chunk.service_tier;
         if (chunk.usage) {
           usage = chunk.usage;
+          // The upstream counted the output: the text need not be.
+          if (tokenCount(usage.completion_tokens) !== undefined) generated.drop();
           // The usage chunk is held to go last with the metered counts.
           if (chunk.choices.length === 0) {
             if (includeUsage) usageChunk = chunk;
@@ -157,9 +167,8 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         }
         last = chunk;
         for (const choice of chunk.choices) {
-          const before = generated.length;
-          if (choice.delta) addGenerated(generated, choice.delta);
-          if (firstToken && generated.length > before) {
+          const added = choice.delta ? generated.add(choice.delta) : false;
+          if (firstToken && added) {
             firstToken = false;
             const elapsed = performance.now() - call.startTick;
             m.firstTokenTime = timestampFromMs(Math.round(call.startMs + elapsed));
@@ -232,6 +241,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     get outcome() {
       return outcome;
     },
+    cutOff: cutOff.signal,
   };
 }
 

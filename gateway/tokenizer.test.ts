@@ -1,5 +1,14 @@
 import { describe, expect, test } from "bun:test";
-import { addGenerated, countEmbeddingTokens, countInputTokens, countTextTokens, encodedPieces, exactChars, maxRun } from "./tokenizer.ts";
+import {
+  addGenerated,
+  countEmbeddingTokens,
+  countInputTokens,
+  countTextTokens,
+  encodedPieces,
+  exactChars,
+  generatedText,
+  maxRun,
+} from "./tokenizer.ts";
 
 const user = (content: string) => [{ role: "user" as const, content }];
 /** A prompt's framing: 3 priming the reply, 3 around the message, 1 for "user". */
@@ -80,5 +89,12 @@ describe("token counts", () => {
     // Across the messages of a prompt the budget is shared: the later ones are scaled too.
     const prompt = await countInputTokens([...user(huge), ...user(huge)]);
     expect(Math.abs(prompt - 2 * counted) / prompt).toBeLessThan(0.01);
+  });
+
+  test("a stream's text kept only as far as its count needs counts as the whole text", async () => {
+    const deltas = Array.from({ length: 3000 }, (_, i) => ` word${i} ${"日本語".repeat(i % 5)}`);
+    const kept = generatedText();
+    for (const content of deltas) kept.add({ content });
+    expect(await kept.tokens()).toBe(await countTextTokens(deltas));
   });
 });

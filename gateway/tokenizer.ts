@@ -44,6 +44,8 @@ export function* encodedPieces(text: string): Generator<string> {
 /** A running token count over pieces of text, bounded in cost. */
 interface Count {
   add(text: string): void;
+  /** Counts `chars` more characters past the exactly encoded ones, by the ratio found there. */
+  addScaled(chars: number): void;
   total(): number;
 }
 
@@ -65,6 +67,9 @@ async function newCount(): Promise<Count> {
       if (part.length > 0) tokens += encode(part);
       exact += part.length;
       rest += text.length - part.length;
+    },
+    addScaled(chars) {
+      rest += chars;
     },
     total: () => tokens + (rest === 0 ? 0 : Math.ceil((rest * Math.max(tokens, 1)) / Math.max(exact, 1))),
   };
@@ -147,12 +152,48 @@ export function addGenerated(pieces: string[], m: Generated): void {
   add(m.function_call?.arguments);
 }
 
-/** Tokens of generated text (content, refusals, tool call arguments), summed over pieces. */
-export async function countTextTokens(pieces: readonly string[]): Promise<number> {
+/**
+ * Tokens of generated text (content, refusals, tool call arguments), summed over pieces, and `scaledChars` characters
+ * past them (as a count scales whatever follows its first `exactChars`).
+ */
+export async function countTextTokens(pieces: readonly string[], scaledChars = 0): Promise<number> {
   if (pieces.length === 0) return 0;
   const count = await newCount();
   count.add(pieces.join(""));
+  count.addScaled(scaledChars);
   return count.total();
+}
+
+/**
+ * A stream's generated text as far as its count needs it: the first `exactChars` characters, which are encoded, and
+ * the length of the rest, which is scaled. It counts as the whole text would, in a bounded space however long the
+ * stream.
+ */
+export function generatedText() {
+  let kept: string[] = [];
+  let room = exactChars;
+  let past = 0;
+  return {
+    /** Adds a delta's generated text; whether it had any. */
+    add(m: Generated): boolean {
+      const pieces: string[] = [];
+      addGenerated(pieces, m);
+      for (const piece of pieces) {
+        if (room >= piece.length) kept.push(piece);
+        else if (room > 0) kept.push(piece.slice(0, room));
+        past += Math.max(piece.length - room, 0);
+        room = Math.max(room - piece.length, 0);
+      }
+      return pieces.length > 0;
+    },
+    /** Forgets the text, once it will not be counted. */
+    drop() {
+      kept = [];
+      room = 0;
+      past = 0;
+    },
+    tokens: () => countTextTokens(kept, past),
+  };
 }
 
 /** Tokens of embedding inputs: strings are encoded, token arrays counted as they are. */

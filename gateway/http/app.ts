@@ -43,6 +43,8 @@ export interface RestResponse {
   headers: Record<string, string>;
   /** A whole body, or server-sent events to write as they come (stop iterating when the client leaves). */
   body: string | AsyncIterable<string>;
+  /** Aborted when the events are over while one is still being written: end the response at once. */
+  cutOff?: AbortSignal;
 }
 
 /** The OpenAI-compatible REST API. No sockets here, so tests call it in memory. */
@@ -56,6 +58,12 @@ export interface RestApp {
 export interface FetchHooks {
   bodyRead?(): void;
   answered?(): void;
+  /**
+   * Told when a stream's write waits for the client to take what it was sent, and when it went out: a client reading
+   * nothing is held only so long. `closing` when the stream is over already: the connection should close at once.
+   */
+  writeWaits?(closing: boolean): void;
+  writeDone?(): void;
 }
 
 const modelsPrefix = "/v1/models/";
@@ -123,7 +131,8 @@ export function createRestApp(options: RestAppOptions): RestApp {
         ...call.limitHeaders,
       };
       // The events are made as the client reads them, after this returns: in the request's span all the same.
-      return { status: 200, headers, body: inContext(serverSentEvents(result, span), context.active()) };
+      const body = inContext(serverSentEvents(result, span), context.active());
+      return { status: 200, headers, body, cutOff: result.cutOff };
     } catch (e) {
       return failed(call, e);
     }
@@ -208,7 +217,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
       });
       const body = response.body;
       if (typeof body === "string") hooks?.answered?.();
-      return new Response(typeof body === "string" ? body : toReadable(body, () => hooks?.answered?.()), {
+      return new Response(typeof body === "string" ? body : toReadable(body, request.signal, response.cutOff, hooks), {
         status: response.status,
         headers: response.headers,
       });
@@ -330,9 +339,22 @@ async function readText(request: Request, limit: number): Promise<string> {
   return Buffer.concat(chunks, size).toString("utf8");
 }
 
-/** Server-sent events as a Bun "direct" stream: strings go to the socket as written, flushed per event. */
-function toReadable(events: AsyncIterable<string>, ended: () => void): ReadableStream<Uint8Array> {
+/**
+ * Server-sent events as a Bun "direct" stream: strings go to the socket as written, flushed per event. A write the
+ * client takes nothing of is left to the hooks to time out, and to end at once once the events are cut off.
+ */
+function toReadable(
+  events: AsyncIterable<string>,
+  gone: AbortSignal,
+  cutOff: AbortSignal | undefined,
+  hooks: FetchHooks | undefined,
+): ReadableStream<Uint8Array> {
   const iterator = events[Symbol.asyncIterator]();
+  let waiting = false;
+  const close = () => {
+    if (waiting) hooks?.writeWaits?.(true);
+  };
+  cutOff?.addEventListener("abort", close, { once: true });
   return new ReadableStream({
     type: "direct",
     async pull(controller) {
@@ -341,15 +363,31 @@ function toReadable(events: AsyncIterable<string>, ended: () => void): ReadableS
           const { done, value } = await iterator.next();
           if (done) break;
           const written = controller.write(value);
-          if (typeof written !== "number") await written;
+          if (typeof written !== "number") {
+            waiting = true;
+            hooks?.writeWaits?.(cutOff?.aborted === true);
+            try {
+              await written;
+            } finally {
+              waiting = false;
+            }
+            // A connection closed while the write waited: nothing more goes out.
+            if (gone.aborted || cutOff?.aborted) break;
+            hooks?.writeDone?.();
+          }
           // Nothing more reaches a client that left; stop the stream and its upstream.
           else if (written === 0) break;
           await controller.flush();
         }
       } finally {
+        cutOff?.removeEventListener("abort", close);
         await iterator.return?.();
-        controller.close();
-        ended();
+        try {
+          controller.close();
+        } catch {
+          // Already closed with its connection.
+        }
+        hooks?.answered?.();
       }
     },
     async cancel() {

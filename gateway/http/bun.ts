@@ -61,6 +61,10 @@ export function serveRest(
         // time limits end it. Then the connection is idle again and its limit is back.
         bodyRead: () => bun.timeout(request, 0),
         answered: () => bun.timeout(request, idle),
+        // A stream's client that takes none of it for the idle limit is gone all but in name: its connection is closed,
+        // at once (Bun's timer ticks in seconds) when the stream is over already.
+        writeWaits: (closing) => bun.timeout(request, closing ? 1 : idle),
+        writeDone: () => bun.timeout(request, 0),
       });
       if (cors) for (const [name, value] of Object.entries(cors.headers(request.headers.get("origin")))) response.headers.set(name, value);
       return response;

@@ -204,7 +204,8 @@ function record(value: unknown): Record<string, unknown> {
 }
 
 /** A reported count as whole tokens; undefined unless it is a number from 0 to the contract's bound. */
-function tokenCount(value: unknown): bigint | undefined {
+/** A reported token count, if it is one. */
+export function tokenCount(value: unknown): bigint | undefined {
   // NaN fails both comparisons; an overflowing JSON number (1e400) is Infinity and fails the second.
   if (typeof value !== "number" || !(value >= 0 && value <= maxTokens)) return undefined;
   return BigInt(Math.ceil(value));

@@ -78,7 +78,7 @@ export async function startTestGateway(
     routes: (router) => router.service(GatewayService, createGatewayService(core)),
     interceptors: options.interceptors,
     requestGate: options.gated ? createGatewayRequestGate(core, maxBodyBytes) : undefined,
-    http: restRoutes(rest),
+    http: restRoutes(rest, { stalledMs: (options.idleTimeoutSeconds ?? 65) * 1000 }),
     log,
     cors: options.cors,
   });
