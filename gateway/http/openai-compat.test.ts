@@ -30,6 +30,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["throttled"],
   ["odd-usage"],
   ["azure-like"],
+  ["strict-options"],
 ];
 
 function routes(url: string) {
@@ -436,6 +437,31 @@ for (const port of ["rpc", "rest"] as const) {
         // Once refused, not asked again.
         expect(upstream.seen("no-usage").map((r) => "stream_options" in r.body)).toEqual([true, false, false]);
         expect(upstream.seen("unasked").map((r) => "stream_options" in r.body)).toEqual([false]);
+      });
+
+      test("a client's own stream option an upstream refuses is the client's 400, and other streams still ask for usage", async () => {
+        upstream.script("strict-options", { rejectsField: "stream_options.include_obfuscation" });
+        const options = { include_usage: true, include_obfuscation: false } as OpenAI.ChatCompletionStreamOptions;
+        const refused = await sdk()
+          .chat.completions.create({ model: "strict-options", messages: hello, stream: true, stream_options: options })
+          .then(
+            () => undefined,
+            (e: unknown) => e as InstanceType<typeof OpenAI.APIError>,
+          );
+        expect(refused?.status).toBe(422);
+        const stream = await sdk().chat.completions.create({
+          model: "strict-options",
+          messages: hello,
+          stream: true,
+          stream_options: { include_usage: true },
+        });
+        let usage: OpenAI.CompletionUsage | undefined;
+        for await (const chunk of stream) usage = chunk.usage ?? usage;
+        expect(usage?.completion_tokens).toBeGreaterThan(0);
+        expect(upstream.seen("strict-options").map((r) => r.body.stream_options)).toEqual([
+          options,
+          { include_usage: true },
+        ]);
       });
 
       test("the served model is the first a chunk names, past Azure's first chunk that names none", async () => {

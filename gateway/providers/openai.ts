@@ -184,6 +184,10 @@ export function createOpenAIProvider(
         // A server that forbids fields it does not know (422 "extra fields not permitted"), Azure before its api
         // version took stream_options (400): asked again without them, and from then on.
         if (!(e instanceof UpstreamError && e.failure === "rejected" && e.message.includes("stream_options"))) throw e;
+        // Only when the gateway's own include_usage was all there was to refuse: a client's bad option is its 400, and
+        // never decides what other clients' streams are sent with.
+        const own = Object.keys(stream_options ?? {}).every((k) => k === "include_usage");
+        if (!own) throw e;
         if (refusesStreamOptions.size >= 512) refusesStreamOptions.clear();
         refusesStreamOptions.add(request.model);
         const timeoutMs = Math.max(1, options.timeoutMs - (performance.now() - started));

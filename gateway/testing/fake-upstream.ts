@@ -121,8 +121,12 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
         await new Promise((resolve) => req.signal.addEventListener("abort", resolve, { once: true }));
         return new Response(null, { status: 204 });
       }
-      if (b.rejectsField !== undefined && b.rejectsField in body) {
-        const detail = [{ loc: ["body", b.rejectsField], msg: "extra fields not permitted", type: "value_error.extra" }];
+      // A dotted path names a field inside another: stream_options.include_obfuscation.
+      const fieldPath = b.rejectsField?.split(".") ?? [];
+      let holder: any = body;
+      for (const part of fieldPath.slice(0, -1)) holder = holder?.[part];
+      if (b.rejectsField !== undefined && typeof holder === "object" && holder !== null && (fieldPath.at(-1) as string) in holder) {
+        const detail = [{ loc: ["body", ...fieldPath], msg: "extra fields not permitted", type: "value_error.extra" }];
         return Response.json({ detail }, { status: 422 });
       }
       if (b.status) {
