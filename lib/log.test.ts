@@ -50,19 +50,17 @@ test("keys of other shapes, and known secrets of any shape, are redacted", () =>
   expect(redactSecrets("model xai-grok-2 of provider xai-eu, api_key_env: XAI_KEY")).toBe(
     "model xai-grok-2 of provider xai-eu, api_key_env: XAI_KEY",
   );
-  expect(redactSecrets("quoted 0123456789abcdefAZURE and 0123456789abcdef", ["0123456789abcdef", "0123456789abcdefAZURE"]))
+  // Longest first (as the gateway passes them), a long key goes wherever it stands, encoded too.
+  expect(redactSecrets("quoted 0123456789abcdefAZURE and 0123456789abcdef", ["0123456789abcdefAZURE", "0123456789abcdef"]))
     .toBe("quoted [redacted] and [redacted]");
-  expect(redactSecrets("key=0123456789abcdef0123, sent (0123456789abcdef0123).", ["0123456789abcdef0123"])).toBe(
-    "key=[redacted], sent ([redacted]).",
+  const long = "0123456789abcdef0123/+=";
+  const quoted = `key=${long}, sent (${long}), url ?alt=sse&key%3D${encodeURIComponent(long)}, json "\n${long}"`;
+  expect(redactSecrets(quoted, [long])).toBe('key=[redacted], sent ([redacted]), url ?alt=sse&key%3D[redacted], json "\n[redacted]"');
+  // A shorter key (a self-hosted server's) goes where it is a word of its own, not from inside other words.
+  expect(redactSecrets("Invalid API key: vllm-key-12. Try vllm-key-123", ["vllm-key-12"])).toBe(
+    "Invalid API key: [redacted]. Try vllm-key-123",
   );
-  // Placeholder keys of local servers, and words, are not secrets to scrub from every sentence.
-  expect(redactSecrets("model 'qwen2' is not loaded; load it in lm-studio first", ["lm-studio"])).toBe(
-    "model 'qwen2' is not loaded; load it in lm-studio first",
-  );
-  expect(redactSecrets("expected a string, got expectedness", ["expectedness-but-longer"])).toBe(
-    "expected a string, got expectedness",
-  );
-  expect(redactSecrets("short keys stay: abc", ["abc"])).toBe("short keys stay: abc");
+  expect(redactSecrets("short keys stay: abc, ollama", ["abc", "ollama"])).toBe("short keys stay: abc, ollama");
 });
 
 test("a failed span's status message is redacted as logs are", () => {

@@ -27,19 +27,28 @@ const secretText = new RegExp(
   "gi",
 );
 // Shorter known values would redact ordinary words.
-// Shorter "keys" are placeholders local servers document (lm-studio, ollama), whose every mention would go.
-const minKnownSecretLength = 16;
+// Shorter "keys" are placeholders (ollama, EMPTY): nothing to hide, and every mention of them would go.
+const minKnownSecretLength = 8;
+// From this length a key is no word: it goes wherever it appears, in encoded text (key%3D..., \n...) too.
+const anywhereSecretLength = 16;
 
 /**
  * Text with key-shaped words and every `known` secret (provider keys, the admin token: keys of any shape, such as
- * Azure's 32 hex digits) replaced by "[redacted]", a known secret where it stands as a word of its own (not inside a
- * longer run of letters and digits). Logs, span statuses and upstream error messages all pass through it.
+ * Azure's 32 hex digits) replaced by "[redacted]": one of 16 characters or more wherever it appears, also URL-encoded;
+ * a shorter one (8 to 15, such as a self-hosted server's `--api-key`) where it stands as a word of its own, so a key
+ * that is also a word inside others leaves them be. Logs, span statuses and upstream error messages all pass through.
  */
 export function redactSecrets(text: string, known: readonly string[] = []): string {
   for (const secret of known) {
-    if (secret.length < minKnownSecretLength || !text.includes(secret)) continue;
-    const escaped = secret.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-    text = text.replace(new RegExp(`(?<![A-Za-z0-9])${escaped}(?![A-Za-z0-9])`, "g"), "[redacted]");
+    if (secret.length < minKnownSecretLength) continue;
+    if (secret.length >= anywhereSecretLength) {
+      text = text.replaceAll(secret, "[redacted]");
+      const encoded = encodeURIComponent(secret);
+      if (encoded !== secret) text = text.replaceAll(encoded, "[redacted]");
+    } else if (text.includes(secret)) {
+      const escaped = secret.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+      text = text.replace(new RegExp(`(?<![A-Za-z0-9])${escaped}(?![A-Za-z0-9])`, "g"), "[redacted]");
+    }
   }
   return text.replace(secretText, "[redacted]");
 }
