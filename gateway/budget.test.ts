@@ -193,6 +193,20 @@ describe("budget leases", () => {
     expect(await leasesOf(principal.orgId)).toEqual([{ granted: 1_000n, spent: 900n }]);
   });
 
+  test("a replica that last heard billing had nothing left asks again before refusing: another may have given back", async () => {
+    const principal = await principalWith({ org: 2_000n });
+    const a = keeper({ holder: "gw-a" });
+    const b = keeper({ holder: "gw-b" });
+    (await b.keeper.reserve(principal, 100n, 60_000)).settle(100n);
+    (await a.keeper.reserve(principal, 100n, 60_000)).settle(100n);
+    // A's grant left billing nothing; B gives back the 900 it did not spend.
+    await b.keeper.close();
+    // All of the budget is served: 19 requests here, 1 there; then none.
+    for (let i = 0; i < 18; i++) (await a.keeper.reserve(principal, 100n, 60_000)).settle(100n);
+    expect((await refusal(a.keeper.reserve(principal, 100n, 60_000))).status).toBe(429);
+    await a.keeper.close();
+  });
+
   test("a lease running low is renewed in the background, sized by the recent spend rate", async () => {
     const principal = await principalWith({ org: 10n ** 12n });
     const { keeper: k, clock } = keeper({ minLeaseNanos: 10_000n, leaseHorizonSeconds: 60 });

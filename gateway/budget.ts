@@ -356,11 +356,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       }
       const generation = scope.generation;
       const requestedNanos = size();
-      if (requestedNanos <= 0n) {
-        // Billing's last word leaves nothing to ask for (half of 1 nano-USD is 0): as good as a grant of nothing.
-        scope.exhaustedUntil = now() + exhaustedBackoffMs;
-        return;
-      }
+      // Nothing to ask for (a renewal whose share of billing's last figure is 0): billing is not asked, and only its
+      // own answer says the budget is spent (another replica may have given back since).
+      if (requestedNanos <= 0n) return;
       const asked = now();
       try {
         const res = await billing.acquireBudgetLease({
@@ -431,7 +429,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     // Within a request of its share of what is left: the rest is for other replicas, and for this one's requests
     // that find too little room (they ask for what they need).
     const cap = shareLeft(scope);
-    if (cap !== null && (cap <= 0n || cap < lastCost) && (scope.remaining as bigint) > 1n) return;
+    if (cap !== null && (cap <= 0n || cap < lastCost)) return;
     acquire(scope, () => leaseSize(scope, 0n)).catch(() => {});
   };
 
