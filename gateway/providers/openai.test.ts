@@ -221,8 +221,13 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   // An event that says it is something else than a chunk.
   "foreign-object": [
     chunkEvent({ content: "partial" }),
-    `data: {"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[]}\n\n`,
+    `data: {"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1]}]}\n\n`,
     chunkEvent({}, "stop"),
+  ],
+  // Chunks that call themselves completions, as some compatible servers and proxies send them.
+  "completion-object": [
+    `data: {"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"partial"}}]}\n\n`,
+    `data: {"id":"c1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n`,
   ],
   // Azure's first chunk: prompt filter results, an empty object and model, no choices.
   "azure-first": [
@@ -348,6 +353,7 @@ describe("openai provider streams", () => {
     expect((await drain("bare-error")).error?.message).toBe("sse: overloaded");
     expect((await drain("message-error")).error?.message).toBe("sse: overloaded");
     expect(await drain("azure-first")).toMatchObject({ contents: ["partial"], error: undefined });
+    expect(await drain("completion-object")).toMatchObject({ contents: ["partial"], error: undefined });
   });
 
   test("a failure before the first chunk fails the attempt itself, within its time limit", async () => {

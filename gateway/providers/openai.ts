@@ -376,10 +376,11 @@ function checkedChunk(data: unknown, provider: string): ChatCompletionChunk {
     throw new UpstreamError("transient", `${provider}: a stream event is not a chunk object`);
   }
   const chunk = data as ChatCompletionChunk;
-  // Azure's first chunk (its prompt filter results) has an empty object; any other object is not a chunk.
+  // Azure's first chunk (its prompt filter results) has an empty object, and compatible servers and proxies have sent
+  // chunks as "chat.completion" or "text_completion": an object that names anything else is not a chunk.
   const object: unknown = chunk.object;
-  if (object !== undefined && object !== null && object !== "" && object !== "chat.completion.chunk") {
-    throw new UpstreamError("transient", `${provider}: a stream event is not a chunk object`);
+  if (typeof object === "string" && object !== "" && !/^(chat\.completion|text_completion)/.test(object)) {
+    throw new UpstreamError("transient", `${provider}: a stream event is not a chunk object (${object.slice(0, 40)})`);
   }
   // Some compatible servers leave choices out of the usage chunk.
   chunk.choices ??= [];
