@@ -12,7 +12,6 @@ import {
   meteredUsage,
   UpstreamError,
   answeredUsage,
-  tokenCount,
   usageOfTokens,
 } from "./providers/provider.ts";
 import { meteredName, meterUsage } from "./metering.ts";
@@ -144,8 +143,6 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         if (chunk.service_tier) servedTier = chunk.service_tier;
         if (chunk.usage) {
           usage = chunk.usage;
-          // The upstream counted the output: the text need not be.
-          if (tokenCount(usage.completion_tokens) !== undefined) generated.drop();
           // The usage chunk is held to go last with the metered counts.
           if (chunk.choices.length === 0) {
             if (includeUsage) usageChunk = chunk;

@@ -170,7 +170,7 @@ export async function countTextTokens(pieces: readonly string[], scaledChars = 0
  * stream.
  */
 export function generatedText() {
-  let kept: string[] = [];
+  const kept: string[] = [];
   let room = exactChars;
   let past = 0;
   return {
@@ -185,12 +185,6 @@ export function generatedText() {
         room = Math.max(room - piece.length, 0);
       }
       return pieces.length > 0;
-    },
-    /** Forgets the text, once it will not be counted. */
-    drop() {
-      kept = [];
-      room = 0;
-      past = 0;
     },
     tokens: () => countTextTokens(kept, past),
   };
