@@ -3,6 +3,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { freePort, spawnService } from "../lib/processes.ts";
+import { expectJsonStartFailure } from "../lib/testing.ts";
 import { isAlive, postmasterPid } from "./store/embedded.ts";
 
 const root = resolve(import.meta.dir, "..");
@@ -120,26 +121,18 @@ test.each([
   try {
     // A file where the embedded server's directory would go.
     if (fault === "unstartable") await Bun.write(join(dataDir, "data"), "not a directory");
-    const proc = Bun.spawn([process.execPath, join(root, "billing", "main.ts")], {
-      cwd: root,
-      env: {
-        ...process.env,
+    await expectJsonStartFailure(
+      [process.execPath, join(root, "billing", "main.ts")],
+      {
         MESH_DATA_DIR: fault === "unstartable" ? join(dataDir, "data") : dataDir,
         ADMIN_TOKEN: "main-test-admin-token-0123456789",
         BILLING_PORT: "0",
         DATABASE_URL: fault === "unreachable" ? `postgres://mesh:db-pass-0123456789@127.0.0.1:${closed}/mesh` : undefined,
         LOG_LEVEL: "debug",
       },
-      stdout: "pipe",
-      stderr: "pipe",
-    });
-    const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
-    expect(code).toBe(1);
-    const lines = `${out}${err}`.split("\n").filter((line) => line !== "");
-    expect(lines.length).toBeGreaterThan(0);
-    for (const line of lines) expect(() => JSON.parse(line), line).not.toThrow();
-    expect(lines.map((line) => JSON.parse(line).level)).toContain("error");
-    expect(`${out}${err}`).not.toContain("db-pass-0123456789");
+      "db-pass-0123456789",
+      root,
+    );
   } finally {
     await rm(dataDir, { recursive: true, force: true });
   }

@@ -369,33 +369,26 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           ttlSeconds: options.leaseTtlSeconds,
         });
         grantOutage.recovered();
+        const lease: Lease | undefined =
+          res.grantedNanos > 0n && res.leaseId
+            ? {
+                id: res.leaseId,
+                granted: res.grantedNanos,
+                spent: 0n,
+                reserved: 0n,
+                expiresAt: asked + ttlMs,
+                lastUsed: now(),
+                withdrawn: scope.generation !== generation,
+              }
+            : undefined;
         if (scope.generation !== generation) {
           // The budget changed while billing was asked: this grant may be the old budget's.
-          if (res.grantedNanos > 0n && res.leaseId) {
-            const lease: Lease = {
-              id: res.leaseId,
-              granted: res.grantedNanos,
-              spent: 0n,
-              reserved: 0n,
-              expiresAt: asked + ttlMs,
-              lastUsed: now(),
-              withdrawn: true,
-            };
-            void sendRelease({ scopeKey: scope.key, lease, spentNanos: 0n, failures: 0, retryAt: 0 });
-          }
+          if (lease) void sendRelease({ scopeKey: scope.key, lease, spentNanos: 0n, failures: 0, retryAt: 0 });
           return;
         }
         scope.remaining = res.remainingNanos >= 0n ? res.remainingNanos : null;
-        if (res.grantedNanos > 0n && res.leaseId) {
-          scope.leases.push({
-            id: res.leaseId,
-            granted: res.grantedNanos,
-            spent: 0n,
-            reserved: 0n,
-            expiresAt: asked + ttlMs,
-            lastUsed: now(),
-            withdrawn: false,
-          });
+        if (lease) {
+          scope.leases.push(lease);
           instruments?.leases.inc({ outcome: res.grantedNanos < requestedNanos ? "partial" : "granted" });
           instruments?.granted.inc(Number(res.grantedNanos) / 1e9);
         } else {
