@@ -8,11 +8,9 @@ import { isAlive, postmasterPid } from "./store/embedded.ts";
 
 const root = resolve(import.meta.dir, "..");
 
-test("exits non-zero when its embedded postgres dies, so a supervisor restarts it", async () => {
-  const dataDir = await mkdtemp(join(tmpdir(), "billing-main-"));
-  const port = await freePort();
-  const lines: string[] = [];
-  const billing = spawnService({
+/** Billing on its embedded Postgres under `dataDir`, serving on `port`. */
+const spawnBilling = (dataDir: string, port: number, level: string, onLine: (line: string) => void) =>
+  spawnService({
     name: "billing",
     cmd: [process.execPath, join(root, "billing", "main.ts")],
     cwd: root,
@@ -21,12 +19,18 @@ test("exits non-zero when its embedded postgres dies, so a supervisor restarts i
       ADMIN_TOKEN: "main-test-admin-token-0123456789",
       BILLING_PORT: String(port),
       DATABASE_URL: undefined,
-      LOG_LEVEL: "warn",
+      LOG_LEVEL: level,
     },
     readyUrl: `http://127.0.0.1:${port}/readyz`,
     readyTimeoutMs: 60_000,
-    onLine: (line) => lines.push(line),
+    onLine,
   });
+
+test("exits non-zero when its embedded postgres dies, so a supervisor restarts it", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "billing-main-"));
+  const port = await freePort();
+  const lines: string[] = [];
+  const billing = spawnBilling(dataDir, port, "warn", (line) => lines.push(line));
   let pid: number | undefined;
   try {
     await billing.ready;
@@ -46,21 +50,7 @@ test("exits non-zero when its embedded postgres dies, so a supervisor restarts i
 test("/readyz and the gRPC health check answer 503 postgres timeout within about a second while postgres hangs", async () => {
   const dataDir = await mkdtemp(join(tmpdir(), "billing-main-"));
   const port = await freePort();
-  const billing = spawnService({
-    name: "billing",
-    cmd: [process.execPath, join(root, "billing", "main.ts")],
-    cwd: root,
-    env: {
-      MESH_DATA_DIR: dataDir,
-      ADMIN_TOKEN: "main-test-admin-token-0123456789",
-      BILLING_PORT: String(port),
-      DATABASE_URL: undefined,
-      LOG_LEVEL: "error",
-    },
-    readyUrl: `http://127.0.0.1:${port}/readyz`,
-    readyTimeoutMs: 60_000,
-    onLine: () => {},
-  });
+  const billing = spawnBilling(dataDir, port, "error", () => {});
   let stopped: number[] = [];
   const resume = () => {
     for (const pid of stopped) if (isAlive(pid)) process.kill(pid, "SIGCONT");
