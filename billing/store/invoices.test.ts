@@ -333,6 +333,8 @@ describe("late usage is discounted as part of its own period", () => {
   /** 10% off, up to `capNanos` a period. */
   const promotion = (orgId: string, capNanos: bigint) =>
     store.createDiscountRule({ orgId, name: "promo", kind: "promotional", discountBps: 1000, ...unscopedRule, capNanos });
+  const volume = (orgId: string, kind: "volume_graduated" | "volume_all_units", tiers: { fromNanos: bigint; discountBps: number }[]) =>
+    store.createDiscountRule({ orgId, name: "volume", kind, discountBps: 0, ...unscopedRule, tiers });
   const issueOctober = async (orgId: string) => {
     const draft = await store.generateInvoice({ orgId, at: october, now: afterOctober });
     return store.updateInvoiceStatus({ invoiceId: draft.id, status: "issued", now: afterOctober });
@@ -383,14 +385,7 @@ describe("late usage is discounted as part of its own period", () => {
       { fromNanos: 2n * usd, discountBps: 1000 },
       { fromNanos: 4n * usd, discountBps: 2000 },
     ];
-    const rule = await store.createDiscountRule({
-      orgId: org.id,
-      name: "volume",
-      kind: "volume_graduated",
-      discountBps: 0,
-      ...unscopedRule,
-      tiers,
-    });
+    const rule = await volume(org.id, "volume_graduated", tiers);
     // October billed $3: 10% of its last $1.
     await spend(org.id, october, usd, 2n * usd);
     expect(discountLines(await issueOctober(org.id))).toEqual([[rule.id, -usd / 10n]]);
@@ -415,14 +410,7 @@ describe("late usage is discounted as part of its own period", () => {
       { fromNanos: 0n, discountBps: 0 },
       { fromNanos: 100n * usd, discountBps: 5000 },
     ];
-    const rule = await store.createDiscountRule({
-      orgId: org.id,
-      name: "volume",
-      kind: "volume_all_units",
-      discountBps: 0,
-      ...unscopedRule,
-      tiers,
-    });
+    const rule = await volume(org.id, "volume_all_units", tiers);
     await spend(org.id, october, 9_999n * (usd / 100n));
     expect(await issueOctober(org.id)).toMatchObject({ subtotalCents: 9_999n, discountCents: 0n });
     // $0.02 of October arrives late, November has $1: October's whole $100.01 is now at 50%, but the $99.99 billed
