@@ -61,14 +61,14 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
 
   // Report queries running per org: one key, a browser page's included, cannot tie up the engine every org shares.
   const running = new Map<string, number>();
-  const report = async <T>(rpc: string, orgId: string, run: () => Promise<T>): Promise<T> => {
+  const report = async <T>(rpc: string, orgId: string, signal: AbortSignal, run: () => Promise<T>): Promise<T> => {
     const now = running.get(orgId) ?? 0;
     if (now >= maxQueriesPerOrg) {
       throw new ConnectError(`${maxQueriesPerOrg} queries of this organization are running; retry when one ends`, Code.ResourceExhausted);
     }
     running.set(orgId, now + 1);
     try {
-      return await query(deps.log, rpc, run);
+      return await query(deps.log, rpc, run, signal);
     } finally {
       const left = (running.get(orgId) ?? 1) - 1;
       if (left > 0) running.set(orgId, left);
@@ -88,8 +88,8 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       if (req.groupBy.length > maxGroupBy) invalid(`group_by allows at most ${maxGroupBy} dimensions`);
       if (new Set(req.groupBy).size !== req.groupBy.length) invalid("group_by repeats a dimension");
       const groupBy = req.groupBy.map((g) => dimensions[g] ?? invalid(`group_by ${g} is not a dimension`));
-      const rows = await report("QueryUsage", orgId, () =>
-        store.queryUsage({ orgId, ...window, groupBy, limit: maxUsageRows + 1 }),
+      const rows = await report("QueryUsage", orgId, ctx.signal, () =>
+        store.queryUsage({ orgId, ...window, groupBy, limit: maxUsageRows + 1, signal: ctx.signal }),
       );
       if (rows.length > maxUsageRows) {
         throw new ConnectError(
@@ -110,8 +110,8 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       const firstBucket = Math.floor(timestampMs(window.start) / width) * width;
       const buckets = Math.ceil((timestampMs(window.end) - firstBucket) / width);
       if (buckets > maxBuckets) invalid(`the range spans ${buckets} buckets; at most ${maxBuckets} are allowed`);
-      const points = await report("QueryTimeSeries", orgId, () =>
-        store.queryTimeSeries({ orgId, ...window, bucketSeconds, model: req.model }),
+      const points = await report("QueryTimeSeries", orgId, ctx.signal, () =>
+        store.queryTimeSeries({ orgId, ...window, bucketSeconds, model: req.model, signal: ctx.signal }),
       );
       return { points };
     },
@@ -119,7 +119,9 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
     async queryLatency(req, ctx) {
       const orgId = await readable(ctx, req.orgId);
       const window = parseRange(req.range);
-      const models = await report("QueryLatency", orgId, () => store.queryLatency({ orgId, ...window }));
+      const models = await report("QueryLatency", orgId, ctx.signal, () =>
+        store.queryLatency({ orgId, ...window, signal: ctx.signal }),
+      );
       return { models };
     },
 
@@ -130,9 +132,10 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       const pageSize = req.pageSize === 0 ? defaultPageSize : req.pageSize;
       if (pageSize < 1 || pageSize > maxPageSize) invalid(`page_size must be 1..${maxPageSize}`);
       const after = req.pageToken ? decodePageToken(req.pageToken) : undefined;
-      const page = await report("ListRequests", orgId, () =>
+      const page = await report("ListRequests", orgId, ctx.signal, () =>
         store.listRequests({
           orgId,
+          signal: ctx.signal,
           window,
           limit: pageSize,
           after,
@@ -186,10 +189,12 @@ function toMicrosecondAbove(at: Timestamp): Timestamp {
  * Runs a store read; its failures reach the caller without ClickHouse internals: a query past the store's time limit
  * as ResourceExhausted (asking less helps), anything else as Unavailable.
  */
-export async function query<T>(log: Logger, rpc: string, run: () => Promise<T>): Promise<T> {
+export async function query<T>(log: Logger, rpc: string, run: () => Promise<T>, signal?: AbortSignal): Promise<T> {
   try {
     return await run();
   } catch (e) {
+    // The caller left and its query was stopped: nothing failed, and nobody reads the answer.
+    if (signal?.aborted) throw new ConnectError("the caller cancelled the query", Code.Canceled);
     if (timedOut(e)) {
       log.warn("analytics query ran out of time", { rpc });
       throw new ConnectError("the query ran out of time; narrow the range or group by fewer dimensions", Code.ResourceExhausted);

@@ -2,8 +2,15 @@ import type { ClickHouseClient, Logger as ClickHouseLogger, LogParams, WarnLogPa
 import type { Logger } from "../../lib/log.ts";
 import type { ClickHouseDriver, QueryParams } from "./driver.ts";
 
-// Quoted 64-bit integers keep sums of nano-USD exact through JSON.parse.
-const querySettings = { output_format_json_quote_64bit_integers: 1 } as const;
+const querySettings = {
+  // Quoted 64-bit integers keep sums of nano-USD exact through JSON.parse.
+  output_format_json_quote_64bit_integers: 1,
+  // A query whose caller went away (its signal aborted the HTTP request) stops in the server instead of running on.
+  cancel_http_readonly_queries_on_client_close: 1,
+} as const;
+
+/** What @clickhouse/client's error says when an abort signal ended its request. */
+const abortedRequest = "The user aborted a request.";
 
 /**
  * @clickhouse/client's `log.LoggerClass` writing through `log`, so its lines are JSON like every other (its own logger
@@ -23,7 +30,9 @@ export function clickHouseLoggerClass(log: Logger): new () => ClickHouseLogger {
       log.warn(p.message, fields(p));
     }
     error(p: WarnLogParams) {
-      log.error(p.message, fields(p));
+      // A request its caller's signal aborted (the caller left) failed nothing.
+      if (p.err?.message === abortedRequest) log.debug(p.message, fields(p));
+      else log.error(p.message, fields(p));
     }
   };
 }
@@ -43,12 +52,13 @@ export function createClientDriver(client: ClickHouseClient): ClickHouseDriver {
     async exec(sql, params?: QueryParams) {
       await client.command({ query: sql, query_params: params });
     },
-    async query<T>(sql: string, params?: QueryParams) {
+    async query<T>(sql: string, params?: QueryParams, signal?: AbortSignal) {
       const result = await client.query({
         query: sql,
         query_params: params,
         format: "JSONEachRow",
         clickhouse_settings: querySettings,
+        abort_signal: signal,
       });
       return result.json<T>();
     },

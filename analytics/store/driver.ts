@@ -8,8 +8,11 @@ export type QueryParams = Record<string, string | number | boolean | readonly st
 export interface ClickHouseDriver {
   /** Runs a statement that returns no rows (DDL, small INSERT ... VALUES). */
   exec(sql: string, params?: QueryParams): Promise<void>;
-  /** Runs a SELECT and returns its rows as parsed JSONEachRow objects, with 64-bit integers as strings. */
-  query<T>(sql: string, params?: QueryParams): Promise<T[]>;
+  /**
+   * Runs a SELECT and returns its rows as parsed JSONEachRow objects, with 64-bit integers as strings. `signal` stops
+   * it where the engine can: a server cancels the query, the in-process engine runs it to its end or time limit.
+   */
+  query<T>(sql: string, params?: QueryParams, signal?: AbortSignal): Promise<T[]>;
   /**
    * Inserts rows of values in `columns` order as JSONCompactEachRow (no repeated keys: faster to write and parse).
    * `settings` apply to this insert only (e.g. insert_deduplication_token).

@@ -34,23 +34,25 @@ export interface TimeWindow {
 
 export type UsageDimension = "model" | "api_key" | "project" | "provider" | "status" | "day" | "hour";
 
-export interface UsageQuery extends TimeWindow {
+/** A query a caller waits for; `signal` aborts when the caller leaves (see ClickHouseDriver.query). */
+export interface ReportQuery {
   orgId: string;
+  signal?: AbortSignal;
+}
+
+export interface UsageQuery extends TimeWindow, ReportQuery {
   groupBy: readonly UsageDimension[];
   /** Most groups returned. */
   limit: number;
 }
 
-export interface TimeSeriesQuery extends TimeWindow {
-  orgId: string;
+export interface TimeSeriesQuery extends TimeWindow, ReportQuery {
   bucketSeconds: number;
   /** Requested model to keep; empty for all. */
   model: string;
 }
 
-export interface LatencyQuery extends TimeWindow {
-  orgId: string;
-}
+export interface LatencyQuery extends TimeWindow, ReportQuery {}
 
 /** Position after the last row of a page, newest first. */
 export interface RequestCursor {
@@ -59,8 +61,7 @@ export interface RequestCursor {
   requestId: string;
 }
 
-export interface RequestsQuery {
-  orgId: string;
+export interface RequestsQuery extends ReportQuery {
   /** Optional only for a lookup by request id. */
   window?: TimeWindow;
   limit: number;
@@ -280,6 +281,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
          LIMIT {limit:UInt32}
          ${reportLimits}`,
         { ...sources.params, limit: q.limit },
+        q.signal,
       );
       return rows.map((r) =>
         create(UsageRowSchema, {
@@ -323,6 +325,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
          ORDER BY bucket_start
          ${reportLimits}`,
         { ...sources.params, bucket_seconds: q.bucketSeconds, model: q.model },
+        q.signal,
       );
       return rows.map((r) =>
         create(TimeSeriesPointSchema, {
@@ -358,6 +361,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
          ORDER BY model
          ${reportLimits}`,
         windowParams(q),
+        q.signal,
       );
       const toPercentiles = ([p50, p90, p99]: Triple): LatencyPercentiles =>
         create(LatencyPercentilesSchema, { p50Us: BigInt(p50), p90Us: BigInt(p90), p99Us: BigInt(p99) });
@@ -410,6 +414,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
          LIMIT {limit:UInt32}
          ${reportLimits}`,
         params,
+        q.signal,
       );
       const page = rows.slice(0, q.limit);
       const last = page.at(-1);
