@@ -247,6 +247,18 @@ describe("budget leases", () => {
     await Promise.all([a.keeper.close(), b.keeper.close()]);
   });
 
+  test("a replica that asks billing for a whole budget leaves the other replicas about half of it", async () => {
+    const principal = await principalWith({ org: 1_000_000_000n });
+    // An old or misbehaving replica asks for everything; billing grants half plus its 0.1 USD floor.
+    const greedy = { scope: BudgetScope.ORGANIZATION, scopeId: principal.orgId, holder: "gw-old", ttlSeconds: 300 };
+    expect((await client.acquireBudgetLease({ ...greedy, requestedNanos: 1_000_000_000n }, auth)).grantedNanos).toBe(
+      600_000_000n,
+    );
+    const { keeper: k } = keeper({ holder: "gw-a" });
+    (await k.reserve(principal, 300_000_000n, 60_000)).settle(300_000_000n);
+    await k.close();
+  });
+
   test("both org and key budgets are charged; the tighter one decides", async () => {
     const principal = await principalWith({ org: 5_000n, key: 1_000n });
     const { keeper: k } = keeper({ minLeaseNanos: 300n });
