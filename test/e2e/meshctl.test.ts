@@ -207,4 +207,28 @@ describe("meshctl drives the mesh", () => {
     watching.abort();
     await stream;
   }, 90_000);
+
+  test("with billing stopped, a key that cannot be checked is counted as unavailable under the model it named", async () => {
+    // Stopped by the test above when run in order; stopping again is a no-op.
+    await mesh.processes.billing.stop();
+    // A key this gateway has never seen, so only billing could say whether it works.
+    const secret = `sk-mesh-${Array.from({ length: 43 }, (_, i) => "ABCabc012"[i % 9]).join("")}`;
+    const chat = (model: string) =>
+      fetch(`${mesh.urls.gateway}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${secret}`, "content-type": "application/json" },
+        body: JSON.stringify({ model, messages: [{ role: "user", content: "hello" }] }),
+      });
+    for (const model of ["mock", "not-configured"]) {
+      const res = await chat(model);
+      expect(res.status).toBe(503);
+      expect(await res.json()).toMatchObject({ error: { code: "auth_unavailable" } });
+    }
+    const text = await (await fetch(`${mesh.urls.gateway}/metrics`)).text();
+    const refused = text.split("\n").filter((l) => l.startsWith("gateway_requests_total{") && l.includes('code="503"'));
+    expect(refused.sort()).toEqual([
+      'gateway_requests_total{endpoint="chat_completions",model="mock",provider="",status="unavailable",code="503",service="gateway"} 1',
+      'gateway_requests_total{endpoint="chat_completions",model="unknown",provider="",status="unavailable",code="503",service="gateway"} 1',
+    ]);
+  }, 60_000);
 });
