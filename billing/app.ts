@@ -22,6 +22,8 @@ export interface BillingAppOptions {
   registry?: Registry;
   /** See BudgetLeaseStoreOptions. */
   abandonedLeaseGraceMs?: number;
+  /** See BudgetLeaseStoreOptions. */
+  holderFloorNanos?: bigint;
   /** See BillingServiceOptions. */
   keyChangeHeartbeatMs?: number;
 }
@@ -29,7 +31,8 @@ export interface BillingAppOptions {
 /** Billing's parts wired together over one pool: what main.ts serves and what tests and benchmarks start. */
 export function createBillingApp(options: BillingAppOptions) {
   const { pool, adminToken, clock, log, stopSignal, registry } = options;
-  const store = createBillingStore(pool, { abandonedLeaseGraceMs: options.abandonedLeaseGraceMs });
+  const { abandonedLeaseGraceMs, holderFloorNanos } = options;
+  const store = createBillingStore(pool, { abandonedLeaseGraceMs, holderFloorNanos });
   const auth = createBillingAuth({ store, adminToken, clock });
   const usage = createUsageTracker({ load: store.periodUsage, clock, log });
   const metrics = registry && createBillingMetrics(registry, { openLeases: () => store.openBudgetLeases(clock()) });

@@ -16,6 +16,8 @@ const cfg = loadEnvOrExit({
   DATABASE_URL: z.string().min(1).optional(),
   /** How long a lease that expired unreleased (its gateway died) still reserves its grant; see budget-leases.ts. */
   BUDGET_LEASE_GRACE_SECONDS: z.coerce.number().int().min(0).max(86_400).default(600),
+  /** What one gateway may hold beyond half of what is left of a budget; see budget-leases.ts. */
+  BUDGET_LEASE_HOLDER_FLOOR_NANOS: z.coerce.bigint().min(0n).default(100_000_000n),
 });
 const runtime = createRuntime("billing", cfg);
 const { log } = runtime;
@@ -59,6 +61,7 @@ const { routes, http, readiness } = createBillingApp({
   stopSignal: stopping.signal,
   registry: runtime.metrics.registry,
   abandonedLeaseGraceMs: cfg.BUDGET_LEASE_GRACE_SECONDS * 1000,
+  holderFloorNanos: cfg.BUDGET_LEASE_HOLDER_FLOOR_NANOS,
 });
 
 const server = await startServer({

@@ -27,7 +27,9 @@ export function createBillingMetrics(
     }),
     leases: new Counter({
       name: "billing_budget_leases_total",
-      help: "AcquireBudgetLease answers: granted (some budget), or exhausted (nothing left to grant).",
+      help:
+        "AcquireBudgetLease answers: granted (some budget), exhausted (nothing left to grant), or holder_share " +
+        "(the asking gateway already holds its share of what is left).",
       labelNames: ["result"] as const,
       registers: [registry],
     }),

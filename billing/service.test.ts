@@ -474,6 +474,46 @@ test("budget leases over RPC", async () => {
   expect(await code(client.releaseBudgetLease({ leaseId: "lease_missing" }, admin))).toBe(Code.NotFound);
 });
 
+test("one holder is granted at most half of what is left of a budget plus a floor, less than asked rather than nothing", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 1_000_000_000n });
+  const acquire = (holder: string, ttlSeconds = 60) =>
+    client.acquireBudgetLease(
+      { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder, requestedNanos: 1_000_000_000n, ttlSeconds },
+      admin,
+    );
+  // Half of 1 USD plus the 0.1 USD floor; asking again adds nothing while that is held.
+  const greedy = await acquire("gw-old", 1);
+  expect(greedy).toMatchObject({ grantedNanos: 600_000_000n, remainingNanos: 400_000_000n });
+  expect(await acquire("gw-old")).toMatchObject({ leaseId: "", grantedNanos: 0n, remainingNanos: 400_000_000n });
+  // Other holders still get their share, and the last of the budget, under the floor, goes whole.
+  expect(await acquire("gw-b")).toMatchObject({ grantedNanos: 300_000_000n, remainingNanos: 100_000_000n });
+  const last = await acquire("gw-c");
+  expect(last).toMatchObject({ grantedNanos: 100_000_000n, remainingNanos: 0n });
+
+  // A holder whose lease expired (a restarted replica) is not refused for it; it still reserves its grant meanwhile.
+  await client.releaseBudgetLease({ leaseId: last.leaseId, spentNanos: 0n }, admin);
+  const before = now;
+  now = new Date(now.getTime() + 2_000);
+  try {
+    expect(await acquire("gw-old")).toMatchObject({ grantedNanos: 100_000_000n, remainingNanos: 0n });
+  } finally {
+    now = before;
+  }
+});
+
+test("a holder alone with a remainder under the floor is granted all of it", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 150_000_000n });
+  const acquire = (requestedNanos: bigint) =>
+    client.acquireBudgetLease(
+      { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw", requestedNanos, ttlSeconds: 60 },
+      admin,
+    );
+  const first = await acquire(40_000_000n);
+  expect(first).toMatchObject({ grantedNanos: 40_000_000n, remainingNanos: 110_000_000n });
+  await client.releaseBudgetLease({ leaseId: first.leaseId, spentNanos: 40_000_000n }, admin);
+  expect(await acquire(150_000_000n)).toMatchObject({ grantedNanos: 110_000_000n, remainingNanos: 0n });
+});
+
 test("WatchKeyChanges streams revocations to gateways", async () => {
   const orgId = await newOrg();
   const { apiKey } = await client.createApiKey({ orgId }, admin);

@@ -245,7 +245,8 @@ export function createBillingService({
         ttlSeconds: intInRange(req.ttlSeconds, "ttl_seconds", 1, 3600),
         now: clock(),
       });
-      metrics?.leases.inc({ result: grant.grantedNanos > 0n ? "granted" : "exhausted" });
+      const result = grant.grantedNanos > 0n ? "granted" : grant.remainingNanos === 0n ? "exhausted" : "holder_share";
+      metrics?.leases.inc({ result });
       metrics?.leasedUsd.inc(Number(grant.grantedNanos) / 1e9);
       return create(AcquireBudgetLeaseResponseSchema, {
         leaseId: grant.leaseId ?? "",

@@ -247,6 +247,31 @@ describe("budget leases", () => {
     await Promise.all([a.keeper.close(), b.keeper.close()]);
   });
 
+  test("a replica that asks billing for a whole budget leaves the other replicas about half of it", async () => {
+    const principal = await principalWith({ org: 1_000_000_000n });
+    // An old or misbehaving replica asks for everything; billing grants half plus its 0.1 USD floor.
+    const greedy = { scope: BudgetScope.ORGANIZATION, scopeId: principal.orgId, holder: "gw-old", ttlSeconds: 300 };
+    expect((await client.acquireBudgetLease({ ...greedy, requestedNanos: 1_000_000_000n }, auth)).grantedNanos).toBe(
+      600_000_000n,
+    );
+    const { keeper: k } = keeper({ holder: "gw-a" });
+    (await k.reserve(principal, 300_000_000n, 60_000)).settle(300_000_000n);
+    await k.close();
+  });
+
+  test("a request dearer than billing lets one replica hold is refused after one grant, not asked again", async () => {
+    const principal = await principalWith({ org: 1_000_000_000n });
+    const { keeper: k } = keeper({ holder: "gw-a" });
+    const before = calls.acquire;
+    // Billing grants this replica half of 1 USD plus its 0.1 USD floor: 0.6 USD, less than the 0.7 USD needed.
+    const refused = await refusal(k.reserve(principal, 700_000_000n, 60_000));
+    expect(refused.code).toBe("insufficient_quota");
+    expect(refused.message).toContain("more than one gateway may hold");
+    expect(calls.acquire - before).toBe(1);
+    (await k.reserve(principal, 500_000_000n, 60_000)).settle(500_000_000n);
+    await k.close();
+  });
+
   test("both org and key budgets are charged; the tighter one decides", async () => {
     const principal = await principalWith({ org: 5_000n, key: 1_000n });
     const { keeper: k } = keeper({ minLeaseNanos: 300n });

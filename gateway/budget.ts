@@ -124,6 +124,8 @@ interface Scope {
   leases: Lease[];
   acquiring: Promise<void> | undefined;
   exhaustedUntil: number;
+  /** Billing's last grant was less than asked though it had more left: this replica holds its share of the rest. */
+  atShare: boolean;
   /** Exponentially decayed sum of settled spend, for the spend rate. */
   decayedSpend: number;
   decayedAt: number;
@@ -212,6 +214,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         leases: [],
         acquiring: undefined,
         exhaustedUntil: 0,
+        atShare: false,
         decayedSpend: 0,
         decayedAt: t,
         firstSpendAt: undefined,
@@ -387,6 +390,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           return;
         }
         scope.remaining = res.remainingNanos >= 0n ? res.remainingNanos : null;
+        scope.atShare = res.grantedNanos < requestedNanos && res.remainingNanos > 0n;
         if (lease) {
           scope.leases.push(lease);
           instruments?.leases.inc({ outcome: res.grantedNanos < requestedNanos ? "partial" : "granted" });
@@ -497,6 +501,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       if (closed) throw serviceUnavailable("The gateway is shutting down.", "budget_unavailable");
       const amount = maxCostNanos > 0n ? maxCostNanos : 0n;
       for (const scope of list) if (holdMs > scope.maxHoldMs) scope.maxHoldMs = holdMs;
+      let heldShare: Scope | undefined;
       for (let round = 0; ; round++) {
         const t = now();
         const until = t + holdMs + marginMs;
@@ -521,11 +526,15 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
             },
           };
         }
-        // Billing said it has less than was asked: the budget is spent. (The round cap only stops pathological loops.)
-        if (t < short.exhaustedUntil || round >= 10) {
+        // Billing said it has less than was asked: the budget is spent. Or, asked for this request, it kept the rest
+        // for other replicas: asking again gets no more. (The round cap only stops pathological loops.)
+        if (t < short.exhaustedUntil || heldShare === short || round >= 10) {
           instruments?.rejected.inc();
+          const budget = `${short.kind === BudgetScope.ORGANIZATION ? "organization's" : "API key's"} monthly budget`;
           throw insufficientQuota(
-            `This request may cost up to ${formatUsd(amount)} and the ${short.kind === BudgetScope.ORGANIZATION ? "organization's" : "API key's"} monthly budget has less than that left.`,
+            heldShare === short
+              ? `This request may cost up to ${formatUsd(amount)}, more than one gateway may hold of what is left of the ${budget}.`
+              : `This request may cost up to ${formatUsd(amount)} and the ${budget} has less than that left.`,
             Math.max(1, Math.ceil(exhaustedBackoffMs / 1000)),
           );
         }
@@ -534,7 +543,10 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           const pending = short.acquiring;
           // Leftovers too small for this request are returned before asking, or they would sit idle here.
           if (pending) await pending.catch(() => {});
-          else await acquire(short, () => leaseSize(short, amount - available(short, until)), true);
+          else {
+            await acquire(short, () => leaseSize(short, amount - available(short, until)), true);
+            if (short.atShare) heldShare = short;
+          }
         } finally {
           short.waiters--;
         }

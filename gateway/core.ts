@@ -107,6 +107,8 @@ export interface GatewayCore {
   models(call: Call): readonly ModelRoute[];
   /** One model the authorized caller may use (404/403 otherwise). */
   model(call: Call, name: string): ModelRoute;
+  /** Records the model a body names (if it names one) for a call refused before its body was parsed. */
+  namedModel(call: Call, body: unknown): void;
   /** Every configured model, in config order. */
   readonly routes: readonly ModelRoute[];
   /** Records the metrics of a finished call; `handle` calls it, streams call it when they end. */
@@ -512,6 +514,10 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     models(call) {
       const allowed = call.principal?.allowedModels;
       return allowed ? routes.filter((r) => allowed.has(r.name)) : routes;
+    },
+    namedModel(call, body) {
+      const model = typeof body === "object" && body !== null ? (body as { model?: unknown }).model : undefined;
+      if (typeof model === "string") call.metrics.requestedModel = meteredName(model);
     },
     model(call, name) {
       call.metrics.requestedModel = meteredName(name);

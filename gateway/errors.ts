@@ -138,7 +138,7 @@ export const insufficientQuota = (message: string, retryAfterS?: number) =>
 
 /** A dependency of the gateway itself (billing) cannot answer; the client may retry. */
 export const serviceUnavailable = (message: string, code: string) =>
-  new GatewayError(503, "api_error", code, message, RequestStatus.INTERNAL_ERROR);
+  new GatewayError(503, "api_error", code, message, RequestStatus.UNAVAILABLE);
 
 export const cancelled = () =>
   new GatewayError(499, "invalid_request_error", "client_closed_request", "The client closed the request.", RequestStatus.CANCELLED);

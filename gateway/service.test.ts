@@ -291,6 +291,35 @@ describe("the same server over plain HTTP", () => {
     }
   });
 
+  test("an RPC whose key billing cannot check is unavailable, counted under the model its message names", async () => {
+    const ids: string[] = [];
+    gateway.billing.setDown(true);
+    try {
+      const calls = [
+        client("sk-down-1").createChatCompletion({ params: hello }),
+        client("sk-down-2").createEmbedding({ model: "mock", input: ["hi"] }),
+        (async () => {
+          for await (const _ of client("sk-down-3").streamChatCompletion({ params: { ...hello, model: "made-up" } })) {
+            // Refused before the stream opens.
+          }
+        })(),
+      ];
+      for (const call of calls) {
+        const e = await rpcError(call);
+        expect([e.code, e.metadata.get("x-error-code")]).toEqual([Code.Unavailable, "auth_unavailable"]);
+        ids.push(e.metadata.get("x-request-id") ?? "");
+      }
+    } finally {
+      gateway.billing.setDown(false);
+    }
+    const rows = ids.map((id) => gateway.shipper.rows.find((m) => m.requestId === id));
+    expect(rows.map((m) => [m?.status, m?.httpStatus, m?.requestedModel])).toEqual([
+      [RequestStatus.UNAVAILABLE, 503, "mock"],
+      [RequestStatus.UNAVAILABLE, 503, "mock"],
+      [RequestStatus.UNAVAILABLE, 503, "made-up"],
+    ]);
+  });
+
   test("a gRPC message over the limit (no declared length) is resource_exhausted with the request id, metered", async () => {
     const params = { model: "mock", messages: [{ role: "user", content: "x".repeat(5000) }] };
     const e = await rpcError(client("sk-good").createChatCompletion({ params }));

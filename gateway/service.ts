@@ -1,6 +1,7 @@
 import { create, type DescMethod } from "@bufbuild/protobuf";
 import { Code, ConnectError, createContextKey, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { ChatCompletion, ChatCompletionChunk } from "openai/resources/chat/completions";
+import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import {
   type ChatCompletionParams,
@@ -18,10 +19,12 @@ import {
 import { bearerToken } from "../lib/auth.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
 import { activeTrace, type Call, type ChatOutcome, type GatewayCore } from "./core.ts";
-import { bodyTooLarge, cancelled, type GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
+import { bodyTooLarge, cancelled, GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
 
 /** The call the request gate began for an RPC before its body was read. */
 const gatedCall = createContextKey<Call | undefined>(undefined);
+/** Why the gate could not check the key (billing did not answer): the handler refuses with it, the model named. */
+const uncheckedKey = createContextKey<GatewayError | undefined>(undefined);
 
 const endpoints = new Map<DescMethod, Endpoint>([
   [GatewayService.method.createChatCompletion, Endpoint.CHAT_COMPLETIONS],
@@ -91,7 +94,10 @@ export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number
       () => undefined,
       (e: unknown) => e,
     );
-    if (denied !== undefined) {
+    // A key billing could not check is refused by the handler once the message is read, to count it under its model.
+    const unchecked = denied instanceof GatewayError && denied.outcome === RequestStatus.UNAVAILABLE;
+    if (unchecked && endpoint !== Endpoint.MODELS) ctx.values.set(uncheckedKey, denied);
+    else if (denied !== undefined) {
       takeGatedCall(ctx);
       throw failed(call, ctx, await core.handle(call, () => Promise.reject(denied)).catch((e: unknown) => e));
     }
@@ -111,12 +117,22 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
     return gated;
   };
 
+  /** The key's check, the gate's refusal when billing could not answer it, counted under the model named. */
+  const authorize = async (call: Call, ctx: HandlerContext, message: { model: string } | undefined) => {
+    const unchecked = ctx.values.get(uncheckedKey);
+    if (unchecked) {
+      core.namedModel(call, message);
+      throw unchecked;
+    }
+    await core.authorize(call);
+  };
+
   return {
     async createChatCompletion(req, ctx) {
       const call = begin(Endpoint.CHAT_COMPLETIONS, ctx);
       try {
         const outcome = await core.handle(call, async () => {
-          await core.authorize(call);
+          await authorize(call, ctx, req.params);
           return core.chat(call, chatBody(req.params));
         });
         ctx.responseHeader.set("x-gateway-cost-nanos", outcome.costNanos.toString());
@@ -154,7 +170,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
       let last: ChatCompletionChunk | undefined;
       try {
         const stream = await core.handle(call, async () => {
-          await core.authorize(call);
+          await authorize(call, ctx, req.params);
           return core.chatStream(call, { ...chatBody(req.params), stream: true });
         });
         setLimitHeaders(call, ctx);
@@ -177,7 +193,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
       const call = begin(Endpoint.EMBEDDINGS, ctx);
       try {
         const outcome = await core.handle(call, async () => {
-          await core.authorize(call);
+          await authorize(call, ctx, req);
           return core.embed(call, embeddingBody(req));
         });
         ctx.responseHeader.set("x-gateway-cost-nanos", outcome.costNanos.toString());

@@ -19,12 +19,21 @@ export interface BudgetLeaseStoreOptions {
    * window the lease reserves nothing and what it spent counts once its usage is recorded. Default 10 minutes.
    */
   abandonedLeaseGraceMs?: number;
+  /**
+   * What one holder may hold beyond half of what is left: its active leases of the scope, this grant included, stay
+   * within half of what is left to it (unleased budget plus its own holding) plus this, so a replica asking for too
+   * much strands at most about half of a budget when it dies, and the last of a budget, or a request dearer than half
+   * of what is left, can still be granted whole. Default 0.1 USD.
+   */
+  holderFloorNanos?: bigint;
 }
 
 export const defaultAbandonedLeaseGraceMs = 600_000;
+export const defaultHolderFloorNanos = 100_000_000n;
 
 export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions = {}) {
   const graceMs = options.abandonedLeaseGraceMs ?? defaultAbandonedLeaseGraceMs;
+  const holderFloor = options.holderFloorNanos ?? defaultHolderFloorNanos;
   return {
     /**
      * Grants up to `requestedNanos` of what is left of the scope's budget in the current billing period; a key's
@@ -35,7 +44,9 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
      * grant beyond their recorded usage, and so do expired unreleased ones for `abandonedLeaseGraceMs` after expiry;
      * older abandoned leases reserve nothing, their usage counting as it is recorded. A lease of the previous
      * period that lives on into this one can be spent in both, so it reserves here too until released, and is
-     * settled here when released after its own period ended (see releaseBudgetLease).
+     * settled here when released after its own period ended (see releaseBudgetLease). One holder is granted no more
+     * than keeps its active leases within half of what is left to it plus `holderFloorNanos`; less than asked when
+     * that is less.
      */
     acquireBudgetLease(request: BudgetLeaseRequest): Promise<BudgetLeaseGrant> {
       return db.transaction(async (tx) => {
@@ -74,7 +85,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
           // all. Usage records name the leases they were drawn from, so each lease knows how much of its spend is
           // recorded: committed spend is the recorded usage plus what released leases spent beyond theirs, and an
           // open lease reserves its grant beyond its recorded usage.
-          const usedRows = await tx.query<{ committed: string; reserved: string }>(
+          const usedRows = await tx.query<{ committed: string; reserved: string; held: string }>(
             `WITH scope_ids AS (${scopeIds})
              SELECT
                (SELECT coalesce(sum(cost_nanos), 0) FROM usage_summaries
@@ -86,7 +97,13 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
                (SELECT coalesce(sum(greatest(granted_nanos - recorded_nanos, 0)), 0) FROM budget_leases
                 WHERE released_at IS NULL AND scope = $4
                   AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids)
-                  AND period_start >= $7 AND expires_at > greatest($5, $6)) AS reserved`,
+                  AND period_start >= $7 AND expires_at > greatest($5, $6)) AS reserved,
+               -- The asking holder's part of reserved, its expired leases aside: a restarted replica is not refused
+               -- for leases of its past life.
+               (SELECT coalesce(sum(greatest(granted_nanos - recorded_nanos, 0)), 0) FROM budget_leases
+                WHERE released_at IS NULL AND scope = $4 AND holder = $8
+                  AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids)
+                  AND period_start >= $7 AND expires_at > $9) AS held`,
             [
               request.scopeId,
               utcDate(period.start),
@@ -95,11 +112,16 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
               new Date(request.now.getTime() - graceMs),
               period.start,
               previousPeriodStart,
+              request.holder,
+              request.now,
             ],
           );
           const used = usedRows[0];
           const left = budget - BigInt(used?.committed ?? 0) - BigInt(used?.reserved ?? 0);
-          granted = left <= 0n ? 0n : left < request.requestedNanos ? left : request.requestedNanos;
+          const held = BigInt(used?.held ?? 0);
+          const share = (left + held) / 2n + holderFloor - held;
+          granted = [left, share].reduce((min, x) => (x < min ? x : min), request.requestedNanos);
+          if (granted < 0n) granted = 0n;
           remaining = left - granted > 0n ? left - granted : 0n;
         }
         if (granted === 0n) return { leaseId: null, grantedNanos: 0n, expiresAt, remainingNanos: remaining };

@@ -233,17 +233,27 @@ describe("REST chat completions", () => {
     expect(shipper.rows[0]).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 400 });
   });
 
-  test("missing and unknown keys are 401; billing down is 503", async () => {
-    const { chat, billing, shipper } = setup();
+  test("missing and unknown keys are 401; billing down is 503, counted as unavailable under the model named", async () => {
+    const registry = new Registry();
+    const { chat, billing, shipper } = setup(registry);
     const missing = await expectError(await chat(hello, null), 401, "missing_api_key");
     expect(missing.type).toBe("invalid_request_error");
     await expectError(await chat(hello, "sk-wrong"), 401, "invalid_api_key");
     billing.setDown(true);
     await expectError(await chat(hello), 503, "auth_unavailable");
-    expect(shipper.rows.map((m) => [m.status, m.httpStatus, m.orgId])).toEqual([
-      [RequestStatus.UNAUTHORIZED, 401, ""],
-      [RequestStatus.UNAUTHORIZED, 401, ""],
-      [RequestStatus.INTERNAL_ERROR, 503, ""],
+    await expectError(await chat({ ...hello, model: "made-up" }), 503, "auth_unavailable");
+    await expectError(await chat("{not json"), 503, "auth_unavailable");
+    expect(shipper.rows.map((m) => [m.status, m.httpStatus, m.orgId, m.requestedModel])).toEqual([
+      [RequestStatus.UNAUTHORIZED, 401, "", ""],
+      [RequestStatus.UNAUTHORIZED, 401, "", ""],
+      [RequestStatus.UNAVAILABLE, 503, "", "mock"],
+      [RequestStatus.UNAVAILABLE, 503, "", "made-up"],
+      [RequestStatus.UNAVAILABLE, 503, "", ""],
+    ]);
+    const series = (await registry.getSingleMetric("gateway_requests_total")?.get())?.values ?? [];
+    expect(series.filter((v) => v.labels.code === 503).map((v) => [v.labels.model, v.labels.status, v.value])).toEqual([
+      ["mock", "unavailable", 1],
+      ["unknown", "unavailable", 2],
     ]);
   });
 

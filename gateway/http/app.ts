@@ -1,5 +1,6 @@
 import { context, propagation, type Span, SpanKind, SpanStatusCode, type TextMapGetter, type Tracer } from "@opentelemetry/api";
 import { ulid } from "ulid";
+import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { bearerToken } from "../../lib/auth.ts";
 import { inContext } from "../../lib/streams.ts";
@@ -115,11 +116,27 @@ export function createRestApp(options: RestAppOptions): RestApp {
   };
   const failed = (call: Call, e: unknown) => errorResponse(toGatewayError(e), call.requestId, call.limitHeaders);
 
+  /**
+   * Checks the key before the body is read: a caller without one costs no more. When billing cannot check it, the
+   * body is read after all for the model it names, so the refusal is counted under that model.
+   */
+  const authorize = async (call: Call, request: RestRequest) => {
+    try {
+      await core.authorize(call);
+    } catch (e) {
+      if (e instanceof GatewayError && e.outcome === RequestStatus.UNAVAILABLE) {
+        const body = await bodyText(request, maxBodyBytes).then(parseJson, () => undefined).catch(() => undefined);
+        core.namedModel(call, body);
+      }
+      throw e;
+    }
+  };
+
   const chatCompletions = async (request: RestRequest, span: Span): Promise<RestResponse> => {
     const call = begin(Endpoint.CHAT_COMPLETIONS, request);
     try {
       const result = await core.handle(call, async () => {
-        await core.authorize(call);
+        await authorize(call, request);
         const body = parseJson(await bodyText(request, maxBodyBytes));
         return isStreamRequest(body) ? core.chatStream(call, body) : core.chat(call, body);
       });
@@ -142,7 +159,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
     const call = begin(Endpoint.EMBEDDINGS, request);
     try {
       const outcome = await core.handle(call, async () => {
-        await core.authorize(call);
+        await authorize(call, request);
         return core.embed(call, parseJson(await bodyText(request, maxBodyBytes)));
       });
       return ok(call, JSON.stringify(outcome.response), outcome.costNanos);

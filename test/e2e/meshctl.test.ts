@@ -4,6 +4,7 @@ import { tmpdir } from "node:os";
 import * as path from "node:path";
 import { maxChatCostNanos } from "../../gateway/budget.ts";
 import { loadGatewayConfig } from "../../gateway/config.ts";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { formatNanosUsd } from "../../lib/money.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
@@ -186,6 +187,42 @@ describe("meshctl drives the mesh", () => {
     expect(await refused.json()).toMatchObject({ error: { code: "insufficient_quota" } });
   }, 60_000);
 
+  test("a made-up key asked for at once by many costs billing one lookup; a refused key made valid works at once", async () => {
+    const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken });
+    const lookups = async () => {
+      const text = await (await fetch(`${mesh.urls.billing}/metrics`)).text();
+      const lines = text.split("\n").filter((l) => l.startsWith("rpc_server_handled_total{") && l.includes('rpc_method="AuthorizeKey"'));
+      return lines.reduce((sum, l) => sum + Number(l.split(" ").at(-1)), 0);
+    };
+    const chat = (secret: string) =>
+      fetch(`${mesh.urls.gateway}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${secret}`, "content-type": "application/json" },
+        body: JSON.stringify({ model: "mock", messages: [{ role: "user", content: "hello" }] }),
+      });
+    const before = await lookups();
+    const madeUp = `sk-mesh-${Array.from({ length: 43 }, (_, i) => "XYZxyz789"[i % 9]).join("")}`;
+    const refused = await Promise.all(Array.from({ length: 20 }, () => chat(madeUp)));
+    expect(refused.map((r) => r.status)).toEqual(Array(20).fill(401));
+    // Remembered as refused for a while: asking again costs billing nothing.
+    expect((await chat(madeUp)).status).toBe(401);
+    expect(await lookups()).toBe(before + 1);
+
+    // A key refused as expired, then given a later expiry: billing announces the change, the refusal is forgotten.
+    const { organization } = await billing.createOrganization({ name: "refused-then-valid" });
+    const expiring = timestampFromMs(Date.now() + 1_000);
+    const key = await billing.createApiKey({ orgId: organization?.id ?? "", limits: { expireTime: expiring } });
+    await Bun.sleep(1_100);
+    expect(await (await chat(key.secret)).json()).toMatchObject({ error: { code: "expired_api_key" } });
+    await billing.updateApiKeyLimits({
+      apiKeyId: key.apiKey?.id ?? "",
+      limits: { expireTime: timestampFromMs(Date.now() + 3_600_000) },
+      updateMask: { paths: ["expire_time"] },
+    });
+    // Within the 2 s a refusal is remembered at most.
+    await eventually(async () => (await chat(key.secret)).status === 200, { timeoutMs: 2_000, intervalMs: 50 });
+  }, 60_000);
+
   test("billing stops promptly on SIGTERM even with key change streams open", async () => {
     const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken });
     const watching = new AbortController();
@@ -207,4 +244,28 @@ describe("meshctl drives the mesh", () => {
     watching.abort();
     await stream;
   }, 90_000);
+
+  test("with billing stopped, a key that cannot be checked is counted as unavailable under the model it named", async () => {
+    // Stopped by the test above when run in order; stopping again is a no-op.
+    await mesh.processes.billing.stop();
+    // A key this gateway has never seen, so only billing could say whether it works.
+    const secret = `sk-mesh-${Array.from({ length: 43 }, (_, i) => "ABCabc012"[i % 9]).join("")}`;
+    const chat = (model: string) =>
+      fetch(`${mesh.urls.gateway}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${secret}`, "content-type": "application/json" },
+        body: JSON.stringify({ model, messages: [{ role: "user", content: "hello" }] }),
+      });
+    for (const model of ["mock", "not-configured"]) {
+      const res = await chat(model);
+      expect(res.status).toBe(503);
+      expect(await res.json()).toMatchObject({ error: { code: "auth_unavailable" } });
+    }
+    const text = await (await fetch(`${mesh.urls.gateway}/metrics`)).text();
+    const refused = text.split("\n").filter((l) => l.startsWith("gateway_requests_total{") && l.includes('code="503"'));
+    expect(refused.sort()).toEqual([
+      'gateway_requests_total{endpoint="chat_completions",model="mock",provider="",status="unavailable",code="503",service="gateway"} 1',
+      'gateway_requests_total{endpoint="chat_completions",model="unknown",provider="",status="unavailable",code="503",service="gateway"} 1',
+    ]);
+  }, 60_000);
 });

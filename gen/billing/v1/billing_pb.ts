@@ -835,14 +835,16 @@ export type AcquireBudgetLeaseRequest = Message<"billing.v1.AcquireBudgetLeaseRe
   scopeId: string;
 
   /**
-   * Gateway replica asking; leases are per holder.
+   * Gateway replica asking; leases are per holder. One holder's active leases of a scope, this grant included, stay
+   * within half of what is left to it (unleased budget plus its own active leases) plus billing's
+   * BUDGET_LEASE_HOLDER_FLOOR_NANOS, so one replica cannot take a whole budget.
    *
    * @generated from field: string holder = 3;
    */
   holder: string;
 
   /**
-   * Amount wanted, in nano-USD; billing may grant less (never more than what remains).
+   * Amount wanted, in nano-USD; billing may grant less (never more than what remains, nor than the holder's share).
    *
    * @generated from field: int64 requested_nanos = 4;
    */
@@ -875,7 +877,8 @@ export type AcquireBudgetLeaseResponse = Message<"billing.v1.AcquireBudgetLeaseR
   leaseId: string;
 
   /**
-   * Granted amount in nano-USD; 0 when the budget is exhausted.
+   * Granted amount in nano-USD; 0 when the budget is exhausted, or when the holder already holds its share
+   * (remaining_nanos is then above 0).
    *
    * @generated from field: int64 granted_nanos = 2;
    */
