@@ -79,6 +79,26 @@ describe("tokens per minute", () => {
     limiter.admit("k", tpm, 5_000);
   });
 
+  test("usage counts for a minute from when the request ends, however long it ran", () => {
+    const { clock, limiter } = setup();
+    const tpm = { requestsPerMinute: 0, tokensPerMinute: 1000 };
+    const long = limiter.admit("k", tpm, 10);
+    clock.t += 61_000;
+    long.settle(5_000);
+    const e = refused(() => limiter.admit("k", tpm, 10));
+    expect(e.message).toContain("used 5000");
+    expect(e.retryAfterS).toBe(60);
+
+    const half = limiter.admit("k2", tpm, 10);
+    clock.t += 30_000;
+    half.settle(5_000);
+    clock.t += 31_000;
+    // 31 s after it ended its usage is still in the window, though its admitting second has left it.
+    expect(refused(() => limiter.admit("k2", tpm, 10)).retryAfterS).toBe(29);
+    clock.t += 29_000;
+    limiter.admit("k2", tpm, 10);
+  });
+
   test("both limits apply together; a refused request holds nothing", () => {
     const { limiter } = setup();
     const both = { requestsPerMinute: 2, tokensPerMinute: 100 };

@@ -4,8 +4,8 @@ import { approxInputTokens, type ChatRequest } from "./providers/provider.ts";
 /**
  * Per-key requests-per-minute and tokens-per-minute limits over a sliding 60-second window kept in
  * one-second buckets. A request is admitted while the window has room; its tokens count at an
- * estimate (prompt + max output) while it runs and at the actual usage once it ends. A request larger
- * than the whole TPM limit is admitted into an empty window, so it is slow rather than impossible.
+ * estimate (prompt + max output) while it runs and at the actual usage for a minute from its end. A
+ * request larger than the whole TPM limit is admitted into an empty window, so it is slow rather than impossible.
  * Limits hold per gateway replica.
  */
 
@@ -89,7 +89,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     for (const [key, w] of windows) if (second - w.lastSecond >= windowSeconds) windows.delete(key);
   };
 
-  /** Adds to the bucket of `second`, which is at most a minute old. */
+  /** Adds to the bucket of the current `second`. */
   const add = (w: Window, second: number, requests: number, tokens: number) => {
     const slot = second % windowSeconds;
     if (w.seconds[slot] !== second) {
@@ -100,7 +100,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       w.tokens[slot] = 0;
     }
     w.requests[slot] = (w.requests[slot] as number) + requests;
-    w.tokens[slot] = Math.max(0, (w.tokens[slot] as number) + tokens);
+    w.tokens[slot] = (w.tokens[slot] as number) + tokens;
   };
 
   /** Sum over the window, and the ms until `excess` of it has expired (oldest buckets first). */
@@ -168,8 +168,13 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         settle(used) {
           if (settled) return;
           settled = true;
-          // The estimate was booked in the admitting second; actual usage replaces it there.
-          add(w, second, 0, Math.max(0, used) - estimate);
+          // The estimate leaves its admitting second (unless that has expired already); the actual usage is known
+          // now, so it counts for a minute from now.
+          const slot = second % windowSeconds;
+          if (w.seconds[slot] === second) w.tokens[slot] = Math.max(0, (w.tokens[slot] as number) - estimate);
+          const current = Math.floor(now() / 1000);
+          // The key's window as it is now: an idle one may have been dropped while this request ran.
+          add(windowOf(keyId, current), current, 0, Math.max(0, used));
         },
       };
     },
