@@ -53,10 +53,10 @@ describe("tokens per minute", () => {
     const { clock, limiter } = setup();
     const tpm = { requestsPerMinute: 0, tokensPerMinute: 1000 };
     const first = limiter.admit("k", tpm, 600);
-    // 600 held + 500 > 1000
+    // 600 held + 500 > 1000; the running request may end any moment and free most of it: retry soon.
     const e = refused(() => limiter.admit("k", tpm, 500));
     expect([e.status, e.type]).toEqual([429, "tokens"]);
-    expect(e.retryAfterS).toBe(60);
+    expect(e.retryAfterS).toBe(3);
     // Settling at the real (smaller) usage frees room.
     first.settle(300);
     first.settle(10_000); // only the first settlement counts
@@ -97,6 +97,24 @@ describe("tokens per minute", () => {
     expect(refused(() => limiter.admit("k2", tpm, 10)).retryAfterS).toBe(29);
     clock.t += 29_000;
     limiter.admit("k2", tpm, 10);
+  });
+
+  test("a refusal for room that running requests hold says to retry in a few seconds, and their end makes room", () => {
+    const { clock, limiter } = setup();
+    const tpm = { requestsPerMinute: 0, tokensPerMinute: 1000 };
+    const running = limiter.admit("k", tpm, 908);
+    const e = refused(() => limiter.admit("k", tpm, 100));
+    expect(e.retryAfterS).toBe(3);
+    expect(e.message).toContain("908 held by requests still running");
+    expect(e.message).toContain("Retry in 3s.");
+    clock.t += 1_000;
+    running.settle(58);
+    limiter.admit("k", tpm, 100).settle(100);
+    // Settled usage alone leaves no room: nothing running can help, so the wait is until it expires.
+    limiter.admit("k", tpm, 800).settle(800);
+    const settled = refused(() => limiter.admit("k", tpm, 100));
+    expect(settled.retryAfterS).toBe(60);
+    expect(settled.message).not.toContain("running");
   });
 
   test("both limits apply together; a refused request holds nothing", () => {

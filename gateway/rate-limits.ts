@@ -57,12 +57,16 @@ interface Window {
   seconds: Float64Array;
   requests: Float64Array;
   tokens: Float64Array;
+  /** Of `tokens`, the estimates of requests admitted in that second that are still running. */
+  running: Float64Array;
   lastSecond: number;
 }
 
 const noTicket: RateTicket = { state: undefined, settle() {} };
 // Any positive amount: the ms until it has expired is the ms until the oldest usage leaves the window.
 const oldest = Number.MIN_VALUE;
+// The Retry-After of a TPM refusal that requests still running might make room for by ending.
+const runningRetryS = 3;
 
 export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter {
   const now = options.now ?? Date.now;
@@ -77,6 +81,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         seconds: new Float64Array(windowSeconds).fill(-1),
         requests: new Float64Array(windowSeconds),
         tokens: new Float64Array(windowSeconds),
+        running: new Float64Array(windowSeconds),
         lastSecond: second,
       };
       windows.set(keyId, w);
@@ -90,7 +95,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
   };
 
   /** Adds to the bucket of the current `second`. */
-  const add = (w: Window, second: number, requests: number, tokens: number) => {
+  const add = (w: Window, second: number, requests: number, tokens: number, running: number) => {
     const slot = second % windowSeconds;
     if (w.seconds[slot] !== second) {
       // A bucket older than the window has expired; one already reused by a newer second can't take old usage.
@@ -98,9 +103,11 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       w.seconds[slot] = second;
       w.requests[slot] = 0;
       w.tokens[slot] = 0;
+      w.running[slot] = 0;
     }
     w.requests[slot] = (w.requests[slot] as number) + requests;
     w.tokens[slot] = (w.tokens[slot] as number) + tokens;
+    w.running[slot] = (w.running[slot] as number) + running;
   };
 
   /** Sum over the window, and the ms until `excess` of it has expired (oldest buckets first). */
@@ -135,6 +142,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       const requests = rpm > 0 ? usage(w.requests, w, second, 0, t).total : 0;
       const estimate = tpm > 0 ? Math.max(0, Math.ceil(estimatedTokens)) : 0;
       const tokens = tpm > 0 ? usage(w.tokens, w, second, 0, t).total : 0;
+      const running = tpm > 0 ? usage(w.running, w, second, 0, t).total : 0;
       /** The key's limits as they stand now: after this request was counted, or at its refusal. */
       const state = (): RateState => ({
         ...(rpm > 0 && { requests: { limit: rpm, remaining: Math.max(0, rpm - usage(w.requests, w, second, 0, t).total), resetMs: usage(w.requests, w, second, oldest, t).waitMs } }),
@@ -151,15 +159,19 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       }
       if (tpm > 0 && tokens > 0 && tokens + estimate > tpm) {
         // Room for this request once enough has expired; all of it when it alone exceeds the limit.
-        const { waitMs } = usage(w.tokens, w, second, Math.min(tokens, tokens + estimate - tpm), t);
+        let { waitMs } = usage(w.tokens, w, second, Math.min(tokens, tokens + estimate - tpm), t);
+        // Running requests hold their whole estimate and usually use less: when one ends the room may be there.
+        const soon = running > 0 && tokens - running + estimate <= tpm;
+        if (soon) waitMs = Math.min(waitMs, runningRetryS * 1000);
+        const held = soon ? ` (${running} held by requests still running, whose end may free it sooner)` : "";
         throw rateLimited(
           "tokens",
-          `Rate limit reached for tokens per minute (TPM): limit ${tpm}, used ${tokens}, requested ${estimate}. Retry in ${Math.ceil(waitMs / 1000)}s.`,
+          `Rate limit reached for tokens per minute (TPM): limit ${tpm}, used ${tokens}${held}, requested ${estimate}. Retry in ${Math.ceil(waitMs / 1000)}s.`,
           Math.max(1, Math.ceil(waitMs / 1000)),
           rateLimitHeaders(state()),
         );
       }
-      add(w, second, 1, estimate);
+      add(w, second, 1, estimate, estimate);
       const admitted = state();
       if (tpm <= 0) return { state: admitted, settle() {} };
       let settled = false;
@@ -171,10 +183,13 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
           // The estimate leaves its admitting second (unless that has expired already); the actual usage is known
           // now, so it counts for a minute from now.
           const slot = second % windowSeconds;
-          if (w.seconds[slot] === second) w.tokens[slot] = Math.max(0, (w.tokens[slot] as number) - estimate);
+          if (w.seconds[slot] === second) {
+            w.tokens[slot] = Math.max(0, (w.tokens[slot] as number) - estimate);
+            w.running[slot] = Math.max(0, (w.running[slot] as number) - estimate);
+          }
           const current = Math.floor(now() / 1000);
           // The key's window as it is now: an idle one may have been dropped while this request ran.
-          add(windowOf(keyId, current), current, 0, Math.max(0, used));
+          add(windowOf(keyId, current), current, 0, Math.max(0, used), 0);
         },
       };
     },
