@@ -117,6 +117,16 @@ describe("tokens per minute", () => {
     expect(settled.message).not.toContain("running");
   });
 
+  test("a clock stepping back still counts every request", () => {
+    const { clock, limiter } = setup();
+    const rpm = { requestsPerMinute: 2, tokensPerMinute: 0 };
+    limiter.admit("k", rpm, 0);
+    // Back a minute: the slot of this second holds the newer one.
+    clock.t -= 60_000;
+    limiter.admit("k", rpm, 0);
+    refused(() => limiter.admit("k", rpm, 0));
+  });
+
   test("both limits apply together; a refused request holds nothing", () => {
     const { limiter } = setup();
     const both = { requestsPerMinute: 2, tokensPerMinute: 100 };

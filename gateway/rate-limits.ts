@@ -45,6 +45,7 @@ export interface RateLimiter {
 }
 
 export interface RateLimiterOptions {
+  /** Milliseconds on any clock that only moves forward. */
   now?: () => number;
   /** Idle keys are dropped once this many are tracked. */
   maxKeys?: number;
@@ -53,7 +54,7 @@ export interface RateLimiterOptions {
 const windowSeconds = 60;
 
 interface Window {
-  /** Second (epoch s) each slot holds; a slot with an older second is empty. */
+  /** Second (of the clock) each slot holds; a slot with an older second is empty. */
   seconds: Float64Array;
   requests: Float64Array;
   tokens: Float64Array;
@@ -69,7 +70,8 @@ const oldest = Number.MIN_VALUE;
 const runningRetryS = 3;
 
 export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter {
-  const now = options.now ?? Date.now;
+  // Monotonic by default: a wall clock stepped back would hold the window's newest buckets and expire nothing.
+  const now = options.now ?? (() => performance.timeOrigin + performance.now());
   const maxKeys = options.maxKeys ?? 50_000;
   const windows = new Map<string, Window>();
 
@@ -97,9 +99,9 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
   /** Adds to the bucket of the current `second`. */
   const add = (w: Window, second: number, requests: number, tokens: number, running: number) => {
     const slot = second % windowSeconds;
-    if (w.seconds[slot] !== second) {
-      // A bucket older than the window has expired; one already reused by a newer second can't take old usage.
-      if ((w.seconds[slot] as number) > second) return;
+    // A slot holding a newer second (a clock that stepped back) keeps it and takes this usage: it counts a little
+    // longer rather than not at all.
+    if ((w.seconds[slot] as number) < second) {
       w.seconds[slot] = second;
       w.requests[slot] = 0;
       w.tokens[slot] = 0;
