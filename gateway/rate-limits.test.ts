@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import type { GatewayError } from "./errors.ts";
-import { createRateLimiter, rateLimitHeaders } from "./rate-limits.ts";
+import { createRateLimiter, estimatedChatTokens, estimatedEmbeddingTokens, rateLimitHeaders } from "./rate-limits.ts";
 
 function setup() {
   // 12:00:00.250 on some day: 250 ms into a second.
@@ -145,6 +145,34 @@ describe("tokens per minute", () => {
     clock.t += 60_000;
     limiter.admit("d", rpm, 0);
     expect(limiter.size()).toBe(1);
+  });
+});
+
+describe("what a running request counts at", () => {
+  const messages = [{ role: "user" as const, content: "hi" }];
+  const prompt = estimatedChatTokens({ messages, max_tokens: 0 }, 4096);
+
+  test("a chat request: all it sends, and the most output it may produce, the model's cap when it sets no max_tokens", () => {
+    expect(prompt).toBeGreaterThan(0);
+    expect(estimatedChatTokens({ messages }, 4096)).toBe(prompt + 4096);
+    expect(estimatedChatTokens({ messages, n: 8 }, 4096)).toBe(prompt + 8 * 4096);
+    expect(estimatedChatTokens({ messages, max_tokens: 10, max_completion_tokens: 20, n: 2 }, 4096)).toBe(prompt + 40);
+    // 200 KB of tool definitions is about 50,000 tokens; a schema and an image count too.
+    const tools = [{ type: "function" as const, function: { name: "f", description: "d".repeat(200_000) } }];
+    expect(estimatedChatTokens({ messages, tools, max_tokens: 10 }, 4096)).toBeGreaterThan(prompt + 50_000);
+    const schema = { type: "json_schema" as const, json_schema: { name: "s", schema: { description: "d".repeat(4000) } } };
+    expect(estimatedChatTokens({ messages, response_format: schema, max_tokens: 0 }, 4096)).toBeGreaterThan(prompt + 1000);
+    const image = { type: "image_url" as const, image_url: { url: "https://example.com/a.png" } };
+    expect(estimatedChatTokens({ messages: [{ role: "user", content: [image] }], max_tokens: 0 }, 4096)).toBeGreaterThan(
+      prompt + 1000,
+    );
+  });
+
+  test("an embeddings request: strings at about four characters a token, token arrays at their length", () => {
+    expect(estimatedEmbeddingTokens("abcd".repeat(100))).toBe(100);
+    expect(estimatedEmbeddingTokens(["abcd", "abcdefgh"])).toBe(3);
+    expect(estimatedEmbeddingTokens(Array.from({ length: 1000 }, (_, i) => i))).toBe(1000);
+    expect(estimatedEmbeddingTokens([Array(600).fill(7), Array(400).fill(7)])).toBe(1000);
   });
 });
 

@@ -1,5 +1,6 @@
 import { rateLimited } from "./errors.ts";
-import { approxInputTokens, type ChatRequest } from "./providers/provider.ts";
+import { chatInputTokens, type EmbeddingInput, embeddingInputTokens, maxOutputTokens } from "./budget.ts";
+import { approxTokens, type ChatRequest } from "./providers/provider.ts";
 
 /**
  * Per-key requests-per-minute and tokens-per-minute limits over a sliding 60-second window kept in
@@ -224,8 +225,18 @@ function duration(ms: number): string {
   return seconds < 60 ? `${seconds}s` : `${Math.floor(seconds / 60)}m${seconds % 60}s`;
 }
 
-/** Tokens a chat request is counted at while it runs: its prompt (about four characters a token) plus the output it asks for. */
-export function estimatedChatTokens(request: Pick<ChatRequest, "messages" | "max_completion_tokens" | "max_tokens" | "n">): number {
-  const output = (request.max_completion_tokens ?? request.max_tokens ?? 0) * (request.n ?? 1);
-  return approxInputTokens(request.messages) + output;
+/**
+ * Tokens a chat request is counted at while it runs: everything it sends (about four characters a token) plus the
+ * most output it may produce, `cap` when it sets no max_tokens, as its budget reservation counts it.
+ */
+export function estimatedChatTokens(
+  request: Pick<ChatRequest, "messages" | "tools" | "response_format" | "max_completion_tokens" | "max_tokens" | "n">,
+  cap: number,
+): number {
+  return chatInputTokens(request, approxTokens) + maxOutputTokens(request, cap);
+}
+
+/** Tokens an embeddings request is counted at while it runs: its strings at about four characters a token. */
+export function estimatedEmbeddingTokens(input: EmbeddingInput): number {
+  return embeddingInputTokens(input, approxTokens);
 }
