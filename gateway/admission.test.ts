@@ -344,6 +344,8 @@ describe("budget", () => {
     }
     expect(res.status).toBe(429);
     expect(await errorOf(res)).toMatchObject({ type: "insufficient_quota", code: "insufficient_quota" });
+    // No lease holds any of the budget any more: nothing comes back this month, so no Retry-After invites retries.
+    expect(res.headers.get("retry-after")).toBeNull();
     // 4 x 12 = 48 of 50 spent: the last request that fits in what is left is served.
     expect(served).toBeGreaterThanOrEqual(2);
     expect(served).toBeLessThanOrEqual(4);

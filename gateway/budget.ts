@@ -131,6 +131,8 @@ interface Scope {
   firstSpendAt: number | undefined;
   /** Unleased budget billing reported with its last grant; null when unknown or unlimited. */
   remaining: bigint | null;
+  /** Of the budget live leases held at billing's last answer, about what other replicas hold. */
+  leasedElsewhere: bigint;
   lastUsed: number;
   /** Longest hold asked for lately: leases that can no longer serve one go back to billing. */
   maxHoldMs: number;
@@ -216,6 +218,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         decayedAt: t,
         firstSpendAt: undefined,
         remaining: null,
+        leasedElsewhere: 0n,
         lastUsed: t,
         maxHoldMs: 0,
         waiters: 0,
@@ -394,6 +397,10 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         } else {
           instruments?.leases.inc({ outcome: "exhausted" });
         }
+        // Billing counts this replica's leases at their unrecorded part, at least what is left of them here.
+        let own = 0n;
+        for (const held of scope.leases) own += held.granted - held.spent;
+        scope.leasedElsewhere = res.leasedNanos > own ? res.leasedNanos - own : 0n;
         if (res.grantedNanos < requestedNanos && res.remainingNanos === 0n)
           scope.exhaustedUntil = now() + exhaustedBackoffMs;
       } catch (e) {
@@ -524,9 +531,12 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         // Billing said it has less than was asked: the budget is spent. (The round cap only stops pathological loops.)
         if (t < short.exhaustedUntil || round >= 10) {
           instruments?.rejected.inc();
+          // Room can appear only where leases still hold some: requests running here settle under their reservation,
+          // other replicas give idle leases back. Otherwise nothing comes back this month, and no Retry-After says so.
+          const held = short.leasedElsewhere > 0n || short.leases.some((lease) => lease.reserved > 0n);
           throw insufficientQuota(
             `This request may cost up to ${formatUsd(amount)} and the ${short.kind === BudgetScope.ORGANIZATION ? "organization's" : "API key's"} monthly budget has less than that left.`,
-            Math.max(1, Math.ceil(exhaustedBackoffMs / 1000)),
+            held ? Math.ceil(idleReleaseMs / 1000) : undefined,
           );
         }
         short.waiters++;

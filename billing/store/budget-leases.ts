@@ -69,13 +69,20 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
         const expiresAt = new Date(request.now.getTime() + request.ttlSeconds * 1000);
         let granted = request.requestedNanos;
         let remaining: bigint | null = null;
+        let leased = 0n;
         if (budget > 0n) {
           // One statement, so one snapshot: a release or a RecordUsage committing meanwhile is counted whole or not at
           // all. Usage records name the leases they were drawn from, so each lease knows how much of its spend is
           // recorded: committed spend is the recorded usage plus what released leases spent beyond theirs, and an
           // open lease reserves its grant beyond its recorded usage.
-          const usedRows = await tx.query<{ committed: string; reserved: string }>(
-            `WITH scope_ids AS (${scopeIds})
+          // Of the reserved, `live` is what leases not yet expired hold: their holders give back what they leave.
+          const usedRows = await tx.query<{ committed: string; reserved: string; live: string }>(
+            `WITH scope_ids AS (${scopeIds}), open_leases AS (
+               SELECT greatest(granted_nanos - recorded_nanos, 0) AS held, expires_at FROM budget_leases
+               WHERE released_at IS NULL AND scope = $4
+                 AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids)
+                 AND period_start >= $7 AND expires_at > greatest($5::timestamptz, $6::timestamptz)
+             )
              SELECT
                (SELECT coalesce(sum(cost_nanos), 0) FROM usage_summaries
                 WHERE ${scopeColumn} IN (SELECT id FROM scope_ids) AND day >= $2::date AND day < $3::date)
@@ -83,10 +90,8 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
                   WHERE spent_nanos > recorded_nanos AND scope = $4
                     AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids) AND settled_period_start = $6)
                  AS committed,
-               (SELECT coalesce(sum(greatest(granted_nanos - recorded_nanos, 0)), 0) FROM budget_leases
-                WHERE released_at IS NULL AND scope = $4
-                  AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids)
-                  AND period_start >= $7 AND expires_at > greatest($5, $6)) AS reserved`,
+               (SELECT coalesce(sum(held), 0) FROM open_leases) AS reserved,
+               (SELECT coalesce(sum(held) FILTER (WHERE expires_at > $8::timestamptz), 0) FROM open_leases) AS live`,
             [
               request.scopeId,
               utcDate(period.start),
@@ -95,14 +100,16 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
               new Date(request.now.getTime() - graceMs),
               period.start,
               previousPeriodStart,
+              request.now,
             ],
           );
           const used = usedRows[0];
           const left = budget - BigInt(used?.committed ?? 0) - BigInt(used?.reserved ?? 0);
           granted = left <= 0n ? 0n : left < request.requestedNanos ? left : request.requestedNanos;
           remaining = left - granted > 0n ? left - granted : 0n;
+          leased = BigInt(used?.live ?? 0) + granted;
         }
-        if (granted === 0n) return { leaseId: null, grantedNanos: 0n, expiresAt, remainingNanos: remaining };
+        if (granted === 0n) return { leaseId: null, grantedNanos: 0n, expiresAt, remainingNanos: remaining, leasedNanos: leased };
 
         const leaseId = `lease_${ulid()}`;
         await tx.query(
@@ -121,7 +128,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
             expiresAt,
           ],
         );
-        return { leaseId, grantedNanos: granted, expiresAt, remainingNanos: remaining };
+        return { leaseId, grantedNanos: granted, expiresAt, remainingNanos: remaining, leasedNanos: leased };
       });
     },
 
