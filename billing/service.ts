@@ -253,6 +253,7 @@ export function createBillingService({
         grantedNanos: grant.grantedNanos,
         expireTime: timestampFromDate(grant.expiresAt),
         remainingNanos: grant.remainingNanos ?? -1n,
+        leasedNanos: grant.leasedNanos,
       });
     },
 

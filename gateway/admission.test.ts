@@ -194,16 +194,16 @@ describe("per-key limits", () => {
     const key = await keyWith({ requestsPerMinute: 2, tokensPerMinute: 1000n });
     const first = await post(key, hi("mock", { max_tokens: 10 }));
     expect(first.status).toBe(200);
-    // "hi" is 8 prompt tokens; 10 output tokens are reserved while it runs, and booked at what it used (4) once done.
+    // "hi" counts at 13 prompt tokens (message framing included) + 10 output while it runs, then at what it used.
     expect(Object.fromEntries([...first.headers].filter(([name]) => name.startsWith("x-ratelimit-")))).toEqual({
       "x-ratelimit-limit-requests": "2",
       "x-ratelimit-remaining-requests": "1",
       "x-ratelimit-reset-requests": expect.stringMatching(/^(\d+s|1m0s)$/),
       "x-ratelimit-limit-tokens": "1000",
-      "x-ratelimit-remaining-tokens": "982",
+      "x-ratelimit-remaining-tokens": "977",
       "x-ratelimit-reset-tokens": expect.stringMatching(/^(\d+s|1m0s)$/),
     });
-    const streamed = await post(key, hi("mock", { stream: true }));
+    const streamed = await post(key, hi("mock", { stream: true, max_tokens: 10 }));
     expect(streamed.headers.get("x-ratelimit-remaining-requests")).toBe("0");
     await streamed.text();
     const refused = await post(key, hi("mock"));
@@ -233,6 +233,13 @@ describe("per-key limits", () => {
     expect(res.status).toBe(429);
     expect((await errorOf(res)).type).toBe("tokens");
     expect((await post(key, hi("mock", { max_tokens: 50 }))).status).toBe(200);
+  });
+
+  test("a request without max_tokens counts at the model's output cap while it runs", async () => {
+    const key = await keyWith({ tokensPerMinute: 1000n });
+    // Each may produce 4096 tokens: the first goes through the empty window, and none fits beside it or its usage.
+    const statuses = await Promise.all(Array.from({ length: 5 }, () => post(key, hi("mock")).then((r) => r.status)));
+    expect(statuses.sort()).toEqual([200, 429, 429, 429, 429]);
   });
 });
 
@@ -275,7 +282,7 @@ describe("monthly tokens", () => {
       httpStatus: 429,
       errorCode: "insufficient_quota",
     });
-    const streamed = await post(key, hi("mock", { stream: true }));
+    const streamed = await post(key, hi("mock", { stream: true, max_tokens: 10 }));
     expect(streamed.status).toBe(429);
     expect((await errorOf(streamed)).code).toBe("insufficient_quota");
 
@@ -337,6 +344,8 @@ describe("budget", () => {
     }
     expect(res.status).toBe(429);
     expect(await errorOf(res)).toMatchObject({ type: "insufficient_quota", code: "insufficient_quota" });
+    // No lease holds any of the budget any more: nothing comes back this month, so no Retry-After invites retries.
+    expect(res.headers.get("retry-after")).toBeNull();
     // 4 x 12 = 48 of 50 spent: the last request that fits in what is left is served.
     expect(served).toBeGreaterThanOrEqual(2);
     expect(served).toBeLessThanOrEqual(4);

@@ -160,7 +160,8 @@ describe("budget leases", () => {
     const second = await k.reserve(principal, 400n, 60_000);
     const before = calls.acquire;
     const e = await refusal(k.reserve(principal, 400n, 60_000));
-    expect([e.status, e.type, e.code, e.retryAfterS]).toEqual([429, "insufficient_quota", "insufficient_quota", 1]);
+    // The requests running here may leave room when they settle: retry once an idle lease would have gone back.
+    expect([e.status, e.type, e.code, e.retryAfterS]).toEqual([429, "insufficient_quota", "insufficient_quota", 30]);
     expect(calls.acquire - before).toBe(1);
     // Within the backoff, refusals are local.
     for (let i = 0; i < 10; i++) await refusal(k.reserve(principal, 400n, 60_000));
@@ -177,6 +178,23 @@ describe("budget leases", () => {
     const leases = await leasesOf(principal.apiKeyId);
     const spent = leases.reduce((sum, l) => sum + (l.spent ?? 0n), 0n);
     expect(spent).toBe(800n);
+  });
+
+  test("a budget spent to the end is refused without Retry-After; one other replicas still lease says when to retry", async () => {
+    const principal = await principalWith({ key: 1_000n });
+    const a = keeper({ holder: "gw-a", minLeaseNanos: 500n, idleReleaseMs: 20_000 });
+    const b = keeper({ holder: "gw-b", minLeaseNanos: 500n });
+    (await b.keeper.reserve(principal, 100n, 60_000)).settle(100n);
+    (await a.keeper.reserve(principal, 500n, 60_000)).settle(500n);
+    // B still holds 400 unspent, which it gives back once its lease sits idle.
+    expect((await refusal(a.keeper.reserve(principal, 100n, 60_000))).retryAfterS).toBe(20);
+    await b.keeper.close();
+    a.clock.t += 1_000;
+    (await a.keeper.reserve(principal, 400n, 60_000)).settle(400n);
+    a.clock.t += 1_000;
+    const spent = await refusal(a.keeper.reserve(principal, 100n, 60_000));
+    expect([spent.status, spent.code, spent.retryAfterS]).toEqual([429, "insufficient_quota", undefined]);
+    await a.keeper.close();
   });
 
   test("a budget with 1 nano-USD left unleased is not asked for a zero-size lease in the background", async () => {

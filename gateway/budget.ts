@@ -133,6 +133,8 @@ interface Scope {
   firstSpendAt: number | undefined;
   /** Unleased budget billing reported with its last grant; null when unknown or unlimited. */
   remaining: bigint | null;
+  /** Of the budget live leases held at billing's last answer, about what other replicas hold. */
+  leasedElsewhere: bigint;
   lastUsed: number;
   /** Longest hold asked for lately: leases that can no longer serve one go back to billing. */
   maxHoldMs: number;
@@ -219,6 +221,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         decayedAt: t,
         firstSpendAt: undefined,
         remaining: null,
+        leasedElsewhere: 0n,
         lastUsed: t,
         maxHoldMs: 0,
         waiters: 0,
@@ -398,6 +401,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         } else {
           instruments?.leases.inc({ outcome: "exhausted" });
         }
+        scope.leasedElsewhere = res.leasedNanos;
         if (res.grantedNanos < requestedNanos && res.remainingNanos === 0n)
           scope.exhaustedUntil = now() + exhaustedBackoffMs;
       } catch (e) {
@@ -531,11 +535,14 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         if (t < short.exhaustedUntil || heldShare === short || round >= 10) {
           instruments?.rejected.inc();
           const budget = `${short.kind === BudgetScope.ORGANIZATION ? "organization's" : "API key's"} monthly budget`;
+          // Room can appear only where leases still hold some: requests running here settle under their reservation,
+          // other replicas give idle leases back. Otherwise nothing comes back this month, and no Retry-After says so.
+          const held = short.leasedElsewhere > 0n || short.leases.some((lease) => lease.reserved > 0n);
           throw insufficientQuota(
             heldShare === short
               ? `This request may cost up to ${formatUsd(amount)}, more than one gateway may hold of what is left of the ${budget}.`
               : `This request may cost up to ${formatUsd(amount)} and the ${budget} has less than that left.`,
-            Math.max(1, Math.ceil(exhaustedBackoffMs / 1000)),
+            held ? Math.ceil(idleReleaseMs / 1000) : undefined,
           );
         }
         short.waiters++;
@@ -611,31 +618,42 @@ const partTokensBound = new Map([
 // Tool definitions are rendered to the model in a form at most this much longer than their JSON.
 const framingPerTool = 32;
 
-/** An upper bound on a chat request's input tokens: UTF-8 bytes of everything the model reads. */
-export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" | "response_format">): number {
+/**
+ * A chat request's input tokens, everything the model reads, with each text counted by `textTokens`: UTF-8 bytes make
+ * the upper bound budgets reserve (maxInputTokens); about four characters a token, the estimate rate limits hold.
+ */
+export function chatInputTokens(
+  request: Pick<ChatRequest, "messages" | "tools" | "response_format">,
+  textTokens: (text: string) => number,
+): number {
   let tokens = replyPriming;
   for (const m of request.messages as readonly ChatCompletionMessageParam[]) {
-    tokens += framingPerMessage + Buffer.byteLength(m.role);
-    if ("name" in m && typeof m.name === "string") tokens += Buffer.byteLength(m.name);
+    tokens += framingPerMessage + textTokens(m.role);
+    if ("name" in m && typeof m.name === "string") tokens += textTokens(m.name);
     const content = m.content;
-    if (typeof content === "string") tokens += Buffer.byteLength(content);
+    if (typeof content === "string") tokens += textTokens(content);
     else if (Array.isArray(content)) {
       for (const part of content as readonly { type: string; text?: unknown }[]) {
-        if (part.type === "text" && typeof part.text === "string") tokens += Buffer.byteLength(part.text);
-        else tokens += partTokensBound.get(part.type) ?? Buffer.byteLength(JSON.stringify(part));
+        if (part.type === "text" && typeof part.text === "string") tokens += textTokens(part.text);
+        else tokens += partTokensBound.get(part.type) ?? textTokens(JSON.stringify(part));
       }
     }
-    if ("refusal" in m && typeof m.refusal === "string") tokens += Buffer.byteLength(m.refusal);
+    if ("refusal" in m && typeof m.refusal === "string") tokens += textTokens(m.refusal);
     // An assistant's earlier audio answer, referred to by id: the model hears it again, bounded as an audio part.
     if ("audio" in m && m.audio) tokens += partTokensBound.get("input_audio") as number;
-    if ("tool_calls" in m && m.tool_calls) tokens += Buffer.byteLength(JSON.stringify(m.tool_calls));
-    if ("tool_call_id" in m && typeof m.tool_call_id === "string") tokens += Buffer.byteLength(m.tool_call_id);
+    if ("tool_calls" in m && m.tool_calls) tokens += textTokens(JSON.stringify(m.tool_calls));
+    if ("tool_call_id" in m && typeof m.tool_call_id === "string") tokens += textTokens(m.tool_call_id);
   }
   if (request.tools && request.tools.length > 0) {
-    tokens += Buffer.byteLength(JSON.stringify(request.tools)) + framingPerTool * request.tools.length;
+    tokens += textTokens(JSON.stringify(request.tools)) + framingPerTool * request.tools.length;
   }
-  if (request.response_format) tokens += Buffer.byteLength(JSON.stringify(request.response_format));
+  if (request.response_format) tokens += textTokens(JSON.stringify(request.response_format));
   return tokens;
+}
+
+/** An upper bound on a chat request's input tokens: UTF-8 bytes of everything the model reads. */
+export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" | "response_format">): number {
+  return chatInputTokens(request, (text) => Buffer.byteLength(text));
 }
 
 /** The most output a chat request may produce: its max_completion_tokens or max_tokens (else `cap`) times n. */
@@ -671,18 +689,23 @@ export function maxChatCostNanos(
   return maxCostNanos(maxInputTokens(request), maxOutputTokens(request, cap), price);
 }
 
-/** An upper bound on an embeddings request's input tokens: UTF-8 bytes of strings, lengths of token arrays. */
-export function maxEmbeddingInputTokens(
-  input: string | readonly string[] | readonly number[] | readonly number[][],
-): number {
-  if (typeof input === "string") return Buffer.byteLength(input);
+export type EmbeddingInput = string | readonly string[] | readonly number[] | readonly number[][];
+
+/** An embeddings request's input tokens: strings counted by `textTokens` (as chatInputTokens), token arrays exactly. */
+export function embeddingInputTokens(input: EmbeddingInput, textTokens: (text: string) => number): number {
+  if (typeof input === "string") return textTokens(input);
   let tokens = 0;
   for (const item of input) {
-    if (typeof item === "string") tokens += Buffer.byteLength(item);
+    if (typeof item === "string") tokens += textTokens(item);
     else if (typeof item === "number") tokens += 1;
     else tokens += item.length;
   }
   return tokens;
+}
+
+/** An upper bound on an embeddings request's input tokens: UTF-8 bytes of strings, lengths of token arrays. */
+export function maxEmbeddingInputTokens(input: EmbeddingInput): number {
+  return embeddingInputTokens(input, (text) => Buffer.byteLength(text));
 }
 
 function formatUsd(nanos: bigint): string {

@@ -38,7 +38,7 @@ import {
   UpstreamError,
 } from "./providers/provider.ts";
 import { meteredName, meterUsage } from "./metering.ts";
-import { estimatedChatTokens, type RateLimiter, type RateTicket, rateLimitHeaders } from "./rate-limits.ts";
+import { estimatedChatTokens, estimatedEmbeddingTokens, type RateLimiter, type RateTicket, rateLimitHeaders } from "./rate-limits.ts";
 import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
 import { createTokenQuota, type QuotaTicket, type TokenQuotaOptions } from "./token-quota.ts";
 import { countEmbeddingTokens, countInputTokens, estimatedTokens } from "./tokenizer.ts";
@@ -395,7 +395,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         principal,
         route,
         maxChatCostNanos(input.upstream, price, cap),
-        estimatedChatTokens(input.upstream),
+        estimatedChatTokens(input.upstream, cap),
       );
       const result = await callUpstream(
         call,
@@ -442,7 +442,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         principal,
         route,
         maxChatCostNanos(input.upstream, price, cap),
-        estimatedChatTokens(input.upstream),
+        estimatedChatTokens(input.upstream, cap),
       );
       // A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and
       // ends (and meters) a stream nobody reads; finishing the call aborts whatever is left upstream.
@@ -493,7 +493,13 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const m = call.metrics;
       const route = routeFor(call, principal, input);
       const inputTokens = maxEmbeddingInputTokens(input.upstream.input);
-      await admit(call, principal, route, maxCostNanos(inputTokens, 0, route.price), Math.ceil(inputTokens / 4));
+      await admit(
+        call,
+        principal,
+        route,
+        maxCostNanos(inputTokens, 0, route.price),
+        estimatedEmbeddingTokens(input.upstream.input),
+      );
       const result = await callUpstream(
         call,
         route,

@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import type { GatewayError } from "./errors.ts";
-import { createRateLimiter, rateLimitHeaders } from "./rate-limits.ts";
+import { createRateLimiter, estimatedChatTokens, estimatedEmbeddingTokens, rateLimitHeaders } from "./rate-limits.ts";
 
 function setup() {
   // 12:00:00.250 on some day: 250 ms into a second.
@@ -53,10 +53,10 @@ describe("tokens per minute", () => {
     const { clock, limiter } = setup();
     const tpm = { requestsPerMinute: 0, tokensPerMinute: 1000 };
     const first = limiter.admit("k", tpm, 600);
-    // 600 held + 500 > 1000
+    // 600 held + 500 > 1000; the running request may end any moment and free most of it: retry soon.
     const e = refused(() => limiter.admit("k", tpm, 500));
     expect([e.status, e.type]).toEqual([429, "tokens"]);
-    expect(e.retryAfterS).toBe(60);
+    expect(e.retryAfterS).toBe(3);
     // Settling at the real (smaller) usage frees room.
     first.settle(300);
     first.settle(10_000); // only the first settlement counts
@@ -79,6 +79,54 @@ describe("tokens per minute", () => {
     limiter.admit("k", tpm, 5_000);
   });
 
+  test("usage counts for a minute from when the request ends, however long it ran", () => {
+    const { clock, limiter } = setup();
+    const tpm = { requestsPerMinute: 0, tokensPerMinute: 1000 };
+    const long = limiter.admit("k", tpm, 10);
+    clock.t += 61_000;
+    long.settle(5_000);
+    const e = refused(() => limiter.admit("k", tpm, 10));
+    expect(e.message).toContain("used 5000");
+    expect(e.retryAfterS).toBe(60);
+
+    const half = limiter.admit("k2", tpm, 10);
+    clock.t += 30_000;
+    half.settle(5_000);
+    clock.t += 31_000;
+    // 31 s after it ended its usage is still in the window, though its admitting second has left it.
+    expect(refused(() => limiter.admit("k2", tpm, 10)).retryAfterS).toBe(29);
+    clock.t += 29_000;
+    limiter.admit("k2", tpm, 10);
+  });
+
+  test("a refusal for room that running requests hold says to retry in a few seconds, and their end makes room", () => {
+    const { clock, limiter } = setup();
+    const tpm = { requestsPerMinute: 0, tokensPerMinute: 1000 };
+    const running = limiter.admit("k", tpm, 908);
+    const e = refused(() => limiter.admit("k", tpm, 100));
+    expect(e.retryAfterS).toBe(3);
+    expect(e.message).toContain("908 held by requests still running");
+    expect(e.message).toContain("Retry in 3s.");
+    clock.t += 1_000;
+    running.settle(58);
+    limiter.admit("k", tpm, 100).settle(100);
+    // Settled usage alone leaves no room: nothing running can help, so the wait is until it expires.
+    limiter.admit("k", tpm, 800).settle(800);
+    const settled = refused(() => limiter.admit("k", tpm, 100));
+    expect(settled.retryAfterS).toBe(60);
+    expect(settled.message).not.toContain("running");
+  });
+
+  test("a clock stepping back still counts every request", () => {
+    const { clock, limiter } = setup();
+    const rpm = { requestsPerMinute: 2, tokensPerMinute: 0 };
+    limiter.admit("k", rpm, 0);
+    // Back a minute: the slot of this second holds the newer one.
+    clock.t -= 60_000;
+    limiter.admit("k", rpm, 0);
+    refused(() => limiter.admit("k", rpm, 0));
+  });
+
   test("both limits apply together; a refused request holds nothing", () => {
     const { limiter } = setup();
     const both = { requestsPerMinute: 2, tokensPerMinute: 100 };
@@ -97,6 +145,34 @@ describe("tokens per minute", () => {
     clock.t += 60_000;
     limiter.admit("d", rpm, 0);
     expect(limiter.size()).toBe(1);
+  });
+});
+
+describe("what a running request counts at", () => {
+  const messages = [{ role: "user" as const, content: "hi" }];
+  const prompt = estimatedChatTokens({ messages, max_tokens: 0 }, 4096);
+
+  test("a chat request: all it sends, and the most output it may produce, the model's cap when it sets no max_tokens", () => {
+    expect(prompt).toBeGreaterThan(0);
+    expect(estimatedChatTokens({ messages }, 4096)).toBe(prompt + 4096);
+    expect(estimatedChatTokens({ messages, n: 8 }, 4096)).toBe(prompt + 8 * 4096);
+    expect(estimatedChatTokens({ messages, max_tokens: 10, max_completion_tokens: 20, n: 2 }, 4096)).toBe(prompt + 40);
+    // 200 KB of tool definitions is about 50,000 tokens; a schema and an image count too.
+    const tools = [{ type: "function" as const, function: { name: "f", description: "d".repeat(200_000) } }];
+    expect(estimatedChatTokens({ messages, tools, max_tokens: 10 }, 4096)).toBeGreaterThan(prompt + 50_000);
+    const schema = { type: "json_schema" as const, json_schema: { name: "s", schema: { description: "d".repeat(4000) } } };
+    expect(estimatedChatTokens({ messages, response_format: schema, max_tokens: 0 }, 4096)).toBeGreaterThan(prompt + 1000);
+    const image = { type: "image_url" as const, image_url: { url: "https://example.com/a.png" } };
+    expect(estimatedChatTokens({ messages: [{ role: "user", content: [image] }], max_tokens: 0 }, 4096)).toBeGreaterThan(
+      prompt + 1000,
+    );
+  });
+
+  test("an embeddings request: strings at about four characters a token, token arrays at their length", () => {
+    expect(estimatedEmbeddingTokens("abcd".repeat(100))).toBe(100);
+    expect(estimatedEmbeddingTokens(["abcd", "abcdefgh"])).toBe(3);
+    expect(estimatedEmbeddingTokens(Array.from({ length: 1000 }, (_, i) => i))).toBe(1000);
+    expect(estimatedEmbeddingTokens([Array(600).fill(7), Array(400).fill(7)])).toBe(1000);
   });
 });
 

@@ -1,11 +1,12 @@
 import { rateLimited } from "./errors.ts";
-import { approxInputTokens, type ChatRequest } from "./providers/provider.ts";
+import { chatInputTokens, type EmbeddingInput, embeddingInputTokens, maxOutputTokens } from "./budget.ts";
+import { approxTokens, type ChatRequest } from "./providers/provider.ts";
 
 /**
  * Per-key requests-per-minute and tokens-per-minute limits over a sliding 60-second window kept in
  * one-second buckets. A request is admitted while the window has room; its tokens count at an
- * estimate (prompt + max output) while it runs and at the actual usage once it ends. A request larger
- * than the whole TPM limit is admitted into an empty window, so it is slow rather than impossible.
+ * estimate (prompt + max output) while it runs and at the actual usage for a minute from its end. A
+ * request larger than the whole TPM limit is admitted into an empty window, so it is slow rather than impossible.
  * Limits hold per gateway replica.
  */
 
@@ -45,6 +46,7 @@ export interface RateLimiter {
 }
 
 export interface RateLimiterOptions {
+  /** Milliseconds on any clock that only moves forward. */
   now?: () => number;
   /** Idle keys are dropped once this many are tracked. */
   maxKeys?: number;
@@ -53,19 +55,24 @@ export interface RateLimiterOptions {
 const windowSeconds = 60;
 
 interface Window {
-  /** Second (epoch s) each slot holds; a slot with an older second is empty. */
+  /** Second (of the clock) each slot holds; a slot with an older second is empty. */
   seconds: Float64Array;
   requests: Float64Array;
   tokens: Float64Array;
+  /** Of `tokens`, the estimates of requests admitted in that second that are still running. */
+  running: Float64Array;
   lastSecond: number;
 }
 
 const noTicket: RateTicket = { state: undefined, settle() {} };
 // Any positive amount: the ms until it has expired is the ms until the oldest usage leaves the window.
 const oldest = Number.MIN_VALUE;
+// The Retry-After of a TPM refusal that requests still running might make room for by ending.
+const runningRetryS = 3;
 
 export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter {
-  const now = options.now ?? Date.now;
+  // Monotonic by default: a wall clock stepped back would hold the window's newest buckets and expire nothing.
+  const now = options.now ?? (() => performance.timeOrigin + performance.now());
   const maxKeys = options.maxKeys ?? 50_000;
   const windows = new Map<string, Window>();
 
@@ -77,6 +84,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         seconds: new Float64Array(windowSeconds).fill(-1),
         requests: new Float64Array(windowSeconds),
         tokens: new Float64Array(windowSeconds),
+        running: new Float64Array(windowSeconds),
         lastSecond: second,
       };
       windows.set(keyId, w);
@@ -89,18 +97,20 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     for (const [key, w] of windows) if (second - w.lastSecond >= windowSeconds) windows.delete(key);
   };
 
-  /** Adds to the bucket of `second`, which is at most a minute old. */
-  const add = (w: Window, second: number, requests: number, tokens: number) => {
+  /** Adds to the bucket of the current `second`. */
+  const add = (w: Window, second: number, requests: number, tokens: number, running: number) => {
     const slot = second % windowSeconds;
-    if (w.seconds[slot] !== second) {
-      // A bucket older than the window has expired; one already reused by a newer second can't take old usage.
-      if ((w.seconds[slot] as number) > second) return;
+    // A slot holding a newer second (a clock that stepped back) keeps it and takes this usage: it counts a little
+    // longer rather than not at all.
+    if ((w.seconds[slot] as number) < second) {
       w.seconds[slot] = second;
       w.requests[slot] = 0;
       w.tokens[slot] = 0;
+      w.running[slot] = 0;
     }
     w.requests[slot] = (w.requests[slot] as number) + requests;
-    w.tokens[slot] = Math.max(0, (w.tokens[slot] as number) + tokens);
+    w.tokens[slot] = (w.tokens[slot] as number) + tokens;
+    w.running[slot] = (w.running[slot] as number) + running;
   };
 
   /** Sum over the window, and the ms until `excess` of it has expired (oldest buckets first). */
@@ -135,6 +145,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       const requests = rpm > 0 ? usage(w.requests, w, second, 0, t).total : 0;
       const estimate = tpm > 0 ? Math.max(0, Math.ceil(estimatedTokens)) : 0;
       const tokens = tpm > 0 ? usage(w.tokens, w, second, 0, t).total : 0;
+      const running = tpm > 0 ? usage(w.running, w, second, 0, t).total : 0;
       /** The key's limits as they stand now: after this request was counted, or at its refusal. */
       const state = (): RateState => ({
         ...(rpm > 0 && { requests: { limit: rpm, remaining: Math.max(0, rpm - usage(w.requests, w, second, 0, t).total), resetMs: usage(w.requests, w, second, oldest, t).waitMs } }),
@@ -151,15 +162,19 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       }
       if (tpm > 0 && tokens > 0 && tokens + estimate > tpm) {
         // Room for this request once enough has expired; all of it when it alone exceeds the limit.
-        const { waitMs } = usage(w.tokens, w, second, Math.min(tokens, tokens + estimate - tpm), t);
+        let { waitMs } = usage(w.tokens, w, second, Math.min(tokens, tokens + estimate - tpm), t);
+        // Running requests hold their whole estimate and usually use less: when one ends the room may be there.
+        const soon = running > 0 && tokens - running + estimate <= tpm;
+        if (soon) waitMs = Math.min(waitMs, runningRetryS * 1000);
+        const held = soon ? ` (${running} held by requests still running, whose end may free it sooner)` : "";
         throw rateLimited(
           "tokens",
-          `Rate limit reached for tokens per minute (TPM): limit ${tpm}, used ${tokens}, requested ${estimate}. Retry in ${Math.ceil(waitMs / 1000)}s.`,
+          `Rate limit reached for tokens per minute (TPM): limit ${tpm}, used ${tokens}${held}, requested ${estimate}. Retry in ${Math.ceil(waitMs / 1000)}s.`,
           Math.max(1, Math.ceil(waitMs / 1000)),
           rateLimitHeaders(state()),
         );
       }
-      add(w, second, 1, estimate);
+      add(w, second, 1, estimate, estimate);
       const admitted = state();
       if (tpm <= 0) return { state: admitted, settle() {} };
       let settled = false;
@@ -168,8 +183,16 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         settle(used) {
           if (settled) return;
           settled = true;
-          // The estimate was booked in the admitting second; actual usage replaces it there.
-          add(w, second, 0, Math.max(0, used) - estimate);
+          // The estimate leaves its admitting second (unless that has expired already); the actual usage is known
+          // now, so it counts for a minute from now.
+          const slot = second % windowSeconds;
+          if (w.seconds[slot] === second) {
+            w.tokens[slot] = Math.max(0, (w.tokens[slot] as number) - estimate);
+            w.running[slot] = Math.max(0, (w.running[slot] as number) - estimate);
+          }
+          const current = Math.floor(now() / 1000);
+          // The key's window as it is now: an idle one may have been dropped while this request ran.
+          add(windowOf(keyId, current), current, 0, Math.max(0, used), 0);
         },
       };
     },
@@ -202,8 +225,18 @@ function duration(ms: number): string {
   return seconds < 60 ? `${seconds}s` : `${Math.floor(seconds / 60)}m${seconds % 60}s`;
 }
 
-/** Tokens a chat request is counted at while it runs: its prompt (about four characters a token) plus the output it asks for. */
-export function estimatedChatTokens(request: Pick<ChatRequest, "messages" | "max_completion_tokens" | "max_tokens" | "n">): number {
-  const output = (request.max_completion_tokens ?? request.max_tokens ?? 0) * (request.n ?? 1);
-  return approxInputTokens(request.messages) + output;
+/**
+ * Tokens a chat request is counted at while it runs: everything it sends (about four characters a token) plus the
+ * most output it may produce, `cap` when it sets no max_tokens, as its budget reservation counts it.
+ */
+export function estimatedChatTokens(
+  request: Pick<ChatRequest, "messages" | "tools" | "response_format" | "max_completion_tokens" | "max_tokens" | "n">,
+  cap: number,
+): number {
+  return chatInputTokens(request, approxTokens) + maxOutputTokens(request, cap);
+}
+
+/** Tokens an embeddings request is counted at while it runs: its strings at about four characters a token. */
+export function estimatedEmbeddingTokens(input: EmbeddingInput): number {
+  return embeddingInputTokens(input, approxTokens);
 }

@@ -63,22 +63,33 @@ const acquire = (scopeId: string, requestedNanos: bigint, extra: Partial<BudgetL
 test("grants never exceed what is left, and releases return the unspent part", async () => {
   const org = await newOrg(1000n);
   const first = await acquire(org.id, 600n);
-  expect(first).toMatchObject({ grantedNanos: 600n, remainingNanos: 400n });
+  // Other holders' live leases: none yet.
+  expect(first).toMatchObject({ grantedNanos: 600n, remainingNanos: 400n, leasedNanos: 0n });
   expect(first.leaseId).toStartWith("lease_");
   expect(first.expiresAt).toEqual(new Date(now.getTime() + 60_000));
 
-  expect(await acquire(org.id, 600n)).toMatchObject({ grantedNanos: 400n, remainingNanos: 0n });
-  expect(await acquire(org.id, 1n)).toEqual({
+  expect(await acquire(org.id, 600n, { holder: "gw-2" })).toMatchObject({
+    grantedNanos: 400n,
+    remainingNanos: 0n,
+    leasedNanos: 600n,
+  });
+  // Nothing left, all of it held by live leases: their holders give back what they do not spend.
+  expect(await acquire(org.id, 1n, { holder: "gw-3" })).toEqual({
     leaseId: null,
     grantedNanos: 0n,
     expiresAt: new Date(now.getTime() + 60_000),
     remainingNanos: 0n,
+    leasedNanos: 1000n,
   });
 
   await store.releaseBudgetLease({ leaseId: first.leaseId as string, spentNanos: 100n, now });
   // Releasing again is a no-op: the first settlement stands.
   await store.releaseBudgetLease({ leaseId: first.leaseId as string, spentNanos: 0n, now });
-  expect(await acquire(org.id, 1000n)).toMatchObject({ grantedNanos: 500n, remainingNanos: 0n });
+  expect(await acquire(org.id, 1000n, { holder: "gw-3" })).toMatchObject({
+    grantedNanos: 500n,
+    remainingNanos: 0n,
+    leasedNanos: 400n,
+  });
 
   const missing = await store.releaseBudgetLease({ leaseId: "lease_missing", spentNanos: 0n, now }).catch((e) => e);
   expect((missing as BillingError).kind).toBe("not_found");
@@ -90,7 +101,8 @@ test("abandoned leases return to the pool after the grace window; recorded usage
   expect((await acquire(org.id, 1n)).grantedNanos).toBe(0n);
   // Expired without a release: its holder may have served requests whose usage is not recorded yet.
   const expired = new Date(now.getTime() + 30_000);
-  expect((await acquire(org.id, 1n, { now: expired })).grantedNanos).toBe(0n);
+  // It still reserves its grant, but no live lease holds any: nothing comes back before the grace ends.
+  expect(await acquire(org.id, 1n, { now: expired })).toMatchObject({ grantedNanos: 0n, leasedNanos: 0n });
   expect(await store.openBudgetLeases(expired)).toMatchObject({ abandoned: 1 });
   const afterGrace = new Date(expired.getTime() + defaultAbandonedLeaseGraceMs);
   expect(await acquire(org.id, 2000n, { now: afterGrace })).toMatchObject({ grantedNanos: 1000n, remainingNanos: 0n });

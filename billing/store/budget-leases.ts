@@ -80,13 +80,20 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
         const expiresAt = new Date(request.now.getTime() + request.ttlSeconds * 1000);
         let granted = request.requestedNanos;
         let remaining: bigint | null = null;
+        let leased = 0n;
         if (budget > 0n) {
           // One statement, so one snapshot: a release or a RecordUsage committing meanwhile is counted whole or not at
           // all. Usage records name the leases they were drawn from, so each lease knows how much of its spend is
           // recorded: committed spend is the recorded usage plus what released leases spent beyond theirs, and an
           // open lease reserves its grant beyond its recorded usage.
-          const usedRows = await tx.query<{ committed: string; reserved: string; held: string }>(
-            `WITH scope_ids AS (${scopeIds})
+          // Of the reserved, `live` is what leases not yet expired hold: their holders give back what they leave.
+          const usedRows = await tx.query<{ committed: string; reserved: string; live: string; held: string }>(
+            `WITH scope_ids AS (${scopeIds}), open_leases AS (
+               SELECT greatest(granted_nanos - recorded_nanos, 0) AS unrecorded, holder, expires_at FROM budget_leases
+               WHERE released_at IS NULL AND scope = $4
+                 AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids)
+                 AND period_start >= $7 AND expires_at > greatest($5::timestamptz, $6::timestamptz)
+             )
              SELECT
                (SELECT coalesce(sum(cost_nanos), 0) FROM usage_summaries
                 WHERE ${scopeColumn} IN (SELECT id FROM scope_ids) AND day >= $2::date AND day < $3::date)
@@ -94,16 +101,12 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
                   WHERE spent_nanos > recorded_nanos AND scope = $4
                     AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids) AND settled_period_start = $6)
                  AS committed,
-               (SELECT coalesce(sum(greatest(granted_nanos - recorded_nanos, 0)), 0) FROM budget_leases
-                WHERE released_at IS NULL AND scope = $4
-                  AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids)
-                  AND period_start >= $7 AND expires_at > greatest($5, $6)) AS reserved,
-               -- The asking holder's part of reserved, its expired leases aside: a restarted replica is not refused
-               -- for leases of its past life.
-               (SELECT coalesce(sum(greatest(granted_nanos - recorded_nanos, 0)), 0) FROM budget_leases
-                WHERE released_at IS NULL AND scope = $4 AND holder = $8
-                  AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids)
-                  AND period_start >= $7 AND expires_at > $9) AS held`,
+               (SELECT coalesce(sum(unrecorded), 0) FROM open_leases) AS reserved,
+               (SELECT coalesce(sum(unrecorded) FILTER (WHERE expires_at > $9::timestamptz), 0) FROM open_leases) AS live,
+               -- The asking holder's part of live, its expired leases aside: a restarted replica is not refused for
+               -- leases of its past life.
+               (SELECT coalesce(sum(unrecorded) FILTER (WHERE expires_at > $9::timestamptz AND holder = $8), 0)
+                FROM open_leases) AS held`,
             [
               request.scopeId,
               utcDate(period.start),
@@ -123,8 +126,9 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
           granted = [left, share].reduce((min, x) => (x < min ? x : min), request.requestedNanos);
           if (granted < 0n) granted = 0n;
           remaining = left - granted > 0n ? left - granted : 0n;
+          leased = BigInt(used?.live ?? 0) - held;
         }
-        if (granted === 0n) return { leaseId: null, grantedNanos: 0n, expiresAt, remainingNanos: remaining };
+        if (granted === 0n) return { leaseId: null, grantedNanos: 0n, expiresAt, remainingNanos: remaining, leasedNanos: leased };
 
         const leaseId = `lease_${ulid()}`;
         await tx.query(
@@ -143,7 +147,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
             expiresAt,
           ],
         );
-        return { leaseId, grantedNanos: granted, expiresAt, remainingNanos: remaining };
+        return { leaseId, grantedNanos: granted, expiresAt, remainingNanos: remaining, leasedNanos: leased };
       });
     },
 

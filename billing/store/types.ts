@@ -139,6 +139,8 @@ export interface BudgetLeaseGrant {
   expiresAt: Date;
   /** Budget left unleased after this grant; null when the scope is unlimited. */
   remainingNanos: bigint | null;
+  /** Budget the live leases of other holders hold; 0 when the scope is unlimited. */
+  leasedNanos: bigint;
 }
 
 /** Cost of a request per token type, adding up to its cost. */
