@@ -619,12 +619,14 @@ const partTokensBound = new Map([
 const framingPerTool = 32;
 
 /**
- * A chat request's input tokens, everything the model reads, with each text counted by `textTokens`: UTF-8 bytes make
- * the upper bound budgets reserve (maxInputTokens); about four characters a token, the estimate rate limits hold.
+ * A chat request's input tokens, everything the model reads, with each text counted by `textTokens` and each image,
+ * file or audio part at `partTokens` of its type: UTF-8 bytes and the parts' bounds make the upper bound budgets
+ * reserve (maxInputTokens); about four characters a token and typical parts, the estimate rate limits hold.
  */
 export function chatInputTokens(
   request: Pick<ChatRequest, "messages" | "tools" | "response_format">,
   textTokens: (text: string) => number,
+  partTokens: ReadonlyMap<string, number> = partTokensBound,
 ): number {
   let tokens = replyPriming;
   for (const m of request.messages as readonly ChatCompletionMessageParam[]) {
@@ -635,12 +637,12 @@ export function chatInputTokens(
     else if (Array.isArray(content)) {
       for (const part of content as readonly { type: string; text?: unknown }[]) {
         if (part.type === "text" && typeof part.text === "string") tokens += textTokens(part.text);
-        else tokens += partTokensBound.get(part.type) ?? textTokens(JSON.stringify(part));
+        else tokens += partTokens.get(part.type) ?? textTokens(JSON.stringify(part));
       }
     }
     if ("refusal" in m && typeof m.refusal === "string") tokens += textTokens(m.refusal);
     // An assistant's earlier audio answer, referred to by id: the model hears it again, bounded as an audio part.
-    if ("audio" in m && m.audio) tokens += partTokensBound.get("input_audio") as number;
+    if ("audio" in m && m.audio) tokens += partTokens.get("input_audio") as number;
     if ("tool_calls" in m && m.tool_calls) tokens += textTokens(JSON.stringify(m.tool_calls));
     if ("tool_call_id" in m && typeof m.tool_call_id === "string") tokens += textTokens(m.tool_call_id);
   }

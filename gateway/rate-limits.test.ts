@@ -162,10 +162,11 @@ describe("what a running request counts at", () => {
     expect(estimatedChatTokens({ messages, tools, max_tokens: 10 }, 4096)).toBeGreaterThan(prompt + 50_000);
     const schema = { type: "json_schema" as const, json_schema: { name: "s", schema: { description: "d".repeat(4000) } } };
     expect(estimatedChatTokens({ messages, response_format: schema, max_tokens: 0 }, 4096)).toBeGreaterThan(prompt + 1000);
+    // An image counts at a typical size, not its budget bound: a key with TPM 10,000 runs several at once.
     const image = { type: "image_url" as const, image_url: { url: "https://example.com/a.png" } };
-    expect(estimatedChatTokens({ messages: [{ role: "user", content: [image] }], max_tokens: 0 }, 4096)).toBeGreaterThan(
-      prompt + 1000,
-    );
+    const withImage = estimatedChatTokens({ messages: [{ role: "user", content: [image] }], max_tokens: 100 }, 4096);
+    expect(withImage).toBeGreaterThan(765);
+    expect(withImage).toBeLessThan(1000);
   });
 
   test("an embeddings request: strings at about four characters a token, token arrays at their length", () => {
