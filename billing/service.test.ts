@@ -566,6 +566,24 @@ test("AuthorizeKey answers spend from memory, adds recorded usage and starts ove
   }
 });
 
+test("AuthorizeKey on one replica counts usage recorded through another once its figures are 1 s old", async () => {
+  const replica = createBillingApp({ pool: db.pool, adminToken, clock: () => now, log });
+  const other = createClient(BillingService, createRouterTransport(replica.routes));
+  const orgId = await newOrg();
+  const { secret, apiKey } = await client.createApiKey({ orgId, limits: { monthlyTokens: 300n } }, admin);
+  const keyId = apiKey?.id as string;
+  expect((await other.authorizeKey({ secret }, admin)).keyTokens).toBe(0n);
+  await client.recordUsage({ records: [1, 2, 3].map(() => usage(orgId, keyId, 5n)) }, admin);
+  const saved = now;
+  now = new Date(now.getTime() + 1_000);
+  try {
+    // The first answer after the usage, not only some later one, has the key over its limit.
+    expect(await other.authorizeKey({ secret }, admin)).toMatchObject({ keyTokens: 420n, orgSpentNanos: 15n });
+  } finally {
+    now = saved;
+  }
+});
+
 const promo = (orgId: string, extra: MessageInitShape<typeof DiscountRuleSchema> = {}) => ({
   rule: { orgId, name: "promo", kind: DiscountKind.PROMOTIONAL, discountBps: 1000, ...extra },
 });
