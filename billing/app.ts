@@ -34,7 +34,7 @@ export function createBillingApp(options: BillingAppOptions) {
   const { abandonedLeaseGraceMs, holderFloorNanos } = options;
   const store = createBillingStore(pool, { abandonedLeaseGraceMs, holderFloorNanos });
   const auth = createBillingAuth({ store, adminToken, clock });
-  const usage = createUsageTracker({ load: store.periodUsage, clock, log });
+  const usage = createUsageTracker({ load: store.periodUsage, clock });
   const metrics = registry && createBillingMetrics(registry, { openLeases: () => store.openBudgetLeases(clock()) });
   const { keyChangeHeartbeatMs } = options;
   const service = createBillingService({ store, auth, usage, clock, log, stopSignal, metrics, keyChangeHeartbeatMs });

@@ -227,7 +227,11 @@ export function createBillingService({
       for await (const change of withHeartbeats(store.watchKeyChanges(signal), heartbeatMs)) {
         yield create(
           WatchKeyChangesResponseSchema,
-          change ? { apiKeyId: change.apiKeyId, secretHash: change.secretSha256, revoked: change.revoked } : {},
+          !change
+            ? {}
+            : "orgId" in change
+              ? { orgId: change.orgId }
+              : { apiKeyId: change.apiKeyId, secretHash: change.secretSha256, revoked: change.revoked },
         );
       }
     },

@@ -1,4 +1,3 @@
-import type { Logger } from "../lib/log.ts";
 import { billingPeriod } from "./period.ts";
 import type { PeriodUsage } from "./store/usage.ts";
 import type { RecordedUsage, TimeRange, UsageDelta } from "./store/types.ts";
@@ -15,8 +14,10 @@ export interface UsageTrackerOptions {
   /** Reads an org's usage of a period with the snapshot it was read in (store.periodUsage). */
   load: (orgId: string, period: TimeRange) => Promise<PeriodUsage>;
   clock: () => Date;
-  log: Logger;
-  /** Figures older than this are re-read in the background, picking up what other billing replicas recorded. */
+  /**
+   * Figures older than this are re-read before answering, picking up what other billing replicas recorded: no answer
+   * misses another replica's usage committed more than this long before it was asked.
+   */
   refreshMs?: number;
   /** Orgs kept in memory; the least recently used beyond this are forgotten. */
   maxOrgs?: number;
@@ -26,6 +27,7 @@ interface Entry {
   period: TimeRange;
   usage?: PeriodUsage;
   visible?: (xid: bigint) => boolean;
+  /** When the read that gave `usage` began: its snapshot is no older. */
   loadedAt: number;
   loading?: Promise<void>;
   /** Usage committed while a load was running: the load's snapshot decides whether it already counts. */
@@ -33,23 +35,25 @@ interface Entry {
 }
 
 /**
- * "Spent so far this period" per org and key, in memory. An org's figures are read once per period (and refreshed
- * every `refreshMs` in the background); usage this replica records is added as it commits. Each added batch carries
+ * "Spent so far this period" per org and key, in memory. An org's figures are read once per period, and again when
+ * asked for once they are `refreshMs` old (concurrent callers share one read); usage this replica records is added as
+ * it commits. Each added batch carries
  * its transaction id and each read its snapshot, so a batch is counted exactly once whichever finished first.
  * A new billing period (UTC, from the org's billing day) starts from a fresh read.
  */
-export function createUsageTracker({ load, clock, log, refreshMs = 1_000, maxOrgs = 10_000 }: UsageTrackerOptions) {
+export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 10_000 }: UsageTrackerOptions) {
   const entries = new Map<string, Entry>();
 
   const refresh = (orgId: string, entry: Entry): Promise<void> => {
     entry.loading ??= (async () => {
       try {
+        const startedAt = clock().getTime();
         const usage = await load(orgId, entry.period);
         const visible = snapshotVisibility(usage.snapshot);
         for (const { xid, delta } of entry.pending) if (!visible(xid)) apply(usage, delta);
         entry.usage = usage;
         entry.visible = visible;
-        entry.loadedAt = clock().getTime();
+        entry.loadedAt = startedAt;
       } finally {
         entry.pending = [];
         entry.loading = undefined;
@@ -61,7 +65,7 @@ export function createUsageTracker({ load, clock, log, refreshMs = 1_000, maxOrg
   return {
     /**
      * Spend of the org, and of the keys of a key's lineage together, in the org's current period; reads Postgres
-     * only on first use or a new period.
+     * on first use, in a new period and when the figures are `refreshMs` old, and fails when that read fails.
      */
     async spend(org: { id: string; billingDay: number }, lineageKeyIds: readonly string[]): Promise<Spend> {
       const now = clock();
@@ -74,11 +78,8 @@ export function createUsageTracker({ load, clock, log, refreshMs = 1_000, maxOrg
       entries.set(org.id, entry);
       if (entries.size > maxOrgs) entries.delete(entries.keys().next().value as string);
 
-      if (!entry.usage) {
-        await refresh(org.id, entry);
-      } else if (now.getTime() - entry.loadedAt >= refreshMs) {
-        refresh(org.id, entry).catch((e) => log.warn("usage tracker refresh failed", { err: e, org_id: org.id }));
-      }
+      // Stale figures are not answered: another replica's usage since would go unseen for as long as nobody asked.
+      if (!entry.usage || now.getTime() - entry.loadedAt >= refreshMs) await refresh(org.id, entry);
       const usage = entry.usage as PeriodUsage;
       const spend = { orgSpentNanos: usage.orgSpentNanos, keySpentNanos: 0n, keyTokens: 0n };
       for (const keyId of lineageKeyIds) {

@@ -181,19 +181,33 @@ describe("key cache without and with the change stream", () => {
     expect(billing.calls()).toBe(4);
   });
 
-  test("a change announced while a load is in flight keeps that load's answer out of the cache", async () => {
-    const billing = createBillingFake({ "sk-good": { id: "key_1", orgId: "org_1" } });
-    let open = () => {};
-    const gate = new Promise<void>((resolve) => (open = resolve));
-    const slow: KeyAuthorizerOptions["billing"] = {
-      // Billing has answered, but the answer is still on its way when the change is announced.
+  /** Billing whose answers, once `hold` is called, stay on their way until the function it returns is called. */
+  function delayedAnswers(billing: ReturnType<typeof createBillingFake>) {
+    let gate: Promise<void> | undefined;
+    const client: KeyAuthorizerOptions["billing"] = {
       authorizeKey: async (req) => {
         const res = await billing.client.authorizeKey(req);
         await gate;
         return res;
       },
     };
-    const keys = createKeyAuthorizer({ billing: slow, watching: true });
+    const hold = () => {
+      let open = () => {};
+      gate = new Promise<void>((resolve) => (open = resolve));
+      return () => {
+        gate = undefined;
+        open();
+      };
+    };
+    return { client, hold };
+  }
+
+  test("a change announced while a load is in flight keeps that load's answer out of the cache", async () => {
+    const billing = createBillingFake({ "sk-good": { id: "key_1", orgId: "org_1" } });
+    const slow = delayedAnswers(billing);
+    const keys = createKeyAuthorizer({ billing: slow.client, watching: true });
+    // Billing has answered, but the answer is still on its way when the change is announced.
+    const open = slow.hold();
     const loading = keys.authorize("sk-good");
     await Bun.sleep(5);
     billing.revoke("sk-good");
@@ -204,18 +218,40 @@ describe("key cache without and with the change stream", () => {
     // ...but the next one asks billing again.
     expect((await failure(keys.authorize("sk-good"))).status).toBe(401);
   });
+
+  test("an org's settings change drops every cached key of that org, no other, and every load in flight", async () => {
+    const billing = createBillingFake({
+      "sk-a": { id: "key_a", orgId: "org_1" },
+      "sk-b": { id: "key_b", orgId: "org_1" },
+      "sk-other": { id: "key_c", orgId: "org_2" },
+    });
+    const slow = delayedAnswers(billing);
+    const keys = createKeyAuthorizer({ billing: slow.client, watching: true });
+    for (const secret of ["sk-a", "sk-other"]) await keys.authorize(secret);
+    const open = slow.hold();
+    const loading = keys.authorize("sk-b");
+    await Bun.sleep(5);
+    keys.forgetOrg("org_1");
+    open();
+    expect((await loading).apiKeyId).toBe("key_b");
+    expect(billing.calls()).toBe(3);
+    for (const secret of ["sk-a", "sk-b", "sk-other"]) await keys.authorize(secret);
+    // key_a and key_b are asked for again; key_c of the other org is still cached.
+    expect(billing.calls()).toBe(5);
+  });
 });
 
 describe("watching key changes", () => {
+  type Change = { secretHash: string; apiKeyId: string; revoked: boolean; orgId?: string };
   /** A billing whose WatchKeyChanges stream the test drives: push changes, break the stream. */
   function streamFake() {
     let opened = 0;
-    let push: (change: { secretHash: string; apiKeyId: string; revoked: boolean } | Error) => void = () => {};
+    let push: (change: Change | Error) => void = () => {};
     const transport = createRouterTransport((router) =>
       router.service(BillingService, {
         async *watchKeyChanges(_req, ctx) {
           opened++;
-          const queue: ({ secretHash: string; apiKeyId: string; revoked: boolean } | Error)[] = [];
+          const queue: (Change | Error)[] = [];
           let wake = () => {};
           push = (item) => {
             queue.push(item);
@@ -239,6 +275,7 @@ describe("watching key changes", () => {
     const keys = {
       authorize: () => Promise.reject(new Error("unused")),
       forget: (hash: string) => void forgotten.push(hash),
+      forgetOrg: (orgId: string) => void forgotten.push(`org ${orgId}`),
       setWatching: (healthy: boolean) => void watching.push(healthy),
     };
     return { keys, forgotten, watching };
@@ -271,6 +308,10 @@ describe("watching key changes", () => {
     billing.push({ secretHash: "def", apiKeyId: "key_2", revoked: false });
     await until(() => forgotten.length > 1);
     expect(revoked).toEqual(["key_1"]);
+    // An org's settings changed: one message for all its keys.
+    billing.push({ secretHash: "", apiKeyId: "", revoked: false, orgId: "org_1" });
+    await until(() => forgotten.length > 2);
+    expect(forgotten).toEqual(["abc", "def", "org org_1"]);
 
     billing.push(new Error("billing restarting"));
     await until(() => !watch.healthy());

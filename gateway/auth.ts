@@ -37,6 +37,8 @@ export interface KeyAuthorizer {
   authorize(secret: string | undefined): Promise<Principal>;
   /** Drops a cached key by the SHA-256 hex of its secret (revocations, limit changes). */
   forget(secretHash: string): void;
+  /** Drops every cached key of an org (its settings changed). */
+  forgetOrg(orgId: string): void;
   /**
    * Tells the cache whether billing's change stream is delivering: while it is, keys loaded since it
    * started are trusted for the full TTL; otherwise every entry is trusted only for the short fallback TTL.
@@ -210,6 +212,12 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
         loading.delete(secretHash);
       }
     },
+    forgetOrg(orgId) {
+      for (const [hash, entry] of cache) if (entry.principal?.orgId === orgId) cache.delete(hash);
+      // Whose org a load in flight is of is not known until it answers: none of them is kept.
+      for (const pending of loading.values()) pending.stale = true;
+      loading.clear();
+    },
     setWatching(healthy) {
       if (!healthy) watchedSince = undefined;
       else watchedSince ??= now();
@@ -257,9 +265,9 @@ export interface KeyChangeWatch {
 }
 
 /**
- * Follows billing's WatchKeyChanges stream and drops each changed key from the cache, so revocations
- * and limit changes apply within a round trip. When the stream fails the cache falls back to its
- * short TTL, and the stream is reopened with exponential backoff.
+ * Follows billing's WatchKeyChanges stream and drops each changed key (or every key of a changed org) from the cache,
+ * so revocations, limit and org settings changes apply within a round trip. When the stream fails the cache falls
+ * back to its short TTL, and the stream is reopened with exponential backoff.
  */
 export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch {
   const { billing, keys, log } = options;
@@ -287,6 +295,7 @@ export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch 
         silence.heard();
         if (!healthy) setHealthy(true);
         if (change.secretHash) keys.forget(change.secretHash);
+        if (change.orgId) keys.forgetOrg(change.orgId);
         if (change.revoked && change.apiKeyId) options.onRevoked?.(change.apiKeyId);
       }
       if (!stopping.signal.aborted) log?.warn("key change stream ended; watching again");

@@ -6,7 +6,7 @@ import { createLogger } from "../lib/log.ts";
 import { costNanos } from "../lib/money.ts";
 import { createBillingApp } from "../billing/app.ts";
 import { createTestDatabase, type TestDatabase } from "../billing/store/test-db.ts";
-import { createKeyAuthorizer, type Principal } from "./auth.ts";
+import { createKeyAuthorizer, type Principal, watchKeyChanges } from "./auth.ts";
 import {
   type BudgetKeeperOptions,
   createBudgetKeeper,
@@ -420,6 +420,29 @@ describe("budget leases", () => {
     await until(async () => (await leasesOf(principal.apiKeyId))[0]?.spent !== null, 3_000);
     expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 10_000n, spent: 70n }]);
     await k.close();
+  });
+
+  test("an org's new budget reaches every key a gateway caches, through one change on billing's stream", async () => {
+    const org = await client.createOrganization({ name: `budget-org-${++orgs}`, monthlyBudgetNanos: 100_000n }, auth);
+    const orgId = org.organization?.id as string;
+    const secrets: string[] = [];
+    for (const name of ["a", "b"]) secrets.push((await client.createApiKey({ orgId, name }, auth)).secret);
+    const keys = createKeyAuthorizer({ billing: { authorizeKey: (req) => client.authorizeKey(req, auth) } });
+    const watch = watchKeyChanges({
+      billing: { watchKeyChanges: (req, options) => client.watchKeyChanges(req, { ...options, ...auth }) },
+      keys,
+    });
+    const budgets = async () =>
+      Promise.all(secrets.map(async (s) => (await keys.authorize(s)).grant.organization?.monthlyBudgetNanos));
+    try {
+      await until(() => watch.healthy());
+      // Cached for the full TTL from here on, since the stream is healthy.
+      expect(await budgets()).toEqual([100_000n, 100_000n]);
+      await client.updateOrganization({ orgId, monthlyBudgetNanos: 5_000n }, auth);
+      await until(async () => (await budgets()).every((b) => b === 5_000n), 5_000);
+    } finally {
+      await watch.stop();
+    }
   });
 
   test("a budget lowered below its spend is refused at once; running requests keep their reservations", async () => {

@@ -145,8 +145,8 @@ export function createAccountStore(db: Db) {
     },
 
     /**
-     * Applies the changes given and announces every key of the org to watchers at commit, so gateways re-authorize
-     * and pick up the org's new budget.
+     * Applies the changes given and announces the org to watchers at commit, so gateways re-authorize its keys and
+     * pick up the org's new budget.
      */
     async updateOrganization(orgId: string, changes: OrganizationChanges): Promise<Organization> {
       const rows = await db.query<OrgRow>(
@@ -155,10 +155,8 @@ export function createAccountStore(db: Db) {
              monthly_budget_nanos = coalesce($4, monthly_budget_nanos),
              max_discount_bps = coalesce($5, max_discount_bps)
            WHERE id = $1 RETURNING ${orgColumns}
-         ), announced AS (
-           SELECT ${announceKeyChange} FROM api_keys WHERE org_id = $1 AND EXISTS (SELECT 1 FROM updated)
          )
-         SELECT updated.* FROM updated, (SELECT count(*) FROM announced) AS n`,
+         SELECT updated.*, pg_notify('${keyChangesChannel}', json_build_object('orgId', id)::text) FROM updated`,
         [
           orgId,
           changes.name ?? null,

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import type pg from "pg";
+import pg from "pg";
 import { unscopedRule } from "../discounts/test-rules.ts";
 import { type BillingError, createDb, type Queryable } from "./db.ts";
 import { createInvoiceStore } from "./invoices.ts";
@@ -287,6 +287,57 @@ test("usage recorded after its period's invoice was issued is billed once, by th
   expect(await billedBy()).toEqual([
     { invoice_id: march1.id, n: 2, cost: "20000000" },
     { invoice_id: replacement.id, n: 2, cost: "17000000" },
+  ]);
+});
+
+test("drafts issued out of period order each bill their own period, on one replica or two at once", async () => {
+  const usd = 1_000_000_000n;
+  const months = [6, 7, 8].map((m) => new Date(Date.UTC(2026, m, 10))); // July, August, September
+  const afterSeptember = new Date("2026-10-02T00:00:00Z");
+  const draftsOf = async (orgId: string) => {
+    for (const occurredAt of months) {
+      await store.recordUsage([usage(orgId, { occurredAt, costNanos: 5n * usd, costBreakdown: null })]);
+    }
+    return Promise.all(months.map((at) => store.generateInvoice({ orgId, at, now: afterSeptember })));
+  };
+  const issue = (s: BillingStore, invoiceId: string) =>
+    s.updateInvoiceStatus({ invoiceId, status: "issued", now: afterSeptember });
+
+  const org = await newOrg({ taxRateBps: 0 });
+  const [july, august, september] = await draftsOf(org.id);
+  expect([july, august, september].map((d) => d?.totalCents)).toEqual([500n, 500n, 500n]);
+  const issued = [];
+  for (const draft of [july, september, august]) issued.push(await issue(store, draft?.id as string));
+  // September's invoice leaves August's usage to August's draft rather than billing it as late usage.
+  expect(issued.map((i) => [i.periodStart.getUTCMonth(), i.totalCents, i.lines.length])).toEqual([
+    [6, 500n, 1],
+    [8, 500n, 1],
+    [7, 500n, 1],
+  ]);
+
+  // Two billing replicas issuing an org's drafts at once: every draft bills its own period, whatever the order.
+  const replica = new pg.Pool({ connectionString: db.connectionString });
+  try {
+    const other = createBillingStore(replica);
+    for (let round = 0; round < 3; round++) {
+      const next = await newOrg({ taxRateBps: 0 });
+      const drafts = await draftsOf(next.id);
+      const totals = await Promise.all(drafts.map((d, i) => issue(i % 2 ? other : store, d.id)));
+      expect(totals.map((i) => i.totalCents)).toEqual([500n, 500n, 500n]);
+    }
+  } finally {
+    await replica.end();
+  }
+
+  // Usage of August that arrives now is late usage again, for the next invoice; so is that of a voided draft.
+  const [october, november] = [new Date("2026-10-10T00:00:00Z"), new Date("2026-11-10T00:00:00Z")];
+  await store.recordUsage([usage(org.id, { occurredAt: months[1], costNanos: usd, costBreakdown: null })]);
+  const voided = await store.generateInvoice({ orgId: org.id, at: october, now: november });
+  await store.updateInvoiceStatus({ invoiceId: voided.id, status: "void", now: november });
+  await store.recordUsage([usage(org.id, { occurredAt: october, costNanos: 2n * usd, costBreakdown: null })]);
+  const next = await store.generateInvoice({ orgId: org.id, at: november, now: november });
+  expect(next.lines.map((l) => [l.description, l.amountNanos])).toEqual([
+    ["gpt-4o: usage not itemised by token type (used before 2026-11-01, not billed on an earlier invoice)", 3n * usd],
   ]);
 });
 

@@ -63,8 +63,9 @@ export function createInvoiceStore(db: Db) {
      * Builds the invoice of the billing period containing `at` from the usage and discount rules as they are now.
      * A draft of that period is replaced in place (same id and number); an issued or paid one is left alone and
      * the call fails. The draft shows the period's usage and, once the org has an issued invoice of an earlier
-     * period, earlier usage that no issued invoice has billed (late arrivals, on lines of their own and discounted
-     * as part of their own period); issuing it bills exactly that usage as of then (see updateInvoiceStatus).
+     * period, earlier usage that no issued invoice has billed and no draft of its own period waits for (late
+     * arrivals, on lines of their own and discounted as part of their own period); issuing it bills exactly that
+     * usage as of then (see updateInvoiceStatus).
      */
     generateInvoice(request: { orgId: string; at: Date; now: Date }): Promise<Invoice> {
       return db.transaction(async (tx) => {
@@ -244,12 +245,15 @@ async function replaceDraftContent(
 }
 
 /**
- * Where the usage an invoice of the period [$2, $3) bills begins: its own period, or earlier when the org has an
- * issued invoice of an earlier period, whose late arrivals (and those of any period skipped since) it then bills.
- * Usage from before an org's first issued invoice is left to invoices of its own periods.
+ * The usage an invoice of the period [$2, $3) bills: its own period's, and earlier usage when the org has an issued
+ * invoice of an earlier period, whose late arrivals (and those of any period skipped since) it then bills. Usage from
+ * before an org's first issued invoice, and usage of an earlier period whose draft is waiting to be issued, is left to
+ * invoices of its own period, so drafts may be issued in any order and each still bills what it showed.
  */
 const unbilledRange = `org_id = $1 AND invoice_id IS NULL AND occurred_at < $3 AND occurred_at >= least($2,
-  (SELECT min(period_start) FROM invoices WHERE org_id = $1 AND status IN ('issued', 'paid')))`;
+  (SELECT min(period_start) FROM invoices WHERE org_id = $1 AND status IN ('issued', 'paid')))
+  AND NOT EXISTS (SELECT 1 FROM invoices AS d WHERE d.org_id = $1 AND d.status = 'draft'
+    AND usage_records.occurred_at >= d.period_start AND usage_records.occurred_at < least(d.period_end, $2))`;
 
 /** Usage of an org in an invoice's range (see unbilledRange) that no issued invoice has billed yet. */
 function unbilledSlices(q: Queryable, orgId: string, period: { start: Date; end: Date }): Promise<UsageSlice[]> {

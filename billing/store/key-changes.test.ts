@@ -121,5 +121,24 @@ test("watchers fail as unavailable when the listening connection dies, and a new
   const changes = await watch(1, async () => {
     await fixture.store.revokeApiKey(apiKey.id);
   });
-  expect(changes.map((c) => c.apiKeyId)).toEqual([apiKey.id]);
+  expect(changes).toEqual([{ apiKeyId: apiKey.id, secretSha256: apiKey.secretSha256, revoked: true }]);
+});
+
+test("a settings change of an org with more keys than a watcher queues is one change; the watch goes on", async () => {
+  const org = await newOrg("many-keys-org");
+  await fixture.db.pool.query(
+    `INSERT INTO api_keys (id, org_id, secret_sha256, prefix)
+     SELECT 'key_many_' || i, $1, encode(sha256(('many-' || i)::bytea), 'hex'), 'sk-many'
+     FROM generate_series(1, 10001) AS i`,
+    [org.id],
+  );
+  const { apiKey } = await fixture.store.createApiKey({ orgId: org.id, projectId: null, name: "k", limits: noLimits });
+  const changes = await watch(2, async () => {
+    await fixture.store.updateOrganization(org.id, { taxRateBps: 100 });
+    await fixture.store.revokeApiKey(apiKey.id);
+  });
+  expect(changes).toEqual([
+    { orgId: org.id },
+    { apiKeyId: apiKey.id, secretSha256: apiKey.secretSha256, revoked: true },
+  ]);
 });

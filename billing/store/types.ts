@@ -70,12 +70,11 @@ export interface IssuedApiKey {
   secret: string;
 }
 
-/** A key change gateways must apply to their caches. */
-export interface KeyChange {
-  apiKeyId: string;
-  secretSha256: string;
-  revoked: boolean;
-}
+/**
+ * A change gateways must apply to their caches: of one key, or (`orgId`) of org settings every key of the org carries,
+ * announced once however many keys the org has.
+ */
+export type KeyChange = { apiKeyId: string; secretSha256: string; revoked: boolean } | { orgId: string };
 
 export type Endpoint = "unspecified" | "chat_completions" | "embeddings" | "models";
 
