@@ -23,6 +23,8 @@ const ackingIngest = {
 const startOwn = (options: Omit<Parameters<typeof startServer>[0], "port" | "host" | "log">) =>
   startServer({ port: 0, host: "127.0.0.1", log: quietLog, ...options });
 let server: RunningServer;
+/** Punctuation connect's own encoding escapes, `%`, and text outside ASCII: every client must read it back as is. */
+const deniedMessage = "No API key: send `Authorization: Bearer <key>`; see /docs?a=1&b=2, 100% ok, café → ✓ 🔑.";
 
 beforeAll(async () => {
   server = await startServer({
@@ -36,7 +38,7 @@ beforeAll(async () => {
     routes: (router) => {
       router.service(BillingService, {
         async listOrganizations(_req, ctx) {
-          if (!bearerToken(ctx.requestHeader)) throw new ConnectError("no token", Code.Unauthenticated);
+          if (!bearerToken(ctx.requestHeader)) throw new ConnectError(deniedMessage, Code.Unauthenticated);
           return { organizations: [create(OrganizationSchema, { id: "org_1", name: "acme", monthlyBudgetNanos: 5n })] };
         },
       });
@@ -52,6 +54,10 @@ describe("one port for every protocol", () => {
     const client = createServiceClient(BillingService, { baseUrl: server.url, bearerToken: "t" });
     const res = await client.listOrganizations({});
     expect(res.organizations[0]?.monthlyBudgetNanos).toBe(5n);
+    const denied = await createServiceClient(BillingService, { baseUrl: server.url })
+      .listOrganizations({})
+      .catch((e: unknown) => ConnectError.from(e));
+    expect((denied as ConnectError).rawMessage).toBe(deniedMessage);
   });
 
   test("Connect JSON over HTTP/1.1, as curl or a browser would send it", async () => {
@@ -75,6 +81,7 @@ describe("one port for every protocol", () => {
       const err = await client.listOrganizations({}).catch((e) => ConnectError.from(e));
       expect(err).toBeInstanceOf(ConnectError);
       expect((err as ConnectError).code).toBe(Code.Unauthenticated);
+      expect((err as ConnectError).rawMessage).toBe(deniedMessage);
     }
   });
 
@@ -101,6 +108,7 @@ describe("one port for every protocol", () => {
     expect(result.unary.organizations[0]).toMatchObject({ id: "org_1", name: "acme", monthly_budget_nanos: "5" });
     expect(result.acks).toEqual(["1", "2", "3"]);
     expect(result.denied.code).toBe(16); // UNAUTHENTICATED
+    expect(result.denied.details).toBe(deniedMessage);
   }, 20_000);
 
   test("stock gRPC reflection (v1, v1alpha) and health clients under Node", async () => {

@@ -13,6 +13,7 @@ import type { Registry } from "prom-client";
 import { Health } from "../gen/grpc/health/v1/health_pb.ts";
 import type { CorsPolicy } from "./cors.ts";
 import { connectionKey, createReadinessPoller, registerHealth } from "./health.ts";
+import { sendGrpcMessageAsSpecified } from "./grpc-message.ts";
 import type { Logger } from "./log.ts";
 import { registerReflection } from "./reflection.ts";
 
@@ -168,6 +169,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       }
       if (req.method === "GET" && (await serveOps(path, res, options, readiness.current, draining.signal))) return;
       if (options.http && (await options.http(req, res))) return;
+      if (req.headers["content-type"]?.startsWith("application/grpc")) sendGrpcMessageAsSpecified(res);
       rpc(req, res);
     } catch (e) {
       options.log.error("http handler failed", { err: e, path: req.url });
