@@ -14,6 +14,7 @@ import { Health } from "../gen/grpc/health/v1/health_pb.ts";
 import type { CorsPolicy } from "./cors.ts";
 import { connectionKey, createReadinessPoller, registerHealth } from "./health.ts";
 import { sendGrpcMessageAsSpecified } from "./grpc-message.ts";
+import { isGrpcWebText, transcodeGrpcWebText } from "./grpc-web-text.ts";
 import type { Logger } from "./log.ts";
 import { registerReflection } from "./reflection.ts";
 
@@ -169,6 +170,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       }
       if (req.method === "GET" && (await serveOps(path, res, options, readiness.current, draining.signal))) return;
       if (options.http && (await options.http(req, res))) return;
+      if (isGrpcWebText(req)) transcodeGrpcWebText(req, res);
       if (req.headers["content-type"]?.startsWith("application/grpc")) sendGrpcMessageAsSpecified(res);
       rpc(req, res);
     } catch (e) {
