@@ -2,6 +2,7 @@ import { expect, test } from "bun:test";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { readinessIntervalMs } from "../lib/health.ts";
 import { freePort, spawnService } from "../lib/processes.ts";
 import { expectJsonStartFailure } from "../lib/testing.ts";
 import { isAlive, postmasterPid } from "./store/embedded.ts";
@@ -76,6 +77,8 @@ test("/readyz and the gRPC health check answer 503 postgres timeout within about
     const children = (await Bun.$`pgrep -P ${pid}`.nothrow().text()).split("\n").filter(Boolean).map(Number);
     stopped = [pid, ...children];
     for (const p of stopped) process.kill(p, "SIGSTOP");
+    // The ready answer of the start is reused for up to one interval; after it, probes check postgres again.
+    await Bun.sleep(readinessIntervalMs);
     // More probes than the pool has connections: none may hold one while postgres hangs.
     const probes = await Promise.all(Array.from({ length: 25 }, probe));
     for (const { status, body, ms } of probes) {

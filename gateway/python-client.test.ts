@@ -53,7 +53,13 @@ describe.skipIf(!python)("a Python gRPC client (needs Debian's python3-grpcio an
     expect(seen.request_id).toMatch(/^[0-9A-HJKMNP-TV-Z]{26}$/);
     expect(seen.streamed).toBe("mock reply: streamed to python");
     expect(seen.streamed_output_tokens).toBeGreaterThan(0);
-    expect(seen.refused).toEqual({ code: "UNAUTHENTICATED", error_code: "invalid_api_key" });
-    expect(seen.invalid).toEqual({ code: "INVALID_ARGUMENT", param: "temperature" });
+    // Status messages read back as the plain text, punctuation and all.
+    const refused = { code: "UNAUTHENTICATED", error_code: "invalid_api_key", message: "Incorrect API key provided." };
+    expect(seen.refused).toEqual(refused);
+    expect(seen.invalid).toEqual({
+      code: "INVALID_ARGUMENT",
+      param: "temperature",
+      message: "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got 5 instead.",
+    });
   }, 30_000);
 });

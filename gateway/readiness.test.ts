@@ -17,7 +17,6 @@ function setup(billing: () => Promise<Response>) {
   const readiness = createReadiness({
     billingUrl: "http://billing.test/",
     shipper: { status: () => status },
-    cacheMs: 0,
     fetch: (async (url: string) => {
       probes++;
       expect(url).toBe("http://billing.test/readyz");
@@ -58,7 +57,6 @@ function withSpool(spool: Spool) {
   const readiness = createReadiness({
     billingUrl: "http://billing.test",
     shipper,
-    cacheMs: 0,
     fetch: (async () => new Response("{}")) as unknown as typeof fetch,
   });
   return { shipper, ready: async () => (await readiness()).ready };

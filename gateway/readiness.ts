@@ -6,22 +6,20 @@ export interface ReadinessOptions {
   /** Base URL of billing; its /readyz says whether keys can be authorized. */
   billingUrl: string;
   shipper: { status(): ShipperStatus };
-  /** Probe results are reused this long, so frequent probes do not hammer billing. */
-  cacheMs?: number;
   timeoutMs?: number;
   fetch?: typeof fetch;
   /** Hears why billing did not answer; /readyz answers anyone, so it says no more than "unreachable". */
   log?: Logger;
 }
 
-/** Ready when billing answers and the metrics spool is under its bound (a full spool drops metrics). */
+/**
+ * Ready when billing answers and the metrics spool is under its bound (a full spool drops metrics). The server checks
+ * it once a second at most (lib/health.ts createReadinessPoller), so frequent probes do not hammer billing.
+ */
 export function createReadiness(options: ReadinessOptions): () => Promise<Readiness> {
-  const cacheMs = options.cacheMs ?? 1000;
   const timeoutMs = options.timeoutMs ?? 1000;
   const doFetch = options.fetch ?? fetch;
   const url = `${options.billingUrl.replace(/\/$/, "")}/readyz`;
-  let billing: { checkedAt: number; result: Promise<string> } | undefined;
-
   const probeBilling = async (): Promise<string> => {
     try {
       const res = await doFetch(url, { signal: AbortSignal.timeout(timeoutMs) });
@@ -34,9 +32,7 @@ export function createReadiness(options: ReadinessOptions): () => Promise<Readin
   };
 
   return async () => {
-    const now = Date.now();
-    if (!billing || now - billing.checkedAt > cacheMs) billing = { checkedAt: now, result: probeBilling() };
-    const billingCheck = await billing.result;
+    const billingCheck = await probeBilling();
     const pipe = options.shipper.status();
     // Why the stream is down (the shipper logs it) may name hosts: not for an open endpoint.
     const pipeCheck = pipe.connected ? "ok" : `disconnected (${pipe.rows} rows spooled)`;

@@ -1,6 +1,11 @@
-import { expect, test } from "bun:test";
-import { pingReadiness } from "./health.ts";
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import { Health, HealthCheckResponse_ServingStatus as Status } from "../gen/grpc/health/v1/health_pb.ts";
+import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.ts";
+import { createReadinessPoller, pingReadiness, readinessIntervalMs, registerHealth } from "./health.ts";
 import { createLogger } from "./log.ts";
+import { type RunningServer, startServer } from "./server.ts";
 
 const log = createLogger({ service: "t", level: "error", write: () => {} });
 
@@ -22,4 +27,118 @@ test("a ping that never settles is a timeout once its bound has passed, and is t
   expect(await pingReadiness("clickhouse", async () => {}, log)()).toEqual({ ready: true, checks: { clickhouse: "ok" } });
   const failing = pingReadiness("postgres", () => Promise.reject(new Error("ECONNREFUSED 10.0.0.1:5432")), log);
   expect(await failing()).toEqual({ ready: false, checks: { postgres: "unreachable" } });
+});
+
+describe("health under many probes", () => {
+  let pings = 0;
+  let ready = true;
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startServer({
+      name: "t",
+      port: 0,
+      host: "127.0.0.1",
+      log,
+      routes: () => {},
+      readiness: async () => {
+        pings++;
+        return { ready, checks: { store: ready ? "ok" : "unreachable" } };
+      },
+    });
+  });
+  afterAll(() => server.close(1_000));
+
+  test("hundreds of Watch streams and probes check readiness once per interval, and every stream hears changes", async () => {
+    const stop = new AbortController();
+    // Connections of their own, each with as many streams as one connection may hold.
+    const clients = Array.from({ length: 20 }, () =>
+      createClient(Health, createGrpcTransport({ baseUrl: server.url })),
+    );
+    const seen: Status[][] = [];
+    const streams = clients.flatMap((client) =>
+      Array.from({ length: 16 }, async () => {
+        const statuses: Status[] = [];
+        seen.push(statuses);
+        try {
+          for await (const res of client.watch({}, { signal: stop.signal })) statuses.push(res.status);
+        } catch (e) {
+          if (!stop.signal.aborted) throw e;
+        }
+      }),
+    );
+    const everyStream = async (status: Status) => {
+      const deadline = Date.now() + 5_000;
+      while (seen.some((s) => s.at(-1) !== status) && Date.now() < deadline) await Bun.sleep(20);
+      expect(seen.filter((s) => s.at(-1) === status).length).toBe(320);
+    };
+    await everyStream(Status.SERVING);
+    pings = 0;
+    const started = performance.now();
+    while (performance.now() - started < 3_000) {
+      const answers = await Promise.all(Array.from({ length: 20 }, () => fetch(`${server.url}/readyz`)));
+      expect(answers.map((r) => r.status)).toEqual(Array(20).fill(200));
+      await Bun.sleep(100);
+    }
+    expect(pings).toBeLessThanOrEqual(Math.ceil((performance.now() - started) / readinessIntervalMs) + 1);
+
+    // One stream more on a full connection is refused; the others are not disturbed.
+    const extra = await (async () => {
+      for await (const _ of clients[0]!.watch({}, { signal: stop.signal })) return undefined;
+    })().catch((e: unknown) => ConnectError.from(e));
+    expect((extra as ConnectError).code).toBe(Code.ResourceExhausted);
+
+    ready = false;
+    await everyStream(Status.NOT_SERVING);
+    ready = true;
+    await everyStream(Status.SERVING);
+    expect(seen.every((s) => s.join() === [Status.SERVING, Status.NOT_SERVING, Status.SERVING].join())).toBe(true);
+    stop.abort();
+    await Promise.all(streams);
+  }, 30_000);
+
+  test("health and reflection requests are read up to 64 KiB", async () => {
+    const transport = createGrpcTransport({ baseUrl: server.url });
+    const check = await createClient(Health, transport)
+      .check({ service: "x".repeat(100_000) })
+      .catch((e: unknown) => ConnectError.from(e));
+    expect((check as ConnectError).code).toBe(Code.ResourceExhausted);
+    const reflection = createClient(ServerReflection, transport);
+    async function* one(host: string) {
+      yield { host, messageRequest: { case: "listServices" as const, value: "" } };
+    }
+    const big = await (async () => {
+      for await (const res of reflection.serverReflectionInfo(one("h".repeat(100_000)))) return res;
+    })().catch((e: unknown) => ConnectError.from(e));
+    expect((big as ConnectError).code).toBe(Code.ResourceExhausted);
+    for await (const res of reflection.serverReflectionInfo(one("localhost"))) {
+      expect(res.messageResponse.case).toBe("listServicesResponse");
+    }
+  });
+});
+
+test("Watch streams past the server's total are refused", async () => {
+  const transport = createRouterTransport((router) =>
+    registerHealth(router, {
+      services: [],
+      readiness: createReadinessPoller(async () => ({ ready: true, checks: {} })),
+      stopSignal: new AbortController().signal,
+      maxWatches: 3,
+    }),
+  );
+  const client = createClient(Health, transport);
+  const stop = new AbortController();
+  const firsts = await Promise.all(
+    Array.from({ length: 3 }, async () => {
+      const it = client.watch({}, { signal: stop.signal })[Symbol.asyncIterator]();
+      return (await it.next()).value?.status;
+    }),
+  );
+  expect(firsts).toEqual([Status.SERVING, Status.SERVING, Status.SERVING]);
+  const fourth = await client
+    .watch({})
+    [Symbol.asyncIterator]()
+    .next()
+    .catch((e: unknown) => ConnectError.from(e));
+  expect((fourth as ConnectError).code).toBe(Code.ResourceExhausted);
+  stop.abort();
 });

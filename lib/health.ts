@@ -1,56 +1,139 @@
-import { Code, type ConnectRouter, ConnectError } from "@connectrpc/connect";
+import { Code, type ConnectRouter, ConnectError, createContextKey } from "@connectrpc/connect";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../gen/grpc/health/v1/health_pb.ts";
 import type { Logger } from "./log.ts";
 import type { Readiness } from "./server.ts";
 
+/** How often readiness is checked at most, however many probes and Watch streams ask. */
+export const readinessIntervalMs = 1000;
+
+/** Readiness shared by /readyz, Health/Check and every Health/Watch stream of one server. */
+export interface ReadinessPoller {
+  /** The last result while it is under an interval old (or still being checked), else a new check. */
+  current(): Promise<Readiness>;
+  /** Hears each interval's result while subscribed; the poller only polls while someone listens. */
+  subscribe(listener: (state: Readiness) => void): () => void;
+}
+
+/**
+ * One readiness check per interval at most, however many ask: /readyz answers anyone, and a probe that pinged the
+ * store on every call (or every second per Watch stream) could take the service out of rotation by itself.
+ */
+export function createReadinessPoller(check: () => Promise<Readiness>, intervalMs = readinessIntervalMs): ReadinessPoller {
+  let last: { at: number; pending: boolean; result: Promise<Readiness> } | undefined;
+  const listeners = new Set<(state: Readiness) => void>();
+  let timer: ReturnType<typeof setInterval> | undefined;
+  const current = () => {
+    if (last && (last.pending || Date.now() - last.at < intervalMs)) return last.result;
+    const entry = { at: Date.now(), pending: true, result: check() };
+    const settle = () => {
+      entry.pending = false;
+      entry.at = Date.now();
+    };
+    entry.result.then(settle, settle);
+    last = entry;
+    return entry.result;
+  };
+  const poll = async () => {
+    const state = await current().catch((): Readiness => ({ ready: false, checks: { server: "check failed" } }));
+    for (const listener of listeners) listener(state);
+  };
+  return {
+    current,
+    subscribe(listener) {
+      listeners.add(listener);
+      timer ??= setInterval(poll, intervalMs);
+      return () => {
+        listeners.delete(listener);
+        if (listeners.size > 0) return;
+        clearInterval(timer);
+        timer = undefined;
+      };
+    },
+  };
+}
+
+/** The connection (HTTP/1.1 socket or HTTP/2 session) an RPC came in on, set by the server for per-connection caps. */
+export const connectionKey = createContextKey<object | undefined>(undefined);
+
+/** A health or reflection request is a name or two: nothing an unauthenticated caller needs megabytes for. */
+export const probeReadMaxBytes = 64 * 1024;
+
 export interface HealthOptions {
   /** Fully qualified names of the services this server answers for. */
   services: string[];
-  readiness: () => Promise<Readiness>;
+  readiness: ReadinessPoller;
   /** Ends Watch streams, so a draining server is not held open by probes. */
   stopSignal: AbortSignal;
-  /** How often Watch re-checks readiness. */
-  pollMs?: number;
+  /** Watch streams open at once on one connection, and on the server; past either a new one is ResourceExhausted. */
+  maxWatchesPerConnection?: number;
+  maxWatches?: number;
 }
 
 /** grpc.health.v1.Health on the same readiness as /readyz; NOT_SERVING while draining. */
 export function registerHealth(router: ConnectRouter, options: HealthOptions): void {
   const known = new Set(options.services);
-  const status = async (service: string): Promise<Status> => {
+  const perConnectionCap = options.maxWatchesPerConnection ?? 16;
+  const totalCap = options.maxWatches ?? 1024;
+  const perConnection = new WeakMap<object, number>();
+  let watching = 0;
+  const statusOf = (service: string, state: Readiness): Status => {
     if (service !== "" && !known.has(service)) return Status.SERVICE_UNKNOWN;
     if (options.stopSignal.aborted) return Status.NOT_SERVING;
-    return (await options.readiness()).ready ? Status.SERVING : Status.NOT_SERVING;
+    return state.ready ? Status.SERVING : Status.NOT_SERVING;
   };
-  router.service(Health, {
-    async check(req) {
-      const current = await status(req.service);
-      if (current === Status.SERVICE_UNKNOWN) throw new ConnectError(`unknown service ${req.service}`, Code.NotFound);
-      return { status: current };
+  router.service(
+    Health,
+    {
+      async check(req) {
+        const current = statusOf(req.service, await options.readiness.current());
+        if (current === Status.SERVICE_UNKNOWN) throw new ConnectError(`unknown service ${req.service}`, Code.NotFound);
+        return { status: current };
+      },
+      async *watch(req, ctx) {
+        const connection = ctx.values.get(connectionKey) ?? {};
+        const onConnection = perConnection.get(connection) ?? 0;
+        if (watching >= totalCap || onConnection >= perConnectionCap) {
+          throw new ConnectError("too many Health/Watch streams; use Health/Check", Code.ResourceExhausted);
+        }
+        watching++;
+        perConnection.set(connection, onConnection + 1);
+        // Each stream hears the shared poller's results instead of checking readiness itself.
+        let latest: Readiness | undefined;
+        let wake: (() => void) | undefined;
+        const stop = () => wake?.();
+        const unsubscribe = options.readiness.subscribe((state) => {
+          latest = state;
+          wake?.();
+        });
+        ctx.signal.addEventListener("abort", stop);
+        options.stopSignal.addEventListener("abort", stop);
+        try {
+          latest ??= await options.readiness.current();
+          let last: Status | undefined;
+          while (!ctx.signal.aborted) {
+            const current = statusOf(req.service, latest);
+            if (current !== last) yield { status: current };
+            last = current;
+            if (options.stopSignal.aborted) return;
+            const seen = latest;
+            await new Promise<void>((resolve) => {
+              wake = resolve;
+              // A result that came while the last status was being sent is not waited past.
+              if (latest !== seen || ctx.signal.aborted || options.stopSignal.aborted) resolve();
+            });
+            wake = undefined;
+          }
+        } finally {
+          unsubscribe();
+          ctx.signal.removeEventListener("abort", stop);
+          options.stopSignal.removeEventListener("abort", stop);
+          watching--;
+          perConnection.set(connection, (perConnection.get(connection) ?? 1) - 1);
+        }
+      },
     },
-    async *watch(req, ctx) {
-      const pollMs = options.pollMs ?? 1000;
-      let last: Status | undefined;
-      while (!ctx.signal.aborted) {
-        const current = await status(req.service);
-        if (current !== last) yield { status: current };
-        last = current;
-        if (options.stopSignal.aborted) return;
-        await abortableSleep(pollMs, ctx.signal, options.stopSignal);
-      }
-    },
-  });
-}
-
-function abortableSleep(ms: number, ...signals: AbortSignal[]): Promise<void> {
-  return new Promise((resolve) => {
-    const done = () => {
-      clearTimeout(timer);
-      for (const s of signals) s.removeEventListener("abort", done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    for (const s of signals) s.addEventListener("abort", done, { once: true });
-  });
+    { readMaxBytes: probeReadMaxBytes },
+  );
 }
 
 /** How long readiness waits for a store's ping. */

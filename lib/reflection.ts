@@ -21,6 +21,7 @@ import {
   ServerReflectionResponseSchema as AlphaResponseSchema,
   ServerReflection as ServerReflectionV1Alpha,
 } from "../gen/grpc/reflection/v1alpha/reflection_pb.ts";
+import { probeReadMaxBytes } from "./health.ts";
 
 /**
  * Registers gRPC server reflection (v1 and v1alpha) describing `services`, so stock tools such as
@@ -34,7 +35,7 @@ export function registerReflection(router: ConnectRouter, services: DescService[
     async *serverReflectionInfo(requests) {
       for await (const req of requests) yield answer(req);
     },
-  });
+  }, { readMaxBytes: probeReadMaxBytes });
   // v1alpha has the same wire format: translate through bytes rather than keep a second implementation.
   router.service(ServerReflectionV1Alpha, {
     async *serverReflectionInfo(requests) {
@@ -43,7 +44,7 @@ export function registerReflection(router: ConnectRouter, services: DescService[
         yield fromBinary(AlphaResponseSchema, toBinary(ServerReflectionResponseSchema, answer(v1)));
       }
     },
-  });
+  }, { readMaxBytes: probeReadMaxBytes });
 }
 
 interface FileIndex {

@@ -1,10 +1,16 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { create } from "@bufbuild/protobuf";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
-import { BillingService, OrganizationSchema } from "../gen/billing/v1/billing_pb.ts";
+import { BillingService, ListOrganizationsResponseSchema, OrganizationSchema } from "../gen/billing/v1/billing_pb.ts";
+import {
+  HealthCheckRequestSchema,
+  HealthCheckResponseSchema,
+  HealthCheckResponse_ServingStatus as Status,
+} from "../gen/grpc/health/v1/health_pb.ts";
 import { bearerToken } from "./auth.ts";
+import { decodeBase64 } from "./grpc-web-text.ts";
 import { createLogger } from "./log.ts";
 import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
@@ -23,6 +29,8 @@ const ackingIngest = {
 const startOwn = (options: Omit<Parameters<typeof startServer>[0], "port" | "host" | "log">) =>
   startServer({ port: 0, host: "127.0.0.1", log: quietLog, ...options });
 let server: RunningServer;
+/** Punctuation connect's own encoding escapes, `%`, and text outside ASCII: every client must read it back as is. */
+const deniedMessage = "No API key: send `Authorization: Bearer <key>`; see /docs?a=1&b=2, 100% ok, café → ✓ 🔑.";
 
 beforeAll(async () => {
   server = await startServer({
@@ -36,7 +44,7 @@ beforeAll(async () => {
     routes: (router) => {
       router.service(BillingService, {
         async listOrganizations(_req, ctx) {
-          if (!bearerToken(ctx.requestHeader)) throw new ConnectError("no token", Code.Unauthenticated);
+          if (!bearerToken(ctx.requestHeader)) throw new ConnectError(deniedMessage, Code.Unauthenticated);
           return { organizations: [create(OrganizationSchema, { id: "org_1", name: "acme", monthlyBudgetNanos: 5n })] };
         },
       });
@@ -52,6 +60,10 @@ describe("one port for every protocol", () => {
     const client = createServiceClient(BillingService, { baseUrl: server.url, bearerToken: "t" });
     const res = await client.listOrganizations({});
     expect(res.organizations[0]?.monthlyBudgetNanos).toBe(5n);
+    const denied = await createServiceClient(BillingService, { baseUrl: server.url })
+      .listOrganizations({})
+      .catch((e: unknown) => ConnectError.from(e));
+    expect((denied as ConnectError).rawMessage).toBe(deniedMessage);
   });
 
   test("Connect JSON over HTTP/1.1, as curl or a browser would send it", async () => {
@@ -75,6 +87,7 @@ describe("one port for every protocol", () => {
       const err = await client.listOrganizations({}).catch((e) => ConnectError.from(e));
       expect(err).toBeInstanceOf(ConnectError);
       expect((err as ConnectError).code).toBe(Code.Unauthenticated);
+      expect((err as ConnectError).rawMessage).toBe(deniedMessage);
     }
   });
 
@@ -101,6 +114,7 @@ describe("one port for every protocol", () => {
     expect(result.unary.organizations[0]).toMatchObject({ id: "org_1", name: "acme", monthly_budget_nanos: "5" });
     expect(result.acks).toEqual(["1", "2", "3"]);
     expect(result.denied.code).toBe(16); // UNAUTHENTICATED
+    expect(result.denied.details).toBe(deniedMessage);
   }, 20_000);
 
   test("stock gRPC reflection (v1, v1alpha) and health clients under Node", async () => {
@@ -147,6 +161,77 @@ describe("one port for every protocol", () => {
       .listProjects({})
       .catch((e: unknown) => ConnectError.from(e));
     expect((unknownRpc as ConnectError).code).toBe(Code.Unimplemented);
+  });
+
+  test("gRPC-Web text, as protoc-gen-grpc-web sends it: unary calls, an error and a server stream", async () => {
+    const frame = (message: Uint8Array) => {
+      const out = new Uint8Array(5 + message.length);
+      new DataView(out.buffer).setUint32(1, message.length);
+      out.set(message, 5);
+      return out;
+    };
+    /** The whole frames in `bytes`, and the trailers frame's fields. */
+    const framesOf = (bytes: Uint8Array) => {
+      const messages: Uint8Array[] = [];
+      const trailers: Record<string, string> = {};
+      for (let at = 0; at + 5 <= bytes.length; ) {
+        const end = at + 5 + new DataView(bytes.buffer, bytes.byteOffset + at).getUint32(1);
+        if (end > bytes.length) break;
+        const data = bytes.subarray(at + 5, end);
+        if ((bytes[at] as number) & 0x80) {
+          for (const line of new TextDecoder().decode(data).split("\r\n").filter(Boolean)) {
+            const colon = line.indexOf(":");
+            trailers[line.slice(0, colon).trim()] = line.slice(colon + 1).trim();
+          }
+        } else messages.push(data);
+        at = end;
+      }
+      return { messages, trailers };
+    };
+    const call = (path: string, body: string, headers: Record<string, string> = {}, signal?: AbortSignal) =>
+      fetch(`${server.url}${path}`, {
+        method: "POST",
+        headers: { "content-type": "application/grpc-web-text", accept: "application/grpc-web-text", "x-grpc-web": "1", ...headers },
+        body,
+        signal,
+      });
+    const base64 = (bytes: Uint8Array) => Buffer.from(bytes).toString("base64");
+
+    // Sent in two base64 pieces, the first padded, as a client that encodes each write on its own does.
+    const check = frame(toBinary(HealthCheckRequestSchema, create(HealthCheckRequestSchema, { service: "billing.v1.BillingService" })));
+    const checked = await call("/grpc.health.v1.Health/Check", base64(check.subarray(0, 5)) + base64(check.subarray(5)));
+    expect(checked.status).toBe(200);
+    expect(checked.headers.get("content-type")).toBe("application/grpc-web-text+proto");
+    const { messages, trailers } = framesOf(decodeBase64(await checked.text()));
+    expect(messages.map((m) => fromBinary(HealthCheckResponseSchema, m).status)).toEqual([Status.SERVING]);
+    expect(trailers["grpc-status"]).toBe("0");
+
+    const listed = await call("/billing.v1.BillingService/ListOrganizations", base64(frame(new Uint8Array())), {
+      authorization: "Bearer t",
+    });
+    const organizations = framesOf(decodeBase64(await listed.text())).messages.map((m) => fromBinary(ListOrganizationsResponseSchema, m));
+    expect(organizations[0]?.organizations[0]?.name).toBe("acme");
+
+    const denied = await call("/billing.v1.BillingService/ListOrganizations", base64(frame(new Uint8Array())));
+    const deniedTrailers = { ...Object.fromEntries(denied.headers), ...framesOf(decodeBase64(await denied.text())).trailers };
+    expect(deniedTrailers["grpc-status"]).toBe("16");
+    expect(decodeURIComponent(deniedTrailers["grpc-message"] ?? "")).toBe(deniedMessage);
+
+    // A server stream's first message arrives while the stream stays open.
+    const stop = new AbortController();
+    const watch = await call("/grpc.health.v1.Health/Watch", base64(frame(new Uint8Array())), {}, stop.signal);
+    expect(watch.headers.get("content-type")).toBe("application/grpc-web-text+proto");
+    const reader = (watch.body as ReadableStream<Uint8Array>).getReader();
+    let text = "";
+    let streamed: Uint8Array[] = [];
+    while (streamed.length === 0) {
+      const { value, done } = await reader.read();
+      expect(done).toBe(false);
+      text += new TextDecoder().decode(value);
+      streamed = framesOf(decodeBase64(text.slice(0, text.length - (text.length % 4)))).messages;
+    }
+    expect(fromBinary(HealthCheckResponseSchema, streamed[0] as Uint8Array).status).toBe(Status.SERVING);
+    stop.abort();
   });
 
   test("/healthz, /readyz and /metrics", async () => {

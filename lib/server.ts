@@ -1,12 +1,20 @@
 import * as http from "node:http";
 import * as http2 from "node:http2";
 import * as net from "node:net";
-import type { ConnectRouter, ContextValues, HandlerContext, Interceptor } from "@connectrpc/connect";
+import {
+  type ConnectRouter,
+  type ContextValues,
+  createContextValues,
+  type HandlerContext,
+  type Interceptor,
+} from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Registry } from "prom-client";
 import { Health } from "../gen/grpc/health/v1/health_pb.ts";
 import type { CorsPolicy } from "./cors.ts";
-import { registerHealth } from "./health.ts";
+import { connectionKey, createReadinessPoller, registerHealth } from "./health.ts";
+import { sendGrpcMessageAsSpecified } from "./grpc-message.ts";
+import { isGrpcWebText, transcodeGrpcWebText } from "./grpc-web-text.ts";
 import type { Logger } from "./log.ts";
 import { registerReflection } from "./reflection.ts";
 
@@ -35,6 +43,7 @@ export interface ServerOptions {
   requestGate?: (context: HandlerContext) => void | Promise<void>;
   contextValues?: (req: NodeRequest) => ContextValues;
   http?: HttpRoutes;
+  /** Checked once a second at most, for /readyz, Health/Check and every Health/Watch stream together. */
   readiness?: () => Promise<Readiness>;
   registry?: Registry;
   log: Logger;
@@ -83,7 +92,7 @@ const alwaysReady = async (): Promise<Readiness> => ({ ready: true, checks: {} }
 export async function startServer(options: ServerOptions): Promise<RunningServer> {
   const shutdown = new AbortController();
   const draining = new AbortController();
-  const readiness = options.readiness ?? alwaysReady;
+  const readiness = createReadinessPoller(options.readiness ?? alwaysReady);
   // Paths whose request is a stream of messages: its body lasts as long as the call.
   const streamingRequests = new Set<string>();
   const rpc = connectNodeAdapter({
@@ -104,7 +113,11 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     },
     interceptors: options.interceptors,
     requestGate: options.requestGate,
-    contextValues: options.contextValues,
+    contextValues: (req) =>
+      (options.contextValues?.(req) ?? createContextValues()).set(
+        connectionKey,
+        req.httpVersionMajor === 2 ? (req as http2.Http2ServerRequest).stream.session : req.socket,
+      ),
     shutdownSignal: shutdown.signal,
     readMaxBytes: options.readMaxBytes ?? defaultReadMaxBytes,
     // Fields a message does not define are skipped, not kept: each would be an object of its own.
@@ -155,8 +168,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         if (preflight) return send(res, preflight.status, preflight.headers, "");
         for (const [name, value] of Object.entries(options.cors.headers(headers.get("origin")))) res.setHeader(name, value);
       }
-      if (req.method === "GET" && (await serveOps(path, res, options, readiness, draining.signal))) return;
+      if (req.method === "GET" && (await serveOps(path, res, options, readiness.current, draining.signal))) return;
       if (options.http && (await options.http(req, res))) return;
+      if (isGrpcWebText(req)) transcodeGrpcWebText(req, res);
+      if (req.headers["content-type"]?.startsWith("application/grpc")) sendGrpcMessageAsSpecified(res);
       rpc(req, res);
     } catch (e) {
       options.log.error("http handler failed", { err: e, path: req.url });

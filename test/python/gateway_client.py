@@ -68,7 +68,8 @@ try:
            metadata=[("authorization", "Bearer sk-wrong")], timeout=10)
     seen["refused"] = None
 except grpc.RpcError as e:
-    seen["refused"] = {"code": e.code().name, "error_code": dict(e.trailing_metadata() or ()).get("x-error-code")}
+    seen["refused"] = {"code": e.code().name, "error_code": dict(e.trailing_metadata() or ()).get("x-error-code"),
+                       "message": e.details()}
 
 try:
     bad = {"params": {**params("x"), "temperature": 5}}
@@ -76,6 +77,6 @@ try:
     seen["invalid"] = None
 except grpc.RpcError as e:
     trailers = dict(e.trailing_metadata() or ())
-    seen["invalid"] = {"code": e.code().name, "param": trailers.get("x-error-param")}
+    seen["invalid"] = {"code": e.code().name, "param": trailers.get("x-error-param"), "message": e.details()}
 
 print(json.dumps(seen))

@@ -1,0 +1,50 @@
+import type * as http from "node:http";
+import type { NodeRequest, NodeResponse } from "./server.ts";
+
+const textType = "application/grpc-web-text";
+
+/** Whether a request is gRPC-Web in text mode: protoc-gen-grpc-web's default, and its only mode for server streams. */
+export const isGrpcWebText = (req: NodeRequest) => req.headers["content-type"]?.startsWith(textType) ?? false;
+
+/**
+ * Serves a gRPC-Web text request as the binary gRPC-Web it encodes: the request's base64 is decoded as it arrives,
+ * and each chunk of the response is sent as base64 of its own, so a server stream's messages are not held back.
+ */
+export function transcodeGrpcWebText(req: NodeRequest, res: NodeResponse): void {
+  req.headers["content-type"] = `application/grpc-web${req.headers["content-type"]?.slice(textType.length) || "+proto"}`;
+  const chunks = req[Symbol.asyncIterator].bind(req);
+  // connect-node reads the body by iterating the request.
+  Object.defineProperty(req, Symbol.asyncIterator, { value: () => decodeBase64Stream(chunks()) });
+
+  const target = res as http.ServerResponse;
+  const writeHead = target.writeHead.bind(target);
+  const write = target.write.bind(target) as (chunk: string, callback?: (err?: Error | null) => void) => boolean;
+  target.writeHead = ((status: number, headers: http.OutgoingHttpHeaders = {}) => {
+    const type = String(headers["content-type"] ?? "application/grpc-web+proto");
+    const { "content-length": _, ...rest } = headers;
+    return writeHead(status, { ...rest, "content-type": type.replace("application/grpc-web", textType) });
+  }) as typeof target.writeHead;
+  // connect-node writes (chunk, encoding, callback) and ends without a chunk.
+  target.write = ((chunk: Uint8Array | string, ...rest: unknown[]) => {
+    const callback = rest.find((r) => typeof r === "function") as ((err?: Error | null) => void) | undefined;
+    return write(Buffer.from(chunk).toString("base64"), callback);
+  }) as typeof target.write;
+}
+
+/** Bytes of base64 text that may arrive in any pieces and be padded mid-stream (each response chunk on its own). */
+async function* decodeBase64Stream(text: AsyncIterable<Uint8Array | string>): AsyncGenerator<Uint8Array> {
+  let pending = "";
+  for await (const chunk of text) {
+    pending += (typeof chunk === "string" ? chunk : Buffer.from(chunk).toString("latin1")).replace(/\s+/g, "");
+    const whole = pending.length - (pending.length % 4);
+    if (whole === 0) continue;
+    yield decodeBase64(pending.slice(0, whole));
+    pending = pending.slice(whole);
+  }
+  if (pending) yield decodeBase64(pending);
+}
+
+/** Base64 that may hold padding between its parts. */
+export function decodeBase64(text: string): Uint8Array {
+  return Buffer.concat(text.split(/(?<==)(?=[^=])/).map((part) => Buffer.from(part, "base64")));
+}
