@@ -152,6 +152,8 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
     async *streamChatCompletion(req, ctx) {
       const call = begin(Endpoint.CHAT_COMPLETIONS, ctx);
       let last: ChatCompletionChunk | undefined;
+      // What is thrown in while a message is handed out is its write failing: the client left.
+      let sending = false;
       try {
         const stream = await core.handle(call, async () => {
           await core.authorize(call);
@@ -160,8 +162,11 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
         setLimitHeaders(call, ctx);
         for await (const chunk of stream) {
           last = chunk;
+          sending = true;
           yield streamResponse(chunk);
+          sending = false;
         }
+        sending = true;
         yield create(StreamChatCompletionResponseSchema, {
           id: last?.id ?? "",
           created: int64Of(last?.created),
@@ -169,7 +174,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
           accounting: accounting(stream.outcome as StreamOutcome, call.requestId),
         });
       } catch (e) {
-        throw failed(call, ctx, e);
+        throw failed(call, ctx, sending ? cancelled() : e);
       }
     },
 

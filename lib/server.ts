@@ -50,7 +50,8 @@ export interface ServerOptions {
   /**
    * How long a connection may have nothing to do (65 s by default, past a load balancer's usual 60 s): silent before
    * its first byte, an HTTP/1.1 connection between requests or while a request's head arrives, an HTTP/2 connection
-   * without streams. Node's own timeouts do part of this, but Bun's node:http enforces none of them.
+   * without streams. Node's own timeouts do part of this, but Bun's node:http enforces none of them. A response
+   * (a streamed RPC's, say) whose client takes none of it for as long is cut: its connection or HTTP/2 stream.
    */
   connectionIdleTimeoutMs?: number;
   /** Which browser origins may call, answered on every route (RPCs, HTTP routes, ops); none when unset. */
@@ -148,6 +149,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     }
     const path = req.url ?? "/";
     if (mayHaveBody(req) && !streamingRequests.has(path.split("?")[0] ?? path)) limitBodyTime(req, res, bodyTimeoutMs);
+    limitWriteWait(req, res, idleMs);
     try {
       if (options.cors) {
         const headers = headersOf(req.headers);
@@ -262,14 +264,55 @@ function mayHaveBody(req: NodeRequest): boolean {
  * stream reset. Listening for the body's end reads nothing.
  */
 function limitBodyTime(req: NodeRequest, res: NodeResponse, ms: number): void {
-  const cut =
-    req.httpVersionMajor === 2
-      ? () => (req as http2.Http2ServerRequest).stream.close(http2.constants.NGHTTP2_CANCEL)
-      : () => req.socket.destroy();
-  const timer = setTimeout(cut, ms);
+  const timer = setTimeout(() => cut(req), ms);
   const done = () => clearTimeout(timer);
   req.once("end", done);
   res.once("close", done);
+}
+
+/**
+ * Gives up on a response whose client takes none of it for `ms` while a write waits to go out (on HTTP/2, its
+ * stream's window stays full): the client is gone all but in name, and a stream's handler would wait on the write,
+ * holding its upstream call, until the request's own time limit. It is cut as a late body is.
+ *
+ * connect-node waits on each write for its callback, "drain" or "error", and Bun gets it wrong when the response
+ * closes first: node:http2 sends none of them, so the handler's stream would never end, and node:http calls back with
+ * ERR_SOCKET_CLOSED, which connect-node takes for a fault of the server's (Internal, logged). Either is settled here
+ * as the client's leaving.
+ */
+function limitWriteWait(req: NodeRequest, res: NodeResponse, ms: number): void {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const wentOut = () => {
+    clearTimeout(timer);
+    timer = undefined;
+  };
+  type Write = (chunk: unknown, encoding?: unknown, callback?: (error?: Error | null) => void) => boolean;
+  const write = res.write.bind(res) as Write;
+  (res as { write: Write }).write = (chunk, encoding, callback) => {
+    const then = typeof encoding === "function" ? (encoding as typeof callback) : callback;
+    const flushed = write(chunk, typeof encoding === "function" ? undefined : encoding, (error) =>
+      then?.(error ? clientLeft(error) : error),
+    );
+    if (!flushed) timer ??= setTimeout(() => cut(req), ms);
+    return flushed;
+  };
+  res.on("drain", wentOut);
+  res.once("close", () => {
+    // Only connect-node listens for errors, and only while its write waits.
+    if (timer !== undefined && res.listenerCount("error") > 0) res.emit("error", clientLeft());
+    wentOut();
+  });
+}
+
+/** What connect-node reads as a client that hung up (Aborted, not logged), as it reads a destroyed stream on Node. */
+function clientLeft(cause?: Error): Error {
+  return Object.assign(new Error("the client left before the response went out", { cause }), { code: "ERR_STREAM_DESTROYED" });
+}
+
+/** Ends a request for good: its HTTP/1.1 connection closed, its HTTP/2 stream reset (the session's others go on). */
+function cut(req: NodeRequest): void {
+  if (req.httpVersionMajor === 2) (req as http2.Http2ServerRequest).stream.close(http2.constants.NGHTTP2_CANCEL);
+  else req.socket.destroy();
 }
 
 async function serveOps(
