@@ -17,7 +17,7 @@ import {
 } from "../gen/gateway/v1/gateway_pb.ts";
 import { bearerToken } from "../lib/auth.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
-import { activeTrace, type Call, type ChatOutcome, type GatewayCore } from "./core.ts";
+import type { Call, ChatOutcome, GatewayCore } from "./core.ts";
 import { bodyTooLarge, cancelled, type GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
 
 /** The call the request gate began for an RPC before its body was read. */
@@ -103,13 +103,8 @@ export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number
  * OpenAI parameters carried as typed messages. Every response carries x-request-id.
  */
 export function createGatewayService(core: GatewayCore): ServiceImpl<typeof GatewayService> {
-  const begin = (endpoint: Endpoint, ctx: HandlerContext): Call => {
-    const gated = takeGatedCall(ctx);
-    if (!gated) return beginCall(core, endpoint, ctx);
-    // The gate runs before the RPC's span starts: the call it began joins the span in its handler.
-    if (gated.metrics.traceId === "") Object.assign(gated.metrics, activeTrace());
-    return gated;
-  };
+  // The gate runs inside the RPC's interceptors: the call it began is already in the RPC's span.
+  const begin = (endpoint: Endpoint, ctx: HandlerContext): Call => takeGatedCall(ctx) ?? beginCall(core, endpoint, ctx);
 
   return {
     async createChatCompletion(req, ctx) {

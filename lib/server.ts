@@ -1,11 +1,12 @@
 import * as http from "node:http";
 import * as http2 from "node:http2";
 import * as net from "node:net";
-import type { ConnectRouter, ContextValues, HandlerContext, Interceptor } from "@connectrpc/connect";
+import type { ConnectRouter, ContextValues, Interceptor } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Registry } from "prom-client";
 import { Health } from "../gen/grpc/health/v1/health_pb.ts";
 import type { CorsPolicy } from "./cors.ts";
+import { gatedInterceptors, type RequestGate, routerWithGates } from "./gates.ts";
 import { registerHealth } from "./health.ts";
 import type { Logger } from "./log.ts";
 import { registerReflection } from "./reflection.ts";
@@ -30,9 +31,10 @@ export interface ServerOptions {
   port: number;
   host?: string;
   routes: (router: ConnectRouter) => void;
+  /** Run from an RPC's request gate on (its own or this one), so a call a gate refuses is traced and counted too. */
   interceptors?: Interceptor[];
   /** Runs once an RPC's headers are in, before its body is read: throw a ConnectError to answer without reading it. */
-  requestGate?: (context: HandlerContext) => void | Promise<void>;
+  requestGate?: RequestGate;
   contextValues?: (req: NodeRequest) => ContextValues;
   http?: HttpRoutes;
   readiness?: () => Promise<Readiness>;
@@ -87,9 +89,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   const readiness = options.readiness ?? alwaysReady;
   // Paths whose request is a stream of messages: its body lasts as long as the call.
   const streamingRequests = new Set<string>();
+  const intercepted = gatedInterceptors(options.interceptors ?? []);
   const rpc = connectNodeAdapter({
     routes: (router) => {
-      options.routes(router);
+      options.routes(routerWithGates(router, intercepted.gate));
       for (const h of router.handlers) {
         if (h.method.methodKind === "client_streaming" || h.method.methodKind === "bidi_streaming") {
           streamingRequests.add(h.requestPath);
@@ -103,8 +106,8 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       });
       registerReflection(router, [...services, Health]);
     },
-    interceptors: options.interceptors,
-    requestGate: options.requestGate,
+    interceptors: [intercepted.interceptor],
+    requestGate: options.requestGate && intercepted.gate(options.requestGate),
     contextValues: options.contextValues,
     shutdownSignal: shutdown.signal,
     readMaxBytes: options.readMaxBytes ?? defaultReadMaxBytes,
