@@ -1,10 +1,14 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import * as http2 from "node:http2";
+import net from "node:net";
+import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { trace } from "@opentelemetry/api";
 import { isValid as isUlid } from "ulid";
 import { answerToHead } from "../lib/testing.ts";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
-import { GatewayService } from "../gen/gateway/v1/gateway_pb.ts";
+import { GatewayService, StreamChatCompletionRequestSchema } from "../gen/gateway/v1/gateway_pb.ts";
+import { createMetrics } from "../lib/metrics.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { type RunningServer, startServer } from "../lib/server.ts";
 import { createRestApp } from "./http/app.ts";
@@ -12,7 +16,7 @@ import { restRoutes } from "./http/node.ts";
 import { createGatewayRequestGate, createGatewayService } from "./service.ts";
 import { createTestCore } from "./testing.ts";
 import { startFakeUpstream } from "./testing/fake-upstream.ts";
-import { startTestGateway } from "./testing/served-gateway.ts";
+import { oneModelRoutes, startTestGateway } from "./testing/served-gateway.ts";
 
 // One real server on port 0 carrying both the RPCs and the REST API, as main.ts wires them.
 let server: RunningServer;
@@ -343,4 +347,104 @@ describe("the same server over plain HTTP", () => {
     expect(isUlid(res.headers.get("x-request-id") ?? "")).toBe(true);
     expect(((await res.json()) as { models: Array<{ id: string }> }).models.map((m) => m.id)).toEqual(["mock"]);
   });
+});
+
+describe("a streamed RPC whose client takes nothing", () => {
+  const upstream = startFakeUpstream();
+  const metrics = createMetrics("gateway");
+  let served: Awaited<ReturnType<typeof startTestGateway>>;
+  beforeAll(async () => {
+    served = await startTestGateway(oneModelRoutes(upstream.url), {
+      idleTimeoutSeconds: 1,
+      gated: true,
+      interceptors: [metrics.serverInterceptor],
+    });
+  });
+  afterAll(() => Promise.all([served.close(), upstream.stop()]));
+
+  // Words of a thousand characters, 8 MB in all: far more than a stream's window or a socket's buffers hold.
+  const bigAnswer = ` ${"x".repeat(999)}`.repeat(8000);
+  const params = { model: "ok", messages: [{ role: "user", content: "hello" }] };
+  const enveloped = (message: Uint8Array) => {
+    const out = Buffer.alloc(5 + message.length);
+    out.writeUInt32BE(message.length, 1);
+    out.set(message, 5);
+    return out;
+  };
+  const cancelledStreams = async () => {
+    const line = (await metrics.registry.metrics())
+      .split("\n")
+      .find((l) => l.startsWith('rpc_server_handled_total{rpc_service="gateway.v1.GatewayService",rpc_method="StreamChatCompletion",code="canceled"'));
+    return Number(line?.split(" ").at(-1) ?? 0);
+  };
+  const within = <T>(p: Promise<T>, ms: number) => Promise.race([p, Bun.sleep(ms).then(() => "still open" as const)]);
+
+  test("over gRPC on HTTP/2, a full window for the idle limit resets the stream and meters it as cancelled", async () => {
+    upstream.script("ok", { content: bigAnswer });
+    const before = await cancelledStreams();
+    // A window of 1 KB, taken up by the first message, and never opened again.
+    const session = http2.connect(served.url, { settings: { initialWindowSize: 1024 } });
+    session.on("error", () => {});
+    try {
+      const stream = session.request({
+        ":method": "POST",
+        ":path": "/gateway.v1.GatewayService/StreamChatCompletion",
+        "content-type": "application/grpc+proto",
+        te: "trailers",
+        authorization: "Bearer sk-good",
+      });
+      stream.on("error", () => {});
+      const requestId = new Promise<string>((resolve) => stream.once("response", (h) => resolve(String(h["x-request-id"]))));
+      const reset = new Promise<number>((resolve) => stream.once("close", () => resolve(stream.rstCode)));
+      stream.once("data", () => stream.pause());
+      stream.end(enveloped(toBinary(StreamChatCompletionRequestSchema, create(StreamChatCompletionRequestSchema, { params }))));
+
+      expect(await within(reset, 8_000)).toBe(http2.constants.NGHTTP2_CANCEL);
+      const row = await served.row(await requestId, 8_000);
+      expect(row).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, errorCode: "client_closed_request" });
+      // The prompt and what was streamed before the client stopped taking it.
+      expect(row.usage?.inputTokens).toBeGreaterThan(0n);
+      expect(row.usage?.outputTokens).toBeGreaterThan(0n);
+      // The handler's stream ended too: counted when it ends, with the code a client that left gets.
+      for (let i = 0; i < 50 && (await cancelledStreams()) === before; i++) await Bun.sleep(50);
+      expect(await cancelledStreams()).toBe(before + 1);
+    } finally {
+      session.destroy();
+    }
+  }, 20_000);
+
+  test("over Connect on HTTP/1.1, a client that stops reading for the idle limit has its connection closed", async () => {
+    upstream.script("ok", { content: bigAnswer });
+    const before = await cancelledStreams();
+    const socket = net.connect(Number(new URL(served.url).port), "127.0.0.1");
+    socket.on("error", () => {});
+    try {
+      const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+      // The response's head, then nothing more is read.
+      const head = new Promise<string>((resolve) =>
+        socket.once("data", (d: Buffer) => {
+          socket.pause();
+          resolve(d.toString("latin1"));
+        }),
+      );
+      const body = enveloped(Buffer.from(JSON.stringify({ params })));
+      socket.write(
+        "POST /gateway.v1.GatewayService/StreamChatCompletion HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\n" +
+          `Content-Type: application/connect+json\r\nContent-Length: ${body.length}\r\n\r\n`,
+      );
+      socket.write(body);
+      const requestId = /x-request-id: (\w+)/i.exec(await head)?.[1] ?? "";
+
+      const row = await served.row(requestId, 8_000);
+      expect(row).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, errorCode: "client_closed_request" });
+      expect(row.usage?.outputTokens).toBeGreaterThan(0n);
+      // What the socket held arrives, then its end.
+      socket.resume();
+      expect(await within(closed, 5_000)).toBeUndefined();
+      for (let i = 0; i < 50 && (await cancelledStreams()) === before; i++) await Bun.sleep(50);
+      expect(await cancelledStreams()).toBe(before + 1);
+    } finally {
+      socket.destroy();
+    }
+  }, 20_000);
 });

@@ -18,7 +18,7 @@ import {
 } from "../gen/gateway/v1/gateway_pb.ts";
 import { bearerToken } from "../lib/auth.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
-import { activeTrace, type Call, type ChatOutcome, type GatewayCore } from "./core.ts";
+import type { Call, ChatOutcome, GatewayCore } from "./core.ts";
 import { bodyTooLarge, cancelled, GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
 
 /** The call the request gate began for an RPC before its body was read. */
@@ -109,13 +109,8 @@ export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number
  * OpenAI parameters carried as typed messages. Every response carries x-request-id.
  */
 export function createGatewayService(core: GatewayCore): ServiceImpl<typeof GatewayService> {
-  const begin = (endpoint: Endpoint, ctx: HandlerContext): Call => {
-    const gated = takeGatedCall(ctx);
-    if (!gated) return beginCall(core, endpoint, ctx);
-    // The gate runs before the RPC's span starts: the call it began joins the span in its handler.
-    if (gated.metrics.traceId === "") Object.assign(gated.metrics, activeTrace());
-    return gated;
-  };
+  // The gate runs inside the RPC's interceptors: the call it began is already in the RPC's span.
+  const begin = (endpoint: Endpoint, ctx: HandlerContext): Call => takeGatedCall(ctx) ?? beginCall(core, endpoint, ctx);
 
   /** The key's check, the gate's refusal when billing could not answer it, counted under the model named. */
   const authorize = async (call: Call, ctx: HandlerContext, message: { model: string } | undefined) => {
@@ -168,6 +163,8 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
     async *streamChatCompletion(req, ctx) {
       const call = begin(Endpoint.CHAT_COMPLETIONS, ctx);
       let last: ChatCompletionChunk | undefined;
+      // What is thrown in while a message is handed out is its write failing: the client left.
+      let sending = false;
       try {
         const stream = await core.handle(call, async () => {
           await authorize(call, ctx, req.params);
@@ -176,8 +173,11 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
         setLimitHeaders(call, ctx);
         for await (const chunk of stream) {
           last = chunk;
+          sending = true;
           yield streamResponse(chunk);
+          sending = false;
         }
+        sending = true;
         yield create(StreamChatCompletionResponseSchema, {
           id: last?.id ?? "",
           created: int64Of(last?.created),
@@ -185,7 +185,7 @@ export function createGatewayService(core: GatewayCore): ServiceImpl<typeof Gate
           accounting: accounting(stream.outcome as StreamOutcome, call.requestId),
         });
       } catch (e) {
-        throw failed(call, ctx, e);
+        throw failed(call, ctx, sending ? cancelled() : e);
       }
     },
 

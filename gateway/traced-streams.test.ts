@@ -122,3 +122,37 @@ test("a REST stream failing midway logs and meters its request's trace", async (
   const row = await gateway.row(requestId);
   expect([row.traceId, row.spanId]).toEqual([restTrace, spanId]);
 });
+
+test("an RPC the key gate refuses is counted with its code and traced, its key check inside the call's span", async () => {
+  const calls = [
+    { key: undefined, trace: "6bf92f3577b34da6a3ce929d0e0e4738" },
+    { key: "sk-unknown", trace: "7bf92f3577b34da6a3ce929d0e0e4739" },
+    { key: "sk-good", trace: "8bf92f3577b34da6a3ce929d0e0e473a" },
+  ];
+  const codes = [];
+  for (const { key, trace } of calls) {
+    codes.push(
+      await gateway
+        .rpc(key)
+        .listModels({}, { headers: { traceparent: `00-${trace}-${clientSpanId}-01` } })
+        .then(
+          () => "ok",
+          (e: unknown) => Code[ConnectError.from(e).code],
+        ),
+    );
+  }
+  expect(codes).toEqual(["Unauthenticated", "Unauthenticated", "ok"]);
+
+  const handled = (await metrics.registry.getSingleMetric("rpc_server_handled_total")?.get())?.values ?? [];
+  const listModels = handled.filter((v) => v.labels.rpc_method === "ListModels").map((v) => [v.labels.code, v.value]);
+  expect(listModels).toEqual(expect.arrayContaining([["unauthenticated", 2], ["ok", 1]]));
+
+  const spans = calls.map(({ trace }) =>
+    exporter.getFinishedSpans().find((s) => s.spanContext().traceId === trace && s.name === "gateway.v1.GatewayService/ListModels"),
+  );
+  expect(spans.map((s) => s?.status.code)).toEqual([SpanStatusCode.ERROR, SpanStatusCode.ERROR, SpanStatusCode.UNSET]);
+  expect(spans.map((s) => s?.attributes["rpc.grpc.status_code"])).toEqual([Code.Unauthenticated, Code.Unauthenticated, undefined]);
+  // The key checked at the gate, refused or not, is a step of the call's own span.
+  expect(children(spans[1] as ReadableSpan)).toContain("gateway.authorize_key");
+  expect(children(spans[2] as ReadableSpan)).toContain("gateway.authorize_key");
+});

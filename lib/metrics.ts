@@ -1,4 +1,5 @@
-import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { ConnectError, type Interceptor } from "@connectrpc/connect";
+import { codeToString } from "@connectrpc/connect/protocol-connect";
 import { collectDefaultMetrics, Counter, Histogram, Registry } from "prom-client";
 import { onStreamEnd } from "./streams.ts";
 
@@ -55,7 +56,8 @@ export function createMetrics(service: string): Metrics {
   const observe = (counter: Counter, histogram: Histogram, wholeStreams: boolean): Interceptor => (next) => async (req) => {
     const start = performance.now();
     const record = (error?: unknown) => {
-      const code = error === undefined ? "ok" : Code[ConnectError.from(error).code].toLowerCase();
+      // Connect's own names for codes, as its clients and grpcurl print them: permission_denied, resource_exhausted.
+      const code = error === undefined ? "ok" : codeToString(ConnectError.from(error).code);
       const labels = { rpc_service: req.service.typeName, rpc_method: req.method.name, code };
       counter.inc(labels);
       histogram.observe(labels, (performance.now() - start) / 1000);

@@ -1,15 +1,22 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { Code, ConnectError } from "@connectrpc/connect";
+import { SpanStatusCode } from "@opentelemetry/api";
+import { InMemorySpanExporter } from "@opentelemetry/sdk-trace";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { createLogger } from "./log.ts";
+import { createMetrics } from "./metrics.ts";
 import { adminMessageBytes, guardedRoutes, orgMessageBytes } from "./routes.ts";
 import { createServiceClient } from "./rpc-client.ts";
 import { type RunningServer, startServer } from "./server.ts";
+import { setupTelemetry } from "./telemetry.ts";
 import { answerToHead } from "./testing.ts";
 
 const adminToken = "routes-admin-token-0123456789";
 let server: RunningServer;
 let recorded = 0;
+const exporter = new InMemorySpanExporter();
+const telemetry = setupTelemetry({ service: "guarded", version: "0", exporter });
+const metrics = createMetrics("guarded");
 
 beforeAll(async () => {
   server = await startServer({
@@ -17,6 +24,8 @@ beforeAll(async () => {
     port: 0,
     host: "127.0.0.1",
     log: createLogger({ service: "test", write: () => {} }),
+    interceptors: [telemetry.serverInterceptor, metrics.serverInterceptor],
+    registry: metrics.registry,
     routes: guardedRoutes(
       BillingService,
       {
@@ -60,6 +69,37 @@ describe("guarded routes", () => {
     const nobody = createServiceClient(BillingService, { baseUrl: server.url });
     expect(await code(nobody.listInvoices({ orgId: "org_1" }))).toBe(Code.Unauthenticated);
     expect(recorded).toBe(0);
+  });
+
+  test("a call the gate refuses is counted and traced with the code its caller got", async () => {
+    // As Prometheus scrapes it.
+    const handled = async () => {
+      const text = await (await fetch(`${server.url}/metrics`)).text();
+      const counted = /^rpc_server_handled_total\{[^}]*rpc_method="ListOrganizations",code="(\w+)"[^}]*\} (\d+)$/gm;
+      return [...text.matchAll(counted)].map((m) => [m[1] as string, Number(m[2])] as const);
+    };
+    const before = new Map(await handled());
+    const call = (token: string | undefined) =>
+      code(createServiceClient(BillingService, { baseUrl: server.url, bearerToken: token }).listOrganizations({}));
+    expect([await call(undefined), await call("sk-mesh-somebody"), await call(adminToken)]).toEqual([
+      Code.Unauthenticated,
+      Code.PermissionDenied,
+      "ok",
+    ]);
+    const added = (await handled()).map(([code, value]) => [code, value - (before.get(code) ?? 0)]);
+    expect(added).toEqual(
+      expect.arrayContaining([
+        ["unauthenticated", 1],
+        ["permission_denied", 1],
+        ["ok", 1],
+      ]),
+    );
+    const spans = exporter.getFinishedSpans().filter((s) => s.name === "billing.v1.BillingService/ListOrganizations");
+    expect(spans.slice(-3).map((s) => [s.status.code, s.attributes["rpc.grpc.status_code"]])).toEqual([
+      [SpanStatusCode.ERROR, Code.Unauthenticated],
+      [SpanStatusCode.ERROR, Code.PermissionDenied],
+      [SpanStatusCode.UNSET, undefined],
+    ]);
   });
 
   test("each method reads at most its own size of message", async () => {

@@ -1,20 +1,15 @@
 import * as http from "node:http";
 import * as http2 from "node:http2";
 import * as net from "node:net";
-import {
-  type ConnectRouter,
-  type ContextValues,
-  createContextValues,
-  type HandlerContext,
-  type Interceptor,
-} from "@connectrpc/connect";
+import { type ConnectRouter, type ContextValues, createContextValues, type Interceptor } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Registry } from "prom-client";
 import { Health } from "../gen/grpc/health/v1/health_pb.ts";
 import type { CorsPolicy } from "./cors.ts";
-import { connectionKey, createReadinessPoller, registerHealth } from "./health.ts";
+import { gatedInterceptors, type RequestGate, routerWithGates } from "./gates.ts";
 import { sendGrpcMessageAsSpecified } from "./grpc-message.ts";
 import { isGrpcWebText, transcodeGrpcWebText } from "./grpc-web-text.ts";
+import { connectionKey, createReadinessPoller, registerHealth } from "./health.ts";
 import type { Logger } from "./log.ts";
 import { registerReflection } from "./reflection.ts";
 
@@ -38,9 +33,10 @@ export interface ServerOptions {
   port: number;
   host?: string;
   routes: (router: ConnectRouter) => void;
+  /** Run from an RPC's request gate on (its own or this one), so a call a gate refuses is traced and counted too. */
   interceptors?: Interceptor[];
   /** Runs once an RPC's headers are in, before its body is read: throw a ConnectError to answer without reading it. */
-  requestGate?: (context: HandlerContext) => void | Promise<void>;
+  requestGate?: RequestGate;
   contextValues?: (req: NodeRequest) => ContextValues;
   http?: HttpRoutes;
   /** Checked once a second at most, for /readyz, Health/Check and every Health/Watch stream together. */
@@ -59,7 +55,8 @@ export interface ServerOptions {
   /**
    * How long a connection may have nothing to do (65 s by default, past a load balancer's usual 60 s): silent before
    * its first byte, an HTTP/1.1 connection between requests or while a request's head arrives, an HTTP/2 connection
-   * without streams. Node's own timeouts do part of this, but Bun's node:http enforces none of them.
+   * without streams. Node's own timeouts do part of this, but Bun's node:http enforces none of them. A response
+   * (a streamed RPC's, say) whose client takes none of it for as long is cut: its connection or HTTP/2 stream.
    */
   connectionIdleTimeoutMs?: number;
   /** Which browser origins may call, answered on every route (RPCs, HTTP routes, ops); none when unset. */
@@ -95,9 +92,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   const readiness = createReadinessPoller(options.readiness ?? alwaysReady);
   // Paths whose request is a stream of messages: its body lasts as long as the call.
   const streamingRequests = new Set<string>();
+  const intercepted = gatedInterceptors(options.interceptors ?? []);
   const rpc = connectNodeAdapter({
     routes: (router) => {
-      options.routes(router);
+      options.routes(routerWithGates(router, intercepted.gate));
       for (const h of router.handlers) {
         if (h.method.methodKind === "client_streaming" || h.method.methodKind === "bidi_streaming") {
           streamingRequests.add(h.requestPath);
@@ -111,8 +109,8 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       });
       registerReflection(router, [...services, Health]);
     },
-    interceptors: options.interceptors,
-    requestGate: options.requestGate,
+    interceptors: [intercepted.interceptor],
+    requestGate: options.requestGate && intercepted.gate(options.requestGate),
     contextValues: (req) =>
       (options.contextValues?.(req) ?? createContextValues()).set(
         connectionKey,
@@ -161,6 +159,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     }
     const path = req.url ?? "/";
     if (mayHaveBody(req) && !streamingRequests.has(path.split("?")[0] ?? path)) limitBodyTime(req, res, bodyTimeoutMs);
+    limitWriteWait(req, res, idleMs);
     try {
       if (options.cors) {
         const headers = headersOf(req.headers);
@@ -277,14 +276,55 @@ function mayHaveBody(req: NodeRequest): boolean {
  * stream reset. Listening for the body's end reads nothing.
  */
 function limitBodyTime(req: NodeRequest, res: NodeResponse, ms: number): void {
-  const cut =
-    req.httpVersionMajor === 2
-      ? () => (req as http2.Http2ServerRequest).stream.close(http2.constants.NGHTTP2_CANCEL)
-      : () => req.socket.destroy();
-  const timer = setTimeout(cut, ms);
+  const timer = setTimeout(() => cut(req), ms);
   const done = () => clearTimeout(timer);
   req.once("end", done);
   res.once("close", done);
+}
+
+/**
+ * Gives up on a response whose client takes none of it for `ms` while a write waits to go out (on HTTP/2, its
+ * stream's window stays full): the client is gone all but in name, and a stream's handler would wait on the write,
+ * holding its upstream call, until the request's own time limit. It is cut as a late body is.
+ *
+ * connect-node waits on each write for its callback, "drain" or "error", and Bun gets it wrong when the response
+ * closes first: node:http2 sends none of them, so the handler's stream would never end, and node:http calls back with
+ * ERR_SOCKET_CLOSED, which connect-node takes for a fault of the server's (Internal, logged). Either is settled here
+ * as the client's leaving.
+ */
+function limitWriteWait(req: NodeRequest, res: NodeResponse, ms: number): void {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const wentOut = () => {
+    clearTimeout(timer);
+    timer = undefined;
+  };
+  type Write = (chunk: unknown, encoding?: unknown, callback?: (error?: Error | null) => void) => boolean;
+  const write = res.write.bind(res) as Write;
+  (res as { write: Write }).write = (chunk, encoding, callback) => {
+    const then = typeof encoding === "function" ? (encoding as typeof callback) : callback;
+    const flushed = write(chunk, typeof encoding === "function" ? undefined : encoding, (error) =>
+      then?.(error ? clientLeft(error) : error),
+    );
+    if (!flushed) timer ??= setTimeout(() => cut(req), ms);
+    return flushed;
+  };
+  res.on("drain", wentOut);
+  res.once("close", () => {
+    // Only connect-node listens for errors, and only while its write waits.
+    if (timer !== undefined && res.listenerCount("error") > 0) res.emit("error", clientLeft());
+    wentOut();
+  });
+}
+
+/** What connect-node reads as a client that hung up (Aborted, not logged), as it reads a destroyed stream on Node. */
+function clientLeft(cause?: Error): Error {
+  return Object.assign(new Error("the client left before the response went out", { cause }), { code: "ERR_STREAM_DESTROYED" });
+}
+
+/** Ends a request for good: its HTTP/1.1 connection closed, its HTTP/2 stream reset (the session's others go on). */
+function cut(req: NodeRequest): void {
+  if (req.httpVersionMajor === 2) (req as http2.Http2ServerRequest).stream.close(http2.constants.NGHTTP2_CANCEL);
+  else req.socket.destroy();
 }
 
 async function serveOps(

@@ -7,20 +7,19 @@ import type { RestApp, RestRequest } from "./app.ts";
 /**
  * Serves a RestApp on startServer's node:http(2) requests, for paths under `prefix`. Requests are
  * handed over as they are (no Fetch Request or Headers built) and streams written with back-pressure: a stream whose
- * client takes nothing for `stalledMs` (the service ports' idle limit by default) is ended, its connection closed
- * (HTTP/1.1) or its stream reset (HTTP/2), and so is one whose events are cut off while a write waits.
+ * client takes nothing for the server's idle limit is cut by the server, as an RPC's is, and one whose events are cut
+ * off while a write waits is ended here, its connection closed (HTTP/1.1) or its stream reset (HTTP/2).
  */
-export function restRoutes(app: RestApp, options: { prefix?: string; stalledMs?: number } = {}): HttpRoutes {
+export function restRoutes(app: RestApp, options: { prefix?: string } = {}): HttpRoutes {
   const prefix = options.prefix ?? "/v1/";
-  const stalledMs = options.stalledMs ?? 65_000;
   return (req, res) => {
     const url = req.url ?? "/";
     if (!url.startsWith(prefix)) return false;
-    return serve(app, req, res, url, stalledMs).then(() => true);
+    return serve(app, req, res, url).then(() => true);
   };
 }
 
-async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: string, stalledMs: number): Promise<void> {
+async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: string): Promise<void> {
   const gone = new AbortController();
   res.once("close", () => {
     if (!res.writableFinished) gone.abort();
@@ -47,7 +46,7 @@ async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: str
     while (!gone.signal.aborted) {
       const { done, value } = await events.next();
       if (done) break;
-      if (!out.write(value) && !(await drained(res, stalledMs, response.cutOff))) {
+      if (!out.write(value) && !(await drained(res, response.cutOff))) {
         ended = true;
         break;
       }
@@ -60,13 +59,12 @@ async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: str
 }
 
 /**
- * Whether what was written went out: false, the response ended, when the client took nothing for `stalledMs`, when
- * the events were cut off first, or when it left.
+ * Whether what was written went out: false, the response ended, when the events were cut off first, or when the
+ * client left (or, taking nothing for the idle limit, was cut).
  */
-function drained(res: NodeResponse, stalledMs: number, cutOff: AbortSignal | undefined): Promise<boolean> {
+function drained(res: NodeResponse, cutOff: AbortSignal | undefined): Promise<boolean> {
   return new Promise((resolve) => {
     const done = (wentOut: boolean) => {
-      clearTimeout(timer);
       res.off("drain", drain);
       res.off("close", close);
       cutOff?.removeEventListener("abort", end);
@@ -79,7 +77,6 @@ function drained(res: NodeResponse, stalledMs: number, cutOff: AbortSignal | und
       if ("stream" in res) res.stream.close(constants.NGHTTP2_CANCEL);
       else res.destroy();
     };
-    const timer = setTimeout(end, stalledMs);
     if (cutOff?.aborted) return end();
     res.on("drain", drain);
     res.on("close", close);

@@ -78,9 +78,10 @@ export async function startTestGateway(
     routes: (router) => router.service(GatewayService, createGatewayService(core)),
     interceptors: options.interceptors,
     requestGate: options.gated ? createGatewayRequestGate(core, maxBodyBytes) : undefined,
-    http: restRoutes(rest, { stalledMs: (options.idleTimeoutSeconds ?? 65) * 1000 }),
+    http: restRoutes(rest),
     log,
     cors: options.cors,
+    connectionIdleTimeoutMs: options.idleTimeoutSeconds === undefined ? undefined : options.idleTimeoutSeconds * 1000,
   });
 
   /** The metrics row of a request, once it has been recorded. */

@@ -1,0 +1,111 @@
+import { AsyncLocalStorage } from "node:async_hooks";
+import {
+  type ConnectRouter,
+  createContextKey,
+  type HandlerContext,
+  type Interceptor,
+  type StreamRequest,
+  type UnaryRequest,
+} from "@connectrpc/connect";
+
+/** A request gate: runs once an RPC's headers are in, before its body is read; throws a ConnectError to refuse it. */
+export type RequestGate = (context: HandlerContext) => void | Promise<void>;
+
+type Next = Parameters<Interceptor>[0];
+type Answer = Awaited<ReturnType<Next>>;
+
+/** A call whose interceptors began at its gate, waiting for its handler. */
+interface BegunCall {
+  /** Hands the handler's answer to the interceptors, once. */
+  handOver(answer: Promise<Answer>): void;
+  /** What the interceptors made of it. */
+  answer: Promise<Answer>;
+  /** Runs in the context the interceptors gave the call (its span). */
+  within: <T>(fn: () => T) => T;
+}
+
+const begunCall = createContextKey<BegunCall | undefined>(undefined);
+
+/**
+ * A call's interceptors, run from its request gate on rather than from its handler: connect runs a gate before any
+ * interceptor, so a call the gate turns away would be neither traced nor counted, and what the gate does (a key
+ * check, billing's AuthorizeKey) would fall outside the call's span. `gate` wraps each gate so that it runs inside
+ * the interceptors; `interceptor` is then the only one connect is given: it hands a gated call's handler to the
+ * interceptors begun at its gate, and runs them itself for a call without a gate.
+ */
+export function gatedInterceptors(interceptors: Interceptor[]) {
+  const run = (next: Next) => interceptors.reduceRight((inner, outer) => outer(inner), next);
+
+  const gate =
+    (inner: RequestGate): RequestGate =>
+    async (ctx) => {
+      let handOver: BegunCall["handOver"] = () => {};
+      const handler = new Promise<Answer>((resolve, reject) => {
+        handOver = resolve;
+        // Every RPC's signal aborts once it is answered: one answered before its handler ran (its message too large or
+        // unreadable) ends its interceptors with why.
+        ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason), { once: true });
+      });
+      let within: BegunCall["within"] = (fn) => fn();
+      let passed = () => {};
+      const through = new Promise<void>((resolve) => (passed = resolve));
+      const answer = run(async () => {
+        await inner(ctx);
+        within = AsyncLocalStorage.snapshot();
+        passed();
+        return handler;
+      })(requestOf(ctx));
+      // Connect awaits the answer through `interceptor`; a call refused or answered before its handler leaves it, or
+      // the handler's, failed and unawaited.
+      answer.catch(() => {});
+      handler.catch(() => {});
+      // A refusal comes out of the interceptors as they left it, counted and traced.
+      await Promise.race([through, answer]);
+      ctx.values.set(begunCall, { handOver, answer, within });
+    };
+
+  const interceptor: Interceptor = (next) => async (req) => {
+    const begun = req.contextValues.get(begunCall);
+    if (!begun) return run(next)(req);
+    begun.handOver(begun.within(() => next(req)));
+    return begun.answer;
+  };
+
+  return { gate, interceptor };
+}
+
+/** A router whose methods' own request gates run inside the interceptors too. */
+export function routerWithGates(router: ConnectRouter, gate: (inner: RequestGate) => RequestGate): ConnectRouter {
+  type Options = Parameters<ConnectRouter["rpc"]>[2];
+  const wrapped = (options: Options): Options =>
+    options?.requestGate ? { ...options, requestGate: gate(options.requestGate) } : options;
+  const gated: ConnectRouter = {
+    get handlers() {
+      return router.handlers;
+    },
+    service(service, impl, options) {
+      router.service(service, impl, wrapped(options));
+      return gated;
+    },
+    rpc(method, impl, options) {
+      router.rpc(method, impl, wrapped(options));
+      return gated;
+    },
+  };
+  return gated;
+}
+
+/** The call as its interceptors see it, before its message is read: they look at its method and headers. */
+function requestOf(ctx: HandlerContext): UnaryRequest | StreamRequest {
+  return {
+    stream: ctx.method.methodKind !== "unary",
+    service: ctx.service,
+    method: ctx.method,
+    requestMethod: ctx.requestMethod,
+    url: ctx.url,
+    signal: ctx.signal,
+    header: ctx.requestHeader,
+    contextValues: ctx.values,
+    message: undefined,
+  } as unknown as UnaryRequest | StreamRequest;
+}
