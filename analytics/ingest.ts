@@ -49,7 +49,7 @@ export const defaultIngestOptions: IngestOptions = {
   // (and the gateways' windows) must cover a couple of flushes' latency or throughput stalls.
   maxBufferedRows: 100_000,
   // Rows with large tags take up to about 45 KB each: this keeps them, and their copies encoded for ClickHouse
-  // while flushes run, well inside a 512 MiB container beside the process's own ~150 MB.
+  // while flushes run, inside the manifests' 1 GiB container beside the process's own ~150 MB.
   maxBufferedBytes: 128 * 1024 * 1024,
   // One insert is encoded while the engine writes another.
   insertConcurrency: 2,

@@ -29,6 +29,8 @@ function createAnalyticsFake() {
     /** Break the current stream right after receiving this many batches on it (without acking the last). */
     breakAfter: undefined as number | undefined,
     acking: true,
+    /** Wait this long before each ack, one batch after another (an analytics behind a backlog). */
+    ackDelayMs: 0,
     /** Fail every stream this long after its first batch arrives (as analytics does when billing is down). */
     failAfterMs: undefined as number | undefined,
     /** When each stream was opened, and when each failed by failAfterMs. */
@@ -56,6 +58,7 @@ function createAnalyticsFake() {
               fake.breakAfter = undefined;
               throw new ConnectError("analytics crashed", Code.Unavailable);
             }
+            if (fake.ackDelayMs > 0) await Bun.sleep(fake.ackDelayMs);
             if (fake.acking) yield { ackedSequence: req.sequence };
           }
         },
@@ -197,6 +200,17 @@ describe("metrics shipper", () => {
     expect(await shipper.flush(3000)).toBe(true);
     expect(analytics.streams.length).toBeGreaterThanOrEqual(2);
     expect(analytics.received.map((b) => b.sequence)).toEqual([1n, 1n]);
+  });
+
+  test("a stream acking steadily behind a backlog is kept, however long its last batch waits", async () => {
+    // Each ack comes 60 ms after the last: the last of 20 batches sent at once waits over a second for its ack.
+    const { analytics, shipper } = setup({ ackTimeoutMs: 300 });
+    analytics.ackDelayMs = 60;
+    shipper.start();
+    for (let i = 0; i < 200; i++) shipper.record(row(i));
+    expect(await shipper.flush(10_000)).toBe(true);
+    expect(analytics.streams).toHaveLength(1);
+    expect(analytics.requestIds()).toEqual(ids(0, 200));
   });
 
   test("a stream that takes batches and never acks them was not up: each reconnect waits longer", async () => {

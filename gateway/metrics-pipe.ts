@@ -32,7 +32,7 @@ export interface MetricsShipperOptions {
   /** Reconnect delay: doubles from base to max, with jitter. */
   backoffBaseMs?: number;
   backoffMaxMs?: number;
-  /** A batch unacked this long means a stuck stream: reconnect and resend. */
+  /** No ack this long while a batch waits for one means a stuck stream: reconnect and resend. */
   ackTimeoutMs?: number;
   registry?: Registry;
   random?: () => number;
@@ -84,6 +84,8 @@ interface Stream {
   inFlightRows: number;
   /** Highest sequence sent on this stream; batches are sent in sequence order. */
   lastSent: bigint;
+  /** When analytics last acked a batch on this stream (performance.now()). */
+  lastAckAt: number;
 }
 
 /**
@@ -253,6 +255,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   };
 
   const onAck = (s: Stream, sequence: bigint) => {
+    s.lastAckAt = performance.now();
     const sent = s.inFlight.get(sequence);
     if (sent) {
       s.inFlight.delete(sequence);
@@ -282,6 +285,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       inFlight: new Map(),
       inFlightRows: 0,
       lastSent: -1n,
+      lastAckAt: 0,
     };
     stream = s;
     pump();
@@ -294,8 +298,12 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     }, settleMs);
     const watchdog = setInterval(
       () => {
+        // Stuck is no ack for that long while batches wait: a stream acking steadily behind a backlog (several gateways
+        // catching up at once) is slow, and resending its window would only add to the backlog.
         const oldest = s.inFlight.values().next().value;
-        if (oldest && performance.now() - oldest.sentAt > ackTimeoutMs) s.abort.abort(new Error("ack timeout"));
+        if (oldest && performance.now() - Math.max(oldest.sentAt, s.lastAckAt) > ackTimeoutMs) {
+          s.abort.abort(new Error("ack timeout"));
+        }
       },
       Math.min(ackTimeoutMs, 1000),
     );
