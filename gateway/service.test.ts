@@ -1,3 +1,4 @@
+import * as http2 from "node:http2";
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { trace } from "@opentelemetry/api";
@@ -9,7 +10,7 @@ import { createServiceClient } from "../lib/rpc-client.ts";
 import { type RunningServer, startServer } from "../lib/server.ts";
 import { createRestApp } from "./http/app.ts";
 import { restRoutes } from "./http/node.ts";
-import { createGatewayRequestGate, createGatewayService } from "./service.ts";
+import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "./service.ts";
 import { createTestCore } from "./testing.ts";
 import { startFakeUpstream } from "./testing/fake-upstream.ts";
 import { startTestGateway } from "./testing/served-gateway.ts";
@@ -23,7 +24,7 @@ beforeAll(async () => {
   server = await startServer({
     name: "gateway-test",
     port: 0,
-    routes: (router) => router.service(GatewayService, createGatewayService(gateway.core)),
+    routes: gatewayRoutes(createGatewayService(gateway.core), 4096),
     requestGate: createGatewayRequestGate(gateway.core, 4096),
     readMaxBytes: 4096,
     http: restRoutes(rest),
@@ -315,3 +316,159 @@ describe("the same server over plain HTTP", () => {
     expect(((await res.json()) as { models: Array<{ id: string }> }).models.map((m) => m.id)).toEqual(["mock"]);
   });
 });
+
+describe("request messages are held to the contract's limits before they are decoded", () => {
+  // As main.ts wires it: 4 MiB bodies, the limit applying after decompression.
+  const maxBodyBytes = 4 * 1024 * 1024;
+  let big: RunningServer;
+  beforeAll(async () => {
+    big = await startServer({
+      name: "gateway-test",
+      port: 0,
+      host: "127.0.0.1",
+      routes: gatewayRoutes(createGatewayService(gateway.core), maxBodyBytes),
+      requestGate: createGatewayRequestGate(gateway.core, maxBodyBytes),
+      readMaxBytes: maxBodyBytes,
+      log: gateway.log,
+    });
+  });
+  afterAll(() => big.close(0));
+
+  // CreateChatCompletionRequest{params{model: "mock", messages: 2,000,000 × empty ChatMessage}}: 4 MB on the wire,
+  // hundreds of megabytes once decoded.
+  const emptyMessages = 2_000_000;
+  const params = Buffer.concat([Buffer.from([0x0a, 0x04, ...Buffer.from("mock")]), Buffer.alloc(emptyMessages * 2)]);
+  for (let i = 6; i < params.length; i += 2) params[i] = 0x12;
+  const lengthPrefix = (n: number) => {
+    const bytes = [];
+    for (; n > 0x7f; n >>>= 7) bytes.push((n & 0x7f) | 0x80);
+    return Buffer.from([...bytes, n]);
+  };
+  const bomb = Buffer.concat([Buffer.from([0x0a]), lengthPrefix(params.length), params]);
+  const path = "/gateway.v1.GatewayService/CreateChatCompletion";
+
+  /** What answering `send` cost: its time, and the process's resident memory at its peak. */
+  async function cost<T>(send: () => Promise<T>): Promise<{ answer: T; ms: number; rssGrowth: number }> {
+    Bun.gc(true);
+    const before = process.memoryUsage().rss;
+    let peak = before;
+    const sample = setInterval(() => (peak = Math.max(peak, process.memoryUsage().rss)), 5);
+    const started = performance.now();
+    const answer = await send();
+    const ms = performance.now() - started;
+    clearInterval(sample);
+    peak = Math.max(peak, process.memoryUsage().rss);
+    return { answer, ms, rssGrowth: peak - before };
+  }
+
+  const connectPost = (body: Uint8Array, headers: Record<string, string> = {}) =>
+    fetch(`${big.url}${path}`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/proto", ...headers },
+      body,
+    }).then(async (res) => ({ status: res.status, body: (await res.json()) as { code: string; message: string }, requestId: res.headers.get("x-request-id") }));
+
+  const refusal = (length: number) =>
+    `Invalid 'messages': array too long. Expected an array with maximum length 2048, but got an array with length ${length} instead.`;
+
+  test("2,000,000 empty chat messages over Connect are refused cheaply as invalid_argument, and metered", async () => {
+    const { answer, ms, rssGrowth } = await cost(() => connectPost(bomb));
+    expect(ms).toBeLessThan(1000);
+    expect(rssGrowth).toBeLessThan(64 * 1024 * 1024);
+    expect(answer.status).toBe(400);
+    expect(answer.body).toEqual({ code: "invalid_argument", message: refusal(emptyMessages) });
+    const row = await waitForRow(answer.requestId ?? "");
+    expect(row).toMatchObject({ status: RequestStatus.INVALID_REQUEST, orgId: "org_1", errorCode: "array_above_max_length" });
+  });
+
+  test("the same message gzipped (3.9 KB) is held to the limit once decompressed", async () => {
+    const gzipped = Bun.gzipSync(bomb, { level: 9 });
+    expect(gzipped.length).toBeLessThan(10_000);
+    const { answer, ms, rssGrowth } = await cost(() => connectPost(gzipped, { "content-encoding": "gzip" }));
+    expect(ms).toBeLessThan(1000);
+    expect(rssGrowth).toBeLessThan(64 * 1024 * 1024);
+    expect(answer.body).toEqual({ code: "invalid_argument", message: refusal(emptyMessages) });
+  });
+
+  test("over gRPC, compressed and not, the answer is InvalidArgument", async () => {
+    const session = http2.connect(big.url);
+    try {
+      for (const compressed of [false, true]) {
+        const message = compressed ? Bun.gzipSync(bomb) : bomb;
+        const envelope = Buffer.alloc(5);
+        envelope[0] = compressed ? 1 : 0;
+        envelope.writeUInt32BE(message.length, 1);
+        const { answer, ms, rssGrowth } = await cost(
+          () =>
+            new Promise<Record<string, unknown>>((resolve, reject) => {
+              const stream = session.request({
+                ":method": "POST",
+                ":path": path,
+                "content-type": "application/grpc",
+                te: "trailers",
+                authorization: "Bearer sk-good",
+                ...(compressed ? { "grpc-encoding": "gzip" } : {}),
+              });
+              let status: Record<string, unknown> = {};
+              stream.on("response", (headers) => (status = { ...headers }));
+              stream.on("trailers", (trailers) => (status = { ...status, ...trailers }));
+              stream.on("error", reject);
+              stream.on("close", () => resolve(status));
+              stream.resume();
+              stream.end(Buffer.concat([envelope, message]));
+            }),
+        );
+        expect(ms).toBeLessThan(1000);
+        expect(rssGrowth).toBeLessThan(64 * 1024 * 1024);
+        expect(answer["grpc-status"]).toBe(String(Code.InvalidArgument));
+        expect(decodeURIComponent(String(answer["grpc-message"]))).toBe(refusal(emptyMessages));
+      }
+    } finally {
+      session.close();
+    }
+  });
+
+  test("a message of more values than any real request holds is refused whatever field holds them", async () => {
+    // 2,048 messages of 60 empty content parts each: within every list limit, 124,928 values in all.
+    const parts = Buffer.alloc(60 * 2, Buffer.from([0x1a, 0x00]));
+    const message = Buffer.concat([Buffer.from([0x12, parts.length]), parts]);
+    const many = Buffer.concat([Buffer.from([0x0a, 0x04, ...Buffer.from("mock")]), ...Array(2048).fill(message)]);
+    const answer = await connectPost(Buffer.concat([Buffer.from([0x0a]), lengthPrefix(many.length), many]));
+    expect(answer.body).toEqual({
+      code: "invalid_argument",
+      message: "The request message holds more than 100000 nested messages and list elements.",
+    });
+  });
+
+  test("Connect JSON of 4 MB of empty objects is refused before it is parsed", async () => {
+    const json = `{"params":{"model":"mock","messages":[${Array(1_300_000).fill("{}").join(",")}]}}`;
+    const { answer, ms, rssGrowth } = await cost(() => connectPost(Buffer.from(json), { "content-type": "application/json" }));
+    expect(ms).toBeLessThan(1000);
+    expect(rssGrowth).toBeLessThan(64 * 1024 * 1024);
+    expect(answer.body).toEqual({
+      code: "invalid_argument",
+      message: "The request message holds more than 100000 nested messages and list elements.",
+    });
+  });
+
+  test("a request of 2,048 messages, the most allowed, is answered", async () => {
+    const messages = Array.from({ length: 2048 }, (_, i) => ({ role: "user", content: `turn ${i}` }));
+    const res = await createServiceClient(GatewayService, { baseUrl: big.url, bearerToken: "sk-good" }).createChatCompletion({
+      params: { model: "mock", messages },
+    });
+    expect(res.choices[0]?.message?.content).toBe("mock reply: turn 2047");
+    const tooMany = await rpcError(
+      createServiceClient(GatewayService, { baseUrl: big.url, bearerToken: "sk-good" }).createChatCompletion({
+        params: { model: "mock", messages: [...messages, { role: "user", content: "one more" }] },
+      }),
+    );
+    expect(tooMany.code).toBe(Code.InvalidArgument);
+    expect(tooMany.rawMessage).toBe(refusal(2049));
+    expect(tooMany.metadata.get("x-error-code")).toBe("array_above_max_length");
+  });
+});
+
+async function waitForRow(requestId: string) {
+  for (let i = 0; i < 100 && !gateway.shipper.rows.some((m) => m.requestId === requestId); i++) await Bun.sleep(20);
+  return gateway.shipper.rows.find((m) => m.requestId === requestId);
+}

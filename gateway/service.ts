@@ -1,13 +1,15 @@
 import { create, type DescMethod } from "@bufbuild/protobuf";
-import { Code, ConnectError, createContextKey, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import { Code, ConnectError, type ConnectRouter, createContextKey, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { ChatCompletion, ChatCompletionChunk } from "openai/resources/chat/completions";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import {
   type ChatCompletionParams,
+  ChatCompletionParamsSchema,
   type ChatMessage,
   type CreateChatCompletionResponse,
   CreateChatCompletionResponseSchema,
   type CreateEmbeddingRequest,
+  CreateEmbeddingRequestSchema,
   CreateEmbeddingResponseSchema,
   GatewayService,
   type ListModelsResponse,
@@ -16,9 +18,13 @@ import {
   StreamChatCompletionResponseSchema,
 } from "../gen/gateway/v1/gateway_pb.ts";
 import { bearerToken } from "../lib/auth.ts";
+import { limitMessages } from "../lib/message-limits.ts";
+import { maxMessages, maxStops, maxTools } from "./chat-request.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
 import { activeTrace, type Call, type ChatOutcome, type GatewayCore } from "./core.ts";
-import { bodyTooLarge, cancelled, type GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
+import { maxInputs } from "./embedding-request.ts";
+import { bodyTooLarge, cancelled, GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
+import { arrayTooLong } from "./request-checks.ts";
 
 /** The call the request gate began for an RPC before its body was read. */
 const gatedCall = createContextKey<Call | undefined>(undefined);
@@ -57,6 +63,7 @@ const takeGatedCall = (ctx: HandlerContext): Call | undefined => {
 /** Why an RPC's message never reached its handler, in the REST API's terms. */
 function unreadMessage(reason: unknown, maxBodyBytes: number): GatewayError {
   const error = ConnectError.from(reason);
+  if (error.cause instanceof GatewayError) return error.cause;
   if (error.code === Code.ResourceExhausted) return bodyTooLarge(maxBodyBytes);
   if (error.code === Code.Canceled || error.code === Code.DeadlineExceeded) return cancelled();
   return invalidRequest(`The request message could not be read: ${error.rawMessage}`);
@@ -96,6 +103,40 @@ export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number
       throw failed(call, ctx, await core.handle(call, () => Promise.reject(denied)).catch((e: unknown) => e));
     }
   };
+}
+
+/**
+ * Most values (nested messages, list elements, map entries) one request message may decode into. Far above what the
+ * contract's own limits let a real request hold, far below the ~2 million empty elements that fit in a 4 MiB body and
+ * cost hundreds of bytes each once decoded.
+ */
+const maxMessageNodes = 100_000;
+
+const maxElements = new Map([
+  [ChatCompletionParamsSchema.field.messages, maxMessages],
+  [ChatCompletionParamsSchema.field.tools, maxTools],
+  [ChatCompletionParamsSchema.field.stop, maxStops],
+  [CreateEmbeddingRequestSchema.field.input, maxInputs],
+]);
+
+/**
+ * GatewayService's routes, each request message held to the contract's list limits and to maxMessageNodes before it
+ * is decoded: what the core would refuse after decoding is refused while it is still a few kilobytes of wire bytes.
+ */
+export function gatewayRoutes(service: ServiceImpl<typeof GatewayService>, maxBodyBytes: number) {
+  return (router: ConnectRouter) =>
+    limitMessages(router.service(GatewayService, service), {
+      maxBytes: maxBodyBytes,
+      maxNodes: maxMessageNodes,
+      maxElements,
+      refuse: (field, max, count) => {
+        const error = field
+          ? arrayTooLong(field.name, max, count)
+          : invalidRequest(`The request message holds more than ${max} nested messages and list elements.`);
+        // The error as REST words it; the request gate meters the call with it.
+        return new ConnectError(error.message, Code.InvalidArgument, toConnectError(error).metadata, undefined, error);
+      },
+    });
 }
 
 /**
