@@ -1,4 +1,6 @@
 import * as http2 from "node:http2";
+import * as grpc from "@grpc/grpc-js";
+import { loadSync } from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { trace } from "@opentelemetry/api";
@@ -472,3 +474,161 @@ async function waitForRow(requestId: string) {
   for (let i = 0; i < 100 && !gateway.shipper.rows.some((m) => m.requestId === requestId); i++) await Bun.sleep(20);
   return gateway.shipper.rows.find((m) => m.requestId === requestId);
 }
+
+describe("a client's deadline, and a client that leaves", () => {
+  // `lazy` answers after 3 s; `drip` streams one token every 100 ms.
+  const routes = [
+    "providers:",
+    "  - { name: lazy, kind: mock, latency_ms: 3000 }",
+    "  - { name: drip, kind: mock, chunk_latency_ms: 100 }",
+    "models:",
+    ...["lazy", "drip"].flatMap((name) => [
+      `  - name: ${name}`,
+      `    targets: [{ provider: ${name}, model: ${name}-1 }]`,
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+    ]),
+  ].join("\n");
+  let served: Awaited<ReturnType<typeof startTestGateway>>;
+  beforeAll(async () => {
+    served = await startTestGateway(routes, { gated: true });
+  });
+  afterAll(() => served.close());
+
+  const params = (model: string) => ({ params: { model, messages: [{ role: "user", content: "word ".repeat(100) }] } });
+  const unary = "/gateway.v1.GatewayService/CreateChatCompletion";
+  const streaming = "/gateway.v1.GatewayService/StreamChatCompletion";
+  const envelope = (json: unknown) => {
+    const message = Buffer.from(JSON.stringify(json));
+    const head = Buffer.alloc(5);
+    head.writeUInt32BE(message.length, 1);
+    return Buffer.concat([head, message]);
+  };
+
+  /** A gRPC call made by hand, so that only the server's answer (not a client's own timer) decides its status. */
+  function grpcCall(path: string, headers: Record<string, string>) {
+    const session = http2.connect(served.url);
+    return new Promise<{ status: string; requestId: string }>((resolve, reject) => {
+      const stream = session.request({ ":method": "POST", ":path": path, "content-type": "application/grpc+json", te: "trailers", authorization: "Bearer sk-good", ...headers });
+      let requestId = "";
+      let trailers: http2.IncomingHttpHeaders = {};
+      stream.on("response", (h) => {
+        requestId = String(h["x-request-id"] ?? "");
+        // A trailers-only answer carries its status in the headers.
+        trailers = h;
+      });
+      stream.on("trailers", (t) => (trailers = t));
+      stream.on("error", reject);
+      stream.on("close", () => {
+        session.close();
+        resolve({ status: String(trailers["grpc-status"]), requestId });
+      });
+      stream.resume();
+      stream.end(envelope(params(path === unary ? "lazy" : "drip")));
+    });
+  }
+
+  test("passing over Connect is deadline_exceeded (504), metered as a timeout, unary and streaming", async () => {
+    const res = await fetch(`${served.url}${unary}`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/json", "connect-timeout-ms": "300" },
+      body: JSON.stringify(params("lazy")),
+    });
+    expect(res.status).toBe(504);
+    expect(((await res.json()) as { code: string }).code).toBe("deadline_exceeded");
+    expect(await served.row(res.headers.get("x-request-id") ?? "")).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+
+    const stream = await fetch(`${served.url}${streaming}`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/connect+json", "connect-timeout-ms": "300" },
+      body: envelope(params("drip")),
+    });
+    const body = Buffer.from(await stream.arrayBuffer());
+    // The last envelope ends the stream with its error.
+    let end = "";
+    for (let pos = 0; pos < body.length; pos += 5 + body.readUInt32BE(pos + 1)) end = body.subarray(pos + 5, pos + 5 + body.readUInt32BE(pos + 1)).toString();
+    expect(JSON.parse(end)).toMatchObject({ error: { code: "deadline_exceeded" } });
+    const row = await served.row(stream.headers.get("x-request-id") ?? "");
+    expect(row).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+    // What streamed before the deadline is counted.
+    expect(row.usage?.outputTokens).toBeGreaterThan(0n);
+  });
+
+  test("passing over gRPC is DEADLINE_EXCEEDED, metered as a timeout, unary and streaming", async () => {
+    for (const path of [unary, streaming]) {
+      const answer = await grpcCall(path, { "grpc-timeout": "300m" });
+      expect(answer.status).toBe(String(Code.DeadlineExceeded));
+      expect(await served.row(answer.requestId)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+    }
+  });
+
+  /** A grpc-js client, which gives up at its deadline and resets the stream, racing the server's own timer. */
+  function grpcJsClient() {
+    const definition = loadSync("gateway/v1/gateway.proto", { includeDirs: ["proto", "third_party/proto"], keepCase: true, longs: String });
+    type Client = grpc.Client & {
+      StreamChatCompletion(req: unknown, m: grpc.Metadata, options?: grpc.CallOptions): grpc.ClientReadableStream<unknown>;
+      CreateChatCompletion(req: unknown, m: grpc.Metadata, options: grpc.CallOptions, done: (e: grpc.ServiceError | null) => void): void;
+    };
+    const { gateway } = grpc.loadPackageDefinition(definition) as unknown as {
+      gateway: { v1: { GatewayService: new (address: string, credentials: grpc.ChannelCredentials) => Client } };
+    };
+    return new gateway.v1.GatewayService(new URL(served.url).host, grpc.credentials.createInsecure());
+  }
+  const metadata = () => {
+    const m = new grpc.Metadata();
+    m.set("authorization", "Bearer sk-good");
+    return m;
+  };
+  /** The request id from a stream's headers, and the status it failed with. */
+  const streamFailure = (stream: grpc.ClientReadableStream<unknown>, onData = () => {}) =>
+    new Promise<{ code: number; requestId: string; chunks: number }>((resolve) => {
+      let requestId = "";
+      let chunks = 0;
+      stream.on("metadata", (m: grpc.Metadata) => (requestId = String(m.get("x-request-id")[0] ?? "")));
+      stream.on("data", () => (chunks++, onData()));
+      stream.on("error", (e: grpc.ServiceError) => resolve({ code: e.code, requestId, chunks }));
+    });
+
+  test("a grpc-js client's deadline is metered as a timeout, though its reset may reach the gateway first", async () => {
+    const client = grpcJsClient();
+    try {
+      for (let i = 0; i < 3; i++) {
+        const stream = client.StreamChatCompletion(params("drip"), metadata(), { deadline: Date.now() + 400 });
+        const { code, requestId, chunks } = await streamFailure(stream);
+        expect(code).toBe(grpc.status.DEADLINE_EXCEEDED);
+        expect(chunks).toBeGreaterThan(0);
+        const row = await served.row(requestId);
+        expect(row).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+        expect(row.usage?.outputTokens).toBeGreaterThan(0n);
+      }
+      const before = served.shipper.rows.length;
+      for (let i = 0; i < 3; i++) {
+        const code = await new Promise((resolve) =>
+          client.CreateChatCompletion(params("lazy"), metadata(), { deadline: Date.now() + 300 }, (e: grpc.ServiceError | null) => resolve(e?.code)),
+        );
+        expect(code).toBe(grpc.status.DEADLINE_EXCEEDED);
+      }
+      // The answer never reached the client, nor its request id: every row recorded since is one of these calls.
+      for (let i = 0; i < 100 && served.shipper.rows.length < before + 3; i++) await Bun.sleep(20);
+      expect(served.shipper.rows.slice(before).map((r) => r.status)).toEqual(Array(3).fill(RequestStatus.TIMEOUT));
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a grpc-js client that cancels a stream midway is metered cancelled with the tokens streamed so far", async () => {
+    const client = grpcJsClient();
+    try {
+      const stream = client.StreamChatCompletion(params("drip"), metadata());
+      let seen = 0;
+      const { code, requestId } = await streamFailure(stream, () => ++seen === 5 && stream.cancel());
+      expect(code).toBe(grpc.status.CANCELLED);
+      const row = await served.row(requestId);
+      // 100 words are 125 mock tokens at 100 ms each: the upstream was still sending when the client left.
+      expect(row).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499 });
+      expect(row.usage?.outputTokens).toBeGreaterThan(0n);
+      expect(row.usage?.outputTokens).toBeLessThan(20n);
+    } finally {
+      client.close();
+    }
+  });
+});

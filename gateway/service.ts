@@ -23,7 +23,7 @@ import { maxMessages, maxStops, maxTools } from "./chat-request.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
 import { activeTrace, type Call, type ChatOutcome, type GatewayCore } from "./core.ts";
 import { maxInputs } from "./embedding-request.ts";
-import { bodyTooLarge, cancelled, GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
+import { bodyTooLarge, cancelled, deadlineExceeded, GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
 import { arrayTooLong } from "./request-checks.ts";
 
 /** The call the request gate began for an RPC before its body was read. */
@@ -36,9 +36,28 @@ const endpoints = new Map<DescMethod, Endpoint>([
   [GatewayService.method.listModels, Endpoint.MODELS],
 ]);
 
+/** How close to its deadline an RPC whose client left counts as timed out rather than cancelled. */
+const deadlineSlackMs = 100;
+
+/**
+ * The RPC's signal, aborted with DeadlineExceeded when the client's deadline has (all but) passed: a gRPC client resets
+ * its stream at its deadline, which can arrive before the server's own timer for that deadline fires.
+ */
+function callSignal(ctx: HandlerContext): AbortSignal {
+  if (ctx.timeoutMs() === undefined) return ctx.signal;
+  const controller = new AbortController();
+  const forward = () => {
+    const passed = (ctx.timeoutMs() ?? Number.POSITIVE_INFINITY) <= deadlineSlackMs;
+    controller.abort(passed ? new ConnectError("the operation timed out", Code.DeadlineExceeded) : ctx.signal.reason);
+  };
+  if (ctx.signal.aborted) forward();
+  else ctx.signal.addEventListener("abort", forward, { once: true });
+  return controller.signal;
+}
+
 const beginCall = (core: GatewayCore, endpoint: Endpoint, ctx: HandlerContext): Call => {
   // Response headers reach the client on errors too, merged into the error's metadata.
-  const call = core.begin(endpoint, bearerToken(ctx.requestHeader), ctx.signal);
+  const call = core.begin(endpoint, bearerToken(ctx.requestHeader), callSignal(ctx));
   ctx.responseHeader.set("x-request-id", call.requestId);
   return call;
 };
@@ -65,7 +84,8 @@ function unreadMessage(reason: unknown, maxBodyBytes: number): GatewayError {
   const error = ConnectError.from(reason);
   if (error.cause instanceof GatewayError) return error.cause;
   if (error.code === Code.ResourceExhausted) return bodyTooLarge(maxBodyBytes);
-  if (error.code === Code.Canceled || error.code === Code.DeadlineExceeded) return cancelled();
+  if (error.code === Code.DeadlineExceeded) return deadlineExceeded();
+  if (error.code === Code.Canceled) return cancelled();
   return invalidRequest(`The request message could not be read: ${error.rawMessage}`);
 }
 
