@@ -24,7 +24,7 @@ import type { StreamOutcome } from "./chat-stream.ts";
 import { activeTrace, type Call, type ChatOutcome, type GatewayCore } from "./core.ts";
 import { maxInputs } from "./embedding-request.ts";
 import { bodyTooLarge, cancelled, deadlineExceeded, GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
-import { arrayTooLong } from "./request-checks.ts";
+import { arrayTooLong, maxRequestNodes } from "./request-checks.ts";
 
 /** The call the request gate began for an RPC before its body was read. */
 const gatedCall = createContextKey<Call | undefined>(undefined);
@@ -125,13 +125,6 @@ export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number
   };
 }
 
-/**
- * Most values (nested messages, list elements, map entries) one request message may decode into. Far above what the
- * contract's own limits let a real request hold, far below the ~2 million empty elements that fit in a 4 MiB body and
- * cost hundreds of bytes each once decoded.
- */
-const maxMessageNodes = 100_000;
-
 const maxElements = new Map([
   [ChatCompletionParamsSchema.field.messages, maxMessages],
   [ChatCompletionParamsSchema.field.tools, maxTools],
@@ -140,14 +133,14 @@ const maxElements = new Map([
 ]);
 
 /**
- * GatewayService's routes, each request message held to the contract's list limits and to maxMessageNodes before it
+ * GatewayService's routes, each request message held to the contract's list limits and to maxRequestNodes before it
  * is decoded: what the core would refuse after decoding is refused while it is still a few kilobytes of wire bytes.
  */
 export function gatewayRoutes(service: ServiceImpl<typeof GatewayService>, maxBodyBytes: number) {
   return (router: ConnectRouter) =>
     limitMessages(router.service(GatewayService, service), {
       maxBytes: maxBodyBytes,
-      maxNodes: maxMessageNodes,
+      maxNodes: maxRequestNodes,
       maxElements,
       refuse: (field, max, count) => {
         const error = field

@@ -60,13 +60,13 @@ async function* checkedBody(body: AsyncIterable<Uint8Array>, header: Headers, in
   const json = /[/+]json(;|$)/i.test(contentType);
   // A Connect unary body is the bare message; the other protocols wrap each message in an envelope.
   if (/^application\/(proto|json)(;|$)/i.test(contentType)) {
-    await check(input, await inflated(bytes, header.get("content-encoding"), limits.maxBytes), json, limits);
+    check(input, await inflated(bytes, header.get("content-encoding"), limits.maxBytes), json, limits);
   } else {
     const encoding = header.get("grpc-encoding") ?? header.get("connect-content-encoding");
     for (let pos = 0; pos + 5 <= bytes.length; ) {
       const length = bytes.readUInt32BE(pos + 1);
       const message = bytes.subarray(pos + 5, pos + 5 + length);
-      await check(input, (bytes[pos] ?? 0) & 1 ? await inflated(message, encoding, limits.maxBytes) : message, json, limits);
+      check(input, (bytes[pos] ?? 0) & 1 ? await inflated(message, encoding, limits.maxBytes) : message, json, limits);
       pos += 5 + length;
     }
   }
@@ -94,10 +94,11 @@ async function inflated(bytes: Uint8Array, encoding: string | null, maxBytes: nu
 const tooLarge = (size: number, maxBytes: number) =>
   new ConnectError(`message size ${size} is larger than configured readMaxBytes ${maxBytes}`, Code.ResourceExhausted);
 
-async function check(input: DescMessage, bytes: Uint8Array | undefined, json: boolean, limits: MessageLimits) {
+function check(input: DescMessage, bytes: Uint8Array | undefined, json: boolean, limits: MessageLimits): void {
   if (bytes === undefined) return;
   if (json) {
-    const nodes = jsonNodes(bytes, limits.maxNodes);
+    // Its depth is the decoder's to bound (a message's nesting is the schema's; a Struct's is counted in its nodes).
+    const { nodes } = jsonShape(bytes, Number.POSITIVE_INFINITY, limits.maxNodes);
     if (nodes > limits.maxNodes) throw limits.refuse(undefined, limits.maxNodes, nodes);
     return;
   }
@@ -247,19 +248,26 @@ function skip(w: Walk, wireType: number, fieldNo: number, depth: number): void {
 }
 
 /**
- * Objects and arrays in a JSON text, outside its strings: each becomes a value of its own once parsed (a message, a
- * list, a Struct), so their count is what decoding it costs. Stops counting past `max`.
+ * How a JSON text is built, by one scan of its characters outside strings: how many arrays and objects it holds (each
+ * a value of its own once parsed, so their count is what parsing it costs) and how deep they nest. Stops once either
+ * passes its bound. Bytes of UTF-8 or a string's UTF-16 code units alike: JSON's structural characters are ASCII.
  */
-function jsonNodes(bytes: Uint8Array, max: number): number {
+export function jsonShape(text: string | Uint8Array, maxDepth: number, maxNodes: number): { depth: number; nodes: number } {
+  const at = typeof text === "string" ? (i: number) => text.charCodeAt(i) : (i: number) => text[i];
+  let depth = 0;
+  let deepest = 0;
   let nodes = 0;
   let inString = false;
-  for (let i = 0; i < bytes.length && nodes <= max; i++) {
-    const c = bytes[i];
+  for (let i = 0; i < text.length && deepest <= maxDepth && nodes <= maxNodes; i++) {
+    const c = at(i);
     if (inString) {
       if (c === 0x5c) i++;
       else if (c === 0x22) inString = false;
     } else if (c === 0x22) inString = true;
-    else if (c === 0x7b || c === 0x5b) nodes++;
+    else if (c === 0x5b || c === 0x7b) {
+      nodes++;
+      deepest = Math.max(deepest, ++depth);
+    } else if (c === 0x5d || c === 0x7d) depth--;
   }
-  return nodes;
+  return { depth: deepest, nodes };
 }
