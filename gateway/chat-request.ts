@@ -46,10 +46,10 @@ const roles = ["system", "developer", "user", "assistant", "tool", "function"];
 const roleSet = new Set(roles);
 // Fields that are the gateway's, not the upstream's (metadata goes with a completion the upstream stores, too).
 const gatewayOnly = new Set(["metadata", "stream", "stream_options"]);
-const maxMessages = 2048;
+export const maxMessages = 2048;
 const maxChoices = 128;
-const maxStops = 4;
-const maxTools = 128;
+export const maxStops = 4;
+export const maxTools = 128;
 /** Tokens one request may bias: far more than any sampling needs, few enough to check at once. */
 const maxLogitBias = 1_024;
 const maxTags = 16;

@@ -3,7 +3,7 @@ import type { CompletionUsage } from "openai/resources/completions";
 import type { Logger } from "../lib/log.ts";
 import type { Price, Tokens } from "../lib/money.ts";
 import type { Call } from "./core.ts";
-import { cancelled, type GatewayError, toGatewayError, upstreamFailed, upstreamTimeout } from "./errors.ts";
+import { clientGone, type GatewayError, toGatewayError, upstreamFailed, upstreamTimeout } from "./errors.ts";
 import {
   type ChatCompletionChunk,
   type ChatRequest,
@@ -114,7 +114,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   function onAbort() {
     if (phase !== "idle" && phase !== "yielded") return;
     cutOff.abort();
-    void end(call.signal?.aborted ? cancelled() : toGatewayError(deadline.reason));
+    void end(call.signal?.aborted ? clientGone(call.signal) : toGatewayError(deadline.reason));
   }
   if (call.signal?.aborted || deadline.aborted) onAbort();
   else {
@@ -198,11 +198,11 @@ export function meterChatStream(options: MeterOptions): ChatStream {
           err: e.message,
         });
       }
-      error = e instanceof UpstreamError ? streamError(e, m.requestedModel) : toGatewayError(e);
+      error = e instanceof UpstreamError ? streamError(e, m.requestedModel, call.signal) : toGatewayError(e);
       throw error;
     } finally {
       // Stopped by the consumer (the client left) if neither completed nor failed.
-      if (!counted && !error) error = cancelled();
+      if (!counted && !error) error = clientGone(call.signal);
       if (error) await upstream.return?.().catch(() => undefined);
       await end(error, counted);
     }
@@ -227,7 +227,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       // A generator stopped before its first step never runs its finally: end the stream here.
       if (idle) {
         await upstream.return?.().catch(() => undefined);
-        await end(cancelled());
+        await end(clientGone(call.signal));
       }
       return chunks.return(undefined);
     },
@@ -243,8 +243,8 @@ export function meterChatStream(options: MeterOptions): ChatStream {
 }
 
 /** A failure after the stream opened, in words for the client: the upstream's own are only logged. */
-function streamError(e: UpstreamError, model: string): GatewayError {
-  if (e.failure === "cancelled") return cancelled();
+function streamError(e: UpstreamError, model: string, signal: AbortSignal | undefined): GatewayError {
+  if (e.failure === "cancelled") return clientGone(signal);
   if (e.failure === "timeout") return upstreamTimeout(`The upstream of \`${model}\` stalled mid-stream.`);
   return upstreamFailed(`The upstream of \`${model}\` failed mid-stream.`);
 }

@@ -12,7 +12,7 @@ export interface EmbeddingInput {
   user: string;
 }
 
-const maxInputs = 2048;
+export const maxInputs = 2048;
 const dimensions = integer(1, 65_536);
 const encodingFormat = oneOf("float", "base64");
 

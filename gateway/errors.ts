@@ -143,6 +143,17 @@ export const serviceUnavailable = (message: string, code: string) =>
 export const cancelled = () =>
   new GatewayError(499, "invalid_request_error", "client_closed_request", "The client closed the request.", RequestStatus.CANCELLED);
 
+/**
+ * The deadline an RPC client set (grpc-timeout, connect-timeout-ms) passed: a time limit, metered as a timeout as the
+ * gateway's own limit is, so that `cancelled` keeps meaning a client that chose to leave.
+ */
+export const deadlineExceeded = () =>
+  new GatewayError(504, "api_error", "deadline_exceeded", "The request did not finish within the client's deadline.", RequestStatus.TIMEOUT);
+
+/** Why a call whose client signal aborted ended: Connect aborts it with DeadlineExceeded when the RPC's deadline passes. */
+export const clientGone = (signal: AbortSignal | undefined) =>
+  signal?.reason instanceof ConnectError && signal.reason.code === Code.DeadlineExceeded ? deadlineExceeded() : cancelled();
+
 export const notImplemented = (what: string) =>
   new GatewayError(501, "invalid_request_error", "not_implemented", `${what} is not implemented yet.`, RequestStatus.INVALID_REQUEST);
 

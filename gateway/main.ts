@@ -4,7 +4,6 @@ import { fileURLToPath } from "node:url";
 import { z } from "zod";
 import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
-import { GatewayService } from "../gen/gateway/v1/gateway_pb.ts";
 import { ConfigError, commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
@@ -22,7 +21,7 @@ import { createMetricsShipper } from "./metrics-pipe.ts";
 import { createProviders } from "./providers/index.ts";
 import { createRateLimiter } from "./rate-limits.ts";
 import { createReadiness } from "./readiness.ts";
-import { createGatewayRequestGate, createGatewayService } from "./service.ts";
+import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "./service.ts";
 import { defaultBatchBytes, minBatchBytes } from "./spool.ts";
 import { type FileSpool, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
 
@@ -243,7 +242,7 @@ const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, [
 const server = await startServer({
   name: "gateway",
   port: cfg.GATEWAY_PORT,
-  routes: (router) => router.service(GatewayService, service),
+  routes: gatewayRoutes(service, cfg.GATEWAY_MAX_BODY_BYTES),
   interceptors: runtime.serverInterceptors,
   requestGate: createGatewayRequestGate(core, cfg.GATEWAY_MAX_BODY_BYTES),
   http: restRoutes(rest),

@@ -5,6 +5,13 @@ import { type GatewayError, invalidRequest } from "./errors.ts";
  * ("Invalid type for 'temperature': expected a decimal, but got a string instead.") with its codes.
  */
 
+/**
+ * Most values (arrays and objects of a JSON body; nested messages, list elements and map entries of an RPC message) a
+ * request may hold: far more than the API's own limits let a real one hold, far fewer than the million or so empty
+ * ones a 4 MiB body can hold, which cost hundreds of megabytes and seconds to parse or decode.
+ */
+export const maxRequestNodes = 100_000;
+
 /** Checks a value (null included: optional fields skip absent values before checking); throws a 400 naming `param`. */
 export type Check = (value: unknown, param: string) => void;
 

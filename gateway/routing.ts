@@ -4,7 +4,7 @@ import type { CircuitBreakers } from "./circuit-breaker.ts";
 import type { ModelRoute, Target } from "./config.ts";
 import type { Call } from "./core.ts";
 import {
-  cancelled,
+  clientGone,
   type GatewayError,
   requestTimeout,
   upstreamFailed,
@@ -121,7 +121,7 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
           // Gone already (while the request waited for its budget, say): no upstream hears of it.
           if (call.signal?.aborted || signal?.aborted) {
             breakers.abandon(key);
-            throw call.signal?.aborted || !signal?.aborted ? cancelled() : requestTimeout(limitMs);
+            throw call.signal?.aborted || !signal?.aborted ? clientGone(call.signal) : requestTimeout(limitMs);
           }
           m.provider = target.provider;
           m.servedModel = target.model;
@@ -145,7 +145,7 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
             last = e instanceof UpstreamError ? e : new UpstreamError("transient", `${target.provider}: ${String(e)}`);
             if (last.failure === "cancelled" || call.signal?.aborted || signal?.aborted) {
               breakers.abandon(key);
-              throw call.signal?.aborted || !signal?.aborted ? cancelled() : requestTimeout(limitMs);
+              throw call.signal?.aborted || !signal?.aborted ? clientGone(call.signal) : requestTimeout(limitMs);
             }
             if (last.failure === "timeout" && timeoutMs < ownTimeoutMs) {
               // Cut by what was left of the request's own limit, not by the target's: nothing said about the target.
@@ -176,7 +176,7 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
             try {
               await sleep(wait, call.signal);
             } catch {
-              throw cancelled();
+              throw clientGone(call.signal);
             } finally {
               call.upstreamMs += tick() - waited;
             }

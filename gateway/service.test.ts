@@ -1,6 +1,8 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import * as http2 from "node:http2";
 import net from "node:net";
+import * as grpc from "@grpc/grpc-js";
+import { loadSync } from "@grpc/proto-loader";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { trace } from "@opentelemetry/api";
@@ -13,7 +15,7 @@ import { createServiceClient } from "../lib/rpc-client.ts";
 import { type RunningServer, startServer } from "../lib/server.ts";
 import { createRestApp } from "./http/app.ts";
 import { restRoutes } from "./http/node.ts";
-import { createGatewayRequestGate, createGatewayService } from "./service.ts";
+import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "./service.ts";
 import { createTestCore } from "./testing.ts";
 import { startFakeUpstream } from "./testing/fake-upstream.ts";
 import { oneModelRoutes, startTestGateway } from "./testing/served-gateway.ts";
@@ -27,7 +29,7 @@ beforeAll(async () => {
   server = await startServer({
     name: "gateway-test",
     port: 0,
-    routes: (router) => router.service(GatewayService, createGatewayService(gateway.core)),
+    routes: gatewayRoutes(createGatewayService(gateway.core), 4096),
     requestGate: createGatewayRequestGate(gateway.core, 4096),
     readMaxBytes: 4096,
     http: restRoutes(rest),
@@ -447,4 +449,318 @@ describe("a streamed RPC whose client takes nothing", () => {
       socket.destroy();
     }
   }, 20_000);
+});
+
+describe("request messages are held to the contract's limits before they are decoded", () => {
+  // As main.ts wires it: 4 MiB bodies, the limit applying after decompression.
+  const maxBodyBytes = 4 * 1024 * 1024;
+  let big: RunningServer;
+  beforeAll(async () => {
+    big = await startServer({
+      name: "gateway-test",
+      port: 0,
+      host: "127.0.0.1",
+      routes: gatewayRoutes(createGatewayService(gateway.core), maxBodyBytes),
+      requestGate: createGatewayRequestGate(gateway.core, maxBodyBytes),
+      readMaxBytes: maxBodyBytes,
+      log: gateway.log,
+    });
+  });
+  afterAll(() => big.close(0));
+
+  // CreateChatCompletionRequest{params{model: "mock", messages: 2,000,000 × empty ChatMessage}}: 4 MB on the wire,
+  // hundreds of megabytes once decoded.
+  const emptyMessages = 2_000_000;
+  const params = Buffer.concat([Buffer.from([0x0a, 0x04, ...Buffer.from("mock")]), Buffer.alloc(emptyMessages * 2)]);
+  for (let i = 6; i < params.length; i += 2) params[i] = 0x12;
+  const lengthPrefix = (n: number) => {
+    const bytes = [];
+    for (; n > 0x7f; n >>>= 7) bytes.push((n & 0x7f) | 0x80);
+    return Buffer.from([...bytes, n]);
+  };
+  const bomb = Buffer.concat([Buffer.from([0x0a]), lengthPrefix(params.length), params]);
+  const path = "/gateway.v1.GatewayService/CreateChatCompletion";
+
+  /** What answering `send` cost: its time, and the process's resident memory at its peak. */
+  async function cost<T>(send: () => Promise<T>): Promise<{ answer: T; ms: number; rssGrowth: number }> {
+    Bun.gc(true);
+    const before = process.memoryUsage().rss;
+    let peak = before;
+    const sample = setInterval(() => (peak = Math.max(peak, process.memoryUsage().rss)), 5);
+    const started = performance.now();
+    const answer = await send();
+    const ms = performance.now() - started;
+    clearInterval(sample);
+    peak = Math.max(peak, process.memoryUsage().rss);
+    return { answer, ms, rssGrowth: peak - before };
+  }
+
+  const connectPost = (body: Uint8Array, headers: Record<string, string> = {}) =>
+    fetch(`${big.url}${path}`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/proto", ...headers },
+      body,
+    }).then(async (res) => ({ status: res.status, body: (await res.json()) as { code: string; message: string }, requestId: res.headers.get("x-request-id") }));
+
+  const refusal = (length: number) =>
+    `Invalid 'messages': array too long. Expected an array with maximum length 2048, but got an array with length ${length} instead.`;
+
+  test("2,000,000 empty chat messages over Connect are refused cheaply as invalid_argument, and metered", async () => {
+    const { answer, ms, rssGrowth } = await cost(() => connectPost(bomb));
+    expect(ms).toBeLessThan(1000);
+    expect(rssGrowth).toBeLessThan(64 * 1024 * 1024);
+    expect(answer.status).toBe(400);
+    expect(answer.body).toEqual({ code: "invalid_argument", message: refusal(emptyMessages) });
+    const row = await waitForRow(answer.requestId ?? "");
+    expect(row).toMatchObject({ status: RequestStatus.INVALID_REQUEST, orgId: "org_1", errorCode: "array_above_max_length" });
+  });
+
+  test("the same message gzipped (3.9 KB) is held to the limit once decompressed", async () => {
+    const gzipped = Bun.gzipSync(bomb, { level: 9 });
+    expect(gzipped.length).toBeLessThan(10_000);
+    const { answer, ms, rssGrowth } = await cost(() => connectPost(gzipped, { "content-encoding": "gzip" }));
+    expect(ms).toBeLessThan(1000);
+    expect(rssGrowth).toBeLessThan(64 * 1024 * 1024);
+    expect(answer.body).toEqual({ code: "invalid_argument", message: refusal(emptyMessages) });
+  });
+
+  test("over gRPC, compressed and not, the answer is InvalidArgument", async () => {
+    const session = http2.connect(big.url);
+    try {
+      for (const compressed of [false, true]) {
+        const message = compressed ? Bun.gzipSync(bomb) : bomb;
+        const envelope = Buffer.alloc(5);
+        envelope[0] = compressed ? 1 : 0;
+        envelope.writeUInt32BE(message.length, 1);
+        const { answer, ms, rssGrowth } = await cost(
+          () =>
+            new Promise<Record<string, unknown>>((resolve, reject) => {
+              const stream = session.request({
+                ":method": "POST",
+                ":path": path,
+                "content-type": "application/grpc",
+                te: "trailers",
+                authorization: "Bearer sk-good",
+                ...(compressed ? { "grpc-encoding": "gzip" } : {}),
+              });
+              let status: Record<string, unknown> = {};
+              stream.on("response", (headers) => (status = { ...headers }));
+              stream.on("trailers", (trailers) => (status = { ...status, ...trailers }));
+              stream.on("error", reject);
+              stream.on("close", () => resolve(status));
+              stream.resume();
+              stream.end(Buffer.concat([envelope, message]));
+            }),
+        );
+        expect(ms).toBeLessThan(1000);
+        expect(rssGrowth).toBeLessThan(64 * 1024 * 1024);
+        expect(answer["grpc-status"]).toBe(String(Code.InvalidArgument));
+        expect(decodeURIComponent(String(answer["grpc-message"]))).toBe(refusal(emptyMessages));
+      }
+    } finally {
+      session.close();
+    }
+  });
+
+  test("a message of more values than any real request holds is refused whatever field holds them", async () => {
+    // 2,048 messages of 60 empty content parts each: within every list limit, 124,928 values in all.
+    const parts = Buffer.alloc(60 * 2, Buffer.from([0x1a, 0x00]));
+    const message = Buffer.concat([Buffer.from([0x12, parts.length]), parts]);
+    const many = Buffer.concat([Buffer.from([0x0a, 0x04, ...Buffer.from("mock")]), ...Array(2048).fill(message)]);
+    const answer = await connectPost(Buffer.concat([Buffer.from([0x0a]), lengthPrefix(many.length), many]));
+    expect(answer.body).toEqual({
+      code: "invalid_argument",
+      message: "The request message holds more than 100000 nested messages and list elements.",
+    });
+  });
+
+  test("Connect JSON of 4 MB of empty objects is refused before it is parsed", async () => {
+    const json = `{"params":{"model":"mock","messages":[${Array(1_300_000).fill("{}").join(",")}]}}`;
+    const { answer, ms, rssGrowth } = await cost(() => connectPost(Buffer.from(json), { "content-type": "application/json" }));
+    expect(ms).toBeLessThan(1000);
+    expect(rssGrowth).toBeLessThan(64 * 1024 * 1024);
+    expect(answer.body).toEqual({
+      code: "invalid_argument",
+      message: "The request message holds more than 100000 nested messages and list elements.",
+    });
+  });
+
+  test("a request of 2,048 messages, the most allowed, is answered", async () => {
+    const messages = Array.from({ length: 2048 }, (_, i) => ({ role: "user", content: `turn ${i}` }));
+    const res = await createServiceClient(GatewayService, { baseUrl: big.url, bearerToken: "sk-good" }).createChatCompletion({
+      params: { model: "mock", messages },
+    });
+    expect(res.choices[0]?.message?.content).toBe("mock reply: turn 2047");
+    const tooMany = await rpcError(
+      createServiceClient(GatewayService, { baseUrl: big.url, bearerToken: "sk-good" }).createChatCompletion({
+        params: { model: "mock", messages: [...messages, { role: "user", content: "one more" }] },
+      }),
+    );
+    expect(tooMany.code).toBe(Code.InvalidArgument);
+    expect(tooMany.rawMessage).toBe(refusal(2049));
+    expect(tooMany.metadata.get("x-error-code")).toBe("array_above_max_length");
+  });
+});
+
+async function waitForRow(requestId: string) {
+  for (let i = 0; i < 100 && !gateway.shipper.rows.some((m) => m.requestId === requestId); i++) await Bun.sleep(20);
+  return gateway.shipper.rows.find((m) => m.requestId === requestId);
+}
+
+describe("a client's deadline, and a client that leaves", () => {
+  // `lazy` answers after 3 s; `drip` streams one token every 100 ms.
+  const routes = [
+    "providers:",
+    "  - { name: lazy, kind: mock, latency_ms: 3000 }",
+    "  - { name: drip, kind: mock, chunk_latency_ms: 100 }",
+    "models:",
+    ...["lazy", "drip"].flatMap((name) => [
+      `  - name: ${name}`,
+      `    targets: [{ provider: ${name}, model: ${name}-1 }]`,
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+    ]),
+  ].join("\n");
+  let served: Awaited<ReturnType<typeof startTestGateway>>;
+  beforeAll(async () => {
+    served = await startTestGateway(routes, { gated: true });
+  });
+  afterAll(() => served.close());
+
+  const params = (model: string) => ({ params: { model, messages: [{ role: "user", content: "word ".repeat(100) }] } });
+  const unary = "/gateway.v1.GatewayService/CreateChatCompletion";
+  const streaming = "/gateway.v1.GatewayService/StreamChatCompletion";
+  const envelope = (json: unknown) => {
+    const message = Buffer.from(JSON.stringify(json));
+    const head = Buffer.alloc(5);
+    head.writeUInt32BE(message.length, 1);
+    return Buffer.concat([head, message]);
+  };
+
+  /** A gRPC call made by hand, so that only the server's answer (not a client's own timer) decides its status. */
+  function grpcCall(path: string, headers: Record<string, string>) {
+    const session = http2.connect(served.url);
+    return new Promise<{ status: string; requestId: string }>((resolve, reject) => {
+      const stream = session.request({ ":method": "POST", ":path": path, "content-type": "application/grpc+json", te: "trailers", authorization: "Bearer sk-good", ...headers });
+      let requestId = "";
+      let trailers: http2.IncomingHttpHeaders = {};
+      stream.on("response", (h) => {
+        requestId = String(h["x-request-id"] ?? "");
+        // A trailers-only answer carries its status in the headers.
+        trailers = h;
+      });
+      stream.on("trailers", (t) => (trailers = t));
+      stream.on("error", reject);
+      stream.on("close", () => {
+        session.close();
+        resolve({ status: String(trailers["grpc-status"]), requestId });
+      });
+      stream.resume();
+      stream.end(envelope(params(path === unary ? "lazy" : "drip")));
+    });
+  }
+
+  test("passing over Connect is deadline_exceeded (504), metered as a timeout, unary and streaming", async () => {
+    const res = await fetch(`${served.url}${unary}`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/json", "connect-timeout-ms": "300" },
+      body: JSON.stringify(params("lazy")),
+    });
+    expect(res.status).toBe(504);
+    expect(((await res.json()) as { code: string }).code).toBe("deadline_exceeded");
+    expect(await served.row(res.headers.get("x-request-id") ?? "")).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+
+    const stream = await fetch(`${served.url}${streaming}`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/connect+json", "connect-timeout-ms": "300" },
+      body: envelope(params("drip")),
+    });
+    const body = Buffer.from(await stream.arrayBuffer());
+    // The last envelope ends the stream with its error.
+    let end = "";
+    for (let pos = 0; pos < body.length; pos += 5 + body.readUInt32BE(pos + 1)) end = body.subarray(pos + 5, pos + 5 + body.readUInt32BE(pos + 1)).toString();
+    expect(JSON.parse(end)).toMatchObject({ error: { code: "deadline_exceeded" } });
+    const row = await served.row(stream.headers.get("x-request-id") ?? "");
+    expect(row).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+    // What streamed before the deadline is counted.
+    expect(row.usage?.outputTokens).toBeGreaterThan(0n);
+  });
+
+  test("passing over gRPC is DEADLINE_EXCEEDED, metered as a timeout, unary and streaming", async () => {
+    for (const path of [unary, streaming]) {
+      const answer = await grpcCall(path, { "grpc-timeout": "300m" });
+      expect(answer.status).toBe(String(Code.DeadlineExceeded));
+      expect(await served.row(answer.requestId)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+    }
+  });
+
+  /** A grpc-js client, which gives up at its deadline and resets the stream, racing the server's own timer. */
+  function grpcJsClient() {
+    const definition = loadSync("gateway/v1/gateway.proto", { includeDirs: ["proto", "third_party/proto"], keepCase: true, longs: String });
+    type Client = grpc.Client & {
+      StreamChatCompletion(req: unknown, m: grpc.Metadata, options?: grpc.CallOptions): grpc.ClientReadableStream<unknown>;
+      CreateChatCompletion(req: unknown, m: grpc.Metadata, options: grpc.CallOptions, done: (e: grpc.ServiceError | null) => void): void;
+    };
+    const { gateway } = grpc.loadPackageDefinition(definition) as unknown as {
+      gateway: { v1: { GatewayService: new (address: string, credentials: grpc.ChannelCredentials) => Client } };
+    };
+    return new gateway.v1.GatewayService(new URL(served.url).host, grpc.credentials.createInsecure());
+  }
+  const metadata = () => {
+    const m = new grpc.Metadata();
+    m.set("authorization", "Bearer sk-good");
+    return m;
+  };
+  /** The request id from a stream's headers, and the status it failed with. */
+  const streamFailure = (stream: grpc.ClientReadableStream<unknown>, onData = () => {}) =>
+    new Promise<{ code: number; requestId: string; chunks: number }>((resolve) => {
+      let requestId = "";
+      let chunks = 0;
+      stream.on("metadata", (m: grpc.Metadata) => (requestId = String(m.get("x-request-id")[0] ?? "")));
+      stream.on("data", () => (chunks++, onData()));
+      stream.on("error", (e: grpc.ServiceError) => resolve({ code: e.code, requestId, chunks }));
+    });
+
+  test("a grpc-js client's deadline is metered as a timeout, though its reset may reach the gateway first", async () => {
+    const client = grpcJsClient();
+    try {
+      for (let i = 0; i < 3; i++) {
+        const stream = client.StreamChatCompletion(params("drip"), metadata(), { deadline: Date.now() + 400 });
+        const { code, requestId, chunks } = await streamFailure(stream);
+        expect(code).toBe(grpc.status.DEADLINE_EXCEEDED);
+        expect(chunks).toBeGreaterThan(0);
+        const row = await served.row(requestId);
+        expect(row).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+        expect(row.usage?.outputTokens).toBeGreaterThan(0n);
+      }
+      const before = served.shipper.rows.length;
+      for (let i = 0; i < 3; i++) {
+        const code = await new Promise((resolve) =>
+          client.CreateChatCompletion(params("lazy"), metadata(), { deadline: Date.now() + 300 }, (e: grpc.ServiceError | null) => resolve(e?.code)),
+        );
+        expect(code).toBe(grpc.status.DEADLINE_EXCEEDED);
+      }
+      // The answer never reached the client, nor its request id: every row recorded since is one of these calls.
+      for (let i = 0; i < 100 && served.shipper.rows.length < before + 3; i++) await Bun.sleep(20);
+      expect(served.shipper.rows.slice(before).map((r) => r.status)).toEqual(Array(3).fill(RequestStatus.TIMEOUT));
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a grpc-js client that cancels a stream midway is metered cancelled with the tokens streamed so far", async () => {
+    const client = grpcJsClient();
+    try {
+      const stream = client.StreamChatCompletion(params("drip"), metadata());
+      let seen = 0;
+      const { code, requestId } = await streamFailure(stream, () => ++seen === 5 && stream.cancel());
+      expect(code).toBe(grpc.status.CANCELLED);
+      const row = await served.row(requestId);
+      // 100 words are 125 mock tokens at 100 ms each: the upstream was still sending when the client left.
+      expect(row).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499 });
+      expect(row.usage?.outputTokens).toBeGreaterThan(0n);
+      expect(row.usage?.outputTokens).toBeLessThan(20n);
+    } finally {
+      client.close();
+    }
+  });
 });

@@ -1,14 +1,16 @@
 import { create, type DescMethod } from "@bufbuild/protobuf";
-import { Code, ConnectError, createContextKey, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import { Code, ConnectError, type ConnectRouter, createContextKey, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { ChatCompletion, ChatCompletionChunk } from "openai/resources/chat/completions";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import {
   type ChatCompletionParams,
+  ChatCompletionParamsSchema,
   type ChatMessage,
   type CreateChatCompletionResponse,
   CreateChatCompletionResponseSchema,
   type CreateEmbeddingRequest,
+  CreateEmbeddingRequestSchema,
   CreateEmbeddingResponseSchema,
   GatewayService,
   type ListModelsResponse,
@@ -17,9 +19,13 @@ import {
   StreamChatCompletionResponseSchema,
 } from "../gen/gateway/v1/gateway_pb.ts";
 import { bearerToken } from "../lib/auth.ts";
+import { limitMessages } from "../lib/message-limits.ts";
+import { maxMessages, maxStops, maxTools } from "./chat-request.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
 import type { Call, ChatOutcome, GatewayCore } from "./core.ts";
-import { bodyTooLarge, cancelled, GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
+import { maxInputs } from "./embedding-request.ts";
+import { bodyTooLarge, cancelled, deadlineExceeded, GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
+import { arrayTooLong, maxRequestNodes } from "./request-checks.ts";
 
 /** The call the request gate began for an RPC before its body was read. */
 const gatedCall = createContextKey<Call | undefined>(undefined);
@@ -33,9 +39,28 @@ const endpoints = new Map<DescMethod, Endpoint>([
   [GatewayService.method.listModels, Endpoint.MODELS],
 ]);
 
+/** How close to its deadline an RPC whose client left counts as timed out rather than cancelled. */
+const deadlineSlackMs = 100;
+
+/**
+ * The RPC's signal, aborted with DeadlineExceeded when the client's deadline has (all but) passed: a gRPC client resets
+ * its stream at its deadline, which can arrive before the server's own timer for that deadline fires.
+ */
+function callSignal(ctx: HandlerContext): AbortSignal {
+  if (ctx.timeoutMs() === undefined) return ctx.signal;
+  const controller = new AbortController();
+  const forward = () => {
+    const passed = (ctx.timeoutMs() ?? Number.POSITIVE_INFINITY) <= deadlineSlackMs;
+    controller.abort(passed ? new ConnectError("the operation timed out", Code.DeadlineExceeded) : ctx.signal.reason);
+  };
+  if (ctx.signal.aborted) forward();
+  else ctx.signal.addEventListener("abort", forward, { once: true });
+  return controller.signal;
+}
+
 const beginCall = (core: GatewayCore, endpoint: Endpoint, ctx: HandlerContext): Call => {
   // Response headers reach the client on errors too, merged into the error's metadata.
-  const call = core.begin(endpoint, bearerToken(ctx.requestHeader), ctx.signal);
+  const call = core.begin(endpoint, bearerToken(ctx.requestHeader), callSignal(ctx));
   ctx.responseHeader.set("x-request-id", call.requestId);
   return call;
 };
@@ -60,8 +85,10 @@ const takeGatedCall = (ctx: HandlerContext): Call | undefined => {
 /** Why an RPC's message never reached its handler, in the REST API's terms. */
 function unreadMessage(reason: unknown, maxBodyBytes: number): GatewayError {
   const error = ConnectError.from(reason);
+  if (error.cause instanceof GatewayError) return error.cause;
   if (error.code === Code.ResourceExhausted) return bodyTooLarge(maxBodyBytes);
-  if (error.code === Code.Canceled || error.code === Code.DeadlineExceeded) return cancelled();
+  if (error.code === Code.DeadlineExceeded) return deadlineExceeded();
+  if (error.code === Code.Canceled) return cancelled();
   return invalidRequest(`The request message could not be read: ${error.rawMessage}`);
 }
 
@@ -102,6 +129,33 @@ export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number
       throw failed(call, ctx, await core.handle(call, () => Promise.reject(denied)).catch((e: unknown) => e));
     }
   };
+}
+
+const maxElements = new Map([
+  [ChatCompletionParamsSchema.field.messages, maxMessages],
+  [ChatCompletionParamsSchema.field.tools, maxTools],
+  [ChatCompletionParamsSchema.field.stop, maxStops],
+  [CreateEmbeddingRequestSchema.field.input, maxInputs],
+]);
+
+/**
+ * GatewayService's routes, each request message held to the contract's list limits and to maxRequestNodes before it
+ * is decoded: what the core would refuse after decoding is refused while it is still a few kilobytes of wire bytes.
+ */
+export function gatewayRoutes(service: ServiceImpl<typeof GatewayService>, maxBodyBytes: number) {
+  return (router: ConnectRouter) =>
+    limitMessages(router.service(GatewayService, service), {
+      maxBytes: maxBodyBytes,
+      maxNodes: maxRequestNodes,
+      maxElements,
+      refuse: (field, max, count) => {
+        const error = field
+          ? arrayTooLong(field.name, max, count)
+          : invalidRequest(`The request message holds more than ${max} nested messages and list elements.`);
+        // The error as REST words it; the request gate meters the call with it.
+        return new ConnectError(error.message, Code.InvalidArgument, toConnectError(error).metadata, undefined, error);
+      },
+    });
 }
 
 /**

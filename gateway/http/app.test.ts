@@ -130,6 +130,37 @@ describe("REST chat completions", () => {
     ]);
   });
 
+  test("a body of more arrays and objects than any real request holds is refused before it is parsed", async () => {
+    // As main.ts wires it: 4 MiB bodies, room for a million empty objects that would take ~75 MB each to parse.
+    const gateway = createTestCore();
+    const app = createRestApp({ core: gateway.core, tracer: trace.getTracer("test"), maxBodyBytes: 4 * 1024 * 1024 });
+    const body = `{"model":"mock","messages":[${Array(1_300_000).fill("{}").join(",")}]}`;
+    const post = () =>
+      app.fetch(
+        new Request("http://gateway.test/v1/chat/completions", {
+          method: "POST",
+          headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+          body,
+        }),
+      );
+    Bun.gc(true);
+    const before = process.memoryUsage().rss;
+    let peak = before;
+    const sample = setInterval(() => (peak = Math.max(peak, process.memoryUsage().rss)), 5);
+    const started = performance.now();
+    const answers = await Promise.all([post(), post(), post(), post()]);
+    const ms = performance.now() - started;
+    clearInterval(sample);
+    peak = Math.max(peak, process.memoryUsage().rss);
+    expect(ms).toBeLessThan(1000);
+    // The four bodies themselves are 16 MB.
+    expect(peak - before).toBeLessThan(96 * 1024 * 1024);
+    for (const res of answers) {
+      const error = await expectError(res, 400, "invalid_json");
+      expect(error.message).toBe("The JSON body holds more than 100000 arrays and objects.");
+    }
+  });
+
   test("invalid fields are 400 naming the parameter, and never reach the upstream", async () => {
     const { chat, shipper } = setup();
     await expectError(await chat([1, 2]), 400, "invalid_value");

@@ -3,6 +3,7 @@ import { ulid } from "ulid";
 import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { bearerToken } from "../../lib/auth.ts";
+import { jsonShape } from "../../lib/message-limits.ts";
 import { inContext } from "../../lib/streams.ts";
 import type { ChatStream } from "../chat-stream.ts";
 import type { ModelRoute } from "../config.ts";
@@ -18,6 +19,7 @@ import {
   unknownUrl,
   unsupportedContentEncoding,
 } from "../errors.ts";
+import { maxRequestNodes } from "../request-checks.ts";
 
 export interface RestAppOptions {
   core: GatewayCore;
@@ -291,30 +293,16 @@ async function bodyText(request: RestRequest, limit: number): Promise<string> {
 /** Deepest nesting of arrays and objects a body may have, as for the RPCs' messages. */
 const maxJsonDepth = 100;
 
-/**
- * Whether JSON text nests arrays and objects deeper than `max`, by one scan of its characters: parsing a body nested
- * millions deep takes half a second, and serialising it again for an upstream overflows the stack.
- */
-function nestsDeeper(text: string, max: number): boolean {
-  let depth = 0;
-  let inString = false;
-  for (let i = 0; i < text.length; i++) {
-    const c = text.charCodeAt(i);
-    if (inString) {
-      if (c === 0x5c) i++;
-      else if (c === 0x22) inString = false;
-    } else if (c === 0x22) inString = true;
-    else if (c === 0x5b || c === 0x7b) {
-      if (++depth > max) return true;
-    } else if (c === 0x5d || c === 0x7d) depth--;
-  }
-  return false;
-}
-
 function parseJson(text: string): unknown {
   if (text.trim() === "") throw invalidRequest("The request body is empty; send a JSON object.", null, "invalid_json");
-  if (nestsDeeper(text, maxJsonDepth)) {
+  // One scan of its characters: a body nested millions deep takes half a second to parse and overflows the stack when
+  // it is serialised again for an upstream.
+  const shape = jsonShape(text, maxJsonDepth, maxRequestNodes);
+  if (shape.depth > maxJsonDepth) {
     throw invalidRequest(`The JSON body nests deeper than ${maxJsonDepth} levels.`, null, "invalid_json");
+  }
+  if (shape.nodes > maxRequestNodes) {
+    throw invalidRequest(`The JSON body holds more than ${maxRequestNodes} arrays and objects.`, null, "invalid_json");
   }
   try {
     return JSON.parse(text);

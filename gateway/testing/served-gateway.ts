@@ -4,7 +4,7 @@ import type { RequestMetrics } from "../../gen/analytics/v1/analytics_pb.ts";
 import { GatewayService } from "../../gen/gateway/v1/gateway_pb.ts";
 import type { CorsPolicy } from "../../lib/cors.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
-import { startServer } from "../../lib/server.ts";
+import { defaultReadMaxBytes, startServer } from "../../lib/server.ts";
 import { createKeyAuthorizer } from "../auth.ts";
 import { parseGatewayConfig } from "../config.ts";
 import { createGatewayCore } from "../core.ts";
@@ -12,7 +12,7 @@ import { createRestApp } from "../http/app.ts";
 import { serveRest } from "../http/bun.ts";
 import { restRoutes } from "../http/node.ts";
 import { createProviders } from "../providers/index.ts";
-import { createGatewayRequestGate, createGatewayService } from "../service.ts";
+import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "../service.ts";
 import { createBillingFake, createRecordingShipper, createTestLogger } from "../testing.ts";
 
 /** Routes of one model, `ok`, served by the upstream at `url` (an OpenAI-compatible fake) at $1 per million tokens. */
@@ -75,7 +75,7 @@ export async function startTestGateway(
     name: "gateway-test",
     port: 0,
     host: "127.0.0.1",
-    routes: (router) => router.service(GatewayService, createGatewayService(core)),
+    routes: gatewayRoutes(createGatewayService(core), defaultReadMaxBytes),
     interceptors: options.interceptors,
     requestGate: options.gated ? createGatewayRequestGate(core, maxBodyBytes) : undefined,
     http: restRoutes(rest),

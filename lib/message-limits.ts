@@ -1,0 +1,273 @@
+import { promisify } from "node:util";
+import * as zlib from "node:zlib";
+import type { DescField, DescMessage } from "@bufbuild/protobuf";
+import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
+import type { UniversalHandler, UniversalServerRequest } from "@connectrpc/connect/protocol";
+
+/**
+ * How much a request message may hold, counted on its encoded form before it is decoded: a few bytes on the wire
+ * (an empty element is two) become an object of hundreds of bytes, so a message within the byte limit can still cost
+ * hundreds of megabytes to decode.
+ */
+export interface MessageLimits {
+  /** Largest request body read, compressed or not, and largest message once decompressed. */
+  maxBytes: number;
+  /** Most values one message may decode into: nested messages, map entries and repeated elements. */
+  maxNodes: number;
+  /** Most elements a repeated or map field may hold in one message. */
+  maxElements?: ReadonlyMap<DescField, number>;
+  /** The error for a field over its limit, or (field undefined) for a message over maxNodes. */
+  refuse: (field: DescField | undefined, max: number, count: number) => ConnectError;
+}
+
+const inflaters = new Map<string, (bytes: Uint8Array, options: zlib.ZlibOptions & zlib.BrotliOptions) => Promise<Buffer>>([
+  ["gzip", promisify(zlib.gunzip)],
+  ["br", promisify(zlib.brotliDecompress)],
+]);
+
+/**
+ * Holds every unary and server-streaming RPC the router serves to `limits`: its one request message is read whole
+ * (after the request gate, as Connect would read it), decompressed, and walked on the wire before Connect decodes it.
+ */
+export function limitMessages(router: ConnectRouter, limits: MessageLimits): ConnectRouter {
+  router.handlers.forEach((handler, i) => {
+    const kind = handler.method.methodKind;
+    if (kind === "unary" || kind === "server_streaming") router.handlers[i] = limitedHandler(handler, limits);
+  });
+  return router;
+}
+
+function limitedHandler(handler: UniversalHandler, limits: MessageLimits): UniversalHandler {
+  const limited = (req: UniversalServerRequest) => {
+    const body = req.body;
+    if (typeof body !== "object" || body === null || !(Symbol.asyncIterator in body)) return handler(req);
+    return handler({ ...req, body: checkedBody(body as AsyncIterable<Uint8Array>, req.header, handler.method.input, limits) });
+  };
+  return Object.assign(limited, handler);
+}
+
+async function* checkedBody(body: AsyncIterable<Uint8Array>, header: Headers, input: DescMessage, limits: MessageLimits) {
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for await (const chunk of body) {
+    size += chunk.byteLength;
+    // Room for the envelopes' five bytes; Connect itself refuses whatever is past its readMaxBytes.
+    if (size > limits.maxBytes + 5) throw tooLarge(size, limits.maxBytes);
+    chunks.push(chunk);
+  }
+  const bytes = Buffer.concat(chunks);
+  const contentType = header.get("content-type") ?? "";
+  const json = /[/+]json(;|$)/i.test(contentType);
+  // A Connect unary body is the bare message; the other protocols wrap each message in an envelope.
+  if (/^application\/(proto|json)(;|$)/i.test(contentType)) {
+    check(input, await inflated(bytes, header.get("content-encoding"), limits.maxBytes), json, limits);
+  } else {
+    const encoding = header.get("grpc-encoding") ?? header.get("connect-content-encoding");
+    for (let pos = 0; pos + 5 <= bytes.length; ) {
+      const length = bytes.readUInt32BE(pos + 1);
+      const message = bytes.subarray(pos + 5, pos + 5 + length);
+      check(input, (bytes[pos] ?? 0) & 1 ? await inflated(message, encoding, limits.maxBytes) : message, json, limits);
+      pos += 5 + length;
+    }
+  }
+  yield bytes;
+}
+
+/** The message decompressed; undefined when it cannot be, which Connect answers itself. */
+async function inflated(bytes: Uint8Array, encoding: string | null, maxBytes: number): Promise<Uint8Array | undefined> {
+  if (encoding === null || encoding === "identity") return bytes;
+  const inflate = inflaters.get(encoding);
+  if (!inflate) return undefined;
+  return inflate(bytes, { maxOutputLength: maxBytes + 1 }).then(
+    (out) => {
+      if (out.byteLength > maxBytes) throw tooLarge(out.byteLength, maxBytes);
+      return out;
+    },
+    (e: unknown) => {
+      // Output over maxOutputLength is what the limit is for; a corrupt stream is Connect's to report.
+      if (e instanceof RangeError || (e as { code?: string }).code === "ERR_BUFFER_TOO_LARGE") throw tooLarge(maxBytes + 1, maxBytes);
+      return undefined;
+    },
+  );
+}
+
+const tooLarge = (size: number, maxBytes: number) =>
+  new ConnectError(`message size ${size} is larger than configured readMaxBytes ${maxBytes}`, Code.ResourceExhausted);
+
+function check(input: DescMessage, bytes: Uint8Array | undefined, json: boolean, limits: MessageLimits): void {
+  if (bytes === undefined) return;
+  if (json) {
+    // Its depth is the decoder's to bound (a message's nesting is the schema's; a Struct's is counted in its nodes).
+    const { nodes } = jsonShape(bytes, Number.POSITIVE_INFINITY, limits.maxNodes);
+    if (nodes > limits.maxNodes) throw limits.refuse(undefined, limits.maxNodes, nodes);
+    return;
+  }
+  const walk = { bytes, pos: 0, nodes: 0, limits };
+  try {
+    walkMessage(walk, input, bytes.length, 0);
+  } catch (e) {
+    // A message that does not parse is the decoder's to report, with its own words.
+    if (e !== malformed) throw e;
+  }
+}
+
+const malformed = new Error("malformed message");
+
+interface Walk {
+  bytes: Uint8Array;
+  pos: number;
+  nodes: number;
+  limits: MessageLimits;
+}
+
+/** The decoder's own bound on nesting, kept here so that a deep message cannot exhaust the stack before it. */
+const maxDepth = 100;
+
+/**
+ * Walks one message's fields, as protobuf-es would decode them, counting what they would allocate: up to `end`, or
+ * for a group-encoded message up to its EndGroup tag (`group` is its field number).
+ */
+function walkMessage(w: Walk, desc: DescMessage, end: number, depth: number, group?: number): void {
+  if (depth > maxDepth) throw malformed;
+  const counts = new Map<DescField, number>();
+  while (w.pos < end) {
+    const tag = varint(w);
+    const wireType = tag & 7;
+    if (wireType === 4) {
+      if (tag >>> 3 !== group) throw malformed;
+      return;
+    }
+    const field = fieldsOf(desc).get(tag >>> 3);
+    if (field === undefined) {
+      skip(w, wireType, tag >>> 3, depth);
+      continue;
+    }
+    // A packed list is one record of numbers, at most eight bytes each once decoded: bounded by the message's size.
+    if (field.fieldKind === "list" || field.fieldKind === "map" || field.fieldKind === "message") {
+      const max = w.limits.maxElements?.get(field);
+      const count = (counts.get(field) ?? 0) + 1;
+      counts.set(field, count);
+      // The whole list is counted, as a decoded one would be; counting skips what it holds.
+      if (max !== undefined && count > max) throw w.limits.refuse(field, max, count + countRest(w, tag, end));
+      node(w);
+    }
+    if (field.fieldKind === "message" || (field.fieldKind === "list" && field.listKind === "message")) {
+      if (field.delimitedEncoding) walkMessage(w, field.message, w.bytes.length, depth + 1, tag >>> 3);
+      else walkMessage(w, field.message, entryEnd(w), depth + 1);
+    } else if (field.fieldKind === "map") walkMapEntry(w, field, entryEnd(w), depth + 1);
+    else skip(w, wireType, tag >>> 3, depth);
+  }
+  if (w.pos !== end || group !== undefined) throw malformed;
+}
+
+function node(w: Walk): void {
+  if (++w.nodes > w.limits.maxNodes) throw w.limits.refuse(undefined, w.limits.maxNodes, w.nodes);
+}
+
+/** How many more records of `tag` the message holds from here to `end`, past the one whose value starts here. */
+function countRest(w: Walk, tag: number, end: number): number {
+  let count = 0;
+  skip(w, tag & 7, tag >>> 3, 0);
+  while (w.pos < end) {
+    const next = varint(w);
+    if (next === tag) count++;
+    skip(w, next & 7, next >>> 3, 0);
+  }
+  return count;
+}
+
+function walkMapEntry(w: Walk, field: DescField & { fieldKind: "map" }, end: number, depth: number): void {
+  while (w.pos < end) {
+    const tag = varint(w);
+    if (tag >>> 3 === 2 && field.mapKind === "message") {
+      node(w);
+      walkMessage(w, field.message, entryEnd(w), depth + 1);
+    } else skip(w, tag & 7, tag >>> 3, depth);
+  }
+  if (w.pos !== end) throw malformed;
+}
+
+const fieldsByNumber = new WeakMap<DescMessage, Map<number, DescField>>();
+
+function fieldsOf(desc: DescMessage): Map<number, DescField> {
+  let fields = fieldsByNumber.get(desc);
+  if (fields === undefined) {
+    fields = new Map(desc.fields.map((f) => [f.number, f]));
+    fieldsByNumber.set(desc, fields);
+  }
+  return fields;
+}
+
+function varint(w: Walk): number {
+  let value = 0;
+  for (let shift = 0; shift < 70; shift += 7) {
+    const byte = w.bytes[w.pos++];
+    if (byte === undefined) throw malformed;
+    // Past 32 bits only a length's or tag's overflow remains, which makes it malformed anyway.
+    if (shift < 35) value += (byte & 0x7f) * 2 ** shift;
+    if ((byte & 0x80) === 0) return shift < 35 ? value >>> 0 : value;
+  }
+  throw malformed;
+}
+
+/** Where a length-delimited record that starts here ends. */
+function entryEnd(w: Walk): number {
+  const len = varint(w);
+  if (w.pos + len > w.bytes.length) throw malformed;
+  return w.pos + len;
+}
+
+function skip(w: Walk, wireType: number, fieldNo: number, depth: number): void {
+  switch (wireType) {
+    case 0:
+      varint(w);
+      return;
+    case 1:
+      w.pos += 8;
+      break;
+    case 2:
+      w.pos = entryEnd(w);
+      return;
+    case 3:
+      if (depth > maxDepth) throw malformed;
+      for (;;) {
+        const tag = varint(w);
+        if ((tag & 7) === 4) {
+          if (tag >>> 3 !== fieldNo) throw malformed;
+          return;
+        }
+        skip(w, tag & 7, tag >>> 3, depth + 1);
+      }
+    case 5:
+      w.pos += 4;
+      break;
+    default:
+      throw malformed;
+  }
+  if (w.pos > w.bytes.length) throw malformed;
+}
+
+/**
+ * How a JSON text is built, by one scan of its characters outside strings: how many arrays and objects it holds (each
+ * a value of its own once parsed, so their count is what parsing it costs) and how deep they nest. Stops once either
+ * passes its bound. Bytes of UTF-8 or a string's UTF-16 code units alike: JSON's structural characters are ASCII.
+ */
+export function jsonShape(text: string | Uint8Array, maxDepth: number, maxNodes: number): { depth: number; nodes: number } {
+  const at = typeof text === "string" ? (i: number) => text.charCodeAt(i) : (i: number) => text[i];
+  let depth = 0;
+  let deepest = 0;
+  let nodes = 0;
+  let inString = false;
+  for (let i = 0; i < text.length && deepest <= maxDepth && nodes <= maxNodes; i++) {
+    const c = at(i);
+    if (inString) {
+      if (c === 0x5c) i++;
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) inString = true;
+    else if (c === 0x5b || c === 0x7b) {
+      nodes++;
+      deepest = Math.max(deepest, ++depth);
+    } else if (c === 0x5d || c === 0x7d) depth--;
+  }
+  return { depth: deepest, nodes };
+}
