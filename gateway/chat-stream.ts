@@ -12,6 +12,7 @@ import {
   meteredUsage,
   UpstreamError,
   answeredUsage,
+  laterUsage,
   usageOfTokens,
 } from "./providers/provider.ts";
 import { meteredName, meterUsage } from "./metering.ts";
@@ -142,7 +143,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         const chunk = step.value;
         if (chunk.service_tier) servedTier = chunk.service_tier;
         if (chunk.usage) {
-          usage = chunk.usage;
+          usage = laterUsage(usage, chunk.usage);
           // The usage chunk is held to go last with the metered counts.
           if (chunk.choices.length === 0) {
             if (includeUsage) usageChunk = chunk;
@@ -178,7 +179,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       // A client that asked for usage gets one usage chunk: the upstream's, its counts the metered ones (normalised, or
       // counted where it had none), or else the gateway's count.
       if (usageChunk) {
-        usageChunk.usage = answeredUsage(usageChunk.usage, counted.tokens);
+        usageChunk.usage = answeredUsage(usage, counted.tokens);
         yield usageChunk;
       } else if (includeUsage && !usage && last) {
         yield {

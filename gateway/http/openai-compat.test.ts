@@ -949,6 +949,46 @@ for (const port of ["rpc", "rest"] as const) {
         expect(streamed.usageEstimated).toBe(true);
       });
 
+      test("a stream's usage is each count's largest: a later empty or all-zero usage takes nothing away", async () => {
+        const real = { prompt_tokens: 1000, completion_tokens: 500, total_tokens: 1500 };
+        // 1000 input at $2.50/M + 500 output at $10/M
+        const realCost = 1000n * 2_500n + 500n * 10_000n;
+        const zero = { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 };
+        const running = [100, 300, 500].map((c) => ({ prompt_tokens: 1000, completion_tokens: c, total_tokens: 1000 + c }));
+        const scripts: Behaviour[] = [
+          { content: "one two three", usage: real, laterUsages: [zero] },
+          { content: "one two three", usage: real, laterUsages: [{}] },
+          { content: "one two three", usage: real, laterUsages: [odd({ prompt_tokens: -1, completion_tokens: null })] },
+          // vLLM's continuous usage: running counts on every content chunk, none at the end.
+          { content: "one two three", usage: false, chunkUsages: running },
+        ];
+        for (const behaviour of scripts) {
+          for (const includeUsage of [true, false]) {
+            upstream.script("odd-usage", behaviour);
+            const { data: stream, response } = await sdk()
+              .chat.completions.create({
+                model: "odd-usage",
+                messages: hello,
+                stream: true,
+                stream_options: { include_usage: includeUsage },
+              })
+              .withResponse();
+            const usages = [];
+            for await (const chunk of stream) if (chunk.usage) usages.push(chunk.usage);
+            expect(usages).toEqual(includeUsage ? [real] : []);
+            const m = await meteredRow(response);
+            expect(m.usage).toMatchObject({ inputTokens: 1000n, outputTokens: 500n });
+            expect(m).toMatchObject({ usageEstimated: false, costNanos: realCost });
+          }
+          upstream.script("odd-usage", behaviour);
+          const messages = [];
+          for await (const message of gateway.rpc("sk-good").streamChatCompletion({ params: { model: "odd-usage", messages: hello } })) {
+            messages.push(message);
+          }
+          expect(messages.at(-1)?.accounting).toMatchObject({ costNanos: realCost, usageEstimated: false });
+        }
+      });
+
       test("embeddings: a fraction rounds up, a negative count is estimated", async () => {
         upstream.script("embed", { usage: odd({ prompt_tokens: 7.2, total_tokens: 7.2 }) });
         const { data: embedding, response } = await sdk()

@@ -58,6 +58,10 @@ export interface Behaviour {
   odd?: { created?: unknown; toolArguments?: unknown };
   /** The service tier the reply (every chunk) says served it; none by default. */
   serviceTier?: string;
+  /** Streaming: usages sent after the usage chunk, each in a chunk of its own, as some servers end with an empty one. */
+  laterUsages?: unknown[];
+  /** Streaming: a usage on every content chunk, as vLLM's continuous usage stats send its running counts. */
+  chunkUsages?: unknown[];
 }
 
 export interface SeenRequest {
@@ -262,13 +266,16 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
             controller.close();
             return;
           }
-          controller.enqueue(chunk(b.refusal !== undefined ? { refusal: content } : { content }));
+          const running = b.chunkUsages?.[sent];
+          const delta = b.refusal !== undefined ? { refusal: content } : { content };
+          controller.enqueue(running === undefined ? chunk(delta) : event({ ...base, choices: [{ index: 0, delta, finish_reason: null }], usage: running }));
           sent++;
         }
         await pause();
         if (signal.aborted) return;
         controller.enqueue(chunk({}, b.toolCall ? "tool_calls" : "stop"));
         if (wantsUsage && usage) controller.enqueue(event({ ...base, choices: [], usage }));
+        for (const later of b.laterUsages ?? []) controller.enqueue(event({ ...base, choices: [], usage: later }));
         controller.enqueue(encoder.encode("data: [DONE]\n\n"));
         controller.close();
       },
