@@ -989,6 +989,49 @@ for (const port of ["rpc", "rest"] as const) {
         }
       });
 
+      test("the client's usage holds OpenAI's counts only: an upstream's own cost and other fields stay out", async () => {
+        // OpenRouter's usage: its price to the operator beside the counts.
+        const openRouter = odd({
+          prompt_tokens: 100,
+          completion_tokens: 40,
+          total_tokens: 140,
+          cost: 0.0123,
+          is_byok: false,
+          cost_details: { upstream_inference_cost: 0.011 },
+          prompt_tokens_details: { cached_tokens: 20, audio_tokens: 0, cache_write_tokens: 7 },
+          completion_tokens_details: { reasoning_tokens: 10, audio_tokens: 0, accepted_prediction_tokens: 3, image_tokens: 5 },
+        });
+        const answered = {
+          prompt_tokens: 100,
+          completion_tokens: 40,
+          total_tokens: 140,
+          prompt_tokens_details: { cached_tokens: 20, audio_tokens: 0 },
+          completion_tokens_details: { reasoning_tokens: 10, audio_tokens: 0, accepted_prediction_tokens: 3 },
+        };
+        upstream.script("odd-usage", { content: "hi", usage: openRouter });
+        const { data: completion, response } = await sdk()
+          .chat.completions.create({ model: "odd-usage", messages: hello })
+          .withResponse();
+        expect(completion.usage).toEqual(answered);
+        // 80 input at $2.50/M, 20 cached at $1.25/M, 40 output at $10/M
+        expect(response.headers.get("x-gateway-cost-nanos")).toBe(String(80n * 2_500n + 20n * 1_250n + 40n * 10_000n));
+
+        upstream.script("odd-usage", { content: "one two", usage: openRouter });
+        const stream = await sdk().chat.completions.create({
+          model: "odd-usage",
+          messages: hello,
+          stream: true,
+          stream_options: { include_usage: true },
+        });
+        const usages = [];
+        for await (const chunk of stream) if (chunk.usage) usages.push(chunk.usage);
+        expect(usages).toEqual([answered]);
+
+        upstream.script("embed", { usage: odd({ prompt_tokens: 7, total_tokens: 7, cost: 0.0000014 }) });
+        const embedding = await sdk().embeddings.create({ model: "embed", input: "Hello world" });
+        expect(embedding.usage).toEqual({ prompt_tokens: 7, total_tokens: 7 });
+      });
+
       test("embeddings: a fraction rounds up, a negative count is estimated", async () => {
         upstream.script("embed", { usage: odd({ prompt_tokens: 7.2, total_tokens: 7.2 }) });
         const { data: embedding, response } = await sdk()

@@ -204,7 +204,7 @@ export function createOpenAIProvider(
       const { tokens, estimated } = await meteredUsage(response.usage, {
         input: () => countEmbeddingTokens(request.input),
       });
-      response.usage = answeredEmbeddingUsage(response.usage, tokens);
+      response.usage = answeredEmbeddingUsage(tokens);
       return { response, tokens, usageEstimated: estimated };
     },
   };

@@ -248,44 +248,44 @@ export function usageOfTokens(tokens: Tokens): CompletionUsage {
 }
 
 /**
- * The usage object to answer a chat client with: the upstream's, its counts replaced by the metered ones, so the client
- * is shown what it is charged for (and REST answers what the RPCs do), or the metered counts alone when the upstream
- * sent none. Other fields the upstream reported (audio tokens, prediction tokens, ...) are kept. Returned as it came
- * when its counts already are the metered ones, as they are unless the upstream's were missing or malformed.
+ * The usage object to answer a chat client with: the metered counts, so the client is shown what it is charged for
+ * (and REST answers what the RPCs do), with the other counts of OpenAI's usage (audio, prediction tokens) the upstream
+ * reported. Nothing else an upstream puts there reaches the client: OpenRouter's `cost`, `cost_details` and `is_byok`
+ * are the operator's price, not the client's, whose charge is x-gateway-cost-nanos.
  */
 export function answeredUsage(usage: unknown, tokens: Tokens): CompletionUsage {
-  const metered = usageOfTokens(tokens);
-  if (typeof usage !== "object" || usage === null) return metered;
-  const reported = usage as Record<string, unknown>;
-  const prompt = record(reported.prompt_tokens_details);
-  const completion = record(reported.completion_tokens_details);
-  const cached = Number(tokens.cachedInputTokens);
-  const reasoning = Number(tokens.reasoningTokens);
-  if (
-    reported.prompt_tokens === metered.prompt_tokens &&
-    reported.completion_tokens === metered.completion_tokens &&
-    reported.total_tokens === metered.total_tokens &&
-    (prompt.cached_tokens ?? 0) === cached &&
-    (completion.reasoning_tokens ?? 0) === reasoning
-  ) {
-    return usage as CompletionUsage;
+  const answered = usageOfTokens(tokens);
+  const reported = record(usage);
+  const prompt = documentedCounts(reported.prompt_tokens_details, ["audio_tokens"]);
+  if (reported.prompt_tokens_details !== undefined) {
+    answered.prompt_tokens_details = { cached_tokens: Number(tokens.cachedInputTokens), ...prompt };
   }
-  const answered: Record<string, unknown> = { ...reported, ...metered };
-  if (cached > 0 || reported.prompt_tokens_details !== undefined) {
-    answered.prompt_tokens_details = { ...prompt, cached_tokens: cached };
+  const completion = documentedCounts(reported.completion_tokens_details, [
+    "audio_tokens",
+    "accepted_prediction_tokens",
+    "rejected_prediction_tokens",
+  ]);
+  if (reported.completion_tokens_details !== undefined) {
+    answered.completion_tokens_details = { reasoning_tokens: Number(tokens.reasoningTokens), ...completion };
   }
-  if (reasoning > 0 || reported.completion_tokens_details !== undefined) {
-    answered.completion_tokens_details = { ...completion, reasoning_tokens: reasoning };
+  return answered;
+}
+
+/** The counts named `keys` of an upstream's usage details, those that are counts. */
+function documentedCounts(details: unknown, keys: string[]): Record<string, number> {
+  const reported = record(details);
+  const counts: Record<string, number> = {};
+  for (const key of keys) {
+    const count = tokenCount(reported[key]);
+    if (count !== undefined) counts[key] = Number(count);
   }
-  return answered as unknown as CompletionUsage;
+  return counts;
 }
 
 /** The usage object to answer an embeddings client with: the metered input tokens, as answeredUsage does for chat. */
-export function answeredEmbeddingUsage(usage: unknown, tokens: Tokens): CreateEmbeddingResponse["usage"] {
+export function answeredEmbeddingUsage(tokens: Tokens): CreateEmbeddingResponse["usage"] {
   const input = Number(tokens.inputTokens);
-  const reported = record(usage);
-  if (reported.prompt_tokens === input && reported.total_tokens === input) return usage as CreateEmbeddingResponse["usage"];
-  return { ...reported, prompt_tokens: input, total_tokens: input };
+  return { prompt_tokens: input, total_tokens: input };
 }
 
 /** Roughly one token per four characters, as OpenAI's rule of thumb: the mock provider's deterministic tokenizer. */
