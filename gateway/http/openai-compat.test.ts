@@ -49,6 +49,12 @@ function routes(url: string) {
     if (extra) lines.push(`    ${extra}`);
   }
   lines.push(
+    "  - name: reasoner",
+    "    targets: [{ provider: fake, model: reasoner }]",
+    `    pricing: { input_per_mtok: "1.25", output_per_mtok: "10" }`,
+    "  - name: reasoner-priced",
+    "    targets: [{ provider: fake, model: reasoner-priced }]",
+    `    pricing: { input_per_mtok: "1.25", output_per_mtok: "10", reasoning_per_mtok: "40" }`,
     "  - name: tiered",
     "    targets: [{ provider: fake, model: tiered }]",
     `    pricing:`,
@@ -871,19 +877,19 @@ for (const port of ["rpc", "rest"] as const) {
         prompt_tokens_details: { cached_tokens: 20 },
         completion_tokens_details: { reasoning_tokens: 9 },
       });
-      // 11 cached input at $1.25/M + 4 output, all reasoning, at $10/M
-      const fractionalCost = 11n * 1_250n + 4n * 10_000n;
+      // 11 cached input at $1.25/M + 4 output and 9 reasoning beside it (more than the output), at $10/M
+      const fractionalCost = 11n * 1_250n + 13n * 10_000n;
 
-      // What the client is shown: the metered counts, with the upstream's other fields.
+      // What the client is shown: the metered counts.
       const answered = {
         prompt_tokens: 11,
         completion_tokens: 4,
-        total_tokens: 15,
+        total_tokens: 24,
         prompt_tokens_details: { cached_tokens: 11 },
-        completion_tokens_details: { reasoning_tokens: 4 },
+        completion_tokens_details: { reasoning_tokens: 9 },
       };
 
-      test("a whole completion: fractions round up, cached input and reasoning stay within their totals", async () => {
+      test("a whole completion: fractions round up, cached input stays within the input, reasoning is output", async () => {
         upstream.script("odd-usage", { content: "hi", usage: fractional });
         const { data: completion, response } = await sdk()
           .chat.completions.create({ model: "odd-usage", messages: hello })
@@ -893,8 +899,8 @@ for (const port of ["rpc", "rest"] as const) {
         expect(m.usage).toMatchObject({
           inputTokens: 11n,
           cachedInputTokens: 11n,
-          outputTokens: 4n,
-          reasoningTokens: 4n,
+          outputTokens: 13n,
+          reasoningTokens: 9n,
         });
         expect(m).toMatchObject({ usageEstimated: false, costNanos: fractionalCost });
         expect(upstream.seen("odd-usage")).toHaveLength(1);
@@ -917,10 +923,53 @@ for (const port of ["rpc", "rest"] as const) {
         expect(m.usage).toMatchObject({
           inputTokens: 11n,
           cachedInputTokens: 11n,
-          outputTokens: 4n,
-          reasoningTokens: 4n,
+          outputTokens: 13n,
+          reasoningTokens: 9n,
         });
         expect(m).toMatchObject({ usageEstimated: false, costNanos: fractionalCost });
+      });
+
+      test("reasoning counted beside the completion (Gemini's, xAI's shape) is charged as output; inside it, once", async () => {
+        const usage = (completion: number, reasoning: number, total: number) => ({
+          prompt_tokens: 20,
+          completion_tokens: completion,
+          total_tokens: total,
+          completion_tokens_details: { reasoning_tokens: reasoning },
+        });
+        // 20 input at $1.25/M; output, reasoning included, at $10/M, or reasoning at $40/M where it is priced apart.
+        const cases = [
+          { model: "reasoner", usage: usage(424, 572, 1016), output: 996n, nanos: 9_985_000n }, // Gemini
+          { model: "reasoner", usage: usage(600, 572, 1192), output: 1172n, nanos: 11_745_000n }, // xAI
+          { model: "reasoner", usage: usage(996, 572, 1016), output: 996n, nanos: 9_985_000n }, // OpenAI: within
+          { model: "reasoner-priced", usage: usage(424, 572, 1016), output: 996n, nanos: 27_145_000n },
+          { model: "reasoner-priced", usage: usage(996, 572, 1016), output: 996n, nanos: 27_145_000n },
+        ];
+        for (const { model, usage, output, nanos } of cases) {
+          const metered = { inputTokens: 20n, outputTokens: output, reasoningTokens: 572n };
+          upstream.script(model, { content: "one two", usage });
+          const { data: completion, response } = await sdk().chat.completions.create({ model, messages: hello }).withResponse();
+          // The client is shown the upstream's counts, none shrunk.
+          expect(completion.usage).toEqual(usage);
+          expect((await meteredRow(response)).usage).toMatchObject(metered);
+          expect(response.headers.get("x-gateway-cost-nanos")).toBe(String(nanos));
+
+          const { data: stream, response: streamed } = await sdk()
+            .chat.completions.create({ model, messages: hello, stream: true, stream_options: { include_usage: true } })
+            .withResponse();
+          const usages = [];
+          for await (const chunk of stream) if (chunk.usage) usages.push(chunk.usage);
+          expect(usages).toEqual([usage]);
+          const m = await meteredRow(streamed);
+          expect(m).toMatchObject({ usageEstimated: false, costNanos: nanos, usage: metered });
+
+          const rpc = await gateway.rpc("sk-good").createChatCompletion({ params: { model, messages: hello } });
+          expect(rpc.accounting).toMatchObject({ costNanos: nanos, usage: metered });
+          const messages = [];
+          for await (const message of gateway.rpc("sk-good").streamChatCompletion({ params: { model, messages: hello } })) {
+            messages.push(message);
+          }
+          expect(messages.at(-1)?.accounting).toMatchObject({ costNanos: nanos, usage: metered });
+        }
       });
 
       test("a negative count is no count: the tokenizer's estimate stands in for it, marked estimated", async () => {

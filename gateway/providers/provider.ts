@@ -170,7 +170,8 @@ export interface MeteredTokens {
 /**
  * The tokens to meter for an upstream's usage object (OpenAI's shape), normalised where usage enters the gateway so
  * cost, headers, budgets, quotas and the metrics row all hold the same numbers, and billing accepts them: a fraction
- * is rounded up (a token begun is billed), cached input is at most the input and reasoning at most the output. A
+ * is rounded up (a token begun is billed), cached input is at most the input and reasoning at most the output (which
+ * takes in reasoning an upstream counts beside its completion tokens, see reasoningApart). A
  * prompt or completion count that is missing or no count at all (negative, not a number, past the contract's
  * 2^31) is counted by `estimate` instead, and the tokens are then marked estimated.
  */
@@ -190,6 +191,10 @@ export async function meteredUsage(usage: unknown, estimate: TokenEstimates): Pr
   }
   const cached = tokenCount(record(reported.prompt_tokens_details).cached_tokens) ?? 0n;
   const reasoning = tokenCount(record(reported.completion_tokens_details).reasoning_tokens) ?? 0n;
+  if (estimate.output && reasoningApart(reported)) {
+    outputTokens += reasoning;
+    if (outputTokens > MAX_TOKENS_PER_REQUEST) outputTokens = MAX_TOKENS_PER_REQUEST;
+  }
   const tokens = {
     inputTokens,
     cachedInputTokens: cached < inputTokens ? cached : inputTokens,
@@ -220,6 +225,21 @@ export function laterUsage(held: CompletionUsage | undefined, next: CompletionUs
     return both;
   };
   return merged(held, next) as unknown as CompletionUsage;
+}
+
+/**
+ * Whether an upstream counts reasoning beside its completion tokens rather than among them, as Gemini's and xAI's
+ * OpenAI-compatible endpoints do (`total_tokens` = prompt + completion + reasoning): more reasoning than completion,
+ * or a total past prompt and completion. The metered output is then the completion and the reasoning.
+ */
+function reasoningApart(reported: Record<string, unknown>): boolean {
+  const reasoning = tokenCount(record(reported.completion_tokens_details).reasoning_tokens) ?? 0n;
+  const completion = tokenCount(reported.completion_tokens);
+  if (reasoning === 0n || completion === undefined) return false;
+  const prompt = tokenCount(reported.prompt_tokens);
+  const total = tokenCount(reported.total_tokens);
+  // Rounding fractions up cannot make a total that was within prompt and completion pass them.
+  return reasoning > completion || (prompt !== undefined && total !== undefined && total > prompt + completion);
 }
 
 function record(value: unknown): Record<string, unknown> {
@@ -256,6 +276,8 @@ export function usageOfTokens(tokens: Tokens): CompletionUsage {
 export function answeredUsage(usage: unknown, tokens: Tokens): CompletionUsage {
   const answered = usageOfTokens(tokens);
   const reported = record(usage);
+  // Reasoning the upstream counted beside its completion is shown there too: the client's counts are the upstream's.
+  if (reasoningApart(reported)) answered.completion_tokens -= Number(tokens.reasoningTokens);
   const prompt = documentedCounts(reported.prompt_tokens_details, ["audio_tokens"]);
   if (reported.prompt_tokens_details !== undefined) {
     answered.prompt_tokens_details = { cached_tokens: Number(tokens.cachedInputTokens), ...prompt };
