@@ -622,5 +622,10 @@ describe("maximum cost of a request", () => {
     );
     const dearReasoning = { ...price, reasoningMicros: 40_000_000n };
     expect(maxChatCostNanos(request, dearReasoning, 4096)).toBeGreaterThan(bound);
+    const dearAudio = { ...price, audioInputMicros: 40_000_000n, audioOutputMicros: 80_000_000n };
+    const allAudio = { inputTokens: BigInt(input), cachedInputTokens: 0n, outputTokens: 10n, reasoningTokens: 0n };
+    expect(maxChatCostNanos(request, dearAudio, 4096)).toBe(
+      costNanos({ ...allAudio, audioInputTokens: allAudio.inputTokens, audioOutputTokens: 10n }, dearAudio),
+    );
   });
 });

@@ -669,8 +669,9 @@ export function maxOutputTokens(
 
 /** The most a request of these token bounds can cost: every token at the dearest price of its kind. */
 export function maxCostNanos(inputTokens: number, outputTokens: number, price: Price): bigint {
-  const input = price.inputMicros > price.cachedInputMicros ? price.inputMicros : price.cachedInputMicros;
-  const output = price.outputMicros > price.reasoningMicros ? price.outputMicros : price.reasoningMicros;
+  const dearest = (...micros: bigint[]) => micros.reduce((a, b) => (a > b ? a : b));
+  const input = dearest(price.inputMicros, price.cachedInputMicros, price.audioInputMicros ?? 0n);
+  const output = dearest(price.outputMicros, price.reasoningMicros, price.audioOutputMicros ?? 0n);
   return costNanos(
     {
       inputTokens: BigInt(inputTokens),

@@ -54,8 +54,10 @@ describe("gateway config", () => {
       inputMicros: 2_500_000n,
       cachedInputMicros: 1_250_000n,
       outputMicros: 10_000_000n,
-      // unset reasoning price falls back to the output price
+      // unset reasoning and audio prices fall back to the output and input prices
       reasoningMicros: 10_000_000n,
+      audioInputMicros: 2_500_000n,
+      audioOutputMicros: 10_000_000n,
     });
     expect(gpt4o?.pricing).toEqual({ input: "2.50", cachedInput: "1.25", output: "10.00", reasoning: "10.00" });
     // 1000 input of which 400 cached, 500 output of which 100 reasoning:
@@ -82,7 +84,19 @@ describe("gateway config", () => {
       "test.yaml",
     );
     expect(config.models.get("o3")?.tierPrices).toEqual(
-      new Map([["flex", { inputMicros: 1_000_000n, cachedInputMicros: 250_000n, outputMicros: 4_000_000n, reasoningMicros: 4_000_000n }]]),
+      new Map([
+        [
+          "flex",
+          {
+            inputMicros: 1_000_000n,
+            cachedInputMicros: 250_000n,
+            outputMicros: 4_000_000n,
+            reasoningMicros: 4_000_000n,
+            audioInputMicros: 1_000_000n,
+            audioOutputMicros: 4_000_000n,
+          },
+        ],
+      ]),
     );
     expect(
       configError(

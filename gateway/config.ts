@@ -75,6 +75,9 @@ const prices = z.strictObject({
   output_per_mtok: usdPerMtok,
   /** Defaults to the output price. */
   reasoning_per_mtok: usdPerMtok.optional(),
+  /** Audio tokens of the prompt and of the completion; default to the input and output prices. */
+  audio_input_per_mtok: usdPerMtok.optional(),
+  audio_output_per_mtok: usdPerMtok.optional(),
 });
 
 /** OpenAI's service tiers besides the default ("auto" lets the upstream's project setting decide). */
@@ -233,7 +236,7 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
   return { providers: result.data.providers, models };
 }
 
-/** A model's or tier's prices, cached input and reasoning at the input and output prices unless set. */
+/** A model's or tier's prices, cached and audio input and reasoning and audio output at the input and output prices unless set. */
 function priceOf(p: z.infer<typeof prices>) {
   const { input_per_mtok: input, output_per_mtok: output } = p;
   const cached = p.cached_input_per_mtok ?? input;
@@ -243,6 +246,8 @@ function priceOf(p: z.infer<typeof prices>) {
     cachedInputMicros: cached.micros,
     outputMicros: output.micros,
     reasoningMicros: reasoning.micros,
+    audioInputMicros: (p.audio_input_per_mtok ?? input).micros,
+    audioOutputMicros: (p.audio_output_per_mtok ?? output).micros,
   };
   return { input, cached, output, reasoning, price };
 }

@@ -108,6 +108,25 @@ describe("costParts", () => {
     );
   });
 
+  test("audio tokens are priced at the audio rates, their cost in the input and output parts", () => {
+    const audio = { ...gpt4o, audioInputMicros: parseUsdMicros("40"), audioOutputMicros: parseUsdMicros("80") };
+    // 1000 input: 400 cached, 500 audio; 500 output: 100 reasoning, 300 audio. Audio past the uncached input is text.
+    const t = { ...tokens(1000, 500, 400, 100), audioInputTokens: 500n, audioOutputTokens: 300n };
+    expect(costParts(t, audio)).toEqual({
+      inputNanos: 100n * 2_500n + 500n * 40_000n,
+      cachedInputNanos: 500_000n,
+      outputNanos: 100n * 10_000n + 300n * 80_000n,
+      reasoningNanos: 1_000_000n,
+      totalNanos: 250_000n + 20_000_000n + 500_000n + 1_000_000n + 24_000_000n + 1_000_000n,
+    });
+    expect(costParts({ ...t, audioInputTokens: 900n, audioOutputTokens: 900n }, audio)).toMatchObject({
+      inputNanos: 600n * 40_000n,
+      outputNanos: 400n * 80_000n,
+    });
+    // Unpriced, audio is text.
+    expect(costParts(t, gpt4o)).toEqual(costParts(tokens(1000, 500, 400, 100), gpt4o));
+  });
+
   test("each part is priced at its own rate", () => {
     expect(costParts(tokens(1000, 500, 400, 100), gpt4o)).toEqual({
       inputNanos: 1_500_000n,

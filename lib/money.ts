@@ -13,6 +13,9 @@ export interface Price {
   cachedInputMicros: bigint;
   outputMicros: bigint;
   reasoningMicros: bigint;
+  /** Audio input and output, when priced apart from text (gpt-4o-audio's); by default the input and output price. */
+  audioInputMicros?: bigint;
+  audioOutputMicros?: bigint;
 }
 
 export interface Tokens {
@@ -20,6 +23,9 @@ export interface Tokens {
   cachedInputTokens: bigint;
   outputTokens: bigint;
   reasoningTokens: bigint;
+  /** The parts of input and of output tokens that are audio; none unless set. */
+  audioInputTokens?: bigint;
+  audioOutputTokens?: bigint;
 }
 
 /** Most tokens of each kind one request is metered with, as the TokenUsage contract documents (0..2^31). */
@@ -51,7 +57,10 @@ export function divRoundHalfUp(numerator: bigint, denominator: bigint): bigint {
   return sign * ((abs * 2n + denominator) / (denominator * 2n));
 }
 
-/** A request's cost in nano-USD and its parts per token type; the parts add up to the total exactly. */
+/**
+ * A request's cost in nano-USD and its parts per token type; the parts add up to the total exactly. Audio is no part of
+ * its own: its cost is in the input and output parts, as its tokens are in the input and output tokens.
+ */
 export interface CostParts {
   inputNanos: bigint;
   cachedInputNanos: bigint;
@@ -62,19 +71,23 @@ export interface CostParts {
 
 /**
  * Exact cost of one request in nano-USD, rounded half-up once, split per token type.
- * Cached input tokens are part of input tokens and reasoning tokens part of output tokens;
- * each part is priced at its own rate. The parts are floored and the rounding left over goes to
- * the parts with the largest remainders, so invoices itemise exactly what was charged.
+ * Cached input tokens are part of input tokens and reasoning tokens part of output tokens, and so are audio tokens, of
+ * the uncached input and of the output besides reasoning; each part is priced at its own rate. The parts are floored
+ * and the rounding left over goes to the parts with the largest remainders, so invoices itemise exactly what was charged.
  */
 export function costParts(tokens: Tokens, price: Price): CostParts {
   const cached = min(tokens.cachedInputTokens, tokens.inputTokens);
   const reasoning = min(tokens.reasoningTokens, tokens.outputTokens);
+  const audioInput = min(tokens.audioInputTokens ?? 0n, tokens.inputTokens - cached);
+  const audioOutput = min(tokens.audioOutputTokens ?? 0n, tokens.outputTokens - reasoning);
   // tokens * micro-USD per 1e6 tokens = tokens * micros / 1e6 micro-USD = tokens * micros / 1e3 nano-USD
   const products = [
-    (tokens.inputTokens - cached) * price.inputMicros,
+    (tokens.inputTokens - cached - audioInput) * price.inputMicros,
     cached * price.cachedInputMicros,
-    (tokens.outputTokens - reasoning) * price.outputMicros,
+    (tokens.outputTokens - reasoning - audioOutput) * price.outputMicros,
     reasoning * price.reasoningMicros,
+    audioInput * (price.audioInputMicros ?? price.inputMicros),
+    audioOutput * (price.audioOutputMicros ?? price.outputMicros),
   ];
   const totalNanos = divRoundHalfUp(
     products.reduce((a, b) => a + b, 0n),
@@ -90,8 +103,8 @@ export function costParts(tokens: Tokens, price: Price): CostParts {
     parts[i] = (parts[i] ?? 0n) + 1n;
     leftover--;
   }
-  const [inputNanos = 0n, cachedInputNanos = 0n, outputNanos = 0n, reasoningNanos = 0n] = parts;
-  return { inputNanos, cachedInputNanos, outputNanos, reasoningNanos, totalNanos };
+  const [input = 0n, cachedInputNanos = 0n, output = 0n, reasoningNanos = 0n, audioIn = 0n, audioOut = 0n] = parts;
+  return { inputNanos: input + audioIn, cachedInputNanos, outputNanos: output + audioOut, reasoningNanos, totalNanos };
 }
 
 /** Exact cost of one request in nano-USD, rounded half-up once (see costParts). */

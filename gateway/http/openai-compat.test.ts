@@ -55,6 +55,9 @@ function routes(url: string) {
     "  - name: reasoner-priced",
     "    targets: [{ provider: fake, model: reasoner-priced }]",
     `    pricing: { input_per_mtok: "1.25", output_per_mtok: "10", reasoning_per_mtok: "40" }`,
+    "  - name: audio",
+    "    targets: [{ provider: fake, model: audio }]",
+    `    pricing: { input_per_mtok: "2.50", output_per_mtok: "10", audio_input_per_mtok: "40", audio_output_per_mtok: "80" }`,
     "  - name: tiered",
     "    targets: [{ provider: fake, model: tiered }]",
     `    pricing:`,
@@ -970,6 +973,41 @@ for (const port of ["rpc", "rest"] as const) {
           }
           expect(messages.at(-1)?.accounting).toMatchObject({ costNanos: nanos, usage: metered });
         }
+      });
+
+      test("audio tokens are charged at the audio prices, in the input and output parts of the cost", async () => {
+        const usage = odd({
+          prompt_tokens: 1000,
+          completion_tokens: 600,
+          total_tokens: 1600,
+          prompt_tokens_details: { cached_tokens: 0, audio_tokens: 400 },
+          completion_tokens_details: { reasoning_tokens: 0, audio_tokens: 500 },
+        });
+        // 600 text input at $2.50/M, 400 audio at $40/M; 100 text output at $10/M, 500 audio at $80/M
+        const costBreakdown = { inputNanos: 1_500_000n + 16_000_000n, cachedInputNanos: 0n, outputNanos: 1_000_000n + 40_000_000n, reasoningNanos: 0n };
+        const nanos = 58_500_000n;
+        const metered = { inputTokens: 1000n, cachedInputTokens: 0n, outputTokens: 600n, reasoningTokens: 0n };
+        upstream.script("audio", { content: "one two", usage });
+        const { data: completion, response } = await sdk().chat.completions.create({ model: "audio", messages: hello }).withResponse();
+        expect(completion.usage).toEqual(usage);
+        expect(response.headers.get("x-gateway-cost-nanos")).toBe(String(nanos));
+        expect(await meteredRow(response)).toMatchObject({ costNanos: nanos, costBreakdown, usage: metered });
+
+        const { data: stream, response: streamed } = await sdk()
+          .chat.completions.create({ model: "audio", messages: hello, stream: true, stream_options: { include_usage: true } })
+          .withResponse();
+        const usages = [];
+        for await (const chunk of stream) if (chunk.usage) usages.push(chunk.usage);
+        expect(usages).toEqual([usage]);
+        expect(await meteredRow(streamed)).toMatchObject({ costNanos: nanos, costBreakdown, usage: metered });
+
+        const rpc = await gateway.rpc("sk-good").createChatCompletion({ params: { model: "audio", messages: hello } });
+        expect(rpc.accounting).toMatchObject({ costNanos: nanos, usage: metered });
+        const messages = [];
+        for await (const message of gateway.rpc("sk-good").streamChatCompletion({ params: { model: "audio", messages: hello } })) {
+          messages.push(message);
+        }
+        expect(messages.at(-1)?.accounting).toMatchObject({ costNanos: nanos, usage: metered });
       });
 
       test("a negative count is no count: the tokenizer's estimate stands in for it, marked estimated", async () => {

@@ -195,12 +195,17 @@ export async function meteredUsage(usage: unknown, estimate: TokenEstimates): Pr
     outputTokens += reasoning;
     if (outputTokens > MAX_TOKENS_PER_REQUEST) outputTokens = MAX_TOKENS_PER_REQUEST;
   }
-  const tokens = {
+  const tokens: Tokens = {
     inputTokens,
     cachedInputTokens: cached < inputTokens ? cached : inputTokens,
     outputTokens,
     reasoningTokens: reasoning < outputTokens ? reasoning : outputTokens,
   };
+  // Priced apart where configured (costParts keeps them within their totals); not metered apart.
+  const audioInput = tokenCount(record(reported.prompt_tokens_details).audio_tokens);
+  const audioOutput = tokenCount(record(reported.completion_tokens_details).audio_tokens);
+  if (audioInput) tokens.audioInputTokens = audioInput;
+  if (audioOutput) tokens.audioOutputTokens = audioOutput;
   return { tokens, estimated };
 }
 
