@@ -142,6 +142,10 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         if (step.done) break;
         const chunk = step.value;
         if (chunk.service_tier) servedTier = chunk.service_tier;
+        // Groq reports a stream's usage in its last chunk's x_groq: counted as if sent on its own, never passed on.
+        const groq = (chunk as { x_groq?: { usage?: CompletionUsage } }).x_groq;
+        if (groq?.usage && typeof groq.usage === "object") usage = laterUsage(usage, groq.usage);
+        if (groq !== undefined) delete (chunk as { x_groq?: unknown }).x_groq;
         if (chunk.usage) {
           usage = laterUsage(usage, chunk.usage);
           // The usage chunk is held to go last with the metered counts.
@@ -181,14 +185,15 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       if (usageChunk) {
         usageChunk.usage = answeredUsage(usage, counted.tokens);
         yield usageChunk;
-      } else if (includeUsage && !usage && last) {
+      } else if (includeUsage && last) {
         yield {
           id: last.id,
           object: "chat.completion.chunk",
           created: last.created,
           model: last.model,
           choices: [],
-          usage: usageOfTokens(counted.tokens),
+          // Groq's usage came in x_groq, on no chunk of its own.
+          usage: usage ? answeredUsage(usage, counted.tokens) : usageOfTokens(counted.tokens),
         };
       }
     } catch (e) {

@@ -1048,6 +1048,8 @@ for (const port of ["rpc", "rest"] as const) {
           { content: "one two three", usage: real, laterUsages: [odd({ prompt_tokens: -1, completion_tokens: null })] },
           // vLLM's continuous usage: running counts on every content chunk, none at the end.
           { content: "one two three", usage: false, chunkUsages: running },
+          // Groq's: in the last chunk's x_groq, no usage chunk.
+          { content: "one two three", usage: false, groqUsage: real },
         ];
         for (const behaviour of scripts) {
           for (const includeUsage of [true, false]) {

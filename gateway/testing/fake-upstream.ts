@@ -62,6 +62,8 @@ export interface Behaviour {
   laterUsages?: unknown[];
   /** Streaming: a usage on every content chunk, as vLLM's continuous usage stats send its running counts. */
   chunkUsages?: unknown[];
+  /** Streaming: a usage in the last chunk's `x_groq`, as Groq reports it. */
+  groqUsage?: unknown;
 }
 
 export interface SeenRequest {
@@ -273,7 +275,9 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
         }
         await pause();
         if (signal.aborted) return;
-        controller.enqueue(chunk({}, b.toolCall ? "tool_calls" : "stop"));
+        const stop = b.toolCall ? "tool_calls" : "stop";
+        if (b.groqUsage === undefined) controller.enqueue(chunk({}, stop));
+        else controller.enqueue(event({ ...base, choices: [{ index: 0, delta: {}, finish_reason: stop }], x_groq: { usage: b.groqUsage } }));
         if (wantsUsage && usage) controller.enqueue(event({ ...base, choices: [], usage }));
         for (const later of b.laterUsages ?? []) controller.enqueue(event({ ...base, choices: [], usage: later }));
         controller.enqueue(encoder.encode("data: [DONE]\n\n"));
