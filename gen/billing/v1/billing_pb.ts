@@ -1015,7 +1015,8 @@ export type UsageRecord = Message<"billing.v1.UsageRecord"> & {
   costNanos: bigint;
 
   /**
-   * When the request started; decides the billing period.
+   * When the request started; decides the billing period. RecordUsage refuses a time more than 10 minutes past
+   * billing's clock (INVALID_ARGUMENT naming the request_id): it would fall outside every current period.
    *
    * @generated from field: google.protobuf.Timestamp occur_time = 10;
    */
