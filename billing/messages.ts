@@ -181,10 +181,25 @@ export function unexpired(limits: KeyLimits, now: Date, field = "limits"): KeyLi
   return limits;
 }
 
-/** A usage record from RecordUsage, checked field by field; `at` names it in errors. */
-export function usageRecordFrom(record: UsageRecordMessage, at: string): UsageRecord {
+/**
+ * How far past billing's clock a usage record may be dated: a gateway's clock may run a little ahead, but a record
+ * dated further would lie outside every current period, missing from summaries, budgets and invoices until then.
+ */
+export const maxUsageClockSkewMs = 10 * 60_000;
+
+/** A usage record from RecordUsage, checked field by field against billing's clock `now`; `at` names it in errors. */
+export function usageRecordFrom(record: UsageRecordMessage, at: string, now: Date): UsageRecord {
   const field = (name: string) => `${at}.${name}`;
+  const requestId = id(record.requestId, field("request_id"));
   if (!record.occurTime) throw invalid(field("occur_time"), "required");
+  const occurredAt = instant(record.occurTime, field("occur_time"));
+  if (occurredAt.getTime() > now.getTime() + maxUsageClockSkewMs) {
+    throw invalid(
+      field("occur_time"),
+      `${occurredAt.toISOString()} is more than ${maxUsageClockSkewMs / 60_000} minutes past billing's clock ` +
+        `(${now.toISOString()}) for request ${requestId}`,
+    );
+  }
   const endpoint = endpoints[record.endpoint];
   if (!endpoint) throw invalid(field("endpoint"), `unknown value ${record.endpoint}`);
   const tokens = (value: bigint | undefined, name: string) =>
@@ -197,7 +212,7 @@ export function usageRecordFrom(record: UsageRecordMessage, at: string): UsageRe
   if (reasoningTokens > outputTokens) throw invalid(field("usage.reasoning_tokens"), "exceeds output_tokens");
   const costNanos = atMost(record.costNanos, field("cost_nanos"), maxCostNanosPerRequest);
   return {
-    requestId: id(record.requestId, field("request_id")),
+    requestId,
     orgId: id(record.orgId, field("org_id")),
     projectId: optionalId(record.projectId, field("project_id")),
     apiKeyId: optionalId(record.apiKeyId, field("api_key_id")),
@@ -209,7 +224,7 @@ export function usageRecordFrom(record: UsageRecordMessage, at: string): UsageRe
     outputTokens,
     reasoningTokens,
     costNanos,
-    occurredAt: instant(record.occurTime, field("occur_time")),
+    occurredAt,
     costBreakdown: record.costBreakdown
       ? costBreakdownFrom(record.costBreakdown, costNanos, field("cost_breakdown"))
       : null,

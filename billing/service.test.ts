@@ -373,6 +373,27 @@ test("RecordUsage validates every record and the batch size", async () => {
   expect((await client.getUsageSummary({ orgId }, admin)).requests).toBe(0n);
 });
 
+test("RecordUsage refuses usage dated more than 10 minutes past billing's clock, naming its request", async () => {
+  const orgId = await newOrg();
+  const skewed = usage(orgId, "", 1n, new Date(now.getTime() + 10 * 60_000));
+  expect(await client.recordUsage({ records: [skewed] }, admin)).toMatchObject({ inserted: 1 });
+
+  // Dated years ahead it would lie outside every current period: missing from summaries, budgets and invoices.
+  const ahead = usage(orgId, "", 2n, new Date("2035-01-01T00:00:00Z"));
+  const error = ConnectError.from(
+    await client.recordUsage({ records: [usage(orgId, "", 3n), ahead] }, admin).catch((e) => e),
+  );
+  expect(error.code).toBe(Code.InvalidArgument);
+  expect(error.rawMessage).toBe(
+    `records[1].occur_time: 2035-01-01T00:00:00.000Z is more than 10 minutes past billing's clock ` +
+      `(${now.toISOString()}) for request ${ahead.requestId}`,
+  );
+  const justPast = usage(orgId, "", 4n, new Date(now.getTime() + 10 * 60_000 + 1));
+  expect(await code(client.recordUsage({ records: [justPast] }, admin))).toBe(Code.InvalidArgument);
+  const rows = await db.pool.query("SELECT request_id FROM usage_records WHERE org_id = $1", [orgId]);
+  expect(rows.rows.map((r) => r.request_id)).toEqual([skewed.requestId]);
+});
+
 test("an org's own key reads its org's usage and nothing else", async () => {
   const orgId = await newOrg({ billingDay: 10 });
   const otherOrgId = await newOrg();
@@ -1031,17 +1052,17 @@ test("a time is taken to the millisecond rounded down: the last instant of a day
   const orgId = await newOrg({ billingDay: 28 });
   const last = usage(orgId, "", 111n);
   last.occurTime = create(TimestampSchema, {
-    seconds: BigInt(Date.parse("2026-09-28T00:00:00Z") / 1000) - 1n,
+    seconds: BigInt(Date.parse("2026-05-28T00:00:00Z") / 1000) - 1n,
     nanos: 999_999_900,
   });
   await client.recordUsage({ records: [last] }, admin);
   const [listed] = (await client.listUsageRecords({ orgId, requestId: last.requestId }, admin)).records;
-  expect(timestampDate(listed?.occurTime ?? timestampFromDate(now)).toISOString()).toBe("2026-09-27T23:59:59.999Z");
-  const august = {
-    startTime: timestampFromDate(new Date("2026-08-28T00:00:00Z")),
-    endTime: timestampFromDate(new Date("2026-09-28T00:00:00Z")),
+  expect(timestampDate(listed?.occurTime ?? timestampFromDate(now)).toISOString()).toBe("2026-05-27T23:59:59.999Z");
+  const april = {
+    startTime: timestampFromDate(new Date("2026-04-28T00:00:00Z")),
+    endTime: timestampFromDate(new Date("2026-05-28T00:00:00Z")),
   };
-  expect((await client.getUsageSummary({ orgId, ...august }, admin)).costNanos).toBe(111n);
+  expect((await client.getUsageSummary({ orgId, ...april }, admin)).costNanos).toBe(111n);
 });
 
 test("an empty or reversed time range is InvalidArgument wherever one is taken", async () => {

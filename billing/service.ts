@@ -274,7 +274,8 @@ export function createBillingService({
     async recordUsage(req, ctx) {
       admin(ctx);
       if (req.records.length > maxUsageBatch) throw invalid("records", `at most ${maxUsageBatch} per batch`);
-      const records = req.records.map((record, i) => usageRecordFrom(record, `records[${i}]`));
+      const now = clock();
+      const records = req.records.map((record, i) => usageRecordFrom(record, `records[${i}]`, now));
       const recorded = await store.recordUsage(records);
       usage.record(recorded);
       metrics?.usageRows.inc({ result: "inserted" }, recorded.inserted);

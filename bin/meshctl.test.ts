@@ -359,6 +359,14 @@ describe("meshctl against a real billing", () => {
     // Numbers past what the contract holds are the command line's fault, not the service's.
     failsWith(await cli("quota set key_x --rpm 99999999999"), 2, /--rpm must be a non-negative integer up to 2147483647/);
     failsWith(await cli("quota set key_x --budget-usd 999999999999.999999999"), 2, /at most \$9,223,372,036.85/);
+    // A negative amount is named as such, written either way, rather than as an ambiguous option.
+    const negative = /^meshctl: --budget-usd must not be negative, not "-1"\n$/;
+    failsWith(await cli("quota set key_x --budget-usd -1"), 2, negative);
+    failsWith(await cli("quota set key_x --budget-usd=-1"), 2, negative);
+    failsWith(await cli("quota set key_x --rpm -1"), 2, /--rpm must not be negative, not "-1"/);
+    const discount = "discounts add --org x --name n --kind promotional --percent 1";
+    failsWith(await cli(`${discount} --cap-usd -0.5`), 2, /--cap-usd must not be negative, not "-0.5"/);
+    failsWith(await cli(`${discount} --priority -5`), 2, /a negative --priority is written --priority=-5/);
     // A flag the command does not take, or an extra argument, is refused rather than ignored.
     failsWith(await cli("orgs update org_x --billing-day 15"), 2, /orgs update does not take --billing-day/);
     failsWith(await cli("usage --org org_x extra"), 2, /unexpected argument "extra"/);

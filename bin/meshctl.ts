@@ -159,8 +159,27 @@ function checkCommandLine(command: string, values: Record<string, unknown>, args
   if (args.length > spec.args) throw new UsageError(`${command}: unexpected argument "${args[spec.args]}"`);
 }
 
+/**
+ * A flag taking a value followed by a negative number: parseArgs refuses it as ambiguous (it might be a flag), which
+ * says nothing of what is wrong. Only --priority may be negative, written --priority=-5.
+ */
+function refuseNegativeValues(argv: readonly string[]): void {
+  for (let i = 0; i + 1 < argv.length && argv[i] !== "--"; i++) {
+    const name = argv[i]?.startsWith("--") ? argv[i]?.slice(2) : undefined;
+    const value = argv[i + 1] as string;
+    if (!name || !Object.hasOwn(flags, name) || flags[name as FlagName].type !== "string") continue;
+    if (!/^-[\d.]/.test(value)) continue;
+    throw new UsageError(
+      name === "priority"
+        ? `a negative --priority is written --priority=${value}`
+        : `--${name} must not be negative, not "${value}"`,
+    );
+  }
+}
+
 export async function runCli(argv: string[], io: CliIo): Promise<number> {
   try {
+    refuseNegativeValues(argv);
     const { values, positionals } = parseArgs({ args: argv, options: flags, allowPositionals: true, strict: true });
     const [group, action, ...rest] = positionals;
     if (values.help || !group) {
@@ -201,7 +220,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           name: need(rest[0], "NAME"),
           taxRateBps: int(values["tax-bps"], "--tax-bps"),
           billingDay: int(values["billing-day"], "--billing-day"),
-          monthlyBudgetNanos: usdNanos(values["budget-usd"]),
+          monthlyBudgetNanos: usdNanos(values["budget-usd"], "--budget-usd"),
           maxDiscountBps: values["max-discount-percent"]
             ? percentBps(values["max-discount-percent"], "--max-discount-percent")
             : 0,
@@ -215,7 +234,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           orgId: arg("ORG_ID"),
           name: values.name,
           taxRateBps: values["tax-bps"] === undefined ? undefined : int(values["tax-bps"], "--tax-bps"),
-          monthlyBudgetNanos: values["budget-usd"] === undefined ? undefined : usdNanos(values["budget-usd"]),
+          monthlyBudgetNanos: values["budget-usd"] === undefined ? undefined : usdNanos(values["budget-usd"], "--budget-usd"),
           maxDiscountBps: percent === undefined ? undefined : percentBps(percent, "--max-discount-percent"),
         });
         print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
@@ -530,8 +549,9 @@ function int(text: string | undefined, flag: string, max = 2 ** 31 - 1, min = 0)
 /** Most nano-USD an int64 holds: about $9.2 billion. */
 const maxNanos = 2n ** 63n - 1n;
 
-function usdNanos(text: string | undefined): bigint {
+function usdNanos(text: string | undefined, flag: string): bigint {
   if (text === undefined) return 0n;
+  if (text.trim().startsWith("-")) throw new UsageError(`${flag} must not be negative, not "${text}"`);
   let nanos: bigint;
   try {
     nanos = parseUsdNanos(text);
@@ -583,7 +603,7 @@ const limitPaths: Record<(typeof limitFlags)[number], string> = {
 function limitsFrom(values: Flags): MessageInitShape<typeof KeyLimitsSchema> {
   const { expires, models } = values;
   return {
-    monthlyBudgetNanos: values["budget-usd"] === undefined ? 0n : usdNanos(values["budget-usd"]),
+    monthlyBudgetNanos: values["budget-usd"] === undefined ? 0n : usdNanos(values["budget-usd"], "--budget-usd"),
     monthlyTokens:
       values["monthly-tokens"] === undefined
         ? 0n
@@ -628,14 +648,14 @@ function ruleFrom(values: Flags): MessageInitShape<typeof DiscountRuleSchema> {
         if (from === undefined || percent === undefined) {
           throw new UsageError(`--tiers must be FROM_USD:PERCENT,..., not "${values.tiers}"`);
         }
-        return { fromNanos: usdNanos(from), discountBps: percentBps(percent, "--tiers") };
+        return { fromNanos: usdNanos(from, "--tiers"), discountBps: percentBps(percent, "--tiers") };
       }),
     startHour: startHour ?? 0,
     endHour: endHour ?? 24,
     daysOfWeek: values.days ? values.days.split(",").map((d) => int(d, "--days")) : [],
     validFrom: values.from ? parseDate(values.from, "--from") : undefined,
     validUntil: values.until ? parseDate(values.until, "--until") : undefined,
-    capNanos: usdNanos(values["cap-usd"]),
+    capNanos: usdNanos(values["cap-usd"], "--cap-usd"),
   };
 }
 

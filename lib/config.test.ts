@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { z } from "zod";
-import { commonEnv, ConfigError, env, parseEnv } from "./config.ts";
+import { commonEnv, ConfigError, defaultAdminToken, env, parseEnv } from "./config.ts";
 import { runCommand } from "./processes.ts";
 
 const shape = { ...commonEnv, GATEWAY_PORT: env.port(8080), BILLING_URL: z.url().default("http://127.0.0.1:8081") };
@@ -51,4 +51,29 @@ test("a service started with a bad variable exits non-zero naming it", async () 
   expect(code).toBe(2);
   expect(stdout).toBe("");
   expect(stderr).toContain('GATEWAY_PORT ("eighty")');
+});
+
+test("an empty ADMIN_TOKEN stops a service rather than falling back to the public default", async () => {
+  expect(() => parseEnv(shape, { ADMIN_TOKEN: "" })).toThrow("ADMIN_TOKEN (set but empty): must be at least 16 characters");
+  const { stdout, stderr, code } = await runCommand([process.execPath, "billing/main.ts"], {
+    env: { ADMIN_TOKEN: "", BILLING_PORT: "0", MESH_DATA_DIR: "/nonexistent" },
+  });
+  expect(code).toBe(2);
+  expect(stdout).toBe("");
+  expect(stderr).toBe("invalid environment: ADMIN_TOKEN (set but empty): must be at least 16 characters\n");
+});
+
+test("a service on the default admin token warns at start; one on its own token does not", async () => {
+  const script = `
+    import { commonEnv, parseEnv } from "./lib/config.ts";
+    import { createRuntime } from "./lib/runtime.ts";
+    createRuntime("config-test", parseEnv(commonEnv));
+  `;
+  const run = (env: Record<string, string | undefined>) => runCommand([process.execPath, "-e", script], { env });
+  const defaulted = await run({ ADMIN_TOKEN: undefined });
+  const [line, ...more] = defaulted.stdout.trim().split("\n").map((l) => JSON.parse(l));
+  expect(line).toMatchObject({ level: "warn", service: "config-test", msg: expect.stringContaining("ADMIN_TOKEN") });
+  expect(more).toEqual([]);
+  expect((await run({ ADMIN_TOKEN: defaultAdminToken })).stdout).toContain("development default");
+  expect((await run({ ADMIN_TOKEN: "own-admin-token-0123456789" })).stdout).toBe("");
 });

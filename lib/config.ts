@@ -27,12 +27,15 @@ function isOrigin(value: string): boolean {
   }
 }
 
+/** The admin token when ADMIN_TOKEN is unset: published in this repository, so fit only for a developer's machine. */
+export const defaultAdminToken = "dev-admin-token-change-me";
+
 /** Variables every service reads. Service schemas extend this shape. */
 export const commonEnv = {
   LOG_LEVEL: z.enum(["debug", "info", "warn", "error"]).default("info"),
   MESH_DATA_DIR: z.string().min(1).default(".data"),
   /** Bearer token for admin RPCs and service-to-service calls. */
-  ADMIN_TOKEN: z.string().min(16, "must be at least 16 characters").default("dev-admin-token-change-me"),
+  ADMIN_TOKEN: z.string().min(16, "must be at least 16 characters").default(defaultAdminToken),
   OTEL_EXPORTER_OTLP_ENDPOINT: z.url().optional(),
   /** Fraction of new traces to sample, 0..1 (parent-based: a sampled caller is always followed). */
   OTEL_TRACES_SAMPLER_ARG: z.coerce.number().min(0).max(1).default(1),
@@ -57,8 +60,10 @@ export function parseEnv<S extends z.ZodRawShape>(
   shape: S,
   source: Record<string, string | undefined> = process.env,
 ): z.infer<z.ZodObject<S>> {
-  // Empty strings mean "unset", as in most shells' `VAR= cmd`.
-  const cleaned = Object.fromEntries(Object.entries(source).filter(([, v]) => v !== ""));
+  // Empty strings mean "unset", as in most shells' `VAR= cmd`; but not ADMIN_TOKEN, which is empty when its source
+  // rendered nothing (a missing Kubernetes Secret key, say): that stops the process, never falls back to the public
+  // default.
+  const cleaned = Object.fromEntries(Object.entries(source).filter(([k, v]) => v !== "" || k === "ADMIN_TOKEN"));
   const result = z.object(shape).safeParse(cleaned);
   if (result.success) return result.data;
   const problems = result.error.issues.map((issue) => {
@@ -66,7 +71,7 @@ export function parseEnv<S extends z.ZodRawShape>(
     const [head, ...inside] = issue.path;
     const name = String(head);
     const value = cleaned[name];
-    const shown = value === undefined ? "unset" : `"${looksSecret(name) ? "***" : value}"`;
+    const shown = value === undefined ? "unset" : value === "" ? "set but empty" : `"${looksSecret(name) ? "***" : value}"`;
     const entry = typeof inside[0] === "number" ? `, entry ${inside[0] + 1}` : "";
     return `${name} (${shown}${entry}): ${issue.message}`;
   });

@@ -1,10 +1,12 @@
 import type { Interceptor } from "@connectrpc/connect";
 import pkg from "../package.json" with { type: "json" };
+import { defaultAdminToken } from "./config.ts";
 import { createLogger, type Logger, type LogLevel } from "./log.ts";
 import { createMetrics, type Metrics } from "./metrics.ts";
 import { setupTelemetry, type Telemetry } from "./telemetry.ts";
 
 export interface RuntimeConfig {
+  ADMIN_TOKEN: string;
   LOG_LEVEL: LogLevel;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string | undefined;
   OTEL_TRACES_SAMPLER_ARG: number;
@@ -29,6 +31,12 @@ export function createRuntime(service: string, config: RuntimeConfig): Runtime {
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,
   });
   const log = createLogger({ service, level: config.LOG_LEVEL });
+  if (config.ADMIN_TOKEN === defaultAdminToken) {
+    log.warn(
+      "ADMIN_TOKEN is unset or the development default, which is published: anyone can call admin RPCs; " +
+        "set a token of your own anywhere but a developer's machine",
+    );
+  }
   const metrics = createMetrics(service);
   return {
     log,

@@ -1,6 +1,7 @@
 import { expect, test } from "bun:test";
 import { sha256Hex } from "../../lib/auth.ts";
-import { BillingError } from "./db.ts";
+import { createAccountStore } from "./accounts.ts";
+import { BillingError, createDb } from "./db.ts";
 import { newOrg as newOrgIn, noLimits, useTestStore } from "./test-db.ts";
 import type { KeyLimits } from "./types.ts";
 
@@ -144,6 +145,54 @@ test("revoke, rotate and update limits", async () => {
   expect(await fixture.store.listApiKeys(org.id, { includeRevoked: false })).toEqual([]);
   const all = await fixture.store.listApiKeys(org.id, { includeRevoked: true });
   expect(all.map((k) => k.id)).toEqual([first.apiKey.id, rotated.apiKey.id]);
+});
+
+test("a revoked key's limits are not changed: the change is refused, naming the key it was rotated into", async () => {
+  const org = await newOrg("revoked-limits-org");
+  const limits = { ...noLimits, requestsPerMinute: 100 };
+  const revoked = await fixture.store.createApiKey({ orgId: org.id, projectId: null, name: "", limits });
+  await fixture.store.revokeApiKey(revoked.apiKey.id);
+  const refused = await failure(fixture.store.updateApiKeyLimits(revoked.apiKey.id, { ...noLimits, monthlyTokens: 1n }));
+  expect(refused).toMatchObject({ kind: "failed_precondition", message: `api key ${revoked.apiKey.id} is revoked` });
+
+  // A rotation holds the old key's row lock until it commits; a change waiting on that lock must not then land on
+  // the revoked key while the successor keeps the limits the rotation copied.
+  const first = await fixture.store.createApiKey({ orgId: org.id, projectId: null, name: "", limits });
+  const db = createDb(fixture.db.pool);
+  const copied = Promise.withResolvers<void>();
+  const commit = Promise.withResolvers<void>();
+  const rotating = createAccountStore({
+    ...db,
+    transaction: (fn) =>
+      db.transaction(async (tx) => {
+        const result = await fn(tx);
+        copied.resolve();
+        await commit.promise;
+        return result;
+      }),
+  }).rotateApiKey(first.apiKey.id);
+  await copied.promise;
+  const updating = failure(fixture.store.updateApiKeyLimits(first.apiKey.id, { ...noLimits, requestsPerMinute: 1 }));
+  const waitingOnLock = async () => {
+    const [row] = await fixture.db.pool.query<{ n: number }>(
+      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    ).then((r) => r.rows);
+    return row?.n === 1;
+  };
+  for (let i = 0; i < 500 && !(await waitingOnLock()); i++) await Bun.sleep(10);
+  expect(await waitingOnLock()).toBe(true);
+  commit.resolve();
+  const successor = (await rotating).apiKey;
+  expect(await updating).toMatchObject({
+    kind: "failed_precondition",
+    message: `api key ${first.apiKey.id} is revoked (rotated into ${successor.id})`,
+  });
+  expect(successor.limits.requestsPerMinute).toBe(100);
+  const stored = await fixture.store.listApiKeys(org.id, { includeRevoked: true });
+  expect(stored.find((k) => k.id === first.apiKey.id)?.limits.requestsPerMinute).toBe(100);
+  expect((await failure(fixture.store.rotateApiKey(first.apiKey.id))).message).toBe(
+    `api key ${first.apiKey.id} is revoked (rotated into ${successor.id})`,
+  );
 });
 
 test("an expired key is not rotated: its successor would be born expired", async () => {

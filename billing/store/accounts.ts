@@ -118,6 +118,21 @@ export function createAccountStore(db: Db) {
     return { apiKey: toApiKey(rows[0] as KeyRow), secret };
   };
 
+  // Why a statement on an active key matched no row: the key is unknown, or revoked (naming the key it was rotated
+  // into, which is where a change meant for it belongs); undefined when it exists and is not revoked.
+  const inactiveKeyError = async (q: Queryable, apiKeyId: string): Promise<BillingError | undefined> => {
+    const [found] = await q.query<{ revoked: boolean; successor: string | null }>(
+      `SELECT k.revoked_at IS NOT NULL AS revoked,
+         (SELECT s.id FROM api_keys s WHERE s.rotated_from = k.id) AS successor
+       FROM api_keys k WHERE k.id = $1`,
+      [apiKeyId],
+    );
+    if (!found) return new BillingError("not_found", `api key ${apiKeyId} not found`);
+    if (!found.revoked) return undefined;
+    const rotated = found.successor ? ` (rotated into ${found.successor})` : "";
+    return new BillingError("failed_precondition", `api key ${apiKeyId} is revoked${rotated}`);
+  };
+
   return {
     async createOrganization(org: NewOrganization): Promise<Organization> {
       const rows = await db.query<OrgRow>(
@@ -232,16 +247,12 @@ export function createAccountStore(db: Db) {
         const old = rows[0];
         if (!old) {
           // An expired key's limits would give its successor the same past expiry: a key born dead.
-          const found = await tx.query<{ revoked: boolean }>(
-            "SELECT revoked_at IS NOT NULL AS revoked FROM api_keys WHERE id = $1",
-            [apiKeyId],
-          );
-          if (!found[0]) throw new BillingError("not_found", `api key ${apiKeyId} not found`);
-          throw new BillingError(
-            "failed_precondition",
-            found[0].revoked
-              ? `api key ${apiKeyId} is revoked`
-              : `api key ${apiKeyId} has expired: change its expire_time (UpdateApiKeyLimits) or create a new key`,
+          throw (
+            (await inactiveKeyError(tx, apiKeyId)) ??
+            new BillingError(
+              "failed_precondition",
+              `api key ${apiKeyId} has expired: change its expire_time (UpdateApiKeyLimits) or create a new key`,
+            )
           );
         }
         const { orgId, projectId, name, limits } = toApiKey(old);
@@ -252,6 +263,7 @@ export function createAccountStore(db: Db) {
     /**
      * Sets the limits named in `fields` (all of them by default) from `limits`, leaving the others as they are, in one
      * statement: concurrent updates of different limits both hold. Announces the change to watchers at commit.
+     * A revoked key's limits are history: a change that waited on a rotation's lock is refused, not lost on it.
      */
     async updateApiKeyLimits(
       apiKeyId: string,
@@ -267,12 +279,12 @@ export function createAccountStore(db: Db) {
              tokens_per_minute = CASE WHEN 'tokensPerMinute' = ANY($8) THEN $5 ELSE tokens_per_minute END,
              allowed_models = CASE WHEN 'allowedModels' = ANY($8) THEN $6 ELSE allowed_models END,
              expires_at = CASE WHEN 'expiresAt' = ANY($8) THEN $7 ELSE expires_at END
-           WHERE id = $1 RETURNING ${keyColumns}
+           WHERE id = $1 AND revoked_at IS NULL RETURNING ${keyColumns}
          )
          SELECT updated.*, ${announceKeyChange} FROM updated`,
         [apiKeyId, ...limitParams(limits), fields],
       );
-      if (!rows[0]) throw new BillingError("not_found", `api key ${apiKeyId} not found`);
+      if (!rows[0]) throw (await inactiveKeyError(db, apiKeyId)) ?? new Error(`api key ${apiKeyId} was not updated`);
       return toApiKey(rows[0]);
     },
 

@@ -122,7 +122,10 @@ test("regenerating a draft replaces it in place; issued invoices never change", 
   // More usage arrives for March: the issued invoice stays as it was.
   await store.recordUsage([usage(org.id)]);
   const again = await store.generateInvoice({ orgId: org.id, at: march, now: afterMarch }).catch((e) => e);
-  expect(kind(again)).toBe("failed_precondition");
+  expect(again).toMatchObject({
+    kind: "failed_precondition",
+    message: `invoice ${issued.number} of this period is already issued; void it to generate another`,
+  });
   expect(await store.getInvoice(draft.id)).toEqual(issued);
 
   // Not even SQL behind billing's back can change it.
@@ -140,6 +143,22 @@ test("regenerating a draft replaces it in place; issued invoices never change", 
     await expect(db.pool.query(sql, [draft.id])).rejects.toThrow(/issued/);
   }
   expect(await store.getInvoice(draft.id)).toEqual(issued);
+});
+
+test("a paid invoice closes its period: generating it again says so rather than asking for a void", async () => {
+  const org = await newOrg();
+  const draft = await store.generateInvoice({ orgId: org.id, at: march, now: march });
+  await store.updateInvoiceStatus({ invoiceId: draft.id, status: "issued", now: afterMarch });
+  const paid = await store.updateInvoiceStatus({ invoiceId: draft.id, status: "paid", now: afterMarch });
+  const again = await store.generateInvoice({ orgId: org.id, at: march, now: afterMarch }).catch((e) => e);
+  expect(again).toMatchObject({
+    kind: "failed_precondition",
+    message:
+      `invoice ${paid.number} of this period is paid, which closes the period: usage recorded for it since is ` +
+      "billed on the next invoice generated for a later period",
+  });
+  const voiding = store.updateInvoiceStatus({ invoiceId: draft.id, status: "void", now: afterMarch });
+  expect(kind(await voiding.catch((e) => e))).toBe("failed_precondition");
 });
 
 test("status moves draft -> issued -> paid or to void, and nowhere else", async () => {

@@ -87,7 +87,10 @@ export function createInvoiceStore(db: Db) {
         if (existing && existing.status !== "draft") {
           throw new BillingError(
             "failed_precondition",
-            `invoice ${existing.number} of this period is already ${existing.status}; void it to generate another`,
+            existing.status === "paid"
+              ? `invoice ${existing.number} of this period is paid, which closes the period: usage recorded for it ` +
+                  "since is billed on the next invoice generated for a later period"
+              : `invoice ${existing.number} of this period is already issued; void it to generate another`,
           );
         }
 

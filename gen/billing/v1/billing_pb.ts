@@ -1015,7 +1015,8 @@ export type UsageRecord = Message<"billing.v1.UsageRecord"> & {
   costNanos: bigint;
 
   /**
-   * When the request started; decides the billing period.
+   * When the request started; decides the billing period. RecordUsage refuses a time more than 10 minutes past
+   * billing's clock (INVALID_ARGUMENT naming the request_id): it would fall outside every current period.
    *
    * @generated from field: google.protobuf.Timestamp occur_time = 10;
    */
@@ -2037,7 +2038,8 @@ export const BillingService: GenService<{
   /**
    * Changes the limits of a key named in update_mask, in one statement, so two admins changing different limits of
    * one key at once both keep their change. Without a mask it replaces all of them: a limit left unset (0 or empty)
-   * is removed.
+   * is removed. A revoked key is refused (FAILED_PRECONDITION, naming the key it was rotated into, if any): its
+   * limits no longer apply to anything, so a change meant for it must be made on its successor.
    *
    * @generated from rpc billing.v1.BillingService.UpdateApiKeyLimits
    */
