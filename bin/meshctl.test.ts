@@ -84,8 +84,8 @@ async function cli(args: string, env: Record<string, string> = {}): Promise<Run>
 }
 
 /** Runs a command that must succeed and returns its stdout. */
-async function ok(args: string): Promise<string> {
-  const run = await cli(args);
+async function ok(args: string, env: Record<string, string> = {}): Promise<string> {
+  const run = await cli(args, env);
   if (run.code !== 0) throw new Error(`meshctl ${args} exited ${run.code}: ${run.err}`);
   expect(run.err).toBe("");
   return run.out;
@@ -338,8 +338,9 @@ describe("meshctl against a real billing", () => {
     // The paid invoice keeps the name it was issued with.
     await ok(`orgs update ${orgId} --name "Acme Renamed Ltd"`);
     expect((await ok(`invoices show ${invoiceId}`)).split("\n")[1]).toBe(`billed to Acme Corp (${orgId})`);
+    // A relative path is where npm was run (npm runs scripts in the package's folder and says where in INIT_CWD).
     const out = join(dir, "invoice.html");
-    expect(await ok(`invoices render ${invoiceId} --html --out ${out}`)).toBe("");
+    expect(await ok(`invoices render ${invoiceId} --html --out invoice.html`, { INIT_CWD: dir })).toBe(`wrote ${out}\n`);
     const html = await readFile(out, "utf8");
     expect(html).toStartWith("<!doctype html>");
     expect(html).toContain("<dt>Billed to</dt><dd>Acme Corp</dd>");

@@ -5,6 +5,7 @@
  * Human tables by default, --json for scripts. Errors print one line and exit non-zero.
  */
 import { writeFile } from "node:fs/promises";
+import { resolve } from "node:path";
 import { parseArgs } from "node:util";
 import {
   create,
@@ -485,8 +486,12 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           throw new ServiceError(`billing answered ${res.status} for invoice ${id}: ${reason}`);
         }
         const html = await res.text();
-        if (values.out) await writeFile(values.out, html);
-        else io.out(html);
+        if (values.out) {
+          // `npm run` starts this in the package's folder: a relative path is the caller's, where npm was run.
+          const path = resolve(io.env.INIT_CWD ?? process.cwd(), values.out);
+          await writeFile(path, html);
+          io.out(`wrote ${path}\n`);
+        } else io.out(html);
         return 0;
       }
       default:
