@@ -7,9 +7,14 @@ import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { trace } from "@opentelemetry/api";
 import { isValid as isUlid } from "ulid";
+import { decodeBase64 } from "../lib/grpc-web-text.ts";
 import { answerToHead } from "../lib/testing.ts";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
-import { GatewayService, StreamChatCompletionRequestSchema } from "../gen/gateway/v1/gateway_pb.ts";
+import {
+  CreateEmbeddingRequestSchema,
+  GatewayService,
+  StreamChatCompletionRequestSchema,
+} from "../gen/gateway/v1/gateway_pb.ts";
 import { createMetrics } from "../lib/metrics.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { type RunningServer, startServer } from "../lib/server.ts";
@@ -337,6 +342,40 @@ describe("the same server over plain HTTP", () => {
     const row = gateway.shipper.rows.find((m) => m.requestId === requestId);
     expect(row).toMatchObject({ status: RequestStatus.INVALID_REQUEST, orgId: "org_1", errorCode: "request_too_large" });
     expect(await gateway.core.settled(1000)).toBe(true);
+  });
+
+  test("a gRPC-Web message near the limit is served in text mode as in binary: its size is the decoded one", async () => {
+    // 90% of the limit; its base64 is 120%.
+    const request = create(CreateEmbeddingRequestSchema, { model: "mock", input: ["x".repeat(3680)] });
+    const message = toBinary(CreateEmbeddingRequestSchema, request);
+    const frame = Buffer.alloc(5 + message.length);
+    frame.writeUInt32BE(message.length, 1);
+    frame.set(message, 5);
+    for (const [type, body] of [
+      ["application/grpc-web+proto", frame],
+      ["application/grpc-web-text", frame.toString("base64")],
+    ] as const) {
+      const res = await fetch(`${server.url}/gateway.v1.GatewayService/CreateEmbedding`, {
+        method: "POST",
+        headers: { "content-type": type, "x-grpc-web": "1", authorization: "Bearer sk-good" },
+        body,
+      });
+      const text = await res.text();
+      const trailers = type.endsWith("text") ? Buffer.from(decodeBase64(text)).toString("latin1") : text;
+      const status = /grpc-status:\s*(\d+)/.exec(trailers)?.[1];
+      expect([type, status, res.headers.get("x-error-code")]).toEqual([type, "0", null]);
+    }
+    // One that decodes to more than the limit is still refused, once the limit's worth is read.
+    const over = Buffer.concat([frame, frame]);
+    over.writeUInt32BE(over.length - 5, 1);
+    const res = await fetch(`${server.url}/gateway.v1.GatewayService/CreateEmbedding`, {
+      method: "POST",
+      headers: { "content-type": "application/grpc-web-text", "x-grpc-web": "1", authorization: "Bearer sk-good" },
+      body: over.toString("base64"),
+    });
+    // As a gRPC message is, which declares no length either.
+    const trailers = Buffer.from(decodeBase64(await res.text())).toString("latin1");
+    expect(/grpc-status:\s*(\d+)/.exec(trailers)?.[1]).toBe(String(Code.ResourceExhausted));
   });
 
   test("answers Connect JSON calls, as a browser would make them", async () => {
