@@ -390,7 +390,7 @@ describe("the same server over plain HTTP", () => {
   });
 });
 
-describe("a streamed RPC whose client takes nothing", () => {
+describe("a client that takes its answer slowly, or takes nothing", () => {
   const upstream = startFakeUpstream();
   const metrics = createMetrics("gateway");
   let served: Awaited<ReturnType<typeof startTestGateway>>;
@@ -484,6 +484,100 @@ describe("a streamed RPC whose client takes nothing", () => {
       expect(await within(closed, 5_000)).toBeUndefined();
       for (let i = 0; i < 50 && (await cancelledStreams()) === before; i++) await Bun.sleep(50);
       expect(await cancelledStreams()).toBe(before + 1);
+    } finally {
+      socket.destroy();
+    }
+  }, 20_000);
+
+  test("a client taking a large answer slowly but steadily gets all of it, over HTTP/1.1 and HTTP/2", async () => {
+    // 16 MB: twice what the kernel's socket buffers take in at once, the rest going out as the client reads.
+    const largeAnswer = bigAnswer.repeat(2);
+    upstream.script("ok", { content: largeAnswer });
+    upstream.script("ok", { content: largeAnswer });
+    const body = JSON.stringify({ params });
+    const path = "/gateway.v1.GatewayService/CreateChatCompletion";
+    // About 4 MB/s: seconds in all, far longer than the idle limit, and never long without a byte.
+    const slowly = (from: { pause(): void; resume(): void }, piece: Buffer) => {
+      from.pause();
+      setTimeout(() => from.resume(), piece.length / 4000);
+    };
+    const started = Date.now();
+    const overHttp1 = new Promise<{ declared: number; got: number }>((resolve) => {
+      const socket = net.connect(Number(new URL(served.url).port), "127.0.0.1");
+      let answer = Buffer.alloc(0);
+      const whole = () => {
+        const head = answer.indexOf("\r\n\r\n");
+        const declared = Number(/content-length: (\d+)/i.exec(answer.subarray(0, head).toString("latin1"))?.[1]);
+        return { declared, got: answer.length - head - 4 };
+      };
+      socket.on("data", (d: Buffer) => {
+        answer = Buffer.concat([answer, d]);
+        if (whole().got === whole().declared) socket.destroy();
+        slowly(socket, d);
+      });
+      socket.on("close", () => resolve(whole()));
+      socket.write(
+        `POST ${path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\nContent-Type: application/json\r\n` +
+          `Content-Length: ${body.length}\r\n\r\n${body}`,
+      );
+    });
+    const session = http2.connect(served.url);
+    session.on("error", () => {});
+    const overHttp2 = new Promise<{ status: number; text: string }>((resolve) => {
+      const stream = session.request({
+        ":method": "POST",
+        ":path": path,
+        "content-type": "application/json",
+        authorization: "Bearer sk-good",
+      });
+      stream.on("error", () => {});
+      let status = 0;
+      const chunks: Buffer[] = [];
+      stream.once("response", (h) => (status = Number(h[":status"])));
+      stream.on("data", (d: Buffer) => {
+        chunks.push(d);
+        slowly(stream, d);
+      });
+      stream.once("close", () => resolve({ status, text: Buffer.concat(chunks).toString() }));
+      stream.end(body);
+    });
+    try {
+      const [h1, h2] = await Promise.all([overHttp1, overHttp2]);
+      expect(Date.now() - started).toBeGreaterThan(3_000);
+      expect(h1.got).toBe(h1.declared);
+      expect(h2.status).toBe(200);
+      const answer = JSON.parse(h2.text) as { choices: Array<{ message: { content: string } }> };
+      expect(answer.choices[0]?.message.content).toBe(largeAnswer);
+    } finally {
+      session.destroy();
+    }
+  }, 30_000);
+
+  test("a client that stops taking a large answer over HTTP/1.1 has its connection closed at the idle limit", async () => {
+    upstream.script("ok", { content: bigAnswer.repeat(2) });
+    const socket = net.connect(Number(new URL(served.url).port), "127.0.0.1");
+    socket.on("error", () => {});
+    try {
+      let got = 0;
+      const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+      const head = new Promise<string>((resolve) =>
+        socket.once("data", (d: Buffer) => {
+          socket.pause();
+          resolve(d.toString("latin1"));
+        }),
+      );
+      const body = JSON.stringify({ params });
+      socket.write(
+        "POST /gateway.v1.GatewayService/CreateChatCompletion HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\n" +
+          `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+      );
+      const declared = Number(/content-length: (\d+)/i.exec(await head)?.[1]);
+      await Bun.sleep(2_500);
+      // What the socket held arrives, then its end, short of the answer.
+      socket.on("data", (d: Buffer) => (got += d.length));
+      socket.resume();
+      expect(await within(closed, 5_000)).toBeUndefined();
+      expect(got).toBeLessThan(declared);
     } finally {
       socket.destroy();
     }
