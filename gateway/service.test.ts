@@ -718,6 +718,32 @@ describe("request messages are held to the contract's limits before they are dec
     });
   });
 
+  test("Connect JSON of 1,900,000 numbers in a Struct is refused before it is decoded: each would be a Value message", async () => {
+    const numbers = Array(1_900_000).fill("0").join(",");
+    const responseFormat = `{"type":"json_schema","jsonSchema":{"a":[${numbers}]}}`;
+    const json = `{"params":{"model":"mock","messages":[{"role":"user","content":"hi"}],"responseFormat":${responseFormat}}}`;
+    const { answer, ms, rssGrowth } = await cost(() => connectPost(Buffer.from(json), { "content-type": "application/json" }));
+    expect(ms).toBeLessThan(1000);
+    expect(rssGrowth).toBeLessThan(64 * 1024 * 1024);
+    expect(answer.body).toEqual({
+      code: "invalid_argument",
+      message: "The request message holds more than 100000 nested messages and list elements.",
+    });
+  });
+
+  test("Connect JSON of 2,048 messages of 20 parts each, and tools with their schemas, is answered", async () => {
+    const parts = Array.from({ length: 20 }, (_, i) => ({ text: `part ${i}` }));
+    const messages = Array.from({ length: 2048 }, () => ({ role: "user", parts }));
+    const schema = { type: "object", properties: { city: { type: "string", enum: ["a", "b", "c"] } }, required: ["city"] };
+    const tools = Array.from({ length: 64 }, (_, i) => ({
+      type: "function",
+      function: { name: `tool_${i}`, parameters: schema },
+    }));
+    const json = JSON.stringify({ params: { model: "mock", messages, tools } });
+    const answer = await connectPost(Buffer.from(json), { "content-type": "application/json" });
+    expect(answer.status).toBe(200);
+  });
+
   test("a request of 2,048 messages, the most allowed, is answered", async () => {
     const messages = Array.from({ length: 2048 }, (_, i) => ({ role: "user", content: `turn ${i}` }));
     const res = await createServiceClient(GatewayService, { baseUrl: big.url, bearerToken: "sk-good" }).createChatCompletion({
