@@ -489,6 +489,8 @@ test("budget leases over RPC", async () => {
     { scope: BudgetScope.UNSPECIFIED },
     { holder: "" },
     { requestedNanos: 0n },
+    { neededNanos: -1n },
+    { neededNanos: 2n },
     { ttlSeconds: 3601 },
     { scopeId: "" },
   ]) {
@@ -522,6 +524,25 @@ test("one holder is granted at most half of what is left of a budget plus a floo
   } finally {
     now = before;
   }
+});
+
+test("what the request at hand needs is granted whatever the holder's share, and only the rest is held to it", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 1_000_000_000n });
+  const acquire = (holder: string, requestedNanos: bigint, neededNanos: bigint) =>
+    client.acquireBudgetLease(
+      { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder, requestedNanos, neededNanos, ttlSeconds: 60 },
+      admin,
+    );
+  // 0.7 USD needed of 1 USD left: more than half plus the floor (0.6 USD), granted; a surplus asked with it is not.
+  expect(await acquire("gw-a", 900_000_000n, 700_000_000n)).toMatchObject({
+    grantedNanos: 700_000_000n,
+    remainingNanos: 300_000_000n,
+  });
+  // A need beyond what is left gets what is left, as any ask does.
+  expect(await acquire("gw-b", 400_000_000n, 400_000_000n)).toMatchObject({
+    grantedNanos: 300_000_000n,
+    remainingNanos: 0n,
+  });
 });
 
 test("a holder alone with a remainder under the floor is granted all of it", async () => {

@@ -57,6 +57,7 @@ import type { UsageTracker } from "./usage-tracker.ts";
 import {
   id,
   instant,
+  atMost,
   intInRange,
   invalid,
   nonNegative,
@@ -241,11 +242,13 @@ export function createBillingService({
       const scope =
         req.scope === BudgetScope.ORGANIZATION ? "organization" : req.scope === BudgetScope.API_KEY ? "api_key" : null;
       if (!scope) throw invalid("scope", "must be BUDGET_SCOPE_ORGANIZATION or BUDGET_SCOPE_API_KEY");
+      const requestedNanos = positive(req.requestedNanos, "requested_nanos");
       const grant = await store.acquireBudgetLease({
         scope,
         scopeId: id(req.scopeId, "scope_id"),
         holder: text(req.holder, "holder"),
-        requestedNanos: positive(req.requestedNanos, "requested_nanos"),
+        requestedNanos,
+        neededNanos: atMost(req.neededNanos, "needed_nanos", requestedNanos),
         ttlSeconds: intInRange(req.ttlSeconds, "ttl_seconds", 1, 3600),
         now: clock(),
       });

@@ -277,17 +277,25 @@ describe("budget leases", () => {
     await k.close();
   });
 
-  test("a request dearer than billing lets one replica hold is refused after one grant, not asked again", async () => {
-    const principal = await principalWith({ org: 1_000_000_000n });
+  test("a request dearer than billing lets one replica hold for later is served whole; only the surplus is capped", async () => {
+    // $20 left and a request that may cost $12: more than half of what is left plus the $0.10 floor, within the budget.
+    const principal = await principalWith({ org: 20_000_000_000n });
     const { keeper: k } = keeper({ holder: "gw-a" });
     const before = calls.acquire;
-    // Billing grants this replica half of 1 USD plus its 0.1 USD floor: 0.6 USD, less than the 0.7 USD needed.
-    const refused = await refusal(k.reserve(principal, 700_000_000n, 60_000));
-    expect(refused.code).toBe("insufficient_quota");
-    expect(refused.message).toContain("more than one gateway may hold");
+    (await k.reserve(principal, 12_000_000_000n, 60_000)).settle(12_000_000_000n);
     expect(calls.acquire - before).toBe(1);
-    (await k.reserve(principal, 500_000_000n, 60_000)).settle(500_000_000n);
     await k.close();
+    // Beyond what it needed, nothing more than the share: a greedy holder's ask is still held to it.
+    expect((await leasesOf(principal.orgId)).map((l) => l.granted)).toEqual([12_000_000_000n]);
+    const greedy = { scope: BudgetScope.ORGANIZATION, scopeId: principal.orgId, holder: "gw-old", ttlSeconds: 300 };
+    const grant = await client.acquireBudgetLease({ ...greedy, requestedNanos: 8_000_000_000n, neededNanos: 1n }, auth);
+    expect(grant.grantedNanos).toBe(4_100_000_000n);
+    // More than is left is refused as before, with what is left.
+    const { keeper: other } = keeper({ holder: "gw-b" });
+    const refused = await refusal(other.reserve(principal, 5_000_000_000n, 60_000));
+    expect(refused.code).toBe("insufficient_quota");
+    expect(refused.message).toContain("has less than that left");
+    await other.close();
   });
 
   test("both org and key budgets are charged; the tighter one decides", async () => {

@@ -124,8 +124,6 @@ interface Scope {
   leases: Lease[];
   acquiring: Promise<void> | undefined;
   exhaustedUntil: number;
-  /** Billing's last grant was less than asked though it had more left: this replica holds its share of the rest. */
-  atShare: boolean;
   /** Exponentially decayed sum of settled spend, for the spend rate. */
   decayedSpend: number;
   decayedAt: number;
@@ -216,7 +214,6 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         leases: [],
         acquiring: undefined,
         exhaustedUntil: 0,
-        atShare: false,
         decayedSpend: 0,
         decayedAt: t,
         firstSpendAt: undefined,
@@ -348,10 +345,15 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   };
 
   /**
-   * Asks billing for `size()` more; resolves once the grant (or nothing) is in `scope.leases`. With
-   * `returnIdle`, leases no request is using go back first, so billing can grant their rest in one piece.
+   * Asks billing for `size()` more, of which the request at hand needs `neededNanos` (billing grants that whatever
+   * this replica's share); resolves once the grant (or nothing) is in `scope.leases`. With `returnIdle`, leases no
+   * request is using go back first, so billing can grant their rest in one piece.
    */
-  const acquire = (scope: Scope, size: () => bigint, returnIdle = false): Promise<void> => {
+  const acquire = (
+    scope: Scope,
+    size: () => { requestedNanos: bigint; neededNanos: bigint },
+    returnIdle = false,
+  ): Promise<void> => {
     if (scope.acquiring) return scope.acquiring;
     const acquiring = (async () => {
       if (returnIdle) {
@@ -361,7 +363,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         await Promise.all([...resent, ...idle]);
       }
       const generation = scope.generation;
-      const requestedNanos = size();
+      const { requestedNanos, neededNanos } = size();
       // Nothing to ask for (a renewal whose share of billing's last figure is 0): billing is not asked, and only its
       // own answer says the budget is spent (another replica may have given back since).
       if (requestedNanos <= 0n) return;
@@ -372,6 +374,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           scopeId: scope.id,
           holder,
           requestedNanos,
+          neededNanos,
           ttlSeconds: options.leaseTtlSeconds,
         });
         grantOutage.recovered();
@@ -393,7 +396,6 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           return;
         }
         scope.remaining = res.remainingNanos >= 0n ? res.remainingNanos : null;
-        scope.atShare = res.grantedNanos < requestedNanos && res.remainingNanos > 0n;
         if (lease) {
           scope.leases.push(lease);
           instruments?.leases.inc({ outcome: res.grantedNanos < requestedNanos ? "partial" : "granted" });
@@ -431,7 +433,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     // that find too little room (they ask for what they need).
     const cap = shareLeft(scope);
     if (cap !== null && (cap <= 0n || cap < lastCost)) return;
-    acquire(scope, () => leaseSize(scope, 0n)).catch(() => {});
+    acquire(scope, () => ({ requestedNanos: leaseSize(scope, 0n), neededNanos: 0n })).catch(() => {});
   };
 
   const take = (scope: Scope, amount: bigint, until: number, t: number): Part[] => {
@@ -505,7 +507,6 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       if (closed) throw serviceUnavailable("The gateway is shutting down.", "budget_unavailable");
       const amount = maxCostNanos > 0n ? maxCostNanos : 0n;
       for (const scope of list) if (holdMs > scope.maxHoldMs) scope.maxHoldMs = holdMs;
-      let heldShare: Scope | undefined;
       for (let round = 0; ; round++) {
         const t = now();
         const until = t + holdMs + marginMs;
@@ -530,18 +531,15 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
             },
           };
         }
-        // Billing said it has less than was asked: the budget is spent. Or, asked for this request, it kept the rest
-        // for other replicas: asking again gets no more. (The round cap only stops pathological loops.)
-        if (t < short.exhaustedUntil || heldShare === short || round >= 10) {
+        // Billing said it has less than was asked: the budget is spent. (The round cap only stops pathological loops.)
+        if (t < short.exhaustedUntil || round >= 10) {
           instruments?.rejected.inc();
           const budget = `${short.kind === BudgetScope.ORGANIZATION ? "organization's" : "API key's"} monthly budget`;
           // Room can appear only where leases still hold some: requests running here settle under their reservation,
           // other replicas give idle leases back. Otherwise nothing comes back this month, and no Retry-After says so.
           const held = short.leasedElsewhere > 0n || short.leases.some((lease) => lease.reserved > 0n);
           throw insufficientQuota(
-            heldShare === short
-              ? `This request may cost up to ${formatUsd(amount)}, more than one gateway may hold of what is left of the ${budget}.`
-              : `This request may cost up to ${formatUsd(amount)} and the ${budget} has less than that left.`,
+            `This request may cost up to ${formatUsd(amount)} and the ${budget} has less than that left.`,
             held ? Math.ceil(idleReleaseMs / 1000) : undefined,
           );
         }
@@ -551,8 +549,14 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           // Leftovers too small for this request are returned before asking, or they would sit idle here.
           if (pending) await pending.catch(() => {});
           else {
-            await acquire(short, () => leaseSize(short, amount - available(short, until)), true);
-            if (short.atShare) heldShare = short;
+            await acquire(
+              short,
+              () => {
+                const shortfall = amount - available(short, until);
+                return { requestedNanos: leaseSize(short, shortfall), neededNanos: shortfall > 0n ? shortfall : 0n };
+              },
+              true,
+            );
           }
         } finally {
           short.waiters--;

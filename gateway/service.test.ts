@@ -7,9 +7,14 @@ import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { trace } from "@opentelemetry/api";
 import { isValid as isUlid } from "ulid";
+import { decodeBase64 } from "../lib/grpc-web-text.ts";
 import { answerToHead } from "../lib/testing.ts";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
-import { GatewayService, StreamChatCompletionRequestSchema } from "../gen/gateway/v1/gateway_pb.ts";
+import {
+  CreateEmbeddingRequestSchema,
+  GatewayService,
+  StreamChatCompletionRequestSchema,
+} from "../gen/gateway/v1/gateway_pb.ts";
 import { createMetrics } from "../lib/metrics.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { type RunningServer, startServer } from "../lib/server.ts";
@@ -339,6 +344,40 @@ describe("the same server over plain HTTP", () => {
     expect(await gateway.core.settled(1000)).toBe(true);
   });
 
+  test("a gRPC-Web message near the limit is served in text mode as in binary: its size is the decoded one", async () => {
+    // 90% of the limit; its base64 is 120%.
+    const request = create(CreateEmbeddingRequestSchema, { model: "mock", input: ["x".repeat(3680)] });
+    const message = toBinary(CreateEmbeddingRequestSchema, request);
+    const frame = Buffer.alloc(5 + message.length);
+    frame.writeUInt32BE(message.length, 1);
+    frame.set(message, 5);
+    for (const [type, body] of [
+      ["application/grpc-web+proto", frame],
+      ["application/grpc-web-text", frame.toString("base64")],
+    ] as const) {
+      const res = await fetch(`${server.url}/gateway.v1.GatewayService/CreateEmbedding`, {
+        method: "POST",
+        headers: { "content-type": type, "x-grpc-web": "1", authorization: "Bearer sk-good" },
+        body,
+      });
+      const text = await res.text();
+      const trailers = type.endsWith("text") ? Buffer.from(decodeBase64(text)).toString("latin1") : text;
+      const status = /grpc-status:\s*(\d+)/.exec(trailers)?.[1];
+      expect([type, status, res.headers.get("x-error-code")]).toEqual([type, "0", null]);
+    }
+    // One that decodes to more than the limit is still refused, once the limit's worth is read.
+    const over = Buffer.concat([frame, frame]);
+    over.writeUInt32BE(over.length - 5, 1);
+    const res = await fetch(`${server.url}/gateway.v1.GatewayService/CreateEmbedding`, {
+      method: "POST",
+      headers: { "content-type": "application/grpc-web-text", "x-grpc-web": "1", authorization: "Bearer sk-good" },
+      body: over.toString("base64"),
+    });
+    // As a gRPC message is, which declares no length either.
+    const trailers = Buffer.from(decodeBase64(await res.text())).toString("latin1");
+    expect(/grpc-status:\s*(\d+)/.exec(trailers)?.[1]).toBe(String(Code.ResourceExhausted));
+  });
+
   test("answers Connect JSON calls, as a browser would make them", async () => {
     const res = await fetch(`${server.url}/gateway.v1.GatewayService/ListModels`, {
       method: "POST",
@@ -351,7 +390,7 @@ describe("the same server over plain HTTP", () => {
   });
 });
 
-describe("a streamed RPC whose client takes nothing", () => {
+describe("a client that takes its answer slowly, or takes nothing", () => {
   const upstream = startFakeUpstream();
   const metrics = createMetrics("gateway");
   let served: Awaited<ReturnType<typeof startTestGateway>>;
@@ -445,6 +484,100 @@ describe("a streamed RPC whose client takes nothing", () => {
       expect(await within(closed, 5_000)).toBeUndefined();
       for (let i = 0; i < 50 && (await cancelledStreams()) === before; i++) await Bun.sleep(50);
       expect(await cancelledStreams()).toBe(before + 1);
+    } finally {
+      socket.destroy();
+    }
+  }, 20_000);
+
+  test("a client taking a large answer slowly but steadily gets all of it, over HTTP/1.1 and HTTP/2", async () => {
+    // 16 MB: twice what the kernel's socket buffers take in at once, the rest going out as the client reads.
+    const largeAnswer = bigAnswer.repeat(2);
+    upstream.script("ok", { content: largeAnswer });
+    upstream.script("ok", { content: largeAnswer });
+    const body = JSON.stringify({ params });
+    const path = "/gateway.v1.GatewayService/CreateChatCompletion";
+    // About 4 MB/s: seconds in all, far longer than the idle limit, and never long without a byte.
+    const slowly = (from: { pause(): void; resume(): void }, piece: Buffer) => {
+      from.pause();
+      setTimeout(() => from.resume(), piece.length / 4000);
+    };
+    const started = Date.now();
+    const overHttp1 = new Promise<{ declared: number; got: number }>((resolve) => {
+      const socket = net.connect(Number(new URL(served.url).port), "127.0.0.1");
+      let answer = Buffer.alloc(0);
+      const whole = () => {
+        const head = answer.indexOf("\r\n\r\n");
+        const declared = Number(/content-length: (\d+)/i.exec(answer.subarray(0, head).toString("latin1"))?.[1]);
+        return { declared, got: answer.length - head - 4 };
+      };
+      socket.on("data", (d: Buffer) => {
+        answer = Buffer.concat([answer, d]);
+        if (whole().got === whole().declared) socket.destroy();
+        slowly(socket, d);
+      });
+      socket.on("close", () => resolve(whole()));
+      socket.write(
+        `POST ${path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\nContent-Type: application/json\r\n` +
+          `Content-Length: ${body.length}\r\n\r\n${body}`,
+      );
+    });
+    const session = http2.connect(served.url);
+    session.on("error", () => {});
+    const overHttp2 = new Promise<{ status: number; text: string }>((resolve) => {
+      const stream = session.request({
+        ":method": "POST",
+        ":path": path,
+        "content-type": "application/json",
+        authorization: "Bearer sk-good",
+      });
+      stream.on("error", () => {});
+      let status = 0;
+      const chunks: Buffer[] = [];
+      stream.once("response", (h) => (status = Number(h[":status"])));
+      stream.on("data", (d: Buffer) => {
+        chunks.push(d);
+        slowly(stream, d);
+      });
+      stream.once("close", () => resolve({ status, text: Buffer.concat(chunks).toString() }));
+      stream.end(body);
+    });
+    try {
+      const [h1, h2] = await Promise.all([overHttp1, overHttp2]);
+      expect(Date.now() - started).toBeGreaterThan(3_000);
+      expect(h1.got).toBe(h1.declared);
+      expect(h2.status).toBe(200);
+      const answer = JSON.parse(h2.text) as { choices: Array<{ message: { content: string } }> };
+      expect(answer.choices[0]?.message.content).toBe(largeAnswer);
+    } finally {
+      session.destroy();
+    }
+  }, 30_000);
+
+  test("a client that stops taking a large answer over HTTP/1.1 has its connection closed at the idle limit", async () => {
+    upstream.script("ok", { content: bigAnswer.repeat(2) });
+    const socket = net.connect(Number(new URL(served.url).port), "127.0.0.1");
+    socket.on("error", () => {});
+    try {
+      let got = 0;
+      const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+      const head = new Promise<string>((resolve) =>
+        socket.once("data", (d: Buffer) => {
+          socket.pause();
+          resolve(d.toString("latin1"));
+        }),
+      );
+      const body = JSON.stringify({ params });
+      socket.write(
+        "POST /gateway.v1.GatewayService/CreateChatCompletion HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\n" +
+          `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+      );
+      const declared = Number(/content-length: (\d+)/i.exec(await head)?.[1]);
+      await Bun.sleep(2_500);
+      // What the socket held arrives, then its end, short of the answer.
+      socket.on("data", (d: Buffer) => (got += d.length));
+      socket.resume();
+      expect(await within(closed, 5_000)).toBeUndefined();
+      expect(got).toBeLessThan(declared);
     } finally {
       socket.destroy();
     }
@@ -583,6 +716,32 @@ describe("request messages are held to the contract's limits before they are dec
       code: "invalid_argument",
       message: "The request message holds more than 100000 nested messages and list elements.",
     });
+  });
+
+  test("Connect JSON of 1,900,000 numbers in a Struct is refused before it is decoded: each would be a Value message", async () => {
+    const numbers = Array(1_900_000).fill("0").join(",");
+    const responseFormat = `{"type":"json_schema","jsonSchema":{"a":[${numbers}]}}`;
+    const json = `{"params":{"model":"mock","messages":[{"role":"user","content":"hi"}],"responseFormat":${responseFormat}}}`;
+    const { answer, ms, rssGrowth } = await cost(() => connectPost(Buffer.from(json), { "content-type": "application/json" }));
+    expect(ms).toBeLessThan(1000);
+    expect(rssGrowth).toBeLessThan(64 * 1024 * 1024);
+    expect(answer.body).toEqual({
+      code: "invalid_argument",
+      message: "The request message holds more than 100000 nested messages and list elements.",
+    });
+  });
+
+  test("Connect JSON of 2,048 messages of 20 parts each, and tools with their schemas, is answered", async () => {
+    const parts = Array.from({ length: 20 }, (_, i) => ({ text: `part ${i}` }));
+    const messages = Array.from({ length: 2048 }, () => ({ role: "user", parts }));
+    const schema = { type: "object", properties: { city: { type: "string", enum: ["a", "b", "c"] } }, required: ["city"] };
+    const tools = Array.from({ length: 64 }, (_, i) => ({
+      type: "function",
+      function: { name: `tool_${i}`, parameters: schema },
+    }));
+    const json = JSON.stringify({ params: { model: "mock", messages, tools } });
+    const answer = await connectPost(Buffer.from(json), { "content-type": "application/json" });
+    expect(answer.status).toBe(200);
   });
 
   test("a request of 2,048 messages, the most allowed, is answered", async () => {

@@ -95,9 +95,9 @@ function unreadMessage(reason: unknown, maxBodyBytes: number): GatewayError {
 /**
  * The router's request gate: a GatewayService call gets its request id before its body is read, so every answer
  * carries x-request-id. A body whose declared length is over the limit is refused as the REST API refuses it (the
- * key first, then invalid_argument `request_too_large`) without being read; one with no length (gRPC) is cut by the
- * transport's readMaxBytes, which answers resource_exhausted. Either way, and when a message cannot be read at all,
- * the call is metered as REST meters it.
+ * key first, then invalid_argument `request_too_large`) without being read; one with no length (gRPC, gRPC-Web text)
+ * is cut by the transport's readMaxBytes, which answers resource_exhausted. Either way, and when a message cannot be
+ * read at all, the call is metered as REST meters it.
  */
 export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number) {
   const refuse = (call: Call, error: GatewayError) =>

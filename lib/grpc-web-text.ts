@@ -12,6 +12,8 @@ export const isGrpcWebText = (req: NodeRequest) => req.headers["content-type"]?.
  */
 export function transcodeGrpcWebText(req: NodeRequest, res: NodeResponse): void {
   req.headers["content-type"] = `application/grpc-web${req.headers["content-type"]?.slice(textType.length) || "+proto"}`;
+  // The base64's length is a third more than the body it decodes to, which is what a limit on its size is about.
+  delete req.headers["content-length"];
   const chunks = req[Symbol.asyncIterator].bind(req);
   // connect-node reads the body by iterating the request.
   Object.defineProperty(req, Symbol.asyncIterator, { value: () => decodeBase64Stream(chunks()) });

@@ -12,7 +12,7 @@ import type { UniversalHandler, UniversalServerRequest } from "@connectrpc/conne
 export interface MessageLimits {
   /** Largest request body read, compressed or not, and largest message once decompressed. */
   maxBytes: number;
-  /** Most values one message may decode into: nested messages, map entries and repeated elements. */
+  /** Most values one message may decode into: nested messages, map entries and repeated elements; in JSON, any value. */
   maxNodes: number;
   /** Most elements a repeated or map field may hold in one message. */
   maxElements?: ReadonlyMap<DescField, number>;
@@ -97,8 +97,9 @@ const tooLarge = (size: number, maxBytes: number) =>
 function check(input: DescMessage, bytes: Uint8Array | undefined, json: boolean, limits: MessageLimits): void {
   if (bytes === undefined) return;
   if (json) {
-    // Its depth is the decoder's to bound (a message's nesting is the schema's; a Struct's is counted in its nodes).
-    const { nodes } = jsonShape(bytes, Number.POSITIVE_INFINITY, limits.maxNodes);
+    // Every value counts, not only arrays and objects: a Struct's scalars each decode to a Value message. Its depth is
+    // the decoder's to bound (a message's nesting is the schema's; a Struct's is counted in its nodes).
+    const { nodes } = jsonShape(bytes, Number.POSITIVE_INFINITY, limits.maxNodes, "values");
     if (nodes > limits.maxNodes) throw limits.refuse(undefined, limits.maxNodes, nodes);
     return;
   }
@@ -248,26 +249,43 @@ function skip(w: Walk, wireType: number, fieldNo: number, depth: number): void {
 }
 
 /**
- * How a JSON text is built, by one scan of its characters outside strings: how many arrays and objects it holds (each
- * a value of its own once parsed, so their count is what parsing it costs) and how deep they nest. Stops once either
+ * How a JSON text is built, by one scan of its characters outside strings: how deep its arrays and objects nest, and
+ * how many nodes it holds: its arrays and objects, each an object of its own once parsed (`containers`), or every value
+ * in it, scalars too (`values`), each of which may decode to a message of its own (a Struct's Value). Stops once either
  * passes its bound. Bytes of UTF-8 or a string's UTF-16 code units alike: JSON's structural characters are ASCII.
  */
-export function jsonShape(text: string | Uint8Array, maxDepth: number, maxNodes: number): { depth: number; nodes: number } {
+export function jsonShape(
+  text: string | Uint8Array,
+  maxDepth: number,
+  maxNodes: number,
+  count: "containers" | "values" = "containers",
+): { depth: number; nodes: number } {
   const at = typeof text === "string" ? (i: number) => text.charCodeAt(i) : (i: number) => text[i];
+  const values = count === "values";
   let depth = 0;
   let deepest = 0;
-  let nodes = 0;
+  // Values: the text's own, then one for each container's first member or element and one after each comma.
+  let nodes = values ? 1 : 0;
+  let opened = false;
   let inString = false;
   for (let i = 0; i < text.length && deepest <= maxDepth && nodes <= maxNodes; i++) {
     const c = at(i);
     if (inString) {
       if (c === 0x5c) i++;
       else if (c === 0x22) inString = false;
-    } else if (c === 0x22) inString = true;
+      continue;
+    }
+    if (opened && c !== 0x20 && c !== 0x0a && c !== 0x0d && c !== 0x09) {
+      opened = false;
+      if (c !== 0x5d && c !== 0x7d) nodes++;
+    }
+    if (c === 0x22) inString = true;
     else if (c === 0x5b || c === 0x7b) {
-      nodes++;
+      if (values) opened = true;
+      else nodes++;
       deepest = Math.max(deepest, ++depth);
     } else if (c === 0x5d || c === 0x7d) depth--;
+    else if (c === 0x2c && values) nodes++;
   }
   return { depth: deepest, nodes };
 }

@@ -285,7 +285,8 @@ function limitBodyTime(req: NodeRequest, res: NodeResponse, ms: number): void {
 /**
  * Gives up on a response whose client takes none of it for `ms` while a write waits to go out (on HTTP/2, its
  * stream's window stays full): the client is gone all but in name, and a stream's handler would wait on the write,
- * holding its upstream call, until the request's own time limit. It is cut as a late body is.
+ * holding its upstream call, until the request's own time limit. It is cut as a late body is. A client that takes a
+ * large answer slowly is not cut: the time runs from the last bytes that went out, not from the write.
  *
  * connect-node waits on each write for its callback, "drain" or "error", and Bun gets it wrong when the response
  * closes first: node:http2 sends none of them, so the handler's stream would never end, and node:http calls back with
@@ -293,28 +294,100 @@ function limitBodyTime(req: NodeRequest, res: NodeResponse, ms: number): void {
  * as the client's leaving.
  */
 function limitWriteWait(req: NodeRequest, res: NodeResponse, ms: number): void {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const wentOut = () => {
-    clearTimeout(timer);
-    timer = undefined;
-  };
-  type Write = (chunk: unknown, encoding?: unknown, callback?: (error?: Error | null) => void) => boolean;
+  type Done = (error?: Error | null) => void;
+  type Write = (chunk: unknown, encoding?: unknown, callback?: Done) => boolean;
   const write = res.write.bind(res) as Write;
+  // Bun calls a write back only once all of it is out, and takes what waits as one write: a large write goes out a
+  // piece at a time, each called back as the client takes it.
+  let writesOut = 0;
+  const pieces: Array<{ bytes: Uint8Array; done?: Done }> = [];
+  let ending: (() => void) | undefined;
+  // node:http2 calls back a write its stream's closing cut short as if it had gone out.
+  const cutShort = () => req.httpVersionMajor === 2 && (req as http2.Http2ServerRequest).stream.closed;
+  const failure = (error: Error | null | undefined) => (error || cutShort() ? clientLeft(error ?? undefined) : undefined);
+  const writeNext = () => {
+    const next = pieces[0];
+    if (next === undefined) return ending?.();
+    write(next.bytes, undefined, (e) => {
+      writesOut++;
+      const error = failure(e);
+      // Once one fails, so do the rest: their writers wait on them.
+      for (const piece of error ? pieces.splice(0) : pieces.splice(0, 1)) piece.done?.(error);
+      if (!error) writeNext();
+    });
+  };
+  // Writes not yet out. Not "drain": Bun emits it once the first piece of a write is out, or not at all.
+  let unsent = 0;
+  let owesDrain = false;
+  let waiting: ReturnType<typeof setInterval> | undefined;
+  const wentOut = () => {
+    clearInterval(waiting);
+    waiting = undefined;
+  };
+  const watch = () => {
+    let last = writesOut;
+    let since = Date.now();
+    return setInterval(() => {
+      if (writesOut !== last) {
+        last = writesOut;
+        since = Date.now();
+      } else if (Date.now() - since >= ms) {
+        // Still waiting, as the response's close reads it.
+        clearInterval(waiting);
+        cut(req);
+      }
+    }, Math.min(ms / 4, 1000));
+  };
   (res as { write: Write }).write = (chunk, encoding, callback) => {
-    const then = typeof encoding === "function" ? (encoding as typeof callback) : callback;
-    const flushed = write(chunk, typeof encoding === "function" ? undefined : encoding, (error) =>
-      then?.(error ? clientLeft(error) : error),
-    );
-    if (!flushed) timer ??= setTimeout(() => cut(req), ms);
+    const then = typeof encoding === "function" ? (encoding as Done) : callback;
+    const as = typeof encoding === "string" ? (encoding as BufferEncoding) : undefined;
+    unsent++;
+    const done: Done = (error) => {
+      if (--unsent === 0) {
+        wentOut();
+        // connect-node waits for it, as a write that returned false tells it to.
+        if (owesDrain) res.emit("drain");
+        owesDrain = false;
+      }
+      then?.(error);
+    };
+    const bytes = typeof chunk === "string" ? Buffer.from(chunk, as) : chunk;
+    let flushed: boolean;
+    if (bytes instanceof Uint8Array && (bytes.length > writePiece || pieces.length > 0)) {
+      const queued = pieces.length > 0;
+      for (let at = 0; at < bytes.length; at += writePiece) {
+        const last = at + writePiece >= bytes.length;
+        pieces.push({ bytes: bytes.subarray(at, at + writePiece), done: last ? done : undefined });
+      }
+      if (!queued) writeNext();
+      flushed = false;
+      owesDrain = true;
+    } else {
+      flushed = write(chunk, as, (error) => {
+        writesOut++;
+        done(failure(error));
+      });
+    }
+    if (!flushed && unsent > 0) waiting ??= watch();
     return flushed;
   };
-  res.on("drain", wentOut);
+  type End = (...args: unknown[]) => NodeResponse;
+  const end = res.end.bind(res) as End;
+  // After the pieces still waiting to go out.
+  (res as { end: End }).end = (...args) => {
+    if (pieces.length === 0) return end(...args);
+    ending = () => void end(...args);
+    return res;
+  };
   res.once("close", () => {
     // Only connect-node listens for errors, and only while its write waits.
-    if (timer !== undefined && res.listenerCount("error") > 0) res.emit("error", clientLeft());
+    if (waiting !== undefined && res.listenerCount("error") > 0) res.emit("error", clientLeft());
     wentOut();
   });
 }
+
+/** How much of a large write goes out at once, so that its going out is seen as it goes. */
+const writePiece = 64 * 1024;
 
 /** What connect-node reads as a client that hung up (Aborted, not logged), as it reads a destroyed stream on Node. */
 function clientLeft(cause?: Error): Error {

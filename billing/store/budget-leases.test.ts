@@ -55,6 +55,7 @@ const acquire = (scopeId: string, requestedNanos: bigint, extra: Partial<BudgetL
     scopeId,
     holder: "gw-1",
     requestedNanos,
+    neededNanos: 0n,
     ttlSeconds: 60,
     now,
     ...extra,

@@ -22,8 +22,8 @@ export interface BudgetLeaseStoreOptions {
   /**
    * What one holder may hold beyond half of what is left: its active leases of the scope, this grant included, stay
    * within half of what is left to it (unleased budget plus its own holding) plus this, so a replica asking for too
-   * much strands at most about half of a budget when it dies, and the last of a budget, or a request dearer than half
-   * of what is left, can still be granted whole. Default 0.1 USD.
+   * much strands at most about half of a budget when it dies, and the last of a budget can still be granted whole.
+   * What the request at hand needs is granted beyond it: the cap is on what a holder keeps for later. Default 0.1 USD.
    */
   holderFloorNanos?: bigint;
 }
@@ -45,8 +45,8 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
      * older abandoned leases reserve nothing, their usage counting as it is recorded. A lease of the previous
      * period that lives on into this one can be spent in both, so it reserves here too until released, and is
      * settled here when released after its own period ended (see releaseBudgetLease). One holder is granted no more
-     * than keeps its active leases within half of what is left to it plus `holderFloorNanos`; less than asked when
-     * that is less.
+     * than keeps its active leases within half of what is left to it plus `holderFloorNanos`, or than `neededNanos`
+     * when that is more; less than asked when both are less.
      */
     acquireBudgetLease(request: BudgetLeaseRequest): Promise<BudgetLeaseGrant> {
       return db.transaction(async (tx) => {
@@ -123,7 +123,9 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
           const left = budget - BigInt(used?.committed ?? 0) - BigInt(used?.reserved ?? 0);
           const held = BigInt(used?.held ?? 0);
           const share = (left + held) / 2n + holderFloor - held;
-          granted = [left, share].reduce((min, x) => (x < min ? x : min), request.requestedNanos);
+          // A request's own need is not held to the share: refusing it would not leave the money to anyone else.
+          const allowed = share > request.neededNanos ? share : request.neededNanos;
+          granted = [left, allowed].reduce((min, x) => (x < min ? x : min), request.requestedNanos);
           if (granted < 0n) granted = 0n;
           remaining = left - granted > 0n ? left - granted : 0n;
           leased = BigInt(used?.live ?? 0) - held;

@@ -127,6 +127,8 @@ export interface BudgetLeaseRequest {
   scopeId: string;
   holder: string;
   requestedNanos: bigint;
+  /** Of requestedNanos, what the request at hand needs: granted if the budget has it, whatever the holder's share. */
+  neededNanos: bigint;
   ttlSeconds: number;
   now: Date;
 }

@@ -161,6 +161,22 @@ describe("REST chat completions", () => {
     }
   });
 
+  test("token arrays count as arrays, not as their numbers: 2,048 inputs of 256 tokens are embedded", async () => {
+    // An RPC's JSON counts every value, each of which may decode to a message; a REST body's numbers are only numbers.
+    const gateway = createTestCore();
+    const app = createRestApp({ core: gateway.core, tracer: trace.getTracer("test"), maxBodyBytes: 4 * 1024 * 1024 });
+    const input = Array.from({ length: 2048 }, () => Array.from({ length: 256 }, (_, i) => i));
+    const res = await app.fetch(
+      new Request("http://gateway.test/v1/embeddings", {
+        method: "POST",
+        headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+        body: JSON.stringify({ model: "mock", input }),
+      }),
+    );
+    expect(res.status).toBe(200);
+    expect(((await res.json()) as { data: unknown[] }).data).toHaveLength(2048);
+  });
+
   test("invalid fields are 400 naming the parameter, and never reach the upstream", async () => {
     const { chat, shipper } = setup();
     await expectError(await chat([1, 2]), 400, "invalid_value");
