@@ -31,6 +31,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["odd-usage"],
   ["azure-like"],
   ["strict-options"],
+  ["poisoned"],
 ];
 
 function routes(url: string) {
@@ -469,6 +470,41 @@ for (const port of ["rpc", "rest"] as const) {
         expect(usage?.completion_tokens).toBeGreaterThan(0);
         expect(upstream.seen("strict-options").map((r) => r.body.stream_options)).toEqual([
           options,
+          { include_usage: true },
+        ]);
+      });
+
+      test("a client's unknown field named like stream_options is its own 400, and other streams still ask for usage", async () => {
+        const poison = { stream_options_poison: 1 } as object;
+        const refused = async (body: object) =>
+          await sdk()
+            .chat.completions.create({ model: "poisoned", messages: hello, stream: true, ...body })
+            .then(
+              () => undefined,
+              (e: unknown) => (e as InstanceType<typeof OpenAI.APIError>).status,
+            );
+        // A server that forbids extra fields (its 422 names the field in `loc`).
+        upstream.script("poisoned", { rejectsField: "stream_options_poison" });
+        expect(await refused(poison)).toBe(422);
+        // OpenAI's own words for an unknown field, answered to whatever comes next.
+        const unrecognized = "Unrecognized request argument supplied: stream_options_poison";
+        upstream.script("poisoned", { status: 400, error: { message: unrecognized, type: "invalid_request_error" } }, {});
+        expect(await refused(poison)).toBe(400);
+        // A refusal that names stream_options but stands without them too (a flaky or confused upstream): not remembered.
+        const named = { status: 400, error: { message: "Unrecognized request argument supplied: stream_options" } };
+        upstream.script("poisoned", named, named, {});
+        expect(await refused({})).toBe(400);
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "poisoned", messages: hello, stream: true })
+          .withResponse();
+        for await (const _ of stream);
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ status: RequestStatus.OK, usageEstimated: false });
+        expect(upstream.seen("poisoned").map((r) => r.body.stream_options)).toEqual([
+          { include_usage: true },
+          { include_usage: true },
+          { include_usage: true },
+          undefined,
           { include_usage: true },
         ]);
       });

@@ -183,15 +183,18 @@ export function createOpenAIProvider(
       } catch (e) {
         // A server that forbids fields it does not know (422 "extra fields not permitted"), Azure before its api
         // version took stream_options (400): asked again without them, and from then on.
-        if (!(e instanceof UpstreamError && e.failure === "rejected" && e.message.includes("stream_options"))) throw e;
+        if (!(e instanceof UpstreamError && e.failure === "rejected" && refusesOwnStreamOptions(e))) throw e;
         // Only when the gateway's own include_usage was all there was to refuse: a client's bad option is its 400, and
         // never decides what other clients' streams are sent with.
         const own = Object.keys(stream_options ?? {}).every((k) => k === "include_usage");
         if (!own) throw e;
+        const timeoutMs = Math.max(1, options.timeoutMs - (performance.now() - started));
+        const stream = await open(plain, { ...options, timeoutMs });
+        // Remembered only once the same request went through without them: a refusal of anything else in it (a
+        // client's unknown field whose name merely starts the same) fails the retry too, and changes nothing.
         if (refusesStreamOptions.size >= 512) refusesStreamOptions.clear();
         refusesStreamOptions.add(request.model);
-        const timeoutMs = Math.max(1, options.timeoutMs - (performance.now() - started));
-        return open(plain, { ...options, timeoutMs });
+        return stream;
       }
     },
 
@@ -208,6 +211,17 @@ export function createOpenAIProvider(
       return { response, tokens, usageEstimated: estimated };
     },
   };
+}
+
+/**
+ * The refusal names stream_options itself (or its include_usage): as the error's param, else as a word of the
+ * upstream's message (FastAPI's `"loc":["body","stream_options"]`, Azure's "Unrecognized request argument supplied:
+ * stream_options") not run on into a longer name such as a client's `stream_options_x`.
+ */
+function refusesOwnStreamOptions(e: UpstreamError): boolean {
+  const param = e.error?.param;
+  if (param) return param === "stream_options" || param === "stream_options.include_usage";
+  return /(?<![\w.])stream_options(?!\w|\.(?!include_usage\b)\w)/.test(e.message);
 }
 
 /** A stream's first chunk, read already, in front of the rest of it; stopping it stops the rest. */
