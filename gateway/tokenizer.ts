@@ -129,16 +129,22 @@ export interface Generated {
     custom?: { name?: unknown; input?: unknown } | null;
   }[] | null;
   function_call?: { name?: unknown; arguments?: unknown } | null;
+  /** Reasoning text as vLLM and DeepSeek send it. */
+  reasoning_content?: unknown;
+  /** Reasoning text as OpenRouter sends it. */
+  reasoning?: unknown;
 }
 
 /**
- * Adds a message's or a delta's generated text to `pieces`: content, refusal, the audio's transcript, tool and function
- * calls. The one rule of what output counts, so a whole answer and the same answer streamed are counted alike.
+ * Adds a message's or a delta's generated text to `pieces`: reasoning an upstream sends, content, refusal, the audio's
+ * transcript, tool and function calls. The one rule of what output counts, so a whole answer and the same answer
+ * streamed are counted alike.
  */
 export function addGenerated(pieces: string[], m: Generated): void {
   const add = (text: unknown) => {
     if (typeof text === "string" && text) pieces.push(text);
   };
+  addReasoning(pieces, m);
   add(m.content);
   add(m.refusal);
   add(m.audio?.transcript);
@@ -150,6 +156,11 @@ export function addGenerated(pieces: string[], m: Generated): void {
   }
   add(m.function_call?.name);
   add(m.function_call?.arguments);
+}
+
+/** Adds the reasoning text of a message or a delta, which is output too, to `pieces`. */
+export function addReasoning(pieces: string[], m: Generated): void {
+  for (const text of [m.reasoning_content, m.reasoning]) if (typeof text === "string" && text) pieces.push(text);
 }
 
 /**
@@ -170,22 +181,44 @@ export async function countTextTokens(pieces: readonly string[], scaledChars = 0
  * stream.
  */
 export function generatedText() {
-  const kept: string[] = [];
-  let room = exactChars;
-  let past = 0;
+  const output = keptText();
+  const reasoning = keptText();
   return {
     /** Adds a delta's generated text; whether it had any. */
     add(m: Generated): boolean {
       const pieces: string[] = [];
       addGenerated(pieces, m);
+      output.add(pieces);
+      pieces.length = 0;
+      addReasoning(pieces, m);
+      reasoning.add(pieces);
+      return output.any();
+    },
+    /** Tokens of all the output, reasoning included. */
+    tokens: () => output.tokens(),
+    /** Tokens of the reasoning streamed. */
+    reasoningTokens: () => reasoning.tokens(),
+  };
+}
+
+/** Text as far as its count needs it: its first `exactChars` characters and the length of the rest. */
+function keptText() {
+  const kept: string[] = [];
+  let room = exactChars;
+  let past = 0;
+  let added = 0;
+  return {
+    add(pieces: readonly string[]) {
       for (const piece of pieces) {
         if (room >= piece.length) kept.push(piece);
         else if (room > 0) kept.push(piece.slice(0, room));
         past += Math.max(piece.length - room, 0);
         room = Math.max(room - piece.length, 0);
       }
-      return pieces.length > 0;
+      added = pieces.length;
     },
+    /** Whether the last add had any text. */
+    any: () => added > 0,
     tokens: () => countTextTokens(kept, past),
   };
 }

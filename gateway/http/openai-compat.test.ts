@@ -5,6 +5,8 @@ import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { type Behaviour, type FakeUpstream, type FakeUsage, startFakeUpstream } from "../testing/fake-upstream.ts";
 import { startTestGateway } from "../testing/served-gateway.ts";
+import { countTextTokens } from "../tokenizer.ts";
+import { usageGraceMs } from "../providers/openai.ts";
 
 // The gateway in front of a real OpenAI-compatible upstream on a socket, called with the official SDK.
 let upstream: FakeUpstream;
@@ -621,25 +623,29 @@ for (const port of ["rpc", "rest"] as const) {
         expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
       });
 
+      /** Streams `model` with a raw client that leaves once what it has read includes `until`; the request id. */
+      const leaveAt = async (model: string, until: string) => {
+        const gone = new AbortController();
+        const res = await fetch(`${base()}/v1/chat/completions`, {
+          method: "POST",
+          headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+          body: JSON.stringify({ model, messages: hello, stream: true }),
+          signal: gone.signal,
+        });
+        const reader = (res.body as ReadableStream<Uint8Array>).getReader();
+        let text = "";
+        while (!text.includes(until)) text += new TextDecoder().decode((await reader.read()).value);
+        gone.abort();
+        return res.headers.get("x-request-id") ?? "";
+      };
+
       test("a client that disconnects mid-stream aborts the upstream call and is metered as cancelled", async () => {
         upstream.script("slow-stream", {
           content: "one two three four five six seven eight",
           chunkDelayMs: 100,
           usage: false,
         });
-        const gone = new AbortController();
-        const res = await fetch(`${base()}/v1/chat/completions`, {
-          method: "POST",
-          headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
-          body: JSON.stringify({ model: "slow-stream", messages: hello, stream: true }),
-          signal: gone.signal,
-        });
-        const requestId = res.headers.get("x-request-id") ?? "";
-        const reader = (res.body as ReadableStream<Uint8Array>).getReader();
-        let text = "";
-        while (!text.includes('"content":" two"')) text += new TextDecoder().decode((await reader.read()).value);
-        gone.abort();
-        const m = await gateway.row(requestId);
+        const m = await gateway.row(await leaveAt("slow-stream", '"content":" two"'));
         expect(m).toMatchObject({
           status: RequestStatus.CANCELLED,
           httpStatus: 499,
@@ -655,6 +661,51 @@ for (const port of ["rpc", "rest"] as const) {
         const deadline = Date.now() + 5000;
         while (!upstream.seen("slow-stream")[0]?.aborted && Date.now() < deadline) await Bun.sleep(10);
         expect(upstream.seen("slow-stream")[0]?.aborted).toBe(true);
+      });
+
+      test("a client that leaves once every choice has finished is metered at the usage the upstream sends after", async () => {
+        const billed = {
+          prompt_tokens: 1000,
+          completion_tokens: 20_005,
+          total_tokens: 21_005,
+          completion_tokens_details: { reasoning_tokens: 20_000 },
+        };
+        upstream.script("reasoner", { content: "forty two", usage: billed, usageDelayMs: 300 });
+        const m = await gateway.row(await leaveAt("reasoner", '"finish_reason":"stop"'));
+        expect(m).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, usageEstimated: false });
+        expect(m.usage).toMatchObject({ inputTokens: 1000n, outputTokens: 20_005n, reasoningTokens: 20_000n });
+        // 1,000 input at $1.25/M + 20,005 output at $10/M
+        expect(m.costNanos).toBe(201_300_000n);
+      });
+
+      test("a usage that does not come within a few seconds of the client leaving is counted, and the upstream closed", async () => {
+        upstream.script("slow-stream", { content: "forty two", usageDelayMs: 30_000 });
+        const left = performance.now();
+        const m = await gateway.row(await leaveAt("slow-stream", '"finish_reason":"stop"'));
+        expect(performance.now() - left).toBeLessThan(usageGraceMs + 2000);
+        expect(m).toMatchObject({ status: RequestStatus.CANCELLED, usageEstimated: true });
+        expect(m.usage?.outputTokens).toBe(BigInt(await countTextTokens(["forty two"])));
+        const deadline = Date.now() + 5000;
+        while (!upstream.seen("slow-stream")[0]?.aborted && Date.now() < deadline) await Bun.sleep(10);
+        expect(upstream.seen("slow-stream")[0]?.aborted).toBe(true);
+      });
+
+      test("a client that leaves mid-answer is metered at the reasoning streamed as well as the visible output", async () => {
+        const thinking = "the user wants a count so I will count";
+        const reasoning = BigInt(await countTextTokens([thinking]));
+        for (const reasoningField of ["reasoning_content", "reasoning"] as const) {
+          upstream.script("slow-stream", {
+            reasoning: thinking,
+            reasoningField,
+            content: "one two three four five six seven eight",
+            chunkDelayMs: 20,
+          });
+          const m = await gateway.row(await leaveAt("slow-stream", '"content":" two"'));
+          expect(m).toMatchObject({ status: RequestStatus.CANCELLED, usageEstimated: true });
+          expect(m.usage?.reasoningTokens).toBe(reasoning);
+          expect(m.usage?.outputTokens).toBeGreaterThanOrEqual(reasoning + 2n);
+          expect(m.usage?.outputTokens).toBeLessThan(reasoning + 8n);
+        }
       });
 
       test("a client that disconnects before the upstream answers aborts it too", async () => {

@@ -3,7 +3,7 @@ import { createParser } from "eventsource-parser";
 import { redactSecrets } from "../../lib/log.ts";
 import { watchSilence } from "../../lib/silence.ts";
 import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
-import { addGenerated, countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
+import { addGenerated, addReasoning, countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
 import {
   answeredEmbeddingUsage,
   answeredUsage,
@@ -161,6 +161,11 @@ export function createOpenAIProvider(
           for (const c of completion.choices) if (c.message) addGenerated(output, c.message);
           return countTextTokens(output);
         },
+        reasoning: () => {
+          const reasoning: string[] = [];
+          for (const c of completion.choices) if (c.message) addReasoning(reasoning, c.message);
+          return countTextTokens(reasoning);
+        },
       });
       completion.usage = answeredUsage(completion.usage, tokens);
       return { completion, tokens, usageEstimated: estimated };
@@ -256,7 +261,9 @@ function withHeaders<C extends OpenAI>(client: C, headers: Record<string, string
  * An upstream's server-sent events as chat chunks, under the gateway's rules: silence longer than the
  * attempt timeout is a timeout, the client leaving is a cancellation, an error event or unreadable JSON
  * fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
- * ignored; a stream left early closes its upstream connection.
+ * ignored; a stream left early closes its upstream connection. Once every choice has finished, generation is over and
+ * only the usage the upstream bills is still to come: a client leaving then is no cancellation, and the rest is read
+ * for up to `usageGraceMs` more.
  */
 function relay(
   response: Response,
@@ -268,12 +275,20 @@ function relay(
   const body = response.body;
   if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
   const reader = body.getReader();
-  // Listened to from now rather than from the first read: a client gone before it still closes the upstream.
   const leave = () => void reader.cancel().catch(() => {});
-  options.signal?.addEventListener("abort", leave, { once: true });
-  if (options.signal?.aborted) leave();
-  return chunksOf(reader, leave, provider, options, choices, redact);
+  const finished = { all: false, grace: undefined as ReturnType<typeof setTimeout> | undefined };
+  const left = () => {
+    if (!finished.all) leave();
+    else finished.grace ??= setTimeout(leave, usageGraceMs);
+  };
+  // Listened to from now rather than from the first read: a client gone before it still closes the upstream.
+  options.signal?.addEventListener("abort", left, { once: true });
+  if (options.signal?.aborted) left();
+  return chunksOf(reader, leave, left, finished, provider, options, choices, redact);
 }
+
+/** How long a stream whose choices have all finished is still read for its usage after its client left. */
+export const usageGraceMs = 3_000;
 
 /** What the relay uses of a body's reader. */
 interface BodyReader {
@@ -284,6 +299,8 @@ interface BodyReader {
 async function* chunksOf(
   reader: BodyReader,
   leave: () => void,
+  left: () => void,
+  finished: { all: boolean; grace: ReturnType<typeof setTimeout> | undefined },
   provider: string,
   options: CallOptions,
   choices: number,
@@ -342,7 +359,7 @@ async function* chunksOf(
         throw upstreamError(provider, e, redact);
       }
       // Cut off by the timeout or the client: what arrived of an event is not one.
-      if (silence.expired || signal?.aborted) break;
+      if (silence.expired || (signal?.aborted && !finished.all)) break;
       // A last event without its blank line still counts once the body ends.
       if (read.done) ended = true;
       parser.feed(read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true }));
@@ -354,6 +371,7 @@ async function* chunksOf(
             done.add(choice.index);
           } else if (!done.has(choice.index)) open.add(choice.index);
         }
+        finished.all = open.size === 0 && done.size >= choices;
         // Silence is the upstream's between chunks: not keep-alive comments, nor the time the client takes to read.
         silence.pause();
         yield chunk;
@@ -363,7 +381,8 @@ async function* chunksOf(
     }
   } finally {
     silence.stop();
-    signal?.removeEventListener("abort", leave);
+    clearTimeout(finished.grace);
+    signal?.removeEventListener("abort", left);
     // A body read to its end has given its connection back to the pool already.
     if (!ended && sentinel && !failure) {
       // Done, but the body has not ended yet: let it end in the background (keeping the connection for the next
@@ -376,7 +395,7 @@ async function* chunksOf(
   }
   if (failure) throw failure;
   if (silence.expired) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
-  if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
+  if (signal?.aborted && !finished.all) throw new UpstreamError("cancelled", `${provider}: request aborted`);
   // Without [DONE], a stream that ends between choices may have lost the rest: all of them must have finished. (With
   // it the upstream says it is done: a server that ignores n answers fewer.)
   if (open.size > 0 || done.size === 0 || (!sentinel && done.size < choices)) {

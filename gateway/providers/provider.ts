@@ -159,6 +159,8 @@ export interface TokenEstimates {
   input(): Promise<number>;
   /** Unset for endpoints without output (embeddings): output is then zero. */
   output?: () => Promise<number>;
+  /** Of the output counted, the reasoning an upstream sent as text; none unless set. */
+  reasoning?: () => Promise<number>;
 }
 
 /** Tokens as metered, and whether the gateway counted any of them itself. */
@@ -190,7 +192,11 @@ export async function meteredUsage(usage: unknown, estimate: TokenEstimates): Pr
     outputTokens = count ?? BigInt(await estimate.output());
   }
   const cached = tokenCount(record(reported.prompt_tokens_details).cached_tokens) ?? 0n;
-  const reasoning = tokenCount(record(reported.completion_tokens_details).reasoning_tokens) ?? 0n;
+  // Reasoning is counted with the output it is part of, from what was streamed of it.
+  const streamedReasoning = tokenCount(reported.completion_tokens) === undefined ? estimate.reasoning : undefined;
+  const reasoning =
+    tokenCount(record(reported.completion_tokens_details).reasoning_tokens) ??
+    (streamedReasoning ? BigInt(await streamedReasoning()) : 0n);
   if (estimate.output && reasoningApart(reported)) {
     outputTokens += reasoning;
     if (outputTokens > MAX_TOKENS_PER_REQUEST) outputTokens = MAX_TOKENS_PER_REQUEST;
