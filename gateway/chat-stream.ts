@@ -135,8 +135,10 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       // Counted if the stream ended before its usage was (a count never fails, see tokenizer.ts).
       const { tokens, estimated } = counted ?? (await count());
       const price = servedTier === undefined ? options.price : (options.servedPrice?.(servedTier) ?? options.price);
-      const cost = meterUsage(m, tokens, estimated, price);
-      outcome = { tokens, costNanos: cost, usageEstimated: estimated, provider: m.provider, error };
+      const cost = meterUsage(m, tokens, estimated, price, call.lostInputTokens);
+      // As metered: with the prompts of lost attempts.
+      const metered = { tokens: m.usage ?? tokens, costNanos: cost, usageEstimated: m.usageEstimated };
+      outcome = { ...metered, provider: m.provider, error };
       options.upstreamEnded?.(error);
       options.finish(call, error);
     })();

@@ -34,6 +34,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["azure-like"],
   ["strict-options"],
   ["poisoned"],
+  ["retried", "timeout_ms: 300\n    retries: 1"],
 ];
 
 function routes(url: string) {
@@ -753,6 +754,39 @@ for (const port of ["rpc", "rest"] as const) {
         }
       });
 
+      test("an attempt timed out or cut off after its prompt was sent adds that prompt, estimated, to what is metered", async () => {
+        const billed = { prompt_tokens: 10, completion_tokens: 4, total_tokens: 14 };
+        const cases: Array<{ stream: boolean; first: Behaviour; input: bigint; estimated: boolean; nanos: bigint }> = [
+          // Timed out, then answered: the upstream billed two prompts (10 tokens each at $2.50/M) and 4 output ($10/M).
+          { stream: false, first: { hang: true }, input: 20n, estimated: true, nanos: 90_000n },
+          { stream: true, first: { hang: true }, input: 20n, estimated: true, nanos: 90_000n },
+          // Accepted, then its stream ended before any chunk.
+          { stream: true, first: { endsAtOnce: true }, input: 20n, estimated: true, nanos: 90_000n },
+          // A refusal, however it ends, bills nothing.
+          { stream: false, first: { status: 503 }, input: 10n, estimated: false, nanos: 65_000n },
+          { stream: true, first: { status: 429 }, input: 10n, estimated: false, nanos: 65_000n },
+        ];
+        for (const { stream, first, input, estimated, nanos } of cases) {
+          upstream.script("retried", first, { content: "a b c d", usage: billed });
+          const before = gateway.shipper.rows.length;
+          if (stream) {
+            for await (const _ of await sdk().chat.completions.create({ model: "retried", messages: hello, stream }));
+          } else await sdk().chat.completions.create({ model: "retried", messages: hello });
+          const m = await rowAfter(before);
+          expect(m).toMatchObject({ status: RequestStatus.OK, retries: 1, usageEstimated: estimated });
+          expect(m?.usage).toMatchObject({ inputTokens: input, outputTokens: 4n });
+          expect(m?.costNanos).toBe(nanos);
+        }
+        // Every attempt timed out: both prompts.
+        upstream.script("retried", { hang: true });
+        const before = gateway.shipper.rows.length;
+        expectShape(await apiError(sdk().chat.completions.create({ model: "retried", messages: hello })), 504, "upstream_timeout");
+        const m = await rowAfter(before);
+        expect(m).toMatchObject({ status: RequestStatus.TIMEOUT, usageEstimated: true });
+        expect(m?.usage).toMatchObject({ inputTokens: 20n, outputTokens: 0n });
+        expect(m?.costNanos).toBe(50_000n);
+      });
+
       test("an embedding whose upstream times out is metered at its input", async () => {
         upstream.script("slow", { hang: true });
         const before = gateway.shipper.rows.length;
@@ -1425,8 +1459,11 @@ for (const port of ["rpc", "rest"] as const) {
         expect(upstream.seen("stream-primary")).toHaveLength(1);
         const m = await gateway.row(response.headers.get("x-request-id") ?? "");
         expect(m).toMatchObject({ status: RequestStatus.OK, fallbackUsed: true, servedModel: "stream-secondary-fake" });
-        // Billed for the answer the client got, at $1 per million tokens.
-        expect(m.costNanos).toBe(BigInt(((usage?.prompt_tokens ?? 0) + (usage?.completion_tokens ?? 0)) * 1000));
+        // Billed for the answer the client got, at $1 per million tokens, and for the prompt the first upstream was
+        // sent when the time limit cut it off ("hello there friend" framed as a user message: 10 tokens).
+        const lost = failure.firstChunkDelayMs !== undefined ? 10 : 0;
+        expect(m.costNanos).toBe(BigInt(((usage?.prompt_tokens ?? 0) + lost + (usage?.completion_tokens ?? 0)) * 1000));
+        expect(m.usageEstimated).toBe(lost > 0);
       });
 
       test.each(failedBeforeFirstChunk)("a stream failing before its first chunk (%s) on its only target is an HTTP error", async (_, failure) => {

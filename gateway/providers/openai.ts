@@ -111,17 +111,22 @@ export function createOpenAIProvider(
     const abort = () => attempt.abort();
     const timer = setTimeout(abort, options.timeoutMs);
     signal?.addEventListener("abort", abort);
+    let accepted = false;
     try {
       if (signal?.aborted) abort();
       const { url, init } = await template(path, body.model, options.timeoutMs);
       // Serialised as the SDK does its JSON bodies.
       const response = await fetch(url, { ...init, body: JSON.stringify(body), signal: attempt.signal });
       if (!response.ok) throw await refusal(response);
+      accepted = true;
       return await read(response);
     } catch (e) {
       if (signal?.aborted) throw new UpstreamError("cancelled", `${config.name}: request aborted`);
       if (attempt.signal.aborted) throw new UpstreamError("timeout", `${config.name}: timed out`);
-      throw upstreamError(config.name, e, redact);
+      const failure = upstreamError(config.name, e, redact);
+      // Accepted, and its answer's body then broke off or could not be read: not a failure the gateway itself named.
+      if (accepted && !(e instanceof UpstreamError)) failure.promptTaken = true;
+      throw failure;
     } finally {
       clearTimeout(timer);
       signal?.removeEventListener("abort", abort);
@@ -142,7 +147,11 @@ export function createOpenAIProvider(
       const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
       const chunks = relay(response, config.name, options, choices, redact)[Symbol.asyncIterator]();
       const first = await chunks.next();
-      if (first.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
+      if (first.done) {
+        throw Object.assign(new UpstreamError("transient", `${config.name}: the stream ended before it began`), {
+          promptTaken: true,
+        });
+      }
       return resumed(first.value, chunks);
     });
 
@@ -356,7 +365,7 @@ async function* chunksOf(
       } catch (e) {
         // Cut off by the timeout or the client: said below, as when the read ends instead.
         if (silence.expired || signal?.aborted) break;
-        throw upstreamError(provider, e, redact);
+        throw Object.assign(upstreamError(provider, e, redact), { promptTaken: true });
       }
       // Cut off by the timeout or the client: what arrived of an event is not one.
       if (silence.expired || (signal?.aborted && !finished.all)) break;
@@ -399,7 +408,8 @@ async function* chunksOf(
   // Without [DONE], a stream that ends between choices may have lost the rest: all of them must have finished. (With
   // it the upstream says it is done: a server that ignores n answers fewer.)
   if (open.size > 0 || done.size === 0 || (!sentinel && done.size < choices)) {
-    throw new UpstreamError("transient", `${provider}: the stream ended before it finished`);
+    const cut = new UpstreamError("transient", `${provider}: the stream ended before it finished`);
+    throw Object.assign(cut, { promptTaken: true });
   }
 }
 

@@ -90,6 +90,11 @@ export class UpstreamError extends Error {
   ) {
     super(message);
   }
+  /**
+   * The upstream accepted the request (answered 200) and its answer was then lost (a body cut short or unreadable):
+   * it bills the prompt, as it does one a timeout cut off. A refusal, however fast, is not billed.
+   */
+  promptTaken = false;
 }
 
 /** The failure class of an upstream HTTP status and the error it came with. */

@@ -64,6 +64,8 @@ export interface Behaviour {
   chunkUsages?: unknown[];
   /** Streaming: a usage in the last chunk's `x_groq`, as Groq reports it. */
   groqUsage?: unknown;
+  /** Streaming: end the body at once, before any chunk. */
+  endsAtOnce?: boolean;
   /** Streaming: wait this long after the finish_reason chunk before the usage chunk. */
   usageDelayMs?: number;
   /** Streaming: reasoning text sent before the reply, word by word, in `delta[reasoningField]`. */
@@ -245,6 +247,10 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
           await Bun.sleep(b.firstChunkDelayMs);
         }
         if (signal.aborted) return;
+        if (b.endsAtOnce) {
+          controller.close();
+          return;
+        }
         if (b.firstEvent !== undefined) {
           controller.enqueue(event(b.firstEvent));
           controller.close();
