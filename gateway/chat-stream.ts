@@ -94,7 +94,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
 
   const count = () =>
     meteredUsage(usage, {
-      input: () => countInputTokens(request.messages, request.tools),
+      input: () => countInputTokens(request),
       output: () => generated.tokens(),
       reasoning: () => generated.reasoningTokens(),
     });

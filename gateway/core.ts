@@ -407,7 +407,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         route,
         price,
         (provider, model, options) => provider.chat({ ...input.upstream, model }, options),
-        () => countInputTokens(input.upstream.messages, input.upstream.tools),
+        () => countInputTokens(input.upstream),
       );
       if (result.completion.model) m.servedModel = meteredName(result.completion.model);
       const served = servedPrice(route, result.completion.service_tier, price);
@@ -476,7 +476,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
           request = { ...input.upstream, model };
           return provider.streamChat(request, options);
         },
-        () => countInputTokens(input.upstream.messages, input.upstream.tools),
+        () => countInputTokens(input.upstream),
         signal,
         true,
       );

@@ -1,4 +1,4 @@
-import type { ChatCompletionMessageParam, ChatCompletionTool } from "openai/resources/chat/completions";
+import type { ChatCompletionCreateParams } from "openai/resources/chat/completions";
 import type { Tokens } from "../lib/money.ts";
 
 /**
@@ -79,14 +79,22 @@ async function newCount(): Promise<Count> {
 const perMessage = 3;
 const perName = 1;
 const replyPriming = 3;
-// Image inputs are priced by size; without decoding them, count a 1024x1024 high-detail image (or a low-detail one).
-const imageTokens = { low: 85, high: 765 } as const;
+/**
+ * What an image, file or audio part is estimated at, as it is not decoded: about what a 1024-pixel image costs gpt-4o
+ * at high detail (four 170-token tiles and 85). A file or a recording may bill far more; their upstream's usage says.
+ */
+export const partTokensEstimate = 765;
+// A low-detail image is one tile.
+const lowDetailImageTokens = 85;
 
-/** Prompt tokens of a chat request: messages (text, images, tool calls) and tool definitions. */
+/**
+ * Prompt tokens of a chat request: messages (text, images, files, audio, tool calls), tool definitions and the
+ * response format (a JSON schema is part of the prompt an upstream bills).
+ */
 export async function countInputTokens(
-  messages: readonly ChatCompletionMessageParam[],
-  tools?: readonly ChatCompletionTool[] | null,
+  request: Pick<ChatCompletionCreateParams, "messages" | "tools" | "response_format">,
 ): Promise<number> {
+  const { messages, tools, response_format } = request;
   const count = await newCount();
   let tokens = replyPriming;
   for (const m of messages) {
@@ -101,11 +109,15 @@ export async function countInputTokens(
     else if (Array.isArray(content)) {
       for (const part of content) {
         if (part.type === "text") count.add(part.text);
-        else if (part.type === "image_url") tokens += part.image_url.detail === "low" ? imageTokens.low : imageTokens.high;
+        else if (part.type === "image_url") {
+          tokens += part.image_url.detail === "low" ? lowDetailImageTokens : partTokensEstimate;
+        } else if (part.type === "file" || part.type === "input_audio") tokens += partTokensEstimate;
         else if (part.type === "refusal") count.add(part.refusal);
       }
     }
     if (m.role === "assistant" && m.refusal) count.add(m.refusal);
+    // An earlier audio answer referred to by id: the model hears it again.
+    if (m.role === "assistant" && m.audio) tokens += partTokensEstimate;
     if (m.role === "assistant" && m.tool_calls) {
       for (const call of m.tool_calls) {
         if (call.type === "function") {
@@ -116,6 +128,7 @@ export async function countInputTokens(
     }
   }
   if (tools && tools.length > 0) count.add(JSON.stringify(tools));
+  if (response_format) count.add(JSON.stringify(response_format));
   return tokens + count.total();
 }
 

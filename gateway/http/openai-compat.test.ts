@@ -734,23 +734,54 @@ for (const port of ["rpc", "rest"] as const) {
         return gateway.shipper.rows[before];
       };
 
-      test("a client that leaves before the first chunk is metered at its prompt, whole or streamed", async () => {
+      /** Sends `body` to an upstream that never answers, leaves once the upstream has it, and returns its metrics row. */
+      const leftUnanswered = async (
+        body: Pick<OpenAI.ChatCompletionCreateParamsNonStreaming, "messages" | "response_format">,
+        stream: boolean,
+      ) => {
         upstream.script("slow-stream", { hang: true });
+        const before = gateway.shipper.rows.length;
+        const sent = upstream.seen("slow-stream").length;
+        const gone = new AbortController();
+        const pending = sdk()
+          .chat.completions.create({ model: "slow-stream", ...body, stream }, { signal: gone.signal })
+          .catch(() => undefined);
+        while (upstream.seen("slow-stream").length === sent) await Bun.sleep(5);
+        gone.abort();
+        await pending;
+        return await rowAfter(before);
+      };
+
+      test("a client that leaves before the first chunk is metered at its prompt, whole or streamed", async () => {
         for (const stream of [false, true]) {
-          const before = gateway.shipper.rows.length;
-          const sent = upstream.seen("slow-stream").length;
-          const gone = new AbortController();
-          const pending = sdk()
-            .chat.completions.create({ model: "slow-stream", messages: hello, stream }, { signal: gone.signal })
-            .catch(() => undefined);
-          while (upstream.seen("slow-stream").length === sent) await Bun.sleep(5);
-          gone.abort();
-          await pending;
-          const m = await rowAfter(before);
+          const m = await leftUnanswered({ messages: hello }, stream);
           expect(m).toMatchObject({ status: RequestStatus.CANCELLED, streamed: stream, usageEstimated: true });
           // o200k_base: "hello there friend" framed as a user message; 10 tokens at $2.50/M.
           expect(m?.usage).toMatchObject({ inputTokens: 10n, outputTokens: 0n });
           expect(m?.costNanos).toBe(25_000n);
+        }
+      });
+
+      test("a prompt cut off is metered with its response format and its file and audio parts", async () => {
+        const description = Array.from({ length: 400 }, (_, i) => `field ${i} holds a word`).join("; ");
+        const response_format = {
+          type: "json_schema" as const,
+          json_schema: { name: "answer", schema: { type: "object", description, properties: { answer: { type: "string" } } } },
+        };
+        const content = [
+          { type: "text" as const, text: "hello there friend" },
+          { type: "file" as const, file: { filename: "a.pdf", file_data: "data:application/pdf;base64,JVBERi0xLjQK" } },
+          { type: "input_audio" as const, input_audio: { data: "UklGRiQAAABXQVZF", format: "wav" as const } },
+        ];
+        // o200k_base: "hello there friend" framed as a user message is 10 tokens, the file and the recording 765 each
+        // (the part estimate), and the schema's text thousands more.
+        const schema = BigInt(await countTextTokens([JSON.stringify(response_format)]));
+        expect(schema).toBeGreaterThan(2500n);
+        const expected = 10n + 2n * 765n + schema;
+        for (const stream of [false, true]) {
+          const m = await leftUnanswered({ messages: [{ role: "user", content }], response_format }, stream);
+          expect(m).toMatchObject({ status: RequestStatus.CANCELLED, streamed: stream, usageEstimated: true });
+          expect(m?.usage).toMatchObject({ inputTokens: expected, outputTokens: 0n });
         }
       });
 

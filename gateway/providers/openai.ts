@@ -164,7 +164,7 @@ export function createOpenAIProvider(
         throw new UpstreamError("transient", `${config.name}: the response is not a chat completion`);
       }
       const { tokens, estimated } = await meteredUsage(completion.usage, {
-        input: () => countInputTokens(request.messages, request.tools),
+        input: () => countInputTokens(request),
         output: () => {
           const output: string[] = [];
           for (const c of completion.choices) if (c.message) addGenerated(output, c.message);
