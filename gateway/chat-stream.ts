@@ -87,23 +87,58 @@ export function meterChatStream(options: MeterOptions): ChatStream {
    * ("running"), the consumer holds a chunk ("yielded"), or it is over ("done").
    */
   let phase: "idle" | "running" | "yielded" | "done" = "idle";
+  // Choices the upstream has finished: once all have, generation is over and only the usage is still to come.
+  const finished = new Set<number>();
+  const choices = typeof request.n === "number" && request.n > 1 ? request.n : 1;
+  let settling: Promise<void> | undefined;
 
   const count = () =>
     meteredUsage(usage, {
-      input: () => countInputTokens(request.messages, request.tools),
+      input: () => countInputTokens(request),
       output: () => generated.tokens(),
+      reasoning: () => generated.reasoningTokens(),
     });
+
+  /** Takes what a chunk says of the stream's accounting: the tier that served it, its usage, its finished choices. */
+  const note = (chunk: ChatCompletionChunk) => {
+    if (chunk.service_tier) servedTier = chunk.service_tier;
+    // Groq reports a stream's usage in its last chunk's x_groq: counted as if sent on its own, never passed on.
+    const groq = (chunk as { x_groq?: { usage?: CompletionUsage } }).x_groq;
+    if (groq?.usage && typeof groq.usage === "object") usage = laterUsage(usage, groq.usage);
+    if (groq !== undefined) delete (chunk as { x_groq?: unknown }).x_groq;
+    if (chunk.usage) usage = laterUsage(usage, chunk.usage);
+    for (const choice of chunk.choices) if (choice.finish_reason) finished.add(choice.index);
+  };
+
+  /**
+   * Reads the rest of a stream whose choices have all finished, for the usage the upstream bills, when the client left
+   * before it came: nothing is generated any more, and the provider gives it a few seconds at most (see its relay).
+   */
+  const settle = async () => {
+    if (finished.size < choices) return;
+    settling ??= (async () => {
+      try {
+        for (let step = await upstream.next(); !step.done; step = await upstream.next()) note(step.value);
+      } catch {
+        // Cut short: what never came is counted.
+      }
+    })();
+    await settling;
+  };
 
   /** Meters the stream and records the call's metrics; whichever way the stream ends first wins. */
   const end = (error: GatewayError | undefined, counted?: MeteredTokens): Promise<void> => {
     ending ??= (async () => {
       call.signal?.removeEventListener("abort", onAbort);
       deadline.removeEventListener("abort", onAbort);
+      if (!counted) await settle();
       // Counted if the stream ended before its usage was (a count never fails, see tokenizer.ts).
       const { tokens, estimated } = counted ?? (await count());
       const price = servedTier === undefined ? options.price : (options.servedPrice?.(servedTier) ?? options.price);
-      const cost = meterUsage(m, tokens, estimated, price);
-      outcome = { tokens, costNanos: cost, usageEstimated: estimated, provider: m.provider, error };
+      const cost = meterUsage(m, tokens, estimated, price, call.lostInputTokens);
+      // As metered: with the prompts of lost attempts.
+      const metered = { tokens: m.usage ?? tokens, costNanos: cost, usageEstimated: m.usageEstimated };
+      outcome = { ...metered, provider: m.provider, error };
       options.upstreamEnded?.(error);
       options.finish(call, error);
     })();
@@ -141,13 +176,8 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         }
         if (step.done) break;
         const chunk = step.value;
-        if (chunk.service_tier) servedTier = chunk.service_tier;
-        // Groq reports a stream's usage in its last chunk's x_groq: counted as if sent on its own, never passed on.
-        const groq = (chunk as { x_groq?: { usage?: CompletionUsage } }).x_groq;
-        if (groq?.usage && typeof groq.usage === "object") usage = laterUsage(usage, groq.usage);
-        if (groq !== undefined) delete (chunk as { x_groq?: unknown }).x_groq;
+        note(chunk);
         if (chunk.usage) {
-          usage = laterUsage(usage, chunk.usage);
           // The usage chunk is held to go last with the metered counts.
           if (chunk.choices.length === 0) {
             if (includeUsage) usageChunk = chunk;
@@ -180,6 +210,11 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         yield chunk;
       }
       counted = await count();
+      // The client left once generation was over, and the usage was read without it.
+      if (call.signal?.aborted) {
+        error = clientGone(call.signal);
+        return;
+      }
       // A client that asked for usage gets one usage chunk: the upstream's, its counts the metered ones (normalised, or
       // counted where it had none), or else the gateway's count.
       if (usageChunk) {
@@ -209,6 +244,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     } finally {
       // Stopped by the consumer (the client left) if neither completed nor failed.
       if (!counted && !error) error = clientGone(call.signal);
+      if (error && !counted) await settle();
       if (error) await upstream.return?.().catch(() => undefined);
       await end(error, counted);
     }

@@ -37,6 +37,26 @@ describe("gateway config", () => {
     for (const name of ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]) expect(config.models.has(name)).toBe(true);
   });
 
+  test("the shipped chat models budget the most output OpenAI publishes for them when a request sets no max_tokens", () => {
+    const config = loadGatewayConfig(fileURLToPath(new URL("./config.default.yaml", import.meta.url)));
+    const published = {
+      "gpt-4o": 16_384,
+      "gpt-4o-mini": 16_384,
+      "gpt-4.1": 32_768,
+      "gpt-4.1-mini": 32_768,
+      "gpt-4.1-nano": 32_768,
+      "o4-mini": 100_000,
+    };
+    for (const [name, most] of Object.entries(published)) {
+      expect([name, config.models.get(name)?.maxOutputTokens]).toEqual([name, most]);
+    }
+    // Every OpenAI chat model shipped is one of them.
+    const chat = [...config.models.values()].filter(
+      (m) => m.targets[0]?.provider === "openai" && !m.name.includes("embedding"),
+    );
+    expect(chat.map((m) => m.name).sort()).toEqual(Object.keys(published).sort());
+  });
+
   test("prices become exact micro-USD and costs exact nano-USD", () => {
     const config = parseGatewayConfig(
       base(`

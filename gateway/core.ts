@@ -66,6 +66,8 @@ export interface Call {
   principal: Principal | undefined;
   /** Time spent waiting on upstream attempts, in ms. */
   upstreamMs: number;
+  /** Prompt tokens of attempts an upstream billed though their answer was lost (see callUpstream): metered on top. */
+  lostInputTokens?: number;
   readonly metrics: RequestMetrics;
   /** OpenAI's x-ratelimit-* headers, once the call was admitted under its key's rate limits. */
   limitHeaders?: Record<string, string>;
@@ -218,9 +220,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   };
 
   /**
-   * Runs a request's upstream attempts. One cut off by the client leaving or a time limit has already handed the
-   * prompt to its upstream, which bills for it: a request that then ends cancelled or timed out is metered at its
-   * input tokens (`countInput`, by the tokenizer, marked estimated), which `finish` charges to its budget and quota.
+   * Runs a request's upstream attempts. One cut off by the client leaving or a time limit, or whose accepted answer
+   * was lost, has already handed the prompt to its upstream, which bills for it: each such attempt adds the request's
+   * input tokens (`countInput`, by the tokenizer, marked estimated) to what the request is metered at, whether a later
+   * attempt answers or the request fails, and `finish` charges them to its budget and quota. An upstream's refusal (a
+   * 429 or 5xx, however the request then ends) bills nothing and adds nothing.
    */
   const callUpstream = async <T>(
     call: Call,
@@ -231,24 +235,25 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     signal?: AbortSignal,
     stream = false,
   ): Promise<T> => {
-    let promptSent = false;
+    let lost = 0;
     const watched: Attempt<T> = async (provider, model, options) => {
       try {
         return await attempt(provider, model, options);
       } catch (e) {
-        if (e instanceof UpstreamError && (e.failure === "cancelled" || e.failure === "timeout")) promptSent = true;
+        const failure = e instanceof UpstreamError ? e.failure : undefined;
+        if (failure === "cancelled" || failure === "timeout" || (e as UpstreamError).promptTaken) lost++;
         throw e;
       }
     };
+    // Counted on the prompt the upstreams were sent (a count never fails, see tokenizer.ts).
+    const lostInput = async () => (lost === 0 ? 0 : lost * (await countInput()));
     try {
-      return await router.run(call, route, watched, signal, stream);
+      const result = await router.run(call, route, watched, signal, stream);
+      call.lostInputTokens = await lostInput();
+      return result;
     } catch (e) {
-      const outcome = toGatewayError(e).outcome;
-      if (promptSent && (outcome === RequestStatus.CANCELLED || outcome === RequestStatus.TIMEOUT)) {
-        // Counted on the prompt the upstream was sent (a count never fails, see tokenizer.ts).
-        const input = await countInput();
-        meterUsage(call.metrics, estimatedTokens(input, 0), true, price);
-      }
+      const input = await lostInput();
+      if (input > 0) meterUsage(call.metrics, estimatedTokens(input, 0), true, price);
       throw e;
     }
   };
@@ -402,11 +407,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         route,
         price,
         (provider, model, options) => provider.chat({ ...input.upstream, model }, options),
-        () => countInputTokens(input.upstream.messages, input.upstream.tools),
+        () => countInputTokens(input.upstream),
       );
       if (result.completion.model) m.servedModel = meteredName(result.completion.model);
       const served = servedPrice(route, result.completion.service_tier, price);
-      const cost = meterUsage(m, result.tokens, result.usageEstimated, served);
+      const cost = meterUsage(m, result.tokens, result.usageEstimated, served, call.lostInputTokens);
       const span = trace.getActiveSpan();
       if (span?.isRecording()) {
         span.setAttributes({
@@ -421,11 +426,12 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
           "gateway.cost_nanos": cost.toString(),
         });
       }
+      // As metered: with the prompts of lost attempts.
       return {
         completion: result.completion,
-        tokens: result.tokens,
+        tokens: m.usage ?? result.tokens,
         costNanos: cost,
-        usageEstimated: result.usageEstimated,
+        usageEstimated: m.usageEstimated,
         provider: m.provider,
       };
     },
@@ -470,7 +476,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
           request = { ...input.upstream, model };
           return provider.streamChat(request, options);
         },
-        () => countInputTokens(input.upstream.messages, input.upstream.tools),
+        () => countInputTokens(input.upstream),
         signal,
         true,
       );
@@ -508,12 +514,12 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         () => countEmbeddingTokens(input.upstream.input),
       );
       if (result.response.model) m.servedModel = meteredName(result.response.model);
-      const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price);
+      const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price, call.lostInputTokens);
       return {
         response: result.response,
-        tokens: result.tokens,
+        tokens: m.usage ?? result.tokens,
         costNanos: cost,
-        usageEstimated: result.usageEstimated,
+        usageEstimated: m.usageEstimated,
         provider: m.provider,
       };
     },

@@ -1,10 +1,25 @@
 import { create } from "@bufbuild/protobuf";
 import type { RequestMetrics } from "../gen/analytics/v1/analytics_pb.ts";
 import { CostBreakdownSchema, TokenUsageSchema } from "../gen/common/v1/common_pb.ts";
-import { costParts, type Price, type Tokens } from "../lib/money.ts";
+import { costParts, MAX_TOKENS_PER_REQUEST, type Price, type Tokens } from "../lib/money.ts";
 
-/** Records a request's tokens and exact cost (with its per-token-type parts) in its metrics; returns the cost. */
-export function meterUsage(metrics: RequestMetrics, tokens: Tokens, estimated: boolean, price: Price): bigint {
+/**
+ * Records a request's tokens and exact cost (with its per-token-type parts) in its metrics; returns the cost.
+ * `lostInputTokens` are the prompts of earlier attempts an upstream billed though their answer was lost: metered as
+ * input on top, estimated.
+ */
+export function meterUsage(
+  metrics: RequestMetrics,
+  answered: Tokens,
+  answeredEstimated: boolean,
+  price: Price,
+  lostInputTokens = 0,
+): bigint {
+  const lost = BigInt(lostInputTokens);
+  const input = answered.inputTokens + lost;
+  const inputTokens = input < MAX_TOKENS_PER_REQUEST ? input : MAX_TOKENS_PER_REQUEST;
+  const tokens = lost > 0n ? { ...answered, inputTokens } : answered;
+  const estimated = answeredEstimated || lost > 0n;
   const { totalNanos, ...parts } = costParts(tokens, price);
   metrics.usage = create(TokenUsageSchema, tokens);
   metrics.usageEstimated = estimated;

@@ -1,6 +1,7 @@
 import { rateLimited } from "./errors.ts";
 import { chatInputTokens, type EmbeddingInput, embeddingInputTokens, maxOutputTokens } from "./budget.ts";
 import { approxTokens, type ChatRequest } from "./providers/provider.ts";
+import { partTokensEstimate } from "./tokenizer.ts";
 
 /**
  * Per-key requests-per-minute and tokens-per-minute limits over a sliding 60-second window kept in
@@ -226,26 +227,26 @@ function duration(ms: number): string {
 }
 
 /**
- * What an image, file or audio part counts at while its request runs: about what a 1024-pixel image costs gpt-4o at
- * high detail (four 170-token tiles and 85). Their budget bounds (tens of thousands of tokens and more) would let a key
- * whose TPM is below one run such a request only into an empty window; the real usage replaces this at the end.
+ * What an image, file or audio part counts at while its request runs: the tokenizer's estimate of one. Their budget
+ * bounds (tens of thousands of tokens and more) would let a key whose TPM is below one run such a request only into
+ * an empty window; the real usage replaces this at the end.
  */
-const partTokensEstimate = new Map([
-  ["image_url", 765],
-  ["file", 765],
-  ["input_audio", 765],
+const partTokens = new Map([
+  ["image_url", partTokensEstimate],
+  ["file", partTokensEstimate],
+  ["input_audio", partTokensEstimate],
 ]);
 
 /**
  * Tokens a chat request is counted at while it runs: everything it sends (about four characters a token, parts at
- * partTokensEstimate) plus the most output it may produce, `cap` when it sets no max_tokens, as its budget reservation
+ * partTokens) plus the most output it may produce, `cap` when it sets no max_tokens, as its budget reservation
  * counts it.
  */
 export function estimatedChatTokens(
   request: Pick<ChatRequest, "messages" | "tools" | "response_format" | "max_completion_tokens" | "max_tokens" | "n">,
   cap: number,
 ): number {
-  return chatInputTokens(request, approxTokens, partTokensEstimate) + maxOutputTokens(request, cap);
+  return chatInputTokens(request, approxTokens, partTokens) + maxOutputTokens(request, cap);
 }
 
 /** Tokens an embeddings request is counted at while it runs: its strings at about four characters a token. */

@@ -8,6 +8,7 @@ import {
   exactChars,
   generatedText,
   maxRun,
+  partTokensEstimate,
 } from "./tokenizer.ts";
 
 const user = (content: string) => [{ role: "user" as const, content }];
@@ -16,7 +17,7 @@ const framing = 7;
 
 describe("token counts", () => {
   test("ordinary text is counted as OpenAI's o200k_base counts it, with chat framing", async () => {
-    expect(await countInputTokens(user("hello there friend"))).toBe(framing + 3);
+    expect(await countInputTokens({ messages: user("hello there friend") })).toBe(framing + 3);
     expect(await countTextTokens(["Hello", " world"])).toBe(2);
     expect(await countEmbeddingTokens(["Hello world", "Hello world"])).toBe(4);
     expect(await countEmbeddingTokens([[1, 2, 3], [4]])).toBe(4);
@@ -24,8 +25,27 @@ describe("token counts", () => {
 
   test("an assistant's refusal in the prompt is counted as its text", async () => {
     // 3 priming, 3 around the message, 1 for "assistant", then "Hello world".
-    expect(await countInputTokens([{ role: "assistant", content: null, refusal: "Hello world" }])).toBe(7 + 2);
-    expect(await countInputTokens([{ role: "assistant", audio: { id: "audio_abc" } }])).toBe(7);
+    const refused = [{ role: "assistant" as const, content: null, refusal: "Hello world" }];
+    expect(await countInputTokens({ messages: refused })).toBe(7 + 2);
+    // An earlier audio answer referred to by id is heard again: counted as an audio part.
+    const heard = [{ role: "assistant" as const, audio: { id: "audio_abc" } }];
+    expect(await countInputTokens({ messages: heard })).toBe(7 + partTokensEstimate);
+  });
+
+  test("a response format is counted as its text, and file and audio parts at the part estimate", async () => {
+    const response_format = {
+      type: "json_schema" as const,
+      json_schema: { name: "answer", schema: { type: "object", properties: { answer: { type: "string" } } } },
+    };
+    const framed = await countInputTokens({ messages: user("hello there friend") });
+    const schema = await countTextTokens([JSON.stringify(response_format)]);
+    expect(await countInputTokens({ messages: user("hello there friend"), response_format })).toBe(framed + schema);
+    const parts = [
+      { type: "text" as const, text: "hello there friend" },
+      { type: "file" as const, file: { filename: "a.pdf", file_data: "data:application/pdf;base64,AAAA" } },
+      { type: "input_audio" as const, input_audio: { data: "AAAA", format: "wav" as const } },
+    ];
+    expect(await countInputTokens({ messages: [{ role: "user", content: parts }] })).toBe(framed + 2 * partTokensEstimate);
   });
 
   test("a whole answer and the same answer streamed count the same generated text", async () => {
@@ -57,7 +77,7 @@ describe("token counts", () => {
 
   test("special-token text is plain text a client wrote: counted, never refused", async () => {
     for (const special of ["<|endoftext|>", "<|endofprompt|>", "<|fim_prefix|>"]) {
-      const tokens = await countInputTokens(user(`hi ${special} there`));
+      const tokens = await countInputTokens({ messages: user(`hi ${special} there`) });
       expect(tokens).toBeGreaterThan(framing + 3);
       expect(await countTextTokens([special])).toBeGreaterThan(1);
       expect(await countEmbeddingTokens(special)).toBeGreaterThan(1);
@@ -87,7 +107,7 @@ describe("token counts", () => {
     const counted = await countTextTokens([huge]);
     expect(Math.abs(counted - huge.length * perChar) / counted).toBeLessThan(0.01);
     // Across the messages of a prompt the budget is shared: the later ones are scaled too.
-    const prompt = await countInputTokens([...user(huge), ...user(huge)]);
+    const prompt = await countInputTokens({ messages: [...user(huge), ...user(huge)] });
     expect(Math.abs(prompt - 2 * counted) / prompt).toBeLessThan(0.01);
   });
 

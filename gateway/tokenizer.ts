@@ -1,4 +1,4 @@
-import type { ChatCompletionMessageParam, ChatCompletionTool } from "openai/resources/chat/completions";
+import type { ChatCompletionCreateParams } from "openai/resources/chat/completions";
 import type { Tokens } from "../lib/money.ts";
 
 /**
@@ -79,14 +79,22 @@ async function newCount(): Promise<Count> {
 const perMessage = 3;
 const perName = 1;
 const replyPriming = 3;
-// Image inputs are priced by size; without decoding them, count a 1024x1024 high-detail image (or a low-detail one).
-const imageTokens = { low: 85, high: 765 } as const;
+/**
+ * What an image, file or audio part is estimated at, as it is not decoded: about what a 1024-pixel image costs gpt-4o
+ * at high detail (four 170-token tiles and 85). A file or a recording may bill far more; their upstream's usage says.
+ */
+export const partTokensEstimate = 765;
+// A low-detail image is one tile.
+const lowDetailImageTokens = 85;
 
-/** Prompt tokens of a chat request: messages (text, images, tool calls) and tool definitions. */
+/**
+ * Prompt tokens of a chat request: messages (text, images, files, audio, tool calls), tool definitions and the
+ * response format (a JSON schema is part of the prompt an upstream bills).
+ */
 export async function countInputTokens(
-  messages: readonly ChatCompletionMessageParam[],
-  tools?: readonly ChatCompletionTool[] | null,
+  request: Pick<ChatCompletionCreateParams, "messages" | "tools" | "response_format">,
 ): Promise<number> {
+  const { messages, tools, response_format } = request;
   const count = await newCount();
   let tokens = replyPriming;
   for (const m of messages) {
@@ -101,11 +109,15 @@ export async function countInputTokens(
     else if (Array.isArray(content)) {
       for (const part of content) {
         if (part.type === "text") count.add(part.text);
-        else if (part.type === "image_url") tokens += part.image_url.detail === "low" ? imageTokens.low : imageTokens.high;
+        else if (part.type === "image_url") {
+          tokens += part.image_url.detail === "low" ? lowDetailImageTokens : partTokensEstimate;
+        } else if (part.type === "file" || part.type === "input_audio") tokens += partTokensEstimate;
         else if (part.type === "refusal") count.add(part.refusal);
       }
     }
     if (m.role === "assistant" && m.refusal) count.add(m.refusal);
+    // An earlier audio answer referred to by id: the model hears it again.
+    if (m.role === "assistant" && m.audio) tokens += partTokensEstimate;
     if (m.role === "assistant" && m.tool_calls) {
       for (const call of m.tool_calls) {
         if (call.type === "function") {
@@ -116,6 +128,7 @@ export async function countInputTokens(
     }
   }
   if (tools && tools.length > 0) count.add(JSON.stringify(tools));
+  if (response_format) count.add(JSON.stringify(response_format));
   return tokens + count.total();
 }
 
@@ -129,16 +142,22 @@ export interface Generated {
     custom?: { name?: unknown; input?: unknown } | null;
   }[] | null;
   function_call?: { name?: unknown; arguments?: unknown } | null;
+  /** Reasoning text as vLLM and DeepSeek send it. */
+  reasoning_content?: unknown;
+  /** Reasoning text as OpenRouter sends it. */
+  reasoning?: unknown;
 }
 
 /**
- * Adds a message's or a delta's generated text to `pieces`: content, refusal, the audio's transcript, tool and function
- * calls. The one rule of what output counts, so a whole answer and the same answer streamed are counted alike.
+ * Adds a message's or a delta's generated text to `pieces`: reasoning an upstream sends, content, refusal, the audio's
+ * transcript, tool and function calls. The one rule of what output counts, so a whole answer and the same answer
+ * streamed are counted alike.
  */
 export function addGenerated(pieces: string[], m: Generated): void {
   const add = (text: unknown) => {
     if (typeof text === "string" && text) pieces.push(text);
   };
+  addReasoning(pieces, m);
   add(m.content);
   add(m.refusal);
   add(m.audio?.transcript);
@@ -150,6 +169,11 @@ export function addGenerated(pieces: string[], m: Generated): void {
   }
   add(m.function_call?.name);
   add(m.function_call?.arguments);
+}
+
+/** Adds the reasoning text of a message or a delta, which is output too, to `pieces`. */
+export function addReasoning(pieces: string[], m: Generated): void {
+  for (const text of [m.reasoning_content, m.reasoning]) if (typeof text === "string" && text) pieces.push(text);
 }
 
 /**
@@ -170,22 +194,44 @@ export async function countTextTokens(pieces: readonly string[], scaledChars = 0
  * stream.
  */
 export function generatedText() {
-  const kept: string[] = [];
-  let room = exactChars;
-  let past = 0;
+  const output = keptText();
+  const reasoning = keptText();
   return {
     /** Adds a delta's generated text; whether it had any. */
     add(m: Generated): boolean {
       const pieces: string[] = [];
       addGenerated(pieces, m);
+      output.add(pieces);
+      pieces.length = 0;
+      addReasoning(pieces, m);
+      reasoning.add(pieces);
+      return output.any();
+    },
+    /** Tokens of all the output, reasoning included. */
+    tokens: () => output.tokens(),
+    /** Tokens of the reasoning streamed. */
+    reasoningTokens: () => reasoning.tokens(),
+  };
+}
+
+/** Text as far as its count needs it: its first `exactChars` characters and the length of the rest. */
+function keptText() {
+  const kept: string[] = [];
+  let room = exactChars;
+  let past = 0;
+  let added = 0;
+  return {
+    add(pieces: readonly string[]) {
       for (const piece of pieces) {
         if (room >= piece.length) kept.push(piece);
         else if (room > 0) kept.push(piece.slice(0, room));
         past += Math.max(piece.length - room, 0);
         room = Math.max(room - piece.length, 0);
       }
-      return pieces.length > 0;
+      added = pieces.length;
     },
+    /** Whether the last add had any text. */
+    any: () => added > 0,
     tokens: () => countTextTokens(kept, past),
   };
 }

@@ -5,6 +5,8 @@ import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { type Behaviour, type FakeUpstream, type FakeUsage, startFakeUpstream } from "../testing/fake-upstream.ts";
 import { startTestGateway } from "../testing/served-gateway.ts";
+import { countTextTokens } from "../tokenizer.ts";
+import { usageGraceMs } from "../providers/openai.ts";
 
 // The gateway in front of a real OpenAI-compatible upstream on a socket, called with the official SDK.
 let upstream: FakeUpstream;
@@ -31,6 +33,8 @@ const models: Array<[name: string, extra?: string]> = [
   ["odd-usage"],
   ["azure-like"],
   ["strict-options"],
+  ["poisoned"],
+  ["retried", "timeout_ms: 300\n    retries: 1"],
 ];
 
 function routes(url: string) {
@@ -473,6 +477,41 @@ for (const port of ["rpc", "rest"] as const) {
         ]);
       });
 
+      test("a client's unknown field named like stream_options is its own 400, and other streams still ask for usage", async () => {
+        const poison = { stream_options_poison: 1 } as object;
+        const refused = async (body: object) =>
+          await sdk()
+            .chat.completions.create({ model: "poisoned", messages: hello, stream: true, ...body })
+            .then(
+              () => undefined,
+              (e: unknown) => (e as InstanceType<typeof OpenAI.APIError>).status,
+            );
+        // A server that forbids extra fields (its 422 names the field in `loc`).
+        upstream.script("poisoned", { rejectsField: "stream_options_poison" });
+        expect(await refused(poison)).toBe(422);
+        // OpenAI's own words for an unknown field, answered to whatever comes next.
+        const unrecognized = "Unrecognized request argument supplied: stream_options_poison";
+        upstream.script("poisoned", { status: 400, error: { message: unrecognized, type: "invalid_request_error" } }, {});
+        expect(await refused(poison)).toBe(400);
+        // A refusal that names stream_options but stands without them too (a flaky or confused upstream): not remembered.
+        const named = { status: 400, error: { message: "Unrecognized request argument supplied: stream_options" } };
+        upstream.script("poisoned", named, named, {});
+        expect(await refused({})).toBe(400);
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "poisoned", messages: hello, stream: true })
+          .withResponse();
+        for await (const _ of stream);
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ status: RequestStatus.OK, usageEstimated: false });
+        expect(upstream.seen("poisoned").map((r) => r.body.stream_options)).toEqual([
+          { include_usage: true },
+          { include_usage: true },
+          { include_usage: true },
+          undefined,
+          { include_usage: true },
+        ]);
+      });
+
       test("the served model is the first a chunk names, past Azure's first chunk that names none", async () => {
         upstream.script("azure-like", { promptFilterChunk: true, model: "gpt-4o-2024-11-20" });
         const { data: stream, response } = await sdk()
@@ -585,25 +624,29 @@ for (const port of ["rpc", "rest"] as const) {
         expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
       });
 
+      /** Streams `model` with a raw client that leaves once what it has read includes `until`; the request id. */
+      const leaveAt = async (model: string, until: string) => {
+        const gone = new AbortController();
+        const res = await fetch(`${base()}/v1/chat/completions`, {
+          method: "POST",
+          headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+          body: JSON.stringify({ model, messages: hello, stream: true }),
+          signal: gone.signal,
+        });
+        const reader = (res.body as ReadableStream<Uint8Array>).getReader();
+        let text = "";
+        while (!text.includes(until)) text += new TextDecoder().decode((await reader.read()).value);
+        gone.abort();
+        return res.headers.get("x-request-id") ?? "";
+      };
+
       test("a client that disconnects mid-stream aborts the upstream call and is metered as cancelled", async () => {
         upstream.script("slow-stream", {
           content: "one two three four five six seven eight",
           chunkDelayMs: 100,
           usage: false,
         });
-        const gone = new AbortController();
-        const res = await fetch(`${base()}/v1/chat/completions`, {
-          method: "POST",
-          headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
-          body: JSON.stringify({ model: "slow-stream", messages: hello, stream: true }),
-          signal: gone.signal,
-        });
-        const requestId = res.headers.get("x-request-id") ?? "";
-        const reader = (res.body as ReadableStream<Uint8Array>).getReader();
-        let text = "";
-        while (!text.includes('"content":" two"')) text += new TextDecoder().decode((await reader.read()).value);
-        gone.abort();
-        const m = await gateway.row(requestId);
+        const m = await gateway.row(await leaveAt("slow-stream", '"content":" two"'));
         expect(m).toMatchObject({
           status: RequestStatus.CANCELLED,
           httpStatus: 499,
@@ -619,6 +662,51 @@ for (const port of ["rpc", "rest"] as const) {
         const deadline = Date.now() + 5000;
         while (!upstream.seen("slow-stream")[0]?.aborted && Date.now() < deadline) await Bun.sleep(10);
         expect(upstream.seen("slow-stream")[0]?.aborted).toBe(true);
+      });
+
+      test("a client that leaves once every choice has finished is metered at the usage the upstream sends after", async () => {
+        const billed = {
+          prompt_tokens: 1000,
+          completion_tokens: 20_005,
+          total_tokens: 21_005,
+          completion_tokens_details: { reasoning_tokens: 20_000 },
+        };
+        upstream.script("reasoner", { content: "forty two", usage: billed, usageDelayMs: 300 });
+        const m = await gateway.row(await leaveAt("reasoner", '"finish_reason":"stop"'));
+        expect(m).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, usageEstimated: false });
+        expect(m.usage).toMatchObject({ inputTokens: 1000n, outputTokens: 20_005n, reasoningTokens: 20_000n });
+        // 1,000 input at $1.25/M + 20,005 output at $10/M
+        expect(m.costNanos).toBe(201_300_000n);
+      });
+
+      test("a usage that does not come within a few seconds of the client leaving is counted, and the upstream closed", async () => {
+        upstream.script("slow-stream", { content: "forty two", usageDelayMs: 30_000 });
+        const left = performance.now();
+        const m = await gateway.row(await leaveAt("slow-stream", '"finish_reason":"stop"'));
+        expect(performance.now() - left).toBeLessThan(usageGraceMs + 2000);
+        expect(m).toMatchObject({ status: RequestStatus.CANCELLED, usageEstimated: true });
+        expect(m.usage?.outputTokens).toBe(BigInt(await countTextTokens(["forty two"])));
+        const deadline = Date.now() + 5000;
+        while (!upstream.seen("slow-stream")[0]?.aborted && Date.now() < deadline) await Bun.sleep(10);
+        expect(upstream.seen("slow-stream")[0]?.aborted).toBe(true);
+      });
+
+      test("a client that leaves mid-answer is metered at the reasoning streamed as well as the visible output", async () => {
+        const thinking = "the user wants a count so I will count";
+        const reasoning = BigInt(await countTextTokens([thinking]));
+        for (const reasoningField of ["reasoning_content", "reasoning"] as const) {
+          upstream.script("slow-stream", {
+            reasoning: thinking,
+            reasoningField,
+            content: "one two three four five six seven eight",
+            chunkDelayMs: 20,
+          });
+          const m = await gateway.row(await leaveAt("slow-stream", '"content":" two"'));
+          expect(m).toMatchObject({ status: RequestStatus.CANCELLED, usageEstimated: true });
+          expect(m.usage?.reasoningTokens).toBe(reasoning);
+          expect(m.usage?.outputTokens).toBeGreaterThanOrEqual(reasoning + 2n);
+          expect(m.usage?.outputTokens).toBeLessThan(reasoning + 8n);
+        }
       });
 
       test("a client that disconnects before the upstream answers aborts it too", async () => {
@@ -646,24 +734,88 @@ for (const port of ["rpc", "rest"] as const) {
         return gateway.shipper.rows[before];
       };
 
-      test("a client that leaves before the first chunk is metered at its prompt, whole or streamed", async () => {
+      /** Sends `body` to an upstream that never answers, leaves once the upstream has it, and returns its metrics row. */
+      const leftUnanswered = async (
+        body: Pick<OpenAI.ChatCompletionCreateParamsNonStreaming, "messages" | "response_format">,
+        stream: boolean,
+      ) => {
         upstream.script("slow-stream", { hang: true });
+        const before = gateway.shipper.rows.length;
+        const sent = upstream.seen("slow-stream").length;
+        const gone = new AbortController();
+        const pending = sdk()
+          .chat.completions.create({ model: "slow-stream", ...body, stream }, { signal: gone.signal })
+          .catch(() => undefined);
+        while (upstream.seen("slow-stream").length === sent) await Bun.sleep(5);
+        gone.abort();
+        await pending;
+        return await rowAfter(before);
+      };
+
+      test("a client that leaves before the first chunk is metered at its prompt, whole or streamed", async () => {
         for (const stream of [false, true]) {
-          const before = gateway.shipper.rows.length;
-          const sent = upstream.seen("slow-stream").length;
-          const gone = new AbortController();
-          const pending = sdk()
-            .chat.completions.create({ model: "slow-stream", messages: hello, stream }, { signal: gone.signal })
-            .catch(() => undefined);
-          while (upstream.seen("slow-stream").length === sent) await Bun.sleep(5);
-          gone.abort();
-          await pending;
-          const m = await rowAfter(before);
+          const m = await leftUnanswered({ messages: hello }, stream);
           expect(m).toMatchObject({ status: RequestStatus.CANCELLED, streamed: stream, usageEstimated: true });
           // o200k_base: "hello there friend" framed as a user message; 10 tokens at $2.50/M.
           expect(m?.usage).toMatchObject({ inputTokens: 10n, outputTokens: 0n });
           expect(m?.costNanos).toBe(25_000n);
         }
+      });
+
+      test("a prompt cut off is metered with its response format and its file and audio parts", async () => {
+        const description = Array.from({ length: 400 }, (_, i) => `field ${i} holds a word`).join("; ");
+        const response_format = {
+          type: "json_schema" as const,
+          json_schema: { name: "answer", schema: { type: "object", description, properties: { answer: { type: "string" } } } },
+        };
+        const content = [
+          { type: "text" as const, text: "hello there friend" },
+          { type: "file" as const, file: { filename: "a.pdf", file_data: "data:application/pdf;base64,JVBERi0xLjQK" } },
+          { type: "input_audio" as const, input_audio: { data: "UklGRiQAAABXQVZF", format: "wav" as const } },
+        ];
+        // o200k_base: "hello there friend" framed as a user message is 10 tokens, the file and the recording 765 each
+        // (the part estimate), and the schema's text thousands more.
+        const schema = BigInt(await countTextTokens([JSON.stringify(response_format)]));
+        expect(schema).toBeGreaterThan(2500n);
+        const expected = 10n + 2n * 765n + schema;
+        for (const stream of [false, true]) {
+          const m = await leftUnanswered({ messages: [{ role: "user", content }], response_format }, stream);
+          expect(m).toMatchObject({ status: RequestStatus.CANCELLED, streamed: stream, usageEstimated: true });
+          expect(m?.usage).toMatchObject({ inputTokens: expected, outputTokens: 0n });
+        }
+      });
+
+      test("an attempt timed out or cut off after its prompt was sent adds that prompt, estimated, to what is metered", async () => {
+        const billed = { prompt_tokens: 10, completion_tokens: 4, total_tokens: 14 };
+        const cases: Array<{ stream: boolean; first: Behaviour; input: bigint; estimated: boolean; nanos: bigint }> = [
+          // Timed out, then answered: the upstream billed two prompts (10 tokens each at $2.50/M) and 4 output ($10/M).
+          { stream: false, first: { hang: true }, input: 20n, estimated: true, nanos: 90_000n },
+          { stream: true, first: { hang: true }, input: 20n, estimated: true, nanos: 90_000n },
+          // Accepted, then its stream ended before any chunk.
+          { stream: true, first: { endsAtOnce: true }, input: 20n, estimated: true, nanos: 90_000n },
+          // A refusal, however it ends, bills nothing.
+          { stream: false, first: { status: 503 }, input: 10n, estimated: false, nanos: 65_000n },
+          { stream: true, first: { status: 429 }, input: 10n, estimated: false, nanos: 65_000n },
+        ];
+        for (const { stream, first, input, estimated, nanos } of cases) {
+          upstream.script("retried", first, { content: "a b c d", usage: billed });
+          const before = gateway.shipper.rows.length;
+          if (stream) {
+            for await (const _ of await sdk().chat.completions.create({ model: "retried", messages: hello, stream }));
+          } else await sdk().chat.completions.create({ model: "retried", messages: hello });
+          const m = await rowAfter(before);
+          expect(m).toMatchObject({ status: RequestStatus.OK, retries: 1, usageEstimated: estimated });
+          expect(m?.usage).toMatchObject({ inputTokens: input, outputTokens: 4n });
+          expect(m?.costNanos).toBe(nanos);
+        }
+        // Every attempt timed out: both prompts.
+        upstream.script("retried", { hang: true });
+        const before = gateway.shipper.rows.length;
+        expectShape(await apiError(sdk().chat.completions.create({ model: "retried", messages: hello })), 504, "upstream_timeout");
+        const m = await rowAfter(before);
+        expect(m).toMatchObject({ status: RequestStatus.TIMEOUT, usageEstimated: true });
+        expect(m?.usage).toMatchObject({ inputTokens: 20n, outputTokens: 0n });
+        expect(m?.costNanos).toBe(50_000n);
       });
 
       test("an embedding whose upstream times out is metered at its input", async () => {
@@ -1338,8 +1490,11 @@ for (const port of ["rpc", "rest"] as const) {
         expect(upstream.seen("stream-primary")).toHaveLength(1);
         const m = await gateway.row(response.headers.get("x-request-id") ?? "");
         expect(m).toMatchObject({ status: RequestStatus.OK, fallbackUsed: true, servedModel: "stream-secondary-fake" });
-        // Billed for the answer the client got, at $1 per million tokens.
-        expect(m.costNanos).toBe(BigInt(((usage?.prompt_tokens ?? 0) + (usage?.completion_tokens ?? 0)) * 1000));
+        // Billed for the answer the client got, at $1 per million tokens, and for the prompt the first upstream was
+        // sent when the time limit cut it off ("hello there friend" framed as a user message: 10 tokens).
+        const lost = failure.firstChunkDelayMs !== undefined ? 10 : 0;
+        expect(m.costNanos).toBe(BigInt(((usage?.prompt_tokens ?? 0) + lost + (usage?.completion_tokens ?? 0)) * 1000));
+        expect(m.usageEstimated).toBe(lost > 0);
       });
 
       test.each(failedBeforeFirstChunk)("a stream failing before its first chunk (%s) on its only target is an HTTP error", async (_, failure) => {

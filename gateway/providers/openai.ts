@@ -3,7 +3,7 @@ import { createParser } from "eventsource-parser";
 import { redactSecrets } from "../../lib/log.ts";
 import { watchSilence } from "../../lib/silence.ts";
 import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
-import { addGenerated, countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
+import { addGenerated, addReasoning, countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
 import {
   answeredEmbeddingUsage,
   answeredUsage,
@@ -111,17 +111,22 @@ export function createOpenAIProvider(
     const abort = () => attempt.abort();
     const timer = setTimeout(abort, options.timeoutMs);
     signal?.addEventListener("abort", abort);
+    let accepted = false;
     try {
       if (signal?.aborted) abort();
       const { url, init } = await template(path, body.model, options.timeoutMs);
       // Serialised as the SDK does its JSON bodies.
       const response = await fetch(url, { ...init, body: JSON.stringify(body), signal: attempt.signal });
       if (!response.ok) throw await refusal(response);
+      accepted = true;
       return await read(response);
     } catch (e) {
       if (signal?.aborted) throw new UpstreamError("cancelled", `${config.name}: request aborted`);
       if (attempt.signal.aborted) throw new UpstreamError("timeout", `${config.name}: timed out`);
-      throw upstreamError(config.name, e, redact);
+      const failure = upstreamError(config.name, e, redact);
+      // Accepted, and its answer's body then broke off or could not be read: not a failure the gateway itself named.
+      if (accepted && !(e instanceof UpstreamError)) failure.promptTaken = true;
+      throw failure;
     } finally {
       clearTimeout(timer);
       signal?.removeEventListener("abort", abort);
@@ -142,7 +147,11 @@ export function createOpenAIProvider(
       const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
       const chunks = relay(response, config.name, options, choices, redact)[Symbol.asyncIterator]();
       const first = await chunks.next();
-      if (first.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
+      if (first.done) {
+        throw Object.assign(new UpstreamError("transient", `${config.name}: the stream ended before it began`), {
+          promptTaken: true,
+        });
+      }
       return resumed(first.value, chunks);
     });
 
@@ -155,11 +164,16 @@ export function createOpenAIProvider(
         throw new UpstreamError("transient", `${config.name}: the response is not a chat completion`);
       }
       const { tokens, estimated } = await meteredUsage(completion.usage, {
-        input: () => countInputTokens(request.messages, request.tools),
+        input: () => countInputTokens(request),
         output: () => {
           const output: string[] = [];
           for (const c of completion.choices) if (c.message) addGenerated(output, c.message);
           return countTextTokens(output);
+        },
+        reasoning: () => {
+          const reasoning: string[] = [];
+          for (const c of completion.choices) if (c.message) addReasoning(reasoning, c.message);
+          return countTextTokens(reasoning);
         },
       });
       completion.usage = answeredUsage(completion.usage, tokens);
@@ -183,15 +197,18 @@ export function createOpenAIProvider(
       } catch (e) {
         // A server that forbids fields it does not know (422 "extra fields not permitted"), Azure before its api
         // version took stream_options (400): asked again without them, and from then on.
-        if (!(e instanceof UpstreamError && e.failure === "rejected" && e.message.includes("stream_options"))) throw e;
+        if (!(e instanceof UpstreamError && e.failure === "rejected" && refusesOwnStreamOptions(e))) throw e;
         // Only when the gateway's own include_usage was all there was to refuse: a client's bad option is its 400, and
         // never decides what other clients' streams are sent with.
         const own = Object.keys(stream_options ?? {}).every((k) => k === "include_usage");
         if (!own) throw e;
+        const timeoutMs = Math.max(1, options.timeoutMs - (performance.now() - started));
+        const stream = await open(plain, { ...options, timeoutMs });
+        // Remembered only once the same request went through without them: a refusal of anything else in it (a
+        // client's unknown field whose name merely starts the same) fails the retry too, and changes nothing.
         if (refusesStreamOptions.size >= 512) refusesStreamOptions.clear();
         refusesStreamOptions.add(request.model);
-        const timeoutMs = Math.max(1, options.timeoutMs - (performance.now() - started));
-        return open(plain, { ...options, timeoutMs });
+        return stream;
       }
     },
 
@@ -208,6 +225,17 @@ export function createOpenAIProvider(
       return { response, tokens, usageEstimated: estimated };
     },
   };
+}
+
+/**
+ * The refusal names stream_options itself (or its include_usage): as the error's param, else as a word of the
+ * upstream's message (FastAPI's `"loc":["body","stream_options"]`, Azure's "Unrecognized request argument supplied:
+ * stream_options") not run on into a longer name such as a client's `stream_options_x`.
+ */
+function refusesOwnStreamOptions(e: UpstreamError): boolean {
+  const param = e.error?.param;
+  if (param) return param === "stream_options" || param === "stream_options.include_usage";
+  return /(?<![\w.])stream_options(?!\w|\.(?!include_usage\b)\w)/.test(e.message);
 }
 
 /** A stream's first chunk, read already, in front of the rest of it; stopping it stops the rest. */
@@ -242,7 +270,9 @@ function withHeaders<C extends OpenAI>(client: C, headers: Record<string, string
  * An upstream's server-sent events as chat chunks, under the gateway's rules: silence longer than the
  * attempt timeout is a timeout, the client leaving is a cancellation, an error event or unreadable JSON
  * fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
- * ignored; a stream left early closes its upstream connection.
+ * ignored; a stream left early closes its upstream connection. Once every choice has finished, generation is over and
+ * only the usage the upstream bills is still to come: a client leaving then is no cancellation, and the rest is read
+ * for up to `usageGraceMs` more.
  */
 function relay(
   response: Response,
@@ -254,12 +284,20 @@ function relay(
   const body = response.body;
   if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
   const reader = body.getReader();
-  // Listened to from now rather than from the first read: a client gone before it still closes the upstream.
   const leave = () => void reader.cancel().catch(() => {});
-  options.signal?.addEventListener("abort", leave, { once: true });
-  if (options.signal?.aborted) leave();
-  return chunksOf(reader, leave, provider, options, choices, redact);
+  const finished = { all: false, grace: undefined as ReturnType<typeof setTimeout> | undefined };
+  const left = () => {
+    if (!finished.all) leave();
+    else finished.grace ??= setTimeout(leave, usageGraceMs);
+  };
+  // Listened to from now rather than from the first read: a client gone before it still closes the upstream.
+  options.signal?.addEventListener("abort", left, { once: true });
+  if (options.signal?.aborted) left();
+  return chunksOf(reader, leave, left, finished, provider, options, choices, redact);
 }
+
+/** How long a stream whose choices have all finished is still read for its usage after its client left. */
+export const usageGraceMs = 3_000;
 
 /** What the relay uses of a body's reader. */
 interface BodyReader {
@@ -270,6 +308,8 @@ interface BodyReader {
 async function* chunksOf(
   reader: BodyReader,
   leave: () => void,
+  left: () => void,
+  finished: { all: boolean; grace: ReturnType<typeof setTimeout> | undefined },
   provider: string,
   options: CallOptions,
   choices: number,
@@ -325,10 +365,10 @@ async function* chunksOf(
       } catch (e) {
         // Cut off by the timeout or the client: said below, as when the read ends instead.
         if (silence.expired || signal?.aborted) break;
-        throw upstreamError(provider, e, redact);
+        throw Object.assign(upstreamError(provider, e, redact), { promptTaken: true });
       }
       // Cut off by the timeout or the client: what arrived of an event is not one.
-      if (silence.expired || signal?.aborted) break;
+      if (silence.expired || (signal?.aborted && !finished.all)) break;
       // A last event without its blank line still counts once the body ends.
       if (read.done) ended = true;
       parser.feed(read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true }));
@@ -340,6 +380,7 @@ async function* chunksOf(
             done.add(choice.index);
           } else if (!done.has(choice.index)) open.add(choice.index);
         }
+        finished.all = open.size === 0 && done.size >= choices;
         // Silence is the upstream's between chunks: not keep-alive comments, nor the time the client takes to read.
         silence.pause();
         yield chunk;
@@ -349,7 +390,8 @@ async function* chunksOf(
     }
   } finally {
     silence.stop();
-    signal?.removeEventListener("abort", leave);
+    clearTimeout(finished.grace);
+    signal?.removeEventListener("abort", left);
     // A body read to its end has given its connection back to the pool already.
     if (!ended && sentinel && !failure) {
       // Done, but the body has not ended yet: let it end in the background (keeping the connection for the next
@@ -362,11 +404,12 @@ async function* chunksOf(
   }
   if (failure) throw failure;
   if (silence.expired) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
-  if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
+  if (signal?.aborted && !finished.all) throw new UpstreamError("cancelled", `${provider}: request aborted`);
   // Without [DONE], a stream that ends between choices may have lost the rest: all of them must have finished. (With
   // it the upstream says it is done: a server that ignores n answers fewer.)
   if (open.size > 0 || done.size === 0 || (!sentinel && done.size < choices)) {
-    throw new UpstreamError("transient", `${provider}: the stream ended before it finished`);
+    const cut = new UpstreamError("transient", `${provider}: the stream ended before it finished`);
+    throw Object.assign(cut, { promptTaken: true });
   }
 }
 

@@ -90,6 +90,11 @@ export class UpstreamError extends Error {
   ) {
     super(message);
   }
+  /**
+   * The upstream accepted the request (answered 200) and its answer was then lost (a body cut short or unreadable):
+   * it bills the prompt, as it does one a timeout cut off. A refusal, however fast, is not billed.
+   */
+  promptTaken = false;
 }
 
 /** The failure class of an upstream HTTP status and the error it came with. */
@@ -159,6 +164,8 @@ export interface TokenEstimates {
   input(): Promise<number>;
   /** Unset for endpoints without output (embeddings): output is then zero. */
   output?: () => Promise<number>;
+  /** Of the output counted, the reasoning an upstream sent as text; none unless set. */
+  reasoning?: () => Promise<number>;
 }
 
 /** Tokens as metered, and whether the gateway counted any of them itself. */
@@ -190,7 +197,11 @@ export async function meteredUsage(usage: unknown, estimate: TokenEstimates): Pr
     outputTokens = count ?? BigInt(await estimate.output());
   }
   const cached = tokenCount(record(reported.prompt_tokens_details).cached_tokens) ?? 0n;
-  const reasoning = tokenCount(record(reported.completion_tokens_details).reasoning_tokens) ?? 0n;
+  // Reasoning is counted with the output it is part of, from what was streamed of it.
+  const streamedReasoning = tokenCount(reported.completion_tokens) === undefined ? estimate.reasoning : undefined;
+  const reasoning =
+    tokenCount(record(reported.completion_tokens_details).reasoning_tokens) ??
+    (streamedReasoning ? BigInt(await streamedReasoning()) : 0n);
   if (estimate.output && reasoningApart(reported)) {
     outputTokens += reasoning;
     if (outputTokens > MAX_TOKENS_PER_REQUEST) outputTokens = MAX_TOKENS_PER_REQUEST;

@@ -64,6 +64,14 @@ export interface Behaviour {
   chunkUsages?: unknown[];
   /** Streaming: a usage in the last chunk's `x_groq`, as Groq reports it. */
   groqUsage?: unknown;
+  /** Streaming: end the body at once, before any chunk. */
+  endsAtOnce?: boolean;
+  /** Streaming: wait this long after the finish_reason chunk before the usage chunk. */
+  usageDelayMs?: number;
+  /** Streaming: reasoning text sent before the reply, word by word, in `delta[reasoningField]`. */
+  reasoning?: string;
+  /** The delta field reasoning goes in: `reasoning_content` (vLLM, DeepSeek) by default, or `reasoning` (OpenRouter). */
+  reasoningField?: "reasoning_content" | "reasoning";
 }
 
 export interface SeenRequest {
@@ -239,6 +247,10 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
           await Bun.sleep(b.firstChunkDelayMs);
         }
         if (signal.aborted) return;
+        if (b.endsAtOnce) {
+          controller.close();
+          return;
+        }
         if (b.firstEvent !== undefined) {
           controller.enqueue(event(b.firstEvent));
           controller.close();
@@ -254,6 +266,11 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
           controller.enqueue(
             chunk({ tool_calls: [{ index: 0, function: { arguments: b.odd?.toolArguments ?? b.toolCall.arguments } }] }),
           );
+        }
+        for (const thought of b.reasoning === undefined ? [] : pieces(b.reasoning)) {
+          await pause();
+          if (signal.aborted) return;
+          controller.enqueue(chunk({ [b.reasoningField ?? "reasoning_content"]: thought }));
         }
         let sent = 0;
         for (const content of b.toolCall ? [] : pieces(text)) {
@@ -278,6 +295,8 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
         const stop = b.toolCall ? "tool_calls" : "stop";
         if (b.groqUsage === undefined) controller.enqueue(chunk({}, stop));
         else controller.enqueue(event({ ...base, choices: [{ index: 0, delta: {}, finish_reason: stop }], x_groq: { usage: b.groqUsage } }));
+        if (b.usageDelayMs) await Bun.sleep(b.usageDelayMs);
+        if (signal.aborted) return;
         if (wantsUsage && usage) controller.enqueue(event({ ...base, choices: [], usage }));
         for (const later of b.laterUsages ?? []) controller.enqueue(event({ ...base, choices: [], usage: later }));
         controller.enqueue(encoder.encode("data: [DONE]\n\n"));
