@@ -29,7 +29,9 @@ import type { ChatRequest } from "./providers/provider.ts";
  * (`partTokensBound`), and output of max_completion_tokens / max_tokens (or the model's configured
  * cap) times n, each at the dearest price of its kind. So overshoot happens only when an upstream
  * bills more output than the cap it was given (ignores max_tokens, or the client set none and the
- * reply outgrew the configured cap), or an image, file or audio part costs more than its bound.
+ * reply outgrew the configured cap), an image, file or audio part costs more than its bound, or a
+ * retry or fallback follows an attempt that lost a prompt its upstream had: each such prompt is
+ * metered (core.ts callUpstream) on top of the one reserved.
  */
 
 export interface Reservation {
