@@ -187,18 +187,25 @@ export function unexpired(limits: KeyLimits, now: Date, field = "limits"): KeyLi
  */
 export const maxUsageClockSkewMs = 10 * 60_000;
 
-/** A usage record from RecordUsage, checked field by field against billing's clock `now`; `at` names it in errors. */
-export function usageRecordFrom(record: UsageRecordMessage, at: string, now: Date): UsageRecord {
+/**
+ * A usage record from RecordUsage, checked field by field against billing's clock `now`; `at` names it in errors. A
+ * record dated further ahead than maxUsageClockSkewMs (a gateway whose clock runs fast) is dated `now` instead, and
+ * `datedAhead` told: its usage is billed in the current period, not refused (its gateway would never send it again)
+ * nor left to a period years away.
+ */
+export function usageRecordFrom(
+  record: UsageRecordMessage,
+  at: string,
+  now: Date,
+  datedAhead?: (requestId: string, occurredAt: Date) => void,
+): UsageRecord {
   const field = (name: string) => `${at}.${name}`;
   const requestId = id(record.requestId, field("request_id"));
   if (!record.occurTime) throw invalid(field("occur_time"), "required");
-  const occurredAt = instant(record.occurTime, field("occur_time"));
+  let occurredAt = instant(record.occurTime, field("occur_time"));
   if (occurredAt.getTime() > now.getTime() + maxUsageClockSkewMs) {
-    throw invalid(
-      field("occur_time"),
-      `${occurredAt.toISOString()} is more than ${maxUsageClockSkewMs / 60_000} minutes past billing's clock ` +
-        `(${now.toISOString()}) for request ${requestId}`,
-    );
+    datedAhead?.(requestId, occurredAt);
+    occurredAt = now;
   }
   const endpoint = endpoints[record.endpoint];
   if (!endpoint) throw invalid(field("endpoint"), `unknown value ${record.endpoint}`);

@@ -278,7 +278,19 @@ export function createBillingService({
       admin(ctx);
       if (req.records.length > maxUsageBatch) throw invalid("records", `at most ${maxUsageBatch} per batch`);
       const now = clock();
-      const records = req.records.map((record, i) => usageRecordFrom(record, `records[${i}]`, now));
+      const ahead: { request_id: string; occurred_at: string }[] = [];
+      const records = req.records.map((record, i) =>
+        usageRecordFrom(record, `records[${i}]`, now, (requestId, occurredAt) =>
+          ahead.push({ request_id: requestId, occurred_at: occurredAt.toISOString() }),
+        ),
+      );
+      if (ahead.length > 0) {
+        log.warn("usage dated ahead of billing's clock is recorded at billing's clock: is a gateway's clock fast?", {
+          records: ahead.length,
+          first: ahead.slice(0, 5),
+          now: now.toISOString(),
+        });
+      }
       const recorded = await store.recordUsage(records);
       usage.record(recorded);
       metrics?.usageRows.inc({ result: "inserted" }, recorded.inserted);
