@@ -118,6 +118,25 @@ describe("gateway config", () => {
         ],
       ]),
     );
+    // A tier that prices no audio bills it at the model's audio prices, not at the tier's text prices.
+    const audio = parseGatewayConfig(
+      base(`
+  - name: gpt-4o-audio
+    targets: [{ provider: openai, model: gpt-4o-audio }]
+    pricing:
+      input_per_mtok: "2.5"
+      output_per_mtok: "10"
+      audio_input_per_mtok: "40"
+      audio_output_per_mtok: "80"
+      service_tiers: { flex: { input_per_mtok: "1", output_per_mtok: "4" } }
+`),
+      "test.yaml",
+    );
+    expect(audio.models.get("gpt-4o-audio")?.tierPrices.get("flex")).toMatchObject({
+      inputMicros: 1_000_000n,
+      audioInputMicros: 40_000_000n,
+      audioOutputMicros: 80_000_000n,
+    });
     expect(
       configError(
         base(`

@@ -214,7 +214,10 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
   const models = new Map<string, ModelRoute>();
   for (const m of result.data.models) {
     const { input, cached, output, reasoning, price } = priceOf(m.pricing);
-    const tierPrices = new Map(Object.entries(m.pricing.service_tiers ?? {}).map(([tier, p]) => [tier, priceOf(p).price]));
+    // A tier that prices no audio of its own bills audio at the model's audio prices, not at its own text prices.
+    const tierPrices = new Map(
+      Object.entries(m.pricing.service_tiers ?? {}).map(([tier, p]) => [tier, priceOf(p, m.pricing).price]),
+    );
     models.set(m.name, {
       name: m.name,
       targets: m.targets.map((t) => ({
@@ -236,8 +239,11 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
   return { providers: result.data.providers, models };
 }
 
-/** A model's or tier's prices, cached and audio input and reasoning and audio output at the input and output prices unless set. */
-function priceOf(p: z.infer<typeof prices>) {
+/**
+ * A model's or tier's prices: cached input and reasoning at the input and output prices unless set; audio at the
+ * model's audio prices (`model`, for a tier) or else the input and output prices.
+ */
+function priceOf(p: z.infer<typeof prices>, model?: z.infer<typeof prices>) {
   const { input_per_mtok: input, output_per_mtok: output } = p;
   const cached = p.cached_input_per_mtok ?? input;
   const reasoning = p.reasoning_per_mtok ?? output;
@@ -246,8 +252,8 @@ function priceOf(p: z.infer<typeof prices>) {
     cachedInputMicros: cached.micros,
     outputMicros: output.micros,
     reasoningMicros: reasoning.micros,
-    audioInputMicros: (p.audio_input_per_mtok ?? input).micros,
-    audioOutputMicros: (p.audio_output_per_mtok ?? output).micros,
+    audioInputMicros: (p.audio_input_per_mtok ?? model?.audio_input_per_mtok ?? input).micros,
+    audioOutputMicros: (p.audio_output_per_mtok ?? model?.audio_output_per_mtok ?? output).micros,
   };
   return { input, cached, output, reasoning, price };
 }

@@ -8,7 +8,7 @@ import { BudgetChargeSchema, Endpoint } from "../gen/common/v1/common_pb.ts";
 import type { Logger } from "../lib/log.ts";
 import { createWaiters } from "../lib/waiters.ts";
 import { withChildSpan } from "../lib/telemetry.ts";
-import type { Price, Tokens } from "../lib/money.ts";
+import { dearestPrice, type Price, type Tokens } from "../lib/money.ts";
 import type { KeyAuthorizer, Principal } from "./auth.ts";
 import {
   type BudgetKeeper,
@@ -399,7 +399,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         principal,
         route,
-        maxChatCostNanos(input.upstream, price, cap),
+        maxChatCostNanos(input.upstream, reservationPrice(route), cap),
         estimatedChatTokens(input.upstream, cap),
       );
       const result = await callUpstream(
@@ -447,7 +447,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         principal,
         route,
-        maxChatCostNanos(input.upstream, price, cap),
+        maxChatCostNanos(input.upstream, reservationPrice(route), cap),
         estimatedChatTokens(input.upstream, cap),
       );
       // A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and
@@ -619,6 +619,20 @@ function requestedPrice(route: ModelRoute, request: ChatRequest): Price {
     "service_tier",
     "invalid_value",
   );
+}
+
+/**
+ * What a chat request is reserved at: each kind of token at the dearest price any tier of its model bills it, as an
+ * upstream may serve another tier than the one asked for (flex as default, auto as priority) and is billed at that.
+ */
+const reservationPrices = new WeakMap<ModelRoute, Price>();
+function reservationPrice(route: ModelRoute): Price {
+  let price = reservationPrices.get(route);
+  if (!price) {
+    price = dearestPrice([route.price, ...route.tierPrices.values()]);
+    reservationPrices.set(route, price);
+  }
+  return price;
 }
 
 /** The price of the tier an upstream says served a request (`service_tier` of its answer), else the requested one. */

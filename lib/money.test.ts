@@ -3,6 +3,7 @@ import fc from "fast-check";
 import {
   costNanos,
   costParts,
+  dearestPrice,
   divRoundHalfUp,
   formatCents,
   formatNanosUsd,
@@ -41,6 +42,20 @@ describe("parseUsdMicros", () => {
   test("nanos parse budgets with 9 decimals", () => {
     expect(parseUsdNanos("10")).toBe(10_000_000_000n);
     expect(parseUsdNanos("0.000000001")).toBe(1n);
+  });
+});
+
+test("dearestPrice takes each kind's dearest price: what a request served at any tier can be billed", () => {
+  const flex = { inputMicros: 1n, cachedInputMicros: 1n, outputMicros: 4n, reasoningMicros: 4n };
+  const standard = { inputMicros: 2n, cachedInputMicros: 1n, outputMicros: 8n, reasoningMicros: 8n, audioInputMicros: 40n };
+  const priority = { inputMicros: 4n, cachedInputMicros: 2n, outputMicros: 16n, reasoningMicros: 16n };
+  expect(dearestPrice([flex, standard, priority])).toEqual({
+    inputMicros: 4n,
+    cachedInputMicros: 2n,
+    outputMicros: 16n,
+    reasoningMicros: 16n,
+    audioInputMicros: 40n,
+    audioOutputMicros: 16n,
   });
 });
 

@@ -18,6 +18,19 @@ export interface Price {
   audioOutputMicros?: bigint;
 }
 
+/** Each kind's dearest price among `prices` (at least one). */
+export function dearestPrice(prices: readonly Price[]): Price {
+  const most = (pick: (p: Price) => bigint) => prices.map(pick).reduce((a, b) => (b > a ? b : a));
+  return {
+    inputMicros: most((p) => p.inputMicros),
+    cachedInputMicros: most((p) => p.cachedInputMicros),
+    outputMicros: most((p) => p.outputMicros),
+    reasoningMicros: most((p) => p.reasoningMicros),
+    audioInputMicros: most((p) => p.audioInputMicros ?? p.inputMicros),
+    audioOutputMicros: most((p) => p.audioOutputMicros ?? p.outputMicros),
+  };
+}
+
 export interface Tokens {
   inputTokens: bigint;
   cachedInputTokens: bigint;
