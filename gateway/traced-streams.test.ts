@@ -16,6 +16,8 @@ const telemetry = setupTelemetry({ service: "gateway-test", version: "0", export
 const metrics = createMetrics("gateway-test");
 let upstream: FakeUpstream;
 let gateway: Awaited<ReturnType<typeof startTestGateway>>;
+/** A model priced at three service tiers. */
+let tiered: Awaited<ReturnType<typeof startTestGateway>>;
 
 beforeAll(async () => {
   upstream = startFakeUpstream();
@@ -24,9 +26,20 @@ beforeAll(async () => {
     gated: true,
     tracer: telemetry.tracer,
   });
+  const tiers = `{ flex: { input_per_mtok: "1", output_per_mtok: "4" }, priority: { input_per_mtok: "4", output_per_mtok: "16" } }`;
+  const routes = [
+    "providers:",
+    `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
+    "models:",
+    "  - name: tiered",
+    "    targets: [{ provider: fake, model: tiered }]",
+    `    pricing: { input_per_mtok: "2", output_per_mtok: "8", service_tiers: ${tiers} }`,
+  ].join("\n");
+  tiered = await startTestGateway(routes, { tracer: telemetry.tracer });
 });
 afterAll(async () => {
   await gateway.close();
+  await tiered.close();
   await upstream.stop();
 });
 
@@ -155,4 +168,28 @@ test("an RPC the key gate refuses is counted with its code and traced, its key c
   // The key checked at the gate, refused or not, is a step of the call's own span.
   expect(children(spans[1] as ReadableSpan)).toContain("gateway.authorize_key");
   expect(children(spans[2] as ReadableSpan)).toContain("gateway.authorize_key");
+});
+
+// An upstream bills the tier that served a request, which need not be the one asked for (flex served as default, auto
+// as priority): the budget reservation covers the dearest, so the overshoot bound holds whichever serves.
+test("a request is reserved at the dearest tier it can be billed at, whatever tier it asks for", async () => {
+  const sdk = new OpenAI({ apiKey: "sk-good", baseURL: `${tiered.restUrl}/v1`, maxRetries: 0 });
+  const reserved: number[] = [];
+  for (const tier of [undefined, "flex", "priority", "auto"] as const) {
+    upstream.script("tiered", { usage: { prompt_tokens: 5, completion_tokens: 500, total_tokens: 505 }, serviceTier: "priority" });
+    const messages = [{ role: "user" as const, content: "hello" }];
+    const { response } = await sdk.chat.completions
+      .create({ model: "tiered", messages, max_tokens: 500, ...(tier && { service_tier: tier }) })
+      .withResponse();
+    const row = await tiered.row(response.headers.get("x-request-id") ?? "");
+    const span = exporter
+      .getFinishedSpans()
+      .find((s) => s.name === "gateway.reserve_budget" && s.spanContext().traceId === row.traceId);
+    const maxCost = Number(span?.attributes["gateway.max_cost_nanos"]);
+    // Served at priority: 5 input at $4 and 500 output at $16 a million.
+    expect(row.costNanos).toBe(5n * 4_000n + 500n * 16_000n);
+    expect(maxCost).toBeGreaterThanOrEqual(Number(row.costNanos));
+    reserved.push(maxCost);
+  }
+  expect(new Set(reserved).size).toBe(1);
 });
