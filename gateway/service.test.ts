@@ -418,6 +418,11 @@ describe("a client that takes its answer slowly, or takes nothing", () => {
       .find((l) => l.startsWith('rpc_server_handled_total{rpc_service="gateway.v1.GatewayService",rpc_method="StreamChatCompletion",code="canceled"'));
     return Number(line?.split(" ").at(-1) ?? 0);
   };
+  /** The handler's stream ended too: counted once it ends, with the code a client that left gets. */
+  const expectOneMoreCancelled = async (before: number) => {
+    for (let i = 0; i < 50 && (await cancelledStreams()) === before; i++) await Bun.sleep(50);
+    expect(await cancelledStreams()).toBe(before + 1);
+  };
   const within = <T>(p: Promise<T>, ms: number) => Promise.race([p, Bun.sleep(ms).then(() => "still open" as const)]);
 
   test("over gRPC on HTTP/2, a full window for the idle limit resets the stream and meters it as cancelled", async () => {
@@ -446,9 +451,7 @@ describe("a client that takes its answer slowly, or takes nothing", () => {
       // The prompt and what was streamed before the client stopped taking it.
       expect(row.usage?.inputTokens).toBeGreaterThan(0n);
       expect(row.usage?.outputTokens).toBeGreaterThan(0n);
-      // The handler's stream ended too: counted when it ends, with the code a client that left gets.
-      for (let i = 0; i < 50 && (await cancelledStreams()) === before; i++) await Bun.sleep(50);
-      expect(await cancelledStreams()).toBe(before + 1);
+      await expectOneMoreCancelled(before);
     } finally {
       session.destroy();
     }
@@ -482,8 +485,7 @@ describe("a client that takes its answer slowly, or takes nothing", () => {
       // What the socket held arrives, then its end.
       socket.resume();
       expect(await within(closed, 5_000)).toBeUndefined();
-      for (let i = 0; i < 50 && (await cancelledStreams()) === before; i++) await Bun.sleep(50);
-      expect(await cancelledStreams()).toBe(before + 1);
+      await expectOneMoreCancelled(before);
     } finally {
       socket.destroy();
     }
