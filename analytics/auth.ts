@@ -1,6 +1,7 @@
 import { Code, type Client, ConnectError } from "@connectrpc/connect";
 import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { bearerToken, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
+import { createKeyCache } from "../lib/key-cache.ts";
 
 export interface AnalyticsAuthOptions {
   adminToken: string;
@@ -10,8 +11,10 @@ export interface AnalyticsAuthOptions {
   ttlMs?: number;
   /** How long an unknown key is remembered as such, so it cannot make every call a billing call; 5 s by default. */
   rejectedTtlMs?: number;
-  /** Keys remembered at most; the oldest are forgotten first. */
+  /** Working keys remembered at most (10,000 by default); the oldest are forgotten first. */
   maxKeys?: number;
+  /** Unknown keys remembered at most (10,000 by default), apart from the working ones, which they cannot push out. */
+  maxRejectedKeys?: number;
   now?: () => number;
 }
 
@@ -28,9 +31,8 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
   const { adminToken, billing } = options;
   const ttlMs = options.ttlMs ?? 30_000;
   const rejectedTtlMs = options.rejectedTtlMs ?? 5_000;
-  const maxKeys = options.maxKeys ?? 10_000;
   const now = options.now ?? Date.now;
-  const keys = new Map<string, Remembered>();
+  const keys = createKeyCache<Remembered>({ maxKeys: options.maxKeys ?? 10_000, maxRejected: options.maxRejectedKeys ?? 10_000 });
 
   // Lookups in flight, by hash: concurrent first uses of a key share one billing call.
   const checking = new Map<string, Promise<string | undefined>>();
@@ -45,9 +47,7 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
         throw new ConnectError("the api key cannot be checked now; retry later", Code.Unavailable);
       }
     }
-    keys.delete(hash);
-    if (keys.size >= maxKeys) keys.delete(keys.keys().next().value as string);
-    keys.set(hash, { orgId, until: now() + (orgId ? ttlMs : rejectedTtlMs) });
+    keys.set(hash, { orgId, until: now() + (orgId ? ttlMs : rejectedTtlMs) }, orgId === undefined);
     return orgId;
   };
 

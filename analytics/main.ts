@@ -12,6 +12,7 @@ import { defaultIngestOptions } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
 import { createAnalyticsService } from "./service.ts";
 import { clickHouseLoggerClass, clientRequestTimeoutMs, createClientDriver } from "./store/client-driver.ts";
+import { defaultChdbReportTimeoutSeconds } from "./store/driver.ts";
 import { createAnalyticsStore, defaultQueryTimeoutSeconds, defaultRollupLagMs } from "./store/store.ts";
 
 const cfg = loadEnvOrExit({
@@ -59,6 +60,8 @@ const cfg = loadEnvOrExit({
   ANALYTICS_ROLLUP_INTERVAL_MS: z.coerce.number().int().min(0).max(3_600_000).default(30_000),
   /** Minutes are rolled up once this old; rows arriving later than half of it are recomputed in. */
   ANALYTICS_ROLLUP_LAG_MS: z.coerce.number().int().min(60_000).max(86_400_000).default(defaultRollupLagMs),
+  /** The in-process engine runs report queries one at a time, each stopped after this long (a server's limit is 30 s). */
+  ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS: z.coerce.number().min(1).max(300).default(defaultChdbReportTimeoutSeconds),
 });
 
 const runtime = createRuntime("analytics", cfg);
@@ -76,7 +79,9 @@ const driver = cfg.CLICKHOUSE_URL
       }),
     )
   : // Loaded only when used: the engine's library adds about 150 MB to the process and 0.2 s to its start.
-    (await import("./store/chdb-driver.ts")).createChdbDriver(join(cfg.MESH_DATA_DIR, "clickhouse"));
+    (await import("./store/chdb-driver.ts")).createChdbDriver(join(cfg.MESH_DATA_DIR, "clickhouse"), {
+      reportTimeoutSeconds: cfg.ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS,
+    });
 const store = createAnalyticsStore(driver, {
   database: cfg.CLICKHOUSE_DATABASE,
   ttlDays: cfg.CLICKHOUSE_TTL_DAYS,

@@ -8,6 +8,7 @@ import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import type { Logger } from "../lib/log.ts";
 import { createAnalyticsAuth } from "./auth.ts";
 import { createIngest, type IngestOptions } from "./ingest.ts";
+import { ReportQueueFullError } from "./store/driver.ts";
 import { microsText, textMicros } from "./store/rollups.ts";
 import type { AnalyticsStore, RequestCursor, TimeWindow, UsageDimension } from "./store/store.ts";
 
@@ -187,7 +188,8 @@ function toMicrosecondAbove(at: Timestamp): Timestamp {
 
 /**
  * Runs a store read; its failures reach the caller without ClickHouse internals: a query past the store's time limit
- * as ResourceExhausted (asking less helps), anything else as Unavailable.
+ * as ResourceExhausted (asking less helps), as is one the engine has no room to queue (retrying later helps), anything
+ * else as Unavailable.
  */
 export async function query<T>(log: Logger, rpc: string, run: () => Promise<T>, signal?: AbortSignal): Promise<T> {
   try {
@@ -195,6 +197,7 @@ export async function query<T>(log: Logger, rpc: string, run: () => Promise<T>, 
   } catch (e) {
     // The caller left and its query was stopped: nothing failed, and nobody reads the answer.
     if (signal?.aborted) throw new ConnectError("the caller cancelled the query", Code.Canceled);
+    if (e instanceof ReportQueueFullError) throw new ConnectError(e.message, Code.ResourceExhausted);
     if (timedOut(e)) {
       log.warn("analytics query ran out of time", { rpc });
       throw new ConnectError("the query ran out of time; narrow the range or group by fewer dimensions", Code.ResourceExhausted);

@@ -8,6 +8,7 @@ import {
   KeyRefusalSchema,
 } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
+import { createKeyCache } from "../lib/key-cache.ts";
 import { createOutageLog, type Logger } from "../lib/log.ts";
 import { watchSilence } from "../lib/silence.ts";
 import { type GatewayError, serviceUnavailable, unauthorized } from "./errors.ts";
@@ -94,12 +95,11 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   const hitTtlMs = options.hitTtlMs ?? 30_000;
   const fallbackTtlMs = Math.min(hitTtlMs, options.fallbackTtlMs ?? 1_000);
   const missTtlMs = options.missTtlMs ?? 2_000;
-  const maxEntries = options.maxEntries ?? 100_000;
   const now = options.now ?? Date.now;
-  const cache = new Map<string, Entry>();
-  // Rejected secrets apart, in a smaller map: a flood of made-up keys cannot push real ones out of `cache`.
-  const rejected = new Map<string, Entry>();
-  const maxRejected = options.maxRejectedEntries ?? 10_000;
+  const cache = createKeyCache<Entry>({
+    maxKeys: options.maxEntries ?? 100_000,
+    maxRejected: options.maxRejectedEntries ?? 10_000,
+  });
   const loading = new Map<string, Load>();
   const lookups = options.registry
     ? new Counter({
@@ -117,12 +117,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   const store = (hash: string, entry: Entry) => {
     const was = cache.get(hash)?.principal;
     if (entry.rejection && was) options.onRefused?.(was.apiKeyId);
-    cache.delete(hash);
-    rejected.delete(hash);
-    const into = entry.rejection ? rejected : cache;
-    // Maps iterate in insertion order: the first key is the least recently loaded.
-    if (into.size >= (entry.rejection ? maxRejected : maxEntries)) into.delete(into.keys().next().value as string);
-    into.set(hash, entry);
+    cache.set(hash, entry, entry.rejection !== undefined);
   };
 
   const ttlOf = (entry: Entry) => {
@@ -187,7 +182,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
       }
       const hash = sha256Hex(secret);
       const t = now();
-      const entry = cache.get(hash) ?? rejected.get(hash);
+      const entry = cache.get(hash);
       if (entry) {
         const age = t - entry.loadedAt;
         const ttl = ttlOf(entry);
@@ -205,7 +200,6 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     },
     forget(secretHash) {
       cache.delete(secretHash);
-      rejected.delete(secretHash);
       const pending = loading.get(secretHash);
       if (pending) {
         pending.stale = true;
@@ -213,7 +207,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
       }
     },
     forgetOrg(orgId) {
-      for (const [hash, entry] of cache) if (entry.principal?.orgId === orgId) cache.delete(hash);
+      for (const [hash, entry] of cache.working()) if (entry.principal?.orgId === orgId) cache.delete(hash);
       // Whose org a load in flight is of is not known until it answers: none of them is kept.
       for (const pending of loading.values()) pending.stale = true;
       loading.clear();

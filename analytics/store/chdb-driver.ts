@@ -1,7 +1,13 @@
 import { mkdirSync } from "node:fs";
 import { resolve } from "node:path";
 import { Session } from "chdb";
-import type { ClickHouseDriver, QueryParams } from "./driver.ts";
+import {
+  type ClickHouseDriver,
+  defaultChdbReportTimeoutSeconds,
+  type QueryParams,
+  type ReportOf,
+  ReportQueueFullError,
+} from "./driver.ts";
 
 interface SharedSession {
   session: Session;
@@ -24,9 +30,7 @@ export function openChdbSession(path: string): { session: Session; release(): vo
       throw new Error(`chdb allows one data directory per process: ${open[0]} is open, ${key} was requested`);
     }
     mkdirSync(key, { recursive: true });
-    // Quoted 64-bit integers keep sums of nano-USD exact through JSON.parse (the server default).
-    const session = new Session(key, { connectionArgs: ["--output_format_json_quote_64bit_integers=1"] });
-    shared = { session, users: 0 };
+    shared = { session: connect(key), users: 0 };
     sessions.set(key, shared);
   }
   shared.users++;
@@ -46,25 +50,57 @@ export function openChdbSession(path: string): { session: Session; release(): vo
   };
 }
 
-/** The in-process ClickHouse engine with its data under `path`. */
-export function createChdbDriver(path: string): ClickHouseDriver {
-  const { session, release } = openChdbSession(path);
+/** A new connection to the engine on the data directory `key` (an absolute path). */
+function connect(key: string): Session {
+  // Quoted 64-bit integers keep sums of nano-USD exact through JSON.parse (the server default).
+  return new Session(key, { connectionArgs: ["--output_format_json_quote_64bit_integers=1"] });
+}
 
-  const run = (sql: string, params: QueryParams | undefined, format: string) =>
-    params && Object.keys(params).length > 0
-      ? session.queryBindAsync(sql, params, { format })
-      : session.queryAsync(sql, { format });
+export interface ChdbDriverOptions {
+  /**
+   * How long a report query may run in the engine (max_execution_time); 10 s by default. Shorter than a server's 30 s
+   * because report queries here run one at a time: each other org's report may wait this long per query ahead of it.
+   */
+  reportTimeoutSeconds?: number;
+  /** Report queries waiting for their turn at most (64 by default); past it ReportQueueFullError. */
+  maxQueuedReports?: number;
+}
+
+/**
+ * The in-process ClickHouse engine with its data under `path`.
+ *
+ * A chdb connection runs one query at a time, and the binding runs parameterized queries (every report, most of the
+ * roll-up) one at a time in the whole process; connections on one path otherwise run side by side. So report queries
+ * take turns on a connection of their own, one org's query after another's (round robin), while ingest's inserts run
+ * beside them on the shared connection and the roll-up's statements between them: one org's reports cannot hold the
+ * engine for more than one query's time limit at once.
+ */
+export function createChdbDriver(path: string, options: ChdbDriverOptions = {}): ClickHouseDriver {
+  const { session, release } = openChdbSession(path);
+  const reportTimeoutSeconds = options.reportTimeoutSeconds ?? defaultChdbReportTimeoutSeconds;
+  const reportQueue = createReportQueue(options.maxQueuedReports ?? 64);
+  let reportSession: Session | undefined;
+
+  const run = (on: Session, sql: string, params: QueryParams | undefined, format: string) =>
+    params && Object.keys(params).length > 0 ? on.queryBindAsync(sql, params, { format }) : on.queryAsync(sql, { format });
+
+  const rowsOf = <T>(text: string) =>
+    text
+      .split("\n")
+      .filter((line) => line !== "")
+      .map((line) => JSON.parse(line) as T);
 
   return {
+    reportTimeoutSeconds,
     async exec(sql, params) {
-      await run(sql, params, "CSV");
+      await run(session, sql, params, "CSV");
     },
-    async query<T>(sql: string, params?: QueryParams) {
-      const text = (await run(sql, params, "JSONEachRow")).text();
-      return text
-        .split("\n")
-        .filter((line) => line !== "")
-        .map((line) => JSON.parse(line) as T);
+    async query<T>(sql: string, params?: QueryParams, report?: ReportOf) {
+      if (!report) return rowsOf<T>((await run(session, sql, params, "JSONEachRow")).text());
+      return reportQueue.run(report, async () => {
+        reportSession ??= connect(resolve(path));
+        return rowsOf<T>((await run(reportSession, sql, params, "JSONEachRow")).text());
+      });
     },
     async insert(table, columns, rows, settings) {
       if (rows.length === 0) return;
@@ -75,7 +111,75 @@ export function createChdbDriver(path: string): ClickHouseDriver {
       await session.queryAsync("SELECT 1", { format: "CSV" });
     },
     async close() {
+      reportSession?.close();
       release();
+    },
+  };
+}
+
+/**
+ * Runs report queries one at a time, taking them from the orgs that wait in turn: an org with many queued waits
+ * behind no more than one query of each other org.
+ */
+function createReportQueue(maxQueued: number) {
+  // The starts of waiting queries by org, orgs in the order they are next served.
+  const waiting = new Map<string, (() => void)[]>();
+  let queued = 0;
+  let busy = false;
+
+  const next = () => {
+    const first = waiting.entries().next();
+    if (first.done) {
+      busy = false;
+      return;
+    }
+    const [orgId, starts] = first.value;
+    const start = starts.shift() as () => void;
+    // Served once: to the back of the line, if it has more.
+    waiting.delete(orgId);
+    if (starts.length > 0) waiting.set(orgId, starts);
+    queued--;
+    start();
+  };
+
+  const turn = ({ orgId, signal }: ReportOf) =>
+    new Promise<void>((resolve, reject) => {
+      signal?.throwIfAborted();
+      if (!busy) {
+        busy = true;
+        resolve();
+        return;
+      }
+      if (queued >= maxQueued) {
+        throw new ReportQueueFullError(`${queued} report queries are waiting for the in-process engine; retry shortly`);
+      }
+      const start = () => {
+        signal?.removeEventListener("abort", leave);
+        resolve();
+      };
+      // A caller that leaves while waiting takes its query out of the line.
+      const leave = () => {
+        const starts = waiting.get(orgId) ?? [];
+        starts.splice(starts.indexOf(start), 1);
+        if (starts.length === 0) waiting.delete(orgId);
+        queued--;
+        reject(signal?.reason);
+      };
+      signal?.addEventListener("abort", leave, { once: true });
+      const starts = waiting.get(orgId);
+      if (starts) starts.push(start);
+      else waiting.set(orgId, [start]);
+      queued++;
+    });
+
+  return {
+    async run<T>(report: ReportOf, query: () => Promise<T>): Promise<T> {
+      await turn(report);
+      try {
+        return await query();
+      } finally {
+        next();
+      }
     },
   };
 }

@@ -1,6 +1,6 @@
 import type { ClickHouseClient, Logger as ClickHouseLogger, LogParams, WarnLogParams } from "@clickhouse/client";
 import type { Logger } from "../../lib/log.ts";
-import type { ClickHouseDriver, QueryParams } from "./driver.ts";
+import type { ClickHouseDriver, QueryParams, ReportOf } from "./driver.ts";
 
 const querySettings = {
   // Quoted 64-bit integers keep sums of nano-USD exact through JSON.parse.
@@ -52,13 +52,13 @@ export function createClientDriver(client: ClickHouseClient): ClickHouseDriver {
     async exec(sql, params?: QueryParams) {
       await client.command({ query: sql, query_params: params });
     },
-    async query<T>(sql: string, params?: QueryParams, signal?: AbortSignal) {
+    async query<T>(sql: string, params?: QueryParams, report?: ReportOf) {
       const result = await client.query({
         query: sql,
         query_params: params,
         format: "JSONEachRow",
         clickhouse_settings: querySettings,
-        abort_signal: signal,
+        abort_signal: report?.signal,
       });
       return result.json<T>();
     },

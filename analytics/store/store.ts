@@ -103,7 +103,7 @@ export interface StoreOptions {
   cluster?: string;
   /** Minutes are rolled up once they are this old; rows arriving later than half of it are recomputed in. */
   rollupLagMs?: number;
-  /** How long one report query may run (ClickHouse's max_execution_time); 30 s by default. */
+  /** How long one report query may run (ClickHouse's max_execution_time); the driver's need, or 30 s, by default. */
   queryTimeoutSeconds?: number;
 }
 
@@ -143,7 +143,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
   if (!Number.isInteger(options.ttlDays) || options.ttlDays < 1) {
     throw new Error(`invalid TTL: ${options.ttlDays} days`);
   }
-  const queryTimeoutSeconds = options.queryTimeoutSeconds ?? defaultQueryTimeoutSeconds;
+  const queryTimeoutSeconds = options.queryTimeoutSeconds ?? driver.reportTimeoutSeconds ?? defaultQueryTimeoutSeconds;
   if (!(queryTimeoutSeconds > 0)) throw new Error(`invalid query timeout: ${queryTimeoutSeconds} s`);
   // Reports read what callers choose (ranges of up to 400 days): each gets a time limit in the engine itself.
   const reportLimits = `SETTINGS max_execution_time = ${queryTimeoutSeconds}`;
@@ -281,7 +281,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
          LIMIT {limit:UInt32}
          ${reportLimits}`,
         { ...sources.params, limit: q.limit },
-        q.signal,
+        { orgId: q.orgId, signal: q.signal },
       );
       return rows.map((r) =>
         create(UsageRowSchema, {
@@ -325,7 +325,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
          ORDER BY bucket_start
          ${reportLimits}`,
         { ...sources.params, bucket_seconds: q.bucketSeconds, model: q.model },
-        q.signal,
+        { orgId: q.orgId, signal: q.signal },
       );
       return rows.map((r) =>
         create(TimeSeriesPointSchema, {
@@ -361,7 +361,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
          ORDER BY model
          ${reportLimits}`,
         windowParams(q),
-        q.signal,
+        { orgId: q.orgId, signal: q.signal },
       );
       const toPercentiles = ([p50, p90, p99]: Triple): LatencyPercentiles =>
         create(LatencyPercentilesSchema, { p50Us: BigInt(p50), p90Us: BigInt(p90), p99Us: BigInt(p99) });
@@ -414,7 +414,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
          LIMIT {limit:UInt32}
          ${reportLimits}`,
         params,
-        q.signal,
+        { orgId: q.orgId, signal: q.signal },
       );
       const page = rows.slice(0, q.limit);
       const last = page.at(-1);

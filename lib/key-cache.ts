@@ -1,0 +1,27 @@
+/**
+ * What billing answered about API keys, by the SHA-256 of their secret, with refused keys apart in a map of their own:
+ * a flood of made-up keys pushes out only other made-up keys, never the keys that work. Each map is bounded and
+ * forgets its least recently stored entry first.
+ */
+export function createKeyCache<Entry>(options: { maxKeys: number; maxRejected: number }) {
+  const working = new Map<string, Entry>();
+  const rejected = new Map<string, Entry>();
+  return {
+    get: (hash: string): Entry | undefined => working.get(hash) ?? rejected.get(hash),
+    /** Stores billing's latest answer for a key: `refused` when it does not work (unknown, revoked, expired). */
+    set(hash: string, entry: Entry, refused: boolean): void {
+      working.delete(hash);
+      rejected.delete(hash);
+      const into = refused ? rejected : working;
+      // Maps iterate in insertion order: the first key is the least recently stored.
+      if (into.size >= (refused ? options.maxRejected : options.maxKeys)) into.delete(into.keys().next().value as string);
+      into.set(hash, entry);
+    },
+    delete(hash: string): void {
+      working.delete(hash);
+      rejected.delete(hash);
+    },
+    /** The keys that work, by hash; an entry may be deleted while iterating. */
+    working: (): MapIterator<[string, Entry]> => working.entries(),
+  };
+}
