@@ -23,7 +23,8 @@ export function openChdbSession(path: string): { session: Session; release(): vo
     if (open.length > 0) {
       throw new Error(`chdb allows one data directory per process: ${open[0]} is open, ${key} was requested`);
     }
-    mkdirSync(key, { recursive: true });
+    // Rows hold tenants' request metadata: the directory is this user's alone, as billing's Postgres directory is.
+    mkdirSync(key, { recursive: true, mode: 0o700 });
     // Quoted 64-bit integers keep sums of nano-USD exact through JSON.parse (the server default).
     const session = new Session(key, { connectionArgs: ["--output_format_json_quote_64bit_integers=1"] });
     shared = { session, users: 0 };
