@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, expect, test } from "bun:test";
@@ -46,6 +46,8 @@ test("main.ts starts ready, keeps its data across restarts and exits 0 on SIGTER
     "0001_requests",
     "0002_rollups",
   ]);
+  // Its rows hold tenants' request metadata: no other user of the machine reads them.
+  expect(statSync(join(dataDir, "clickhouse")).mode & 0o777).toBe(0o700);
   const ready = await fetch(`${first.url}/readyz`);
   expect(ready.status).toBe(200);
   expect(await ready.json()).toEqual({ status: "ready", checks: { clickhouse: "ok" } });

@@ -1,6 +1,6 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { KeyRefusalReason, KeyRefusalSchema } from "../gen/billing/v1/billing_pb.ts";
-import { bearerToken, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
+import { bearerToken, refusePublishedTokenFromAfar, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
 import { keySecretPrefix } from "./store/accounts.ts";
 import type { BillingStore } from "./store/store.ts";
 
@@ -36,9 +36,11 @@ export function createBillingAuth({
     return found;
   };
 
-  const caller = async (headers: Headers): Promise<Caller> => {
+  /** `peer` is the address of an HTTP page's caller; an RPC's was checked by its route's gate. */
+  const caller = async (headers: Headers, peer?: string): Promise<Caller> => {
     const token = bearerToken(headers);
     if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
+    refusePublishedTokenFromAfar(token, adminToken, peer);
     if (safeEqual(token, adminToken)) return { kind: "admin" };
     if (!token.startsWith(keySecretPrefix)) throw new ConnectError("invalid admin token", Code.PermissionDenied);
     const { apiKey } = await resolveKey(token, clock());

@@ -388,6 +388,24 @@ describe("file spool", () => {
     expect(JSON.parse(readFileSync(lock, "utf8"))).toMatchObject({ pid: process.pid, host: hostname() });
   });
 
+  test("the spool's directories and files are readable by its own user alone, whatever the umask", async () => {
+    const umask = process.umask(0o022);
+    try {
+      const root = join(newRoot(), "spool");
+      const spool = openSpool(root);
+      spool.append(row(1));
+      await spool.idle();
+      const mode = (path: string) => statSync(path).mode & 0o777;
+      expect([mode(root), mode(spool.dir)]).toEqual([0o700, 0o700]);
+      // The LOCK, the segment being written and the one created ahead of need.
+      const files = readdirSync(spool.dir).sort();
+      expect(files).toEqual(["0000000001.seg", "0000000002.seg", "LOCK"]);
+      expect(files.map((name) => mode(join(spool.dir, name)))).toEqual([0o600, 0o600, 0o600]);
+    } finally {
+      process.umask(umask);
+    }
+  });
+
   test("a replica restarted under a new name adopts the spools of replicas that are gone", () => {
     const root = newRoot();
     // A live replica's spool is left alone.

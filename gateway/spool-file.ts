@@ -166,6 +166,10 @@ interface PendingRow extends Part {
 // Directories this process holds, so a second open in the same process is refused.
 const openDirs = new Set<string>();
 
+// Rows hold tenants' request metadata: the spool is this user's alone, as billing's Postgres directory is.
+const ownerOnlyDir = 0o700;
+const ownerOnlyFile = 0o600;
+
 /** Opens (or creates) this replica's spool: replays what an earlier process left, then adopts orphans. */
 export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const { log } = options;
@@ -179,7 +183,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const fsyncPolicy = options.fsync;
   const write = options.write ?? ((fd, data, offset, length) => writeSync(fd, data, offset, length));
 
-  mkdirSync(dir, { recursive: true });
+  mkdirSync(dir, { recursive: true, mode: ownerOnlyDir });
   const owner = acquireLock(dir);
   if (owner !== undefined) throw new SpoolInUseError(dir, owner.pid, heldByRefresh(owner));
   openDirs.add(dir);
@@ -255,7 +259,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     const id = nextSegmentId++;
     inBackground("creating the next segment", async () => {
       try {
-        const fd = await fsAsync.open(segmentPath(id), "wx");
+        const fd = await fsAsync.open(segmentPath(id), "wx", ownerOnlyFile);
         try {
           await fsAsync.write(fd, magic);
         } catch (e) {
@@ -292,7 +296,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       for (;;) {
         id = nextSegmentId++;
         try {
-          fd = openSync(segmentPath(id), "wx");
+          fd = openSync(segmentPath(id), "wx", ownerOnlyFile);
           break;
         } catch (e) {
           if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
@@ -915,7 +919,7 @@ function acquireLock(dir: string): LockOwner | undefined {
   };
   for (let attempt = 0; attempt < 3; attempt++) {
     try {
-      writeFileSync(path, JSON.stringify(me), { flag: "wx" });
+      writeFileSync(path, JSON.stringify(me), { flag: "wx", mode: ownerOnlyFile });
       return undefined;
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;

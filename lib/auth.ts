@@ -1,5 +1,6 @@
 import { hash, timingSafeEqual } from "node:crypto";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError, createContextKey } from "@connectrpc/connect";
+import { defaultAdminToken } from "./config.ts";
 
 /** The token of an `authorization: Bearer <token>` header, or undefined. */
 export function bearerToken(headers: Pick<Headers, "get">): string | undefined {
@@ -28,4 +29,28 @@ export function requireAdmin(headers: Headers, adminToken: string): void {
   const token = bearerToken(headers);
   if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
   if (!safeEqual(token, adminToken)) throw new ConnectError("invalid admin token", Code.PermissionDenied);
+}
+
+/** The address a request came from, set by the server; undefined for a call made in-process, without a socket. */
+export const peerAddressKey = createContextKey<string | undefined>(undefined, { description: "peer address" });
+
+/** Whether `address` is this machine's loopback: 127.0.0.0/8 or ::1, IPv4-mapped 127.x too. */
+export function isLoopback(address: string): boolean {
+  const lower = address.toLowerCase();
+  const v4 = lower.startsWith("::ffff:") ? lower.slice("::ffff:".length) : lower;
+  return lower === "::1" || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(v4);
+}
+
+/**
+ * Throws PermissionDenied when `token` is the admin token, that token is the published default and `peer` is not this
+ * machine: a mesh started without ADMIN_TOKEN must not give anyone on its network the admin's rights.
+ */
+export function refusePublishedTokenFromAfar(token: string, adminToken: string, peer: string | undefined): void {
+  if (adminToken !== defaultAdminToken || peer === undefined || isLoopback(peer)) return;
+  if (!safeEqual(token, adminToken)) return;
+  throw new ConnectError(
+    "ADMIN_TOKEN is the published development default, accepted only from this machine (loopback): " +
+      "set ADMIN_TOKEN to a token of your own to call from elsewhere",
+    Code.PermissionDenied,
+  );
 }

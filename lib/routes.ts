@@ -1,6 +1,6 @@
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, type ConnectRouter, ConnectError, type HandlerContext, type MethodImpl, type ServiceImpl } from "@connectrpc/connect";
-import { bearerToken, safeEqual } from "./auth.ts";
+import { bearerToken, peerAddressKey, refusePublishedTokenFromAfar, safeEqual } from "./auth.ts";
 
 /** Largest message an admin method reads, unless it says otherwise. */
 export const adminMessageBytes = 1 << 20;
@@ -19,7 +19,8 @@ export interface GuardedRoutesOptions<S extends DescService> {
  * A service's routes, with callers turned away before their message is read: decoding is what a large message costs
  * (a 16 MB message of empty repeated elements became 3 GB of objects), so no one without a token pays it. No bearer
  * token is Unauthenticated; on a method only admins may call, another token than the admin's is PermissionDenied. A
- * method an org's API key may call passes any token for its handler to check, and reads a small message.
+ * method an org's API key may call passes any token for its handler to check, and reads a small message. On every
+ * method the published default admin token is refused from a caller not on this machine, so handlers never see it.
  */
 export function guardedRoutes<S extends DescService>(
   service: S,
@@ -31,6 +32,7 @@ export function guardedRoutes<S extends DescService>(
   const gate = (ctx: HandlerContext) => {
     const token = bearerToken(ctx.requestHeader);
     if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
+    refusePublishedTokenFromAfar(token, options.adminToken, ctx.values.get(peerAddressKey));
     if (!orgMethods.has(ctx.method.localName) && !safeEqual(token, options.adminToken)) {
       throw new ConnectError("invalid admin token", Code.PermissionDenied);
     }

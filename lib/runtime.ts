@@ -33,7 +33,8 @@ export function createRuntime(service: string, config: RuntimeConfig): Runtime {
   const log = createLogger({ service, level: config.LOG_LEVEL });
   if (config.ADMIN_TOKEN === defaultAdminToken) {
     log.warn(
-      "ADMIN_TOKEN is unset or the development default, which is published: anyone can call admin RPCs; " +
+      "ADMIN_TOKEN is unset or the development default, which is published: billing and analytics accept it only " +
+        "from this machine (loopback), so services on other hosts or containers cannot use it; " +
         "set a token of your own anywhere but a developer's machine",
     );
   }

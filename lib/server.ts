@@ -5,6 +5,7 @@ import { type ConnectRouter, type ContextValues, createContextValues, type Inter
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Registry } from "prom-client";
 import { Health } from "../gen/grpc/health/v1/health_pb.ts";
+import { peerAddressKey } from "./auth.ts";
 import type { CorsPolicy } from "./cors.ts";
 import { gatedInterceptors, type RequestGate, routerWithGates } from "./gates.ts";
 import { sendGrpcMessageAsSpecified } from "./grpc-message.ts";
@@ -112,10 +113,9 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     interceptors: [intercepted.interceptor],
     requestGate: options.requestGate && intercepted.gate(options.requestGate),
     contextValues: (req) =>
-      (options.contextValues?.(req) ?? createContextValues()).set(
-        connectionKey,
-        req.httpVersionMajor === 2 ? (req as http2.Http2ServerRequest).stream.session : req.socket,
-      ),
+      (options.contextValues?.(req) ?? createContextValues())
+        .set(connectionKey, req.httpVersionMajor === 2 ? (req as http2.Http2ServerRequest).stream.session : req.socket)
+        .set(peerAddressKey, peerAddress(req)),
     shutdownSignal: shutdown.signal,
     readMaxBytes: options.readMaxBytes ?? defaultReadMaxBytes,
     // Fields a message does not define are skipped, not kept: each would be an object of its own.
@@ -263,6 +263,12 @@ export function headersOf(raw: http.IncomingHttpHeaders): Pick<Headers, "get"> {
       return value === undefined ? null : Array.isArray(value) ? value.join(", ") : value;
     },
   };
+}
+
+/** The address a request came from; empty when its connection no longer knows, which no check takes for loopback. */
+export function peerAddress(req: NodeRequest): string {
+  const socket = req.httpVersionMajor === 2 ? (req as http2.Http2ServerRequest).stream.session?.socket : req.socket;
+  return socket?.remoteAddress ?? "";
 }
 
 /** HTTP/2 requests carry no length; a stream whose headers ended it has no body to wait for. */

@@ -1,4 +1,5 @@
 import net from "node:net";
+import { networkInterfaces } from "node:os";
 import { expect } from "bun:test";
 
 /**
@@ -42,3 +43,8 @@ export function answerToHead(url: string, head: string): Promise<string> {
     socket.write(head);
   });
 }
+
+/** A non-loopback IPv4 address of this machine's: a call to it arrives from it, as one from the network would. */
+export const externalAddress: string | undefined = Object.values(networkInterfaces())
+  .flat()
+  .find((a) => a?.family === "IPv4" && !a.internal)?.address;

@@ -29,7 +29,8 @@ export function openChdbSession(path: string): { session: Session; release(): vo
     if (open.length > 0) {
       throw new Error(`chdb allows one data directory per process: ${open[0]} is open, ${key} was requested`);
     }
-    mkdirSync(key, { recursive: true });
+    // Rows hold tenants' request metadata: the directory is this user's alone, as billing's Postgres directory is.
+    mkdirSync(key, { recursive: true, mode: 0o700 });
     shared = { session: connect(key), users: 0 };
     sessions.set(key, shared);
   }

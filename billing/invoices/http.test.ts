@@ -2,9 +2,11 @@ import { afterAll, beforeAll, expect, test } from "bun:test";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { BillingService, InvoiceStatus } from "../../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
+import { defaultAdminToken } from "../../lib/config.ts";
 import { createLogger } from "../../lib/log.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type RunningServer, startServer } from "../../lib/server.ts";
+import { externalAddress as external } from "../../lib/testing.ts";
 import { createBillingApp } from "../app.ts";
 import { createTestDatabase, type TestDatabase } from "../store/test-db.ts";
 
@@ -143,4 +145,21 @@ test("an invoice that left draft stays billed to the name it was issued with whe
   expect(draft).toContain("<dt>Billed to</dt><dd>Acme Renamed Ltd</dd>");
   const regenerated = await billing.generateInvoice({ orgId });
   expect(regenerated.invoice).toMatchObject({ id: june.invoice?.id, orgName: "Acme Renamed Ltd", taxRateBps: 2000 });
+});
+
+test.skipIf(external === undefined)("on the published default admin token the page is refused from afar", async () => {
+  const clock = () => new Date("2026-06-15T12:00:00Z");
+  const app = createBillingApp({ pool: db.pool, adminToken: defaultAdminToken, clock, log });
+  const open = await startServer({ name: "billing", port: 0, routes: app.routes, http: app.http, log });
+  try {
+    const get = (host: string, token: string) =>
+      fetch(`http://${host}:${open.port}/invoices/${invoiceId}`, { headers: { authorization: `Bearer ${token}` } });
+    const refused = await get(external as string, defaultAdminToken);
+    expect([refused.status, await refused.text()]).toEqual([403, expect.stringContaining("set ADMIN_TOKEN")]);
+    expect((await get("127.0.0.1", defaultAdminToken)).status).toBe(200);
+    // An org's own key reads its invoice from anywhere.
+    expect((await get(external as string, orgSecret)).status).toBe(200);
+  } finally {
+    await open.close(0);
+  }
 });

@@ -1,6 +1,6 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Logger } from "../../lib/log.ts";
-import { type HttpRoutes, send } from "../../lib/server.ts";
+import { type HttpRoutes, peerAddress, send } from "../../lib/server.ts";
 import type { BillingAuth } from "../auth.ts";
 import { toConnectError } from "../errors.ts";
 import { invoiceNotFound } from "../store/invoices.ts";
@@ -48,7 +48,7 @@ export function invoicePages({
     try {
       const headers = new Headers();
       if (req.headers.authorization) headers.set("authorization", req.headers.authorization);
-      const caller = await auth.caller(headers);
+      const caller = await auth.caller(headers, peerAddress(req));
       if (!match?.[1]) throw new ConnectError("no such invoice", Code.NotFound);
       const invoice = await store.getInvoice(match[1]);
       auth.requireOwnRecord(caller, invoice.orgId, () => invoiceNotFound(invoice.id));

@@ -1,0 +1,86 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
+import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { isLoopback } from "./auth.ts";
+import { defaultAdminToken } from "./config.ts";
+import { createLogger } from "./log.ts";
+import { guardedRoutes } from "./routes.ts";
+import { type RunningServer, startServer } from "./server.ts";
+import { externalAddress as external } from "./testing.ts";
+
+test("loopback is 127.0.0.0/8 and ::1, IPv4-mapped too; nothing else", () => {
+  for (const address of ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1", "::FFFF:127.9.9.9"]) {
+    expect([address, isLoopback(address)]).toEqual([address, true]);
+  }
+  const others = ["", "10.0.0.1", "192.0.2.2", "128.0.0.1", "::ffff:10.0.0.1", "::2", "fe80::1", "127.0.0.1.example"];
+  for (const address of others) {
+    expect([address, isLoopback(address)]).toEqual([address, false]);
+  }
+});
+
+describe.skipIf(external === undefined)("the admin token from another machine", () => {
+  const ownToken = "own-admin-token-0123456789";
+  const servers: Record<string, RunningServer> = {};
+
+  beforeAll(async () => {
+    for (const adminToken of [defaultAdminToken, ownToken]) {
+      servers[adminToken] = await startServer({
+        name: "guarded",
+        port: 0,
+        log: createLogger({ service: "test", write: () => {} }),
+        routes: guardedRoutes(
+          BillingService,
+          {
+            listOrganizations: async () => ({ organizations: [] }),
+            listInvoices: async () => ({ invoices: [], nextPageToken: "" }),
+          },
+          { adminToken, orgMethods: ["listInvoices"] },
+        ),
+      });
+    }
+  });
+  afterAll(() => Promise.all(Object.values(servers).map((s) => s.close(0))));
+
+  const protocols: Record<string, (baseUrl: string) => Transport> = {
+    connect: (baseUrl) => createConnectTransport({ baseUrl, httpVersion: "1.1" }),
+    grpc: (baseUrl) => createGrpcTransport({ baseUrl }),
+    "grpc-web": (baseUrl) => createGrpcWebTransport({ baseUrl, httpVersion: "1.1" }),
+  };
+
+  /** What each protocol's admin call and org-method call answer, as [code or "ok", message]. */
+  const answers = async (adminToken: string, host: string) => {
+    const url = `http://${host}:${servers[adminToken]?.port}`;
+    const headers = { authorization: `Bearer ${adminToken}` };
+    const result: Record<string, unknown[]> = {};
+    for (const [name, transport] of Object.entries(protocols)) {
+      const client = createClient(BillingService, transport(url));
+      result[name] = await Promise.all(
+        [client.listOrganizations({}, { headers }), client.listInvoices({ orgId: "org_1" }, { headers })].map((call) =>
+          call.then(
+            () => "ok",
+            (e: unknown) => [ConnectError.from(e).code, ConnectError.from(e).rawMessage],
+          ),
+        ),
+      );
+    }
+    return result;
+  };
+
+  test("the published default is refused from another address on every protocol, taken from loopback", async () => {
+    const refused = [Code.PermissionDenied, expect.stringContaining("set ADMIN_TOKEN")];
+    expect(await answers(defaultAdminToken, external as string)).toEqual({
+      connect: [refused, refused],
+      grpc: [refused, refused],
+      "grpc-web": [refused, refused],
+    });
+    const ok = ["ok", "ok"];
+    expect(await answers(defaultAdminToken, "127.0.0.1")).toEqual({ connect: ok, grpc: ok, "grpc-web": ok });
+  });
+
+  test("a token of the operator's own is accepted from anywhere", async () => {
+    const ok = ["ok", "ok"];
+    expect(await answers(ownToken, external as string)).toEqual({ connect: ok, grpc: ok, "grpc-web": ok });
+    expect(await answers(ownToken, "127.0.0.1")).toEqual({ connect: ok, grpc: ok, "grpc-web": ok });
+  });
+});
