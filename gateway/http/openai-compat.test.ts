@@ -94,8 +94,30 @@ function routes(url: string) {
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
   );
+  // Models of their own for each case of lost attempts, so one case's failures trip no breaker for the next.
+  for (let i = 0; i < lostCases.length; i++) {
+    lines.push(
+      `  - name: lost-${i}`,
+      `    targets: [{ provider: fake, model: lost-${i}-primary }, { provider: fake, model: lost-${i}-secondary }]`,
+      "    retries: 1",
+      `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    );
+  }
   return lines.join("\n");
 }
+
+const page = { contentType: "text/html", text: "<html><body><h1>Checking your browser</h1></body></html>" };
+/** A 200 an attempt got, whether it came streamed, and whether a model had its prompt (its answer broke off). */
+const lostCases: Array<[what: string, behaviour: Behaviour, stream: boolean, taken: boolean]> = [
+  ["a proxy's HTML page", { body: page }, false, false],
+  ["a proxy's HTML page", { body: page }, true, false],
+  ["NDJSON", { body: { contentType: "application/x-ndjson", text: '{"message":{"content":"hi"},"done":true}\n' } }, true, false],
+  ["JSON that does not parse", { malformed: true }, false, false],
+  ["a proxy's page cut short", { body: page, breaksOff: true }, false, false],
+  ["an answer that broke off", { breaksOff: true }, false, true],
+  ["an answer that broke off", { breaksOff: true }, true, true],
+];
+const lostRows = lostCases.map(([what, ...rest], i) => [`${what}${rest[1] ? ", streamed" : ""}`, ...rest, i] as const);
 
 beforeAll(() => {
   upstream = startFakeUpstream();
@@ -791,10 +813,11 @@ for (const port of ["rpc", "rest"] as const) {
           // Timed out, then answered: the upstream billed two prompts (10 tokens each at $2.50/M) and 4 output ($10/M).
           { stream: false, first: { hang: true }, input: 20n, estimated: true, nanos: 90_000n },
           { stream: true, first: { hang: true }, input: 20n, estimated: true, nanos: 90_000n },
-          // Accepted, then its stream ended before any chunk.
-          { stream: true, first: { endsAtOnce: true }, input: 20n, estimated: true, nanos: 90_000n },
-          // A refusal, however it ends, bills nothing.
+          // Accepted, then its connection broke off before any chunk.
+          { stream: true, first: { breaksOff: true }, input: 20n, estimated: true, nanos: 90_000n },
+          // A refusal, however it ends, bills nothing; nor does a stream that ended, whole, before any chunk.
           { stream: false, first: { status: 503 }, input: 10n, estimated: false, nanos: 65_000n },
+          { stream: true, first: { endsAtOnce: true }, input: 10n, estimated: false, nanos: 65_000n },
           { stream: true, first: { status: 429 }, input: 10n, estimated: false, nanos: 65_000n },
         ];
         for (const { stream, first, input, estimated, nanos } of cases) {
@@ -1508,6 +1531,55 @@ for (const port of ["rpc", "rest"] as const) {
         if (timedOut) expect(m.costNanos).toBeGreaterThan(0n);
         else expect(m.costNanos).toBe(0n);
       });
+
+      test.each(lostRows)(
+        "a 200 of %s bills its prompt on top of a fallback's answer only if a model had it",
+        async (_, behaviour, stream, taken, i) => {
+          upstream.script(`lost-${i}-primary`, behaviour);
+          const request = { model: `lost-${i}`, messages: hello };
+          let usage: OpenAI.CompletionUsage | undefined;
+          let response: Response;
+          if (stream) {
+            const answer = await sdk()
+              .chat.completions.create({ ...request, stream: true, stream_options: { include_usage: true } })
+              .withResponse();
+            for await (const chunk of answer.data) usage = chunk.usage ?? usage;
+            response = answer.response;
+          } else {
+            const answer = await sdk().chat.completions.create(request).withResponse();
+            usage = answer.data.usage;
+            response = answer.response;
+          }
+          const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+          expect(upstream.seen(`lost-${i}-primary`)).toHaveLength(2);
+          expect(m).toMatchObject({ status: RequestStatus.OK, fallbackUsed: true, servedModel: `lost-${i}-secondary-fake` });
+          // Each of the two attempts a model had adds the prompt, 10 tokens at $1 per million.
+          const lost = taken ? 2 * 10 : 0;
+          expect(m.usage?.inputTokens).toBe(BigInt((usage?.prompt_tokens ?? 0) + lost));
+          expect(m.costNanos).toBe(BigInt(((usage?.prompt_tokens ?? 0) + lost + (usage?.completion_tokens ?? 0)) * 1000));
+          expect(m.usageEstimated).toBe(taken);
+        },
+      );
+
+      test.each(lostRows)(
+        "a 200 of %s on every target is a 502 that bills its prompts only if a model had them",
+        async (_, behaviour, stream, taken, i) => {
+          upstream.script(`lost-${i}-primary`, behaviour);
+          upstream.script(`lost-${i}-secondary`, behaviour);
+          const e = await apiError(
+            (async () => {
+              const answer = await sdk().chat.completions.create({ model: `lost-${i}`, messages: hello, stream });
+              if (stream) for await (const _ of answer as AsyncIterable<unknown>);
+            })(),
+          );
+          expect([e.status, e.code]).toEqual([502, "upstream_error"]);
+          expect(upstream.seen(`lost-${i}-secondary`)).toHaveLength(2);
+          const m = await gateway.row(e.headers?.get("x-request-id") ?? "");
+          // Four attempts, each 10 tokens of prompt at $1 per million when a model had it.
+          expect(m.usage?.inputTokens ?? 0n).toBe(taken ? 40n : 0n);
+          expect(m.costNanos).toBe(taken ? 40_000n : 0n);
+        },
+      );
 
       test("a target whose streams keep failing mid-stream is skipped for a while too", async () => {
         upstream.script("stream-breaker-primary", { content: "one two three", malformed: true });

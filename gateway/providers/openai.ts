@@ -97,12 +97,14 @@ export function createOpenAIProvider(
   /**
    * One attempt: POSTs `body` to `path` and hands the answer to `read`, all within the attempt's time limit; a refusal
    * (any status but 2xx) becomes the SDK's APIError for it. Sending it through the SDK's own transport (its retry
-   * loop, request logging and timers) cost about 100 µs of CPU more per call than fetch.
+   * loop, request logging and timers) cost about 100 µs of CPU more per call than fetch. `answer` is the content type
+   * of an answer: only a 2xx of that type whose body then broke off had its prompt taken by a model.
    */
   const post = async <T>(
     path: string,
     body: { model: string },
     options: CallOptions,
+    answer: RegExp,
     read: (response: Response) => Promise<T>,
   ) => {
     const { signal } = options;
@@ -111,21 +113,23 @@ export function createOpenAIProvider(
     const abort = () => attempt.abort();
     const timer = setTimeout(abort, options.timeoutMs);
     signal?.addEventListener("abort", abort);
-    let accepted = false;
+    let answering = false;
     try {
       if (signal?.aborted) abort();
       const { url, init } = await template(path, body.model, options.timeoutMs);
       // Serialised as the SDK does its JSON bodies.
       const response = await fetch(url, { ...init, body: JSON.stringify(body), signal: attempt.signal });
       if (!response.ok) throw await refusal(response);
-      accepted = true;
+      answering = answer.test(response.headers.get("content-type") ?? "");
       return await read(response);
     } catch (e) {
       if (signal?.aborted) throw new UpstreamError("cancelled", `${config.name}: request aborted`);
       if (attempt.signal.aborted) throw new UpstreamError("timeout", `${config.name}: timed out`);
       const failure = upstreamError(config.name, e, redact);
-      // Accepted, and its answer's body then broke off or could not be read: not a failure the gateway itself named.
-      if (accepted && !(e instanceof UpstreamError)) failure.promptTaken = true;
+      // An answer whose body broke off (a read error, not a whole body that does not parse or is not an answer, nor a
+      // failure the relay named) was being written by a model, which bills its prompt. A 2xx of another kind (a
+      // proxy's HTML page, NDJSON) ran no model, however it ends.
+      failure.promptTaken = answering && (e instanceof UpstreamError ? e.promptTaken : !(e instanceof SyntaxError));
       throw failure;
     } finally {
       clearTimeout(timer);
@@ -138,8 +142,8 @@ export function createOpenAIProvider(
 
   /** One streamed attempt, resolved with the stream once its first chunk has come. */
   const open = (body: Omit<ChatRequest, "stream"> & { stream: true }, options: CallOptions) =>
-    post("/chat/completions", body, options, async (response) => {
-      if (/[/+]json\b/i.test(response.headers.get("content-type") ?? "")) {
+    post("/chat/completions", body, options, eventStream, async (response) => {
+      if (json.test(response.headers.get("content-type") ?? "")) {
         // JSON rather than events, as some proxies answer a failure with a 200: its error, read as a refusal's.
         const error = upstreamError(config.name, await refusal(response), redact);
         throw new UpstreamError("transient", error.message);
@@ -147,11 +151,7 @@ export function createOpenAIProvider(
       const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
       const chunks = relay(response, config.name, options, choices, redact)[Symbol.asyncIterator]();
       const first = await chunks.next();
-      if (first.done) {
-        throw Object.assign(new UpstreamError("transient", `${config.name}: the stream ended before it began`), {
-          promptTaken: true,
-        });
-      }
+      if (first.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
       return resumed(first.value, chunks);
     });
 
@@ -159,7 +159,13 @@ export function createOpenAIProvider(
     name: config.name,
     kind: config.kind,
     async chat(request: ChatRequest, options: CallOptions): Promise<ChatResult> {
-      const completion = await post("/chat/completions", request, options, (r) => r.json() as Promise<ChatCompletion>);
+      const completion = await post(
+        "/chat/completions",
+        request,
+        options,
+        json,
+        (r) => r.json() as Promise<ChatCompletion>,
+      );
       if (!completion || typeof completion !== "object" || !Array.isArray(completion.choices)) {
         throw new UpstreamError("transient", `${config.name}: the response is not a chat completion`);
       }
@@ -214,7 +220,13 @@ export function createOpenAIProvider(
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
       // encoding_format is always set, so vectors come back as the client asked for them.
-      const response = await post("/embeddings", request, options, (r) => r.json() as Promise<CreateEmbeddingResponse>);
+      const response = await post(
+        "/embeddings",
+        request,
+        options,
+        json,
+        (r) => r.json() as Promise<CreateEmbeddingResponse>,
+      );
       if (!response || !Array.isArray(response.data)) {
         throw new UpstreamError("transient", `${config.name}: the embeddings response has no data`);
       }
@@ -226,6 +238,10 @@ export function createOpenAIProvider(
     },
   };
 }
+
+/** The content types of answers: whole ones in JSON, streamed ones as server-sent events. */
+const json = /[/+]json\b/i;
+const eventStream = /^text\/event-stream\b/i;
 
 /**
  * The refusal names stream_options itself (or its include_usage): as the error's param, else as a word of the
@@ -409,7 +425,8 @@ async function* chunksOf(
   // it the upstream says it is done: a server that ignores n answers fewer.)
   if (open.size > 0 || done.size === 0 || (!sentinel && done.size < choices)) {
     const cut = new UpstreamError("transient", `${provider}: the stream ended before it finished`);
-    throw Object.assign(cut, { promptTaken: true });
+    // A whole body of no chunk at all is no answer cut short: nothing says a model ran.
+    throw Object.assign(cut, { promptTaken: open.size > 0 || done.size > 0 });
   }
 }
 

@@ -35,6 +35,10 @@ export interface Behaviour {
   chunkDelayMs?: number;
   /** Send a body (or, streaming, a chunk) that is not JSON. */
   malformed?: boolean;
+  /** Answer 200 with this body instead, whole or streamed: a proxy's HTML page, NDJSON. */
+  body?: { contentType: string; text: string };
+  /** Break the connection part way through the answer (streaming, before its first chunk), as a crashed server does. */
+  breaksOff?: boolean;
   /** Never answer: wait for the client to give up. */
   hang?: boolean;
   /** Streaming: wait this long after the headers (sent at once, with a comment) before the first chunk (a prefill). */
@@ -149,6 +153,7 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
         const error = { message: `scripted ${b.status}`, type: b.status === 429 ? "rate_limit_error" : "api_error", param: null, code: null, ...b.error };
         return Response.json({ error }, { status: b.status, headers });
       }
+      if (b.body) return answered(b.body.text, b.body.contentType, b.breaksOff);
       if (path === "/v1/embeddings") return embeddings(body, b);
       if (path !== "/v1/chat/completions") return new Response("not found", { status: 404 });
       return body.stream === true ? stream(body, b, req.signal) : completion(body, b);
@@ -201,7 +206,7 @@ function completion(body: Record<string, any>, b: Behaviour): Response {
   const text = b.toolCall ? "" : (b.refusal ?? replyText(body, b));
   const usage = usageOf(body, b.toolCall ? b.toolCall.arguments : text, b);
   const content = b.toolCall || b.refusal !== undefined ? null : text;
-  return Response.json({
+  const reply = {
     id: "chatcmpl-fake",
     object: "chat.completion",
     created: b.odd?.created ?? 1_700_000_000,
@@ -216,7 +221,24 @@ function completion(body: Record<string, any>, b: Behaviour): Response {
       },
     ],
     ...(usage ? { usage } : {}),
-  });
+  };
+  return b.breaksOff ? answered(JSON.stringify(reply), "application/json", true) : Response.json(reply);
+}
+
+/** A 200 of `text`, or, when it breaks off, of its first half and then a broken connection. */
+function answered(text: string, contentType: string, breaksOff = false): Response {
+  const headers = { "content-type": contentType };
+  if (!breaksOff) return new Response(text, { headers });
+  return new Response(
+    new ReadableStream<Uint8Array>({
+      async start(controller) {
+        controller.enqueue(encoder.encode(text.slice(0, Math.ceil(text.length / 2))));
+        await Bun.sleep(20);
+        controller.error();
+      },
+    }),
+    { headers },
+  );
 }
 
 /** Text pieces as a model streams them: words with their leading space. */
@@ -249,6 +271,12 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
         if (signal.aborted) return;
         if (b.endsAtOnce) {
           controller.close();
+          return;
+        }
+        if (b.breaksOff) {
+          controller.enqueue(encoder.encode(": prefill\n\n"));
+          await Bun.sleep(20);
+          controller.error();
           return;
         }
         if (b.firstEvent !== undefined) {
