@@ -90,6 +90,10 @@ function routes(url: string) {
     "  - name: unasked",
     "    targets: [{ provider: no-stream-usage, model: unasked }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: refused-stream",
+    "    targets: [{ provider: fake, model: refused-stream-primary }, { provider: fake, model: refused-stream-secondary }]",
+    "    retries: 1",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
@@ -1323,6 +1327,36 @@ for (const port of ["rpc", "rest"] as const) {
         param: "messages",
         code: "context_length_exceeded",
       };
+
+      const vllmContextLength = {
+        message: "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens (key sk-proj-a1b2c3d4e5f6g7h8i9j0k1l2).",
+        type: "BadRequestError",
+        code: 400,
+      };
+      const streamedRefusals: Array<[string, unknown, { type: string; code: string; param: string | null }]> = [
+        ["vLLM's", { error: vllmContextLength }, { type: "BadRequestError", code: "upstream_rejected", param: null }],
+        ["OpenAI's", { error: contextLength }, { type: "invalid_request_error", code: "context_length_exceeded", param: "messages" }],
+      ];
+
+      test.each(streamedRefusals)(
+        "a stream whose first event is an error naming the request's fault (%s) is a refusal: no retry, fallback or breaker failure",
+        async (_, event, expected) => {
+          upstream.script("refused-stream-primary", { firstEvent: event });
+          // More than a breaker's threshold of them: each still reaches the first target.
+          for (let i = 0; i < 6; i++) {
+            const e = await apiError(sdk().chat.completions.create({ model: "refused-stream", messages: hello, stream: true }));
+            expectShape(e, 400, expected.code, expected.type);
+            expect(e.param).toBe(expected.param);
+            expect(e.message).toContain("maximum context length");
+            expect(e.message).not.toContain("a1b2c3d4e5f6");
+            const m = await gateway.row(e.headers?.get("x-request-id") ?? "");
+            expect(m).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 400, retries: 0, fallbackUsed: false });
+            expect(m.costNanos).toBe(0n);
+          }
+          expect(upstream.seen("refused-stream-primary")).toHaveLength(6);
+          expect(upstream.seen("refused-stream-secondary")).toHaveLength(0);
+        },
+      );
 
       test("an upstream's refusal reaches the SDK with the upstream's status, message, type, param and code", async () => {
         upstream.script("rejecting", { status: 400, error: contextLength });

@@ -284,8 +284,8 @@ function withHeaders<C extends OpenAI>(client: C, headers: Record<string, string
 
 /**
  * An upstream's server-sent events as chat chunks, under the gateway's rules: silence longer than the
- * attempt timeout is a timeout, the client leaving is a cancellation, an error event or unreadable JSON
- * fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
+ * attempt timeout is a timeout, the client leaving is a cancellation, an error event (a refusal when it names the
+ * request's fault) or unreadable JSON fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
  * ignored; a stream left early closes its upstream connection. Once every choice has finished, generation is over and
  * only the usage the upstream bills is still to come: a client leaving then is no cancellation, and the rest is read
  * for up to `usageGraceMs` more.
@@ -358,10 +358,16 @@ async function* chunksOf(
       const error = fields?.error ?? (event.event === "error" || unwrapped ? data : undefined);
       if (error || event.event === "error") {
         const message = (error as { message?: unknown } | null)?.message;
-        failure = new UpstreamError(
-          "transient",
-          `${provider}: ${redact(typeof message === "string" ? message : JSON.stringify(error))}`,
-        );
+        const words = redact(typeof message === "string" ? message : JSON.stringify(error));
+        // An error that names the request's fault (vLLM's context length as its first event) is a refusal, as
+        // the same error with that HTTP status would be; anything else is the upstream's.
+        const status = refusedStatus(error);
+        if (status === undefined) failure = new UpstreamError("transient", `${provider}: ${words}`);
+        else {
+          const body = upstreamErrorBody(error, redact);
+          const said = `${provider} answered ${status} in its stream: ${words}`;
+          failure = new UpstreamError(failureOfStatus(status, body), said, status, undefined, body);
+        }
         return;
       }
       chunks.push(data);
@@ -428,6 +434,35 @@ async function* chunksOf(
     // A whole body of no chunk at all is no answer cut short: nothing says a model ran.
     throw Object.assign(cut, { promptTaken: open.size > 0 || done.size > 0 });
   }
+}
+
+/** Codes of OpenAI's errors that name the request's fault whatever status they come with. */
+const requestFaults = new Set([
+  "context_length_exceeded",
+  "string_above_max_length",
+  "invalid_value",
+  "invalid_type",
+  "missing_required_parameter",
+  "unsupported_parameter",
+  "unsupported_value",
+  "invalid_prompt",
+]);
+
+/**
+ * The HTTP status of a streamed error that names the request's fault: its own numeric code or status from 400 to 422
+ * (but 408 and 429, which are the upstream's), else 400 for an invalid request's type (OpenAI's invalid_request_error,
+ * vLLM's BadRequestError) or code (context_length_exceeded). Undefined for any other error: the upstream's failure.
+ */
+function refusedStatus(error: unknown): number | undefined {
+  if (typeof error !== "object" || error === null) return undefined;
+  const { code, status, type } = error as Record<string, unknown>;
+  for (const value of [code, status]) {
+    const number = typeof value === "string" && /^\d{3}$/.test(value) ? Number(value) : value;
+    if (typeof number !== "number" || number < 400 || number > 599) continue;
+    return number <= 422 && number !== 408 ? number : undefined;
+  }
+  if (typeof type === "string" && (type === "invalid_request_error" || /badrequest/i.test(type))) return 400;
+  return typeof code === "string" && requestFaults.has(code) ? 400 : undefined;
 }
 
 /** A parsed event as a chunk the rest of the gateway can rely on, or a transient failure of the attempt. */
