@@ -7,6 +7,7 @@ import { type Behaviour, type FakeUpstream, type FakeUsage, startFakeUpstream } 
 import { startTestGateway } from "../testing/served-gateway.ts";
 import { countTextTokens } from "../tokenizer.ts";
 import { usageGraceMs } from "../providers/openai.ts";
+import { eventually } from "../../test/support.ts";
 
 // The gateway in front of a real OpenAI-compatible upstream on a socket, called with the official SDK.
 let upstream: FakeUpstream;
@@ -703,6 +704,31 @@ for (const port of ["rpc", "rest"] as const) {
         expect(m.usage).toMatchObject({ inputTokens: 1000n, outputTokens: 20_005n, reasoningTokens: 20_000n });
         // 1,000 input at $1.25/M + 20,005 output at $10/M
         expect(m.costNanos).toBe(201_300_000n);
+      });
+
+      test("a finished stream whose upstream then holds its connection open, [DONE] left without its blank line, ends as an answer", async () => {
+        // Within its silence limit (300 ms), and with the default one (60 s) once usage has been waited for.
+        for (const [model, limitMs] of [["stalls", 300], ["ok", usageGraceMs]] as const) {
+          const billed = { prompt_tokens: 10, completion_tokens: 2, total_tokens: 12 };
+          upstream.script(model, { content: "one two", usage: billed, doneHeldOpen: true });
+          const started = performance.now();
+          const { data, response } = await sdk()
+            .chat.completions.create({ model, messages: hello, stream: true, stream_options: { include_usage: true } })
+            .withResponse();
+          let content = "";
+          let usage: OpenAI.CompletionUsage | undefined;
+          for await (const chunk of data) {
+            content += chunk.choices[0]?.delta.content ?? "";
+            usage = chunk.usage ?? usage;
+          }
+          expect(performance.now() - started).toBeLessThan(limitMs + 2000);
+          expect(content).toBe("one two");
+          expect(usage).toMatchObject(billed);
+          const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+          expect(m).toMatchObject({ status: RequestStatus.OK, httpStatus: 200, usageEstimated: false });
+          expect(m.usage).toMatchObject({ inputTokens: 10n, outputTokens: 2n });
+          await eventually(() => upstream.seen(model).at(-1)?.aborted || undefined, { what: "the upstream closed" });
+        }
       });
 
       test("a usage that does not come within a few seconds of the client leaving is counted, and the upstream closed", async () => {

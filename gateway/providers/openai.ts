@@ -283,12 +283,12 @@ function withHeaders<C extends OpenAI>(client: C, headers: Record<string, string
 }
 
 /**
- * An upstream's server-sent events as chat chunks, under the gateway's rules: silence longer than the
- * attempt timeout is a timeout, the client leaving is a cancellation, an error event (a refusal when it names the
- * request's fault) or unreadable JSON fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
+ * An upstream's server-sent events as chat chunks, under the gateway's rules: silence longer than the attempt timeout
+ * is a timeout, the client leaving is a cancellation, an error event (a refusal when it names the request's fault) or
+ * unreadable JSON fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
  * ignored; a stream left early closes its upstream connection. Once every choice has finished, generation is over and
  * only the usage the upstream bills is still to come: a client leaving then is no cancellation, and the rest is read
- * for up to `usageGraceMs` more.
+ * for up to `usageGraceMs` more, as long as the upstream is not silent for that long, which ends the stream.
  */
 function relay(
   response: Response,
@@ -378,7 +378,7 @@ async function* chunksOf(
   const open = new Set<unknown>();
   const done = new Set<unknown>();
   let ended = false;
-  const silence = watchSilence(timeoutMs, leave);
+  let silence = watchSilence(timeoutMs, leave);
   try {
     while (!sentinel && !failure) {
       let read: Awaited<ReturnType<typeof reader.read>>;
@@ -402,7 +402,14 @@ async function* chunksOf(
             done.add(choice.index);
           } else if (!done.has(choice.index)) open.add(choice.index);
         }
-        finished.all = open.size === 0 && done.size >= choices;
+        const all = open.size === 0 && done.size >= choices;
+        if (all !== finished.all) {
+          // Only usage and [DONE] are still to come: an upstream silent for as long as usage is waited for is done
+          // (one whose [DONE] lacks its blank line and that holds the connection open, say), not stalled.
+          silence.stop();
+          silence = watchSilence(all ? Math.min(timeoutMs, usageGraceMs) : timeoutMs, leave);
+        }
+        finished.all = all;
         // Silence is the upstream's between chunks: not keep-alive comments, nor the time the client takes to read.
         silence.pause();
         yield chunk;
@@ -425,7 +432,7 @@ async function* chunksOf(
     }
   }
   if (failure) throw failure;
-  if (silence.expired) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
+  if (silence.expired && !finished.all) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
   if (signal?.aborted && !finished.all) throw new UpstreamError("cancelled", `${provider}: request aborted`);
   // Without [DONE], a stream that ends between choices may have lost the rest: all of them must have finished. (With
   // it the upstream says it is done: a server that ignores n answers fewer.)

@@ -70,6 +70,8 @@ export interface Behaviour {
   groqUsage?: unknown;
   /** Streaming: end the body at once, before any chunk. */
   endsAtOnce?: boolean;
+  /** Streaming: end with `data: [DONE]` and one newline (so it never dispatches) and hold the connection open. */
+  doneHeldOpen?: boolean;
   /** Streaming: wait this long after the finish_reason chunk before the usage chunk. */
   usageDelayMs?: number;
   /** Streaming: reasoning text sent before the reply, word by word, in `delta[reasoningField]`. */
@@ -327,6 +329,11 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
         if (signal.aborted) return;
         if (wantsUsage && usage) controller.enqueue(event({ ...base, choices: [], usage }));
         for (const later of b.laterUsages ?? []) controller.enqueue(event({ ...base, choices: [], usage: later }));
+        if (b.doneHeldOpen) {
+          controller.enqueue(encoder.encode("data: [DONE]\n"));
+          await new Promise((resolve) => signal.addEventListener("abort", resolve, { once: true }));
+          return;
+        }
         controller.enqueue(encoder.encode("data: [DONE]\n\n"));
         controller.close();
       },
