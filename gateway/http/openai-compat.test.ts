@@ -1384,6 +1384,25 @@ for (const port of ["rpc", "rest"] as const) {
         },
       );
 
+      test("the same error event mid-stream reaches the SDK as the refusal it is and fails no target", async () => {
+        upstream.script("refused-stream-primary", { content: "one two three", midEvent: { error: contextLength } });
+        for (let i = 0; i < 6; i++) {
+          const stream = await sdk().chat.completions.create({ model: "refused-stream", messages: hello, stream: true });
+          let content = "";
+          const e = await apiError(
+            (async () => {
+              for await (const chunk of stream) content += chunk.choices[0]?.delta.content ?? "";
+            })(),
+          );
+          expect(content).toBe("one");
+          expect(e.error).toEqual(contextLength);
+          const m = gateway.shipper.rows.at(-1);
+          expect(m).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 400, errorCode: "context_length_exceeded" });
+        }
+        expect(upstream.seen("refused-stream-primary")).toHaveLength(6);
+        expect(upstream.seen("refused-stream-secondary")).toHaveLength(0);
+      });
+
       test("an upstream's refusal reaches the SDK with the upstream's status, message, type, param and code", async () => {
         upstream.script("rejecting", { status: 400, error: contextLength });
         const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));

@@ -45,6 +45,8 @@ export interface Behaviour {
   firstChunkDelayMs?: number;
   /** Streaming: send this event (an error, say) first, and nothing after it. */
   firstEvent?: unknown;
+  /** Streaming: send this event (an error, say) after the first content chunk, and nothing after it. */
+  midEvent?: unknown;
   /** Streaming: first a chunk as Azure sends it, of prompt filter results, with an empty object and model. */
   promptFilterChunk?: boolean;
   /** Streaming: stop after this many content chunks, without finish_reason or [DONE]. */
@@ -308,6 +310,11 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
           if (signal.aborted) return;
           if (b.malformed && sent === 1) {
             controller.enqueue(encoder.encode("data: {not json\n\n"));
+            controller.close();
+            return;
+          }
+          if (b.midEvent !== undefined && sent === 1) {
+            controller.enqueue(event(b.midEvent));
             controller.close();
             return;
           }
