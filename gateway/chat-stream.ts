@@ -3,7 +3,14 @@ import type { CompletionUsage } from "openai/resources/completions";
 import type { Logger } from "../lib/log.ts";
 import type { Price, Tokens } from "../lib/money.ts";
 import type { Call } from "./core.ts";
-import { clientGone, type GatewayError, toGatewayError, upstreamFailed, upstreamTimeout } from "./errors.ts";
+import {
+  clientGone,
+  type GatewayError,
+  toGatewayError,
+  upstreamFailed,
+  upstreamRejected,
+  upstreamTimeout,
+} from "./errors.ts";
 import {
   type ChatCompletionChunk,
   type ChatRequest,
@@ -288,5 +295,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
 function streamError(e: UpstreamError, model: string, signal: AbortSignal | undefined): GatewayError {
   if (e.failure === "cancelled") return clientGone(signal);
   if (e.failure === "timeout") return upstreamTimeout(`The upstream of \`${model}\` stalled mid-stream.`);
+  // An error event naming the request's fault: the upstream's refusal, in its words, and no failure of the target.
+  if (e.failure === "rejected") return upstreamRejected(model, e.status ?? 400, e.error);
   return upstreamFailed(`The upstream of \`${model}\` failed mid-stream.`);
 }

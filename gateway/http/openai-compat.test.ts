@@ -7,6 +7,7 @@ import { type Behaviour, type FakeUpstream, type FakeUsage, startFakeUpstream } 
 import { startTestGateway } from "../testing/served-gateway.ts";
 import { countTextTokens } from "../tokenizer.ts";
 import { usageGraceMs } from "../providers/openai.ts";
+import { eventually } from "../../test/support.ts";
 
 // The gateway in front of a real OpenAI-compatible upstream on a socket, called with the official SDK.
 let upstream: FakeUpstream;
@@ -90,12 +91,38 @@ function routes(url: string) {
     "  - name: unasked",
     "    targets: [{ provider: no-stream-usage, model: unasked }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: refused-stream",
+    "    targets: [{ provider: fake, model: refused-stream-primary }, { provider: fake, model: refused-stream-secondary }]",
+    "    retries: 1",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
   );
+  // Models of their own for each case of lost attempts, so one case's failures trip no breaker for the next.
+  for (let i = 0; i < lostCases.length; i++) {
+    lines.push(
+      `  - name: lost-${i}`,
+      `    targets: [{ provider: fake, model: lost-${i}-primary }, { provider: fake, model: lost-${i}-secondary }]`,
+      "    retries: 1",
+      `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    );
+  }
   return lines.join("\n");
 }
+
+const page = { contentType: "text/html", text: "<html><body><h1>Checking your browser</h1></body></html>" };
+/** A 200 an attempt got, whether it came streamed, and whether a model had its prompt (its answer broke off). */
+const lostCases: Array<[what: string, behaviour: Behaviour, stream: boolean, taken: boolean]> = [
+  ["a proxy's HTML page", { body: page }, false, false],
+  ["a proxy's HTML page", { body: page }, true, false],
+  ["NDJSON", { body: { contentType: "application/x-ndjson", text: '{"message":{"content":"hi"},"done":true}\n' } }, true, false],
+  ["JSON that does not parse", { malformed: true }, false, false],
+  ["a proxy's page cut short", { body: page, breaksOff: true }, false, false],
+  ["an answer that broke off", { breaksOff: true }, false, true],
+  ["an answer that broke off", { breaksOff: true }, true, true],
+];
+const lostRows = lostCases.map(([what, ...rest], i) => [`${what}${rest[1] ? ", streamed" : ""}`, ...rest, i] as const);
 
 beforeAll(() => {
   upstream = startFakeUpstream();
@@ -679,6 +706,31 @@ for (const port of ["rpc", "rest"] as const) {
         expect(m.costNanos).toBe(201_300_000n);
       });
 
+      test("a finished stream whose upstream then holds its connection open, [DONE] left without its blank line, ends as an answer", async () => {
+        // Within its silence limit (300 ms), and with the default one (60 s) once usage has been waited for.
+        for (const [model, limitMs] of [["stalls", 300], ["ok", usageGraceMs]] as const) {
+          const billed = { prompt_tokens: 10, completion_tokens: 2, total_tokens: 12 };
+          upstream.script(model, { content: "one two", usage: billed, doneHeldOpen: true });
+          const started = performance.now();
+          const { data, response } = await sdk()
+            .chat.completions.create({ model, messages: hello, stream: true, stream_options: { include_usage: true } })
+            .withResponse();
+          let content = "";
+          let usage: OpenAI.CompletionUsage | undefined;
+          for await (const chunk of data) {
+            content += chunk.choices[0]?.delta.content ?? "";
+            usage = chunk.usage ?? usage;
+          }
+          expect(performance.now() - started).toBeLessThan(limitMs + 2000);
+          expect(content).toBe("one two");
+          expect(usage).toMatchObject(billed);
+          const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+          expect(m).toMatchObject({ status: RequestStatus.OK, httpStatus: 200, usageEstimated: false });
+          expect(m.usage).toMatchObject({ inputTokens: 10n, outputTokens: 2n });
+          await eventually(() => upstream.seen(model).at(-1)?.aborted || undefined, { what: "the upstream closed" });
+        }
+      });
+
       test("a usage that does not come within a few seconds of the client leaving is counted, and the upstream closed", async () => {
         upstream.script("slow-stream", { content: "forty two", usageDelayMs: 30_000 });
         const left = performance.now();
@@ -791,10 +843,11 @@ for (const port of ["rpc", "rest"] as const) {
           // Timed out, then answered: the upstream billed two prompts (10 tokens each at $2.50/M) and 4 output ($10/M).
           { stream: false, first: { hang: true }, input: 20n, estimated: true, nanos: 90_000n },
           { stream: true, first: { hang: true }, input: 20n, estimated: true, nanos: 90_000n },
-          // Accepted, then its stream ended before any chunk.
-          { stream: true, first: { endsAtOnce: true }, input: 20n, estimated: true, nanos: 90_000n },
-          // A refusal, however it ends, bills nothing.
+          // Accepted, then its connection broke off before any chunk.
+          { stream: true, first: { breaksOff: true }, input: 20n, estimated: true, nanos: 90_000n },
+          // A refusal, however it ends, bills nothing; nor does a stream that ended, whole, before any chunk.
           { stream: false, first: { status: 503 }, input: 10n, estimated: false, nanos: 65_000n },
+          { stream: true, first: { endsAtOnce: true }, input: 10n, estimated: false, nanos: 65_000n },
           { stream: true, first: { status: 429 }, input: 10n, estimated: false, nanos: 65_000n },
         ];
         for (const { stream, first, input, estimated, nanos } of cases) {
@@ -1301,6 +1354,55 @@ for (const port of ["rpc", "rest"] as const) {
         code: "context_length_exceeded",
       };
 
+      const vllmContextLength = {
+        message: "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens (key sk-proj-a1b2c3d4e5f6g7h8i9j0k1l2).",
+        type: "BadRequestError",
+        code: 400,
+      };
+      const streamedRefusals: Array<[string, unknown, { type: string; code: string; param: string | null }]> = [
+        ["vLLM's", { error: vllmContextLength }, { type: "BadRequestError", code: "upstream_rejected", param: null }],
+        ["OpenAI's", { error: contextLength }, { type: "invalid_request_error", code: "context_length_exceeded", param: "messages" }],
+      ];
+
+      test.each(streamedRefusals)(
+        "a stream whose first event is an error naming the request's fault (%s) is a refusal: no retry, fallback or breaker failure",
+        async (_, event, expected) => {
+          upstream.script("refused-stream-primary", { firstEvent: event });
+          // More than a breaker's threshold of them: each still reaches the first target.
+          for (let i = 0; i < 6; i++) {
+            const e = await apiError(sdk().chat.completions.create({ model: "refused-stream", messages: hello, stream: true }));
+            expectShape(e, 400, expected.code, expected.type);
+            expect(e.param).toBe(expected.param);
+            expect(e.message).toContain("maximum context length");
+            expect(e.message).not.toContain("a1b2c3d4e5f6");
+            const m = await gateway.row(e.headers?.get("x-request-id") ?? "");
+            expect(m).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 400, retries: 0, fallbackUsed: false });
+            expect(m.costNanos).toBe(0n);
+          }
+          expect(upstream.seen("refused-stream-primary")).toHaveLength(6);
+          expect(upstream.seen("refused-stream-secondary")).toHaveLength(0);
+        },
+      );
+
+      test("the same error event mid-stream reaches the SDK as the refusal it is and fails no target", async () => {
+        upstream.script("refused-stream-primary", { content: "one two three", midEvent: { error: contextLength } });
+        for (let i = 0; i < 6; i++) {
+          const stream = await sdk().chat.completions.create({ model: "refused-stream", messages: hello, stream: true });
+          let content = "";
+          const e = await apiError(
+            (async () => {
+              for await (const chunk of stream) content += chunk.choices[0]?.delta.content ?? "";
+            })(),
+          );
+          expect(content).toBe("one");
+          expect(e.error).toEqual(contextLength);
+          const m = gateway.shipper.rows.at(-1);
+          expect(m).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 400, errorCode: "context_length_exceeded" });
+        }
+        expect(upstream.seen("refused-stream-primary")).toHaveLength(6);
+        expect(upstream.seen("refused-stream-secondary")).toHaveLength(0);
+      });
+
       test("an upstream's refusal reaches the SDK with the upstream's status, message, type, param and code", async () => {
         upstream.script("rejecting", { status: 400, error: contextLength });
         const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
@@ -1508,6 +1610,55 @@ for (const port of ["rpc", "rest"] as const) {
         if (timedOut) expect(m.costNanos).toBeGreaterThan(0n);
         else expect(m.costNanos).toBe(0n);
       });
+
+      test.each(lostRows)(
+        "a 200 of %s bills its prompt on top of a fallback's answer only if a model had it",
+        async (_, behaviour, stream, taken, i) => {
+          upstream.script(`lost-${i}-primary`, behaviour);
+          const request = { model: `lost-${i}`, messages: hello };
+          let usage: OpenAI.CompletionUsage | undefined;
+          let response: Response;
+          if (stream) {
+            const answer = await sdk()
+              .chat.completions.create({ ...request, stream: true, stream_options: { include_usage: true } })
+              .withResponse();
+            for await (const chunk of answer.data) usage = chunk.usage ?? usage;
+            response = answer.response;
+          } else {
+            const answer = await sdk().chat.completions.create(request).withResponse();
+            usage = answer.data.usage;
+            response = answer.response;
+          }
+          const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+          expect(upstream.seen(`lost-${i}-primary`)).toHaveLength(2);
+          expect(m).toMatchObject({ status: RequestStatus.OK, fallbackUsed: true, servedModel: `lost-${i}-secondary-fake` });
+          // Each of the two attempts a model had adds the prompt, 10 tokens at $1 per million.
+          const lost = taken ? 2 * 10 : 0;
+          expect(m.usage?.inputTokens).toBe(BigInt((usage?.prompt_tokens ?? 0) + lost));
+          expect(m.costNanos).toBe(BigInt(((usage?.prompt_tokens ?? 0) + lost + (usage?.completion_tokens ?? 0)) * 1000));
+          expect(m.usageEstimated).toBe(taken);
+        },
+      );
+
+      test.each(lostRows)(
+        "a 200 of %s on every target is a 502 that bills its prompts only if a model had them",
+        async (_, behaviour, stream, taken, i) => {
+          upstream.script(`lost-${i}-primary`, behaviour);
+          upstream.script(`lost-${i}-secondary`, behaviour);
+          const e = await apiError(
+            (async () => {
+              const answer = await sdk().chat.completions.create({ model: `lost-${i}`, messages: hello, stream });
+              if (stream) for await (const _ of answer as AsyncIterable<unknown>);
+            })(),
+          );
+          expect([e.status, e.code]).toEqual([502, "upstream_error"]);
+          expect(upstream.seen(`lost-${i}-secondary`)).toHaveLength(2);
+          const m = await gateway.row(e.headers?.get("x-request-id") ?? "");
+          // Four attempts, each 10 tokens of prompt at $1 per million when a model had it.
+          expect(m.usage?.inputTokens ?? 0n).toBe(taken ? 40n : 0n);
+          expect(m.costNanos).toBe(taken ? 40_000n : 0n);
+        },
+      );
 
       test("a target whose streams keep failing mid-stream is skipped for a while too", async () => {
         upstream.script("stream-breaker-primary", { content: "one two three", malformed: true });

@@ -97,12 +97,14 @@ export function createOpenAIProvider(
   /**
    * One attempt: POSTs `body` to `path` and hands the answer to `read`, all within the attempt's time limit; a refusal
    * (any status but 2xx) becomes the SDK's APIError for it. Sending it through the SDK's own transport (its retry
-   * loop, request logging and timers) cost about 100 µs of CPU more per call than fetch.
+   * loop, request logging and timers) cost about 100 µs of CPU more per call than fetch. `answer` is the content type
+   * of an answer: only a 2xx of that type whose body then broke off had its prompt taken by a model.
    */
   const post = async <T>(
     path: string,
     body: { model: string },
     options: CallOptions,
+    answer: RegExp,
     read: (response: Response) => Promise<T>,
   ) => {
     const { signal } = options;
@@ -111,21 +113,23 @@ export function createOpenAIProvider(
     const abort = () => attempt.abort();
     const timer = setTimeout(abort, options.timeoutMs);
     signal?.addEventListener("abort", abort);
-    let accepted = false;
+    let answering = false;
     try {
       if (signal?.aborted) abort();
       const { url, init } = await template(path, body.model, options.timeoutMs);
       // Serialised as the SDK does its JSON bodies.
       const response = await fetch(url, { ...init, body: JSON.stringify(body), signal: attempt.signal });
       if (!response.ok) throw await refusal(response);
-      accepted = true;
+      answering = answer.test(response.headers.get("content-type") ?? "");
       return await read(response);
     } catch (e) {
       if (signal?.aborted) throw new UpstreamError("cancelled", `${config.name}: request aborted`);
       if (attempt.signal.aborted) throw new UpstreamError("timeout", `${config.name}: timed out`);
       const failure = upstreamError(config.name, e, redact);
-      // Accepted, and its answer's body then broke off or could not be read: not a failure the gateway itself named.
-      if (accepted && !(e instanceof UpstreamError)) failure.promptTaken = true;
+      // An answer whose body broke off (a read error, not a whole body that does not parse or is not an answer, nor a
+      // failure the relay named) was being written by a model, which bills its prompt. A 2xx of another kind (a
+      // proxy's HTML page, NDJSON) ran no model, however it ends.
+      failure.promptTaken = answering && (e instanceof UpstreamError ? e.promptTaken : !(e instanceof SyntaxError));
       throw failure;
     } finally {
       clearTimeout(timer);
@@ -138,8 +142,8 @@ export function createOpenAIProvider(
 
   /** One streamed attempt, resolved with the stream once its first chunk has come. */
   const open = (body: Omit<ChatRequest, "stream"> & { stream: true }, options: CallOptions) =>
-    post("/chat/completions", body, options, async (response) => {
-      if (/[/+]json\b/i.test(response.headers.get("content-type") ?? "")) {
+    post("/chat/completions", body, options, eventStream, async (response) => {
+      if (json.test(response.headers.get("content-type") ?? "")) {
         // JSON rather than events, as some proxies answer a failure with a 200: its error, read as a refusal's.
         const error = upstreamError(config.name, await refusal(response), redact);
         throw new UpstreamError("transient", error.message);
@@ -147,11 +151,7 @@ export function createOpenAIProvider(
       const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
       const chunks = relay(response, config.name, options, choices, redact)[Symbol.asyncIterator]();
       const first = await chunks.next();
-      if (first.done) {
-        throw Object.assign(new UpstreamError("transient", `${config.name}: the stream ended before it began`), {
-          promptTaken: true,
-        });
-      }
+      if (first.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
       return resumed(first.value, chunks);
     });
 
@@ -159,7 +159,13 @@ export function createOpenAIProvider(
     name: config.name,
     kind: config.kind,
     async chat(request: ChatRequest, options: CallOptions): Promise<ChatResult> {
-      const completion = await post("/chat/completions", request, options, (r) => r.json() as Promise<ChatCompletion>);
+      const completion = await post(
+        "/chat/completions",
+        request,
+        options,
+        json,
+        (r) => r.json() as Promise<ChatCompletion>,
+      );
       if (!completion || typeof completion !== "object" || !Array.isArray(completion.choices)) {
         throw new UpstreamError("transient", `${config.name}: the response is not a chat completion`);
       }
@@ -214,7 +220,13 @@ export function createOpenAIProvider(
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
       // encoding_format is always set, so vectors come back as the client asked for them.
-      const response = await post("/embeddings", request, options, (r) => r.json() as Promise<CreateEmbeddingResponse>);
+      const response = await post(
+        "/embeddings",
+        request,
+        options,
+        json,
+        (r) => r.json() as Promise<CreateEmbeddingResponse>,
+      );
       if (!response || !Array.isArray(response.data)) {
         throw new UpstreamError("transient", `${config.name}: the embeddings response has no data`);
       }
@@ -226,6 +238,10 @@ export function createOpenAIProvider(
     },
   };
 }
+
+/** The content types of answers: whole ones in JSON, streamed ones as server-sent events. */
+const json = /[/+]json\b/i;
+const eventStream = /^text\/event-stream\b/i;
 
 /**
  * The refusal names stream_options itself (or its include_usage): as the error's param, else as a word of the
@@ -267,12 +283,12 @@ function withHeaders<C extends OpenAI>(client: C, headers: Record<string, string
 }
 
 /**
- * An upstream's server-sent events as chat chunks, under the gateway's rules: silence longer than the
- * attempt timeout is a timeout, the client leaving is a cancellation, an error event or unreadable JSON
- * fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
+ * An upstream's server-sent events as chat chunks, under the gateway's rules: silence longer than the attempt timeout
+ * is a timeout, the client leaving is a cancellation, an error event (a refusal when it names the request's fault) or
+ * unreadable JSON fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
  * ignored; a stream left early closes its upstream connection. Once every choice has finished, generation is over and
  * only the usage the upstream bills is still to come: a client leaving then is no cancellation, and the rest is read
- * for up to `usageGraceMs` more.
+ * for up to `usageGraceMs` more, as long as the upstream is not silent for that long, which ends the stream.
  */
 function relay(
   response: Response,
@@ -342,10 +358,16 @@ async function* chunksOf(
       const error = fields?.error ?? (event.event === "error" || unwrapped ? data : undefined);
       if (error || event.event === "error") {
         const message = (error as { message?: unknown } | null)?.message;
-        failure = new UpstreamError(
-          "transient",
-          `${provider}: ${redact(typeof message === "string" ? message : JSON.stringify(error))}`,
-        );
+        const words = redact(typeof message === "string" ? message : JSON.stringify(error));
+        // An error that names the request's fault (vLLM's context length as its first event) is a refusal, as
+        // the same error with that HTTP status would be; anything else is the upstream's.
+        const status = refusedStatus(error);
+        if (status === undefined) failure = new UpstreamError("transient", `${provider}: ${words}`);
+        else {
+          const body = upstreamErrorBody(error, redact);
+          const said = `${provider} answered ${status} in its stream: ${words}`;
+          failure = new UpstreamError(failureOfStatus(status, body), said, status, undefined, body);
+        }
         return;
       }
       chunks.push(data);
@@ -356,7 +378,7 @@ async function* chunksOf(
   const open = new Set<unknown>();
   const done = new Set<unknown>();
   let ended = false;
-  const silence = watchSilence(timeoutMs, leave);
+  let silence = watchSilence(timeoutMs, leave);
   try {
     while (!sentinel && !failure) {
       let read: Awaited<ReturnType<typeof reader.read>>;
@@ -380,7 +402,14 @@ async function* chunksOf(
             done.add(choice.index);
           } else if (!done.has(choice.index)) open.add(choice.index);
         }
-        finished.all = open.size === 0 && done.size >= choices;
+        const all = open.size === 0 && done.size >= choices;
+        if (all !== finished.all) {
+          // Only usage and [DONE] are still to come: an upstream silent for as long as usage is waited for is done
+          // (one whose [DONE] lacks its blank line and that holds the connection open, say), not stalled.
+          silence.stop();
+          silence = watchSilence(all ? Math.min(timeoutMs, usageGraceMs) : timeoutMs, leave);
+        }
+        finished.all = all;
         // Silence is the upstream's between chunks: not keep-alive comments, nor the time the client takes to read.
         silence.pause();
         yield chunk;
@@ -403,14 +432,44 @@ async function* chunksOf(
     }
   }
   if (failure) throw failure;
-  if (silence.expired) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
+  if (silence.expired && !finished.all) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
   if (signal?.aborted && !finished.all) throw new UpstreamError("cancelled", `${provider}: request aborted`);
   // Without [DONE], a stream that ends between choices may have lost the rest: all of them must have finished. (With
   // it the upstream says it is done: a server that ignores n answers fewer.)
   if (open.size > 0 || done.size === 0 || (!sentinel && done.size < choices)) {
     const cut = new UpstreamError("transient", `${provider}: the stream ended before it finished`);
-    throw Object.assign(cut, { promptTaken: true });
+    // A whole body of no chunk at all is no answer cut short: nothing says a model ran.
+    throw Object.assign(cut, { promptTaken: open.size > 0 || done.size > 0 });
   }
+}
+
+/** Codes of OpenAI's errors that name the request's fault whatever status they come with. */
+const requestFaults = new Set([
+  "context_length_exceeded",
+  "string_above_max_length",
+  "invalid_value",
+  "invalid_type",
+  "missing_required_parameter",
+  "unsupported_parameter",
+  "unsupported_value",
+  "invalid_prompt",
+]);
+
+/**
+ * The HTTP status of a streamed error that names the request's fault: its own numeric code or status from 400 to 422
+ * (but 408 and 429, which are the upstream's), else 400 for an invalid request's type (OpenAI's invalid_request_error,
+ * vLLM's BadRequestError) or code (context_length_exceeded). Undefined for any other error: the upstream's failure.
+ */
+function refusedStatus(error: unknown): number | undefined {
+  if (typeof error !== "object" || error === null) return undefined;
+  const { code, status, type } = error as Record<string, unknown>;
+  for (const value of [code, status]) {
+    const number = typeof value === "string" && /^\d{3}$/.test(value) ? Number(value) : value;
+    if (typeof number !== "number" || number < 400 || number > 599) continue;
+    return number <= 422 && number !== 408 ? number : undefined;
+  }
+  if (typeof type === "string" && (type === "invalid_request_error" || /badrequest/i.test(type))) return 400;
+  return typeof code === "string" && requestFaults.has(code) ? 400 : undefined;
 }
 
 /** A parsed event as a chunk the rest of the gateway can rely on, or a transient failure of the attempt. */

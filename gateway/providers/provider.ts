@@ -91,8 +91,8 @@ export class UpstreamError extends Error {
     super(message);
   }
   /**
-   * The upstream accepted the request (answered 200) and its answer was then lost (a body cut short or unreadable):
-   * it bills the prompt, as it does one a timeout cut off. A refusal, however fast, is not billed.
+   * The upstream accepted the request (answered 200) and its answer's body then broke off: it bills the prompt, as it
+   * does one a timeout cut off. A refusal, however fast, is not billed, nor a 200 that is no answer (a proxy's page).
    */
   promptTaken = false;
 }

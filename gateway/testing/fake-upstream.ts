@@ -35,12 +35,18 @@ export interface Behaviour {
   chunkDelayMs?: number;
   /** Send a body (or, streaming, a chunk) that is not JSON. */
   malformed?: boolean;
+  /** Answer 200 with this body instead, whole or streamed: a proxy's HTML page, NDJSON. */
+  body?: { contentType: string; text: string };
+  /** Break the connection part way through the answer (streaming, before its first chunk), as a crashed server does. */
+  breaksOff?: boolean;
   /** Never answer: wait for the client to give up. */
   hang?: boolean;
   /** Streaming: wait this long after the headers (sent at once, with a comment) before the first chunk (a prefill). */
   firstChunkDelayMs?: number;
   /** Streaming: send this event (an error, say) first, and nothing after it. */
   firstEvent?: unknown;
+  /** Streaming: send this event (an error, say) after the first content chunk, and nothing after it. */
+  midEvent?: unknown;
   /** Streaming: first a chunk as Azure sends it, of prompt filter results, with an empty object and model. */
   promptFilterChunk?: boolean;
   /** Streaming: stop after this many content chunks, without finish_reason or [DONE]. */
@@ -66,6 +72,8 @@ export interface Behaviour {
   groqUsage?: unknown;
   /** Streaming: end the body at once, before any chunk. */
   endsAtOnce?: boolean;
+  /** Streaming: end with `data: [DONE]` and one newline (so it never dispatches) and hold the connection open. */
+  doneHeldOpen?: boolean;
   /** Streaming: wait this long after the finish_reason chunk before the usage chunk. */
   usageDelayMs?: number;
   /** Streaming: reasoning text sent before the reply, word by word, in `delta[reasoningField]`. */
@@ -149,6 +157,7 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
         const error = { message: `scripted ${b.status}`, type: b.status === 429 ? "rate_limit_error" : "api_error", param: null, code: null, ...b.error };
         return Response.json({ error }, { status: b.status, headers });
       }
+      if (b.body) return answered(b.body.text, b.body.contentType, b.breaksOff);
       if (path === "/v1/embeddings") return embeddings(body, b);
       if (path !== "/v1/chat/completions") return new Response("not found", { status: 404 });
       return body.stream === true ? stream(body, b, req.signal) : completion(body, b);
@@ -201,7 +210,7 @@ function completion(body: Record<string, any>, b: Behaviour): Response {
   const text = b.toolCall ? "" : (b.refusal ?? replyText(body, b));
   const usage = usageOf(body, b.toolCall ? b.toolCall.arguments : text, b);
   const content = b.toolCall || b.refusal !== undefined ? null : text;
-  return Response.json({
+  const reply = {
     id: "chatcmpl-fake",
     object: "chat.completion",
     created: b.odd?.created ?? 1_700_000_000,
@@ -216,7 +225,24 @@ function completion(body: Record<string, any>, b: Behaviour): Response {
       },
     ],
     ...(usage ? { usage } : {}),
-  });
+  };
+  return b.breaksOff ? answered(JSON.stringify(reply), "application/json", true) : Response.json(reply);
+}
+
+/** A 200 of `text`, or, when it breaks off, of its first half and then a broken connection. */
+function answered(text: string, contentType: string, breaksOff = false): Response {
+  const headers = { "content-type": contentType };
+  if (!breaksOff) return new Response(text, { headers });
+  return new Response(
+    new ReadableStream<Uint8Array>({
+      async start(controller) {
+        controller.enqueue(encoder.encode(text.slice(0, Math.ceil(text.length / 2))));
+        await Bun.sleep(20);
+        controller.error();
+      },
+    }),
+    { headers },
+  );
 }
 
 /** Text pieces as a model streams them: words with their leading space. */
@@ -251,6 +277,12 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
           controller.close();
           return;
         }
+        if (b.breaksOff) {
+          controller.enqueue(encoder.encode(": prefill\n\n"));
+          await Bun.sleep(20);
+          controller.error();
+          return;
+        }
         if (b.firstEvent !== undefined) {
           controller.enqueue(event(b.firstEvent));
           controller.close();
@@ -281,6 +313,11 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
             controller.close();
             return;
           }
+          if (b.midEvent !== undefined && sent === 1) {
+            controller.enqueue(event(b.midEvent));
+            controller.close();
+            return;
+          }
           if (b.cutAfterChunks !== undefined && sent >= b.cutAfterChunks) {
             controller.close();
             return;
@@ -299,6 +336,11 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
         if (signal.aborted) return;
         if (wantsUsage && usage) controller.enqueue(event({ ...base, choices: [], usage }));
         for (const later of b.laterUsages ?? []) controller.enqueue(event({ ...base, choices: [], usage: later }));
+        if (b.doneHeldOpen) {
+          controller.enqueue(encoder.encode("data: [DONE]\n"));
+          await new Promise((resolve) => signal.addEventListener("abort", resolve, { once: true }));
+          return;
+        }
         controller.enqueue(encoder.encode("data: [DONE]\n\n"));
         controller.close();
       },
