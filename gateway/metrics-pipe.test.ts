@@ -440,6 +440,28 @@ describe("a flood of requests that bill nothing, while analytics is down", () =>
     }
   };
 
+  test("requests refused before a key was accepted take no spool room, and a paid one is delivered", () =>
+    withRoot(async (root) => {
+      const { registry, spool, analytics, shipper, app, paid } = gateway(root);
+      // About twice what the spool holds were each refusal a row.
+      for (let i = 0; i < 5000; i++) {
+        expect((await app.fetch(new Request("http://gateway.test/v1/models"))).status).toBe(401);
+      }
+      expect(spool.rows).toBe(0);
+      const requests = (await registry.getSingleMetric("gateway_requests_total")?.get())?.values ?? [];
+      expect(requests.filter((v) => v.labels.code === 401).map((v) => [v.labels.status, v.value])).toEqual([
+        ["unauthorized", 5000],
+      ]);
+      const id = await paid();
+      expect(shipper.status().full).toBe(false);
+      analytics.refuse = 0;
+      expect(await shipper.flush(5000)).toBe(true);
+      expect(analytics.requestIds()).toEqual([id]);
+      expect(analytics.received[0]?.metrics[0]).toMatchObject({ orgId: "org_1" });
+      expect(await dropped(registry, "full")).toBe(0);
+      spool.close();
+    }));
+
   test("a key's own requests that cost nothing stop short of the spool's bound: the room left goes to paid ones", () =>
     withRoot(async (root) => {
       const { registry, spool, analytics, shipper, chat, paid } = gateway(root);
