@@ -233,7 +233,7 @@ describe("IngestMetrics", () => {
     expect(await totals(org)).toEqual({ requests: 10_000n, costNanos: 30_000n });
   });
 
-  test("requests without an org are stored but not billed; an empty batch is acked", async () => {
+  test("requests without an org are acked, neither stored nor billed; an empty batch is acked", async () => {
     const { billing, send } = setup(store, { ingest: { flushIntervalMs: 100 } });
     const anonymous = rows(2, { orgId: "", apiKeyId: "", costNanos: 0n });
     const billed = rows(1, { orgId: "org_mixed" });
@@ -243,7 +243,8 @@ describe("IngestMetrics", () => {
     ]);
     expect(sequences(acks)).toEqual([1n, 2n]);
     expect(billing.calls.map((c) => c.map((r) => r.requestId))).toEqual([billed.map((m) => m.requestId)]);
-    expect((await totals("")).requests).toBe(2n);
+    expect((await totals("")).requests ?? 0n).toBe(0n);
+    expect((await totals("org_mixed")).requests).toBe(1n);
   });
 
   /**

@@ -264,11 +264,11 @@ export function createIngest(deps: IngestDeps): Ingest {
     }
   }
 
-  /** Records the billable rows in RecordUsage calls of billingBatchRows; returns how many billing already knew. */
+  /** Records the rows in RecordUsage calls of billingBatchRows; returns how many billing already knew. */
   async function recordUsage(rows: readonly RequestMetrics[]): Promise<number> {
     const stopTimer = instruments.billingSeconds.startTimer();
     instruments.billingBusy.start();
-    const records = rows.filter((m) => m.orgId !== "").map(toUsageRecord);
+    const records = rows.map(toUsageRecord);
     const size = Math.min(options.billingBatchRows, maxBatchRows);
     const calls: Promise<number>[] = [];
     for (let i = 0; i < records.length; i += size) calls.push(recordBatch(records.slice(i, i + size)));
@@ -349,11 +349,14 @@ export function createIngest(deps: IngestDeps): Ingest {
           return;
         }
         if (buffer.length === 0) bufferSince = performance.now();
-        const bytes = batch.metrics.reduce((n, m) => n + estimatedBytes(m), 0);
-        buffer.push({ stream, sequence: batch.sequence, rows: batch.metrics, bytes });
-        bufferRows += batch.metrics.length;
+        // A row without an org (a request refused before its key was accepted, from a gateway that still sends those)
+        // is no one's to bill or query: acked with its batch, never stored.
+        const rows = batch.metrics.filter((m) => m.orgId !== "");
+        const bytes = rows.reduce((n, m) => n + estimatedBytes(m), 0);
+        buffer.push({ stream, sequence: batch.sequence, rows, bytes });
+        bufferRows += rows.length;
         bufferBytes += bytes;
-        held += batch.metrics.length;
+        held += rows.length;
         heldBytes += bytes;
         stream.unacked++;
         maybeFlush();

@@ -113,7 +113,10 @@ export interface GatewayCore {
   namedModel(call: Call, body: unknown): void;
   /** Every configured model, in config order. */
   readonly routes: readonly ModelRoute[];
-  /** Records the metrics of a finished call; `handle` calls it, streams call it when they end. */
+  /**
+   * Records the metrics of a finished call (shipped to analytics only once its key was accepted); `handle` calls it,
+   * streams call it when they end.
+   */
   finish(call: Call, error?: GatewayError): void;
   /**
    * Resolves true once every call begun so far has finished (its metrics recorded), false after timeoutMs: at
@@ -325,7 +328,9 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       m.status = RequestStatus.OK;
       m.httpStatus = 200;
     }
-    withChildSpan("gateway.enqueue_metrics", {}, () => shipper.record(m));
+    // Refused before a key was accepted, a request has no org to bill or to show it to: Prometheus counts it and its
+    // trace keeps it, and it takes no spool room a flood of them would take from requests that bill.
+    if (m.orgId !== "") withChildSpan("gateway.enqueue_metrics", {}, () => shipper.record(m));
     if (instruments) {
       const endpoint = endpointLabels[m.endpoint] ?? "unspecified";
       // Clients name any model they like: the label only takes configured names, so series stay bounded.

@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { Registry } from "prom-client";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, type ConnectRouter, createClient, createRouterTransport } from "@connectrpc/connect";
+import { trace } from "@opentelemetry/api";
 import {
   AnalyticsService,
   type IngestMetricsRequest,
@@ -12,10 +13,11 @@ import {
 } from "../gen/analytics/v1/analytics_pb.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { type RunningServer, startServer } from "../lib/server.ts";
+import { createRestApp } from "./http/app.ts";
 import { createMetricsShipper, type MetricsShipper, type MetricsShipperOptions } from "./metrics-pipe.ts";
 import { createMemorySpool, type Spool } from "./spool.ts";
 import { openFileSpool } from "./spool-file.ts";
-import { createFillingDisk, createTestLogger } from "./testing.ts";
+import { createFillingDisk, createTestCore, createTestLogger } from "./testing.ts";
 
 /** A real AnalyticsService.IngestMetrics that can refuse streams, break them, or withhold acks. */
 function createAnalyticsFake() {
@@ -94,7 +96,14 @@ function setup(options: Partial<MetricsShipperOptions> & { spool?: Spool } = {})
   return { analytics, spool, shipper };
 }
 
-const row = (i: number) => create(RequestMetricsSchema, { requestId: `req-${String(i).padStart(4, "0")}` });
+// Rows that bill, which the spool keeps to its bound.
+const row = (i: number) =>
+  create(RequestMetricsSchema, { requestId: `req-${String(i).padStart(4, "0")}`, costNanos: 1n });
+/** gateway_metrics_dropped_total for one reason. */
+const dropped = async (registry: Registry, reason: string) => {
+  const counted = await registry.getSingleMetric("gateway_metrics_dropped_total")?.get();
+  return counted?.values.find((v) => v.labels.reason === reason)?.value;
+};
 const ids = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => row(from + i).requestId);
 
 /** Each stream saw strictly increasing sequences. */
@@ -151,7 +160,7 @@ describe("metrics shipper", () => {
     expect(analytics.received.flatMap((b) => b.metrics).find((m) => m.requestId === "req-tagged")?.tags).toEqual({});
     const count = async (name: string) => (await registry.getSingleMetric(name)?.get())?.values[0]?.value;
     expect(await count("gateway_metrics_trimmed_total")).toBe(1);
-    expect(await count("gateway_metrics_dropped_total")).toBe(1);
+    expect(await dropped(registry, "too_large")).toBe(1);
     // The caller's own metrics are left as they were.
     expect(tagged.tags.note).toHaveLength(5000);
   });
@@ -315,8 +324,7 @@ describe("metrics shipper", () => {
       shipper.start();
       expect(await shipper.flush(5000)).toBe(true);
       expect(analytics.requestIds()).toEqual(ids(0, 13));
-      const dropped = await registry.getSingleMetric("gateway_metrics_dropped_total")?.get();
-      expect(dropped?.values[0]?.value).toBe(12);
+      expect(await dropped(registry, "damaged")).toBe(12);
       expect(spool.rows).toBe(0);
       spool.close();
     } finally {
@@ -325,7 +333,8 @@ describe("metrics shipper", () => {
   });
 
   test("a full spool drops new rows, reports it, and flush gives up after its timeout", async () => {
-    const { analytics, spool, shipper } = setup({ spool: createMemorySpool({ maxBytes: 5 * (row(0).requestId.length + 2 + 9), firstSequence: 1n }) });
+    const maxBytes = 5 * (toBinary(RequestMetricsSchema, row(0)).length + 9);
+    const { analytics, spool, shipper } = setup({ spool: createMemorySpool({ maxBytes, firstSequence: 1n }) });
     analytics.refuse = Number.POSITIVE_INFINITY;
     shipper.start();
     for (let i = 0; i < 8; i++) shipper.record(row(i));
@@ -347,8 +356,7 @@ describe("metrics shipper", () => {
       expect(await shipper.flush(50)).toBe(false);
       expect(shipper.status()).toMatchObject({ rows: 5, full: true });
       for (let i = 5; i < 15; i++) shipper.record(row(i));
-      const dropped = await registry.getSingleMetric("gateway_metrics_dropped_total")?.get();
-      expect(dropped?.values[0]?.value).toBe(10);
+      expect(await dropped(registry, "full")).toBe(10);
 
       disk.room = Number.POSITIVE_INFINITY;
       analytics.refuse = 0;
@@ -395,4 +403,78 @@ describe("metrics shipper", () => {
     expectOrderedStreams(analytics.streams);
     expect(analytics.received.map((b) => b.sequence)).toEqual([1n, 2n, 3n, 4n, 5n, 6n]);
   });
+});
+
+describe("a flood of requests that bill nothing, while analytics is down", () => {
+  /** The REST API over a real shipper and a 256 KiB file spool, its analytics down; `paid` is one billed request. */
+  const gateway = (root: string) => {
+    const registry = new Registry();
+    const spool = openFileSpool({ root, name: "gw", maxBytes: 256 * 1024, fsync: "never" });
+    const { analytics, shipper } = setup({ spool, registry, batchRows: 1000 });
+    analytics.refuse = Number.POSITIVE_INFINITY;
+    shipper.start();
+    const { core } = createTestCore({ registry, shipper });
+    const app = createRestApp({ core, tracer: trace.getTracer("test"), maxBodyBytes: 65_536 });
+    const chat = (model: string, key?: string) =>
+      app.fetch(
+        new Request("http://gateway.test/v1/chat/completions", {
+          method: "POST",
+          headers: { "content-type": "application/json", ...(key ? { authorization: `Bearer ${key}` } : {}) },
+          body: JSON.stringify({ model, messages: [{ role: "user", content: "paid" }] }),
+        }),
+      );
+    const paid = async () => {
+      const res = await chat("mock", "sk-good");
+      expect(res.status).toBe(200);
+      return res.headers.get("x-request-id") ?? "";
+    };
+    return { registry, spool, analytics, shipper, app, chat, paid };
+  };
+
+  const withRoot = async (fn: (root: string) => Promise<void>) => {
+    const root = mkdtempSync(join(tmpdir(), "shipper-flood-"));
+    try {
+      await fn(root);
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  };
+
+  test("requests refused before a key was accepted take no spool room, and a paid one is delivered", () =>
+    withRoot(async (root) => {
+      const { registry, spool, analytics, shipper, app, paid } = gateway(root);
+      // About twice what the spool holds were each refusal a row.
+      for (let i = 0; i < 5000; i++) {
+        expect((await app.fetch(new Request("http://gateway.test/v1/models"))).status).toBe(401);
+      }
+      expect(spool.rows).toBe(0);
+      const requests = (await registry.getSingleMetric("gateway_requests_total")?.get())?.values ?? [];
+      expect(requests.filter((v) => v.labels.code === 401).map((v) => [v.labels.status, v.value])).toEqual([
+        ["unauthorized", 5000],
+      ]);
+      const id = await paid();
+      expect(shipper.status().full).toBe(false);
+      analytics.refuse = 0;
+      expect(await shipper.flush(5000)).toBe(true);
+      expect(analytics.requestIds()).toEqual([id]);
+      expect(analytics.received[0]?.metrics[0]).toMatchObject({ orgId: "org_1" });
+      expect(await dropped(registry, "full")).toBe(0);
+      spool.close();
+    }));
+
+  test("a key's own requests that cost nothing stop short of the spool's bound: the room left goes to paid ones", () =>
+    withRoot(async (root) => {
+      const { registry, spool, analytics, shipper, chat, paid } = gateway(root);
+      for (let i = 0; i < 5000; i++) expect((await chat("gpt-9", "sk-good")).status).toBe(404);
+      expect(spool.rows).toBeGreaterThan(0);
+      expect(spool.bytes).toBeLessThanOrEqual(spool.maxBytes * 0.8);
+      expect(await dropped(registry, "shed")).toBe(5000 - spool.rows);
+      expect(shipper.status().full).toBe(false);
+      const ids = [await paid(), await paid()];
+      expect(await dropped(registry, "full")).toBe(0);
+      analytics.refuse = 0;
+      expect(await shipper.flush(5000)).toBe(true);
+      expect(analytics.requestIds().slice(-2)).toEqual(ids);
+      spool.close();
+    }));
 });

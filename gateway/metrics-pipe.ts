@@ -76,6 +76,14 @@ const readyFill = 0.9;
 // Rows are never larger (the request checks bound one to about 40 KB): caps a guess from a spool's average row.
 const rowGuessCapBytes = 64 * 1024;
 
+// Past this share of its bound the spool keeps its room for rows that bill: a flood of requests that cost nothing (a
+// key's own 429s and 4xx) is shed there, so it can neither push out billable rows nor bring the spool near readyFill.
+const shedFill = 0.8;
+
+/** Whether billing counts anything of a row: cost, or tokens a key's monthly limit counts (a free model's). */
+const billable = (m: RequestMetrics) =>
+  m.costNanos !== 0n || (m.usage?.inputTokens ?? 0n) !== 0n || (m.usage?.outputTokens ?? 0n) !== 0n;
+
 interface Stream {
   outbox: Outbox<IngestMetricsRequest>;
   abort: AbortController;
@@ -114,6 +122,8 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   let lastError: string | undefined;
   // Rows are being dropped: logged once until one is spooled again.
   let dropping = false;
+  // Rows that bill nothing are being shed: logged once until one is spooled again.
+  let shedding = false;
   // The last row was refused with room for it: the disk refuses writes.
   let appendFailing = false;
   let largestRow = 0;
@@ -168,7 +178,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
         sequence: batch.sequence,
         dropped_rows: lost,
       });
-      instruments?.dropped.inc(lost);
+      instruments?.dropped.inc({ reason: "damaged" }, lost);
       if (e.rows.length === 0) {
         spool.ack(batch.sequence);
         if (spool.rows === 0) drained.wakeAll();
@@ -250,7 +260,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       return trimmed;
     }
     log.error("request metrics larger than a batch even without tags are dropped", fields);
-    instruments?.dropped.inc();
+    instruments?.dropped.inc({ reason: "too_large" });
     return undefined;
   };
 
@@ -351,9 +361,22 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     record(metrics) {
       const row = encodeRow(metrics);
       if (!row) return;
+      if (!billable(metrics)) {
+        if (spool.bytes + row.length + rowOverheadBytes > spool.maxBytes * shedFill) {
+          instruments?.dropped.inc({ reason: "shed" });
+          if (!shedding) {
+            log.warn("metrics spool nearly full: shedding metrics of requests that bill nothing", {
+              spooled_rows: spool.rows,
+            });
+          }
+          shedding = true;
+          return;
+        }
+        shedding = false;
+      }
       largestRow = Math.max(largestRow, row.length);
       if (!spool.append(row)) {
-        instruments?.dropped.inc();
+        instruments?.dropped.inc({ reason: "full" });
         if (!dropping) log.error("metrics spool full: dropping request metrics", { spooled_rows: spool.rows });
         dropping = true;
         appendFailing = !spoolAtBound();
@@ -492,12 +515,18 @@ function createInstruments(registry: Registry, spool: Spool, connected: () => bo
       this.set(connected() ? 1 : 0);
     },
   });
+  const dropped = new Counter({
+    name: "gateway_metrics_dropped_total",
+    help:
+      "Request metrics dropped: by reason, the spool was full or could not be written (full), lost them on disk " +
+      "(damaged), they were too large (too_large), or billed nothing and the spool was nearly full (shed).",
+    labelNames: ["reason"],
+    registers: [registry],
+  });
+  // Every reason from zero, so the first drop is an increase.
+  for (const reason of ["full", "damaged", "too_large", "shed"]) dropped.inc({ reason }, 0);
   return {
-    dropped: new Counter({
-      name: "gateway_metrics_dropped_total",
-      help: "Request metrics dropped because the spool was full, could not be written, or lost them on disk.",
-      registers: [registry],
-    }),
+    dropped,
     acked: new Counter({
       name: "gateway_ingest_batches_acked_total",
       help: "Metric batches acked by analytics.",

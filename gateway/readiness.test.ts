@@ -62,9 +62,13 @@ function withSpool(spool: Spool) {
   return { shipper, ready: async () => (await readiness()).ready };
 }
 
-/** A row of 10 bytes encoded, and 2 more and `userChars` with an end user. */
+/** A billed row of 13 bytes encoded, and 2 more and `userChars` with an end user. */
 const row = (i: number, userChars = 0) =>
-  create(RequestMetricsSchema, { requestId: `req-${String(i).padStart(4, "0")}`, endUserId: "u".repeat(userChars) });
+  create(RequestMetricsSchema, {
+    requestId: `req-${String(i).padStart(4, "0")}`,
+    endUserId: "u".repeat(userChars),
+    costNanos: 1n,
+  });
 
 describe("readiness", () => {
   test("ready with billing up and the spool under its bound, connected or not", async () => {
@@ -116,15 +120,15 @@ describe("readiness", () => {
   });
 
   test("a full spool is ready again only once acks bring it under 90% of its bound", async () => {
-    // 20 rows of 10 bytes and 9 of overhead fill it.
-    const spool = createMemorySpool({ maxBytes: 20 * 19, firstSequence: 1n });
+    // 20 rows of 13 bytes and 9 of overhead fill it.
+    const spool = createMemorySpool({ maxBytes: 20 * 22, firstSequence: 1n });
     const { shipper, ready } = withSpool(spool);
     for (let i = 0; i < 21; i++) shipper.record(row(i));
     expect(spool.rows).toBe(20);
     expect(await ready()).toBe(false);
     // Room for a row again, but not under 90%: a new row would take it and the next be dropped.
     spool.ack(1n);
-    expect(spool.bytes + 19).toBeLessThanOrEqual(spool.maxBytes);
+    expect(spool.bytes + 22).toBeLessThanOrEqual(spool.maxBytes);
     expect(await ready()).toBe(false);
     spool.ack(2n);
     expect(spool.bytes).toBe(spool.maxBytes * 0.9);

@@ -6,6 +6,7 @@ import { loadSync } from "@grpc/proto-loader";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { trace } from "@opentelemetry/api";
+import { Registry } from "prom-client";
 import { isValid as isUlid } from "ulid";
 import { decodeBase64 } from "../lib/grpc-web-text.ts";
 import { answerToHead } from "../lib/testing.ts";
@@ -27,7 +28,17 @@ import { oneModelRoutes, startTestGateway } from "./testing/served-gateway.ts";
 
 // One real server on port 0 carrying both the RPCs and the REST API, as main.ts wires them.
 let server: RunningServer;
-const gateway = createTestCore();
+const registry = new Registry();
+const gateway = createTestCore({ registry });
+
+/** gateway_requests_total of one series, by its endpoint, model, status and code labels. */
+const requestsCounted = async (endpoint: string, model: string, status: string, code: number) =>
+  ((await registry.getSingleMetric("gateway_requests_total")?.get())?.values ?? [])
+    .filter((v) => {
+      const { labels } = v;
+      return labels.endpoint === endpoint && labels.model === model && labels.status === status && labels.code === code;
+    })
+    .reduce((n, v) => n + v.value, 0);
 
 beforeAll(async () => {
   const rest = createRestApp({ core: gateway.core, tracer: trace.getTracer("test"), maxBodyBytes: 4096 });
@@ -286,7 +297,8 @@ describe("the same server over plain HTTP", () => {
     expect(e.metadata.get("x-error-code")).toBe("string_above_max_length");
   });
 
-  test("an RPC without a valid key is answered before its message is read, and metered", async () => {
+  test("an RPC without a valid key is answered before its message is read, and counted, not shipped", async () => {
+    const before = await requestsCounted("chat_completions", "unknown", "unauthorized", 401);
     for (const key of ["", "sk-unknown"]) {
       // A body within the limit is declared and never sent: only an answer that does not wait for it arrives.
       const answer = await answerToHead(
@@ -297,12 +309,19 @@ describe("the same server over plain HTTP", () => {
       expect(answer).toStartWith("HTTP/1.1 401");
       const requestId = /x-request-id: (\S+)/i.exec(answer)?.[1] ?? "";
       expect(isUlid(requestId)).toBe(true);
-      const row = gateway.shipper.rows.find((m) => m.requestId === requestId);
-      expect(row).toMatchObject({ httpStatus: 401 });
+      expect(gateway.shipper.rows.find((m) => m.requestId === requestId)).toBeUndefined();
     }
+    expect(await requestsCounted("chat_completions", "unknown", "unauthorized", 401)).toBe(before + 2);
   });
 
   test("an RPC whose key billing cannot check is unavailable, counted under the model its message names", async () => {
+    const counted = () =>
+      Promise.all([
+        requestsCounted("chat_completions", "mock", "unavailable", 503),
+        requestsCounted("embeddings", "mock", "unavailable", 503),
+        requestsCounted("chat_completions", "unknown", "unavailable", 503),
+      ]);
+    const before = await counted();
     const ids: string[] = [];
     gateway.billing.setDown(true);
     try {
@@ -323,12 +342,9 @@ describe("the same server over plain HTTP", () => {
     } finally {
       gateway.billing.setDown(false);
     }
-    const rows = ids.map((id) => gateway.shipper.rows.find((m) => m.requestId === id));
-    expect(rows.map((m) => [m?.status, m?.httpStatus, m?.requestedModel])).toEqual([
-      [RequestStatus.UNAVAILABLE, 503, "mock"],
-      [RequestStatus.UNAVAILABLE, 503, "mock"],
-      [RequestStatus.UNAVAILABLE, 503, "made-up"],
-    ]);
+    // No key was accepted: Prometheus counts them, analytics never sees them.
+    expect(gateway.shipper.rows.filter((m) => ids.includes(m.requestId))).toEqual([]);
+    expect((await counted()).map((n, i) => n - (before[i] ?? 0))).toEqual([1, 1, 1]);
   });
 
   test("a gRPC message over the limit (no declared length) is resource_exhausted with the request id, metered", async () => {

@@ -7,7 +7,7 @@ import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { createLogger, type Logger } from "../lib/log.ts";
 import { createKeyAuthorizer } from "./auth.ts";
 import { parseGatewayConfig } from "./config.ts";
-import { createGatewayCore } from "./core.ts";
+import { type CoreOptions, createGatewayCore } from "./core.ts";
 import { createProviders } from "./providers/index.ts";
 import { UpstreamError } from "./providers/provider.ts";
 
@@ -99,9 +99,9 @@ models:
 
 /**
  * A gateway core on the mock provider and a provider that always fails, with the billing fake's
- * keys: sk-good (any model), sk-limited (only "mock").
+ * keys: sk-good (any model), sk-limited (only "mock"). Its metrics go to `shipper` when given, else are kept in rows.
  */
-export function createTestCore(options: { registry?: Registry } = {}) {
+export function createTestCore(options: { registry?: Registry; shipper?: CoreOptions["shipper"] } = {}) {
   const billing = createBillingFake({
     "sk-good": { id: "key_good", orgId: "org_1", projectId: "proj_1" },
     "sk-limited": { id: "key_limited", orgId: "org_2", allowedModels: ["mock"] },
@@ -120,7 +120,7 @@ export function createTestCore(options: { registry?: Registry } = {}) {
     config,
     providers,
     keys: createKeyAuthorizer({ billing: billing.client }),
-    shipper,
+    shipper: options.shipper ?? shipper,
     instanceId: "gw-test",
     log,
     registry: options.registry,

@@ -58,7 +58,7 @@ console.log(
     spooledWhileHeld,
     flushed,
     received,
-    dropped: dropped?.values[0]?.value ?? 0,
+    dropped: dropped?.values.reduce((n, v) => n + v.value, 0) ?? 0,
     errors: messages.filter((m) => m.level === "error").map((m) => m.msg),
   }),
 );

@@ -66,7 +66,8 @@ export type RequestMetrics = Message<"analytics.v1.RequestMetrics"> & {
   endTime?: Timestamp | undefined;
 
   /**
-   * Billing organization that owns the API key; empty when the key was not authenticated.
+   * Billing organization that owns the API key. Never empty: a gateway sends no row for a request refused before its
+   * key was accepted, and analytics acks any such row without keeping it.
    *
    * @generated from field: string org_id = 7;
    */
