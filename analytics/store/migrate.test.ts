@@ -95,7 +95,7 @@ describe("DDL for a ClickHouse cluster (CLICKHOUSE_CLUSTER)", () => {
       "ALTER TABLE mesh.requests_1h_local ON CLUSTER mesh_cluster MODIFY TTL hour + INTERVAL 30 DAY",
     ]);
     await store.insertRequests([sampleMetrics(new Date())], "token-1");
-    expect(driver.sent.at(-1)).toEqual({
+    expect(driver.sent.find((s) => s.sql === "INSERT INTO mesh.requests")).toEqual({
       sql: "INSERT INTO mesh.requests",
       settings: { distributed_foreground_insert: "1", insert_deduplication_token: "token-1" },
     });

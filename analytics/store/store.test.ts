@@ -424,6 +424,38 @@ describe("rollups of a new database", () => {
   });
 });
 
+describe("rollups under another lag or clock", () => {
+  test("a row for a rolled-up minute counts whatever the lag or clock of the replica that stores it", async () => {
+    const first = await createTestStore();
+    const withLag = (rollupLagMs: number) =>
+      createAnalyticsStore(createChdbDriver(testDataDir()), { database: first.database, ttlDays: 400, rollupLagMs });
+    try {
+      const now = Date.now();
+      const minute = 60_000;
+      const org = "org_lag_change";
+      const range = { start: timestampFromDate(new Date(now - hour)), end: timestampFromDate(new Date(now + hour)) };
+      const total = async () => (await first.queryUsage({ orgId: org, ...range, groupBy: [], limit: 1 }))[0]?.requests;
+      const short = withLag(minute);
+      await short.insertRequests([sampleMetrics(new Date(now - 20 * minute), { orgId: org })], "lag-1");
+      await short.rollUp(new Date(now));
+      // The lag raised to an hour and the process restarted: a gateway resends a row of a minute already rolled up.
+      const long = withLag(hour);
+      await long.insertRequests([sampleMetrics(new Date(now - 10 * minute), { orgId: org })], "lag-2");
+      expect(await total()).toBe(2n);
+      await long.rollUp(new Date(now + 3 * hour));
+      expect(await total()).toBe(2n);
+      // A replica whose clock runs half an hour ahead rolls up minutes the others still take rows for.
+      await short.rollUp(new Date(now + 30 * minute));
+      await withLag(5 * minute).insertRequests([sampleMetrics(new Date(now - minute), { orgId: org })], "lag-3");
+      expect(await total()).toBe(3n);
+      await short.rollUp(new Date(now + 31 * minute));
+      expect(await total()).toBe(3n);
+    } finally {
+      await first.close();
+    }
+  });
+});
+
 describe("migrations", () => {
   test("a changed migration that was already applied stops migrate", async () => {
     const dir = mkdtempSync(join(tmpdir(), "analytics-migrations-"));
