@@ -45,6 +45,7 @@ test("main.ts starts ready, keeps its data across restarts and exits 0 on SIGTER
   expect(first.lines.find((l) => l.msg === "clickhouse ready")?.migrations_applied).toEqual([
     "0001_requests",
     "0002_rollups",
+    "0003_rollup_totals",
   ]);
   const ready = await fetch(`${first.url}/readyz`);
   expect(ready.status).toBe(200);

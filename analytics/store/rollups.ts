@@ -123,8 +123,10 @@ export interface RollupResult {
 }
 
 const dims = "org_id, project_id, api_key_id, requested_model, provider, status";
-const sums = `sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens,
-  sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens, sum(cost_nanos) AS cost_nanos`;
+// Over Int128, as the rollups hold them: a sum of Int64 wraps silently.
+export const totalsSql = ["input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "cost_nanos"]
+  .map((column) => `sum(toInt128(${column})) AS ${column}`)
+  .join(", ");
 const rollupColumns = (time: string) =>
   `${time}, ${dims}, requests, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, computed_at`;
 
@@ -139,12 +141,12 @@ export function createRollups(driver: ClickHouseDriver, tables: RollupTables, la
 
   const minutesFromRaw = (where: string) =>
     `INSERT INTO ${tables.minutes} (${rollupColumns("minute")})
-     SELECT toStartOfMinute(start_time) AS minute, ${dims}, count() AS requests, ${sums}, now64(6)
+     SELECT toStartOfMinute(start_time) AS minute, ${dims}, count() AS requests, ${totalsSql}, now64(6)
      FROM ${tables.requests} FINAL WHERE ${where}
      GROUP BY minute, ${dims}`;
   const hoursFromMinutes = (where: string) =>
     `INSERT INTO ${tables.hours} (${rollupColumns("hour")})
-     SELECT toStartOfHour(minute) AS hour, ${dims}, sum(requests) AS requests, ${sums}, now64(6)
+     SELECT toStartOfHour(minute) AS hour, ${dims}, sum(requests) AS requests, ${totalsSql}, now64(6)
      FROM ${tables.minutes} FINAL WHERE ${where}
      GROUP BY hour, ${dims}`;
 
