@@ -193,6 +193,42 @@ describe("IngestMetrics", () => {
     expect(billing.stored.size).toBe(10);
   });
 
+  test("rows with counts out of bounds are set aside, logged and counted; the rest of their batch is stored and billed", async () => {
+    const org = "org_out_of_bounds";
+    const registry = new Registry();
+    const { billing, send } = setup(store, { registry });
+    const usage = (tokens: bigint) => ({ inputTokens: tokens, cachedInputTokens: 0n, outputTokens: 0n, reasoningTokens: 0n });
+    const odd = [
+      { costNanos: 6n * 10n ** 18n },
+      { costNanos: 10n ** 15n + 1n },
+      { costNanos: -1n },
+      { usage: usage(2n ** 31n + 1n) },
+      { usage: usage(-5n) },
+      { totalLatencyUs: 2n ** 63n - 1n },
+      { ttftUs: -1n },
+      { gatewayOverheadUs: 86_400_000_001n },
+    ].map((fields) => sampleMetrics(new Date(now - 60_000), { orgId: org, ...fields }));
+    // The largest values a row may hold are taken.
+    const largest = sampleMetrics(new Date(now - 60_000), {
+      orgId: org,
+      costNanos: 10n ** 15n,
+      usage: usage(2n ** 31n),
+      totalLatencyUs: 86_400_000_000n,
+    });
+    const [first, last] = rows(2, { orgId: org }) as [RequestMetrics, RequestMetrics];
+    const metrics = [first, ...odd, largest, last];
+    const { acks, error } = await send([{ gatewayInstanceId: "gw-bounds", sequence: 1n, metrics }]);
+    expect(error).toBeUndefined();
+    expect(sequences(acks)).toEqual([1n]);
+    const kept = [first, largest, last].map((m) => m.requestId).sort();
+    expect([...billing.stored.keys()].sort()).toEqual(kept);
+    const page = await store.listRequests({ orgId: org, window, limit: 100 });
+    expect(page.requests.map((r) => r.requestId).sort()).toEqual(kept);
+    expect(await totals(org)).toEqual({ requests: 3n, costNanos: 10n ** 15n + 2n * 12_345n });
+    const [counted] = (await registry.getSingleMetric("analytics_ingest_out_of_bounds_rows_total")?.get())?.values ?? [];
+    expect(counted?.value).toBe(odd.length);
+  });
+
   test("invalid batches are refused before anything is written", async () => {
     const org = "org_invalid";
     const { billing, send } = setup(store);

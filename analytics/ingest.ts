@@ -11,6 +11,7 @@ import type {
 import { type BillingService, type UsageRecord, UsageRecordSchema } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
 import type { Logger } from "../lib/log.ts";
+import { MAX_COST_NANOS_PER_REQUEST, MAX_TOKENS_PER_REQUEST } from "../lib/money.ts";
 import { finishWith, withChildSpan } from "../lib/telemetry.ts";
 import type { AnalyticsStore } from "./store/store.ts";
 
@@ -348,10 +349,22 @@ export function createIngest(deps: IngestDeps): Ingest {
           fail([{ stream, sequence: batch.sequence, rows: [], bytes: 0 }], ConnectError.from(e));
           return;
         }
-        if (buffer.length === 0) bufferSince = performance.now();
         // A row without an org (a request refused before its key was accepted, from a gateway that still sends those)
         // is no one's to bill or query: acked with its batch, never stored.
-        const rows = batch.metrics.filter((m) => m.orgId !== "");
+        const rows = batch.metrics.filter((m, i) => {
+          if (m.orgId === "") return false;
+          const problem = outOfBounds(m);
+          if (problem === undefined) return true;
+          instruments.outOfBounds.inc();
+          deps.log.error("set aside a row with a value out of bounds; it is neither stored nor billed", {
+            err: new ConnectError(`batch ${batch.sequence}, row ${i}: ${problem}`, Code.InvalidArgument),
+            request_id: m.requestId,
+            org_id: m.orgId,
+            gateway_instance_id: batch.gatewayInstanceId,
+          });
+          return false;
+        });
+        if (buffer.length === 0) bufferSince = performance.now();
         const bytes = rows.reduce((n, m) => n + estimatedBytes(m), 0);
         buffer.push({ stream, sequence: batch.sequence, rows, bytes });
         bufferRows += rows.length;
@@ -445,6 +458,31 @@ function validateBatch(batch: IngestMetricsRequest): void {
       }
     }
   });
+}
+
+// A day: beyond the gateway's longest request (an hour at most), and summed over any range without wrapping.
+const maxLatencyUs = 86_400_000_000n;
+
+/**
+ * What is wrong with a row's counts, if anything: a negative count, tokens or cost beyond billing's bounds for one
+ * request, or a latency over a day. Billing refuses such a row, and summed with others it would make totals and
+ * percentiles nonsense. Refusing its batch would have the gateway resend it forever: it is set aside (logged with its
+ * request_id, counted) and the rest of its batch taken, as billing's refusals are.
+ */
+function outOfBounds(m: RequestMetrics): string | undefined {
+  const bounds: [string, bigint, bigint][] = [
+    ["usage.input_tokens", m.usage?.inputTokens ?? 0n, MAX_TOKENS_PER_REQUEST],
+    ["usage.cached_input_tokens", m.usage?.cachedInputTokens ?? 0n, MAX_TOKENS_PER_REQUEST],
+    ["usage.output_tokens", m.usage?.outputTokens ?? 0n, MAX_TOKENS_PER_REQUEST],
+    ["usage.reasoning_tokens", m.usage?.reasoningTokens ?? 0n, MAX_TOKENS_PER_REQUEST],
+    ["cost_nanos", m.costNanos, MAX_COST_NANOS_PER_REQUEST],
+    ["total_latency_us", m.totalLatencyUs, maxLatencyUs],
+    ["upstream_latency_us", m.upstreamLatencyUs, maxLatencyUs],
+    ["ttft_us", m.ttftUs, maxLatencyUs],
+    ["gateway_overhead_us", m.gatewayOverheadUs, maxLatencyUs],
+  ];
+  const wrong = bounds.find(([, value, max]) => value < 0n || value > max);
+  return wrong && `${wrong[0]} must be in 0..${wrong[2]}`;
 }
 
 // What DateTime64 columns, their TTL and the queries hold: a time outside is refused before anything is written, so
@@ -546,6 +584,11 @@ function createInstruments(registers: Registry[], held: () => { rows: number; by
     unbillable: new Counter({
       name: "analytics_ingest_unbillable_rows_total",
       help: "Rows billing refused as invalid or of an unknown org or key: kept in ClickHouse, logged, not billed.",
+      registers,
+    }),
+    outOfBounds: new Counter({
+      name: "analytics_ingest_out_of_bounds_rows_total",
+      help: "Rows with a negative count, or one past billing's bounds or a day of latency: logged, not stored or billed.",
       registers,
     }),
     duplicates: new Counter({

@@ -45,6 +45,7 @@ test("main.ts starts ready, keeps its data across restarts and exits 0 on SIGTER
   expect(first.lines.find((l) => l.msg === "clickhouse ready")?.migrations_applied).toEqual([
     "0001_requests",
     "0002_rollups",
+    "0003_rollup_totals",
   ]);
   // Its rows hold tenants' request metadata: no other user of the machine reads them.
   expect(statSync(join(dataDir, "clickhouse")).mode & 0o777).toBe(0o700);

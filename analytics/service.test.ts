@@ -215,8 +215,14 @@ describe("AnalyticsService queries", () => {
       const total = t.seconds * 1_000_000_000n + BigInt(t.nanos + nanos);
       return { seconds: total / 1_000_000_000n, nanos: Number(total % 1_000_000_000n) };
     };
-    const ids = async (start: number, end: number) =>
-      (await client.listRequests({ orgId: org, range: { start: at(start), end: at(end) } })).requests.map((r) => r.requestId);
+    // Listed and counted alike.
+    const ids = async (start: number, end: number) => {
+      const range = { start: at(start), end: at(end) };
+      const listed = (await client.listRequests({ orgId: org, range })).requests.map((r) => r.requestId);
+      const [usage] = (await client.queryUsage({ orgId: org, range })).rows;
+      expect(usage?.requests ?? 0n).toBe(BigInt(listed.length));
+      return listed;
+    };
     expect(await ids(-1_000_000, 500)).toEqual([row.requestId]);
     expect(await ids(0, 1)).toEqual([row.requestId]);
     expect(await ids(500, 1_000_000)).toEqual([]);

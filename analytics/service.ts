@@ -10,7 +10,13 @@ import { createAnalyticsAuth } from "./auth.ts";
 import { createIngest, type IngestOptions } from "./ingest.ts";
 import { ReportQueueFullError } from "./store/driver.ts";
 import { microsText, textMicros } from "./store/rollups.ts";
-import type { AnalyticsStore, RequestCursor, TimeWindow, UsageDimension } from "./store/store.ts";
+import {
+  type AnalyticsStore,
+  type RequestCursor,
+  type TimeWindow,
+  TotalTooLargeError,
+  type UsageDimension,
+} from "./store/store.ts";
 
 export interface AnalyticsServiceDeps {
   store: AnalyticsStore;
@@ -198,6 +204,9 @@ export async function query<T>(log: Logger, rpc: string, run: () => Promise<T>, 
     // The caller left and its query was stopped: nothing failed, and nobody reads the answer.
     if (signal?.aborted) throw new ConnectError("the caller cancelled the query", Code.Canceled);
     if (e instanceof ReportQueueFullError) throw new ConnectError(e.message, Code.ResourceExhausted);
+    if (e instanceof TotalTooLargeError) {
+      throw new ConnectError(`${e.message}; narrow the range or group by more dimensions`, Code.OutOfRange);
+    }
     if (timedOut(e)) {
       log.warn("analytics query ran out of time", { rpc });
       throw new ConnectError("the query ran out of time; narrow the range or group by fewer dimensions", Code.ResourceExhausted);

@@ -27,7 +27,7 @@ import {
   type TokenUsage,
   TokenUsageSchema,
 } from "../gen/common/v1/common_pb.ts";
-import { MAX_TOKENS_PER_REQUEST } from "../lib/money.ts";
+import { MAX_COST_NANOS_PER_REQUEST, MAX_TOKENS_PER_REQUEST } from "../lib/money.ts";
 import { roundingRule } from "./invoices/build.ts";
 import type {
   ApiKey,
@@ -62,8 +62,6 @@ const endpointEnums = Object.fromEntries(Object.entries(endpoints).map(([k, v]) 
 >;
 
 const maxAllowedModels = 1000;
-// $1,000,000 per request: over 9,000 such requests of one org, day, project and key fit in a bigint daily total.
-const maxCostNanosPerRequest = 10n ** 15n;
 
 export function organizationMessage(org: Organization): OrganizationMessage {
   return create(OrganizationSchema, {
@@ -217,7 +215,7 @@ export function usageRecordFrom(
   const reasoningTokens = tokens(record.usage?.reasoningTokens, "reasoning_tokens");
   if (cachedInputTokens > inputTokens) throw invalid(field("usage.cached_input_tokens"), "exceeds input_tokens");
   if (reasoningTokens > outputTokens) throw invalid(field("usage.reasoning_tokens"), "exceeds output_tokens");
-  const costNanos = atMost(record.costNanos, field("cost_nanos"), maxCostNanosPerRequest);
+  const costNanos = atMost(record.costNanos, field("cost_nanos"), MAX_COST_NANOS_PER_REQUEST);
   return {
     requestId,
     orgId: id(record.orgId, field("org_id")),
@@ -252,10 +250,10 @@ function budgetChargesFrom(charges: readonly BudgetChargeMessage[], costNanos: b
 
 function costBreakdownFrom(breakdown: CostBreakdownMessage, costNanos: bigint, field: string): CostBreakdown {
   const parts: CostBreakdown = {
-    inputNanos: atMost(breakdown.inputNanos, `${field}.input_nanos`, maxCostNanosPerRequest),
-    cachedInputNanos: atMost(breakdown.cachedInputNanos, `${field}.cached_input_nanos`, maxCostNanosPerRequest),
-    outputNanos: atMost(breakdown.outputNanos, `${field}.output_nanos`, maxCostNanosPerRequest),
-    reasoningNanos: atMost(breakdown.reasoningNanos, `${field}.reasoning_nanos`, maxCostNanosPerRequest),
+    inputNanos: atMost(breakdown.inputNanos, `${field}.input_nanos`, MAX_COST_NANOS_PER_REQUEST),
+    cachedInputNanos: atMost(breakdown.cachedInputNanos, `${field}.cached_input_nanos`, MAX_COST_NANOS_PER_REQUEST),
+    outputNanos: atMost(breakdown.outputNanos, `${field}.output_nanos`, MAX_COST_NANOS_PER_REQUEST),
+    reasoningNanos: atMost(breakdown.reasoningNanos, `${field}.reasoning_nanos`, MAX_COST_NANOS_PER_REQUEST),
   };
   const sum = parts.inputNanos + parts.cachedInputNanos + parts.outputNanos + parts.reasoningNanos;
   if (sum !== costNanos) throw invalid(field, `parts add up to ${sum}, not cost_nanos ${costNanos}`);

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { clone, create, type MessageInitShape } from "@bufbuild/protobuf";
-import { TimestampSchema, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { type Timestamp, TimestampSchema, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import pg from "pg";
 import {
@@ -1038,6 +1038,27 @@ test("lengths count characters as the database does, not UTF-16 units", async ()
     code: Code.InvalidArgument,
     message: "records[0].request_id: at most 128 characters",
   });
+});
+
+test("range bounds finer than the millisecond usage is stored to select exactly the rows in [start, end)", async () => {
+  const orgId = await newOrg();
+  const at = (time: string) => new Date(`2026-06-15T${time}Z`);
+  const times = ["10:00:00.000", "10:00:00.001", "10:30:00.000", "10:59:59.999", "11:00:00.000"];
+  await client.recordUsage({ records: times.map((time, i) => usage(orgId, "", BigInt(10 ** i), at(time))) }, admin);
+  const bound = (time: string, nanos: number) => create(TimestampSchema, { seconds: BigInt(at(time).getTime() / 1000), nanos });
+  const selected = async (startTime: Timestamp, endTime: Timestamp) => {
+    const listed = await client.listUsageRecords({ orgId, startTime, endTime }, admin);
+    const summary = await client.getUsageSummary({ orgId, startTime, endTime }, admin);
+    return { listed: listed.records.map((r) => r.costNanos).sort((a, b) => Number(a - b)), cost: summary.costNanos };
+  };
+  // [10:00:00.0005, 11:00:00.0005): not the row at 10:00:00.000, the one at 11:00:00.000.
+  expect(await selected(bound("10:00:00", 500_000), bound("11:00:00", 500_000))).toEqual({
+    listed: [10n, 100n, 1000n, 10000n],
+    cost: 11110n,
+  });
+  expect(await selected(bound("10:30:00", 500_000), bound("10:31:00", 0))).toEqual({ listed: [], cost: 0n });
+  expect(await selected(bound("10:00:00", 0), bound("10:00:00", 1))).toEqual({ listed: [1n], cost: 1n });
+  expect(await selected(bound("10:59:59", 999_000_001), bound("11:00:00", 999_999))).toEqual({ listed: [10000n], cost: 10000n });
 });
 
 test("times in years 1..9999 are accepted, as the message says, and none before", async () => {

@@ -65,6 +65,7 @@ import {
   ordered,
   periodAnchor,
   positive,
+  rangeBound,
   text,
 } from "./validate.ts";
 
@@ -304,8 +305,8 @@ export function createBillingService({
       await requireOrgReader(ctx, orgId);
       const range = await usageRange(
         orgId,
-        req.startTime && instant(req.startTime, "start_time"),
-        req.endTime && instant(req.endTime, "end_time"),
+        req.startTime && rangeBound(req.startTime, "start_time"),
+        req.endTime && rangeBound(req.endTime, "end_time"),
       );
       const totals = await store.usageTotals(
         { orgId, projectId: optionalId(req.projectId, "project_id"), apiKeyId: optionalId(req.apiKeyId, "api_key_id") },
@@ -330,8 +331,8 @@ export function createBillingService({
       const orgId = orgIdOf(req);
       await requireOrgReader(ctx, orgId);
       const limit = req.pageSize === 0 ? defaultPageSize : intInRange(req.pageSize, "page_size", 1, maxPageSize);
-      const start = req.startTime ? instant(req.startTime, "start_time") : null;
-      const end = req.endTime ? instant(req.endTime, "end_time") : null;
+      const start = req.startTime ? rangeBound(req.startTime, "start_time") : null;
+      const end = req.endTime ? rangeBound(req.endTime, "end_time") : null;
       ordered(start, end, "start_time", "end_time");
       const page = await store.listUsageRecords({
         orgId,

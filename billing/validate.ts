@@ -83,6 +83,15 @@ export function instant(value: Timestamp, field: string): Date {
   return new Date(ms);
 }
 
+/**
+ * A bound of a range of usage, rounded up to the millisecond usage is stored to, so that [start, end) selects exactly
+ * the rows within it (a start of 10:00:00.0005 leaves out a row at 10:00:00.000); InvalidArgument as for instant.
+ */
+export function rangeBound(value: Timestamp, field: string): Date {
+  const at = instant(value, field);
+  return value.nanos % 1_000_000 === 0 ? at : new Date(at.getTime() + 1);
+}
+
 // A billing period lasts a month from a day up to the 28th: anchored from February of year 1 to November of 9999,
 // every period lies within years 1..9999.
 const minAnchorMs = new Date(0).setUTCFullYear(1, 1, 1);

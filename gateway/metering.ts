@@ -1,7 +1,14 @@
 import { create } from "@bufbuild/protobuf";
 import type { RequestMetrics } from "../gen/analytics/v1/analytics_pb.ts";
 import { CostBreakdownSchema, TokenUsageSchema } from "../gen/common/v1/common_pb.ts";
-import { costParts, MAX_TOKENS_PER_REQUEST, type Price, type Tokens } from "../lib/money.ts";
+import {
+  type CostParts,
+  costParts,
+  MAX_COST_NANOS_PER_REQUEST,
+  MAX_TOKENS_PER_REQUEST,
+  type Price,
+  type Tokens,
+} from "../lib/money.ts";
 
 /**
  * Records a request's tokens and exact cost (with its per-token-type parts) in its metrics; returns the cost.
@@ -20,12 +27,33 @@ export function meterUsage(
   const inputTokens = input < MAX_TOKENS_PER_REQUEST ? input : MAX_TOKENS_PER_REQUEST;
   const tokens = lost > 0n ? { ...answered, inputTokens } : answered;
   const estimated = answeredEstimated || lost > 0n;
-  const { totalNanos, ...parts } = costParts(tokens, price);
+  const { totalNanos, ...parts } = withinBound(costParts(tokens, price));
   metrics.usage = create(TokenUsageSchema, tokens);
   metrics.usageEstimated = estimated;
   metrics.costNanos = totalNanos;
   metrics.costBreakdown = create(CostBreakdownSchema, parts);
   return totalNanos;
+}
+
+/**
+ * A cost past the most billing takes for one request (tokens within their bounds at a price of over $465 per million
+ * can reach it) is metered at that bound, its parts cut in order to add up to it, so the row is billed, not refused.
+ */
+function withinBound(cost: CostParts): CostParts {
+  if (cost.totalNanos <= MAX_COST_NANOS_PER_REQUEST) return cost;
+  let room = MAX_COST_NANOS_PER_REQUEST;
+  const take = (part: bigint) => {
+    const taken = part < room ? part : room;
+    room -= taken;
+    return taken;
+  };
+  return {
+    inputNanos: take(cost.inputNanos),
+    cachedInputNanos: take(cost.cachedInputNanos),
+    outputNanos: take(cost.outputNanos),
+    reasoningNanos: take(cost.reasoningNanos),
+    totalNanos: MAX_COST_NANOS_PER_REQUEST,
+  };
 }
 
 // Billing's usage records hold a model name of at most 200 characters.

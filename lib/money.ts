@@ -43,6 +43,11 @@ export interface Tokens {
 
 /** Most tokens of each kind one request is metered with, as the TokenUsage contract documents (0..2^31). */
 export const MAX_TOKENS_PER_REQUEST = 2n ** 31n;
+/**
+ * Most one request may cost, in nano-USD ($1,000,000): billing refuses more, analytics does not store more. Over 9,000
+ * such requests of one org, day, project and key fit in billing's bigint daily total.
+ */
+export const MAX_COST_NANOS_PER_REQUEST = 10n ** 15n;
 
 const decimalUsd = /^(\d{1,9})(?:\.(\d{1,6}))?$/;
 

@@ -81,6 +81,8 @@ export function bootstrapStatements(options: Pick<MigrateOptions, "database" | "
  * - `{{distributed t key}}`: on a cluster, the Distributed table t over t_local, sharded by key; nothing otherwise.
  * - `{{local t}}`: where t's rows live (t, or t_local on a cluster), for ALTERs.
  * - `{{shared_table t}}` / `{{shared_engine E}}`: a small table replicated to every node of the cluster, unsharded.
+ * - `{{alter_distributed t changes}}`: on a cluster, `ALTER TABLE t ON CLUSTER c changes` of the Distributed table t,
+ *   whose columns follow t_local's; nothing otherwise.
  * - `{{dedup_window n}}`: the setting that keeps the last n insert dedup tokens.
  */
 export function renderMigration(sql: string, options: Omit<MigrateOptions, "dir">): string[] {
@@ -113,6 +115,11 @@ export function renderMigration(sql: string, options: Omit<MigrateOptions, "dir"
         const [table, ...key] = (arg ?? "").split(/\s+/);
         return `CREATE TABLE IF NOT EXISTS ${db}.${table}${onCluster} AS ${db}.${table}_local
 ENGINE = Distributed(${cluster}, ${db}, ${table}_local, ${key.join(" ")})`;
+      }
+      case "alter_distributed": {
+        if (!cluster) return "";
+        const [table, ...changes] = (arg ?? "").split(/\s+/);
+        return `ALTER TABLE ${db}.${table}${onCluster} ${changes.join(" ")}`;
       }
       case "dedup_window":
         return `${cluster ? "replicated" : "non_replicated"}_deduplication_window = ${arg}`;

@@ -123,27 +123,30 @@ export interface RollupResult {
 }
 
 const dims = "org_id, project_id, api_key_id, requested_model, provider, status";
-const sums = `sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens,
-  sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens, sum(cost_nanos) AS cost_nanos`;
+// Over Int128, as the rollups hold them: a sum of Int64 wraps silently.
+export const totalsSql = ["input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "cost_nanos"]
+  .map((column) => `sum(toInt128(${column})) AS ${column}`)
+  .join(", ");
 const rollupColumns = (time: string) =>
   `${time}, ${dims}, requests, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, computed_at`;
 
 /**
  * Rollup upkeep. Minutes older than `lagMs` are rolled up from the raw table (FINAL, so each request once).
- * Rows that arrive later than lagMs / 2 are late: ingest marks their minutes, and the next roll-up recomputes
- * them. A row that is not late cannot be in a minute being rolled up unless its insert takes over lagMs / 2.
+ * A row is late when its minute may already be rolled up: before the furthest minute any roll-up has claimed
+ * (whatever lag or clock that roll-up ran with), or older than lagMs / 2. Ingest marks late rows' minutes, and
+ * the next roll-up recomputes them.
  */
 export function createRollups(driver: ClickHouseDriver, tables: RollupTables, lagMs: number) {
   const lagUs = lagMs * 1000;
 
   const minutesFromRaw = (where: string) =>
     `INSERT INTO ${tables.minutes} (${rollupColumns("minute")})
-     SELECT toStartOfMinute(start_time) AS minute, ${dims}, count() AS requests, ${sums}, now64(6)
+     SELECT toStartOfMinute(start_time) AS minute, ${dims}, count() AS requests, ${totalsSql}, now64(6)
      FROM ${tables.requests} FINAL WHERE ${where}
      GROUP BY minute, ${dims}`;
   const hoursFromMinutes = (where: string) =>
     `INSERT INTO ${tables.hours} (${rollupColumns("hour")})
-     SELECT toStartOfHour(minute) AS hour, ${dims}, sum(requests) AS requests, ${sums}, now64(6)
+     SELECT toStartOfHour(minute) AS hour, ${dims}, sum(requests) AS requests, ${totalsSql}, now64(6)
      FROM ${tables.minutes} FINAL WHERE ${where}
      GROUP BY hour, ${dims}`;
 
@@ -157,9 +160,17 @@ export function createRollups(driver: ClickHouseDriver, tables: RollupTables, la
   return {
     rolledUntil,
 
-    /** Minute marks for the rows that arrive late, to insert after the rows themselves. */
-    lateMarks(rows: readonly RequestMetrics[], now = Date.now()): string[][] {
-      const lateBefore = now * 1000 - lagUs / 2;
+    /**
+     * Minute marks for rows already inserted that arrived late, to insert after them. A roll-up claims its minutes
+     * before it reads the raw table and the claim is read here after the rows are stored, so either that roll-up
+     * saw the rows or they are marked. On a cluster the claim is read from a replica that may trail the one a
+     * roll-up wrote, and of two replicas rolling up at once the one claiming less may overwrite the other's claim
+     * while that one reads: there the lagMs / 2 rule still bounds it, for replicas sharing a lag and a clock.
+     */
+    async lateMarks(rows: readonly RequestMetrics[], now = Date.now()): Promise<string[][]> {
+      // Both the claim and done_until: a database rolled up before claims were written has done_until alone.
+      const [row] = await driver.query<{ until: string }>(`SELECT max(done_until) AS until FROM ${tables.state} FINAL`);
+      const lateBefore = Math.max(now * 1000 - lagUs / 2, row ? textMicros(row.until) : 0);
       const marks = new Map<string, string[]>();
       for (const m of rows) {
         const start = micros(m.startTime);
@@ -202,6 +213,8 @@ export function createRollups(driver: ClickHouseDriver, tables: RollupTables, la
       }
       const before = done;
       if (done < target) {
+        // Before the raw rows are read: an insert that does not see this claim is seen by the read.
+        await driver.insert(tables.state, ["name", "done_until"], [["claimed", microsText(target).slice(0, 19)]]);
         const window: QueryParams = { from: microsText(done), to: microsText(target) };
         await driver.exec(
           minutesFromRaw("start_time >= {from:DateTime64(6, 'UTC')} AND start_time < {to:DateTime64(6, 'UTC')}"),

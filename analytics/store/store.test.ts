@@ -424,6 +424,86 @@ describe("rollups of a new database", () => {
   });
 });
 
+describe("totals at the bounds of what a row may hold", () => {
+  test("sums are exact in rollups and queries; a total past int64 is OutOfRange, never wrapped", async () => {
+    const driver = createChdbDriver(testDataDir());
+    const store = await createTestStore({ driver });
+    try {
+      const org = "org_totals";
+      const most = 10n ** 15n;
+      // 9,300 requests of the most one may cost in one minute of one key: 9.3e18, past int64 (9.22e18).
+      const rows = Array.from({ length: 9300 }, (_, i) =>
+        sampleMetrics(at(hour + (i % 2) * 30 * 60_000 + i), {
+          orgId: org,
+          costNanos: most,
+          usage: { inputTokens: 2n ** 31n, cachedInputTokens: 0n, outputTokens: 2n ** 31n, reasoningTokens: 0n },
+        }),
+      );
+      await store.insertRequests(rows.slice(0, 5000), "totals-1");
+      await store.insertRequests(rows.slice(5000), "totals-2");
+      const range = { start: timestampFromDate(at(0)), end: timestampFromDate(at(3 * hour)) };
+      const silent = createLogger({ service: "t", level: "error", write: () => {} });
+      const check = async () => {
+        // Per half hour, each total fits: exact.
+        const perHalfHour = await store.queryTimeSeries({ orgId: org, ...range, bucketSeconds: 1800, model: "" });
+        expect(perHalfHour.map((p) => [p.requests, p.costNanos, p.inputTokens])).toEqual([
+          [4650n, 4650n * most, 4650n * 2n ** 31n],
+          [4650n, 4650n * most, 4650n * 2n ** 31n],
+        ]);
+        const whole = query(silent, "QueryUsage", () => store.queryUsage({ orgId: org, ...range, groupBy: [], limit: 1 }));
+        const err = await whole.catch((e: unknown) => ConnectError.from(e));
+        expect(err instanceof ConnectError && [err.code, err.rawMessage]).toEqual([
+          Code.OutOfRange,
+          "the total cost_nanos of the range is past int64; narrow the range or group by more dimensions",
+        ]);
+      };
+      await check();
+      await store.rollUp();
+      await check();
+      // The hour's rollup holds its total past int64 exactly.
+      const [hourRow] = await driver.query<{ cost_nanos: string; output_tokens: string }>(
+        `SELECT cost_nanos, output_tokens FROM ${store.database}.requests_1h FINAL WHERE org_id = {org:String}`,
+        { org },
+      );
+      expect(hourRow).toEqual({ cost_nanos: String(9300n * most), output_tokens: String(9300n * 2n ** 31n) });
+    } finally {
+      await store.close();
+    }
+  }, 60_000);
+});
+
+describe("rollups under another lag or clock", () => {
+  test("a row for a rolled-up minute counts whatever the lag or clock of the replica that stores it", async () => {
+    const first = await createTestStore();
+    const withLag = (rollupLagMs: number) =>
+      createAnalyticsStore(createChdbDriver(testDataDir()), { database: first.database, ttlDays: 400, rollupLagMs });
+    try {
+      const now = Date.now();
+      const minute = 60_000;
+      const org = "org_lag_change";
+      const range = { start: timestampFromDate(new Date(now - hour)), end: timestampFromDate(new Date(now + hour)) };
+      const total = async () => (await first.queryUsage({ orgId: org, ...range, groupBy: [], limit: 1 }))[0]?.requests;
+      const short = withLag(minute);
+      await short.insertRequests([sampleMetrics(new Date(now - 20 * minute), { orgId: org })], "lag-1");
+      await short.rollUp(new Date(now));
+      // The lag raised to an hour and the process restarted: a gateway resends a row of a minute already rolled up.
+      const long = withLag(hour);
+      await long.insertRequests([sampleMetrics(new Date(now - 10 * minute), { orgId: org })], "lag-2");
+      expect(await total()).toBe(2n);
+      await long.rollUp(new Date(now + 3 * hour));
+      expect(await total()).toBe(2n);
+      // A replica whose clock runs half an hour ahead rolls up minutes the others still take rows for.
+      await short.rollUp(new Date(now + 30 * minute));
+      await withLag(5 * minute).insertRequests([sampleMetrics(new Date(now - minute), { orgId: org })], "lag-3");
+      expect(await total()).toBe(3n);
+      await short.rollUp(new Date(now + 31 * minute));
+      expect(await total()).toBe(3n);
+    } finally {
+      await first.close();
+    }
+  });
+});
+
 describe("migrations", () => {
   test("a changed migration that was already applied stops migrate", async () => {
     const dir = mkdtempSync(join(tmpdir(), "analytics-migrations-"));

@@ -15,7 +15,7 @@ import {
 import { TokenUsageSchema } from "../../gen/common/v1/common_pb.ts";
 import type { ClickHouseDriver, QueryParams } from "./driver.ts";
 import { migrate } from "./migrate.ts";
-import { createRollups, micros, microsText, planSources, type RollupResult, type Span } from "./rollups.ts";
+import { createRollups, micros, microsText, planSources, type RollupResult, type Span, totalsSql } from "./rollups.ts";
 import {
   fromDateTime64,
   fromRequestRow,
@@ -123,6 +123,21 @@ const dimensionSql: Record<UsageDimension, string> = {
 };
 
 const identifier = /^[A-Za-z_][A-Za-z0-9_]*$/;
+
+const maxInt64 = 2n ** 63n - 1n;
+
+/** A total past the int64 a reply holds. */
+export class TotalTooLargeError extends Error {}
+
+/**
+ * An exact total (summed over Int128) as the int64 the reply holds. Past it only at absurd scale (over 9,000 requests
+ * at the most billing takes for one): refused, never wrapped.
+ */
+function int64(total: string, field: string): bigint {
+  const value = BigInt(total);
+  if (value > maxInt64) throw new TotalTooLargeError(`the total ${field} of the range is past int64`);
+  return value;
+}
 
 const orgWindow =
   "org_id = {org_id:String} AND start_time >= {start:DateTime64(6, 'UTC')} AND start_time < {end:DateTime64(6, 'UTC')}";
@@ -241,13 +256,13 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
 
     async insertRequests(rows, dedupToken) {
       if (rows.length === 0) return;
-      const marks = rollups.lateMarks(rows);
       const values = rows.map((m) => {
         const row = toRequestRow(m);
         return requestColumns.map((column) => row[column]);
       });
       await driver.insert(requests, requestColumns, values, { ...insertSettings, insert_deduplication_token: dedupToken });
       // After the rows, so a mark that is visible always has its rows visible too.
+      const marks = await rollups.lateMarks(rows);
       if (marks.length > 0) await driver.insert(`${db}.rollup_dirty`, ["org_id", "minute"], marks);
     },
 
@@ -270,11 +285,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
       }>(
         `SELECT ${[...groups, `[${names.join(", ")}] AS groups`].join(", ")},
            sum(n) AS requests,
-           sum(input_tokens) AS input_tokens,
-           sum(cached_input_tokens) AS cached_input_tokens,
-           sum(output_tokens) AS output_tokens,
-           sum(reasoning_tokens) AS reasoning_tokens,
-           sum(cost_nanos) AS cost_nanos,
+           ${totalsSql},
            sumIf(n, status != 'OK') AS errors
          FROM (${sources.sql})
          ${grouping}
@@ -288,12 +299,12 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
           group: r.groups,
           requests: BigInt(r.requests),
           usage: create(TokenUsageSchema, {
-            inputTokens: BigInt(r.input_tokens),
-            cachedInputTokens: BigInt(r.cached_input_tokens),
-            outputTokens: BigInt(r.output_tokens),
-            reasoningTokens: BigInt(r.reasoning_tokens),
+            inputTokens: int64(r.input_tokens, "input_tokens"),
+            cachedInputTokens: int64(r.cached_input_tokens, "cached_input_tokens"),
+            outputTokens: int64(r.output_tokens, "output_tokens"),
+            reasoningTokens: int64(r.reasoning_tokens, "reasoning_tokens"),
           }),
-          costNanos: BigInt(r.cost_nanos),
+          costNanos: int64(r.cost_nanos, "cost_nanos"),
           errors: BigInt(r.errors),
         }),
       );
@@ -316,9 +327,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
       }>(
         `SELECT toStartOfInterval(t, toIntervalSecond({bucket_seconds:UInt32})) AS bucket_start,
            sum(n) AS requests,
-           sum(input_tokens) AS input_tokens,
-           sum(output_tokens) AS output_tokens,
-           sum(cost_nanos) AS cost_nanos,
+           ${totalsSql},
            sumIf(n, status != 'OK') AS errors
          FROM (${sources.sql})
          GROUP BY bucket_start
@@ -331,9 +340,9 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
         create(TimeSeriesPointSchema, {
           bucketStart: fromDateTime64(r.bucket_start),
           requests: BigInt(r.requests),
-          inputTokens: BigInt(r.input_tokens),
-          outputTokens: BigInt(r.output_tokens),
-          costNanos: BigInt(r.cost_nanos),
+          inputTokens: int64(r.input_tokens, "input_tokens"),
+          outputTokens: int64(r.output_tokens, "output_tokens"),
+          costNanos: int64(r.cost_nanos, "cost_nanos"),
           errors: BigInt(r.errors),
         }),
       );
