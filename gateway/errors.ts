@@ -91,9 +91,9 @@ export const unsupportedContentEncoding = (encoding: string) =>
   );
 
 /**
- * An upstream refused the request itself (400, 413, 422): the client gets that status and, when the upstream sent its
- * error in OpenAI's shape, its message, type, param and code as they were (clients branch on codes such as
- * context_length_exceeded); otherwise the gateway's.
+ * An upstream refused the request itself (400, 413, 422, or OpenAI's 429 for a prompt over the whole tokens-per-minute
+ * limit): the client gets that status and, when the upstream sent its error in OpenAI's shape, its message, type, param
+ * and code as they were (clients branch on codes such as context_length_exceeded); otherwise the gateway's.
  */
 export const upstreamRejected = (model: string, status: number, error: UpstreamErrorBody | undefined) =>
   new GatewayError(

@@ -90,6 +90,10 @@ function routes(url: string) {
     "  - name: unasked",
     "    targets: [{ provider: no-stream-usage, model: unasked }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: tpm",
+    "    targets: [{ provider: fake, model: tpm }, { provider: fake, model: tpm-fallback }]",
+    "    retries: 2",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
@@ -1355,6 +1359,35 @@ for (const port of ["rpc", "rest"] as const) {
         const completion = await sdk().chat.completions.create({ model: "too-large", messages: hello });
         expect(completion.model).toBe("too-large-fake");
         expect(upstream.seen("too-large")).toHaveLength(7);
+      });
+
+      test("a prompt over the upstream's whole TPM limit (its 429) is the client's, once: no retry, fallback or breaker", async () => {
+        const tooLarge = {
+          message:
+            "Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000. The input or output tokens must be reduced in order to run successfully.",
+          type: "tokens",
+          param: null,
+          code: "rate_limit_exceeded",
+        };
+        upstream.script("tpm", { status: 429, error: tooLarge });
+        // More than the breaker's threshold of them in a row.
+        for (let i = 0; i < 6; i++) {
+          const e = await apiError(sdk().chat.completions.create({ model: "tpm", messages: hello }));
+          expectShape(e, 429, "rate_limit_exceeded", "tokens");
+          expect(e.error).toEqual(tooLarge);
+          expect(e.headers?.get("retry-after")).toBeNull();
+        }
+        expect(upstream.seen("tpm")).toHaveLength(6);
+        expect(upstream.seen("tpm-fallback")).toHaveLength(0);
+        expect(gateway.shipper.rows.at(-1)).toMatchObject({
+          status: RequestStatus.INVALID_REQUEST,
+          httpStatus: 429,
+          errorCode: "rate_limit_exceeded",
+        });
+        // Another client's prompt that fits is served by the same target.
+        upstream.script("tpm", {});
+        const served = await sdk().chat.completions.create({ model: "tpm", messages: hello });
+        expect(served.model).toBe("tpm-fake");
       });
 
       test("an upstream out of quota is not retried but falls back; alone the client gets 502, not a 429 to retry", async () => {
