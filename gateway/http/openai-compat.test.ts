@@ -94,6 +94,9 @@ function routes(url: string) {
     "    targets: [{ provider: fake, model: tpm }, { provider: fake, model: tpm-fallback }]",
     "    retries: 2",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: briefly-throttled",
+    "    targets: [{ provider: fake, model: briefly-throttled }]",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
@@ -1498,6 +1501,24 @@ for (const port of ["rpc", "rest"] as const) {
           expect(completion.model).toBe("mock-echo-1");
         }
         expect(upstream.seen("breaker-primary").length).toBeLessThan(20);
+      });
+
+      test("an upstream's 429s hold its target for as long as they ask, never open its breaker, and it serves after", async () => {
+        const throttled = { status: 429, retryAfterMs: "250", error: { message: "Rate limit reached", code: "rate_limit_exceeded" } };
+        upstream.script("briefly-throttled", ...Array(6).fill(throttled), {});
+        // More than the breaker's threshold of them in a row, each once its hold is over.
+        for (let i = 0; i < 6; i++) {
+          const e = await apiError(sdk().chat.completions.create({ model: "briefly-throttled", messages: hello }));
+          expectShape(e, 429, "upstream_rate_limited", "rate_limit_error");
+          // Within the hold another request is not sent: a 429 at once, to retry after the hold.
+          const held = await apiError(sdk().chat.completions.create({ model: "briefly-throttled", messages: hello }));
+          expectShape(held, 429, "upstream_rate_limited", "rate_limit_error");
+          expect(held.headers?.get("retry-after")).toBe("1");
+          await Bun.sleep(300);
+        }
+        expect(upstream.seen("briefly-throttled")).toHaveLength(6);
+        const served = await sdk().chat.completions.create({ model: "briefly-throttled", messages: hello });
+        expect(served.model).toBe("briefly-throttled-fake");
       });
 
       // Failures of a stream before its first chunk: a proxy's 200 with a JSON error, an error event first (as

@@ -29,6 +29,8 @@ export interface Behaviour {
   rejectsField?: string;
   /** Retry-After header value sent with `status`. */
   retryAfter?: string;
+  /** retry-after-ms header value (OpenAI's, in ms) sent with `status`. */
+  retryAfterMs?: string;
   /** Wait this long before answering. */
   delayMs?: number;
   /** Wait this long between streamed chunks. */
@@ -145,6 +147,7 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
       }
       if (b.status) {
         const headers: Record<string, string> = b.retryAfter ? { "retry-after": b.retryAfter } : {};
+        if (b.retryAfterMs) headers["retry-after-ms"] = b.retryAfterMs;
         if (typeof b.error === "string") return new Response(b.error, { status: b.status, headers });
         const error = { message: `scripted ${b.status}`, type: b.status === 429 ? "rate_limit_error" : "api_error", param: null, code: null, ...b.error };
         return Response.json({ error }, { status: b.status, headers });
