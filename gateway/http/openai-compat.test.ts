@@ -21,6 +21,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["cut"],
   ["tools"],
   ["rate-limited"],
+  ["retried-later"],
   ["failing"],
   ["slow", "timeout_ms: 300"],
   ["stalls", "timeout_ms: 300"],
@@ -980,6 +981,30 @@ for (const port of ["rpc", "rest"] as const) {
         expectShape(e, 429, "upstream_rate_limited", "rate_limit_error");
         expect(e.headers?.get("retry-after")).toBe("7");
         expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED, httpStatus: 429 });
+      });
+
+      test("the SDKs do not retry what the gateway has retried or a retry cannot help; a rate limit they retry after its wait", async () => {
+        const retrying = new OpenAI({ baseURL: `${base()}/v1`, apiKey: "sk-good", maxRetries: 2 });
+        upstream.script("failing", { status: 500 });
+        const failed = await apiError(retrying.chat.completions.create({ model: "failing", messages: hello }));
+        expectShape(failed, 502, "upstream_error");
+        expect(failed.headers?.get("x-should-retry")).toBe("false");
+        const tooLarge = { message: "Request too large for gpt-4o on tokens per min (TPM).", type: "tokens", code: "rate_limit_exceeded" };
+        upstream.script("tpm", { status: 429, error: tooLarge });
+        const refused = await apiError(retrying.chat.completions.create({ model: "tpm", messages: hello }));
+        expectShape(refused, 429, "rate_limit_exceeded", "tokens");
+        expect(refused.headers?.get("x-should-retry")).toBe("false");
+        upstream.script("slow", { hang: true });
+        const timedOut = await apiError(retrying.chat.completions.create({ model: "slow", messages: hello }));
+        expectShape(timedOut, 504, "upstream_timeout");
+        expect(timedOut.headers?.get("x-should-retry")).toBe("false");
+        expect([upstream.seen("failing"), upstream.seen("tpm"), upstream.seen("slow")].map((r) => r.length)).toEqual([1, 1, 1]);
+
+        upstream.script("retried-later", { status: 429, retryAfter: "1" }, {});
+        const patient = new OpenAI({ baseURL: `${base()}/v1`, apiKey: "sk-good", maxRetries: 1 });
+        const served = await patient.chat.completions.create({ model: "retried-later", messages: hello });
+        expect(served.model).toBe("retried-later-fake");
+        expect(upstream.seen("retried-later")).toHaveLength(2);
       });
 
       test("502 when the upstream fails or answers garbage, 503 when keys cannot be checked, 504 on timeout", async () => {
