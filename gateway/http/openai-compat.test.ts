@@ -1377,6 +1377,13 @@ for (const port of ["rpc", "rest"] as const) {
         expect(message).toHaveLength(500);
       });
 
+      test("a FastAPI-style 422 passes on where and why its validation failed", async () => {
+        upstream.script("rejecting", { rejectsField: "temperature" });
+        const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello, temperature: 0.5 }));
+        expectShape(e, 422, "upstream_rejected", "invalid_request_error");
+        expect(e.error).toMatchObject({ message: "body.temperature: extra fields not permitted" });
+      });
+
       test("an upstream's 413 is the client's 413, and never opens the breaker", async () => {
         upstream.script("too-large", { status: 413, error: "<html><body>413 Request Entity Too Large</body></html>" });
         for (let i = 0; i < 6; i++) {

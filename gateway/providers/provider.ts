@@ -144,10 +144,30 @@ export function upstreamErrorBody(
     return { message: bounded(error, maxTextLength), type: null, param: null, code: null };
   }
   if (typeof error !== "object" || error === null) return undefined;
-  const { message, type, param, code } = error as Record<string, unknown>;
+  const { message, type, param, code, detail } = error as Record<string, unknown>;
+  if (message === undefined && detail !== undefined) {
+    const text = validationDetail(detail);
+    return text ? { message: bounded(text, maxTextLength), type: null, param: null, code: null } : undefined;
+  }
   if (typeof message !== "string" || message.trim() === "") return undefined;
   const id = (value: unknown) => (typeof value === "string" && identifier.test(value) ? value : null);
   return { message: bounded(message, maxMessageLength), type: id(type), param: id(param), code: id(code) };
+}
+
+/**
+ * A FastAPI-style refusal's `detail` in words: a string as it is, or each validation error's `msg` after its `loc`
+ * ("body.temperature: extra fields not permitted").
+ */
+function validationDetail(detail: unknown): string | undefined {
+  if (typeof detail === "string") return detail.trim() || undefined;
+  if (!Array.isArray(detail)) return undefined;
+  const words = detail.flatMap((item) => {
+    const { loc, msg } = record(item);
+    if (typeof msg !== "string") return [];
+    const where = Array.isArray(loc) ? loc.filter((part) => ["string", "number"].includes(typeof part)).join(".") : "";
+    return [where ? `${where}: ${msg}` : msg];
+  });
+  return words.length > 0 ? words.join("; ") : undefined;
 }
 
 /** Retry-After (seconds or HTTP date) or retry-after-ms, in ms; undefined when absent or unreadable. */
