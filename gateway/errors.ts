@@ -19,6 +19,8 @@ export class GatewayError extends Error {
     readonly retryAfterS: number | undefined = undefined,
     /** More response headers (REST) or metadata (RPC), such as the key's rate limits. */
     readonly headers: Record<string, string> | undefined = undefined,
+    /** An upstream's `innererror` (Azure's content filter results), passed on in the REST error body. */
+    readonly innererror: Record<string, unknown> | undefined = undefined,
   ) {
     super(message);
   }
@@ -119,6 +121,7 @@ export const upstreamRejected = (model: string, status: number, error: UpstreamE
     error?.param ?? null,
     undefined,
     noRetry,
+    error?.innererror,
   );
 
 export const upstreamFailed = (message: string) =>
@@ -225,9 +228,10 @@ export function toGatewayError(e: unknown): GatewayError {
   return e instanceof GatewayError ? e : internal();
 }
 
-/** The OpenAI error body: {"error": {"message", "type", "param", "code"}}. */
+/** The OpenAI error body: {"error": {"message", "type", "param", "code"}}, with an upstream's `innererror`. */
 export function errorBody(e: GatewayError): string {
-  return JSON.stringify({ error: { message: e.message, type: e.type, param: e.param, code: e.code } });
+  const { message, type, param, code, innererror } = e;
+  return JSON.stringify({ error: { message, type, param, code, ...(innererror ? { innererror } : {}) } });
 }
 
 const connectCodes: Record<number, Code> = {

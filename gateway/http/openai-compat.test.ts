@@ -1377,6 +1377,23 @@ for (const port of ["rpc", "rest"] as const) {
         expect(message).toHaveLength(500);
       });
 
+      test("Azure's content filter refusal keeps its innererror with the filter's results", async () => {
+        const filtered = {
+          message: "The response was filtered due to the prompt triggering Azure OpenAI's content management policy.",
+          type: null,
+          param: "prompt",
+          code: "content_filter",
+          innererror: {
+            code: "ResponsibleAIPolicyViolation",
+            content_filter_result: { hate: { filtered: true, severity: "high" }, jailbreak: { filtered: false, detected: false } },
+          },
+        };
+        upstream.script("rejecting", { status: 400, error: filtered });
+        const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+        expect([e.status, e.code, e.param]).toEqual([400, "content_filter", "prompt"]);
+        expect((e.error as { innererror?: unknown }).innererror).toEqual(filtered.innererror);
+      });
+
       test("a FastAPI-style 422 passes on where and why its validation failed", async () => {
         upstream.script("rejecting", { rejectsField: "temperature" });
         const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello, temperature: 0.5 }));

@@ -74,6 +74,8 @@ export interface UpstreamErrorBody {
   type: string | null;
   param: string | null;
   code: string | null;
+  /** Azure's details of a refusal (its content filter's `content_filter_result`), when small. */
+  innererror?: Record<string, unknown>;
 }
 
 export class UpstreamError extends Error {
@@ -129,7 +131,7 @@ const identifier = /^[\x20-\x7e]{1,128}$/;
 /**
  * The error in a refusal's `error` member: OpenAI's shape, or a string as its message; undefined without a message.
  * Messages pass through `redact`, then are cut to a bounded length; a type, param or code that is not a short
- * printable string is left out.
+ * printable string is left out, and so is an `innererror` longer than a message may be.
  */
 export function upstreamErrorBody(
   error: unknown,
@@ -144,14 +146,28 @@ export function upstreamErrorBody(
     return { message: bounded(error, maxTextLength), type: null, param: null, code: null };
   }
   if (typeof error !== "object" || error === null) return undefined;
-  const { message, type, param, code, detail } = error as Record<string, unknown>;
+  const { message, type, param, code, detail, innererror } = error as Record<string, unknown>;
   if (message === undefined && detail !== undefined) {
     const text = validationDetail(detail);
     return text ? { message: bounded(text, maxTextLength), type: null, param: null, code: null } : undefined;
   }
   if (typeof message !== "string" || message.trim() === "") return undefined;
   const id = (value: unknown) => (typeof value === "string" && identifier.test(value) ? value : null);
-  return { message: bounded(message, maxMessageLength), type: id(type), param: id(param), code: id(code) };
+  const body: UpstreamErrorBody = {
+    message: bounded(message, maxMessageLength),
+    type: id(type),
+    param: id(param),
+    code: id(code),
+  };
+  const inner = typeof innererror === "object" && innererror !== null ? redact(JSON.stringify(innererror)) : "";
+  if (inner.length > 0 && inner.length <= maxMessageLength) {
+    try {
+      body.innererror = JSON.parse(inner) as Record<string, unknown>;
+    } catch {
+      // A redaction that broke the JSON: left out.
+    }
+  }
+  return body;
 }
 
 /**

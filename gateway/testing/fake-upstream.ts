@@ -24,7 +24,7 @@ export interface Behaviour {
   /** Answer with this status and an OpenAI error body instead. */
   status?: number;
   /** With `status`: fields of the OpenAI error body over the defaults, or a whole body that is not OpenAI's shape. */
-  error?: { message?: string; type?: string; param?: string | null; code?: string | null } | string;
+  error?: { message?: string; type?: string | null; param?: string | null; code?: string | null; innererror?: unknown } | string;
   /** Refuse a request that has this field with 422, as servers that forbid extra fields do (FastAPI's `detail`). */
   rejectsField?: string;
   /** Retry-After header value sent with `status`. */
