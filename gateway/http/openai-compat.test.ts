@@ -1394,6 +1394,17 @@ for (const port of ["rpc", "rest"] as const) {
         expect((e.error as { innererror?: unknown }).innererror).toEqual(filtered.innererror);
       });
 
+      test("a refusal passed on names no OpenAI organization or project of the gateway's", async () => {
+        const message = (where: string) =>
+          `Request too large for gpt-4o in organization ${where} on tokens per min (TPM): Limit 30000, ` +
+          "Requested 50000. The input or output tokens must be reduced.";
+        const ids = "org-AbC123xyzDEF456 (project proj_Q1w2E3r4T5y6)";
+        upstream.script("rejecting", { status: 429, error: { message: message(ids), type: "tokens", code: "rate_limit_exceeded" } });
+        const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+        expectShape(e, 429, "rate_limit_exceeded", "tokens");
+        expect(e.error).toMatchObject({ message: message("[redacted] (project [redacted])") });
+      });
+
       test("a FastAPI-style 422 passes on where and why its validation failed", async () => {
         upstream.script("rejecting", { rejectsField: "temperature" });
         const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello, temperature: 0.5 }));

@@ -127,18 +127,21 @@ const maxMessageLength = 2_000;
 const maxTextLength = 500;
 // type, param and code also travel as RPC metadata (header values): printable ASCII, short.
 const identifier = /^[\x20-\x7e]{1,128}$/;
+// The operator's OpenAI organization and project ids, which upstream messages name ("... in organization org-...").
+const accountIds = /\b(?:org-|proj_)[A-Za-z0-9]{6,}\b/g;
 
 /**
  * The error in a refusal's `error` member: OpenAI's shape, or a string as its message; undefined without a message.
- * Messages pass through `redact`, then are cut to a bounded length; a type, param or code that is not a short
+ * Messages pass through `redact`, and lose OpenAI organization and project ids, then are cut to a bounded length; a type, param or code that is not a short
  * printable string is left out, and so is an `innererror` longer than a message may be.
  */
 export function upstreamErrorBody(
   error: unknown,
   redact: (text: string) => string = (text) => text,
 ): UpstreamErrorBody | undefined {
+  const scrub = (text: string) => redact(text).replace(accountIds, "[redacted]");
   const bounded = (text: string, max: number) => {
-    const message = redact(text.trim());
+    const message = scrub(text.trim());
     return message.length > max ? `${message.slice(0, max - 1)}\u2026` : message;
   };
   if (typeof error === "string") {
@@ -159,7 +162,7 @@ export function upstreamErrorBody(
     param: id(param),
     code: id(code),
   };
-  const inner = typeof innererror === "object" && innererror !== null ? redact(JSON.stringify(innererror)) : "";
+  const inner = typeof innererror === "object" && innererror !== null ? scrub(JSON.stringify(innererror)) : "";
   if (inner.length > 0 && inner.length <= maxMessageLength) {
     try {
       body.innererror = JSON.parse(inner) as Record<string, unknown>;
