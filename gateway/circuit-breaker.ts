@@ -1,8 +1,8 @@
 /**
  * Per-target circuit breakers. A target that fails `failureThreshold` times in a row is skipped for a
  * cooldown; after it one request probes the target (half-open): success closes the breaker, failure
- * opens it again for a doubled cooldown (up to `maxCooldownMs`). An upstream's Retry-After can also
- * hold a target back without counting as a trip.
+ * opens it again for a doubled cooldown (up to `maxCooldownMs`). An upstream's rate limit (its 429 and
+ * Retry-After) holds a target back instead, without counting as a failure.
  */
 
 import { Gauge, type Registry } from "prom-client";
@@ -44,7 +44,7 @@ export interface CircuitBreakers {
   fail(target: string): void;
   /** The attempt ended without saying anything about the target's health (client cancelled). */
   abandon(target: string): void;
-  /** Skips the target for `ms` (an upstream's Retry-After), without a trip. */
+  /** Skips the target for `ms` (an upstream's 429 or Retry-After), without a trip. */
   holdFor(target: string, ms: number): void;
   state(target: string): BreakerState;
   /** How long until a target skipped now may be tried again, in ms; 0 when it may be tried already. */

@@ -19,10 +19,25 @@ export class GatewayError extends Error {
     readonly retryAfterS: number | undefined = undefined,
     /** More response headers (REST) or metadata (RPC), such as the key's rate limits. */
     readonly headers: Record<string, string> | undefined = undefined,
+    /** An upstream's `innererror` (Azure's content filter results), passed on in the REST error body. */
+    readonly innererror: Record<string, unknown> | undefined = undefined,
   ) {
     super(message);
   }
 }
+
+/**
+ * `x-should-retry: false`, which the official OpenAI SDKs obey over their own retries of 408/409/429/5xx: sent where
+ * the gateway has already retried and fallen back upstream, or a retry cannot help, so a client's retries do not
+ * multiply upstream calls and charges.
+ */
+const noRetry = { "x-should-retry": "false" } as const;
+
+/**
+ * The SDKs wait out a Retry-After of up to 60 s and retry within seconds past that: a longer one is not retried at all.
+ */
+const retryAfter = (retryAfterS: number | undefined) =>
+  retryAfterS !== undefined && retryAfterS > 60 ? noRetry : undefined;
 
 export const invalidRequest = (message: string, param: string | null = null, code = "invalid_value") =>
   new GatewayError(400, "invalid_request_error", code, message, RequestStatus.INVALID_REQUEST, param);
@@ -91,9 +106,9 @@ export const unsupportedContentEncoding = (encoding: string) =>
   );
 
 /**
- * An upstream refused the request itself (400, 413, 422): the client gets that status and, when the upstream sent its
- * error in OpenAI's shape, its message, type, param and code as they were (clients branch on codes such as
- * context_length_exceeded); otherwise the gateway's.
+ * An upstream refused the request itself (400, 413, 422, or OpenAI's 429 for a prompt over the whole tokens-per-minute
+ * limit): the client gets that status and, when the upstream sent its error in OpenAI's shape, its message, type, param
+ * and code as they were (clients branch on codes such as context_length_exceeded); otherwise the gateway's.
  */
 export const upstreamRejected = (model: string, status: number, error: UpstreamErrorBody | undefined) =>
   new GatewayError(
@@ -104,37 +119,85 @@ export const upstreamRejected = (model: string, status: number, error: UpstreamE
       (status === 413 ? `The request is too large for the upstream of \`${model}\`.` : `The upstream of \`${model}\` rejected the request (HTTP ${status}).`),
     RequestStatus.INVALID_REQUEST,
     error?.param ?? null,
+    undefined,
+    noRetry,
+    error?.innererror,
   );
 
 export const upstreamFailed = (message: string) =>
-  new GatewayError(502, "api_error", "upstream_error", message, RequestStatus.UPSTREAM_ERROR);
+  new GatewayError(502, "api_error", "upstream_error", message, RequestStatus.UPSTREAM_ERROR, null, undefined, noRetry);
 
 /** Every attempt was refused by an upstream's rate limit; its Retry-After, when it sent one, is passed on. */
 export const upstreamRateLimited = (message: string, retryAfterS: number | undefined) =>
-  new GatewayError(429, "rate_limit_error", "upstream_rate_limited", message, RequestStatus.RATE_LIMITED, null, retryAfterS);
+  new GatewayError(
+    429,
+    "rate_limit_error",
+    "upstream_rate_limited",
+    message,
+    RequestStatus.RATE_LIMITED,
+    null,
+    retryAfterS,
+    retryAfter(retryAfterS),
+  );
 
 /** The upstream's account is out of credit: not the client's to retry, so not a 429. */
 export const upstreamQuotaExceeded = (message: string) =>
-  new GatewayError(502, "api_error", "upstream_quota_exceeded", message, RequestStatus.UPSTREAM_ERROR);
+  new GatewayError(
+    502,
+    "api_error",
+    "upstream_quota_exceeded",
+    message,
+    RequestStatus.UPSTREAM_ERROR,
+    null,
+    undefined,
+    noRetry,
+  );
 
 export const upstreamTimeout = (message: string) =>
-  new GatewayError(504, "api_error", "upstream_timeout", message, RequestStatus.TIMEOUT);
+  new GatewayError(504, "api_error", "upstream_timeout", message, RequestStatus.TIMEOUT, null, undefined, noRetry);
 
 /** Every target's circuit breaker is open: failing fast until one may be probed again. */
 export const upstreamUnavailable = (message: string, retryAfterS: number) =>
-  new GatewayError(503, "api_error", "upstream_unavailable", message, RequestStatus.UPSTREAM_ERROR, null, retryAfterS);
+  new GatewayError(
+    503,
+    "api_error",
+    "upstream_unavailable",
+    message,
+    RequestStatus.UPSTREAM_ERROR,
+    null,
+    retryAfterS,
+    retryAfter(retryAfterS),
+  );
 
 /** The whole request, retries and fallbacks included, ran past its time limit. */
 export const requestTimeout = (limitMs: number) =>
-  new GatewayError(504, "api_error", "request_timeout", `The request did not finish within the gateway's limit of ${limitMs} ms.`, RequestStatus.TIMEOUT);
+  new GatewayError(
+    504,
+    "api_error",
+    "request_timeout",
+    `The request did not finish within the gateway's limit of ${limitMs} ms.`,
+    RequestStatus.TIMEOUT,
+    null,
+    undefined,
+    noRetry,
+  );
 
 /** A per-key requests- or tokens-per-minute limit, in OpenAI's shape (type "requests" or "tokens"). */
 export const rateLimited = (kind: "requests" | "tokens", message: string, retryAfterS: number, headers?: Record<string, string>) =>
   new GatewayError(429, kind, "rate_limit_exceeded", message, RequestStatus.RATE_LIMITED, null, retryAfterS, headers);
 
-/** The key's or org's budget cannot cover the request; no upstream was called. */
+/** The key's or org's budget cannot cover the request; no upstream was called (nor will soon, without a Retry-After). */
 export const insufficientQuota = (message: string, retryAfterS?: number) =>
-  new GatewayError(429, "insufficient_quota", "insufficient_quota", message, RequestStatus.RATE_LIMITED, null, retryAfterS);
+  new GatewayError(
+    429,
+    "insufficient_quota",
+    "insufficient_quota",
+    message,
+    RequestStatus.RATE_LIMITED,
+    null,
+    retryAfterS,
+    retryAfterS === undefined ? noRetry : retryAfter(retryAfterS),
+  );
 
 /** A dependency of the gateway itself (billing) cannot answer; the client may retry. */
 export const serviceUnavailable = (message: string, code: string) =>
@@ -165,9 +228,10 @@ export function toGatewayError(e: unknown): GatewayError {
   return e instanceof GatewayError ? e : internal();
 }
 
-/** The OpenAI error body: {"error": {"message", "type", "param", "code"}}. */
+/** The OpenAI error body: {"error": {"message", "type", "param", "code"}}, with an upstream's `innererror`. */
 export function errorBody(e: GatewayError): string {
-  return JSON.stringify({ error: { message: e.message, type: e.type, param: e.param, code: e.code } });
+  const { message, type, param, code, innererror } = e;
+  return JSON.stringify({ error: { message, type, param, code, ...(innererror ? { innererror } : {}) } });
 }
 
 const connectCodes: Record<number, Code> = {

@@ -237,6 +237,7 @@ const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, [
   "x-error-type",
   "x-error-param",
   "retry-after",
+  "x-should-retry",
   ...["limit", "remaining", "reset"].flatMap((what) => [`x-ratelimit-${what}-requests`, `x-ratelimit-${what}-tokens`]),
 ]);
 const server = await startServer({

@@ -388,6 +388,25 @@ describe("what an attempt's end says about its target", () => {
     expect(await failure(run())).toMatchObject({ status: 429, code: "upstream_rate_limited", retryAfterS: 30 });
   });
 
+  test("a 429 without a hint holds its target for the backoff, which a retry waits out; its breaker never opens", async () => {
+    const { run, clock, attempts, breakers, sleeps } = setup([t("a"), t("b")], { retries: 1 }, async (p) => {
+      if (p === "a") throw new UpstreamError("transient", "a answered 429", 429);
+      return "b served";
+    });
+    for (let i = 0; i < 4; i++) {
+      expect(await run()).toBe("b served");
+      clock.t += 1_000;
+    }
+    expect(attempts.map((a) => a.provider).join("")).toBe("aab".repeat(4));
+    expect(sleeps).toEqual(Array(4).fill(75));
+    expect(breakers.state("a/a-model")).toBe("closed");
+    // The last 429 held the target for its retry's backoff; after it, the target is tried again.
+    await run();
+    expect(breakers.allow("a/a-model")).toBe(false);
+    clock.t += 150;
+    expect(breakers.allow("a/a-model")).toBe(true);
+  });
+
   test("a stream's target is judged when the stream ends: failures mid-stream open its breaker", async () => {
     const { run, newCall, router, breakers } = setup([t("a")]);
     const broken = { status: 502, code: "upstream_error" } as GatewayError;

@@ -72,6 +72,18 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
   const limitOf = (route: ModelRoute) => route.requestTimeoutMs ?? options.requestTimeoutMs;
   const deadline = (call: Call, route: ModelRoute) => call.startTick + limitOf(route);
 
+  // Waiting as an upstream asked (or backing off from it) is the upstream's time, not the gateway's.
+  const waitUpstream = async (call: Call, ms: number) => {
+    const waited = tick();
+    try {
+      await sleep(ms, call.signal);
+    } catch {
+      throw clientGone(call.signal);
+    } finally {
+      call.upstreamMs += tick() - waited;
+    }
+  };
+
   // Targets of streams that answered and are still running: their breaker hears the outcome when they end.
   const streaming = new WeakMap<Call, string>();
 
@@ -104,6 +116,9 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
         const provider = providers.get(target.provider) as Provider;
         const retries = target.retries ?? route.retries;
         for (let retry = 0; retry <= retries; retry++) {
+          // A retry after a 429 waits out the short hold that 429 set (or another request's extended) rather than give up.
+          const heldMs = retry > 0 && breakers.state(key) === "closed" ? breakers.waitMs(key) : 0;
+          if (heldMs > 0 && heldMs <= maxRetryAfterMs && tick() + heldMs < end) await waitUpstream(call, heldMs);
           if (!breakers.allow(key)) {
             if (retry === 0) {
               skipped++;
@@ -157,29 +172,27 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
               breakers.succeed(key);
               throw upstreamRejected(route.name, last.status ?? 400, last.error);
             }
-            breakers.fail(key);
+            const hinted = last.retryAfterMs;
+            const backoff = Math.min(backoffMaxMs, backoffBaseMs * 2 ** retry) * (0.5 + random() / 2);
+            const rateLimited = last.status === 429 && last.failure === "transient";
+            if (rateLimited) {
+              // A rate limit says the target works and is busy: every request skips it for as long as it asked (or
+              // a backoff), then uses it again; it is no failure for its breaker, whose probe it ends.
+              breakers.abandon(key);
+              breakers.holdFor(key, hinted ?? backoff);
+            } else breakers.fail(key);
             log?.warn("upstream attempt failed", { request_id: call.requestId, provider: target.provider, err: last.message });
             if (last.failure === "misconfigured") break;
-            const hinted = last.retryAfterMs;
+            // Asked to stay away longer than a request should wait: on to the next target, other requests skipping it too.
             if (hinted !== undefined && hinted > maxRetryAfterMs) {
-              // Asked to stay away longer than a request should wait: let other requests skip it too.
               breakers.holdFor(key, hinted);
               break;
             }
             // Out of retries, or this failure tripped the breaker: no point waiting to try it again.
             if (retry === retries || breakers.state(key) === "open") break;
-            const backoff = Math.min(backoffMaxMs, backoffBaseMs * 2 ** retry) * (0.5 + random() / 2);
             const wait = Math.max(backoff, hinted ?? 0);
             if (tick() + wait >= end) break;
-            // Waiting as the upstream asked (or backing off from it) is the upstream's time, not the gateway's.
-            const waited = tick();
-            try {
-              await sleep(wait, call.signal);
-            } catch {
-              throw clientGone(call.signal);
-            } finally {
-              call.upstreamMs += tick() - waited;
-            }
+            await waitUpstream(call, wait);
           }
         }
       }

@@ -22,6 +22,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["cut"],
   ["tools"],
   ["rate-limited"],
+  ["retried-later"],
   ["failing"],
   ["slow", "timeout_ms: 300"],
   ["stalls", "timeout_ms: 300"],
@@ -94,6 +95,13 @@ function routes(url: string) {
     "  - name: refused-stream",
     "    targets: [{ provider: fake, model: refused-stream-primary }, { provider: fake, model: refused-stream-secondary }]",
     "    retries: 1",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: tpm",
+    "    targets: [{ provider: fake, model: tpm }, { provider: fake, model: tpm-fallback }]",
+    "    retries: 2",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: briefly-throttled",
+    "    targets: [{ provider: fake, model: briefly-throttled }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
@@ -1028,6 +1036,30 @@ for (const port of ["rpc", "rest"] as const) {
         expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED, httpStatus: 429 });
       });
 
+      test("the SDKs do not retry what the gateway has retried or a retry cannot help; a rate limit they retry after its wait", async () => {
+        const retrying = new OpenAI({ baseURL: `${base()}/v1`, apiKey: "sk-good", maxRetries: 2 });
+        upstream.script("failing", { status: 500 });
+        const failed = await apiError(retrying.chat.completions.create({ model: "failing", messages: hello }));
+        expectShape(failed, 502, "upstream_error");
+        expect(failed.headers?.get("x-should-retry")).toBe("false");
+        const tooLarge = { message: "Request too large for gpt-4o on tokens per min (TPM).", type: "tokens", code: "rate_limit_exceeded" };
+        upstream.script("tpm", { status: 429, error: tooLarge });
+        const refused = await apiError(retrying.chat.completions.create({ model: "tpm", messages: hello }));
+        expectShape(refused, 429, "rate_limit_exceeded", "tokens");
+        expect(refused.headers?.get("x-should-retry")).toBe("false");
+        upstream.script("slow", { hang: true });
+        const timedOut = await apiError(retrying.chat.completions.create({ model: "slow", messages: hello }));
+        expectShape(timedOut, 504, "upstream_timeout");
+        expect(timedOut.headers?.get("x-should-retry")).toBe("false");
+        expect([upstream.seen("failing"), upstream.seen("tpm"), upstream.seen("slow")].map((r) => r.length)).toEqual([1, 1, 1]);
+
+        upstream.script("retried-later", { status: 429, retryAfter: "1" }, {});
+        const patient = new OpenAI({ baseURL: `${base()}/v1`, apiKey: "sk-good", maxRetries: 1 });
+        const served = await patient.chat.completions.create({ model: "retried-later", messages: hello });
+        expect(served.model).toBe("retried-later-fake");
+        expect(upstream.seen("retried-later")).toHaveLength(2);
+      });
+
       test("502 when the upstream fails or answers garbage, 503 when keys cannot be checked, 504 on timeout", async () => {
         upstream.script("failing", { status: 500 });
         expectShape(
@@ -1447,6 +1479,41 @@ for (const port of ["rpc", "rest"] as const) {
         expect(message).toHaveLength(500);
       });
 
+      test("Azure's content filter refusal keeps its innererror with the filter's results", async () => {
+        const filtered = {
+          message: "The response was filtered due to the prompt triggering Azure OpenAI's content management policy.",
+          type: null,
+          param: "prompt",
+          code: "content_filter",
+          innererror: {
+            code: "ResponsibleAIPolicyViolation",
+            content_filter_result: { hate: { filtered: true, severity: "high" }, jailbreak: { filtered: false, detected: false } },
+          },
+        };
+        upstream.script("rejecting", { status: 400, error: filtered });
+        const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+        expect([e.status, e.code, e.param]).toEqual([400, "content_filter", "prompt"]);
+        expect((e.error as { innererror?: unknown }).innererror).toEqual(filtered.innererror);
+      });
+
+      test("a refusal passed on names no OpenAI organization or project of the gateway's", async () => {
+        const message = (where: string) =>
+          `Request too large for gpt-4o in organization ${where} on tokens per min (TPM): Limit 30000, ` +
+          "Requested 50000. The input or output tokens must be reduced.";
+        const ids = "org-AbC123xyzDEF456 (project proj_Q1w2E3r4T5y6)";
+        upstream.script("rejecting", { status: 429, error: { message: message(ids), type: "tokens", code: "rate_limit_exceeded" } });
+        const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+        expectShape(e, 429, "rate_limit_exceeded", "tokens");
+        expect(e.error).toMatchObject({ message: message("[redacted] (project [redacted])") });
+      });
+
+      test("a FastAPI-style 422 passes on where and why its validation failed", async () => {
+        upstream.script("rejecting", { rejectsField: "temperature" });
+        const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello, temperature: 0.5 }));
+        expectShape(e, 422, "upstream_rejected", "invalid_request_error");
+        expect(e.error).toMatchObject({ message: "body.temperature: extra fields not permitted" });
+      });
+
       test("an upstream's 413 is the client's 413, and never opens the breaker", async () => {
         upstream.script("too-large", { status: 413, error: "<html><body>413 Request Entity Too Large</body></html>" });
         for (let i = 0; i < 6; i++) {
@@ -1457,6 +1524,35 @@ for (const port of ["rpc", "rest"] as const) {
         const completion = await sdk().chat.completions.create({ model: "too-large", messages: hello });
         expect(completion.model).toBe("too-large-fake");
         expect(upstream.seen("too-large")).toHaveLength(7);
+      });
+
+      test("a prompt over the upstream's whole TPM limit (its 429) is the client's, once: no retry, fallback or breaker", async () => {
+        const tooLarge = {
+          message:
+            "Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000. The input or output tokens must be reduced in order to run successfully.",
+          type: "tokens",
+          param: null,
+          code: "rate_limit_exceeded",
+        };
+        upstream.script("tpm", { status: 429, error: tooLarge });
+        // More than the breaker's threshold of them in a row.
+        for (let i = 0; i < 6; i++) {
+          const e = await apiError(sdk().chat.completions.create({ model: "tpm", messages: hello }));
+          expectShape(e, 429, "rate_limit_exceeded", "tokens");
+          expect(e.error).toEqual(tooLarge);
+          expect(e.headers?.get("retry-after")).toBeNull();
+        }
+        expect(upstream.seen("tpm")).toHaveLength(6);
+        expect(upstream.seen("tpm-fallback")).toHaveLength(0);
+        expect(gateway.shipper.rows.at(-1)).toMatchObject({
+          status: RequestStatus.INVALID_REQUEST,
+          httpStatus: 429,
+          errorCode: "rate_limit_exceeded",
+        });
+        // Another client's prompt that fits is served by the same target.
+        upstream.script("tpm", {});
+        const served = await sdk().chat.completions.create({ model: "tpm", messages: hello });
+        expect(served.model).toBe("tpm-fake");
       });
 
       test("an upstream out of quota is not retried but falls back; alone the client gets 502, not a 429 to retry", async () => {
@@ -1567,6 +1663,24 @@ for (const port of ["rpc", "rest"] as const) {
           expect(completion.model).toBe("mock-echo-1");
         }
         expect(upstream.seen("breaker-primary").length).toBeLessThan(20);
+      });
+
+      test("an upstream's 429s hold its target for as long as they ask, never open its breaker, and it serves after", async () => {
+        const throttled = { status: 429, retryAfterMs: "250", error: { message: "Rate limit reached", code: "rate_limit_exceeded" } };
+        upstream.script("briefly-throttled", ...Array(6).fill(throttled), {});
+        // More than the breaker's threshold of them in a row, each once its hold is over.
+        for (let i = 0; i < 6; i++) {
+          const e = await apiError(sdk().chat.completions.create({ model: "briefly-throttled", messages: hello }));
+          expectShape(e, 429, "upstream_rate_limited", "rate_limit_error");
+          // Within the hold another request is not sent: a 429 at once, to retry after the hold.
+          const held = await apiError(sdk().chat.completions.create({ model: "briefly-throttled", messages: hello }));
+          expectShape(held, 429, "upstream_rate_limited", "rate_limit_error");
+          expect(held.headers?.get("retry-after")).toBe("1");
+          await Bun.sleep(300);
+        }
+        expect(upstream.seen("briefly-throttled")).toHaveLength(6);
+        const served = await sdk().chat.completions.create({ model: "briefly-throttled", messages: hello });
+        expect(served.model).toBe("briefly-throttled-fake");
       });
 
       // Failures of a stream before its first chunk: a proxy's 200 with a JSON error, an error event first (as

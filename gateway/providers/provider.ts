@@ -57,7 +57,8 @@ export interface Provider {
 
 /**
  * How an upstream attempt failed, which decides what the gateway does next:
- * "rejected" (the upstream refused the request itself, 400/413/422) fails the request as the client's fault,
+ * "rejected" (the upstream refused the request itself, 400/413/422, or a 429 for a prompt over its whole rate limit)
+ * fails the request as the client's fault,
  * "transient" (connection, 408/409/429/5xx, unreadable answers) and "timeout" may be retried on the same target,
  * "misconfigured" (401/403/404 and other 4xx, missing key, an account out of quota) moves on to the next target,
  * "cancelled" stops.
@@ -73,6 +74,8 @@ export interface UpstreamErrorBody {
   type: string | null;
   param: string | null;
   code: string | null;
+  /** Azure's details of a refusal (its content filter's `content_filter_result`), when small. */
+  innererror?: Record<string, unknown>;
 }
 
 export class UpstreamError extends Error {
@@ -99,11 +102,19 @@ export class UpstreamError extends Error {
 
 /** The failure class of an upstream HTTP status and the error it came with. */
 export function failureOfStatus(status: number, error?: UpstreamErrorBody): UpstreamFailure {
-  if (status === 400 || status === 413 || status === 422) return "rejected";
+  if (status === 400 || status === 413 || status === 422 || overRateLimit(status, error)) return "rejected";
   // Out of credit is not transient: retrying the account only delays the next target.
   if (outOfQuota(status, error)) return "misconfigured";
   if (status === 408 || status === 409 || status === 429 || status >= 500) return "transient";
   return "misconfigured";
+}
+
+/**
+ * OpenAI's 429 for a request larger than the tokens-per-minute limit itself ("Request too large for gpt-4o ... The
+ * input or output tokens must be reduced"): no wait lets it through, so it is the request's fault, not a rate limit.
+ */
+function overRateLimit(status: number, error: UpstreamErrorBody | undefined): boolean {
+  return status === 429 && /\brequest too large\b|\bmust be reduced\b/i.test(error?.message ?? "");
 }
 
 /** The upstream's account is out of credit (OpenAI's 429 insufficient_quota), as opposed to a rate limit. */
@@ -116,18 +127,21 @@ const maxMessageLength = 2_000;
 const maxTextLength = 500;
 // type, param and code also travel as RPC metadata (header values): printable ASCII, short.
 const identifier = /^[\x20-\x7e]{1,128}$/;
+// The operator's OpenAI organization and project ids, which upstream messages name ("... in organization org-...").
+const accountIds = /\b(?:org-|proj_)[A-Za-z0-9]{6,}\b/g;
 
 /**
  * The error in a refusal's `error` member: OpenAI's shape, or a string as its message; undefined without a message.
- * Messages pass through `redact`, then are cut to a bounded length; a type, param or code that is not a short
- * printable string is left out.
+ * Messages pass through `redact`, and lose OpenAI organization and project ids, then are cut to a bounded length; a type, param or code that is not a short
+ * printable string is left out, and so is an `innererror` longer than a message may be.
  */
 export function upstreamErrorBody(
   error: unknown,
   redact: (text: string) => string = (text) => text,
 ): UpstreamErrorBody | undefined {
+  const scrub = (text: string) => redact(text).replace(accountIds, "[redacted]");
   const bounded = (text: string, max: number) => {
-    const message = redact(text.trim());
+    const message = scrub(text.trim());
     return message.length > max ? `${message.slice(0, max - 1)}\u2026` : message;
   };
   if (typeof error === "string") {
@@ -135,10 +149,44 @@ export function upstreamErrorBody(
     return { message: bounded(error, maxTextLength), type: null, param: null, code: null };
   }
   if (typeof error !== "object" || error === null) return undefined;
-  const { message, type, param, code } = error as Record<string, unknown>;
+  const { message, type, param, code, detail, innererror } = error as Record<string, unknown>;
+  if (message === undefined && detail !== undefined) {
+    const text = validationDetail(detail);
+    return text ? { message: bounded(text, maxTextLength), type: null, param: null, code: null } : undefined;
+  }
   if (typeof message !== "string" || message.trim() === "") return undefined;
   const id = (value: unknown) => (typeof value === "string" && identifier.test(value) ? value : null);
-  return { message: bounded(message, maxMessageLength), type: id(type), param: id(param), code: id(code) };
+  const body: UpstreamErrorBody = {
+    message: bounded(message, maxMessageLength),
+    type: id(type),
+    param: id(param),
+    code: id(code),
+  };
+  const inner = typeof innererror === "object" && innererror !== null ? scrub(JSON.stringify(innererror)) : "";
+  if (inner.length > 0 && inner.length <= maxMessageLength) {
+    try {
+      body.innererror = JSON.parse(inner) as Record<string, unknown>;
+    } catch {
+      // A redaction that broke the JSON: left out.
+    }
+  }
+  return body;
+}
+
+/**
+ * A FastAPI-style refusal's `detail` in words: a string as it is, or each validation error's `msg` after its `loc`
+ * ("body.temperature: extra fields not permitted").
+ */
+function validationDetail(detail: unknown): string | undefined {
+  if (typeof detail === "string") return detail.trim() || undefined;
+  if (!Array.isArray(detail)) return undefined;
+  const words = detail.flatMap((item) => {
+    const { loc, msg } = record(item);
+    if (typeof msg !== "string") return [];
+    const where = Array.isArray(loc) ? loc.filter((part) => ["string", "number"].includes(typeof part)).join(".") : "";
+    return [where ? `${where}: ${msg}` : msg];
+  });
+  return words.length > 0 ? words.join("; ") : undefined;
 }
 
 /** Retry-After (seconds or HTTP date) or retry-after-ms, in ms; undefined when absent or unreadable. */

@@ -24,11 +24,13 @@ export interface Behaviour {
   /** Answer with this status and an OpenAI error body instead. */
   status?: number;
   /** With `status`: fields of the OpenAI error body over the defaults, or a whole body that is not OpenAI's shape. */
-  error?: { message?: string; type?: string; param?: string | null; code?: string | null } | string;
+  error?: { message?: string; type?: string | null; param?: string | null; code?: string | null; innererror?: unknown } | string;
   /** Refuse a request that has this field with 422, as servers that forbid extra fields do (FastAPI's `detail`). */
   rejectsField?: string;
   /** Retry-After header value sent with `status`. */
   retryAfter?: string;
+  /** retry-after-ms header value (OpenAI's, in ms) sent with `status`. */
+  retryAfterMs?: string;
   /** Wait this long before answering. */
   delayMs?: number;
   /** Wait this long between streamed chunks. */
@@ -153,6 +155,7 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
       }
       if (b.status) {
         const headers: Record<string, string> = b.retryAfter ? { "retry-after": b.retryAfter } : {};
+        if (b.retryAfterMs) headers["retry-after-ms"] = b.retryAfterMs;
         if (typeof b.error === "string") return new Response(b.error, { status: b.status, headers });
         const error = { message: `scripted ${b.status}`, type: b.status === 429 ? "rate_limit_error" : "api_error", param: null, code: null, ...b.error };
         return Response.json({ error }, { status: b.status, headers });
