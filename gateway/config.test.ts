@@ -246,6 +246,25 @@ describe("gateway config", () => {
     expect(parseGatewayConfig(fallbackOnly, "ok.yaml").models.get("m")?.targets.map((t) => t.weight)).toEqual([3, 0]);
   });
 
+  test("base URLs are http(s) without credentials; headers are valid as fetch sends them", () => {
+    const providers = (provider: string) =>
+      `providers:\n  - ${provider}\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;
+    const openai = (fields: string) => providers(`{ name: p, kind: openai, ${fields} }`);
+    const azure = (url: string) => providers(`{ name: p, kind: azure, api_key_env: AZURE_KEY, base_url: "${url}" }`);
+    for (const url of ["ftp://example.com/v1", "javascript:alert(1)", "file:///etc/passwd", "not a url"]) {
+      expect(configError(openai(`base_url: "${url}"`))).toContain("providers[0].base_url: must be an http:// or https:// URL");
+    }
+    expect(configError(azure("ftp://example.openai.azure.com/"))).toContain("providers[0].base_url: must be an http://");
+    expect(configError(openai('base_url: "http://alice:s3cret@example.com/v1"'))).toContain(
+      "providers[0].base_url: must not hold credentials (user:password@): give the key in api_key_env",
+    );
+    expect(configError(openai('headers: { "Bad Header": "x" }'))).toContain('providers[0].headers.Bad Header: Invalid header name');
+    expect(configError(openai('headers: { X-Team: "a\\r\\nX-Injected: 1" }'))).toContain("providers[0].headers.X-Team:");
+    const ok = parseGatewayConfig(openai('base_url: "HTTPS://example.com/v1", headers: { X-Team: search }'), "t.yaml");
+    expect(ok.providers[0]).toMatchObject({ base_url: "HTTPS://example.com/v1", headers: { "X-Team": "search" } });
+    expect(parseGatewayConfig(azure("https://x.openai.azure.com/"), "t.yaml").providers[0]?.kind).toBe("azure");
+  });
+
   test("a provider's name has no slash: provider/model names a target's breaker once", () => {
     const config = `
 providers:

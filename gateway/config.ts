@@ -33,14 +33,36 @@ const usdPerMtok = z
     }
   });
 
+/**
+ * An upstream's base URL: http or https (any other scheme fails every call), without credentials in it, which fetch
+ * would drop without a word (the upstream then gets no Basic auth).
+ */
+const baseUrl = z
+  .url({ protocol: /^https?$/, error: "must be an http:// or https:// URL", abort: true })
+  .refine((url) => {
+    const { username, password } = new URL(url);
+    return username === "" && password === "";
+  }, "must not hold credentials (user:password@): give the key in api_key_env, or an Authorization header in headers");
+
+/** Extra request headers, refused at start if fetch would refuse them on every call. */
+const headers = z.record(z.string(), z.string()).superRefine((all, ctx) => {
+  for (const [header, value] of Object.entries(all)) {
+    try {
+      new Headers([[header, value]]);
+    } catch (e) {
+      ctx.addIssue({ code: "custom", path: [header], message: (e as Error).message });
+    }
+  }
+});
+
 const openaiProvider = z.strictObject({
   name: providerName,
   kind: z.literal("openai"),
   /** Any OpenAI-compatible base URL; the OpenAI API by default. */
-  base_url: z.url().optional(),
+  base_url: baseUrl.optional(),
   /** Variable holding the upstream key; unset for upstreams that need none. */
   api_key_env: envName.optional(),
-  headers: z.record(z.string(), z.string()).optional(),
+  headers: headers.optional(),
   /** false: streams are sent without stream_options (for servers that refuse it); usage is then counted. */
   stream_usage: z.boolean().optional(),
 });
@@ -49,7 +71,7 @@ const azureProvider = z.strictObject({
   name: providerName,
   kind: z.literal("azure"),
   /** The resource endpoint, e.g. https://example.openai.azure.com/ */
-  base_url: z.url(),
+  base_url: baseUrl,
   api_key_env: envName,
   api_version: z.string().min(1).default("2024-10-21"),
   /** As for openai: older api versions (2024-02-01) refuse stream_options. */
