@@ -265,6 +265,19 @@ describe("gateway config", () => {
     expect(parseGatewayConfig(azure("https://x.openai.azure.com/"), "t.yaml").providers[0]?.kind).toBe("azure");
   });
 
+  test("an Azure base_url is the resource endpoint: one ending in /openai, which the gateway adds, is refused", () => {
+    const azure = (url: string) =>
+      `providers:\n  - { name: p, kind: azure, api_key_env: AZURE_KEY, base_url: "${url}" }\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;
+    for (const url of ["https://x.openai.azure.com/openai", "https://x.openai.azure.com/openai/", "https://x.openai.azure.com/OpenAI//"]) {
+      expect(configError(azure(url))).toContain(
+        "providers[0].base_url: give the resource endpoint without /openai (e.g. https://example.openai.azure.com/)",
+      );
+    }
+    for (const url of ["https://x.openai.azure.com/", "https://x.openai.azure.com", "https://proxy.example.com/azure"]) {
+      expect(parseGatewayConfig(azure(url), "t.yaml").providers[0]).toMatchObject({ kind: "azure", base_url: url });
+    }
+  });
+
   test("a provider's name has no slash: provider/model names a target's breaker once", () => {
     const config = `
 providers:

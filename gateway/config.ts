@@ -70,8 +70,11 @@ const openaiProvider = z.strictObject({
 const azureProvider = z.strictObject({
   name: providerName,
   kind: z.literal("azure"),
-  /** The resource endpoint, e.g. https://example.openai.azure.com/ */
-  base_url: baseUrl,
+  /** The resource endpoint, e.g. https://example.openai.azure.com/ (the provider adds /openai to it, so it holds none). */
+  base_url: baseUrl.refine(
+    (url) => !/\/openai\/*$/i.test(new URL(url).pathname),
+    "give the resource endpoint without /openai (e.g. https://example.openai.azure.com/): the gateway adds /openai/deployments/...",
+  ),
   api_key_env: envName,
   api_version: z.string().min(1).default("2024-10-21"),
   /** As for openai: older api versions (2024-02-01) refuse stream_options. */
