@@ -172,6 +172,26 @@ describe("gateway config", () => {
     expect(message).toContain('"abc"');
   });
 
+  test("a price over $10,000 per million tokens, or cached input dearer than input, is refused", () => {
+    const priced = (pricing: string) => base(`  - { name: m, targets: [{ provider: mock, model: x }], pricing: ${pricing} }`);
+    expect(configError(priced('{ input_per_mtok: "999999999", output_per_mtok: "1" }'))).toContain(
+      'models[0].pricing.input_per_mtok: "999999999" is over $10,000 per million tokens',
+    );
+    expect(
+      configError(priced('{ input_per_mtok: "1", output_per_mtok: "1", service_tiers: { priority: { input_per_mtok: "1", output_per_mtok: "10000.5" } } }')),
+    ).toContain("models[0].pricing.service_tiers.priority.output_per_mtok");
+    expect(configError(priced('{ input_per_mtok: "2.50", cached_input_per_mtok: "125", output_per_mtok: "10" }'))).toContain(
+      'models[0].pricing.cached_input_per_mtok: "125" is above input_per_mtok ("2.50")',
+    );
+    expect(
+      configError(
+        priced('{ input_per_mtok: "4", output_per_mtok: "8", service_tiers: { flex: { input_per_mtok: "2", cached_input_per_mtok: "3", output_per_mtok: "4" } } }'),
+      ),
+    ).toContain('models[0].pricing.service_tiers.flex.cached_input_per_mtok: "3" is above input_per_mtok ("2")');
+    const dearest = parseGatewayConfig(priced('{ input_per_mtok: "10000", cached_input_per_mtok: "10000", output_per_mtok: "10000" }'), "t.yaml");
+    expect(dearest.models.get("m")?.price.inputMicros).toBe(10_000_000_000n);
+  });
+
   test("an unquoted YAML number price is refused with a hint", () => {
     const message = configError(
       base(`

@@ -168,6 +168,17 @@ const file = z
           });
         }
       });
+      // Cached input dearer than input is a typo (a 100x one, as a rule): a provider discounts it, never charges more.
+      const tiers = Object.entries(m.pricing.service_tiers ?? {}).map(([tier, p]) => [["service_tiers", tier], p] as const);
+      for (const [where, p] of [[[], m.pricing] as const, ...tiers]) {
+        if (p.cached_input_per_mtok && p.cached_input_per_mtok.micros > p.input_per_mtok.micros) {
+          ctx.addIssue({
+            code: "custom",
+            path: ["models", i, "pricing", ...where, "cached_input_per_mtok"],
+            message: `"${p.cached_input_per_mtok.text}" is above input_per_mtok ("${p.input_per_mtok.text}")`,
+          });
+        }
+      }
       // A target without a weight beside weighted ones would never be picked first: say which is meant.
       const weighted = m.targets.filter((t) => t.weight !== undefined);
       if (weighted.length > 0 && weighted.length < m.targets.length) {
