@@ -35,6 +35,11 @@ describe("gateway config", () => {
     expect(mock?.targets).toEqual([{ provider: "mock", model: "mock-echo-1", weight: undefined }]);
     expect(config.providers.find((p) => p.name === "mock")?.kind).toBe("mock");
     for (const name of ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]) expect(config.models.has(name)).toBe(true);
+    // Its embedding models serve embeddings only: a chat call to one is refused without an upstream round trip.
+    for (const name of ["text-embedding-3-small", "text-embedding-3-large"]) {
+      expect([name, config.models.get(name)?.endpoints]).toEqual([name, new Set(["embeddings"])]);
+    }
+    expect(config.models.get("gpt-4o")?.endpoints).toBeUndefined();
   });
 
   test("the shipped chat models budget the most output OpenAI publishes for them when a request sets no max_tokens", () => {
@@ -296,6 +301,14 @@ describe("gateway config", () => {
     for (const url of ["https://x.openai.azure.com/", "https://x.openai.azure.com", "https://proxy.example.com/azure"]) {
       expect(parseGatewayConfig(azure(url), "t.yaml").providers[0]).toMatchObject({ kind: "azure", base_url: url });
     }
+  });
+
+  test("a model's endpoints are chat or embeddings, at least one", () => {
+    const served = (endpoints: string) =>
+      base(`  - { name: m, endpoints: ${endpoints}, targets: [{ provider: mock, model: x }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`);
+    expect(parseGatewayConfig(served("[chat, embeddings]"), "t.yaml").models.get("m")?.endpoints).toEqual(new Set(["chat", "embeddings"]));
+    expect(configError(served("[completions]"))).toContain("models[0].endpoints[0]");
+    expect(configError(served("[]"))).toContain("models[0].endpoints");
   });
 
   test("a provider's name has no slash: provider/model names a target's breaker once", () => {

@@ -108,9 +108,18 @@ const prices = z.strictObject({
 /** OpenAI's service tiers besides the default ("auto" lets the upstream's project setting decide). */
 export const serviceTiers = ["flex", "scale", "priority"] as const;
 
+/** The APIs a model may serve: chat completions (streamed or not) and embeddings. */
+export const modelEndpoints = ["chat", "embeddings"] as const;
+export type ModelEndpoint = (typeof modelEndpoints)[number];
+
 const model = z.strictObject({
   /** Public model name clients send. */
   name,
+  /**
+   * The APIs the model serves; any when unset. A call to another is refused by the gateway, as the upstream would
+   * refuse it (a chat call to an embedding model), without a round trip.
+   */
+  endpoints: z.array(z.enum(modelEndpoints)).min(1).optional(),
   /** In fallback order; a weight on any target picks the first choice at random by weight. */
   targets: z
     .array(
@@ -212,6 +221,8 @@ export interface Target {
 /** A public model: where it is served and what it costs. */
 export interface ModelRoute {
   name: string;
+  /** The APIs the model serves; any when undefined. */
+  endpoints?: ReadonlySet<ModelEndpoint> | undefined;
   targets: Target[];
   price: Price;
   /** Prices as configured (USD per million tokens), for listings. */
@@ -256,6 +267,7 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
     );
     models.set(m.name, {
       name: m.name,
+      endpoints: m.endpoints && new Set(m.endpoints),
       targets: m.targets.map((t) => ({
         provider: t.provider,
         model: t.model,

@@ -104,6 +104,10 @@ function routes(url: string) {
     "  - name: briefly-throttled",
     "    targets: [{ provider: fake, model: briefly-throttled }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: embeddings-only",
+    "    endpoints: [embeddings]",
+    "    targets: [{ provider: fake, model: embeddings-only }]",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "0" }`,
     "  - name: misrouted",
     "    targets: [{ provider: fake, model: misrouted-primary }, { provider: fake, model: misrouted-secondary }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
@@ -1548,6 +1552,18 @@ for (const port of ["rpc", "rest"] as const) {
         // Embeddings calls to the same target are still served.
         upstream.script("embedder", {});
         const embedded = await sdk().embeddings.create({ model: "embedder", input: "alpha" });
+        expect(embedded.data).toHaveLength(1);
+      });
+
+      test("a chat call to a model configured for embeddings only is refused without reaching the upstream", async () => {
+        upstream.script("embeddings-only", {});
+        const e = await apiError(sdk().chat.completions.create({ model: "embeddings-only", messages: hello }));
+        expectShape(e, 404, "model_not_supported", "invalid_request_error");
+        expect(e.error).toMatchObject({ message: "The model `embeddings-only` does not serve chat completions.", param: "model" });
+        const stream = await apiError(sdk().chat.completions.create({ model: "embeddings-only", messages: hello, stream: true }));
+        expectShape(stream, 404, "model_not_supported");
+        expect(upstream.seen("embeddings-only")).toHaveLength(0);
+        const embedded = await sdk().embeddings.create({ model: "embeddings-only", input: "alpha" });
         expect(embedded.data).toHaveLength(1);
       });
 
