@@ -35,6 +35,11 @@ describe("gateway config", () => {
     expect(mock?.targets).toEqual([{ provider: "mock", model: "mock-echo-1", weight: undefined }]);
     expect(config.providers.find((p) => p.name === "mock")?.kind).toBe("mock");
     for (const name of ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]) expect(config.models.has(name)).toBe(true);
+    // Its embedding models serve embeddings only: a chat call to one is refused without an upstream round trip.
+    for (const name of ["text-embedding-3-small", "text-embedding-3-large"]) {
+      expect([name, config.models.get(name)?.endpoints]).toEqual([name, new Set(["embeddings"])]);
+    }
+    expect(config.models.get("gpt-4o")?.endpoints).toBeUndefined();
   });
 
   test("the shipped chat models budget the most output OpenAI publishes for them when a request sets no max_tokens", () => {
@@ -172,6 +177,26 @@ describe("gateway config", () => {
     expect(message).toContain('"abc"');
   });
 
+  test("a price over $10,000 per million tokens, or cached input dearer than input, is refused", () => {
+    const priced = (pricing: string) => base(`  - { name: m, targets: [{ provider: mock, model: x }], pricing: ${pricing} }`);
+    expect(configError(priced('{ input_per_mtok: "999999999", output_per_mtok: "1" }'))).toContain(
+      'models[0].pricing.input_per_mtok: "999999999" is over $10,000 per million tokens',
+    );
+    expect(
+      configError(priced('{ input_per_mtok: "1", output_per_mtok: "1", service_tiers: { priority: { input_per_mtok: "1", output_per_mtok: "10000.5" } } }')),
+    ).toContain("models[0].pricing.service_tiers.priority.output_per_mtok");
+    expect(configError(priced('{ input_per_mtok: "2.50", cached_input_per_mtok: "125", output_per_mtok: "10" }'))).toContain(
+      'models[0].pricing.cached_input_per_mtok: "125" is above input_per_mtok ("2.50")',
+    );
+    expect(
+      configError(
+        priced('{ input_per_mtok: "4", output_per_mtok: "8", service_tiers: { flex: { input_per_mtok: "2", cached_input_per_mtok: "3", output_per_mtok: "4" } } }'),
+      ),
+    ).toContain('models[0].pricing.service_tiers.flex.cached_input_per_mtok: "3" is above input_per_mtok ("2")');
+    const dearest = parseGatewayConfig(priced('{ input_per_mtok: "10000", cached_input_per_mtok: "10000", output_per_mtok: "10000" }'), "t.yaml");
+    expect(dearest.models.get("m")?.price.inputMicros).toBe(10_000_000_000n);
+  });
+
   test("an unquoted YAML number price is refused with a hint", () => {
     const message = configError(
       base(`
@@ -244,6 +269,46 @@ describe("gateway config", () => {
     );
     const fallbackOnly = weights("{ provider: openai, model: a, weight: 3 }, { provider: openai, model: b, weight: 0 }");
     expect(parseGatewayConfig(fallbackOnly, "ok.yaml").models.get("m")?.targets.map((t) => t.weight)).toEqual([3, 0]);
+  });
+
+  test("base URLs are http(s) without credentials; headers are valid as fetch sends them", () => {
+    const providers = (provider: string) =>
+      `providers:\n  - ${provider}\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;
+    const openai = (fields: string) => providers(`{ name: p, kind: openai, ${fields} }`);
+    const azure = (url: string) => providers(`{ name: p, kind: azure, api_key_env: AZURE_KEY, base_url: "${url}" }`);
+    for (const url of ["ftp://example.com/v1", "javascript:alert(1)", "file:///etc/passwd", "not a url"]) {
+      expect(configError(openai(`base_url: "${url}"`))).toContain("providers[0].base_url: must be an http:// or https:// URL");
+    }
+    expect(configError(azure("ftp://example.openai.azure.com/"))).toContain("providers[0].base_url: must be an http://");
+    expect(configError(openai('base_url: "http://alice:s3cret@example.com/v1"'))).toContain(
+      "providers[0].base_url: must not hold credentials (user:password@): give the key in api_key_env",
+    );
+    expect(configError(openai('headers: { "Bad Header": "x" }'))).toContain('providers[0].headers.Bad Header: Invalid header name');
+    expect(configError(openai('headers: { X-Team: "a\\r\\nX-Injected: 1" }'))).toContain("providers[0].headers.X-Team:");
+    const ok = parseGatewayConfig(openai('base_url: "HTTPS://example.com/v1", headers: { X-Team: search }'), "t.yaml");
+    expect(ok.providers[0]).toMatchObject({ base_url: "HTTPS://example.com/v1", headers: { "X-Team": "search" } });
+    expect(parseGatewayConfig(azure("https://x.openai.azure.com/"), "t.yaml").providers[0]?.kind).toBe("azure");
+  });
+
+  test("an Azure base_url is the resource endpoint: one ending in /openai, which the gateway adds, is refused", () => {
+    const azure = (url: string) =>
+      `providers:\n  - { name: p, kind: azure, api_key_env: AZURE_KEY, base_url: "${url}" }\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;
+    for (const url of ["https://x.openai.azure.com/openai", "https://x.openai.azure.com/openai/", "https://x.openai.azure.com/OpenAI//"]) {
+      expect(configError(azure(url))).toContain(
+        "providers[0].base_url: give the resource endpoint without /openai (e.g. https://example.openai.azure.com/)",
+      );
+    }
+    for (const url of ["https://x.openai.azure.com/", "https://x.openai.azure.com", "https://proxy.example.com/azure"]) {
+      expect(parseGatewayConfig(azure(url), "t.yaml").providers[0]).toMatchObject({ kind: "azure", base_url: url });
+    }
+  });
+
+  test("a model's endpoints are chat or embeddings, at least one", () => {
+    const served = (endpoints: string) =>
+      base(`  - { name: m, endpoints: ${endpoints}, targets: [{ provider: mock, model: x }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`);
+    expect(parseGatewayConfig(served("[chat, embeddings]"), "t.yaml").models.get("m")?.endpoints).toEqual(new Set(["chat", "embeddings"]));
+    expect(configError(served("[completions]"))).toContain("models[0].endpoints[0]");
+    expect(configError(served("[]"))).toContain("models[0].endpoints");
   });
 
   test("a provider's name has no slash: provider/model names a target's breaker once", () => {

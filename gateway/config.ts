@@ -33,14 +33,36 @@ const usdPerMtok = z
     }
   });
 
+/**
+ * An upstream's base URL: http or https (any other scheme fails every call), without credentials in it, which fetch
+ * would drop without a word (the upstream then gets no Basic auth).
+ */
+const baseUrl = z
+  .url({ protocol: /^https?$/, error: "must be an http:// or https:// URL", abort: true })
+  .refine((url) => {
+    const { username, password } = new URL(url);
+    return username === "" && password === "";
+  }, "must not hold credentials (user:password@): give the key in api_key_env, or an Authorization header in headers");
+
+/** Extra request headers, refused at start if fetch would refuse them on every call. */
+const headers = z.record(z.string(), z.string()).superRefine((all, ctx) => {
+  for (const [header, value] of Object.entries(all)) {
+    try {
+      new Headers([[header, value]]);
+    } catch (e) {
+      ctx.addIssue({ code: "custom", path: [header], message: (e as Error).message });
+    }
+  }
+});
+
 const openaiProvider = z.strictObject({
   name: providerName,
   kind: z.literal("openai"),
   /** Any OpenAI-compatible base URL; the OpenAI API by default. */
-  base_url: z.url().optional(),
+  base_url: baseUrl.optional(),
   /** Variable holding the upstream key; unset for upstreams that need none. */
   api_key_env: envName.optional(),
-  headers: z.record(z.string(), z.string()).optional(),
+  headers: headers.optional(),
   /** false: streams are sent without stream_options (for servers that refuse it); usage is then counted. */
   stream_usage: z.boolean().optional(),
 });
@@ -48,8 +70,11 @@ const openaiProvider = z.strictObject({
 const azureProvider = z.strictObject({
   name: providerName,
   kind: z.literal("azure"),
-  /** The resource endpoint, e.g. https://example.openai.azure.com/ */
-  base_url: z.url(),
+  /** The resource endpoint, e.g. https://example.openai.azure.com/ (the provider adds /openai to it, so it holds none). */
+  base_url: baseUrl.refine(
+    (url) => !/\/openai\/*$/i.test(new URL(url).pathname),
+    "give the resource endpoint without /openai (e.g. https://example.openai.azure.com/): the gateway adds /openai/deployments/...",
+  ),
   api_key_env: envName,
   api_version: z.string().min(1).default("2024-10-21"),
   /** As for openai: older api versions (2024-02-01) refuse stream_options. */
@@ -83,9 +108,18 @@ const prices = z.strictObject({
 /** OpenAI's service tiers besides the default ("auto" lets the upstream's project setting decide). */
 export const serviceTiers = ["flex", "scale", "priority"] as const;
 
+/** The APIs a model may serve: chat completions (streamed or not) and embeddings. */
+export const modelEndpoints = ["chat", "embeddings"] as const;
+export type ModelEndpoint = (typeof modelEndpoints)[number];
+
 const model = z.strictObject({
   /** Public model name clients send. */
   name,
+  /**
+   * The APIs the model serves; any when unset. A call to another is refused by the gateway, as the upstream would
+   * refuse it (a chat call to an embedding model), without a round trip.
+   */
+  endpoints: z.array(z.enum(modelEndpoints)).min(1).optional(),
   /** In fallback order; a weight on any target picks the first choice at random by weight. */
   targets: z
     .array(
@@ -143,6 +177,17 @@ const file = z
           });
         }
       });
+      // Cached input dearer than input is a typo (a 100x one, as a rule): a provider discounts it, never charges more.
+      const tiers = Object.entries(m.pricing.service_tiers ?? {}).map(([tier, p]) => [["service_tiers", tier], p] as const);
+      for (const [where, p] of [[[], m.pricing] as const, ...tiers]) {
+        if (p.cached_input_per_mtok && p.cached_input_per_mtok.micros > p.input_per_mtok.micros) {
+          ctx.addIssue({
+            code: "custom",
+            path: ["models", i, "pricing", ...where, "cached_input_per_mtok"],
+            message: `"${p.cached_input_per_mtok.text}" is above input_per_mtok ("${p.input_per_mtok.text}")`,
+          });
+        }
+      }
       // A target without a weight beside weighted ones would never be picked first: say which is meant.
       const weighted = m.targets.filter((t) => t.weight !== undefined);
       if (weighted.length > 0 && weighted.length < m.targets.length) {
@@ -176,6 +221,8 @@ export interface Target {
 /** A public model: where it is served and what it costs. */
 export interface ModelRoute {
   name: string;
+  /** The APIs the model serves; any when undefined. */
+  endpoints?: ReadonlySet<ModelEndpoint> | undefined;
   targets: Target[];
   price: Price;
   /** Prices as configured (USD per million tokens), for listings. */
@@ -220,6 +267,7 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
     );
     models.set(m.name, {
       name: m.name,
+      endpoints: m.endpoints && new Set(m.endpoints),
       targets: m.targets.map((t) => ({
         provider: t.provider,
         model: t.model,

@@ -27,6 +27,7 @@ import {
   invalidRequest,
   modelNotAllowed,
   modelNotFound,
+  modelNotServed,
   requestTimeout,
   toGatewayError,
 } from "./errors.ts";
@@ -219,7 +220,10 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     m.requestedModel = meteredName(input.model);
     m.endUserId = input.user;
     if (input.tags) m.tags = input.tags;
-    return admitModel(principal, input.model);
+    const route = admitModel(principal, input.model);
+    const endpoint = m.endpoint === Endpoint.EMBEDDINGS ? "embeddings" : "chat";
+    if (route.endpoints && !route.endpoints.has(endpoint)) throw modelNotServed(input.model, endpoint);
+    return route;
   };
 
   /**

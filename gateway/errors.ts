@@ -65,6 +65,17 @@ export const modelNotFound = (model: string) =>
     "model",
   );
 
+/** A model the config says does not serve the API called, refused as OpenAI refuses a chat call to an embedding model. */
+export const modelNotServed = (model: string, endpoint: "chat" | "embeddings") =>
+  new GatewayError(
+    404,
+    "invalid_request_error",
+    "model_not_supported",
+    `The model \`${model}\` does not serve ${endpoint === "chat" ? "chat completions" : "embeddings"}.`,
+    RequestStatus.INVALID_REQUEST,
+    "model",
+  );
+
 export const unknownUrl = (method: string, path: string) =>
   new GatewayError(
     404,

@@ -7,6 +7,8 @@ import {
   divRoundHalfUp,
   formatCents,
   formatNanosUsd,
+  MAX_COST_NANOS_PER_REQUEST,
+  MAX_PRICE_MICROS_PER_MTOK,
   nanosToCents,
   parseUsdMicros,
   parseUsdNanos,
@@ -39,6 +41,23 @@ describe("parseUsdMicros", () => {
       expect(() => parseUsdMicros(bad)).toThrow(RangeError);
     }
   });
+  test("a price is at most $10,000 per million tokens, so only a request past 100M tokens reaches the cost cap", () => {
+    expect(parseUsdMicros("10000")).toBe(MAX_PRICE_MICROS_PER_MTOK);
+    for (const over of ["10000.000001", "999999999"]) {
+      expect(() => parseUsdMicros(over)).toThrow("is over $10,000 per million tokens");
+    }
+    const dearest = {
+      inputMicros: MAX_PRICE_MICROS_PER_MTOK,
+      cachedInputMicros: MAX_PRICE_MICROS_PER_MTOK,
+      outputMicros: MAX_PRICE_MICROS_PER_MTOK,
+      reasoningMicros: MAX_PRICE_MICROS_PER_MTOK,
+    };
+    // The cap is reached only past 100 million tokens, far beyond any model's context window.
+    const tokens = (input: bigint, output: bigint) => ({ inputTokens: input, cachedInputTokens: 0n, outputTokens: output, reasoningTokens: 0n });
+    expect(costNanos(tokens(50_000_000n, 49_999_999n), dearest)).toBeLessThan(MAX_COST_NANOS_PER_REQUEST);
+    expect(costNanos(tokens(50_000_000n, 50_000_000n), dearest)).toBe(MAX_COST_NANOS_PER_REQUEST);
+  });
+
   test("nanos parse budgets with 9 decimals", () => {
     expect(parseUsdNanos("10")).toBe(10_000_000_000n);
     expect(parseUsdNanos("0.000000001")).toBe(1n);

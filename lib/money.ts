@@ -49,14 +49,27 @@ export const MAX_TOKENS_PER_REQUEST = 2n ** 31n;
  */
 export const MAX_COST_NANOS_PER_REQUEST = 10n ** 15n;
 
+/**
+ * Dearest price per million tokens a model may have, in micro-USD ($10,000; the dearest models ask hundreds). At it a
+ * request reaches MAX_COST_NANOS_PER_REQUEST, whose cap drops the rest of its cost, only past 100 million tokens (input
+ * and output together), ten times any model's context window. Billing accepts up to 2^31 tokens of each kind, which
+ * here could cost $42.9M: keeping even those under the cap would take a bound of $232.83, below real output prices.
+ */
+export const MAX_PRICE_MICROS_PER_MTOK = 10_000n * 1_000_000n;
+
 const decimalUsd = /^(\d{1,9})(?:\.(\d{1,6}))?$/;
 
-/** Parses a non-negative decimal USD amount with at most 6 decimals ("2.5", "0.075") into micro-USD. */
+/**
+ * Parses a price, a non-negative decimal USD amount per million tokens with at most 6 decimals ("2.5", "0.075"), into
+ * micro-USD; at most MAX_PRICE_MICROS_PER_MTOK.
+ */
 export function parseUsdMicros(text: string): bigint {
   const match = decimalUsd.exec(text.trim());
   if (!match) throw new RangeError(`"${text}" is not a USD amount with at most 6 decimals`);
   const [, whole = "0", frac = ""] = match;
-  return BigInt(whole) * 1_000_000n + BigInt(frac.padEnd(6, "0"));
+  const micros = BigInt(whole) * 1_000_000n + BigInt(frac.padEnd(6, "0"));
+  if (micros > MAX_PRICE_MICROS_PER_MTOK) throw new RangeError(`"${text}" is over $10,000 per million tokens, more than any model costs`);
+  return micros;
 }
 
 /** Parses a decimal USD amount with at most 9 decimals into nano-USD (budgets, discounts caps). */

@@ -28,6 +28,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["stalls", "timeout_ms: 300"],
   ["slow-stream"],
   ["embed"],
+  ["embedder"],
   ["rejecting"],
   ["too-large"],
   ["quota", "retries: 2"],
@@ -102,6 +103,13 @@ function routes(url: string) {
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: briefly-throttled",
     "    targets: [{ provider: fake, model: briefly-throttled }]",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: embeddings-only",
+    "    endpoints: [embeddings]",
+    "    targets: [{ provider: fake, model: embeddings-only }]",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "0" }`,
+    "  - name: misrouted",
+    "    targets: [{ provider: fake, model: misrouted-primary }, { provider: fake, model: misrouted-secondary }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
@@ -1524,6 +1532,46 @@ for (const port of ["rpc", "rest"] as const) {
         const completion = await sdk().chat.completions.create({ model: "too-large", messages: hello });
         expect(completion.model).toBe("too-large-fake");
         expect(upstream.seen("too-large")).toHaveLength(7);
+      });
+
+      test("a 404 naming the request's model (a chat call to an embedding model) is the client's; the breaker stays closed", async () => {
+        const notChat = {
+          message: "This is not a chat model and thus not supported in the v1/chat/completions endpoint. Did you mean to use v1/completions?",
+          type: "invalid_request_error",
+          param: "model",
+          code: null,
+        };
+        upstream.script("embedder", { status: 404, error: notChat });
+        // More than the breaker's threshold of them in a row.
+        for (let i = 0; i < 6; i++) {
+          const e = await apiError(sdk().chat.completions.create({ model: "embedder", messages: hello }));
+          expectShape(e, 404, "upstream_rejected", "invalid_request_error");
+          expect(e.error).toMatchObject({ message: notChat.message, param: "model" });
+        }
+        expect(upstream.seen("embedder")).toHaveLength(6);
+        // Embeddings calls to the same target are still served.
+        upstream.script("embedder", {});
+        const embedded = await sdk().embeddings.create({ model: "embedder", input: "alpha" });
+        expect(embedded.data).toHaveLength(1);
+      });
+
+      test("a chat call to a model configured for embeddings only is refused without reaching the upstream", async () => {
+        upstream.script("embeddings-only", {});
+        const e = await apiError(sdk().chat.completions.create({ model: "embeddings-only", messages: hello }));
+        expectShape(e, 404, "model_not_supported", "invalid_request_error");
+        expect(e.error).toMatchObject({ message: "The model `embeddings-only` does not serve chat completions.", param: "model" });
+        const stream = await apiError(sdk().chat.completions.create({ model: "embeddings-only", messages: hello, stream: true }));
+        expectShape(stream, 404, "model_not_supported");
+        expect(upstream.seen("embeddings-only")).toHaveLength(0);
+        const embedded = await sdk().embeddings.create({ model: "embeddings-only", input: "alpha" });
+        expect(embedded.data).toHaveLength(1);
+      });
+
+      test("a 404 that names no parameter (a wrong base path's page) is the target's: it falls back", async () => {
+        upstream.script("misrouted-primary", { status: 404, error: "<html><body>404 Not Found</body></html>" });
+        upstream.script("misrouted-secondary", {});
+        const completion = await sdk().chat.completions.create({ model: "misrouted", messages: hello });
+        expect(completion.model).toBe("misrouted-secondary-fake");
       });
 
       test("a prompt over the upstream's whole TPM limit (its 429) is the client's, once: no retry, fallback or breaker", async () => {

@@ -57,8 +57,8 @@ export interface Provider {
 
 /**
  * How an upstream attempt failed, which decides what the gateway does next:
- * "rejected" (the upstream refused the request itself, 400/413/422, or a 429 for a prompt over its whole rate limit)
- * fails the request as the client's fault,
+ * "rejected" (the upstream refused the request itself, 400/413/422, a 404 naming the request's parameter, or a 429 for
+ * a prompt over its whole rate limit) fails the request as the client's fault,
  * "transient" (connection, 408/409/429/5xx, unreadable answers) and "timeout" may be retried on the same target,
  * "misconfigured" (401/403/404 and other 4xx, missing key, an account out of quota) moves on to the next target,
  * "cancelled" stops.
@@ -103,6 +103,7 @@ export class UpstreamError extends Error {
 /** The failure class of an upstream HTTP status and the error it came with. */
 export function failureOfStatus(status: number, error?: UpstreamErrorBody): UpstreamFailure {
   if (status === 400 || status === 413 || status === 422 || overRateLimit(status, error)) return "rejected";
+  if (status === 404 && namesParameter(error)) return "rejected";
   // Out of credit is not transient: retrying the account only delays the next target.
   if (outOfQuota(status, error)) return "misconfigured";
   if (status === 408 || status === 409 || status === 429 || status >= 500) return "transient";
@@ -115,6 +116,15 @@ export function failureOfStatus(status: number, error?: UpstreamErrorBody): Upst
  */
 function overRateLimit(status: number, error: UpstreamErrorBody | undefined): boolean {
   return status === 429 && /\brequest too large\b|\bmust be reduced\b/i.test(error?.message ?? "");
+}
+
+/**
+ * OpenAI's 404 for a request its model cannot serve ("This is not a chat model...", param "model") names the parameter
+ * at fault: the caller's mistake, which must not open the target's breaker for everyone. A 404 with no such error (a
+ * wrong base path's page, Azure's DeploymentNotFound, OpenAI's model_not_found for a misnamed target) is the operator's.
+ */
+function namesParameter(error: UpstreamErrorBody | undefined): boolean {
+  return error?.param != null && error.code !== "model_not_found";
 }
 
 /** The upstream's account is out of credit (OpenAI's 429 insufficient_quota), as opposed to a rate limit. */
