@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync, statSync } from "node:fs";
+import { chmodSync, mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, expect, test } from "bun:test";
@@ -55,7 +55,10 @@ test("main.ts starts ready, keeps its data across restarts and exits 0 on SIGTER
   first.proc.kill("SIGTERM");
   expect(await first.proc.exited).toBe(0);
 
+  // As an older version left it: the next start narrows it.
+  chmodSync(join(dataDir, "clickhouse"), 0o755);
   const second = await startAnalytics();
+  expect(statSync(join(dataDir, "clickhouse")).mode & 0o777).toBe(0o700);
   expect(second.lines.find((l) => l.msg === "clickhouse ready")?.migrations_applied).toEqual([]);
   const res = await fetch(`${second.url}/analytics.v1.AnalyticsService/QueryUsage`, {
     method: "POST",

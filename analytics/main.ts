@@ -81,6 +81,7 @@ const driver = cfg.CLICKHOUSE_URL
   : // Loaded only when used: the engine's library adds about 150 MB to the process and 0.2 s to its start.
     (await import("./store/chdb-driver.ts")).createChdbDriver(join(cfg.MESH_DATA_DIR, "clickhouse"), {
       reportTimeoutSeconds: cfg.ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS,
+      log,
     });
 const store = createAnalyticsStore(driver, {
   database: cfg.CLICKHOUSE_DATABASE,

@@ -1,5 +1,6 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import {
+  chmodSync,
   existsSync,
   mkdirSync,
   mkdtempSync,
@@ -405,6 +406,44 @@ describe("file spool", () => {
       process.umask(umask);
     }
   });
+
+  test("spool directories an older version left readable by others are narrowed to their own user at start", () => {
+    const root = join(newRoot(), "spool");
+    mkdirSync(join(root, "gw-1"), { recursive: true, mode: 0o755 });
+    const spool = openSpool(root);
+    const mode = (path: string) => statSync(path).mode & 0o777;
+    expect([mode(root), mode(spool.dir)]).toEqual([0o700, 0o700]);
+  });
+
+  test.skipIf(process.getuid?.() !== 0)(
+    "a spool root the process may not narrow (a volume it does not own) is warned of, and the spool opens",
+    async () => {
+      // A shared volume's root, owned by root and open to all; the gateway runs as nobody.
+      const root = newRoot();
+      chmodSync(root, 0o777);
+      const script = [
+        `import { createLogger } from ${JSON.stringify(join(import.meta.dir, "../lib/log.ts"))};`,
+        `import { openFileSpool } from ${JSON.stringify(join(import.meta.dir, "spool-file.ts"))};`,
+        `const log = createLogger({ service: "gateway", write: (line) => process.stdout.write(line) });`,
+        `const root = ${JSON.stringify(root)};`,
+        `const spool = openFileSpool({ root, name: "gw-1", maxBytes: 1 << 20, fsync: "never", log });`,
+        // Its own directory as the spool has it (closing an empty spool removes it).
+        `const { uid, mode } = (await import("node:fs")).statSync(spool.dir);`,
+        `console.log(JSON.stringify({ msg: "opened", uid, mode: mode & 0o777 }));`,
+        `spool.close();`,
+      ].join("\n");
+      const asNobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"];
+      const child = Bun.spawn([...asNobody, process.execPath, "--eval", script], { stdout: "pipe", stderr: "pipe" });
+      const [out, err, code] = await Promise.all([new Response(child.stdout).text(), new Response(child.stderr).text(), child.exited]);
+      expect({ code, err }).toEqual({ code: 0, err: "" });
+      const lines = out.split("\n").filter(Boolean).map((line) => JSON.parse(line) as Record<string, unknown>);
+      expect(lines).toEqual([
+        expect.objectContaining({ level: "warn", msg: expect.stringContaining("readable by this user alone"), dir: root }),
+        { msg: "opened", uid: 65534, mode: 0o700 },
+      ]);
+      expect(statSync(root).mode & 0o777).toBe(0o777);
+    },
+  );
 
   test("a replica restarted under a new name adopts the spools of replicas that are gone", () => {
     const root = newRoot();

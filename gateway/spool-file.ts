@@ -6,7 +6,6 @@ import {
   fsync,
   fsyncSync,
   ftruncateSync,
-  mkdirSync,
   open,
   openSync,
   readdirSync,
@@ -25,6 +24,7 @@ import { hostname } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { createOutageLog, type Logger } from "../lib/log.ts";
+import { ownerOnlyDir } from "../lib/owner-only-dir.ts";
 import { procStatFields } from "../lib/processes.ts";
 import {
   batchLength,
@@ -167,7 +167,6 @@ interface PendingRow extends Part {
 const openDirs = new Set<string>();
 
 // Rows hold tenants' request metadata: the spool is this user's alone, as billing's Postgres directory is.
-const ownerOnlyDir = 0o700;
 const ownerOnlyFile = 0o600;
 
 /** Opens (or creates) this replica's spool: replays what an earlier process left, then adopts orphans. */
@@ -183,7 +182,8 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const fsyncPolicy = options.fsync;
   const write = options.write ?? ((fd, data, offset, length) => writeSync(fd, data, offset, length));
 
-  mkdirSync(dir, { recursive: true, mode: ownerOnlyDir });
+  // The root as well as this replica's own: it holds the other replicas' spools, adopted from there once they are gone.
+  for (const path of [options.root, dir]) ownerOnlyDir(path, log);
   const owner = acquireLock(dir);
   if (owner !== undefined) throw new SpoolInUseError(dir, owner.pid, heldByRefresh(owner));
   openDirs.add(dir);

@@ -1,6 +1,7 @@
-import { mkdirSync } from "node:fs";
 import { resolve } from "node:path";
 import { Session } from "chdb";
+import type { Logger } from "../../lib/log.ts";
+import { ownerOnlyDir } from "../../lib/owner-only-dir.ts";
 import {
   type ClickHouseDriver,
   defaultChdbReportTimeoutSeconds,
@@ -21,7 +22,7 @@ const sessions = new Map<string, SharedSession>();
  * The process's chdb session on `path`, shared with every other user of that path in the process;
  * release() closes it once the last user lets go.
  */
-export function openChdbSession(path: string): { session: Session; release(): void } {
+export function openChdbSession(path: string, log?: Logger): { session: Session; release(): void } {
   const key = resolve(path);
   let shared = sessions.get(key);
   if (!shared) {
@@ -30,7 +31,7 @@ export function openChdbSession(path: string): { session: Session; release(): vo
       throw new Error(`chdb allows one data directory per process: ${open[0]} is open, ${key} was requested`);
     }
     // Rows hold tenants' request metadata: the directory is this user's alone, as billing's Postgres directory is.
-    mkdirSync(key, { recursive: true, mode: 0o700 });
+    ownerOnlyDir(key, log);
     shared = { session: connect(key), users: 0 };
     sessions.set(key, shared);
   }
@@ -65,6 +66,8 @@ export interface ChdbDriverOptions {
   reportTimeoutSeconds?: number;
   /** Report queries waiting for their turn at most (64 by default); past it ReportQueueFullError. */
   maxQueuedReports?: number;
+  /** Told when the data directory cannot be made this user's alone. */
+  log?: Logger;
 }
 
 /**
@@ -77,7 +80,7 @@ export interface ChdbDriverOptions {
  * engine for more than one query's time limit at once.
  */
 export function createChdbDriver(path: string, options: ChdbDriverOptions = {}): ClickHouseDriver {
-  const { session, release } = openChdbSession(path);
+  const { session, release } = openChdbSession(path, options.log);
   const reportTimeoutSeconds = options.reportTimeoutSeconds ?? defaultChdbReportTimeoutSeconds;
   const reportQueue = createReportQueue(options.maxQueuedReports ?? 64);
   let reportSession: Session | undefined;

@@ -250,6 +250,10 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   "null-error-event": [chunkEvent({ content: "partial" }), "event: error\ndata: null\n\n", chunkEvent({}, "stop")],
   // Done, but the body ends only a while later.
   lingering: [chunkEvent({ content: "done" }, "stop"), "data: [DONE]\n\n", "PAUSE"],
+  // [DONE] with a CRLF and no blank line, its bytes split, and the connection held open (three seconds here).
+  "done-held": [chunkEvent({ content: "done" }, "stop"), `${usageEvent}data: [DO`, "NE]\r", "WAIT", "WAIT", "WAIT"],
+  // [DONE] whose blank line comes a while after it.
+  "done-later": [chunkEvent({ content: "done" }, "stop"), usageEvent, "data: [DONE]\n", "PAUSE", "\n"],
   // Half an event, then nothing for a second.
   "half-event": [`data: {"id":"c1","object":"chat.comp`, "WAIT"],
   // Two choices (n = 2): the first finishes, the second is cut off; then both finishing.
@@ -424,6 +428,23 @@ describe("openai provider streams", () => {
     await drain("lingering");
     expect(clientPorts.slice(before - 1)).toHaveLength(2);
     expect(clientPorts.at(-1)).toBe(clientPorts.at(-2));
+  });
+
+  test("a finished stream ends at a [DONE] line still waiting for its blank line, and closes the held connection", async () => {
+    const before = closedEarly.filter((model) => model === "done-held").length;
+    const started = performance.now();
+    const { contents, usage, error } = await drain("done-held", 5000);
+    expect(performance.now() - started).toBeLessThan(500);
+    expect(error).toBeUndefined();
+    expect(contents).toEqual(["done"]);
+    expect(usage).toEqual({ prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 });
+    await eventually(() => closedEarly.filter((model) => model === "done-held").length > before || undefined, {
+      timeoutMs: 2000,
+      what: "the upstream closed",
+    });
+    const later = performance.now();
+    expect(await drain("done-later", 5000)).toMatchObject({ contents: ["done"], usage: { prompt_tokens: 3 } });
+    expect(performance.now() - later).toBeLessThan(250);
   });
 
   test("a client that leaves before the stream is read still closes the upstream", async () => {

@@ -288,7 +288,7 @@ function withHeaders<C extends OpenAI>(client: C, headers: Record<string, string
  * unreadable JSON fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
  * ignored; a stream left early closes its upstream connection. Once every choice has finished, generation is over and
  * only the usage the upstream bills is still to come: a client leaving then is no cancellation, and the rest is read
- * for up to `usageGraceMs` more, as long as the upstream is not silent for that long, which ends the stream.
+ * for up to `usageGraceMs` more; an upstream then silent for the attempt timeout has ended its stream.
  */
 function relay(
   response: Response,
@@ -378,7 +378,9 @@ async function* chunksOf(
   const open = new Set<unknown>();
   const done = new Set<unknown>();
   let ended = false;
-  let silence = watchSilence(timeoutMs, leave);
+  // The last characters received: a `data: [DONE]` line at their end is the stream's end even before its blank line.
+  let tail = "\n\n";
+  const silence = watchSilence(timeoutMs, leave);
   try {
     while (!sentinel && !failure) {
       let read: Awaited<ReturnType<typeof reader.read>>;
@@ -393,7 +395,11 @@ async function* chunksOf(
       if (silence.expired || (signal?.aborted && !finished.all)) break;
       // A last event without its blank line still counts once the body ends.
       if (read.done) ended = true;
-      parser.feed(read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true }));
+      const text = read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true });
+      parser.feed(text);
+      tail = (text.length >= 32 ? text : tail + text).slice(-32);
+      // Some upstreams send [DONE] without its blank line and hold the connection open: the event never dispatches.
+      if (tail.includes("[DONE]") && /\n\ndata: ?\[DONE\]\n$/.test(tail.replace(/\r\n?/g, "\n"))) sentinel = true;
       for (const data of chunks.splice(0)) {
         const chunk = checkedChunk(data, provider);
         for (const choice of chunk.choices) {
@@ -402,14 +408,7 @@ async function* chunksOf(
             done.add(choice.index);
           } else if (!done.has(choice.index)) open.add(choice.index);
         }
-        const all = open.size === 0 && done.size >= choices;
-        if (all !== finished.all) {
-          // Only usage and [DONE] are still to come: an upstream silent for as long as usage is waited for is done
-          // (one whose [DONE] lacks its blank line and that holds the connection open, say), not stalled.
-          silence.stop();
-          silence = watchSilence(all ? Math.min(timeoutMs, usageGraceMs) : timeoutMs, leave);
-        }
-        finished.all = all;
+        finished.all = open.size === 0 && done.size >= choices;
         // Silence is the upstream's between chunks: not keep-alive comments, nor the time the client takes to read.
         silence.pause();
         yield chunk;
@@ -432,6 +431,7 @@ async function* chunksOf(
     }
   }
   if (failure) throw failure;
+  // Once every choice has finished, an upstream silent for as long has given its answer: only its usage did not come.
   if (silence.expired && !finished.all) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
   if (signal?.aborted && !finished.all) throw new UpstreamError("cancelled", `${provider}: request aborted`);
   // Without [DONE], a stream that ends between choices may have lost the rest: all of them must have finished. (With
