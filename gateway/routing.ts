@@ -15,7 +15,7 @@ import {
   upstreamUnavailable,
 } from "./errors.ts";
 import type { CallOptions, Provider } from "./providers/provider.ts";
-import { outOfQuota, UpstreamError } from "./providers/provider.ts";
+import { outOfQuota, overRateLimit, UpstreamError } from "./providers/provider.ts";
 
 /** One upstream attempt: send the request to `provider` as upstream `model`. */
 export type Attempt<T> = (provider: Provider, model: string, options: CallOptions) => Promise<T>;
@@ -107,6 +107,8 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
       const order = attemptOrder(route.targets, random);
       let attempts = 0;
       let last: UpstreamError | undefined;
+      // A prompt over a target's whole rate limit, which the client gets only if no other target takes it.
+      let tooLarge: UpstreamError | undefined;
       let skipped = 0;
       let held = 0;
       let waitMs = Number.POSITIVE_INFINITY;
@@ -167,6 +169,12 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
               breakers.abandon(key, call);
               throw requestTimeout(limitMs);
             }
+            if (last.failure === "rejected" && overRateLimit(last.status ?? 0, last.error)) {
+              // Over this account's limit, not every account's: on to the next target; nothing said about this one.
+              breakers.abandon(key, call);
+              tooLarge = last;
+              break;
+            }
             if (last.failure === "rejected") {
               // The upstream answered sensibly: the request, not the target, is at fault.
               breakers.succeed(key);
@@ -194,6 +202,7 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
           }
         }
       }
+      if (tooLarge) throw upstreamRejected(route.name, tooLarge.status ?? 429, tooLarge.error);
       if (!last && skipped > 0 && held === skipped) {
         const retryAfterS = Math.max(1, Math.ceil(waitMs / 1000));
         throw upstreamRateLimited(`Every upstream of \`${route.name}\` asked to wait; retry later.`, retryAfterS);

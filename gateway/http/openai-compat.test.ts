@@ -1045,6 +1045,7 @@ for (const port of ["rpc", "rest"] as const) {
         expect(failed.headers?.get("x-should-retry")).toBe("false");
         const tooLarge = { message: "Request too large for gpt-4o on tokens per min (TPM).", type: "tokens", code: "rate_limit_exceeded" };
         upstream.script("tpm", { status: 429, error: tooLarge });
+        upstream.script("tpm-fallback", { status: 429, error: tooLarge });
         const refused = await apiError(retrying.chat.completions.create({ model: "tpm", messages: hello }));
         expectShape(refused, 429, "rate_limit_exceeded", "tokens");
         expect(refused.headers?.get("x-should-retry")).toBe("false");
@@ -1527,7 +1528,7 @@ for (const port of ["rpc", "rest"] as const) {
         expect(upstream.seen("too-large")).toHaveLength(7);
       });
 
-      test("a prompt over the upstream's whole TPM limit (its 429) is the client's, once: no retry, fallback or breaker", async () => {
+      test("a prompt over a target's whole TPM limit (its 429) falls back without retry, hold or breaker; alone it is the client's", async () => {
         const tooLarge = {
           message:
             "Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000. The input or output tokens must be reduced in order to run successfully.",
@@ -1536,15 +1537,24 @@ for (const port of ["rpc", "rest"] as const) {
           code: "rate_limit_exceeded",
         };
         upstream.script("tpm", { status: 429, error: tooLarge });
-        // More than the breaker's threshold of them in a row.
+        // The limit is the account's: another target, on another account, takes the prompt, each time.
+        for (let i = 0; i < 6; i++) {
+          const served = await sdk().chat.completions.create({ model: "tpm", messages: hello });
+          expect(served.model).toBe("tpm-fallback-fake");
+        }
+        expect(upstream.seen("tpm")).toHaveLength(6);
+        expect(upstream.seen("tpm-fallback")).toHaveLength(6);
+        // When no target takes it, the client gets the refusal as its own, once from each.
+        upstream.script("tpm-fallback", { status: 429, error: tooLarge });
         for (let i = 0; i < 6; i++) {
           const e = await apiError(sdk().chat.completions.create({ model: "tpm", messages: hello }));
           expectShape(e, 429, "rate_limit_exceeded", "tokens");
           expect(e.error).toEqual(tooLarge);
           expect(e.headers?.get("retry-after")).toBeNull();
+          expect(e.headers?.get("x-should-retry")).toBe("false");
         }
-        expect(upstream.seen("tpm")).toHaveLength(6);
-        expect(upstream.seen("tpm-fallback")).toHaveLength(0);
+        expect(upstream.seen("tpm")).toHaveLength(12);
+        expect(upstream.seen("tpm-fallback")).toHaveLength(12);
         expect(gateway.shipper.rows.at(-1)).toMatchObject({
           status: RequestStatus.INVALID_REQUEST,
           httpStatus: 429,
