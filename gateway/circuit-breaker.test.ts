@@ -98,4 +98,29 @@ describe("circuit breakers", () => {
     clock.t += 3_000;
     expect(breakers.allow("a")).toBe(true);
   });
+  test("429s in a row hold a target, longer after each probe's, capped; 429s sent before a hold and others' ends change nothing", () => {
+    const { breakers, clock, changes } = setup();
+    const [early, probe, other] = [{}, {}, {}];
+    breakers.throttle("a", 500, early);
+    expect([breakers.allow("a", other), breakers.held("a")]).toEqual([true, false]);
+    breakers.throttle("a", 500, other);
+    expect([breakers.allow("a"), breakers.held("a"), breakers.waitMs("a")]).toEqual([false, true, 1_000]);
+    breakers.throttle("a", 4_000, early); // sent before the hold began
+    expect(breakers.waitMs("a")).toBe(1_000);
+    for (const holdMs of [2_000, 4_000, 8_000, 10_000, 10_000]) {
+      clock.t += breakers.waitMs("a");
+      expect(breakers.allow("a", probe)).toBe(true);
+      expect([breakers.allow("a", other), breakers.held("a")]).toEqual([false, true]);
+      breakers.abandon("a", other);
+      expect(breakers.allow("a", other)).toBe(false);
+      breakers.throttle("a", undefined, probe);
+      expect(breakers.waitMs("a")).toBe(holdMs);
+    }
+    clock.t += breakers.waitMs("a");
+    expect(breakers.allow("a", probe)).toBe(true);
+    breakers.succeed("a");
+    expect([breakers.allow("a"), breakers.allow("a"), breakers.held("a")]).toEqual([true, true, false]);
+    // No state change for the breaker's gauge: a rate limit is no failure.
+    expect(changes).toEqual([]);
+  });
 });

@@ -1,8 +1,10 @@
 /**
  * Per-target circuit breakers. A target that fails `failureThreshold` times in a row is skipped for a
  * cooldown; after it one request probes the target (half-open): success closes the breaker, failure
- * opens it again for a doubled cooldown (up to `maxCooldownMs`). An upstream's rate limit (its 429 and
- * Retry-After) holds a target back instead, without counting as a failure.
+ * opens it again for a doubled cooldown (up to `maxCooldownMs`). An upstream's rate limit (its 429) is no failure:
+ * one 429 may be about its request alone (a large prompt over what is left of a tokens-per-minute limit), so it holds
+ * back no other request; `throttleThreshold` of them in a row hold the target for as long as they asked or a backoff
+ * that doubles with each hold (up to `cooldownMs`), after which one request at a time probes it until it serves.
  */
 
 import { Gauge, type Registry } from "prom-client";
@@ -29,24 +31,37 @@ export interface CircuitBreakerOptions {
   cooldownMs?: number;
   /** Longest cooldown after repeated failed probes, in ms. */
   maxCooldownMs?: number;
+  /** Consecutive 429s that hold a target back from every request. */
+  throttleThreshold?: number;
+  /** First hold after them, in ms; doubled by each 429 of the probe after a hold, up to `cooldownMs`. */
+  holdMs?: number;
   now?: () => number;
   /** Hears every state change, for logs and metrics. */
   onChange?: (target: string, state: BreakerState) => void;
 }
 
+/**
+ * The outcome methods take the attempt's `holder` (whatever object `allow` was given for it): only the holder of a
+ * probe ends that probe, so an attempt sent before the breaker opened or the hold began cannot let a second probe in.
+ */
 export interface CircuitBreakers {
   /**
-   * Whether a request may go to `target` now. In half-open state this grants the single probe,
-   * so the caller must report the outcome with succeed, fail or abandon.
+   * Whether a request may go to `target` now. In half-open state, and after a hold, this grants the single probe to
+   * `holder`, so the caller must report the outcome with succeed, fail, throttle or abandon.
    */
-  allow(target: string): boolean;
+  allow(target: string, holder?: object): boolean;
+  /** Any success closes the breaker and ends a hold: the target serves. */
   succeed(target: string): void;
-  fail(target: string): void;
+  fail(target: string, holder?: object): void;
+  /** An upstream's 429 (not a failure); `askedMs` is its Retry-After, when it sent one. */
+  throttle(target: string, askedMs: number | undefined, holder?: object): void;
   /** The attempt ended without saying anything about the target's health (client cancelled). */
-  abandon(target: string): void;
-  /** Skips the target for `ms` (an upstream's 429 or Retry-After), without a trip. */
+  abandon(target: string, holder?: object): void;
+  /** Skips the target for `ms` (an upstream's long Retry-After with a 5xx), without a trip. */
   holdFor(target: string, ms: number): void;
   state(target: string): BreakerState;
+  /** The target is skipped now for its upstream's rate limit (a hold, or its probe after one) rather than failures. */
+  held(target: string): boolean;
   /** How long until a target skipped now may be tried again, in ms; 0 when it may be tried already. */
   waitMs(target: string): number;
 }
@@ -57,8 +72,13 @@ interface Breaker {
   openUntil: number;
   cooldownMs: number;
   halfOpen: boolean;
-  probing: boolean;
-  /** Retry-After hold, separate from trips. */
+  /** The single attempt let through in half-open state or after a hold, by its holder; undefined when none is out. */
+  probe: { holder: object | undefined } | undefined;
+  /** 429s in a row since the target last served. */
+  throttles: number;
+  /** Length of the last hold for 429s, in ms; 0 when the target has served since (no probe needed). */
+  holdMs: number;
+  /** Epoch ms until which the target is held back for its rate limit (or a long Retry-After), separate from trips. */
   heldUntil: number;
 }
 
@@ -66,6 +86,8 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
   const threshold = options.failureThreshold ?? 5;
   const baseCooldownMs = options.cooldownMs ?? 30_000;
   const maxCooldownMs = Math.max(baseCooldownMs, options.maxCooldownMs ?? 300_000);
+  const throttleThreshold = options.throttleThreshold ?? 2;
+  const firstHoldMs = Math.min(baseCooldownMs, options.holdMs ?? 1_000);
   const now = options.now ?? Date.now;
   const onChange = options.onChange ?? (() => {});
   const breakers = new Map<string, Breaker>();
@@ -73,7 +95,7 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
   const get = (target: string): Breaker => {
     let b = breakers.get(target);
     if (!b) {
-      b = { failures: 0, openUntil: 0, cooldownMs: baseCooldownMs, halfOpen: false, probing: false, heldUntil: 0 };
+      b = { failures: 0, openUntil: 0, cooldownMs: baseCooldownMs, halfOpen: false, probe: undefined, throttles: 0, holdMs: 0, heldUntil: 0 };
       breakers.set(target, b);
     }
     return b;
@@ -83,8 +105,15 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     b.cooldownMs = cooldownMs;
     b.openUntil = now() + cooldownMs;
     b.halfOpen = false;
-    b.probing = false;
+    b.probe = undefined;
     onChange(target, "open");
+  };
+
+  // Ends the probe when `holder` holds it; says whether it did.
+  const endProbe = (b: Breaker, holder: object | undefined) => {
+    if (b.probe === undefined || b.probe.holder !== holder) return false;
+    b.probe = undefined;
+    return true;
   };
 
   const stateOf = (b: Breaker | undefined, t: number): BreakerState => {
@@ -93,20 +122,20 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
   };
 
   return {
-    allow(target) {
+    allow(target, holder) {
       const b = breakers.get(target);
       if (!b) return true;
       const t = now();
       if (t < b.heldUntil) return false;
       const state = stateOf(b, t);
-      if (state === "closed") return true;
       if (state === "open") return false;
-      if (b.probing) return false;
-      if (!b.halfOpen) {
+      if (state === "closed" && b.holdMs === 0) return true;
+      if (b.probe) return false;
+      if (state === "half-open" && !b.halfOpen) {
         b.halfOpen = true;
         onChange(target, "half-open");
       }
-      b.probing = true;
+      b.probe = { holder };
       return true;
     },
     succeed(target) {
@@ -116,23 +145,35 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
       b.failures = 0;
       b.openUntil = 0;
       b.halfOpen = false;
-      b.probing = false;
+      b.probe = undefined;
       b.cooldownMs = baseCooldownMs;
+      b.throttles = 0;
+      b.holdMs = 0;
+      b.heldUntil = 0;
       if (wasTripped) onChange(target, "closed");
     },
-    fail(target) {
+    fail(target, holder) {
       const b = get(target);
+      // Failures of requests that were already in flight when the breaker opened change nothing.
+      const probe = endProbe(b, holder);
       if (b.halfOpen) {
-        open(target, b, Math.min(maxCooldownMs, b.cooldownMs * 2));
+        if (probe) open(target, b, Math.min(maxCooldownMs, b.cooldownMs * 2));
         return;
       }
-      // Failures of requests that were already in flight when the breaker opened change nothing.
       if (b.openUntil !== 0) return;
       if (++b.failures >= threshold) open(target, b, baseCooldownMs);
     },
-    abandon(target) {
+    throttle(target, askedMs, holder) {
+      const b = get(target);
+      // Held already: a 429 to a request sent before the hold began says nothing new; its probe's doubles the hold.
+      if (!endProbe(b, holder) && b.holdMs > 0) return;
+      if (++b.throttles < throttleThreshold) return;
+      b.holdMs = b.holdMs === 0 ? firstHoldMs : Math.min(baseCooldownMs, b.holdMs * 2);
+      b.heldUntil = Math.max(b.heldUntil, now() + Math.max(b.holdMs, askedMs ?? 0));
+    },
+    abandon(target, holder) {
       const b = breakers.get(target);
-      if (b) b.probing = false;
+      if (b) endProbe(b, holder);
     },
     holdFor(target, ms) {
       const b = get(target);
@@ -141,6 +182,12 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     state(target) {
       return stateOf(breakers.get(target), now());
     },
+    held(target) {
+      const b = breakers.get(target);
+      if (!b) return false;
+      const t = now();
+      return t < b.heldUntil || (b.probe !== undefined && b.holdMs > 0 && stateOf(b, t) === "closed");
+    },
     waitMs(target) {
       const b = breakers.get(target);
       if (!b) return 0;
@@ -148,7 +195,7 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
       let at = Math.max(t, b.heldUntil);
       if (stateOf(b, t) === "open") at = Math.max(at, b.openUntil);
       // A half-open breaker frees up when its probe ends, which is usually soon.
-      else if (b.probing) at = Math.max(at, t + 1000);
+      else if (b.probe) at = Math.max(at, t + 1000);
       return at - t;
     },
   };

@@ -245,22 +245,23 @@ export function errorBody(e: GatewayError): string {
   return JSON.stringify({ error: { message, type, param, code, ...(innererror ? { innererror } : {}) } });
 }
 
-const connectCodes: Record<number, Code> = {
-  400: Code.InvalidArgument,
-  401: Code.Unauthenticated,
-  403: Code.PermissionDenied,
-  404: Code.NotFound,
-  405: Code.InvalidArgument,
-  413: Code.InvalidArgument,
-  415: Code.InvalidArgument,
-  422: Code.InvalidArgument,
-  429: Code.ResourceExhausted,
-  499: Code.Canceled,
-  501: Code.Unimplemented,
-  502: Code.Unavailable,
-  503: Code.Unavailable,
-  504: Code.DeadlineExceeded,
+/**
+ * The Connect code of each outcome, which says what the caller should do (RPC retry policies retry ResourceExhausted
+ * and Unavailable), whatever HTTP status carries it over REST: a client's invalid request is InvalidArgument even as
+ * an upstream's 429 for a prompt over its whole tokens-per-minute limit.
+ */
+const connectCodes: Partial<Record<RequestStatus, Code>> = {
+  [RequestStatus.INVALID_REQUEST]: Code.InvalidArgument,
+  [RequestStatus.UNAUTHORIZED]: Code.Unauthenticated,
+  [RequestStatus.RATE_LIMITED]: Code.ResourceExhausted,
+  [RequestStatus.UPSTREAM_ERROR]: Code.Unavailable,
+  [RequestStatus.UNAVAILABLE]: Code.Unavailable,
+  [RequestStatus.TIMEOUT]: Code.DeadlineExceeded,
+  [RequestStatus.CANCELLED]: Code.Canceled,
 };
+
+/** Statuses with a more precise code than their outcome's. */
+const statusCodes: Record<number, Code> = { 403: Code.PermissionDenied, 404: Code.NotFound, 501: Code.Unimplemented };
 
 const printable = /^[\x20-\x7e]+$/;
 /** Longest param sent as a header: a field path, never a client's whole input. */
@@ -273,5 +274,5 @@ export function toConnectError(e: GatewayError): ConnectError {
   if (e.param !== null && e.param.length <= maxParamChars && printable.test(e.param)) metadata["x-error-param"] = e.param;
   if (e.retryAfterS !== undefined) metadata["retry-after"] = String(e.retryAfterS);
   if (e.headers) Object.assign(metadata, e.headers);
-  return new ConnectError(e.message, connectCodes[e.status] ?? Code.Internal, metadata);
+  return new ConnectError(e.message, statusCodes[e.status] ?? connectCodes[e.outcome] ?? Code.Internal, metadata);
 }

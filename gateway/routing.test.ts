@@ -133,7 +133,7 @@ describe("retries and fallback", () => {
     expect(sleeps).toEqual([1_500, 1_500]);
   });
 
-  test("a Retry-After longer than a request should wait falls back at once and holds the target back", async () => {
+  test("a Retry-After longer than a request should wait falls back at once; a second 429 in a row holds the target", async () => {
     const { run, sleeps, attempts, breakers } = setup([t("a"), t("b")], { retries: 3 }, async (p) => {
       if (p === "a") throw new UpstreamError("transient", "a answered 429", 429, 30_000);
       return "b";
@@ -141,7 +141,18 @@ describe("retries and fallback", () => {
     expect(await run()).toBe("b");
     expect(sleeps).toEqual([]);
     expect(breakers.state("a/a-model")).toBe("closed");
-    // The next request skips the held target.
+    // One 429 may be about its request alone: the next request tries the target; after two, requests skip it.
+    expect(await run()).toBe("b");
+    expect(await run()).toBe("b");
+    expect(attempts.map((a) => a.provider)).toEqual(["a", "b", "a", "b", "b"]);
+  });
+
+  test("a 5xx's long Retry-After holds its target for every request at once", async () => {
+    const { run, attempts } = setup([t("a"), t("b")], {}, async (p) => {
+      if (p === "a") throw new UpstreamError("transient", "a answered 503", 503, 30_000);
+      return "b";
+    });
+    expect(await run()).toBe("b");
     expect(await run()).toBe("b");
     expect(attempts.map((a) => a.provider)).toEqual(["a", "b", "b"]);
   });
@@ -384,27 +395,102 @@ describe("what an attempt's end says about its target", () => {
     const { run } = setup([t("a")], {}, async () => {
       throw new UpstreamError("transient", "a answered 429", 429, 30_000);
     });
-    expect(await failure(run())).toMatchObject({ status: 429, code: "upstream_rate_limited", retryAfterS: 30 });
-    expect(await failure(run())).toMatchObject({ status: 429, code: "upstream_rate_limited", retryAfterS: 30 });
+    for (let i = 0; i < 3; i++) {
+      expect(await failure(run())).toMatchObject({ status: 429, code: "upstream_rate_limited", retryAfterS: 30 });
+    }
   });
 
-  test("a 429 without a hint holds its target for the backoff, which a retry waits out; its breaker never opens", async () => {
-    const { run, clock, attempts, breakers, sleeps } = setup([t("a"), t("b")], { retries: 1 }, async (p) => {
-      if (p === "a") throw new UpstreamError("transient", "a answered 429", 429);
-      return "b served";
+  test("429s in a row hold their target for longer each time, capped; one request probes it after a hold", async () => {
+    let answer: (() => void) | undefined;
+    const { run, clock, attempts, breakers } = setup([t("a")], {}, async () => {
+      if (answer === undefined) throw new UpstreamError("transient", "a answered 429", 429);
+      await new Promise<void>((resolve) => (answer = resolve));
+      return "a served";
     });
-    for (let i = 0; i < 4; i++) {
-      expect(await run()).toBe("b served");
-      clock.t += 1_000;
+    const rateLimited = async (retryAfterS: number) =>
+      expect(await failure(run())).toMatchObject({ status: 429, code: "upstream_rate_limited", retryAfterS });
+    // One 429 holds no one else back; the second in a row holds the target for a second.
+    await failure(run());
+    await failure(run());
+    await rateLimited(1);
+    expect(attempts).toHaveLength(2);
+    // After each hold one request probes it; each probe's 429 doubles the hold, up to the breaker's cooldown.
+    for (const holdMs of [2_000, 4_000, 5_000, 5_000]) {
+      clock.t += breakers.waitMs("a/a-model");
+      await failure(run());
+      expect(breakers.waitMs("a/a-model")).toBe(holdMs);
+      await rateLimited(holdMs / 1000);
     }
-    expect(attempts.map((a) => a.provider).join("")).toBe("aab".repeat(4));
-    expect(sleeps).toEqual(Array(4).fill(75));
+    expect(attempts).toHaveLength(6);
     expect(breakers.state("a/a-model")).toBe("closed");
-    // The last 429 held the target for its retry's backoff; after it, the target is tried again.
-    await run();
-    expect(breakers.allow("a/a-model")).toBe(false);
-    clock.t += 150;
+    // While the probe is out every other request is held back with a 429; its success ends the hold for all.
+    clock.t += breakers.waitMs("a/a-model");
+    answer = () => {};
+    const probe = run();
+    await Bun.sleep(0);
+    await rateLimited(1);
+    expect(attempts).toHaveLength(7);
+    answer();
+    expect(await probe).toBe("a served");
+    answer = undefined;
+    await failure(run());
     expect(breakers.allow("a/a-model")).toBe(true);
+  });
+
+  test("a target held back for its 429s is a 429 to retry later whatever its breaker's state", async () => {
+    let answer = 500;
+    const { run, clock, breakers } = setup([t("a")], {}, async () => {
+      throw new UpstreamError("transient", `a answered ${answer}`, answer);
+    });
+    for (let i = 0; i < 3; i++) await failure(run());
+    clock.t += 5_000;
+    answer = 429;
+    // Probes of the half-open breaker, rate limited twice in a row: held for a second.
+    expect((await failure(run())).status).toBe(429);
+    expect((await failure(run())).status).toBe(429);
+    expect(breakers.state("a/a-model")).toBe("half-open");
+    expect(await failure(run())).toMatchObject({ status: 429, code: "upstream_rate_limited", retryAfterS: 1 });
+  });
+
+  test("only a probe's own end frees it: attempts sent before the breaker opened do not let a second probe in", async () => {
+    const pending: Array<{ resolve: (v: string) => void; reject: (e: UpstreamError) => void }> = [];
+    const s = setup([t("a")], {}, () => new Promise<string>((resolve, reject) => pending.push({ resolve, reject })));
+    const next = () => pending.shift() as (typeof pending)[number];
+    const failing = new UpstreamError("transient", "a answered 500", 500);
+    // Sent while closed: a stream that answered and still runs, and a request still waiting for its answer.
+    const stream = s.newCall();
+    const streamed = s.run(stream, true);
+    await Bun.sleep(0);
+    next().resolve("a");
+    expect(await streamed).toBe("a");
+    const early = failure(s.run());
+    await Bun.sleep(0);
+    const tripping = [s.run(), s.run(), s.run()].map(failure);
+    await Bun.sleep(0);
+    for (const p of pending.splice(1)) p.reject(failing);
+    await Promise.all(tripping);
+    expect(s.breakers.state("a/a-model")).toBe("open");
+    s.clock.t += 5_000;
+    const probe = failure(s.run());
+    await Bun.sleep(0);
+    expect(s.attempts).toHaveLength(6);
+    // The stream's client leaves, the early request gets a 429: neither was the probe, which is still out.
+    const skipped = async () => {
+      const answered = failure(s.run());
+      await Bun.sleep(0);
+      expect(s.attempts).toHaveLength(6);
+      expect(await answered).toMatchObject({ status: 503, code: "upstream_unavailable" });
+    };
+    s.router.streamEnded(stream, { code: "client_closed_request" } as GatewayError);
+    await skipped();
+    next().reject(new UpstreamError("transient", "a answered 429", 429));
+    expect((await early).status).toBe(429);
+    // Past any hold a 429 sets.
+    s.clock.t += 1_000;
+    await skipped();
+    next().reject(failing);
+    expect((await probe).status).toBe(502);
+    expect(s.breakers.state("a/a-model")).toBe("open");
   });
 
   test("a stream's target is judged when the stream ends: failures mid-stream open its breaker", async () => {

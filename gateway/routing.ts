@@ -15,7 +15,7 @@ import {
   upstreamUnavailable,
 } from "./errors.ts";
 import type { CallOptions, Provider } from "./providers/provider.ts";
-import { outOfQuota, UpstreamError } from "./providers/provider.ts";
+import { outOfQuota, overRateLimit, UpstreamError } from "./providers/provider.ts";
 
 /** One upstream attempt: send the request to `provider` as upstream `model`. */
 export type Attempt<T> = (provider: Provider, model: string, options: CallOptions) => Promise<T>;
@@ -97,8 +97,8 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
       // A stream the upstream broke or stalled fails its target; one the client or the request's limit ended says
       // nothing about it.
       if (!error) breakers.succeed(key);
-      else if (error.code === "upstream_error" || error.code === "upstream_timeout") breakers.fail(key);
-      else breakers.abandon(key);
+      else if (error.code === "upstream_error" || error.code === "upstream_timeout") breakers.fail(key, call);
+      else breakers.abandon(key, call);
     },
     async run(call, route, attempt, signal = call.signal, stream = false) {
       const m = call.metrics;
@@ -107,6 +107,8 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
       const order = attemptOrder(route.targets, random);
       let attempts = 0;
       let last: UpstreamError | undefined;
+      // A prompt over a target's whole rate limit, which the client gets only if no other target takes it.
+      let tooLarge: UpstreamError | undefined;
       let skipped = 0;
       let held = 0;
       let waitMs = Number.POSITIVE_INFINITY;
@@ -116,26 +118,26 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
         const provider = providers.get(target.provider) as Provider;
         const retries = target.retries ?? route.retries;
         for (let retry = 0; retry <= retries; retry++) {
-          // A retry after a 429 waits out the short hold that 429 set (or another request's extended) rather than give up.
-          const heldMs = retry > 0 && breakers.state(key) === "closed" ? breakers.waitMs(key) : 0;
+          // A retry after a 429 waits out a short hold that 429s set rather than give up.
+          const heldMs = retry > 0 && breakers.held(key) ? breakers.waitMs(key) : 0;
           if (heldMs > 0 && heldMs <= maxRetryAfterMs && tick() + heldMs < end) await waitUpstream(call, heldMs);
-          if (!breakers.allow(key)) {
+          if (!breakers.allow(key, call)) {
             if (retry === 0) {
               skipped++;
-              // Closed but not allowed: held back, as its upstream's Retry-After asked.
-              if (breakers.state(key) === "closed") held++;
+              // Held back for its upstream's rate limit (429 with Retry-After), not for failures (503).
+              if (breakers.held(key)) held++;
               waitMs = Math.min(waitMs, breakers.waitMs(key));
             }
             break;
           }
           const remaining = end - tick();
           if (remaining <= 0) {
-            breakers.abandon(key);
+            breakers.abandon(key, call);
             throw requestTimeout(limitMs);
           }
           // Gone already (while the request waited for its budget, say): no upstream hears of it.
           if (call.signal?.aborted || signal?.aborted) {
-            breakers.abandon(key);
+            breakers.abandon(key, call);
             throw call.signal?.aborted || !signal?.aborted ? clientGone(call.signal) : requestTimeout(limitMs);
           }
           m.provider = target.provider;
@@ -159,13 +161,19 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
             call.upstreamMs += tick() - sent;
             last = e instanceof UpstreamError ? e : new UpstreamError("transient", `${target.provider}: ${String(e)}`);
             if (last.failure === "cancelled" || call.signal?.aborted || signal?.aborted) {
-              breakers.abandon(key);
+              breakers.abandon(key, call);
               throw call.signal?.aborted || !signal?.aborted ? clientGone(call.signal) : requestTimeout(limitMs);
             }
             if (last.failure === "timeout" && timeoutMs < ownTimeoutMs) {
               // Cut by what was left of the request's own limit, not by the target's: nothing said about the target.
-              breakers.abandon(key);
+              breakers.abandon(key, call);
               throw requestTimeout(limitMs);
+            }
+            if (last.failure === "rejected" && overRateLimit(last.status ?? 0, last.error)) {
+              // Over this account's limit, not every account's: on to the next target; nothing said about this one.
+              breakers.abandon(key, call);
+              tooLarge = last;
+              break;
             }
             if (last.failure === "rejected") {
               // The upstream answered sensibly: the request, not the target, is at fault.
@@ -174,18 +182,16 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
             }
             const hinted = last.retryAfterMs;
             const backoff = Math.min(backoffMaxMs, backoffBaseMs * 2 ** retry) * (0.5 + random() / 2);
+            // A rate limit says the target works and is busy: no failure for its breaker; repeated, a hold on it.
             const rateLimited = last.status === 429 && last.failure === "transient";
-            if (rateLimited) {
-              // A rate limit says the target works and is busy: every request skips it for as long as it asked (or
-              // a backoff), then uses it again; it is no failure for its breaker, whose probe it ends.
-              breakers.abandon(key);
-              breakers.holdFor(key, hinted ?? backoff);
-            } else breakers.fail(key);
+            if (rateLimited) breakers.throttle(key, hinted, call);
+            else breakers.fail(key, call);
             log?.warn("upstream attempt failed", { request_id: call.requestId, provider: target.provider, err: last.message });
             if (last.failure === "misconfigured") break;
-            // Asked to stay away longer than a request should wait: on to the next target, other requests skipping it too.
+            // Asked to stay away longer than a request should wait: on to the next target. A 5xx's holds the target
+            // for every request; a 429's only once they repeat (its wait may be about this request alone).
             if (hinted !== undefined && hinted > maxRetryAfterMs) {
-              breakers.holdFor(key, hinted);
+              if (!rateLimited) breakers.holdFor(key, hinted);
               break;
             }
             // Out of retries, or this failure tripped the breaker: no point waiting to try it again.
@@ -196,6 +202,7 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
           }
         }
       }
+      if (tooLarge) throw upstreamRejected(route.name, tooLarge.status ?? 429, tooLarge.error);
       if (!last && skipped > 0 && held === skipped) {
         const retryAfterS = Math.max(1, Math.ceil(waitMs / 1000));
         throw upstreamRateLimited(`Every upstream of \`${route.name}\` asked to wait; retry later.`, retryAfterS);

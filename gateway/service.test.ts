@@ -205,6 +205,7 @@ describe("upstream failures over gRPC", () => {
         "models:",
         model("rejecting"),
         model("quota"),
+        model("tpm"),
         model("keyless", "keyless"),
       ].join("\n"),
     );
@@ -237,6 +238,24 @@ describe("upstream failures over gRPC", () => {
 
     const keyless = await rpcError(served.rpc("sk-good").createChatCompletion({ params: { ...hello, model: "keyless" } }));
     expect([keyless.code, keyless.rawMessage]).toEqual([Code.Unavailable, "The upstream of `keyless` is not configured."]);
+  });
+
+  test("an upstream's 429 for a prompt over its whole TPM limit is invalid_argument, not a rate limit to retry", async () => {
+    const tooLarge = {
+      message: "Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000. The input or output tokens must be reduced in order to run successfully.",
+      type: "tokens",
+      code: "rate_limit_exceeded",
+    };
+    upstream.script("tpm", { status: 429, error: tooLarge }, { status: 429, retryAfter: "3" });
+    const refused = await rpcError(served.rpc("sk-good").createChatCompletion({ params: { ...hello, model: "tpm" } }));
+    expect([refused.code, refused.rawMessage, refused.metadata.get("x-error-code")]).toEqual([Code.InvalidArgument, tooLarge.message, "rate_limit_exceeded"]);
+    // A rate limit is still ResourceExhausted, with its Retry-After.
+    const limited = await rpcError(served.rpc("sk-good").createChatCompletion({ params: { ...hello, model: "tpm" } }));
+    expect([limited.code, limited.metadata.get("x-error-code"), limited.metadata.get("retry-after")]).toEqual([
+      Code.ResourceExhausted,
+      "upstream_rate_limited",
+      "3",
+    ]);
   });
 });
 

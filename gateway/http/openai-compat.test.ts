@@ -33,6 +33,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["too-large"],
   ["quota", "retries: 2"],
   ["throttled"],
+  ["throttled-once"],
   ["odd-usage"],
   ["azure-like"],
   ["strict-options"],
@@ -1077,6 +1078,7 @@ for (const port of ["rpc", "rest"] as const) {
         expect(failed.headers?.get("x-should-retry")).toBe("false");
         const tooLarge = { message: "Request too large for gpt-4o on tokens per min (TPM).", type: "tokens", code: "rate_limit_exceeded" };
         upstream.script("tpm", { status: 429, error: tooLarge });
+        upstream.script("tpm-fallback", { status: 429, error: tooLarge });
         const refused = await apiError(retrying.chat.completions.create({ model: "tpm", messages: hello }));
         expectShape(refused, 429, "rate_limit_exceeded", "tokens");
         expect(refused.headers?.get("x-should-retry")).toBe("false");
@@ -1599,7 +1601,7 @@ for (const port of ["rpc", "rest"] as const) {
         expect(completion.model).toBe("misrouted-secondary-fake");
       });
 
-      test("a prompt over the upstream's whole TPM limit (its 429) is the client's, once: no retry, fallback or breaker", async () => {
+      test("a prompt over a target's whole TPM limit (its 429) falls back without retry, hold or breaker; alone it is the client's", async () => {
         const tooLarge = {
           message:
             "Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000. The input or output tokens must be reduced in order to run successfully.",
@@ -1608,15 +1610,24 @@ for (const port of ["rpc", "rest"] as const) {
           code: "rate_limit_exceeded",
         };
         upstream.script("tpm", { status: 429, error: tooLarge });
-        // More than the breaker's threshold of them in a row.
+        // The limit is the account's: another target, on another account, takes the prompt, each time.
+        for (let i = 0; i < 6; i++) {
+          const served = await sdk().chat.completions.create({ model: "tpm", messages: hello });
+          expect(served.model).toBe("tpm-fallback-fake");
+        }
+        expect(upstream.seen("tpm")).toHaveLength(6);
+        expect(upstream.seen("tpm-fallback")).toHaveLength(6);
+        // When no target takes it, the client gets the refusal as its own, once from each.
+        upstream.script("tpm-fallback", { status: 429, error: tooLarge });
         for (let i = 0; i < 6; i++) {
           const e = await apiError(sdk().chat.completions.create({ model: "tpm", messages: hello }));
           expectShape(e, 429, "rate_limit_exceeded", "tokens");
           expect(e.error).toEqual(tooLarge);
           expect(e.headers?.get("retry-after")).toBeNull();
+          expect(e.headers?.get("x-should-retry")).toBe("false");
         }
-        expect(upstream.seen("tpm")).toHaveLength(6);
-        expect(upstream.seen("tpm-fallback")).toHaveLength(0);
+        expect(upstream.seen("tpm")).toHaveLength(12);
+        expect(upstream.seen("tpm-fallback")).toHaveLength(12);
         expect(gateway.shipper.rows.at(-1)).toMatchObject({
           status: RequestStatus.INVALID_REQUEST,
           httpStatus: 429,
@@ -1738,22 +1749,43 @@ for (const port of ["rpc", "rest"] as const) {
         expect(upstream.seen("breaker-primary").length).toBeLessThan(20);
       });
 
-      test("an upstream's 429s hold its target for as long as they ask, never open its breaker, and it serves after", async () => {
-        const throttled = { status: 429, retryAfterMs: "250", error: { message: "Rate limit reached", code: "rate_limit_exceeded" } };
-        upstream.script("briefly-throttled", ...Array(6).fill(throttled), {});
-        // More than the breaker's threshold of them in a row, each once its hold is over.
-        for (let i = 0; i < 6; i++) {
-          const e = await apiError(sdk().chat.completions.create({ model: "briefly-throttled", messages: hello }));
-          expectShape(e, 429, "upstream_rate_limited", "rate_limit_error");
-          // Within the hold another request is not sent: a 429 at once, to retry after the hold.
-          const held = await apiError(sdk().chat.completions.create({ model: "briefly-throttled", messages: hello }));
-          expectShape(held, 429, "upstream_rate_limited", "rate_limit_error");
-          expect(held.headers?.get("retry-after")).toBe("1");
-          await Bun.sleep(300);
-        }
-        expect(upstream.seen("briefly-throttled")).toHaveLength(6);
-        const served = await sdk().chat.completions.create({ model: "briefly-throttled", messages: hello });
+      test("a target that keeps answering 429 is held for longer each time and probed by one request at a time", async () => {
+        upstream.script("briefly-throttled", { status: 429, retryAfterMs: "250", error: { message: "Rate limit reached", code: "rate_limit_exceeded" } });
+        // Twenty clients retrying at once for 1.5 s: the first of them reach it; then, after a hold of a second, one.
+        const stopAt = Date.now() + 1_500;
+        const answers: APIError[] = [];
+        const client = async () => {
+          while (Date.now() < stopAt) {
+            answers.push(await apiError(sdk().chat.completions.create({ model: "briefly-throttled", messages: hello })));
+            await Bun.sleep(20);
+          }
+        };
+        await Promise.all(Array.from({ length: 20 }, client));
+        const seen = upstream.seen("briefly-throttled").map((r) => r.at);
+        const firstHeld = (seen[0] as number) + 900;
+        expect(seen.filter((at) => at < firstHeld).length).toBeLessThanOrEqual(20);
+        expect(seen.filter((at) => at >= firstHeld)).toHaveLength(1);
+        for (const e of answers) expectShape(e, 429, "upstream_rate_limited", "rate_limit_error");
+        expect(answers.length).toBeGreaterThan(seen.length * 5);
+        // Every answer says when to come back: the upstream's wait, or what is left of the hold.
+        expect(new Set(answers.map((e) => e.headers?.get("retry-after")))).toEqual(new Set(["1", "2"]));
+        // The probe's 429 held it for two seconds more; after them the next request is the probe that it serves.
+        upstream.script("briefly-throttled", {});
+        const served = await eventually(() => sdk().chat.completions.create({ model: "briefly-throttled", messages: hello }).catch(() => undefined));
         expect(served.model).toBe("briefly-throttled-fake");
+        expect(upstream.seen("briefly-throttled")).toHaveLength(seen.length + 1);
+        expect((upstream.seen("briefly-throttled").at(-1)?.at as number) - (seen.at(-1) as number)).toBeGreaterThan(1_900);
+      });
+
+      test("one request's 429 holds no other back: the next is sent and served", async () => {
+        const tpm = "Rate limit reached for gpt-4o on tokens per min (TPM): Limit 30000, Used 12000, Requested 20000. Please try again in 4s.";
+        upstream.script("throttled-once", { status: 429, retryAfter: "4", error: { message: tpm, type: "tokens", code: "rate_limit_exceeded" } }, {});
+        const e = await apiError(sdk().chat.completions.create({ model: "throttled-once", messages: hello }));
+        expectShape(e, 429, "upstream_rate_limited", "rate_limit_error");
+        expect(e.headers?.get("retry-after")).toBe("4");
+        const served = await sdk().chat.completions.create({ model: "throttled-once", messages: [{ role: "user", content: "hi" }] });
+        expect(served.model).toBe("throttled-once-fake");
+        expect(upstream.seen("throttled-once")).toHaveLength(2);
       });
 
       // Failures of a stream before its first chunk: a proxy's 200 with a JSON error, an error event first (as

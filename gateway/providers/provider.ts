@@ -58,7 +58,7 @@ export interface Provider {
 /**
  * How an upstream attempt failed, which decides what the gateway does next:
  * "rejected" (the upstream refused the request itself, 400/413/422, a 404 naming the request's parameter, or a 429 for
- * a prompt over its whole rate limit) fails the request as the client's fault,
+ * a prompt over its whole rate limit, which the other targets are asked first) fails the request as the client's fault,
  * "transient" (connection, 408/409/429/5xx, unreadable answers) and "timeout" may be retried on the same target,
  * "misconfigured" (401/403/404 and other 4xx, missing key, an account out of quota) moves on to the next target,
  * "cancelled" stops.
@@ -113,8 +113,9 @@ export function failureOfStatus(status: number, error?: UpstreamErrorBody): Upst
 /**
  * OpenAI's 429 for a request larger than the tokens-per-minute limit itself ("Request too large for gpt-4o ... The
  * input or output tokens must be reduced"): no wait lets it through, so it is the request's fault, not a rate limit.
+ * The limit is the account's tier, though: another target (another account or provider) may take the request.
  */
-function overRateLimit(status: number, error: UpstreamErrorBody | undefined): boolean {
+export function overRateLimit(status: number, error: UpstreamErrorBody | undefined): boolean {
   return status === 429 && /\brequest too large\b|\bmust be reduced\b/i.test(error?.message ?? "");
 }
 
