@@ -20,7 +20,7 @@ const cfg = loadEnvOrExit({
   ANALYTICS_PORT: env.port(8082),
   BILLING_URL: z.url().default("http://127.0.0.1:8081"),
   /** A ClickHouse server's HTTP URL; unset runs the engine in-process (chdb) under MESH_DATA_DIR/clickhouse. */
-  CLICKHOUSE_URL: z.url().optional(),
+  CLICKHOUSE_URL: env.setOrUnset(z.url().optional()),
   CLICKHOUSE_USER: z.string().default("default"),
   CLICKHOUSE_PASSWORD: z.string().default(""),
   CLICKHOUSE_DATABASE: z
@@ -28,40 +28,30 @@ const cfg = loadEnvOrExit({
     .regex(/^[A-Za-z_][A-Za-z0-9_]*$/, "must be a plain identifier")
     .default("mesh"),
   /** Request rows are dropped this many days after they started. */
-  CLICKHOUSE_TTL_DAYS: z.coerce.number().int().min(1).max(36_500).default(400),
+  CLICKHOUSE_TTL_DAYS: env.int(1, 36_500).default(400),
   /** A cluster name from the server's remote_servers: DDL runs ON CLUSTER with Replicated and Distributed tables. */
   CLICKHOUSE_CLUSTER: z
     .string()
     .regex(/^[A-Za-z_][A-Za-z0-9_]*$/, "must be a plain identifier")
     .optional(),
   /** Ingest flushes (one ClickHouse insert, then RecordUsage) once this many rows are buffered... */
-  ANALYTICS_FLUSH_ROWS: z.coerce.number().int().min(1).max(1_000_000).default(defaultIngestOptions.flushRows),
+  ANALYTICS_FLUSH_ROWS: env.int(1, 1_000_000).default(defaultIngestOptions.flushRows),
   /** ...or this long after the oldest buffered row arrived. */
-  ANALYTICS_FLUSH_INTERVAL_MS: z.coerce.number().int().min(1).max(60_000).default(defaultIngestOptions.flushIntervalMs),
+  ANALYTICS_FLUSH_INTERVAL_MS: env.int(1, 60_000).default(defaultIngestOptions.flushIntervalMs),
   /** Rows held in memory by ingest... */
-  ANALYTICS_MAX_BUFFERED_ROWS: z.coerce
-    .number()
-    .int()
-    .min(1000)
-    .max(10_000_000)
-    .default(defaultIngestOptions.maxBufferedRows),
+  ANALYTICS_MAX_BUFFERED_ROWS: env.int(1000, 10_000_000).default(defaultIngestOptions.maxBufferedRows),
   /** ...and their estimated bytes; gateways' streams are not read while either is reached. */
-  ANALYTICS_MAX_BUFFERED_BYTES: z.coerce
-    .number()
-    .int()
-    .min(16 * 1024 * 1024)
-    .max(64 * 1024 ** 3)
-    .default(defaultIngestOptions.maxBufferedBytes),
+  ANALYTICS_MAX_BUFFERED_BYTES: env.int(16 * 1024 * 1024, 64 * 1024 ** 3).default(defaultIngestOptions.maxBufferedBytes),
   /** Rows per RecordUsage call... */
-  ANALYTICS_BILLING_BATCH_ROWS: z.coerce.number().int().min(1).max(10_000).default(defaultIngestOptions.billingBatchRows),
+  ANALYTICS_BILLING_BATCH_ROWS: env.int(1, 10_000).default(defaultIngestOptions.billingBatchRows),
   /** ...and RecordUsage calls in flight at once. */
-  ANALYTICS_BILLING_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(defaultIngestOptions.billingConcurrency),
+  ANALYTICS_BILLING_CONCURRENCY: env.int(1, 64).default(defaultIngestOptions.billingConcurrency),
   /** How often closed minutes are rolled up (0: never, e.g. when another replica does it). */
-  ANALYTICS_ROLLUP_INTERVAL_MS: z.coerce.number().int().min(0).max(3_600_000).default(30_000),
+  ANALYTICS_ROLLUP_INTERVAL_MS: env.int(0, 3_600_000).default(30_000),
   /** Minutes are rolled up once this old; rows arriving later than half of it are recomputed in. */
-  ANALYTICS_ROLLUP_LAG_MS: z.coerce.number().int().min(60_000).max(86_400_000).default(defaultRollupLagMs),
+  ANALYTICS_ROLLUP_LAG_MS: env.int(60_000, 86_400_000).default(defaultRollupLagMs),
   /** The in-process engine runs report queries one at a time, each stopped after this long (a server's limit is 30 s). */
-  ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS: z.coerce.number().min(1).max(300).default(defaultChdbReportTimeoutSeconds),
+  ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS: env.decimal(1, 300).default(defaultChdbReportTimeoutSeconds),
 });
 
 const runtime = createRuntime("analytics", cfg);

@@ -119,7 +119,7 @@ test.each([
       {
         MESH_DATA_DIR: fault === "unstartable" ? join(dataDir, "data") : dataDir,
         ADMIN_TOKEN: "main-test-admin-token-0123456789",
-        BILLING_PORT: "0",
+        BILLING_PORT: String(await freePort()),
         DATABASE_URL: fault === "unreachable" ? `postgres://mesh:db-pass-0123456789@127.0.0.1:${closed}/mesh` : undefined,
         LOG_LEVEL: "debug",
       },

@@ -1,6 +1,5 @@
 import { join } from "node:path";
 import pg from "pg";
-import { z } from "zod";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
@@ -13,11 +12,11 @@ const cfg = loadEnvOrExit({
   ...commonEnv,
   BILLING_PORT: env.port(8081),
   /** Postgres to use; unset starts an embedded server under <MESH_DATA_DIR>/postgres. */
-  DATABASE_URL: z.string().min(1).optional(),
+  DATABASE_URL: env.setOrUnset(env.filled.optional()),
   /** How long a lease that expired unreleased (its gateway died) still reserves its grant; see budget-leases.ts. */
-  BUDGET_LEASE_GRACE_SECONDS: z.coerce.number().int().min(0).max(86_400).default(600),
+  BUDGET_LEASE_GRACE_SECONDS: env.int(0, 86_400).default(600),
   /** What one gateway may hold beyond half of what is left of a budget; see budget-leases.ts. */
-  BUDGET_LEASE_HOLDER_FLOOR_NANOS: z.coerce.bigint().min(0n).default(100_000_000n),
+  BUDGET_LEASE_HOLDER_FLOOR_NANOS: env.bigint(0n).default(100_000_000n),
 });
 const runtime = createRuntime("billing", cfg);
 const { log } = runtime;

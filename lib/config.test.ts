@@ -38,6 +38,53 @@ describe("parseEnv", () => {
 
   test("rejects ports out of range", () => {
     expect(() => parseEnv(shape, { GATEWAY_PORT: "70000" })).toThrow("GATEWAY_PORT");
+    expect(() => parseEnv(shape, { GATEWAY_PORT: "0" })).toThrow("GATEWAY_PORT");
+  });
+
+  test("treats blank numbers as unset and takes whole numbers only in decimal digits", () => {
+    expect(parseEnv(shape, { GATEWAY_PORT: " ", OTEL_TRACES_SAMPLER_ARG: " ", SHUTDOWN_DRAIN_MS: "\t" })).toMatchObject({
+      GATEWAY_PORT: 8080,
+      OTEL_TRACES_SAMPLER_ARG: 1,
+      SHUTDOWN_DRAIN_MS: 0,
+    });
+    expect(parseEnv(shape, { GATEWAY_PORT: " 9000 ", OTEL_TRACES_SAMPLER_ARG: "0.25" })).toMatchObject({
+      GATEWAY_PORT: 9000,
+      OTEL_TRACES_SAMPLER_ARG: 0.25,
+    });
+    for (const value of ["0x1F90", "8080.0", "1e3", "0b11", "-1", "+80"]) {
+      expect(() => parseEnv(shape, { GATEWAY_PORT: value })).toThrow(`GATEWAY_PORT ("${value}"): must be a whole number`);
+    }
+    expect(() => parseEnv(shape, { OTEL_TRACES_SAMPLER_ARG: "0x1" })).toThrow('OTEL_TRACES_SAMPLER_ARG ("0x1")');
+    expect(() => parseEnv(shape, { SHUTDOWN_GRACE_MS: "1e3" })).toThrow('SHUTDOWN_GRACE_MS ("1e3")');
+  });
+
+  test("refuses an admin token with surrounding whitespace, which no caller's trimmed token could match", () => {
+    for (const token of ["own-admin-token-0123456789\n", " own-admin-token-0123456789", " ".repeat(20), "\n"]) {
+      expect(() => parseEnv(shape, { ADMIN_TOKEN: token })).toThrow("ADMIN_TOKEN");
+    }
+    expect(() => parseEnv(shape, { ADMIN_TOKEN: "own-admin-token-0123456789\n" })).toThrow(
+      'ADMIN_TOKEN ("***"): must not begin or end with whitespace',
+    );
+    expect(parseEnv(shape, { ADMIN_TOKEN: "own admin token 0123456789" }).ADMIN_TOKEN).toBe("own admin token 0123456789");
+  });
+});
+
+describe("a service refuses to start, naming the variable, rather than fall back from a variable set but blank", () => {
+  test.each([
+    ["billing", "DATABASE_URL", ""],
+    ["billing", "DATABASE_URL", " "],
+    ["analytics", "CLICKHOUSE_URL", ""],
+    ["gateway", "GATEWAY_CONFIG", ""],
+    ["billing", "ADMIN_TOKEN", "own-admin-token-0123456789\n"],
+    ["billing", "ADMIN_TOKEN", " ".repeat(20)],
+  ])("%s with %s=%j", async (service, name, value) => {
+    const { stdout, stderr, code } = await runCommand([process.execPath, `${service}/main.ts`], {
+      // Past the environment, the data directory would fail the start, not fall back to the embedded stores.
+      env: { [name]: value, MESH_DATA_DIR: "/nonexistent" },
+    });
+    expect(code).toBe(2);
+    expect(stdout).toBe("");
+    expect(stderr).toStartWith(`invalid environment: ${name} (`);
   });
 });
 
@@ -56,7 +103,7 @@ test("a service started with a bad variable exits non-zero naming it", async () 
 test("an empty ADMIN_TOKEN stops a service rather than falling back to the public default", async () => {
   expect(() => parseEnv(shape, { ADMIN_TOKEN: "" })).toThrow("ADMIN_TOKEN (set but empty): must be at least 16 characters");
   const { stdout, stderr, code } = await runCommand([process.execPath, "billing/main.ts"], {
-    env: { ADMIN_TOKEN: "", BILLING_PORT: "0", MESH_DATA_DIR: "/nonexistent" },
+    env: { ADMIN_TOKEN: "", BILLING_PORT: "59001", MESH_DATA_DIR: "/nonexistent" },
   });
   expect(code).toBe(2);
   expect(stdout).toBe("");
