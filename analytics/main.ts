@@ -18,9 +18,9 @@ import { createAnalyticsStore, defaultQueryTimeoutSeconds, defaultRollupLagMs } 
 const cfg = loadEnvOrExit({
   ...commonEnv,
   ANALYTICS_PORT: env.port(8082),
-  BILLING_URL: z.url().default("http://127.0.0.1:8081"),
+  BILLING_URL: env.httpUrl.default("http://127.0.0.1:8081"),
   /** A ClickHouse server's HTTP URL; unset runs the engine in-process (chdb) under MESH_DATA_DIR/clickhouse. */
-  CLICKHOUSE_URL: env.setOrUnset(z.url().optional()),
+  CLICKHOUSE_URL: env.setOrUnset(env.httpUrl.optional()),
   CLICKHOUSE_USER: z.string().default("default"),
   CLICKHOUSE_PASSWORD: z.string().default(""),
   CLICKHOUSE_DATABASE: z

@@ -30,8 +30,8 @@ const cfg = loadEnvOrExit({
   GATEWAY_PORT: env.port(8080),
   /** Also serve the REST API on this port with Bun's native HTTP server (its fast path); unset: only on GATEWAY_PORT. */
   GATEWAY_REST_PORT: env.int(1, 65535).optional(),
-  BILLING_URL: z.url().default("http://127.0.0.1:8081"),
-  ANALYTICS_URL: z.url().default("http://127.0.0.1:8082"),
+  BILLING_URL: env.httpUrl.default("http://127.0.0.1:8081"),
+  ANALYTICS_URL: env.httpUrl.default("http://127.0.0.1:8082"),
   /** Routes and prices, YAML or JSON. */
   GATEWAY_CONFIG: env.setOrUnset(env.filled.default(fileURLToPath(new URL("./config.default.yaml", import.meta.url)))),
   /** Names this replica in metrics; stable per pod in Kubernetes. */

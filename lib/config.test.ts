@@ -1,9 +1,8 @@
 import { describe, expect, test } from "bun:test";
-import { z } from "zod";
 import { commonEnv, ConfigError, defaultAdminToken, env, parseEnv } from "./config.ts";
-import { runCommand } from "./processes.ts";
+import { freePort, runCommand } from "./processes.ts";
 
-const shape = { ...commonEnv, GATEWAY_PORT: env.port(8080), BILLING_URL: z.url().default("http://127.0.0.1:8081") };
+const shape = { ...commonEnv, GATEWAY_PORT: env.port(8080), BILLING_URL: env.httpUrl.default("http://127.0.0.1:8081") };
 
 describe("parseEnv", () => {
   test("fills defaults and coerces numbers", () => {
@@ -126,3 +125,46 @@ test("a service on the default admin token warns at start; one on its own token 
   expect((await run({ ADMIN_TOKEN: defaultAdminToken })).stdout).toContain("development default");
   expect((await run({ ADMIN_TOKEN: "own-admin-token-0123456789" })).stdout).toBe("");
 });
+
+test("URL variables take only http:// and https:// URLs", async () => {
+  for (const value of ["localhost:58011", "ftp://billing:8081", "billing"]) {
+    expect(() => parseEnv(shape, { BILLING_URL: value })).toThrow(`BILLING_URL ("${value}"): must be an http:// or https:// URL`);
+    expect(() => parseEnv(shape, { OTEL_EXPORTER_OTLP_ENDPOINT: value })).toThrow("OTEL_EXPORTER_OTLP_ENDPOINT");
+  }
+  expect(parseEnv(shape, { BILLING_URL: "https://billing:8081" }).BILLING_URL).toBe("https://billing:8081");
+  for (const [service, name, value] of [
+    ["gateway", "BILLING_URL", "localhost:58011"],
+    ["analytics", "CLICKHOUSE_URL", "localhost:8123"],
+    ["billing", "OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:58050"],
+  ]) {
+    const { stdout, stderr, code } = await runCommand([process.execPath, `${service}/main.ts`], {
+      env: { [name as string]: value, MESH_DATA_DIR: "/nonexistent" },
+    });
+    expect(code).toBe(2);
+    expect(stdout).toBe("");
+    expect(stderr).toBe(`invalid environment: ${name} ("${value}"): must be an http:// or https:// URL\n`);
+  }
+});
+
+test("failed trace exports are logged, once a minute, and an endpoint ending in /v1/traces is warned of", async () => {
+  const script = `
+    import { commonEnv, parseEnv } from "./lib/config.ts";
+    import { createRuntime } from "./lib/runtime.ts";
+    const runtime = createRuntime("config-test", parseEnv(commonEnv));
+    for (let i = 0; i < 3; i++) {
+      runtime.telemetry.tracer.startSpan("s").end();
+      await Bun.sleep(700);
+    }
+    await runtime.telemetry.shutdown().catch(() => {});
+  `;
+  const closed = await freePort();
+  const run = async (endpoint: string) => {
+    const env = { ADMIN_TOKEN: "own-admin-token-0123456789", OTEL_EXPORTER_OTLP_ENDPOINT: endpoint };
+    const { stdout } = await runCommand([process.execPath, "-e", script], { env });
+    return stdout.trim().split("\n").map((l) => JSON.parse(l));
+  };
+  const lines = await run(`http://127.0.0.1:${closed}`);
+  expect(lines).toEqual([expect.objectContaining({ level: "error", msg: expect.stringContaining("ECONNREFUSED") })]);
+  const [warning] = await run(`http://127.0.0.1:${closed}/v1/traces`);
+  expect(warning).toMatchObject({ level: "warn", msg: expect.stringMatching(/^OTEL_EXPORTER_OTLP_ENDPOINT ends in \/v1\/traces/) });
+}, 60_000);

@@ -34,6 +34,9 @@ const bigint = (min: bigint) =>
 
 const port = (fallback: number) => int(1, 65535).default(fallback);
 
+/** A service's base URL: anything else (host:port without a scheme, say) would fail on every call, not at start. */
+const httpUrl = z.url({ protocol: /^https?$/, error: "must be an http:// or https:// URL" });
+
 // Unset, these fall back to something else entirely (an embedded database, the published token), so set but blank
 // (a Kubernetes Secret key that rendered nothing) stops the process rather than meaning unset.
 const refusesBlank = new WeakSet<z.ZodType>();
@@ -83,7 +86,7 @@ export const commonEnv = {
       .refine((s) => s.trim() === s, "must not begin or end with whitespace (a newline from echo, say)")
       .default(defaultAdminToken),
   ),
-  OTEL_EXPORTER_OTLP_ENDPOINT: z.url().optional(),
+  OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
   /** Fraction of new traces to sample, 0..1 (parent-based: a sampled caller is always followed). */
   OTEL_TRACES_SAMPLER_ARG: decimal(0, 1).default(1),
   /** How long SIGTERM waits for in-flight requests and streams before closing them. */
@@ -100,7 +103,7 @@ export const commonEnv = {
   CORS_ALLOWED_ORIGINS: origins.default(["*"]),
 };
 
-export const env = { port, int, decimal, bigint, filled, setOrUnset };
+export const env = { port, int, decimal, bigint, httpUrl, filled, setOrUnset };
 
 /** Parses `source` with the schema built from `shape`, or throws a ConfigError naming each bad variable. */
 export function parseEnv<S extends z.ZodRawShape>(

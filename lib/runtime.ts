@@ -24,13 +24,17 @@ export interface Runtime {
 }
 
 export function createRuntime(service: string, config: RuntimeConfig): Runtime {
+  const log = createLogger({ service, level: config.LOG_LEVEL });
   const telemetry = setupTelemetry({
     service,
     version: pkg.version,
     otlpEndpoint: config.OTEL_EXPORTER_OTLP_ENDPOINT,
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,
+    log,
   });
-  const log = createLogger({ service, level: config.LOG_LEVEL });
+  if (config.OTEL_EXPORTER_OTLP_ENDPOINT && /\/v1\/traces\/?$/.test(new URL(config.OTEL_EXPORTER_OTLP_ENDPOINT).pathname)) {
+    log.warn("OTEL_EXPORTER_OTLP_ENDPOINT ends in /v1/traces, which is appended to it: traces go to .../v1/traces/v1/traces");
+  }
   if (config.ADMIN_TOKEN === defaultAdminToken) {
     log.warn(
       "ADMIN_TOKEN is unset or the development default, which is published: billing and analytics accept it only " +
