@@ -91,3 +91,19 @@ test("with its ClickHouse server unreachable it exits 1, every line it writes on
     "clickhouse-pass-0123456789",
   );
 }, 60_000);
+
+test("with ANALYTICS_PORT taken it exits 1, one JSON error line naming it", async () => {
+  const taken = Bun.listen({ hostname: "0.0.0.0", port: 0, socket: { data() {} } });
+  try {
+    const errors = await expectJsonStartFailure(
+      [process.execPath, join(import.meta.dir, "main.ts")],
+      { MESH_DATA_DIR: dataDir, ANALYTICS_PORT: String(taken.port), CLICKHOUSE_URL: undefined, LOG_LEVEL: "warn" },
+      "dev-admin-token-change-me",
+    );
+    expect(errors).toEqual([
+      expect.objectContaining({ msg: "cannot listen on ANALYTICS_PORT", variable: "ANALYTICS_PORT", port: taken.port }),
+    ]);
+  } finally {
+    taken.stop(true);
+  }
+}, 60_000);

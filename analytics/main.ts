@@ -6,7 +6,7 @@ import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { pingReadiness } from "../lib/health.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
-import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
+import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
 import { defaultIngestOptions } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
@@ -129,16 +129,18 @@ const rollupTimer =
       }, cfg.ANALYTICS_ROLLUP_INTERVAL_MS)
     : undefined;
 
-const server = await startServer({
-  name: "analytics",
-  port: cfg.ANALYTICS_PORT,
-  routes: analyticsRoutes(service, cfg.ADMIN_TOKEN),
-  interceptors: runtime.serverInterceptors,
-  readiness: pingReadiness("clickhouse", (timeoutMs) => store.ping(timeoutMs), log),
-  registry: runtime.metrics.registry,
-  log,
-  cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
-});
+const server = await listenOrExit(log, "ANALYTICS_PORT", cfg.ANALYTICS_PORT, () =>
+  startServer({
+    name: "analytics",
+    port: cfg.ANALYTICS_PORT,
+    routes: analyticsRoutes(service, cfg.ADMIN_TOKEN),
+    interceptors: runtime.serverInterceptors,
+    readiness: pingReadiness("clickhouse", (timeoutMs) => store.ping(timeoutMs), log),
+    registry: runtime.metrics.registry,
+    log,
+    cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
+  }),
+);
 
 stopOnSignals(log, async () => {
   // Ingest stops reading, flushes and acks what it holds; its streams then end and the server can close.

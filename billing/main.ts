@@ -2,7 +2,7 @@ import { join } from "node:path";
 import pg from "pg";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
-import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
+import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
 import { createBillingApp } from "./app.ts";
 import { startEmbeddedPostgres } from "./store/embedded.ts";
@@ -63,17 +63,29 @@ const { routes, http, readiness } = createBillingApp({
   holderFloorNanos: cfg.BUDGET_LEASE_HOLDER_FLOOR_NANOS,
 });
 
-const server = await startServer({
-  name: "billing",
-  port: cfg.BILLING_PORT,
-  routes,
-  http,
-  interceptors: runtime.serverInterceptors,
-  registry: runtime.metrics.registry,
+const server = await listenOrExit(
   log,
-  cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
-  readiness,
-});
+  "BILLING_PORT",
+  cfg.BILLING_PORT,
+  () =>
+    startServer({
+      name: "billing",
+      port: cfg.BILLING_PORT,
+      routes,
+      http,
+      interceptors: runtime.serverInterceptors,
+      registry: runtime.metrics.registry,
+      log,
+      cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
+      readiness,
+    }),
+  // The embedded server would outlive this process, holding its data directory.
+  async () => {
+    stopping.abort();
+    await pool.end();
+    await embedded?.stop();
+  },
+);
 
 stopOnSignals(log, async () => {
   // Key change streams would otherwise hold shutdown for the whole grace period; gateways reconnect elsewhere.

@@ -7,7 +7,7 @@ import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { ConfigError, commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
-import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
+import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
 import { defaultReadMaxBytes, startServer } from "../lib/server.ts";
 import { createKeyAuthorizer, watchKeyChanges } from "./auth.ts";
 import { createBudgetKeeper } from "./budget.ts";
@@ -78,6 +78,11 @@ const cfg = loadEnvOrExit({
   /** How long SIGTERM waits for analytics to ack the last metrics. */
   GATEWAY_FLUSH_TIMEOUT_MS: env.int(0, 600_000).default(5000),
 });
+
+if (cfg.GATEWAY_REST_PORT === cfg.GATEWAY_PORT) {
+  process.stderr.write(`invalid environment: GATEWAY_REST_PORT (${cfg.GATEWAY_REST_PORT}): must differ from GATEWAY_PORT\n`);
+  process.exit(2);
+}
 
 let config: GatewayConfig;
 try {
@@ -235,23 +240,28 @@ const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, [
   "x-should-retry",
   ...["limit", "remaining", "reset"].flatMap((what) => [`x-ratelimit-${what}-requests`, `x-ratelimit-${what}-tokens`]),
 ]);
-const server = await startServer({
-  name: "gateway",
-  port: cfg.GATEWAY_PORT,
-  routes: gatewayRoutes(service, cfg.GATEWAY_MAX_BODY_BYTES),
-  interceptors: runtime.serverInterceptors,
-  requestGate: createGatewayRequestGate(core, cfg.GATEWAY_MAX_BODY_BYTES),
-  http: restRoutes(rest),
-  readiness: createReadiness({ billingUrl: cfg.BILLING_URL, shipper, log }),
-  registry: runtime.metrics.registry,
-  log,
-  readMaxBytes: cfg.GATEWAY_MAX_BODY_BYTES,
-  cors,
-});
+const server = await listenOrExit(log, "GATEWAY_PORT", cfg.GATEWAY_PORT, () =>
+  startServer({
+    name: "gateway",
+    port: cfg.GATEWAY_PORT,
+    routes: gatewayRoutes(service, cfg.GATEWAY_MAX_BODY_BYTES),
+    interceptors: runtime.serverInterceptors,
+    requestGate: createGatewayRequestGate(core, cfg.GATEWAY_MAX_BODY_BYTES),
+    http: restRoutes(rest),
+    readiness: createReadiness({ billingUrl: cfg.BILLING_URL, shipper, log }),
+    registry: runtime.metrics.registry,
+    log,
+    readMaxBytes: cfg.GATEWAY_MAX_BODY_BYTES,
+    cors,
+  }),
+);
+const restPort = cfg.GATEWAY_REST_PORT;
 const fastRest =
-  cfg.GATEWAY_REST_PORT === undefined
+  restPort === undefined
     ? undefined
-    : serveRest(rest, { port: cfg.GATEWAY_REST_PORT, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log, cors });
+    : await listenOrExit(log, "GATEWAY_REST_PORT", restPort, () =>
+        serveRest(rest, { port: restPort, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log, cors }),
+      );
 log.info("gateway started", { models: config.models.size, instance: cfg.GATEWAY_INSTANCE_ID, url: server.url, rest_url: fastRest?.url });
 
 stopOnSignals(log, async () => {

@@ -53,6 +53,26 @@ export function createRuntime(service: string, config: RuntimeConfig): Runtime {
 }
 
 /**
+ * Runs `listen`, which opens the port `variable` chose; if that fails (another process holds the port, say), logs one
+ * error line naming both, runs `cleanup` (stops what was started so far) and exits 1.
+ */
+export async function listenOrExit<T>(
+  log: Logger,
+  variable: string,
+  port: number,
+  listen: () => T | Promise<T>,
+  cleanup?: () => Promise<unknown>,
+): Promise<T> {
+  try {
+    return await listen();
+  } catch (e) {
+    log.error(`cannot listen on ${variable}`, { variable, port, err: e });
+    await cleanup?.().catch((err: unknown) => log.warn("stopping after a failed start failed", { err }));
+    process.exit(1);
+  }
+}
+
+/**
  * On SIGTERM or SIGINT runs `stop` once (stop accepting, drain, flush), then exits 0;
  * exits 1 if stopping throws. A second signal exits at once.
  */
