@@ -107,3 +107,12 @@ test("with ANALYTICS_PORT taken it exits 1, one JSON error line naming it", asyn
     taken.stop(true);
   }
 }, 60_000);
+
+test("with an unusable MESH_DATA_DIR it exits 1, one JSON error line, as billing and the gateway do", async () => {
+  const errors = await expectJsonStartFailure(
+    [process.execPath, join(import.meta.dir, "main.ts")],
+    { MESH_DATA_DIR: "/proc/nope", ANALYTICS_PORT: String(await freePort()), CLICKHOUSE_URL: undefined, LOG_LEVEL: "warn" },
+    "dev-admin-token-change-me",
+  );
+  expect(errors).toEqual([expect.objectContaining({ msg: "clickhouse failed to start" })]);
+}, 60_000);

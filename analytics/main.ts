@@ -12,7 +12,7 @@ import { defaultIngestOptions } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
 import { createAnalyticsService } from "./service.ts";
 import { clickHouseLoggerClass, clientRequestTimeoutMs, createClientDriver } from "./store/client-driver.ts";
-import { defaultChdbReportTimeoutSeconds } from "./store/driver.ts";
+import { type ClickHouseDriver, defaultChdbReportTimeoutSeconds } from "./store/driver.ts";
 import { createAnalyticsStore, defaultQueryTimeoutSeconds, defaultRollupLagMs } from "./store/store.ts";
 
 const cfg = loadEnvOrExit({
@@ -57,21 +57,28 @@ const cfg = loadEnvOrExit({
 const runtime = createRuntime("analytics", cfg);
 const { log } = runtime;
 
-const driver = cfg.CLICKHOUSE_URL
-  ? createClientDriver(
-      createClient({
-        url: cfg.CLICKHOUSE_URL,
-        username: cfg.CLICKHOUSE_USER,
-        password: cfg.CLICKHOUSE_PASSWORD,
-        application: "mesh-analytics",
-        request_timeout: clientRequestTimeoutMs(defaultQueryTimeoutSeconds),
-        log: { LoggerClass: clickHouseLoggerClass(log.child({ component: "clickhouse-client" })) },
-      }),
-    )
-  : // Loaded only when used: the engine's library adds about 150 MB to the process and 0.2 s to its start.
-    (await import("./store/chdb-driver.ts")).createChdbDriver(join(cfg.MESH_DATA_DIR, "clickhouse"), {
-      reportTimeoutSeconds: cfg.ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS,
-    });
+let driver: ClickHouseDriver;
+try {
+  driver = cfg.CLICKHOUSE_URL
+    ? createClientDriver(
+        createClient({
+          url: cfg.CLICKHOUSE_URL,
+          username: cfg.CLICKHOUSE_USER,
+          password: cfg.CLICKHOUSE_PASSWORD,
+          application: "mesh-analytics",
+          request_timeout: clientRequestTimeoutMs(defaultQueryTimeoutSeconds),
+          log: { LoggerClass: clickHouseLoggerClass(log.child({ component: "clickhouse-client" })) },
+        }),
+      )
+    : // Loaded only when used: the engine's library adds about 150 MB to the process and 0.2 s to its start.
+      (await import("./store/chdb-driver.ts")).createChdbDriver(join(cfg.MESH_DATA_DIR, "clickhouse"), {
+        reportTimeoutSeconds: cfg.ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS,
+      });
+} catch (e) {
+  // An unusable MESH_DATA_DIR, say: one JSON line, as billing and the gateway write for theirs.
+  log.error("clickhouse failed to start", { err: e });
+  process.exit(1);
+}
 const store = createAnalyticsStore(driver, {
   database: cfg.CLICKHOUSE_DATABASE,
   ttlDays: cfg.CLICKHOUSE_TTL_DAYS,
