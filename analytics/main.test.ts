@@ -2,6 +2,7 @@ import { chmodSync, mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, expect, test } from "bun:test";
+import { freePort } from "../lib/processes.ts";
 import { expectJsonStartFailure } from "../lib/testing.ts";
 
 const dataDir = mkdtempSync(join(tmpdir(), "analytics-main-"));
@@ -11,7 +12,13 @@ afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
 async function startAnalytics() {
   const proc = Bun.spawn([process.execPath, join(import.meta.dir, "main.ts")], {
     // Its own process, so its chdb data directory does not clash with this test process's.
-    env: { ...process.env, MESH_DATA_DIR: dataDir, ANALYTICS_PORT: "0", CLICKHOUSE_URL: "", LOG_LEVEL: "info" },
+    env: {
+      ...process.env,
+      MESH_DATA_DIR: dataDir,
+      ANALYTICS_PORT: String(await freePort()),
+      CLICKHOUSE_URL: undefined,
+      LOG_LEVEL: "info",
+    },
     stdout: "pipe",
     stderr: "inherit",
   });
@@ -79,11 +86,36 @@ test("with its ClickHouse server unreachable it exits 1, every line it writes on
     [process.execPath, join(import.meta.dir, "main.ts")],
     {
       MESH_DATA_DIR: dataDir,
-      ANALYTICS_PORT: "0",
+      ANALYTICS_PORT: String(await freePort()),
       CLICKHOUSE_URL: `http://127.0.0.1:${port}`,
       CLICKHOUSE_PASSWORD: "clickhouse-pass-0123456789",
       LOG_LEVEL: "debug",
     },
     "clickhouse-pass-0123456789",
   );
+}, 60_000);
+
+test("with ANALYTICS_PORT taken it exits 1, one JSON error line naming it", async () => {
+  const taken = Bun.listen({ hostname: "0.0.0.0", port: 0, socket: { data() {} } });
+  try {
+    const errors = await expectJsonStartFailure(
+      [process.execPath, join(import.meta.dir, "main.ts")],
+      { MESH_DATA_DIR: dataDir, ANALYTICS_PORT: String(taken.port), CLICKHOUSE_URL: undefined, LOG_LEVEL: "warn" },
+      "dev-admin-token-change-me",
+    );
+    expect(errors).toEqual([
+      expect.objectContaining({ msg: "cannot listen on ANALYTICS_PORT", variable: "ANALYTICS_PORT", port: taken.port }),
+    ]);
+  } finally {
+    taken.stop(true);
+  }
+}, 60_000);
+
+test("with an unusable MESH_DATA_DIR it exits 1, one JSON error line, as billing and the gateway do", async () => {
+  const errors = await expectJsonStartFailure(
+    [process.execPath, join(import.meta.dir, "main.ts")],
+    { MESH_DATA_DIR: "/proc/nope", ANALYTICS_PORT: String(await freePort()), CLICKHOUSE_URL: undefined, LOG_LEVEL: "warn" },
+    "dev-admin-token-change-me",
+  );
+  expect(errors).toEqual([expect.objectContaining({ msg: "clickhouse failed to start" })]);
 }, 60_000);

@@ -6,21 +6,21 @@ import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { pingReadiness } from "../lib/health.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
-import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
+import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
 import { defaultIngestOptions } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
 import { createAnalyticsService } from "./service.ts";
 import { clickHouseLoggerClass, clientRequestTimeoutMs, createClientDriver } from "./store/client-driver.ts";
-import { defaultChdbReportTimeoutSeconds } from "./store/driver.ts";
+import { type ClickHouseDriver, defaultChdbReportTimeoutSeconds } from "./store/driver.ts";
 import { createAnalyticsStore, defaultQueryTimeoutSeconds, defaultRollupLagMs } from "./store/store.ts";
 
 const cfg = loadEnvOrExit({
   ...commonEnv,
   ANALYTICS_PORT: env.port(8082),
-  BILLING_URL: z.url().default("http://127.0.0.1:8081"),
+  BILLING_URL: env.httpUrl.default("http://127.0.0.1:8081"),
   /** A ClickHouse server's HTTP URL; unset runs the engine in-process (chdb) under MESH_DATA_DIR/clickhouse. */
-  CLICKHOUSE_URL: z.url().optional(),
+  CLICKHOUSE_URL: env.setOrUnset(env.httpUrl.optional()),
   CLICKHOUSE_USER: z.string().default("default"),
   CLICKHOUSE_PASSWORD: z.string().default(""),
   CLICKHOUSE_DATABASE: z
@@ -28,61 +28,58 @@ const cfg = loadEnvOrExit({
     .regex(/^[A-Za-z_][A-Za-z0-9_]*$/, "must be a plain identifier")
     .default("mesh"),
   /** Request rows are dropped this many days after they started. */
-  CLICKHOUSE_TTL_DAYS: z.coerce.number().int().min(1).max(36_500).default(400),
+  CLICKHOUSE_TTL_DAYS: env.int(1, 36_500).default(400),
   /** A cluster name from the server's remote_servers: DDL runs ON CLUSTER with Replicated and Distributed tables. */
   CLICKHOUSE_CLUSTER: z
     .string()
     .regex(/^[A-Za-z_][A-Za-z0-9_]*$/, "must be a plain identifier")
     .optional(),
   /** Ingest flushes (one ClickHouse insert, then RecordUsage) once this many rows are buffered... */
-  ANALYTICS_FLUSH_ROWS: z.coerce.number().int().min(1).max(1_000_000).default(defaultIngestOptions.flushRows),
+  ANALYTICS_FLUSH_ROWS: env.int(1, 1_000_000).default(defaultIngestOptions.flushRows),
   /** ...or this long after the oldest buffered row arrived. */
-  ANALYTICS_FLUSH_INTERVAL_MS: z.coerce.number().int().min(1).max(60_000).default(defaultIngestOptions.flushIntervalMs),
+  ANALYTICS_FLUSH_INTERVAL_MS: env.int(1, 60_000).default(defaultIngestOptions.flushIntervalMs),
   /** Rows held in memory by ingest... */
-  ANALYTICS_MAX_BUFFERED_ROWS: z.coerce
-    .number()
-    .int()
-    .min(1000)
-    .max(10_000_000)
-    .default(defaultIngestOptions.maxBufferedRows),
+  ANALYTICS_MAX_BUFFERED_ROWS: env.int(1000, 10_000_000).default(defaultIngestOptions.maxBufferedRows),
   /** ...and their estimated bytes; gateways' streams are not read while either is reached. */
-  ANALYTICS_MAX_BUFFERED_BYTES: z.coerce
-    .number()
-    .int()
-    .min(16 * 1024 * 1024)
-    .max(64 * 1024 ** 3)
-    .default(defaultIngestOptions.maxBufferedBytes),
+  ANALYTICS_MAX_BUFFERED_BYTES: env.int(16 * 1024 * 1024, 64 * 1024 ** 3).default(defaultIngestOptions.maxBufferedBytes),
   /** Rows per RecordUsage call... */
-  ANALYTICS_BILLING_BATCH_ROWS: z.coerce.number().int().min(1).max(10_000).default(defaultIngestOptions.billingBatchRows),
+  ANALYTICS_BILLING_BATCH_ROWS: env.int(1, 10_000).default(defaultIngestOptions.billingBatchRows),
   /** ...and RecordUsage calls in flight at once. */
-  ANALYTICS_BILLING_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(defaultIngestOptions.billingConcurrency),
+  ANALYTICS_BILLING_CONCURRENCY: env.int(1, 64).default(defaultIngestOptions.billingConcurrency),
   /** How often closed minutes are rolled up (0: never, e.g. when another replica does it). */
-  ANALYTICS_ROLLUP_INTERVAL_MS: z.coerce.number().int().min(0).max(3_600_000).default(30_000),
+  ANALYTICS_ROLLUP_INTERVAL_MS: env.int(0, 3_600_000).default(30_000),
   /** Minutes are rolled up once this old; rows arriving later than half of it are recomputed in. */
-  ANALYTICS_ROLLUP_LAG_MS: z.coerce.number().int().min(60_000).max(86_400_000).default(defaultRollupLagMs),
+  ANALYTICS_ROLLUP_LAG_MS: env.int(60_000, 86_400_000).default(defaultRollupLagMs),
   /** The in-process engine runs report queries one at a time, each stopped after this long (a server's limit is 30 s). */
-  ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS: z.coerce.number().min(1).max(300).default(defaultChdbReportTimeoutSeconds),
+  ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS: env.decimal(1, 300).default(defaultChdbReportTimeoutSeconds),
 });
 
 const runtime = createRuntime("analytics", cfg);
 const { log } = runtime;
 
-const driver = cfg.CLICKHOUSE_URL
-  ? createClientDriver(
-      createClient({
-        url: cfg.CLICKHOUSE_URL,
-        username: cfg.CLICKHOUSE_USER,
-        password: cfg.CLICKHOUSE_PASSWORD,
-        application: "mesh-analytics",
-        request_timeout: clientRequestTimeoutMs(defaultQueryTimeoutSeconds),
-        log: { LoggerClass: clickHouseLoggerClass(log.child({ component: "clickhouse-client" })) },
-      }),
-    )
-  : // Loaded only when used: the engine's library adds about 150 MB to the process and 0.2 s to its start.
-    (await import("./store/chdb-driver.ts")).createChdbDriver(join(cfg.MESH_DATA_DIR, "clickhouse"), {
-      reportTimeoutSeconds: cfg.ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS,
-      log,
-    });
+let driver: ClickHouseDriver;
+try {
+  driver = cfg.CLICKHOUSE_URL
+    ? createClientDriver(
+        createClient({
+          url: cfg.CLICKHOUSE_URL,
+          username: cfg.CLICKHOUSE_USER,
+          password: cfg.CLICKHOUSE_PASSWORD,
+          application: "mesh-analytics",
+          request_timeout: clientRequestTimeoutMs(defaultQueryTimeoutSeconds),
+          log: { LoggerClass: clickHouseLoggerClass(log.child({ component: "clickhouse-client" })) },
+        }),
+      )
+    : // Loaded only when used: the engine's library adds about 150 MB to the process and 0.2 s to its start.
+      (await import("./store/chdb-driver.ts")).createChdbDriver(join(cfg.MESH_DATA_DIR, "clickhouse"), {
+        reportTimeoutSeconds: cfg.ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS,
+        log,
+      });
+} catch (e) {
+  // An unusable MESH_DATA_DIR, say: one JSON line, as billing and the gateway write for theirs.
+  log.error("clickhouse failed to start", { err: e });
+  process.exit(1);
+}
 const store = createAnalyticsStore(driver, {
   database: cfg.CLICKHOUSE_DATABASE,
   ttlDays: cfg.CLICKHOUSE_TTL_DAYS,
@@ -140,16 +137,18 @@ const rollupTimer =
       }, cfg.ANALYTICS_ROLLUP_INTERVAL_MS)
     : undefined;
 
-const server = await startServer({
-  name: "analytics",
-  port: cfg.ANALYTICS_PORT,
-  routes: analyticsRoutes(service, cfg.ADMIN_TOKEN),
-  interceptors: runtime.serverInterceptors,
-  readiness: pingReadiness("clickhouse", (timeoutMs) => store.ping(timeoutMs), log),
-  registry: runtime.metrics.registry,
-  log,
-  cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
-});
+const server = await listenOrExit(log, "ANALYTICS_PORT", cfg.ANALYTICS_PORT, () =>
+  startServer({
+    name: "analytics",
+    port: cfg.ANALYTICS_PORT,
+    routes: analyticsRoutes(service, cfg.ADMIN_TOKEN),
+    interceptors: runtime.serverInterceptors,
+    readiness: pingReadiness("clickhouse", (timeoutMs) => store.ping(timeoutMs), log),
+    registry: runtime.metrics.registry,
+    log,
+    cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
+  }),
+);
 
 stopOnSignals(log, async () => {
   // Ingest stops reading, flushes and acks what it holds; its streams then end and the server can close.

@@ -119,7 +119,7 @@ test.each([
       {
         MESH_DATA_DIR: fault === "unstartable" ? join(dataDir, "data") : dataDir,
         ADMIN_TOKEN: "main-test-admin-token-0123456789",
-        BILLING_PORT: "0",
+        BILLING_PORT: String(await freePort()),
         DATABASE_URL: fault === "unreachable" ? `postgres://mesh:db-pass-0123456789@127.0.0.1:${closed}/mesh` : undefined,
         LOG_LEVEL: "debug",
       },
@@ -130,3 +130,32 @@ test.each([
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 60_000);
+
+test("with BILLING_PORT taken it exits 1, one JSON error line naming it, its embedded postgres stopped", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "billing-main-"));
+  const taken = Bun.listen({ hostname: "0.0.0.0", port: 0, socket: { data() {} } });
+  let pid: number | undefined;
+  try {
+    const errors = await expectJsonStartFailure(
+      [process.execPath, join(root, "billing", "main.ts")],
+      {
+        MESH_DATA_DIR: dataDir,
+        ADMIN_TOKEN: "main-test-admin-token-0123456789",
+        BILLING_PORT: String(taken.port),
+        DATABASE_URL: undefined,
+        LOG_LEVEL: "warn",
+      },
+      "main-test-admin-token-0123456789",
+      root,
+    );
+    expect(errors).toEqual([
+      expect.objectContaining({ msg: "cannot listen on BILLING_PORT", variable: "BILLING_PORT", port: taken.port }),
+    ]);
+    pid = await postmasterPid(join(dataDir, "postgres"));
+    expect(pid !== undefined && isAlive(pid)).toBe(false);
+  } finally {
+    taken.stop(true);
+    if (pid && isAlive(pid)) process.kill(pid, "SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);

@@ -1,9 +1,8 @@
 import { join } from "node:path";
 import pg from "pg";
-import { z } from "zod";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
-import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
+import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
 import { createBillingApp } from "./app.ts";
 import { startEmbeddedPostgres } from "./store/embedded.ts";
@@ -13,11 +12,11 @@ const cfg = loadEnvOrExit({
   ...commonEnv,
   BILLING_PORT: env.port(8081),
   /** Postgres to use; unset starts an embedded server under <MESH_DATA_DIR>/postgres. */
-  DATABASE_URL: z.string().min(1).optional(),
+  DATABASE_URL: env.setOrUnset(env.filled.optional()),
   /** How long a lease that expired unreleased (its gateway died) still reserves its grant; see budget-leases.ts. */
-  BUDGET_LEASE_GRACE_SECONDS: z.coerce.number().int().min(0).max(86_400).default(600),
+  BUDGET_LEASE_GRACE_SECONDS: env.int(0, 86_400).default(600),
   /** What one gateway may hold beyond half of what is left of a budget; see budget-leases.ts. */
-  BUDGET_LEASE_HOLDER_FLOOR_NANOS: z.coerce.bigint().min(0n).default(100_000_000n),
+  BUDGET_LEASE_HOLDER_FLOOR_NANOS: env.bigint(0n).default(100_000_000n),
 });
 const runtime = createRuntime("billing", cfg);
 const { log } = runtime;
@@ -64,17 +63,29 @@ const { routes, http, readiness } = createBillingApp({
   holderFloorNanos: cfg.BUDGET_LEASE_HOLDER_FLOOR_NANOS,
 });
 
-const server = await startServer({
-  name: "billing",
-  port: cfg.BILLING_PORT,
-  routes,
-  http,
-  interceptors: runtime.serverInterceptors,
-  registry: runtime.metrics.registry,
+const server = await listenOrExit(
   log,
-  cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
-  readiness,
-});
+  "BILLING_PORT",
+  cfg.BILLING_PORT,
+  () =>
+    startServer({
+      name: "billing",
+      port: cfg.BILLING_PORT,
+      routes,
+      http,
+      interceptors: runtime.serverInterceptors,
+      registry: runtime.metrics.registry,
+      log,
+      cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
+      readiness,
+    }),
+  // The embedded server would outlive this process, holding its data directory.
+  async () => {
+    stopping.abort();
+    await pool.end();
+    await embedded?.stop();
+  },
+);
 
 stopOnSignals(log, async () => {
   // Key change streams would otherwise hold shutdown for the whole grace period; gateways reconnect elsewhere.

@@ -17,7 +17,6 @@ import {
 } from "@bufbuild/protobuf";
 import { type Timestamp, timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { type Client, ConnectError } from "@connectrpc/connect";
-import { z } from "zod";
 import { AnalyticsService, file_analytics_v1_analytics } from "../gen/analytics/v1/analytics_pb.ts";
 import {
   type ApiKey,
@@ -35,7 +34,7 @@ import {
   type Organization,
 } from "../gen/billing/v1/billing_pb.ts";
 import { billingPeriod } from "../lib/billing-period.ts";
-import { commonEnv, parseEnv } from "../lib/config.ts";
+import { commonEnv, env, parseEnv } from "../lib/config.ts";
 import { formatCents, formatNanosUsd, parseUsdNanos } from "../lib/money.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 
@@ -190,8 +189,8 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
     const cfg = parseEnv(
       {
         ADMIN_TOKEN: commonEnv.ADMIN_TOKEN,
-        BILLING_URL: z.url().default("http://127.0.0.1:8081"),
-        ANALYTICS_URL: z.url().default("http://127.0.0.1:8082"),
+        BILLING_URL: env.httpUrl.default("http://127.0.0.1:8081"),
+        ANALYTICS_URL: env.httpUrl.default("http://127.0.0.1:8082"),
       },
       io.env,
     );

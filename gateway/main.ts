@@ -7,7 +7,7 @@ import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { ConfigError, commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
-import { createRuntime, stopOnSignals } from "../lib/runtime.ts";
+import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
 import { defaultReadMaxBytes, startServer } from "../lib/server.ts";
 import { createKeyAuthorizer, watchKeyChanges } from "./auth.ts";
 import { createBudgetKeeper } from "./budget.ts";
@@ -29,60 +29,60 @@ const cfg = loadEnvOrExit({
   ...commonEnv,
   GATEWAY_PORT: env.port(8080),
   /** Also serve the REST API on this port with Bun's native HTTP server (its fast path); unset: only on GATEWAY_PORT. */
-  GATEWAY_REST_PORT: z.coerce.number().int().min(0).max(65535).optional(),
-  BILLING_URL: z.url().default("http://127.0.0.1:8081"),
-  ANALYTICS_URL: z.url().default("http://127.0.0.1:8082"),
+  GATEWAY_REST_PORT: env.int(1, 65535).optional(),
+  BILLING_URL: env.httpUrl.default("http://127.0.0.1:8081"),
+  ANALYTICS_URL: env.httpUrl.default("http://127.0.0.1:8082"),
   /** Routes and prices, YAML or JSON. */
-  GATEWAY_CONFIG: z.string().min(1).default(fileURLToPath(new URL("./config.default.yaml", import.meta.url))),
+  GATEWAY_CONFIG: env.setOrUnset(env.filled.default(fileURLToPath(new URL("./config.default.yaml", import.meta.url)))),
   /** Names this replica in metrics; stable per pod in Kubernetes. */
   GATEWAY_INSTANCE_ID: z.string().min(1).max(128).default(`${hostname()}-${process.pid}`),
-  GATEWAY_MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(64 * 1024 * 1024).default(4 * 1024 * 1024),
+  GATEWAY_MAX_BODY_BYTES: env.int(1024, 64 * 1024 * 1024).default(4 * 1024 * 1024),
   /**
    * Upstream calls Bun's fetch runs at once (Bun reads it at start; 256 unless set): the others wait inside fetch with
    * their attempt's time running, so a busy replica would time out calls its upstreams never saw.
    */
-  BUN_CONFIG_MAX_HTTP_REQUESTS: z.coerce.number().int().min(1).max(65_535).default(256),
-  GATEWAY_KEY_CACHE_TTL_MS: z.coerce.number().int().min(0).max(3_600_000).default(30_000),
+  BUN_CONFIG_MAX_HTTP_REQUESTS: env.int(1, 65_535).default(256),
+  GATEWAY_KEY_CACHE_TTL_MS: env.int(0, 3_600_000).default(30_000),
   /** Key cache TTL while billing's key change stream is down. */
-  GATEWAY_KEY_CACHE_FALLBACK_TTL_MS: z.coerce.number().int().min(0).max(3_600_000).default(1000),
+  GATEWAY_KEY_CACHE_FALLBACK_TTL_MS: env.int(0, 3_600_000).default(1000),
   /** Whole-request limit (attempts, backoff, fallbacks, stream) of models that set no request_timeout_ms. */
-  GATEWAY_REQUEST_TIMEOUT_MS: z.coerce.number().int().min(1).max(3_600_000).default(600_000),
-  GATEWAY_RETRY_BASE_MS: z.coerce.number().int().min(0).max(60_000).default(100),
-  GATEWAY_RETRY_MAX_MS: z.coerce.number().int().min(0).max(600_000).default(2000),
+  GATEWAY_REQUEST_TIMEOUT_MS: env.int(1, 3_600_000).default(600_000),
+  GATEWAY_RETRY_BASE_MS: env.int(0, 60_000).default(100),
+  GATEWAY_RETRY_MAX_MS: env.int(0, 600_000).default(2000),
   /** An upstream Retry-After longer than this moves on to the next target instead of waiting. */
-  GATEWAY_RETRY_AFTER_MAX_MS: z.coerce.number().int().min(0).max(600_000).default(5000),
+  GATEWAY_RETRY_AFTER_MAX_MS: env.int(0, 600_000).default(5000),
   /** Consecutive failures that open a target's circuit breaker. */
-  GATEWAY_BREAKER_FAILURES: z.coerce.number().int().min(1).max(1000).default(5),
-  GATEWAY_BREAKER_COOLDOWN_MS: z.coerce.number().int().min(1).max(3_600_000).default(30_000),
+  GATEWAY_BREAKER_FAILURES: env.int(1, 1000).default(5),
+  GATEWAY_BREAKER_COOLDOWN_MS: env.int(1, 3_600_000).default(30_000),
   /** Output tokens budgeted for requests without max_tokens on models that set no max_output_tokens. */
-  GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS: z.coerce.number().int().min(1).max(10_000_000).default(4096),
+  GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS: env.int(1, 10_000_000).default(4096),
   /** Lifetime of budget leases; must exceed the longest request time limit by 10 s. */
-  GATEWAY_BUDGET_LEASE_TTL_S: z.coerce.number().int().min(20).max(3600).default(900),
+  GATEWAY_BUDGET_LEASE_TTL_S: env.int(20, 3600).default(900),
   /** A new lease covers about this many seconds of the budget's recent spend. */
-  GATEWAY_BUDGET_LEASE_HORIZON_S: z.coerce.number().int().min(1).max(3600).default(60),
-  GATEWAY_BUDGET_MIN_LEASE_NANOS: z.coerce.bigint().min(1n).default(1_000_000n),
-  GATEWAY_BUDGET_MAX_LEASE_NANOS: z.coerce.bigint().min(1n).default(10_000_000_000n),
+  GATEWAY_BUDGET_LEASE_HORIZON_S: env.int(1, 3600).default(60),
+  GATEWAY_BUDGET_MIN_LEASE_NANOS: env.bigint(1n).default(1_000_000n),
+  GATEWAY_BUDGET_MAX_LEASE_NANOS: env.bigint(1n).default(10_000_000_000n),
   /** Holds one metrics spool directory per replica (named by GATEWAY_INSTANCE_ID); default <MESH_DATA_DIR>/spool. */
   GATEWAY_SPOOL_DIR: z.string().min(1).optional(),
-  GATEWAY_SPOOL_MAX_BYTES: z.coerce.number().int().min(1024 * 1024).max(1024 ** 4).default(256 * 1024 * 1024),
+  GATEWAY_SPOOL_MAX_BYTES: env.int(1024 * 1024, 1024 ** 4).default(256 * 1024 * 1024),
   /** always: fdatasync per request; interval: every GATEWAY_SPOOL_FSYNC_INTERVAL_MS; never: the OS decides. */
   GATEWAY_SPOOL_FSYNC: z.enum(["always", "interval", "never"]).default("interval"),
-  GATEWAY_SPOOL_FSYNC_INTERVAL_MS: z.coerce.number().int().min(1).max(60_000).default(1000),
-  GATEWAY_METRICS_BATCH_ROWS: z.coerce.number().int().min(1).max(10_000).default(1000),
+  GATEWAY_SPOOL_FSYNC_INTERVAL_MS: env.int(1, 60_000).default(1000),
+  GATEWAY_METRICS_BATCH_ROWS: env.int(1, 10_000).default(1000),
   /**
    * A batch is also sealed at this many bytes of encoded rows: at least room for several of the largest rows the
    * request checks allow (about 40 KB each), at most half of what analytics accepts in one message.
    */
-  GATEWAY_METRICS_BATCH_BYTES: z.coerce
-    .number()
-    .int()
-    .min(minBatchBytes)
-    .max(defaultReadMaxBytes / 2)
-    .default(defaultBatchBytes),
-  GATEWAY_METRICS_INTERVAL_MS: z.coerce.number().int().min(1).max(60_000).default(100),
+  GATEWAY_METRICS_BATCH_BYTES: env.int(minBatchBytes, defaultReadMaxBytes / 2).default(defaultBatchBytes),
+  GATEWAY_METRICS_INTERVAL_MS: env.int(1, 60_000).default(100),
   /** How long SIGTERM waits for analytics to ack the last metrics. */
-  GATEWAY_FLUSH_TIMEOUT_MS: z.coerce.number().int().min(0).max(600_000).default(5000),
+  GATEWAY_FLUSH_TIMEOUT_MS: env.int(0, 600_000).default(5000),
 });
+
+if (cfg.GATEWAY_REST_PORT === cfg.GATEWAY_PORT) {
+  process.stderr.write(`invalid environment: GATEWAY_REST_PORT (${cfg.GATEWAY_REST_PORT}): must differ from GATEWAY_PORT\n`);
+  process.exit(2);
+}
 
 let config: GatewayConfig;
 try {
@@ -240,23 +240,28 @@ const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, [
   "x-should-retry",
   ...["limit", "remaining", "reset"].flatMap((what) => [`x-ratelimit-${what}-requests`, `x-ratelimit-${what}-tokens`]),
 ]);
-const server = await startServer({
-  name: "gateway",
-  port: cfg.GATEWAY_PORT,
-  routes: gatewayRoutes(service, cfg.GATEWAY_MAX_BODY_BYTES),
-  interceptors: runtime.serverInterceptors,
-  requestGate: createGatewayRequestGate(core, cfg.GATEWAY_MAX_BODY_BYTES),
-  http: restRoutes(rest),
-  readiness: createReadiness({ billingUrl: cfg.BILLING_URL, shipper, log }),
-  registry: runtime.metrics.registry,
-  log,
-  readMaxBytes: cfg.GATEWAY_MAX_BODY_BYTES,
-  cors,
-});
+const server = await listenOrExit(log, "GATEWAY_PORT", cfg.GATEWAY_PORT, () =>
+  startServer({
+    name: "gateway",
+    port: cfg.GATEWAY_PORT,
+    routes: gatewayRoutes(service, cfg.GATEWAY_MAX_BODY_BYTES),
+    interceptors: runtime.serverInterceptors,
+    requestGate: createGatewayRequestGate(core, cfg.GATEWAY_MAX_BODY_BYTES),
+    http: restRoutes(rest),
+    readiness: createReadiness({ billingUrl: cfg.BILLING_URL, shipper, log }),
+    registry: runtime.metrics.registry,
+    log,
+    readMaxBytes: cfg.GATEWAY_MAX_BODY_BYTES,
+    cors,
+  }),
+);
+const restPort = cfg.GATEWAY_REST_PORT;
 const fastRest =
-  cfg.GATEWAY_REST_PORT === undefined
+  restPort === undefined
     ? undefined
-    : serveRest(rest, { port: cfg.GATEWAY_REST_PORT, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log, cors });
+    : await listenOrExit(log, "GATEWAY_REST_PORT", restPort, () =>
+        serveRest(rest, { port: restPort, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log, cors }),
+      );
 log.info("gateway started", { models: config.models.size, instance: cfg.GATEWAY_INSTANCE_ID, url: server.url, rest_url: fastRest?.url });
 
 stopOnSignals(log, async () => {

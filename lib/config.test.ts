@@ -1,9 +1,8 @@
 import { describe, expect, test } from "bun:test";
-import { z } from "zod";
 import { commonEnv, ConfigError, defaultAdminToken, env, parseEnv } from "./config.ts";
-import { runCommand } from "./processes.ts";
+import { freePort, runCommand } from "./processes.ts";
 
-const shape = { ...commonEnv, GATEWAY_PORT: env.port(8080), BILLING_URL: z.url().default("http://127.0.0.1:8081") };
+const shape = { ...commonEnv, GATEWAY_PORT: env.port(8080), BILLING_URL: env.httpUrl.default("http://127.0.0.1:8081") };
 
 describe("parseEnv", () => {
   test("fills defaults and coerces numbers", () => {
@@ -38,6 +37,53 @@ describe("parseEnv", () => {
 
   test("rejects ports out of range", () => {
     expect(() => parseEnv(shape, { GATEWAY_PORT: "70000" })).toThrow("GATEWAY_PORT");
+    expect(() => parseEnv(shape, { GATEWAY_PORT: "0" })).toThrow("GATEWAY_PORT");
+  });
+
+  test("treats blank numbers as unset and takes whole numbers only in decimal digits", () => {
+    expect(parseEnv(shape, { GATEWAY_PORT: " ", OTEL_TRACES_SAMPLER_ARG: " ", SHUTDOWN_DRAIN_MS: "\t" })).toMatchObject({
+      GATEWAY_PORT: 8080,
+      OTEL_TRACES_SAMPLER_ARG: 1,
+      SHUTDOWN_DRAIN_MS: 0,
+    });
+    expect(parseEnv(shape, { GATEWAY_PORT: " 9000 ", OTEL_TRACES_SAMPLER_ARG: "0.25" })).toMatchObject({
+      GATEWAY_PORT: 9000,
+      OTEL_TRACES_SAMPLER_ARG: 0.25,
+    });
+    for (const value of ["0x1F90", "8080.0", "1e3", "0b11", "-1", "+80"]) {
+      expect(() => parseEnv(shape, { GATEWAY_PORT: value })).toThrow(`GATEWAY_PORT ("${value}"): must be a whole number`);
+    }
+    expect(() => parseEnv(shape, { OTEL_TRACES_SAMPLER_ARG: "0x1" })).toThrow('OTEL_TRACES_SAMPLER_ARG ("0x1")');
+    expect(() => parseEnv(shape, { SHUTDOWN_GRACE_MS: "1e3" })).toThrow('SHUTDOWN_GRACE_MS ("1e3")');
+  });
+
+  test("refuses an admin token with surrounding whitespace, which no caller's trimmed token could match", () => {
+    for (const token of ["own-admin-token-0123456789\n", " own-admin-token-0123456789", " ".repeat(20), "\n"]) {
+      expect(() => parseEnv(shape, { ADMIN_TOKEN: token })).toThrow("ADMIN_TOKEN");
+    }
+    expect(() => parseEnv(shape, { ADMIN_TOKEN: "own-admin-token-0123456789\n" })).toThrow(
+      'ADMIN_TOKEN ("***"): must not begin or end with whitespace',
+    );
+    expect(parseEnv(shape, { ADMIN_TOKEN: "own admin token 0123456789" }).ADMIN_TOKEN).toBe("own admin token 0123456789");
+  });
+});
+
+describe("a service refuses to start, naming the variable, rather than fall back from a variable set but blank", () => {
+  test.each([
+    ["billing", "DATABASE_URL", ""],
+    ["billing", "DATABASE_URL", " "],
+    ["analytics", "CLICKHOUSE_URL", ""],
+    ["gateway", "GATEWAY_CONFIG", ""],
+    ["billing", "ADMIN_TOKEN", "own-admin-token-0123456789\n"],
+    ["billing", "ADMIN_TOKEN", " ".repeat(20)],
+  ])("%s with %s=%j", async (service, name, value) => {
+    const { stdout, stderr, code } = await runCommand([process.execPath, `${service}/main.ts`], {
+      // Past the environment, the data directory would fail the start, not fall back to the embedded stores.
+      env: { [name]: value, MESH_DATA_DIR: "/nonexistent" },
+    });
+    expect(code).toBe(2);
+    expect(stdout).toBe("");
+    expect(stderr).toStartWith(`invalid environment: ${name} (`);
   });
 });
 
@@ -56,7 +102,7 @@ test("a service started with a bad variable exits non-zero naming it", async () 
 test("an empty ADMIN_TOKEN stops a service rather than falling back to the public default", async () => {
   expect(() => parseEnv(shape, { ADMIN_TOKEN: "" })).toThrow("ADMIN_TOKEN (set but empty): must be at least 16 characters");
   const { stdout, stderr, code } = await runCommand([process.execPath, "billing/main.ts"], {
-    env: { ADMIN_TOKEN: "", BILLING_PORT: "0", MESH_DATA_DIR: "/nonexistent" },
+    env: { ADMIN_TOKEN: "", BILLING_PORT: "59001", MESH_DATA_DIR: "/nonexistent" },
   });
   expect(code).toBe(2);
   expect(stdout).toBe("");
@@ -79,3 +125,46 @@ test("a service on the default admin token warns at start; one on its own token 
   expect((await run({ ADMIN_TOKEN: defaultAdminToken })).stdout).toContain("development default");
   expect((await run({ ADMIN_TOKEN: "own-admin-token-0123456789" })).stdout).toBe("");
 });
+
+test("URL variables take only http:// and https:// URLs", async () => {
+  for (const value of ["localhost:58011", "ftp://billing:8081", "billing"]) {
+    expect(() => parseEnv(shape, { BILLING_URL: value })).toThrow(`BILLING_URL ("${value}"): must be an http:// or https:// URL`);
+    expect(() => parseEnv(shape, { OTEL_EXPORTER_OTLP_ENDPOINT: value })).toThrow("OTEL_EXPORTER_OTLP_ENDPOINT");
+  }
+  expect(parseEnv(shape, { BILLING_URL: "https://billing:8081" }).BILLING_URL).toBe("https://billing:8081");
+  for (const [service, name, value] of [
+    ["gateway", "BILLING_URL", "localhost:58011"],
+    ["analytics", "CLICKHOUSE_URL", "localhost:8123"],
+    ["billing", "OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:58050"],
+  ]) {
+    const { stdout, stderr, code } = await runCommand([process.execPath, `${service}/main.ts`], {
+      env: { [name as string]: value, MESH_DATA_DIR: "/nonexistent" },
+    });
+    expect(code).toBe(2);
+    expect(stdout).toBe("");
+    expect(stderr).toBe(`invalid environment: ${name} ("${value}"): must be an http:// or https:// URL\n`);
+  }
+});
+
+test("failed trace exports are logged, once a minute, and an endpoint ending in /v1/traces is warned of", async () => {
+  const script = `
+    import { commonEnv, parseEnv } from "./lib/config.ts";
+    import { createRuntime } from "./lib/runtime.ts";
+    const runtime = createRuntime("config-test", parseEnv(commonEnv));
+    for (let i = 0; i < 3; i++) {
+      runtime.telemetry.tracer.startSpan("s").end();
+      await Bun.sleep(700);
+    }
+    await runtime.telemetry.shutdown().catch(() => {});
+  `;
+  const closed = await freePort();
+  const run = async (endpoint: string) => {
+    const env = { ADMIN_TOKEN: "own-admin-token-0123456789", OTEL_EXPORTER_OTLP_ENDPOINT: endpoint };
+    const { stdout } = await runCommand([process.execPath, "-e", script], { env });
+    return stdout.trim().split("\n").map((l) => JSON.parse(l));
+  };
+  const lines = await run(`http://127.0.0.1:${closed}`);
+  expect(lines).toEqual([expect.objectContaining({ level: "error", msg: expect.stringContaining("ECONNREFUSED") })]);
+  const [warning] = await run(`http://127.0.0.1:${closed}/v1/traces`);
+  expect(warning).toMatchObject({ level: "warn", msg: expect.stringMatching(/^OTEL_EXPORTER_OTLP_ENDPOINT ends in \/v1\/traces/) });
+}, 60_000);

@@ -5,7 +5,50 @@ export class ConfigError extends Error {
   override name = "ConfigError";
 }
 
-const port = (fallback: number) => z.coerce.number().int().min(0).max(65535).default(fallback);
+/** A whole number written in decimal digits alone: Number() would also take " ", "0x1F", "1e3" and "8080.0". */
+const int = (min: number, max: number) =>
+  z
+    .string()
+    .trim()
+    .regex(/^\d+$/, "must be a whole number in decimal digits")
+    .transform(Number)
+    .pipe(z.number().min(min).max(max));
+
+/** A decimal number such as 0.25. */
+const decimal = (min: number, max: number) =>
+  z
+    .string()
+    .trim()
+    .regex(/^\d+(\.\d+)?$/, "must be a decimal number such as 0.25")
+    .transform(Number)
+    .pipe(z.number().min(min).max(max));
+
+/** A whole number of any size (nano-USD amounts), in decimal digits alone. */
+const bigint = (min: bigint) =>
+  z
+    .string()
+    .trim()
+    .regex(/^\d+$/, "must be a whole number in decimal digits")
+    .transform(BigInt)
+    .pipe(z.bigint().min(min));
+
+const port = (fallback: number) => int(1, 65535).default(fallback);
+
+/** A service's base URL: anything else (host:port without a scheme, say) would fail on every call, not at start. */
+const httpUrl = z.url({ protocol: /^https?$/, error: "must be an http:// or https:// URL" });
+
+// Unset, these fall back to something else entirely (an embedded database, the published token), so set but blank
+// (a Kubernetes Secret key that rendered nothing) stops the process rather than meaning unset.
+const refusesBlank = new WeakSet<z.ZodType>();
+
+/** `schema`, for a variable that set but blank stops the process rather than reading as unset. */
+function setOrUnset<T extends z.ZodType>(schema: T): T {
+  refusesBlank.add(schema);
+  return schema;
+}
+
+/** A string with something in it besides whitespace. */
+const filled = z.string().refine((s) => s.trim() !== "", "must not be empty: unset it for the default");
 
 /** `*`, or a comma-separated list of origins such as `https://app.example.com,http://localhost:5173`. */
 const origins = z
@@ -35,17 +78,24 @@ export const commonEnv = {
   LOG_LEVEL: z.enum(["debug", "info", "warn", "error"]).default("info"),
   MESH_DATA_DIR: z.string().min(1).default(".data"),
   /** Bearer token for admin RPCs and service-to-service calls. */
-  ADMIN_TOKEN: z.string().min(16, "must be at least 16 characters").default(defaultAdminToken),
-  OTEL_EXPORTER_OTLP_ENDPOINT: z.url().optional(),
+  ADMIN_TOKEN: setOrUnset(
+    z
+      .string()
+      .min(16, "must be at least 16 characters")
+      // Callers' tokens are trimmed, so a configured one with a newline (a Secret made with echo) would match none.
+      .refine((s) => s.trim() === s, "must not begin or end with whitespace (a newline from echo, say)")
+      .default(defaultAdminToken),
+  ),
+  OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
   /** Fraction of new traces to sample, 0..1 (parent-based: a sampled caller is always followed). */
-  OTEL_TRACES_SAMPLER_ARG: z.coerce.number().min(0).max(1).default(1),
+  OTEL_TRACES_SAMPLER_ARG: decimal(0, 1).default(1),
   /** How long SIGTERM waits for in-flight requests and streams before closing them. */
-  SHUTDOWN_GRACE_MS: z.coerce.number().int().min(0).max(600_000).default(10_000),
+  SHUTDOWN_GRACE_MS: int(0, 600_000).default(10_000),
   /**
    * How long after SIGTERM /readyz answers 503 `draining` while every port still serves, so load balancers stop sending
    * new connections before the ports close; then SHUTDOWN_GRACE_MS begins.
    */
-  SHUTDOWN_DRAIN_MS: z.coerce.number().int().min(0).max(120_000).default(0),
+  SHUTDOWN_DRAIN_MS: int(0, 120_000).default(0),
   /**
    * Browser origins that may call the service's APIs. Any by default, as OpenAI's API allows: every API takes a bearer
    * token, never a cookie, so a page can only use a token it already holds.
@@ -53,17 +103,17 @@ export const commonEnv = {
   CORS_ALLOWED_ORIGINS: origins.default(["*"]),
 };
 
-export const env = { port };
+export const env = { port, int, decimal, bigint, httpUrl, filled, setOrUnset };
 
 /** Parses `source` with the schema built from `shape`, or throws a ConfigError naming each bad variable. */
 export function parseEnv<S extends z.ZodRawShape>(
   shape: S,
   source: Record<string, string | undefined> = process.env,
 ): z.infer<z.ZodObject<S>> {
-  // Empty strings mean "unset", as in most shells' `VAR= cmd`; but not ADMIN_TOKEN, which is empty when its source
-  // rendered nothing (a missing Kubernetes Secret key, say): that stops the process, never falls back to the public
-  // default.
-  const cleaned = Object.fromEntries(Object.entries(source).filter(([k, v]) => v !== "" || k === "ADMIN_TOKEN"));
+  // Blank values mean "unset", as in most shells' `VAR= cmd`, except those of setOrUnset variables.
+  const cleaned = Object.fromEntries(
+    Object.entries(source).filter(([k, v]) => v?.trim() !== "" || refusesBlank.has(shape[k] as z.ZodType)),
+  );
   const result = z.object(shape).safeParse(cleaned);
   if (result.success) return result.data;
   const problems = result.error.issues.map((issue) => {
@@ -71,7 +121,14 @@ export function parseEnv<S extends z.ZodRawShape>(
     const [head, ...inside] = issue.path;
     const name = String(head);
     const value = cleaned[name];
-    const shown = value === undefined ? "unset" : value === "" ? "set but empty" : `"${looksSecret(name) ? "***" : value}"`;
+    const shown =
+      value === undefined
+        ? "unset"
+        : value === ""
+          ? "set but empty"
+          : value.trim() === ""
+            ? "set but blank"
+            : `"${looksSecret(name) ? "***" : value}"`;
     const entry = typeof inside[0] === "number" ? `, entry ${inside[0] + 1}` : "";
     return `${name} (${shown}${entry}): ${issue.message}`;
   });

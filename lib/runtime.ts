@@ -24,13 +24,17 @@ export interface Runtime {
 }
 
 export function createRuntime(service: string, config: RuntimeConfig): Runtime {
+  const log = createLogger({ service, level: config.LOG_LEVEL });
   const telemetry = setupTelemetry({
     service,
     version: pkg.version,
     otlpEndpoint: config.OTEL_EXPORTER_OTLP_ENDPOINT,
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,
+    log,
   });
-  const log = createLogger({ service, level: config.LOG_LEVEL });
+  if (config.OTEL_EXPORTER_OTLP_ENDPOINT && /\/v1\/traces\/?$/.test(new URL(config.OTEL_EXPORTER_OTLP_ENDPOINT).pathname)) {
+    log.warn("OTEL_EXPORTER_OTLP_ENDPOINT ends in /v1/traces, which is appended to it: traces go to .../v1/traces/v1/traces");
+  }
   if (config.ADMIN_TOKEN === defaultAdminToken) {
     log.warn(
       "ADMIN_TOKEN is unset or the development default, which is published: billing and analytics accept it only " +
@@ -46,6 +50,26 @@ export function createRuntime(service: string, config: RuntimeConfig): Runtime {
     serverInterceptors: [telemetry.serverInterceptor, metrics.serverInterceptor],
     clientInterceptors: [metrics.clientInterceptor, telemetry.clientInterceptor],
   };
+}
+
+/**
+ * Runs `listen`, which opens the port `variable` chose; if that fails (another process holds the port, say), logs one
+ * error line naming both, runs `cleanup` (stops what was started so far) and exits 1.
+ */
+export async function listenOrExit<T>(
+  log: Logger,
+  variable: string,
+  port: number,
+  listen: () => T | Promise<T>,
+  cleanup?: () => Promise<unknown>,
+): Promise<T> {
+  try {
+    return await listen();
+  } catch (e) {
+    log.error(`cannot listen on ${variable}`, { variable, port, err: e });
+    await cleanup?.().catch((err: unknown) => log.warn("stopping after a failed start failed", { err }));
+    process.exit(1);
+  }
 }
 
 /**

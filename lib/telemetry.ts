@@ -1,6 +1,8 @@
 import {
   type Attributes,
   context,
+  diag,
+  DiagLogLevel,
   propagation,
   type Span,
   SpanKind,
@@ -26,7 +28,7 @@ import {
 } from "@opentelemetry/sdk-trace";
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
-import { redactSecrets } from "./log.ts";
+import { type Logger, redactSecrets } from "./log.ts";
 import { inContext, onStreamEnd } from "./streams.ts";
 
 export interface TelemetryOptions {
@@ -38,6 +40,8 @@ export interface TelemetryOptions {
   sampleRatio?: number;
   /** Extra exporter, exported synchronously (tests pass an InMemorySpanExporter). */
   exporter?: SpanExporter;
+  /** Where OpenTelemetry's own warnings and errors go (failed exports among them); nowhere when unset. */
+  log?: Logger;
 }
 
 export interface Telemetry {
@@ -53,6 +57,7 @@ let installed = false;
 
 /** Installs the global tracer provider, context manager and W3C propagator. Call first in main.ts. */
 export function setupTelemetry(options: TelemetryOptions): Telemetry {
+  if (options.log) logDiagnostics(options.log);
   const processors: SpanProcessor[] = [];
   if (options.otlpEndpoint) {
     const url = `${options.otlpEndpoint.replace(/\/$/, "")}/v1/traces`;
@@ -82,6 +87,29 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
     clientInterceptor: rpcClientTracing(tracer),
     shutdown: () => provider.shutdown(),
   };
+}
+
+/** A message OpenTelemetry repeats (an export to a collector that is down, every 500 ms) is logged once this often. */
+export const diagnosticEveryMs = 60_000;
+
+/** Sends OpenTelemetry's warnings and errors, an export's failure among them, to `log`. */
+function logDiagnostics(log: Logger): void {
+  const lastLogged = new Map<string, number>();
+  const emit =
+    (level: "warn" | "error") =>
+    (message: string, ...args: unknown[]) => {
+      const now = Date.now();
+      if (now - (lastLogged.get(message) ?? -Infinity) < diagnosticEveryMs) return;
+      // Messages that vary without end (ones naming a span) cannot grow the map past a bound.
+      if (lastLogged.size >= 1000) lastLogged.clear();
+      lastLogged.set(message, now);
+      log[level](`opentelemetry: ${message}`, args.length > 0 ? { details: args.map((a) => String(a)) } : undefined);
+    };
+  const ignore = () => {};
+  diag.setLogger(
+    { error: emit("error"), warn: emit("warn"), info: ignore, debug: ignore, verbose: ignore },
+    { logLevel: DiagLogLevel.WARN, suppressOverrideMessage: true },
+  );
 }
 
 const headerGetter: TextMapGetter<Headers> = {

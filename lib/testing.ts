@@ -4,22 +4,25 @@ import { expect } from "bun:test";
 
 /**
  * Runs a service that cannot start (`env` breaks it) to its exit and checks it failed in the logs' own form: exit 1,
- * every line one JSON object, one of them an error, and `secret` (a password it was given) in none.
+ * every line one JSON object, one of them an error, and `secret` (a password it was given) in none. Resolves with the
+ * error lines.
  */
 export async function expectJsonStartFailure(
   cmd: string[],
   env: Record<string, string | undefined>,
   secret: string,
   cwd?: string,
-): Promise<void> {
+): Promise<Record<string, unknown>[]> {
   const proc = Bun.spawn(cmd, { cwd, env: { ...process.env, ...env }, stdout: "pipe", stderr: "pipe" });
   const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
   expect(code).toBe(1);
   const lines = `${out}${err}`.split("\n").filter((line) => line !== "");
   expect(lines.length).toBeGreaterThan(0);
   for (const line of lines) expect(() => JSON.parse(line), line).not.toThrow();
-  expect(lines.map((line) => JSON.parse(line).level)).toContain("error");
+  const errors = lines.map((line) => JSON.parse(line)).filter((record) => record.level === "error");
+  expect(errors.length).toBeGreaterThan(0);
   expect(`${out}${err}`).not.toContain(secret);
+  return errors;
 }
 
 /**

@@ -1,0 +1,43 @@
+import { afterAll, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { freePort, runCommand } from "../lib/processes.ts";
+import { expectJsonStartFailure } from "../lib/testing.ts";
+
+const dataDir = mkdtempSync(join(tmpdir(), "gateway-main-"));
+afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
+const main = join(import.meta.dir, "main.ts");
+const adminToken = "main-test-admin-token-0123456789";
+
+test.each(["GATEWAY_PORT", "GATEWAY_REST_PORT"])("with %s taken it exits 1, one JSON error line naming it", async (variable) => {
+  const taken = Bun.listen({ hostname: "0.0.0.0", port: 0, socket: { data() {} } });
+  const free = String(await freePort());
+  try {
+    const errors = await expectJsonStartFailure(
+      [process.execPath, main],
+      {
+        MESH_DATA_DIR: dataDir,
+        ADMIN_TOKEN: adminToken,
+        GATEWAY_INSTANCE_ID: `taken-${variable}`,
+        GATEWAY_PORT: variable === "GATEWAY_PORT" ? String(taken.port) : free,
+        GATEWAY_REST_PORT: variable === "GATEWAY_REST_PORT" ? String(taken.port) : free,
+        LOG_LEVEL: "warn",
+      },
+      adminToken,
+    );
+    expect(errors).toEqual([expect.objectContaining({ msg: `cannot listen on ${variable}`, variable, port: taken.port })]);
+  } finally {
+    taken.stop(true);
+  }
+}, 60_000);
+
+test("GATEWAY_REST_PORT equal to GATEWAY_PORT is refused with the environment", async () => {
+  const port = String(await freePort());
+  const { stdout, stderr, code } = await runCommand([process.execPath, main], {
+    env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: port, GATEWAY_REST_PORT: port },
+  });
+  expect(code).toBe(2);
+  expect(stdout).toBe("");
+  expect(stderr).toBe(`invalid environment: GATEWAY_REST_PORT (${port}): must differ from GATEWAY_PORT\n`);
+});
