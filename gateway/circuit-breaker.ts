@@ -52,6 +52,11 @@ export interface CircuitBreakers {
   allow(target: string, holder?: object): boolean;
   /** Any success closes the breaker and ends a hold: the target serves. */
   succeed(target: string): void;
+  /**
+   * A stream's attempt was answered: the target serves, so a hold for its 429s ends (and the probe after one) at once,
+   * while whether it failed (a 5xx breaker's half-open probe) is still told when the stream ends.
+   */
+  served(target: string, holder?: object): void;
   fail(target: string, holder?: object): void;
   /** An upstream's 429 (not a failure); `askedMs` is its Retry-After, when it sent one. */
   throttle(target: string, askedMs: number | undefined, holder?: object): void;
@@ -74,8 +79,10 @@ interface Breaker {
   halfOpen: boolean;
   /** The single attempt let through in half-open state or after a hold, by its holder; undefined when none is out. */
   probe: { holder: object | undefined } | undefined;
-  /** 429s in a row since the target last served. */
+  /** 429s in a row since the target last served, one per request however often it retried. */
   throttles: number;
+  /** The request of the last 429 counted. */
+  lastThrottler: object | undefined;
   /** Length of the last hold for 429s, in ms; 0 when the target has served since (no probe needed). */
   holdMs: number;
   /** Epoch ms until which the target is held back for its rate limit (or a long Retry-After), separate from trips. */
@@ -95,7 +102,17 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
   const get = (target: string): Breaker => {
     let b = breakers.get(target);
     if (!b) {
-      b = { failures: 0, openUntil: 0, cooldownMs: baseCooldownMs, halfOpen: false, probe: undefined, throttles: 0, holdMs: 0, heldUntil: 0 };
+      b = {
+        failures: 0,
+        openUntil: 0,
+        cooldownMs: baseCooldownMs,
+        halfOpen: false,
+        probe: undefined,
+        throttles: 0,
+        lastThrottler: undefined,
+        holdMs: 0,
+        heldUntil: 0,
+      };
       breakers.set(target, b);
     }
     return b;
@@ -107,6 +124,13 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     b.halfOpen = false;
     b.probe = undefined;
     onChange(target, "open");
+  };
+
+  // The target serves: the next 429s start counting afresh.
+  const endHold = (b: Breaker) => {
+    b.throttles = 0;
+    b.lastThrottler = undefined;
+    b.holdMs = 0;
   };
 
   // Ends the probe when `holder` holds it; says whether it did.
@@ -147,10 +171,16 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
       b.halfOpen = false;
       b.probe = undefined;
       b.cooldownMs = baseCooldownMs;
-      b.throttles = 0;
-      b.holdMs = 0;
+      endHold(b);
       b.heldUntil = 0;
       if (wasTripped) onChange(target, "closed");
+    },
+    served(target, holder) {
+      const b = breakers.get(target);
+      if (!b) return;
+      // A half-open breaker's probe stays out until its stream ends and says whether the target failed.
+      if (b.holdMs > 0 && !b.halfOpen) endProbe(b, holder);
+      endHold(b);
     },
     fail(target, holder) {
       const b = get(target);
@@ -165,8 +195,12 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     },
     throttle(target, askedMs, holder) {
       const b = get(target);
+      const probe = endProbe(b, holder);
       // Held already: a 429 to a request sent before the hold began says nothing new; its probe's doubles the hold.
-      if (!endProbe(b, holder) && b.holdMs > 0) return;
+      if (!probe && b.holdMs > 0) return;
+      // One request's retries are one piece of evidence: its prompt may be what is over the limit, not the target.
+      if (!probe && holder !== undefined && holder === b.lastThrottler) return;
+      b.lastThrottler = holder;
       if (++b.throttles < throttleThreshold) return;
       b.holdMs = b.holdMs === 0 ? firstHoldMs : Math.min(baseCooldownMs, b.holdMs * 2);
       b.heldUntil = Math.max(b.heldUntil, now() + Math.max(b.holdMs, askedMs ?? 0));

@@ -452,6 +452,47 @@ describe("what an attempt's end says about its target", () => {
     expect(await failure(run())).toMatchObject({ status: 429, code: "upstream_rate_limited", retryAfterS: 1 });
   });
 
+  test("one request's 429s, however often it retries, hold no other request back", async () => {
+    let answers = ["429", "429", "ok"];
+    const { run, attempts } = setup([t("a")], { retries: 1 }, async () => {
+      const answer = answers.shift();
+      if (answer !== "ok") throw new UpstreamError("transient", "a answered 429", 429, 500);
+      return "a served";
+    });
+    // Its first 429 and its retry's: one request's evidence, its prompt perhaps the one over the limit.
+    expect((await failure(run())).status).toBe(429);
+    expect(await run()).toBe("a served");
+    expect(attempts).toHaveLength(3);
+    // Two requests' 429s in a row do hold the target (the second waits the hold out and probes it, in vain), and a
+    // third request is held back without an attempt.
+    answers = ["429", "429", "429", "429"];
+    await failure(run());
+    await failure(run());
+    expect(attempts).toHaveLength(7);
+    expect(await failure(run())).toMatchObject({ status: 429, code: "upstream_rate_limited", retryAfterS: 2 });
+    expect(attempts).toHaveLength(7);
+  });
+
+  test("a streamed probe after a hold frees the target once it is answered, not when its stream ends", async () => {
+    let answer = "429";
+    const { run, newCall, router, clock, attempts, breakers } = setup([t("a")], {}, async () => {
+      if (answer === "429") throw new UpstreamError("transient", "a answered 429", 429);
+      return "a streams";
+    });
+    await failure(run());
+    await failure(run());
+    clock.t += breakers.waitMs("a/a-model");
+    answer = "ok";
+    const stream = newCall();
+    expect(await run(stream, true)).toBe("a streams");
+    // The stream runs on; other requests go to the target meanwhile.
+    expect(await run()).toBe("a streams");
+    expect(await run(newCall(), true)).toBe("a streams");
+    expect(attempts).toHaveLength(5);
+    router.streamEnded(stream, undefined);
+    expect(breakers.state("a/a-model")).toBe("closed");
+  });
+
   test("only a probe's own end frees it: attempts sent before the breaker opened do not let a second probe in", async () => {
     const pending: Array<{ resolve: (v: string) => void; reject: (e: UpstreamError) => void }> = [];
     const s = setup([t("a")], {}, () => new Promise<string>((resolve, reject) => pending.push({ resolve, reject })));

@@ -154,8 +154,10 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
               () => attempt(provider, target.model, { signal, timeoutMs }),
             );
             call.upstreamMs += tick() - sent;
-            if (stream) streaming.set(call, key);
-            else breakers.succeed(key);
+            if (stream) {
+              streaming.set(call, key);
+              breakers.served(key, call);
+            } else breakers.succeed(key);
             return result;
           } catch (e) {
             call.upstreamMs += tick() - sent;
