@@ -29,7 +29,7 @@ const cfg = loadEnvOrExit({
   ...commonEnv,
   GATEWAY_PORT: env.port(8080),
   /** Also serve the REST API on this port with Bun's native HTTP server (its fast path); unset: only on GATEWAY_PORT. */
-  GATEWAY_REST_PORT: env.int(1, 65535).optional(),
+  GATEWAY_REST_PORT: env.int(0, 65535).optional(),
   BILLING_URL: env.httpUrl.default("http://127.0.0.1:8081"),
   ANALYTICS_URL: env.httpUrl.default("http://127.0.0.1:8082"),
   /** Routes and prices, YAML or JSON. */
@@ -79,7 +79,8 @@ const cfg = loadEnvOrExit({
   GATEWAY_FLUSH_TIMEOUT_MS: env.int(0, 600_000).default(5000),
 });
 
-if (cfg.GATEWAY_REST_PORT === cfg.GATEWAY_PORT) {
+// Two ports of 0 are two free ports, whichever the system picks.
+if (cfg.GATEWAY_REST_PORT !== undefined && cfg.GATEWAY_REST_PORT !== 0 && cfg.GATEWAY_REST_PORT === cfg.GATEWAY_PORT) {
   process.stderr.write(`invalid environment: GATEWAY_REST_PORT (${cfg.GATEWAY_REST_PORT}): must differ from GATEWAY_PORT\n`);
   process.exit(2);
 }

@@ -37,7 +37,8 @@ describe("parseEnv", () => {
 
   test("rejects ports out of range", () => {
     expect(() => parseEnv(shape, { GATEWAY_PORT: "70000" })).toThrow("GATEWAY_PORT");
-    expect(() => parseEnv(shape, { GATEWAY_PORT: "0" })).toThrow("GATEWAY_PORT");
+    // 0 asks the system for any free port, as it always did.
+    expect(parseEnv(shape, { GATEWAY_PORT: "0" })).toMatchObject({ GATEWAY_PORT: 0 });
   });
 
   test("treats blank numbers as unset and takes whole numbers only in decimal digits", () => {
@@ -54,6 +55,10 @@ describe("parseEnv", () => {
       expect(() => parseEnv(shape, { GATEWAY_PORT: value })).toThrow(`GATEWAY_PORT ("${value}"): must be a whole number`);
     }
     expect(() => parseEnv(shape, { OTEL_TRACES_SAMPLER_ARG: "0x1" })).toThrow('OTEL_TRACES_SAMPLER_ARG ("0x1")');
+    // Decimals as they were read before: .5, 1. and an exponent.
+    for (const [value, parsed] of [[".5", 0.5], ["1.", 1], ["2.5e-1", 0.25]] as const) {
+      expect(parseEnv(shape, { OTEL_TRACES_SAMPLER_ARG: value })).toMatchObject({ OTEL_TRACES_SAMPLER_ARG: parsed });
+    }
     expect(() => parseEnv(shape, { SHUTDOWN_GRACE_MS: "1e3" })).toThrow('SHUTDOWN_GRACE_MS ("1e3")');
   });
 

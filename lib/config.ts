@@ -14,12 +14,12 @@ const int = (min: number, max: number) =>
     .transform(Number)
     .pipe(z.number().min(min).max(max));
 
-/** A decimal number such as 0.25. */
+/** A decimal number such as 0.25 (or .25, 1., 2.5e-1, as Number reads them), never blank or hexadecimal. */
 const decimal = (min: number, max: number) =>
   z
     .string()
     .trim()
-    .regex(/^\d+(\.\d+)?$/, "must be a decimal number such as 0.25")
+    .regex(/^(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$/, "must be a decimal number such as 0.25")
     .transform(Number)
     .pipe(z.number().min(min).max(max));
 
@@ -32,7 +32,8 @@ const bigint = (min: bigint) =>
     .transform(BigInt)
     .pipe(z.bigint().min(min));
 
-const port = (fallback: number) => int(1, 65535).default(fallback);
+/** A port to listen on; 0 asks the system for any free one (its number is logged), as it always did. */
+const port = (fallback: number) => int(0, 65535).default(fallback);
 
 /** A service's base URL: anything else (host:port without a scheme, say) would fail on every call, not at start. */
 const httpUrl = z.url({ protocol: /^https?$/, error: "must be an http:// or https:// URL" });
