@@ -98,6 +98,15 @@ describe("circuit breakers", () => {
     clock.t += 3_000;
     expect(breakers.allow("a")).toBe(true);
   });
+
+  test("a hold an upstream asks for lasts no longer than the longest cooldown", () => {
+    const { breakers } = setup();
+    breakers.holdFor("a", 86_400_000);
+    expect(breakers.waitMs("a")).toBe(25_000);
+    breakers.throttle("b", 86_400_000, {});
+    breakers.throttle("b", 86_400_000, {});
+    expect(breakers.waitMs("b")).toBe(25_000);
+  });
   test("429s in a row hold a target, longer after each probe's, capped; 429s sent before a hold and others' ends change nothing", () => {
     const { breakers, clock, changes } = setup();
     const [early, probe, other] = [{}, {}, {}];

@@ -203,7 +203,7 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
       b.lastThrottler = holder;
       if (++b.throttles < throttleThreshold) return;
       b.holdMs = b.holdMs === 0 ? firstHoldMs : Math.min(baseCooldownMs, b.holdMs * 2);
-      b.heldUntil = Math.max(b.heldUntil, now() + Math.max(b.holdMs, askedMs ?? 0));
+      b.heldUntil = Math.max(b.heldUntil, now() + Math.max(b.holdMs, Math.min(askedMs ?? 0, maxCooldownMs)));
     },
     abandon(target, holder) {
       const b = breakers.get(target);
@@ -211,7 +211,8 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     },
     holdFor(target, ms) {
       const b = get(target);
-      b.heldUntil = Math.max(b.heldUntil, now() + ms);
+      // An upstream may ask for a day; no longer than a failing target's longest cooldown, after which it is tried.
+      b.heldUntil = Math.max(b.heldUntil, now() + Math.min(ms, maxCooldownMs));
     },
     state(target) {
       return stateOf(breakers.get(target), now());
