@@ -137,6 +137,10 @@ export function createOpenAIProvider(
     }
   };
 
+  /** One attempt whose answer is a whole JSON body. */
+  const postJson = <T>(path: string, body: { model: string }, options: CallOptions) =>
+    post(path, body, options, json, (r) => r.json() as Promise<T>);
+
   /** Upstream models that refused stream_options: their streams go without. */
   const refusesStreamOptions = new Set<string>();
 
@@ -159,13 +163,7 @@ export function createOpenAIProvider(
     name: config.name,
     kind: config.kind,
     async chat(request: ChatRequest, options: CallOptions): Promise<ChatResult> {
-      const completion = await post(
-        "/chat/completions",
-        request,
-        options,
-        json,
-        (r) => r.json() as Promise<ChatCompletion>,
-      );
+      const completion = await postJson<ChatCompletion>("/chat/completions", request, options);
       if (!completion || typeof completion !== "object" || !Array.isArray(completion.choices)) {
         throw new UpstreamError("transient", `${config.name}: the response is not a chat completion`);
       }
@@ -220,13 +218,7 @@ export function createOpenAIProvider(
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
       // encoding_format is always set, so vectors come back as the client asked for them.
-      const response = await post(
-        "/embeddings",
-        request,
-        options,
-        json,
-        (r) => r.json() as Promise<CreateEmbeddingResponse>,
-      );
+      const response = await postJson<CreateEmbeddingResponse>("/embeddings", request, options);
       if (!response || !Array.isArray(response.data)) {
         throw new UpstreamError("transient", `${config.name}: the embeddings response has no data`);
       }
