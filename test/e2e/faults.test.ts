@@ -320,7 +320,14 @@ describe("faults with ClickHouse as a server", () => {
     await clickhouse.exited;
     const whileDown = load.answered();
     await load.until(whileDown + 500);
-    const ready = await fetch(`${mesh.urls.analytics}/readyz`);
+    // Readiness is polled once a second for every probe: it turns within about that, however fast the load runs.
+    const ready = await eventually(
+      async () => {
+        const res = await fetch(`${mesh.urls.analytics}/readyz`);
+        return res.status === 503 && res;
+      },
+      { timeoutMs: 10_000, what: "analytics unready while ClickHouse is down" },
+    );
     expect(ready.status).toBe(503);
     await startClickHouse();
     const result = await load.done;
