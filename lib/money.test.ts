@@ -6,6 +6,7 @@ import {
   dearestPrice,
   divRoundHalfUp,
   formatCents,
+  formatNanosAmount,
   formatNanosUsd,
   MAX_COST_NANOS_PER_REQUEST,
   MAX_PRICE_MICROS_PER_MTOK,
@@ -185,5 +186,9 @@ describe("rounding and formatting", () => {
     expect(formatCents(-5n)).toBe("-$0.05");
     expect(formatNanosUsd(1500n)).toBe("0.0000015");
     expect(formatNanosUsd(2_000_000_000n)).toBe("2");
+    expect(formatNanosAmount(2_000_000_000n)).toBe("$2.00");
+    expect(formatNanosAmount(1_234_567_891_000_000n)).toBe("$1,234,567.891");
+    expect(formatNanosAmount(-1500n)).toBe("-$0.0000015");
+    expect(formatNanosAmount(0n)).toBe("$0.00");
   });
 });

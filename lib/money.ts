@@ -152,8 +152,22 @@ export function nanosToCents(nanos: bigint): bigint {
 export function formatCents(cents: bigint): string {
   const sign = cents < 0n ? "-" : "";
   const abs = cents < 0n ? -cents : cents;
-  const dollars = (abs / 100n).toString().replace(/\B(?=(\d{3})+(?!\d))/g, ",");
-  return `${sign}$${dollars}.${(abs % 100n).toString().padStart(2, "0")}`;
+  return `${sign}$${groupThousands(abs / 100n)}.${(abs % 100n).toString().padStart(2, "0")}`;
+}
+
+/**
+ * Exact nano-USD as a printed amount, grouped and with at least the cents: "$1,234.50", "-$0.0000015". The figures of
+ * an invoice's lines, next to its totals in formatCents.
+ */
+export function formatNanosAmount(nanos: bigint): string {
+  const sign = nanos < 0n ? "-" : "";
+  const abs = nanos < 0n ? -nanos : nanos;
+  const frac = (abs % NANOS_PER_USD).toString().padStart(9, "0").replace(/0+$/, "").padEnd(2, "0");
+  return `${sign}$${groupThousands(abs / NANOS_PER_USD)}.${frac}`;
+}
+
+function groupThousands(whole: bigint): string {
+  return whole.toString().replace(/\B(?=(\d{3})+(?!\d))/g, ",");
 }
 
 /** Exact decimal USD from nano-USD, e.g. 1500n -> "0.0000015". */

@@ -74,6 +74,25 @@ test("a printable page with the period, lines, totals and the rounding rule", ()
   expect(empty).toContain('class="status status-draft">draft<');
 });
 
+test("line amounts are exact and printed as the totals are: grouped, with at least the cents", () => {
+  const line = (amountNanos: bigint, tokenType: Invoice["lines"][number]["tokenType"] = "usage") => ({
+    description: "mock: usage",
+    model: "mock",
+    tokenType,
+    quantity: 1n,
+    amountNanos,
+    discountRuleId: tokenType === "discount" ? "disc_1" : null,
+  });
+  const page = renderInvoiceHtml({
+    ...invoice,
+    lines: [line(1_234_567_000_000_000n), line(12_345_678_901n), line(1_500n), line(-1_000_000_000n, "discount")],
+    subtotalCents: 123_456_701_235n,
+  });
+  const amounts = [...page.matchAll(/<td class="num">([^<]*)<\/td><\/tr>/g)].map((m) => m[1]);
+  expect(amounts.slice(0, 4)).toEqual(["$1,234,567.00", "$12.345678901", "$0.0000015", "-$1.00"]);
+  expect(page).toContain("<td>Subtotal</td><td class=\"num\">$1,234,567,012.35</td>");
+});
+
 test("only an issued invoice asks for payment: drafts and void invoices say so, paid ones say paid", () => {
   const total = (status: Invoice["status"]) => renderInvoiceHtml({ ...invoice, status });
   expect(total("issued")).toContain("<td>Total due</td><td class=\"num\">$3.31</td>");

@@ -1,5 +1,5 @@
 import escapeHtml from "escape-html";
-import { formatCents, formatNanosUsd } from "../../lib/money.ts";
+import { formatCents, formatNanosAmount } from "../../lib/money.ts";
 import type { Invoice, InvoiceStatus } from "../store/types.ts";
 import { roundingRule } from "./build.ts";
 
@@ -25,7 +25,6 @@ function html(strings: TemplateStringsArray, ...values: HtmlValue[]): SafeHtml {
 }
 
 const day = (at: Date) => at.toISOString().slice(0, 10);
-const usd = (nanos: bigint) => (nanos < 0n ? `-$${formatNanosUsd(-nanos)}` : `$${formatNanosUsd(nanos)}`);
 const quantity = (n: bigint) => n.toLocaleString("en-US");
 
 // Label of the total and a notice under it: only an issued invoice asks for payment.
@@ -45,7 +44,7 @@ export function renderInvoiceHtml(invoice: Invoice): string {
   const rows = invoice.lines.map((line) => {
     const discount = line.tokenType === "discount";
     return html`    <tr class="${discount ? "discount" : "usage"}"><td>${line.description}</td>\
-<td class="num">${discount ? "" : quantity(line.quantity)}</td><td class="num">${usd(line.amountNanos)}</td></tr>\n`;
+<td class="num">${discount ? "" : quantity(line.quantity)}</td><td class="num">${formatNanosAmount(line.amountNanos)}</td></tr>\n`;
   });
   // A draft has no number until it is issued.
   const title = invoice.number ? `Invoice ${invoice.number}` : "Draft invoice";
