@@ -936,6 +936,34 @@ describe("a client's deadline, and a client that leaves", () => {
     }
   });
 
+  test("a deadline passing while billing checks the key answers the RPC once, metered once, its handler not run", async () => {
+    const slow = await startTestGateway(routes, { gated: true });
+    slow.billing.setDelay(400);
+    try {
+      // Each key is checked once, so each call waits for billing: sk-good unary, sk-limited streaming.
+      const calls = [
+        { key: "sk-good", path: unary, type: "application/json", body: JSON.stringify(params("lazy")) },
+        { key: "sk-limited", path: streaming, type: "application/connect+json", body: envelope(params("drip")) },
+      ];
+      for (const { key, path, type, body } of calls) {
+        const before = slow.shipper.rows.length;
+        const res = await fetch(`${slow.url}${path}`, {
+          method: "POST",
+          headers: { authorization: `Bearer ${key}`, "content-type": type, "connect-timeout-ms": "100" },
+          body,
+        });
+        expect(await res.text()).toContain("deadline_exceeded");
+        const row = await slow.row(res.headers.get("x-request-id") ?? "");
+        expect(row).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+        // A handler run after its answer would meter the call a second time, under a request id of its own.
+        await Bun.sleep(600);
+        expect(slow.shipper.rows.length).toBe(before + 1);
+      }
+    } finally {
+      await slow.close();
+    }
+  });
+
   test("a grpc-js client that cancels a stream midway is metered cancelled with the tokens streamed so far", async () => {
     const client = grpcJsClient();
     try {
