@@ -379,6 +379,22 @@ describe("the same server over plain HTTP", () => {
     expect(await gateway.core.settled(1000)).toBe(true);
   });
 
+  test("a client that leaves while its message arrives is metered cancelled (499), as over REST, not invalid", async () => {
+    const before = gateway.shipper.rows.length;
+    const socket = net.connect(Number(new URL(server.url).port), "127.0.0.1");
+    await new Promise((resolve) => socket.once("connect", resolve));
+    socket.write(
+      "POST /gateway.v1.GatewayService/CreateChatCompletion HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\n" +
+        'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"params":',
+    );
+    await Bun.sleep(200);
+    socket.destroy();
+    for (let i = 0; i < 100 && gateway.shipper.rows.length === before; i++) await Bun.sleep(20);
+    expect(gateway.shipper.rows.slice(before)).toMatchObject([
+      { status: RequestStatus.CANCELLED, httpStatus: 499, errorCode: "client_closed_request", orgId: "org_1" },
+    ]);
+  });
+
   test("a gRPC-Web message near the limit is served in text mode as in binary: its size is the decoded one", async () => {
     // 90% of the limit; its base64 is 120%.
     const request = create(CreateEmbeddingRequestSchema, { model: "mock", input: ["x".repeat(3680)] });

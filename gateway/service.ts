@@ -88,7 +88,8 @@ function unreadMessage(reason: unknown, maxBodyBytes: number): GatewayError {
   if (error.cause instanceof GatewayError) return error.cause;
   if (error.code === Code.ResourceExhausted) return bodyTooLarge(maxBodyBytes);
   if (error.code === Code.DeadlineExceeded) return deadlineExceeded();
-  if (error.code === Code.Canceled) return cancelled();
+  // Connect's node adapter reads a client hanging up (its connection closed, its HTTP/2 stream reset) as Aborted.
+  if (error.code === Code.Canceled || error.code === Code.Aborted) return cancelled();
   return invalidRequest(`The request message could not be read: ${error.rawMessage}`);
 }
 
