@@ -980,6 +980,27 @@ describe("a client's deadline, and a client that leaves", () => {
     }
   });
 
+  test("a deadline passing while the message arrives is answered and metered once, its handler not run", async () => {
+    const before = served.shipper.rows.length;
+    const body = JSON.stringify(params("lazy"));
+    const socket = net.connect(Number(new URL(served.url).port), "127.0.0.1");
+    await new Promise((resolve) => socket.once("connect", resolve));
+    let answer = "";
+    socket.on("data", (data) => (answer += data));
+    socket.write(
+      `POST ${unary} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\nContent-Type: application/json\r\n` +
+        `Connect-Timeout-Ms: 100\r\nContent-Length: ${body.length}\r\n\r\n${body.slice(0, 10)}`,
+    );
+    await Bun.sleep(300);
+    socket.write(body.slice(10));
+    for (let i = 0; i < 100 && !answer.includes("deadline_exceeded"); i++) await Bun.sleep(20);
+    socket.destroy();
+    expect(answer).toStartWith("HTTP/1.1 504");
+    // A handler run after the answer would fail into no one's hands and meter the call again under its own id.
+    await Bun.sleep(300);
+    expect(served.shipper.rows.slice(before)).toMatchObject([{ status: RequestStatus.TIMEOUT, httpStatus: 504 }]);
+  });
+
   test("a grpc-js client that cancels a stream midway is metered cancelled with the tokens streamed so far", async () => {
     const client = grpcJsClient();
     try {
