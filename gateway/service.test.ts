@@ -952,9 +952,9 @@ describe("a client's deadline, and a client that leaves", () => {
     }
   });
 
-  test("a deadline passing while billing checks the key answers the RPC once, metered once, its handler not run", async () => {
+  test("a deadline passing while billing checks the key is answered then, in the gateway's words, and metered once", async () => {
     const slow = await startTestGateway(routes, { gated: true });
-    slow.billing.setDelay(400);
+    slow.billing.setDelay(1000);
     try {
       // Each key is checked once, so each call waits for billing: sk-good unary, sk-limited streaming.
       const calls = [
@@ -963,16 +963,22 @@ describe("a client's deadline, and a client that leaves", () => {
       ];
       for (const { key, path, type, body } of calls) {
         const before = slow.shipper.rows.length;
+        const sent = performance.now();
         const res = await fetch(`${slow.url}${path}`, {
           method: "POST",
           headers: { authorization: `Bearer ${key}`, "content-type": type, "connect-timeout-ms": "100" },
           body,
         });
-        expect(await res.text()).toContain("deadline_exceeded");
+        const text = await res.text();
+        // Not once billing has answered, a second later.
+        expect(performance.now() - sent).toBeLessThan(700);
+        expect(text).toContain("The request did not finish within the client's deadline.");
+        expect(text).toContain("deadline_exceeded");
+        // Metered once the key is checked, after the answer.
         const row = await slow.row(res.headers.get("x-request-id") ?? "");
-        expect(row).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+        expect(row).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504, orgId: key === "sk-good" ? "org_1" : "org_2" });
         // A handler run after its answer would meter the call a second time, under a request id of its own.
-        await Bun.sleep(600);
+        await Bun.sleep(300);
         expect(slow.shipper.rows.length).toBe(before + 1);
       }
     } finally {

@@ -118,10 +118,16 @@ export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number
       throw failed(call, ctx, await refuse(call, bodyTooLarge(maxBodyBytes)));
     }
     // The key too is checked before the message is read: decoding one is what a caller without a key would cost.
-    const denied = await core.authorize(call).then(
-      () => undefined,
-      (e: unknown) => e,
-    );
+    const gone = new Promise<void>((resolve) => ctx.signal.addEventListener("abort", () => resolve(), { once: true }));
+    const denied = await Promise.race([
+      core.authorize(call).then(
+        () => undefined,
+        (e: unknown) => e,
+      ),
+      gone,
+    ]);
+    // A deadline that passes while billing is slow to answer is answered then, not once billing has; metered above.
+    if (ctx.signal.aborted) throw failed(call, ctx, unreadMessage(ctx.signal.reason, maxBodyBytes));
     // A key billing could not check is refused by the handler once the message is read, to count it under its model.
     const unchecked = denied instanceof GatewayError && denied.outcome === RequestStatus.UNAVAILABLE;
     if (unchecked && endpoint !== Endpoint.MODELS) ctx.values.set(uncheckedKey, denied);
