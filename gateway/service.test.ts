@@ -379,6 +379,22 @@ describe("the same server over plain HTTP", () => {
     expect(await gateway.core.settled(1000)).toBe(true);
   });
 
+  test("a client that leaves while its message arrives is metered cancelled (499), as over REST, not invalid", async () => {
+    const before = gateway.shipper.rows.length;
+    const socket = net.connect(Number(new URL(server.url).port), "127.0.0.1");
+    await new Promise((resolve) => socket.once("connect", resolve));
+    socket.write(
+      "POST /gateway.v1.GatewayService/CreateChatCompletion HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\n" +
+        'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"params":',
+    );
+    await Bun.sleep(200);
+    socket.destroy();
+    for (let i = 0; i < 100 && gateway.shipper.rows.length === before; i++) await Bun.sleep(20);
+    expect(gateway.shipper.rows.slice(before)).toMatchObject([
+      { status: RequestStatus.CANCELLED, httpStatus: 499, errorCode: "client_closed_request", orgId: "org_1" },
+    ]);
+  });
+
   test("a gRPC-Web message near the limit is served in text mode as in binary: its size is the decoded one", async () => {
     // 90% of the limit; its base64 is 120%.
     const request = create(CreateEmbeddingRequestSchema, { model: "mock", input: ["x".repeat(3680)] });
@@ -934,6 +950,61 @@ describe("a client's deadline, and a client that leaves", () => {
     } finally {
       client.close();
     }
+  });
+
+  test("a deadline passing while billing checks the key is answered then, in the gateway's words, and metered once", async () => {
+    const slow = await startTestGateway(routes, { gated: true });
+    slow.billing.setDelay(1000);
+    try {
+      // Each key is checked once, so each call waits for billing: sk-good unary, sk-limited streaming.
+      const calls = [
+        { key: "sk-good", path: unary, type: "application/json", body: JSON.stringify(params("lazy")) },
+        { key: "sk-limited", path: streaming, type: "application/connect+json", body: envelope(params("drip")) },
+      ];
+      for (const { key, path, type, body } of calls) {
+        const before = slow.shipper.rows.length;
+        const sent = performance.now();
+        const res = await fetch(`${slow.url}${path}`, {
+          method: "POST",
+          headers: { authorization: `Bearer ${key}`, "content-type": type, "connect-timeout-ms": "100" },
+          body,
+        });
+        const text = await res.text();
+        // Not once billing has answered, a second later.
+        expect(performance.now() - sent).toBeLessThan(700);
+        expect(text).toContain("The request did not finish within the client's deadline.");
+        expect(text).toContain("deadline_exceeded");
+        // Metered once the key is checked, after the answer.
+        const row = await slow.row(res.headers.get("x-request-id") ?? "");
+        expect(row).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504, orgId: key === "sk-good" ? "org_1" : "org_2" });
+        // A handler run after its answer would meter the call a second time, under a request id of its own.
+        await Bun.sleep(300);
+        expect(slow.shipper.rows.length).toBe(before + 1);
+      }
+    } finally {
+      await slow.close();
+    }
+  });
+
+  test("a deadline passing while the message arrives is answered and metered once, its handler not run", async () => {
+    const before = served.shipper.rows.length;
+    const body = JSON.stringify(params("lazy"));
+    const socket = net.connect(Number(new URL(served.url).port), "127.0.0.1");
+    await new Promise((resolve) => socket.once("connect", resolve));
+    let answer = "";
+    socket.on("data", (data) => (answer += data));
+    socket.write(
+      `POST ${unary} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\nContent-Type: application/json\r\n` +
+        `Connect-Timeout-Ms: 100\r\nContent-Length: ${body.length}\r\n\r\n${body.slice(0, 10)}`,
+    );
+    await Bun.sleep(300);
+    socket.write(body.slice(10));
+    for (let i = 0; i < 100 && !answer.includes("deadline_exceeded"); i++) await Bun.sleep(20);
+    socket.destroy();
+    expect(answer).toStartWith("HTTP/1.1 504");
+    // A handler run after the answer would fail into no one's hands and meter the call again under its own id.
+    await Bun.sleep(300);
+    expect(served.shipper.rows.slice(before)).toMatchObject([{ status: RequestStatus.TIMEOUT, httpStatus: 504 }]);
   });
 
   test("a grpc-js client that cancels a stream midway is metered cancelled with the tokens streamed so far", async () => {

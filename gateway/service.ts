@@ -88,7 +88,8 @@ function unreadMessage(reason: unknown, maxBodyBytes: number): GatewayError {
   if (error.cause instanceof GatewayError) return error.cause;
   if (error.code === Code.ResourceExhausted) return bodyTooLarge(maxBodyBytes);
   if (error.code === Code.DeadlineExceeded) return deadlineExceeded();
-  if (error.code === Code.Canceled) return cancelled();
+  // Connect's node adapter reads a client hanging up (its connection closed, its HTTP/2 stream reset) as Aborted.
+  if (error.code === Code.Canceled || error.code === Code.Aborted) return cancelled();
   return invalidRequest(`The request message could not be read: ${error.rawMessage}`);
 }
 
@@ -117,10 +118,16 @@ export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number
       throw failed(call, ctx, await refuse(call, bodyTooLarge(maxBodyBytes)));
     }
     // The key too is checked before the message is read: decoding one is what a caller without a key would cost.
-    const denied = await core.authorize(call).then(
-      () => undefined,
-      (e: unknown) => e,
-    );
+    const gone = new Promise<void>((resolve) => ctx.signal.addEventListener("abort", () => resolve(), { once: true }));
+    const denied = await Promise.race([
+      core.authorize(call).then(
+        () => undefined,
+        (e: unknown) => e,
+      ),
+      gone,
+    ]);
+    // A deadline that passes while billing is slow to answer is answered then, not once billing has; metered above.
+    if (ctx.signal.aborted) throw failed(call, ctx, unreadMessage(ctx.signal.reason, maxBodyBytes));
     // A key billing could not check is refused by the handler once the message is read, to count it under its model.
     const unchecked = denied instanceof GatewayError && denied.outcome === RequestStatus.UNAVAILABLE;
     if (unchecked && endpoint !== Endpoint.MODELS) ctx.values.set(uncheckedKey, denied);

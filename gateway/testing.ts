@@ -28,10 +28,12 @@ export function createBillingFake(keys: Record<string, FakeKey>) {
   const known = new Map(Object.entries(keys));
   let calls = 0;
   let down = false;
+  let delayMs = 0;
   const transport = createRouterTransport((router) =>
     router.service(BillingService, {
       async authorizeKey(req) {
         calls++;
+        if (delayMs > 0) await Bun.sleep(delayMs);
         if (down) throw new ConnectError("billing is down", Code.Unavailable);
         const key = known.get(req.secret);
         if (!key) throw new ConnectError("unknown or revoked API key", Code.Unauthenticated);
@@ -56,6 +58,10 @@ export function createBillingFake(keys: Record<string, FakeKey>) {
     revoke: (secret: string) => known.delete(secret),
     setDown: (value: boolean) => {
       down = value;
+    },
+    /** How long each AuthorizeKey takes to answer, as a slow billing does. */
+    setDelay: (ms: number) => {
+      delayMs = ms;
     },
   };
 }

@@ -67,7 +67,9 @@ export function gatedInterceptors(interceptors: Interceptor[]) {
   const interceptor: Interceptor = (next) => async (req) => {
     const begun = req.contextValues.get(begunCall);
     if (!begun) return run(next)(req);
-    begun.handOver(begun.within(() => next(req)));
+    // A call whose deadline passed or whose client left while its gate ran is already answered with why: its handler
+    // does not run (its failure would be thrown into no one's hands, and what it did would be done for no one).
+    if (!req.signal.aborted) begun.handOver(begun.within(() => next(req)));
     return begun.answer;
   };
 
