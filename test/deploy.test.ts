@@ -30,6 +30,7 @@ interface Container {
   volumeMounts?: { name: string; mountPath: string }[];
   readinessProbe: { httpGet: { path: string; port: string } };
   livenessProbe: { httpGet: { path: string; port: string } };
+  startupProbe?: { httpGet: { path: string; port: string }; periodSeconds?: number; failureThreshold?: number };
 }
 interface Workload {
   kind: "Deployment" | "StatefulSet";
@@ -162,6 +163,17 @@ describe("Kubernetes manifests", () => {
       const ref = envOf(name, variable)?.valueFrom?.secretKeyRef;
       expect(ref?.name).toBeDefined();
       expect(ref?.optional ?? false).toBe(false);
+    }
+  });
+
+  test("let billing and analytics run their migrations to the end before liveness counts", () => {
+    // Both listen only once their migrations are applied (or another replica's, under its lock): a liveness probe
+    // failing meanwhile would restart them mid-migration, rolling it back, again and again.
+    for (const name of ["billing", "analytics"]) {
+      const c = container(name);
+      expect(c.startupProbe?.httpGet).toEqual(c.livenessProbe.httpGet);
+      const seconds = (c.startupProbe?.periodSeconds ?? 10) * (c.startupProbe?.failureThreshold ?? 3);
+      expect(seconds).toBeGreaterThanOrEqual(30 * 60);
     }
   });
 
