@@ -35,7 +35,9 @@ export function createBillingApp(options: BillingAppOptions) {
   const store = createBillingStore(pool, { abandonedLeaseGraceMs, holderFloorNanos });
   const auth = createBillingAuth({ store, adminToken, clock });
   const usage = createUsageTracker({ load: store.periodUsage, clock });
-  const metrics = registry && createBillingMetrics(registry, { openLeases: () => store.openBudgetLeases(clock()) });
+  const metrics =
+    registry &&
+    createBillingMetrics(registry, { openLeases: (timeoutMs) => store.openBudgetLeases(clock(), timeoutMs) }, log);
   const { keyChangeHeartbeatMs } = options;
   const service = createBillingService({ store, auth, usage, clock, log, stopSignal, metrics, keyChangeHeartbeatMs });
   const readiness = pingReadiness("postgres", (timeoutMs) => store.ping(timeoutMs), log);

@@ -1,9 +1,16 @@
 import { Counter, Gauge, type Registry } from "prom-client";
+import { pingTimeoutMs } from "../lib/health.ts";
+import type { Logger } from "../lib/log.ts";
 
-/** Billing's domain metrics; RPC counts and latencies come from lib/metrics.ts. */
+/**
+ * Billing's domain metrics; RPC counts and latencies come from lib/metrics.ts. Open leases are read from Postgres at
+ * each scrape, given `timeoutMs` to answer.
+ */
 export function createBillingMetrics(
   registry: Registry,
-  sources: { openLeases(): Promise<{ active: number; abandoned: number }> },
+  sources: { openLeases(timeoutMs: number): Promise<{ active: number; abandoned: number }> },
+  log: Logger,
+  timeoutMs = pingTimeoutMs,
 ) {
   return {
     openLeases: new Gauge({
@@ -14,9 +21,22 @@ export function createBillingMetrics(
       labelNames: ["state"] as const,
       registers: [registry],
       async collect() {
-        const open = await sources.openLeases();
-        this.set({ state: "active" }, open.active);
-        this.set({ state: "abandoned" }, open.abandoned);
+        // A Postgres that refuses or hangs leaves these series out, rather than failing or stalling the whole scrape,
+        // billing's RPC errors (which say what is wrong) with it.
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        try {
+          const expired = new Promise<never>((_, reject) => {
+            timer = setTimeout(() => reject(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
+          });
+          const open = await Promise.race([sources.openLeases(timeoutMs), expired]);
+          this.set({ state: "active" }, open.active);
+          this.set({ state: "abandoned" }, open.abandoned);
+        } catch (e) {
+          this.reset();
+          log.warn("metrics: open budget leases not read from postgres", { err: e });
+        } finally {
+          clearTimeout(timer);
+        }
       },
     }),
     usageRows: new Counter({

@@ -549,7 +549,9 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
 }
 
 function createInstruments(registry: Registry) {
-  const latencyBuckets = [0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
+  // Up to the default whole-request limit (GATEWAY_REQUEST_TIMEOUT_MS): a longer stream or a reasoning model's first
+  // token past the last finite bucket would read as that bucket's bound in every quantile.
+  const latencyBuckets = [0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600];
   return {
     requests: new Counter({
       name: "gateway_requests_total",

@@ -92,6 +92,17 @@ describe("GatewayService over gRPC", () => {
     expect(m?.costBreakdown).toMatchObject({ inputNanos: 8000n, cachedInputNanos: 0n, outputNanos: 9000n, reasoningNanos: 0n });
   });
 
+  test("latency histograms have finite buckets up to the default request time limit", async () => {
+    for await (const _ of client("sk-good").streamChatCompletion({ params: hello }));
+    const text = await registry.metrics();
+    for (const name of ["request_duration", "upstream_duration", "time_to_first_token"]) {
+      const bounds = [...text.matchAll(new RegExp(`^gateway_${name}_seconds_bucket\\{le="([0-9.]+)"`, "gm"))];
+      // A request may run for GATEWAY_REQUEST_TIMEOUT_MS (600 s by default); one past the last finite bucket reads, in
+      // every quantile it falls in, as that bucket's bound.
+      expect(Math.max(...bounds.map((m) => Number(m[1])))).toBeGreaterThanOrEqual(600);
+    }
+  });
+
   test("failures map to RPC codes and carry the request id", async () => {
     const missing = await rpcError(client().createChatCompletion({ params: hello }));
     expect(missing.code).toBe(Code.Unauthenticated);

@@ -153,13 +153,17 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
       });
     },
 
-    /** Unreleased leases of current billing periods: still active, or expired without a release (holder gone). */
-    async openBudgetLeases(now: Date): Promise<{ active: number; abandoned: number }> {
+    /**
+     * Unreleased leases of current billing periods: still active, or expired without a release (holder gone). A query
+     * not answered within `timeoutMs` fails and gives its connection up.
+     */
+    async openBudgetLeases(now: Date, timeoutMs?: number): Promise<{ active: number; abandoned: number }> {
       const rows = await db.query<{ active: number; abandoned: number }>(
         `SELECT count(*) FILTER (WHERE expires_at > $1)::int AS active,
                 count(*) FILTER (WHERE expires_at <= $1)::int AS abandoned
          FROM budget_leases WHERE released_at IS NULL AND period_start > $1::timestamptz - interval '32 days'`,
         [now],
+        timeoutMs,
       );
       return { active: rows[0]?.active ?? 0, abandoned: rows[0]?.abandoned ?? 0 };
     },

@@ -22,7 +22,8 @@ export class BillingError extends Error {
 }
 
 export interface Queryable {
-  query<R extends pg.QueryResultRow>(sql: string, params?: unknown[]): Promise<R[]>;
+  /** A query given `timeoutMs` fails once that passes without an answer, giving its connection up. */
+  query<R extends pg.QueryResultRow>(sql: string, params?: unknown[], timeoutMs?: number): Promise<R[]>;
 }
 
 export interface Db extends Queryable {
@@ -33,9 +34,11 @@ export interface Db extends Queryable {
 /** Query helpers over a pool that turn constraint violations into BillingErrors. */
 export function createDb(pool: pg.Pool): Db {
   const on = (client: pg.Pool | pg.PoolClient): Queryable => ({
-    async query<R extends pg.QueryResultRow>(sql: string, params?: unknown[]) {
+    async query<R extends pg.QueryResultRow>(sql: string, params?: unknown[], timeoutMs?: number) {
       try {
-        return (await client.query<R>(sql, params)).rows;
+        if (timeoutMs === undefined) return (await client.query<R>(sql, params)).rows;
+        // pg honours query_timeout per query, though its types leave it out.
+        return (await client.query<R>({ text: sql, values: params, query_timeout: timeoutMs } as pg.QueryConfig)).rows;
       } catch (e) {
         throw fromPgError(e);
       }
