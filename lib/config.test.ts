@@ -151,6 +151,30 @@ test("URL variables take only http:// and https:// URLs", async () => {
   }
 });
 
+test("a service's crash is one JSON error line, then exit 1", async () => {
+  for (const [what, fault] of [
+    ["unhandled rejection", 'Promise.reject(new Error("boom"));'],
+    ["uncaught exception", 'setTimeout(() => { throw new Error("boom"); }, 10);'],
+  ]) {
+    const script = `
+      import { commonEnv, parseEnv } from "./lib/config.ts";
+      import { createRuntime } from "./lib/runtime.ts";
+      createRuntime("config-test", parseEnv(commonEnv));
+      ${fault}
+      await Bun.sleep(2_000);
+      console.log("still running");
+    `;
+    const { code, stdout, stderr } = await runCommand([process.execPath, "-e", script], {
+      env: { ADMIN_TOKEN: "own-admin-token-0123456789", OTEL_EXPORTER_OTLP_ENDPOINT: undefined },
+    });
+    expect(code).toBe(1);
+    expect(stderr).toBe("");
+    expect(stdout.trim().split("\n").map((l) => JSON.parse(l))).toEqual([
+      expect.objectContaining({ level: "error", msg: `crashed: ${what}`, err: expect.objectContaining({ message: "boom" }) }),
+    ]);
+  }
+});
+
 test("failed trace exports are logged, once a minute, and an endpoint ending in /v1/traces is warned of", async () => {
   const script = `
     import { commonEnv, parseEnv } from "./lib/config.ts";

@@ -42,6 +42,14 @@ export function createRuntime(service: string, config: RuntimeConfig): Runtime {
         "set a token of your own anywhere but a developer's machine",
     );
   }
+  // An error nothing caught ends the process, as it would without these, but told in one JSON line like every other
+  // (a stack printed over several lines is several unreadable records to a log pipeline).
+  const crash = (what: string) => (err: unknown) => {
+    log.error(`crashed: ${what}`, { err });
+    process.exit(1);
+  };
+  process.on("uncaughtException", crash("uncaught exception"));
+  process.on("unhandledRejection", crash("unhandled rejection"));
   const metrics = createMetrics(service);
   return {
     log,
