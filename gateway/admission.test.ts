@@ -308,6 +308,27 @@ describe("monthly tokens", () => {
     expect((await post(key, hi("mock"))).status).toBe(429);
   });
 
+  test("requests running at once hold their most, and one refused by another limit gives it back", async () => {
+    const key = await keyWith({ monthlyTokens: 30n });
+    // Each counts at its prompt and max_tokens (18) while it runs: two fit under 30, not ten.
+    const answers = await Promise.all(Array.from({ length: 10 }, () => post(key, hi("mock", { max_tokens: 10 }))));
+    const refusals = answers.filter((res) => res.status === 429);
+    expect(answers.length - refusals.length).toBe(2);
+    expect(refusals[0]?.headers.get("retry-after")).toBe("3");
+    expect((await errorOf(refusals[0] as Response)).message).toContain("held by requests running");
+
+    // Refused by its RPM after the quota admitted it, a request gives back what it held.
+    const limits = { monthlyTokens: 100n, requestsPerMinute: 1 };
+    const limited = await billing.createApiKey({ orgId, name: "k", limits }, auth);
+    const big = hi("mock", { max_tokens: 80 });
+    expect((await post(limited.secret, big)).status).toBe(200);
+    expect((await errorOf(await post(limited.secret, big))).code).toBe("rate_limit_exceeded");
+    const apiKeyId = limited.apiKey?.id as string;
+    await billing.updateApiKeyLimits({ apiKeyId, limits: { ...limits, requestsPerMinute: 0 } }, auth);
+    keys.forget(sha256Hex(limited.secret));
+    expect((await post(limited.secret, big)).status).toBe(200);
+  });
+
   test("a fresh authorization counts what billing knows, and nothing twice", async () => {
     const key = await keyWith({ monthlyTokens: 50n });
     const first = shipper.rows.length;

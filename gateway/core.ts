@@ -277,20 +277,22 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     estimatedTokens: number,
   ) => {
     const limits = principal.grant.apiKey?.limits;
-    const quota = tokenQuota.admit(principal);
-    // Counted per lineage, as billing counts the monthly figures: a rotated key carries on its windows.
-    const ticket = options.rateLimits?.admit(
-      principal.lineageId,
-      { requestsPerMinute: limits?.requestsPerMinute ?? 0, tokensPerMinute: Number(limits?.tokensPerMinute ?? 0n) },
-      estimatedTokens,
-    );
-    if (ticket?.state) call.limitHeaders = rateLimitHeaders(ticket.state);
+    const quota = tokenQuota.admit(principal, estimatedTokens);
+    let ticket: RateTicket | undefined;
     let reservation: Reservation | undefined;
     try {
+      // Counted per lineage, as billing counts the monthly figures: a rotated key carries on its windows.
+      ticket = options.rateLimits?.admit(
+        principal.lineageId,
+        { requestsPerMinute: limits?.requestsPerMinute ?? 0, tokensPerMinute: Number(limits?.tokensPerMinute ?? 0n) },
+        estimatedTokens,
+      );
+      if (ticket?.state) call.limitHeaders = rateLimitHeaders(ticket.state);
       reservation = await withChildSpan("gateway.reserve_budget", { "gateway.max_cost_nanos": Number(maxCost) }, () =>
         options.budget?.reserve(principal, maxCost, router.deadline(call, route) - performance.now()),
       );
     } catch (e) {
+      quota.settle(0n, call.startMs);
       ticket?.settle(0);
       throw e;
     }

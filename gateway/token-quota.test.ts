@@ -58,6 +58,24 @@ describe("monthly token quota", () => {
     expect(e.message).toContain("100 tokens");
   });
 
+  test("requests running count at their estimates: concurrency does not multiply the overshoot", () => {
+    const quota = createTokenQuota({ now: () => midMarch });
+    const p = principal(1000n, 0n, midMarch);
+    // Each may use up to 240 tokens: the fifth is admitted into the last 40, the rest wait for them to end.
+    const running = Array.from({ length: 5 }, () => quota.admit(p, 240));
+    const e = refused(() => quota.admit(p, 240));
+    expect([e.status, e.code, e.retryAfterS]).toEqual([429, "insufficient_quota", 3]);
+    expect(e.message).toContain("1200 held by requests running");
+    // They used less than they held: room again for what is left.
+    for (const ticket of running) ticket.settle(70n, midMarch);
+    const next = quota.admit(p, 240);
+    // One refused by another limit gives its hold back.
+    quota.admit(p, 240).settle(0n, midMarch);
+    next.settle(650n, midMarch);
+    // Used up: refused for good, with no Retry-After.
+    expect(refused(() => quota.admit(p, 240)).retryAfterS).toBeUndefined();
+  });
+
   test("a limit of 0 is unlimited", () => {
     const quota = createTokenQuota({ now: () => midMarch });
     const p = principal(0n, 1_000_000n, midMarch);
