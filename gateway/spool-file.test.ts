@@ -238,6 +238,25 @@ describe("file spool", () => {
     expect(after.recovery).toMatchObject({ rows: 2, tornRecords: 1 });
   });
 
+  test("a segment whose header is damaged keeps its whole records: its unacked batches are neither dropped nor deleted", () => {
+    const root = newRoot();
+    const spool = openSpool(root);
+    for (let i = 0; i < 10; i++) spool.append(row(i));
+    spool.ack(spool.seal(5, noByteLimit)!.sequence);
+    spool.seal(5, noByteLimit);
+    for (let i = 10; i < 12; i++) spool.append(row(i));
+    abandon(spool);
+    const path = join(spool.dir, segmentFiles(spool.dir)[0]!);
+    const bytes = readFileSync(path);
+    bytes[0] = bytes[0]! ^ 1;
+    writeFileSync(path, bytes);
+
+    const after = openSpool(root);
+    expect(after.recovery).toMatchObject({ rows: 7, tornRecords: 0 });
+    expect([...after.unacked()].flatMap((b) => ids(after.read(b)))).toEqual(range(5, 12));
+    expect(existsSync(path)).toBe(true);
+  });
+
   test("a row cut short by a full disk is cut off and refused; rows after it read back whole, also after a restart", () => {
     const root = newRoot();
     const disk = createFillingDisk();

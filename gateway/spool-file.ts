@@ -676,9 +676,11 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
     const path = join(dir, name);
     const buf = readFileSync(path);
     segments.set(id, { id, path, size: buf.length, refs: 0 });
-    if (buf.length < magic.length || !buf.subarray(0, magic.length).equals(magic)) {
-      if (buf.length > 0) log?.warn("skipping a metrics spool segment with a bad header", { path });
-      continue;
+    // A damaged header says nothing of the records after it, each checked by its crc: they are read as far as they
+    // hold, and batches sealed over them are kept, read back by their byte ranges. Skipping the segment took its
+    // unacked batches for acked and deleted it, their rows lost without a count.
+    if (buf.length > 0 && (buf.length < magic.length || !buf.subarray(0, magic.length).equals(magic))) {
+      log?.warn("a metrics spool segment has a damaged header; its records are read as far as they are whole", { path });
     }
     const rows: Part[] = [];
     rowsBySegment.set(id, rows);
