@@ -238,6 +238,25 @@ describe("file spool", () => {
     expect(after.recovery).toMatchObject({ rows: 2, tornRecords: 1 });
   });
 
+  test("a segment whose header is damaged keeps its whole records: its unacked batches are neither dropped nor deleted", () => {
+    const root = newRoot();
+    const spool = openSpool(root);
+    for (let i = 0; i < 10; i++) spool.append(row(i));
+    spool.ack(spool.seal(5, noByteLimit)!.sequence);
+    spool.seal(5, noByteLimit);
+    for (let i = 10; i < 12; i++) spool.append(row(i));
+    abandon(spool);
+    const path = join(spool.dir, segmentFiles(spool.dir)[0]!);
+    const bytes = readFileSync(path);
+    bytes[0] = bytes[0]! ^ 1;
+    writeFileSync(path, bytes);
+
+    const after = openSpool(root);
+    expect(after.recovery).toMatchObject({ rows: 7, tornRecords: 0 });
+    expect([...after.unacked()].flatMap((b) => ids(after.read(b)))).toEqual(range(5, 12));
+    expect(existsSync(path)).toBe(true);
+  });
+
   test("a row cut short by a full disk is cut off and refused; rows after it read back whole, also after a restart", () => {
     const root = newRoot();
     const disk = createFillingDisk();
@@ -256,21 +275,43 @@ describe("file spool", () => {
     expect([...after.unacked()].flatMap((b) => ids(after.read(b)))).toEqual([...range(0, 5), ...range(6, 10)]);
   });
 
-  test("a seal the full disk refuses throws nothing and keeps its rows pending; they seal once there is room", () => {
+  test("a seal the full disk refuses still makes a batch, kept in memory: it is read, acked, and its segment deleted", async () => {
     const root = newRoot();
     const disk = createFillingDisk();
     const spool = openSpool(root, { write: disk.write });
     for (let i = 0; i < 10; i++) spool.append(row(i));
+    // The spool's own rows fill the disk: only deleting its segments makes room again.
     disk.room = 0;
-    expect(spool.seal(100, noByteLimit)).toBeUndefined();
-    expect(spool.append(row(10))).toBe(false);
-    expect([spool.pendingRows, spool.rows]).toEqual([10, 10]);
-    disk.room = Number.POSITIVE_INFINITY;
     const batch = spool.seal(100, noByteLimit)!;
+    expect(batch.rows).toBe(10);
+    expect(spool.append(row(10))).toBe(false);
+    expect([spool.pendingRows, spool.rows]).toEqual([0, 10]);
     expect(ids(spool.read(batch))).toEqual(range(0, 10));
+    expect(spool.ack(batch.sequence)).toBe(true);
+    await spool.idle();
+    expect([spool.rows, spool.bytes]).toEqual([0, 0]);
+    // Only the spare segment, made ahead of need, is left.
+    expect(segmentFiles(spool.dir)).toEqual(["0000000002.seg"]);
   });
 
-  test("a disk full at start: the spool opens, keeps the rows it found pending, and leaves no empty segment", async () => {
+  test("rows of a batch whose seal the disk refused are found unsealed after a crash, also before rows sealed on disk", () => {
+    const root = newRoot();
+    const disk = createFillingDisk();
+    const spool = openSpool(root, { write: disk.write });
+    for (let i = 0; i < 5; i++) spool.append(row(i));
+    disk.room = 0;
+    expect(spool.seal(100, noByteLimit)?.rows).toBe(5);
+    disk.room = Number.POSITIVE_INFINITY;
+    for (let i = 5; i < 10; i++) spool.append(row(i));
+    spool.seal(100, noByteLimit);
+    abandon(spool);
+
+    const after = openSpool(root);
+    expect(after.recovery.rows).toBe(10);
+    expect([...after.unacked()].flatMap((b) => ids(after.read(b))).sort()).toEqual(range(0, 10));
+  });
+
+  test("a disk full at start: the spool opens, seals the rows it found in memory, and leaves no empty segment", async () => {
     const root = newRoot();
     const first = openSpool(root);
     for (let i = 0; i < 5; i++) first.append(row(i));
@@ -281,14 +322,15 @@ describe("file spool", () => {
     disk.room = 0;
     const spool = openSpool(root, { write: disk.write });
     expect(spool.recovery.rows).toBe(5);
-    expect(spool.pendingRows).toBe(5);
+    expect(spool.pendingRows).toBe(0);
     expect(spool.append(row(5))).toBe(false);
-    expect(spool.seal(100, noByteLimit)).toBeUndefined();
     await spool.idle();
     for (const name of segmentFiles(spool.dir)) expect(statSync(join(spool.dir, name)).size).toBeGreaterThan(0);
-    disk.room = Number.POSITIVE_INFINITY;
-    const batch = spool.seal(100, noByteLimit)!;
-    expect(ids(spool.read(batch))).toEqual(range(0, 5));
+    const [batch] = [...spool.unacked()];
+    expect(ids(spool.read(batch!))).toEqual(range(0, 5));
+    spool.ack(batch!.sequence);
+    await spool.idle();
+    expect(segmentFiles(spool.dir)).toEqual([]);
   });
 
   test("rows past the byte bound are refused until acks free space", () => {

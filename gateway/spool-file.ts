@@ -59,7 +59,8 @@ const fsAsync = {
  * Records are only ever appended. Segments are deleted oldest first, each once every batch with rows in
  * it is acked and it is no longer the one being written, so SEAL and ACK records (which may sit in a newer
  * segment) outlive the rows they describe. The next segment is created ahead of need and may be empty.
- * A record cut short by a crash fails its length or crc check and ends the reading of its segment.
+ * A record cut short by a crash fails its length or crc check and ends the reading of its segment. ROW records no SEAL
+ * covers (never sealed, or sealed while the disk refused the SEAL) are sealed again at the next open.
  */
 const magic = Buffer.from("MSPOOL01");
 const headerBytes = 9;
@@ -413,27 +414,36 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     }
   };
 
+  /**
+   * Writes a batch's SEAL record; false when the disk refuses it. The batch is then kept in memory alone, and sent and
+   * acked as any other: its rows are on disk with no SEAL covering them, so a restart finds them unsealed and sends
+   * them again. Leaving them pending instead would keep their segment, and with it the full disk, forever.
+   */
+  const writeSeal = (batch: DiskBatch, what: string): boolean => {
+    try {
+      writeRecord(sealType, encodeSeal(batch.sequence, batch.rows, batch.parts));
+      return true;
+    } catch (e) {
+      writeFailed(what, e);
+      return false;
+    }
+  };
+
   /** Seals pending rows; adopted rows are marked recovered and not cached. */
   const sealRows = (take: PendingRow[], recovered: boolean): DiskBatch => {
     const parts = partsOf(take);
     const batch: DiskBatch = { sequence: next++, rows: take.length, recovered, parts };
-    writeRecord(sealType, encodeSeal(batch.sequence, batch.rows, parts));
+    writeSeal(batch, "sealing a batch");
     addBatch(batch, recovered ? undefined : take.map((p) => p.row));
     return batch;
   };
 
-  /** Seals the oldest pending rows; undefined when none are pending, or when the disk refuses and they stay pending. */
+  /** Seals the oldest pending rows; undefined when none are pending. */
   const sealPending = (maxRows: number, maxBytes: number, recovered: boolean): DiskBatch | undefined => {
     if (pending.length === 0 || closed) return undefined;
     const n = batchLength(pending.length, (i) => (pending[i] as PendingRow).row.length, maxRows, maxBytes);
     const take = n === pending.length ? pending : pending.slice(0, n);
-    let batch: DiskBatch;
-    try {
-      batch = sealRows(take, recovered);
-    } catch (e) {
-      writeFailed("sealing a batch", e);
-      return undefined;
-    }
+    const batch = sealRows(take, recovered);
     pending = n === pending.length ? [] : pending.slice(n);
     for (const p of take) pendingBytes -= p.row.length;
     if (pending.length === 0 && current && current.segment.size >= segmentBytes) closeCurrent();
@@ -470,33 +480,18 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     return rows;
   };
 
-  /**
-   * Seals rows found on disk into batches within the bounds; false when the disk refused, the rows not sealed then
-   * pending (read into memory), to be sealed once it takes writes again.
-   */
+  /** Seals rows found on disk into batches within the bounds; false when the disk refused a SEAL (see writeSeal). */
   const sealRecovered = (rows: readonly Part[]): boolean => {
+    let written = true;
     for (let i = 0; i < rows.length;) {
       const n = batchLength(rows.length - i, (j) => rowBytes(rows[i + j] as Part), batchRows, batchBytes);
-      const take = rows.slice(i, i + n);
-      const parts = partsOf(take);
-      const batch: DiskBatch = { sequence: next++, rows: take.length, recovered: true, parts };
-      try {
-        writeRecord(sealType, encodeSeal(batch.sequence, batch.rows, parts));
-      } catch (e) {
-        writeFailed("sealing recovered rows", e);
-        const read = createDirReader(segments);
-        for (const part of rows.slice(i)) {
-          const [row] = read([part]);
-          if (!row) continue;
-          pending.push({ ...part, row });
-          pendingBytes += row.length;
-        }
-        return false;
-      }
+      const parts = partsOf(rows.slice(i, i + n));
+      const batch: DiskBatch = { sequence: next++, rows: n, recovered: true, parts };
+      if (!writeSeal(batch, "sealing recovered rows")) written = false;
       i += n;
       addBatch(batch, undefined);
     }
-    return true;
+    return written;
   };
 
   // Batches left by the previous process, and rows it appended but never sealed. A batch beyond the bounds would be
@@ -681,9 +676,11 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
     const path = join(dir, name);
     const buf = readFileSync(path);
     segments.set(id, { id, path, size: buf.length, refs: 0 });
-    if (buf.length < magic.length || !buf.subarray(0, magic.length).equals(magic)) {
-      if (buf.length > 0) log?.warn("skipping a metrics spool segment with a bad header", { path });
-      continue;
+    // A damaged header says nothing of the records after it, each checked by its crc: they are read as far as they
+    // hold, and batches sealed over them are kept, read back by their byte ranges. Skipping the segment took its
+    // unacked batches for acked and deleted it, their rows lost without a count.
+    if (buf.length > 0 && (buf.length < magic.length || !buf.subarray(0, magic.length).equals(magic))) {
+      log?.warn("a metrics spool segment has a damaged header; its records are read as far as they are whole", { path });
     }
     const rows: Part[] = [];
     rowsBySegment.set(id, rows);
@@ -693,7 +690,12 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
         const seal = decodeSeal(payload);
         seals.push(seal);
         if (seal.sequence > maxSequence) maxSequence = seal.sequence;
-      } else if (type === ackType) acked.add(decodeSequence(payload));
+      } else if (type === ackType) {
+        // An ACK may name a batch whose SEAL the disk refused: its sequence is not given out again either.
+        const sequence = decodeSequence(payload);
+        acked.add(sequence);
+        if (sequence > maxSequence) maxSequence = sequence;
+      }
     });
     if (end < buf.length) {
       torn++;
@@ -706,17 +708,28 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
   }
 
   const batches = new Map<bigint, DiskBatch>();
-  const sealedEnd = new Map<number, number>();
+  // Byte ranges of every SEAL, acked or not, by segment: rows outside all of them were never sealed on disk.
+  const sealedParts = new Map<number, Part[]>();
   for (const seal of seals) {
-    for (const part of seal.parts) sealedEnd.set(part.segment, Math.max(sealedEnd.get(part.segment) ?? 0, part.end));
+    for (const part of seal.parts) {
+      const parts = sealedParts.get(part.segment);
+      if (parts) parts.push(part);
+      else sealedParts.set(part.segment, [part]);
+    }
     // A batch whose segment is gone was acked before that segment was deleted.
     if (acked.has(seal.sequence) || !seal.parts.every((p) => rowsBySegment.has(p.segment))) continue;
     batches.set(seal.sequence, { sequence: seal.sequence, rows: seal.rows, recovered: true, parts: seal.parts });
   }
   const unsealed: Part[] = [];
   for (const [id, rows] of [...rowsBySegment].sort(([a], [b]) => a - b)) {
-    const end = sealedEnd.get(id) ?? 0;
-    for (const row of rows) if (row.start >= end) unsealed.push(row);
+    // A batch the disk refused a SEAL (kept in memory) may precede batches sealed on disk: not only the rows past the
+    // last SEAL are unsealed. Rows and ranges go in file order; a range ending at or before a row covers none after it.
+    const parts = (sealedParts.get(id) ?? []).sort((a, b) => a.start - b.start);
+    let i = 0;
+    for (const row of rows) {
+      while (i < parts.length && (parts[i] as Part).end <= row.start) i++;
+      if (i === parts.length || (parts[i] as Part).start > row.start) unsealed.push(row);
+    }
   }
   const rowsIn = (parts: readonly Part[]) =>
     parts.flatMap((part) => {
