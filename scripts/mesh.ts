@@ -6,7 +6,6 @@
 import { mkdir, readFile, writeFile } from "node:fs/promises";
 import * as path from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { z } from "zod";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { freePort, type ServiceProcess, spawnService } from "../lib/processes.ts";
@@ -174,7 +173,7 @@ if (import.meta.main) {
     BILLING_PORT: env.port(8081),
     ANALYTICS_PORT: env.port(8082),
     GATEWAY_REST_PORT: env.port(8090),
-    MESH_READY_TIMEOUT_MS: z.coerce.number().int().positive().default(60_000),
+    MESH_READY_TIMEOUT_MS: env.int(1, 86_400_000).default(60_000),
   });
   const dataDir = path.resolve(cfg.MESH_DATA_DIR);
   const started = Date.now();
