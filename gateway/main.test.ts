@@ -41,3 +41,14 @@ test("GATEWAY_REST_PORT equal to GATEWAY_PORT is refused with the environment", 
   expect(stdout).toBe("");
   expect(stderr).toBe(`invalid environment: GATEWAY_REST_PORT (${port}): must differ from GATEWAY_PORT\n`);
 });
+
+test("GATEWAY_INSTANCE_ID of . or .., which would name the spool's parent directory, is refused with the environment", async () => {
+  for (const id of [".", ".."]) {
+    const { stdout, stderr, code } = await runCommand([process.execPath, main], {
+      env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", GATEWAY_INSTANCE_ID: id },
+    });
+    expect(code).toBe(2);
+    expect(stdout).toBe("");
+    expect(stderr).toBe(`invalid environment: GATEWAY_INSTANCE_ID ("${id}"): must name a directory: not . or ..\n`);
+  }
+});

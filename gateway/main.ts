@@ -35,7 +35,13 @@ const cfg = loadEnvOrExit({
   /** Routes and prices, YAML or JSON. */
   GATEWAY_CONFIG: env.setOrUnset(env.filled.default(fileURLToPath(new URL("./config.default.yaml", import.meta.url)))),
   /** Names this replica in metrics; stable per pod in Kubernetes. */
-  GATEWAY_INSTANCE_ID: z.string().min(1).max(128).default(`${hostname()}-${process.pid}`),
+  GATEWAY_INSTANCE_ID: z
+    .string()
+    .min(1)
+    .max(128)
+    // It names the replica's spool directory: ".." would put the spool in the directory holding every replica's.
+    .refine((id) => id !== "." && id !== "..", "must name a directory: not . or ..")
+    .default(`${hostname()}-${process.pid}`),
   GATEWAY_MAX_BODY_BYTES: env.int(1024, 64 * 1024 * 1024).default(4 * 1024 * 1024),
   /**
    * Upstream calls Bun's fetch runs at once (Bun reads it at start; 256 unless set): the others wait inside fetch with
