@@ -728,7 +728,8 @@ function orgsTable(orgs: Organization[]): string {
       `${o.taxRateBps / 100}%`,
       String(o.billingDay),
       o.monthlyBudgetNanos ? `$${formatNanosUsd(o.monthlyBudgetNanos)}` : "unlimited",
-      o.maxDiscountBps ? `${o.maxDiscountBps / 100}%` : "none",
+      // 0 is no cap (beyond the subtotal), not "no discounts".
+      o.maxDiscountBps ? `${o.maxDiscountBps / 100}%` : "no limit",
       date(o.createTime),
     ]),
   ]);
