@@ -47,3 +47,9 @@ test("years 1..99 are years 1..99, not 1901..1999", () => {
   expect(endOfUtcDay(at).toISOString()).toBe("0001-01-02T00:00:00.000Z");
   expect(startOfUtcDay(new Date("1969-12-31T23:59:59.999Z")).toISOString()).toBe("1969-12-31T00:00:00.000Z");
 });
+
+test("the day after 9999-12-31 is written as Postgres reads it, not as toISOString's +010000-01-01", () => {
+  expect(utcDate(new Date("9999-12-31T23:59:59.999Z"))).toBe("9999-12-31");
+  expect(utcDate(new Date(Date.parse("9999-12-31T23:59:59.999Z") + 1))).toBe("10000-01-01");
+  expect(utcDate(new Date("0001-01-01T00:00:00Z"))).toBe("0001-01-01");
+});

@@ -14,7 +14,10 @@ export function endOfUtcDay(at: Date): Date {
   return start.getTime() === at.getTime() ? start : new Date(start.getTime() + dayMs);
 }
 
-/** "YYYY-MM-DD" of the UTC day of `at`, as Postgres `date` input. */
+/**
+ * "YYYY-MM-DD" of the UTC day of `at`, as Postgres `date` input; the end of year 9999, which a range rounded up to the
+ * millisecond may reach, is "10000-01-01" (toISOString writes "+010000-01-01T...").
+ */
 export function utcDate(at: Date): string {
-  return at.toISOString().slice(0, 10);
+  return at.toISOString().replace(/^\+0*/, "").slice(0, -14);
 }

@@ -1083,6 +1083,12 @@ test("times in years 1..9999 are accepted, as the message says, and none before"
     });
   }
   expect((await client.listInvoices({ orgId }, admin)).invoices).toEqual([]);
+  // The largest Timestamp, which clients send for "no end": rounded up to the millisecond it ends year 9999.
+  const last = create(TimestampSchema, { seconds: BigInt(Date.parse("9999-12-31T23:59:59Z") / 1000), nanos: 999_999_999 });
+  for (const startTime of [timestampFromDate(year1), timestampFromDate(new Date("9999-12-30T12:00:00Z"))]) {
+    const summary = await client.getUsageSummary({ orgId, startTime, endTime: last }, admin);
+    expect(summary.costNanos).toBe(startTime.seconds < 0n ? 3n : 0n);
+  }
   const endOnly = { endTime: timestampFromDate(new Date("0001-01-20T00:00:00Z")) };
   expect(await failure(client.getUsageSummary({ orgId, ...endOnly }, admin))).toEqual({
     code: Code.InvalidArgument,
