@@ -1542,6 +1542,19 @@ for (const port of ["rpc", "rest"] as const) {
         expect(e.error).toMatchObject({ message: message("[redacted] (project [redacted])") });
       });
 
+      test("a refusal passed on names no Groq organization of the gateway's", async () => {
+        const message = (where: string) =>
+          `Request too large for model \`llama-3.1-8b-instant\` in organization \`${where}\` service tier \`on_demand\` on ` +
+          "tokens per minute (TPM): Limit 6000, Requested 9000, please reduce your message size and try again.";
+        upstream.script("rejecting", {
+          status: 413,
+          error: { message: message("org_01htjxws48fm0rbbg5gnkgmbrh"), type: "tokens", code: "rate_limit_exceeded" },
+        });
+        const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+        expectShape(e, 413, "rate_limit_exceeded", "tokens");
+        expect(e.error).toMatchObject({ message: message("[redacted]") });
+      });
+
       test("a FastAPI-style 422 passes on where and why its validation failed", async () => {
         upstream.script("rejecting", { rejectsField: "temperature" });
         const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello, temperature: 0.5 }));

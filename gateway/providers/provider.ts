@@ -138,8 +138,9 @@ const maxMessageLength = 2_000;
 const maxTextLength = 500;
 // type, param and code also travel as RPC metadata (header values): printable ASCII, short.
 const identifier = /^[\x20-\x7e]{1,128}$/;
-// The operator's OpenAI organization and project ids, which upstream messages name ("... in organization org-...").
-const accountIds = /\b(?:org-|proj_)[A-Za-z0-9]{6,}\b/g;
+// The operator's OpenAI organization and project ids, which upstream messages name ("... in organization org-..."),
+// and Groq's organization ids, which its refusals of a request too large name as `org_01htjxws48fm0rbbg5gnkgmbrh`.
+const accountIds = /\b(?:org[-_]|proj_)[A-Za-z0-9]{6,}\b/g;
 
 /**
  * The error in a refusal's `error` member: OpenAI's shape, or a string as its message; undefined without a message.
