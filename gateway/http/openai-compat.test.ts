@@ -31,6 +31,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["embedder"],
   ["rejecting"],
   ["too-large"],
+  ["moderated"],
   ["quota", "retries: 2"],
   ["throttled"],
   ["throttled-once"],
@@ -1572,6 +1573,28 @@ for (const port of ["rpc", "rest"] as const) {
         const completion = await sdk().chat.completions.create({ model: "too-large", messages: hello });
         expect(completion.model).toBe("too-large-fake");
         expect(upstream.seen("too-large")).toHaveLength(7);
+      });
+
+      test("OpenRouter's 403 for an input its moderation flagged is the client's refusal, and never opens the breaker", async () => {
+        const flagged = {
+          message: 'openai/gpt-4o requires moderation on Azure. Your input was flagged for "violence". No credits were charged.',
+          code: 403,
+          metadata: { reasons: ["violence"], flagged_input: "...", provider_name: "Azure", model_slug: "openai/gpt-4o" },
+        };
+        // Without the fake's default type: OpenRouter's error has none.
+        upstream.script("moderated", { status: 403, error: { ...flagged, type: undefined } as never });
+        // More than the breaker's threshold of them in a row, whole and streamed.
+        for (let i = 0; i < 6; i++) {
+          const e = await apiError(sdk().chat.completions.create({ model: "moderated", messages: hello, stream: i % 2 === 1 }));
+          expectShape(e, 403, "upstream_rejected", "invalid_request_error");
+          expect(e.error).toMatchObject({ message: flagged.message, param: null });
+          const m = await gateway.row(e.headers?.get("x-request-id") ?? "");
+          expect(m).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 403, retries: 0 });
+        }
+        upstream.script("moderated", {});
+        const completion = await sdk().chat.completions.create({ model: "moderated", messages: hello });
+        expect(completion.model).toBe("moderated-fake");
+        expect(upstream.seen("moderated")).toHaveLength(7);
       });
 
       test("a 404 naming the request's model (a chat call to an embedding model) is the client's; the breaker stays closed", async () => {

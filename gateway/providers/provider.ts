@@ -57,8 +57,9 @@ export interface Provider {
 
 /**
  * How an upstream attempt failed, which decides what the gateway does next:
- * "rejected" (the upstream refused the request itself, 400/413/422, a 404 naming the request's parameter, or a 429 for
- * a prompt over its whole rate limit, which the other targets are asked first) fails the request as the client's fault,
+ * "rejected" (the upstream refused the request itself, 400/413/422, a 404 naming the request's parameter, a 403 for an
+ * input its moderation flagged, or a 429 for a prompt over its whole rate limit, which the other targets are asked
+ * first) fails the request as the client's fault,
  * "transient" (connection, 408/409/429/5xx, unreadable answers) and "timeout" may be retried on the same target,
  * "misconfigured" (401/403/404 and other 4xx, missing key, an account out of quota) moves on to the next target,
  * "cancelled" stops.
@@ -104,6 +105,7 @@ export class UpstreamError extends Error {
 export function failureOfStatus(status: number, error?: UpstreamErrorBody): UpstreamFailure {
   if (status === 400 || status === 413 || status === 422 || overRateLimit(status, error)) return "rejected";
   if (status === 404 && namesParameter(error)) return "rejected";
+  if (status === 403 && flaggedInput(error)) return "rejected";
   // Out of credit is not transient: retrying the account only delays the next target.
   if (outOfQuota(status, error)) return "misconfigured";
   if (status === 408 || status === 409 || status === 429 || status >= 500) return "transient";
@@ -126,6 +128,15 @@ export function overRateLimit(status: number, error: UpstreamErrorBody | undefin
  */
 function namesParameter(error: UpstreamErrorBody | undefined): boolean {
   return error?.param != null && error.code !== "model_not_found";
+}
+
+/**
+ * OpenRouter's 403 for a prompt its moderation flagged ("... requires moderation on Azure. Your input was flagged for
+ * \"violence\"."): the request's fault, as Azure's content filter 400 is, which must not open the target's breaker for
+ * everyone. Its other 403s (a key's limit or guardrail) are the operator's.
+ */
+function flaggedInput(error: UpstreamErrorBody | undefined): boolean {
+  return /\byour input was flagged\b/i.test(error?.message ?? "");
 }
 
 /** The upstream's account is out of credit (OpenAI's 429 insufficient_quota), as opposed to a rate limit. */
