@@ -314,6 +314,29 @@ for (const port of ["rpc", "rest"] as const) {
         expect(completion.usage).toEqual({ prompt_tokens: input, completion_tokens: 2, total_tokens: input + 2 });
       });
 
+      test("a prompt an upstream reports as 0 tokens (Ollama's for a cached prompt) is counted with the tokenizer", async () => {
+        // Ollama's usage for a prompt it had cached: no prompt tokens, the completion's own.
+        upstream.script("no-usage", { content: "Hello world", usage: { prompt_tokens: 0, completion_tokens: 2, total_tokens: 2 } });
+        const { data: completion, response } = await sdk().chat.completions.create({ model: "no-usage", messages: hello }).withResponse();
+        const whole = await gateway.row(response.headers.get("x-request-id") ?? "");
+        const { data: stream, response: streamed } = await sdk()
+          .chat.completions.create({ model: "no-usage", messages: hello, stream: true, stream_options: { include_usage: true } })
+          .withResponse();
+        const chunks = [];
+        for await (const chunk of stream) chunks.push(chunk);
+        const streamedRow = await gateway.row(streamed.headers.get("x-request-id") ?? "");
+        for (const m of [whole, streamedRow]) {
+          expect(m.usageEstimated).toBe(true);
+          expect(m.usage?.inputTokens).toBeGreaterThan(3n);
+          expect(m.usage?.outputTokens).toBe(2n);
+          // $2.50 a million of the counted prompt and $10 of the completion's 2 reported tokens.
+          expect(m.costNanos).toBe((m.usage?.inputTokens ?? 0n) * 2_500n + 20_000n);
+        }
+        const input = Number(whole.usage?.inputTokens);
+        expect(completion.usage).toEqual({ prompt_tokens: input, completion_tokens: 2, total_tokens: input + 2 });
+        expect(chunks.at(-1)?.usage).toEqual({ prompt_tokens: input, completion_tokens: 2, total_tokens: input + 2 });
+      });
+
       test("without upstream usage, a refusal is counted as output, whole or streamed alike", async () => {
         upstream.script("no-usage", { refusal: "I can't help with that request.", usage: false });
         const { response } = await sdk().chat.completions.create({ model: "no-usage", messages: hello }).withResponse();

@@ -251,13 +251,14 @@ export interface MeteredTokens {
  * is rounded up (a token begun is billed), cached input is at most the input and reasoning at most the output (which
  * takes in reasoning an upstream counts beside its completion tokens, see reasoningApart). A
  * prompt or completion count that is missing or no count at all (negative, not a number, past the contract's
- * 2^31) is counted by `estimate` instead, and the tokens are then marked estimated.
+ * 2^31), or a prompt of 0 tokens, is counted by `estimate` instead, and the tokens are then marked estimated.
  */
 export async function meteredUsage(usage: unknown, estimate: TokenEstimates): Promise<MeteredTokens> {
   const reported = record(usage);
   let estimated = false;
   let inputTokens = tokenCount(reported.prompt_tokens);
-  if (inputTokens === undefined) {
+  // No request has an empty prompt: 0 is a prompt the upstream did not count, as Ollama reports one it had cached.
+  if (inputTokens === undefined || inputTokens === 0n) {
     inputTokens = BigInt(await estimate.input());
     estimated = true;
   }
