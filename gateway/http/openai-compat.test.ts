@@ -31,6 +31,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["embedder"],
   ["rejecting"],
   ["too-large"],
+  ["moderated"],
   ["quota", "retries: 2"],
   ["throttled"],
   ["throttled-once"],
@@ -311,6 +312,29 @@ for (const port of ["rpc", "rest"] as const) {
         // The client is shown the counts it is charged for.
         const input = Number(m.usage?.inputTokens);
         expect(completion.usage).toEqual({ prompt_tokens: input, completion_tokens: 2, total_tokens: input + 2 });
+      });
+
+      test("a prompt an upstream reports as 0 tokens (Ollama's for a cached prompt) is counted with the tokenizer", async () => {
+        // Ollama's usage for a prompt it had cached: no prompt tokens, the completion's own.
+        upstream.script("no-usage", { content: "Hello world", usage: { prompt_tokens: 0, completion_tokens: 2, total_tokens: 2 } });
+        const { data: completion, response } = await sdk().chat.completions.create({ model: "no-usage", messages: hello }).withResponse();
+        const whole = await gateway.row(response.headers.get("x-request-id") ?? "");
+        const { data: stream, response: streamed } = await sdk()
+          .chat.completions.create({ model: "no-usage", messages: hello, stream: true, stream_options: { include_usage: true } })
+          .withResponse();
+        const chunks = [];
+        for await (const chunk of stream) chunks.push(chunk);
+        const streamedRow = await gateway.row(streamed.headers.get("x-request-id") ?? "");
+        for (const m of [whole, streamedRow]) {
+          expect(m.usageEstimated).toBe(true);
+          expect(m.usage?.inputTokens).toBeGreaterThan(3n);
+          expect(m.usage?.outputTokens).toBe(2n);
+          // $2.50 a million of the counted prompt and $10 of the completion's 2 reported tokens.
+          expect(m.costNanos).toBe((m.usage?.inputTokens ?? 0n) * 2_500n + 20_000n);
+        }
+        const input = Number(whole.usage?.inputTokens);
+        expect(completion.usage).toEqual({ prompt_tokens: input, completion_tokens: 2, total_tokens: input + 2 });
+        expect(chunks.at(-1)?.usage).toEqual({ prompt_tokens: input, completion_tokens: 2, total_tokens: input + 2 });
       });
 
       test("without upstream usage, a refusal is counted as output, whole or streamed alike", async () => {
@@ -1542,6 +1566,19 @@ for (const port of ["rpc", "rest"] as const) {
         expect(e.error).toMatchObject({ message: message("[redacted] (project [redacted])") });
       });
 
+      test("a refusal passed on names no Groq organization of the gateway's", async () => {
+        const message = (where: string) =>
+          `Request too large for model \`llama-3.1-8b-instant\` in organization \`${where}\` service tier \`on_demand\` on ` +
+          "tokens per minute (TPM): Limit 6000, Requested 9000, please reduce your message size and try again.";
+        upstream.script("rejecting", {
+          status: 413,
+          error: { message: message("org_01htjxws48fm0rbbg5gnkgmbrh"), type: "tokens", code: "rate_limit_exceeded" },
+        });
+        const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+        expectShape(e, 413, "rate_limit_exceeded", "tokens");
+        expect(e.error).toMatchObject({ message: message("[redacted]") });
+      });
+
       test("a FastAPI-style 422 passes on where and why its validation failed", async () => {
         upstream.script("rejecting", { rejectsField: "temperature" });
         const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello, temperature: 0.5 }));
@@ -1559,6 +1596,28 @@ for (const port of ["rpc", "rest"] as const) {
         const completion = await sdk().chat.completions.create({ model: "too-large", messages: hello });
         expect(completion.model).toBe("too-large-fake");
         expect(upstream.seen("too-large")).toHaveLength(7);
+      });
+
+      test("OpenRouter's 403 for an input its moderation flagged is the client's refusal, and never opens the breaker", async () => {
+        const flagged = {
+          message: 'openai/gpt-4o requires moderation on Azure. Your input was flagged for "violence". No credits were charged.',
+          code: 403,
+          metadata: { reasons: ["violence"], flagged_input: "...", provider_name: "Azure", model_slug: "openai/gpt-4o" },
+        };
+        // Without the fake's default type: OpenRouter's error has none.
+        upstream.script("moderated", { status: 403, error: { ...flagged, type: undefined } as never });
+        // More than the breaker's threshold of them in a row, whole and streamed.
+        for (let i = 0; i < 6; i++) {
+          const e = await apiError(sdk().chat.completions.create({ model: "moderated", messages: hello, stream: i % 2 === 1 }));
+          expectShape(e, 403, "upstream_rejected", "invalid_request_error");
+          expect(e.error).toMatchObject({ message: flagged.message, param: null });
+          const m = await gateway.row(e.headers?.get("x-request-id") ?? "");
+          expect(m).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 403, retries: 0 });
+        }
+        upstream.script("moderated", {});
+        const completion = await sdk().chat.completions.create({ model: "moderated", messages: hello });
+        expect(completion.model).toBe("moderated-fake");
+        expect(upstream.seen("moderated")).toHaveLength(7);
       });
 
       test("a 404 naming the request's model (a chat call to an embedding model) is the client's; the breaker stays closed", async () => {

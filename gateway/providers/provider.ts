@@ -57,8 +57,9 @@ export interface Provider {
 
 /**
  * How an upstream attempt failed, which decides what the gateway does next:
- * "rejected" (the upstream refused the request itself, 400/413/422, a 404 naming the request's parameter, or a 429 for
- * a prompt over its whole rate limit, which the other targets are asked first) fails the request as the client's fault,
+ * "rejected" (the upstream refused the request itself, 400/413/422, a 404 naming the request's parameter, a 403 for an
+ * input its moderation flagged, or a 429 for a prompt over its whole rate limit, which the other targets are asked
+ * first) fails the request as the client's fault,
  * "transient" (connection, 408/409/429/5xx, unreadable answers) and "timeout" may be retried on the same target,
  * "misconfigured" (401/403/404 and other 4xx, missing key, an account out of quota) moves on to the next target,
  * "cancelled" stops.
@@ -104,6 +105,7 @@ export class UpstreamError extends Error {
 export function failureOfStatus(status: number, error?: UpstreamErrorBody): UpstreamFailure {
   if (status === 400 || status === 413 || status === 422 || overRateLimit(status, error)) return "rejected";
   if (status === 404 && namesParameter(error)) return "rejected";
+  if (status === 403 && flaggedInput(error)) return "rejected";
   // Out of credit is not transient: retrying the account only delays the next target.
   if (outOfQuota(status, error)) return "misconfigured";
   if (status === 408 || status === 409 || status === 429 || status >= 500) return "transient";
@@ -128,6 +130,15 @@ function namesParameter(error: UpstreamErrorBody | undefined): boolean {
   return error?.param != null && error.code !== "model_not_found";
 }
 
+/**
+ * OpenRouter's 403 for a prompt its moderation flagged ("... requires moderation on Azure. Your input was flagged for
+ * \"violence\"."): the request's fault, as Azure's content filter 400 is, which must not open the target's breaker for
+ * everyone. Its other 403s (a key's limit or guardrail) are the operator's.
+ */
+function flaggedInput(error: UpstreamErrorBody | undefined): boolean {
+  return /\byour input was flagged\b/i.test(error?.message ?? "");
+}
+
 /** The upstream's account is out of credit (OpenAI's 429 insufficient_quota), as opposed to a rate limit. */
 export function outOfQuota(status: number | undefined, error: UpstreamErrorBody | undefined): boolean {
   return status === 429 && (error?.code === "insufficient_quota" || error?.type === "insufficient_quota");
@@ -138,8 +149,9 @@ const maxMessageLength = 2_000;
 const maxTextLength = 500;
 // type, param and code also travel as RPC metadata (header values): printable ASCII, short.
 const identifier = /^[\x20-\x7e]{1,128}$/;
-// The operator's OpenAI organization and project ids, which upstream messages name ("... in organization org-...").
-const accountIds = /\b(?:org-|proj_)[A-Za-z0-9]{6,}\b/g;
+// The operator's OpenAI organization and project ids, which upstream messages name ("... in organization org-..."),
+// and Groq's organization ids, which its refusals of a request too large name as `org_01htjxws48fm0rbbg5gnkgmbrh`.
+const accountIds = /\b(?:org[-_]|proj_)[A-Za-z0-9]{6,}\b/g;
 
 /**
  * The error in a refusal's `error` member: OpenAI's shape, or a string as its message; undefined without a message.
@@ -239,13 +251,14 @@ export interface MeteredTokens {
  * is rounded up (a token begun is billed), cached input is at most the input and reasoning at most the output (which
  * takes in reasoning an upstream counts beside its completion tokens, see reasoningApart). A
  * prompt or completion count that is missing or no count at all (negative, not a number, past the contract's
- * 2^31) is counted by `estimate` instead, and the tokens are then marked estimated.
+ * 2^31), or a prompt of 0 tokens, is counted by `estimate` instead, and the tokens are then marked estimated.
  */
 export async function meteredUsage(usage: unknown, estimate: TokenEstimates): Promise<MeteredTokens> {
   const reported = record(usage);
   let estimated = false;
   let inputTokens = tokenCount(reported.prompt_tokens);
-  if (inputTokens === undefined) {
+  // No request has an empty prompt: 0 is a prompt the upstream did not count, as Ollama reports one it had cached.
+  if (inputTokens === undefined || inputTokens === 0n) {
     inputTokens = BigInt(await estimate.input());
     estimated = true;
   }
