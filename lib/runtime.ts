@@ -42,14 +42,11 @@ export function createRuntime(service: string, config: RuntimeConfig): Runtime {
         "set a token of your own anywhere but a developer's machine",
     );
   }
-  // An error nothing caught ends the process, as it would without these, but told in one JSON line like every other
-  // (a stack printed over several lines is several unreadable records to a log pipeline).
-  const crash = (what: string) => (err: unknown) => {
-    log.error(`crashed: ${what}`, { err });
-    process.exit(1);
-  };
-  process.on("uncaughtException", crash("uncaught exception"));
-  process.on("unhandledRejection", crash("unhandled rejection"));
+  // An error nothing caught (a stray rejection, a throw in a timer) is told in one JSON line like every other, where
+  // Bun prints it over many lines that a log pipeline reads as many records; the process carries on, as Bun's does.
+  const uncaught = (what: string) => (err: unknown) => log.error(`uncaught: ${what}`, { err });
+  process.on("uncaughtException", uncaught("exception"));
+  process.on("unhandledRejection", uncaught("promise rejection"));
   const metrics = createMetrics(service);
   return {
     log,
