@@ -6,7 +6,7 @@ import type { ModelRoute, Target } from "./config.ts";
 import type { Call } from "./core.ts";
 import type { GatewayError } from "./errors.ts";
 import type { CallOptions, Provider } from "./providers/provider.ts";
-import { UpstreamError } from "./providers/provider.ts";
+import { failureOfStatus, UpstreamError } from "./providers/provider.ts";
 import { attemptOrder, createUpstreamRouter } from "./routing.ts";
 
 /** Park-Miller: a repeatable stream of numbers in [0, 1). */
@@ -221,6 +221,34 @@ describe("retries and fallback", () => {
     }
     expect(tooLarge.breakers.state("a/a-model")).toBe("closed");
     expect(tooLarge.attempts.map((a) => a.provider)).toEqual(["a", "a", "a", "a", "a"]);
+  });
+
+  test("an input OpenRouter's moderation flagged goes to the next target; refused by every one, it is the client's 403", async () => {
+    const flagged = {
+      message: 'openai/gpt-4o requires moderation on Azure. Your input was flagged for "violence". No credits were charged.',
+      type: null,
+      param: null,
+      code: null,
+    };
+    const moderated = (p: string) =>
+      new UpstreamError(failureOfStatus(403, flagged), `${p} answered 403: ${flagged.message}`, 403, undefined, flagged);
+    // OpenRouter moderates for some providers only: another target may serve the request.
+    const fallback = setup([t("a"), t("b")], { retries: 2 }, async (p) => {
+      if (p === "a") throw moderated(p);
+      return p;
+    });
+    expect(await fallback.run()).toBe("b");
+    expect(fallback.attempts.map((a) => a.provider)).toEqual(["a", "b"]);
+
+    const alone = setup([t("a")], { retries: 2 }, async (p) => {
+      throw moderated(p);
+    });
+    for (let i = 0; i < 5; i++) {
+      const e = await failure(alone.run());
+      expect([e.status, e.type, e.message]).toEqual([403, "invalid_request_error", flagged.message]);
+    }
+    expect(alone.attempts).toHaveLength(5);
+    expect(alone.breakers.state("a/a-model")).toBe("closed");
   });
 
   test("an upstream account out of quota is not retried and falls back; alone it is 502 upstream_quota_exceeded, not 429", async () => {

@@ -15,7 +15,7 @@ import {
   upstreamUnavailable,
 } from "./errors.ts";
 import type { CallOptions, Provider } from "./providers/provider.ts";
-import { outOfQuota, overRateLimit, UpstreamError } from "./providers/provider.ts";
+import { outOfQuota, refusedByTarget, UpstreamError } from "./providers/provider.ts";
 
 /** One upstream attempt: send the request to `provider` as upstream `model`. */
 export type Attempt<T> = (provider: Provider, model: string, options: CallOptions) => Promise<T>;
@@ -107,8 +107,8 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
       const order = attemptOrder(route.targets, random);
       let attempts = 0;
       let last: UpstreamError | undefined;
-      // A prompt over a target's whole rate limit, which the client gets only if no other target takes it.
-      let tooLarge: UpstreamError | undefined;
+      // A refusal by one target alone (see refusedByTarget), which the client gets only if no other target takes it.
+      let refused: UpstreamError | undefined;
       let skipped = 0;
       let held = 0;
       let waitMs = Number.POSITIVE_INFINITY;
@@ -171,10 +171,10 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
               breakers.abandon(key, call);
               throw requestTimeout(limitMs);
             }
-            if (last.failure === "rejected" && overRateLimit(last.status ?? 0, last.error)) {
-              // Over this account's limit, not every account's: on to the next target; nothing said about this one.
+            if (last.failure === "rejected" && refusedByTarget(last.status ?? 0, last.error)) {
+              // This target's refusal, not every target's: on to the next; nothing said about this one.
               breakers.abandon(key, call);
-              tooLarge = last;
+              refused = last;
               break;
             }
             if (last.failure === "rejected") {
@@ -204,7 +204,7 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
           }
         }
       }
-      if (tooLarge) throw upstreamRejected(route.name, tooLarge.status ?? 429, tooLarge.error);
+      if (refused) throw upstreamRejected(route.name, refused.status ?? 429, refused.error);
       if (!last && skipped > 0 && held === skipped) {
         const retryAfterS = Math.max(1, Math.ceil(waitMs / 1000));
         throw upstreamRateLimited(`Every upstream of \`${route.name}\` asked to wait; retry later.`, retryAfterS);

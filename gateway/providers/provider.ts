@@ -139,6 +139,14 @@ function flaggedInput(error: UpstreamErrorBody | undefined): boolean {
   return /\byour input was flagged\b/i.test(error?.message ?? "");
 }
 
+/**
+ * A refusal of the request by this target alone, which another may serve: over its account's whole rate limit, or
+ * flagged by OpenRouter's moderation (applied for some of its providers only).
+ */
+export function refusedByTarget(status: number, error: UpstreamErrorBody | undefined): boolean {
+  return overRateLimit(status, error) || (status === 403 && flaggedInput(error));
+}
+
 /** The upstream's account is out of credit (OpenAI's 429 insufficient_quota), as opposed to a rate limit. */
 export function outOfQuota(status: number | undefined, error: UpstreamErrorBody | undefined): boolean {
   return status === 429 && (error?.code === "insufficient_quota" || error?.type === "insufficient_quota");
