@@ -1577,6 +1577,11 @@ for (const port of ["rpc", "rest"] as const) {
         const e = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
         expectShape(e, 413, "rate_limit_exceeded", "tokens");
         expect(e.error).toMatchObject({ message: message("[redacted]") });
+        // A word of the client's that begins the same way is the client's own.
+        const tool = "Invalid schema for function 'org_lookupuser': 'object' is not valid.";
+        upstream.script("rejecting", { status: 400, error: { message: tool, type: "invalid_request_error", code: null } });
+        const own = await apiError(sdk().chat.completions.create({ model: "rejecting", messages: hello }));
+        expect(own.error).toMatchObject({ message: tool });
       });
 
       test("a FastAPI-style 422 passes on where and why its validation failed", async () => {

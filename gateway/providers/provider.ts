@@ -159,7 +159,8 @@ const maxTextLength = 500;
 const identifier = /^[\x20-\x7e]{1,128}$/;
 // The operator's OpenAI organization and project ids, which upstream messages name ("... in organization org-..."),
 // and Groq's organization ids, which its refusals of a request too large name as `org_01htjxws48fm0rbbg5gnkgmbrh`.
-const accountIds = /\b(?:org[-_]|proj_)[A-Za-z0-9]{6,}\b/g;
+// Only Groq's shape (26 lower-case letters and digits): `org_` begins words of the client's own too (a tool's name).
+const accountIds = /\b(?:(?:org-|proj_)[A-Za-z0-9]{6,}|org_[0-9a-z]{26})\b/g;
 
 /**
  * The error in a refusal's `error` member: OpenAI's shape, or a string as its message; undefined without a message.
