@@ -519,6 +519,41 @@ describe("a client that takes its answer slowly, or takes nothing", () => {
     }
   }, 20_000);
 
+  test("a REST stream over HTTP/2 whose client resets it is metered cancelled and its upstream call stopped", async () => {
+    upstream.reset();
+    upstream.script("ok", { content: "word ".repeat(400), chunkDelayMs: 5 });
+    const session = http2.connect(served.url);
+    session.on("error", () => {});
+    try {
+      const stream = session.request({
+        ":method": "POST",
+        ":path": "/v1/chat/completions",
+        "content-type": "application/json",
+        authorization: "Bearer sk-good",
+      });
+      stream.on("error", () => {});
+      const requestId = new Promise<string>((resolve) => stream.once("response", (h) => resolve(String(h["x-request-id"]))));
+      // A few events, then the client cancels the stream (RST_STREAM), its session going on.
+      let events = 0;
+      stream.on("data", (d: Buffer) => {
+        events += d.toString().split("data: ").length - 1;
+        if (events >= 3 && !stream.closed) stream.close(http2.constants.NGHTTP2_CANCEL);
+      });
+      stream.end(JSON.stringify({ ...params, stream: true }));
+
+      // Within the 1 s idle limit and far short of the 400 chunks' 2 s: the reset itself ends it.
+      const row = await served.row(await requestId, 1_000);
+      expect(row).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, errorCode: "client_closed_request" });
+      expect(row.usage?.outputTokens).toBeGreaterThan(0n);
+      expect(row.usage?.outputTokens).toBeLessThan(400n);
+      // The upstream hears its connection close soon after.
+      for (let i = 0; i < 50 && !upstream.seen("ok")[0]?.aborted; i++) await Bun.sleep(20);
+      expect(upstream.seen("ok")[0]?.aborted).toBe(true);
+    } finally {
+      session.destroy();
+    }
+  }, 20_000);
+
   test("over Connect on HTTP/1.1, a client that stops reading for the idle limit has its connection closed", async () => {
     upstream.script("ok", { content: bigAnswer });
     const before = await cancelledStreams();

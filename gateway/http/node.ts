@@ -21,8 +21,10 @@ export function restRoutes(app: RestApp, options: { prefix?: string } = {}): Htt
 
 async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: string): Promise<void> {
   const gone = new AbortController();
+  // Closed before it was ended: the client left. Not writableFinished, which Bun sets on an HTTP/2 stream the client
+  // reset (RST_STREAM), whose stream then went on unread and unmetered, waiting for a drain that never comes.
   res.once("close", () => {
-    if (!res.writableFinished) gone.abort();
+    if (!res.writableEnded) gone.abort();
   });
   const query = url.indexOf("?");
   const request: RestRequest = {
@@ -46,7 +48,8 @@ async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: str
     while (!gone.signal.aborted) {
       const { done, value } = await events.next();
       if (done) break;
-      if (!out.write(value) && !(await drained(res, response.cutOff))) {
+      // A write to a response closed meanwhile never drains.
+      if (!out.write(value) && (gone.signal.aborted || !(await drained(res, response.cutOff)))) {
         ended = true;
         break;
       }
