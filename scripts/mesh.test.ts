@@ -1,6 +1,9 @@
 import { expect, test } from "bun:test";
+import { readdirSync } from "node:fs";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { runCommand } from "../lib/processes.ts";
+import { procStatFields, runCommand } from "../lib/processes.ts";
 
 const launcher = join(import.meta.dir, "mesh.ts");
 
@@ -15,3 +18,98 @@ test("the launcher reads MESH_READY_TIMEOUT_MS as a whole number in decimal digi
     expect(stderr).toContain(`MESH_READY_TIMEOUT_MS ("${value}"): must be a whole number in decimal digits`);
   }
 });
+
+/** `npm start` on a data directory of its own and free ports, its output read line by line. */
+function launch(dataDir: string) {
+  const proc = Bun.spawn([process.execPath, launcher], {
+    env: { ...process.env, MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", BILLING_PORT: "0", ANALYTICS_PORT: "0", GATEWAY_REST_PORT: "0" },
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  const lines: string[] = [];
+  const waiters: Array<() => void> = [];
+  const read = async (stream: ReadableStream<Uint8Array>) => {
+    const decoder = new TextDecoder();
+    let buffered = "";
+    for await (const chunk of stream) {
+      buffered += decoder.decode(chunk, { stream: true });
+      const parts = buffered.split("\n");
+      buffered = parts.pop() ?? "";
+      lines.push(...parts);
+      for (const wake of waiters.splice(0)) wake();
+    }
+  };
+  void read(proc.stdout);
+  void read(proc.stderr);
+  return {
+    proc,
+    lines,
+    async waitFor(pattern: RegExp, timeoutMs = 60_000): Promise<string> {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const line = lines.find((l) => pattern.test(l));
+        if (line !== undefined) return line;
+        if (Date.now() > deadline || proc.exitCode !== null) throw new Error(`no ${pattern} in:\n${lines.join("\n")}`);
+        await new Promise<void>((wake) => {
+          waiters.push(wake);
+          setTimeout(wake, 100);
+        });
+      }
+    },
+  };
+}
+
+/** The launcher's services and the postgres billing started. */
+function meshPids(launcherPid: number, lines: string[]): number[] {
+  const children = readdirSync("/proc")
+    .map(Number)
+    .filter((pid) => Number.isInteger(pid) && procStatFields(pid)?.[1] === String(launcherPid));
+  const postgres = lines.flatMap((l) => /"msg":"postgres started".*"pid":(\d+)/.exec(l)?.[1] ?? []).map(Number);
+  return [...children, ...postgres];
+}
+
+function running(pid: number): boolean {
+  const state = procStatFields(pid)?.[0];
+  return state !== undefined && state !== "Z";
+}
+
+test.each(["SIGINT", "SIGTERM"] as const)(
+  "%s to the launcher while services start stops those started, postgres too, and says so",
+  async (signal) => {
+    const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+    const mesh = launch(dataDir);
+    try {
+      // Billing is ready (and its postgres up); analytics is starting.
+      await mesh.waitFor(/^\[analytics\] /);
+      const pids = meshPids(mesh.proc.pid, mesh.lines);
+      expect(pids.length).toBeGreaterThanOrEqual(3);
+      mesh.proc.kill(signal);
+      expect(await mesh.proc.exited).toBe(0);
+      expect(mesh.lines).toContain("stopped before the mesh was ready");
+      expect(pids.filter(running)).toEqual([]);
+    } finally {
+      mesh.proc.kill("SIGKILL");
+      await rm(dataDir, { recursive: true, force: true });
+    }
+  },
+  90_000,
+);
+
+test("a closed terminal (SIGHUP) stops the running mesh as Ctrl-C does, leaving no service behind", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  const mesh = launch(dataDir);
+  try {
+    await mesh.waitFor(/^Ctrl-C stops everything/);
+    const pids = meshPids(mesh.proc.pid, mesh.lines);
+    expect(pids.length).toBe(4);
+    mesh.proc.kill("SIGHUP");
+    expect(await mesh.proc.exited).toBe(0);
+    expect(mesh.lines.find((l) => l.startsWith("stopped: "))).toBe(
+      'stopped: {"gateway":0,"analytics":0,"billing":0}',
+    );
+    expect(pids.filter(running)).toEqual([]);
+  } finally {
+    mesh.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);

@@ -27,6 +27,10 @@ export interface MeshOptions {
   serviceEnv?: Partial<Record<ServiceName, Record<string, string | undefined>>>;
   onLine?: (service: ServiceName, line: string) => void;
   readyTimeoutMs?: number;
+  /** Aborted while services start, it stops those started so far and rejects. */
+  signal?: AbortSignal;
+  /** Told of each service as it is spawned, before it is ready. */
+  onSpawn?: (service: ServiceProcess) => void;
 }
 
 export type ServiceName = "billing" | "analytics" | "gateway";
@@ -100,14 +104,23 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     }
     return codes;
   };
+  const { signal } = options;
+  const interrupted = new Promise<never>((_, reject) => {
+    const abort = () => reject(new Error("stopped before the mesh was ready"));
+    if (signal?.aborted) abort();
+    else signal?.addEventListener("abort", abort, { once: true });
+  });
+  interrupted.catch(() => {});
   try {
     // The gateway is ready only once billing answers, and its metrics stream to analytics connects at once rather
     // than after a backoff (up to 10 s) that would hold back the first usage.
     for (const name of ["billing", "analytics", "gateway"] as const) {
-      await pick(name);
+      await Promise.race([pick(name), interrupted]);
       processes[name] = spawn(name);
-      await processes[name].ready;
+      options.onSpawn?.(processes[name]);
+      await Promise.race([processes[name].ready, interrupted]);
     }
+    if (signal?.aborted) throw new Error("stopped before the mesh was ready");
   } catch (e) {
     await stop();
     throw e;
@@ -177,31 +190,43 @@ if (import.meta.main) {
   });
   const dataDir = path.resolve(cfg.MESH_DATA_DIR);
   const started = Date.now();
-  const mesh = await startMesh({
-    dataDir,
-    adminToken: cfg.ADMIN_TOKEN,
-    ports: { gateway: cfg.GATEWAY_PORT, billing: cfg.BILLING_PORT, analytics: cfg.ANALYTICS_PORT, openai: cfg.GATEWAY_REST_PORT },
-    readyTimeoutMs: cfg.MESH_READY_TIMEOUT_MS,
-  }).catch((e: Error) => {
-    process.stderr.write(`mesh failed to start: ${e.message}\n`);
-    process.exit(1);
-  });
+  const spawned: ServiceProcess[] = [];
+  const interrupt = new AbortController();
+  let mesh: Mesh | undefined;
   let stopping = false;
   const shutdown = async () => {
     if (stopping) return;
     stopping = true;
     process.stdout.write("\nstopping the mesh...\n");
+    // Still starting: startMesh stops the services started so far.
+    if (!mesh) return interrupt.abort();
     const codes = await mesh.stop();
     process.stdout.write(`stopped: ${JSON.stringify(codes)}\n`);
     process.exit(Object.values(codes).every((c) => c === 0) ? 0 : 1);
   };
-  process.on("SIGINT", shutdown);
-  process.on("SIGTERM", shutdown);
+  // From the start, so Ctrl-C while services start, or a closed terminal (SIGHUP) at any time, stops them in order
+  // rather than ending the launcher alone and leaving them running on their ports and data directories.
+  for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(signal, shutdown);
   // Services run in their own process groups; never leave them behind, even if the launcher crashes
   // or its terminal pipe closes under it.
   process.stdout.on("error", () => {});
   process.on("exit", () => {
-    for (const p of Object.values(mesh.processes)) p.proc.kill("SIGTERM");
+    for (const p of spawned) p.proc.kill("SIGTERM");
+  });
+  mesh = await startMesh({
+    dataDir,
+    adminToken: cfg.ADMIN_TOKEN,
+    ports: { gateway: cfg.GATEWAY_PORT, billing: cfg.BILLING_PORT, analytics: cfg.ANALYTICS_PORT, openai: cfg.GATEWAY_REST_PORT },
+    readyTimeoutMs: cfg.MESH_READY_TIMEOUT_MS,
+    signal: interrupt.signal,
+    onSpawn: (p) => spawned.push(p),
+  }).catch((e: Error) => {
+    if (interrupt.signal.aborted) {
+      process.stdout.write("stopped before the mesh was ready\n");
+      process.exit(0);
+    }
+    process.stderr.write(`mesh failed to start: ${e.message}\n`);
+    process.exit(1);
   });
   for (const p of Object.values(mesh.processes)) {
     void p.proc.exited.then((code) => {
