@@ -22,7 +22,11 @@ test("the launcher reads MESH_READY_TIMEOUT_MS as a whole number in decimal digi
 /** `npm start` on a data directory of its own and free ports, its output read line by line. */
 function launch(dataDir: string) {
   const proc = Bun.spawn([process.execPath, launcher], {
-    env: { ...process.env, MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", BILLING_PORT: "0", ANALYTICS_PORT: "0", GATEWAY_REST_PORT: "0" },
+    env: {
+      ...process.env,
+      MESH_DATA_DIR: dataDir,
+      ...{ GATEWAY_PORT: "0", BILLING_PORT: "0", ANALYTICS_PORT: "0", GATEWAY_REST_PORT: "0" },
+    },
     stdout: "pipe",
     stderr: "pipe",
   });
@@ -113,3 +117,58 @@ test("a closed terminal (SIGHUP) stops the running mesh as Ctrl-C does, leaving 
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 90_000);
+
+test("a second npm start on the data directory of a running one is refused in one line, the first runs on", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  const first = launch(dataDir);
+  let second: ReturnType<typeof launch> | undefined;
+  try {
+    await first.waitFor(/^Ctrl-C stops everything/);
+    const pids = meshPids(first.proc.pid, first.lines);
+    second = launch(dataDir);
+    const code = await Promise.race([second.proc.exited, Bun.sleep(30_000).then(() => "still running")]);
+    expect(code).toBe(1);
+    expect(second.lines).toEqual([
+      `mesh failed to start: another npm start (pid ${first.proc.pid}) is running the mesh on ${dataDir}: stop it ` +
+        `first (Ctrl-C in its terminal, or kill ${first.proc.pid}), or give this one another MESH_DATA_DIR`,
+    ]);
+    expect(pids.filter(running)).toEqual(pids);
+    first.proc.kill("SIGINT");
+    expect(await first.proc.exited).toBe(0);
+  } finally {
+    first.proc.kill("SIGKILL");
+    second?.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
+test("npm start after one killed by kill -9 stops the services it left running, then starts with the same key", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  const first = launch(dataDir);
+  let second: ReturnType<typeof launch> | undefined;
+  try {
+    const key = await first.waitFor(/^OPENAI_API_KEY=/);
+    await first.waitFor(/^Ctrl-C stops everything/);
+    const services = readdirSync("/proc")
+      .map(Number)
+      .filter((pid) => procStatFields(pid)?.[1] === String(first.proc.pid));
+    const pids = meshPids(first.proc.pid, first.lines);
+    first.proc.kill("SIGKILL");
+    await first.proc.exited;
+    expect(pids.filter(running)).toEqual(pids);
+
+    second = launch(dataDir);
+    expect(await second.waitFor(/^OPENAI_API_KEY=/)).toBe(key);
+    await second.waitFor(/^Ctrl-C stops everything/);
+    const left = /^stopping \w+ \(pid (\d+)\), left running by an npm start that was killed$/;
+    const stopped = second.lines.flatMap((l) => left.exec(l)?.[1] ?? []);
+    expect(stopped.map(Number).sort()).toEqual(services.sort());
+    expect(pids.filter(running)).toEqual([]);
+    second.proc.kill("SIGINT");
+    expect(await second.proc.exited).toBe(0);
+  } finally {
+    first.proc.kill("SIGKILL");
+    second?.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 120_000);

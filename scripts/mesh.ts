@@ -3,12 +3,13 @@
  * all are ready, makes sure a demo org and API key exist, and stops everything on Ctrl-C.
  * `startMesh` is also what the end-to-end tests use.
  */
-import { mkdir, readFile, writeFile } from "node:fs/promises";
+import { unlinkSync } from "node:fs";
+import { link, mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import * as path from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
-import { freePort, type ServiceProcess, spawnService } from "../lib/processes.ts";
+import { freePort, procStatFields, type ServiceProcess, spawnService } from "../lib/processes.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 
 const root = path.resolve(import.meta.dir, "..");
@@ -178,6 +179,115 @@ async function writeDemo(file: string, baseUrl: string, apiKey: string) {
   await writeFile(file, `export OPENAI_BASE_URL=${baseUrl}\nexport OPENAI_API_KEY=${apiKey}\n`, { mode: 0o600 });
 }
 
+/** A process by its pid and its start time (pids are reused), as recorded in a launcher's lock file. */
+interface ProcessId {
+  pid: number;
+  start?: string;
+}
+
+interface LockContent {
+  launcher: ProcessId;
+  services: Partial<Record<ServiceName, ProcessId>>;
+}
+
+function processId(pid: number): ProcessId {
+  return { pid, start: procStatFields(pid)?.[19] };
+}
+
+/** Whether that very process still runs: same pid, same start time, not a zombie. */
+function runs(id: ProcessId): boolean {
+  const fields = procStatFields(id.pid);
+  if (fields) return fields[0] !== "Z" && fields[19] === id.start;
+  try {
+    // No /proc: the pid alone.
+    process.kill(id.pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+export interface DataDirLock {
+  /** Records a service the launcher started, so a next launcher stops it if this one is killed before it can. */
+  add(name: ServiceName, pid: number): Promise<void>;
+  /** Removes the lock file (synchronous, for an exit hook). */
+  release(): void;
+}
+
+/**
+ * Takes `<dataDir>/mesh.pid` for this launcher: a launcher still running on the directory is refused (a second one
+ * would stop its Postgres and answer with its services), and the services of one that was killed (kill -9, a crash)
+ * and still hold their ports and data are stopped first, gateway to billing.
+ */
+export async function lockDataDir(
+  dataDir: string,
+  say: (line: string) => void = (line) => process.stdout.write(`${line}\n`),
+): Promise<DataDirLock> {
+  const file = path.join(dataDir, "mesh.pid");
+  const content: LockContent = { launcher: processId(process.pid), services: {} };
+  // Written whole to a file of its own, then linked into place: a reader never sees it half written.
+  const write = async (target: "link" | "rename") => {
+    const temp = `${file}.${process.pid}`;
+    await writeFile(temp, `${JSON.stringify(content)}\n`, { mode: 0o600 });
+    try {
+      await (target === "link" ? link(temp, file) : rename(temp, file));
+    } finally {
+      await rm(temp, { force: true });
+    }
+  };
+  let writing = Promise.resolve();
+  await mkdir(dataDir, { recursive: true, mode: 0o700 });
+  for (;;) {
+    try {
+      await write("link");
+      break;
+    } catch (e) {
+      // A full disk or a read-only directory: which file, which error (ENOSPC says "write" alone).
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") {
+        throw new Error(`cannot write ${file}: ${(e as Error).message}`);
+      }
+    }
+    const text = await readFile(file, "utf8").catch(() => "");
+    let held: LockContent | undefined;
+    try {
+      held = JSON.parse(text) as LockContent;
+    } catch {
+      // Not one a launcher wrote: nothing to stop.
+    }
+    if (held?.launcher && runs(held.launcher)) {
+      throw new Error(
+        `another npm start (pid ${held.launcher.pid}) is running the mesh on ${dataDir}: stop it first ` +
+          `(Ctrl-C in its terminal, or kill ${held.launcher.pid}), or give this one another MESH_DATA_DIR`,
+      );
+    }
+    for (const name of ["gateway", "analytics", "billing"] as const) {
+      const service = held?.services?.[name];
+      if (!service || !runs(service)) continue;
+      say(`stopping ${name} (pid ${service.pid}), left running by an npm start that was killed`);
+      process.kill(service.pid, "SIGTERM");
+      const deadline = Date.now() + 20_000;
+      while (runs(service) && Date.now() < deadline) await Bun.sleep(50);
+      if (runs(service)) process.kill(service.pid, "SIGKILL");
+    }
+    await rm(file, { force: true });
+  }
+  return {
+    add(name, pid) {
+      content.services[name] = processId(pid);
+      // One write at a time: they share their temporary file.
+      writing = writing.catch(() => {}).then(() => write("rename"));
+      return writing;
+    },
+    release() {
+      try {
+        unlinkSync(file);
+      } catch {
+        // already gone
+      }
+    },
+  };
+}
+
 if (import.meta.main) {
   const cfg = loadEnvOrExit({
     MESH_DATA_DIR: commonEnv.MESH_DATA_DIR,
@@ -190,6 +300,10 @@ if (import.meta.main) {
   });
   const dataDir = path.resolve(cfg.MESH_DATA_DIR);
   const started = Date.now();
+  const lock = await lockDataDir(dataDir).catch((e: Error) => {
+    process.stderr.write(`mesh failed to start: ${e.message}\n`);
+    process.exit(1);
+  });
   const spawned: ServiceProcess[] = [];
   const interrupt = new AbortController();
   let mesh: Mesh | undefined;
@@ -212,6 +326,8 @@ if (import.meta.main) {
   process.stdout.on("error", () => {});
   process.on("exit", () => {
     for (const p of spawned) p.proc.kill("SIGTERM");
+    // Those still stopping (the launcher crashed) are left in the lock file for the next start to wait for.
+    if (spawned.every((p) => p.proc.exitCode !== null || p.proc.signalCode !== null)) lock.release();
   });
   mesh = await startMesh({
     dataDir,
@@ -219,7 +335,12 @@ if (import.meta.main) {
     ports: { gateway: cfg.GATEWAY_PORT, billing: cfg.BILLING_PORT, analytics: cfg.ANALYTICS_PORT, openai: cfg.GATEWAY_REST_PORT },
     readyTimeoutMs: cfg.MESH_READY_TIMEOUT_MS,
     signal: interrupt.signal,
-    onSpawn: (p) => spawned.push(p),
+    onSpawn: (p) => {
+      spawned.push(p);
+      lock.add(p.name as ServiceName, p.proc.pid).catch((e: Error) => {
+        process.stderr.write(`cannot record ${p.name}'s pid in ${dataDir}: ${e.message}\n`);
+      });
+    },
   }).catch((e: Error) => {
     if (interrupt.signal.aborted) {
       process.stdout.write("stopped before the mesh was ready\n");
