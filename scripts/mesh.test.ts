@@ -20,12 +20,13 @@ test("the launcher reads MESH_READY_TIMEOUT_MS as a whole number in decimal digi
 });
 
 /** `npm start` on a data directory of its own and free ports, its output read line by line. */
-function launch(dataDir: string) {
+function launch(dataDir: string, env: Record<string, string> = {}) {
   const proc = Bun.spawn([process.execPath, launcher], {
     env: {
       ...process.env,
       MESH_DATA_DIR: dataDir,
       ...{ GATEWAY_PORT: "0", BILLING_PORT: "0", ANALYTICS_PORT: "0", GATEWAY_REST_PORT: "0" },
+      ...env,
     },
     stdout: "pipe",
     stderr: "pipe",
@@ -172,3 +173,24 @@ test("npm start after one killed by kill -9 stops the services it left running, 
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 120_000);
+
+test("a port another program holds, one answering every probe, is refused in one line before anything starts", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  // Another checkout's mesh, say: ready to any probe.
+  const other = Bun.serve({ port: 0, hostname: "127.0.0.1", fetch: () => new Response("ok") });
+  const mesh = launch(dataDir, { BILLING_PORT: String(other.port) });
+  try {
+    const code = await Promise.race([mesh.proc.exited, Bun.sleep(30_000).then(() => "still running")]);
+    expect(code).toBe(1);
+    expect(mesh.lines).toEqual([
+      `mesh failed to start: port ${other.port} (BILLING_PORT) is in use by another program: stop it, ` +
+        "or set BILLING_PORT to a free port",
+    ]);
+    expect(readdirSync(dataDir)).toEqual([]);
+  } finally {
+    mesh.proc.kill("SIGINT");
+    await mesh.proc.exited;
+    await other.stop(true);
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 60_000);

@@ -5,6 +5,7 @@
  */
 import { unlinkSync } from "node:fs";
 import { link, mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import * as net from "node:net";
 import * as path from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
@@ -65,6 +66,14 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
       if (!Object.values(ports).includes(port)) return port;
     }
   };
+  // A port another program holds would answer the readiness probe in its service's place (another checkout's mesh
+  // does, as ready), and the service started for it fails only after those before it: refused at once, in one line.
+  for (const [name, variable] of Object.entries(portVariables) as [keyof typeof portVariables, string][]) {
+    const port = options.ports[name];
+    if (port && (await portInUse(port))) {
+      throw new Error(`port ${port} (${variable}) is in use by another program: stop it, or set ${variable} to a free port`);
+    }
+  }
   const pick = async (name: ServiceName) => {
     ports[name] ||= options.ports[name] || (await unused());
     if (name === "gateway") ports.openai ||= options.ports.openai || (await unused());
@@ -137,6 +146,22 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     },
     stop,
   };
+}
+
+const portVariables = {
+  billing: "BILLING_PORT",
+  analytics: "ANALYTICS_PORT",
+  gateway: "GATEWAY_PORT",
+  openai: "GATEWAY_REST_PORT",
+} as const;
+
+/** Whether something listens on `port`, so that a service listening on every address, as they do, cannot. */
+function portInUse(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = net.createServer();
+    server.once("error", (e: NodeJS.ErrnoException) => resolve(e.code === "EADDRINUSE"));
+    server.listen(port, "0.0.0.0", () => server.close(() => resolve(false)));
+  });
 }
 
 /** The entries that have a value, as environment strings. */
