@@ -159,3 +159,36 @@ test("with BILLING_PORT taken it exits 1, one JSON error line naming it, its emb
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 90_000);
+
+test.each(["initialising postgres cluster", "postgres started"])(
+  "SIGTERM while it starts (at %p) stops its embedded postgres before it exits, as npm start's Ctrl-C does",
+  async (at) => {
+    const dataDir = await mkdtemp(join(tmpdir(), "billing-main-"));
+    const port = await freePort();
+    const lines: string[] = [];
+    let signalled = false;
+    const billing = spawnBilling(dataDir, port, "info", (line) => {
+      lines.push(line);
+      if (!signalled && line.includes(`"msg":"${at}"`)) {
+        signalled = true;
+        billing.proc.kill("SIGTERM");
+      }
+    });
+    billing.ready.catch(() => {});
+    let pid: number | undefined;
+    try {
+      const code = await Promise.race([billing.proc.exited, Bun.sleep(30_000).then(() => "still running")]);
+      expect(signalled).toBe(true);
+      pid = Number(/"msg":"postgres started".*"pid":(\d+)/.exec(lines.join("\n"))?.[1]);
+      expect(pid).toBeGreaterThan(0);
+      expect(code).toBe(0);
+      expect(isAlive(pid)).toBe(false);
+      expect(lines.some((line) => line.includes('"msg":"postgres stopped"'))).toBe(true);
+    } finally {
+      await billing.stop("SIGKILL");
+      if (pid && isAlive(pid)) process.kill(pid, "SIGKILL");
+      await rm(dataDir, { recursive: true, force: true });
+    }
+  },
+  90_000,
+);

@@ -21,6 +21,12 @@ const cfg = loadEnvOrExit({
 const runtime = createRuntime("billing", cfg);
 const { log } = runtime;
 
+// A SIGTERM or Ctrl-C while the embedded server starts or migrations run (npm start stopped while it starts) would end
+// billing alone and leave that server running on its data directory: it is held until billing serves, then stops it.
+const held: NodeJS.Signals[] = [];
+const hold = (signal: NodeJS.Signals) => held.push(signal);
+if (!cfg.DATABASE_URL) for (const signal of ["SIGTERM", "SIGINT"] as const) process.on(signal, hold);
+
 // A start-up failure is one JSON error line and exit 1, as every line of the process is JSON, not an uncaught stack.
 const embedded = cfg.DATABASE_URL
   ? undefined
@@ -95,3 +101,5 @@ stopOnSignals(log, async () => {
   await embedded?.stop();
   await runtime.telemetry.shutdown();
 });
+for (const signal of ["SIGTERM", "SIGINT"] as const) process.off(signal, hold);
+if (held[0]) process.kill(process.pid, held[0]);

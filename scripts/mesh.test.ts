@@ -1,6 +1,9 @@
 import { expect, test } from "bun:test";
+import { readdirSync } from "node:fs";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { runCommand } from "../lib/processes.ts";
+import { procStatFields, runCommand } from "../lib/processes.ts";
 
 const launcher = join(import.meta.dir, "mesh.ts");
 
@@ -15,3 +18,179 @@ test("the launcher reads MESH_READY_TIMEOUT_MS as a whole number in decimal digi
     expect(stderr).toContain(`MESH_READY_TIMEOUT_MS ("${value}"): must be a whole number in decimal digits`);
   }
 });
+
+/** `npm start` on a data directory of its own and free ports, its output read line by line. */
+function launch(dataDir: string, env: Record<string, string> = {}) {
+  const proc = Bun.spawn([process.execPath, launcher], {
+    env: {
+      ...process.env,
+      MESH_DATA_DIR: dataDir,
+      ...{ GATEWAY_PORT: "0", BILLING_PORT: "0", ANALYTICS_PORT: "0", GATEWAY_REST_PORT: "0" },
+      ...env,
+    },
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  const lines: string[] = [];
+  const waiters: Array<() => void> = [];
+  const read = async (stream: ReadableStream<Uint8Array>) => {
+    const decoder = new TextDecoder();
+    let buffered = "";
+    for await (const chunk of stream) {
+      buffered += decoder.decode(chunk, { stream: true });
+      const parts = buffered.split("\n");
+      buffered = parts.pop() ?? "";
+      lines.push(...parts);
+      for (const wake of waiters.splice(0)) wake();
+    }
+  };
+  void read(proc.stdout);
+  void read(proc.stderr);
+  return {
+    proc,
+    lines,
+    async waitFor(pattern: RegExp, timeoutMs = 60_000): Promise<string> {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const line = lines.find((l) => pattern.test(l));
+        if (line !== undefined) return line;
+        if (Date.now() > deadline || proc.exitCode !== null) throw new Error(`no ${pattern} in:\n${lines.join("\n")}`);
+        await new Promise<void>((wake) => {
+          waiters.push(wake);
+          setTimeout(wake, 100);
+        });
+      }
+    },
+  };
+}
+
+/** The launcher's services and the postgres billing started. */
+function meshPids(launcherPid: number, lines: string[]): number[] {
+  const children = readdirSync("/proc")
+    .map(Number)
+    .filter((pid) => Number.isInteger(pid) && procStatFields(pid)?.[1] === String(launcherPid));
+  const postgres = lines.flatMap((l) => /"msg":"postgres started".*"pid":(\d+)/.exec(l)?.[1] ?? []).map(Number);
+  return [...children, ...postgres];
+}
+
+function running(pid: number): boolean {
+  const state = procStatFields(pid)?.[0];
+  return state !== undefined && state !== "Z";
+}
+
+test.each(["SIGINT", "SIGTERM"] as const)(
+  "%s to the launcher while services start stops those started, postgres too, and says so",
+  async (signal) => {
+    const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+    const mesh = launch(dataDir);
+    try {
+      // Billing is ready (and its postgres up); analytics is starting.
+      await mesh.waitFor(/^\[analytics\] /);
+      const pids = meshPids(mesh.proc.pid, mesh.lines);
+      expect(pids.length).toBeGreaterThanOrEqual(3);
+      mesh.proc.kill(signal);
+      expect(await mesh.proc.exited).toBe(0);
+      expect(mesh.lines).toContain("stopped before the mesh was ready");
+      expect(pids.filter(running)).toEqual([]);
+    } finally {
+      mesh.proc.kill("SIGKILL");
+      await rm(dataDir, { recursive: true, force: true });
+    }
+  },
+  90_000,
+);
+
+test("a closed terminal (SIGHUP) stops the running mesh as Ctrl-C does, leaving no service behind", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  const mesh = launch(dataDir);
+  try {
+    await mesh.waitFor(/^Ctrl-C stops everything/);
+    const pids = meshPids(mesh.proc.pid, mesh.lines);
+    expect(pids.length).toBe(4);
+    mesh.proc.kill("SIGHUP");
+    expect(await mesh.proc.exited).toBe(0);
+    expect(mesh.lines.find((l) => l.startsWith("stopped: "))).toBe(
+      'stopped: {"gateway":0,"analytics":0,"billing":0}',
+    );
+    expect(pids.filter(running)).toEqual([]);
+  } finally {
+    mesh.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
+test("a second npm start on the data directory of a running one is refused in one line, the first runs on", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  const first = launch(dataDir);
+  let second: ReturnType<typeof launch> | undefined;
+  try {
+    await first.waitFor(/^Ctrl-C stops everything/);
+    const pids = meshPids(first.proc.pid, first.lines);
+    second = launch(dataDir);
+    const code = await Promise.race([second.proc.exited, Bun.sleep(30_000).then(() => "still running")]);
+    expect(code).toBe(1);
+    expect(second.lines).toEqual([
+      `mesh failed to start: another npm start (pid ${first.proc.pid}) is running the mesh on ${dataDir}: stop it ` +
+        `first (Ctrl-C in its terminal, or kill ${first.proc.pid}), or give this one another MESH_DATA_DIR`,
+    ]);
+    expect(pids.filter(running)).toEqual(pids);
+    first.proc.kill("SIGINT");
+    expect(await first.proc.exited).toBe(0);
+  } finally {
+    first.proc.kill("SIGKILL");
+    second?.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
+test("npm start after one killed by kill -9 stops the services it left running, then starts with the same key", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  const first = launch(dataDir);
+  let second: ReturnType<typeof launch> | undefined;
+  try {
+    const key = await first.waitFor(/^OPENAI_API_KEY=/);
+    await first.waitFor(/^Ctrl-C stops everything/);
+    const services = readdirSync("/proc")
+      .map(Number)
+      .filter((pid) => procStatFields(pid)?.[1] === String(first.proc.pid));
+    const pids = meshPids(first.proc.pid, first.lines);
+    first.proc.kill("SIGKILL");
+    await first.proc.exited;
+    expect(pids.filter(running)).toEqual(pids);
+
+    second = launch(dataDir);
+    expect(await second.waitFor(/^OPENAI_API_KEY=/)).toBe(key);
+    await second.waitFor(/^Ctrl-C stops everything/);
+    const left = /^stopping \w+ \(pid (\d+)\), left running by an npm start that was killed$/;
+    const stopped = second.lines.flatMap((l) => left.exec(l)?.[1] ?? []);
+    expect(stopped.map(Number).sort()).toEqual(services.sort());
+    expect(pids.filter(running)).toEqual([]);
+    second.proc.kill("SIGINT");
+    expect(await second.proc.exited).toBe(0);
+  } finally {
+    first.proc.kill("SIGKILL");
+    second?.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 120_000);
+
+test("a port another program holds, one answering every probe, is refused in one line before anything starts", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  // Another checkout's mesh, say: ready to any probe.
+  const other = Bun.serve({ port: 0, hostname: "127.0.0.1", fetch: () => new Response("ok") });
+  const mesh = launch(dataDir, { BILLING_PORT: String(other.port) });
+  try {
+    const code = await Promise.race([mesh.proc.exited, Bun.sleep(30_000).then(() => "still running")]);
+    expect(code).toBe(1);
+    expect(mesh.lines).toEqual([
+      `mesh failed to start: port ${other.port} (BILLING_PORT) is in use by another program: stop it, ` +
+        "or set BILLING_PORT to a free port",
+    ]);
+    expect(readdirSync(dataDir)).toEqual([]);
+  } finally {
+    mesh.proc.kill("SIGINT");
+    await mesh.proc.exited;
+    await other.stop(true);
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 60_000);

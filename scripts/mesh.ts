@@ -3,12 +3,14 @@
  * all are ready, makes sure a demo org and API key exist, and stops everything on Ctrl-C.
  * `startMesh` is also what the end-to-end tests use.
  */
-import { mkdir, readFile, writeFile } from "node:fs/promises";
+import { unlinkSync } from "node:fs";
+import { link, mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import * as net from "node:net";
 import * as path from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
-import { freePort, type ServiceProcess, spawnService } from "../lib/processes.ts";
+import { freePort, procStatFields, type ServiceProcess, spawnService } from "../lib/processes.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 
 const root = path.resolve(import.meta.dir, "..");
@@ -27,6 +29,10 @@ export interface MeshOptions {
   serviceEnv?: Partial<Record<ServiceName, Record<string, string | undefined>>>;
   onLine?: (service: ServiceName, line: string) => void;
   readyTimeoutMs?: number;
+  /** Aborted while services start, it stops those started so far and rejects. */
+  signal?: AbortSignal;
+  /** Told of each service as it is spawned, before it is ready. */
+  onSpawn?: (service: ServiceProcess) => void;
 }
 
 export type ServiceName = "billing" | "analytics" | "gateway";
@@ -60,6 +66,14 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
       if (!Object.values(ports).includes(port)) return port;
     }
   };
+  // A port another program holds would answer the readiness probe in its service's place (another checkout's mesh
+  // does, as ready), and the service started for it fails only after those before it: refused at once, in one line.
+  for (const [name, variable] of Object.entries(portVariables) as [keyof typeof portVariables, string][]) {
+    const port = options.ports[name];
+    if (port && (await portInUse(port))) {
+      throw new Error(`port ${port} (${variable}) is in use by another program: stop it, or set ${variable} to a free port`);
+    }
+  }
   const pick = async (name: ServiceName) => {
     ports[name] ||= options.ports[name] || (await unused());
     if (name === "gateway") ports.openai ||= options.ports.openai || (await unused());
@@ -100,14 +114,23 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     }
     return codes;
   };
+  const { signal } = options;
+  const interrupted = new Promise<never>((_, reject) => {
+    const abort = () => reject(new Error("stopped before the mesh was ready"));
+    if (signal?.aborted) abort();
+    else signal?.addEventListener("abort", abort, { once: true });
+  });
+  interrupted.catch(() => {});
   try {
     // The gateway is ready only once billing answers, and its metrics stream to analytics connects at once rather
     // than after a backoff (up to 10 s) that would hold back the first usage.
     for (const name of ["billing", "analytics", "gateway"] as const) {
-      await pick(name);
+      await Promise.race([pick(name), interrupted]);
       processes[name] = spawn(name);
-      await processes[name].ready;
+      options.onSpawn?.(processes[name]);
+      await Promise.race([processes[name].ready, interrupted]);
     }
+    if (signal?.aborted) throw new Error("stopped before the mesh was ready");
   } catch (e) {
     await stop();
     throw e;
@@ -123,6 +146,22 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     },
     stop,
   };
+}
+
+const portVariables = {
+  billing: "BILLING_PORT",
+  analytics: "ANALYTICS_PORT",
+  gateway: "GATEWAY_PORT",
+  openai: "GATEWAY_REST_PORT",
+} as const;
+
+/** Whether something listens on `port`, so that a service listening on every address, as they do, cannot. */
+function portInUse(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = net.createServer();
+    server.once("error", (e: NodeJS.ErrnoException) => resolve(e.code === "EADDRINUSE"));
+    server.listen(port, "0.0.0.0", () => server.close(() => resolve(false)));
+  });
 }
 
 /** The entries that have a value, as environment strings. */
@@ -165,6 +204,115 @@ async function writeDemo(file: string, baseUrl: string, apiKey: string) {
   await writeFile(file, `export OPENAI_BASE_URL=${baseUrl}\nexport OPENAI_API_KEY=${apiKey}\n`, { mode: 0o600 });
 }
 
+/** A process by its pid and its start time (pids are reused), as recorded in a launcher's lock file. */
+interface ProcessId {
+  pid: number;
+  start?: string;
+}
+
+interface LockContent {
+  launcher: ProcessId;
+  services: Partial<Record<ServiceName, ProcessId>>;
+}
+
+function processId(pid: number): ProcessId {
+  return { pid, start: procStatFields(pid)?.[19] };
+}
+
+/** Whether that very process still runs: same pid, same start time, not a zombie. */
+function runs(id: ProcessId): boolean {
+  const fields = procStatFields(id.pid);
+  if (fields) return fields[0] !== "Z" && fields[19] === id.start;
+  try {
+    // No /proc: the pid alone.
+    process.kill(id.pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+export interface DataDirLock {
+  /** Records a service the launcher started, so a next launcher stops it if this one is killed before it can. */
+  add(name: ServiceName, pid: number): Promise<void>;
+  /** Removes the lock file (synchronous, for an exit hook). */
+  release(): void;
+}
+
+/**
+ * Takes `<dataDir>/mesh.pid` for this launcher: a launcher still running on the directory is refused (a second one
+ * would stop its Postgres and answer with its services), and the services of one that was killed (kill -9, a crash)
+ * and still hold their ports and data are stopped first, gateway to billing.
+ */
+export async function lockDataDir(
+  dataDir: string,
+  say: (line: string) => void = (line) => process.stdout.write(`${line}\n`),
+): Promise<DataDirLock> {
+  const file = path.join(dataDir, "mesh.pid");
+  const content: LockContent = { launcher: processId(process.pid), services: {} };
+  // Written whole to a file of its own, then linked into place: a reader never sees it half written.
+  const write = async (target: "link" | "rename") => {
+    const temp = `${file}.${process.pid}`;
+    await writeFile(temp, `${JSON.stringify(content)}\n`, { mode: 0o600 });
+    try {
+      await (target === "link" ? link(temp, file) : rename(temp, file));
+    } finally {
+      await rm(temp, { force: true });
+    }
+  };
+  let writing = Promise.resolve();
+  await mkdir(dataDir, { recursive: true, mode: 0o700 });
+  for (;;) {
+    try {
+      await write("link");
+      break;
+    } catch (e) {
+      // A full disk or a read-only directory: which file, which error (ENOSPC says "write" alone).
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") {
+        throw new Error(`cannot write ${file}: ${(e as Error).message}`);
+      }
+    }
+    const text = await readFile(file, "utf8").catch(() => "");
+    let held: LockContent | undefined;
+    try {
+      held = JSON.parse(text) as LockContent;
+    } catch {
+      // Not one a launcher wrote: nothing to stop.
+    }
+    if (held?.launcher && runs(held.launcher)) {
+      throw new Error(
+        `another npm start (pid ${held.launcher.pid}) is running the mesh on ${dataDir}: stop it first ` +
+          `(Ctrl-C in its terminal, or kill ${held.launcher.pid}), or give this one another MESH_DATA_DIR`,
+      );
+    }
+    for (const name of ["gateway", "analytics", "billing"] as const) {
+      const service = held?.services?.[name];
+      if (!service || !runs(service)) continue;
+      say(`stopping ${name} (pid ${service.pid}), left running by an npm start that was killed`);
+      process.kill(service.pid, "SIGTERM");
+      const deadline = Date.now() + 20_000;
+      while (runs(service) && Date.now() < deadline) await Bun.sleep(50);
+      if (runs(service)) process.kill(service.pid, "SIGKILL");
+    }
+    await rm(file, { force: true });
+  }
+  return {
+    add(name, pid) {
+      content.services[name] = processId(pid);
+      // One write at a time: they share their temporary file.
+      writing = writing.catch(() => {}).then(() => write("rename"));
+      return writing;
+    },
+    release() {
+      try {
+        unlinkSync(file);
+      } catch {
+        // already gone
+      }
+    },
+  };
+}
+
 if (import.meta.main) {
   const cfg = loadEnvOrExit({
     MESH_DATA_DIR: commonEnv.MESH_DATA_DIR,
@@ -177,31 +325,54 @@ if (import.meta.main) {
   });
   const dataDir = path.resolve(cfg.MESH_DATA_DIR);
   const started = Date.now();
-  const mesh = await startMesh({
-    dataDir,
-    adminToken: cfg.ADMIN_TOKEN,
-    ports: { gateway: cfg.GATEWAY_PORT, billing: cfg.BILLING_PORT, analytics: cfg.ANALYTICS_PORT, openai: cfg.GATEWAY_REST_PORT },
-    readyTimeoutMs: cfg.MESH_READY_TIMEOUT_MS,
-  }).catch((e: Error) => {
+  const lock = await lockDataDir(dataDir).catch((e: Error) => {
     process.stderr.write(`mesh failed to start: ${e.message}\n`);
     process.exit(1);
   });
+  const spawned: ServiceProcess[] = [];
+  const interrupt = new AbortController();
+  let mesh: Mesh | undefined;
   let stopping = false;
   const shutdown = async () => {
     if (stopping) return;
     stopping = true;
     process.stdout.write("\nstopping the mesh...\n");
+    // Still starting: startMesh stops the services started so far.
+    if (!mesh) return interrupt.abort();
     const codes = await mesh.stop();
     process.stdout.write(`stopped: ${JSON.stringify(codes)}\n`);
     process.exit(Object.values(codes).every((c) => c === 0) ? 0 : 1);
   };
-  process.on("SIGINT", shutdown);
-  process.on("SIGTERM", shutdown);
+  // From the start, so Ctrl-C while services start, or a closed terminal (SIGHUP) at any time, stops them in order
+  // rather than ending the launcher alone and leaving them running on their ports and data directories.
+  for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(signal, shutdown);
   // Services run in their own process groups; never leave them behind, even if the launcher crashes
   // or its terminal pipe closes under it.
   process.stdout.on("error", () => {});
   process.on("exit", () => {
-    for (const p of Object.values(mesh.processes)) p.proc.kill("SIGTERM");
+    for (const p of spawned) p.proc.kill("SIGTERM");
+    // Those still stopping (the launcher crashed) are left in the lock file for the next start to wait for.
+    if (spawned.every((p) => p.proc.exitCode !== null || p.proc.signalCode !== null)) lock.release();
+  });
+  mesh = await startMesh({
+    dataDir,
+    adminToken: cfg.ADMIN_TOKEN,
+    ports: { gateway: cfg.GATEWAY_PORT, billing: cfg.BILLING_PORT, analytics: cfg.ANALYTICS_PORT, openai: cfg.GATEWAY_REST_PORT },
+    readyTimeoutMs: cfg.MESH_READY_TIMEOUT_MS,
+    signal: interrupt.signal,
+    onSpawn: (p) => {
+      spawned.push(p);
+      lock.add(p.name as ServiceName, p.proc.pid).catch((e: Error) => {
+        process.stderr.write(`cannot record ${p.name}'s pid in ${dataDir}: ${e.message}\n`);
+      });
+    },
+  }).catch((e: Error) => {
+    if (interrupt.signal.aborted) {
+      process.stdout.write("stopped before the mesh was ready\n");
+      process.exit(0);
+    }
+    process.stderr.write(`mesh failed to start: ${e.message}\n`);
+    process.exit(1);
   });
   for (const p of Object.values(mesh.processes)) {
     void p.proc.exited.then((code) => {

@@ -1,10 +1,11 @@
 import { expect, test } from "bun:test";
-import { readFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { mkdtemp, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pg from "pg";
 import { createLogger } from "../../lib/log.ts";
+import { procStatFields } from "../../lib/processes.ts";
 import { type EmbeddedPostgresServer, isAlive as alive, startEmbeddedPostgres } from "./embedded.ts";
 
 // A first life that creates the cluster, writes a row and prints the postmaster pid, then waits to be killed.
@@ -88,6 +89,39 @@ test("starts on a directory whose postmaster was killed with its parent and is n
     await server?.stop();
     child.kill("SIGKILL");
     await child.exited;
+    await rm(dir, { recursive: true, force: true });
+  }
+}, 60_000);
+
+test("starts on a directory whose first start was killed while initdb ran, initialising it again", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "billing-embedded-"));
+  const dataDir = join(dir, "postgres");
+  let server: EmbeddedPostgresServer | undefined;
+  const child = Bun.spawn([process.execPath, "--eval", firstLife, dataDir], { stdout: "ignore", stderr: "ignore" });
+  // The process and everything it started (initdb and the postgres it runs), as a crash or kill -9 ends them.
+  const tree = (pid: number): number[] => [
+    pid,
+    ...readdirSync("/proc")
+      .map(Number)
+      .filter((p) => Number.isInteger(p) && procStatFields(p)?.[1] === String(pid))
+      .flatMap(tree),
+  ];
+  try {
+    // initdb writes PG_VERSION first and the control file last.
+    for (let i = 0; i < 2_000 && !existsSync(join(dataDir, "PG_VERSION")); i++) await Bun.sleep(5);
+    for (const pid of tree(child.pid).reverse()) process.kill(pid, "SIGKILL");
+    await child.exited;
+    expect(existsSync(join(dataDir, "PG_VERSION"))).toBe(true);
+    expect(existsSync(join(dataDir, "global", "pg_control"))).toBe(false);
+
+    server = await startEmbeddedPostgres({ dataDir, log: createLogger({ service: "t", level: "error" }) });
+    const client = new pg.Client({ connectionString: server.connectionString });
+    await client.connect();
+    expect((await client.query("SELECT 1 AS one")).rows).toEqual([{ one: 1 }]);
+    await client.end();
+  } finally {
+    await server?.stop();
+    child.kill("SIGKILL");
     await rm(dir, { recursive: true, force: true });
   }
 }, 60_000);

@@ -44,7 +44,10 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
   if (asRoot) await allowSearch(dirname(dataDir));
   await stopStalePostmaster(dataDir, log);
 
-  const initialised = existsSync(join(dataDir, "PG_VERSION"));
+  // initdb writes PG_VERSION first and the cluster's control file much later: a first start killed in between (kill -9,
+  // a crash, a lost power) left a directory every later start failed on. It is marked until initdb is done.
+  const initialising = `${dataDir}.initialising`;
+  const initialised = existsSync(join(dataDir, "PG_VERSION")) && !existsSync(initialising);
   let password: string;
   if (initialised) {
     password = await readFile(passwordFile, "utf8").then(
@@ -55,6 +58,7 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
     );
   } else {
     // A half-initialised directory from an interrupted first start holds no data.
+    await writeFile(initialising, "");
     await rm(dataDir, { recursive: true, force: true });
     password = randomBytes(24).toString("base64url");
     await writeFile(passwordFile, `${password}\n`, { mode: 0o600 });
@@ -89,6 +93,7 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
     if (attempt === 1 && !initialised) {
       log.info("initialising postgres cluster", { dataDir });
       await server.initialise();
+      await rm(initialising, { force: true });
     }
     try {
       await server.start();
