@@ -474,6 +474,73 @@ describe("responses a client stops taking", () => {
   }, 15_000);
 });
 
+describe("whole answers larger than a stream's window", () => {
+  test("arrive whole over HTTP/2 and HTTP/1.1; one the client stops taking is cut at the idle limit", async () => {
+    const { send } = await import("./server.ts");
+    // 8 MB: more than a stream's window, and than the kernel's socket buffers take in at once.
+    const answer = "x".repeat(8_000_000);
+    const own = await startOwn({
+      name: "whole-answers",
+      connectionIdleTimeoutMs: 1_000,
+      routes: (router) => router.service(AnalyticsService, ackingIngest),
+      http: async (req, res) => {
+        if (req.url !== "/whole") return false;
+        send(res, 200, { "content-type": "text/plain" }, answer);
+        return true;
+      },
+    });
+    const http2 = await import("node:http2");
+    const net = await import("node:net");
+    const session = http2.connect(own.url);
+    session.on("error", () => {});
+    const request = () => {
+      const stream = session.request({ ":path": "/whole" });
+      stream.on("error", () => {});
+      const closed = new Promise<number>((resolve) => stream.once("close", () => resolve(stream.rstCode ?? -1)));
+      return { stream, closed };
+    };
+    try {
+      // Over HTTP/2 it was reset (INTERNAL_ERROR) 64 KiB in.
+      const whole = request();
+      let got = 0;
+      whole.stream.on("data", (d: Buffer) => {
+        got += d.length;
+      });
+      expect(await whole.closed).toBe(http2.constants.NGHTTP2_NO_ERROR);
+      expect(got).toBe(answer.length);
+      const res = await fetch(`${own.url}/whole`);
+      expect(res.headers.get("content-length")).toBe(String(answer.length));
+      expect((await res.text()).length).toBe(answer.length);
+
+      // Its first bytes taken, then nothing: the stream is reset, its session goes on.
+      const stalled = request();
+      stalled.stream.once("data", () => stalled.stream.pause());
+      expect(await Promise.race([stalled.closed, Bun.sleep(8_000).then(() => -1)])).toBe(http2.constants.NGHTTP2_CANCEL);
+      expect(session.closed).toBe(false);
+      // Over HTTP/1.1 its connection is closed, short of the answer.
+      const socket = net.connect(Number(new URL(own.url).port), "127.0.0.1");
+      socket.on("error", () => {});
+      let taken = 0;
+      const ended = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+      socket.once("data", (d: Buffer) => {
+        taken += d.length;
+        socket.pause();
+      });
+      socket.write("GET /whole HTTP/1.1\r\nHost: a\r\n\r\n");
+      await Bun.sleep(2_500);
+      socket.on("data", (d: Buffer) => {
+        taken += d.length;
+      });
+      socket.resume();
+      expect(await Promise.race([ended.then(() => "closed"), Bun.sleep(5_000).then(() => "still open")])).toBe("closed");
+      expect(taken).toBeLessThan(answer.length);
+    } finally {
+      session.close();
+      await own.close(0);
+    }
+  }, 20_000);
+});
+
 describe("connections with nothing to do", () => {
   test("are closed after the idle limit: silent, a head that stops, an HTTP/2 session without streams", async () => {
     const own = await startOwn({
