@@ -393,6 +393,154 @@ describe("request bodies must arrive in time", () => {
   }, 15_000);
 });
 
+describe("responses a client stops taking", () => {
+  test("over HTTP/2 the stalled stream alone is reset: an IngestMetrics stream and new calls on its session go on", async () => {
+    const own = await startOwn({
+      name: "stalled-h2-responses",
+      connectionIdleTimeoutMs: 1_000,
+      routes: (router) => {
+        router.service(BillingService, {
+          listProjects: async () => ({ projects: [] }),
+          // Far more than a stream's window, for as long as the client takes it.
+          async *watchKeyChanges() {
+            for (;;) {
+              yield { apiKeyId: "k".repeat(1000) };
+              await Bun.sleep(0);
+            }
+          },
+        });
+        router.service(AnalyticsService, ackingIngest);
+      },
+    });
+    const http2 = await import("node:http2");
+    const session = http2.connect(own.url);
+    session.on("error", () => {});
+    const enveloped = (value: unknown) => {
+      const json = Buffer.from(JSON.stringify(value));
+      const out = Buffer.alloc(5 + json.length);
+      out.writeUInt32BE(json.length, 1);
+      json.copy(out, 5);
+      return out;
+    };
+    const call = (path: string) =>
+      session.request({ ":method": "POST", ":path": path, "content-type": "application/connect+json" }, { endStream: false });
+    try {
+      // The gateway's long-lived stream, its acks read as they come.
+      const ingest = call("/analytics.v1.AnalyticsService/IngestMetrics");
+      ingest.on("error", () => {});
+      let acks = "";
+      ingest.on("data", (d: Buffer) => {
+        acks += d.toString("latin1");
+      });
+      const acked = async (sequence: string) => {
+        for (let i = 0; i < 100 && !acks.includes(`"ackedSequence":"${sequence}"`); i++) await Bun.sleep(20);
+        return acks.includes(`"ackedSequence":"${sequence}"`);
+      };
+      ingest.write(enveloped({ gatewayInstanceId: "g", sequence: "1", metrics: [] }));
+      expect(await acked("1")).toBe(true);
+
+      // A server stream whose first bytes are taken, and then nothing.
+      const stalled = call("/billing.v1.BillingService/WatchKeyChanges");
+      stalled.on("error", () => {});
+      stalled.once("data", () => stalled.pause());
+      stalled.end(enveloped({}));
+      const reset = new Promise<number>((resolve) => stalled.once("close", () => resolve(stalled.rstCode ?? -1)));
+      expect(await Promise.race([reset, Bun.sleep(8_000).then(() => -1)])).toBe(http2.constants.NGHTTP2_CANCEL);
+
+      // The session is still open: its stream goes on and it takes new calls.
+      expect([session.closed, session.destroyed]).toEqual([false, false]);
+      ingest.write(enveloped({ gatewayInstanceId: "g", sequence: "2", metrics: [] }));
+      expect(await acked("2")).toBe(true);
+      const unary = session.request({
+        ":method": "POST",
+        ":path": "/billing.v1.BillingService/ListProjects",
+        "content-type": "application/json",
+      });
+      unary.end("{}");
+      let body = "";
+      unary.on("data", (d: Buffer) => {
+        body += d.toString();
+      });
+      const status = await new Promise<unknown>((resolve) => unary.on("response", (h) => resolve(h[":status"])));
+      await new Promise((resolve) => unary.on("close", resolve));
+      expect([status, body]).toEqual([200, "{}"]);
+      ingest.end();
+      await new Promise((resolve) => ingest.on("close", resolve));
+      expect(ingest.rstCode).toBe(http2.constants.NGHTTP2_NO_ERROR);
+    } finally {
+      session.close();
+      await own.close(0);
+    }
+  }, 15_000);
+});
+
+describe("whole answers larger than a stream's window", () => {
+  test("arrive whole over HTTP/2 and HTTP/1.1; one the client stops taking is cut at the idle limit", async () => {
+    const { send } = await import("./server.ts");
+    // 8 MB: more than a stream's window, and than the kernel's socket buffers take in at once.
+    const answer = "x".repeat(8_000_000);
+    const own = await startOwn({
+      name: "whole-answers",
+      connectionIdleTimeoutMs: 1_000,
+      routes: (router) => router.service(AnalyticsService, ackingIngest),
+      http: async (req, res) => {
+        if (req.url !== "/whole") return false;
+        send(res, 200, { "content-type": "text/plain" }, answer);
+        return true;
+      },
+    });
+    const http2 = await import("node:http2");
+    const net = await import("node:net");
+    const session = http2.connect(own.url);
+    session.on("error", () => {});
+    const request = () => {
+      const stream = session.request({ ":path": "/whole" });
+      stream.on("error", () => {});
+      const closed = new Promise<number>((resolve) => stream.once("close", () => resolve(stream.rstCode ?? -1)));
+      return { stream, closed };
+    };
+    try {
+      // Over HTTP/2 it was reset (INTERNAL_ERROR) 64 KiB in.
+      const whole = request();
+      let got = 0;
+      whole.stream.on("data", (d: Buffer) => {
+        got += d.length;
+      });
+      expect(await whole.closed).toBe(http2.constants.NGHTTP2_NO_ERROR);
+      expect(got).toBe(answer.length);
+      const res = await fetch(`${own.url}/whole`);
+      expect(res.headers.get("content-length")).toBe(String(answer.length));
+      expect((await res.text()).length).toBe(answer.length);
+
+      // Its first bytes taken, then nothing: the stream is reset, its session goes on.
+      const stalled = request();
+      stalled.stream.once("data", () => stalled.stream.pause());
+      expect(await Promise.race([stalled.closed, Bun.sleep(8_000).then(() => -1)])).toBe(http2.constants.NGHTTP2_CANCEL);
+      expect(session.closed).toBe(false);
+      // Over HTTP/1.1 its connection is closed, short of the answer.
+      const socket = net.connect(Number(new URL(own.url).port), "127.0.0.1");
+      socket.on("error", () => {});
+      let taken = 0;
+      const ended = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+      socket.once("data", (d: Buffer) => {
+        taken += d.length;
+        socket.pause();
+      });
+      socket.write("GET /whole HTTP/1.1\r\nHost: a\r\n\r\n");
+      await Bun.sleep(2_500);
+      socket.on("data", (d: Buffer) => {
+        taken += d.length;
+      });
+      socket.resume();
+      expect(await Promise.race([ended.then(() => "closed"), Bun.sleep(5_000).then(() => "still open")])).toBe("closed");
+      expect(taken).toBeLessThan(answer.length);
+    } finally {
+      session.close();
+      await own.close(0);
+    }
+  }, 20_000);
+});
+
 describe("connections with nothing to do", () => {
   test("are closed after the idle limit: silent, a head that stops, an HTTP/2 session without streams", async () => {
     const own = await startOwn({

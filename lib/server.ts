@@ -379,8 +379,17 @@ function limitWriteWait(req: NodeRequest, res: NodeResponse, ms: number): void {
   };
   type End = (...args: unknown[]) => NodeResponse;
   const end = res.end.bind(res) as End;
-  // After the pieces still waiting to go out.
+  // After the pieces still waiting to go out. A last chunk that goes out in pieces is written first, as any write:
+  // node:http2's end writes its chunk and ends the stream at once, its pieces past the first then written after the
+  // end, the stream reset (INTERNAL_ERROR) 64 KiB into the answer; node:http's hands all of it to the socket unwatched.
   (res as { end: End }).end = (...args) => {
+    const [chunk, encoding] = args;
+    const as = typeof encoding === "string" ? (encoding as BufferEncoding) : undefined;
+    const size = typeof chunk === "string" ? Buffer.byteLength(chunk, as) : chunk instanceof Uint8Array ? chunk.length : 0;
+    if ((size > writePiece || (size > 0 && pieces.length > 0)) && !res.writableEnded && !cutShort()) {
+      (res as { write: Write }).write(chunk, as);
+      args = args.slice(as === undefined ? 1 : 2);
+    }
     if (pieces.length === 0) return end(...args);
     ending = () => void end(...args);
     return res;
@@ -434,6 +443,11 @@ async function serveOps(
 
 /** Writes a whole response; one signature for HTTP/1.1 and HTTP/2 responses. */
 export function send(res: NodeResponse, status: number, headers: Record<string, string>, body: string | Uint8Array): void {
+  // Declared, as a whole body's is, though a large one goes out as writes (HTTP/1.1 would otherwise chunk it).
+  const size = typeof body === "string" ? Buffer.byteLength(body) : body.length;
+  if (size > 0 && !Object.keys(headers).some((name) => name.toLowerCase() === "content-length")) {
+    headers = { ...headers, "content-length": String(size) };
+  }
   (res as http.ServerResponse).writeHead(status, headers);
   res.end(body);
 }
