@@ -1,6 +1,6 @@
 import { expect, test } from "bun:test";
-import { readdirSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
+import { chownSync, readdirSync } from "node:fs";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { procStatFields, runCommand } from "../lib/processes.ts";
@@ -173,6 +173,58 @@ test("npm start after one killed by kill -9 stops the services it left running, 
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 120_000);
+
+// /proc mounted with hidepid=2 (hardened multi-user hosts) in a mount namespace of its own, as nobody: root's processes
+// are hidden from it and refuse its signals.
+const remount = 'mount -t proc -o hidepid=2 proc /proc && exec "$@"';
+const hiddenProc = ["unshare", "--mount", "--propagation", "private", "sh", "-c", remount, "-"];
+const asNobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"];
+const canHideProc =
+  process.getuid?.() === 0 &&
+  Bun.spawnSync([...hiddenProc, ...asNobody, "test", "!", "-e", "/proc/1/stat"]).exitCode === 0;
+
+test.skipIf(!canHideProc)(
+  "a stale mesh.pid whose pids another user's processes now have, hidden by /proc's hidepid, neither refuses nor fails",
+  async () => {
+    const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+    // The killed launcher's pid and its gateway's, taken since by root's processes.
+    const others = [Bun.spawn(["sleep", "60"]), Bun.spawn(["sleep", "60"])];
+    try {
+      const [launcherPid, gatewayPid] = others.map((p) => p.pid);
+      chownSync(dataDir, 65534, 65534);
+      const script = [
+        `const { lockDataDir } = await import(${JSON.stringify(launcher)});`,
+        `const lock = await lockDataDir(${JSON.stringify(dataDir)});`,
+        `console.log("locked");`,
+        `lock.release();`,
+      ].join("\n");
+      // Refused as "another npm start (pid ...) is running"; then failed on kill() EPERM.
+      for (const stale of [
+        { launcher: { pid: launcherPid, start: "1" }, services: {} },
+        { launcher: { pid: 999_999_999, start: "1" }, services: { gateway: { pid: gatewayPid, start: "2" } } },
+      ]) {
+        await writeFile(join(dataDir, "mesh.pid"), JSON.stringify(stale));
+        chownSync(join(dataDir, "mesh.pid"), 65534, 65534);
+        const child = Bun.spawn([...hiddenProc, ...asNobody, process.execPath, "--eval", script], {
+          env: { ...process.env, HOME: dataDir },
+          stdout: "pipe",
+          stderr: "pipe",
+        });
+        const [out, err, code] = await Promise.all([
+          new Response(child.stdout).text(),
+          new Response(child.stderr).text(),
+          child.exited,
+        ]);
+        expect({ out, err, code }).toEqual({ out: "locked\n", err: "", code: 0 });
+      }
+      expect(others.map((p) => p.exitCode)).toEqual([null, null]);
+    } finally {
+      for (const p of others) p.kill();
+      await rm(dataDir, { recursive: true, force: true });
+    }
+  },
+  30_000,
+);
 
 test("a port another program holds, one answering every probe, is refused in one line before anything starts", async () => {
   const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));

@@ -219,16 +219,21 @@ function processId(pid: number): ProcessId {
   return { pid, start: procStatFields(pid)?.[19] };
 }
 
-/** Whether that very process still runs: same pid, same start time, not a zombie. */
+/**
+ * Whether that very process still runs: same pid, same start time, not a zombie. One this user may not see or signal
+ * (/proc mounted with hidepid=2 shows another user's processes to no one else) is another user's, reusing the pid: a
+ * launcher on this directory and its services run as its owner.
+ */
 function runs(id: ProcessId): boolean {
   const fields = procStatFields(id.pid);
   if (fields) return fields[0] !== "Z" && fields[19] === id.start;
+  if (procStatFields(process.pid)) return false;
   try {
     // No /proc: the pid alone.
     process.kill(id.pid, 0);
     return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === "EPERM";
+  } catch {
+    return false;
   }
 }
 
