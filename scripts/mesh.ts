@@ -237,6 +237,15 @@ function runs(id: ProcessId): boolean {
   }
 }
 
+/** Signals a process that may have exited since it was seen running: gone by then is what was wanted. */
+function signal(pid: number, name: NodeJS.Signals): void {
+  try {
+    process.kill(pid, name);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== "ESRCH") throw e;
+  }
+}
+
 export interface DataDirLock {
   /** Records a service the launcher started, so a next launcher stops it if this one is killed before it can. */
   add(name: ServiceName, pid: number): Promise<void>;
@@ -294,10 +303,10 @@ export async function lockDataDir(
       const service = held?.services?.[name];
       if (!service || !runs(service)) continue;
       say(`stopping ${name} (pid ${service.pid}), left running by an npm start that was killed`);
-      process.kill(service.pid, "SIGTERM");
+      signal(service.pid, "SIGTERM");
       const deadline = Date.now() + 20_000;
       while (runs(service) && Date.now() < deadline) await Bun.sleep(50);
-      if (runs(service)) process.kill(service.pid, "SIGKILL");
+      if (runs(service)) signal(service.pid, "SIGKILL");
     }
     await rm(file, { force: true });
   }
