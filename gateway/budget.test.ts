@@ -265,6 +265,33 @@ describe("budget leases", () => {
     await Promise.all([a.keeper.close(), b.keeper.close()]);
   });
 
+  test("a replica restarted under the same instance id is not held back by the leases of its past life", async () => {
+    const cost = 10_000_000n;
+    const principal = await principalWith({ key: 1_000n * cost });
+    const scope = `api_key:${principal.apiKeyId}`;
+    // The first life takes about half of the budget and dies (kill -9) without giving it back.
+    const dead = keeper({ holder: "gw-a", minLeaseNanos: 100_000_000_000n });
+    (await dead.keeper.reserve(principal, cost, 60_000)).settle(cost);
+    const stranded = dead.keeper.snapshot().get(scope)?.grantedNanos as bigint;
+    expect(stranded).toBeGreaterThan(400n * cost);
+    // Its successor, the same pod, takes a lease for many requests (not one round trip to billing each)...
+    const { keeper: k } = keeper({ holder: "gw-a", minLeaseNanos: 100n * cost });
+    const before = calls.acquire;
+    for (let i = 0; i < 10; i++) (await k.reserve(principal, cost, 60_000)).settle(cost);
+    expect(calls.acquire - before).toBeLessThanOrEqual(2);
+    // ...and once the rest is spent, its refusal says the stranded money comes back (the dead life's leases expire).
+    while (true) {
+      const r = await k.reserve(principal, cost, 60_000).catch((e: GatewayError) => e);
+      if ("settle" in r) r.settle(cost);
+      else {
+        expect(r.code).toBe("insufficient_quota");
+        expect(r.retryAfterS).toBe(30);
+        break;
+      }
+    }
+    await k.close();
+  });
+
   test("a replica that asks billing for a whole budget leaves the other replicas about half of it", async () => {
     const principal = await principalWith({ org: 1_000_000_000n });
     // An old or misbehaving replica asks for everything; billing grants half plus its 0.1 USD floor.

@@ -2,6 +2,7 @@ import type { Client } from "@connectrpc/connect";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { ChatCompletionMessageParam } from "openai/resources/chat/completions";
 import { Counter, type Registry } from "prom-client";
+import { ulid } from "ulid";
 import { type BillingService, BudgetScope } from "../gen/billing/v1/billing_pb.ts";
 import { createOutageLog, type Logger } from "../lib/log.ts";
 import { costNanos, type Price } from "../lib/money.ts";
@@ -76,7 +77,11 @@ export interface ScopeSnapshot {
 
 export interface BudgetKeeperOptions {
   billing: Pick<Client<typeof BillingService>, "acquireBudgetLease" | "releaseBudgetLease">;
-  /** This replica's name in billing's lease table. */
+  /**
+   * This replica's name in billing's lease table, where each keeper adds its own suffix: a replica restarted under
+   * the same name (a pod's container after a crash) is another holder, whose share of a budget the leases stranded
+   * by its past life do not use up.
+   */
   holder: string;
   /** Lifetime asked for each lease; must exceed the longest request plus `settleMarginMs`. */
   leaseTtlSeconds: number;
@@ -168,7 +173,8 @@ const rateTimeConstantMs = 30_000;
 const settled: Reservation = { settle: () => [] };
 
 export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
-  const { billing, holder, log } = options;
+  const { billing, log } = options;
+  const holder = `${options.holder}/${ulid()}`;
   const grantOutage = createOutageLog(log, {
     failed: "budget lease request failed",
     recovered: "budget lease requests answer again",
