@@ -205,16 +205,10 @@ test.skipIf(!canHideProc)(
       ]) {
         await writeFile(join(dataDir, "mesh.pid"), JSON.stringify(stale));
         chownSync(join(dataDir, "mesh.pid"), 65534, 65534);
-        const child = Bun.spawn([...hiddenProc, ...asNobody, process.execPath, "--eval", script], {
-          env: { ...process.env, HOME: dataDir },
-          stdout: "pipe",
-          stderr: "pipe",
-        });
-        const [out, err, code] = await Promise.all([
-          new Response(child.stdout).text(),
-          new Response(child.stderr).text(),
-          child.exited,
-        ]);
+        const { stdout: out, stderr: err, code } = await runCommand(
+          [...hiddenProc, ...asNobody, process.execPath, "--eval", script],
+          { env: { HOME: dataDir } },
+        );
         expect({ out, err, code }).toEqual({ out: "locked\n", err: "", code: 0 });
       }
       expect(others.map((p) => p.exitCode)).toEqual([null, null]);
