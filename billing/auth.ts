@@ -40,7 +40,7 @@ export function createBillingAuth({
   const caller = async (headers: Headers, peer?: string): Promise<Caller> => {
     const token = bearerToken(headers);
     if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
-    refusePublishedTokenFromAfar(token, adminToken, peer);
+    refusePublishedTokenFromAfar(token, adminToken, peer, headers);
     if (safeEqual(token, adminToken)) return { kind: "admin" };
     if (!token.startsWith(keySecretPrefix)) throw new ConnectError("invalid admin token", Code.PermissionDenied);
     const { apiKey } = await resolveKey(token, clock());

@@ -14,7 +14,10 @@ import { createBillingFake, createRecordingShipper, createTestLogger } from "./t
 const openaiKey = "sk-proj-UPSTREAMSECRET1234567890";
 const azureKey = "0123456789abcdefAZURESECRETabcdef";
 const adminToken = "admin-token-ADMINSECRET-0123456789";
-const secrets = [openaiKey, azureKey, adminToken, "UPSTREAMSECRET", "AZURESECRET", "ADMINSECRET"];
+// A key given in a provider's `headers`, as proxies such as Portkey or Helicone take theirs, and a short one.
+const headerKey = "pk-HEADERSECRET-0123456789";
+const shortHeaderKey = "SHORTKY9x";
+const secrets = [openaiKey, azureKey, adminToken, headerKey, shortHeaderKey, "UPSTREAMSECRET", "AZURESECRET", "ADMINSECRET", "HEADERSECRET"];
 
 /** How the upstream fails, by the model asked for; every failure quotes the key it was sent, and the admin token. */
 function quotingUpstream(): Server<undefined> {
@@ -23,8 +26,13 @@ function quotingUpstream(): Server<undefined> {
     hostname: "127.0.0.1",
     async fetch(req) {
       const body = (await req.json()) as { model: string };
-      const key = req.headers.get("api-key") ?? req.headers.get("authorization")?.replace(/^Bearer /, "") ?? "";
-      const quoted = `${key} (admin ${adminToken})`;
+      const key =
+        req.headers.get("x-portkey-api-key") ??
+        req.headers.get("api-key") ??
+        req.headers.get("authorization")?.replace(/^Bearer /, "") ??
+        "";
+      const extra = req.headers.get("x-short-key");
+      const quoted = `${key} (admin ${adminToken})${extra ? ` (short ${extra})` : ""}`;
       if (body.model === "refuses") {
         const error = { message: `Incorrect API key provided: ${quoted}`, type: "invalid_request_error", code: "invalid_api_key" };
         return Response.json({ error }, { status: 401 });
@@ -56,8 +64,12 @@ function build() {
 providers:
   - { name: fake, kind: openai, base_url: "${base}/v1", api_key_env: FAKE_KEY }
   - { name: azfake, kind: azure, base_url: "${base}", api_key_env: AZFAKE_KEY }
+  - name: hdrfake
+    kind: openai
+    base_url: "${base}/v1"
+    headers: { x-portkey-api-key: "${headerKey}", x-short-key: "${shortHeaderKey}", x-app-name: "gateway" }
 models:
-${["fake", "azfake"]
+${["fake", "azfake", "hdrfake"]
   .flatMap((provider) =>
     ["refuses", "breaks", "rejects", "cuts", "cuts-bare"].map(
       (model) => `  - { name: ${provider}-${model}, targets: [{ provider: ${provider}, model: ${model} }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`,
@@ -113,7 +125,7 @@ function expectNoSecret(text: string) {
   for (const secret of secrets) expect(text).not.toContain(secret);
 }
 
-describe.each(["fake", "azfake"])("a %s upstream quoting its key", (provider) => {
+describe.each(["fake", "azfake", "hdrfake"])("a %s upstream quoting its key", (provider) => {
   test("in a 401 and a 500: not in the logs, the upstream_attempt span's status or the answer", async () => {
     for (const model of ["refuses", "breaks"]) {
       const before = { lines: setup.log.lines.length, spans: exporter.getFinishedSpans().length };

@@ -84,3 +84,49 @@ describe.skipIf(external === undefined)("the admin token from another machine", 
     expect(await answers(ownToken, "127.0.0.1")).toEqual({ connect: ok, grpc: ok, "grpc-web": ok });
   });
 });
+
+describe("the published default admin token from a web page on this machine", () => {
+  let server: RunningServer;
+
+  beforeAll(async () => {
+    server = await startServer({
+      name: "guarded",
+      port: 0,
+      host: "127.0.0.1",
+      log: createLogger({ service: "test", write: () => {} }),
+      routes: guardedRoutes(
+        BillingService,
+        {
+          listOrganizations: async () => ({ organizations: [] }),
+          listInvoices: async () => ({ invoices: [], nextPageToken: "" }),
+        },
+        { adminToken: defaultAdminToken, orgMethods: ["listInvoices"] },
+      ),
+    });
+  });
+  afterAll(() => server.close(0));
+
+  /** What an admin call and an org-method call answer over Connect JSON, as fetch in a browser sends them. */
+  const answers = async (marks: Record<string, string>) => {
+    const headers = { authorization: `Bearer ${defaultAdminToken}`, "content-type": "application/json", ...marks };
+    const call = async (method: string, body: unknown) => {
+      const res = await fetch(`${server.url}/billing.v1.BillingService/${method}`, {
+        method: "POST",
+        headers,
+        body: JSON.stringify(body),
+      });
+      return res.ok ? "ok" : ((await res.json()) as { code: string; message: string });
+    };
+    return [await call("ListOrganizations", {}), await call("ListInvoices", { orgId: "org_1" })];
+  };
+
+  test("is refused when the request carries Origin or Sec-Fetch-Site, as every page's fetch does", async () => {
+    const refused = { code: "permission_denied", message: expect.stringContaining("refused from web pages") };
+    expect(await answers({ origin: "https://any.example" })).toEqual([refused, refused]);
+    expect(await answers({ origin: "null" })).toEqual([refused, refused]);
+    expect(await answers({ "sec-fetch-site": "cross-site" })).toEqual([refused, refused]);
+    expect(await answers({})).toEqual(["ok", "ok"]);
+    // Node's own fetch (a script on this machine, connect-web's transport on Node) sends Sec-Fetch-Mode, never these.
+    expect(await answers({ "sec-fetch-mode": "cors" })).toEqual(["ok", "ok"]);
+  });
+});

@@ -42,15 +42,35 @@ export function isLoopback(address: string): boolean {
 }
 
 /**
- * Throws PermissionDenied when `token` is the admin token, that token is the published default and `peer` is not this
- * machine: a mesh started without ADMIN_TOKEN must not give anyone on its network the admin's rights.
+ * Whether a request was sent by a web page: browsers mark a page's requests with `Sec-Fetch-Site`, and with `Origin`
+ * every cross-origin one and every POST, which the mesh's own clients, the CLI and Node's fetch never send.
  */
-export function refusePublishedTokenFromAfar(token: string, adminToken: string, peer: string | undefined): void {
-  if (adminToken !== defaultAdminToken || peer === undefined || isLoopback(peer)) return;
+function fromWebPage(headers: Pick<Headers, "get">): boolean {
+  return headers.get("origin") !== null || headers.get("sec-fetch-site") !== null;
+}
+
+/**
+ * Throws PermissionDenied when `token` is the admin token, that token is the published default and the request is not
+ * this machine's own: from another address (`peer`; undefined for a call made in-process), or from a web page, since any
+ * site a browser on this machine opens could send the published token to its loopback ports. A mesh started without
+ * ADMIN_TOKEN must not give anyone on its network, or any website, the admin's rights.
+ */
+export function refusePublishedTokenFromAfar(
+  token: string,
+  adminToken: string,
+  peer: string | undefined,
+  headers: Pick<Headers, "get">,
+): void {
+  if (adminToken !== defaultAdminToken) return;
+  const page = fromWebPage(headers);
+  if (!page && (peer === undefined || isLoopback(peer))) return;
   if (!safeEqual(token, adminToken)) return;
   throw new ConnectError(
-    "ADMIN_TOKEN is the published development default, accepted only from this machine (loopback): " +
-      "set ADMIN_TOKEN to a token of your own to call from elsewhere",
+    page
+      ? "ADMIN_TOKEN is the published development default, refused from web pages (any site could send it): " +
+          "set ADMIN_TOKEN to a token of your own to call from a browser"
+      : "ADMIN_TOKEN is the published development default, accepted only from this machine (loopback): " +
+          "set ADMIN_TOKEN to a token of your own to call from elsewhere",
     Code.PermissionDenied,
   );
 }

@@ -20,7 +20,8 @@ export interface GuardedRoutesOptions<S extends DescService> {
  * (a 16 MB message of empty repeated elements became 3 GB of objects), so no one without a token pays it. No bearer
  * token is Unauthenticated; on a method only admins may call, another token than the admin's is PermissionDenied. A
  * method an org's API key may call passes any token for its handler to check, and reads a small message. On every
- * method the published default admin token is refused from a caller not on this machine, so handlers never see it.
+ * method the published default admin token is refused from a caller not on this machine and from web pages, so handlers
+ * never see it.
  */
 export function guardedRoutes<S extends DescService>(
   service: S,
@@ -32,7 +33,7 @@ export function guardedRoutes<S extends DescService>(
   const gate = (ctx: HandlerContext) => {
     const token = bearerToken(ctx.requestHeader);
     if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
-    refusePublishedTokenFromAfar(token, options.adminToken, ctx.values.get(peerAddressKey));
+    refusePublishedTokenFromAfar(token, options.adminToken, ctx.values.get(peerAddressKey), ctx.requestHeader);
     if (!orgMethods.has(ctx.method.localName) && !safeEqual(token, options.adminToken)) {
       throw new ConnectError("invalid admin token", Code.PermissionDenied);
     }

@@ -163,3 +163,22 @@ test.skipIf(external === undefined)("on the published default admin token the pa
     await open.close(0);
   }
 });
+
+test("on the published default admin token the page is refused to a web page on this machine", async () => {
+  const clock = () => new Date("2026-06-15T12:00:00Z");
+  const app = createBillingApp({ pool: db.pool, adminToken: defaultAdminToken, clock, log });
+  const open = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes: app.routes, http: app.http, log });
+  try {
+    const get = (token: string, marks: Record<string, string>) =>
+      fetch(`${open.url}/invoices/${invoiceId}`, { headers: { authorization: `Bearer ${token}`, ...marks } });
+    for (const marks of [{ origin: "https://any.example" }, { "sec-fetch-site": "cross-site" }] as Record<string, string>[]) {
+      const refused = await get(defaultAdminToken, marks);
+      expect([refused.status, await refused.text()]).toEqual([403, expect.stringContaining("refused from web pages")]);
+      // An org's own key is the page's to use.
+      expect((await get(orgSecret, marks)).status).toBe(200);
+    }
+    expect((await get(defaultAdminToken, {})).status).toBe(200);
+  } finally {
+    await open.close(0);
+  }
+});

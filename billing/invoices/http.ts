@@ -47,7 +47,11 @@ export function invoicePages({
     }
     try {
       const headers = new Headers();
-      if (req.headers.authorization) headers.set("authorization", req.headers.authorization);
+      // The token, and whether a web page sent it (the published default admin token is refused from one).
+      for (const name of ["authorization", "origin", "sec-fetch-site"] as const) {
+        const value = req.headers[name];
+        if (typeof value === "string") headers.set(name, value);
+      }
       const caller = await auth.caller(headers, peerAddress(req));
       if (!match?.[1]) throw new ConnectError("no such invoice", Code.NotFound);
       const invoice = await store.getInvoice(match[1]);

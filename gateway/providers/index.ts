@@ -5,10 +5,22 @@ import type { Provider } from "./provider.ts";
 
 export type { Provider } from "./provider.ts";
 
+// Configured headers that carry credentials (a proxy's own key, as Portkey's x-portkey-api-key or Helicone-Auth).
+const credentialHeader = /auth|key|token|secret|password|cookie|signature/i;
+
+/** The credentials in a provider's configured headers: each value, and its token alone after a scheme (`Bearer x`). */
+function headerSecrets(config: ProviderConfig): string[] {
+  const headers = config.kind === "openai" ? config.headers : undefined;
+  return Object.entries(headers ?? {})
+    .filter(([name]) => credentialHeader.test(name))
+    .flatMap(([, value]) => [value.trim(), value.trim().replace(/^[A-Za-z][\w-]*\s+/, "")]);
+}
+
 /**
  * One Provider per configured provider, by name. `env` supplies the upstream keys named by api_key_env; `onMissingKey`
- * hears about each that is unset (those providers fail their calls). Every provider redacts all of those keys, and
- * `secrets` (the admin token), from the upstream's words it passes on.
+ * hears about each that is unset (those providers fail their calls). Every provider redacts all of those keys, the
+ * credentials in every provider's configured headers, and `secrets` (the admin token), from the upstream's words it
+ * passes on.
  */
 export function createProviders(
   configs: readonly ProviderConfig[],
@@ -18,7 +30,7 @@ export function createProviders(
   const keyOf = (config: ProviderConfig) =>
     config.kind !== "mock" && config.api_key_env ? env[config.api_key_env] || undefined : undefined;
   // Longest first, so a key that holds another is redacted whole.
-  const secrets = [...configs.map(keyOf), ...(options.secrets ?? [])]
+  const secrets = [...new Set([...configs.map(keyOf), ...configs.flatMap(headerSecrets), ...(options.secrets ?? [])])]
     .filter((s): s is string => s !== undefined)
     .sort((a, b) => b.length - a.length);
   const providers = new Map<string, Provider>();
