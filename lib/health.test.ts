@@ -3,8 +3,10 @@ import { Code, ConnectError, createClient, createRouterTransport } from "@connec
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../gen/grpc/health/v1/health_pb.ts";
 import { ServerReflection } from "../gen/grpc/reflection/v1/reflection_pb.ts";
+import { ServerReflection as ServerReflectionAlpha } from "../gen/grpc/reflection/v1alpha/reflection_pb.ts";
 import { createReadinessPoller, pingReadiness, readinessIntervalMs, registerHealth } from "./health.ts";
 import { createLogger } from "./log.ts";
+import { registerReflection } from "./reflection.ts";
 import { type RunningServer, startServer } from "./server.ts";
 
 const log = createLogger({ service: "t", level: "error", write: () => {} });
@@ -114,6 +116,63 @@ describe("health under many probes", () => {
       expect(res.messageResponse.case).toBe("listServicesResponse");
     }
   });
+  test("a connection holds 16 reflection streams at most, taking another once one ends", async () => {
+    const reflection = createClient(ServerReflection, createGrpcTransport({ baseUrl: server.url }));
+    const stop = new AbortController();
+    const held = Array.from({ length: 17 }, () => new AbortController());
+    // Each asks once, then keeps its request stream open, as a caller that never leaves.
+    const open = (signal: AbortSignal) => {
+      async function* ask() {
+        yield { host: "", messageRequest: { case: "listServices" as const, value: "" } };
+        await new Promise((resolve) => signal.addEventListener("abort", resolve, { once: true }));
+      }
+      const responses = reflection.serverReflectionInfo(ask(), { signal })[Symbol.asyncIterator]();
+      return responses.next().then(
+        (r) => r.value?.messageResponse.case,
+        (e: unknown) => ConnectError.from(e),
+      );
+    };
+    const first = await Promise.all(held.slice(0, 16).map((c) => open(c.signal)));
+    expect(first).toEqual(Array(16).fill("listServicesResponse"));
+    const refused = await open(held[16]!.signal);
+    expect((refused as ConnectError).code).toBe(Code.ResourceExhausted);
+    held[0]!.abort();
+    let again: unknown;
+    for (const deadline = Date.now() + 5_000; Date.now() < deadline; await Bun.sleep(20)) {
+      again = await open(stop.signal);
+      if (again === "listServicesResponse") break;
+    }
+    expect(again).toBe("listServicesResponse");
+    stop.abort();
+    for (const c of held) c.abort();
+  });
+});
+
+test("reflection streams (v1 and v1alpha together) past the server's total are refused", async () => {
+  const transport = createRouterTransport((router) => registerReflection(router, [], { maxStreams: 3 }));
+  const v1 = createClient(ServerReflection, transport);
+  const alpha = createClient(ServerReflectionAlpha, transport);
+  const stop = new AbortController();
+  async function* ask() {
+    yield { host: "", messageRequest: { case: "listServices" as const, value: "" } };
+    await new Promise((resolve) => stop.signal.addEventListener("abort", resolve, { once: true }));
+  }
+  const first = (responses: AsyncIterable<{ messageResponse: { case: string | undefined } }>) =>
+    responses[Symbol.asyncIterator]()
+      .next()
+      .then(
+        (r) => r.value?.messageResponse.case,
+        (e: unknown) => ConnectError.from(e),
+      );
+  const opened = [
+    await first(v1.serverReflectionInfo(ask(), { signal: stop.signal })),
+    await first(alpha.serverReflectionInfo(ask(), { signal: stop.signal })),
+    await first(v1.serverReflectionInfo(ask(), { signal: stop.signal })),
+  ];
+  expect(opened).toEqual(Array(3).fill("listServicesResponse"));
+  const fourth = await first(alpha.serverReflectionInfo(ask(), { signal: stop.signal }));
+  expect((fourth as ConnectError).code).toBe(Code.ResourceExhausted);
+  stop.abort();
 });
 
 test("Watch streams past the server's total are refused", async () => {

@@ -1,4 +1,4 @@
-import { Code, type ConnectRouter, ConnectError, createContextKey } from "@connectrpc/connect";
+import { Code, type ConnectRouter, ConnectError, createContextKey, type HandlerContext } from "@connectrpc/connect";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../gen/grpc/health/v1/health_pb.ts";
 import type { Logger } from "./log.ts";
 import type { Readiness } from "./server.ts";
@@ -58,6 +58,33 @@ export const connectionKey = createContextKey<object | undefined>(undefined);
 /** A health or reflection request is a name or two: nothing an unauthenticated caller needs megabytes for. */
 export const probeReadMaxBytes = 64 * 1024;
 
+/**
+ * Streams a method without a key holds open at once, on one connection and on the server: past either a new one is
+ * ResourceExhausted (`refusal`). Each open stream holds memory, and its connection never idles: uncapped, one caller
+ * could open them without end.
+ */
+export function createStreamCap(perConnection: number, total: number, refusal: string) {
+  const onConnections = new WeakMap<object, number>();
+  let open = 0;
+  return {
+    /** Takes a place for the stream of `ctx`, or throws; what it returns gives the place back. */
+    take(ctx: HandlerContext): () => void {
+      const connection = ctx.values.get(connectionKey) ?? {};
+      const onConnection = onConnections.get(connection) ?? 0;
+      if (open >= total || onConnection >= perConnection) throw new ConnectError(refusal, Code.ResourceExhausted);
+      open++;
+      onConnections.set(connection, onConnection + 1);
+      let given = false;
+      return () => {
+        if (given) return;
+        given = true;
+        open--;
+        onConnections.set(connection, (onConnections.get(connection) ?? 1) - 1);
+      };
+    },
+  };
+}
+
 export interface HealthOptions {
   /** Fully qualified names of the services this server answers for. */
   services: string[];
@@ -72,10 +99,11 @@ export interface HealthOptions {
 /** grpc.health.v1.Health on the same readiness as /readyz; NOT_SERVING while draining. */
 export function registerHealth(router: ConnectRouter, options: HealthOptions): void {
   const known = new Set(options.services);
-  const perConnectionCap = options.maxWatchesPerConnection ?? 16;
-  const totalCap = options.maxWatches ?? 1024;
-  const perConnection = new WeakMap<object, number>();
-  let watching = 0;
+  const watches = createStreamCap(
+    options.maxWatchesPerConnection ?? 16,
+    options.maxWatches ?? 1024,
+    "too many Health/Watch streams; use Health/Check",
+  );
   const statusOf = (service: string, state: Readiness): Status => {
     if (service !== "" && !known.has(service)) return Status.SERVICE_UNKNOWN;
     if (options.stopSignal.aborted) return Status.NOT_SERVING;
@@ -90,13 +118,7 @@ export function registerHealth(router: ConnectRouter, options: HealthOptions): v
         return { status: current };
       },
       async *watch(req, ctx) {
-        const connection = ctx.values.get(connectionKey) ?? {};
-        const onConnection = perConnection.get(connection) ?? 0;
-        if (watching >= totalCap || onConnection >= perConnectionCap) {
-          throw new ConnectError("too many Health/Watch streams; use Health/Check", Code.ResourceExhausted);
-        }
-        watching++;
-        perConnection.set(connection, onConnection + 1);
+        const release = watches.take(ctx);
         // Each stream hears the shared poller's results instead of checking readiness itself.
         let latest: Readiness | undefined;
         let wake: (() => void) | undefined;
@@ -127,8 +149,7 @@ export function registerHealth(router: ConnectRouter, options: HealthOptions): v
           unsubscribe();
           ctx.signal.removeEventListener("abort", stop);
           options.stopSignal.removeEventListener("abort", stop);
-          watching--;
-          perConnection.set(connection, (perConnection.get(connection) ?? 1) - 1);
+          release();
         }
       },
     },

@@ -21,27 +21,53 @@ import {
   ServerReflectionResponseSchema as AlphaResponseSchema,
   ServerReflection as ServerReflectionV1Alpha,
 } from "../gen/grpc/reflection/v1alpha/reflection_pb.ts";
-import { probeReadMaxBytes } from "./health.ts";
+import { createStreamCap, probeReadMaxBytes } from "./health.ts";
+
+export interface ReflectionOptions {
+  /** Streams (v1 and v1alpha together) open at once on one connection, and on the server; past either, refused. */
+  maxStreamsPerConnection?: number;
+  maxStreams?: number;
+}
 
 /**
  * Registers gRPC server reflection (v1 and v1alpha) describing `services`, so stock tools such as
  * grpcurl can list and describe the API without .proto files.
  */
-export function registerReflection(router: ConnectRouter, services: DescService[]): void {
+export function registerReflection(
+  router: ConnectRouter,
+  services: DescService[],
+  options: ReflectionOptions = {},
+): void {
   const all = [...services, ServerReflectionV1, ServerReflectionV1Alpha];
   const index = indexFiles(all);
   const answer = (req: ServerReflectionRequest) => respond(req, all, index);
+  // A stream lasts as long as its caller keeps it open and needs no key: grpcurl opens one per command.
+  const streams = createStreamCap(
+    options.maxStreamsPerConnection ?? 16,
+    options.maxStreams ?? 1024,
+    "too many reflection streams open; close one first",
+  );
   router.service(ServerReflectionV1, {
-    async *serverReflectionInfo(requests) {
-      for await (const req of requests) yield answer(req);
+    async *serverReflectionInfo(requests, ctx) {
+      const release = streams.take(ctx);
+      try {
+        for await (const req of requests) yield answer(req);
+      } finally {
+        release();
+      }
     },
   }, { readMaxBytes: probeReadMaxBytes });
   // v1alpha has the same wire format: translate through bytes rather than keep a second implementation.
   router.service(ServerReflectionV1Alpha, {
-    async *serverReflectionInfo(requests) {
-      for await (const req of requests) {
-        const v1 = fromBinary(ServerReflectionRequestSchema, toBinary(AlphaRequestSchema, req));
-        yield fromBinary(AlphaResponseSchema, toBinary(ServerReflectionResponseSchema, answer(v1)));
+    async *serverReflectionInfo(requests, ctx) {
+      const release = streams.take(ctx);
+      try {
+        for await (const req of requests) {
+          const v1 = fromBinary(ServerReflectionRequestSchema, toBinary(AlphaRequestSchema, req));
+          yield fromBinary(AlphaResponseSchema, toBinary(ServerReflectionResponseSchema, answer(v1)));
+        }
+      } finally {
+        release();
       }
     },
   }, { readMaxBytes: probeReadMaxBytes });
