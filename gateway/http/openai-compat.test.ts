@@ -973,6 +973,26 @@ for (const port of ["rpc", "rest"] as const) {
         expect(m.usage?.inputTokens).toBe(400n);
       });
 
+      test("vectors come back in the encoding the client asked for, whichever an upstream that ignores it answered in", async () => {
+        const post = (body: Record<string, unknown>) =>
+          fetch(`${base()}/v1/embeddings`, {
+            method: "POST",
+            headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+            body: JSON.stringify({ model: "embed", input: ["alpha", "beta"], ...body }),
+          }).then((r) => r.json() as Promise<{ data: Array<{ embedding: unknown }> }>);
+        const floats = [0.05, 0.06, 0.07, 0.08].map(Math.fround);
+        const base64 = Buffer.from(Float32Array.from(floats).buffer).toString("base64");
+        // LM Studio and older Ollama answer lists of floats to a request for base64, which OpenAI's .NET library sends.
+        upstream.script("embed", { encoding: "float" });
+        expect((await post({ encoding_format: "base64" })).data[0]?.embedding).toBe(base64);
+        const asked = await sdk().embeddings.create({ model: "embed", input: "alpha", encoding_format: "base64" });
+        expect(asked.data[0]?.embedding as unknown).toBe(base64);
+        // And the other way round: floats, as the API answers a request that names no encoding.
+        upstream.script("embed", { encoding: "base64" });
+        expect((await post({})).data[0]?.embedding).toEqual(floats);
+        expect((await post({ encoding_format: "float" })).data[1]?.embedding).toEqual([0.04, 0.05, 0.06, 0.07].map(Math.fround));
+      });
+
       test("embeddings without upstream usage are counted", async () => {
         upstream.script("embed", { usage: false });
         const { response } = await sdk().embeddings.create({ model: "embed", input: "Hello world" }).withResponse();

@@ -222,6 +222,12 @@ export function createOpenAIProvider(
       if (!response || !Array.isArray(response.data)) {
         throw new UpstreamError("transient", `${config.name}: the embeddings response has no data`);
       }
+      for (const item of response.data as unknown[]) {
+        if (typeof item === "object" && item !== null) {
+          const embedding = item as { embedding: unknown };
+          embedding.embedding = encodedAs(embedding.embedding, request.encoding_format);
+        }
+      }
       const { tokens, estimated } = await meteredUsage(response.usage, {
         input: () => countEmbeddingTokens(request.input),
       });
@@ -229,6 +235,23 @@ export function createOpenAIProvider(
       return { response, tokens, usageEstimated: estimated };
     },
   };
+}
+
+/**
+ * A vector in the encoding the client asked for: servers that ignore encoding_format (LM Studio, Ollama before it read
+ * it) answer a request for base64, which OpenAI's .NET library always sends, with a list of floats its client cannot
+ * read. Base64 is of little-endian float32s, as OpenAI encodes them; anything else is left as it came.
+ */
+function encodedAs(embedding: unknown, format: "float" | "base64"): unknown {
+  if (format === "base64" && Array.isArray(embedding) && embedding.every((v) => typeof v === "number")) {
+    return Buffer.from(Float32Array.from(embedding).buffer).toString("base64");
+  }
+  if (format === "float" && typeof embedding === "string") {
+    // Copied, so the floats start at an offset a Float32Array can take.
+    const bytes = Uint8Array.from(Buffer.from(embedding, "base64"));
+    if (bytes.length % 4 === 0) return Array.from(new Float32Array(bytes.buffer));
+  }
+  return embedding;
 }
 
 /** The content types of answers: whole ones in JSON, streamed ones as server-sent events. */

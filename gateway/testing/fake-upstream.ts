@@ -82,6 +82,8 @@ export interface Behaviour {
   reasoning?: string;
   /** The delta field reasoning goes in: `reasoning_content` (vLLM, DeepSeek) by default, or `reasoning` (OpenRouter). */
   reasoningField?: "reasoning_content" | "reasoning";
+  /** Embeddings: vectors in this encoding whatever the request asked, as servers that ignore encoding_format answer. */
+  encoding?: "float" | "base64";
 }
 
 export interface SeenRequest {
@@ -359,7 +361,7 @@ function embeddings(body: Record<string, any>, b: Behaviour): Response {
   const data = inputs.map((input, index) => {
     const vector = new Float32Array(dimensions);
     for (let i = 0; i < dimensions; i++) vector[i] = (String(input).length + i) / 100;
-    const embedding = body.encoding_format === "base64" ? Buffer.from(vector.buffer).toString("base64") : Array.from(vector);
+    const embedding = (b.encoding ?? body.encoding_format) === "base64" ? Buffer.from(vector.buffer).toString("base64") : Array.from(vector);
     return { object: "embedding", index, embedding };
   });
   const tokens = Math.ceil(JSON.stringify(body.input).length / 4);
