@@ -1873,11 +1873,15 @@ for (const port of ["rpc", "rest"] as const) {
       });
 
       // Failures of a stream before its first chunk: a proxy's 200 with a JSON error, an error event first (as
-      // OpenRouter sends them), a prefill longer than the target's timeout.
+      // OpenRouter sends them), a prefill longer than the target's timeout; after Azure's chunk of prompt filter
+      // results alone, which no choice has begun.
+      const overloaded = { error: { message: "provider overloaded", type: "server_error" } };
       const failedBeforeFirstChunk: Array<[string, Behaviour]> = [
         ["a 200 with an error body", { status: 200 }],
-        ["an error event first", { firstEvent: { error: { message: "provider overloaded", type: "server_error" } } }],
+        ["an error event first", { firstEvent: overloaded }],
         ["no first chunk within the timeout", { firstChunkDelayMs: 1000 }],
+        ["an error event after Azure's prompt filter results", { promptFilterChunk: true, firstEvent: overloaded }],
+        ["no chunk within the timeout after Azure's prompt filter results", { promptFilterChunk: true, firstChunkDelayMs: 1000 }],
       ];
 
       test.each(failedBeforeFirstChunk)("a stream failing before its first chunk (%s) falls back to the next target", async (_, failure) => {

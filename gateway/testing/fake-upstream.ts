@@ -49,7 +49,7 @@ export interface Behaviour {
   firstEvent?: unknown;
   /** Streaming: send this event (an error, say) after the first content chunk, and nothing after it. */
   midEvent?: unknown;
-  /** Streaming: first a chunk as Azure sends it, of prompt filter results, with an empty object and model. */
+  /** Streaming: first of all a chunk as Azure sends it, of prompt filter results, with an empty object and model. */
   promptFilterChunk?: boolean;
   /** Streaming: stop after this many content chunks, without finish_reason or [DONE]. */
   cutAfterChunks?: number;
@@ -273,6 +273,11 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
     new ReadableStream<Uint8Array>({
       async start(controller) {
         const pause = () => (b.chunkDelayMs ? Bun.sleep(b.chunkDelayMs) : undefined);
+        // Sent once the prompt is filtered, before the model reads it.
+        if (b.promptFilterChunk) {
+          const filters = [{ prompt_index: 0, content_filter_results: {} }];
+          controller.enqueue(event({ id: "", object: "", created: 0, model: "", choices: [], prompt_filter_results: filters }));
+        }
         if (b.firstChunkDelayMs) {
           controller.enqueue(encoder.encode(": prefill\n\n"));
           await Bun.sleep(b.firstChunkDelayMs);
@@ -292,10 +297,6 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
           controller.enqueue(event(b.firstEvent));
           controller.close();
           return;
-        }
-        if (b.promptFilterChunk) {
-          const filters = [{ prompt_index: 0, content_filter_results: {} }];
-          controller.enqueue(event({ id: "", object: "", created: 0, model: "", choices: [], prompt_filter_results: filters }));
         }
         controller.enqueue(chunk({ role: "assistant", content: "" }));
         if (b.toolCall) {
