@@ -113,6 +113,9 @@ function routes(url: string) {
     "  - name: misrouted",
     "    targets: [{ provider: fake, model: misrouted-primary }, { provider: fake, model: misrouted-secondary }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: api-version",
+    "    targets: [{ provider: fake, model: api-version-primary }, { provider: fake, model: api-version-secondary }]",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
@@ -1683,6 +1686,38 @@ for (const port of ["rpc", "rest"] as const) {
         upstream.script("misrouted-secondary", {});
         const completion = await sdk().chat.completions.create({ model: "misrouted", messages: hello });
         expect(completion.model).toBe("misrouted-secondary-fake");
+      });
+
+      test("Azure's 400 for what its api-version does not offer is the target's: it falls back; alone, the gateway's or, for a feature, the client's", async () => {
+        const azure = (message: string) => ({ status: 400, error: { message, type: null, code: "BadRequest" } });
+        const unsupported = azure("API version not supported");
+        const model = azure("Model o4-mini is enabled only for api versions 2024-12-01-preview and later");
+        const feature = azure("response_format value as json_schema is enabled only for api versions 2024-08-01-preview and later");
+        upstream.script("api-version-secondary", {});
+        for (const refusal of [unsupported, model, feature]) {
+          upstream.script("api-version-primary", refusal);
+          const served = await sdk().chat.completions.create({ model: "api-version", messages: hello });
+          expect(served.model).toBe("api-version-secondary-fake");
+        }
+        // The api-version (or the model deployed) is the operator's to change: no target left, a 502, as for a bad key.
+        upstream.script("api-version-primary", model);
+        upstream.script("api-version-secondary", model);
+        const e = await apiError(sdk().chat.completions.create({ model: "api-version", messages: hello }));
+        expectShape(e, 502, "upstream_error");
+        expect(e.message).not.toContain("2024-12-01-preview");
+        // A feature no target offers is the client's to do without, in the upstream's words; its refusals open no
+        // target's breaker for other requests.
+        upstream.reset();
+        upstream.script("api-version-primary", feature);
+        upstream.script("api-version-secondary", feature);
+        for (let i = 0; i < 6; i++) {
+          const refused = await apiError(sdk().chat.completions.create({ model: "api-version", messages: hello }));
+          expectShape(refused, 400, "BadRequest");
+          expect(refused.error).toMatchObject({ message: feature.error.message });
+        }
+        upstream.script("api-version-primary", {});
+        const served = await sdk().chat.completions.create({ model: "api-version", messages: hello });
+        expect(served.model).toBe("api-version-primary-fake");
       });
 
       test("a prompt over a target's whole TPM limit (its 429) falls back without retry, hold or breaker; alone it is the client's", async () => {
