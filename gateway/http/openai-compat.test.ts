@@ -113,6 +113,9 @@ function routes(url: string) {
     "  - name: misrouted",
     "    targets: [{ provider: fake, model: misrouted-primary }, { provider: fake, model: misrouted-secondary }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: api-version",
+    "    targets: [{ provider: fake, model: api-version-primary }, { provider: fake, model: api-version-secondary }]",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
@@ -973,6 +976,26 @@ for (const port of ["rpc", "rest"] as const) {
         expect(m.usage?.inputTokens).toBe(400n);
       });
 
+      test("vectors come back in the encoding the client asked for, whichever an upstream that ignores it answered in", async () => {
+        const post = (body: Record<string, unknown>) =>
+          fetch(`${base()}/v1/embeddings`, {
+            method: "POST",
+            headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+            body: JSON.stringify({ model: "embed", input: ["alpha", "beta"], ...body }),
+          }).then((r) => r.json() as Promise<{ data: Array<{ embedding: unknown }> }>);
+        const floats = [0.05, 0.06, 0.07, 0.08].map(Math.fround);
+        const base64 = Buffer.from(Float32Array.from(floats).buffer).toString("base64");
+        // LM Studio and older Ollama answer lists of floats to a request for base64, which OpenAI's .NET library sends.
+        upstream.script("embed", { encoding: "float" });
+        expect((await post({ encoding_format: "base64" })).data[0]?.embedding).toBe(base64);
+        const asked = await sdk().embeddings.create({ model: "embed", input: "alpha", encoding_format: "base64" });
+        expect(asked.data[0]?.embedding as unknown).toBe(base64);
+        // And the other way round: floats, as the API answers a request that names no encoding.
+        upstream.script("embed", { encoding: "base64" });
+        expect((await post({})).data[0]?.embedding).toEqual(floats);
+        expect((await post({ encoding_format: "float" })).data[1]?.embedding).toEqual([0.04, 0.05, 0.06, 0.07].map(Math.fround));
+      });
+
       test("embeddings without upstream usage are counted", async () => {
         upstream.script("embed", { usage: false });
         const { response } = await sdk().embeddings.create({ model: "embed", input: "Hello world" }).withResponse();
@@ -1665,6 +1688,38 @@ for (const port of ["rpc", "rest"] as const) {
         expect(completion.model).toBe("misrouted-secondary-fake");
       });
 
+      test("Azure's 400 for what its api-version does not offer is the target's: it falls back; alone, the gateway's or, for a feature, the client's", async () => {
+        const azure = (message: string) => ({ status: 400, error: { message, type: null, code: "BadRequest" } });
+        const unsupported = azure("API version not supported");
+        const model = azure("Model o4-mini is enabled only for api versions 2024-12-01-preview and later");
+        const feature = azure("response_format value as json_schema is enabled only for api versions 2024-08-01-preview and later");
+        upstream.script("api-version-secondary", {});
+        for (const refusal of [unsupported, model, feature]) {
+          upstream.script("api-version-primary", refusal);
+          const served = await sdk().chat.completions.create({ model: "api-version", messages: hello });
+          expect(served.model).toBe("api-version-secondary-fake");
+        }
+        // The api-version (or the model deployed) is the operator's to change: no target left, a 502, as for a bad key.
+        upstream.script("api-version-primary", model);
+        upstream.script("api-version-secondary", model);
+        const e = await apiError(sdk().chat.completions.create({ model: "api-version", messages: hello }));
+        expectShape(e, 502, "upstream_error");
+        expect(e.message).not.toContain("2024-12-01-preview");
+        // A feature no target offers is the client's to do without, in the upstream's words; its refusals open no
+        // target's breaker for other requests.
+        upstream.reset();
+        upstream.script("api-version-primary", feature);
+        upstream.script("api-version-secondary", feature);
+        for (let i = 0; i < 6; i++) {
+          const refused = await apiError(sdk().chat.completions.create({ model: "api-version", messages: hello }));
+          expectShape(refused, 400, "BadRequest");
+          expect(refused.error).toMatchObject({ message: feature.error.message });
+        }
+        upstream.script("api-version-primary", {});
+        const served = await sdk().chat.completions.create({ model: "api-version", messages: hello });
+        expect(served.model).toBe("api-version-primary-fake");
+      });
+
       test("a prompt over a target's whole TPM limit (its 429) falls back without retry, hold or breaker; alone it is the client's", async () => {
         const tooLarge = {
           message:
@@ -1853,11 +1908,15 @@ for (const port of ["rpc", "rest"] as const) {
       });
 
       // Failures of a stream before its first chunk: a proxy's 200 with a JSON error, an error event first (as
-      // OpenRouter sends them), a prefill longer than the target's timeout.
+      // OpenRouter sends them), a prefill longer than the target's timeout; after Azure's chunk of prompt filter
+      // results alone, which no choice has begun.
+      const overloaded = { error: { message: "provider overloaded", type: "server_error" } };
       const failedBeforeFirstChunk: Array<[string, Behaviour]> = [
         ["a 200 with an error body", { status: 200 }],
-        ["an error event first", { firstEvent: { error: { message: "provider overloaded", type: "server_error" } } }],
+        ["an error event first", { firstEvent: overloaded }],
         ["no first chunk within the timeout", { firstChunkDelayMs: 1000 }],
+        ["an error event after Azure's prompt filter results", { promptFilterChunk: true, firstEvent: overloaded }],
+        ["no chunk within the timeout after Azure's prompt filter results", { promptFilterChunk: true, firstChunkDelayMs: 1000 }],
       ];
 
       test.each(failedBeforeFirstChunk)("a stream failing before its first chunk (%s) falls back to the next target", async (_, failure) => {

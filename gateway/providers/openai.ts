@@ -154,9 +154,16 @@ export function createOpenAIProvider(
       }
       const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
       const chunks = relay(response, config.name, options, choices, redact)[Symbol.asyncIterator]();
-      const first = await chunks.next();
-      if (first.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
-      return resumed(first.value, chunks);
+      // Azure's first chunk holds its prompt filter's results alone, before the model has read the prompt: the answer
+      // begins with the first chunk of a choice (or of usage), and a failure until then is still the attempt's.
+      const held: ChatCompletionChunk[] = [];
+      for (;;) {
+        const next = await chunks.next();
+        if (next.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
+        held.push(next.value);
+        if (next.value.choices.length > 0 || next.value.usage || held.length >= maxHeldChunks) break;
+      }
+      return resumed(held, chunks);
     });
 
   return {
@@ -222,6 +229,12 @@ export function createOpenAIProvider(
       if (!response || !Array.isArray(response.data)) {
         throw new UpstreamError("transient", `${config.name}: the embeddings response has no data`);
       }
+      for (const item of response.data as unknown[]) {
+        if (typeof item === "object" && item !== null) {
+          const embedding = item as { embedding: unknown };
+          embedding.embedding = encodedAs(embedding.embedding, request.encoding_format);
+        }
+      }
       const { tokens, estimated } = await meteredUsage(response.usage, {
         input: () => countEmbeddingTokens(request.input),
       });
@@ -229,6 +242,23 @@ export function createOpenAIProvider(
       return { response, tokens, usageEstimated: estimated };
     },
   };
+}
+
+/**
+ * A vector in the encoding the client asked for: servers that ignore encoding_format (LM Studio, Ollama before it read
+ * it) answer a request for base64, which OpenAI's .NET library always sends, with a list of floats its client cannot
+ * read. Base64 is of little-endian float32s, as OpenAI encodes them; anything else is left as it came.
+ */
+function encodedAs(embedding: unknown, format: "float" | "base64"): unknown {
+  if (format === "base64" && Array.isArray(embedding) && embedding.every((v) => typeof v === "number")) {
+    return Buffer.from(Float32Array.from(embedding).buffer).toString("base64");
+  }
+  if (format === "float" && typeof embedding === "string") {
+    // Copied, so the floats start at an offset a Float32Array can take.
+    const bytes = Uint8Array.from(Buffer.from(embedding, "base64"));
+    if (bytes.length % 4 === 0) return Array.from(new Float32Array(bytes.buffer));
+  }
+  return embedding;
 }
 
 /** The content types of answers: whole ones in JSON, streamed ones as server-sent events. */
@@ -246,18 +276,19 @@ function refusesOwnStreamOptions(e: UpstreamError): boolean {
   return /(?<![\w.])stream_options(?!\w|\.(?!include_usage\b)\w)/.test(e.message);
 }
 
-/** A stream's first chunk, read already, in front of the rest of it; stopping it stops the rest. */
-function resumed(first: ChatCompletionChunk, rest: AsyncIterator<ChatCompletionChunk>): ChunkStream {
-  let held: ChatCompletionChunk | undefined = first;
+/** Chunks of no choice (Azure's prompt filter results) held before a stream is taken to have begun. */
+const maxHeldChunks = 16;
+
+/** A stream's first chunks, read already, in front of the rest of it; stopping it stops the rest. */
+function resumed(held: ChatCompletionChunk[], rest: AsyncIterator<ChatCompletionChunk>): ChunkStream {
   const iterator: AsyncIterableIterator<ChatCompletionChunk> = {
     next() {
-      if (!held) return rest.next();
-      const value = held;
-      held = undefined;
+      const value = held.shift();
+      if (!value) return rest.next();
       return Promise.resolve({ done: false, value });
     },
     return() {
-      held = undefined;
+      held.length = 0;
       return rest.return?.() ?? Promise.resolve({ done: true, value: undefined });
     },
     [Symbol.asyncIterator]: () => iterator,

@@ -61,7 +61,8 @@ export interface Provider {
  * input its moderation flagged, or a 429 for a prompt over its whole rate limit, which the other targets are asked
  * first) fails the request as the client's fault,
  * "transient" (connection, 408/409/429/5xx, unreadable answers) and "timeout" may be retried on the same target,
- * "misconfigured" (401/403/404 and other 4xx, missing key, an account out of quota) moves on to the next target,
+ * "misconfigured" (401/403/404 and other 4xx, missing key, an account out of quota, an Azure api-version that does not
+ * serve the deployment) moves on to the next target,
  * "cancelled" stops.
  */
 export type UpstreamFailure = "rejected" | "transient" | "timeout" | "misconfigured" | "cancelled";
@@ -103,6 +104,7 @@ export class UpstreamError extends Error {
 
 /** The failure class of an upstream HTTP status and the error it came with. */
 export function failureOfStatus(status: number, error?: UpstreamErrorBody): UpstreamFailure {
+  if (status === 400 && apiVersionRefused(error)) return "misconfigured";
   if (status === 400 || status === 413 || status === 422 || overRateLimit(status, error)) return "rejected";
   if (status === 404 && namesParameter(error)) return "rejected";
   if (status === 403 && flaggedInput(error)) return "rejected";
@@ -140,11 +142,30 @@ function flaggedInput(error: UpstreamErrorBody | undefined): boolean {
 }
 
 /**
- * A refusal of the request by this target alone, which another may serve: over its account's whole rate limit, or
- * flagged by OpenRouter's moderation (applied for some of its providers only).
+ * Azure's 400 for an api-version it does not serve at all ("API version not supported") or not for the model deployed
+ * ("Model o4-mini is enabled only for api versions 2024-12-01-preview and later"): every request fails alike until the
+ * operator changes the target's api_version, as with a bad key.
+ */
+function apiVersionRefused(error: UpstreamErrorBody | undefined): boolean {
+  return /^(?:api version not supported\b|model \S+ is enabled only for api versions\b)/i.test(error?.message ?? "");
+}
+
+/**
+ * Azure's 400 for a feature of the request its configured api-version does not offer ("response_format value as
+ * json_schema is enabled only for api versions 2024-08-01-preview and later", "tool_choice value as required ..."):
+ * a target on a later version, or another provider, takes it.
+ */
+function featureOfLaterApiVersion(status: number, error: UpstreamErrorBody | undefined): boolean {
+  return status === 400 && /\bis enabled only for api versions\b/i.test(error?.message ?? "");
+}
+
+/**
+ * A refusal of the request by this target alone, which another may serve: over its account's whole rate limit,
+ * flagged by OpenRouter's moderation (applied for some of its providers only), or asking for a feature of a later
+ * Azure api-version than the target's.
  */
 export function refusedByTarget(status: number, error: UpstreamErrorBody | undefined): boolean {
-  return overRateLimit(status, error) || (status === 403 && flaggedInput(error));
+  return overRateLimit(status, error) || (status === 403 && flaggedInput(error)) || featureOfLaterApiVersion(status, error);
 }
 
 /** The upstream's account is out of credit (OpenAI's 429 insufficient_quota), as opposed to a rate limit. */

@@ -49,7 +49,7 @@ export interface Behaviour {
   firstEvent?: unknown;
   /** Streaming: send this event (an error, say) after the first content chunk, and nothing after it. */
   midEvent?: unknown;
-  /** Streaming: first a chunk as Azure sends it, of prompt filter results, with an empty object and model. */
+  /** Streaming: first of all a chunk as Azure sends it, of prompt filter results, with an empty object and model. */
   promptFilterChunk?: boolean;
   /** Streaming: stop after this many content chunks, without finish_reason or [DONE]. */
   cutAfterChunks?: number;
@@ -82,6 +82,8 @@ export interface Behaviour {
   reasoning?: string;
   /** The delta field reasoning goes in: `reasoning_content` (vLLM, DeepSeek) by default, or `reasoning` (OpenRouter). */
   reasoningField?: "reasoning_content" | "reasoning";
+  /** Embeddings: vectors in this encoding whatever the request asked, as servers that ignore encoding_format answer. */
+  encoding?: "float" | "base64";
 }
 
 export interface SeenRequest {
@@ -271,6 +273,11 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
     new ReadableStream<Uint8Array>({
       async start(controller) {
         const pause = () => (b.chunkDelayMs ? Bun.sleep(b.chunkDelayMs) : undefined);
+        // Sent once the prompt is filtered, before the model reads it.
+        if (b.promptFilterChunk) {
+          const filters = [{ prompt_index: 0, content_filter_results: {} }];
+          controller.enqueue(event({ id: "", object: "", created: 0, model: "", choices: [], prompt_filter_results: filters }));
+        }
         if (b.firstChunkDelayMs) {
           controller.enqueue(encoder.encode(": prefill\n\n"));
           await Bun.sleep(b.firstChunkDelayMs);
@@ -290,10 +297,6 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
           controller.enqueue(event(b.firstEvent));
           controller.close();
           return;
-        }
-        if (b.promptFilterChunk) {
-          const filters = [{ prompt_index: 0, content_filter_results: {} }];
-          controller.enqueue(event({ id: "", object: "", created: 0, model: "", choices: [], prompt_filter_results: filters }));
         }
         controller.enqueue(chunk({ role: "assistant", content: "" }));
         if (b.toolCall) {
@@ -359,7 +362,7 @@ function embeddings(body: Record<string, any>, b: Behaviour): Response {
   const data = inputs.map((input, index) => {
     const vector = new Float32Array(dimensions);
     for (let i = 0; i < dimensions; i++) vector[i] = (String(input).length + i) / 100;
-    const embedding = body.encoding_format === "base64" ? Buffer.from(vector.buffer).toString("base64") : Array.from(vector);
+    const embedding = (b.encoding ?? body.encoding_format) === "base64" ? Buffer.from(vector.buffer).toString("base64") : Array.from(vector);
     return { object: "embedding", index, embedding };
   });
   const tokens = Math.ceil(JSON.stringify(body.input).length / 4);
