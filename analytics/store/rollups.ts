@@ -9,6 +9,9 @@ export const minuteUs = 60_000_000;
 export const hourUs = 60 * minuteUs;
 // Past this many minutes awaiting recomputation in one window, a query reads the raw table alone.
 const maxDirtyMinutes = 100;
+// Items of a list bound as one query parameter: a server takes parameters in its request's URL, which it bounds
+// (http_max_uri_size, 1 MiB by default: about 14,000 marks' keys).
+const maxListParam = 100;
 
 /** [from, to) in microseconds. */
 export interface Span {
@@ -236,40 +239,43 @@ export function createRollups(driver: ClickHouseDriver, tables: RollupTables, la
       }
       let recomputed = 0;
       for (const [orgId, list] of byOrg) {
-        const minutes = [...new Set(list)].sort((a, b) => a - b);
-        const hours = [...new Set(minutes.map((m) => floorTo(m, hourUs)))];
-        recomputed += minutes.length;
-        const first = minutes[0] as Micros;
-        const last = minutes[minutes.length - 1] as Micros;
-        await driver.exec(
-          minutesFromRaw(`org_id = {org_id:String}
-            AND start_time >= {from:DateTime64(6, 'UTC')} AND start_time < {to:DateTime64(6, 'UTC')}
-            AND toStartOfMinute(start_time) IN {minutes:Array(DateTime('UTC'))}`),
-          {
-            org_id: orgId,
-            from: microsText(first),
-            to: microsText(last + minuteUs),
-            minutes: minutes.map((m) => microsText(m).slice(0, 19)),
-          },
-        );
-        await driver.exec(
-          hoursFromMinutes(`org_id = {org_id:String}
-            AND minute >= {from:DateTime64(6, 'UTC')} AND minute < {to:DateTime64(6, 'UTC')}
-            AND toStartOfHour(minute) IN {hours:Array(DateTime('UTC'))}`),
-          {
-            org_id: orgId,
-            from: microsText(hours[0] as Micros),
-            to: microsText((hours[hours.length - 1] as Micros) + hourUs),
-            hours: hours.map((h) => microsText(h).slice(0, 19)),
-          },
-        );
+        const all = [...new Set(list)].sort((a, b) => a - b);
+        recomputed += all.length;
+        for (let i = 0; i < all.length; i += maxListParam) {
+          const minutes = all.slice(i, i + maxListParam);
+          const hours = [...new Set(minutes.map((m) => floorTo(m, hourUs)))];
+          const first = minutes[0] as Micros;
+          const last = minutes[minutes.length - 1] as Micros;
+          await driver.exec(
+            minutesFromRaw(`org_id = {org_id:String}
+              AND start_time >= {from:DateTime64(6, 'UTC')} AND start_time < {to:DateTime64(6, 'UTC')}
+              AND toStartOfMinute(start_time) IN {minutes:Array(DateTime('UTC'))}`),
+            {
+              org_id: orgId,
+              from: microsText(first),
+              to: microsText(last + minuteUs),
+              minutes: minutes.map((m) => microsText(m).slice(0, 19)),
+            },
+          );
+          await driver.exec(
+            hoursFromMinutes(`org_id = {org_id:String}
+              AND minute >= {from:DateTime64(6, 'UTC')} AND minute < {to:DateTime64(6, 'UTC')}
+              AND toStartOfHour(minute) IN {hours:Array(DateTime('UTC'))}`),
+            {
+              org_id: orgId,
+              from: microsText(hours[0] as Micros),
+              to: microsText((hours[hours.length - 1] as Micros) + hourUs),
+              hours: hours.map((h) => microsText(h).slice(0, 19)),
+            },
+          );
+        }
       }
-      if (marks.length > 0) {
-        // Only the marks read above: one written meanwhile stays for the next run.
+      // Only the marks read above: one written meanwhile stays for the next run.
+      for (let i = 0; i < marks.length; i += maxListParam) {
         await driver.exec(
           `DELETE FROM ${tables.dirty}
            WHERE concat(org_id, '|', toString(minute), '|', toString(marked_at)) IN {keys:Array(String)}`,
-          { keys: marks.map((m) => m.key) },
+          { keys: marks.slice(i, i + maxListParam).map((m) => m.key) },
         );
       }
       return { rolledUntil: microsText(done).slice(0, 19), recomputedMinutes: recomputed };

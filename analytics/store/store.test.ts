@@ -302,6 +302,23 @@ for (const [name, makeDriver] of backends) {
       expect(plain?.timeToFirstToken?.p50Us).toBe(0n);
       expect(streamed?.timeToFirstToken?.p90Us).toBe(80n);
     });
+
+    test("a roll-up recomputes and clears the marks of thousands of late minutes", async () => {
+      const orgId = "org_backlog";
+      await store.rollUp();
+      // A gateway's spool resent after an outage: rows for 1,500 minutes that are already rolled up.
+      const late = Array.from({ length: 1500 }, (_, m) => sampleMetrics(at(m * 60_000 + 1_000), { orgId, costNanos: 3n }));
+      await store.insertRequests(late, "backlog-1");
+      const range = { start: timestampFromDate(at(0)), end: timestampFromDate(at(25 * hour)) };
+      expect((await store.rollUp()).recomputedMinutes).toBeGreaterThanOrEqual(1500);
+      const [marks] = await driver.query<{ n: string }>(
+        `SELECT count() AS n FROM ${store.database}.rollup_dirty WHERE org_id = {org:String}`,
+        { org: orgId },
+      );
+      expect(marks?.n).toBe("0");
+      const [total] = await store.queryUsage({ orgId, ...range, groupBy: [], limit: 1 });
+      expect([total?.requests, total?.costNanos]).toEqual([1500n, 4500n]);
+    }, 60_000);
   });
 }
 
