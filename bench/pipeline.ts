@@ -22,7 +22,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { ulid } from "ulid";
 import { createChdbDriver, openChdbSession } from "../analytics/store/chdb-driver.ts";
-import { requestColumns, toRequestRow } from "../analytics/store/rows.ts";
+import { requestColumns, toRequestValues } from "../analytics/store/rows.ts";
 import { createAnalyticsStore } from "../analytics/store/store.ts";
 import { AnalyticsService, type RequestMetrics, RequestMetricsSchema, RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
@@ -111,10 +111,7 @@ const rawStore = createAnalyticsStore(createChdbDriver(rawDir), { database: "raw
 await rawStore.migrate();
 const bodies: Buffer[] = [];
 for (let i = 0; i < rowCount; i += flushRows) {
-  const lines = rows.slice(i, i + flushRows).map((m) => {
-    const row = toRequestRow(m);
-    return JSON.stringify(requestColumns.map((c) => row[c]));
-  });
+  const lines = rows.slice(i, i + flushRows).map((m) => JSON.stringify(toRequestValues(m)));
   bodies.push(Buffer.from(`${lines.join("\n")}\n`));
 }
 const chdb = openChdbSession(rawDir);

@@ -43,7 +43,7 @@ export const requestColumns = [
   "tags",
 ] as const;
 
-/** A requests row as JSONEachRow reads and writes it: DateTime64 as text, Int64 as decimal strings. */
+/** A requests row as JSONEachRow reads it: DateTime64 as text, Int64 as decimal strings. */
 export type RequestRow = {
   [K in (typeof requestColumns)[number]]: K extends "first_token_time" | `cost_${string}_nanos`
     ? string | null
@@ -56,47 +56,60 @@ export type RequestRow = {
           : string;
 };
 
-export function toRequestRow(m: RequestMetrics): RequestRow {
+/**
+ * A row's values in requestColumns order, as the store inserts them (JSONCompactEachRow). 64-bit integers go as JSON
+ * numbers when a double holds them exactly (every count and cost within ingest's bounds), which is much cheaper than
+ * formatting a bigint as text; larger ones as decimal strings.
+ */
+export function toRequestValues(m: RequestMetrics): unknown[] {
   const usage = m.usage;
   const parts = m.costBreakdown;
-  return {
-    request_id: m.requestId,
-    trace_id: m.traceId,
-    span_id: m.spanId,
-    start_time: toDateTime64(m.startTime),
-    first_token_time: m.firstTokenTime ? toDateTime64(m.firstTokenTime) : null,
-    end_time: toDateTime64(m.endTime),
-    org_id: m.orgId,
-    project_id: m.projectId,
-    api_key_id: m.apiKeyId,
-    end_user_id: m.endUserId,
-    provider: m.provider,
-    requested_model: m.requestedModel,
-    served_model: m.servedModel,
-    endpoint: Endpoint[m.endpoint] ?? String(m.endpoint),
-    streamed: m.streamed,
-    status: statusName(m.status),
-    http_status: m.httpStatus,
-    error_code: m.errorCode,
-    input_tokens: String(usage?.inputTokens ?? 0n),
-    cached_input_tokens: String(usage?.cachedInputTokens ?? 0n),
-    output_tokens: String(usage?.outputTokens ?? 0n),
-    reasoning_tokens: String(usage?.reasoningTokens ?? 0n),
-    usage_estimated: m.usageEstimated,
-    cost_nanos: String(m.costNanos),
-    cost_input_nanos: parts ? String(parts.inputNanos) : null,
-    cost_cached_input_nanos: parts ? String(parts.cachedInputNanos) : null,
-    cost_output_nanos: parts ? String(parts.outputNanos) : null,
-    cost_reasoning_nanos: parts ? String(parts.reasoningNanos) : null,
-    total_latency_us: String(m.totalLatencyUs),
-    upstream_latency_us: String(m.upstreamLatencyUs),
-    ttft_us: String(m.ttftUs),
-    gateway_overhead_us: String(m.gatewayOverheadUs),
-    retries: m.retries,
-    fallback_used: m.fallbackUsed,
-    gateway_instance_id: m.gatewayInstanceId,
-    tags: m.tags,
-  };
+  // Keep this list in requestColumns order.
+  return [
+    m.requestId,
+    m.traceId,
+    m.spanId,
+    toDateTime64(m.startTime),
+    m.firstTokenTime ? toDateTime64(m.firstTokenTime) : null,
+    toDateTime64(m.endTime),
+    m.orgId,
+    m.projectId,
+    m.apiKeyId,
+    m.endUserId,
+    m.provider,
+    m.requestedModel,
+    m.servedModel,
+    Endpoint[m.endpoint] ?? String(m.endpoint),
+    m.streamed,
+    statusName(m.status),
+    m.httpStatus,
+    m.errorCode,
+    int64Value(usage?.inputTokens ?? 0n),
+    int64Value(usage?.cachedInputTokens ?? 0n),
+    int64Value(usage?.outputTokens ?? 0n),
+    int64Value(usage?.reasoningTokens ?? 0n),
+    m.usageEstimated,
+    int64Value(m.costNanos),
+    parts ? int64Value(parts.inputNanos) : null,
+    parts ? int64Value(parts.cachedInputNanos) : null,
+    parts ? int64Value(parts.outputNanos) : null,
+    parts ? int64Value(parts.reasoningNanos) : null,
+    int64Value(m.totalLatencyUs),
+    int64Value(m.upstreamLatencyUs),
+    int64Value(m.ttftUs),
+    int64Value(m.gatewayOverheadUs),
+    m.retries,
+    m.fallbackUsed,
+    m.gatewayInstanceId,
+    m.tags,
+  ];
+}
+
+/** A 64-bit integer for JSON input: a number when exact as a double, else its decimal text. */
+function int64Value(value: bigint): number | string {
+  const n = Number(value);
+  // Past 2^53 - 1 the double rounds to 2^53 or beyond, so a safe integer here is the exact value.
+  return Number.isSafeInteger(n) ? n : String(value);
 }
 
 export function fromRequestRow(row: RequestRow): RequestMetrics {

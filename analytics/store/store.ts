@@ -23,7 +23,7 @@ import {
   requestColumns,
   statusName,
   toDateTime64,
-  toRequestRow,
+  toRequestValues,
 } from "./rows.ts";
 
 /** [start, end) of request start times. */
@@ -256,11 +256,10 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
 
     async insertRequests(rows, dedupToken) {
       if (rows.length === 0) return;
-      const values = rows.map((m) => {
-        const row = toRequestRow(m);
-        return requestColumns.map((column) => row[column]);
+      await driver.insert(requests, requestColumns, rows.map(toRequestValues), {
+        ...insertSettings,
+        insert_deduplication_token: dedupToken,
       });
-      await driver.insert(requests, requestColumns, values, { ...insertSettings, insert_deduplication_token: dedupToken });
       // After the rows, so a mark that is visible always has its rows visible too.
       const marks = await rollups.lateMarks(rows);
       if (marks.length > 0) await driver.insert(`${db}.rollup_dirty`, ["org_id", "minute"], marks);
