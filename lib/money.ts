@@ -107,12 +107,47 @@ export interface CostParts {
  * and the rounding left over goes to the parts with the largest remainders, so invoices itemise exactly what was charged.
  */
 export function costParts(tokens: Tokens, price: Price): CostParts {
+  const products = costProducts(tokens, price);
+  const totalNanos = divRoundHalfUp(
+    products.reduce((a, b) => a + b, 0n),
+    1000n,
+  );
+  const parts = products.map((p) => p / 1000n);
+  let leftover = totalNanos - parts.reduce((a, b) => a + b, 0n);
+  // Usually none is left over (always so when every product is a whole nano-USD, as most prices make it).
+  if (leftover !== 0n) {
+    const byRemainder = products
+      .map((p, i) => ({ i, r: p % 1000n }))
+      .sort((a, b) => (b.r > a.r ? 1 : b.r < a.r ? -1 : a.i - b.i));
+    for (const { i, r } of byRemainder) {
+      if (leftover === 0n || r === 0n) break;
+      parts[i] = (parts[i] ?? 0n) + 1n;
+      leftover--;
+    }
+  }
+  const [input = 0n, cachedInputNanos = 0n, output = 0n, reasoningNanos = 0n, audioIn = 0n, audioOut = 0n] = parts;
+  return { inputNanos: input + audioIn, cachedInputNanos, outputNanos: output + audioOut, reasoningNanos, totalNanos };
+}
+
+/** Exact cost of one request in nano-USD, rounded half-up once (see costParts, whose total this is). */
+export function costNanos(tokens: Tokens, price: Price): bigint {
+  return divRoundHalfUp(
+    costProducts(tokens, price).reduce((a, b) => a + b, 0n),
+    1000n,
+  );
+}
+
+/**
+ * Each kind of token times its price, in thousandths of a nano-USD: uncached input, cached input, output besides
+ * reasoning, reasoning, audio input, audio output.
+ */
+function costProducts(tokens: Tokens, price: Price): bigint[] {
   const cached = min(tokens.cachedInputTokens, tokens.inputTokens);
   const reasoning = min(tokens.reasoningTokens, tokens.outputTokens);
   const audioInput = min(tokens.audioInputTokens ?? 0n, tokens.inputTokens - cached);
   const audioOutput = min(tokens.audioOutputTokens ?? 0n, tokens.outputTokens - reasoning);
   // tokens * micro-USD per 1e6 tokens = tokens * micros / 1e6 micro-USD = tokens * micros / 1e3 nano-USD
-  const products = [
+  return [
     (tokens.inputTokens - cached - audioInput) * price.inputMicros,
     cached * price.cachedInputMicros,
     (tokens.outputTokens - reasoning - audioOutput) * price.outputMicros,
@@ -120,27 +155,6 @@ export function costParts(tokens: Tokens, price: Price): CostParts {
     audioInput * (price.audioInputMicros ?? price.inputMicros),
     audioOutput * (price.audioOutputMicros ?? price.outputMicros),
   ];
-  const totalNanos = divRoundHalfUp(
-    products.reduce((a, b) => a + b, 0n),
-    1000n,
-  );
-  const parts = products.map((p) => p / 1000n);
-  let leftover = totalNanos - parts.reduce((a, b) => a + b, 0n);
-  const byRemainder = products
-    .map((p, i) => ({ i, r: p % 1000n }))
-    .sort((a, b) => (b.r > a.r ? 1 : b.r < a.r ? -1 : a.i - b.i));
-  for (const { i, r } of byRemainder) {
-    if (leftover === 0n || r === 0n) break;
-    parts[i] = (parts[i] ?? 0n) + 1n;
-    leftover--;
-  }
-  const [input = 0n, cachedInputNanos = 0n, output = 0n, reasoningNanos = 0n, audioIn = 0n, audioOut = 0n] = parts;
-  return { inputNanos: input + audioIn, cachedInputNanos, outputNanos: output + audioOut, reasoningNanos, totalNanos };
-}
-
-/** Exact cost of one request in nano-USD, rounded half-up once (see costParts). */
-export function costNanos(tokens: Tokens, price: Price): bigint {
-  return costParts(tokens, price).totalNanos;
 }
 
 /** Rounds nano-USD to cents, half-up (away from zero), once. */
