@@ -479,6 +479,9 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         const res = await fetch(`${cfg.BILLING_URL}/invoices/${encodeURIComponent(id)}`, {
           headers: { authorization: `Bearer ${cfg.ADMIN_TOKEN}` },
           signal: AbortSignal.timeout(30_000),
+        }).catch((e: Error) => {
+          // fetch's own message names neither the service nor its address.
+          throw new ServiceError(`[unavailable] billing at ${cfg.BILLING_URL}: ${e.message}`);
         });
         if (!res.ok) {
           const reason = (await res.text()).split("\n")[0] || res.statusText;
