@@ -392,5 +392,7 @@ describe("meshctl against a real billing", () => {
     const help = await cli("--help");
     expect(help.code).toBe(0);
     expect(help.out).toContain("invoices generate --org ID");
+    // An invoice names its last day; usage ranges end before --to, which the help says.
+    expect(help.out).toContain("up to, not including, --to");
   });
 });

@@ -63,6 +63,8 @@ const usage = `usage: meshctl <command> [flags] [--json]
   quota show KEY_ID [--org ID]
       (usage this period, the keys it was rotated from included: what its limits count)
   usage --org ID [--from DATE] [--to DATE] [--source billing|analytics]
+      (from --from up to, not including, --to: an invoice's 2026-10-01 to 2026-10-31 is --from 2026-10-01
+      --to 2026-11-01; either left out comes from the org's billing period, the current one without --to)
   discounts add --org ID --name S --kind volume-graduated|volume-all-units|time-window|promotional
                 [--percent P] [--tiers FROM_USD:PERCENT,...] [--hours 0-6] [--days 0,6] [--model M] [--provider P]
                 [--priority N] [--exclusive] [--from DATE] [--until DATE] [--cap-usd X]   (a negative N: --priority=-5)
