@@ -380,11 +380,19 @@ describe("meshctl against a real billing", () => {
     failsWith(await cli("orgs list", { ADMIN_TOKEN: "short" }), 2, /ADMIN_TOKEN/);
     failsWith(await cli("orgs list", { BILLING_URL: "not a url" }), 2, /BILLING_URL/);
     failsWith(await cli("orgs list", { BILLING_URL: "http://127.0.0.1:1" }), 1, /unavailable/);
+    // The HTML page is fetched outside the RPCs: its failure names the service and address all the same.
+    failsWith(
+      await cli("invoices render inv_x --html", { BILLING_URL: "http://127.0.0.1:1" }),
+      1,
+      /^meshctl: \[unavailable\] billing at http:\/\/127\.0\.0\.1:1: /,
+    );
     const none = await cli("");
     expect(none.code).toBe(2);
     expect(none.err).toContain("usage: meshctl");
     const help = await cli("--help");
     expect(help.code).toBe(0);
     expect(help.out).toContain("invoices generate --org ID");
+    // An invoice names its last day; usage ranges end before --to, which the help says.
+    expect(help.out).toContain("up to, not including, --to");
   });
 });

@@ -63,6 +63,8 @@ const usage = `usage: meshctl <command> [flags] [--json]
   quota show KEY_ID [--org ID]
       (usage this period, the keys it was rotated from included: what its limits count)
   usage --org ID [--from DATE] [--to DATE] [--source billing|analytics]
+      (from --from up to, not including, --to: an invoice's 2026-10-01 to 2026-10-31 is --from 2026-10-01
+      --to 2026-11-01; either left out comes from the org's billing period, the current one without --to)
   discounts add --org ID --name S --kind volume-graduated|volume-all-units|time-window|promotional
                 [--percent P] [--tiers FROM_USD:PERCENT,...] [--hours 0-6] [--days 0,6] [--model M] [--provider P]
                 [--priority N] [--exclusive] [--from DATE] [--until DATE] [--cap-usd X]   (a negative N: --priority=-5)
@@ -479,6 +481,9 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         const res = await fetch(`${cfg.BILLING_URL}/invoices/${encodeURIComponent(id)}`, {
           headers: { authorization: `Bearer ${cfg.ADMIN_TOKEN}` },
           signal: AbortSignal.timeout(30_000),
+        }).catch((e: Error) => {
+          // fetch's own message names neither the service nor its address.
+          throw new ServiceError(`[unavailable] billing at ${cfg.BILLING_URL}: ${e.message}`);
         });
         if (!res.ok) {
           const reason = (await res.text()).split("\n")[0] || res.statusText;

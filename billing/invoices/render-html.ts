@@ -57,7 +57,8 @@ export function renderInvoiceHtml(invoice: Invoice): string {
 <style>
   body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1a1a1a; margin: 0; }
   main { max-width: 820px; margin: 2rem auto; padding: 0 1.5rem; }
-  header { display: flex; justify-content: space-between; align-items: flex-start; gap: 2rem; }
+  header { display: flex; flex-wrap: wrap; justify-content: space-between; align-items: flex-start; gap: 1rem 2rem; }
+  header > div { flex: none; }
   h1 { font-size: 1.6rem; margin: 0 0 .25rem; }
   .muted { color: #5f6368; }
   .status { display: inline-block; padding: .1rem .6rem; border: 1px solid currentColor; border-radius: 1rem;
@@ -68,6 +69,8 @@ export function renderInvoiceHtml(invoice: Invoice): string {
   dl { display: grid; grid-template-columns: max-content auto; gap: .15rem 1rem; margin: 0; }
   dt { color: #5f6368; }
   dd { margin: 0; }
+  /* A long name without spaces (org, model, rule) wraps rather than pushing the amounts off the page. */
+  dd, td { overflow-wrap: anywhere; }
   table { width: 100%; border-collapse: collapse; margin-top: 2rem; }
   th, td { padding: .45rem .5rem; border-bottom: 1px solid #e0e0e0; text-align: left; vertical-align: top; }
   th { font-size: .8rem; text-transform: uppercase; letter-spacing: .04em; color: #5f6368; }

@@ -7,7 +7,12 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { type Browser, chromium, type Page } from "playwright-core";
+import { ulid } from "ulid";
+import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
+import { Endpoint } from "../../gen/common/v1/common_pb.ts";
+import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.ts";
 
 const chromiumPath = process.env.CHROMIUM_PATH ?? Bun.which("chromium") ?? Bun.which("chromium-browser");
@@ -171,5 +176,54 @@ describe.skipIf(!chromiumPath)("browsers on other origins (needs Debian's chromi
     expect(await app.evaluate(listOrganizations, mesh.urls.billing)).toEqual({ status: 200, orgs: 1 });
     // The browser refuses to hand over the answer (the preflight lacks Access-Control-Allow-Origin).
     expect(await stranger.evaluate(listOrganizations, mesh.urls.billing)).toEqual({ failed: "TypeError" });
+  });
+
+  test("an invoice with long unbroken names and many lines keeps its amounts on the printed page", async () => {
+    const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken });
+    const { organization } = await billing.createOrganization({ name: `ACME_${"GLOBAL_HOLDINGS_".repeat(8)}LTD` });
+    const orgId = organization?.id as string;
+    const longModel = `accounts_fireworks_models_${"llama_v3p1_405b_instruct_".repeat(4)}ft`;
+    const models = [longModel, ...Array.from({ length: 40 }, (_, i) => `model-${i}`)];
+    await billing.recordUsage({
+      records: models.map((model) => ({
+        requestId: ulid(),
+        orgId,
+        model,
+        provider: "mock",
+        endpoint: Endpoint.CHAT_COMPLETIONS,
+        usage: { inputTokens: 123_456_789n, outputTokens: 98_765_432n },
+        costNanos: 1_234_567_890_123n,
+        occurTime: timestampFromDate(new Date()),
+      })),
+    });
+    const invoice = (await billing.generateInvoice({ orgId, periodTime: timestampFromDate(new Date()) })).invoice;
+
+    // An A4 page's width less Chromium's default print margins, in CSS pixels.
+    const page = await browser.newPage({ viewport: { width: 718, height: 1000 } });
+    try {
+      await page.setExtraHTTPHeaders({ authorization: `Bearer ${adminToken}` });
+      await page.emulateMedia({ media: "print" });
+      const res = await page.goto(`${mesh.urls.billing}/invoices/${invoice?.id}`);
+      expect(res?.status()).toBe(200);
+      // Run in the page, whose DOM types this project's TypeScript does not load.
+      const layout = (await page.evaluate(`(() => {
+        const right = (e) => Math.ceil(e.getBoundingClientRect().right);
+        const title = document.querySelector("h1");
+        return {
+          width: document.documentElement.clientWidth,
+          scrollWidth: document.documentElement.scrollWidth,
+          rightmost: Math.max(...[...document.querySelectorAll("td, dd")].map(right)),
+          amounts: document.querySelectorAll("table.lines td.num").length,
+          titleLines: Math.round(title.getBoundingClientRect().height / parseFloat(getComputedStyle(title).lineHeight)),
+        };
+      })()`)) as Record<"width" | "scrollWidth" | "rightmost" | "amounts" | "titleLines", number>;
+      // One line per model (no cost breakdown): its quantity and its amount.
+      expect(layout.amounts).toBe(models.length * 2);
+      expect(layout.scrollWidth).toBe(layout.width);
+      expect(layout.rightmost).toBeLessThanOrEqual(layout.width);
+      expect(layout.titleLines).toBe(1);
+    } finally {
+      await page.close();
+    }
   });
 });
