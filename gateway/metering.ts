@@ -56,16 +56,19 @@ function withinBound(cost: CostParts): CostParts {
   };
 }
 
-// Billing's usage records hold a model name of at most 200 characters.
+// Billing's usage records hold a model name of at most 200 characters, counted in Unicode's composed form (NFC).
 const maxMeteredName = 200;
-const controlCharacters = /[\u0000-\u001f\u007f]/g;
+// What billing refuses in a name: control characters (C0, DEL, C1) and line or paragraph separators.
+const controlCharacters = /[\p{Cc}\u2028\u2029]/gu;
+
+const cut = (text: string) => (text.length <= maxMeteredName ? text : [...text].slice(0, maxMeteredName).join(""));
 
 /**
  * A model name as a client asked for it (an unknown model is metered too) or as an upstream says it served it (any
- * string it likes), made fit for the metrics row: control characters replaced and cut to billing's bound, so the
- * row is never refused downstream nor grows with what others send.
+ * string it likes), made fit for the metrics row as billing takes it: control characters replaced, in NFC, and cut
+ * to billing's bound (once more after NFC, in which some characters take two or three), so the row is never refused
+ * downstream nor grows with what others send.
  */
 export function meteredName(name: string): string {
-  const clean = name.replace(controlCharacters, "\ufffd");
-  return clean.length <= maxMeteredName ? clean : [...clean].slice(0, maxMeteredName).join("");
+  return cut(cut(name).replace(controlCharacters, "\ufffd").normalize("NFC"));
 }
