@@ -6,7 +6,7 @@ import { type GatewayError, invalidRequest } from "./errors.ts";
  */
 
 /**
- * Most values (arrays and objects of a JSON body; nested messages, list elements and map entries of an RPC message) a
+ * Most values (arrays, objects and object members of a JSON body; nested messages, list elements and map entries of an RPC message) a
  * request may hold: far more than the API's own limits let a real one hold, far fewer than the million or so empty
  * ones a 4 MiB body can hold, which cost hundreds of megabytes and seconds to parse or decode.
  */

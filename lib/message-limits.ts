@@ -250,9 +250,11 @@ function skip(w: Walk, wireType: number, fieldNo: number, depth: number): void {
 
 /**
  * How a JSON text is built, by one scan of its characters outside strings: how deep its arrays and objects nest, and
- * how many nodes it holds: its arrays and objects, each an object of its own once parsed (`containers`), or every value
- * in it, scalars too (`values`), each of which may decode to a message of its own (a Struct's Value). Stops once either
- * passes its bound. Bytes of UTF-8 or a string's UTF-16 code units alike: JSON's structural characters are ASCII.
+ * how many nodes it holds: its arrays and objects, each an object of its own once parsed, and its objects' members,
+ * each a property to add (`containers`: a number in an array costs next to nothing to parse, an object's key about a
+ * microsecond), or every value in it, scalars too (`values`), each of which may decode to a message of its own (a
+ * Struct's Value). Stops once either passes its bound. Bytes of UTF-8 or a string's UTF-16 code units alike: JSON's
+ * structural characters are ASCII.
  */
 export function jsonShape(
   text: string | Uint8Array,
@@ -286,6 +288,7 @@ export function jsonShape(
       deepest = Math.max(deepest, ++depth);
     } else if (c === 0x5d || c === 0x7d) depth--;
     else if (c === 0x2c && values) nodes++;
+    else if (c === 0x3a && !values) nodes++;
   }
   return { depth: deepest, nodes };
 }

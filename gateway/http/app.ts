@@ -302,7 +302,11 @@ function parseJson(text: string): unknown {
     throw invalidRequest(`The JSON body nests deeper than ${maxJsonDepth} levels.`, null, "invalid_json");
   }
   if (shape.nodes > maxRequestNodes) {
-    throw invalidRequest(`The JSON body holds more than ${maxRequestNodes} arrays and objects.`, null, "invalid_json");
+    throw invalidRequest(
+      `The JSON body holds more than ${maxRequestNodes} arrays, objects and object members.`,
+      null,
+      "invalid_json",
+    );
   }
   try {
     return JSON.parse(text);
