@@ -7,6 +7,9 @@ const querySettings = {
   output_format_json_quote_64bit_integers: 1,
   // A query whose caller went away (its signal aborted the HTTP request) stops in the server instead of running on.
   cancel_http_readonly_queries_on_client_close: 1,
+  // ...which a server does for read-only queries alone: only a GET is read-only by default, and queries are POSTs.
+  // 2 still lets a query set its own limits (max_execution_time).
+  readonly: "2",
 } as const;
 
 /** What @clickhouse/client's error says when an abort signal ended its request. */

@@ -133,6 +133,10 @@ export function startClickHouseHttpServer(options: ClickHouseHttpServerOptions):
         bound[key] = paramValue(value, types.get(key) ?? "String");
       }
 
+      // As a server does: a request that sets readonly (or a GET) may only read.
+      if ((Number(settings.readonly ?? 0) > 0 || req.method === "GET") && !/^\s*(SELECT|WITH)\b/i.test(sql)) {
+        return fail(164, "Code: 164. DB::Exception: Cannot execute query in readonly mode. (READONLY)", queryId);
+      }
       const insert = data ? insertWithData.exec(sql) : null;
       if (insert) {
         const [, table, columns, format] = insert;
