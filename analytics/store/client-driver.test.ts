@@ -4,6 +4,8 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { createLogger } from "../../lib/log.ts";
 import { query } from "../service.ts";
 import { clickHouseLoggerClass, clientRequestTimeoutMs, createClientDriver } from "./client-driver.ts";
+import { startClickHouseHttpServer } from "./testing/clickhouse-http-server.ts";
+import { testDataDir } from "./test-store.ts";
 
 // A ClickHouse server that stops every query at its 1 s limit, as a real one does: a little after it, with code 159.
 const limitSeconds = 1;
@@ -37,3 +39,19 @@ test("a query the server stops at its limit is ResourceExhausted: the client wai
   // A client giving up at the server's limit (its default: 30 s against 30 s) answered Unavailable, which is retried.
   expect(await slowQuery(limitSeconds * 1000)).toBe(Code.Unavailable);
 }, 20_000);
+
+test("a ping fails when the server refuses the credentials, as every insert then does", async () => {
+  const clickhouse = startClickHouseHttpServer({ path: testDataDir(), user: "mesh", password: "rotated" });
+  const log = { LoggerClass: clickHouseLoggerClass(silent) };
+  const driver = createClientDriver(createClient({ url: clickhouse.url, username: "mesh", password: "old", log }));
+  const good = createClientDriver(createClient({ url: clickhouse.url, username: "mesh", password: "rotated", log }));
+  try {
+    expect(await driver.insert("system.none", ["a"], [["1"]]).catch((e) => e)).toMatchObject({ code: "516" });
+    expect(await driver.ping(1000).catch((e) => e)).toMatchObject({ code: "516" });
+    await good.ping(1000);
+  } finally {
+    await driver.close();
+    await good.close();
+    await clickhouse.stop();
+  }
+});

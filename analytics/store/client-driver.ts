@@ -80,7 +80,9 @@ export function createClientDriver(client: ClickHouseClient): ClickHouseDriver {
       });
     },
     async ping(timeoutMs) {
-      const result = await client.ping({ select: false, abort_signal: timeoutMs ? AbortSignal.timeout(timeoutMs) : undefined });
+      // A query, not /ping, which a server answers without checking credentials: a password changed on the server
+      // left analytics ready while every insert was refused.
+      const result = await client.ping({ select: true, abort_signal: timeoutMs ? AbortSignal.timeout(timeoutMs) : undefined });
       if (!result.success) throw result.error;
     },
     close: () => client.close(),
