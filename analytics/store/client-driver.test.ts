@@ -2,6 +2,7 @@ import { afterAll, expect, test } from "bun:test";
 import { createClient } from "@clickhouse/client";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { createLogger } from "../../lib/log.ts";
+import { eventually } from "../../test/support.ts";
 import { query } from "../service.ts";
 import { clickHouseLoggerClass, clientRequestTimeoutMs, createClientDriver } from "./client-driver.ts";
 import { startClickHouseHttpServer } from "./testing/clickhouse-http-server.ts";
@@ -53,5 +54,41 @@ test("a ping fails when the server refuses the credentials, as every insert then
     await driver.close();
     await good.close();
     await clickhouse.stop();
+  }
+});
+
+test("report queries holding all their connections leave readiness and ingest connections of their own", async () => {
+  const held: (() => void)[] = [];
+  let holding = true;
+  const busy = Bun.serve({
+    port: 0,
+    hostname: "127.0.0.1",
+    async fetch(req) {
+      // A report that runs long, as on a server under dashboards' load, until it is let go or its caller leaves.
+      if ((await req.text()).includes("'report'") && holding) {
+        await new Promise<void>((resolve) => {
+          held.push(resolve);
+          req.signal.addEventListener("abort", () => resolve());
+        });
+      }
+      return new Response("", { headers: { "x-clickhouse-format": "JSONEachRow" } });
+    },
+  });
+  const url = `http://127.0.0.1:${busy.port}`;
+  const log = { LoggerClass: clickHouseLoggerClass(silent) };
+  const driver = createClientDriver(createClient({ url, log }), createClient({ url, log }));
+  try {
+    // More than a client's 10 connections: four orgs' dashboards, each running its four at once.
+    const reports = Array.from({ length: 16 }, (_, i) => driver.query("SELECT 'report'", {}, { orgId: `org_${i % 4}` }));
+    await eventually(() => held.length === 10, { what: "ten reports running" });
+    await driver.ping(1000);
+    await driver.insert("t", ["a"], [["1"]]);
+    expect(await driver.query("SELECT 'marks'")).toEqual([]);
+    holding = false;
+    for (const release of held) release();
+    expect(await Promise.all(reports)).toEqual(reports.map(() => []));
+  } finally {
+    await driver.close();
+    busy.stop(true);
   }
 });

@@ -49,14 +49,18 @@ export function clientRequestTimeoutMs(queryTimeoutSeconds: number): number {
   return (queryTimeoutSeconds + 15) * 1000;
 }
 
-/** A ClickHouse server through @clickhouse/client (HTTP). Owns the client: close() closes it. */
-export function createClientDriver(client: ClickHouseClient): ClickHouseDriver {
+/**
+ * A ClickHouse server through @clickhouse/client (HTTP). Owns its clients: close() closes them. Report queries go
+ * through `reports`, so that ones holding all of its connections (10 by default, each up to the report time limit)
+ * leave ingest's inserts, roll-ups and readiness pings connections of their own.
+ */
+export function createClientDriver(client: ClickHouseClient, reports: ClickHouseClient = client): ClickHouseDriver {
   return {
     async exec(sql, params?: QueryParams) {
       await client.command({ query: sql, query_params: params });
     },
     async query<T>(sql: string, params?: QueryParams, report?: ReportOf) {
-      const result = await client.query({
+      const result = await (report ? reports : client).query({
         query: sql,
         query_params: params,
         format: "JSONEachRow",
@@ -85,6 +89,8 @@ export function createClientDriver(client: ClickHouseClient): ClickHouseDriver {
       const result = await client.ping({ select: true, abort_signal: timeoutMs ? AbortSignal.timeout(timeoutMs) : undefined });
       if (!result.success) throw result.error;
     },
-    close: () => client.close(),
+    async close() {
+      await Promise.all([client.close(), reports === client ? undefined : reports.close()]);
+    },
   };
 }
