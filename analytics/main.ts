@@ -59,17 +59,18 @@ const { log } = runtime;
 
 let driver: ClickHouseDriver;
 try {
+  const clickHouseClient = (url: string) =>
+    createClient({
+      url,
+      username: cfg.CLICKHOUSE_USER,
+      password: cfg.CLICKHOUSE_PASSWORD,
+      application: "mesh-analytics",
+      request_timeout: clientRequestTimeoutMs(defaultQueryTimeoutSeconds),
+      log: { LoggerClass: clickHouseLoggerClass(log.child({ component: "clickhouse-client" })) },
+    });
   driver = cfg.CLICKHOUSE_URL
-    ? createClientDriver(
-        createClient({
-          url: cfg.CLICKHOUSE_URL,
-          username: cfg.CLICKHOUSE_USER,
-          password: cfg.CLICKHOUSE_PASSWORD,
-          application: "mesh-analytics",
-          request_timeout: clientRequestTimeoutMs(defaultQueryTimeoutSeconds),
-          log: { LoggerClass: clickHouseLoggerClass(log.child({ component: "clickhouse-client" })) },
-        }),
-      )
+    ? // Report queries on connections of their own: busy dashboards do not hold up ingest or readiness.
+      createClientDriver(clickHouseClient(cfg.CLICKHOUSE_URL), clickHouseClient(cfg.CLICKHOUSE_URL))
     : // Loaded only when used: the engine's library adds about 150 MB to the process and 0.2 s to its start.
       (await import("./store/chdb-driver.ts")).createChdbDriver(join(cfg.MESH_DATA_DIR, "clickhouse"), {
         reportTimeoutSeconds: cfg.ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS,

@@ -168,10 +168,13 @@ test("a report query whose caller leaves is closed in ClickHouse, which is told 
     timeoutMs: 5_000,
     what: "held queries closed",
   });
-  for (const q of held)
+  // A server stops such a query only when it is read-only: a POST, as queries are, is not unless it says so.
+  for (const q of held) {
     expect(q.settings.get("cancel_http_readonly_queries_on_client_close")).toBe(
       "1",
     );
+    expect(Number(q.settings.get("readonly"))).toBeGreaterThan(0);
+  }
   // The slots are free again: a fifth query runs, where it would be refused while the four ran on.
   holding = false;
   expect(

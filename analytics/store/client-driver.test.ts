@@ -2,8 +2,11 @@ import { afterAll, expect, test } from "bun:test";
 import { createClient } from "@clickhouse/client";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { createLogger } from "../../lib/log.ts";
+import { eventually } from "../../test/support.ts";
 import { query } from "../service.ts";
 import { clickHouseLoggerClass, clientRequestTimeoutMs, createClientDriver } from "./client-driver.ts";
+import { startClickHouseHttpServer } from "./testing/clickhouse-http-server.ts";
+import { testDataDir } from "./test-store.ts";
 
 // A ClickHouse server that stops every query at its 1 s limit, as a real one does: a little after it, with code 159.
 const limitSeconds = 1;
@@ -37,3 +40,55 @@ test("a query the server stops at its limit is ResourceExhausted: the client wai
   // A client giving up at the server's limit (its default: 30 s against 30 s) answered Unavailable, which is retried.
   expect(await slowQuery(limitSeconds * 1000)).toBe(Code.Unavailable);
 }, 20_000);
+
+test("a ping fails when the server refuses the credentials, as every insert then does", async () => {
+  const clickhouse = startClickHouseHttpServer({ path: testDataDir(), user: "mesh", password: "rotated" });
+  const log = { LoggerClass: clickHouseLoggerClass(silent) };
+  const driver = createClientDriver(createClient({ url: clickhouse.url, username: "mesh", password: "old", log }));
+  const good = createClientDriver(createClient({ url: clickhouse.url, username: "mesh", password: "rotated", log }));
+  try {
+    expect(await driver.insert("system.none", ["a"], [["1"]]).catch((e) => e)).toMatchObject({ code: "516" });
+    expect(await driver.ping(1000).catch((e) => e)).toMatchObject({ code: "516" });
+    await good.ping(1000);
+  } finally {
+    await driver.close();
+    await good.close();
+    await clickhouse.stop();
+  }
+});
+
+test("report queries holding all their connections leave readiness and ingest connections of their own", async () => {
+  const held: (() => void)[] = [];
+  let holding = true;
+  const busy = Bun.serve({
+    port: 0,
+    hostname: "127.0.0.1",
+    async fetch(req) {
+      // A report that runs long, as on a server under dashboards' load, until it is let go or its caller leaves.
+      if ((await req.text()).includes("'report'") && holding) {
+        await new Promise<void>((resolve) => {
+          held.push(resolve);
+          req.signal.addEventListener("abort", () => resolve());
+        });
+      }
+      return new Response("", { headers: { "x-clickhouse-format": "JSONEachRow" } });
+    },
+  });
+  const url = `http://127.0.0.1:${busy.port}`;
+  const log = { LoggerClass: clickHouseLoggerClass(silent) };
+  const driver = createClientDriver(createClient({ url, log }), createClient({ url, log }));
+  try {
+    // More than a client's 10 connections: four orgs' dashboards, each running its four at once.
+    const reports = Array.from({ length: 16 }, (_, i) => driver.query("SELECT 'report'", {}, { orgId: `org_${i % 4}` }));
+    await eventually(() => held.length === 10, { what: "ten reports running" });
+    await driver.ping(1000);
+    await driver.insert("t", ["a"], [["1"]]);
+    expect(await driver.query("SELECT 'marks'")).toEqual([]);
+    holding = false;
+    for (const release of held) release();
+    expect(await Promise.all(reports)).toEqual(reports.map(() => []));
+  } finally {
+    await driver.close();
+    busy.stop(true);
+  }
+});

@@ -7,6 +7,9 @@ const querySettings = {
   output_format_json_quote_64bit_integers: 1,
   // A query whose caller went away (its signal aborted the HTTP request) stops in the server instead of running on.
   cancel_http_readonly_queries_on_client_close: 1,
+  // ...which a server does for read-only queries alone: only a GET is read-only by default, and queries are POSTs.
+  // 2 still lets a query set its own limits (max_execution_time).
+  readonly: "2",
 } as const;
 
 /** What @clickhouse/client's error says when an abort signal ended its request. */
@@ -46,19 +49,27 @@ export function clientRequestTimeoutMs(queryTimeoutSeconds: number): number {
   return (queryTimeoutSeconds + 15) * 1000;
 }
 
-/** A ClickHouse server through @clickhouse/client (HTTP). Owns the client: close() closes it. */
-export function createClientDriver(client: ClickHouseClient): ClickHouseDriver {
+/**
+ * A ClickHouse server through @clickhouse/client (HTTP). Owns its clients: close() closes them. Report queries go
+ * through `reports`, so that ones holding all of its connections (10 by default, each up to the report time limit)
+ * leave ingest's inserts, roll-ups and readiness pings connections of their own.
+ */
+export function createClientDriver(client: ClickHouseClient, reports: ClickHouseClient = client): ClickHouseDriver {
   return {
     async exec(sql, params?: QueryParams) {
       await client.command({ query: sql, query_params: params });
     },
     async query<T>(sql: string, params?: QueryParams, report?: ReportOf) {
-      const result = await client.query({
+      const result = await (report ? reports : client).query({
         query: sql,
         query_params: params,
         format: "JSONEachRow",
         clickhouse_settings: querySettings,
         abort_signal: report?.signal,
+        // Parameters past 4 KiB go in the body (multipart/form-data) rather than the URL: a report over a window with
+        // many late minutes binds hundreds of bounds (about 18 KB), past what proxies and load balancers take in a
+        // request line (AWS's 16 KB, nginx's 8 KB by default).
+        use_multipart_params_auto: true,
       });
       return result.json<T>();
     },
@@ -73,9 +84,13 @@ export function createClientDriver(client: ClickHouseClient): ClickHouseDriver {
       });
     },
     async ping(timeoutMs) {
-      const result = await client.ping({ select: false, abort_signal: timeoutMs ? AbortSignal.timeout(timeoutMs) : undefined });
+      // A query, not /ping, which a server answers without checking credentials: a password changed on the server
+      // left analytics ready while every insert was refused.
+      const result = await client.ping({ select: true, abort_signal: timeoutMs ? AbortSignal.timeout(timeoutMs) : undefined });
       if (!result.success) throw result.error;
     },
-    close: () => client.close(),
+    async close() {
+      await Promise.all([client.close(), reports === client ? undefined : reports.close()]);
+    },
   };
 }

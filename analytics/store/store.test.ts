@@ -303,6 +303,22 @@ for (const [name, makeDriver] of backends) {
       expect(streamed?.timeToFirstToken?.p90Us).toBe(80n);
     });
 
+    test("a report over every other minute late, as many as the rollups are patched for, is answered", async () => {
+      const orgId = "org_late_every_other";
+      const onTime = Array.from({ length: 240 }, (_, m) => sampleMetrics(at(m * 60_000), { orgId, costNanos: 2n }));
+      await store.insertRequests(onTime, "every-other-1");
+      await store.rollUp();
+      // 100 late minutes, one in the range's partial first minute: 99 dirty ones split the rollups into ~200 spans,
+      // each bound as two query parameters (about 18 KB of them).
+      const late = Array.from({ length: 100 }, (_, m) => sampleMetrics(at(2 * m * 60_000 + 10_000), { orgId, costNanos: 3n }));
+      await store.insertRequests(late, "every-other-2");
+      const range = { start: timestampFromDate(at(15_000)), end: timestampFromDate(at(4 * hour)) };
+      const [total] = await store.queryUsage({ orgId, ...range, groupBy: [], limit: 1 });
+      expect([total?.requests, total?.costNanos]).toEqual([239n + 99n, 239n * 2n + 99n * 3n]);
+      const series = await store.queryTimeSeries({ orgId, ...range, bucketSeconds: 3600, model: "" });
+      expect(series.reduce((n, p) => n + p.requests, 0n)).toBe(239n + 99n);
+    });
+
     test("a roll-up recomputes and clears the marks of thousands of late minutes", async () => {
       const orgId = "org_backlog";
       await store.rollUp();

@@ -67,6 +67,11 @@ test("errors come back as ClickHouse reports them", async () => {
   expect(res.headers.get("x-clickhouse-query-id")).toBe("q1");
   expect(await res.text()).toMatch(/^Code: 62\. DB::Exception: Syntax error.*\(SYNTAX_ERROR\)/);
 
+  const readonly = await client
+    .command({ query: `CREATE TABLE ${db}.ro (id String) ENGINE = Memory`, clickhouse_settings: { readonly: "2" } })
+    .catch((e) => e);
+  expect(readonly).toMatchObject({ code: "164", type: "READONLY" });
+
   const anonymous = createClient({ url: server.url, username: "mesh", password: "wrong", log: { level: ClickHouseLogLevel.OFF } });
   expect(await anonymous.query({ query: "SELECT 1" }).catch((e) => e)).toMatchObject({ code: "516" });
   await anonymous.close();

@@ -4,7 +4,8 @@
  * bodies (optionally gzip), and errors as ClickHouse reports them (status, X-ClickHouse-Exception-Code, and a
  * "Code: N. DB::Exception: ..." body). It lets the @clickhouse/client store backend run in CI where no modern
  * ClickHouse server can be installed. Names must be database-qualified: the `database` parameter is not applied,
- * since every request shares the process's one chdb session.
+ * since every request shares the process's one chdb session. Bun refuses a request line past about 16 KB (a real server
+ * takes 1 MiB, http_max_uri_size), as load balancers in front of one do (AWS's takes 16 KB, nginx 8 KB by default).
  *
  * Run standalone (its own process, its own data directory), e.g. for tests that stop and restart ClickHouse:
  *   bun analytics/store/testing/clickhouse-http-server.ts --path <dir> [--port <n>]
@@ -132,6 +133,10 @@ export function startClickHouseHttpServer(options: ClickHouseHttpServerOptions):
         bound[key] = paramValue(value, types.get(key) ?? "String");
       }
 
+      // As a server does: a request that sets readonly (or a GET) may only read.
+      if ((Number(settings.readonly ?? 0) > 0 || req.method === "GET") && !/^\s*(SELECT|WITH)\b/i.test(sql)) {
+        return fail(164, "Code: 164. DB::Exception: Cannot execute query in readonly mode. (READONLY)", queryId);
+      }
       const insert = data ? insertWithData.exec(sql) : null;
       if (insert) {
         const [, table, columns, format] = insert;
