@@ -23,6 +23,7 @@ import { createCircuitBreakers } from "./circuit-breaker.ts";
 import type { GatewayConfig, ModelRoute } from "./config.ts";
 import { parseEmbeddingInput } from "./embedding-request.ts";
 import {
+  cutAtShutdown,
   type GatewayError,
   invalidRequest,
   modelNotAllowed,
@@ -124,6 +125,11 @@ export interface GatewayCore {
    * shutdown, streams the servers cut still record what they sent before the spool is flushed.
    */
   settled(timeoutMs: number): Promise<boolean>;
+  /**
+   * Finishes every call still unfinished as cut by the shutdown (cancelled), recording its metrics as they stand, so
+   * that none is lost with the process; returns how many. Whatever such a call does later records nothing.
+   */
+  cutUnfinished(): number;
 }
 
 export interface CoreOptions {
@@ -187,7 +193,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const admissions = new WeakMap<Call, Admission>();
   const finished = new WeakSet<Call>();
   // Calls begun and not yet finished, and who waits for there to be none.
-  let open = 0;
+  const unfinished = new Set<Call>();
   const allFinished = createWaiters();
   const tokenQuota = createTokenQuota(options.tokenQuota);
 
@@ -305,7 +311,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     // One call, one RequestMetrics, however many ways it ends.
     if (finished.has(call)) return;
     finished.add(call);
-    if (--open === 0) allFinished.wakeAll();
+    unfinished.delete(call);
+    if (unfinished.size === 0) allFinished.wakeAll();
     const m = call.metrics;
     const admission = admissions.get(call);
     if (admission) {
@@ -365,8 +372,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     begin(endpoint, secret, signal) {
       const startMs = Date.now();
       const requestId = newRequestId(startMs);
-      open++;
-      return {
+      const call: Call = {
         requestId,
         startMs,
         startTick: performance.now(),
@@ -382,8 +388,15 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
           gatewayInstanceId: instanceId,
         }),
       };
+      unfinished.add(call);
+      return call;
     },
-    settled: (timeoutMs) => (open === 0 ? Promise.resolve(true) : allFinished.wait(timeoutMs)),
+    settled: (timeoutMs) => (unfinished.size === 0 ? Promise.resolve(true) : allFinished.wait(timeoutMs)),
+    cutUnfinished() {
+      const cut = [...unfinished];
+      for (const call of cut) finish(call, cutAtShutdown());
+      return cut.length;
+    },
     async handle(call, work) {
       try {
         const result = await work();

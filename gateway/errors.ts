@@ -217,6 +217,10 @@ export const serviceUnavailable = (message: string, code: string) =>
 export const cancelled = () =>
   new GatewayError(499, "invalid_request_error", "client_closed_request", "The client closed the request.", RequestStatus.CANCELLED);
 
+/** Still unfinished when the gateway had to exit: metered as cancelled, as what it had used so far. */
+export const cutAtShutdown = () =>
+  new GatewayError(503, "api_error", "gateway_shutting_down", "The gateway shut down before the request finished.", RequestStatus.CANCELLED);
+
 /**
  * The deadline an RPC client set (grpc-timeout, connect-timeout-ms) passed: a time limit, metered as a timeout as the
  * gateway's own limit is, so that `cancelled` keeps meaning a client that chose to leave.

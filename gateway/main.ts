@@ -277,7 +277,10 @@ stopOnSignals(log, async () => {
     fastRest?.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS),
   ]);
   // Streams cut at the end of the grace period record what they sent (counting it takes a moment) before the flush.
-  if (!(await core.settled(5_000))) log.warn("requests still unfinished at shutdown; their metrics are lost");
+  // Those still waiting (on billing, say) are metered as cut now: the spool closes below and nothing records after.
+  if (!(await core.settled(5_000))) {
+    log.warn("requests still unfinished at shutdown metered as cancelled", { requests: core.cutUnfinished() });
+  }
   // In-flight requests have settled: hand every lease back with what was spent from it.
   await budget.close();
   await keyChanges.stop();

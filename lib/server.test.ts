@@ -639,4 +639,55 @@ describe("RPC metrics", () => {
       await server.close(0);
     }
   });
+
+  test("a call whose client left while its message arrived is counted as the client's leaving", async () => {
+    const own = createMetrics("left");
+    const server = await startOwn({
+      name: "left",
+      interceptors: [own.serverInterceptor],
+      routes: (router) => {
+        router.service(BillingService, {
+          async *watchKeyChanges() {
+            yield { apiKeyId: "key_1" };
+          },
+        });
+        router.service(AnalyticsService, ackingIngest);
+      },
+    });
+    const handled = async () => {
+      const values = (await own.registry.getSingleMetric("rpc_server_handled_total")?.get())?.values ?? [];
+      return Object.fromEntries(values.filter((v) => v.value > 0).map((v) => [String(v.labels.code), v.value])) as Record<string, number>;
+    };
+    const http2 = await import("node:http2");
+    const net = await import("node:net");
+    const path = "/billing.v1.BillingService/WatchKeyChanges";
+    try {
+      // gRPC streams reset (RST_STREAM CANCEL) before their message, and part-way through it (its 5-byte prefix and
+      // one byte of 10): read as a missing message (Unimplemented) and a broken envelope (InvalidArgument).
+      const session = http2.connect(server.url);
+      for (const sent of [[], [0, 0, 0, 0, 10, 1]]) {
+        const stream = session.request({ ":method": "POST", ":path": path, "content-type": "application/grpc", te: "trailers" });
+        stream.on("error", () => {});
+        if (sent.length > 0) stream.write(Buffer.from(sent));
+        await Bun.sleep(50);
+        stream.close(http2.constants.NGHTTP2_CANCEL);
+      }
+      // A Connect stream whose HTTP/1.1 connection drops part-way through its message: read as an unknown error.
+      const socket = net.connect(Number(new URL(server.url).port), "127.0.0.1");
+      await new Promise((resolve) => socket.once("connect", resolve));
+      socket.write(`POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/connect+proto\r\nContent-Length: 20\r\n\r\n\0\0\0\0\n\x01`);
+      await Bun.sleep(50);
+      socket.destroy();
+      const count = async () => Object.values(await handled()).reduce((a, b) => a + b, 0);
+      for (let waited = 0; (await count()) < 3 && waited < 2000; waited += 10) await Bun.sleep(10);
+      expect(await handled()).toEqual({ canceled: 2, aborted: 1 });
+      session.close();
+
+      // A client that sends no message at all is still told so.
+      await fetch(`${server.url}${path}`, { method: "POST", headers: { "content-type": "application/connect+proto" } }).then((r) => r.arrayBuffer());
+      expect(await handled()).toEqual({ canceled: 2, aborted: 1, unimplemented: 1 });
+    } finally {
+      await server.close(0);
+    }
+  });
 });

@@ -1,7 +1,14 @@
 import * as http from "node:http";
 import * as http2 from "node:http2";
 import * as net from "node:net";
-import { type ConnectRouter, type ContextValues, createContextValues, type Interceptor } from "@connectrpc/connect";
+import {
+  Code,
+  type ConnectRouter,
+  ConnectError,
+  type ContextValues,
+  createContextValues,
+  type Interceptor,
+} from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Registry } from "prom-client";
 import { Health } from "../gen/grpc/health/v1/health_pb.ts";
@@ -93,7 +100,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   const readiness = createReadinessPoller(options.readiness ?? alwaysReady);
   // Paths whose request is a stream of messages: its body lasts as long as the call.
   const streamingRequests = new Set<string>();
-  const intercepted = gatedInterceptors(options.interceptors ?? []);
+  const intercepted = gatedInterceptors([...(options.interceptors ?? []), failedAsClientLeft]);
   const rpc = connectNodeAdapter({
     routes: (router) => {
       options.routes(routerWithGates(router, intercepted.gate));
@@ -253,6 +260,48 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       while (!settled() && Date.now() < cutDeadline) await Bun.sleep(10);
     },
   };
+}
+
+/**
+ * A call whose client left while its message was still arriving fails with what reading the cut-off body made of it:
+ * Unimplemented "missing input message" for an HTTP/2 stream reset before its message, InvalidArgument "incomplete
+ * envelope" for one reset part-way, a bare "aborted" error on HTTP/1.1. It fails instead with the client's leaving, as
+ * its signal says (Canceled, or Aborted for a dropped HTTP/1.1 connection), so interceptors count and trace it as that.
+ * Innermost, so that every interceptor sees it so. A call the server itself ended (a message over readMaxBytes) keeps
+ * its own error.
+ */
+const failedAsClientLeft: Interceptor = (next) => async (req) => {
+  try {
+    const res = await next(req);
+    if (!res.stream) return res;
+    const messages = res.message;
+    return {
+      ...res,
+      message: {
+        [Symbol.asyncIterator]() {
+          const it = messages[Symbol.asyncIterator]();
+          const step = (move: () => Promise<IteratorResult<unknown>>) =>
+            move().catch(async (e: unknown) => Promise.reject(await leftInstead(req.signal, e)));
+          return {
+            next: () => step(() => it.next()),
+            throw: (e?: unknown) => step(() => (it.throw ? it.throw(e) : Promise.reject(e))),
+            return: (value?: unknown) => it.return?.(value) ?? Promise.resolve({ done: true as const, value }),
+          };
+        },
+      } as typeof messages,
+    };
+  } catch (e) {
+    throw await leftInstead(req.signal, e);
+  }
+};
+
+/** The client's leaving in place of `error`, if it left: connect-node reads its reset stream or dropped connection so. */
+async function leftInstead(signal: AbortSignal, error: unknown): Promise<unknown> {
+  // node:http2 closes a reset stream's request, which aborts the signal, just after its body ends.
+  if (!signal.aborted) await new Promise((resolve) => setImmediate(resolve));
+  const reason: unknown = signal.reason;
+  const left = reason instanceof ConnectError && (reason.code === Code.Canceled || reason.code === Code.Aborted);
+  return left ? reason : error;
 }
 
 /** node:http's lower-cased header object behind the Fetch Headers `get`. */
