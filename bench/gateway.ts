@@ -18,7 +18,9 @@
  * request, whatever the scheduling; "ratio bound, gw free" the highest ratio these cores would allow if the gateway
  * itself used no CPU (the direct run's CPU per request against the rest of the gateway run's: accounting in billing,
  * its Postgres and analytics, the upstream and the load generator); "gw RSS" the gateway's peak resident memory during
- * that run; "loop delay" how
+ * that run; "gw's own overhead" the gateway's own measure of what it added (its gateway_overhead_seconds histogram:
+ * arrival to answer less the time waiting on the upstream, so neither network hop nor the wait for a core to run on),
+ * as the bucket bound under which half and 99% of the run's requests fell, in ms; "loop delay" how
  * late the gateway's event loop ran its timers during its run (prom-client's 100 ms sampling: the max catches stalls)
  * and the same for this process at 1 ms resolution, since a late load generator adds to every latency it measures;
  * "stolen" the share
@@ -239,7 +241,20 @@ async function main() {
     const gatewayLoopDelay = async () => {
       const text = await (await fetch(`${mesh?.urls.gateway}/metrics`)).text();
       const ms = (name: string) => 1000 * Number(new RegExp(`^${name}\\{[^}]*\\} (\\S+)$`, "m").exec(text)?.[1] ?? Number.NaN);
-      return { p99: ms("nodejs_eventloop_lag_p99_seconds"), max: ms("nodejs_eventloop_lag_max_seconds") };
+      // The gateway's own count of what it added (gateway_overhead_seconds): requests per bucket bound, cumulative.
+      const overhead = new Map<number, number>();
+      for (const [, le, count] of text.matchAll(/^gateway_overhead_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)$/gm)) {
+        const bound = le === "+Inf" ? Number.POSITIVE_INFINITY : Number(le);
+        overhead.set(bound, (overhead.get(bound) ?? 0) + Number(count));
+      }
+      return { p99: ms("nodejs_eventloop_lag_p99_seconds"), max: ms("nodejs_eventloop_lag_max_seconds"), overhead };
+    };
+    /** The bucket bound (ms) under which `p` percent of a run's requests fall, by the gateway's own histogram. */
+    const overheadBound = (before: Map<number, number>, after: Map<number, number>, p: number) => {
+      const bounds = [...after.keys()].sort((a, b) => a - b);
+      const total = (after.get(Number.POSITIVE_INFINITY) ?? 0) - (before.get(Number.POSITIVE_INFINITY) ?? 0);
+      const bound = bounds.find((b) => (after.get(b) ?? 0) - (before.get(b) ?? 0) >= (p / 100) * total);
+      return total > 0 && bound !== undefined ? bound * 1000 : Number.NaN;
     };
     const measure = async (stream: boolean, rate: number, via: Target) => {
       const directBefore = cpuNow();
@@ -252,15 +267,17 @@ async function main() {
         .reduce((a, b) => a + b, 0);
       const cpuBefore = cpuNow();
       runPeakRss = 0;
-      await gatewayLoopDelay();
+      const scrapeBefore = await gatewayLoopDelay();
       // This process's own delay: a late load generator adds to every latency it measures.
       const ownDelay = monitorEventLoopDelay({ resolution: 1 });
       ownDelay.enable();
       const gw = await run(via, stream, rate);
       ownDelay.disable();
       const perRequest = cpuNow().map((now, i) => ((now - (cpuBefore[i] ?? 0)) / Math.max(1, gw.rps * seconds)) * 1e6);
-      const delay = { gateway: await gatewayLoopDelay(), loadGen: { p99: ownDelay.percentile(99) / 1e6, max: ownDelay.max / 1e6 } };
-      return { base, gw, directUs, perRequest, rss: runPeakRss, stolen: stolen(), delay };
+      const scrape = await gatewayLoopDelay();
+      const delay = { gateway: scrape, loadGen: { p99: ownDelay.percentile(99) / 1e6, max: ownDelay.max / 1e6 } };
+      const own = [50, 99].map((p) => overheadBound(scrapeBefore.overhead, scrape.overhead, p));
+      return { base, gw, directUs, perRequest, rss: runPeakRss, stolen: stolen(), delay, own };
     };
     for (const [stream, rate, via] of plan) {
       const label = `${stream ? "stream" : "whole"}${via === shared ? "-rpc-port" : ""}:${rate > 0 ? rate : "max"}`;
@@ -288,6 +305,7 @@ async function main() {
         fmt(med((r) => r.base.p99)),
         fmt(med((r) => r.gw.p99)),
         `${fmt(med(added99))}${spread(added99)}`,
+        `≤${med((r) => r.own[0] ?? Number.NaN)} / ≤${med((r) => r.own[1] ?? Number.NaN)}`,
         stream && rate > 0
           ? `${fmt(med((r) => r.gw.ttft50 - r.base.ttft50))} / ${fmt(med((r) => r.gw.ttft99 - r.base.ttft99))}`
           : "",
@@ -309,7 +327,7 @@ async function main() {
     }
     clearInterval(sampler);
 
-    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "ratio bound, gw free", "errors", "direct CPU/req µs", "gw CPU/req µs: gw / billing+pg / analytics / upstream / load gen", "gw ceiling req/s", "gw RSS MB", "loop delay p99 / max: gw · load gen", "stolen %"];
+    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "gw's own overhead p50 / p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "ratio bound, gw free", "errors", "direct CPU/req µs", "gw CPU/req µs: gw / billing+pg / analytics / upstream / load gen", "gw ceiling req/s", "gw RSS MB", "loop delay p99 / max: gw · load gen", "stolen %"];
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
     const line = (cells: string[]) => `| ${cells.map((c, i) => c.padStart(widths[i] ?? 0)).join(" | ")} |`;
     const out = [
