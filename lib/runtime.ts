@@ -1,6 +1,6 @@
 import type { Interceptor } from "@connectrpc/connect";
 import pkg from "../package.json" with { type: "json" };
-import { defaultAdminToken } from "./config.ts";
+import { defaultAdminToken, type SamplerName } from "./config.ts";
 import { createLogger, type Logger, type LogLevel } from "./log.ts";
 import { createMetrics, type Metrics } from "./metrics.ts";
 import { setupTelemetry, type Telemetry } from "./telemetry.ts";
@@ -9,6 +9,7 @@ export interface RuntimeConfig {
   ADMIN_TOKEN: string;
   LOG_LEVEL: LogLevel;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string | undefined;
+  OTEL_TRACES_SAMPLER: SamplerName;
   OTEL_TRACES_SAMPLER_ARG: number;
 }
 
@@ -29,6 +30,7 @@ export function createRuntime(service: string, config: RuntimeConfig): Runtime {
     service,
     version: pkg.version,
     otlpEndpoint: config.OTEL_EXPORTER_OTLP_ENDPOINT,
+    sampler: config.OTEL_TRACES_SAMPLER,
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,
     log,
   });

@@ -18,8 +18,10 @@ import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { resourceFromAttributes } from "@opentelemetry/resources";
 import {
   AlwaysOffSampler,
+  AlwaysOnSampler,
   BatchSpanProcessor,
   ParentBasedSampler,
+  type Sampler,
   SimpleSpanProcessor,
   type SpanExporter,
   type SpanProcessor,
@@ -28,6 +30,7 @@ import {
 } from "@opentelemetry/sdk-trace";
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import type { SamplerName } from "./config.ts";
 import { type Logger, redactSecrets } from "./log.ts";
 import { inContext, onStreamEnd } from "./streams.ts";
 
@@ -36,7 +39,9 @@ export interface TelemetryOptions {
   version: string;
   /** OTLP/HTTP base endpoint, e.g. http://collector:4318; traces go to <endpoint>/v1/traces. */
   otlpEndpoint?: string;
-  /** Fraction of root traces sampled, 0..1. */
+  /** OTEL_TRACES_SAMPLER (default parentbased_traceidratio). */
+  sampler?: SamplerName;
+  /** Fraction of traces the traceidratio samplers sample, 0..1 (default 1). */
   sampleRatio?: number;
   /** Extra exporter, exported synchronously (tests pass an InMemorySpanExporter). */
   exporter?: SpanExporter;
@@ -68,12 +73,15 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
   }
   if (options.exporter) processors.push(new SimpleSpanProcessor({ exporter: options.exporter }));
   const provider = new TracerProvider({
-    resource: resourceFromAttributes({ [ATTR_SERVICE_NAME]: options.service, [ATTR_SERVICE_VERSION]: options.version }),
+    resource: resourceFromAttributes({
+      [ATTR_SERVICE_NAME]: options.service,
+      [ATTR_SERVICE_VERSION]: options.version,
+    }),
     // With nowhere to export, record nothing: spans still carry context (ids in logs, traceparent onward).
     sampler:
       processors.length === 0
         ? new AlwaysOffSampler()
-        : new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(options.sampleRatio ?? 1) }),
+        : createSampler(options.sampler ?? "parentbased_traceidratio", options.sampleRatio ?? 1),
     spanProcessors: processors,
   });
   if (!installed) {
@@ -101,6 +109,19 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
       if (err !== undefined) options.log?.error("opentelemetry: spans not exported at shutdown", { err });
     },
   };
+}
+
+/**
+ * The sampler OTEL_TRACES_SAMPLER names. One that is not parent-based decides alone, whatever a caller's traceparent
+ * asks: clients on the internet cannot have every request they send traced.
+ */
+function createSampler(name: SamplerName, ratio: number): Sampler {
+  const own = name.endsWith("always_off")
+    ? new AlwaysOffSampler()
+    : name.endsWith("traceidratio")
+      ? new TraceIdRatioBasedSampler(ratio)
+      : new AlwaysOnSampler();
+  return name.startsWith("parentbased_") ? new ParentBasedSampler({ root: own }) : own;
 }
 
 /** A message OpenTelemetry repeats (an export to a collector that is down, every 500 ms) is logged once this often. */
