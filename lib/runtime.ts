@@ -1,3 +1,4 @@
+import { hostname } from "node:os";
 import type { Interceptor } from "@connectrpc/connect";
 import pkg from "../package.json" with { type: "json" };
 import { defaultAdminToken, type SamplerName } from "./config.ts";
@@ -24,11 +25,13 @@ export interface Runtime {
   clientInterceptors: Interceptor[];
 }
 
-export function createRuntime(service: string, config: RuntimeConfig): Runtime {
+/** `instanceId` names this process among the service's replicas in its traces (host name and pid by default). */
+export function createRuntime(service: string, config: RuntimeConfig, instanceId = `${hostname()}-${process.pid}`): Runtime {
   const log = createLogger({ service, level: config.LOG_LEVEL });
   const telemetry = setupTelemetry({
     service,
     version: pkg.version,
+    instanceId,
     otlpEndpoint: config.OTEL_EXPORTER_OTLP_ENDPOINT,
     sampler: config.OTEL_TRACES_SAMPLER,
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,

@@ -49,7 +49,7 @@ test("shutdown exports the last spans to a collector that answers", async () => 
   expect(log).not.toContain("not exported");
 });
 
-test("OTEL_TRACES_SAMPLER decides whether a caller's sampled traceparent is followed", () => {
+test("OTEL_TRACES_SAMPLER decides whether a caller's sampled traceparent is followed, and spans name their process", () => {
   const caller = trace.setSpanContext(ROOT_CONTEXT, {
     traceId: "4bf92f3577b34da6a3ce929d0e0e4736",
     spanId: "00f067aa0ba902b7",
@@ -58,7 +58,7 @@ test("OTEL_TRACES_SAMPLER decides whether a caller's sampled traceparent is foll
   });
   const traced = (sampler: SamplerName | undefined, sampleRatio: number) => {
     const exporter = new InMemorySpanExporter();
-    const { tracer } = setupTelemetry({ service: "t", version: "0", exporter, sampler, sampleRatio });
+    const { tracer } = setupTelemetry({ service: "t", version: "0", instanceId: "gw-7", exporter, sampler, sampleRatio });
     tracer.startSpan("called", {}, caller).end();
     tracer.startSpan("new", {}, ROOT_CONTEXT).end();
     return exporter.getFinishedSpans();
@@ -72,4 +72,9 @@ test("OTEL_TRACES_SAMPLER decides whether a caller's sampled traceparent is foll
   expect(names("always_off", 1)).toEqual([]);
   expect(names("parentbased_always_off", 1)).toEqual(["called"]);
   expect(names("always_on", 0)).toEqual(["called", "new"]);
+  expect(traced("always_on", 1)[0]?.resource.attributes).toMatchObject({
+    "service.name": "t",
+    "service.version": "0",
+    "service.instance.id": "gw-7",
+  });
 });

@@ -37,6 +37,8 @@ import { inContext, onStreamEnd } from "./streams.ts";
 export interface TelemetryOptions {
   service: string;
   version: string;
+  /** This process among the service's replicas (`service.instance.id`). */
+  instanceId?: string;
   /** OTLP/HTTP base endpoint, e.g. http://collector:4318; traces go to <endpoint>/v1/traces. */
   otlpEndpoint?: string;
   /** OTEL_TRACES_SAMPLER (default parentbased_traceidratio). */
@@ -76,6 +78,8 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
     resource: resourceFromAttributes({
       [ATTR_SERVICE_NAME]: options.service,
       [ATTR_SERVICE_VERSION]: options.version,
+      // Still incubating in the conventions, so not in their stable entry point.
+      ...(options.instanceId && { "service.instance.id": options.instanceId }),
     }),
     // With nowhere to export, record nothing: spans still carry context (ids in logs, traceparent onward).
     sampler:
