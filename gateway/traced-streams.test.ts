@@ -163,8 +163,16 @@ test("an RPC the key gate refuses is counted with its code and traced, its key c
   const spans = calls.map(({ trace }) =>
     exporter.getFinishedSpans().find((s) => s.spanContext().traceId === trace && s.name === "gateway.v1.GatewayService/ListModels"),
   );
-  expect(spans.map((s) => s?.status.code)).toEqual([SpanStatusCode.ERROR, SpanStatusCode.ERROR, SpanStatusCode.UNSET]);
+  // A caller's mistake leaves the span's status unset, as the REST API's 401 does: only a server's failure is an error.
+  expect(spans.map((s) => s?.status.code)).toEqual([SpanStatusCode.UNSET, SpanStatusCode.UNSET, SpanStatusCode.UNSET]);
   expect(spans.map((s) => s?.attributes["rpc.grpc.status_code"])).toEqual([Code.Unauthenticated, Code.Unauthenticated, undefined]);
+  const restTrace = "9bf92f3577b34da6a3ce929d0e0e473b";
+  const rest = await fetch(`${gateway.restUrl}/v1/models`, {
+    headers: { authorization: "Bearer sk-unknown", traceparent: `00-${restTrace}-${clientSpanId}-01` },
+  });
+  expect(rest.status).toBe(401);
+  const restSpan = exporter.getFinishedSpans().find((s) => s.spanContext().traceId === restTrace && s.kind === 1);
+  expect(restSpan?.status.code).toBe(SpanStatusCode.UNSET);
   // The key checked at the gate, refused or not, is a step of the call's own span.
   expect(children(spans[1] as ReadableSpan)).toContain("gateway.authorize_key");
   expect(children(spans[2] as ReadableSpan)).toContain("gateway.authorize_key");

@@ -175,13 +175,17 @@ function rpcServerTracing(tracer: Tracer): Interceptor {
       { kind: SpanKind.SERVER, attributes: rpcAttributes(req.service.typeName, req.method.name) },
       parent,
       async (span) => {
-        const res = await next(req).catch((e: unknown) => finishWith(span, () => Promise.reject(e)));
-        if (!res.stream) return finishWith(span, async () => res);
+        const res = await next(req).catch((e: unknown) => finishWith(span, () => Promise.reject(e), serverErrors));
+        if (!res.stream) return finishWith(span, async () => res, serverErrors);
         // A stream's messages are made after the handler returns: its span ends with the stream and they are made in it.
         const ended = (error?: unknown) =>
-          void finishWith(span, async () => {
-            if (error !== undefined) throw error;
-          }).catch(() => {});
+          void finishWith(
+            span,
+            async () => {
+              if (error !== undefined) throw error;
+            },
+            serverErrors,
+          ).catch(() => {});
         return { ...res, message: onStreamEnd(inContext(res.message, context.active()), ended) };
       },
     );
@@ -202,14 +206,33 @@ function rpcClientTracing(tracer: Tracer): Interceptor {
   };
 }
 
-/** Runs fn inside span, records its outcome and ends the span. A client's stream ends it when the call returns. */
-export async function finishWith<T>(span: Span, fn: () => Promise<T>): Promise<T> {
+/**
+ * The codes that are a server's own failure, as OpenTelemetry's RPC conventions hold: a server span ends in error only
+ * on these, as an HTTP server's does only on a 5xx; a caller's mistake (a bad key, a model not found, a rate limit)
+ * leaves it unset, its code in rpc.grpc.status_code.
+ */
+const serverErrors: ReadonlySet<Code> = new Set([
+  Code.Unknown,
+  Code.DeadlineExceeded,
+  Code.Unimplemented,
+  Code.Internal,
+  Code.Unavailable,
+  Code.DataLoss,
+]);
+
+/**
+ * Runs fn inside span, records its outcome and ends the span. A client's stream ends it when the call returns. A failure
+ * with a code in `errors` (any but Canceled by default) sets the span's status to error.
+ */
+export async function finishWith<T>(span: Span, fn: () => Promise<T>, errors?: ReadonlySet<Code>): Promise<T> {
   try {
     return await fn();
   } catch (e) {
     const err = ConnectError.from(e);
     span.setAttribute("rpc.grpc.status_code", err.code);
-    if (err.code !== Code.Canceled) span.setStatus({ code: SpanStatusCode.ERROR, message: redactSecrets(err.rawMessage) });
+    if (errors ? errors.has(err.code) : err.code !== Code.Canceled) {
+      span.setStatus({ code: SpanStatusCode.ERROR, message: redactSecrets(err.rawMessage) });
+    }
     throw e;
   } finally {
     span.end();
