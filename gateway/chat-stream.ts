@@ -114,7 +114,13 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     if (groq?.usage && typeof groq.usage === "object") usage = laterUsage(usage, groq.usage);
     if (groq !== undefined) delete (chunk as { x_groq?: unknown }).x_groq;
     if (chunk.usage) usage = laterUsage(usage, chunk.usage);
-    for (const choice of chunk.choices) if (choice.finish_reason) finished.add(choice.index);
+    // Azure's first chunk, of prompt filter results, has no id.
+    if (chunk.id && !call.response) call.response = { id: chunk.id, finishReasons: [] };
+    for (const choice of chunk.choices) {
+      if (!choice.finish_reason || finished.has(choice.index)) continue;
+      finished.add(choice.index);
+      call.response?.finishReasons.push(choice.finish_reason);
+    }
   };
 
   /**

@@ -1,6 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { isSpanContextValid, trace } from "@opentelemetry/api";
+import { type Attributes, isSpanContextValid, type Span, trace } from "@opentelemetry/api";
 import { Counter, Histogram, type Registry } from "prom-client";
 import { monotonicFactory } from "ulid";
 import { type RequestMetrics, RequestMetricsSchema, RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
@@ -21,7 +21,7 @@ import { parseChatInput } from "./chat-request.ts";
 import { type ChatStream, meterChatStream } from "./chat-stream.ts";
 import { createCircuitBreakers } from "./circuit-breaker.ts";
 import type { GatewayConfig, ModelRoute } from "./config.ts";
-import { parseEmbeddingInput } from "./embedding-request.ts";
+import { type EmbeddingInput, parseEmbeddingInput } from "./embedding-request.ts";
 import {
   cutAtShutdown,
   type GatewayError,
@@ -36,6 +36,7 @@ import {
   type ChatCompletion,
   type ChatRequest,
   type CreateEmbeddingResponse,
+  genAiProviderNames,
   type Provider,
   UpstreamError,
 } from "./providers/provider.ts";
@@ -73,6 +74,10 @@ export interface Call {
   readonly metrics: RequestMetrics;
   /** OpenAI's x-ratelimit-* headers, once the call was admitted under its key's rate limits. */
   limitHeaders?: Record<string, string>;
+  /** The request's span, when it is recorded: `finish` tells it how the call went, however and wherever it ends. */
+  readonly span?: Span;
+  /** The completion's id and each choice's finish reason, once the upstream has said them. */
+  response?: { id: string; finishReasons: string[] };
 }
 
 export interface ChatOutcome {
@@ -343,6 +348,9 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     }
     // Refused before a key was accepted, a request has no org to bill or to show it to: Prometheus counts it and its
     // trace keeps it, and it takes no spool room a flood of them would take from requests that bill.
+    if (call.span?.isRecording()) {
+      call.span.setAttributes(outcomeAttributes(m, call.response, error, providers.get(m.provider)?.kind));
+    }
     if (m.orgId !== "") withChildSpan("gateway.enqueue_metrics", {}, () => shipper.record(m));
     if (instruments) {
       const endpoint = endpointLabels[m.endpoint] ?? "unspecified";
@@ -372,8 +380,10 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     begin(endpoint, secret, signal) {
       const startMs = Date.now();
       const requestId = newRequestId(startMs);
+      const span = trace.getActiveSpan();
       const call: Call = {
         requestId,
+        span: span?.isRecording() ? span : undefined,
         startMs,
         startTick: performance.now(),
         secret,
@@ -414,6 +424,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     async chat(call, body) {
       const principal = call.principal ?? (await authorize(call));
       const input = parseChatInput(body);
+      if (call.span?.isRecording()) call.span.setAttributes(chatRequestAttributes(input.upstream, false));
       const m = call.metrics;
       const route = routeFor(call, principal, input);
       if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
@@ -436,20 +447,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       if (result.completion.model) m.servedModel = meteredName(result.completion.model);
       const served = servedPrice(route, result.completion.service_tier, price);
       const cost = meterUsage(m, result.tokens, result.usageEstimated, served, call.lostInputTokens);
-      const span = trace.getActiveSpan();
-      if (span?.isRecording()) {
-        span.setAttributes({
-          "gen_ai.operation.name": "chat",
-          "gen_ai.provider.name": providers.get(m.provider)?.kind ?? m.provider,
-          "gen_ai.request.model": input.model,
-          "gen_ai.response.model": m.servedModel,
-          "gen_ai.response.id": result.completion.id,
-          "gen_ai.usage.input_tokens": Number(result.tokens.inputTokens),
-          "gen_ai.usage.output_tokens": Number(result.tokens.outputTokens),
-          "gateway.request_id": call.requestId,
-          "gateway.cost_nanos": cost.toString(),
-        });
-      }
+      const { id, choices } = result.completion;
+      call.response = { id, finishReasons: choices.map((c) => c.finish_reason ?? "") };
       // As metered: with the prompts of lost attempts.
       return {
         completion: result.completion,
@@ -462,6 +461,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     async chatStream(call, body) {
       const principal = call.principal ?? (await authorize(call));
       const input = parseChatInput(body);
+      if (call.span?.isRecording()) call.span.setAttributes(chatRequestAttributes(input.upstream, true));
       const m = call.metrics;
       m.streamed = true;
       const route = routeFor(call, principal, input);
@@ -520,6 +520,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     async embed(call, body) {
       const principal = call.principal ?? (await authorize(call));
       const input = parseEmbeddingInput(body);
+      if (call.span?.isRecording()) call.span.setAttributes(embeddingRequestAttributes(input));
       const m = call.metrics;
       const route = routeFor(call, principal, input);
       const inputTokens = maxEmbeddingInputTokens(input.upstream.input);
@@ -627,6 +628,72 @@ function createInstruments(registry: Registry) {
       registers: [registry],
     }),
   };
+}
+
+/** The GenAI semantic conventions' attributes of a chat request: its parameters, never its messages. */
+function chatRequestAttributes(request: ChatRequest, stream: boolean): Attributes {
+  const format = request.response_format?.type;
+  return {
+    "gen_ai.operation.name": "chat",
+    "gen_ai.request.stream": stream,
+    "gen_ai.request.max_tokens": request.max_completion_tokens ?? request.max_tokens ?? undefined,
+    "gen_ai.request.temperature": request.temperature ?? undefined,
+    "gen_ai.request.top_p": request.top_p ?? undefined,
+    "gen_ai.request.frequency_penalty": request.frequency_penalty ?? undefined,
+    "gen_ai.request.presence_penalty": request.presence_penalty ?? undefined,
+    "gen_ai.request.seed": request.seed ?? undefined,
+    "gen_ai.request.choice.count": request.n ?? undefined,
+    "gen_ai.request.stop_sequences": typeof request.stop === "string" ? [request.stop] : (request.stop ?? undefined),
+    "gen_ai.output.type": format === undefined ? undefined : format === "text" ? "text" : "json",
+  };
+}
+
+function embeddingRequestAttributes(input: EmbeddingInput): Attributes {
+  return {
+    "gen_ai.operation.name": "embeddings",
+    "gen_ai.request.encoding_formats": [input.upstream.encoding_format],
+    "gen_ai.embeddings.dimension.count": input.upstream.dimensions,
+  };
+}
+
+/**
+ * What a finished call's span says of it, on every outcome: its ids, the GenAI semantic conventions' response and usage
+ * attributes, its cost and, when it failed, the error's code as `error.type`.
+ */
+function outcomeAttributes(
+  m: RequestMetrics,
+  response: Call["response"],
+  error: GatewayError | undefined,
+  kind: Provider["kind"] | undefined,
+): Attributes {
+  const usage = m.usage;
+  const attributes: Attributes = {
+    "gateway.request_id": m.requestId,
+    "gateway.org_id": m.orgId || undefined,
+    "gateway.api_key_id": m.apiKeyId || undefined,
+    "gen_ai.provider.name": kind && genAiProviderNames[kind],
+    "gateway.provider": m.provider || undefined,
+    "gateway.retries": m.retries || undefined,
+    "gateway.fallback": m.fallbackUsed || undefined,
+    "error.type": error ? error.code || error.type : undefined,
+  };
+  if (m.requestedModel) attributes["gen_ai.request.model"] = m.requestedModel;
+  if (response) {
+    attributes["gen_ai.response.id"] = response.id;
+    if (response.finishReasons.length > 0) attributes["gen_ai.response.finish_reasons"] = response.finishReasons;
+  }
+  // A model only answers once it served (a stream cut midway included); a failed attempt's target said nothing.
+  if (response || m.ttftUs > 0n) attributes["gen_ai.response.model"] = m.servedModel;
+  if (m.ttftUs > 0n) attributes["gen_ai.response.time_to_first_chunk"] = Number(m.ttftUs) / 1e6;
+  if (usage) {
+    attributes["gen_ai.usage.input_tokens"] = Number(usage.inputTokens);
+    attributes["gen_ai.usage.output_tokens"] = Number(usage.outputTokens);
+    attributes["gen_ai.usage.cache_read.input_tokens"] = Number(usage.cachedInputTokens);
+    attributes["gen_ai.usage.reasoning.output_tokens"] = Number(usage.reasoningTokens);
+    attributes["gateway.usage_estimated"] = m.usageEstimated;
+    attributes["gateway.cost_nanos"] = m.costNanos.toString();
+  }
+  return attributes;
 }
 
 /**

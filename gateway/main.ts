@@ -109,7 +109,7 @@ if (cfg.GATEWAY_BUDGET_LEASE_TTL_S * 1000 < longestRequestMs + 10_000) {
   process.exit(2);
 }
 
-const runtime = createRuntime("gateway", cfg);
+const runtime = createRuntime("gateway", cfg, cfg.GATEWAY_INSTANCE_ID);
 const { log } = runtime;
 
 if (cfg.BUN_CONFIG_MAX_HTTP_REQUESTS < 1024) {

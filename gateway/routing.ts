@@ -15,7 +15,7 @@ import {
   upstreamUnavailable,
 } from "./errors.ts";
 import type { CallOptions, Provider } from "./providers/provider.ts";
-import { outOfQuota, refusedByTarget, UpstreamError } from "./providers/provider.ts";
+import { genAiProviderNames, outOfQuota, refusedByTarget, UpstreamError } from "./providers/provider.ts";
 
 /** One upstream attempt: send the request to `provider` as upstream `model`. */
 export type Attempt<T> = (provider: Provider, model: string, options: CallOptions) => Promise<T>;
@@ -150,7 +150,13 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
           try {
             const result = await withChildSpan(
               "gateway.upstream_attempt",
-              { "gen_ai.provider.name": target.provider, "gen_ai.request.model": target.model, "gateway.attempt": attempts - 1, "gateway.fallback": t > 0 },
+              {
+                "gen_ai.provider.name": genAiProviderNames[provider.kind],
+                "gateway.provider": target.provider,
+                "gen_ai.request.model": target.model,
+                "gateway.attempt": attempts - 1,
+                "gateway.fallback": t > 0,
+              },
               () => attempt(provider, target.model, { signal, timeoutMs }),
             );
             call.upstreamMs += tick() - sent;

@@ -163,8 +163,16 @@ test("an RPC the key gate refuses is counted with its code and traced, its key c
   const spans = calls.map(({ trace }) =>
     exporter.getFinishedSpans().find((s) => s.spanContext().traceId === trace && s.name === "gateway.v1.GatewayService/ListModels"),
   );
-  expect(spans.map((s) => s?.status.code)).toEqual([SpanStatusCode.ERROR, SpanStatusCode.ERROR, SpanStatusCode.UNSET]);
+  // A caller's mistake leaves the span's status unset, as the REST API's 401 does: only a server's failure is an error.
+  expect(spans.map((s) => s?.status.code)).toEqual([SpanStatusCode.UNSET, SpanStatusCode.UNSET, SpanStatusCode.UNSET]);
   expect(spans.map((s) => s?.attributes["rpc.grpc.status_code"])).toEqual([Code.Unauthenticated, Code.Unauthenticated, undefined]);
+  const restTrace = "9bf92f3577b34da6a3ce929d0e0e473b";
+  const rest = await fetch(`${gateway.restUrl}/v1/models`, {
+    headers: { authorization: "Bearer sk-unknown", traceparent: `00-${restTrace}-${clientSpanId}-01` },
+  });
+  expect(rest.status).toBe(401);
+  const restSpan = exporter.getFinishedSpans().find((s) => s.spanContext().traceId === restTrace && s.kind === 1);
+  expect(restSpan?.status.code).toBe(SpanStatusCode.UNSET);
   // The key checked at the gate, refused or not, is a step of the call's own span.
   expect(children(spans[1] as ReadableSpan)).toContain("gateway.authorize_key");
   expect(children(spans[2] as ReadableSpan)).toContain("gateway.authorize_key");
@@ -192,4 +200,80 @@ test("a request is reserved at the dearest tier it can be billed at, whatever ti
     reserved.push(maxCost);
   }
   expect(new Set(reserved).size).toBe(1);
+});
+
+test("every request's span says its request id, models, parameters, usage and failure, streamed or not, REST or RPC", async () => {
+  const usage = {
+    prompt_tokens: 20,
+    completion_tokens: 6,
+    total_tokens: 26,
+    prompt_tokens_details: { cached_tokens: 8 },
+    completion_tokens_details: { reasoning_tokens: 2 },
+  };
+  upstream.script("ok", { usage, chunkDelayMs: 5 });
+  const sdk = new OpenAI({ baseURL: `${gateway.restUrl}/v1`, apiKey: "sk-good", maxRetries: 0 });
+  const spanOf = (requestId: string) =>
+    exporter.getFinishedSpans().find((s) => s.kind === 1 && s.attributes["gateway.request_id"] === requestId);
+  const answered = {
+    "gen_ai.operation.name": "chat",
+    "gen_ai.provider.name": "openai",
+    "gateway.provider": "fake",
+    "gen_ai.request.model": "ok",
+    "gen_ai.request.stream": true,
+    "gen_ai.request.temperature": 0.5,
+    "gen_ai.request.max_tokens": 40,
+    "gen_ai.response.model": "ok-fake",
+    "gen_ai.response.finish_reasons": ["stop"],
+    "gen_ai.usage.input_tokens": 20,
+    "gen_ai.usage.output_tokens": 6,
+    "gen_ai.usage.cache_read.input_tokens": 8,
+    "gen_ai.usage.reasoning.output_tokens": 2,
+    "gateway.org_id": "org_1",
+    "gateway.api_key_id": "key_good",
+  };
+
+  const { data: stream, response } = await sdk.chat.completions
+    .create({ model: "ok", messages: hello, stream: true, temperature: 0.5, max_tokens: 40 })
+    .withResponse();
+  for await (const _ of stream);
+  const restId = response.headers.get("x-request-id") ?? "";
+  const rest = spanOf(restId);
+  expect(rest?.attributes).toMatchObject({ ...answered, "gateway.request_id": restId });
+  expect(rest?.attributes["gen_ai.response.id"]).toBeString();
+  expect(rest?.attributes["gen_ai.response.time_to_first_chunk"]).toBeGreaterThan(0);
+
+  let rpcId = "";
+  const rpcMessages = [{ role: "user", content: "one two three four five" }];
+  for await (const _ of gateway.rpc("sk-good").streamChatCompletion(
+    { params: { model: "ok", messages: rpcMessages, temperature: 0.5, maxTokens: 40 } },
+    { onHeader: (h) => (rpcId = h.get("x-request-id") ?? "") },
+  ));
+  expect(spanOf(rpcId)?.attributes).toMatchObject({ ...answered, "gateway.request_id": rpcId });
+
+  upstream.script("ok", {});
+  const embedded = await sdk.embeddings.create({ model: "ok", input: "one two" }).withResponse();
+  const embedId = embedded.response.headers.get("x-request-id") ?? "";
+  expect(spanOf(embedId)?.attributes).toMatchObject({
+    "gen_ai.operation.name": "embeddings",
+    "gen_ai.request.model": "ok",
+    "gen_ai.request.encoding_formats": ["base64"],
+    "gen_ai.usage.input_tokens": expect.any(Number),
+  });
+
+  // Failures: the request id a client quotes finds the trace, and error.type says what went wrong.
+  upstream.script("ok", { status: 500 });
+  const failures: Record<string, unknown> = {};
+  for (const model of ["ok", "nope"]) {
+    const error = await sdk.chat.completions.create({ model, messages: hello }).catch((e: unknown) => e);
+    const requestId = (error as InstanceType<typeof OpenAI.APIError>).headers?.get("x-request-id") ?? "";
+    failures[model] = spanOf(requestId)?.attributes;
+  }
+  expect(failures.ok).toMatchObject({ "error.type": "upstream_error", "gen_ai.request.model": "ok", "gen_ai.provider.name": "openai" });
+  expect(failures.ok).not.toHaveProperty("gen_ai.response.model");
+  expect(failures.nope).toMatchObject({ "error.type": "model_not_found", "gen_ai.request.model": "nope" });
+  const attempt = exporter.getFinishedSpans().find((s) => s.name === "gateway.upstream_attempt");
+  expect(attempt?.attributes).toMatchObject({ "gen_ai.provider.name": "openai", "gateway.provider": "fake" });
+  // Parameters and counts, never what was said.
+  const exported = JSON.stringify(exporter.getFinishedSpans().map((s) => s.attributes));
+  expect(exported).not.toContain("three four");
 });

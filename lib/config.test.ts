@@ -41,6 +41,12 @@ describe("parseEnv", () => {
     expect(parseEnv(shape, { GATEWAY_PORT: "0" })).toMatchObject({ GATEWAY_PORT: 0 });
   });
 
+  test("takes OpenTelemetry's sampler names only, parentbased_traceidratio when unset", () => {
+    expect(parseEnv(shape, {})).toMatchObject({ OTEL_TRACES_SAMPLER: "parentbased_traceidratio" });
+    expect(parseEnv(shape, { OTEL_TRACES_SAMPLER: "traceidratio" })).toMatchObject({ OTEL_TRACES_SAMPLER: "traceidratio" });
+    expect(() => parseEnv(shape, { OTEL_TRACES_SAMPLER: "ratio" })).toThrow('OTEL_TRACES_SAMPLER ("ratio")');
+  });
+
   test("treats blank numbers as unset and takes whole numbers only in decimal digits", () => {
     expect(parseEnv(shape, { GATEWAY_PORT: " ", OTEL_TRACES_SAMPLER_ARG: " ", SHUTDOWN_DRAIN_MS: "\t" })).toMatchObject({
       GATEWAY_PORT: 8080,

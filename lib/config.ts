@@ -71,6 +71,17 @@ function isOrigin(value: string): boolean {
   }
 }
 
+/** OTEL_TRACES_SAMPLER's values as OpenTelemetry SDKs read them (the ones built in). */
+export const samplerNames = [
+  "always_on",
+  "always_off",
+  "traceidratio",
+  "parentbased_always_on",
+  "parentbased_always_off",
+  "parentbased_traceidratio",
+] as const;
+export type SamplerName = (typeof samplerNames)[number];
+
 /** The admin token when ADMIN_TOKEN is unset: published in this repository, so fit only for a developer's machine. */
 export const defaultAdminToken = "dev-admin-token-change-me";
 
@@ -88,7 +99,12 @@ export const commonEnv = {
       .default(defaultAdminToken),
   ),
   OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
-  /** Fraction of new traces to sample, 0..1 (parent-based: a sampled caller is always followed). */
+  /**
+   * OpenTelemetry's sampler names: parentbased_* follow a caller's sampling decision (its traceparent), the others
+   * decide alone; *traceidratio samples OTEL_TRACES_SAMPLER_ARG of the traces they decide.
+   */
+  OTEL_TRACES_SAMPLER: z.enum(samplerNames).default("parentbased_traceidratio"),
+  /** Fraction of traces the traceidratio samplers sample, 0..1. */
   OTEL_TRACES_SAMPLER_ARG: decimal(0, 1).default(1),
   /** How long SIGTERM waits for in-flight requests and streams before closing them. */
   SHUTDOWN_GRACE_MS: int(0, 600_000).default(10_000),

@@ -96,8 +96,9 @@ describe("guarded routes", () => {
     );
     const spans = exporter.getFinishedSpans().filter((s) => s.name === "billing.v1.BillingService/ListOrganizations");
     expect(spans.slice(-3).map((s) => [s.status.code, s.attributes["rpc.grpc.status_code"]])).toEqual([
-      [SpanStatusCode.ERROR, Code.Unauthenticated],
-      [SpanStatusCode.ERROR, Code.PermissionDenied],
+      // The caller's mistake, not the server's failure: as an HTTP server's 4xx, the span's status is left unset.
+      [SpanStatusCode.UNSET, Code.Unauthenticated],
+      [SpanStatusCode.UNSET, Code.PermissionDenied],
       [SpanStatusCode.UNSET, undefined],
     ]);
   });

@@ -1,6 +1,7 @@
+import { hostname } from "node:os";
 import type { Interceptor } from "@connectrpc/connect";
 import pkg from "../package.json" with { type: "json" };
-import { defaultAdminToken } from "./config.ts";
+import { defaultAdminToken, type SamplerName } from "./config.ts";
 import { createLogger, type Logger, type LogLevel } from "./log.ts";
 import { createMetrics, type Metrics } from "./metrics.ts";
 import { setupTelemetry, type Telemetry } from "./telemetry.ts";
@@ -9,6 +10,7 @@ export interface RuntimeConfig {
   ADMIN_TOKEN: string;
   LOG_LEVEL: LogLevel;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string | undefined;
+  OTEL_TRACES_SAMPLER: SamplerName;
   OTEL_TRACES_SAMPLER_ARG: number;
 }
 
@@ -23,12 +25,15 @@ export interface Runtime {
   clientInterceptors: Interceptor[];
 }
 
-export function createRuntime(service: string, config: RuntimeConfig): Runtime {
+/** `instanceId` names this process among the service's replicas in its traces (host name and pid by default). */
+export function createRuntime(service: string, config: RuntimeConfig, instanceId = `${hostname()}-${process.pid}`): Runtime {
   const log = createLogger({ service, level: config.LOG_LEVEL });
   const telemetry = setupTelemetry({
     service,
     version: pkg.version,
+    instanceId,
     otlpEndpoint: config.OTEL_EXPORTER_OTLP_ENDPOINT,
+    sampler: config.OTEL_TRACES_SAMPLER,
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,
     log,
   });

@@ -1,5 +1,8 @@
 import { afterAll, expect, test } from "bun:test";
+import { ROOT_CONTEXT, TraceFlags, trace } from "@opentelemetry/api";
+import { InMemorySpanExporter } from "@opentelemetry/sdk-trace";
 import { listen } from "bun";
+import type { SamplerName } from "./config.ts";
 import { createLogger } from "./log.ts";
 import { setupTelemetry } from "./telemetry.ts";
 
@@ -44,4 +47,34 @@ test("shutdown exports the last spans to a collector that answers", async () => 
   const { log } = await stopWithCollector(`http://127.0.0.1:${collector.port}`);
   expect(exported).toBe(1);
   expect(log).not.toContain("not exported");
+});
+
+test("OTEL_TRACES_SAMPLER decides whether a caller's sampled traceparent is followed, and spans name their process", () => {
+  const caller = trace.setSpanContext(ROOT_CONTEXT, {
+    traceId: "4bf92f3577b34da6a3ce929d0e0e4736",
+    spanId: "00f067aa0ba902b7",
+    traceFlags: TraceFlags.SAMPLED,
+    isRemote: true,
+  });
+  const traced = (sampler: SamplerName | undefined, sampleRatio: number) => {
+    const exporter = new InMemorySpanExporter();
+    const { tracer } = setupTelemetry({ service: "t", version: "0", instanceId: "gw-7", exporter, sampler, sampleRatio });
+    tracer.startSpan("called", {}, caller).end();
+    tracer.startSpan("new", {}, ROOT_CONTEXT).end();
+    return exporter.getFinishedSpans();
+  };
+  const names = (sampler: SamplerName | undefined, sampleRatio: number) => traced(sampler, sampleRatio).map((s) => s.name);
+  expect(names(undefined, 0)).toEqual(["called"]);
+  expect(names("parentbased_traceidratio", 1)).toEqual(["called", "new"]);
+  // Not parent-based: a client's traceparent cannot have its requests traced.
+  expect(names("traceidratio", 0)).toEqual([]);
+  expect(names("traceidratio", 1)).toEqual(["called", "new"]);
+  expect(names("always_off", 1)).toEqual([]);
+  expect(names("parentbased_always_off", 1)).toEqual(["called"]);
+  expect(names("always_on", 0)).toEqual(["called", "new"]);
+  expect(traced("always_on", 1)[0]?.resource.attributes).toMatchObject({
+    "service.name": "t",
+    "service.version": "0",
+    "service.instance.id": "gw-7",
+  });
 });

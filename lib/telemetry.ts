@@ -18,8 +18,10 @@ import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { resourceFromAttributes } from "@opentelemetry/resources";
 import {
   AlwaysOffSampler,
+  AlwaysOnSampler,
   BatchSpanProcessor,
   ParentBasedSampler,
+  type Sampler,
   SimpleSpanProcessor,
   type SpanExporter,
   type SpanProcessor,
@@ -28,15 +30,20 @@ import {
 } from "@opentelemetry/sdk-trace";
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import type { SamplerName } from "./config.ts";
 import { type Logger, redactSecrets } from "./log.ts";
 import { inContext, onStreamEnd } from "./streams.ts";
 
 export interface TelemetryOptions {
   service: string;
   version: string;
+  /** This process among the service's replicas (`service.instance.id`). */
+  instanceId?: string;
   /** OTLP/HTTP base endpoint, e.g. http://collector:4318; traces go to <endpoint>/v1/traces. */
   otlpEndpoint?: string;
-  /** Fraction of root traces sampled, 0..1. */
+  /** OTEL_TRACES_SAMPLER (default parentbased_traceidratio). */
+  sampler?: SamplerName;
+  /** Fraction of traces the traceidratio samplers sample, 0..1 (default 1). */
   sampleRatio?: number;
   /** Extra exporter, exported synchronously (tests pass an InMemorySpanExporter). */
   exporter?: SpanExporter;
@@ -68,12 +75,17 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
   }
   if (options.exporter) processors.push(new SimpleSpanProcessor({ exporter: options.exporter }));
   const provider = new TracerProvider({
-    resource: resourceFromAttributes({ [ATTR_SERVICE_NAME]: options.service, [ATTR_SERVICE_VERSION]: options.version }),
+    resource: resourceFromAttributes({
+      [ATTR_SERVICE_NAME]: options.service,
+      [ATTR_SERVICE_VERSION]: options.version,
+      // Still incubating in the conventions, so not in their stable entry point.
+      ...(options.instanceId && { "service.instance.id": options.instanceId }),
+    }),
     // With nowhere to export, record nothing: spans still carry context (ids in logs, traceparent onward).
     sampler:
       processors.length === 0
         ? new AlwaysOffSampler()
-        : new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(options.sampleRatio ?? 1) }),
+        : createSampler(options.sampler ?? "parentbased_traceidratio", options.sampleRatio ?? 1),
     spanProcessors: processors,
   });
   if (!installed) {
@@ -101,6 +113,19 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
       if (err !== undefined) options.log?.error("opentelemetry: spans not exported at shutdown", { err });
     },
   };
+}
+
+/**
+ * The sampler OTEL_TRACES_SAMPLER names. One that is not parent-based decides alone, whatever a caller's traceparent
+ * asks: clients on the internet cannot have every request they send traced.
+ */
+function createSampler(name: SamplerName, ratio: number): Sampler {
+  const own = name.endsWith("always_off")
+    ? new AlwaysOffSampler()
+    : name.endsWith("traceidratio")
+      ? new TraceIdRatioBasedSampler(ratio)
+      : new AlwaysOnSampler();
+  return name.startsWith("parentbased_") ? new ParentBasedSampler({ root: own }) : own;
 }
 
 /** A message OpenTelemetry repeats (an export to a collector that is down, every 500 ms) is logged once this often. */
@@ -150,13 +175,17 @@ function rpcServerTracing(tracer: Tracer): Interceptor {
       { kind: SpanKind.SERVER, attributes: rpcAttributes(req.service.typeName, req.method.name) },
       parent,
       async (span) => {
-        const res = await next(req).catch((e: unknown) => finishWith(span, () => Promise.reject(e)));
-        if (!res.stream) return finishWith(span, async () => res);
+        const res = await next(req).catch((e: unknown) => finishWith(span, () => Promise.reject(e), serverErrors));
+        if (!res.stream) return finishWith(span, async () => res, serverErrors);
         // A stream's messages are made after the handler returns: its span ends with the stream and they are made in it.
         const ended = (error?: unknown) =>
-          void finishWith(span, async () => {
-            if (error !== undefined) throw error;
-          }).catch(() => {});
+          void finishWith(
+            span,
+            async () => {
+              if (error !== undefined) throw error;
+            },
+            serverErrors,
+          ).catch(() => {});
         return { ...res, message: onStreamEnd(inContext(res.message, context.active()), ended) };
       },
     );
@@ -177,14 +206,33 @@ function rpcClientTracing(tracer: Tracer): Interceptor {
   };
 }
 
-/** Runs fn inside span, records its outcome and ends the span. A client's stream ends it when the call returns. */
-export async function finishWith<T>(span: Span, fn: () => Promise<T>): Promise<T> {
+/**
+ * The codes that are a server's own failure, as OpenTelemetry's RPC conventions hold: a server span ends in error only
+ * on these, as an HTTP server's does only on a 5xx; a caller's mistake (a bad key, a model not found, a rate limit)
+ * leaves it unset, its code in rpc.grpc.status_code.
+ */
+const serverErrors: ReadonlySet<Code> = new Set([
+  Code.Unknown,
+  Code.DeadlineExceeded,
+  Code.Unimplemented,
+  Code.Internal,
+  Code.Unavailable,
+  Code.DataLoss,
+]);
+
+/**
+ * Runs fn inside span, records its outcome and ends the span. A client's stream ends it when the call returns. A failure
+ * with a code in `errors` (any but Canceled by default) sets the span's status to error.
+ */
+export async function finishWith<T>(span: Span, fn: () => Promise<T>, errors?: ReadonlySet<Code>): Promise<T> {
   try {
     return await fn();
   } catch (e) {
     const err = ConnectError.from(e);
     span.setAttribute("rpc.grpc.status_code", err.code);
-    if (err.code !== Code.Canceled) span.setStatus({ code: SpanStatusCode.ERROR, message: redactSecrets(err.rawMessage) });
+    if (errors ? errors.has(err.code) : err.code !== Code.Canceled) {
+      span.setStatus({ code: SpanStatusCode.ERROR, message: redactSecrets(err.rawMessage) });
+    }
     throw e;
   } finally {
     span.end();

@@ -41,6 +41,9 @@ export interface EmbeddingResult {
 /** Chunks of one streamed completion in OpenAI's chunk shape; iterating fails with UpstreamError. */
 export type ChunkStream = AsyncIterable<ChatCompletionChunk>;
 
+/** Each provider kind as the OpenTelemetry GenAI semantic conventions name it (`gen_ai.provider.name`). */
+export const genAiProviderNames: Record<Provider["kind"], string> = { openai: "openai", azure: "azure.ai.openai", mock: "mock" };
+
 /** An upstream the gateway routes to; every provider reports usage in the same `Tokens` shape. */
 export interface Provider {
   readonly name: string;
