@@ -12,6 +12,13 @@ const maxDirtyMinutes = 100;
 // Items of a list bound as one query parameter: a server takes parameters in its request's URL, which it bounds
 // (http_max_uri_size, 1 MiB by default: about 14,000 marks' keys).
 const maxListParam = 100;
+/**
+ * Raw rows one roll-up statement reads at most, by default: a backlog (roll-ups stopped for hours) is rolled up in
+ * chunks of whole minutes, each recorded as it is done, so no statement outlasts the client's request timeout.
+ */
+export const defaultRollupChunkRows = 1_000_000;
+// How far ahead one count of pending rows per minute looks (at most 1,440 rows back).
+const chunkPlanUs = 24 * hourUs;
 
 /** [from, to) in microseconds. */
 export interface Span {
@@ -139,7 +146,12 @@ const rollupColumns = (time: string) =>
  * (whatever lag or clock that roll-up ran with), or older than lagMs / 2. Ingest marks late rows' minutes, and
  * the next roll-up recomputes them.
  */
-export function createRollups(driver: ClickHouseDriver, tables: RollupTables, lagMs: number) {
+export function createRollups(
+  driver: ClickHouseDriver,
+  tables: RollupTables,
+  lagMs: number,
+  chunkRows = defaultRollupChunkRows,
+) {
   const lagUs = lagMs * 1000;
 
   const minutesFromRaw = (where: string) =>
@@ -158,6 +170,34 @@ export function createRollups(driver: ClickHouseDriver, tables: RollupTables, la
       `SELECT done_until FROM ${tables.state} FINAL WHERE name = 'rollups'`,
     );
     return row ? textMicros(row.done_until) : undefined;
+  }
+
+  /**
+   * Ends of the chunks that roll up [from, to), in order: whole minutes holding at most `chunkRows` raw rows each
+   * (counted with duplicates, so at most that many are read), or one minute that alone holds more. Covers up to a day.
+   */
+  async function chunkEnds(from: Micros, to: Micros): Promise<Micros[]> {
+    const until = Math.min(to, from + chunkPlanUs);
+    const counts = await driver.query<{ minute: string; n: string }>(
+      `SELECT toString(toStartOfMinute(start_time)) AS minute, count() AS n FROM ${tables.requests}
+       WHERE start_time >= {from:DateTime64(6, 'UTC')} AND start_time < {to:DateTime64(6, 'UTC')}
+       GROUP BY minute ORDER BY minute`,
+      { from: microsText(from), to: microsText(until) },
+    );
+    const ends: Micros[] = [];
+    let start = from;
+    let rows = 0;
+    for (const { minute, n } of counts) {
+      const at = textMicros(minute);
+      if (rows + Number(n) > chunkRows && at > start) {
+        ends.push(at);
+        start = at;
+        rows = 0;
+      }
+      rows += Number(n);
+    }
+    ends.push(until);
+    return ends;
   }
 
   return {
@@ -215,21 +255,27 @@ export function createRollups(driver: ClickHouseDriver, tables: RollupTables, la
         done = first?.start ? Math.min(textMicros(first.start), target) : target;
       }
       const before = done;
-      if (done < target) {
-        // Before the raw rows are read: an insert that does not see this claim is seen by the read.
-        await driver.insert(tables.state, ["name", "done_until"], [["claimed", microsText(target).slice(0, 19)]]);
-        const window: QueryParams = { from: microsText(done), to: microsText(target) };
-        await driver.exec(
-          minutesFromRaw("start_time >= {from:DateTime64(6, 'UTC')} AND start_time < {to:DateTime64(6, 'UTC')}"),
-          window,
-        );
-        await driver.exec(
-          hoursFromMinutes("minute >= {hour_from:DateTime64(6, 'UTC')} AND minute < {to:DateTime64(6, 'UTC')}"),
-          { ...window, hour_from: microsText(floorTo(done, hourUs)) },
-        );
-        done = target;
+      while (done < target) {
+        for (const end of await chunkEnds(done, target)) {
+          // Before the raw rows are read: an insert that does not see this claim is seen by the read.
+          await driver.insert(tables.state, ["name", "done_until"], [["claimed", microsText(end).slice(0, 19)]]);
+          const window: QueryParams = { from: microsText(done), to: microsText(end) };
+          await driver.exec(
+            minutesFromRaw("start_time >= {from:DateTime64(6, 'UTC')} AND start_time < {to:DateTime64(6, 'UTC')}"),
+            window,
+          );
+          await driver.exec(
+            hoursFromMinutes("minute >= {hour_from:DateTime64(6, 'UTC')} AND minute < {to:DateTime64(6, 'UTC')}"),
+            { ...window, hour_from: microsText(floorTo(done, hourUs)) },
+          );
+          done = end;
+          // Each chunk recorded as done: a run stopped part way resumes after it.
+          await driver.insert(tables.state, ["name", "done_until"], [["rollups", microsText(done).slice(0, 19)]]);
+        }
       }
-      await driver.insert(tables.state, ["name", "done_until"], [["rollups", microsText(done).slice(0, 19)]]);
+      if (done === before) {
+        await driver.insert(tables.state, ["name", "done_until"], [["rollups", microsText(done).slice(0, 19)]]);
+      }
 
       // Marked minutes rolled up before this run; later ones were just rolled up with their late rows.
       const byOrg = new Map<string, Micros[]>();

@@ -103,6 +103,8 @@ export interface StoreOptions {
   cluster?: string;
   /** Minutes are rolled up once they are this old; rows arriving later than half of it are recomputed in. */
   rollupLagMs?: number;
+  /** Raw rows one roll-up statement reads at most (defaultRollupChunkRows); smaller in tests. */
+  rollupChunkRows?: number;
   /** How long one report query may run (ClickHouse's max_execution_time); the driver's need, or 30 s, by default. */
   queryTimeoutSeconds?: number;
 }
@@ -176,6 +178,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
       state: `${db}.rollup_state`,
     },
     options.rollupLagMs ?? defaultRollupLagMs,
+    options.rollupChunkRows,
   );
   // A Distributed insert returns only once every shard has its rows, so an ack means they are stored.
   const insertSettings: Record<string, string> = cluster ? { distributed_foreground_insert: "1" } : {};
