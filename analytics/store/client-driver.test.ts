@@ -41,6 +41,32 @@ test("a query the server stops at its limit is ResourceExhausted: the client wai
   expect(await slowQuery(limitSeconds * 1000)).toBe(Code.Unavailable);
 }, 20_000);
 
+test("a time limit reached while a result streams is ResourceExhausted, not rows or a parse error", async () => {
+  const exception = "Code: 159. DB::Exception: Timeout exceeded: elapsed 30.1 seconds, maximum: 30. (TIMEOUT_EXCEEDED)";
+  // A server before 25.11: streaming, the status and some rows are sent before the limit is reached, and the
+  // exception follows in the body (as a row in JSONEachRow); waiting for the query's end, it is the status.
+  const streaming = Bun.serve({
+    port: 0,
+    hostname: "127.0.0.1",
+    fetch(req) {
+      if (new URL(req.url).searchParams.get("wait_end_of_query") === "1") {
+        return new Response(exception, { status: 500, headers: { "x-clickhouse-exception-code": "159" } });
+      }
+      const body = `{"n":"1"}\n${JSON.stringify({ exception })}\n`;
+      return new Response(body, { headers: { "x-clickhouse-format": "JSONEachRow" } });
+    },
+  });
+  const log = { LoggerClass: clickHouseLoggerClass(silent) };
+  const driver = createClientDriver(createClient({ url: `http://127.0.0.1:${streaming.port}`, log }));
+  try {
+    const report = query(silent, "Report", () => driver.query("SELECT n", {}, { orgId: "org_a" }));
+    expect(await report.catch((e: unknown) => ConnectError.from(e).code)).toBe(Code.ResourceExhausted);
+  } finally {
+    await driver.close();
+    streaming.stop(true);
+  }
+});
+
 test("a ping fails when the server refuses the credentials, as every insert then does", async () => {
   const clickhouse = startClickHouseHttpServer({ path: testDataDir(), user: "mesh", password: "rotated" });
   const log = { LoggerClass: clickHouseLoggerClass(silent) };

@@ -10,6 +10,10 @@ const querySettings = {
   // ...which a server does for read-only queries alone: only a GET is read-only by default, and queries are POSTs.
   // 2 still lets a query set its own limits (max_execution_time).
   readonly: "2",
+  // The answer (every query's is bounded: reports' by their limits) is sent once the query ends, so an exception
+  // raised while it runs (a time limit reached) comes back as an error status, not inside a 200 body after rows: a
+  // server before 25.11 writes it as a text line (read as a parse error) or, in JSONEachRow, as an {"exception"} row.
+  wait_end_of_query: 1,
 } as const;
 
 /** What @clickhouse/client's error says when an abort signal ended its request. */
