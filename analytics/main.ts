@@ -130,8 +130,9 @@ let rollingUp: Promise<unknown> | undefined;
 const rollupTimer =
   cfg.ANALYTICS_ROLLUP_INTERVAL_MS > 0
     ? setInterval(() => {
+        // Stopping, a backlog's run ends after its current chunk rather than holding the shutdown.
         rollingUp ??= store
-          .rollUp()
+          .rollUp(undefined, stopping.signal)
           .then((result) => log.debug("rolled up", { ...result }))
           .catch((e) => log.warn("rolling up failed; the next run retries", { err: e }))
           .finally(() => (rollingUp = undefined));

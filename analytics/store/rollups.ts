@@ -238,8 +238,11 @@ export function createRollups(
       return rows.map((r) => textMicros(r.minute));
     },
 
-    /** Rolls up the minutes closed since the last run and recomputes the marked ones. */
-    async rollUp(now = new Date()): Promise<RollupResult> {
+    /**
+     * Rolls up the minutes closed since the last run and recomputes the marked ones. Once `signal` aborts (the process
+     * stopping), a backlog's next chunk is not started and marks wait for the next run.
+     */
+    async rollUp(now = new Date(), signal?: AbortSignal): Promise<RollupResult> {
       const target = floorTo(now.getTime() * 1000 - lagUs, minuteUs);
       // Marks are read first: their rows committed before them, so everything below sees those rows.
       const marks = await driver.query<{ org_id: string; minute: string; key: string }>(
@@ -255,8 +258,9 @@ export function createRollups(
         done = first?.start ? Math.min(textMicros(first.start), target) : target;
       }
       const before = done;
-      while (done < target) {
+      while (done < target && !signal?.aborted) {
         for (const end of await chunkEnds(done, target)) {
+          if (signal?.aborted) break;
           // Before the raw rows are read: an insert that does not see this claim is seen by the read.
           await driver.insert(tables.state, ["name", "done_until"], [["claimed", microsText(end).slice(0, 19)]]);
           const window: QueryParams = { from: microsText(done), to: microsText(end) };
@@ -276,6 +280,7 @@ export function createRollups(
       if (done === before) {
         await driver.insert(tables.state, ["name", "done_until"], [["rollups", microsText(done).slice(0, 19)]]);
       }
+      if (signal?.aborted) return { rolledUntil: microsText(done).slice(0, 19), recomputedMinutes: 0 };
 
       // Marked minutes rolled up before this run; later ones were just rolled up with their late rows.
       const byOrg = new Map<string, Micros[]>();

@@ -84,8 +84,11 @@ export interface AnalyticsStore {
   migrate(): Promise<string[]>;
   /** Writes rows; a retry with the same dedupToken is a no-op, and any duplicate request_id is read once. */
   insertRequests(rows: readonly RequestMetrics[], dedupToken: string): Promise<void>;
-  /** Rolls up closed minutes into the per-minute and per-hour tables and recomputes minutes late rows reached. */
-  rollUp(now?: Date): Promise<RollupResult>;
+  /**
+   * Rolls up closed minutes into the per-minute and per-hour tables and recomputes minutes late rows reached; stops
+   * between a backlog's chunks once `signal` aborts.
+   */
+  rollUp(now?: Date, signal?: AbortSignal): Promise<RollupResult>;
   queryUsage(query: UsageQuery): Promise<UsageRow[]>;
   queryTimeSeries(query: TimeSeriesQuery): Promise<TimeSeriesPoint[]>;
   queryLatency(query: LatencyQuery): Promise<ModelLatency[]>;
@@ -268,7 +271,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
       if (marks.length > 0) await driver.insert(`${db}.rollup_dirty`, ["org_id", "minute"], marks);
     },
 
-    rollUp: (now) => rollups.rollUp(now),
+    rollUp: (now, signal) => rollups.rollUp(now, signal),
 
     async queryUsage(q) {
       const groups = q.groupBy.map((d, i) => `${dimensionSql[d]} AS g${i}`);
