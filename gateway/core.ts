@@ -24,6 +24,7 @@ import type { GatewayConfig, ModelRoute } from "./config.ts";
 import { parseEmbeddingInput } from "./embedding-request.ts";
 import {
   cutAtShutdown,
+  ShutdownCut,
   type GatewayError,
   invalidRequest,
   modelNotAllowed,
@@ -63,7 +64,7 @@ export interface Call {
   /** performance.now() at arrival, for latencies. */
   readonly startTick: number;
   readonly secret: string | undefined;
-  /** Aborted when the client goes away. */
+  /** Aborted when the client goes away, or when the gateway cuts the call at shutdown (see cutInFlight). */
   readonly signal: AbortSignal | undefined;
   principal: Principal | undefined;
   /** Time spent waiting on upstream attempts, in ms. */
@@ -130,6 +131,12 @@ export interface GatewayCore {
    * that none is lost with the process; returns how many. Whatever such a call does later records nothing.
    */
   cutUnfinished(): number;
+  /**
+   * Ends every call in flight as cut by the shutdown, when its grace period is over and before the servers close their
+   * connections: one whose answer has not begun is answered 503 `gateway_shutting_down`, a stream ends with that error
+   * event (Unavailable over RPC), each metered so. Returns how many.
+   */
+  cutInFlight(): number;
 }
 
 export interface CoreOptions {
@@ -192,8 +199,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const defaultMaxOutputTokens = options.defaultMaxOutputTokens ?? 4096;
   const admissions = new WeakMap<Call, Admission>();
   const finished = new WeakSet<Call>();
-  // Calls begun and not yet finished, and who waits for there to be none.
-  const unfinished = new Set<Call>();
+  // Calls begun and not yet finished, each with what aborts its signal, and who waits for there to be none.
+  const unfinished = new Map<Call, AbortController>();
   const allFinished = createWaiters();
   const tokenQuota = createTokenQuota(options.tokenQuota);
 
@@ -370,6 +377,10 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   return {
     routes,
     begin(endpoint, secret, signal) {
+      // The call's own signal: the client leaving (with its reason), or the gateway cutting it at shutdown.
+      const own = new AbortController();
+      if (signal?.aborted) own.abort(signal.reason);
+      else signal?.addEventListener("abort", () => own.abort(signal.reason), { once: true });
       const startMs = Date.now();
       const requestId = newRequestId(startMs);
       const call: Call = {
@@ -377,7 +388,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         startMs,
         startTick: performance.now(),
         secret,
-        signal,
+        signal: own.signal,
         principal: undefined,
         upstreamMs: 0,
         metrics: create(RequestMetricsSchema, {
@@ -388,13 +399,18 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
           gatewayInstanceId: instanceId,
         }),
       };
-      unfinished.add(call);
+      unfinished.set(call, own);
       return call;
     },
     settled: (timeoutMs) => (unfinished.size === 0 ? Promise.resolve(true) : allFinished.wait(timeoutMs)),
     cutUnfinished() {
-      const cut = [...unfinished];
+      const cut = [...unfinished.keys()];
       for (const call of cut) finish(call, cutAtShutdown());
+      return cut.length;
+    },
+    cutInFlight() {
+      const cut = [...unfinished.values()];
+      for (const own of cut) own.abort(new ShutdownCut());
       return cut.length;
     },
     async handle(call, work) {
