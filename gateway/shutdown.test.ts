@@ -71,3 +71,23 @@ test("requests still running when the shutdown grace is over get a 503, an error
     expect([row.status, row.httpStatus, row.errorCode]).toEqual([RequestStatus.CANCELLED, 503, "gateway_shutting_down"]);
   }
 }, 20_000);
+
+test("a request waiting on billing's key check when the grace is over is answered at once, metered once it is known", async () => {
+  const gateway = await startTestGateway(routes);
+  gateway.billing.setDelay(1500);
+  const started = performance.now();
+  const answer = fetch(`${gateway.restUrl}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+    body: JSON.stringify({ model: "drip", messages }),
+  });
+  await Bun.sleep(100);
+  await gateway.close(100, () => void gateway.core.cutInFlight());
+  const res = await answer;
+  expect(res.status).toBe(503);
+  expect(((await res.json()) as { error: { code: string } }).error.code).toBe("gateway_shutting_down");
+  expect(performance.now() - started).toBeLessThan(1000);
+  const row = await gateway.row(res.headers.get("x-request-id") ?? "");
+  expect([row.orgId, row.status, row.httpStatus, row.errorCode]).toEqual(["org_1", RequestStatus.CANCELLED, 503, "gateway_shutting_down"]);
+  expect(await gateway.core.settled(0)).toBe(true);
+}, 20_000);
