@@ -14,7 +14,7 @@ import {
   maxInputTokens,
   maxOutputTokens,
 } from "./budget.ts";
-import type { GatewayError } from "./errors.ts";
+import { type GatewayError, ShutdownCut } from "./errors.ts";
 import { approxInputTokens } from "./providers/provider.ts";
 
 // A real billing service (Postgres included) behind an in-memory transport.
@@ -142,6 +142,24 @@ describe("budget leases", () => {
     await k.close();
     expect(await leasesOf(principal.orgId)).toEqual([{ granted: 10_000n, spent: 120n + 8n * 500n }]);
   });
+
+  test("a request that ends while billing is asked for a lease stops waiting, and reserves nothing", async () => {
+    const principal = await principalWith({ org: 1_000_000n });
+    let asked = 0;
+    const hung = { ...billing, acquireBudgetLease: () => (asked++, new Promise<never>(() => {})) };
+    const { keeper: k } = keeper({ billing: hung });
+    const cut = new AbortController();
+    const waiting = refusal(k.reserve(principal, 500n, 60_000, cut.signal));
+    await until(() => asked === 1);
+    cut.abort(new ShutdownCut());
+    expect((await waiting).code).toBe("gateway_shutting_down");
+    // One whose client has left already does not wait on the grant still being asked for.
+    const left = new AbortController();
+    left.abort();
+    expect((await refusal(k.reserve(principal, 500n, 60_000, left.signal))).code).toBe("client_closed_request");
+    expect(asked).toBe(1);
+    expect(k.snapshot().get(`organization:${principal.orgId}`)?.reservedNanos ?? 0n).toBe(0n);
+  }, 5_000);
 
   test("unlimited principals reserve nothing and never call billing", async () => {
     const principal = await principalWith({});

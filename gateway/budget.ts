@@ -6,8 +6,9 @@ import { ulid } from "ulid";
 import { type BillingService, BudgetScope } from "../gen/billing/v1/billing_pb.ts";
 import { createOutageLog, type Logger } from "../lib/log.ts";
 import { costNanos, type Price } from "../lib/money.ts";
+import { unlessAborted } from "../lib/waiters.ts";
 import type { Principal } from "./auth.ts";
-import { insufficientQuota, serviceUnavailable, unauthorized } from "./errors.ts";
+import { clientGone, insufficientQuota, serviceUnavailable, unauthorized } from "./errors.ts";
 import type { ChatRequest } from "./providers/provider.ts";
 
 /**
@@ -53,9 +54,10 @@ export interface LeaseCharge {
 export interface BudgetKeeper {
   /**
    * Reserves `maxCostNanos` against every budget of the principal for at most `holdMs`; throws a 429
-   * (insufficient_quota) when a budget cannot cover it, or 503 when billing cannot be asked.
+   * (insufficient_quota) when a budget cannot cover it, or 503 when billing cannot be asked. Stops waiting on billing
+   * once `signal` aborts (the client left, the gateway cut the request), reserving nothing, and throws why.
    */
-  reserve(principal: Principal, maxCostNanos: bigint, holdMs: number): Promise<Reservation>;
+  reserve(principal: Principal, maxCostNanos: bigint, holdMs: number, signal?: AbortSignal): Promise<Reservation>;
   /**
    * Gives a revoked key's leases back to billing: those no request is using at once, the others as their last
    * request settles. A rotated key's successor shares its budget, and billing counts these leases against it until
@@ -518,7 +520,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   timer.unref?.();
 
   return {
-    async reserve(principal, maxCostNanos, holdMs) {
+    async reserve(principal, maxCostNanos, holdMs, signal) {
       const list = scopesOf(principal);
       if (list.length === 0) return settled;
       if (closed) throw serviceUnavailable("The gateway is shutting down.", "budget_unavailable");
@@ -564,9 +566,11 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         try {
           const pending = short.acquiring;
           // Leftovers too small for this request are returned before asking, or they would sit idle here.
-          if (pending) await pending.catch(() => {});
+          // A request that ends meanwhile stops waiting; what billing grants stays for the others.
+          const gone = () => clientGone(signal);
+          if (pending) await unlessAborted(pending.catch(() => {}), signal, gone);
           else {
-            await acquire(
+            const asking = acquire(
               short,
               () => {
                 const shortfall = amount - available(short, until);
@@ -574,6 +578,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
               },
               true,
             );
+            await unlessAborted(asking, signal, gone);
           }
         } finally {
           short.waiters--;

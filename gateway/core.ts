@@ -6,7 +6,7 @@ import { monotonicFactory } from "ulid";
 import { type RequestMetrics, RequestMetricsSchema, RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { BudgetChargeSchema, Endpoint } from "../gen/common/v1/common_pb.ts";
 import type { Logger } from "../lib/log.ts";
-import { createWaiters } from "../lib/waiters.ts";
+import { createWaiters, unlessAborted } from "../lib/waiters.ts";
 import { withChildSpan } from "../lib/telemetry.ts";
 import { dearestPrice, type Price, type Tokens } from "../lib/money.ts";
 import type { KeyAuthorizer, Principal } from "./auth.ts";
@@ -23,7 +23,9 @@ import { createCircuitBreakers } from "./circuit-breaker.ts";
 import type { GatewayConfig, ModelRoute } from "./config.ts";
 import { type EmbeddingInput, parseEmbeddingInput } from "./embedding-request.ts";
 import {
+  clientGone,
   cutAtShutdown,
+  ShutdownCut,
   type GatewayError,
   invalidRequest,
   modelNotAllowed,
@@ -64,7 +66,7 @@ export interface Call {
   /** performance.now() at arrival, for latencies. */
   readonly startTick: number;
   readonly secret: string | undefined;
-  /** Aborted when the client goes away. */
+  /** Aborted when the client goes away, or when the gateway cuts the call at shutdown (see cutInFlight). */
   readonly signal: AbortSignal | undefined;
   principal: Principal | undefined;
   /** Time spent waiting on upstream attempts, in ms. */
@@ -135,6 +137,12 @@ export interface GatewayCore {
    * that none is lost with the process; returns how many. Whatever such a call does later records nothing.
    */
   cutUnfinished(): number;
+  /**
+   * Ends every call in flight as cut by the shutdown, when its grace period is over and before the servers close their
+   * connections: one whose answer has not begun is answered 503 `gateway_shutting_down`, a stream ends with that error
+   * event (Unavailable over RPC), each metered so. Returns how many.
+   */
+  cutInFlight(): number;
 }
 
 export interface CoreOptions {
@@ -197,21 +205,29 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const defaultMaxOutputTokens = options.defaultMaxOutputTokens ?? 4096;
   const admissions = new WeakMap<Call, Admission>();
   const finished = new WeakSet<Call>();
-  // Calls begun and not yet finished, and who waits for there to be none.
-  const unfinished = new Set<Call>();
+  // Calls begun and not yet finished, each with what aborts its signal, and who waits for there to be none.
+  const unfinished = new Map<Call, AbortController>();
+  // Billing's key check of each call, and the calls that ended while it was under way, with how.
+  const keyChecks = new WeakMap<Call, Promise<Principal>>();
+  const awaitingKey = new Map<Call, GatewayError | undefined>();
   const allFinished = createWaiters();
   const tokenQuota = createTokenQuota(options.tokenQuota);
 
   const authorize = async (call: Call) => {
     // Checked once a call: an RPC's key is checked before its message is read, then again by its handler.
     if (call.principal) return call.principal;
-    const principal = await withChildSpan("gateway.authorize_key", {}, () => keys.authorize(call.secret));
-    call.principal = principal;
-    const m = call.metrics;
-    m.orgId = principal.orgId;
-    m.projectId = principal.projectId;
-    m.apiKeyId = principal.apiKeyId;
-    return principal;
+    const checking = withChildSpan("gateway.authorize_key", {}, () => keys.authorize(call.secret)).then((principal) => {
+      call.principal = principal;
+      const m = call.metrics;
+      m.orgId = principal.orgId;
+      m.projectId = principal.projectId;
+      m.apiKeyId = principal.apiKeyId;
+      return principal;
+    });
+    // A call that ends while billing checks the key (the client left, the gateway cut it) is answered at once, and
+    // metered under its key's org once billing has answered (see finish).
+    keyChecks.set(call, checking);
+    return unlessAborted(checking, call.signal, () => clientGone(call.signal));
   };
 
   const admitModel = (principal: Principal, name: string): ModelRoute => {
@@ -300,7 +316,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       );
       if (ticket?.state) call.limitHeaders = rateLimitHeaders(ticket.state);
       reservation = await withChildSpan("gateway.reserve_budget", { "gateway.max_cost_nanos": Number(maxCost) }, () =>
-        options.budget?.reserve(principal, maxCost, router.deadline(call, route) - performance.now()),
+        options.budget?.reserve(principal, maxCost, router.deadline(call, route) - performance.now(), call.signal),
       );
     } catch (e) {
       quota.settle(0n, call.startMs);
@@ -316,6 +332,21 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     // One call, one RequestMetrics, however many ways it ends.
     if (finished.has(call)) return;
     finished.add(call);
+    const endTick = performance.now();
+    const checking = keyChecks.get(call);
+    if (checking && !call.principal) {
+      // Ended while billing checks its key: recorded once the key's org is known (or known not to be).
+      awaitingKey.set(call, error);
+      const record = () => {
+        if (awaitingKey.delete(call)) recordFinished(call, endTick, error);
+      };
+      void checking.then(record, record);
+      return;
+    }
+    recordFinished(call, endTick, error);
+  };
+
+  const recordFinished = (call: Call, endTick: number, error: GatewayError | undefined) => {
     unfinished.delete(call);
     if (unfinished.size === 0) allFinished.wakeAll();
     const m = call.metrics;
@@ -331,7 +362,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       if (charges?.length) m.budgetCharges = charges.map((charge) => create(BudgetChargeSchema, charge));
       admission.ticket?.settle(Number(tokens));
     }
-    const totalMs = performance.now() - call.startTick;
+    const totalMs = endTick - call.startTick;
     m.endTime = timestampFromMs(Math.round(call.startMs + totalMs));
     const totalUs = Math.round(totalMs * 1000);
     const upstreamUs = Math.round(call.upstreamMs * 1000);
@@ -378,6 +409,10 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   return {
     routes,
     begin(endpoint, secret, signal) {
+      // The call's own signal: the client leaving (with its reason), or the gateway cutting it at shutdown.
+      const own = new AbortController();
+      if (signal?.aborted) own.abort(signal.reason);
+      else signal?.addEventListener("abort", () => own.abort(signal.reason), { once: true });
       const startMs = Date.now();
       const requestId = newRequestId(startMs);
       const span = trace.getActiveSpan();
@@ -387,7 +422,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         startMs,
         startTick: performance.now(),
         secret,
-        signal,
+        signal: own.signal,
         principal: undefined,
         upstreamMs: 0,
         metrics: create(RequestMetricsSchema, {
@@ -398,13 +433,23 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
           gatewayInstanceId: instanceId,
         }),
       };
-      unfinished.add(call);
+      unfinished.set(call, own);
       return call;
     },
     settled: (timeoutMs) => (unfinished.size === 0 ? Promise.resolve(true) : allFinished.wait(timeoutMs)),
     cutUnfinished() {
-      const cut = [...unfinished];
-      for (const call of cut) finish(call, cutAtShutdown());
+      const cut = [...unfinished.keys()];
+      for (const call of cut) {
+        // One that ended while its key was checked is recorded as it ended, under no org if billing has not answered.
+        const error = awaitingKey.get(call);
+        if (awaitingKey.delete(call)) recordFinished(call, performance.now(), error);
+        else finish(call, cutAtShutdown());
+      }
+      return cut.length;
+    },
+    cutInFlight() {
+      const cut = [...unfinished.values()];
+      for (const own of cut) own.abort(new ShutdownCut());
       return cut.length;
     },
     async handle(call, work) {

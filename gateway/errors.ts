@@ -217,9 +217,28 @@ export const serviceUnavailable = (message: string, code: string) =>
 export const cancelled = () =>
   new GatewayError(499, "invalid_request_error", "client_closed_request", "The client closed the request.", RequestStatus.CANCELLED);
 
-/** Still unfinished when the gateway had to exit: metered as cancelled, as what it had used so far. */
+/**
+ * Still unfinished when the gateway's shutdown grace ran out (or when it had to exit): answered so where it still can be,
+ * metered as cancelled, as what it had used so far. The client may retry at once, on another replica.
+ */
 export const cutAtShutdown = () =>
-  new GatewayError(503, "api_error", "gateway_shutting_down", "The gateway shut down before the request finished.", RequestStatus.CANCELLED);
+  new GatewayError(
+    503,
+    "api_error",
+    "gateway_shutting_down",
+    "The gateway shut down before the request finished.",
+    RequestStatus.CANCELLED,
+    null,
+    1,
+  );
+
+/** Why a call's signal aborted when the gateway cut it at the end of its shutdown grace period. */
+export class ShutdownCut extends Error {
+  override name = "ShutdownCut";
+  constructor() {
+    super("the gateway is shutting down");
+  }
+}
 
 /**
  * The deadline an RPC client set (grpc-timeout, connect-timeout-ms) passed: a time limit, metered as a timeout as the
@@ -228,9 +247,16 @@ export const cutAtShutdown = () =>
 export const deadlineExceeded = () =>
   new GatewayError(504, "api_error", "deadline_exceeded", "The request did not finish within the client's deadline.", RequestStatus.TIMEOUT);
 
-/** Why a call whose client signal aborted ended: Connect aborts it with DeadlineExceeded when the RPC's deadline passes. */
+/**
+ * Why a call whose signal aborted ended: Connect aborts it with DeadlineExceeded when the RPC's deadline passes, and the
+ * gateway with ShutdownCut when its shutdown grace ran out.
+ */
 export const clientGone = (signal: AbortSignal | undefined) =>
-  signal?.reason instanceof ConnectError && signal.reason.code === Code.DeadlineExceeded ? deadlineExceeded() : cancelled();
+  signal?.reason instanceof ShutdownCut
+    ? cutAtShutdown()
+    : signal?.reason instanceof ConnectError && signal.reason.code === Code.DeadlineExceeded
+      ? deadlineExceeded()
+      : cancelled();
 
 export const notImplemented = (what: string) =>
   new GatewayError(501, "invalid_request_error", "not_implemented", `${what} is not implemented yet.`, RequestStatus.INVALID_REQUEST);
@@ -265,7 +291,13 @@ const connectCodes: Partial<Record<RequestStatus, Code>> = {
 };
 
 /** Statuses with a more precise code than their outcome's. */
-const statusCodes: Record<number, Code> = { 403: Code.PermissionDenied, 404: Code.NotFound, 501: Code.Unimplemented };
+const statusCodes: Record<number, Code> = {
+  403: Code.PermissionDenied,
+  404: Code.NotFound,
+  501: Code.Unimplemented,
+  // A request the gateway cut at shutdown, metered as cancelled: the client may retry elsewhere.
+  503: Code.Unavailable,
+};
 
 const printable = /^[\x20-\x7e]+$/;
 /** Longest param sent as a header: a field path, never a client's whole input. */

@@ -272,9 +272,16 @@ const fastRest =
 log.info("gateway started", { models: config.models.size, instance: cfg.GATEWAY_INSTANCE_ID, url: server.url, rest_url: fastRest?.url });
 
 stopOnSignals(log, async () => {
+  // Requests still running when the grace is over are told so (a 503, an error event) before their connections close.
+  let cut = false;
+  const cutInFlight = () => {
+    if (cut) return;
+    cut = true;
+    log.warn("requests still running at the end of the shutdown grace period cut", { requests: core.cutInFlight() });
+  };
   await Promise.all([
-    server.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS),
-    fastRest?.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS),
+    server.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS, cutInFlight),
+    fastRest?.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS, cutInFlight),
   ]);
   // Streams cut at the end of the grace period record what they sent (counting it takes a moment) before the flush.
   // Those still waiting (on billing, say) are metered as cut now: the spool closes below and nothing records after.

@@ -78,14 +78,18 @@ export interface RunningServer {
   /**
    * Answers /readyz with 503 `draining` while still serving for drainMs, then stops accepting, lets in-flight calls
    * finish for up to graceMs, closes what is left and waits (a few seconds at most) for the handlers it cut to return.
+   * Calls still in flight when the grace is over are first handed to `cut`, which ends them with an answer of their
+   * own (a 503, an error event), and given up to a second more to send it before their connections close.
    */
-  close(graceMs: number, drainMs?: number): Promise<void>;
+  close(graceMs: number, drainMs?: number, cut?: () => void): Promise<void>;
 }
 
 const h2Preface = Buffer.from("PRI * HTTP/2.0\r\n");
 
 /** How long close() waits, after the grace period, for the handlers it cut to return. */
 const cutSettleMs = 5_000;
+/** How long close() waits, after the grace period, for what its `cut` ended to send its answer. */
+export const cutAnswerMs = 1_000;
 
 const alwaysReady = async (): Promise<Readiness> => ({ ready: true, checks: {} });
 
@@ -239,7 +243,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   return {
     port,
     url: `http://127.0.0.1:${port}`,
-    async close(graceMs, drainMs = 0) {
+    async close(graceMs, drainMs = 0, cut) {
       draining.abort();
       // Load balancers see the 503 and stop sending; until they have, new connections are still served.
       if (drainMs > 0) await Bun.sleep(drainMs);
@@ -250,6 +254,11 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       h1.closeIdleConnections();
       const deadline = Date.now() + graceMs;
       while (!settled() && Date.now() < deadline) await Bun.sleep(10);
+      if (!settled() && cut) {
+        cut();
+        const answerDeadline = Date.now() + cutAnswerMs;
+        while (!settled() && Date.now() < answerDeadline) await Bun.sleep(10);
+      }
       shutdown.abort();
       await Bun.sleep(20);
       for (const s of sessions) s.destroy();

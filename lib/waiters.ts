@@ -28,3 +28,20 @@ export function createWaiters(): Waiters {
     },
   };
 }
+
+/**
+ * `work`, unless `signal` aborts first: then rejects with `reason()` at once, leaving `work` to finish for whoever else
+ * waits on it (a shared lookup), its failure handled.
+ */
+export function unlessAborted<T>(work: Promise<T>, signal: AbortSignal | undefined, reason: () => unknown): Promise<T> {
+  if (!signal) return work;
+  if (signal.aborted) {
+    work.catch(() => {});
+    return Promise.reject(reason());
+  }
+  return new Promise<T>((resolve, reject) => {
+    const abort = () => reject(reason());
+    signal.addEventListener("abort", abort, { once: true });
+    work.then(resolve, reject).finally(() => signal.removeEventListener("abort", abort));
+  });
+}

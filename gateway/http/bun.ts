@@ -1,6 +1,7 @@
 import type { Server } from "bun";
 import { ulid } from "ulid";
 import type { CorsPolicy } from "../../lib/cors.ts";
+import { cutAnswerMs } from "../../lib/server.ts";
 import type { Logger } from "../../lib/log.ts";
 import { errorBody, toGatewayError } from "../errors.ts";
 import type { RestApp } from "./app.ts";
@@ -11,9 +12,10 @@ export interface BunRestServer {
   readonly url: string;
   /**
    * Serves on for drainMs (while the RPC port's /readyz says draining), then stops accepting, waits up to graceMs for
-   * in-flight requests and streams, and closes the rest.
+   * in-flight requests and streams, hands those still in flight to `cut` (which ends them with a 503 or an error event)
+   * and gives them up to a second more to send it, and closes the rest.
    */
-  close(graceMs: number, drainMs?: number): Promise<void>;
+  close(graceMs: number, drainMs?: number, cut?: () => void): Promise<void>;
 }
 
 /**
@@ -85,12 +87,18 @@ export function serveRest(
   return {
     port,
     url: `http://127.0.0.1:${port}`,
-    async close(graceMs, drainMs = 0) {
+    async close(graceMs, drainMs = 0, cut) {
       if (drainMs > 0) await Bun.sleep(drainMs);
-      const drained = server.stop(false);
-      const timer = setTimeout(() => void server.stop(true), graceMs);
+      let done = false;
+      const drained = server.stop(false).finally(() => (done = true));
+      const within = (ms: number) => Promise.race([drained, Bun.sleep(ms)]);
+      await within(graceMs);
+      if (!done && cut) {
+        cut();
+        await within(cutAnswerMs);
+      }
+      if (!done) await server.stop(true);
       await drained;
-      clearTimeout(timer);
     },
   };
 }

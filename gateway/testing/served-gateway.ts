@@ -104,6 +104,7 @@ export async function startTestGateway(
     log,
     row,
     rpc: (key?: string) => createServiceClient(GatewayService, { baseUrl: server.url, bearerToken: key }),
-    close: () => Promise.all([server.close(0), fast.close(0)]),
+    /** Closes both ports as a SIGTERM does: `cut` is called for what is still in flight once graceMs is over. */
+    close: (graceMs = 0, cut?: () => void) => Promise.all([server.close(graceMs, 0, cut), fast.close(graceMs, 0, cut)]),
   };
 }

@@ -107,6 +107,8 @@ interface Answer {
   content: string;
   /** A stream ended with `data: [DONE]`. */
   done: boolean;
+  /** The code of the error event a stream ended with. */
+  error?: string;
   /** Date.now() when the last byte arrived. */
   endedAt: number;
 }
@@ -163,17 +165,20 @@ function openStream(org: Org, model: string, prompt: string, base?: string) {
     }
     let content = "";
     let costNanos = 0n;
+    let error: string | undefined;
     for (const event of events) {
       if (event === "[DONE]") continue;
       const chunk = JSON.parse(event) as {
-        choices: { delta: { content?: string } }[];
+        choices?: { delta: { content?: string } }[];
         usage?: { prompt_tokens: number; completion_tokens: number } | null;
+        error?: { code: string };
       };
-      content += chunk.choices[0]?.delta.content ?? "";
+      error = chunk.error?.code;
+      content += chunk.choices?.[0]?.delta.content ?? "";
       if (chunk.usage) costNanos = BigInt(chunk.usage.prompt_tokens) * inputNanos + BigInt(chunk.usage.completion_tokens) * outputNanos;
     }
     firstContent();
-    return { requestId, status: res.status, costNanos, content, done: events.at(-1) === "[DONE]", endedAt: Date.now() };
+    return { requestId, status: res.status, costNanos, content, done: events.at(-1) === "[DONE]", error, endedAt: Date.now() };
   })();
   return { started, answer };
 }
@@ -299,6 +304,8 @@ describe("SIGTERM", () => {
     for (const cut of cuts) {
       expect(cut.status).toBe(200);
       expect(cut.done).toBe(false);
+      // Told so: the stream's last event is the gateway's going away.
+      expect(cut.error).toBe("gateway_shutting_down");
       expect(cut.content.length).toBeGreaterThan(0);
       expect(reply(longPrompt).startsWith(cut.content)).toBe(true);
       expect(cut.content.length).toBeLessThan(reply(longPrompt).length);
@@ -315,7 +322,8 @@ describe("SIGTERM", () => {
     const { clickhouse, billed } = await recorded(org.id);
     for (const cut of cuts) {
       const row = clickhouse.get(cut.requestId);
-      expect(row?.status).toBe(RequestStatus.CANCELLED);
+      // Cut by the gateway, not a client that left.
+      expect([row?.status, row?.httpStatus, row?.errorCode]).toEqual([RequestStatus.CANCELLED, 503, "gateway_shutting_down"]);
       // The input and the tokens streamed before the cut are charged (counted by the tokenizer), nothing past them.
       const input = row?.usage?.inputTokens ?? 0n;
       const output = row?.usage?.outputTokens ?? 0n;
