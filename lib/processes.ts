@@ -51,6 +51,14 @@ export interface ServiceProcess {
 }
 
 /** Starts a service as a child process with line-prefixed output and a readiness wait. */
+/**
+ * How long a service has after SIGTERM before it is killed: a gateway at its worst takes about 29 s with the default
+ * settings (SHUTDOWN_GRACE_MS 10 s for requests in flight, up to 11 s more for those cut then to be answered, settle and
+ * be metered, 5 s to ship its spool, 3 s for traces), and one killed before the end holds its budget leases until their
+ * lifetime ends.
+ */
+export const stopTimeoutMs = 35_000;
+
 export function spawnService(options: ServiceProcessOptions): ServiceProcess {
   const print = options.onLine ?? ((line: string) => process.stdout.write(`[${options.name}] ${line}\n`));
   // Its last words, for the error when it exits before it is ready.
@@ -76,7 +84,7 @@ export function spawnService(options: ServiceProcessOptions): ServiceProcess {
     name: options.name,
     proc,
     ready,
-    async stop(signal = "SIGTERM", timeoutMs = 20_000) {
+    async stop(signal = "SIGTERM", timeoutMs = stopTimeoutMs) {
       if (proc.exitCode !== null || proc.signalCode !== null) return proc.exitCode ?? -1;
       proc.kill(signal);
       const timer = setTimeout(() => proc.kill("SIGKILL"), timeoutMs);

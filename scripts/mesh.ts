@@ -10,7 +10,7 @@ import * as path from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
-import { freePort, procStatFields, type ServiceProcess, spawnService } from "../lib/processes.ts";
+import { freePort, procStatFields, type ServiceProcess, spawnService, stopTimeoutMs } from "../lib/processes.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 
 const root = path.resolve(import.meta.dir, "..");
@@ -304,7 +304,7 @@ export async function lockDataDir(
       if (!service || !runs(service)) continue;
       say(`stopping ${name} (pid ${service.pid}), left running by an npm start that was killed`);
       signal(service.pid, "SIGTERM");
-      const deadline = Date.now() + 20_000;
+      const deadline = Date.now() + stopTimeoutMs;
       while (runs(service) && Date.now() < deadline) await Bun.sleep(50);
       if (runs(service)) signal(service.pid, "SIGKILL");
     }

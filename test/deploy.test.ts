@@ -6,7 +6,8 @@ import { Deployment, StatefulSet } from "kubernetes-models/apps/v1";
 import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
 import { Service } from "kubernetes-models/v1";
 import { parse, parseAllDocuments } from "yaml";
-import { runCommand } from "../lib/processes.ts";
+import { runCommand, stopTimeoutMs } from "../lib/processes.ts";
+import { cutAnswerMs } from "../lib/server.ts";
 
 /**
  * The Kubernetes manifests and the image, checked against the Kubernetes API schema and against the code they run:
@@ -200,6 +201,20 @@ describe("Kubernetes manifests", () => {
       const flushMs = name === "gateway" ? envDefault("gateway/main.ts", "GATEWAY_FLUSH_TIMEOUT_MS") : 0;
       expect(w.spec.template.spec.terminationGracePeriodSeconds * 1000).toBeGreaterThan(drainMs + graceMs + flushMs);
     }
+  });
+});
+
+describe("the local launcher", () => {
+  test("gives a stopping gateway the time its shutdown takes at worst before killing it", () => {
+    // Its grace for requests in flight, a second for those cut then to be answered, 5 s for them to settle and be
+    // metered (gateway/main.ts), its spool's flush and 3 s for traces (lib/telemetry.ts).
+    const worstMs =
+      envDefault("lib/config.ts", "SHUTDOWN_GRACE_MS") +
+      cutAnswerMs +
+      5_000 +
+      envDefault("gateway/main.ts", "GATEWAY_FLUSH_TIMEOUT_MS") +
+      3_000;
+    expect(stopTimeoutMs).toBeGreaterThan(worstMs);
   });
 });
 
