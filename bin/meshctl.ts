@@ -17,7 +17,12 @@ import {
 } from "@bufbuild/protobuf";
 import { type Timestamp, timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { type Client, ConnectError } from "@connectrpc/connect";
-import { AnalyticsService, file_analytics_v1_analytics } from "../gen/analytics/v1/analytics_pb.ts";
+import {
+  AnalyticsService,
+  file_analytics_v1_analytics,
+  type LatencyPercentiles,
+  type ModelLatency,
+} from "../gen/analytics/v1/analytics_pb.ts";
 import {
   type ApiKey,
   BillingService,
@@ -65,6 +70,9 @@ const usage = `usage: meshctl <command> [flags] [--json]
   usage --org ID [--from DATE] [--to DATE] [--source billing|analytics]
       (from --from up to, not including, --to: an invoice's 2026-10-01 to 2026-10-31 is --from 2026-10-01
       --to 2026-11-01; either left out comes from the org's billing period, the current one without --to)
+  latency --org ID [--from DATE] [--to DATE]
+      (per model: total, upstream, time to first token and gateway overhead, p50 / p90 / p99 in ms, from analytics;
+      the range as usage --source analytics)
   discounts add --org ID --name S --kind volume-graduated|volume-all-units|time-window|promotional
                 [--percent P] [--tiers FROM_USD:PERCENT,...] [--hours 0-6] [--days 0,6] [--model M] [--provider P]
                 [--priority N] [--exclusive] [--from DATE] [--until DATE] [--cap-usd X]   (a negative N: --priority=-5)
@@ -131,6 +139,7 @@ const commands: Record<string, { flags: readonly FlagName[]; args: number }> = {
   "quota set": { flags: ["budget-usd", "monthly-tokens", "rpm", "tpm", "models", "expires"], args: 1 },
   "quota show": { flags: ["org"], args: 1 },
   usage: { flags: ["org", "from", "to", "source"], args: 0 },
+  latency: { flags: ["org", "from", "to"], args: 0 },
   "discounts add": {
     flags: [
       ...["org", "name", "kind", "percent", "tiers", "hours", "days", "model", "provider"],
@@ -214,8 +223,10 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
     };
     const arg = (what: string) => need(rest[0], what);
 
-    const command = `${group} ${group === "usage" ? "" : (action ?? "")}`.trim();
-    checkCommandLine(command, values, group === "usage" ? positionals.slice(1) : rest);
+    // usage and latency are commands of one word; the others name a group and an action.
+    const oneWord = group === "usage" || group === "latency";
+    const command = `${group} ${oneWord ? "" : (action ?? "")}`.trim();
+    checkCommandLine(command, values, oneWord ? positionals.slice(1) : rest);
     switch (command) {
       case "orgs create": {
         const res = await billing.createOrganization({
@@ -379,11 +390,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
             ]),
           );
         } else if (source === "analytics") {
-          // The same default range as billing's: the org's current billing period.
-          const org = (await billing.listOrganizations({})).organizations.find((o) => o.id === orgId);
-          if (!org) throw new ServiceError(`no organization ${orgId}`);
-          const period = billingPeriod(new Date(to ? timestampMs(to) - 1 : Date.now()), org.billingDay);
-          const range = { start: from ?? timestampFromDate(period.start), end: to ?? timestampFromDate(period.end) };
+          const range = await analyticsRange(billing, orgId, from, to);
           const res = await analytics.queryUsage({ orgId, range, groupBy: [] });
           print(schemaOf(res), res, () =>
             usageTable(
@@ -400,6 +407,14 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         } else {
           throw new UsageError(`--source must be billing or analytics, not "${source}"`);
         }
+        return 0;
+      }
+      case "latency": {
+        const orgId = need(values.org, "--org");
+        const from = values.from ? parseDate(values.from, "--from") : undefined;
+        const to = values.to ? parseDate(values.to, "--to") : undefined;
+        const res = await analytics.queryLatency({ orgId, range: await analyticsRange(billing, orgId, from, to) });
+        print(schemaOf(res), res, () => latencyTable(res.models));
         return 0;
       }
       case "discounts add": {
@@ -520,6 +535,19 @@ async function findKey(
     if (key) return { key, orgKeys };
   }
   throw new ServiceError(`no key ${keyId}${orgId ? ` in org ${orgId}` : ""}`);
+}
+
+/** An analytics query's range: --from and --to, either left out coming from the org's billing period, as billing's. */
+async function analyticsRange(
+  billing: Client<typeof BillingService>,
+  orgId: string,
+  from: Timestamp | undefined,
+  to: Timestamp | undefined,
+): Promise<{ start: Timestamp; end: Timestamp }> {
+  const org = (await billing.listOrganizations({})).organizations.find((o) => o.id === orgId);
+  if (!org) throw new ServiceError(`no organization ${orgId}`);
+  const period = billingPeriod(new Date(to ? timestampMs(to) - 1 : Date.now()), org.billingDay);
+  return { start: from ?? timestampFromDate(period.start), end: to ?? timestampFromDate(period.end) };
 }
 
 /** Errors of the command line or environment, as opposed to errors of the services. */
@@ -694,6 +722,22 @@ function usageTable(lines: UsageLine[]): string {
   return table([
     ["REQUESTS", "INPUT", "CACHED INPUT", "OUTPUT", "REASONING", "COST_NANOS", "COST (USD)"],
     ...lines.map((l) => [l.requests, l.input, l.cached, l.output, l.reasoning, l.cost].map(String).concat(formatNanosUsd(l.cost))),
+  ]);
+}
+
+function latencyTable(models: ModelLatency[]): string {
+  const ms = (p: LatencyPercentiles | undefined) =>
+    [p?.p50Us, p?.p90Us, p?.p99Us].map((us) => (Number(us ?? 0n) / 1000).toFixed(1)).join(" / ");
+  return table([
+    ["MODEL", "REQUESTS", "TOTAL MS", "UPSTREAM MS", "FIRST TOKEN MS", "GATEWAY MS"],
+    ...models.map((m) => [
+      m.model,
+      String(m.requests),
+      ms(m.total),
+      ms(m.upstream),
+      ms(m.timeToFirstToken),
+      ms(m.gatewayOverhead),
+    ]),
   ]);
 }
 

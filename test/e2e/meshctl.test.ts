@@ -98,6 +98,21 @@ describe("meshctl drives the mesh", () => {
     const table = await meshctl("usage", "--org", demo.orgId);
     expect(table.code).toBe(0);
     expect(table.out).toContain(cost ?? "");
+
+    // Its latency, per model, from analytics.
+    const latency = JSON.parse((await meshctl("latency", "--org", demo.orgId, "--json")).out) as {
+      models?: { model: string; requests: string; total?: { p50Us?: string } }[];
+    };
+    expect(latency.models).toHaveLength(1);
+    expect(latency.models?.[0]).toMatchObject({ model: "mock", requests: "1" });
+    expect(Number(latency.models?.[0]?.total?.p50Us)).toBeGreaterThan(0);
+    const lines = (await meshctl("latency", "--org", demo.orgId)).out.split("\n");
+    expect(lines[0]).toMatch(/^MODEL\s+REQUESTS\s+TOTAL MS\s+UPSTREAM MS\s+FIRST TOKEN MS\s+GATEWAY MS$/);
+    expect(lines[1]).toMatch(/^mock\s+1\s+[0-9.]+ \/ [0-9.]+ \/ [0-9.]+\s/);
+    const empty = await meshctl("latency", "--org", demo.orgId, "--from", "2020-01-01", "--to", "2020-02-01", "--json");
+    expect(JSON.parse(empty.out)).toEqual({});
+    expect((await meshctl("latency", "--org", "org_missing")).code).toBe(1);
+    expect((await meshctl("latency")).code).toBe(2);
   }, 60_000);
 
   test("orgs, keys, discounts and an invoice rendered as HTML", async () => {
