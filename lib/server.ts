@@ -252,12 +252,15 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       h2.close();
       for (const s of sessions) s.close();
       h1.closeIdleConnections();
-      const deadline = Date.now() + graceMs;
-      while (!settled() && Date.now() < deadline) await Bun.sleep(10);
+      /** Until every call has settled, for `ms` at most. */
+      const settling = async (ms: number) => {
+        const deadline = Date.now() + ms;
+        while (!settled() && Date.now() < deadline) await Bun.sleep(10);
+      };
+      await settling(graceMs);
       if (!settled() && cut) {
         cut();
-        const answerDeadline = Date.now() + cutAnswerMs;
-        while (!settled() && Date.now() < answerDeadline) await Bun.sleep(10);
+        await settling(cutAnswerMs);
       }
       shutdown.abort();
       await Bun.sleep(20);
@@ -265,8 +268,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       h1.closeAllConnections();
       for (const s of sockets) s.destroy();
       // What was cut still finishes its own work (a stream records its metrics) before the caller flushes and exits.
-      const cutDeadline = Date.now() + cutSettleMs;
-      while (!settled() && Date.now() < cutDeadline) await Bun.sleep(10);
+      await settling(cutSettleMs);
     },
   };
 }
