@@ -1,27 +1,10 @@
 import { expect, test } from "bun:test";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
-import { createKeyAuthorizer } from "./auth.ts";
 import type { BudgetKeeper, Reservation } from "./budget.ts";
-import { parseGatewayConfig } from "./config.ts";
-import { createGatewayCore } from "./core.ts";
-import { createProviders } from "./providers/index.ts";
-import { createBillingFake, createRecordingShipper, createTestLogger } from "./testing.ts";
+import { createTestCore } from "./testing.ts";
 
 test("a request still waiting at shutdown (on billing's lease grant) is metered as cancelled before the spool closes", async () => {
-  const config = parseGatewayConfig(
-    `
-providers:
-  - { name: mock, kind: mock }
-models:
-  - name: mock
-    targets: [{ provider: mock, model: mock-echo-1 }]
-    pricing: { input_per_mtok: "0.50", output_per_mtok: "1.50" }
-`,
-    "core-test.yaml",
-  );
-  const billing = createBillingFake({ "sk-good": { id: "key_good", orgId: "org_1" } });
-  const shipper = createRecordingShipper();
   // Billing answers the lease request only after the shutdown's wait for requests has run out, as a busy one may.
   let grant: (reservation: Reservation) => void = () => {};
   const granted = new Promise<Reservation>((resolve) => (grant = resolve));
@@ -31,15 +14,7 @@ models:
     async close() {},
     snapshot: () => new Map(),
   };
-  const core = createGatewayCore({
-    config,
-    providers: createProviders(config.providers, {}),
-    keys: createKeyAuthorizer({ billing: billing.client }),
-    shipper,
-    instanceId: "gw-test",
-    log: createTestLogger(),
-    budget,
-  });
+  const { core, shipper } = createTestCore({ budget });
   const call = core.begin(Endpoint.CHAT_COMPLETIONS, "sk-good");
   const body = { model: "mock", messages: [{ role: "user", content: "hello" }] };
   const outcome = core.handle(call, () => core.chat(call, body)).catch((e: unknown) => e);

@@ -105,9 +105,12 @@ models:
 
 /**
  * A gateway core on the mock provider and a provider that always fails, with the billing fake's
- * keys: sk-good (any model), sk-limited (only "mock"). Its metrics go to `shipper` when given, else are kept in rows.
+ * keys: sk-good (any model), sk-limited (only "mock"). Its metrics go to `shipper` when given, else are kept in rows;
+ * budgets are reserved through `budget` when given.
  */
-export function createTestCore(options: { registry?: Registry; shipper?: CoreOptions["shipper"] } = {}) {
+export function createTestCore(
+  options: { registry?: Registry; shipper?: CoreOptions["shipper"]; budget?: CoreOptions["budget"] } = {},
+) {
   const billing = createBillingFake({
     "sk-good": { id: "key_good", orgId: "org_1", projectId: "proj_1" },
     "sk-limited": { id: "key_limited", orgId: "org_2", allowedModels: ["mock"] },
@@ -130,6 +133,7 @@ export function createTestCore(options: { registry?: Registry; shipper?: CoreOpt
     instanceId: "gw-test",
     log,
     registry: options.registry,
+    budget: options.budget,
   });
   return { core, billing, shipper, log, downCalls: () => downCalls };
 }
