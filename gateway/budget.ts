@@ -172,8 +172,6 @@ interface Part {
 }
 
 const rateTimeConstantMs = 30_000;
-// Billing takes at most 8 budget charges in a usage record, for an org's and a key's budgets together.
-const maxChargesPerScope = 4;
 const settled: Reservation = { settle: () => [] };
 
 export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
@@ -476,17 +474,10 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       const newest = scope.leases.at(-1);
       if (newest) parts = [{ lease: newest, amount: 0n }];
     }
-    // A reservation drawn from many leases' remnants is charged to the first few alone, or billing would refuse the
-    // request's usage record.
-    const last = Math.min(parts.length, maxChargesPerScope) - 1;
-    let overdrawn = false;
     for (let i = 0; i < parts.length; i++) {
       const { lease, amount } = parts[i] as Part;
-      // Actual cost fills the parts in order; anything beyond the reservation, or past the last charged, lands on it.
-      const charge = i === last ? left : left < amount ? left : amount;
-      if (i === last) overdrawn = charge > amount;
-      // The room of parts the last charged lease paid for goes back to billing, so no other request spends it too.
-      else if (i > last && overdrawn) lease.withdrawn = true;
+      // Actual cost fills the parts in order; anything beyond the reservation lands on the last.
+      const charge = i === parts.length - 1 ? left : left < amount ? left : amount;
       lease.reserved -= amount;
       lease.spent += charge;
       if (charge > 0n) charges.push({ leaseId: lease.id, nanos: charge });
