@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { ConnectRouter } from "@connectrpc/connect";
-import { AnalyticsService, type QueryUsageRequest } from "../gen/analytics/v1/analytics_pb.ts";
+import { AnalyticsService, type QueryUsageRequest, UsageGroupBy } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createBillingApp } from "../billing/app.ts";
@@ -47,6 +47,7 @@ beforeAll(async () => {
           return {
             rows: [
               {
+                group: req.groupBy.map((dimension) => `value-of-${UsageGroupBy[dimension]}`),
                 requests: 3n,
                 usage: { inputTokens: 30n, cachedInputTokens: 3n, outputTokens: 12n, reasoningTokens: 1n },
                 costNanos: 4_200n,
@@ -229,6 +230,18 @@ describe("meshctl against a real billing", () => {
     const start = timestampDate(query?.range?.start ?? timestampFromDate(new Date(0)));
     expect(start.toISOString()).toBe(new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), 1)).toISOString());
     failsWith(await cli(`usage --org ${orgId} --source clickhouse`), 2, /--source must be billing or analytics/);
+
+    // --by groups analytics' rows (and so asks analytics), a column per dimension in the order given.
+    const grouped = (await ok(`usage --org ${orgId} --by key,model`)).split("\n");
+    expect(analyticsQueries.at(-1)?.groupBy).toEqual([UsageGroupBy.API_KEY, UsageGroupBy.MODEL]);
+    expect(grouped[0]).toMatch(/^KEY\s+MODEL\s+REQUESTS\s+INPUT\s/);
+    expect(grouped[1]).toMatch(/^value-of-API_KEY\s+value-of-MODEL\s+3\s+30\s+3\s+12\s+1\s+4200\s+0\.0000042$/);
+    const byJson = await json<{ rows: { group: string[] }[] }>(`usage --org ${orgId} --by hour`);
+    expect(byJson.rows[0]?.group).toEqual(["value-of-HOUR"]);
+    failsWith(await cli(`usage --org ${orgId} --by key --source billing`), 2, /--by groups analytics' rows/);
+    failsWith(await cli(`usage --org ${orgId} --by team`), 2, /--by takes model, key, project, .*; not "team"/);
+    failsWith(await cli(`usage --org ${orgId} --by model,model`), 2, /names a dimension twice/);
+    failsWith(await cli(`usage --org ${orgId} --by model,key,day,status`), 2, /at most 3 dimensions, not 4/);
   });
 
   test("quota show counts the usage of the keys a key was rotated from, as its limits do", async () => {

@@ -22,6 +22,7 @@ import {
   file_analytics_v1_analytics,
   type LatencyPercentiles,
   type ModelLatency,
+  UsageGroupBy,
 } from "../gen/analytics/v1/analytics_pb.ts";
 import {
   type ApiKey,
@@ -67,9 +68,10 @@ const usage = `usage: meshctl <command> [flags] [--json]
       (changes only the limits given, the others stay; 0, or --models '' and --expires '', removes a limit)
   quota show KEY_ID [--org ID]
       (usage this period, the keys it was rotated from included: what its limits count)
-  usage --org ID [--from DATE] [--to DATE] [--source billing|analytics]
+  usage --org ID [--from DATE] [--to DATE] [--source billing|analytics] [--by model,key,...]
       (from --from up to, not including, --to: an invoice's 2026-10-01 to 2026-10-31 is --from 2026-10-01
-      --to 2026-11-01; either left out comes from the org's billing period, the current one without --to)
+      --to 2026-11-01; either left out comes from the org's billing period, the current one without --to;
+      --by groups analytics' rows by up to 3 of model, key, project, provider, status, day, hour)
   latency --org ID [--from DATE] [--to DATE]
       (per model: total, upstream, time to first token and gateway overhead, p50 / p90 / p99 in ms, from analytics;
       the range as usage --source analytics)
@@ -101,6 +103,7 @@ const flags = {
   to: { type: "string" },
   until: { type: "string" },
   source: { type: "string" },
+  by: { type: "string" },
   kind: { type: "string" },
   percent: { type: "string" },
   tiers: { type: "string" },
@@ -138,7 +141,7 @@ const commands: Record<string, { flags: readonly FlagName[]; args: number }> = {
   "keys rotate": { flags: [], args: 1 },
   "quota set": { flags: ["budget-usd", "monthly-tokens", "rpm", "tpm", "models", "expires"], args: 1 },
   "quota show": { flags: ["org"], args: 1 },
-  usage: { flags: ["org", "from", "to", "source"], args: 0 },
+  usage: { flags: ["org", "from", "to", "source", "by"], args: 0 },
   latency: { flags: ["org", "from", "to"], args: 0 },
   "discounts add": {
     flags: [
@@ -374,7 +377,11 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         const orgId = need(values.org, "--org");
         const from = values.from ? parseDate(values.from, "--from") : undefined;
         const to = values.to ? parseDate(values.to, "--to") : undefined;
-        const source = values.source ?? "billing";
+        const groupBy = values.by === undefined ? [] : usageGroupBy(values.by);
+        const source = values.source ?? (groupBy.length ? "analytics" : "billing");
+        if (source === "billing" && groupBy.length) {
+          throw new UsageError("--by groups analytics' rows; billing's summary is one total (leave out --source)");
+        }
         if (source === "billing") {
           const res = await billing.getUsageSummary({ orgId, startTime: from, endTime: to });
           print(schemaOf(res), res, () =>
@@ -391,10 +398,11 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           );
         } else if (source === "analytics") {
           const range = await analyticsRange(billing, orgId, from, to);
-          const res = await analytics.queryUsage({ orgId, range, groupBy: [] });
+          const res = await analytics.queryUsage({ orgId, range, groupBy });
           print(schemaOf(res), res, () =>
             usageTable(
               res.rows.map((r) => ({
+                group: r.group,
                 requests: r.requests,
                 input: r.usage?.inputTokens ?? 0n,
                 cached: r.usage?.cachedInputTokens ?? 0n,
@@ -402,6 +410,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
                 reasoning: r.usage?.reasoningTokens ?? 0n,
                 cost: r.costNanos,
               })),
+              groupBy,
             ),
           );
         } else {
@@ -709,7 +718,33 @@ function limitsText(limits: KeyLimits | undefined): string {
   return parts.length ? parts.join(", ") : "none";
 }
 
+/** meshctl's names for analytics' usage dimensions, in the order --help lists them. */
+const usageDimensions = {
+  model: UsageGroupBy.MODEL,
+  key: UsageGroupBy.API_KEY,
+  project: UsageGroupBy.PROJECT,
+  provider: UsageGroupBy.PROVIDER,
+  status: UsageGroupBy.STATUS,
+  day: UsageGroupBy.DAY,
+  hour: UsageGroupBy.HOUR,
+} as const;
+
+/** Parses --by: up to 3 distinct dimension names, as QueryUsage takes. */
+function usageGroupBy(list: string): UsageGroupBy[] {
+  const names = list.split(",").map((name) => name.trim());
+  const known = Object.keys(usageDimensions).join(", ");
+  const groupBy = names.map((name) => {
+    if (!Object.hasOwn(usageDimensions, name)) throw new UsageError(`--by takes ${known}; not "${name}"`);
+    return usageDimensions[name as keyof typeof usageDimensions];
+  });
+  if (new Set(groupBy).size !== groupBy.length) throw new UsageError(`--by names a dimension twice: "${list}"`);
+  if (groupBy.length > 3) throw new UsageError(`--by takes at most 3 dimensions, not ${groupBy.length}`);
+  return groupBy;
+}
+
 interface UsageLine {
+  /** Values of the --by dimensions, in their order. */
+  group?: readonly string[];
   requests: bigint;
   input: bigint;
   cached: bigint;
@@ -718,10 +753,17 @@ interface UsageLine {
   cost: bigint;
 }
 
-function usageTable(lines: UsageLine[]): string {
+function usageTable(lines: UsageLine[], groupBy: readonly UsageGroupBy[] = []): string {
+  const dimensions = groupBy.map(
+    (g) => Object.entries(usageDimensions).find(([, value]) => value === g)?.[0].toUpperCase() ?? "",
+  );
   return table([
-    ["REQUESTS", "INPUT", "CACHED INPUT", "OUTPUT", "REASONING", "COST_NANOS", "COST (USD)"],
-    ...lines.map((l) => [l.requests, l.input, l.cached, l.output, l.reasoning, l.cost].map(String).concat(formatNanosUsd(l.cost))),
+    [...dimensions, "REQUESTS", "INPUT", "CACHED INPUT", "OUTPUT", "REASONING", "COST_NANOS", "COST (USD)"],
+    ...lines.map((l) => [
+      ...(l.group ?? []),
+      ...[l.requests, l.input, l.cached, l.output, l.reasoning, l.cost].map(String),
+      formatNanosUsd(l.cost),
+    ]),
   ]);
 }
 

@@ -109,6 +109,10 @@ describe("meshctl drives the mesh", () => {
     const lines = (await meshctl("latency", "--org", demo.orgId)).out.split("\n");
     expect(lines[0]).toMatch(/^MODEL\s+REQUESTS\s+TOTAL MS\s+UPSTREAM MS\s+FIRST TOKEN MS\s+GATEWAY MS$/);
     expect(lines[1]).toMatch(/^mock\s+1\s+[0-9.]+ \/ [0-9.]+ \/ [0-9.]+\s/);
+    // Its usage per model and key, from analytics' real query.
+    const byKey = (await meshctl("usage", "--org", demo.orgId, "--by", "model,key")).out.split("\n");
+    expect(byKey[0]).toMatch(/^MODEL\s+KEY\s+REQUESTS\s/);
+    expect(byKey[1]).toMatch(new RegExp(`^mock\\s+key_\\w+\\s+1\\s+.*\\s${cost}\\s`));
     const empty = await meshctl("latency", "--org", demo.orgId, "--from", "2020-01-01", "--to", "2020-02-01", "--json");
     expect(JSON.parse(empty.out)).toEqual({});
     expect((await meshctl("latency", "--org", "org_missing")).code).toBe(1);
