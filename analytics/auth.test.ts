@@ -1,4 +1,5 @@
 import { expect, test } from "bun:test";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { createAnalyticsAuth } from "./auth.ts";
@@ -31,4 +32,32 @@ test("a flood of made-up keys does not push a working key out, and a made-up key
   expect(await refusal("sk-mesh-made-up-49")).toBe(Code.Unauthenticated);
   // Neither the working key nor the latest made-up one cost another call.
   expect(asked.length).toBe(51);
+});
+
+test("a key is not remembered past its expiry: once it expires it reads nothing more, as billing refuses it", async () => {
+  let clock = 1_000_000;
+  const expireMs = clock + 5_000;
+  let asked = 0;
+  const billing = createClient(
+    BillingService,
+    createRouterTransport((r) =>
+      r.service(BillingService, {
+        async authorizeKey() {
+          asked++;
+          if (clock >= expireMs) throw new ConnectError("api key expired", Code.Unauthenticated);
+          return { apiKey: { id: "key_1", orgId: org, limits: { expireTime: timestampFromMs(expireMs) } } };
+        },
+      }),
+    ),
+  );
+  const auth = createAnalyticsAuth({ adminToken, billing, ttlMs: 30_000, now: () => clock });
+  const refusal = () => auth.requireOrgReader(as("sk-mesh-expiring"), org).then(() => undefined, (e) => ConnectError.from(e).code);
+
+  expect(await refusal()).toBeUndefined();
+  clock = expireMs - 1;
+  expect(await refusal()).toBeUndefined();
+  expect(asked).toBe(1);
+  clock = expireMs;
+  expect(await refusal()).toBe(Code.Unauthenticated);
+  expect(asked).toBe(2);
 });

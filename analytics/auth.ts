@@ -1,3 +1,4 @@
+import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, type Client, ConnectError } from "@connectrpc/connect";
 import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { bearerToken, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
@@ -7,7 +8,7 @@ export interface AnalyticsAuthOptions {
   adminToken: string;
   /** Billing, called with the admin token: it owns the keys. */
   billing: Pick<Client<typeof BillingService>, "authorizeKey">;
-  /** How long a key's org is remembered (so a revoked key may read for this long); 30 s by default. */
+  /** How long a key's org is remembered (so a revoked key may read for this long, never past its expiry); 30 s by default. */
   ttlMs?: number;
   /** How long an unknown key is remembered as such, so it cannot make every call a billing call; 5 s by default. */
   rejectedTtlMs?: number;
@@ -39,15 +40,20 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
 
   const lookUp = async (secret: string, hash: string): Promise<string | undefined> => {
     let orgId: string | undefined;
+    let expireMs = Number.POSITIVE_INFINITY;
     try {
-      orgId = (await billing.authorizeKey({ secret })).apiKey?.orgId;
+      const apiKey = (await billing.authorizeKey({ secret })).apiKey;
+      orgId = apiKey?.orgId;
+      if (apiKey?.limits?.expireTime) expireMs = timestampMs(apiKey.limits.expireTime);
     } catch (e) {
       const err = ConnectError.from(e);
       if (err.code !== Code.Unauthenticated) {
         throw new ConnectError("the api key cannot be checked now; retry later", Code.Unavailable);
       }
     }
-    keys.set(hash, { orgId, until: now() + (orgId ? ttlMs : rejectedTtlMs) }, orgId === undefined);
+    // A key that expires within its TTL is remembered until it expires, when billing and the gateway refuse it too.
+    const until = orgId ? Math.min(now() + ttlMs, expireMs) : now() + rejectedTtlMs;
+    keys.set(hash, { orgId, until }, orgId === undefined);
     return orgId;
   };
 

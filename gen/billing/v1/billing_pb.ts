@@ -185,7 +185,8 @@ export type ApiKey = Message<"billing.v1.ApiKey"> & {
   orgId: string;
 
   /**
-   * Empty when the key is org-wide.
+   * Project the key's usage is recorded under; empty for none. It labels usage, it does not limit what the key may
+   * read: any key of an org reads the org's usage, invoices and analytics.
    *
    * @generated from field: string project_id = 3;
    */
