@@ -371,6 +371,17 @@ describe("budget", () => {
     expect(served).toBeGreaterThanOrEqual(2);
     expect(served).toBeLessThanOrEqual(4);
   });
+
+  test("a key whose budget is spent is told so on every request, never rate limited by its own refusals", async () => {
+    // The budget cannot cover one request (17 input + 5 output tokens at most): each is refused before the upstream.
+    const key = await keyWith({ monthlyBudgetNanos: 10n * 1_000_000n, requestsPerMinute: 2 });
+    for (let i = 0; i < 4; i++) {
+      const res = await post(key, hi("mock", { max_tokens: 5 }));
+      expect(res.status).toBe(429);
+      expect((await errorOf(res)).code).toBe("insufficient_quota");
+      expect(res.headers.get("x-ratelimit-remaining-requests")).toBe("2");
+    }
+  });
 });
 
 describe("budget with files", () => {

@@ -319,8 +319,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         options.budget?.reserve(principal, maxCost, router.deadline(call, route) - performance.now(), call.signal),
       );
     } catch (e) {
+      // Refused by its budget (or billing, or the client left meanwhile): it reached no upstream, so it counts against
+      // no limit, and its rate limit headers say so.
       quota.settle(0n, call.startMs);
-      ticket?.settle(0);
+      const state = ticket?.release();
+      if (state) call.limitHeaders = rateLimitHeaders(state);
       throw e;
     }
     const admission: Admission = { quota, ticket, reservation };

@@ -136,6 +136,29 @@ describe("tokens per minute", () => {
     expect(refused(() => limiter.admit("k", both, 0)).type).toBe("requests");
   });
 
+  test("a request released (refused by its budget before it was sent) gives back its request and tokens", () => {
+    const { clock, limiter } = setup();
+    const both = { requestsPerMinute: 2, tokensPerMinute: 100 };
+    const held = limiter.admit("k", both, 90);
+    expect(held.release()).toEqual({
+      requests: { limit: 2, remaining: 2, resetMs: 0 },
+      tokens: { limit: 100, remaining: 100, resetMs: 0 },
+    });
+    // Released once: a second release or a settle changes nothing.
+    expect(held.release()).toBeUndefined();
+    held.settle(1_000);
+    limiter.admit("k", both, 90).release();
+    limiter.admit("k", both, 90);
+    clock.t += 1_000;
+    limiter.admit("k", both, 10).settle(10);
+    expect(refused(() => limiter.admit("k", both, 0)).type).toBe("requests");
+    // Requests-only keys release too.
+    const rpm = { requestsPerMinute: 1, tokensPerMinute: 0 };
+    limiter.admit("r", rpm, 0).release();
+    limiter.admit("r", rpm, 0);
+    expect(refused(() => limiter.admit("r", rpm, 0)).type).toBe("requests");
+  });
+
   test("idle keys are dropped once too many are tracked", () => {
     const { clock, limiter } = setup();
     const rpm = { requestsPerMinute: 1, tokensPerMinute: 0 };
