@@ -285,6 +285,13 @@ describe("monthly tokens", () => {
     const streamed = await post(key, hi("mock", { stream: true, max_tokens: 10 }));
     expect(streamed.status).toBe(429);
     expect((await errorOf(streamed)).code).toBe("insufficient_quota");
+    // A key with rate limits is told where they stand on this 429 too; the refused request counts against none.
+    const limited = await keyWith({ monthlyTokens: 10n, requestsPerMinute: 5 });
+    expect((await post(limited, hi("mock"))).status).toBe(200);
+    const over = await post(limited, hi("mock"));
+    expect((await errorOf(over)).code).toBe("insufficient_quota");
+    expect(over.headers.get("x-ratelimit-limit-requests")).toBe("5");
+    expect(over.headers.get("x-ratelimit-remaining-requests")).toBe("4");
 
     const before = mockCalls;
     const unary = await rpcError(rpc.createChatCompletion(rpcHi, bearer(key)));

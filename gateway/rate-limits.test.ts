@@ -232,6 +232,25 @@ describe("where a key stands", () => {
     });
   });
 
+  test("a key's state can be read without counting a request, for one another limit refused first", () => {
+    const { clock, limiter } = setup();
+    const limits = { requestsPerMinute: 3, tokensPerMinute: 100 };
+    expect(limiter.state("k", limits)).toEqual({
+      requests: { limit: 3, remaining: 3, resetMs: 0 },
+      tokens: { limit: 100, remaining: 100, resetMs: 0 },
+    });
+    expect(limiter.size()).toBe(0);
+    limiter.admit("k", limits, 40);
+    clock.t += 1_000;
+    const state = {
+      requests: { limit: 3, remaining: 2, resetMs: 58_750 },
+      tokens: { limit: 100, remaining: 60, resetMs: 58_750 },
+    };
+    expect(limiter.state("k", limits)).toEqual(state);
+    expect(limiter.state("k", limits)).toEqual(state);
+    expect(limiter.state("k", { requestsPerMinute: 0, tokensPerMinute: 0 })).toBeUndefined();
+  });
+
   test("durations are written as OpenAI writes them", () => {
     const headers = (resetMs: number) =>
       rateLimitHeaders({ tokens: { limit: 1, remaining: 0, resetMs } })["x-ratelimit-reset-tokens"];

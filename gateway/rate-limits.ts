@@ -48,6 +48,8 @@ export interface RateTicket {
 export interface RateLimiter {
   /** Admits one request of `estimatedTokens` for `keyId`, or throws a 429 GatewayError with Retry-After. */
   admit(keyId: string, limits: KeyRateLimits, estimatedTokens: number): RateTicket;
+  /** Where the key's limits stand, counting nothing more: for a request refused before it was admitted here. */
+  state(keyId: string, limits: KeyRateLimits): RateState | undefined;
   /** Keys currently tracked. */
   size(): number;
 }
@@ -221,6 +223,16 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
           // The key's window as it is now: an idle one may have been dropped while this request ran.
           add(windowOf(keyId, current), current, 0, Math.max(0, used), 0);
         },
+      };
+    },
+    state(keyId, limits) {
+      const { requestsPerMinute: rpm, tokensPerMinute: tpm } = limits;
+      if (rpm <= 0 && tpm <= 0) return undefined;
+      const w = windows.get(keyId);
+      if (w) return stateOf(w, rpm, tpm, now());
+      return {
+        ...(rpm > 0 && { requests: { limit: rpm, remaining: rpm, resetMs: 0 } }),
+        ...(tpm > 0 && { tokens: { limit: tpm, remaining: tpm, resetMs: 0 } }),
       };
     },
     size: () => windows.size,
