@@ -285,6 +285,13 @@ describe("monthly tokens", () => {
     const streamed = await post(key, hi("mock", { stream: true, max_tokens: 10 }));
     expect(streamed.status).toBe(429);
     expect((await errorOf(streamed)).code).toBe("insufficient_quota");
+    // A key with rate limits is told where they stand on this 429 too; the refused request counts against none.
+    const limited = await keyWith({ monthlyTokens: 10n, requestsPerMinute: 5 });
+    expect((await post(limited, hi("mock"))).status).toBe(200);
+    const over = await post(limited, hi("mock"));
+    expect((await errorOf(over)).code).toBe("insufficient_quota");
+    expect(over.headers.get("x-ratelimit-limit-requests")).toBe("5");
+    expect(over.headers.get("x-ratelimit-remaining-requests")).toBe("4");
 
     const before = mockCalls;
     const unary = await rpcError(rpc.createChatCompletion(rpcHi, bearer(key)));
@@ -370,6 +377,17 @@ describe("budget", () => {
     // 4 x 12 = 48 of 50 spent: the last request that fits in what is left is served.
     expect(served).toBeGreaterThanOrEqual(2);
     expect(served).toBeLessThanOrEqual(4);
+  });
+
+  test("a key whose budget is spent is told so on every request, never rate limited by its own refusals", async () => {
+    // The budget cannot cover one request (17 input + 5 output tokens at most): each is refused before the upstream.
+    const key = await keyWith({ monthlyBudgetNanos: 10n * 1_000_000n, requestsPerMinute: 2 });
+    for (let i = 0; i < 4; i++) {
+      const res = await post(key, hi("mock", { max_tokens: 5 }));
+      expect(res.status).toBe(429);
+      expect((await errorOf(res)).code).toBe("insufficient_quota");
+      expect(res.headers.get("x-ratelimit-remaining-requests")).toBe("2");
+    }
   });
 });
 

@@ -304,23 +304,34 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     estimatedTokens: number,
   ) => {
     const limits = principal.grant.apiKey?.limits;
-    const quota = tokenQuota.admit(principal, estimatedTokens);
+    const rateLimits = {
+      requestsPerMinute: limits?.requestsPerMinute ?? 0,
+      tokensPerMinute: Number(limits?.tokensPerMinute ?? 0n),
+    };
+    let quota: QuotaTicket;
+    try {
+      quota = tokenQuota.admit(principal, estimatedTokens);
+    } catch (e) {
+      // Its 429 says where the key's rate limits stand too, as every other answer to the key does.
+      const state = options.rateLimits?.state(principal.lineageId, rateLimits);
+      if (state) call.limitHeaders = rateLimitHeaders(state);
+      throw e;
+    }
     let ticket: RateTicket | undefined;
     let reservation: Reservation | undefined;
     try {
       // Counted per lineage, as billing counts the monthly figures: a rotated key carries on its windows.
-      ticket = options.rateLimits?.admit(
-        principal.lineageId,
-        { requestsPerMinute: limits?.requestsPerMinute ?? 0, tokensPerMinute: Number(limits?.tokensPerMinute ?? 0n) },
-        estimatedTokens,
-      );
+      ticket = options.rateLimits?.admit(principal.lineageId, rateLimits, estimatedTokens);
       if (ticket?.state) call.limitHeaders = rateLimitHeaders(ticket.state);
       reservation = await withChildSpan("gateway.reserve_budget", { "gateway.max_cost_nanos": Number(maxCost) }, () =>
         options.budget?.reserve(principal, maxCost, router.deadline(call, route) - performance.now(), call.signal),
       );
     } catch (e) {
+      // Refused by its budget (or billing, or the client left meanwhile): it reached no upstream, so it counts against
+      // no limit, and its rate limit headers say so.
       quota.settle(0n, call.startMs);
-      ticket?.settle(0);
+      const state = ticket?.release();
+      if (state) call.limitHeaders = rateLimitHeaders(state);
       throw e;
     }
     const admission: Admission = { quota, ticket, reservation };

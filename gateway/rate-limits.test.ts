@@ -136,6 +136,29 @@ describe("tokens per minute", () => {
     expect(refused(() => limiter.admit("k", both, 0)).type).toBe("requests");
   });
 
+  test("a request released (refused by its budget before it was sent) gives back its request and tokens", () => {
+    const { clock, limiter } = setup();
+    const both = { requestsPerMinute: 2, tokensPerMinute: 100 };
+    const held = limiter.admit("k", both, 90);
+    expect(held.release()).toEqual({
+      requests: { limit: 2, remaining: 2, resetMs: 0 },
+      tokens: { limit: 100, remaining: 100, resetMs: 0 },
+    });
+    // Released once: a second release or a settle changes nothing.
+    expect(held.release()).toBeUndefined();
+    held.settle(1_000);
+    limiter.admit("k", both, 90).release();
+    limiter.admit("k", both, 90);
+    clock.t += 1_000;
+    limiter.admit("k", both, 10).settle(10);
+    expect(refused(() => limiter.admit("k", both, 0)).type).toBe("requests");
+    // Requests-only keys release too.
+    const rpm = { requestsPerMinute: 1, tokensPerMinute: 0 };
+    limiter.admit("r", rpm, 0).release();
+    limiter.admit("r", rpm, 0);
+    expect(refused(() => limiter.admit("r", rpm, 0)).type).toBe("requests");
+  });
+
   test("idle keys are dropped once too many are tracked", () => {
     const { clock, limiter } = setup();
     const rpm = { requestsPerMinute: 1, tokensPerMinute: 0 };
@@ -207,6 +230,25 @@ describe("where a key stands", () => {
       "x-ratelimit-remaining-requests": "0",
       "x-ratelimit-reset-requests": "1m0s",
     });
+  });
+
+  test("a key's state can be read without counting a request, for one another limit refused first", () => {
+    const { clock, limiter } = setup();
+    const limits = { requestsPerMinute: 3, tokensPerMinute: 100 };
+    expect(limiter.state("k", limits)).toEqual({
+      requests: { limit: 3, remaining: 3, resetMs: 0 },
+      tokens: { limit: 100, remaining: 100, resetMs: 0 },
+    });
+    expect(limiter.size()).toBe(0);
+    limiter.admit("k", limits, 40);
+    clock.t += 1_000;
+    const state = {
+      requests: { limit: 3, remaining: 2, resetMs: 58_750 },
+      tokens: { limit: 100, remaining: 60, resetMs: 58_750 },
+    };
+    expect(limiter.state("k", limits)).toEqual(state);
+    expect(limiter.state("k", limits)).toEqual(state);
+    expect(limiter.state("k", { requestsPerMinute: 0, tokensPerMinute: 0 })).toBeUndefined();
   });
 
   test("durations are written as OpenAI writes them", () => {

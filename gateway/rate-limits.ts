@@ -32,16 +32,24 @@ export interface RateState {
   tokens?: LimitState;
 }
 
-/** An admitted request's hold on the window; settle it once with the tokens it really used. */
+/** An admitted request's hold on the window; settle it once with the tokens it really used, or release it. */
 export interface RateTicket {
   /** The key's limits with this request counted; undefined for a key without limits. */
   readonly state: RateState | undefined;
   settle(tokens: number): void;
+  /**
+   * Gives back the request and its tokens, for one refused by another limit before anything was sent (its budget):
+   * a key whose budget is spent is told so, rather than rate limited by its own refusals. Returns the key's limits
+   * as they stand without it.
+   */
+  release(): RateState | undefined;
 }
 
 export interface RateLimiter {
   /** Admits one request of `estimatedTokens` for `keyId`, or throws a 429 GatewayError with Retry-After. */
   admit(keyId: string, limits: KeyRateLimits, estimatedTokens: number): RateTicket;
+  /** Where the key's limits stand, counting nothing more: for a request refused before it was admitted here. */
+  state(keyId: string, limits: KeyRateLimits): RateState | undefined;
   /** Keys currently tracked. */
   size(): number;
 }
@@ -65,7 +73,7 @@ interface Window {
   lastSecond: number;
 }
 
-const noTicket: RateTicket = { state: undefined, settle() {} };
+const noTicket: RateTicket = { state: undefined, settle() {}, release: () => undefined };
 // Any positive amount: the ms until it has expired is the ms until the oldest usage leaves the window.
 const oldest = Number.MIN_VALUE;
 // The Retry-After of a TPM refusal that requests still running might make room for by ending.
@@ -135,6 +143,17 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     return { total, waitMs };
   };
 
+  /** Where a key's limits stand at `t`. */
+  const stateOf = (w: Window, rpm: number, tpm: number, t: number): RateState => {
+    const second = Math.floor(t / 1000);
+    const limit = (max: number, values: Float64Array): LimitState => ({
+      limit: max,
+      remaining: Math.max(0, max - usage(values, w, second, 0, t).total),
+      resetMs: usage(values, w, second, oldest, t).waitMs,
+    });
+    return { ...(rpm > 0 && { requests: limit(rpm, w.requests) }), ...(tpm > 0 && { tokens: limit(tpm, w.tokens) }) };
+  };
+
   return {
     admit(keyId, limits, estimatedTokens) {
       const rpm = limits.requestsPerMinute;
@@ -148,10 +167,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       const tokens = tpm > 0 ? usage(w.tokens, w, second, 0, t).total : 0;
       const running = tpm > 0 ? usage(w.running, w, second, 0, t).total : 0;
       /** The key's limits as they stand now: after this request was counted, or at its refusal. */
-      const state = (): RateState => ({
-        ...(rpm > 0 && { requests: { limit: rpm, remaining: Math.max(0, rpm - usage(w.requests, w, second, 0, t).total), resetMs: usage(w.requests, w, second, oldest, t).waitMs } }),
-        ...(tpm > 0 && { tokens: { limit: tpm, remaining: Math.max(0, tpm - usage(w.tokens, w, second, 0, t).total), resetMs: usage(w.tokens, w, second, oldest, t).waitMs } }),
-      });
+      const state = () => stateOf(w, rpm, tpm, t);
       if (rpm > 0 && requests + 1 > rpm) {
         const { waitMs } = usage(w.requests, w, second, requests + 1 - rpm, t);
         throw rateLimited(
@@ -177,13 +193,25 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       }
       add(w, second, 1, estimate, estimate);
       const admitted = state();
-      if (tpm <= 0) return { state: admitted, settle() {} };
       let settled = false;
       return {
         state: admitted,
+        release() {
+          if (settled) return undefined;
+          settled = true;
+          // Out of its admitting second's bucket, unless that has expired already.
+          const slot = second % windowSeconds;
+          if (w.seconds[slot] === second) {
+            w.requests[slot] = Math.max(0, (w.requests[slot] as number) - 1);
+            w.tokens[slot] = Math.max(0, (w.tokens[slot] as number) - estimate);
+            w.running[slot] = Math.max(0, (w.running[slot] as number) - estimate);
+          }
+          return stateOf(windows.get(keyId) ?? w, rpm, tpm, now());
+        },
         settle(used) {
           if (settled) return;
           settled = true;
+          if (tpm <= 0) return;
           // The estimate leaves its admitting second (unless that has expired already); the actual usage is known
           // now, so it counts for a minute from now.
           const slot = second % windowSeconds;
@@ -195,6 +223,16 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
           // The key's window as it is now: an idle one may have been dropped while this request ran.
           add(windowOf(keyId, current), current, 0, Math.max(0, used), 0);
         },
+      };
+    },
+    state(keyId, limits) {
+      const { requestsPerMinute: rpm, tokensPerMinute: tpm } = limits;
+      if (rpm <= 0 && tpm <= 0) return undefined;
+      const w = windows.get(keyId);
+      if (w) return stateOf(w, rpm, tpm, now());
+      return {
+        ...(rpm > 0 && { requests: { limit: rpm, remaining: rpm, resetMs: 0 } }),
+        ...(tpm > 0 && { tokens: { limit: tpm, remaining: tpm, resetMs: 0 } }),
       };
     },
     size: () => windows.size,
