@@ -181,6 +181,10 @@ describe("per-key limits", () => {
     const res = await post(key, hi("mock"));
     expect(res.status).toBe(429);
     expect(Number(res.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
+    // To the millisecond as well, which the OpenAI SDKs read before Retry-After.
+    const ms = Number(res.headers.get("retry-after-ms"));
+    expect(ms).toBeGreaterThan(Number(res.headers.get("retry-after")) * 1000 - 1000);
+    expect(ms).toBeLessThanOrEqual(Number(res.headers.get("retry-after")) * 1000);
     expect(await errorOf(res)).toMatchObject({ type: "requests", code: "rate_limit_exceeded", param: null });
     expect(mockCalls).toBe(before);
     const requestId = res.headers.get("x-request-id");

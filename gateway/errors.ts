@@ -193,9 +193,22 @@ export const requestTimeout = (limitMs: number) =>
     noRetry,
   );
 
-/** A per-key requests- or tokens-per-minute limit, in OpenAI's shape (type "requests" or "tokens"). */
-export const rateLimited = (kind: "requests" | "tokens", message: string, retryAfterS: number, headers?: Record<string, string>) =>
-  new GatewayError(429, kind, "rate_limit_exceeded", message, RequestStatus.RATE_LIMITED, null, retryAfterS, headers);
+/**
+ * A per-key requests- or tokens-per-minute limit, in OpenAI's shape (type "requests" or "tokens"). The wait goes as
+ * Retry-After in whole seconds (at least 1) and, as the OpenAI SDKs read first, `retry-after-ms`: a window that frees
+ * room in 200 ms is retried after 200 ms rather than a second.
+ */
+export const rateLimited = (kind: "requests" | "tokens", message: string, waitMs: number, headers?: Record<string, string>) =>
+  new GatewayError(
+    429,
+    kind,
+    "rate_limit_exceeded",
+    message,
+    RequestStatus.RATE_LIMITED,
+    null,
+    Math.max(1, Math.ceil(waitMs / 1000)),
+    { ...headers, "retry-after-ms": String(Math.max(1, Math.ceil(waitMs))) },
+  );
 
 /** The key's or org's budget cannot cover the request; no upstream was called (nor will soon, without a Retry-After). */
 export const insufficientQuota = (message: string, retryAfterS?: number) =>

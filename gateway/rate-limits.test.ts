@@ -30,12 +30,15 @@ describe("requests per minute", () => {
     expect([e.status, e.type, e.code]).toEqual([429, "requests", "rate_limit_exceeded"]);
     // The first request's second leaves the window 60 s after it began: 50 s from now, less the 250 ms into it.
     expect(e.retryAfterS).toBe(50);
+    expect(e.headers?.["retry-after-ms"]).toBe("49750");
     expect(e.message).toContain("limit 3");
     // Other keys have their own windows.
     limiter.admit("other", rpm, 0);
 
     clock.t += 49_000;
-    expect(refused(() => limiter.admit("k", rpm, 0)).retryAfterS).toBe(1);
+    // 750 ms to go: Retry-After rounds up to a whole second, retry-after-ms (which the OpenAI SDKs read first) does not.
+    const soon = refused(() => limiter.admit("k", rpm, 0));
+    expect([soon.retryAfterS, soon.headers?.["retry-after-ms"]]).toEqual([1, "750"]);
     clock.t += 750;
     limiter.admit("k", rpm, 0);
     expect(refused(() => limiter.admit("k", rpm, 0)).retryAfterS).toBe(10);
@@ -229,6 +232,7 @@ describe("where a key stands", () => {
       "x-ratelimit-limit-requests": "1",
       "x-ratelimit-remaining-requests": "0",
       "x-ratelimit-reset-requests": "1m0s",
+      "retry-after-ms": "59750",
     });
   });
 

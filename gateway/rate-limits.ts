@@ -173,7 +173,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         throw rateLimited(
           "requests",
           `Rate limit reached for requests per minute (RPM): limit ${rpm}, used ${requests}. Retry in ${Math.ceil(waitMs / 1000)}s.`,
-          Math.max(1, Math.ceil(waitMs / 1000)),
+          waitMs,
           rateLimitHeaders(state()),
         );
       }
@@ -187,7 +187,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         throw rateLimited(
           "tokens",
           `Rate limit reached for tokens per minute (TPM): limit ${tpm}, used ${tokens}${held}, requested ${estimate}. Retry in ${Math.ceil(waitMs / 1000)}s.`,
-          Math.max(1, Math.ceil(waitMs / 1000)),
+          waitMs,
           rateLimitHeaders(state()),
         );
       }
