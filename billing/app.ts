@@ -26,6 +26,10 @@ export interface BillingAppOptions {
   holderFloorNanos?: bigint;
   /** See BillingServiceOptions. */
   keyChangeHeartbeatMs?: number;
+  /** Leases are deleted this many days after they stopped mattering (see pruneBudgetLeases); kept when unset. */
+  leaseRetentionDays?: number;
+  /** How often old leases are looked for, the first time at start. */
+  leasePruneIntervalMs?: number;
 }
 
 /** Billing's parts wired together over one pool: what main.ts serves and what tests and benchmarks start. */
@@ -40,6 +44,28 @@ export function createBillingApp(options: BillingAppOptions) {
     createBillingMetrics(registry, { openLeases: (timeoutMs) => store.openBudgetLeases(clock(), timeoutMs) }, log);
   const { keyChangeHeartbeatMs } = options;
   const service = createBillingService({ store, auth, usage, clock, log, stopSignal, metrics, keyChangeHeartbeatMs });
+  if (options.leaseRetentionDays) pruneLeases(store, options.leaseRetentionDays, options, log);
   const readiness = pingReadiness("postgres", (timeoutMs) => store.ping(timeoutMs), log);
   return { store, service, routes: billingRoutes(service, adminToken), http: invoicePages({ store, auth, log }), readiness };
+}
+
+/** Deletes leases nothing reads again, at start and then every `leasePruneIntervalMs` until `stopSignal`. */
+function pruneLeases(
+  store: ReturnType<typeof createBillingStore>,
+  retentionDays: number,
+  options: Pick<BillingAppOptions, "clock" | "stopSignal" | "leasePruneIntervalMs">,
+  log: Logger,
+) {
+  const prune = async () => {
+    try {
+      const pruned = await store.pruneBudgetLeases(options.clock(), retentionDays);
+      if (pruned > 0) log.info("old budget leases deleted", { pruned, retention_days: retentionDays });
+    } catch (e) {
+      log.warn("old budget leases not deleted; trying again later", { err: e });
+    }
+  };
+  void prune();
+  const timer = setInterval(() => void prune(), options.leasePruneIntervalMs ?? 3_600_000);
+  timer.unref?.();
+  options.stopSignal?.addEventListener("abort", () => clearInterval(timer), { once: true });
 }

@@ -5,6 +5,7 @@ import { createCorsPolicy } from "../lib/cors.ts";
 import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
 import { createBillingApp } from "./app.ts";
+import { minLeaseRetentionDays } from "./store/budget-leases.ts";
 import { startEmbeddedPostgres } from "./store/embedded.ts";
 import { migrate } from "./store/migrate.ts";
 
@@ -17,6 +18,8 @@ const cfg = loadEnvOrExit({
   BUDGET_LEASE_GRACE_SECONDS: env.int(0, 86_400).default(600),
   /** What one gateway may hold beyond half of what is left of a budget; see budget-leases.ts. */
   BUDGET_LEASE_HOLDER_FLOOR_NANOS: env.bigint(0n).default(100_000_000n),
+  /** Days leases are kept after their period and expiry; see pruneBudgetLeases in budget-leases.ts. */
+  BUDGET_LEASE_RETENTION_DAYS: env.int(minLeaseRetentionDays, 36_500).default(400),
 });
 const runtime = createRuntime("billing", cfg);
 const { log } = runtime;
@@ -67,6 +70,7 @@ const { routes, http, readiness } = createBillingApp({
   registry: runtime.metrics.registry,
   abandonedLeaseGraceMs: cfg.BUDGET_LEASE_GRACE_SECONDS * 1000,
   holderFloorNanos: cfg.BUDGET_LEASE_HOLDER_FLOOR_NANOS,
+  leaseRetentionDays: cfg.BUDGET_LEASE_RETENTION_DAYS,
 });
 
 const server = await listenOrExit(

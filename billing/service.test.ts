@@ -590,6 +590,43 @@ test("WatchKeyChanges streams revocations to gateways", async () => {
   );
 });
 
+test("a billing app with a lease retention deletes leases of periods long over, at start and then periodically", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 1_000_000_000n });
+  const saved = now;
+  const lease = async () => {
+    const grant = await client.acquireBudgetLease(
+      { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-old", requestedNanos: 1_000n, ttlSeconds: 60 },
+      admin,
+    );
+    await client.releaseBudgetLease({ leaseId: grant.leaseId, spentNanos: 10n }, admin);
+    return grant.leaseId;
+  };
+  const kept = async (id: string) =>
+    (await db.pool.query("SELECT 1 FROM budget_leases WHERE id = $1", [id])).rows.length === 1;
+  now = new Date("2026-01-10T12:00:00Z");
+  const first = await lease();
+  now = new Date("2026-02-10T12:00:00Z");
+  const second = await lease();
+  now = new Date("2026-05-10T12:00:00Z");
+  const stopping = new AbortController();
+  const lines = logLines.length;
+  try {
+    const options = { pool: db.pool, adminToken, clock: () => now, log, stopSignal: stopping.signal };
+    createBillingApp({ ...options, leaseRetentionDays: 90, leasePruneIntervalMs: 20 });
+    // At start: January's lease is 120 days old, February's 89.
+    for (let i = 0; i < 200 && (await kept(first)); i++) await Bun.sleep(10);
+    expect(await kept(first)).toBe(false);
+    expect(await kept(second)).toBe(true);
+    expect(logLines.slice(lines).some((line) => line.includes("old budget leases deleted"))).toBe(true);
+    now = new Date("2026-05-20T12:00:00Z");
+    for (let i = 0; i < 200 && (await kept(second)); i++) await Bun.sleep(10);
+    expect(await kept(second)).toBe(false);
+  } finally {
+    stopping.abort();
+    now = saved;
+  }
+});
+
 test("WatchKeyChanges sends an empty message every heartbeat once live, so a silent stream is a stopped one", async () => {
   const beating = createBillingApp({ pool: db.pool, adminToken, clock: () => now, log, keyChangeHeartbeatMs: 40 });
   const watcher = createClient(BillingService, createRouterTransport(beating.routes));

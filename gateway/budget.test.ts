@@ -369,6 +369,45 @@ describe("budget leases", () => {
     expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 1_000n, spent: 1_100n }]);
   });
 
+  test("a reservation is drawn from few enough leases for billing to record, however fragmented they are", async () => {
+    const principal = await principalWith({ org: 10n ** 12n, key: 10n ** 12n });
+    const { keeper: k, clock } = keeper({ minLeaseNanos: 1_000n });
+    // Requests in flight, each needing a little more than is free, so each takes a lease of its own...
+    const running = [];
+    for (let i = 0; i < 30; i++) {
+      running.push(await k.reserve(principal, 1_500n + BigInt(i) * 100n, 60_000));
+      clock.t += 10;
+    }
+    // ...and every other one settles cheaply, leaving a remnant in each of many leases.
+    for (let i = 0; i < running.length; i += 2) running[i]?.settle(10n);
+    const key = k.snapshot().get(`api_key:${principal.apiKeyId}`);
+    const room = (key?.grantedNanos ?? 0n) - (key?.spentNanos ?? 0n) - (key?.reservedNanos ?? 0n);
+    expect(key?.leases).toBeGreaterThan(8);
+    // One request that needs more than four of the remnants together, and costs all of it.
+    const charges = (await k.reserve(principal, room, 60_000)).settle(room);
+    expect(charges.length).toBeLessThanOrEqual(8);
+    expect(charges.reduce((sum, c) => sum + c.nanos, 0n)).toBe(2n * room);
+    const record = {
+      requestId: "req-fragmented-leases",
+      orgId: principal.orgId,
+      apiKeyId: principal.apiKeyId,
+      model: "mock",
+      endpoint: 1,
+      costNanos: room,
+      occurTime: { seconds: BigInt(Math.floor(Date.now() / 1000)), nanos: 0 },
+      budgetCharges: charges,
+    };
+    expect((await client.recordUsage({ records: [record] }, auth)).inserted).toBe(1);
+    for (const r of running.slice(1)) r.settle(0n);
+    await k.close();
+    // No lease paid more than billing granted it, and what the leases report spent is what the requests cost.
+    for (const scopeId of [principal.apiKeyId, principal.orgId]) {
+      const leases = await leasesOf(scopeId);
+      for (const lease of leases) expect(lease.spent ?? 0n).toBeLessThanOrEqual(lease.granted);
+      expect(leases.reduce((sum, l) => sum + (l.spent ?? 0n), 0n)).toBe(room + 15n * 10n);
+    }
+  });
+
   test("leases too close to expiry for a request's time limit are not used for it", async () => {
     const principal = await principalWith({ org: 10n ** 9n });
     const { keeper: k, clock } = keeper({ leaseTtlSeconds: 120, minLeaseNanos: 10_000n, settleMarginMs: 5_000 });

@@ -21,7 +21,9 @@ import type { ChatRequest } from "./providers/provider.ts";
  * can cost (`maxChatCostNanos`) against every such budget; when it ends it settles at its actual cost
  * and the difference returns to the lease. A scope whose leases run low is topped up in the
  * background, sized by its recent spend rate; drained, idle or soon-expiring leases are released to
- * billing with what was spent from them, and every lease is released on shutdown.
+ * billing with what was spent from them, and every lease is released on shutdown. A reservation is drawn from at most
+ * four leases of each budget, so a request's usage record names at most the 8 budget charges billing takes; room spread
+ * over more leases than that is not spent by one request: it gets a lease of its own, granted by billing like any other.
  *
  * Overshoot bound: a budget's settled spend can exceed it only by the sum over requests of
  * max(0, actual cost - reserved maximum). Concurrency adds nothing: a reservation is taken from
@@ -172,6 +174,9 @@ interface Part {
 }
 
 const rateTimeConstantMs = 30_000;
+// Billing takes at most 8 budget charges in a request's usage record, for its org's and its key's budgets together: a
+// reservation is drawn from at most this many leases of each budget.
+const maxPartsPerScope = 4;
 const settled: Reservation = { settle: () => [] };
 
 export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
@@ -270,6 +275,18 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     for (const lease of scope.leases) if (lease.expiresAt >= until) sum += free(lease);
     return sum;
   };
+
+  /** Leases usable by a reservation that must settle before `until`, with room, roomiest first (oldest of equals). */
+  const roomiest = (scope: Scope, until: number) =>
+    scope.leases
+      .filter((lease) => lease.expiresAt >= until && free(lease) > 0n)
+      .sort((a, b) => (free(a) > free(b) ? -1 : free(a) < free(b) ? 1 : 0));
+
+  /** The most one reservation can take from at most `count` of the scope's leases usable until `until`. */
+  const takeable = (scope: Scope, until: number, count: number) =>
+    roomiest(scope, until)
+      .slice(0, count)
+      .reduce((sum, lease) => sum + free(lease), 0n);
 
   /** Nano-USD per second: an exponentially weighted average over about half a minute. */
   const spendRate = (scope: Scope, t: number) => {
@@ -446,15 +463,23 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     acquire(scope, () => ({ requestedNanos: leaseSize(scope, 0n), neededNanos: 0n })).catch(() => {});
   };
 
+  /** Reserves `amount` from at most `maxPartsPerScope` leases, which the caller made sure can cover it. */
   const take = (scope: Scope, amount: bigint, until: number, t: number): Part[] => {
+    // Oldest first, so older leases drain and go back to billing; roomiest first when that would take too many.
+    let order = scope.leases.filter((lease) => lease.expiresAt >= until && free(lease) > 0n);
+    let oldestFirst = 0n;
+    for (let i = 0; i < order.length && oldestFirst < amount; i++) {
+      if (i === maxPartsPerScope) {
+        order = roomiest(scope, until);
+        break;
+      }
+      oldestFirst += free(order[i] as Lease);
+    }
     const parts: Part[] = [];
     let left = amount;
-    // Oldest first, so older leases drain and go back to billing.
-    for (const lease of scope.leases) {
+    for (const lease of order) {
       if (left === 0n) break;
-      if (lease.expiresAt < until) continue;
       const room = free(lease);
-      if (room === 0n) continue;
       const part = room < left ? room : left;
       lease.reserved += part;
       lease.lastUsed = t;
@@ -522,7 +547,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         const until = t + holdMs + marginMs;
         let short: Scope | undefined;
         for (const scope of list) {
-          if (available(scope, until) < amount) {
+          // Room spread over more leases than one reservation may draw on needs a lease of its own.
+          if (takeable(scope, until, maxPartsPerScope) < amount) {
             short = scope;
             break;
           }
@@ -564,7 +590,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
             const asking = acquire(
               short,
               () => {
-                const shortfall = amount - available(short, until);
+                // Enough to cover the request together with the roomiest leases it may still draw on.
+                const shortfall = amount - takeable(short, until, maxPartsPerScope - 1);
                 return { requestedNanos: leaseSize(short, shortfall), neededNanos: shortfall > 0n ? shortfall : 0n };
               },
               true,

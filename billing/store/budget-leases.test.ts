@@ -310,3 +310,44 @@ test("a request sent twice in one batch charges its lease once", async () => {
   await store.releaseBudgetLease({ leaseId: lease.leaseId as string, spentNanos: 600n, now });
   expect(await acquire(org.id, 1000n)).toMatchObject({ grantedNanos: 400n });
 });
+
+test("leases of periods long over are deleted; grants, usage and releases go on as before", async () => {
+  const org = await newOrg(1000n);
+  const january = new Date("2026-01-10T12:00:00Z");
+  const released = (await acquire(org.id, 300n, { now: january })).leaseId as string;
+  await store.releaseBudgetLease({ leaseId: released, spentNanos: 100n, now: january });
+  const abandoned = (await acquire(org.id, 200n, { now: january, holder: "gw-dead" })).leaseId as string;
+  const april = new Date("2026-04-01T12:00:00Z");
+  const recent = (await acquire(org.id, 300n, { now: april })).leaseId as string;
+  await store.releaseBudgetLease({ leaseId: recent, spentNanos: 300n, now: april });
+  const open = (await acquire(org.id, 400n)).leaseId as string;
+  const leases = async () =>
+    (await db.pool.query<{ id: string }>("SELECT id FROM budget_leases WHERE org_id = $1", [org.id])).rows.map(
+      (r) => r.id,
+    );
+  const probe = async () => {
+    const grant = await acquire(org.id, 1000n, { holder: "gw-probe" });
+    await store.releaseBudgetLease({ leaseId: grant.leaseId as string, spentNanos: 0n, now });
+    return grant.grantedNanos;
+  };
+  const before = await probe();
+  expect(before).toBe(600n);
+
+  // Kept 90 days: January's two go, April's (its period started 75 days ago) stays.
+  expect(await store.pruneBudgetLeases(now, 90)).toBe(2);
+  expect(await leases()).not.toContain(released);
+  expect(await leases()).not.toContain(abandoned);
+  expect(await leases()).toContain(recent);
+  expect(await probe()).toBe(before);
+  // Late usage naming a deleted lease is recorded; a late release of one finds nothing to settle.
+  expect((await recordSpend(org.id, 10n, null, released)).inserted).toBe(1);
+  const late = store.releaseBudgetLease({ leaseId: abandoned, spentNanos: 50n, now });
+  expect(await late.catch((e: BillingError) => e.kind)).toBe("not_found");
+  expect(await probe()).toBe(before - 10n);
+
+  // Never less than 35 days, so the current period's leases are kept whatever is asked.
+  expect(await store.pruneBudgetLeases(now, 1)).toBe(1);
+  expect(await leases()).not.toContain(recent);
+  expect(await leases()).toContain(open);
+  expect(await probe()).toBe(before - 10n);
+});

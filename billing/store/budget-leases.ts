@@ -29,6 +29,13 @@ export interface BudgetLeaseStoreOptions {
 }
 
 export const defaultAbandonedLeaseGraceMs = 600_000;
+/**
+ * Fewest days a lease is kept after it expired and after the start of the period it settled in: a grant reads released
+ * leases settled in the current period (which started at most 31 days ago) and unreleased ones that expired less than
+ * the grace (at most a day) ago.
+ */
+export const minLeaseRetentionDays = 35;
+const pruneBatch = 5_000;
 export const defaultHolderFloorNanos = 100_000_000n;
 
 export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions = {}) {
@@ -151,6 +158,32 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
         );
         return { leaseId, grantedNanos: granted, expiresAt, remainingNanos: remaining, leasedNanos: leased };
       });
+    },
+
+    /**
+     * Deletes the leases nothing reads again: expired, and settled in a period (their own while never released) that
+     * started, more than `retentionDays` (at least `minLeaseRetentionDays`) before `now`. No grant counts them, a
+     * release naming one finds nothing to settle (its gateway stopped sending it an hour after expiry), and usage that
+     * names one is recorded all the same; invoices are made from usage alone. In batches, so no statement holds many
+     * rows locked. Returns how many went.
+     */
+    async pruneBudgetLeases(now: Date, retentionDays: number): Promise<number> {
+      const days = Math.max(retentionDays, minLeaseRetentionDays);
+      const cutoff = new Date(now.getTime() - days * 86_400_000);
+      let pruned = 0;
+      for (;;) {
+        const rows = await db.query<{ id: string }>(
+          `WITH doomed AS (
+             SELECT id FROM budget_leases
+             WHERE expires_at < $1 AND coalesce(settled_period_start, period_start) < $1
+             LIMIT ${pruneBatch} FOR UPDATE SKIP LOCKED
+           )
+           DELETE FROM budget_leases l USING doomed WHERE l.id = doomed.id RETURNING l.id`,
+          [cutoff],
+        );
+        pruned += rows.length;
+        if (rows.length < pruneBatch) return pruned;
+      }
     },
 
     /**
