@@ -279,14 +279,22 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   /** Leases usable by a reservation that must settle before `until`, with room, roomiest first (oldest of equals). */
   const roomiest = (scope: Scope, until: number) =>
     scope.leases
-      .filter((lease) => lease.expiresAt >= until && free(lease) > 0n)
+      .filter((lease) => usable(lease, until))
       .sort((a, b) => (free(a) > free(b) ? -1 : free(a) < free(b) ? 1 : 0));
 
+  /** Leases usable until `until` with room: the leases `take` draws on. */
+  const usable = (lease: Lease, until: number) => lease.expiresAt >= until && free(lease) > 0n;
+
   /** The most one reservation can take from at most `count` of the scope's leases usable until `until`. */
-  const takeable = (scope: Scope, until: number, count: number) =>
-    roomiest(scope, until)
+  const takeable = (scope: Scope, until: number, count: number) => {
+    // Usually a scope holds a lease or two: all of them count, and nothing need be sorted.
+    let usableLeases = 0;
+    for (const lease of scope.leases) if (usable(lease, until)) usableLeases++;
+    if (usableLeases <= count) return available(scope, until);
+    return roomiest(scope, until)
       .slice(0, count)
       .reduce((sum, lease) => sum + free(lease), 0n);
+  };
 
   /** Nano-USD per second: an exponentially weighted average over about half a minute. */
   const spendRate = (scope: Scope, t: number) => {
@@ -466,19 +474,20 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   /** Reserves `amount` from at most `maxPartsPerScope` leases, which the caller made sure can cover it. */
   const take = (scope: Scope, amount: bigint, until: number, t: number): Part[] => {
     // Oldest first, so older leases drain and go back to billing; roomiest first when that would take too many.
-    let order = scope.leases.filter((lease) => lease.expiresAt >= until && free(lease) > 0n);
     let oldestFirst = 0n;
-    for (let i = 0; i < order.length && oldestFirst < amount; i++) {
-      if (i === maxPartsPerScope) {
-        order = roomiest(scope, until);
-        break;
-      }
-      oldestFirst += free(order[i] as Lease);
+    let drawn = 0;
+    for (const lease of scope.leases) {
+      if (oldestFirst >= amount) break;
+      if (!usable(lease, until)) continue;
+      oldestFirst += free(lease);
+      drawn++;
     }
+    const order = drawn > maxPartsPerScope ? roomiest(scope, until) : scope.leases;
     const parts: Part[] = [];
     let left = amount;
     for (const lease of order) {
       if (left === 0n) break;
+      if (!usable(lease, until)) continue;
       const room = free(lease);
       const part = room < left ? room : left;
       lease.reserved += part;
