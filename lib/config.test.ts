@@ -207,3 +207,82 @@ test("failed trace exports are logged, once a minute, and an endpoint ending in 
   const [warning] = await run(`http://127.0.0.1:${closed}/v1/traces`);
   expect(warning).toMatchObject({ level: "warn", msg: expect.stringMatching(/^OTEL_EXPORTER_OTLP_ENDPOINT ends in \/v1\/traces/) });
 }, 60_000);
+
+/** Runs a service's runtime with `env`, ends one span and stops; returns what a collector on loopback received. */
+async function exportedWith(env: Record<string, string | undefined>) {
+  const received: Array<{ path: string; headers: Headers; resource: Record<string, string> }> = [];
+  const collector = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(req) {
+      const body = (await req.json()) as {
+        resourceSpans: { resource: { attributes: { key: string; value: { stringValue?: string } }[] } }[];
+      };
+      for (const rs of body.resourceSpans) {
+        const resource = Object.fromEntries(rs.resource.attributes.map((a) => [a.key, a.value.stringValue ?? ""]));
+        received.push({ path: new URL(req.url).pathname, headers: req.headers, resource });
+      }
+      return Response.json({});
+    },
+  });
+  const script = `
+    import { commonEnv, parseEnv } from "./lib/config.ts";
+    import { createRuntime } from "./lib/runtime.ts";
+    const runtime = createRuntime("config-test", parseEnv(commonEnv), "replica-1");
+    runtime.telemetry.tracer.startSpan("s").end();
+    await runtime.telemetry.shutdown();
+  `;
+  try {
+    const collectorUrl = `http://127.0.0.1:${collector.port}`;
+    const filled = Object.fromEntries(Object.entries(env).map(([k, v]) => [k, v?.replace("$COLLECTOR", collectorUrl)]));
+    const result = await runCommand([process.execPath, "-e", script], {
+      env: { ADMIN_TOKEN: "own-admin-token-0123456789", OTEL_EXPORTER_OTLP_ENDPOINT: undefined, ...filled },
+    });
+    return { ...result, received };
+  } finally {
+    await collector.stop(true);
+  }
+}
+
+test("OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name the service and describe it in exported spans", async () => {
+  const plain = await exportedWith({ OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR" });
+  expect(plain.received.map((r) => r.resource)).toEqual([
+    expect.objectContaining({
+      "service.name": "config-test",
+      "service.instance.id": "replica-1",
+      "telemetry.sdk.language": "nodejs",
+      "telemetry.sdk.name": "opentelemetry",
+    }),
+  ]);
+  const { received, stderr } = await exportedWith({
+    OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR",
+    OTEL_SERVICE_NAME: "gateway-eu",
+    // OTEL_SERVICE_NAME wins over a service.name here; percent-encoded characters are decoded.
+    OTEL_RESOURCE_ATTRIBUTES: "deployment.environment.name=prod, k8s.pod.name=gateway-0,service.name=x,team=a%2Cb%3Dc",
+  });
+  expect(stderr).toBe("");
+  expect(received.map((r) => r.resource)).toEqual([
+    expect.objectContaining({
+      "service.name": "gateway-eu",
+      "service.version": expect.any(String),
+      "service.instance.id": "replica-1",
+      "deployment.environment.name": "prod",
+      "k8s.pod.name": "gateway-0",
+      team: "a,b=c",
+    }),
+  ]);
+});
+
+test("an OTEL_RESOURCE_ATTRIBUTES OpenTelemetry would discard stops the service, naming the entry", () => {
+  expect(parseEnv(shape, { OTEL_RESOURCE_ATTRIBUTES: "a=1,,b=2, " }).OTEL_RESOURCE_ATTRIBUTES).toEqual({ a: "1", b: "2" });
+  for (const [value, entry] of [
+    ["a=1,b", "b"],
+    ["a=1=2", "a=1=2"],
+    ["=1", "=1"],
+    ["a=%E0%A4%A", "a=%E0%A4%A"],
+  ]) {
+    expect(() => parseEnv(shape, { OTEL_RESOURCE_ATTRIBUTES: value })).toThrow(
+      `OTEL_RESOURCE_ATTRIBUTES ("${value}"): "${entry}" is not key=value`,
+    );
+  }
+});

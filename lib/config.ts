@@ -71,6 +71,31 @@ function isOrigin(value: string): boolean {
   }
 }
 
+/**
+ * OTEL_RESOURCE_ATTRIBUTES as OpenTelemetry SDKs read it: comma-separated key=value pairs, with `,` and `=` in a key or
+ * value percent-encoded (and any other character may be). A value the SDKs would discard whole is refused here.
+ */
+const resourceAttributes = z.string().transform((value, ctx) => {
+  const attributes: Record<string, string> = {};
+  for (const entry of value.split(",").filter((e) => e.trim() !== "")) {
+    const pair = entry.split("=");
+    let key = "";
+    let decoded = "";
+    try {
+      key = decodeURIComponent(pair[0]?.trim() ?? "");
+      decoded = decodeURIComponent(pair[1]?.trim() ?? "");
+    } catch {
+      key = "";
+    }
+    if (pair.length !== 2 || key === "") {
+      ctx.addIssue({ code: "custom", message: `"${entry}" is not key=value (percent-encode a , or = in either)` });
+      return z.NEVER;
+    }
+    attributes[key] = decoded;
+  }
+  return attributes;
+});
+
 /** OTEL_TRACES_SAMPLER's values as OpenTelemetry SDKs read them (the ones built in). */
 export const samplerNames = [
   "always_on",
@@ -99,6 +124,10 @@ export const commonEnv = {
       .default(defaultAdminToken),
   ),
   OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
+  /** service.name of exported spans, in place of the service's own name. */
+  OTEL_SERVICE_NAME: z.string().trim().optional(),
+  /** More attributes of the resource of exported spans (deployment.environment.name=prod,k8s.pod.name=...). */
+  OTEL_RESOURCE_ATTRIBUTES: resourceAttributes.optional(),
   /**
    * OpenTelemetry's sampler names: parentbased_* follow a caller's sampling decision (its traceparent), the others
    * decide alone; *traceidratio samples OTEL_TRACES_SAMPLER_ARG of the traces they decide.

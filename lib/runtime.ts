@@ -10,6 +10,8 @@ export interface RuntimeConfig {
   ADMIN_TOKEN: string;
   LOG_LEVEL: LogLevel;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string | undefined;
+  OTEL_SERVICE_NAME?: string | undefined;
+  OTEL_RESOURCE_ATTRIBUTES?: Record<string, string> | undefined;
   OTEL_TRACES_SAMPLER: SamplerName;
   OTEL_TRACES_SAMPLER_ARG: number;
 }
@@ -32,6 +34,8 @@ export function createRuntime(service: string, config: RuntimeConfig, instanceId
     service,
     version: pkg.version,
     instanceId,
+    serviceName: config.OTEL_SERVICE_NAME,
+    resourceAttributes: config.OTEL_RESOURCE_ATTRIBUTES,
     otlpEndpoint: config.OTEL_EXPORTER_OTLP_ENDPOINT,
     sampler: config.OTEL_TRACES_SAMPLER,
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,

@@ -15,7 +15,7 @@ import {
 import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks";
 import { W3CTraceContextPropagator } from "@opentelemetry/core";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
-import { resourceFromAttributes } from "@opentelemetry/resources";
+import { defaultResource, resourceFromAttributes } from "@opentelemetry/resources";
 import {
   AlwaysOffSampler,
   AlwaysOnSampler,
@@ -39,6 +39,10 @@ export interface TelemetryOptions {
   version: string;
   /** This process among the service's replicas (`service.instance.id`). */
   instanceId?: string;
+  /** OTEL_SERVICE_NAME: the spans' service.name in place of `service`. */
+  serviceName?: string | undefined;
+  /** OTEL_RESOURCE_ATTRIBUTES: added to the spans' resource, over `version` and `instanceId` (not over serviceName). */
+  resourceAttributes?: Record<string, string> | undefined;
   /** OTLP/HTTP base endpoint, e.g. http://collector:4318; traces go to <endpoint>/v1/traces. */
   otlpEndpoint?: string;
   /** OTEL_TRACES_SAMPLER (default parentbased_traceidratio). */
@@ -75,12 +79,17 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
   }
   if (options.exporter) processors.push(new SimpleSpanProcessor({ exporter: options.exporter }));
   const provider = new TracerProvider({
-    resource: resourceFromAttributes({
-      [ATTR_SERVICE_NAME]: options.service,
-      [ATTR_SERVICE_VERSION]: options.version,
-      // Still incubating in the conventions, so not in their stable entry point.
-      ...(options.instanceId && { "service.instance.id": options.instanceId }),
-    }),
+    // The SDK's telemetry.sdk.* attributes, then the service's own, then the operator's, as OpenTelemetry SDKs merge them.
+    resource: defaultResource().merge(
+      resourceFromAttributes({
+        [ATTR_SERVICE_NAME]: options.service,
+        [ATTR_SERVICE_VERSION]: options.version,
+        // Still incubating in the conventions, so not in their stable entry point.
+        ...(options.instanceId && { "service.instance.id": options.instanceId }),
+        ...options.resourceAttributes,
+        ...(options.serviceName && { [ATTR_SERVICE_NAME]: options.serviceName }),
+      }),
+    ),
     // With nowhere to export, record nothing: spans still carry context (ids in logs, traceparent onward).
     sampler:
       processors.length === 0
