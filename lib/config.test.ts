@@ -286,3 +286,16 @@ test("an OTEL_RESOURCE_ATTRIBUTES OpenTelemetry would discard stops the service,
     );
   }
 });
+
+test("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is where traces go, as it is, alone or over OTEL_EXPORTER_OTLP_ENDPOINT", async () => {
+  const alone = await exportedWith({ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: "$COLLECTOR/otlp/traces" });
+  expect(alone.received.map((r) => r.path)).toEqual(["/otlp/traces"]);
+  const both = await exportedWith({
+    OTEL_EXPORTER_OTLP_ENDPOINT: `http://127.0.0.1:${await freePort()}/v1/traces`,
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: "$COLLECTOR/v1/traces",
+    OTEL_EXPORTER_OTLP_HEADERS: "x-collector-token=t0k3n",
+  });
+  expect(both.received.map((r) => [r.path, r.headers.get("x-collector-token")])).toEqual([["/v1/traces", "t0k3n"]]);
+  // The endpoint ending in /v1/traces is not the one used, so nothing is warned of; no export failed.
+  expect(both.stdout).toBe("");
+});

@@ -124,6 +124,8 @@ export const commonEnv = {
       .default(defaultAdminToken),
   ),
   OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
+  /** The full URL traces are posted to, as is (no /v1/traces appended), over OTEL_EXPORTER_OTLP_ENDPOINT. */
+  OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: httpUrl.optional(),
   /** service.name of exported spans, in place of the service's own name. */
   OTEL_SERVICE_NAME: z.string().trim().optional(),
   /** More attributes of the resource of exported spans (deployment.environment.name=prod,k8s.pod.name=...). */

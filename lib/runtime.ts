@@ -10,6 +10,7 @@ export interface RuntimeConfig {
   ADMIN_TOKEN: string;
   LOG_LEVEL: LogLevel;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string | undefined;
+  OTEL_EXPORTER_OTLP_TRACES_ENDPOINT?: string | undefined;
   OTEL_SERVICE_NAME?: string | undefined;
   OTEL_RESOURCE_ATTRIBUTES?: Record<string, string> | undefined;
   OTEL_TRACES_SAMPLER: SamplerName;
@@ -37,11 +38,15 @@ export function createRuntime(service: string, config: RuntimeConfig, instanceId
     serviceName: config.OTEL_SERVICE_NAME,
     resourceAttributes: config.OTEL_RESOURCE_ATTRIBUTES,
     otlpEndpoint: config.OTEL_EXPORTER_OTLP_ENDPOINT,
+    otlpTracesEndpoint: config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
     sampler: config.OTEL_TRACES_SAMPLER,
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,
     log,
   });
-  if (config.OTEL_EXPORTER_OTLP_ENDPOINT && /\/v1\/traces\/?$/.test(new URL(config.OTEL_EXPORTER_OTLP_ENDPOINT).pathname)) {
+  if (
+    config.OTEL_EXPORTER_OTLP_ENDPOINT &&
+    !config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT &&
+    /\/v1\/traces\/?$/.test(new URL(config.OTEL_EXPORTER_OTLP_ENDPOINT).pathname)) {
     log.warn("OTEL_EXPORTER_OTLP_ENDPOINT ends in /v1/traces, which is appended to it: traces go to .../v1/traces/v1/traces");
   }
   if (config.ADMIN_TOKEN === defaultAdminToken) {

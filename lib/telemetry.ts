@@ -44,7 +44,9 @@ export interface TelemetryOptions {
   /** OTEL_RESOURCE_ATTRIBUTES: added to the spans' resource, over `version` and `instanceId` (not over serviceName). */
   resourceAttributes?: Record<string, string> | undefined;
   /** OTLP/HTTP base endpoint, e.g. http://collector:4318; traces go to <endpoint>/v1/traces. */
-  otlpEndpoint?: string;
+  otlpEndpoint?: string | undefined;
+  /** OTLP/HTTP traces endpoint, used as it is, over otlpEndpoint (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT). */
+  otlpTracesEndpoint?: string | undefined;
   /** OTEL_TRACES_SAMPLER (default parentbased_traceidratio). */
   sampler?: SamplerName;
   /** Fraction of traces the traceidratio samplers sample, 0..1 (default 1). */
@@ -73,13 +75,14 @@ let installed = false;
 export function setupTelemetry(options: TelemetryOptions): Telemetry {
   if (options.log) logDiagnostics(options.log);
   const processors: SpanProcessor[] = [];
-  if (options.otlpEndpoint) {
-    const url = `${options.otlpEndpoint.replace(/\/$/, "")}/v1/traces`;
+  const base = options.otlpEndpoint?.replace(/\/$/, "");
+  const url = options.otlpTracesEndpoint ?? (base && `${base}/v1/traces`);
+  if (url) {
     processors.push(new BatchSpanProcessor({ exporter: new OTLPTraceExporter({ url }), scheduledDelayMillis: 500 }));
   }
   if (options.exporter) processors.push(new SimpleSpanProcessor({ exporter: options.exporter }));
   const provider = new TracerProvider({
-    // The SDK's telemetry.sdk.* attributes, then the service's own, then the operator's, as OpenTelemetry SDKs merge them.
+    // The SDK's telemetry.sdk.* attributes, the service's own, then the operator's, as OpenTelemetry SDKs merge them.
     resource: defaultResource().merge(
       resourceFromAttributes({
         [ATTR_SERVICE_NAME]: options.service,
