@@ -299,3 +299,14 @@ test("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is where traces go, as it is, alone or 
   // The endpoint ending in /v1/traces is not the one used, so nothing is warned of; no export failed.
   expect(both.stdout).toBe("");
 });
+
+test("OTEL_SDK_DISABLED=true exports nothing, whatever endpoint is set; only true or false is taken", async () => {
+  const endpoints = {
+    OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR",
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: "$COLLECTOR/v1/traces",
+  };
+  expect((await exportedWith({ ...endpoints, OTEL_SDK_DISABLED: "TRUE" })).received).toEqual([]);
+  expect((await exportedWith({ ...endpoints, OTEL_SDK_DISABLED: "false" })).received).toHaveLength(1);
+  expect(parseEnv(shape, {}).OTEL_SDK_DISABLED).toBeUndefined();
+  expect(() => parseEnv(shape, { OTEL_SDK_DISABLED: "1" })).toThrow('OTEL_SDK_DISABLED ("1"): must be true or false');
+});

@@ -126,6 +126,14 @@ export const commonEnv = {
   OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
   /** The full URL traces are posted to, as is (no /v1/traces appended), over OTEL_EXPORTER_OTLP_ENDPOINT. */
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: httpUrl.optional(),
+  /** `true` turns tracing off whatever else is set, as in every OpenTelemetry SDK: no span is recorded or exported. */
+  OTEL_SDK_DISABLED: z
+    .string()
+    .trim()
+    .toLowerCase()
+    .refine((s) => s === "true" || s === "false", "must be true or false")
+    .transform((s) => s === "true")
+    .optional(),
   /** service.name of exported spans, in place of the service's own name. */
   OTEL_SERVICE_NAME: z.string().trim().optional(),
   /** More attributes of the resource of exported spans (deployment.environment.name=prod,k8s.pod.name=...). */

@@ -9,6 +9,7 @@ import { setupTelemetry, type Telemetry } from "./telemetry.ts";
 export interface RuntimeConfig {
   ADMIN_TOKEN: string;
   LOG_LEVEL: LogLevel;
+  OTEL_SDK_DISABLED?: boolean | undefined;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string | undefined;
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT?: string | undefined;
   OTEL_SERVICE_NAME?: string | undefined;
@@ -37,16 +38,17 @@ export function createRuntime(service: string, config: RuntimeConfig, instanceId
     instanceId,
     serviceName: config.OTEL_SERVICE_NAME,
     resourceAttributes: config.OTEL_RESOURCE_ATTRIBUTES,
-    otlpEndpoint: config.OTEL_EXPORTER_OTLP_ENDPOINT,
-    otlpTracesEndpoint: config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+    // Disabled, nowhere to export: spans are not recorded, though trace context still goes onward.
+    otlpEndpoint: config.OTEL_SDK_DISABLED ? undefined : config.OTEL_EXPORTER_OTLP_ENDPOINT,
+    otlpTracesEndpoint: config.OTEL_SDK_DISABLED ? undefined : config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
     sampler: config.OTEL_TRACES_SAMPLER,
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,
     log,
   });
-  if (
-    config.OTEL_EXPORTER_OTLP_ENDPOINT &&
-    !config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT &&
-    /\/v1\/traces\/?$/.test(new URL(config.OTEL_EXPORTER_OTLP_ENDPOINT).pathname)) {
+  // The general endpoint, where traces go to it.
+  const exported = !config.OTEL_SDK_DISABLED && !config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;
+  const endpoint = exported ? config.OTEL_EXPORTER_OTLP_ENDPOINT : undefined;
+  if (endpoint && /\/v1\/traces\/?$/.test(new URL(endpoint).pathname)) {
     log.warn("OTEL_EXPORTER_OTLP_ENDPOINT ends in /v1/traces, which is appended to it: traces go to .../v1/traces/v1/traces");
   }
   if (config.ADMIN_TOKEN === defaultAdminToken) {
