@@ -208,19 +208,23 @@ test("failed trace exports are logged, once a minute, and an endpoint ending in 
   expect(warning).toMatchObject({ level: "warn", msg: expect.stringMatching(/^OTEL_EXPORTER_OTLP_ENDPOINT ends in \/v1\/traces/) });
 }, 60_000);
 
-/** Runs a service's runtime with `env`, ends one span and stops; returns what a collector on loopback received. */
-async function exportedWith(env: Record<string, string | undefined>) {
-  const received: Array<{ path: string; headers: Headers; resource: Record<string, string> }> = [];
+/** Runs a service's runtime with `env`, ends `spans` spans at once and stops; returns what a collector on loopback received. */
+async function exportedWith(env: Record<string, string | undefined>, spans = 1) {
+  const received: Array<{ path: string; headers: Headers; resource: Record<string, string>; spans: number }> = [];
   const collector = Bun.serve({
     hostname: "127.0.0.1",
     port: 0,
     async fetch(req) {
       const body = (await req.json()) as {
-        resourceSpans: { resource: { attributes: { key: string; value: { stringValue?: string } }[] } }[];
+        resourceSpans: {
+          resource: { attributes: { key: string; value: { stringValue?: string } }[] };
+          scopeSpans: { spans: unknown[] }[];
+        }[];
       };
       for (const rs of body.resourceSpans) {
         const resource = Object.fromEntries(rs.resource.attributes.map((a) => [a.key, a.value.stringValue ?? ""]));
-        received.push({ path: new URL(req.url).pathname, headers: req.headers, resource });
+        const spans = rs.scopeSpans.reduce((n, ss) => n + ss.spans.length, 0);
+        received.push({ path: new URL(req.url).pathname, headers: req.headers, resource, spans });
       }
       return Response.json({});
     },
@@ -229,7 +233,7 @@ async function exportedWith(env: Record<string, string | undefined>) {
     import { commonEnv, parseEnv } from "./lib/config.ts";
     import { createRuntime } from "./lib/runtime.ts";
     const runtime = createRuntime("config-test", parseEnv(commonEnv), "replica-1");
-    runtime.telemetry.tracer.startSpan("s").end();
+    for (let i = 0; i < ${spans}; i++) runtime.telemetry.tracer.startSpan("s").end();
     await runtime.telemetry.shutdown();
   `;
   try {
@@ -309,4 +313,20 @@ test("OTEL_SDK_DISABLED=true exports nothing, whatever endpoint is set; only tru
   expect((await exportedWith({ ...endpoints, OTEL_SDK_DISABLED: "false" })).received).toHaveLength(1);
   expect(parseEnv(shape, {}).OTEL_SDK_DISABLED).toBeUndefined();
   expect(() => parseEnv(shape, { OTEL_SDK_DISABLED: "1" })).toThrow('OTEL_SDK_DISABLED ("1"): must be true or false');
+});
+
+test("OTEL_BSP_* size and pace the batches spans are exported in", async () => {
+  const endpoint = { OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR" };
+  // Batches in any order: shutdown exports them all at once.
+  const batches = async (env: Record<string, string>) =>
+    (await exportedWith({ ...endpoint, ...env }, 5)).received.map((r) => r.spans).sort();
+  expect(await batches({})).toEqual([5]);
+  expect(await batches({ OTEL_BSP_MAX_EXPORT_BATCH_SIZE: "2" })).toEqual([1, 2, 2]);
+  // A batch is at most the queue: one of 3 goes as soon as it is full.
+  expect(await batches({ OTEL_BSP_MAX_QUEUE_SIZE: "3" })).toEqual([2, 3]);
+  expect(parseEnv(shape, { OTEL_BSP_SCHEDULE_DELAY: "5000", OTEL_BSP_EXPORT_TIMEOUT: "10000" })).toMatchObject({
+    OTEL_BSP_SCHEDULE_DELAY: 5000,
+    OTEL_BSP_EXPORT_TIMEOUT: 10000,
+  });
+  expect(() => parseEnv(shape, { OTEL_BSP_MAX_QUEUE_SIZE: "0" })).toThrow("OTEL_BSP_MAX_QUEUE_SIZE");
 });

@@ -126,6 +126,14 @@ export const commonEnv = {
   OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
   /** The full URL traces are posted to, as is (no /v1/traces appended), over OTEL_EXPORTER_OTLP_ENDPOINT. */
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: httpUrl.optional(),
+  /** The batch span processor's, as OpenTelemetry names them: ms between exports (500 here, 5000 in the SDKs)... */
+  OTEL_BSP_SCHEDULE_DELAY: int(0, 600_000).default(500),
+  /** ...ms an export may take... */
+  OTEL_BSP_EXPORT_TIMEOUT: int(1, 600_000).default(30_000),
+  /** ...spans waiting to be exported, past which more are dropped... */
+  OTEL_BSP_MAX_QUEUE_SIZE: int(1, 10_000_000).default(2048),
+  /** ...and spans in one export (at most the queue's size). */
+  OTEL_BSP_MAX_EXPORT_BATCH_SIZE: int(1, 10_000_000).default(512),
   /** `true` turns tracing off whatever else is set, as in every OpenTelemetry SDK: no span is recorded or exported. */
   OTEL_SDK_DISABLED: z
     .string()

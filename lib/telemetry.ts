@@ -47,6 +47,13 @@ export interface TelemetryOptions {
   otlpEndpoint?: string | undefined;
   /** OTLP/HTTP traces endpoint, used as it is, over otlpEndpoint (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT). */
   otlpTracesEndpoint?: string | undefined;
+  /** OTEL_BSP_*: how spans are batched for the OTLP exporter (SDK defaults, but 500 ms between exports). */
+  batch?: {
+    scheduledDelayMillis?: number | undefined;
+    exportTimeoutMillis?: number | undefined;
+    maxQueueSize?: number | undefined;
+    maxExportBatchSize?: number | undefined;
+  };
   /** OTEL_TRACES_SAMPLER (default parentbased_traceidratio). */
   sampler?: SamplerName;
   /** Fraction of traces the traceidratio samplers sample, 0..1 (default 1). */
@@ -78,7 +85,16 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
   const base = options.otlpEndpoint?.replace(/\/$/, "");
   const url = options.otlpTracesEndpoint ?? (base && `${base}/v1/traces`);
   if (url) {
-    processors.push(new BatchSpanProcessor({ exporter: new OTLPTraceExporter({ url }), scheduledDelayMillis: 500 }));
+    const { scheduledDelayMillis = 500, exportTimeoutMillis, maxQueueSize, maxExportBatchSize } = options.batch ?? {};
+    processors.push(
+      new BatchSpanProcessor({
+        exporter: new OTLPTraceExporter({ url }),
+        scheduledDelayMillis,
+        ...(exportTimeoutMillis !== undefined && { exportTimeoutMillis }),
+        ...(maxQueueSize !== undefined && { maxQueueSize }),
+        ...(maxExportBatchSize !== undefined && { maxExportBatchSize }),
+      }),
+    );
   }
   if (options.exporter) processors.push(new SimpleSpanProcessor({ exporter: options.exporter }));
   const provider = new TracerProvider({
