@@ -330,3 +330,19 @@ test("OTEL_BSP_* size and pace the batches spans are exported in", async () => {
   });
   expect(() => parseEnv(shape, { OTEL_BSP_MAX_QUEUE_SIZE: "0" })).toThrow("OTEL_BSP_MAX_QUEUE_SIZE");
 });
+
+test("OTEL_EXPORTER_OTLP_PROTOCOL=grpc is warned of at start, traces going as OTLP/HTTP; unknown protocols stop it", async () => {
+  const endpoint = { OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR" };
+  for (const variable of ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]) {
+    const { stdout } = await exportedWith({ ...endpoint, [variable]: "grpc" });
+    expect(stdout.trim().split("\n").map((l) => JSON.parse(l))).toEqual([
+      expect.objectContaining({ level: "warn", msg: expect.stringMatching(new RegExp(`^${variable} is grpc.*4318`)) }),
+    ]);
+  }
+  for (const protocol of ["http/protobuf", "http/json"]) {
+    const { stdout, received } = await exportedWith({ ...endpoint, OTEL_EXPORTER_OTLP_PROTOCOL: protocol });
+    expect(stdout).toBe("");
+    expect(received).toHaveLength(1);
+  }
+  expect(() => parseEnv(shape, { OTEL_EXPORTER_OTLP_PROTOCOL: "http" })).toThrow('OTEL_EXPORTER_OTLP_PROTOCOL ("http")');
+});

@@ -107,6 +107,9 @@ export const samplerNames = [
 ] as const;
 export type SamplerName = (typeof samplerNames)[number];
 
+/** OTEL_EXPORTER_OTLP_PROTOCOL's values. */
+const otlpProtocols = ["grpc", "http/protobuf", "http/json"] as const;
+
 /** The admin token when ADMIN_TOKEN is unset: published in this repository, so fit only for a developer's machine. */
 export const defaultAdminToken = "dev-admin-token-change-me";
 
@@ -126,6 +129,12 @@ export const commonEnv = {
   OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
   /** The full URL traces are posted to, as is (no /v1/traces appended), over OTEL_EXPORTER_OTLP_ENDPOINT. */
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: httpUrl.optional(),
+  /**
+   * The OTLP transport asked for. Traces go as OTLP/HTTP (JSON, which collectors take beside protobuf); `grpc` is
+   * warned of at start, its endpoint (4317) being the collector's gRPC port, which no export reaches.
+   */
+  OTEL_EXPORTER_OTLP_PROTOCOL: z.enum(otlpProtocols).optional(),
+  OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: z.enum(otlpProtocols).optional(),
   /** The batch span processor's, as OpenTelemetry names them: ms between exports (500 here, 5000 in the SDKs)... */
   OTEL_BSP_SCHEDULE_DELAY: int(0, 600_000).default(500),
   /** ...ms an export may take... */

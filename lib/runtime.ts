@@ -10,6 +10,8 @@ export interface RuntimeConfig {
   ADMIN_TOKEN: string;
   LOG_LEVEL: LogLevel;
   OTEL_SDK_DISABLED?: boolean | undefined;
+  OTEL_EXPORTER_OTLP_PROTOCOL?: string | undefined;
+  OTEL_EXPORTER_OTLP_TRACES_PROTOCOL?: string | undefined;
   OTEL_BSP_SCHEDULE_DELAY?: number | undefined;
   OTEL_BSP_EXPORT_TIMEOUT?: number | undefined;
   OTEL_BSP_MAX_QUEUE_SIZE?: number | undefined;
@@ -60,6 +62,15 @@ export function createRuntime(service: string, config: RuntimeConfig, instanceId
   const endpoint = exported ? config.OTEL_EXPORTER_OTLP_ENDPOINT : undefined;
   if (endpoint && /\/v1\/traces\/?$/.test(new URL(endpoint).pathname)) {
     log.warn("OTEL_EXPORTER_OTLP_ENDPOINT ends in /v1/traces, which is appended to it: traces go to .../v1/traces/v1/traces");
+  }
+  const protocolVariable = config.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL
+    ? "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    : "OTEL_EXPORTER_OTLP_PROTOCOL";
+  if (!config.OTEL_SDK_DISABLED && config[protocolVariable] === "grpc") {
+    log.warn(
+      `${protocolVariable} is grpc, which this service does not send: its traces go as OTLP/HTTP, so point the ` +
+        "endpoint at the collector's OTLP/HTTP port (4318), not its gRPC port (4317), where every export fails",
+    );
   }
   if (config.ADMIN_TOKEN === defaultAdminToken) {
     log.warn(
