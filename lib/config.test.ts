@@ -207,3 +207,142 @@ test("failed trace exports are logged, once a minute, and an endpoint ending in 
   const [warning] = await run(`http://127.0.0.1:${closed}/v1/traces`);
   expect(warning).toMatchObject({ level: "warn", msg: expect.stringMatching(/^OTEL_EXPORTER_OTLP_ENDPOINT ends in \/v1\/traces/) });
 }, 60_000);
+
+/** Runs a service's runtime with `env`, ends `spans` spans at once and stops; returns what a collector on loopback received. */
+async function exportedWith(env: Record<string, string | undefined>, spans = 1) {
+  const received: Array<{ path: string; headers: Headers; resource: Record<string, string>; spans: number }> = [];
+  const collector = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(req) {
+      const body = (await req.json()) as {
+        resourceSpans: {
+          resource: { attributes: { key: string; value: { stringValue?: string } }[] };
+          scopeSpans: { spans: unknown[] }[];
+        }[];
+      };
+      for (const rs of body.resourceSpans) {
+        const resource = Object.fromEntries(rs.resource.attributes.map((a) => [a.key, a.value.stringValue ?? ""]));
+        const spans = rs.scopeSpans.reduce((n, ss) => n + ss.spans.length, 0);
+        received.push({ path: new URL(req.url).pathname, headers: req.headers, resource, spans });
+      }
+      return Response.json({});
+    },
+  });
+  const script = `
+    import { commonEnv, parseEnv } from "./lib/config.ts";
+    import { createRuntime } from "./lib/runtime.ts";
+    const runtime = createRuntime("config-test", parseEnv(commonEnv), "replica-1");
+    for (let i = 0; i < ${spans}; i++) runtime.telemetry.tracer.startSpan("s").end();
+    await runtime.telemetry.shutdown();
+  `;
+  try {
+    const collectorUrl = `http://127.0.0.1:${collector.port}`;
+    const filled = Object.fromEntries(Object.entries(env).map(([k, v]) => [k, v?.replace("$COLLECTOR", collectorUrl)]));
+    const result = await runCommand([process.execPath, "-e", script], {
+      env: { ADMIN_TOKEN: "own-admin-token-0123456789", OTEL_EXPORTER_OTLP_ENDPOINT: undefined, ...filled },
+    });
+    return { ...result, received };
+  } finally {
+    await collector.stop(true);
+  }
+}
+
+test("OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name the service and describe it in exported spans", async () => {
+  const plain = await exportedWith({ OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR" });
+  expect(plain.received.map((r) => r.resource)).toEqual([
+    expect.objectContaining({
+      "service.name": "config-test",
+      "service.instance.id": "replica-1",
+      "telemetry.sdk.language": "nodejs",
+      "telemetry.sdk.name": "opentelemetry",
+    }),
+  ]);
+  const { received, stderr } = await exportedWith({
+    OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR",
+    OTEL_SERVICE_NAME: "gateway-eu",
+    // OTEL_SERVICE_NAME wins over a service.name here; percent-encoded characters are decoded.
+    OTEL_RESOURCE_ATTRIBUTES: "deployment.environment.name=prod, k8s.pod.name=gateway-0,service.name=x,team=a%2Cb%3Dc",
+  });
+  expect(stderr).toBe("");
+  expect(received.map((r) => r.resource)).toEqual([
+    expect.objectContaining({
+      "service.name": "gateway-eu",
+      "service.version": expect.any(String),
+      "service.instance.id": "replica-1",
+      "deployment.environment.name": "prod",
+      "k8s.pod.name": "gateway-0",
+      team: "a,b=c",
+    }),
+  ]);
+});
+
+test("an OTEL_RESOURCE_ATTRIBUTES OpenTelemetry would discard stops the service, naming the entry", () => {
+  expect(parseEnv(shape, { OTEL_RESOURCE_ATTRIBUTES: "a=1,,b=2, " }).OTEL_RESOURCE_ATTRIBUTES).toEqual({ a: "1", b: "2" });
+  for (const [value, entry] of [
+    ["a=1,b", "b"],
+    ["a=1=2", "a=1=2"],
+    ["=1", "=1"],
+    ["a=%E0%A4%A", "a=%E0%A4%A"],
+  ]) {
+    expect(() => parseEnv(shape, { OTEL_RESOURCE_ATTRIBUTES: value })).toThrow(
+      `OTEL_RESOURCE_ATTRIBUTES ("${value}"): "${entry}" is not key=value`,
+    );
+  }
+});
+
+test("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is where traces go, as it is, alone or over OTEL_EXPORTER_OTLP_ENDPOINT", async () => {
+  const alone = await exportedWith({ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: "$COLLECTOR/otlp/traces" });
+  expect(alone.received.map((r) => r.path)).toEqual(["/otlp/traces"]);
+  const both = await exportedWith({
+    OTEL_EXPORTER_OTLP_ENDPOINT: `http://127.0.0.1:${await freePort()}/v1/traces`,
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: "$COLLECTOR/v1/traces",
+    OTEL_EXPORTER_OTLP_HEADERS: "x-collector-token=t0k3n",
+  });
+  expect(both.received.map((r) => [r.path, r.headers.get("x-collector-token")])).toEqual([["/v1/traces", "t0k3n"]]);
+  // The endpoint ending in /v1/traces is not the one used, so nothing is warned of; no export failed.
+  expect(both.stdout).toBe("");
+});
+
+test("OTEL_SDK_DISABLED=true exports nothing, whatever endpoint is set; only true or false is taken", async () => {
+  const endpoints = {
+    OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR",
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: "$COLLECTOR/v1/traces",
+  };
+  expect((await exportedWith({ ...endpoints, OTEL_SDK_DISABLED: "TRUE" })).received).toEqual([]);
+  expect((await exportedWith({ ...endpoints, OTEL_SDK_DISABLED: "false" })).received).toHaveLength(1);
+  expect(parseEnv(shape, {}).OTEL_SDK_DISABLED).toBeUndefined();
+  expect(() => parseEnv(shape, { OTEL_SDK_DISABLED: "1" })).toThrow('OTEL_SDK_DISABLED ("1"): must be true or false');
+});
+
+test("OTEL_BSP_* size and pace the batches spans are exported in", async () => {
+  const endpoint = { OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR" };
+  // Batches in any order: shutdown exports them all at once.
+  const batches = async (env: Record<string, string>) =>
+    (await exportedWith({ ...endpoint, ...env }, 5)).received.map((r) => r.spans).sort();
+  expect(await batches({})).toEqual([5]);
+  expect(await batches({ OTEL_BSP_MAX_EXPORT_BATCH_SIZE: "2" })).toEqual([1, 2, 2]);
+  // A batch is at most the queue: one of 3 goes as soon as it is full.
+  expect(await batches({ OTEL_BSP_MAX_QUEUE_SIZE: "3" })).toEqual([2, 3]);
+  expect(parseEnv(shape, { OTEL_BSP_SCHEDULE_DELAY: "5000", OTEL_BSP_EXPORT_TIMEOUT: "10000" })).toMatchObject({
+    OTEL_BSP_SCHEDULE_DELAY: 5000,
+    OTEL_BSP_EXPORT_TIMEOUT: 10000,
+  });
+  expect(() => parseEnv(shape, { OTEL_BSP_MAX_QUEUE_SIZE: "0" })).toThrow("OTEL_BSP_MAX_QUEUE_SIZE");
+});
+
+test("OTEL_EXPORTER_OTLP_PROTOCOL=grpc is warned of at start, traces going as OTLP/HTTP; unknown protocols stop it", async () => {
+  const endpoint = { OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR" };
+  for (const variable of ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]) {
+    const { stdout } = await exportedWith({ ...endpoint, [variable]: "grpc" });
+    expect(stdout.trim().split("\n").map((l) => JSON.parse(l))).toEqual([
+      expect.objectContaining({ level: "warn", msg: expect.stringMatching(new RegExp(`^${variable} is grpc.*4318`)) }),
+    ]);
+  }
+  for (const protocol of ["http/protobuf", "http/json"]) {
+    const { stdout, received } = await exportedWith({ ...endpoint, OTEL_EXPORTER_OTLP_PROTOCOL: protocol });
+    expect(stdout).toBe("");
+    expect(received).toHaveLength(1);
+  }
+  expect(() => parseEnv(shape, { OTEL_EXPORTER_OTLP_PROTOCOL: "http" })).toThrow('OTEL_EXPORTER_OTLP_PROTOCOL ("http")');
+});

@@ -71,6 +71,31 @@ function isOrigin(value: string): boolean {
   }
 }
 
+/**
+ * OTEL_RESOURCE_ATTRIBUTES as OpenTelemetry SDKs read it: comma-separated key=value pairs, with `,` and `=` in a key or
+ * value percent-encoded (and any other character may be). A value the SDKs would discard whole is refused here.
+ */
+const resourceAttributes = z.string().transform((value, ctx) => {
+  const attributes: Record<string, string> = {};
+  for (const entry of value.split(",").filter((e) => e.trim() !== "")) {
+    const pair = entry.split("=");
+    let key = "";
+    let decoded = "";
+    try {
+      key = decodeURIComponent(pair[0]?.trim() ?? "");
+      decoded = decodeURIComponent(pair[1]?.trim() ?? "");
+    } catch {
+      key = "";
+    }
+    if (pair.length !== 2 || key === "") {
+      ctx.addIssue({ code: "custom", message: `"${entry}" is not key=value (percent-encode a , or = in either)` });
+      return z.NEVER;
+    }
+    attributes[key] = decoded;
+  }
+  return attributes;
+});
+
 /** OTEL_TRACES_SAMPLER's values as OpenTelemetry SDKs read them (the ones built in). */
 export const samplerNames = [
   "always_on",
@@ -81,6 +106,9 @@ export const samplerNames = [
   "parentbased_traceidratio",
 ] as const;
 export type SamplerName = (typeof samplerNames)[number];
+
+/** OTEL_EXPORTER_OTLP_PROTOCOL's values. */
+const otlpProtocols = ["grpc", "http/protobuf", "http/json"] as const;
 
 /** The admin token when ADMIN_TOKEN is unset: published in this repository, so fit only for a developer's machine. */
 export const defaultAdminToken = "dev-admin-token-change-me";
@@ -99,6 +127,34 @@ export const commonEnv = {
       .default(defaultAdminToken),
   ),
   OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
+  /** The full URL traces are posted to, as is (no /v1/traces appended), over OTEL_EXPORTER_OTLP_ENDPOINT. */
+  OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: httpUrl.optional(),
+  /**
+   * The OTLP transport asked for. Traces go as OTLP/HTTP (JSON, which collectors take beside protobuf); `grpc` is
+   * warned of at start, its endpoint (4317) being the collector's gRPC port, which no export reaches.
+   */
+  OTEL_EXPORTER_OTLP_PROTOCOL: z.enum(otlpProtocols).optional(),
+  OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: z.enum(otlpProtocols).optional(),
+  /** The batch span processor's, as OpenTelemetry names them: ms between exports (500 here, 5000 in the SDKs)... */
+  OTEL_BSP_SCHEDULE_DELAY: int(0, 600_000).default(500),
+  /** ...ms an export may take... */
+  OTEL_BSP_EXPORT_TIMEOUT: int(1, 600_000).default(30_000),
+  /** ...spans waiting to be exported, past which more are dropped... */
+  OTEL_BSP_MAX_QUEUE_SIZE: int(1, 10_000_000).default(2048),
+  /** ...and spans in one export (at most the queue's size). */
+  OTEL_BSP_MAX_EXPORT_BATCH_SIZE: int(1, 10_000_000).default(512),
+  /** `true` turns tracing off whatever else is set, as in every OpenTelemetry SDK: no span is recorded or exported. */
+  OTEL_SDK_DISABLED: z
+    .string()
+    .trim()
+    .toLowerCase()
+    .refine((s) => s === "true" || s === "false", "must be true or false")
+    .transform((s) => s === "true")
+    .optional(),
+  /** service.name of exported spans, in place of the service's own name. */
+  OTEL_SERVICE_NAME: z.string().trim().optional(),
+  /** More attributes of the resource of exported spans (deployment.environment.name=prod,k8s.pod.name=...). */
+  OTEL_RESOURCE_ATTRIBUTES: resourceAttributes.optional(),
   /**
    * OpenTelemetry's sampler names: parentbased_* follow a caller's sampling decision (its traceparent), the others
    * decide alone; *traceidratio samples OTEL_TRACES_SAMPLER_ARG of the traces they decide.

@@ -9,7 +9,17 @@ import { setupTelemetry, type Telemetry } from "./telemetry.ts";
 export interface RuntimeConfig {
   ADMIN_TOKEN: string;
   LOG_LEVEL: LogLevel;
+  OTEL_SDK_DISABLED?: boolean | undefined;
+  OTEL_EXPORTER_OTLP_PROTOCOL?: string | undefined;
+  OTEL_EXPORTER_OTLP_TRACES_PROTOCOL?: string | undefined;
+  OTEL_BSP_SCHEDULE_DELAY?: number | undefined;
+  OTEL_BSP_EXPORT_TIMEOUT?: number | undefined;
+  OTEL_BSP_MAX_QUEUE_SIZE?: number | undefined;
+  OTEL_BSP_MAX_EXPORT_BATCH_SIZE?: number | undefined;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string | undefined;
+  OTEL_EXPORTER_OTLP_TRACES_ENDPOINT?: string | undefined;
+  OTEL_SERVICE_NAME?: string | undefined;
+  OTEL_RESOURCE_ATTRIBUTES?: Record<string, string> | undefined;
   OTEL_TRACES_SAMPLER: SamplerName;
   OTEL_TRACES_SAMPLER_ARG: number;
 }
@@ -32,13 +42,35 @@ export function createRuntime(service: string, config: RuntimeConfig, instanceId
     service,
     version: pkg.version,
     instanceId,
-    otlpEndpoint: config.OTEL_EXPORTER_OTLP_ENDPOINT,
+    serviceName: config.OTEL_SERVICE_NAME,
+    resourceAttributes: config.OTEL_RESOURCE_ATTRIBUTES,
+    // Disabled, nowhere to export: spans are not recorded, though trace context still goes onward.
+    otlpEndpoint: config.OTEL_SDK_DISABLED ? undefined : config.OTEL_EXPORTER_OTLP_ENDPOINT,
+    otlpTracesEndpoint: config.OTEL_SDK_DISABLED ? undefined : config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+    batch: {
+      scheduledDelayMillis: config.OTEL_BSP_SCHEDULE_DELAY,
+      exportTimeoutMillis: config.OTEL_BSP_EXPORT_TIMEOUT,
+      maxQueueSize: config.OTEL_BSP_MAX_QUEUE_SIZE,
+      maxExportBatchSize: config.OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
+    },
     sampler: config.OTEL_TRACES_SAMPLER,
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,
     log,
   });
-  if (config.OTEL_EXPORTER_OTLP_ENDPOINT && /\/v1\/traces\/?$/.test(new URL(config.OTEL_EXPORTER_OTLP_ENDPOINT).pathname)) {
+  // The general endpoint, where traces go to it.
+  const exported = !config.OTEL_SDK_DISABLED && !config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;
+  const endpoint = exported ? config.OTEL_EXPORTER_OTLP_ENDPOINT : undefined;
+  if (endpoint && /\/v1\/traces\/?$/.test(new URL(endpoint).pathname)) {
     log.warn("OTEL_EXPORTER_OTLP_ENDPOINT ends in /v1/traces, which is appended to it: traces go to .../v1/traces/v1/traces");
+  }
+  const protocolVariable = config.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL
+    ? "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    : "OTEL_EXPORTER_OTLP_PROTOCOL";
+  if (!config.OTEL_SDK_DISABLED && config[protocolVariable] === "grpc") {
+    log.warn(
+      `${protocolVariable} is grpc, which this service does not send: its traces go as OTLP/HTTP, so point the ` +
+        "endpoint at the collector's OTLP/HTTP port (4318), not its gRPC port (4317), where every export fails",
+    );
   }
   if (config.ADMIN_TOKEN === defaultAdminToken) {
     log.warn(

@@ -15,7 +15,7 @@ import {
 import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks";
 import { W3CTraceContextPropagator } from "@opentelemetry/core";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
-import { resourceFromAttributes } from "@opentelemetry/resources";
+import { defaultResource, resourceFromAttributes } from "@opentelemetry/resources";
 import {
   AlwaysOffSampler,
   AlwaysOnSampler,
@@ -39,8 +39,21 @@ export interface TelemetryOptions {
   version: string;
   /** This process among the service's replicas (`service.instance.id`). */
   instanceId?: string;
+  /** OTEL_SERVICE_NAME: the spans' service.name in place of `service`. */
+  serviceName?: string | undefined;
+  /** OTEL_RESOURCE_ATTRIBUTES: added to the spans' resource, over `version` and `instanceId` (not over serviceName). */
+  resourceAttributes?: Record<string, string> | undefined;
   /** OTLP/HTTP base endpoint, e.g. http://collector:4318; traces go to <endpoint>/v1/traces. */
-  otlpEndpoint?: string;
+  otlpEndpoint?: string | undefined;
+  /** OTLP/HTTP traces endpoint, used as it is, over otlpEndpoint (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT). */
+  otlpTracesEndpoint?: string | undefined;
+  /** OTEL_BSP_*: how spans are batched for the OTLP exporter (SDK defaults, but 500 ms between exports). */
+  batch?: {
+    scheduledDelayMillis?: number | undefined;
+    exportTimeoutMillis?: number | undefined;
+    maxQueueSize?: number | undefined;
+    maxExportBatchSize?: number | undefined;
+  };
   /** OTEL_TRACES_SAMPLER (default parentbased_traceidratio). */
   sampler?: SamplerName;
   /** Fraction of traces the traceidratio samplers sample, 0..1 (default 1). */
@@ -69,18 +82,33 @@ let installed = false;
 export function setupTelemetry(options: TelemetryOptions): Telemetry {
   if (options.log) logDiagnostics(options.log);
   const processors: SpanProcessor[] = [];
-  if (options.otlpEndpoint) {
-    const url = `${options.otlpEndpoint.replace(/\/$/, "")}/v1/traces`;
-    processors.push(new BatchSpanProcessor({ exporter: new OTLPTraceExporter({ url }), scheduledDelayMillis: 500 }));
+  const base = options.otlpEndpoint?.replace(/\/$/, "");
+  const url = options.otlpTracesEndpoint ?? (base && `${base}/v1/traces`);
+  if (url) {
+    const { scheduledDelayMillis = 500, exportTimeoutMillis, maxQueueSize, maxExportBatchSize } = options.batch ?? {};
+    processors.push(
+      new BatchSpanProcessor({
+        exporter: new OTLPTraceExporter({ url }),
+        scheduledDelayMillis,
+        ...(exportTimeoutMillis !== undefined && { exportTimeoutMillis }),
+        ...(maxQueueSize !== undefined && { maxQueueSize }),
+        ...(maxExportBatchSize !== undefined && { maxExportBatchSize }),
+      }),
+    );
   }
   if (options.exporter) processors.push(new SimpleSpanProcessor({ exporter: options.exporter }));
   const provider = new TracerProvider({
-    resource: resourceFromAttributes({
-      [ATTR_SERVICE_NAME]: options.service,
-      [ATTR_SERVICE_VERSION]: options.version,
-      // Still incubating in the conventions, so not in their stable entry point.
-      ...(options.instanceId && { "service.instance.id": options.instanceId }),
-    }),
+    // The SDK's telemetry.sdk.* attributes, the service's own, then the operator's, as OpenTelemetry SDKs merge them.
+    resource: defaultResource().merge(
+      resourceFromAttributes({
+        [ATTR_SERVICE_NAME]: options.service,
+        [ATTR_SERVICE_VERSION]: options.version,
+        // Still incubating in the conventions, so not in their stable entry point.
+        ...(options.instanceId && { "service.instance.id": options.instanceId }),
+        ...options.resourceAttributes,
+        ...(options.serviceName && { [ATTR_SERVICE_NAME]: options.serviceName }),
+      }),
+    ),
     // With nowhere to export, record nothing: spans still carry context (ids in logs, traceparent onward).
     sampler:
       processors.length === 0
