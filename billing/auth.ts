@@ -8,8 +8,8 @@ import type { BillingStore } from "./store/store.ts";
 export type Caller = { kind: "admin" } | { kind: "api_key"; orgId: string; apiKeyId: string };
 
 /** Unauthenticated (or PermissionDenied), with a `KeyRefusal` detail so a gateway can tell its client why. */
-const refused = (message: string, reason: KeyRefusalReason, code = Code.Unauthenticated) =>
-  new ConnectError(message, code, undefined, [{ desc: KeyRefusalSchema, value: { reason } }]);
+const refused = (message: string, reason: KeyRefusalReason, code = Code.Unauthenticated, orgId = "") =>
+  new ConnectError(message, code, undefined, [{ desc: KeyRefusalSchema, value: { reason, orgId } }]);
 
 /**
  * Authentication of billing's callers, shared by the RPCs and the HTTP invoice pages. Failures are ConnectErrors:
@@ -34,9 +34,10 @@ export function createBillingAuth({
     const { revokedAt, limits } = found.apiKey;
     if (revokedAt) throw refused("api key revoked", KeyRefusalReason.REVOKED);
     if (limits.expiresAt && limits.expiresAt <= now) throw refused("api key expired", KeyRefusalReason.EXPIRED);
-    if (found.organization.suspendedAt) {
-      const message = `organization ${found.organization.id} is suspended`;
-      throw refused(message, KeyRefusalReason.ORGANIZATION_SUSPENDED, Code.PermissionDenied);
+    const { organization } = found;
+    if (organization.suspendedAt) {
+      const message = `organization ${organization.id} is suspended`;
+      throw refused(message, KeyRefusalReason.ORGANIZATION_SUSPENDED, Code.PermissionDenied, organization.id);
     }
     return found;
   };

@@ -190,7 +190,7 @@ test("a suspended org's keys are refused (PermissionDenied) and granted no budge
   const refusal = ConnectError.from(await client.authorizeKey({ secret }, admin).catch((e) => e));
   expect(refusal.code).toBe(Code.PermissionDenied);
   expect(refusal.rawMessage).toBe(`organization ${orgId} is suspended`);
-  expect(refusal.findDetails(KeyRefusalSchema).map((d) => d.reason)).toEqual([KeyRefusalReason.ORGANIZATION_SUSPENDED]);
+  expect(refusal.findDetails(KeyRefusalSchema)).toMatchObject([{ reason: KeyRefusalReason.ORGANIZATION_SUSPENDED, orgId }]);
   // An unknown key is still Unauthenticated, suspension or not.
   expect(await code(client.authorizeKey({ secret: `${secret}0` }, admin))).toBe(Code.Unauthenticated);
   // The org's own key no longer reads its usage; an admin still does.
