@@ -1,7 +1,7 @@
 import { expect, test } from "bun:test";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
-import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { BillingService, KeyRefusalReason, KeyRefusalSchema } from "../gen/billing/v1/billing_pb.ts";
 import { createAnalyticsAuth } from "./auth.ts";
 
 const adminToken = "test-admin-token-0123456789";
@@ -60,4 +60,45 @@ test("a key is not remembered past its expiry: once it expires it reads nothing 
   clock = expireMs;
   expect(await refusal()).toBe(Code.Unauthenticated);
   expect(asked).toBe(2);
+});
+
+test("a key of a suspended org is refused PermissionDenied once its org is no longer remembered, as a revoked key is", async () => {
+  let clock = 1_000_000;
+  let suspended = false;
+  let asked = 0;
+  const billing = createClient(
+    BillingService,
+    createRouterTransport((r) =>
+      r.service(BillingService, {
+        async authorizeKey() {
+          asked++;
+          if (!suspended) return { apiKey: { id: "key_1", orgId: org } };
+          const detail = { desc: KeyRefusalSchema, value: { reason: KeyRefusalReason.ORGANIZATION_SUSPENDED, orgId: org } };
+          throw new ConnectError(`organization ${org} is suspended`, Code.PermissionDenied, undefined, [detail]);
+        },
+      }),
+    ),
+  );
+  const auth = createAnalyticsAuth({ adminToken, billing, ttlMs: 30_000, rejectedTtlMs: 5_000, now: () => clock });
+  const refusal = () =>
+    auth.requireOrgReader(as("sk-mesh-suspended"), org).then(
+      () => undefined,
+      (e) => ConnectError.from(e),
+    );
+
+  expect(await refusal()).toBeUndefined();
+  suspended = true;
+  clock += 29_999;
+  expect(await refusal()).toBeUndefined();
+  clock += 1;
+  const refused = await refusal();
+  expect(refused?.code).toBe(Code.PermissionDenied);
+  expect(refused?.rawMessage).toBe("the api key's organization is suspended");
+  // Remembered as refused for a while, then asked again: reinstated, it reads again.
+  suspended = false;
+  expect((await refusal())?.code).toBe(Code.PermissionDenied);
+  expect(asked).toBe(2);
+  clock += 5_000;
+  expect(await refusal()).toBeUndefined();
+  expect(asked).toBe(3);
 });

@@ -1,6 +1,6 @@
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, type Client, ConnectError } from "@connectrpc/connect";
-import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { type BillingService, KeyRefusalReason, KeyRefusalSchema } from "../gen/billing/v1/billing_pb.ts";
 import { bearerToken, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
 import { createKeyCache } from "../lib/key-cache.ts";
 
@@ -8,9 +8,15 @@ export interface AnalyticsAuthOptions {
   adminToken: string;
   /** Billing, called with the admin token: it owns the keys. */
   billing: Pick<Client<typeof BillingService>, "authorizeKey">;
-  /** How long a key's org is remembered (so a revoked key may read for this long, never past its expiry); 30 s by default. */
+  /**
+   * How long a key's org is remembered (so a revoked key, or a key of an org suspended since, may read for this long,
+   * never past its expiry); 30 s by default.
+   */
   ttlMs?: number;
-  /** How long an unknown key is remembered as such, so it cannot make every call a billing call; 5 s by default. */
+  /**
+   * How long an unknown key (or one of a suspended org) is remembered as such, so it cannot make every call a billing
+   * call; 5 s by default.
+   */
   rejectedTtlMs?: number;
   /** Working keys remembered at most (10,000 by default); the oldest are forgotten first. */
   maxKeys?: number;
@@ -21,6 +27,8 @@ export interface AnalyticsAuthOptions {
 
 interface Remembered {
   orgId: string | undefined;
+  /** The key is valid but its org is suspended. */
+  suspended: boolean;
   until: number;
 }
 
@@ -36,10 +44,11 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
   const keys = createKeyCache<Remembered>({ maxKeys: options.maxKeys ?? 10_000, maxRejected: options.maxRejectedKeys ?? 10_000 });
 
   // Lookups in flight, by hash: concurrent first uses of a key share one billing call.
-  const checking = new Map<string, Promise<string | undefined>>();
+  const checking = new Map<string, Promise<Remembered>>();
 
-  const lookUp = async (secret: string, hash: string): Promise<string | undefined> => {
+  const lookUp = async (secret: string, hash: string): Promise<Remembered> => {
     let orgId: string | undefined;
+    let suspended = false;
     let expireMs = Number.POSITIVE_INFINITY;
     try {
       const apiKey = (await billing.authorizeKey({ secret })).apiKey;
@@ -47,20 +56,24 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
       if (apiKey?.limits?.expireTime) expireMs = timestampMs(apiKey.limits.expireTime);
     } catch (e) {
       const err = ConnectError.from(e);
-      if (err.code !== Code.Unauthenticated) {
+      suspended =
+        err.code === Code.PermissionDenied &&
+        err.findDetails(KeyRefusalSchema).some((d) => d.reason === KeyRefusalReason.ORGANIZATION_SUSPENDED);
+      if (err.code !== Code.Unauthenticated && !suspended) {
         throw new ConnectError("the api key cannot be checked now; retry later", Code.Unavailable);
       }
     }
     // A key that expires within its TTL is remembered until it expires, when billing and the gateway refuse it too.
     const until = orgId ? Math.min(now() + ttlMs, expireMs) : now() + rejectedTtlMs;
-    keys.set(hash, { orgId, until }, orgId === undefined);
-    return orgId;
+    const remembered = { orgId, suspended, until };
+    keys.set(hash, remembered, orgId === undefined);
+    return remembered;
   };
 
-  const orgOfKey = (secret: string): Promise<string | undefined> => {
+  const orgOfKey = (secret: string): Promise<Remembered> => {
     const hash = sha256Hex(secret);
     const known = keys.get(hash);
-    if (known && known.until > now()) return Promise.resolve(known.orgId);
+    if (known && known.until > now()) return Promise.resolve(known);
     let pending = checking.get(hash);
     if (!pending) {
       pending = lookUp(secret, hash).finally(() => checking.delete(hash));
@@ -79,7 +92,8 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
       const token = bearerToken(headers);
       if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
       if (safeEqual(token, adminToken)) return;
-      const keyOrg = await orgOfKey(token);
+      const { orgId: keyOrg, suspended } = await orgOfKey(token);
+      if (suspended) throw new ConnectError("the api key's organization is suspended", Code.PermissionDenied);
       if (keyOrg === undefined) throw new ConnectError("unknown, revoked or expired api key", Code.Unauthenticated);
       if (keyOrg !== orgId) throw new ConnectError("an api key may only read its own organization", Code.PermissionDenied);
     },

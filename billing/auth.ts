@@ -7,13 +7,14 @@ import type { BillingStore } from "./store/store.ts";
 /** Who is calling: an admin (or another mesh service), or an org through one of its own API keys. */
 export type Caller = { kind: "admin" } | { kind: "api_key"; orgId: string; apiKeyId: string };
 
-/** Unauthenticated, with a `KeyRefusal` detail so a gateway can tell its client why. */
-const refused = (message: string, reason: KeyRefusalReason) =>
-  new ConnectError(message, Code.Unauthenticated, undefined, [{ desc: KeyRefusalSchema, value: { reason } }]);
+/** Unauthenticated (or PermissionDenied), with a `KeyRefusal` detail so a gateway can tell its client why. */
+const refused = (message: string, reason: KeyRefusalReason, code = Code.Unauthenticated, orgId = "") =>
+  new ConnectError(message, code, undefined, [{ desc: KeyRefusalSchema, value: { reason, orgId } }]);
 
 /**
  * Authentication of billing's callers, shared by the RPCs and the HTTP invoice pages. Failures are ConnectErrors:
- * Unauthenticated without credentials or with an unknown, revoked or expired key; PermissionDenied otherwise.
+ * Unauthenticated without credentials or with an unknown, revoked or expired key; PermissionDenied otherwise (a key
+ * of a suspended org among them).
  */
 export function createBillingAuth({
   store,
@@ -33,6 +34,11 @@ export function createBillingAuth({
     const { revokedAt, limits } = found.apiKey;
     if (revokedAt) throw refused("api key revoked", KeyRefusalReason.REVOKED);
     if (limits.expiresAt && limits.expiresAt <= now) throw refused("api key expired", KeyRefusalReason.EXPIRED);
+    const { organization } = found;
+    if (organization.suspendedAt) {
+      const message = `organization ${organization.id} is suspended`;
+      throw refused(message, KeyRefusalReason.ORGANIZATION_SUSPENDED, Code.PermissionDenied, organization.id);
+    }
     return found;
   };
 

@@ -7,6 +7,7 @@ const codes: Record<BillingErrorKind, Code> = {
   already_exists: Code.AlreadyExists,
   invalid_argument: Code.InvalidArgument,
   failed_precondition: Code.FailedPrecondition,
+  permission_denied: Code.PermissionDenied,
   resource_exhausted: Code.ResourceExhausted,
   unavailable: Code.Unavailable,
 };

@@ -14,6 +14,7 @@ import {
   KeyLimitsSchema,
   type Organization as OrganizationMessage,
   OrganizationSchema,
+  OrganizationState,
   type Project as ProjectMessage,
   ProjectSchema,
   type UsageRecord as UsageRecordMessage,
@@ -72,6 +73,9 @@ export function organizationMessage(org: Organization): OrganizationMessage {
     billingDay: org.billingDay,
     monthlyBudgetNanos: org.monthlyBudgetNanos,
     maxDiscountBps: org.maxDiscountBps,
+    state: org.suspendedAt ? OrganizationState.SUSPENDED : OrganizationState.ACTIVE,
+    suspendTime: org.suspendedAt ? timestampFromDate(org.suspendedAt) : undefined,
+    suspendReason: org.suspendReason,
   });
 }
 

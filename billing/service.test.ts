@@ -9,6 +9,9 @@ import {
   DiscountKind,
   type DiscountRuleSchema,
   InvoiceStatus,
+  KeyRefusalReason,
+  KeyRefusalSchema,
+  OrganizationState,
   type UsageRecord,
   UsageRecordSchema,
 } from "../gen/billing/v1/billing_pb.ts";
@@ -160,6 +163,68 @@ test("UpdateOrganization changes only the fields set, validates them and tells k
   expect(other.organization).toBeDefined();
   expect(await code(client.updateOrganization({ orgId, name: "taken by another org" }, admin))).toBe(Code.AlreadyExists);
   expect(await code(client.updateOrganization({ orgId, taxRateBps: 1 }, as(secret)))).toBe(Code.PermissionDenied);
+});
+
+test("a suspended org's keys are refused (PermissionDenied) and granted no budget, its usage still recorded, until reinstated", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 10_000n });
+  const { secret, apiKey } = await client.createApiKey({ orgId }, admin);
+  const keyId = apiKey?.id as string;
+  const stop = new AbortController();
+  const changes: string[] = [];
+  let live: () => void = () => {};
+  const isLive = new Promise<void>((resolve) => (live = resolve));
+  const watching = (async () => {
+    for await (const change of client.watchKeyChanges({}, { ...admin, signal: stop.signal })) {
+      if (!change.apiKeyId && !change.orgId) live();
+      else changes.push(change.apiKeyId || `org ${change.orgId}`);
+    }
+  })().catch(() => {});
+  await isLive;
+
+  const res = await client.suspendOrganization({ orgId, reason: " unpaid invoices " }, admin);
+  expect(res.organization).toMatchObject({ id: orgId, state: OrganizationState.SUSPENDED, suspendReason: "unpaid invoices" });
+  expect(res.organization?.suspendTime).toBeDefined();
+  const listed = (await client.listOrganizations({}, admin)).organizations.find((o) => o.id === orgId);
+  expect(listed?.state).toBe(OrganizationState.SUSPENDED);
+
+  const refusal = ConnectError.from(await client.authorizeKey({ secret }, admin).catch((e) => e));
+  expect(refusal.code).toBe(Code.PermissionDenied);
+  expect(refusal.rawMessage).toBe(`organization ${orgId} is suspended`);
+  expect(refusal.findDetails(KeyRefusalSchema)).toMatchObject([{ reason: KeyRefusalReason.ORGANIZATION_SUSPENDED, orgId }]);
+  // An unknown key is still Unauthenticated, suspension or not.
+  expect(await code(client.authorizeKey({ secret: `${secret}0` }, admin))).toBe(Code.Unauthenticated);
+  // The org's own key no longer reads its usage; an admin still does.
+  expect(await code(client.listInvoices({ orgId }, as(secret)))).toBe(Code.PermissionDenied);
+  const lease = { holder: "gw-1", requestedNanos: 100n, ttlSeconds: 60 };
+  expect(await code(client.acquireBudgetLease({ scope: BudgetScope.ORGANIZATION, scopeId: orgId, ...lease }, admin))).toBe(
+    Code.PermissionDenied,
+  );
+  expect(await code(client.acquireBudgetLease({ scope: BudgetScope.API_KEY, scopeId: keyId, ...lease }, admin))).toBe(
+    Code.PermissionDenied,
+  );
+  // Requests that were in flight when it was suspended are still billed.
+  expect((await client.recordUsage({ records: [usage(orgId, keyId, 700n)] }, admin)).inserted).toBe(1);
+  expect((await client.getUsageSummary({ orgId }, admin)).costNanos).toBe(700n);
+
+  expect(await code(client.suspendOrganization({ orgId, reason: "x".repeat(501) }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.suspendOrganization({ orgId: "org_missing" }, admin))).toBe(Code.NotFound);
+  expect(await code(client.suspendOrganization({ orgId }, as(secret)))).toBe(Code.PermissionDenied);
+  expect(await code(client.reinstateOrganization({ orgId }, as(secret)))).toBe(Code.PermissionDenied);
+
+  const reinstated = await client.reinstateOrganization({ orgId }, admin);
+  expect(reinstated.organization).toMatchObject({ state: OrganizationState.ACTIVE, suspendReason: "" });
+  expect(reinstated.organization?.suspendTime).toBeUndefined();
+  const auth = await client.authorizeKey({ secret }, admin);
+  expect(auth.apiKey?.id).toBe(keyId);
+  expect(auth.orgSpentNanos).toBe(700n);
+  const granted = await client.acquireBudgetLease({ scope: BudgetScope.ORGANIZATION, scopeId: orgId, ...lease }, admin);
+  expect(granted.grantedNanos).toBe(100n);
+
+  const deadline = Date.now() + 5_000;
+  while (changes.length < 2 && Date.now() < deadline) await Bun.sleep(20);
+  expect(changes).toEqual([`org ${orgId}`, `org ${orgId}`]);
+  stop.abort();
+  await watching;
 });
 
 test("AuthorizeKey resolves a valid key with its spend, and rejects unknown, revoked and expired keys", async () => {

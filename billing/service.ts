@@ -21,9 +21,11 @@ import {
   ListProjectsResponseSchema,
   ListUsageRecordsResponseSchema,
   RecordUsageResponseSchema,
+  ReinstateOrganizationResponseSchema,
   ReleaseBudgetLeaseResponseSchema,
   RevokeApiKeyResponseSchema,
   RotateApiKeyResponseSchema,
+  SuspendOrganizationResponseSchema,
   UpdateApiKeyLimitsResponseSchema,
   UpdateOrganizationResponseSchema,
   UpdateInvoiceStatusResponseSchema,
@@ -135,6 +137,22 @@ export function createBillingService({
       });
       log.info("organization updated", { org_id: orgId });
       return create(UpdateOrganizationResponseSchema, { organization: organizationMessage(organization) });
+    },
+
+    async suspendOrganization(req, ctx) {
+      admin(ctx);
+      const orgId = orgIdOf(req);
+      const organization = await store.setOrganizationSuspended(orgId, text(req.reason, "reason", { min: 0, max: 500 }));
+      log.info("organization suspended", { org_id: orgId });
+      return create(SuspendOrganizationResponseSchema, { organization: organizationMessage(organization) });
+    },
+
+    async reinstateOrganization(req, ctx) {
+      admin(ctx);
+      const orgId = orgIdOf(req);
+      const organization = await store.setOrganizationSuspended(orgId, null);
+      log.info("organization reinstated", { org_id: orgId });
+      return create(ReinstateOrganizationResponseSchema, { organization: organizationMessage(organization) });
     },
 
     async listOrganizations(_req, ctx) {

@@ -114,7 +114,7 @@ describe("meshctl against a real billing", () => {
     orgId = created.organization.id;
     expect(created.organization).toMatchObject({ name: "Acme Corp", maxDiscountBps: 3000 });
     const table = await ok("orgs list");
-    expect(table.split("\n")[0]).toMatch(/^ID\s+NAME\s+TAX\s+BILLING DAY\s+BUDGET\s+MAX DISCOUNT\s+CREATED$/);
+    expect(table.split("\n")[0]).toMatch(/^ID\s+NAME\s+TAX\s+BILLING DAY\s+BUDGET\s+MAX DISCOUNT\s+CREATED\s+STATE$/);
     expect(table).toContain(orgId);
     expect(table).toMatch(/Acme Corp\s+10%\s+1\s+\$50\s+30%/);
     const updated = await ok(`orgs update ${orgId} --tax-bps 2000 --max-discount-percent 25`);
@@ -125,6 +125,30 @@ describe("meshctl against a real billing", () => {
     expect(await ok("orgs list")).toMatch(new RegExp(`${uncapped.organization.id}\\s+No Cap\\s+0%\\s+1\\s+unlimited\\s+no limit\\s`));
     expect(await ok("projects create --org " + orgId + " web")).toContain("web");
     expect(await ok(`projects list --org ${orgId}`)).toContain("web");
+  });
+
+  test("orgs suspend and reinstate; orgs list shows the state", async () => {
+    const org = await json<{ organization: { id: string } }>(`orgs create "Suspended Co"`);
+    const id = org.organization.id;
+    const { apiKey } = await json<{ apiKey: { id: string } }>(`keys create --org ${id}`);
+    expect(await ok("orgs list")).toMatch(new RegExp(`${id}\\s+Suspended Co\\s.*\\sactive\\n`));
+    const today = new Date().toISOString().slice(0, 10);
+    const suspended = await ok(`orgs suspend ${id} --reason "unpaid invoices"`);
+    expect(suspended).toMatch(new RegExp(`${id}\\s+Suspended Co\\s.*\\ssuspended ${today}: unpaid invoices\\n`));
+    expect(await ok("orgs list")).toContain(`suspended ${today}: unpaid invoices`);
+    const listed = await json<{ organizations: { id: string; state: string; suspendReason: string }[] }>("orgs list");
+    expect(listed.organizations.find((o) => o.id === id)).toMatchObject({
+      state: "ORGANIZATION_STATE_SUSPENDED",
+      suspendReason: "unpaid invoices",
+    });
+    // Its keys are kept as they were.
+    expect(await ok(`keys list --org ${id}`)).toMatch(new RegExp(`${apiKey.id}\\s.*\\sactive`));
+    const reinstated = await json<{ organization: { state: string } }>(`orgs reinstate ${id}`);
+    expect(reinstated.organization.state).toBe("ORGANIZATION_STATE_ACTIVE");
+    expect(await ok("orgs list")).toMatch(new RegExp(`${id}\\s+Suspended Co\\s.*\\sactive\\n`));
+    failsWith(await cli("orgs suspend"), 2, /missing ORG_ID/);
+    failsWith(await cli(`orgs reinstate ${id} --reason x`), 2, /orgs reinstate does not take --reason/);
+    failsWith(await cli("orgs suspend org_missing"), 1, /not_found/);
   });
 
   test("keys create prints the secret once; list, rotate and revoke", async () => {

@@ -38,6 +38,7 @@ import {
   type KeyLimits,
   type KeyLimitsSchema,
   type Organization,
+  OrganizationState,
 } from "../gen/billing/v1/billing_pb.ts";
 import { billingPeriod } from "../lib/billing-period.ts";
 import { commonEnv, env, parseEnv } from "../lib/config.ts";
@@ -59,6 +60,8 @@ const usage = `usage: meshctl <command> [flags] [--json]
 
   orgs create NAME [--tax-bps N] [--billing-day N] [--budget-usd X] [--max-discount-percent P] | orgs list
   orgs update ORG_ID [--name S] [--tax-bps N] [--budget-usd X] [--max-discount-percent P]
+  orgs suspend ORG_ID [--reason S] | orgs reinstate ORG_ID
+      (a suspended org's keys are refused, 403 organization_suspended, until it is reinstated; nothing is deleted)
   projects create --org ID NAME | projects list --org ID
   keys create --org ID [--project ID] [--name S] [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N]
               [--models a,b] [--expires DATE]
@@ -118,6 +121,7 @@ const flags = {
   "billing-day": { type: "string" },
   "max-discount-percent": { type: "string" },
   period: { type: "string" },
+  reason: { type: "string" },
   html: { type: "boolean" },
   out: { type: "string" },
   help: { type: "boolean", short: "h" },
@@ -129,6 +133,8 @@ type FlagName = keyof typeof flags;
 const commands: Record<string, { flags: readonly FlagName[]; args: number }> = {
   "orgs create": { flags: ["tax-bps", "billing-day", "budget-usd", "max-discount-percent"], args: 1 },
   "orgs update": { flags: ["name", "tax-bps", "budget-usd", "max-discount-percent"], args: 1 },
+  "orgs suspend": { flags: ["reason"], args: 1 },
+  "orgs reinstate": { flags: [], args: 1 },
   "orgs list": { flags: [], args: 0 },
   "projects create": { flags: ["org"], args: 1 },
   "projects list": { flags: ["org"], args: 0 },
@@ -253,6 +259,16 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           monthlyBudgetNanos: values["budget-usd"] === undefined ? undefined : usdNanos(values["budget-usd"], "--budget-usd"),
           maxDiscountBps: percent === undefined ? undefined : percentBps(percent, "--max-discount-percent"),
         });
+        print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
+        return 0;
+      }
+      case "orgs suspend": {
+        const res = await billing.suspendOrganization({ orgId: arg("ORG_ID"), reason: values.reason ?? "" });
+        print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
+        return 0;
+      }
+      case "orgs reinstate": {
+        const res = await billing.reinstateOrganization({ orgId: arg("ORG_ID") });
         print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
         return 0;
       }
@@ -812,7 +828,7 @@ function invoiceText(invoice: Invoice | undefined): string {
 
 function orgsTable(orgs: Organization[]): string {
   return table([
-    ["ID", "NAME", "TAX", "BILLING DAY", "BUDGET", "MAX DISCOUNT", "CREATED"],
+    ["ID", "NAME", "TAX", "BILLING DAY", "BUDGET", "MAX DISCOUNT", "CREATED", "STATE"],
     ...orgs.map((o) => [
       o.id,
       o.name,
@@ -822,6 +838,7 @@ function orgsTable(orgs: Organization[]): string {
       // 0 is no cap (beyond the subtotal), not "no discounts".
       o.maxDiscountBps ? `${o.maxDiscountBps / 100}%` : "no limit",
       date(o.createTime),
+      orgState(o),
     ]),
   ]);
 }
@@ -846,6 +863,11 @@ function statusText(status: InvoiceStatus | undefined): string {
 }
 
 /** What a key can do now: revoked and expired keys are refused by the gateway. */
+function orgState(org: Organization): string {
+  if (org.state !== OrganizationState.SUSPENDED) return "active";
+  return `suspended ${date(org.suspendTime)}${org.suspendReason ? `: ${org.suspendReason}` : ""}`;
+}
+
 function keyStatus(key: ApiKey): string {
   if (key.revokeTime) return `revoked ${date(key.revokeTime)}`;
   const expires = key.limits?.expireTime;

@@ -11,7 +11,7 @@ import { sha256Hex } from "../lib/auth.ts";
 import { createKeyCache } from "../lib/key-cache.ts";
 import { createOutageLog, type Logger } from "../lib/log.ts";
 import { watchSilence } from "../lib/silence.ts";
-import { type GatewayError, serviceUnavailable, unauthorized } from "./errors.ts";
+import { type GatewayError, organizationSuspended, serviceUnavailable, unauthorized } from "./errors.ts";
 
 /** The same answer whether the key expired while cached or billing already refuses it as expired. */
 const keyExpired = () => unauthorized("This API key has expired.", "expired_api_key");
@@ -34,11 +34,11 @@ export interface Principal {
 }
 
 export interface KeyAuthorizer {
-  /** The principal of a presented secret, or a 401/503 GatewayError. */
+  /** The principal of a presented secret, or a 401/403/503 GatewayError. */
   authorize(secret: string | undefined): Promise<Principal>;
   /** Drops a cached key by the SHA-256 hex of its secret (revocations, limit changes). */
   forget(secretHash: string): void;
-  /** Drops every cached key of an org (its settings changed). */
+  /** Drops every cached key of an org, and the refusals of its keys while it was suspended (its settings changed). */
   forgetOrg(orgId: string): void;
   /**
    * Tells the cache whether billing's change stream is delivering: while it is, keys loaded since it
@@ -75,6 +75,8 @@ export interface KeyAuthorizerOptions {
 interface Entry {
   principal: Principal | undefined;
   rejection: GatewayError | undefined;
+  /** The org of a key refused because the org is suspended: a change of the org (reinstating it) drops the refusal. */
+  suspendedOrgId?: string;
   /** When the AuthorizeKey call that produced this entry started. */
   loadedAt: number;
 }
@@ -145,6 +147,13 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
         },
         (e): Entry => {
           const err = ConnectError.from(e);
+          const suspended = err.findDetails(KeyRefusalSchema).find(
+            (d) => d.reason === KeyRefusalReason.ORGANIZATION_SUSPENDED,
+          );
+          if (err.code === Code.PermissionDenied && suspended) {
+            billingOutage.recovered();
+            return { principal: undefined, rejection: organizationSuspended(), suspendedOrgId: suspended.orgId, loadedAt };
+          }
           if (err.code === Code.Unauthenticated) {
             billingOutage.recovered();
             const expired = err.findDetails(KeyRefusalSchema).some((d) => d.reason === KeyRefusalReason.EXPIRED);
@@ -208,6 +217,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     },
     forgetOrg(orgId) {
       for (const [hash, entry] of cache.working()) if (entry.principal?.orgId === orgId) cache.delete(hash);
+      for (const [hash, entry] of cache.refused()) if (entry.suspendedOrgId === orgId) cache.delete(hash);
       // Whose org a load in flight is of is not known until it answers: none of them is kept.
       for (const pending of loading.values()) pending.stale = true;
       loading.clear();

@@ -581,6 +581,14 @@ describe("budget leases", () => {
     await k.close();
   });
 
+  test("a suspended org's budget cannot be leased: 403 organization_suspended", async () => {
+    const principal = await principalWith({ org: 1_000n });
+    await client.suspendOrganization({ orgId: principal.orgId }, auth);
+    const { keeper: k } = keeper();
+    expect(await refusal(k.reserve(principal, 10n, 60_000))).toMatchObject({ status: 403, code: "organization_suspended" });
+    await k.close();
+  });
+
   test("a revoked key's leases go back to billing at once, or when their last request settles", async () => {
     const principal = await principalWith({ key: 10_000n });
     const { keeper: k } = keeper({ minLeaseNanos: 10_000n });

@@ -8,7 +8,7 @@ import { createOutageLog, type Logger } from "../lib/log.ts";
 import { costNanos, type Price } from "../lib/money.ts";
 import { unlessAborted } from "../lib/waiters.ts";
 import type { Principal } from "./auth.ts";
-import { clientGone, insufficientQuota, serviceUnavailable, unauthorized } from "./errors.ts";
+import { clientGone, insufficientQuota, organizationSuspended, serviceUnavailable, unauthorized } from "./errors.ts";
 import type { ChatRequest } from "./providers/provider.ts";
 
 /**
@@ -447,6 +447,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         if (err.code === Code.FailedPrecondition || err.code === Code.NotFound) {
           throw unauthorized("This API key has been revoked or has expired.", "invalid_api_key");
         }
+        // Billing's one refusal of a lease to a gateway whose token AuthorizeKey has accepted.
+        if (err.code === Code.PermissionDenied) throw organizationSuspended();
         grantOutage.failed({ scope: scope.key, code: Code[err.code], err: err.rawMessage });
         throw serviceUnavailable("Budgets cannot be checked right now; retry shortly.", "budget_unavailable");
       }

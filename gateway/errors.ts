@@ -45,6 +45,16 @@ export const invalidRequest = (message: string, param: string | null = null, cod
 export const unauthorized = (message: string, code = "invalid_api_key") =>
   new GatewayError(401, "invalid_request_error", code, message, RequestStatus.UNAUTHORIZED);
 
+/** A valid key of an org its operator suspended; the same key works again once the org is reinstated. */
+export const organizationSuspended = () =>
+  new GatewayError(
+    403,
+    "permission_error",
+    "organization_suspended",
+    "The organization of this API key is suspended: contact the gateway's operator.",
+    RequestStatus.UNAUTHORIZED,
+  );
+
 export const modelNotAllowed = (model: string) =>
   new GatewayError(
     403,

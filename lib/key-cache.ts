@@ -23,5 +23,7 @@ export function createKeyCache<Entry>(options: { maxKeys: number; maxRejected: n
     },
     /** The keys that work, by hash; an entry may be deleted while iterating. */
     working: (): MapIterator<[string, Entry]> => working.entries(),
+    /** The keys refused, by hash; an entry may be deleted while iterating. */
+    refused: (): MapIterator<[string, Entry]> => rejected.entries(),
   };
 }

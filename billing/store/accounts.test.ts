@@ -51,6 +51,29 @@ test("creates and lists organizations; names are unique", async () => {
   expect((await failure(fixture.store.getOrganization("org_missing"))).kind).toBe("not_found");
 });
 
+test("suspending an org keeps its keys and its first suspension time; reinstating clears both state and reason", async () => {
+  const org = await newOrg("suspended-org");
+  expect(org).toMatchObject({ suspendedAt: null, suspendReason: "" });
+  const { apiKey, secret } = await fixture.store.createApiKey({ orgId: org.id, projectId: null, name: "k", limits: noLimits });
+
+  const suspended = await fixture.store.setOrganizationSuspended(org.id, "unpaid invoices");
+  expect(suspended.suspendedAt).toBeInstanceOf(Date);
+  expect(suspended.suspendReason).toBe("unpaid invoices");
+  const again = await fixture.store.setOrganizationSuspended(org.id, "abuse");
+  expect(again).toMatchObject({ suspendedAt: suspended.suspendedAt, suspendReason: "abuse" });
+  // The key is still there and still its own; only its org says it may not be used.
+  const found = await fixture.store.findApiKeyBySecretHash(sha256Hex(secret));
+  expect(found?.apiKey).toEqual(apiKey);
+  expect(found?.organization).toMatchObject({ suspendedAt: suspended.suspendedAt, suspendReason: "abuse" });
+  expect((await fixture.store.listOrganizations()).find((o) => o.id === org.id)?.suspendedAt).toEqual(suspended.suspendedAt);
+
+  const reinstated = await fixture.store.setOrganizationSuspended(org.id, null);
+  expect(reinstated).toMatchObject({ suspendedAt: null, suspendReason: "" });
+  expect(await fixture.store.setOrganizationSuspended(org.id, null)).toEqual(reinstated);
+  expect((await fixture.store.listApiKeys(org.id, { includeRevoked: false })).map((k) => k.id)).toEqual([apiKey.id]);
+  expect((await failure(fixture.store.setOrganizationSuspended("org_missing", ""))).kind).toBe("not_found");
+});
+
 test("projects belong to an existing org and are unique by name within it", async () => {
   const org = await newOrg("projects-org");
   const project = await fixture.store.createProject({ orgId: org.id, name: "web" });

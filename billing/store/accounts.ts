@@ -33,6 +33,8 @@ const orgFields = [
   "monthly_budget_nanos",
   "max_discount_bps",
   "created_at",
+  "suspended_at",
+  "suspend_reason",
 ] as const;
 const keyFields = [
   "id",
@@ -63,6 +65,8 @@ interface OrgRow {
   monthly_budget_nanos: string;
   max_discount_bps: number;
   created_at: Date;
+  suspended_at: Date | null;
+  suspend_reason: string;
 }
 
 interface ProjectRow {
@@ -179,6 +183,25 @@ export function createAccountStore(db: Db) {
           changes.monthlyBudgetNanos?.toString() ?? null,
           changes.maxDiscountBps ?? null,
         ],
+      );
+      if (!rows[0]) throw new BillingError("not_found", `organization ${orgId} not found`);
+      return toOrganization(rows[0]);
+    },
+
+    /**
+     * Suspends the org (keeping when it was first suspended, replacing the reason) or, with `reason` null, reinstates
+     * it; announces the org to watchers at commit, so gateways re-authorize its keys at once.
+     */
+    async setOrganizationSuspended(orgId: string, reason: string | null): Promise<Organization> {
+      const rows = await db.query<OrgRow>(
+        `WITH updated AS (
+           UPDATE organizations SET
+             suspended_at = CASE WHEN $2::text IS NULL THEN NULL ELSE coalesce(suspended_at, now()) END,
+             suspend_reason = coalesce($2, '')
+           WHERE id = $1 RETURNING ${orgColumns}
+         )
+         SELECT updated.*, pg_notify('${keyChangesChannel}', json_build_object('orgId', id)::text) FROM updated`,
+        [orgId, reason],
       );
       if (!rows[0]) throw new BillingError("not_found", `organization ${orgId} not found`);
       return toOrganization(rows[0]);
@@ -358,6 +381,8 @@ function toOrganization(row: OrgRow): Organization {
     monthlyBudgetNanos: BigInt(row.monthly_budget_nanos),
     maxDiscountBps: row.max_discount_bps,
     createdAt: row.created_at,
+    suspendedAt: row.suspended_at,
+    suspendReason: row.suspend_reason,
   };
 }
 

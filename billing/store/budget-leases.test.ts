@@ -140,6 +140,20 @@ test("key scope: per-key budget, unlimited keys, revoked keys", async () => {
   expect((unknown as BillingError).kind).toBe("not_found");
 });
 
+test("a suspended org and its keys are granted nothing until it is reinstated", async () => {
+  const org = await newOrg(1_000n);
+  const { apiKey } = await store.createApiKey({ orgId: org.id, projectId: null, name: "k", limits: limits(500n) });
+  await store.setOrganizationSuspended(org.id, "");
+  for (const refused of [acquire(org.id, 10n), acquire(apiKey.id, 10n, { scope: "api_key" })]) {
+    const e = await refused.catch((err) => err);
+    expect(e).toBeInstanceOf(BillingError);
+    expect(e).toMatchObject({ kind: "permission_denied", message: `organization ${org.id} is suspended` });
+  }
+  await store.setOrganizationSuspended(org.id, null);
+  expect(await acquire(org.id, 10n)).toMatchObject({ grantedNanos: 10n });
+  expect(await acquire(apiKey.id, 10n, { scope: "api_key" })).toMatchObject({ grantedNanos: 10n });
+});
+
 test("a rotated key's budget counts what the keys it replaced spent and still hold, through chains of rotations", async () => {
   const org = await newOrg(0n);
   const first = (await store.createApiKey({ orgId: org.id, projectId: null, name: "k", limits: limits(1000n) })).apiKey;

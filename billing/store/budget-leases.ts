@@ -9,6 +9,7 @@ interface ScopeRow {
   billing_day: number;
   revoked_at: Date | null;
   expires_at: Date | null;
+  suspended_at: Date | null;
 }
 
 export interface BudgetLeaseStoreOptions {
@@ -59,9 +60,9 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
       return db.transaction(async (tx) => {
         const scopeRows = await tx.query<ScopeRow>(
           request.scope === "organization"
-            ? `SELECT id AS org_id, monthly_budget_nanos, billing_day, NULL AS revoked_at, NULL AS expires_at
+            ? `SELECT id AS org_id, monthly_budget_nanos, billing_day, NULL AS revoked_at, NULL AS expires_at, suspended_at
                FROM organizations WHERE id = $1 FOR NO KEY UPDATE`
-            : `SELECT k.org_id, k.monthly_budget_nanos, o.billing_day, k.revoked_at, k.expires_at
+            : `SELECT k.org_id, k.monthly_budget_nanos, o.billing_day, k.revoked_at, k.expires_at, o.suspended_at
                FROM api_keys k JOIN organizations o ON o.id = k.org_id
                WHERE k.id = $1 FOR NO KEY UPDATE OF k`,
           [request.scopeId],
@@ -73,6 +74,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
         if (scope.expires_at && scope.expires_at <= request.now) {
           throw new BillingError("failed_precondition", `api key ${request.scopeId} has expired`);
         }
+        if (scope.suspended_at) throw new BillingError("permission_denied", `organization ${scope.org_id} is suspended`);
 
         const budget = BigInt(scope.monthly_budget_nanos);
         const scopeColumn = request.scope === "organization" ? "org_id" : "api_key_id";

@@ -5,6 +5,7 @@ export type BillingErrorKind =
   | "already_exists"
   | "invalid_argument"
   | "failed_precondition"
+  | "permission_denied"
   | "resource_exhausted"
   | "unavailable";
 

@@ -142,3 +142,12 @@ test("a settings change of an org with more keys than a watcher queues is one ch
     { apiKeyId: apiKey.id, secretSha256: apiKey.secretSha256, revoked: true },
   ]);
 });
+
+test("suspending and reinstating an org are each one change of the org", async () => {
+  const org = await newOrg("suspended-watch-org");
+  const changes = await watch(2, async () => {
+    await fixture.store.setOrganizationSuspended(org.id, "unpaid invoices");
+    await fixture.store.setOrganizationSuspended(org.id, null);
+  });
+  expect(changes).toEqual([{ orgId: org.id }, { orgId: org.id }]);
+});

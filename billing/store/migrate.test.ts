@@ -23,6 +23,7 @@ const migrations = [
   "0006_invoice_org_name.sql",
   "0007_lease_recorded_spend.sql",
   "0008_invoice_numbers_at_issue.sql",
+  "0009_org_suspension.sql",
 ];
 const billingTables = [
   "api_keys",

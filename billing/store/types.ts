@@ -11,6 +11,10 @@ export interface Organization {
   /** Most all discounts together may take off an invoice, in basis points of its subtotal; 0 = no limit. */
   maxDiscountBps: number;
   createdAt: Date;
+  /** Set while the org is suspended: its keys are refused and its budgets grant nothing. */
+  suspendedAt: Date | null;
+  /** The operator's reason for the suspension; empty while active. */
+  suspendReason: string;
 }
 
 export interface NewOrganization {
