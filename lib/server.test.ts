@@ -691,3 +691,73 @@ describe("RPC metrics", () => {
     }
   });
 });
+
+describe("binary messages that do not decode", () => {
+  test("are the caller's InvalidArgument on every protocol, unary and streamed, gated or not", async () => {
+    const own = createMetrics("undecodable");
+    const server = await startOwn({
+      name: "undecodable",
+      interceptors: [own.serverInterceptor],
+      routes: (router) => {
+        router.service(BillingService, {
+          async createOrganization(req) {
+            return { organization: create(OrganizationSchema, { id: "org_1", name: req.name }) };
+          },
+          // A response the handler itself could not read is its own fault.
+          async listOrganizations() {
+            throw new ConnectError("parse binary: premature EOF", Code.Internal);
+          },
+        });
+        router.service(AnalyticsService, ackingIngest);
+        router.rpc(BillingService.method.listProjects, async () => ({}), { requestGate: () => {} });
+      },
+    });
+    const handled = async () => {
+      const values = (await own.registry.getSingleMetric("rpc_server_handled_total")?.get())?.values ?? [];
+      const counted = values.filter((v) => v.value > 0).map((v) => [`${v.labels.rpc_method} ${v.labels.code}`, v.value]);
+      return Object.fromEntries(counted) as Record<string, number>;
+    };
+    // name = 1: a lone surrogate as a JavaScript protobuf encoder writes it (ED A0 80), not UTF-8.
+    const notUtf8 = new Uint8Array([0x0a, 0x03, 0xed, 0xa0, 0x80]);
+    const envelope = (message: Uint8Array) => new Uint8Array([0, 0, 0, 0, message.length, ...message]);
+    const http2 = await import("node:http2");
+    try {
+      const post = (path: string, contentType: string, body: Uint8Array) =>
+        fetch(`${server.url}/billing.v1.BillingService/${path}`, { method: "POST", headers: { "content-type": contentType }, body });
+      for (const [path, body] of [
+        ["CreateOrganization", notUtf8],
+        ["ListProjects", notUtf8],
+        ["CreateOrganization", new Uint8Array([0x0a, 0x09, 0x41])],
+      ] as const) {
+        const res = await post(path, "application/proto", body);
+        expect(res.status).toBe(400);
+        expect(((await res.json()) as { code: string }).code).toBe("invalid_argument");
+      }
+      const web = await post("CreateOrganization", "application/grpc-web+proto", envelope(notUtf8));
+      expect(Buffer.from(await web.arrayBuffer()).toString()).toContain("grpc-status: 3");
+
+      const session = http2.connect(server.url);
+      const grpcStatus = (path: string, body: Uint8Array) =>
+        new Promise<unknown>((resolve) => {
+          const stream = session.request({ ":method": "POST", ":path": path, "content-type": "application/grpc", te: "trailers" });
+          stream.on("trailers", (trailers) => resolve(trailers["grpc-status"]));
+          stream.on("error", () => {});
+          stream.resume();
+          stream.end(Buffer.from(envelope(body)));
+        });
+      expect(await grpcStatus("/billing.v1.BillingService/CreateOrganization", notUtf8)).toBe("3");
+      // gateway_instance_id = 1 of an IngestMetrics batch, read by its handler.
+      expect(await grpcStatus("/analytics.v1.AnalyticsService/IngestMetrics", notUtf8)).toBe("3");
+      expect(await grpcStatus("/billing.v1.BillingService/ListOrganizations", new Uint8Array())).toBe("13");
+      session.close();
+      expect(await handled()).toEqual({
+        "CreateOrganization invalid_argument": 4,
+        "ListProjects invalid_argument": 1,
+        "IngestMetrics invalid_argument": 1,
+        "ListOrganizations internal": 1,
+      });
+    } finally {
+      await server.close(0);
+    }
+  });
+});

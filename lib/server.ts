@@ -122,7 +122,8 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       registerReflection(router, [...services, Health]);
     },
     interceptors: [intercepted.interceptor],
-    requestGate: options.requestGate && intercepted.gate(options.requestGate),
+    // Every call has a gate, if only this one: a call refused before its handler runs is answered as it should be.
+    requestGate: intercepted.gate(options.requestGate ?? (() => {})),
     contextValues: (req) =>
       (options.contextValues?.(req) ?? createContextValues())
         .set(connectionKey, req.httpVersionMajor === 2 ? (req as http2.Http2ServerRequest).stream.session : req.socket)
