@@ -15,7 +15,7 @@ import { createLogger } from "./log.ts";
 import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
 import { createServiceClient } from "./rpc-client.ts";
-import { type RunningServer, startServer } from "./server.ts";
+import { maxStreamsPerConnection, type RunningServer, startServer } from "./server.ts";
 
 const metrics = createMetrics("test");
 const quietLog = createLogger({ service: "test", write: () => {} });
@@ -760,4 +760,76 @@ describe("binary messages that do not decode", () => {
       await server.close(0);
     }
   });
+});
+
+describe("streams one HTTP/2 connection may hold", () => {
+  test("are bounded: past the limit a stream is refused, and the mesh's own client waits for a free one", async () => {
+    const server = await startOwn({
+      name: "streams",
+      routes: (router) => {
+        router.service(BillingService, {
+          async listOrganizations() {
+            await Bun.sleep(200);
+            return { organizations: [] };
+          },
+        });
+      },
+    });
+    const net = await import("node:net");
+    try {
+      // Streams that send their headers and never their body, from a client that takes no notice of the server's
+      // SETTINGS, as an attacker would not: each would be held for the 120 s a body may take.
+      const socket = net.connect(Number(new URL(server.url).port), "127.0.0.1");
+      await new Promise((resolve) => socket.once("connect", resolve));
+      const frame = (type: number, flags: number, stream: number, payload: Uint8Array) => {
+        const head = Buffer.alloc(9);
+        head.writeUIntBE(payload.length, 0, 3);
+        head[3] = type;
+        head[4] = flags;
+        head.writeUInt32BE(stream, 5);
+        return Buffer.concat([head, payload]);
+      };
+      const frames: Array<{ type: number; payload: Buffer }> = [];
+      let pending = Buffer.alloc(0);
+      socket.on("data", (data: Buffer) => {
+        pending = Buffer.concat([pending, data]);
+        while (pending.length >= 9 && pending.length >= 9 + pending.readUIntBE(0, 3)) {
+          const length = pending.readUIntBE(0, 3);
+          frames.push({ type: pending[3] ?? 0, payload: pending.subarray(9, 9 + length) });
+          pending = pending.subarray(9 + length);
+        }
+      });
+      const path = "/billing.v1.BillingService/ListOrganizations";
+      // HPACK: POST, http, :authority "x", :path and content-type as literals.
+      const headers = Buffer.concat([
+        Buffer.from([0x83, 0x86, 0x01, 1, 0x78, 0x04, path.length]),
+        Buffer.from(path),
+        Buffer.from([0x0f, 0x10, "application/proto".length]),
+        Buffer.from("application/proto"),
+      ]);
+      socket.write("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+      socket.write(frame(4, 0, 0, new Uint8Array()));
+      for (let i = 0; i < maxStreamsPerConnection + 20; i++) socket.write(frame(1, 0x4, 1 + 2 * i, headers));
+      const refused = () => frames.filter((f) => f.type === 3 && f.payload.readUInt32BE(0) === 7).length;
+      for (let waited = 0; refused() < 20 && waited < 5_000; waited += 10) await Bun.sleep(10);
+      await Bun.sleep(100);
+      expect(refused()).toBe(20);
+      // SETTINGS_MAX_CONCURRENT_STREAMS (3), as the server's first SETTINGS announced it.
+      const settings = frames.find((f) => f.type === 4 && f.payload.length > 0)?.payload ?? Buffer.alloc(0);
+      const announced = new Map<number, number>();
+      for (let at = 0; at + 6 <= settings.length; at += 6) announced.set(settings.readUInt16BE(at), settings.readUInt32BE(at + 2));
+      expect(announced.get(3)).toBe(maxStreamsPerConnection);
+      socket.destroy();
+
+      // More calls at once than a connection takes streams: each waits its turn instead of being refused, which
+      // soon closes the connection and fails every call on it.
+      const billing = createServiceClient(BillingService, { baseUrl: server.url });
+      const calls = await Promise.allSettled(
+        Array.from({ length: maxStreamsPerConnection + 200 }, () => billing.listOrganizations({})),
+      );
+      expect(calls.filter((c) => c.status === "rejected").map((c) => String(c.reason)).slice(0, 3)).toEqual([]);
+    } finally {
+      await server.close(0);
+    }
+  }, 30_000);
 });

@@ -27,6 +27,14 @@ export type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
 /** Serves plain HTTP routes next to the RPCs. Returns false when the path is not its own. */
 export type HttpRoutes = (req: NodeRequest, res: NodeResponse) => boolean | Promise<boolean>;
 
+/**
+ * Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); one past it is refused
+ * (REFUSED_STREAM). Without it Bun's node:http2 advertises 2^32-1 and takes every stream a client opens: 20,000 that
+ * never send their body held 400 MB for the 120 s a body may take. gRPC clients, Node's and browsers wait for a free
+ * stream instead; Bun's HTTP/2 client does not, which rpc-client's own limit keeps the mesh's calls under.
+ */
+export const maxStreamsPerConnection = 1000;
+
 /** Largest RPC message a service accepts unless it sets its own (analytics: every IngestMetrics batch). */
 export const defaultReadMaxBytes = 16 * 1024 * 1024;
 
@@ -194,7 +202,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   };
 
   const h1 = http.createServer({ keepAliveTimeout: 65_000 }, handle);
-  const h2 = http2.createServer({}, handle);
+  const h2 = http2.createServer({ settings: { maxConcurrentStreams: maxStreamsPerConnection } }, handle);
   const sessions = new Set<http2.ServerHttp2Session>();
   h2.on("session", (s) => {
     sessions.add(s);
