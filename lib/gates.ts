@@ -50,14 +50,14 @@ export function gatedInterceptors(interceptors: Interceptor[]) {
         };
         // Every RPC's signal aborts once it is answered: one answered before its handler ran (its message too large or
         // unreadable) ends its interceptors with why.
-        ctx.signal.addEventListener(
-          "abort",
-          () => {
-            if (!handedOver) undecodableAsInvalid(ctx.signal.reason);
-            reject(ctx.signal.reason);
-          },
-          { once: true },
-        );
+        const answered = () => {
+          if (!handedOver) undecodableAsInvalid(ctx.signal.reason);
+          reject(ctx.signal.reason);
+        };
+        // A deadline of 0 (`grpc-timeout: 0n`) has passed before the gate runs, and an aborted signal never aborts
+        // again: the call would wait for a handler it never hands over, unanswered.
+        if (ctx.signal.aborted) answered();
+        else ctx.signal.addEventListener("abort", answered, { once: true });
       });
       let within: BegunCall["within"] = (fn) => fn();
       let passed = () => {};

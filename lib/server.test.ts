@@ -833,3 +833,39 @@ describe("streams one HTTP/2 connection may hold", () => {
     }
   }, 30_000);
 });
+
+describe("deadlines", () => {
+  test("one already passed when the call arrives (0) is answered DeadlineExceeded, gated or not, never left hanging", async () => {
+    for (const requestGate of [undefined, () => {}]) {
+      const server = await startOwn({
+        name: "deadlines",
+        requestGate,
+        routes: (router) => {
+          router.service(BillingService, {
+            async listOrganizations() {
+              return { organizations: [] };
+            },
+          });
+        },
+      });
+      try {
+        const connect = await fetch(`${server.url}/billing.v1.BillingService/ListOrganizations`, {
+          method: "POST",
+          headers: { "content-type": "application/json", "connect-timeout-ms": "0" },
+          body: "{}",
+          signal: AbortSignal.timeout(3_000),
+        });
+        expect(connect.status).toBe(504);
+        expect(((await connect.json()) as { code: string }).code).toBe("deadline_exceeded");
+        const billing = createServiceClient(BillingService, { baseUrl: server.url });
+        // The client's own deadline is what the server reads from grpc-timeout; a header of 0n is sent as is.
+        const failed = await billing
+          .listOrganizations({}, { headers: { "grpc-timeout": "0n" }, signal: AbortSignal.timeout(3_000) })
+          .catch((e: unknown) => ConnectError.from(e));
+        expect((failed as ConnectError).code).toBe(Code.DeadlineExceeded);
+      } finally {
+        await server.close(0);
+      }
+    }
+  });
+});
