@@ -868,4 +868,32 @@ describe("deadlines", () => {
       }
     }
   });
+
+  test("one longer than a timer can wait (24.8 days) is held to it, not passed after 1 ms", async () => {
+    const server = await startOwn({
+      name: "deadlines",
+      routes: (router) => {
+        router.service(BillingService, {
+          async listOrganizations(_req, ctx) {
+            await Bun.sleep(50);
+            if (ctx.signal.aborted) throw ctx.signal.reason;
+            return { organizations: [create(OrganizationSchema, { id: String(ctx.timeoutMs()) })] };
+          },
+        });
+      },
+    });
+    try {
+      const billing = createServiceClient(BillingService, { baseUrl: server.url });
+      const grpc = await billing.listOrganizations({}, { headers: { "grpc-timeout": "3000H" } });
+      expect(Number(grpc.organizations[0]?.id)).toBeGreaterThan(2 ** 31 - 1000);
+      const connect = await fetch(`${server.url}/billing.v1.BillingService/ListOrganizations`, {
+        method: "POST",
+        headers: { "content-type": "application/json", "connect-timeout-ms": "9999999999" },
+        body: "{}",
+      });
+      expect(connect.status).toBe(200);
+    } finally {
+      await server.close(0);
+    }
+  });
 });

@@ -189,6 +189,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       }
       if (req.method === "GET" && (await serveOps(path, res, options, readiness.current, draining.signal))) return;
       if (options.http && (await options.http(req, res))) return;
+      holdDeadlineToTimer(req.headers);
       if (isGrpcWebText(req)) transcodeGrpcWebText(req, res);
       if (req.headers["content-type"]?.startsWith("application/grpc")) sendGrpcMessageAsSpecified(res);
       rpc(req, res);
@@ -332,6 +333,24 @@ export function headersOf(raw: http.IncomingHttpHeaders): Pick<Headers, "get"> {
       return value === undefined ? null : Array.isArray(value) ? value.join(", ") : value;
     },
   };
+}
+
+/** The longest delay setTimeout takes: a longer one fires after 1 ms. */
+const maxTimerMs = 2 ** 31 - 1;
+const grpcTimeoutUnitMs: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1_000, m: 1, u: 1e-3, n: 1e-6 };
+
+/**
+ * A deadline longer than setTimeout can wait (24.8 days: `grpc-timeout: 3000H`, as clients that want none may send)
+ * is held to it, which no call outlives: connect times the deadline with setTimeout, so it would pass after 1 ms and
+ * fail the call DeadlineExceeded at once.
+ */
+function holdDeadlineToTimer(headers: http.IncomingHttpHeaders): void {
+  const grpc = /^(\d{1,8})([HMSmun])$/.exec(String(headers["grpc-timeout"] ?? ""));
+  if (grpc && Number(grpc[1]) * (grpcTimeoutUnitMs[grpc[2] ?? ""] ?? 0) > maxTimerMs) {
+    headers["grpc-timeout"] = `${Math.floor(maxTimerMs / 1000)}S`;
+  }
+  const connect = /^\d{1,10}$/.exec(String(headers["connect-timeout-ms"] ?? ""));
+  if (connect && Number(connect[0]) > maxTimerMs) headers["connect-timeout-ms"] = String(maxTimerMs);
 }
 
 /** The address a request came from; empty when its connection no longer knows, which no check takes for loopback. */
