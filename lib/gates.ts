@@ -1,5 +1,7 @@
 import { AsyncLocalStorage } from "node:async_hooks";
 import {
+  Code,
+  ConnectError,
   type ConnectRouter,
   createContextKey,
   type HandlerContext,
@@ -40,11 +42,22 @@ export function gatedInterceptors(interceptors: Interceptor[]) {
     (inner: RequestGate): RequestGate =>
     async (ctx) => {
       let handOver: BegunCall["handOver"] = () => {};
+      let handedOver = false;
       const handler = new Promise<Answer>((resolve, reject) => {
-        handOver = resolve;
+        handOver = (answer) => {
+          handedOver = true;
+          resolve(answer);
+        };
         // Every RPC's signal aborts once it is answered: one answered before its handler ran (its message too large or
         // unreadable) ends its interceptors with why.
-        ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason), { once: true });
+        const answered = () => {
+          if (!handedOver) undecodableAsInvalid(ctx.signal.reason);
+          reject(ctx.signal.reason);
+        };
+        // A deadline of 0 (`grpc-timeout: 0n`) has passed before the gate runs, and an aborted signal never aborts
+        // again: the call would wait for a handler it never hands over, unanswered.
+        if (ctx.signal.aborted) answered();
+        else ctx.signal.addEventListener("abort", answered, { once: true });
       });
       let within: BegunCall["within"] = (fn) => fn();
       let passed = () => {};
@@ -66,14 +79,46 @@ export function gatedInterceptors(interceptors: Interceptor[]) {
 
   const interceptor: Interceptor = (next) => async (req) => {
     const begun = req.contextValues.get(begunCall);
-    if (!begun) return run(next)(req);
+    if (!begun) return run((call) => next(decodedAsInvalid(call)))(req);
     // A call whose deadline passed or whose client left while its gate ran is already answered with why: its handler
     // does not run (its failure would be thrown into no one's hands, and what it did would be done for no one).
-    if (!req.signal.aborted) begun.handOver(begun.within(() => next(req)));
+    if (!req.signal.aborted) begun.handOver(begun.within(() => next(decodedAsInvalid(req))));
     return begun.answer;
   };
 
   return { gate, interceptor };
+}
+
+/**
+ * connect answers a binary request message protobuf cannot decode (a string that is not UTF-8, as a JavaScript client
+ * writes a lone surrogate, or a truncated message) with Internal, a fault of the server's that is logged, counted
+ * and traced as one, where the same message sent as JSON is InvalidArgument. The error is made the caller's before
+ * connect writes it: the abort that hands it to the call's signal comes first. Only a call that ended before its
+ * handler ran, or a failure of a request stream's own messages: a handler's own "parse binary" failure is a response
+ * it could not read, the server's fault.
+ */
+function undecodableAsInvalid(reason: unknown): void {
+  if (!(reason instanceof ConnectError) || reason.code !== Code.Internal) return;
+  if (!reason.rawMessage.startsWith("parse binary:")) return;
+  const invalid = new ConnectError(reason.rawMessage, Code.InvalidArgument);
+  Object.assign(reason, { code: invalid.code, message: invalid.message });
+}
+
+/** A request stream whose messages fail to decode as undecodableAsInvalid says; a unary request as it is. */
+function decodedAsInvalid<T extends UnaryRequest | StreamRequest>(req: T): T {
+  if (!req.stream) return req;
+  const messages = req.message;
+  const message = {
+    async *[Symbol.asyncIterator]() {
+      try {
+        yield* messages;
+      } catch (e) {
+        undecodableAsInvalid(e);
+        throw e;
+      }
+    },
+  } as typeof messages;
+  return { ...req, message };
 }
 
 /** A router whose methods' own request gates run inside the interceptors too. */

@@ -23,10 +23,55 @@ export function createServiceClient<S extends DescService>(service: S, options: 
     : [];
   const transport = createGrpcTransport({
     baseUrl: options.baseUrl,
-    interceptors: [...auth, ...(options.interceptors ?? [])],
+    interceptors: [limitUnaryCalls(maxUnaryCalls), ...auth, ...(options.interceptors ?? [])],
     defaultTimeoutMs: options.timeoutMs,
     pingIntervalMs: 10_000,
     idleConnectionTimeoutMs: 60_000,
   });
   return createClient(service, transport);
+}
+
+/**
+ * Unary calls one client has in flight at once, each an HTTP/2 stream of its one connection; the rest wait their turn,
+ * their deadline running. Bun's HTTP/2 client opens streams past a server's SETTINGS_MAX_CONCURRENT_STREAMS rather than
+ * wait for one to close: the server refuses them, and after a hundred refusals closes the connection (GOAWAY
+ * ENHANCE_YOUR_CALM), failing every call on it, a gateway's budget leases and key change stream too. Half of the
+ * services' maxStreamsPerConnection, leaving the rest to streams.
+ */
+export const maxUnaryCalls = 500;
+
+function limitUnaryCalls(max: number): Interceptor {
+  let running = 0;
+  const waiting: Array<() => void> = [];
+  // A call that ends hands its place to the one that waited longest.
+  const release = () => {
+    const next = waiting.shift();
+    if (next) next();
+    else running--;
+  };
+  return (next) => async (req) => {
+    if (req.stream) return next(req);
+    if (running < max) running++;
+    else {
+      await new Promise<void>((resolve, reject) => {
+        const leave = () => {
+          const at = waiting.indexOf(go);
+          if (at >= 0) waiting.splice(at, 1);
+          reject(req.signal.reason);
+        };
+        const go = () => {
+          req.signal.removeEventListener("abort", leave);
+          resolve();
+        };
+        if (req.signal.aborted) return reject(req.signal.reason);
+        waiting.push(go);
+        req.signal.addEventListener("abort", leave, { once: true });
+      });
+    }
+    try {
+      return await next(req);
+    } finally {
+      release();
+    }
+  };
 }

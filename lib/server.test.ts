@@ -15,7 +15,7 @@ import { createLogger } from "./log.ts";
 import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
 import { createServiceClient } from "./rpc-client.ts";
-import { type RunningServer, startServer } from "./server.ts";
+import { maxStreamsPerConnection, type RunningServer, startServer } from "./server.ts";
 
 const metrics = createMetrics("test");
 const quietLog = createLogger({ service: "test", write: () => {} });
@@ -686,6 +686,212 @@ describe("RPC metrics", () => {
       // A client that sends no message at all is still told so.
       await fetch(`${server.url}${path}`, { method: "POST", headers: { "content-type": "application/connect+proto" } }).then((r) => r.arrayBuffer());
       expect(await handled()).toEqual({ canceled: 2, aborted: 1, unimplemented: 1 });
+    } finally {
+      await server.close(0);
+    }
+  });
+});
+
+describe("binary messages that do not decode", () => {
+  test("are the caller's InvalidArgument on every protocol, unary and streamed, gated or not", async () => {
+    const own = createMetrics("undecodable");
+    const server = await startOwn({
+      name: "undecodable",
+      interceptors: [own.serverInterceptor],
+      routes: (router) => {
+        router.service(BillingService, {
+          async createOrganization(req) {
+            return { organization: create(OrganizationSchema, { id: "org_1", name: req.name }) };
+          },
+          // A response the handler itself could not read is its own fault.
+          async listOrganizations() {
+            throw new ConnectError("parse binary: premature EOF", Code.Internal);
+          },
+        });
+        router.service(AnalyticsService, ackingIngest);
+        router.rpc(BillingService.method.listProjects, async () => ({}), { requestGate: () => {} });
+      },
+    });
+    const handled = async () => {
+      const values = (await own.registry.getSingleMetric("rpc_server_handled_total")?.get())?.values ?? [];
+      const counted = values.filter((v) => v.value > 0).map((v) => [`${v.labels.rpc_method} ${v.labels.code}`, v.value]);
+      return Object.fromEntries(counted) as Record<string, number>;
+    };
+    // name = 1: a lone surrogate as a JavaScript protobuf encoder writes it (ED A0 80), not UTF-8.
+    const notUtf8 = new Uint8Array([0x0a, 0x03, 0xed, 0xa0, 0x80]);
+    const envelope = (message: Uint8Array) => new Uint8Array([0, 0, 0, 0, message.length, ...message]);
+    const http2 = await import("node:http2");
+    try {
+      const post = (path: string, contentType: string, body: Uint8Array) =>
+        fetch(`${server.url}/billing.v1.BillingService/${path}`, { method: "POST", headers: { "content-type": contentType }, body });
+      for (const [path, body] of [
+        ["CreateOrganization", notUtf8],
+        ["ListProjects", notUtf8],
+        ["CreateOrganization", new Uint8Array([0x0a, 0x09, 0x41])],
+      ] as const) {
+        const res = await post(path, "application/proto", body);
+        expect(res.status).toBe(400);
+        expect(((await res.json()) as { code: string }).code).toBe("invalid_argument");
+      }
+      const web = await post("CreateOrganization", "application/grpc-web+proto", envelope(notUtf8));
+      expect(Buffer.from(await web.arrayBuffer()).toString()).toContain("grpc-status: 3");
+
+      const session = http2.connect(server.url);
+      const grpcStatus = (path: string, body: Uint8Array) =>
+        new Promise<unknown>((resolve) => {
+          const stream = session.request({ ":method": "POST", ":path": path, "content-type": "application/grpc", te: "trailers" });
+          stream.on("trailers", (trailers) => resolve(trailers["grpc-status"]));
+          stream.on("error", () => {});
+          stream.resume();
+          stream.end(Buffer.from(envelope(body)));
+        });
+      expect(await grpcStatus("/billing.v1.BillingService/CreateOrganization", notUtf8)).toBe("3");
+      // gateway_instance_id = 1 of an IngestMetrics batch, read by its handler.
+      expect(await grpcStatus("/analytics.v1.AnalyticsService/IngestMetrics", notUtf8)).toBe("3");
+      expect(await grpcStatus("/billing.v1.BillingService/ListOrganizations", new Uint8Array())).toBe("13");
+      session.close();
+      expect(await handled()).toEqual({
+        "CreateOrganization invalid_argument": 4,
+        "ListProjects invalid_argument": 1,
+        "IngestMetrics invalid_argument": 1,
+        "ListOrganizations internal": 1,
+      });
+    } finally {
+      await server.close(0);
+    }
+  });
+});
+
+describe("streams one HTTP/2 connection may hold", () => {
+  test("are bounded: past the limit a stream is refused, and the mesh's own client waits for a free one", async () => {
+    const server = await startOwn({
+      name: "streams",
+      routes: (router) => {
+        router.service(BillingService, {
+          async listOrganizations() {
+            await Bun.sleep(200);
+            return { organizations: [] };
+          },
+        });
+      },
+    });
+    const net = await import("node:net");
+    try {
+      // Streams that send their headers and never their body, from a client that takes no notice of the server's
+      // SETTINGS, as an attacker would not: each would be held for the 120 s a body may take.
+      const socket = net.connect(Number(new URL(server.url).port), "127.0.0.1");
+      await new Promise((resolve) => socket.once("connect", resolve));
+      const frame = (type: number, flags: number, stream: number, payload: Uint8Array) => {
+        const head = Buffer.alloc(9);
+        head.writeUIntBE(payload.length, 0, 3);
+        head[3] = type;
+        head[4] = flags;
+        head.writeUInt32BE(stream, 5);
+        return Buffer.concat([head, payload]);
+      };
+      const frames: Array<{ type: number; payload: Buffer }> = [];
+      let pending = Buffer.alloc(0);
+      socket.on("data", (data: Buffer) => {
+        pending = Buffer.concat([pending, data]);
+        while (pending.length >= 9 && pending.length >= 9 + pending.readUIntBE(0, 3)) {
+          const length = pending.readUIntBE(0, 3);
+          frames.push({ type: pending[3] ?? 0, payload: pending.subarray(9, 9 + length) });
+          pending = pending.subarray(9 + length);
+        }
+      });
+      const path = "/billing.v1.BillingService/ListOrganizations";
+      // HPACK: POST, http, :authority "x", :path and content-type as literals.
+      const headers = Buffer.concat([
+        Buffer.from([0x83, 0x86, 0x01, 1, 0x78, 0x04, path.length]),
+        Buffer.from(path),
+        Buffer.from([0x0f, 0x10, "application/proto".length]),
+        Buffer.from("application/proto"),
+      ]);
+      socket.write("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+      socket.write(frame(4, 0, 0, new Uint8Array()));
+      for (let i = 0; i < maxStreamsPerConnection + 20; i++) socket.write(frame(1, 0x4, 1 + 2 * i, headers));
+      const refused = () => frames.filter((f) => f.type === 3 && f.payload.readUInt32BE(0) === 7).length;
+      for (let waited = 0; refused() < 20 && waited < 5_000; waited += 10) await Bun.sleep(10);
+      await Bun.sleep(100);
+      expect(refused()).toBe(20);
+      // SETTINGS_MAX_CONCURRENT_STREAMS (3), as the server's first SETTINGS announced it.
+      const settings = frames.find((f) => f.type === 4 && f.payload.length > 0)?.payload ?? Buffer.alloc(0);
+      const announced = new Map<number, number>();
+      for (let at = 0; at + 6 <= settings.length; at += 6) announced.set(settings.readUInt16BE(at), settings.readUInt32BE(at + 2));
+      expect(announced.get(3)).toBe(maxStreamsPerConnection);
+      socket.destroy();
+
+      // More calls at once than a connection takes streams: each waits its turn instead of being refused, which
+      // soon closes the connection and fails every call on it.
+      const billing = createServiceClient(BillingService, { baseUrl: server.url });
+      const calls = await Promise.allSettled(
+        Array.from({ length: maxStreamsPerConnection + 200 }, () => billing.listOrganizations({})),
+      );
+      expect(calls.filter((c) => c.status === "rejected").map((c) => String(c.reason)).slice(0, 3)).toEqual([]);
+    } finally {
+      await server.close(0);
+    }
+  }, 30_000);
+});
+
+describe("deadlines", () => {
+  test("one already passed when the call arrives (0) is answered DeadlineExceeded, gated or not, never left hanging", async () => {
+    for (const requestGate of [undefined, () => {}]) {
+      const server = await startOwn({
+        name: "deadlines",
+        requestGate,
+        routes: (router) => {
+          router.service(BillingService, {
+            async listOrganizations() {
+              return { organizations: [] };
+            },
+          });
+        },
+      });
+      try {
+        const connect = await fetch(`${server.url}/billing.v1.BillingService/ListOrganizations`, {
+          method: "POST",
+          headers: { "content-type": "application/json", "connect-timeout-ms": "0" },
+          body: "{}",
+          signal: AbortSignal.timeout(3_000),
+        });
+        expect(connect.status).toBe(504);
+        expect(((await connect.json()) as { code: string }).code).toBe("deadline_exceeded");
+        const billing = createServiceClient(BillingService, { baseUrl: server.url });
+        // The client's own deadline is what the server reads from grpc-timeout; a header of 0n is sent as is.
+        const failed = await billing
+          .listOrganizations({}, { headers: { "grpc-timeout": "0n" }, signal: AbortSignal.timeout(3_000) })
+          .catch((e: unknown) => ConnectError.from(e));
+        expect((failed as ConnectError).code).toBe(Code.DeadlineExceeded);
+      } finally {
+        await server.close(0);
+      }
+    }
+  });
+
+  test("one longer than a timer can wait (24.8 days) is held to it, not passed after 1 ms", async () => {
+    const server = await startOwn({
+      name: "deadlines",
+      routes: (router) => {
+        router.service(BillingService, {
+          async listOrganizations(_req, ctx) {
+            await Bun.sleep(50);
+            if (ctx.signal.aborted) throw ctx.signal.reason;
+            return { organizations: [create(OrganizationSchema, { id: String(ctx.timeoutMs()) })] };
+          },
+        });
+      },
+    });
+    try {
+      const billing = createServiceClient(BillingService, { baseUrl: server.url });
+      const grpc = await billing.listOrganizations({}, { headers: { "grpc-timeout": "3000H" } });
+      expect(Number(grpc.organizations[0]?.id)).toBeGreaterThan(2 ** 31 - 1000);
+      const connect = await fetch(`${server.url}/billing.v1.BillingService/ListOrganizations`, {
+        method: "POST",
+        headers: { "content-type": "application/json", "connect-timeout-ms": "9999999999" },
+        body: "{}",
+      });
+      expect(connect.status).toBe(200);
     } finally {
       await server.close(0);
     }

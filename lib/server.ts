@@ -27,6 +27,14 @@ export type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
 /** Serves plain HTTP routes next to the RPCs. Returns false when the path is not its own. */
 export type HttpRoutes = (req: NodeRequest, res: NodeResponse) => boolean | Promise<boolean>;
 
+/**
+ * Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); one past it is refused
+ * (REFUSED_STREAM). Without it Bun's node:http2 advertises 2^32-1 and takes every stream a client opens: 20,000 that
+ * never send their body held 400 MB for the 120 s a body may take. gRPC clients, Node's and browsers wait for a free
+ * stream instead; Bun's HTTP/2 client does not, which rpc-client's own limit keeps the mesh's calls under.
+ */
+export const maxStreamsPerConnection = 1000;
+
 /** Largest RPC message a service accepts unless it sets its own (analytics: every IngestMetrics batch). */
 export const defaultReadMaxBytes = 16 * 1024 * 1024;
 
@@ -122,7 +130,8 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       registerReflection(router, [...services, Health]);
     },
     interceptors: [intercepted.interceptor],
-    requestGate: options.requestGate && intercepted.gate(options.requestGate),
+    // Every call has a gate, if only this one: a call refused before its handler runs is answered as it should be.
+    requestGate: intercepted.gate(options.requestGate ?? (() => {})),
     contextValues: (req) =>
       (options.contextValues?.(req) ?? createContextValues())
         .set(connectionKey, req.httpVersionMajor === 2 ? (req as http2.Http2ServerRequest).stream.session : req.socket)
@@ -180,6 +189,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       }
       if (req.method === "GET" && (await serveOps(path, res, options, readiness.current, draining.signal))) return;
       if (options.http && (await options.http(req, res))) return;
+      holdDeadlineToTimer(req.headers);
       if (isGrpcWebText(req)) transcodeGrpcWebText(req, res);
       if (req.headers["content-type"]?.startsWith("application/grpc")) sendGrpcMessageAsSpecified(res);
       rpc(req, res);
@@ -193,7 +203,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   };
 
   const h1 = http.createServer({ keepAliveTimeout: 65_000 }, handle);
-  const h2 = http2.createServer({}, handle);
+  const h2 = http2.createServer({ settings: { maxConcurrentStreams: maxStreamsPerConnection } }, handle);
   const sessions = new Set<http2.ServerHttp2Session>();
   h2.on("session", (s) => {
     sessions.add(s);
@@ -323,6 +333,24 @@ export function headersOf(raw: http.IncomingHttpHeaders): Pick<Headers, "get"> {
       return value === undefined ? null : Array.isArray(value) ? value.join(", ") : value;
     },
   };
+}
+
+/** The longest delay setTimeout takes: a longer one fires after 1 ms. */
+const maxTimerMs = 2 ** 31 - 1;
+const grpcTimeoutUnitMs: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1_000, m: 1, u: 1e-3, n: 1e-6 };
+
+/**
+ * A deadline longer than setTimeout can wait (24.8 days: `grpc-timeout: 3000H`, as clients that want none may send)
+ * is held to it, which no call outlives: connect times the deadline with setTimeout, so it would pass after 1 ms and
+ * fail the call DeadlineExceeded at once.
+ */
+function holdDeadlineToTimer(headers: http.IncomingHttpHeaders): void {
+  const grpc = /^(\d{1,8})([HMSmun])$/.exec(String(headers["grpc-timeout"] ?? ""));
+  if (grpc && Number(grpc[1]) * (grpcTimeoutUnitMs[grpc[2] ?? ""] ?? 0) > maxTimerMs) {
+    headers["grpc-timeout"] = `${Math.floor(maxTimerMs / 1000)}S`;
+  }
+  const connect = /^\d{1,10}$/.exec(String(headers["connect-timeout-ms"] ?? ""));
+  if (connect && Number(connect[0]) > maxTimerMs) headers["connect-timeout-ms"] = String(maxTimerMs);
 }
 
 /** The address a request came from; empty when its connection no longer knows, which no check takes for loopback. */
