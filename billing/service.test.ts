@@ -1350,3 +1350,30 @@ test("a RecordUsage whose connection is cut mid-transaction is Unavailable, leav
   expect(await client.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 1, duplicates: 0 });
   expect(await client.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 0, duplicates: 1 });
 });
+
+test("calls whose callers gave up behind a lock another session holds give their connections back at once", async () => {
+  const orgId = await newOrg();
+  const { secret } = await client.createApiKey({ orgId, name: "locked" }, admin);
+  const pool = new pg.Pool({ connectionString: db.connectionString, max: 3, connectionTimeoutMillis: 1_000 });
+  const small = createClient(BillingService, createRouterTransport(createBillingApp({ pool, adminToken, clock: () => now, log }).routes));
+  const locker = await db.pool.connect();
+  try {
+    await locker.query("BEGIN");
+    await locker.query("LOCK TABLE api_keys");
+    // More key checks than the pool has connections, each given up by its caller after 200 ms.
+    const checks = Array.from({ length: 6 }, () => failure(small.authorizeKey({ secret }, { ...admin, timeoutMs: 200 })));
+    for (const outcome of await Promise.all(checks)) expect(outcome.code).toBe(Code.DeadlineExceeded);
+    const started = performance.now();
+    expect((await small.listOrganizations({}, admin)).organizations.length).toBeGreaterThan(0);
+    expect(performance.now() - started).toBeLessThan(500);
+    const waiting = await locker.query(
+      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    );
+    expect(waiting.rows[0].n).toBe(0);
+  } finally {
+    await locker.query("ROLLBACK");
+    locker.release();
+    await pool.end();
+  }
+  expect((await client.authorizeKey({ secret }, admin)).apiKey?.orgId).toBe(orgId);
+});
