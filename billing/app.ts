@@ -7,7 +7,9 @@ import { invoicePages } from "./invoices/http.ts";
 import { createBillingMetrics } from "./metrics.ts";
 import { billingRoutes } from "./routes.ts";
 import { createBillingService } from "./service.ts";
+import { callSignal } from "./store/db.ts";
 import { createBillingStore } from "./store/store.ts";
+import type { TimeRange } from "./store/types.ts";
 import { createUsageTracker } from "./usage-tracker.ts";
 
 export interface BillingAppOptions {
@@ -38,7 +40,9 @@ export function createBillingApp(options: BillingAppOptions) {
   const { abandonedLeaseGraceMs, holderFloorNanos } = options;
   const store = createBillingStore(pool, { abandonedLeaseGraceMs, holderFloorNanos });
   const auth = createBillingAuth({ store, adminToken, clock });
-  const usage = createUsageTracker({ load: store.periodUsage, clock });
+  // A read of an org's usage is shared by the calls asking meanwhile: no one caller leaving cancels it.
+  const load = (orgId: string, period: TimeRange) => callSignal.exit(() => store.periodUsage(orgId, period));
+  const usage = createUsageTracker({ load, clock });
   const metrics =
     registry &&
     createBillingMetrics(registry, { openLeases: (timeoutMs) => store.openBudgetLeases(clock(), timeoutMs) }, log);

@@ -1,4 +1,5 @@
 import { Code, ConnectError } from "@connectrpc/connect";
+import pg from "pg";
 import type { Logger } from "../lib/log.ts";
 import { BillingError, type BillingErrorKind } from "./store/db.ts";
 
@@ -12,15 +13,37 @@ const codes: Record<BillingErrorKind, Code> = {
   unavailable: Code.Unavailable,
 };
 
+/** What a caller is told while Postgres cannot serve; the driver's words, which name hosts, go to the log. */
+export const databaseUnavailable = "billing's database is unavailable; retry shortly";
+
+// SQLSTATEs of a server shutting down or starting, out of connections, or of a statement cancelled or out of time.
+const unavailableStates = new Set(["57P01", "57P02", "57P03", "53000", "53300", "57014", "55P03"]);
+// How the socket and the driver say a connection failed, or could not be made or taken from the pool in time.
+const connectionErrnos = new Set(["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EPIPE", "EHOSTUNREACH", "ENETUNREACH"]);
+const connectionMessages =
+  /^(Connection terminated|timeout exceeded when trying to connect$|Query read timeout$|Client .* not queryable$|Cannot use a pool after calling end)/;
+
+/** Whether `e` says Postgres could not be reached or could not run the statement now, so a retry may succeed. */
+export function isDatabaseUnavailable(e: unknown): boolean {
+  if (e instanceof pg.DatabaseError) return e.code?.startsWith("08") === true || unavailableStates.has(e.code ?? "");
+  if (!(e instanceof Error)) return false;
+  const { code } = e as NodeJS.ErrnoException;
+  return (code !== undefined && connectionErrnos.has(code)) || connectionMessages.test(e.message);
+}
+
 /**
- * The one mapping from domain errors to Connect codes; what the database said behind a refusal is logged, never sent,
- * and unexpected errors are logged and reported as Internal.
+ * The one mapping from domain errors to Connect codes; what the database said behind a refusal is logged, never sent.
+ * A database that cannot serve is Unavailable, so callers retry; other unexpected errors are logged and Internal.
  */
 export function toConnectError(e: unknown, log: Logger): ConnectError {
   if (e instanceof ConnectError) return e;
   if (e instanceof BillingError) {
     if (e.internal) log.info("request refused by the database", { refusal: e.message, ...e.internal });
     return new ConnectError(e.message, codes[e.kind]);
+  }
+  if (isDatabaseUnavailable(e)) {
+    log.warn("request failed: postgres unavailable", { err: e, code: (e as { code?: string }).code });
+    return new ConnectError(databaseUnavailable, Code.Unavailable);
   }
   log.error("billing request failed", { err: e });
   return new ConnectError("internal error", Code.Internal);

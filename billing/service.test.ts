@@ -20,6 +20,7 @@ import { createLogger } from "../lib/log.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
 import { createBillingApp } from "./app.ts";
+import { databaseUnavailable } from "./errors.ts";
 import { createTestDatabase, type TestDatabase } from "./store/test-db.ts";
 
 const adminToken = "test-admin-token-0123456789";
@@ -1275,4 +1276,104 @@ test("readiness says a database is unreachable, not where it is: that goes to th
   } finally {
     await pool.end();
   }
+});
+
+test("while Postgres refuses connections or has none to spare, RPCs fail Unavailable without naming it, and recover", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 1_000_000n });
+  const { secret } = await client.createApiKey({ orgId, name: "outage" }, admin);
+  const calls = (c: typeof client) => ({
+    authorizeKey: c.authorizeKey({ secret }, admin),
+    acquireBudgetLease: c.acquireBudgetLease(
+      { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-a", requestedNanos: 10n, ttlSeconds: 60 },
+      admin,
+    ),
+    recordUsage: c.recordUsage({ records: [usage(orgId, "", 1n)] }, admin),
+    listOrganizations: c.listOrganizations({}, admin),
+    generateInvoice: c.generateInvoice({ orgId }, admin),
+  });
+  const expectUnavailable = async (c: typeof client) => {
+    const pending = Object.entries(calls(c)).map(async ([name, call]) => [name, await failure(call)]);
+    for (const [name, outcome] of await Promise.all(pending)) {
+      expect([name, outcome]).toEqual([name, { code: Code.Unavailable, message: databaseUnavailable }]);
+    }
+  };
+
+  const refused = new pg.Pool({ connectionString: "postgres://billing@127.0.0.1:1/billing" });
+  const role = `billing_full_${process.pid}`;
+  const url = new URL(db.connectionString);
+  url.username = role;
+  url.password = "full-role-password";
+  const full = new pg.Pool({ connectionString: url.toString() });
+  await db.pool.query(`CREATE ROLE ${role} LOGIN PASSWORD 'full-role-password' CONNECTION LIMIT 0`);
+  try {
+    const from = logLines.length;
+    await expectUnavailable(createClient(BillingService, createRouterTransport(createBillingApp({ pool: refused, adminToken, clock: () => now, log }).routes)));
+    // Past its connection limit Postgres answers 53300, as it does past max_connections.
+    await expectUnavailable(createClient(BillingService, createRouterTransport(createBillingApp({ pool: full, adminToken, clock: () => now, log }).routes)));
+    const logged = logLines.slice(from).join("");
+    expect(logged).toContain("ECONNREFUSED");
+    expect(logged).toContain("53300");
+    expect(logged).not.toContain("internal error");
+  } finally {
+    await refused.end();
+    await full.end();
+    await db.pool.query(`DROP ROLE ${role}`);
+  }
+  for (const call of Object.values(calls(client))) await call;
+});
+
+test("a RecordUsage whose connection is cut mid-transaction is Unavailable, leaves no row, and its resend records it once", async () => {
+  const orgId = await newOrg();
+  const record = usage(orgId, "", 7n);
+  const locker = await db.pool.connect();
+  try {
+    await locker.query("BEGIN");
+    await locker.query("LOCK TABLE usage_records");
+    const call = failure(client.recordUsage({ records: [record] }, admin));
+    let pid: number | undefined;
+    for (let i = 0; i < 200 && pid === undefined; i++) {
+      const [row] = await locker.query<{ pid: number }>(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+      ).then((r) => r.rows);
+      pid = row?.pid;
+      if (pid === undefined) await Bun.sleep(10);
+    }
+    expect(pid).toBeGreaterThan(0);
+    await locker.query("SELECT pg_terminate_backend($1)", [pid]);
+    expect(await call).toEqual({ code: Code.Unavailable, message: databaseUnavailable });
+  } finally {
+    await locker.query("ROLLBACK");
+    locker.release();
+  }
+  const rows = await db.pool.query("SELECT 1 FROM usage_records WHERE request_id = $1", [record.requestId]);
+  expect(rows.rowCount).toBe(0);
+  expect(await client.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 1, duplicates: 0 });
+  expect(await client.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 0, duplicates: 1 });
+});
+
+test("calls whose callers gave up behind a lock another session holds give their connections back at once", async () => {
+  const orgId = await newOrg();
+  const { secret } = await client.createApiKey({ orgId, name: "locked" }, admin);
+  const pool = new pg.Pool({ connectionString: db.connectionString, max: 3, connectionTimeoutMillis: 1_000 });
+  const small = createClient(BillingService, createRouterTransport(createBillingApp({ pool, adminToken, clock: () => now, log }).routes));
+  const locker = await db.pool.connect();
+  try {
+    await locker.query("BEGIN");
+    await locker.query("LOCK TABLE api_keys");
+    // More key checks than the pool has connections, each given up by its caller after 200 ms.
+    const checks = Array.from({ length: 6 }, () => failure(small.authorizeKey({ secret }, { ...admin, timeoutMs: 200 })));
+    for (const outcome of await Promise.all(checks)) expect(outcome.code).toBe(Code.DeadlineExceeded);
+    const started = performance.now();
+    expect((await small.listOrganizations({}, admin)).organizations.length).toBeGreaterThan(0);
+    expect(performance.now() - started).toBeLessThan(500);
+    const waiting = await locker.query(
+      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    );
+    expect(waiting.rows[0].n).toBe(0);
+  } finally {
+    await locker.query("ROLLBACK");
+    locker.release();
+    await pool.end();
+  }
+  expect((await client.authorizeKey({ secret }, admin)).apiKey?.orgId).toBe(orgId);
 });

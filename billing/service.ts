@@ -52,6 +52,7 @@ import { billingPeriod } from "./period.ts";
 import { toConnectError } from "./errors.ts";
 import type { BillingMetrics } from "./metrics.ts";
 import { invoiceNotFound } from "./store/invoices.ts";
+import { callSignal } from "./store/db.ts";
 import type { BillingStore } from "./store/store.ts";
 import type { TimeRange } from "./store/types.ts";
 import type { UsageCursor } from "./store/usage.ts";
@@ -481,9 +482,13 @@ function withDomainErrors(
             }
           }
         : async (...args: unknown[]) => {
+            const { signal } = args[1] as HandlerContext;
             try {
-              return await fn(...args);
+              // The call's statements are cancelled once its caller leaves or its deadline passes.
+              return await callSignal.run(signal, () => fn(...args));
             } catch (e) {
+              // Its statement cancelled for that: the call ends as its caller did, which is no outage to log.
+              if (signal.aborted) throw ConnectError.from(signal.reason);
               throw toConnectError(e, log);
             }
           };

@@ -13,6 +13,7 @@ const statuses: Partial<Record<Code, number>> = {
   [Code.Unauthenticated]: 401,
   [Code.PermissionDenied]: 403,
   [Code.NotFound]: 404,
+  [Code.Unavailable]: 503,
 };
 
 // A rendered invoice is a private document: never cached, never framed, no scripts whatever its content.

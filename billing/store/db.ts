@@ -1,3 +1,5 @@
+import { AsyncLocalStorage } from "node:async_hooks";
+import { connect } from "node:net";
 import pg from "pg";
 
 export type BillingErrorKind =
@@ -32,10 +34,19 @@ export interface Db extends Queryable {
   transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
 }
 
+/**
+ * The signal of the RPC the queries run for, set around each call: once it aborts (the caller left or its deadline
+ * passed) the statement running for it is cancelled, so a call nobody waits for any more does not hold a connection,
+ * say behind a lock another session holds, until the pool has none left for anyone.
+ */
+export const callSignal = new AsyncLocalStorage<AbortSignal>();
+
 /** Query helpers over a pool that turn constraint violations into BillingErrors. */
 export function createDb(pool: pg.Pool): Db {
-  const on = (client: pg.Pool | pg.PoolClient): Queryable => ({
+  const on = (client: pg.Pool | pg.PoolClient, signal?: AbortSignal): Queryable => ({
     async query<R extends pg.QueryResultRow>(sql: string, params?: unknown[], timeoutMs?: number) {
+      // A call whose caller left runs no further statement.
+      signal?.throwIfAborted();
       try {
         if (timeoutMs === undefined) return (await client.query<R>(sql, params)).rows;
         // pg honours query_timeout per query, though its types leave it out.
@@ -45,27 +56,85 @@ export function createDb(pool: pg.Pool): Db {
       }
     },
   });
+
+  /**
+   * Runs `use` on a pooled connection whose statement is cancelled once `signal` aborts. Such a connection is
+   * discarded afterwards, as is one `use` discards: a cancel arriving late must not reach another call's statement.
+   */
+  const withClient = async <T>(
+    signal: AbortSignal | undefined,
+    use: (client: pg.PoolClient, discard: (reason: Error) => void) => Promise<T>,
+  ): Promise<T> => {
+    const client = await pool.connect();
+    let broken: Error | undefined;
+    const discard = (reason: Error) => {
+      broken ??= reason;
+    };
+    const cancel = () => {
+      discard(new Error("statement cancelled: its caller left"));
+      cancelStatement(client);
+    };
+    signal?.addEventListener("abort", cancel, { once: true });
+    try {
+      return await use(client, discard);
+    } finally {
+      signal?.removeEventListener("abort", cancel);
+      client.release(broken);
+    }
+  };
+
   return {
-    ...on(pool),
-    async transaction(fn) {
-      const client = await pool.connect();
-      let broken: Error | undefined;
-      try {
-        await client.query("BEGIN");
-        const result = await fn(on(client));
-        await client.query("COMMIT");
-        return result;
-      } catch (e) {
-        await client.query("ROLLBACK").catch((rollbackError: Error) => {
-          broken = rollbackError;
-        });
-        throw e;
-      } finally {
-        // A connection that cannot roll back is discarded rather than reused.
-        client.release(broken);
-      }
+    async query<R extends pg.QueryResultRow>(sql: string, params?: unknown[], timeoutMs?: number) {
+      const signal = callSignal.getStore();
+      if (!signal) return on(pool).query<R>(sql, params, timeoutMs);
+      // As pool.query does, a connection whose query failed is not reused.
+      return withClient(signal, (client, discard) =>
+        on(client, signal)
+          .query<R>(sql, params, timeoutMs)
+          .catch((e: unknown) => {
+            discard(e as Error);
+            throw e;
+          }),
+      );
+    },
+    transaction(fn) {
+      const signal = callSignal.getStore();
+      return withClient(signal, async (client, discard) => {
+        try {
+          await client.query("BEGIN");
+          const result = await fn(on(client, signal));
+          await client.query("COMMIT");
+          return result;
+        } catch (e) {
+          // A connection that cannot roll back is discarded rather than reused.
+          await client.query("ROLLBACK").catch(discard);
+          throw e;
+        }
+      });
     },
   };
+}
+
+/** Postgres's cancel request for what `client` runs, sent on a connection of its own, which needs no login. */
+function cancelStatement(client: pg.PoolClient): void {
+  // Set by pg once connected, though its types leave them out.
+  const { host, port, processID, secretKey } = client as unknown as {
+    host: string;
+    port: number;
+    processID: number | null;
+    secretKey: number | null;
+  };
+  if (processID === null || secretKey === null) return;
+  const request = Buffer.alloc(16);
+  request.writeInt32BE(16, 0);
+  request.writeInt32BE(80_877_102, 4); // CancelRequest
+  request.writeInt32BE(processID, 8);
+  request.writeInt32BE(secretKey, 12);
+  const socket = host.startsWith("/") ? connect(`${host}/.s.PGSQL.${port}`) : connect(port, host);
+  // Not reaching the server leaves the statement to end on its own; its connection is discarded all the same.
+  socket.on("error", () => {});
+  socket.setTimeout(5_000, () => socket.destroy());
+  socket.end(request);
 }
 
 const tableNouns: Record<string, string> = {

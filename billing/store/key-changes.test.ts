@@ -1,5 +1,6 @@
 import { expect, test } from "bun:test";
 import { BillingError } from "./db.ts";
+import { createKeyChangeFeed } from "./key-changes.ts";
 import { newOrg as newOrgIn, noLimits, useTestStore } from "./test-db.ts";
 import type { KeyChange } from "./types.ts";
 
@@ -123,6 +124,36 @@ test("watchers fail as unavailable when the listening connection dies, and a new
   });
   expect(changes).toEqual([{ apiKeyId: apiKey.id, secretSha256: apiKey.secretSha256, revoked: true }]);
 });
+
+// The backend is stopped with a signal, which needs the embedded server on this machine.
+test.skipIf(Boolean(process.env.DATABASE_URL))(
+  "watchers fail as unavailable when the listening connection stops answering, rather than hear nothing for good",
+  async () => {
+    const feed = createKeyChangeFeed(fixture.db.pool, { checkMs: 100, checkTimeoutMs: 300 });
+    const stop = new AbortController();
+    const iterator = feed.watchKeyChanges(stop.signal)[Symbol.asyncIterator]();
+    expect((await iterator.next()).value).toBeNull();
+    const first = iterator.next().then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    await listening();
+    const { rows } = await fixture.db.pool.query<{ pid: number }>(
+      `SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'`,
+    );
+    const pid = rows[0]?.pid as number;
+    process.kill(pid, "SIGSTOP");
+    try {
+      const error = await Promise.race([first, Bun.sleep(3_000).then(() => "still watching")]);
+      expect(error).toBeInstanceOf(BillingError);
+      expect((error as BillingError).kind).toBe("unavailable");
+      expect((error as BillingError).internal?.cause).toBe("Query read timeout");
+    } finally {
+      process.kill(pid, "SIGCONT");
+      stop.abort();
+    }
+  },
+);
 
 test("a settings change of an org with more keys than a watcher queues is one change; the watch goes on", async () => {
   const org = await newOrg("many-keys-org");

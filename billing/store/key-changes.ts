@@ -16,11 +16,20 @@ interface Watcher {
   fail(error: Error): void;
 }
 
+export interface KeyChangeFeedOptions {
+  /** How often the listening connection is asked to LISTEN again, to know it still answers (1 s by default)... */
+  checkMs?: number;
+  /** ...and how long it may take to answer before the feed fails (2 s by default). */
+  checkTimeoutMs?: number;
+}
+
 /**
  * Key changes committed by any billing replica, fanned out to watchers. One pooled connection LISTENs while at
- * least one watcher is subscribed and is returned to the pool when the last one leaves.
+ * least one watcher is subscribed and is returned to the pool when the last one leaves. A connection that stops
+ * answering (a hung server, a failed-over one gone without a reset) would hear nothing while watchers' streams went
+ * on: it is checked every `checkMs`, and one that does not answer fails the feed, so watchers reload and watch again.
  */
-export function createKeyChangeFeed(pool: pg.Pool) {
+export function createKeyChangeFeed(pool: pg.Pool, { checkMs = 1_000, checkTimeoutMs = 2_000 }: KeyChangeFeedOptions = {}) {
   const watchers = new Set<Watcher>();
   let listening: Promise<Listener> | undefined;
 
@@ -38,9 +47,22 @@ export function createKeyChangeFeed(pool: pg.Pool) {
         const change = JSON.parse(message.payload) as KeyChange;
         for (const watcher of watchers) watcher.push(change);
       };
+      let checking = false;
+      const check = setInterval(() => {
+        if (checking) return;
+        checking = true;
+        // pg honours query_timeout per query, though its types leave it out.
+        client.query({ text: `LISTEN ${keyChangesChannel}`, query_timeout: checkTimeoutMs } as pg.QueryConfig).then(
+          () => {
+            checking = false;
+          },
+          (error: Error) => onError(error),
+        );
+      }, checkMs);
       // The client goes back to the pool afterwards, so these handlers must not outlive the LISTEN.
       let released = false;
       const release = (error?: Error) => {
+        clearInterval(check);
         if (released) return;
         released = true;
         client.off("notification", onNotification);
@@ -64,6 +86,7 @@ export function createKeyChangeFeed(pool: pg.Pool) {
       }
       return {
         async stop() {
+          clearInterval(check);
           try {
             await client.query(`UNLISTEN ${keyChangesChannel}`);
             release();
