@@ -180,6 +180,43 @@ describe("openai provider", () => {
     expect(seen.length).toBe(before);
   });
 
+  test("a redirect is not followed: nothing reaches where it points, and the target is the operator's to fix", async () => {
+    const reached: string[] = [];
+    const elsewhere = Bun.serve({ port: 0, fetch: (req) => (reached.push(req.method), Response.json({})) });
+    const moved = Bun.serve({
+      port: 0,
+      fetch: (req) =>
+        new Response(null, {
+          status: new URL(req.url).pathname.endsWith("/embeddings") ? 301 : 307,
+          headers: { location: `http://localhost:${elsewhere.port}/v1/chat/completions?sig=abc` },
+        }),
+    });
+    try {
+      const redirecting = createOpenAIProvider(
+        { name: "moved", kind: "openai", base_url: `http://127.0.0.1:${moved.port}/v1`, headers: { "Helicone-Auth": "Bearer h" } },
+        undefined,
+      );
+      const chat = await failure(redirecting.chat(request("ok"), { timeoutMs: 2000 }));
+      expect(chat?.failure).toBe("misconfigured");
+      expect(chat?.status).toBe(307);
+      expect(chat?.message).toBe(
+        `moved answered 307, a redirect to http://localhost:${elsewhere.port}/v1/chat/completions, which is not ` +
+          "followed: base_url must be the upstream's own address",
+      );
+      const embedding = { model: "e", input: "x", encoding_format: "float" } as const;
+      const embed = await failure(redirecting.embed(embedding, { timeoutMs: 2000 }));
+      expect(embed?.failure).toBe("misconfigured");
+      expect(embed?.status).toBe(301);
+      const stream = await failure(redirecting.streamChat(request("ok"), { timeoutMs: 2000 }));
+      expect(stream?.failure).toBe("misconfigured");
+      // Neither the prompt nor the configured credential went to the other host, by POST or GET.
+      expect(reached).toEqual([]);
+    } finally {
+      moved.stop(true);
+      elsewhere.stop(true);
+    }
+  });
+
   test("the connection failing is transient", async () => {
     const nowhere = createOpenAIProvider({ name: "nowhere", kind: "openai", base_url: "http://127.0.0.1:9/v1" }, undefined);
     expect((await failure(nowhere.chat(request("ok"), { timeoutMs: 2000 })))?.failure).toBe("transient");

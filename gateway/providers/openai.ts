@@ -117,8 +117,11 @@ export function createOpenAIProvider(
     try {
       if (signal?.aborted) abort();
       const { url, init } = await template(path, body.model, options.timeoutMs);
-      // Serialised as the SDK does its JSON bodies.
-      const response = await fetch(url, { ...init, body: JSON.stringify(body), signal: attempt.signal });
+      // Serialised as the SDK does its JSON bodies. A redirect is not followed: fetch would send the prompt, and the
+      // configured headers but Authorization, to wherever it points, and a 301 or 302 would turn the POST into a GET.
+      const sent = { ...init, body: JSON.stringify(body), signal: attempt.signal, redirect: "manual" } as const;
+      const response = await fetch(url, sent);
+      if (response.status >= 300 && response.status < 400) throw redirected(config.name, url, response, redact);
       if (!response.ok) throw await refusal(response);
       answering = answer.test(response.headers.get("content-type") ?? "");
       return await read(response);
@@ -553,6 +556,26 @@ async function refusal(response: Response): Promise<APIError> {
       ? { error: body }
       : body;
   return APIError.generate(response.status, error as object | undefined, body ? undefined : text, response.headers);
+}
+
+/**
+ * An upstream's redirect as the operator's to fix: the base_url is not where the upstream serves (http for https, a
+ * missing path), named with where it points, without its query.
+ */
+function redirected(provider: string, url: string, response: Response, redact: (text: string) => string) {
+  void response.body?.cancel().catch(() => {});
+  const location = response.headers.get("location");
+  let where = "nowhere it names";
+  if (location) {
+    try {
+      const target = new URL(location, url);
+      where = `${target.origin}${target.pathname}`;
+    } catch {
+      where = "an unreadable location";
+    }
+  }
+  const said = `${provider} answered ${response.status}, a redirect to ${redact(where)}, which is not followed`;
+  return new UpstreamError("misconfigured", `${said}: base_url must be the upstream's own address`, response.status);
 }
 
 /** A failed call as an UpstreamError, the upstream's words (in the message and its error) passed through `redact`. */
