@@ -1,4 +1,5 @@
 import { afterAll, describe, expect, test } from "bun:test";
+import { join } from "node:path";
 import { createOpenAIProvider } from "./openai.ts";
 import type { ChatRequest } from "./provider.ts";
 import { UpstreamError, type UpstreamFailure } from "./provider.ts";
@@ -216,6 +217,33 @@ describe("openai provider", () => {
       elsewhere.stop(true);
     }
   });
+
+  test(
+    "an upstream silent for longer than Bun's own idle limit answers within the attempt's time limit",
+    async () => {
+      // Bun's fetch drops a connection idle for 5 minutes by default: here, a second (checked every 8 s or so).
+      const script = [
+        `import { createOpenAIProvider } from ${JSON.stringify(join(import.meta.dir, "openai.ts"))};`,
+        "const completion = { id: 'c', object: 'chat.completion', created: 1, model: 'm', choices: [",
+        "  { index: 0, message: { role: 'assistant', content: 'hi' }, finish_reason: 'stop' }] };",
+        "const answerLate = () => Bun.sleep(12_000).then(() => Response.json(completion));",
+        "const thinking = Bun.serve({ port: 0, idleTimeout: 0, fetch: answerLate });",
+        "const config = { name: 'thinker', kind: 'openai', base_url: `http://127.0.0.1:${thinking.port}/v1` };",
+        "const request = { model: 'm', messages: [{ role: 'user', content: 'hello' }] };",
+        "const answer = await createOpenAIProvider(config).chat(request, { timeoutMs: 30_000 }).catch((e) => e.message);",
+        "console.log(JSON.stringify(answer.completion?.choices[0].message.content ?? answer));",
+        "thinking.stop(true);",
+      ].join("\n");
+      const child = Bun.spawn([process.execPath, "--eval", script], {
+        env: { ...process.env, BUN_CONFIG_HTTP_IDLE_TIMEOUT: "1" },
+        stdout: "pipe",
+        stderr: "pipe",
+      });
+      const [out, err] = await Promise.all([new Response(child.stdout).text(), new Response(child.stderr).text()]);
+      expect({ out: out.trim(), err }).toEqual({ out: '"hi"', err: "" });
+    },
+    40_000,
+  );
 
   test("the connection failing is transient", async () => {
     const nowhere = createOpenAIProvider({ name: "nowhere", kind: "openai", base_url: "http://127.0.0.1:9/v1" }, undefined);

@@ -119,8 +119,15 @@ export function createOpenAIProvider(
       const { url, init } = await template(path, body.model, options.timeoutMs);
       // Serialised as the SDK does its JSON bodies. A redirect is not followed: fetch would send the prompt, and the
       // configured headers but Authorization, to wherever it points, and a 301 or 302 would turn the POST into a GET.
-      const sent = { ...init, body: JSON.stringify(body), signal: attempt.signal, redirect: "manual" } as const;
-      const response = await fetch(url, sent);
+      // Bun's own idle limit (5 minutes) is off: it would cut a model that thinks longer than that before it answers,
+      // within the attempt's time limit, as a failure the upstream had not billed.
+      const response = await fetch(url, {
+        ...init,
+        body: JSON.stringify(body),
+        signal: attempt.signal,
+        redirect: "manual",
+        timeout: false,
+      });
       if (response.status >= 300 && response.status < 400) throw redirected(config.name, url, response, redact);
       if (!response.ok) throw await refusal(response);
       answering = answer.test(response.headers.get("content-type") ?? "");
