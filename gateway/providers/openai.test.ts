@@ -245,6 +245,67 @@ describe("openai provider", () => {
     40_000,
   );
 
+  test("a whole answer is read up to its limit: one past it fails the attempt as cut off, unread", async () => {
+    const mib = 1024 * 1024;
+    const completion = JSON.stringify({
+      id: "c",
+      object: "chat.completion",
+      created: 1,
+      model: "m",
+      choices: [{ index: 0, message: { role: "assistant", content: "x".repeat(mib / 2) }, finish_reason: "stop" }],
+    });
+    let sent = 0;
+    const endless = () =>
+      new ReadableStream({
+        async pull(controller) {
+          sent += 64 * 1024;
+          controller.enqueue(new TextEncoder().encode(sent === 64 * 1024 ? '{"id":"' : "x".repeat(64 * 1024)));
+          await Bun.sleep(0);
+        },
+      });
+    const answering = Bun.serve({
+      port: 0,
+      async fetch(req) {
+        const { model } = (await req.json()) as { model: string };
+        const json = { "content-type": "application/json" };
+        if (model === "endless") return new Response(endless(), { headers: json });
+        if (model === "endless-500") return new Response(endless(), { status: 500, headers: json });
+        if (model === "declared") return new Response(`{"pad":"${"x".repeat(2 * mib)}"}`, { headers: json });
+        if (model === "gzip-bomb") {
+          const zipped = Bun.gzipSync(`{"pad":"${"x".repeat(8 * mib)}"}`);
+          return new Response(zipped, { headers: { ...json, "content-encoding": "gzip" } });
+        }
+        if (model === "gzip") return new Response(Bun.gzipSync(completion), { headers: { ...json, "content-encoding": "gzip" } });
+        // Chunked, of no declared length.
+        return new Response(new Blob([completion]).stream(), { headers: json });
+      },
+    });
+    try {
+      const config = { name: "big", kind: "openai", base_url: `http://127.0.0.1:${answering.port}/v1` } as const;
+      const bounded = createOpenAIProvider(config, undefined, [], mib);
+      for (const model of ["endless", "declared", "gzip-bomb"]) {
+        const e = await failure(bounded.chat(request(model), { timeoutMs: 10_000 }));
+        expect({ model, failure: e?.failure, message: e?.message, promptTaken: e?.promptTaken }).toEqual({
+          model,
+          failure: "transient",
+          message: `big: an answer longer than ${mib} bytes, not read`,
+          promptTaken: true,
+        });
+      }
+      // The endless answer was given up on near its limit, not read on until the attempt's time ran out.
+      expect(sent).toBeLessThan(8 * mib);
+      // A refusal's endless body is cut short: the refusal is still the upstream's 500.
+      const refused = await failure(bounded.chat(request("endless-500"), { timeoutMs: 10_000 }));
+      expect({ failure: refused?.failure, status: refused?.status }).toEqual({ failure: "transient", status: 500 });
+      for (const model of ["chunked", "gzip"]) {
+        const { completion: answer } = await bounded.chat(request(model), { timeoutMs: 10_000 });
+        expect(answer.choices[0]?.message.content).toHaveLength(mib / 2);
+      }
+    } finally {
+      answering.stop(true);
+    }
+  });
+
   test("the connection failing is transient", async () => {
     const nowhere = createOpenAIProvider({ name: "nowhere", kind: "openai", base_url: "http://127.0.0.1:9/v1" }, undefined);
     expect((await failure(nowhere.chat(request("ok"), { timeoutMs: 2000 })))?.failure).toBe("transient");

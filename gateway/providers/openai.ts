@@ -36,6 +36,7 @@ export function createOpenAIProvider(
   config: OpenAIProviderConfig | AzureProviderConfig,
   apiKey: string | undefined,
   secrets: readonly string[] = apiKey ? [apiKey] : [],
+  maxAnswerBytes = defaultMaxAnswerBytes,
 ): Provider {
   const missingKey = config.api_key_env !== undefined && !apiKey;
   const redact = (text: string) => redactSecrets(text, secrets);
@@ -149,7 +150,7 @@ export function createOpenAIProvider(
 
   /** One attempt whose answer is a whole JSON body. */
   const postJson = <T>(path: string, body: { model: string }, options: CallOptions) =>
-    post(path, body, options, json, (r) => r.json() as Promise<T>);
+    post(path, body, options, json, async (r) => JSON.parse(await bodyText(r, maxAnswerBytes, config.name)) as T);
 
   /** Upstream models that refused stream_options: their streams go without. */
   const refusesStreamOptions = new Set<string>();
@@ -269,6 +270,44 @@ function encodedAs(embedding: unknown, format: "float" | "base64"): unknown {
     if (bytes.length % 4 === 0) return Array.from(new Float32Array(bytes.buffer));
   }
   return embedding;
+}
+
+/** The most of a whole answer the gateway reads by default: float vectors of 2048 inputs of 3072 dimensions fit. */
+export const defaultMaxAnswerBytes = 128 * 1024 * 1024;
+
+/** The most of a refusal's body read: its words are cut far shorter (upstreamErrorBody) before anyone sees them. */
+const maxRefusalBytes = 64 * 1024;
+
+/**
+ * A body as text, read up to `max` bytes (decompressed). An answer past it (an upstream or a proxy gone wrong, sending
+ * without end) fails the attempt as one whose body broke off, since a model was writing it, rather than grow the
+ * gateway's memory until the process is killed; with `cut`, the text is cut at `max` instead.
+ */
+async function bodyText(response: Response, max: number, provider: string, cut = false): Promise<string> {
+  const declared = Number(response.headers.get("content-length") ?? Number.NaN);
+  // The common case: a length that fetch holds the body to, within the limit, and no encoding that could expand it.
+  if (declared <= max && !response.headers.has("content-encoding")) return response.text();
+  const reader = response.body?.getReader();
+  if (!reader) return "";
+  const parts: Uint8Array[] = [];
+  let size = 0;
+  for (;;) {
+    const read = await reader.read();
+    if (read.done) break;
+    if (size + read.value.byteLength > max) {
+      void reader.cancel().catch(() => {});
+      if (cut) {
+        parts.push(read.value.subarray(0, max - size));
+        size = max;
+        break;
+      }
+      const over = new UpstreamError("transient", `${provider}: an answer longer than ${max} bytes, not read`);
+      throw Object.assign(over, { promptTaken: true });
+    }
+    parts.push(read.value);
+    size += read.value.byteLength;
+  }
+  return Buffer.concat(parts, size).toString("utf8");
 }
 
 /** The content types of answers: whole ones in JSON, streamed ones as server-sent events. */
@@ -548,7 +587,9 @@ async function drainBody(reader: BodyReader, limitMs: number): Promise<void> {
  * `{"detail"}`) is the error itself; a plain text body that is not markup (a proxy's page) is its message.
  */
 async function refusal(response: Response): Promise<APIError> {
-  const text = await response.text().catch((e: unknown) => (e as Error).message ?? String(e));
+  const text = await bodyText(response, maxRefusalBytes, "", true).catch(
+    (e: unknown) => (e as Error).message ?? String(e),
+  );
   let body: unknown;
   try {
     body = JSON.parse(text);
