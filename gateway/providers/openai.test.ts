@@ -382,6 +382,9 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   "done-later": [chunkEvent({ content: "done" }, "stop"), usageEvent, "data: [DONE]\n", "PAUSE", "\n"],
   // Half an event, then nothing for a second.
   "half-event": [`data: {"id":"c1","object":"chat.comp`, "WAIT"],
+  // An event that never ends (100 MiB of it here), after a chunk and before any.
+  "endless-event": [chunkEvent({ content: "partial" }), 'data: {"pad":"', ...Array(400).fill("x".repeat(256 * 1024))],
+  "endless-first": ['data: {"pad":"', ...Array(400).fill("x".repeat(256 * 1024))],
   // Two choices (n = 2): the first finishes, the second is cut off; then both finishing.
   "two-cut": [choiceEvent(0, { content: "one" }, "stop"), choiceEvent(1, { content: "tw" })],
   // Two asked for, the first finished, the connection closed before the second began.
@@ -447,6 +450,34 @@ const drain = async (model: string, timeoutMs = 5000, n?: number) => {
 };
 
 describe("openai provider streams", () => {
+  test("an event longer than a whole answer may be fails the attempt as cut off, and is read no further", async () => {
+    const bounded = createOpenAIProvider(
+      { name: "sse", kind: "openai", base_url: `http://127.0.0.1:${streamingUpstream.port}/v1` },
+      undefined,
+      [],
+      1024 * 1024,
+    );
+    const contents: string[] = [];
+    const midway = await failure(
+      (async () => {
+        for await (const chunk of await bounded.streamChat(request("endless-event"), { timeoutMs: 5000 })) {
+          for (const choice of chunk.choices) if (choice.delta.content) contents.push(choice.delta.content);
+        }
+      })(),
+    );
+    const first = await failure(bounded.streamChat(request("endless-first"), { timeoutMs: 5000 }));
+    expect(contents).toEqual(["partial"]);
+    for (const e of [midway, first]) {
+      expect({ failure: e?.failure, message: e?.message, promptTaken: e?.promptTaken }).toEqual({
+        failure: "transient",
+        message: "sse: an event longer than 1048576 bytes, not read",
+        promptTaken: true,
+      });
+    }
+    const closed = () => closedEarly.includes("endless-event") && closedEarly.includes("endless-first");
+    await eventually(() => closed() || undefined);
+  });
+
   test("a consumer that takes longer than the timeout to read a chunk is not the upstream's silence", async () => {
     const contents: string[] = [];
     for await (const chunk of await streaming.streamChat(request("two-done"), { timeoutMs: 200 })) {

@@ -164,7 +164,7 @@ export function createOpenAIProvider(
         throw new UpstreamError("transient", error.message);
       }
       const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
-      const chunks = relay(response, config.name, options, choices, redact)[Symbol.asyncIterator]();
+      const chunks = relay(response, config.name, options, choices, redact, maxAnswerBytes)[Symbol.asyncIterator]();
       // Azure's first chunk holds its prompt filter's results alone, before the model has read the prompt: the answer
       // begins with the first chunk of a choice (or of usage), and a failure until then is still the attempt's.
       const held: ChatCompletionChunk[] = [];
@@ -368,6 +368,7 @@ function relay(
   options: CallOptions,
   choices: number,
   redact: (text: string) => string,
+  maxEventBytes: number,
 ): ChunkStream {
   const body = response.body;
   if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
@@ -381,7 +382,7 @@ function relay(
   // Listened to from now rather than from the first read: a client gone before it still closes the upstream.
   options.signal?.addEventListener("abort", left, { once: true });
   if (options.signal?.aborted) left();
-  return chunksOf(reader, leave, left, finished, provider, options, choices, redact);
+  return chunksOf(reader, leave, left, finished, provider, options, choices, redact, maxEventBytes);
 }
 
 /** How long a stream whose choices have all finished is still read for its usage after its client left. */
@@ -402,14 +403,18 @@ async function* chunksOf(
   options: CallOptions,
   choices: number,
   redact: (text: string) => string,
+  maxEventBytes: number,
 ): ChunkStream {
   const { timeoutMs, signal } = options;
   const decoder = new TextDecoder();
   const chunks: unknown[] = [];
   let failure: UpstreamError | undefined;
   let sentinel = false;
+  // Bytes received since an event last ended: one that never ends is bounded as a whole answer is.
+  let unended = 0;
   const parser = createParser({
     onEvent(event) {
+      unended = 0;
       if (sentinel || failure) return;
       if (event.data === "[DONE]") {
         sentinel = true;
@@ -468,7 +473,12 @@ async function* chunksOf(
       // A last event without its blank line still counts once the body ends.
       if (read.done) ended = true;
       const text = read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true });
+      unended += read.value?.byteLength ?? 0;
       parser.feed(text);
+      if (unended > maxEventBytes && !failure) {
+        const said = `${provider}: an event longer than ${maxEventBytes} bytes, not read`;
+        failure = Object.assign(new UpstreamError("transient", said), { promptTaken: true });
+      }
       tail = (text.length >= 32 ? text : tail + text).slice(-32);
       // Some upstreams send [DONE] without its blank line and hold the connection open: the event never dispatches.
       if (tail.includes("[DONE]") && /\n\ndata: ?\[DONE\]\n$/.test(tail.replace(/\r\n?/g, "\n"))) sentinel = true;
