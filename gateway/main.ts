@@ -18,7 +18,7 @@ import { createRestApp } from "./http/app.ts";
 import { serveRest } from "./http/bun.ts";
 import { restRoutes } from "./http/node.ts";
 import { createMetricsShipper } from "./metrics-pipe.ts";
-import { createProviders } from "./providers/index.ts";
+import { createProviders, defaultMaxAnswerBytes } from "./providers/index.ts";
 import { createRateLimiter } from "./rate-limits.ts";
 import { createReadiness } from "./readiness.ts";
 import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "./service.ts";
@@ -43,6 +43,8 @@ const cfg = loadEnvOrExit({
     .refine((id) => id !== "." && id !== "..", "must name a directory: not . or ..")
     .default(`${hostname()}-${process.pid}`),
   GATEWAY_MAX_BODY_BYTES: env.int(1024, 64 * 1024 * 1024).default(4 * 1024 * 1024),
+  /** The most of an upstream's whole (not streamed) answer read; past it the attempt fails. */
+  GATEWAY_MAX_UPSTREAM_ANSWER_BYTES: env.int(1024 * 1024, 1024 * 1024 * 1024).default(defaultMaxAnswerBytes),
   /**
    * Upstream calls Bun's fetch runs at once (Bun reads it at start; 256 unless set): the others wait inside fetch with
    * their attempt's time running, so a busy replica would time out calls its upstreams never saw.
@@ -122,6 +124,7 @@ const providers = createProviders(config.providers, process.env, {
   onMissingKey: (provider, variable) =>
     log.warn("provider has no API key; its models fail until it is set", { provider, variable }),
   secrets: [cfg.ADMIN_TOKEN],
+  maxAnswerBytes: cfg.GATEWAY_MAX_UPSTREAM_ANSWER_BYTES,
 });
 const billing = createServiceClient(BillingService, {
   baseUrl: cfg.BILLING_URL,

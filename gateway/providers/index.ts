@@ -4,6 +4,7 @@ import { createOpenAIProvider } from "./openai.ts";
 import type { Provider } from "./provider.ts";
 
 export type { Provider } from "./provider.ts";
+export { defaultMaxAnswerBytes } from "./openai.ts";
 
 // Configured headers that carry credentials (a proxy's own key, as Portkey's x-portkey-api-key or Helicone-Auth).
 const credentialHeader = /auth|key|token|secret|password|cookie|signature/i;
@@ -25,7 +26,12 @@ function headerSecrets(config: ProviderConfig): string[] {
 export function createProviders(
   configs: readonly ProviderConfig[],
   env: Record<string, string | undefined>,
-  options: { onMissingKey?: (provider: string, variable: string) => void; secrets?: readonly string[] } = {},
+  options: {
+    onMissingKey?: (provider: string, variable: string) => void;
+    secrets?: readonly string[];
+    /** The most of a whole answer read from an upstream, in bytes. */
+    maxAnswerBytes?: number;
+  } = {},
 ): Map<string, Provider> {
   const keyOf = (config: ProviderConfig) =>
     config.kind !== "mock" && config.api_key_env ? env[config.api_key_env] || undefined : undefined;
@@ -41,7 +47,7 @@ export function createProviders(
     }
     const apiKey = keyOf(config);
     if (config.api_key_env && !apiKey) options.onMissingKey?.(config.name, config.api_key_env);
-    providers.set(config.name, createOpenAIProvider(config, apiKey, secrets));
+    providers.set(config.name, createOpenAIProvider(config, apiKey, secrets, options.maxAnswerBytes));
   }
   return providers;
 }

@@ -1,4 +1,5 @@
 import { afterAll, describe, expect, test } from "bun:test";
+import { join } from "node:path";
 import { createOpenAIProvider } from "./openai.ts";
 import type { ChatRequest } from "./provider.ts";
 import { UpstreamError, type UpstreamFailure } from "./provider.ts";
@@ -180,6 +181,131 @@ describe("openai provider", () => {
     expect(seen.length).toBe(before);
   });
 
+  test("a redirect is not followed: nothing reaches where it points, and the target is the operator's to fix", async () => {
+    const reached: string[] = [];
+    const elsewhere = Bun.serve({ port: 0, fetch: (req) => (reached.push(req.method), Response.json({})) });
+    const moved = Bun.serve({
+      port: 0,
+      fetch: (req) =>
+        new Response(null, {
+          status: new URL(req.url).pathname.endsWith("/embeddings") ? 301 : 307,
+          headers: { location: `http://localhost:${elsewhere.port}/v1/chat/completions?sig=abc` },
+        }),
+    });
+    try {
+      const redirecting = createOpenAIProvider(
+        { name: "moved", kind: "openai", base_url: `http://127.0.0.1:${moved.port}/v1`, headers: { "Helicone-Auth": "Bearer h" } },
+        undefined,
+      );
+      const chat = await failure(redirecting.chat(request("ok"), { timeoutMs: 2000 }));
+      expect(chat?.failure).toBe("misconfigured");
+      expect(chat?.status).toBe(307);
+      expect(chat?.message).toBe(
+        `moved answered 307, a redirect to http://localhost:${elsewhere.port}/v1/chat/completions, which is not ` +
+          "followed: base_url must be the upstream's own address",
+      );
+      const embedding = { model: "e", input: "x", encoding_format: "float" } as const;
+      const embed = await failure(redirecting.embed(embedding, { timeoutMs: 2000 }));
+      expect(embed?.failure).toBe("misconfigured");
+      expect(embed?.status).toBe(301);
+      const stream = await failure(redirecting.streamChat(request("ok"), { timeoutMs: 2000 }));
+      expect(stream?.failure).toBe("misconfigured");
+      // Neither the prompt nor the configured credential went to the other host, by POST or GET.
+      expect(reached).toEqual([]);
+    } finally {
+      moved.stop(true);
+      elsewhere.stop(true);
+    }
+  });
+
+  test(
+    "an upstream silent for longer than Bun's own idle limit answers within the attempt's time limit",
+    async () => {
+      // Bun's fetch drops a connection idle for 5 minutes by default: here, a second (checked every 8 s or so).
+      const script = [
+        `import { createOpenAIProvider } from ${JSON.stringify(join(import.meta.dir, "openai.ts"))};`,
+        "const completion = { id: 'c', object: 'chat.completion', created: 1, model: 'm', choices: [",
+        "  { index: 0, message: { role: 'assistant', content: 'hi' }, finish_reason: 'stop' }] };",
+        "const answerLate = () => Bun.sleep(12_000).then(() => Response.json(completion));",
+        "const thinking = Bun.serve({ port: 0, idleTimeout: 0, fetch: answerLate });",
+        "const config = { name: 'thinker', kind: 'openai', base_url: `http://127.0.0.1:${thinking.port}/v1` };",
+        "const request = { model: 'm', messages: [{ role: 'user', content: 'hello' }] };",
+        "const answer = await createOpenAIProvider(config).chat(request, { timeoutMs: 30_000 }).catch((e) => e.message);",
+        "console.log(JSON.stringify(answer.completion?.choices[0].message.content ?? answer));",
+        "thinking.stop(true);",
+      ].join("\n");
+      const child = Bun.spawn([process.execPath, "--eval", script], {
+        env: { ...process.env, BUN_CONFIG_HTTP_IDLE_TIMEOUT: "1" },
+        stdout: "pipe",
+        stderr: "pipe",
+      });
+      const [out, err] = await Promise.all([new Response(child.stdout).text(), new Response(child.stderr).text()]);
+      expect({ out: out.trim(), err }).toEqual({ out: '"hi"', err: "" });
+    },
+    40_000,
+  );
+
+  test("a whole answer is read up to its limit: one past it fails the attempt as cut off, unread", async () => {
+    const mib = 1024 * 1024;
+    const completion = JSON.stringify({
+      id: "c",
+      object: "chat.completion",
+      created: 1,
+      model: "m",
+      choices: [{ index: 0, message: { role: "assistant", content: "x".repeat(mib / 2) }, finish_reason: "stop" }],
+    });
+    let sent = 0;
+    const endless = () =>
+      new ReadableStream({
+        async pull(controller) {
+          sent += 64 * 1024;
+          controller.enqueue(new TextEncoder().encode(sent === 64 * 1024 ? '{"id":"' : "x".repeat(64 * 1024)));
+          await Bun.sleep(0);
+        },
+      });
+    const answering = Bun.serve({
+      port: 0,
+      async fetch(req) {
+        const { model } = (await req.json()) as { model: string };
+        const json = { "content-type": "application/json" };
+        if (model === "endless") return new Response(endless(), { headers: json });
+        if (model === "endless-500") return new Response(endless(), { status: 500, headers: json });
+        if (model === "declared") return new Response(`{"pad":"${"x".repeat(2 * mib)}"}`, { headers: json });
+        if (model === "gzip-bomb") {
+          const zipped = Bun.gzipSync(`{"pad":"${"x".repeat(8 * mib)}"}`);
+          return new Response(zipped, { headers: { ...json, "content-encoding": "gzip" } });
+        }
+        if (model === "gzip") return new Response(Bun.gzipSync(completion), { headers: { ...json, "content-encoding": "gzip" } });
+        // Chunked, of no declared length.
+        return new Response(new Blob([completion]).stream(), { headers: json });
+      },
+    });
+    try {
+      const config = { name: "big", kind: "openai", base_url: `http://127.0.0.1:${answering.port}/v1` } as const;
+      const bounded = createOpenAIProvider(config, undefined, [], mib);
+      for (const model of ["endless", "declared", "gzip-bomb"]) {
+        const e = await failure(bounded.chat(request(model), { timeoutMs: 10_000 }));
+        expect({ model, failure: e?.failure, message: e?.message, promptTaken: e?.promptTaken }).toEqual({
+          model,
+          failure: "transient",
+          message: `big: an answer longer than ${mib} bytes, not read`,
+          promptTaken: true,
+        });
+      }
+      // The endless answer was given up on near its limit, not read on until the attempt's time ran out.
+      expect(sent).toBeLessThan(8 * mib);
+      // A refusal's endless body is cut short: the refusal is still the upstream's 500.
+      const refused = await failure(bounded.chat(request("endless-500"), { timeoutMs: 10_000 }));
+      expect({ failure: refused?.failure, status: refused?.status }).toEqual({ failure: "transient", status: 500 });
+      for (const model of ["chunked", "gzip"]) {
+        const { completion: answer } = await bounded.chat(request(model), { timeoutMs: 10_000 });
+        expect(answer.choices[0]?.message.content).toHaveLength(mib / 2);
+      }
+    } finally {
+      answering.stop(true);
+    }
+  });
+
   test("the connection failing is transient", async () => {
     const nowhere = createOpenAIProvider({ name: "nowhere", kind: "openai", base_url: "http://127.0.0.1:9/v1" }, undefined);
     expect((await failure(nowhere.chat(request("ok"), { timeoutMs: 2000 })))?.failure).toBe("transient");
@@ -256,6 +382,9 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   "done-later": [chunkEvent({ content: "done" }, "stop"), usageEvent, "data: [DONE]\n", "PAUSE", "\n"],
   // Half an event, then nothing for a second.
   "half-event": [`data: {"id":"c1","object":"chat.comp`, "WAIT"],
+  // An event that never ends (100 MiB of it here), after a chunk and before any.
+  "endless-event": [chunkEvent({ content: "partial" }), 'data: {"pad":"', ...Array(400).fill("x".repeat(256 * 1024))],
+  "endless-first": ['data: {"pad":"', ...Array(400).fill("x".repeat(256 * 1024))],
   // Two choices (n = 2): the first finishes, the second is cut off; then both finishing.
   "two-cut": [choiceEvent(0, { content: "one" }, "stop"), choiceEvent(1, { content: "tw" })],
   // Two asked for, the first finished, the connection closed before the second began.
@@ -321,6 +450,34 @@ const drain = async (model: string, timeoutMs = 5000, n?: number) => {
 };
 
 describe("openai provider streams", () => {
+  test("an event longer than a whole answer may be fails the attempt as cut off, and is read no further", async () => {
+    const bounded = createOpenAIProvider(
+      { name: "sse", kind: "openai", base_url: `http://127.0.0.1:${streamingUpstream.port}/v1` },
+      undefined,
+      [],
+      1024 * 1024,
+    );
+    const contents: string[] = [];
+    const midway = await failure(
+      (async () => {
+        for await (const chunk of await bounded.streamChat(request("endless-event"), { timeoutMs: 5000 })) {
+          for (const choice of chunk.choices) if (choice.delta.content) contents.push(choice.delta.content);
+        }
+      })(),
+    );
+    const first = await failure(bounded.streamChat(request("endless-first"), { timeoutMs: 5000 }));
+    expect(contents).toEqual(["partial"]);
+    for (const e of [midway, first]) {
+      expect({ failure: e?.failure, message: e?.message, promptTaken: e?.promptTaken }).toEqual({
+        failure: "transient",
+        message: "sse: an event longer than 1048576 bytes, not read",
+        promptTaken: true,
+      });
+    }
+    const closed = () => closedEarly.includes("endless-event") && closedEarly.includes("endless-first");
+    await eventually(() => closed() || undefined);
+  });
+
   test("a consumer that takes longer than the timeout to read a chunk is not the upstream's silence", async () => {
     const contents: string[] = [];
     for await (const chunk of await streaming.streamChat(request("two-done"), { timeoutMs: 200 })) {

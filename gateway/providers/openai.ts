@@ -36,6 +36,7 @@ export function createOpenAIProvider(
   config: OpenAIProviderConfig | AzureProviderConfig,
   apiKey: string | undefined,
   secrets: readonly string[] = apiKey ? [apiKey] : [],
+  maxAnswerBytes = defaultMaxAnswerBytes,
 ): Provider {
   const missingKey = config.api_key_env !== undefined && !apiKey;
   const redact = (text: string) => redactSecrets(text, secrets);
@@ -117,8 +118,18 @@ export function createOpenAIProvider(
     try {
       if (signal?.aborted) abort();
       const { url, init } = await template(path, body.model, options.timeoutMs);
-      // Serialised as the SDK does its JSON bodies.
-      const response = await fetch(url, { ...init, body: JSON.stringify(body), signal: attempt.signal });
+      // Serialised as the SDK does its JSON bodies. A redirect is not followed: fetch would send the prompt, and the
+      // configured headers but Authorization, to wherever it points, and a 301 or 302 would turn the POST into a GET.
+      // Bun's own idle limit (5 minutes) is off: it would cut a model that thinks longer than that before it answers,
+      // within the attempt's time limit, as a failure the upstream had not billed.
+      const response = await fetch(url, {
+        ...init,
+        body: JSON.stringify(body),
+        signal: attempt.signal,
+        redirect: "manual",
+        timeout: false,
+      });
+      if (response.status >= 300 && response.status < 400) throw redirected(config.name, url, response, redact);
       if (!response.ok) throw await refusal(response);
       answering = answer.test(response.headers.get("content-type") ?? "");
       return await read(response);
@@ -139,7 +150,7 @@ export function createOpenAIProvider(
 
   /** One attempt whose answer is a whole JSON body. */
   const postJson = <T>(path: string, body: { model: string }, options: CallOptions) =>
-    post(path, body, options, json, (r) => r.json() as Promise<T>);
+    post(path, body, options, json, async (r) => JSON.parse(await bodyText(r, maxAnswerBytes, config.name)) as T);
 
   /** Upstream models that refused stream_options: their streams go without. */
   const refusesStreamOptions = new Set<string>();
@@ -153,7 +164,7 @@ export function createOpenAIProvider(
         throw new UpstreamError("transient", error.message);
       }
       const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
-      const chunks = relay(response, config.name, options, choices, redact)[Symbol.asyncIterator]();
+      const chunks = relay(response, config.name, options, choices, redact, maxAnswerBytes)[Symbol.asyncIterator]();
       // Azure's first chunk holds its prompt filter's results alone, before the model has read the prompt: the answer
       // begins with the first chunk of a choice (or of usage), and a failure until then is still the attempt's.
       const held: ChatCompletionChunk[] = [];
@@ -261,6 +272,44 @@ function encodedAs(embedding: unknown, format: "float" | "base64"): unknown {
   return embedding;
 }
 
+/** The most of a whole answer the gateway reads by default: float vectors of 2048 inputs of 3072 dimensions fit. */
+export const defaultMaxAnswerBytes = 128 * 1024 * 1024;
+
+/** The most of a refusal's body read: its words are cut far shorter (upstreamErrorBody) before anyone sees them. */
+const maxRefusalBytes = 64 * 1024;
+
+/**
+ * A body as text, read up to `max` bytes (decompressed). An answer past it (an upstream or a proxy gone wrong, sending
+ * without end) fails the attempt as one whose body broke off, since a model was writing it, rather than grow the
+ * gateway's memory until the process is killed; with `cut`, the text is cut at `max` instead.
+ */
+async function bodyText(response: Response, max: number, provider: string, cut = false): Promise<string> {
+  const declared = Number(response.headers.get("content-length") ?? Number.NaN);
+  // The common case: a length that fetch holds the body to, within the limit, and no encoding that could expand it.
+  if (declared <= max && !response.headers.has("content-encoding")) return response.text();
+  const reader = response.body?.getReader();
+  if (!reader) return "";
+  const parts: Uint8Array[] = [];
+  let size = 0;
+  for (;;) {
+    const read = await reader.read();
+    if (read.done) break;
+    if (size + read.value.byteLength > max) {
+      void reader.cancel().catch(() => {});
+      if (cut) {
+        parts.push(read.value.subarray(0, max - size));
+        size = max;
+        break;
+      }
+      const over = new UpstreamError("transient", `${provider}: an answer longer than ${max} bytes, not read`);
+      throw Object.assign(over, { promptTaken: true });
+    }
+    parts.push(read.value);
+    size += read.value.byteLength;
+  }
+  return Buffer.concat(parts, size).toString("utf8");
+}
+
 /** The content types of answers: whole ones in JSON, streamed ones as server-sent events. */
 const json = /[/+]json\b/i;
 const eventStream = /^text\/event-stream\b/i;
@@ -319,6 +368,7 @@ function relay(
   options: CallOptions,
   choices: number,
   redact: (text: string) => string,
+  maxEventBytes: number,
 ): ChunkStream {
   const body = response.body;
   if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
@@ -332,7 +382,7 @@ function relay(
   // Listened to from now rather than from the first read: a client gone before it still closes the upstream.
   options.signal?.addEventListener("abort", left, { once: true });
   if (options.signal?.aborted) left();
-  return chunksOf(reader, leave, left, finished, provider, options, choices, redact);
+  return chunksOf(reader, leave, left, finished, provider, options, choices, redact, maxEventBytes);
 }
 
 /** How long a stream whose choices have all finished is still read for its usage after its client left. */
@@ -353,14 +403,18 @@ async function* chunksOf(
   options: CallOptions,
   choices: number,
   redact: (text: string) => string,
+  maxEventBytes: number,
 ): ChunkStream {
   const { timeoutMs, signal } = options;
   const decoder = new TextDecoder();
   const chunks: unknown[] = [];
   let failure: UpstreamError | undefined;
   let sentinel = false;
+  // Bytes received since an event last ended: one that never ends is bounded as a whole answer is.
+  let unended = 0;
   const parser = createParser({
     onEvent(event) {
+      unended = 0;
       if (sentinel || failure) return;
       if (event.data === "[DONE]") {
         sentinel = true;
@@ -419,7 +473,12 @@ async function* chunksOf(
       // A last event without its blank line still counts once the body ends.
       if (read.done) ended = true;
       const text = read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true });
+      unended += read.value?.byteLength ?? 0;
       parser.feed(text);
+      if (unended > maxEventBytes && !failure) {
+        const said = `${provider}: an event longer than ${maxEventBytes} bytes, not read`;
+        failure = Object.assign(new UpstreamError("transient", said), { promptTaken: true });
+      }
       tail = (text.length >= 32 ? text : tail + text).slice(-32);
       // Some upstreams send [DONE] without its blank line and hold the connection open: the event never dispatches.
       if (tail.includes("[DONE]") && /\n\ndata: ?\[DONE\]\n$/.test(tail.replace(/\r\n?/g, "\n"))) sentinel = true;
@@ -538,7 +597,9 @@ async function drainBody(reader: BodyReader, limitMs: number): Promise<void> {
  * `{"detail"}`) is the error itself; a plain text body that is not markup (a proxy's page) is its message.
  */
 async function refusal(response: Response): Promise<APIError> {
-  const text = await response.text().catch((e: unknown) => (e as Error).message ?? String(e));
+  const text = await bodyText(response, maxRefusalBytes, "", true).catch(
+    (e: unknown) => (e as Error).message ?? String(e),
+  );
   let body: unknown;
   try {
     body = JSON.parse(text);
@@ -553,6 +614,26 @@ async function refusal(response: Response): Promise<APIError> {
       ? { error: body }
       : body;
   return APIError.generate(response.status, error as object | undefined, body ? undefined : text, response.headers);
+}
+
+/**
+ * An upstream's redirect as the operator's to fix: the base_url is not where the upstream serves (http for https, a
+ * missing path), named with where it points, without its query.
+ */
+function redirected(provider: string, url: string, response: Response, redact: (text: string) => string) {
+  void response.body?.cancel().catch(() => {});
+  const location = response.headers.get("location");
+  let where = "nowhere it names";
+  if (location) {
+    try {
+      const target = new URL(location, url);
+      where = `${target.origin}${target.pathname}`;
+    } catch {
+      where = "an unreadable location";
+    }
+  }
+  const said = `${provider} answered ${response.status}, a redirect to ${redact(where)}, which is not followed`;
+  return new UpstreamError("misconfigured", `${said}: base_url must be the upstream's own address`, response.status);
 }
 
 /** A failed call as an UpstreamError, the upstream's words (in the message and its error) passed through `redact`. */
