@@ -589,6 +589,26 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       collectSegments();
       return true;
     },
+    writable(rowBytes) {
+      if (closed) return false;
+      // A file of its own, as large as a new segment holding the row: a segment's descriptor cannot take a write back
+      // (rows go at its position), and a smaller write could fit in what is left of a block the row does not fit in.
+      const path = join(dir, "PROBE");
+      try {
+        const fd = openSync(path, "w", ownerOnlyFile);
+        try {
+          writeAll(fd, Buffer.alloc(magic.length + headerBytes + rowBytes));
+        } finally {
+          closeSync(fd);
+          rmSync(path, { force: true });
+        }
+      } catch (e) {
+        writeFailed("trying whether the disk takes writes", e);
+        return false;
+      }
+      diskOutage.recovered({ dir });
+      return true;
+    },
     get pendingRows() {
       return pending.length;
     },
