@@ -1,4 +1,5 @@
-import { afterEach, describe, expect, test } from "bun:test";
+import { afterEach, describe, expect, spyOn, test } from "bun:test";
+import * as fs from "node:fs";
 import {
   chmodSync,
   cpSync,
@@ -326,6 +327,24 @@ describe("file spool", () => {
     const after = openSpool(root);
     expect(after.recovery).toMatchObject({ rows: 9, tornRecords: 0 });
     expect([...after.unacked()].flatMap((b) => ids(after.read(b)))).toEqual([...range(0, 5), ...range(6, 10)]);
+  });
+
+  test("a segment closed by a full disk has its rows flushed before its descriptor closes, as a rotated one has", async () => {
+    const root = newRoot();
+    const disk = createFillingDisk();
+    // The fsync timer never fires here: only the close can flush the rows.
+    const spool = openSpool(root, { write: disk.write, fsync: "interval", fsyncIntervalMs: 60_000 });
+    for (let i = 0; i < 5; i++) expect(spool.append(row(i))).toBe(true);
+    await spool.idle();
+    const flushed = spyOn(fs, "fdatasync");
+    try {
+      disk.room = 0;
+      expect(spool.append(row(5))).toBe(false);
+      await spool.idle();
+      expect(flushed).toHaveBeenCalledTimes(1);
+    } finally {
+      flushed.mockRestore();
+    }
   });
 
   test("a seal the full disk refuses still makes a batch, kept in memory: it is read, acked, and its segment deleted", async () => {

@@ -40,7 +40,8 @@ const fsAsync = {
   open: promisify(open),
   write: promisify(write) as (fd: number, data: Uint8Array) => Promise<unknown>,
   fsync: promisify(fsync),
-  fdatasync: promisify(fdatasync),
+  // Looked up at each call, so tests can watch what is flushed.
+  fdatasync: (fd: number) => promisify(fdatasync)(fd),
   close: promisify(close),
   unlink: promisify(unlink),
 };
@@ -331,8 +332,11 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   /** Closes a segment's descriptor in the background, its rows reaching the disk first unless fsync is "never". */
   const closeInBackground = (fd: number, dirty: boolean) => {
     inBackground("closing a segment", async () => {
-      if (fsyncPolicy !== "never" && dirty) await fsAsync.fdatasync(fd);
-      await fsAsync.close(fd);
+      try {
+        if (fsyncPolicy !== "never" && dirty) await fsAsync.fdatasync(fd);
+      } finally {
+        await fsAsync.close(fd);
+      }
     });
   };
 
@@ -381,7 +385,8 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       } catch (err) {
         log?.warn("metrics spool: cutting off a half-written record failed; it reads as a torn tail", { err, dir });
       }
-      closeSync(target.fd);
+      // Its rows since the last fsync reach the disk as a rotated segment's do: the fsync timer no longer sees it.
+      closeInBackground(target.fd, target.dirty);
       current = undefined;
       throw e;
     }
