@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Registry } from "prom-client";
@@ -315,7 +315,7 @@ describe("metrics shipper", () => {
       const { analytics, shipper } = setup({ spool, registry });
       const segment = join(spool.dir, "0000000001.seg");
       const bytes = readFileSync(segment);
-      // A flipped byte in the second batch's fourth row ends what can be read of it...
+      // A flipped byte in the second batch's fourth row loses that row alone...
       const flipped = bytes.indexOf("req-0013") + 7;
       bytes[flipped] = bytes[flipped]! ^ 1;
       writeFileSync(segment, bytes);
@@ -323,8 +323,8 @@ describe("metrics shipper", () => {
       truncateSync(segment, bytes.indexOf("req-0020") - 11);
       shipper.start();
       expect(await shipper.flush(5000)).toBe(true);
-      expect(analytics.requestIds()).toEqual(ids(0, 13));
-      expect(await dropped(registry, "damaged")).toBe(12);
+      expect(analytics.requestIds()).toEqual([...ids(0, 13), ...ids(14, 20)]);
+      expect(await dropped(registry, "damaged")).toBe(6);
       expect(spool.rows).toBe(0);
       spool.close();
     } finally {
@@ -363,6 +363,32 @@ describe("metrics shipper", () => {
       expect(await shipper.flush(5000)).toBe(true);
       expect(analytics.requestIds()).toEqual(ids(0, 5));
       expect(shipper.status().full).toBe(false);
+      spool.close();
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+
+  test("a disk that refused a row with nothing left to ack is tried again: the spool is no longer full once it has room", async () => {
+    const root = mkdtempSync(join(tmpdir(), "shipper-spool-"));
+    try {
+      const disk = createFillingDisk();
+      const spool = openFileSpool({ root, name: "gw", maxBytes: 1 << 20, fsync: "never", write: disk.write });
+      const { shipper } = setup({ spool });
+      shipper.start();
+      shipper.record(row(0));
+      expect(await shipper.flush(2000)).toBe(true);
+      // Every row is acked: no ack is coming, and an unready gateway gets no requests whose rows could try the disk.
+      disk.room = 0;
+      shipper.record(row(1));
+      expect(shipper.status().full).toBe(true);
+      await Bun.sleep(100);
+      expect(shipper.status().full).toBe(true);
+      expect(readdirSync(spool.dir).filter((n) => !n.endsWith(".seg") && n !== "LOCK")).toEqual([]);
+
+      disk.room = Number.POSITIVE_INFINITY;
+      await Bun.sleep(100);
+      expect(shipper.status()).toMatchObject({ rows: 0, full: false });
       spool.close();
     } finally {
       rmSync(root, { recursive: true, force: true });

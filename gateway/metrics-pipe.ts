@@ -126,6 +126,9 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   let shedding = false;
   // The last row was refused with room for it: the disk refuses writes.
   let appendFailing = false;
+  // While it does, the disk is tried with backoff: a gateway it made unready gets no requests that could try it.
+  let diskProbe: ReturnType<typeof setTimeout> | undefined;
+  let diskProbes = 0;
   let largestRow = 0;
   let atBound = false;
   // Rows pending that the spool could not seal (its disk refused the write): retried on the seal timer.
@@ -219,6 +222,23 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   };
 
   const full = () => spool.pendingRows >= batchRows || spool.pendingBytes >= batchBytes;
+
+  /** Clears appendFailing once the disk takes a row as large as the one it refused, tried with backoff until then. */
+  const probeDiskLater = (rowBytes: number) => {
+    if (diskProbe || closed) return;
+    const ceiling = Math.min(backoffMaxMs, backoffBaseMs * 2 ** Math.min(diskProbes++, 20));
+    diskProbe = setTimeout(
+      () => {
+        diskProbe = undefined;
+        if (!appendFailing) return;
+        if (!spool.writable(rowBytes)) return probeDiskLater(rowBytes);
+        appendFailing = false;
+        diskProbes = 0;
+      },
+      ceiling / 2 + (random() * ceiling) / 2,
+    );
+    diskProbe.unref?.();
+  };
 
   const armSealTimer = () => {
     if (sealTimer) return;
@@ -380,10 +400,12 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
         if (!dropping) log.error("metrics spool full: dropping request metrics", { spooled_rows: spool.rows });
         dropping = true;
         appendFailing = !spoolAtBound();
+        if (appendFailing) probeDiskLater(row.length);
         return;
       }
       dropping = false;
       appendFailing = false;
+      diskProbes = 0;
       if (full()) sealPending(true);
       else armSealTimer();
     },
@@ -400,6 +422,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       closed = true;
       if (sealTimer) clearTimeout(sealTimer);
       clearTimeout(readRetry);
+      clearTimeout(diskProbe);
       stream?.abort.abort();
       wakeFromBackoff?.();
       await running;

@@ -1,6 +1,8 @@
-import { afterEach, describe, expect, test } from "bun:test";
+import { afterEach, describe, expect, spyOn, test } from "bun:test";
+import * as fs from "node:fs";
 import {
   chmodSync,
+  cpSync,
   existsSync,
   mkdirSync,
   mkdtempSync,
@@ -17,6 +19,7 @@ import { join } from "node:path";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
 import { type FileSpool, type FileSpoolOptions, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
+import { SpoolBatchDamagedError } from "./spool.ts";
 import { createFillingDisk, createTestLogger } from "./testing.ts";
 
 const roots: string[] = [];
@@ -238,6 +241,57 @@ describe("file spool", () => {
     expect(after.recovery).toMatchObject({ rows: 2, tornRecords: 1 });
   });
 
+  test("a damaged record in the middle of a segment is skipped: every other record, before and after it, is kept", () => {
+    const root = newRoot();
+    const spool = openSpool(root);
+    for (let i = 0; i < 10; i++) spool.append(row(i));
+    const acked = spool.seal(5, noByteLimit)!;
+    spool.seal(5, noByteLimit);
+    for (let i = 10; i < 20; i++) spool.append(row(i));
+    spool.seal(100, noByteLimit);
+    for (let i = 20; i < 25; i++) spool.append(row(i));
+    spool.ack(acked.sequence);
+    abandon(spool);
+    // Records: rows 0-9, SEALs of 0-4 and 5-9, rows 10-19, their SEAL, rows 20-24, the ACK of 0-4.
+    const path = join(spool.dir, segmentFiles(spool.dir)[0]!);
+    const bytes = readFileSync(path);
+    const records: number[] = [];
+    for (let at = 8; at < bytes.length; at += 9 + bytes.readUInt32LE(at)) records.push(at);
+    // One byte of row 7's payload flips.
+    bytes[records[7]! + 12] = bytes[records[7]! + 12]! ^ 0x40;
+    writeFileSync(path, bytes);
+
+    const logger = createTestLogger();
+    const after = openSpool(root, { log: logger });
+    // Row 7's batch still counts it: reading the batch back tells it is missing.
+    expect(after.recovery).toMatchObject({ rows: 20, tornRecords: 0, damagedRecords: 1 });
+    expect(logger.lines.some((l) => l.includes("damaged record"))).toBe(true);
+    const batches = [...after.unacked()];
+    expect(() => after.read(batches[0]!)).toThrow(SpoolBatchDamagedError);
+    let damaged: SpoolBatchDamagedError | undefined;
+    try {
+      after.read(batches[0]!);
+    } catch (e) {
+      damaged = e as SpoolBatchDamagedError;
+    }
+    expect(ids(damaged!.rows)).toEqual([requestId(5), requestId(6), requestId(8), requestId(9)]);
+    expect(batches.slice(1).flatMap((b) => ids(after.read(b)))).toEqual(range(10, 25));
+  });
+
+  test("a record whose length is damaged as well ends its segment's reading there", () => {
+    const root = newRoot();
+    const spool = openSpool(root);
+    for (let i = 0; i < 5; i++) spool.append(row(i));
+    abandon(spool);
+    const path = join(spool.dir, segmentFiles(spool.dir)[0]!);
+    const bytes = readFileSync(path);
+    const second = 8 + 9 + bytes.readUInt32LE(8);
+    bytes[second] = bytes[second]! ^ 0x40;
+    writeFileSync(path, bytes);
+    const after = openSpool(root);
+    expect(after.recovery).toMatchObject({ rows: 1, tornRecords: 1, damagedRecords: 0 });
+  });
+
   test("a segment whose header is damaged keeps its whole records: its unacked batches are neither dropped nor deleted", () => {
     const root = newRoot();
     const spool = openSpool(root);
@@ -275,6 +329,24 @@ describe("file spool", () => {
     expect([...after.unacked()].flatMap((b) => ids(after.read(b)))).toEqual([...range(0, 5), ...range(6, 10)]);
   });
 
+  test("a segment closed by a full disk has its rows flushed before its descriptor closes, as a rotated one has", async () => {
+    const root = newRoot();
+    const disk = createFillingDisk();
+    // The fsync timer never fires here: only the close can flush the rows.
+    const spool = openSpool(root, { write: disk.write, fsync: "interval", fsyncIntervalMs: 60_000 });
+    for (let i = 0; i < 5; i++) expect(spool.append(row(i))).toBe(true);
+    await spool.idle();
+    const flushed = spyOn(fs, "fdatasync");
+    try {
+      disk.room = 0;
+      expect(spool.append(row(5))).toBe(false);
+      await spool.idle();
+      expect(flushed).toHaveBeenCalledTimes(1);
+    } finally {
+      flushed.mockRestore();
+    }
+  });
+
   test("a seal the full disk refuses still makes a batch, kept in memory: it is read, acked, and its segment deleted", async () => {
     const root = newRoot();
     const disk = createFillingDisk();
@@ -309,6 +381,35 @@ describe("file spool", () => {
     const after = openSpool(root);
     expect(after.recovery.rows).toBe(10);
     expect([...after.unacked()].flatMap((b) => ids(after.read(b))).sort()).toEqual(range(0, 10));
+  });
+
+  test("rows left unsealed by a damaged SEAL are sealed again without the sealed rows after them, at start and adopted", () => {
+    const root = newRoot();
+    const spool = openSpool(root);
+    for (let i = 0; i < 10; i++) spool.append(row(i));
+    spool.seal(5, noByteLimit);
+    spool.seal(5, noByteLimit);
+    for (let i = 10; i < 15; i++) spool.append(row(i));
+    abandon(spool);
+    // Records: rows 0-9, the SEALs of 0-4 and 5-9, rows 10-14. The first SEAL's checksum is damaged.
+    const path = join(spool.dir, segmentFiles(spool.dir)[0]!);
+    const bytes = readFileSync(path);
+    let at = 8;
+    for (let i = 0; i < 10; i++) at += 9 + bytes.readUInt32LE(at);
+    bytes[at + 4] = bytes[at + 4]! ^ 1;
+    writeFileSync(path, bytes);
+    const copy = newRoot();
+    cpSync(root, copy, { recursive: true });
+
+    const after = openSpool(root);
+    expect(after.recovery).toMatchObject({ rows: 15, damagedRecords: 1 });
+    const batches = [...after.unacked()];
+    for (const b of batches) expect(after.read(b)).toHaveLength(b.rows);
+    expect(batches.flatMap((b) => ids(after.read(b))).sort()).toEqual(range(0, 15));
+
+    const adopter = openSpool(copy, { name: "gw-2" });
+    expect(adopter.recovery).toMatchObject({ adoptedRows: 15 });
+    expect([...adopter.unacked()].flatMap((b) => ids(adopter.read(b))).sort()).toEqual(range(0, 15));
   });
 
   test("a disk full at start: the spool opens, seals the rows it found in memory, and leaves no empty segment", async () => {

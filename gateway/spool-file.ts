@@ -40,7 +40,8 @@ const fsAsync = {
   open: promisify(open),
   write: promisify(write) as (fd: number, data: Uint8Array) => Promise<unknown>,
   fsync: promisify(fsync),
-  fdatasync: promisify(fdatasync),
+  // Looked up at each call, so tests can watch what is flushed.
+  fdatasync: (fd: number) => promisify(fdatasync)(fd),
   close: promisify(close),
   unlink: promisify(unlink),
 };
@@ -59,7 +60,8 @@ const fsAsync = {
  * Records are only ever appended. Segments are deleted oldest first, each once every batch with rows in
  * it is acked and it is no longer the one being written, so SEAL and ACK records (which may sit in a newer
  * segment) outlive the rows they describe. The next segment is created ahead of need and may be empty.
- * A record cut short by a crash fails its length or crc check and ends the reading of its segment. ROW records no SEAL
+ * A record cut short by a crash fails its length or crc check and ends the reading of its segment; one damaged in the
+ * middle (its crc fails, its length leads to a whole record) is skipped alone. ROW records no SEAL
  * covers (never sealed, or sealed while the disk refused the SEAL) are sealed again at the next open.
  */
 const magic = Buffer.from("MSPOOL01");
@@ -126,8 +128,10 @@ export class SpoolInUseError extends Error {
 export interface SpoolRecovery {
   /** Unacked rows found in this replica's own directory (unsealed ones included). */
   rows: number;
-  /** Records cut short by a crash, skipped. */
+  /** Records cut short by a crash, skipped: each ends its segment's reading. */
   tornRecords: number;
+  /** Records in the middle of a segment whose bytes were damaged, skipped: the records after them are read. */
+  damagedRecords: number;
   /** Batches beyond the batch bounds (sealed by an earlier version or other settings), sealed again within them. */
   resealedBatches: number;
   /** Directories of replicas that are gone, whose rows moved into this spool. */
@@ -162,6 +166,11 @@ interface Segment {
 
 interface PendingRow extends Part {
   row: Uint8Array;
+}
+
+/** A ROW record read from a segment, and its place among the segment's ROW records. */
+interface FoundRow extends Part {
+  index: number;
 }
 
 // Directories this process holds, so a second open in the same process is refused.
@@ -323,8 +332,11 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   /** Closes a segment's descriptor in the background, its rows reaching the disk first unless fsync is "never". */
   const closeInBackground = (fd: number, dirty: boolean) => {
     inBackground("closing a segment", async () => {
-      if (fsyncPolicy !== "never" && dirty) await fsAsync.fdatasync(fd);
-      await fsAsync.close(fd);
+      try {
+        if (fsyncPolicy !== "never" && dirty) await fsAsync.fdatasync(fd);
+      } finally {
+        await fsAsync.close(fd);
+      }
     });
   };
 
@@ -373,7 +385,8 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       } catch (err) {
         log?.warn("metrics spool: cutting off a half-written record failed; it reads as a torn tail", { err, dir });
       }
-      closeSync(target.fd);
+      // Its rows since the last fsync reach the disk as a rotated segment's do: the fsync timer no longer sees it.
+      closeInBackground(target.fd, target.dirty);
       current = undefined;
       throw e;
     }
@@ -469,9 +482,14 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
         damage.push(`segment ${part.segment} is gone`);
         continue;
       }
-      const end = forEachRecord(buf, 0, (type, payload) => {
-        if (type === rowType) rows.push(payload);
-      });
+      const end = forEachRecord(
+        buf,
+        0,
+        (type, payload) => {
+          if (type === rowType) rows.push(payload);
+        },
+        (start) => damage.push(`segment ${part.segment} has a damaged record at ${part.start + start}`),
+      );
       if (buf.length < part.end - part.start) damage.push(`segment ${part.segment} is shorter than expected`);
       else if (end < buf.length) damage.push(`segment ${part.segment} has a damaged record at ${part.start + end}`);
     }
@@ -519,6 +537,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const recovery: SpoolRecovery = {
     rows: sealedRows + loaded.unsealed.length,
     tornRecords: loaded.torn,
+    damagedRecords: loaded.damaged,
     resealedBatches: beyondBounds.length,
     adoptedDirs: [],
     adoptedRows: 0,
@@ -573,6 +592,26 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
         if (segment) segment.refs--;
       }
       collectSegments();
+      return true;
+    },
+    writable(rowBytes) {
+      if (closed) return false;
+      // A file of its own, as large as a new segment holding the row: a segment's descriptor cannot take a write back
+      // (rows go at its position), and a smaller write could fit in what is left of a block the row does not fit in.
+      const path = join(dir, "PROBE");
+      try {
+        const fd = openSync(path, "w", ownerOnlyFile);
+        try {
+          writeAll(fd, Buffer.alloc(magic.length + headerBytes + rowBytes));
+        } finally {
+          closeSync(fd);
+          rmSync(path, { force: true });
+        }
+      } catch (e) {
+        writeFailed("trying whether the disk takes writes", e);
+        return false;
+      }
+      diskOutage.recovered({ dir });
       return true;
     },
     get pendingRows() {
@@ -653,21 +692,24 @@ interface Loaded {
   /** Unacked batches in sequence order. */
   batches: Map<bigint, DiskBatch>;
   /** Rows no SEAL covers, in append order. */
-  unsealed: Part[];
+  unsealed: FoundRow[];
   /** The rows inside a batch's byte ranges. */
-  rowsIn(parts: readonly Part[]): Part[];
+  rowsIn(parts: readonly Part[]): FoundRow[];
   maxSequence: bigint;
   torn: number;
+  /** Records in the middle of a segment that failed their crc, skipped. */
+  damaged: number;
 }
 
 /** Replays a spool directory: which batches are sealed and unacked, and which rows were never sealed. */
 function loadDir(dir: string, log: Logger | undefined): Loaded {
   const segments = new Map<number, Segment>();
-  const rowsBySegment = new Map<number, Part[]>();
+  const rowsBySegment = new Map<number, FoundRow[]>();
   const seals: { sequence: bigint; rows: number; parts: Part[] }[] = [];
   const acked = new Set<bigint>();
   let maxSequence = 0n;
   let torn = 0;
+  let damaged = 0;
   const files = readdirSync(dir)
     .filter((name) => /^\d{10}\.seg$/.test(name))
     .sort();
@@ -682,21 +724,36 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
     if (buf.length > 0 && (buf.length < magic.length || !buf.subarray(0, magic.length).equals(magic))) {
       log?.warn("a metrics spool segment has a damaged header; its records are read as far as they are whole", { path });
     }
-    const rows: Part[] = [];
+    const rows: FoundRow[] = [];
     rowsBySegment.set(id, rows);
-    const end = forEachRecord(buf, magic.length, (type, payload, start, recordEnd) => {
-      if (type === rowType) rows.push({ segment: id, start, end: recordEnd });
-      else if (type === sealType) {
-        const seal = decodeSeal(payload);
-        seals.push(seal);
-        if (seal.sequence > maxSequence) maxSequence = seal.sequence;
-      } else if (type === ackType) {
-        // An ACK may name a batch whose SEAL the disk refused: its sequence is not given out again either.
-        const sequence = decodeSequence(payload);
-        acked.add(sequence);
-        if (sequence > maxSequence) maxSequence = sequence;
-      }
-    });
+    const end = forEachRecord(
+      buf,
+      magic.length,
+      (type, payload, start, recordEnd) => {
+        if (type === rowType) rows.push({ segment: id, start, end: recordEnd, index: rows.length });
+        else if (type === sealType) {
+          const seal = decodeSeal(payload);
+          seals.push(seal);
+          if (seal.sequence > maxSequence) maxSequence = seal.sequence;
+        } else if (type === ackType) {
+          // An ACK may name a batch whose SEAL the disk refused: its sequence is not given out again either.
+          const sequence = decodeSequence(payload);
+          acked.add(sequence);
+          if (sequence > maxSequence) maxSequence = sequence;
+        }
+      },
+      // Lost alone: a damaged ROW's batch reads back short and counts it dropped, a damaged SEAL's rows are sealed
+      // again and a damaged ACK's batch is sent again (sent twice at worst, which analytics and billing absorb).
+      // Ending the reading here lost every record after it, the rows with no count.
+      (start, recordEnd) => {
+        damaged++;
+        log?.warn("skipping a damaged record in a metrics spool segment; the records after it are read", {
+          path,
+          offset: start,
+          bytes: recordEnd - start,
+        });
+      },
+    );
     if (end < buf.length) {
       torn++;
       log?.warn("skipping a torn record at the end of a metrics spool segment", {
@@ -720,7 +777,7 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
     if (acked.has(seal.sequence) || !seal.parts.every((p) => rowsBySegment.has(p.segment))) continue;
     batches.set(seal.sequence, { sequence: seal.sequence, rows: seal.rows, recovered: true, parts: seal.parts });
   }
-  const unsealed: Part[] = [];
+  const unsealed: FoundRow[] = [];
   for (const [id, rows] of [...rowsBySegment].sort(([a], [b]) => a - b)) {
     // A batch the disk refused a SEAL (kept in memory) may precede batches sealed on disk: not only the rows past the
     // last SEAL are unsealed. Rows and ranges go in file order; a range ending at or before a row covers none after it.
@@ -739,26 +796,39 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
       while (end < rows.length && (rows[end] as Part).end <= part.end) end++;
       return rows.slice(first, end);
     });
-  return { segments, batches, unsealed, rowsIn, maxSequence, torn };
+  return { segments, batches, unsealed, rowsIn, maxSequence, torn, damaged };
 }
 
-/** Calls fn for each whole record from `offset`; returns where the whole records end. */
+/**
+ * Calls fn for each whole record from `offset`; returns where the whole records end. A record failing its crc whose
+ * length still leads to a whole record (a damaged byte in its payload) is skipped, told to `damaged`, and reading goes
+ * on after it; one that does not (cut short by a crash, or its length damaged) ends the reading.
+ */
 function forEachRecord(
   buf: Uint8Array,
   offset: number,
   fn: (type: number, payload: Uint8Array, start: number, end: number) => void,
+  damaged?: (start: number, end: number) => void,
 ): number {
   const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   let at = offset;
   while (at + headerBytes <= buf.length) {
-    const length = view.getUint32(at, true);
-    const end = at + headerBytes + length;
+    const end = at + headerBytes + view.getUint32(at, true);
     if (end > buf.length) break;
-    if (Bun.hash.crc32(buf.subarray(at + 8, end)) !== view.getUint32(at + 4, true)) break;
-    fn(buf[at + 8] as number, buf.subarray(at + headerBytes, end), at, end);
+    if (!wholeRecordAt(buf, view, at)) {
+      if (!damaged || end === buf.length || !wholeRecordAt(buf, view, end)) break;
+      damaged(at, end);
+    } else fn(buf[at + 8] as number, buf.subarray(at + headerBytes, end), at, end);
     at = end;
   }
   return at;
+}
+
+/** Whether a record starting at `at` is inside buf and matches its crc. */
+function wholeRecordAt(buf: Uint8Array, view: DataView, at: number): boolean {
+  if (at + headerBytes > buf.length) return false;
+  const end = at + headerBytes + view.getUint32(at, true);
+  return end <= buf.length && Bun.hash.crc32(buf.subarray(at + 8, end)) === view.getUint32(at + 4, true);
 }
 
 function encodeSeal(sequence: bigint, rows: number, parts: readonly Part[]): Uint8Array {
@@ -827,13 +897,20 @@ function readRange(path: string, start: number, end: number): Buffer {
 /** Encoded size of the row a ROW record's range holds. */
 const rowBytes = (row: Part) => row.end - row.start - headerBytes;
 
-/** Byte ranges covering consecutive rows, one per segment run. */
-function partsOf(rows: readonly Part[]): Part[] {
+/**
+ * Byte ranges covering consecutive rows, one per segment run. A range holds every ROW record inside it: rows read from
+ * a segment with others between them (sealed, under a SEAL after a damaged one) go in separate ranges.
+ */
+function partsOf(rows: readonly (Part | FoundRow)[]): Part[] {
   const parts: Part[] = [];
+  let lastIndex: number | undefined;
   for (const row of rows) {
     const last = parts[parts.length - 1];
-    if (last && last.segment === row.segment) last.end = row.end;
+    const index = "index" in row ? row.index : undefined;
+    const next = index === undefined || lastIndex === undefined || index === lastIndex + 1;
+    if (last && last.segment === row.segment && next) last.end = row.end;
     else parts.push({ segment: row.segment, start: row.start, end: row.end });
+    lastIndex = index;
   }
   return parts;
 }
@@ -851,9 +928,14 @@ function createDirReader(segments: ReadonlyMap<number, Segment>) {
         buf = readFileSync(segment.path);
         files.set(part.segment, buf);
       }
-      forEachRecord(buf.subarray(part.start, part.end), 0, (type, payload) => {
-        if (type === rowType) rows.push(payload);
-      });
+      forEachRecord(
+        buf.subarray(part.start, part.end),
+        0,
+        (type, payload) => {
+          if (type === rowType) rows.push(payload);
+        },
+        () => {},
+      );
     }
     return rows;
   };

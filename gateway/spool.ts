@@ -44,6 +44,11 @@ export interface Spool {
   read(batch: SpoolBatch): Uint8Array[];
   /** Forgets the batch with this sequence; false for unknown sequences (late duplicate acks). */
   ack(sequence: bigint): boolean;
+  /**
+   * Whether a row of this many bytes could be written now, tried without one: after an append its disk refused, this
+   * tells when the disk takes writes again though no request comes to try. True where nothing refuses writes.
+   */
+  writable(rowBytes: number): boolean;
   /** Rows appended but not sealed... */
   readonly pendingRows: number;
   /** ...and their encoded size. */
@@ -142,6 +147,7 @@ export function createMemorySpool(options: MemorySpoolOptions = {}): Spool {
       bytes -= size(entry.rows);
       return true;
     },
+    writable: () => true,
     get pendingRows() {
       return pending.length;
     },
