@@ -2,7 +2,7 @@ import { expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import * as path from "node:path";
 
-/** The README's configuration table against the variables the code reads. */
+/** The README's configuration table against the variables the code reads and their defaults. */
 const root = path.resolve(import.meta.dir, "..");
 const read = (file: string) => readFileSync(path.join(root, file), "utf8");
 
@@ -28,4 +28,35 @@ test("the configuration table lists every variable the code reads, and only thos
   expect(inCode.size).toBeGreaterThan(40);
   expect([...inCode].filter((name) => !documented.has(name))).toEqual([]);
   expect([...documented].filter((name) => !inCode.has(name))).toEqual([]);
+});
+
+// Names a default may be written with in the schemas, besides literals.
+const constants: Record<string, unknown> = {
+  defaultAdminToken: (await import("../lib/config.ts")).defaultAdminToken,
+  defaultIngestOptions: (await import("../analytics/ingest.ts")).defaultIngestOptions,
+  defaultRollupLagMs: (await import("../analytics/store/store.ts")).defaultRollupLagMs,
+  defaultChdbReportTimeoutSeconds: (await import("../analytics/store/driver.ts")).defaultChdbReportTimeoutSeconds,
+  defaultBatchBytes: (await import("../gateway/spool.ts")).defaultBatchBytes,
+};
+
+test("the configuration table's defaults are the schemas' defaults", () => {
+  // The default column when it begins with one value in backticks (`8080`, not "unset" or a sentence).
+  const documented = new Map(
+    [...read("README.md").matchAll(/^\| `([A-Z][A-Z0-9_]+)` \| [^|]+ \| `([^`]*)`[^|]*\|/gm)].map((m) => [m[1], m[2]]),
+  );
+  const checked: string[] = [];
+  const differ: string[] = [];
+  for (const file of schemaFiles) {
+    for (const [, name, schema] of read(file).matchAll(/^\s+([A-Z][A-Z0-9_]{2,}): (.*?),$/gms)) {
+      // env.port(8080) or its .default(...), when that is a literal or one of the constants above.
+      const given = /\benv\.port\(([^()]+)\)|\.default\(([^()]+)\)[^()]*$/.exec(schema ?? "");
+      const expression = given?.[1] ?? given?.[2];
+      if (!name || !documented.has(name) || expression === undefined || !/^[\w.\s*"-]+$/.test(expression)) continue;
+      const value = Function(...Object.keys(constants), `return (${expression});`)(...Object.values(constants));
+      checked.push(name);
+      if (String(value) !== documented.get(name)) differ.push(`${name}: ${value} in ${file}, ${documented.get(name)} in README`);
+    }
+  }
+  expect(differ).toEqual([]);
+  expect(new Set(checked).size).toBeGreaterThan(50);
 });
