@@ -60,3 +60,14 @@ test("the configuration table's defaults are the schemas' defaults", () => {
   expect(differ).toEqual([]);
   expect(new Set(checked).size).toBeGreaterThan(50);
 });
+
+test("the REST API's list of errors names every status the gateway answers with", () => {
+  const readme = read("README.md");
+  const start = readme.indexOf("Errors use OpenAI's body");
+  const list = readme.slice(start, readme.indexOf("\n- ", start));
+  const statuses = new Set([...read("gateway/errors.ts").matchAll(/GatewayError\(\s*(\d{3}),/g)].map((m) => m[1]));
+  // 499 is a client that left, which is answered nothing.
+  statuses.delete("499");
+  expect(start).toBeGreaterThan(0);
+  expect([...statuses].filter((status) => !new RegExp(`\\b${status}\\b`).test(list))).toEqual([]);
+});
