@@ -71,3 +71,23 @@ test("the REST API's list of errors names every status the gateway answers with"
   expect(start).toBeGreaterThan(0);
   expect([...statuses].filter((status) => !new RegExp(`\\b${status}\\b`).test(list))).toEqual([]);
 });
+
+test("every meshctl example in README is a command line meshctl takes", async () => {
+  const { runCli } = await import("../bin/meshctl.ts");
+  const examples = [...read("README.md").matchAll(/npm run -s ctl -- (.+?)(?= && |\s+#|$)/gm)].map((m) => m[1] as string);
+  expect(examples.length).toBeGreaterThan(10);
+  const refused: string[] = [];
+  for (const example of examples) {
+    // Words as a shell splits these: quoted ones whole.
+    const argv = [...example.matchAll(/"([^"]*)"|'([^']*)'|(\S+)/g)].map((m) => m[1] ?? m[2] ?? m[3] ?? "");
+    const errors: string[] = [];
+    // Nothing listens there: a command line meshctl takes fails on the service (1), a wrong one before it (2).
+    const code = await runCli(argv, {
+      env: { BILLING_URL: "http://127.0.0.1:1", ANALYTICS_URL: "http://127.0.0.1:1" },
+      out: () => {},
+      err: (text) => errors.push(text),
+    });
+    if (code !== 1) refused.push(`${example}: ${errors.join("").trim()}`);
+  }
+  expect(refused).toEqual([]);
+});
