@@ -281,9 +281,6 @@ export const clientGone = (signal: AbortSignal | undefined) =>
       ? deadlineExceeded()
       : cancelled();
 
-export const notImplemented = (what: string) =>
-  new GatewayError(501, "invalid_request_error", "not_implemented", `${what} is not implemented yet.`, RequestStatus.INVALID_REQUEST);
-
 const internal = () =>
   new GatewayError(500, "server_error", "internal_error", "The gateway failed to handle the request.", RequestStatus.INTERNAL_ERROR);
 
@@ -317,7 +314,6 @@ const connectCodes: Partial<Record<RequestStatus, Code>> = {
 const statusCodes: Record<number, Code> = {
   403: Code.PermissionDenied,
   404: Code.NotFound,
-  501: Code.Unimplemented,
   // A request the gateway cut at shutdown, metered as cancelled: the client may retry elsewhere.
   503: Code.Unavailable,
 };

@@ -14,7 +14,7 @@ import { createBudgetKeeper } from "./budget.ts";
 import { breakerStateMetric, createCircuitBreakers } from "./circuit-breaker.ts";
 import { type GatewayConfig, loadGatewayConfig } from "./config.ts";
 import { createGatewayCore } from "./core.ts";
-import { createRestApp } from "./http/app.ts";
+import { createRestApp, exposedHeaders } from "./http/app.ts";
 import { serveRest } from "./http/bun.ts";
 import { restRoutes } from "./http/node.ts";
 import { createMetricsShipper } from "./metrics-pipe.ts";
@@ -239,17 +239,7 @@ const core = createGatewayCore({
 const service = createGatewayService(core);
 const rest = createRestApp({ core, tracer: runtime.telemetry.tracer, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES });
 
-// Browsers may read what OpenAI's clients read: the request id, the cost, errors, and the key's rate limits.
-const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, [
-  "x-request-id",
-  "x-gateway-cost-nanos",
-  "x-error-code",
-  "x-error-type",
-  "x-error-param",
-  "retry-after",
-  "x-should-retry",
-  ...["limit", "remaining", "reset"].flatMap((what) => [`x-ratelimit-${what}-requests`, `x-ratelimit-${what}-tokens`]),
-]);
+const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, exposedHeaders);
 const server = await listenOrExit(log, "GATEWAY_PORT", cfg.GATEWAY_PORT, () =>
   startServer({
     name: "gateway",

@@ -21,6 +21,22 @@ import {
 } from "../errors.ts";
 import { maxRequestNodes } from "../request-checks.ts";
 
+/**
+ * What browsers may read of the gateway's answers, on both ports: what OpenAI's clients read (the request id, the cost,
+ * errors, retry hints, retry-after-ms before Retry-After, and the key's rate limits).
+ */
+export const exposedHeaders = [
+  "x-request-id",
+  "x-gateway-cost-nanos",
+  "x-error-code",
+  "x-error-type",
+  "x-error-param",
+  "retry-after",
+  "retry-after-ms",
+  "x-should-retry",
+  ...["limit", "remaining", "reset"].flatMap((what) => [`x-ratelimit-${what}-requests`, `x-ratelimit-${what}-tokens`]),
+];
+
 export interface RestAppOptions {
   core: GatewayCore;
   tracer: Tracer;

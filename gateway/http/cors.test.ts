@@ -1,7 +1,10 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createCorsPolicy } from "../../lib/cors.ts";
+import { insufficientQuota, rateLimited, upstreamFailed, upstreamRateLimited, upstreamUnavailable } from "../errors.ts";
+import { rateLimitHeaders } from "../rate-limits.ts";
 import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
 import { oneModelRoutes, startTestGateway } from "../testing/served-gateway.ts";
+import { errorResponse, exposedHeaders } from "./app.ts";
 
 // Both ports that serve the REST API answer browsers the same way; the RPC port's RPCs too.
 let upstream: FakeUpstream;
@@ -12,7 +15,7 @@ beforeAll(async () => {
   upstream = startFakeUpstream();
   gateway = await startTestGateway(
     oneModelRoutes(upstream.url),
-    { cors: createCorsPolicy([app], ["x-request-id", "x-gateway-cost-nanos"]) },
+    { cors: createCorsPolicy([app], exposedHeaders) },
   );
 });
 afterAll(async () => {
@@ -76,4 +79,21 @@ test("the RPCs answer an allowed origin too", async () => {
   expect(res.status).toBe(200);
   expect(res.headers.get("access-control-allow-origin")).toBe(app);
   expect(res.headers.get("access-control-expose-headers")).toContain("Grpc-Status");
+});
+
+test("browsers may read every header the OpenAI SDKs act on in the gateway's answers, retry-after-ms first", () => {
+  const limits = rateLimitHeaders({
+    requests: { limit: 60, remaining: 0, resetMs: 750 },
+    tokens: { limit: 1000, remaining: 10, resetMs: 12_000 },
+  });
+  const answers = [
+    rateLimited("requests", "slow down", 750, limits),
+    insufficientQuota("no budget", 90),
+    upstreamRateLimited("upstream limit", 2),
+    upstreamUnavailable("breakers open", 30),
+    upstreamFailed("upstream failed"),
+  ].map((e) => errorResponse(e, "01TEST", limits));
+  const sent = new Set(answers.flatMap((a) => Object.keys(a.headers)).filter((name) => name !== "content-type"));
+  expect(sent).toContain("retry-after-ms");
+  expect([...sent].filter((name) => !exposedHeaders.includes(name))).toEqual([]);
 });
