@@ -24,6 +24,7 @@ import { createReadiness } from "./readiness.ts";
 import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "./service.ts";
 import { defaultBatchBytes, minBatchBytes } from "./spool.ts";
 import { type FileSpool, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
+import { closeTokenizer } from "./tokenizer.ts";
 
 const cfg = loadEnvOrExit({
   ...commonEnv,
@@ -289,5 +290,7 @@ stopOnSignals(log, async () => {
   }
   await shipper.close();
   spool.close();
+  // Nothing is metered past the spool: the thread counting tokens goes too.
+  closeTokenizer();
   await runtime.telemetry.shutdown();
 });

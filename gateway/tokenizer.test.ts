@@ -7,9 +7,11 @@ import {
   encodedPieces,
   exactChars,
   generatedText,
+  maxQueuedCounts,
   maxRun,
   partTokensEstimate,
 } from "./tokenizer.ts";
+import { runCommand } from "../lib/processes.ts";
 
 const user = (content: string) => [{ role: "user" as const, content }];
 /** A prompt's framing: 3 priming the reply, 3 around the message, 1 for "user". */
@@ -116,5 +118,26 @@ describe("token counts", () => {
     const kept = generatedText();
     for (const content of deltas) kept.add({ content });
     expect(await kept.tokens()).toBe(await countTextTokens(deltas));
+  });
+
+  test("loading the encoding and encoding counts never hold the event loop, nor keep a process from exiting", async () => {
+    // A process of its own loads the encoding afresh (on the event loop, that held it 0.5 to 1.4 s).
+    const { stdout, stderr, code } = await runCommand([process.execPath, `${import.meta.dir}/testing/tokenizer-loop.ts`]);
+    expect({ code, stderr }).toEqual({ code: 0, stderr: "" });
+    const { heldMs, counts, afterClose } = JSON.parse(stdout) as { heldMs: number; counts: number[]; afterClose: number };
+    expect(heldMs).toBeLessThan(200);
+    // Encoded, not estimated at four characters a token: 16,384 CJK characters are about 30,000 tokens.
+    expect(counts[2]).toBeGreaterThan(16_384);
+    // Once closed, counts are estimated.
+    expect(afterClose).toBe(50);
+  });
+
+  test("counts past the most that may wait for the thread are estimated, at four characters a token", async () => {
+    const texts = Array.from({ length: maxQueuedCounts + 8 }, (_, i) => `${"漢字".repeat(50)}${i}`);
+    const counted = await Promise.all(texts.map((text) => countTextTokens([text])));
+    const exact = await countTextTokens([texts[0] as string]);
+    expect(exact).toBeGreaterThan(30);
+    expect(counted.slice(0, maxQueuedCounts).every((tokens) => tokens >= exact)).toBe(true);
+    expect(counted.slice(maxQueuedCounts)).toEqual(texts.slice(maxQueuedCounts).map((text) => Math.ceil(text.length / 4)));
   });
 });

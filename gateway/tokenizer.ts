@@ -1,30 +1,31 @@
 import type { ChatCompletionCreateParams } from "openai/resources/chat/completions";
 import type { Tokens } from "../lib/money.ts";
+import type { CountAnswer, CountRequest } from "./tokenizer-worker.ts";
 
 /**
  * Token counts by OpenAI's o200k_base encoding (GPT-4o, GPT-4.1, o-series), for upstreams that
- * report no usage. The encoding is loaded on first use: it takes about a second and ~110 MB, which
- * a gateway whose upstreams report usage never pays.
+ * report no usage. They are encoded on a worker thread (tokenizer-worker.ts) started on first need, which loads the
+ * encoding there: loading takes about a second and ~110 MB, which a gateway whose upstreams report usage never pays,
+ * and neither loading nor encoding ever holds the event loop (loading it there held every request in flight for
+ * 0.8 s; a count of 16,384 CJK characters took 18 ms, up to 120 ms).
  *
- * Counting runs on the event loop, so its cost is bounded whatever the text: the first `exactChars` characters of a
- * count are encoded and the rest scaled from them, a run of whitespace or of anything but whitespace is encoded in
- * pieces of `maxRun` characters (byte-pair merging a run costs the square of its length: 20,000 CJK characters took
- * 2.2 s whole, 32,768 newlines 1.1 s), and
- * special-token text such as `<|endoftext|>` is counted as the plain text it is. A count never fails: should the
- * encoding not load, it falls back to four characters a token.
+ * A count's cost is bounded whatever the text: the first `exactChars` characters of a count are encoded and the rest
+ * scaled from them, so no more than those are sent to the thread, a run of whitespace or of anything but whitespace is
+ * encoded in pieces of `maxRun` characters (byte-pair merging a run costs the square of its length: 20,000 CJK
+ * characters took 2.2 s whole, 32,768 newlines 1.1 s), and special-token text such as `<|endoftext|>` is counted as
+ * the plain text it is. At most `maxQueuedCounts` counts wait for the thread at once. A count never fails: should the
+ * thread or the encoding not load, or that many counts wait already, it falls back to four characters a token.
  */
-type Encoding = typeof import("gpt-tokenizer/encoding/o200k_base");
-
-let loading: Promise<Encoding | undefined> | undefined;
-const encoding = () => (loading ??= import("gpt-tokenizer/encoding/o200k_base").catch(() => undefined));
-
 /** Characters of one count encoded exactly; beyond them tokens are scaled by the ratio found so far. */
 export const exactChars = 16_384;
 /** Longest run of whitespace, or of anything but whitespace, encoded at once. */
 export const maxRun = 128;
 const longRun = new RegExp(`\\S{${maxRun + 1},}|\\s{${maxRun + 1},}`, "g");
-// Special tokens are text a client wrote, not control tokens: encoded as ordinary text, never refused.
-const plainText = { disallowedSpecial: new Set<string>() };
+/**
+ * Counts waiting for the thread at most (each at most `exactChars` characters: 120 ms of encoding at worst, 18 ms of
+ * CJK text on average); a count past them is estimated, so a flood of cancelled requests queues no more than that.
+ */
+export const maxQueuedCounts = 256;
 
 /** The pieces `text` is encoded in: itself, with each long run of whitespace or of anything else cut in `maxRun`s. */
 export function* encodedPieces(text: string): Generator<string> {
@@ -46,33 +47,96 @@ interface Count {
   add(text: string): void;
   /** Counts `chars` more characters past the exactly encoded ones, by the ratio found there. */
   addScaled(chars: number): void;
-  total(): number;
+  total(): Promise<number>;
 }
 
-async function newCount(): Promise<Count> {
-  const encoded = await encoding();
+function newCount(): Count {
+  // The texts encoded: the first `exactChars` characters of those added, in the pieces they were added in.
+  const texts: string[] = [];
   let exact = 0;
-  let tokens = 0;
   let rest = 0;
-  const encode = (text: string): number => {
-    if (!encoded) return Math.ceil(text.length / 4);
-    let sum = 0;
-    for (const piece of encodedPieces(text)) sum += encoded.countTokens(piece, plainText);
-    return sum;
-  };
   return {
     add(text) {
       const room = exactChars - exact;
       const part = text.length <= room ? text : text.slice(0, Math.max(room, 0));
-      if (part.length > 0) tokens += encode(part);
+      if (part.length > 0) texts.push(part);
       exact += part.length;
       rest += text.length - part.length;
     },
     addScaled(chars) {
       rest += chars;
     },
-    total: () => tokens + (rest === 0 ? 0 : Math.ceil((rest * Math.max(tokens, 1)) / Math.max(exact, 1))),
+    async total() {
+      const tokens = (await encodeOffLoop(texts)) ?? texts.reduce((sum, text) => sum + Math.ceil(text.length / 4), 0);
+      return tokens + (rest === 0 ? 0 : Math.ceil((rest * Math.max(tokens, 1)) / Math.max(exact, 1)));
+    },
   };
+}
+
+/** The thread counts are encoded on, once started; none when it could not start or load the encoding, or is closed. */
+let counter: Worker | undefined;
+let counterUnavailable = false;
+let counted = false;
+let nextCount = 0;
+const waiting = new Map<number, (tokens: number | undefined) => void>();
+
+function startCounter(): Worker | undefined {
+  if (counter || counterUnavailable) return counter;
+  let worker: Worker;
+  try {
+    worker = new Worker(new URL("./tokenizer-worker.ts", import.meta.url).href, { smol: true });
+  } catch {
+    counterUnavailable = true;
+    return undefined;
+  }
+  // Held open only while counts wait on it, so it never keeps a process from exiting.
+  worker.unref();
+  // A thread that dies is started anew at the next count, unless it never counted (it will not load).
+  const lost = () => {
+    if (counter !== worker) return;
+    counter = undefined;
+    if (!counted) counterUnavailable = true;
+    for (const done of waiting.values()) done(undefined);
+    waiting.clear();
+  };
+  worker.addEventListener("message", ({ data }: MessageEvent<CountAnswer>) => {
+    if (data.unloaded) {
+      // Its encoding will not load: counts are estimated from now on, as the thread is of no more use.
+      counterUnavailable = true;
+      worker.terminate();
+    } else counted = true;
+    const done = waiting.get(data.id);
+    waiting.delete(data.id);
+    if (waiting.size === 0) worker.unref();
+    done?.(data.tokens);
+  });
+  worker.addEventListener("error", () => {
+    lost();
+    worker.terminate();
+  });
+  worker.addEventListener("close", lost);
+  counter = worker;
+  return worker;
+}
+
+/** Tokens of `texts` summed, each encoded in its `encodedPieces`, by the thread; none when it cannot count them. */
+async function encodeOffLoop(texts: string[]): Promise<number | undefined> {
+  if (texts.length === 0) return 0;
+  if (waiting.size >= maxQueuedCounts) return undefined;
+  const worker = startCounter();
+  if (!worker || counterUnavailable) return undefined;
+  const id = nextCount++;
+  if (waiting.size === 0) worker.ref();
+  const { promise, resolve } = Promise.withResolvers<number | undefined>();
+  waiting.set(id, resolve);
+  worker.postMessage({ id, texts } satisfies CountRequest);
+  return promise;
+}
+
+/** Stops the counting thread (a gateway that closes); counts after it are estimated. */
+export function closeTokenizer(): void {
+  counterUnavailable = true;
+  counter?.terminate();
 }
 
 // OpenAI's chat framing: tokens around each message, one more for a name, three priming the reply.
@@ -95,7 +159,7 @@ export async function countInputTokens(
   request: Pick<ChatCompletionCreateParams, "messages" | "tools" | "response_format">,
 ): Promise<number> {
   const { messages, tools, response_format } = request;
-  const count = await newCount();
+  const count = newCount();
   let tokens = replyPriming;
   for (const m of messages) {
     tokens += perMessage;
@@ -129,7 +193,7 @@ export async function countInputTokens(
   }
   if (tools && tools.length > 0) count.add(JSON.stringify(tools));
   if (response_format) count.add(JSON.stringify(response_format));
-  return tokens + count.total();
+  return tokens + (await count.total());
 }
 
 /** What a whole answer's message or a streamed delta may hold of generated text. */
@@ -182,7 +246,7 @@ export function addReasoning(pieces: string[], m: Generated): void {
  */
 export async function countTextTokens(pieces: readonly string[], scaledChars = 0): Promise<number> {
   if (pieces.length === 0) return 0;
-  const count = await newCount();
+  const count = newCount();
   count.add(pieces.join(""));
   count.addScaled(scaledChars);
   return count.total();
@@ -238,14 +302,14 @@ function keptText() {
 
 /** Tokens of embedding inputs: strings are encoded, token arrays counted as they are. */
 export async function countEmbeddingTokens(input: string | readonly string[] | readonly number[] | readonly number[][]): Promise<number> {
-  const count = await newCount();
+  const count = newCount();
   let tokens = 0;
   for (const item of typeof input === "string" ? [input] : input) {
     if (typeof item === "number") tokens++;
     else if (Array.isArray(item)) tokens += item.length;
     else count.add(item as string);
   }
-  return tokens + count.total();
+  return tokens + (await count.total());
 }
 
 /** Estimated usage: input and output counts, nothing cached or hidden. */

@@ -233,13 +233,16 @@ describe("the image", () => {
       seen.add(file);
       if (!file.endsWith(".ts")) return;
       const source = readFileSync(file, "utf8").replace(/^#!.*\n/, "");
-      for (const { path: specifier } of transpiler.scanImports(source)) {
+      // Its imports, and the files it starts as workers (tokenizer-worker.ts), named by a URL beside it.
+      const workers = [...source.matchAll(/new URL\("(\.[^"]+)", import\.meta\.url\)/g)].map((m) => m[1] as string);
+      for (const specifier of [...transpiler.scanImports(source).map((i) => i.path), ...workers]) {
         if (specifier.startsWith(".")) visit(path.resolve(path.dirname(file), specifier));
       }
     };
     const entries = [...workloads.map((w) => container(w.metadata.name).args[0] as string), "bin/meshctl.ts"];
     for (const entry of entries) visit(path.join(root, entry));
     const dirs = new Set([...seen].map((file) => path.relative(root, file).split(path.sep)[0] as string));
+    expect(seen).toContain(path.join(root, "gateway/tokenizer-worker.ts"));
     for (const dir of dirs) expect(copied).toContain(dir);
   });
 
