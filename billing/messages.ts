@@ -312,7 +312,9 @@ export function discountRuleFrom(rule: DiscountRuleMessage | undefined, field = 
   if (window) {
     startHour = intInRange(rule.startHour, at("start_hour"), 0, 23);
     endHour = intInRange(rule.endHour, at("end_hour"), 1, 24);
-    if (endHour <= startHour) throw invalid(at("end_hour"), "must be after start_hour");
+    if (endHour === startHour) {
+      throw invalid(at("end_hour"), "must differ from start_hour (a window of all day is 0 to 24)");
+    }
     rule.daysOfWeek.forEach((d, i) => intInRange(d, at(`days_of_week[${i}]`), 0, 6));
   } else {
     const defaultWindow = rule.startHour === 0 && (rule.endHour === 0 || rule.endHour === 24);

@@ -856,6 +856,26 @@ test("discount rules: created, listed and deleted by admins, validated against t
   expect(await code(client.deleteDiscountRule({ ruleId: volume.rule?.id as string }, admin))).toBe(Code.NotFound);
 });
 
+test("a time window may wrap past midnight; an empty one is refused, naming 0 to 24 for all day", async () => {
+  const orgId = await newOrg();
+  const nights = await client.createDiscountRule(
+    promo(orgId, { kind: DiscountKind.TIME_WINDOW, startHour: 22, endHour: 6, daysOfWeek: [5] }),
+    admin,
+  );
+  expect(nights.rule).toMatchObject({ startHour: 22, endHour: 6, daysOfWeek: [5] });
+  expect((await client.listDiscountRules({ orgId }, admin)).rules).toMatchObject([{ startHour: 22, endHour: 6 }]);
+  const empty = await client
+    .createDiscountRule(promo(orgId, { kind: DiscountKind.TIME_WINDOW, startHour: 6, endHour: 6 }), admin)
+    .catch((e: unknown) => ConnectError.from(e));
+  expect(empty).toMatchObject({ code: Code.InvalidArgument });
+  expect((empty as ConnectError).rawMessage).toBe(
+    "rule.end_hour: must differ from start_hour (a window of all day is 0 to 24)",
+  );
+  for (const extra of [{ startHour: 22, endHour: 6 }, { kind: DiscountKind.TIME_WINDOW, startHour: 22, endHour: 0 }]) {
+    expect(await code(client.createDiscountRule(promo(orgId, extra), admin))).toBe(Code.InvalidArgument);
+  }
+});
+
 test("invoices over RPC: admins generate and move them, an org's own key reads only its own", async () => {
   const orgId = await newOrg();
   const otherOrgId = await newOrg();

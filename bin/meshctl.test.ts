@@ -320,6 +320,19 @@ describe("meshctl against a real billing", () => {
     expect(listed).toMatch(/Spring promo\s+promotional\s+10%\s+5\s+yes\s+gpt-4o\s+2026-01-01\.\.2027-01-01\s+\$1/);
     expect(listed).toMatch(/volume\s+volume-graduated\s+\$0\+: 0%, \$1\+: 5%, \$10\+: 7\.5%\s+0\s+yes\s+all\s+always\s+-/);
     expect(listed).toMatch(/nights\s+time-window\s+20%\s+0\s+no\s+all\s+22-24h UTC Sun,Sat/);
+    const fridayNight = await json<{ rule: { id: string; startHour: number; endHour: number } }>(
+      `discounts add --org ${orgId} --name "Friday night" --kind time-window --percent 20 --hours 22-6 --days 5`,
+    );
+    expect(fridayNight.rule).toMatchObject({ startHour: 22, endHour: 6 });
+    expect(await ok(`discounts list --org ${orgId}`)).toMatch(
+      /Friday night\s+time-window\s+20%\s+0\s+yes\s+all\s+22-6h UTC Fri/,
+    );
+    await ok(`discounts remove ${fridayNight.rule.id}`);
+    failsWith(
+      await cli(`discounts add --org ${orgId} --name x --kind time-window --percent 5 --hours 6-6`),
+      1,
+      /invalid_argument.*end_hour: must differ from start_hour \(a window of all day is 0 to 24\)/,
+    );
     expect(await ok(`discounts remove ${night.rule.id}`)).toBe(`removed ${night.rule.id}\n`);
     expect(await ok(`discounts list --org ${orgId}`)).not.toContain("nights");
     // Priorities may be negative (applied after the default 0).

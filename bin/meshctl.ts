@@ -81,6 +81,8 @@ const usage = `usage: meshctl <command> [flags] [--json]
   discounts add --org ID --name S --kind volume-graduated|volume-all-units|time-window|promotional
                 [--percent P] [--tiers FROM_USD:PERCENT,...] [--hours 0-6] [--days 0,6] [--model M] [--provider P]
                 [--priority N] [--exclusive] [--from DATE] [--until DATE] [--cap-usd X]   (a negative N: --priority=-5)
+      (--hours START-END in UTC, END excluded: 22-6 wraps past midnight, 0-24 is all day; --days (0 = Sunday .. 6)
+      are the days a window starts on, so --hours 22-6 --days 5 is Friday 22:00 to Saturday 06:00)
   discounts list --org ID | discounts remove RULE_ID
   invoices generate --org ID [--period YYYY-MM] | invoices list --org ID | invoices show ID
       (--period: the billing period that starts in that month; default: the current one)
@@ -690,7 +692,7 @@ function ruleFrom(values: Flags): MessageInitShape<typeof DiscountRuleSchema> {
   const kind = kinds[values.kind ?? ""];
   if (!kind) throw new UsageError(`--kind must be one of ${Object.keys(kinds).join(", ")}`);
   if (values.hours && !/^\d{1,2}-\d{1,2}$/.test(values.hours)) {
-    throw new UsageError(`--hours must be START-END in UTC hours, like 22-24, not "${values.hours}"`);
+    throw new UsageError(`--hours must be START-END in UTC hours, like 9-17 or 22-6, not "${values.hours}"`);
   }
   const [startHour, endHour] = (values.hours ?? "0-24").split("-").map((h) => int(h, "--hours"));
   return {

@@ -1,7 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
 import type { DiscountRule, VolumeTier } from "../store/types.ts";
-import { calculateDiscounts, marginalDiscounts, type UsageHour } from "./calculate.ts";
+import { calculateDiscounts, marginalDiscounts, matches, type UsageHour } from "./calculate.ts";
 import { unscopedRule } from "./test-rules.ts";
 
 const monthStart = Date.UTC(2026, 2, 1);
@@ -54,6 +54,56 @@ describe("examples", () => {
     expect(calculateDiscounts(usage, [nights], noMax).totalNanos).toBe(12n * 500n);
     const sundayNights = { ...nights, daysOfWeek: [0] };
     expect(calculateDiscounts(usage, [sundayNights], noMax).totalNanos).toBe(6n * 500n);
+  });
+
+  test("a window with start after end wraps past midnight, its boundary hours included as a non-wrapping one's", () => {
+    const nights = rule({ kind: "time_window", discountBps: 5000, startHour: 22, endHour: 6 });
+    const at = (iso: string) =>
+      matches(nights, { hour: new Date(iso), model: "gpt", provider: "openai", costNanos: 1n });
+    expect(
+      ["21", "22", "23"].map((h) => at(`2026-03-02T${h}:00:00Z`)).concat(
+        ["00", "05", "06"].map((h) => at(`2026-03-03T${h}:00:00Z`)),
+      ),
+    ).toEqual([false, true, true, true, true, false]);
+    // Sunday 00:00 to Tuesday 00:00: 0-6 and 22-24 each day.
+    const usage = hours(48, 1000n);
+    expect(calculateDiscounts(usage, [nights], noMax).totalNanos).toBe(16n * 500n);
+    // Unchanged for a window that does not wrap.
+    const evenings = { ...nights, startHour: 18, endHour: 22 };
+    expect(calculateDiscounts(usage, [evenings], noMax).totalNanos).toBe(8n * 500n);
+  });
+
+  test("days name the day a wrapping window starts on: Fri 22-6 is Fri 22:00 to Sat 06:00", () => {
+    const fridayNight = rule({ kind: "time_window", discountBps: 10_000, startHour: 22, endHour: 6, daysOfWeek: [5] });
+    // 2026-03-05 is a Thursday: Thursday 00:00 to Sunday 00:00.
+    const usage = Array.from({ length: 72 }, (_, i) => ({
+      hour: new Date(Date.UTC(2026, 2, 5) + i * hourMs),
+      model: "gpt",
+      provider: "openai",
+      costNanos: 1n,
+    }));
+    const matched = usage.filter((u) => matches(fridayNight, u)).map((u) => u.hour.toISOString().slice(5, 13));
+    expect(matched).toEqual([
+      "03-06T22",
+      "03-06T23",
+      ...["00", "01", "02", "03", "04", "05"].map((h) => `03-07T${h}`),
+    ]);
+    // Thursday night's hours after midnight are Friday's by the clock, but Thursday's window: not matched.
+    expect(matched).not.toContain("03-06T03");
+  });
+
+  test("a wrapping window's cap holds once across both sides of midnight, on one applied rule", () => {
+    // Sunday 20:00 to Monday 08:00: 8 of the 12 hours are inside 22-6.
+    const usage = hours(12, 1000n).map((u) => ({ ...u, hour: new Date(u.hour.getTime() + 20 * hourMs) }));
+    const nights = rule({ kind: "time_window", discountBps: 5000, startHour: 22, endHour: 6, capNanos: 3000n });
+    const result = calculateDiscounts(usage, [nights], noMax);
+    expect(result.applied.map((a) => [a.rule.id, a.matchedNanos, a.amountNanos])).toEqual([["disc_1", 8000n, 3000n]]);
+    // Split in two rules the cap held twice: 1000 before midnight, 3000 after.
+    const split = [
+      { ...nights, id: "disc_a", startHour: 22, endHour: 24 },
+      { ...nights, id: "disc_b", startHour: 0, endHour: 6 },
+    ];
+    expect(calculateDiscounts(usage, split, noMax).totalNanos).toBe(4000n);
   });
 
   test("promotions apply inside their validity, up to their cap", () => {
@@ -194,7 +244,7 @@ const tiersArb = fc
   );
 const windowArb = fc
   .tuple(fc.integer({ min: 0, max: 23 }), fc.integer({ min: 1, max: 24 }))
-  .filter(([a, b]) => a < b);
+  .filter(([a, b]) => a !== b);
 const ruleArb = fc
   .record({
     kind: fc.constantFrom("volume_graduated", "volume_all_units", "time_window", "promotional" as const),
@@ -235,6 +285,22 @@ const rulesArb = fc
 const maxArb = fc.oneof(fc.constant(0), bps);
 
 describe("properties", () => {
+  test("a wrapping window matches what its hours to midnight on its days and from midnight the day after match", () => {
+    const wrapping = fc
+      .tuple(fc.integer({ min: 1, max: 23 }), fc.integer({ min: 1, max: 23 }))
+      .filter(([a, b]) => a > b);
+    const days = fc.uniqueArray(fc.integer({ min: 0, max: 6 }), { maxLength: 7 });
+    fc.assert(
+      fc.property(wrapping, days, wholeHour, ([startHour, endHour], daysOfWeek, hour) => {
+        const usage = { hour, model: "gpt", provider: "openai", costNanos: 1n };
+        const window = rule({ kind: "time_window", discountBps: 1, startHour, endHour, daysOfWeek });
+        const evening = { ...window, endHour: 24 };
+        const morning = { ...window, startHour: 0, daysOfWeek: daysOfWeek.map((d) => (d + 1) % 7) };
+        expect(matches(window, usage)).toBe(matches(evening, usage) || matches(morning, usage));
+      }),
+    );
+  });
+
   test("the discount is never negative, never above the subtotal, the org maximum or a rule's cap", () => {
     fc.assert(
       fc.property(usageArb, rulesArb, maxArb, (usage, rules, maxDiscountBps) => {

@@ -99,7 +99,11 @@ export function marginalDiscounts(
   });
 }
 
-/** Whether a rule covers one hour of one model's usage: scope, validity and (time windows) hour and weekday. */
+/**
+ * Whether a rule covers one hour of one model's usage: scope, validity and (time windows) hour and weekday. A window
+ * with startHour > endHour wraps past midnight, and its days are the days it starts on: the hours after midnight
+ * belong to the previous day's window (Fri 22-6 covers Fri 22:00-24:00 and Sat 00:00-06:00).
+ */
 export function matches(rule: DiscountRule, usage: UsageHour): boolean {
   if (rule.model !== null && rule.model !== usage.model) return false;
   if (rule.provider !== null && rule.provider !== usage.provider) return false;
@@ -107,8 +111,14 @@ export function matches(rule: DiscountRule, usage: UsageHour): boolean {
   if (rule.validUntil && usage.hour >= rule.validUntil) return false;
   if (rule.kind === "time_window") {
     const hour = usage.hour.getUTCHours();
-    if (hour < rule.startHour || hour >= rule.endHour) return false;
-    if (rule.daysOfWeek.length > 0 && !rule.daysOfWeek.includes(usage.hour.getUTCDay())) return false;
+    const wraps = rule.startHour > rule.endHour;
+    const inside = wraps
+      ? hour >= rule.startHour || hour < rule.endHour
+      : hour >= rule.startHour && hour < rule.endHour;
+    if (!inside) return false;
+    const afterMidnight = wraps && hour < rule.endHour;
+    const day = (usage.hour.getUTCDay() + (afterMidnight ? 6 : 0)) % 7;
+    if (rule.daysOfWeek.length > 0 && !rule.daysOfWeek.includes(day)) return false;
   }
   return true;
 }

@@ -144,6 +144,17 @@ test("totals are consistent for any usage, rules and tax rate", () => {
   );
 });
 
+test("a window wrapping past midnight discounts both sides of it on one line", () => {
+  const usage = ["2026-03-06T21:00:00Z", "2026-03-06T23:00:00Z", "2026-03-07T01:00:00Z", "2026-03-07T06:00:00Z"].map(
+    (at) => slice({ hour: new Date(at), unitemisedTokens: 1n, unitemisedNanos: 1_000_000n }),
+  );
+  const nights = promo({ name: "Friday nights", kind: "time_window", discountBps: 2000, startHour: 22, endHour: 6 });
+  const invoice = buildInvoice(usage, [{ ...nights, daysOfWeek: [5] }], { taxRateBps: 0, maxDiscountBps: 0 });
+  expect(invoice.lines.filter((l) => l.tokenType === "discount").map((l) => [l.description, l.amountNanos])).toEqual([
+    ["Discount: Friday nights (20% off 22:00-06:00 UTC on Fri)", -400_000n],
+  ]);
+});
+
 test("rules are described in words on their lines", () => {
   expect(
     describeRule(
@@ -170,4 +181,6 @@ test("rules are described in words on their lines", () => {
       }),
     ),
   ).toBe("10% off 00:00-06:00 UTC on Sun, Sat, valid 2026-03-01 00:00 UTC to open");
+  const fridayNight = promo({ kind: "time_window", discountBps: 2000, startHour: 22, endHour: 6, daysOfWeek: [5] });
+  expect(describeRule(fridayNight)).toBe("20% off 22:00-06:00 UTC on Fri");
 });

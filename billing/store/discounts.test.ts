@@ -103,3 +103,24 @@ test("the schema refuses what the contract forbids", async () => {
   // Nothing of a refused rule was kept.
   expect(await store.listDiscountRules(orgId)).toHaveLength(1);
 });
+
+test("the schema takes a time window that wraps past midnight, and refuses wrapping hours of other kinds", async () => {
+  const nights = await store.createDiscountRule(
+    rule({ kind: "time_window", startHour: 22, endHour: 6, daysOfWeek: [5] }),
+  );
+  expect((await store.listDiscountRules(orgId)).find((r) => r.id === nights.id)).toMatchObject({
+    startHour: 22,
+    endHour: 6,
+    daysOfWeek: [5],
+  });
+  for (const hours of [
+    { kind: "promotional" as const, startHour: 22, endHour: 6 },
+    { kind: "time_window" as const, startHour: 24, endHour: 6 },
+    { kind: "time_window" as const, startHour: 22, endHour: 0 },
+    { kind: "time_window" as const, startHour: 6, endHour: 6 },
+  ]) {
+    const refused = kind(await store.createDiscountRule(rule(hours)).catch((e) => e));
+    expect([hours, refused]).toEqual([hours, "invalid_argument"]);
+  }
+  await store.deleteDiscountRule(nights.id);
+});

@@ -24,6 +24,7 @@ const migrations = [
   "0007_lease_recorded_spend.sql",
   "0008_invoice_numbers_at_issue.sql",
   "0009_org_suspension.sql",
+  "0010_wrapping_time_windows.sql",
 ];
 const billingTables = [
   "api_keys",

@@ -198,10 +198,13 @@ export interface NewDiscountRule {
   discountBps: number;
   /** Volume kinds only, ascending. */
   tiers: VolumeTier[];
-  /** UTC hours [startHour, endHour); 0 and 24 outside time windows. */
+  /**
+   * UTC hours [startHour, endHour), or past midnight when startHour > endHour: hours >= startHour or < endHour, the
+   * ones after midnight counted to the day before. 0 and 24 outside time windows.
+   */
   startHour: number;
   endHour: number;
-  /** 0 = Sunday; empty means every day. */
+  /** Days a window starts on, 0 = Sunday; empty means every day. */
   daysOfWeek: number[];
   /** Whole UTC hours; null is open. */
   validFrom: Date | null;

@@ -1454,9 +1454,12 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   tiers: VolumeTier[];
 
   /**
-   * Time window kind: hours [start_hour, end_hour) UTC with 0 <= start_hour < end_hour <= 24, and days of week
-   * (0 = Sunday .. 6) of the usage; empty days means every day. Other kinds must leave them at 0, 0 (or 0, 24)
-   * and empty.
+   * Time window kind: hours [start_hour, end_hour) UTC with 0 <= start_hour <= 23 and 1 <= end_hour <= 24. A window
+   * with start_hour > end_hour wraps past midnight: hours >= start_hour or < end_hour (22, 6 is 22:00-06:00).
+   * start_hour == end_hour is refused; all day is 0, 24. Days of week (0 = Sunday .. 6) are the days a window
+   * starts on, so the hours after midnight of a wrapping window belong to the previous day's window (22, 6 on
+   * Friday covers Friday 22:00-24:00 and Saturday 00:00-06:00); empty days means every day. Other kinds must leave
+   * them at 0, 0 (or 0, 24) and empty.
    *
    * @generated from field: int32 start_hour = 11;
    */
