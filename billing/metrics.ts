@@ -48,8 +48,9 @@ export function createBillingMetrics(
     leases: new Counter({
       name: "billing_budget_leases_total",
       help:
-        "AcquireBudgetLease answers: granted (some budget), exhausted (nothing left to grant), or holder_share " +
-        "(the asking gateway already holds its share of what is left).",
+        "AcquireBudgetLease answers: granted (some budget), exhausted (nothing left to grant), holder_share " +
+        "(the asking gateway already holds its share of what is left), or repeated (a lease granted to an earlier " +
+        "ask of its lease_id, answered again; its budget counted once).",
       labelNames: ["result"] as const,
       registers: [registry],
     }),

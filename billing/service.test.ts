@@ -3,6 +3,7 @@ import { clone, create, type MessageInitShape } from "@bufbuild/protobuf";
 import { type Timestamp, TimestampSchema, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import pg from "pg";
+import { Registry } from "prom-client";
 import {
   BillingService,
   BudgetScope,
@@ -563,6 +564,40 @@ test("budget leases over RPC", async () => {
     expect(await code(client.acquireBudgetLease({ ...valid, ...invalid }, admin))).toBe(Code.InvalidArgument);
   }
   expect(await code(client.releaseBudgetLease({ leaseId: "lease_missing" }, admin))).toBe(Code.NotFound);
+});
+
+test("a budget lease asked for again under its id, its first answer lost, is the same grant", async () => {
+  const registry = new Registry();
+  const metered = createBillingApp({ pool: db.pool, adminToken, clock: () => now, log, registry });
+  const client = createClient(BillingService, createRouterTransport(metered.routes));
+  const orgId = await newOrg({ monthlyBudgetNanos: 1_000n });
+  const ask = {
+    scope: BudgetScope.ORGANIZATION,
+    scopeId: orgId,
+    holder: "gw-a",
+    requestedNanos: 600n,
+    ttlSeconds: 60,
+    leaseId: "lease_01JRPCRETRYRPCRETRYRPCRETRY",
+  };
+  const first = await client.acquireBudgetLease(ask, admin);
+  expect(first).toMatchObject({ leaseId: ask.leaseId, grantedNanos: 600n, remainingNanos: 400n });
+  expect(await client.acquireBudgetLease(ask, admin)).toEqual(first);
+  const counted = async (name: string) => (await registry.getSingleMetric(name)?.get())?.values;
+  expect(await counted("billing_budget_leased_usd_total")).toMatchObject([{ value: 600 / 1e9 }]);
+  expect(await counted("billing_budget_leases_total")).toMatchObject([
+    { labels: { result: "granted" }, value: 1 },
+    { labels: { result: "repeated" }, value: 1 },
+  ]);
+  // Counted once: the rest goes to another holder, and nothing more after it.
+  const { leaseId: _, ...fresh } = ask;
+  expect(await client.acquireBudgetLease({ ...fresh, holder: "gw-b" }, admin)).toMatchObject({ grantedNanos: 400n });
+  expect(await client.acquireBudgetLease({ ...fresh, holder: "gw-c" }, admin)).toMatchObject({ grantedNanos: 0n });
+  for (const leaseId of ["01JRPCRETRY", "lease_", "lease_a-b", `lease_${"a".repeat(123)}`]) {
+    expect(await code(client.acquireBudgetLease({ ...ask, leaseId }, admin))).toBe(Code.InvalidArgument);
+  }
+  expect(await code(client.acquireBudgetLease({ ...ask, holder: "gw-b" }, admin))).toBe(Code.InvalidArgument);
+  // Giving up on an ask that was never granted: nothing to release.
+  expect(await code(client.releaseBudgetLease({ leaseId: "lease_01JRPCNEVERGRANTED" }, admin))).toBe(Code.NotFound);
 });
 
 test("one holder is granted at most half of what is left of a budget plus a floor, less than asked rather than nothing", async () => {

@@ -271,10 +271,17 @@ export function createBillingService({
         neededNanos: atMost(req.neededNanos, "needed_nanos", requestedNanos),
         ttlSeconds: intInRange(req.ttlSeconds, "ttl_seconds", 1, 3600),
         now: clock(),
+        leaseId: leaseIdAsked(req.leaseId),
       });
-      const result = grant.grantedNanos > 0n ? "granted" : grant.remainingNanos === 0n ? "exhausted" : "holder_share";
+      const result = grant.repeated
+        ? "repeated"
+        : grant.grantedNanos > 0n
+          ? "granted"
+          : grant.remainingNanos === 0n
+            ? "exhausted"
+            : "holder_share";
       metrics?.leases.inc({ result });
-      metrics?.leasedUsd.inc(Number(grant.grantedNanos) / 1e9);
+      if (!grant.repeated) metrics?.leasedUsd.inc(Number(grant.grantedNanos) / 1e9);
       return create(AcquireBudgetLeaseResponseSchema, {
         leaseId: grant.leaseId ?? "",
         grantedNanos: grant.grantedNanos,
@@ -521,4 +528,11 @@ async function* withHeartbeats<T>(source: AsyncIterable<T>, everyMs: number): As
   } finally {
     void items.return?.();
   }
+}
+
+/** A lease id chosen by the asker: "lease_" and letters and digits, 128 characters at most; empty for none. */
+function leaseIdAsked(value: string): string | undefined {
+  if (value === "") return undefined;
+  if (!/^lease_[0-9A-Za-z]{1,122}$/.test(value)) throw invalid("lease_id", "must be lease_ and letters or digits");
+  return value;
 }

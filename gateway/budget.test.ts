@@ -485,6 +485,81 @@ describe("budget leases", () => {
     expect(settlements.rows[0]?.spent).toBe("9070");
   });
 
+  /** Billing as seen through a connection that loses the answers to the first `times` grants it makes. */
+  const losingGrants = (code: Code, times: number): BudgetKeeperOptions["billing"] => ({
+    ...billing,
+    acquireBudgetLease: async (req) => {
+      const res = await billing.acquireBudgetLease(req);
+      if (times-- > 0) throw new ConnectError("the connection to billing was reset", code);
+      return res;
+    },
+  });
+
+  test("a grant whose answer is lost is asked for again under its lease id, and adopted rather than granted twice", async () => {
+    // Near its end the budget has one lease's worth left: a second grant would find none, and refuse the request.
+    const principal = await principalWith({ key: 10_000n });
+    const { keeper: k } = keeper({ billing: losingGrants(Code.Unavailable, 1), minLeaseNanos: 10_000n });
+    const before = calls.acquire;
+    (await k.reserve(principal, 9_000n, 60_000)).settle(9_000n);
+    expect(calls.acquire - before).toBe(2);
+    expect(k.snapshot().get(`api_key:${principal.apiKeyId}`)).toMatchObject({ leases: 1, grantedNanos: 10_000n });
+    await k.close();
+    expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 10_000n, spent: 9_000n }]);
+  });
+
+  test("a grant whose answer came too late is asked for again in the background, and its lease serves requests", async () => {
+    const principal = await principalWith({ key: 10_000n });
+    const { keeper: k, clock } = keeper({
+      billing: losingGrants(Code.DeadlineExceeded, 1),
+      minLeaseNanos: 10_000n,
+      maintenanceIntervalMs: 10,
+    });
+    // The request that asked is not held for a second deadline.
+    expect((await refusal(k.reserve(principal, 9_000n, 60_000))).code).toBe("budget_unavailable");
+    expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 10_000n, spent: null }]);
+    clock.t += 1_000;
+    await until(() => (k.snapshot().get(`api_key:${principal.apiKeyId}`)?.leases ?? 0) === 1);
+    const before = calls.acquire;
+    (await k.reserve(principal, 9_000n, 60_000)).settle(8_000n);
+    expect(calls.acquire).toBe(before);
+    await k.close();
+    expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 10_000n, spent: 8_000n }]);
+  });
+
+  test("a grant whose answer stays lost is given back by its lease id, so billing does not hold it to its grace", async () => {
+    const principal = await principalWith({ key: 10_000n });
+    const { keeper: k, clock } = keeper({
+      billing: losingGrants(Code.Unavailable, 2),
+      minLeaseNanos: 10_000n,
+      idleReleaseMs: 5_000,
+      maintenanceIntervalMs: 10,
+    });
+    expect((await refusal(k.reserve(principal, 9_000n, 60_000))).code).toBe("budget_unavailable");
+    // Billing goes down: the grant is asked for again, later each time, until asking is no longer worth it.
+    billingFault = "down";
+    try {
+      for (const wait of [1_000, 2_000, 4_000]) {
+        const sent = calls.acquire + calls.release;
+        clock.t += wait;
+        await until(() => calls.acquire + calls.release > sent);
+      }
+      const sent = calls.release;
+      clock.t += 8_000;
+      await until(() => calls.release > sent);
+    } finally {
+      billingFault = undefined;
+    }
+    // Billing is back: the release lands, and the whole budget is there to grant again.
+    clock.t += 30_000;
+    await until(async () => (await leasesOf(principal.apiKeyId))[0]?.spent === 0n);
+    (await k.reserve(principal, 10_000n, 60_000)).settle(10_000n);
+    await k.close();
+    expect(await leasesOf(principal.apiKeyId)).toEqual([
+      { granted: 10_000n, spent: 0n },
+      { granted: 10_000n, spent: 10_000n },
+    ]);
+  });
+
   test("a release billing missed is sent again after its lease expired, so billing does not hold it for its grace", async () => {
     const principal = await principalWith({ key: 10_000n });
     const { keeper: k, clock } = keeper({

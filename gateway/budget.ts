@@ -21,8 +21,10 @@ import type { ChatRequest } from "./providers/provider.ts";
  * can cost (`maxChatCostNanos`) against every such budget; when it ends it settles at its actual cost
  * and the difference returns to the lease. A scope whose leases run low is topped up in the
  * background, sized by its recent spend rate; drained, idle or soon-expiring leases are released to
- * billing with what was spent from them, and every lease is released on shutdown. A reservation is drawn from at most
- * four leases of each budget, so a request's usage record names at most the 8 budget charges billing takes; room spread
+ * billing with what was spent from them, and every lease is released on shutdown. Each grant is asked for under a lease
+ * id chosen here, so one whose answer was lost is asked for again, or released, by that id, never granted twice.
+ * A reservation is drawn from at most four leases of each budget, so a request's usage record names at most the 8
+ * budget charges billing takes; room spread
  * over more leases than that is not spent by one request: it gets a lease of its own, granted by billing like any other.
  *
  * Overshoot bound: a budget's settled spend can exceed it only by the sum over requests of
@@ -156,6 +158,21 @@ interface Scope {
   budgetAt: number;
   /** Counts budget changes: a grant asked for before one is given back as it arrives. */
   generation: number;
+  /** A grant asked for whose answer was lost: asked for again under its lease id before anything else. */
+  unanswered: Ask | undefined;
+}
+
+/** One grant asked for, under a lease id of our choosing, so asking again cannot be granted twice. */
+interface Ask {
+  leaseId: string;
+  requestedNanos: bigint;
+  neededNanos: bigint;
+  /** Epoch ms of the first try: billing's expiry of the lease counts from no earlier. */
+  asked: number;
+  generation: number;
+  failures: number;
+  /** Epoch ms. */
+  retryAt: number;
 }
 
 /** A lease given up whose release billing has not taken yet, with what was spent from it. */
@@ -241,6 +258,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         budgetNanos,
         budgetAt: principal.authorizedAt,
         generation: 0,
+        unanswered: undefined,
       };
       scopes.set(key, scope);
     }
@@ -366,6 +384,24 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   };
 
   /**
+   * Keeps an ask whose answer was lost (billing may have granted it) for asking again under its id, later each time;
+   * once it is older than an idle lease is kept, or at shutdown, it is released instead, which frees the lease if
+   * billing granted it and is nothing to billing otherwise.
+   */
+  const unanswered = (scope: Scope, ask: Ask) => {
+    ask.failures++;
+    const t = now();
+    if (closed || t - ask.asked >= idleReleaseMs) {
+      const expiresAt = ask.asked + ttlMs;
+      const lease = { id: ask.leaseId, granted: 0n, spent: 0n, reserved: 0n, expiresAt, lastUsed: t, withdrawn: true };
+      void sendRelease({ scopeKey: scope.key, lease, spentNanos: 0n, failures: 0, retryAt: 0 });
+      return;
+    }
+    ask.retryAt = t + Math.min(releaseRetryMaxMs, 1_000 * 2 ** (ask.failures - 1));
+    scope.unanswered = ask;
+  };
+
+  /**
    * Gives back the leases of a scope whose budget changed, so its next request is granted under the new one: at once
    * those no request is using, the others as their last request settles (requests running keep their reservations).
    */
@@ -397,20 +433,34 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         const idle = scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease));
         await Promise.all([...resent, ...idle]);
       }
-      const generation = scope.generation;
-      const { requestedNanos, neededNanos } = size();
-      // Nothing to ask for (a renewal whose share of billing's last figure is 0): billing is not asked, and only its
-      // own answer says the budget is spent (another replica may have given back since).
-      if (requestedNanos <= 0n) return;
-      const asked = now();
+      // A grant billing may have made without our hearing goes first, as it was asked: billing answers with it if
+      // it made it, and grants it now otherwise; asking afresh instead could hold the budget twice.
+      let ask = scope.unanswered;
+      scope.unanswered = undefined;
+      if (!ask) {
+        const { requestedNanos, neededNanos } = size();
+        // Nothing to ask for (a renewal whose share of billing's last figure is 0): billing is not asked, and only its
+        // own answer says the budget is spent (another replica may have given back since).
+        if (requestedNanos <= 0n) return;
+        const [leaseId, generation] = [`lease_${ulid()}`, scope.generation];
+        ask = { leaseId, requestedNanos, neededNanos, asked: now(), generation, failures: 0, retryAt: 0 };
+      }
+      const { requestedNanos, generation, asked } = ask;
+      const request = {
+        scope: scope.kind,
+        scopeId: scope.id,
+        holder,
+        requestedNanos,
+        neededNanos: ask.neededNanos,
+        ttlSeconds: options.leaseTtlSeconds,
+        leaseId: ask.leaseId,
+      };
       try {
-        const res = await billing.acquireBudgetLease({
-          scope: scope.kind,
-          scopeId: scope.id,
-          holder,
-          requestedNanos,
-          neededNanos,
-          ttlSeconds: options.leaseTtlSeconds,
+        // An answer lost with its connection is asked for again at once; one out of time is left to `maintain`, or the
+        // request would wait a second deadline.
+        const res = await billing.acquireBudgetLease(request).catch((e: unknown) => {
+          if (answered(e) || ConnectError.from(e).code === Code.DeadlineExceeded) throw e;
+          return billing.acquireBudgetLease(request);
         });
         grantOutage.recovered();
         const lease: Lease | undefined =
@@ -449,6 +499,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         }
         // Billing's one refusal of a lease to a gateway whose token AuthorizeKey has accepted.
         if (err.code === Code.PermissionDenied) throw organizationSuspended();
+        if (!answered(e)) unanswered(scope, ask);
         grantOutage.failed({ scope: scope.key, code: Code[err.code], err: err.rawMessage });
         throw serviceUnavailable("Budgets cannot be checked right now; retry shortly.", "budget_unavailable");
       }
@@ -533,13 +584,16 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     const t = now();
     for (const pending of [...unreleased.values()]) if (pending.retryAt <= t) void sendRelease(pending);
     for (const scope of scopes.values()) {
+      if (scope.unanswered && scope.unanswered.retryAt <= t && !scope.acquiring) {
+        acquire(scope, () => ({ requestedNanos: 0n, neededNanos: 0n })).catch(() => {});
+      }
       for (const lease of [...scope.leases]) {
         if (lease.reserved !== 0n) continue;
         // Too close to expiry for the next request, or idle: let other replicas have it.
         if (lease.expiresAt < t + scope.maxHoldMs + marginMs * 2 || t - lease.lastUsed >= idleReleaseMs)
           void release(scope, lease);
       }
-      if (scope.leases.length === 0 && !scope.acquiring && t - scope.lastUsed >= idleReleaseMs)
+      if (scope.leases.length === 0 && !scope.acquiring && !scope.unanswered && t - scope.lastUsed >= idleReleaseMs)
         scopes.delete(scope.key);
     }
   };
@@ -627,6 +681,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       clearInterval(timer);
       await Promise.all([...scopes.values()].map((s) => s.acquiring?.catch(() => {})));
       for (const scope of scopes.values()) {
+        const ask = scope.unanswered;
+        scope.unanswered = undefined;
+        if (ask) unanswered(scope, ask);
         // Reservations still open at shutdown are reported as spent: over-reporting only lowers later grants.
         for (const lease of [...scope.leases]) void release(scope, lease, lease.spent + lease.reserved);
       }
@@ -765,6 +822,21 @@ export function embeddingInputTokens(input: EmbeddingInput, textTokens: (text: s
 export function maxEmbeddingInputTokens(input: EmbeddingInput): number {
   return embeddingInputTokens(input, (text) => Buffer.byteLength(text));
 }
+
+/**
+ * Whether billing answered an ask with a refusal, so it granted nothing. Any other failure (unreachable, out of time, a
+ * connection lost on the way back) may follow a grant billing made.
+ */
+function answered(e: unknown): boolean {
+  return refusals.has(ConnectError.from(e).code);
+}
+const refusals = new Set([
+  Code.InvalidArgument,
+  Code.NotFound,
+  Code.FailedPrecondition,
+  Code.PermissionDenied,
+  Code.Unauthenticated,
+]);
 
 function formatUsd(nanos: bigint): string {
   return `$${(Number(nanos) / 1e9).toFixed(6)}`;

@@ -96,6 +96,47 @@ test("grants never exceed what is left, and releases return the unspent part", a
   expect((missing as BillingError).kind).toBe("not_found");
 });
 
+test("an ask naming a lease already granted answers with that grant, and grants nothing more", async () => {
+  const org = await newOrg(1000n);
+  const leaseId = "lease_01JRETRYRETRYRETRYRETRY0001";
+  const first = await acquire(org.id, 600n, { leaseId });
+  expect(first).toMatchObject({ leaseId, grantedNanos: 600n, remainingNanos: 400n });
+  // Its answer was lost; asked again, later, for what the gateway would ask now: the same lease as it was granted.
+  const later = new Date(now.getTime() + 5_000);
+  const again = await acquire(org.id, 900n, { leaseId, now: later, ttlSeconds: 3600, neededNanos: 900n });
+  expect(again).toEqual({ ...first, repeated: true });
+  const leases = await db.pool.query("SELECT granted_nanos FROM budget_leases WHERE org_id = $1", [org.id]);
+  expect(leases.rows).toEqual([{ granted_nanos: "600" }]);
+  // The other 400 are still there for anyone: the lease is counted once.
+  expect(await acquire(org.id, 1000n, { holder: "gw-2" })).toMatchObject({ grantedNanos: 400n, leasedNanos: 600n });
+  expect(await acquire(org.id, 1n, { leaseId, now: later })).toMatchObject({ grantedNanos: 600n, remainingNanos: 0n });
+  // Its key's revocation or its org's suspension since does not hide it: its holder gives it back.
+  await store.setOrganizationSuspended(org.id, "");
+  expect(await acquire(org.id, 1n, { leaseId })).toMatchObject({ leaseId, grantedNanos: 600n });
+
+  // An id of another scope's or holder's lease, or of a released one, is not answered with it.
+  const other = await newOrg(1000n);
+  const kind = (p: Promise<unknown>) => p.then(() => "granted", (e: BillingError) => e.kind);
+  expect(await kind(acquire(other.id, 10n, { leaseId }))).toBe("invalid_argument");
+  expect(await kind(acquire(org.id, 10n, { leaseId, holder: "gw-2" }))).toBe("invalid_argument");
+  await store.releaseBudgetLease({ leaseId, spentNanos: 0n, now });
+  expect(await kind(acquire(org.id, 10n, { leaseId }))).toBe("invalid_argument");
+
+  // An ask that got nothing leaves its id free: asked again once there is budget, it is granted.
+  const spent = await newOrg(100n);
+  await acquire(spent.id, 100n);
+  const waiting = "lease_01JRETRYRETRYRETRYRETRY0002";
+  expect(await acquire(spent.id, 50n, { leaseId: waiting, holder: "gw-2" })).toMatchObject({ leaseId: null });
+});
+
+test("asks of one new lease id at once grant it once", async () => {
+  const org = await newOrg(1000n);
+  const leaseId = "lease_01JRETRYRETRYRETRYRETRY0003";
+  const grants = await Promise.all([1, 2, 3, 4].map(() => acquire(org.id, 300n, { leaseId })));
+  for (const grant of grants) expect(grant).toMatchObject({ leaseId, grantedNanos: 300n });
+  expect((await acquire(org.id, 1000n, { holder: "gw-2" })).grantedNanos).toBe(700n);
+});
+
 test("abandoned leases return to the pool after the grace window; recorded usage counts against the budget", async () => {
   const org = await newOrg(1000n);
   await acquire(org.id, 1000n, { ttlSeconds: 30 });

@@ -1,6 +1,6 @@
 import { ulid } from "ulid";
 import { billingPeriod, utcDate } from "../period.ts";
-import { BillingError, type Db } from "./db.ts";
+import { BillingError, type Db, type Queryable } from "./db.ts";
 import type { BudgetLeaseGrant, BudgetLeaseRequest } from "./types.ts";
 
 interface ScopeRow {
@@ -54,7 +54,9 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
      * period that lives on into this one can be spent in both, so it reserves here too until released, and is
      * settled here when released after its own period ended (see releaseBudgetLease). One holder is granted no more
      * than keeps its active leases within half of what is left to it plus `holderFloorNanos`, or than `neededNanos`
-     * when that is more; less than asked when both are less.
+     * when that is more; less than asked when both are less. A request naming a lease already granted to the same
+     * scope and holder (its asker lost the answer) grants nothing more: it answers with that lease as granted, even to
+     * a key revoked since (so its holder can give it back), and with what is left as of now.
      */
     acquireBudgetLease(request: BudgetLeaseRequest): Promise<BudgetLeaseGrant> {
       return db.transaction(async (tx) => {
@@ -70,11 +72,18 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
         const scope = scopeRows[0];
         const noun = request.scope === "organization" ? "organization" : "api key";
         if (!scope) throw new BillingError("not_found", `${noun} ${request.scopeId} not found`);
-        if (scope.revoked_at) throw new BillingError("failed_precondition", `api key ${request.scopeId} is revoked`);
-        if (scope.expires_at && scope.expires_at <= request.now) {
-          throw new BillingError("failed_precondition", `api key ${request.scopeId} has expired`);
+        // Read under the scope's lock, so an ask of the same id still running has committed or rolled back by now.
+        const earlier = request.leaseId ? await grantedLease(tx, request, request.leaseId) : undefined;
+        // An earlier grant was checked when it was granted.
+        if (!earlier) {
+          if (scope.revoked_at) throw new BillingError("failed_precondition", `api key ${request.scopeId} is revoked`);
+          if (scope.expires_at && scope.expires_at <= request.now) {
+            throw new BillingError("failed_precondition", `api key ${request.scopeId} has expired`);
+          }
+          if (scope.suspended_at) {
+            throw new BillingError("permission_denied", `organization ${scope.org_id} is suspended`);
+          }
         }
-        if (scope.suspended_at) throw new BillingError("permission_denied", `organization ${scope.org_id} is suspended`);
 
         const budget = BigInt(scope.monthly_budget_nanos);
         const scopeColumn = request.scope === "organization" ? "org_id" : "api_key_id";
@@ -86,8 +95,8 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
             : "SELECT id FROM api_keys WHERE lineage_id = (SELECT lineage_id FROM api_keys WHERE id = $1)";
         const period = billingPeriod(request.now, scope.billing_day);
         const previousPeriodStart = billingPeriod(new Date(period.start.getTime() - 1), scope.billing_day).start;
-        const expiresAt = new Date(request.now.getTime() + request.ttlSeconds * 1000);
-        let granted = request.requestedNanos;
+        const expiresAt = earlier?.expiresAt ?? new Date(request.now.getTime() + request.ttlSeconds * 1000);
+        let granted = earlier?.grantedNanos ?? request.requestedNanos;
         let remaining: bigint | null = null;
         let leased = 0n;
         if (budget > 0n) {
@@ -134,18 +143,23 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
           const share = (left + held) / 2n + holderFloor - held;
           // A request's own need is not held to the share: refusing it would not leave the money to anyone else.
           const allowed = share > request.neededNanos ? share : request.neededNanos;
-          granted = [left, allowed].reduce((min, x) => (x < min ? x : min), request.requestedNanos);
+          // An earlier grant of this lease is counted in `left` already, and is not granted again.
+          if (!earlier) granted = [left, allowed].reduce((min, x) => (x < min ? x : min), request.requestedNanos);
           if (granted < 0n) granted = 0n;
-          remaining = left - granted > 0n ? left - granted : 0n;
+          const after = earlier ? left : left - granted;
+          remaining = after > 0n ? after : 0n;
           leased = BigInt(used?.live ?? 0) - held;
         }
+        const answer = { grantedNanos: granted, expiresAt, remainingNanos: remaining, leasedNanos: leased };
+        if (earlier) return { leaseId: earlier.id, ...answer, repeated: true };
         if (granted === 0n) return { leaseId: null, grantedNanos: 0n, expiresAt, remainingNanos: remaining, leasedNanos: leased };
 
-        const leaseId = `lease_${ulid()}`;
-        await tx.query(
+        const leaseId = request.leaseId ?? `lease_${ulid()}`;
+        const inserted = await tx.query(
           `INSERT INTO budget_leases (id, scope, org_id, api_key_id, holder, period_start, granted_nanos, created_at,
              expires_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+           ON CONFLICT (id) DO NOTHING RETURNING id`,
           [
             leaseId,
             request.scope,
@@ -158,6 +172,8 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
             expiresAt,
           ],
         );
+        // Taken meanwhile by an ask of another scope, whose lock is not ours.
+        if (inserted.length === 0) throw otherLease(leaseId);
         return { leaseId, grantedNanos: granted, expiresAt, remainingNanos: remaining, leasedNanos: leased };
       });
     },
@@ -227,4 +243,38 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
       if (!rows[0]?.known) throw new BillingError("not_found", `budget lease ${release.leaseId} not found`);
     },
   };
+}
+
+const otherLease = (leaseId: string) =>
+  new BillingError("invalid_argument", `lease_id: ${leaseId} is another scope's or holder's lease, or was released`);
+
+/**
+ * The lease of this id already granted for `request`'s scope and holder, if any; a lease of another scope or holder, or
+ * one already released, cannot be asked for again.
+ */
+async function grantedLease(
+  tx: Queryable,
+  request: BudgetLeaseRequest,
+  leaseId: string,
+): Promise<{ id: string; grantedNanos: bigint; expiresAt: Date } | undefined> {
+  const rows = await tx.query<{
+    scope: string;
+    scope_id: string;
+    holder: string;
+    granted_nanos: string;
+    expires_at: Date;
+    released: boolean;
+  }>(
+    `SELECT scope, coalesce(api_key_id, org_id) AS scope_id, holder, granted_nanos, expires_at,
+       released_at IS NOT NULL AS released
+     FROM budget_leases WHERE id = $1`,
+    [leaseId],
+  );
+  const lease = rows[0];
+  if (!lease) return undefined;
+  if (lease.scope !== request.scope || lease.scope_id !== request.scopeId || lease.holder !== request.holder) {
+    throw otherLease(leaseId);
+  }
+  if (lease.released) throw otherLease(leaseId);
+  return { id: leaseId, grantedNanos: BigInt(lease.granted_nanos), expiresAt: lease.expires_at };
 }

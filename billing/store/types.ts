@@ -135,6 +135,8 @@ export interface BudgetLeaseRequest {
   neededNanos: bigint;
   ttlSeconds: number;
   now: Date;
+  /** Id for the lease, chosen by the asker so a lost answer can be asked for again; billing picks one when absent. */
+  leaseId?: string;
 }
 
 export interface BudgetLeaseGrant {
@@ -146,6 +148,8 @@ export interface BudgetLeaseGrant {
   remainingNanos: bigint | null;
   /** Budget the live leases of other holders hold; 0 when the scope is unlimited. */
   leasedNanos: bigint;
+  /** Granted to an earlier ask of the same lease id: this answer grants nothing more. */
+  repeated?: boolean;
 }
 
 /** Cost of a request per token type, adding up to its cost. */
