@@ -770,3 +770,66 @@ describe("the SDK's environment variables", () => {
     }
   });
 });
+
+describe("idle connections to the upstream", () => {
+  // An upstream that closes a connection once it has been idle for `closesAfterMs`, as uvicorn and Node do after 5 s,
+  // caught at the moment a call goes out on it: the call meets the close and is never read.
+  const closesAfterMs = 300;
+  let connections = 0;
+  let answered = 0;
+  const completion = JSON.stringify({
+    id: "c",
+    object: "chat.completion",
+    created: 1,
+    model: "m",
+    choices: [{ index: 0, message: { role: "assistant", content: "hi" }, finish_reason: "stop" }],
+    usage: { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 },
+  });
+  const upstream = Bun.listen<{ received: string; idleSince?: number }>({
+    hostname: "127.0.0.1",
+    port: 0,
+    socket: {
+      open(socket) {
+        connections++;
+        socket.data = { received: "" };
+      },
+      data(socket, bytes) {
+        const { idleSince } = socket.data;
+        if (idleSince !== undefined && performance.now() - idleSince >= closesAfterMs) return void socket.terminate();
+        socket.data.received += bytes.toString();
+        const [head = "", body = ""] = socket.data.received.split("\r\n\r\n");
+        const length = Number(/content-length: *(\d+)/i.exec(head)?.[1] ?? 0);
+        if (!socket.data.received.includes("\r\n\r\n") || body.length < length) return;
+        socket.data = { received: "", idleSince: performance.now() };
+        answered++;
+        socket.write(
+          `HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ${completion.length}\r\n\r\n${completion}`,
+        );
+      },
+    },
+  });
+  afterAll(() => upstream.stop(true));
+  const base_url = `http://127.0.0.1:${upstream.port}/v1`;
+
+  test("are not reused once idle for keep_alive_ms, so a call never goes out on one the upstream is closing", async () => {
+    const provider = createOpenAIProvider({ name: "local", kind: "openai", base_url, keep_alive_ms: 200 }, undefined);
+    const [before, calls] = [connections, answered];
+    await provider.chat(request("m"), { timeoutMs: 5000 });
+    await Bun.sleep(closesAfterMs + 100);
+    await provider.chat(request("m"), { timeoutMs: 5000 });
+    expect([connections - before, answered - calls]).toEqual([2, 2]);
+  });
+
+  test("are reused for a second by default on a cleartext upstream, and not after", async () => {
+    const provider = createOpenAIProvider({ name: "local", kind: "openai", base_url }, undefined);
+    const [before, calls] = [connections, answered];
+    await provider.chat(request("m"), { timeoutMs: 5000 });
+    await Bun.sleep(100);
+    await provider.chat(request("m"), { timeoutMs: 5000 });
+    expect(connections - before).toBe(1);
+    // Idle past the upstream's own limit (300 ms here, 5 s for uvicorn), and past the gateway's.
+    await Bun.sleep(1100);
+    await provider.chat(request("m"), { timeoutMs: 5000 });
+    expect([connections - before, answered - calls]).toEqual([2, 3]);
+  });
+});

@@ -66,6 +66,10 @@ export function createOpenAIProvider(
           }),
           config.headers,
         );
+  const pool = idleBound(
+    config.kind === "openai" ? config.keep_alive_ms : undefined,
+    config.base_url?.startsWith("http://") ?? false,
+  );
   const connected = (): OpenAI => {
     if (!client) throw new UpstreamError("misconfigured", `provider ${config.name}: ${config.api_key_env} is not set`);
     return client;
@@ -128,6 +132,7 @@ export function createOpenAIProvider(
         signal: attempt.signal,
         redirect: "manual",
         timeout: false,
+        session: pool?.(),
       });
       if (response.status >= 300 && response.status < 400) throw redirected(config.name, url, response, redact);
       if (!response.ok) throw await refusal(response);
@@ -252,6 +257,31 @@ export function createOpenAIProvider(
       response.usage = answeredEmbeddingUsage(tokens);
       return { response, tokens, usageEstimated: estimated };
     },
+  };
+}
+
+/**
+ * The connections of a provider whose idle ones are not reused once idle for `keepAliveMs` (1 s by default for a
+ * cleartext upstream), as the session to send each call with; undefined for Bun's shared pool. Bun keeps an idle
+ * connection for minutes (its session's own idle limit moves in 4 s steps, so is 8 s at best), while uvicorn (vLLM),
+ * Node and gunicorn close theirs after 5 s or 2 s: a call sent as the upstream closes the connection it went on fails
+ * with a reset, before any answer, although the upstream never read it. Such a call is not sent again, as nothing tells
+ * it from one the upstream read before it died (same error, same moment), which may have run the model: a connection
+ * is rather never reused as long as the upstream keeps it. Idle connections are closed before a call whenever the last
+ * time was `keepAliveMs` ago or more: any left were parked since, so were idle for less.
+ */
+function idleBound(keepAliveMs: number | undefined, cleartext: boolean): (() => Bun.FetchSession) | undefined {
+  const bound = keepAliveMs ?? (cleartext ? 1000 : undefined);
+  if (bound === undefined) return undefined;
+  const session = new Bun.FetchSession();
+  let closed = Number.NEGATIVE_INFINITY;
+  return () => {
+    const now = performance.now();
+    if (now - closed >= bound) {
+      session.close();
+      closed = now;
+    }
+    return session;
   };
 }
 
