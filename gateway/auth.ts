@@ -47,6 +47,8 @@ export interface KeyAuthorizer {
   setWatching(healthy: boolean): void;
   /** True while some key billing vouched for is recent enough to be admitted stale, should billing not answer. */
   vouchedLately(): boolean;
+  /** True while billing's last key check found it unreachable or unavailable and nothing has answered since. */
+  billingDown(): boolean;
 }
 
 export interface KeyAuthorizerOptions {
@@ -305,6 +307,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
       }
     },
     vouchedLately: () => now() - lastVouchedAt < staleMs,
+    billingDown: () => billingDown,
   };
 }
 

@@ -73,6 +73,7 @@ beforeAll(async () => {
     holder: "gw-outage",
     leaseTtlSeconds: 3600,
     minLeaseNanos: 1_000_000_000n,
+    billingDown: keys.billingDown,
   });
   watch = watchKeyChanges({ billing, keys, backoffMs: 20, maxBackoffMs: 100, onRevoked: (id) => budget.releaseKey(id) });
   const config = parseGatewayConfig(
@@ -110,12 +111,12 @@ beforeEach(async () => {
   if (!billingServer) await startBilling();
 });
 
-async function chat(key: string): Promise<{ status: number; code?: string }> {
+async function chat(key: string, maxTokens = 8): Promise<{ status: number; code?: string }> {
   const res = await app.fetch(
     new Request("http://gateway.test/v1/chat/completions", {
       method: "POST",
       headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
-      body: JSON.stringify({ model: "mock", messages: [{ role: "user", content: "hi" }], max_tokens: 8 }),
+      body: JSON.stringify({ model: "mock", messages: [{ role: "user", content: "hi" }], max_tokens: maxTokens }),
     }),
   );
   const body = (await res.json()) as { error?: { code?: string } };
@@ -160,6 +161,9 @@ describe("billing unreachable", () => {
     expect(await chat(neverSeen)).toEqual({ status: 503, code: "auth_unavailable" });
     expect(await staleAdmissions()).toBeGreaterThan(staleBefore);
     expect(outageWarnings()).toBe(warningsBefore + 1);
+    // A request dearer than the budget's lease held cannot be granted more; the cheaper ones still draw on it.
+    expect(await chat(budgeted, 2_000_000)).toEqual({ status: 503, code: "budget_unavailable" });
+    expect((await chat(budgeted)).status).toBe(200);
 
     // Revoked while the gateway cannot hear billing: the risk taken, until billing answers again.
     await admin.revokeApiKey({ apiKeyId: keyIds.get(revoked) as string }, auth);

@@ -159,6 +159,7 @@ const budget = createBudgetKeeper({
   maxLeaseNanos: cfg.GATEWAY_BUDGET_MAX_LEASE_NANOS,
   log: log.child({ component: "budget" }),
   registry: runtime.metrics.registry,
+  billingDown: keys.billingDown,
 });
 const keyChanges = watchKeyChanges({
   billing,
