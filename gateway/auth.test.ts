@@ -156,6 +156,133 @@ describe("key authorizer", () => {
   });
 });
 
+describe("keys while billing cannot be asked", () => {
+  function stale(extra: Partial<KeyAuthorizerOptions> = {}) {
+    const now = { t: 1_000_000 };
+    const billing = createBillingFake({ "sk-good": { id: "key_1", orgId: "org_1" }, "sk-other": { id: "key_2", orgId: "org_1" } });
+    const log = createTestLogger();
+    const registry = new Registry();
+    const keys = createKeyAuthorizer({
+      billing: billing.client,
+      fallbackTtlMs: 1_000,
+      staleMs: 60_000,
+      now: () => now.t,
+      log,
+      registry,
+      ...extra,
+    });
+    const staleAdmissions = async () =>
+      (await registry.getSingleMetric("gateway_key_stale_admissions_total")?.get())?.values[0]?.value ?? 0;
+    return { billing, keys, now, log, staleAdmissions };
+  }
+
+  test("a key billing vouched for works on for the stale window, asking billing again at most every fallback TTL", async () => {
+    const { billing, keys, now, log, staleAdmissions } = stale();
+    await keys.authorize("sk-good");
+    billing.setDown(true);
+    now.t += 1_500;
+    expect((await keys.authorize("sk-good")).apiKeyId).toBe("key_1");
+    expect(billing.calls()).toBe(2);
+    // Billing was just found down: asked again only once the fallback TTL has passed, in the background.
+    for (let i = 0; i < 20; i++) expect((await keys.authorize("sk-good")).apiKeyId).toBe("key_1");
+    expect(billing.calls()).toBe(2);
+    now.t += 1_000;
+    expect((await keys.authorize("sk-good")).apiKeyId).toBe("key_1");
+    await Bun.sleep(5);
+    expect(billing.calls()).toBe(3);
+    expect(await staleAdmissions()).toBe(22);
+    // A key billing never vouched for is not admitted.
+    const unknown = await failure(keys.authorize("sk-other"));
+    expect([unknown.status, unknown.code]).toEqual([503, "auth_unavailable"]);
+    // Counted from billing's last answer for the key, not from the start of the outage.
+    now.t = 1_000_000 + 60_000;
+    const past = await failure(keys.authorize("sk-good"));
+    expect([past.status, past.code]).toEqual([503, "auth_unavailable"]);
+    expect(log.lines.filter((l) => l.includes("keys it vouched for lately keep working")).length).toBe(1);
+  });
+
+  test("billing's refusals still apply at once, and once it answers again every key is checked before it is admitted", async () => {
+    const { billing, keys, now, log } = stale();
+    await keys.authorize("sk-good");
+    await keys.authorize("sk-other");
+    billing.setDown(true);
+    now.t += 1_500;
+    await keys.authorize("sk-good");
+    await keys.authorize("sk-other");
+    // Revoked while the gateway could not hear it: admitted until billing answers.
+    billing.revoke("sk-other");
+    billing.revoke("sk-good");
+    expect((await keys.authorize("sk-other")).apiKeyId).toBe("key_2");
+    billing.setDown(false);
+    now.t += 1_000;
+    // This key's check in the background hears billing refuse it...
+    await keys.authorize("sk-good");
+    await Bun.sleep(5);
+    const revoked = await failure(keys.authorize("sk-good"));
+    expect([revoked.status, revoked.code]).toEqual([401, "invalid_api_key"]);
+    // ...and the other key is checked before it is admitted again, not at its own next background check.
+    const other = await failure(keys.authorize("sk-other"));
+    expect([other.status, other.code]).toEqual([401, "invalid_api_key"]);
+    const said = log.lines.map((l) => JSON.parse(l) as { level: string; msg: string }).filter((l) => l.level !== "debug");
+    expect(said.filter((l) => l.msg.startsWith("billing ")).map((l) => [l.level, l.msg])).toEqual([
+      ["warn", "billing AuthorizeKey failed"],
+      ["warn", "billing cannot check API keys; keys it vouched for lately keep working"],
+      ["info", "billing AuthorizeKey answers again"],
+      ["info", "billing answers again; API keys are checked before they are admitted"],
+    ]);
+    expect(said.at(-1)).toMatchObject({ stale_admissions: 4 });
+  });
+
+  test("the change stream coming back ends the outage too", async () => {
+    const { billing, keys, now } = stale();
+    await keys.authorize("sk-good");
+    billing.setDown(true);
+    now.t += 1_500;
+    await keys.authorize("sk-good");
+    billing.revoke("sk-good");
+    billing.setDown(false);
+    keys.setWatching(true);
+    const revoked = await failure(keys.authorize("sk-good"));
+    expect([revoked.status, revoked.code]).toEqual([401, "invalid_api_key"]);
+  });
+
+  test("only an unreachable or unavailable billing is an outage; other failures, and a window of 0, are a 503", async () => {
+    for (const code of [Code.Internal, Code.PermissionDenied, Code.Unavailable]) {
+      let fail = false;
+      const billing = createBillingFake({ "sk-good": { id: "key_1", orgId: "org_1" } });
+      const now = { t: 1_000_000 };
+      const keys = createKeyAuthorizer({
+        billing: {
+          authorizeKey: async (req) => {
+            if (fail) throw new ConnectError("failed", code);
+            return billing.client.authorizeKey(req);
+          },
+        },
+        staleMs: code === Code.Unavailable ? 0 : 60_000,
+        now: () => now.t,
+      });
+      await keys.authorize("sk-good");
+      fail = true;
+      now.t += 1_500;
+      const down = await failure(keys.authorize("sk-good"));
+      expect([down.status, down.code]).toEqual([503, "auth_unavailable"]);
+    }
+  });
+
+  test("a key whose own expiry passed during the outage is refused", async () => {
+    const now = { t: 1_000_000 };
+    const billing = createBillingFake({ "sk-expiring": { id: "key_3", orgId: "org_1", expireMs: now.t + 5_000 } });
+    const keys = createKeyAuthorizer({ billing: billing.client, staleMs: 60_000, now: () => now.t });
+    await keys.authorize("sk-expiring");
+    billing.setDown(true);
+    now.t += 1_500;
+    expect((await keys.authorize("sk-expiring")).apiKeyId).toBe("key_3");
+    now.t += 5_000;
+    const expired = await failure(keys.authorize("sk-expiring"));
+    expect([expired.status, expired.code]).toEqual([401, "expired_api_key"]);
+  });
+});
+
 describe("key cache without and with the change stream", () => {
   test("without the stream entries live only the fallback TTL; keys loaded while it is healthy get the full TTL", async () => {
     const now = { t: 1_000_000 };

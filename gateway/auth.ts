@@ -45,6 +45,10 @@ export interface KeyAuthorizer {
    * started are trusted for the full TTL; otherwise every entry is trusted only for the short fallback TTL.
    */
   setWatching(healthy: boolean): void;
+  /** True while some key billing vouched for is recent enough to be admitted stale, should billing not answer. */
+  vouchedLately(): boolean;
+  /** True while billing's last key check found it unreachable or unavailable and nothing has answered since. */
+  billingDown(): boolean;
 }
 
 export interface KeyAuthorizerOptions {
@@ -55,6 +59,12 @@ export interface KeyAuthorizerOptions {
   fallbackTtlMs?: number;
   /** How long an unknown or revoked key is rejected without asking billing again. */
   missTtlMs?: number;
+  /**
+   * How long after billing last vouched for a key it keeps working while billing cannot be asked (unreachable,
+   * Unavailable, DeadlineExceeded), asked again in the background; 0 (the default): a 503 once its entry expires.
+   * A refusal billing answers takes effect at once; a revocation billing could not tell of is the risk taken.
+   */
+  staleMs?: number;
   /** Working keys remembered at most (100,000 by default); the least recently loaded go first. */
   maxEntries?: number;
   /** Rejected secrets remembered at most (10,000 by default), apart from the keys that work. */
@@ -79,6 +89,8 @@ interface Entry {
   suspendedOrgId?: string;
   /** When the AuthorizeKey call that produced this entry started. */
   loadedAt: number;
+  /** While billing cannot be asked and the key is served stale: when it is asked about again. */
+  retryAt?: number;
 }
 
 interface Load {
@@ -97,6 +109,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   const hitTtlMs = options.hitTtlMs ?? 30_000;
   const fallbackTtlMs = Math.min(hitTtlMs, options.fallbackTtlMs ?? 1_000);
   const missTtlMs = options.missTtlMs ?? 2_000;
+  const staleMs = options.staleMs ?? 0;
   const now = options.now ?? Date.now;
   const cache = createKeyCache<Entry>({
     maxKeys: options.maxEntries ?? 100_000,
@@ -113,6 +126,19 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     : undefined;
   const hits = lookups?.labels({ result: "hit" });
   const misses = lookups?.labels({ result: "miss" });
+  const staleAdmissions = options.registry
+    ? new Counter({
+        name: "gateway_key_stale_admissions_total",
+        help: "Requests admitted on a key billing vouched for lately (GATEWAY_KEY_STALE_SECONDS) while it cannot be asked.",
+        registers: [options.registry],
+      })
+    : undefined;
+  /** Billing's last AuthorizeKey call found it unreachable or unavailable, and nothing has answered since. */
+  let billingDown = false;
+  /** Requests admitted stale in the current outage (logged once, when it starts, and counted when it ends). */
+  let servedStale = 0;
+  /** When the latest AuthorizeKey call that vouched for a key started. */
+  let lastVouchedAt = Number.NEGATIVE_INFINITY;
   /** Start of the current healthy period of the change stream; undefined while it is down. */
   let watchedSince: number | undefined = options.watching ? Number.NEGATIVE_INFINITY : undefined;
 
@@ -133,6 +159,39 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     recovered: "billing AuthorizeKey answers again",
   });
 
+  const staleOutage = createOutageLog(options.log, {
+    failed: "billing cannot check API keys; keys it vouched for lately keep working",
+    recovered: "billing answers again; API keys are checked before they are admitted",
+  });
+  /** Billing answers again (a key check, or its change stream): keys past their TTL are checked before admission. */
+  const billingBack = () => {
+    billingDown = false;
+    staleOutage.recovered({ stale_admissions: servedStale });
+    servedStale = 0;
+  };
+  const answered = () => {
+    billingOutage.recovered();
+    billingBack();
+  };
+
+  /** Admits a key billing vouched for within `staleMs`, asking billing again at most every `fallbackTtlMs`. */
+  const admitStale = (hash: string, secret: string, entry: Entry, t: number): Principal => {
+    if (t >= (entry.retryAt ?? 0) && !loading.has(hash)) {
+      entry.retryAt = t + fallbackTtlMs;
+      load(hash, secret).catch(() => {});
+    }
+    const principal = admit(entry, t);
+    if (servedStale++ === 0) staleOutage.failed({ stale_seconds: staleMs / 1000 });
+    staleAdmissions?.inc();
+    return principal;
+  };
+
+  /** The entry of a key billing vouched for within `staleMs`, usable while billing cannot be asked. */
+  const staleEntry = (hash: string, t: number): Entry | undefined => {
+    const entry = cache.get(hash);
+    return billingDown && entry?.principal && t - entry.loadedAt < staleMs ? entry : undefined;
+  };
+
   const load = (hash: string, secret: string): Promise<Entry> => {
     const pending = loading.get(hash);
     if (pending) return pending.promise;
@@ -142,7 +201,8 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
       .authorizeKey({ secret })
       .then(
         (grant): Entry => {
-          billingOutage.recovered();
+          answered();
+          if (loadedAt > lastVouchedAt) lastVouchedAt = loadedAt;
           return { principal: principalOf(grant, loadedAt), rejection: undefined, loadedAt };
         },
         (e): Entry => {
@@ -151,16 +211,18 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
             (d) => d.reason === KeyRefusalReason.ORGANIZATION_SUSPENDED,
           );
           if (err.code === Code.PermissionDenied && suspended) {
-            billingOutage.recovered();
+            answered();
             return { principal: undefined, rejection: organizationSuspended(), suspendedOrgId: suspended.orgId, loadedAt };
           }
           if (err.code === Code.Unauthenticated) {
-            billingOutage.recovered();
+            answered();
             const expired = err.findDetails(KeyRefusalSchema).some((d) => d.reason === KeyRefusalReason.EXPIRED);
             const rejection = expired ? keyExpired() : unauthorized("Incorrect API key provided.");
             return { principal: undefined, rejection, loadedAt };
           }
           billingOutage.failed({ code: Code[err.code], err: err.rawMessage });
+          // Not a refusal: billing could not be asked (a connection error is Unavailable too).
+          if (err.code === Code.Unavailable || err.code === Code.DeadlineExceeded) billingDown = true;
           throw serviceUnavailable("API keys cannot be checked right now; retry shortly.", "auth_unavailable");
         },
       )
@@ -203,9 +265,24 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
           hits?.inc();
           return admit(entry, t);
         }
+        if (staleEntry(hash, t)) {
+          hits?.inc();
+          return admitStale(hash, secret, entry, t);
+        }
       }
       misses?.inc();
-      return admit(await load(hash, secret), now());
+      let loaded: Entry;
+      try {
+        loaded = await load(hash, secret);
+      } catch (e) {
+        const t = now();
+        const kept = staleEntry(hash, t);
+        if (!kept) throw e;
+        // Billing was just asked.
+        kept.retryAt = t + fallbackTtlMs;
+        return admitStale(hash, secret, kept, t);
+      }
+      return admit(loaded, now());
     },
     forget(secretHash) {
       cache.delete(secretHash);
@@ -224,8 +301,13 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     },
     setWatching(healthy) {
       if (!healthy) watchedSince = undefined;
-      else watchedSince ??= now();
+      else {
+        watchedSince ??= now();
+        billingBack();
+      }
     },
+    vouchedLately: () => now() - lastVouchedAt < staleMs,
+    billingDown: () => billingDown,
   };
 }
 
@@ -246,7 +328,7 @@ function principalOf(grant: AuthorizeKeyResponse, authorizedAt: number): Princip
 
 export interface KeyChangeWatchOptions {
   billing: Pick<Client<typeof BillingService>, "watchKeyChanges">;
-  keys: KeyAuthorizer;
+  keys: Pick<KeyAuthorizer, "forget" | "forgetOrg" | "setWatching">;
   /** Told of each key revoked (a rotation revokes the old key), so its budget leases can go back to billing. */
   onRevoked?: (apiKeyId: string) => void;
   /**

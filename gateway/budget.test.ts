@@ -560,6 +560,30 @@ describe("budget leases", () => {
     ]);
   });
 
+  test("while billing cannot grant, a request too dear for the leases held leaves them to the requests they cover", async () => {
+    const principal = await principalWith({ org: 1_000_000n });
+    // As the key checks find it: the gateway's requests check their key before their budget.
+    const { keeper: k } = keeper({ minLeaseNanos: 10_000n, billingDown: () => billingFault === "down" });
+    (await k.reserve(principal, 100n, 60_000)).settle(100n);
+    billingFault = "down";
+    try {
+      const releases = calls.release;
+      // Too dear for the lease held: billing is asked for more, and cannot answer.
+      expect((await refusal(k.reserve(principal, 50_000n, 60_000))).code).toBe("budget_unavailable");
+      // The lease was kept rather than given back to a billing that could not take it: cheaper requests draw on it.
+      expect(calls.release).toBe(releases);
+      for (let i = 0; i < 5; i++) (await k.reserve(principal, 1_000n, 60_000)).settle(1_000n);
+      expect(k.snapshot().get(`organization:${principal.orgId}`)).toMatchObject({ leases: 1, spentNanos: 5_100n });
+    } finally {
+      billingFault = undefined;
+    }
+    // Billing is back: the dear request gets its grant, drawing on what the held lease has left too.
+    (await k.reserve(principal, 50_000n, 60_000)).settle(50_000n);
+    await k.close();
+    const leases = await leasesOf(principal.orgId);
+    expect(leases.map((l) => l.spent).reduce((a, b) => (a ?? 0n) + (b ?? 0n), 0n)).toBe(55_100n);
+  });
+
   test("a release billing missed is sent again after its lease expired, so billing does not hold it for its grace", async () => {
     const principal = await principalWith({ key: 10_000n });
     const { keeper: k, clock } = keeper({

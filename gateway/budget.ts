@@ -112,6 +112,8 @@ export interface BudgetKeeperOptions {
   releaseRetryAfterExpiryMs?: number;
   /** How often leases are checked for renewal and release. */
   maintenanceIntervalMs?: number;
+  /** True while billing is known not to answer (the key checks found so): leases held are kept for what they cover. */
+  billingDown?: () => boolean;
   /** Epoch ms. */
   now?: () => number;
   log?: Logger;
@@ -218,6 +220,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const releaseRetryMaxMs = options.releaseRetryMaxMs ?? 30_000;
   const releaseRetryAfterExpiryMs = options.releaseRetryAfterExpiryMs ?? 3_600_000;
   let closed = false;
+  /** Billing's last answer to a grant or release was a failure to answer: an outage, as far as this replica knows. */
+  let billingFailing = false;
   const instruments = options.registry ? createInstruments(options.registry) : undefined;
 
   const budgetOf = (principal: Principal, kind: BudgetScope) =>
@@ -353,11 +357,13 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       try {
         // Billing settles a lease once: a resent release that already landed changes nothing.
         await billing.releaseBudgetLease({ leaseId: pending.lease.id, spentNanos: pending.spentNanos });
+        billingFailing = false;
         instruments?.leases.inc({ outcome: "released" });
       } catch (e) {
         const err = ConnectError.from(e);
         // Unknown to billing: nothing to give back.
         if (err.code === Code.NotFound) return;
+        billingFailing = true;
         pending.failures++;
         if (closed || now() >= pending.lease.expiresAt + releaseRetryAfterExpiryMs) {
           // Billing frees it at expiry plus its grace; the spend still reaches it as usage records.
@@ -427,7 +433,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   ): Promise<void> => {
     if (scope.acquiring) return scope.acquiring;
     const acquiring = (async () => {
-      if (returnIdle) {
+      // While billing does not answer, idle leases are kept for the requests they can cover: given back, they would
+      // wait for billing with the rest of the budget out of this replica's reach.
+      if (returnIdle && !billingFailing && !options.billingDown?.()) {
         // Releases billing missed go again too, so it does not refuse money this replica already gave back.
         const resent = [...unreleased.values()].filter((p) => p.scopeKey === scope.key).map(sendRelease);
         const idle = scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease));
@@ -463,6 +471,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           return billing.acquireBudgetLease(request);
         });
         grantOutage.recovered();
+        billingFailing = false;
         const lease: Lease | undefined =
           res.grantedNanos > 0n && res.leaseId
             ? {
@@ -501,6 +510,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         if (err.code === Code.PermissionDenied) throw organizationSuspended();
         if (!answered(e)) unanswered(scope, ask);
         grantOutage.failed({ scope: scope.key, code: Code[err.code], err: err.rawMessage });
+        billingFailing = true;
         throw serviceUnavailable("Budgets cannot be checked right now; retry shortly.", "budget_unavailable");
       }
     })().finally(() => {

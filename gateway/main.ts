@@ -54,6 +54,8 @@ const cfg = loadEnvOrExit({
   GATEWAY_KEY_CACHE_TTL_MS: env.int(0, 3_600_000).default(30_000),
   /** Key cache TTL while billing's key change stream is down. */
   GATEWAY_KEY_CACHE_FALLBACK_TTL_MS: env.int(0, 3_600_000).default(1000),
+  /** How long a key billing vouched for keeps working while billing cannot be asked; 0: a 503 once its TTL is over. */
+  GATEWAY_KEY_STALE_SECONDS: env.int(0, 86_400).default(300),
   /** Whole-request limit (attempts, backoff, fallbacks, stream) of models that set no request_timeout_ms. */
   GATEWAY_REQUEST_TIMEOUT_MS: env.int(1, 3_600_000).default(600_000),
   GATEWAY_RETRY_BASE_MS: env.int(0, 60_000).default(100),
@@ -143,6 +145,7 @@ const keys = createKeyAuthorizer({
   billing,
   hitTtlMs: cfg.GATEWAY_KEY_CACHE_TTL_MS,
   fallbackTtlMs: cfg.GATEWAY_KEY_CACHE_FALLBACK_TTL_MS,
+  staleMs: cfg.GATEWAY_KEY_STALE_SECONDS * 1000,
   log,
   registry: runtime.metrics.registry,
   // A key billing now refuses gives its budget leases back, even if its revocation was not heard on the stream.
@@ -157,6 +160,7 @@ const budget = createBudgetKeeper({
   maxLeaseNanos: cfg.GATEWAY_BUDGET_MAX_LEASE_NANOS,
   log: log.child({ component: "budget" }),
   registry: runtime.metrics.registry,
+  billingDown: keys.billingDown,
 });
 const keyChanges = watchKeyChanges({
   billing,
@@ -249,7 +253,7 @@ const server = await listenOrExit(log, "GATEWAY_PORT", cfg.GATEWAY_PORT, () =>
     interceptors: runtime.serverInterceptors,
     requestGate: createGatewayRequestGate(core, cfg.GATEWAY_MAX_BODY_BYTES),
     http: restRoutes(rest),
-    readiness: createReadiness({ billingUrl: cfg.BILLING_URL, shipper, log }),
+    readiness: createReadiness({ billingUrl: cfg.BILLING_URL, shipper, keysVouchedLately: keys.vouchedLately, log }),
     registry: runtime.metrics.registry,
     log,
     readMaxBytes: cfg.GATEWAY_MAX_BODY_BYTES,

@@ -96,6 +96,29 @@ describe("readiness", () => {
     expect(down).toMatchObject({ ready: false, checks: { billing: "unreachable" } });
   });
 
+  test("billing down leaves the gateway ready while keys it vouched for lately are still admitted", async () => {
+    let vouched = true;
+    const status: ShipperStatus = { connected: true, rows: 0, bytes: 0, maxBytes: 1000, full: false, lastError: undefined };
+    const readiness = createReadiness({
+      billingUrl: "http://billing.test",
+      shipper: { status: () => status },
+      keysVouchedLately: () => vouched,
+      fetch: (async () => {
+        throw new Error("connection refused");
+      }) as unknown as typeof fetch,
+    });
+    expect(await readiness()).toMatchObject({
+      ready: true,
+      checks: { billing: "unreachable; keys it vouched for lately still admitted" },
+    });
+    vouched = false;
+    expect(await readiness()).toMatchObject({ ready: false, checks: { billing: "unreachable" } });
+    // A full spool is unready whatever billing does.
+    vouched = true;
+    status.full = true;
+    expect((await readiness()).ready).toBe(false);
+  });
+
   test("a spool found full at start is not ready, and a smaller row that still fits does not make it ready", async () => {
     const root = mkdtempSync(join(tmpdir(), "readiness-spool-"));
     roots.push(root);

@@ -6,6 +6,11 @@ export interface ReadinessOptions {
   /** Base URL of billing; its /readyz says whether keys can be authorized. */
   billingUrl: string;
   shipper: { status(): ShipperStatus };
+  /**
+   * True while keys billing vouched for lately are still admitted without it (GATEWAY_KEY_STALE_SECONDS): billing not
+   * answering then leaves the gateway ready, as taking every replica out of rotation would refuse those keys too.
+   */
+  keysVouchedLately?: () => boolean;
   timeoutMs?: number;
   fetch?: typeof fetch;
   /** Hears why billing did not answer; /readyz answers anyone, so it says no more than "unreachable". */
@@ -38,9 +43,14 @@ export function createReadiness(options: ReadinessOptions): () => Promise<Readin
     const pipeCheck = pipe.connected ? "ok" : `disconnected (${pipe.rows} rows spooled)`;
     const fill = `${pipe.rows} rows, ${Math.round((100 * pipe.bytes) / pipe.maxBytes)}% of ${pipe.maxBytes} bytes`;
     const spoolCheck = pipe.full ? `full (${fill}): request metrics that do not fit are dropped` : `ok (${fill})`;
+    const staleKeys = billingCheck !== "ok" && options.keysVouchedLately?.() === true;
     return {
-      ready: billingCheck === "ok" && !pipe.full,
-      checks: { billing: billingCheck, analytics: pipeCheck, spool: spoolCheck },
+      ready: (billingCheck === "ok" || staleKeys) && !pipe.full,
+      checks: {
+        billing: staleKeys ? `${billingCheck}; keys it vouched for lately still admitted` : billingCheck,
+        analytics: pipeCheck,
+        spool: spoolCheck,
+      },
     };
   };
 }

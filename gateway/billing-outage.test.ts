@@ -1,0 +1,199 @@
+import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { createClient, createRouterTransport } from "@connectrpc/connect";
+import { trace } from "@opentelemetry/api";
+import { Registry } from "prom-client";
+import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { createBillingApp } from "../billing/app.ts";
+import { createTestDatabase, type TestDatabase } from "../billing/store/test-db.ts";
+import { createLogger } from "../lib/log.ts";
+import { createServiceClient } from "../lib/rpc-client.ts";
+import { type RunningServer, startServer } from "../lib/server.ts";
+import { createKeyAuthorizer, type KeyChangeWatch, watchKeyChanges } from "./auth.ts";
+import { type BudgetKeeper, createBudgetKeeper } from "./budget.ts";
+import { parseGatewayConfig } from "./config.ts";
+import { createGatewayCore } from "./core.ts";
+import { createRestApp, type RestApp } from "./http/app.ts";
+import { createProviders } from "./providers/index.ts";
+import { createRecordingShipper, createTestLogger } from "./testing.ts";
+
+// A real billing (Postgres) on a real socket, which the gateway stops hearing when its server closes; the admin
+// client reaches billing directly, as an operator would while the gateway cannot.
+const adminToken = "outage-test-admin-token-0123";
+const auth = { headers: { authorization: `Bearer ${adminToken}` } };
+const staleMs = 2_000;
+let db: TestDatabase;
+let billingApp: ReturnType<typeof createBillingApp>;
+let admin: ReturnType<typeof createClient<typeof BillingService>>;
+let billingPort: number;
+let billingServer: RunningServer | undefined;
+let watch: KeyChangeWatch;
+let budget: BudgetKeeper;
+let app: RestApp;
+const registry = new Registry();
+const log = createTestLogger();
+let orgId: string;
+
+const startBilling = async () => {
+  billingServer = await startServer({
+    name: "billing",
+    port: billingPort,
+    host: "127.0.0.1",
+    routes: billingApp.routes,
+    http: billingApp.http,
+    log: createLogger({ service: "billing-test", level: "error" }),
+  });
+};
+const stopBilling = async () => {
+  await billingServer?.close(0);
+  billingServer = undefined;
+};
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  billingApp = createBillingApp({
+    pool: db.pool,
+    adminToken,
+    clock: () => new Date(),
+    log: createLogger({ service: "billing-test", level: "error" }),
+  });
+  admin = createClient(BillingService, createRouterTransport(billingApp.routes));
+  orgId = (await admin.createOrganization({ name: "outage" }, auth)).organization?.id as string;
+  billingPort = 0;
+  await startBilling();
+  // Started again on the same port, where the gateway's client reconnects.
+  billingPort = billingServer?.port as number;
+  const billing = createServiceClient(BillingService, {
+    baseUrl: `http://127.0.0.1:${billingPort}`,
+    bearerToken: adminToken,
+    timeoutMs: 1_000,
+  });
+  const keys = createKeyAuthorizer({ billing, fallbackTtlMs: 100, staleMs, log, registry });
+  budget = createBudgetKeeper({
+    billing,
+    holder: "gw-outage",
+    leaseTtlSeconds: 3600,
+    minLeaseNanos: 1_000_000_000n,
+    billingDown: keys.billingDown,
+  });
+  watch = watchKeyChanges({ billing, keys, backoffMs: 20, maxBackoffMs: 100, onRevoked: (id) => budget.releaseKey(id) });
+  const config = parseGatewayConfig(
+    `
+providers:
+  - { name: mock, kind: mock }
+models:
+  - name: mock
+    targets: [{ provider: mock, model: mock-echo-1 }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+`,
+    "outage.yaml",
+  );
+  const core = createGatewayCore({
+    config,
+    providers: createProviders(config.providers, {}),
+    keys,
+    shipper: createRecordingShipper(),
+    instanceId: "gw-outage",
+    log,
+    budget,
+  });
+  app = createRestApp({ core, tracer: trace.getTracer("test"), maxBodyBytes: 1 << 20 });
+}, 60_000);
+
+afterAll(async () => {
+  await watch?.stop();
+  if (!billingServer) await startBilling();
+  await budget?.close();
+  await stopBilling();
+  await db?.drop();
+}, 30_000);
+
+beforeEach(async () => {
+  if (!billingServer) await startBilling();
+});
+
+async function chat(key: string, maxTokens = 8): Promise<{ status: number; code?: string }> {
+  const res = await app.fetch(
+    new Request("http://gateway.test/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+      body: JSON.stringify({ model: "mock", messages: [{ role: "user", content: "hi" }], max_tokens: maxTokens }),
+    }),
+  );
+  const body = (await res.json()) as { error?: { code?: string } };
+  return { status: res.status, code: body.error?.code };
+}
+
+async function newKey(monthlyBudgetNanos = 0n): Promise<string> {
+  const created = await admin.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos } }, auth);
+  keyIds.set(created.secret, created.apiKey?.id as string);
+  return created.secret;
+}
+const keyIds = new Map<string, string>();
+
+const staleAdmissions = async () =>
+  (await registry.getSingleMetric("gateway_key_stale_admissions_total")?.get())?.values[0]?.value ?? 0;
+const outageWarnings = () => log.lines.filter((l) => l.includes("billing cannot check API keys")).length;
+
+/** Sends a request on each key every 20 ms until `ms` have passed, returning every answer. */
+async function traffic(keys: string[], ms: number) {
+  const answers: { key: string; at: number; status: number; code?: string }[] = [];
+  const start = performance.now();
+  while (performance.now() - start < ms) {
+    for (const key of keys) answers.push({ key, at: performance.now() - start, ...(await chat(key)) });
+    await Bun.sleep(20);
+  }
+  return answers;
+}
+
+describe("billing unreachable", () => {
+  test("keys billing vouched for work through an outage; one it revoked meanwhile stops once it answers", async () => {
+    const budgeted = await newKey(10_000_000_000n);
+    const unlimited = await newKey();
+    const revoked = await newKey();
+    const neverSeen = await newKey();
+    for (const key of [budgeted, unlimited, revoked]) expect((await chat(key)).status).toBe(200);
+    const [warningsBefore, staleBefore] = [outageWarnings(), await staleAdmissions()];
+
+    await stopBilling();
+    const during = await traffic([budgeted, unlimited, revoked], staleMs / 2);
+    expect(during.filter((a) => a.status !== 200)).toEqual([]);
+    // A key this gateway never had billing vouch for is not admitted.
+    expect(await chat(neverSeen)).toEqual({ status: 503, code: "auth_unavailable" });
+    expect(await staleAdmissions()).toBeGreaterThan(staleBefore);
+    expect(outageWarnings()).toBe(warningsBefore + 1);
+    // A request dearer than the budget's lease held cannot be granted more; the cheaper ones still draw on it.
+    expect(await chat(budgeted, 2_000_000)).toEqual({ status: 503, code: "budget_unavailable" });
+    expect((await chat(budgeted)).status).toBe(200);
+
+    // Revoked while the gateway cannot hear billing: the risk taken, until billing answers again.
+    await admin.revokeApiKey({ apiKeyId: keyIds.get(revoked) as string }, auth);
+    expect((await chat(revoked)).status).toBe(200);
+
+    await startBilling();
+    const after = await traffic([budgeted, unlimited, revoked], 1_000);
+    const refused = after.filter((a) => a.key === revoked && a.status !== 200);
+    expect(refused[0]).toMatchObject({ status: 401, code: "invalid_api_key" });
+    // Refused as soon as the gateway hears billing again (its change stream reconnects within 100 ms here)...
+    expect(refused[0]?.at).toBeLessThan(500);
+    // ...and from then on; the other keys never stopped.
+    const later = after.filter((a) => a.key === revoked && a.at > (refused[0]?.at ?? 0));
+    expect(later.every((a) => a.status === 401)).toBe(true);
+    expect(after.filter((a) => a.key !== revoked && a.status !== 200)).toEqual([]);
+  }, 60_000);
+
+  test("past the stale window since billing last vouched for it, a key gets 503 until billing answers", async () => {
+    const key = await newKey(10_000_000_000n);
+    expect((await chat(key)).status).toBe(200);
+    await stopBilling();
+    const answers = await traffic([key], staleMs + 1_000);
+    const firstRefused = answers.findIndex((a) => a.status !== 200);
+    expect(firstRefused).toBeGreaterThan(0);
+    // Served for the window (less the last check's age, at most the 100 ms fallback TTL), then refused.
+    expect(answers[firstRefused]?.at).toBeGreaterThan(staleMs - 300);
+    expect(answers[firstRefused]?.at).toBeLessThan(staleMs + 300);
+    expect(answers.slice(firstRefused).every((a) => a.status === 503 && a.code === "auth_unavailable")).toBe(true);
+
+    await startBilling();
+    expect((await chat(key)).status).toBe(200);
+  }, 60_000);
+});
