@@ -1432,3 +1432,41 @@ test("calls whose callers gave up behind a lock another session holds give their
   }
   expect((await client.authorizeKey({ secret }, admin)).apiKey?.orgId).toBe(orgId);
 });
+
+// The backend is stopped with a signal, which needs the embedded server on this machine.
+test.skipIf(Boolean(process.env.DATABASE_URL))(
+  "a call whose caller gave up on a backend that stopped answering gives its connection back at once",
+  async () => {
+    const orgId = await newOrg();
+    const { secret } = await client.createApiKey({ orgId, name: "hung" }, admin);
+    const pool = new pg.Pool({ connectionString: db.connectionString, max: 1, connectionTimeoutMillis: 1_000 });
+    const small = createClient(BillingService, createRouterTransport(createBillingApp({ pool, adminToken, clock: () => now, log }).routes));
+    const locker = await db.pool.connect();
+    let pid: number | undefined;
+    try {
+      await locker.query("BEGIN");
+      await locker.query("LOCK TABLE api_keys");
+      const check = failure(small.authorizeKey({ secret }, { ...admin, timeoutMs: 300 }));
+      for (let i = 0; i < 25 && pid === undefined; i++) {
+        // Not on `locker`: within its transaction pg_stat_activity stays as it first read it.
+        const { rows } = await db.pool.query<{ pid: number }>(
+          "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        );
+        pid = rows[0]?.pid;
+        if (pid === undefined) await Bun.sleep(10);
+      }
+      expect(pid).toBeGreaterThan(0);
+      // As a hung server, or one failed over without a reset, neither the statement nor its cancel is answered.
+      process.kill(pid as number, "SIGSTOP");
+      expect((await check).code).toBe(Code.DeadlineExceeded);
+      await locker.query("ROLLBACK");
+      const started = performance.now();
+      expect((await small.listOrganizations({}, admin)).organizations.length).toBeGreaterThan(0);
+      expect(performance.now() - started).toBeLessThan(500);
+    } finally {
+      if (pid !== undefined) process.kill(pid, "SIGCONT");
+      locker.release();
+      await pool.end();
+    }
+  },
+);

@@ -58,8 +58,10 @@ export function createDb(pool: pg.Pool): Db {
   });
 
   /**
-   * Runs `use` on a pooled connection whose statement is cancelled once `signal` aborts. Such a connection is
-   * discarded afterwards, as is one `use` discards: a cancel arriving late must not reach another call's statement.
+   * Runs `use` on a pooled connection whose statement is cancelled once `signal` aborts. Such a connection is closed
+   * then and there, and discarded, as is one `use` discards: a cancel arriving late must not reach another call's
+   * statement, and a server that answers neither the statement nor the cancel (hung, or failed over without a reset)
+   * must not keep the connection, and its place in the pool, until TCP gives up on it.
    */
   const withClient = async <T>(
     signal: AbortSignal | undefined,
@@ -73,6 +75,8 @@ export function createDb(pool: pg.Pool): Db {
     const cancel = () => {
       discard(new Error("statement cancelled: its caller left"));
       cancelStatement(client);
+      // Fails the statement at once (pg drops the socket of a connection that is running one); the failure is `use`'s.
+      client.end().catch(() => {});
     };
     signal?.addEventListener("abort", cancel, { once: true });
     try {
