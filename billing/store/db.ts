@@ -67,7 +67,13 @@ export function createDb(pool: pg.Pool): Db {
     signal: AbortSignal | undefined,
     use: (client: pg.PoolClient, discard: (reason: Error) => void) => Promise<T>,
   ): Promise<T> => {
+    signal?.throwIfAborted();
     const client = await pool.connect();
+    if (signal?.aborted) {
+      // Its caller left while it waited for a connection: nothing ran on it, so it goes back to the pool as it came.
+      client.release();
+      signal.throwIfAborted();
+    }
     let broken: Error | undefined;
     const discard = (reason: Error) => {
       broken ??= reason;
