@@ -1387,7 +1387,8 @@ test("a RecordUsage whose connection is cut mid-transaction is Unavailable, leav
     const call = failure(client.recordUsage({ records: [record] }, admin));
     let pid: number | undefined;
     for (let i = 0; i < 200 && pid === undefined; i++) {
-      const [row] = await locker.query<{ pid: number }>(
+      // Not on `locker`: within its transaction pg_stat_activity stays as it first read it.
+      const [row] = await db.pool.query<{ pid: number }>(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
       ).then((r) => r.rows);
       pid = row?.pid;
