@@ -1387,7 +1387,8 @@ test("a RecordUsage whose connection is cut mid-transaction is Unavailable, leav
     const call = failure(client.recordUsage({ records: [record] }, admin));
     let pid: number | undefined;
     for (let i = 0; i < 200 && pid === undefined; i++) {
-      const [row] = await locker.query<{ pid: number }>(
+      // Not on `locker`: within its transaction pg_stat_activity stays as it first read it.
+      const [row] = await db.pool.query<{ pid: number }>(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
       ).then((r) => r.rows);
       pid = row?.pid;
@@ -1432,3 +1433,66 @@ test("calls whose callers gave up behind a lock another session holds give their
   }
   expect((await client.authorizeKey({ secret }, admin)).apiKey?.orgId).toBe(orgId);
 });
+
+test("calls whose callers gave up while waiting for a connection leave the pool's connections open", async () => {
+  const orgId = await newOrg();
+  const { secret } = await client.createApiKey({ orgId, name: "queued" }, admin);
+  const pool = new pg.Pool({ connectionString: db.connectionString, max: 3, connectionTimeoutMillis: 1_000 });
+  let opened = 0;
+  pool.on("connect", () => opened++);
+  const small = createClient(BillingService, createRouterTransport(createBillingApp({ pool, adminToken, clock: () => now, log }).routes));
+  const locker = await db.pool.connect();
+  try {
+    await locker.query("BEGIN");
+    await locker.query("LOCK TABLE api_keys");
+    // Three calls wait behind the lock on the pool's three connections, nine more for one of them.
+    const checks = Array.from({ length: 12 }, () => failure(small.authorizeKey({ secret }, { ...admin, timeoutMs: 200 })));
+    for (const outcome of await Promise.all(checks)) expect(outcome.code).toBe(Code.DeadlineExceeded);
+    for (let i = 0; i < 100 && (pool.waitingCount > 0 || pool.idleCount < pool.totalCount); i++) await Bun.sleep(10);
+    // The three that ran are replaced; the nine that ran nothing do not close the connections they were handed.
+    expect(opened).toBe(6);
+    expect(pool.totalCount).toBe(3);
+  } finally {
+    await locker.query("ROLLBACK");
+    locker.release();
+    await pool.end();
+  }
+});
+
+// The backend is stopped with a signal, which needs the embedded server on this machine.
+test.skipIf(Boolean(process.env.DATABASE_URL))(
+  "a call whose caller gave up on a backend that stopped answering gives its connection back at once",
+  async () => {
+    const orgId = await newOrg();
+    const { secret } = await client.createApiKey({ orgId, name: "hung" }, admin);
+    const pool = new pg.Pool({ connectionString: db.connectionString, max: 1, connectionTimeoutMillis: 1_000 });
+    const small = createClient(BillingService, createRouterTransport(createBillingApp({ pool, adminToken, clock: () => now, log }).routes));
+    const locker = await db.pool.connect();
+    let pid: number | undefined;
+    try {
+      await locker.query("BEGIN");
+      await locker.query("LOCK TABLE api_keys");
+      const check = failure(small.authorizeKey({ secret }, { ...admin, timeoutMs: 300 }));
+      for (let i = 0; i < 25 && pid === undefined; i++) {
+        // Not on `locker`: within its transaction pg_stat_activity stays as it first read it.
+        const { rows } = await db.pool.query<{ pid: number }>(
+          "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        );
+        pid = rows[0]?.pid;
+        if (pid === undefined) await Bun.sleep(10);
+      }
+      expect(pid).toBeGreaterThan(0);
+      // As a hung server, or one failed over without a reset, neither the statement nor its cancel is answered.
+      process.kill(pid as number, "SIGSTOP");
+      expect((await check).code).toBe(Code.DeadlineExceeded);
+      await locker.query("ROLLBACK");
+      const started = performance.now();
+      expect((await small.listOrganizations({}, admin)).organizations.length).toBeGreaterThan(0);
+      expect(performance.now() - started).toBeLessThan(500);
+    } finally {
+      if (pid !== undefined) process.kill(pid, "SIGCONT");
+      locker.release();
+      await pool.end();
+    }
+  },
+);

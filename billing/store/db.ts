@@ -58,14 +58,22 @@ export function createDb(pool: pg.Pool): Db {
   });
 
   /**
-   * Runs `use` on a pooled connection whose statement is cancelled once `signal` aborts. Such a connection is
-   * discarded afterwards, as is one `use` discards: a cancel arriving late must not reach another call's statement.
+   * Runs `use` on a pooled connection whose statement is cancelled once `signal` aborts. Such a connection is closed
+   * then and there, and discarded, as is one `use` discards: a cancel arriving late must not reach another call's
+   * statement, and a server that answers neither the statement nor the cancel (hung, or failed over without a reset)
+   * must not keep the connection, and its place in the pool, until TCP gives up on it.
    */
   const withClient = async <T>(
     signal: AbortSignal | undefined,
     use: (client: pg.PoolClient, discard: (reason: Error) => void) => Promise<T>,
   ): Promise<T> => {
+    signal?.throwIfAborted();
     const client = await pool.connect();
+    if (signal?.aborted) {
+      // Its caller left while it waited for a connection: nothing ran on it, so it goes back to the pool as it came.
+      client.release();
+      signal.throwIfAborted();
+    }
     let broken: Error | undefined;
     const discard = (reason: Error) => {
       broken ??= reason;
@@ -73,6 +81,8 @@ export function createDb(pool: pg.Pool): Db {
     const cancel = () => {
       discard(new Error("statement cancelled: its caller left"));
       cancelStatement(client);
+      // Fails the statement at once (pg drops the socket of a connection that is running one); the failure is `use`'s.
+      client.end().catch(() => {});
     };
     signal?.addEventListener("abort", cancel, { once: true });
     try {
