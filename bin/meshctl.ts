@@ -864,12 +864,13 @@ function statusText(status: InvoiceStatus | undefined): string {
   return (InvoiceStatus[status ?? InvoiceStatus.UNSPECIFIED] ?? "unknown").toLowerCase();
 }
 
-/** What a key can do now: revoked and expired keys are refused by the gateway. */
+/** Whether an org's keys work: a suspended org's are refused, with when and why it was suspended. */
 function orgState(org: Organization): string {
   if (org.state !== OrganizationState.SUSPENDED) return "active";
   return `suspended ${date(org.suspendTime)}${org.suspendReason ? `: ${org.suspendReason}` : ""}`;
 }
 
+/** What a key can do now: revoked and expired keys are refused by the gateway. */
 function keyStatus(key: ApiKey): string {
   if (key.revokeTime) return `revoked ${date(key.revokeTime)}`;
   const expires = key.limits?.expireTime;

@@ -821,7 +821,8 @@ describe("idle connections to the upstream", () => {
   });
 
   test("are reused for a second by default on a cleartext upstream, and not after", async () => {
-    const provider = createOpenAIProvider({ name: "local", kind: "openai", base_url }, undefined);
+    // However its scheme is written.
+    const provider = createOpenAIProvider({ name: "local", kind: "openai", base_url: base_url.replace("http:", "HTTP:") }, undefined);
     const [before, calls] = [connections, answered];
     await provider.chat(request("m"), { timeoutMs: 5000 });
     await Bun.sleep(100);

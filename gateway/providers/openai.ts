@@ -68,7 +68,7 @@ export function createOpenAIProvider(
         );
   const pool = idleBound(
     config.kind === "openai" ? config.keep_alive_ms : undefined,
-    config.base_url?.startsWith("http://") ?? false,
+    /^http:\/\//i.test(config.base_url ?? ""),
   );
   const connected = (): OpenAI => {
     if (!client) throw new UpstreamError("misconfigured", `provider ${config.name}: ${config.api_key_env} is not set`);
