@@ -60,12 +60,18 @@ function pruneLeases(
   options: Pick<BillingAppOptions, "clock" | "stopSignal" | "leasePruneIntervalMs">,
   log: Logger,
 ) {
+  // One run at a time: one held up (behind a lock, on a large backlog) is not joined by another every hour.
+  let running = false;
   const prune = async () => {
+    if (running) return;
+    running = true;
     try {
       const pruned = await store.pruneBudgetLeases(options.clock(), retentionDays);
       if (pruned > 0) log.info("old budget leases deleted", { pruned, retention_days: retentionDays });
     } catch (e) {
       log.warn("old budget leases not deleted; trying again later", { err: e });
+    } finally {
+      running = false;
     }
   };
   void prune();
