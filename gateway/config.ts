@@ -66,7 +66,7 @@ const openaiProvider = z.strictObject({
   /** false: streams are sent without stream_options (for servers that refuse it); usage is then counted. */
   stream_usage: z.boolean().optional(),
   /**
-   * How long a connection to the upstream may have been idle and still carry its next call: 1,000 for an http://
+   * How long a connection to the upstream may have been idle and still carry its next call: 4,000 for an http://
    * base_url, Bun's pool (minutes) for https://. Below the upstream's own idle close (5 s for uvicorn and Node).
    */
   keep_alive_ms: z.number().int().min(0).max(300_000).optional(),

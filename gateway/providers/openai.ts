@@ -261,17 +261,19 @@ export function createOpenAIProvider(
 }
 
 /**
- * The connections of a provider whose idle ones are not reused once idle for `keepAliveMs` (1 s by default for a
+ * The connections of a provider whose idle ones are not reused once idle for `keepAliveMs` (4 s by default for a
  * cleartext upstream), as the session to send each call with; undefined for Bun's shared pool. Bun keeps an idle
  * connection for minutes (its session's own idle limit moves in 4 s steps, so is 8 s at best), while uvicorn (vLLM),
  * Node and gunicorn close theirs after 5 s or 2 s: a call sent as the upstream closes the connection it went on fails
  * with a reset, before any answer, although the upstream never read it. Such a call is not sent again, as nothing tells
  * it from one the upstream read before it died (same error, same moment), which may have run the model: a connection
  * is rather never reused as long as the upstream keeps it. Idle connections are closed before a call whenever the last
- * time was `keepAliveMs` ago or more: any left were parked since, so were idle for less.
+ * time was `keepAliveMs` ago or more: any left were parked since, so were idle for less. That closes every idle
+ * connection, however briefly idle, once per bound under steady traffic too: 4 s rather than less keeps the new
+ * connections that costs few, below the 5 s of uvicorn and Node (gunicorn's 2 s wants keep_alive_ms set).
  */
 function idleBound(keepAliveMs: number | undefined, cleartext: boolean): (() => Bun.FetchSession) | undefined {
-  const bound = keepAliveMs ?? (cleartext ? 1000 : undefined);
+  const bound = keepAliveMs ?? (cleartext ? 4000 : undefined);
   if (bound === undefined) return undefined;
   const session = new Bun.FetchSession();
   let closed = Number.NEGATIVE_INFINITY;
