@@ -728,6 +728,27 @@ test("a billing app with a lease retention deletes leases of periods long over, 
   }
 });
 
+test("a lease prune held up behind a lock is not joined by another at each interval", async () => {
+  const locker = await db.pool.connect();
+  const stopping = new AbortController();
+  try {
+    await locker.query("BEGIN");
+    await locker.query("LOCK TABLE budget_leases IN ACCESS EXCLUSIVE MODE");
+    const options = { pool: db.pool, adminToken, clock: () => now, log, stopSignal: stopping.signal };
+    createBillingApp({ ...options, leaseRetentionDays: 90, leasePruneIntervalMs: 20 });
+    await Bun.sleep(400);
+    // Asked on the locking connection (read once in its transaction): the pool's may all be waiting.
+    const waiting = await locker.query(
+      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE query LIKE 'WITH doomed AS%' AND wait_event_type = 'Lock'",
+    );
+    expect(waiting.rows[0]?.n).toBe(1);
+  } finally {
+    stopping.abort();
+    await locker.query("COMMIT");
+    locker.release();
+  }
+});
+
 test("WatchKeyChanges sends an empty message every heartbeat once live, so a silent stream is a stopped one", async () => {
   const beating = createBillingApp({ pool: db.pool, adminToken, clock: () => now, log, keyChangeHeartbeatMs: 40 });
   const watcher = createClient(BillingService, createRouterTransport(beating.routes));
