@@ -128,10 +128,10 @@ test("organizations: validation and error codes", async () => {
   expect(ConnectError.from(refused).rawMessage).toStartWith("start_time: must be before the end of the current billing period");
 });
 
-test("UpdateOrganization changes only the fields set, validates them and tells key watchers", async () => {
-  const orgId = await newOrg({ monthlyBudgetNanos: 5n });
-  const { secret } = await client.createApiKey({ orgId }, admin);
-  await client.createApiKey({ orgId }, admin);
+/**
+ * Follows WatchKeyChanges from the moment it is live: each change as its key id or `org <id>`, in order, until stopped.
+ */
+async function watchChanges() {
   const stop = new AbortController();
   const changes: string[] = [];
   let live: () => void = () => {};
@@ -143,6 +143,20 @@ test("UpdateOrganization changes only the fields set, validates them and tells k
     }
   })().catch(() => {});
   await isLive;
+  return {
+    changes,
+    stop: async () => {
+      stop.abort();
+      await watching;
+    },
+  };
+}
+
+test("UpdateOrganization changes only the fields set, validates them and tells key watchers", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 5n });
+  const { secret } = await client.createApiKey({ orgId }, admin);
+  await client.createApiKey({ orgId }, admin);
+  const { changes, stop: stopWatching } = await watchChanges();
 
   const res = await client.updateOrganization({ orgId, taxRateBps: 1900, maxDiscountBps: 3000 }, admin);
   expect(res.organization).toMatchObject({ id: orgId, taxRateBps: 1900, maxDiscountBps: 3000, monthlyBudgetNanos: 5n });
@@ -154,8 +168,7 @@ test("UpdateOrganization changes only the fields set, validates them and tells k
   while (changes.length < 2 && Date.now() < deadline) await Bun.sleep(20);
   // One change of the whole org each time, however many keys it has.
   expect(changes).toEqual([`org ${orgId}`, `org ${orgId}`]);
-  stop.abort();
-  await watching;
+  await stopWatching();
 
   expect(await code(client.updateOrganization({ orgId, taxRateBps: 10_001 }, admin))).toBe(Code.InvalidArgument);
   expect(await code(client.updateOrganization({ orgId, name: "" }, admin))).toBe(Code.InvalidArgument);
@@ -171,17 +184,7 @@ test("a suspended org's keys are refused (PermissionDenied) and granted no budge
   const orgId = await newOrg({ monthlyBudgetNanos: 10_000n });
   const { secret, apiKey } = await client.createApiKey({ orgId }, admin);
   const keyId = apiKey?.id as string;
-  const stop = new AbortController();
-  const changes: string[] = [];
-  let live: () => void = () => {};
-  const isLive = new Promise<void>((resolve) => (live = resolve));
-  const watching = (async () => {
-    for await (const change of client.watchKeyChanges({}, { ...admin, signal: stop.signal })) {
-      if (!change.apiKeyId && !change.orgId) live();
-      else changes.push(change.apiKeyId || `org ${change.orgId}`);
-    }
-  })().catch(() => {});
-  await isLive;
+  const { changes, stop: stopWatching } = await watchChanges();
 
   const res = await client.suspendOrganization({ orgId, reason: " unpaid invoices " }, admin);
   expect(res.organization).toMatchObject({ id: orgId, state: OrganizationState.SUSPENDED, suspendReason: "unpaid invoices" });
@@ -225,8 +228,7 @@ test("a suspended org's keys are refused (PermissionDenied) and granted no budge
   const deadline = Date.now() + 5_000;
   while (changes.length < 2 && Date.now() < deadline) await Bun.sleep(20);
   expect(changes).toEqual([`org ${orgId}`, `org ${orgId}`]);
-  stop.abort();
-  await watching;
+  await stopWatching();
 });
 
 test("AuthorizeKey resolves a valid key with its spend, and rejects unknown, revoked and expired keys", async () => {
