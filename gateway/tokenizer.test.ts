@@ -132,6 +132,20 @@ describe("token counts", () => {
     expect(afterClose).toBe(50);
   });
 
+  test("counts waiting on a thread that wedges are estimated once it has answered nothing for a while, and it is replaced", async () => {
+    const { stdout, stderr, code } = await runCommand([process.execPath, `${import.meta.dir}/testing/tokenizer-wedged.ts`]);
+    expect({ code, stderr }).toEqual({ code: 0, stderr: "" });
+    type Timed = { tokens: number; ms: number };
+    const out = JSON.parse(stdout) as Record<"before" | "during" | "after" | "ended" | "afterEnded", Timed> & { stuck: Timed[] };
+    // Its script answers a token a character: an estimate says four characters a token.
+    expect(out.before.tokens).toBe(8);
+    // The wedged count and those behind it or asked for meanwhile: estimated once the thread was silent 500 ms.
+    expect([...out.stuck, out.during].map((c) => c.tokens)).toEqual([2, 1, 2, 2]);
+    for (const c of [...out.stuck, out.during]) expect(c.ms).toBeLessThan(3_000);
+    // A new thread counts the next ones, and another after one that ended.
+    expect([out.after.tokens, out.afterEnded.tokens]).toEqual([8, 8]);
+  });
+
   test("counts past the most that may wait for the thread are estimated, at four characters a token", async () => {
     const texts = Array.from({ length: maxQueuedCounts + 8 }, (_, i) => `${"漢字".repeat(50)}${i}`);
     const counted = await Promise.all(texts.map((text) => countTextTokens([text])));
