@@ -532,6 +532,23 @@ describe("file spool", () => {
     expect(JSON.parse(readFileSync(lock, "utf8"))).toMatchObject({ pid: process.pid, host: hostname() });
   });
 
+  test("a LOCK that cannot be refreshed is warned of once while it fails, and its recovery told", async () => {
+    const log = createTestLogger();
+    const spool = openSpool(newRoot(), { lockRefreshMs: 10, log });
+    const lock = join(spool.dir, "LOCK");
+    const content = readFileSync(lock);
+    rmSync(lock);
+    await Bun.sleep(200);
+    writeFileSync(lock, content);
+    await Bun.sleep(50);
+    const lines = log.lines.map((l) => JSON.parse(l) as { level: string; msg: string }).filter((l) => /LOCK/.test(l.msg));
+    expect(lines.filter((l) => l.level === "warn").map((l) => l.msg)).toEqual(["refreshing the metrics spool's LOCK failed"]);
+    expect(lines.filter((l) => l.level === "debug").length).toBeGreaterThan(5);
+    expect(lines.filter((l) => l.level === "info").map((l) => l.msg)).toEqual([
+      "refreshing the metrics spool's LOCK works again",
+    ]);
+  });
+
   test("the spool's directories and files are readable by its own user alone, whatever the umask", async () => {
     const umask = process.umask(0o022);
     try {

@@ -198,12 +198,18 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   if (owner !== undefined) throw new SpoolInUseError(dir, owner.pid, heldByRefresh(owner));
   openDirs.add(dir);
   const lockPath = join(dir, "LOCK");
+  // Once per outage: a disk remounted read-only warned at every refresh, every 2 s, for as long as it lasted.
+  const lockOutage = createOutageLog(log, {
+    failed: "refreshing the metrics spool's LOCK failed",
+    recovered: "refreshing the metrics spool's LOCK works again",
+  });
   const lockTimer = setInterval(() => {
     try {
       const now = new Date();
       utimesSync(lockPath, now, now);
+      lockOutage.recovered({ dir });
     } catch (e) {
-      log?.warn("refreshing the metrics spool's LOCK failed", { err: e, dir });
+      lockOutage.failed({ err: e, dir });
     }
   }, options.lockRefreshMs ?? 2000);
   lockTimer.unref?.();
