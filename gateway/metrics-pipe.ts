@@ -533,6 +533,17 @@ function createInstruments(registry: Registry, spool: Spool, connected: () => bo
       this.set(spool.maxBytes);
     },
   });
+  new Counter({
+    name: "gateway_spool_sync_failed_rows_total",
+    help:
+      "Spooled request metrics whose flush to disk failed: still sent, but a host crash before analytics acks them " +
+      "loses them.",
+    registers: [registry],
+    collect() {
+      this.reset();
+      this.inc(spool.syncFailedRows);
+    },
+  });
   new Gauge({
     name: "gateway_ingest_stream_connected",
     help: "1 while the IngestMetrics stream to analytics is up.",
