@@ -395,6 +395,50 @@ describe("metrics shipper", () => {
     }
   });
 
+  test("while the disk refuses rows, requests make no file work; a probe each second finds its room again", async () => {
+    const root = mkdtempSync(join(tmpdir(), "shipper-spool-"));
+    try {
+      const disk = createFillingDisk();
+      let writes = 0;
+      const write = (fd: number, data: Uint8Array, offset: number, length: number) => {
+        writes++;
+        return disk.write(fd, data, offset, length);
+      };
+      const registry = new Registry();
+      const spool = openFileSpool({ root, name: "gw", maxBytes: 1 << 20, fsync: "never", write });
+      // Probes the gateway's way: from 100 ms, doubling (at the top of their jitter here).
+      const { shipper } = setup({ spool, registry, backoffBaseMs: 100, backoffMaxMs: 10_000, random: () => 1 });
+      shipper.record(row(0));
+      await spool.idle();
+      const segments = () => readdirSync(spool.dir).filter((n) => n.endsWith(".seg")).sort();
+      disk.room = 0;
+      const before = writes;
+      shipper.record(row(1));
+      expect(writes - before).toBeGreaterThan(0);
+      await spool.idle();
+      // The disk refused one row: the requests after it are dropped without trying it.
+      const tried = writes;
+      const files = segments();
+      for (let i = 2; i < 200; i++) shipper.record(row(i));
+      expect(writes).toBe(tried);
+      await spool.idle();
+      expect(segments()).toEqual(files);
+      expect(await dropped(registry, "full")).toBe(199);
+
+      // Probes at 100, 300, 700 and 1,500 ms, then a second apart (doubling, they were 3.1 and 6.3 s).
+      await Bun.sleep(3_200);
+      expect(shipper.status().full).toBe(true);
+      disk.room = Number.POSITIVE_INFINITY;
+      await Bun.sleep(1_100);
+      expect(shipper.status().full).toBe(false);
+      shipper.record(row(200));
+      expect(spool.rows).toBe(2);
+      spool.close();
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+
   test("over gRPC on a real server that restarts, nothing is lost", async () => {
     const analytics = createAnalyticsFake();
     const log = createTestLogger();

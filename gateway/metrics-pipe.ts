@@ -68,6 +68,8 @@ export interface MetricsShipper {
 
 // A stream that has not failed for this long counts as connected even before its first ack.
 const settleMs = 500;
+/** A disk that refused a row is tried at least this often, so rows are spooled again within about this of its room. */
+const diskProbeMaxMs = 1000;
 
 // A full spool stops counting as full only under this share of its bound, so acks that free room for a row or two,
 // taken again by the next requests, do not flap readiness.
@@ -124,9 +126,10 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   let dropping = false;
   // Rows that bill nothing are being shed: logged once until one is spooled again.
   let shedding = false;
-  // The last row was refused with room for it: the disk refuses writes.
+  // The last row was refused with room for it: the disk refuses writes. Rows are then dropped without trying it (each
+  // try created and deleted a segment file on the request path) until a probe or an ack says it may take them again.
   let appendFailing = false;
-  // While it does, the disk is tried with backoff: a gateway it made unready gets no requests that could try it.
+  // While it does, the disk is tried with backoff, up to diskProbeMaxMs apart.
   let diskProbe: ReturnType<typeof setTimeout> | undefined;
   let diskProbes = 0;
   let largestRow = 0;
@@ -226,7 +229,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   /** Clears appendFailing once the disk takes a row as large as the one it refused, tried with backoff until then. */
   const probeDiskLater = (rowBytes: number) => {
     if (diskProbe || closed) return;
-    const ceiling = Math.min(backoffMaxMs, backoffBaseMs * 2 ** Math.min(diskProbes++, 20));
+    const ceiling = Math.min(backoffMaxMs, diskProbeMaxMs, backoffBaseMs * 2 ** Math.min(diskProbes++, 20));
     diskProbe = setTimeout(
       () => {
         diskProbe = undefined;
@@ -395,7 +398,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
         shedding = false;
       }
       largestRow = Math.max(largestRow, row.length);
-      if (!spool.append(row)) {
+      if (appendFailing || !spool.append(row)) {
         instruments?.dropped.inc({ reason: "full" });
         if (!dropping) log.error("metrics spool full: dropping request metrics", { spooled_rows: spool.rows });
         dropping = true;
@@ -528,6 +531,17 @@ function createInstruments(registry: Registry, spool: Spool, connected: () => bo
     registers: [registry],
     collect() {
       this.set(spool.maxBytes);
+    },
+  });
+  new Counter({
+    name: "gateway_spool_sync_failed_rows_total",
+    help:
+      "Spooled request metrics whose flush to disk failed: still sent, but a host crash before analytics acks them " +
+      "loses them.",
+    registers: [registry],
+    collect() {
+      this.reset();
+      this.inc(spool.syncFailedRows);
     },
   });
   new Gauge({

@@ -19,7 +19,7 @@ import { join } from "node:path";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
 import { type FileSpool, type FileSpoolOptions, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
-import { SpoolBatchDamagedError } from "./spool.ts";
+import { type SpoolBatch, SpoolBatchDamagedError } from "./spool.ts";
 import { createFillingDisk, createTestLogger } from "./testing.ts";
 
 const roots: string[] = [];
@@ -469,6 +469,56 @@ describe("file spool", () => {
     expect(ids(spool.read(batches[5]!))).toEqual(range(5000, 6000));
   });
 
+  test("a flush that fails is not retried: its rows are counted, still sent, and the rows after them go to a new segment", async () => {
+    const log = createTestLogger();
+    const spool = openSpool(newRoot(), { fsync: "interval", fsyncIntervalMs: 10, log });
+    for (let i = 0; i < 3; i++) spool.append(row(i));
+    const eio = Object.assign(new Error("EIO: i/o error, fdatasync"), { code: "EIO" });
+    const flush = spyOn(fs, "fdatasync").mockImplementationOnce(((_fd: number, done: (err: Error) => void) =>
+      done(eio)) as unknown as typeof fs.fdatasync);
+    try {
+      await Bun.sleep(60);
+    } finally {
+      flush.mockRestore();
+    }
+    expect(spool.syncFailedRows).toBe(3);
+    const first = join(spool.dir, "0000000001.seg");
+    const size = statSync(first).size;
+    for (let i = 3; i < 6; i++) spool.append(row(i));
+    await Bun.sleep(60);
+    // Flushes of the segment after it would succeed without writing what failed: it is written no more.
+    expect(statSync(first).size).toBe(size);
+    expect(spool.syncFailedRows).toBe(3);
+    const batch = spool.seal(100, noByteLimit) as SpoolBatch;
+    expect(ids(spool.read(batch))).toEqual(range(0, 6));
+    const errors = log.lines.filter((l) => JSON.parse(l).level === "error");
+    expect(errors).toHaveLength(1);
+    expect(JSON.parse(errors[0] as string)).toMatchObject({ rows: 3, err: { message: eio.message } });
+  });
+
+  test("under fsync always, rows whose flush fails are kept and counted, and the rows after go to one new segment", async () => {
+    const spool = openSpool(newRoot(), { fsync: "always" });
+    expect(spool.append(row(0))).toBe(true);
+    await spool.idle();
+    const flush = spyOn(fs, "fdatasyncSync").mockImplementation(() => {
+      throw Object.assign(new Error("EIO: i/o error, fdatasync"), { code: "EIO" });
+    });
+    try {
+      for (let i = 1; i < 4; i++) expect(spool.append(row(i))).toBe(true);
+    } finally {
+      flush.mockRestore();
+    }
+    expect(spool.append(row(4))).toBe(true);
+    expect(spool.syncFailedRows).toBe(3);
+    await spool.idle();
+    // Rows 0 and 1 in the first segment, the others in the next: a disk failing every flush starts no segment per row.
+    const size = (id: number) => statSync(join(spool.dir, `000000000${id}.seg`)).size;
+    const records = (from: number, to: number) => range(from, to).reduce((n, _, i) => n + 9 + row(from + i).length, 8);
+    expect([size(1), size(2)]).toEqual([records(0, 2), records(2, 5)]);
+    const batch = spool.seal(100, noByteLimit) as SpoolBatch;
+    expect(ids(spool.read(batch))).toEqual(range(0, 5));
+  });
+
   test("every fsync policy keeps the same data", () => {
     for (const fsync of ["always", "interval", "never"] as const) {
       const root = newRoot();
@@ -530,6 +580,23 @@ describe("file spool", () => {
     await Bun.sleep(100);
     expect(Date.now() - statSync(lock).mtimeMs).toBeLessThan(1000);
     expect(JSON.parse(readFileSync(lock, "utf8"))).toMatchObject({ pid: process.pid, host: hostname() });
+  });
+
+  test("a LOCK that cannot be refreshed is warned of once while it fails, and its recovery told", async () => {
+    const log = createTestLogger();
+    const spool = openSpool(newRoot(), { lockRefreshMs: 10, log });
+    const lock = join(spool.dir, "LOCK");
+    const content = readFileSync(lock);
+    rmSync(lock);
+    await Bun.sleep(200);
+    writeFileSync(lock, content);
+    await Bun.sleep(50);
+    const lines = log.lines.map((l) => JSON.parse(l) as { level: string; msg: string }).filter((l) => /LOCK/.test(l.msg));
+    expect(lines.filter((l) => l.level === "warn").map((l) => l.msg)).toEqual(["refreshing the metrics spool's LOCK failed"]);
+    expect(lines.filter((l) => l.level === "debug").length).toBeGreaterThan(5);
+    expect(lines.filter((l) => l.level === "info").map((l) => l.msg)).toEqual([
+      "refreshing the metrics spool's LOCK works again",
+    ]);
   });
 
   test("the spool's directories and files are readable by its own user alone, whatever the umask", async () => {

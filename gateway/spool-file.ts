@@ -164,6 +164,16 @@ interface Segment {
   refs: number;
 }
 
+/** The segment being written, by its descriptor. */
+interface Writer {
+  segment: Segment;
+  fd: number;
+  /** Written to since its last flush started. */
+  dirty: boolean;
+  /** ROW records written since its last flush started. */
+  unsynced: number;
+}
+
 interface PendingRow extends Part {
   row: Uint8Array;
 }
@@ -198,12 +208,18 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   if (owner !== undefined) throw new SpoolInUseError(dir, owner.pid, heldByRefresh(owner));
   openDirs.add(dir);
   const lockPath = join(dir, "LOCK");
+  // Once per outage: a disk remounted read-only warned at every refresh, every 2 s, for as long as it lasted.
+  const lockOutage = createOutageLog(log, {
+    failed: "refreshing the metrics spool's LOCK failed",
+    recovered: "refreshing the metrics spool's LOCK works again",
+  });
   const lockTimer = setInterval(() => {
     try {
       const now = new Date();
       utimesSync(lockPath, now, now);
+      lockOutage.recovered({ dir });
     } catch (e) {
-      log?.warn("refreshing the metrics spool's LOCK failed", { err: e, dir });
+      lockOutage.failed({ err: e, dir });
     }
   }, options.lockRefreshMs ?? 2000);
   lockTimer.unref?.();
@@ -218,7 +234,8 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   let sealedRows = 0;
   let bytes = [...segments.values()].reduce((n, s) => n + s.size, 0);
   let next = loaded.maxSequence >= clockSequence() ? loaded.maxSequence + 1n : clockSequence();
-  let current: { segment: Segment; fd: number; dirty: boolean } | undefined;
+  let current: Writer | undefined;
+  let syncFailedRows = 0;
   let closed = false;
 
   const segmentPath = (id: number) => join(dir, `${String(id).padStart(10, "0")}.seg`);
@@ -324,25 +341,66 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     const segment: Segment = { id, path: segmentPath(id), size: magic.length, refs: 0 };
     segments.set(id, segment);
     bytes += magic.length;
-    current = { segment, fd, dirty: true };
+    current = { segment, fd, dirty: true, unsynced: 0 };
     prepareSpare();
     return current;
   };
 
+  // Loud once while flushes fail (a disk failing), quiet while they go on failing.
+  let syncFailing = false;
+  const syncOutage = createOutageLog(
+    log,
+    {
+      failed: "metrics spool: a flush to disk failed; its rows are sent, but a host crash before their ack loses them",
+      recovered: "metrics spool: flushes to disk work again",
+    },
+    "error",
+  );
+
+  /**
+   * A flush of `rows` rows that failed. No later flush of the file would tell: Linux marks the pages that failed clean
+   * and reports the error once, so a retry succeeds without writing them (PostgreSQL, which found this, stops rather
+   * than retry). The rows are still sent, from memory or the page cache, but a host crash before analytics acks them
+   * loses them: they are counted in syncFailedRows, and the segment, if still written, is written no more, so the rows
+   * after them go to a file whose flushes tell the truth and are not read back behind a hole at the next start. Once
+   * an outage: a disk failing every flush would otherwise start a segment per row under "always".
+   */
+  const syncFailed = (writer: Writer, rows: number, err: unknown) => {
+    syncFailedRows += rows;
+    syncOutage.failed({ err, dir, segment: writer.segment.id, rows });
+    if (!syncFailing && current === writer) {
+      closeInBackground(writer, false);
+      current = undefined;
+    }
+    syncFailing = true;
+  };
+  const synced = () => {
+    syncFailing = false;
+    syncOutage.recovered({ dir });
+  };
+
   /** Closes a segment's descriptor in the background, its rows reaching the disk first unless fsync is "never". */
-  const closeInBackground = (fd: number, dirty: boolean) => {
+  const closeInBackground = (writer: Writer, flush: boolean) => {
+    const rows = writer.unsynced;
     inBackground("closing a segment", async () => {
       try {
-        if (fsyncPolicy !== "never" && dirty) await fsAsync.fdatasync(fd);
+        if (fsyncPolicy !== "never" && flush) {
+          try {
+            await fsAsync.fdatasync(writer.fd);
+            synced();
+          } catch (e) {
+            syncFailed(writer, rows, e);
+          }
+        }
       } finally {
-        await fsAsync.close(fd);
+        await fsAsync.close(writer.fd);
       }
     });
   };
 
   const closeCurrent = () => {
     if (!current) return;
-    closeInBackground(current.fd, current.dirty);
+    closeInBackground(current, current.dirty);
     current = undefined;
     collectSegments();
   };
@@ -359,7 +417,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
 
   const deleteSegment = (segment: Segment) => {
     if (current?.segment === segment) {
-      closeInBackground(current.fd, false);
+      closeInBackground(current, false);
       current = undefined;
     }
     segments.delete(segment.id);
@@ -386,17 +444,26 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
         log?.warn("metrics spool: cutting off a half-written record failed; it reads as a torn tail", { err, dir });
       }
       // Its rows since the last fsync reach the disk as a rotated segment's do: the fsync timer no longer sees it.
-      closeInBackground(target.fd, target.dirty);
+      closeInBackground(target, target.dirty);
       current = undefined;
       throw e;
     }
     diskOutage.recovered({ dir });
     target.segment.size += record.length;
     target.dirty = true;
+    if (type === rowType) target.unsynced++;
     bytes += record.length;
     if (fsyncPolicy === "always") {
-      fdatasyncSync(target.fd);
       target.dirty = false;
+      const rows = target.unsynced;
+      target.unsynced = 0;
+      try {
+        fdatasyncSync(target.fd);
+        synced();
+      } catch (e) {
+        // Written all the same: the record is kept, and sent, as any other.
+        syncFailed(target, rows, e);
+      }
     }
     return { segment: target.segment.id, start, end: start + record.length };
   };
@@ -551,8 +618,13 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
           const target = current;
           if (!target?.dirty) return;
           target.dirty = false;
+          const rows = target.unsynced;
+          target.unsynced = 0;
           fdatasync(target.fd, (err) => {
-            if (err && current === target) log?.warn("fdatasync of the metrics spool failed", { err, dir });
+            // Closed meanwhile (a rotation, the spool's close): no flush was made, and none failed.
+            if (err?.code === "EBADF") return;
+            if (err) syncFailed(target, rows, err);
+            else synced();
           });
         }, options.fsyncIntervalMs ?? 1000)
       : undefined;
@@ -626,6 +698,9 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     get bytes() {
       return bytes;
     },
+    get syncFailedRows() {
+      return syncFailedRows;
+    },
     maxBytes,
     idle: async () => {
       // Work queued by the work awaited is awaited too.
@@ -639,9 +714,16 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       closed = true;
       if (fsyncTimer) clearInterval(fsyncTimer);
       if (current) {
-        if (fsyncPolicy !== "never" && current.dirty) fdatasyncSync(current.fd);
-        closeSync(current.fd);
+        const writer = current;
         current = undefined;
+        if (fsyncPolicy !== "never" && writer.dirty) {
+          try {
+            fdatasyncSync(writer.fd);
+          } catch (e) {
+            syncFailed(writer, writer.unsynced, e);
+          }
+        }
+        closeSync(writer.fd);
       }
       if (spare) {
         closeSync(spare.fd);

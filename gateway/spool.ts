@@ -57,6 +57,11 @@ export interface Spool {
   readonly rows: number;
   /** Space used, in bytes, counted against maxBytes. */
   readonly bytes: number;
+  /**
+   * Rows whose flush to disk failed since the spool opened: still sent, but a host crash before analytics acks them
+   * loses them.
+   */
+  readonly syncFailedRows: number;
   readonly maxBytes: number;
   /** Makes what is held durable and releases files; the spool is unusable afterwards. */
   close(): void;
@@ -160,6 +165,7 @@ export function createMemorySpool(options: MemorySpoolOptions = {}): Spool {
     get bytes() {
       return bytes;
     },
+    syncFailedRows: 0,
     maxBytes,
     close() {},
   };

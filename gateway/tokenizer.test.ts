@@ -5,6 +5,7 @@ import {
   countInputTokens,
   countTextTokens,
   encodedPieces,
+  estimatedTextTokens,
   exactChars,
   generatedText,
   maxQueuedCounts,
@@ -128,16 +129,46 @@ describe("token counts", () => {
     expect(heldMs).toBeLessThan(200);
     // Encoded, not estimated at four characters a token: 16,384 CJK characters are about 30,000 tokens.
     expect(counts[2]).toBeGreaterThan(16_384);
-    // Once closed, counts are estimated.
-    expect(afterClose).toBe(50);
+    // Once closed, counts are estimated: 200 CJK characters at three tokens in four.
+    expect(afterClose).toBe(150);
   });
 
-  test("counts past the most that may wait for the thread are estimated, at four characters a token", async () => {
+  test("counts waiting on a thread that wedges are estimated once it has answered nothing for a while, and it is replaced", async () => {
+    const { stdout, stderr, code } = await runCommand([process.execPath, `${import.meta.dir}/testing/tokenizer-wedged.ts`]);
+    expect({ code, stderr }).toEqual({ code: 0, stderr: "" });
+    type Timed = { tokens: number; ms: number };
+    const out = JSON.parse(stdout) as Record<"before" | "during" | "after" | "ended" | "afterEnded", Timed> & { stuck: Timed[] };
+    // Its script answers a token a character: an estimate says four characters a token (CJK ones three in four).
+    expect(out.before.tokens).toBe(8);
+    // The wedged count and those behind it or asked for meanwhile: estimated once the thread was silent 500 ms.
+    expect([...out.stuck, out.during].map((c) => c.tokens)).toEqual([2, 3, 2, 2]);
+    for (const c of [...out.stuck, out.during]) expect(c.ms).toBeLessThan(3_000);
+    // A new thread counts the next ones, and another after one that ended.
+    expect([out.after.tokens, out.afterEnded.tokens]).toEqual([8, 8]);
+  });
+
+  test("counts past the most that may wait for the thread are estimated", async () => {
     const texts = Array.from({ length: maxQueuedCounts + 8 }, (_, i) => `${"漢字".repeat(50)}${i}`);
     const counted = await Promise.all(texts.map((text) => countTextTokens([text])));
     const exact = await countTextTokens([texts[0] as string]);
     expect(exact).toBeGreaterThan(30);
     expect(counted.slice(0, maxQueuedCounts).every((tokens) => tokens >= exact)).toBe(true);
-    expect(counted.slice(maxQueuedCounts)).toEqual(texts.slice(maxQueuedCounts).map((text) => Math.ceil(text.length / 4)));
+    expect(counted.slice(maxQueuedCounts)).toEqual(texts.slice(maxQueuedCounts).map(estimatedTextTokens));
+  });
+
+  test("an estimate takes four characters a token, CJK ones at three tokens in four, near what the encoding counts", async () => {
+    expect(estimatedTextTokens("abcdefgh")).toBe(2);
+    expect(estimatedTextTokens("漢字かなカナ한글，")).toBe(7);
+    const paragraphs = [
+      "人工智能是计算机科学的一个分支，它企图了解智能的实质，并生产出一种新的能以人类智能相似的方式做出反应的智能机器。",
+      "人工知能とは、人間の知的能力をコンピュータ上で実現する、様々な技術・ソフトウェア・コンピュータシステムである。",
+      "인공지능은 인간의 학습능력, 추론능력, 지각능력을 인공적으로 구현하려는 컴퓨터 과학의 세부분야 중 하나이다.",
+      "The quick brown fox jumps over the lazy dog. Please summarise the following report about quarterly revenue.",
+    ];
+    for (const text of paragraphs) {
+      const exact = await countTextTokens([text]);
+      // Four characters a token took the CJK ones at a third of their tokens.
+      expect(estimatedTextTokens(text) / exact).toBeWithin(0.75, 1.4);
+    }
   });
 });

@@ -14,7 +14,9 @@ import type { CountAnswer, CountRequest } from "./tokenizer-worker.ts";
  * encoded in pieces of `maxRun` characters (byte-pair merging a run costs the square of its length: 20,000 CJK
  * characters took 2.2 s whole, 32,768 newlines 1.1 s), and special-token text such as `<|endoftext|>` is counted as
  * the plain text it is. At most `maxQueuedCounts` counts wait for the thread at once. A count never fails: should the
- * thread or the encoding not load, or that many counts wait already, it falls back to four characters a token.
+ * thread or the encoding not load, that many counts wait already, or the thread die or answer nothing for
+ * `counterThread.stalledMs` (wedged: it is stopped, and the next count starts another), it falls back to
+ * `estimatedTextTokens`.
  */
 /** Characters of one count encoded exactly; beyond them tokens are scaled by the ratio found so far. */
 export const exactChars = 16_384;
@@ -42,6 +44,20 @@ export function* encodedPieces(text: string): Generator<string> {
   if (from < text.length || from === 0) yield text.slice(from);
 }
 
+// Han, kana, Hangul, and CJK punctuation and full-width forms: written without spaces between words.
+const cjk = /[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]/g;
+
+/**
+ * Tokens of text estimated without the encoding: four characters a token, but CJK characters at three tokens in four.
+ * o200k_base encodes common ones at about that (a Chinese paragraph of 91 characters is 64 tokens, estimated 69; a
+ * Japanese one of 84 is 65, estimated 63; a Korean one of 68 syllables and 22 spaces and stops 55, estimated 57), where
+ * four characters a token said 21 to 23, and rarer characters (1.8 tokens each) are still taken low.
+ */
+export function estimatedTextTokens(text: string): number {
+  const wide = text.match(cjk)?.length ?? 0;
+  return Math.ceil((text.length - wide) / 4 + (wide * 3) / 4);
+}
+
 /** A running token count over pieces of text, bounded in cost. */
 interface Count {
   add(text: string): void;
@@ -67,11 +83,23 @@ function newCount(): Count {
       rest += chars;
     },
     async total() {
-      const tokens = (await encodeOffLoop(texts)) ?? texts.reduce((sum, text) => sum + Math.ceil(text.length / 4), 0);
+      const tokens = (await encodeOffLoop(texts)) ?? texts.reduce((sum, text) => sum + estimatedTextTokens(text), 0);
       return tokens + (rest === 0 ? 0 : Math.ceil((rest * Math.max(tokens, 1)) / Math.max(exact, 1)));
     },
   };
 }
+
+/**
+ * The counting thread: the script it runs (tests give it one that wedges), and how long it may answer nothing while
+ * counts wait on it before it is taken for wedged: stopped, the counts waiting estimated, and another started for the
+ * next count. A count is encoded in 120 ms at most; loading the encoding takes about a second, so the thread's first
+ * answer may take `loadingMs`.
+ */
+export const counterThread = {
+  script: new URL("./tokenizer-worker.ts", import.meta.url).href,
+  stalledMs: 5_000,
+  loadingMs: 30_000,
+};
 
 /** The thread counts are encoded on, once started; none when it could not start or load the encoding, or is closed. */
 let counter: Worker | undefined;
@@ -79,25 +107,43 @@ let counterUnavailable = false;
 let counted = false;
 let nextCount = 0;
 const waiting = new Map<number, (tokens: number | undefined) => void>();
+// Runs while counts wait: fires once the thread has answered nothing for its bound (see counterThread).
+let stallTimer: ReturnType<typeof setTimeout> | undefined;
+/** (Re)arms stallTimer for the thread: on its answers, and when a count comes to a thread nothing waited on. */
+let watchCounter = () => {};
 
 function startCounter(): Worker | undefined {
   if (counter || counterUnavailable) return counter;
   let worker: Worker;
   try {
-    worker = new Worker(new URL("./tokenizer-worker.ts", import.meta.url).href, { smol: true });
+    worker = new Worker(counterThread.script, { smol: true });
   } catch {
     counterUnavailable = true;
     return undefined;
   }
   // Held open only while counts wait on it, so it never keeps a process from exiting.
   worker.unref();
-  // A thread that dies is started anew at the next count, unless it never counted (it will not load).
+  // A thread that dies or wedges is started anew at the next count, unless it never counted (it will not load).
   const lost = () => {
     if (counter !== worker) return;
     counter = undefined;
+    clearTimeout(stallTimer);
     if (!counted) counterUnavailable = true;
     for (const done of waiting.values()) done(undefined);
     waiting.clear();
+  };
+  // A wedged thread held every count waiting on it, and the requests metered by them, for good.
+  watchCounter = () => {
+    clearTimeout(stallTimer);
+    if (waiting.size === 0) return;
+    stallTimer = setTimeout(
+      () => {
+        lost();
+        worker.terminate();
+      },
+      counted ? counterThread.stalledMs : counterThread.loadingMs,
+    );
+    stallTimer.unref?.();
   };
   worker.addEventListener("message", ({ data }: MessageEvent<CountAnswer>) => {
     if (data.unloaded) {
@@ -108,6 +154,7 @@ function startCounter(): Worker | undefined {
     const done = waiting.get(data.id);
     waiting.delete(data.id);
     if (waiting.size === 0) worker.unref();
+    watchCounter();
     done?.(data.tokens);
   });
   worker.addEventListener("error", () => {
@@ -129,6 +176,7 @@ async function encodeOffLoop(texts: string[]): Promise<number | undefined> {
   if (waiting.size === 0) worker.ref();
   const { promise, resolve } = Promise.withResolvers<number | undefined>();
   waiting.set(id, resolve);
+  if (waiting.size === 1) watchCounter();
   worker.postMessage({ id, texts } satisfies CountRequest);
   return promise;
 }
