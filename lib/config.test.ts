@@ -315,6 +315,40 @@ test("OTEL_SDK_DISABLED=true exports nothing, whatever endpoint is set; only tru
   expect(() => parseEnv(shape, { OTEL_SDK_DISABLED: "1" })).toThrow('OTEL_SDK_DISABLED ("1"): must be true or false');
 });
 
+test("OTEL_TRACES_EXPORTER sends spans to otlp, console (a JSON log line each), both or none; others are warned of", async () => {
+  const run = async (value: string) => {
+    const { stdout, received } = await exportedWith({ OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR", OTEL_TRACES_EXPORTER: value });
+    const lines: Array<Record<string, unknown>> = stdout.trim().split("\n").filter(Boolean).map((l) => JSON.parse(l));
+    const printed = lines.filter((l) => l.msg === "span");
+    return { otlp: received.length, console: printed.length, warnings: lines.filter((l) => !printed.includes(l)) };
+  };
+  expect(await run("none")).toEqual({ otlp: 0, console: 0, warnings: [] });
+  expect(await run("otlp")).toEqual({ otlp: 1, console: 0, warnings: [] });
+  expect(await run("console")).toMatchObject({ otlp: 0, console: 1, warnings: [] });
+  expect(await run(" OTLP , Console ")).toMatchObject({ otlp: 1, console: 1, warnings: [] });
+  const { stdout } = await exportedWith({ OTEL_TRACES_EXPORTER: "console" });
+  expect(JSON.parse(stdout)).toEqual({
+    time: expect.any(String),
+    level: "info",
+    service: "config-test",
+    msg: "span",
+    trace_id: expect.stringMatching(/^[0-9a-f]{32}$/),
+    span_id: expect.stringMatching(/^[0-9a-f]{16}$/),
+    name: "s",
+    kind: "internal",
+    start: expect.any(String),
+    duration_ms: expect.any(Number),
+    status: "unset",
+    attributes: {},
+  });
+  // Named but not had: warned of and ignored, never a stop; with nothing else named, the default (otlp) stands.
+  const warned = (names: string) => [
+    expect.objectContaining({ level: "warn", msg: expect.stringMatching(new RegExp(`^OTEL_TRACES_EXPORTER names ${names},`)) }),
+  ];
+  expect(await run("zipkin")).toEqual({ otlp: 1, console: 0, warnings: warned("zipkin") });
+  expect(await run("jaeger,none")).toEqual({ otlp: 0, console: 0, warnings: warned("jaeger") });
+}, 60_000);
+
 test("OTEL_BSP_* size and pace the batches spans are exported in", async () => {
   const endpoint = { OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR" };
   // Batches in any order: shutdown exports them all at once.

@@ -107,6 +107,18 @@ export const samplerNames = [
 ] as const;
 export type SamplerName = (typeof samplerNames)[number];
 
+/** OTEL_TRACES_EXPORTER's values this service has: another (zipkin, say) is warned of at start and ignored. */
+export const traceExporterNames = ["otlp", "console", "none"] as const;
+export type TraceExporterName = (typeof traceExporterNames)[number];
+
+/** A comma-separated list of names, as OpenTelemetry SDKs read OTEL_TRACES_EXPORTER: trimmed, in any case. */
+const names = z.string().transform((value) =>
+  value
+    .split(",")
+    .map((s) => s.trim().toLowerCase())
+    .filter((s) => s !== ""),
+);
+
 /** OTEL_EXPORTER_OTLP_PROTOCOL's values. */
 const otlpProtocols = ["grpc", "http/protobuf", "http/json"] as const;
 
@@ -126,6 +138,11 @@ export const commonEnv = {
       .refine((s) => s.trim() === s, "must not begin or end with whitespace (a newline from echo, say)")
       .default(defaultAdminToken),
   ),
+  /**
+   * Where spans go: `otlp` (to the endpoint below), `console` (one log line each), both, or `none`. A name this
+   * service does not have is warned of at start and ignored, as OpenTelemetry asks of its SDKs.
+   */
+  OTEL_TRACES_EXPORTER: names.optional(),
   OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
   /** The full URL traces are posted to, as is (no /v1/traces appended), over OTEL_EXPORTER_OTLP_ENDPOINT. */
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: httpUrl.optional(),

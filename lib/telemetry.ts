@@ -13,7 +13,7 @@ import {
   type Tracer,
 } from "@opentelemetry/api";
 import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks";
-import { W3CTraceContextPropagator } from "@opentelemetry/core";
+import { ExportResultCode, hrTimeToMilliseconds, hrTimeToTimeStamp, W3CTraceContextPropagator } from "@opentelemetry/core";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { defaultResource, resourceFromAttributes } from "@opentelemetry/resources";
 import {
@@ -21,6 +21,7 @@ import {
   AlwaysOnSampler,
   BatchSpanProcessor,
   ParentBasedSampler,
+  type ReadableSpan,
   type Sampler,
   SimpleSpanProcessor,
   type SpanExporter,
@@ -58,6 +59,8 @@ export interface TelemetryOptions {
   sampler?: SamplerName;
   /** Fraction of traces the traceidratio samplers sample, 0..1 (default 1). */
   sampleRatio?: number;
+  /** OTEL_TRACES_EXPORTER=console: each span, as it ends, is one info line of `log`. */
+  console?: boolean;
   /** Extra exporter, exported synchronously (tests pass an InMemorySpanExporter). */
   exporter?: SpanExporter;
   /** Where OpenTelemetry's own warnings and errors go (failed exports among them); nowhere when unset. */
@@ -95,6 +98,9 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
         ...(maxExportBatchSize !== undefined && { maxExportBatchSize }),
       }),
     );
+  }
+  if (options.console && options.log) {
+    processors.push(new SimpleSpanProcessor({ exporter: logExporter(options.log) }));
   }
   if (options.exporter) processors.push(new SimpleSpanProcessor({ exporter: options.exporter }));
   const provider = new TracerProvider({
@@ -154,6 +160,39 @@ function createSampler(name: SamplerName, ratio: number): Sampler {
       ? new TraceIdRatioBasedSampler(ratio)
       : new AlwaysOnSampler();
   return name.startsWith("parentbased_") ? new ParentBasedSampler({ root: own }) : own;
+}
+
+/**
+ * Writes each span as one JSON line of `log`, as the service's other lines are (OpenTelemetry's console exporter prints
+ * an object over many lines, which a log pipeline reads as many records). Attributes' text passes redactSecrets.
+ */
+function logExporter(log: Logger): SpanExporter {
+  const kinds = ["internal", "server", "client", "producer", "consumer"];
+  const statuses = ["unset", "ok", "error"];
+  const line = (span: ReadableSpan) => {
+    const { traceId, spanId } = span.spanContext();
+    log.info("span", {
+      trace_id: traceId,
+      span_id: spanId,
+      ...(span.parentSpanContext && { parent_span_id: span.parentSpanContext.spanId }),
+      name: span.name,
+      kind: kinds[span.kind],
+      start: hrTimeToTimeStamp(span.startTime),
+      duration_ms: hrTimeToMilliseconds(span.duration),
+      status: statuses[span.status.code],
+      ...(span.status.message && { status_message: span.status.message }),
+      attributes: Object.fromEntries(
+        Object.entries(span.attributes).map(([k, v]) => [k, typeof v === "string" ? redactSecrets(v) : v]),
+      ),
+    });
+  };
+  return {
+    export(spans, done) {
+      for (const span of spans) line(span);
+      done({ code: ExportResultCode.SUCCESS });
+    },
+    shutdown: async () => {},
+  };
 }
 
 /** A message OpenTelemetry repeats (an export to a collector that is down, every 500 ms) is logged once this often. */
