@@ -349,6 +349,48 @@ test("OTEL_TRACES_EXPORTER sends spans to otlp, console (a JSON log line each), 
   expect(await run("jaeger,none")).toEqual({ otlp: 0, console: 0, warnings: warned("jaeger") });
 }, 60_000);
 
+test("OTEL_PROPAGATORS chooses the headers trace context is read from and sent in; others are warned of", async () => {
+  // What a service continues of a caller's headers, and the headers it sends onward.
+  const script = `
+    import { context, propagation, trace } from "@opentelemetry/api";
+    import { commonEnv, parseEnv } from "./lib/config.ts";
+    import { createRuntime } from "./lib/runtime.ts";
+    import { extractContext } from "./lib/telemetry.ts";
+    createRuntime("config-test", parseEnv(commonEnv));
+    const caller = extractContext(new Headers({
+      traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+      b3: "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1",
+      baggage: "tenant=a",
+    }));
+    const sent = {};
+    propagation.inject(caller, sent);
+    console.log(JSON.stringify({
+      traceId: trace.getSpanContext(caller)?.traceId ?? null,
+      baggage: propagation.getBaggage(caller)?.getEntry("tenant")?.value ?? null,
+      sent: Object.keys(sent).sort(),
+    }));
+  `;
+  const run = async (value?: string) => {
+    const env = { ADMIN_TOKEN: "own-admin-token-0123456789", OTEL_EXPORTER_OTLP_ENDPOINT: undefined, OTEL_PROPAGATORS: value };
+    const { stdout, stderr } = await runCommand([process.execPath, "-e", script], { env });
+    expect(stderr).toBe("");
+    return stdout.trim().split("\n").map((l) => JSON.parse(l));
+  };
+  const w3c = "4bf92f3577b34da6a3ce929d0e0e4736";
+  const b3 = "80f198ee56343ba864fe8b2a57d3eff7";
+  expect(await run()).toEqual([{ traceId: w3c, baggage: "a", sent: ["baggage", "traceparent"] }]);
+  expect(await run("tracecontext")).toEqual([{ traceId: w3c, baggage: null, sent: ["traceparent"] }]);
+  expect(await run("B3")).toEqual([{ traceId: b3, baggage: null, sent: ["b3"] }]);
+  const multi = ["x-b3-sampled", "x-b3-spanid", "x-b3-traceid"];
+  expect(await run("b3multi, baggage")).toEqual([{ traceId: b3, baggage: "a", sent: ["baggage", ...multi] }]);
+  expect(await run("none")).toEqual([{ traceId: null, baggage: null, sent: [] }]);
+  // Named but not had: warned of and ignored, never a stop; with nothing else named, the default stands.
+  const [warning, result] = await run("jaeger");
+  expect(warning).toMatchObject({ level: "warn", msg: expect.stringMatching(/^OTEL_PROPAGATORS names jaeger,.*tracecontext,baggage is used/) });
+  expect(result).toEqual({ traceId: w3c, baggage: "a", sent: ["baggage", "traceparent"] });
+  expect((await run("xray,b3multi"))[1]).toEqual({ traceId: b3, baggage: null, sent: multi });
+}, 60_000);
+
 test("OTEL_BSP_* size and pace the batches spans are exported in", async () => {
   const endpoint = { OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR" };
   // Batches in any order: shutdown exports them all at once.

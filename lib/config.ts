@@ -111,6 +111,10 @@ export type SamplerName = (typeof samplerNames)[number];
 export const traceExporterNames = ["otlp", "console", "none"] as const;
 export type TraceExporterName = (typeof traceExporterNames)[number];
 
+/** OTEL_PROPAGATORS' values this service has: another (jaeger, xray) is warned of at start and ignored. */
+export const propagatorNames = ["tracecontext", "baggage", "b3", "b3multi", "none"] as const;
+export type PropagatorName = (typeof propagatorNames)[number];
+
 /** A comma-separated list of names, as OpenTelemetry SDKs read OTEL_TRACES_EXPORTER: trimmed, in any case. */
 const names = z.string().transform((value) =>
   value
@@ -143,6 +147,11 @@ export const commonEnv = {
    * service does not have is warned of at start and ignored, as OpenTelemetry asks of its SDKs.
    */
   OTEL_TRACES_EXPORTER: names.optional(),
+  /**
+   * The headers trace context is read from and sent onward in: `tracecontext` and `baggage` (W3C's, the default), `b3`
+   * (Zipkin's single header) or `b3multi` (its X-B3-* headers), or `none`; others are warned of at start and ignored.
+   */
+  OTEL_PROPAGATORS: names.optional(),
   OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
   /** The full URL traces are posted to, as is (no /v1/traces appended), over OTEL_EXPORTER_OTLP_ENDPOINT. */
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: httpUrl.optional(),

@@ -1,7 +1,7 @@
 import { hostname } from "node:os";
 import type { Interceptor } from "@connectrpc/connect";
 import pkg from "../package.json" with { type: "json" };
-import { defaultAdminToken, type SamplerName, traceExporterNames } from "./config.ts";
+import { defaultAdminToken, propagatorNames, type SamplerName, traceExporterNames } from "./config.ts";
 import { createLogger, type Logger, type LogLevel } from "./log.ts";
 import { createMetrics, type Metrics } from "./metrics.ts";
 import { setupTelemetry, type Telemetry } from "./telemetry.ts";
@@ -11,6 +11,7 @@ export interface RuntimeConfig {
   LOG_LEVEL: LogLevel;
   OTEL_SDK_DISABLED?: boolean | undefined;
   OTEL_TRACES_EXPORTER?: string[] | undefined;
+  OTEL_PROPAGATORS?: string[] | undefined;
   OTEL_EXPORTER_OTLP_PROTOCOL?: string | undefined;
   OTEL_EXPORTER_OTLP_TRACES_PROTOCOL?: string | undefined;
   OTEL_BSP_SCHEDULE_DELAY?: number | undefined;
@@ -59,6 +60,7 @@ export function createRuntime(service: string, config: RuntimeConfig, instanceId
     },
     sampler: config.OTEL_TRACES_SAMPLER,
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,
+    propagators: knownNames(log, "OTEL_PROPAGATORS", config.OTEL_PROPAGATORS, propagatorNames, "tracecontext,baggage"),
     log,
   });
   // The general endpoint, where traces go to it.

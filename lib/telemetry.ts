@@ -8,13 +8,22 @@ import {
   SpanKind,
   SpanStatusCode,
   type TextMapGetter,
+  type TextMapPropagator,
   type TextMapSetter,
   trace,
   type Tracer,
 } from "@opentelemetry/api";
 import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks";
-import { ExportResultCode, hrTimeToMilliseconds, hrTimeToTimeStamp, W3CTraceContextPropagator } from "@opentelemetry/core";
+import {
+  CompositePropagator,
+  ExportResultCode,
+  hrTimeToMilliseconds,
+  hrTimeToTimeStamp,
+  W3CBaggagePropagator,
+  W3CTraceContextPropagator,
+} from "@opentelemetry/core";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
+import { B3InjectEncoding, B3Propagator } from "@opentelemetry/propagator-b3";
 import { defaultResource, resourceFromAttributes } from "@opentelemetry/resources";
 import {
   AlwaysOffSampler,
@@ -31,7 +40,7 @@ import {
 } from "@opentelemetry/sdk-trace";
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
-import type { SamplerName } from "./config.ts";
+import type { PropagatorName, SamplerName } from "./config.ts";
 import { type Logger, redactSecrets } from "./log.ts";
 import { inContext, onStreamEnd } from "./streams.ts";
 
@@ -61,6 +70,11 @@ export interface TelemetryOptions {
   sampleRatio?: number;
   /** OTEL_TRACES_EXPORTER=console: each span, as it ends, is one info line of `log`. */
   console?: boolean;
+  /**
+   * OTEL_PROPAGATORS: the headers a caller's trace context is read from and sent onward in, every one of them
+   * (default W3C's traceparent and baggage); `none` alone, none.
+   */
+  propagators?: readonly PropagatorName[];
   /** Extra exporter, exported synchronously (tests pass an InMemorySpanExporter). */
   exporter?: SpanExporter;
   /** Where OpenTelemetry's own warnings and errors go (failed exports among them); nowhere when unset. */
@@ -71,9 +85,9 @@ export interface TelemetryOptions {
 
 export interface Telemetry {
   tracer: Tracer;
-  /** Opens a server span per RPC, continuing the caller's W3C trace context. */
+  /** Opens a server span per RPC, continuing the caller's trace context. */
   serverInterceptor: Interceptor;
-  /** Opens a client span per RPC and injects its W3C trace context into the request headers. */
+  /** Opens a client span per RPC and injects its trace context into the request headers. */
   clientInterceptor: Interceptor;
   /** Exports the last spans, for `shutdownTimeoutMs` at most; never rejects (a failure is logged). */
   shutdown(): Promise<void>;
@@ -81,7 +95,7 @@ export interface Telemetry {
 
 let installed = false;
 
-/** Installs the global tracer provider, context manager and W3C propagator. Call first in main.ts. */
+/** Installs the global tracer provider, context manager and propagators. Call first in main.ts. */
 export function setupTelemetry(options: TelemetryOptions): Telemetry {
   if (options.log) logDiagnostics(options.log);
   const processors: SpanProcessor[] = [];
@@ -125,9 +139,15 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
   if (!installed) {
     // Globals can be set once per process; tests that start several services share them.
     context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable());
-    propagation.setGlobalPropagator(new W3CTraceContextPropagator());
     installed = true;
   }
+  // The last service set up in a process decides (each test's its own), as the propagators are the process's.
+  propagation.disable();
+  propagation.setGlobalPropagator(
+    new CompositePropagator({
+      propagators: (options.propagators ?? ["tracecontext", "baggage"]).flatMap((name) => propagators[name]()),
+    }),
+  );
   trace.setGlobalTracerProvider(provider);
   const tracer = provider.getTracer(options.service, options.version);
   return {
@@ -148,6 +168,15 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
     },
   };
 }
+
+/** OTEL_PROPAGATORS' names. B3's propagator reads both of its forms, whichever it sends. */
+const propagators: Record<PropagatorName, () => TextMapPropagator[]> = {
+  tracecontext: () => [new W3CTraceContextPropagator()],
+  baggage: () => [new W3CBaggagePropagator()],
+  b3: () => [new B3Propagator({ injectEncoding: B3InjectEncoding.SINGLE_HEADER })],
+  b3multi: () => [new B3Propagator({ injectEncoding: B3InjectEncoding.MULTI_HEADER })],
+  none: () => [],
+};
 
 /**
  * The sampler OTEL_TRACES_SAMPLER names. One that is not parent-based decides alone, whatever a caller's traceparent
@@ -224,7 +253,7 @@ const headerGetter: TextMapGetter<Headers> = {
 };
 const headerSetter: TextMapSetter<Headers> = { set: (h, key, value) => h.set(key, value) };
 
-/** W3C trace context of incoming headers (also used by the REST API). */
+/** The trace context of incoming headers, in the formats OTEL_PROPAGATORS names (also used by the REST API). */
 export function extractContext(headers: Headers) {
   return propagation.extract(context.active(), headers, headerGetter);
 }
