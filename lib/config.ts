@@ -156,8 +156,9 @@ export const commonEnv = {
   /** The full URL traces are posted to, as is (no /v1/traces appended), over OTEL_EXPORTER_OTLP_ENDPOINT. */
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: httpUrl.optional(),
   /**
-   * The OTLP transport asked for. Traces go as OTLP/HTTP (JSON, which collectors take beside protobuf); `grpc` is
-   * warned of at start, its endpoint (4317) being the collector's gRPC port, which no export reaches.
+   * The OTLP transport asked for: `http/protobuf` (OpenTelemetry's default, which every OTLP/HTTP receiver takes) or
+   * `http/json`. `grpc` goes as http/protobuf and is warned of at start, its endpoint (4317) being the collector's gRPC
+   * port, which no export reaches.
    */
   OTEL_EXPORTER_OTLP_PROTOCOL: z.enum(otlpProtocols).optional(),
   OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: z.enum(otlpProtocols).optional(),

@@ -51,6 +51,11 @@ export function createRuntime(service: string, config: RuntimeConfig, instanceId
     resourceAttributes: config.OTEL_RESOURCE_ATTRIBUTES,
     otlpEndpoint: otlp ? config.OTEL_EXPORTER_OTLP_ENDPOINT : undefined,
     otlpTracesEndpoint: otlp ? config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT : undefined,
+    // grpc, warned of below, goes as OpenTelemetry's default does.
+    otlpProtocol:
+      (config.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL ?? config.OTEL_EXPORTER_OTLP_PROTOCOL) === "http/json"
+        ? "http/json"
+        : "http/protobuf",
     console: !config.OTEL_SDK_DISABLED && exporters.includes("console"),
     batch: {
       scheduledDelayMillis: config.OTEL_BSP_SCHEDULE_DELAY,
@@ -74,8 +79,8 @@ export function createRuntime(service: string, config: RuntimeConfig, instanceId
     : "OTEL_EXPORTER_OTLP_PROTOCOL";
   if (otlp && config[protocolVariable] === "grpc") {
     log.warn(
-      `${protocolVariable} is grpc, which this service does not send: its traces go as OTLP/HTTP, so point the ` +
-        "endpoint at the collector's OTLP/HTTP port (4318), not its gRPC port (4317), where every export fails",
+      `${protocolVariable} is grpc, which this service does not send: its traces go as OTLP/HTTP (protobuf), so ` +
+        "point the endpoint at the collector's OTLP/HTTP port (4318), not its gRPC port (4317), where every export fails",
     );
   }
   if (config.ADMIN_TOKEN === defaultAdminToken) {

@@ -22,7 +22,8 @@ import {
   W3CBaggagePropagator,
   W3CTraceContextPropagator,
 } from "@opentelemetry/core";
-import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
+import { OTLPTraceExporter as OTLPJsonTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
+import { OTLPTraceExporter as OTLPProtobufTraceExporter } from "@opentelemetry/exporter-trace-otlp-proto";
 import { B3InjectEncoding, B3Propagator } from "@opentelemetry/propagator-b3";
 import { defaultResource, resourceFromAttributes } from "@opentelemetry/resources";
 import {
@@ -57,6 +58,8 @@ export interface TelemetryOptions {
   otlpEndpoint?: string | undefined;
   /** OTLP/HTTP traces endpoint, used as it is, over otlpEndpoint (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT). */
   otlpTracesEndpoint?: string | undefined;
+  /** OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL: how spans are encoded for the OTLP/HTTP endpoint (default http/protobuf). */
+  otlpProtocol?: "http/protobuf" | "http/json";
   /** OTEL_BSP_*: how spans are batched for the OTLP exporter (SDK defaults, but 500 ms between exports). */
   batch?: {
     scheduledDelayMillis?: number | undefined;
@@ -103,6 +106,8 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
   const url = options.otlpTracesEndpoint ?? (base && `${base}/v1/traces`);
   if (url) {
     const { scheduledDelayMillis = 500, exportTimeoutMillis, maxQueueSize, maxExportBatchSize } = options.batch ?? {};
+    // Both read OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT, _COMPRESSION and the certificates, and their _TRACES_ forms.
+    const OTLPTraceExporter = options.otlpProtocol === "http/json" ? OTLPJsonTraceExporter : OTLPProtobufTraceExporter;
     processors.push(
       new BatchSpanProcessor({
         exporter: new OTLPTraceExporter({ url }),
