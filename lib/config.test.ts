@@ -1,4 +1,5 @@
 import { describe, expect, test } from "bun:test";
+import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 import { commonEnv, ConfigError, defaultAdminToken, env, parseEnv } from "./config.ts";
 import { freePort, runCommand } from "./processes.ts";
 
@@ -208,6 +209,44 @@ test("failed trace exports are logged, once a minute, and an endpoint ending in 
   expect(warning).toMatchObject({ level: "warn", msg: expect.stringMatching(/^OTEL_EXPORTER_OTLP_ENDPOINT ends in \/v1\/traces/) });
 }, 60_000);
 
+/** The parts of an OTLP trace export the tests below read. */
+interface OtlpRequest {
+  resourceSpans: {
+    resource: { attributes: { key: string; value: { stringValue?: string } }[] };
+    scopeSpans: { spans: { name: string }[] }[];
+  }[];
+}
+
+/** An OTLP/HTTP protobuf export (application/x-protobuf) read into the shape of its JSON form. */
+async function protobufOtlp(req: Request): Promise<OtlpRequest> {
+  expect(req.headers.get("content-type")).toBe("application/x-protobuf");
+  // Each message's length-delimited fields by number: submessages, strings and bytes.
+  const fields = (bytes: Uint8Array) => {
+    const found = new Map<number, Uint8Array[]>();
+    const reader = new BinaryReader(bytes);
+    while (reader.pos < reader.len) {
+      const [no, type] = reader.tag();
+      if (type === WireType.LengthDelimited) found.set(no, [...(found.get(no) ?? []), reader.bytes()]);
+      else reader.skip(type, no);
+    }
+    return (no: number) => found.get(no) ?? [];
+  };
+  const text = (bytes: Uint8Array | undefined) => new TextDecoder().decode(bytes);
+  // ExportTraceServiceRequest: 1 ResourceSpans (1 Resource (1 KeyValue (1 key, 2 AnyValue (1 string))), 2 ScopeSpans
+  // (2 Span (5 name))).
+  return {
+    resourceSpans: fields(new Uint8Array(await req.arrayBuffer()))(1).map((rs) => ({
+      resource: {
+        attributes: fields(fields(rs)(1)[0] ?? new Uint8Array())(1).map((kv) => ({
+          key: text(fields(kv)(1)[0]),
+          value: { stringValue: text(fields(fields(kv)(2)[0] ?? new Uint8Array())(1)[0]) },
+        })),
+      },
+      scopeSpans: fields(rs)(2).map((ss) => ({ spans: fields(ss)(2).map((span) => ({ name: text(fields(span)(5)[0]) })) })),
+    })),
+  };
+}
+
 /** Runs a service's runtime with `env`, ends `spans` spans at once and stops; returns what a collector on loopback received. */
 async function exportedWith(env: Record<string, string | undefined>, spans = 1) {
   const received: Array<{ path: string; headers: Headers; resource: Record<string, string>; spans: number }> = [];
@@ -215,18 +254,15 @@ async function exportedWith(env: Record<string, string | undefined>, spans = 1) 
     hostname: "127.0.0.1",
     port: 0,
     async fetch(req) {
-      const body = (await req.json()) as {
-        resourceSpans: {
-          resource: { attributes: { key: string; value: { stringValue?: string } }[] };
-          scopeSpans: { spans: unknown[] }[];
-        }[];
-      };
-      for (const rs of body.resourceSpans) {
+      const json = req.headers.get("content-type") === "application/json";
+      const body = json ? await req.json() : await protobufOtlp(req);
+      for (const rs of (body as OtlpRequest).resourceSpans) {
         const resource = Object.fromEntries(rs.resource.attributes.map((a) => [a.key, a.value.stringValue ?? ""]));
         const spans = rs.scopeSpans.reduce((n, ss) => n + ss.spans.length, 0);
         received.push({ path: new URL(req.url).pathname, headers: req.headers, resource, spans });
       }
-      return Response.json({});
+      // An empty ExportTraceServiceResponse, in the request's encoding, as a collector answers.
+      return json ? Response.json({}) : new Response(new Uint8Array(), { headers: { "content-type": "application/x-protobuf" } });
     },
   });
   const script = `
@@ -315,6 +351,82 @@ test("OTEL_SDK_DISABLED=true exports nothing, whatever endpoint is set; only tru
   expect(() => parseEnv(shape, { OTEL_SDK_DISABLED: "1" })).toThrow('OTEL_SDK_DISABLED ("1"): must be true or false');
 });
 
+test("OTEL_TRACES_EXPORTER sends spans to otlp, console (a JSON log line each), both or none; others are warned of", async () => {
+  const run = async (value: string) => {
+    const { stdout, received } = await exportedWith({ OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR", OTEL_TRACES_EXPORTER: value });
+    const lines: Array<Record<string, unknown>> = stdout.trim().split("\n").filter(Boolean).map((l) => JSON.parse(l));
+    const printed = lines.filter((l) => l.msg === "span");
+    return { otlp: received.length, console: printed.length, warnings: lines.filter((l) => !printed.includes(l)) };
+  };
+  expect(await run("none")).toEqual({ otlp: 0, console: 0, warnings: [] });
+  expect(await run("otlp")).toEqual({ otlp: 1, console: 0, warnings: [] });
+  expect(await run("console")).toMatchObject({ otlp: 0, console: 1, warnings: [] });
+  expect(await run(" OTLP , Console ")).toMatchObject({ otlp: 1, console: 1, warnings: [] });
+  const { stdout } = await exportedWith({ OTEL_TRACES_EXPORTER: "console" });
+  expect(JSON.parse(stdout)).toEqual({
+    time: expect.any(String),
+    level: "info",
+    service: "config-test",
+    msg: "span",
+    trace_id: expect.stringMatching(/^[0-9a-f]{32}$/),
+    span_id: expect.stringMatching(/^[0-9a-f]{16}$/),
+    name: "s",
+    kind: "internal",
+    start: expect.any(String),
+    duration_ms: expect.any(Number),
+    status: "unset",
+    attributes: {},
+  });
+  // Named but not had: warned of and ignored, never a stop; with nothing else named, the default (otlp) stands.
+  const warned = (names: string) => [
+    expect.objectContaining({ level: "warn", msg: expect.stringMatching(new RegExp(`^OTEL_TRACES_EXPORTER names ${names},`)) }),
+  ];
+  expect(await run("zipkin")).toEqual({ otlp: 1, console: 0, warnings: warned("zipkin") });
+  expect(await run("jaeger,none")).toEqual({ otlp: 0, console: 0, warnings: warned("jaeger") });
+}, 60_000);
+
+test("OTEL_PROPAGATORS chooses the headers trace context is read from and sent in; others are warned of", async () => {
+  // What a service continues of a caller's headers, and the headers it sends onward.
+  const script = `
+    import { context, propagation, trace } from "@opentelemetry/api";
+    import { commonEnv, parseEnv } from "./lib/config.ts";
+    import { createRuntime } from "./lib/runtime.ts";
+    import { extractContext } from "./lib/telemetry.ts";
+    createRuntime("config-test", parseEnv(commonEnv));
+    const caller = extractContext(new Headers({
+      traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+      b3: "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1",
+      baggage: "tenant=a",
+    }));
+    const sent = {};
+    propagation.inject(caller, sent);
+    console.log(JSON.stringify({
+      traceId: trace.getSpanContext(caller)?.traceId ?? null,
+      baggage: propagation.getBaggage(caller)?.getEntry("tenant")?.value ?? null,
+      sent: Object.keys(sent).sort(),
+    }));
+  `;
+  const run = async (value?: string) => {
+    const env = { ADMIN_TOKEN: "own-admin-token-0123456789", OTEL_EXPORTER_OTLP_ENDPOINT: undefined, OTEL_PROPAGATORS: value };
+    const { stdout, stderr } = await runCommand([process.execPath, "-e", script], { env });
+    expect(stderr).toBe("");
+    return stdout.trim().split("\n").map((l) => JSON.parse(l));
+  };
+  const w3c = "4bf92f3577b34da6a3ce929d0e0e4736";
+  const b3 = "80f198ee56343ba864fe8b2a57d3eff7";
+  expect(await run()).toEqual([{ traceId: w3c, baggage: "a", sent: ["baggage", "traceparent"] }]);
+  expect(await run("tracecontext")).toEqual([{ traceId: w3c, baggage: null, sent: ["traceparent"] }]);
+  expect(await run("B3")).toEqual([{ traceId: b3, baggage: null, sent: ["b3"] }]);
+  const multi = ["x-b3-sampled", "x-b3-spanid", "x-b3-traceid"];
+  expect(await run("b3multi, baggage")).toEqual([{ traceId: b3, baggage: "a", sent: ["baggage", ...multi] }]);
+  expect(await run("none")).toEqual([{ traceId: null, baggage: null, sent: [] }]);
+  // Named but not had: warned of and ignored, never a stop; with nothing else named, the default stands.
+  const [warning, result] = await run("jaeger");
+  expect(warning).toMatchObject({ level: "warn", msg: expect.stringMatching(/^OTEL_PROPAGATORS names jaeger,.*tracecontext,baggage is used/) });
+  expect(result).toEqual({ traceId: w3c, baggage: "a", sent: ["baggage", "traceparent"] });
+  expect((await run("xray,b3multi"))[1]).toEqual({ traceId: b3, baggage: null, sent: multi });
+}, 60_000);
+
 test("OTEL_BSP_* size and pace the batches spans are exported in", async () => {
   const endpoint = { OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR" };
   // Batches in any order: shutdown exports them all at once.
@@ -331,18 +443,31 @@ test("OTEL_BSP_* size and pace the batches spans are exported in", async () => {
   expect(() => parseEnv(shape, { OTEL_BSP_MAX_QUEUE_SIZE: "0" })).toThrow("OTEL_BSP_MAX_QUEUE_SIZE");
 });
 
-test("OTEL_EXPORTER_OTLP_PROTOCOL=grpc is warned of at start, traces going as OTLP/HTTP; unknown protocols stop it", async () => {
+test("OTEL_EXPORTER_OTLP_PROTOCOL sends protobuf or JSON; grpc is warned of at start, going as protobuf; others stop it", async () => {
   const endpoint = { OTEL_EXPORTER_OTLP_ENDPOINT: "$COLLECTOR" };
   for (const variable of ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]) {
-    const { stdout } = await exportedWith({ ...endpoint, [variable]: "grpc" });
+    const { stdout, received } = await exportedWith({ ...endpoint, [variable]: "grpc" });
+    expect(received.map((r) => r.headers.get("content-type"))).toEqual(["application/x-protobuf"]);
     expect(stdout.trim().split("\n").map((l) => JSON.parse(l))).toEqual([
       expect.objectContaining({ level: "warn", msg: expect.stringMatching(new RegExp(`^${variable} is grpc.*4318`)) }),
     ]);
   }
-  for (const protocol of ["http/protobuf", "http/json"]) {
-    const { stdout, received } = await exportedWith({ ...endpoint, OTEL_EXPORTER_OTLP_PROTOCOL: protocol });
+  // OpenTelemetry's default, protobuf, unless JSON is asked for; the signal's own variable wins.
+  const sent = async (env: Record<string, string>) => {
+    const { stdout, received } = await exportedWith({ ...endpoint, ...env });
     expect(stdout).toBe("");
-    expect(received).toHaveLength(1);
-  }
+    return received.map((r) => [r.headers.get("content-type"), r.resource["service.name"]]);
+  };
+  const protobuf = [["application/x-protobuf", "config-test"]];
+  const json = [["application/json", "config-test"]];
+  expect(await sent({})).toEqual(protobuf);
+  expect(await sent({ OTEL_EXPORTER_OTLP_PROTOCOL: "http/protobuf" })).toEqual(protobuf);
+  expect(await sent({ OTEL_EXPORTER_OTLP_PROTOCOL: "http/json" })).toEqual(json);
+  expect(await sent({ OTEL_EXPORTER_OTLP_PROTOCOL: "http/json", OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: "http/protobuf" })).toEqual(
+    protobuf,
+  );
+  expect(await sent({ OTEL_EXPORTER_OTLP_PROTOCOL: "http/protobuf", OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: "http/json" })).toEqual(
+    json,
+  );
   expect(() => parseEnv(shape, { OTEL_EXPORTER_OTLP_PROTOCOL: "http" })).toThrow('OTEL_EXPORTER_OTLP_PROTOCOL ("http")');
 });

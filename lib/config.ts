@@ -107,6 +107,22 @@ export const samplerNames = [
 ] as const;
 export type SamplerName = (typeof samplerNames)[number];
 
+/** OTEL_TRACES_EXPORTER's values this service has: another (zipkin, say) is warned of at start and ignored. */
+export const traceExporterNames = ["otlp", "console", "none"] as const;
+export type TraceExporterName = (typeof traceExporterNames)[number];
+
+/** OTEL_PROPAGATORS' values this service has: another (jaeger, xray) is warned of at start and ignored. */
+export const propagatorNames = ["tracecontext", "baggage", "b3", "b3multi", "none"] as const;
+export type PropagatorName = (typeof propagatorNames)[number];
+
+/** A comma-separated list of names, as OpenTelemetry SDKs read OTEL_TRACES_EXPORTER: trimmed, in any case. */
+const names = z.string().transform((value) =>
+  value
+    .split(",")
+    .map((s) => s.trim().toLowerCase())
+    .filter((s) => s !== ""),
+);
+
 /** OTEL_EXPORTER_OTLP_PROTOCOL's values. */
 const otlpProtocols = ["grpc", "http/protobuf", "http/json"] as const;
 
@@ -126,12 +142,23 @@ export const commonEnv = {
       .refine((s) => s.trim() === s, "must not begin or end with whitespace (a newline from echo, say)")
       .default(defaultAdminToken),
   ),
+  /**
+   * Where spans go: `otlp` (to the endpoint below), `console` (one log line each), both, or `none`. A name this
+   * service does not have is warned of at start and ignored, as OpenTelemetry asks of its SDKs.
+   */
+  OTEL_TRACES_EXPORTER: names.optional(),
+  /**
+   * The headers trace context is read from and sent onward in: `tracecontext` and `baggage` (W3C's, the default), `b3`
+   * (Zipkin's single header) or `b3multi` (its X-B3-* headers), or `none`; others are warned of at start and ignored.
+   */
+  OTEL_PROPAGATORS: names.optional(),
   OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
   /** The full URL traces are posted to, as is (no /v1/traces appended), over OTEL_EXPORTER_OTLP_ENDPOINT. */
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: httpUrl.optional(),
   /**
-   * The OTLP transport asked for. Traces go as OTLP/HTTP (JSON, which collectors take beside protobuf); `grpc` is
-   * warned of at start, its endpoint (4317) being the collector's gRPC port, which no export reaches.
+   * The OTLP transport asked for: `http/protobuf` (OpenTelemetry's default, which every OTLP/HTTP receiver takes) or
+   * `http/json`. `grpc` goes as http/protobuf and is warned of at start, its endpoint (4317) being the collector's gRPC
+   * port, which no export reaches.
    */
   OTEL_EXPORTER_OTLP_PROTOCOL: z.enum(otlpProtocols).optional(),
   OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: z.enum(otlpProtocols).optional(),

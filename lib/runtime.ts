@@ -1,7 +1,7 @@
 import { hostname } from "node:os";
 import type { Interceptor } from "@connectrpc/connect";
 import pkg from "../package.json" with { type: "json" };
-import { defaultAdminToken, type SamplerName } from "./config.ts";
+import { defaultAdminToken, propagatorNames, type SamplerName, traceExporterNames } from "./config.ts";
 import { createLogger, type Logger, type LogLevel } from "./log.ts";
 import { createMetrics, type Metrics } from "./metrics.ts";
 import { setupTelemetry, type Telemetry } from "./telemetry.ts";
@@ -10,6 +10,8 @@ export interface RuntimeConfig {
   ADMIN_TOKEN: string;
   LOG_LEVEL: LogLevel;
   OTEL_SDK_DISABLED?: boolean | undefined;
+  OTEL_TRACES_EXPORTER?: string[] | undefined;
+  OTEL_PROPAGATORS?: string[] | undefined;
   OTEL_EXPORTER_OTLP_PROTOCOL?: string | undefined;
   OTEL_EXPORTER_OTLP_TRACES_PROTOCOL?: string | undefined;
   OTEL_BSP_SCHEDULE_DELAY?: number | undefined;
@@ -38,15 +40,23 @@ export interface Runtime {
 /** `instanceId` names this process among the service's replicas in its traces (host name and pid by default). */
 export function createRuntime(service: string, config: RuntimeConfig, instanceId = `${hostname()}-${process.pid}`): Runtime {
   const log = createLogger({ service, level: config.LOG_LEVEL });
+  const exporters = knownNames(log, "OTEL_TRACES_EXPORTER", config.OTEL_TRACES_EXPORTER, traceExporterNames, "otlp");
+  // Disabled or `none`, nowhere to export: spans are not recorded, though trace context still goes onward.
+  const otlp = !config.OTEL_SDK_DISABLED && exporters.includes("otlp");
   const telemetry = setupTelemetry({
     service,
     version: pkg.version,
     instanceId,
     serviceName: config.OTEL_SERVICE_NAME,
     resourceAttributes: config.OTEL_RESOURCE_ATTRIBUTES,
-    // Disabled, nowhere to export: spans are not recorded, though trace context still goes onward.
-    otlpEndpoint: config.OTEL_SDK_DISABLED ? undefined : config.OTEL_EXPORTER_OTLP_ENDPOINT,
-    otlpTracesEndpoint: config.OTEL_SDK_DISABLED ? undefined : config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+    otlpEndpoint: otlp ? config.OTEL_EXPORTER_OTLP_ENDPOINT : undefined,
+    otlpTracesEndpoint: otlp ? config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT : undefined,
+    // grpc, warned of below, goes as OpenTelemetry's default does.
+    otlpProtocol:
+      (config.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL ?? config.OTEL_EXPORTER_OTLP_PROTOCOL) === "http/json"
+        ? "http/json"
+        : "http/protobuf",
+    console: !config.OTEL_SDK_DISABLED && exporters.includes("console"),
     batch: {
       scheduledDelayMillis: config.OTEL_BSP_SCHEDULE_DELAY,
       exportTimeoutMillis: config.OTEL_BSP_EXPORT_TIMEOUT,
@@ -55,10 +65,11 @@ export function createRuntime(service: string, config: RuntimeConfig, instanceId
     },
     sampler: config.OTEL_TRACES_SAMPLER,
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,
+    propagators: knownNames(log, "OTEL_PROPAGATORS", config.OTEL_PROPAGATORS, propagatorNames, "tracecontext,baggage"),
     log,
   });
   // The general endpoint, where traces go to it.
-  const exported = !config.OTEL_SDK_DISABLED && !config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;
+  const exported = otlp && !config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;
   const endpoint = exported ? config.OTEL_EXPORTER_OTLP_ENDPOINT : undefined;
   if (endpoint && /\/v1\/traces\/?$/.test(new URL(endpoint).pathname)) {
     log.warn("OTEL_EXPORTER_OTLP_ENDPOINT ends in /v1/traces, which is appended to it: traces go to .../v1/traces/v1/traces");
@@ -66,10 +77,10 @@ export function createRuntime(service: string, config: RuntimeConfig, instanceId
   const protocolVariable = config.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL
     ? "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
     : "OTEL_EXPORTER_OTLP_PROTOCOL";
-  if (!config.OTEL_SDK_DISABLED && config[protocolVariable] === "grpc") {
+  if (otlp && config[protocolVariable] === "grpc") {
     log.warn(
-      `${protocolVariable} is grpc, which this service does not send: its traces go as OTLP/HTTP, so point the ` +
-        "endpoint at the collector's OTLP/HTTP port (4318), not its gRPC port (4317), where every export fails",
+      `${protocolVariable} is grpc, which this service does not send: its traces go as OTLP/HTTP (protobuf), so ` +
+        "point the endpoint at the collector's OTLP/HTTP port (4318), not its gRPC port (4317), where every export fails",
     );
   }
   if (config.ADMIN_TOKEN === defaultAdminToken) {
@@ -92,6 +103,29 @@ export function createRuntime(service: string, config: RuntimeConfig, instanceId
     serverInterceptors: [telemetry.serverInterceptor, metrics.serverInterceptor],
     clientInterceptors: [metrics.clientInterceptor, telemetry.clientInterceptor],
   };
+}
+
+/**
+ * The names of a list `variable` (OTEL_TRACES_EXPORTER, say) that are `known`, or `fallback` when it is unset or names
+ * none of them. Others are warned of and ignored, as OpenTelemetry's SDKs do: a setting one of them takes never stops
+ * the service.
+ */
+function knownNames<T extends string>(
+  log: Logger,
+  variable: string,
+  names: readonly string[] | undefined,
+  known: readonly T[],
+  fallback: string,
+): T[] {
+  const kept = (names ?? []).filter((name): name is T => (known as readonly string[]).includes(name));
+  const unknown = (names ?? []).filter((name) => !kept.includes(name as T));
+  if (unknown.length > 0) {
+    log.warn(
+      `${variable} names ${unknown.join(", ")}, which this service does not have (it has ${known.join(", ")}): ` +
+        (kept.length > 0 ? "ignored" : `ignored, so ${fallback} is used`),
+    );
+  }
+  return kept.length > 0 ? kept : (fallback.split(",") as T[]);
 }
 
 /**

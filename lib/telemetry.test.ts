@@ -16,8 +16,9 @@ const collector = Bun.serve({
   hostname: "127.0.0.1",
   port: 0,
   async fetch(req) {
-    exported += ((await req.json()) as { resourceSpans: unknown[] }).resourceSpans.length;
-    return Response.json({});
+    // One span, one export (OTLP/HTTP protobuf, an empty ExportTraceServiceResponse its answer).
+    exported += (await req.arrayBuffer()).byteLength > 0 ? 1 : 0;
+    return new Response(new Uint8Array(), { headers: { "content-type": "application/x-protobuf" } });
   },
 });
 afterAll(() => Promise.all([hung.stop(true), collector.stop(true)]));

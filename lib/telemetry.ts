@@ -8,19 +8,30 @@ import {
   SpanKind,
   SpanStatusCode,
   type TextMapGetter,
+  type TextMapPropagator,
   type TextMapSetter,
   trace,
   type Tracer,
 } from "@opentelemetry/api";
 import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks";
-import { W3CTraceContextPropagator } from "@opentelemetry/core";
-import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
+import {
+  CompositePropagator,
+  ExportResultCode,
+  hrTimeToMilliseconds,
+  hrTimeToTimeStamp,
+  W3CBaggagePropagator,
+  W3CTraceContextPropagator,
+} from "@opentelemetry/core";
+import { OTLPTraceExporter as OTLPJsonTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
+import { OTLPTraceExporter as OTLPProtobufTraceExporter } from "@opentelemetry/exporter-trace-otlp-proto";
+import { B3InjectEncoding, B3Propagator } from "@opentelemetry/propagator-b3";
 import { defaultResource, resourceFromAttributes } from "@opentelemetry/resources";
 import {
   AlwaysOffSampler,
   AlwaysOnSampler,
   BatchSpanProcessor,
   ParentBasedSampler,
+  type ReadableSpan,
   type Sampler,
   SimpleSpanProcessor,
   type SpanExporter,
@@ -30,7 +41,7 @@ import {
 } from "@opentelemetry/sdk-trace";
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
-import type { SamplerName } from "./config.ts";
+import type { PropagatorName, SamplerName } from "./config.ts";
 import { type Logger, redactSecrets } from "./log.ts";
 import { inContext, onStreamEnd } from "./streams.ts";
 
@@ -47,6 +58,8 @@ export interface TelemetryOptions {
   otlpEndpoint?: string | undefined;
   /** OTLP/HTTP traces endpoint, used as it is, over otlpEndpoint (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT). */
   otlpTracesEndpoint?: string | undefined;
+  /** OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL: how spans are encoded for the OTLP/HTTP endpoint (default http/protobuf). */
+  otlpProtocol?: "http/protobuf" | "http/json";
   /** OTEL_BSP_*: how spans are batched for the OTLP exporter (SDK defaults, but 500 ms between exports). */
   batch?: {
     scheduledDelayMillis?: number | undefined;
@@ -58,6 +71,13 @@ export interface TelemetryOptions {
   sampler?: SamplerName;
   /** Fraction of traces the traceidratio samplers sample, 0..1 (default 1). */
   sampleRatio?: number;
+  /** OTEL_TRACES_EXPORTER=console: each span, as it ends, is one info line of `log`. */
+  console?: boolean;
+  /**
+   * OTEL_PROPAGATORS: the headers a caller's trace context is read from and sent onward in, every one of them
+   * (default W3C's traceparent and baggage); `none` alone, none.
+   */
+  propagators?: readonly PropagatorName[];
   /** Extra exporter, exported synchronously (tests pass an InMemorySpanExporter). */
   exporter?: SpanExporter;
   /** Where OpenTelemetry's own warnings and errors go (failed exports among them); nowhere when unset. */
@@ -68,9 +88,9 @@ export interface TelemetryOptions {
 
 export interface Telemetry {
   tracer: Tracer;
-  /** Opens a server span per RPC, continuing the caller's W3C trace context. */
+  /** Opens a server span per RPC, continuing the caller's trace context. */
   serverInterceptor: Interceptor;
-  /** Opens a client span per RPC and injects its W3C trace context into the request headers. */
+  /** Opens a client span per RPC and injects its trace context into the request headers. */
   clientInterceptor: Interceptor;
   /** Exports the last spans, for `shutdownTimeoutMs` at most; never rejects (a failure is logged). */
   shutdown(): Promise<void>;
@@ -78,7 +98,7 @@ export interface Telemetry {
 
 let installed = false;
 
-/** Installs the global tracer provider, context manager and W3C propagator. Call first in main.ts. */
+/** Installs the global tracer provider, context manager and propagators. Call first in main.ts. */
 export function setupTelemetry(options: TelemetryOptions): Telemetry {
   if (options.log) logDiagnostics(options.log);
   const processors: SpanProcessor[] = [];
@@ -86,6 +106,8 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
   const url = options.otlpTracesEndpoint ?? (base && `${base}/v1/traces`);
   if (url) {
     const { scheduledDelayMillis = 500, exportTimeoutMillis, maxQueueSize, maxExportBatchSize } = options.batch ?? {};
+    // Both read OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT, _COMPRESSION and the certificates, and their _TRACES_ forms.
+    const OTLPTraceExporter = options.otlpProtocol === "http/json" ? OTLPJsonTraceExporter : OTLPProtobufTraceExporter;
     processors.push(
       new BatchSpanProcessor({
         exporter: new OTLPTraceExporter({ url }),
@@ -95,6 +117,9 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
         ...(maxExportBatchSize !== undefined && { maxExportBatchSize }),
       }),
     );
+  }
+  if (options.console && options.log) {
+    processors.push(new SimpleSpanProcessor({ exporter: logExporter(options.log) }));
   }
   if (options.exporter) processors.push(new SimpleSpanProcessor({ exporter: options.exporter }));
   const provider = new TracerProvider({
@@ -119,9 +144,15 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
   if (!installed) {
     // Globals can be set once per process; tests that start several services share them.
     context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable());
-    propagation.setGlobalPropagator(new W3CTraceContextPropagator());
     installed = true;
   }
+  // The last service set up in a process decides (each test's its own), as the propagators are the process's.
+  propagation.disable();
+  propagation.setGlobalPropagator(
+    new CompositePropagator({
+      propagators: (options.propagators ?? ["tracecontext", "baggage"]).flatMap((name) => propagators[name]()),
+    }),
+  );
   trace.setGlobalTracerProvider(provider);
   const tracer = provider.getTracer(options.service, options.version);
   return {
@@ -143,6 +174,15 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
   };
 }
 
+/** OTEL_PROPAGATORS' names. B3's propagator reads both of its forms, whichever it sends. */
+const propagators: Record<PropagatorName, () => TextMapPropagator[]> = {
+  tracecontext: () => [new W3CTraceContextPropagator()],
+  baggage: () => [new W3CBaggagePropagator()],
+  b3: () => [new B3Propagator({ injectEncoding: B3InjectEncoding.SINGLE_HEADER })],
+  b3multi: () => [new B3Propagator({ injectEncoding: B3InjectEncoding.MULTI_HEADER })],
+  none: () => [],
+};
+
 /**
  * The sampler OTEL_TRACES_SAMPLER names. One that is not parent-based decides alone, whatever a caller's traceparent
  * asks: clients on the internet cannot have every request they send traced.
@@ -154,6 +194,39 @@ function createSampler(name: SamplerName, ratio: number): Sampler {
       ? new TraceIdRatioBasedSampler(ratio)
       : new AlwaysOnSampler();
   return name.startsWith("parentbased_") ? new ParentBasedSampler({ root: own }) : own;
+}
+
+/**
+ * Writes each span as one JSON line of `log`, as the service's other lines are (OpenTelemetry's console exporter prints
+ * an object over many lines, which a log pipeline reads as many records). Attributes' text passes redactSecrets.
+ */
+function logExporter(log: Logger): SpanExporter {
+  const kinds = ["internal", "server", "client", "producer", "consumer"];
+  const statuses = ["unset", "ok", "error"];
+  const line = (span: ReadableSpan) => {
+    const { traceId, spanId } = span.spanContext();
+    log.info("span", {
+      trace_id: traceId,
+      span_id: spanId,
+      ...(span.parentSpanContext && { parent_span_id: span.parentSpanContext.spanId }),
+      name: span.name,
+      kind: kinds[span.kind],
+      start: hrTimeToTimeStamp(span.startTime),
+      duration_ms: hrTimeToMilliseconds(span.duration),
+      status: statuses[span.status.code],
+      ...(span.status.message && { status_message: span.status.message }),
+      attributes: Object.fromEntries(
+        Object.entries(span.attributes).map(([k, v]) => [k, typeof v === "string" ? redactSecrets(v) : v]),
+      ),
+    });
+  };
+  return {
+    export(spans, done) {
+      for (const span of spans) line(span);
+      done({ code: ExportResultCode.SUCCESS });
+    },
+    shutdown: async () => {},
+  };
 }
 
 /** A message OpenTelemetry repeats (an export to a collector that is down, every 500 ms) is logged once this often. */
@@ -185,7 +258,7 @@ const headerGetter: TextMapGetter<Headers> = {
 };
 const headerSetter: TextMapSetter<Headers> = { set: (h, key, value) => h.set(key, value) };
 
-/** W3C trace context of incoming headers (also used by the REST API). */
+/** The trace context of incoming headers, in the formats OTEL_PROPAGATORS names (also used by the REST API). */
 export function extractContext(headers: Headers) {
   return propagation.extract(context.active(), headers, headerGetter);
 }

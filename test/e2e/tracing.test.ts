@@ -6,7 +6,7 @@ import type { Server } from "bun";
 import OpenAI from "openai";
 import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.ts";
 
-// One trace per request across the mesh, collected over OTLP/HTTP from all three processes.
+// One trace per request across the mesh, collected over OTLP/HTTP (JSON) from all three processes.
 
 interface OtlpValue {
   stringValue?: string;
@@ -54,7 +54,8 @@ beforeAll(async () => {
     dataDir,
     adminToken,
     ports: { gateway: 0, billing: 0, analytics: 0 },
-    env: { OTEL_EXPORTER_OTLP_ENDPOINT: `http://127.0.0.1:${collector.port}` },
+    // JSON, read here as it is; protobuf, the default, is read in lib/config.test.ts.
+    env: { OTEL_EXPORTER_OTLP_ENDPOINT: `http://127.0.0.1:${collector.port}`, OTEL_EXPORTER_OTLP_PROTOCOL: "http/json" },
     onLine: () => {},
   });
   demo = await ensureDemo(mesh, { dataDir, adminToken });
