@@ -310,6 +310,56 @@ describe("budget leases", () => {
     await k.close();
   });
 
+  test("a replica's past life's leases go back once the usage it served under them is recorded, and no sooner", async () => {
+    const cost = 10_000_000n;
+    const budget = 100n * cost;
+    const principal = await principalWith({ key: budget });
+    const journal = new Set<string>();
+    const notes = { held: (id: string) => journal.add(id), settled: (id: string) => journal.delete(id) };
+    // The first life holds most of the budget, serves one request, and is killed: its usage waits in the spool.
+    const dead = keeper({ minLeaseNanos: 80n * cost, journal: notes });
+    const charges = (await dead.keeper.reserve(principal, cost, 60_000)).settle(cost);
+    const ids = [...journal];
+    expect(ids.length).toBe(1);
+    expect(charges).toEqual([{ leaseId: ids[0] as string, nanos: cost }]);
+    let recorded = false;
+    const { keeper: k, clock } = keeper({
+      journal: notes,
+      inherited: { leaseIds: ids, recorded: () => recorded },
+      maintenanceIntervalMs: 5,
+    });
+    // Given back now, the spend not yet recorded would be granted again: the rest is what the dead life left.
+    await Bun.sleep(50);
+    expect((await leasesOf(principal.apiKeyId)).map((l) => l.spent)).toEqual([null]);
+    expect((await refusal(k.reserve(principal, 50n * cost, 60_000))).code).toBe("insufficient_quota");
+    // The spool's rows are acked: billing recorded the request against the lease.
+    const record = {
+      requestId: "req-before-the-crash",
+      orgId: principal.orgId,
+      apiKeyId: principal.apiKeyId,
+      model: "mock",
+      endpoint: 1,
+      costNanos: cost,
+      occurTime: { seconds: BigInt(Math.floor(Date.now() / 1000)), nanos: 0 },
+      budgetCharges: charges,
+    };
+    expect((await client.recordUsage({ records: [record] }, auth)).inserted).toBe(1);
+    recorded = true;
+    await until(() => !journal.has(ids[0] as string));
+    // Released as spending nothing beyond its recorded usage, which billing counts once.
+    const leases = await db.pool.query<{ spent_nanos: string; recorded_nanos: string }>(
+      "SELECT spent_nanos::text, recorded_nanos::text FROM budget_leases WHERE id = $1",
+      [ids[0]],
+    );
+    expect(leases.rows).toEqual([{ spent_nanos: "0", recorded_nanos: String(cost) }]);
+    clock.t += 2_000;
+    (await k.reserve(principal, budget - cost, 60_000)).settle(budget - cost);
+    clock.t += 2_000;
+    expect((await refusal(k.reserve(principal, 1n, 60_000))).code).toBe("insufficient_quota");
+    await k.close();
+    expect(journal.size).toBe(0);
+  });
+
   test("a replica that asks billing for a whole budget leaves the other replicas about half of it", async () => {
     const principal = await principalWith({ org: 1_000_000_000n });
     // An old or misbehaving replica asks for everything; billing grants half plus its 0.1 USD floor.

@@ -112,6 +112,18 @@ export interface BudgetKeeperOptions {
   releaseRetryAfterExpiryMs?: number;
   /** How often leases are checked for renewal and release. */
   maintenanceIntervalMs?: number;
+  /**
+   * Notes every lease id before it is asked for and crosses it out once billing has settled it, so leases a crash
+   * leaves unreleased are known to the next process (lease-journal.ts).
+   */
+  journal?: { held(leaseId: string): void; settled(leaseId: string): void };
+  /**
+   * Leases an earlier process of this replica left unreleased (killed, out of memory), or one whose spool this replica
+   * adopted. They are released once `recorded()` says that the usage served under them, which waited in the spool, is
+   * all recorded in billing: billing then counts their spend from that usage, so each is released as spending nothing
+   * beyond it, and its unspent grant is free again within seconds of the restart rather than its TTL plus grace.
+   */
+  inherited?: { leaseIds: readonly string[]; recorded: () => boolean };
   /** True while billing is known not to answer (the key checks found so): leases held are kept for what they cover. */
   billingDown?: () => boolean;
   /** Epoch ms. */
@@ -220,6 +232,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const releaseRetryMaxMs = options.releaseRetryMaxMs ?? 30_000;
   const releaseRetryAfterExpiryMs = options.releaseRetryAfterExpiryMs ?? 3_600_000;
   let closed = false;
+  let inherited = options.inherited?.leaseIds.length ? options.inherited : undefined;
+  const startedAt = now();
   /** Billing's last answer to a grant or release was a failure to answer: an outage, as far as this replica knows. */
   let billingFailing = false;
   const instruments = options.registry ? createInstruments(options.registry) : undefined;
@@ -357,17 +371,23 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       try {
         // Billing settles a lease once: a resent release that already landed changes nothing.
         await billing.releaseBudgetLease({ leaseId: pending.lease.id, spentNanos: pending.spentNanos });
+        options.journal?.settled(pending.lease.id);
         billingFailing = false;
         instruments?.leases.inc({ outcome: "released" });
       } catch (e) {
         const err = ConnectError.from(e);
         // Unknown to billing: nothing to give back.
-        if (err.code === Code.NotFound) return;
+        if (err.code === Code.NotFound) {
+          options.journal?.settled(pending.lease.id);
+          return;
+        }
         billingFailing = true;
         pending.failures++;
         if (closed || now() >= pending.lease.expiresAt + releaseRetryAfterExpiryMs) {
-          // Billing frees it at expiry plus its grace; the spend still reaches it as usage records.
+          // Billing frees it at expiry plus its grace; the spend still reaches it as usage records. One given up at
+          // shutdown stays in the journal, for the next start to release once this life's usage is recorded.
           log?.warn("budget lease release failed", { lease_id: pending.lease.id, err: err.rawMessage });
+          if (!closed) options.journal?.settled(pending.lease.id);
           return;
         }
         if (pending.failures === 1)
@@ -452,6 +472,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         if (requestedNanos <= 0n) return;
         const [leaseId, generation] = [`lease_${ulid()}`, scope.generation];
         ask = { leaseId, requestedNanos, neededNanos, asked: now(), generation, failures: 0, retryAt: 0 };
+        // Before billing can grant it: a process killed with the answer on its way still has it released.
+        options.journal?.held(leaseId);
       }
       const { requestedNanos, generation, asked } = ask;
       const request = {
@@ -496,6 +518,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           instruments?.granted.inc(Number(res.grantedNanos) / 1e9);
         } else {
           instruments?.leases.inc({ outcome: "exhausted" });
+          options.journal?.settled(ask.leaseId);
         }
         scope.leasedElsewhere = res.leasedNanos;
         if (res.grantedNanos < requestedNanos && res.remainingNanos === 0n)
@@ -503,6 +526,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       } catch (e) {
         instruments?.leases.inc({ outcome: "error" });
         const err = ConnectError.from(e);
+        // A refusal granted nothing under this id.
+        if (answered(e)) options.journal?.settled(ask.leaseId);
         if (err.code === Code.FailedPrecondition || err.code === Code.NotFound) {
           throw unauthorized("This API key has been revoked or has expired.", "invalid_api_key");
         }
@@ -590,8 +615,23 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     scope.decayedAt = t;
   };
 
+  /** Releases the leases an earlier process left, once their usage is all recorded; each at no spend beyond it. */
+  const releaseInherited = () => {
+    if (!inherited?.recorded()) return;
+    const { leaseIds } = inherited;
+    inherited = undefined;
+    // Granted before this process started, so expired by one TTL after it at the latest.
+    const expiresAt = startedAt + ttlMs;
+    for (const id of leaseIds) {
+      const lease = { id, granted: 0n, spent: 0n, reserved: 0n, expiresAt, lastUsed: now(), withdrawn: true };
+      void sendRelease({ scopeKey: "", lease, spentNanos: 0n, failures: 0, retryAt: 0 });
+    }
+    log?.info("releasing the budget leases an earlier process left, their usage recorded", { leases: leaseIds.length });
+  };
+
   const maintain = () => {
     const t = now();
+    releaseInherited();
     for (const pending of [...unreleased.values()]) if (pending.retryAt <= t) void sendRelease(pending);
     for (const scope of scopes.values()) {
       if (scope.unanswered && scope.unanswered.retryAt <= t && !scope.acquiring) {
@@ -609,6 +649,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   };
   const timer = setInterval(maintain, options.maintenanceIntervalMs ?? 1_000);
   timer.unref?.();
+  releaseInherited();
 
   return {
     async reserve(principal, maxCostNanos, holdMs, signal) {

@@ -24,6 +24,7 @@ import { createReadiness } from "./readiness.ts";
 import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "./service.ts";
 import { defaultBatchBytes, minBatchBytes } from "./spool.ts";
 import { type FileSpool, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
+import { adoptLeaseJournal, leaseJournalFile, openLeaseJournal } from "./lease-journal.ts";
 import { closeTokenizer } from "./tokenizer.ts";
 
 const cfg = loadEnvOrExit({
@@ -151,23 +152,6 @@ const keys = createKeyAuthorizer({
   // A key billing now refuses gives its budget leases back, even if its revocation was not heard on the stream.
   onRefused: (apiKeyId) => budget.releaseKey(apiKeyId),
 });
-const budget = createBudgetKeeper({
-  billing,
-  holder: cfg.GATEWAY_INSTANCE_ID,
-  leaseTtlSeconds: cfg.GATEWAY_BUDGET_LEASE_TTL_S,
-  leaseHorizonSeconds: cfg.GATEWAY_BUDGET_LEASE_HORIZON_S,
-  minLeaseNanos: cfg.GATEWAY_BUDGET_MIN_LEASE_NANOS,
-  maxLeaseNanos: cfg.GATEWAY_BUDGET_MAX_LEASE_NANOS,
-  log: log.child({ component: "budget" }),
-  registry: runtime.metrics.registry,
-  billingDown: keys.billingDown,
-});
-const keyChanges = watchKeyChanges({
-  billing,
-  keys,
-  onRevoked: (apiKeyId) => budget.releaseKey(apiKeyId),
-  log: log.child({ component: "key-changes" }),
-});
 let spool: FileSpool | undefined;
 // A LOCK left by a process that cannot be checked from here (the container before this one, in a pod) is
 // waited out; one of a live process of this host and container is a configuration error.
@@ -184,6 +168,7 @@ while (!spool) {
       batchRows: cfg.GATEWAY_METRICS_BATCH_ROWS,
       batchBytes: cfg.GATEWAY_METRICS_BATCH_BYTES,
       log: log.child({ component: "spool" }),
+      sidecar: { file: leaseJournalFile, adopt: (orphanDir, ownDir) => adoptLeaseJournal(orphanDir, ownDir, log) },
     });
   } catch (e) {
     if (e instanceof SpoolInUseError && e.mayGoStale && Date.now() < lockDeadline) {
@@ -202,6 +187,26 @@ while (!spool) {
   }
 }
 log.info("metrics spool open", { dir: spool.dir, ...spool.recovery });
+const leaseJournal = openLeaseJournal(spool.dir, log.child({ component: "budget" }));
+const budget = createBudgetKeeper({
+  billing,
+  holder: cfg.GATEWAY_INSTANCE_ID,
+  leaseTtlSeconds: cfg.GATEWAY_BUDGET_LEASE_TTL_S,
+  leaseHorizonSeconds: cfg.GATEWAY_BUDGET_LEASE_HORIZON_S,
+  minLeaseNanos: cfg.GATEWAY_BUDGET_MIN_LEASE_NANOS,
+  maxLeaseNanos: cfg.GATEWAY_BUDGET_MAX_LEASE_NANOS,
+  log: log.child({ component: "budget" }),
+  registry: runtime.metrics.registry,
+  billingDown: keys.billingDown,
+  journal: leaseJournal,
+  inherited: { leaseIds: leaseJournal.inherited, recorded: inheritedUsageRecorded(spool) },
+});
+const keyChanges = watchKeyChanges({
+  billing,
+  keys,
+  onRevoked: (apiKeyId) => budget.releaseKey(apiKeyId),
+  log: log.child({ component: "key-changes" }),
+});
 const shipper = createMetricsShipper({
   client: analytics,
   spool,
@@ -288,6 +293,7 @@ stopOnSignals(log, async () => {
   }
   // In-flight requests have settled: hand every lease back with what was spent from it.
   await budget.close();
+  leaseJournal.close();
   await keyChanges.stop();
   if (!(await shipper.flush(cfg.GATEWAY_FLUSH_TIMEOUT_MS))) {
     log.error("request metrics not acked by analytics before exit", { rows: shipper.status().rows });
@@ -298,3 +304,18 @@ stopOnSignals(log, async () => {
   closeTokenizer();
   await runtime.telemetry.shutdown();
 });
+
+/**
+ * Whether the rows an earlier process left in the spool (sealed into batches at open) are all acked: analytics acks a
+ * batch once billing has recorded its usage, with what it charged each budget lease.
+ */
+function inheritedUsageRecorded(spool: FileSpool): () => boolean {
+  const last = [...spool.unacked()].at(-1)?.sequence;
+  // Rows the open could not seal go into a batch later: then only an empty spool says they are acked.
+  if (spool.pendingRows > 0) return () => spool.rows === 0;
+  return () => {
+    if (last === undefined) return true;
+    for (const batch of spool.unacked()) return batch.sequence > last;
+    return true;
+  };
+}

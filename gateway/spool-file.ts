@@ -1,6 +1,7 @@
 import {
   close,
   closeSync,
+  existsSync,
   fdatasync,
   fdatasyncSync,
   fsync,
@@ -96,6 +97,11 @@ export interface FileSpoolOptions {
   cacheRows?: number;
   /** How often the open spool refreshes its LOCK, for owners that cannot check this process (default 2 s). */
   lockRefreshMs?: number;
+  /**
+   * Another component's state kept in this directory (the budget lease journal), in `file`: the directory stays at
+   * close while that file does, and `adopt` carries an orphan's into this directory before the orphan is deleted.
+   */
+  sidecar?: { file: string; adopt(orphanDir: string, ownDir: string): void };
   /** Writes length bytes of data from offset at the descriptor's position (fs.writeSync); tests fill the disk here. */
   write?: (fd: number, data: Uint8Array, offset: number, length: number) => number;
   log?: Logger;
@@ -732,12 +738,19 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       }
       clearInterval(lockTimer);
       openDirs.delete(dir);
-      if (pending.length === 0 && batches.size === 0) rmSync(dir, { recursive: true, force: true });
-      else rmSync(join(dir, "LOCK"), { force: true });
+      const sidecar = options.sidecar && join(dir, options.sidecar.file);
+      if (pending.length === 0 && batches.size === 0) {
+        if (!sidecar || !existsSync(sidecar)) rmSync(dir, { recursive: true, force: true });
+        else {
+          // Empty, but the sidecar's state is for the next process to open or adopt this directory.
+          for (const name of readdirSync(dir)) if (/^\d{10}\.seg$/.test(name)) rmSync(join(dir, name), { force: true });
+          rmSync(join(dir, "LOCK"), { force: true });
+        }
+      } else rmSync(join(dir, "LOCK"), { force: true });
     },
   };
 
-  adoptOrphans(options.root, dir, log, (orphanDir, orphan) => {
+  adoptOrphans(options.root, dir, log, options.sidecar, (orphanDir, orphan) => {
     let moved = 0;
     const sealFull = (force: boolean) => {
       while (
@@ -1032,6 +1045,7 @@ function adoptOrphans(
   root: string,
   ownDir: string,
   log: Logger | undefined,
+  sidecar: FileSpoolOptions["sidecar"],
   adopt: (dir: string, orphan: Loaded) => boolean,
 ): void {
   let names: string[];
@@ -1049,6 +1063,8 @@ function adoptOrphans(
     let complete = false;
     try {
       complete = adopt(dir, loadDir(dir, log));
+      // Only once all its rows are here: its sidecar state may wait on them (leases released once they are acked).
+      if (complete) sidecar?.adopt(dir, ownDir);
     } catch (e) {
       log?.error("adopting an orphaned metrics spool failed", { err: e, dir });
     }

@@ -1,0 +1,79 @@
+import { afterEach, describe, expect, test } from "bun:test";
+import { appendFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { hostname, tmpdir } from "node:os";
+import { join } from "node:path";
+import { adoptLeaseJournal, leaseJournalFile, openLeaseJournal } from "./lease-journal.ts";
+import { openFileSpool } from "./spool-file.ts";
+import { createTestLogger } from "./testing.ts";
+
+const roots: string[] = [];
+afterEach(() => {
+  for (const root of roots.splice(0)) rmSync(root, { recursive: true, force: true });
+});
+
+function newRoot(): string {
+  const root = mkdtempSync(join(tmpdir(), "lease-journal-test-"));
+  roots.push(root);
+  return root;
+}
+
+const deadPid = Bun.spawnSync(["true"]).pid;
+const sidecar = {
+  file: leaseJournalFile,
+  adopt: (orphanDir: string, ownDir: string) => adoptLeaseJournal(orphanDir, ownDir),
+};
+const openSpool = (root: string, name: string) =>
+  openFileSpool({ root, name, maxBytes: 1024 * 1024, fsync: "never", log: createTestLogger(), sidecar });
+
+describe("budget lease journal", () => {
+  test("the leases a killed process held are what the next one inherits; those settled are not", () => {
+    const dir = newRoot();
+    const first = openLeaseJournal(dir);
+    expect(first.inherited).toEqual([]);
+    for (const id of ["lease_a", "lease_b", "lease_c"]) first.held(id);
+    first.settled("lease_b");
+    // Killed: never closed, and its last line cut short.
+    appendFileSync(join(dir, leaseJournalFile), "+lease_");
+    const second = openLeaseJournal(dir);
+    expect(second.inherited).toEqual(["lease_a", "lease_c"]);
+    // Inherited leases stay noted until settled, so a second crash keeps them too.
+    second.settled("lease_a");
+    expect(openLeaseJournal(dir).inherited).toEqual(["lease_c"]);
+  });
+
+  test("grows by lines and is rewritten with the live leases; closed empty, it is gone", () => {
+    const dir = newRoot();
+    const journal = openLeaseJournal(dir);
+    journal.held("lease_kept");
+    for (let i = 0; i < 5_000; i++) {
+      journal.held(`lease_${i}`);
+      journal.settled(`lease_${i}`);
+    }
+    expect(readFileSync(join(dir, leaseJournalFile), "utf8").split("\n").length).toBeLessThan(1_100);
+    expect(openLeaseJournal(dir).inherited).toEqual(["lease_kept"]);
+    journal.settled("lease_kept");
+    journal.close();
+    expect(existsSync(join(dir, leaseJournalFile))).toBe(false);
+  });
+
+  test("a spool adopted from a replica that is gone brings its leases; an empty spool with leases is kept at close", () => {
+    const root = newRoot();
+    const gone = openSpool(root, "gw-gone");
+    const goneLeases = openLeaseJournal(gone.dir);
+    goneLeases.held("lease_of_the_dead");
+    gone.close();
+    // Its spool was empty, but its leases are still to be released: the directory stays.
+    expect(readdirSync(gone.dir)).toEqual([leaseJournalFile]);
+    writeFileSync(join(gone.dir, "LOCK"), JSON.stringify({ pid: deadPid, host: hostname(), started: null }));
+
+    const adopter = openSpool(root, "gw-next");
+    expect(adopter.recovery.adoptedDirs).toEqual([gone.dir]);
+    expect(readdirSync(root)).toEqual(["gw-next"]);
+    const journal = openLeaseJournal(adopter.dir);
+    expect(journal.inherited).toEqual(["lease_of_the_dead"]);
+    journal.settled("lease_of_the_dead");
+    journal.close();
+    adopter.close();
+    expect(readdirSync(root)).toEqual([]);
+  });
+});

@@ -1,0 +1,216 @@
+/**
+ * Budget leases of a gateway killed with SIGKILL, with real processes: the restarted gateway (under the same instance
+ * id, as a pod's container after a crash, or under another that adopts the dead one's spool) releases the leases the
+ * dead one held once the usage it served under them is recorded, so the money they held is granted again within
+ * seconds rather than after their TTL plus grace (25 minutes by default). Every request is billed once, and the
+ * budget is never overspent, also when that usage waits in the spool while analytics is down.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import * as path from "node:path";
+import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
+import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
+import { createServiceClient } from "../../lib/rpc-client.ts";
+import { type Mesh, type ServiceName, startMesh } from "../../scripts/mesh.ts";
+import { eventually } from "../support.ts";
+
+const adminToken = "crashed-leases-admin-token-0123456789";
+// The mock counts 4 characters a token: 3 + 4 + 80/4 = 27 input tokens, and the reply is cut at max_tokens.
+const maxTokens = 20;
+// Input $0.01 and output $100 per million tokens: 10 and 100,000 nano-USD a token.
+const costPerRequest = 27n * 10n + BigInt(maxTokens) * 100_000n;
+const N = 200;
+const budget = costPerRequest * BigInt(N);
+
+let db: TestDatabase;
+let dataDir: string;
+let mesh: Mesh;
+let billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
+const gatewayEnv: Record<string, string | undefined> = {};
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  dataDir = await mkdtemp(path.join(tmpdir(), "crashed-leases-"));
+  const config = path.join(dataDir, "routes.yaml");
+  await writeFile(
+    config,
+    `providers:
+  - { name: mock, kind: mock, latency_ms: 10 }
+models:
+  - name: m
+    targets: [{ provider: mock, model: mock-m }]
+    pricing: { input_per_mtok: "0.01", output_per_mtok: "100" }
+`,
+  );
+  Object.assign(gatewayEnv, { GATEWAY_CONFIG: config, GATEWAY_INSTANCE_ID: "crash-gw" });
+  mesh = await startMesh({
+    dataDir,
+    adminToken,
+    ports: { gateway: 0, billing: 0, analytics: 0 },
+    env: { DATABASE_URL: db.connectionString, LOG_LEVEL: "warn", GATEWAY_METRICS_INTERVAL_MS: "50" },
+    serviceEnv: { gateway: gatewayEnv },
+    onLine: (service, line) => {
+      if (process.env.LEASES_LOG) process.stderr.write(`[${service}] ${line}\n`);
+    },
+  });
+  billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken, timeoutMs: 10_000 });
+}, 120_000);
+
+afterAll(async () => {
+  await mesh?.stop();
+  await db?.drop();
+  if (dataDir) await rm(dataDir, { recursive: true, force: true });
+}, 60_000);
+
+async function createOrg(name: string) {
+  const orgId = (await billing.createOrganization({ name, monthlyBudgetNanos: budget })).organization?.id as string;
+  const { secret } = await billing.createApiKey({ orgId, name });
+  return { orgId, secret };
+}
+
+/** Request id -> HTTP status of every answer. */
+async function chat(secret: string, answered: Map<string, number>) {
+  const res = await fetch(`${mesh.urls.gateway}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${secret}`, "content-type": "application/json" },
+    body: JSON.stringify({ model: "m", messages: [{ role: "user", content: "x".repeat(80) }], max_tokens: maxTokens }),
+  });
+  await res.arrayBuffer();
+  answered.set(res.headers.get("x-request-id") as string, res.status);
+  return res.status;
+}
+
+/** Serves `count` requests four at a time. */
+async function serve(secret: string, count: number, answered: Map<string, number>) {
+  let ok = 0;
+  await Promise.all(
+    Array.from({ length: 4 }, async () => {
+      while (ok < count) if ((await chat(secret, answered)) === 200) ok++;
+    }),
+  );
+}
+
+/** One request at a time until the budget refuses one; how many it served. */
+async function spendTheRest(secret: string, answered: Map<string, number>) {
+  let served = 0;
+  while ((await chat(secret, answered)) === 200) served++;
+  return served;
+}
+
+interface LeaseRow {
+  id: string;
+  holder: string;
+  granted_nanos: string;
+  recorded_nanos: string;
+  spent_nanos: string | null;
+  released_at: Date | null;
+}
+
+const leasesOf = async (orgId: string) =>
+  (
+    await db.pool.query<LeaseRow>(
+      `SELECT id, holder, granted_nanos::text, recorded_nanos::text, spent_nanos::text, released_at
+       FROM budget_leases WHERE org_id = $1 ORDER BY created_at`,
+      [orgId],
+    )
+  ).rows;
+
+/** Leases not released once a release the killed gateway had sent could have landed. */
+const unreleasedLeases = async (orgId: string) => {
+  await Bun.sleep(500);
+  return (await leasesOf(orgId)).filter((l) => l.released_at === null);
+};
+
+const kill9 = async (name: ServiceName) => {
+  const { proc } = mesh.processes[name];
+  proc.kill("SIGKILL");
+  await proc.exited;
+};
+
+/** Every request answered is billed once, at its cost, and the budget was not overspent. */
+async function expectBilledOnce(orgId: string, answered: Map<string, number>) {
+  const served = [...answered.values()].filter((status) => status === 200).length;
+  const records = await eventually(
+    async () => {
+      const page = await billing.listUsageRecords({ orgId, pageSize: 1000 });
+      return page.records.length === answered.size ? page.records : undefined;
+    },
+    { timeoutMs: 30_000, what: "every answered request billed" },
+  );
+  expect(new Set(records.map((r) => r.requestId))).toEqual(new Set(answered.keys()));
+  for (const r of records) expect(r.costNanos).toBe(answered.get(r.requestId) === 200 ? costPerRequest : 0n);
+  const summary = await billing.getUsageSummary({ orgId });
+  expect(summary.costNanos).toBe(costPerRequest * BigInt(served));
+  expect(summary.costNanos).toBeLessThanOrEqual(budget);
+  return served;
+}
+
+describe("budget leases of a gateway killed with SIGKILL", () => {
+  test("a gateway restarted under its instance id releases them at once: the rest of the budget is served", async () => {
+    const { orgId, secret } = await createOrg("crashed-same-id");
+    const answered = new Map<string, number>();
+    await serve(secret, 150, answered);
+    // A renewal the last requests asked for lands first.
+    await Bun.sleep(300);
+    await kill9("gateway");
+    const dead = await unreleasedLeases(orgId);
+    const held = dead.reduce((sum, l) => sum + BigInt(l.granted_nanos) - BigInt(l.recorded_nanos), 0n);
+    expect(held).toBeGreaterThan(costPerRequest * 10n);
+    const restart = Date.now();
+    await mesh.restart("gateway");
+    // Released as spending nothing beyond the usage recorded against them (all of it, by then).
+    await eventually(
+      async () => {
+        const rows = await leasesOf(orgId);
+        return dead.every((d) => rows.find((r) => r.id === d.id)?.released_at !== null);
+      },
+      { timeoutMs: 10_000, what: "the dead gateway's leases released" },
+    );
+    const releasedAfterMs = Date.now() - restart;
+    for (const row of await leasesOf(orgId)) {
+      if (dead.some((d) => d.id === row.id)) expect(row.spent_nanos).toBe("0");
+    }
+
+    // What is left is all there: only the last request or two may not fit (its reserved maximum counts the prompt's
+    // bytes, a little above its cost). Before, the dead leases' 20 or so requests' worth was refused for 25 minutes.
+    const more = await spendTheRest(secret, answered);
+    const served = await expectBilledOnce(orgId, answered);
+    expect(served).toBeGreaterThanOrEqual(N - 2);
+    process.stdout.write(
+      `crashed leases: ${dead.length} leases holding ${held} nano-USD released ${releasedAfterMs} ms after the ` +
+        `restart began; served ${served} of ${N} (${more} after the restart)\n`,
+    );
+  }, 120_000);
+
+  test("usage still in the spool: its leases wait for it to be recorded, then go (another instance id adopts)", async () => {
+    const { orgId, secret } = await createOrg("crashed-spooled");
+    const answered = new Map<string, number>();
+    await serve(secret, 100, answered);
+    // Analytics is gone: what the gateway serves now waits in its spool, charging leases billing has not seen spent.
+    await kill9("analytics");
+    await serve(secret, 50, answered);
+    await kill9("gateway");
+    const dead = await unreleasedLeases(orgId);
+    expect(dead.length).toBeGreaterThan(0);
+    // Another instance id: the restarted gateway adopts the dead one's spool, and its leases with it.
+    gatewayEnv.GATEWAY_INSTANCE_ID = "crash-gw-next";
+    await mesh.restart("gateway");
+
+    // Released now, the leases would give back money spent by requests billing has not recorded, to be granted again.
+    await Bun.sleep(3_000);
+    for (const row of await leasesOf(orgId)) {
+      if (dead.some((d) => d.id === row.id)) expect(row.released_at).toBeNull();
+    }
+    await mesh.restart("analytics");
+    await eventually(
+      async () => {
+        const rows = await leasesOf(orgId);
+        return dead.every((d) => rows.find((r) => r.id === d.id)?.released_at !== null);
+      },
+      { timeoutMs: 20_000, what: "the dead gateway's leases released once their usage is recorded" },
+    );
+    await spendTheRest(secret, answered);
+    expect(await expectBilledOnce(orgId, answered)).toBeGreaterThanOrEqual(N - 2);
+  }, 120_000);
+});
