@@ -5,6 +5,7 @@ import type { Price, Tokens } from "../lib/money.ts";
 import type { Call } from "./core.ts";
 import {
   clientGone,
+  ShutdownCut,
   type GatewayError,
   toGatewayError,
   upstreamFailed,
@@ -257,9 +258,15 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     } finally {
       // Stopped by the consumer (the client left) if neither completed nor failed.
       if (!counted && !error) error = clientGone(call.signal);
-      if (error && !counted) await settle();
-      if (error) await upstream.return?.().catch(() => undefined);
-      await end(error, counted);
+      const ending = async (error: GatewayError | undefined) => {
+        if (error && !counted) await settle();
+        if (error) await upstream.return?.().catch(() => undefined);
+        await end(error, counted);
+      };
+      // Cut by a shutdown, its client is told at once: what it used is read and counted meanwhile (the first count
+      // loads the encoding, about a second) and metered before its metrics are recorded, so the event goes out in time.
+      if (call.signal?.reason instanceof ShutdownCut) void ending(error);
+      else await ending(error);
     }
   }
 

@@ -210,6 +210,10 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   // Billing's key check of each call, and the calls that ended while it was under way, with how.
   const keyChecks = new WeakMap<Call, Promise<Principal>>();
   const awaitingKey = new Map<Call, GatewayError | undefined>();
+  // The count of the prompts failed attempts took, for calls cut by a shutdown and answered before it was made, with
+  // its price; and the calls that ended while it was under way, with how.
+  const lostPrompts = new WeakMap<Call, { tokens: Promise<number>; price: Price }>();
+  const awaitingCount = new Map<Call, GatewayError | undefined>();
   const allFinished = createWaiters();
   const tokenQuota = createTokenQuota(options.tokenQuota);
 
@@ -286,8 +290,13 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       call.lostInputTokens = await lostInput();
       return result;
     } catch (e) {
-      const input = await lostInput();
-      if (input > 0) meterUsage(call.metrics, estimatedTokens(input, 0), true, price);
+      // Cut by a shutdown, it is answered at once: the count (the first loads the encoding, about a second) is made
+      // meanwhile and metered before the call's metrics are recorded (see finish), so the answer goes out in time.
+      if (lost > 0 && call.signal?.reason instanceof ShutdownCut) lostPrompts.set(call, { tokens: lostInput(), price });
+      else {
+        const input = await lostInput();
+        if (input > 0) meterUsage(call.metrics, estimatedTokens(input, 0), true, price);
+      }
       throw e;
     }
   };
@@ -344,6 +353,17 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     if (finished.has(call)) return;
     finished.add(call);
     const endTick = performance.now();
+    const lostPrompt = lostPrompts.get(call);
+    if (!lostPrompt) return recordOnceKnown(call, endTick, error);
+    awaitingCount.set(call, error);
+    void lostPrompt.tokens.then((input) => {
+      if (!awaitingCount.delete(call)) return;
+      if (input > 0) meterUsage(call.metrics, estimatedTokens(input, 0), true, lostPrompt.price);
+      recordOnceKnown(call, endTick, error);
+    });
+  };
+
+  const recordOnceKnown = (call: Call, endTick: number, error: GatewayError | undefined) => {
     const checking = keyChecks.get(call);
     if (checking && !call.principal) {
       // Ended while billing checks its key: recorded once the key's org is known (or known not to be).
@@ -452,8 +472,9 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const cut = [...unfinished.keys()];
       for (const call of cut) {
         // One that ended while its key was checked is recorded as it ended, under no org if billing has not answered.
-        const error = awaitingKey.get(call);
-        if (awaitingKey.delete(call)) recordFinished(call, performance.now(), error);
+        const error = awaitingKey.get(call) ?? awaitingCount.get(call);
+        // One whose count of lost prompts is not made yet is recorded without them.
+        if (awaitingKey.delete(call) || awaitingCount.delete(call)) recordFinished(call, performance.now(), error);
         else finish(call, cutAtShutdown());
       }
       return cut.length;

@@ -1,6 +1,7 @@
 import { expect, test } from "bun:test";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
+import { runCommand } from "../lib/processes.ts";
 import { startTestGateway } from "./testing/served-gateway.ts";
 
 // What a SIGTERM does to requests still running when its grace period is over: each is told the gateway is going
@@ -66,6 +67,8 @@ test("requests still running when the shutdown grace is over get a 503, an error
     expect(error?.code).toBe(Code.Unavailable);
     expect(error?.metadata.get("x-error-code")).toBe("gateway_shutting_down");
   }
+  // Metered once their counts are made, which the answers did not wait for; main.ts waits so before flushing.
+  expect(await gateway.core.settled(10_000)).toBe(true);
   expect(gateway.shipper.rows).toHaveLength(6);
   for (const row of gateway.shipper.rows) {
     expect([row.status, row.httpStatus, row.errorCode]).toEqual([RequestStatus.CANCELLED, 503, "gateway_shutting_down"]);
@@ -91,3 +94,30 @@ test("a request waiting on billing's key check when the grace is over is answere
   expect([row.orgId, row.status, row.httpStatus, row.errorCode]).toEqual(["org_1", RequestStatus.CANCELLED, 503, "gateway_shutting_down"]);
   expect(await gateway.core.settled(0)).toBe(true);
 }, 20_000);
+
+test("requests cut at the end of the grace are answered without waiting for their counts, and metered with them", async () => {
+  // Counts that take 2 s, as the first does while the encoding loads: once the answers waited for them, and the
+  // server, past its second for the cut answers, closed their connections unanswered.
+  const { stdout, stderr, code } = await runCommand([process.execPath, `${import.meta.dir}/testing/shutdown-slow-count.ts`]);
+  expect({ code, stderr }).toEqual({ code: 0, stderr: "" });
+  const out = JSON.parse(stdout) as {
+    whole: { status: number; body: string; ms: number };
+    stream: { last: string; ms: number };
+    settled: boolean;
+    metered: number;
+    rows: { status: number; input: number }[];
+  };
+  expect(out.whole.status).toBe(503);
+  expect((JSON.parse(out.whole.body) as { error: { code: string } }).error.code).toBe("gateway_shutting_down");
+  expect((JSON.parse(out.stream.last.slice("data: ".length)) as { error: { code: string } }).error.code).toBe(
+    "gateway_shutting_down",
+  );
+  expect(Math.max(out.whole.ms, out.stream.ms)).toBeLessThan(1_000);
+  // Recorded once counted: the prompts by the slow thread (a token a character), before the shutdown went on.
+  expect(out.settled).toBe(true);
+  expect(out.metered).toBeGreaterThanOrEqual(2_000);
+  expect(out.rows).toEqual([
+    { status: 503, input: 37 },
+    { status: 503, input: 37 },
+  ]);
+}, 30_000);
