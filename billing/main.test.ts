@@ -74,9 +74,18 @@ test("/readyz and the gRPC health check answer 503 postgres timeout within about
   try {
     await billing.ready;
     const pid = (await postmasterPid(join(dataDir, "postgres"))) as number;
-    const children = (await Bun.$`pgrep -P ${pid}`.nothrow().text()).split("\n").filter(Boolean).map(Number);
-    stopped = [pid, ...children];
-    for (const p of stopped) process.kill(p, "SIGSTOP");
+    // The postmaster first, so that it starts no child after they are listed; a short-lived one (an autovacuum
+    // worker) may be gone before it is signalled.
+    process.kill(pid, "SIGSTOP");
+    stopped = [pid];
+    for (const child of (await Bun.$`pgrep -P ${pid}`.nothrow().text()).split("\n").filter(Boolean).map(Number)) {
+      try {
+        process.kill(child, "SIGSTOP");
+        stopped.push(child);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== "ESRCH") throw error;
+      }
+    }
     // The ready answer of the start is reused for up to one interval; after it, probes check postgres again.
     await Bun.sleep(readinessIntervalMs);
     // More probes than the pool has connections: none may hold one while postgres hangs.

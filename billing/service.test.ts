@@ -1495,8 +1495,9 @@ test.skipIf(Boolean(process.env.DATABASE_URL))(
     try {
       await locker.query("BEGIN");
       await locker.query("LOCK TABLE api_keys");
-      const check = failure(small.authorizeKey({ secret }, { ...admin, timeoutMs: 300 }));
-      for (let i = 0; i < 25 && pid === undefined; i++) {
+      // Its backend is found and stopped well within the deadline, however slowly it reaches the lock.
+      const check = failure(small.authorizeKey({ secret }, { ...admin, timeoutMs: 2_000 }));
+      for (let i = 0; i < 150 && pid === undefined; i++) {
         // Not on `locker`: within its transaction pg_stat_activity stays as it first read it.
         const { rows } = await db.pool.query<{ pid: number }>(
           "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",

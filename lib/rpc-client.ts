@@ -1,5 +1,5 @@
 import type { DescService } from "@bufbuild/protobuf";
-import { type Client, createClient, type Interceptor } from "@connectrpc/connect";
+import { type Client, Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 
 export interface ServiceClientOptions {
@@ -23,7 +23,7 @@ export function createServiceClient<S extends DescService>(service: S, options: 
     : [];
   const transport = createGrpcTransport({
     baseUrl: options.baseUrl,
-    interceptors: [limitUnaryCalls(maxUnaryCalls), ...auth, ...(options.interceptors ?? [])],
+    interceptors: [limitUnaryCalls(maxUnaryCalls), resendRefusedAfterGoaway, ...auth, ...(options.interceptors ?? [])],
     defaultTimeoutMs: options.timeoutMs,
     pingIntervalMs: 10_000,
     idleConnectionTimeoutMs: 60_000,
@@ -75,3 +75,28 @@ function limitUnaryCalls(max: number): Interceptor {
     }
   };
 }
+
+/** The error of a stream its connection would not open because the server had sent GOAWAY: the server never saw it. */
+const refusedAfterGoaway = (e: unknown) =>
+  (ConnectError.from(e).cause as NodeJS.ErrnoException | undefined)?.code === "ERR_HTTP2_GOAWAY_SESSION";
+
+/**
+ * A unary call made just as its server closes the connection (a billing restarting, say) can be refused by the client's
+ * HTTP/2 session before it has handled the server's GOAWAY, failing Internal: callers took it for a server error, not a
+ * server gone, and a gateway refused keys it would have admitted through the outage. Never sent, the call is sent
+ * once more, on a new connection; a second refusal fails Unavailable.
+ */
+const resendRefusedAfterGoaway: Interceptor = (next) => async (req) => {
+  if (req.stream) return next(req);
+  try {
+    return await next(req);
+  } catch (e) {
+    if (!refusedAfterGoaway(e) || req.signal.aborted) throw e;
+  }
+  try {
+    return await next(req);
+  } catch (e) {
+    if (!refusedAfterGoaway(e)) throw e;
+    throw new ConnectError("the server closed the connection", Code.Unavailable, undefined, undefined, e);
+  }
+};
