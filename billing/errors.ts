@@ -25,7 +25,10 @@ const connectionMessages =
 
 /** Whether `e` says Postgres could not be reached or could not run the statement now, so a retry may succeed. */
 export function isDatabaseUnavailable(e: unknown): boolean {
-  if (e instanceof pg.DatabaseError) return e.code?.startsWith("08") === true || unavailableStates.has(e.code ?? "");
+  if (e instanceof pg.DatabaseError) {
+    // 08P01, a message the server could not take (a statement given the wrong number of parameters), is a bug here.
+    return (e.code?.startsWith("08") === true && e.code !== "08P01") || unavailableStates.has(e.code ?? "");
+  }
   if (!(e instanceof Error)) return false;
   const { code } = e as NodeJS.ErrnoException;
   return (code !== undefined && connectionErrnos.has(code)) || connectionMessages.test(e.message);
