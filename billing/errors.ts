@@ -34,15 +34,26 @@ export function isDatabaseUnavailable(e: unknown): boolean {
   return (code !== undefined && connectionErrnos.has(code)) || connectionMessages.test(e.message);
 }
 
+/** What a caller is told when Postgres rolled its call back to resolve a conflict with another transaction. */
+export const databaseConflict = "billing's database rolled the call back for a conflict with another; retry it";
+
+// SQLSTATEs of a transaction Postgres rolled back for a conflict, whole, so that running it again may succeed.
+const conflictStates = new Set(["40P01", "40001"]); // deadlock_detected, serialization_failure
+
 /**
  * The one mapping from domain errors to Connect codes; what the database said behind a refusal is logged, never sent.
- * A database that cannot serve is Unavailable, so callers retry; other unexpected errors are logged and Internal.
+ * A database that cannot serve is Unavailable, so callers retry, as they do a call it rolled back for a conflict
+ * (Aborted); other unexpected errors are logged and Internal.
  */
 export function toConnectError(e: unknown, log: Logger): ConnectError {
   if (e instanceof ConnectError) return e;
   if (e instanceof BillingError) {
     if (e.internal) log.info("request refused by the database", { refusal: e.message, ...e.internal });
     return new ConnectError(e.message, codes[e.kind]);
+  }
+  if (e instanceof pg.DatabaseError && conflictStates.has(e.code ?? "")) {
+    log.warn("request rolled back by the database for a conflict", { err: e, code: e.code, detail: e.detail });
+    return new ConnectError(databaseConflict, Code.Aborted);
   }
   if (isDatabaseUnavailable(e)) {
     log.warn("request failed: postgres unavailable", { err: e, code: (e as { code?: string }).code });

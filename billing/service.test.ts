@@ -21,7 +21,7 @@ import { createLogger } from "../lib/log.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
 import { createBillingApp } from "./app.ts";
-import { databaseUnavailable } from "./errors.ts";
+import { databaseConflict, databaseUnavailable } from "./errors.ts";
 import { createTestDatabase, type TestDatabase } from "./store/test-db.ts";
 
 const adminToken = "test-admin-token-0123456789";
@@ -1428,6 +1428,40 @@ test("a RecordUsage whose connection is cut mid-transaction is Unavailable, leav
   expect(rows.rowCount).toBe(0);
   expect(await client.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 1, duplicates: 0 });
   expect(await client.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 0, duplicates: 1 });
+});
+
+test("a call Postgres rolls back to break a deadlock with another session is Aborted, and succeeds when retried", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 1_000_000n });
+  const operator = await db.pool.connect();
+  try {
+    // An operator's session holding off new leases, then wanting the org row a grant has locked meanwhile.
+    await operator.query("BEGIN");
+    await operator.query("LOCK TABLE budget_leases IN SHARE MODE");
+    const ask = { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-a", requestedNanos: 10n, ttlSeconds: 60 };
+    const call = failure(client.acquireBudgetLease(ask, admin));
+    let waiting = false;
+    for (let i = 0; i < 200 && !waiting; i++) {
+      const rows = await db.pool.query(
+        "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+      );
+      waiting = rows.rowCount === 1;
+      if (!waiting) await Bun.sleep(10);
+    }
+    expect(waiting).toBe(true);
+    const from = logLines.length;
+    // Waits on the grant's lock until Postgres finds the cycle and rolls the grant, which waited first, back.
+    await operator.query("SELECT 1 FROM organizations WHERE id = $1 FOR UPDATE", [orgId]);
+    expect(await call).toEqual({ code: Code.Aborted, message: databaseConflict });
+    expect(logLines.slice(from).join("")).toContain("40P01");
+  } finally {
+    await operator.query("ROLLBACK");
+    operator.release();
+  }
+  const grant = await client.acquireBudgetLease(
+    { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-a", requestedNanos: 10n, ttlSeconds: 60 },
+    admin,
+  );
+  expect(grant.grantedNanos).toBe(10n);
 });
 
 test("calls whose callers gave up behind a lock another session holds give their connections back at once", async () => {
