@@ -1,6 +1,6 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import pg from "pg";
-import type { Logger } from "../lib/log.ts";
+import { createOutageLog, type Logger, type OutageLog } from "../lib/log.ts";
 import { BillingError, type BillingErrorKind } from "./store/db.ts";
 
 const codes: Record<BillingErrorKind, Code> = {
@@ -15,6 +15,14 @@ const codes: Record<BillingErrorKind, Code> = {
 
 /** What a caller is told while Postgres cannot serve; the driver's words, which name hosts, go to the log. */
 export const databaseUnavailable = "billing's database is unavailable; retry shortly";
+
+/**
+ * The log of Postgres outages that calls meet: a warning when the first call fails, and a line when a call succeeds
+ * again, with how long it lasted and how many calls failed meanwhile, rather than a warning per call.
+ */
+export function createDatabaseOutageLog(log: Logger): OutageLog {
+  return createOutageLog(log, { failed: "request failed: postgres unavailable", recovered: "postgres answers again" });
+}
 
 // SQLSTATEs of a server shutting down or starting, out of connections, or of a statement cancelled or out of time.
 const unavailableStates = new Set(["57P01", "57P02", "57P03", "53000", "53300", "57014", "55P03"]);
@@ -45,7 +53,7 @@ const conflictStates = new Set(["40P01", "40001"]); // deadlock_detected, serial
  * A database that cannot serve is Unavailable, so callers retry, as they do a call it rolled back for a conflict
  * (Aborted); other unexpected errors are logged and Internal.
  */
-export function toConnectError(e: unknown, log: Logger): ConnectError {
+export function toConnectError(e: unknown, log: Logger, outage: OutageLog): ConnectError {
   if (e instanceof ConnectError) return e;
   if (e instanceof BillingError) {
     if (e.internal) log.info("request refused by the database", { refusal: e.message, ...e.internal });
@@ -56,7 +64,7 @@ export function toConnectError(e: unknown, log: Logger): ConnectError {
     return new ConnectError(databaseConflict, Code.Aborted);
   }
   if (isDatabaseUnavailable(e)) {
-    log.warn("request failed: postgres unavailable", { err: e, code: (e as { code?: string }).code });
+    outage.failed({ err: e, code: (e as { code?: string }).code });
     return new ConnectError(databaseUnavailable, Code.Unavailable);
   }
   log.error("billing request failed", { err: e });

@@ -1400,6 +1400,45 @@ test("while Postgres refuses connections or has none to spare, RPCs fail Unavail
   for (const call of Object.values(calls(client))) await call;
 });
 
+test("a Postgres outage is logged once as calls start failing and once as they succeed again, not once per call", async () => {
+  const orgId = await newOrg();
+  const role = `billing_outage_${process.pid}`;
+  const url = new URL(db.connectionString);
+  url.username = role;
+  url.password = "outage-role-password";
+  // A role at its connection limit: every connection is refused 53300, as past max_connections, until it is raised.
+  await db.pool.query(`CREATE ROLE ${role} LOGIN PASSWORD 'outage-role-password' CONNECTION LIMIT 0`);
+  await db.pool.query(`GRANT ALL ON ALL TABLES IN SCHEMA public TO ${role}`);
+  const pool = new pg.Pool({ connectionString: url.toString() });
+  const outage = createBillingApp({ pool, adminToken, clock: () => now, log });
+  const c = createClient(BillingService, createRouterTransport(outage.routes));
+  const lines = () =>
+    logLines
+      .slice(from)
+      .map((l) => JSON.parse(l) as { level: string; msg: string; failures?: number; outage_ms?: number })
+      .filter((l) => l.msg.includes("postgres"));
+  const from = logLines.length;
+  try {
+    for (let i = 0; i < 20; i++) {
+      expect((await failure(c.listUsageRecords({ orgId }, admin))).code).toBe(Code.Unavailable);
+    }
+    await db.pool.query(`ALTER ROLE ${role} CONNECTION LIMIT -1`);
+    await c.listUsageRecords({ orgId }, admin);
+    await c.listUsageRecords({ orgId }, admin);
+    const said = lines();
+    expect(said.filter((l) => l.level === "warn" || l.level === "info").map((l) => `${l.level} ${l.msg}`)).toEqual([
+      "warn request failed: postgres unavailable",
+      "info postgres answers again",
+    ]);
+    expect(said.at(-1)?.failures).toBe(20);
+    expect(said.at(-1)?.outage_ms).toBeGreaterThan(0);
+  } finally {
+    await pool.end();
+    await db.pool.query(`REVOKE ALL ON ALL TABLES IN SCHEMA public FROM ${role}`);
+    await db.pool.query(`DROP ROLE ${role}`);
+  }
+});
+
 test("a RecordUsage whose connection is cut mid-transaction is Unavailable, leaves no row, and its resend records it once", async () => {
   const orgId = await newOrg();
   const record = usage(orgId, "", 7n);
