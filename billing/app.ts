@@ -3,6 +3,7 @@ import type { Registry } from "prom-client";
 import type { Logger } from "../lib/log.ts";
 import { pingReadiness } from "../lib/health.ts";
 import { createBillingAuth } from "./auth.ts";
+import { createDatabaseOutageLog } from "./errors.ts";
 import { invoicePages } from "./invoices/http.ts";
 import { createBillingMetrics } from "./metrics.ts";
 import { billingRoutes } from "./routes.ts";
@@ -47,10 +48,15 @@ export function createBillingApp(options: BillingAppOptions) {
     registry &&
     createBillingMetrics(registry, { openLeases: (timeoutMs) => store.openBudgetLeases(clock(), timeoutMs) }, log);
   const { keyChangeHeartbeatMs } = options;
-  const service = createBillingService({ store, auth, usage, clock, log, stopSignal, metrics, keyChangeHeartbeatMs });
+  // One outage, whether RPCs or invoice pages meet it.
+  const databaseOutage = createDatabaseOutageLog(log);
+  const service = createBillingService({
+    store, auth, usage, clock, log, stopSignal, metrics, keyChangeHeartbeatMs, databaseOutage,
+  });
   if (options.leaseRetentionDays) pruneLeases(store, options.leaseRetentionDays, options, log);
   const readiness = pingReadiness("postgres", (timeoutMs) => store.ping(timeoutMs), log);
-  return { store, service, routes: billingRoutes(service, adminToken), http: invoicePages({ store, auth, log }), readiness };
+  const http = invoicePages({ store, auth, log, databaseOutage });
+  return { store, service, routes: billingRoutes(service, adminToken), http, readiness };
 }
 
 /** Deletes leases nothing reads again, at start and then every `leasePruneIntervalMs` until `stopSignal`. */

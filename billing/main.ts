@@ -1,11 +1,11 @@
 import { join } from "node:path";
-import pg from "pg";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
 import { createBillingApp } from "./app.ts";
 import { minLeaseRetentionDays } from "./store/budget-leases.ts";
+import { createPool } from "./store/db.ts";
 import { startEmbeddedPostgres } from "./store/embedded.ts";
 import { migrate } from "./store/migrate.ts";
 
@@ -37,7 +37,7 @@ const embedded = cfg.DATABASE_URL
       log.error("embedded postgres failed to start", { err: e });
       process.exit(1);
     });
-const pool = new pg.Pool({
+const pool = createPool({
   connectionString: cfg.DATABASE_URL ?? embedded?.connectionString,
   max: 20,
   connectionTimeoutMillis: 5_000,

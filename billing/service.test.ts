@@ -21,7 +21,7 @@ import { createLogger } from "../lib/log.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
 import { createBillingApp } from "./app.ts";
-import { databaseUnavailable } from "./errors.ts";
+import { databaseConflict, databaseUnavailable } from "./errors.ts";
 import { createTestDatabase, type TestDatabase } from "./store/test-db.ts";
 
 const adminToken = "test-admin-token-0123456789";
@@ -1400,6 +1400,45 @@ test("while Postgres refuses connections or has none to spare, RPCs fail Unavail
   for (const call of Object.values(calls(client))) await call;
 });
 
+test("a Postgres outage is logged once as calls start failing and once as they succeed again, not once per call", async () => {
+  const orgId = await newOrg();
+  const role = `billing_outage_${process.pid}`;
+  const url = new URL(db.connectionString);
+  url.username = role;
+  url.password = "outage-role-password";
+  // A role at its connection limit: every connection is refused 53300, as past max_connections, until it is raised.
+  await db.pool.query(`CREATE ROLE ${role} LOGIN PASSWORD 'outage-role-password' CONNECTION LIMIT 0`);
+  await db.pool.query(`GRANT ALL ON ALL TABLES IN SCHEMA public TO ${role}`);
+  const pool = new pg.Pool({ connectionString: url.toString() });
+  const outage = createBillingApp({ pool, adminToken, clock: () => now, log });
+  const c = createClient(BillingService, createRouterTransport(outage.routes));
+  const lines = () =>
+    logLines
+      .slice(from)
+      .map((l) => JSON.parse(l) as { level: string; msg: string; failures?: number; outage_ms?: number })
+      .filter((l) => l.msg.includes("postgres"));
+  const from = logLines.length;
+  try {
+    for (let i = 0; i < 20; i++) {
+      expect((await failure(c.listUsageRecords({ orgId }, admin))).code).toBe(Code.Unavailable);
+    }
+    await db.pool.query(`ALTER ROLE ${role} CONNECTION LIMIT -1`);
+    await c.listUsageRecords({ orgId }, admin);
+    await c.listUsageRecords({ orgId }, admin);
+    const said = lines();
+    expect(said.filter((l) => l.level === "warn" || l.level === "info").map((l) => `${l.level} ${l.msg}`)).toEqual([
+      "warn request failed: postgres unavailable",
+      "info postgres answers again",
+    ]);
+    expect(said.at(-1)?.failures).toBe(20);
+    expect(said.at(-1)?.outage_ms).toBeGreaterThan(0);
+  } finally {
+    await pool.end();
+    await db.pool.query(`REVOKE ALL ON ALL TABLES IN SCHEMA public FROM ${role}`);
+    await db.pool.query(`DROP ROLE ${role}`);
+  }
+});
+
 test("a RecordUsage whose connection is cut mid-transaction is Unavailable, leaves no row, and its resend records it once", async () => {
   const orgId = await newOrg();
   const record = usage(orgId, "", 7n);
@@ -1428,6 +1467,40 @@ test("a RecordUsage whose connection is cut mid-transaction is Unavailable, leav
   expect(rows.rowCount).toBe(0);
   expect(await client.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 1, duplicates: 0 });
   expect(await client.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 0, duplicates: 1 });
+});
+
+test("a call Postgres rolls back to break a deadlock with another session is Aborted, and succeeds when retried", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 1_000_000n });
+  const operator = await db.pool.connect();
+  try {
+    // An operator's session holding off new leases, then wanting the org row a grant has locked meanwhile.
+    await operator.query("BEGIN");
+    await operator.query("LOCK TABLE budget_leases IN SHARE MODE");
+    const ask = { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-a", requestedNanos: 10n, ttlSeconds: 60 };
+    const call = failure(client.acquireBudgetLease(ask, admin));
+    let waiting = false;
+    for (let i = 0; i < 200 && !waiting; i++) {
+      const rows = await db.pool.query(
+        "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+      );
+      waiting = rows.rowCount === 1;
+      if (!waiting) await Bun.sleep(10);
+    }
+    expect(waiting).toBe(true);
+    const from = logLines.length;
+    // Waits on the grant's lock until Postgres finds the cycle and rolls the grant, which waited first, back.
+    await operator.query("SELECT 1 FROM organizations WHERE id = $1 FOR UPDATE", [orgId]);
+    expect(await call).toEqual({ code: Code.Aborted, message: databaseConflict });
+    expect(logLines.slice(from).join("")).toContain("40P01");
+  } finally {
+    await operator.query("ROLLBACK");
+    operator.release();
+  }
+  const grant = await client.acquireBudgetLease(
+    { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-a", requestedNanos: 10n, ttlSeconds: 60 },
+    admin,
+  );
+  expect(grant.grantedNanos).toBe(10n);
 });
 
 test("calls whose callers gave up behind a lock another session holds give their connections back at once", async () => {

@@ -31,7 +31,7 @@ import {
   UpdateInvoiceStatusResponseSchema,
   WatchKeyChangesResponseSchema,
 } from "../gen/billing/v1/billing_pb.ts";
-import type { Logger } from "../lib/log.ts";
+import type { Logger, OutageLog } from "../lib/log.ts";
 import type { BillingAuth } from "./auth.ts";
 import {
   apiKeyMessage,
@@ -49,7 +49,7 @@ import {
   usageRecordMessage,
 } from "./messages.ts";
 import { billingPeriod } from "./period.ts";
-import { toConnectError } from "./errors.ts";
+import { createDatabaseOutageLog, toConnectError } from "./errors.ts";
 import type { BillingMetrics } from "./metrics.ts";
 import { invoiceNotFound } from "./store/invoices.ts";
 import { callSignal } from "./store/db.ts";
@@ -84,6 +84,8 @@ export interface BillingServiceOptions {
   metrics?: BillingMetrics;
   /** How often a key change stream with nothing to say sends an empty message (1 s by default). */
   keyChangeHeartbeatMs?: number;
+  /** Where calls failing for a Postgres outage are logged; shared with the invoice pages. One of its own by default. */
+  databaseOutage?: OutageLog;
 }
 
 const maxUsageBatch = 10_000;
@@ -101,6 +103,7 @@ export function createBillingService({
   stopSignal,
   metrics,
   keyChangeHeartbeatMs: heartbeatMs = 1_000,
+  databaseOutage = createDatabaseOutageLog(log),
 }: BillingServiceOptions): ServiceImpl<typeof BillingService> {
   const admin = (ctx: HandlerContext) => auth.requireAdmin(ctx.requestHeader);
 
@@ -452,7 +455,7 @@ export function createBillingService({
     return { start, end };
   }
 
-  return withDomainErrors(impl, log);
+  return withDomainErrors(impl, log, databaseOutage);
 }
 
 function encodePageToken(cursor: UsageCursor): string {
@@ -471,10 +474,11 @@ function decodePageToken(token: string): UsageCursor {
   }
 }
 
-/** Applies toConnectError to every method, unary or streaming. */
+/** Applies toConnectError to every method, unary or streaming; a unary call that succeeds ends an outage. */
 function withDomainErrors(
   impl: ServiceImpl<typeof BillingService>,
   log: Logger,
+  outage: OutageLog,
 ): ServiceImpl<typeof BillingService> {
   const wrapped: Record<string, unknown> = {};
   for (const method of BillingService.methods) {
@@ -485,18 +489,20 @@ function withDomainErrors(
             try {
               yield* fn(...args) as AsyncIterable<unknown>;
             } catch (e) {
-              throw toConnectError(e, log);
+              throw toConnectError(e, log, outage);
             }
           }
         : async (...args: unknown[]) => {
             const { signal } = args[1] as HandlerContext;
             try {
               // The call's statements are cancelled once its caller leaves or its deadline passes.
-              return await callSignal.run(signal, () => fn(...args));
+              const result = await callSignal.run(signal, () => fn(...args));
+              outage.recovered();
+              return result;
             } catch (e) {
               // Its statement cancelled for that: the call ends as its caller did, which is no outage to log.
               if (signal.aborted) throw ConnectError.from(signal.reason);
-              throw toConnectError(e, log);
+              throw toConnectError(e, log, outage);
             }
           };
   }

@@ -97,4 +97,7 @@ test("an outage is logged once at its level, its repeats at debug, and its end o
     "info store answers again",
     "warn store down",
   ]);
+  const end = JSON.parse(lines[3] as string) as { outage_ms: number; failures: number };
+  expect(end.failures).toBe(3);
+  expect(end.outage_ms).toBeGreaterThanOrEqual(0);
 });

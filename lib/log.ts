@@ -89,26 +89,31 @@ export function createLogger(options: LoggerOptions, bound: LogFields = {}): Log
 
 /**
  * Logs a dependency's outage once: its first failure at `level`, the rest at debug (every request that meets the
- * outage fails alike; metrics count them), and its end once at info.
+ * outage fails alike; metrics count them), and its end once at info, with how long it lasted and how many failed.
  */
 export function createOutageLog(
   log: Logger | undefined,
   messages: { failed: string; recovered: string },
   level: "warn" | "error" = "warn",
 ) {
-  let down = false;
+  let since: number | undefined;
+  let failures = 0;
   return {
     failed(fields?: LogFields): void {
-      (down ? log?.debug : log?.[level])?.(messages.failed, fields);
-      down = true;
+      (since === undefined ? log?.[level] : log?.debug)?.(messages.failed, fields);
+      since ??= performance.now();
+      failures++;
     },
     recovered(fields?: LogFields): void {
-      if (!down) return;
-      down = false;
-      log?.info(messages.recovered, fields);
+      if (since === undefined) return;
+      log?.info(messages.recovered, { ...fields, outage_ms: Math.round(performance.now() - since), failures });
+      since = undefined;
+      failures = 0;
     },
   };
 }
+
+export type OutageLog = ReturnType<typeof createOutageLog>;
 
 function redact(fields: LogFields | undefined): LogFields {
   if (!fields) return {};

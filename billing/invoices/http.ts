@@ -1,8 +1,8 @@
 import { Code, ConnectError } from "@connectrpc/connect";
-import type { Logger } from "../../lib/log.ts";
+import type { Logger, OutageLog } from "../../lib/log.ts";
 import { type HttpRoutes, peerAddress, send } from "../../lib/server.ts";
 import type { BillingAuth } from "../auth.ts";
-import { toConnectError } from "../errors.ts";
+import { createDatabaseOutageLog, toConnectError } from "../errors.ts";
 import { invoiceNotFound } from "../store/invoices.ts";
 import type { BillingStore } from "../store/store.ts";
 import { renderInvoiceHtml } from "./render-html.ts";
@@ -33,10 +33,12 @@ export function invoicePages({
   store,
   auth,
   log,
+  databaseOutage = createDatabaseOutageLog(log),
 }: {
   store: Pick<BillingStore, "getInvoice">;
   auth: BillingAuth;
   log: Logger;
+  databaseOutage?: OutageLog;
 }): HttpRoutes {
   return async (req, res) => {
     const path = (req.url ?? "/").split("?")[0] ?? "/";
@@ -58,9 +60,10 @@ export function invoicePages({
       const invoice = await store.getInvoice(match[1]);
       auth.requireOwnRecord(caller, invoice.orgId, () => invoiceNotFound(invoice.id));
       const page = renderInvoiceHtml(invoice);
+      databaseOutage.recovered();
       send(res, 200, pageHeaders, req.method === "HEAD" ? "" : page);
     } catch (e) {
-      const error = toConnectError(e, log);
+      const error = toConnectError(e, log, databaseOutage);
       const status = statuses[error.code] ?? 500;
       const headers: Record<string, string> = {
         "content-type": "text/plain; charset=utf-8",

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { defaultAbandonedLeaseGraceMs } from "./budget-leases.ts";
-import { BillingError } from "./db.ts";
+import { BillingError, createPool } from "./db.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
 import { createTestDatabase, type TestDatabase } from "./test-db.ts";
 import type { BudgetLeaseRequest, KeyLimits } from "./types.ts";
@@ -163,6 +163,35 @@ test("concurrent grants together never exceed the budget", async () => {
   const total = grants.reduce((sum, g) => sum + g.grantedNanos, 0n);
   expect(total).toBe(1000n);
   expect(grants.filter((g) => g.grantedNanos === 70n)).toHaveLength(14);
+});
+
+test("concurrent grants keep to the budget, and usage is recorded, whatever the database's default isolation", async () => {
+  const database = new URL(db.connectionString).pathname.slice(1);
+  for (const level of ["repeatable read", "serializable"]) {
+    await db.pool.query(`ALTER DATABASE ${database} SET default_transaction_isolation = '${level}'`);
+    // New connections take the database's default; the store's pool sets its own.
+    const pool = createPool({ connectionString: db.connectionString, max: 10 });
+    try {
+      const isolated = createBillingStore(pool);
+      const org = await newOrg(1000n);
+      const grants = await Promise.all(
+        Array.from({ length: 25 }, (_, i) =>
+          isolated.acquireBudgetLease({ scope: "organization", scopeId: org.id, holder: `gw-${i}`, requestedNanos: 70n,
+            neededNanos: 0n, ttlSeconds: 60, now }),
+        ),
+      );
+      expect([level, grants.reduce((sum, g) => sum + g.grantedNanos, 0n)]).toEqual([level, 1000n]);
+      // Batches of two analytics replicas adding to the same summaries and leases at once.
+      const leaseIds = grants.flatMap((g) => (g.leaseId ? [g.leaseId] : []));
+      const batches = Array.from({ length: 8 }, (_, b) =>
+        leaseIds.map((leaseId, i) => ({ ...spendRecord(org.id, 1n, null, leaseId), requestId: `req_${level}${b}_${i}` })),
+      );
+      await Promise.all(batches.map((batch) => isolated.recordUsage(batch)));
+    } finally {
+      await pool.end();
+      await db.pool.query(`ALTER DATABASE ${database} RESET default_transaction_isolation`);
+    }
+  }
 });
 
 test("key scope: per-key budget, unlimited keys, revoked keys", async () => {

@@ -41,6 +41,18 @@ export interface Db extends Queryable {
  */
 export const callSignal = new AsyncLocalStorage<AbortSignal>();
 
+/**
+ * A pool of connections for billing. Its statements are written for READ COMMITTED, each seeing what committed before
+ * it (a grant reads the leases granted while it waited for its scope's lock): a database or role whose default is
+ * another level (`ALTER DATABASE ... SET default_transaction_isolation`) let concurrent grants exceed a budget several
+ * times over, or failed calls with serialization errors, so each connection is set back to it before its first use.
+ */
+export function createPool(config: pg.PoolConfig): pg.Pool {
+  // Awaited by the pool before it hands the connection out; a connection that cannot run it is closed, failing the call.
+  const onConnect = (client: pg.ClientBase) => client.query("SET default_transaction_isolation = 'read committed'");
+  return new pg.Pool({ ...config, onConnect });
+}
+
 /** Query helpers over a pool that turn constraint violations into BillingErrors. */
 export function createDb(pool: pg.Pool): Db {
   const on = (client: pg.Pool | pg.PoolClient, signal?: AbortSignal): Queryable => ({

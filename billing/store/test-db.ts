@@ -6,6 +6,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll } from "bun:test";
 import pg from "pg";
 import { createLogger } from "../../lib/log.ts";
+import { createPool } from "./db.ts";
 import { startEmbeddedPostgres } from "./embedded.ts";
 import { migrate } from "./migrate.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
@@ -66,7 +67,7 @@ export async function createTestDatabase(options: { migrate?: boolean } = {}): P
   const url = new URL(serverUrl);
   url.pathname = `/${name}`;
   const connectionString = url.toString();
-  const pool = new pg.Pool({ connectionString, max: 10 });
+  const pool = createPool({ connectionString, max: 10 });
   if (options.migrate ?? true) await migrate(pool);
   return {
     pool,
