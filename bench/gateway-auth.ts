@@ -68,8 +68,8 @@ const auth = await measure("AuthorizeKey, cached", () => keys.authorize(secret))
 await measure("admission: key + RPM/TPM + budget reserve/settle", async () => {
   const p = await keys.authorize(secret);
   const ticket = rateLimits.admit(p.apiKeyId, { requestsPerMinute: 1_000_000_000, tokensPerMinute: 1_000_000_000_000 }, 120);
-  const reservation = await budget.reserve(p, 2_000_950n, 600_000);
-  reservation.settle(2_000_270n);
+  const reservation = await budget.reserve(p, { nanos: 2_000_950n, tokens: 120n }, 600_000);
+  reservation.settle({ nanos: 2_000_270n, tokens: 47n });
   ticket.settle(47);
 });
 console.log(`billing AuthorizeKey calls during the runs: ${billing.calls() - callsBefore}; lease requests: ${leaseRequests}`);

@@ -27,6 +27,8 @@ export interface BillingAppOptions {
   abandonedLeaseGraceMs?: number;
   /** See BudgetLeaseStoreOptions. */
   holderFloorNanos?: bigint;
+  /** See BudgetLeaseStoreOptions. */
+  holderFloorTokens?: bigint;
   /** See BillingServiceOptions. */
   keyChangeHeartbeatMs?: number;
   /** Leases are deleted this many days after they stopped mattering (see pruneBudgetLeases); kept when unset. */
@@ -38,8 +40,8 @@ export interface BillingAppOptions {
 /** Billing's parts wired together over one pool: what main.ts serves and what tests and benchmarks start. */
 export function createBillingApp(options: BillingAppOptions) {
   const { pool, adminToken, clock, log, stopSignal, registry } = options;
-  const { abandonedLeaseGraceMs, holderFloorNanos } = options;
-  const store = createBillingStore(pool, { abandonedLeaseGraceMs, holderFloorNanos });
+  const { abandonedLeaseGraceMs, holderFloorNanos, holderFloorTokens } = options;
+  const store = createBillingStore(pool, { abandonedLeaseGraceMs, holderFloorNanos, holderFloorTokens });
   const auth = createBillingAuth({ store, adminToken, clock });
   // A read of an org's usage is shared by the calls asking meanwhile: no one caller leaving cancels it.
   const load = (orgId: string, period: TimeRange) => callSignal.exit(() => store.periodUsage(orgId, period));

@@ -18,6 +18,8 @@ const cfg = loadEnvOrExit({
   BUDGET_LEASE_GRACE_SECONDS: env.int(0, 86_400).default(600),
   /** What one gateway may hold beyond half of what is left of a budget; see budget-leases.ts. */
   BUDGET_LEASE_HOLDER_FLOOR_NANOS: env.bigint(0n).default(100_000_000n),
+  /** The same for a key's monthly tokens, in tokens. */
+  BUDGET_LEASE_HOLDER_FLOOR_TOKENS: env.bigint(0n).default(10_000n),
   /** Days leases are kept after their period and expiry; see pruneBudgetLeases in budget-leases.ts. */
   BUDGET_LEASE_RETENTION_DAYS: env.int(minLeaseRetentionDays, 36_500).default(400),
 });
@@ -70,6 +72,7 @@ const { routes, http, readiness } = createBillingApp({
   registry: runtime.metrics.registry,
   abandonedLeaseGraceMs: cfg.BUDGET_LEASE_GRACE_SECONDS * 1000,
   holderFloorNanos: cfg.BUDGET_LEASE_HOLDER_FLOOR_NANOS,
+  holderFloorTokens: cfg.BUDGET_LEASE_HOLDER_FLOOR_TOKENS,
   leaseRetentionDays: cfg.BUDGET_LEASE_RETENTION_DAYS,
 });
 

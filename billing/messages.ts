@@ -237,19 +237,33 @@ export function usageRecordFrom(
     costBreakdown: record.costBreakdown
       ? costBreakdownFrom(record.costBreakdown, costNanos, field("cost_breakdown"))
       : null,
-    budgetCharges: budgetChargesFrom(record.budgetCharges, costNanos, field("budget_charges")),
+    budgetCharges: budgetChargesFrom(
+      record.budgetCharges,
+      costNanos,
+      inputTokens + outputTokens,
+      field("budget_charges"),
+    ),
   };
 }
 
-/** A request draws on at most its org's and its key's budgets, each perhaps from a few leases. */
-const maxBudgetCharges = 8;
+/** A request draws on at most its org's and its key's budgets and its key's monthly tokens, each from a few leases. */
+const maxBudgetCharges = 12;
 
-function budgetChargesFrom(charges: readonly BudgetChargeMessage[], costNanos: bigint, field: string): BudgetCharge[] {
+/** Charges in their lease's unit: nano-USD, or tokens (a lease of monthly tokens). */
+function budgetChargesFrom(
+  charges: readonly BudgetChargeMessage[],
+  costNanos: bigint,
+  tokens: bigint,
+  field: string,
+): BudgetCharge[] {
   if (charges.length > maxBudgetCharges) throw invalid(field, `at most ${maxBudgetCharges} charges`);
-  return charges.map((charge, i) => ({
-    leaseId: id(charge.leaseId, `${field}[${i}].lease_id`),
-    nanos: atMost(charge.nanos, `${field}[${i}].nanos`, costNanos),
-  }));
+  return charges.map((charge, i) => {
+    const at = `${field}[${i}]`;
+    const nanos = atMost(charge.nanos, `${at}.nanos`, costNanos);
+    const drawn = atMost(charge.tokens, `${at}.tokens`, tokens);
+    if (nanos > 0n && drawn > 0n) throw invalid(at, "charges nano-USD or tokens, not both");
+    return { leaseId: id(charge.leaseId, `${at}.lease_id`), nanos: nanos + drawn };
+  });
 }
 
 function costBreakdownFrom(breakdown: CostBreakdownMessage, costNanos: bigint, field: string): CostBreakdown {

@@ -380,6 +380,10 @@ test("a rotated key carries on its period: it hits its budget and token limits a
   const thirdId = await rotate(secondId, 900n, 420n);
   // 100 is left of the 1000 budget, as it would be had the key never been rotated.
   expect(await lease(thirdId, 300n)).toMatchObject({ grantedNanos: 100n, remainingNanos: 0n });
+  // And 80 of its 500 monthly tokens, leased in tokens.
+  const scope = BudgetScope.API_KEY_TOKENS;
+  const tokens = { scope, scopeId: thirdId, holder: "gw", requestedNanos: 300n, ttlSeconds: 60 };
+  expect(await client.acquireBudgetLease(tokens, admin)).toMatchObject({ grantedNanos: 80n, remainingNanos: 0n });
 
   // Usage stays with the key that served it.
   const summary = (apiKeyId: string) => client.getUsageSummary({ orgId, apiKeyId }, admin);
@@ -392,6 +396,41 @@ test("a rotated key carries on its period: it hits its budget and token limits a
     [secondId, firstId],
     [thirdId, secondId],
   ]);
+});
+
+test("usage charges a token lease in tokens, up to the request's input + output, and never nano-USD and tokens at once", async () => {
+  const orgId = await newOrg();
+  const { apiKey } = await client.createApiKey({ orgId, limits: { monthlyTokens: 1_000n } }, admin);
+  const keyId = apiKey?.id as string;
+  const grant = await client.acquireBudgetLease(
+    { scope: BudgetScope.API_KEY_TOKENS, scopeId: keyId, holder: "gw", requestedNanos: 600n, ttlSeconds: 60 },
+    admin,
+  );
+  expect(grant.grantedNanos).toBe(600n);
+  const charged = (charges: { nanos?: bigint; tokens?: bigint }[]) => {
+    const record = usage(orgId, keyId, 500n);
+    record.budgetCharges = charges.map((c) => create(BudgetChargeSchema, { leaseId: grant.leaseId, ...c }));
+    return client.recordUsage({ records: [record] }, admin);
+  };
+  // 100 input + 40 output tokens: at most 140 tokens, and at most its 500 nano-USD.
+  expect(await code(charged([{ tokens: 141n }]))).toBe(Code.InvalidArgument);
+  expect(await code(charged([{ nanos: 500n, tokens: 140n }]))).toBe(Code.InvalidArgument);
+  expect(await code(charged(Array.from({ length: 13 }, () => ({ tokens: 1n }))))).toBe(Code.InvalidArgument);
+  expect((await charged(Array.from({ length: 12 }, () => ({ tokens: 1n })))).inserted).toBe(1);
+  expect((await charged([{ tokens: 140n }])).inserted).toBe(1);
+  const { rows } = await db.pool.query<{ recorded: string }>(
+    "SELECT recorded_nanos::text AS recorded FROM budget_leases WHERE id = $1",
+    [grant.leaseId],
+  );
+  expect(rows[0]?.recorded).toBe("152");
+  // Released at what was drawn from it: the two requests' 280 tokens count once, the rest of the lease is back.
+  await client.releaseBudgetLease({ leaseId: grant.leaseId, spentNanos: 152n }, admin);
+  expect(
+    await client.acquireBudgetLease(
+      { scope: BudgetScope.API_KEY_TOKENS, scopeId: keyId, holder: "gw", requestedNanos: 10_000n, ttlSeconds: 60 },
+      admin,
+    ),
+  ).toMatchObject({ grantedNanos: 720n, remainingNanos: 0n });
 });
 
 test("RecordUsage is idempotent: resending a batch changes neither rows nor summaries", async () => {
@@ -600,6 +639,13 @@ test("a budget lease asked for again under its id, its first answer lost, is the
   expect(await code(client.acquireBudgetLease({ ...ask, holder: "gw-b" }, admin))).toBe(Code.InvalidArgument);
   // Giving up on an ask that was never granted: nothing to release.
   expect(await code(client.releaseBudgetLease({ leaseId: "lease_01JRPCNEVERGRANTED" }, admin))).toBe(Code.NotFound);
+  // A key's tokens leased are no USD.
+  const { apiKey } = await client.createApiKey({ orgId, limits: { monthlyTokens: 5_000n } }, admin);
+  const tokens = { scope: BudgetScope.API_KEY_TOKENS, scopeId: apiKey?.id as string, holder: "gw-a", ttlSeconds: 60 };
+  expect(await client.acquireBudgetLease({ ...tokens, requestedNanos: 5_000n }, admin)).toMatchObject({
+    grantedNanos: 5_000n,
+  });
+  expect(await counted("billing_budget_leased_usd_total")).toMatchObject([{ value: 1_000 / 1e9 }]);
 });
 
 test("one holder is granted at most half of what is left of a budget plus a floor, less than asked rather than nothing", async () => {

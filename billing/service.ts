@@ -54,7 +54,7 @@ import type { BillingMetrics } from "./metrics.ts";
 import { invoiceNotFound } from "./store/invoices.ts";
 import { callSignal } from "./store/db.ts";
 import type { BillingStore } from "./store/store.ts";
-import type { TimeRange } from "./store/types.ts";
+import type { BudgetScope as StoredBudgetScope, TimeRange } from "./store/types.ts";
 import type { UsageCursor } from "./store/usage.ts";
 import type { UsageTracker } from "./usage-tracker.ts";
 import {
@@ -92,6 +92,11 @@ const maxUsageBatch = 10_000;
 const maxInt64 = 2n ** 63n - 1n;
 const defaultPageSize = 100;
 const maxPageSize = 1000;
+const budgetScopes: Partial<Record<BudgetScope, StoredBudgetScope>> = {
+  [BudgetScope.ORGANIZATION]: "organization",
+  [BudgetScope.API_KEY]: "api_key",
+  [BudgetScope.API_KEY_TOKENS]: "api_key_tokens",
+};
 
 /** The BillingService contract over the store; every RPC authenticates its caller first. */
 export function createBillingService({
@@ -262,9 +267,11 @@ export function createBillingService({
 
     async acquireBudgetLease(req, ctx) {
       admin(ctx);
-      const scope =
-        req.scope === BudgetScope.ORGANIZATION ? "organization" : req.scope === BudgetScope.API_KEY ? "api_key" : null;
-      if (!scope) throw invalid("scope", "must be BUDGET_SCOPE_ORGANIZATION or BUDGET_SCOPE_API_KEY");
+      const scope = budgetScopes[req.scope];
+      if (!scope) {
+        const names = "BUDGET_SCOPE_ORGANIZATION, BUDGET_SCOPE_API_KEY or BUDGET_SCOPE_API_KEY_TOKENS";
+        throw invalid("scope", `must be ${names}`);
+      }
       const requestedNanos = positive(req.requestedNanos, "requested_nanos");
       const grant = await store.acquireBudgetLease({
         scope,
@@ -284,7 +291,7 @@ export function createBillingService({
             ? "exhausted"
             : "holder_share";
       metrics?.leases.inc({ result });
-      if (!grant.repeated) metrics?.leasedUsd.inc(Number(grant.grantedNanos) / 1e9);
+      if (!grant.repeated && scope !== "api_key_tokens") metrics?.leasedUsd.inc(Number(grant.grantedNanos) / 1e9);
       return create(AcquireBudgetLeaseResponseSchema, {
         leaseId: grant.leaseId ?? "",
         grantedNanos: grant.grantedNanos,

@@ -100,8 +100,6 @@ models:
     shipper,
     instanceId: "gw-admission",
     log: createTestLogger(),
-    // Billing's figure is always current here, even in a period's first minute (the production default skips it).
-    tokenQuota: { periodSkewMs: 0 },
     rateLimits: createRateLimiter(),
     budget: (budget = createBudgetKeeper({
       billing: {
@@ -248,9 +246,10 @@ describe("per-key limits", () => {
 });
 
 describe("monthly tokens", () => {
-  // Each "hi" to mock uses 8 input + 4 output = 12 tokens.
+  // Each "hi" to mock with max_tokens 5 reserves its bound, 17 input (the prompt's bytes and framing) + 5 output = 22
+  // tokens, and uses 8 input + 4 output = 12.
   const bearer = (key: string) => ({ headers: { authorization: `Bearer ${key}` } });
-  const rpcHi = { params: { model: "mock", messages: [{ role: "user", content: "hi" }] } };
+  const rpcHi = { params: { model: "mock", messages: [{ role: "user", content: "hi" }], maxTokens: 5 } };
   const rpcError = (p: Promise<unknown>) =>
     p.then(
       () => {
@@ -263,7 +262,7 @@ describe("monthly tokens", () => {
   async function serveUntilRefused(key: string) {
     for (let served = 0; served < 100; served++) {
       const before = mockCalls;
-      const res = await post(key, hi("mock"));
+      const res = await post(key, hi("mock", { max_tokens: 5 }));
       if (res.status !== 200) {
         expect(mockCalls).toBe(before);
         return { served, res };
@@ -272,27 +271,30 @@ describe("monthly tokens", () => {
     throw new Error("never refused");
   }
 
-  test("a key is served until it reaches monthly_tokens, then gets 429 insufficient_quota over REST and ResourceExhausted over RPC", async () => {
-    const key = await keyWith({ monthlyTokens: 30n });
+  test("a key is served while monthly_tokens cover a request's most, then gets 429 insufficient_quota over REST and ResourceExhausted over RPC", async () => {
+    const key = await keyWith({ monthlyTokens: 50n });
     const { served, res } = await serveUntilRefused(key);
-    // At 0, 12 and 24 tokens the key is under 30; at 36 it is over.
+    // 50, 38 and 26 tokens left each cover 22; 14 does not.
     expect(served).toBe(3);
     expect(res.status).toBe(429);
     const error = await errorOf(res);
     expect(error).toMatchObject({ type: "insufficient_quota", code: "insufficient_quota", param: null });
-    expect(error.message).toContain("monthly limit of 30 tokens");
+    expect(error.message).toContain("up to 22 tokens");
+    expect(error.message).toContain("monthly limit of 50 tokens");
+    // Nothing this month can come back: no lease holds any of it.
+    expect(res.headers.get("retry-after")).toBeNull();
     expect(shipper.rows.find((m) => m.requestId === res.headers.get("x-request-id"))).toMatchObject({
       status: RequestStatus.RATE_LIMITED,
       httpStatus: 429,
       errorCode: "insufficient_quota",
     });
-    const streamed = await post(key, hi("mock", { stream: true, max_tokens: 10 }));
+    const streamed = await post(key, hi("mock", { stream: true, max_tokens: 5 }));
     expect(streamed.status).toBe(429);
     expect((await errorOf(streamed)).code).toBe("insufficient_quota");
     // A key with rate limits is told where they stand on this 429 too; the refused request counts against none.
-    const limited = await keyWith({ monthlyTokens: 10n, requestsPerMinute: 5 });
-    expect((await post(limited, hi("mock"))).status).toBe(200);
-    const over = await post(limited, hi("mock"));
+    const limited = await keyWith({ monthlyTokens: 30n, requestsPerMinute: 5 });
+    expect((await post(limited, hi("mock", { max_tokens: 5 }))).status).toBe(200);
+    const over = await post(limited, hi("mock", { max_tokens: 5 }));
     expect((await errorOf(over)).code).toBe("insufficient_quota");
     expect(over.headers.get("x-ratelimit-limit-requests")).toBe("5");
     expect(over.headers.get("x-ratelimit-remaining-requests")).toBe("4");
@@ -310,26 +312,35 @@ describe("monthly tokens", () => {
     expect(mockCalls).toBe(before);
   });
 
-  test("tokens served over RPC, streamed or not, count against the same limit", async () => {
-    const key = await keyWith({ monthlyTokens: 30n });
+  test("tokens served over RPC, streamed or not, count against the same limit, charged to the key's token lease", async () => {
+    const key = await keyWith({ monthlyTokens: 50n });
+    const first = shipper.rows.length;
     await rpc.createChatCompletion(rpcHi, bearer(key));
     for await (const _ of rpc.streamChatCompletion(rpcHi, bearer(key)));
     await rpc.createChatCompletion(rpcHi, bearer(key));
     expect((await rpcError(rpc.createChatCompletion(rpcHi, bearer(key)))).code).toBe(Code.ResourceExhausted);
-    expect((await post(key, hi("mock"))).status).toBe(429);
+    expect((await post(key, hi("mock", { max_tokens: 5 }))).status).toBe(429);
+    // Each served request's usage record names the lease its tokens came from, in tokens.
+    const charged = shipper.rows.slice(first).filter((m) => m.status === RequestStatus.OK);
+    expect(charged).toHaveLength(3);
+    for (const m of charged) {
+      expect(m.budgetCharges).toHaveLength(1);
+      expect(m.budgetCharges[0]).toMatchObject({ nanos: 0n, tokens: 12n });
+    }
   });
 
-  test("requests running at once hold their most, and one refused by another limit gives it back", async () => {
-    const key = await keyWith({ monthlyTokens: 30n });
-    // Each counts at its prompt and max_tokens (18) while it runs: two fit under 30, not ten.
+  test("requests running at once hold their most, and one refused by a rate limit holds none", async () => {
+    const key = await keyWith({ monthlyTokens: 60n });
+    // Each holds its bound (17 + 10 = 27) while it runs: two fit under 60, not ten.
     const answers = await Promise.all(Array.from({ length: 10 }, () => post(key, hi("mock", { max_tokens: 10 }))));
     const refusals = answers.filter((res) => res.status === 429);
     expect(answers.length - refusals.length).toBe(2);
-    expect(refusals[0]?.headers.get("retry-after")).toBe("3");
-    expect((await errorOf(refusals[0] as Response)).message).toContain("held by requests running");
+    // What the requests running leave unused comes back: a retry once their lease is idle may find room.
+    expect(refusals[0]?.headers.get("retry-after")).toBe("30");
+    expect((await errorOf(refusals[0] as Response)).message).toContain("has less than that left");
 
-    // Refused by its RPM after the quota admitted it, a request gives back what it held.
-    const limits = { monthlyTokens: 100n, requestsPerMinute: 1 };
+    // Refused by its RPM, a request reserves none of the key's tokens.
+    const limits = { monthlyTokens: 110n, requestsPerMinute: 1 };
     const limited = await billing.createApiKey({ orgId, name: "k", limits }, auth);
     const big = hi("mock", { max_tokens: 80 });
     expect((await post(limited.secret, big)).status).toBe(200);
@@ -337,23 +348,15 @@ describe("monthly tokens", () => {
     const apiKeyId = limited.apiKey?.id as string;
     await billing.updateApiKeyLimits({ apiKeyId, limits: { ...limits, requestsPerMinute: 0 } }, auth);
     keys.forget(sha256Hex(limited.secret));
+    // 110 - 12 = 98 left covers another 97.
     expect((await post(limited.secret, big)).status).toBe(200);
   });
 
-  test("a fresh authorization counts what billing knows, and nothing twice", async () => {
-    const key = await keyWith({ monthlyTokens: 50n });
-    const first = shipper.rows.length;
-    for (let i = 0; i < 3; i++) expect((await post(key, hi("mock"))).status).toBe(200);
-    // Billing records those 36 tokens; the gateway's next authorization reads them back.
-    await recordInBilling(key, shipper.rows.slice(first));
-    keys.forget(sha256Hex(key));
-    // 36 (not 72) and 48 are under 50.
-    expect((await serveUntilRefused(key)).served).toBe(2);
-
-    // Usage billing has from elsewhere (other replicas) counts from the key's authorization.
-    const busy = await keyWith({ monthlyTokens: 50n });
+  test("usage billing recorded from elsewhere counts", async () => {
+    // Usage billing has from elsewhere (other replicas, before a restart) counts when the key's tokens are leased.
+    const busy = await keyWith({ monthlyTokens: 70n });
     await recordInBilling(busy, [{ requestId: ulid(), usage: { inputTokens: 40n, outputTokens: 8n } }]);
-    // 48 is under 50; 60 is not.
+    // 22 left covers one request; the 10 left after it do not.
     expect((await serveUntilRefused(busy)).served).toBe(1);
   });
 });

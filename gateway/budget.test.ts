@@ -10,7 +10,7 @@ import { createKeyAuthorizer, type Principal, watchKeyChanges } from "./auth.ts"
 import {
   type BudgetKeeperOptions,
   createBudgetKeeper,
-  maxChatCostNanos,
+  maxChatSpend,
   maxInputTokens,
   maxOutputTokens,
 } from "./budget.ts";
@@ -100,6 +100,9 @@ const leasesOf = async (scopeId: string) =>
     spent: r.spent_nanos === null ? null : BigInt(r.spent_nanos),
   }));
 
+/** A request's cost, for a principal whose key has no monthly tokens. */
+const usd = (nanos: bigint) => ({ nanos, tokens: 0n });
+
 const refusal = (p: Promise<unknown>) =>
   p.then(
     () => {
@@ -121,7 +124,7 @@ describe("budget leases", () => {
     const principal = await principalWith({ org: 1_000_000n });
     const { keeper: k, clock } = keeper({ minLeaseNanos: 10_000n });
     const before = calls.acquire;
-    const r = await k.reserve(principal, 500n, 60_000);
+    const r = await k.reserve(principal, usd(500n), 60_000);
     expect(calls.acquire - before).toBe(1);
     expect(k.snapshot().get(`organization:${principal.orgId}`)).toEqual({
       leases: 1,
@@ -129,13 +132,13 @@ describe("budget leases", () => {
       spentNanos: 0n,
       reservedNanos: 500n,
     });
-    r.settle(120n);
-    r.settle(999n); // settling twice changes nothing
+    r.settle(usd(120n));
+    r.settle(usd(999n)); // settling twice changes nothing
     expect(k.snapshot().get(`organization:${principal.orgId}`)).toMatchObject({ spentNanos: 120n, reservedNanos: 0n });
 
     // More requests fit in the lease without a round trip (while it stays above its renewal mark).
     for (let i = 0; i < 8; i++) {
-      (await k.reserve(principal, 500n, 60_000)).settle(500n);
+      (await k.reserve(principal, usd(500n), 60_000)).settle(usd(500n));
       clock.t += 1_000;
     }
     expect(calls.acquire - before).toBe(1);
@@ -149,14 +152,14 @@ describe("budget leases", () => {
     const hung = { ...billing, acquireBudgetLease: () => (asked++, new Promise<never>(() => {})) };
     const { keeper: k } = keeper({ billing: hung });
     const cut = new AbortController();
-    const waiting = refusal(k.reserve(principal, 500n, 60_000, cut.signal));
+    const waiting = refusal(k.reserve(principal, usd(500n), 60_000, cut.signal));
     await until(() => asked === 1);
     cut.abort(new ShutdownCut());
     expect((await waiting).code).toBe("gateway_shutting_down");
     // One whose client has left already does not wait on the grant still being asked for.
     const left = new AbortController();
     left.abort();
-    expect((await refusal(k.reserve(principal, 500n, 60_000, left.signal))).code).toBe("client_closed_request");
+    expect((await refusal(k.reserve(principal, usd(500n), 60_000, left.signal))).code).toBe("client_closed_request");
     expect(asked).toBe(1);
     expect(k.snapshot().get(`organization:${principal.orgId}`)?.reservedNanos ?? 0n).toBe(0n);
   }, 5_000);
@@ -165,7 +168,7 @@ describe("budget leases", () => {
     const principal = await principalWith({});
     const { keeper: k } = keeper();
     const before = calls.acquire;
-    (await k.reserve(principal, 10n ** 12n, 60_000)).settle(10n ** 12n);
+    (await k.reserve(principal, usd(10n ** 12n), 60_000)).settle(usd(10n ** 12n));
     expect(calls.acquire).toBe(before);
     expect(k.snapshot().size).toBe(0);
     await k.close();
@@ -174,24 +177,24 @@ describe("budget leases", () => {
   test("an exhausted budget is a 429 insufficient_quota, and billing is not asked again for a while", async () => {
     const principal = await principalWith({ key: 1_000n });
     const { keeper: k, clock } = keeper({ minLeaseNanos: 400n });
-    const held = await k.reserve(principal, 400n, 60_000);
-    const second = await k.reserve(principal, 400n, 60_000);
+    const held = await k.reserve(principal, usd(400n), 60_000);
+    const second = await k.reserve(principal, usd(400n), 60_000);
     const before = calls.acquire;
-    const e = await refusal(k.reserve(principal, 400n, 60_000));
+    const e = await refusal(k.reserve(principal, usd(400n), 60_000));
     // The requests running here may leave room when they settle: retry once an idle lease would have gone back.
     expect([e.status, e.type, e.code, e.retryAfterS]).toEqual([429, "insufficient_quota", "insufficient_quota", 30]);
     expect(calls.acquire - before).toBe(1);
     // Within the backoff, refusals are local.
-    for (let i = 0; i < 10; i++) await refusal(k.reserve(principal, 400n, 60_000));
+    for (let i = 0; i < 10; i++) await refusal(k.reserve(principal, usd(400n), 60_000));
     expect(calls.acquire - before).toBe(1);
     // What is left still serves a request small enough.
-    (await k.reserve(principal, 200n, 60_000)).settle(200n);
+    (await k.reserve(principal, usd(200n), 60_000)).settle(usd(200n));
 
     // Spending less than reserved returns money: after the backoff, billing is asked again.
-    held.settle(100n);
-    second.settle(100n);
+    held.settle(usd(100n));
+    second.settle(usd(100n));
     clock.t += 1_000;
-    (await k.reserve(principal, 400n, 60_000)).settle(400n);
+    (await k.reserve(principal, usd(400n), 60_000)).settle(usd(400n));
     await k.close();
     const leases = await leasesOf(principal.apiKeyId);
     const spent = leases.reduce((sum, l) => sum + (l.spent ?? 0n), 0n);
@@ -202,15 +205,15 @@ describe("budget leases", () => {
     const principal = await principalWith({ key: 1_000n });
     const a = keeper({ holder: "gw-a", minLeaseNanos: 500n, idleReleaseMs: 20_000 });
     const b = keeper({ holder: "gw-b", minLeaseNanos: 500n });
-    (await b.keeper.reserve(principal, 100n, 60_000)).settle(100n);
-    (await a.keeper.reserve(principal, 500n, 60_000)).settle(500n);
+    (await b.keeper.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
+    (await a.keeper.reserve(principal, usd(500n), 60_000)).settle(usd(500n));
     // B still holds 400 unspent, which it gives back once its lease sits idle.
-    expect((await refusal(a.keeper.reserve(principal, 100n, 60_000))).retryAfterS).toBe(20);
+    expect((await refusal(a.keeper.reserve(principal, usd(100n), 60_000))).retryAfterS).toBe(20);
     await b.keeper.close();
     a.clock.t += 1_000;
-    (await a.keeper.reserve(principal, 400n, 60_000)).settle(400n);
+    (await a.keeper.reserve(principal, usd(400n), 60_000)).settle(usd(400n));
     a.clock.t += 1_000;
-    const spent = await refusal(a.keeper.reserve(principal, 100n, 60_000));
+    const spent = await refusal(a.keeper.reserve(principal, usd(100n), 60_000));
     expect([spent.status, spent.code, spent.retryAfterS]).toEqual([429, "insufficient_quota", undefined]);
     await a.keeper.close();
   });
@@ -220,9 +223,9 @@ describe("budget leases", () => {
     const { keeper: k } = keeper({ minLeaseNanos: 1_000n });
     const before = calls.acquire;
     // The grant leaves billing 1 nano-USD: half of it, what renewal may take, is nothing to ask for.
-    const r = await k.reserve(principal, 1_000n, 60_000);
-    r.settle(500n);
-    (await k.reserve(principal, 400n, 60_000)).settle(400n);
+    const r = await k.reserve(principal, usd(1_000n), 60_000);
+    r.settle(usd(500n));
+    (await k.reserve(principal, usd(400n), 60_000)).settle(usd(400n));
     await Bun.sleep(20);
     expect(calls.acquire - before).toBe(1);
     await k.close();
@@ -233,13 +236,13 @@ describe("budget leases", () => {
     const principal = await principalWith({ org: 2_000n });
     const a = keeper({ holder: "gw-a" });
     const b = keeper({ holder: "gw-b" });
-    (await b.keeper.reserve(principal, 100n, 60_000)).settle(100n);
-    (await a.keeper.reserve(principal, 100n, 60_000)).settle(100n);
+    (await b.keeper.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
+    (await a.keeper.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
     // A's grant left billing nothing; B gives back the 900 it did not spend.
     await b.keeper.close();
     // All of the budget is served: 19 requests here, 1 there; then none.
-    for (let i = 0; i < 18; i++) (await a.keeper.reserve(principal, 100n, 60_000)).settle(100n);
-    expect((await refusal(a.keeper.reserve(principal, 100n, 60_000))).status).toBe(429);
+    for (let i = 0; i < 18; i++) (await a.keeper.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
+    expect((await refusal(a.keeper.reserve(principal, usd(100n), 60_000))).status).toBe(429);
     await a.keeper.close();
   });
 
@@ -249,7 +252,7 @@ describe("budget leases", () => {
     const scope = `organization:${principal.orgId}`;
     // 100 nano-USD per 100 ms: 1,000 nano-USD a second.
     for (let i = 0; i < 95; i++) {
-      (await k.reserve(principal, 100n, 60_000)).settle(100n);
+      (await k.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
       clock.t += 100;
     }
     // Below its low-water mark the scope asked for more in the background; no reservation waited for it.
@@ -269,7 +272,7 @@ describe("budget leases", () => {
     const principal = await principalWith({ org: budget });
     const a = keeper({ holder: "gw-a", minLeaseNanos: cost });
     for (let i = 0; i < 10; i++) {
-      (await a.keeper.reserve(principal, cost, 60_000)).settle(cost);
+      (await a.keeper.reserve(principal, usd(cost), 60_000)).settle(usd(cost));
       // Ten requests a second: a few seconds of spend is more than the whole budget, so every request renews.
       a.clock.t += 100;
       await Bun.sleep(20);
@@ -279,7 +282,7 @@ describe("budget leases", () => {
     expect(held.grantedNanos - held.spentNanos).toBeLessThanOrEqual(left / 2n + cost);
     // Were this replica to die now, another could still serve about half of what is left.
     const b = keeper({ holder: "gw-b", minLeaseNanos: cost });
-    for (let i = 0; i < 13; i++) (await b.keeper.reserve(principal, cost, 60_000)).settle(cost);
+    for (let i = 0; i < 13; i++) (await b.keeper.reserve(principal, usd(cost), 60_000)).settle(usd(cost));
     await Promise.all([a.keeper.close(), b.keeper.close()]);
   });
 
@@ -289,18 +292,18 @@ describe("budget leases", () => {
     const scope = `api_key:${principal.apiKeyId}`;
     // The first life takes about half of the budget and dies (kill -9) without giving it back.
     const dead = keeper({ holder: "gw-a", minLeaseNanos: 100_000_000_000n });
-    (await dead.keeper.reserve(principal, cost, 60_000)).settle(cost);
+    (await dead.keeper.reserve(principal, usd(cost), 60_000)).settle(usd(cost));
     const stranded = dead.keeper.snapshot().get(scope)?.grantedNanos as bigint;
     expect(stranded).toBeGreaterThan(400n * cost);
     // Its successor, the same pod, takes a lease for many requests (not one round trip to billing each)...
     const { keeper: k } = keeper({ holder: "gw-a", minLeaseNanos: 100n * cost });
     const before = calls.acquire;
-    for (let i = 0; i < 10; i++) (await k.reserve(principal, cost, 60_000)).settle(cost);
+    for (let i = 0; i < 10; i++) (await k.reserve(principal, usd(cost), 60_000)).settle(usd(cost));
     expect(calls.acquire - before).toBeLessThanOrEqual(2);
     // ...and once the rest is spent, its refusal says the stranded money comes back (the dead life's leases expire).
     while (true) {
-      const r = await k.reserve(principal, cost, 60_000).catch((e: GatewayError) => e);
-      if ("settle" in r) r.settle(cost);
+      const r = await k.reserve(principal, usd(cost), 60_000).catch((e: GatewayError) => e);
+      if ("settle" in r) r.settle(usd(cost));
       else {
         expect(r.code).toBe("insufficient_quota");
         expect(r.retryAfterS).toBe(30);
@@ -368,7 +371,7 @@ describe("budget leases", () => {
       600_000_000n,
     );
     const { keeper: k } = keeper({ holder: "gw-a" });
-    (await k.reserve(principal, 300_000_000n, 60_000)).settle(300_000_000n);
+    (await k.reserve(principal, usd(300_000_000n), 60_000)).settle(usd(300_000_000n));
     await k.close();
   });
 
@@ -377,7 +380,7 @@ describe("budget leases", () => {
     const principal = await principalWith({ org: 20_000_000_000n });
     const { keeper: k } = keeper({ holder: "gw-a" });
     const before = calls.acquire;
-    (await k.reserve(principal, 12_000_000_000n, 60_000)).settle(12_000_000_000n);
+    (await k.reserve(principal, usd(12_000_000_000n), 60_000)).settle(usd(12_000_000_000n));
     expect(calls.acquire - before).toBe(1);
     await k.close();
     // Beyond what it needed, nothing more than the share: a greedy holder's ask is still held to it.
@@ -387,7 +390,7 @@ describe("budget leases", () => {
     expect(grant.grantedNanos).toBe(4_100_000_000n);
     // More than is left is refused as before, with what is left.
     const { keeper: other } = keeper({ holder: "gw-b" });
-    const refused = await refusal(other.reserve(principal, 5_000_000_000n, 60_000));
+    const refused = await refusal(other.reserve(principal, usd(5_000_000_000n), 60_000));
     expect(refused.code).toBe("insufficient_quota");
     expect(refused.message).toContain("has less than that left");
     await other.close();
@@ -396,12 +399,12 @@ describe("budget leases", () => {
   test("both org and key budgets are charged; the tighter one decides", async () => {
     const principal = await principalWith({ org: 5_000n, key: 1_000n });
     const { keeper: k } = keeper({ minLeaseNanos: 300n });
-    const a = await k.reserve(principal, 600n, 60_000);
-    expect((await refusal(k.reserve(principal, 600n, 60_000))).code).toBe("insufficient_quota");
+    const a = await k.reserve(principal, usd(600n), 60_000);
+    expect((await refusal(k.reserve(principal, usd(600n), 60_000))).code).toBe("insufficient_quota");
     // What each budget's lease paid, for the request's usage record; settling again charges nothing.
-    const charges = a.settle(600n);
+    const charges = a.settle(usd(600n));
     expect(charges.map((c) => c.nanos)).toEqual([600n, 600n]);
-    expect(a.settle(600n)).toEqual([]);
+    expect(a.settle(usd(600n))).toEqual([]);
     await k.close();
     // The leases charged are the ones that report the spend.
     const ids = [...(await spendingLeasesOf(principal.orgId)), ...(await spendingLeasesOf(principal.apiKeyId))];
@@ -414,7 +417,7 @@ describe("budget leases", () => {
   test("a cost above the reservation is charged in full, so the overshoot is visible to billing", async () => {
     const principal = await principalWith({ key: 1_000n });
     const { keeper: k } = keeper({ minLeaseNanos: 1_000n });
-    (await k.reserve(principal, 900n, 60_000)).settle(1_100n);
+    (await k.reserve(principal, usd(900n), 60_000)).settle(usd(1_100n));
     await k.close();
     expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 1_000n, spent: 1_100n }]);
   });
@@ -425,16 +428,16 @@ describe("budget leases", () => {
     // Requests in flight, each needing a little more than is free, so each takes a lease of its own...
     const running = [];
     for (let i = 0; i < 30; i++) {
-      running.push(await k.reserve(principal, 1_500n + BigInt(i) * 100n, 60_000));
+      running.push(await k.reserve(principal, usd(1_500n + BigInt(i) * 100n), 60_000));
       clock.t += 10;
     }
     // ...and every other one settles cheaply, leaving a remnant in each of many leases.
-    for (let i = 0; i < running.length; i += 2) running[i]?.settle(10n);
+    for (let i = 0; i < running.length; i += 2) running[i]?.settle(usd(10n));
     const key = k.snapshot().get(`api_key:${principal.apiKeyId}`);
     const room = (key?.grantedNanos ?? 0n) - (key?.spentNanos ?? 0n) - (key?.reservedNanos ?? 0n);
     expect(key?.leases).toBeGreaterThan(8);
     // One request that needs more than four of the remnants together, and costs all of it.
-    const charges = (await k.reserve(principal, room, 60_000)).settle(room);
+    const charges = (await k.reserve(principal, usd(room), 60_000)).settle(usd(room));
     expect(charges.length).toBeLessThanOrEqual(8);
     expect(charges.reduce((sum, c) => sum + c.nanos, 0n)).toBe(2n * room);
     const record = {
@@ -448,7 +451,7 @@ describe("budget leases", () => {
       budgetCharges: charges,
     };
     expect((await client.recordUsage({ records: [record] }, auth)).inserted).toBe(1);
-    for (const r of running.slice(1)) r.settle(0n);
+    for (const r of running.slice(1)) r.settle(usd(0n));
     await k.close();
     // No lease paid more than billing granted it, and what the leases report spent is what the requests cost.
     for (const scopeId of [principal.apiKeyId, principal.orgId]) {
@@ -461,13 +464,13 @@ describe("budget leases", () => {
   test("leases too close to expiry for a request's time limit are not used for it", async () => {
     const principal = await principalWith({ org: 10n ** 9n });
     const { keeper: k, clock } = keeper({ leaseTtlSeconds: 120, minLeaseNanos: 10_000n, settleMarginMs: 5_000 });
-    (await k.reserve(principal, 100n, 10_000)).settle(100n);
+    (await k.reserve(principal, usd(100n), 10_000)).settle(usd(100n));
     const before = calls.acquire;
     clock.t += 100_000;
     // 100 s into a 120 s lease: a request that may take 10 s still fits, one that may take 30 s needs a new lease.
-    (await k.reserve(principal, 100n, 10_000)).settle(100n);
+    (await k.reserve(principal, usd(100n), 10_000)).settle(usd(100n));
     expect(calls.acquire).toBe(before);
-    (await k.reserve(principal, 100n, 30_000)).settle(100n);
+    (await k.reserve(principal, usd(100n), 30_000)).settle(usd(100n));
     expect(calls.acquire - before).toBe(1);
     // The old lease, idle, went back to billing before the new one was asked for.
     expect(k.snapshot().get(`organization:${principal.orgId}`)?.leases).toBe(1);
@@ -478,7 +481,7 @@ describe("budget leases", () => {
   test("idle leases go back to billing with what was spent", async () => {
     const principal = await principalWith({ org: 10n ** 9n });
     const { keeper: k, clock } = keeper({ idleReleaseMs: 5_000, maintenanceIntervalMs: 10 });
-    (await k.reserve(principal, 100n, 10_000)).settle(70n);
+    (await k.reserve(principal, usd(100n), 10_000)).settle(usd(70n));
     clock.t += 5_000;
     await until(() => k.snapshot().get(`organization:${principal.orgId}`) === undefined);
     await until(async () => (await leasesOf(principal.orgId))[0]?.spent !== null);
@@ -494,7 +497,7 @@ describe("budget leases", () => {
       idleReleaseMs: 5_000,
       maintenanceIntervalMs: 10,
     });
-    (await k.reserve(principal, 100n, 60_000)).settle(70n);
+    (await k.reserve(principal, usd(100n), 60_000)).settle(usd(70n));
     // The lease holds the whole budget, and billing is down when the idle sweep gives it back.
     billingFault = "down";
     try {
@@ -508,7 +511,7 @@ describe("budget leases", () => {
         clock.t += 30_000;
         await until(() => calls.release > sent);
       }
-      expect((await refusal(k.reserve(principal, 9_000n, 60_000))).code).toBe("budget_unavailable");
+      expect((await refusal(k.reserve(principal, usd(9_000n), 60_000))).code).toBe("budget_unavailable");
       expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 10_000n, spent: null }]);
 
       // Billing settles it but its answer is lost: the gateway sends it again, and billing counts it once.
@@ -522,7 +525,7 @@ describe("budget leases", () => {
       billingFault = undefined;
     }
     // Billing is back: a request the rest of the budget covers fits.
-    (await k.reserve(principal, 9_000n, 60_000)).settle(9_000n);
+    (await k.reserve(principal, usd(9_000n), 60_000)).settle(usd(9_000n));
     await k.close();
     expect(await leasesOf(principal.apiKeyId)).toEqual([
       { granted: 10_000n, spent: 70n },
@@ -550,7 +553,7 @@ describe("budget leases", () => {
     const principal = await principalWith({ key: 10_000n });
     const { keeper: k } = keeper({ billing: losingGrants(Code.Unavailable, 1), minLeaseNanos: 10_000n });
     const before = calls.acquire;
-    (await k.reserve(principal, 9_000n, 60_000)).settle(9_000n);
+    (await k.reserve(principal, usd(9_000n), 60_000)).settle(usd(9_000n));
     expect(calls.acquire - before).toBe(2);
     expect(k.snapshot().get(`api_key:${principal.apiKeyId}`)).toMatchObject({ leases: 1, grantedNanos: 10_000n });
     await k.close();
@@ -565,12 +568,12 @@ describe("budget leases", () => {
       maintenanceIntervalMs: 10,
     });
     // The request that asked is not held for a second deadline.
-    expect((await refusal(k.reserve(principal, 9_000n, 60_000))).code).toBe("budget_unavailable");
+    expect((await refusal(k.reserve(principal, usd(9_000n), 60_000))).code).toBe("budget_unavailable");
     expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 10_000n, spent: null }]);
     clock.t += 1_000;
     await until(() => (k.snapshot().get(`api_key:${principal.apiKeyId}`)?.leases ?? 0) === 1);
     const before = calls.acquire;
-    (await k.reserve(principal, 9_000n, 60_000)).settle(8_000n);
+    (await k.reserve(principal, usd(9_000n), 60_000)).settle(usd(8_000n));
     expect(calls.acquire).toBe(before);
     await k.close();
     expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 10_000n, spent: 8_000n }]);
@@ -584,7 +587,7 @@ describe("budget leases", () => {
       idleReleaseMs: 5_000,
       maintenanceIntervalMs: 10,
     });
-    expect((await refusal(k.reserve(principal, 9_000n, 60_000))).code).toBe("budget_unavailable");
+    expect((await refusal(k.reserve(principal, usd(9_000n), 60_000))).code).toBe("budget_unavailable");
     // Billing goes down: the grant is asked for again, later each time, until asking is no longer worth it.
     billingFault = "down";
     try {
@@ -602,7 +605,7 @@ describe("budget leases", () => {
     // Billing is back: the release lands, and the whole budget is there to grant again.
     clock.t += 30_000;
     await until(async () => (await leasesOf(principal.apiKeyId))[0]?.spent === 0n);
-    (await k.reserve(principal, 10_000n, 60_000)).settle(10_000n);
+    (await k.reserve(principal, usd(10_000n), 60_000)).settle(usd(10_000n));
     await k.close();
     expect(await leasesOf(principal.apiKeyId)).toEqual([
       { granted: 10_000n, spent: 0n },
@@ -614,21 +617,21 @@ describe("budget leases", () => {
     const principal = await principalWith({ org: 1_000_000n });
     // As the key checks find it: the gateway's requests check their key before their budget.
     const { keeper: k } = keeper({ minLeaseNanos: 10_000n, billingDown: () => billingFault === "down" });
-    (await k.reserve(principal, 100n, 60_000)).settle(100n);
+    (await k.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
     billingFault = "down";
     try {
       const releases = calls.release;
       // Too dear for the lease held: billing is asked for more, and cannot answer.
-      expect((await refusal(k.reserve(principal, 50_000n, 60_000))).code).toBe("budget_unavailable");
+      expect((await refusal(k.reserve(principal, usd(50_000n), 60_000))).code).toBe("budget_unavailable");
       // The lease was kept rather than given back to a billing that could not take it: cheaper requests draw on it.
       expect(calls.release).toBe(releases);
-      for (let i = 0; i < 5; i++) (await k.reserve(principal, 1_000n, 60_000)).settle(1_000n);
+      for (let i = 0; i < 5; i++) (await k.reserve(principal, usd(1_000n), 60_000)).settle(usd(1_000n));
       expect(k.snapshot().get(`organization:${principal.orgId}`)).toMatchObject({ leases: 1, spentNanos: 5_100n });
     } finally {
       billingFault = undefined;
     }
     // Billing is back: the dear request gets its grant, drawing on what the held lease has left too.
-    (await k.reserve(principal, 50_000n, 60_000)).settle(50_000n);
+    (await k.reserve(principal, usd(50_000n), 60_000)).settle(usd(50_000n));
     await k.close();
     const leases = await leasesOf(principal.orgId);
     expect(leases.map((l) => l.spent).reduce((a, b) => (a ?? 0n) + (b ?? 0n), 0n)).toBe(55_100n);
@@ -642,7 +645,7 @@ describe("budget leases", () => {
       idleReleaseMs: 5_000,
       maintenanceIntervalMs: 10,
     });
-    (await k.reserve(principal, 100n, 30_000)).settle(70n);
+    (await k.reserve(principal, usd(100n), 30_000)).settle(usd(70n));
     billingFault = "down";
     try {
       let sent = calls.release;
@@ -698,35 +701,99 @@ describe("budget leases", () => {
       }).authorize(key.secret);
     const { keeper: k, clock } = keeper({ minLeaseNanos: 50_000n });
     const before = await authorize();
-    for (let i = 0; i < 10; i++) (await k.reserve(before, 1_000n, 60_000)).settle(1_000n);
-    const running = await k.reserve(before, 1_000n, 60_000);
+    for (let i = 0; i < 10; i++) (await k.reserve(before, usd(1_000n), 60_000)).settle(usd(1_000n));
+    const running = await k.reserve(before, usd(1_000n), 60_000);
 
     await client.updateOrganization({ orgId, monthlyBudgetNanos: 5_000n }, auth);
     clock.t += 1;
     const lowered = await authorize();
-    expect((await refusal(k.reserve(lowered, 1_000n, 60_000))).code).toBe("insufficient_quota");
+    expect((await refusal(k.reserve(lowered, usd(1_000n), 60_000))).code).toBe("insufficient_quota");
     // The request that was running settles on its lease, which then goes back with what it spent.
-    expect(running.settle(1_000n)).toHaveLength(2);
+    expect(running.settle(usd(1_000n))).toHaveLength(2);
     await until(async () => (await leasesOf(orgId)).every((l) => l.spent !== null));
 
     // A key's budget, the same.
     await client.updateOrganization({ orgId, monthlyBudgetNanos: 0n }, auth);
     clock.t += 1;
-    (await k.reserve(await authorize(), 1_000n, 60_000)).settle(1_000n);
+    (await k.reserve(await authorize(), usd(1_000n), 60_000)).settle(usd(1_000n));
     await client.updateApiKeyLimits({ apiKeyId: key.apiKey?.id as string, limits: { monthlyBudgetNanos: 12_000n } }, auth);
     clock.t += 1;
-    expect((await refusal(k.reserve(await authorize(), 1_000n, 60_000))).code).toBe("insufficient_quota");
+    expect((await refusal(k.reserve(await authorize(), usd(1_000n), 60_000))).code).toBe("insufficient_quota");
     await k.close();
     const spent = (leases: { spent: bigint | null }[]) => leases.reduce((sum, l) => sum + (l.spent ?? 0n), 0n);
     expect(spent(await leasesOf(orgId))).toBe(11_000n);
     expect(spent(await leasesOf(key.apiKey?.id as string))).toBe(12_000n);
   });
 
+  test("a key's monthly tokens are leased in tokens beside its budget; lowered, they apply at once; revoked, they go back", async () => {
+    const org = await client.createOrganization({ name: `budget-org-${++orgs}` }, auth);
+    const orgId = org.organization?.id as string;
+    const limits = { monthlyBudgetNanos: 1_000_000n, monthlyTokens: 1_000n };
+    const key = await client.createApiKey({ orgId, name: "k", limits }, auth);
+    const keyId = key.apiKey?.id as string;
+    const authorize = () =>
+      createKeyAuthorizer({
+        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
+        watching: true,
+      }).authorize(key.secret);
+    const { keeper: k, clock } = keeper({ minLeaseNanos: 10_000n, minLeaseTokens: 300n });
+    const principal = await authorize();
+    // Each budget is charged in its own unit: the cost from the money lease, the tokens from the token lease.
+    const reservation = await k.reserve(principal, { nanos: 2_000n, tokens: 200n }, 60_000);
+    const charges = reservation.settle({ nanos: 900n, tokens: 90n });
+    expect(charges.map(({ nanos, tokens }) => ({ nanos, tokens })).sort((a, b) => Number(a.nanos - b.nanos))).toEqual([
+      { nanos: 0n, tokens: 90n },
+      { nanos: 900n, tokens: 0n },
+    ]);
+    expect(k.snapshot().get(`api_key_tokens:${keyId}`)).toEqual({
+      leases: 1,
+      grantedNanos: 300n,
+      spentNanos: 90n,
+      reservedNanos: 0n,
+    });
+    // The token lease's 210 left do not cover 300 tokens: billing grants more, up to the 910 unspent of the limit.
+    const running = await k.reserve(principal, { nanos: 100n, tokens: 300n }, 60_000);
+    const refused = await refusal(k.reserve(principal, { nanos: 100n, tokens: 700n }, 60_000));
+    expect(refused).toMatchObject({ status: 429, code: "insufficient_quota", retryAfterS: 30 });
+    expect(refused.message).toContain("up to 700 tokens");
+    expect(refused.message).toContain("monthly limit of 1000 tokens");
+
+    // Lowered below what was used, the limit refuses the next request; the one running settles on its lease.
+    await client.updateApiKeyLimits({ apiKeyId: keyId, limits: { ...limits, monthlyTokens: 100n } }, auth);
+    clock.t += 1;
+    expect((await refusal(k.reserve(await authorize(), { nanos: 100n, tokens: 1n }, 60_000))).code).toBe(
+      "insufficient_quota",
+    );
+    running.settle({ nanos: 100n, tokens: 50n });
+    // Revoked, the key's token leases go back with the money ones.
+    await client.updateApiKeyLimits({ apiKeyId: keyId, limits }, auth);
+    clock.t += 1;
+    (await k.reserve(await authorize(), { nanos: 100n, tokens: 10n }, 60_000)).settle({ nanos: 100n, tokens: 10n });
+    k.releaseKey(keyId);
+    await until(async () => {
+      const { rows } = await db.pool.query<{ open: number }>(
+        "SELECT count(*)::int AS open FROM budget_leases WHERE api_key_id = $1 AND released_at IS NULL",
+        [keyId],
+      );
+      return rows[0]?.open === 0;
+    });
+    const { rows } = await db.pool.query<{ scope: string; spent: string }>(
+      `SELECT scope, sum(spent_nanos)::text AS spent FROM budget_leases WHERE api_key_id = $1
+       GROUP BY scope ORDER BY scope`,
+      [keyId],
+    );
+    expect(rows).toEqual([
+      { scope: "api_key", spent: "1100" },
+      { scope: "api_key_tokens", spent: "150" },
+    ]);
+    await k.close();
+  });
+
   test("a revoked key's budget cannot be leased: 401", async () => {
     const principal = await principalWith({ key: 1_000n });
     await client.revokeApiKey({ apiKeyId: principal.apiKeyId }, auth);
     const { keeper: k } = keeper();
-    expect((await refusal(k.reserve(principal, 10n, 60_000))).status).toBe(401);
+    expect((await refusal(k.reserve(principal, usd(10n), 60_000))).status).toBe(401);
     await k.close();
   });
 
@@ -734,15 +801,15 @@ describe("budget leases", () => {
     const principal = await principalWith({ org: 1_000n });
     await client.suspendOrganization({ orgId: principal.orgId }, auth);
     const { keeper: k } = keeper();
-    expect(await refusal(k.reserve(principal, 10n, 60_000))).toMatchObject({ status: 403, code: "organization_suspended" });
+    expect(await refusal(k.reserve(principal, usd(10n), 60_000))).toMatchObject({ status: 403, code: "organization_suspended" });
     await k.close();
   });
 
   test("a revoked key's leases go back to billing at once, or when their last request settles", async () => {
     const principal = await principalWith({ key: 10_000n });
     const { keeper: k } = keeper({ minLeaseNanos: 10_000n });
-    (await k.reserve(principal, 100n, 60_000)).settle(60n);
-    const running = await k.reserve(principal, 100n, 60_000);
+    (await k.reserve(principal, usd(100n), 60_000)).settle(usd(60n));
+    const running = await k.reserve(principal, usd(100n), 60_000);
     // The lease holds the whole budget: a successor of this key gets nothing until it comes back.
     const rotated = await client.rotateApiKey({ apiKeyId: principal.apiKeyId }, auth);
     const successor = {
@@ -756,7 +823,7 @@ describe("budget leases", () => {
     k.releaseKey(principal.apiKeyId);
     // A request still running keeps the lease until it settles.
     expect(k.snapshot().get(`api_key:${principal.apiKeyId}`)?.leases).toBe(1);
-    running.settle(40n);
+    running.settle(usd(40n));
     await until(async () => (await leasesOf(principal.apiKeyId))[0]?.spent !== null);
     expect(await leasesOf(principal.apiKeyId)).toEqual([{ granted: 10_000n, spent: 100n }]);
     expect(await client.acquireBudgetLease({ ...successor, requestedNanos: 20_000n }, auth)).toMatchObject({
@@ -765,7 +832,7 @@ describe("budget leases", () => {
 
     // An idle lease goes back at once.
     const idle = await principalWith({ key: 10_000n });
-    (await k.reserve(idle, 100n, 60_000)).settle(30n);
+    (await k.reserve(idle, usd(100n), 60_000)).settle(usd(30n));
     k.releaseKey(idle.apiKeyId);
     await until(async () => (await leasesOf(idle.apiKeyId))[0]?.spent !== null);
     expect(await leasesOf(idle.apiKeyId)).toEqual([{ granted: 10_000n, spent: 30n }]);
@@ -784,9 +851,9 @@ describe("budget leases", () => {
       Array.from({ length: 200 }, async (_, i) => {
         const k = (replicas[i % 2] as (typeof replicas)[number]).keeper;
         try {
-          const r = await k.reserve(principal, cost, 60_000);
+          const r = await k.reserve(principal, usd(cost), 60_000);
           await Bun.sleep(1);
-          r.settle(cost);
+          r.settle(usd(cost));
           return true;
         } catch (e) {
           expect((e as GatewayError).code).toBe("insufficient_quota");
@@ -864,16 +931,16 @@ describe("maximum cost of a request", () => {
 
   test("cost prices every token at the dearest rate of its kind", () => {
     const request = { messages: [{ role: "user" as const, content: "abcd" }], max_tokens: 10 };
-    const bound = maxChatCostNanos(request, price, 4096);
+    const bound = maxChatSpend(request, price, 4096).nanos;
     const input = maxInputTokens(request);
     expect(bound).toBe(
       costNanos({ inputTokens: BigInt(input), cachedInputTokens: 0n, outputTokens: 10n, reasoningTokens: 0n }, price),
     );
     const dearReasoning = { ...price, reasoningMicros: 40_000_000n };
-    expect(maxChatCostNanos(request, dearReasoning, 4096)).toBeGreaterThan(bound);
+    expect(maxChatSpend(request, dearReasoning, 4096).nanos).toBeGreaterThan(bound);
     const dearAudio = { ...price, audioInputMicros: 40_000_000n, audioOutputMicros: 80_000_000n };
     const allAudio = { inputTokens: BigInt(input), cachedInputTokens: 0n, outputTokens: 10n, reasoningTokens: 0n };
-    expect(maxChatCostNanos(request, dearAudio, 4096)).toBe(
+    expect(maxChatSpend(request, dearAudio, 4096).nanos).toBe(
       costNanos({ ...allAudio, audioInputTokens: allAudio.inputTokens, audioOutputTokens: 10n }, dearAudio),
     );
   });

@@ -18,14 +18,18 @@ import type { ChatRequest } from "./providers/provider.ts";
  * For every budget a request draws on (its org's and its key's, whichever are set) the gateway holds
  * leases: slices of the remaining monthly budget that billing granted atomically, so all replicas
  * together never hold more than the budget. Before calling upstream, a request reserves the most it
- * can cost (`maxChatCostNanos`) against every such budget; when it ends it settles at its actual cost
+ * can cost (`maxChatSpend`) against every such budget; when it ends it settles at its actual cost
  * and the difference returns to the lease. A scope whose leases run low is topped up in the
  * background, sized by its recent spend rate; drained, idle or soon-expiring leases are released to
  * billing with what was spent from them, and every lease is released on shutdown. Each grant is asked for under a lease
  * id chosen here, so one whose answer was lost is asked for again, or released, by that id, never granted twice.
- * A reservation is drawn from at most four leases of each budget, so a request's usage record names at most the 8
+ * A reservation is drawn from at most four leases of each budget, so a request's usage record names at most the 12
  * budget charges billing takes; room spread
  * over more leases than that is not spent by one request: it gets a lease of its own, granted by billing like any other.
+ *
+ * A key's monthly tokens are a budget too, in tokens: leases of BUDGET_SCOPE_API_KEY_TOKENS hold tokens of the key's
+ * monthly_tokens, a request reserves its most input + output tokens against them (the bounds its cost is reserved at)
+ * and settles at the tokens it used, so the limit holds across replicas as money does, with the same bound.
  *
  * Overshoot bound: a budget's settled spend can exceed it only by the sum over requests of
  * max(0, actual cost - reserved maximum). Concurrency adds nothing: a reservation is taken from
@@ -40,28 +44,36 @@ import type { ChatRequest } from "./providers/provider.ts";
  * metered (core.ts callUpstream) on top of the one reserved.
  */
 
-export interface Reservation {
-  /**
-   * Charges the actual cost and returns the rest to the leases; only the first call counts. Returns what was drawn
-   * from each lease (each budget pays the whole cost), for the request's usage record: billing counts a released
-   * lease's spend only as far as the usage recorded against it does not.
-   */
-  settle(costNanos: bigint): LeaseCharge[];
+/** What budgets count of a request: its cost, and its input + output tokens (a key's monthly tokens). */
+export interface Spend {
+  nanos: bigint;
+  tokens: bigint;
 }
 
-/** What a request drew from one lease. */
+export interface Reservation {
+  /**
+   * Charges what the request used and returns the rest to the leases; only the first call counts. Returns what was
+   * drawn from each lease (each budget pays the whole cost, or all the tokens), for the request's usage record: billing
+   * counts a released lease's spend only as far as the usage recorded against it does not.
+   */
+  settle(used: Spend): LeaseCharge[];
+}
+
+/** What a request drew from one lease: nano-USD from a budget's, tokens from a key's monthly tokens' (the other 0). */
 export interface LeaseCharge {
   leaseId: string;
   nanos: bigint;
+  tokens: bigint;
 }
 
 export interface BudgetKeeper {
   /**
-   * Reserves `maxCostNanos` against every budget of the principal for at most `holdMs`; throws a 429
-   * (insufficient_quota) when a budget cannot cover it, or 503 when billing cannot be asked. Stops waiting on billing
-   * once `signal` aborts (the client left, the gateway cut the request), reserving nothing, and throws why.
+   * Reserves the most a request may use (`most`: its cost, and its tokens where its key has monthly tokens) against
+   * every budget of the principal for at most `holdMs`; throws a 429 (insufficient_quota) when a budget cannot cover
+   * it, or 503 when billing cannot be asked. Stops waiting on billing once `signal` aborts (the client left, the
+   * gateway cut the request), reserving nothing, and throws why.
    */
-  reserve(principal: Principal, maxCostNanos: bigint, holdMs: number, signal?: AbortSignal): Promise<Reservation>;
+  reserve(principal: Principal, most: Spend, holdMs: number, signal?: AbortSignal): Promise<Reservation>;
   /**
    * Gives a revoked key's leases back to billing: those no request is using at once, the others as their last
    * request settles. A rotated key's successor shares its budget, and billing counts these leases against it until
@@ -70,10 +82,11 @@ export interface BudgetKeeper {
   releaseKey(apiKeyId: string): void;
   /** Stops background work and releases every lease to billing, reporting what was spent. */
   close(): Promise<void>;
-  /** Local accounting per scope ("organization:<id>" or "api_key:<id>"), for tests and debugging. */
+  /** Local accounting per scope ("organization:<id>", "api_key:<id>", "api_key_tokens:<id>"), for tests. */
   snapshot(): Map<string, ScopeSnapshot>;
 }
 
+/** In the scope's unit: nano-USD, or tokens. */
 export interface ScopeSnapshot {
   leases: number;
   grantedNanos: bigint;
@@ -97,6 +110,9 @@ export interface BudgetKeeperOptions {
   minLeaseNanos?: bigint;
   /** Largest lease asked for (unless one request needs more). */
   maxLeaseNanos?: bigint;
+  /** Smallest and largest lease of a key's monthly tokens asked for, in tokens. */
+  minLeaseTokens?: bigint;
+  maxLeaseTokens?: bigint;
   /** A scope billing reported exhausted is not asked again for this long. */
   exhaustedBackoffMs?: number;
   /** Leases untouched this long go back to billing. */
@@ -148,6 +164,8 @@ interface Scope {
   key: string;
   kind: BudgetScope;
   id: string;
+  /** Counts tokens (a key's monthly tokens) rather than nano-USD. */
+  tokens: boolean;
   leases: Lease[];
   acquiring: Promise<void> | undefined;
   exhaustedUntil: number;
@@ -167,7 +185,7 @@ interface Scope {
   waiters: number;
   /** Its key was revoked: leases go back to billing as soon as nothing is reserved on them. */
   retired: boolean;
-  /** The monthly budget its leases were granted under, as of the key authorization at `budgetAt` (epoch ms). */
+  /** The monthly budget its leases were granted under (in its unit), as of the key authorization at `budgetAt`. */
   budgetNanos: bigint;
   budgetAt: number;
   /** Counts budget changes: a grant asked for before one is given back as it arrives. */
@@ -205,10 +223,16 @@ interface Part {
 }
 
 const rateTimeConstantMs = 30_000;
-// Billing takes at most 8 budget charges in a request's usage record, for its org's and its key's budgets together: a
-// reservation is drawn from at most this many leases of each budget.
+// Billing takes at most 12 budget charges in a request's usage record, for its org's and its key's budgets and its
+// key's monthly tokens together: a reservation is drawn from at most this many leases of each budget.
 const maxPartsPerScope = 4;
 const settled: Reservation = { settle: () => [] };
+const scopeNames: Record<BudgetScope, string> = {
+  [BudgetScope.UNSPECIFIED]: "unspecified",
+  [BudgetScope.ORGANIZATION]: "organization",
+  [BudgetScope.API_KEY]: "api_key",
+  [BudgetScope.API_KEY_TOKENS]: "api_key_tokens",
+};
 
 export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const { billing, log } = options;
@@ -219,8 +243,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   });
   const ttlMs = options.leaseTtlSeconds * 1000;
   const horizonS = options.leaseHorizonSeconds ?? 60;
-  const minLease = options.minLeaseNanos ?? 1_000_000n;
-  const maxLease = options.maxLeaseNanos ?? 10_000_000_000n;
+  const minLease = { nanos: options.minLeaseNanos ?? 1_000_000n, tokens: options.minLeaseTokens ?? 1_000n };
+  const maxLease = { nanos: options.maxLeaseNanos ?? 10_000_000_000n, tokens: options.maxLeaseTokens ?? 10_000_000n };
   const exhaustedBackoffMs = options.exhaustedBackoffMs ?? 1_000;
   const idleReleaseMs = options.idleReleaseMs ?? 30_000;
   const marginMs = options.settleMarginMs ?? 5_000;
@@ -241,11 +265,13 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const budgetOf = (principal: Principal, kind: BudgetScope) =>
     (kind === BudgetScope.ORGANIZATION
       ? principal.grant.organization?.monthlyBudgetNanos
-      : principal.grant.apiKey?.limits?.monthlyBudgetNanos) ?? 0n;
+      : kind === BudgetScope.API_KEY
+        ? principal.grant.apiKey?.limits?.monthlyBudgetNanos
+        : principal.grant.apiKey?.limits?.monthlyTokens) ?? 0n;
 
   const scopeFor = (kind: BudgetScope, principal: Principal): Scope => {
     const id = kind === BudgetScope.ORGANIZATION ? principal.orgId : principal.apiKeyId;
-    const key = `${kind === BudgetScope.ORGANIZATION ? "organization" : "api_key"}:${id}`;
+    const key = `${scopeNames[kind]}:${id}`;
     const budgetNanos = budgetOf(principal, kind);
     let scope = scopes.get(key);
     if (scope) {
@@ -261,6 +287,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         key,
         kind,
         id,
+        tokens: kind === BudgetScope.API_KEY_TOKENS,
         leases: [],
         acquiring: undefined,
         exhaustedUntil: 0,
@@ -287,7 +314,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     let list = scopesOfPrincipal.get(principal);
     if (!list) {
       list = [];
-      for (const kind of [BudgetScope.ORGANIZATION, BudgetScope.API_KEY])
+      for (const kind of [BudgetScope.ORGANIZATION, BudgetScope.API_KEY, BudgetScope.API_KEY_TOKENS])
         if (budgetOf(principal, kind) > 0n) list.push(scopeFor(kind, principal));
       scopesOfPrincipal.set(principal, list);
     }
@@ -342,12 +369,13 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   };
 
   const leaseSize = (scope: Scope, shortfall: bigint): bigint => {
+    const unit = scope.tokens ? "tokens" : "nanos";
     let size = BigInt(Math.ceil(spendRate(scope, now()) * horizonS));
-    if (size < minLease) size = minLease;
+    if (size < minLease[unit]) size = minLease[unit];
     // A burst of waiters is served by one grant rather than one round trip each.
     const burst = shortfall * BigInt(Math.max(1, scope.waiters));
     if (size < burst) size = burst;
-    if (size > maxLease) size = maxLease;
+    if (size > maxLease[unit]) size = maxLease[unit];
     const cap = shareLeft(scope);
     if (cap !== null && size > cap) size = cap > 0n ? cap : 0n;
     return size > shortfall ? size : shortfall;
@@ -515,7 +543,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         if (lease) {
           scope.leases.push(lease);
           instruments?.leases.inc({ outcome: res.grantedNanos < requestedNanos ? "partial" : "granted" });
-          instruments?.granted.inc(Number(res.grantedNanos) / 1e9);
+          if (!scope.tokens) instruments?.granted.inc(Number(res.grantedNanos) / 1e9);
         } else {
           instruments?.leases.inc({ outcome: "exhausted" });
           options.journal?.settled(ask.leaseId);
@@ -602,7 +630,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       const charge = i === parts.length - 1 ? left : left < amount ? left : amount;
       lease.reserved -= amount;
       lease.spent += charge;
-      if (charge > 0n) charges.push({ leaseId: lease.id, nanos: charge });
+      if (charge > 0n) {
+        charges.push({ leaseId: lease.id, nanos: scope.tokens ? 0n : charge, tokens: scope.tokens ? charge : 0n });
+      }
       lease.lastUsed = t;
       left -= charge;
       if (lease.reserved === 0n && (scope.retired || free(lease) === 0n) && scope.leases.includes(lease)) {
@@ -652,11 +682,15 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   releaseInherited();
 
   return {
-    async reserve(principal, maxCostNanos, holdMs, signal) {
+    async reserve(principal, most, holdMs, signal) {
       const list = scopesOf(principal);
       if (list.length === 0) return settled;
       if (closed) throw serviceUnavailable("The gateway is shutting down.", "budget_unavailable");
-      const amount = maxCostNanos > 0n ? maxCostNanos : 0n;
+      /** What a request of this size takes from the scope, in its unit. */
+      const amountOf = (scope: Scope, spend: Spend) => {
+        const amount = scope.tokens ? spend.tokens : spend.nanos;
+        return amount > 0n ? amount : 0n;
+      };
       for (const scope of list) if (holdMs > scope.maxHoldMs) scope.maxHoldMs = holdMs;
       for (let round = 0; ; round++) {
         const t = now();
@@ -664,36 +698,39 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         let short: Scope | undefined;
         for (const scope of list) {
           // Room spread over more leases than one reservation may draw on needs a lease of its own.
-          if (takeable(scope, until, maxPartsPerScope) < amount) {
+          if (takeable(scope, until, maxPartsPerScope) < amountOf(scope, most)) {
             short = scope;
             break;
           }
         }
         if (!short) {
-          const taken = list.map((scope) => ({ scope, parts: take(scope, amount, until, t) }));
-          for (const scope of list) renewIfLow(scope, until, amount);
+          const taken = list.map((scope) => ({ scope, parts: take(scope, amountOf(scope, most), until, t) }));
+          for (const scope of list) renewIfLow(scope, until, amountOf(scope, most));
           let done = false;
           return {
-            settle(cost) {
+            settle(used) {
               if (done) return [];
               done = true;
               const charges: LeaseCharge[] = [];
-              for (const { scope, parts } of taken) settleScope(scope, parts, cost, charges);
+              for (const { scope, parts } of taken) settleScope(scope, parts, amountOf(scope, used), charges);
               return charges;
             },
           };
         }
+        const amount = amountOf(short, most);
         // Billing said it has less than was asked: the budget is spent. (The round cap only stops pathological loops.)
         if (t < short.exhaustedUntil || round >= 10) {
           instruments?.rejected.inc();
-          const budget = `${short.kind === BudgetScope.ORGANIZATION ? "organization's" : "API key's"} monthly budget`;
           // Room can appear only where leases still hold some: requests running here settle under their reservation,
           // other replicas give idle leases back. Otherwise nothing comes back this month, and no Retry-After says so.
           const held = short.leasedElsewhere > 0n || short.leases.some((lease) => lease.reserved > 0n);
-          throw insufficientQuota(
-            `This request may cost up to ${formatUsd(amount)} and the ${budget} has less than that left.`,
-            held ? Math.ceil(idleReleaseMs / 1000) : undefined,
-          );
+          const owner = short.kind === BudgetScope.ORGANIZATION ? "organization's" : "API key's";
+          const message = short.tokens
+            ? `This request may use up to ${amount} tokens and the API key's monthly limit of ${short.budgetNanos} ` +
+              "tokens has less than that left this billing period."
+            : `This request may cost up to ${formatUsd(amount)} and the ${owner} monthly budget has less than ` +
+              "that left.";
+          throw insufficientQuota(message, held ? Math.ceil(idleReleaseMs / 1000) : undefined);
         }
         short.waiters++;
         try {
@@ -721,10 +758,12 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     },
 
     releaseKey(apiKeyId) {
-      const scope = scopes.get(`api_key:${apiKeyId}`);
-      if (!scope) return;
-      scope.retired = true;
-      for (const lease of [...scope.leases]) if (lease.reserved === 0n) void release(scope, lease);
+      for (const kind of [BudgetScope.API_KEY, BudgetScope.API_KEY_TOKENS]) {
+        const scope = scopes.get(`${scopeNames[kind]}:${apiKeyId}`);
+        if (!scope) continue;
+        scope.retired = true;
+        for (const lease of [...scope.leases]) if (lease.reserved === 0n) void release(scope, lease);
+      }
     },
 
     async close() {
@@ -830,12 +869,12 @@ export function maxOutputTokens(
   return limit * (request.n ?? 1);
 }
 
-/** The most a request of these token bounds can cost: every token at the dearest price of its kind. */
-export function maxCostNanos(inputTokens: number, outputTokens: number, price: Price): bigint {
+/** The most a request of these token bounds can use: all its tokens, each at the dearest price of its kind. */
+export function maxSpend(inputTokens: number, outputTokens: number, price: Price): Spend {
   const dearest = (...micros: bigint[]) => micros.reduce((a, b) => (a > b ? a : b));
   const input = dearest(price.inputMicros, price.cachedInputMicros, price.audioInputMicros ?? 0n);
   const output = dearest(price.outputMicros, price.reasoningMicros, price.audioOutputMicros ?? 0n);
-  return costNanos(
+  const nanos = costNanos(
     {
       inputTokens: BigInt(inputTokens),
       cachedInputTokens: 0n,
@@ -844,15 +883,16 @@ export function maxCostNanos(inputTokens: number, outputTokens: number, price: P
     },
     { inputMicros: input, cachedInputMicros: input, outputMicros: output, reasoningMicros: output },
   );
+  return { nanos, tokens: BigInt(inputTokens + outputTokens) };
 }
 
-/** The most a chat request can cost; `cap` is the output budgeted when it sets no max_tokens. */
-export function maxChatCostNanos(
+/** The most a chat request can use; `cap` is the output budgeted when it sets no max_tokens. */
+export function maxChatSpend(
   request: Pick<ChatRequest, "messages" | "tools" | "response_format" | "max_completion_tokens" | "max_tokens" | "n">,
   price: Price,
   cap: number,
-): bigint {
-  return maxCostNanos(maxInputTokens(request), maxOutputTokens(request, cap), price);
+): Spend {
+  return maxSpend(maxInputTokens(request), maxOutputTokens(request, cap), price);
 }
 
 export type EmbeddingInput = string | readonly string[] | readonly number[] | readonly number[][];
@@ -908,7 +948,7 @@ function createInstruments(registry: Registry) {
     }),
     rejected: new Counter({
       name: "gateway_budget_rejections_total",
-      help: "Requests refused because a budget could not cover their maximum cost.",
+      help: "Requests refused because a budget (or a key's monthly tokens) could not cover their most.",
       registers: [registry],
     }),
   };

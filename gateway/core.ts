@@ -12,10 +12,11 @@ import { dearestPrice, type Price, type Tokens } from "../lib/money.ts";
 import type { KeyAuthorizer, Principal } from "./auth.ts";
 import {
   type BudgetKeeper,
-  maxChatCostNanos,
-  maxCostNanos,
+  maxChatSpend,
   maxEmbeddingInputTokens,
+  maxSpend,
   type Reservation,
+  type Spend,
 } from "./budget.ts";
 import { parseChatInput } from "./chat-request.ts";
 import { type ChatStream, meterChatStream } from "./chat-stream.ts";
@@ -45,7 +46,6 @@ import {
 import { meteredName, meterUsage } from "./metering.ts";
 import { estimatedChatTokens, estimatedEmbeddingTokens, type RateLimiter, type RateTicket, rateLimitHeaders } from "./rate-limits.ts";
 import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
-import { createTokenQuota, type QuotaTicket, type TokenQuotaOptions } from "./token-quota.ts";
 import { countEmbeddingTokens, countInputTokens, estimatedTokens } from "./tokenizer.ts";
 
 // Request ids: ULIDs, increasing within a process; the factory finds its random source once, not per id.
@@ -163,13 +163,10 @@ export interface CoreOptions {
   budget?: BudgetKeeper;
   /** Output tokens budgeted for requests without max_tokens on models with no max_output_tokens. */
   defaultMaxOutputTokens?: number;
-  /** Monthly token limits' clock and tuning; defaults suit production. */
-  tokenQuota?: TokenQuotaOptions;
 }
 
-/** What a call holds while it runs: its monthly-token ticket, rate-limit ticket, budget reservation, and a stream's deadline and upstream. */
+/** What a call holds while it runs: its rate-limit ticket, budget reservation, and a stream's deadline and upstream. */
 interface Admission {
-  quota: QuotaTicket;
   ticket: RateTicket | undefined;
   reservation: Reservation | undefined;
   deadlineTimer?: ReturnType<typeof setTimeout>;
@@ -215,7 +212,6 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const lostPrompts = new WeakMap<Call, { tokens: Promise<number>; price: Price }>();
   const awaitingCount = new Map<Call, GatewayError | undefined>();
   const allFinished = createWaiters();
-  const tokenQuota = createTokenQuota(options.tokenQuota);
 
   const authorize = async (call: Call) => {
     // Checked once a call: an RPC's key is checked before its message is read, then again by its handler.
@@ -302,48 +298,33 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   };
 
   /**
-   * Checks the key's monthly tokens and rate limits and reserves the request's maximum cost on its
-   * budgets, before any upstream call; `finish` settles all three at what the call really used.
+   * Checks the key's rate limits and reserves the request's maximum cost and tokens on its budgets and monthly
+   * tokens, before any upstream call; `finish` settles both at what the call really used.
    */
-  const admit = async (
-    call: Call,
-    principal: Principal,
-    route: ModelRoute,
-    maxCost: bigint,
-    estimatedTokens: number,
-  ) => {
+  const admit = async (call: Call, principal: Principal, route: ModelRoute, most: Spend, estimatedTokens: number) => {
     const limits = principal.grant.apiKey?.limits;
     const rateLimits = {
       requestsPerMinute: limits?.requestsPerMinute ?? 0,
       tokensPerMinute: Number(limits?.tokensPerMinute ?? 0n),
     };
-    let quota: QuotaTicket;
-    try {
-      quota = tokenQuota.admit(principal, estimatedTokens);
-    } catch (e) {
-      // Its 429 says where the key's rate limits stand too, as every other answer to the key does.
-      const state = options.rateLimits?.state(principal.lineageId, rateLimits);
-      if (state) call.limitHeaders = rateLimitHeaders(state);
-      throw e;
-    }
     let ticket: RateTicket | undefined;
     let reservation: Reservation | undefined;
     try {
       // Counted per lineage, as billing counts the monthly figures: a rotated key carries on its windows.
       ticket = options.rateLimits?.admit(principal.lineageId, rateLimits, estimatedTokens);
       if (ticket?.state) call.limitHeaders = rateLimitHeaders(ticket.state);
-      reservation = await withChildSpan("gateway.reserve_budget", { "gateway.max_cost_nanos": Number(maxCost) }, () =>
-        options.budget?.reserve(principal, maxCost, router.deadline(call, route) - performance.now(), call.signal),
+      const attributes = { "gateway.max_cost_nanos": Number(most.nanos), "gateway.max_tokens": Number(most.tokens) };
+      reservation = await withChildSpan("gateway.reserve_budget", attributes, () =>
+        options.budget?.reserve(principal, most, router.deadline(call, route) - performance.now(), call.signal),
       );
     } catch (e) {
-      // Refused by its budget (or billing, or the client left meanwhile): it reached no upstream, so it counts against
-      // no limit, and its rate limit headers say so.
-      quota.settle(0n, call.startMs);
+      // Refused by its budget or monthly tokens (or billing, or the client left meanwhile): it reached no upstream, so
+      // it counts against no limit, and its rate limit headers say so.
       const state = ticket?.release();
       if (state) call.limitHeaders = rateLimitHeaders(state);
       throw e;
     }
-    const admission: Admission = { quota, ticket, reservation };
+    const admission: Admission = { ticket, reservation };
     admissions.set(call, admission);
     return admission;
   };
@@ -388,8 +369,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       // A stream that ended well has read its upstream to the end; any other end leaves it to be cut.
       if (error) admission.upstream?.abort();
       const tokens = (m.usage?.inputTokens ?? 0n) + (m.usage?.outputTokens ?? 0n);
-      admission.quota.settle(tokens, call.startMs);
-      const charges = admission.reservation?.settle(m.costNanos);
+      const charges = admission.reservation?.settle({ nanos: m.costNanos, tokens });
       if (charges?.length) m.budgetCharges = charges.map((charge) => create(BudgetChargeSchema, charge));
       admission.ticket?.settle(Number(tokens));
     }
@@ -511,7 +491,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         principal,
         route,
-        maxChatCostNanos(input.upstream, reservationPrice(route), cap),
+        maxChatSpend(input.upstream, reservationPrice(route), cap),
         estimatedChatTokens(input.upstream, cap),
       );
       const result = await callUpstream(
@@ -548,7 +528,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         principal,
         route,
-        maxChatCostNanos(input.upstream, reservationPrice(route), cap),
+        maxChatSpend(input.upstream, reservationPrice(route), cap),
         estimatedChatTokens(input.upstream, cap),
       );
       // A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and
@@ -605,7 +585,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         principal,
         route,
-        maxCostNanos(inputTokens, 0, route.price),
+        maxSpend(inputTokens, 0, route.price),
         estimatedEmbeddingTokens(input.upstream.input),
       );
       const result = await callUpstream(

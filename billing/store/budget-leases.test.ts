@@ -210,6 +210,45 @@ test("key scope: per-key budget, unlimited keys, revoked keys", async () => {
   expect((unknown as BillingError).kind).toBe("not_found");
 });
 
+test("a key's monthly tokens are leased in tokens: its lineage's input + output tokens count, and its money does not", async () => {
+  const org = await newOrg(0n);
+  const tokenLimits = { ...limits(1_000_000n), monthlyTokens: 1000n };
+  const first = (await store.createApiKey({ orgId: org.id, projectId: null, name: "t", limits: tokenLimits })).apiKey;
+  const tokenLease = (keyId: string, requested: bigint, extra: Partial<BudgetLeaseRequest> = {}) =>
+    acquire(keyId, requested, { scope: "api_key_tokens", ...extra });
+  /** A request of 40 input + 60 output tokens costing 5,000 nano-USD, its tokens drawn from `leaseId`. */
+  const tokenRecord = (apiKeyId: string, leaseId?: string | null) => ({
+    ...spendRecord(org.id, 5_000n, apiKeyId),
+    inputTokens: 40n,
+    outputTokens: 60n,
+    budgetCharges: leaseId ? [{ leaseId, nanos: 100n }] : [],
+  });
+
+  // Usage recorded without a lease (before the limit was set) counts at its tokens, not its cost.
+  await store.recordUsage([tokenRecord(first.id)]);
+  const lease = await tokenLease(first.id, 400n);
+  expect(lease).toMatchObject({ grantedNanos: 400n, remainingNanos: 500n });
+  // The holder served three requests from it; one's usage is recorded, the release reports all three.
+  await store.recordUsage([tokenRecord(first.id, lease.leaseId)]);
+  await store.releaseBudgetLease({ leaseId: lease.leaseId as string, spentNanos: 300n, now });
+  // 1000 - 100 before - 300 released (100 of it recorded): each token counted once.
+  const second = (await store.rotateApiKey(first.id)).apiKey;
+  expect(await tokenLease(second.id, 10_000n, { holder: "gw-2" })).toMatchObject({
+    grantedNanos: 600n,
+    remainingNanos: 0n,
+  });
+  // The key's money budget is another scope: its tokens' leases hold none of it, and its usage counts at its cost.
+  expect(await acquire(second.id, 10n ** 7n, { scope: "api_key" })).toMatchObject({ grantedNanos: 990_000n });
+  // A holder keeps at most half of what is left plus BUDGET_LEASE_HOLDER_FLOOR_TOKENS (10,000 by default).
+  const bigLimits = { ...tokenLimits, monthlyTokens: 100_000n };
+  const big = (await store.createApiKey({ orgId: org.id, projectId: null, name: "b", limits: bigLimits })).apiKey;
+  expect(await tokenLease(big.id, 100_000n)).toMatchObject({ grantedNanos: 60_000n, remainingNanos: 40_000n });
+  // A key without monthly tokens grants what is asked, and reports no remaining figure.
+  const unlimited = (await store.createApiKey({ orgId: org.id, projectId: null, name: "u", limits: limits(0n) }))
+    .apiKey;
+  expect(await tokenLease(unlimited.id, 5n)).toMatchObject({ grantedNanos: 5n, remainingNanos: null });
+});
+
 test("a suspended org and its keys are granted nothing until it is reinstated", async () => {
   const org = await newOrg(1_000n);
   const { apiKey } = await store.createApiKey({ orgId: org.id, projectId: null, name: "k", limits: limits(500n) });

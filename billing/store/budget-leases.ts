@@ -5,7 +5,7 @@ import type { BudgetLeaseGrant, BudgetLeaseRequest } from "./types.ts";
 
 interface ScopeRow {
   org_id: string;
-  monthly_budget_nanos: string;
+  budget: string;
   billing_day: number;
   revoked_at: Date | null;
   expires_at: Date | null;
@@ -27,6 +27,8 @@ export interface BudgetLeaseStoreOptions {
    * What the request at hand needs is granted beyond it: the cap is on what a holder keeps for later. Default 0.1 USD.
    */
   holderFloorNanos?: bigint;
+  /** The same for a key's monthly tokens, in tokens. Default 10,000. */
+  holderFloorTokens?: bigint;
 }
 
 export const defaultAbandonedLeaseGraceMs = 600_000;
@@ -38,14 +40,18 @@ export const defaultAbandonedLeaseGraceMs = 600_000;
 export const minLeaseRetentionDays = 35;
 const pruneBatch = 5_000;
 export const defaultHolderFloorNanos = 100_000_000n;
+export const defaultHolderFloorTokens = 10_000n;
 
 export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions = {}) {
   const graceMs = options.abandonedLeaseGraceMs ?? defaultAbandonedLeaseGraceMs;
-  const holderFloor = options.holderFloorNanos ?? defaultHolderFloorNanos;
+  const holderFloorNanos = options.holderFloorNanos ?? defaultHolderFloorNanos;
+  const holderFloorTokens = options.holderFloorTokens ?? defaultHolderFloorTokens;
   return {
     /**
      * Grants up to `requestedNanos` of what is left of the scope's budget in the current billing period; a key's
-     * budget is shared with the keys it was rotated from (its lineage), whose spend and leases count here too.
+     * budget is shared with the keys it was rotated from (its lineage), whose spend and leases count here too. A key's
+     * monthly tokens ("api_key_tokens") are a budget in tokens: its usage counts at its input + output tokens, and
+     * every amount here (grants, spend, what usage records charge a lease) is in tokens.
      * The scope's row is locked for the transaction, so concurrent grants are serialised and together never exceed
      * the budget. Committed spend is the recorded usage plus what released leases reported spent beyond the usage
      * recorded against them (usage arrives later than releases, and names its leases); active leases reserve their
@@ -60,11 +66,14 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
      */
     acquireBudgetLease(request: BudgetLeaseRequest): Promise<BudgetLeaseGrant> {
       return db.transaction(async (tx) => {
+        const tokens = request.scope === "api_key_tokens";
         const scopeRows = await tx.query<ScopeRow>(
           request.scope === "organization"
-            ? `SELECT id AS org_id, monthly_budget_nanos, billing_day, NULL AS revoked_at, NULL AS expires_at, suspended_at
+            ? `SELECT id AS org_id, monthly_budget_nanos AS budget, billing_day, NULL AS revoked_at, NULL AS expires_at,
+                 suspended_at
                FROM organizations WHERE id = $1 FOR NO KEY UPDATE`
-            : `SELECT k.org_id, k.monthly_budget_nanos, o.billing_day, k.revoked_at, k.expires_at, o.suspended_at
+            : `SELECT k.org_id, ${tokens ? "k.monthly_tokens" : "k.monthly_budget_nanos"} AS budget, o.billing_day,
+                 k.revoked_at, k.expires_at, o.suspended_at
                FROM api_keys k JOIN organizations o ON o.id = k.org_id
                WHERE k.id = $1 FOR NO KEY UPDATE OF k`,
           [request.scopeId],
@@ -85,7 +94,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
           }
         }
 
-        const budget = BigInt(scope.monthly_budget_nanos);
+        const budget = BigInt(scope.budget);
         const scopeColumn = request.scope === "organization" ? "org_id" : "api_key_id";
         // A key's budget counts its whole lineage: the keys it was rotated from spent from it too. They are revoked,
         // so every grant of the lineage goes through this key's row, locked above.
@@ -113,7 +122,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
                  AND period_start >= $7 AND expires_at > greatest($5::timestamptz, $6::timestamptz)
              )
              SELECT
-               (SELECT coalesce(sum(cost_nanos), 0) FROM usage_summaries
+               (SELECT coalesce(sum(${tokens ? "input_tokens + output_tokens" : "cost_nanos"}), 0) FROM usage_summaries
                 WHERE ${scopeColumn} IN (SELECT id FROM scope_ids) AND day >= $2::date AND day < $3::date)
                + (SELECT coalesce(sum(spent_nanos - recorded_nanos), 0) FROM budget_leases
                   WHERE spent_nanos > recorded_nanos AND scope = $4
@@ -140,7 +149,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
           const used = usedRows[0];
           const left = budget - BigInt(used?.committed ?? 0) - BigInt(used?.reserved ?? 0);
           const held = BigInt(used?.held ?? 0);
-          const share = (left + held) / 2n + holderFloor - held;
+          const share = (left + held) / 2n + (tokens ? holderFloorTokens : holderFloorNanos) - held;
           // A request's own need is not held to the share: refusing it would not leave the money to anyone else.
           const allowed = share > request.neededNanos ? share : request.neededNanos;
           // An earlier grant of this lease is counted in `left` already, and is not granted again.
@@ -164,7 +173,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
             leaseId,
             request.scope,
             scope.org_id,
-            request.scope === "api_key" ? request.scopeId : null,
+            request.scope === "organization" ? null : request.scopeId,
             request.holder,
             period.start,
             granted.toString(),

@@ -25,6 +25,7 @@ const migrations = [
   "0008_invoice_numbers_at_issue.sql",
   "0009_org_suspension.sql",
   "0010_wrapping_time_windows.sql",
+  "0011_token_leases.sql",
 ];
 const billingTables = [
   "api_keys",

@@ -102,7 +102,7 @@ export interface UsageRecord {
   budgetCharges?: readonly BudgetCharge[];
 }
 
-/** What one request drew from one budget lease, in nano-USD. */
+/** What one request drew from one budget lease, in the lease's unit: nano-USD, or tokens for monthly tokens. */
 export interface BudgetCharge {
   leaseId: string;
   nanos: bigint;
@@ -123,7 +123,8 @@ export interface TimeRange {
   end: Date;
 }
 
-export type BudgetScope = "organization" | "api_key";
+/** A key's monthly tokens ("api_key_tokens") are leased as budgets are, in tokens. */
+export type BudgetScope = "organization" | "api_key" | "api_key_tokens";
 
 export interface BudgetLeaseRequest {
   scope: BudgetScope;

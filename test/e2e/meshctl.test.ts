@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
-import { maxChatCostNanos } from "../../gateway/budget.ts";
+import { maxChatSpend } from "../../gateway/budget.ts";
 import { loadGatewayConfig } from "../../gateway/config.ts";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
@@ -185,7 +185,7 @@ describe("meshctl drives the mesh", () => {
     const cost = BigInt((await chat(probe.secret)).headers.get("x-gateway-cost-nanos") ?? "0");
     expect(cost).toBeGreaterThan(0n);
     const price = loadGatewayConfig(path.join(root, "gateway/config.default.yaml")).models.get("mock")?.price;
-    const reserved = maxChatCostNanos(body, price as NonNullable<typeof price>, 1);
+    const reserved = maxChatSpend(body, price as NonNullable<typeof price>, 1).nanos;
     // Room for exactly four requests: the fifth cannot reserve its maximum.
     const budget = 3n * cost + reserved + cost / 2n;
 

@@ -238,7 +238,8 @@ export type RequestMetrics = Message<"analytics.v1.RequestMetrics"> & {
 
   /**
    * The budget leases cost_nanos was drawn from, and how much from each: the org's budget and the key's each pay the
-   * whole cost, perhaps from several leases. Empty when neither has a budget. Passed on to billing with the usage;
+   * whole cost, perhaps from several leases, and the key's monthly tokens the input + output tokens. Empty when none
+   * is set. Passed on to billing with the usage;
    * not stored in ClickHouse, so ListRequests answers without it.
    *
    * @generated from field: repeated common.v1.BudgetCharge budget_charges = 31;

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file common/v1/common.proto.
  */
 export const file_common_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChZjb21tb24vdjEvY29tbW9uLnByb3RvEgljb21tb24udjEicAoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgCIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAMgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBCABKAMiLwoMQnVkZ2V0Q2hhcmdlEhAKCGxlYXNlX2lkGAEgASgJEg0KBW5hbm9zGAIgASgDIm8KDUNvc3RCcmVha2Rvd24SEwoLaW5wdXRfbmFub3MYASABKAMSGgoSY2FjaGVkX2lucHV0X25hbm9zGAIgASgDEhQKDG91dHB1dF9uYW5vcxgDIAEoAxIXCg9yZWFzb25pbmdfbmFub3MYBCABKAMqcQoIRW5kcG9pbnQSGAoURU5EUE9JTlRfVU5TUEVDSUZJRUQQABIdChlFTkRQT0lOVF9DSEFUX0NPTVBMRVRJT05TEAESFwoTRU5EUE9JTlRfRU1CRURESU5HUxACEhMKD0VORFBPSU5UX01PREVMUxADYgZwcm90bzM");
+  fileDesc("ChZjb21tb24vdjEvY29tbW9uLnByb3RvEgljb21tb24udjEicAoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgCIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAMgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBCABKAMiPwoMQnVkZ2V0Q2hhcmdlEhAKCGxlYXNlX2lkGAEgASgJEg0KBW5hbm9zGAIgASgDEg4KBnRva2VucxgDIAEoAyJvCg1Db3N0QnJlYWtkb3duEhMKC2lucHV0X25hbm9zGAEgASgDEhoKEmNhY2hlZF9pbnB1dF9uYW5vcxgCIAEoAxIUCgxvdXRwdXRfbmFub3MYAyABKAMSFwoPcmVhc29uaW5nX25hbm9zGAQgASgDKnEKCEVuZHBvaW50EhgKFEVORFBPSU5UX1VOU1BFQ0lGSUVEEAASHQoZRU5EUE9JTlRfQ0hBVF9DT01QTEVUSU9OUxABEhcKE0VORFBPSU5UX0VNQkVERElOR1MQAhITCg9FTkRQT0lOVF9NT0RFTFMQA2IGcHJvdG8z");
 
 /**
  * Token counts of one request, as reported by the upstream provider or, when it
@@ -56,7 +56,8 @@ export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
   messageDesc(file_common_v1_common, 0);
 
 /**
- * What one request drew from one budget lease (billing.v1.BillingService.AcquireBudgetLease), in nano-USD.
+ * What one request drew from one budget lease (billing.v1.BillingService.AcquireBudgetLease): nano-USD from a lease of
+ * a money budget, tokens from one of a key's monthly tokens (billing.v1.BudgetScope.API_KEY_TOKENS); the other is 0.
  *
  * @generated from message common.v1.BudgetCharge
  */
@@ -67,9 +68,18 @@ export type BudgetCharge = Message<"common.v1.BudgetCharge"> & {
   leaseId: string;
 
   /**
+   * At most the request's cost_nanos.
+   *
    * @generated from field: int64 nanos = 2;
    */
   nanos: bigint;
+
+  /**
+   * At most the request's input + output tokens.
+   *
+   * @generated from field: int64 tokens = 3;
+   */
+  tokens: bigint;
 };
 
 /**
