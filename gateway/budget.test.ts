@@ -321,10 +321,10 @@ describe("budget leases", () => {
     const notes = { held: (id: string) => journal.add(id), settled: (id: string) => journal.delete(id) };
     // The first life holds most of the budget, serves one request, and is killed: its usage waits in the spool.
     const dead = keeper({ minLeaseNanos: 80n * cost, journal: notes });
-    const charges = (await dead.keeper.reserve(principal, cost, 60_000)).settle(cost);
+    const charges = (await dead.keeper.reserve(principal, usd(cost), 60_000)).settle(usd(cost));
     const ids = [...journal];
     expect(ids.length).toBe(1);
-    expect(charges).toEqual([{ leaseId: ids[0] as string, nanos: cost }]);
+    expect(charges).toEqual([{ leaseId: ids[0] as string, nanos: cost, tokens: 0n }]);
     let recorded = false;
     const { keeper: k, clock } = keeper({
       journal: notes,
@@ -334,7 +334,7 @@ describe("budget leases", () => {
     // Given back now, the spend not yet recorded would be granted again: the rest is what the dead life left.
     await Bun.sleep(50);
     expect((await leasesOf(principal.apiKeyId)).map((l) => l.spent)).toEqual([null]);
-    expect((await refusal(k.reserve(principal, 50n * cost, 60_000))).code).toBe("insufficient_quota");
+    expect((await refusal(k.reserve(principal, usd(50n * cost), 60_000))).code).toBe("insufficient_quota");
     // The spool's rows are acked: billing recorded the request against the lease.
     const record = {
       requestId: "req-before-the-crash",
@@ -356,9 +356,9 @@ describe("budget leases", () => {
     );
     expect(leases.rows).toEqual([{ spent_nanos: "0", recorded_nanos: String(cost) }]);
     clock.t += 2_000;
-    (await k.reserve(principal, budget - cost, 60_000)).settle(budget - cost);
+    (await k.reserve(principal, usd(budget - cost), 60_000)).settle(usd(budget - cost));
     clock.t += 2_000;
-    expect((await refusal(k.reserve(principal, 1n, 60_000))).code).toBe("insufficient_quota");
+    expect((await refusal(k.reserve(principal, usd(1n), 60_000))).code).toBe("insufficient_quota");
     await k.close();
     expect(journal.size).toBe(0);
   });

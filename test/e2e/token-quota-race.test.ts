@@ -145,10 +145,11 @@ describe("a key's monthly tokens raced by two gateway replicas", () => {
           `overshoot=${tokensServed - limit}\n`,
       );
       expect(tokensServed).toBeLessThanOrEqual(limit + estimationBound);
-      // A request reserves its bound (the prompt's bytes and framing, 95, plus max_tokens: 115 tokens) and uses 47, so
-      // the last requests may not fit, and each replica may be refused while the other still holds less than one
-      // reservation: up to 2 x 114 tokens of the limit may go unused, (940 - 228) / 47 = 15 requests are served.
-      expect(served.length).toBeGreaterThanOrEqual(N - 5);
+      // A request reserves its bound (the prompt's bytes and framing, 95, plus max_tokens: 115 tokens) and uses 47. A
+      // request is refused when the reservations of those running at that moment leave no room for its own, so how many
+      // are served depends on how they overlap (13 to 17 in runs here): at the least, as many as the limit holds at
+      // once at their reservations, 940 / 115 = 8.
+      expect(served.length).toBeGreaterThanOrEqual(Math.floor(Number(limit) / 115));
 
       // The pipeline drains: billing has a usage record for every request, refused ones at no tokens.
       const usage = await eventually(
