@@ -193,11 +193,16 @@ describe("what a running request counts at", () => {
     const withImage = estimatedChatTokens({ messages: [{ role: "user", content: [image] }], max_tokens: 100 }, 4096);
     expect(withImage).toBeGreaterThan(765);
     expect(withImage).toBeLessThan(1000);
+    // Chinese, Japanese and Korean text at three tokens in four characters, as o200k_base encodes it, not four
+    // characters a token (a third of that): a key's TPM is not overrun three times by such prompts.
+    const chinese = [{ role: "user" as const, content: "请用三句话解释一下机器学习是什么".repeat(25) }];
+    expect(estimatedChatTokens({ messages: chinese, max_tokens: 0 }, 4096) - prompt).toBeGreaterThan(290);
   });
 
-  test("an embeddings request: strings at about four characters a token, token arrays at their length", () => {
+  test("an embeddings request: strings at about four characters a token (CJK ones three in four), token arrays at their length", () => {
     expect(estimatedEmbeddingTokens("abcd".repeat(100))).toBe(100);
     expect(estimatedEmbeddingTokens(["abcd", "abcdefgh"])).toBe(3);
+    expect(estimatedEmbeddingTokens("機械学習".repeat(100))).toBe(300);
     expect(estimatedEmbeddingTokens(Array.from({ length: 1000 }, (_, i) => i))).toBe(1000);
     expect(estimatedEmbeddingTokens([Array(600).fill(7), Array(400).fill(7)])).toBe(1000);
   });

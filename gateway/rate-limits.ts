@@ -1,7 +1,7 @@
 import { rateLimited } from "./errors.ts";
 import { chatInputTokens, type EmbeddingInput, embeddingInputTokens, maxOutputTokens } from "./budget.ts";
-import { approxTokens, type ChatRequest } from "./providers/provider.ts";
-import { partTokensEstimate } from "./tokenizer.ts";
+import type { ChatRequest } from "./providers/provider.ts";
+import { estimatedTextTokens, partTokensEstimate } from "./tokenizer.ts";
 
 /**
  * Per-key requests-per-minute and tokens-per-minute limits over a sliding 60-second window kept in
@@ -276,18 +276,18 @@ const partTokens = new Map([
 ]);
 
 /**
- * Tokens a chat request is counted at while it runs: everything it sends (about four characters a token, parts at
- * partTokens) plus the most output it may produce, `cap` when it sets no max_tokens, as its budget reservation
+ * Tokens a chat request is counted at while it runs: everything it sends (about four characters a token, CJK ones three
+ * in four, parts at partTokens) plus the most output it may produce, `cap` when it sets no max_tokens, as its budget reservation
  * counts it.
  */
 export function estimatedChatTokens(
   request: Pick<ChatRequest, "messages" | "tools" | "response_format" | "max_completion_tokens" | "max_tokens" | "n">,
   cap: number,
 ): number {
-  return chatInputTokens(request, approxTokens, partTokens) + maxOutputTokens(request, cap);
+  return chatInputTokens(request, estimatedTextTokens, partTokens) + maxOutputTokens(request, cap);
 }
 
-/** Tokens an embeddings request is counted at while it runs: its strings at about four characters a token. */
+/** Tokens an embeddings request is counted at while it runs: its strings as estimatedTextTokens takes them. */
 export function estimatedEmbeddingTokens(input: EmbeddingInput): number {
-  return embeddingInputTokens(input, approxTokens);
+  return embeddingInputTokens(input, estimatedTextTokens);
 }
