@@ -1,5 +1,17 @@
 import { afterEach, describe, expect, test } from "bun:test";
-import { appendFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  appendFileSync,
+  closeSync,
+  existsSync,
+  fstatSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { adoptLeaseJournal, leaseJournalFile, openLeaseJournal } from "./lease-journal.ts";
@@ -54,6 +66,27 @@ describe("budget lease journal", () => {
     journal.settled("lease_kept");
     journal.close();
     expect(existsSync(join(dir, leaseJournalFile))).toBe(false);
+  });
+
+  test("a rewrite the disk refuses leaves it appending to its file, and closes no file the process opened since", () => {
+    const dir = newRoot();
+    const journal = openLeaseJournal(dir);
+    journal.held("lease_kept");
+    // The rewritten file cannot be written (a full disk): a directory stands where it goes.
+    mkdirSync(join(dir, `${leaseJournalFile}.tmp`));
+    for (let i = 0; i < 600; i++) {
+      journal.held(`lease_${i}`);
+      journal.settled(`lease_${i}`);
+    }
+    // A file opened meanwhile takes the lowest free descriptor number.
+    const otherPath = join(dir, "0000000001.seg");
+    const other = openSync(otherPath, "w");
+    journal.held("lease_after");
+    expect(() => fstatSync(other)).not.toThrow();
+    closeSync(other);
+    expect(readFileSync(otherPath, "utf8")).toBe("");
+    rmSync(join(dir, `${leaseJournalFile}.tmp`), { recursive: true });
+    expect(openLeaseJournal(dir).inherited).toEqual(["lease_kept", "lease_after"]);
   });
 
   test("a spool adopted from a replica that is gone brings its leases; an empty spool with leases is kept at close", () => {

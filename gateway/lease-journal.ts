@@ -37,13 +37,18 @@ export function openLeaseJournal(dir: string, log?: Logger): LeaseJournal {
   const inherited = [...live];
   let fd = -1;
   let lines = 0;
+  let compactAt = compactLines;
   const rewrite = () => {
-    if (fd >= 0) closeSync(fd);
     const tmp = `${path}.tmp`;
     writeFileSync(tmp, [...live].map((id) => `+${id}\n`).join(""), { mode: 0o600 });
     renameSync(tmp, path);
+    // Only once the new file is in place: a rewrite that fails (a full disk) goes on appending to the old one, and the
+    // descriptor is never left closed here while the process reuses its number for another file.
+    if (fd >= 0) closeSync(fd);
+    fd = -1;
     fd = openSync(path, "a", 0o600);
     lines = live.size;
+    compactAt = compactLines;
   };
   rewrite();
   const append = (line: string) => {
@@ -51,7 +56,11 @@ export function openLeaseJournal(dir: string, log?: Logger): LeaseJournal {
     try {
       writeSync(fd, line);
       lines++;
-      if (lines >= compactLines && lines > live.size * 2) rewrite();
+      if (lines >= compactAt && lines > live.size * 2) {
+        // Tried again only after as many lines more, not at every line while the disk refuses it.
+        compactAt = lines + compactLines;
+        rewrite();
+      }
     } catch (e) {
       // Only a lease's early release after a crash is lost: billing still frees it at its TTL plus grace.
       log?.warn("writing the budget lease journal failed", { err: e, path });
