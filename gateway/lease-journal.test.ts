@@ -1,5 +1,18 @@
 import { afterEach, describe, expect, test } from "bun:test";
-import { appendFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  appendFileSync,
+  closeSync,
+  existsSync,
+  fstatSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
 import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { adoptLeaseJournal, leaseJournalFile, openLeaseJournal } from "./lease-journal.ts";
@@ -54,6 +67,52 @@ describe("budget lease journal", () => {
     journal.settled("lease_kept");
     journal.close();
     expect(existsSync(join(dir, leaseJournalFile))).toBe(false);
+  });
+
+  test("a rewrite the disk refuses leaves it appending to its file, and closes no file the process opened since", () => {
+    const dir = newRoot();
+    const journal = openLeaseJournal(dir);
+    journal.held("lease_kept");
+    // The rewritten file cannot be written (a full disk): a directory stands where it goes.
+    mkdirSync(join(dir, `${leaseJournalFile}.tmp`));
+    for (let i = 0; i < 600; i++) {
+      journal.held(`lease_${i}`);
+      journal.settled(`lease_${i}`);
+    }
+    // A file opened meanwhile takes the lowest free descriptor number.
+    const otherPath = join(dir, "0000000001.seg");
+    const other = openSync(otherPath, "w");
+    journal.held("lease_after");
+    expect(() => fstatSync(other)).not.toThrow();
+    closeSync(other);
+    expect(readFileSync(otherPath, "utf8")).toBe("");
+    rmSync(join(dir, `${leaseJournalFile}.tmp`), { recursive: true });
+    expect(openLeaseJournal(dir).inherited).toEqual(["lease_kept", "lease_after"]);
+  });
+
+  test("a disk that refuses its lines is warned of once, and its end logged once, while leases come and go", () => {
+    const dir = newRoot();
+    const log = createTestLogger();
+    let full = false;
+    const write = (fd: number, line: string) => {
+      if (full) throw Object.assign(new Error("ENOSPC: no space left on device, write"), { code: "ENOSPC" });
+      return writeSync(fd, line);
+    };
+    const journal = openLeaseJournal(dir, log, { write });
+    journal.held("lease_before");
+    full = true;
+    for (let i = 0; i < 100; i++) {
+      journal.held(`lease_${i}`);
+      journal.settled(`lease_${i}`);
+    }
+    full = false;
+    journal.held("lease_after");
+    const logged = log.lines.map((line) => JSON.parse(line) as { level: string; msg: string; failures?: number });
+    expect(logged.filter((l) => l.level === "warn").map((l) => l.msg)).toEqual(["writing the budget lease journal failed"]);
+    expect(logged.filter((l) => l.level === "info")).toMatchObject([
+      { msg: "the budget lease journal is written again", failures: 200 },
+    ]);
+    expect(openLeaseJournal(dir).inherited).toEqual(["lease_before", "lease_after"]);
   });
 
   test("a spool adopted from a replica that is gone brings its leases; an empty spool with leases is kept at close", () => {

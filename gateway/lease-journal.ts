@@ -1,6 +1,6 @@
 import { closeSync, existsSync, openSync, readFileSync, renameSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
-import type { Logger } from "../lib/log.ts";
+import { createOutageLog, type Logger } from "../lib/log.ts";
 
 /**
  * The budget leases a gateway replica holds, kept in its metrics spool's directory, so that a replica killed before it
@@ -30,31 +30,52 @@ export const leaseJournalFile = "LEASES";
 // The file is rewritten with its live ids once it has this many lines, and more than twice as many as live ids.
 const compactLines = 1_000;
 
+export interface LeaseJournalOptions {
+  /** Appends a line at the descriptor (fs.writeSync); tests fill the disk here. */
+  write?: (fd: number, line: string) => number;
+}
+
 /** Opens (or creates) the journal in `dir`, a spool directory this process holds locked. */
-export function openLeaseJournal(dir: string, log?: Logger): LeaseJournal {
+export function openLeaseJournal(dir: string, log?: Logger, options: LeaseJournalOptions = {}): LeaseJournal {
   const path = join(dir, leaseJournalFile);
+  const write = options.write ?? ((fd, line) => writeSync(fd, line));
+  // Once while the disk refuses it (full, most likely), not at every lease asked for and given back meanwhile.
+  const outage = createOutageLog(log, {
+    failed: "writing the budget lease journal failed",
+    recovered: "the budget lease journal is written again",
+  });
   const live = readLive(path, log);
   const inherited = [...live];
   let fd = -1;
   let lines = 0;
+  let compactAt = compactLines;
   const rewrite = () => {
-    if (fd >= 0) closeSync(fd);
     const tmp = `${path}.tmp`;
     writeFileSync(tmp, [...live].map((id) => `+${id}\n`).join(""), { mode: 0o600 });
     renameSync(tmp, path);
+    // Only once the new file is in place: a rewrite that fails (a full disk) goes on appending to the old one, and the
+    // descriptor is never left closed here while the process reuses its number for another file.
+    if (fd >= 0) closeSync(fd);
+    fd = -1;
     fd = openSync(path, "a", 0o600);
     lines = live.size;
+    compactAt = compactLines;
   };
   rewrite();
   const append = (line: string) => {
     if (fd < 0) return;
     try {
-      writeSync(fd, line);
+      write(fd, line);
       lines++;
-      if (lines >= compactLines && lines > live.size * 2) rewrite();
+      if (lines >= compactAt && lines > live.size * 2) {
+        // Tried again only after as many lines more, not at every line while the disk refuses it.
+        compactAt = lines + compactLines;
+        rewrite();
+      }
+      outage.recovered({ path });
     } catch (e) {
       // Only a lease's early release after a crash is lost: billing still frees it at its TTL plus grace.
-      log?.warn("writing the budget lease journal failed", { err: e, path });
+      outage.failed({ err: e, path });
     }
   };
   return {
