@@ -63,6 +63,10 @@ models:
     targets: [{ provider: mock, model: mock-echo-1 }]
     # $1000 per million tokens: a token costs 1,000,000 nano-USD, so budgets read in tokens.
     pricing: { input_per_mtok: "1000", output_per_mtok: "1000" }
+  - name: mock-small-window
+    targets: [{ provider: mock, model: mock-echo-1 }]
+    pricing: { input_per_mtok: "1000", output_per_mtok: "1000" }
+    context_window: 500
   - name: routed
     targets: [{ provider: fake, model: flaky }, { provider: fake, model: stable }]
     pricing: { input_per_mtok: "1", output_per_mtok: "1" }
@@ -409,6 +413,14 @@ describe("budget with files", () => {
     expect(res.status).toBe(429);
     expect(await errorOf(res)).toMatchObject({ type: "insufficient_quota", code: "insufficient_quota" });
     expect(mockCalls).toBe(before);
+  });
+
+  test("on a model with a context window configured, a file part reserves no more than that window", async () => {
+    // A window of 500 tokens: the file and the output reserve 505 tokens, $0.505 of this key's $1.
+    const key = await keyWith({ monthlyBudgetNanos: 1_000_000_000n });
+    const pdf = { type: "file", file: { file_id: "file-300-pages" } };
+    const res = await post(key, { model: "mock-small-window", messages: [{ role: "user", content: [pdf] }], max_tokens: 5 });
+    expect(res.status).toBe(200);
   });
 });
 

@@ -886,13 +886,18 @@ export function maxSpend(inputTokens: number, outputTokens: number, price: Price
   return { nanos, tokens: BigInt(inputTokens + outputTokens) };
 }
 
-/** The most a chat request can use; `cap` is the output budgeted when it sets no max_tokens. */
+/**
+ * The most a chat request can use; `cap` is the output budgeted when it sets no max_tokens, `contextWindow` the most
+ * its model reads (a prompt's bytes and a file's bound are taken no higher).
+ */
 export function maxChatSpend(
   request: Pick<ChatRequest, "messages" | "tools" | "response_format" | "max_completion_tokens" | "max_tokens" | "n">,
   price: Price,
   cap: number,
+  contextWindow?: number,
 ): Spend {
-  return maxSpend(maxInputTokens(request), maxOutputTokens(request, cap), price);
+  const input = maxInputTokens(request);
+  return maxSpend(contextWindow === undefined ? input : Math.min(input, contextWindow), maxOutputTokens(request, cap), price);
 }
 
 export type EmbeddingInput = string | readonly string[] | readonly number[] | readonly number[][];

@@ -156,6 +156,8 @@ const model = z.strictObject({
   request_timeout_ms: z.number().int().min(1).max(3_600_000).optional(),
   /** Output tokens a request without max_tokens is budgeted for; GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS when unset. */
   max_output_tokens: z.number().int().min(1).max(10_000_000).optional(),
+  /** The most tokens the model reads in a request: bounds what its budget reservation takes a prompt at. */
+  context_window: z.number().int().min(1).max(100_000_000).optional(),
 });
 
 const file = z
@@ -240,6 +242,8 @@ export interface ModelRoute {
   requestTimeoutMs?: number | undefined;
   /** Output tokens budgeted for requests that set no max_tokens; the gateway's default when undefined. */
   maxOutputTokens?: number | undefined;
+  /** The most tokens the model reads in a request (its context window), when configured. */
+  contextWindow?: number | undefined;
 }
 
 export interface GatewayConfig {
@@ -287,6 +291,7 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
       retries: m.retries,
       requestTimeoutMs: m.request_timeout_ms,
       maxOutputTokens: m.max_output_tokens,
+      contextWindow: m.context_window,
     });
   }
   return { providers: result.data.providers, models };

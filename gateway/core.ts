@@ -491,7 +491,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         principal,
         route,
-        maxChatSpend(input.upstream, reservationPrice(route), cap),
+        maxChatSpend(input.upstream, reservationPrice(route), cap, route.contextWindow),
         estimatedChatTokens(input.upstream, cap),
       );
       const result = await callUpstream(
@@ -528,7 +528,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         principal,
         route,
-        maxChatSpend(input.upstream, reservationPrice(route), cap),
+        maxChatSpend(input.upstream, reservationPrice(route), cap, route.contextWindow),
         estimatedChatTokens(input.upstream, cap),
       );
       // A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and
