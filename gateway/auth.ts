@@ -1,6 +1,6 @@
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { type Client, Code, ConnectError } from "@connectrpc/connect";
-import { Counter, type Registry } from "prom-client";
+import { Counter, Gauge, type Registry } from "prom-client";
 import {
   type AuthorizeKeyResponse,
   type BillingService,
@@ -342,6 +342,8 @@ export interface KeyChangeWatchOptions {
   maxBackoffMs?: number;
   random?: () => number;
   log?: Logger;
+  /** Where `gateway_key_changes_stream_up` is registered. */
+  registry?: Registry;
 }
 
 export interface KeyChangeWatch {
@@ -363,9 +365,18 @@ export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch 
   const random = options.random ?? Math.random;
   const stopping = new AbortController();
   let healthy = false;
+  const up = options.registry
+    ? new Gauge({
+        name: "gateway_key_changes_stream_up",
+        help: "1 while billing's key change stream is confirmed to deliver; 0 while keys are cached for the fallback TTL.",
+        registers: [options.registry],
+      })
+    : undefined;
+  up?.set(0);
 
   const setHealthy = (value: boolean) => {
     healthy = value;
+    up?.set(value ? 1 : 0);
     keys.setWatching(value);
   };
 
