@@ -14,6 +14,7 @@ import { parseGatewayConfig } from "./config.ts";
 import { createGatewayCore } from "./core.ts";
 import { createRestApp, type RestApp } from "./http/app.ts";
 import { createProviders } from "./providers/index.ts";
+import { eventually } from "../test/support.ts";
 import { createRecordingShipper, createTestLogger } from "./testing.ts";
 
 // A real billing (Postgres) on a real socket, which the gateway stops hearing when its server closes; the admin
@@ -108,8 +109,17 @@ afterAll(async () => {
   await db?.drop();
 }, 30_000);
 
+/**
+ * Billing started again, once the gateway has heard it: a connection it began while billing was down, for its change
+ * stream, fails though billing is back, and so does a key check that waited for it.
+ */
+const restartBilling = async () => {
+  await startBilling();
+  await eventually(() => watch.healthy(), { timeoutMs: 10_000, intervalMs: 10, what: "the change stream back" });
+};
+
 beforeEach(async () => {
-  if (!billingServer) await startBilling();
+  if (!billingServer) await restartBilling();
 });
 
 async function chat(key: string, maxTokens = 8): Promise<{ status: number; code?: string }> {
@@ -200,7 +210,7 @@ describe("billing unreachable", () => {
     expect(answers[firstRefused]?.at).toBeGreaterThan(staleMs - 300);
     expect(answers[firstRefused]?.at).toBeLessThan(staleMs + vouchedWithinMs + 300);
 
-    await startBilling();
+    await restartBilling();
     expect(await chat(key)).toEqual({ status: 200, code: undefined });
   }, 60_000);
 });
