@@ -221,8 +221,9 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
             return { principal: undefined, rejection, loadedAt };
           }
           billingOutage.failed({ code: Code[err.code], err: err.rawMessage });
-          // Not a refusal: billing could not be asked (a connection error is Unavailable too).
-          if (err.code === Code.Unavailable || err.code === Code.DeadlineExceeded) billingDown = true;
+          // Not a refusal: billing could not be asked (a connection error is Unavailable too), or a check in flight was
+          // cut off as billing went away (Canceled as its server closed the stream, Aborted as the connection reset).
+          if (unreachable.has(err.code)) billingDown = true;
           throw serviceUnavailable("API keys cannot be checked right now; retry shortly.", "auth_unavailable");
         },
       )
@@ -310,6 +311,9 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     billingDown: () => billingDown,
   };
 }
+
+/** Codes of a key check billing could not answer, rather than one it answered with an error. */
+const unreachable = new Set([Code.Unavailable, Code.DeadlineExceeded, Code.Canceled, Code.Aborted]);
 
 function principalOf(grant: AuthorizeKeyResponse, authorizedAt: number): Principal {
   const key = grant.apiKey;

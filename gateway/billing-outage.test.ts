@@ -28,6 +28,7 @@ let billingApp: ReturnType<typeof createBillingApp>;
 let admin: ReturnType<typeof createClient<typeof BillingService>>;
 let billingPort: number;
 let billingServer: RunningServer | undefined;
+let billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
 let watch: KeyChangeWatch;
 let budget: BudgetKeeper;
 let app: RestApp;
@@ -64,7 +65,7 @@ beforeAll(async () => {
   await startBilling();
   // Started again on the same port, where the gateway's client reconnects.
   billingPort = billingServer?.port as number;
-  const billing = createServiceClient(BillingService, {
+  billing = createServiceClient(BillingService, {
     baseUrl: `http://127.0.0.1:${billingPort}`,
     bearerToken: adminToken,
     timeoutMs: 10_000,
@@ -193,6 +194,34 @@ describe("billing unreachable", () => {
     const later = after.filter((a) => a.key === revoked && a.at > (refused[0]?.at ?? 0));
     expect(later.every((a) => a.status === 401)).toBe(true);
     expect(after.filter((a) => a.key !== revoked && a.status !== 200)).toEqual([]);
+  }, 60_000);
+
+  test("a key check cut off as billing goes away admits a key billing vouched for lately", async () => {
+    // Without a change stream, the key is cached for 100 ms.
+    const keys = createKeyAuthorizer({ billing, fallbackTtlMs: 100, staleMs, log });
+    const key = await newKey();
+    const apiKeyId = keyIds.get(key);
+    expect((await keys.authorize(key)).apiKeyId).toBe(apiKeyId as string);
+    await Bun.sleep(150); // past its TTL in the cache: the next request asks billing
+    const locker = await db.pool.connect();
+    try {
+      await locker.query("BEGIN");
+      await locker.query("LOCK TABLE api_keys");
+      const pending = keys.authorize(key).then((p) => p.apiKeyId, (e: unknown) => e);
+      await eventually(async () => {
+        const { rows } = await db.pool.query(
+          "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        );
+        return rows.length > 0;
+      });
+      // Billing's server closes with the check in flight (as a restart or a crash cuts it).
+      await stopBilling();
+      expect(await pending).toBe(apiKeyId as string);
+      expect(keys.billingDown()).toBe(true);
+    } finally {
+      await locker.query("ROLLBACK");
+      locker.release();
+    }
   }, 60_000);
 
   test("past the stale window since billing last vouched for it, a key gets 503 until billing answers", async () => {
