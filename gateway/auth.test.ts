@@ -412,20 +412,25 @@ describe("watching key changes", () => {
     const billing = streamFake();
     const { keys, forgotten, watching } = recorder();
     const revoked: string[] = [];
+    const registry = new Registry();
+    const up = async () => (await registry.getSingleMetric("gateway_key_changes_stream_up")?.get())?.values[0]?.value;
     const watch = watchKeyChanges({
       billing: billing.client,
       keys,
       onRevoked: (apiKeyId) => void revoked.push(apiKeyId),
       backoffMs: 10,
       random: () => 1,
+      registry,
     });
     await until(() => billing.opened() === 1);
     // Trusted from billing's first message (it listens by then), not before.
     await Bun.sleep(50);
     expect(watch.healthy()).toBe(false);
+    expect(await up()).toBe(0);
     billing.push({ secretHash: "", apiKeyId: "", revoked: false });
     await until(() => watch.healthy());
     expect(watching).toEqual([true]);
+    expect(await up()).toBe(1);
 
     billing.push({ secretHash: "abc", apiKeyId: "key_1", revoked: true });
     await until(() => forgotten.length > 0);
@@ -443,6 +448,7 @@ describe("watching key changes", () => {
     billing.push(new Error("billing restarting"));
     await until(() => !watch.healthy());
     expect(watching).toEqual([true, false]);
+    expect(await up()).toBe(0);
     await until(() => billing.opened() === 2);
     billing.push({ secretHash: "", apiKeyId: "", revoked: false });
     await until(() => watch.healthy());

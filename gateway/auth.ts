@@ -1,6 +1,6 @@
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { type Client, Code, ConnectError } from "@connectrpc/connect";
-import { Counter, type Registry } from "prom-client";
+import { Counter, Gauge, type Registry } from "prom-client";
 import {
   type AuthorizeKeyResponse,
   type BillingService,
@@ -221,8 +221,9 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
             return { principal: undefined, rejection, loadedAt };
           }
           billingOutage.failed({ code: Code[err.code], err: err.rawMessage });
-          // Not a refusal: billing could not be asked (a connection error is Unavailable too).
-          if (err.code === Code.Unavailable || err.code === Code.DeadlineExceeded) billingDown = true;
+          // Not a refusal: billing could not be asked (a connection error is Unavailable too), or a check in flight was
+          // cut off as billing went away (Canceled as its server closed the stream, Aborted as the connection reset).
+          if (unreachable.has(err.code)) billingDown = true;
           throw serviceUnavailable("API keys cannot be checked right now; retry shortly.", "auth_unavailable");
         },
       )
@@ -311,6 +312,9 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   };
 }
 
+/** Codes of a key check billing could not answer, rather than one it answered with an error. */
+const unreachable = new Set([Code.Unavailable, Code.DeadlineExceeded, Code.Canceled, Code.Aborted]);
+
 function principalOf(grant: AuthorizeKeyResponse, authorizedAt: number): Principal {
   const key = grant.apiKey;
   const limits = key?.limits;
@@ -342,6 +346,8 @@ export interface KeyChangeWatchOptions {
   maxBackoffMs?: number;
   random?: () => number;
   log?: Logger;
+  /** Where `gateway_key_changes_stream_up` is registered. */
+  registry?: Registry;
 }
 
 export interface KeyChangeWatch {
@@ -363,9 +369,18 @@ export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch 
   const random = options.random ?? Math.random;
   const stopping = new AbortController();
   let healthy = false;
+  const up = options.registry
+    ? new Gauge({
+        name: "gateway_key_changes_stream_up",
+        help: "1 while billing's key change stream is confirmed to deliver; 0 while keys are cached for the fallback TTL.",
+        registers: [options.registry],
+      })
+    : undefined;
+  up?.set(0);
 
   const setHealthy = (value: boolean) => {
     healthy = value;
+    up?.set(value ? 1 : 0);
     keys.setWatching(value);
   };
 

@@ -14,6 +14,7 @@ import { parseGatewayConfig } from "./config.ts";
 import { createGatewayCore } from "./core.ts";
 import { createRestApp, type RestApp } from "./http/app.ts";
 import { createProviders } from "./providers/index.ts";
+import { eventually } from "../test/support.ts";
 import { createRecordingShipper, createTestLogger } from "./testing.ts";
 
 // A real billing (Postgres) on a real socket, which the gateway stops hearing when its server closes; the admin
@@ -27,6 +28,7 @@ let billingApp: ReturnType<typeof createBillingApp>;
 let admin: ReturnType<typeof createClient<typeof BillingService>>;
 let billingPort: number;
 let billingServer: RunningServer | undefined;
+let billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
 let watch: KeyChangeWatch;
 let budget: BudgetKeeper;
 let app: RestApp;
@@ -63,7 +65,7 @@ beforeAll(async () => {
   await startBilling();
   // Started again on the same port, where the gateway's client reconnects.
   billingPort = billingServer?.port as number;
-  const billing = createServiceClient(BillingService, {
+  billing = createServiceClient(BillingService, {
     baseUrl: `http://127.0.0.1:${billingPort}`,
     bearerToken: adminToken,
     timeoutMs: 10_000,
@@ -108,8 +110,17 @@ afterAll(async () => {
   await db?.drop();
 }, 30_000);
 
+/**
+ * Billing started again, once the gateway has heard it: a connection it began while billing was down, for its change
+ * stream, fails though billing is back, and so does a key check that waited for it.
+ */
+const restartBilling = async () => {
+  await startBilling();
+  await eventually(() => watch.healthy(), { timeoutMs: 10_000, intervalMs: 10, what: "the change stream back" });
+};
+
 beforeEach(async () => {
-  if (!billingServer) await startBilling();
+  if (!billingServer) await restartBilling();
 });
 
 async function chat(key: string, maxTokens = 8): Promise<{ status: number; code?: string }> {
@@ -185,6 +196,34 @@ describe("billing unreachable", () => {
     expect(after.filter((a) => a.key !== revoked && a.status !== 200)).toEqual([]);
   }, 60_000);
 
+  test("a key check cut off as billing goes away admits a key billing vouched for lately", async () => {
+    // Without a change stream, the key is cached for 100 ms.
+    const keys = createKeyAuthorizer({ billing, fallbackTtlMs: 100, staleMs, log });
+    const key = await newKey();
+    const apiKeyId = keyIds.get(key);
+    expect((await keys.authorize(key)).apiKeyId).toBe(apiKeyId as string);
+    await Bun.sleep(150); // past its TTL in the cache: the next request asks billing
+    const locker = await db.pool.connect();
+    try {
+      await locker.query("BEGIN");
+      await locker.query("LOCK TABLE api_keys");
+      const pending = keys.authorize(key).then((p) => p.apiKeyId, (e: unknown) => e);
+      await eventually(async () => {
+        const { rows } = await db.pool.query(
+          "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        );
+        return rows.length > 0;
+      });
+      // Billing's server closes with the check in flight (as a restart or a crash cuts it).
+      await stopBilling();
+      expect(await pending).toBe(apiKeyId as string);
+      expect(keys.billingDown()).toBe(true);
+    } finally {
+      await locker.query("ROLLBACK");
+      locker.release();
+    }
+  }, 60_000);
+
   test("past the stale window since billing last vouched for it, a key gets 503 until billing answers", async () => {
     const key = await newKey(10_000_000_000n);
     // Billing vouches for the key at some time within this call, however long it takes.
@@ -200,7 +239,7 @@ describe("billing unreachable", () => {
     expect(answers[firstRefused]?.at).toBeGreaterThan(staleMs - 300);
     expect(answers[firstRefused]?.at).toBeLessThan(staleMs + vouchedWithinMs + 300);
 
-    await startBilling();
+    await restartBilling();
     expect(await chat(key)).toEqual({ status: 200, code: undefined });
   }, 60_000);
 });

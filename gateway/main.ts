@@ -206,6 +206,7 @@ const keyChanges = watchKeyChanges({
   keys,
   onRevoked: (apiKeyId) => budget.releaseKey(apiKeyId),
   log: log.child({ component: "key-changes" }),
+  registry: runtime.metrics.registry,
 });
 const shipper = createMetricsShipper({
   client: analytics,
