@@ -130,7 +130,7 @@ interface LeaseRow {
 
 describe("a budget raced by two gateway replicas", () => {
   test(
-    `${10 * N} concurrent requests against a budget for ${N}: no overspend, no over-grant`,
+    `${10 * N} concurrent requests against a budget for ${N}: no overspend, every lease's spend recorded once`,
     async () => {
       const { secret, apiKey } = await billing.createApiKey({ orgId, name: "race", limits: { monthlyBudgetNanos: budget } });
       const keyId = apiKey?.id as string;
@@ -184,9 +184,11 @@ describe("a budget raced by two gateway replicas", () => {
       );
       for (const lease of recorded.rows) expect(lease.recorded).toBe(lease.spent);
 
-      // Replay grants (at the time billing minted their id, inside the locked transaction) and releases (at the
-      // time the release began, so never later than a grant that saw it): money outstanding, granted and not yet
-      // returned, may never exceed the budget.
+      // Money outstanding (granted, not yet returned) over time, replayed for the log only: lease ids are minted by the
+      // gateways before they ask, and billing's timestamps are the calls' arrivals, before the scope's lock, so the
+      // order grants and releases took under the lock cannot be recovered from them (a replay put the peak up to 2.5%
+      // over the budget in runs where nothing was spent past it). That grants under the lock keep to the budget is
+      // checked in billing/store/budget-leases.test.ts; what matters here, spend within the budget, is checked above.
       const events = rows.flatMap((r) => [
         { at: decodeTime(r.id.slice("lease_".length)), delta: BigInt(r.granted_nanos), release: false },
         { at: (r.released_at as Date).getTime(), delta: -(BigInt(r.granted_nanos) - BigInt(r.spent_nanos ?? 0)), release: true },
@@ -198,7 +200,6 @@ describe("a budget raced by two gateway replicas", () => {
         outstanding += e.delta;
         if (outstanding > peak) peak = outstanding;
       }
-      expect(peak).toBeLessThanOrEqual(budget);
       const granted = rows.reduce((sum, r) => sum + BigInt(r.granted_nanos), 0n);
       process.stdout.write(
         `budget race: N=${N} budget=${budget} served=${served.length} spent=${spent} overshoot=${spent - budget} ` +
