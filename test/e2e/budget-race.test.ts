@@ -2,23 +2,17 @@
  * Budgets under concurrency, with real processes: billing, analytics and two gateway replicas share one key whose
  * budget covers exactly N requests of known cost, and 10*N requests race for it (then 2*N more once leftovers can be
  * granted again). Settled spend must stay within the budget plus the documented estimation bound (zero here: the mock
- * never exceeds its reserved maximum), at most N requests may succeed, and billing's lease table must show that the
- * leases outstanding never exceeded the budget.
+ * never exceeds its reserved maximum), at most N requests may succeed, every request is billed once, and every lease
+ * must be released with its spend recorded against it.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import * as path from "node:path";
 import { decodeTime } from "ulid";
-import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
-import { freePort, type ServiceProcess, spawnService } from "../../lib/processes.ts";
-import { createServiceClient } from "../../lib/rpc-client.ts";
-import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
-import { type Mesh, startMesh } from "../../scripts/mesh.ts";
+import type { ServiceProcess } from "../../lib/processes.ts";
+import type { TestDatabase } from "../../billing/store/test-db.ts";
+import type { Mesh } from "../../scripts/mesh.ts";
 import { eventually } from "../support.ts";
+import { type Replicas, startReplicas, streamsConfirmed } from "./replicas.ts";
 
-const root = path.resolve(import.meta.dir, "../..");
-const adminToken = "race-admin-token-0123456789";
 const N = 20;
 // The mock counts 4 characters a token: 3 + 4 + 80/4 = 27 input tokens, and the reply is cut at max_tokens.
 const prompt = "x".repeat(80);
@@ -39,77 +33,30 @@ models:
     pricing: { input_per_mtok: "0.01", output_per_mtok: "100" }
 `;
 
+let replicas: Replicas;
 let db: TestDatabase;
-let dataDir: string;
 let mesh: Mesh;
 let second: ServiceProcess;
 let gateways: string[];
-let billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
+let billing: Replicas["billing"];
 let orgId: string;
 const logs: string[] = [];
 
 beforeAll(async () => {
-  db = await createTestDatabase();
-  dataDir = await mkdtemp(path.join(tmpdir(), "budget-race-"));
-  const config = path.join(dataDir, "race.yaml");
-  await writeFile(config, routes);
   const gatewayEnv = {
-    GATEWAY_CONFIG: config,
     // Small leases (a burst would otherwise take the whole budget in one): many grants and releases race in billing.
     GATEWAY_BUDGET_MIN_LEASE_NANOS: String(costPerRequest * 2n),
     GATEWAY_BUDGET_MAX_LEASE_NANOS: String(costPerRequest * 3n),
     GATEWAY_BUDGET_LEASE_HORIZON_S: "1",
   };
-  mesh = await startMesh({
-    dataDir,
-    adminToken,
-    ports: { gateway: 0, billing: 0, analytics: 0 },
-    env: { DATABASE_URL: db.connectionString, LOG_LEVEL: "warn" },
-    serviceEnv: { gateway: { ...gatewayEnv, GATEWAY_INSTANCE_ID: "race-gw-1" } },
-    onLine: (service, line) => logs.push(`[${service}] ${line}`),
-  });
-  const port = await freePort();
-  second = spawnService({
-    name: "gateway-2",
-    cmd: [process.execPath, path.join(root, "gateway", "main.ts")],
-    cwd: root,
-    env: {
-      MESH_DATA_DIR: dataDir,
-      ADMIN_TOKEN: adminToken,
-      BILLING_URL: mesh.urls.billing,
-      ANALYTICS_URL: mesh.urls.analytics,
-      LOG_LEVEL: "warn",
-      GATEWAY_PORT: String(port),
-      ...gatewayEnv,
-      GATEWAY_INSTANCE_ID: "race-gw-2",
-    },
-    readyUrl: `http://127.0.0.1:${port}/readyz`,
-    onLine: (line) => logs.push(`[gateway-2] ${line}`),
-  });
-  await second.ready;
-  gateways = [mesh.urls.gateway, `http://127.0.0.1:${port}`];
-  billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken, timeoutMs: 10_000 });
+  replicas = await startReplicas({ name: "race", routes, gatewayEnv, logs });
+  ({ db, mesh, second, gateways, billing } = replicas);
   orgId = (await billing.createOrganization({ name: "race" })).organization?.id as string;
-  await streamsConfirmed(gateways);
 }, 120_000);
 
 afterAll(async () => {
-  await second?.stop();
-  await mesh?.stop();
-  await db?.drop();
-  if (dataDir) await rm(dataDir, { recursive: true, force: true });
+  await replicas?.stop();
 }, 60_000);
-
-/** Once each gateway has billing's key change stream confirmed: keys it loads from then on are cached for 30 s. */
-function streamsConfirmed(urls: string[]) {
-  return eventually(
-    async () => {
-      const texts = await Promise.all(urls.map(async (url) => (await fetch(`${url}/metrics`)).text()));
-      return texts.every((text) => /^gateway_key_changes_stream_up(\{[^}]*\})? 1$/m.test(text));
-    },
-    { timeoutMs: 20_000, intervalMs: 50, what: "key change streams confirmed" },
-  );
-}
 
 function chat(gateway: string, key: string) {
   return fetch(`${gateway}/v1/chat/completions`, {

@@ -6,18 +6,12 @@
  * released with its spend recorded against it, so billing counts none of it twice.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import * as path from "node:path";
-import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
-import { freePort, type ServiceProcess, spawnService } from "../../lib/processes.ts";
-import { createServiceClient } from "../../lib/rpc-client.ts";
-import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
-import { type Mesh, startMesh } from "../../scripts/mesh.ts";
+import type { ServiceProcess } from "../../lib/processes.ts";
+import type { TestDatabase } from "../../billing/store/test-db.ts";
+import type { Mesh } from "../../scripts/mesh.ts";
 import { eventually } from "../support.ts";
+import { type Replicas, startReplicas } from "./replicas.ts";
 
-const root = path.resolve(import.meta.dir, "../..");
-const adminToken = "token-race-admin-token-012345";
 const N = 20;
 // The mock counts 4 characters a token: 3 + 4 + 80/4 = 27 input tokens, and the reply is cut at max_tokens.
 const prompt = "x".repeat(80);
@@ -37,65 +31,31 @@ models:
     pricing: { input_per_mtok: "1", output_per_mtok: "1" }
 `;
 
+let replicas: Replicas;
 let db: TestDatabase;
-let dataDir: string;
 let mesh: Mesh;
 let second: ServiceProcess;
 let gateways: string[];
-let billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
+let billing: Replicas["billing"];
 let orgId: string;
 const logs: string[] = [];
 
 beforeAll(async () => {
-  db = await createTestDatabase();
-  dataDir = await mkdtemp(path.join(tmpdir(), "token-race-"));
-  const config = path.join(dataDir, "race.yaml");
-  await writeFile(config, routes);
-  const gatewayEnv = { GATEWAY_CONFIG: config, GATEWAY_BUDGET_LEASE_HORIZON_S: "1" };
-  mesh = await startMesh({
-    dataDir,
-    adminToken,
-    ports: { gateway: 0, billing: 0, analytics: 0 },
-    env: { DATABASE_URL: db.connectionString, LOG_LEVEL: "warn" },
-    serviceEnv: {
-      gateway: { ...gatewayEnv, GATEWAY_INSTANCE_ID: "token-gw-1" },
-      // No floor beyond half of what is left: the replicas split the limit, and grants and releases race in billing.
-      billing: { BUDGET_LEASE_HOLDER_FLOOR_TOKENS: "0" },
-    },
-    onLine: (service, line) => logs.push(`[${service}] ${line}`),
+  const gatewayEnv = { GATEWAY_BUDGET_LEASE_HORIZON_S: "1" };
+  replicas = await startReplicas({
+    name: "token",
+    routes,
+    gatewayEnv,
+    // No floor beyond half of what is left: the replicas split the limit, and grants and releases race in billing.
+    billingEnv: { BUDGET_LEASE_HOLDER_FLOOR_TOKENS: "0" },
+    logs,
   });
-  const port = await freePort();
-  second = spawnService({
-    name: "gateway-2",
-    cmd: [process.execPath, path.join(root, "gateway", "main.ts")],
-    cwd: root,
-    env: {
-      MESH_DATA_DIR: dataDir,
-      ADMIN_TOKEN: adminToken,
-      BILLING_URL: mesh.urls.billing,
-      ANALYTICS_URL: mesh.urls.analytics,
-      LOG_LEVEL: "warn",
-      GATEWAY_PORT: String(port),
-      ...gatewayEnv,
-      GATEWAY_INSTANCE_ID: "token-gw-2",
-    },
-    readyUrl: `http://127.0.0.1:${port}/readyz`,
-    onLine: (line) => logs.push(`[gateway-2] ${line}`),
-  });
-  await second.ready;
-  gateways = [mesh.urls.gateway, `http://127.0.0.1:${port}`];
-  const billingUrl = mesh.urls.billing;
-  billing = createServiceClient(BillingService, { baseUrl: billingUrl, bearerToken: adminToken, timeoutMs: 10_000 });
+  ({ db, mesh, second, gateways, billing } = replicas);
   orgId = (await billing.createOrganization({ name: "token race" })).organization?.id as string;
-  // Both gateways confirm billing's key change stream after a second of it being open.
-  await Bun.sleep(1_200);
 }, 120_000);
 
 afterAll(async () => {
-  await second?.stop();
-  await mesh?.stop();
-  await db?.drop();
-  if (dataDir) await rm(dataDir, { recursive: true, force: true });
+  await replicas?.stop();
 }, 60_000);
 
 function chat(gateway: string, key: string) {

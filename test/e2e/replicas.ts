@@ -1,0 +1,105 @@
+/**
+ * The mesh of the race tests: billing (on a Postgres of its own), analytics and two gateway replicas sharing one
+ * model config, each gateway with billing's key change stream confirmed, so keys it loads are cached for 30 s.
+ */
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import * as path from "node:path";
+import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
+import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
+import { freePort, type ServiceProcess, spawnService } from "../../lib/processes.ts";
+import { createServiceClient } from "../../lib/rpc-client.ts";
+import { type Mesh, startMesh } from "../../scripts/mesh.ts";
+import { eventually } from "../support.ts";
+
+const root = path.resolve(import.meta.dir, "../..");
+
+export interface Replicas {
+  db: TestDatabase;
+  dataDir: string;
+  mesh: Mesh;
+  /** The second gateway replica; the first is the mesh's. */
+  second: ServiceProcess;
+  /** Both gateways' base URLs. */
+  gateways: string[];
+  billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts the mesh with `routes` as the gateways' config and `gatewayEnv` in both; their instance ids are
+ * `<name>-gw-1` and `<name>-gw-2`. Every service's log lines go to `logs`.
+ */
+export async function startReplicas(options: {
+  name: string;
+  routes: string;
+  gatewayEnv: Record<string, string>;
+  billingEnv?: Record<string, string>;
+  logs: string[];
+}): Promise<Replicas> {
+  const { name, logs } = options;
+  const adminToken = `${name}-admin-token-0123456789`;
+  const db = await createTestDatabase();
+  const dataDir = await mkdtemp(path.join(tmpdir(), `${name}-race-`));
+  const config = path.join(dataDir, "race.yaml");
+  await writeFile(config, options.routes);
+  const gatewayEnv = { GATEWAY_CONFIG: config, ...options.gatewayEnv };
+  const mesh = await startMesh({
+    dataDir,
+    adminToken,
+    ports: { gateway: 0, billing: 0, analytics: 0 },
+    env: { DATABASE_URL: db.connectionString, LOG_LEVEL: "warn" },
+    serviceEnv: {
+      gateway: { ...gatewayEnv, GATEWAY_INSTANCE_ID: `${name}-gw-1` },
+      ...(options.billingEnv ? { billing: options.billingEnv } : {}),
+    },
+    onLine: (service, line) => logs.push(`[${service}] ${line}`),
+  });
+  const port = await freePort();
+  const second = spawnService({
+    name: "gateway-2",
+    cmd: [process.execPath, path.join(root, "gateway", "main.ts")],
+    cwd: root,
+    env: {
+      MESH_DATA_DIR: dataDir,
+      ADMIN_TOKEN: adminToken,
+      BILLING_URL: mesh.urls.billing,
+      ANALYTICS_URL: mesh.urls.analytics,
+      LOG_LEVEL: "warn",
+      GATEWAY_PORT: String(port),
+      ...gatewayEnv,
+      GATEWAY_INSTANCE_ID: `${name}-gw-2`,
+    },
+    readyUrl: `http://127.0.0.1:${port}/readyz`,
+    onLine: (line) => logs.push(`[gateway-2] ${line}`),
+  });
+  await second.ready;
+  const gateways = [mesh.urls.gateway, `http://127.0.0.1:${port}`];
+  const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken, timeoutMs: 10_000 });
+  await streamsConfirmed(gateways);
+  return {
+    db,
+    dataDir,
+    mesh,
+    second,
+    gateways,
+    billing,
+    async stop() {
+      await second.stop();
+      await mesh.stop();
+      await db.drop();
+      await rm(dataDir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Once each gateway has billing's key change stream confirmed: keys it loads from then on are cached for 30 s. */
+export function streamsConfirmed(urls: string[]) {
+  return eventually(
+    async () => {
+      const texts = await Promise.all(urls.map(async (url) => (await fetch(`${url}/metrics`)).text()));
+      return texts.every((text) => /^gateway_key_changes_stream_up(\{[^}]*\})? 1$/m.test(text));
+    },
+    { timeoutMs: 20_000, intervalMs: 50, what: "key change streams confirmed" },
+  );
+}
