@@ -2,22 +2,11 @@ import { expect, test } from "bun:test";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { runCommand } from "../lib/processes.ts";
-import { startTestGateway } from "./testing/served-gateway.ts";
+import { dripAndSlowRoutes, startTestGateway } from "./testing/served-gateway.ts";
 
 // What a SIGTERM does to requests still running when its grace period is over: each is told the gateway is going
 // away, in its protocol's form, and metered as cut by the gateway, not as a client that left.
-const routes = [
-  "providers:",
-  "  - { name: drip, kind: mock, latency_ms: 0, chunk_latency_ms: 50 }",
-  "  - { name: slow, kind: mock, latency_ms: 60000 }",
-  "models:",
-  "  - name: drip",
-  "    targets: [{ provider: drip, model: d }]",
-  '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
-  "  - name: slow",
-  "    targets: [{ provider: slow, model: s }]",
-  '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
-].join("\n");
+const routes = dripAndSlowRoutes;
 const messages = [{ role: "user", content: "x".repeat(4000) }];
 
 test("requests still running when the shutdown grace is over get a 503, an error event or Unavailable", async () => {

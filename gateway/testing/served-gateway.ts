@@ -27,6 +27,20 @@ export function oneModelRoutes(url: string): string {
   ].join("\n");
 }
 
+/** Two mock models for shutdown tests: `drip` streams a chunk every 50 ms, `slow` answers after a minute. */
+export const dripAndSlowRoutes = [
+  "providers:",
+  "  - { name: drip, kind: mock, latency_ms: 0, chunk_latency_ms: 50 }",
+  "  - { name: slow, kind: mock, latency_ms: 60000 }",
+  "models:",
+  "  - name: drip",
+  "    targets: [{ provider: drip, model: d }]",
+  '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+  "  - name: slow",
+  "    targets: [{ provider: slow, model: s }]",
+  '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+].join("\n");
+
 /**
  * A whole gateway (core, REST and RPC) on a real port, plus the REST API alone on Bun's server
  * (`restUrl`), configured by `routes` (gateway config YAML), with the billing fake's keys sk-good

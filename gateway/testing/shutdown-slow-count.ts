@@ -4,23 +4,10 @@
  * grace is over. Prints one JSON line, how long after the cut each was answered and how each was metered, and exits.
  */
 import { counterThread } from "../tokenizer.ts";
-import { startTestGateway } from "./served-gateway.ts";
+import { dripAndSlowRoutes, startTestGateway } from "./served-gateway.ts";
 
 counterThread.script = new URL("./tokenizer-wedging-worker.ts", import.meta.url).href;
-const gateway = await startTestGateway(
-  [
-    "providers:",
-    "  - { name: drip, kind: mock, latency_ms: 0, chunk_latency_ms: 50 }",
-    "  - { name: slow, kind: mock, latency_ms: 60000 }",
-    "models:",
-    "  - name: drip",
-    "    targets: [{ provider: drip, model: d }]",
-    '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
-    "  - name: slow",
-    "    targets: [{ provider: slow, model: s }]",
-    '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
-  ].join("\n"),
-);
+const gateway = await startTestGateway(dripAndSlowRoutes);
 const post = (model: string, stream: boolean) =>
   fetch(`${gateway.restUrl}/v1/chat/completions`, {
     method: "POST",

@@ -11,15 +11,11 @@ import type { ServiceProcess } from "../../lib/processes.ts";
 import type { TestDatabase } from "../../billing/store/test-db.ts";
 import type { Mesh } from "../../scripts/mesh.ts";
 import { eventually } from "../support.ts";
-import { type Replicas, startReplicas, streamsConfirmed } from "./replicas.ts";
+import { raceChat, raceInputTokens, raceMaxTokens, type Replicas, startReplicas, streamsConfirmed } from "./replicas.ts";
 
 const N = 20;
-// The mock counts 4 characters a token: 3 + 4 + 80/4 = 27 input tokens, and the reply is cut at max_tokens.
-const prompt = "x".repeat(80);
-const maxTokens = 20;
-const inputTokens = 27n;
 // Input $0.01 and output $100 per million tokens: 10 and 100,000 nano-USD a token.
-const costPerRequest = inputTokens * 10n + BigInt(maxTokens) * 100_000n;
+const costPerRequest = raceInputTokens * 10n + BigInt(raceMaxTokens) * 100_000n;
 const budget = costPerRequest * BigInt(N);
 // Overshoot bound of budget.ts: the sum of (actual - reserved) over requests where positive; the mock never goes over.
 const estimationBound = 0n;
@@ -58,15 +54,6 @@ afterAll(async () => {
   await replicas?.stop();
 }, 60_000);
 
-function chat(gateway: string, key: string) {
-  return fetch(`${gateway}/v1/chat/completions`, {
-    method: "POST",
-    headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
-    body: JSON.stringify({ model: "race", messages: [{ role: "user", content: prompt }], max_tokens: maxTokens }),
-  });
-}
-
-
 interface LeaseRow {
   id: string;
   holder: string;
@@ -82,7 +69,7 @@ describe("a budget raced by two gateway replicas", () => {
       const { secret, apiKey } = await billing.createApiKey({ orgId, name: "race", limits: { monthlyBudgetNanos: budget } });
       const keyId = apiKey?.id as string;
 
-      const burst = (count: number) => Promise.all(Array.from({ length: count }, (_, i) => chat(gateways[i % 2] as string, secret)));
+      const burst = (count: number) => Promise.all(Array.from({ length: count }, (_, i) => raceChat(gateways[i % 2] as string, secret)));
       const responses = await burst(10 * N);
       // A second wave once the replicas may ask billing again: leftovers too small for a request go back and are
       // granted again, so leases are released and re-granted while requests race.
@@ -165,20 +152,20 @@ describe("a budget raced by two gateway replicas", () => {
     // Within a second here, though a busy machine may take longer: well before the key's 30 s in the cache ends.
     const { secret, apiKey } = await billing.createApiKey({ orgId, name: "revoked soon" });
     const keyId = apiKey?.id as string;
-    expect((await chat(gateway, secret)).status).toBe(200);
+    expect((await raceChat(gateway, secret)).status).toBe(200);
 
     // Limits: this key may no longer use the model.
     const narrowed = Date.now();
     await billing.updateApiKeyLimits({ apiKeyId: keyId, limits: { allowedModels: ["something-else"] } });
-    const forbidden = await eventually(async () => ((await chat(gateway, secret)).status === 403 ? Date.now() : undefined), { timeoutMs: 15_000 });
+    const forbidden = await eventually(async () => ((await raceChat(gateway, secret)).status === 403 ? Date.now() : undefined), { timeoutMs: 15_000 });
     expect(forbidden - narrowed).toBeLessThan(5_000);
     await billing.updateApiKeyLimits({ apiKeyId: keyId, limits: {} });
-    await eventually(async () => ((await chat(gateway, secret)).status === 200 ? true : undefined), { timeoutMs: 5_000 });
+    await eventually(async () => ((await raceChat(gateway, secret)).status === 200 ? true : undefined), { timeoutMs: 5_000 });
 
     const revoked = Date.now();
     await billing.revokeApiKey({ apiKeyId: keyId });
     const refused = await eventually(async () => {
-      const res = await chat(gateway, secret);
+      const res = await raceChat(gateway, secret);
       return res.status === 401 ? Date.now() : undefined;
     }, { timeoutMs: 15_000 });
     expect(refused - revoked).toBeLessThan(5_000);
@@ -190,17 +177,17 @@ describe("a budget raced by two gateway replicas", () => {
     const org = await billing.createOrganization({ name: "lowered", monthlyBudgetNanos: costPerRequest * 10n });
     const loweredOrgId = org.organization?.id as string;
     const { secret } = await billing.createApiKey({ orgId: loweredOrgId, name: "lowered" });
-    for (let i = 0; i < 3; i++) expect((await chat(gateway, secret)).status).toBe(200);
+    for (let i = 0; i < 3; i++) expect((await raceChat(gateway, secret)).status).toBe(200);
     // The gateway holds room for more requests; the budget now covers fewer than it served.
     const lowered = Date.now();
     await billing.updateOrganization({ orgId: loweredOrgId, monthlyBudgetNanos: costPerRequest * 2n });
     // Within a second here, though a busy machine may take longer: well before the key's 30 s in the cache ends.
-    const refused = await eventually(async () => ((await chat(gateway, secret)).status === 429 ? Date.now() : undefined), {
+    const refused = await eventually(async () => ((await raceChat(gateway, secret)).status === 429 ? Date.now() : undefined), {
       timeoutMs: 15_000,
     });
     expect(refused - lowered).toBeLessThan(5_000);
     const statuses = [];
-    for (let i = 0; i < 5; i++) statuses.push((await chat(gateway, secret)).status);
+    for (let i = 0; i < 5; i++) statuses.push((await raceChat(gateway, secret)).status);
     expect(statuses).toEqual([429, 429, 429, 429, 429]);
   }, 30_000);
 });

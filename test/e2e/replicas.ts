@@ -14,6 +14,20 @@ import { eventually } from "../support.ts";
 
 const root = path.resolve(import.meta.dir, "../..");
 
+// The race's request: the mock counts 4 characters a token, 3 + 4 + 80/4 = 27 input tokens, and cuts its reply at
+// max_tokens.
+export const raceInputTokens = 27n;
+export const raceMaxTokens = 20;
+
+/** One request of the race to model `race` on `gateway`, with `key`. */
+export function raceChat(gateway: string, key: string): Promise<Response> {
+  return fetch(`${gateway}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+    body: JSON.stringify({ model: "race", messages: [{ role: "user", content: "x".repeat(80) }], max_tokens: raceMaxTokens }),
+  });
+}
+
 export interface Replicas {
   db: TestDatabase;
   dataDir: string;

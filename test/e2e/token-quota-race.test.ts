@@ -10,13 +10,10 @@ import type { ServiceProcess } from "../../lib/processes.ts";
 import type { TestDatabase } from "../../billing/store/test-db.ts";
 import type { Mesh } from "../../scripts/mesh.ts";
 import { eventually } from "../support.ts";
-import { type Replicas, startReplicas } from "./replicas.ts";
+import { raceChat, raceInputTokens, raceMaxTokens, type Replicas, startReplicas } from "./replicas.ts";
 
 const N = 20;
-// The mock counts 4 characters a token: 3 + 4 + 80/4 = 27 input tokens, and the reply is cut at max_tokens.
-const prompt = "x".repeat(80);
-const maxTokens = 20;
-const tokensPerRequest = 27n + BigInt(maxTokens);
+const tokensPerRequest = raceInputTokens + BigInt(raceMaxTokens);
 const limit = tokensPerRequest * BigInt(N);
 // Overshoot bound, as for budgets: the sum of (actual - reserved) tokens over requests where positive; the mock never
 // goes over.
@@ -58,14 +55,6 @@ afterAll(async () => {
   await replicas?.stop();
 }, 60_000);
 
-function chat(gateway: string, key: string) {
-  return fetch(`${gateway}/v1/chat/completions`, {
-    method: "POST",
-    headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
-    body: JSON.stringify({ model: "race", messages: [{ role: "user", content: prompt }], max_tokens: maxTokens }),
-  });
-}
-
 interface LeaseRow {
   holder: string;
   granted_nanos: string;
@@ -82,7 +71,7 @@ describe("a key's monthly tokens raced by two gateway replicas", () => {
       const keyId = apiKey?.id as string;
 
       const burst = (count: number) =>
-        Promise.all(Array.from({ length: count }, (_, i) => chat(gateways[i % 2] as string, secret)));
+        Promise.all(Array.from({ length: count }, (_, i) => raceChat(gateways[i % 2] as string, secret)));
       const responses = await burst(10 * N);
       // A second wave once the replicas may ask billing again: leftovers too small for a request go back and are
       // granted again, so leases are released and re-granted while requests race.
