@@ -15,7 +15,7 @@ import { createGatewayCore } from "./core.ts";
 import { createRestApp, type RestApp } from "./http/app.ts";
 import { createProviders } from "./providers/index.ts";
 import { eventually } from "../test/support.ts";
-import { createRecordingShipper, createTestLogger } from "./testing.ts";
+import { createRecordingShipper, createTestLogger, mockRoutes } from "./testing.ts";
 
 // A real billing (Postgres) on a real socket, which the gateway stops hearing when its server closes; the admin
 // client reaches billing directly, as an operator would while the gateway cannot.
@@ -79,17 +79,7 @@ beforeAll(async () => {
     billingDown: keys.billingDown,
   });
   watch = watchKeyChanges({ billing, keys, backoffMs: 20, maxBackoffMs: 100, onRevoked: (id) => budget.releaseKey(id) });
-  const config = parseGatewayConfig(
-    `
-providers:
-  - { name: mock, kind: mock }
-models:
-  - name: mock
-    targets: [{ provider: mock, model: mock-echo-1 }]
-    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
-`,
-    "outage.yaml",
-  );
+  const config = parseGatewayConfig(mockRoutes, "outage.yaml");
   const core = createGatewayCore({
     config,
     providers: createProviders(config.providers, {}),

@@ -10,21 +10,14 @@ import { type Call, createGatewayCore } from "./core.ts";
 import type { GatewayError } from "./errors.ts";
 import { createRestApp } from "./http/app.ts";
 import { createProviders } from "./providers/index.ts";
-import { createBillingFake, createRecordingShipper, createTestLogger } from "./testing.ts";
+import { createBillingFake, createRecordingShipper, createTestLogger, mockRoutes } from "./testing.ts";
 
 // Every finished request is exactly one RequestMetrics, also when its stream is never read.
 function setup() {
   const billing = createBillingFake({ "sk-good": { id: "key_good", orgId: "org_1" } });
   const shipper = createRecordingShipper();
   const config = parseGatewayConfig(
-    `
-providers:
-  - { name: mock, kind: mock }
-models:
-  - name: mock
-    targets: [{ provider: mock, model: mock-echo-1 }]
-    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
-  - name: brief
+    `${mockRoutes}  - name: brief
     targets: [{ provider: mock, model: mock-echo-1 }]
     pricing: { input_per_mtok: "1", output_per_mtok: "1" }
     request_timeout_ms: 50

@@ -12,19 +12,12 @@ import { createGatewayCore } from "./core.ts";
 import { createRestApp } from "./http/app.ts";
 import { createProviders } from "./providers/index.ts";
 import { createGatewayService, gatewayRoutes } from "./service.ts";
-import { createRecordingShipper, createTestLogger } from "./testing.ts";
+import { createRecordingShipper, createTestLogger, mockRoutes } from "./testing.ts";
 
 // A real billing service (Postgres included) and two gateway replicas, each following billing's key change stream.
 const adminToken = "suspension-test-admin-token-0123";
 const auth = { headers: { authorization: `Bearer ${adminToken}` } };
-const routes = `
-providers:
-  - { name: mock, kind: mock }
-models:
-  - name: mock
-    targets: [{ provider: mock, model: mock-echo-1 }]
-    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
-`;
+const routes = mockRoutes;
 
 let db: TestDatabase;
 let billing: ReturnType<typeof createClient<typeof BillingService>>;

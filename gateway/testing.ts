@@ -11,6 +11,16 @@ import { type CoreOptions, createGatewayCore } from "./core.ts";
 import { createProviders } from "./providers/index.ts";
 import { UpstreamError } from "./providers/provider.ts";
 
+/** The gateway config of one model, `mock`, on the mock provider at $1 per million tokens: more models may follow. */
+export const mockRoutes = `
+providers:
+  - { name: mock, kind: mock }
+models:
+  - name: mock
+    targets: [{ provider: mock, model: mock-echo-1 }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+`;
+
 /** A key the billing fake knows. */
 export interface FakeKey {
   id: string;
