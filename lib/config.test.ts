@@ -46,6 +46,11 @@ describe("parseEnv", () => {
     expect(parseEnv(shape, {})).toMatchObject({ OTEL_TRACES_SAMPLER: "parentbased_traceidratio" });
     expect(parseEnv(shape, { OTEL_TRACES_SAMPLER: "traceidratio" })).toMatchObject({ OTEL_TRACES_SAMPLER: "traceidratio" });
     expect(() => parseEnv(shape, { OTEL_TRACES_SAMPLER: "ratio" })).toThrow('OTEL_TRACES_SAMPLER ("ratio")');
+    // OpenTelemetry's SDKs read enum values in any case.
+    expect(parseEnv(shape, { OTEL_TRACES_SAMPLER: " ParentBased_Always_Off", OTEL_EXPORTER_OTLP_PROTOCOL: "HTTP/JSON" })).toMatchObject({
+      OTEL_TRACES_SAMPLER: "parentbased_always_off",
+      OTEL_EXPORTER_OTLP_PROTOCOL: "http/json",
+    });
   });
 
   test("treats blank numbers as unset and takes whole numbers only in decimal digits", () => {

@@ -123,6 +123,10 @@ const names = z.string().transform((value) =>
     .filter((s) => s !== ""),
 );
 
+/** One of OpenTelemetry's enum values, which SDKs read in any case (the specification's SHOULD), trimmed. */
+const otelEnum = <const T extends readonly [string, ...string[]]>(values: T) =>
+  z.string().trim().toLowerCase().pipe(z.enum(values));
+
 /** OTEL_EXPORTER_OTLP_PROTOCOL's values. */
 const otlpProtocols = ["grpc", "http/protobuf", "http/json"] as const;
 
@@ -160,8 +164,8 @@ export const commonEnv = {
    * `http/json`. `grpc` goes as http/protobuf and is warned of at start, its endpoint (4317) being the collector's gRPC
    * port, which no export reaches.
    */
-  OTEL_EXPORTER_OTLP_PROTOCOL: z.enum(otlpProtocols).optional(),
-  OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: z.enum(otlpProtocols).optional(),
+  OTEL_EXPORTER_OTLP_PROTOCOL: otelEnum(otlpProtocols).optional(),
+  OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: otelEnum(otlpProtocols).optional(),
   /** The batch span processor's, as OpenTelemetry names them: ms between exports (500 here, 5000 in the SDKs)... */
   OTEL_BSP_SCHEDULE_DELAY: int(0, 600_000).default(500),
   /** ...ms an export may take... */
@@ -186,7 +190,7 @@ export const commonEnv = {
    * OpenTelemetry's sampler names: parentbased_* follow a caller's sampling decision (its traceparent), the others
    * decide alone; *traceidratio samples OTEL_TRACES_SAMPLER_ARG of the traces they decide.
    */
-  OTEL_TRACES_SAMPLER: z.enum(samplerNames).default("parentbased_traceidratio"),
+  OTEL_TRACES_SAMPLER: otelEnum(samplerNames).default("parentbased_traceidratio"),
   /** Fraction of traces the traceidratio samplers sample, 0..1. */
   OTEL_TRACES_SAMPLER_ARG: decimal(0, 1).default(1),
   /** How long SIGTERM waits for in-flight requests and streams before closing them. */
