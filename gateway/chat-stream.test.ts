@@ -191,4 +191,32 @@ describe("the usage a client is shown", () => {
       { choices: 0, usage: { prompt_tokens: 4, completion_tokens: 1, total_tokens: 5 } },
     ]);
   });
+
+  test("asked for usage, every chunk but the last has a null usage, and the usage chunk the stream's fingerprint and tier", async () => {
+    // As vLLM and Ollama stream: no usage field on their chunks, the usage on the finish chunk.
+    const fields = { id: "c", object: "chat.completion.chunk" as const, created: 1, model: "m", system_fingerprint: "fp_1", service_tier: "default" as const };
+    const chunks = async function* () {
+      yield { ...fields, choices: [{ index: 0, delta: { role: "assistant" as const, content: "" }, finish_reason: null, logprobs: null }] };
+      yield { ...fields, choices: [{ index: 0, delta: { content: "hi" }, finish_reason: null, logprobs: null }] };
+      yield {
+        ...fields,
+        choices: [{ index: 0, delta: {}, finish_reason: "stop" as const, logprobs: null }],
+        usage: { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 },
+      };
+    };
+    const call = { metrics: create(RequestMetricsSchema), upstreamMs: 0, startTick: performance.now(), startMs: Date.now(), requestId: "r" };
+    const stream = meterChatStream({
+      call: call as unknown as Call,
+      chunks: chunks(),
+      request: { model: "m", messages: [{ role: "user", content: "x" }] },
+      price: { inputMicros: 1n, cachedInputMicros: 1n, outputMicros: 1n, reasoningMicros: 1n },
+      includeUsage: true,
+      deadline: new AbortController().signal,
+      finish() {},
+    });
+    const seen = [];
+    for await (const chunk of stream) seen.push(chunk);
+    expect(seen.map((c) => c.usage)).toEqual([null, null, null, { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 }]);
+    expect(seen.at(-1)).toMatchObject({ ...fields, choices: [] });
+  });
 });

@@ -198,14 +198,12 @@ export function meterChatStream(options: MeterOptions): ChatStream {
             continue;
           }
           // Usage some servers put on a content chunk goes in a chunk of its own, last, as OpenAI sends it.
-          if (includeUsage) {
-            const { id, created, model } = chunk;
-            usageChunk = { id, object: "chat.completion.chunk", created, model, choices: [], usage: chunk.usage };
-            chunk.usage = null;
-          }
+          if (includeUsage) usageChunk = { ...usageChunkOf(chunk), usage: chunk.usage };
         }
-        // Chunks carry a usage field only for clients that asked for usage, as OpenAI sends them.
-        if (!includeUsage && chunk.usage !== undefined) chunk.usage = undefined;
+        // Chunks carry a usage field only for clients that asked for usage, null on all but the last, as OpenAI sends
+        // them, whether or not the upstream's chunks carried one.
+        if (includeUsage) chunk.usage = null;
+        else if (chunk.usage !== undefined) chunk.usage = undefined;
         // The first model named: Azure's first chunk (its prompt filter results) names none.
         if (!modelNamed && chunk.model) {
           m.servedModel = meteredName(chunk.model);
@@ -236,11 +234,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         yield usageChunk;
       } else if (includeUsage && last) {
         yield {
-          id: last.id,
-          object: "chat.completion.chunk",
-          created: last.created,
-          model: last.model,
-          choices: [],
+          ...usageChunkOf(last),
           // Groq's usage came in x_groq, on no chunk of its own.
           usage: usage ? answeredUsage(usage, counted.tokens) : usageOfTokens(counted.tokens),
         };
@@ -302,6 +296,15 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     },
     cutOff: cutOff.signal,
   };
+}
+
+/** The usage chunk the gateway makes for a stream, from one of its chunks: OpenAI's fields of it, with no choices. */
+function usageChunkOf(chunk: ChatCompletionChunk): ChatCompletionChunk {
+  const { id, created, model, service_tier, system_fingerprint } = chunk;
+  const made: ChatCompletionChunk = { id, object: "chat.completion.chunk", created, model, choices: [] };
+  if (service_tier !== undefined) made.service_tier = service_tier;
+  if (system_fingerprint !== undefined) made.system_fingerprint = system_fingerprint;
+  return made;
 }
 
 /** A failure after the stream opened, in words for the client: the upstream's own are only logged. */
