@@ -89,6 +89,8 @@ const invalid: Array<[string, Record<string, unknown>, string | null, string]> =
   ["json_schema schema not an object", { response_format: { type: "json_schema", json_schema: { name: "a", schema: "x" } } }, "response_format.json_schema.schema", "invalid_type"],
   ["user not a string", { user: 5 }, "user", "invalid_type"],
   ["user over 256 characters", { user: "u".repeat(257) }, "user", "string_above_max_length"],
+  ["safety_identifier not a string", { safety_identifier: 5 }, "safety_identifier", "invalid_type"],
+  ["safety_identifier over 256 characters", { user: "u", safety_identifier: "s".repeat(257) }, "safety_identifier", "string_above_max_length"],
   ["metadata not an object", { metadata: "x" }, "metadata", "invalid_type"],
   ["17 metadata pairs", { metadata: Object.fromEntries(Array.from({ length: 17 }, (_, i) => [`k${i}`, "v"])) }, "metadata", "object_above_max_properties"],
   ["a metadata value that is not a string", { metadata: { k: 1 } }, "metadata.k", "invalid_type"],
@@ -155,6 +157,16 @@ describe("chat input", () => {
       tools: [{ type: "function", function: { name: "f" } }],
       user: "u",
     });
+  });
+
+  test("the end user is `user`, else `safety_identifier` (OpenAI's successor to it); both go upstream as sent", () => {
+    const both = parseChatInput({ model: "m", messages: hello, user: "u", safety_identifier: "s" });
+    expect(both.user).toBe("u");
+    expect(both.upstream as unknown).toEqual({ model: "m", messages: hello, user: "u", safety_identifier: "s" });
+    const successor = parseChatInput({ model: "m", messages: hello, safety_identifier: "hashed-user-7" });
+    expect(successor.user).toBe("hashed-user-7");
+    expect(successor.upstream as unknown).toEqual({ model: "m", messages: hello, safety_identifier: "hashed-user-7" });
+    expect(parseChatInput({ model: "m", messages: hello }).user).toBe("");
   });
 
   test("metadata goes upstream with a completion the upstream stores (store: true), and is recorded as tags either way", () => {

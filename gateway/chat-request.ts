@@ -29,7 +29,7 @@ export interface ChatInput {
   model: string;
   /** The request for upstream: the client's body minus gateway-only fields; `model` is set per target. */
   upstream: ChatRequest;
-  /** End-user id from `user`; empty when absent. */
+  /** End-user id from `user`, else `safety_identifier`; empty when both are absent. */
   user: string;
   /** From `metadata`: recorded with the request's metrics; sent upstream too only with `store: true`. */
   tags: Record<string, string>;
@@ -171,7 +171,7 @@ const fieldChecks = new Map<string, Check>([
 
 /**
  * Checks the fields whose meaning is fixed (model, messages, sampling ranges, tools, formats, limits,
- * user, metadata) as OpenAI does, and leaves any other field for the upstream to judge. Throws a 400
+ * user, safety_identifier, metadata) as OpenAI does, and leaves any other field for the upstream to judge. Throws a 400
  * naming the field.
  */
 export function parseChatInput(body: unknown): ChatInput {
@@ -193,7 +193,7 @@ export function parseChatInput(body: unknown): ChatInput {
   const stream = body.stream === true;
   const includeUsage = parseStreamOptions(body.stream_options, stream);
   if (isObject(body.stream_options)) upstream.stream_options = body.stream_options;
-  const user = parseUser(body);
+  const user = parseUser(body, ["user", "safety_identifier"]);
   const tags = parseTags(body.metadata);
   // A stored completion keeps its metadata at the upstream, where the client filters stored completions by it.
   if (body.store === true && tags !== noTags) upstream.metadata = tags;

@@ -191,10 +191,17 @@ export function parseModel(body: Record<string, unknown>): string {
 const maxUserChars = 256;
 const userId = stringUpTo(maxUserChars);
 
-/** The end-user id from `user`; empty when absent. */
-export function parseUser(body: Record<string, unknown>): string {
-  const user = body.user;
-  if (absent(user)) return "";
-  userId(user, "user");
-  return user as string;
+/**
+ * The end-user id from the first of `fields` present (each one present checked); empty when none is. Chat
+ * completions name theirs in `user` or, as OpenAI now asks, `safety_identifier`.
+ */
+export function parseUser(body: Record<string, unknown>, fields: readonly string[] = ["user"]): string {
+  let found = "";
+  for (const field of fields) {
+    const value = body[field];
+    if (absent(value)) continue;
+    userId(value, field);
+    found ||= value as string;
+  }
+  return found;
 }

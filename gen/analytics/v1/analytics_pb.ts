@@ -88,7 +88,8 @@ export type RequestMetrics = Message<"analytics.v1.RequestMetrics"> & {
   apiKeyId: string;
 
   /**
-   * End-user identifier from the request's `user` field, as sent by the client.
+   * End-user identifier from the request's `user` field (a chat completion's `safety_identifier` without one), as sent by
+   * the client.
    *
    * @generated from field: string end_user_id = 10;
    */
