@@ -684,7 +684,7 @@ describe("azure provider", () => {
   });
   afterAll(() => azure.stop(true));
   const provider = createOpenAIProvider(
-    { name: "azure", kind: "azure", base_url: `http://127.0.0.1:${azure.port}`, api_key_env: "AZURE_KEY", api_version: "2024-10-21" },
+    { name: "azure", kind: "azure", base_url: `http://127.0.0.1:${azure.port}`, api_key_env: "AZURE_KEY" },
     "sk-azure",
   );
 
@@ -704,6 +704,29 @@ describe("azure provider", () => {
       { url: "/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
       { url: "/openai/deployments/prod-embed/embeddings?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
       { url: "/openai/deployments/prod-gpt4o-mini/chat/completions?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
+    ]);
+  });
+
+  test("Azure's v1 API takes OpenAI's paths with the deployment as the model, and an api-version only when one is set", async () => {
+    calls.length = 0;
+    const base = `http://127.0.0.1:${azure.port}/openai/v1`;
+    const v1 = createOpenAIProvider({ name: "azure", kind: "azure", base_url: base, api_key_env: "AZURE_KEY" }, "sk-azure");
+    const whole = await v1.chat(request("prod-gpt4o"), { timeoutMs: 5000 });
+    expect(whole.tokens).toMatchObject({ inputTokens: 3n, outputTokens: 1n });
+    const contents: unknown[] = [];
+    for await (const chunk of await v1.streamChat(request("prod-gpt4o"), { timeoutMs: 5000 })) {
+      contents.push(chunk.choices[0]?.delta?.content);
+    }
+    expect(contents).toContain("hi");
+    await v1.embed({ model: "prod-embed", input: "hello", encoding_format: "float" }, { timeoutMs: 5000 });
+    const preview = { name: "azure", kind: "azure", base_url: `${base}/`, api_key_env: "AZURE_KEY", api_version: "preview" } as const;
+    await createOpenAIProvider(preview, "sk-azure").chat(request("prod-gpt4o"), { timeoutMs: 5000 });
+    const bearer = { apiKey: null, auth: "Bearer sk-azure" };
+    expect(calls).toEqual([
+      { url: "/openai/v1/chat/completions", ...bearer },
+      { url: "/openai/v1/chat/completions", ...bearer },
+      { url: "/openai/v1/embeddings", ...bearer },
+      { url: "/openai/v1/chat/completions?api-version=preview", ...bearer },
     ]);
   });
 

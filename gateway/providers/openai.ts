@@ -2,7 +2,7 @@ import OpenAI, { APIError, AzureOpenAI } from "openai";
 import { createParser } from "eventsource-parser";
 import { redactSecrets } from "../../lib/log.ts";
 import { watchSilence } from "../../lib/silence.ts";
-import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
+import { type AzureProviderConfig, azureV1Path, type OpenAIProviderConfig } from "../config.ts";
 import { addGenerated, addReasoning, countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
 import {
   answeredEmbeddingUsage,
@@ -43,16 +43,19 @@ export function createOpenAIProvider(
   // Explicit values keep the SDK from reading OPENAI_* and AZURE_OPENAI_* variables behind the config's back (a gateway
   // run with the demo's OPENAI_BASE_URL set, say); the gateway logs for itself.
   const common = { organization: null, project: null, webhookSecret: null, logLevel: "off" } as const;
+  // Azure's v1 API takes OpenAI's paths, the deployment as the model and the key as a bearer token, and wants no
+  // api-version unless one is asked for; a resource endpoint takes /openai/deployments/... and an api-version.
+  const azureV1 = config.kind === "azure" && azureV1Path.test(new URL(config.base_url).pathname);
   const client = missingKey
     ? undefined
-    : config.kind === "azure"
+    : config.kind === "azure" && !azureV1
       ? withHeaders(
           // The base URL the SDK makes of an `endpoint`, built here: given an endpoint, it reads OPENAI_BASE_URL too.
           new AzureOpenAI({
             ...common,
             baseURL: `${config.base_url.replace(/\/+$/, "")}/openai`,
             apiKey,
-            apiVersion: config.api_version,
+            apiVersion: config.api_version ?? "2024-10-21",
           }),
           undefined,
         )
@@ -63,8 +66,10 @@ export function createOpenAIProvider(
             baseURL: config.base_url ?? "https://api.openai.com/v1",
             // The SDK insists on a key; upstreams configured without one (local servers) ignore it.
             apiKey: apiKey ?? "unused",
+            defaultQuery:
+              config.kind === "azure" && config.api_version ? { "api-version": config.api_version } : undefined,
           }),
-          config.headers,
+          config.kind === "openai" ? config.headers : undefined,
         );
   const pool = idleBound(
     config.kind === "openai" ? config.keep_alive_ms : undefined,
