@@ -595,6 +595,29 @@ for (const port of ["rpc", "rest"] as const) {
         expect(m).toMatchObject({ status: RequestStatus.OK, servedModel: "gpt-4o-2024-11-20" });
       });
 
+      test("Azure's chunks reach the client in OpenAI's shape: a choice in each, with a delta, the stream's id and model", async () => {
+        upstream.script("azure-like", { promptFilterChunk: true, filterAnnotationChunk: true, model: "gpt-4o-2024-11-20" });
+        for (const stream_options of [undefined, { include_usage: true }]) {
+          const stream = await sdk().chat.completions.create({ model: "azure-like", messages: hello, stream: true, stream_options });
+          const chunks: Array<Record<string, unknown>> = [];
+          let content = "";
+          for await (const chunk of stream) {
+            chunks.push(chunk as unknown as Record<string, unknown>);
+            // OpenAI's own streaming example, which Azure's prompt filter and annotation chunks would fail.
+            if (chunk.usage) continue;
+            content += chunk.choices[0]!.delta.content ?? "";
+          }
+          expect(content).toBe("echo: hello there friend");
+          // The prompt filter's results come with the first chunk of a choice; Azure's chunk of them alone is not sent.
+          expect(chunks[0]).toMatchObject({ id: "chatcmpl-fake", prompt_filter_results: [{ prompt_index: 0 }] });
+          expect(chunks[0]?.choices).toHaveLength(1);
+          const annotated = chunks.find((c) => (c.choices as Array<Record<string, unknown>>)[0]?.content_filter_offsets);
+          expect(annotated).toMatchObject({ id: "chatcmpl-fake", object: "chat.completion.chunk", model: "gpt-4o-2024-11-20" });
+          expect(annotated?.choices).toEqual([expect.objectContaining({ index: 0, delta: {}, finish_reason: null })]);
+          expect(chunks.filter((c) => c.usage)).toHaveLength(stream_options ? 1 : 0);
+        }
+      });
+
       test("no usage chunk unless the client asks, though the gateway still meters it", async () => {
         upstream.script("ok", {
           content: "a b c",

@@ -612,6 +612,8 @@ function checkedChunk(data: unknown, provider: string): ChatCompletionChunk {
       throw new UpstreamError("transient", `${provider}: a malformed choice`);
     // As the SDK's stream does: a choice always has finish_reason, null until it finishes.
     choice.finish_reason ??= null;
+    // And a delta, which Azure's asynchronous filter leaves out of a choice it annotates with content_filter_results.
+    choice.delta ??= {};
   }
   return chunk;
 }
