@@ -116,6 +116,9 @@ function routes(url: string) {
     "  - name: api-version",
     "    targets: [{ provider: fake, model: api-version-primary }, { provider: fake, model: api-version-secondary }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: stream-throttled",
+    "    targets: [{ provider: fake, model: stream-throttled }]",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
@@ -1919,6 +1922,35 @@ for (const port of ["rpc", "rest"] as const) {
         expect(served.model).toBe("briefly-throttled-fake");
         expect(upstream.seen("briefly-throttled")).toHaveLength(seen.length + 1);
         expect((upstream.seen("briefly-throttled").at(-1)?.at as number) - (seen.at(-1) as number)).toBeGreaterThan(1_900);
+      });
+
+      test("a rate limit an upstream sends in its stream after its 200 (as OpenRouter does) is its 429, not a failure", async () => {
+        // OpenRouter's shape and OpenAI's codes, as proxies relay them once they have answered 200.
+        const limits = [
+          { error: { code: 429, message: "Rate limit exceeded: free-models-per-min." } },
+          { error: { message: "Rate limit reached for gpt-4o on tokens per min (TPM).", type: "tokens", code: "rate_limit_exceeded" } },
+        ];
+        for (const limit of limits) {
+          upstream.script("stream-throttled", { firstEvent: limit });
+          // More than the breaker's five failures in a row: rate limits hold the target briefly, never open its breaker.
+          for (let i = 0; i < 6; i++) {
+            const e = await apiError(sdk().chat.completions.create({ model: "stream-throttled", messages: hello, stream: true }));
+            expectShape(e, 429, "upstream_rate_limited", "rate_limit_error");
+            expect(e.headers?.get("x-should-retry")).toBeNull();
+          }
+          upstream.script("stream-throttled", {});
+          // Served again once the hold of a second or two is over, not after a breaker's 30 s.
+          const served = await eventually(
+            async () => {
+              const stream = await sdk().chat.completions.create({ model: "stream-throttled", messages: hello, stream: true });
+              let content = "";
+              for await (const chunk of stream) content += chunk.choices[0]?.delta?.content ?? "";
+              return content;
+            },
+            { timeoutMs: 5_000, intervalMs: 250 },
+          );
+          expect(served).toBe("echo: hello there friend");
+        }
       });
 
       test("one request's 429 holds no other back: the next is sent and served", async () => {

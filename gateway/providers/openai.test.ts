@@ -341,6 +341,14 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   // Failures before the first chunk: an error event first, a prefill longer than the attempt's limit.
   "error-first": [`data: {"error":{"message":"overloaded","type":"server_error"}}\n\n`],
   prefill: [": prefill\n\n", "WAIT", chunkEvent({ content: "late" }, "stop")],
+  // Rate limits proxies send after their 200: OpenRouter's code, OpenAI's codes of a limit, an account out of quota
+  // and a prompt over the whole limit.
+  "limit-first": [`data: {"error":{"code":429,"message":"Rate limit exceeded: free-models-per-min."}}\n\n`],
+  "tpm-first": [`data: {"error":{"message":"Rate limit reached","type":"tokens","code":"rate_limit_exceeded"}}\n\n`],
+  "quota-first": [`data: {"error":{"message":"You exceeded your current quota","type":"insufficient_quota"}}\n\n`],
+  "too-large-first": [
+    `data: {"error":{"message":"Request too large for gpt-4o. The input or output tokens must be reduced","code":"rate_limit_exceeded"}}\n\n`,
+  ],
   // Errors without the {"error": ...} wrapper, as vLLM and others send them.
   "bare-error": [chunkEvent({ content: "partial" }), `data: {"object":"error","message":"overloaded","code":503}\n\n`],
   "message-error": [chunkEvent({ content: "partial" }), `data: {"message":"overloaded","code":503}\n\n`],
@@ -530,6 +538,11 @@ describe("openai provider streams", () => {
     const json = await opened("json-200");
     expect(json?.failure).toBe("transient");
     expect(json?.message).toContain("no healthy backend");
+    // A rate limit is the 429 it says, classed as that status is: to retry or wait out, to fall back from.
+    expect(await opened("limit-first")).toMatchObject({ failure: "transient", status: 429 });
+    expect(await opened("tpm-first")).toMatchObject({ failure: "transient", status: 429 });
+    expect(await opened("quota-first")).toMatchObject({ failure: "misconfigured", status: 429 });
+    expect(await opened("too-large-first")).toMatchObject({ failure: "rejected", status: 429 });
     // At its limit, not once the chunk that comes a second later has ended the stream.
     const before = endedCount("prefill");
     expect((await opened("prefill", 300))?.failure).toBe("timeout");

@@ -473,9 +473,10 @@ async function* chunksOf(
       if (error || event.event === "error") {
         const message = (error as { message?: unknown } | null)?.message;
         const words = redact(typeof message === "string" ? message : JSON.stringify(error));
-        // An error that names the request's fault (vLLM's context length as its first event) is a refusal, as
-        // the same error with that HTTP status would be; anything else is the upstream's.
-        const status = refusedStatus(error);
+        // An error that names the request's fault (vLLM's context length as its first event) is a refusal, and one
+        // that names a rate limit (a proxy's that sent its 200 before its upstream answered) a 429, as the same error
+        // with that HTTP status would be; anything else is the upstream's.
+        const status = refusedStatus(error) ?? (rateLimited(error) ? 429 : undefined);
         if (status === undefined) failure = new UpstreamError("transient", `${provider}: ${words}`);
         else {
           const body = upstreamErrorBody(error, redact);
@@ -589,6 +590,20 @@ function refusedStatus(error: unknown): number | undefined {
   }
   if (typeof type === "string" && (type === "invalid_request_error" || /badrequest/i.test(type))) return 400;
   return typeof code === "string" && requestFaults.has(code) ? 400 : undefined;
+}
+
+/** Codes and types of OpenAI's errors of a 429: a rate limit, or an account out of quota. */
+const rateLimits = new Set(["rate_limit_exceeded", "rate_limit_error", "insufficient_quota"]);
+
+/**
+ * Whether a streamed error says what a 429 says (429 as its code or status, or OpenAI's code or type of one), as
+ * OpenRouter and other proxies send an upstream's rate limit once they have answered 200: a limit to wait out or fall
+ * back from, which must not count as the target failing.
+ */
+function rateLimited(error: unknown): boolean {
+  if (typeof error !== "object" || error === null) return false;
+  const { code, status, type } = error as Record<string, unknown>;
+  return [code, status, type].some((value) => value === 429 || value === "429" || rateLimits.has(value as string));
 }
 
 /** A parsed event as a chunk the rest of the gateway can rely on, or a transient failure of the attempt. */
