@@ -175,6 +175,8 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   async function* run(): AsyncGenerator<ChatCompletionChunk> {
     let last: ChatCompletionChunk | undefined;
     let usageChunk: ChatCompletionChunk | undefined;
+    // Fields of chunks of no choice held for the next chunk sent (Azure's prompt_filter_results, see below).
+    let annotations: Record<string, unknown> | undefined;
     let modelNamed = false;
     let firstToken = true;
     let error: GatewayError | undefined;
@@ -199,6 +201,26 @@ export function meterChatStream(options: MeterOptions): ChatStream {
           }
           // Usage some servers put on a content chunk goes in a chunk of its own, last, as OpenAI sends it.
           if (includeUsage) usageChunk = { ...usageChunkOf(chunk), usage: chunk.usage };
+        }
+        // Azure's first chunk holds its prompt filter results and no choice, which OpenAI never sends a client that did
+        // not ask for usage and OpenAI's own examples then fail on (`chunk.choices[0].delta`): what it says goes with
+        // the next chunk instead.
+        if (chunk.choices.length === 0) {
+          const { id: _id, object: _object, created: _created, model: _model, choices: _, usage: _u, ...rest } = chunk;
+          annotations = { ...annotations, ...rest };
+          continue;
+        }
+        if (annotations) {
+          const fields = chunk as unknown as Record<string, unknown>;
+          for (const [field, value] of Object.entries(annotations)) fields[field] ??= value;
+          annotations = undefined;
+        }
+        // Azure's later annotation chunks (its asynchronous filter's results) have an empty id, object and model.
+        if (last) {
+          chunk.id ||= last.id;
+          chunk.object ||= last.object;
+          chunk.created ||= last.created;
+          chunk.model ||= last.model;
         }
         // Chunks carry a usage field only for clients that asked for usage, null on all but the last, as OpenAI sends
         // them, whether or not the upstream's chunks carried one.

@@ -290,15 +290,30 @@ describe("gateway config", () => {
     expect(parseGatewayConfig(azure("https://x.openai.azure.com/"), "t.yaml").providers[0]?.kind).toBe("azure");
   });
 
-  test("an Azure base_url is the resource endpoint: one ending in /openai, which the gateway adds, is refused", () => {
+  test("an Azure base_url is the resource endpoint or its v1 API: any other under /openai, which the gateway adds, is refused", () => {
     const azure = (url: string) =>
       `providers:\n  - { name: p, kind: azure, api_key_env: AZURE_KEY, base_url: "${url}" }\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;
-    for (const url of ["https://x.openai.azure.com/openai", "https://x.openai.azure.com/openai/", "https://x.openai.azure.com/OpenAI//"]) {
+    const refused = [
+      "https://x.openai.azure.com/openai",
+      "https://x.openai.azure.com/openai/",
+      "https://x.openai.azure.com/OpenAI//",
+      // The portal's target URI of a deployment, cut before /chat/completions.
+      "https://x.openai.azure.com/openai/deployments/gpt-4o",
+    ];
+    for (const url of refused) {
       expect(configError(azure(url))).toContain(
         "providers[0].base_url: give the resource endpoint without /openai (e.g. https://example.openai.azure.com/)",
       );
     }
-    for (const url of ["https://x.openai.azure.com/", "https://x.openai.azure.com", "https://proxy.example.com/azure"]) {
+    const served = [
+      "https://x.openai.azure.com/",
+      "https://x.openai.azure.com",
+      "https://proxy.example.com/azure",
+      "https://proxy.example.com/openai-proxy/",
+      "https://x.openai.azure.com/openai/v1",
+      "https://x.openai.azure.com/openai/v1/",
+    ];
+    for (const url of served) {
       expect(parseGatewayConfig(azure(url), "t.yaml").providers[0]).toMatchObject({ kind: "azure", base_url: url });
     }
   });

@@ -72,16 +72,23 @@ const openaiProvider = z.strictObject({
   keep_alive_ms: z.number().int().min(0).max(300_000).optional(),
 });
 
+/** The path of Azure's v1 API (https://example.openai.azure.com/openai/v1), which takes OpenAI's own paths. */
+export const azureV1Path = /\/openai\/v1\/*$/i;
+
 const azureProvider = z.strictObject({
   name: providerName,
   kind: z.literal("azure"),
-  /** The resource endpoint, e.g. https://example.openai.azure.com/ (the provider adds /openai to it, so it holds none). */
-  base_url: baseUrl.refine(
-    (url) => !/\/openai\/*$/i.test(new URL(url).pathname),
-    "give the resource endpoint without /openai (e.g. https://example.openai.azure.com/): the gateway adds /openai/deployments/...",
-  ),
+  /**
+   * The resource endpoint, e.g. https://example.openai.azure.com/ (the provider adds /openai/deployments/... to it, so
+   * it holds no /openai), or its v1 API, https://example.openai.azure.com/openai/v1.
+   */
+  base_url: baseUrl.refine((url) => {
+    const path = new URL(url).pathname;
+    return azureV1Path.test(path) || !/\/openai(\/|$)/i.test(path);
+  }, "give the resource endpoint without /openai (e.g. https://example.openai.azure.com/): the gateway adds /openai/deployments/...; or its v1 API, https://example.openai.azure.com/openai/v1"),
   api_key_env: envName,
-  api_version: z.string().min(1).default("2024-10-21"),
+  /** The api-version of deployment URLs (2024-10-21 unless set); the v1 API is sent one only when it is set. */
+  api_version: z.string().min(1).optional(),
   /** As for openai: older api versions (2024-02-01) refuse stream_options. */
   stream_usage: z.boolean().optional(),
 });

@@ -116,6 +116,9 @@ function routes(url: string) {
     "  - name: api-version",
     "    targets: [{ provider: fake, model: api-version-primary }, { provider: fake, model: api-version-secondary }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
+    "  - name: stream-throttled",
+    "    targets: [{ provider: fake, model: stream-throttled }]",
+    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: stream-breaker",
     "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
@@ -593,6 +596,29 @@ for (const port of ["rpc", "rest"] as const) {
         expect(content).toBe("echo: hello there friend");
         const m = await gateway.row(response.headers.get("x-request-id") ?? "");
         expect(m).toMatchObject({ status: RequestStatus.OK, servedModel: "gpt-4o-2024-11-20" });
+      });
+
+      test("Azure's chunks reach the client in OpenAI's shape: a choice in each, with a delta, the stream's id and model", async () => {
+        upstream.script("azure-like", { promptFilterChunk: true, filterAnnotationChunk: true, model: "gpt-4o-2024-11-20" });
+        for (const stream_options of [undefined, { include_usage: true }]) {
+          const stream = await sdk().chat.completions.create({ model: "azure-like", messages: hello, stream: true, stream_options });
+          const chunks: Array<Record<string, unknown>> = [];
+          let content = "";
+          for await (const chunk of stream) {
+            chunks.push(chunk as unknown as Record<string, unknown>);
+            // OpenAI's own streaming example, which Azure's prompt filter and annotation chunks would fail.
+            if (chunk.usage) continue;
+            content += chunk.choices[0]!.delta.content ?? "";
+          }
+          expect(content).toBe("echo: hello there friend");
+          // The prompt filter's results come with the first chunk of a choice; Azure's chunk of them alone is not sent.
+          expect(chunks[0]).toMatchObject({ id: "chatcmpl-fake", prompt_filter_results: [{ prompt_index: 0 }] });
+          expect(chunks[0]?.choices).toHaveLength(1);
+          const annotated = chunks.find((c) => (c.choices as Array<Record<string, unknown>>)[0]?.content_filter_offsets);
+          expect(annotated).toMatchObject({ id: "chatcmpl-fake", object: "chat.completion.chunk", model: "gpt-4o-2024-11-20" });
+          expect(annotated?.choices).toEqual([expect.objectContaining({ index: 0, delta: {}, finish_reason: null })]);
+          expect(chunks.filter((c) => c.usage)).toHaveLength(stream_options ? 1 : 0);
+        }
       });
 
       test("no usage chunk unless the client asks, though the gateway still meters it", async () => {
@@ -1896,6 +1922,35 @@ for (const port of ["rpc", "rest"] as const) {
         expect(served.model).toBe("briefly-throttled-fake");
         expect(upstream.seen("briefly-throttled")).toHaveLength(seen.length + 1);
         expect((upstream.seen("briefly-throttled").at(-1)?.at as number) - (seen.at(-1) as number)).toBeGreaterThan(1_900);
+      });
+
+      test("a rate limit an upstream sends in its stream after its 200 (as OpenRouter does) is its 429, not a failure", async () => {
+        // OpenRouter's shape and OpenAI's codes, as proxies relay them once they have answered 200.
+        const limits = [
+          { error: { code: 429, message: "Rate limit exceeded: free-models-per-min." } },
+          { error: { message: "Rate limit reached for gpt-4o on tokens per min (TPM).", type: "tokens", code: "rate_limit_exceeded" } },
+        ];
+        for (const limit of limits) {
+          upstream.script("stream-throttled", { firstEvent: limit });
+          // More than the breaker's five failures in a row: rate limits hold the target briefly, never open its breaker.
+          for (let i = 0; i < 6; i++) {
+            const e = await apiError(sdk().chat.completions.create({ model: "stream-throttled", messages: hello, stream: true }));
+            expectShape(e, 429, "upstream_rate_limited", "rate_limit_error");
+            expect(e.headers?.get("x-should-retry")).toBeNull();
+          }
+          upstream.script("stream-throttled", {});
+          // Served again once the hold of a second or two is over, not after a breaker's 30 s.
+          const served = await eventually(
+            async () => {
+              const stream = await sdk().chat.completions.create({ model: "stream-throttled", messages: hello, stream: true });
+              let content = "";
+              for await (const chunk of stream) content += chunk.choices[0]?.delta?.content ?? "";
+              return content;
+            },
+            { timeoutMs: 5_000, intervalMs: 250 },
+          );
+          expect(served).toBe("echo: hello there friend");
+        }
       });
 
       test("one request's 429 holds no other back: the next is sent and served", async () => {

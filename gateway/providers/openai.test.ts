@@ -341,6 +341,14 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   // Failures before the first chunk: an error event first, a prefill longer than the attempt's limit.
   "error-first": [`data: {"error":{"message":"overloaded","type":"server_error"}}\n\n`],
   prefill: [": prefill\n\n", "WAIT", chunkEvent({ content: "late" }, "stop")],
+  // Rate limits proxies send after their 200: OpenRouter's code, OpenAI's codes of a limit, an account out of quota
+  // and a prompt over the whole limit.
+  "limit-first": [`data: {"error":{"code":429,"message":"Rate limit exceeded: free-models-per-min."}}\n\n`],
+  "tpm-first": [`data: {"error":{"message":"Rate limit reached","type":"tokens","code":"rate_limit_exceeded"}}\n\n`],
+  "quota-first": [`data: {"error":{"message":"You exceeded your current quota","type":"insufficient_quota"}}\n\n`],
+  "too-large-first": [
+    `data: {"error":{"message":"Request too large for gpt-4o. The input or output tokens must be reduced","code":"rate_limit_exceeded"}}\n\n`,
+  ],
   // Errors without the {"error": ...} wrapper, as vLLM and others send them.
   "bare-error": [chunkEvent({ content: "partial" }), `data: {"object":"error","message":"overloaded","code":503}\n\n`],
   "message-error": [chunkEvent({ content: "partial" }), `data: {"message":"overloaded","code":503}\n\n`],
@@ -530,6 +538,11 @@ describe("openai provider streams", () => {
     const json = await opened("json-200");
     expect(json?.failure).toBe("transient");
     expect(json?.message).toContain("no healthy backend");
+    // A rate limit is the 429 it says, classed as that status is: to retry or wait out, to fall back from.
+    expect(await opened("limit-first")).toMatchObject({ failure: "transient", status: 429 });
+    expect(await opened("tpm-first")).toMatchObject({ failure: "transient", status: 429 });
+    expect(await opened("quota-first")).toMatchObject({ failure: "misconfigured", status: 429 });
+    expect(await opened("too-large-first")).toMatchObject({ failure: "rejected", status: 429 });
     // At its limit, not once the chunk that comes a second later has ended the stream.
     const before = endedCount("prefill");
     expect((await opened("prefill", 300))?.failure).toBe("timeout");
@@ -684,7 +697,7 @@ describe("azure provider", () => {
   });
   afterAll(() => azure.stop(true));
   const provider = createOpenAIProvider(
-    { name: "azure", kind: "azure", base_url: `http://127.0.0.1:${azure.port}`, api_key_env: "AZURE_KEY", api_version: "2024-10-21" },
+    { name: "azure", kind: "azure", base_url: `http://127.0.0.1:${azure.port}`, api_key_env: "AZURE_KEY" },
     "sk-azure",
   );
 
@@ -704,6 +717,29 @@ describe("azure provider", () => {
       { url: "/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
       { url: "/openai/deployments/prod-embed/embeddings?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
       { url: "/openai/deployments/prod-gpt4o-mini/chat/completions?api-version=2024-10-21", apiKey: "sk-azure", auth: null },
+    ]);
+  });
+
+  test("Azure's v1 API takes OpenAI's paths with the deployment as the model, and an api-version only when one is set", async () => {
+    calls.length = 0;
+    const base = `http://127.0.0.1:${azure.port}/openai/v1`;
+    const v1 = createOpenAIProvider({ name: "azure", kind: "azure", base_url: base, api_key_env: "AZURE_KEY" }, "sk-azure");
+    const whole = await v1.chat(request("prod-gpt4o"), { timeoutMs: 5000 });
+    expect(whole.tokens).toMatchObject({ inputTokens: 3n, outputTokens: 1n });
+    const contents: unknown[] = [];
+    for await (const chunk of await v1.streamChat(request("prod-gpt4o"), { timeoutMs: 5000 })) {
+      contents.push(chunk.choices[0]?.delta?.content);
+    }
+    expect(contents).toContain("hi");
+    await v1.embed({ model: "prod-embed", input: "hello", encoding_format: "float" }, { timeoutMs: 5000 });
+    const preview = { name: "azure", kind: "azure", base_url: `${base}/`, api_key_env: "AZURE_KEY", api_version: "preview" } as const;
+    await createOpenAIProvider(preview, "sk-azure").chat(request("prod-gpt4o"), { timeoutMs: 5000 });
+    const bearer = { apiKey: null, auth: "Bearer sk-azure" };
+    expect(calls).toEqual([
+      { url: "/openai/v1/chat/completions", ...bearer },
+      { url: "/openai/v1/chat/completions", ...bearer },
+      { url: "/openai/v1/embeddings", ...bearer },
+      { url: "/openai/v1/chat/completions?api-version=preview", ...bearer },
     ]);
   });
 

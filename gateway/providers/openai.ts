@@ -2,7 +2,7 @@ import OpenAI, { APIError, AzureOpenAI } from "openai";
 import { createParser } from "eventsource-parser";
 import { redactSecrets } from "../../lib/log.ts";
 import { watchSilence } from "../../lib/silence.ts";
-import type { AzureProviderConfig, OpenAIProviderConfig } from "../config.ts";
+import { type AzureProviderConfig, azureV1Path, type OpenAIProviderConfig } from "../config.ts";
 import { addGenerated, addReasoning, countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
 import {
   answeredEmbeddingUsage,
@@ -43,16 +43,19 @@ export function createOpenAIProvider(
   // Explicit values keep the SDK from reading OPENAI_* and AZURE_OPENAI_* variables behind the config's back (a gateway
   // run with the demo's OPENAI_BASE_URL set, say); the gateway logs for itself.
   const common = { organization: null, project: null, webhookSecret: null, logLevel: "off" } as const;
+  // Azure's v1 API takes OpenAI's paths, the deployment as the model and the key as a bearer token, and wants no
+  // api-version unless one is asked for; a resource endpoint takes /openai/deployments/... and an api-version.
+  const azureV1 = config.kind === "azure" && azureV1Path.test(new URL(config.base_url).pathname);
   const client = missingKey
     ? undefined
-    : config.kind === "azure"
+    : config.kind === "azure" && !azureV1
       ? withHeaders(
           // The base URL the SDK makes of an `endpoint`, built here: given an endpoint, it reads OPENAI_BASE_URL too.
           new AzureOpenAI({
             ...common,
             baseURL: `${config.base_url.replace(/\/+$/, "")}/openai`,
             apiKey,
-            apiVersion: config.api_version,
+            apiVersion: config.api_version ?? "2024-10-21",
           }),
           undefined,
         )
@@ -63,8 +66,10 @@ export function createOpenAIProvider(
             baseURL: config.base_url ?? "https://api.openai.com/v1",
             // The SDK insists on a key; upstreams configured without one (local servers) ignore it.
             apiKey: apiKey ?? "unused",
+            defaultQuery:
+              config.kind === "azure" && config.api_version ? { "api-version": config.api_version } : undefined,
           }),
-          config.headers,
+          config.kind === "openai" ? config.headers : undefined,
         );
   const pool = idleBound(
     config.kind === "openai" ? config.keep_alive_ms : undefined,
@@ -468,9 +473,10 @@ async function* chunksOf(
       if (error || event.event === "error") {
         const message = (error as { message?: unknown } | null)?.message;
         const words = redact(typeof message === "string" ? message : JSON.stringify(error));
-        // An error that names the request's fault (vLLM's context length as its first event) is a refusal, as
-        // the same error with that HTTP status would be; anything else is the upstream's.
-        const status = refusedStatus(error);
+        // An error that names the request's fault (vLLM's context length as its first event) is a refusal, and one
+        // that names a rate limit (a proxy's that sent its 200 before its upstream answered) a 429, as the same error
+        // with that HTTP status would be; anything else is the upstream's.
+        const status = refusedStatus(error) ?? (rateLimited(error) ? 429 : undefined);
         if (status === undefined) failure = new UpstreamError("transient", `${provider}: ${words}`);
         else {
           const body = upstreamErrorBody(error, redact);
@@ -586,6 +592,20 @@ function refusedStatus(error: unknown): number | undefined {
   return typeof code === "string" && requestFaults.has(code) ? 400 : undefined;
 }
 
+/** Codes and types of OpenAI's errors of a 429: a rate limit, or an account out of quota. */
+const rateLimits = new Set(["rate_limit_exceeded", "rate_limit_error", "insufficient_quota"]);
+
+/**
+ * Whether a streamed error says what a 429 says (429 as its code or status, or OpenAI's code or type of one), as
+ * OpenRouter and other proxies send an upstream's rate limit once they have answered 200: a limit to wait out or fall
+ * back from, which must not count as the target failing.
+ */
+function rateLimited(error: unknown): boolean {
+  if (typeof error !== "object" || error === null) return false;
+  const { code, status, type } = error as Record<string, unknown>;
+  return [code, status, type].some((value) => value === 429 || value === "429" || rateLimits.has(value as string));
+}
+
 /** A parsed event as a chunk the rest of the gateway can rely on, or a transient failure of the attempt. */
 function checkedChunk(data: unknown, provider: string): ChatCompletionChunk {
   if (typeof data !== "object" || data === null || Array.isArray(data)) {
@@ -607,6 +627,8 @@ function checkedChunk(data: unknown, provider: string): ChatCompletionChunk {
       throw new UpstreamError("transient", `${provider}: a malformed choice`);
     // As the SDK's stream does: a choice always has finish_reason, null until it finishes.
     choice.finish_reason ??= null;
+    // And a delta, which Azure's asynchronous filter leaves out of a choice it annotates with content_filter_results.
+    choice.delta ??= {};
   }
   return chunk;
 }

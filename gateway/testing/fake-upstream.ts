@@ -51,6 +51,11 @@ export interface Behaviour {
   midEvent?: unknown;
   /** Streaming: first of all a chunk as Azure sends it, of prompt filter results, with an empty object and model. */
   promptFilterChunk?: boolean;
+  /**
+   * Streaming: after the finish_reason chunk, one as Azure's asynchronous content filter sends it: a choice of filter
+   * results and offsets without a delta, in a chunk with an empty id, object and model.
+   */
+  filterAnnotationChunk?: boolean;
   /** Streaming: stop after this many content chunks, without finish_reason or [DONE]. */
   cutAfterChunks?: number;
   /** Refuse with this text instead of answering (content null, or streamed as `delta.refusal`). */
@@ -338,6 +343,12 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
         const stop = b.toolCall ? "tool_calls" : "stop";
         if (b.groqUsage === undefined) controller.enqueue(chunk({}, stop));
         else controller.enqueue(event({ ...base, choices: [{ index: 0, delta: {}, finish_reason: stop }], x_groq: { usage: b.groqUsage } }));
+        if (b.filterAnnotationChunk) {
+          const results = { hate: { filtered: false, severity: "safe" } };
+          const offsets = { check_offset: 0, start_offset: 0, end_offset: text.length };
+          const annotation = { index: 0, finish_reason: null, content_filter_results: results, content_filter_offsets: offsets };
+          controller.enqueue(event({ id: "", object: "", created: 0, model: "", choices: [annotation] }));
+        }
         if (b.usageDelayMs) await Bun.sleep(b.usageDelayMs);
         if (signal.aborted) return;
         if (wantsUsage && usage) controller.enqueue(event({ ...base, choices: [], usage }));
