@@ -2,6 +2,7 @@ import { expect, test } from "bun:test";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { BillingService, KeyRefusalReason, KeyRefusalSchema } from "../gen/billing/v1/billing_pb.ts";
+import { createLogger } from "../lib/log.ts";
 import { createAnalyticsAuth } from "./auth.ts";
 
 const adminToken = "test-admin-token-0123456789";
@@ -101,4 +102,38 @@ test("a key of a suspended org is refused PermissionDenied once its org is no lo
   clock += 5_000;
   expect(await refusal()).toBeUndefined();
   expect(asked).toBe(3);
+});
+
+test("a key check billing cannot answer is logged with billing's words, once until billing answers again", async () => {
+  let answer: "refuse token" | "down" | "ok" = "refuse token";
+  const billing = createClient(
+    BillingService,
+    createRouterTransport((r) =>
+      r.service(BillingService, {
+        async authorizeKey() {
+          if (answer === "refuse token") throw new ConnectError("invalid admin token", Code.PermissionDenied);
+          if (answer === "down") throw new ConnectError("connect ECONNREFUSED 10.0.0.5:8081", Code.Unavailable);
+          return { apiKey: { id: "key_1", orgId: org } };
+        },
+      }),
+    ),
+  );
+  const lines: Record<string, unknown>[] = [];
+  const log = createLogger({ service: "analytics", write: (line) => lines.push(JSON.parse(line)) });
+  const auth = createAnalyticsAuth({ adminToken, billing, log });
+  const refusal = (token: string) => auth.requireOrgReader(as(token), org).then(() => undefined, (e) => ConnectError.from(e).code);
+
+  // The caller is told to retry; the operator reads why: billing refuses this service's own token.
+  expect(await refusal("sk-mesh-first")).toBe(Code.Unavailable);
+  expect(await refusal("sk-mesh-second")).toBe(Code.Unavailable);
+  answer = "down";
+  expect(await refusal("sk-mesh-third")).toBe(Code.Unavailable);
+  expect(lines).toEqual([
+    expect.objectContaining({ level: "warn", code: "PermissionDenied", err: "invalid admin token" }),
+  ]);
+  answer = "ok";
+  expect(await refusal("sk-mesh-first")).toBeUndefined();
+  expect(lines.at(-1)).toEqual(
+    expect.objectContaining({ level: "info", msg: "billing AuthorizeKey answers again", failures: 3 }),
+  );
 });

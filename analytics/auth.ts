@@ -3,6 +3,7 @@ import { Code, type Client, ConnectError } from "@connectrpc/connect";
 import { type BillingService, KeyRefusalReason, KeyRefusalSchema } from "../gen/billing/v1/billing_pb.ts";
 import { bearerToken, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
 import { createKeyCache } from "../lib/key-cache.ts";
+import { createOutageLog, type Logger } from "../lib/log.ts";
 
 export interface AnalyticsAuthOptions {
   adminToken: string;
@@ -23,6 +24,8 @@ export interface AnalyticsAuthOptions {
   /** Unknown keys remembered at most (10,000 by default), apart from the working ones, which they cannot push out. */
   maxRejectedKeys?: number;
   now?: () => number;
+  /** Where a key check billing cannot answer is logged, once until billing answers again. */
+  log?: Logger;
 }
 
 interface Remembered {
@@ -45,6 +48,11 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
 
   // Lookups in flight, by hash: concurrent first uses of a key share one billing call.
   const checking = new Map<string, Promise<Remembered>>();
+  // Callers are told only to retry: why (billing unreachable, or refusing this service's own token) is the operator's.
+  const billingOutage = createOutageLog(options.log, {
+    failed: "billing AuthorizeKey failed: org API keys cannot read analytics",
+    recovered: "billing AuthorizeKey answers again",
+  });
 
   const lookUp = async (secret: string, hash: string): Promise<Remembered> => {
     let orgId: string | undefined;
@@ -60,9 +68,11 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
         err.code === Code.PermissionDenied &&
         err.findDetails(KeyRefusalSchema).some((d) => d.reason === KeyRefusalReason.ORGANIZATION_SUSPENDED);
       if (err.code !== Code.Unauthenticated && !suspended) {
+        billingOutage.failed({ code: Code[err.code], err: err.rawMessage });
         throw new ConnectError("the api key cannot be checked now; retry later", Code.Unavailable);
       }
     }
+    billingOutage.recovered();
     // A key that expires within its TTL is remembered until it expires, when billing and the gateway refuse it too.
     const until = orgId ? Math.min(now() + ttlMs, expireMs) : now() + rejectedTtlMs;
     const remembered = { orgId, suspended, until };

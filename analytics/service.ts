@@ -58,7 +58,7 @@ const dimensions: Partial<Record<UsageGroupBy, UsageDimension>> = {
 export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<typeof AnalyticsService> {
   const { store } = deps;
   const ingest = createIngest({ ...deps, options: deps.ingest });
-  const auth = createAnalyticsAuth({ adminToken: deps.adminToken, billing: deps.billing });
+  const auth = createAnalyticsAuth({ adminToken: deps.adminToken, billing: deps.billing, log: deps.log });
   /** The org a query names, once the caller may read it. */
   const readable = async (ctx: HandlerContext, orgId: string) => {
     const org = requireOrg(orgId);

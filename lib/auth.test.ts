@@ -85,7 +85,7 @@ describe.skipIf(external === undefined)("the admin token from another machine", 
   });
 });
 
-describe("the published default admin token from a web page on this machine", () => {
+describe("the published default admin token on this machine, from a web page or through a proxy", () => {
   let server: RunningServer;
 
   beforeAll(async () => {
@@ -128,5 +128,18 @@ describe("the published default admin token from a web page on this machine", ()
     expect(await answers({})).toEqual(["ok", "ok"]);
     // Node's own fetch (a script on this machine, connect-web's transport on Node) sends Sec-Fetch-Mode, never these.
     expect(await answers({ "sec-fetch-mode": "cors" })).toEqual(["ok", "ok"]);
+  });
+
+  test("is refused when a proxy on this machine forwarded the request from elsewhere", async () => {
+    const refused = { code: "permission_denied", message: expect.stringContaining("not through a proxy") };
+    const marks: Record<string, string>[] = [
+      { "x-forwarded-for": "203.0.113.7" },
+      { forwarded: "for=203.0.113.7;proto=https" },
+      { "x-real-ip": "203.0.113.7" },
+      { "x-forwarded-proto": "https" },
+      { "x-forwarded-host": "billing.example.com" },
+      { via: "1.1 caddy" },
+    ];
+    for (const mark of marks) expect([mark, await answers(mark)]).toEqual([mark, [refused, refused]]);
   });
 });

@@ -50,10 +50,23 @@ function fromWebPage(headers: Pick<Headers, "get">): boolean {
 }
 
 /**
+ * Headers a proxy adds to what it forwards (nginx, Caddy, ngrok, cloudflared, Envoy): a reverse proxy or tunnel on this
+ * machine connects from loopback on behalf of callers anywhere. The mesh's own clients and the CLI send none of them.
+ */
+const proxyHeaders = ["forwarded", "via", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"];
+
+/** The request headers `refusePublishedTokenFromAfar` reads, besides the token's. */
+export const callerMarkHeaders = ["origin", "sec-fetch-site", ...proxyHeaders] as const;
+
+function proxied(headers: Pick<Headers, "get">): boolean {
+  return proxyHeaders.some((name) => headers.get(name) !== null);
+}
+
+/**
  * Throws PermissionDenied when `token` is the admin token, that token is the published default and the request is not
- * this machine's own: from another address (`peer`; undefined for a call made in-process), or from a web page, since any
- * site a browser on this machine opens could send the published token to its loopback ports. A mesh started without
- * ADMIN_TOKEN must not give anyone on its network, or any website, the admin's rights.
+ * this machine's own: from another address (`peer`; undefined for a call made in-process) or through a proxy, or from a
+ * web page, since any site a browser on this machine opens could send the published token to its loopback ports. A
+ * mesh started without ADMIN_TOKEN must not give anyone on its network, or any website, the admin's rights.
  */
 export function refusePublishedTokenFromAfar(
   token: string,
@@ -63,14 +76,14 @@ export function refusePublishedTokenFromAfar(
 ): void {
   if (adminToken !== defaultAdminToken) return;
   const page = fromWebPage(headers);
-  if (!page && (peer === undefined || isLoopback(peer))) return;
+  if (!page && !proxied(headers) && (peer === undefined || isLoopback(peer))) return;
   if (!safeEqual(token, adminToken)) return;
   throw new ConnectError(
     page
       ? "ADMIN_TOKEN is the published development default, refused from web pages (any site could send it): " +
           "set ADMIN_TOKEN to a token of your own to call from a browser"
-      : "ADMIN_TOKEN is the published development default, accepted only from this machine (loopback): " +
-          "set ADMIN_TOKEN to a token of your own to call from elsewhere",
+      : "ADMIN_TOKEN is the published development default, accepted only from this machine (loopback), " +
+          "not through a proxy: set ADMIN_TOKEN to a token of your own to call from elsewhere",
     Code.PermissionDenied,
   );
 }

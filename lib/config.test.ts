@@ -36,6 +36,23 @@ describe("parseEnv", () => {
     expect(() => parseEnv(shape, { ADMIN_TOKEN: "short" })).toThrow('ADMIN_TOKEN ("***")');
   });
 
+  test("never echoes the credentials of a URL", () => {
+    const cases = [
+      ["clickhouse://mesh:hunter2@ch:9000/mesh", "clickhouse://***@ch:9000/mesh"],
+      ["mesh:p@ss:w0rd@ch:8123", "***@ch:8123"],
+      ["https://mesh:hunter2@ch:8443x", "https://***@ch:8443x"],
+    ];
+    for (const [value, shown] of cases) {
+      let message = "";
+      try {
+        parseEnv(shape, { BILLING_URL: value });
+      } catch (e) {
+        message = (e as Error).message;
+      }
+      expect(message).toBe(`invalid environment: BILLING_URL ("${shown}"): must be an http:// or https:// URL`);
+    }
+  });
+
   test("rejects ports out of range", () => {
     expect(() => parseEnv(shape, { GATEWAY_PORT: "70000" })).toThrow("GATEWAY_PORT");
     // 0 asks the system for any free port, as it always did.

@@ -232,7 +232,7 @@ export function parseEnv<S extends z.ZodRawShape>(
           ? "set but empty"
           : value.trim() === ""
             ? "set but blank"
-            : `"${looksSecret(name) ? "***" : value}"`;
+            : `"${looksSecret(name) ? "***" : withoutCredentials(value)}"`;
     const entry = typeof inside[0] === "number" ? `, entry ${inside[0] + 1}` : "";
     return `${name} (${shown}${entry}): ${issue.message}`;
   });
@@ -252,4 +252,9 @@ export function loadEnvOrExit<S extends z.ZodRawShape>(shape: S): z.infer<z.ZodO
 
 function looksSecret(name: string): boolean {
   return /TOKEN|KEY|SECRET|PASSWORD/i.test(name);
+}
+
+/** A URL's `user:password@` masked (CLICKHOUSE_URL may carry them), with or without its scheme. */
+function withoutCredentials(value: string): string {
+  return value.replace(/^([A-Za-z][A-Za-z0-9+.-]*:\/\/)?[^/?#]*@/, (_, scheme: string | undefined) => `${scheme ?? ""}***@`);
 }

@@ -164,7 +164,7 @@ test.skipIf(external === undefined)("on the published default admin token the pa
   }
 });
 
-test("on the published default admin token the page is refused to a web page on this machine", async () => {
+test("on the published default admin token the page is refused to a web page or through a proxy on this machine", async () => {
   const clock = () => new Date("2026-06-15T12:00:00Z");
   const app = createBillingApp({ pool: db.pool, adminToken: defaultAdminToken, clock, log });
   const open = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes: app.routes, http: app.http, log });
@@ -177,6 +177,10 @@ test("on the published default admin token the page is refused to a web page on 
       // An org's own key is the page's to use.
       expect((await get(orgSecret, marks)).status).toBe(200);
     }
+    // A reverse proxy or tunnel on this machine connects from loopback for callers anywhere.
+    const proxied = await get(defaultAdminToken, { "x-forwarded-for": "203.0.113.7" });
+    expect([proxied.status, await proxied.text()]).toEqual([403, expect.stringContaining("not through a proxy")]);
+    expect((await get(orgSecret, { "x-forwarded-for": "203.0.113.7" })).status).toBe(200);
     expect((await get(defaultAdminToken, {})).status).toBe(200);
   } finally {
     await open.close(0);

@@ -1,4 +1,5 @@
 import { Code, ConnectError } from "@connectrpc/connect";
+import { callerMarkHeaders } from "../../lib/auth.ts";
 import type { Logger, OutageLog } from "../../lib/log.ts";
 import { type HttpRoutes, peerAddress, send } from "../../lib/server.ts";
 import type { BillingAuth } from "../auth.ts";
@@ -50,8 +51,8 @@ export function invoicePages({
     }
     try {
       const headers = new Headers();
-      // The token, and whether a web page sent it (the published default admin token is refused from one).
-      for (const name of ["authorization", "origin", "sec-fetch-site"] as const) {
+      // The token, and whether a web page or a proxy sent it (the published default admin token is refused from those).
+      for (const name of ["authorization", ...callerMarkHeaders]) {
         const value = req.headers[name];
         if (typeof value === "string") headers.set(name, value);
       }
