@@ -44,8 +44,10 @@ export function* encodedPieces(text: string): Generator<string> {
   if (from < text.length || from === 0) yield text.slice(from);
 }
 
-// Han, kana, Hangul, and CJK punctuation and full-width forms: written without spaces between words.
-const cjk = /[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]/g;
+/** Han, kana, Hangul, and CJK punctuation and full-width forms: written without spaces between words. */
+const isCjk = (c: number) =>
+  (c >= 0x2e80 && c <= 0x9fff) || (c >= 0xac00 && c <= 0xd7af) || (c >= 0xf900 && c <= 0xfaff) ||
+  (c >= 0xff00 && c <= 0xffef);
 
 /**
  * Tokens of text estimated without the encoding: four characters a token, but CJK characters at three tokens in four.
@@ -54,7 +56,9 @@ const cjk = /[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]/g;
  * four characters a token said 21 to 23, and rarer characters (1.8 tokens each) are still taken low.
  */
 export function estimatedTextTokens(text: string): number {
-  const wide = text.match(cjk)?.length ?? 0;
+  // Counted in place: matching them with a regular expression made a string of each, 150 ms for a 4 MiB prompt.
+  let wide = 0;
+  for (let i = 0; i < text.length; i++) if (isCjk(text.charCodeAt(i))) wide++;
   return Math.ceil((text.length - wide) / 4 + (wide * 3) / 4);
 }
 
