@@ -44,7 +44,14 @@ import {
   UpstreamError,
 } from "./providers/provider.ts";
 import { meteredName, meterUsage } from "./metering.ts";
-import { estimatedChatTokens, estimatedEmbeddingTokens, type RateLimiter, type RateTicket, rateLimitHeaders } from "./rate-limits.ts";
+import {
+  estimatedChatTokens,
+  estimatedEmbeddingTokens,
+  type RateLimiter,
+  type RateTicket,
+  rateLimitHeaders,
+  unsetOutputTokens,
+} from "./rate-limits.ts";
 import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
 import { countEmbeddingTokens, countInputTokens, estimatedTokens } from "./tokenizer.ts";
 
@@ -301,7 +308,14 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
    * Checks the key's rate limits and reserves the request's maximum cost and tokens on its budgets and monthly
    * tokens, before any upstream call; `finish` settles both at what the call really used.
    */
-  const admit = async (call: Call, principal: Principal, route: ModelRoute, most: Spend, estimatedTokens: number) => {
+  const admit = async (
+    call: Call,
+    principal: Principal,
+    route: ModelRoute,
+    most: Spend,
+    estimatedTokens: number,
+    unsetOutput = 0,
+  ) => {
     const limits = principal.grant.apiKey?.limits;
     const rateLimits = {
       requestsPerMinute: limits?.requestsPerMinute ?? 0,
@@ -311,7 +325,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     let reservation: Reservation | undefined;
     try {
       // Counted per lineage, as billing counts the monthly figures: a rotated key carries on its windows.
-      ticket = options.rateLimits?.admit(principal.lineageId, rateLimits, estimatedTokens);
+      ticket = options.rateLimits?.admit(principal.lineageId, rateLimits, estimatedTokens, unsetOutput);
       if (ticket?.state) call.limitHeaders = rateLimitHeaders(ticket.state);
       const attributes = { "gateway.max_cost_nanos": Number(most.nanos), "gateway.max_tokens": Number(most.tokens) };
       reservation = await withChildSpan("gateway.reserve_budget", attributes, () =>
@@ -493,6 +507,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         route,
         maxChatSpend(input.upstream, reservationPrice(route), cap, route.contextWindow),
         estimatedChatTokens(input.upstream, cap),
+        unsetOutputTokens(input.upstream, cap),
       );
       const result = await callUpstream(
         call,
@@ -530,6 +545,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         route,
         maxChatSpend(input.upstream, reservationPrice(route), cap, route.contextWindow),
         estimatedChatTokens(input.upstream, cap),
+        unsetOutputTokens(input.upstream, cap),
       );
       // A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and
       // ends (and meters) a stream nobody reads; finishing the call aborts whatever is left upstream.

@@ -1,6 +1,12 @@
 import { describe, expect, test } from "bun:test";
 import type { GatewayError } from "./errors.ts";
-import { createRateLimiter, estimatedChatTokens, estimatedEmbeddingTokens, rateLimitHeaders } from "./rate-limits.ts";
+import {
+  createRateLimiter,
+  estimatedChatTokens,
+  estimatedEmbeddingTokens,
+  rateLimitHeaders,
+  unsetOutputTokens,
+} from "./rate-limits.ts";
 
 function setup() {
   // 12:00:00.250 on some day: 250 ms into a second.
@@ -80,6 +86,27 @@ describe("tokens per minute", () => {
     expect(refused(() => limiter.admit("k", tpm, 5_000)).retryAfterS).toBe(60);
     clock.t += 60_000;
     limiter.admit("k", tpm, 5_000);
+  });
+
+  test("a request that set no max_tokens takes the room left, where its model's cap alone would not fit", () => {
+    const { clock, limiter } = setup();
+    // 100 prompt tokens and gpt-4.1's 32,768 output cap against a TPM of 20,000.
+    const tpm = { requestsPerMinute: 0, tokensPerMinute: 20_000 };
+    limiter.admit("k", tpm, 32_868, 32_768).settle(300);
+    clock.t += 1_000;
+    // Admitted into the 19,700 left, which it holds while it runs: a request after it waits for its end.
+    const second = limiter.admit("k", tpm, 32_868, 32_768);
+    expect(second.state?.tokens?.remaining).toBe(0);
+    expect(refused(() => limiter.admit("k", tpm, 150, 0)).retryAfterS).toBe(3);
+    second.settle(400);
+    clock.t += 1_000;
+    expect(limiter.admit("k", tpm, 32_868, 32_768).state?.tokens?.remaining).toBe(0);
+    // With room for its prompt and no output, it waits; one that set its max_tokens is counted at it.
+    const small = { requestsPerMinute: 0, tokensPerMinute: 1_000 };
+    limiter.admit("f", small, 900, 0).settle(900);
+    expect(refused(() => limiter.admit("f", small, 4_196, 4_096)).type).toBe("tokens");
+    expect(refused(() => limiter.admit("f", small, 101, 0)).type).toBe("tokens");
+    expect(limiter.admit("f", small, 4_195, 4_096).state?.tokens?.remaining).toBe(0);
   });
 
   test("usage counts for a minute from when the request ends, however long it ran", () => {
@@ -183,6 +210,10 @@ describe("what a running request counts at", () => {
     expect(estimatedChatTokens({ messages }, 4096)).toBe(prompt + 4096);
     expect(estimatedChatTokens({ messages, n: 8 }, 4096)).toBe(prompt + 8 * 4096);
     expect(estimatedChatTokens({ messages, max_tokens: 10, max_completion_tokens: 20, n: 2 }, 4096)).toBe(prompt + 40);
+    // The part no max_tokens bounds, which may shrink to the room a key's TPM has left.
+    expect(unsetOutputTokens({ n: 2 }, 4096)).toBe(8192);
+    expect(unsetOutputTokens({ max_completion_tokens: 20 }, 4096)).toBe(0);
+    expect(unsetOutputTokens({ max_tokens: 0 }, 4096)).toBe(0);
     // 200 KB of tool definitions is about 50,000 tokens; a schema and an image count too.
     const tools = [{ type: "function" as const, function: { name: "f", description: "d".repeat(200_000) } }];
     expect(estimatedChatTokens({ messages, tools, max_tokens: 10 }, 4096)).toBeGreaterThan(prompt + 50_000);

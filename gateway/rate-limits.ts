@@ -46,8 +46,13 @@ export interface RateTicket {
 }
 
 export interface RateLimiter {
-  /** Admits one request of `estimatedTokens` for `keyId`, or throws a 429 GatewayError with Retry-After. */
-  admit(keyId: string, limits: KeyRateLimits, estimatedTokens: number): RateTicket;
+  /**
+   * Admits one request of `estimatedTokens` for `keyId`, or throws a 429 GatewayError with Retry-After. Of those,
+   * `unsetOutputTokens` are an output bound the request did not set (the model's cap, for a request without
+   * max_tokens): when the whole estimate does not fit the key's TPM, such a request is admitted into the room left, if
+   * that holds its other tokens and some output, and holds all of it while it runs.
+   */
+  admit(keyId: string, limits: KeyRateLimits, estimatedTokens: number, unsetOutputTokens?: number): RateTicket;
   /** Where the key's limits stand, counting nothing more: for a request refused before it was admitted here. */
   state(keyId: string, limits: KeyRateLimits): RateState | undefined;
   /** Keys currently tracked. */
@@ -155,7 +160,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
   };
 
   return {
-    admit(keyId, limits, estimatedTokens) {
+    admit(keyId, limits, estimatedTokens, unsetOutputTokens = 0) {
       const rpm = limits.requestsPerMinute;
       const tpm = limits.tokensPerMinute;
       if (rpm <= 0 && tpm <= 0) return noTicket;
@@ -163,7 +168,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       const second = Math.floor(t / 1000);
       const w = windowOf(keyId, second);
       const requests = rpm > 0 ? usage(w.requests, w, second, 0, t).total : 0;
-      const estimate = tpm > 0 ? Math.max(0, Math.ceil(estimatedTokens)) : 0;
+      let estimate = tpm > 0 ? Math.max(0, Math.ceil(estimatedTokens)) : 0;
       const tokens = tpm > 0 ? usage(w.tokens, w, second, 0, t).total : 0;
       const running = tpm > 0 ? usage(w.running, w, second, 0, t).total : 0;
       /** The key's limits as they stand now: after this request was counted, or at its refusal. */
@@ -176,6 +181,12 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
           waitMs,
           rateLimitHeaders(state()),
         );
+      }
+      // A request that set no output bound is counted at its model's cap, which may be more than the key's whole TPM
+      // (gpt-4.1's 32,768 against 20,000): it takes the room left rather than wait for an empty minute.
+      const room = tpm - tokens;
+      if (tpm > 0 && tokens > 0 && estimate > room && unsetOutputTokens > 0 && estimate - Math.floor(unsetOutputTokens) < room) {
+        estimate = room;
       }
       if (tpm > 0 && tokens > 0 && tokens + estimate > tpm) {
         // Room for this request once enough has expired; all of it when it alone exceeds the limit.
@@ -285,6 +296,11 @@ export function estimatedChatTokens(
   cap: number,
 ): number {
   return chatInputTokens(request, estimatedTextTokens, partTokens) + maxOutputTokens(request, cap);
+}
+
+/** Of estimatedChatTokens, the output a request did not bound (no max_tokens): the model's `cap` for each choice. */
+export function unsetOutputTokens(request: Pick<ChatRequest, "max_completion_tokens" | "max_tokens" | "n">, cap: number): number {
+  return request.max_completion_tokens == null && request.max_tokens == null ? maxOutputTokens(request, cap) : 0;
 }
 
 /** Tokens an embeddings request is counted at while it runs: its strings as estimatedTextTokens takes them. */
