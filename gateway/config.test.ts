@@ -288,6 +288,9 @@ describe("gateway config", () => {
     const ok = parseGatewayConfig(openai('base_url: "HTTPS://example.com/v1", headers: { X-Team: search }'), "t.yaml");
     expect(ok.providers[0]).toMatchObject({ base_url: "HTTPS://example.com/v1", headers: { "X-Team": "search" } });
     expect(parseGatewayConfig(azure("https://x.openai.azure.com/"), "t.yaml").providers[0]?.kind).toBe("azure");
+    // Azure API Management in front of a resource wants its subscription key in a header of its own.
+    const apim = providers('{ name: p, kind: azure, api_key_env: AZURE_KEY, base_url: "https://apim.example.com/", headers: { Ocp-Apim-Subscription-Key: k }, keep_alive_ms: 1000 }');
+    expect(parseGatewayConfig(apim, "t.yaml").providers[0]).toMatchObject({ headers: { "Ocp-Apim-Subscription-Key": "k" }, keep_alive_ms: 1000 });
   });
 
   test("an Azure base_url is the resource endpoint or its v1 API: any other under /openai, which the gateway adds, is refused", () => {

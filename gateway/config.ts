@@ -91,6 +91,10 @@ const azureProvider = z.strictObject({
   api_version: z.string().min(1).optional(),
   /** As for openai: older api versions (2024-02-01) refuse stream_options. */
   stream_usage: z.boolean().optional(),
+  /** As for openai: an API gateway in front of the resource (Azure API Management's Ocp-Apim-Subscription-Key)... */
+  headers: headers.optional(),
+  /** ...and the idle bound of its connections. */
+  keep_alive_ms: z.number().int().min(0).max(300_000).optional(),
 });
 
 const mockProvider = z.strictObject({

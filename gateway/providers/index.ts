@@ -11,7 +11,7 @@ const credentialHeader = /auth|key|token|secret|password|cookie|signature/i;
 
 /** The credentials in a provider's configured headers: each value, and its token alone after a scheme (`Bearer x`). */
 function headerSecrets(config: ProviderConfig): string[] {
-  const headers = config.kind === "openai" ? config.headers : undefined;
+  const headers = config.kind === "mock" ? undefined : config.headers;
   return Object.entries(headers ?? {})
     .filter(([name]) => credentialHeader.test(name))
     .flatMap(([, value]) => [value.trim(), value.trim().replace(/^[A-Za-z][\w-]*\s+/, "")]);

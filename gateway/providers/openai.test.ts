@@ -668,11 +668,14 @@ describe("openai provider streams", () => {
 describe("azure provider", () => {
   // Azure's routes: the deployment in the path, the API version in the query, the key in an api-key header.
   const calls: Array<{ url: string; apiKey: string | null; auth: string | null }> = [];
+  const subscriptions: string[] = [];
   const azure = Bun.serve({
     port: 0,
     async fetch(req) {
       const url = new URL(req.url);
       calls.push({ url: `${url.pathname}${url.search}`, apiKey: req.headers.get("api-key"), auth: req.headers.get("authorization") });
+      const subscription = req.headers.get("ocp-apim-subscription-key");
+      if (subscription) subscriptions.push(subscription);
       const body = (await req.json()) as { stream?: boolean; model?: string };
       if (body.model === "missing") {
         return Response.json({ error: { code: "DeploymentNotFound", message: "no such deployment" } }, { status: 404 });
@@ -741,6 +744,19 @@ describe("azure provider", () => {
       { url: "/openai/v1/embeddings", ...bearer },
       { url: "/openai/v1/chat/completions?api-version=preview", ...bearer },
     ]);
+  });
+
+  test("configured headers go with every call, as an API Management front end in front of the resource wants", async () => {
+    subscriptions.length = 0;
+    const headers = { "Ocp-Apim-Subscription-Key": "apim-0123" };
+    for (const base_url of [`http://127.0.0.1:${azure.port}`, `http://127.0.0.1:${azure.port}/openai/v1`]) {
+      const config = { name: "apim", kind: "azure", base_url, api_key_env: "AZURE_KEY", headers, keep_alive_ms: 1000 } as const;
+      const fronted = createOpenAIProvider(config, "sk-azure");
+      await fronted.chat(request("prod-gpt4o"), { timeoutMs: 5000 });
+      for await (const _ of await fronted.streamChat(request("prod-gpt4o"), { timeoutMs: 5000 })) {
+      }
+    }
+    expect(subscriptions).toEqual(["apim-0123", "apim-0123", "apim-0123", "apim-0123"]);
   });
 
   test("a missing deployment is a misconfigured target with Azure's message", async () => {

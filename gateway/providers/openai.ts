@@ -57,7 +57,7 @@ export function createOpenAIProvider(
             apiKey,
             apiVersion: config.api_version ?? "2024-10-21",
           }),
-          undefined,
+          config.headers,
         )
       : withHeaders(
           new OpenAI({
@@ -69,10 +69,10 @@ export function createOpenAIProvider(
             defaultQuery:
               config.kind === "azure" && config.api_version ? { "api-version": config.api_version } : undefined,
           }),
-          config.kind === "openai" ? config.headers : undefined,
+          config.headers,
         );
   const pool = idleBound(
-    config.kind === "openai" ? config.keep_alive_ms : undefined,
+    config.keep_alive_ms,
     /^http:\/\//i.test(config.base_url ?? ""),
   );
   const connected = (): OpenAI => {
