@@ -278,6 +278,15 @@ describe("retries and fallback", () => {
     await failure(alone.run());
     await failure(alone.run());
     expect(alone.breakers.state("a/a-model")).toBe("open");
+
+    // OpenRouter's (and other resellers') 402 for an account out of credits says the same.
+    const credits = { message: "Insufficient credits. Add more using https://openrouter.ai/settings/credits", type: null, param: null, code: "402" };
+    const unpaid = setup([t("a")], { retries: 3 }, async (p) => {
+      throw new UpstreamError(failureOfStatus(402, credits), `${p} answered 402: 402 ${credits.message}`, 402, undefined, credits);
+    });
+    const paid = await failure(unpaid.run());
+    expect([paid.status, paid.code]).toEqual([502, "upstream_quota_exceeded"]);
+    expect(unpaid.attempts).toHaveLength(1);
   });
 
   test("when every target fails the message says what failed, without the upstream's words or provider details", async () => {

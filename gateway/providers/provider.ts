@@ -173,6 +173,8 @@ export function refusedByTarget(status: number, error: UpstreamErrorBody | undef
 
 /** The upstream's account is out of credit (OpenAI's 429 insufficient_quota), as opposed to a rate limit. */
 export function outOfQuota(status: number | undefined, error: UpstreamErrorBody | undefined): boolean {
+  // 402 Payment Required: OpenRouter's and other resellers' "Insufficient credits".
+  if (status === 402) return true;
   return status === 429 && (error?.code === "insufficient_quota" || error?.type === "insufficient_quota");
 }
 
