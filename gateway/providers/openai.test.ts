@@ -67,6 +67,13 @@ const upstream = Bun.serve({
         return Response.json({ error: "Input validation error: `inputs` must have less than 4096 tokens", error_type: "validation" }, { status: 422 });
       case "text-400":
         return new Response("context too long", { status: 400, headers: { "content-type": "text/plain" } });
+      case "routed-429":
+        // OpenRouter's answer when the provider it routed to failed after it had accepted the request: a 200.
+        return Response.json({ error: { message: "Provider returned error", code: 429, metadata: { provider_name: "x" } } });
+      case "routed-502":
+        return Response.json({ error: { message: "Provider returned error", code: 502 } });
+      case "routed-402":
+        return Response.json({ error: { message: "Insufficient credits", code: 402 } });
       case "proxy-413":
         return new Response("<html><body>413 Request Entity Too Large</body></html>", { status: 413 });
       default:
@@ -134,6 +141,10 @@ describe("openai provider", () => {
       expect(e).toBeInstanceOf(UpstreamError);
       expect([e?.failure, e?.status]).toEqual([failureClass, status === "quota" ? 429 : Number(status)]);
     }
+    // A failure in a 200's body, as OpenRouter answers one of the provider it routed to: as its status would be.
+    const routed = await Promise.all(["routed-429", "routed-502", "routed-402"].map((m) => failure(provider.chat(request(m), { timeoutMs: 5000 }))));
+    expect(routed.map((e) => [e?.failure, e?.status])).toEqual([["transient", 429], ["transient", undefined], ["misconfigured", 402]]);
+    expect(routed[0]?.message).toBe("compat answered 429 in its answer: Provider returned error");
     const vllm = await failure(provider.chat(request("vllm-400"), { timeoutMs: 5000 }));
     expect([vllm?.failure, vllm?.status]).toEqual(["rejected", 400]);
     expect(vllm?.message).toContain("maximum context length is 8192 tokens");

@@ -160,7 +160,13 @@ export function createOpenAIProvider(
 
   /** One attempt whose answer is a whole JSON body. */
   const postJson = <T>(path: string, body: { model: string }, options: CallOptions) =>
-    post(path, body, options, json, async (r) => JSON.parse(await bodyText(r, maxAnswerBytes, config.name)) as T);
+    post(path, body, options, json, async (r) => {
+      const answer: unknown = JSON.parse(await bodyText(r, maxAnswerBytes, config.name));
+      // OpenRouter answers 200 with its provider's failure as {"error": ...} when that provider failed after routing.
+      const { error, choices, data } = (typeof answer === "object" && answer !== null ? answer : {}) as Record<string, unknown>;
+      if (error && choices === undefined && data === undefined) throw errorAfter200(config.name, error, redact, "in its answer");
+      return answer as T;
+    });
 
   /** Upstream models that refused stream_options: their streams go without. */
   const refusesStreamOptions = new Set<string>();
@@ -169,9 +175,11 @@ export function createOpenAIProvider(
   const open = (body: Omit<ChatRequest, "stream"> & { stream: true }, options: CallOptions) =>
     post("/chat/completions", body, options, eventStream, async (response) => {
       if (json.test(response.headers.get("content-type") ?? "")) {
-        // JSON rather than events, as some proxies answer a failure with a 200: its error, read as a refusal's.
-        const error = upstreamError(config.name, await refusal(response), redact);
-        throw new UpstreamError("transient", error.message);
+        // JSON rather than events, as some proxies answer a failure with a 200: its error, read as a refusal's, and
+        // taken as a whole answer's error is.
+        const answer = await refusal(response);
+        if (answer.error) throw errorAfter200(config.name, answer.error, redact, "in its answer");
+        throw new UpstreamError("transient", upstreamError(config.name, answer, redact).message);
       }
       const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
       const chunks = relay(response, config.name, options, choices, redact, maxAnswerBytes)[Symbol.asyncIterator]();
@@ -471,18 +479,7 @@ async function* chunksOf(
         fields && (fields.object === "error" || (fields.message !== undefined && fields.choices === undefined));
       const error = fields?.error ?? (event.event === "error" || unwrapped ? data : undefined);
       if (error || event.event === "error") {
-        const message = (error as { message?: unknown } | null)?.message;
-        const words = redact(typeof message === "string" ? message : JSON.stringify(error));
-        // An error that names the request's fault (vLLM's context length as its first event) is a refusal, and one
-        // that names a rate limit (a proxy's that sent its 200 before its upstream answered) a 429, as the same error
-        // with that HTTP status would be; anything else is the upstream's.
-        const status = refusedStatus(error) ?? (rateLimited(error) ? 429 : undefined);
-        if (status === undefined) failure = new UpstreamError("transient", `${provider}: ${words}`);
-        else {
-          const body = upstreamErrorBody(error, redact);
-          const said = `${provider} answered ${status} in its stream: ${words}`;
-          failure = new UpstreamError(failureOfStatus(status, body), said, status, undefined, body);
-        }
+        failure = errorAfter200(provider, error, redact, "in its stream");
         return;
       }
       chunks.push(data);
@@ -604,6 +601,20 @@ function rateLimited(error: unknown): boolean {
   if (typeof error !== "object" || error === null) return false;
   const { code, status, type } = error as Record<string, unknown>;
   return [code, status, type].some((value) => value === 429 || value === "429" || rateLimits.has(value as string));
+}
+
+/**
+ * An error an upstream sent after its 200, in a stream's event or as a whole answer: one that names the request's fault
+ * (vLLM's context length as its first event) is a refusal, and one that names a rate limit (a proxy's that answered
+ * 200 before its upstream did) a 429, as the same error with that HTTP status would be; anything else is the upstream's.
+ */
+function errorAfter200(provider: string, error: unknown, redact: (text: string) => string, where: string): UpstreamError {
+  const message = (error as { message?: unknown } | null)?.message;
+  const words = redact(typeof message === "string" ? message : JSON.stringify(error));
+  const status = refusedStatus(error) ?? (rateLimited(error) ? 429 : undefined);
+  if (status === undefined) return new UpstreamError("transient", `${provider}: ${words}`);
+  const body = upstreamErrorBody(error, redact);
+  return new UpstreamError(failureOfStatus(status, body), `${provider} answered ${status} ${where}: ${words}`, status, undefined, body);
 }
 
 /** A parsed event as a chunk the rest of the gateway can rely on, or a transient failure of the attempt. */
