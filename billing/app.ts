@@ -57,6 +57,7 @@ export function createBillingApp(options: BillingAppOptions) {
   });
   if (options.leaseRetentionDays) pruneLeases(store, options.leaseRetentionDays, options, log);
   const readiness = pingReadiness("postgres", (timeoutMs) => store.ping(timeoutMs), log);
+  stopSignal?.addEventListener("abort", () => void store.closePing(), { once: true });
   const http = invoicePages({ store, auth, log, databaseOutage });
   return { store, service, routes: billingRoutes(service, adminToken), http, readiness };
 }

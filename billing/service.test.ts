@@ -38,7 +38,10 @@ beforeAll(async () => {
   app = createBillingApp({ pool: db.pool, adminToken, clock: () => now, log });
   client = createClient(BillingService, createRouterTransport(app.routes));
 }, 60_000);
-afterAll(() => db.drop());
+afterAll(async () => {
+  await app.store.closePing();
+  await db.drop();
+});
 
 const as = (token?: string) => ({ headers: token ? { authorization: `Bearer ${token}` } : {} });
 const admin = as(adminToken);
@@ -1399,6 +1402,18 @@ test("readiness says a database is unreachable, not where it is: that goes to th
     expect(await app.readiness()).toEqual({ ready: true, checks: { postgres: "ok" } });
   } finally {
     await pool.end();
+  }
+});
+
+test("readiness stays ready while the service's own calls hold every connection of its pool: load, not an outage", async () => {
+  // Statements as slow as RecordUsage or lease grants queued under a burst; Postgres itself answers at once.
+  const busy = Array.from({ length: db.pool.options.max ?? 10 }, () => db.pool.query("SELECT pg_sleep(1.5)"));
+  try {
+    await Bun.sleep(100);
+    expect(db.pool.idleCount).toBe(0);
+    expect(await app.readiness()).toEqual({ ready: true, checks: { postgres: "ok" } });
+  } finally {
+    await Promise.all(busy);
   }
 });
 

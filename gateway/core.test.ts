@@ -1,4 +1,5 @@
 import { expect, test } from "bun:test";
+import { Registry } from "prom-client";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import type { BudgetKeeper, Reservation } from "./budget.ts";
@@ -40,4 +41,21 @@ test("a request still waiting at shutdown (on billing's lease grant) is metered 
   await outcome;
   expect(shipper.rows.length).toBe(1);
   expect(core.cutUnfinished()).toBe(0);
+});
+
+test("a request held up by a slow key check has its overhead in a finite bucket, not only past the last", async () => {
+  const registry = new Registry();
+  const { core, billing } = createTestCore({ registry });
+  // Billing answers AuthorizeKey in 600 ms (the gateway's billing client allows 2 s): all of it is the gateway's.
+  billing.setDelay(600);
+  const call = core.begin(Endpoint.CHAT_COMPLETIONS, "sk-good");
+  await core.handle(call, () => core.chat(call, { model: "mock", messages: [{ role: "user", content: "hello" }] }));
+  const text = await registry.metrics();
+  const finite = [...text.matchAll(/^gateway_overhead_seconds_bucket\{le="([0-9.]+)".*\} (\d+)$/gm)].map((m) => ({
+    le: Number(m[1]),
+    count: Number(m[2]),
+  }));
+  // histogram_quantile reads an observation past the last finite bound as that bound (50 ms before).
+  expect(finite.find((b) => b.count === 1)?.le).toBeGreaterThanOrEqual(0.5);
+  expect(Math.max(...finite.map((b) => b.le))).toBeGreaterThanOrEqual(2);
 });

@@ -669,11 +669,12 @@ function createInstruments(registry: Registry) {
       buckets: latencyBuckets,
       registers: [registry],
     }),
+    // Microseconds when keys and leases are cached; seconds when billing is slow to check a key or grant a lease.
     overhead: new Histogram({
       name: "gateway_overhead_seconds",
       help: "What the gateway itself added to a request: total time minus time waiting on upstreams.",
       labelNames: ["endpoint"] as const,
-      buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05],
+      buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
       registers: [registry],
     }),
     tokens: new Counter({

@@ -6,8 +6,11 @@ import { Deployment, StatefulSet } from "kubernetes-models/apps/v1";
 import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
 import { Service } from "kubernetes-models/v1";
 import { parse, parseAllDocuments } from "yaml";
+import { createReadiness } from "../gateway/readiness.ts";
+import { pingReadiness } from "../lib/health.ts";
+import { createLogger } from "../lib/log.ts";
 import { runCommand, stopTimeoutMs } from "../lib/processes.ts";
-import { cutAnswerMs } from "../lib/server.ts";
+import { cutAnswerMs, type Readiness } from "../lib/server.ts";
 
 /**
  * The Kubernetes manifests and the image, checked against the Kubernetes API schema and against the code they run:
@@ -29,7 +32,7 @@ interface Container {
   env: EnvVar[];
   ports: { name: string; containerPort: number }[];
   volumeMounts?: { name: string; mountPath: string }[];
-  readinessProbe: { httpGet: { path: string; port: string } };
+  readinessProbe: { httpGet: { path: string; port: string }; timeoutSeconds?: number };
   livenessProbe: { httpGet: { path: string; port: string } };
   startupProbe?: { httpGet: { path: string; port: string }; periodSeconds?: number; failureThreshold?: number };
 }
@@ -152,6 +155,37 @@ describe("Kubernetes manifests", () => {
         const url = envOf(other.metadata.name, `${name.toUpperCase()}_URL`);
         if (url) expect(url.value).toBe(`http://${name}:${port?.containerPort}`);
       }
+    }
+  });
+
+  test("wait for each service's readiness answer while its dependency hangs, rather than timing out first", async () => {
+    const log = createLogger({ service: "test", write: () => {} });
+    const hung = (signal?: AbortSignal | null) =>
+      new Promise<never>((_, reject) => signal?.addEventListener("abort", () => reject(signal.reason)));
+    const checks: Record<string, () => Promise<Readiness>> = {
+      // Billing's /readyz hangs while keys it vouched for lately are still admitted: the gateway stays ready.
+      gateway: createReadiness({
+        billingUrl: "http://billing:8081",
+        shipper: { status: () => ({ connected: true, rows: 0, bytes: 0, maxBytes: 1 << 20, full: false, lastError: undefined }) },
+        keysVouchedLately: () => true,
+        fetch: ((_url: string, init?: RequestInit) => hung(init?.signal)) as unknown as typeof fetch,
+        log,
+      }),
+      billing: pingReadiness("postgres", () => hung(), log),
+      analytics: pingReadiness("clickhouse", () => hung(), log),
+    };
+    const answers = await Promise.all(
+      workloads.map(async (w) => {
+        const start = performance.now();
+        const state = await (checks[w.metadata.name] as () => Promise<Readiness>)();
+        return { name: w.metadata.name, ready: state.ready, ms: performance.now() - start };
+      }),
+    );
+    for (const { name, ready, ms } of answers) {
+      expect(ready).toBe(name === "gateway");
+      // kubelet's default timeout is 1 s; a second more leaves room for a busy node.
+      const timeoutMs = (container(name).readinessProbe.timeoutSeconds ?? 1) * 1000;
+      expect(timeoutMs).toBeGreaterThan(ms + 1000);
     }
   });
 
