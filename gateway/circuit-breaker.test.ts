@@ -1,5 +1,6 @@
 import { describe, expect, test } from "bun:test";
-import { type BreakerState, createCircuitBreakers } from "./circuit-breaker.ts";
+import { Registry } from "prom-client";
+import { type BreakerState, breakerStateMetric, createCircuitBreakers } from "./circuit-breaker.ts";
 
 function setup() {
   const clock = { t: 1_000_000 };
@@ -31,6 +32,23 @@ describe("circuit breakers", () => {
     // Other targets are independent.
     expect(breakers.allow("b")).toBe(true);
     expect(changes).toEqual([["a", "open"]]);
+  });
+
+  test("the state gauge says how each breaker stands at the scrape: half-open once a cooldown is over, untried or not", async () => {
+    const { breakers, clock } = setup();
+    const registry = new Registry();
+    breakerStateMetric(registry, breakers);
+    const scrape = async () => (await registry.getSingleMetricAsString("gateway_circuit_breaker_state")).split("\n").slice(2);
+    expect(await scrape()).toEqual([]);
+    for (let i = 0; i < 3; i++) breakers.fail("a");
+    breakers.fail("b");
+    expect(await scrape()).toEqual(['gateway_circuit_breaker_state{target="a"} 2', 'gateway_circuit_breaker_state{target="b"} 0']);
+    // A fallback target nothing asks for once the first target serves again: no request comes to probe it.
+    clock.t += 10_000;
+    expect(await scrape()).toEqual(['gateway_circuit_breaker_state{target="a"} 1', 'gateway_circuit_breaker_state{target="b"} 0']);
+    breakers.allow("a");
+    breakers.succeed("a");
+    expect(await scrape()).toEqual(['gateway_circuit_breaker_state{target="a"} 0', 'gateway_circuit_breaker_state{target="b"} 0']);
   });
 
   test("after the cooldown one probe goes through; its success closes the breaker", () => {

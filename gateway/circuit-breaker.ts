@@ -13,15 +13,22 @@ export type BreakerState = "closed" | "open" | "half-open";
 
 const stateValues: Record<BreakerState, number> = { closed: 0, "half-open": 1, open: 2 };
 
-/** A gauge of each target's breaker (0 closed, 1 half-open, 2 open); returns the onChange that keeps it. */
-export function breakerStateMetric(registry: Registry): (target: string, state: BreakerState) => void {
-  const gauge = new Gauge({
+/**
+ * A gauge of each target's breaker (0 closed, 1 half-open, 2 open), read as it stands at each scrape: an open breaker
+ * is half-open once its cooldown is over, whether or not a request has come since to probe the target (a fallback
+ * target nothing asks for once the first serves again stays there, not open for good).
+ */
+export function breakerStateMetric(registry: Registry, breakers: Pick<CircuitBreakers, "states">): void {
+  new Gauge({
     name: "gateway_circuit_breaker_state",
     help: "Circuit breaker of each upstream target: 0 closed, 1 half-open, 2 open.",
     labelNames: ["target"] as const,
     registers: [registry],
+    collect() {
+      this.reset();
+      for (const [target, state] of breakers.states()) this.set({ target }, stateValues[state]);
+    },
   });
-  return (target, state) => gauge.set({ target }, stateValues[state]);
 }
 
 export interface CircuitBreakerOptions {
@@ -65,6 +72,8 @@ export interface CircuitBreakers {
   /** Skips the target for `ms` (an upstream's long Retry-After with a 5xx), without a trip. */
   holdFor(target: string, ms: number): void;
   state(target: string): BreakerState;
+  /** Every target that has had a breaker, with its state now. */
+  states(): Map<string, BreakerState>;
   /** The target is skipped now for its upstream's rate limit (a hold, or its probe after one) rather than failures. */
   held(target: string): boolean;
   /** How long until a target skipped now may be tried again, in ms; 0 when it may be tried already. */
@@ -216,6 +225,10 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     },
     state(target) {
       return stateOf(breakers.get(target), now());
+    },
+    states() {
+      const t = now();
+      return new Map([...breakers].map(([target, b]) => [target, stateOf(b, t)]));
     },
     held(target) {
       const b = breakers.get(target);

@@ -220,7 +220,12 @@ const shipper = createMetricsShipper({
 });
 shipper.start();
 
-const breakerState = breakerStateMetric(runtime.metrics.registry);
+const breakers = createCircuitBreakers({
+  failureThreshold: cfg.GATEWAY_BREAKER_FAILURES,
+  cooldownMs: cfg.GATEWAY_BREAKER_COOLDOWN_MS,
+  onChange: (target, state) => log.warn("circuit breaker changed", { target, state }),
+});
+breakerStateMetric(runtime.metrics.registry, breakers);
 const core = createGatewayCore({
   config,
   providers,
@@ -230,14 +235,7 @@ const core = createGatewayCore({
   log,
   registry: runtime.metrics.registry,
   routing: {
-    breakers: createCircuitBreakers({
-      failureThreshold: cfg.GATEWAY_BREAKER_FAILURES,
-      cooldownMs: cfg.GATEWAY_BREAKER_COOLDOWN_MS,
-      onChange: (target, state) => {
-        log.warn("circuit breaker changed", { target, state });
-        breakerState(target, state);
-      },
-    }),
+    breakers,
     requestTimeoutMs: cfg.GATEWAY_REQUEST_TIMEOUT_MS,
     backoffBaseMs: cfg.GATEWAY_RETRY_BASE_MS,
     backoffMaxMs: cfg.GATEWAY_RETRY_MAX_MS,
