@@ -227,6 +227,9 @@ describe("IngestMetrics", () => {
     expect(await totals(org)).toEqual({ requests: 3n, costNanos: 10n ** 15n + 2n * 12_345n });
     const [counted] = (await registry.getSingleMetric("analytics_ingest_out_of_bounds_rows_total")?.get())?.values ?? [];
     expect(counted?.value).toBe(odd.length);
+    // Every outcome is there from zero, so the first failure is an increase to AnalyticsIngestFailing.
+    const batches = (await registry.getSingleMetric("analytics_ingest_batches_total")?.get())?.values ?? [];
+    expect(Object.fromEntries(batches.map((v) => [v.labels.outcome, v.value]))).toEqual({ acked: 1, rejected: 0, failed: 0 });
   });
 
   test("invalid batches are refused before anything is written", async () => {

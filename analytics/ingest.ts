@@ -564,18 +564,21 @@ function createInstruments(registers: Registry[], held: () => { rows: number; by
       this.set(held().bytes);
     },
   });
+  const batches = new Counter({
+    name: "analytics_ingest_batches_total",
+    help: "IngestMetrics batches by outcome: acked, rejected (invalid), failed (ClickHouse or billing).",
+    labelNames: ["outcome"] as const,
+    registers,
+  });
+  // Every outcome from zero, so the first failure is an increase (AnalyticsIngestFailing).
+  for (const outcome of ["acked", "rejected", "failed"]) batches.inc({ outcome }, 0);
   return {
     streams: new Gauge({
       name: "analytics_ingest_streams",
       help: "Open IngestMetrics streams (one per connected gateway).",
       registers,
     }),
-    batches: new Counter({
-      name: "analytics_ingest_batches_total",
-      help: "IngestMetrics batches by outcome: acked, rejected (invalid), failed (ClickHouse or billing).",
-      labelNames: ["outcome"] as const,
-      registers,
-    }),
+    batches,
     rows: new Counter({
       name: "analytics_ingest_rows_total",
       help: "Request rows in acked batches, resends included.",
