@@ -8,6 +8,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { trace } from "@opentelemetry/api";
 import { Registry } from "prom-client";
 import { isValid as isUlid } from "ulid";
+import { encodeGrpcMessage, maxGrpcMessageBytes } from "../lib/grpc-message.ts";
 import { decodeBase64 } from "../lib/grpc-web-text.ts";
 import { answerToHead } from "../lib/testing.ts";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
@@ -249,6 +250,23 @@ describe("upstream failures over gRPC", () => {
 
     const keyless = await rpcError(served.rpc("sk-good").createChatCompletion({ params: { ...hello, model: "keyless" } }));
     expect([keyless.code, keyless.rawMessage]).toEqual([Code.Unavailable, "The upstream of `keyless` is not configured."]);
+  });
+
+  test("a long refusal in another script keeps its status within the metadata gRPC clients accept (8 KiB)", async () => {
+    // 2,000 characters (as many as a refusal keeps) of 3 UTF-8 bytes each: 18 KB percent-encoded, past what grpcio and
+    // grpc-java take, which fail such a call RESOURCE_EXHAUSTED without its code or message.
+    const message = "上下文长度超出了模型的限制".repeat(200);
+    upstream.script("rejecting", { status: 400, error: { message, code: "context_length_exceeded", param: "messages" } });
+    const rejected = await rpcError(served.rpc("sk-good").createChatCompletion({ params: { ...hello, model: "rejecting" } }));
+    expect([rejected.code, rejected.metadata.get("x-error-code")]).toEqual([Code.InvalidArgument, "context_length_exceeded"]);
+    expect(rejected.rawMessage.endsWith("...")).toBe(true);
+    expect(message.startsWith(rejected.rawMessage.slice(0, -3))).toBe(true);
+    expect(encodeGrpcMessage(rejected.rawMessage).length).toBeLessThanOrEqual(maxGrpcMessageBytes);
+    expect(rejected.rawMessage.length).toBeGreaterThan(400);
+    // A message of ASCII up to the same 2,000 characters goes whole.
+    const english = `This model's maximum context length is 8192 tokens. ${"word ".repeat(400)}`.slice(0, 2000);
+    upstream.script("rejecting", { status: 400, error: { message: english, code: "context_length_exceeded" } });
+    expect((await rpcError(served.rpc("sk-good").createChatCompletion({ params: { ...hello, model: "rejecting" } }))).rawMessage).toBe(english);
   });
 
   test("an upstream's 429 for a prompt over its whole TPM limit is invalid_argument, not a rate limit to retry", async () => {
