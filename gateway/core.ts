@@ -179,6 +179,7 @@ const endpointLabels: Record<number, string> = {
   [Endpoint.CHAT_COMPLETIONS]: "chat_completions",
   [Endpoint.EMBEDDINGS]: "embeddings",
   [Endpoint.MODELS]: "models",
+  [Endpoint.RESPONSES]: "responses",
 };
 
 export function createGatewayCore(options: CoreOptions): GatewayCore {
