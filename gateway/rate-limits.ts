@@ -1,6 +1,13 @@
 import { rateLimited } from "./errors.ts";
-import { chatInputTokens, type EmbeddingInput, embeddingInputTokens, maxOutputTokens } from "./budget.ts";
+import {
+  chatInputTokens,
+  type EmbeddingInput,
+  embeddingInputTokens,
+  maxOutputTokens,
+  responsesInputTokens,
+} from "./budget.ts";
 import type { ChatRequest } from "./providers/provider.ts";
+import type { ResponsesPrompt } from "./responses-request.ts";
 import { estimatedTextTokens, partTokensEstimate } from "./tokenizer.ts";
 
 /**
@@ -285,6 +292,11 @@ export function estimatedChatTokens(
   cap: number,
 ): number {
   return chatInputTokens(request, estimatedTextTokens, partTokens) + maxOutputTokens(request, cap);
+}
+
+/** Tokens a Responses API request is counted at while it runs, as a chat request is: its input and most output. */
+export function estimatedResponsesTokens(prompt: ResponsesPrompt, maxOutput: number | undefined, cap: number): number {
+  return responsesInputTokens(prompt, estimatedTextTokens, partTokens) + (maxOutput ?? cap);
 }
 
 /** Tokens an embeddings request is counted at while it runs: its strings as estimatedTextTokens takes them. */
