@@ -406,7 +406,7 @@ describe("budget", () => {
   });
 });
 
-describe("budget on the Responses API", () => {
+describe("limits and budgets on the Responses API", () => {
   const respond = (key: string, body: Record<string, unknown>) =>
     app.fetch(
       new Request("http://gateway.test/v1/responses", {
@@ -415,6 +415,25 @@ describe("budget on the Responses API", () => {
         body: JSON.stringify(body),
       }),
     );
+
+  test("requests and tokens per minute hold as for chat, the prompt and max_output_tokens counted while a request runs", async () => {
+    const key = await keyWith({ tokensPerMinute: 100n, requestsPerMinute: 2 });
+    const first = await respond(key, { model: "mock", input: "hi", max_output_tokens: 60 });
+    expect(first.status).toBe(200);
+    expect(first.headers.get("x-ratelimit-limit-tokens")).toBe("100");
+    // The first used 12 tokens; 12 + 12 + 90 > 100.
+    const over = await respond(key, { model: "mock", input: "hi", max_output_tokens: 90 });
+    expect(over.status).toBe(429);
+    expect(await errorOf(over)).toMatchObject({ type: "tokens", code: "rate_limit_exceeded" });
+    expect((await respond(key, { model: "mock", input: "hi", max_output_tokens: 50 })).status).toBe(200);
+    const fourth = await respond(key, { model: "mock", input: "hi", max_output_tokens: 16 });
+    expect(fourth.status).toBe(429);
+    expect((await errorOf(fourth)).type).toBe("requests");
+    expect(shipper.rows.find((m) => m.requestId === fourth.headers.get("x-request-id"))).toMatchObject({
+      endpoint: Endpoint.RESPONSES,
+      status: RequestStatus.RATE_LIMITED,
+    });
+  });
 
   test("a key's budget stops responses before the upstream with insufficient_quota, and billing records what was served under its endpoint", async () => {
     // Each response reserves 13 input (bytes bound) + 16 output tokens and costs 8 + 4 tokens: $1 a token here.
