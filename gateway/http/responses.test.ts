@@ -30,6 +30,10 @@ beforeAll(async () => {
       "  - name: mock",
       "    targets: [{ provider: mock, model: mock-echo-1 }]",
       '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+      "  - name: dribble",
+      "    targets: [{ provider: fake, model: dribble }]",
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+      "    request_timeout_ms: 300",
       "  - name: chat-only",
       "    endpoints: [chat]",
       "    targets: [{ provider: fake, model: ok }]",
@@ -273,6 +277,24 @@ describe("client disconnect", () => {
     expect(row.usage?.outputTokens).toBeGreaterThan(0n);
     expect(row.costNanos).toBeGreaterThan(0n);
     await eventually(() => upstream.seen("ok")[0]?.aborted, { what: "the upstream call aborted" });
+  });
+});
+
+describe("time limits", () => {
+  test("a stream past the whole-request limit ends with a request_timeout error event, metered at what it streamed", async () => {
+    upstream.script("dribble", { content: "a b c d e f g h", chunkDelayMs: 100 });
+    const stream = await sdk().responses.create({ model: "dribble", input: "hi", stream: true });
+    let deltas = 0;
+    const error = await (async () => {
+      for await (const event of stream) if (event.type === "response.output_text.delta") deltas++;
+    })().catch((e: unknown) => e);
+    expect(deltas).toBeGreaterThan(0);
+    expect(error).toBeInstanceOf(APIError);
+    expect((error as APIError).error).toMatchObject({ code: "request_timeout" });
+    const row = await eventually(() => gateway.shipper.rows.find((m) => m.errorCode === "request_timeout"));
+    expect(row).toMatchObject({ endpoint: Endpoint.RESPONSES, status: RequestStatus.TIMEOUT, usageEstimated: true });
+    expect(row.usage?.outputTokens).toBeGreaterThan(0n);
+    await eventually(() => upstream.seen("dribble")[0]?.aborted, { what: "the upstream call aborted" });
   });
 });
 
