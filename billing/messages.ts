@@ -56,6 +56,7 @@ const endpoints: Record<EndpointEnum, Endpoint> = {
   [EndpointEnum.CHAT_COMPLETIONS]: "chat_completions",
   [EndpointEnum.EMBEDDINGS]: "embeddings",
   [EndpointEnum.MODELS]: "models",
+  [EndpointEnum.RESPONSES]: "responses",
 };
 const endpointEnums = Object.fromEntries(Object.entries(endpoints).map(([k, v]) => [v, Number(k)])) as Record<
   Endpoint,

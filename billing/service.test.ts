@@ -459,6 +459,17 @@ test("RecordUsage is idempotent: resending a batch changes neither rows nor summ
   expect(rows.rows[0].n).toBe(3);
 });
 
+test("usage of the Responses API is recorded and listed under its endpoint", async () => {
+  const orgId = await newOrg();
+  const { apiKey } = await client.createApiKey({ orgId }, admin);
+  const record = { ...usage(orgId, apiKey?.id as string, 1_234n), endpoint: Endpoint.RESPONSES };
+  expect(await client.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 1, duplicates: 0 });
+  const [listed] = (await client.listUsageRecords({ orgId }, admin)).records;
+  expect(listed).toMatchObject({ requestId: record.requestId, endpoint: Endpoint.RESPONSES, costNanos: 1_234n });
+  const rows = await db.pool.query("SELECT endpoint FROM usage_records WHERE request_id = $1", [record.requestId]);
+  expect(rows.rows).toEqual([{ endpoint: "responses" }]);
+});
+
 test("RecordUsage validates every record and the batch size", async () => {
   const orgId = await newOrg();
   const good = usage(orgId, "", 1n);

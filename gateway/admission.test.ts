@@ -95,7 +95,11 @@ models:
   );
   const providers = createProviders(config.providers, {});
   const mock = providers.get("mock") as Provider;
-  providers.set("mock", { ...mock, chat: (req, opts) => (mockCalls++, mock.chat(req, opts)) });
+  providers.set("mock", {
+    ...mock,
+    chat: (req, opts) => (mockCalls++, mock.chat(req, opts)),
+    responses: (req, opts) => (mockCalls++, mock.responses(req, opts)),
+  });
   keys = createKeyAuthorizer({ billing: { authorizeKey: (req) => billing.authorizeKey(req, auth) }, watching: true });
   core = createGatewayCore({
     config,
@@ -399,6 +403,83 @@ describe("budget", () => {
       expect((await errorOf(res)).code).toBe("insufficient_quota");
       expect(res.headers.get("x-ratelimit-remaining-requests")).toBe("2");
     }
+  });
+});
+
+describe("limits and budgets on the Responses API", () => {
+  const respond = (key: string, body: Record<string, unknown>) =>
+    app.fetch(
+      new Request("http://gateway.test/v1/responses", {
+        method: "POST",
+        headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+        body: JSON.stringify(body),
+      }),
+    );
+
+  test("requests and tokens per minute hold as for chat, the prompt and max_output_tokens counted while a request runs", async () => {
+    const key = await keyWith({ tokensPerMinute: 100n, requestsPerMinute: 2 });
+    const first = await respond(key, { model: "mock", input: "hi", max_output_tokens: 60 });
+    expect(first.status).toBe(200);
+    expect(first.headers.get("x-ratelimit-limit-tokens")).toBe("100");
+    // The first used 12 tokens; 12 + 12 + 90 > 100.
+    const over = await respond(key, { model: "mock", input: "hi", max_output_tokens: 90 });
+    expect(over.status).toBe(429);
+    expect(await errorOf(over)).toMatchObject({ type: "tokens", code: "rate_limit_exceeded" });
+    expect((await respond(key, { model: "mock", input: "hi", max_output_tokens: 50 })).status).toBe(200);
+    const fourth = await respond(key, { model: "mock", input: "hi", max_output_tokens: 16 });
+    expect(fourth.status).toBe(429);
+    expect((await errorOf(fourth)).type).toBe("requests");
+    expect(shipper.rows.find((m) => m.requestId === fourth.headers.get("x-request-id"))).toMatchObject({
+      endpoint: Endpoint.RESPONSES,
+      status: RequestStatus.RATE_LIMITED,
+    });
+  });
+
+  test("a key's budget stops responses before the upstream with insufficient_quota, and billing records what was served under its endpoint", async () => {
+    // Each response reserves 13 input (bytes bound) + 16 output tokens and costs 8 + 4 tokens: $1 a token here.
+    const key = await keyWith({ monthlyBudgetNanos: 50n * 1_000_000n });
+    const served: string[] = [];
+    let res: Response;
+    for (;;) {
+      const before = mockCalls;
+      res = await respond(key, { model: "mock", input: "hi", max_output_tokens: 16 });
+      if (res.status !== 200) {
+        expect(mockCalls).toBe(before);
+        break;
+      }
+      expect(res.headers.get("x-gateway-cost-nanos")).toBe("12000000");
+      served.push(res.headers.get("x-request-id") as string);
+    }
+    expect(res.status).toBe(429);
+    expect(await errorOf(res)).toMatchObject({ type: "insufficient_quota", code: "insufficient_quota" });
+    expect(served.length).toBeGreaterThanOrEqual(1);
+    expect(served.length).toBeLessThanOrEqual(4);
+
+    // The row of a served response, recorded in billing as analytics records it.
+    const row = shipper.rows.find((m) => m.requestId === served[0]);
+    expect(row).toMatchObject({ endpoint: Endpoint.RESPONSES, costNanos: 12_000_000n, status: RequestStatus.OK });
+    expect(row?.usage).toMatchObject({ inputTokens: 8n, outputTokens: 4n });
+    expect(row?.budgetCharges.length).toBeGreaterThan(0);
+    const record = {
+      requestId: row?.requestId,
+      orgId: row?.orgId,
+      apiKeyId: row?.apiKeyId,
+      model: row?.requestedModel,
+      provider: row?.provider,
+      endpoint: row?.endpoint,
+      usage: row?.usage,
+      costNanos: row?.costNanos,
+      costBreakdown: row?.costBreakdown,
+      occurTime: row?.startTime,
+      budgetCharges: row?.budgetCharges,
+    };
+    expect(await billing.recordUsage({ records: [record] }, auth)).toMatchObject({ inserted: 1 });
+    const listed = await billing.listUsageRecords({ orgId }, auth);
+    expect(listed.records.find((r) => r.requestId === row?.requestId)).toMatchObject({
+      endpoint: Endpoint.RESPONSES,
+      costNanos: 12_000_000n,
+      usage: { inputTokens: 8n, outputTokens: 4n },
+    });
   });
 });
 

@@ -10,6 +10,7 @@ import { unlessAborted } from "../lib/waiters.ts";
 import type { Principal } from "./auth.ts";
 import { clientGone, insufficientQuota, organizationSuspended, serviceUnavailable, unauthorized } from "./errors.ts";
 import type { ChatRequest } from "./providers/provider.ts";
+import type { ResponsesPrompt } from "./responses-request.ts";
 
 /**
  * Budget enforcement through billing's leases (DESIGN.md section 5), with no billing round trip on
@@ -898,6 +899,39 @@ export function maxChatSpend(
 ): Spend {
   const input = maxInputTokens(request);
   return maxSpend(contextWindow === undefined ? input : Math.min(input, contextWindow), maxOutputTokens(request, cap), price);
+}
+
+/**
+ * A Responses API request's input tokens, as chatInputTokens counts a chat request's: its texts by `textTokens`, each
+ * image, file or audio part at `partTokens` of its kind, and each item framed as a message is.
+ */
+export function responsesInputTokens(
+  prompt: ResponsesPrompt,
+  textTokens: (text: string) => number,
+  partTokens: ReadonlyMap<string, number> = partTokensBound,
+): number {
+  let tokens = replyPriming + framingPerMessage * prompt.items;
+  for (const text of prompt.texts) tokens += textTokens(text);
+  for (const part of prompt.parts) tokens += partTokens.get(part) ?? 0;
+  return tokens;
+}
+
+/**
+ * The most a Responses API request can use: its input's UTF-8 bytes and parts' bounds (the whole `contextWindow`, when
+ * the model sets one, for a request chained to state the upstream holds, whose earlier turns it reads too), and its
+ * `max_output_tokens`, else `cap`.
+ */
+export function maxResponsesSpend(
+  prompt: ResponsesPrompt,
+  maxOutput: number | undefined,
+  chained: boolean,
+  price: Price,
+  cap: number,
+  contextWindow?: number,
+): Spend {
+  const input = responsesInputTokens(prompt, (text) => Buffer.byteLength(text));
+  const read = contextWindow === undefined ? input : chained ? contextWindow : Math.min(input, contextWindow);
+  return maxSpend(read, maxOutput ?? cap, price);
 }
 
 export type EmbeddingInput = string | readonly string[] | readonly number[] | readonly number[][];

@@ -263,7 +263,7 @@ const tagValue = stringUpTo(maxTagValueChars);
 /** A client's text as an error echoes it: in full unless it is far longer than any name should be. */
 const echoed = (text: string) => (text.length > 256 ? `${text.slice(0, 256)}...` : text);
 
-function parseTags(metadata: unknown): Record<string, string> {
+export function parseTags(metadata: unknown): Record<string, string> {
   if (metadata === undefined || metadata === null) return noTags;
   object(metadata, "metadata");
   const tags = metadata as Record<string, unknown>;

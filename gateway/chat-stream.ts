@@ -330,7 +330,7 @@ function usageChunkOf(chunk: ChatCompletionChunk): ChatCompletionChunk {
 }
 
 /** A failure after the stream opened, in words for the client: the upstream's own are only logged. */
-function streamError(e: UpstreamError, model: string, signal: AbortSignal | undefined): GatewayError {
+export function streamError(e: UpstreamError, model: string, signal: AbortSignal | undefined): GatewayError {
   if (e.failure === "cancelled") return clientGone(signal);
   if (e.failure === "timeout") return upstreamTimeout(`The upstream of \`${model}\` stalled mid-stream.`);
   // An error event naming the request's fault: the upstream's refusal, in its words, and no failure of the target.

@@ -321,10 +321,11 @@ describe("gateway config", () => {
     }
   });
 
-  test("a model's endpoints are chat or embeddings, at least one", () => {
+  test("a model's endpoints are chat, embeddings or responses, at least one", () => {
     const served = (endpoints: string) =>
       base(`  - { name: m, endpoints: ${endpoints}, targets: [{ provider: mock, model: x }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`);
     expect(parseGatewayConfig(served("[chat, embeddings]"), "t.yaml").models.get("m")?.endpoints).toEqual(new Set(["chat", "embeddings"]));
+    expect(parseGatewayConfig(served("[responses]"), "t.yaml").models.get("m")?.endpoints).toEqual(new Set(["responses"]));
     expect(configError(served("[completions]"))).toContain("models[0].endpoints[0]");
     expect(configError(served("[]"))).toContain("models[0].endpoints");
   });

@@ -125,7 +125,7 @@ const prices = z.strictObject({
 export const serviceTiers = ["flex", "scale", "priority"] as const;
 
 /** The APIs a model may serve: chat completions (streamed or not) and embeddings. */
-export const modelEndpoints = ["chat", "embeddings"] as const;
+export const modelEndpoints = ["chat", "embeddings", "responses"] as const;
 export type ModelEndpoint = (typeof modelEndpoints)[number];
 
 const model = z.strictObject({

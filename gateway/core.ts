@@ -14,6 +14,7 @@ import {
   type BudgetKeeper,
   maxChatSpend,
   maxEmbeddingInputTokens,
+  maxResponsesSpend,
   maxSpend,
   type Reservation,
   type Spend,
@@ -41,19 +42,24 @@ import {
   type CreateEmbeddingResponse,
   genAiProviderNames,
   type Provider,
+  type ResponseObject,
+  type ResponsesRequest,
   UpstreamError,
 } from "./providers/provider.ts";
+import { parseResponsesInput, responsesPrompt } from "./responses-request.ts";
+import { meterResponseStream, type ResponseStream } from "./responses-stream.ts";
 import { meteredName, meterUsage } from "./metering.ts";
 import {
   estimatedChatTokens,
   estimatedEmbeddingTokens,
+  estimatedResponsesTokens,
   type RateLimiter,
   type RateTicket,
   rateLimitHeaders,
   unsetOutputTokens,
 } from "./rate-limits.ts";
 import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
-import { countEmbeddingTokens, countInputTokens, estimatedTokens } from "./tokenizer.ts";
+import { countEmbeddingTokens, countInputTokens, countResponsesInputTokens, estimatedTokens } from "./tokenizer.ts";
 
 // Request ids: ULIDs, increasing within a process; the factory finds its random source once, not per id.
 const newRequestId = monotonicFactory();
@@ -98,6 +104,14 @@ export interface ChatOutcome {
   provider: string;
 }
 
+export interface ResponsesOutcome {
+  response: ResponseObject;
+  tokens: Tokens;
+  costNanos: bigint;
+  usageEstimated: boolean;
+  provider: string;
+}
+
 export interface EmbeddingOutcome {
   response: CreateEmbeddingResponse;
   tokens: Tokens;
@@ -121,6 +135,10 @@ export interface GatewayCore {
    */
   chatStream(call: Call, body: unknown): Promise<ChatStream>;
   embed(call: Call, body: unknown): Promise<EmbeddingOutcome>;
+  /** One whole response of OpenAI's Responses API (REST only). */
+  responses(call: Call, body: unknown): Promise<ResponsesOutcome>;
+  /** Opens a streamed response (the body must ask for `stream: true`); as chatStream. */
+  responsesStream(call: Call, body: unknown): Promise<ResponseStream>;
   /** The models the authorized caller may use; `routes` itself when the key is unrestricted. */
   models(call: Call): readonly ModelRoute[];
   /** One model the authorized caller may use (404/403 otherwise). */
@@ -186,6 +204,7 @@ const endpointLabels: Record<number, string> = {
   [Endpoint.CHAT_COMPLETIONS]: "chat_completions",
   [Endpoint.EMBEDDINGS]: "embeddings",
   [Endpoint.MODELS]: "models",
+  [Endpoint.RESPONSES]: "responses",
 };
 
 export function createGatewayCore(options: CoreOptions): GatewayCore {
@@ -255,7 +274,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     m.endUserId = input.user;
     if (input.tags) m.tags = input.tags;
     const route = admitModel(principal, input.model);
-    const endpoint = m.endpoint === Endpoint.EMBEDDINGS ? "embeddings" : "chat";
+    const endpoint =
+      m.endpoint === Endpoint.EMBEDDINGS ? "embeddings" : m.endpoint === Endpoint.RESPONSES ? "responses" : "chat";
     if (route.endpoints && !route.endpoints.has(endpoint)) throw modelNotServed(input.model, endpoint);
     return route;
   };
@@ -370,6 +390,56 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       return;
     }
     recordFinished(call, endTick, error);
+  };
+
+  /**
+   * A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and ends (and meters) a
+   * stream nobody reads; finishing the call aborts whatever is left upstream. `signal` is the upstream call's one
+   * signal: finishing the call, the deadline or the client leaving aborts it. Linked by listeners, which die with the
+   * call, rather than AbortSignal.any (more memory kept alive, as in the provider).
+   */
+  const streamLimits = (call: Call, route: ModelRoute, admission: Admission) => {
+    const deadline = new AbortController();
+    const limitMs = router.limitMs(route);
+    admission.deadlineTimer = setTimeout(
+      () => deadline.abort(requestTimeout(limitMs)),
+      Math.max(0, router.deadline(call, route) - performance.now()),
+    );
+    const upstream = new AbortController();
+    admission.upstream = upstream;
+    const cut = () => upstream.abort();
+    deadline.signal.addEventListener("abort", cut, { once: true });
+    call.signal?.addEventListener("abort", cut, { once: true });
+    if (call.signal?.aborted) cut();
+    return { deadline: deadline.signal, limitMs, signal: upstream.signal };
+  };
+
+  /**
+   * Parses and admits a Responses API request. One chained to state an upstream account holds (an earlier response, a
+   * conversation, a stored prompt) is routed to its model's first target alone: another target's account does not
+   * know that state, so falling back would fail, or answer without the context the client meant.
+   */
+  const admitResponses = async (call: Call, body: unknown, stream: boolean) => {
+    const principal = call.principal ?? (await authorize(call));
+    const input = parseResponsesInput(body);
+    if (call.span?.isRecording()) call.span.setAttributes(responsesRequestAttributes(input.upstream, stream));
+    const m = call.metrics;
+    m.streamed = stream;
+    const routed = routeFor(call, principal, input);
+    const route = input.chained ? { ...routed, targets: routed.targets.slice(0, 1) } : routed;
+    const price = requestedPrice(route, input.upstream);
+    const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
+    const prompt = responsesPrompt(input.upstream);
+    const maxOutput = input.upstream.max_output_tokens ?? undefined;
+    const admission = await admit(
+      call,
+      principal,
+      route,
+      maxResponsesSpend(prompt, maxOutput, input.chained, reservationPrice(routed), cap, route.contextWindow),
+      estimatedResponsesTokens(prompt, maxOutput, cap),
+      maxOutput === undefined ? cap : 0,
+    );
+    return { input, route, price, prompt, admission };
   };
 
   const recordFinished = (call: Call, endTick: number, error: GatewayError | undefined) => {
@@ -547,23 +617,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         estimatedChatTokens(input.upstream, cap),
         unsetOutputTokens(input.upstream, cap),
       );
-      // A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and
-      // ends (and meters) a stream nobody reads; finishing the call aborts whatever is left upstream.
-      const deadline = new AbortController();
-      const limitMs = router.limitMs(route);
-      admission.deadlineTimer = setTimeout(
-        () => deadline.abort(requestTimeout(limitMs)),
-        Math.max(0, router.deadline(call, route) - performance.now()),
-      );
-      // The upstream call's one signal: finishing the call, the deadline or the client leaving aborts it. Linked by
-      // listeners, which die with the call, rather than AbortSignal.any (more memory kept alive, as in the provider).
-      const upstream = new AbortController();
-      admission.upstream = upstream;
-      const cut = () => upstream.abort();
-      deadline.signal.addEventListener("abort", cut, { once: true });
-      call.signal?.addEventListener("abort", cut, { once: true });
-      if (call.signal?.aborted) cut();
-      const signal = upstream.signal;
+      const { deadline, limitMs, signal } = streamLimits(call, route, admission);
       let request = input.upstream;
       const chunks = await callUpstream(
         call,
@@ -579,13 +633,13 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       );
       return meterChatStream({
         call,
-        chunks: limitStream(chunks, deadline.signal, limitMs),
+        chunks: limitStream(chunks, deadline, limitMs),
         request,
         price,
         servedPrice: (tier) => servedPrice(route, tier, price),
         upstreamEnded: (error) => router.streamEnded(call, error),
         includeUsage: input.includeUsage,
-        deadline: deadline.signal,
+        deadline,
         finish,
         log,
       });
@@ -620,6 +674,54 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         usageEstimated: m.usageEstimated,
         provider: m.provider,
       };
+    },
+    async responses(call, body) {
+      const { input, route, price, prompt } = await admitResponses(call, body, false);
+      if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
+      const m = call.metrics;
+      const result = await callUpstream(
+        call,
+        route,
+        price,
+        (provider, model, options) => provider.responses({ ...input.upstream, model }, options),
+        () => countResponsesInputTokens(prompt),
+      );
+      const response = result.response;
+      if (response.model) m.servedModel = meteredName(response.model);
+      const served = servedPrice(route, response.service_tier, price);
+      const cost = meterUsage(m, result.tokens, result.usageEstimated, served, call.lostInputTokens);
+      call.response = { id: response.id, finishReasons: [String(response.status ?? "")] };
+      return {
+        response,
+        tokens: m.usage ?? result.tokens,
+        costNanos: cost,
+        usageEstimated: m.usageEstimated,
+        provider: m.provider,
+      };
+    },
+    async responsesStream(call, body) {
+      const { input, route, price, prompt, admission } = await admitResponses(call, body, true);
+      const { deadline, limitMs, signal } = streamLimits(call, route, admission);
+      const events = await callUpstream(
+        call,
+        route,
+        price,
+        (provider, model, options) => provider.streamResponses({ ...input.upstream, model }, options),
+        () => countResponsesInputTokens(prompt),
+        signal,
+        true,
+      );
+      return meterResponseStream({
+        call,
+        events: limitStream(events, deadline, limitMs),
+        prompt,
+        price,
+        servedPrice: (tier) => servedPrice(route, tier, price),
+        upstreamEnded: (error) => router.streamEnded(call, error),
+        deadline,
+        finish,
+        log,
+      });
     },
     models(call) {
       const allowed = call.principal?.allowedModels;
@@ -722,6 +824,17 @@ function chatRequestAttributes(request: ChatRequest, stream: boolean): Attribute
   };
 }
 
+/** The GenAI semantic conventions' attributes of a Responses API request: its parameters, never its input. */
+function responsesRequestAttributes(request: ResponsesRequest, stream: boolean): Attributes {
+  return {
+    "gen_ai.operation.name": "chat",
+    "gen_ai.request.stream": stream,
+    "gen_ai.request.max_tokens": request.max_output_tokens ?? undefined,
+    "gen_ai.request.temperature": request.temperature ?? undefined,
+    "gen_ai.request.top_p": request.top_p ?? undefined,
+  };
+}
+
 function embeddingRequestAttributes(input: EmbeddingInput): Attributes {
   return {
     "gen_ai.operation.name": "embeddings",
@@ -771,12 +884,12 @@ function outcomeAttributes(
 }
 
 /**
- * The price a chat request is reserved and, unless the upstream says otherwise, billed at: its service tier's when it
+ * The price a chat or Responses API request is reserved and, unless the upstream says otherwise, billed at: its service tier's when it
  * asks for one. Only tiers the config prices may be asked for: an upstream bills another at prices the gateway does not
  * know (priority above the default, flex below it), so it is refused.
  */
-function requestedPrice(route: ModelRoute, request: ChatRequest): Price {
-  const tier = (request as { service_tier?: unknown }).service_tier;
+function requestedPrice(route: ModelRoute, request: { service_tier?: unknown }): Price {
+  const tier = request.service_tier;
   if (tier === undefined || tier === null || tier === "auto" || tier === "default") return route.price;
   const price = typeof tier === "string" ? route.tierPrices.get(tier) : undefined;
   if (price) return price;

@@ -75,13 +75,15 @@ export const modelNotFound = (model: string) =>
     "model",
   );
 
+const endpointNames = { chat: "chat completions", embeddings: "embeddings", responses: "the Responses API" };
+
 /** A model the config says does not serve the API called, refused as OpenAI refuses a chat call to an embedding model. */
-export const modelNotServed = (model: string, endpoint: "chat" | "embeddings") =>
+export const modelNotServed = (model: string, endpoint: "chat" | "embeddings" | "responses") =>
   new GatewayError(
     404,
     "invalid_request_error",
     "model_not_supported",
-    `The model \`${model}\` does not serve ${endpoint === "chat" ? "chat completions" : "embeddings"}.`,
+    `The model \`${model}\` does not serve ${endpointNames[endpoint]}.`,
     RequestStatus.INVALID_REQUEST,
     "model",
   );

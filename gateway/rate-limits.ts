@@ -1,6 +1,13 @@
 import { rateLimited } from "./errors.ts";
-import { chatInputTokens, type EmbeddingInput, embeddingInputTokens, maxOutputTokens } from "./budget.ts";
+import {
+  chatInputTokens,
+  type EmbeddingInput,
+  embeddingInputTokens,
+  maxOutputTokens,
+  responsesInputTokens,
+} from "./budget.ts";
 import type { ChatRequest } from "./providers/provider.ts";
+import type { ResponsesPrompt } from "./responses-request.ts";
 import { estimatedTextTokens, partTokensEstimate } from "./tokenizer.ts";
 
 /**
@@ -301,6 +308,11 @@ export function estimatedChatTokens(
 /** Of estimatedChatTokens, the output a request did not bound (no max_tokens): the model's `cap` for each choice. */
 export function unsetOutputTokens(request: Pick<ChatRequest, "max_completion_tokens" | "max_tokens" | "n">, cap: number): number {
   return request.max_completion_tokens == null && request.max_tokens == null ? maxOutputTokens(request, cap) : 0;
+}
+
+/** Tokens a Responses API request is counted at while it runs, as a chat request is: its input and most output. */
+export function estimatedResponsesTokens(prompt: ResponsesPrompt, maxOutput: number | undefined, cap: number): number {
+  return responsesInputTokens(prompt, estimatedTextTokens, partTokens) + (maxOutput ?? cap);
 }
 
 /** Tokens an embeddings request is counted at while it runs: its strings as estimatedTextTokens takes them. */

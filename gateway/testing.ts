@@ -133,7 +133,15 @@ export function createTestCore(
     downCalls++;
     throw new UpstreamError("transient", "down answered 500: boom", 500);
   };
-  providers.set("down", { name: "down", kind: "openai", chat: fail, streamChat: fail, embed: fail });
+  providers.set("down", {
+    name: "down",
+    kind: "openai",
+    chat: fail,
+    streamChat: fail,
+    embed: fail,
+    responses: fail,
+    streamResponses: fail,
+  });
   const log = createTestLogger();
   const core = createGatewayCore({
     config,

@@ -1,5 +1,6 @@
 import type { ChatCompletionCreateParams } from "openai/resources/chat/completions";
 import type { Tokens } from "../lib/money.ts";
+import type { ResponsesPrompt } from "./responses-request.ts";
 import type { CountAnswer, CountRequest } from "./tokenizer-worker.ts";
 
 /**
@@ -246,6 +247,16 @@ export async function countInputTokens(
   if (tools && tools.length > 0) count.add(JSON.stringify(tools));
   if (response_format) count.add(JSON.stringify(response_format));
   return tokens + (await count.total());
+}
+
+/**
+ * Prompt tokens of a Responses API request, as countInputTokens counts a chat request's: its texts encoded, each item
+ * framed as a message, images, files and audio at their estimates.
+ */
+export async function countResponsesInputTokens(prompt: ResponsesPrompt): Promise<number> {
+  const count = newCount();
+  for (const text of prompt.texts) count.add(text);
+  return replyPriming + perMessage * prompt.items + partTokensEstimate * prompt.parts.length + (await count.total());
 }
 
 /** What a whole answer's message or a streamed delta may hold of generated text. */

@@ -7,6 +7,7 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { createClient } from "@clickhouse/client";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { RequestMetricsSchema, RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
+import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { createLogger } from "../../lib/log.ts";
 import { query } from "../service.ts";
 import { createChdbDriver } from "./chdb-driver.ts";
@@ -110,6 +111,21 @@ for (const [name, makeDriver] of backends) {
       const page = await store.listRequests({ orgId: org, window, limit: 1000 });
       expect(page.requests).toHaveLength(51);
       expect(new Set(page.requests.map((r) => r.requestId)).size).toBe(51);
+    });
+
+    test("a Responses API request is stored and read back under its endpoint", async () => {
+      const org = "org_responses";
+      const row = sampleMetrics(at(0), { orgId: org, endpoint: Endpoint.RESPONSES, costNanos: 321n });
+      await store.insertRequests([row], "batch-responses");
+      const page = await store.listRequests({ orgId: org, window, limit: 10 });
+      expect(page.requests.map((r) => [r.requestId, r.endpoint, r.costNanos])).toEqual([
+        [row.requestId, Endpoint.RESPONSES, 321n],
+      ]);
+      const [stored] = await driver.query<{ endpoint: string }>(
+        `SELECT endpoint FROM ${store.database}.requests WHERE org_id = {org:String}`,
+        { org },
+      );
+      expect(stored?.endpoint).toBe("RESPONSES");
     });
 
     test("usage groups by dimensions in the order asked, per org only", async () => {

@@ -26,6 +26,7 @@ const migrations = [
   "0009_org_suspension.sql",
   "0010_wrapping_time_windows.sql",
   "0011_token_leases.sql",
+  "0012_responses_endpoint.sql",
 ];
 const billingTables = [
   "api_keys",

@@ -80,7 +80,7 @@ export interface IssuedApiKey {
  */
 export type KeyChange = { apiKeyId: string; secretSha256: string; revoked: boolean } | { orgId: string };
 
-export type Endpoint = "unspecified" | "chat_completions" | "embeddings" | "models";
+export type Endpoint = "unspecified" | "chat_completions" | "embeddings" | "models" | "responses";
 
 export interface UsageRecord {
   requestId: string;

@@ -6,6 +6,7 @@ import { bearerToken } from "../../lib/auth.ts";
 import { jsonShape } from "../../lib/message-limits.ts";
 import { inContext } from "../../lib/streams.ts";
 import type { ChatStream } from "../chat-stream.ts";
+import type { ResponseStream } from "../responses-stream.ts";
 import type { ModelRoute } from "../config.ts";
 import type { Call, GatewayCore } from "../core.ts";
 import {
@@ -173,6 +174,28 @@ export function createRestApp(options: RestAppOptions): RestApp {
     }
   };
 
+  const responses = async (request: RestRequest, span: Span): Promise<RestResponse> => {
+    const call = begin(Endpoint.RESPONSES, request);
+    try {
+      const result = await core.handle(call, async () => {
+        await authorize(call, request);
+        const body = parseJson(await bodyText(request, maxBodyBytes));
+        return isStreamRequest(body) ? core.responsesStream(call, body) : core.responses(call, body);
+      });
+      if (!(Symbol.asyncIterator in result)) return ok(call, JSON.stringify(result.response), result.costNanos);
+      const headers = {
+        "content-type": "text/event-stream; charset=utf-8",
+        "cache-control": "no-cache",
+        "x-request-id": call.requestId,
+        ...call.limitHeaders,
+      };
+      const body = inContext(responseEvents(result, span), context.active());
+      return { status: 200, headers, body, cutOff: result.cutOff };
+    } catch (e) {
+      return failed(call, e);
+    }
+  };
+
   const embeddings = async (request: RestRequest): Promise<RestResponse> => {
     const call = begin(Endpoint.EMBEDDINGS, request);
     try {
@@ -218,6 +241,10 @@ export function createRestApp(options: RestAppOptions): RestApp {
     if (path === "/v1/chat/completions") {
       if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
       return traced("POST /v1/chat/completions", request, (span) => chatCompletions(request, span));
+    }
+    if (path === "/v1/responses") {
+      if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
+      return traced("POST /v1/responses", request, (span) => responses(request, span));
     }
     if (path === "/v1/embeddings") {
       if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
@@ -279,6 +306,31 @@ async function* serverSentEvents(stream: ChatStream, span: Span): AsyncGenerator
     if (error.status !== 499) {
       span.setStatus({ code: SpanStatusCode.ERROR });
       yield `data: ${errorBody(error)}\n\n`;
+    }
+  } finally {
+    span.end();
+  }
+}
+
+/**
+ * A streamed response as SSE in the Responses API's framing: each event named by its type, and no `[DONE]`. A failure
+ * after the first byte goes out as an `error` event, as OpenAI sends them (the SDKs raise it).
+ */
+async function* responseEvents(stream: ResponseStream, span: Span): AsyncGenerator<string> {
+  let sequence = 0;
+  try {
+    for await (const event of stream) {
+      if (typeof event.sequence_number === "number") sequence = event.sequence_number + 1;
+      yield `event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`;
+    }
+  } catch (e) {
+    const error = toGatewayError(e);
+    span.setAttribute("gateway.stream_error", error.code);
+    if (error.status !== 499) {
+      span.setStatus({ code: SpanStatusCode.ERROR });
+      const { code, message, param } = error;
+      const event = { type: "error", code, message, param, sequence_number: sequence };
+      yield `event: error\ndata: ${JSON.stringify(event)}\n\n`;
     }
   } finally {
     span.end();

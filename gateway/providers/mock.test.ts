@@ -262,3 +262,39 @@ describe("mock provider", () => {
     expect(Array.from(decoded)).toEqual(floats.response.data[0]?.embedding as number[]);
   });
 });
+
+describe("mock provider's Responses API", () => {
+  const mock = createMockProvider({ name: "mock", latency_ms: 0 });
+  const input = [
+    { role: "system" as const, content: "be brief" },
+    { role: "user" as const, content: [{ type: "input_text" as const, text: "hello there" }] },
+  ];
+
+  test("echoes the last user input with usage derived from it, the same whole and streamed", async () => {
+    const whole = await mock.responses({ model: "mock-echo-1", input }, { timeoutMs: 1000 });
+    expect(whole.response.output).toMatchObject([
+      { type: "message", role: "assistant", content: [{ type: "output_text", text: "mock reply: hello there" }] },
+    ]);
+    // 3 priming + 4 per item + ceil(19/4) for the texts = 16 input; ceil(23/4) = 6 output.
+    expect(whole.tokens).toEqual({ inputTokens: 16n, cachedInputTokens: 0n, outputTokens: 6n, reasoningTokens: 0n });
+    expect(whole.response.usage).toMatchObject({ input_tokens: 16, output_tokens: 6, total_tokens: 22 });
+    const events = [];
+    for await (const event of await mock.streamResponses({ model: "mock-echo-1", input }, { timeoutMs: 1000 })) {
+      events.push(event);
+    }
+    expect(events.map((e) => e.sequence_number)).toEqual(events.map((_, i) => i));
+    expect(events[0]?.type).toBe("response.created");
+    const deltas = events.filter((e) => e.type === "response.output_text.delta").map((e) => e.delta);
+    expect(deltas.join("")).toBe("mock reply: hello there");
+    expect(events.at(-1)).toMatchObject({ type: "response.completed", response: { usage: { input_tokens: 16, output_tokens: 6 } } });
+  });
+
+  test("calls the function tool tool_choice requires, and stops at max_output_tokens as incomplete", async () => {
+    const tools = [{ type: "function" as const, name: "lookup", parameters: {}, strict: false }];
+    const called = await mock.responses({ model: "m", input: "x", tools, tool_choice: "required" }, { timeoutMs: 1000 });
+    expect(called.response.output).toMatchObject([{ type: "function_call", name: "lookup", arguments: "{}" }]);
+    const cut = await mock.responses({ model: "m", input: "a long enough prompt", max_output_tokens: 2 }, { timeoutMs: 1000 });
+    expect(cut.response).toMatchObject({ status: "incomplete", incomplete_details: { reason: "max_output_tokens" } });
+    expect(cut.tokens.outputTokens).toBe(2n);
+  });
+});

@@ -2,6 +2,7 @@ import type { ChatCompletion, ChatCompletionMessageToolCall } from "openai/resou
 import { ulid } from "ulid";
 import type { Embedding } from "openai/resources/embeddings";
 import type { MockProviderConfig } from "../config.ts";
+import { responsesPrompt } from "../responses-request.ts";
 import {
   approxInputTokens,
   approxTokens,
@@ -14,6 +15,12 @@ import {
   type EmbeddingResult,
   messageText,
   type Provider,
+  type ResponseEvent,
+  type ResponseEventStream,
+  type ResponseObject,
+  type ResponsesRequest,
+  type ResponsesResult,
+  answeredResponsesUsage,
   UpstreamError,
   usageOfTokens,
 } from "./provider.ts";
@@ -123,6 +130,53 @@ export function createMockProvider(config: MockConfig): Provider {
       })();
     },
 
+    async responses(request: ResponsesRequest, options: CallOptions): Promise<ResponsesResult> {
+      await answer(options);
+      const reply = responseTo(request);
+      return { response: reply.response, tokens: reply.tokens, usageEstimated: false };
+    },
+
+    async streamResponses(request: ResponsesRequest, options: CallOptions): Promise<ResponseEventStream> {
+      await answer(options);
+      const { response, item, text, tokens } = responseTo(request);
+      const signal = options.signal;
+      let sequence = 0;
+      const event = (type: string, fields: Record<string, unknown>): ResponseEvent => ({
+        type,
+        sequence_number: sequence++,
+        ...fields,
+      });
+      return (async function* () {
+        const started = { ...response, status: "in_progress", output: [], usage: null, incomplete_details: null };
+        yield event("response.created", { response: started });
+        yield event("response.in_progress", { response: started });
+        const at = { item_id: item.id, output_index: 0 };
+        const call = item.type === "function_call";
+        yield event("response.output_item.added", {
+          output_index: 0,
+          item: { ...item, status: "in_progress", ...(call ? { arguments: "" } : { content: [] }) },
+        });
+        const part = { type: "output_text", text: "", annotations: [] };
+        if (!call) yield event("response.content_part.added", { ...at, content_index: 0, part });
+        // A tool call's arguments stream as text would, one token an event.
+        for (let from = 0; from < text.length; from += chunkChars) {
+          if (chunkLatencyMs > 0) await wait(chunkLatencyMs, signal);
+          else if (signal?.aborted) throw new UpstreamError("cancelled", "client went away");
+          const delta = text.slice(from, from + chunkChars);
+          if (call) yield event("response.function_call_arguments.delta", { ...at, delta });
+          else yield event("response.output_text.delta", { ...at, content_index: 0, delta, logprobs: [] });
+        }
+        if (call) yield event("response.function_call_arguments.done", { ...at, arguments: text });
+        else {
+          yield event("response.output_text.done", { ...at, content_index: 0, text, logprobs: [] });
+          yield event("response.content_part.done", { ...at, content_index: 0, part: { ...part, text } });
+        }
+        yield event("response.output_item.done", { output_index: 0, item });
+        const done = response.status === "incomplete" ? "response.incomplete" : "response.completed";
+        yield event(done, { response: { ...response, usage: answeredResponsesUsage(undefined, tokens) } });
+      })();
+    },
+
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
       // A string or a flat array of token ids is one input.
       const input = request.input;
@@ -223,6 +277,93 @@ function replyTo(request: ChatRequest) {
       reasoningTokens: 0n,
     },
   };
+}
+
+/**
+ * The mock's Responses API answer to a request, as replyTo answers chat: the last user input (or the input string)
+ * echoed after `mock reply: `, cut at `max_output_tokens`; or a call with "{}" of the function tool `tool_choice`
+ * requires. Its input is counted as the chat mock counts messages: instructions and each input item.
+ */
+function responseTo(request: ResponsesRequest) {
+  const r = request as unknown as Record<string, unknown>;
+  let prompt = "";
+  if (typeof r.input === "string") prompt = r.input;
+  else if (Array.isArray(r.input)) {
+    for (let i = r.input.length - 1; i >= 0; i--) {
+      const item = r.input[i] as Record<string, unknown>;
+      if (item?.role !== "user") continue;
+      const content = item.content;
+      if (typeof content === "string") prompt = content;
+      else if (Array.isArray(content)) {
+        prompt = (content as { text?: unknown }[]).map((p) => (typeof p.text === "string" ? p.text : "")).join("");
+      }
+      break;
+    }
+  }
+  const tool = requiredResponsesTool(r);
+  let text = tool ? "{}" : `mock reply: ${prompt}`;
+  const asked = typeof r.max_output_tokens === "number" ? r.max_output_tokens : maxReplyTokens;
+  const limit = Math.min(asked, maxReplyTokens);
+  const cut = !tool && approxTokens(text) > limit;
+  if (cut) text = text.slice(0, limit * chunkChars);
+  const item: Record<string, unknown> = tool
+    ? {
+        type: "function_call",
+        id: `fc_${ulid()}`,
+        call_id: `call_${ulid()}`,
+        name: tool,
+        arguments: text,
+        status: "completed",
+      }
+    : {
+        type: "message",
+        id: `msg_${ulid()}`,
+        status: cut ? "incomplete" : "completed",
+        role: "assistant",
+        content: [{ type: "output_text", text, annotations: [] }],
+      };
+  const { texts, items } = responsesPrompt(request);
+  const tokens = {
+    inputTokens: BigInt(3 + 4 * items + approxTokens(texts.join(""))),
+    cachedInputTokens: 0n,
+    outputTokens: BigInt(approxTokens(tool ? tool + text : text)),
+    reasoningTokens: 0n,
+  };
+  const response = {
+    id: `resp_${ulid()}`,
+    object: "response",
+    created_at: Math.floor(Date.now() / 1000),
+    status: cut ? "incomplete" : "completed",
+    error: null,
+    incomplete_details: cut ? { reason: "max_output_tokens" } : null,
+    instructions: r.instructions ?? null,
+    max_output_tokens: r.max_output_tokens ?? null,
+    model: request.model,
+    output: [item],
+    parallel_tool_calls: r.parallel_tool_calls ?? true,
+    previous_response_id: r.previous_response_id ?? null,
+    temperature: r.temperature ?? 1,
+    text: r.text ?? { format: { type: "text" } },
+    tool_choice: r.tool_choice ?? "auto",
+    tools: r.tools ?? [],
+    top_p: r.top_p ?? 1,
+    metadata: r.metadata ?? {},
+    usage: answeredResponsesUsage(undefined, tokens),
+  } as unknown as ResponseObject;
+  return { response, item: item as { id: string; type: string }, text, tokens };
+}
+
+/** The function tool a Responses API request obliges the model to call: named by tool_choice, or the first one. */
+function requiredResponsesTool(request: Record<string, unknown>): string | undefined {
+  const choice = request.tool_choice as { type?: unknown; name?: unknown } | string | undefined;
+  if (typeof choice === "object" && choice !== null && choice.type === "function" && typeof choice.name === "string") {
+    return choice.name;
+  }
+  if (choice !== "required") return undefined;
+  for (const tool of (request.tools ?? []) as { type?: unknown; name?: unknown }[]) {
+    if (tool.type === "function" && typeof tool.name === "string") return tool.name;
+  }
+  return undefined;
 }
 
 /** The function tool a request obliges the model to call: the one named by tool_choice, or the first when "required". */

@@ -691,6 +691,15 @@ describe("azure provider", () => {
       if (body.model === "missing") {
         return Response.json({ error: { code: "DeploymentNotFound", message: "no such deployment" } }, { status: 404 });
       }
+      if (url.pathname.endsWith("/responses")) {
+        const usage = { input_tokens: 5, output_tokens: 2, total_tokens: 7 };
+        const done = { id: "r", object: "response", status: "completed", model: "gpt-4o", output: [], usage };
+        if (!body.stream) return Response.json(done);
+        const events = [{ type: "response.created", response: { ...done, status: "in_progress", usage: null } }, { type: "response.output_text.delta", delta: "hi" }, { type: "response.completed", response: done }];
+        return new Response(events.map((e) => `event: ${e.type}\ndata: ${JSON.stringify(e)}\n\n`).join(""), {
+          headers: { "content-type": "text/event-stream" },
+        });
+      }
       if (url.pathname.endsWith("/embeddings")) {
         return Response.json({ object: "list", data: [{ object: "embedding", index: 0, embedding: [0.5] }], model: "e", usage: { prompt_tokens: 2, total_tokens: 2 } });
       }
@@ -768,6 +777,28 @@ describe("azure provider", () => {
       }
     }
     expect(subscriptions).toEqual(["apim-0123", "apim-0123", "apim-0123", "apim-0123"]);
+  });
+
+  test("Responses API calls go to the resource's /openai/responses with the deployment as the model", async () => {
+    calls.length = 0;
+    const whole = await provider.responses({ model: "prod-gpt4o", input: "hi" }, { timeoutMs: 5000 });
+    expect(whole.tokens).toMatchObject({ inputTokens: 5n, outputTokens: 2n });
+    const types: string[] = [];
+    for await (const event of await provider.streamResponses({ model: "prod-gpt4o", input: "hi" }, { timeoutMs: 5000 })) {
+      types.push(event.type);
+    }
+    expect(types).toEqual(["response.created", "response.output_text.delta", "response.completed"]);
+    expect(calls).toEqual([
+      { url: "/openai/responses?api-version=2025-03-01-preview", apiKey: "sk-azure", auth: null },
+      { url: "/openai/responses?api-version=2025-03-01-preview", apiKey: "sk-azure", auth: null },
+    ]);
+    // A version the provider names is sent as it is; the v1 API takes OpenAI's path.
+    calls.length = 0;
+    const later = { name: "azure", kind: "azure", base_url: `http://127.0.0.1:${azure.port}`, api_key_env: "AZURE_KEY", api_version: "2025-04-01-preview" } as const;
+    await createOpenAIProvider(later, "sk-azure").responses({ model: "prod-gpt4o", input: "hi" }, { timeoutMs: 5000 });
+    const v1 = { name: "azure", kind: "azure", base_url: `http://127.0.0.1:${azure.port}/openai/v1`, api_key_env: "AZURE_KEY" } as const;
+    await createOpenAIProvider(v1, "sk-azure").responses({ model: "prod-gpt4o", input: "hi" }, { timeoutMs: 5000 });
+    expect(calls.map((c) => c.url)).toEqual(["/openai/responses?api-version=2025-04-01-preview", "/openai/v1/responses"]);
   });
 
   test("a missing deployment is a misconfigured target with Azure's message", async () => {

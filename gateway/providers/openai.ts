@@ -3,9 +3,19 @@ import { createParser } from "eventsource-parser";
 import { redactSecrets } from "../../lib/log.ts";
 import { watchSilence } from "../../lib/silence.ts";
 import { type AzureProviderConfig, azureV1Path, type OpenAIProviderConfig } from "../config.ts";
-import { addGenerated, addReasoning, countEmbeddingTokens, countInputTokens, countTextTokens } from "../tokenizer.ts";
+import { responsesPrompt } from "../responses-request.ts";
 import {
+  addGenerated,
+  addReasoning,
+  countEmbeddingTokens,
+  countInputTokens,
+  countResponsesInputTokens,
+  countTextTokens,
+} from "../tokenizer.ts";
+import {
+  addResponseOutput,
   answeredEmbeddingUsage,
+  answeredResponsesUsage,
   answeredUsage,
   type CallOptions,
   type ChatCompletion,
@@ -19,6 +29,13 @@ import {
   failureOfStatus,
   meteredUsage,
   type Provider,
+  type ResponseEvent,
+  type ResponseEventStream,
+  type ResponseObject,
+  type ResponsesRequest,
+  type ResponsesResult,
+  responsesUsageAsChat,
+  terminalResponseEvents,
   retryAfterMs,
   UpstreamError,
   upstreamErrorBody,
@@ -46,9 +63,10 @@ export function createOpenAIProvider(
   // Azure's v1 API takes OpenAI's paths, the deployment as the model and the key as a bearer token, and wants no
   // api-version unless one is asked for; a resource endpoint takes /openai/deployments/... and an api-version.
   const azureV1 = config.kind === "azure" && azureV1Path.test(new URL(config.base_url).pathname);
+  const azureDeployments = config.kind === "azure" && !azureV1;
   const client = missingKey
     ? undefined
-    : config.kind === "azure" && !azureV1
+    : azureDeployments
       ? withHeaders(
           // The base URL the SDK makes of an `endpoint`, built here: given an endpoint, it reads OPENAI_BASE_URL too.
           new AzureOpenAI({
@@ -94,7 +112,10 @@ export function createOpenAIProvider(
       const sdk = connected();
       // Bounded by the configured paths, models and timeouts; a remaining deadline adds a few more.
       if (templates.size >= 512) templates.clear();
-      built = sdk.buildRequest({ method: "post", path, body: { model }, timeout }).then(({ req, url }) => {
+      // Azure serves the Responses API at a resource endpoint from 2025-03-01-preview on, not at the deployments'
+      // default version: a provider that names no api_version is sent the first version that serves it.
+      const query = path === "/responses" && azureDeployments && !config.api_version ? { "api-version": azureResponsesVersion } : undefined;
+      built = sdk.buildRequest({ method: "post", path, body: { model }, timeout, query }).then(({ req, url }) => {
         const { body: _, ...init } = req as RequestInit;
         return { url, init };
       });
@@ -192,12 +213,59 @@ export function createOpenAIProvider(
         held.push(next.value);
         if (next.value.choices.length > 0 || next.value.usage || held.length >= maxHeldChunks) break;
       }
-      return resumed(held, chunks);
+      return resumed(held, chunks) as ChunkStream;
+    });
+
+  /**
+   * One streamed response, resolved once its first event past the response's creation has come: until then a failure
+   * (an error event, `response.failed`) is the attempt's, which routing may retry or fall back from.
+   */
+  const openResponse = (body: Omit<ResponsesRequest, "stream"> & { stream: true }, options: CallOptions) =>
+    post("/responses", body, options, eventStream, async (response) => {
+      if (json.test(response.headers.get("content-type") ?? "")) {
+        const error = upstreamError(config.name, await refusal(response), redact);
+        throw new UpstreamError("transient", error.message);
+      }
+      const events = relayResponse(response, config.name, options, redact, maxAnswerBytes)[Symbol.asyncIterator]();
+      const held: ResponseEvent[] = [];
+      for (;;) {
+        const next = await events.next();
+        if (next.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
+        const event = next.value;
+        if (event.type === "response.failed") {
+          await events.return?.();
+          throw failedResponse(config.name, event, redact);
+        }
+        held.push(event);
+        if (!preliminaryEvents.has(event.type) || held.length >= maxHeldChunks) break;
+      }
+      return resumed(held, events);
     });
 
   return {
     name: config.name,
     kind: config.kind,
+    async responses(request: ResponsesRequest, options: CallOptions): Promise<ResponsesResult> {
+      const response = await postJson<ResponseObject>("/responses", request, options);
+      if (!response || typeof response !== "object" || !Array.isArray(response.output)) {
+        throw new UpstreamError("transient", `${config.name}: the response is not a Responses API response`);
+      }
+      const output: string[] = [];
+      const reasoning: string[] = [];
+      addResponseOutput(output, reasoning, response.output);
+      const { tokens, estimated } = await meteredUsage(responsesUsageAsChat(response.usage), {
+        input: () => countResponsesInputTokens(responsesPrompt(request)),
+        output: () => countTextTokens(output),
+        reasoning: () => countTextTokens(reasoning),
+      });
+      response.usage = answeredResponsesUsage(response.usage, tokens) as ResponseObject["usage"];
+      return { response, tokens, usageEstimated: estimated };
+    },
+
+    streamResponses(request: ResponsesRequest, options: CallOptions): Promise<ResponseEventStream> {
+      return openResponse({ ...request, stream: true }, options);
+    },
+
     async chat(request: ChatRequest, options: CallOptions): Promise<ChatResult> {
       const completion = await postJson<ChatCompletion>("/chat/completions", request, options);
       if (!completion || typeof completion !== "object" || !Array.isArray(completion.choices)) {
@@ -373,9 +441,9 @@ function refusesOwnStreamOptions(e: UpstreamError): boolean {
 /** Chunks of no choice (Azure's prompt filter results) held before a stream is taken to have begun. */
 const maxHeldChunks = 16;
 
-/** A stream's first chunks, read already, in front of the rest of it; stopping it stops the rest. */
-function resumed(held: ChatCompletionChunk[], rest: AsyncIterator<ChatCompletionChunk>): ChunkStream {
-  const iterator: AsyncIterableIterator<ChatCompletionChunk> = {
+/** A stream's first chunks or events, read already, in front of the rest of it; stopping it stops the rest. */
+function resumed<T>(held: T[], rest: AsyncIterator<T>): AsyncIterable<T> {
+  const iterator: AsyncIterableIterator<T> = {
     next() {
       const value = held.shift();
       if (!value) return rest.next();
@@ -389,6 +457,9 @@ function resumed(held: ChatCompletionChunk[], rest: AsyncIterator<ChatCompletion
   };
   return iterator;
 }
+
+/** The first api-version in which an Azure resource endpoint serves the Responses API (`/openai/responses`). */
+const azureResponsesVersion = "2025-03-01-preview";
 
 /**
  * A client whose default headers are the configured ones alone: the SDK adds those of OPENAI_CUSTOM_HEADERS from the
@@ -557,6 +628,143 @@ async function* chunksOf(
     const cut = new UpstreamError("transient", `${provider}: the stream ended before it finished`);
     // A whole body of no chunk at all is no answer cut short: nothing says a model ran.
     throw Object.assign(cut, { promptTaken: open.size > 0 || done.size > 0 });
+  }
+}
+
+/** Events a streamed response opens with, before the model has produced anything: held, as Azure's first chunk is. */
+const preliminaryEvents = new Set(["response.created", "response.in_progress", "response.queued"]);
+
+/**
+ * A `response.failed` event as an attempt's failure: a refusal when its error names the request's fault, the
+ * upstream's failure otherwise.
+ */
+function failedResponse(provider: string, event: ResponseEvent, redact: (text: string) => string): UpstreamError {
+  const error = (event.response as { error?: unknown } | undefined)?.error;
+  const message = (error as { message?: unknown } | null)?.message;
+  const words = redact(typeof message === "string" ? message : JSON.stringify(error ?? null));
+  const said = `${provider}: the response failed: ${words}`;
+  const status = refusedStatus(error);
+  if (status === undefined) return new UpstreamError("transient", said);
+  const body = upstreamErrorBody(error, redact);
+  return new UpstreamError(failureOfStatus(status, body), said, status, undefined, body);
+}
+
+/**
+ * An upstream's streamed response as events, under the rules chat chunks are relayed by (see relay): silence longer
+ * than the attempt timeout is a timeout, the client leaving a cancellation, an `error` event (a refusal when it names
+ * the request's fault) or unreadable JSON fails the stream, and one that ends before a terminal event
+ * (`response.completed`, `.incomplete`, `.failed`, which is passed on, its error's words redacted) was cut.
+ */
+function relayResponse(
+  response: Response,
+  provider: string,
+  options: CallOptions,
+  redact: (text: string) => string,
+  maxEventBytes: number,
+): ResponseEventStream {
+  const body = response.body;
+  if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
+  const reader = body.getReader();
+  const leave = () => void reader.cancel().catch(() => {});
+  options.signal?.addEventListener("abort", leave, { once: true });
+  if (options.signal?.aborted) leave();
+  return responseEventsOf(reader, leave, provider, options, redact, maxEventBytes);
+}
+
+async function* responseEventsOf(
+  reader: BodyReader,
+  leave: () => void,
+  provider: string,
+  options: CallOptions,
+  redact: (text: string) => string,
+  maxEventBytes: number,
+): ResponseEventStream {
+  const { timeoutMs, signal } = options;
+  const decoder = new TextDecoder();
+  const events: ResponseEvent[] = [];
+  let failure: UpstreamError | undefined;
+  let terminal = false;
+  let unended = 0;
+  const parser = createParser({
+    onEvent(event) {
+      unended = 0;
+      if (terminal || failure || event.data === "[DONE]") return;
+      let data: unknown;
+      try {
+        data = JSON.parse(event.data);
+      } catch {
+        failure = new UpstreamError("transient", `${provider}: unreadable response (malformed server-sent event JSON)`);
+        return;
+      }
+      const fields = typeof data === "object" && data !== null ? (data as Record<string, unknown>) : {};
+      const error = fields.type === "error" ? fields : (fields.error ?? (event.event === "error" ? data : undefined));
+      if (error || event.event === "error") {
+        const message = (error as { message?: unknown } | null)?.message;
+        const words = redact(typeof message === "string" ? message : JSON.stringify(error));
+        const status = refusedStatus(error);
+        if (status === undefined) failure = new UpstreamError("transient", `${provider}: ${words}`);
+        else {
+          const body = upstreamErrorBody(error, redact);
+          const said = `${provider} answered ${status} in its stream: ${words}`;
+          failure = new UpstreamError(failureOfStatus(status, body), said, status, undefined, body);
+        }
+        return;
+      }
+      if (typeof fields.type !== "string") {
+        failure = new UpstreamError("transient", `${provider}: a stream event is not a response event`);
+        return;
+      }
+      if (terminalResponseEvents.has(fields.type)) terminal = true;
+      if (fields.type === "response.failed") {
+        // Passed on to the client: its error in the upstream's words, redacted as refusals are.
+        const failed = fields.response as { error?: unknown } | undefined;
+        if (failed && typeof failed.error === "object" && failed.error !== null) {
+          const body = upstreamErrorBody(failed.error, redact);
+          failed.error = body ? { code: body.code, message: body.message } : null;
+        }
+      }
+      events.push(fields as ResponseEvent);
+    },
+  });
+  let ended = false;
+  const silence = watchSilence(timeoutMs, leave);
+  try {
+    while (!terminal && !failure) {
+      let read: Awaited<ReturnType<typeof reader.read>>;
+      try {
+        read = await reader.read();
+      } catch (e) {
+        if (silence.expired || signal?.aborted) break;
+        throw Object.assign(upstreamError(provider, e, redact), { promptTaken: true });
+      }
+      if (silence.expired || signal?.aborted) break;
+      if (read.done) ended = true;
+      unended += read.value?.byteLength ?? 0;
+      parser.feed(read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true }));
+      if (unended > maxEventBytes && !failure) {
+        const said = `${provider}: an event longer than ${maxEventBytes} bytes, not read`;
+        failure = Object.assign(new UpstreamError("transient", said), { promptTaken: true });
+      }
+      for (const event of events.splice(0)) {
+        silence.pause();
+        yield event;
+        silence.heard();
+      }
+      if (ended) break;
+    }
+  } finally {
+    silence.stop();
+    signal?.removeEventListener("abort", leave);
+    if (!ended && terminal && !failure) void drainBody(reader, Math.min(timeoutMs, 1000));
+    else if (!ended) leave();
+  }
+  if (failure) throw failure;
+  if (silence.expired) throw new UpstreamError("timeout", `${provider}: no event for ${timeoutMs} ms`);
+  if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
+  if (!terminal) {
+    throw Object.assign(new UpstreamError("transient", `${provider}: the stream ended before it finished`), {
+      promptTaken: true,
+    });
   }
 }
 

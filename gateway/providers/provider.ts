@@ -6,6 +6,10 @@ import type {
 } from "openai/resources/chat/completions";
 import type { CompletionUsage } from "openai/resources/completions";
 import type { CreateEmbeddingResponse, EmbeddingCreateParams } from "openai/resources/embeddings";
+import type {
+  Response as ResponseObject,
+  ResponseCreateParamsNonStreaming,
+} from "openai/resources/responses/responses";
 import { MAX_TOKENS_PER_REQUEST, type Tokens } from "../../lib/money.ts";
 
 /** A validated chat request in the OpenAI wire shape; `model` is already the upstream model. */
@@ -15,6 +19,30 @@ export type { ChatCompletion, ChatCompletionChunk };
 /** A validated embeddings request in the OpenAI wire shape; `encoding_format` is always set. */
 export type EmbeddingRequest = EmbeddingCreateParams & { encoding_format: "float" | "base64" };
 export type { CreateEmbeddingResponse };
+
+/** A validated Responses API request in the OpenAI wire shape, without `stream`; `model` is the upstream model. */
+export type ResponsesRequest = ResponseCreateParamsNonStreaming & { model: string };
+export type { ResponseObject };
+
+/** One server-sent event of a streamed response, as OpenAI names them by `type` (`response.output_text.delta`, ...). */
+export interface ResponseEvent {
+  type: string;
+  sequence_number?: number;
+  [field: string]: unknown;
+}
+
+/** Events that end a streamed response; each carries the response, with its usage. */
+export const terminalResponseEvents = new Set(["response.completed", "response.incomplete", "response.failed"]);
+
+/** Events of one streamed response; iterating fails with UpstreamError. */
+export type ResponseEventStream = AsyncIterable<ResponseEvent>;
+
+export interface ResponsesResult {
+  /** As the upstream returned it, its usage the metered counts. */
+  response: ResponseObject;
+  tokens: Tokens;
+  usageEstimated: boolean;
+}
 
 export interface CallOptions {
   /** Aborted when the client goes away. */
@@ -56,6 +84,13 @@ export interface Provider {
    */
   streamChat(request: ChatRequest, options: CallOptions): Promise<ChunkStream>;
   embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult>;
+  /** One whole response of the Responses API; fails with UpstreamError. */
+  responses(request: ResponsesRequest, options: CallOptions): Promise<ResponsesResult>;
+  /**
+   * Opens a streamed response. Resolves once the upstream's first event past `response.created` and
+   * `response.in_progress` has come (so routing may still retry or fall back until then); fails with UpstreamError.
+   */
+  streamResponses(request: ResponsesRequest, options: CallOptions): Promise<ResponseEventStream>;
 }
 
 /**
@@ -431,6 +466,66 @@ function documentedCounts(details: unknown, keys: string[]): Record<string, numb
 export function answeredEmbeddingUsage(tokens: Tokens): CreateEmbeddingResponse["usage"] {
   const input = Number(tokens.inputTokens);
   return { prompt_tokens: input, total_tokens: input };
+}
+
+/** Usage as the Responses API reports it. */
+export interface ResponsesUsage {
+  input_tokens: number;
+  input_tokens_details: { cached_tokens: number };
+  output_tokens: number;
+  output_tokens_details: { reasoning_tokens: number };
+  total_tokens: number;
+}
+
+/** A Responses API usage object in chat's shape, which meteredUsage and answeredUsage read. */
+export function responsesUsageAsChat(usage: unknown): unknown {
+  if (typeof usage !== "object" || usage === null) return undefined;
+  const { input_tokens, output_tokens, total_tokens, input_tokens_details, output_tokens_details } = usage as Record<
+    string,
+    unknown
+  >;
+  return {
+    prompt_tokens: input_tokens,
+    completion_tokens: output_tokens,
+    total_tokens,
+    prompt_tokens_details: input_tokens_details,
+    completion_tokens_details: output_tokens_details,
+  };
+}
+
+/** The usage object to answer a Responses API client with: the metered counts, in that API's shape. */
+export function answeredResponsesUsage(usage: unknown, tokens: Tokens): ResponsesUsage {
+  const answered = answeredUsage(responsesUsageAsChat(usage), tokens);
+  return {
+    input_tokens: answered.prompt_tokens,
+    input_tokens_details: { cached_tokens: Number(tokens.cachedInputTokens) },
+    output_tokens: answered.completion_tokens,
+    output_tokens_details: { reasoning_tokens: Number(tokens.reasoningTokens) },
+    total_tokens: answered.prompt_tokens + answered.completion_tokens,
+  };
+}
+
+/**
+ * Adds the generated text of a response's output items to `output` (everything the model wrote: messages, refusals,
+ * tool calls, reasoning) and the reasoning alone to `reasoning`.
+ */
+export function addResponseOutput(output: string[], reasoning: string[], items: unknown): void {
+  if (!Array.isArray(items)) return;
+  const add = (pieces: string[], text: unknown) => {
+    if (typeof text === "string" && text) pieces.push(text);
+  };
+  for (const item of items) {
+    const { type, content, summary, name, arguments: args, input } = record(item);
+    if (type === "reasoning") {
+      for (const part of [...(Array.isArray(summary) ? summary : []), ...(Array.isArray(content) ? content : [])]) {
+        add(output, record(part).text);
+        add(reasoning, record(part).text);
+      }
+      continue;
+    }
+    if (Array.isArray(content)) for (const part of content) add(output, record(part).text ?? record(part).refusal);
+    for (const text of [name, args, input]) add(output, text);
+  }
 }
 
 /** Roughly one token per four characters, as OpenAI's rule of thumb: the mock provider's deterministic tokenizer. */

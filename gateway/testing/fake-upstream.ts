@@ -1,7 +1,8 @@
 /**
  * An OpenAI-compatible upstream on a real socket whose behaviour tests script per model: replies
  * whole or streamed (SSE), with or without usage, errors with any status and Retry-After,
- * malformed JSON, delays, hangs and streams that stop short. It records every request it gets
+ * malformed JSON, delays, hangs and streams that stop short, for chat completions, embeddings and the Responses API
+ * (`/v1/responses`, whole or as its named events). It records every request it gets
  * and whether its client went away. Run as a script it serves fixed fast replies for benchmarks:
  *   bun gateway/testing/fake-upstream.ts [port]
  */
@@ -169,6 +170,7 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
       }
       if (b.body) return answered(b.body.text, b.body.contentType, b.breaksOff);
       if (path === "/v1/embeddings") return embeddings(body, b);
+      if (path === "/v1/responses") return body.stream === true ? responseStream(body, b, req.signal) : response(body, b);
       if (path !== "/v1/chat/completions") return new Response("not found", { status: 404 });
       return body.stream === true ? stream(body, b, req.signal) : completion(body, b);
     },
@@ -359,6 +361,105 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
           return;
         }
         controller.enqueue(encoder.encode("data: [DONE]\n\n"));
+        controller.close();
+      },
+    }),
+    { headers: { "content-type": "text/event-stream" } },
+  );
+}
+
+/** The Responses API's reply text: by default "echo: " and the input string or the last user item's text. */
+function responseText(body: Record<string, any>, b: Behaviour): string {
+  if (b.content !== undefined) return b.content;
+  if (typeof body.input === "string") return `echo: ${body.input}`;
+  return replyText({ messages: body.input }, b);
+}
+
+/** A usage in the Responses API's shape, from the chat-shaped one a behaviour scripts. */
+function responsesUsage(usage: FakeUsage | undefined) {
+  if (!usage) return undefined;
+  return {
+    input_tokens: usage.prompt_tokens,
+    input_tokens_details: { cached_tokens: usage.prompt_tokens_details?.cached_tokens ?? 0 },
+    output_tokens: usage.completion_tokens,
+    output_tokens_details: { reasoning_tokens: usage.completion_tokens_details?.reasoning_tokens ?? 0 },
+    total_tokens: usage.total_tokens,
+  };
+}
+
+function responseOf(body: Record<string, any>, b: Behaviour, text: string, status: string) {
+  const message = { type: "message", id: "msg_fake", status, role: "assistant", content: [{ type: "output_text", text, annotations: [] }] };
+  const usage = status === "completed" ? responsesUsage(usageOf(body, text, b)) : undefined;
+  return {
+    id: "resp_fake",
+    object: "response",
+    created_at: 1_700_000_000,
+    status,
+    error: null,
+    incomplete_details: null,
+    model: b.model ?? `${body.model}-fake`,
+    output: status === "completed" ? [message] : [],
+    ...(b.serviceTier ? { service_tier: b.serviceTier } : {}),
+    usage: usage ?? null,
+  };
+}
+
+function response(body: Record<string, any>, b: Behaviour): Response {
+  if (b.malformed) return new Response('{"id": "resp_fake", "output": [', { headers: { "content-type": "application/json" } });
+  const reply = responseOf(body, b, responseText(body, b), "completed");
+  return b.breaksOff ? answered(JSON.stringify(reply), "application/json", true) : Response.json(reply);
+}
+
+/** A streamed response: created, in progress, the message's text a word an event, done, completed with usage. */
+function responseStream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): Response {
+  const text = responseText(body, b);
+  let sequence = 0;
+  const event = (value: Record<string, unknown>) =>
+    encoder.encode(`event: ${value.type}\ndata: ${JSON.stringify({ ...value, sequence_number: sequence++ })}\n\n`);
+  const started = responseOf(body, b, "", "in_progress");
+  const at = { item_id: "msg_fake", output_index: 0, content_index: 0 };
+  return new Response(
+    new ReadableStream<Uint8Array>({
+      async start(controller) {
+        const pause = () => (b.chunkDelayMs ? Bun.sleep(b.chunkDelayMs) : undefined);
+        if (b.breaksOff) {
+          controller.enqueue(encoder.encode(": prefill\n\n"));
+          await Bun.sleep(20);
+          controller.error();
+          return;
+        }
+        controller.enqueue(event({ type: "response.created", response: started }));
+        controller.enqueue(event({ type: "response.in_progress", response: started }));
+        if (b.firstEvent !== undefined) {
+          controller.enqueue(event(b.firstEvent as Record<string, unknown>));
+          controller.close();
+          return;
+        }
+        const item = { type: "message", id: "msg_fake", status: "in_progress", role: "assistant", content: [] };
+        controller.enqueue(event({ type: "response.output_item.added", output_index: 0, item }));
+        controller.enqueue(event({ type: "response.content_part.added", ...at, part: { type: "output_text", text: "", annotations: [] } }));
+        let sent = 0;
+        for (const delta of pieces(text)) {
+          await pause();
+          if (signal.aborted) return;
+          if (b.midEvent !== undefined && sent === 1) {
+            controller.enqueue(event(b.midEvent as Record<string, unknown>));
+            controller.close();
+            return;
+          }
+          if (b.cutAfterChunks !== undefined && sent >= b.cutAfterChunks) {
+            controller.close();
+            return;
+          }
+          controller.enqueue(event({ type: "response.output_text.delta", ...at, delta, logprobs: [] }));
+          sent++;
+        }
+        await pause();
+        if (signal.aborted) return;
+        controller.enqueue(event({ type: "response.output_text.done", ...at, text, logprobs: [] }));
+        const done = responseOf(body, b, text, "completed");
+        controller.enqueue(event({ type: "response.output_item.done", output_index: 0, item: done.output[0] }));
+        controller.enqueue(event({ type: "response.completed", response: done }));
         controller.close();
       },
     }),

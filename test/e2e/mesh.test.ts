@@ -5,6 +5,7 @@ import * as path from "node:path";
 import OpenAI from "openai";
 import { AnalyticsService } from "../../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
+import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.ts";
@@ -78,6 +79,42 @@ describe("the mesh end to end", () => {
     const summary = await billing.getUsageSummary({ orgId: demo.orgId });
     expect(summary.requests).toBe(1n);
     expect(summary.costNanos).toBe(cost);
+  }, 30_000);
+
+  test("Responses API calls on the mock, whole and streamed, land in analytics and billing under their endpoint", async () => {
+    const client = new OpenAI({ baseURL: demo.baseUrl, apiKey: demo.apiKey, maxRetries: 0 });
+    const { data: whole, response } = await client.responses
+      .create({ model: "mock", input: "hello responses" })
+      .withResponse();
+    expect(whole.output_text).toBe("mock reply: hello responses");
+    const stream = await client.responses.create({ model: "mock", input: "hello responses", stream: true });
+    let streamed = "";
+    for await (const event of stream) if (event.type === "response.output_text.delta") streamed += event.delta;
+    expect(streamed).toBe(whole.output_text);
+    const requestId = response.headers.get("x-request-id") ?? "";
+    const cost = BigInt(response.headers.get("x-gateway-cost-nanos") ?? "-1");
+    // The shipped mock's prices, $0.50 and $1.50 per million tokens.
+    const usage = whole.usage;
+    expect(cost).toBe(BigInt(usage?.input_tokens ?? 0) * 500n + BigInt(usage?.output_tokens ?? 0) * 1_500n);
+
+    const range = { start: timestampFromMs(Date.now() - 3_600_000), end: timestampFromMs(Date.now() + 3_600_000) };
+    const analytics = createServiceClient(AnalyticsService, { baseUrl: mesh.urls.analytics, bearerToken: adminToken });
+    const rows = await eventually(async () => {
+      const page = await analytics.listRequests({ orgId: demo.orgId, range });
+      const responses = page.requests.filter((r) => r.endpoint === Endpoint.RESPONSES);
+      return responses.length === 2 && responses;
+    });
+    expect(rows.map((r) => [r.streamed, r.costNanos]).sort()).toEqual([
+      [false, cost],
+      [true, cost],
+    ]);
+    const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken });
+    const record = await eventually(async () => (await billing.listUsageRecords({ orgId: demo.orgId, requestId })).records[0]);
+    expect(record).toMatchObject({ endpoint: Endpoint.RESPONSES, costNanos: cost });
+    expect(record.usage).toMatchObject({
+      inputTokens: BigInt(usage?.input_tokens ?? -1),
+      outputTokens: BigInt(usage?.output_tokens ?? -1),
+    });
   }, 30_000);
 
   test("a bad key gets an OpenAI-style 401", async () => {

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file common/v1/common.proto.
  */
 export const file_common_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChZjb21tb24vdjEvY29tbW9uLnByb3RvEgljb21tb24udjEicAoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgCIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAMgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBCABKAMiPwoMQnVkZ2V0Q2hhcmdlEhAKCGxlYXNlX2lkGAEgASgJEg0KBW5hbm9zGAIgASgDEg4KBnRva2VucxgDIAEoAyJvCg1Db3N0QnJlYWtkb3duEhMKC2lucHV0X25hbm9zGAEgASgDEhoKEmNhY2hlZF9pbnB1dF9uYW5vcxgCIAEoAxIUCgxvdXRwdXRfbmFub3MYAyABKAMSFwoPcmVhc29uaW5nX25hbm9zGAQgASgDKnEKCEVuZHBvaW50EhgKFEVORFBPSU5UX1VOU1BFQ0lGSUVEEAASHQoZRU5EUE9JTlRfQ0hBVF9DT01QTEVUSU9OUxABEhcKE0VORFBPSU5UX0VNQkVERElOR1MQAhITCg9FTkRQT0lOVF9NT0RFTFMQA2IGcHJvdG8z");
+  fileDesc("ChZjb21tb24vdjEvY29tbW9uLnByb3RvEgljb21tb24udjEicAoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgCIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAMgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBCABKAMiPwoMQnVkZ2V0Q2hhcmdlEhAKCGxlYXNlX2lkGAEgASgJEg0KBW5hbm9zGAIgASgDEg4KBnRva2VucxgDIAEoAyJvCg1Db3N0QnJlYWtkb3duEhMKC2lucHV0X25hbm9zGAEgASgDEhoKEmNhY2hlZF9pbnB1dF9uYW5vcxgCIAEoAxIUCgxvdXRwdXRfbmFub3MYAyABKAMSFwoPcmVhc29uaW5nX25hbm9zGAQgASgDKokBCghFbmRwb2ludBIYChRFTkRQT0lOVF9VTlNQRUNJRklFRBAAEh0KGUVORFBPSU5UX0NIQVRfQ09NUExFVElPTlMQARIXChNFTkRQT0lOVF9FTUJFRERJTkdTEAISEwoPRU5EUE9JTlRfTU9ERUxTEAMSFgoSRU5EUE9JTlRfUkVTUE9OU0VTEARiBnByb3RvMw");
 
 /**
  * Token counts of one request, as reported by the upstream provider or, when it
@@ -160,6 +160,13 @@ export enum Endpoint {
    * @generated from enum value: ENDPOINT_MODELS = 3;
    */
   MODELS = 3,
+
+  /**
+   * POST /v1/responses (OpenAI's Responses API; REST only).
+   *
+   * @generated from enum value: ENDPOINT_RESPONSES = 4;
+   */
+  RESPONSES = 4,
 }
 
 /**

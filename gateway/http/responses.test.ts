@@ -1,0 +1,376 @@
+import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import OpenAI, { APIError } from "openai";
+import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
+import { Endpoint } from "../../gen/common/v1/common_pb.ts";
+import { eventually } from "../../test/support.ts";
+import { responsesPrompt } from "../responses-request.ts";
+import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
+import { startTestGateway } from "../testing/served-gateway.ts";
+import { countResponsesInputTokens, countTextTokens } from "../tokenizer.ts";
+
+// The Responses API through the gateway, in front of a real OpenAI-compatible upstream on a socket and the mock
+// provider, called with the official SDK on both REST ports.
+let upstream: FakeUpstream;
+let gateway: Awaited<ReturnType<typeof startTestGateway>>;
+
+beforeAll(async () => {
+  upstream = startFakeUpstream();
+  gateway = await startTestGateway(
+    [
+      "providers:",
+      `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
+      "  - { name: mock, kind: mock }",
+      "models:",
+      "  - name: ok",
+      "    targets: [{ provider: fake, model: ok }]",
+      '    pricing: { input_per_mtok: "2.50", cached_input_per_mtok: "1.25", output_per_mtok: "10", reasoning_per_mtok: "40" }',
+      "  - name: fallback",
+      "    targets: [{ provider: fake, model: primary }, { provider: fake, model: secondary }]",
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+      "  - name: mock",
+      "    targets: [{ provider: mock, model: mock-echo-1 }]",
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+      "  - name: dribble",
+      "    targets: [{ provider: fake, model: dribble }]",
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+      "    request_timeout_ms: 300",
+      "  - name: chat-only",
+      "    endpoints: [chat]",
+      "    targets: [{ provider: fake, model: ok }]",
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+    ].join("\n"),
+  );
+});
+
+afterAll(async () => {
+  await gateway?.close();
+  await upstream?.stop();
+});
+
+beforeEach(() => upstream.reset());
+
+const sdk = (base = gateway.restUrl, apiKey = "sk-good") => new OpenAI({ baseURL: `${base}/v1`, apiKey, maxRetries: 0 });
+
+const usage = {
+  prompt_tokens: 1000,
+  completion_tokens: 500,
+  total_tokens: 1500,
+  prompt_tokens_details: { cached_tokens: 200 },
+  completion_tokens_details: { reasoning_tokens: 100 },
+};
+// 800 input at $2.50, 200 cached at $1.25, 400 output at $10 and 100 reasoning at $40 per million tokens.
+const costOfUsage = 800n * 2_500n + 200n * 1_250n + 400n * 10_000n + 100n * 40_000n;
+
+for (const [port, base] of [
+  ["REST port", () => gateway.restUrl],
+  ["RPC port", () => gateway.url],
+] as const) {
+  describe(`POST /v1/responses on the ${port}`, () => {
+    test("a whole response is served, its usage metered and priced to the nano, one metrics row of its endpoint", async () => {
+      upstream.script("ok", { usage, content: "hello there" });
+      const { data, response } = await sdk(base())
+        .responses.create({ model: "ok", input: "hi", instructions: "be brief", user: "end-user-1", metadata: { team: "a" } })
+        .withResponse();
+      expect(data.output_text).toBe("hello there");
+      expect(data.usage as unknown).toEqual({
+        input_tokens: 1000,
+        input_tokens_details: { cached_tokens: 200 },
+        output_tokens: 500,
+        output_tokens_details: { reasoning_tokens: 100 },
+        total_tokens: 1500,
+      });
+      expect(response.headers.get("x-gateway-cost-nanos")).toBe(costOfUsage.toString());
+      const [seen] = upstream.seen("ok");
+      expect(seen?.path).toBe("/v1/responses");
+      // Passed through as the client sent it, the upstream model in place of the public one, and no stream field.
+      expect(seen?.body).toEqual({
+        model: "ok",
+        input: "hi",
+        instructions: "be brief",
+        user: "end-user-1",
+        metadata: { team: "a" },
+      });
+      const row = await gateway.row(response.headers.get("x-request-id") as string);
+      expect(row).toMatchObject({
+        endpoint: Endpoint.RESPONSES,
+        status: RequestStatus.OK,
+        httpStatus: 200,
+        streamed: false,
+        requestedModel: "ok",
+        servedModel: "ok-fake",
+        provider: "fake",
+        endUserId: "end-user-1",
+        tags: { team: "a" },
+        usageEstimated: false,
+        costNanos: costOfUsage,
+      });
+      expect(row.usage).toMatchObject({ inputTokens: 1000n, cachedInputTokens: 200n, outputTokens: 500n, reasoningTokens: 100n });
+      expect(row.costBreakdown).toMatchObject({
+        inputNanos: 2_000_000n,
+        cachedInputNanos: 250_000n,
+        outputNanos: 4_000_000n,
+        reasoningNanos: 4_000_000n,
+      });
+    });
+
+    test("a streamed response passes the upstream's events on, named, without [DONE], and is metered from response.completed", async () => {
+      upstream.script("ok", { usage, content: "one two three" });
+      const { data: stream, response } = await sdk(base())
+        .responses.create({ model: "ok", input: [{ role: "user", content: "hi" }], stream: true })
+        .withResponse();
+      const types: string[] = [];
+      let text = "";
+      let completed: OpenAI.Responses.Response | undefined;
+      for await (const event of stream) {
+        types.push(event.type);
+        if (event.type === "response.output_text.delta") text += event.delta;
+        if (event.type === "response.completed") completed = event.response;
+      }
+      expect(text).toBe("one two three");
+      expect(types[0]).toBe("response.created");
+      expect(types.at(-1)).toBe("response.completed");
+      expect(completed?.usage?.input_tokens).toBe(1000);
+      expect(completed?.usage?.output_tokens_details.reasoning_tokens).toBe(100);
+      const requestId = response.headers.get("x-request-id") as string;
+      const row = await gateway.row(requestId);
+      expect(row).toMatchObject({ endpoint: Endpoint.RESPONSES, streamed: true, status: RequestStatus.OK, costNanos: costOfUsage });
+      expect(row.ttftUs).toBeGreaterThan(0n);
+      expect(upstream.seen("ok")[0]?.body.stream).toBe(true);
+      // The wire carries named events and nothing after the last.
+      const raw = await fetch(`${base()}/v1/responses`, {
+        method: "POST",
+        headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+        body: JSON.stringify({ model: "ok", input: "hi", stream: true }),
+      }).then((r) => r.text());
+      expect(raw.startsWith("event: response.created\ndata: ")).toBe(true);
+      expect(raw).not.toContain("[DONE]");
+      expect(raw.trimEnd().split("\n\n").at(-1)?.startsWith("event: response.completed\n")).toBe(true);
+    });
+  });
+}
+
+describe("usage the upstream does not report", () => {
+  test("a whole response is counted with the tokenizer and marked estimated", async () => {
+    upstream.script("ok", { usage: false, content: "counted words" });
+    const { data, response } = await sdk().responses.create({ model: "ok", input: "count me" }).withResponse();
+    const input = await countResponsesInputTokens(responsesPrompt({ model: "ok", input: "count me" }));
+    const output = await countTextTokens(["counted words"]);
+    expect(data.usage).toMatchObject({ input_tokens: input, output_tokens: output });
+    const row = await gateway.row(response.headers.get("x-request-id") as string);
+    expect(row.usageEstimated).toBe(true);
+    expect(row.usage).toMatchObject({ inputTokens: BigInt(input), outputTokens: BigInt(output) });
+    expect(row.costNanos).toBe(BigInt(input) * 2_500n + BigInt(output) * 10_000n);
+  });
+
+  test("a stream is counted at what it streamed, and the client is shown the count", async () => {
+    upstream.script("ok", { usage: false, content: "streamed words here" });
+    const stream = await sdk().responses.create({ model: "ok", input: "count me", stream: true });
+    let completed: OpenAI.Responses.Response | undefined;
+    for await (const event of stream) if (event.type === "response.completed") completed = event.response;
+    const output = await countTextTokens(["streamed words here"]);
+    expect(completed?.usage?.output_tokens).toBe(output);
+    const row = gateway.shipper.rows.at(-1);
+    expect(row).toMatchObject({ endpoint: Endpoint.RESPONSES, usageEstimated: true, streamed: true });
+    expect(row?.usage?.outputTokens).toBe(BigInt(output));
+  });
+});
+
+describe("routing", () => {
+  test("an upstream 429 then 500 falls back to the next target, metered once with the fallback", async () => {
+    upstream.script("primary", { status: 429 }, { status: 500 });
+    upstream.script("secondary", { usage, content: "from the second" });
+    const { data, response } = await sdk().responses.create({ model: "fallback", input: "hi" }).withResponse();
+    expect(data.output_text).toBe("from the second");
+    expect(upstream.seen("primary")).toHaveLength(1);
+    const row = await gateway.row(response.headers.get("x-request-id") as string);
+    expect(row).toMatchObject({ endpoint: Endpoint.RESPONSES, fallbackUsed: true, servedModel: "secondary-fake" });
+    expect(row.costNanos).toBe(1500n * 1_000n);
+  });
+
+  test("a stream whose first target fails before its first output falls back; the client sees one response", async () => {
+    upstream.script("primary", { firstEvent: { type: "error", code: "server_error", message: "boom", param: null } });
+    upstream.script("secondary", { usage, content: "streamed second" });
+    const stream = await sdk().responses.create({ model: "fallback", input: "hi", stream: true });
+    let text = "";
+    let created = 0;
+    for await (const event of stream) {
+      if (event.type === "response.created") created++;
+      if (event.type === "response.output_text.delta") text += event.delta;
+    }
+    expect(created).toBe(1);
+    expect(text).toBe("streamed second");
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ fallbackUsed: true, status: RequestStatus.OK });
+  });
+
+  test("a request chained to an earlier response goes to the model's first target only, with no fallback", async () => {
+    upstream.script("primary", { status: 500 });
+    upstream.script("secondary", { content: "never" });
+    const error = await sdk()
+      .responses.create({ model: "fallback", input: "and then?", previous_response_id: "resp_123" })
+      .catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(APIError);
+    expect((error as APIError).status).toBe(502);
+    expect(upstream.seen("primary")[0]?.body.previous_response_id).toBe("resp_123");
+    expect(upstream.seen("secondary")).toHaveLength(0);
+  });
+
+  test("an upstream error event mid-stream is metered and passed on as an error the SDK raises", async () => {
+    upstream.script("ok", {
+      content: "one two three four",
+      midEvent: { type: "error", code: "server_error", message: "upstream broke sk-secret-1234567890abcdef", param: null },
+    });
+    const stream = await sdk().responses.create({ model: "ok", input: "hi", stream: true });
+    let text = "";
+    const error = await (async () => {
+      for await (const event of stream) if (event.type === "response.output_text.delta") text += event.delta;
+    })().catch((e: unknown) => e);
+    expect(text).toBe("one");
+    expect(error).toBeInstanceOf(APIError);
+    expect(String((error as APIError).message)).toContain("failed mid-stream");
+    const row = gateway.shipper.rows.at(-1);
+    expect(row).toMatchObject({ endpoint: Endpoint.RESPONSES, status: RequestStatus.UPSTREAM_ERROR, errorCode: "upstream_error" });
+    // The prompt and what was streamed are metered, counted.
+    expect(row?.usageEstimated).toBe(true);
+    expect(row?.usage?.outputTokens).toBeGreaterThan(0n);
+  });
+
+  test("a response.failed mid-stream is passed on as it came and metered at its usage as the upstream's failure", async () => {
+    const failed = {
+      type: "response.failed",
+      response: {
+        id: "resp_fake",
+        object: "response",
+        status: "failed",
+        model: "ok-fake",
+        output: [],
+        error: { code: "server_error", message: "The model failed." },
+        usage: { input_tokens: 10, output_tokens: 2, total_tokens: 12 },
+      },
+    };
+    upstream.script("ok", { content: "one two three", midEvent: failed });
+    const stream = await sdk().responses.create({ model: "ok", input: "hi", stream: true });
+    const types: string[] = [];
+    for await (const event of stream) types.push(event.type);
+    expect(types.at(-1)).toBe("response.failed");
+    const row = gateway.shipper.rows.at(-1);
+    expect(row).toMatchObject({ status: RequestStatus.UPSTREAM_ERROR, usageEstimated: false, costNanos: 10n * 2_500n + 2n * 10_000n });
+  });
+});
+
+describe("client disconnect", () => {
+  test("a client gone mid-stream aborts the upstream call and the request is metered as cancelled", async () => {
+    upstream.script("ok", { content: "a b c d e f g h i j k l m n o p", chunkDelayMs: 50 });
+    const controller = new AbortController();
+    const stream = await sdk().responses.create(
+      { model: "ok", input: "hi", stream: true },
+      { signal: controller.signal },
+    );
+    let deltas = 0;
+    await (async () => {
+      for await (const event of stream) {
+        if (event.type === "response.output_text.delta" && ++deltas === 2) controller.abort();
+      }
+    })().catch(() => undefined);
+    const row = await eventually(() => gateway.shipper.rows.find((m) => m.status === RequestStatus.CANCELLED && m.endpoint === Endpoint.RESPONSES));
+    expect(row.usageEstimated).toBe(true);
+    expect(row.usage?.inputTokens).toBeGreaterThan(0n);
+    expect(row.usage?.outputTokens).toBeGreaterThan(0n);
+    expect(row.costNanos).toBeGreaterThan(0n);
+    await eventually(() => upstream.seen("ok")[0]?.aborted, { what: "the upstream call aborted" });
+  });
+});
+
+describe("time limits", () => {
+  test("a stream past the whole-request limit ends with a request_timeout error event, metered at what it streamed", async () => {
+    upstream.script("dribble", { content: "a b c d e f g h", chunkDelayMs: 100 });
+    const stream = await sdk().responses.create({ model: "dribble", input: "hi", stream: true });
+    let deltas = 0;
+    const error = await (async () => {
+      for await (const event of stream) if (event.type === "response.output_text.delta") deltas++;
+    })().catch((e: unknown) => e);
+    expect(deltas).toBeGreaterThan(0);
+    expect(error).toBeInstanceOf(APIError);
+    expect((error as APIError).error).toMatchObject({ code: "request_timeout" });
+    const row = await eventually(() => gateway.shipper.rows.find((m) => m.errorCode === "request_timeout"));
+    expect(row).toMatchObject({ endpoint: Endpoint.RESPONSES, status: RequestStatus.TIMEOUT, usageEstimated: true });
+    expect(row.usage?.outputTokens).toBeGreaterThan(0n);
+    await eventually(() => upstream.seen("dribble")[0]?.aborted, { what: "the upstream call aborted" });
+  });
+});
+
+describe("refusals", () => {
+  for (const type of ["web_search", "web_search_preview", "file_search", "code_interpreter", "image_generation", "computer_use_preview"]) {
+    test(`a hosted ${type} tool is refused with a 400 naming tools[i].type, before any upstream`, async () => {
+      const error = (await sdk()
+        .responses.create({
+          model: "ok",
+          input: "hi",
+          tools: [{ type: "function", name: "f", parameters: {}, strict: false }, { type } as never],
+        })
+        .catch((e: unknown) => e)) as APIError;
+      expect(error.status).toBe(400);
+      expect(error.error).toMatchObject({ type: "invalid_request_error", param: "tools[1].type", code: "unsupported_value" });
+      expect(upstream.requests).toHaveLength(0);
+    });
+  }
+
+  test("function and custom tools pass through", async () => {
+    upstream.script("ok", { content: "fine" });
+    const tools = [
+      { type: "function" as const, name: "f", parameters: { type: "object" }, strict: true },
+      { type: "custom" as const, name: "g" },
+    ];
+    await sdk().responses.create({ model: "ok", input: "hi", tools });
+    expect(upstream.seen("ok")[0]?.body.tools).toEqual(tools);
+  });
+
+  test("a key not allowed the model gets 403 and the upstream is not called", async () => {
+    const error = (await sdk(gateway.restUrl, "sk-limited").responses.create({ model: "fallback", input: "hi" }).catch((e: unknown) => e)) as APIError;
+    expect(error.status).toBe(403);
+    expect(error.error).toMatchObject({ code: "model_not_allowed" });
+    expect(upstream.requests).toHaveLength(0);
+  });
+
+  test("bad fields are 400s in OpenAI's shape; a model that serves chat only is a 404", async () => {
+    const cases: [Record<string, unknown>, string][] = [
+      [{ input: 3 }, "input"],
+      [{ input: [{ role: "robot", content: "x" }] }, "input[0].role"],
+      [{ input: "x", max_output_tokens: 2 }, "max_output_tokens"],
+      [{ input: "x", instructions: 5 }, "instructions"],
+      [{ input: "x", user: "u".repeat(300) }, "user"],
+      [{ input: "x", metadata: { k: 1 } }, "metadata.k"],
+      [{ input: "x", background: true }, "background"],
+    ];
+    for (const [body, param] of cases) {
+      const res = await fetch(`${gateway.restUrl}/v1/responses`, {
+        method: "POST",
+        headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+        body: JSON.stringify({ model: "ok", ...body }),
+      });
+      expect(res.status).toBe(400);
+      expect(((await res.json()) as { error: { param: string } }).error.param).toBe(param);
+    }
+    const error = (await sdk().responses.create({ model: "chat-only", input: "hi" }).catch((e: unknown) => e)) as APIError;
+    expect(error.status).toBe(404);
+    expect(error.error).toMatchObject({ code: "model_not_supported" });
+    expect(upstream.requests).toHaveLength(0);
+  });
+});
+
+describe("the mock provider", () => {
+  test("answers whole and streamed, deterministically, with usage from the input", async () => {
+    const whole = await sdk().responses.create({ model: "mock", input: "echo this", max_output_tokens: 100 });
+    expect(whole.output_text).toBe("mock reply: echo this");
+    expect(whole.usage).toMatchObject({ input_tokens: 3 + 4 + 3, output_tokens: 6 });
+    const stream = await sdk().responses.create({ model: "mock", input: [{ role: "user", content: "echo this" }], stream: true });
+    let text = "";
+    let completed: OpenAI.Responses.Response | undefined;
+    for await (const event of stream) {
+      if (event.type === "response.output_text.delta") text += event.delta;
+      if (event.type === "response.completed") completed = event.response;
+    }
+    expect(text).toBe("mock reply: echo this");
+    expect(completed?.usage).toMatchObject({ input_tokens: 3 + 4 + 3, output_tokens: 6 });
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ endpoint: Endpoint.RESPONSES, costNanos: 16_000n, usageEstimated: false });
+  });
+});

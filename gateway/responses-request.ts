@@ -1,0 +1,208 @@
+import { parseTags } from "./chat-request.ts";
+import { invalidRequest } from "./errors.ts";
+import type { ResponsesRequest } from "./providers/provider.ts";
+import {
+  arrayTooLong,
+  boolean,
+  byType,
+  type Check,
+  decimal,
+  integer,
+  isObject,
+  missing,
+  object,
+  objectWith,
+  parseModel,
+  parseUser,
+  string,
+  unsupported,
+  wrongType,
+} from "./request-checks.ts";
+
+/** A Responses API request as the gateway understands it. */
+export interface ResponsesInput {
+  /** Public model name asked for. */
+  model: string;
+  /** The request for upstream: the client's body without `stream`; `model` is set per target. */
+  upstream: ResponsesRequest;
+  /** End-user id from `user`, else `safety_identifier`; empty when both are absent. */
+  user: string;
+  /** From `metadata`: recorded with the request's metrics, and sent upstream as it came. */
+  tags: Record<string, string>;
+  /** `stream: true`: answer with server-sent events. */
+  stream: boolean;
+  /**
+   * The request builds on state one upstream account holds (`previous_response_id`, `conversation`, a stored `prompt`):
+   * only the model's first target can serve it, and the gateway does not see all it reads.
+   */
+  chained: boolean;
+}
+
+/** What the model reads of a request, for token counts: texts, and parts whose size their bytes do not tell. */
+export interface ResponsesPrompt {
+  texts: string[];
+  /** Kinds of parts, as chat names them: `image_url`, `file`, `input_audio`. */
+  parts: string[];
+  /** Items (messages, tool calls and outputs) the input holds: each is framed. */
+  items: number;
+}
+
+const maxInputItems = 2048;
+const maxTools = 128;
+const int32Max = 2 ** 31 - 1;
+
+/**
+ * Hosted tools an upstream charges per call (searches, containers, images, computer sessions) on top of tokens: no
+ * price in the config says what they cost, so a request using one could not be billed exactly. By family, so dated
+ * versions (`web_search_preview_2025_03_11`) are refused too.
+ */
+const feeChargingTools = /^(?:web_search|file_search|code_interpreter|image_generation|computer_use)/;
+
+const functionTool = objectWith({ name: string }, { description: string, parameters: object, strict: boolean });
+
+const tool: Check = (v, param) => {
+  if (!isObject(v)) throw wrongType(param, "an object", v);
+  const type = v.type;
+  if (type === undefined || type === null) throw missing(`${param}.type`);
+  if (typeof type !== "string") throw wrongType(`${param}.type`, "a string", type);
+  if (feeChargingTools.test(type)) {
+    throw invalidRequest(
+      `Invalid value for '${param}.type': '${type}' is a hosted tool its upstream charges per call, which this ` +
+        "gateway cannot bill exactly; use function or custom tools.",
+      `${param}.type`,
+      "unsupported_value",
+    );
+  }
+  if (type === "function") functionTool(v, param);
+  else if (type === "custom") objectWith({ name: string })(v, param);
+};
+
+const inputPart = byType({
+  input_text: objectWith({ text: string }),
+  output_text: objectWith({ text: string }),
+  refusal: objectWith({ refusal: string }),
+  input_image: object,
+  input_file: object,
+  input_audio: object,
+});
+
+const roles = new Set(["user", "assistant", "system", "developer"]);
+
+/** An input item: a message (`role` and `content`, with or without `type: "message"`) or another typed item. */
+const inputItem: Check = (v, param) => {
+  if (!isObject(v)) throw wrongType(param, "an object", v);
+  if (v.type === undefined || v.type === null || v.type === "message") {
+    if (v.role === undefined || v.role === null) throw missing(`${param}.role`);
+    if (typeof v.role !== "string") throw wrongType(`${param}.role`, "a string", v.role);
+    if (!roles.has(v.role)) throw unsupported(`${param}.role`, v.role, [...roles]);
+    const content = v.content;
+    if (content === undefined || content === null) throw missing(`${param}.content`);
+    if (Array.isArray(content)) {
+      for (let j = 0; j < content.length; j++) inputPart(content[j], `${param}.content[${j}]`);
+    } else if (typeof content !== "string") throw wrongType(`${param}.content`, "a string or an array", content);
+  } else if (typeof v.type !== "string") throw wrongType(`${param}.type`, "a string", v.type);
+};
+
+/** Fields whose meaning is fixed, checked as the API checks them; any other field passes through to the upstream. */
+const fieldChecks = new Map<string, Check>([
+  ["stream", boolean],
+  ["store", boolean],
+  ["instructions", string],
+  ["max_output_tokens", integer(16, int32Max)],
+  ["temperature", decimal(0, 2)],
+  ["top_p", decimal(0, 1)],
+  ["parallel_tool_calls", boolean],
+  ["previous_response_id", string],
+]);
+
+/**
+ * Checks the fields whose meaning is fixed (model, input, instructions, max_output_tokens, tools, user,
+ * safety_identifier, metadata) and leaves the others for the upstream to judge. Throws a 400 naming the field.
+ */
+export function parseResponsesInput(body: unknown): ResponsesInput {
+  if (!isObject(body)) throw invalidRequest("The request body must be a JSON object.");
+  const model = parseModel(body);
+  const upstream: Record<string, unknown> = {};
+  for (const key in body) {
+    // As for chat: "__proto__" copied by assignment would become the upstream request's prototype.
+    if (key === "__proto__") {
+      throw invalidRequest(`Unrecognized request argument supplied: ${key}`, key, "unknown_parameter");
+    }
+    const value = body[key];
+    if (value !== undefined && value !== null) fieldChecks.get(key)?.(value, key);
+    if (key !== "stream") upstream[key] = value;
+  }
+  const input = body.input;
+  if (Array.isArray(input)) {
+    if (input.length > maxInputItems) throw arrayTooLong("input", maxInputItems, input.length);
+    for (let i = 0; i < input.length; i++) inputItem(input[i], `input[${i}]`);
+  } else if (input !== undefined && input !== null && typeof input !== "string") {
+    throw wrongType("input", "a string or an array of input items", input);
+  }
+  const tools = body.tools;
+  if (tools !== undefined && tools !== null) {
+    if (!Array.isArray(tools)) throw wrongType("tools", "an array", tools);
+    if (tools.length > maxTools) throw arrayTooLong("tools", maxTools, tools.length);
+    for (let i = 0; i < tools.length; i++) tool(tools[i], `tools[${i}]`);
+  }
+  // A background response is answered before it has run, its usage known only to whoever polls it later: unbillable.
+  if (body.background === true) {
+    throw invalidRequest(
+      "Invalid value for 'background': background responses are not served by this gateway, which bills each " +
+        "response as it is answered.",
+      "background",
+      "unsupported_value",
+    );
+  }
+  const conversation = body.conversation;
+  if (conversation !== undefined && conversation !== null && typeof conversation !== "string") {
+    objectWith({ id: string })(conversation, "conversation");
+  }
+  const user = parseUser(body, ["user", "safety_identifier"]);
+  const tags = parseTags(body.metadata);
+  const chained = [body.previous_response_id, conversation, body.prompt].some((v) => v !== undefined && v !== null);
+  const stream = body.stream === true;
+  return { model, upstream: upstream as unknown as ResponsesRequest, user, tags, stream, chained };
+}
+
+const partKinds: Record<string, string> = { input_image: "image_url", input_file: "file", input_audio: "input_audio" };
+
+/**
+ * What the model reads of a request that the gateway sees: instructions, input items (message text, tool calls and
+ * their outputs, other items as JSON), tool definitions and the text format. A chained request's earlier turns are
+ * the upstream's, not here.
+ */
+export function responsesPrompt(request: ResponsesRequest): ResponsesPrompt {
+  const r = request as unknown as Record<string, unknown>;
+  const texts: string[] = [];
+  const parts: string[] = [];
+  let items = 0;
+  if (typeof r.instructions === "string" && r.instructions) texts.push(r.instructions);
+  const input = r.input;
+  if (typeof input === "string") {
+    texts.push(input);
+    items = 1;
+  } else if (Array.isArray(input)) {
+    items = input.length;
+    for (const item of input as Record<string, unknown>[]) {
+      const content = item.content;
+      if (typeof content === "string") texts.push(content);
+      else if (Array.isArray(content)) {
+        for (const part of content as Record<string, unknown>[]) {
+          const kind = partKinds[part.type as string];
+          if (kind) parts.push(kind);
+          else if (typeof part.text === "string") texts.push(part.text);
+          else if (typeof part.refusal === "string") texts.push(part.refusal);
+          else texts.push(JSON.stringify(part));
+        }
+      } else if (item.type === "function_call" || item.type === "custom_tool_call") {
+        for (const text of [item.name, item.arguments, item.input]) if (typeof text === "string") texts.push(text);
+      } else if (item.type === "function_call_output" || item.type === "custom_tool_call_output") {
+        texts.push(typeof item.output === "string" ? item.output : JSON.stringify(item.output ?? ""));
+      } else texts.push(JSON.stringify(item));
+    }
+  }
+  if (Array.isArray(r.tools) && r.tools.length > 0) texts.push(JSON.stringify(r.tools));
+  if (isObject(r.text) && r.text.format !== undefined) texts.push(JSON.stringify(r.text.format));
+  return { texts, parts, items };
+}

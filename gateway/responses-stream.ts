@@ -1,0 +1,211 @@
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import type { Logger } from "../lib/log.ts";
+import type { Price } from "../lib/money.ts";
+import type { StreamOutcome } from "./chat-stream.ts";
+import { streamError } from "./chat-stream.ts";
+import type { Call } from "./core.ts";
+import { clientGone, type GatewayError, ShutdownCut, toGatewayError, upstreamFailed } from "./errors.ts";
+import { meteredName, meterUsage } from "./metering.ts";
+import {
+  answeredResponsesUsage,
+  type MeteredTokens,
+  meteredUsage,
+  type ResponseEvent,
+  type ResponseEventStream,
+  responsesUsageAsChat,
+  terminalResponseEvents,
+  UpstreamError,
+} from "./providers/provider.ts";
+import type { ResponsesPrompt } from "./responses-request.ts";
+import { countResponsesInputTokens, generatedText } from "./tokenizer.ts";
+
+/**
+ * A streamed response as the client sees it: the upstream's events, the terminal one's usage the metered counts. The
+ * call's metrics are recorded exactly once, when the stream ends, however it ends (see ChatStream).
+ */
+export interface ResponseStream extends AsyncIterable<ResponseEvent> {
+  readonly outcome: StreamOutcome | undefined;
+  /** Aborted when the stream ends while its consumer holds an event: its transport should end the response. */
+  readonly cutOff: AbortSignal;
+}
+
+export interface ResponseMeterOptions {
+  call: Call;
+  events: ResponseEventStream;
+  /** What the model reads of the request, for a count when the upstream reports no usage. */
+  prompt: ResponsesPrompt;
+  /** What the request is billed at, unless the response names the service tier that served it: */
+  price: Price;
+  /** the price of that tier. */
+  servedPrice: (tier: unknown) => Price;
+  /** Aborted, with the GatewayError as its reason, when the request runs past its time limit. */
+  deadline: AbortSignal;
+  finish(call: Call, error?: GatewayError): void;
+  upstreamEnded?(error: GatewayError | undefined): void;
+  log?: Logger;
+}
+
+/** Deltas of generated text, by event type: each adds to the output, reasoning ones to the reasoning too. */
+const outputDeltas = new Set([
+  "response.output_text.delta",
+  "response.refusal.delta",
+  "response.function_call_arguments.delta",
+  "response.custom_tool_call_input.delta",
+]);
+const reasoningDeltas = new Set(["response.reasoning_text.delta", "response.reasoning_summary_text.delta"]);
+
+/**
+ * Wraps an upstream's response events with the gateway's accounting, as meterChatStream does chat chunks: time to
+ * first token, usage from the terminal event (`response.completed`, `.incomplete` or `.failed`) or else counted with
+ * the tokenizer (also for what was streamed before a cancel or failure), exact cost, and the call's metrics when it ends.
+ * A `response.failed` is passed on as it came and metered as the upstream's failure.
+ */
+export function meterResponseStream(options: ResponseMeterOptions): ResponseStream {
+  const { call, deadline, prompt } = options;
+  const m = call.metrics;
+  const upstream = options.events[Symbol.asyncIterator]();
+  const generated = generatedText();
+  let usage: unknown;
+  let servedTier: unknown;
+  let outcome: StreamOutcome | undefined;
+  let ending: Promise<void> | undefined;
+  const cutOff = new AbortController();
+  let phase: "idle" | "running" | "yielded" | "done" = "idle";
+
+  const count = () =>
+    meteredUsage(responsesUsageAsChat(usage), {
+      input: () => countResponsesInputTokens(prompt),
+      output: () => generated.tokens(),
+      reasoning: () => generated.reasoningTokens(),
+    });
+
+  const end = (error: GatewayError | undefined, counted?: MeteredTokens): Promise<void> => {
+    ending ??= (async () => {
+      call.signal?.removeEventListener("abort", onAbort);
+      deadline.removeEventListener("abort", onAbort);
+      const { tokens, estimated } = counted ?? (await count());
+      const price = servedTier === undefined ? options.price : options.servedPrice(servedTier);
+      const cost = meterUsage(m, tokens, estimated, price, call.lostInputTokens);
+      const metered = { tokens: m.usage ?? tokens, costNanos: cost, usageEstimated: m.usageEstimated };
+      outcome = { ...metered, provider: m.provider, error };
+      options.upstreamEnded?.(error);
+      options.finish(call, error);
+    })();
+    return ending;
+  };
+
+  function onAbort() {
+    if (phase !== "idle" && phase !== "yielded") return;
+    cutOff.abort();
+    void end(call.signal?.aborted ? clientGone(call.signal) : toGatewayError(deadline.reason));
+  }
+  if (call.signal?.aborted || deadline.aborted) onAbort();
+  else {
+    call.signal?.addEventListener("abort", onAbort, { once: true });
+    deadline.addEventListener("abort", onAbort, { once: true });
+  }
+
+  async function* run(): AsyncGenerator<ResponseEvent> {
+    let firstToken = true;
+    let error: GatewayError | undefined;
+    let counted: MeteredTokens | undefined;
+    try {
+      for (;;) {
+        const waited = performance.now();
+        let step: IteratorResult<ResponseEvent>;
+        try {
+          step = await upstream.next();
+        } finally {
+          call.upstreamMs += performance.now() - waited;
+        }
+        if (step.done) break;
+        const event = step.value;
+        const response = event.response as Record<string, unknown> | undefined;
+        if (response && typeof response === "object") {
+          if (typeof response.id === "string" && !call.response) call.response = { id: response.id, finishReasons: [] };
+          if (typeof response.model === "string" && response.model && !m.servedModel) {
+            m.servedModel = meteredName(response.model);
+          }
+          if (typeof response.service_tier === "string") servedTier = response.service_tier;
+        }
+        const delta = typeof event.delta === "string" ? event.delta : undefined;
+        if (delta && (outputDeltas.has(event.type) || reasoningDeltas.has(event.type))) {
+          generated.add(reasoningDeltas.has(event.type) ? { reasoning: delta } : { content: delta });
+          if (firstToken) {
+            firstToken = false;
+            const elapsed = performance.now() - call.startTick;
+            m.firstTokenTime = timestampFromMs(Math.round(call.startMs + elapsed));
+            m.ttftUs = BigInt(Math.round(elapsed * 1000));
+          }
+        }
+        if (terminalResponseEvents.has(event.type) && response) {
+          usage = response.usage;
+          call.response?.finishReasons.push(String(response.status ?? event.type.slice("response.".length)));
+          counted = await count();
+          // The client is shown what it is charged for, as chat's usage chunk shows it.
+          response.usage = answeredResponsesUsage(usage, counted.tokens);
+          // Once output has begun, a failed response is the upstream's failure, whatever its error says.
+          if (event.type === "response.failed") {
+            error = upstreamFailed(`The upstream of \`${m.requestedModel}\` failed the response.`);
+          }
+          yield event;
+          break;
+        }
+        yield event;
+      }
+      if (!counted) {
+        const cut = new UpstreamError("transient", "the stream ended before it finished");
+        throw Object.assign(cut, { promptTaken: true });
+      }
+      if (call.signal?.aborted) error = clientGone(call.signal);
+    } catch (e) {
+      if (e instanceof UpstreamError && e.failure !== "cancelled") {
+        const fields = { request_id: call.requestId, provider: m.provider, err: e.message };
+        options.log?.warn("upstream stream failed", fields);
+      }
+      error = e instanceof UpstreamError ? streamError(e, m.requestedModel, call.signal) : toGatewayError(e);
+      throw error;
+    } finally {
+      if (!counted && !error) error = clientGone(call.signal);
+      const ending = async (error: GatewayError | undefined) => {
+        // Past its terminal event too: the provider then lets the rest of the body end in the background.
+        await upstream.return?.().catch(() => undefined);
+        await end(error, counted);
+      };
+      if (call.signal?.reason instanceof ShutdownCut) void ending(error);
+      else await ending(error);
+    }
+  }
+
+  const events = run();
+  const iterator: AsyncIterableIterator<ResponseEvent> = {
+    async next() {
+      phase = "running";
+      try {
+        const step = await events.next();
+        phase = step.done ? "done" : "yielded";
+        return step;
+      } catch (e) {
+        phase = "done";
+        throw e;
+      }
+    },
+    async return() {
+      const idle = phase === "idle";
+      phase = "done";
+      if (idle) {
+        await upstream.return?.().catch(() => undefined);
+        await end(clientGone(call.signal));
+      }
+      return events.return(undefined);
+    },
+    [Symbol.asyncIterator]: () => iterator,
+  };
+  return {
+    [Symbol.asyncIterator]: () => iterator,
+    get outcome() {
+      return outcome;
+    },
+    cutOff: cutOff.signal,
+  };
+}
