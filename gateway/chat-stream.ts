@@ -52,6 +52,105 @@ export interface ChatStream extends AsyncIterable<ChatCompletionChunk> {
   readonly cutOff: AbortSignal;
 }
 
+/** What a metered stream's frame needs of its kind of stream (chat chunks, response events). */
+export interface FrameOptions {
+  call: Call;
+  deadline: AbortSignal;
+  upstream: AsyncIterator<unknown>;
+  /** Reads what is left of the upstream before an end not yet counted, for its usage; may do nothing. */
+  settle(): Promise<void>;
+  /** Counts what the stream used: the upstream's usage, else the tokenizer's (a count never fails, see tokenizer.ts). */
+  count(): Promise<MeteredTokens>;
+  /** What the request is billed at: the tier that served it, as the stream said. */
+  price(): Price;
+  finish(call: Call, error?: GatewayError): void;
+  upstreamEnded?(error: GatewayError | undefined): void;
+}
+
+/**
+ * The accounting every streamed answer shares, whatever its events: the call's metrics recorded exactly once (`end`,
+ * whichever way the stream ends first), a stream nobody is reading ended when its client leaves or its deadline passes,
+ * and `cutOff` aborted when it ends while its consumer holds an event. `stream` wraps the generator of its events.
+ */
+export function meteredFrame(options: FrameOptions) {
+  const { call, deadline, upstream } = options;
+  const m = call.metrics;
+  let outcome: StreamOutcome | undefined;
+  let ending: Promise<void> | undefined;
+  const cutOff = new AbortController();
+  /**
+   * Who holds the stream: nobody has asked for an event yet ("idle"), the generator is running
+   * ("running"), the consumer holds an event ("yielded"), or it is over ("done").
+   */
+  let phase: "idle" | "running" | "yielded" | "done" = "idle";
+
+  /** Meters the stream and records the call's metrics; whichever way the stream ends first wins. */
+  const end = (error: GatewayError | undefined, counted?: MeteredTokens): Promise<void> => {
+    ending ??= (async () => {
+      call.signal?.removeEventListener("abort", onAbort);
+      deadline.removeEventListener("abort", onAbort);
+      if (!counted) await options.settle();
+      // Counted if the stream ended before its usage was.
+      const { tokens, estimated } = counted ?? (await options.count());
+      const cost = meterUsage(m, tokens, estimated, options.price(), call.lostInputTokens);
+      // As metered: with the prompts of lost attempts.
+      const metered = { tokens: m.usage ?? tokens, costNanos: cost, usageEstimated: m.usageEstimated };
+      outcome = { ...metered, provider: m.provider, error };
+      options.upstreamEnded?.(error);
+      options.finish(call, error);
+    })();
+    return ending;
+  };
+
+  // While the generator runs it sees an abort itself (the upstream and the deadline fail its read);
+  // a stream nobody is reading would never notice, so it is ended here.
+  function onAbort() {
+    if (phase !== "idle" && phase !== "yielded") return;
+    cutOff.abort();
+    void end(call.signal?.aborted ? clientGone(call.signal) : toGatewayError(deadline.reason));
+  }
+  if (call.signal?.aborted || deadline.aborted) onAbort();
+  else {
+    call.signal?.addEventListener("abort", onAbort, { once: true });
+    deadline.addEventListener("abort", onAbort, { once: true });
+  }
+
+  const stream = <T>(events: AsyncGenerator<T>) => {
+    const iterator: AsyncIterableIterator<T> = {
+      async next() {
+        phase = "running";
+        try {
+          const step = await events.next();
+          phase = step.done ? "done" : "yielded";
+          return step;
+        } catch (e) {
+          phase = "done";
+          throw e;
+        }
+      },
+      async return() {
+        const idle = phase === "idle";
+        phase = "done";
+        // A generator stopped before its first step never runs its finally: end the stream here.
+        if (idle) {
+          await upstream.return?.().catch(() => undefined);
+          await end(clientGone(call.signal));
+        }
+        return events.return(undefined);
+      },
+      [Symbol.asyncIterator]: () => iterator,
+    };
+    return {
+      [Symbol.asyncIterator]: () => iterator,
+      get outcome() {
+        return outcome;
+      },
+      cutOff: cutOff.signal,
+    };
+  };
+  return { end, stream };
+}
+
 export interface MeterOptions {
   call: Call;
   chunks: ChunkStream;
@@ -87,14 +186,6 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   let usage: CompletionUsage | undefined;
   /** The service tier the upstream's chunks say served the request. */
   let servedTier: unknown;
-  let outcome: StreamOutcome | undefined;
-  let ending: Promise<void> | undefined;
-  const cutOff = new AbortController();
-  /**
-   * Who holds the stream: nobody has asked for a chunk yet ("idle"), the generator is running
-   * ("running"), the consumer holds a chunk ("yielded"), or it is over ("done").
-   */
-  let phase: "idle" | "running" | "yielded" | "done" = "idle";
   // Choices the upstream has finished: once all have, generation is over and only the usage is still to come.
   const finished = new Set<number>();
   const choices = typeof request.n === "number" && request.n > 1 ? request.n : 1;
@@ -140,37 +231,16 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     await settling;
   };
 
-  /** Meters the stream and records the call's metrics; whichever way the stream ends first wins. */
-  const end = (error: GatewayError | undefined, counted?: MeteredTokens): Promise<void> => {
-    ending ??= (async () => {
-      call.signal?.removeEventListener("abort", onAbort);
-      deadline.removeEventListener("abort", onAbort);
-      if (!counted) await settle();
-      // Counted if the stream ended before its usage was (a count never fails, see tokenizer.ts).
-      const { tokens, estimated } = counted ?? (await count());
-      const price = servedTier === undefined ? options.price : (options.servedPrice?.(servedTier) ?? options.price);
-      const cost = meterUsage(m, tokens, estimated, price, call.lostInputTokens);
-      // As metered: with the prompts of lost attempts.
-      const metered = { tokens: m.usage ?? tokens, costNanos: cost, usageEstimated: m.usageEstimated };
-      outcome = { ...metered, provider: m.provider, error };
-      options.upstreamEnded?.(error);
-      options.finish(call, error);
-    })();
-    return ending;
-  };
-
-  // While the generator runs it sees an abort itself (the upstream and the deadline fail its read);
-  // a stream nobody is reading would never notice, so it is ended here.
-  function onAbort() {
-    if (phase !== "idle" && phase !== "yielded") return;
-    cutOff.abort();
-    void end(call.signal?.aborted ? clientGone(call.signal) : toGatewayError(deadline.reason));
-  }
-  if (call.signal?.aborted || deadline.aborted) onAbort();
-  else {
-    call.signal?.addEventListener("abort", onAbort, { once: true });
-    deadline.addEventListener("abort", onAbort, { once: true });
-  }
+  const { end, stream } = meteredFrame({
+    call,
+    deadline,
+    upstream,
+    settle,
+    count,
+    price: () => (servedTier === undefined ? options.price : (options.servedPrice?.(servedTier) ?? options.price)),
+    finish: (c, error) => options.finish(c, error),
+    upstreamEnded: (error) => options.upstreamEnded?.(error),
+  });
 
   async function* run(): AsyncGenerator<ChatCompletionChunk> {
     let last: ChatCompletionChunk | undefined;
@@ -286,38 +356,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     }
   }
 
-  const chunks = run();
-  const iterator: AsyncIterableIterator<ChatCompletionChunk> = {
-    async next() {
-      phase = "running";
-      try {
-        const step = await chunks.next();
-        phase = step.done ? "done" : "yielded";
-        return step;
-      } catch (e) {
-        phase = "done";
-        throw e;
-      }
-    },
-    async return() {
-      const idle = phase === "idle";
-      phase = "done";
-      // A generator stopped before its first step never runs its finally: end the stream here.
-      if (idle) {
-        await upstream.return?.().catch(() => undefined);
-        await end(clientGone(call.signal));
-      }
-      return chunks.return(undefined);
-    },
-    [Symbol.asyncIterator]: () => iterator,
-  };
-  return {
-    [Symbol.asyncIterator]: () => iterator,
-    get outcome() {
-      return outcome;
-    },
-    cutOff: cutOff.signal,
-  };
+  return stream(run());
 }
 
 /** The usage chunk the gateway makes for a stream, from one of its chunks: OpenAI's fields of it, with no choices. */

@@ -2,10 +2,10 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { Logger } from "../lib/log.ts";
 import type { Price } from "../lib/money.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
-import { streamError } from "./chat-stream.ts";
+import { meteredFrame, streamError } from "./chat-stream.ts";
 import type { Call } from "./core.ts";
 import { clientGone, type GatewayError, ShutdownCut, toGatewayError, upstreamFailed } from "./errors.ts";
-import { meteredName, meterUsage } from "./metering.ts";
+import { meteredName } from "./metering.ts";
 import {
   answeredResponsesUsage,
   type MeteredTokens,
@@ -67,10 +67,6 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
   const generated = generatedText();
   let usage: unknown;
   let servedTier: unknown;
-  let outcome: StreamOutcome | undefined;
-  let ending: Promise<void> | undefined;
-  const cutOff = new AbortController();
-  let phase: "idle" | "running" | "yielded" | "done" = "idle";
 
   const count = () =>
     meteredUsage(responsesUsageAsChat(usage), {
@@ -79,31 +75,17 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
       reasoning: () => generated.reasoningTokens(),
     });
 
-  const end = (error: GatewayError | undefined, counted?: MeteredTokens): Promise<void> => {
-    ending ??= (async () => {
-      call.signal?.removeEventListener("abort", onAbort);
-      deadline.removeEventListener("abort", onAbort);
-      const { tokens, estimated } = counted ?? (await count());
-      const price = servedTier === undefined ? options.price : options.servedPrice(servedTier);
-      const cost = meterUsage(m, tokens, estimated, price, call.lostInputTokens);
-      const metered = { tokens: m.usage ?? tokens, costNanos: cost, usageEstimated: m.usageEstimated };
-      outcome = { ...metered, provider: m.provider, error };
-      options.upstreamEnded?.(error);
-      options.finish(call, error);
-    })();
-    return ending;
-  };
-
-  function onAbort() {
-    if (phase !== "idle" && phase !== "yielded") return;
-    cutOff.abort();
-    void end(call.signal?.aborted ? clientGone(call.signal) : toGatewayError(deadline.reason));
-  }
-  if (call.signal?.aborted || deadline.aborted) onAbort();
-  else {
-    call.signal?.addEventListener("abort", onAbort, { once: true });
-    deadline.addEventListener("abort", onAbort, { once: true });
-  }
+  const { end, stream } = meteredFrame({
+    call,
+    deadline,
+    upstream,
+    // Nothing is read after the terminal event, which carries the usage.
+    settle: async () => {},
+    count,
+    price: () => (servedTier === undefined ? options.price : options.servedPrice(servedTier)),
+    finish: (c, error) => options.finish(c, error),
+    upstreamEnded: (error) => options.upstreamEnded?.(error),
+  });
 
   async function* run(): AsyncGenerator<ResponseEvent> {
     let firstToken = true;
@@ -177,35 +159,5 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
     }
   }
 
-  const events = run();
-  const iterator: AsyncIterableIterator<ResponseEvent> = {
-    async next() {
-      phase = "running";
-      try {
-        const step = await events.next();
-        phase = step.done ? "done" : "yielded";
-        return step;
-      } catch (e) {
-        phase = "done";
-        throw e;
-      }
-    },
-    async return() {
-      const idle = phase === "idle";
-      phase = "done";
-      if (idle) {
-        await upstream.return?.().catch(() => undefined);
-        await end(clientGone(call.signal));
-      }
-      return events.return(undefined);
-    },
-    [Symbol.asyncIterator]: () => iterator,
-  };
-  return {
-    [Symbol.asyncIterator]: () => iterator,
-    get outcome() {
-      return outcome;
-    },
-    cutOff: cutOff.signal,
-  };
+  return stream(run());
 }
