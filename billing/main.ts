@@ -48,7 +48,13 @@ const pool = createPool({
 pool.on("error", (e) => log.warn("idle postgres connection failed", { err: e }));
 
 try {
-  const { applied } = await migrate(pool);
+  const { applied } = await migrate(pool, undefined, {
+    onLockWait: (attempt, err) =>
+      log.warn("migrations waited too long for a table another session holds; running them again shortly", {
+        attempt,
+        err,
+      }),
+  });
   log.info("migrations applied", { applied });
 } catch (e) {
   // pg's errors name the host, never the password.

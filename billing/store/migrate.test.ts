@@ -2,6 +2,7 @@ import { afterAll, expect, test } from "bun:test";
 import { cp, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import pg from "pg";
 import { sha256Hex } from "../../lib/auth.ts";
 import { migrate, migrationsDir } from "./migrate.ts";
 import { createTestDatabase, type TestDatabase } from "./test-db.ts";
@@ -214,6 +215,37 @@ test("invoices from before they held the org's name take its current one, and ke
     );
     await expect(pool.query("UPDATE invoices SET org_name = NULL WHERE id = 'inv_draft'")).rejects.toThrow(/org_name/);
   } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}, 60_000);
+
+test("a migration waiting for a table's lock gives way to the calls queued behind it, and applies once it is free", async () => {
+  const { pool, connectionString } = await emptyDatabase();
+  const dir = await mkdtemp(join(tmpdir(), "billing-migrations-"));
+  // A long read of budget_leases (a pg_dump, an operator's open transaction) holds a lock the migration must wait for.
+  const backup = new pg.Client({ connectionString });
+  const replica = new pg.Client({ connectionString });
+  try {
+    const last = migrations.at(-1) as string;
+    for (const name of migrations.slice(0, -1)) await cp(join(migrationsDir, name), join(dir, name));
+    await migrate(pool, dir);
+    await cp(join(migrationsDir, last), join(dir, last));
+    await Promise.all([backup.connect(), replica.connect()]);
+    await backup.query("BEGIN");
+    await backup.query("SELECT count(*) FROM budget_leases");
+    const waits: number[] = [];
+    const migrating = migrate(pool, dir, { lockTimeoutMs: 300, onLockWait: (attempt) => waits.push(attempt) });
+    await Bun.sleep(100);
+    // An old replica still serving grants: behind the migration's lock request it would wait as long as the backup.
+    const started = Date.now();
+    await replica.query({ text: "SELECT count(*) FROM budget_leases", query_timeout: 5_000 } as pg.QueryConfig);
+    expect(Date.now() - started).toBeLessThan(2_000);
+    await Bun.sleep(500);
+    await backup.query("COMMIT");
+    expect((await migrating).applied).toEqual([last]);
+    expect(waits[0]).toBe(1);
+  } finally {
+    await Promise.all([backup.end(), replica.end()]);
     await rm(dir, { recursive: true, force: true });
   }
 }, 60_000);
