@@ -1,9 +1,11 @@
 import { expect, test } from "bun:test";
 import { chownSync, readdirSync } from "node:fs";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { procStatFields, runCommand } from "../lib/processes.ts";
+import { createServiceClient } from "../lib/rpc-client.ts";
 
 const launcher = join(import.meta.dir, "mesh.ts");
 
@@ -173,6 +175,66 @@ test("npm start after one killed by kill -9 stops the services it left running, 
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 120_000);
+
+test("npm start after the demo org was suspended starts, keeps its key and says how to reinstate the org", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  const first = launch(dataDir);
+  let second: ReturnType<typeof launch> | undefined;
+  try {
+    const key = await first.waitFor(/^OPENAI_API_KEY=/);
+    const ready = await first.waitFor(/^mesh ready in /);
+    const billingUrl = /billing (http:\S+),/.exec(ready)?.[1] ?? "";
+    const billing = createServiceClient(BillingService, {
+      baseUrl: billingUrl,
+      bearerToken: "dev-admin-token-change-me",
+    });
+    const demo = (await billing.listOrganizations({})).organizations.find((o) => o.name === "demo");
+    await billing.suspendOrganization({ orgId: demo?.id ?? "", reason: "trying it" });
+    first.proc.kill("SIGINT");
+    expect(await first.proc.exited).toBe(0);
+
+    // Crashed with a stack trace on the key's PERMISSION_DENIED, every time, so billing could not be reached to
+    // reinstate the org.
+    second = launch(dataDir);
+    await second.waitFor(/^Ctrl-C stops everything/);
+    expect(await second.waitFor(/^OPENAI_API_KEY=/)).toBe(key);
+    expect(second.lines).toContain(
+      `the demo org ${demo?.id} is suspended: its key is refused (403 organization_suspended) until ` +
+        `\`npm run -s ctl -- orgs reinstate ${demo?.id}\``,
+    );
+    expect(await readFile(join(dataDir, "demo.env"), "utf8")).toContain(key);
+    second.proc.kill("SIGINT");
+    expect(await second.proc.exited).toBe(0);
+  } finally {
+    first.proc.kill("SIGKILL");
+    second?.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 120_000);
+
+test("a demo key npm start cannot set up stops the mesh in order with one line, and exit 1", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  // demo.env cannot be written.
+  await mkdir(join(dataDir, "demo.env"));
+  const mesh = launch(dataDir);
+  try {
+    const code = await Promise.race([mesh.proc.exited, Bun.sleep(60_000).then(() => "still running")]);
+    expect(code).toBe(1);
+    const pids = meshPids(mesh.proc.pid, mesh.lines);
+    expect(mesh.lines.filter((l) => !l.startsWith("["))).toEqual([
+      "mesh failed to start: cannot set up the demo key: EISDIR: illegal operation on a directory, " +
+        `open '${join(dataDir, "demo.env")}'`,
+      "",
+      "stopping the mesh...",
+      'stopped: {"gateway":0,"analytics":0,"billing":0}',
+    ]);
+    expect(pids.filter(running)).toEqual([]);
+    expect(readdirSync(dataDir)).not.toContain("mesh.pid");
+  } finally {
+    mesh.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
 
 // /proc mounted with hidepid=2 (hardened multi-user hosts) in a mount namespace of its own, as nobody: root's processes
 // are hidden from it and refuse its signals.

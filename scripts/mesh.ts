@@ -8,7 +8,7 @@ import { link, mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import * as net from "node:net";
 import * as path from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { BillingService, KeyRefusalReason, KeyRefusalSchema, OrganizationState } from "../gen/billing/v1/billing_pb.ts";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { freePort, procStatFields, type ServiceProcess, spawnService, stopTimeoutMs } from "../lib/processes.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
@@ -41,6 +41,8 @@ export interface Demo {
   baseUrl: string;
   apiKey: string;
   orgId: string;
+  /** The demo org is suspended (`meshctl orgs suspend`): its key is refused until the org is reinstated. */
+  suspended: boolean;
 }
 
 export interface Mesh {
@@ -184,9 +186,18 @@ export async function ensureDemo(mesh: Mesh, options: { dataDir: string; adminTo
     try {
       const principal = await billing.authorizeKey({ secret: savedKey });
       await writeDemo(file, baseUrl, savedKey);
-      return { baseUrl, apiKey: savedKey, orgId: principal.organization?.id ?? "" };
+      return { baseUrl, apiKey: savedKey, orgId: principal.organization?.id ?? "", suspended: false };
     } catch (e) {
-      if (ConnectError.from(e).code !== Code.Unauthenticated) throw e;
+      const err = ConnectError.from(e);
+      // Suspended on purpose: the key stays, refused until the org is reinstated, not replaced by one that works.
+      const suspended = err
+        .findDetails(KeyRefusalSchema)
+        .find((d) => d.reason === KeyRefusalReason.ORGANIZATION_SUSPENDED);
+      if (suspended) {
+        await writeDemo(file, baseUrl, savedKey);
+        return { baseUrl, apiKey: savedKey, orgId: suspended.orgId, suspended: true };
+      }
+      if (err.code !== Code.Unauthenticated) throw e;
     }
   }
   const orgs = await billing.listOrganizations({});
@@ -195,7 +206,7 @@ export async function ensureDemo(mesh: Mesh, options: { dataDir: string; adminTo
   if (!org) throw new Error("billing returned no organization");
   const created = await billing.createApiKey({ orgId: org.id, name: "demo" });
   await writeDemo(file, baseUrl, created.secret);
-  return { baseUrl, apiKey: created.secret, orgId: org.id };
+  return { baseUrl, apiKey: created.secret, orgId: org.id, suspended: org.state === OrganizationState.SUSPENDED };
 }
 
 /** Exported, so `source demo.env` reaches the programs the shell starts (the SDKs read their environment). */
@@ -347,6 +358,7 @@ if (import.meta.main) {
   const interrupt = new AbortController();
   let mesh: Mesh | undefined;
   let stopping = false;
+  let failed = false;
   const shutdown = async () => {
     if (stopping) return;
     stopping = true;
@@ -355,7 +367,7 @@ if (import.meta.main) {
     if (!mesh) return interrupt.abort();
     const codes = await mesh.stop();
     process.stdout.write(`stopped: ${JSON.stringify(codes)}\n`);
-    process.exit(Object.values(codes).every((c) => c === 0) ? 0 : 1);
+    process.exit(!failed && Object.values(codes).every((c) => c === 0) ? 0 : 1);
   };
   // From the start, so Ctrl-C while services start, or a closed terminal (SIGHUP) at any time, stops them in order
   // rather than ending the launcher alone and leaving them running on their ports and data directories.
@@ -396,7 +408,13 @@ if (import.meta.main) {
       }
     });
   }
-  const demo = await ensureDemo(mesh, { dataDir, adminToken: cfg.ADMIN_TOKEN });
+  const demo = await ensureDemo(mesh, { dataDir, adminToken: cfg.ADMIN_TOKEN }).catch((e: Error) => {
+    // Stopped in order, as on Ctrl-C, rather than by the exit hook after a stack trace.
+    process.stderr.write(`mesh failed to start: cannot set up the demo key: ${e.message.split("\n")[0]}\n`);
+    failed = true;
+    void shutdown();
+    return new Promise<never>(() => {});
+  });
   const seconds = ((Date.now() - started) / 1000).toFixed(1);
   process.stdout.write(
     [
@@ -405,6 +423,12 @@ if (import.meta.main) {
       `OPENAI_BASE_URL=${demo.baseUrl}`,
       `OPENAI_API_KEY=${demo.apiKey}`,
       `(also written to ${path.join(dataDir, "demo.env")})`,
+      ...(demo.suspended
+        ? [
+            `the demo org ${demo.orgId} is suspended: its key is refused (403 organization_suspended) until ` +
+              `\`npm run -s ctl -- orgs reinstate ${demo.orgId}\``,
+          ]
+        : []),
       "",
       `try: curl ${demo.baseUrl}/chat/completions -H "authorization: Bearer $OPENAI_API_KEY" \\`,
       `       -H 'content-type: application/json' -d '{"model":"mock","messages":[{"role":"user","content":"hello"}]}'`,
