@@ -236,6 +236,26 @@ test("a demo key npm start cannot set up stops the mesh in order with one line, 
   }
 }, 90_000);
 
+test("npm start in a shell that sourced demo.env starts the gateway without the mesh's key as OpenAI's", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  const mesh = launch(dataDir, { OPENAI_API_KEY: "sk-mesh-JYzXYqoNlmiwkkq7XmNO2oIWzXLo0ZIi5MKo3vhZ3DJ" });
+  try {
+    await mesh.waitFor(/^Ctrl-C stops everything/);
+    expect(mesh.lines).toContain(
+      "OPENAI_API_KEY here is a key of the mesh (demo.env's), not OpenAI's: the gateway starts without it",
+    );
+    // Taken as the openai provider's key before, and sent to api.openai.com.
+    expect(mesh.lines.some((l) => l.startsWith("[gateway] ") && l.includes('"msg":"provider has no API key'))).toBe(
+      true,
+    );
+    mesh.proc.kill("SIGINT");
+    expect(await mesh.proc.exited).toBe(0);
+  } finally {
+    mesh.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
 // /proc mounted with hidepid=2 (hardened multi-user hosts) in a mount namespace of its own, as nobody: root's processes
 // are hidden from it and refuse its signals.
 const remount = 'mount -t proc -o hidepid=2 proc /proc && exec "$@"';

@@ -380,10 +380,17 @@ if (import.meta.main) {
     // Those still stopping (the launcher crashed) are left in the lock file for the next start to wait for.
     if (spawned.every((p) => p.proc.exitCode !== null || p.proc.signalCode !== null)) lock.release();
   });
+  // `source .data/demo.env` in this shell set OPENAI_API_KEY to a key of the mesh, which the gateway would take for
+  // the openai provider's and send to api.openai.com with every call of its models.
+  const meshKeyInShell = process.env.OPENAI_API_KEY?.startsWith("sk-mesh-");
+  if (meshKeyInShell) {
+    process.stdout.write("OPENAI_API_KEY here is a key of the mesh (demo.env's), not OpenAI's: the gateway starts without it\n");
+  }
   mesh = await startMesh({
     dataDir,
     adminToken: cfg.ADMIN_TOKEN,
     ports: { gateway: cfg.GATEWAY_PORT, billing: cfg.BILLING_PORT, analytics: cfg.ANALYTICS_PORT, openai: cfg.GATEWAY_REST_PORT },
+    serviceEnv: meshKeyInShell ? { gateway: { OPENAI_API_KEY: "" } } : undefined,
     readyTimeoutMs: cfg.MESH_READY_TIMEOUT_MS,
     signal: interrupt.signal,
     onSpawn: (p) => {
