@@ -302,6 +302,24 @@ test.skipIf(!canHideProc)(
   30_000,
 );
 
+test("one port given to two services is refused in one line before anything starts", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  // The gateway was ready on billing's /readyz, the demo key printed, then it could not listen and the mesh stopped.
+  const mesh = launch(dataDir, { BILLING_PORT: "51999", GATEWAY_PORT: "51999" });
+  try {
+    const code = await Promise.race([mesh.proc.exited, Bun.sleep(30_000).then(() => "still running")]);
+    expect(code).toBe(1);
+    expect(mesh.lines).toEqual([
+      "mesh failed to start: BILLING_PORT and GATEWAY_PORT are both 51999: give each service a port of its own",
+    ]);
+    expect(readdirSync(dataDir)).toEqual([]);
+  } finally {
+    mesh.proc.kill("SIGINT");
+    await mesh.proc.exited;
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 60_000);
+
 test("a port another program holds, one answering every probe, is refused in one line before anything starts", async () => {
   const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
   // Another checkout's mesh, say: ready to any probe.

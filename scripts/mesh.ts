@@ -70,6 +70,14 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
   };
   // A port another program holds would answer the readiness probe in its service's place (another checkout's mesh
   // does, as ready), and the service started for it fails only after those before it: refused at once, in one line.
+  // So would a service given another's port: the gateway on billing's was ready on billing's answer, then exited.
+  const given = new Map<number, string>();
+  for (const [name, variable] of Object.entries(portVariables) as [keyof typeof portVariables, string][]) {
+    const port = options.ports[name];
+    const other = port ? given.get(port) : undefined;
+    if (other) throw new Error(`${other} and ${variable} are both ${port}: give each service a port of its own`);
+    if (port) given.set(port, variable);
+  }
   for (const [name, variable] of Object.entries(portVariables) as [keyof typeof portVariables, string][]) {
     const port = options.ports[name];
     if (port && (await portInUse(port))) {
