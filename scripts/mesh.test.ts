@@ -1,5 +1,5 @@
 import { expect, test } from "bun:test";
-import { chownSync, readdirSync } from "node:fs";
+import { chownSync, readdirSync, readFileSync } from "node:fs";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -115,6 +115,29 @@ test("a closed terminal (SIGHUP) stops the running mesh as Ctrl-C does, leaving 
       'stopped: {"gateway":0,"analytics":0,"billing":0}',
     );
     expect(pids.filter(running)).toEqual([]);
+  } finally {
+    mesh.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
+test("a killed billing's embedded postgres is stopped with the mesh, not left running", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  const mesh = launch(dataDir);
+  try {
+    await mesh.waitFor(/^Ctrl-C stops everything/);
+    const billing = meshPids(mesh.proc.pid, mesh.lines).find((pid) =>
+      readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("billing/main.ts"),
+    );
+    const postgres = Number(/"msg":"postgres started".*"pid":(\d+)/.exec(mesh.lines.join("\n"))?.[1]);
+    expect(billing).toBeGreaterThan(0);
+    expect(running(postgres)).toBe(true);
+    process.kill(billing as number, "SIGKILL");
+    expect(await mesh.proc.exited).toBe(1);
+    expect(mesh.lines).toContain("billing exited unexpectedly with 137; stopping the mesh");
+    // Left running until the next npm start on the directory.
+    for (let i = 0; i < 200 && running(postgres); i++) await Bun.sleep(50);
+    expect(running(postgres)).toBe(false);
   } finally {
     mesh.proc.kill("SIGKILL");
     await rm(dataDir, { recursive: true, force: true });

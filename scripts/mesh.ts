@@ -419,6 +419,8 @@ if (import.meta.main) {
     void p.proc.exited.then((code) => {
       if (!stopping) {
         process.stderr.write(`${p.name} exited unexpectedly with ${code}; stopping the mesh\n`);
+        // What it started is left in its process group: billing's embedded Postgres, when billing was killed.
+        signal(-p.proc.pid, "SIGTERM");
         void shutdown();
       }
     });
