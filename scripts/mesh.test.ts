@@ -144,6 +144,28 @@ test("a killed billing's embedded postgres is stopped with the mesh, not left ru
   }
 }, 90_000);
 
+test("the try npm start prints, pasted into another terminal, gets an answer", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh launcher's "));
+  const mesh = launch(dataDir);
+  try {
+    await mesh.waitFor(/^Ctrl-C stops everything/);
+    const from = mesh.lines.findIndex((l) => l.startsWith("try"));
+    const commands = mesh.lines
+      .slice(from, mesh.lines.indexOf("Ctrl-C stops everything."))
+      .map((l) => l.replace(/^try[^:]*:/, ""))
+      .join("\n");
+    // A shell of its own, as another terminal's: it has none of the launcher's environment. It sent no key, a 401.
+    const { stdout, code } = await runCommand(["env", "-i", `PATH=${process.env.PATH}`, "bash", "-c", commands]);
+    expect(code).toBe(0);
+    expect(JSON.parse(stdout)).toMatchObject({ choices: [{ message: { content: "mock reply: hello" } }] });
+    mesh.proc.kill("SIGINT");
+    expect(await mesh.proc.exited).toBe(0);
+  } finally {
+    mesh.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
 test("a second npm start on the data directory of a running one is refused in one line, the first runs on", async () => {
   const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
   const first = launch(dataDir);

@@ -174,6 +174,11 @@ function portInUse(port: number): Promise<boolean> {
   });
 }
 
+/** A path as one word for a shell: quoted when it holds more than letters, digits and `_.-/`. */
+function shellWord(text: string): string {
+  return /^[\w./-]+$/.test(text) ? text : `'${text.replaceAll("'", `'\\''`)}'`;
+}
+
 /** The entries that have a value, as environment strings. */
 function known(values: Record<string, string | number>): Record<string, string> {
   return Object.fromEntries(Object.entries(values).flatMap(([k, v]) => (v ? [[k, String(v)]] : [])));
@@ -447,8 +452,11 @@ if (import.meta.main) {
           ]
         : []),
       "",
-      `try: curl ${demo.baseUrl}/chat/completions -H "authorization: Bearer $OPENAI_API_KEY" \\`,
-      `       -H 'content-type: application/json' -d '{"model":"mock","messages":[{"role":"user","content":"hello"}]}'`,
+      // This process cannot set its shell's OPENAI_API_KEY: the try pasted alone sent none, a 401.
+      "try, in another terminal:",
+      `  source ${shellWord(path.join(dataDir, "demo.env"))}`,
+      `  curl "$OPENAI_BASE_URL/chat/completions" -H "authorization: Bearer $OPENAI_API_KEY" \\`,
+      `    -H 'content-type: application/json' -d '{"model":"mock","messages":[{"role":"user","content":"hello"}]}'`,
       "Ctrl-C stops everything.",
       "",
     ].join("\n"),
