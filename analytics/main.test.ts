@@ -49,6 +49,8 @@ afterAll(() => {
 
 test("main.ts starts ready, keeps its data across restarts and exits 0 on SIGTERM", async () => {
   const first = await startAnalytics();
+  // Where its data lives, as billing's log says of its Postgres.
+  expect(first.lines.find((l) => l.msg === "clickhouse ready")?.dataDir).toBe(join(dataDir, "clickhouse"));
   expect(first.lines.find((l) => l.msg === "clickhouse ready")?.migrations_applied).toEqual([
     "0001_requests",
     "0002_rollups",

@@ -1,4 +1,4 @@
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { createClient } from "@clickhouse/client";
 import { z } from "zod";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
@@ -91,6 +91,10 @@ try {
   const applied = await store.migrate();
   log.info("clickhouse ready", {
     backend: cfg.CLICKHOUSE_URL ? "server" : "chdb",
+    // Where the data is, as billing's and the gateway's logs say of theirs; a server's URL without its credentials.
+    ...(cfg.CLICKHOUSE_URL
+      ? { url: new URL(cfg.CLICKHOUSE_URL).origin }
+      : { dataDir: resolve(cfg.MESH_DATA_DIR, "clickhouse") }),
     database: cfg.CLICKHOUSE_DATABASE,
     cluster: cfg.CLICKHOUSE_CLUSTER,
     migrations_applied: applied,

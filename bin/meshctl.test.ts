@@ -429,7 +429,18 @@ describe("meshctl against a real billing", () => {
     failsWith(await cli("orgs list", { ADMIN_TOKEN: "wrong-token-0123456789" }), 1, /permission_denied/);
     failsWith(await cli("orgs list", { ADMIN_TOKEN: "short" }), 2, /ADMIN_TOKEN/);
     failsWith(await cli("orgs list", { BILLING_URL: "not a url" }), 2, /BILLING_URL/);
-    failsWith(await cli("orgs list", { BILLING_URL: "http://127.0.0.1:1" }), 1, /unavailable/);
+    // A failure that is not the service's answer names the service and the address it was looked for at.
+    failsWith(
+      await cli("orgs list", { BILLING_URL: "http://127.0.0.1:1" }),
+      1,
+      /^meshctl: \[unavailable\] billing at http:\/\/127\.0\.0\.1:1: connect ECONNREFUSED/,
+    );
+    // BILLING_URL set to analytics' address, say: "[unimplemented] HTTP 404" said neither.
+    failsWith(
+      await cli("orgs list", { BILLING_URL: analyticsServer.url }),
+      1,
+      new RegExp(`^meshctl: \\[unimplemented\\] billing at ${analyticsServer.url}: HTTP 404\n$`),
+    );
     // The HTML page is fetched outside the RPCs: its failure names the service and address all the same.
     failsWith(
       await cli("invoices render inv_x --html", { BILLING_URL: "http://127.0.0.1:1" }),

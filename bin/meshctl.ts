@@ -16,7 +16,7 @@ import {
   toJson,
 } from "@bufbuild/protobuf";
 import { type Timestamp, timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { type Client, ConnectError } from "@connectrpc/connect";
+import { type Client, ConnectError, type Interceptor } from "@connectrpc/connect";
 import {
   AnalyticsService,
   file_analytics_v1_analytics,
@@ -220,11 +220,13 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
       baseUrl: cfg.BILLING_URL,
       bearerToken: cfg.ADMIN_TOKEN,
       timeoutMs: 30_000,
+      interceptors: [nameService("billing", cfg.BILLING_URL)],
     });
     const analytics = createServiceClient(AnalyticsService, {
       baseUrl: cfg.ANALYTICS_URL,
       bearerToken: cfg.ADMIN_TOKEN,
       timeoutMs: 30_000,
+      interceptors: [nameService("analytics", cfg.ANALYTICS_URL)],
     });
     const print = (schema: DescMessage, message: MessageShape<DescMessage>, table: () => string) =>
       io.out(values.json ? `${JSON.stringify(toJson(schema, message), null, 2)}\n` : `${table()}\n`);
@@ -575,6 +577,22 @@ async function analyticsRange(
   if (!org) throw new ServiceError(`no organization ${orgId}`);
   const period = billingPeriod(new Date(to ? timestampMs(to) - 1 : Date.now()), org.billingDay);
   return { start: from ?? timestampFromDate(period.start), end: to ?? timestampFromDate(period.end) };
+}
+
+/**
+ * A failure that is not the service's answer (nothing listening, another server at the address, out of time) names
+ * the service and its address, as the invoice page's does: "[unimplemented] HTTP 404" alone said neither.
+ */
+function nameService(name: string, url: string): Interceptor {
+  return (next) => async (req) => {
+    try {
+      return await next(req);
+    } catch (e) {
+      const err = ConnectError.from(e);
+      if (err.isWireError) throw err;
+      throw new ConnectError(`${name} at ${url}: ${err.rawMessage}`, err.code, err.metadata, undefined, err.cause);
+    }
+  };
 }
 
 /** Errors of the command line or environment, as opposed to errors of the services. */

@@ -1,9 +1,11 @@
 import { expect, test } from "bun:test";
-import { chownSync, readdirSync } from "node:fs";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { chownSync, readdirSync, readFileSync } from "node:fs";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { procStatFields, runCommand } from "../lib/processes.ts";
+import { createServiceClient } from "../lib/rpc-client.ts";
 
 const launcher = join(import.meta.dir, "mesh.ts");
 
@@ -119,6 +121,51 @@ test("a closed terminal (SIGHUP) stops the running mesh as Ctrl-C does, leaving 
   }
 }, 90_000);
 
+test("a killed billing's embedded postgres is stopped with the mesh, not left running", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  const mesh = launch(dataDir);
+  try {
+    await mesh.waitFor(/^Ctrl-C stops everything/);
+    const billing = meshPids(mesh.proc.pid, mesh.lines).find((pid) =>
+      readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("billing/main.ts"),
+    );
+    const postgres = Number(/"msg":"postgres started".*"pid":(\d+)/.exec(mesh.lines.join("\n"))?.[1]);
+    expect(billing).toBeGreaterThan(0);
+    expect(running(postgres)).toBe(true);
+    process.kill(billing as number, "SIGKILL");
+    expect(await mesh.proc.exited).toBe(1);
+    expect(mesh.lines).toContain("billing exited unexpectedly with 137; stopping the mesh");
+    // Left running until the next npm start on the directory.
+    for (let i = 0; i < 200 && running(postgres); i++) await Bun.sleep(50);
+    expect(running(postgres)).toBe(false);
+  } finally {
+    mesh.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
+test("the try npm start prints, pasted into another terminal, gets an answer", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh launcher's "));
+  const mesh = launch(dataDir);
+  try {
+    await mesh.waitFor(/^Ctrl-C stops everything/);
+    const from = mesh.lines.findIndex((l) => l.startsWith("try"));
+    const commands = mesh.lines
+      .slice(from, mesh.lines.indexOf("Ctrl-C stops everything."))
+      .map((l) => l.replace(/^try[^:]*:/, ""))
+      .join("\n");
+    // A shell of its own, as another terminal's: it has none of the launcher's environment. It sent no key, a 401.
+    const { stdout, code } = await runCommand(["env", "-i", `PATH=${process.env.PATH}`, "bash", "-c", commands]);
+    expect(code).toBe(0);
+    expect(JSON.parse(stdout)).toMatchObject({ choices: [{ message: { content: "mock reply: hello" } }] });
+    mesh.proc.kill("SIGINT");
+    expect(await mesh.proc.exited).toBe(0);
+  } finally {
+    mesh.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
 test("a second npm start on the data directory of a running one is refused in one line, the first runs on", async () => {
   const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
   const first = launch(dataDir);
@@ -174,6 +221,86 @@ test("npm start after one killed by kill -9 stops the services it left running, 
   }
 }, 120_000);
 
+test("npm start after the demo org was suspended starts, keeps its key and says how to reinstate the org", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  const first = launch(dataDir);
+  let second: ReturnType<typeof launch> | undefined;
+  try {
+    const key = await first.waitFor(/^OPENAI_API_KEY=/);
+    const ready = await first.waitFor(/^mesh ready in /);
+    const billingUrl = /billing (http:\S+),/.exec(ready)?.[1] ?? "";
+    const billing = createServiceClient(BillingService, {
+      baseUrl: billingUrl,
+      bearerToken: "dev-admin-token-change-me",
+    });
+    const demo = (await billing.listOrganizations({})).organizations.find((o) => o.name === "demo");
+    await billing.suspendOrganization({ orgId: demo?.id ?? "", reason: "trying it" });
+    first.proc.kill("SIGINT");
+    expect(await first.proc.exited).toBe(0);
+
+    // Crashed with a stack trace on the key's PERMISSION_DENIED, every time, so billing could not be reached to
+    // reinstate the org.
+    second = launch(dataDir);
+    await second.waitFor(/^Ctrl-C stops everything/);
+    expect(await second.waitFor(/^OPENAI_API_KEY=/)).toBe(key);
+    expect(second.lines).toContain(
+      `the demo org ${demo?.id} is suspended: its key is refused (403 organization_suspended) until ` +
+        `\`npm run -s ctl -- orgs reinstate ${demo?.id}\``,
+    );
+    expect(await readFile(join(dataDir, "demo.env"), "utf8")).toContain(key);
+    second.proc.kill("SIGINT");
+    expect(await second.proc.exited).toBe(0);
+  } finally {
+    first.proc.kill("SIGKILL");
+    second?.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 120_000);
+
+test("a demo key npm start cannot set up stops the mesh in order with one line, and exit 1", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  // demo.env cannot be written.
+  await mkdir(join(dataDir, "demo.env"));
+  const mesh = launch(dataDir);
+  try {
+    const code = await Promise.race([mesh.proc.exited, Bun.sleep(60_000).then(() => "still running")]);
+    expect(code).toBe(1);
+    const pids = meshPids(mesh.proc.pid, mesh.lines);
+    expect(mesh.lines.filter((l) => !l.startsWith("["))).toEqual([
+      "mesh failed to start: cannot set up the demo key: EISDIR: illegal operation on a directory, " +
+        `open '${join(dataDir, "demo.env")}'`,
+      "",
+      "stopping the mesh...",
+      'stopped: {"gateway":0,"analytics":0,"billing":0}',
+    ]);
+    expect(pids.filter(running)).toEqual([]);
+    expect(readdirSync(dataDir)).not.toContain("mesh.pid");
+  } finally {
+    mesh.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
+test("npm start in a shell that sourced demo.env starts the gateway without the mesh's key as OpenAI's", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  const mesh = launch(dataDir, { OPENAI_API_KEY: "sk-mesh-JYzXYqoNlmiwkkq7XmNO2oIWzXLo0ZIi5MKo3vhZ3DJ" });
+  try {
+    await mesh.waitFor(/^Ctrl-C stops everything/);
+    expect(mesh.lines).toContain(
+      "OPENAI_API_KEY here is a key of the mesh (demo.env's), not OpenAI's: the gateway starts without it",
+    );
+    // Taken as the openai provider's key before, and sent to api.openai.com.
+    expect(mesh.lines.some((l) => l.startsWith("[gateway] ") && l.includes('"msg":"provider has no API key'))).toBe(
+      true,
+    );
+    mesh.proc.kill("SIGINT");
+    expect(await mesh.proc.exited).toBe(0);
+  } finally {
+    mesh.proc.kill("SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
 // /proc mounted with hidepid=2 (hardened multi-user hosts) in a mount namespace of its own, as nobody: root's processes
 // are hidden from it and refuse its signals.
 const remount = 'mount -t proc -o hidepid=2 proc /proc && exec "$@"';
@@ -219,6 +346,24 @@ test.skipIf(!canHideProc)(
   },
   30_000,
 );
+
+test("one port given to two services is refused in one line before anything starts", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
+  // The gateway was ready on billing's /readyz, the demo key printed, then it could not listen and the mesh stopped.
+  const mesh = launch(dataDir, { BILLING_PORT: "51999", GATEWAY_PORT: "51999" });
+  try {
+    const code = await Promise.race([mesh.proc.exited, Bun.sleep(30_000).then(() => "still running")]);
+    expect(code).toBe(1);
+    expect(mesh.lines).toEqual([
+      "mesh failed to start: BILLING_PORT and GATEWAY_PORT are both 51999: give each service a port of its own",
+    ]);
+    expect(readdirSync(dataDir)).toEqual([]);
+  } finally {
+    mesh.proc.kill("SIGINT");
+    await mesh.proc.exited;
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 60_000);
 
 test("a port another program holds, one answering every probe, is refused in one line before anything starts", async () => {
   const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));

@@ -8,7 +8,7 @@ import { link, mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import * as net from "node:net";
 import * as path from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { BillingService, KeyRefusalReason, KeyRefusalSchema, OrganizationState } from "../gen/billing/v1/billing_pb.ts";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { freePort, procStatFields, type ServiceProcess, spawnService, stopTimeoutMs } from "../lib/processes.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
@@ -41,6 +41,8 @@ export interface Demo {
   baseUrl: string;
   apiKey: string;
   orgId: string;
+  /** The demo org is suspended (`meshctl orgs suspend`): its key is refused until the org is reinstated. */
+  suspended: boolean;
 }
 
 export interface Mesh {
@@ -68,6 +70,14 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
   };
   // A port another program holds would answer the readiness probe in its service's place (another checkout's mesh
   // does, as ready), and the service started for it fails only after those before it: refused at once, in one line.
+  // So would a service given another's port: the gateway on billing's was ready on billing's answer, then exited.
+  const given = new Map<number, string>();
+  for (const [name, variable] of Object.entries(portVariables) as [keyof typeof portVariables, string][]) {
+    const port = options.ports[name];
+    const other = port ? given.get(port) : undefined;
+    if (other) throw new Error(`${other} and ${variable} are both ${port}: give each service a port of its own`);
+    if (port) given.set(port, variable);
+  }
   for (const [name, variable] of Object.entries(portVariables) as [keyof typeof portVariables, string][]) {
     const port = options.ports[name];
     if (port && (await portInUse(port))) {
@@ -164,6 +174,11 @@ function portInUse(port: number): Promise<boolean> {
   });
 }
 
+/** A path as one word for a shell: quoted when it holds more than letters, digits and `_.-/`. */
+function shellWord(text: string): string {
+  return /^[\w./-]+$/.test(text) ? text : `'${text.replaceAll("'", `'\\''`)}'`;
+}
+
 /** The entries that have a value, as environment strings. */
 function known(values: Record<string, string | number>): Record<string, string> {
   return Object.fromEntries(Object.entries(values).flatMap(([k, v]) => (v ? [[k, String(v)]] : [])));
@@ -184,9 +199,18 @@ export async function ensureDemo(mesh: Mesh, options: { dataDir: string; adminTo
     try {
       const principal = await billing.authorizeKey({ secret: savedKey });
       await writeDemo(file, baseUrl, savedKey);
-      return { baseUrl, apiKey: savedKey, orgId: principal.organization?.id ?? "" };
+      return { baseUrl, apiKey: savedKey, orgId: principal.organization?.id ?? "", suspended: false };
     } catch (e) {
-      if (ConnectError.from(e).code !== Code.Unauthenticated) throw e;
+      const err = ConnectError.from(e);
+      // Suspended on purpose: the key stays, refused until the org is reinstated, not replaced by one that works.
+      const suspended = err
+        .findDetails(KeyRefusalSchema)
+        .find((d) => d.reason === KeyRefusalReason.ORGANIZATION_SUSPENDED);
+      if (suspended) {
+        await writeDemo(file, baseUrl, savedKey);
+        return { baseUrl, apiKey: savedKey, orgId: suspended.orgId, suspended: true };
+      }
+      if (err.code !== Code.Unauthenticated) throw e;
     }
   }
   const orgs = await billing.listOrganizations({});
@@ -195,7 +219,7 @@ export async function ensureDemo(mesh: Mesh, options: { dataDir: string; adminTo
   if (!org) throw new Error("billing returned no organization");
   const created = await billing.createApiKey({ orgId: org.id, name: "demo" });
   await writeDemo(file, baseUrl, created.secret);
-  return { baseUrl, apiKey: created.secret, orgId: org.id };
+  return { baseUrl, apiKey: created.secret, orgId: org.id, suspended: org.state === OrganizationState.SUSPENDED };
 }
 
 /** Exported, so `source demo.env` reaches the programs the shell starts (the SDKs read their environment). */
@@ -347,6 +371,7 @@ if (import.meta.main) {
   const interrupt = new AbortController();
   let mesh: Mesh | undefined;
   let stopping = false;
+  let failed = false;
   const shutdown = async () => {
     if (stopping) return;
     stopping = true;
@@ -355,7 +380,7 @@ if (import.meta.main) {
     if (!mesh) return interrupt.abort();
     const codes = await mesh.stop();
     process.stdout.write(`stopped: ${JSON.stringify(codes)}\n`);
-    process.exit(Object.values(codes).every((c) => c === 0) ? 0 : 1);
+    process.exit(!failed && Object.values(codes).every((c) => c === 0) ? 0 : 1);
   };
   // From the start, so Ctrl-C while services start, or a closed terminal (SIGHUP) at any time, stops them in order
   // rather than ending the launcher alone and leaving them running on their ports and data directories.
@@ -368,10 +393,17 @@ if (import.meta.main) {
     // Those still stopping (the launcher crashed) are left in the lock file for the next start to wait for.
     if (spawned.every((p) => p.proc.exitCode !== null || p.proc.signalCode !== null)) lock.release();
   });
+  // `source .data/demo.env` in this shell set OPENAI_API_KEY to a key of the mesh, which the gateway would take for
+  // the openai provider's and send to api.openai.com with every call of its models.
+  const meshKeyInShell = process.env.OPENAI_API_KEY?.startsWith("sk-mesh-");
+  if (meshKeyInShell) {
+    process.stdout.write("OPENAI_API_KEY here is a key of the mesh (demo.env's), not OpenAI's: the gateway starts without it\n");
+  }
   mesh = await startMesh({
     dataDir,
     adminToken: cfg.ADMIN_TOKEN,
     ports: { gateway: cfg.GATEWAY_PORT, billing: cfg.BILLING_PORT, analytics: cfg.ANALYTICS_PORT, openai: cfg.GATEWAY_REST_PORT },
+    serviceEnv: meshKeyInShell ? { gateway: { OPENAI_API_KEY: "" } } : undefined,
     readyTimeoutMs: cfg.MESH_READY_TIMEOUT_MS,
     signal: interrupt.signal,
     onSpawn: (p) => {
@@ -392,11 +424,19 @@ if (import.meta.main) {
     void p.proc.exited.then((code) => {
       if (!stopping) {
         process.stderr.write(`${p.name} exited unexpectedly with ${code}; stopping the mesh\n`);
+        // What it started is left in its process group: billing's embedded Postgres, when billing was killed.
+        signal(-p.proc.pid, "SIGTERM");
         void shutdown();
       }
     });
   }
-  const demo = await ensureDemo(mesh, { dataDir, adminToken: cfg.ADMIN_TOKEN });
+  const demo = await ensureDemo(mesh, { dataDir, adminToken: cfg.ADMIN_TOKEN }).catch((e: Error) => {
+    // Stopped in order, as on Ctrl-C, rather than by the exit hook after a stack trace.
+    process.stderr.write(`mesh failed to start: cannot set up the demo key: ${e.message.split("\n")[0]}\n`);
+    failed = true;
+    void shutdown();
+    return new Promise<never>(() => {});
+  });
   const seconds = ((Date.now() - started) / 1000).toFixed(1);
   process.stdout.write(
     [
@@ -405,9 +445,18 @@ if (import.meta.main) {
       `OPENAI_BASE_URL=${demo.baseUrl}`,
       `OPENAI_API_KEY=${demo.apiKey}`,
       `(also written to ${path.join(dataDir, "demo.env")})`,
+      ...(demo.suspended
+        ? [
+            `the demo org ${demo.orgId} is suspended: its key is refused (403 organization_suspended) until ` +
+              `\`npm run -s ctl -- orgs reinstate ${demo.orgId}\``,
+          ]
+        : []),
       "",
-      `try: curl ${demo.baseUrl}/chat/completions -H "authorization: Bearer $OPENAI_API_KEY" \\`,
-      `       -H 'content-type: application/json' -d '{"model":"mock","messages":[{"role":"user","content":"hello"}]}'`,
+      // This process cannot set its shell's OPENAI_API_KEY: the try pasted alone sent none, a 401.
+      "try, in another terminal:",
+      `  source ${shellWord(path.join(dataDir, "demo.env"))}`,
+      `  curl "$OPENAI_BASE_URL/chat/completions" -H "authorization: Bearer $OPENAI_API_KEY" \\`,
+      `    -H 'content-type: application/json' -d '{"model":"mock","messages":[{"role":"user","content":"hello"}]}'`,
       "Ctrl-C stops everything.",
       "",
     ].join("\n"),

@@ -60,6 +60,36 @@ test("keeps data across restarts and first stops a server left behind by a kille
   }
 }, 60_000);
 
+test("refuses a directory whose postgres a billing still running serves, which runs on", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "billing-embedded-"));
+  const dataDir = join(dir, "postgres");
+  const child = Bun.spawn([process.execPath, "--eval", firstLife, dataDir], { stdout: "pipe", stderr: "inherit" });
+  try {
+    let output = "";
+    for await (const chunk of child.stdout) {
+      output += new TextDecoder().decode(chunk);
+      if (output.includes("\n")) break;
+    }
+    const pid = Number(/ready (\d+)/.exec(output)?.[1]);
+    expect(pid).toBeGreaterThan(0);
+    // Stopped it before, as if left by a killed process, and the billing serving on it exited.
+    const second = startEmbeddedPostgres({ dataDir, log: createLogger({ service: "t", level: "error" }) });
+    await expect(second).rejects.toThrow(
+      `${dataDir} is in use by the postgres (pid ${pid}) of a billing still running (pid ${child.pid}): ` +
+        "stop that one first, or give this one another MESH_DATA_DIR",
+    );
+    expect(alive(pid)).toBe(true);
+    expect(child.exitCode).toBe(null);
+  } finally {
+    child.kill("SIGKILL");
+    await child.exited;
+    const stale = Number(readFileSync(join(dataDir, "postmaster.pid"), "utf8").split("\n")[0]);
+    if (stale && alive(stale)) process.kill(stale, "SIGQUIT");
+    for (let i = 0; i < 200 && stale && alive(stale); i++) await Bun.sleep(25);
+    await rm(dir, { recursive: true, force: true });
+  }
+}, 60_000);
+
 test("starts on a directory whose postmaster was killed with its parent and is not reaped yet", async () => {
   const dir = await mkdtemp(join(tmpdir(), "billing-embedded-"));
   const dataDir = join(dir, "postgres");

@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync, readlinkSync } from "node:fs";
 import { chmod, mkdir, readFile, rm, stat, writeFile } from "node:fs/promises";
-import { dirname, join, resolve } from "node:path";
+import { basename, dirname, join, resolve } from "node:path";
 import pg from "pg";
 import type { Logger } from "../../lib/log.ts";
 import { freePort, procStatFields } from "../../lib/processes.ts";
@@ -182,6 +182,15 @@ async function stopStalePostmaster(dataDir: string, log: Logger): Promise<void> 
   // Only a postgres process serving this very directory is ours to stop (pids get reused).
   const cmdline = readProcFile(`/proc/${pid}/cmdline`);
   if (!cmdline.includes("postgres") || !cmdline.includes(dataDir)) return;
+  // One whose billing still runs (`npm run billing` beside `npm start`) is not left behind: stopping it would stop that
+  // billing, and the mesh with it. A killed billing's postmaster has been reparented (to init, or a subreaper).
+  const parent = Number(procStatFields(pid)?.[1]);
+  if (parent > 1 && basename(readLink(`/proc/${parent}/exe`)).startsWith("bun")) {
+    throw new Error(
+      `${dataDir} is in use by the postgres (pid ${pid}) of a billing still running (pid ${parent}): ` +
+        "stop that one first, or give this one another MESH_DATA_DIR",
+    );
+  }
   log.warn("stopping postgres left running by a previous process", { pid, dataDir });
   process.kill(pid, "SIGINT");
   if (await waitForExit(pid, 15_000)) return;
@@ -198,6 +207,14 @@ export function isAlive(pid: number): boolean {
   }
   // An exited server orphaned by a killed parent stays a zombie until an init process reaps it.
   return procStatFields(pid)?.[0] !== "Z";
+}
+
+function readLink(path: string): string {
+  try {
+    return readlinkSync(path);
+  } catch {
+    return "";
+  }
 }
 
 function readProcFile(path: string): string {
