@@ -6,6 +6,7 @@ import {
   propagation,
   type Span,
   SpanKind,
+  type SpanOptions,
   SpanStatusCode,
   type TextMapGetter,
   type TextMapPropagator,
@@ -348,8 +349,7 @@ export function withChildSpan<T>(name: string, attributes: Attributes, fn: () =>
   if (!trace.getActiveSpan()?.isRecording()) return fn();
   return trace.getTracer("mesh").startActiveSpan(name, { attributes }, (span) => {
     const fail = (e: unknown) => {
-      // Exported as logs are: an upstream's words may quote a key.
-      span.setStatus({ code: SpanStatusCode.ERROR, message: redactSecrets(e instanceof Error ? e.message : String(e)) });
+      setSpanError(span, e);
       span.end();
       throw e;
     };
@@ -367,4 +367,18 @@ export function withChildSpan<T>(name: string, attributes: Attributes, fn: () =>
       return fail(e);
     }
   });
+}
+
+/**
+ * Starts a child span of the active span when that span is recording, as withChildSpan does, for work that goes on
+ * after a callback returns (a stream): its caller ends it. Undefined when the active span is not recording.
+ */
+export function startChildSpan(name: string, options: SpanOptions): Span | undefined {
+  if (!trace.getActiveSpan()?.isRecording()) return undefined;
+  return trace.getTracer("mesh").startSpan(name, options);
+}
+
+/** Sets span's status to error with e's words, exported as logs are: an upstream's words may quote a key. */
+export function setSpanError(span: Span, e: unknown): void {
+  span.setStatus({ code: SpanStatusCode.ERROR, message: redactSecrets(e instanceof Error ? e.message : String(e)) });
 }

@@ -195,9 +195,11 @@ export function createOpenAIProvider(
       return resumed(held, chunks);
     });
 
+  const url = new URL(config.base_url ?? "https://api.openai.com/v1");
   return {
     name: config.name,
     kind: config.kind,
+    server: { address: url.hostname.replace(/^\[(.*)\]$/, "$1"), port: Number(url.port) || (url.protocol === "https:" ? 443 : 80) },
     async chat(request: ChatRequest, options: CallOptions): Promise<ChatResult> {
       const completion = await postJson<ChatCompletion>("/chat/completions", request, options);
       if (!completion || typeof completion !== "object" || !Array.isArray(completion.choices)) {
