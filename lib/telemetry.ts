@@ -278,13 +278,14 @@ function rpcServerTracing(tracer: Tracer): Interceptor {
       parent,
       async (span) => {
         const res = await next(req).catch((e: unknown) => finishWith(span, () => Promise.reject(e), serverErrors));
-        if (!res.stream) return finishWith(span, async () => res, serverErrors);
+        if (!res.stream) return finishWith(span, async () => succeeded(span, res), serverErrors);
         // A stream's messages are made after the handler returns: its span ends with the stream and they are made in it.
         const ended = (error?: unknown) =>
           void finishWith(
             span,
             async () => {
               if (error !== undefined) throw error;
+              succeeded(span, undefined);
             },
             serverErrors,
           ).catch(() => {});
@@ -302,10 +303,17 @@ function rpcClientTracing(tracer: Tracer): Interceptor {
       { kind: SpanKind.CLIENT, attributes: rpcAttributes(req.service.typeName, req.method.name) },
       (span) => {
         propagation.inject(context.active(), req.header, headerSetter);
-        return finishWith(span, () => next(req));
+        // A stream's code comes at its end, after the span (it ends once the call has answered).
+        return finishWith(span, () => next(req).then((res) => (res.stream ? res : succeeded(span, res))));
       },
     );
   };
+}
+
+/** Records a call's success as the gRPC conventions require its code (0, OK, which Connect's Code does not name). */
+function succeeded<T>(span: Span, value: T): T {
+  span.setAttribute("rpc.grpc.status_code", 0);
+  return value;
 }
 
 /**
