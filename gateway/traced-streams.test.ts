@@ -278,6 +278,8 @@ test("every request's span says its request id, models, parameters, usage and fa
   const restId = response.headers.get("x-request-id") ?? "";
   const rest = spanOf(restId);
   expect(rest?.attributes).toMatchObject({ ...answered, "gateway.request_id": restId });
+  expect(rest?.name).toBe("POST /v1/chat/completions");
+  expect(rest?.attributes).toMatchObject({ "http.route": "/v1/chat/completions", "url.scheme": "http" });
   expect(rest?.attributes["gen_ai.response.id"]).toBeString();
   expect(rest?.attributes["gen_ai.response.time_to_first_chunk"]).toBeGreaterThan(0);
 
