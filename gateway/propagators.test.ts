@@ -71,4 +71,6 @@ test("an RPC client sends its trace context as B3 headers, which the server cont
   const server = exporter.getFinishedSpans().find((s) => s.kind === SpanKind.SERVER);
   expect(server?.spanContext().traceId).toBe(clientSpan?.spanContext().traceId);
   expect(server?.parentSpanContext?.spanId).toBe(clientSpan?.spanContext().spanId);
+  // Both ends say the call's code, OK included.
+  expect([clientSpan?.attributes["rpc.grpc.status_code"], server?.attributes["rpc.grpc.status_code"]]).toEqual([0, 0]);
 });

@@ -1,5 +1,7 @@
+import { context, type Span, SpanKind, trace } from "@opentelemetry/api";
+import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import type { Logger } from "../lib/log.ts";
-import { withChildSpan } from "../lib/telemetry.ts";
+import { setSpanError, startChildSpan } from "../lib/telemetry.ts";
 import type { CircuitBreakers } from "./circuit-breaker.ts";
 import type { ModelRoute, Target } from "./config.ts";
 import type { Call } from "./core.ts";
@@ -84,16 +86,26 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
     }
   };
 
-  // Targets of streams that answered and are still running: their breaker hears the outcome when they end.
-  const streaming = new WeakMap<Call, string>();
+  // Targets of streams that answered and are still running: their breaker hears the outcome when they end, and their
+  // attempt's span ends then, covering the whole answer.
+  const streaming = new WeakMap<Call, { key: string; span: Span | undefined }>();
 
   return {
     deadline,
     limitMs: limitOf,
     streamEnded(call, error) {
-      const key = streaming.get(call);
-      if (key === undefined) return;
+      const open = streaming.get(call);
+      if (open === undefined) return;
       streaming.delete(call);
+      const { key, span } = open;
+      if (span) {
+        if (error) {
+          span.setAttribute("error.type", error.code);
+          // A client that left (499) ended it, not the upstream.
+          if (error.status !== 499) setSpanError(span, error);
+        }
+        span.end();
+      }
       // A stream the upstream broke or stalled fails its target; one the client or the request's limit ended says
       // nothing about it.
       if (!error) breakers.succeed(key);
@@ -102,6 +114,7 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
     },
     async run(call, route, attempt, signal = call.signal, stream = false) {
       const m = call.metrics;
+      const operation = m.endpoint === Endpoint.EMBEDDINGS ? "embeddings" : "chat";
       const end = deadline(call, route);
       const limitMs = limitOf(route);
       const order = attemptOrder(route.targets, random);
@@ -147,27 +160,42 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
           const ownTimeoutMs = target.timeoutMs ?? route.timeoutMs;
           const timeoutMs = Math.max(1, Math.min(ownTimeoutMs, Math.ceil(remaining)));
           const sent = tick();
+          // A GenAI client span, as OpenTelemetry's conventions name it (`chat gpt-4o`), for each attempt.
+          const span = startChildSpan(`${operation} ${target.model}`, {
+            kind: SpanKind.CLIENT,
+            attributes: {
+              "gen_ai.operation.name": operation,
+              "gen_ai.provider.name": genAiProviderNames[provider.kind],
+              "gen_ai.request.model": target.model,
+              "server.address": provider.server?.address,
+              "server.port": provider.server?.port,
+              "gateway.provider": target.provider,
+              "gateway.attempt": attempts - 1,
+              "gateway.fallback": t > 0,
+            },
+          });
           try {
-            const result = await withChildSpan(
-              "gateway.upstream_attempt",
-              {
-                "gen_ai.provider.name": genAiProviderNames[provider.kind],
-                "gateway.provider": target.provider,
-                "gen_ai.request.model": target.model,
-                "gateway.attempt": attempts - 1,
-                "gateway.fallback": t > 0,
-              },
-              () => attempt(provider, target.model, { signal, timeoutMs }),
-            );
+            const send = () => attempt(provider, target.model, { signal, timeoutMs });
+            const result = await (span ? context.with(trace.setSpan(context.active(), span), send) : send());
             call.upstreamMs += tick() - sent;
             if (stream) {
-              streaming.set(call, key);
+              streaming.set(call, { key, span });
               breakers.served(key, call);
-            } else breakers.succeed(key);
+            } else {
+              span?.end();
+              breakers.succeed(key);
+            }
             return result;
           } catch (e) {
             call.upstreamMs += tick() - sent;
             last = e instanceof UpstreamError ? e : new UpstreamError("transient", `${target.provider}: ${String(e)}`);
+            if (span) {
+              // The upstream's status when it answered, else how the attempt failed (`timeout`, `transient`, ...).
+              span.setAttribute("error.type", last.status === undefined ? last.failure : String(last.status));
+              // Cut short by a client that left (499), as a stream it leaves is: nothing failed.
+              if (!call.signal?.aborted) setSpanError(span, e);
+              span.end();
+            }
             if (last.failure === "cancelled" || call.signal?.aborted || signal?.aborted) {
               breakers.abandon(key, call);
               throw call.signal?.aborted || !signal?.aborted ? clientGone(call.signal) : requestTimeout(limitMs);

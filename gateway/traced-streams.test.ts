@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { SpanStatusCode } from "@opentelemetry/api";
+import { SpanKind, SpanStatusCode } from "@opentelemetry/api";
 import { InMemorySpanExporter, type ReadableSpan } from "@opentelemetry/sdk-trace";
 import OpenAI from "openai";
 import { createMetrics } from "../lib/metrics.ts";
@@ -97,8 +97,21 @@ test("an RPC stream failing midway is counted, traced and metered as failed, ove
   expect([span.spanContext().traceId, span.parentSpanContext?.spanId]).toEqual([traceId, clientSpanId]);
   expect(span.status.code).toBe(SpanStatusCode.ERROR);
   expect(seconds(span)).toBeGreaterThanOrEqual(0.25);
-  const work = ["gateway.reserve_budget", "gateway.upstream_attempt", "gateway.enqueue_metrics"];
+  const work = ["gateway.reserve_budget", "chat ok", "gateway.enqueue_metrics"];
   expect(children(span)).toEqual(expect.arrayContaining(work));
+  // The upstream call is a GenAI client span over the whole answer, failed as the stream did.
+  const call = exporter.getFinishedSpans().find((s) => s.name === "chat ok" && s.parentSpanContext?.spanId === span.spanContext().spanId);
+  const { port } = new URL(upstream.url);
+  expect([call?.kind, call?.status.code]).toEqual([SpanKind.CLIENT, SpanStatusCode.ERROR]);
+  expect(call?.attributes).toMatchObject({
+    "gen_ai.operation.name": "chat",
+    "gen_ai.provider.name": "openai",
+    "gen_ai.request.model": "ok",
+    "server.address": "127.0.0.1",
+    "server.port": Number(port),
+    "error.type": "upstream_error",
+  });
+  expect(seconds(call as ReadableSpan)).toBeGreaterThanOrEqual(0.25);
 
   // The request's metrics and its log lines name the span.
   const row = await gateway.row(requestId);
@@ -136,6 +149,32 @@ test("a REST stream failing midway logs and meters its request's trace", async (
   expect([row.traceId, row.spanId]).toEqual([restTrace, spanId]);
 });
 
+test("an upstream call the client leaves, before its answer or during it, is ended, cancelled rather than failed", async () => {
+  const ended: (ReadableSpan | undefined)[] = [];
+  for (const [i, behaviour] of [{ firstChunkDelayMs: 2000 }, { chunkDelayMs: 1000 }].entries()) {
+    upstream.script("ok", behaviour);
+    const trace = `${i}af92f3577b34da6a3ce929d0e0e4740`;
+    const left = new AbortController();
+    const res = fetch(`${gateway.restUrl}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/json", traceparent: `00-${trace}-${clientSpanId}-01` },
+      body: JSON.stringify({ model: "ok", messages: hello, stream: true }),
+      signal: left.signal,
+    });
+    // Read the first chunk, when one comes: the client leaves mid-stream.
+    void res.then((r) => r.body?.getReader().read()).catch(() => {});
+    await Bun.sleep(300);
+    left.abort();
+    const call = () => exporter.getFinishedSpans().find((s) => s.name === "chat ok" && s.spanContext().traceId === trace);
+    for (let waited = 0; !call() && waited < 5000; waited += 50) await Bun.sleep(50);
+    ended.push(call());
+  }
+  expect(ended.map((s) => [s?.kind, s?.status.code, s?.attributes["error.type"]])).toEqual([
+    [SpanKind.CLIENT, SpanStatusCode.UNSET, "cancelled"],
+    [SpanKind.CLIENT, SpanStatusCode.UNSET, "client_closed_request"],
+  ]);
+});
+
 test("an RPC the key gate refuses is counted with its code and traced, its key check inside the call's span", async () => {
   const calls = [
     { key: undefined, trace: "6bf92f3577b34da6a3ce929d0e0e4738" },
@@ -165,7 +204,7 @@ test("an RPC the key gate refuses is counted with its code and traced, its key c
   );
   // A caller's mistake leaves the span's status unset, as the REST API's 401 does: only a server's failure is an error.
   expect(spans.map((s) => s?.status.code)).toEqual([SpanStatusCode.UNSET, SpanStatusCode.UNSET, SpanStatusCode.UNSET]);
-  expect(spans.map((s) => s?.attributes["rpc.grpc.status_code"])).toEqual([Code.Unauthenticated, Code.Unauthenticated, undefined]);
+  expect(spans.map((s) => s?.attributes["rpc.grpc.status_code"])).toEqual([Code.Unauthenticated, Code.Unauthenticated, 0]);
   const restTrace = "9bf92f3577b34da6a3ce929d0e0e473b";
   const rest = await fetch(`${gateway.restUrl}/v1/models`, {
     headers: { authorization: "Bearer sk-unknown", traceparent: `00-${restTrace}-${clientSpanId}-01` },
@@ -239,6 +278,8 @@ test("every request's span says its request id, models, parameters, usage and fa
   const restId = response.headers.get("x-request-id") ?? "";
   const rest = spanOf(restId);
   expect(rest?.attributes).toMatchObject({ ...answered, "gateway.request_id": restId });
+  expect(rest?.name).toBe("POST /v1/chat/completions");
+  expect(rest?.attributes).toMatchObject({ "http.route": "/v1/chat/completions", "url.scheme": "http" });
   expect(rest?.attributes["gen_ai.response.id"]).toBeString();
   expect(rest?.attributes["gen_ai.response.time_to_first_chunk"]).toBeGreaterThan(0);
 
@@ -248,7 +289,8 @@ test("every request's span says its request id, models, parameters, usage and fa
     { params: { model: "ok", messages: rpcMessages, temperature: 0.5, maxTokens: 40 } },
     { onHeader: (h) => (rpcId = h.get("x-request-id") ?? "") },
   ));
-  expect(spanOf(rpcId)?.attributes).toMatchObject({ ...answered, "gateway.request_id": rpcId });
+  // A stream that ended well says so in its code, as a call that failed does in its own.
+  expect(spanOf(rpcId)?.attributes).toMatchObject({ ...answered, "gateway.request_id": rpcId, "rpc.grpc.status_code": 0 });
 
   upstream.script("ok", {});
   const embedded = await sdk.embeddings.create({ model: "ok", input: "one two" }).withResponse();
@@ -271,8 +313,11 @@ test("every request's span says its request id, models, parameters, usage and fa
   expect(failures.ok).toMatchObject({ "error.type": "upstream_error", "gen_ai.request.model": "ok", "gen_ai.provider.name": "openai" });
   expect(failures.ok).not.toHaveProperty("gen_ai.response.model");
   expect(failures.nope).toMatchObject({ "error.type": "model_not_found", "gen_ai.request.model": "nope" });
-  const attempt = exporter.getFinishedSpans().find((s) => s.name === "gateway.upstream_attempt");
-  expect(attempt?.attributes).toMatchObject({ "gen_ai.provider.name": "openai", "gateway.provider": "fake" });
+  const attempts = exporter.getFinishedSpans().filter((s) => s.name === "chat ok" && s.attributes["error.type"] === "500");
+  expect(attempts.length).toBeGreaterThan(0);
+  expect(attempts[0]?.kind).toBe(SpanKind.CLIENT);
+  expect(attempts[0]?.status.code).toBe(SpanStatusCode.ERROR);
+  expect(attempts[0]?.attributes).toMatchObject({ "gen_ai.provider.name": "openai", "gateway.provider": "fake" });
   // Parameters and counts, never what was said.
   const exported = JSON.stringify(exporter.getFinishedSpans().map((s) => s.attributes));
   expect(exported).not.toContain("three four");

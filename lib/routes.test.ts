@@ -99,7 +99,7 @@ describe("guarded routes", () => {
       // The caller's mistake, not the server's failure: as an HTTP server's 4xx, the span's status is left unset.
       [SpanStatusCode.UNSET, Code.Unauthenticated],
       [SpanStatusCode.UNSET, Code.PermissionDenied],
-      [SpanStatusCode.UNSET, undefined],
+      [SpanStatusCode.UNSET, 0],
     ]);
   });
 

@@ -6,6 +6,7 @@ import {
   propagation,
   type Span,
   SpanKind,
+  type SpanOptions,
   SpanStatusCode,
   type TextMapGetter,
   type TextMapPropagator,
@@ -277,13 +278,14 @@ function rpcServerTracing(tracer: Tracer): Interceptor {
       parent,
       async (span) => {
         const res = await next(req).catch((e: unknown) => finishWith(span, () => Promise.reject(e), serverErrors));
-        if (!res.stream) return finishWith(span, async () => res, serverErrors);
+        if (!res.stream) return finishWith(span, async () => succeeded(span, res), serverErrors);
         // A stream's messages are made after the handler returns: its span ends with the stream and they are made in it.
         const ended = (error?: unknown) =>
           void finishWith(
             span,
             async () => {
               if (error !== undefined) throw error;
+              succeeded(span, undefined);
             },
             serverErrors,
           ).catch(() => {});
@@ -301,10 +303,17 @@ function rpcClientTracing(tracer: Tracer): Interceptor {
       { kind: SpanKind.CLIENT, attributes: rpcAttributes(req.service.typeName, req.method.name) },
       (span) => {
         propagation.inject(context.active(), req.header, headerSetter);
-        return finishWith(span, () => next(req));
+        // A stream's code comes at its end, after the span (it ends once the call has answered).
+        return finishWith(span, () => next(req).then((res) => (res.stream ? res : succeeded(span, res))));
       },
     );
   };
+}
+
+/** Records a call's success as the gRPC conventions require its code (0, OK, which Connect's Code does not name). */
+function succeeded<T>(span: Span, value: T): T {
+  span.setAttribute("rpc.grpc.status_code", 0);
+  return value;
 }
 
 /**
@@ -348,8 +357,7 @@ export function withChildSpan<T>(name: string, attributes: Attributes, fn: () =>
   if (!trace.getActiveSpan()?.isRecording()) return fn();
   return trace.getTracer("mesh").startActiveSpan(name, { attributes }, (span) => {
     const fail = (e: unknown) => {
-      // Exported as logs are: an upstream's words may quote a key.
-      span.setStatus({ code: SpanStatusCode.ERROR, message: redactSecrets(e instanceof Error ? e.message : String(e)) });
+      setSpanError(span, e);
       span.end();
       throw e;
     };
@@ -367,4 +375,18 @@ export function withChildSpan<T>(name: string, attributes: Attributes, fn: () =>
       return fail(e);
     }
   });
+}
+
+/**
+ * Starts a child span of the active span when that span is recording, as withChildSpan does, for work that goes on
+ * after a callback returns (a stream): its caller ends it. Undefined when the active span is not recording.
+ */
+export function startChildSpan(name: string, options: SpanOptions): Span | undefined {
+  if (!trace.getActiveSpan()?.isRecording()) return undefined;
+  return trace.getTracer("mesh").startSpan(name, options);
+}
+
+/** Sets span's status to error with e's words, exported as logs are: an upstream's words may quote a key. */
+export function setSpanError(span: Span, e: unknown): void {
+  span.setStatus({ code: SpanStatusCode.ERROR, message: redactSecrets(e instanceof Error ? e.message : String(e)) });
 }

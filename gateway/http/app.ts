@@ -105,10 +105,20 @@ export function createRestApp(options: RestAppOptions): RestApp {
   // Unrestricted keys (most) all see the same list: render it once.
   const allModels = JSON.stringify({ object: "list", data: core.routes.map(renderModel) });
 
-  const traced = (name: string, request: RestRequest, handler: (span: Span) => Promise<RestResponse>) =>
+  // Named and described as OpenTelemetry's HTTP conventions have it: the route a request matched, `{model}` for a name.
+  const traced = (route: string, request: RestRequest, handler: (span: Span) => Promise<RestResponse>) =>
     tracer.startActiveSpan(
-      name,
-      { kind: SpanKind.SERVER, attributes: { "http.request.method": request.method, "url.path": request.path } },
+      `${request.method} ${route}`,
+      {
+        kind: SpanKind.SERVER,
+        attributes: {
+          "http.request.method": request.method,
+          "http.route": route,
+          "url.path": request.path,
+          // The gateway serves plain HTTP; TLS ends before it.
+          "url.scheme": "http",
+        },
+      },
       propagation.extract(context.active(), request.headers, traceHeaders),
       async (span) => {
         let response: RestResponse | undefined;
@@ -240,7 +250,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
     const { path, method } = request;
     if (path === "/v1/chat/completions") {
       if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
-      return traced("POST /v1/chat/completions", request, (span) => chatCompletions(request, span));
+      return traced("/v1/chat/completions", request, (span) => chatCompletions(request, span));
     }
     if (path === "/v1/responses") {
       if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
@@ -248,11 +258,11 @@ export function createRestApp(options: RestAppOptions): RestApp {
     }
     if (path === "/v1/embeddings") {
       if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
-      return traced("POST /v1/embeddings", request, () => embeddings(request));
+      return traced("/v1/embeddings", request, () => embeddings(request));
     }
     if (path === "/v1/models") {
       if (method !== "GET") return errorResponse(methodNotAllowed(method, path, "GET"), ulid());
-      return traced("GET /v1/models", request, () => listModels(request));
+      return traced("/v1/models", request, () => listModels(request));
     }
     if (path.startsWith(modelsPrefix) && path.length > modelsPrefix.length) {
       if (method !== "GET") return errorResponse(methodNotAllowed(method, path, "GET"), ulid());
@@ -262,7 +272,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
       } catch {
         return errorResponse(invalidRequest("The model name in the URL is not valid percent-encoding."), ulid());
       }
-      return traced("GET /v1/models/{model}", request, () => retrieveModel(request, name));
+      return traced("/v1/models/{model}", request, () => retrieveModel(request, name));
     }
     return errorResponse(unknownUrl(method, path), ulid());
   };

@@ -184,8 +184,11 @@ export function createOpenAIProvider(
     post(path, body, options, json, async (r) => {
       const answer: unknown = JSON.parse(await bodyText(r, maxAnswerBytes, config.name));
       // OpenRouter answers 200 with its provider's failure as {"error": ...} when that provider failed after routing.
-      const { error, choices, data } = (typeof answer === "object" && answer !== null ? answer : {}) as Record<string, unknown>;
-      if (error && choices === undefined && data === undefined) throw errorAfter200(config.name, error, redact, "in its answer");
+      // A Responses API object has an error member of its own (null, or why it failed), beside its output.
+      const { error, choices, data, output } = (typeof answer === "object" && answer !== null ? answer : {}) as Record<string, unknown>;
+      if (error && choices === undefined && data === undefined && output === undefined) {
+        throw errorAfter200(config.name, error, redact, "in its answer");
+      }
       return answer as T;
     });
 
@@ -223,8 +226,10 @@ export function createOpenAIProvider(
   const openResponse = (body: Omit<ResponsesRequest, "stream"> & { stream: true }, options: CallOptions) =>
     post("/responses", body, options, eventStream, async (response) => {
       if (json.test(response.headers.get("content-type") ?? "")) {
-        const error = upstreamError(config.name, await refusal(response), redact);
-        throw new UpstreamError("transient", error.message);
+        // As a chat stream answered with JSON: a proxy's failure in a 200.
+        const answer = await refusal(response);
+        if (answer.error) throw errorAfter200(config.name, answer.error, redact, "in its answer");
+        throw new UpstreamError("transient", upstreamError(config.name, answer, redact).message);
       }
       const events = relayResponse(response, config.name, options, redact, maxAnswerBytes)[Symbol.asyncIterator]();
       const held: ResponseEvent[] = [];
@@ -242,6 +247,7 @@ export function createOpenAIProvider(
       return resumed(held, events);
     });
 
+  const url = new URL(config.base_url ?? "https://api.openai.com/v1");
   return {
     name: config.name,
     kind: config.kind,
@@ -266,6 +272,7 @@ export function createOpenAIProvider(
       return openResponse({ ...request, stream: true }, options);
     },
 
+    server: { address: url.hostname.replace(/^\[(.*)\]$/, "$1"), port: Number(url.port) || (url.protocol === "https:" ? 443 : 80) },
     async chat(request: ChatRequest, options: CallOptions): Promise<ChatResult> {
       const completion = await postJson<ChatCompletion>("/chat/completions", request, options);
       if (!completion || typeof completion !== "object" || !Array.isArray(completion.choices)) {

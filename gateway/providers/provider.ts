@@ -76,6 +76,8 @@ export const genAiProviderNames: Record<Provider["kind"], string> = { openai: "o
 export interface Provider {
   readonly name: string;
   readonly kind: "openai" | "azure" | "mock";
+  /** The upstream's host and port (its base URL's), as traces name it (`server.address`, `server.port`); none in-process. */
+  readonly server?: { address: string; port: number };
   /** One whole completion; fails with UpstreamError. */
   chat(request: ChatRequest, options: CallOptions): Promise<ChatResult>;
   /**
