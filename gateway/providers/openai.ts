@@ -706,15 +706,7 @@ async function* responseEventsOf(
       const fields = typeof data === "object" && data !== null ? (data as Record<string, unknown>) : {};
       const error = fields.type === "error" ? fields : (fields.error ?? (event.event === "error" ? data : undefined));
       if (error || event.event === "error") {
-        const message = (error as { message?: unknown } | null)?.message;
-        const words = redact(typeof message === "string" ? message : JSON.stringify(error));
-        const status = refusedStatus(error);
-        if (status === undefined) failure = new UpstreamError("transient", `${provider}: ${words}`);
-        else {
-          const body = upstreamErrorBody(error, redact);
-          const said = `${provider} answered ${status} in its stream: ${words}`;
-          failure = new UpstreamError(failureOfStatus(status, body), said, status, undefined, body);
-        }
+        failure = errorAfter200(provider, error, redact, "in its stream");
         return;
       }
       if (typeof fields.type !== "string") {
