@@ -214,6 +214,34 @@ describe("routing", () => {
     expect(upstream.seen("secondary")).toHaveLength(0);
   });
 
+  test("an error event OpenAI sends before any output, nested or flat, is the request's fault it names: no fallback", async () => {
+    const error = { type: "invalid_request_error", code: "context_length_exceeded", message: "Input too long.", param: "input" };
+    const { type: _, ...flat } = error;
+    for (const event of [{ type: "error", error: { ...error }, sequence_number: 2 }, { type: "error", ...flat, sequence_number: 2 }]) {
+      upstream.reset();
+      upstream.script("primary", { firstEvent: event });
+      upstream.script("secondary", { content: "never" });
+      const refused = await sdk()
+        .responses.create({ model: "fallback", input: "hi", stream: true })
+        .catch((e: unknown) => e);
+      expect(refused).toBeInstanceOf(APIError);
+      expect((refused as APIError).status).toBe(400);
+      expect((refused as APIError).error).toEqual(error);
+      expect(upstream.seen("secondary")).toHaveLength(0);
+      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.INVALID_REQUEST, errorCode: "context_length_exceeded" });
+    }
+    // A rate limit so sent holds the target, as a 429 does, rather than counting as its failure.
+    upstream.reset();
+    const limited = { type: "error", error: { type: "too_many_requests", code: "rate_limit_exceeded", message: "Slow down." } };
+    upstream.script("primary", { firstEvent: limited });
+    upstream.script("secondary", { firstEvent: limited });
+    const refused = await sdk()
+      .responses.create({ model: "fallback", input: "hi", stream: true })
+      .catch((e: unknown) => e);
+    expect((refused as APIError).status).toBe(429);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED });
+  });
+
   test("an upstream error event mid-stream is metered and passed on as an error the SDK raises", async () => {
     upstream.script("ok", {
       content: "one two three four",
