@@ -184,21 +184,26 @@ export function responsesPrompt(request: ResponsesRequest): ResponsesPrompt {
     items = 1;
   } else if (Array.isArray(input)) {
     items = input.length;
+    // Message content, and a tool's output given as parts: an image or file there is one, whatever its bytes.
+    const addParts = (content: Record<string, unknown>[]) => {
+      for (const part of content) {
+        const kind = partKinds[part.type as string];
+        if (kind) parts.push(kind);
+        else if (typeof part.text === "string") texts.push(part.text);
+        else if (typeof part.refusal === "string") texts.push(part.refusal);
+        else texts.push(JSON.stringify(part));
+      }
+    };
     for (const item of input as Record<string, unknown>[]) {
       const content = item.content;
       if (typeof content === "string") texts.push(content);
-      else if (Array.isArray(content)) {
-        for (const part of content as Record<string, unknown>[]) {
-          const kind = partKinds[part.type as string];
-          if (kind) parts.push(kind);
-          else if (typeof part.text === "string") texts.push(part.text);
-          else if (typeof part.refusal === "string") texts.push(part.refusal);
-          else texts.push(JSON.stringify(part));
-        }
-      } else if (item.type === "function_call" || item.type === "custom_tool_call") {
+      else if (Array.isArray(content)) addParts(content);
+      else if (item.type === "function_call" || item.type === "custom_tool_call") {
         for (const text of [item.name, item.arguments, item.input]) if (typeof text === "string") texts.push(text);
       } else if (item.type === "function_call_output" || item.type === "custom_tool_call_output") {
-        texts.push(typeof item.output === "string" ? item.output : JSON.stringify(item.output ?? ""));
+        const output = item.output;
+        if (Array.isArray(output) && output.every(isObject)) addParts(output);
+        else texts.push(typeof output === "string" ? output : JSON.stringify(output ?? ""));
       } else texts.push(JSON.stringify(item));
     }
   }

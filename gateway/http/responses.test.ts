@@ -162,6 +162,24 @@ describe("usage the upstream does not report", () => {
     expect(row.costNanos).toBe(BigInt(input) * 2_500n + BigInt(output) * 10_000n);
   });
 
+  test("an image a function returned in a tool loop is counted as an image, as in a message, not as its base64", async () => {
+    const image = `data:image/png;base64,${Buffer.from(crypto.getRandomValues(new Uint8Array(30_000))).toString("base64")}`;
+    const screenshot = { type: "input_image" as const, image_url: image, detail: "auto" as const };
+    const counted = async (input: OpenAI.Responses.ResponseInput) => {
+      upstream.script("ok", { usage: false, content: "a screenshot" });
+      const { response } = await sdk().responses.create({ model: "ok", input }).withResponse();
+      return (await gateway.row(response.headers.get("x-request-id") as string)).usage?.inputTokens ?? 0n;
+    };
+    const inMessage = await counted([{ role: "user", content: [{ type: "input_text", text: "look" }, screenshot] }]);
+    const fromTool = await counted([
+      { role: "user", content: "look" },
+      { type: "function_call", call_id: "call_1", name: "screenshot", arguments: "{}" },
+      { type: "function_call_output", call_id: "call_1", output: [screenshot] },
+    ]);
+    // The call and its framing add a few tokens; the image's 40,000 bytes of base64 counted as text were about 27,000.
+    expect(fromTool - inMessage).toBeLessThan(50n);
+  });
+
   test("a stream is counted at what it streamed, and the client is shown the count", async () => {
     upstream.script("ok", { usage: false, content: "streamed words here" });
     const stream = await sdk().responses.create({ model: "ok", input: "count me", stream: true });
