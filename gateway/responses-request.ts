@@ -2,6 +2,7 @@ import { parseTags } from "./chat-request.ts";
 import { invalidRequest } from "./errors.ts";
 import type { ResponsesRequest } from "./providers/provider.ts";
 import {
+  absent,
   arrayTooLong,
   boolean,
   byType,
@@ -32,7 +33,8 @@ export interface ResponsesInput {
   /** `stream: true`: answer with server-sent events. */
   stream: boolean;
   /**
-   * The request builds on state one upstream account holds (`previous_response_id`, `conversation`, a stored `prompt`):
+   * The request builds on state one upstream account holds (`previous_response_id`, `conversation`, a stored `prompt`,
+   * an input item referring to a stored one):
    * only the model's first target can serve it, and the gateway does not see all it reads.
    */
   chained: boolean;
@@ -88,10 +90,23 @@ const inputPart = byType({
 
 const roles = new Set(["user", "assistant", "system", "developer"]);
 
-/** An input item: a message (`role` and `content`, with or without `type: "message"`) or another typed item. */
+/**
+ * An input item naming one the upstream account stored: `{"type": "item_reference", "id"}`, or its `id` alone, as
+ * the API takes it when neither `type` nor `role` is given.
+ */
+const isItemReference = (v: Record<string, unknown>) =>
+  v.type === "item_reference" || (absent(v.type) && absent(v.role) && !absent(v.id));
+
+/**
+ * An input item: a message (`role` and `content`, with or without `type: "message"`), a reference to a stored item,
+ * or another typed item.
+ */
 const inputItem: Check = (v, param) => {
   if (!isObject(v)) throw wrongType(param, "an object", v);
-  if (v.type === undefined || v.type === null || v.type === "message") {
+  if (isItemReference(v)) {
+    if (absent(v.id)) throw missing(`${param}.id`);
+    if (typeof v.id !== "string") throw wrongType(`${param}.id`, "a string", v.id);
+  } else if (v.type === undefined || v.type === null || v.type === "message") {
     if (v.role === undefined || v.role === null) throw missing(`${param}.role`);
     if (typeof v.role !== "string") throw wrongType(`${param}.role`, "a string", v.role);
     if (!roles.has(v.role)) throw unsupported(`${param}.role`, v.role, [...roles]);
@@ -160,7 +175,9 @@ export function parseResponsesInput(body: unknown): ResponsesInput {
   }
   const user = parseUser(body, ["user", "safety_identifier"]);
   const tags = parseTags(body.metadata);
-  const chained = [body.previous_response_id, conversation, body.prompt].some((v) => v !== undefined && v !== null);
+  const chained =
+    [body.previous_response_id, conversation, body.prompt].some((v) => v !== undefined && v !== null) ||
+    (Array.isArray(input) && input.some((item) => isObject(item) && isItemReference(item)));
   const stream = body.stream === true;
   return { model, upstream: upstream as unknown as ResponsesRequest, user, tags, stream, chained };
 }

@@ -232,6 +232,21 @@ describe("routing", () => {
     expect(upstream.seen("secondary")).toHaveLength(0);
   });
 
+  test("a reference to a stored item, typed or by its id alone, chains the request to the first target as well", async () => {
+    for (const reference of [{ type: "item_reference" as const, id: "msg_abc" }, { id: "msg_abc" }]) {
+      upstream.reset();
+      upstream.script("primary", { status: 500 });
+      upstream.script("secondary", { status: 404, error: { message: "Item with id 'msg_abc' not found.", type: "invalid_request_error" } });
+      const error = await sdk()
+        .responses.create({ model: "fallback", input: [reference, { role: "user", content: "and then?" }] })
+        .catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(APIError);
+      expect((error as APIError).status).toBe(502);
+      expect(upstream.seen("primary")[0]?.body.input[0]).toEqual(reference);
+      expect(upstream.seen("secondary")).toHaveLength(0);
+    }
+  });
+
   test("an error event OpenAI sends before any output, nested or flat, is the request's fault it names: no fallback", async () => {
     const error = { type: "invalid_request_error", code: "context_length_exceeded", message: "Input too long.", param: "input" };
     const { type: _, ...flat } = error;
