@@ -17,7 +17,7 @@ export type Check = (value: unknown, param: string) => void;
 
 export const isObject = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
 
-const absent = (v: unknown): v is undefined | null => v === undefined || v === null;
+export const absent = (v: unknown): v is undefined | null => v === undefined || v === null;
 
 /** What a JSON value is, in the words of OpenAI's type errors. */
 function kind(v: unknown): string {

@@ -2,6 +2,7 @@ import { parseTags } from "./chat-request.ts";
 import { invalidRequest } from "./errors.ts";
 import type { ResponsesRequest } from "./providers/provider.ts";
 import {
+  absent,
   arrayTooLong,
   boolean,
   byType,
@@ -32,7 +33,8 @@ export interface ResponsesInput {
   /** `stream: true`: answer with server-sent events. */
   stream: boolean;
   /**
-   * The request builds on state one upstream account holds (`previous_response_id`, `conversation`, a stored `prompt`):
+   * The request builds on state one upstream account holds (`previous_response_id`, `conversation`, a stored `prompt`,
+   * an input item referring to a stored one):
    * only the model's first target can serve it, and the gateway does not see all it reads.
    */
   chained: boolean;
@@ -88,10 +90,23 @@ const inputPart = byType({
 
 const roles = new Set(["user", "assistant", "system", "developer"]);
 
-/** An input item: a message (`role` and `content`, with or without `type: "message"`) or another typed item. */
+/**
+ * An input item naming one the upstream account stored: `{"type": "item_reference", "id"}`, or its `id` alone, as
+ * the API takes it when neither `type` nor `role` is given.
+ */
+const isItemReference = (v: Record<string, unknown>) =>
+  v.type === "item_reference" || (absent(v.type) && absent(v.role) && !absent(v.id));
+
+/**
+ * An input item: a message (`role` and `content`, with or without `type: "message"`), a reference to a stored item,
+ * or another typed item.
+ */
 const inputItem: Check = (v, param) => {
   if (!isObject(v)) throw wrongType(param, "an object", v);
-  if (v.type === undefined || v.type === null || v.type === "message") {
+  if (isItemReference(v)) {
+    if (absent(v.id)) throw missing(`${param}.id`);
+    if (typeof v.id !== "string") throw wrongType(`${param}.id`, "a string", v.id);
+  } else if (v.type === undefined || v.type === null || v.type === "message") {
     if (v.role === undefined || v.role === null) throw missing(`${param}.role`);
     if (typeof v.role !== "string") throw wrongType(`${param}.role`, "a string", v.role);
     if (!roles.has(v.role)) throw unsupported(`${param}.role`, v.role, [...roles]);
@@ -160,7 +175,9 @@ export function parseResponsesInput(body: unknown): ResponsesInput {
   }
   const user = parseUser(body, ["user", "safety_identifier"]);
   const tags = parseTags(body.metadata);
-  const chained = [body.previous_response_id, conversation, body.prompt].some((v) => v !== undefined && v !== null);
+  const chained =
+    [body.previous_response_id, conversation, body.prompt].some((v) => v !== undefined && v !== null) ||
+    (Array.isArray(input) && input.some((item) => isObject(item) && isItemReference(item)));
   const stream = body.stream === true;
   return { model, upstream: upstream as unknown as ResponsesRequest, user, tags, stream, chained };
 }
@@ -184,21 +201,26 @@ export function responsesPrompt(request: ResponsesRequest): ResponsesPrompt {
     items = 1;
   } else if (Array.isArray(input)) {
     items = input.length;
+    // Message content, and a tool's output given as parts: an image or file there is one, whatever its bytes.
+    const addParts = (content: Record<string, unknown>[]) => {
+      for (const part of content) {
+        const kind = partKinds[part.type as string];
+        if (kind) parts.push(kind);
+        else if (typeof part.text === "string") texts.push(part.text);
+        else if (typeof part.refusal === "string") texts.push(part.refusal);
+        else texts.push(JSON.stringify(part));
+      }
+    };
     for (const item of input as Record<string, unknown>[]) {
       const content = item.content;
       if (typeof content === "string") texts.push(content);
-      else if (Array.isArray(content)) {
-        for (const part of content as Record<string, unknown>[]) {
-          const kind = partKinds[part.type as string];
-          if (kind) parts.push(kind);
-          else if (typeof part.text === "string") texts.push(part.text);
-          else if (typeof part.refusal === "string") texts.push(part.refusal);
-          else texts.push(JSON.stringify(part));
-        }
-      } else if (item.type === "function_call" || item.type === "custom_tool_call") {
+      else if (Array.isArray(content)) addParts(content);
+      else if (item.type === "function_call" || item.type === "custom_tool_call") {
         for (const text of [item.name, item.arguments, item.input]) if (typeof text === "string") texts.push(text);
       } else if (item.type === "function_call_output" || item.type === "custom_tool_call_output") {
-        texts.push(typeof item.output === "string" ? item.output : JSON.stringify(item.output ?? ""));
+        const output = item.output;
+        if (Array.isArray(output) && output.every(isObject)) addParts(output);
+        else texts.push(typeof output === "string" ? output : JSON.stringify(output ?? ""));
       } else texts.push(JSON.stringify(item));
     }
   }

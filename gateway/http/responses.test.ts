@@ -162,6 +162,24 @@ describe("usage the upstream does not report", () => {
     expect(row.costNanos).toBe(BigInt(input) * 2_500n + BigInt(output) * 10_000n);
   });
 
+  test("an image a function returned in a tool loop is counted as an image, as in a message, not as its base64", async () => {
+    const image = `data:image/png;base64,${Buffer.from(crypto.getRandomValues(new Uint8Array(30_000))).toString("base64")}`;
+    const screenshot = { type: "input_image" as const, image_url: image, detail: "auto" as const };
+    const counted = async (input: OpenAI.Responses.ResponseInput) => {
+      upstream.script("ok", { usage: false, content: "a screenshot" });
+      const { response } = await sdk().responses.create({ model: "ok", input }).withResponse();
+      return (await gateway.row(response.headers.get("x-request-id") as string)).usage?.inputTokens ?? 0n;
+    };
+    const inMessage = await counted([{ role: "user", content: [{ type: "input_text", text: "look" }, screenshot] }]);
+    const fromTool = await counted([
+      { role: "user", content: "look" },
+      { type: "function_call", call_id: "call_1", name: "screenshot", arguments: "{}" },
+      { type: "function_call_output", call_id: "call_1", output: [screenshot] },
+    ]);
+    // The call and its framing add a few tokens; the image's 40,000 bytes of base64 counted as text were about 27,000.
+    expect(fromTool - inMessage).toBeLessThan(50n);
+  });
+
   test("a stream is counted at what it streamed, and the client is shown the count", async () => {
     upstream.script("ok", { usage: false, content: "streamed words here" });
     const stream = await sdk().responses.create({ model: "ok", input: "count me", stream: true });
@@ -212,6 +230,49 @@ describe("routing", () => {
     expect((error as APIError).status).toBe(502);
     expect(upstream.seen("primary")[0]?.body.previous_response_id).toBe("resp_123");
     expect(upstream.seen("secondary")).toHaveLength(0);
+  });
+
+  test("a reference to a stored item, typed or by its id alone, chains the request to the first target as well", async () => {
+    for (const reference of [{ type: "item_reference" as const, id: "msg_abc" }, { id: "msg_abc" }]) {
+      upstream.reset();
+      upstream.script("primary", { status: 500 });
+      upstream.script("secondary", { status: 404, error: { message: "Item with id 'msg_abc' not found.", type: "invalid_request_error" } });
+      const error = await sdk()
+        .responses.create({ model: "fallback", input: [reference, { role: "user", content: "and then?" }] })
+        .catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(APIError);
+      expect((error as APIError).status).toBe(502);
+      expect(upstream.seen("primary")[0]?.body.input[0]).toEqual(reference);
+      expect(upstream.seen("secondary")).toHaveLength(0);
+    }
+  });
+
+  test("an error event OpenAI sends before any output, nested or flat, is the request's fault it names: no fallback", async () => {
+    const error = { type: "invalid_request_error", code: "context_length_exceeded", message: "Input too long.", param: "input" };
+    const { type: _, ...flat } = error;
+    for (const event of [{ type: "error", error: { ...error }, sequence_number: 2 }, { type: "error", ...flat, sequence_number: 2 }]) {
+      upstream.reset();
+      upstream.script("primary", { firstEvent: event });
+      upstream.script("secondary", { content: "never" });
+      const refused = await sdk()
+        .responses.create({ model: "fallback", input: "hi", stream: true })
+        .catch((e: unknown) => e);
+      expect(refused).toBeInstanceOf(APIError);
+      expect((refused as APIError).status).toBe(400);
+      expect((refused as APIError).error).toEqual(error);
+      expect(upstream.seen("secondary")).toHaveLength(0);
+      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.INVALID_REQUEST, errorCode: "context_length_exceeded" });
+    }
+    // A rate limit so sent holds the target, as a 429 does, rather than counting as its failure.
+    upstream.reset();
+    const limited = { type: "error", error: { type: "too_many_requests", code: "rate_limit_exceeded", message: "Slow down." } };
+    upstream.script("primary", { firstEvent: limited });
+    upstream.script("secondary", { firstEvent: limited });
+    const refused = await sdk()
+      .responses.create({ model: "fallback", input: "hi", stream: true })
+      .catch((e: unknown) => e);
+    expect((refused as APIError).status).toBe(429);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED });
   });
 
   test("an upstream error event mid-stream is metered and passed on as an error the SDK raises", async () => {

@@ -704,7 +704,8 @@ async function* responseEventsOf(
         return;
       }
       const fields = typeof data === "object" && data !== null ? (data as Record<string, unknown>) : {};
-      const error = fields.type === "error" ? fields : (fields.error ?? (event.event === "error" ? data : undefined));
+      const error =
+        fields.type === "error" ? eventError(fields) : (fields.error ?? (event.event === "error" ? data : undefined));
       if (error || event.event === "error") {
         failure = errorAfter200(provider, error, redact, "in its stream");
         return;
@@ -765,6 +766,17 @@ async function* responseEventsOf(
       promptTaken: true,
     });
   }
+}
+
+/**
+ * The error of a Responses API `error` event. OpenAI sends it nested (`{"type": "error", "error": {"type":
+ * "invalid_request_error", "code": ...}}`), its reference shows it at the top (`{"type": "error", "code", "message",
+ * "param"}`), where `type` is the event's, not the error's.
+ */
+function eventError(event: Record<string, unknown>): unknown {
+  if (typeof event.error === "object" && event.error !== null) return event.error;
+  const { type: _, sequence_number: __, ...error } = event;
+  return error;
 }
 
 /** Codes of OpenAI's errors that name the request's fault whatever status they come with. */
