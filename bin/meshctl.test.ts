@@ -151,6 +151,28 @@ describe("meshctl against a real billing", () => {
     failsWith(await cli("orgs suspend org_missing"), 1, /not_found/);
   });
 
+  test("a name's bidirectional controls, which would reverse the rest of its line, are shown as U+FFFD", async () => {
+    // A right-to-left override (U+202E) and an isolate (U+2067) that nothing closes, as Trojan Source uses them.
+    const org = await json<{ organization: { id: string; name: string } }>(`orgs create "Rtl\u202e Co\u2067"`);
+    const id = org.organization.id;
+    expect(org.organization.name).toBe("Rtl\u202e Co\u2067");
+    const controls = /[\u202a-\u202e\u2066-\u2069]/;
+    const listed = await ok("orgs list");
+    expect(listed).not.toMatch(controls);
+    expect(listed).toMatch(new RegExp(`${id}\\s+Rtl\ufffd Co\ufffd\\s+0%\\s+1\\s+unlimited\\s`));
+    const suspended = await ok(`orgs suspend ${id} --reason "abuse\u202d"`);
+    expect(suspended).not.toMatch(controls);
+    expect(suspended).toContain(": abuse\ufffd");
+    const invoice = await ok(`invoices generate --org ${id}`);
+    expect(invoice).not.toMatch(controls);
+    expect(invoice.split("\n")[1]).toBe(`billed to Rtl\ufffd Co\ufffd (${id})`);
+    // Scripts read the name as it is stored.
+    const [stored] = (await json<{ organizations: { id: string; name: string }[] }>("orgs list")).organizations.filter(
+      (o) => o.id === id,
+    );
+    expect(stored?.name).toBe("Rtl\u202e Co\u2067");
+  });
+
   test("keys create prints the secret once; list, rotate and revoke", async () => {
     const out = await ok(
       `keys create --org ${orgId} --name ci --budget-usd 5 --rpm 60 --models gpt-4o,mini --expires 2030-01-01`,

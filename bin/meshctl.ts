@@ -825,7 +825,7 @@ function invoiceText(invoice: Invoice | undefined): string {
   return [
     `${invoice.number || "Draft"} (${invoice.id}) ${statusText(invoice.status)}, ` +
       `${date(invoice.periodStart)} to ${date(lastDay)}`,
-    `billed to ${invoice.orgName} (${invoice.orgId})`,
+    `billed to ${shown(invoice.orgName)} (${invoice.orgId})`,
     table([
       ["DESCRIPTION", "QUANTITY", "AMOUNT (USD)"],
       ...invoice.lineItems.map((l) => [
@@ -899,8 +899,18 @@ function date(ts: Timestamp | undefined): string {
   return ts ? timestampDate(ts).toISOString().slice(0, 10) : "-";
 }
 
+// Bidirectional embeddings, overrides and isolates: one in a name (billing takes them, as RTL text may) that nothing
+// closes reverses the rest of its line where the terminal lays out right-to-left text, the columns and ids after it.
+const bidiControls = /[\u202a-\u202e\u2066-\u2069]/g;
+
+/** Text as a table or line shows it: bidirectional controls as U+FFFD (`--json` has them as stored). */
+function shown(text: string): string {
+  return text.replace(bidiControls, "\ufffd");
+}
+
 /** Left-aligned columns; numbers right-aligned. */
-function table(rows: string[][]): string {
+function table(cells: string[][]): string {
+  const rows = cells.map((r) => r.map(shown));
   const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? "").length))) ?? [];
   return rows
     .map((r) =>

@@ -762,6 +762,46 @@ describe("binary messages that do not decode", () => {
   });
 });
 
+describe("JSON messages that are not UTF-8", () => {
+  test("are the caller's InvalidArgument, as binary ones are, not text with replacement characters", async () => {
+    const names: string[] = [];
+    const server = await startOwn({
+      name: "json-not-utf8",
+      routes: (router) => {
+        router.service(BillingService, {
+          async createOrganization(req) {
+            names.push(req.name);
+            return { organization: create(OrganizationSchema, { id: "org_1", name: req.name }) };
+          },
+        });
+      },
+    });
+    try {
+      // "Société" as a Latin-1 encoder writes it (Python's http.client does for a str body): E9 is not UTF-8.
+      const latin1 = Buffer.from('{"name":"Soci\u00e9t\u00e9"}', "latin1");
+      const envelope = (message: Uint8Array) => new Uint8Array([0, 0, 0, 0, message.length, ...message]);
+      const post = (contentType: string, body: Uint8Array) =>
+        fetch(`${server.url}/billing.v1.BillingService/CreateOrganization`, {
+          method: "POST",
+          headers: { "content-type": contentType },
+          body,
+        });
+      const res = await post("application/json", latin1);
+      expect(res.status).toBe(400);
+      expect(((await res.json()) as { code: string }).code).toBe("invalid_argument");
+      const web = await post("application/grpc-web+json", envelope(latin1));
+      expect(Buffer.from(await web.arrayBuffer()).toString()).toContain("grpc-status: 3");
+      expect(names).toEqual([]);
+      // The same name in UTF-8 is read as it was written.
+      const utf8 = await post("application/json", Buffer.from('{"name":"Soci\u00e9t\u00e9"}'));
+      expect(utf8.status).toBe(200);
+      expect(names).toEqual(["Soci\u00e9t\u00e9"]);
+    } finally {
+      await server.close(0);
+    }
+  });
+});
+
 describe("streams one HTTP/2 connection may hold", () => {
   test("are bounded: past the limit a stream is refused, and the mesh's own client waits for a free one", async () => {
     const server = await startOwn({

@@ -38,6 +38,13 @@ export const maxStreamsPerConnection = 1000;
 /** Largest RPC message a service accepts unless it sets its own (analytics: every IngestMetrics batch). */
 export const defaultReadMaxBytes = 16 * 1024 * 1024;
 
+/**
+ * JSON messages as Connect reads them (fields a message does not define are skipped), but text that is not UTF-8 (a
+ * Latin-1 body) is refused, as a binary message's strings are, rather than read with replacement characters and stored
+ * so. Connect's JSON serialization takes the decoder beside its read options.
+ */
+const jsonOptions = { ignoreUnknownFields: true, textDecoder: new TextDecoder("utf-8", { fatal: true }) };
+
 export interface Readiness {
   ready: boolean;
   /** Per dependency: "ok" or what is wrong. */
@@ -140,6 +147,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     readMaxBytes: options.readMaxBytes ?? defaultReadMaxBytes,
     // Fields a message does not define are skipped, not kept: each would be an object of its own.
     binaryOptions: { readUnknownFields: false },
+    jsonOptions,
     // Neither an RPC nor a route: a 404 that says so in Connect's error shape (gRPC clients read it as Unimplemented).
     fallback: (req, res) =>
       sendJson(res as NodeResponse, 404, {
