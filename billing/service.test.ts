@@ -994,6 +994,81 @@ test("a time window may wrap past midnight; an empty one is refused, naming 0 to
   }
 });
 
+test("a discount rule created again with its request_id is the same rule: retries never stack a second copy", async () => {
+  const orgId = await newOrg();
+  const { apiKey } = await client.createApiKey({ orgId }, admin);
+  const requestId = "01JRETRYDISCOUNT000000000A";
+  const first = await client.createDiscountRule({ ...promo(orgId), requestId }, admin);
+  const again = await client.createDiscountRule({ ...promo(orgId), requestId }, admin);
+  expect(again.rule).toEqual(first.rule);
+  // Two at once, as a client retrying a call still running would send them: one rule.
+  const racing = await Promise.all(
+    Array.from({ length: 4 }, () => client.createDiscountRule({ ...promo(orgId), requestId: "race-1" }, admin)),
+  );
+  expect(new Set(racing.map((r) => r.rule?.id)).size).toBe(1);
+  expect((await client.listDiscountRules({ orgId }, admin)).rules).toHaveLength(2);
+  await client.deleteDiscountRule({ ruleId: racing[0]?.rule?.id as string }, admin);
+
+  // $100 of usage, 10% off once: 1000 cents, not the 1900 of two stacked copies.
+  await client.recordUsage({ records: [usage(orgId, apiKey?.id as string, 100_000_000_000n)] }, admin);
+  const { invoice } = await client.generateInvoice({ orgId }, admin);
+  expect(invoice?.discountCents).toBe(1000n);
+  expect(invoice?.lineItems.filter((l) => l.tokenType === "discount")).toHaveLength(1);
+
+  const other = await client
+    .createDiscountRule({ ...promo(orgId, { discountBps: 2000 }), requestId }, admin)
+    .catch((e: unknown) => ConnectError.from(e));
+  expect(other).toMatchObject({ code: Code.AlreadyExists });
+  expect((other as ConnectError).rawMessage).toBe(
+    `request_id ${requestId} was already used to create discount rule ${first.rule?.id}, which differs from this`,
+  );
+  // Unique per org: another org's rule of the same request_id is its own.
+  const otherOrgId = await newOrg();
+  const elsewhere = await client.createDiscountRule({ ...promo(otherOrgId), requestId }, admin);
+  expect(elsewhere.rule?.id).not.toBe(first.rule?.id);
+  for (const bad of ["has space", "x".repeat(129), "ü"]) {
+    const refused = await client
+      .createDiscountRule({ ...promo(orgId), requestId: bad }, admin)
+      .catch((e: unknown) => ConnectError.from(e));
+    expect(refused).toMatchObject({ code: Code.InvalidArgument });
+    expect((refused as ConnectError).rawMessage).toBe("request_id: must be 1..128 letters, digits, _ or -");
+  }
+  // Without a request_id every call is a new rule, as before.
+  await client.createDiscountRule(promo(orgId), admin);
+  await client.createDiscountRule(promo(orgId), admin);
+  expect((await client.listDiscountRules({ orgId }, admin)).rules).toHaveLength(3);
+});
+
+test("an api key created again with its request_id is the same key, its secret not shown twice", async () => {
+  const orgId = await newOrg();
+  const ask = { orgId, name: "ci", limits: { monthlyBudgetNanos: 5_000_000_000n, allowedModels: ["mock"] } };
+  const first = await client.createApiKey({ ...ask, requestId: "key-retry-1" }, admin);
+  expect(first.secret).toStartWith("sk-mesh-");
+  const again = await client.createApiKey({ ...ask, requestId: "key-retry-1" }, admin);
+  expect(again.apiKey).toEqual(first.apiKey);
+  expect(again.secret).toBe("");
+  const racing = await Promise.all(
+    Array.from({ length: 4 }, () => client.createApiKey({ ...ask, requestId: "key-race-1" }, admin)),
+  );
+  expect(new Set(racing.map((r) => r.apiKey?.id)).size).toBe(1);
+  expect(racing.filter((r) => r.secret !== "")).toHaveLength(1);
+  expect((await client.listApiKeys({ orgId }, admin)).apiKeys).toHaveLength(2);
+  // The key as it is now: revoked since, the repeat says so.
+  await client.revokeApiKey({ apiKeyId: first.apiKey?.id as string }, admin);
+  const revoked = await client.createApiKey({ ...ask, requestId: "key-retry-1" }, admin);
+  expect(revoked.apiKey?.revokeTime).toBeDefined();
+
+  const other = await client
+    .createApiKey({ ...ask, name: "cd", requestId: "key-retry-1" }, admin)
+    .catch((e: unknown) => ConnectError.from(e));
+  expect(other).toMatchObject({ code: Code.AlreadyExists });
+  expect((other as ConnectError).rawMessage).toBe(
+    `request_id key-retry-1 was already used to create api key ${first.apiKey?.id}, of another project, name or limits`,
+  );
+  expect(await code(client.createApiKey({ ...ask, requestId: "a/b" }, admin))).toBe(Code.InvalidArgument);
+  expect((await client.listApiKeys({ orgId, includeRevoked: true }, admin)).apiKeys).toHaveLength(2);
+});
+
 test("invoices over RPC: admins generate and move them, an org's own key reads only its own", async () => {
   const orgId = await newOrg();
   const otherOrgId = await newOrg();

@@ -69,6 +69,7 @@ import {
   periodAnchor,
   positive,
   rangeBound,
+  requestId,
   text,
 } from "./validate.ts";
 
@@ -184,13 +185,18 @@ export function createBillingService({
 
     async createApiKey(req, ctx) {
       admin(ctx);
-      const issued = await store.createApiKey({
-        orgId: orgIdOf(req),
-        projectId: optionalId(req.projectId, "project_id"),
-        name: text(req.name, "name", { min: 0 }),
-        limits: unexpired(keyLimitsFrom(req.limits), clock()),
-      });
-      log.info("api key created", { org_id: issued.apiKey.orgId, api_key_id: issued.apiKey.id });
+      const issued = await store.createApiKey(
+        {
+          orgId: orgIdOf(req),
+          projectId: optionalId(req.projectId, "project_id"),
+          name: text(req.name, "name", { min: 0 }),
+          limits: unexpired(keyLimitsFrom(req.limits), clock()),
+        },
+        requestId(req.requestId),
+      );
+      const { orgId, id: apiKeyId } = issued.apiKey;
+      const fields = { org_id: orgId, api_key_id: apiKeyId, request_id: req.requestId || undefined };
+      log.info(issued.secret ? "api key created" : "api key create repeated", fields);
       return create(CreateApiKeyResponseSchema, { apiKey: apiKeyMessage(issued.apiKey), secret: issued.secret });
     },
 
@@ -389,8 +395,9 @@ export function createBillingService({
 
     async createDiscountRule(req, ctx) {
       admin(ctx);
-      const rule = await store.createDiscountRule(discountRuleFrom(req.rule));
-      log.info("discount rule created", { org_id: rule.orgId, discount_rule_id: rule.id });
+      const rule = await store.createDiscountRule(discountRuleFrom(req.rule), requestId(req.requestId));
+      const fields = { org_id: rule.orgId, discount_rule_id: rule.id, request_id: req.requestId || undefined };
+      log.info("discount rule created", fields);
       return create(CreateDiscountRuleResponseSchema, { rule: discountRuleMessage(rule) });
     },
 

@@ -42,6 +42,13 @@ export function id(value: string, field: string): string {
   return characters(value, field, 1, 128);
 }
 
+/** A create's optional idempotency key (request_id): empty means none. */
+export function requestId(value: string): string | null {
+  if (value === "") return null;
+  if (!/^[A-Za-z0-9_-]{1,128}$/.test(value)) throw invalid("request_id", "must be 1..128 letters, digits, _ or -");
+  return value;
+}
+
 /** An optional identifier: empty means absent. */
 export function optionalId(value: string, field: string): string | null {
   return value === "" ? null : id(value, field);

@@ -3,7 +3,7 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import type { ConnectRouter } from "@connectrpc/connect";
+import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
 import { AnalyticsService, type QueryUsageRequest, UsageGroupBy } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
@@ -477,5 +477,77 @@ describe("meshctl against a real billing", () => {
     expect(help.out).toContain("invoices generate --org ID");
     // An invoice names its last day; usage ranges end before --to, which the help says.
     expect(help.out).toContain("up to, not including, --to");
+  });
+});
+
+describe("creates whose answer was lost", () => {
+  // Billing behind a link that loses the first answer of each create (the create done), or drops a call before billing
+  // sees it with DeadlineExceeded: what meshctl sends, and what billing then holds.
+  let lossy: RunningServer;
+  let billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
+  let fault: "lose answer" | "drop call" | "refuse" = "lose answer";
+  const sent: string[] = [];
+  const faulty = async <T>(requestId: string, call: () => Promise<T>): Promise<T> => {
+    sent.push(requestId);
+    if (sent.length > 1) return call();
+    if (fault === "drop call") throw new ConnectError("deadline passed", Code.DeadlineExceeded);
+    if (fault === "refuse") throw new ConnectError("refused here", Code.InvalidArgument);
+    await call();
+    throw new ConnectError("connection reset", Code.Unavailable);
+  };
+  beforeAll(async () => {
+    billing = createServiceClient(BillingService, { baseUrl: billingServer.url, bearerToken: adminToken });
+    lossy = await startServer({
+      name: "lossy-billing",
+      port: 0,
+      host: "127.0.0.1",
+      routes: (router: ConnectRouter) =>
+        router.service(BillingService, {
+          createApiKey: (req) => faulty(req.requestId, () => billing.createApiKey(req)),
+          createDiscountRule: (req) => faulty(req.requestId, () => billing.createDiscountRule(req)),
+        }),
+      log,
+    });
+  });
+  afterAll(() => lossy.close(1_000));
+  const lossyCli = (args: string, kind: typeof fault) => {
+    fault = kind;
+    sent.length = 0;
+    return cli(args, { BILLING_URL: lossy.url });
+  };
+
+  test("discounts add sends the rule again with its request_id: one rule", async () => {
+    const orgId = (await billing.createOrganization({ name: "retries" })).organization?.id as string;
+    const add = (name: string) => `discounts add --org ${orgId} --name ${name} --kind promotional --percent 10`;
+    const run = await lossyCli(add("promo"), "lose answer");
+    expect(run).toMatchObject({ code: 0, err: "" });
+    expect(sent).toHaveLength(2);
+    expect(sent[0]).toMatch(/^[0-9A-Z]{26}$/);
+    expect(sent[1]).toBe(sent[0] as string);
+    const { rules } = await billing.listDiscountRules({ orgId });
+    expect(rules.map((r) => r.id)).toEqual([run.out.match(/disc_\w+/)?.[0] as string]);
+    // Each command is a create of its own, with a request_id of its own.
+    const first = sent[0];
+    expect((await lossyCli(add("p2"), "drop call")).code).toBe(0);
+    expect(sent[0]).not.toBe(first);
+    expect((await billing.listDiscountRules({ orgId })).rules).toHaveLength(2);
+    // Other errors are the answer: not sent again.
+    failsWith(await lossyCli(add("p3"), "refuse"), 1, /refused here/);
+    expect(sent).toHaveLength(1);
+  });
+
+  test("keys create sent again: one key, and a secret lost with its answer is said to be so", async () => {
+    const orgId = (await billing.createOrganization({ name: "key retries" })).organization?.id as string;
+    const dropped = await lossyCli(`keys create --org ${orgId} --name ci`, "drop call");
+    expect(dropped.code).toBe(0);
+    expect(dropped.out).toMatch(/secret \(shown once, store it now\): sk-mesh-\w+/);
+    expect(sent).toEqual([sent[0] as string, sent[0] as string]);
+
+    const lost = await lossyCli(`keys create --org ${orgId} --name cd`, "lose answer");
+    const keys = (await billing.listApiKeys({ orgId })).apiKeys;
+    expect(keys.map((k) => k.name)).toEqual(["ci", "cd"]);
+    const lostId = keys[1]?.id as string;
+    failsWith(lost, 1, new RegExp(`^meshctl: api key ${lostId} was created, but the answer carrying its secret was lost`));
+    expect(lost.err).toContain(`"meshctl keys rotate ${lostId}" gives it a new one`);
   });
 });

@@ -16,7 +16,8 @@ import {
   toJson,
 } from "@bufbuild/protobuf";
 import { type Timestamp, timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { type Client, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { type Client, Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { ulid } from "ulid";
 import {
   AnalyticsService,
   file_analytics_v1_analytics,
@@ -294,12 +295,20 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "keys create": {
-        const res = await billing.createApiKey({
+        const ask = {
           orgId: need(values.org, "--org"),
           projectId: values.project ?? "",
           name: values.name ?? "",
           limits: limitsFrom(values),
-        });
+        };
+        const res = await createOnce((requestId) => billing.createApiKey({ ...ask, requestId }));
+        if (!res.secret) {
+          const keyId = res.apiKey?.id ?? "";
+          throw new ServiceError(
+            `api key ${keyId} was created, but the answer carrying its secret was lost and it is never shown again: ` +
+              `"meshctl keys rotate ${keyId}" gives it a new one`,
+          );
+        }
         print(schemaOf(res), res, () =>
           [
             table([["ID", "PREFIX", "LIMITS"], [res.apiKey?.id ?? "", res.apiKey?.prefix ?? "", limitsText(res.apiKey?.limits)]]),
@@ -447,7 +456,8 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "discounts add": {
-        const res = await billing.createDiscountRule({ rule: ruleFrom(values) });
+        const rule = ruleFrom(values);
+        const res = await createOnce((requestId) => billing.createDiscountRule({ rule, requestId }));
         print(schemaOf(res), res, () => `created discount rule ${res.rule?.id}`);
         return 0;
       }
@@ -593,6 +603,21 @@ function nameService(name: string, url: string): Interceptor {
       throw new ConnectError(`${name} at ${url}: ${err.rawMessage}`, err.code, err.metadata, undefined, err.cause);
     }
   };
+}
+
+/**
+ * A create sent with a fresh request_id and, when its answer was lost (billing unreachable or too slow), sent once more
+ * with the same one: billing answers the second with what the first created, if it did, rather than creating twice.
+ */
+async function createOnce<T>(send: (requestId: string) => Promise<T>): Promise<T> {
+  const requestId = ulid();
+  try {
+    return await send(requestId);
+  } catch (e) {
+    const code = e instanceof ConnectError ? e.code : undefined;
+    if (code !== Code.Unavailable && code !== Code.DeadlineExceeded) throw e;
+    return send(requestId);
+  }
 }
 
 /** Errors of the command line or environment, as opposed to errors of the services. */

@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { ulid } from "ulid";
 import { sha256Hex } from "../../lib/auth.ts";
-import { BillingError, type Db, type Queryable } from "./db.ts";
+import { BillingError, type Db, type Queryable, requestSha256 } from "./db.ts";
 import type {
   ApiKey,
   IssuedApiKey,
@@ -101,12 +101,19 @@ export function createAccountStore(db: Db) {
     return toOrganization(rows[0]);
   };
 
-  const insertKey = async (q: Queryable, key: NewApiKey, rotatedFrom: string | null): Promise<IssuedApiKey> => {
+  const insertKey = async (
+    q: Queryable,
+    key: NewApiKey,
+    rotatedFrom: string | null,
+    requestId: string | null = null,
+  ): Promise<IssuedApiKey> => {
     const secret = generateSecret();
+    const sha256 = requestId === null ? null : requestSha256(key);
     const rows = await q.query<KeyRow>(
       `INSERT INTO api_keys (id, org_id, project_id, name, prefix, secret_sha256, monthly_budget_nanos, monthly_tokens,
-         requests_per_minute, tokens_per_minute, allowed_models, expires_at, rotated_from)
-       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         requests_per_minute, tokens_per_minute, allowed_models, expires_at, rotated_from, request_id, request_sha256)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+       ON CONFLICT (org_id, request_id) DO NOTHING
        RETURNING ${keyColumns}`,
       [
         `key_${ulid()}`,
@@ -117,9 +124,24 @@ export function createAccountStore(db: Db) {
         sha256Hex(secret),
         ...limitParams(key.limits),
         rotatedFrom,
+        requestId,
+        sha256,
       ],
     );
-    return { apiKey: toApiKey(rows[0] as KeyRow), secret };
+    if (rows[0]) return { apiKey: toApiKey(rows[0]), secret };
+    // Committed by the create that took the request_id first (this insert waited for it to end).
+    const [earlier] = await q.query<KeyRow & { request_sha256: string }>(
+      `SELECT ${keyColumns}, request_sha256 FROM api_keys WHERE org_id = $1 AND request_id = $2`,
+      [key.orgId, requestId],
+    );
+    if (!earlier) throw new Error(`api key of request_id ${requestId} neither inserted nor found`);
+    if (earlier.request_sha256 !== sha256) {
+      throw new BillingError(
+        "already_exists",
+        `request_id ${requestId} was already used to create api key ${earlier.id}, of another project, name or limits`,
+      );
+    }
+    return { apiKey: toApiKey(earlier), secret: "" };
   };
 
   // Why a statement on an active key matched no row: the key is unknown, or revoked (naming the key it was rotated
@@ -224,8 +246,12 @@ export function createAccountStore(db: Db) {
       return rows.map(toProject);
     },
 
-    createApiKey(key: NewApiKey): Promise<IssuedApiKey> {
-      return insertKey(db, key, null);
+    /**
+     * Issues a key. With a `requestId` its org used before, issues nothing and answers with the key issued then, its
+     * secret empty, or already_exists when that asked for another key; of two at once, one issues and the other waits.
+     */
+    createApiKey(key: NewApiKey, requestId: string | null = null): Promise<IssuedApiKey> {
+      return insertKey(db, key, null, requestId);
     },
 
     async listApiKeys(orgId: string, options: { includeRevoked: boolean }): Promise<ApiKey[]> {

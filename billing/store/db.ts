@@ -1,6 +1,7 @@
 import { AsyncLocalStorage } from "node:async_hooks";
 import { connect } from "node:net";
 import pg from "pg";
+import { sha256Hex } from "../../lib/auth.ts";
 
 export type BillingErrorKind =
   | "not_found"
@@ -22,6 +23,14 @@ export class BillingError extends Error {
   ) {
     super(message);
   }
+}
+
+/**
+ * SHA-256 hex of what a create asked for (its validated input), kept with a request_id so that a retry is told from
+ * another request reusing the id.
+ */
+export function requestSha256(content: object): string {
+  return sha256Hex(JSON.stringify(content, (_key, value: unknown) => (typeof value === "bigint" ? `${value}` : value)));
 }
 
 export interface Queryable {

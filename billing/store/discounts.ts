@@ -1,5 +1,5 @@
 import { ulid } from "ulid";
-import { BillingError, type Db, type Queryable } from "./db.ts";
+import { BillingError, type Db, type Queryable, requestSha256 } from "./db.ts";
 import type { DiscountKind, DiscountRule, NewDiscountRule } from "./types.ts";
 
 interface RuleRow {
@@ -37,14 +37,19 @@ export async function discountRulesOf(q: Queryable, orgId: string): Promise<Disc
 
 export function createDiscountStore(db: Db) {
   return {
-    /** Stores a rule and its tiers together. */
-    createDiscountRule(rule: NewDiscountRule): Promise<DiscountRule> {
+    /**
+     * Stores a rule and its tiers together. With a `requestId` its org used before, stores nothing and answers with the
+     * rule stored then, or already_exists when that was another rule; of two at once, one stores and the other waits.
+     */
+    createDiscountRule(rule: NewDiscountRule, requestId: string | null = null): Promise<DiscountRule> {
+      const sha256 = requestId === null ? null : requestSha256(rule);
       return db.transaction(async (tx) => {
         const id = `disc_${ulid()}`;
-        await tx.query(
+        const inserted = await tx.query(
           `INSERT INTO discount_rules (id, org_id, name, kind, priority, stackable, model, provider, discount_bps,
-             start_hour, end_hour, days_of_week, valid_from, valid_until, cap_nanos)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)`,
+             start_hour, end_hour, days_of_week, valid_from, valid_until, cap_nanos, request_id, request_sha256)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+           ON CONFLICT (org_id, request_id) DO NOTHING RETURNING id`,
           [
             id,
             rule.orgId,
@@ -61,8 +66,26 @@ export function createDiscountStore(db: Db) {
             rule.validFrom,
             rule.validUntil,
             rule.capNanos.toString(),
+            requestId,
+            sha256,
           ],
         );
+        if (inserted.length === 0) {
+          // Committed by the create that took the request_id first (this insert waited for it to end).
+          const [earlier] = await tx.query<{ id: string; request_sha256: string }>(
+            "SELECT id, request_sha256 FROM discount_rules WHERE org_id = $1 AND request_id = $2",
+            [rule.orgId, requestId],
+          );
+          if (!earlier) throw new BillingError("unavailable", `request_id ${requestId}: its rule was deleted; retry`);
+          if (earlier.request_sha256 !== sha256) {
+            throw new BillingError(
+              "already_exists",
+              `request_id ${requestId} was already used to create discount rule ${earlier.id}, which differs from this`,
+            );
+          }
+          const rows = await tx.query<RuleRow>(`${ruleSelect} WHERE r.id = $1`, [earlier.id]);
+          return toRule(rows[0] as RuleRow);
+        }
         if (rule.tiers.length > 0) {
           await tx.query(
             `INSERT INTO discount_tiers (rule_id, from_nanos, discount_bps)

@@ -28,6 +28,7 @@ const migrations = [
   "0010_wrapping_time_windows.sql",
   "0011_token_leases.sql",
   "0012_responses_endpoint.sql",
+  "0013_create_request_ids.sql",
 ];
 const billingTables = [
   "api_keys",

@@ -71,6 +71,7 @@ export interface NewApiKey {
 /** A key with its full secret, which exists only in this value, once. */
 export interface IssuedApiKey {
   apiKey: ApiKey;
+  /** Empty when a create repeated the request_id of the one that issued the key, whose answer carried it. */
   secret: string;
 }
 
