@@ -302,6 +302,12 @@ test("every request's span says its request id, models, parameters, usage and fa
     "gen_ai.usage.input_tokens": expect.any(Number),
   });
 
+  // The Responses API's span is named and routed as the other routes' are.
+  const answer = await sdk.responses.create({ model: "ok", input: "one two" }).withResponse();
+  const responsesSpan = spanOf(answer.response.headers.get("x-request-id") ?? "");
+  expect(responsesSpan?.name).toBe("POST /v1/responses");
+  expect(responsesSpan?.attributes).toMatchObject({ "http.route": "/v1/responses" });
+
   // Failures: the request id a client quotes finds the trace, and error.type says what went wrong.
   upstream.script("ok", { status: 500 });
   const failures: Record<string, unknown> = {};

@@ -254,7 +254,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
     }
     if (path === "/v1/responses") {
       if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
-      return traced("POST /v1/responses", request, (span) => responses(request, span));
+      return traced("/v1/responses", request, (span) => responses(request, span));
     }
     if (path === "/v1/embeddings") {
       if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
