@@ -75,6 +75,45 @@ function meshPids(launcherPid: number, lines: string[]): number[] {
   return [...children, ...postgres];
 }
 
+/**
+ * Runs `body` against `npm start` on a data directory of its own. However the body ended, the launcher is killed
+ * afterwards with whatever it left running (its services, and the postgres billing started there), and the directory
+ * removed: a failing test leaves no service behind.
+ */
+async function withLaunch(
+  body: (mesh: ReturnType<typeof launch>, dataDir: string) => Promise<void>,
+  options: { env?: Record<string, string>; prefix?: string } = {},
+): Promise<void> {
+  const dataDir = await mkdtemp(join(tmpdir(), options.prefix ?? "mesh-launcher-"));
+  const mesh = launch(dataDir, options.env);
+  try {
+    await body(mesh, dataDir);
+  } finally {
+    // Found while the launcher lives (its children are reparented once it is killed); a postgres pid from the log only
+    // while it is still that directory's postgres, as pids are reused.
+    const left = meshPids(mesh.proc.pid, mesh.lines).filter(
+      (pid) => procStatFields(pid)?.[1] === String(mesh.proc.pid) || readCmdline(pid).includes(dataDir),
+    );
+    mesh.proc.kill("SIGKILL");
+    for (const pid of left.filter(running)) {
+      try {
+        process.kill(pid, "SIGKILL");
+      } catch {
+        // Gone meanwhile.
+      }
+    }
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}
+
+const readCmdline = (pid: number) => {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " ");
+  } catch {
+    return "";
+  }
+};
+
 function running(pid: number): boolean {
   const state = procStatFields(pid)?.[0];
   return state !== undefined && state !== "Z";
@@ -83,9 +122,7 @@ function running(pid: number): boolean {
 test.each(["SIGINT", "SIGTERM"] as const)(
   "%s to the launcher while services start stops those started, postgres too, and says so",
   async (signal) => {
-    const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
-    const mesh = launch(dataDir);
-    try {
+    await withLaunch(async (mesh) => {
       // Billing is ready (and its postgres up); analytics is starting.
       await mesh.waitFor(/^\[analytics\] /);
       const pids = meshPids(mesh.proc.pid, mesh.lines);
@@ -94,18 +131,13 @@ test.each(["SIGINT", "SIGTERM"] as const)(
       expect(await mesh.proc.exited).toBe(0);
       expect(mesh.lines).toContain("stopped before the mesh was ready");
       expect(pids.filter(running)).toEqual([]);
-    } finally {
-      mesh.proc.kill("SIGKILL");
-      await rm(dataDir, { recursive: true, force: true });
-    }
+    });
   },
   90_000,
 );
 
 test("a closed terminal (SIGHUP) stops the running mesh as Ctrl-C does, leaving no service behind", async () => {
-  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
-  const mesh = launch(dataDir);
-  try {
+  await withLaunch(async (mesh) => {
     await mesh.waitFor(/^Ctrl-C stops everything/);
     const pids = meshPids(mesh.proc.pid, mesh.lines);
     expect(pids.length).toBe(4);
@@ -115,16 +147,11 @@ test("a closed terminal (SIGHUP) stops the running mesh as Ctrl-C does, leaving 
       'stopped: {"gateway":0,"analytics":0,"billing":0}',
     );
     expect(pids.filter(running)).toEqual([]);
-  } finally {
-    mesh.proc.kill("SIGKILL");
-    await rm(dataDir, { recursive: true, force: true });
-  }
+  });
 }, 90_000);
 
 test("a killed billing's embedded postgres is stopped with the mesh, not left running", async () => {
-  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
-  const mesh = launch(dataDir);
-  try {
+  await withLaunch(async (mesh) => {
     await mesh.waitFor(/^Ctrl-C stops everything/);
     const billing = meshPids(mesh.proc.pid, mesh.lines).find((pid) =>
       readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("billing/main.ts"),
@@ -138,16 +165,11 @@ test("a killed billing's embedded postgres is stopped with the mesh, not left ru
     // Left running until the next npm start on the directory.
     for (let i = 0; i < 200 && running(postgres); i++) await Bun.sleep(50);
     expect(running(postgres)).toBe(false);
-  } finally {
-    mesh.proc.kill("SIGKILL");
-    await rm(dataDir, { recursive: true, force: true });
-  }
+  });
 }, 90_000);
 
 test("the try npm start prints, pasted into another terminal, gets an answer", async () => {
-  const dataDir = await mkdtemp(join(tmpdir(), "mesh launcher's "));
-  const mesh = launch(dataDir);
-  try {
+  await withLaunch(async (mesh) => {
     await mesh.waitFor(/^Ctrl-C stops everything/);
     const from = mesh.lines.findIndex((l) => l.startsWith("try"));
     const commands = mesh.lines
@@ -160,10 +182,7 @@ test("the try npm start prints, pasted into another terminal, gets an answer", a
     expect(JSON.parse(stdout)).toMatchObject({ choices: [{ message: { content: "mock reply: hello" } }] });
     mesh.proc.kill("SIGINT");
     expect(await mesh.proc.exited).toBe(0);
-  } finally {
-    mesh.proc.kill("SIGKILL");
-    await rm(dataDir, { recursive: true, force: true });
-  }
+  }, { prefix: "mesh launcher's " });
 }, 90_000);
 
 test("a second npm start on the data directory of a running one is refused in one line, the first runs on", async () => {
@@ -282,9 +301,7 @@ test("a demo key npm start cannot set up stops the mesh in order with one line, 
 }, 90_000);
 
 test("npm start in a shell that sourced demo.env starts the gateway without the mesh's key as OpenAI's", async () => {
-  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
-  const mesh = launch(dataDir, { OPENAI_API_KEY: "sk-mesh-JYzXYqoNlmiwkkq7XmNO2oIWzXLo0ZIi5MKo3vhZ3DJ" });
-  try {
+  await withLaunch(async (mesh) => {
     await mesh.waitFor(/^Ctrl-C stops everything/);
     expect(mesh.lines).toContain(
       "OPENAI_API_KEY here is a key of the mesh (demo.env's), not OpenAI's: the gateway starts without it",
@@ -295,10 +312,7 @@ test("npm start in a shell that sourced demo.env starts the gateway without the 
     );
     mesh.proc.kill("SIGINT");
     expect(await mesh.proc.exited).toBe(0);
-  } finally {
-    mesh.proc.kill("SIGKILL");
-    await rm(dataDir, { recursive: true, force: true });
-  }
+  }, { env: { OPENAI_API_KEY: "sk-mesh-JYzXYqoNlmiwkkq7XmNO2oIWzXLo0ZIi5MKo3vhZ3DJ" } });
 }, 90_000);
 
 // /proc mounted with hidepid=2 (hardened multi-user hosts) in a mount namespace of its own, as nobody: root's processes
