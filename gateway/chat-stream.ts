@@ -151,6 +151,23 @@ export function meteredFrame(options: FrameOptions) {
   return { end, stream };
 }
 
+/** The upstream's next event, the wait for it counted as the call's time on the upstream. */
+export async function timedNext<T>(call: Call, upstream: AsyncIterator<T>): Promise<IteratorResult<T>> {
+  const waited = performance.now();
+  try {
+    return await upstream.next();
+  } finally {
+    call.upstreamMs += performance.now() - waited;
+  }
+}
+
+/** Records now as the call's first token: its time and the time to it. */
+export function noteFirstToken(call: Call): void {
+  const elapsed = performance.now() - call.startTick;
+  call.metrics.firstTokenTime = timestampFromMs(Math.round(call.startMs + elapsed));
+  call.metrics.ttftUs = BigInt(Math.round(elapsed * 1000));
+}
+
 export interface MeterOptions {
   call: Call;
   chunks: ChunkStream;
@@ -253,13 +270,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     let counted: MeteredTokens | undefined;
     try {
       for (;;) {
-        const waited = performance.now();
-        let step: IteratorResult<ChatCompletionChunk>;
-        try {
-          step = await upstream.next();
-        } finally {
-          call.upstreamMs += performance.now() - waited;
-        }
+        const step = await timedNext(call, upstream);
         if (step.done) break;
         const chunk = step.value;
         note(chunk);
@@ -306,9 +317,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
           const added = choice.delta ? generated.add(choice.delta) : false;
           if (firstToken && added) {
             firstToken = false;
-            const elapsed = performance.now() - call.startTick;
-            m.firstTokenTime = timestampFromMs(Math.round(call.startMs + elapsed));
-            m.ttftUs = BigInt(Math.round(elapsed * 1000));
+            noteFirstToken(call);
           }
         }
         yield chunk;

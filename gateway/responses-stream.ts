@@ -1,8 +1,7 @@
-import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { Logger } from "../lib/log.ts";
 import type { Price } from "../lib/money.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
-import { meteredFrame, streamError } from "./chat-stream.ts";
+import { meteredFrame, noteFirstToken, streamError, timedNext } from "./chat-stream.ts";
 import type { Call } from "./core.ts";
 import { clientGone, type GatewayError, ShutdownCut, toGatewayError, upstreamFailed } from "./errors.ts";
 import { meteredName } from "./metering.ts";
@@ -93,13 +92,7 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
     let counted: MeteredTokens | undefined;
     try {
       for (;;) {
-        const waited = performance.now();
-        let step: IteratorResult<ResponseEvent>;
-        try {
-          step = await upstream.next();
-        } finally {
-          call.upstreamMs += performance.now() - waited;
-        }
+        const step = await timedNext(call, upstream);
         if (step.done) break;
         const event = step.value;
         const response = event.response as Record<string, unknown> | undefined;
@@ -115,9 +108,7 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
           generated.add(reasoningDeltas.has(event.type) ? { reasoning: delta } : { content: delta });
           if (firstToken) {
             firstToken = false;
-            const elapsed = performance.now() - call.startTick;
-            m.firstTokenTime = timestampFromMs(Math.round(call.startMs + elapsed));
-            m.ttftUs = BigInt(Math.round(elapsed * 1000));
+            noteFirstToken(call);
           }
         }
         if (terminalResponseEvents.has(event.type) && response) {
