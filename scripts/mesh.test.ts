@@ -89,20 +89,25 @@ async function withLaunch(
   try {
     await body(mesh, dataDir);
   } finally {
-    // Found while the launcher lives (its children are reparented once it is killed); a postgres pid from the log only
-    // while it is still that directory's postgres, as pids are reused.
-    const left = meshPids(mesh.proc.pid, mesh.lines).filter(
-      (pid) => procStatFields(pid)?.[1] === String(mesh.proc.pid) || readCmdline(pid).includes(dataDir),
-    );
-    mesh.proc.kill("SIGKILL");
-    for (const pid of left.filter(running)) {
-      try {
-        process.kill(pid, "SIGKILL");
-      } catch {
-        // Gone meanwhile.
-      }
-    }
+    killLaunched(mesh, dataDir);
     await rm(dataDir, { recursive: true, force: true });
+  }
+}
+
+/** Kills a test's launcher and whatever it left running: its services, and the postgres billing started there. */
+function killLaunched(mesh: ReturnType<typeof launch>, dataDir: string): void {
+  // Found while the launcher lives (its children are reparented once it is killed); a postgres pid from the log only
+  // while it is still that directory's postgres, as pids are reused.
+  const left = meshPids(mesh.proc.pid, mesh.lines).filter(
+    (pid) => procStatFields(pid)?.[1] === String(mesh.proc.pid) || readCmdline(pid).includes(dataDir),
+  );
+  mesh.proc.kill("SIGKILL");
+  for (const pid of left.filter(running)) {
+    try {
+      process.kill(pid, "SIGKILL");
+    } catch {
+      // Gone meanwhile.
+    }
   }
 }
 
@@ -203,8 +208,8 @@ test("a second npm start on the data directory of a running one is refused in on
     first.proc.kill("SIGINT");
     expect(await first.proc.exited).toBe(0);
   } finally {
-    first.proc.kill("SIGKILL");
-    second?.proc.kill("SIGKILL");
+    killLaunched(first, dataDir);
+    if (second) killLaunched(second, dataDir);
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 90_000);
@@ -234,8 +239,8 @@ test("npm start after one killed by kill -9 stops the services it left running, 
     second.proc.kill("SIGINT");
     expect(await second.proc.exited).toBe(0);
   } finally {
-    first.proc.kill("SIGKILL");
-    second?.proc.kill("SIGKILL");
+    killLaunched(first, dataDir);
+    if (second) killLaunched(second, dataDir);
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 120_000);
@@ -270,8 +275,8 @@ test("npm start after the demo org was suspended starts, keeps its key and says 
     second.proc.kill("SIGINT");
     expect(await second.proc.exited).toBe(0);
   } finally {
-    first.proc.kill("SIGKILL");
-    second?.proc.kill("SIGKILL");
+    killLaunched(first, dataDir);
+    if (second) killLaunched(second, dataDir);
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 120_000);
@@ -295,7 +300,7 @@ test("a demo key npm start cannot set up stops the mesh in order with one line, 
     expect(pids.filter(running)).toEqual([]);
     expect(readdirSync(dataDir)).not.toContain("mesh.pid");
   } finally {
-    mesh.proc.kill("SIGKILL");
+    killLaunched(mesh, dataDir);
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 90_000);
