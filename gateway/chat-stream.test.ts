@@ -10,6 +10,7 @@ import { type Call, createGatewayCore } from "./core.ts";
 import type { GatewayError } from "./errors.ts";
 import { createRestApp } from "./http/app.ts";
 import { createProviders } from "./providers/index.ts";
+import type { ChatCompletionChunk, ChunkStream } from "./providers/provider.ts";
 import { createBillingFake, createRecordingShipper, createTestLogger, mockRoutes } from "./testing.ts";
 
 // Every finished request is exactly one RequestMetrics, also when its stream is never read.
@@ -163,6 +164,18 @@ describe("streams are metered exactly once however they end", () => {
 });
 
 describe("the usage a client is shown", () => {
+  /** Metered for a client that asked for usage, at a nano-USD a token. */
+  const streamAskingUsage = (chunks: AsyncIterable<ChatCompletionChunk>) =>
+    meterChatStream({
+      call: { metrics: create(RequestMetricsSchema), upstreamMs: 0, startTick: performance.now(), startMs: Date.now(), requestId: "r" } as unknown as Call,
+      chunks: chunks as ChunkStream,
+      request: { model: "m", messages: [{ role: "user", content: "x" }] },
+      price: { inputMicros: 1n, cachedInputMicros: 1n, outputMicros: 1n, reasoningMicros: 1n },
+      includeUsage: true,
+      deadline: new AbortController().signal,
+      finish() {},
+    });
+
   test("usage some servers put on the last content chunk comes last, in a chunk of its own, with the metered counts", async () => {
     const chunks = async function* () {
       yield {
@@ -174,16 +187,7 @@ describe("the usage a client is shown", () => {
         usage: { prompt_tokens: 3.5, completion_tokens: 1, total_tokens: 4.5 },
       };
     };
-    const call = { metrics: create(RequestMetricsSchema), upstreamMs: 0, startTick: performance.now(), startMs: Date.now(), requestId: "r" };
-    const stream = meterChatStream({
-      call: call as unknown as Call,
-      chunks: chunks(),
-      request: { model: "m", messages: [{ role: "user", content: "x" }] },
-      price: { inputMicros: 1n, cachedInputMicros: 1n, outputMicros: 1n, reasoningMicros: 1n },
-      includeUsage: true,
-      deadline: new AbortController().signal,
-      finish() {},
-    });
+    const stream = streamAskingUsage(chunks());
     const seen = [];
     for await (const chunk of stream) seen.push({ choices: chunk.choices.length, usage: chunk.usage });
     expect(seen).toEqual([
@@ -204,16 +208,7 @@ describe("the usage a client is shown", () => {
         usage: { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 },
       };
     };
-    const call = { metrics: create(RequestMetricsSchema), upstreamMs: 0, startTick: performance.now(), startMs: Date.now(), requestId: "r" };
-    const stream = meterChatStream({
-      call: call as unknown as Call,
-      chunks: chunks(),
-      request: { model: "m", messages: [{ role: "user", content: "x" }] },
-      price: { inputMicros: 1n, cachedInputMicros: 1n, outputMicros: 1n, reasoningMicros: 1n },
-      includeUsage: true,
-      deadline: new AbortController().signal,
-      finish() {},
-    });
+    const stream = streamAskingUsage(chunks());
     const seen = [];
     for await (const chunk of stream) seen.push(chunk);
     expect(seen.map((c) => c.usage)).toEqual([null, null, null, { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 }]);
