@@ -23,19 +23,27 @@ const firstLife = `
   setInterval(() => {}, 1000);
 `;
 
+const startFirstLife = (dataDir: string) =>
+  Bun.spawn([process.execPath, "--eval", firstLife, dataDir], { stdout: "pipe", stderr: "inherit" });
+
+/** The postmaster pid a first life prints once its cluster is up. */
+async function postmasterOf(child: ReturnType<typeof startFirstLife>): Promise<number> {
+  let output = "";
+  for await (const chunk of child.stdout) {
+    output += new TextDecoder().decode(chunk);
+    if (output.includes("\n")) break;
+  }
+  return Number(/ready (\d+)/.exec(output)?.[1]);
+}
+
 test("keeps data across restarts and first stops a server left behind by a killed process", async () => {
   const dir = await mkdtemp(join(tmpdir(), "billing-embedded-"));
   const dataDir = join(dir, "postgres");
   let stalePid = 0;
   let server: EmbeddedPostgresServer | undefined;
   try {
-    const child = Bun.spawn([process.execPath, "--eval", firstLife, dataDir], { stdout: "pipe", stderr: "inherit" });
-    let output = "";
-    for await (const chunk of child.stdout) {
-      output += new TextDecoder().decode(chunk);
-      if (output.includes("\n")) break;
-    }
-    stalePid = Number(/ready (\d+)/.exec(output)?.[1]);
+    const child = startFirstLife(dataDir);
+    stalePid = await postmasterOf(child);
     expect(stalePid).toBeGreaterThan(0);
     child.kill("SIGKILL");
     await child.exited;
@@ -63,14 +71,9 @@ test("keeps data across restarts and first stops a server left behind by a kille
 test("refuses a directory whose postgres a billing still running serves, which runs on", async () => {
   const dir = await mkdtemp(join(tmpdir(), "billing-embedded-"));
   const dataDir = join(dir, "postgres");
-  const child = Bun.spawn([process.execPath, "--eval", firstLife, dataDir], { stdout: "pipe", stderr: "inherit" });
+  const child = startFirstLife(dataDir);
   try {
-    let output = "";
-    for await (const chunk of child.stdout) {
-      output += new TextDecoder().decode(chunk);
-      if (output.includes("\n")) break;
-    }
-    const pid = Number(/ready (\d+)/.exec(output)?.[1]);
+    const pid = await postmasterOf(child);
     expect(pid).toBeGreaterThan(0);
     // Stopped it before, as if left by a killed process, and the billing serving on it exited.
     const second = startEmbeddedPostgres({ dataDir, log: createLogger({ service: "t", level: "error" }) });
@@ -94,14 +97,9 @@ test("starts on a directory whose postmaster was killed with its parent and is n
   const dir = await mkdtemp(join(tmpdir(), "billing-embedded-"));
   const dataDir = join(dir, "postgres");
   let server: EmbeddedPostgresServer | undefined;
-  const child = Bun.spawn([process.execPath, "--eval", firstLife, dataDir], { stdout: "pipe", stderr: "inherit" });
+  const child = startFirstLife(dataDir);
   try {
-    let output = "";
-    for await (const chunk of child.stdout) {
-      output += new TextDecoder().decode(chunk);
-      if (output.includes("\n")) break;
-    }
-    const stalePid = Number(/ready (\d+)/.exec(output)?.[1]);
+    const stalePid = await postmasterOf(child);
     expect(stalePid).toBeGreaterThan(0);
     // The parent is stopped, so the killed postmaster stays a zombie, as under an init process that does not reap.
     child.kill("SIGSTOP");
