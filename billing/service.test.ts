@@ -1039,6 +1039,55 @@ test("a discount rule created again with its request_id is the same rule: retrie
   expect((await client.listDiscountRules({ orgId }, admin)).rules).toHaveLength(3);
 });
 
+test("an org or project created again with its request_id is the same one, not ALREADY_EXISTS for its name", async () => {
+  const ask = { name: "Retried Org", taxRateBps: 825, monthlyBudgetNanos: 7_000_000_000n };
+  const first = await client.createOrganization({ ...ask, requestId: "org-retry-1" }, admin);
+  const again = await client.createOrganization({ ...ask, requestId: "org-retry-1" }, admin);
+  expect(again.organization).toEqual(first.organization);
+  const orgId = first.organization?.id as string;
+  // Without it, or with another, the name is taken.
+  for (const requestId of ["", "org-retry-2"]) {
+    const taken = await client.createOrganization({ ...ask, requestId }, admin).catch((e: unknown) => ConnectError.from(e));
+    expect(taken).toMatchObject({ code: Code.AlreadyExists });
+    expect((taken as ConnectError).rawMessage).toBe("name: an organization with this name already exists");
+  }
+  const other = await client
+    .createOrganization({ ...ask, taxRateBps: 0, requestId: "org-retry-1" }, admin)
+    .catch((e: unknown) => ConnectError.from(e));
+  expect((other as ConnectError).rawMessage).toBe(
+    `request_id org-retry-1 was already used to create organization ${orgId}, of another name or settings`,
+  );
+  // Renamed since: the repeat answers with the org as it is now.
+  await client.updateOrganization({ orgId, name: "Renamed Org" }, admin);
+  expect((await client.createOrganization({ ...ask, requestId: "org-retry-1" }, admin)).organization?.name).toBe(
+    "Renamed Org",
+  );
+  const racing = await Promise.all(
+    Array.from({ length: 4 }, () => client.createOrganization({ name: "Racing Org", requestId: "org-race-1" }, admin)),
+  );
+  expect(new Set(racing.map((r) => r.organization?.id)).size).toBe(1);
+
+  const project = await client.createProject({ orgId, name: "web", requestId: "proj-retry-1" }, admin);
+  expect((await client.createProject({ orgId, name: "web", requestId: "proj-retry-1" }, admin)).project).toEqual(
+    project.project,
+  );
+  const renamed = await client
+    .createProject({ orgId, name: "api", requestId: "proj-retry-1" }, admin)
+    .catch((e: unknown) => ConnectError.from(e));
+  expect((renamed as ConnectError).rawMessage).toBe(
+    `request_id proj-retry-1 was already used to create project ${project.project?.id}, of another name`,
+  );
+  const projects = await Promise.all(
+    Array.from({ length: 4 }, () => client.createProject({ orgId, name: "batch", requestId: "proj-race-1" }, admin)),
+  );
+  expect(new Set(projects.map((r) => r.project?.id)).size).toBe(1);
+  expect((await client.listProjects({ orgId }, admin)).projects.map((p) => p.name)).toEqual(["web", "batch"]);
+  // Unique per org: another org's project of the same request_id is its own.
+  const elsewhere = await client.createProject({ orgId: await newOrg(), name: "web", requestId: "proj-retry-1" }, admin);
+  expect(elsewhere.project?.id).not.toBe(project.project?.id);
+  expect(await code(client.createProject({ orgId, name: "x", requestId: "a b" }, admin))).toBe(Code.InvalidArgument);
+});
+
 test("an api key created again with its request_id is the same key, its secret not shown twice", async () => {
   const orgId = await newOrg();
   const ask = { orgId, name: "ci", limits: { monthlyBudgetNanos: 5_000_000_000n, allowedModels: ["mock"] } };

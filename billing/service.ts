@@ -123,14 +123,17 @@ export function createBillingService({
   const impl: ServiceImpl<typeof BillingService> = {
     async createOrganization(req, ctx) {
       admin(ctx);
-      const organization = await store.createOrganization({
-        name: text(req.name, "name"),
-        taxRateBps: intInRange(req.taxRateBps, "tax_rate_bps", 0, 10_000),
-        billingDay: req.billingDay === 0 ? 1 : intInRange(req.billingDay, "billing_day", 1, 28),
-        monthlyBudgetNanos: nonNegative(req.monthlyBudgetNanos, "monthly_budget_nanos"),
-        maxDiscountBps: intInRange(req.maxDiscountBps, "max_discount_bps", 0, 10_000),
-      });
-      log.info("organization created", { org_id: organization.id });
+      const organization = await store.createOrganization(
+        {
+          name: text(req.name, "name"),
+          taxRateBps: intInRange(req.taxRateBps, "tax_rate_bps", 0, 10_000),
+          billingDay: req.billingDay === 0 ? 1 : intInRange(req.billingDay, "billing_day", 1, 28),
+          monthlyBudgetNanos: nonNegative(req.monthlyBudgetNanos, "monthly_budget_nanos"),
+          maxDiscountBps: intInRange(req.maxDiscountBps, "max_discount_bps", 0, 10_000),
+        },
+        requestId(req.requestId),
+      );
+      log.info("organization created", { org_id: organization.id, request_id: req.requestId || undefined });
       return create(CreateOrganizationResponseSchema, { organization: organizationMessage(organization) });
     },
 
@@ -173,7 +176,10 @@ export function createBillingService({
 
     async createProject(req, ctx) {
       admin(ctx);
-      const project = await store.createProject({ orgId: orgIdOf(req), name: text(req.name, "name") });
+      const project = await store.createProject(
+        { orgId: orgIdOf(req), name: text(req.name, "name") },
+        requestId(req.requestId),
+      );
       return create(CreateProjectResponseSchema, { project: projectMessage(project) });
     },
 

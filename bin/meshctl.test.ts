@@ -505,6 +505,8 @@ describe("creates whose answer was lost", () => {
         router.service(BillingService, {
           createApiKey: (req) => faulty(req.requestId, () => billing.createApiKey(req)),
           createDiscountRule: (req) => faulty(req.requestId, () => billing.createDiscountRule(req)),
+          createOrganization: (req) => faulty(req.requestId, () => billing.createOrganization(req)),
+          createProject: (req) => faulty(req.requestId, () => billing.createProject(req)),
         }),
       log,
     });
@@ -534,6 +536,23 @@ describe("creates whose answer was lost", () => {
     // Other errors are the answer: not sent again.
     failsWith(await lossyCli(add("p3"), "refuse"), 1, /refused here/);
     expect(sent).toHaveLength(1);
+  });
+
+  test("orgs create and projects create sent again: one org and one project, not ALREADY_EXISTS", async () => {
+    const made = await lossyCli("orgs create lost-answer-org --tax-bps 700", "lose answer");
+    expect(made).toMatchObject({ code: 0, err: "" });
+    expect(sent).toEqual([sent[0] as string, sent[0] as string]);
+    const orgId = made.out.match(/org_\w+/)?.[0] as string;
+    const orgs = (await billing.listOrganizations({})).organizations.filter((o) => o.name === "lost-answer-org");
+    expect(orgs.map((o) => o.id)).toEqual([orgId]);
+
+    const project = await lossyCli(`projects create --org ${orgId} web`, "lose answer");
+    expect(project).toMatchObject({ code: 0, err: "" });
+    expect(sent).toHaveLength(2);
+    const { projects } = await billing.listProjects({ orgId });
+    expect(projects.map((p) => p.id)).toEqual([project.out.match(/proj_\w+/)?.[0] as string]);
+    // A name taken by another create is still refused.
+    failsWith(await lossyCli("orgs create lost-answer-org", "drop call"), 1, /an organization with this name already exists/);
   });
 
   test("keys create sent again: one key, and a secret lost with its answer is said to be so", async () => {

@@ -243,7 +243,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
     checkCommandLine(command, values, oneWord ? positionals.slice(1) : rest);
     switch (command) {
       case "orgs create": {
-        const res = await billing.createOrganization({
+        const ask = {
           name: need(rest[0], "NAME"),
           taxRateBps: int(values["tax-bps"], "--tax-bps"),
           billingDay: int(values["billing-day"], "--billing-day"),
@@ -251,7 +251,8 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           maxDiscountBps: values["max-discount-percent"]
             ? percentBps(values["max-discount-percent"], "--max-discount-percent")
             : 0,
-        });
+        };
+        const res = await createOnce((requestId) => billing.createOrganization({ ...ask, requestId }));
         print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
         return 0;
       }
@@ -283,7 +284,8 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "projects create": {
-        const res = await billing.createProject({ orgId: need(values.org, "--org"), name: need(rest[0], "NAME") });
+        const ask = { orgId: need(values.org, "--org"), name: need(rest[0], "NAME") };
+        const res = await createOnce((requestId) => billing.createProject({ ...ask, requestId }));
         print(schemaOf(res), res, () => table([["ID", "NAME"], [res.project?.id ?? "", res.project?.name ?? ""]]));
         return 0;
       }

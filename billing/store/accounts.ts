@@ -94,6 +94,30 @@ interface KeyRow {
   rotated_from: string | null;
 }
 
+/** What a create that made nothing because its request_id was taken reads back to compare with. */
+interface Repeatable {
+  id: string;
+  request_sha256: string;
+}
+
+/**
+ * The row a create of `requestId` made earlier (committed by the create that took the request_id first: an insert
+ * meeting it waits for that one to end), when it asked for the same content; already_exists naming the row when not.
+ */
+function sameRequest<R extends Repeatable>(
+  earlier: R | undefined,
+  requestId: string | null,
+  sha256: string | null,
+  noun: string,
+  other: string,
+): R {
+  if (!earlier) throw new Error(`${noun} of request_id ${requestId} neither inserted nor found`);
+  if (earlier.request_sha256 !== sha256) {
+    throw new BillingError("already_exists", `request_id ${requestId} was already used to create ${noun} ${earlier.id}, of ${other}`);
+  }
+  return earlier;
+}
+
 export function createAccountStore(db: Db) {
   const requireOrganization = async (orgId: string) => {
     const rows = await db.query<OrgRow>(`SELECT ${orgColumns} FROM organizations WHERE id = $1`, [orgId]);
@@ -129,19 +153,11 @@ export function createAccountStore(db: Db) {
       ],
     );
     if (rows[0]) return { apiKey: toApiKey(rows[0]), secret };
-    // Committed by the create that took the request_id first (this insert waited for it to end).
-    const [earlier] = await q.query<KeyRow & { request_sha256: string }>(
+    const [earlier] = await q.query<KeyRow & Repeatable>(
       `SELECT ${keyColumns}, request_sha256 FROM api_keys WHERE org_id = $1 AND request_id = $2`,
       [key.orgId, requestId],
     );
-    if (!earlier) throw new Error(`api key of request_id ${requestId} neither inserted nor found`);
-    if (earlier.request_sha256 !== sha256) {
-      throw new BillingError(
-        "already_exists",
-        `request_id ${requestId} was already used to create api key ${earlier.id}, of another project, name or limits`,
-      );
-    }
-    return { apiKey: toApiKey(earlier), secret: "" };
+    return { apiKey: toApiKey(sameRequest(earlier, requestId, sha256, "api key", "another project, name or limits")), secret: "" };
   };
 
   // Why a statement on an active key matched no row: the key is unknown, or revoked (naming the key it was rotated
@@ -160,10 +176,18 @@ export function createAccountStore(db: Db) {
   };
 
   return {
-    async createOrganization(org: NewOrganization): Promise<Organization> {
+    /**
+     * Creates an org. With a `requestId` used before, creates nothing and answers with the org created then, as it is
+     * now, or already_exists when that asked for another; of two at once, one creates and the other waits.
+     */
+    async createOrganization(org: NewOrganization, requestId: string | null = null): Promise<Organization> {
+      const sha256 = requestId === null ? null : requestSha256(org);
       const rows = await db.query<OrgRow>(
-        `INSERT INTO organizations (id, name, tax_rate_bps, billing_day, monthly_budget_nanos, max_discount_bps)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING ${orgColumns}`,
+        `INSERT INTO organizations (id, name, tax_rate_bps, billing_day, monthly_budget_nanos, max_discount_bps,
+           request_id, request_sha256)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (request_id) DO NOTHING
+         RETURNING ${orgColumns}`,
         [
           `org_${ulid()}`,
           org.name,
@@ -171,9 +195,16 @@ export function createAccountStore(db: Db) {
           org.billingDay,
           org.monthlyBudgetNanos.toString(),
           org.maxDiscountBps,
+          requestId,
+          sha256,
         ],
       );
-      return toOrganization(rows[0] as OrgRow);
+      if (rows[0]) return toOrganization(rows[0]);
+      const [earlier] = await db.query<OrgRow & Repeatable>(
+        `SELECT ${orgColumns}, request_sha256 FROM organizations WHERE request_id = $1`,
+        [requestId],
+      );
+      return toOrganization(sameRequest(earlier, requestId, sha256, "organization", "another name or settings"));
     },
 
     async listOrganizations(): Promise<Organization[]> {
@@ -229,12 +260,21 @@ export function createAccountStore(db: Db) {
       return toOrganization(rows[0]);
     },
 
-    async createProject(project: { orgId: string; name: string }): Promise<Project> {
+    /** Creates a project; a `requestId` repeated makes it safe to retry, as createOrganization's. */
+    async createProject(project: { orgId: string; name: string }, requestId: string | null = null): Promise<Project> {
+      const sha256 = requestId === null ? null : requestSha256(project);
       const rows = await db.query<ProjectRow>(
-        `INSERT INTO projects (id, org_id, name) VALUES ($1, $2, $3) RETURNING ${projectColumns}`,
-        [`proj_${ulid()}`, project.orgId, project.name],
+        `INSERT INTO projects (id, org_id, name, request_id, request_sha256) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (org_id, request_id) DO NOTHING
+         RETURNING ${projectColumns}`,
+        [`proj_${ulid()}`, project.orgId, project.name, requestId, sha256],
       );
-      return toProject(rows[0] as ProjectRow);
+      if (rows[0]) return toProject(rows[0]);
+      const [earlier] = await db.query<ProjectRow & Repeatable>(
+        `SELECT ${projectColumns}, request_sha256 FROM projects WHERE org_id = $1 AND request_id = $2`,
+        [project.orgId, requestId],
+      );
+      return toProject(sameRequest(earlier, requestId, sha256, "project", "another name"));
     },
 
     async listProjects(orgId: string): Promise<Project[]> {

@@ -29,6 +29,7 @@ const migrations = [
   "0011_token_leases.sql",
   "0012_responses_endpoint.sql",
   "0013_create_request_ids.sql",
+  "0016_org_project_request_ids.sql",
 ];
 const billingTables = [
   "api_keys",
