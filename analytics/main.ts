@@ -13,7 +13,7 @@ import { analyticsRoutes } from "./routes.ts";
 import { createAnalyticsService } from "./service.ts";
 import { clickHouseLoggerClass, clientRequestTimeoutMs, createClientDriver } from "./store/client-driver.ts";
 import { type ClickHouseDriver, defaultChdbReportTimeoutSeconds } from "./store/driver.ts";
-import { createAnalyticsStore, defaultQueryTimeoutSeconds, defaultRollupLagMs } from "./store/store.ts";
+import { createAnalyticsStore, defaultQueryTimeoutSeconds, defaultRollupLagMs, maxTtlDays } from "./store/store.ts";
 
 const cfg = loadEnvOrExit({
   ...commonEnv,
@@ -27,8 +27,8 @@ const cfg = loadEnvOrExit({
     .string()
     .regex(/^[A-Za-z_][A-Za-z0-9_]*$/, "must be a plain identifier")
     .default("mesh"),
-  /** Request rows are dropped this many days after they started. */
-  CLICKHOUSE_TTL_DAYS: env.int(1, 36_500).default(400),
+  /** Request rows are dropped this many days after they started (a TTL past 2106 would drop them on arrival). */
+  CLICKHOUSE_TTL_DAYS: env.int(1, maxTtlDays).default(400),
   /** A cluster name from the server's remote_servers: DDL runs ON CLUSTER with Replicated and Distributed tables. */
   CLICKHOUSE_CLUSTER: z
     .string()

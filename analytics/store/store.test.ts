@@ -14,7 +14,7 @@ import { createChdbDriver } from "./chdb-driver.ts";
 import { createClientDriver } from "./client-driver.ts";
 import type { ClickHouseDriver } from "./driver.ts";
 import { loadMigrations, migrate } from "./migrate.ts";
-import { createAnalyticsStore } from "./store.ts";
+import { createAnalyticsStore, maxTtlDays } from "./store.ts";
 import { startClickHouseHttpServer } from "./testing/clickhouse-http-server.ts";
 import { createTestStore, sampleMetrics, type TestStore, testDatabase, testDataDir } from "./test-store.ts";
 
@@ -668,6 +668,25 @@ describe("migrations", () => {
       expect(await ttl()).toContain("toIntervalDay(400)");
       expect(await createAnalyticsStore(driver, { database, ttlDays: 30 }).migrate()).toEqual([]);
       expect(await ttl()).toContain("toIntervalDay(30)");
+    } finally {
+      await driver.exec(`DROP DATABASE IF EXISTS ${database}`);
+      await driver.close();
+    }
+  });
+
+  test("the longest retention keeps the rows it stores; one whose TTL would wrap past 2106 is refused", async () => {
+    const driver = createChdbDriver(testDataDir());
+    const database = testDatabase("ttl_max");
+    try {
+      expect(() => createAnalyticsStore(driver, { database, ttlDays: 36_500 })).toThrow(/invalid TTL/);
+      const store = createAnalyticsStore(driver, { database, ttlDays: maxTtlDays });
+      await store.migrate();
+      const now = Date.now();
+      await store.insertRequests([sampleMetrics(new Date(now - 60_000), { orgId: "org_ttl" })], "ttl-max-1");
+      await driver.exec(`OPTIMIZE TABLE ${database}.requests FINAL`);
+      const range = { start: timestampFromDate(new Date(now - hour)), end: timestampFromDate(new Date(now)) };
+      const [total] = await store.queryUsage({ orgId: "org_ttl", ...range, groupBy: [], limit: 1 });
+      expect(total?.requests).toBe(1n);
     } finally {
       await driver.exec(`DROP DATABASE IF EXISTS ${database}`);
       await driver.close();

@@ -113,6 +113,12 @@ export interface StoreOptions {
 }
 
 export const defaultRollupLagMs = 5 * 60_000;
+/**
+ * Longest retention, about 50 years. A TTL is a DateTime, which ends in February 2106 and wraps past it: with a
+ * retention reaching beyond that (29,000 days from 2026), every row was expired on arrival and dropped as it was
+ * inserted, acked and never seen.
+ */
+export const maxTtlDays = 18_250;
 /** How long a report query may run in ClickHouse by default (max_execution_time). */
 export const defaultQueryTimeoutSeconds = 30;
 
@@ -160,8 +166,8 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
   if (options.cluster !== undefined && !identifier.test(options.cluster)) {
     throw new Error(`invalid ClickHouse cluster name: ${JSON.stringify(options.cluster)}`);
   }
-  if (!Number.isInteger(options.ttlDays) || options.ttlDays < 1) {
-    throw new Error(`invalid TTL: ${options.ttlDays} days`);
+  if (!Number.isInteger(options.ttlDays) || options.ttlDays < 1 || options.ttlDays > maxTtlDays) {
+    throw new Error(`invalid TTL: ${options.ttlDays} days (1 to ${maxTtlDays})`);
   }
   const queryTimeoutSeconds = options.queryTimeoutSeconds ?? driver.reportTimeoutSeconds ?? defaultQueryTimeoutSeconds;
   if (!(queryTimeoutSeconds > 0)) throw new Error(`invalid query timeout: ${queryTimeoutSeconds} s`);
