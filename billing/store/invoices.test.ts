@@ -145,6 +145,46 @@ test("regenerating a draft replaces it in place; issued invoices never change", 
   expect(await store.getInvoice(draft.id)).toEqual(issued);
 });
 
+test("an invoice read while its draft is regenerated is read as it was or as it is, never lines of one and totals of the other", async () => {
+  const org = await newOrg();
+  await store.recordUsage([usage(org.id)]);
+  const draft = await store.generateInvoice({ orgId: org.id, at: march, now: march });
+  // The regeneration (twice the usage) holds the lines until the read of the invoice waits for them, then commits.
+  const regeneration = await db.pool.connect();
+  try {
+    await regeneration.query("BEGIN");
+    await regeneration.query("LOCK TABLE invoice_line_items IN ACCESS EXCLUSIVE MODE");
+    const read = store.getInvoice(draft.id);
+    let waiting = 0;
+    for (let i = 0; i < 200 && waiting === 0; i++) {
+      if (i > 0) await Bun.sleep(10);
+      const rows = await db.pool.query<{ n: number }>(
+        "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+      );
+      waiting = rows.rows[0]?.n ?? 0;
+    }
+    expect(waiting).toBe(1);
+    await regeneration.query(
+      "UPDATE invoice_line_items SET quantity = quantity * 2, amount_nanos = amount_nanos * 2 WHERE invoice_id = $1",
+      [draft.id],
+    );
+    await regeneration.query(
+      `UPDATE invoices SET subtotal_cents = subtotal_cents * 2, tax_cents = tax_cents * 2, total_cents = total_cents * 2
+       WHERE id = $1`,
+      [draft.id],
+    );
+    await regeneration.query("COMMIT");
+    expect(await read).toEqual(draft);
+  } finally {
+    regeneration.release();
+  }
+  const regenerated = await store.getInvoice(draft.id);
+  expect([regenerated.subtotalCents, regenerated.lines[0]?.amountNanos]).toEqual([
+    2n * draft.subtotalCents,
+    2n * (draft.lines[0]?.amountNanos ?? 0n),
+  ]);
+});
+
 test("a paid invoice closes its period: generating it again says so rather than asking for a void", async () => {
   const org = await newOrg();
   const draft = await store.generateInvoice({ orgId: org.id, at: march, now: march });

@@ -126,7 +126,12 @@ export function createInvoiceStore(db: Db) {
     },
 
     getInvoice(invoiceId: string): Promise<Invoice> {
-      return readInvoice(db, invoiceId);
+      // The invoice and its lines from one snapshot: a draft regenerated or issued between two reads would pair the
+      // totals of one version with the lines of the next.
+      return db.transaction(async (tx) => {
+        await tx.query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY");
+        return readInvoice(tx, invoiceId);
+      });
     },
 
     /**
