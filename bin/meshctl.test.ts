@@ -22,11 +22,13 @@ let billingServer: RunningServer;
 let analyticsServer: RunningServer;
 let dir: string;
 const analyticsQueries: QueryUsageRequest[] = [];
+// Billing's own clock, which a test may set apart from this machine's.
+let billingNow = () => new Date();
 
 beforeAll(async () => {
   db = await createTestDatabase();
   dir = await mkdtemp(join(tmpdir(), "meshctl-test-"));
-  const app = createBillingApp({ pool: db.pool, adminToken, clock: () => new Date(), log });
+  const app = createBillingApp({ pool: db.pool, adminToken, clock: () => billingNow(), log });
   billingServer = await startServer({
     name: "billing",
     port: 0,
@@ -367,6 +369,20 @@ describe("meshctl against a real billing", () => {
     failsWith(await cli(`discounts add --org ${orgId} --name x --kind promotional`), 1, /invalid_argument.*discount_bps/);
     failsWith(await cli(`discounts add --org ${orgId} --name x --kind time-window --percent 5 --hours 9`), 2, /--hours/);
     failsWith(await cli(`discounts remove ${night.rule.id}`), 1, /not_found/);
+  });
+
+  test("invoices generate without --period invoices billing's current period, not the one of meshctl's clock", async () => {
+    const { organization } = await createServiceClient(BillingService, {
+      baseUrl: billingServer.url,
+      bearerToken: adminToken,
+    }).createOrganization({ name: "clock skew" });
+    billingNow = () => new Date("2026-03-15T12:00:00Z");
+    try {
+      const generated = await ok(`invoices generate --org ${organization?.id}`);
+      expect(generated.split("\n")[0]).toMatch(/draft, 2026-03-01 to 2026-03-31$/);
+    } finally {
+      billingNow = () => new Date();
+    }
   });
 
   test("invoices generate, list, show, move through their states and render as HTML", async () => {

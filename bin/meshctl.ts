@@ -495,7 +495,8 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         if (values.period && !/^\d{4}-(0[1-9]|1[0-2])$/.test(values.period)) {
           throw new UsageError(`--period must be YYYY-MM, not "${values.period}"`);
         }
-        const periodTime = values.period ? parseDate(`${values.period}-28`, "--period") : timestampFromDate(new Date());
+        // Without --period, billing's own clock names the current period.
+        const periodTime = values.period ? parseDate(`${values.period}-28`, "--period") : undefined;
         const res = await billing.generateInvoice({ orgId: need(values.org, "--org"), periodTime });
         print(schemaOf(res), res, () => invoiceText(res.invoice));
         return 0;
