@@ -150,9 +150,14 @@ export const upstreamRejected = (model: string, status: number, error: UpstreamE
 export const upstreamFailed = (message: string) =>
   new GatewayError(502, "api_error", "upstream_error", message, RequestStatus.UPSTREAM_ERROR, null, undefined, noRetry);
 
-/** Every attempt was refused by an upstream's rate limit; its Retry-After, when it sent one, is passed on. */
-export const upstreamRateLimited = (message: string, retryAfterS: number | undefined) =>
-  new GatewayError(
+/**
+ * Every attempt was refused by an upstream's rate limit. The wait it asked for, when it said one, goes on as Retry-After
+ * in whole seconds (at least `minRetryAfterS`) and as `retry-after-ms`, which the OpenAI SDKs read first: an upstream
+ * that asks for 300 ms (OpenAI says its waits to the millisecond) is retried after 300 ms, not a second.
+ */
+export const upstreamRateLimited = (message: string, waitMs: number | undefined, minRetryAfterS = 0) => {
+  const retryAfterS = waitMs === undefined ? undefined : Math.max(minRetryAfterS, Math.ceil(waitMs / 1000));
+  return new GatewayError(
     429,
     "rate_limit_error",
     "upstream_rate_limited",
@@ -160,8 +165,9 @@ export const upstreamRateLimited = (message: string, retryAfterS: number | undef
     RequestStatus.RATE_LIMITED,
     null,
     retryAfterS,
-    retryAfter(retryAfterS),
+    waitMs === undefined ? undefined : { ...retryAfter(retryAfterS), "retry-after-ms": String(Math.ceil(waitMs)) },
   );
+};
 
 /** The upstream's account is out of credit: not the client's to retry, so not a 429. */
 export const upstreamQuotaExceeded = (message: string) =>

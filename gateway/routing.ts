@@ -240,8 +240,7 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
       }
       if (refused) throw upstreamRejected(route.name, refused.status ?? 429, refused.error);
       if (!last && skipped > 0 && held === skipped) {
-        const retryAfterS = Math.max(1, Math.ceil(waitMs / 1000));
-        throw upstreamRateLimited(`Every upstream of \`${route.name}\` asked to wait; retry later.`, retryAfterS);
+        throw upstreamRateLimited(`Every upstream of \`${route.name}\` asked to wait; retry later.`, waitMs, 1);
       }
       if (!last && skipped > 0) {
         throw upstreamUnavailable(`Every upstream of \`${route.name}\` is failing; retry later.`, Math.max(1, Math.ceil(waitMs / 1000)));
@@ -255,7 +254,7 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
       if (last?.failure === "timeout") throw upstreamTimeout(message);
       if (outOfQuota(last?.status, last?.error)) throw upstreamQuotaExceeded(message);
       if (last?.status === 429) {
-        throw upstreamRateLimited(message, last.retryAfterMs === undefined ? undefined : Math.ceil(last.retryAfterMs / 1000));
+        throw upstreamRateLimited(message, last.retryAfterMs);
       }
       throw upstreamFailed(message);
     },

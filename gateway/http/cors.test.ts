@@ -89,7 +89,7 @@ test("browsers may read every header the OpenAI SDKs act on in the gateway's ans
   const answers = [
     rateLimited("requests", "slow down", 750, limits),
     insufficientQuota("no budget", 90),
-    upstreamRateLimited("upstream limit", 2),
+    upstreamRateLimited("upstream limit", 2000),
     upstreamUnavailable("breakers open", 30),
     upstreamFailed("upstream failed"),
   ].map((e) => errorResponse(e, "01TEST", limits));

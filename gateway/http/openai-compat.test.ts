@@ -1145,6 +1145,24 @@ for (const port of ["rpc", "rest"] as const) {
         expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED, httpStatus: 429 });
       });
 
+      test("an upstream's wait in milliseconds is passed on as retry-after-ms, which the SDK waits out, not a whole second", async () => {
+        upstream.script("retried-later", { status: 429, retryAfterMs: "300" }, {});
+        const e = await apiError(sdk().chat.completions.create({ model: "retried-later", messages: hello }));
+        expectShape(e, 429, "upstream_rate_limited", "rate_limit_error");
+        expect([e.headers?.get("retry-after"), e.headers?.get("retry-after-ms")]).toEqual(["1", "300"]);
+        await sdk().chat.completions.create({ model: "retried-later", messages: hello });
+
+        upstream.script("retried-later", { status: 429, retryAfterMs: "300" }, {});
+        const patient = new OpenAI({ baseURL: `${base()}/v1`, apiKey: "sk-good", maxRetries: 1 });
+        const started = performance.now();
+        const served = await patient.chat.completions.create({ model: "retried-later", messages: hello });
+        const waited = performance.now() - started;
+        expect(served.model).toBe("retried-later-fake");
+        expect(upstream.seen("retried-later")).toHaveLength(4);
+        expect(waited).toBeGreaterThanOrEqual(300);
+        expect(waited).toBeLessThan(900);
+      });
+
       test("the SDKs do not retry what the gateway has retried or a retry cannot help; a rate limit they retry after its wait", async () => {
         const retrying = new OpenAI({ baseURL: `${base()}/v1`, apiKey: "sk-good", maxRetries: 2 });
         upstream.script("failing", { status: 500 });

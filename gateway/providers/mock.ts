@@ -225,9 +225,9 @@ export function createMockProvider(config: MockConfig): Provider {
 }
 
 /**
- * The mock's reply to a request: the last user message echoed (as {"reply": ...} when a JSON response format is asked
- * for), or a call of the tool that tool_choice requires, with "{}" for arguments; cut at the first stop sequence and
- * at the token limit. Ids are fresh each time, as OpenAI's are.
+ * The mock's reply to a request: the last user message echoed (in JSON when a JSON response format is asked for, see
+ * jsonReply), or a call of the tool that tool_choice requires, with arguments that fit its parameters (see
+ * toolArguments); cut at the first stop sequence and at the token limit. Ids are fresh each time, as OpenAI's are.
  */
 function replyTo(request: ChatRequest) {
   let prompt = "";
@@ -239,8 +239,8 @@ function replyTo(request: ChatRequest) {
     }
   }
   const echo = `mock reply: ${prompt}`;
-  const format = request.response_format?.type;
-  let content = format === "json_object" || format === "json_schema" ? JSON.stringify({ reply: echo }) : echo;
+  const format = request.response_format;
+  let content = format?.type === "json_object" || format?.type === "json_schema" ? jsonReply(format, echo) : echo;
   let finishReason: "stop" | "length" | "tool_calls" = "stop";
   const stops = typeof request.stop === "string" ? [request.stop] : (request.stop ?? []);
   for (const stop of stops) {
@@ -249,7 +249,7 @@ function replyTo(request: ChatRequest) {
   }
   const tool = requiredTool(request);
   const toolCall: ChatCompletionMessageToolCall | undefined = tool
-    ? { id: `call_${ulid()}`, type: "function", function: { name: tool, arguments: "{}" } }
+    ? { id: `call_${ulid()}`, type: "function", function: { name: tool.name, arguments: toolArguments(tool, echo) } }
     : undefined;
   if (toolCall) {
     content = "";
@@ -281,8 +281,9 @@ function replyTo(request: ChatRequest) {
 
 /**
  * The mock's Responses API answer to a request, as replyTo answers chat: the last user input (or the input string)
- * echoed after `mock reply: `, cut at `max_output_tokens`; or a call with "{}" of the function tool `tool_choice`
- * requires. Its input is counted as the chat mock counts messages: instructions and each input item.
+ * echoed after `mock reply: ` (in JSON when `text.format` asks for it), cut at `max_output_tokens`; or a call of the
+ * function tool `tool_choice` requires, with arguments that fit its parameters. Its input is counted as the chat mock
+ * counts messages: instructions and each input item.
  */
 function responseTo(request: ResponsesRequest) {
   const r = request as unknown as Record<string, unknown>;
@@ -301,7 +302,10 @@ function responseTo(request: ResponsesRequest) {
     }
   }
   const tool = requiredResponsesTool(r);
-  let text = tool ? "{}" : `mock reply: ${prompt}`;
+  const echo = `mock reply: ${prompt}`;
+  const format = (r.text as { format?: { type?: unknown } } | undefined)?.format;
+  const json = format?.type === "json_object" || format?.type === "json_schema";
+  let text = tool ? toolArguments(tool, echo) : json ? jsonReply(format, echo) : echo;
   const asked = typeof r.max_output_tokens === "number" ? r.max_output_tokens : maxReplyTokens;
   const limit = Math.min(asked, maxReplyTokens);
   const cut = !tool && approxTokens(text) > limit;
@@ -311,7 +315,7 @@ function responseTo(request: ResponsesRequest) {
         type: "function_call",
         id: `fc_${ulid()}`,
         call_id: `call_${ulid()}`,
-        name: tool,
+        name: tool.name,
         arguments: text,
         status: "completed",
       }
@@ -326,7 +330,7 @@ function responseTo(request: ResponsesRequest) {
   const tokens = {
     inputTokens: BigInt(3 + 4 * items + approxTokens(texts.join(""))),
     cachedInputTokens: 0n,
-    outputTokens: BigInt(approxTokens(tool ? tool + text : text)),
+    outputTokens: BigInt(approxTokens(tool ? tool.name + text : text)),
     reasoningTokens: 0n,
   };
   const response = {
@@ -353,26 +357,132 @@ function responseTo(request: ResponsesRequest) {
   return { response, item: item as { id: string; type: string }, text, tokens };
 }
 
+/** A function tool the model is obliged to call: its name and its parameters' JSON schema. */
+interface RequiredTool {
+  name: string;
+  parameters: unknown;
+}
+
 /** The function tool a Responses API request obliges the model to call: named by tool_choice, or the first one. */
-function requiredResponsesTool(request: Record<string, unknown>): string | undefined {
+function requiredResponsesTool(request: Record<string, unknown>): RequiredTool | undefined {
   const choice = request.tool_choice as { type?: unknown; name?: unknown } | string | undefined;
-  if (typeof choice === "object" && choice !== null && choice.type === "function" && typeof choice.name === "string") {
-    return choice.name;
+  const named = typeof choice === "object" && choice !== null && choice.type === "function" ? choice.name : undefined;
+  if (named === undefined && choice !== "required") return undefined;
+  for (const tool of (request.tools ?? []) as { type?: unknown; name?: unknown; parameters?: unknown }[]) {
+    if (tool.type !== "function" || typeof tool.name !== "string") continue;
+    if (named === undefined || tool.name === named) return { name: tool.name, parameters: tool.parameters };
   }
-  if (choice !== "required") return undefined;
-  for (const tool of (request.tools ?? []) as { type?: unknown; name?: unknown }[]) {
-    if (tool.type === "function" && typeof tool.name === "string") return tool.name;
-  }
-  return undefined;
+  return typeof named === "string" ? { name: named, parameters: undefined } : undefined;
 }
 
 /** The function tool a request obliges the model to call: the one named by tool_choice, or the first when "required". */
-function requiredTool(request: ChatRequest): string | undefined {
+function requiredTool(request: ChatRequest): RequiredTool | undefined {
   const choice = request.tool_choice;
-  if (typeof choice === "object" && choice !== null && choice.type === "function") return choice.function.name;
-  if (choice !== "required") return undefined;
-  for (const tool of request.tools ?? []) if (tool.type === "function") return tool.function.name;
-  return undefined;
+  const named = typeof choice === "object" && choice?.type === "function" ? choice.function.name : undefined;
+  if (named === undefined && choice !== "required") return undefined;
+  for (const tool of request.tools ?? []) {
+    if (tool.type !== "function" || (named !== undefined && tool.function.name !== named)) continue;
+    return { name: tool.function.name, parameters: tool.function.parameters };
+  }
+  return named === undefined ? undefined : { name: named, parameters: undefined };
+}
+
+/**
+ * A JSON reply: an instance of the format's schema when it has one, so that clients parsing structured output against
+ * it (the SDKs' `parse` helpers) run offline too, with the echo for its strings; else `{"reply": echo}`.
+ */
+function jsonReply(format: { type?: unknown; json_schema?: { schema?: unknown }; schema?: unknown }, echo: string) {
+  // Chat's response_format holds the schema in json_schema, the Responses API's text.format in itself.
+  const schema = format.type === "json_schema" ? (format.json_schema?.schema ?? format.schema) : undefined;
+  if (schema === undefined) return JSON.stringify({ reply: echo });
+  return JSON.stringify(schemaInstance(schema, { root: schema, text: echo, values: 0 }, 0));
+}
+
+/** A tool call's arguments: an object its parameters' schema accepts (the echo for its strings), else `{}`. */
+function toolArguments({ parameters }: RequiredTool, echo: string): string {
+  const args = parameters && schemaInstance(parameters, { root: parameters, text: echo, values: 0 }, 0);
+  return JSON.stringify(typeof args === "object" && args !== null && !Array.isArray(args) ? args : {});
+}
+
+// Nesting past which a schema (a recursive one, through $ref) gets null, and the most values an instance holds (arrays
+// of a least length nested, which would otherwise multiply).
+const maxSchemaDepth = 16;
+const maxInstanceValues = 4096;
+// Strings of the formats OpenAI's structured outputs take, which validators (zod's) check.
+const formatted: Record<string, string> = {
+  "date-time": "1970-01-01T00:00:00Z",
+  date: "1970-01-01",
+  time: "00:00:00",
+  duration: "P1D",
+  email: "mock@example.com",
+  hostname: "example.com",
+  ipv4: "127.0.0.1",
+  ipv6: "::1",
+  uuid: "00000000-0000-0000-0000-000000000000",
+  uri: "https://example.com/",
+};
+
+/**
+ * The least value a JSON schema accepts, as far as OpenAI's structured outputs let a schema say: its const or first
+ * enum value, its first `anyOf` branch, `text` for a string (a string of its format's), the least number it allows,
+ * false, its shortest array, an object of its required properties; `$ref`s resolved in `at.root`.
+ */
+function schemaInstance(schema: unknown, at: { root: unknown; text: string; values: number }, depth: number): unknown {
+  if (depth > maxSchemaDepth || ++at.values > maxInstanceValues) return null;
+  const text = at.text;
+  if (typeof schema !== "object" || schema === null) return text;
+  const s = schema as Record<string, unknown>;
+  if (typeof s.$ref === "string") return schemaInstance(resolveRef(at.root, s.$ref), at, depth + 1);
+  if ("const" in s) return s.const;
+  if (Array.isArray(s.enum) && s.enum.length > 0) return s.enum[0];
+  const branches = s.anyOf ?? s.oneOf ?? s.allOf;
+  if (Array.isArray(branches) && branches.length > 0) return schemaInstance(branches[0], at, depth + 1);
+  const types = Array.isArray(s.type) ? s.type : [s.type];
+  const type = types.find((t) => t !== "null") ?? (types.includes("null") ? "null" : undefined);
+  if (type === "object" || (type === undefined && typeof s.properties === "object" && s.properties !== null)) {
+    const properties = (s.properties ?? {}) as Record<string, unknown>;
+    const value: Record<string, unknown> = {};
+    for (const name of Array.isArray(s.required) ? s.required : []) {
+      if (typeof name === "string") value[name] = schemaInstance(properties[name], at, depth + 1);
+    }
+    return value;
+  }
+  if (type === "array") {
+    const count = typeof s.minItems === "number" ? Math.min(s.minItems, 16) : 0;
+    const items = Array.isArray(s.prefixItems) ? s.prefixItems : undefined;
+    return Array.from({ length: Math.max(count, items?.length ?? 0) }, (_, i) =>
+      schemaInstance(items?.[i] ?? s.items, at, depth + 1),
+    );
+  }
+  if (type === "number" || type === "integer") return leastNumber(s, type === "integer");
+  if (type === "boolean") return false;
+  if (type === "null") return null;
+  if (type === "string" && typeof s.format === "string" && s.format in formatted) return formatted[s.format];
+  const longest = typeof s.maxLength === "number" ? s.maxLength : text.length;
+  return text.slice(0, longest).padEnd(typeof s.minLength === "number" ? s.minLength : 0, ".");
+}
+
+/** The number nearest 0 within a schema's bounds. */
+function leastNumber(s: Record<string, unknown>, integer: boolean): number {
+  // Just past an exclusive bound: by one for an integer, by a millionth for a float.
+  const step = integer ? 1 : 1e-6;
+  const below = typeof s.exclusiveMinimum === "number" ? s.exclusiveMinimum + step : undefined;
+  const min = Math.max(typeof s.minimum === "number" ? s.minimum : -Infinity, below ?? -Infinity);
+  const above = typeof s.exclusiveMaximum === "number" ? s.exclusiveMaximum - step : undefined;
+  const max = Math.min(typeof s.maximum === "number" ? s.maximum : Infinity, above ?? Infinity);
+  const value = Math.min(Math.max(0, min), max);
+  return integer ? Math.ceil(value) : value;
+}
+
+/** What a local `$ref` (`#/$defs/Name`, JSON pointer escapes undone) names in the root schema; undefined for others. */
+function resolveRef(root: unknown, ref: string): unknown {
+  if (!ref.startsWith("#")) return undefined;
+  let at: unknown = root;
+  for (const part of ref.slice(1).split("/").slice(1)) {
+    if (typeof at !== "object" || at === null) return undefined;
+    at = (at as Record<string, unknown>)[part.replaceAll("~1", "/").replaceAll("~0", "~")];
+  }
+  return at;
 }
 
 function wait(ms: number, signal: AbortSignal | undefined): Promise<void> {

@@ -1,0 +1,178 @@
+import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import OpenAI from "openai";
+import { zodFunction, zodResponseFormat, zodResponsesFunction, zodTextFormat } from "openai/helpers/zod";
+import { z } from "zod";
+import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
+import { startTestGateway } from "../testing/served-gateway.ts";
+
+// The official SDK's higher-level helpers (structured outputs parsed against a schema, tool arguments parsed, stream
+// helpers assembling a final object, the tool loop) against the gateway's mock provider and an OpenAI-compatible
+// upstream on a socket, on both REST ports.
+let gateway: Awaited<ReturnType<typeof startTestGateway>>;
+let upstream: FakeUpstream;
+
+beforeAll(async () => {
+  upstream = startFakeUpstream();
+  gateway = await startTestGateway(
+    [
+      "providers:",
+      "  - { name: mock, kind: mock }",
+      `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
+      "models:",
+      "  - name: mock",
+      "    targets: [{ provider: mock, model: mock-echo-1 }]",
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+      "  - name: ok",
+      "    targets: [{ provider: fake, model: ok }]",
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+    ].join("\n"),
+  );
+});
+afterAll(async () => {
+  await gateway?.close();
+  await upstream?.stop();
+});
+beforeEach(() => upstream.reset());
+
+const Plan = z.object({
+  title: z.string(),
+  kind: z.enum(["trip", "meeting"]),
+  when: z.string().datetime(),
+  guests: z.number().int().positive(),
+  stops: z.array(z.object({ place: z.string() })),
+  note: z.string().nullable(),
+  owner: z.object({ email: z.string().email(), vip: z.boolean() }),
+});
+const expected = (echo: string): z.infer<typeof Plan> => ({
+  title: echo,
+  kind: "trip",
+  when: "1970-01-01T00:00:00Z",
+  guests: 1,
+  stops: [],
+  note: echo,
+  owner: { email: "mock@example.com", vip: false },
+});
+const Weather = z.object({ city: z.string(), days: z.number().int().min(1).max(7) });
+
+for (const [port, base] of [
+  ["RPC port", () => gateway.url],
+  ["REST port", () => gateway.restUrl],
+] as const) {
+  describe(`the SDK's helpers on the mock provider, ${port}`, () => {
+    const sdk = () => new OpenAI({ baseURL: `${base()}/v1`, apiKey: "sk-good", maxRetries: 0 });
+    const messages = [{ role: "user" as const, content: "plan it" }];
+
+    test("chat structured output parses against its schema, whole and streamed", async () => {
+      const response_format = zodResponseFormat(Plan, "plan");
+      const whole = await sdk().chat.completions.parse({ model: "mock", messages, response_format });
+      expect(whole.choices[0]?.message.parsed).toEqual(expected("mock reply: plan it"));
+      const stream_options = { include_usage: true };
+      const stream = sdk().chat.completions.stream({ model: "mock", messages, response_format, stream_options });
+      const final = await stream.finalChatCompletion();
+      expect(final.choices[0]?.message.parsed).toEqual(expected("mock reply: plan it"));
+      expect(final.usage?.completion_tokens).toBeGreaterThan(0);
+      // A JSON object without a schema stays the echo in JSON.
+      const json = { type: "json_object" as const };
+      const plain = await sdk().chat.completions.create({ model: "mock", messages, response_format: json });
+      expect(JSON.parse(plain.choices[0]?.message.content ?? "")).toEqual({ reply: "mock reply: plan it" });
+    });
+
+    test("a required tool is called with arguments its parameters accept, parsed by the SDK", async () => {
+      const tools = [zodFunction({ name: "weather", parameters: Weather })];
+      const whole = await sdk().chat.completions.parse({ model: "mock", messages, tools, tool_choice: "required" });
+      expect(whole.choices[0]?.message.tool_calls?.[0]).toMatchObject({
+        function: { name: "weather", parsed_arguments: { city: "mock reply: plan it", days: 1 } },
+      });
+      const stream = sdk().chat.completions.stream({ model: "mock", messages, tools, tool_choice: "required" });
+      const final = await stream.finalChatCompletion();
+      expect(final.choices[0]?.message.tool_calls?.[0]).toMatchObject({
+        function: { name: "weather", parsed_arguments: { city: "mock reply: plan it", days: 1 } },
+      });
+    });
+
+    test("Responses API structured output and function calls parse, whole and streamed", async () => {
+      const text = { format: zodTextFormat(Plan, "plan") };
+      const whole = await sdk().responses.parse({ model: "mock", input: "plan it", text });
+      expect(whole.output_parsed).toEqual(expected("mock reply: plan it"));
+      const final = await sdk().responses.stream({ model: "mock", input: "plan it", text }).finalResponse();
+      expect(final.output_parsed).toEqual(expected("mock reply: plan it"));
+      const tools = [zodResponsesFunction({ name: "weather", parameters: Weather })];
+      const called = await sdk().responses.parse({ model: "mock", input: "plan it", tools, tool_choice: "required" });
+      expect(called.output[0]).toMatchObject({
+        type: "function_call",
+        name: "weather",
+        parsed_arguments: { city: "mock reply: plan it", days: 1 },
+      });
+    });
+  });
+}
+
+/** A streamed answer as an upstream sends it: these chunks, the usage, [DONE]. */
+function events(deltas: Array<[delta: Record<string, unknown>, finish?: string]>, usage: Record<string, number>) {
+  const base = { id: "chatcmpl-up", object: "chat.completion.chunk", created: 1, model: "ok-up" };
+  const chunk = ([delta, finish]: (typeof deltas)[number]) => ({
+    ...base,
+    choices: [{ index: 0, delta, finish_reason: finish ?? null }],
+  });
+  const chunks = deltas.map(chunk);
+  const text = [...chunks, { ...base, choices: [], usage }].map((c) => `data: ${JSON.stringify(c)}\n\n`).join("");
+  return { body: { contentType: "text/event-stream", text: `${text}data: [DONE]\n\n` } };
+}
+
+for (const [port, base] of [
+  ["RPC port", () => gateway.url],
+  ["REST port", () => gateway.restUrl],
+] as const) {
+  describe(`the SDK's helpers on an OpenAI-compatible upstream, ${port}`, () => {
+    const sdk = () => new OpenAI({ baseURL: `${base()}/v1`, apiKey: "sk-good", maxRetries: 0 });
+
+    test("parallel tool calls streamed in pieces are assembled, each round of the tool loop metered", async () => {
+      const call = (index: number, id: string) => ({
+        tool_calls: [{ index, id, type: "function", function: { name: "weather", arguments: "" } }],
+      });
+      const args = (index: number, text: string) => ({ tool_calls: [{ index, function: { arguments: text } }] });
+      upstream.script(
+        "ok",
+        // Two calls in one answer, their arguments in pieces.
+        events(
+          [
+            [{ role: "assistant", content: null }],
+            [call(0, "call_a")],
+            [args(0, '{"city":')],
+            [args(0, '"Rome","days":1}')],
+            [call(1, "call_b")],
+            [args(1, '{"city":"Oslo",')],
+            [args(1, '"days":2}')],
+            [{}, "tool_calls"],
+          ],
+          { prompt_tokens: 40, completion_tokens: 30, total_tokens: 70 },
+        ),
+        events([[{ role: "assistant", content: "" }], [{ content: "Sunny in both." }], [{}, "stop"]], {
+          prompt_tokens: 90,
+          completion_tokens: 5,
+          total_tokens: 95,
+        }),
+      );
+      const asked: unknown[] = [];
+      const runner = sdk().chat.completions.runTools({
+        model: "ok",
+        stream: true,
+        stream_options: { include_usage: true },
+        messages: [{ role: "user", content: "weather in Rome and Oslo?" }],
+        tools: [zodFunction({ name: "weather", parameters: Weather, function: (a) => (asked.push(a), "sunny") })],
+      });
+      expect(await runner.finalContent()).toBe("Sunny in both.");
+      expect(asked).toEqual([{ city: "Rome", days: 1 }, { city: "Oslo", days: 2 }]);
+      expect(await runner.totalUsage()).toEqual({ prompt_tokens: 130, completion_tokens: 35, total_tokens: 165 });
+      // The second round sent the calls and their results back, in order.
+      const resent = upstream.seen("ok")[1]?.body.messages as Array<Record<string, unknown>>;
+      expect(resent.map((m) => m.role)).toEqual(["user", "assistant", "tool", "tool"]);
+      expect(resent.slice(2).map((m) => m.tool_call_id)).toEqual(["call_a", "call_b"]);
+      const rows = gateway.shipper.rows.slice(-2);
+      expect(rows.map((m) => [m.usage?.inputTokens, m.usage?.outputTokens, m.costNanos])).toEqual([
+        [40n, 30n, 70_000n],
+        [90n, 5n, 95_000n],
+      ]);
+    });
+  });
+}
