@@ -13,7 +13,7 @@ const cfg = loadEnvOrExit({
   ...commonEnv,
   BILLING_PORT: env.port(8081),
   /** Postgres to use; unset starts an embedded server under <MESH_DATA_DIR>/postgres. */
-  DATABASE_URL: env.setOrUnset(env.filled.optional()),
+  DATABASE_URL: env.setOrUnset(env.postgresUrl.optional()),
   /** How long a lease that expired unreleased (its gateway died) still reserves its grant; see budget-leases.ts. */
   BUDGET_LEASE_GRACE_SECONDS: env.int(0, 86_400).default(600),
   /** What one gateway may hold beyond half of what is left of a budget; see budget-leases.ts. */

@@ -292,6 +292,26 @@ describe("meshctl against a real billing", () => {
     failsWith(await cli(`usage --org ${orgId} --by model,key,day,status`), 2, /at most 3 dimensions, not 4/);
   });
 
+  test("an org's own API key reads its analytics with --from and --to, billing's org list not asked", async () => {
+    const billing = createServiceClient(BillingService, { baseUrl: billingServer.url, bearerToken: adminToken });
+    const orgKey = (await billing.createApiKey({ orgId, name: "reader" })).secret;
+    const asOrg = { ADMIN_TOKEN: orgKey };
+    const range = `--from 2026-10-01 --to 2026-11-01`;
+    expect((await ok(`usage --org ${orgId} --source analytics ${range}`, asOrg)).split("\n")[1]).toMatch(/^\s*3\s+30\s/);
+    expect(timestampDate(analyticsQueries.at(-1)?.range?.start ?? timestampFromDate(new Date(0))).toISOString()).toBe(
+      "2026-10-01T00:00:00.000Z",
+    );
+    expect(timestampDate(analyticsQueries.at(-1)?.range?.end ?? timestampFromDate(new Date(0))).toISOString()).toBe(
+      "2026-11-01T00:00:00.000Z",
+    );
+    // The billing period a left-out bound comes from needs the admin token: the refusal says what to give instead.
+    failsWith(
+      await cli(`usage --org ${orgId} --source analytics --from 2026-10-01`, asOrg),
+      1,
+      /permission_denied.*both --from and --to/,
+    );
+  });
+
   test("quota show counts the usage of the keys a key was rotated from, as its limits do", async () => {
     const billing = createServiceClient(BillingService, { baseUrl: billingServer.url, bearerToken: adminToken });
     const first = await json<{ apiKey: { id: string } }>(`keys create --org ${orgId} --budget-usd 1`);

@@ -579,14 +579,23 @@ async function findKey(
   throw new ServiceError(`no key ${keyId}${orgId ? ` in org ${orgId}` : ""}`);
 }
 
-/** An analytics query's range: --from and --to, either left out coming from the org's billing period, as billing's. */
+/**
+ * An analytics query's range: --from and --to, either left out coming from the org's billing period, as billing's.
+ * Only that period asks billing, whose org list needs the admin token: with both given, an org's own API key, which
+ * may read its analytics, reads them.
+ */
 async function analyticsRange(
   billing: Client<typeof BillingService>,
   orgId: string,
   from: Timestamp | undefined,
   to: Timestamp | undefined,
 ): Promise<{ start: Timestamp; end: Timestamp }> {
-  const org = (await billing.listOrganizations({})).organizations.find((o) => o.id === orgId);
+  if (from && to) return { start: from, end: to };
+  const orgs = await billing.listOrganizations({}).catch((e: unknown) => {
+    if (ConnectError.from(e).code !== Code.PermissionDenied) throw e;
+    throw new ServiceError(`${errorLine(e)} (an org's own API key reads its analytics with both --from and --to)`);
+  });
+  const org = orgs.organizations.find((o) => o.id === orgId);
   if (!org) throw new ServiceError(`no organization ${orgId}`);
   const period = billingPeriod(new Date(to ? timestampMs(to) - 1 : Date.now()), org.billingDay);
   return { start: from ?? timestampFromDate(period.start), end: to ?? timestampFromDate(period.end) };

@@ -53,6 +53,32 @@ describe("parseEnv", () => {
     }
   });
 
+  test("a DATABASE_URL pg could not read stops the service at start, naming it, its credentials masked", () => {
+    const shape = { DATABASE_URL: env.setOrUnset(env.postgresUrl.optional()) };
+    // A password with an unencoded / or #, a port past 65535, another database's scheme: pg threw "Invalid URL" at the
+    // first connection (billing's migrations), naming neither the variable nor what was wrong, or dialled host "x".
+    const refused = [
+      ["postgres://mesh:pa/ss@db:5432/mesh", "postgres://***@db:5432/mesh"],
+      ["postgres://mesh:pa#ss@db:5432/mesh", "postgres://***@db:5432/mesh"],
+      ["postgres://mesh:secret-pw@db:99999/mesh", "postgres://***@db:99999/mesh"],
+      ["mysql://x/y", "mysql://x/y"],
+      ["db:5432", "db:5432"],
+    ];
+    for (const [value, shown] of refused) {
+      expect(() => parseEnv(shape, { DATABASE_URL: value })).toThrow(
+        `invalid environment: DATABASE_URL ("${shown}"): must be a postgres:// URL, its user and password percent-encoded`,
+      );
+    }
+    for (const value of [
+      "postgres://mesh:pa%2Fss@db:5432/mesh",
+      "postgresql://mesh@/mesh?host=/var/run/postgresql",
+      "socket:/var/run/postgresql?db=mesh",
+      "/var/run/postgresql mesh",
+    ]) {
+      expect(parseEnv(shape, { DATABASE_URL: value }).DATABASE_URL).toBe(value);
+    }
+  });
+
   test("rejects ports out of range", () => {
     expect(() => parseEnv(shape, { GATEWAY_PORT: "70000" })).toThrow("GATEWAY_PORT");
     // 0 asks the system for any free port, as it always did.

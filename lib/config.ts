@@ -51,6 +51,17 @@ function setOrUnset<T extends z.ZodType>(schema: T): T {
 /** A string with something in it besides whitespace. */
 const filled = z.string().refine((s) => s.trim() !== "", "must not be empty: unset it for the default");
 
+/**
+ * A connection string pg reads: a postgres:// or postgresql:// URL (one without a host, `user@/db?host=/socket`, too),
+ * a socket: URL or a socket directory's path. pg would throw "Invalid URL" at the first connection, naming nothing:
+ * a password with an unencoded `/`, `#` or `?`, or a port past 65535.
+ */
+const postgresUrl = filled.refine((s) => {
+  if (s.trim() === "" || s.startsWith("/")) return true;
+  const url = URL.parse(s) ?? URL.parse(s.replace("@/", "@___DUMMY___/"));
+  return url !== null && ["postgres:", "postgresql:", "socket:"].includes(url.protocol);
+}, "must be a postgres:// URL, its user and password percent-encoded (@ as %40, / as %2F, # as %23, ? as %3F)");
+
 /** `*`, or a comma-separated list of origins such as `https://app.example.com,http://localhost:5173`. */
 const origins = z
   .string()
@@ -207,7 +218,7 @@ export const commonEnv = {
   CORS_ALLOWED_ORIGINS: origins.default(["*"]),
 };
 
-export const env = { port, int, decimal, bigint, httpUrl, filled, setOrUnset };
+export const env = { port, int, decimal, bigint, httpUrl, filled, postgresUrl, setOrUnset };
 
 /** Parses `source` with the schema built from `shape`, or throws a ConfigError naming each bad variable. */
 export function parseEnv<S extends z.ZodRawShape>(
@@ -254,7 +265,10 @@ function looksSecret(name: string): boolean {
   return /TOKEN|KEY|SECRET|PASSWORD/i.test(name);
 }
 
-/** A URL's `user:password@` masked (CLICKHOUSE_URL may carry them), with or without its scheme. */
+/**
+ * A URL's `user:password@` masked (CLICKHOUSE_URL and DATABASE_URL may carry them), with or without its scheme: up to
+ * its last `@`, as a password that makes the URL bad may hold a `/`, `?` or `#`.
+ */
 function withoutCredentials(value: string): string {
-  return value.replace(/^([A-Za-z][A-Za-z0-9+.-]*:\/\/)?[^/?#]*@/, (_, scheme: string | undefined) => `${scheme ?? ""}***@`);
+  return value.replace(/^([A-Za-z][A-Za-z0-9+.-]*:\/\/)?.*@/s, (_, scheme: string | undefined) => `${scheme ?? ""}***@`);
 }

@@ -267,9 +267,11 @@ test("npm start after the demo org was suspended starts, keeps its key and says 
     second = launch(dataDir);
     await second.waitFor(/^Ctrl-C stops everything/);
     expect(await second.waitFor(/^OPENAI_API_KEY=/)).toBe(key);
+    // The command says where billing is, here not at meshctl's default port.
+    const secondBillingUrl = /billing (http:\S+),/.exec(await second.waitFor(/^mesh ready in /))?.[1] ?? "";
     expect(second.lines).toContain(
       `the demo org ${demo?.id} is suspended: its key is refused (403 organization_suspended) until ` +
-        `\`npm run -s ctl -- orgs reinstate ${demo?.id}\``,
+        `\`BILLING_URL=${secondBillingUrl} npm run -s ctl -- orgs reinstate ${demo?.id}\``,
     );
     expect(await readFile(join(dataDir, "demo.env"), "utf8")).toContain(key);
     second.proc.kill("SIGINT");

@@ -448,7 +448,9 @@ if (import.meta.main) {
       ...(demo.suspended
         ? [
             `the demo org ${demo.orgId} is suspended: its key is refused (403 organization_suspended) until ` +
-              `\`npm run -s ctl -- orgs reinstate ${demo.orgId}\``,
+              // meshctl asks billing at its default port unless told otherwise.
+              `\`${mesh.urls.billing === "http://127.0.0.1:8081" ? "" : `BILLING_URL=${mesh.urls.billing} `}` +
+              `npm run -s ctl -- orgs reinstate ${demo.orgId}\``,
           ]
         : []),
       "",
