@@ -1,3 +1,4 @@
+import { randomBytes } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { type Attributes, isSpanContextValid, type Span, trace } from "@opentelemetry/api";
@@ -33,6 +34,7 @@ import {
   modelNotAllowed,
   modelNotFound,
   modelNotServed,
+  previousResponseNotFound,
   requestTimeout,
   toGatewayError,
 } from "./errors.ts";
@@ -43,10 +45,12 @@ import {
   genAiProviderNames,
   type Provider,
   type ResponseObject,
+  type ResponseEventStream,
   type ResponsesRequest,
   UpstreamError,
 } from "./providers/provider.ts";
-import { parseResponsesInput, responsesPrompt } from "./responses-request.ts";
+import { createResponseIds, type ResponseIds, wrapResponseObject } from "./response-ids.ts";
+import { parseResponsesInput, type ResponsesInput, responsesPrompt } from "./responses-request.ts";
 import { meterResponseStream, type ResponseStream } from "./responses-stream.ts";
 import { meteredName, meterUsage } from "./metering.ts";
 import {
@@ -188,6 +192,8 @@ export interface CoreOptions {
   budget?: BudgetKeeper;
   /** Output tokens budgeted for requests without max_tokens on models with no max_output_tokens. */
   defaultMaxOutputTokens?: number;
+  /** Seals the Responses API ids clients get (see response-ids.ts); under a key of this process alone when unset. */
+  responseIds?: ResponseIds;
 }
 
 /** What a call holds while it runs: its rate-limit ticket, budget reservation, and a stream's deadline and upstream. */
@@ -226,6 +232,12 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     ...options.routing,
   });
   const defaultMaxOutputTokens = options.defaultMaxOutputTokens ?? 4096;
+  const responseIds = options.responseIds ?? createResponseIds(randomBytes(64));
+  /** The client's ids of the responses `provider` made for the call's org. */
+  const ownIds = (call: Call, provider: string) => {
+    const orgId = (call.principal as Principal).orgId;
+    return (upstreamId: string) => responseIds.wrap(upstreamId, orgId, provider);
+  };
   const admissions = new WeakMap<Call, Admission>();
   const finished = new WeakSet<Call>();
   // Calls begun and not yet finished, each with what aborts its signal, and who waits for there to be none.
@@ -426,7 +438,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     const m = call.metrics;
     m.streamed = stream;
     const routed = routeFor(call, principal, input);
-    const route = input.chained ? { ...routed, targets: routed.targets.slice(0, 1) } : routed;
+    const route = input.chained ? chainedRoute(principal, routed, input) : routed;
     const price = requestedPrice(route, input.upstream);
     const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
     const prompt = responsesPrompt(input.upstream);
@@ -440,6 +452,28 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       maxOutput === undefined ? cap : 0,
     );
     return { input, route, price, prompt, admission };
+  };
+
+  /**
+   * The one target of a chained request: its model's first or, continuing an earlier response, the model's first
+   * target on the provider that made it, whose account holds it. The client's previous_response_id is the gateway's
+   * (see response-ids.ts), sealed for its org: opened, the upstream's own id goes upstream.
+   */
+  const chainedRoute = (principal: Principal, route: ModelRoute, input: ResponsesInput): ModelRoute => {
+    const previous = input.upstream.previous_response_id;
+    if (typeof previous !== "string") return { ...route, targets: route.targets.slice(0, 1) };
+    const opened = responseIds.unwrap(previous, principal.orgId);
+    if (!opened) throw previousResponseNotFound(previous);
+    const target = route.targets.find((t) => t.provider === opened.provider);
+    if (!target) {
+      throw invalidRequest(
+        `The previous response was made by provider '${opened.provider}', where model '${route.name}' has no ` +
+          "target: continue it with a model served there.",
+        "previous_response_id",
+      );
+    }
+    input.upstream.previous_response_id = opened.upstreamId;
+    return { ...route, targets: [target] };
   };
 
   const recordFinished = (call: Call, endTick: number, error: GatewayError | undefined) => {
@@ -687,6 +721,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         () => countResponsesInputTokens(prompt),
       );
       const response = result.response;
+      wrapResponseObject(response, ownIds(call, m.provider));
       if (response.model) m.servedModel = meteredName(response.model);
       const served = servedPrice(route, response.service_tier, price);
       const cost = meterUsage(m, result.tokens, result.usageEstimated, served, call.lostInputTokens);
@@ -713,7 +748,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       );
       return meterResponseStream({
         call,
-        events: limitStream(events, deadline, limitMs),
+        events: limitStream(withResponseIds(events, ownIds(call, call.metrics.provider)), deadline, limitMs),
         prompt,
         price,
         servedPrice: (tier) => servedPrice(route, tier, price),
@@ -737,6 +772,14 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     },
     finish,
   };
+}
+
+/** A streamed response's events with its response ids the client's (see response-ids.ts). */
+async function* withResponseIds(events: ResponseEventStream, wrap: (upstreamId: string) => string): ResponseEventStream {
+  for await (const event of events) {
+    wrapResponseObject(event.response, wrap);
+    yield event;
+  }
 }
 
 function createInstruments(registry: Registry) {

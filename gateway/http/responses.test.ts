@@ -20,12 +20,16 @@ beforeAll(async () => {
       "providers:",
       `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
       "  - { name: mock, kind: mock }",
+      `  - { name: fake2, kind: openai, base_url: "${upstream.url}" }`,
       "models:",
       "  - name: ok",
       "    targets: [{ provider: fake, model: ok }]",
       '    pricing: { input_per_mtok: "2.50", cached_input_per_mtok: "1.25", output_per_mtok: "10", reasoning_per_mtok: "40" }',
       "  - name: fallback",
       "    targets: [{ provider: fake, model: primary }, { provider: fake, model: secondary }]",
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+      "  - name: pair",
+      "    targets: [{ provider: fake, model: left }, { provider: fake2, model: right }]",
       '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
       "  - name: mock",
       "    targets: [{ provider: mock, model: mock-echo-1 }]",
@@ -220,15 +224,19 @@ describe("routing", () => {
     expect(gateway.shipper.rows.at(-1)).toMatchObject({ fallbackUsed: true, status: RequestStatus.OK });
   });
 
-  test("a request chained to an earlier response goes to the model's first target only, with no fallback", async () => {
+  test("a request chained to an earlier response goes to the target that made it only, with no fallback", async () => {
+    upstream.script("primary", { content: "first" });
+    const earlier = await sdk().responses.create({ model: "fallback", input: "hi" });
+    upstream.reset();
     upstream.script("primary", { status: 500 });
     upstream.script("secondary", { content: "never" });
     const error = await sdk()
-      .responses.create({ model: "fallback", input: "and then?", previous_response_id: "resp_123" })
+      .responses.create({ model: "fallback", input: "and then?", previous_response_id: earlier.id })
       .catch((e: unknown) => e);
     expect(error).toBeInstanceOf(APIError);
     expect((error as APIError).status).toBe(502);
-    expect(upstream.seen("primary")[0]?.body.previous_response_id).toBe("resp_123");
+    // The upstream gets its own id.
+    expect(upstream.seen("primary")[0]?.body.previous_response_id).toBe("resp_fake");
     expect(upstream.seen("secondary")).toHaveLength(0);
   });
 
@@ -433,5 +441,87 @@ describe("the mock provider", () => {
     expect(text).toBe("mock reply: echo this");
     expect(completed?.usage).toMatchObject({ input_tokens: 3 + 4 + 3, output_tokens: 6 });
     expect(gateway.shipper.rows.at(-1)).toMatchObject({ endpoint: Endpoint.RESPONSES, costNanos: 16_000n, usageEstimated: false });
+  });
+});
+
+describe("response ids", () => {
+  const raw = (path: string, init: RequestInit = {}, key = "sk-good", base = gateway.restUrl) =>
+    fetch(`${base}${path}`, { ...init, headers: { authorization: `Bearer ${key}`, "content-type": "application/json" } });
+
+  test("clients get the gateway's ids, the same for one upstream response however it is answered, never the upstream's", async () => {
+    upstream.script("ok", { content: "hello" });
+    const whole = await sdk().responses.create({ model: "ok", input: "hi" });
+    expect(whole.id).toStartWith("resp_");
+    expect(whole.id).not.toBe("resp_fake");
+    const stream = await sdk().responses.create({ model: "ok", input: "hi", stream: true });
+    const ids = new Set<string>();
+    for await (const event of stream) if ("response" in event) ids.add(event.response.id);
+    // created, in_progress and completed all carry it, as the whole answer does.
+    expect([...ids]).toEqual([whole.id]);
+    // Bound to the org: another org's id of the same upstream response differs.
+    const other = await sdk(gateway.restUrl, "sk-limited").responses.create({ model: "ok", input: "hi" });
+    expect(other.id).not.toBe(whole.id);
+  });
+
+  test("a chained response's previous_response_id is the client's id again, and the upstream is sent its own", async () => {
+    upstream.script("ok", { content: "one" });
+    const first = await sdk().responses.create({ model: "ok", input: "hi" });
+    const second = await sdk().responses.create({ model: "ok", input: "more", previous_response_id: first.id });
+    expect(upstream.seen("ok")[1]?.body.previous_response_id).toBe("resp_fake");
+    expect(second.previous_response_id).toBe(first.id);
+    const stream = await sdk().responses.create({ model: "ok", input: "more", previous_response_id: first.id, stream: true });
+    const previous = new Set<unknown>();
+    for await (const event of stream) if ("response" in event) previous.add(event.response.previous_response_id);
+    expect([...previous]).toEqual([first.id]);
+  });
+
+  test("another org's id, an altered one and an upstream's own are refused 400 alike, before any upstream call", async () => {
+    upstream.script("ok", { content: "secret history" });
+    const mine = await sdk().responses.create({ model: "ok", input: "hi" });
+    upstream.reset();
+    const flipped = `${mine.id.slice(0, -2)}${mine.id.at(-2) === "A" ? "B" : "A"}${mine.id.at(-1)}`;
+    const cases: [string, string][] = [
+      ["sk-limited", mine.id],
+      ["sk-good", flipped],
+      ["sk-good", "resp_fake"],
+      ["sk-good", "not-an-id"],
+    ];
+    for (const [key, id] of cases) {
+      const error = (await sdk(gateway.restUrl, key)
+        .responses.create({ model: "ok", input: "what did we say?", previous_response_id: id })
+        .catch((e: unknown) => e)) as APIError;
+      expect(error.status).toBe(400);
+      expect(error.error).toEqual({
+        message: `Previous response with id '${id}' not found.`,
+        type: "invalid_request_error",
+        param: "previous_response_id",
+        code: "previous_response_not_found",
+      });
+    }
+    expect(upstream.requests).toHaveLength(0);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 400 });
+  });
+
+  test("a chain goes to the provider that made the response, not the model's first target; a model not there is a 400", async () => {
+    upstream.script("left", { status: 500 });
+    upstream.script("right", { content: "from the right" });
+    const earlier = await sdk().responses.create({ model: "pair", input: "hi" });
+    expect(earlier.output_text).toBe("from the right");
+    upstream.reset();
+    upstream.script("left", { content: "wrong account" });
+    upstream.script("right", { content: "continued" });
+    const next = await sdk().responses.create({ model: "pair", input: "and?", previous_response_id: earlier.id });
+    expect(next.output_text).toBe("continued");
+    expect(upstream.seen("left")).toHaveLength(0);
+    expect(upstream.seen("right")[0]?.body.previous_response_id).toBe("resp_fake");
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ provider: "fake2", fallbackUsed: false });
+    // `ok` has no target on fake2, which holds the response.
+    const error = (await sdk()
+      .responses.create({ model: "ok", input: "and?", previous_response_id: earlier.id })
+      .catch((e: unknown) => e)) as APIError;
+    expect(error.status).toBe(400);
+    expect(error.error).toMatchObject({ param: "previous_response_id", type: "invalid_request_error" });
+    expect(error.message).toContain("fake2");
+    expect(upstream.seen("ok")).toHaveLength(0);
   });
 });

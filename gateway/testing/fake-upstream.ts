@@ -399,6 +399,7 @@ function responseOf(body: Record<string, any>, b: Behaviour, text: string, statu
     incomplete_details: null,
     model: b.model ?? `${body.model}-fake`,
     output: status === "completed" ? [message] : [],
+    previous_response_id: body.previous_response_id ?? null,
     ...(b.serviceTier ? { service_tier: b.serviceTier } : {}),
     usage: usage ?? null,
   };
