@@ -36,7 +36,12 @@ import {
   modelNotServed,
   previousResponseNotFound,
   requestTimeout,
+  responseNotFound,
   toGatewayError,
+  upstreamFailed,
+  upstreamRateLimited,
+  upstreamRejected,
+  upstreamTimeout,
 } from "./errors.ts";
 import {
   type ChatCompletion,
@@ -47,6 +52,7 @@ import {
   type ResponseObject,
   type ResponseEventStream,
   type ResponsesRequest,
+  type StoredResponseRequest,
   UpstreamError,
 } from "./providers/provider.ts";
 import { createResponseIds, type ResponseIds, wrapResponseObject } from "./response-ids.ts";
@@ -143,6 +149,16 @@ export interface GatewayCore {
   responses(call: Call, body: unknown): Promise<ResponsesOutcome>;
   /** Opens a streamed response (the body must ask for `stream: true`); as chatStream. */
   responsesStream(call: Call, body: unknown): Promise<ResponseStream>;
+  /**
+   * A call on a response an upstream stored (REST only), by the client's id of it: 404 unless the gateway made that id
+   * for the caller's org. Answered with the upstream's JSON, its response ids the client's; no usage, no cost.
+   */
+  storedResponse(
+    call: Call,
+    action: StoredResponseRequest["action"],
+    id: string,
+    query: StoredResponseRequest["query"],
+  ): Promise<unknown>;
   /** The models the authorized caller may use; `routes` itself when the key is unrestricted. */
   models(call: Call): readonly ModelRoute[];
   /** One model the authorized caller may use (404/403 otherwise). */
@@ -233,6 +249,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   });
   const defaultMaxOutputTokens = options.defaultMaxOutputTokens ?? 4096;
   const responseIds = options.responseIds ?? createResponseIds(randomBytes(64));
+  const storedResponseTimeoutMs = options.routing?.requestTimeoutMs ?? 600_000;
   /** The client's ids of the responses `provider` made for the call's org. */
   const ownIds = (call: Call, provider: string) => {
     const orgId = (call.principal as Principal).orgId;
@@ -474,6 +491,21 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     }
     input.upstream.previous_response_id = opened.upstreamId;
     return { ...route, targets: [target] };
+  };
+
+  /** A stored response call's failure: the upstream's 404 is the client's id not found, as the gateway's own is. */
+  const storedResponseError = (call: Call, e: unknown, id: string): GatewayError => {
+    if (!(e instanceof UpstreamError)) return toGatewayError(e);
+    if (e.failure === "cancelled") return clientGone(call.signal);
+    if (e.status === 404) return responseNotFound(id);
+    if (e.failure === "rejected") return upstreamRejected("the stored response", e.status ?? 400, e.error);
+    log.warn("upstream attempt failed", { request_id: call.requestId, provider: call.metrics.provider, err: e.message });
+    if (e.failure === "timeout") return upstreamTimeout("The upstream holding the response timed out.");
+    if (e.status === 429) {
+      const retryAfterS = e.retryAfterMs === undefined ? undefined : Math.ceil(e.retryAfterMs / 1000);
+      return upstreamRateLimited("The upstream holding the response is rate limited; retry later.", retryAfterS);
+    }
+    return upstreamFailed("The upstream holding the response failed.");
   };
 
   const recordFinished = (call: Call, endTick: number, error: GatewayError | undefined) => {
@@ -757,6 +789,24 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         finish,
         log,
       });
+    },
+    async storedResponse(call, action, id, query) {
+      const principal = call.principal ?? (await authorize(call));
+      const opened = responseIds.unwrap(id, principal.orgId);
+      const provider = opened && providers.get(opened.provider);
+      if (!opened || !provider) throw responseNotFound(id);
+      call.metrics.provider = opened.provider;
+      const sent = performance.now();
+      try {
+        const request = { action, id: opened.upstreamId, query };
+        const answer = await provider.storedResponse(request, { signal: call.signal, timeoutMs: storedResponseTimeoutMs });
+        if (action !== "input_items") wrapResponseObject(answer, ownIds(call, opened.provider));
+        return answer;
+      } catch (e) {
+        throw storedResponseError(call, e, id);
+      } finally {
+        call.upstreamMs += performance.now() - sent;
+      }
     },
     models(call) {
       const allowed = call.principal?.allowedModels;

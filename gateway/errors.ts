@@ -92,9 +92,19 @@ export const modelNotServed = (model: string, endpoint: "chat" | "embeddings" | 
 const shownId = (id: string) => (id.length > 200 ? `${id.slice(0, 200)}...` : id);
 
 /**
- * A previous_response_id that names no response the gateway made for the caller's org (another org's, altered, an
- * upstream's own): in OpenAI's words, the same whichever it is.
+ * A response id that names no response the gateway made for the caller's org (another org's, altered, an upstream's
+ * own, deleted): in OpenAI's words, the same whichever it is.
  */
+export const responseNotFound = (id: string) =>
+  new GatewayError(
+    404,
+    "invalid_request_error",
+    "response_not_found",
+    `Response with id '${shownId(id)}' not found.`,
+    RequestStatus.INVALID_REQUEST,
+  );
+
+/** A previous_response_id that names no response the gateway made for the caller's org, as responseNotFound. */
 export const previousResponseNotFound = (id: string) =>
   new GatewayError(
     400,

@@ -525,3 +525,112 @@ describe("response ids", () => {
     expect(upstream.seen("ok")).toHaveLength(0);
   });
 });
+
+for (const [port, base] of [
+  ["REST port", () => gateway.restUrl],
+  ["RPC port", () => gateway.url],
+] as const) {
+  describe(`stored responses on the ${port}`, () => {
+    const raw = (path: string, method = "GET", key = "sk-good") =>
+      fetch(`${base()}${path}`, { method, headers: { authorization: `Bearer ${key}` } });
+
+    test("retrieve, delete and input items go to the provider that made it, by its id there; answered with the client's", async () => {
+      upstream.script("right", { content: "stored" });
+      upstream.script("left", { status: 500 });
+      const made = await sdk(base()).responses.create({ model: "pair", input: "hi" });
+      upstream.reset();
+      const include = ["message.output_text.logprobs" as const];
+      const { data: got, response } = await sdk(base()).responses.retrieve(made.id, { include }).withResponse();
+      expect(got.id).toBe(made.id);
+      expect(got.output_text).toBe("echo: stored");
+      const [seen] = upstream.seen("response:resp_fake");
+      expect(seen).toMatchObject({ method: "GET", path: "/v1/responses/resp_fake" });
+      expect(decodeURIComponent(seen?.query ?? "")).toBe("?include[]=message.output_text.logprobs");
+      const row = await gateway.row(response.headers.get("x-request-id") as string);
+      expect(row).toMatchObject({ endpoint: Endpoint.RESPONSES, status: RequestStatus.OK, httpStatus: 200, provider: "fake2", costNanos: 0n });
+      expect(row.usage).toBeUndefined();
+
+      const page = await sdk(base()).responses.inputItems.list(made.id, { limit: 5, order: "asc", after: "msg_0" });
+      expect(page.data.map((item) => item.id)).toEqual(["msg_in"]);
+      const listed = upstream.requests.at(-1);
+      expect(listed?.path).toBe("/v1/responses/resp_fake/input_items");
+      expect(new URLSearchParams(listed?.query)).toEqual(new URLSearchParams({ limit: "5", order: "asc", after: "msg_0" }));
+
+      await sdk(base()).responses.delete(made.id);
+      expect(upstream.requests.at(-1)).toMatchObject({ method: "DELETE", path: "/v1/responses/resp_fake" });
+      const deleted = await raw(`/v1/responses/${made.id}`, "DELETE");
+      expect(await deleted.json()).toEqual({ id: made.id, object: "response", deleted: true });
+    });
+
+    test("another org's id, an altered or an upstream's own is 404 in OpenAI's shape, asking no upstream", async () => {
+      upstream.script("ok", { content: "mine" });
+      const mine = await sdk(base()).responses.create({ model: "ok", input: "hi" });
+      upstream.reset();
+      for (const [key, id] of [["sk-limited", mine.id], ["sk-good", `${mine.id}x`], ["sk-good", "resp_fake"]] as const) {
+        for (const path of [`/v1/responses/${id}`, `/v1/responses/${id}/input_items`]) {
+          for (const method of path.endsWith("input_items") ? ["GET"] : ["GET", "DELETE"]) {
+            const res = await raw(path, method, key);
+            expect(res.status).toBe(404);
+            expect(await res.json()).toEqual({
+              error: { message: `Response with id '${id}' not found.`, type: "invalid_request_error", param: null, code: "response_not_found" },
+            });
+          }
+        }
+      }
+      expect(upstream.requests).toHaveLength(0);
+      expect((await raw(`/v1/responses/${mine.id}`, "GET", "sk-nope")).status).toBe(401);
+    });
+
+    test("the upstream's 404 is the id's 404, its refusal passed on, its failure a 502; stream=true and POST are refused", async () => {
+      upstream.script("ok", { content: "mine" });
+      const mine = await sdk(base()).responses.create({ model: "ok", input: "hi" });
+      upstream.script("response:resp_fake", { status: 404, error: { message: "Response with id 'resp_fake' not found." } });
+      const gone = (await sdk(base()).responses.retrieve(mine.id).catch((e: unknown) => e)) as APIError;
+      expect(gone.status).toBe(404);
+      expect(gone.error).toMatchObject({ message: `Response with id '${mine.id}' not found.`, code: "response_not_found" });
+      upstream.script("response:resp_fake", { status: 400, error: { message: "Invalid include.", param: "include", code: "invalid_value" } });
+      const bad = (await sdk(base()).responses.inputItems.list(mine.id).catch((e: unknown) => e)) as APIError;
+      expect(bad.status).toBe(400);
+      expect(bad.error).toMatchObject({ message: "Invalid include.", param: "include", code: "invalid_value" });
+      upstream.script("response:resp_fake", { status: 500 });
+      const failed = await raw(`/v1/responses/${mine.id}`);
+      expect(failed.status).toBe(502);
+      expect(JSON.stringify(await failed.json())).not.toContain("resp_fake");
+      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.UPSTREAM_ERROR, httpStatus: 502, provider: "fake" });
+      const streamed = await raw(`/v1/responses/${mine.id}?stream=true`);
+      expect(streamed.status).toBe(400);
+      expect(((await streamed.json()) as { error: { param: string } }).error.param).toBe("stream");
+      const posted = await raw(`/v1/responses/${mine.id}`, "POST");
+      expect(posted.status).toBe(405);
+      expect(posted.headers.get("allow")).toBe("GET, DELETE");
+      expect((await raw(`/v1/responses/${mine.id}/cancel`, "POST")).status).toBe(404);
+    });
+  });
+}
+
+describe("the mock provider's stored responses", () => {
+  test("are retrieved, listed, continued and deleted offline; one made with store: false is not kept", async () => {
+    const first = await sdk().responses.create({ model: "mock", input: "remember this" });
+    const got = await sdk().responses.retrieve(first.id);
+    expect(got.id).toBe(first.id);
+    expect(got.output_text).toBe("mock reply: remember this");
+    const items = await sdk().responses.inputItems.list(first.id);
+    expect(items.data).toMatchObject([{ type: "message", role: "user", content: [{ type: "input_text", text: "remember this" }] }]);
+    const next = await sdk().responses.create({ model: "mock", input: "and then", previous_response_id: first.id });
+    expect(next.previous_response_id).toBe(first.id);
+    await sdk().responses.delete(first.id);
+    expect(((await sdk().responses.retrieve(first.id).catch((e: unknown) => e)) as APIError).status).toBe(404);
+    const continued = (await sdk()
+      .responses.create({ model: "mock", input: "more", previous_response_id: first.id })
+      .catch((e: unknown) => e)) as APIError;
+    expect(continued.status).toBe(400);
+    expect(continued.error).toMatchObject({ param: "previous_response_id", code: "previous_response_not_found" });
+    const unkept = await sdk().responses.create({ model: "mock", input: "forget this", store: false });
+    expect(((await sdk().responses.retrieve(unkept.id).catch((e: unknown) => e)) as APIError).status).toBe(404);
+    // Streamed responses are kept too.
+    const stream = await sdk().responses.create({ model: "mock", input: "streamed", stream: true });
+    let id = "";
+    for await (const event of stream) if (event.type === "response.completed") id = event.response.id;
+    expect((await sdk().responses.retrieve(id)).output_text).toBe("mock reply: streamed");
+  });
+});
