@@ -455,7 +455,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     const m = call.metrics;
     m.streamed = stream;
     const routed = routeFor(call, principal, input);
-    const route = input.chained ? chainedRoute(principal, routed, input) : routed;
+    const route = input.chained ? chainedRoute(call, principal, routed, input) : routed;
     const price = requestedPrice(route, input.upstream);
     const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
     const prompt = responsesPrompt(input.upstream);
@@ -476,7 +476,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
    * target on the provider that made it, whose account holds it. The client's previous_response_id is the gateway's
    * (see response-ids.ts), sealed for its org: opened, the upstream's own id goes upstream.
    */
-  const chainedRoute = (principal: Principal, route: ModelRoute, input: ResponsesInput): ModelRoute => {
+  const chainedRoute = (call: Call, principal: Principal, route: ModelRoute, input: ResponsesInput): ModelRoute => {
     const previous = input.upstream.previous_response_id;
     if (typeof previous !== "string") return { ...route, targets: route.targets.slice(0, 1) };
     const opened = responseIds.unwrap(previous, principal.orgId);
@@ -490,8 +490,24 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       );
     }
     input.upstream.previous_response_id = opened.upstreamId;
+    continued.set(call, { upstreamId: opened.upstreamId, clientId: previous });
     return { ...route, targets: [target] };
   };
+
+  /**
+   * An upstream's refusal of a chained request names the response by its own id ("Previous response with id '...' not
+   * found.", when it no longer holds it): passed on, it names the client's. The log keeps the upstream's words.
+   */
+  const continued = new WeakMap<Call, { upstreamId: string; clientId: string }>();
+  const inClientIds =
+    (call: Call) =>
+    (e: unknown): never => {
+      const ids = continued.get(call);
+      if (ids && e instanceof UpstreamError && e.error) {
+        e.error.message = e.error.message.replaceAll(ids.upstreamId, ids.clientId);
+      }
+      throw e;
+    };
 
   /** A stored response call's failure: the upstream's 404 is the client's id not found, as the gateway's own is. */
   const storedResponseError = (call: Call, e: unknown, id: string): GatewayError => {
@@ -749,7 +765,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         route,
         price,
-        (provider, model, options) => provider.responses({ ...input.upstream, model }, options),
+        (provider, model, options) => provider.responses({ ...input.upstream, model }, options).catch(inClientIds(call)),
         () => countResponsesInputTokens(prompt),
       );
       const response = result.response;
@@ -773,7 +789,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         route,
         price,
-        (provider, model, options) => provider.streamResponses({ ...input.upstream, model }, options),
+        (provider, model, options) =>
+          provider.streamResponses({ ...input.upstream, model }, options).catch(inClientIds(call)),
         () => countResponsesInputTokens(prompt),
         signal,
         true,
@@ -799,7 +816,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const sent = performance.now();
       try {
         const request = { action, id: opened.upstreamId, query };
-        const answer = await provider.storedResponse(request, { signal: call.signal, timeoutMs: storedResponseTimeoutMs });
+        const options = { signal: call.signal, timeoutMs: storedResponseTimeoutMs };
+        const answer = await provider.storedResponse(request, options);
         if (action !== "input_items") wrapResponseObject(answer, ownIds(call, opened.provider));
         return answer;
       } catch (e) {

@@ -27,7 +27,9 @@ const maxIdLength = 1024;
  */
 export function responseIdKey(secret: string | undefined, adminToken: string): Buffer {
   const [material, label] =
-    secret === undefined ? [adminToken, "gateway response ids from ADMIN_TOKEN v1"] : [secret, "gateway response ids v1"];
+    secret === undefined
+      ? [adminToken, "gateway response ids from ADMIN_TOKEN v1"]
+      : [secret, "gateway response ids v1"];
   return Buffer.from(hkdfSync("sha256", material, "", label, 64));
 }
 
@@ -40,7 +42,8 @@ export function createResponseIds(key: Buffer): ResponseIds {
       if (name.length > 255) throw new Error(`provider name too long for a response id: ${provider.slice(0, 40)}`);
       const plain = Buffer.concat([Buffer.from([name.length]), name, Buffer.from(upstreamId, "utf8")]);
       const org = Buffer.from(orgId, "utf8");
-      const nonce = createHmac("sha256", nonceKey).update(org).update("\0").update(plain).digest().subarray(0, nonceBytes);
+      const mac = createHmac("sha256", nonceKey).update(org).update("\0").update(plain);
+      const nonce = mac.digest().subarray(0, nonceBytes);
       const cipher = createCipheriv("aes-256-gcm", sealKey, nonce);
       cipher.setAAD(Buffer.concat([Buffer.from([version]), org]));
       const sealed = Buffer.concat([cipher.update(plain), cipher.final()]);
@@ -57,7 +60,8 @@ export function createResponseIds(key: Buffer): ResponseIds {
         const decipher = createDecipheriv("aes-256-gcm", sealKey, bytes.subarray(1, 1 + nonceBytes));
         decipher.setAAD(Buffer.concat([Buffer.from([version]), Buffer.from(orgId, "utf8")]));
         decipher.setAuthTag(bytes.subarray(bytes.length - tagBytes));
-        const plain = Buffer.concat([decipher.update(bytes.subarray(1 + nonceBytes, bytes.length - tagBytes)), decipher.final()]);
+        const sealed = bytes.subarray(1 + nonceBytes, bytes.length - tagBytes);
+        const plain = Buffer.concat([decipher.update(sealed), decipher.final()]);
         const length = plain[0] as number;
         if (plain.length < 1 + length) return undefined;
         return {
@@ -72,11 +76,8 @@ export function createResponseIds(key: Buffer): ResponseIds {
   };
 }
 
-/** Fields of a response object that hold response ids: its own and the one it continued. */
-export function wrapResponseObject(
-  response: unknown,
-  wrap: (upstreamId: string) => string,
-): void {
+/** Puts the client's ids (`wrap`) in a response object's id fields: its own and the one it continued. */
+export function wrapResponseObject(response: unknown, wrap: (upstreamId: string) => string): void {
   if (typeof response !== "object" || response === null) return;
   const fields = response as Record<string, unknown>;
   if (typeof fields.id === "string") fields.id = wrap(fields.id);

@@ -311,7 +311,11 @@ test("every request's span says its request id, models, parameters, usage and fa
   const retrieved = await sdk.responses.retrieve(answer.data.id).withResponse();
   const retrieveSpan = spanOf(retrieved.response.headers.get("x-request-id") ?? "");
   expect(retrieveSpan?.name).toBe("GET /v1/responses/{response_id}");
-  expect(retrieveSpan?.attributes).toMatchObject({ "http.route": "/v1/responses/{response_id}", "gateway.provider": "fake", "gateway.org_id": "org_1" });
+  expect(retrieveSpan?.attributes).toMatchObject({
+    "http.route": "/v1/responses/{response_id}",
+    "gateway.provider": "fake",
+    "gateway.org_id": "org_1",
+  });
   const items = await sdk.responses.inputItems.list(answer.data.id).withResponse();
   expect(spanOf(items.response.headers.get("x-request-id") ?? "")?.name).toBe("GET /v1/responses/{response_id}/input_items");
 

@@ -624,7 +624,18 @@ describe("the mock provider's stored responses", () => {
       .responses.create({ model: "mock", input: "more", previous_response_id: first.id })
       .catch((e: unknown) => e)) as APIError;
     expect(continued.status).toBe(400);
-    expect(continued.error).toMatchObject({ param: "previous_response_id", code: "previous_response_not_found" });
+    // In the client's words: its id, not the upstream's.
+    expect(continued.error).toEqual({
+      message: `Previous response with id '${first.id}' not found.`,
+      type: "invalid_request_error",
+      param: "previous_response_id",
+      code: "previous_response_not_found",
+    });
+    const streamed = (await sdk()
+      .responses.create({ model: "mock", input: "more", previous_response_id: first.id, stream: true })
+      .catch((e: unknown) => e)) as APIError;
+    expect(streamed.status).toBe(400);
+    expect(streamed.message).toContain(first.id);
     const unkept = await sdk().responses.create({ model: "mock", input: "forget this", store: false });
     expect(((await sdk().responses.retrieve(unkept.id).catch((e: unknown) => e)) as APIError).status).toBe(404);
     // Streamed responses are kept too.

@@ -58,7 +58,8 @@ export function createMockProvider(config: MockConfig): Provider {
   const respond = (request: ResponsesRequest) => {
     const previous = request.previous_response_id;
     if (typeof previous === "string" && !stored.has(previous)) {
-      throw refused(400, `Previous response with id '${previous}' not found.`, "previous_response_id", "previous_response_not_found");
+      const message = `Previous response with id '${previous}' not found.`;
+      throw refused(400, message, "previous_response_id", "previous_response_not_found");
     }
     const reply = responseTo(request);
     if (request.store !== false) {
@@ -389,7 +390,8 @@ function responseTo(request: ResponsesRequest) {
 /** A refusal in OpenAI's words, as an upstream's. */
 function refused(status: number, message: string, param: string | null, code: string | null): UpstreamError {
   const error: UpstreamErrorBody = { message, type: "invalid_request_error", param, code };
-  return new UpstreamError(failureOfStatus(status, error), `mock answered ${status}: ${message}`, status, undefined, error);
+  const said = `mock answered ${status}: ${message}`;
+  return new UpstreamError(failureOfStatus(status, error), said, status, undefined, error);
 }
 
 /** A request's input as the items the API lists for its response: each with an id, a string as a user message. */
