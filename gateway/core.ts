@@ -1,3 +1,4 @@
+import { randomBytes } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { type Attributes, isSpanContextValid, type Span, trace } from "@opentelemetry/api";
@@ -33,8 +34,14 @@ import {
   modelNotAllowed,
   modelNotFound,
   modelNotServed,
+  previousResponseNotFound,
   requestTimeout,
+  responseNotFound,
   toGatewayError,
+  upstreamFailed,
+  upstreamRateLimited,
+  upstreamRejected,
+  upstreamTimeout,
 } from "./errors.ts";
 import {
   type ChatCompletion,
@@ -43,10 +50,13 @@ import {
   genAiProviderNames,
   type Provider,
   type ResponseObject,
+  type ResponseEventStream,
   type ResponsesRequest,
+  type StoredResponseRequest,
   UpstreamError,
 } from "./providers/provider.ts";
-import { parseResponsesInput, responsesPrompt } from "./responses-request.ts";
+import { createResponseIds, type ResponseIds, wrapResponseObject } from "./response-ids.ts";
+import { parseResponsesInput, type ResponsesInput, responsesPrompt } from "./responses-request.ts";
 import { meterResponseStream, type ResponseStream } from "./responses-stream.ts";
 import { meteredName, meterUsage } from "./metering.ts";
 import {
@@ -139,6 +149,16 @@ export interface GatewayCore {
   responses(call: Call, body: unknown): Promise<ResponsesOutcome>;
   /** Opens a streamed response (the body must ask for `stream: true`); as chatStream. */
   responsesStream(call: Call, body: unknown): Promise<ResponseStream>;
+  /**
+   * A call on a response an upstream stored (REST only), by the client's id of it: 404 unless the gateway made that id
+   * for the caller's org. Answered with the upstream's JSON, its response ids the client's; no usage, no cost.
+   */
+  storedResponse(
+    call: Call,
+    action: StoredResponseRequest["action"],
+    id: string,
+    query: StoredResponseRequest["query"],
+  ): Promise<unknown>;
   /** The models the authorized caller may use; `routes` itself when the key is unrestricted. */
   models(call: Call): readonly ModelRoute[];
   /** One model the authorized caller may use (404/403 otherwise). */
@@ -188,6 +208,8 @@ export interface CoreOptions {
   budget?: BudgetKeeper;
   /** Output tokens budgeted for requests without max_tokens on models with no max_output_tokens. */
   defaultMaxOutputTokens?: number;
+  /** Seals the Responses API ids clients get (see response-ids.ts); under a key of this process alone when unset. */
+  responseIds?: ResponseIds;
 }
 
 /** What a call holds while it runs: its rate-limit ticket, budget reservation, and a stream's deadline and upstream. */
@@ -226,6 +248,13 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     ...options.routing,
   });
   const defaultMaxOutputTokens = options.defaultMaxOutputTokens ?? 4096;
+  const responseIds = options.responseIds ?? createResponseIds(randomBytes(64));
+  const storedResponseTimeoutMs = options.routing?.requestTimeoutMs ?? 600_000;
+  /** The client's ids of the responses `provider` made for the call's org. */
+  const ownIds = (call: Call, provider: string) => {
+    const orgId = (call.principal as Principal).orgId;
+    return (upstreamId: string) => responseIds.wrap(upstreamId, orgId, provider);
+  };
   const admissions = new WeakMap<Call, Admission>();
   const finished = new WeakSet<Call>();
   // Calls begun and not yet finished, each with what aborts its signal, and who waits for there to be none.
@@ -426,7 +455,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     const m = call.metrics;
     m.streamed = stream;
     const routed = routeFor(call, principal, input);
-    const route = input.chained ? { ...routed, targets: routed.targets.slice(0, 1) } : routed;
+    const route = input.chained ? chainedRoute(call, principal, routed, input) : routed;
     const price = requestedPrice(route, input.upstream);
     const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
     const prompt = responsesPrompt(input.upstream);
@@ -440,6 +469,59 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       maxOutput === undefined ? cap : 0,
     );
     return { input, route, price, prompt, admission };
+  };
+
+  /**
+   * The one target of a chained request: its model's first or, continuing an earlier response, the model's first
+   * target on the provider that made it, whose account holds it. The client's previous_response_id is the gateway's
+   * (see response-ids.ts), sealed for its org: opened, the upstream's own id goes upstream.
+   */
+  const chainedRoute = (call: Call, principal: Principal, route: ModelRoute, input: ResponsesInput): ModelRoute => {
+    const previous = input.upstream.previous_response_id;
+    if (typeof previous !== "string") return { ...route, targets: route.targets.slice(0, 1) };
+    const opened = responseIds.unwrap(previous, principal.orgId);
+    if (!opened) throw previousResponseNotFound(previous);
+    const target = route.targets.find((t) => t.provider === opened.provider);
+    if (!target) {
+      throw invalidRequest(
+        `The previous response was made by provider '${opened.provider}', where model '${route.name}' has no ` +
+          "target: continue it with a model served there.",
+        "previous_response_id",
+      );
+    }
+    input.upstream.previous_response_id = opened.upstreamId;
+    continued.set(call, { upstreamId: opened.upstreamId, clientId: previous });
+    return { ...route, targets: [target] };
+  };
+
+  /**
+   * An upstream's refusal of a chained request names the response by its own id ("Previous response with id '...' not
+   * found.", when it no longer holds it): passed on, it names the client's. The log keeps the upstream's words.
+   */
+  const continued = new WeakMap<Call, { upstreamId: string; clientId: string }>();
+  const inClientIds =
+    (call: Call) =>
+    (e: unknown): never => {
+      const ids = continued.get(call);
+      if (ids && e instanceof UpstreamError && e.error) {
+        e.error.message = e.error.message.replaceAll(ids.upstreamId, ids.clientId);
+      }
+      throw e;
+    };
+
+  /** A stored response call's failure: the upstream's 404 is the client's id not found, as the gateway's own is. */
+  const storedResponseError = (call: Call, e: unknown, id: string): GatewayError => {
+    if (!(e instanceof UpstreamError)) return toGatewayError(e);
+    if (e.failure === "cancelled") return clientGone(call.signal);
+    if (e.status === 404) return responseNotFound(id);
+    if (e.failure === "rejected") return upstreamRejected("the stored response", e.status ?? 400, e.error);
+    log.warn("upstream attempt failed", { request_id: call.requestId, provider: call.metrics.provider, err: e.message });
+    if (e.failure === "timeout") return upstreamTimeout("The upstream holding the response timed out.");
+    if (e.status === 429) {
+      const retryAfterS = e.retryAfterMs === undefined ? undefined : Math.ceil(e.retryAfterMs / 1000);
+      return upstreamRateLimited("The upstream holding the response is rate limited; retry later.", retryAfterS);
+    }
+    return upstreamFailed("The upstream holding the response failed.");
   };
 
   const recordFinished = (call: Call, endTick: number, error: GatewayError | undefined) => {
@@ -683,10 +765,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         route,
         price,
-        (provider, model, options) => provider.responses({ ...input.upstream, model }, options),
+        (provider, model, options) => provider.responses({ ...input.upstream, model }, options).catch(inClientIds(call)),
         () => countResponsesInputTokens(prompt),
       );
       const response = result.response;
+      wrapResponseObject(response, ownIds(call, m.provider));
       if (response.model) m.servedModel = meteredName(response.model);
       const served = servedPrice(route, response.service_tier, price);
       const cost = meterUsage(m, result.tokens, result.usageEstimated, served, call.lostInputTokens);
@@ -706,14 +789,15 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         route,
         price,
-        (provider, model, options) => provider.streamResponses({ ...input.upstream, model }, options),
+        (provider, model, options) =>
+          provider.streamResponses({ ...input.upstream, model }, options).catch(inClientIds(call)),
         () => countResponsesInputTokens(prompt),
         signal,
         true,
       );
       return meterResponseStream({
         call,
-        events: limitStream(events, deadline, limitMs),
+        events: limitStream(withResponseIds(events, ownIds(call, call.metrics.provider)), deadline, limitMs),
         prompt,
         price,
         servedPrice: (tier) => servedPrice(route, tier, price),
@@ -722,6 +806,25 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         finish,
         log,
       });
+    },
+    async storedResponse(call, action, id, query) {
+      const principal = call.principal ?? (await authorize(call));
+      const opened = responseIds.unwrap(id, principal.orgId);
+      const provider = opened && providers.get(opened.provider);
+      if (!opened || !provider) throw responseNotFound(id);
+      call.metrics.provider = opened.provider;
+      const sent = performance.now();
+      try {
+        const request = { action, id: opened.upstreamId, query };
+        const options = { signal: call.signal, timeoutMs: storedResponseTimeoutMs };
+        const answer = await provider.storedResponse(request, options);
+        if (action !== "input_items") wrapResponseObject(answer, ownIds(call, opened.provider));
+        return answer;
+      } catch (e) {
+        throw storedResponseError(call, e, id);
+      } finally {
+        call.upstreamMs += performance.now() - sent;
+      }
     },
     models(call) {
       const allowed = call.principal?.allowedModels;
@@ -737,6 +840,14 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     },
     finish,
   };
+}
+
+/** A streamed response's events with its response ids the client's (see response-ids.ts). */
+async function* withResponseIds(events: ResponseEventStream, wrap: (upstreamId: string) => string): ResponseEventStream {
+  for await (const event of events) {
+    wrapResponseObject(event.response, wrap);
+    yield event;
+  }
 }
 
 function createInstruments(registry: Registry) {

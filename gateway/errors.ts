@@ -88,6 +88,33 @@ export const modelNotServed = (model: string, endpoint: "chat" | "embeddings" | 
     "model",
   );
 
+/** A client's id as its error message shows it: cut short, as a URL may hold any length of it. */
+const shownId = (id: string) => (id.length > 200 ? `${id.slice(0, 200)}...` : id);
+
+/**
+ * A response id that names no response the gateway made for the caller's org (another org's, altered, an upstream's
+ * own, deleted): in OpenAI's words, the same whichever it is.
+ */
+export const responseNotFound = (id: string) =>
+  new GatewayError(
+    404,
+    "invalid_request_error",
+    "response_not_found",
+    `Response with id '${shownId(id)}' not found.`,
+    RequestStatus.INVALID_REQUEST,
+  );
+
+/** A previous_response_id that names no response the gateway made for the caller's org, as responseNotFound. */
+export const previousResponseNotFound = (id: string) =>
+  new GatewayError(
+    400,
+    "invalid_request_error",
+    "previous_response_not_found",
+    `Previous response with id '${shownId(id)}' not found.`,
+    RequestStatus.INVALID_REQUEST,
+    "previous_response_id",
+  );
+
 export const unknownUrl = (method: string, path: string) =>
   new GatewayError(
     404,

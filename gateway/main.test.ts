@@ -52,3 +52,14 @@ test("GATEWAY_INSTANCE_ID of . or .., which would name the spool's parent direct
     expect(stderr).toBe(`invalid environment: GATEWAY_INSTANCE_ID ("${id}"): must name a directory: not . or ..\n`);
   }
 });
+
+test("GATEWAY_RESPONSE_ID_SECRET shorter than 32 characters, or set but blank, is refused with the environment, unshown", async () => {
+  for (const [secret, shown] of [["too-short-a-secret", '"***"'], ["  ", "set but blank"]]) {
+    const { stdout, stderr, code } = await runCommand([process.execPath, main], {
+      env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", GATEWAY_RESPONSE_ID_SECRET: secret as string },
+    });
+    expect(code).toBe(2);
+    expect(stdout).toBe("");
+    expect(stderr).toBe(`invalid environment: GATEWAY_RESPONSE_ID_SECRET (${shown}): must be at least 32 characters\n`);
+  }
+});

@@ -20,6 +20,7 @@ import { restRoutes } from "./http/node.ts";
 import { createMetricsShipper } from "./metrics-pipe.ts";
 import { createProviders, defaultMaxAnswerBytes } from "./providers/index.ts";
 import { createRateLimiter } from "./rate-limits.ts";
+import { createResponseIds, responseIdKey } from "./response-ids.ts";
 import { createReadiness } from "./readiness.ts";
 import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "./service.ts";
 import { defaultBatchBytes, minBatchBytes } from "./spool.ts";
@@ -44,6 +45,11 @@ const cfg = loadEnvOrExit({
     // It names the replica's spool directory: ".." would put the spool in the directory holding every replica's.
     .refine((id) => id !== "." && id !== "..", "must name a directory: not . or ..")
     .default(`${hostname()}-${process.pid}`),
+  /**
+   * Seals the Responses API ids clients get, each bound to its org and the provider that made it; every replica must
+   * share it. Unset: a key derived from ADMIN_TOKEN. Changing it makes every earlier response id unknown.
+   */
+  GATEWAY_RESPONSE_ID_SECRET: env.setOrUnset(z.string().min(32, "must be at least 32 characters").optional()),
   GATEWAY_MAX_BODY_BYTES: env.int(1024, 64 * 1024 * 1024).default(4 * 1024 * 1024),
   /** The most of an upstream's whole (not streamed) answer read; past it the attempt fails. */
   GATEWAY_MAX_UPSTREAM_ANSWER_BYTES: env.int(1024 * 1024, 1024 * 1024 * 1024).default(defaultMaxAnswerBytes),
@@ -127,7 +133,7 @@ if (cfg.BUN_CONFIG_MAX_HTTP_REQUESTS < 1024) {
 const providers = createProviders(config.providers, process.env, {
   onMissingKey: (provider, variable) =>
     log.warn("provider has no API key; its models fail until it is set", { provider, variable }),
-  secrets: [cfg.ADMIN_TOKEN],
+  secrets: [cfg.ADMIN_TOKEN, ...(cfg.GATEWAY_RESPONSE_ID_SECRET ? [cfg.GATEWAY_RESPONSE_ID_SECRET] : [])],
   maxAnswerBytes: cfg.GATEWAY_MAX_UPSTREAM_ANSWER_BYTES,
 });
 const billing = createServiceClient(BillingService, {
@@ -244,6 +250,7 @@ const core = createGatewayCore({
   rateLimits: createRateLimiter(),
   budget,
   defaultMaxOutputTokens: cfg.GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS,
+  responseIds: createResponseIds(responseIdKey(cfg.GATEWAY_RESPONSE_ID_SECRET, cfg.ADMIN_TOKEN)),
 });
 const service = createGatewayService(core);
 const rest = createRestApp({ core, tracer: runtime.telemetry.tracer, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES });

@@ -141,6 +141,7 @@ export function createTestCore(
     embed: fail,
     responses: fail,
     streamResponses: fail,
+    storedResponse: fail,
   });
   const log = createTestLogger();
   const core = createGatewayCore({

@@ -307,6 +307,17 @@ test("every request's span says its request id, models, parameters, usage and fa
   const responsesSpan = spanOf(answer.response.headers.get("x-request-id") ?? "");
   expect(responsesSpan?.name).toBe("POST /v1/responses");
   expect(responsesSpan?.attributes).toMatchObject({ "http.route": "/v1/responses" });
+  // A stored response's calls are traced by their routes, the id left out.
+  const retrieved = await sdk.responses.retrieve(answer.data.id).withResponse();
+  const retrieveSpan = spanOf(retrieved.response.headers.get("x-request-id") ?? "");
+  expect(retrieveSpan?.name).toBe("GET /v1/responses/{response_id}");
+  expect(retrieveSpan?.attributes).toMatchObject({
+    "http.route": "/v1/responses/{response_id}",
+    "gateway.provider": "fake",
+    "gateway.org_id": "org_1",
+  });
+  const items = await sdk.responses.inputItems.list(answer.data.id).withResponse();
+  expect(spanOf(items.response.headers.get("x-request-id") ?? "")?.name).toBe("GET /v1/responses/{response_id}/input_items");
 
   // Failures: the request id a client quotes finds the trace, and error.type says what went wrong.
   upstream.script("ok", { status: 500 });

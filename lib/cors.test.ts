@@ -34,7 +34,7 @@ describe("createCorsPolicy", () => {
       headers: {
         "access-control-allow-origin": "https://app.example.com",
         "access-control-expose-headers": connectCors.exposedHeaders.join(", "),
-        "access-control-allow-methods": "GET, POST",
+        "access-control-allow-methods": "GET, POST, DELETE",
         "access-control-allow-headers": "authorization, content-type, x-stainless-os",
         "access-control-max-age": "7200",
         vary: "Origin, Access-Control-Request-Headers",

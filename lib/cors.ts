@@ -24,14 +24,14 @@ const headerList = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(\s*,\s*[!#$%&'*+\-.^_`|~0-9A-Z
 
 /**
  * A policy for `origins` (`*` allows any). Exposed headers: Connect's and gRPC-Web's status headers plus `expose`.
- * Preflights allow GET and POST with whatever request headers they ask for (the OpenAI SDKs send a dozen of their
- * own), since which headers a caller sends is no protection once its origin is allowed.
+ * Preflights allow GET, POST and DELETE (of a stored response) with whatever request headers they ask for (the OpenAI
+ * SDKs send a dozen of their own), since which headers a caller sends is no protection once its origin is allowed.
  */
 export function createCorsPolicy(origins: readonly string[], expose: readonly string[] = []): CorsPolicy {
   const any = origins.includes("*");
   const allowed = new Set(origins);
   const exposed = [...connectCors.exposedHeaders, ...expose].join(", ");
-  const methods = ["GET", "POST"].join(", ");
+  const methods = ["GET", "POST", "DELETE"].join(", ");
 
   const headers = (origin: string | null | undefined): Record<string, string> => {
     if (!origin || (!any && !allowed.has(origin))) return {};

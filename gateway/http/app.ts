@@ -9,6 +9,7 @@ import type { ChatStream } from "../chat-stream.ts";
 import type { ResponseStream } from "../responses-stream.ts";
 import type { ModelRoute } from "../config.ts";
 import type { Call, GatewayCore } from "../core.ts";
+import type { StoredResponseRequest } from "../providers/provider.ts";
 import {
   bodyTooLarge,
   cancelled,
@@ -50,6 +51,8 @@ export interface RestRequest {
   readonly method: string;
   /** Path without the query string. */
   readonly path: string;
+  /** The query string, without its `?`; none when the URL has none. */
+  readonly query?: string;
   /** The request's headers; only `get` is used. */
   readonly headers: Pick<Headers, "get">;
   /** The body as text, read up to `limit` bytes; fails with a 413 GatewayError past it. */
@@ -87,6 +90,7 @@ export interface FetchHooks {
 }
 
 const modelsPrefix = "/v1/models/";
+const responsesPrefix = "/v1/responses/";
 const json = "application/json";
 const traceHeaders: TextMapGetter<Pick<Headers, "get">> = {
   keys: () => [],
@@ -219,6 +223,24 @@ export function createRestApp(options: RestAppOptions): RestApp {
     }
   };
 
+  /** GET or DELETE /v1/responses/{response_id}, GET its input_items: passed on to the upstream that holds it. */
+  const storedResponse = async (
+    request: RestRequest,
+    action: StoredResponseRequest["action"],
+    id: string,
+  ): Promise<RestResponse> => {
+    const call = begin(Endpoint.RESPONSES, request);
+    try {
+      const answer = await core.handle(call, async () => {
+        await core.authorize(call);
+        return core.storedResponse(call, action, id, storedResponseQuery(action, request.query));
+      });
+      return ok(call, JSON.stringify(answer));
+    } catch (e) {
+      return failed(call, e);
+    }
+  };
+
   const listModels = async (request: RestRequest): Promise<RestResponse> => {
     const call = begin(Endpoint.MODELS, request);
     try {
@@ -256,6 +278,25 @@ export function createRestApp(options: RestAppOptions): RestApp {
       if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
       return traced("/v1/responses", request, (span) => responses(request, span));
     }
+    if (path.startsWith(responsesPrefix)) {
+      const [encoded, what, ...more] = path.slice(responsesPrefix.length).split("/");
+      if (!encoded || more.length > 0 || (what !== undefined && what !== "input_items")) {
+        return errorResponse(unknownUrl(method, path), ulid());
+      }
+      const allowed = what === undefined ? "GET, DELETE" : "GET";
+      if (method !== "GET" && !(method === "DELETE" && what === undefined)) {
+        return errorResponse(methodNotAllowed(method, path, allowed), ulid());
+      }
+      let id: string;
+      try {
+        id = decodeURIComponent(encoded);
+      } catch {
+        return errorResponse(invalidRequest("The response id in the URL is not valid percent-encoding."), ulid());
+      }
+      const action = what !== undefined ? "input_items" : method === "DELETE" ? "delete" : "retrieve";
+      const route = what === undefined ? "/v1/responses/{response_id}" : "/v1/responses/{response_id}/input_items";
+      return traced(route, request, () => storedResponse(request, action, id));
+    }
     if (path === "/v1/embeddings") {
       if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
       return traced("/v1/embeddings", request, () => embeddings(request));
@@ -283,6 +324,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
       const response = await handle({
         method: request.method,
         path: pathOf(request.url),
+        query: queryOf(request.url),
         headers: request.headers,
         text: (limit) => readText(request, limit).finally(() => hooks?.bodyRead?.()),
         signal: request.signal,
@@ -391,6 +433,37 @@ function parseJson(text: string): unknown {
   } catch {
     throw invalidRequest("We could not parse the JSON body of your request.", null, "invalid_json");
   }
+}
+
+/**
+ * The query parameters of a stored response call the API defines (`include[]`, and `after`, `before`, `limit` and
+ * `order` for input items), passed on as they came; others are left out. A retrieval may not be streamed.
+ */
+function storedResponseQuery(action: StoredResponseRequest["action"], query = ""): StoredResponseRequest["query"] {
+  const params = new URLSearchParams(query);
+  if (action === "retrieve" && params.get("stream") === "true") {
+    throw invalidRequest(
+      "Invalid value for 'stream': a stored response is not streamed by this gateway; retrieve it whole.",
+      "stream",
+      "unsupported_value",
+    );
+  }
+  const picked: StoredResponseRequest["query"] = {};
+  const include = [...params.getAll("include[]"), ...params.getAll("include")];
+  if (include.length > 0 && action !== "delete") picked.include = include;
+  if (action === "input_items") {
+    for (const name of ["after", "before", "limit", "order"]) {
+      const value = params.get(name);
+      if (value !== null) picked[name] = value;
+    }
+  }
+  return picked;
+}
+
+/** The query string of an absolute URL, without its `?`. */
+function queryOf(url: string): string | undefined {
+  const query = url.indexOf("?");
+  return query < 0 ? undefined : url.slice(query + 1);
 }
 
 /** The path of an absolute URL without parsing all of it. */

@@ -50,7 +50,7 @@ describe.each([
     });
     expect(res.status).toBe(204);
     expect(res.headers.get("access-control-allow-origin")).toBe(app);
-    expect(res.headers.get("access-control-allow-methods")).toBe("GET, POST");
+    expect(res.headers.get("access-control-allow-methods")).toBe("GET, POST, DELETE");
     expect(res.headers.get("access-control-allow-headers")).toBe("authorization, content-type, x-stainless-retry-count");
     expect(upstream.requests).toHaveLength(before);
   });

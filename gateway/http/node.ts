@@ -30,6 +30,7 @@ async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: str
   const request: RestRequest = {
     method: req.method ?? "GET",
     path: query < 0 ? url : url.slice(0, query),
+    query: query < 0 ? undefined : url.slice(query + 1),
     headers: headersOf(req.headers),
     text: (limit) => readText(req, limit),
     signal: gone.signal,

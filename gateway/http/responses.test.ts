@@ -20,12 +20,16 @@ beforeAll(async () => {
       "providers:",
       `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
       "  - { name: mock, kind: mock }",
+      `  - { name: fake2, kind: openai, base_url: "${upstream.url}" }`,
       "models:",
       "  - name: ok",
       "    targets: [{ provider: fake, model: ok }]",
       '    pricing: { input_per_mtok: "2.50", cached_input_per_mtok: "1.25", output_per_mtok: "10", reasoning_per_mtok: "40" }',
       "  - name: fallback",
       "    targets: [{ provider: fake, model: primary }, { provider: fake, model: secondary }]",
+      '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+      "  - name: pair",
+      "    targets: [{ provider: fake, model: left }, { provider: fake2, model: right }]",
       '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
       "  - name: mock",
       "    targets: [{ provider: mock, model: mock-echo-1 }]",
@@ -220,15 +224,19 @@ describe("routing", () => {
     expect(gateway.shipper.rows.at(-1)).toMatchObject({ fallbackUsed: true, status: RequestStatus.OK });
   });
 
-  test("a request chained to an earlier response goes to the model's first target only, with no fallback", async () => {
+  test("a request chained to an earlier response goes to the target that made it only, with no fallback", async () => {
+    upstream.script("primary", { content: "first" });
+    const earlier = await sdk().responses.create({ model: "fallback", input: "hi" });
+    upstream.reset();
     upstream.script("primary", { status: 500 });
     upstream.script("secondary", { content: "never" });
     const error = await sdk()
-      .responses.create({ model: "fallback", input: "and then?", previous_response_id: "resp_123" })
+      .responses.create({ model: "fallback", input: "and then?", previous_response_id: earlier.id })
       .catch((e: unknown) => e);
     expect(error).toBeInstanceOf(APIError);
     expect((error as APIError).status).toBe(502);
-    expect(upstream.seen("primary")[0]?.body.previous_response_id).toBe("resp_123");
+    // The upstream gets its own id.
+    expect(upstream.seen("primary")[0]?.body.previous_response_id).toBe("resp_fake");
     expect(upstream.seen("secondary")).toHaveLength(0);
   });
 
@@ -433,5 +441,207 @@ describe("the mock provider", () => {
     expect(text).toBe("mock reply: echo this");
     expect(completed?.usage).toMatchObject({ input_tokens: 3 + 4 + 3, output_tokens: 6 });
     expect(gateway.shipper.rows.at(-1)).toMatchObject({ endpoint: Endpoint.RESPONSES, costNanos: 16_000n, usageEstimated: false });
+  });
+});
+
+describe("response ids", () => {
+  const raw = (path: string, init: RequestInit = {}, key = "sk-good", base = gateway.restUrl) =>
+    fetch(`${base}${path}`, { ...init, headers: { authorization: `Bearer ${key}`, "content-type": "application/json" } });
+
+  test("clients get the gateway's ids, the same for one upstream response however it is answered, never the upstream's", async () => {
+    upstream.script("ok", { content: "hello" });
+    const whole = await sdk().responses.create({ model: "ok", input: "hi" });
+    expect(whole.id).toStartWith("resp_");
+    expect(whole.id).not.toBe("resp_fake");
+    const stream = await sdk().responses.create({ model: "ok", input: "hi", stream: true });
+    const ids = new Set<string>();
+    for await (const event of stream) if ("response" in event) ids.add(event.response.id);
+    // created, in_progress and completed all carry it, as the whole answer does.
+    expect([...ids]).toEqual([whole.id]);
+    // Bound to the org: another org's id of the same upstream response differs.
+    const other = await sdk(gateway.restUrl, "sk-limited").responses.create({ model: "ok", input: "hi" });
+    expect(other.id).not.toBe(whole.id);
+  });
+
+  test("a chained response's previous_response_id is the client's id again, and the upstream is sent its own", async () => {
+    upstream.script("ok", { content: "one" });
+    const first = await sdk().responses.create({ model: "ok", input: "hi" });
+    const second = await sdk().responses.create({ model: "ok", input: "more", previous_response_id: first.id });
+    expect(upstream.seen("ok")[1]?.body.previous_response_id).toBe("resp_fake");
+    expect(second.previous_response_id).toBe(first.id);
+    const stream = await sdk().responses.create({ model: "ok", input: "more", previous_response_id: first.id, stream: true });
+    const previous = new Set<unknown>();
+    for await (const event of stream) if ("response" in event) previous.add(event.response.previous_response_id);
+    expect([...previous]).toEqual([first.id]);
+  });
+
+  test("another org's id, an altered one and an upstream's own are refused 400 alike, before any upstream call", async () => {
+    upstream.script("ok", { content: "secret history" });
+    const mine = await sdk().responses.create({ model: "ok", input: "hi" });
+    upstream.reset();
+    const flipped = `${mine.id.slice(0, -2)}${mine.id.at(-2) === "A" ? "B" : "A"}${mine.id.at(-1)}`;
+    const cases: [string, string][] = [
+      ["sk-limited", mine.id],
+      ["sk-good", flipped],
+      ["sk-good", "resp_fake"],
+      ["sk-good", "not-an-id"],
+    ];
+    for (const [key, id] of cases) {
+      const error = (await sdk(gateway.restUrl, key)
+        .responses.create({ model: "ok", input: "what did we say?", previous_response_id: id })
+        .catch((e: unknown) => e)) as APIError;
+      expect(error.status).toBe(400);
+      expect(error.error).toEqual({
+        message: `Previous response with id '${id}' not found.`,
+        type: "invalid_request_error",
+        param: "previous_response_id",
+        code: "previous_response_not_found",
+      });
+    }
+    expect(upstream.requests).toHaveLength(0);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 400 });
+  });
+
+  test("a chain goes to the provider that made the response, not the model's first target; a model not there is a 400", async () => {
+    upstream.script("left", { status: 500 });
+    upstream.script("right", { content: "from the right" });
+    const earlier = await sdk().responses.create({ model: "pair", input: "hi" });
+    expect(earlier.output_text).toBe("from the right");
+    upstream.reset();
+    upstream.script("left", { content: "wrong account" });
+    upstream.script("right", { content: "continued" });
+    const next = await sdk().responses.create({ model: "pair", input: "and?", previous_response_id: earlier.id });
+    expect(next.output_text).toBe("continued");
+    expect(upstream.seen("left")).toHaveLength(0);
+    expect(upstream.seen("right")[0]?.body.previous_response_id).toBe("resp_fake");
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ provider: "fake2", fallbackUsed: false });
+    // `ok` has no target on fake2, which holds the response.
+    const error = (await sdk()
+      .responses.create({ model: "ok", input: "and?", previous_response_id: earlier.id })
+      .catch((e: unknown) => e)) as APIError;
+    expect(error.status).toBe(400);
+    expect(error.error).toMatchObject({ param: "previous_response_id", type: "invalid_request_error" });
+    expect(error.message).toContain("fake2");
+    expect(upstream.seen("ok")).toHaveLength(0);
+  });
+});
+
+for (const [port, base] of [
+  ["REST port", () => gateway.restUrl],
+  ["RPC port", () => gateway.url],
+] as const) {
+  describe(`stored responses on the ${port}`, () => {
+    const raw = (path: string, method = "GET", key = "sk-good") =>
+      fetch(`${base()}${path}`, { method, headers: { authorization: `Bearer ${key}` } });
+
+    test("retrieve, delete and input items go to the provider that made it, by its id there; answered with the client's", async () => {
+      upstream.script("right", { content: "stored" });
+      upstream.script("left", { status: 500 });
+      const made = await sdk(base()).responses.create({ model: "pair", input: "hi" });
+      upstream.reset();
+      const include = ["message.output_text.logprobs" as const];
+      const { data: got, response } = await sdk(base()).responses.retrieve(made.id, { include }).withResponse();
+      expect(got.id).toBe(made.id);
+      expect(got.output_text).toBe("echo: stored");
+      const [seen] = upstream.seen("response:resp_fake");
+      expect(seen).toMatchObject({ method: "GET", path: "/v1/responses/resp_fake" });
+      expect(decodeURIComponent(seen?.query ?? "")).toBe("?include[]=message.output_text.logprobs");
+      const row = await gateway.row(response.headers.get("x-request-id") as string);
+      expect(row).toMatchObject({ endpoint: Endpoint.RESPONSES, status: RequestStatus.OK, httpStatus: 200, provider: "fake2", costNanos: 0n });
+      expect(row.usage).toBeUndefined();
+
+      const page = await sdk(base()).responses.inputItems.list(made.id, { limit: 5, order: "asc", after: "msg_0" });
+      expect(page.data.map((item) => item.id)).toEqual(["msg_in"]);
+      const listed = upstream.requests.at(-1);
+      expect(listed?.path).toBe("/v1/responses/resp_fake/input_items");
+      expect(new URLSearchParams(listed?.query)).toEqual(new URLSearchParams({ limit: "5", order: "asc", after: "msg_0" }));
+
+      await sdk(base()).responses.delete(made.id);
+      expect(upstream.requests.at(-1)).toMatchObject({ method: "DELETE", path: "/v1/responses/resp_fake" });
+      const deleted = await raw(`/v1/responses/${made.id}`, "DELETE");
+      expect(await deleted.json()).toEqual({ id: made.id, object: "response", deleted: true });
+    });
+
+    test("another org's id, an altered or an upstream's own is 404 in OpenAI's shape, asking no upstream", async () => {
+      upstream.script("ok", { content: "mine" });
+      const mine = await sdk(base()).responses.create({ model: "ok", input: "hi" });
+      upstream.reset();
+      for (const [key, id] of [["sk-limited", mine.id], ["sk-good", `${mine.id}x`], ["sk-good", "resp_fake"]] as const) {
+        for (const path of [`/v1/responses/${id}`, `/v1/responses/${id}/input_items`]) {
+          for (const method of path.endsWith("input_items") ? ["GET"] : ["GET", "DELETE"]) {
+            const res = await raw(path, method, key);
+            expect(res.status).toBe(404);
+            expect(await res.json()).toEqual({
+              error: { message: `Response with id '${id}' not found.`, type: "invalid_request_error", param: null, code: "response_not_found" },
+            });
+          }
+        }
+      }
+      expect(upstream.requests).toHaveLength(0);
+      expect((await raw(`/v1/responses/${mine.id}`, "GET", "sk-nope")).status).toBe(401);
+    });
+
+    test("the upstream's 404 is the id's 404, its refusal passed on, its failure a 502; stream=true and POST are refused", async () => {
+      upstream.script("ok", { content: "mine" });
+      const mine = await sdk(base()).responses.create({ model: "ok", input: "hi" });
+      upstream.script("response:resp_fake", { status: 404, error: { message: "Response with id 'resp_fake' not found." } });
+      const gone = (await sdk(base()).responses.retrieve(mine.id).catch((e: unknown) => e)) as APIError;
+      expect(gone.status).toBe(404);
+      expect(gone.error).toMatchObject({ message: `Response with id '${mine.id}' not found.`, code: "response_not_found" });
+      upstream.script("response:resp_fake", { status: 400, error: { message: "Invalid include.", param: "include", code: "invalid_value" } });
+      const bad = (await sdk(base()).responses.inputItems.list(mine.id).catch((e: unknown) => e)) as APIError;
+      expect(bad.status).toBe(400);
+      expect(bad.error).toMatchObject({ message: "Invalid include.", param: "include", code: "invalid_value" });
+      upstream.script("response:resp_fake", { status: 500 });
+      const failed = await raw(`/v1/responses/${mine.id}`);
+      expect(failed.status).toBe(502);
+      expect(JSON.stringify(await failed.json())).not.toContain("resp_fake");
+      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.UPSTREAM_ERROR, httpStatus: 502, provider: "fake" });
+      const streamed = await raw(`/v1/responses/${mine.id}?stream=true`);
+      expect(streamed.status).toBe(400);
+      expect(((await streamed.json()) as { error: { param: string } }).error.param).toBe("stream");
+      const posted = await raw(`/v1/responses/${mine.id}`, "POST");
+      expect(posted.status).toBe(405);
+      expect(posted.headers.get("allow")).toBe("GET, DELETE");
+      expect((await raw(`/v1/responses/${mine.id}/cancel`, "POST")).status).toBe(404);
+    });
+  });
+}
+
+describe("the mock provider's stored responses", () => {
+  test("are retrieved, listed, continued and deleted offline; one made with store: false is not kept", async () => {
+    const first = await sdk().responses.create({ model: "mock", input: "remember this" });
+    const got = await sdk().responses.retrieve(first.id);
+    expect(got.id).toBe(first.id);
+    expect(got.output_text).toBe("mock reply: remember this");
+    const items = await sdk().responses.inputItems.list(first.id);
+    expect(items.data).toMatchObject([{ type: "message", role: "user", content: [{ type: "input_text", text: "remember this" }] }]);
+    const next = await sdk().responses.create({ model: "mock", input: "and then", previous_response_id: first.id });
+    expect(next.previous_response_id).toBe(first.id);
+    await sdk().responses.delete(first.id);
+    expect(((await sdk().responses.retrieve(first.id).catch((e: unknown) => e)) as APIError).status).toBe(404);
+    const continued = (await sdk()
+      .responses.create({ model: "mock", input: "more", previous_response_id: first.id })
+      .catch((e: unknown) => e)) as APIError;
+    expect(continued.status).toBe(400);
+    // In the client's words: its id, not the upstream's.
+    expect(continued.error).toEqual({
+      message: `Previous response with id '${first.id}' not found.`,
+      type: "invalid_request_error",
+      param: "previous_response_id",
+      code: "previous_response_not_found",
+    });
+    const streamed = (await sdk()
+      .responses.create({ model: "mock", input: "more", previous_response_id: first.id, stream: true })
+      .catch((e: unknown) => e)) as APIError;
+    expect(streamed.status).toBe(400);
+    expect(streamed.message).toContain(first.id);
+    const unkept = await sdk().responses.create({ model: "mock", input: "forget this", store: false });
+    expect(((await sdk().responses.retrieve(unkept.id).catch((e: unknown) => e)) as APIError).status).toBe(404);
+    // Streamed responses are kept too.
+    const stream = await sdk().responses.create({ model: "mock", input: "streamed", stream: true });
+    let id = "";
+    for await (const event of stream) if (event.type === "response.completed") id = event.response.id;
+    expect((await sdk().responses.retrieve(id)).output_text).toBe("mock reply: streamed");
   });
 });

@@ -298,3 +298,40 @@ describe("mock provider's Responses API", () => {
     expect(cut.tokens.outputTokens).toBe(2n);
   });
 });
+
+describe("mock provider's stored responses", () => {
+  const options = { timeoutMs: 1000 };
+
+  test("keeps the latest 1000, unchanged by what callers do with the answers; input items paged as the API pages them", async () => {
+    const mock = createMockProvider({ name: "mock", latency_ms: 0 });
+    const first = (await mock.responses({ model: "m", input: [{ role: "user", content: "one" }, { role: "user", content: "two" }] }, options)).response;
+    const id = first.id;
+    first.id = "changed by the caller";
+    expect(await mock.storedResponse({ action: "retrieve", id, query: {} }, options)).toMatchObject({ id, object: "response" });
+    const page = (await mock.storedResponse({ action: "input_items", id, query: { limit: "1" } }, options)) as {
+      data: { id: string; content: unknown }[];
+      has_more: boolean;
+    };
+    // Newest first by default.
+    expect(page.data).toMatchObject([{ type: "message", content: [{ type: "input_text", text: "two" }] }]);
+    expect(page.has_more).toBe(true);
+    const rest = (await mock.storedResponse({ action: "input_items", id, query: { after: page.data[0]?.id as string } }, options)) as typeof page;
+    expect(rest.data).toMatchObject([{ content: [{ type: "input_text", text: "one" }] }]);
+    const asc = (await mock.storedResponse({ action: "input_items", id, query: { order: "asc" } }, options)) as typeof page;
+    expect(asc.data.map((item) => item.content)).toEqual([[{ type: "input_text", text: "one" }], [{ type: "input_text", text: "two" }]]);
+    for (let i = 0; i < 1000; i++) await mock.responses({ model: "m", input: `n${i}` }, options);
+    const evicted = await mock.storedResponse({ action: "retrieve", id, query: {} }, options).catch((e: unknown) => e);
+    expect(evicted).toMatchObject({ status: 404, error: { message: `Response with id '${id}' not found.` } });
+  });
+
+  test("continues only a response it keeps, as an upstream account does", async () => {
+    const mock = createMockProvider({ name: "mock", latency_ms: 0 });
+    const kept = (await mock.responses({ model: "m", input: "a" }, options)).response;
+    const next = await mock.responses({ model: "m", input: "b", previous_response_id: kept.id }, options);
+    expect(next.response.previous_response_id).toBe(kept.id);
+    const unkept = (await mock.responses({ model: "m", input: "a", store: false }, options)).response;
+    const refused = await mock.responses({ model: "m", input: "b", previous_response_id: unkept.id }, options).catch((e: unknown) => e);
+    expect(refused).toBeInstanceOf(UpstreamError);
+    expect(refused).toMatchObject({ failure: "rejected", status: 400, error: { param: "previous_response_id", code: "previous_response_not_found" } });
+  });
+});

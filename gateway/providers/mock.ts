@@ -21,6 +21,9 @@ import {
   type ResponsesRequest,
   type ResponsesResult,
   answeredResponsesUsage,
+  failureOfStatus,
+  type StoredResponseRequest,
+  type UpstreamErrorBody,
   UpstreamError,
   usageOfTokens,
 } from "./provider.ts";
@@ -35,6 +38,8 @@ const embeddingDimensions = 16;
 const maxReplyTokens = 4096;
 // The most values (inputs x dimensions) one embeddings response holds: about 20 MB of JSON floats.
 const maxEmbeddingValues = 1 << 20;
+// Responses kept for retrieval, as an upstream account stores them: the latest this many.
+const maxStoredResponses = 1000;
 
 /**
  * An offline upstream whose replies and usage follow from the request alone: it echoes the last
@@ -46,6 +51,23 @@ const maxEmbeddingValues = 1 << 20;
 export function createMockProvider(config: MockConfig): Provider {
   const latencyMs = config.latency_ms;
   const chunkLatencyMs = config.chunk_latency_ms ?? 0;
+  // Each response made with `store` not false, with its input items, oldest first; copies, as callers change theirs.
+  const stored = new Map<string, { response: ResponseObject; items: Record<string, unknown>[] }>();
+
+  /** A response's answer as the mock makes it, kept when the request lets it be; refused when it continues none kept. */
+  const respond = (request: ResponsesRequest) => {
+    const previous = request.previous_response_id;
+    if (typeof previous === "string" && !stored.has(previous)) {
+      const message = `Previous response with id '${previous}' not found.`;
+      throw refused(400, message, "previous_response_id", "previous_response_not_found");
+    }
+    const reply = responseTo(request);
+    if (request.store !== false) {
+      if (stored.size >= maxStoredResponses) stored.delete(stored.keys().next().value as string);
+      stored.set(reply.response.id, { response: structuredClone(reply.response), items: inputItems(request) });
+    }
+    return reply;
+  };
 
   const answer = async (options: CallOptions) => {
     if (latencyMs > 0) await wait(Math.min(latencyMs, options.timeoutMs), options.signal);
@@ -132,13 +154,13 @@ export function createMockProvider(config: MockConfig): Provider {
 
     async responses(request: ResponsesRequest, options: CallOptions): Promise<ResponsesResult> {
       await answer(options);
-      const reply = responseTo(request);
+      const reply = respond(request);
       return { response: reply.response, tokens: reply.tokens, usageEstimated: false };
     },
 
     async streamResponses(request: ResponsesRequest, options: CallOptions): Promise<ResponseEventStream> {
       await answer(options);
-      const { response, item, text, tokens } = responseTo(request);
+      const { response, item, text, tokens } = respond(request);
       const signal = options.signal;
       let sequence = 0;
       const event = (type: string, fields: Record<string, unknown>): ResponseEvent => ({
@@ -175,6 +197,18 @@ export function createMockProvider(config: MockConfig): Provider {
         const done = response.status === "incomplete" ? "response.incomplete" : "response.completed";
         yield event(done, { response: { ...response, usage: answeredResponsesUsage(undefined, tokens) } });
       })();
+    },
+
+    async storedResponse(request: StoredResponseRequest, options: CallOptions): Promise<unknown> {
+      await answer(options);
+      const found = stored.get(request.id);
+      if (!found) throw refused(404, `Response with id '${request.id}' not found.`, null, null);
+      if (request.action === "retrieve") return structuredClone(found.response);
+      if (request.action === "delete") {
+        stored.delete(request.id);
+        return { id: request.id, object: "response", deleted: true };
+      }
+      return itemPage(found.items, request.query);
     },
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
@@ -361,6 +395,44 @@ function responseTo(request: ResponsesRequest) {
 interface RequiredTool {
   name: string;
   parameters: unknown;
+}
+
+/** A refusal in OpenAI's words, as an upstream's. */
+function refused(status: number, message: string, param: string | null, code: string | null): UpstreamError {
+  const error: UpstreamErrorBody = { message, type: "invalid_request_error", param, code };
+  const said = `mock answered ${status}: ${message}`;
+  return new UpstreamError(failureOfStatus(status, error), said, status, undefined, error);
+}
+
+/** A request's input as the items the API lists for its response: each with an id, a string as a user message. */
+function inputItems(request: ResponsesRequest): Record<string, unknown>[] {
+  const input = (request as unknown as { input?: unknown }).input;
+  const items = typeof input === "string" ? [{ role: "user", content: input }] : Array.isArray(input) ? input : [];
+  return items.map((value) => {
+    const item = structuredClone(value) as Record<string, unknown>;
+    if (item.type === undefined && item.role !== undefined) item.type = "message";
+    if (item.type === "message") {
+      item.status ??= "completed";
+      if (typeof item.content === "string") item.content = [{ type: "input_text", text: item.content }];
+    }
+    item.id ??= `${item.type === "message" ? "msg" : "item"}_${ulid()}`;
+    return item;
+  });
+}
+
+/** A page of input items, as the API pages them: `order` (desc by default), after the item `after`, `limit` (20). */
+function itemPage(items: Record<string, unknown>[], query: StoredResponseRequest["query"]) {
+  const ordered = query.order === "asc" ? [...items] : [...items].reverse();
+  const from = typeof query.after === "string" ? ordered.findIndex((item) => item.id === query.after) + 1 : 0;
+  const limit = Math.min(100, Math.max(1, Number(query.limit) || 20));
+  const data = ordered.slice(from, from + limit).map((item) => structuredClone(item));
+  return {
+    object: "list",
+    data,
+    first_id: data[0]?.id ?? null,
+    last_id: data.at(-1)?.id ?? null,
+    has_more: from + limit < ordered.length,
+  };
 }
 
 /** The function tool a Responses API request obliges the model to call: named by tool_choice, or the first one. */

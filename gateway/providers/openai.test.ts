@@ -936,3 +936,85 @@ describe("idle connections to the upstream", () => {
     expect([connections - before, answered - calls]).toEqual([2, 3]);
   });
 });
+
+describe("stored responses", () => {
+  // An upstream's stored responses: retrieved, deleted, their input items listed, or failing by the id asked for.
+  const calls: Array<{ method: string; url: string; apiKey: string | null; auth: string | null }> = [];
+  const stored = Bun.serve({
+    port: 0,
+    async fetch(req) {
+      const url = new URL(req.url);
+      calls.push({ method: req.method, url: `${url.pathname}${decodeURIComponent(url.search)}`, apiKey: req.headers.get("api-key"), auth: req.headers.get("authorization") });
+      const id = url.pathname.split("/")[url.pathname.endsWith("/input_items") ? url.pathname.split("/").length - 2 : url.pathname.split("/").length - 1];
+      switch (id) {
+        case "missing":
+          return Response.json({ error: { message: "Response with id 'missing' not found.", type: "invalid_request_error", param: null, code: null } }, { status: 404 });
+        case "moved":
+          return new Response(null, { status: 302, headers: { location: "https://elsewhere.example/v1/responses/moved" } });
+        case "busy":
+          return Response.json({ error: { message: "Slow down.", type: "rate_limit_error" } }, { status: 429, headers: { "retry-after": "3" } });
+        case "slow":
+          await Bun.sleep(300);
+          break;
+        case "huge":
+          return Response.json({ id, object: "response", output: [], padding: "x".repeat(2 * 1024 * 1024) });
+      }
+      if (url.pathname.endsWith("/input_items")) return Response.json({ object: "list", data: [], first_id: null, last_id: null, has_more: false });
+      if (req.method === "DELETE") return Response.json({ id, object: "response", deleted: true });
+      return Response.json({ id, object: "response", status: "completed", output: [], previous_response_id: null });
+    },
+  });
+  afterAll(() => stored.stop(true));
+  const base = `http://127.0.0.1:${stored.port}`;
+  const openai = createOpenAIProvider({ name: "up", kind: "openai", base_url: `${base}/v1`, api_key_env: "UP_KEY" }, "sk-up", ["sk-up"], 1024 * 1024);
+
+  test("are retrieved, deleted and listed through the SDK's calls with the client's parameters", async () => {
+    calls.length = 0;
+    const got = await openai.storedResponse({ action: "retrieve", id: "r1", query: { include: ["message.output_text.logprobs"] } }, { timeoutMs: 5000 });
+    expect(got).toMatchObject({ id: "r1", object: "response" });
+    expect(await openai.storedResponse({ action: "delete", id: "r1", query: {} }, { timeoutMs: 5000 })).toEqual({ id: "r1", object: "response", deleted: true });
+    const query = { after: "msg_1", before: "msg_9", limit: "2", order: "asc", include: ["a", "b"] };
+    expect(await openai.storedResponse({ action: "input_items", id: "r1", query }, { timeoutMs: 5000 })).toMatchObject({ object: "list" });
+    expect(calls.map(({ method, url, auth }) => ({ method, url, auth }))).toEqual([
+      { method: "GET", url: "/v1/responses/r1?include[]=message.output_text.logprobs", auth: "Bearer sk-up" },
+      { method: "DELETE", url: "/v1/responses/r1", auth: "Bearer sk-up" },
+      { method: "GET", url: "/v1/responses/r1/input_items?after=msg_1&before=msg_9&limit=2&order=asc&include[]=a&include[]=b", auth: "Bearer sk-up" },
+    ]);
+  });
+
+  test("on Azure: at a resource endpoint with the Responses API's version (or the one set) and api-key; on v1 at its path", async () => {
+    calls.length = 0;
+    const resource = createOpenAIProvider({ name: "az", kind: "azure", base_url: base, api_key_env: "AZ_KEY" }, "sk-az");
+    await resource.storedResponse({ action: "retrieve", id: "r1", query: {} }, { timeoutMs: 5000 });
+    await resource.storedResponse({ action: "delete", id: "r1", query: {} }, { timeoutMs: 5000 });
+    await resource.storedResponse({ action: "input_items", id: "r1", query: { limit: "1" } }, { timeoutMs: 5000 });
+    const later = { name: "az", kind: "azure", base_url: base, api_key_env: "AZ_KEY", api_version: "2025-04-01-preview" } as const;
+    await createOpenAIProvider(later, "sk-az").storedResponse({ action: "retrieve", id: "r1", query: {} }, { timeoutMs: 5000 });
+    const v1 = createOpenAIProvider({ name: "az", kind: "azure", base_url: `${base}/openai/v1`, api_key_env: "AZ_KEY" }, "sk-az");
+    await v1.storedResponse({ action: "retrieve", id: "r1", query: {} }, { timeoutMs: 5000 });
+    expect(calls.map(({ method, url }) => `${method} ${url}`)).toEqual([
+      "GET /openai/responses/r1?api-version=2025-03-01-preview",
+      "DELETE /openai/responses/r1?api-version=2025-03-01-preview",
+      "GET /openai/responses/r1/input_items?api-version=2025-03-01-preview&limit=1",
+      "GET /openai/responses/r1?api-version=2025-04-01-preview",
+      "GET /openai/v1/responses/r1",
+    ]);
+    expect(calls[0]).toMatchObject({ apiKey: "sk-az", auth: null });
+    expect(calls.at(-1)).toMatchObject({ auth: "Bearer sk-az" });
+  });
+
+  test("fail as other calls do: a 404 or 429 with its status, a redirect not followed, a timeout, a cancel, an answer too large", async () => {
+    const call = (id: string, timeoutMs = 5000, signal?: AbortSignal) =>
+      failure(openai.storedResponse({ action: "retrieve", id, query: {} }, { timeoutMs, signal }));
+    expect(await call("missing")).toMatchObject({ failure: "misconfigured", status: 404 });
+    expect(await call("busy")).toMatchObject({ failure: "transient", status: 429, retryAfterMs: 3000 });
+    expect(await call("moved")).toMatchObject({ failure: "misconfigured", status: 302 });
+    expect(await call("slow", 50)).toMatchObject({ failure: "timeout" });
+    const leaving = new AbortController();
+    setTimeout(() => leaving.abort(), 30);
+    expect(await call("slow", 5000, leaving.signal)).toMatchObject({ failure: "cancelled" });
+    expect(await call("huge")).toBeInstanceOf(UpstreamError);
+    const unset = createOpenAIProvider({ name: "up", kind: "openai", base_url: `${base}/v1`, api_key_env: "UP_KEY" }, undefined);
+    expect(await failure(unset.storedResponse({ action: "delete", id: "r1", query: {} }, { timeoutMs: 5000 }))).toMatchObject({ failure: "misconfigured" });
+  });
+});

@@ -1,4 +1,4 @@
-import OpenAI, { APIError, AzureOpenAI } from "openai";
+import OpenAI, { APIConnectionTimeoutError, APIError, AzureOpenAI } from "openai";
 import { createParser } from "eventsource-parser";
 import { redactSecrets } from "../../lib/log.ts";
 import { watchSilence } from "../../lib/silence.ts";
@@ -35,6 +35,7 @@ import {
   type ResponsesRequest,
   type ResponsesResult,
   responsesUsageAsChat,
+  type StoredResponseRequest,
   terminalResponseEvents,
   retryAfterMs,
   UpstreamError,
@@ -270,6 +271,38 @@ export function createOpenAIProvider(
 
     streamResponses(request: ResponsesRequest, options: CallOptions): Promise<ResponseEventStream> {
       return openResponse({ ...request, stream: true }, options);
+    },
+
+    /**
+     * Through the SDK's own calls (retrieve, delete, inputItems.list), its retries off (the attempt is the gateway's),
+     * within the attempt's time limit, a redirect not followed and the answer read up to the same limit as others.
+     */
+    async storedResponse(request: StoredResponseRequest, options: CallOptions): Promise<unknown> {
+      const sdk = connected();
+      const { action, id } = request;
+      // Azure's resource endpoints serve stored responses at the Responses API's version too (see template).
+      const version = azureDeployments && !config.api_version ? { "api-version": azureResponsesVersion } : {};
+      const query = { ...request.query, ...version } as never;
+      const how = {
+        signal: options.signal,
+        timeout: Math.max(1, Math.ceil(options.timeoutMs)),
+        maxRetries: 0,
+        fetchOptions: { redirect: "manual" as const },
+      };
+      try {
+        const call =
+          action === "retrieve"
+            ? sdk.responses.retrieve(id, query, how)
+            : action === "delete"
+              ? sdk.responses.delete(id, { ...how, query: version })
+              : sdk.responses.inputItems.list(id, query, how);
+        const text = await bodyText(await call.asResponse(), maxAnswerBytes, config.name);
+        return text.trim() === "" ? {} : JSON.parse(text);
+      } catch (e) {
+        if (options.signal?.aborted) throw new UpstreamError("cancelled", `${config.name}: request aborted`);
+        if (e instanceof APIConnectionTimeoutError) throw new UpstreamError("timeout", `${config.name}: timed out`);
+        throw upstreamError(config.name, e, redact);
+      }
     },
 
     server: { address: url.hostname.replace(/^\[(.*)\]$/, "$1"), port: Number(url.port) || (url.protocol === "https:" ? 443 : 80) },

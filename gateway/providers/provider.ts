@@ -44,6 +44,17 @@ export interface ResponsesResult {
   usageEstimated: boolean;
 }
 
+/**
+ * A call on a response an upstream stored: `retrieve` it, `delete` it, or list its `input_items`. `query` holds the
+ * client's parameters the API defines for it (`include`; and `after`, `before`, `limit`, `order` for input items).
+ */
+export interface StoredResponseRequest {
+  action: "retrieve" | "delete" | "input_items";
+  /** The upstream's id of the response. */
+  id: string;
+  query: Record<string, string | string[]>;
+}
+
 export interface CallOptions {
   /** Aborted when the client goes away. */
   signal?: AbortSignal | undefined;
@@ -93,6 +104,8 @@ export interface Provider {
    * `response.in_progress` has come (so routing may still retry or fall back until then); fails with UpstreamError.
    */
   streamResponses(request: ResponsesRequest, options: CallOptions): Promise<ResponseEventStream>;
+  /** A call on a response the upstream stored, answered with its JSON as it came; fails with UpstreamError. */
+  storedResponse(request: StoredResponseRequest, options: CallOptions): Promise<unknown>;
 }
 
 /**

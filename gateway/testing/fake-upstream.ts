@@ -2,7 +2,8 @@
  * An OpenAI-compatible upstream on a real socket whose behaviour tests script per model: replies
  * whole or streamed (SSE), with or without usage, errors with any status and Retry-After,
  * malformed JSON, delays, hangs and streams that stop short, for chat completions, embeddings and the Responses API
- * (`/v1/responses`, whole or as its named events). It records every request it gets
+ * (`/v1/responses`, whole or as its named events; a stored response retrieved, deleted or its input items listed, each
+ * scripted as the model `response:<id>`). It records every request it gets
  * and whether its client went away. Run as a script it serves fixed fast replies for benchmarks:
  *   bun gateway/testing/fake-upstream.ts [port]
  */
@@ -94,6 +95,9 @@ export interface Behaviour {
 
 export interface SeenRequest {
   path: string;
+  /** Of a call on a stored response: its method and query string (with its `?`). */
+  method?: string;
+  query?: string;
   model: string;
   body: Record<string, any>;
   headers: Record<string, string>;
@@ -135,6 +139,25 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
     async fetch(req) {
       const path = new URL(req.url).pathname;
       if (req.method === "GET" && path === "/v1/models") return Response.json({ object: "list", data: [] });
+      const storedCall = /^\/v1\/responses\/([^/]+)(\/input_items)?$/.exec(path);
+      if (storedCall && (req.method === "GET" || req.method === "DELETE")) {
+        const id = decodeURIComponent(storedCall[1] as string);
+        const model = `response:${id}`;
+        const query = new URL(req.url).search;
+        if (record) requests.push({ path, method: req.method, query, model, body: {}, headers: Object.fromEntries(req.headers), at: performance.now(), aborted: false });
+        const b = behaviourFor(model);
+        if (b.delayMs) await Bun.sleep(b.delayMs);
+        if (b.status) {
+          const error = { message: `scripted ${b.status}`, type: "invalid_request_error", param: null, code: null, ...(b.error as object) };
+          return Response.json({ error }, { status: b.status });
+        }
+        if (storedCall[2]) {
+          const item = { id: "msg_in", type: "message", role: "user", status: "completed", content: [{ type: "input_text", text: "hi" }] };
+          return Response.json({ object: "list", data: [item], first_id: "msg_in", last_id: "msg_in", has_more: false });
+        }
+        if (req.method === "DELETE") return Response.json({ id, object: "response", deleted: true });
+        return Response.json({ ...responseOf({ model: "ok" }, b, responseText({ input: "stored" }, b), "completed"), id, previous_response_id: null });
+      }
       let body: Record<string, any>;
       try {
         body = (await req.json()) as Record<string, any>;
@@ -399,6 +422,7 @@ function responseOf(body: Record<string, any>, b: Behaviour, text: string, statu
     incomplete_details: null,
     model: b.model ?? `${body.model}-fake`,
     output: status === "completed" ? [message] : [],
+    previous_response_id: body.previous_response_id ?? null,
     ...(b.serviceTier ? { service_tier: b.serviceTier } : {}),
     usage: usage ?? null,
   };

@@ -1,0 +1,35 @@
+import { describe, expect, test } from "bun:test";
+import { createResponseIds, responseIdKey } from "./response-ids.ts";
+
+const ids = createResponseIds(responseIdKey("s".repeat(32), "admin-token-0123456789"));
+
+describe("response ids", () => {
+  test("open for the org they were made for, with the upstream id and provider; the same id each time", () => {
+    const id = ids.wrap("resp_68af0123456789abcdef", "org_1", "openai-eu");
+    expect(id).toMatch(/^resp_[A-Za-z0-9_-]+$/);
+    expect(id).not.toContain("68af");
+    expect(ids.unwrap(id, "org_1")).toEqual({ upstreamId: "resp_68af0123456789abcdef", provider: "openai-eu" });
+    expect(ids.wrap("resp_68af0123456789abcdef", "org_1", "openai-eu")).toBe(id);
+    expect(ids.wrap("resp_68af0123456789abcdef", "org_2", "openai-eu")).not.toBe(id);
+    expect(ids.wrap("resp_68af0123456789abcdef", "org_1", "azure")).not.toBe(id);
+  });
+
+  test("do not open for another org, under another key, altered anywhere, or when not the gateway's", () => {
+    const id = ids.wrap("resp_1", "org_1", "p");
+    expect(ids.unwrap(id, "org_2")).toBeUndefined();
+    expect(ids.unwrap(id, "org_")).toBeUndefined();
+    const rotated = createResponseIds(responseIdKey("t".repeat(32), "admin-token-0123456789"));
+    expect(rotated.unwrap(id, "org_1")).toBeUndefined();
+    // The same admin token without the secret derives another key.
+    expect(createResponseIds(responseIdKey(undefined, "s".repeat(32))).unwrap(id, "org_1")).toBeUndefined();
+    const bytes = Buffer.from(id.slice(5), "base64url");
+    for (let i = 0; i < bytes.length; i++) {
+      const altered = Buffer.from(bytes);
+      altered[i] = (altered[i] as number) ^ 1;
+      expect(ids.unwrap(`resp_${altered.toString("base64url")}`, "org_1")).toBeUndefined();
+    }
+    for (const other of ["resp_1", "resp_", "", "resp_!!!", `resp_${"A".repeat(2000)}`, id.slice(0, -4), `${id}AAAA`]) {
+      expect(ids.unwrap(other, "org_1")).toBeUndefined();
+    }
+  });
+});
