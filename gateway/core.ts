@@ -845,8 +845,10 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
 /** A streamed response's events with its response ids the client's (see response-ids.ts). */
 async function* withResponseIds(events: ResponseEventStream, wrap: (upstreamId: string) => string): ResponseEventStream {
   for await (const event of events) {
-    wrapResponseObject(event.response, wrap);
-    yield event;
+    // A copy: a provider may send one response object in several events (the mock does), which must be wrapped once.
+    const response = event.response === undefined ? undefined : { ...event.response };
+    wrapResponseObject(response, wrap);
+    yield response === undefined ? event : ({ ...event, response } as typeof event);
   }
 }
 
