@@ -207,6 +207,34 @@ describe("examples", () => {
     expect(marginalDiscounts(billed, five, [tenPercent], noMax)[0]?.amountNanos).toBe(usd / 2n);
   });
 
+  test("a cap holds over three invoices of a period when a stacking rule before it grows with late usage", () => {
+    // 90% off all usage once the period reaches $100, then 50% off what is left, up to $20.
+    const bulkTiers = [{ fromNanos: 100n * usd, discountBps: 9000 }];
+    const bulk = rule({ id: "bulk", kind: "volume_all_units", tiers: bulkTiers, priority: 2 });
+    const capped = rule({ id: "capped", kind: "promotional", discountBps: 5000, capNanos: 20n * usd, priority: 1 });
+    const rules = [bulk, capped];
+    const first = hours(1, 40n * usd);
+    const second = hours(1, 80n * usd, { hour: new Date(monthStart + hourMs) });
+    const third = hours(1, 200n * usd, { hour: new Date(monthStart + 2 * hourMs) });
+    const amounts = (applied: { rule: DiscountRule; amountNanos: bigint }[]) =>
+      applied.map((a) => [a.rule.id, a.amountNanos]);
+    expect(amounts(calculateDiscounts(first, rules, noMax).applied)).toEqual([
+      ["bulk", 0n],
+      ["capped", 20n * usd],
+    ]);
+    const granted = new Map([["capped", 20n * usd]]);
+    expect(amounts(marginalDiscounts(first, second, rules, noMax, granted))).toEqual([
+      ["bulk", 72n * usd],
+      ["capped", 0n],
+    ]);
+    granted.set("bulk", 72n * usd);
+    // Over the first two invoices' $120 the capped rule would get $6, over all $320 $16: not $10 more than its $20.
+    expect(amounts(marginalDiscounts([...first, ...second], third, rules, noMax, granted))).toEqual([
+      ["bulk", 180n * usd],
+      ["capped", 0n],
+    ]);
+  });
+
   test("no usage, no rules: nothing", () => {
     expect(calculateDiscounts([], [rule({ kind: "promotional", discountBps: 5000 })], noMax)).toEqual({
       subtotalNanos: 0n,
@@ -282,6 +310,14 @@ const ruleArb = fc
 const rulesArb = fc
   .array(ruleArb, { maxLength: 6 })
   .map((rules) => rules.map((r, i) => ({ ...r, id: `disc_${String(i).padStart(2, "0")}` })));
+// A volume rule that stacks before a capped rule, which it leaves less the more the period's usage grows; and others.
+const periodRulesArb = fc
+  .tuple(tiersArb, fc.boolean(), ruleArb, fc.bigInt({ min: 1n, max: 10n ** 13n }), fc.array(ruleArb, { maxLength: 2 }))
+  .map(([volumeTiers, graduated, capped, capNanos, others]) => [
+    rule({ id: "disc_vol", kind: graduated ? "volume_graduated" : "volume_all_units", tiers: volumeTiers, priority: 9 }),
+    { ...capped, id: "disc_capped", priority: 8, stackable: true, capNanos },
+    ...others.map((r, i) => ({ ...r, id: `disc_${i}` })),
+  ]);
 const maxArb = fc.oneof(fc.constant(0), bps);
 
 describe("properties", () => {
@@ -421,6 +457,45 @@ describe("properties", () => {
           if (a.rule.capNanos > 0n) expect(earlier + a.amountNanos).toBeLessThanOrEqual(a.rule.capNanos);
         }
       }),
+    );
+  });
+
+  test("over all of a period's invoices, late usage on several, no rule passes its cap nor the total the maximum", () => {
+    const limit = (nanos: bigint, maxDiscountBps: number) =>
+      maxDiscountBps > 0 ? (nanos * BigInt(maxDiscountBps)) / 10_000n : nanos;
+    fc.assert(
+      fc.property(
+        fc.array(usageArb, { minLength: 2, maxLength: 5 }),
+        fc.oneof(periodRulesArb, rulesArb),
+        maxArb,
+        (invoices, rules, maxDiscountBps) => {
+          const options = { maxDiscountBps };
+          // The first invoice bills the period's usage so far; each later one late usage, against what was granted.
+          const granted = new Map<string, bigint>();
+          const billed: UsageHour[] = [];
+          invoices.forEach((late, i) => {
+            const discounts =
+              i === 0
+                ? calculateDiscounts(late, rules, options).applied
+                : marginalDiscounts(billed, late, rules, options, granted);
+            const lateNanos = late.reduce((s, u) => s + u.costNanos, 0n);
+            const added = discounts.reduce((s, a) => s + a.amountNanos, 0n);
+            expect(added).toBeLessThanOrEqual(limit(lateNanos, maxDiscountBps));
+            for (const a of discounts) {
+              expect(a.amountNanos).toBeGreaterThanOrEqual(0n);
+              granted.set(a.rule.id, (granted.get(a.rule.id) ?? 0n) + a.amountNanos);
+            }
+            billed.push(...late);
+          });
+          const subtotal = billed.reduce((s, u) => s + u.costNanos, 0n);
+          const total = [...granted.values()].reduce((s, amount) => s + amount, 0n);
+          expect(total).toBeLessThanOrEqual(limit(subtotal, maxDiscountBps));
+          // Nor more than the period's usage gets on one invoice.
+          expect(total).toBeLessThanOrEqual(calculateDiscounts(billed, rules, options).totalNanos);
+          for (const r of rules) if (r.capNanos > 0n) expect(granted.get(r.id) ?? 0n).toBeLessThanOrEqual(r.capNanos);
+        },
+      ),
+      { numRuns: 1000 },
     );
   });
 

@@ -63,34 +63,39 @@ export function calculateDiscounts(
 }
 
 /**
- * The discounts `late` usage of a billing period adds to those of the period's `billed` usage: per rule, what it takes
- * off both together less what it takes off `billed` alone, so a cap, volume tier or maximum that `billed` used is not
- * granted again. Never more than each rule's rate (the tier the period's whole usage reaches) on the late usage it
- * matched, nor in all than the org's maximum share of the late usage: what issued invoices billed is not discounted
- * again, so late usage that lifts its period into an all-units tier gets that tier's rate on itself, not a credit for
- * the usage billed before. Rules that matched some of the usage, in the order they were applied; `matchedNanos` is
- * late usage.
+ * The discounts `late` usage of a billing period adds to what the period's issued invoices, which billed its `billed`
+ * usage, already discounted (`granted`, per rule id; by default what `billed` gets invoiced as a whole): per rule, what
+ * it takes off `billed` and `late` together less what it was granted, so a cap, volume tier or maximum the period's
+ * invoices used is not granted again, however many there were and whatever each was bounded by. Never more than each
+ * rule's rate (the tier the period's whole usage reaches) on the late usage it matched, nor in all than the org's
+ * maximum share of the late usage: what issued invoices billed is not discounted again, so late usage that lifts its
+ * period into an all-units tier gets that tier's rate on itself, not a credit for the usage billed before. Rules that
+ * matched some of the usage, in the order they were applied; `matchedNanos` is late usage.
  */
 export function marginalDiscounts(
   billed: readonly UsageHour[],
   late: readonly UsageHour[],
   rules: readonly DiscountRule[],
   options: { maxDiscountBps: number },
+  granted?: ReadonlyMap<string, bigint>,
 ): AppliedDiscount[] {
   const before = calculateDiscounts(billed, rules, options);
   const after = calculateDiscounts([...billed, ...late], rules, options);
   const was = new Map(before.applied.map((a) => [a.rule.id, a]));
+  const given = granted ?? new Map(before.applied.map((a) => [a.rule.id, a.amountNanos]));
+  const givenNanos = [...given.values()].reduce((sum, amount) => sum + amount, 0n);
   const lateNanos = late.reduce((sum, u) => sum + u.costNanos, 0n);
   const bound = options.maxDiscountBps > 0 ? (lateNanos * BigInt(options.maxDiscountBps)) / bpsScale : lateNanos;
-  let left = after.totalNanos > before.totalNanos ? after.totalNanos - before.totalNanos : 0n;
+  // The period's whole discount (within the org's maximum of its whole subtotal) less what its invoices granted.
+  let left = after.totalNanos > givenNanos ? after.totalNanos - givenNanos : 0n;
   if (left > bound) left = bound;
   return after.applied.map(({ rule, matchedNanos, amountNanos }) => {
-    const earlier = was.get(rule.id);
-    const lateMatched = matchedNanos - (earlier?.matchedNanos ?? 0n);
+    const lateMatched = matchedNanos - (was.get(rule.id)?.matchedNanos ?? 0n);
     // Never more than the rule's rate, as the period's whole usage reaches it, on the late usage it matched.
     const rateBps = rule.kind === "promotional" || rule.kind === "time_window" ? rule.discountBps : allUnitsBps(rule, matchedNanos);
     const atRate = (lateMatched * BigInt(rateBps)) / bpsScale;
-    let added = amountNanos - (earlier?.amountNanos ?? 0n);
+    // The rule's discount over the period's whole usage is within its cap: what its invoices granted is taken out.
+    let added = amountNanos - (given.get(rule.id) ?? 0n);
     if (added > atRate) added = atRate;
     // A discount never charges: a rule left less goes to 0 and the added total to rules in the order they apply.
     const amount = added <= 0n ? 0n : added < left ? added : left;

@@ -73,7 +73,11 @@ test("late usage is discounted by what it adds to its own period's discount; the
     at("2026-02-01T00:00:00Z", 2n * usd),
     at("2026-03-01T00:00:00Z", 3n * usd),
   ];
-  const period = { start: new Date("2026-03-01T00:00:00Z"), billingDay: 1, billed };
+  const granted = [
+    { periodStart: new Date("2026-01-01T00:00:00Z"), ruleId: "disc_A", amountNanos: usd / 5n },
+    { periodStart: new Date("2026-02-01T00:00:00Z"), ruleId: "disc_A", amountNanos: usd / 10n },
+  ];
+  const period = { start: new Date("2026-03-01T00:00:00Z"), billingDay: 1, billed, granted };
   const invoice = buildInvoice(usage, [capped], { taxRateBps: 0, maxDiscountBps: 0, period });
   expect(invoice.lines.map((l) => [l.description, l.amountNanos])).toEqual([
     ["gpt-4o: input tokens", 3n * usd],
@@ -82,12 +86,18 @@ test("late usage is discounted by what it adds to its own period's discount; the
     ["Discount: Launch promo (10% off, capped at $0.2)", -(3n * usd) / 10n],
   ]);
   expect(invoice).toMatchObject({ subtotalCents: 600n, discountCents: 30n, taxCents: 0n, totalCents: 570n });
+  // The discount line split by the period of the usage it discounts, for later invoices of those periods.
+  expect(invoice.grants).toEqual([
+    { periodStart: period.start, ruleId: "disc_A", amountNanos: usd / 5n },
+    { periodStart: new Date("2026-02-01T00:00:00Z"), ruleId: "disc_A", amountNanos: usd / 10n },
+  ]);
 
   // Without late usage, the same as an invoice of the period alone.
   const march = usage.slice(2);
-  expect(buildInvoice(march, [capped], { taxRateBps: 0, maxDiscountBps: 0, period })).toEqual(
-    buildInvoice(march, [capped], { taxRateBps: 0, maxDiscountBps: 0 }),
-  );
+  expect(buildInvoice(march, [capped], { taxRateBps: 0, maxDiscountBps: 0, period })).toEqual({
+    ...buildInvoice(march, [capped], { taxRateBps: 0, maxDiscountBps: 0 }),
+    grants: [{ periodStart: period.start, ruleId: "disc_A", amountNanos: usd / 5n }],
+  });
 });
 
 test("each total is rounded once, half-up, from exact nano-USD", () => {

@@ -22,8 +22,17 @@ export interface UsageSlice extends UsageHour {
   unitemisedNanos: bigint;
 }
 
+/** What an invoice discounted, by one rule, of the usage of the billing period starting `periodStart`. */
+export interface DiscountGrant {
+  periodStart: Date;
+  ruleId: string;
+  amountNanos: bigint;
+}
+
 export interface InvoiceContent {
   lines: InvoiceLine[];
+  /** The discount lines split by the period of the usage they discount (with `period` only), amounts above 0. */
+  grants: DiscountGrant[];
   subtotalCents: bigint;
   discountCents: bigint;
   taxCents: bigint;
@@ -54,10 +63,10 @@ export function buildInvoice(
     maxDiscountBps: number;
     /**
      * The invoice's period: usage before its start arrived after its own period was invoiced. It gets lines of its
-     * own and, per period it belongs to (see latePeriods), the discount it adds to `billed`, that period's usage that
-     * issued invoices billed. Unset: every slice counts as the period's.
+     * own and, per period it belongs to (see latePeriods), the discount it adds to what issued invoices granted of
+     * that period (`granted`) for its usage they billed (`billed`). Unset: every slice counts as the period's.
      */
-    period?: { start: Date; billingDay: number; billed: readonly UsageHour[] };
+    period?: { start: Date; billingDay: number; billed: readonly UsageHour[]; granted: readonly DiscountGrant[] };
   },
 ): InvoiceContent {
   const period = org.period;
@@ -95,22 +104,41 @@ export function buildInvoice(
     }
   }
 
-  // The period's own usage is discounted by what it adds to the part of the period an issued invoice already billed
-  // (a later period's invoice took it as late usage): caps, tiers and the maximum discount hold for the whole
-  // period. Likewise late usage of an earlier period by what it adds to that period's.
+  // The period's own usage is discounted by what it adds to what issued invoices granted of the period for the part of
+  // it they billed (a later period's invoice took it as late usage): caps, tiers and the maximum discount hold for the
+  // whole period, over all of its invoices. Likewise late usage of an earlier period by what it adds to that period's.
   const current = period ? usage.filter((slice) => slice.hour >= period.start) : usage;
   const ownEnd = period && billingPeriod(period.start, period.billingDay).end;
   const ownBilled = period ? period.billed.filter((b) => b.hour >= period.start && b.hour < (ownEnd as Date)) : [];
-  const applied =
-    ownBilled.length > 0 ? marginalDiscounts(ownBilled, current, rules, org) : calculateDiscounts(current, rules, org).applied;
+  const grantedOf = (start: Date) =>
+    new Map(
+      period?.granted.filter((g) => g.periodStart.getTime() === start.getTime()).map((g) => [g.ruleId, g.amountNanos]),
+    );
+  const applied = [
+    {
+      start: period?.start,
+      discounts:
+        period && ownBilled.length > 0
+          ? marginalDiscounts(ownBilled, current, rules, org, grantedOf(period.start))
+          : calculateDiscounts(current, rules, org).applied,
+    },
+  ];
   if (period) {
     for (const earlier of latePeriods(usage, period.start, period.billingDay)) {
       const billed = period.billed.filter((b) => b.hour >= earlier.start && b.hour < earlier.end);
-      applied.push(...marginalDiscounts(billed, earlier.usage, rules, org));
+      const discounts = marginalDiscounts(billed, earlier.usage, rules, org, grantedOf(earlier.start));
+      applied.push({ start: earlier.start, discounts });
     }
   }
   const discountOf = new Map<string, bigint>();
-  for (const { rule, amountNanos } of applied) discountOf.set(rule.id, (discountOf.get(rule.id) ?? 0n) + amountNanos);
+  const grants: DiscountGrant[] = [];
+  for (const { start, discounts } of applied) {
+    for (const { rule, amountNanos } of discounts) {
+      if (amountNanos === 0n) continue;
+      discountOf.set(rule.id, (discountOf.get(rule.id) ?? 0n) + amountNanos);
+      if (start) grants.push({ periodStart: start, ruleId: rule.id, amountNanos });
+    }
+  }
   let discountNanos = 0n;
   for (const rule of [...rules].sort(byPriority)) {
     const amountNanos = discountOf.get(rule.id) ?? 0n;
@@ -131,6 +159,7 @@ export function buildInvoice(
   const bps = BigInt(org.taxRateBps);
   return {
     lines,
+    grants,
     subtotalCents: nanosToCents(subtotalNanos),
     discountCents: nanosToCents(discountNanos),
     taxCents: divRoundHalfUp(net * bps, 10_000n * NANOS_PER_CENT),

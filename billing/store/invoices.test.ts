@@ -534,6 +534,53 @@ describe("late usage is discounted as part of its own period", () => {
     expect(issued).toMatchObject({ subtotalCents: 102n, discountCents: 1n, totalCents: 101n });
   });
 
+  test("a cap holds over all of a period's invoices when a stacking rule before it grows with late usage", async () => {
+    const org = await newOrg({ taxRateBps: 0 });
+    const bulk = await store.createDiscountRule({
+      orgId: org.id,
+      name: "bulk",
+      kind: "volume_all_units",
+      discountBps: 0,
+      ...unscopedRule,
+      priority: 2,
+      tiers: [
+        { fromNanos: 0n, discountBps: 0 },
+        { fromNanos: 100n * usd, discountBps: 9000 },
+      ],
+    });
+    const capped = await store.createDiscountRule({
+      orgId: org.id,
+      name: "half off",
+      kind: "promotional",
+      discountBps: 5000,
+      ...unscopedRule,
+      priority: 1,
+      capNanos: 20n * usd,
+    });
+    // October's $40 reaches the $20 cap; $80 of October billed late by November's invoice lifts "bulk" to 90%.
+    await spend(org.id, october, 40n * usd);
+    const invoices = [await issueOctober(org.id)];
+    await spend(org.id, october, 80n * usd);
+    const novemberDraft = await store.generateInvoice({ orgId: org.id, at: november, now: afterNovember });
+    const issuedNovember = { invoiceId: novemberDraft.id, status: "issued" as const, now: afterNovember };
+    invoices.push(await store.updateInvoiceStatus(issuedNovember));
+    // $200 more of October for December's invoice: recomputed over the $120 billed, "bulk" leaves the capped rule $6
+    // of the $20 it granted in October, and $10 more on $320 would take its October total to $30.
+    await spend(org.id, october, 200n * usd);
+    invoices.push(await store.generateInvoice({ orgId: org.id, at: afterNovember, now: afterNovember }));
+    expect(invoices.map(discountLines)).toEqual([
+      [[capped.id, -20n * usd]],
+      [[bulk.id, -72n * usd]],
+      [[bulk.id, -180n * usd]],
+    ]);
+    const lines = invoices.flatMap((i) => i.lines);
+    const total = (ruleId: string) =>
+      -lines.reduce((sum, l) => sum + (l.discountRuleId === ruleId ? l.amountNanos : 0n), 0n);
+    expect(total(capped.id)).toBe(20n * usd);
+    // 90% of October's $320 as a whole would be $288: the late usage got 90% of itself.
+    expect(total(bulk.id)).toBe(252n * usd);
+  });
+
   test("a percentage without a cap gives late usage the same percentage", async () => {
     const org = await newOrg({ taxRateBps: 0 });
     const rule = await store.createDiscountRule({

@@ -1,5 +1,11 @@
 import { ulid } from "ulid";
-import { buildInvoice, type InvoiceContent, latePeriods, type UsageSlice } from "../invoices/build.ts";
+import {
+  buildInvoice,
+  type DiscountGrant,
+  type InvoiceContent,
+  latePeriods,
+  type UsageSlice,
+} from "../invoices/build.ts";
 import { billingPeriod } from "../period.ts";
 import { BillingError, type Db, type Queryable } from "./db.ts";
 import { discountRulesOf } from "./discounts.ts";
@@ -212,16 +218,18 @@ async function orgSettings(q: Queryable, orgId: string): Promise<OrgSettings> {
 
 /**
  * Lines and totals over `usage` with the org's discount rules and tax as they are now. Usage of each period, the
- * invoice's own and those of late usage, is discounted against what issued invoices already billed of that period.
+ * invoice's own and those of late usage, is discounted against what issued invoices already billed and granted of
+ * that period.
  */
 async function compose(q: Queryable, orgId: string, org: OrgSettings, periodStart: Date, usage: UsageSlice[]) {
   const rules = await discountRulesOf(q, orgId);
-  const own = billingPeriod(periodStart, org.billing_day);
-  const billed = await billedSlices(q, orgId, [own, ...latePeriods(usage, periodStart, org.billing_day)]);
+  const periods = [billingPeriod(periodStart, org.billing_day), ...latePeriods(usage, periodStart, org.billing_day)];
+  const billed = await billedSlices(q, orgId, periods);
+  const granted = await grantedDiscounts(q, orgId, periods);
   return buildInvoice(usage, rules, {
     taxRateBps: org.tax_rate_bps,
     maxDiscountBps: org.max_discount_bps,
-    period: { start: periodStart, billingDay: org.billing_day, billed },
+    period: { start: periodStart, billingDay: org.billing_day, billed, granted },
   });
 }
 
@@ -234,6 +242,7 @@ async function replaceDraftContent(
   createdAt: Date,
 ): Promise<void> {
   await q.query("DELETE FROM invoice_line_items WHERE invoice_id = $1", [invoiceId]);
+  await q.query("DELETE FROM invoice_discount_grants WHERE invoice_id = $1", [invoiceId]);
   await q.query(
     `UPDATE invoices SET subtotal_cents = $2, discount_cents = $3, tax_cents = $4, total_cents = $5,
        tax_rate_bps = $6, org_name = $7, created_at = $8
@@ -250,6 +259,18 @@ async function replaceDraftContent(
     ],
   );
   await insertLines(q, invoiceId, content.lines);
+  if (content.grants.length > 0) {
+    await q.query(
+      `INSERT INTO invoice_discount_grants (invoice_id, period_start, discount_rule_id, amount_nanos)
+       SELECT $1, * FROM unnest($2::timestamptz[], $3::text[], $4::bigint[])`,
+      [
+        invoiceId,
+        content.grants.map((g) => g.periodStart),
+        content.grants.map((g) => g.ruleId),
+        content.grants.map((g) => g.amountNanos.toString()),
+      ],
+    );
+  }
 }
 
 /**
@@ -291,6 +312,22 @@ function billedSlices(q: Queryable, orgId: string, periods: { start: Date; end: 
      WHERE u.invoice_id IN (SELECT id FROM invoices WHERE org_id = $1 AND status IN ('issued', 'paid'))`,
     [orgId, periods.map((p) => p.start), periods.map((p) => p.end)],
   );
+}
+
+/** What issued or paid invoices of an org discounted of the usage of `periods`, per period and rule. */
+async function grantedDiscounts(q: Queryable, orgId: string, periods: { start: Date }[]): Promise<DiscountGrant[]> {
+  const rows = await q.query<{ period_start: Date; discount_rule_id: string; amount_nanos: string }>(
+    `SELECT g.period_start, g.discount_rule_id, sum(g.amount_nanos)::text AS amount_nanos
+     FROM invoice_discount_grants g JOIN invoices i ON i.id = g.invoice_id
+     WHERE i.org_id = $1 AND i.status IN ('issued', 'paid') AND g.period_start = ANY($2::timestamptz[])
+     GROUP BY 1, 2`,
+    [orgId, periods.map((p) => p.start)],
+  );
+  return rows.map((r) => ({
+    periodStart: r.period_start,
+    ruleId: r.discount_rule_id,
+    amountNanos: BigInt(r.amount_nanos),
+  }));
 }
 
 /** The records `source` yields (a query or a data-modifying statement) per UTC hour, model and provider. */

@@ -5,6 +5,7 @@ import { join } from "node:path";
 import pg from "pg";
 import { sha256Hex } from "../../lib/auth.ts";
 import { migrate, migrationsDir } from "./migrate.ts";
+import { createBillingStore } from "./store.ts";
 import { createTestDatabase, type TestDatabase } from "./test-db.ts";
 
 const databases: TestDatabase[] = [];
@@ -29,13 +30,15 @@ const migrations = [
   "0011_token_leases.sql",
   "0012_responses_endpoint.sql",
   "0013_create_request_ids.sql",
-  "0016_org_project_request_ids.sql",
+  "0014_invoice_discount_grants.sql",
+  "0015_org_project_request_ids.sql",
 ];
 const billingTables = [
   "api_keys",
   "budget_leases",
   "discount_rules",
   "discount_tiers",
+  "invoice_discount_grants",
   "invoice_line_items",
   "invoices",
   "organizations",
@@ -216,6 +219,119 @@ test("invoices from before they held the org's name take its current one, and ke
       /it can no longer change/,
     );
     await expect(pool.query("UPDATE invoices SET org_name = NULL WHERE id = 'inv_draft'")).rejects.toThrow(/org_name/);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}, 60_000);
+
+test("invoices issued before discounts were kept per period count each line for every period they billed", async () => {
+  const { pool } = await emptyDatabase();
+  const dir = await mkdtemp(join(tmpdir(), "billing-migrations-"));
+  const usd = 1_000_000_000;
+  try {
+    for (const name of migrations.slice(0, 13)) await cp(join(migrationsDir, name), join(dir, name));
+    await migrate(pool, dir);
+    // Periods start on the 15th. Rule "a" is 10% up to $1 a period, "b" 10%.
+    await pool.query("INSERT INTO organizations (id, name, billing_day) VALUES ('org_a', 'Acme', 15)");
+    await pool.query(
+      `INSERT INTO discount_rules (id, org_id, name, kind, discount_bps, cap_nanos)
+       VALUES ('disc_a', 'org_a', 'a', 'promotional', 1000, ${usd}), ('disc_b', 'org_a', 'b', 'promotional', 1000, 0)`,
+    );
+    type Line = [description: string, amountNanos: number, ruleId?: string];
+    const invoice = async (id: string, start: string, end: string, status: string, lines: Line[]) => {
+      await pool.query(
+        `INSERT INTO invoices (id, org_id, org_name, status, period_start, period_end, subtotal_cents, discount_cents,
+           tax_cents, total_cents, tax_rate_bps)
+         VALUES ($1, 'org_a', 'Acme', 'draft', $2, $3, 0, 0, 0, 0, 0)`,
+        [id, start, end],
+      );
+      for (const [position, [description, amount, rule]] of lines.entries()) {
+        await pool.query(
+          `INSERT INTO invoice_line_items (invoice_id, position, description, token_type, quantity, amount_nanos,
+             discount_rule_id)
+           VALUES ($1, $2, $3, $4, 0, $5, $6)`,
+          [id, position, description, rule ? "discount" : "usage", amount, rule ?? null],
+        );
+      }
+      const move = (to: string) => pool.query("UPDATE invoices SET status = $2, number = $1 WHERE id = $1", [id, to]);
+      if (status !== "draft") await move("issued");
+      if (status === "paid" || status === "void") await move(status);
+    };
+    const late = (before: string) =>
+      `gpt: usage not itemised by token type (used before ${before}, not billed on an earlier invoice)`;
+    await invoice("inv_oct", "2026-10-15", "2026-11-15", "issued", [
+      ["gpt: usage not itemised by token type", 5 * usd],
+      ["Discount: a", -(2 * usd) / 5, "disc_a"],
+      ["Discount: b", -(7 * usd) / 20, "disc_b"],
+    ]);
+    // November's own usage and late usage of October and of September (the 14th is before the 15th).
+    await invoice("inv_nov", "2026-11-15", "2026-12-15", "paid", [
+      ["gpt: usage not itemised by token type", 5 * usd],
+      [late("2026-11-15"), 6 * usd],
+      ["Discount: a", -usd / 2, "disc_a"],
+      ["Discount: b", -(9 * usd) / 10, "disc_b"],
+    ]);
+    // December's invoice billed late usage of October alone.
+    await invoice("inv_dec", "2026-12-15", "2027-01-15", "issued", [
+      [late("2026-12-15"), usd],
+      ["Discount: a", -usd / 10, "disc_a"],
+    ]);
+    await invoice("inv_void", "2026-08-15", "2026-09-15", "void", [["Discount: a", -usd, "disc_a"]]);
+    await invoice("inv_jan", "2027-01-15", "2027-02-15", "draft", [["Discount: a", -usd, "disc_a"]]);
+    const records: [string, string, number][] = [
+      ["inv_oct", "2026-10-20", 5],
+      ["inv_nov", "2026-11-20", 5],
+      ["inv_nov", "2026-10-15", 5],
+      ["inv_nov", "2026-10-14", 1],
+      ["inv_dec", "2026-10-17", 1],
+    ];
+    for (const [i, [invoiceId, at, cost]] of records.entries()) {
+      await pool.query(
+        `INSERT INTO usage_records (request_id, org_id, model, provider, endpoint, input_tokens, cached_input_tokens,
+           output_tokens, reasoning_tokens, cost_nanos, occurred_at, invoice_id)
+         VALUES ($1, 'org_a', 'gpt', 'openai', 'chat_completions', 1, 0, 1, 0, $2, $3, $4)`,
+        [`req_${i}`, cost * usd, at, invoiceId],
+      );
+    }
+
+    expect((await migrate(pool)).applied).toEqual(migrations.slice(13));
+    const grants = await pool.query(
+      `SELECT invoice_id, to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS period, discount_rule_id AS rule,
+         amount_nanos::float8 / ${usd} AS usd
+       FROM invoice_discount_grants ORDER BY 1, 2, 3`,
+    );
+    expect(grants.rows.map((r) => [r.invoice_id, r.period, r.rule, r.usd])).toEqual([
+      ["inv_dec", "2026-10-15", "disc_a", 0.1],
+      ["inv_nov", "2026-09-15", "disc_a", 0.5],
+      ["inv_nov", "2026-09-15", "disc_b", 0.9],
+      ["inv_nov", "2026-10-15", "disc_a", 0.5],
+      ["inv_nov", "2026-10-15", "disc_b", 0.9],
+      ["inv_nov", "2026-11-15", "disc_a", 0.5],
+      ["inv_nov", "2026-11-15", "disc_b", 0.9],
+      ["inv_oct", "2026-10-15", "disc_a", 0.4],
+      ["inv_oct", "2026-10-15", "disc_b", 0.35],
+    ]);
+    await expect(
+      pool.query("INSERT INTO invoice_discount_grants VALUES ('inv_oct', '2026-10-15', 'disc_b', 1)"),
+    ).rejects.toThrow(/its lines can no longer change/);
+
+    // $3 more of October, billed late by January's draft. October's invoices are taken to have granted "a" its $1 cap,
+    // and "b" $1.25 of the $1.30 that 10% of what "a" leaves of October's $14 comes to: $0.05 more.
+    await pool.query(
+      `INSERT INTO usage_records (request_id, org_id, model, provider, endpoint, input_tokens, cached_input_tokens,
+         output_tokens, reasoning_tokens, cost_nanos, occurred_at)
+       VALUES ('req_late', 'org_a', 'gpt', 'openai', 'chat_completions', 1, 0, 1, 0, ${3 * usd}, '2026-10-18')`,
+    );
+    const store = createBillingStore(pool);
+    const draft = await store.generateInvoice({
+      orgId: "org_a",
+      at: new Date("2027-01-20"),
+      now: new Date("2027-02-16"),
+    });
+    expect(draft.id).toBe("inv_jan");
+    expect(draft.subtotalCents).toBe(300n);
+    const discounts = draft.lines.filter((l) => l.tokenType === "discount");
+    expect(discounts.map((l) => [l.discountRuleId, l.amountNanos])).toEqual([["disc_b", -BigInt(usd / 20)]]);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
