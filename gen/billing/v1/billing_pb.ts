@@ -155,14 +155,14 @@ export type KeyLimits = Message<"billing.v1.KeyLimits"> & {
   monthlyTokens: bigint;
 
   /**
-   * Requests per minute.
+   * Requests per minute, counted by each gateway replica on its own: with N replicas the key may send up to N times it.
    *
    * @generated from field: int32 requests_per_minute = 3;
    */
   requestsPerMinute: number;
 
   /**
-   * Input+output tokens per minute.
+   * Input+output tokens per minute, counted by each gateway replica on its own, as requests_per_minute is.
    *
    * @generated from field: int64 tokens_per_minute = 4;
    */
