@@ -195,9 +195,19 @@ export function createOpenAIProvider(
   /** Upstream models that refused stream_options: their streams go without. */
   const refusesStreamOptions = new Set<string>();
 
-  /** One streamed attempt, resolved with the stream once its first chunk has come. */
-  const open = (body: Omit<ChatRequest, "stream"> & { stream: true }, options: CallOptions) =>
-    post("/chat/completions", body, options, eventStream, async (response) => {
+  /**
+   * One streamed attempt, resolved with its stream once it has begun: its first items are held until one `begins` it
+   * (or maxHeldChunks have come), and until then a failure (an error event, a stream that ends, what `begins` throws)
+   * is the attempt's, which routing may retry or fall back from.
+   */
+  const openStream = <T>(
+    path: string,
+    body: { model: string; stream: true },
+    options: CallOptions,
+    relayed: (response: Response) => AsyncIterable<T>,
+    begins: (item: T) => boolean,
+  ) =>
+    post(path, body, options, eventStream, async (response) => {
       if (json.test(response.headers.get("content-type") ?? "")) {
         // JSON rather than events, as some proxies answer a failure with a 200: its error, read as a refusal's, and
         // taken as a whole answer's error is.
@@ -205,47 +215,51 @@ export function createOpenAIProvider(
         if (answer.error) throw errorAfter200(config.name, answer.error, redact, "in its answer");
         throw new UpstreamError("transient", upstreamError(config.name, answer, redact).message);
       }
-      const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
-      const chunks = relay(response, config.name, options, choices, redact, maxAnswerBytes)[Symbol.asyncIterator]();
-      // Azure's first chunk holds its prompt filter's results alone, before the model has read the prompt: the answer
-      // begins with the first chunk of a choice (or of usage), and a failure until then is still the attempt's.
-      const held: ChatCompletionChunk[] = [];
-      for (;;) {
-        const next = await chunks.next();
-        if (next.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
-        held.push(next.value);
-        if (next.value.choices.length > 0 || next.value.usage || held.length >= maxHeldChunks) break;
+      const items = relayed(response)[Symbol.asyncIterator]();
+      const held: T[] = [];
+      try {
+        for (;;) {
+          const next = await items.next();
+          if (next.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
+          held.push(next.value);
+          if (begins(next.value) || held.length >= maxHeldChunks) return resumed(held, items);
+        }
+      } catch (e) {
+        // Failed before it began: whatever the stream was still to read is not wanted.
+        await items.return?.();
+        throw e;
       }
-      return resumed(held, chunks) as ChunkStream;
     });
 
+  /** One streamed completion, begun with its first chunk. */
+  const open = (body: Omit<ChatRequest, "stream"> & { stream: true }, options: CallOptions) => {
+    const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
+    return openStream(
+      "/chat/completions",
+      body,
+      options,
+      (response) => relay(response, config.name, options, choices, redact, maxAnswerBytes),
+      // Azure's first chunk holds its prompt filter's results alone, before the model has read the prompt: the answer
+      // begins with the first chunk of a choice (or of usage).
+      (chunk) => chunk.choices.length > 0 || Boolean(chunk.usage),
+    );
+  };
+
   /**
-   * One streamed response, resolved once its first event past the response's creation has come: until then a failure
-   * (an error event, `response.failed`) is the attempt's, which routing may retry or fall back from.
+   * One streamed response, begun with its first event past the response's creation: a `response.failed` until then
+   * fails the attempt.
    */
   const openResponse = (body: Omit<ResponsesRequest, "stream"> & { stream: true }, options: CallOptions) =>
-    post("/responses", body, options, eventStream, async (response) => {
-      if (json.test(response.headers.get("content-type") ?? "")) {
-        // As a chat stream answered with JSON: a proxy's failure in a 200.
-        const answer = await refusal(response);
-        if (answer.error) throw errorAfter200(config.name, answer.error, redact, "in its answer");
-        throw new UpstreamError("transient", upstreamError(config.name, answer, redact).message);
-      }
-      const events = relayResponse(response, config.name, options, redact, maxAnswerBytes)[Symbol.asyncIterator]();
-      const held: ResponseEvent[] = [];
-      for (;;) {
-        const next = await events.next();
-        if (next.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
-        const event = next.value;
-        if (event.type === "response.failed") {
-          await events.return?.();
-          throw failedResponse(config.name, event, redact);
-        }
-        held.push(event);
-        if (!preliminaryEvents.has(event.type) || held.length >= maxHeldChunks) break;
-      }
-      return resumed(held, events);
-    });
+    openStream(
+      "/responses",
+      body,
+      options,
+      (response) => relayResponse(response, config.name, options, redact, maxAnswerBytes),
+      (event) => {
+        if (event.type === "response.failed") throw failedResponse(config.name, event, redact);
+        return !preliminaryEvents.has(event.type);
+      },
+    );
 
   const url = new URL(config.base_url ?? "https://api.openai.com/v1");
   return {
