@@ -95,8 +95,8 @@ export interface Call {
   response?: { id: string; finishReasons: string[] };
 }
 
-export interface ChatOutcome {
-  completion: ChatCompletion;
+/** How a whole answer was metered: with the prompts of lost attempts. */
+export interface MeteredOutcome {
   tokens: Tokens;
   costNanos: bigint;
   usageEstimated: boolean;
@@ -104,20 +104,16 @@ export interface ChatOutcome {
   provider: string;
 }
 
-export interface ResponsesOutcome {
-  response: ResponseObject;
-  tokens: Tokens;
-  costNanos: bigint;
-  usageEstimated: boolean;
-  provider: string;
+export interface ChatOutcome extends MeteredOutcome {
+  completion: ChatCompletion;
 }
 
-export interface EmbeddingOutcome {
+export interface ResponsesOutcome extends MeteredOutcome {
+  response: ResponseObject;
+}
+
+export interface EmbeddingOutcome extends MeteredOutcome {
   response: CreateEmbeddingResponse;
-  tokens: Tokens;
-  costNanos: bigint;
-  usageEstimated: boolean;
-  provider: string;
 }
 
 /** The request pipeline REST and RPC share: auth, routing, upstream calls, cost and metrics. */
@@ -322,6 +318,19 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       }
       throw e;
     }
+  };
+
+  /** Meters a whole answer at `price`, with the prompts of lost attempts, as served by `model` (when it says). */
+  const metered = (
+    call: Call,
+    result: { tokens: Tokens; usageEstimated: boolean },
+    model: string | undefined,
+    price: Price,
+  ): MeteredOutcome => {
+    const m = call.metrics;
+    if (model) m.servedModel = meteredName(model);
+    const costNanos = meterUsage(m, result.tokens, result.usageEstimated, price, call.lostInputTokens);
+    return { tokens: m.usage ?? result.tokens, costNanos, usageEstimated: m.usageEstimated, provider: m.provider };
   };
 
   /**
@@ -566,7 +575,6 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const principal = call.principal ?? (await authorize(call));
       const input = parseChatInput(body);
       if (call.span?.isRecording()) call.span.setAttributes(chatRequestAttributes(input.upstream, false));
-      const m = call.metrics;
       const route = routeFor(call, principal, input);
       if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
       const price = requestedPrice(route, input.upstream);
@@ -586,19 +594,10 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         (provider, model, options) => provider.chat({ ...input.upstream, model }, options),
         () => countInputTokens(input.upstream),
       );
-      if (result.completion.model) m.servedModel = meteredName(result.completion.model);
-      const served = servedPrice(route, result.completion.service_tier, price);
-      const cost = meterUsage(m, result.tokens, result.usageEstimated, served, call.lostInputTokens);
-      const { id, choices } = result.completion;
-      call.response = { id, finishReasons: choices.map((c) => c.finish_reason ?? "") };
-      // As metered: with the prompts of lost attempts.
-      return {
-        completion: result.completion,
-        tokens: m.usage ?? result.tokens,
-        costNanos: cost,
-        usageEstimated: m.usageEstimated,
-        provider: m.provider,
-      };
+      const { completion } = result;
+      const outcome = metered(call, result, completion.model, servedPrice(route, completion.service_tier, price));
+      call.response = { id: completion.id, finishReasons: completion.choices.map((c) => c.finish_reason ?? "") };
+      return { completion, ...outcome };
     },
     async chatStream(call, body) {
       const principal = call.principal ?? (await authorize(call));
@@ -648,7 +647,6 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const principal = call.principal ?? (await authorize(call));
       const input = parseEmbeddingInput(body);
       if (call.span?.isRecording()) call.span.setAttributes(embeddingRequestAttributes(input));
-      const m = call.metrics;
       const route = routeFor(call, principal, input);
       const inputTokens = maxEmbeddingInputTokens(input.upstream.input);
       await admit(
@@ -665,20 +663,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         (provider, model, options) => provider.embed({ ...input.upstream, model }, options),
         () => countEmbeddingTokens(input.upstream.input),
       );
-      if (result.response.model) m.servedModel = meteredName(result.response.model);
-      const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price, call.lostInputTokens);
-      return {
-        response: result.response,
-        tokens: m.usage ?? result.tokens,
-        costNanos: cost,
-        usageEstimated: m.usageEstimated,
-        provider: m.provider,
-      };
+      return { response: result.response, ...metered(call, result, result.response.model, route.price) };
     },
     async responses(call, body) {
       const { input, route, price, prompt } = await admitResponses(call, body, false);
       if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
-      const m = call.metrics;
       const result = await callUpstream(
         call,
         route,
@@ -686,18 +675,10 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         (provider, model, options) => provider.responses({ ...input.upstream, model }, options),
         () => countResponsesInputTokens(prompt),
       );
-      const response = result.response;
-      if (response.model) m.servedModel = meteredName(response.model);
-      const served = servedPrice(route, response.service_tier, price);
-      const cost = meterUsage(m, result.tokens, result.usageEstimated, served, call.lostInputTokens);
+      const { response } = result;
+      const outcome = metered(call, result, response.model, servedPrice(route, response.service_tier, price));
       call.response = { id: response.id, finishReasons: [String(response.status ?? "")] };
-      return {
-        response,
-        tokens: m.usage ?? result.tokens,
-        costNanos: cost,
-        usageEstimated: m.usageEstimated,
-        provider: m.provider,
-      };
+      return { response, ...outcome };
     },
     async responsesStream(call, body) {
       const { input, route, price, prompt, admission } = await admitResponses(call, body, true);
