@@ -423,6 +423,27 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     return { deadline: deadline.signal, limitMs, signal: upstream.signal };
   };
 
+  /** Parses and admits a chat request; a whole one must not ask for a stream. */
+  const admitChat = async (call: Call, body: unknown, stream: boolean) => {
+    const principal = call.principal ?? (await authorize(call));
+    const input = parseChatInput(body);
+    if (call.span?.isRecording()) call.span.setAttributes(chatRequestAttributes(input.upstream, stream));
+    call.metrics.streamed = stream;
+    const route = routeFor(call, principal, input);
+    if (input.stream && !stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
+    const price = requestedPrice(route, input.upstream);
+    const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
+    const admission = await admit(
+      call,
+      principal,
+      route,
+      maxChatSpend(input.upstream, reservationPrice(route), cap, route.contextWindow),
+      estimatedChatTokens(input.upstream, cap),
+      unsetOutputTokens(input.upstream, cap),
+    );
+    return { input, route, price, admission };
+  };
+
   /**
    * Parses and admits a Responses API request. One chained to state an upstream account holds (an earlier response, a
    * conversation, a stored prompt) is routed to its model's first target alone: another target's account does not
@@ -572,21 +593,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     },
     authorize,
     async chat(call, body) {
-      const principal = call.principal ?? (await authorize(call));
-      const input = parseChatInput(body);
-      if (call.span?.isRecording()) call.span.setAttributes(chatRequestAttributes(input.upstream, false));
-      const route = routeFor(call, principal, input);
-      if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
-      const price = requestedPrice(route, input.upstream);
-      const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
-      await admit(
-        call,
-        principal,
-        route,
-        maxChatSpend(input.upstream, reservationPrice(route), cap, route.contextWindow),
-        estimatedChatTokens(input.upstream, cap),
-        unsetOutputTokens(input.upstream, cap),
-      );
+      const { input, route, price } = await admitChat(call, body, false);
       const result = await callUpstream(
         call,
         route,
@@ -600,22 +607,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       return { completion, ...outcome };
     },
     async chatStream(call, body) {
-      const principal = call.principal ?? (await authorize(call));
-      const input = parseChatInput(body);
-      if (call.span?.isRecording()) call.span.setAttributes(chatRequestAttributes(input.upstream, true));
-      const m = call.metrics;
-      m.streamed = true;
-      const route = routeFor(call, principal, input);
-      const price = requestedPrice(route, input.upstream);
-      const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
-      const admission = await admit(
-        call,
-        principal,
-        route,
-        maxChatSpend(input.upstream, reservationPrice(route), cap, route.contextWindow),
-        estimatedChatTokens(input.upstream, cap),
-        unsetOutputTokens(input.upstream, cap),
-      );
+      const { input, route, price, admission } = await admitChat(call, body, true);
       const { deadline, limitMs, signal } = streamLimits(call, route, admission);
       let request = input.upstream;
       const chunks = await callUpstream(
