@@ -402,12 +402,20 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   };
 
   /**
-   * A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and ends (and meters) a
-   * stream nobody reads; finishing the call aborts whatever is left upstream. `signal` is the upstream call's one
+   * Runs a stream's upstream attempts (see callUpstream) until one opens, and returns its stream with what its meter
+   * takes of the call. A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and ends
+   * (and meters) a stream nobody reads; finishing the call aborts whatever is left upstream. The upstream call has one
    * signal: finishing the call, the deadline or the client leaving aborts it. Linked by listeners, which die with the
    * call, rather than AbortSignal.any (more memory kept alive, as in the provider).
    */
-  const streamLimits = (call: Call, route: ModelRoute, admission: Admission) => {
+  const streamUpstream = async <T>(
+    call: Call,
+    route: ModelRoute,
+    price: Price,
+    admission: Admission,
+    attempt: Attempt<AsyncIterable<T>>,
+    countInput: () => Promise<number>,
+  ) => {
     const deadline = new AbortController();
     const limitMs = router.limitMs(route);
     admission.deadlineTimer = setTimeout(
@@ -420,7 +428,19 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     deadline.signal.addEventListener("abort", cut, { once: true });
     call.signal?.addEventListener("abort", cut, { once: true });
     if (call.signal?.aborted) cut();
-    return { deadline: deadline.signal, limitMs, signal: upstream.signal };
+    const stream = await callUpstream(call, route, price, attempt, countInput, upstream.signal, true);
+    return {
+      stream: limitStream(stream, deadline.signal, limitMs),
+      metering: {
+        call,
+        price,
+        servedPrice: (tier: unknown) => servedPrice(route, tier, price),
+        upstreamEnded: (error: GatewayError | undefined) => router.streamEnded(call, error),
+        deadline: deadline.signal,
+        finish,
+        log,
+      },
+    };
   };
 
   /** Parses and admits a chat request; a whole one must not ask for a stream. */
@@ -608,32 +628,19 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     },
     async chatStream(call, body) {
       const { input, route, price, admission } = await admitChat(call, body, true);
-      const { deadline, limitMs, signal } = streamLimits(call, route, admission);
       let request = input.upstream;
-      const chunks = await callUpstream(
+      const { stream, metering } = await streamUpstream(
         call,
         route,
         price,
+        admission,
         (provider, model, options) => {
           request = { ...input.upstream, model };
           return provider.streamChat(request, options);
         },
         () => countInputTokens(input.upstream),
-        signal,
-        true,
       );
-      return meterChatStream({
-        call,
-        chunks: limitStream(chunks, deadline, limitMs),
-        request,
-        price,
-        servedPrice: (tier) => servedPrice(route, tier, price),
-        upstreamEnded: (error) => router.streamEnded(call, error),
-        includeUsage: input.includeUsage,
-        deadline,
-        finish,
-        log,
-      });
+      return meterChatStream({ ...metering, chunks: stream, request, includeUsage: input.includeUsage });
     },
     async embed(call, body) {
       const principal = call.principal ?? (await authorize(call));
@@ -674,27 +681,15 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     },
     async responsesStream(call, body) {
       const { input, route, price, prompt, admission } = await admitResponses(call, body, true);
-      const { deadline, limitMs, signal } = streamLimits(call, route, admission);
-      const events = await callUpstream(
+      const { stream, metering } = await streamUpstream(
         call,
         route,
         price,
+        admission,
         (provider, model, options) => provider.streamResponses({ ...input.upstream, model }, options),
         () => countResponsesInputTokens(prompt),
-        signal,
-        true,
       );
-      return meterResponseStream({
-        call,
-        events: limitStream(events, deadline, limitMs),
-        prompt,
-        price,
-        servedPrice: (tier) => servedPrice(route, tier, price),
-        upstreamEnded: (error) => router.streamEnded(call, error),
-        deadline,
-        finish,
-        log,
-      });
+      return meterResponseStream({ ...metering, events: stream, prompt });
     },
     models(call) {
       const allowed = call.principal?.allowedModels;
