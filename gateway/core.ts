@@ -105,8 +105,8 @@ export interface Call {
   response?: { id: string; finishReasons: string[] };
 }
 
-export interface ChatOutcome {
-  completion: ChatCompletion;
+/** How a whole answer was metered: with the prompts of lost attempts. */
+export interface MeteredOutcome {
   tokens: Tokens;
   costNanos: bigint;
   usageEstimated: boolean;
@@ -114,20 +114,16 @@ export interface ChatOutcome {
   provider: string;
 }
 
-export interface ResponsesOutcome {
-  response: ResponseObject;
-  tokens: Tokens;
-  costNanos: bigint;
-  usageEstimated: boolean;
-  provider: string;
+export interface ChatOutcome extends MeteredOutcome {
+  completion: ChatCompletion;
 }
 
-export interface EmbeddingOutcome {
+export interface ResponsesOutcome extends MeteredOutcome {
+  response: ResponseObject;
+}
+
+export interface EmbeddingOutcome extends MeteredOutcome {
   response: CreateEmbeddingResponse;
-  tokens: Tokens;
-  costNanos: bigint;
-  usageEstimated: boolean;
-  provider: string;
 }
 
 /** The request pipeline REST and RPC share: auth, routing, upstream calls, cost and metrics. */
@@ -353,6 +349,19 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     }
   };
 
+  /** Meters a whole answer at `price`, with the prompts of lost attempts, as served by `model` (when it says). */
+  const metered = (
+    call: Call,
+    result: { tokens: Tokens; usageEstimated: boolean },
+    model: string | undefined,
+    price: Price,
+  ): MeteredOutcome => {
+    const m = call.metrics;
+    if (model) m.servedModel = meteredName(model);
+    const costNanos = meterUsage(m, result.tokens, result.usageEstimated, price, call.lostInputTokens);
+    return { tokens: m.usage ?? result.tokens, costNanos, usageEstimated: m.usageEstimated, provider: m.provider };
+  };
+
   /**
    * Checks the key's rate limits and reserves the request's maximum cost and tokens on its budgets and monthly
    * tokens, before any upstream call; `finish` settles both at what the call really used.
@@ -422,12 +431,20 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   };
 
   /**
-   * A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and ends (and meters) a
-   * stream nobody reads; finishing the call aborts whatever is left upstream. `signal` is the upstream call's one
+   * Runs a stream's upstream attempts (see callUpstream) until one opens, and returns its stream with what its meter
+   * takes of the call. A stream outlives routing: its whole-request limit aborts the upstream wherever it is, and ends
+   * (and meters) a stream nobody reads; finishing the call aborts whatever is left upstream. The upstream call has one
    * signal: finishing the call, the deadline or the client leaving aborts it. Linked by listeners, which die with the
    * call, rather than AbortSignal.any (more memory kept alive, as in the provider).
    */
-  const streamLimits = (call: Call, route: ModelRoute, admission: Admission) => {
+  const streamUpstream = async <T>(
+    call: Call,
+    route: ModelRoute,
+    price: Price,
+    admission: Admission,
+    attempt: Attempt<AsyncIterable<T>>,
+    countInput: () => Promise<number>,
+  ) => {
     const deadline = new AbortController();
     const limitMs = router.limitMs(route);
     admission.deadlineTimer = setTimeout(
@@ -440,7 +457,40 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     deadline.signal.addEventListener("abort", cut, { once: true });
     call.signal?.addEventListener("abort", cut, { once: true });
     if (call.signal?.aborted) cut();
-    return { deadline: deadline.signal, limitMs, signal: upstream.signal };
+    const stream = await callUpstream(call, route, price, attempt, countInput, upstream.signal, true);
+    return {
+      stream: limitStream(stream, deadline.signal, limitMs),
+      metering: {
+        call,
+        price,
+        servedPrice: (tier: unknown) => servedPrice(route, tier, price),
+        upstreamEnded: (error: GatewayError | undefined) => router.streamEnded(call, error),
+        deadline: deadline.signal,
+        finish,
+        log,
+      },
+    };
+  };
+
+  /** Parses and admits a chat request; a whole one must not ask for a stream. */
+  const admitChat = async (call: Call, body: unknown, stream: boolean) => {
+    const principal = call.principal ?? (await authorize(call));
+    const input = parseChatInput(body);
+    if (call.span?.isRecording()) call.span.setAttributes(chatRequestAttributes(input.upstream, stream));
+    call.metrics.streamed = stream;
+    const route = routeFor(call, principal, input);
+    if (input.stream && !stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
+    const price = requestedPrice(route, input.upstream);
+    const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
+    const admission = await admit(
+      call,
+      principal,
+      route,
+      maxChatSpend(input.upstream, reservationPrice(route), cap, route.contextWindow),
+      estimatedChatTokens(input.upstream, cap),
+      unsetOutputTokens(input.upstream, cap),
+    );
+    return { input, route, price, admission };
   };
 
   /**
@@ -645,22 +695,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     },
     authorize,
     async chat(call, body) {
-      const principal = call.principal ?? (await authorize(call));
-      const input = parseChatInput(body);
-      if (call.span?.isRecording()) call.span.setAttributes(chatRequestAttributes(input.upstream, false));
-      const m = call.metrics;
-      const route = routeFor(call, principal, input);
-      if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
-      const price = requestedPrice(route, input.upstream);
-      const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
-      await admit(
-        call,
-        principal,
-        route,
-        maxChatSpend(input.upstream, reservationPrice(route), cap, route.contextWindow),
-        estimatedChatTokens(input.upstream, cap),
-        unsetOutputTokens(input.upstream, cap),
-      );
+      const { input, route, price } = await admitChat(call, body, false);
       const result = await callUpstream(
         call,
         route,
@@ -668,69 +703,31 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         (provider, model, options) => provider.chat({ ...input.upstream, model }, options),
         () => countInputTokens(input.upstream),
       );
-      if (result.completion.model) m.servedModel = meteredName(result.completion.model);
-      const served = servedPrice(route, result.completion.service_tier, price);
-      const cost = meterUsage(m, result.tokens, result.usageEstimated, served, call.lostInputTokens);
-      const { id, choices } = result.completion;
-      call.response = { id, finishReasons: choices.map((c) => c.finish_reason ?? "") };
-      // As metered: with the prompts of lost attempts.
-      return {
-        completion: result.completion,
-        tokens: m.usage ?? result.tokens,
-        costNanos: cost,
-        usageEstimated: m.usageEstimated,
-        provider: m.provider,
-      };
+      const { completion } = result;
+      const outcome = metered(call, result, completion.model, servedPrice(route, completion.service_tier, price));
+      call.response = { id: completion.id, finishReasons: completion.choices.map((c) => c.finish_reason ?? "") };
+      return { completion, ...outcome };
     },
     async chatStream(call, body) {
-      const principal = call.principal ?? (await authorize(call));
-      const input = parseChatInput(body);
-      if (call.span?.isRecording()) call.span.setAttributes(chatRequestAttributes(input.upstream, true));
-      const m = call.metrics;
-      m.streamed = true;
-      const route = routeFor(call, principal, input);
-      const price = requestedPrice(route, input.upstream);
-      const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
-      const admission = await admit(
-        call,
-        principal,
-        route,
-        maxChatSpend(input.upstream, reservationPrice(route), cap, route.contextWindow),
-        estimatedChatTokens(input.upstream, cap),
-        unsetOutputTokens(input.upstream, cap),
-      );
-      const { deadline, limitMs, signal } = streamLimits(call, route, admission);
+      const { input, route, price, admission } = await admitChat(call, body, true);
       let request = input.upstream;
-      const chunks = await callUpstream(
+      const { stream, metering } = await streamUpstream(
         call,
         route,
         price,
+        admission,
         (provider, model, options) => {
           request = { ...input.upstream, model };
           return provider.streamChat(request, options);
         },
         () => countInputTokens(input.upstream),
-        signal,
-        true,
       );
-      return meterChatStream({
-        call,
-        chunks: limitStream(chunks, deadline, limitMs),
-        request,
-        price,
-        servedPrice: (tier) => servedPrice(route, tier, price),
-        upstreamEnded: (error) => router.streamEnded(call, error),
-        includeUsage: input.includeUsage,
-        deadline,
-        finish,
-        log,
-      });
+      return meterChatStream({ ...metering, chunks: stream, request, includeUsage: input.includeUsage });
     },
     async embed(call, body) {
       const principal = call.principal ?? (await authorize(call));
       const input = parseEmbeddingInput(body);
       if (call.span?.isRecording()) call.span.setAttributes(embeddingRequestAttributes(input));
-      const m = call.metrics;
       const route = routeFor(call, principal, input);
       const inputTokens = maxEmbeddingInputTokens(input.upstream.input);
       await admit(
@@ -747,20 +744,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         (provider, model, options) => provider.embed({ ...input.upstream, model }, options),
         () => countEmbeddingTokens(input.upstream.input),
       );
-      if (result.response.model) m.servedModel = meteredName(result.response.model);
-      const cost = meterUsage(m, result.tokens, result.usageEstimated, route.price, call.lostInputTokens);
-      return {
-        response: result.response,
-        tokens: m.usage ?? result.tokens,
-        costNanos: cost,
-        usageEstimated: m.usageEstimated,
-        provider: m.provider,
-      };
+      return { response: result.response, ...metered(call, result, result.response.model, route.price) };
     },
     async responses(call, body) {
       const { input, route, price, prompt } = await admitResponses(call, body, false);
       if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
-      const m = call.metrics;
       const result = await callUpstream(
         call,
         route,
@@ -768,44 +756,25 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         (provider, model, options) => provider.responses({ ...input.upstream, model }, options).catch(inClientIds(call)),
         () => countResponsesInputTokens(prompt),
       );
-      const response = result.response;
-      wrapResponseObject(response, ownIds(call, m.provider));
-      if (response.model) m.servedModel = meteredName(response.model);
-      const served = servedPrice(route, response.service_tier, price);
-      const cost = meterUsage(m, result.tokens, result.usageEstimated, served, call.lostInputTokens);
+      const { response } = result;
+      wrapResponseObject(response, ownIds(call, call.metrics.provider));
+      const outcome = metered(call, result, response.model, servedPrice(route, response.service_tier, price));
       call.response = { id: response.id, finishReasons: [String(response.status ?? "")] };
-      return {
-        response,
-        tokens: m.usage ?? result.tokens,
-        costNanos: cost,
-        usageEstimated: m.usageEstimated,
-        provider: m.provider,
-      };
+      return { response, ...outcome };
     },
     async responsesStream(call, body) {
       const { input, route, price, prompt, admission } = await admitResponses(call, body, true);
-      const { deadline, limitMs, signal } = streamLimits(call, route, admission);
-      const events = await callUpstream(
+      const { stream, metering } = await streamUpstream(
         call,
         route,
         price,
+        admission,
         (provider, model, options) =>
           provider.streamResponses({ ...input.upstream, model }, options).catch(inClientIds(call)),
         () => countResponsesInputTokens(prompt),
-        signal,
-        true,
       );
-      return meterResponseStream({
-        call,
-        events: limitStream(withResponseIds(events, ownIds(call, call.metrics.provider)), deadline, limitMs),
-        prompt,
-        price,
-        servedPrice: (tier) => servedPrice(route, tier, price),
-        upstreamEnded: (error) => router.streamEnded(call, error),
-        deadline,
-        finish,
-        log,
-      });
+      const events = withResponseIds(stream, ownIds(call, call.metrics.provider));
+      return meterResponseStream({ ...metering, events, prompt });
     },
     async storedResponse(call, action, id, query) {
       const principal = call.principal ?? (await authorize(call));

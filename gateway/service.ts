@@ -22,7 +22,7 @@ import { bearerToken } from "../lib/auth.ts";
 import { limitMessages } from "../lib/message-limits.ts";
 import { maxMessages, maxStops, maxTools } from "./chat-request.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
-import type { Call, ChatOutcome, GatewayCore } from "./core.ts";
+import type { Call, ChatOutcome, GatewayCore, MeteredOutcome } from "./core.ts";
 import { maxInputs } from "./embedding-request.ts";
 import { bodyTooLarge, cancelled, deadlineExceeded, GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
 import { arrayTooLong, maxRequestNodes } from "./request-checks.ts";
@@ -372,7 +372,7 @@ function chatResponse(outcome: ChatOutcome, requestId: string): CreateChatComple
   });
 }
 
-function accounting(outcome: Pick<ChatOutcome, "tokens" | "costNanos" | "usageEstimated" | "provider">, requestId: string) {
+function accounting(outcome: MeteredOutcome, requestId: string) {
   return {
     requestId,
     usage: outcome.tokens,

@@ -224,6 +224,30 @@ describe("routing", () => {
     expect(gateway.shipper.rows.at(-1)).toMatchObject({ fallbackUsed: true, status: RequestStatus.OK });
   });
 
+  test("a response.failed before any output fails the attempt: the upstream's failure falls back, the request's fault is its 400", async () => {
+    const failed = (error: Record<string, unknown>) => ({
+      type: "response.failed",
+      response: { id: "resp_fake", object: "response", status: "failed", model: "primary", output: [], error },
+    });
+    upstream.script("primary", { firstEvent: failed({ code: "server_error", message: "The model failed." }) });
+    upstream.script("secondary", { usage, content: "streamed second" });
+    const stream = await sdk().responses.create({ model: "fallback", input: "hi", stream: true });
+    let text = "";
+    for await (const event of stream) if (event.type === "response.output_text.delta") text += event.delta;
+    expect(text).toBe("streamed second");
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ fallbackUsed: true, status: RequestStatus.OK });
+
+    upstream.reset();
+    upstream.script("primary", { firstEvent: failed({ code: "context_length_exceeded", message: "Input too long." }) });
+    upstream.script("secondary", { content: "never" });
+    const refused = await sdk()
+      .responses.create({ model: "fallback", input: "hi", stream: true })
+      .catch((e: unknown) => e);
+    expect((refused as APIError).status).toBe(400);
+    expect(upstream.seen("secondary")).toHaveLength(0);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.INVALID_REQUEST, errorCode: "context_length_exceeded" });
+  });
+
   test("a request chained to an earlier response goes to the target that made it only, with no fallback", async () => {
     upstream.script("primary", { content: "first" });
     const earlier = await sdk().responses.create({ model: "fallback", input: "hi" });

@@ -1,5 +1,5 @@
 import OpenAI, { APIConnectionTimeoutError, APIError, AzureOpenAI } from "openai";
-import { createParser } from "eventsource-parser";
+import { createParser, type EventSourceMessage } from "eventsource-parser";
 import { redactSecrets } from "../../lib/log.ts";
 import { watchSilence } from "../../lib/silence.ts";
 import { type AzureProviderConfig, azureV1Path, type OpenAIProviderConfig } from "../config.ts";
@@ -196,9 +196,19 @@ export function createOpenAIProvider(
   /** Upstream models that refused stream_options: their streams go without. */
   const refusesStreamOptions = new Set<string>();
 
-  /** One streamed attempt, resolved with the stream once its first chunk has come. */
-  const open = (body: Omit<ChatRequest, "stream"> & { stream: true }, options: CallOptions) =>
-    post("/chat/completions", body, options, eventStream, async (response) => {
+  /**
+   * One streamed attempt, resolved with its stream once it has begun: its first items are held until one `begins` it
+   * (or maxHeldChunks have come), and until then a failure (an error event, a stream that ends, what `begins` throws)
+   * is the attempt's, which routing may retry or fall back from.
+   */
+  const openStream = <T>(
+    path: string,
+    body: { model: string; stream: true },
+    options: CallOptions,
+    relayed: (response: Response) => AsyncIterable<T>,
+    begins: (item: T) => boolean,
+  ) =>
+    post(path, body, options, eventStream, async (response) => {
       if (json.test(response.headers.get("content-type") ?? "")) {
         // JSON rather than events, as some proxies answer a failure with a 200: its error, read as a refusal's, and
         // taken as a whole answer's error is.
@@ -206,47 +216,51 @@ export function createOpenAIProvider(
         if (answer.error) throw errorAfter200(config.name, answer.error, redact, "in its answer");
         throw new UpstreamError("transient", upstreamError(config.name, answer, redact).message);
       }
-      const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
-      const chunks = relay(response, config.name, options, choices, redact, maxAnswerBytes)[Symbol.asyncIterator]();
-      // Azure's first chunk holds its prompt filter's results alone, before the model has read the prompt: the answer
-      // begins with the first chunk of a choice (or of usage), and a failure until then is still the attempt's.
-      const held: ChatCompletionChunk[] = [];
-      for (;;) {
-        const next = await chunks.next();
-        if (next.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
-        held.push(next.value);
-        if (next.value.choices.length > 0 || next.value.usage || held.length >= maxHeldChunks) break;
+      const items = relayed(response)[Symbol.asyncIterator]();
+      const held: T[] = [];
+      try {
+        for (;;) {
+          const next = await items.next();
+          if (next.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
+          held.push(next.value);
+          if (begins(next.value) || held.length >= maxHeldChunks) return resumed(held, items);
+        }
+      } catch (e) {
+        // Failed before it began: whatever the stream was still to read is not wanted.
+        await items.return?.();
+        throw e;
       }
-      return resumed(held, chunks) as ChunkStream;
     });
 
+  /** One streamed completion, begun with its first chunk. */
+  const open = (body: Omit<ChatRequest, "stream"> & { stream: true }, options: CallOptions) => {
+    const choices = typeof body.n === "number" && body.n > 1 ? body.n : 1;
+    return openStream(
+      "/chat/completions",
+      body,
+      options,
+      (response) => relay(response, config.name, options, choices, redact, maxAnswerBytes),
+      // Azure's first chunk holds its prompt filter's results alone, before the model has read the prompt: the answer
+      // begins with the first chunk of a choice (or of usage).
+      (chunk) => chunk.choices.length > 0 || Boolean(chunk.usage),
+    );
+  };
+
   /**
-   * One streamed response, resolved once its first event past the response's creation has come: until then a failure
-   * (an error event, `response.failed`) is the attempt's, which routing may retry or fall back from.
+   * One streamed response, begun with its first event past the response's creation: a `response.failed` until then
+   * fails the attempt.
    */
   const openResponse = (body: Omit<ResponsesRequest, "stream"> & { stream: true }, options: CallOptions) =>
-    post("/responses", body, options, eventStream, async (response) => {
-      if (json.test(response.headers.get("content-type") ?? "")) {
-        // As a chat stream answered with JSON: a proxy's failure in a 200.
-        const answer = await refusal(response);
-        if (answer.error) throw errorAfter200(config.name, answer.error, redact, "in its answer");
-        throw new UpstreamError("transient", upstreamError(config.name, answer, redact).message);
-      }
-      const events = relayResponse(response, config.name, options, redact, maxAnswerBytes)[Symbol.asyncIterator]();
-      const held: ResponseEvent[] = [];
-      for (;;) {
-        const next = await events.next();
-        if (next.done) throw new UpstreamError("transient", `${config.name}: the stream ended before it began`);
-        const event = next.value;
-        if (event.type === "response.failed") {
-          await events.return?.();
-          throw failedResponse(config.name, event, redact);
-        }
-        held.push(event);
-        if (!preliminaryEvents.has(event.type) || held.length >= maxHeldChunks) break;
-      }
-      return resumed(held, events);
-    });
+    openStream(
+      "/responses",
+      body,
+      options,
+      (response) => relayResponse(response, config.name, options, redact, maxAnswerBytes),
+      (event) => {
+        if (event.type === "response.failed") throw failedResponse(config.name, event, redact);
+        return !preliminaryEvents.has(event.type);
+      },
+    );
 
   const url = new URL(config.base_url ?? "https://api.openai.com/v1");
   return {
@@ -511,12 +525,11 @@ function withHeaders<C extends OpenAI>(client: C, headers: Record<string, string
 }
 
 /**
- * An upstream's server-sent events as chat chunks, under the gateway's rules: silence longer than the attempt timeout
- * is a timeout, the client leaving is a cancellation, an error event (a refusal when it names the request's fault) or
- * unreadable JSON fails the attempt, and a stream that ends before any finish_reason was cut. Events after [DONE] are
- * ignored; a stream left early closes its upstream connection. Once every choice has finished, generation is over and
- * only the usage the upstream bills is still to come: a client leaving then is no cancellation, and the rest is read
- * for up to `usageGraceMs` more; an upstream then silent for the attempt timeout has ended its stream.
+ * An upstream's chat stream as chunks, read as upstreamEvents reads every stream: an error event (a refusal when it
+ * names the request's fault) or an event that is not a chunk fails the attempt, and a stream that ends before any
+ * finish_reason was cut. Events after [DONE] are ignored. Once every choice has finished, generation is over and only
+ * the usage the upstream bills is still to come: a client leaving then is no cancellation, and the rest is read for up
+ * to `usageGraceMs` more; an upstream then silent for the attempt timeout has ended its stream.
  */
 function relay(
   response: Response,
@@ -526,19 +539,49 @@ function relay(
   redact: (text: string) => string,
   maxEventBytes: number,
 ): ChunkStream {
-  const body = response.body;
-  if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
-  const reader = body.getReader();
-  const leave = () => void reader.cancel().catch(() => {});
-  const finished = { all: false, grace: undefined as ReturnType<typeof setTimeout> | undefined };
-  const left = () => {
-    if (!finished.all) leave();
-    else finished.grace ??= setTimeout(leave, usageGraceMs);
-  };
-  // Listened to from now rather than from the first read: a client gone before it still closes the upstream.
-  options.signal?.addEventListener("abort", left, { once: true });
-  if (options.signal?.aborted) left();
-  return chunksOf(reader, leave, left, finished, provider, options, choices, redact, maxEventBytes);
+  // Choices seen unfinished and those that finished: every one of the `choices` asked for must finish.
+  const open = new Set<unknown>();
+  const done = new Set<unknown>();
+  let sentinel = false;
+  const events = upstreamEvents<unknown>(response, provider, options, redact, maxEventBytes, {
+    item(event) {
+      if (event.data === "[DONE]") {
+        sentinel = true;
+        return undefined;
+      }
+      const data = eventData(event, provider);
+      const fields = typeof data === "object" && data !== null ? (data as Record<string, unknown>) : undefined;
+      // Some servers send a streamed error without the {"error": ...} wrapper, as they do their refusals (vLLM's
+      // {"object":"error","message"}): the event is then the error itself.
+      const unwrapped =
+        fields && (fields.object === "error" || (fields.message !== undefined && fields.choices === undefined));
+      const error = fields?.error ?? (event.event === "error" || unwrapped ? data : undefined);
+      if (error || event.event === "error") throw errorAfter200(provider, error, redact, "in its stream");
+      return data;
+    },
+    done: () => sentinel,
+    over: () => open.size === 0 && done.size >= choices,
+  });
+  async function* chunks(): ChunkStream {
+    for await (const data of events) {
+      const chunk = checkedChunk(data, provider);
+      for (const choice of chunk.choices) {
+        if (choice.finish_reason) {
+          open.delete(choice.index);
+          done.add(choice.index);
+        } else if (!done.has(choice.index)) open.add(choice.index);
+      }
+      yield chunk;
+    }
+    // Without [DONE], a stream that ends between choices may have lost the rest: all of them must have finished. (With
+    // it the upstream says it is done: a server that ignores n answers fewer.)
+    if (open.size > 0 || done.size === 0 || (!sentinel && done.size < choices)) {
+      const cut = new UpstreamError("transient", `${provider}: the stream ended before it finished`);
+      // A whole body of no chunk at all is no answer cut short: nothing says a model ran.
+      throw Object.assign(cut, { promptTaken: open.size > 0 || done.size > 0 });
+    }
+  }
+  return chunks();
 }
 
 /** How long a stream whose choices have all finished is still read for its usage after its client left. */
@@ -550,124 +593,135 @@ interface BodyReader {
   cancel(): Promise<void>;
 }
 
-async function* chunksOf(
-  reader: BodyReader,
-  leave: () => void,
-  left: () => void,
-  finished: { all: boolean; grace: ReturnType<typeof setTimeout> | undefined },
+/** What a stream's events are to its relay (see upstreamEvents). */
+interface EventRules<T> {
+  /** What an event passes on, undefined for nothing; it throws the attempt's failure that an event says. */
+  item(event: EventSourceMessage): T | undefined;
+  /** Whether the upstream has said its stream is done ([DONE], a terminal event): the rest is not read. */
+  done(): boolean;
+  /** Whether generation is over before the stream is done (chat's choices all finished): only usage is to come. */
+  over?(): boolean;
+}
+
+/**
+ * An upstream's server-sent events as the items `rules` makes of them, under the gateway's rules for every stream:
+ * silence longer than the attempt timeout is a timeout, the client leaving is a cancellation, an event `rules` fails
+ * on, unreadable JSON, an event longer than `maxEventBytes` or a body that breaks off fails the attempt. Events after
+ * the stream is done are ignored, and what is left of its body is drained in the background; a stream left early
+ * closes its upstream connection. Once generation is over (`rules.over`), a client leaving is no cancellation and the
+ * rest is read for up to `usageGraceMs` more, and an upstream then silent for the attempt timeout has ended its stream.
+ */
+function upstreamEvents<T>(
+  response: Response,
   provider: string,
   options: CallOptions,
-  choices: number,
   redact: (text: string) => string,
   maxEventBytes: number,
-): ChunkStream {
+  rules: EventRules<T>,
+): AsyncIterable<T> {
+  const body = response.body;
+  if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
+  const reader: BodyReader = body.getReader();
+  const leave = () => void reader.cancel().catch(() => {});
+  const over = () => rules.over?.() ?? false;
+  let grace: ReturnType<typeof setTimeout> | undefined;
+  const left = () => {
+    if (!over()) leave();
+    else grace ??= setTimeout(leave, usageGraceMs);
+  };
   const { timeoutMs, signal } = options;
-  const decoder = new TextDecoder();
-  const chunks: unknown[] = [];
-  let failure: UpstreamError | undefined;
-  let sentinel = false;
-  // Bytes received since an event last ended: one that never ends is bounded as a whole answer is.
-  let unended = 0;
-  const parser = createParser({
-    onEvent(event) {
-      unended = 0;
-      if (sentinel || failure) return;
-      if (event.data === "[DONE]") {
-        sentinel = true;
-        return;
-      }
-      let data: unknown;
-      try {
-        data = JSON.parse(event.data);
-      } catch {
-        failure = new UpstreamError("transient", `${provider}: unreadable response (malformed server-sent event JSON)`);
-        return;
-      }
-      const fields = typeof data === "object" && data !== null ? (data as Record<string, unknown>) : undefined;
-      // Some servers send a streamed error without the {"error": ...} wrapper, as they do their refusals (vLLM's
-      // {"object":"error","message"}): the event is then the error itself.
-      const unwrapped =
-        fields && (fields.object === "error" || (fields.message !== undefined && fields.choices === undefined));
-      const error = fields?.error ?? (event.event === "error" || unwrapped ? data : undefined);
-      if (error || event.event === "error") {
-        failure = errorAfter200(provider, error, redact, "in its stream");
-        return;
-      }
-      chunks.push(data);
-    },
-  });
+  // Listened to from now rather than from the first read: a client gone before it still closes the upstream.
+  signal?.addEventListener("abort", left, { once: true });
+  if (signal?.aborted) left();
 
-  // Choices seen unfinished and those that finished: every one of the `choices` asked for must finish.
-  const open = new Set<unknown>();
-  const done = new Set<unknown>();
-  let ended = false;
-  // The last characters received: a `data: [DONE]` line at their end is the stream's end even before its blank line.
-  let tail = "\n\n";
-  const silence = watchSilence(timeoutMs, leave);
-  try {
-    while (!sentinel && !failure) {
-      let read: Awaited<ReturnType<typeof reader.read>>;
+  async function* events(): AsyncGenerator<T> {
+    const decoder = new TextDecoder();
+    const items: T[] = [];
+    let failure: UpstreamError | undefined;
+    const take = (event: EventSourceMessage) => {
+      if (rules.done() || failure) return;
       try {
-        read = await reader.read();
+        const item = rules.item(event);
+        if (item !== undefined) items.push(item);
       } catch (e) {
-        // Cut off by the timeout or the client: said below, as when the read ends instead.
-        if (silence.expired || signal?.aborted) break;
-        throw Object.assign(upstreamError(provider, e, redact), { promptTaken: true });
+        failure = e as UpstreamError;
       }
-      // Cut off by the timeout or the client: what arrived of an event is not one.
-      if (silence.expired || (signal?.aborted && !finished.all)) break;
-      // A last event without its blank line still counts once the body ends.
-      if (read.done) ended = true;
-      const text = read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true });
-      unended += read.value?.byteLength ?? 0;
-      parser.feed(text);
-      if (unended > maxEventBytes && !failure) {
-        const said = `${provider}: an event longer than ${maxEventBytes} bytes, not read`;
-        failure = Object.assign(new UpstreamError("transient", said), { promptTaken: true });
-      }
-      tail = (text.length >= 32 ? text : tail + text).slice(-32);
-      // Some upstreams send [DONE] without its blank line and hold the connection open: the event never dispatches.
-      if (tail.includes("[DONE]") && /\n\ndata: ?\[DONE\]\n$/.test(tail.replace(/\r\n?/g, "\n"))) sentinel = true;
-      for (const data of chunks.splice(0)) {
-        const chunk = checkedChunk(data, provider);
-        for (const choice of chunk.choices) {
-          if (choice.finish_reason) {
-            open.delete(choice.index);
-            done.add(choice.index);
-          } else if (!done.has(choice.index)) open.add(choice.index);
+    };
+    // Bytes received since an event last ended: one that never ends is bounded as a whole answer is.
+    let unended = 0;
+    const parser = createParser({
+      onEvent(event) {
+        unended = 0;
+        take(event);
+      },
+    });
+    let ended = false;
+    // The last characters received: a `data: [DONE]` line at their end is that event even before its blank line.
+    let tail = "\n\n";
+    const silence = watchSilence(timeoutMs, leave);
+    try {
+      while (!rules.done() && !failure) {
+        let read: Awaited<ReturnType<typeof reader.read>>;
+        try {
+          read = await reader.read();
+        } catch (e) {
+          // Cut off by the timeout or the client: said below, as when the read ends instead.
+          if (silence.expired || signal?.aborted) break;
+          throw Object.assign(upstreamError(provider, e, redact), { promptTaken: true });
         }
-        finished.all = open.size === 0 && done.size >= choices;
-        // Silence is the upstream's between chunks: not keep-alive comments, nor the time the client takes to read.
-        silence.pause();
-        yield chunk;
-        silence.heard();
+        // Cut off by the timeout or the client: what arrived of an event is not one.
+        if (silence.expired || (signal?.aborted && !over())) break;
+        // A last event without its blank line still counts once the body ends.
+        if (read.done) ended = true;
+        const text = read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true });
+        unended += read.value?.byteLength ?? 0;
+        parser.feed(text);
+        if (unended > maxEventBytes && !failure) {
+          const said = `${provider}: an event longer than ${maxEventBytes} bytes, not read`;
+          failure = Object.assign(new UpstreamError("transient", said), { promptTaken: true });
+        }
+        tail = (text.length >= 32 ? text : tail + text).slice(-32);
+        // Some upstreams send [DONE] without its blank line and hold the connection open: the event never dispatches.
+        if (tail.includes("[DONE]") && /\n\ndata: ?\[DONE\]\n$/.test(tail.replace(/\r\n?/g, "\n"))) take(doneEvent);
+        for (const item of items.splice(0)) {
+          // Silence is the upstream's between events: not keep-alive comments, nor the time the client takes to read.
+          silence.pause();
+          yield item;
+          silence.heard();
+        }
+        if (ended) break;
       }
-      if (ended) break;
+    } finally {
+      silence.stop();
+      clearTimeout(grace);
+      signal?.removeEventListener("abort", left);
+      // A body read to its end has given its connection back to the pool already.
+      if (!ended && rules.done() && !failure) {
+        // Done, but the body has not ended yet: let it end in the background (keeping the connection for the next
+        // call) rather than make the client wait for it, and give up on it after a second.
+        void drainBody(reader, Math.min(timeoutMs, 1000));
+      } else if (!ended) {
+        // Left early (the client went away, or a failure): the rest of the upstream's answer is not wanted.
+        leave();
+      }
     }
-  } finally {
-    silence.stop();
-    clearTimeout(finished.grace);
-    signal?.removeEventListener("abort", left);
-    // A body read to its end has given its connection back to the pool already.
-    if (!ended && sentinel && !failure) {
-      // Done, but the body has not ended yet: let it end in the background (keeping the connection for the next
-      // call) rather than make the client wait for it, and give up on it after a second.
-      void drainBody(reader, Math.min(timeoutMs, 1000));
-    } else if (!ended) {
-      // Left early (the client went away, or a failure): the rest of the upstream's answer is not wanted.
-      leave();
-    }
+    if (failure) throw failure;
+    // Once generation is over, an upstream silent for as long has given its answer: only its usage did not come.
+    if (silence.expired && !over()) throw new UpstreamError("timeout", `${provider}: no event for ${timeoutMs} ms`);
+    if (signal?.aborted && !over()) throw new UpstreamError("cancelled", `${provider}: request aborted`);
   }
-  if (failure) throw failure;
-  // Once every choice has finished, an upstream silent for as long has given its answer: only its usage did not come.
-  if (silence.expired && !finished.all) throw new UpstreamError("timeout", `${provider}: no chunk for ${timeoutMs} ms`);
-  if (signal?.aborted && !finished.all) throw new UpstreamError("cancelled", `${provider}: request aborted`);
-  // Without [DONE], a stream that ends between choices may have lost the rest: all of them must have finished. (With
-  // it the upstream says it is done: a server that ignores n answers fewer.)
-  if (open.size > 0 || done.size === 0 || (!sentinel && done.size < choices)) {
-    const cut = new UpstreamError("transient", `${provider}: the stream ended before it finished`);
-    // A whole body of no chunk at all is no answer cut short: nothing says a model ran.
-    throw Object.assign(cut, { promptTaken: open.size > 0 || done.size > 0 });
+  return events();
+}
+
+/** The [DONE] an upstream sent without the blank line that ends an event. */
+const doneEvent: EventSourceMessage = { data: "[DONE]" };
+
+/** An event's data as JSON: unreadable, it fails the attempt. */
+function eventData(event: EventSourceMessage, provider: string): unknown {
+  try {
+    return JSON.parse(event.data);
+  } catch {
+    throw new UpstreamError("transient", `${provider}: unreadable response (malformed server-sent event JSON)`);
   }
 }
 
@@ -690,10 +744,10 @@ function failedResponse(provider: string, event: ResponseEvent, redact: (text: s
 }
 
 /**
- * An upstream's streamed response as events, under the rules chat chunks are relayed by (see relay): silence longer
- * than the attempt timeout is a timeout, the client leaving a cancellation, an `error` event (a refusal when it names
- * the request's fault) or unreadable JSON fails the stream, and one that ends before a terminal event
- * (`response.completed`, `.incomplete`, `.failed`, which is passed on, its error's words redacted) was cut.
+ * An upstream's streamed response as events, read as upstreamEvents reads every stream: an `error` event (a refusal
+ * when it names the request's fault) or an event that is not a response event fails the stream, and one that ends
+ * before a terminal event (`response.completed`, `.incomplete`, `.failed`, which is passed on, its error's words
+ * redacted) was cut.
  */
 function relayResponse(
   response: Response,
@@ -702,50 +756,17 @@ function relayResponse(
   redact: (text: string) => string,
   maxEventBytes: number,
 ): ResponseEventStream {
-  const body = response.body;
-  if (!body) throw new UpstreamError("transient", `${provider}: the stream has no body`);
-  const reader = body.getReader();
-  const leave = () => void reader.cancel().catch(() => {});
-  options.signal?.addEventListener("abort", leave, { once: true });
-  if (options.signal?.aborted) leave();
-  return responseEventsOf(reader, leave, provider, options, redact, maxEventBytes);
-}
-
-async function* responseEventsOf(
-  reader: BodyReader,
-  leave: () => void,
-  provider: string,
-  options: CallOptions,
-  redact: (text: string) => string,
-  maxEventBytes: number,
-): ResponseEventStream {
-  const { timeoutMs, signal } = options;
-  const decoder = new TextDecoder();
-  const events: ResponseEvent[] = [];
-  let failure: UpstreamError | undefined;
   let terminal = false;
-  let unended = 0;
-  const parser = createParser({
-    onEvent(event) {
-      unended = 0;
-      if (terminal || failure || event.data === "[DONE]") return;
-      let data: unknown;
-      try {
-        data = JSON.parse(event.data);
-      } catch {
-        failure = new UpstreamError("transient", `${provider}: unreadable response (malformed server-sent event JSON)`);
-        return;
-      }
+  const events = upstreamEvents<ResponseEvent>(response, provider, options, redact, maxEventBytes, {
+    item(event) {
+      if (event.data === "[DONE]") return undefined;
+      const data = eventData(event, provider);
       const fields = typeof data === "object" && data !== null ? (data as Record<string, unknown>) : {};
       const error =
         fields.type === "error" ? eventError(fields) : (fields.error ?? (event.event === "error" ? data : undefined));
-      if (error || event.event === "error") {
-        failure = errorAfter200(provider, error, redact, "in its stream");
-        return;
-      }
+      if (error || event.event === "error") throw errorAfter200(provider, error, redact, "in its stream");
       if (typeof fields.type !== "string") {
-        failure = new UpstreamError("transient", `${provider}: a stream event is not a response event`);
-        return;
+        throw new UpstreamError("transient", `${provider}: a stream event is not a response event`);
       }
       if (terminalResponseEvents.has(fields.type)) terminal = true;
       if (fields.type === "response.failed") {
@@ -756,49 +777,18 @@ async function* responseEventsOf(
           failed.error = body ? { code: body.code, message: body.message } : null;
         }
       }
-      events.push(fields as ResponseEvent);
+      return fields as ResponseEvent;
     },
+    done: () => terminal,
   });
-  let ended = false;
-  const silence = watchSilence(timeoutMs, leave);
-  try {
-    while (!terminal && !failure) {
-      let read: Awaited<ReturnType<typeof reader.read>>;
-      try {
-        read = await reader.read();
-      } catch (e) {
-        if (silence.expired || signal?.aborted) break;
-        throw Object.assign(upstreamError(provider, e, redact), { promptTaken: true });
-      }
-      if (silence.expired || signal?.aborted) break;
-      if (read.done) ended = true;
-      unended += read.value?.byteLength ?? 0;
-      parser.feed(read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true }));
-      if (unended > maxEventBytes && !failure) {
-        const said = `${provider}: an event longer than ${maxEventBytes} bytes, not read`;
-        failure = Object.assign(new UpstreamError("transient", said), { promptTaken: true });
-      }
-      for (const event of events.splice(0)) {
-        silence.pause();
-        yield event;
-        silence.heard();
-      }
-      if (ended) break;
+  async function* checked(): ResponseEventStream {
+    yield* events;
+    if (!terminal) {
+      const cut = new UpstreamError("transient", `${provider}: the stream ended before it finished`);
+      throw Object.assign(cut, { promptTaken: true });
     }
-  } finally {
-    silence.stop();
-    signal?.removeEventListener("abort", leave);
-    if (!ended && terminal && !failure) void drainBody(reader, Math.min(timeoutMs, 1000));
-    else if (!ended) leave();
   }
-  if (failure) throw failure;
-  if (silence.expired) throw new UpstreamError("timeout", `${provider}: no event for ${timeoutMs} ms`);
-  if (signal?.aborted) throw new UpstreamError("cancelled", `${provider}: request aborted`);
-  if (!terminal) {
-    throw Object.assign(new UpstreamError("transient", `${provider}: the stream ended before it finished`), {
-      promptTaken: true,
-    });
-  }
+  return checked();
 }
 
 /**
