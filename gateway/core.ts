@@ -845,6 +845,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         if (!item) throw itemNotFound(bound, param);
         upstreamQuery[param] = item.upstreamId;
       }
+      // It uses no tokens, but it is a call on the upstream account every org shares: one of the key's requests.
+      const limits = { requestsPerMinute: principal.grant.apiKey?.limits?.requestsPerMinute ?? 0, tokensPerMinute: 0 };
+      const ticket = options.rateLimits?.admit(principal.lineageId, limits, 0);
+      if (ticket) admissions.set(call, { ticket, reservation: undefined });
+      if (ticket?.state) call.limitHeaders = rateLimitHeaders(ticket.state);
       const sent = performance.now();
       try {
         const request = { action, id: opened.upstreamId, query: upstreamQuery };

@@ -793,6 +793,31 @@ for (const [port, base] of [
   });
 }
 
+describe("stored responses and the key's rate limit", () => {
+  test("retrieve, delete and input items count against the key's requests per minute, a 429 past it asking no upstream", async () => {
+    upstream.script("ok", { content: "stored" });
+    const made = await sdk().responses.create({ model: "ok", input: "hi" });
+    upstream.reset();
+    // sk-rpm is of sk-good's org, 3 requests a minute.
+    const limited = sdk(gateway.restUrl, "sk-rpm");
+    const { response } = await limited.responses.retrieve(made.id).withResponse();
+    expect(response.headers.get("x-ratelimit-limit-requests")).toBe("3");
+    expect(response.headers.get("x-ratelimit-remaining-requests")).toBe("2");
+    await limited.responses.inputItems.list(made.id);
+    await limited.responses.delete(made.id);
+    expect(upstream.requests).toHaveLength(3);
+    for (const call of [() => limited.responses.retrieve(made.id), () => limited.responses.create({ model: "ok", input: "hi" })]) {
+      const error = (await call().catch((e: unknown) => e)) as APIError;
+      expect(error.status).toBe(429);
+      expect(error.error).toMatchObject({ type: "requests", code: "rate_limit_exceeded" });
+      expect(Number(error.headers?.get("retry-after"))).toBeGreaterThan(0);
+      expect(error.headers?.get("x-ratelimit-remaining-requests")).toBe("0");
+    }
+    expect(upstream.requests).toHaveLength(3);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED, httpStatus: 429 });
+  });
+});
+
 describe("the mock provider's stored responses", () => {
   test("are retrieved, listed, continued and deleted offline; one made with store: false is not kept", async () => {
     const first = await sdk().responses.create({ model: "mock", input: "remember this" });
