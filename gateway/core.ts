@@ -31,6 +31,7 @@ import {
   ShutdownCut,
   type GatewayError,
   invalidRequest,
+  itemNotFound,
   modelNotAllowed,
   modelNotFound,
   modelNotServed,
@@ -55,7 +56,15 @@ import {
   type StoredResponseRequest,
   UpstreamError,
 } from "./providers/provider.ts";
-import { createResponseIds, type ResponseIds, wrapResponseObject } from "./response-ids.ts";
+import {
+  type ClientIds,
+  clientEvent,
+  clientItemPage,
+  clientResponse,
+  createResponseIds,
+  itemIdFields,
+  type ResponseIds,
+} from "./response-ids.ts";
 import { parseResponsesInput, type ResponsesInput, responsesPrompt } from "./responses-request.ts";
 import { meterResponseStream, type ResponseStream } from "./responses-stream.ts";
 import { meteredName, meterUsage } from "./metering.ts";
@@ -246,10 +255,13 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const defaultMaxOutputTokens = options.defaultMaxOutputTokens ?? 4096;
   const responseIds = options.responseIds ?? createResponseIds(randomBytes(64));
   const storedResponseTimeoutMs = options.routing?.requestTimeoutMs ?? 600_000;
-  /** The client's ids of the responses `provider` made for the call's org. */
-  const ownIds = (call: Call, provider: string) => {
+  /** The client's ids of the responses and items `provider` made for the call's org. */
+  const ownIds = (call: Call, provider: string): ClientIds => {
     const orgId = (call.principal as Principal).orgId;
-    return (upstreamId: string) => responseIds.wrap(upstreamId, orgId, provider);
+    return {
+      response: (upstreamId) => responseIds.wrap(upstreamId, orgId, provider),
+      item: (upstreamId) => responseIds.wrapItem(upstreamId, orgId, provider),
+    };
   };
   const admissions = new WeakMap<Call, Admission>();
   const finished = new WeakSet<Call>();
@@ -505,7 +517,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     const m = call.metrics;
     m.streamed = stream;
     const routed = routeFor(call, principal, input);
-    const route = input.chained ? chainedRoute(call, principal, routed, input) : routed;
+    const itemsFrom = openItemIds(call, principal, input);
+    const route = input.chained ? chainedRoute(call, principal, routed, input, itemsFrom) : routed;
     const price = requestedPrice(route, input.upstream);
     const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
     const prompt = responsesPrompt(input.upstream);
@@ -522,39 +535,81 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   };
 
   /**
-   * The one target of a chained request: its model's first or, continuing an earlier response, the model's first
-   * target on the provider that made it, whose account holds it. The client's previous_response_id is the gateway's
-   * (see response-ids.ts), sealed for its org: opened, the upstream's own id goes upstream.
+   * Opens the item ids of a request's input (an item given back, a reference to a stored one, the MCP approval request
+   * an approval answers), which are the gateway's (see response-ids.ts), sealed for the caller's org: the upstream is
+   * sent its own, and would read the item it names into the request. One that does not open is a 400 naming it.
+   * Returns the provider that made the first, and its param.
    */
-  const chainedRoute = (call: Call, principal: Principal, route: ModelRoute, input: ResponsesInput): ModelRoute => {
+  const openItemIds = (call: Call, principal: Principal, input: ResponsesInput) => {
+    const items = input.upstream.input;
+    if (!Array.isArray(items)) return undefined;
+    let first: { provider: string; param: string } | undefined;
+    for (let i = 0; i < items.length; i++) {
+      const item = items[i] as unknown as Record<string, unknown>;
+      for (const field of itemIdFields) {
+        const id = item[field];
+        if (typeof id !== "string") continue;
+        const param = `input[${i}].${field}`;
+        const opened = responseIds.unwrapItem(id, principal.orgId);
+        if (!opened) throw itemNotFound(id, param);
+        item[field] = opened.upstreamId;
+        inClientWords(call, opened.upstreamId, id);
+        first ??= { provider: opened.provider, param };
+      }
+    }
+    return first;
+  };
+
+  /**
+   * The one target of a chained request: continuing an earlier response, the model's first target on the provider
+   * that made it, whose account holds it; else the first on the provider of the first item it gives by id, or the
+   * model's first. The client's previous_response_id is the gateway's (see response-ids.ts), sealed for its org:
+   * opened, the upstream's own id goes upstream.
+   */
+  const chainedRoute = (
+    call: Call,
+    principal: Principal,
+    route: ModelRoute,
+    input: ResponsesInput,
+    itemsFrom: { provider: string; param: string } | undefined,
+  ): ModelRoute => {
     const previous = input.upstream.previous_response_id;
-    if (typeof previous !== "string") return { ...route, targets: route.targets.slice(0, 1) };
-    const opened = responseIds.unwrap(previous, principal.orgId);
-    if (!opened) throw previousResponseNotFound(previous);
-    const target = route.targets.find((t) => t.provider === opened.provider);
+    let from = itemsFrom && { ...itemsFrom, what: "The input's stored item was" };
+    if (typeof previous === "string") {
+      const opened = responseIds.unwrap(previous, principal.orgId);
+      if (!opened) throw previousResponseNotFound(previous);
+      input.upstream.previous_response_id = opened.upstreamId;
+      inClientWords(call, opened.upstreamId, previous);
+      from = { provider: opened.provider, param: "previous_response_id", what: "The previous response was" };
+    }
+    if (!from) return { ...route, targets: route.targets.slice(0, 1) };
+    const { provider, param, what } = from;
+    const target = route.targets.find((t) => t.provider === provider);
     if (!target) {
       throw invalidRequest(
-        `The previous response was made by provider '${opened.provider}', where model '${route.name}' has no ` +
-          "target: continue it with a model served there.",
-        "previous_response_id",
+        `${what} made by provider '${provider}', where model '${route.name}' has no target: continue it with a ` +
+          "model served there.",
+        param,
       );
     }
-    input.upstream.previous_response_id = opened.upstreamId;
-    continued.set(call, { upstreamId: opened.upstreamId, clientId: previous });
     return { ...route, targets: [target] };
   };
 
   /**
-   * An upstream's refusal of a chained request names the response by its own id ("Previous response with id '...' not
-   * found.", when it no longer holds it): passed on, it names the client's. The log keeps the upstream's words.
+   * An upstream's refusal of a chained request names the response or item by its own id ("Previous response with id
+   * '...' not found.", when it no longer holds it): passed on, it names the client's. The log keeps the upstream's words.
    */
-  const continued = new WeakMap<Call, { upstreamId: string; clientId: string }>();
+  const continued = new WeakMap<Call, Map<string, string>>();
+  const inClientWords = (call: Call, upstreamId: string, clientId: string) => {
+    const ids = continued.get(call) ?? new Map<string, string>();
+    continued.set(call, ids.set(upstreamId, clientId));
+  };
   const inClientIds =
     (call: Call) =>
     (e: unknown): never => {
       const ids = continued.get(call);
       if (ids && e instanceof UpstreamError && e.error) {
-        e.error.message = e.error.message.replaceAll(ids.upstreamId, ids.clientId);
+        for (const [upstreamId, clientId] of ids) e.error.message = e.error.message.replaceAll(upstreamId, clientId);
       }
       throw e;
     };
@@ -756,8 +811,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         (provider, model, options) => provider.responses({ ...input.upstream, model }, options).catch(inClientIds(call)),
         () => countResponsesInputTokens(prompt),
       );
-      const { response } = result;
-      wrapResponseObject(response, ownIds(call, call.metrics.provider));
+      const response = clientResponse(result.response, ownIds(call, call.metrics.provider));
       const outcome = metered(call, result, response.model, servedPrice(route, response.service_tier, price));
       call.response = { id: response.id, finishReasons: [String(response.status ?? "")] };
       return { response, ...outcome };
@@ -773,7 +827,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
           provider.streamResponses({ ...input.upstream, model }, options).catch(inClientIds(call)),
         () => countResponsesInputTokens(prompt),
       );
-      const events = withResponseIds(stream, ownIds(call, call.metrics.provider));
+      const events = withClientIds(stream, ownIds(call, call.metrics.provider));
       return meterResponseStream({ ...metering, events, prompt });
     },
     async storedResponse(call, action, id, query) {
@@ -782,13 +836,27 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const provider = opened && providers.get(opened.provider);
       if (!opened || !provider) throw responseNotFound(id);
       call.metrics.provider = opened.provider;
+      // A page's bounds are the client's item ids.
+      const upstreamQuery = { ...query };
+      for (const param of ["after", "before"]) {
+        const bound = query[param];
+        if (typeof bound !== "string") continue;
+        const item = responseIds.unwrapItem(bound, principal.orgId);
+        if (!item) throw itemNotFound(bound, param);
+        upstreamQuery[param] = item.upstreamId;
+      }
+      // It uses no tokens, but it is a call on the upstream account every org shares: one of the key's requests.
+      const limits = { requestsPerMinute: principal.grant.apiKey?.limits?.requestsPerMinute ?? 0, tokensPerMinute: 0 };
+      const ticket = options.rateLimits?.admit(principal.lineageId, limits, 0);
+      if (ticket) admissions.set(call, { ticket, reservation: undefined });
+      if (ticket?.state) call.limitHeaders = rateLimitHeaders(ticket.state);
       const sent = performance.now();
       try {
-        const request = { action, id: opened.upstreamId, query };
+        const request = { action, id: opened.upstreamId, query: upstreamQuery };
         const options = { signal: call.signal, timeoutMs: storedResponseTimeoutMs };
         const answer = await provider.storedResponse(request, options);
-        if (action !== "input_items") wrapResponseObject(answer, ownIds(call, opened.provider));
-        return answer;
+        const ids = ownIds(call, opened.provider);
+        return action === "input_items" ? clientItemPage(answer, ids) : clientResponse(answer, ids);
       } catch (e) {
         throw storedResponseError(call, e, id);
       } finally {
@@ -811,14 +879,19 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   };
 }
 
-/** A streamed response's events with its response ids the client's (see response-ids.ts). */
-async function* withResponseIds(events: ResponseEventStream, wrap: (upstreamId: string) => string): ResponseEventStream {
-  for await (const event of events) {
-    // A copy: a provider may send one response object in several events (the mock does), which must be wrapped once.
-    const response = event.response === undefined ? undefined : { ...event.response };
-    wrapResponseObject(response, wrap);
-    yield response === undefined ? event : ({ ...event, response } as typeof event);
-  }
+/** A streamed response's events with its response and item ids the client's (see response-ids.ts). */
+async function* withClientIds(events: ResponseEventStream, ids: ClientIds): ResponseEventStream {
+  // Each delta names its item: sealed once a stream, not once an event.
+  const items = new Map<string, string>();
+  const once: ClientIds = {
+    response: ids.response,
+    item(upstreamId) {
+      let id = items.get(upstreamId);
+      if (id === undefined) items.set(upstreamId, (id = ids.item(upstreamId)));
+      return id;
+    },
+  };
+  for await (const event of events) yield clientEvent(event, once);
 }
 
 function createInstruments(registry: Registry) {

@@ -115,6 +115,20 @@ export const previousResponseNotFound = (id: string) =>
     "previous_response_id",
   );
 
+/**
+ * An input item's id (or a page's `after`) that names no item the gateway handed the caller's org (another org's,
+ * altered, an upstream's own), refused before any upstream reads it: the same whichever it is.
+ */
+export const itemNotFound = (id: string, param: string) =>
+  new GatewayError(
+    400,
+    "invalid_request_error",
+    "item_not_found",
+    `Item with id '${shownId(id)}' not found.`,
+    RequestStatus.INVALID_REQUEST,
+    param,
+  );
+
 export const unknownUrl = (method: string, path: string) =>
   new GatewayError(
     404,

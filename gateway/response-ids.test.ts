@@ -33,3 +33,35 @@ describe("response ids", () => {
     }
   });
 });
+
+describe("item ids", () => {
+  test("keep the upstream id's type prefix and open for the org they were made for, the same id each time", () => {
+    const id = ids.wrapItem("rs_68af0123456789abcdef", "org_1", "openai-eu");
+    expect(id).toMatch(/^rs_[A-Za-z0-9_-]+$/);
+    expect(id).not.toContain("68af");
+    expect(ids.unwrapItem(id, "org_1")).toEqual({ upstreamId: "rs_68af0123456789abcdef", provider: "openai-eu" });
+    expect(ids.wrapItem("rs_68af0123456789abcdef", "org_1", "openai-eu")).toBe(id);
+    expect(ids.unwrapItem(id, "org_2")).toBeUndefined();
+    // An id without a type prefix is shown as an item's.
+    const bare = ids.wrapItem("0123", "org_1", "p");
+    expect(bare).toStartWith("item_");
+    expect(ids.unwrapItem(bare, "org_1")?.upstreamId).toBe("0123");
+  });
+
+  test("are not response ids, nor the other way round; another prefix, an altered or an upstream's own does not open", () => {
+    const item = ids.wrapItem("msg_1", "org_1", "p");
+    const response = ids.wrap("msg_1", "org_1", "p");
+    expect(ids.unwrap(`resp_${item.slice(4)}`, "org_1")).toBeUndefined();
+    expect(ids.unwrapItem(`msg_${response.slice(5)}`, "org_1")).toBeUndefined();
+    expect(ids.unwrapItem(`fc_${item.slice(4)}`, "org_1")).toBeUndefined();
+    const bytes = Buffer.from(item.slice(4), "base64url");
+    for (let i = 0; i < bytes.length; i++) {
+      const altered = Buffer.from(bytes);
+      altered[i] = (altered[i] as number) ^ 1;
+      expect(ids.unwrapItem(`msg_${altered.toString("base64url")}`, "org_1")).toBeUndefined();
+    }
+    for (const other of ["msg_1", "msg_", "", "_abc", "MSG_abc", `msg_${"A".repeat(2000)}`, item.slice(0, -4)]) {
+      expect(ids.unwrapItem(other, "org_1")).toBeUndefined();
+    }
+  });
+});

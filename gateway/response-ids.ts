@@ -1,4 +1,5 @@
 import { createCipheriv, createDecipheriv, createHmac, hkdfSync } from "node:crypto";
+import { isObject } from "./request-checks.ts";
 
 /**
  * The Responses API ids the gateway hands its clients. Every org's requests go to the same upstream accounts, so an
@@ -6,12 +7,19 @@ import { createCipheriv, createDecipheriv, createHmac, hkdfSync } from "node:cry
  * client gets instead `resp_` and, in base64url, the upstream id and the provider that made it sealed with AES-256-GCM
  * under the org's id: another org's, a tampered or a foreign id does not open. The seal's nonce is an HMAC of what it
  * seals, so one upstream response has one id for its org, whether created, streamed or retrieved.
+ *
+ * The ids of items (`msg_`, `fc_`, `rs_`, ...) are sealed the same way under a key of their own, after the upstream
+ * id's own type prefix: an input item naming a stored one by its id has the upstream read it into the request.
  */
 export interface ResponseIds {
   /** The client's id of an upstream response `upstreamId` that `provider` made for `orgId`. */
   wrap(upstreamId: string, orgId: string, provider: string): string;
   /** The upstream id and provider of a client's id; undefined when it is not one the gateway made for `orgId`. */
   unwrap(id: string, orgId: string): { upstreamId: string; provider: string } | undefined;
+  /** The client's id of an item `provider` made for `orgId`: the upstream id's type prefix (`msg_`), then sealed. */
+  wrapItem(upstreamId: string, orgId: string, provider: string): string;
+  /** As unwrap, for an item's id. */
+  unwrapItem(id: string, orgId: string): { upstreamId: string; provider: string } | undefined;
 }
 
 const prefix = "resp_";
@@ -34,10 +42,32 @@ export function responseIdKey(secret: string | undefined, adminToken: string): B
 }
 
 export function createResponseIds(key: Buffer): ResponseIds {
-  const sealKey = key.subarray(0, 32);
-  const nonceKey = key.subarray(32, 64);
+  const responses = sealer(key.subarray(0, 32), key.subarray(32, 64));
+  const itemKey = (label: string) => createHmac("sha256", key).update(label).digest();
+  const items = sealer(itemKey("item ids seal"), itemKey("item ids nonce"));
   return {
-    wrap(upstreamId, orgId, provider) {
+    wrap: (upstreamId, orgId, provider) => prefix + responses.seal(upstreamId, orgId, provider),
+    unwrap(id, orgId) {
+      return id.startsWith(prefix) ? responses.open(id.slice(prefix.length), orgId) : undefined;
+    },
+    wrapItem: (upstreamId, orgId, provider) => itemPrefix(upstreamId) + items.seal(upstreamId, orgId, provider),
+    unwrapItem(id, orgId) {
+      // The prefix is lowercase letters and one `_`, so the first `_` ends it.
+      const shown = id.slice(0, id.indexOf("_") + 1);
+      if (!/^[a-z]{1,32}_$/.test(shown)) return undefined;
+      const opened = items.open(id.slice(shown.length), orgId);
+      return opened && itemPrefix(opened.upstreamId) === shown ? opened : undefined;
+    },
+  };
+}
+
+/** An item id's type prefix (`msg_`, `fc_`, `rs_`), kept in the client's id; `item_` for an id without one. */
+const itemPrefix = (upstreamId: string) => /^[a-z]{1,32}_/.exec(upstreamId)?.[0] ?? "item_";
+
+/** Seals an upstream id and its provider for an org, in base64url, and opens what it sealed. */
+function sealer(sealKey: Buffer, nonceKey: Buffer) {
+  return {
+    seal(upstreamId: string, orgId: string, provider: string): string {
       const name = Buffer.from(provider, "utf8");
       if (name.length > 255) throw new Error(`provider name too long for a response id: ${provider.slice(0, 40)}`);
       const plain = Buffer.concat([Buffer.from([name.length]), name, Buffer.from(upstreamId, "utf8")]);
@@ -47,14 +77,11 @@ export function createResponseIds(key: Buffer): ResponseIds {
       const cipher = createCipheriv("aes-256-gcm", sealKey, nonce);
       cipher.setAAD(Buffer.concat([Buffer.from([version]), org]));
       const sealed = Buffer.concat([cipher.update(plain), cipher.final()]);
-      const bytes = Buffer.concat([Buffer.from([version]), nonce, sealed, cipher.getAuthTag()]);
-      return prefix + bytes.toString("base64url");
+      return Buffer.concat([Buffer.from([version]), nonce, sealed, cipher.getAuthTag()]).toString("base64url");
     },
-    unwrap(id, orgId) {
-      if (!id.startsWith(prefix) || id.length > maxIdLength || !/^[A-Za-z0-9_-]+$/.test(id.slice(prefix.length))) {
-        return undefined;
-      }
-      const bytes = Buffer.from(id.slice(prefix.length), "base64url");
+    open(text: string, orgId: string): { upstreamId: string; provider: string } | undefined {
+      if (text.length > maxIdLength || !/^[A-Za-z0-9_-]+$/.test(text)) return undefined;
+      const bytes = Buffer.from(text, "base64url");
       if (bytes.length < 1 + nonceBytes + 1 + tagBytes || bytes[0] !== version) return undefined;
       try {
         const decipher = createDecipheriv("aes-256-gcm", sealKey, bytes.subarray(1, 1 + nonceBytes));
@@ -76,10 +103,56 @@ export function createResponseIds(key: Buffer): ResponseIds {
   };
 }
 
-/** Puts the client's ids (`wrap`) in a response object's id fields: its own and the one it continued. */
-export function wrapResponseObject(response: unknown, wrap: (upstreamId: string) => string): void {
-  if (typeof response !== "object" || response === null) return;
-  const fields = response as Record<string, unknown>;
-  if (typeof fields.id === "string") fields.id = wrap(fields.id);
-  if (typeof fields.previous_response_id === "string") fields.previous_response_id = wrap(fields.previous_response_id);
+/** The client's ids of what one provider made for one org: of responses, and of their items. */
+export interface ClientIds {
+  response(upstreamId: string): string;
+  item(upstreamId: string): string;
+}
+
+/** Fields of an item that hold an item's id: its own, and the MCP approval request an MCP call or approval answers. */
+export const itemIdFields = ["id", "approval_request_id"] as const;
+
+/**
+ * A response object with the client's ids: its own, the one it continued and its output items'. A copy, down to its
+ * items: a provider may send one object in several events (the mock does), each to be given the client's ids once.
+ */
+export function clientResponse<T>(response: T, ids: ClientIds): T {
+  if (!isObject(response)) return response;
+  const copy: Record<string, unknown> = { ...response };
+  if (typeof copy.id === "string") copy.id = ids.response(copy.id);
+  if (typeof copy.previous_response_id === "string") copy.previous_response_id = ids.response(copy.previous_response_id);
+  if (Array.isArray(copy.output)) copy.output = copy.output.map((item) => clientItem(item, ids));
+  return copy as T;
+}
+
+/** An item (a copy) with the client's ids. */
+export function clientItem<T>(item: T, ids: ClientIds): T {
+  if (!isObject(item)) return item;
+  const copy: Record<string, unknown> = { ...item };
+  for (const field of itemIdFields) {
+    const id = copy[field];
+    if (typeof id === "string") copy[field] = ids.item(id);
+  }
+  return copy as T;
+}
+
+/** A page of a response's input items (`data`, `first_id`, `last_id`) with the client's ids. */
+export function clientItemPage<T>(page: T, ids: ClientIds): T {
+  if (!isObject(page)) return page;
+  const copy: Record<string, unknown> = { ...page };
+  if (Array.isArray(copy.data)) copy.data = copy.data.map((item) => clientItem(item, ids));
+  for (const field of ["first_id", "last_id"]) {
+    const id = copy[field];
+    if (typeof id === "string") copy[field] = ids.item(id);
+  }
+  return copy as T;
+}
+
+/** A streamed event with the client's ids: in its response, its item, and the `item_id` of the item it adds to. */
+export function clientEvent<T extends object>(event: T, ids: ClientIds): T {
+  const copy = { ...event } as Record<string, unknown>;
+  if (copy.response !== undefined) copy.response = clientResponse(copy.response, ids);
+  if (copy.item !== undefined) copy.item = clientItem(copy.item, ids);
+  if (typeof copy.item_id === "string") copy.item_id = ids.item(copy.item_id);
+  return copy as T;
 }

@@ -28,6 +28,7 @@ export interface FakeKey {
   projectId?: string;
   allowedModels?: string[];
   expireMs?: number;
+  requestsPerMinute?: number;
 }
 
 /**
@@ -55,6 +56,7 @@ export function createBillingFake(keys: Record<string, FakeKey>) {
             limits: {
               allowedModels: key.allowedModels ?? [],
               expireTime: key.expireMs === undefined ? undefined : timestampFromMs(key.expireMs),
+              requestsPerMinute: key.requestsPerMinute ?? 0,
             },
           },
           organization: { id: key.orgId, name: key.orgId },

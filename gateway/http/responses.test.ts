@@ -265,16 +265,19 @@ describe("routing", () => {
   });
 
   test("a reference to a stored item, typed or by its id alone, chains the request to the first target as well", async () => {
-    for (const reference of [{ type: "item_reference" as const, id: "msg_abc" }, { id: "msg_abc" }]) {
+    upstream.script("primary", { content: "first" });
+    const id = (await sdk().responses.create({ model: "fallback", input: "hi" })).output[0]?.id as string;
+    for (const reference of [{ type: "item_reference" as const, id }, { id }]) {
       upstream.reset();
       upstream.script("primary", { status: 500 });
-      upstream.script("secondary", { status: 404, error: { message: "Item with id 'msg_abc' not found.", type: "invalid_request_error" } });
+      upstream.script("secondary", { status: 404, error: { message: "Item with id 'msg_fake' not found.", type: "invalid_request_error" } });
       const error = await sdk()
         .responses.create({ model: "fallback", input: [reference, { role: "user", content: "and then?" }] })
         .catch((e: unknown) => e);
       expect(error).toBeInstanceOf(APIError);
       expect((error as APIError).status).toBe(502);
-      expect(upstream.seen("primary")[0]?.body.input[0]).toEqual(reference);
+      // The upstream gets its own id.
+      expect(upstream.seen("primary")[0]?.body.input[0]).toEqual({ ...reference, id: "msg_fake" });
       expect(upstream.seen("secondary")).toHaveLength(0);
     }
   });
@@ -547,6 +550,157 @@ describe("response ids", () => {
     expect(error.error).toMatchObject({ param: "previous_response_id", type: "invalid_request_error" });
     expect(error.message).toContain("fake2");
     expect(upstream.seen("ok")).toHaveLength(0);
+    // So does a request that references one of its items.
+    const reference = { type: "item_reference" as const, id: earlier.output[0]?.id as string };
+    await sdk().responses.create({ model: "pair", input: [reference, { role: "user", content: "and?" }] });
+    expect(upstream.seen("left")).toHaveLength(0);
+    expect(upstream.seen("right")[1]?.body.input[0]).toEqual({ ...reference, id: "msg_fake" });
+    const elsewhere = (await sdk()
+      .responses.create({ model: "ok", input: [reference] })
+      .catch((e: unknown) => e)) as APIError;
+    expect(elsewhere.status).toBe(400);
+    expect(elsewhere.error).toMatchObject({ param: "input[0].id", type: "invalid_request_error" });
+  });
+});
+
+describe("item ids", () => {
+  const encrypted = "gAAAAB-reasoning-the-upstream-encrypted";
+  // A turn of a reasoning model calling a tool, as OpenAI answers it.
+  const toolTurn = {
+    id: "resp_fake",
+    object: "response",
+    created_at: 1_700_000_000,
+    status: "completed",
+    error: null,
+    incomplete_details: null,
+    model: "ok-fake",
+    previous_response_id: null,
+    output: [
+      { type: "reasoning", id: "rs_fake", summary: [], encrypted_content: encrypted },
+      { type: "function_call", id: "fc_fake", call_id: "call_fake", name: "lookup", arguments: "{}", status: "completed" },
+    ],
+    usage: {
+      input_tokens: 10,
+      input_tokens_details: { cached_tokens: 0 },
+      output_tokens: 5,
+      output_tokens_details: { reasoning_tokens: 2 },
+      total_tokens: 15,
+    },
+  };
+  const tools = [{ type: "function" as const, name: "lookup", parameters: { type: "object", properties: {} }, strict: false }];
+
+  test("output items have the client's ids, and the round trips of tool loops give the upstream its own", async () => {
+    upstream.script("ok", { body: { contentType: "application/json", text: JSON.stringify(toolTurn) } });
+    const include = ["reasoning.encrypted_content" as const];
+    const turn = await sdk().responses.create({ model: "ok", input: "look it up", tools, store: false, include });
+    const [reasoning, call] = turn.output as [OpenAI.Responses.ResponseReasoningItem, OpenAI.Responses.ResponseFunctionToolCall];
+    expect(reasoning.id).toStartWith("rs_");
+    expect(call.id).toStartWith("fc_");
+    expect(JSON.stringify(turn)).not.toMatch(/rs_fake|fc_fake/);
+    // A call id is not an item id: the tool's output names the call as the model did.
+    expect(call.call_id).toBe("call_fake");
+    expect(reasoning.encrypted_content).toBe(encrypted);
+
+    // The whole turn given back with the tool's output, as the SDKs' tool loops do without store.
+    upstream.reset();
+    upstream.script("ok", { content: "42 it is" });
+    const output = { type: "function_call_output" as const, call_id: call.call_id, output: "42" };
+    const answer = await sdk().responses.create({
+      model: "ok",
+      input: [{ role: "user", content: "look it up" }, ...(turn.output as OpenAI.Responses.ResponseInputItem[]), output],
+      tools,
+      store: false,
+      include,
+    });
+    expect(answer.output_text).toBe("42 it is");
+    expect(upstream.seen("ok")[0]?.body.input).toEqual([{ role: "user", content: "look it up" }, ...toolTurn.output, output]);
+    // A reference to the stored call, and a chain answering it by its call id alone.
+    await sdk().responses.create({ model: "ok", input: [{ type: "item_reference", id: call.id as string }, output], tools });
+    expect(upstream.seen("ok")[1]?.body.input).toEqual([{ type: "item_reference", id: "fc_fake" }, output]);
+    await sdk().responses.create({ model: "ok", input: [output], previous_response_id: turn.id, tools });
+    expect(upstream.seen("ok")[2]?.body).toMatchObject({ previous_response_id: "resp_fake", input: [output] });
+  });
+
+  test("a stream's events name its items by the ids a whole answer gives them, another org's ids differing", async () => {
+    upstream.script("ok", { content: "hello" });
+    const id = (await sdk().responses.create({ model: "ok", input: "hi" })).output[0]?.id;
+    expect(id).toStartWith("msg_");
+    expect(id).not.toBe("msg_fake");
+    const stream = await sdk().responses.create({ model: "ok", input: "hi", stream: true });
+    const ids = new Set<unknown>();
+    let named = 0;
+    for await (const event of stream) {
+      if ("item_id" in event) ids.add(event.item_id);
+      if ("item" in event) ids.add(event.item.id);
+      if (event.type === "response.completed") ids.add(event.response.output[0]?.id);
+      if ("item_id" in event || "item" in event) named++;
+    }
+    expect(named).toBeGreaterThan(3);
+    expect([...ids]).toEqual([id]);
+    const other = await sdk(gateway.restUrl, "sk-limited").responses.create({ model: "ok", input: "hi" });
+    expect(other.output[0]?.id).not.toBe(id);
+  });
+
+  test("another org's item id, an altered one and an upstream's own are refused 400 naming the param, asking no upstream", async () => {
+    upstream.script("ok", { content: "secret" });
+    const made = await sdk().responses.create({ model: "ok", input: "hi" });
+    const mine = made.output[0] as OpenAI.Responses.ResponseOutputMessage;
+    const theirs = (await sdk(gateway.restUrl, "sk-limited").responses.create({ model: "ok", input: "hi" })).output[0]?.id as string;
+    upstream.reset();
+    const flipped = `${mine.id.slice(0, -2)}${mine.id.at(-2) === "A" ? "B" : "A"}${mine.id.at(-1)}`;
+    const cases: [string, string][] = [
+      ["sk-limited", mine.id],
+      ["sk-good", flipped],
+      ["sk-good", "msg_fake"],
+      ["sk-good", `fc_${mine.id.slice(4)}`],
+    ];
+    for (const [key, id] of cases) {
+      const inputs: [OpenAI.Responses.ResponseInputItem[], string][] = [
+        [[{ type: "item_reference", id }], "input[0].id"],
+        [[{ id } as OpenAI.Responses.ResponseInputItem.ItemReference], "input[0].id"],
+        [[{ role: "user", content: "hi" }, { ...mine, id }], "input[1].id"],
+        [[{ type: "mcp_approval_response", approval_request_id: id, approve: true }], "input[0].approval_request_id"],
+      ];
+      for (const [input, param] of inputs) {
+        const error = (await sdk(gateway.restUrl, key)
+          .responses.create({ model: "ok", input })
+          .catch((e: unknown) => e)) as APIError;
+        expect(error.status).toBe(400);
+        expect(error.error).toEqual({ message: `Item with id '${id}' not found.`, type: "invalid_request_error", param, code: "item_not_found" });
+      }
+    }
+    for (const after of [theirs, "msg_in"]) {
+      const error = (await sdk().responses.inputItems.list(made.id, { after }).catch((e: unknown) => e)) as APIError;
+      expect(error.status).toBe(400);
+      expect(error.error).toMatchObject({ param: "after", code: "item_not_found" });
+    }
+    expect(upstream.requests).toHaveLength(0);
+  });
+
+  test("the mock provider's items round trip: a stream's output given back, listed by the same ids, a tool call answered", async () => {
+    const first = await sdk().responses.stream({ model: "mock", input: "remember this" }).finalResponse();
+    const message = first.output[0] as OpenAI.Responses.ResponseOutputMessage;
+    expect(message.id).toStartWith("msg_");
+    const next = await sdk().responses.create({
+      model: "mock",
+      input: [{ role: "user", content: "remember this" }, message, { role: "user", content: "and this" }],
+    });
+    expect(next.output_text).toBe("mock reply: and this");
+    const items = await sdk().responses.inputItems.list(next.id, { order: "asc" });
+    expect(items.data.map((item) => item.id)[1]).toBe(message.id);
+    const called = await sdk().responses.create({ model: "mock", input: "look it up", tools, tool_choice: "required" });
+    const call = called.output[0] as OpenAI.Responses.ResponseFunctionToolCall;
+    expect(call.id).toStartWith("fc_");
+    expect(call.call_id).toStartWith("call_");
+    const answered = await sdk().responses.create({
+      model: "mock",
+      input: [{ type: "function_call_output", call_id: call.call_id, output: "42" }],
+      previous_response_id: called.id,
+      tools,
+    });
+    expect(answered.previous_response_id).toBe(called.id);
+    const listed = await sdk().responses.inputItems.list(answered.id);
+    expect(listed.data[0]).toMatchObject({ type: "function_call_output", call_id: call.call_id });
   });
 });
 
@@ -574,11 +728,18 @@ for (const [port, base] of [
       expect(row).toMatchObject({ endpoint: Endpoint.RESPONSES, status: RequestStatus.OK, httpStatus: 200, provider: "fake2", costNanos: 0n });
       expect(row.usage).toBeUndefined();
 
-      const page = await sdk(base()).responses.inputItems.list(made.id, { limit: 5, order: "asc", after: "msg_0" });
-      expect(page.data.map((item) => item.id)).toEqual(["msg_in"]);
+      // Its items' ids are the client's too, and so is a page's `after`.
+      const first = await sdk(base()).responses.inputItems.list(made.id);
+      const itemId = first.data[0]?.id as string;
+      expect(itemId).toStartWith("msg_");
+      expect(itemId).not.toBe("msg_in");
+      const listedWhole = await (await raw(`/v1/responses/${made.id}/input_items`)).json();
+      expect(listedWhole).toMatchObject({ first_id: itemId, last_id: itemId, data: [{ id: itemId }] });
+      const page = await sdk(base()).responses.inputItems.list(made.id, { limit: 5, order: "asc", after: itemId });
+      expect(page.data.map((item) => item.id)).toEqual([itemId]);
       const listed = upstream.requests.at(-1);
       expect(listed?.path).toBe("/v1/responses/resp_fake/input_items");
-      expect(new URLSearchParams(listed?.query)).toEqual(new URLSearchParams({ limit: "5", order: "asc", after: "msg_0" }));
+      expect(new URLSearchParams(listed?.query)).toEqual(new URLSearchParams({ limit: "5", order: "asc", after: "msg_in" }));
 
       await sdk(base()).responses.delete(made.id);
       expect(upstream.requests.at(-1)).toMatchObject({ method: "DELETE", path: "/v1/responses/resp_fake" });
@@ -631,6 +792,31 @@ for (const [port, base] of [
     });
   });
 }
+
+describe("stored responses and the key's rate limit", () => {
+  test("retrieve, delete and input items count against the key's requests per minute, a 429 past it asking no upstream", async () => {
+    upstream.script("ok", { content: "stored" });
+    const made = await sdk().responses.create({ model: "ok", input: "hi" });
+    upstream.reset();
+    // sk-rpm is of sk-good's org, 3 requests a minute.
+    const limited = sdk(gateway.restUrl, "sk-rpm");
+    const { response } = await limited.responses.retrieve(made.id).withResponse();
+    expect(response.headers.get("x-ratelimit-limit-requests")).toBe("3");
+    expect(response.headers.get("x-ratelimit-remaining-requests")).toBe("2");
+    await limited.responses.inputItems.list(made.id);
+    await limited.responses.delete(made.id);
+    expect(upstream.requests).toHaveLength(3);
+    for (const call of [() => limited.responses.retrieve(made.id), () => limited.responses.create({ model: "ok", input: "hi" })]) {
+      const error = (await call().catch((e: unknown) => e)) as APIError;
+      expect(error.status).toBe(429);
+      expect(error.error).toMatchObject({ type: "requests", code: "rate_limit_exceeded" });
+      expect(Number(error.headers?.get("retry-after"))).toBeGreaterThan(0);
+      expect(error.headers?.get("x-ratelimit-remaining-requests")).toBe("0");
+    }
+    expect(upstream.requests).toHaveLength(3);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED, httpStatus: 429 });
+  });
+});
 
 describe("the mock provider's stored responses", () => {
   test("are retrieved, listed, continued and deleted offline; one made with store: false is not kept", async () => {

@@ -12,6 +12,7 @@ import { createRestApp } from "../http/app.ts";
 import { serveRest } from "../http/bun.ts";
 import { restRoutes } from "../http/node.ts";
 import { createProviders } from "../providers/index.ts";
+import { createRateLimiter } from "../rate-limits.ts";
 import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "../service.ts";
 import { createBillingFake, createRecordingShipper, createTestLogger } from "../testing.ts";
 
@@ -44,7 +45,7 @@ export const dripAndSlowRoutes = [
 /**
  * A whole gateway (core, REST and RPC) on a real port, plus the REST API alone on Bun's server
  * (`restUrl`), configured by `routes` (gateway config YAML), with the billing fake's keys sk-good
- * (any model) and sk-limited (only "ok").
+ * (any model), sk-limited (only "ok") and sk-rpm (sk-good's org, 3 requests a minute).
  */
 export async function startTestGateway(
   routes: string,
@@ -62,6 +63,7 @@ export async function startTestGateway(
   const billing = createBillingFake({
     "sk-good": { id: "key_good", orgId: "org_1", projectId: "proj_1" },
     "sk-limited": { id: "key_limited", orgId: "org_2", allowedModels: ["ok"] },
+    "sk-rpm": { id: "key_rpm", orgId: "org_1", requestsPerMinute: 3 },
   });
   const shipper = createRecordingShipper();
   const log = createTestLogger();
@@ -71,6 +73,7 @@ export async function startTestGateway(
     providers: createProviders(config.providers, {}),
     keys: createKeyAuthorizer({ billing: billing.client }),
     shipper,
+    rateLimits: createRateLimiter(),
     instanceId: "gw-test",
     log,
   });
