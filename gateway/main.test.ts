@@ -42,6 +42,21 @@ test("GATEWAY_REST_PORT equal to GATEWAY_PORT is refused with the environment", 
   expect(stderr).toBe(`invalid environment: GATEWAY_REST_PORT (${port}): must differ from GATEWAY_PORT\n`);
 });
 
+test("a least past its most (lease sizes, retry backoff) is refused with the environment, not quietly ignored", async () => {
+  const pairs = [
+    ["GATEWAY_BUDGET_MIN_LEASE_NANOS", "5000000000", "GATEWAY_BUDGET_MAX_LEASE_NANOS", "1000000000"],
+    ["GATEWAY_RETRY_BASE_MS", "3000", "GATEWAY_RETRY_MAX_MS", "2000"],
+  ];
+  for (const [least, low, most, high] of pairs as [string, string, string, string][]) {
+    const { stdout, stderr, code } = await runCommand([process.execPath, main], {
+      env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", [least]: low, [most]: high },
+    });
+    expect(code).toBe(2);
+    expect(stdout).toBe("");
+    expect(stderr).toBe(`invalid environment: ${least} (${low}): must not exceed ${most} (${high})\n`);
+  }
+});
+
 test("GATEWAY_INSTANCE_ID of . or .., which would name the spool's parent directory, is refused with the environment", async () => {
   for (const id of [".", ".."]) {
     const { stdout, stderr, code } = await runCommand([process.execPath, main], {

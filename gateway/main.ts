@@ -103,6 +103,17 @@ if (cfg.GATEWAY_REST_PORT !== undefined && cfg.GATEWAY_REST_PORT !== 0 && cfg.GA
   process.exit(2);
 }
 
+// A range whose least is past its most: one of the two would be quietly ignored.
+for (const [least, most] of [
+  ["GATEWAY_BUDGET_MIN_LEASE_NANOS", "GATEWAY_BUDGET_MAX_LEASE_NANOS"],
+  ["GATEWAY_RETRY_BASE_MS", "GATEWAY_RETRY_MAX_MS"],
+] as const) {
+  if (cfg[least] > cfg[most]) {
+    process.stderr.write(`invalid environment: ${least} (${cfg[least]}): must not exceed ${most} (${cfg[most]})\n`);
+    process.exit(2);
+  }
+}
+
 let config: GatewayConfig;
 try {
   config = loadGatewayConfig(cfg.GATEWAY_CONFIG);
