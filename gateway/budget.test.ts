@@ -871,6 +871,30 @@ describe("budget leases", () => {
     // Every request that fit was served once billing had the leases back: nothing is stranded for long.
     expect(served).toBeGreaterThanOrEqual(14);
   });
+
+  test("two replicas each holding half of the last request's money do not swap the halves, refusing it both ways", async () => {
+    const principal = await principalWith({ key: 1_000n });
+    const a = keeper({ holder: "gw-a", minLeaseNanos: 1n });
+    const b = keeper({ holder: "gw-b", minLeaseNanos: 1n });
+    // Each replica holds half of the budget, idle: requests there cost less than they reserved.
+    (await a.keeper.reserve(principal, usd(500n), 60_000)).settle(usd(0n));
+    (await b.keeper.reserve(principal, usd(500n), 60_000)).settle(usd(0n));
+    // A refused request gives back what it held and what billing had left: too little for it, it may be enough elsewhere.
+    const served: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      const r = i % 2 === 0 ? a : b;
+      r.clock.t += 1_000;
+      try {
+        (await r.keeper.reserve(principal, usd(1_000n), 60_000)).settle(usd(1_000n));
+        served.push(r === a ? "a" : "b");
+      } catch (e) {
+        expect((e as GatewayError).code).toBe("insufficient_quota");
+      }
+    }
+    expect(served).toEqual(["b"]);
+    await Promise.all([a.keeper.close(), b.keeper.close()]);
+    expect((await leasesOf(principal.apiKeyId)).reduce((sum, l) => sum + (l.spent ?? 0n), 0n)).toBe(1_000n);
+  });
 });
 
 describe("maximum cost of a request", () => {

@@ -252,7 +252,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const now = options.now ?? Date.now;
   const scopes = new Map<string, Scope>();
   const scopesOfPrincipal = new WeakMap<Principal, Scope[]>();
-  const releasing = new Set<Promise<void>>();
+  /** Releases on their way to billing, with the key of their scope. */
+  const releasing = new Map<Promise<void>, string>();
   const unreleased = new Map<string, UnreleasedLease>();
   const releaseRetryMaxMs = options.releaseRetryMaxMs ?? 30_000;
   const releaseRetryAfterExpiryMs = options.releaseRetryAfterExpiryMs ?? 3_600_000;
@@ -425,7 +426,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         unreleased.set(pending.lease.id, pending);
       }
     })();
-    releasing.add(done);
+    releasing.set(done, pending.scopeKey);
     void done.finally(() => releasing.delete(done));
     return done;
   };
@@ -490,6 +491,10 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         const idle = scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease));
         await Promise.all([...resent, ...idle]);
       }
+      // Releases on their way land first, so billing counts what they give back (a request's remnants, given back as
+      // it was refused) rather than refuse it as still held.
+      const landing = [...releasing].filter(([, key]) => key === scope.key).map(([done]) => done);
+      if (landing.length > 0) await Promise.all(landing);
       // A grant billing may have made without our hearing goes first, as it was asked: billing answers with it if
       // it made it, and grants it now otherwise; asking afresh instead could hold the budget twice.
       let ask = scope.unanswered;
@@ -719,12 +724,20 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           };
         }
         const amount = amountOf(short, most);
-        // Billing said it has less than was asked: the budget is spent. (The round cap only stops pathological loops.)
-        if (t < short.exhaustedUntil || round >= 10) {
+        // Billing said it has less than was asked: the budget is spent, unless what it had left (what this replica gave
+        // back since included) covers this smaller request. (The round cap only stops pathological loops.)
+        const left = short.remaining ?? 0n;
+        if ((t < short.exhaustedUntil && left + takeable(short, until, maxPartsPerScope - 1) < amount) || round >= 10) {
           instruments?.rejected.inc();
           // Room can appear only where leases still hold some: requests running here settle under their reservation,
           // other replicas give idle leases back. Otherwise nothing comes back this month, and no Retry-After says so.
           const held = short.leasedElsewhere > 0n || short.leases.some((lease) => lease.reserved > 0n);
+          // Asked just now, billing had too little: what it granted is a remnant too small for this request, as are the
+          // leases returned before asking. Kept idle here, such remnants on two replicas would be swapped at each ask
+          // and refuse the request on both; given back, the next ask elsewhere gets them in one piece.
+          if (round > 0 && !billingFailing) {
+            for (const lease of [...short.leases]) if (lease.reserved === 0n) void release(short, lease);
+          }
           const owner = short.kind === BudgetScope.ORGANIZATION ? "organization's" : "API key's";
           const message = short.tokens
             ? `This request may use up to ${amount} tokens and the API key's monthly limit of ${short.budgetNanos} ` +
@@ -780,7 +793,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       }
       // One more try for releases billing missed; those that fail again are left to billing's expiry.
       for (const pending of [...unreleased.values()]) void sendRelease(pending);
-      await Promise.all([...releasing]);
+      await Promise.all([...releasing.keys()]);
     },
 
     snapshot() {
