@@ -839,6 +839,30 @@ describe("budget leases", () => {
     await k.close();
   });
 
+  test("a revoked key's lease granted while billing was being asked goes back as it arrives", async () => {
+    const principal = await principalWith({ key: 10_000n });
+    let gate: Promise<unknown> | undefined;
+    const gated: BudgetKeeperOptions["billing"] = {
+      ...billing,
+      acquireBudgetLease: async (req) => {
+        await gate;
+        return billing.acquireBudgetLease(req);
+      },
+    };
+    const { keeper: k } = keeper({ billing: gated, minLeaseNanos: 1_000n });
+    (await k.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
+    // A request that leaves its lease low has more asked for in the background; billing is slow to answer.
+    const slow = Promise.withResolvers<void>();
+    gate = slow.promise;
+    (await k.reserve(principal, usd(600n), 60_000)).settle(usd(600n));
+    k.releaseKey(principal.apiKeyId);
+    slow.resolve();
+    await until(async () => (await leasesOf(principal.apiKeyId)).length === 2);
+    await until(async () => (await leasesOf(principal.apiKeyId)).every((l) => l.spent !== null), 2_000);
+    expect(k.snapshot().get(`api_key:${principal.apiKeyId}`)?.leases).toBe(0);
+    await k.close();
+  });
+
   test("two replicas racing for one budget never hold or spend more than it", async () => {
     const cost = 700n;
     const budget = cost * 20n;

@@ -548,6 +548,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         scope.remaining = res.remainingNanos >= 0n ? res.remainingNanos : null;
         if (lease) {
           scope.leases.push(lease);
+          // Its key was revoked while billing was asked: it goes back at once, unless a request waits for it.
+          if (scope.retired && scope.waiters === 0) void release(scope, lease);
           instruments?.leases.inc({ outcome: res.grantedNanos < requestedNanos ? "partial" : "granted" });
           if (!scope.tokens) instruments?.granted.inc(Number(res.grantedNanos) / 1e9);
         } else {
