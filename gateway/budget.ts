@@ -22,7 +22,8 @@ import type { ResponsesPrompt } from "./responses-request.ts";
  * can cost (`maxChatSpend`) against every such budget; when it ends it settles at its actual cost
  * and the difference returns to the lease. A scope whose leases run low is topped up in the
  * background, sized by its recent spend rate; drained, idle or soon-expiring leases are released to
- * billing with what was spent from them, and every lease is released on shutdown. Each grant is asked for under a lease
+ * billing with what was spent from them (so are a refused request's idle leases of its other budgets, giveBackOthers),
+ * and every lease is released on shutdown. Each grant is asked for under a lease
  * id chosen here, so one whose answer was lost is asked for again, or released, by that id, never granted twice.
  * A reservation is drawn from at most four leases of each budget, so a request's usage record names at most the 12
  * budget charges billing takes; room spread
@@ -159,6 +160,8 @@ interface Lease {
   lastUsed: number;
   /** Granted under a budget since changed: serves no new request, and goes back once its last one settles. */
   withdrawn: boolean;
+  /** The API key whose request last drew on it, or asked for it: of an org's lease, whether another key uses it. */
+  lastKey?: string;
 }
 
 interface Scope {
@@ -480,6 +483,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     scope: Scope,
     size: () => { requestedNanos: bigint; neededNanos: bigint },
     returnIdle = false,
+    apiKeyId?: string,
   ): Promise<void> => {
     if (scope.acquiring) return scope.acquiring;
     const acquiring = (async () => {
@@ -538,6 +542,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
                 expiresAt: asked + ttlMs,
                 lastUsed: now(),
                 withdrawn: scope.generation !== generation,
+                lastKey: apiKeyId,
               }
             : undefined;
         if (scope.generation !== generation) {
@@ -581,8 +586,37 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     return acquiring;
   };
 
+  /**
+   * After a request was refused for `short`, gives back to billing the idle leases held here of its other budgets that
+   * no other key's request would draw on: its key's (its money, its monthly tokens), and its org's when none of the
+   * org's requests is running here and no other key drew on them since this one did. Near a budget's end one replica
+   * may hold the rest of one budget and others the rest of another: kept idle until their idle release, each would be
+   * refused the budget the others hold. Only unreserved leases go, released with what was spent from them, as an idle
+   * one is; while billing does not answer they stay, for the requests they cover.
+   */
+  const giveBackOthers = (apiKeyId: string, list: readonly Scope[], short: Scope) => {
+    if (billingFailing || options.billingDown?.()) return;
+    const giveBack = (scope: Scope) => {
+      const org = scope.kind === BudgetScope.ORGANIZATION;
+      if (closed || (org && scope.leases.some((lease) => lease.reserved > 0n))) return;
+      for (const lease of [...scope.leases]) {
+        if (lease.reserved === 0n && (!org || lease.lastKey === apiKeyId)) void release(scope, lease);
+      }
+    };
+    for (const scope of list) {
+      if (scope === short) continue;
+      giveBack(scope);
+      // A grant asked for meanwhile (a renewal) would sit idle here too: it goes back as it lands, unless a request
+      // waits for it, or has drawn on it, by then.
+      scope.acquiring?.then(
+        () => scope.waiters === 0 && giveBack(scope),
+        () => {},
+      );
+    }
+  };
+
   /** Tops a scope up in the background when its room falls under about a few seconds of spend. */
-  const renewIfLow = (scope: Scope, until: number, lastCost: bigint) => {
+  const renewIfLow = (scope: Scope, until: number, lastCost: bigint, apiKeyId: string) => {
     if (closed || scope.acquiring || now() < scope.exhaustedUntil) return;
     const room = available(scope, until);
     let low = BigInt(Math.ceil(spendRate(scope, now()) * Math.min(10, horizonS / 4)));
@@ -592,11 +626,11 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     // that find too little room (they ask for what they need).
     const cap = shareLeft(scope);
     if (cap !== null && (cap <= 0n || cap < lastCost)) return;
-    acquire(scope, () => ({ requestedNanos: leaseSize(scope, 0n), neededNanos: 0n })).catch(() => {});
+    acquire(scope, () => ({ requestedNanos: leaseSize(scope, 0n), neededNanos: 0n }), false, apiKeyId).catch(() => {});
   };
 
   /** Reserves `amount` from at most `maxPartsPerScope` leases, which the caller made sure can cover it. */
-  const take = (scope: Scope, amount: bigint, until: number, t: number): Part[] => {
+  const take = (scope: Scope, amount: bigint, until: number, t: number, apiKeyId: string): Part[] => {
     // Oldest first, so older leases drain and go back to billing; roomiest first when that would take too many.
     let oldestFirst = 0n;
     let drawn = 0;
@@ -616,6 +650,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       const part = room < left ? room : left;
       lease.reserved += part;
       lease.lastUsed = t;
+      lease.lastKey = apiKeyId;
       parts.push({ lease, amount: part });
       left -= part;
     }
@@ -712,8 +747,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           }
         }
         if (!short) {
-          const taken = list.map((scope) => ({ scope, parts: take(scope, amountOf(scope, most), until, t) }));
-          for (const scope of list) renewIfLow(scope, until, amountOf(scope, most));
+          const key = principal.apiKeyId;
+          const taken = list.map((scope) => ({ scope, parts: take(scope, amountOf(scope, most), until, t, key) }));
+          for (const scope of list) renewIfLow(scope, until, amountOf(scope, most), key);
           let done = false;
           return {
             settle(used) {
@@ -740,6 +776,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           if (round > 0 && !billingFailing) {
             for (const lease of [...short.leases]) if (lease.reserved === 0n) void release(short, lease);
           }
+          giveBackOthers(principal.apiKeyId, list, short);
           const owner = short.kind === BudgetScope.ORGANIZATION ? "organization's" : "API key's";
           const message = short.tokens
             ? `This request may use up to ${amount} tokens and the API key's monthly limit of ${short.budgetNanos} ` +
@@ -764,6 +801,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
                 return { requestedNanos: leaseSize(short, shortfall), neededNanos: shortfall > 0n ? shortfall : 0n };
               },
               true,
+              principal.apiKeyId,
             );
             await unlessAborted(asking, signal, gone);
           }
