@@ -839,6 +839,30 @@ describe("budget leases", () => {
     await k.close();
   });
 
+  test("a revoked key's lease granted while billing was being asked goes back as it arrives", async () => {
+    const principal = await principalWith({ key: 10_000n });
+    let gate: Promise<unknown> | undefined;
+    const gated: BudgetKeeperOptions["billing"] = {
+      ...billing,
+      acquireBudgetLease: async (req) => {
+        await gate;
+        return billing.acquireBudgetLease(req);
+      },
+    };
+    const { keeper: k } = keeper({ billing: gated, minLeaseNanos: 1_000n });
+    (await k.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
+    // A request that leaves its lease low has more asked for in the background; billing is slow to answer.
+    const slow = Promise.withResolvers<void>();
+    gate = slow.promise;
+    (await k.reserve(principal, usd(600n), 60_000)).settle(usd(600n));
+    k.releaseKey(principal.apiKeyId);
+    slow.resolve();
+    await until(async () => (await leasesOf(principal.apiKeyId)).length === 2);
+    await until(async () => (await leasesOf(principal.apiKeyId)).every((l) => l.spent !== null), 2_000);
+    expect(k.snapshot().get(`api_key:${principal.apiKeyId}`)?.leases).toBe(0);
+    await k.close();
+  });
+
   test("two replicas racing for one budget never hold or spend more than it", async () => {
     const cost = 700n;
     const budget = cost * 20n;
@@ -870,6 +894,121 @@ describe("budget leases", () => {
     expect(served).toBeLessThanOrEqual(20);
     // Every request that fit was served once billing had the leases back: nothing is stranded for long.
     expect(served).toBeGreaterThanOrEqual(14);
+  });
+
+  test("two replicas each holding half of the last request's money do not swap the halves, refusing it both ways", async () => {
+    const principal = await principalWith({ key: 1_000n });
+    const a = keeper({ holder: "gw-a", minLeaseNanos: 1n });
+    const b = keeper({ holder: "gw-b", minLeaseNanos: 1n });
+    // Each replica holds half of the budget, idle: requests there cost less than they reserved.
+    (await a.keeper.reserve(principal, usd(500n), 60_000)).settle(usd(0n));
+    (await b.keeper.reserve(principal, usd(500n), 60_000)).settle(usd(0n));
+    // A refused request gives back what it held and what billing had left: too little for it, it may be enough elsewhere.
+    const served: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      const r = i % 2 === 0 ? a : b;
+      r.clock.t += 1_000;
+      try {
+        (await r.keeper.reserve(principal, usd(1_000n), 60_000)).settle(usd(1_000n));
+        served.push(r === a ? "a" : "b");
+      } catch (e) {
+        expect((e as GatewayError).code).toBe("insufficient_quota");
+      }
+    }
+    expect(served).toEqual(["b"]);
+    await Promise.all([a.keeper.close(), b.keeper.close()]);
+    expect((await leasesOf(principal.apiKeyId)).reduce((sum, l) => sum + (l.spent ?? 0n), 0n)).toBe(1_000n);
+  });
+
+  // Near a budget's end (within twice billing's holder floor) one replica may be granted the rest of a budget whole.
+  // A replica refused for one of a request's budgets gives back what it holds idle of the others that request drew on,
+  // or one replica's idle token lease and the others' idle money leases would refuse each other until idle release.
+  test("replicas refused for a key's tokens or its money give the other back, so the key's whole budget is served", async () => {
+    const org = await client.createOrganization({ name: `budget-org-${++orgs}` }, auth);
+    const orgId = org.organization?.id as string;
+    const most = { nanos: 2_000_950n, tokens: 115n };
+    const limits = { monthlyBudgetNanos: most.nanos * 6n, monthlyTokens: 1_000n };
+    const key = await client.createApiKey({ orgId, name: "k", limits }, auth);
+    const principal = await createKeyAuthorizer({
+      billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
+      watching: true,
+    }).authorize(key.secret);
+    const replicas = ["gw-0", "gw-1", "gw-2"].map((holder) => keeper({ holder, minLeaseNanos: 1_000_000n }));
+    let served = 0;
+    for (let i = 0; i < 30; i++) {
+      // Round robin, a request every 400 ms: well within the 30 s after which idle leases go back anyway.
+      for (const r of replicas) r.clock.t += 400;
+      try {
+        (await (replicas[i % 3] as (typeof replicas)[number]).keeper.reserve(principal, most, 60_000)).settle(most);
+        served++;
+      } catch (e) {
+        expect((e as GatewayError).code).toBe("insufficient_quota");
+      }
+    }
+    await Promise.all(replicas.map((r) => r.keeper.close()));
+    const { rows } = await db.pool.query<{ scope: string; spent: string }>(
+      `SELECT scope, sum(spent_nanos)::text AS spent FROM budget_leases WHERE api_key_id = $1
+       GROUP BY scope ORDER BY scope`,
+      [principal.apiKeyId],
+    );
+    expect(rows).toEqual([
+      { scope: "api_key", spent: String(most.nanos * 6n) },
+      { scope: "api_key_tokens", spent: String(most.tokens * 6n) },
+    ]);
+    expect(served).toBe(6);
+  });
+
+  test("a key refused for its own budget gives back the org lease it alone drew on, for the org's other keys", async () => {
+    const cost = 2_000_000n;
+    const org = await client.createOrganization({ name: `budget-org-${++orgs}`, monthlyBudgetNanos: cost * 10n }, auth);
+    const orgId = org.organization?.id as string;
+    const keys = createKeyAuthorizer({
+      billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
+      watching: true,
+    });
+    const cappedLimits = { monthlyBudgetNanos: cost * 3n };
+    const capped = await client.createApiKey({ orgId, name: "capped", limits: cappedLimits }, auth);
+    const other = await client.createApiKey({ orgId, name: "other" }, auth);
+    const [a, b] = [await keys.authorize(capped.secret), await keys.authorize(other.secret)];
+    const pinned = keeper({ holder: "gw-0", minLeaseNanos: 1_000_000n });
+    const elsewhere = keeper({ holder: "gw-1", minLeaseNanos: 1_000_000n });
+    for (let i = 0; i < 3; i++) (await pinned.keeper.reserve(a, usd(cost), 60_000)).settle(usd(cost));
+    pinned.clock.t += 1_000;
+    expect((await refusal(pinned.keeper.reserve(a, usd(cost), 60_000))).code).toBe("insufficient_quota");
+    // The other key, served by another replica, spends the rest of the org's budget within the idle release time.
+    let served = 0;
+    for (let i = 0; i < 10; i++) {
+      elsewhere.clock.t += 1_000;
+      try {
+        (await elsewhere.keeper.reserve(b, usd(cost), 60_000)).settle(usd(cost));
+        served++;
+      } catch (e) {
+        expect((e as GatewayError).code).toBe("insufficient_quota");
+      }
+    }
+    expect(served).toBe(7);
+    await Promise.all([pinned.keeper.close(), elsewhere.keeper.close()]);
+    const spent = (await leasesOf(orgId)).reduce((sum, l) => sum + (l.spent ?? 0n), 0n);
+    expect(spent).toBe(cost * 10n);
+
+    // An org lease another key drew on since stays with the replica its requests go to.
+    const shared = keeper({ holder: "gw-2", minLeaseNanos: cost * 10n });
+    const org2 = await client.createOrganization(
+      { name: `budget-org-${++orgs}`, monthlyBudgetNanos: cost * 100n },
+      auth,
+    );
+    const orgId2 = org2.organization?.id as string;
+    const spentLimits = { monthlyBudgetNanos: cost };
+    const spentKey = await client.createApiKey({ orgId: orgId2, name: "spent", limits: spentLimits }, auth);
+    const busyKey = await client.createApiKey({ orgId: orgId2, name: "busy" }, auth);
+    const [spender, busy] = [await keys.authorize(spentKey.secret), await keys.authorize(busyKey.secret)];
+    (await shared.keeper.reserve(spender, usd(cost), 60_000)).settle(usd(cost));
+    (await shared.keeper.reserve(busy, usd(cost), 60_000)).settle(usd(cost));
+    const before = calls.release;
+    expect((await refusal(shared.keeper.reserve(spender, usd(cost), 60_000))).code).toBe("insufficient_quota");
+    expect(calls.release).toBe(before);
+    (await shared.keeper.reserve(busy, usd(cost), 60_000)).settle(usd(cost));
+    await shared.keeper.close();
   });
 });
 

@@ -22,7 +22,8 @@ import type { ResponsesPrompt } from "./responses-request.ts";
  * can cost (`maxChatSpend`) against every such budget; when it ends it settles at its actual cost
  * and the difference returns to the lease. A scope whose leases run low is topped up in the
  * background, sized by its recent spend rate; drained, idle or soon-expiring leases are released to
- * billing with what was spent from them, and every lease is released on shutdown. Each grant is asked for under a lease
+ * billing with what was spent from them (so are a refused request's idle leases of its other budgets, giveBackOthers),
+ * and every lease is released on shutdown. Each grant is asked for under a lease
  * id chosen here, so one whose answer was lost is asked for again, or released, by that id, never granted twice.
  * A reservation is drawn from at most four leases of each budget, so a request's usage record names at most the 12
  * budget charges billing takes; room spread
@@ -159,6 +160,8 @@ interface Lease {
   lastUsed: number;
   /** Granted under a budget since changed: serves no new request, and goes back once its last one settles. */
   withdrawn: boolean;
+  /** The API key whose request last drew on it, or asked for it: of an org's lease, whether another key uses it. */
+  lastKey?: string;
 }
 
 interface Scope {
@@ -252,7 +255,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const now = options.now ?? Date.now;
   const scopes = new Map<string, Scope>();
   const scopesOfPrincipal = new WeakMap<Principal, Scope[]>();
-  const releasing = new Set<Promise<void>>();
+  /** Releases on their way to billing, with the key of their scope. */
+  const releasing = new Map<Promise<void>, string>();
   const unreleased = new Map<string, UnreleasedLease>();
   const releaseRetryMaxMs = options.releaseRetryMaxMs ?? 30_000;
   const releaseRetryAfterExpiryMs = options.releaseRetryAfterExpiryMs ?? 3_600_000;
@@ -425,7 +429,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         unreleased.set(pending.lease.id, pending);
       }
     })();
-    releasing.add(done);
+    releasing.set(done, pending.scopeKey);
     void done.finally(() => releasing.delete(done));
     return done;
   };
@@ -479,6 +483,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     scope: Scope,
     size: () => { requestedNanos: bigint; neededNanos: bigint },
     returnIdle = false,
+    apiKeyId?: string,
   ): Promise<void> => {
     if (scope.acquiring) return scope.acquiring;
     const acquiring = (async () => {
@@ -490,6 +495,10 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         const idle = scope.leases.filter((lease) => lease.reserved === 0n).map((lease) => release(scope, lease));
         await Promise.all([...resent, ...idle]);
       }
+      // Releases on their way land first, so billing counts what they give back (a request's remnants, given back as
+      // it was refused) rather than refuse it as still held.
+      const landing = [...releasing].filter(([, key]) => key === scope.key).map(([done]) => done);
+      if (landing.length > 0) await Promise.all(landing);
       // A grant billing may have made without our hearing goes first, as it was asked: billing answers with it if
       // it made it, and grants it now otherwise; asking afresh instead could hold the budget twice.
       let ask = scope.unanswered;
@@ -533,6 +542,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
                 expiresAt: asked + ttlMs,
                 lastUsed: now(),
                 withdrawn: scope.generation !== generation,
+                lastKey: apiKeyId,
               }
             : undefined;
         if (scope.generation !== generation) {
@@ -543,6 +553,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         scope.remaining = res.remainingNanos >= 0n ? res.remainingNanos : null;
         if (lease) {
           scope.leases.push(lease);
+          // Its key was revoked while billing was asked: it goes back at once, unless a request waits for it.
+          if (scope.retired && scope.waiters === 0) void release(scope, lease);
           instruments?.leases.inc({ outcome: res.grantedNanos < requestedNanos ? "partial" : "granted" });
           if (!scope.tokens) instruments?.granted.inc(Number(res.grantedNanos) / 1e9);
         } else {
@@ -574,8 +586,37 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     return acquiring;
   };
 
+  /**
+   * After a request was refused for `short`, gives back to billing the idle leases held here of its other budgets that
+   * no other key's request would draw on: its key's (its money, its monthly tokens), and its org's when none of the
+   * org's requests is running here and no other key drew on them since this one did. Near a budget's end one replica
+   * may hold the rest of one budget and others the rest of another: kept idle until their idle release, each would be
+   * refused the budget the others hold. Only unreserved leases go, released with what was spent from them, as an idle
+   * one is; while billing does not answer they stay, for the requests they cover.
+   */
+  const giveBackOthers = (apiKeyId: string, list: readonly Scope[], short: Scope) => {
+    if (billingFailing || options.billingDown?.()) return;
+    const giveBack = (scope: Scope) => {
+      const org = scope.kind === BudgetScope.ORGANIZATION;
+      if (closed || (org && scope.leases.some((lease) => lease.reserved > 0n))) return;
+      for (const lease of [...scope.leases]) {
+        if (lease.reserved === 0n && (!org || lease.lastKey === apiKeyId)) void release(scope, lease);
+      }
+    };
+    for (const scope of list) {
+      if (scope === short) continue;
+      giveBack(scope);
+      // A grant asked for meanwhile (a renewal) would sit idle here too: it goes back as it lands, unless a request
+      // waits for it, or has drawn on it, by then.
+      scope.acquiring?.then(
+        () => scope.waiters === 0 && giveBack(scope),
+        () => {},
+      );
+    }
+  };
+
   /** Tops a scope up in the background when its room falls under about a few seconds of spend. */
-  const renewIfLow = (scope: Scope, until: number, lastCost: bigint) => {
+  const renewIfLow = (scope: Scope, until: number, lastCost: bigint, apiKeyId: string) => {
     if (closed || scope.acquiring || now() < scope.exhaustedUntil) return;
     const room = available(scope, until);
     let low = BigInt(Math.ceil(spendRate(scope, now()) * Math.min(10, horizonS / 4)));
@@ -585,11 +626,11 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     // that find too little room (they ask for what they need).
     const cap = shareLeft(scope);
     if (cap !== null && (cap <= 0n || cap < lastCost)) return;
-    acquire(scope, () => ({ requestedNanos: leaseSize(scope, 0n), neededNanos: 0n })).catch(() => {});
+    acquire(scope, () => ({ requestedNanos: leaseSize(scope, 0n), neededNanos: 0n }), false, apiKeyId).catch(() => {});
   };
 
   /** Reserves `amount` from at most `maxPartsPerScope` leases, which the caller made sure can cover it. */
-  const take = (scope: Scope, amount: bigint, until: number, t: number): Part[] => {
+  const take = (scope: Scope, amount: bigint, until: number, t: number, apiKeyId: string): Part[] => {
     // Oldest first, so older leases drain and go back to billing; roomiest first when that would take too many.
     let oldestFirst = 0n;
     let drawn = 0;
@@ -609,6 +650,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       const part = room < left ? room : left;
       lease.reserved += part;
       lease.lastUsed = t;
+      lease.lastKey = apiKeyId;
       parts.push({ lease, amount: part });
       left -= part;
     }
@@ -705,8 +747,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           }
         }
         if (!short) {
-          const taken = list.map((scope) => ({ scope, parts: take(scope, amountOf(scope, most), until, t) }));
-          for (const scope of list) renewIfLow(scope, until, amountOf(scope, most));
+          const key = principal.apiKeyId;
+          const taken = list.map((scope) => ({ scope, parts: take(scope, amountOf(scope, most), until, t, key) }));
+          for (const scope of list) renewIfLow(scope, until, amountOf(scope, most), key);
           let done = false;
           return {
             settle(used) {
@@ -719,12 +762,21 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
           };
         }
         const amount = amountOf(short, most);
-        // Billing said it has less than was asked: the budget is spent. (The round cap only stops pathological loops.)
-        if (t < short.exhaustedUntil || round >= 10) {
+        // Billing said it has less than was asked: the budget is spent, unless what it had left (what this replica gave
+        // back since included) covers this smaller request. (The round cap only stops pathological loops.)
+        const left = short.remaining ?? 0n;
+        if ((t < short.exhaustedUntil && left + takeable(short, until, maxPartsPerScope - 1) < amount) || round >= 10) {
           instruments?.rejected.inc();
           // Room can appear only where leases still hold some: requests running here settle under their reservation,
           // other replicas give idle leases back. Otherwise nothing comes back this month, and no Retry-After says so.
           const held = short.leasedElsewhere > 0n || short.leases.some((lease) => lease.reserved > 0n);
+          // Asked just now, billing had too little: what it granted is a remnant too small for this request, as are the
+          // leases returned before asking. Kept idle here, such remnants on two replicas would be swapped at each ask
+          // and refuse the request on both; given back, the next ask elsewhere gets them in one piece.
+          if (round > 0 && !billingFailing) {
+            for (const lease of [...short.leases]) if (lease.reserved === 0n) void release(short, lease);
+          }
+          giveBackOthers(principal.apiKeyId, list, short);
           const owner = short.kind === BudgetScope.ORGANIZATION ? "organization's" : "API key's";
           const message = short.tokens
             ? `This request may use up to ${amount} tokens and the API key's monthly limit of ${short.budgetNanos} ` +
@@ -749,6 +801,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
                 return { requestedNanos: leaseSize(short, shortfall), neededNanos: shortfall > 0n ? shortfall : 0n };
               },
               true,
+              principal.apiKeyId,
             );
             await unlessAborted(asking, signal, gone);
           }
@@ -780,7 +833,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       }
       // One more try for releases billing missed; those that fail again are left to billing's expiry.
       for (const pending of [...unreleased.values()]) void sendRelease(pending);
-      await Promise.all([...releasing]);
+      await Promise.all([...releasing.keys()]);
     },
 
     snapshot() {
