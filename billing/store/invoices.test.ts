@@ -598,6 +598,41 @@ describe("late usage is discounted as part of its own period", () => {
     expect(discountLines(draft)).toEqual([[rule.id, -(3n * usd) / 10n]]);
   });
 
+  test("voiding and reissuing October, November or both after late usage keeps October's cap, once", async () => {
+    const org = await newOrg({ taxRateBps: 0 });
+    const rule = await promotion(org.id, usd);
+    const issue = (invoiceId: string) => store.updateInvoiceStatus({ invoiceId, status: "issued", now: afterNovember });
+    const voidInvoice = (invoiceId: string) =>
+      store.updateInvoiceStatus({ invoiceId, status: "void", now: afterNovember });
+    const reissue = async (at: Date) =>
+      issue((await store.generateInvoice({ orgId: org.id, at, now: afterNovember })).id);
+    // October's $20 reaches the $1 cap; $5 of October billed late on November's invoice gets nothing.
+    await spend(org.id, october, 20n * usd);
+    const firstOctober = await issueOctober(org.id);
+    await spend(org.id, october, 5n * usd);
+    const firstNovember = await reissue(november);
+    expect([firstOctober, firstNovember].map(discountLines)).toEqual([[[rule.id, -usd]], []]);
+
+    // October's replacement bills its $20 again: November granted October nothing, so it gets the whole $1 again.
+    await voidInvoice(firstOctober.id);
+    const october2 = await reissue(october);
+    expect(october2).toMatchObject({ subtotalCents: 2000n, discountCents: 100n });
+    expect(discountLines(october2)).toEqual([[rule.id, -usd]]);
+
+    // November's replacement bills the late $5 again, against the $1 October's replacement granted.
+    await voidInvoice(firstNovember.id);
+    const november2 = await reissue(november);
+    expect(november2).toMatchObject({ subtotalCents: 500n, discountCents: 0n });
+
+    // Both void: October's next invoice bills all of its $25, with the $1 cap once; November has none of it.
+    await voidInvoice(october2.id);
+    await voidInvoice(november2.id);
+    const october3 = await reissue(october);
+    expect(october3).toMatchObject({ subtotalCents: 2500n, discountCents: 100n });
+    const november3 = await reissue(november);
+    expect(november3).toMatchObject({ subtotalCents: 0n, discountCents: 0n });
+  });
+
   test("billed usage of the invoice's own and earlier periods is read in one statement, late usage or not", async () => {
     const org = await newOrg({ taxRateBps: 0 });
     const statements: string[] = [];
