@@ -1,11 +1,15 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import fc from "fast-check";
 import pg from "pg";
+import { billingPeriod } from "../../lib/billing-period.ts";
+import { divRoundHalfUp, NANOS_PER_CENT, nanosToCents } from "../../lib/money.ts";
+import { calculateDiscounts } from "../discounts/calculate.ts";
 import { unscopedRule } from "../discounts/test-rules.ts";
 import { type BillingError, createDb, type Queryable } from "./db.ts";
 import { createInvoiceStore } from "./invoices.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
 import { createTestDatabase, type TestDatabase } from "./test-db.ts";
-import type { Invoice, Organization, UsageRecord } from "./types.ts";
+import type { DiscountRule, Invoice, NewDiscountRule, Organization, UsageRecord } from "./types.ts";
 
 let db: TestDatabase;
 let store: BillingStore;
@@ -598,6 +602,41 @@ describe("late usage is discounted as part of its own period", () => {
     expect(discountLines(draft)).toEqual([[rule.id, -(3n * usd) / 10n]]);
   });
 
+  test("voiding and reissuing October, November or both after late usage keeps October's cap, once", async () => {
+    const org = await newOrg({ taxRateBps: 0 });
+    const rule = await promotion(org.id, usd);
+    const issue = (invoiceId: string) => store.updateInvoiceStatus({ invoiceId, status: "issued", now: afterNovember });
+    const voidInvoice = (invoiceId: string) =>
+      store.updateInvoiceStatus({ invoiceId, status: "void", now: afterNovember });
+    const reissue = async (at: Date) =>
+      issue((await store.generateInvoice({ orgId: org.id, at, now: afterNovember })).id);
+    // October's $20 reaches the $1 cap; $5 of October billed late on November's invoice gets nothing.
+    await spend(org.id, october, 20n * usd);
+    const firstOctober = await issueOctober(org.id);
+    await spend(org.id, october, 5n * usd);
+    const firstNovember = await reissue(november);
+    expect([firstOctober, firstNovember].map(discountLines)).toEqual([[[rule.id, -usd]], []]);
+
+    // October's replacement bills its $20 again: November granted October nothing, so it gets the whole $1 again.
+    await voidInvoice(firstOctober.id);
+    const october2 = await reissue(october);
+    expect(october2).toMatchObject({ subtotalCents: 2000n, discountCents: 100n });
+    expect(discountLines(october2)).toEqual([[rule.id, -usd]]);
+
+    // November's replacement bills the late $5 again, against the $1 October's replacement granted.
+    await voidInvoice(firstNovember.id);
+    const november2 = await reissue(november);
+    expect(november2).toMatchObject({ subtotalCents: 500n, discountCents: 0n });
+
+    // Both void: October's next invoice bills all of its $25, with the $1 cap once; November has none of it.
+    await voidInvoice(october2.id);
+    await voidInvoice(november2.id);
+    const october3 = await reissue(october);
+    expect(october3).toMatchObject({ subtotalCents: 2500n, discountCents: 100n });
+    const november3 = await reissue(november);
+    expect(november3).toMatchObject({ subtotalCents: 0n, discountCents: 0n });
+  });
+
   test("billed usage of the invoice's own and earlier periods is read in one statement, late usage or not", async () => {
     const org = await newOrg({ taxRateBps: 0 });
     const statements: string[] = [];
@@ -626,4 +665,220 @@ describe("late usage is discounted as part of its own period", () => {
     await spend(org.id, october, usd);
     expect(await generate()).toBe(withoutLate);
   });
+});
+
+describe("a period's invoices, issued, voided and reissued in any order", () => {
+  const usd = 1_000_000_000n;
+  const now = new Date("2027-02-02T00:00:00Z");
+  type Rule = Omit<NewDiscountRule, "orgId" | "name">;
+  const percentArb = fc
+    .record({
+      discountBps: fc.constantFrom(1000, 2500, 5000),
+      capNanos: fc.constantFrom(0n, usd / 2n, usd, 3n * usd),
+      stackable: fc.boolean(),
+      priority: fc.nat(2),
+      model: fc.constantFrom(null, "a"),
+    })
+    .map((r): Rule => ({ ...unscopedRule, kind: "promotional", ...r }));
+  const volumeArb = fc
+    .record({
+      graduated: fc.boolean(),
+      fromNanos: fc.constantFrom(usd, 5n * usd, 20n * usd),
+      discountBps: fc.constantFrom(1000, 3000),
+      capNanos: fc.constantFrom(0n, 2n * usd),
+      stackable: fc.boolean(),
+      priority: fc.nat(2),
+    })
+    .map(({ graduated, fromNanos, discountBps, ...r }): Rule => {
+      const tiers = [{ fromNanos: 0n, discountBps: 0 }, { fromNanos, discountBps }];
+      const kind = graduated ? "volume_graduated" : "volume_all_units";
+      return { ...unscopedRule, kind, discountBps: 0, tiers, ...r };
+    });
+  const ruleArb = fc.oneof(percentArb, volumeArb);
+  const period = fc.nat(2);
+  // Usage of one of three periods, in any of them (late or not); generating, issuing, voiding, or voiding an issued
+  // invoice and issuing its replacement; adding and deleting rules.
+  const stepArb = fc.oneof(
+    {
+      weight: 4,
+      arbitrary: fc.record({
+        step: fc.constant("spend" as const),
+        period,
+        cents: fc.integer({ min: 1, max: 1500 }),
+        nanos: fc.nat(999),
+        model: fc.constantFrom("a", "b"),
+        hour: fc.nat(27 * 24),
+      }),
+    },
+    { weight: 2, arbitrary: fc.record({ step: fc.constant("generate" as const), period }) },
+    { weight: 2, arbitrary: fc.record({ step: fc.constant("issue" as const), period }) },
+    { weight: 1, arbitrary: fc.record({ step: fc.constant("void" as const), period }) },
+    { weight: 2, arbitrary: fc.record({ step: fc.constant("reissue" as const), period }) },
+    { weight: 1, arbitrary: fc.record({ step: fc.constant("add" as const), rule: ruleArb }) },
+    { weight: 1, arbitrary: fc.record({ step: fc.constant("delete" as const), index: fc.nat(5) }) },
+  );
+  type Step = typeof stepArb extends fc.Arbitrary<infer S> ? S : never;
+
+  /** Checks every invoice of the org and, over the issued ones, each period's discounts; `rules` when none changed. */
+  async function check(org: Organization, caps: Map<string, bigint>, starts: Date[], rules?: DiscountRule[]) {
+    const q = async <R extends pg.QueryResultRow>(sql: string, params: unknown[]) =>
+      (await db.pool.query<R>(sql, params)).rows;
+    const issued = new Set<string>();
+    const granted = new Map<number, Map<string, bigint>>();
+    for (const summary of await store.listInvoices(org.id)) {
+      const invoice = await store.getInvoice(summary.id);
+      const sum = (lines: Invoice["lines"]) => lines.reduce((total, l) => total + l.amountNanos, 0n);
+      const subtotal = sum(invoice.lines.filter((l) => l.tokenType !== "discount"));
+      const discount = -sum(invoice.lines.filter((l) => l.tokenType === "discount"));
+      const net = subtotal - discount;
+      expect(invoice).toMatchObject({
+        subtotalCents: nanosToCents(subtotal),
+        discountCents: nanosToCents(discount),
+        taxCents: divRoundHalfUp(net * BigInt(org.taxRateBps), 10_000n * NANOS_PER_CENT),
+        totalCents: divRoundHalfUp(net * BigInt(10_000 + org.taxRateBps), 10_000n * NANOS_PER_CENT),
+      });
+      // Its grants are its discount lines, split by period.
+      const grants = await q<{ period_start: Date; discount_rule_id: string; amount_nanos: string }>(
+        "SELECT period_start, discount_rule_id, amount_nanos FROM invoice_discount_grants WHERE invoice_id = $1",
+        [invoice.id],
+      );
+      const byRule = new Map<string, bigint>();
+      for (const g of grants) {
+        byRule.set(g.discount_rule_id, (byRule.get(g.discount_rule_id) ?? 0n) + BigInt(g.amount_nanos));
+      }
+      const lines = invoice.lines.filter((l) => l.tokenType === "discount");
+      expect(byRule).toEqual(new Map(lines.map((l) => [l.discountRuleId as string, -l.amountNanos])));
+      if (invoice.status !== "issued") continue;
+      issued.add(invoice.id);
+      const [claimed] = await q<{ cost: string }>(
+        "SELECT coalesce(sum(cost_nanos), 0)::text AS cost FROM usage_records WHERE invoice_id = $1",
+        [invoice.id],
+      );
+      expect(BigInt(claimed?.cost ?? "")).toBe(subtotal);
+      for (const g of grants) {
+        const of = granted.get(g.period_start.getTime()) ?? new Map<string, bigint>();
+        of.set(g.discount_rule_id, (of.get(g.discount_rule_id) ?? 0n) + BigInt(g.amount_nanos));
+        granted.set(g.period_start.getTime(), of);
+      }
+    }
+    const [stray] = await q<{ n: number }>(
+      `SELECT count(*)::int AS n FROM usage_records u JOIN invoices i ON i.id = u.invoice_id
+       WHERE u.org_id = $1 AND i.status <> 'issued'`,
+      [org.id],
+    );
+    expect(stray?.n).toBe(0);
+    for (const start of starts) {
+      const of = granted.get(start.getTime()) ?? new Map<string, bigint>();
+      for (const [ruleId, amount] of of) {
+        const cap = caps.get(ruleId) ?? 0n;
+        if (cap > 0n) expect(amount).toBeLessThanOrEqual(cap);
+      }
+      const total = [...of.values()].reduce((sum, amount) => sum + amount, 0n);
+      const slices = await q<{ hour: Date; model: string; provider: string; cost: string }>(
+        `SELECT date_trunc('hour', u.occurred_at, 'UTC') AS hour, u.model, u.provider, sum(u.cost_nanos)::text AS cost
+         FROM usage_records u JOIN invoices i ON i.id = u.invoice_id
+         WHERE u.org_id = $1 AND i.status = 'issued' AND u.occurred_at >= $2 AND u.occurred_at < $3
+         GROUP BY 1, 2, 3`,
+        [org.id, start, billingPeriod(start, org.billingDay).end],
+      );
+      const usage = slices.map((s) => ({ ...s, costNanos: BigInt(s.cost) }));
+      const billed = usage.reduce((sum, u) => sum + u.costNanos, 0n);
+      if (org.maxDiscountBps > 0) expect(total).toBeLessThanOrEqual((billed * BigInt(org.maxDiscountBps)) / 10_000n);
+      if (!rules) continue;
+      // With the rules unchanged, a period's invoices never grant more than its usage would get on one invoice, per
+      // rule and in all; percentages without a maximum get exactly that, less a nano-USD per rule and invoice.
+      const whole = calculateDiscounts(usage, rules, org);
+      for (const a of whole.applied) expect(of.get(a.rule.id) ?? 0n).toBeLessThanOrEqual(a.amountNanos);
+      expect(total).toBeLessThanOrEqual(whole.totalNanos);
+      if (org.maxDiscountBps === 0 && rules.every((r) => r.kind === "promotional")) {
+        expect(total).toBeGreaterThanOrEqual(whole.totalNanos - BigInt(issued.size * rules.length));
+      }
+    }
+  }
+
+  test("caps and the org's maximum hold per period, nothing is granted twice, and invoices add up", async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(stepArb, { minLength: 3, maxLength: 25 }),
+        fc.array(ruleArb, { minLength: 1, maxLength: 3 }),
+        fc.boolean(),
+        fc.record({
+          maxDiscountBps: fc.constantFrom(0, 1500),
+          billingDay: fc.constantFrom(1, 15, 28),
+          taxRateBps: fc.constantFrom(0, 825),
+        }),
+        async (allSteps, initialRules, rulesChange, settings) => {
+          const org = await newOrg(settings);
+          const starts = ["2026-10-20", "2026-11-20", "2026-12-20"].map(
+            (day) => billingPeriod(new Date(day), org.billingDay).start,
+          );
+          const steps: Step[] = rulesChange
+            ? allSteps
+            : allSteps.filter((s) => s.step !== "add" && s.step !== "delete");
+          const rules: DiscountRule[] = [];
+          const caps = new Map<string, bigint>();
+          const add = async (rule: Rule) => {
+            const created = await store.createDiscountRule({ ...rule, orgId: org.id, name: "rule" });
+            rules.push(created);
+            caps.set(created.id, created.capNanos);
+          };
+          for (const rule of initialRules) await add(rule);
+          const live = async (p: number) =>
+            (await store.listInvoices(org.id)).find(
+              (i) => i.periodStart.getTime() === starts[p]?.getTime() && i.status !== "void",
+            );
+          const generate = (p: number) => store.generateInvoice({ orgId: org.id, at: starts[p] as Date, now });
+          const set = (invoiceId: string, status: "issued" | "void") =>
+            store.updateInvoiceStatus({ invoiceId, status, now });
+          for (const step of steps) {
+            if (step.step === "spend") {
+              const occurredAt = new Date((starts[step.period] as Date).getTime() + step.hour * 3_600_000);
+              const costNanos = BigInt(step.cents) * 10_000_000n + BigInt(step.nanos);
+              const record = usage(org.id, { occurredAt, costNanos, model: step.model, costBreakdown: null });
+              await store.recordUsage([record]);
+            } else if (step.step === "generate") {
+              const invoice = await live(step.period);
+              if (invoice?.status !== "issued") await generate(step.period);
+            } else if (step.step === "issue") {
+              const invoice = (await live(step.period)) ?? (await generate(step.period));
+              if (invoice.status === "draft") await set(invoice.id, "issued");
+            } else if (step.step === "void") {
+              const invoice = await live(step.period);
+              if (invoice) await set(invoice.id, "void");
+            } else if (step.step === "reissue") {
+              const invoice = await live(step.period);
+              if (invoice?.status !== "issued") continue;
+              await set(invoice.id, "void");
+              await set((await generate(step.period)).id, "issued");
+            } else if (step.step === "add") {
+              await add(step.rule);
+            } else if (rules.length > 0) {
+              const [deleted] = rules.splice(step.index % rules.length, 1);
+              await store.deleteDiscountRule((deleted as DiscountRule).id);
+            }
+            await check(org, caps, starts, rulesChange ? undefined : rules);
+          }
+        },
+      ),
+      {
+        numRuns: 40,
+        // October's cap reached, its late usage billed on November's invoice, then October voided and reissued.
+        examples: [
+          [
+            [
+              { step: "spend", period: 0, cents: 2000, nanos: 0, model: "a", hour: 1 },
+              { step: "issue", period: 0 },
+              { step: "spend", period: 0, cents: 500, nanos: 0, model: "a", hour: 1 },
+              { step: "issue", period: 1 },
+              { step: "reissue", period: 0 },
+              { step: "reissue", period: 1 },
+            ],
+            [{ ...unscopedRule, kind: "promotional", discountBps: 1000, capNanos: usd }],
+            false,
+            { maxDiscountBps: 0, billingDay: 1, taxRateBps: 0 },
+          ],
+        ],
+      },
+    );
+  }, 120_000);
 });
