@@ -61,6 +61,10 @@ describe("parseEnv", () => {
       ["postgres://mesh:pa/ss@db:5432/mesh", "postgres://***@db:5432/mesh"],
       ["postgres://mesh:pa#ss@db:5432/mesh", "postgres://***@db:5432/mesh"],
       ["postgres://mesh:secret-pw@db:99999/mesh", "postgres://***@db:99999/mesh"],
+      // A password whose /, # or ? follows digits: pg dialled host "mesh" at port 2024.
+      ["postgres://mesh:2024/pw@db:5432/mesh", "postgres://***@db:5432/mesh"],
+      ["postgres://mesh:2024#pw@db:5432/mesh", "postgres://***@db:5432/mesh"],
+      ["postgres://mesh:2024?pw@db:5432/mesh", "postgres://***@db:5432/mesh"],
       ["mysql://x/y", "mysql://x/y"],
       ["db:5432", "db:5432"],
     ];
@@ -71,6 +75,7 @@ describe("parseEnv", () => {
     }
     for (const value of [
       "postgres://mesh:pa%2Fss@db:5432/mesh",
+      "postgres://mesh:p@ss@db:5432/mesh?application_name=jobs@eu",
       "postgresql://mesh@/mesh?host=/var/run/postgresql",
       "socket:/var/run/postgresql?db=mesh",
       "/var/run/postgresql mesh",
