@@ -65,6 +65,10 @@ describe("parseEnv", () => {
       ["postgres://mesh:2024/pw@db:5432/mesh", "postgres://***@db:5432/mesh"],
       ["postgres://mesh:2024#pw@db:5432/mesh", "postgres://***@db:5432/mesh"],
       ["postgres://mesh:2024?pw@db:5432/mesh", "postgres://***@db:5432/mesh"],
+      // A password elsewhere than before the @: in the query, or in libpq's keyword form, which pg does not read.
+      ["postgres://mesh@db:99999/mesh?sslmode=require&password=hunter2", "postgres://***@db:99999/mesh?sslmode=require&password=***"],
+      ["host=db user=mesh password=hunter2 dbname=mesh", "host=db user=mesh password=*** dbname=mesh"],
+      ["host=db password = 'hunter 2' dbname=mesh", "host=db password = *** dbname=mesh"],
       ["mysql://x/y", "mysql://x/y"],
       ["db:5432", "db:5432"],
     ];

@@ -270,8 +270,11 @@ function looksSecret(name: string): boolean {
 
 /**
  * A URL's `user:password@` masked (CLICKHOUSE_URL and DATABASE_URL may carry them), with or without its scheme: up to
- * its last `@`, as a password that makes the URL bad may hold a `/`, `?` or `#`.
+ * its last `@`, as a password that makes the URL bad may hold a `/`, `?` or `#`. So is any `password=` value: a query
+ * parameter (`?password=`, `sslpassword=`) or libpq's `host=db password=...`, which DATABASE_URL does not take.
  */
 function withoutCredentials(value: string): string {
-  return value.replace(/^([A-Za-z][A-Za-z0-9+.-]*:\/\/)?.*@/s, (_, scheme: string | undefined) => `${scheme ?? ""}***@`);
+  return value
+    .replace(/^([A-Za-z][A-Za-z0-9+.-]*:\/\/)?.*@/s, (_, scheme: string | undefined) => `${scheme ?? ""}***@`)
+    .replace(/(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s]*)/gi, "$1***");
 }
