@@ -623,8 +623,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     log.warn("upstream attempt failed", { request_id: call.requestId, provider: call.metrics.provider, err: e.message });
     if (e.failure === "timeout") return upstreamTimeout("The upstream holding the response timed out.");
     if (e.status === 429) {
-      const retryAfterS = e.retryAfterMs === undefined ? undefined : Math.ceil(e.retryAfterMs / 1000);
-      return upstreamRateLimited("The upstream holding the response is rate limited; retry later.", retryAfterS);
+      return upstreamRateLimited("The upstream holding the response is rate limited; retry later.", e.retryAfterMs);
     }
     return upstreamFailed("The upstream holding the response failed.");
   };

@@ -61,6 +61,14 @@ describe("parseEnv", () => {
       ["postgres://mesh:pa/ss@db:5432/mesh", "postgres://***@db:5432/mesh"],
       ["postgres://mesh:pa#ss@db:5432/mesh", "postgres://***@db:5432/mesh"],
       ["postgres://mesh:secret-pw@db:99999/mesh", "postgres://***@db:99999/mesh"],
+      // A password whose /, # or ? follows digits: pg dialled host "mesh" at port 2024.
+      ["postgres://mesh:2024/pw@db:5432/mesh", "postgres://***@db:5432/mesh"],
+      ["postgres://mesh:2024#pw@db:5432/mesh", "postgres://***@db:5432/mesh"],
+      ["postgres://mesh:2024?pw@db:5432/mesh", "postgres://***@db:5432/mesh"],
+      // A password elsewhere than before the @: in the query, or in libpq's keyword form, which pg does not read.
+      ["postgres://mesh@db:99999/mesh?sslmode=require&password=hunter2", "postgres://***@db:99999/mesh?sslmode=require&password=***"],
+      ["host=db user=mesh password=hunter2 dbname=mesh", "host=db user=mesh password=*** dbname=mesh"],
+      ["host=db password = 'hunter 2' dbname=mesh", "host=db password = *** dbname=mesh"],
       ["mysql://x/y", "mysql://x/y"],
       ["db:5432", "db:5432"],
     ];
@@ -71,6 +79,7 @@ describe("parseEnv", () => {
     }
     for (const value of [
       "postgres://mesh:pa%2Fss@db:5432/mesh",
+      "postgres://mesh:p@ss@db:5432/mesh?application_name=jobs@eu",
       "postgresql://mesh@/mesh?host=/var/run/postgresql",
       "socket:/var/run/postgresql?db=mesh",
       "/var/run/postgresql mesh",

@@ -54,12 +54,15 @@ const filled = z.string().refine((s) => s.trim() !== "", "must not be empty: uns
 /**
  * A connection string pg reads: a postgres:// or postgresql:// URL (one without a host, `user@/db?host=/socket`, too),
  * a socket: URL or a socket directory's path. pg would throw "Invalid URL" at the first connection, naming nothing:
- * a password with an unencoded `/`, `#` or `?`, or a port past 65535.
+ * a password with an unencoded `/`, `#` or `?`, or a port past 65535. Or it would dial the wrong host: one whose `/`,
+ * `#` or `?` follows digits (`mesh:2024/pw@db`) reads as host `mesh`, port 2024, and the rest as the database name,
+ * fragment or query, where an `@` is then the sign of it (a query's value may hold one).
  */
 const postgresUrl = filled.refine((s) => {
   if (s.trim() === "" || s.startsWith("/")) return true;
   const url = URL.parse(s) ?? URL.parse(s.replace("@/", "@___DUMMY___/"));
-  return url !== null && ["postgres:", "postgresql:", "socket:"].includes(url.protocol);
+  if (url === null || !["postgres:", "postgresql:", "socket:"].includes(url.protocol)) return false;
+  return !/@/.test(url.pathname + url.hash) && !/^\?[^=&]*@/.test(url.search);
 }, "must be a postgres:// URL, its user and password percent-encoded (@ as %40, / as %2F, # as %23, ? as %3F)");
 
 /** `*`, or a comma-separated list of origins such as `https://app.example.com,http://localhost:5173`. */
@@ -267,8 +270,11 @@ function looksSecret(name: string): boolean {
 
 /**
  * A URL's `user:password@` masked (CLICKHOUSE_URL and DATABASE_URL may carry them), with or without its scheme: up to
- * its last `@`, as a password that makes the URL bad may hold a `/`, `?` or `#`.
+ * its last `@`, as a password that makes the URL bad may hold a `/`, `?` or `#`. So is any `password=` value: a query
+ * parameter (`?password=`, `sslpassword=`) or libpq's `host=db password=...`, which DATABASE_URL does not take.
  */
 function withoutCredentials(value: string): string {
-  return value.replace(/^([A-Za-z][A-Za-z0-9+.-]*:\/\/)?.*@/s, (_, scheme: string | undefined) => `${scheme ?? ""}***@`);
+  return value
+    .replace(/^([A-Za-z][A-Za-z0-9+.-]*:\/\/)?.*@/s, (_, scheme: string | undefined) => `${scheme ?? ""}***@`)
+    .replace(/(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s]*)/gi, "$1***");
 }

@@ -766,7 +766,7 @@ for (const [port, base] of [
       expect((await raw(`/v1/responses/${mine.id}`, "GET", "sk-nope")).status).toBe(401);
     });
 
-    test("the upstream's 404 is the id's 404, its refusal passed on, its failure a 502; stream=true and POST are refused", async () => {
+    test("the upstream's 404 is the id's 404, its refusal passed on, its 429 with its wait, its failure a 502; stream=true and POST are refused", async () => {
       upstream.script("ok", { content: "mine" });
       const mine = await sdk(base()).responses.create({ model: "ok", input: "hi" });
       upstream.script("response:resp_fake", { status: 404, error: { message: "Response with id 'resp_fake' not found." } });
@@ -777,6 +777,12 @@ for (const [port, base] of [
       const bad = (await sdk(base()).responses.inputItems.list(mine.id).catch((e: unknown) => e)) as APIError;
       expect(bad.status).toBe(400);
       expect(bad.error).toMatchObject({ message: "Invalid include.", param: "include", code: "invalid_value" });
+      upstream.script("response:resp_fake", { status: 429, retryAfter: "30" }, { status: 429, retryAfterMs: "300" });
+      for (const [seconds, ms] of [["30", "30000"], ["1", "300"]] as const) {
+        const limited = await raw(`/v1/responses/${mine.id}`);
+        expect(limited.status).toBe(429);
+        expect([limited.headers.get("retry-after"), limited.headers.get("retry-after-ms")]).toEqual([seconds, ms]);
+      }
       upstream.script("response:resp_fake", { status: 500 });
       const failed = await raw(`/v1/responses/${mine.id}`);
       expect(failed.status).toBe(502);

@@ -83,6 +83,28 @@ describe("mock provider", () => {
     expect(auto.completion.choices[0]).toMatchObject({ message: { content: "mock reply: hi" }, finish_reason: "stop" });
   });
 
+  test("a tool's or a JSON schema's arguments hold about a reply's worth of text, whatever the prompt or the schema", async () => {
+    // A 100 KB prompt echoed in each of 300 strings, or strings of a minLength of 10^8, came to an answer of gigabytes,
+    // metered at as many tokens, from a request of a few KB.
+    const properties: Record<string, unknown> = {};
+    for (let i = 0; i < 300; i++) properties[`p${i}`] = i % 2 ? { type: "string" } : { type: "string", minLength: 1e8 };
+    properties.fixed = { $ref: "#/$defs/big" };
+    const parameters = { type: "object", properties, required: Object.keys(properties), $defs: { big: { const: "x".repeat(1e5) } } };
+    const prompt = "y".repeat(100_000);
+    const called = await mock.chat(
+      request(prompt, { tools: [{ type: "function", function: { name: "f", parameters } }], tool_choice: "required" }),
+      { timeoutMs: 1000 },
+    );
+    const call = called.completion.choices[0]?.message.tool_calls?.[0];
+    const args = call?.type === "function" ? call.function.arguments : "";
+    expect(args.length).toBeLessThan(32_768);
+    expect(JSON.parse(args).p0).toStartWith("mock reply: yyy");
+    expect(called.tokens.outputTokens).toBeLessThan(8192n);
+    const response_format = { type: "json_schema" as const, json_schema: { name: "a", schema: parameters } };
+    const answered = await mock.chat(request(prompt, { response_format }), { timeoutMs: 1000 });
+    expect(answered.completion.choices[0]?.message.content?.length).toBeLessThan(32_768);
+  });
+
   test("a streamed tool call: id and name first, then the arguments, then tool_calls", async () => {
     const chunks: ChatCompletionChunk[] = [];
     for await (const chunk of await mock.streamChat(request("hi", { tools, tool_choice: "required" }), {

@@ -467,12 +467,12 @@ function jsonReply(format: { type?: unknown; json_schema?: { schema?: unknown };
   // Chat's response_format holds the schema in json_schema, the Responses API's text.format in itself.
   const schema = format.type === "json_schema" ? (format.json_schema?.schema ?? format.schema) : undefined;
   if (schema === undefined) return JSON.stringify({ reply: echo });
-  return JSON.stringify(schemaInstance(schema, { root: schema, text: echo, values: 0 }, 0));
+  return JSON.stringify(schemaInstance(schema, { root: schema, text: echo, values: 0, chars: maxInstanceChars }, 0));
 }
 
 /** A tool call's arguments: an object its parameters' schema accepts (the echo for its strings), else `{}`. */
 function toolArguments({ parameters }: RequiredTool, echo: string): string {
-  const args = parameters && schemaInstance(parameters, { root: parameters, text: echo, values: 0 }, 0);
+  const args = parameters && schemaInstance(parameters, { root: parameters, text: echo, values: 0, chars: maxInstanceChars }, 0);
   return JSON.stringify(typeof args === "object" && args !== null && !Array.isArray(args) ? args : {});
 }
 
@@ -480,6 +480,12 @@ function toolArguments({ parameters }: RequiredTool, echo: string): string {
 // of a least length nested, which would otherwise multiply).
 const maxSchemaDepth = 16;
 const maxInstanceValues = 4096;
+// The most characters an instance's strings and given values (const, enum) hold in all, about a reply's token limit: a
+// tool call's arguments are not cut at it, and the echo of a long prompt in each of thousands of properties, or a
+// minLength of 10^8, would be an answer of gigabytes, metered at as many tokens. Values past it are null.
+const maxInstanceChars = 4 * maxReplyTokens;
+// The JSON length of const and enum values, measured once however many $refs name them.
+const givenLengths = new WeakMap<object, number>();
 // Strings of the formats OpenAI's structured outputs take, which validators (zod's) check.
 const formatted: Record<string, string> = {
   "date-time": "1970-01-01T00:00:00Z",
@@ -499,14 +505,23 @@ const formatted: Record<string, string> = {
  * enum value, its first `anyOf` branch, `text` for a string (a string of its format's), the least number it allows,
  * false, its shortest array, an object of its required properties; `$ref`s resolved in `at.root`.
  */
-function schemaInstance(schema: unknown, at: { root: unknown; text: string; values: number }, depth: number): unknown {
+function schemaInstance(
+  schema: unknown,
+  at: { root: unknown; text: string; values: number; chars: number },
+  depth: number,
+): unknown {
   if (depth > maxSchemaDepth || ++at.values > maxInstanceValues) return null;
-  const text = at.text;
-  if (typeof schema !== "object" || schema === null) return text;
+  const text = at.text.slice(0, at.chars);
+  if (typeof schema !== "object" || schema === null) return taken(at, text);
   const s = schema as Record<string, unknown>;
   if (typeof s.$ref === "string") return schemaInstance(resolveRef(at.root, s.$ref), at, depth + 1);
-  if ("const" in s) return s.const;
-  if (Array.isArray(s.enum) && s.enum.length > 0) return s.enum[0];
+  if ("const" in s || (Array.isArray(s.enum) && s.enum.length > 0)) {
+    let length = givenLengths.get(s);
+    if (length === undefined) givenLengths.set(s, (length = JSON.stringify("const" in s ? s.const : s.enum)?.length ?? 0));
+    if (length > at.chars) return null;
+    at.chars -= length;
+    return "const" in s ? s.const : (s.enum as unknown[])[0];
+  }
   const branches = s.anyOf ?? s.oneOf ?? s.allOf;
   if (Array.isArray(branches) && branches.length > 0) return schemaInstance(branches[0], at, depth + 1);
   const types = Array.isArray(s.type) ? s.type : [s.type];
@@ -531,7 +546,14 @@ function schemaInstance(schema: unknown, at: { root: unknown; text: string; valu
   if (type === "null") return null;
   if (type === "string" && typeof s.format === "string" && s.format in formatted) return formatted[s.format];
   const longest = typeof s.maxLength === "number" ? s.maxLength : text.length;
-  return text.slice(0, longest).padEnd(typeof s.minLength === "number" ? s.minLength : 0, ".");
+  const least = Math.min(typeof s.minLength === "number" ? s.minLength : 0, at.chars);
+  return taken(at, text.slice(0, longest).padEnd(least, "."));
+}
+
+/** A string of an instance, counted against what its strings may hold. */
+function taken(at: { chars: number }, text: string): string {
+  at.chars -= text.length;
+  return text;
 }
 
 /** The number nearest 0 within a schema's bounds. */

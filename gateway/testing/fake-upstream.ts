@@ -149,7 +149,9 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
         if (b.delayMs) await Bun.sleep(b.delayMs);
         if (b.status) {
           const error = { message: `scripted ${b.status}`, type: "invalid_request_error", param: null, code: null, ...(b.error as object) };
-          return Response.json({ error }, { status: b.status });
+          const headers: Record<string, string> = b.retryAfter ? { "retry-after": b.retryAfter } : {};
+          if (b.retryAfterMs) headers["retry-after-ms"] = b.retryAfterMs;
+          return Response.json({ error }, { status: b.status, headers });
         }
         if (storedCall[2]) {
           const item = { id: "msg_in", type: "message", role: "user", status: "completed", content: [{ type: "input_text", text: "hi" }] };
