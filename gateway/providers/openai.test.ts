@@ -958,6 +958,11 @@ describe("stored responses", () => {
           break;
         case "huge":
           return Response.json({ id, object: "response", output: [], padding: "x".repeat(2 * 1024 * 1024) });
+        case "stalled": {
+          // Headers at once, then a body that never ends.
+          const body = new ReadableStream({ start: (c) => c.enqueue(new TextEncoder().encode('{"id":"stalled",')) });
+          return new Response(body, { headers: { "content-type": "application/json" } });
+        }
       }
       if (url.pathname.endsWith("/input_items")) return Response.json({ object: "list", data: [], first_id: null, last_id: null, has_more: false });
       if (req.method === "DELETE") return Response.json({ id, object: "response", deleted: true });
@@ -1010,6 +1015,8 @@ describe("stored responses", () => {
     expect(await call("busy")).toMatchObject({ failure: "transient", status: 429, retryAfterMs: 3000 });
     expect(await call("moved")).toMatchObject({ failure: "misconfigured", status: 302 });
     expect(await call("slow", 50)).toMatchObject({ failure: "timeout" });
+    // The time limit holds while the body is read, not only until its headers.
+    expect(await call("stalled", 100)).toMatchObject({ failure: "timeout" });
     const leaving = new AbortController();
     setTimeout(() => leaving.abort(), 30);
     expect(await call("slow", 5000, leaving.signal)).toMatchObject({ failure: "cancelled" });
