@@ -255,12 +255,12 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const defaultMaxOutputTokens = options.defaultMaxOutputTokens ?? 4096;
   const responseIds = options.responseIds ?? createResponseIds(randomBytes(64));
   const storedResponseTimeoutMs = options.routing?.requestTimeoutMs ?? 600_000;
-  /** The client's ids of the responses and items `provider` made for the call's org. */
+  /** The client's ids of the responses and items `provider` made for the call's org and project. */
   const ownIds = (call: Call, provider: string): ClientIds => {
-    const orgId = (call.principal as Principal).orgId;
+    const scope = idScope(call.principal as Principal);
     return {
-      response: (upstreamId) => responseIds.wrap(upstreamId, orgId, provider),
-      item: (upstreamId) => responseIds.wrapItem(upstreamId, orgId, provider),
+      response: (upstreamId) => responseIds.wrap(upstreamId, scope, provider),
+      item: (upstreamId) => responseIds.wrapItem(upstreamId, scope, provider),
     };
   };
   const admissions = new WeakMap<Call, Admission>();
@@ -550,7 +550,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         const id = item[field];
         if (typeof id !== "string") continue;
         const param = `input[${i}].${field}`;
-        const opened = responseIds.unwrapItem(id, principal.orgId);
+        const opened = responseIds.unwrapItem(id, idScope(principal));
         if (!opened) throw itemNotFound(id, param);
         item[field] = opened.upstreamId;
         inClientWords(call, opened.upstreamId, id);
@@ -576,7 +576,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     const previous = input.upstream.previous_response_id;
     let from = itemsFrom && { ...itemsFrom, what: "The input's stored item was" };
     if (typeof previous === "string") {
-      const opened = responseIds.unwrap(previous, principal.orgId);
+      const opened = responseIds.unwrap(previous, idScope(principal));
       if (!opened) throw previousResponseNotFound(previous);
       input.upstream.previous_response_id = opened.upstreamId;
       inClientWords(call, opened.upstreamId, previous);
@@ -831,7 +831,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     },
     async storedResponse(call, action, id, query) {
       const principal = call.principal ?? (await authorize(call));
-      const opened = responseIds.unwrap(id, principal.orgId);
+      const opened = responseIds.unwrap(id, idScope(principal));
       const provider = opened && providers.get(opened.provider);
       if (!opened || !provider) throw responseNotFound(id);
       call.metrics.provider = opened.provider;
@@ -840,7 +840,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       for (const param of ["after", "before"]) {
         const bound = query[param];
         if (typeof bound !== "string") continue;
-        const item = responseIds.unwrapItem(bound, principal.orgId);
+        const item = responseIds.unwrapItem(bound, idScope(principal));
         if (!item) throw itemNotFound(bound, param);
         upstreamQuery[param] = item.upstreamId;
       }
@@ -876,6 +876,14 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     },
     finish,
   };
+}
+
+/**
+ * Whose responses and items a key may name (see response-ids.ts): its org's and, for a key of a project, that project's
+ * alone, as OpenAI scopes stored responses to a project.
+ */
+function idScope(principal: Principal): string {
+  return principal.projectId === "" ? principal.orgId : `${principal.orgId}\u0000${principal.projectId}`;
 }
 
 /** A streamed response's events with its response and item ids the client's (see response-ids.ts). */

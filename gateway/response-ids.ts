@@ -5,21 +5,22 @@ import { isObject } from "./request-checks.ts";
  * The Responses API ids the gateway hands its clients. Every org's requests go to the same upstream accounts, so an
  * upstream's own id, passed on, would let an org that learns another's id continue (and read) that conversation. The
  * client gets instead `resp_` and, in base64url, the upstream id and the provider that made it sealed with AES-256-GCM
- * under the org's id: another org's, a tampered or a foreign id does not open. The seal's nonce is an HMAC of what it
- * seals, so one upstream response has one id for its org, whether created, streamed or retrieved.
+ * under its scope (the org's id, and the project's for a key of a project): another org's or project's, a tampered or a
+ * foreign id does not open. The seal's nonce is an HMAC of what it seals, so one upstream response has one id for its
+ * scope, whether created, streamed or retrieved.
  *
  * The ids of items (`msg_`, `fc_`, `rs_`, ...) are sealed the same way under a key of their own, after the upstream
  * id's own type prefix: an input item naming a stored one by its id has the upstream read it into the request.
  */
 export interface ResponseIds {
-  /** The client's id of an upstream response `upstreamId` that `provider` made for `orgId`. */
-  wrap(upstreamId: string, orgId: string, provider: string): string;
-  /** The upstream id and provider of a client's id; undefined when it is not one the gateway made for `orgId`. */
-  unwrap(id: string, orgId: string): { upstreamId: string; provider: string } | undefined;
-  /** The client's id of an item `provider` made for `orgId`: the upstream id's type prefix (`msg_`), then sealed. */
-  wrapItem(upstreamId: string, orgId: string, provider: string): string;
+  /** The client's id of an upstream response `upstreamId` that `provider` made for `scope`. */
+  wrap(upstreamId: string, scope: string, provider: string): string;
+  /** The upstream id and provider of a client's id; undefined when it is not one the gateway made for `scope`. */
+  unwrap(id: string, scope: string): { upstreamId: string; provider: string } | undefined;
+  /** The client's id of an item `provider` made for `scope`: the upstream id's type prefix (`msg_`), then sealed. */
+  wrapItem(upstreamId: string, scope: string, provider: string): string;
   /** As unwrap, for an item's id. */
-  unwrapItem(id: string, orgId: string): { upstreamId: string; provider: string } | undefined;
+  unwrapItem(id: string, scope: string): { upstreamId: string; provider: string } | undefined;
 }
 
 const prefix = "resp_";
@@ -46,16 +47,16 @@ export function createResponseIds(key: Buffer): ResponseIds {
   const itemKey = (label: string) => createHmac("sha256", key).update(label).digest();
   const items = sealer(itemKey("item ids seal"), itemKey("item ids nonce"));
   return {
-    wrap: (upstreamId, orgId, provider) => prefix + responses.seal(upstreamId, orgId, provider),
-    unwrap(id, orgId) {
-      return id.startsWith(prefix) ? responses.open(id.slice(prefix.length), orgId) : undefined;
+    wrap: (upstreamId, scope, provider) => prefix + responses.seal(upstreamId, scope, provider),
+    unwrap(id, scope) {
+      return id.startsWith(prefix) ? responses.open(id.slice(prefix.length), scope) : undefined;
     },
-    wrapItem: (upstreamId, orgId, provider) => itemPrefix(upstreamId) + items.seal(upstreamId, orgId, provider),
-    unwrapItem(id, orgId) {
+    wrapItem: (upstreamId, scope, provider) => itemPrefix(upstreamId) + items.seal(upstreamId, scope, provider),
+    unwrapItem(id, scope) {
       // The prefix is lowercase letters and one `_`, so the first `_` ends it.
       const shown = id.slice(0, id.indexOf("_") + 1);
       if (!/^[a-z]{1,32}_$/.test(shown)) return undefined;
-      const opened = items.open(id.slice(shown.length), orgId);
+      const opened = items.open(id.slice(shown.length), scope);
       return opened && itemPrefix(opened.upstreamId) === shown ? opened : undefined;
     },
   };
@@ -64,14 +65,14 @@ export function createResponseIds(key: Buffer): ResponseIds {
 /** An item id's type prefix (`msg_`, `fc_`, `rs_`), kept in the client's id; `item_` for an id without one. */
 const itemPrefix = (upstreamId: string) => /^[a-z]{1,32}_/.exec(upstreamId)?.[0] ?? "item_";
 
-/** Seals an upstream id and its provider for an org, in base64url, and opens what it sealed. */
+/** Seals an upstream id and its provider for a scope, in base64url, and opens what it sealed. */
 function sealer(sealKey: Buffer, nonceKey: Buffer) {
   return {
-    seal(upstreamId: string, orgId: string, provider: string): string {
+    seal(upstreamId: string, scope: string, provider: string): string {
       const name = Buffer.from(provider, "utf8");
       if (name.length > 255) throw new Error(`provider name too long for a response id: ${provider.slice(0, 40)}`);
       const plain = Buffer.concat([Buffer.from([name.length]), name, Buffer.from(upstreamId, "utf8")]);
-      const org = Buffer.from(orgId, "utf8");
+      const org = Buffer.from(scope, "utf8");
       const mac = createHmac("sha256", nonceKey).update(org).update("\0").update(plain);
       const nonce = mac.digest().subarray(0, nonceBytes);
       const cipher = createCipheriv("aes-256-gcm", sealKey, nonce);
@@ -79,13 +80,13 @@ function sealer(sealKey: Buffer, nonceKey: Buffer) {
       const sealed = Buffer.concat([cipher.update(plain), cipher.final()]);
       return Buffer.concat([Buffer.from([version]), nonce, sealed, cipher.getAuthTag()]).toString("base64url");
     },
-    open(text: string, orgId: string): { upstreamId: string; provider: string } | undefined {
+    open(text: string, scope: string): { upstreamId: string; provider: string } | undefined {
       if (text.length > maxIdLength || !/^[A-Za-z0-9_-]+$/.test(text)) return undefined;
       const bytes = Buffer.from(text, "base64url");
       if (bytes.length < 1 + nonceBytes + 1 + tagBytes || bytes[0] !== version) return undefined;
       try {
         const decipher = createDecipheriv("aes-256-gcm", sealKey, bytes.subarray(1, 1 + nonceBytes));
-        decipher.setAAD(Buffer.concat([Buffer.from([version]), Buffer.from(orgId, "utf8")]));
+        decipher.setAAD(Buffer.concat([Buffer.from([version]), Buffer.from(scope, "utf8")]));
         decipher.setAuthTag(bytes.subarray(bytes.length - tagBytes));
         const sealed = bytes.subarray(1 + nonceBytes, bytes.length - tagBytes);
         const plain = Buffer.concat([decipher.update(sealed), decipher.final()]);
@@ -96,14 +97,14 @@ function sealer(sealKey: Buffer, nonceKey: Buffer) {
           upstreamId: plain.subarray(1 + length).toString("utf8"),
         };
       } catch {
-        // Sealed for another org, under another key, or altered.
+        // Sealed for another scope, under another key, or altered.
         return undefined;
       }
     },
   };
 }
 
-/** The client's ids of what one provider made for one org: of responses, and of their items. */
+/** The client's ids of what one provider made for one scope: of responses, and of their items. */
 export interface ClientIds {
   response(upstreamId: string): string;
   item(upstreamId: string): string;

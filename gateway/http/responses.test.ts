@@ -502,6 +502,32 @@ describe("response ids", () => {
     expect([...previous]).toEqual([first.id]);
   });
 
+  test("a project's responses and items are its own: its org's other projects and org-wide keys cannot name them", async () => {
+    upstream.script("ok", { content: "project history" });
+    const mine = await sdk().responses.create({ model: "ok", input: "hi" });
+    const item = mine.output[0]?.id as string;
+    // Another key of sk-good's project may.
+    expect((await sdk(gateway.restUrl, "sk-proj1").responses.retrieve(mine.id)).output[0]?.id).toBe(item);
+    upstream.reset();
+    for (const key of ["sk-org", "sk-proj2"]) {
+      const client = sdk(gateway.restUrl, key);
+      const chained = (await client.responses
+        .create({ model: "ok", input: "what did we say?", previous_response_id: mine.id })
+        .catch((e: unknown) => e)) as APIError;
+      expect(chained.status).toBe(400);
+      expect((chained.error as { code?: string }).code).toBe("previous_response_not_found");
+      const referenced = (await client.responses
+        .create({ model: "ok", input: [{ type: "item_reference", id: item }] })
+        .catch((e: unknown) => e)) as APIError;
+      expect((referenced.error as { code?: string }).code).toBe("item_not_found");
+      expect(((await client.responses.retrieve(mine.id).catch((e: unknown) => e)) as APIError).status).toBe(404);
+    }
+    expect(upstream.requests).toHaveLength(0);
+    // An org-wide key's responses are likewise not a project's.
+    const orgWide = await sdk(gateway.restUrl, "sk-org").responses.create({ model: "ok", input: "hi" });
+    expect(((await sdk().responses.retrieve(orgWide.id).catch((e: unknown) => e)) as APIError).status).toBe(404);
+  });
+
   test("another org's id, an altered one and an upstream's own are refused 400 alike, before any upstream call", async () => {
     upstream.script("ok", { content: "secret history" });
     const mine = await sdk().responses.create({ model: "ok", input: "hi" });
@@ -804,7 +830,7 @@ describe("stored responses and the key's rate limit", () => {
     upstream.script("ok", { content: "stored" });
     const made = await sdk().responses.create({ model: "ok", input: "hi" });
     upstream.reset();
-    // sk-rpm is of sk-good's org, 3 requests a minute.
+    // sk-rpm is of sk-good's project, 3 requests a minute.
     const limited = sdk(gateway.restUrl, "sk-rpm");
     const { response } = await limited.responses.retrieve(made.id).withResponse();
     expect(response.headers.get("x-ratelimit-limit-requests")).toBe("3");

@@ -45,7 +45,8 @@ export const dripAndSlowRoutes = [
 /**
  * A whole gateway (core, REST and RPC) on a real port, plus the REST API alone on Bun's server
  * (`restUrl`), configured by `routes` (gateway config YAML), with the billing fake's keys sk-good
- * (any model), sk-limited (only "ok") and sk-rpm (sk-good's org, 3 requests a minute).
+ * (any model; org_1, proj_1), sk-limited (only "ok"; org_2), sk-rpm (sk-good's project, 3 requests a minute), sk-proj1
+ * (another key of sk-good's project), sk-org (org_1, no project) and sk-proj2 (org_1, proj_2).
  */
 export async function startTestGateway(
   routes: string,
@@ -63,7 +64,10 @@ export async function startTestGateway(
   const billing = createBillingFake({
     "sk-good": { id: "key_good", orgId: "org_1", projectId: "proj_1" },
     "sk-limited": { id: "key_limited", orgId: "org_2", allowedModels: ["ok"] },
-    "sk-rpm": { id: "key_rpm", orgId: "org_1", requestsPerMinute: 3 },
+    "sk-rpm": { id: "key_rpm", orgId: "org_1", projectId: "proj_1", requestsPerMinute: 3 },
+    "sk-proj1": { id: "key_proj1", orgId: "org_1", projectId: "proj_1" },
+    "sk-org": { id: "key_org", orgId: "org_1" },
+    "sk-proj2": { id: "key_proj2", orgId: "org_1", projectId: "proj_2" },
   });
   const shipper = createRecordingShipper();
   const log = createTestLogger();
