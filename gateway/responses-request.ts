@@ -33,7 +33,7 @@ export interface ResponsesInput {
   /** `stream: true`: answer with server-sent events. */
   stream: boolean;
   /**
-   * The request builds on state one upstream account holds (`previous_response_id`, `conversation`, a stored `prompt`,
+   * The request builds on state one upstream account holds (`previous_response_id`, a stored `prompt`,
    * an input item referring to a stored one):
    * only the model's first target can serve it, and the gateway does not see all it reads.
    */
@@ -169,14 +169,21 @@ export function parseResponsesInput(body: unknown): ResponsesInput {
       "unsupported_value",
     );
   }
+  // Conversations are made through the Conversations API, which the gateway does not serve: one named here would be
+  // the upstream account's own, every org's, into which this request would read and write.
   const conversation = body.conversation;
-  if (conversation !== undefined && conversation !== null && typeof conversation !== "string") {
-    objectWith({ id: string })(conversation, "conversation");
+  if (conversation !== undefined && conversation !== null) {
+    throw invalidRequest(
+      "Invalid value for 'conversation': conversations are not served by this gateway; continue a response with " +
+        "previous_response_id.",
+      "conversation",
+      "unsupported_value",
+    );
   }
   const user = parseUser(body, ["user", "safety_identifier"]);
   const tags = parseTags(body.metadata);
   const chained =
-    [body.previous_response_id, conversation, body.prompt].some((v) => v !== undefined && v !== null) ||
+    [body.previous_response_id, body.prompt].some((v) => v !== undefined && v !== null) ||
     (Array.isArray(input) && input.some((item) => isObject(item) && isItemReference(item)));
   const stream = body.stream === true;
   return { model, upstream: upstream as unknown as ResponsesRequest, user, tags, stream, chained };

@@ -436,6 +436,9 @@ describe("refusals", () => {
       [{ input: "x", user: "u".repeat(300) }, "user"],
       [{ input: "x", metadata: { k: 1 } }, "metadata.k"],
       [{ input: "x", background: true }, "background"],
+      // Only the upstream account's own, every org's: the gateway serves no Conversations API to make one.
+      [{ input: "x", conversation: "conv_123" }, "conversation"],
+      [{ input: "x", conversation: { id: "conv_123" } }, "conversation"],
     ];
     for (const [body, param] of cases) {
       const res = await fetch(`${gateway.restUrl}/v1/responses`, {
