@@ -517,8 +517,10 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     const m = call.metrics;
     m.streamed = stream;
     const routed = routeFor(call, principal, input);
-    const itemsFrom = openItemIds(call, principal, input);
-    const route = input.chained ? chainedRoute(call, principal, routed, input, itemsFrom) : routed;
+    const made = openItemIds(call, principal, input);
+    const route = input.chained
+      ? chainedRoute(call, principal, routed, input, made.first)
+      : itemsRoute(routed, input, made);
     const price = requestedPrice(route, input.upstream);
     const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
     const prompt = responsesPrompt(input.upstream);
@@ -531,19 +533,19 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       estimatedResponsesTokens(prompt, maxOutput, cap),
       maxOutput === undefined ? cap : 0,
     );
-    return { input, route, price, prompt, admission };
+    return { input, route, price, prompt, admission, upstreamFor: upstreamFor(input, made) };
   };
 
   /**
    * Opens the item ids of a request's input (an item given back, a reference to a stored one, the MCP approval request
    * an approval answers), which are the gateway's (see response-ids.ts), sealed for the caller's org: the upstream is
    * sent its own, and would read the item it names into the request. One that does not open is a 400 naming it.
-   * Returns the provider that made the first, and its param.
+   * Returns the provider that made the first and its param, the last's, and by item's index the providers of ids.
    */
-  const openItemIds = (call: Call, principal: Principal, input: ResponsesInput) => {
+  const openItemIds = (call: Call, principal: Principal, input: ResponsesInput): MadeItems => {
     const items = input.upstream.input;
-    if (!Array.isArray(items)) return undefined;
-    let first: { provider: string; param: string } | undefined;
+    const made: MadeItems = { byItem: new Map() };
+    if (!Array.isArray(items)) return made;
     for (let i = 0; i < items.length; i++) {
       const item = items[i] as unknown as Record<string, unknown>;
       for (const field of itemIdFields) {
@@ -554,10 +556,83 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         if (!opened) throw itemNotFound(id, param);
         item[field] = opened.upstreamId;
         inClientWords(call, opened.upstreamId, id);
-        first ??= { provider: opened.provider, param };
+        made.first ??= { provider: opened.provider, param };
+        made.last = { provider: opened.provider, param };
+        made.byItem.set(i, { ...made.byItem.get(i), [field]: opened.provider });
       }
     }
-    return first;
+    return made;
+  };
+
+  /**
+   * The route of a request that gives items back whole, chained to nothing (a stateless tool loop: `store: false`, a
+   * turn's output given back as input). Their ids and a reasoning item's `encrypted_content` are the account's that
+   * made them, which another account cannot read (OpenAI refuses such reasoning: 400 `invalid_encrypted_content`): the
+   * model's targets on the provider that made the last of them come first, in config order, then its others, which
+   * are sent those items as upstreamFor makes them. A target they cannot be made for is left out. A request giving
+   * back no such item is routed as any other.
+   */
+  const itemsRoute = (route: ModelRoute, input: ResponsesInput, made: MadeItems): ModelRoute => {
+    const last = made.last;
+    const items = input.upstream.input;
+    if (!last || !Array.isArray(items)) return route;
+    const servable = route.targets.filter((t) => foreignItems(items, made, t.provider) !== undefined);
+    const home = servable.filter((t) => t.provider === last.provider);
+    if (home.length > 0) {
+      const targets = [...home, ...servable.filter((t) => t.provider !== last.provider)];
+      return { ...route, targets: targets.map((t) => ({ ...t, weight: undefined })) };
+    }
+    if (servable.length > 0) return { ...route, targets: servable };
+    // An item no target elsewhere can be sent, made where the model has no target.
+    let named = last;
+    for (const [i, from] of made.byItem) {
+      for (const [field, provider] of Object.entries(from)) {
+        if (!route.targets.some((t) => t.provider === provider)) named = { provider, param: `input[${i}].${field}` };
+      }
+    }
+    throw invalidRequest(
+      `The input's item was made by provider '${named.provider}', where model '${route.name}' has no target: ` +
+        "continue it with a model served there.",
+      named.param,
+    );
+  };
+
+  /**
+   * What each provider is sent of a request: the items another provider made as foreignItems makes them, unless the
+   * request is chained (to one target, see chainedRoute), which goes as it came.
+   */
+  const upstreamFor = ({ upstream: request, chained }: ResponsesInput, made: MadeItems) => {
+    const sent = new Map<string, ResponsesRequest>();
+    return (provider: string): ResponsesRequest => {
+      if (chained || made.byItem.size === 0 || !Array.isArray(request.input)) return request;
+      let r = sent.get(provider);
+      if (!r) sent.set(provider, (r = { ...request, input: foreignItems(request.input, made, provider) ?? [] }));
+      return r;
+    };
+  };
+
+  /**
+   * The input items as `provider`'s account can read them: another's reasoning items are left out (their
+   * `encrypted_content` is sealed for the account that made them; the model reasons again) and its other items go
+   * without their ids (a message or a tool call given whole is read without one). Undefined when an item cannot go
+   * without what another account holds: an approval of its MCP request, or encrypted content that is not reasoning
+   * (a compaction's, which holds the conversation).
+   */
+  const foreignItems = <T>(items: T[], made: MadeItems, provider: string): T[] | undefined => {
+    const out: T[] = [];
+    for (let i = 0; i < items.length; i++) {
+      const item = items[i] as T & Record<string, unknown>;
+      const from = made.byItem.get(i);
+      if (from?.approval_request_id !== undefined && from.approval_request_id !== provider) return undefined;
+      if (from?.id === undefined || from.id === provider) out.push(item);
+      else if (item.type === "reasoning") continue;
+      else if (item.encrypted_content !== undefined && item.encrypted_content !== null) return undefined;
+      else {
+        const { id: _, ...rest } = item;
+        out.push(rest as T);
+      }
+    }
+    return out;
   };
 
   /**
@@ -801,13 +876,14 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       return { response: result.response, ...metered(call, result, result.response.model, route.price) };
     },
     async responses(call, body) {
-      const { input, route, price, prompt } = await admitResponses(call, body, false);
+      const { input, route, price, prompt, upstreamFor } = await admitResponses(call, body, false);
       if (input.stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
       const result = await callUpstream(
         call,
         route,
         price,
-        (provider, model, options) => provider.responses({ ...input.upstream, model }, options).catch(inClientIds(call)),
+        (provider, model, options) =>
+          provider.responses({ ...upstreamFor(provider.name), model }, options).catch(inClientIds(call)),
         () => countResponsesInputTokens(prompt),
       );
       const response = clientResponse(result.response, ownIds(call, call.metrics.provider));
@@ -816,14 +892,14 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       return { response, ...outcome };
     },
     async responsesStream(call, body) {
-      const { input, route, price, prompt, admission } = await admitResponses(call, body, true);
+      const { route, price, prompt, admission, upstreamFor } = await admitResponses(call, body, true);
       const { stream, metering } = await streamUpstream(
         call,
         route,
         price,
         admission,
         (provider, model, options) =>
-          provider.streamResponses({ ...input.upstream, model }, options).catch(inClientIds(call)),
+          provider.streamResponses({ ...upstreamFor(provider.name), model }, options).catch(inClientIds(call)),
         () => countResponsesInputTokens(prompt),
       );
       const events = withClientIds(stream, ownIds(call, call.metrics.provider));
@@ -884,6 +960,14 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
  */
 function idScope(principal: Principal): string {
   return principal.projectId === "" ? principal.orgId : `${principal.orgId}\u0000${principal.projectId}`;
+}
+
+/** The providers that made the items a request's input gives by id (see openItemIds). */
+interface MadeItems {
+  first?: { provider: string; param: string };
+  last?: { provider: string; param: string };
+  /** By the item's index in `input`: the provider of its own id, and of the MCP approval request it answers. */
+  byItem: Map<number, { id?: string; approval_request_id?: string }>;
 }
 
 /** A streamed response's events with its response and item ids the client's (see response-ids.ts). */

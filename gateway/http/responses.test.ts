@@ -650,6 +650,78 @@ describe("item ids", () => {
     expect(upstream.seen("ok")[2]?.body).toMatchObject({ previous_response_id: "resp_fake", input: [output] });
   });
 
+  test("a stateless tool loop goes first to the provider that made its items; other targets get them without ids or reasoning", async () => {
+    // The first turn fell back to the second provider, another upstream account.
+    upstream.script("left", { status: 500 });
+    upstream.script("right", { body: { contentType: "application/json", text: JSON.stringify(toolTurn) } });
+    const include = ["reasoning.encrypted_content" as const];
+    const turn = await sdk().responses.create({ model: "pair", input: "look it up", tools, store: false, include });
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ provider: "fake2", fallbackUsed: true });
+    const call = turn.output[1] as OpenAI.Responses.ResponseFunctionToolCall;
+    const output = { type: "function_call_output" as const, call_id: call.call_id, output: "42" };
+    const given = turn.output as OpenAI.Responses.ResponseInputItem[];
+    const input = [{ role: "user" as const, content: "look it up" }, ...given, output];
+    // The first account cannot read the second's reasoning, and says so as OpenAI does.
+    const unreadable = {
+      status: 400,
+      error: {
+        message: "The encrypted content gAAA...pted could not be verified.",
+        type: "invalid_request_error",
+        param: null,
+        code: "invalid_encrypted_content",
+      },
+    };
+    upstream.reset();
+    upstream.script("left", unreadable);
+    upstream.script("right", { content: "42 it is" }, { content: "42 it is" });
+    const answer = await sdk().responses.create({ model: "pair", input, tools, store: false, include });
+    expect(answer.output_text).toBe("42 it is");
+    const streamed = await sdk().responses.stream({ model: "pair", input, tools, store: false, include }).finalResponse();
+    expect(streamed.output_text).toBe("42 it is");
+    expect(upstream.seen("left")).toHaveLength(0);
+    const sent = [input[0], ...toolTurn.output, output];
+    expect(upstream.seen("right").map((r) => r.body.input)).toEqual([sent, sent]);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ provider: "fake2", fallbackUsed: false });
+
+    // That provider failing, the other account is sent the turn without what it cannot read: no item ids, no reasoning.
+    upstream.reset();
+    upstream.script("right", { status: 500 });
+    upstream.script("left", { content: "from the left" });
+    const fallen = await sdk().responses.create({ model: "pair", input, tools, store: false, include });
+    expect(fallen.output_text).toBe("from the left");
+    const { id: _, ...anonymous } = toolTurn.output[1] as Record<string, unknown>;
+    expect(upstream.seen("left")[0]?.body.input).toEqual([input[0], anonymous, output]);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ provider: "fake", fallbackUsed: true });
+
+    // A compaction's encrypted content holds the conversation: no other account is sent it, stripped or not.
+    upstream.reset();
+    const compaction = { type: "compaction", id: "cmp_fake", encrypted_content: encrypted };
+    upstream.script("left", { status: 500 });
+    const compactTurn = JSON.stringify({ ...toolTurn, output: [compaction] });
+    upstream.script("right", { body: { contentType: "application/json", text: compactTurn } });
+    const compacted = await sdk().responses.create({ model: "pair", input: "compact", store: false });
+    upstream.reset();
+    upstream.script("right", { status: 500 });
+    upstream.script("left", { content: "never" });
+    const error = (await sdk()
+      .responses.create({
+        model: "pair",
+        input: [...(compacted.output as OpenAI.Responses.ResponseInputItem[]), { role: "user", content: "and then?" }],
+        store: false,
+      })
+      .catch((e: unknown) => e)) as APIError;
+    expect(error.status).toBe(502);
+    expect(upstream.seen("left")).toHaveLength(0);
+    // A model with no target on that provider is told so, asking no upstream.
+    const elsewhere = (await sdk()
+      .responses.create({ model: "ok", input: compacted.output as OpenAI.Responses.ResponseInputItem[], store: false })
+      .catch((e: unknown) => e)) as APIError;
+    expect(elsewhere.status).toBe(400);
+    expect(elsewhere.error).toMatchObject({ param: "input[0].id", type: "invalid_request_error" });
+    expect(elsewhere.message).toContain("fake2");
+    expect(upstream.seen("ok")).toHaveLength(0);
+  });
+
   test("a stream's events name its items by the ids a whole answer gives them, another org's ids differing", async () => {
     upstream.script("ok", { content: "hello" });
     const id = (await sdk().responses.create({ model: "ok", input: "hi" })).output[0]?.id;
