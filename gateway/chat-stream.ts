@@ -37,34 +37,49 @@ export interface StreamOutcome {
 }
 
 /**
- * A streamed completion as the client sees it: OpenAI chunks, ending with a usage chunk only when
- * the client asked for one. The call's metrics are recorded exactly once, when the stream ends:
- * iterated to the end, stopped early (`return()`, also before the first chunk), or, while nobody is
- * reading it, when the client leaves or the deadline passes.
+ * A streamed answer as the client sees it: its events, the call's metrics recorded exactly once, when the stream ends:
+ * iterated to the end, stopped early (`return()`, also before the first event), or, while nobody is reading it, when
+ * the client leaves or the deadline passes.
  */
-export interface ChatStream extends AsyncIterable<ChatCompletionChunk> {
+export interface MeteredStream<T> extends AsyncIterable<T> {
   /** Set once the stream has been metered. */
   readonly outcome: StreamOutcome | undefined;
   /**
-   * Aborted when the stream ends while its consumer holds a chunk (the client left or the deadline passed): what the
+   * Aborted when the stream ends while its consumer holds an event (the client left or the deadline passed): what the
    * consumer is still writing is owed to nobody, so its transport should end the response rather than finish the write.
    */
   readonly cutOff: AbortSignal;
 }
 
-/** What a metered stream's frame needs of its kind of stream (chat chunks, response events). */
-export interface FrameOptions {
+/** A streamed completion: OpenAI chunks, ending with a usage chunk only when the client asked for one. */
+export type ChatStream = MeteredStream<ChatCompletionChunk>;
+
+/** What a streamed answer's meter takes of its call, whatever its events (see streamUpstream in core.ts). */
+export interface StreamMetering {
   call: Call;
+  /** What the request is billed at, unless the stream names the service tier that served it: */
+  price: Price;
+  /** the price of that tier. */
+  servedPrice?: (tier: unknown) => Price;
+  /** Aborted, with the GatewayError as its reason, when the request runs past its time limit. */
   deadline: AbortSignal;
+  /** Records the call's metrics. */
+  finish(call: Call, error?: GatewayError): void;
+  /** Hears how the stream ended (completed, or the error its client was given), before the metrics are recorded. */
+  upstreamEnded?(error: GatewayError | undefined): void;
+  /** Hears the upstream's own account of a failure the client is told about in the gateway's words. */
+  log?: Logger;
+}
+
+/** What a metered stream's frame needs of its kind of stream (chat chunks, response events). */
+export interface FrameOptions extends StreamMetering {
   upstream: AsyncIterator<unknown>;
   /** Reads what is left of the upstream before an end not yet counted, for its usage; may do nothing. */
   settle(): Promise<void>;
   /** Counts what the stream used: the upstream's usage, else the tokenizer's (a count never fails, see tokenizer.ts). */
   count(): Promise<MeteredTokens>;
-  /** What the request is billed at: the tier that served it, as the stream said. */
-  price(): Price;
-  finish(call: Call, error?: GatewayError): void;
-  upstreamEnded?(error: GatewayError | undefined): void;
+  /** The service tier the stream says served the request, if it has named one. */
+  servedTier(): unknown;
 }
 
 /**
@@ -92,7 +107,9 @@ export function meteredFrame(options: FrameOptions) {
       if (!counted) await options.settle();
       // Counted if the stream ended before its usage was.
       const { tokens, estimated } = counted ?? (await options.count());
-      const cost = meterUsage(m, tokens, estimated, options.price(), call.lostInputTokens);
+      const tier = options.servedTier();
+      const price = tier === undefined ? options.price : (options.servedPrice?.(tier) ?? options.price);
+      const cost = meterUsage(m, tokens, estimated, price, call.lostInputTokens);
       // As metered: with the prompts of lost attempts.
       const metered = { tokens: m.usage ?? tokens, costNanos: cost, usageEstimated: m.usageEstimated };
       outcome = { ...metered, provider: m.provider, error };
@@ -115,7 +132,7 @@ export function meteredFrame(options: FrameOptions) {
     deadline.addEventListener("abort", onAbort, { once: true });
   }
 
-  const stream = <T>(events: AsyncGenerator<T>) => {
+  const stream = <T>(events: AsyncGenerator<T>): MeteredStream<T> => {
     const iterator: AsyncIterableIterator<T> = {
       async next() {
         phase = "running";
@@ -168,25 +185,12 @@ export function noteFirstToken(call: Call): void {
   call.metrics.ttftUs = BigInt(Math.round(elapsed * 1000));
 }
 
-export interface MeterOptions {
-  call: Call;
+export interface MeterOptions extends StreamMetering {
   chunks: ChunkStream;
   /** As sent upstream: the input of token estimates. */
   request: ChatRequest;
-  /** What the request is billed at, unless a chunk names the service tier that served it: */
-  price: Price;
-  /** the price of that tier. */
-  servedPrice?: (tier: unknown) => Price;
   /** The client asked for the usage chunk (stream_options.include_usage). */
   includeUsage: boolean;
-  /** Aborted, with the GatewayError as its reason, when the request runs past its time limit. */
-  deadline: AbortSignal;
-  /** Records the call's metrics. */
-  finish(call: Call, error?: GatewayError): void;
-  /** Hears how the stream ended (completed, or the error its client was given), before the metrics are recorded. */
-  upstreamEnded?(error: GatewayError | undefined): void;
-  /** Hears the upstream's own account of a failure the client is told about in the gateway's words. */
-  log?: Logger;
 }
 
 /**
@@ -195,7 +199,7 @@ export interface MeterOptions {
  * cancel or failure), exact cost, and the call's metrics when the stream ends.
  */
 export function meterChatStream(options: MeterOptions): ChatStream {
-  const { call, request, includeUsage, deadline } = options;
+  const { call, request, includeUsage } = options;
   const m = call.metrics;
   const upstream = options.chunks[Symbol.asyncIterator]();
   // Generated text, as far as a count needs it, kept only to count tokens when the upstream reports no usage.
@@ -248,16 +252,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     await settling;
   };
 
-  const { end, stream } = meteredFrame({
-    call,
-    deadline,
-    upstream,
-    settle,
-    count,
-    price: () => (servedTier === undefined ? options.price : (options.servedPrice?.(servedTier) ?? options.price)),
-    finish: (c, error) => options.finish(c, error),
-    upstreamEnded: (error) => options.upstreamEnded?.(error),
-  });
+  const { end, stream } = meteredFrame({ ...options, upstream, settle, count, servedTier: () => servedTier });
 
   async function* run(): AsyncGenerator<ChatCompletionChunk> {
     let last: ChatCompletionChunk | undefined;

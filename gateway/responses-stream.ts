@@ -1,8 +1,5 @@
-import type { Logger } from "../lib/log.ts";
-import type { Price } from "../lib/money.ts";
-import type { StreamOutcome } from "./chat-stream.ts";
+import type { MeteredStream, StreamMetering } from "./chat-stream.ts";
 import { meteredFrame, noteFirstToken, streamError, timedNext } from "./chat-stream.ts";
-import type { Call } from "./core.ts";
 import { clientGone, type GatewayError, ShutdownCut, toGatewayError, upstreamFailed } from "./errors.ts";
 import { meteredName } from "./metering.ts";
 import {
@@ -18,30 +15,13 @@ import {
 import type { ResponsesPrompt } from "./responses-request.ts";
 import { countResponsesInputTokens, generatedText } from "./tokenizer.ts";
 
-/**
- * A streamed response as the client sees it: the upstream's events, the terminal one's usage the metered counts. The
- * call's metrics are recorded exactly once, when the stream ends, however it ends (see ChatStream).
- */
-export interface ResponseStream extends AsyncIterable<ResponseEvent> {
-  readonly outcome: StreamOutcome | undefined;
-  /** Aborted when the stream ends while its consumer holds an event: its transport should end the response. */
-  readonly cutOff: AbortSignal;
-}
+/** A streamed response: the upstream's events, the terminal one's usage the metered counts. */
+export type ResponseStream = MeteredStream<ResponseEvent>;
 
-export interface ResponseMeterOptions {
-  call: Call;
+export interface ResponseMeterOptions extends StreamMetering {
   events: ResponseEventStream;
   /** What the model reads of the request, for a count when the upstream reports no usage. */
   prompt: ResponsesPrompt;
-  /** What the request is billed at, unless the response names the service tier that served it: */
-  price: Price;
-  /** the price of that tier. */
-  servedPrice: (tier: unknown) => Price;
-  /** Aborted, with the GatewayError as its reason, when the request runs past its time limit. */
-  deadline: AbortSignal;
-  finish(call: Call, error?: GatewayError): void;
-  upstreamEnded?(error: GatewayError | undefined): void;
-  log?: Logger;
 }
 
 /** Deltas of generated text, by event type: each adds to the output, reasoning ones to the reasoning too. */
@@ -60,7 +40,7 @@ const reasoningDeltas = new Set(["response.reasoning_text.delta", "response.reas
  * A `response.failed` is passed on as it came and metered as the upstream's failure.
  */
 export function meterResponseStream(options: ResponseMeterOptions): ResponseStream {
-  const { call, deadline, prompt } = options;
+  const { call, prompt } = options;
   const m = call.metrics;
   const upstream = options.events[Symbol.asyncIterator]();
   const generated = generatedText();
@@ -74,17 +54,9 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
       reasoning: () => generated.reasoningTokens(),
     });
 
-  const { end, stream } = meteredFrame({
-    call,
-    deadline,
-    upstream,
-    // Nothing is read after the terminal event, which carries the usage.
-    settle: async () => {},
-    count,
-    price: () => (servedTier === undefined ? options.price : options.servedPrice(servedTier)),
-    finish: (c, error) => options.finish(c, error),
-    upstreamEnded: (error) => options.upstreamEnded?.(error),
-  });
+  // Nothing is read after the terminal event, which carries the usage.
+  const settle = async () => {};
+  const { end, stream } = meteredFrame({ ...options, upstream, settle, count, servedTier: () => servedTier });
 
   async function* run(): AsyncGenerator<ResponseEvent> {
     let firstToken = true;
