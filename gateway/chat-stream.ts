@@ -132,6 +132,32 @@ export function meteredFrame(options: FrameOptions) {
     deadline.addEventListener("abort", onAbort, { once: true });
   }
 
+  /** A failure of the stream in words for its client; the upstream's own are only logged. */
+  const fail = (e: unknown): GatewayError => {
+    if (e instanceof UpstreamError && e.failure !== "cancelled") {
+      options.log?.warn("upstream stream failed", { request_id: call.requestId, provider: m.provider, err: e.message });
+    }
+    return e instanceof UpstreamError ? streamError(e, m.requestedModel, call.signal) : toGatewayError(e);
+  };
+
+  /**
+   * Ends the stream as its generator stops: `counted` once complete, else with the `error` it failed with, else
+   * stopped by its consumer (the client left). What it used is read (settle) and counted, and the upstream let go:
+   * failed, left, or past its terminal event (the provider then lets the rest of the body end in the background).
+   */
+  const close = async (error: GatewayError | undefined, counted: MeteredTokens | undefined): Promise<void> => {
+    if (!counted && !error) error = clientGone(call.signal);
+    const ending = async () => {
+      if (!counted) await options.settle();
+      await upstream.return?.().catch(() => undefined);
+      await end(error, counted);
+    };
+    // Cut by a shutdown, its client is told at once: what it used is read and counted meanwhile (the first count
+    // loads the encoding, about a second) and metered before its metrics are recorded, so the event goes out in time.
+    if (call.signal?.reason instanceof ShutdownCut) void ending();
+    else await ending();
+  };
+
   const stream = <T>(events: AsyncGenerator<T>): MeteredStream<T> => {
     const iterator: AsyncIterableIterator<T> = {
       async next() {
@@ -165,7 +191,7 @@ export function meteredFrame(options: FrameOptions) {
       cutOff: cutOff.signal,
     };
   };
-  return { end, stream };
+  return { fail, close, stream };
 }
 
 /** The upstream's next event, the wait for it counted as the call's time on the upstream. */
@@ -252,7 +278,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     await settling;
   };
 
-  const { end, stream } = meteredFrame({ ...options, upstream, settle, count, servedTier: () => servedTier });
+  const { fail, close, stream } = meteredFrame({ ...options, upstream, settle, count, servedTier: () => servedTier });
 
   async function* run(): AsyncGenerator<ChatCompletionChunk> {
     let last: ChatCompletionChunk | undefined;
@@ -336,27 +362,10 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         };
       }
     } catch (e) {
-      if (e instanceof UpstreamError && e.failure !== "cancelled") {
-        options.log?.warn("upstream stream failed", {
-          request_id: call.requestId,
-          provider: m.provider,
-          err: e.message,
-        });
-      }
-      error = e instanceof UpstreamError ? streamError(e, m.requestedModel, call.signal) : toGatewayError(e);
+      error = fail(e);
       throw error;
     } finally {
-      // Stopped by the consumer (the client left) if neither completed nor failed.
-      if (!counted && !error) error = clientGone(call.signal);
-      const ending = async (error: GatewayError | undefined) => {
-        if (error && !counted) await settle();
-        if (error) await upstream.return?.().catch(() => undefined);
-        await end(error, counted);
-      };
-      // Cut by a shutdown, its client is told at once: what it used is read and counted meanwhile (the first count
-      // loads the encoding, about a second) and metered before its metrics are recorded, so the event goes out in time.
-      if (call.signal?.reason instanceof ShutdownCut) void ending(error);
-      else await ending(error);
+      await close(error, counted);
     }
   }
 
@@ -373,7 +382,7 @@ function usageChunkOf(chunk: ChatCompletionChunk): ChatCompletionChunk {
 }
 
 /** A failure after the stream opened, in words for the client: the upstream's own are only logged. */
-export function streamError(e: UpstreamError, model: string, signal: AbortSignal | undefined): GatewayError {
+function streamError(e: UpstreamError, model: string, signal: AbortSignal | undefined): GatewayError {
   if (e.failure === "cancelled") return clientGone(signal);
   if (e.failure === "timeout") return upstreamTimeout(`The upstream of \`${model}\` stalled mid-stream.`);
   // An error event naming the request's fault: the upstream's refusal, in its words, and no failure of the target.

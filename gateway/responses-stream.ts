@@ -1,6 +1,6 @@
 import type { MeteredStream, StreamMetering } from "./chat-stream.ts";
-import { meteredFrame, noteFirstToken, streamError, timedNext } from "./chat-stream.ts";
-import { clientGone, type GatewayError, ShutdownCut, toGatewayError, upstreamFailed } from "./errors.ts";
+import { meteredFrame, noteFirstToken, timedNext } from "./chat-stream.ts";
+import { clientGone, type GatewayError, upstreamFailed } from "./errors.ts";
 import { meteredName } from "./metering.ts";
 import {
   answeredResponsesUsage,
@@ -56,7 +56,7 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
 
   // Nothing is read after the terminal event, which carries the usage.
   const settle = async () => {};
-  const { end, stream } = meteredFrame({ ...options, upstream, settle, count, servedTier: () => servedTier });
+  const { fail, close, stream } = meteredFrame({ ...options, upstream, settle, count, servedTier: () => servedTier });
 
   async function* run(): AsyncGenerator<ResponseEvent> {
     let firstToken = true;
@@ -104,21 +104,10 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
       }
       if (call.signal?.aborted) error = clientGone(call.signal);
     } catch (e) {
-      if (e instanceof UpstreamError && e.failure !== "cancelled") {
-        const fields = { request_id: call.requestId, provider: m.provider, err: e.message };
-        options.log?.warn("upstream stream failed", fields);
-      }
-      error = e instanceof UpstreamError ? streamError(e, m.requestedModel, call.signal) : toGatewayError(e);
+      error = fail(e);
       throw error;
     } finally {
-      if (!counted && !error) error = clientGone(call.signal);
-      const ending = async (error: GatewayError | undefined) => {
-        // Past its terminal event too: the provider then lets the rest of the body end in the background.
-        await upstream.return?.().catch(() => undefined);
-        await end(error, counted);
-      };
-      if (call.signal?.reason instanceof ShutdownCut) void ending(error);
-      else await ending(error);
+      await close(error, counted);
     }
   }
 
