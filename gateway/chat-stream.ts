@@ -24,7 +24,7 @@ import {
   usageOfTokens,
 } from "./providers/provider.ts";
 import { meteredName, meterUsage } from "./metering.ts";
-import { countInputTokens, generatedText } from "./tokenizer.ts";
+import { countInputTokens, type Generated, generatedText } from "./tokenizer.ts";
 
 /** Accounting of a stream, known once it has ended however it ended. */
 export interface StreamOutcome {
@@ -76,16 +76,20 @@ export interface FrameOptions extends StreamMetering {
   upstream: AsyncIterator<unknown>;
   /** Reads what is left of the upstream before an end not yet counted, for its usage; may do nothing. */
   settle(): Promise<void>;
-  /** Counts what the stream used: the upstream's usage, else the tokenizer's (a count never fails, see tokenizer.ts). */
-  count(): Promise<MeteredTokens>;
+  /** The usage the upstream reported, in chat's shape, if it has reported one. */
+  usage(): unknown;
+  /** Counts the request's input tokens, for an upstream that reports no usage. */
+  countInput(): Promise<number>;
   /** The service tier the stream says served the request, if it has named one. */
   servedTier(): unknown;
 }
 
 /**
- * The accounting every streamed answer shares, whatever its events: the call's metrics recorded exactly once (`end`,
- * whichever way the stream ends first), a stream nobody is reading ended when its client leaves or its deadline passes,
- * and `cutOff` aborted when it ends while its consumer holds an event. `stream` wraps the generator of its events.
+ * The accounting every streamed answer shares, whatever its events: its generated text and first token
+ * (`noteGenerated`), what it used (`count`), its failures in its client's words (`fail`), the call's metrics recorded
+ * exactly once (`end`, by `close` or whichever way the stream ends first), a stream nobody is reading ended when its
+ * client leaves or its deadline passes, and `cutOff` aborted when it ends while its consumer holds an event. `stream`
+ * wraps the generator of its events.
  */
 export function meteredFrame(options: FrameOptions) {
   const { call, deadline, upstream } = options;
@@ -98,6 +102,26 @@ export function meteredFrame(options: FrameOptions) {
    * ("running"), the consumer holds an event ("yielded"), or it is over ("done").
    */
   let phase: "idle" | "running" | "yielded" | "done" = "idle";
+  // Generated text, as far as a count needs it, kept only to count tokens when the upstream reports no usage.
+  const text = generatedText();
+  let firstToken = true;
+
+  /** Adds a delta's generated text; the first that has any is the call's first token. */
+  const noteGenerated = (delta: Generated) => {
+    if (!text.add(delta) || !firstToken) return;
+    firstToken = false;
+    const elapsed = performance.now() - call.startTick;
+    m.firstTokenTime = timestampFromMs(Math.round(call.startMs + elapsed));
+    m.ttftUs = BigInt(Math.round(elapsed * 1000));
+  };
+
+  /** Counts what the stream used: the upstream's usage, else the tokenizer's (a count never fails, see tokenizer.ts). */
+  const count = () =>
+    meteredUsage(options.usage(), {
+      input: () => options.countInput(),
+      output: () => text.tokens(),
+      reasoning: () => text.reasoningTokens(),
+    });
 
   /** Meters the stream and records the call's metrics; whichever way the stream ends first wins. */
   const end = (error: GatewayError | undefined, counted?: MeteredTokens): Promise<void> => {
@@ -106,7 +130,7 @@ export function meteredFrame(options: FrameOptions) {
       deadline.removeEventListener("abort", onAbort);
       if (!counted) await options.settle();
       // Counted if the stream ended before its usage was.
-      const { tokens, estimated } = counted ?? (await options.count());
+      const { tokens, estimated } = counted ?? (await count());
       const tier = options.servedTier();
       const price = tier === undefined ? options.price : (options.servedPrice?.(tier) ?? options.price);
       const cost = meterUsage(m, tokens, estimated, price, call.lostInputTokens);
@@ -191,7 +215,7 @@ export function meteredFrame(options: FrameOptions) {
       cutOff: cutOff.signal,
     };
   };
-  return { fail, close, stream };
+  return { noteGenerated, count, fail, close, stream };
 }
 
 /** The upstream's next event, the wait for it counted as the call's time on the upstream. */
@@ -202,13 +226,6 @@ export async function timedNext<T>(call: Call, upstream: AsyncIterator<T>): Prom
   } finally {
     call.upstreamMs += performance.now() - waited;
   }
-}
-
-/** Records now as the call's first token: its time and the time to it. */
-export function noteFirstToken(call: Call): void {
-  const elapsed = performance.now() - call.startTick;
-  call.metrics.firstTokenTime = timestampFromMs(Math.round(call.startMs + elapsed));
-  call.metrics.ttftUs = BigInt(Math.round(elapsed * 1000));
 }
 
 export interface MeterOptions extends StreamMetering {
@@ -228,8 +245,6 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   const { call, request, includeUsage } = options;
   const m = call.metrics;
   const upstream = options.chunks[Symbol.asyncIterator]();
-  // Generated text, as far as a count needs it, kept only to count tokens when the upstream reports no usage.
-  const generated = generatedText();
   let usage: CompletionUsage | undefined;
   /** The service tier the upstream's chunks say served the request. */
   let servedTier: unknown;
@@ -237,13 +252,6 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   const finished = new Set<number>();
   const choices = typeof request.n === "number" && request.n > 1 ? request.n : 1;
   let settling: Promise<void> | undefined;
-
-  const count = () =>
-    meteredUsage(usage, {
-      input: () => countInputTokens(request),
-      output: () => generated.tokens(),
-      reasoning: () => generated.reasoningTokens(),
-    });
 
   /** Takes what a chunk says of the stream's accounting: the tier that served it, its usage, its finished choices. */
   const note = (chunk: ChatCompletionChunk) => {
@@ -278,7 +286,14 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     await settling;
   };
 
-  const { fail, close, stream } = meteredFrame({ ...options, upstream, settle, count, servedTier: () => servedTier });
+  const { noteGenerated, count, fail, close, stream } = meteredFrame({
+    ...options,
+    upstream,
+    settle,
+    usage: () => usage,
+    countInput: () => countInputTokens(request),
+    servedTier: () => servedTier,
+  });
 
   async function* run(): AsyncGenerator<ChatCompletionChunk> {
     let last: ChatCompletionChunk | undefined;
@@ -286,7 +301,6 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     // Fields of chunks of no choice held for the next chunk sent (Azure's prompt_filter_results, see below).
     let annotations: Record<string, unknown> | undefined;
     let modelNamed = false;
-    let firstToken = true;
     let error: GatewayError | undefined;
     let counted: MeteredTokens | undefined;
     try {
@@ -334,13 +348,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
           modelNamed = true;
         }
         last = chunk;
-        for (const choice of chunk.choices) {
-          const added = choice.delta ? generated.add(choice.delta) : false;
-          if (firstToken && added) {
-            firstToken = false;
-            noteFirstToken(call);
-          }
-        }
+        for (const choice of chunk.choices) if (choice.delta) noteGenerated(choice.delta);
         yield chunk;
       }
       counted = await count();

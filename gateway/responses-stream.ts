@@ -1,11 +1,10 @@
 import type { MeteredStream, StreamMetering } from "./chat-stream.ts";
-import { meteredFrame, noteFirstToken, timedNext } from "./chat-stream.ts";
+import { meteredFrame, timedNext } from "./chat-stream.ts";
 import { clientGone, type GatewayError, upstreamFailed } from "./errors.ts";
 import { meteredName } from "./metering.ts";
 import {
   answeredResponsesUsage,
   type MeteredTokens,
-  meteredUsage,
   type ResponseEvent,
   type ResponseEventStream,
   responsesUsageAsChat,
@@ -13,7 +12,7 @@ import {
   UpstreamError,
 } from "./providers/provider.ts";
 import type { ResponsesPrompt } from "./responses-request.ts";
-import { countResponsesInputTokens, generatedText } from "./tokenizer.ts";
+import { countResponsesInputTokens } from "./tokenizer.ts";
 
 /** A streamed response: the upstream's events, the terminal one's usage the metered counts. */
 export type ResponseStream = MeteredStream<ResponseEvent>;
@@ -43,23 +42,20 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
   const { call, prompt } = options;
   const m = call.metrics;
   const upstream = options.events[Symbol.asyncIterator]();
-  const generated = generatedText();
   let usage: unknown;
   let servedTier: unknown;
 
-  const count = () =>
-    meteredUsage(responsesUsageAsChat(usage), {
-      input: () => countResponsesInputTokens(prompt),
-      output: () => generated.tokens(),
-      reasoning: () => generated.reasoningTokens(),
-    });
-
-  // Nothing is read after the terminal event, which carries the usage.
-  const settle = async () => {};
-  const { fail, close, stream } = meteredFrame({ ...options, upstream, settle, count, servedTier: () => servedTier });
+  const { noteGenerated, count, fail, close, stream } = meteredFrame({
+    ...options,
+    upstream,
+    // Nothing is read after the terminal event, which carries the usage.
+    settle: async () => {},
+    usage: () => responsesUsageAsChat(usage),
+    countInput: () => countResponsesInputTokens(prompt),
+    servedTier: () => servedTier,
+  });
 
   async function* run(): AsyncGenerator<ResponseEvent> {
-    let firstToken = true;
     let error: GatewayError | undefined;
     let counted: MeteredTokens | undefined;
     try {
@@ -77,11 +73,7 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
         }
         const delta = typeof event.delta === "string" ? event.delta : undefined;
         if (delta && (outputDeltas.has(event.type) || reasoningDeltas.has(event.type))) {
-          generated.add(reasoningDeltas.has(event.type) ? { reasoning: delta } : { content: delta });
-          if (firstToken) {
-            firstToken = false;
-            noteFirstToken(call);
-          }
+          noteGenerated(reasoningDeltas.has(event.type) ? { reasoning: delta } : { content: delta });
         }
         if (terminalResponseEvents.has(event.type) && response) {
           usage = response.usage;
