@@ -24,7 +24,7 @@ import {
   usageOfTokens,
 } from "./providers/provider.ts";
 import { meteredName, meterUsage } from "./metering.ts";
-import { countInputTokens, generatedText } from "./tokenizer.ts";
+import { countInputTokens, type Generated, generatedText } from "./tokenizer.ts";
 
 /** Accounting of a stream, known once it has ended however it ended. */
 export interface StreamOutcome {
@@ -37,40 +37,59 @@ export interface StreamOutcome {
 }
 
 /**
- * A streamed completion as the client sees it: OpenAI chunks, ending with a usage chunk only when
- * the client asked for one. The call's metrics are recorded exactly once, when the stream ends:
- * iterated to the end, stopped early (`return()`, also before the first chunk), or, while nobody is
- * reading it, when the client leaves or the deadline passes.
+ * A streamed answer as the client sees it: its events, the call's metrics recorded exactly once, when the stream ends:
+ * iterated to the end, stopped early (`return()`, also before the first event), or, while nobody is reading it, when
+ * the client leaves or the deadline passes.
  */
-export interface ChatStream extends AsyncIterable<ChatCompletionChunk> {
+export interface MeteredStream<T> extends AsyncIterable<T> {
   /** Set once the stream has been metered. */
   readonly outcome: StreamOutcome | undefined;
   /**
-   * Aborted when the stream ends while its consumer holds a chunk (the client left or the deadline passed): what the
+   * Aborted when the stream ends while its consumer holds an event (the client left or the deadline passed): what the
    * consumer is still writing is owed to nobody, so its transport should end the response rather than finish the write.
    */
   readonly cutOff: AbortSignal;
 }
 
-/** What a metered stream's frame needs of its kind of stream (chat chunks, response events). */
-export interface FrameOptions {
+/** A streamed completion: OpenAI chunks, ending with a usage chunk only when the client asked for one. */
+export type ChatStream = MeteredStream<ChatCompletionChunk>;
+
+/** What a streamed answer's meter takes of its call, whatever its events (see streamUpstream in core.ts). */
+export interface StreamMetering {
   call: Call;
+  /** What the request is billed at, unless the stream names the service tier that served it: */
+  price: Price;
+  /** the price of that tier. */
+  servedPrice?: (tier: unknown) => Price;
+  /** Aborted, with the GatewayError as its reason, when the request runs past its time limit. */
   deadline: AbortSignal;
+  /** Records the call's metrics. */
+  finish(call: Call, error?: GatewayError): void;
+  /** Hears how the stream ended (completed, or the error its client was given), before the metrics are recorded. */
+  upstreamEnded?(error: GatewayError | undefined): void;
+  /** Hears the upstream's own account of a failure the client is told about in the gateway's words. */
+  log?: Logger;
+}
+
+/** What a metered stream's frame needs of its kind of stream (chat chunks, response events). */
+export interface FrameOptions extends StreamMetering {
   upstream: AsyncIterator<unknown>;
   /** Reads what is left of the upstream before an end not yet counted, for its usage; may do nothing. */
   settle(): Promise<void>;
-  /** Counts what the stream used: the upstream's usage, else the tokenizer's (a count never fails, see tokenizer.ts). */
-  count(): Promise<MeteredTokens>;
-  /** What the request is billed at: the tier that served it, as the stream said. */
-  price(): Price;
-  finish(call: Call, error?: GatewayError): void;
-  upstreamEnded?(error: GatewayError | undefined): void;
+  /** The usage the upstream reported, in chat's shape, if it has reported one. */
+  usage(): unknown;
+  /** Counts the request's input tokens, for an upstream that reports no usage. */
+  countInput(): Promise<number>;
+  /** The service tier the stream says served the request, if it has named one. */
+  servedTier(): unknown;
 }
 
 /**
- * The accounting every streamed answer shares, whatever its events: the call's metrics recorded exactly once (`end`,
- * whichever way the stream ends first), a stream nobody is reading ended when its client leaves or its deadline passes,
- * and `cutOff` aborted when it ends while its consumer holds an event. `stream` wraps the generator of its events.
+ * The accounting every streamed answer shares, whatever its events: its generated text and first token
+ * (`noteGenerated`), what it used (`count`), its failures in its client's words (`fail`), the call's metrics recorded
+ * exactly once (`end`, by `close` or whichever way the stream ends first), a stream nobody is reading ended when its
+ * client leaves or its deadline passes, and `cutOff` aborted when it ends while its consumer holds an event. `stream`
+ * wraps the generator of its events.
  */
 export function meteredFrame(options: FrameOptions) {
   const { call, deadline, upstream } = options;
@@ -83,6 +102,26 @@ export function meteredFrame(options: FrameOptions) {
    * ("running"), the consumer holds an event ("yielded"), or it is over ("done").
    */
   let phase: "idle" | "running" | "yielded" | "done" = "idle";
+  // Generated text, as far as a count needs it, kept only to count tokens when the upstream reports no usage.
+  const text = generatedText();
+  let firstToken = true;
+
+  /** Adds a delta's generated text; the first that has any is the call's first token. */
+  const noteGenerated = (delta: Generated) => {
+    if (!text.add(delta) || !firstToken) return;
+    firstToken = false;
+    const elapsed = performance.now() - call.startTick;
+    m.firstTokenTime = timestampFromMs(Math.round(call.startMs + elapsed));
+    m.ttftUs = BigInt(Math.round(elapsed * 1000));
+  };
+
+  /** Counts what the stream used: the upstream's usage, else the tokenizer's (a count never fails, see tokenizer.ts). */
+  const count = () =>
+    meteredUsage(options.usage(), {
+      input: () => options.countInput(),
+      output: () => text.tokens(),
+      reasoning: () => text.reasoningTokens(),
+    });
 
   /** Meters the stream and records the call's metrics; whichever way the stream ends first wins. */
   const end = (error: GatewayError | undefined, counted?: MeteredTokens): Promise<void> => {
@@ -91,8 +130,10 @@ export function meteredFrame(options: FrameOptions) {
       deadline.removeEventListener("abort", onAbort);
       if (!counted) await options.settle();
       // Counted if the stream ended before its usage was.
-      const { tokens, estimated } = counted ?? (await options.count());
-      const cost = meterUsage(m, tokens, estimated, options.price(), call.lostInputTokens);
+      const { tokens, estimated } = counted ?? (await count());
+      const tier = options.servedTier();
+      const price = tier === undefined ? options.price : (options.servedPrice?.(tier) ?? options.price);
+      const cost = meterUsage(m, tokens, estimated, price, call.lostInputTokens);
       // As metered: with the prompts of lost attempts.
       const metered = { tokens: m.usage ?? tokens, costNanos: cost, usageEstimated: m.usageEstimated };
       outcome = { ...metered, provider: m.provider, error };
@@ -115,7 +156,33 @@ export function meteredFrame(options: FrameOptions) {
     deadline.addEventListener("abort", onAbort, { once: true });
   }
 
-  const stream = <T>(events: AsyncGenerator<T>) => {
+  /** A failure of the stream in words for its client; the upstream's own are only logged. */
+  const fail = (e: unknown): GatewayError => {
+    if (e instanceof UpstreamError && e.failure !== "cancelled") {
+      options.log?.warn("upstream stream failed", { request_id: call.requestId, provider: m.provider, err: e.message });
+    }
+    return e instanceof UpstreamError ? streamError(e, m.requestedModel, call.signal) : toGatewayError(e);
+  };
+
+  /**
+   * Ends the stream as its generator stops: `counted` once complete, else with the `error` it failed with, else
+   * stopped by its consumer (the client left). What it used is read (settle) and counted, and the upstream let go:
+   * failed, left, or past its terminal event (the provider then lets the rest of the body end in the background).
+   */
+  const close = async (error: GatewayError | undefined, counted: MeteredTokens | undefined): Promise<void> => {
+    if (!counted && !error) error = clientGone(call.signal);
+    const ending = async () => {
+      if (!counted) await options.settle();
+      await upstream.return?.().catch(() => undefined);
+      await end(error, counted);
+    };
+    // Cut by a shutdown, its client is told at once: what it used is read and counted meanwhile (the first count
+    // loads the encoding, about a second) and metered before its metrics are recorded, so the event goes out in time.
+    if (call.signal?.reason instanceof ShutdownCut) void ending();
+    else await ending();
+  };
+
+  const stream = <T>(events: AsyncGenerator<T>): MeteredStream<T> => {
     const iterator: AsyncIterableIterator<T> = {
       async next() {
         phase = "running";
@@ -148,7 +215,7 @@ export function meteredFrame(options: FrameOptions) {
       cutOff: cutOff.signal,
     };
   };
-  return { end, stream };
+  return { noteGenerated, count, fail, close, stream };
 }
 
 /** The upstream's next event, the wait for it counted as the call's time on the upstream. */
@@ -161,32 +228,12 @@ export async function timedNext<T>(call: Call, upstream: AsyncIterator<T>): Prom
   }
 }
 
-/** Records now as the call's first token: its time and the time to it. */
-export function noteFirstToken(call: Call): void {
-  const elapsed = performance.now() - call.startTick;
-  call.metrics.firstTokenTime = timestampFromMs(Math.round(call.startMs + elapsed));
-  call.metrics.ttftUs = BigInt(Math.round(elapsed * 1000));
-}
-
-export interface MeterOptions {
-  call: Call;
+export interface MeterOptions extends StreamMetering {
   chunks: ChunkStream;
   /** As sent upstream: the input of token estimates. */
   request: ChatRequest;
-  /** What the request is billed at, unless a chunk names the service tier that served it: */
-  price: Price;
-  /** the price of that tier. */
-  servedPrice?: (tier: unknown) => Price;
   /** The client asked for the usage chunk (stream_options.include_usage). */
   includeUsage: boolean;
-  /** Aborted, with the GatewayError as its reason, when the request runs past its time limit. */
-  deadline: AbortSignal;
-  /** Records the call's metrics. */
-  finish(call: Call, error?: GatewayError): void;
-  /** Hears how the stream ended (completed, or the error its client was given), before the metrics are recorded. */
-  upstreamEnded?(error: GatewayError | undefined): void;
-  /** Hears the upstream's own account of a failure the client is told about in the gateway's words. */
-  log?: Logger;
 }
 
 /**
@@ -195,11 +242,9 @@ export interface MeterOptions {
  * cancel or failure), exact cost, and the call's metrics when the stream ends.
  */
 export function meterChatStream(options: MeterOptions): ChatStream {
-  const { call, request, includeUsage, deadline } = options;
+  const { call, request, includeUsage } = options;
   const m = call.metrics;
   const upstream = options.chunks[Symbol.asyncIterator]();
-  // Generated text, as far as a count needs it, kept only to count tokens when the upstream reports no usage.
-  const generated = generatedText();
   let usage: CompletionUsage | undefined;
   /** The service tier the upstream's chunks say served the request. */
   let servedTier: unknown;
@@ -207,13 +252,6 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   const finished = new Set<number>();
   const choices = typeof request.n === "number" && request.n > 1 ? request.n : 1;
   let settling: Promise<void> | undefined;
-
-  const count = () =>
-    meteredUsage(usage, {
-      input: () => countInputTokens(request),
-      output: () => generated.tokens(),
-      reasoning: () => generated.reasoningTokens(),
-    });
 
   /** Takes what a chunk says of the stream's accounting: the tier that served it, its usage, its finished choices. */
   const note = (chunk: ChatCompletionChunk) => {
@@ -248,15 +286,13 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     await settling;
   };
 
-  const { end, stream } = meteredFrame({
-    call,
-    deadline,
+  const { noteGenerated, count, fail, close, stream } = meteredFrame({
+    ...options,
     upstream,
     settle,
-    count,
-    price: () => (servedTier === undefined ? options.price : (options.servedPrice?.(servedTier) ?? options.price)),
-    finish: (c, error) => options.finish(c, error),
-    upstreamEnded: (error) => options.upstreamEnded?.(error),
+    usage: () => usage,
+    countInput: () => countInputTokens(request),
+    servedTier: () => servedTier,
   });
 
   async function* run(): AsyncGenerator<ChatCompletionChunk> {
@@ -265,7 +301,6 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     // Fields of chunks of no choice held for the next chunk sent (Azure's prompt_filter_results, see below).
     let annotations: Record<string, unknown> | undefined;
     let modelNamed = false;
-    let firstToken = true;
     let error: GatewayError | undefined;
     let counted: MeteredTokens | undefined;
     try {
@@ -313,13 +348,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
           modelNamed = true;
         }
         last = chunk;
-        for (const choice of chunk.choices) {
-          const added = choice.delta ? generated.add(choice.delta) : false;
-          if (firstToken && added) {
-            firstToken = false;
-            noteFirstToken(call);
-          }
-        }
+        for (const choice of chunk.choices) if (choice.delta) noteGenerated(choice.delta);
         yield chunk;
       }
       counted = await count();
@@ -341,27 +370,10 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         };
       }
     } catch (e) {
-      if (e instanceof UpstreamError && e.failure !== "cancelled") {
-        options.log?.warn("upstream stream failed", {
-          request_id: call.requestId,
-          provider: m.provider,
-          err: e.message,
-        });
-      }
-      error = e instanceof UpstreamError ? streamError(e, m.requestedModel, call.signal) : toGatewayError(e);
+      error = fail(e);
       throw error;
     } finally {
-      // Stopped by the consumer (the client left) if neither completed nor failed.
-      if (!counted && !error) error = clientGone(call.signal);
-      const ending = async (error: GatewayError | undefined) => {
-        if (error && !counted) await settle();
-        if (error) await upstream.return?.().catch(() => undefined);
-        await end(error, counted);
-      };
-      // Cut by a shutdown, its client is told at once: what it used is read and counted meanwhile (the first count
-      // loads the encoding, about a second) and metered before its metrics are recorded, so the event goes out in time.
-      if (call.signal?.reason instanceof ShutdownCut) void ending(error);
-      else await ending(error);
+      await close(error, counted);
     }
   }
 
@@ -378,7 +390,7 @@ function usageChunkOf(chunk: ChatCompletionChunk): ChatCompletionChunk {
 }
 
 /** A failure after the stream opened, in words for the client: the upstream's own are only logged. */
-export function streamError(e: UpstreamError, model: string, signal: AbortSignal | undefined): GatewayError {
+function streamError(e: UpstreamError, model: string, signal: AbortSignal | undefined): GatewayError {
   if (e.failure === "cancelled") return clientGone(signal);
   if (e.failure === "timeout") return upstreamTimeout(`The upstream of \`${model}\` stalled mid-stream.`);
   // An error event naming the request's fault: the upstream's refusal, in its words, and no failure of the target.

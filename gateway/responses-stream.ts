@@ -1,14 +1,10 @@
-import type { Logger } from "../lib/log.ts";
-import type { Price } from "../lib/money.ts";
-import type { StreamOutcome } from "./chat-stream.ts";
-import { meteredFrame, noteFirstToken, streamError, timedNext } from "./chat-stream.ts";
-import type { Call } from "./core.ts";
-import { clientGone, type GatewayError, ShutdownCut, toGatewayError, upstreamFailed } from "./errors.ts";
+import type { MeteredStream, StreamMetering } from "./chat-stream.ts";
+import { meteredFrame, timedNext } from "./chat-stream.ts";
+import { clientGone, type GatewayError, upstreamFailed } from "./errors.ts";
 import { meteredName } from "./metering.ts";
 import {
   answeredResponsesUsage,
   type MeteredTokens,
-  meteredUsage,
   type ResponseEvent,
   type ResponseEventStream,
   responsesUsageAsChat,
@@ -16,32 +12,15 @@ import {
   UpstreamError,
 } from "./providers/provider.ts";
 import type { ResponsesPrompt } from "./responses-request.ts";
-import { countResponsesInputTokens, generatedText } from "./tokenizer.ts";
+import { countResponsesInputTokens } from "./tokenizer.ts";
 
-/**
- * A streamed response as the client sees it: the upstream's events, the terminal one's usage the metered counts. The
- * call's metrics are recorded exactly once, when the stream ends, however it ends (see ChatStream).
- */
-export interface ResponseStream extends AsyncIterable<ResponseEvent> {
-  readonly outcome: StreamOutcome | undefined;
-  /** Aborted when the stream ends while its consumer holds an event: its transport should end the response. */
-  readonly cutOff: AbortSignal;
-}
+/** A streamed response: the upstream's events, the terminal one's usage the metered counts. */
+export type ResponseStream = MeteredStream<ResponseEvent>;
 
-export interface ResponseMeterOptions {
-  call: Call;
+export interface ResponseMeterOptions extends StreamMetering {
   events: ResponseEventStream;
   /** What the model reads of the request, for a count when the upstream reports no usage. */
   prompt: ResponsesPrompt;
-  /** What the request is billed at, unless the response names the service tier that served it: */
-  price: Price;
-  /** the price of that tier. */
-  servedPrice: (tier: unknown) => Price;
-  /** Aborted, with the GatewayError as its reason, when the request runs past its time limit. */
-  deadline: AbortSignal;
-  finish(call: Call, error?: GatewayError): void;
-  upstreamEnded?(error: GatewayError | undefined): void;
-  log?: Logger;
 }
 
 /** Deltas of generated text, by event type: each adds to the output, reasoning ones to the reasoning too. */
@@ -60,34 +39,23 @@ const reasoningDeltas = new Set(["response.reasoning_text.delta", "response.reas
  * A `response.failed` is passed on as it came and metered as the upstream's failure.
  */
 export function meterResponseStream(options: ResponseMeterOptions): ResponseStream {
-  const { call, deadline, prompt } = options;
+  const { call, prompt } = options;
   const m = call.metrics;
   const upstream = options.events[Symbol.asyncIterator]();
-  const generated = generatedText();
   let usage: unknown;
   let servedTier: unknown;
 
-  const count = () =>
-    meteredUsage(responsesUsageAsChat(usage), {
-      input: () => countResponsesInputTokens(prompt),
-      output: () => generated.tokens(),
-      reasoning: () => generated.reasoningTokens(),
-    });
-
-  const { end, stream } = meteredFrame({
-    call,
-    deadline,
+  const { noteGenerated, count, fail, close, stream } = meteredFrame({
+    ...options,
     upstream,
     // Nothing is read after the terminal event, which carries the usage.
     settle: async () => {},
-    count,
-    price: () => (servedTier === undefined ? options.price : options.servedPrice(servedTier)),
-    finish: (c, error) => options.finish(c, error),
-    upstreamEnded: (error) => options.upstreamEnded?.(error),
+    usage: () => responsesUsageAsChat(usage),
+    countInput: () => countResponsesInputTokens(prompt),
+    servedTier: () => servedTier,
   });
 
   async function* run(): AsyncGenerator<ResponseEvent> {
-    let firstToken = true;
     let error: GatewayError | undefined;
     let counted: MeteredTokens | undefined;
     try {
@@ -105,11 +73,7 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
         }
         const delta = typeof event.delta === "string" ? event.delta : undefined;
         if (delta && (outputDeltas.has(event.type) || reasoningDeltas.has(event.type))) {
-          generated.add(reasoningDeltas.has(event.type) ? { reasoning: delta } : { content: delta });
-          if (firstToken) {
-            firstToken = false;
-            noteFirstToken(call);
-          }
+          noteGenerated(reasoningDeltas.has(event.type) ? { reasoning: delta } : { content: delta });
         }
         if (terminalResponseEvents.has(event.type) && response) {
           usage = response.usage;
@@ -132,21 +96,10 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
       }
       if (call.signal?.aborted) error = clientGone(call.signal);
     } catch (e) {
-      if (e instanceof UpstreamError && e.failure !== "cancelled") {
-        const fields = { request_id: call.requestId, provider: m.provider, err: e.message };
-        options.log?.warn("upstream stream failed", fields);
-      }
-      error = e instanceof UpstreamError ? streamError(e, m.requestedModel, call.signal) : toGatewayError(e);
+      error = fail(e);
       throw error;
     } finally {
-      if (!counted && !error) error = clientGone(call.signal);
-      const ending = async (error: GatewayError | undefined) => {
-        // Past its terminal event too: the provider then lets the rest of the body end in the background.
-        await upstream.return?.().catch(() => undefined);
-        await end(error, counted);
-      };
-      if (call.signal?.reason instanceof ShutdownCut) void ending(error);
-      else await ending(error);
+      await close(error, counted);
     }
   }
 
