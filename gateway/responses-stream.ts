@@ -58,6 +58,7 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
   async function* run(): AsyncGenerator<ResponseEvent> {
     let error: GatewayError | undefined;
     let counted: MeteredTokens | undefined;
+    let modelNamed = false;
     try {
       for (;;) {
         const step = await timedNext(call, upstream);
@@ -66,8 +67,10 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
         const response = event.response as Record<string, unknown> | undefined;
         if (response && typeof response === "object") {
           if (typeof response.id === "string" && !call.response) call.response = { id: response.id, finishReasons: [] };
-          if (typeof response.model === "string" && response.model && !m.servedModel) {
+          // The first model the upstream names, in place of the target's configured one routing noted.
+          if (typeof response.model === "string" && response.model && !modelNamed) {
             m.servedModel = meteredName(response.model);
+            modelNamed = true;
           }
           if (typeof response.service_tier === "string") servedTier = response.service_tier;
         }

@@ -137,7 +137,9 @@ for (const [port, base] of [
       expect(completed?.usage?.output_tokens_details.reasoning_tokens).toBe(100);
       const requestId = response.headers.get("x-request-id") as string;
       const row = await gateway.row(requestId);
-      expect(row).toMatchObject({ endpoint: Endpoint.RESPONSES, streamed: true, status: RequestStatus.OK, costNanos: costOfUsage });
+      // The model the upstream names, as for a whole response.
+      const fields = { endpoint: Endpoint.RESPONSES, streamed: true, status: RequestStatus.OK, servedModel: "ok-fake" };
+      expect(row).toMatchObject({ ...fields, costNanos: costOfUsage });
       expect(row.ttftUs).toBeGreaterThan(0n);
       expect(upstream.seen("ok")[0]?.body.stream).toBe(true);
       // The wire carries named events and nothing after the last.
