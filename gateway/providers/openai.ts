@@ -1,4 +1,4 @@
-import OpenAI, { APIError, AzureOpenAI } from "openai";
+import OpenAI, { APIConnectionTimeoutError, APIError, AzureOpenAI } from "openai";
 import { createParser, type EventSourceMessage } from "eventsource-parser";
 import { redactSecrets } from "../../lib/log.ts";
 import { watchSilence } from "../../lib/silence.ts";
@@ -297,10 +297,13 @@ export function createOpenAIProvider(
       // Azure's resource endpoints serve stored responses at the Responses API's version too (see template).
       const version = azureDeployments && !config.api_version ? { "api-version": azureResponsesVersion } : {};
       const query = { ...request.query, ...version } as never;
-      // The SDK's own timeout ends with the headers: the whole call, body too, is bounded by the attempt's.
-      const limit = AbortSignal.timeout(Math.max(1, Math.ceil(options.timeoutMs)));
+      // The SDK's own timeout (its 10 minutes unless given) ends with the headers: the whole call, body too, is
+      // bounded by the attempt's.
+      const timeout = Math.max(1, Math.ceil(options.timeoutMs));
+      const limit = AbortSignal.timeout(timeout);
       const how = {
         signal: options.signal ? AbortSignal.any([options.signal, limit]) : limit,
+        timeout,
         maxRetries: 0,
         fetchOptions: { redirect: "manual" as const },
       };
@@ -315,7 +318,9 @@ export function createOpenAIProvider(
         return text.trim() === "" ? {} : JSON.parse(text);
       } catch (e) {
         if (options.signal?.aborted) throw new UpstreamError("cancelled", `${config.name}: request aborted`);
-        if (limit.aborted) throw new UpstreamError("timeout", `${config.name}: timed out`);
+        if (limit.aborted || e instanceof APIConnectionTimeoutError) {
+          throw new UpstreamError("timeout", `${config.name}: timed out`);
+        }
         throw upstreamError(config.name, e, redact);
       }
     },
