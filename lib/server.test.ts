@@ -16,6 +16,7 @@ import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
 import { createServiceClient } from "./rpc-client.ts";
 import { maxStreamsPerConnection, type RunningServer, startServer } from "./server.ts";
+import { keptAliveConnection } from "./testing.ts";
 
 const metrics = createMetrics("test");
 const quietLog = createLogger({ service: "test", write: () => {} });
@@ -294,6 +295,20 @@ describe("close", () => {
       () => "refused",
     );
     expect(after).toBe("refused");
+  });
+  test("draining, a kept-alive HTTP/1.1 connection is closed after its next answer, not reset when the port closes", async () => {
+    const own = await startOwn({ name: "drain-keep-alive", routes: () => {} });
+    const connection = keptAliveConnection(own.url);
+    expect(await connection.get("/healthz")).not.toMatch(/^connection: close/im);
+    const closed = own.close(1_000, 600);
+    await Bun.sleep(100);
+    // Its client opens a new connection for the next request, which goes to a replica the endpoint change left.
+    const answer = await connection.get("/healthz");
+    expect(answer).toStartWith("HTTP/1.1 200");
+    expect(answer).toMatch(/^connection: close/im);
+    const when = await Promise.race([connection.closed.then(() => "before the port closed"), closed.then(() => "with the port")]);
+    expect(when).toBe("before the port closed");
+    await closed;
   });
 });
 

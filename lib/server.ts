@@ -184,6 +184,9 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       res.once("close", () => {
         if (!socket.destroyed) idleFrom(socket, () => socket.destroy());
       });
+      // Draining, a kept-alive connection's next request would stay here past the endpoint change and be reset when
+      // the port closes: the client opens a new connection, which goes to a replica that is staying.
+      if (draining.signal.aborted) res.setHeader("connection", "close");
     }
     const path = req.url ?? "/";
     if (mayHaveBody(req) && !streamingRequests.has(path.split("?")[0] ?? path)) limitBodyTime(req, res, bodyTimeoutMs);

@@ -51,3 +51,34 @@ export function answerToHead(url: string, head: string): Promise<string> {
 export const externalAddress: string | undefined = Object.values(networkInterfaces())
   .flat()
   .find((a) => a?.family === "IPv4" && !a.internal)?.address;
+
+/**
+ * A kept-alive HTTP/1.1 connection to `url`: `get(path)` sends a GET on it and resolves with the whole answer (head
+ * and body, as one string) once its body is in; `closed` resolves when the server closes the connection.
+ */
+export function keptAliveConnection(url: string) {
+  const socket = net.connect(Number(new URL(url).port), "127.0.0.1");
+  let received = "";
+  let answered: (() => void) | undefined;
+  socket.on("data", (d) => {
+    received += d.toString();
+    const end = received.indexOf("\r\n\r\n");
+    const length = Number(/^content-length: *(\d+)/im.exec(received)?.[1] ?? "0");
+    if (end >= 0 && received.length >= end + 4 + length) answered?.();
+  });
+  socket.on("error", () => {});
+  const closed = new Promise<void>((resolve) => socket.on("close", () => resolve()));
+  return {
+    closed,
+    get(path: string): Promise<string> {
+      received = "";
+      const answer = new Promise<string>((resolve) => {
+        answered = () => resolve(received);
+        void closed.then(() => resolve(received));
+      });
+      socket.write(`GET ${path} HTTP/1.1\r\nHost: mesh\r\nConnection: keep-alive\r\n\r\n`);
+      return answer;
+    },
+    destroy: () => socket.destroy(),
+  };
+}

@@ -46,6 +46,7 @@ export function serveRest(
   const idle = options.idleTimeoutSeconds ?? 65;
   const bodyTime = options.requestBodyTimeoutSeconds ?? 120;
   const cors = options.cors;
+  let draining = false;
   const server: Server<undefined> = Bun.serve({
     port: options.port,
     hostname: options.hostname ?? "0.0.0.0",
@@ -69,6 +70,9 @@ export function serveRest(
         writeDone: () => bun.timeout(request, 0),
       });
       if (cors) for (const [name, value] of Object.entries(cors.headers(request.headers.get("origin")))) response.headers.set(name, value);
+      // Draining, a kept-alive connection's next request would stay here past the endpoint change and be reset when
+      // the port closes: the client opens a new connection, which goes to a replica that is staying.
+      if (draining) response.headers.set("connection", "close");
       return response;
     },
     // The app answers its own failures; anything that escapes still gets OpenAI's error shape.
@@ -88,6 +92,7 @@ export function serveRest(
     port,
     url: `http://127.0.0.1:${port}`,
     async close(graceMs, drainMs = 0, cut) {
+      draining = true;
       if (drainMs > 0) await Bun.sleep(drainMs);
       let done = false;
       const drained = server.stop(false).finally(() => (done = true));
