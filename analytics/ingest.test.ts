@@ -11,7 +11,7 @@ import {
 } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService, type UsageRecord } from "../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
-import { createLogger } from "../lib/log.ts";
+import { createLogger, type Logger } from "../lib/log.ts";
 import { dedupToken, estimatedBytes, type IngestOptions, maxBatchRows, toUsageRecord } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
 import { createAnalyticsService } from "./service.ts";
@@ -29,6 +29,7 @@ type Batch = MessageInitShape<typeof IngestMetricsRequestSchema>;
 
 interface SetupOptions {
   billing?: ReturnType<typeof createRecordingBilling>;
+  log?: Logger;
   stopSignal?: AbortSignal;
   ingest?: Partial<IngestOptions>;
   registry?: Registry;
@@ -40,7 +41,7 @@ function setup(store: AnalyticsStore, options: SetupOptions = {}) {
   const service = createAnalyticsService({
     store,
     billing: createClient(BillingService, billingTransport),
-    log,
+    log: options.log ?? log,
     adminToken,
     stopSignal: options.stopSignal,
     registry: options.registry,
@@ -232,34 +233,62 @@ describe("IngestMetrics", () => {
     expect(Object.fromEntries(batches.map((v) => [v.labels.outcome, v.value]))).toEqual({ acked: 1, rejected: 0, failed: 0 });
   });
 
-  test("invalid batches are refused before anything is written", async () => {
+  test("a batch of more than 10,000 rows is refused before anything is written", async () => {
     const org = "org_invalid";
     const { billing, send } = setup(store);
     const tooBig = await send([{ sequence: 1n, metrics: rows(maxBatchRows + 1, { orgId: org }) }]);
     expect(tooBig.error?.code).toBe(Code.InvalidArgument);
     expect(tooBig.error?.rawMessage).toContain("at most 10000");
-    const withoutId = sampleMetrics(new Date(now), { orgId: org, requestId: "" });
-    const noId = await send([{ sequence: 2n, metrics: [...rows(2, { orgId: org }), withoutId] }]);
-    expect(noId.error?.code).toBe(Code.InvalidArgument);
-    expect(noId.error?.rawMessage).toContain("row 2: request_id is required");
-    const withoutStart = sampleMetrics(new Date(now), { orgId: org, startTime: undefined });
-    const noStart = await send([{ sequence: 3n, metrics: [withoutStart] }]);
-    expect(noStart.error?.rawMessage).toContain("start_time is required");
-    // Times ClickHouse cannot hold as sent: out of the columns' years, or nanos out of range.
-    const at = (seconds: bigint, nanos = 0) => create(TimestampSchema, { seconds, nanos });
-    const odd = [
-      { firstTokenTime: at(10n ** 15n) },
-      { startTime: at(BigInt(Date.UTC(2400, 0, 1) / 1000)) },
-      { endTime: at(BigInt(Math.floor(now / 1000)), -5) },
-      { startTime: at(BigInt(Math.floor(now / 1000)), 1_500_000_000) },
-    ];
-    for (const [i, fields] of odd.entries()) {
-      const refused = await send([{ sequence: 10n + BigInt(i), metrics: [sampleMetrics(new Date(now), { orgId: org, ...fields })] }]);
-      expect(refused.error?.code).toBe(Code.InvalidArgument);
-      expect(refused.error?.rawMessage).toContain("must be a time in years 1900..2299");
-    }
     expect(billing.calls).toEqual([]);
     expect((await totals(org)).requests).toBe(0n);
+  });
+
+  test("rows without an id or time, or with a time ClickHouse cannot hold, are set aside; the rest of their batch is acked", async () => {
+    const org = "org_odd_times";
+    const registry = new Registry();
+    const lines: string[] = [];
+    const { billing, send } = setup(store, {
+      registry,
+      log: createLogger({ service: "analytics-test", level: "error", write: (line) => lines.push(line) }),
+    });
+    const at = (seconds: bigint, nanos = 0) => create(TimestampSchema, { seconds, nanos });
+    const year = (y: number) => at(BigInt(Date.UTC(y, 5, 1) / 1000));
+    const nowSeconds = BigInt(Math.floor(now / 1000));
+    // 2106-02-07, where DateTime ends, less the longest retention.
+    const lastStart = 2n ** 32n - 18_250n * 86_400n - 1n;
+    const odd = [
+      { requestId: "" },
+      { startTime: undefined },
+      { endTime: undefined },
+      { firstTokenTime: at(10n ** 15n) },
+      { endTime: at(nowSeconds, -5) },
+      { startTime: at(nowSeconds, 1_500_000_000) },
+      { startTime: year(2400) },
+      // DateTime64 holds these, but the TTL (a DateTime) wrapped and dropped such rows once acked, and the rollups
+      // filed them under other minutes or none.
+      { startTime: year(1950) },
+      { startTime: at(-1n) },
+      { startTime: year(2150) },
+      { startTime: at(lastStart + 1n) },
+    ].map((fields) => sampleMetrics(new Date(now - 60_000), { orgId: org, ...fields }));
+    // The latest start a row may have is stored, whatever the retention.
+    const latest = sampleMetrics(new Date(now - 60_000), { orgId: org, startTime: at(lastStart) });
+    const [first, last] = rows(2, { orgId: org }) as [RequestMetrics, RequestMetrics];
+    const metrics = [first, ...odd, latest, last];
+    const { acks, error } = await send([{ gatewayInstanceId: "gw-times", sequence: 1n, metrics }]);
+    expect(error).toBeUndefined();
+    expect(sequences(acks)).toEqual([1n]);
+    const kept = [first, latest, last].map((m) => m.requestId).sort();
+    expect([...billing.stored.keys()].sort()).toEqual(kept);
+    const everything = { start: year(1900), end: year(2299) };
+    const stored = await store.listRequests({ orgId: org, window: everything, limit: 100 });
+    expect(stored.requests.map((r) => r.requestId).sort()).toEqual(kept);
+    const [counted] = (await registry.getSingleMetric("analytics_ingest_out_of_bounds_rows_total")?.get())?.values ?? [];
+    expect(counted?.value).toBe(odd.length);
+    expect(lines.length).toBe(odd.length);
+    expect(lines[0]).toContain("row 1: request_id is required");
+    expect(lines[7]).toContain(`"request_id":"${odd[7]?.requestId}"`);
+    expect(lines[7]).toContain("start_time must be a time from 1970-01-01 to 2056-02-19T06:28:16.000Z");
   });
 
   test("a full batch of 10,000 rows is written at once and billed in calls of billingBatchRows", async () => {

@@ -13,7 +13,7 @@ import { sha256Hex } from "../lib/auth.ts";
 import type { Logger } from "../lib/log.ts";
 import { MAX_COST_NANOS_PER_REQUEST, MAX_TOKENS_PER_REQUEST } from "../lib/money.ts";
 import { finishWith, withChildSpan } from "../lib/telemetry.ts";
-import type { AnalyticsStore } from "./store/store.ts";
+import { type AnalyticsStore, maxTtlDays } from "./store/store.ts";
 
 /** Most rows in one IngestMetrics batch, and in one RecordUsage call. */
 export const maxBatchRows = 10_000;
@@ -353,10 +353,10 @@ export function createIngest(deps: IngestDeps): Ingest {
         // is no one's to bill or query: acked with its batch, never stored.
         const rows = batch.metrics.filter((m, i) => {
           if (m.orgId === "") return false;
-          const problem = outOfBounds(m);
+          const problem = rowProblem(m);
           if (problem === undefined) return true;
           instruments.outOfBounds.inc();
-          deps.log.error("set aside a row with a value out of bounds; it is neither stored nor billed", {
+          deps.log.error("set aside a row that cannot be stored as sent; it is neither stored nor billed", {
             err: new ConnectError(`batch ${batch.sequence}, row ${i}: ${problem}`, Code.InvalidArgument),
             request_id: m.requestId,
             org_id: m.orgId,
@@ -444,32 +444,27 @@ function validateBatch(batch: IngestMetricsRequest): void {
       Code.InvalidArgument,
     );
   }
-  batch.metrics.forEach((m, i) => {
-    const missing = !m.requestId ? "request_id" : !m.startTime ? "start_time" : !m.endTime ? "end_time" : undefined;
-    if (missing) {
-      throw new ConnectError(`batch ${batch.sequence}, row ${i}: ${missing} is required`, Code.InvalidArgument);
-    }
-    for (const [field, ts] of [["start_time", m.startTime], ["end_time", m.endTime], ["first_token_time", m.firstTokenTime]] as const) {
-      if (ts && !storableTime(ts)) {
-        throw new ConnectError(
-          `batch ${batch.sequence}, row ${i}: ${field} must be a time in years 1900..2299 (nanos 0..999999999)`,
-          Code.InvalidArgument,
-        );
-      }
-    }
-  });
 }
 
 // A day: beyond the gateway's longest request (an hour at most), and summed over any range without wrapping.
 const maxLatencyUs = 86_400_000_000n;
 
 /**
- * What is wrong with a row's counts, if anything: a negative count, tokens or cost beyond billing's bounds for one
- * request, or a latency over a day. Billing refuses such a row, and summed with others it would make totals and
- * percentiles nonsense. Refusing its batch would have the gateway resend it forever: it is set aside (logged with its
- * request_id, counted) and the rest of its batch taken, as billing's refusals are.
+ * What keeps a row from being stored as sent, if anything: a missing id or time, a time ClickHouse cannot hold, a
+ * negative count, tokens or cost beyond billing's bounds for one request, or a latency over a day. Billing refuses
+ * such a row, and stored it would be wrong or lost (see storableStart), or make totals and percentiles nonsense.
+ * Refusing its batch would have the gateway resend it forever, holding back every batch after it: it is set aside
+ * (logged with its request_id, counted) and the rest of its batch taken, as billing's refusals are.
  */
-function outOfBounds(m: RequestMetrics): string | undefined {
+function rowProblem(m: RequestMetrics): string | undefined {
+  const missing = !m.requestId ? "request_id" : !m.startTime ? "start_time" : !m.endTime ? "end_time" : undefined;
+  if (missing) return `${missing} is required`;
+  if (!storableStart(m.startTime as Timestamp)) {
+    return `start_time must be a time from 1970-01-01 to ${new Date(Number(maxStartSeconds) * 1000).toISOString()}`;
+  }
+  for (const [field, ts] of [["end_time", m.endTime], ["first_token_time", m.firstTokenTime]] as const) {
+    if (ts && !storableTime(ts)) return `${field} must be a time in years 1900..2299 (nanos 0..999999999)`;
+  }
   const bounds: [string, bigint, bigint][] = [
     ["usage.input_tokens", m.usage?.inputTokens ?? 0n, MAX_TOKENS_PER_REQUEST],
     ["usage.cached_input_tokens", m.usage?.cachedInputTokens ?? 0n, MAX_TOKENS_PER_REQUEST],
@@ -485,13 +480,21 @@ function outOfBounds(m: RequestMetrics): string | undefined {
   return wrong && `${wrong[0]} must be in 0..${wrong[2]}`;
 }
 
-// What DateTime64 columns, their TTL and the queries hold: a time outside is refused before anything is written, so
-// it can neither fail a flush other gateways' rows share nor be acked and then missing or wrong in ClickHouse.
+// What DateTime64 columns and the queries hold: a time outside could fail a flush other gateways' rows share, or be
+// acked and then missing or wrong in ClickHouse.
 const minStorableSeconds = BigInt(Date.UTC(1900, 0, 1) / 1000);
 const maxStorableSeconds = BigInt(Date.UTC(2300, 0, 1) / 1000);
 
 function storableTime(ts: Timestamp): boolean {
   return ts.seconds >= minStorableSeconds && ts.seconds < maxStorableSeconds && ts.nanos >= 0 && ts.nanos < 1_000_000_000;
+}
+
+// start_time also goes through DateTime, which holds 1970 to 2106 and wraps outside: in the TTL (plus the longest
+// retention, so it never wraps past 2106 and expires the row on arrival) and in the rollups' minutes and hours.
+const maxStartSeconds = 2n ** 32n - BigInt(maxTtlDays) * 86_400n;
+
+function storableStart(ts: Timestamp): boolean {
+  return storableTime(ts) && ts.seconds >= 0n && ts.seconds < maxStartSeconds;
 }
 
 // What a decoded row takes in memory, measured on Bun: about 1.2 KB with short strings (ids, names), plus two bytes
@@ -591,7 +594,9 @@ function createInstruments(registers: Registry[], held: () => { rows: number; by
     }),
     outOfBounds: new Counter({
       name: "analytics_ingest_out_of_bounds_rows_total",
-      help: "Rows with a negative count, or one past billing's bounds or a day of latency: logged, not stored or billed.",
+      help:
+        "Rows without an id or time, with a time ClickHouse cannot hold, a negative count, or one past billing's " +
+        "bounds or a day of latency: logged, not stored or billed.",
       registers,
     }),
     duplicates: new Counter({
