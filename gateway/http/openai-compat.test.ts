@@ -621,6 +621,20 @@ for (const port of ["rpc", "rest"] as const) {
         }
       });
 
+      test("keep-alive pings sent as events (Anthropic's `{\"type\": \"ping\"}`) are not passed on in a chunk", async () => {
+        upstream.script("ok", { pings: true, usage: { prompt_tokens: 7, completion_tokens: 3, total_tokens: 10 } });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "ok", messages: hello, stream: true, stream_options: { include_usage: true } })
+          .withResponse();
+        const chunks = [];
+        for await (const chunk of stream) chunks.push(chunk);
+        expect(chunks.filter((c) => "type" in c)).toEqual([]);
+        expect(chunks.map((c) => c.choices[0]?.delta.content ?? "").join("")).toBe("echo: hello there friend");
+        expect(chunks.at(-1)?.usage).toEqual({ prompt_tokens: 7, completion_tokens: 3, total_tokens: 10 });
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ status: RequestStatus.OK, usageEstimated: false, costNanos: 47_500n });
+      });
+
       test("no usage chunk unless the client asks, though the gateway still meters it", async () => {
         upstream.script("ok", {
           content: "a b c",

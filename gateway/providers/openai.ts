@@ -565,6 +565,9 @@ function relay(
         fields && (fields.object === "error" || (fields.message !== undefined && fields.choices === undefined));
       const error = fields?.error ?? (event.event === "error" || unwrapped ? data : undefined);
       if (error || event.event === "error") throw errorAfter200(provider, error, redact, "in its stream");
+      // Anthropic's OpenAI-compatible endpoint keeps its stream alive with events of their own, as its own API does:
+      // no chunk, nor its fields those of the next.
+      if (fields?.type === "ping" && fields.choices === undefined) return undefined;
       return data;
     },
     done: () => sentinel,
