@@ -338,6 +338,9 @@ export function meterChatStream(options: MeterOptions): ChatStream {
           chunk.created ||= last.created;
           chunk.model ||= last.model;
         }
+        // Some servers' chunks have no id at all (OpenVINO Model Server's): the SDK's stream helper then keeps nothing
+        // of a later chunk but its choices, the usage neither. The stream is given one, as OpenAI's has.
+        else chunk.id ||= `chatcmpl-${call.requestId}`;
         // Chunks carry a usage field only for clients that asked for usage, null on all but the last, as OpenAI sends
         // them, whether or not the upstream's chunks carried one.
         if (includeUsage) chunk.usage = null;
@@ -361,6 +364,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       // counted where it had none), or else the gateway's count.
       if (usageChunk) {
         usageChunk.usage = answeredUsage(usage, counted.tokens);
+        if (last) usageChunk.id ||= last.id;
         yield usageChunk;
       } else if (includeUsage && last) {
         yield {

@@ -621,6 +621,39 @@ for (const port of ["rpc", "rest"] as const) {
         }
       });
 
+      test("keep-alive pings sent as events (Anthropic's `{\"type\": \"ping\"}`) are not passed on in a chunk", async () => {
+        upstream.script("ok", { pings: true, usage: { prompt_tokens: 7, completion_tokens: 3, total_tokens: 10 } });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "ok", messages: hello, stream: true, stream_options: { include_usage: true } })
+          .withResponse();
+        const chunks = [];
+        for await (const chunk of stream) chunks.push(chunk);
+        expect(chunks.filter((c) => "type" in c)).toEqual([]);
+        expect(chunks.map((c) => c.choices[0]?.delta.content ?? "").join("")).toBe("echo: hello there friend");
+        expect(chunks.at(-1)?.usage).toEqual({ prompt_tokens: 7, completion_tokens: 3, total_tokens: 10 });
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ status: RequestStatus.OK, usageEstimated: false, costNanos: 47_500n });
+      });
+
+      test("chunks of no id (OpenVINO Model Server's) get one, so the SDK's stream helper keeps the usage", async () => {
+        const up = { object: "chat.completion.chunk", created: 1, model: "ovms" };
+        const chunks = [
+          { ...up, choices: [{ index: 0, delta: { role: "assistant", content: "Hi" }, finish_reason: null }] },
+          { ...up, choices: [{ index: 0, delta: {}, finish_reason: "stop" }] },
+          { ...up, choices: [], usage: { prompt_tokens: 7, completion_tokens: 1, total_tokens: 8 } },
+        ];
+        const text = `${chunks.map((c) => `data: ${JSON.stringify(c)}\n\n`).join("")}data: [DONE]\n\n`;
+        upstream.script("ok", { body: { contentType: "text/event-stream", text } });
+        const stream_options = { include_usage: true };
+        const ids = new Set<string>();
+        const runner = sdk().chat.completions.stream({ model: "ok", messages: hello, stream_options });
+        runner.on("chunk", (chunk) => ids.add(chunk.id));
+        const final = await runner.finalChatCompletion();
+        expect(final.usage).toEqual({ prompt_tokens: 7, completion_tokens: 1, total_tokens: 8 });
+        expect(final.choices[0]?.message.content).toBe("Hi");
+        expect([...ids]).toEqual([expect.stringMatching(/^chatcmpl-/)]);
+      });
+
       test("no usage chunk unless the client asks, though the gateway still meters it", async () => {
         upstream.script("ok", {
           content: "a b c",

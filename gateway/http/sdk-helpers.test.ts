@@ -174,5 +174,36 @@ for (const [port, base] of [
         [90n, 5n, 95_000n],
       ]);
     });
+
+    test("tool calls streamed without their index, as Gemini's OpenAI-compatible endpoint sends them, are assembled", async () => {
+      const whole = (id: string, city: string) => ({
+        id,
+        type: "function",
+        function: { name: "weather", arguments: JSON.stringify({ city, days: 1 }) },
+      });
+      // Each call whole in one delta, two in the first chunk; a third's arguments continued in a delta of no id.
+      const later = { id: "call_c", type: "function", function: { name: "weather", arguments: '{"city":"Lima",' } };
+      upstream.script(
+        "ok",
+        events(
+          [
+            [{ role: "assistant", tool_calls: [whole("call_a", "Rome"), whole("call_b", "Oslo")] }],
+            [{ tool_calls: [later] }],
+            [{ tool_calls: [{ function: { arguments: '"days":1}' } }] }],
+            [{}, "tool_calls"],
+          ],
+          { prompt_tokens: 40, completion_tokens: 30, total_tokens: 70 },
+        ),
+      );
+      const tools = [zodFunction({ name: "weather", parameters: Weather })];
+      const messages = [{ role: "user" as const, content: "weather?" }];
+      const final = await sdk().chat.completions.stream({ model: "ok", messages, tools }).finalChatCompletion();
+      const calls = final.choices[0]?.message.tool_calls ?? [];
+      expect(calls.map((c) => [c.id, c.type === "function" ? c.function.parsed_arguments : undefined])).toEqual([
+        ["call_a", { city: "Rome", days: 1 }],
+        ["call_b", { city: "Oslo", days: 1 }],
+        ["call_c", { city: "Lima", days: 1 }],
+      ]);
+    });
   });
 }

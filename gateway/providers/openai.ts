@@ -549,6 +549,8 @@ function relay(
   const open = new Set<unknown>();
   const done = new Set<unknown>();
   let sentinel = false;
+  // The tool calls each choice has begun, by id, for deltas that name none by index (see indexToolCalls).
+  const toolCalls = new Map<unknown, BegunCalls>();
   const events = upstreamEvents<unknown>(response, provider, options, redact, maxEventBytes, {
     item(event) {
       if (event.data === "[DONE]") {
@@ -563,6 +565,9 @@ function relay(
         fields && (fields.object === "error" || (fields.message !== undefined && fields.choices === undefined));
       const error = fields?.error ?? (event.event === "error" || unwrapped ? data : undefined);
       if (error || event.event === "error") throw errorAfter200(provider, error, redact, "in its stream");
+      // Anthropic's OpenAI-compatible endpoint keeps its stream alive with events of their own, as its own API does:
+      // no chunk, nor its fields those of the next.
+      if (fields?.type === "ping" && fields.choices === undefined) return undefined;
       return data;
     },
     done: () => sentinel,
@@ -572,6 +577,7 @@ function relay(
     for await (const data of events) {
       const chunk = checkedChunk(data, provider);
       for (const choice of chunk.choices) {
+        indexToolCalls(choice.delta, choice.index, toolCalls);
         if (choice.finish_reason) {
           open.delete(choice.index);
           done.add(choice.index);
@@ -588,6 +594,32 @@ function relay(
     }
   }
   return chunks();
+}
+
+/** The tool calls a choice has begun: by id, the next index, the last one a delta named. */
+interface BegunCalls {
+  ids: Map<unknown, number>;
+  next: number;
+  last?: number;
+}
+
+/**
+ * Gives the tool calls of a choice's delta the index OpenAI's carry, where the upstream left it out: Gemini's
+ * OpenAI-compatible endpoint streams each call whole without one, which the SDKs' stream helpers refuse ("invalid tool
+ * call index: undefined"). A call of an id not seen before in the choice is its next; one of no id continues the last.
+ */
+function indexToolCalls(delta: { tool_calls?: unknown }, choice: unknown, begun: Map<unknown, BegunCalls>): void {
+  if (!Array.isArray(delta.tool_calls)) return;
+  for (const call of delta.tool_calls as Array<{ index?: unknown; id?: unknown }>) {
+    if (typeof call !== "object" || call === null) continue;
+    let calls = begun.get(choice);
+    if (!calls) begun.set(choice, (calls = { ids: new Map(), next: 0 }));
+    if (typeof call.index !== "number") call.index = (call.id ? calls.ids.get(call.id) : calls.last) ?? calls.next;
+    const index = call.index as number;
+    if (call.id) calls.ids.set(call.id, index);
+    calls.last = index;
+    calls.next = Math.max(calls.next, index + 1);
+  }
 }
 
 /** How long a stream whose choices have all finished is still read for its usage after its client left. */

@@ -79,6 +79,8 @@ export interface Behaviour {
   chunkUsages?: unknown[];
   /** Streaming: a usage in the last chunk's `x_groq`, as Groq reports it. */
   groqUsage?: unknown;
+  /** Streaming: a `{"type": "ping"}` event before every other, as Anthropic's OpenAI-compatible endpoint keeps alive. */
+  pings?: boolean;
   /** Streaming: end the body at once, before any chunk. */
   endsAtOnce?: boolean;
   /** Streaming: end with `data: [DONE]` and one newline (so it never dispatches) and hold the connection open. */
@@ -298,7 +300,8 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
     ...(b.serviceTier ? { service_tier: b.serviceTier } : {}),
     model: b.model ?? `${body.model}-fake`,
   };
-  const event = (value: unknown) => encoder.encode(`data: ${JSON.stringify(value)}\n\n`);
+  const ping = b.pings ? 'data: {"type": "ping"}\n\n' : "";
+  const event = (value: unknown) => encoder.encode(`${ping}data: ${JSON.stringify(value)}\n\n`);
   const chunk = (delta: Record<string, unknown>, finish: string | null = null) =>
     event({ ...base, choices: [{ index: 0, delta, finish_reason: finish, logprobs: null }], ...(wantsUsage ? { usage: null } : {}) });
   return new Response(
