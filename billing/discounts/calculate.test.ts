@@ -235,6 +235,43 @@ describe("examples", () => {
     ]);
   });
 
+  test("what deleted rules granted takes nothing from live rules, and still counts against the org's maximum", () => {
+    const billed = hours(1, 100n * usd);
+    const late = hours(1, 100n * usd, { hour: new Date(monthStart + hourMs) });
+    const b = rule({ id: "b", kind: "promotional", discountBps: 1000, priority: 1 });
+    const amounts = (applied: { rule: DiscountRule; amountNanos: bigint }[]) =>
+      applied.map((a) => [a.rule.id, a.amountNanos]);
+    // "a" (50%, deleted since) and "b" granted $50 and $5 on the billed $100; "b" now takes $20 off the $200.
+    const granted = new Map([
+      ["a", 50n * usd],
+      ["b", 5n * usd],
+    ]);
+    expect(amounts(marginalDiscounts(billed, late, [b], noMax, granted))).toEqual([["b", 10n * usd]]);
+    // A 30% maximum of the $200 has $5 left after the $55 granted, $50 of it by "a".
+    expect(amounts(marginalDiscounts(billed, late, [b], { maxDiscountBps: 3000 }, granted))).toEqual([["b", 5n * usd]]);
+    // "a", not stacking, shut "b" out of the billed $100 (granted it nothing): "b" gets its 10% of the late usage, not
+    // of the billed usage it was shut out of.
+    const shutOut = new Map([["a", 50n * usd]]);
+    expect(amounts(marginalDiscounts(billed, late, [b], noMax, shutOut))).toEqual([["b", 10n * usd]]);
+  });
+
+  test("a rule created again after it was deleted has a cap of its own; the rules after it keep their share", () => {
+    const billed = hours(1, 20n * usd);
+    const late = hours(1, 10n * usd, { hour: new Date(monthStart + hourMs) });
+    const y = rule({ id: "y", kind: "promotional", discountBps: 1000, capNanos: usd, priority: 2 });
+    const z = rule({ id: "z", kind: "promotional", discountBps: 500, priority: 1 });
+    // "x", as "y" but deleted, reached its $1 cap on the billed $20; "z" took 5% of the $19 left.
+    const granted = new Map([
+      ["x", usd],
+      ["z", (95n * usd) / 100n],
+    ]);
+    const amounts = marginalDiscounts(billed, late, [y, z], noMax, granted).map((a) => [a.rule.id, a.amountNanos]);
+    expect(amounts).toEqual([
+      ["y", usd],
+      ["z", usd / 2n],
+    ]);
+  });
+
   test("no usage, no rules: nothing", () => {
     expect(calculateDiscounts([], [rule({ kind: "promotional", discountBps: 5000 })], noMax)).toEqual({
       subtotalNanos: 0n,

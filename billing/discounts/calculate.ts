@@ -67,10 +67,13 @@ export function calculateDiscounts(
  * usage, already discounted (`granted`, per rule id; by default what `billed` gets invoiced as a whole): per rule, what
  * it takes off `billed` and `late` together less what it was granted, so a cap, volume tier or maximum the period's
  * invoices used is not granted again, however many there were and whatever each was bounded by. Never more than each
- * rule's rate (the tier the period's whole usage reaches) on the late usage it matched, nor in all than the org's
- * maximum share of the late usage: what issued invoices billed is not discounted again, so late usage that lifts its
- * period into an all-units tier gets that tier's rate on itself, not a credit for the usage billed before. Rules that
- * matched some of the usage, in the order they were applied; `matchedNanos` is late usage.
+ * rule's rate (the tier the period's whole usage reaches) on the late usage it matched, nor in all than the late usage,
+ * the period's whole discount less what `rules` were granted, the org's maximum share of the late usage, or what is
+ * left of its maximum of the period's whole usage after all grants: what issued invoices billed is not discounted
+ * again, so late usage that lifts its period into an all-units tier gets that tier's rate on itself, not a credit for
+ * the usage billed before. What rules deleted since (ids not in `rules`) were granted counts against the org's maximum
+ * only: a rule created again is a new rule, with a cap of its own. Rules that matched some of the usage, in the order
+ * they were applied; `matchedNanos` is late usage.
  */
 export function marginalDiscounts(
   billed: readonly UsageHour[],
@@ -83,12 +86,26 @@ export function marginalDiscounts(
   const after = calculateDiscounts([...billed, ...late], rules, options);
   const was = new Map(before.applied.map((a) => [a.rule.id, a]));
   const given = granted ?? new Map(before.applied.map((a) => [a.rule.id, a.amountNanos]));
-  const givenNanos = [...given.values()].reduce((sum, amount) => sum + amount, 0n);
+  const live = new Set(rules.map((rule) => rule.id));
+  let givenNanos = 0n;
+  let givenLiveNanos = 0n;
+  for (const [ruleId, amount] of given) {
+    givenNanos += amount;
+    if (live.has(ruleId)) givenLiveNanos += amount;
+  }
   const lateNanos = late.reduce((sum, u) => sum + u.costNanos, 0n);
-  const bound = options.maxDiscountBps > 0 ? (lateNanos * BigInt(options.maxDiscountBps)) / bpsScale : lateNanos;
-  // The period's whole discount (within the org's maximum of its whole subtotal) less what its invoices granted.
-  let left = after.totalNanos > givenNanos ? after.totalNanos - givenNanos : 0n;
-  if (left > bound) left = bound;
+  // The period's whole discount less what its invoices granted the rules as they are now: a deleted rule's grants are
+  // no live rule's.
+  let left = after.totalNanos > givenLiveNanos ? after.totalNanos - givenLiveNanos : 0n;
+  if (left > lateNanos) left = lateNanos;
+  if (options.maxDiscountBps > 0) {
+    // The org's maximum holds over every grant of the period, deleted rules' included, and on the late usage itself.
+    const maxBps = BigInt(options.maxDiscountBps);
+    const ceiling = (after.subtotalNanos * maxBps) / bpsScale - givenNanos;
+    const share = (lateNanos * maxBps) / bpsScale;
+    if (left > share) left = share;
+    if (left > ceiling) left = ceiling > 0n ? ceiling : 0n;
+  }
   return after.applied.map(({ rule, matchedNanos, amountNanos }) => {
     const lateMatched = matchedNanos - (was.get(rule.id)?.matchedNanos ?? 0n);
     // Never more than the rule's rate, as the period's whole usage reaches it, on the late usage it matched.

@@ -637,6 +637,80 @@ describe("late usage is discounted as part of its own period", () => {
     expect(november3).toMatchObject({ subtotalCents: 0n, discountCents: 0n });
   });
 
+  /** A percentage off, stacking and unscoped. */
+  const percent = (orgId: string, name: string, discountBps: number, priority: number, capNanos = 0n) =>
+    store.createDiscountRule({ orgId, name, kind: "promotional", discountBps, ...unscopedRule, priority, capNanos });
+
+  test("a deleted rule's grants leave live rules their share of late usage", async () => {
+    const org = await newOrg({ taxRateBps: 0 });
+    const a = await percent(org.id, "a", 5000, 2);
+    const b = await percent(org.id, "b", 1000, 1);
+    await spend(org.id, october, 100n * usd);
+    expect(discountLines(await issueOctober(org.id))).toEqual([
+      [a.id, -50n * usd],
+      [b.id, -5n * usd],
+    ]);
+    // With "a" gone, "b" takes $20 off October's $200 as a whole, $5 of it granted: its 10% of the late $100.
+    await store.deleteDiscountRule(a.id);
+    await spend(org.id, october, 100n * usd);
+    const draft = await store.generateInvoice({ orgId: org.id, at: november, now: november });
+    expect(discountLines(draft)).toEqual([[b.id, -10n * usd]]);
+  });
+
+  test("a rule deleted and created again is a new rule, with a cap of its own", async () => {
+    const org = await newOrg({ taxRateBps: 0 });
+    const first = await percent(org.id, "x", 1000, 2, usd);
+    const z = await percent(org.id, "z", 500, 1);
+    await spend(org.id, october, 20n * usd);
+    const octoberInvoice = await issueOctober(org.id);
+    expect(discountLines(octoberInvoice)).toEqual([
+      [first.id, -usd],
+      [z.id, -(95n * usd) / 100n],
+    ]);
+    await store.deleteDiscountRule(first.id);
+    const y = await percent(org.id, "x", 1000, 2, usd);
+    // October's $30 as a whole: $1 to "y" (capped, none granted), $1.45 to "z" ($0.95 granted): each its rate on $10.
+    await spend(org.id, october, 10n * usd);
+    const issue = (invoiceId: string) => store.updateInvoiceStatus({ invoiceId, status: "issued", now: afterNovember });
+    const voidInvoice = (invoiceId: string) =>
+      store.updateInvoiceStatus({ invoiceId, status: "void", now: afterNovember });
+    const reissue = async (at: Date) =>
+      issue((await store.generateInvoice({ orgId: org.id, at, now: afterNovember })).id);
+    const firstNovember = await reissue(november);
+    expect(discountLines(firstNovember)).toEqual([
+      [y.id, -usd],
+      [z.id, -usd / 2n],
+    ]);
+
+    // October's replacement bills its $20 against what November granted: "y" is at its cap, "z" gets the rest of its
+    // $1.45 for the period. November's replacement then bills the late $10 as November did.
+    await voidInvoice(octoberInvoice.id);
+    expect(discountLines(await reissue(october))).toEqual([[z.id, -(95n * usd) / 100n]]);
+    await voidInvoice(firstNovember.id);
+    expect(discountLines(await reissue(november))).toEqual([
+      [y.id, -usd],
+      [z.id, -usd / 2n],
+    ]);
+    // More late October usage: "y" has had its $1 for October; "z" its 5% of the $10 more.
+    await spend(org.id, october, 10n * usd);
+    const december = await store.generateInvoice({ orgId: org.id, at: afterNovember, now: afterNovember });
+    expect(discountLines(december)).toEqual([[z.id, -usd / 2n]]);
+  });
+
+  test("the org's maximum counts what deleted rules granted", async () => {
+    const org = await newOrg({ taxRateBps: 0 });
+    const a = await percent(org.id, "a", 5000, 2);
+    const b = await percent(org.id, "b", 1000, 1);
+    await spend(org.id, october, 100n * usd);
+    await issueOctober(org.id);
+    // A 30% maximum set since: $60 of October's $200, $55 of it granted on October's invoice, "a"'s $50 included.
+    await store.updateOrganization(org.id, { maxDiscountBps: 3000 });
+    await store.deleteDiscountRule(a.id);
+    await spend(org.id, october, 100n * usd);
+    const draft = await store.generateInvoice({ orgId: org.id, at: november, now: november });
+    expect(discountLines(draft)).toEqual([[b.id, -5n * usd]]);
+  });
+
   test("billed usage of the invoice's own and earlier periods is read in one statement, late usage or not", async () => {
     const org = await newOrg({ taxRateBps: 0 });
     const statements: string[] = [];
