@@ -15,6 +15,7 @@ import {
   objectWith,
   parseModel,
   parseUser,
+  storedFile,
   string,
   unsupported,
   wrongType,
@@ -79,12 +80,17 @@ const tool: Check = (v, param) => {
   else if (type === "custom") objectWith({ name: string })(v, param);
 };
 
+/** An image or file part, or a tool's screenshot, given by `file_id` rather than by its content or URL. */
+const noFileId: Check = (v, param) => {
+  if (isObject(v) && !absent(v.file_id)) throw storedFile(`${param}.file_id`);
+};
+
 const inputPart = byType({
   input_text: objectWith({ text: string }),
   output_text: objectWith({ text: string }),
   refusal: objectWith({ refusal: string }),
-  input_image: object,
-  input_file: object,
+  input_image: noFileId,
+  input_file: noFileId,
   input_audio: object,
 });
 
@@ -116,6 +122,10 @@ const inputItem: Check = (v, param) => {
       for (let j = 0; j < content.length; j++) inputPart(content[j], `${param}.content[${j}]`);
     } else if (typeof content !== "string") throw wrongType(`${param}.content`, "a string or an array", content);
   } else if (typeof v.type !== "string") throw wrongType(`${param}.type`, "a string", v.type);
+  else if (Array.isArray(v.output)) {
+    // A tool's output given as parts (function_call_output), or as a screenshot (computer_call_output).
+    for (let j = 0; j < v.output.length; j++) noFileId(v.output[j], `${param}.output[${j}]`);
+  } else noFileId(v.output, `${param}.output`);
 };
 
 /** Fields whose meaning is fixed, checked as the API checks them; any other field passes through to the upstream. */
