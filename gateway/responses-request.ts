@@ -34,8 +34,8 @@ export interface ResponsesInput {
   /** `stream: true`: answer with server-sent events. */
   stream: boolean;
   /**
-   * The request builds on state one upstream account holds (`previous_response_id`, a stored `prompt`,
-   * an input item referring to a stored one):
+   * The request builds on state one upstream account holds (`previous_response_id`, an input item referring to a
+   * stored one):
    * only the model's first target can serve it, and the gateway does not see all it reads.
    */
   chained: boolean;
@@ -190,10 +190,20 @@ export function parseResponsesInput(body: unknown): ResponsesInput {
       "unsupported_value",
     );
   }
+  // Prompts are made in the upstream account's dashboard, for no org: one named would be the operator's, or another
+  // tenant's of that account, its instructions and files read into this request.
+  if (!absent(body.prompt)) {
+    throw invalidRequest(
+      "Invalid value for 'prompt': stored prompts are not served by this gateway; send the prompt's instructions " +
+        "and input instead.",
+      "prompt",
+      "unsupported_value",
+    );
+  }
   const user = parseUser(body, ["user", "safety_identifier"]);
   const tags = parseTags(body.metadata);
   const chained =
-    [body.previous_response_id, body.prompt].some((v) => v !== undefined && v !== null) ||
+    !absent(body.previous_response_id) ||
     (Array.isArray(input) && input.some((item) => isObject(item) && isItemReference(item)));
   const stream = body.stream === true;
   return { model, upstream: upstream as unknown as ResponsesRequest, user, tags, stream, chained };

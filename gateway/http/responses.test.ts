@@ -412,8 +412,8 @@ describe("refusals", () => {
     });
   }
 
-  test("a file named by id is refused with a 400 naming it, before any upstream, at no cost", async () => {
-    // The gateway serves no Files API: such an id could only name the upstream account's own, every org's.
+  test("a file or stored prompt named by id is refused with a 400 naming it, before any upstream, at no cost", async () => {
+    // The gateway serves no Files or Prompts API: such an id could only name the upstream account's own, every org's.
     const file = { type: "input_file" as const, file_id: "file-of-the-upstream-account" };
     const cases: [OpenAI.Responses.ResponseCreateParamsNonStreaming, string][] = [
       [{ model: "ok", input: [{ role: "user", content: [file] }] }, "input[0].content[0].file_id"],
@@ -429,6 +429,7 @@ describe("refusals", () => {
         },
         "input[0].output.file_id",
       ],
+      [{ model: "ok", prompt: { id: "pmpt_of_the_upstream_account", variables: { city: "Paris" } } }, "prompt"],
     ];
     const before = gateway.shipper.rows.length;
     for (const base of [gateway.restUrl, gateway.url]) {
