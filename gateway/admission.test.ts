@@ -489,7 +489,7 @@ describe("budget with files", () => {
     const key = await keyWith({ monthlyBudgetNanos: 1_000_000_000n });
     expect((await post(key, hi("mock", { max_tokens: 5 }))).status).toBe(200);
     const before = mockCalls;
-    const pdf = { type: "file", file: { file_id: "file-300-pages" } };
+    const pdf = { type: "file", file: { filename: "a.pdf", file_data: "data:application/pdf;base64,JVBERi0xLjQK" } };
     const res = await post(key, { model: "mock", messages: [{ role: "user", content: [pdf] }], max_tokens: 5 });
     expect(res.status).toBe(429);
     expect(await errorOf(res)).toMatchObject({ type: "insufficient_quota", code: "insufficient_quota" });
@@ -499,7 +499,7 @@ describe("budget with files", () => {
   test("on a model with a context window configured, a file part reserves no more than that window", async () => {
     // A window of 500 tokens: the file and the output reserve 505 tokens, $0.505 of this key's $1.
     const key = await keyWith({ monthlyBudgetNanos: 1_000_000_000n });
-    const pdf = { type: "file", file: { file_id: "file-300-pages" } };
+    const pdf = { type: "file", file: { filename: "a.pdf", file_data: "data:application/pdf;base64,JVBERi0xLjQK" } };
     const res = await post(key, { model: "mock-small-window", messages: [{ role: "user", content: [pdf] }], max_tokens: 5 });
     expect(res.status).toBe(200);
   });

@@ -119,6 +119,7 @@ const invalid: Array<[string, Record<string, unknown>, string | null, string]> =
   ["an image part with a url string only", withPart({ type: "image_url", image_url: "https://x" }), "messages[0].content[0].image_url", "invalid_type"],
   ["an audio part without data", withPart({ type: "input_audio", input_audio: { format: "wav" } }), "messages[0].content[0].input_audio.data", "missing_required_parameter"],
   ["a file part without the file", withPart({ type: "file" }), "messages[0].content[0].file", "missing_required_parameter"],
+  ["a file part naming a stored file", withPart({ type: "file", file: { file_id: "file-1" } }), "messages[0].content[0].file.file_id", "unsupported_value"],
   ["a tool message without tool_call_id", { messages: [...hello, { role: "tool", content: "42" }] }, "messages[1].tool_call_id", "missing_required_parameter"],
   ["a tool_call_id that is not a string", { messages: [...hello, { role: "tool", content: "42", tool_call_id: 7 }] }, "messages[1].tool_call_id", "invalid_type"],
   ["a tool message without content", { messages: [...hello, { role: "tool", tool_call_id: "c1" }] }, "messages[1].content", "missing_required_parameter"],
@@ -248,7 +249,7 @@ describe("chat input", () => {
             { type: "text", text: "what is this?" },
             { type: "image_url", image_url: { url: "https://example.com/cat.png", detail: "low" } },
             { type: "input_audio", input_audio: { data: "AAAA", format: "wav" } },
-            { type: "file", file: { file_id: "file-1" } },
+            { type: "file", file: { filename: "a.pdf", file_data: "data:application/pdf;base64,JVBERi0xLjQK" } },
           ],
         },
         {

@@ -1,6 +1,7 @@
 import { invalidRequest } from "./errors.ts";
 import type { ChatRequest } from "./providers/provider.ts";
 import {
+  absent,
   arrayOf,
   arrayTooLong,
   boolean,
@@ -16,6 +17,7 @@ import {
   oneOf,
   parseModel,
   parseUser,
+  storedFile,
   string,
   stringUpTo,
   tooLong,
@@ -74,7 +76,12 @@ const contentPart = byType({
   text: objectWith({ text: string }),
   image_url: objectWith({ image_url: objectWith({ url: string }) }),
   input_audio: objectWith({ input_audio: objectWith({ data: string, format: string }) }),
-  file: objectWith({ file: object }),
+  file: objectWith({
+    file: (v, param) => {
+      if (!isObject(v)) throw wrongType(param, "an object", v);
+      if (!absent(v.file_id)) throw storedFile(`${param}.file_id`);
+    },
+  }),
   refusal: objectWith({ refusal: string }),
 });
 

@@ -507,7 +507,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
 
   /**
    * Parses and admits a Responses API request. One chained to state an upstream account holds (an earlier response, a
-   * conversation, a stored prompt) is routed to its model's first target alone: another target's account does not
+   * stored item) is routed to its model's first target alone: another target's account does not
    * know that state, so falling back would fail, or answer without the context the client meant.
    */
   const admitResponses = async (call: Call, body: unknown, stream: boolean) => {

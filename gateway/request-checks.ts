@@ -40,6 +40,18 @@ export const wrongType = (param: string, expected: string, v: unknown): GatewayE
 export const unsupported = (param: string, v: string, supported: readonly string[]): GatewayError =>
   invalidRequest(`Invalid value for '${param}': '${v}'. Supported values are: ${quoted(supported)}.`, param, "invalid_value");
 
+/**
+ * A file named by id. The gateway serves no Files API, so the id could only name a file of the upstream account every
+ * org shares, which the request would have the model read.
+ */
+export const storedFile = (param: string): GatewayError =>
+  invalidRequest(
+    `Invalid value for '${param}': files are not served by this gateway, so a file id could only name a file of ` +
+      "the upstream account every organization shares; send the file's content instead.",
+    param,
+    "unsupported_value",
+  );
+
 export const emptyArray = (param: string): GatewayError =>
   invalidRequest(
     `Invalid '${param}': empty array. Expected an array with minimum length 1, but got an empty array instead.`,

@@ -15,6 +15,7 @@ import {
   objectWith,
   parseModel,
   parseUser,
+  storedFile,
   string,
   unsupported,
   wrongType,
@@ -33,8 +34,8 @@ export interface ResponsesInput {
   /** `stream: true`: answer with server-sent events. */
   stream: boolean;
   /**
-   * The request builds on state one upstream account holds (`previous_response_id`, a stored `prompt`,
-   * an input item referring to a stored one):
+   * The request builds on state one upstream account holds (`previous_response_id`, an input item referring to a
+   * stored one):
    * only the model's first target can serve it, and the gateway does not see all it reads.
    */
   chained: boolean;
@@ -79,12 +80,17 @@ const tool: Check = (v, param) => {
   else if (type === "custom") objectWith({ name: string })(v, param);
 };
 
+/** An image or file part, or a tool's screenshot, given by `file_id` rather than by its content or URL. */
+const noFileId: Check = (v, param) => {
+  if (isObject(v) && !absent(v.file_id)) throw storedFile(`${param}.file_id`);
+};
+
 const inputPart = byType({
   input_text: objectWith({ text: string }),
   output_text: objectWith({ text: string }),
   refusal: objectWith({ refusal: string }),
-  input_image: object,
-  input_file: object,
+  input_image: noFileId,
+  input_file: noFileId,
   input_audio: object,
 });
 
@@ -116,6 +122,10 @@ const inputItem: Check = (v, param) => {
       for (let j = 0; j < content.length; j++) inputPart(content[j], `${param}.content[${j}]`);
     } else if (typeof content !== "string") throw wrongType(`${param}.content`, "a string or an array", content);
   } else if (typeof v.type !== "string") throw wrongType(`${param}.type`, "a string", v.type);
+  else if (Array.isArray(v.output)) {
+    // A tool's output given as parts (function_call_output), or as a screenshot (computer_call_output).
+    for (let j = 0; j < v.output.length; j++) noFileId(v.output[j], `${param}.output[${j}]`);
+  } else noFileId(v.output, `${param}.output`);
 };
 
 /** Fields whose meaning is fixed, checked as the API checks them; any other field passes through to the upstream. */
@@ -180,10 +190,20 @@ export function parseResponsesInput(body: unknown): ResponsesInput {
       "unsupported_value",
     );
   }
+  // Prompts are made in the upstream account's dashboard, for no org: one named would be the operator's, or another
+  // tenant's of that account, its instructions and files read into this request.
+  if (!absent(body.prompt)) {
+    throw invalidRequest(
+      "Invalid value for 'prompt': stored prompts are not served by this gateway; send the prompt's instructions " +
+        "and input instead.",
+      "prompt",
+      "unsupported_value",
+    );
+  }
   const user = parseUser(body, ["user", "safety_identifier"]);
   const tags = parseTags(body.metadata);
   const chained =
-    [body.previous_response_id, body.prompt].some((v) => v !== undefined && v !== null) ||
+    !absent(body.previous_response_id) ||
     (Array.isArray(input) && input.some((item) => isObject(item) && isItemReference(item)));
   const stream = body.stream === true;
   return { model, upstream: upstream as unknown as ResponsesRequest, user, tags, stream, chained };

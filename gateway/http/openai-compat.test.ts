@@ -1170,6 +1170,24 @@ for (const port of ["rpc", "rest"] as const) {
         expect(upstream.requests).toHaveLength(0);
       });
 
+      test("a file part naming a file by id is a 400 naming it, metered at no cost: no org's file is the upstream's", async () => {
+        const before = gateway.shipper.rows.length;
+        const content = [{ type: "file" as const, file: { file_id: "file-of-the-upstream-account" } }];
+        for (const stream of [false, true]) {
+          const error = await apiError(
+            sdk().chat.completions.create({ model: "ok", messages: [{ role: "user", content }], stream }),
+          );
+          expect([error.constructor, error.param, error.code]).toEqual([
+            BadRequestError,
+            "messages[0].content[0].file.file_id",
+            "unsupported_value",
+          ]);
+        }
+        expect(upstream.requests).toHaveLength(0);
+        await eventually(() => gateway.shipper.rows.length >= before + 2);
+        for (const row of gateway.shipper.rows.slice(before)) expect(row.costNanos).toBe(0n);
+      });
+
       test("429 from the upstream is passed on with its Retry-After", async () => {
         upstream.script("rate-limited", { status: 429, retryAfter: "7" });
         const e = await apiError(sdk().chat.completions.create({ model: "rate-limited", messages: hello }));

@@ -412,6 +412,53 @@ describe("refusals", () => {
     });
   }
 
+  test("a file or stored prompt named by id is refused with a 400 naming it, before any upstream, at no cost", async () => {
+    // The gateway serves no Files or Prompts API: such an id could only name the upstream account's own, every org's.
+    const file = { type: "input_file" as const, file_id: "file-of-the-upstream-account" };
+    const cases: [OpenAI.Responses.ResponseCreateParamsNonStreaming, string][] = [
+      [{ model: "ok", input: [{ role: "user", content: [file] }] }, "input[0].content[0].file_id"],
+      [
+        { model: "ok", input: [{ role: "user", content: [{ type: "input_image", file_id: "file-1", detail: "auto" }] }] },
+        "input[0].content[0].file_id",
+      ],
+      [{ model: "ok", input: [{ type: "function_call_output", call_id: "c1", output: [file] }] }, "input[0].output[0].file_id"],
+      [
+        {
+          model: "ok",
+          input: [{ type: "computer_call_output", call_id: "c1", output: { type: "computer_screenshot", file_id: "file-1" } }],
+        },
+        "input[0].output.file_id",
+      ],
+      [{ model: "ok", prompt: { id: "pmpt_of_the_upstream_account", variables: { city: "Paris" } } }, "prompt"],
+    ];
+    const before = gateway.shipper.rows.length;
+    for (const base of [gateway.restUrl, gateway.url]) {
+      for (const [body, param] of cases) {
+        for (const stream of [false, true]) {
+          const error = (await sdk(base)
+            .responses.create({ ...body, stream } as never)
+            .catch((e: unknown) => e)) as APIError;
+          expect(error.status).toBe(400);
+          expect(error.error).toMatchObject({ type: "invalid_request_error", param, code: "unsupported_value" });
+        }
+      }
+    }
+    expect(upstream.requests).toHaveLength(0);
+    await eventually(() => gateway.shipper.rows.length >= before + 4 * cases.length);
+    for (const row of gateway.shipper.rows.slice(before)) expect(row.costNanos).toBe(0n);
+  });
+
+  test("a file given by its content or URL passes through", async () => {
+    upstream.script("ok", { content: "fine" });
+    const content = [
+      { type: "input_file" as const, filename: "a.pdf", file_data: "data:application/pdf;base64,JVBERi0xLjQK" },
+      { type: "input_file" as const, file_url: "https://example.com/a.pdf" },
+      { type: "input_image" as const, image_url: "https://example.com/cat.png", detail: "auto" as const },
+    ];
+    await sdk().responses.create({ model: "ok", input: [{ role: "user", content }] });
+    expect((upstream.seen("ok")[0]?.body.input as { content: unknown }[])[0]?.content).toEqual(content);
+  });
+
   test("function and custom tools pass through", async () => {
     upstream.script("ok", { content: "fine" });
     const tools = [
