@@ -25,6 +25,7 @@ import type { StreamOutcome } from "./chat-stream.ts";
 import type { Call, ChatOutcome, GatewayCore, MeteredOutcome } from "./core.ts";
 import { maxInputs } from "./embedding-request.ts";
 import { bodyTooLarge, cancelled, deadlineExceeded, GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
+import { base64Floats } from "./providers/provider.ts";
 import { arrayTooLong, maxRequestNodes } from "./request-checks.ts";
 
 /** The call the request gate began for an RPC before its body was read. */
@@ -435,8 +436,5 @@ function textOf(value: unknown): string {
 /** An embedding as floats: a list of numbers, or base64 of little-endian float32s as OpenAI encodes them. */
 function floatsOf(value: unknown): number[] {
   if (Array.isArray(value)) return value.map((v) => (typeof v === "number" ? v : Number.NaN));
-  if (typeof value !== "string") return [];
-  // Copied, so the floats start at an offset a Float32Array can take.
-  const bytes = Uint8Array.from(Buffer.from(value, "base64"));
-  return Array.from(new Float32Array(bytes.buffer, 0, Math.floor(bytes.length / 4)));
+  return (typeof value === "string" && base64Floats(value)) || [];
 }
