@@ -219,6 +219,7 @@ describe("upstream failures over gRPC", () => {
         model("quota"),
         model("tpm"),
         model("keyless", "keyless"),
+        model("embed"),
       ].join("\n"),
     );
   });
@@ -267,6 +268,18 @@ describe("upstream failures over gRPC", () => {
     const english = `This model's maximum context length is 8192 tokens. ${"word ".repeat(400)}`.slice(0, 2000);
     upstream.script("rejecting", { status: 400, error: { message: english, code: "context_length_exceeded" } });
     expect((await rpcError(served.rpc("sk-good").createChatCompletion({ params: { ...hello, model: "rejecting" } }))).rawMessage).toBe(english);
+  });
+
+  test("CreateEmbedding asks its upstream for base64, a third of the bytes of JSON floats, and answers the floats", async () => {
+    const floats = [0.05, 0.06, 0.07].map(Math.fround);
+    const res = await served.rpc("sk-good").createEmbedding({ model: "embed", input: ["alpha", "beta"], dimensions: 3 });
+    expect(upstream.seen("embed").at(-1)?.body.encoding_format).toBe("base64");
+    expect(res.data.map((d) => d.index)).toEqual([0, 1]);
+    expect(res.data[0]?.embedding).toEqual(floats);
+    // An upstream that ignores encoding_format and answers JSON floats is read alike.
+    upstream.script("embed", { encoding: "float" });
+    const plain = await served.rpc("sk-good").createEmbedding({ model: "embed", input: ["alpha"], dimensions: 3 });
+    expect(plain.data[0]?.embedding).toEqual(floats);
   });
 
   test("an upstream's 429 for a prompt over its whole TPM limit is invalid_argument, not a rate limit to retry", async () => {

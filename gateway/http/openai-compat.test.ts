@@ -29,6 +29,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["slow-stream"],
   ["embed"],
   ["embedder"],
+  ["chatter"],
   ["rejecting"],
   ["too-large"],
   ["moderated"],
@@ -1764,6 +1765,29 @@ for (const port of ["rpc", "rest"] as const) {
         upstream.script("embedder", {});
         const embedded = await sdk().embeddings.create({ model: "embedder", input: "alpha" });
         expect(embedded.data).toHaveLength(1);
+      });
+
+      test("OpenAI's 403 for embeddings of a chat model is the client's; the breaker stays closed for chat", async () => {
+        const notEmbedding = {
+          message: "You are not allowed to generate embeddings from this model",
+          type: "invalid_request_error",
+          param: null,
+          code: null,
+        };
+        upstream.script("chatter", { status: 403, error: notEmbedding });
+        // More than the breaker's threshold of them in a row.
+        for (let i = 0; i < 6; i++) {
+          const e = await apiError(sdk().embeddings.create({ model: "chatter", input: "alpha" }));
+          expectShape(e, 403, "upstream_rejected", "invalid_request_error");
+          expect(e.error).toMatchObject({ message: notEmbedding.message });
+          const m = await gateway.row(e.headers?.get("x-request-id") ?? "");
+          expect(m).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 403, retries: 0 });
+        }
+        expect(upstream.seen("chatter")).toHaveLength(6);
+        // Chat calls to the same target are still served.
+        upstream.script("chatter", {});
+        const completion = await sdk().chat.completions.create({ model: "chatter", messages: hello });
+        expect(completion.model).toBe("chatter-fake");
       });
 
       test("a chat call to a model configured for embeddings only is refused without reaching the upstream", async () => {

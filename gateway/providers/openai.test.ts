@@ -1025,3 +1025,35 @@ describe("stored responses", () => {
     expect(await failure(unset.storedResponse({ action: "delete", id: "r1", query: {} }, { timeoutMs: 5000 }))).toMatchObject({ failure: "misconfigured" });
   });
 });
+
+describe("embeddings from an upstream that ignores encoding_format", () => {
+  // 2048 vectors of 3072 dimensions in base64, as a server that always answers base64 sends them.
+  const vector = Float32Array.from({ length: 3072 }, (_, i) => Math.sin(i) / 10);
+  const item = (index: number) => `{"object":"embedding","index":${index},"embedding":"${Buffer.from(vector.buffer).toString("base64")}"}`;
+  const answer = `{"object":"list","model":"e","data":[${Array.from({ length: 2048 }, (_, i) => item(i)).join(",")}],"usage":{"prompt_tokens":2048,"total_tokens":2048}}`;
+  const base64Only = Bun.serve({ port: 0, fetch: () => new Response(answer, { headers: { "content-type": "application/json" } }) });
+  afterAll(() => base64Only.stop(true));
+
+  test("a large answer in base64 is decoded to the floats asked for without holding the event loop", async () => {
+    const provider = createOpenAIProvider({ name: "b64", kind: "openai", base_url: `http://127.0.0.1:${base64Only.port}/v1` }, "sk");
+    const input = Array.from({ length: 2048 }, (_, i) => `input ${i}`);
+    let longest = 0;
+    let last = performance.now();
+    const timer = setInterval(() => {
+      const now = performance.now();
+      longest = Math.max(longest, now - last);
+      last = now;
+    }, 5);
+    try {
+      const { response } = await provider.embed({ model: "e", input, encoding_format: "float" }, { timeoutMs: 30_000 });
+      expect(response.data).toHaveLength(2048);
+      expect(response.data[2047]?.embedding).toEqual(Array.from(vector));
+      // A tick after the answer, to time the wait before it.
+      await Bun.sleep(20);
+    } finally {
+      clearInterval(timer);
+    }
+    // Copying each vector's bytes with Uint8Array.from and its floats with Array.from held it over a second.
+    expect(longest).toBeLessThan(500);
+  });
+});

@@ -17,6 +17,7 @@ import {
   answeredEmbeddingUsage,
   answeredResponsesUsage,
   answeredUsage,
+  base64Floats,
   type CallOptions,
   type ChatCompletion,
   type ChatCompletionChunk,
@@ -437,11 +438,7 @@ function encodedAs(embedding: unknown, format: "float" | "base64"): unknown {
   if (format === "base64" && Array.isArray(embedding) && embedding.every((v) => typeof v === "number")) {
     return Buffer.from(Float32Array.from(embedding).buffer).toString("base64");
   }
-  if (format === "float" && typeof embedding === "string") {
-    // Copied, so the floats start at an offset a Float32Array can take.
-    const bytes = Uint8Array.from(Buffer.from(embedding, "base64"));
-    if (bytes.length % 4 === 0) return Array.from(new Float32Array(bytes.buffer));
-  }
+  if (format === "float" && typeof embedding === "string") return base64Floats(embedding) ?? embedding;
   return embedding;
 }
 

@@ -111,7 +111,7 @@ export interface Provider {
 /**
  * How an upstream attempt failed, which decides what the gateway does next:
  * "rejected" (the upstream refused the request itself, 400/413/422, a 404 naming the request's parameter, a 403 for an
- * input its moderation flagged, or a 429 for a prompt over its whole rate limit, which the other targets are asked
+ * input its moderation flagged or for embeddings of a chat model, or a 429 for a prompt over its whole rate limit, which the other targets are asked
  * first) fails the request as the client's fault,
  * "transient" (connection, 408/409/429/5xx, unreadable answers) and "timeout" may be retried on the same target,
  * "misconfigured" (401/403/404 and other 4xx, missing key, an account out of quota, an Azure api-version that does not
@@ -160,7 +160,7 @@ export function failureOfStatus(status: number, error?: UpstreamErrorBody): Upst
   if (status === 400 && apiVersionRefused(error)) return "misconfigured";
   if (status === 400 || status === 413 || status === 422 || overRateLimit(status, error)) return "rejected";
   if (status === 404 && namesParameter(error)) return "rejected";
-  if (status === 403 && flaggedInput(error)) return "rejected";
+  if (status === 403 && (flaggedInput(error) || notAnEmbeddingModel(error))) return "rejected";
   // Out of credit is not transient: retrying the account only delays the next target.
   if (outOfQuota(status, error)) return "misconfigured";
   if (status === 408 || status === 409 || status === 429 || status >= 500) return "transient";
@@ -192,6 +192,15 @@ function namesParameter(error: UpstreamErrorBody | undefined): boolean {
  */
 function flaggedInput(error: UpstreamErrorBody | undefined): boolean {
   return /\byour input was flagged\b/i.test(error?.message ?? "");
+}
+
+/**
+ * OpenAI's 403 for embeddings asked of a chat model ("You are not allowed to generate embeddings from this model", no
+ * param): the caller's mistake, as its 404 for a chat call to an embedding model is, which must not open the breaker of
+ * the target every chat call to that model goes to.
+ */
+function notAnEmbeddingModel(error: UpstreamErrorBody | undefined): boolean {
+  return /\bnot allowed to generate embeddings from this model\b/i.test(error?.message ?? "");
 }
 
 /**
@@ -475,6 +484,19 @@ function documentedCounts(details: unknown, keys: string[]): Record<string, numb
     if (count !== undefined) counts[key] = Number(count);
   }
   return counts;
+}
+
+/**
+ * The floats of an embedding in base64, little-endian float32s as OpenAI encodes them; undefined when its bytes are not
+ * whole float32s. Read value by value: copying the bytes with Uint8Array.from and the floats with Array.from took the
+ * event loop a second for 2048 vectors of 3072 dimensions, this 35 ms.
+ */
+export function base64Floats(base64: string): number[] | undefined {
+  const bytes = Buffer.from(base64, "base64");
+  if (bytes.length % 4 !== 0) return undefined;
+  const floats = new Array<number>(bytes.length / 4);
+  for (let i = 0; i < floats.length; i++) floats[i] = bytes.readFloatLE(i * 4);
+  return floats;
 }
 
 /** The usage object to answer an embeddings client with: the metered input tokens, as answeredUsage does for chat. */

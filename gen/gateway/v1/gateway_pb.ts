@@ -822,6 +822,9 @@ export const GatewayService: GenService<{
     output: typeof StreamChatCompletionResponseSchema;
   },
   /**
+   * Embeddings of 1..2048 inputs. The answer is 4 bytes a dimension per input (25 MB for 2048 inputs of 3072), past
+   * the 4 MB gRPC clients receive by default: set the client's limit (grpc.max_receive_message_length) for batches.
+   *
    * @generated from rpc gateway.v1.GatewayService.CreateEmbedding
    */
   createEmbedding: {
