@@ -132,6 +132,7 @@ const inputItem: Check = (v, param) => {
 const fieldChecks = new Map<string, Check>([
   ["stream", boolean],
   ["store", boolean],
+  ["background", boolean],
   ["instructions", string],
   ["max_output_tokens", integer(16, int32Max)],
   ["temperature", decimal(0, 2)],

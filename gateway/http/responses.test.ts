@@ -485,6 +485,8 @@ describe("refusals", () => {
       [{ input: "x", user: "u".repeat(300) }, "user"],
       [{ input: "x", metadata: { k: 1 } }, "metadata.k"],
       [{ input: "x", background: true }, "background"],
+      // A lenient upstream could take the string for true, and answer a response it bills no one for.
+      [{ input: "x", background: "true" }, "background"],
       // Only the upstream account's own, every org's: the gateway serves no Conversations API to make one.
       [{ input: "x", conversation: "conv_123" }, "conversation"],
       [{ input: "x", conversation: { id: "conv_123" } }, "conversation"],
