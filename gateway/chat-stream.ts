@@ -23,6 +23,7 @@ import {
   laterUsage,
   usageOfTokens,
 } from "./providers/provider.ts";
+import { clientAudio } from "./response-ids.ts";
 import { meteredName, meterUsage } from "./metering.ts";
 import { countInputTokens, type Generated, generatedText } from "./tokenizer.ts";
 
@@ -234,6 +235,8 @@ export interface MeterOptions extends StreamMetering {
   request: ChatRequest;
   /** The client asked for the usage chunk (stream_options.include_usage). */
   includeUsage: boolean;
+  /** The client's id of an audio answer the upstream streams (see response-ids.ts); its own when unset. */
+  audioId?: (upstreamId: string) => string;
 }
 
 /**
@@ -352,6 +355,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         }
         last = chunk;
         for (const choice of chunk.choices) if (choice.delta) noteGenerated(choice.delta);
+        if (options.audioId) clientAudio(chunk.choices, options.audioId);
         yield chunk;
       }
       counted = await count();

@@ -20,12 +20,13 @@ import {
   type Reservation,
   type Spend,
 } from "./budget.ts";
-import { parseChatInput } from "./chat-request.ts";
+import { type ChatInput, parseChatInput } from "./chat-request.ts";
 import { type ChatStream, meterChatStream } from "./chat-stream.ts";
 import { createCircuitBreakers } from "./circuit-breaker.ts";
 import type { GatewayConfig, ModelRoute } from "./config.ts";
 import { type EmbeddingInput, parseEmbeddingInput } from "./embedding-request.ts";
 import {
+  audioNotFound,
   clientGone,
   cutAtShutdown,
   ShutdownCut,
@@ -58,6 +59,7 @@ import {
 } from "./providers/provider.ts";
 import {
   type ClientIds,
+  clientAudio,
   clientEvent,
   clientItemPage,
   clientResponse,
@@ -262,6 +264,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       response: (upstreamId) => responseIds.wrap(upstreamId, scope, provider),
       item: (upstreamId) => responseIds.wrapItem(upstreamId, scope, provider),
     };
+  };
+  /** The client's id of an audio answer `provider` made for the call's org and project. */
+  const ownAudioId = (call: Call, provider: string) => {
+    const scope = idScope(call.principal as Principal);
+    return (upstreamId: string) => responseIds.wrapAudio(upstreamId, scope, provider);
   };
   const admissions = new WeakMap<Call, Admission>();
   const finished = new WeakSet<Call>();
@@ -490,7 +497,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     const input = parseChatInput(body);
     if (call.span?.isRecording()) call.span.setAttributes(chatRequestAttributes(input.upstream, stream));
     call.metrics.streamed = stream;
-    const route = routeFor(call, principal, input);
+    const route = audioRoute(routeFor(call, principal, input), openAudioIds(call, principal, input));
     if (input.stream && !stream) throw invalidRequest("Streaming requests need the streaming endpoint.", "stream");
     const price = requestedPrice(route, input.upstream);
     const cap = route.maxOutputTokens ?? defaultMaxOutputTokens;
@@ -503,6 +510,56 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       unsetOutputTokens(input.upstream, cap),
     );
     return { input, route, price, admission };
+  };
+
+  /**
+   * Opens the ids of earlier audio answers assistant messages name (`audio.id`), which are the gateway's (see
+   * response-ids.ts), sealed for the caller's org: the upstream is sent its own, and has the model hear that audio
+   * again. One that does not open is a 400 naming it. Returns the provider that made each, with its param.
+   */
+  const openAudioIds = (call: Call, principal: Principal, input: ChatInput) => {
+    const made: { provider: string; param: string }[] = [];
+    const messages = input.upstream.messages as unknown[];
+    for (let i = 0; i < messages.length; i++) {
+      const m = messages[i] as Record<string, unknown>;
+      const audio = m.audio as Record<string, unknown> | null | undefined;
+      // Checked by parseChatInput: an assistant's audio has a string id; other roles' pass through unread.
+      if (m.role !== "assistant" || typeof audio?.id !== "string") continue;
+      const param = `messages[${i}].audio.id`;
+      const opened = responseIds.unwrapAudio(audio.id, idScope(principal));
+      if (!opened) throw audioNotFound(audio.id, param);
+      inClientWords(call, opened.upstreamId, audio.id);
+      m.audio = { ...audio, id: opened.upstreamId };
+      made.push({ provider: opened.provider, param });
+    }
+    return made;
+  };
+
+  /**
+   * The route of a chat request that names earlier audio answers: the model's targets on the provider that made them,
+   * whose account holds the audio (another's does not know it), in config order. A 400 naming the id when the model
+   * has none there, or when the audio answers were made by different providers.
+   */
+  const audioRoute = (route: ModelRoute, made: { provider: string; param: string }[]): ModelRoute => {
+    const first = made[0];
+    if (!first) return route;
+    const other = made.find((a) => a.provider !== first.provider);
+    if (other) {
+      throw invalidRequest(
+        `The audio answer was made by provider '${other.provider}', the conversation's earlier one by ` +
+          `'${first.provider}': one request can only name audio one provider made.`,
+        other.param,
+      );
+    }
+    const targets = route.targets.filter((t) => t.provider === first.provider);
+    if (targets.length === 0) {
+      throw invalidRequest(
+        `The audio answer was made by provider '${first.provider}', where model '${route.name}' has no target: ` +
+          "continue it with a model served there.",
+        first.param,
+      );
+    }
+    return targets.length === route.targets.length ? route : { ...route, targets };
   };
 
   /**
@@ -671,8 +728,9 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   };
 
   /**
-   * An upstream's refusal of a chained request names the response or item by its own id ("Previous response with id
-   * '...' not found.", when it no longer holds it): passed on, it names the client's. The log keeps the upstream's words.
+   * An upstream's refusal of a chained request names the response, item or chat audio by its own id ("Previous response
+   * with id '...' not found.", when it no longer holds it): passed on, it names the client's. The log keeps the
+   * upstream's words.
    */
   const continued = new WeakMap<Call, Map<string, string>>();
   const inClientWords = (call: Call, upstreamId: string, clientId: string) => {
@@ -829,10 +887,11 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         route,
         price,
-        (provider, model, options) => provider.chat({ ...input.upstream, model }, options),
+        (provider, model, options) => provider.chat({ ...input.upstream, model }, options).catch(inClientIds(call)),
         () => countInputTokens(input.upstream),
       );
       const { completion } = result;
+      clientAudio(completion.choices, ownAudioId(call, call.metrics.provider));
       const outcome = metered(call, result, completion.model, servedPrice(route, completion.service_tier, price));
       call.response = { id: completion.id, finishReasons: completion.choices.map((c) => c.finish_reason ?? "") };
       return { completion, ...outcome };
@@ -847,11 +906,12 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         admission,
         (provider, model, options) => {
           request = { ...input.upstream, model };
-          return provider.streamChat(request, options);
+          return provider.streamChat(request, options).catch(inClientIds(call));
         },
         () => countInputTokens(input.upstream),
       );
-      return meterChatStream({ ...metering, chunks: stream, request, includeUsage: input.includeUsage });
+      const audioId = ownAudioId(call, call.metrics.provider);
+      return meterChatStream({ ...metering, chunks: stream, request, includeUsage: input.includeUsage, audioId });
     },
     async embed(call, body) {
       const principal = call.principal ?? (await authorize(call));

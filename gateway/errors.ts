@@ -129,6 +129,20 @@ export const itemNotFound = (id: string, param: string) =>
     param,
   );
 
+/**
+ * An assistant message's `audio.id` that names no audio answer the gateway handed the caller's org (another org's,
+ * altered, an upstream's own), refused before any upstream hears it: the same whichever it is.
+ */
+export const audioNotFound = (id: string, param: string) =>
+  new GatewayError(
+    400,
+    "invalid_request_error",
+    "audio_not_found",
+    `Audio with id '${shownId(id)}' not found.`,
+    RequestStatus.INVALID_REQUEST,
+    param,
+  );
+
 export const unknownUrl = (method: string, path: string) =>
   new GatewayError(
     404,

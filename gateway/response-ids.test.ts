@@ -65,3 +65,23 @@ describe("item ids", () => {
     }
   });
 });
+
+describe("audio ids", () => {
+  test("open for the org they were made for, the same id each time, and are neither item nor response ids", () => {
+    const id = ids.wrapAudio("audio_6750fe3f2b948190", "org_1", "openai-eu");
+    expect(id).toMatch(/^audio_[A-Za-z0-9_-]+$/);
+    expect(id).not.toContain("6750fe");
+    expect(ids.unwrapAudio(id, "org_1")).toEqual({ upstreamId: "audio_6750fe3f2b948190", provider: "openai-eu" });
+    expect(ids.wrapAudio("audio_6750fe3f2b948190", "org_1", "openai-eu")).toBe(id);
+    expect(ids.unwrapAudio(id, "org_2")).toBeUndefined();
+    // An item id of the same upstream id looks alike (`audio_` and the sealed rest) but is sealed under another key.
+    const item = ids.wrapItem("audio_6750fe3f2b948190", "org_1", "openai-eu");
+    expect(item).toStartWith("audio_");
+    expect(ids.unwrapAudio(item, "org_1")).toBeUndefined();
+    expect(ids.unwrapItem(id, "org_1")).toBeUndefined();
+    expect(ids.unwrap(`resp_${id.slice(6)}`, "org_1")).toBeUndefined();
+    for (const other of ["audio_6750fe3f2b948190", "audio_", "", `x${id}`, id.slice(0, -4)]) {
+      expect(ids.unwrapAudio(other, "org_1")).toBeUndefined();
+    }
+  });
+});

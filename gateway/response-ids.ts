@@ -10,7 +10,9 @@ import { isObject } from "./request-checks.ts";
  * scope, whether created, streamed or retrieved.
  *
  * The ids of items (`msg_`, `fc_`, `rs_`, ...) are sealed the same way under a key of their own, after the upstream
- * id's own type prefix: an input item naming a stored one by its id has the upstream read it into the request.
+ * id's own type prefix: an input item naming a stored one by its id has the upstream read it into the request. So are
+ * the ids of chat's audio answers (`message.audio.id`, `delta.audio.id`), as `audio_` and the sealed rest under a key of
+ * their own again: an assistant message naming one by `audio.id` has the model hear that audio again.
  */
 export interface ResponseIds {
   /** The client's id of an upstream response `upstreamId` that `provider` made for `scope`. */
@@ -21,9 +23,14 @@ export interface ResponseIds {
   wrapItem(upstreamId: string, scope: string, provider: string): string;
   /** As unwrap, for an item's id. */
   unwrapItem(id: string, scope: string): { upstreamId: string; provider: string } | undefined;
+  /** The client's id of a chat audio answer `provider` made for `scope`: `audio_`, then sealed. */
+  wrapAudio(upstreamId: string, scope: string, provider: string): string;
+  /** As unwrap, for an audio answer's id. */
+  unwrapAudio(id: string, scope: string): { upstreamId: string; provider: string } | undefined;
 }
 
 const prefix = "resp_";
+const audioPrefix = "audio_";
 const version = 1;
 const nonceBytes = 12;
 const tagBytes = 16;
@@ -46,6 +53,7 @@ export function createResponseIds(key: Buffer): ResponseIds {
   const responses = sealer(key.subarray(0, 32), key.subarray(32, 64));
   const itemKey = (label: string) => createHmac("sha256", key).update(label).digest();
   const items = sealer(itemKey("item ids seal"), itemKey("item ids nonce"));
+  const audio = sealer(itemKey("audio ids seal"), itemKey("audio ids nonce"));
   return {
     wrap: (upstreamId, scope, provider) => prefix + responses.seal(upstreamId, scope, provider),
     unwrap(id, scope) {
@@ -58,6 +66,10 @@ export function createResponseIds(key: Buffer): ResponseIds {
       if (!/^[a-z]{1,32}_$/.test(shown)) return undefined;
       const opened = items.open(id.slice(shown.length), scope);
       return opened && itemPrefix(opened.upstreamId) === shown ? opened : undefined;
+    },
+    wrapAudio: (upstreamId, scope, provider) => audioPrefix + audio.seal(upstreamId, scope, provider),
+    unwrapAudio(id, scope) {
+      return id.startsWith(audioPrefix) ? audio.open(id.slice(audioPrefix.length), scope) : undefined;
     },
   };
 }
@@ -156,4 +168,17 @@ export function clientEvent<T extends object>(event: T, ids: ClientIds): T {
   if (copy.item !== undefined) copy.item = clientItem(copy.item, ids);
   if (typeof copy.item_id === "string") copy.item_id = ids.item(copy.item_id);
   return copy as T;
+}
+
+/**
+ * A chat answer's choices with the client's ids of their audio answers, whole (`message.audio.id`) or streamed
+ * (`delta.audio.id`), in place: each choice gets an audio object of its own.
+ */
+export function clientAudio(choices: readonly object[], audioId: (upstreamId: string) => string): void {
+  for (const choice of choices as { message?: unknown; delta?: unknown }[]) {
+    for (const said of [choice.message, choice.delta]) {
+      if (!isObject(said) || !isObject(said.audio) || typeof said.audio.id !== "string") continue;
+      said.audio = { ...said.audio, id: audioId(said.audio.id) };
+    }
+  }
 }

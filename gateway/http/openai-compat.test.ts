@@ -287,21 +287,25 @@ for (const port of ["rpc", "rest"] as const) {
 
       test("an assistant turn pushed back as the SDK gave it (a refusal), or naming its audio answer by id, reaches the upstream", async () => {
         const refusal = "I can't help with that.";
-        upstream.script("ok", { refusal }, { content: "fine" });
+        upstream.script("ok", { refusal }, { audio: "audio_abc", content: "spoken" }, { content: "fine" });
         const first = await sdk().chat.completions.create({ model: "ok", messages: hello });
         const refused = first.choices[0]?.message;
         expect(refused).toMatchObject({ content: null, refusal });
+        const modalities: ("text" | "audio")[] = ["text", "audio"];
+        const audio = { voice: "alloy" as const, format: "wav" as const };
+        const spoken = await sdk().chat.completions.create({ model: "ok", messages: hello, modalities, audio });
         const messages: OpenAI.ChatCompletionMessageParam[] = [
           ...hello,
           refused as OpenAI.ChatCompletionMessage,
           { role: "user", content: "say it out loud then" },
-          { role: "assistant", audio: { id: "audio_abc" } },
+          { role: "assistant", audio: { id: spoken.choices[0]?.message.audio?.id as string } },
           { role: "user", content: "and again" },
         ];
         const second = await sdk().chat.completions.create({ model: "ok", messages });
         expect(second.choices[0]?.message.content).toBe("fine");
-        const sent = upstream.seen("ok")[1]?.body ?? {};
+        const sent = upstream.seen("ok")[2]?.body ?? {};
         expect(sent.messages[1]).toMatchObject({ role: "assistant", content: null, refusal });
+        // The gateway's id of the audio answer, the upstream's own again.
         expect(sent.messages[3]).toEqual({ role: "assistant", audio: { id: "audio_abc" } });
       });
 

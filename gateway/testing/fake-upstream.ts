@@ -2,7 +2,7 @@
  * An OpenAI-compatible upstream on a real socket whose behaviour tests script per model: replies
  * whole or streamed (SSE), with or without usage, errors with any status and Retry-After,
  * malformed JSON, delays, hangs and streams that stop short, for chat completions, embeddings and the Responses API
- * (`/v1/responses`, whole or as its named events; a stored response retrieved, deleted or its input items listed, each
+ * (`/v1/responses`, whole or as its named events; chat answers spoken as an `audio` object, whole or streamed; a stored response retrieved, deleted or its input items listed, each
  * scripted as the model `response:<id>`). It records every request it gets
  * and whether its client went away. Run as a script it serves fixed fast replies for benchmarks:
  *   bun gateway/testing/fake-upstream.ts [port]
@@ -62,6 +62,12 @@ export interface Behaviour {
   cutAfterChunks?: number;
   /** Refuse with this text instead of answering (content null, or streamed as `delta.refusal`). */
   refusal?: string;
+  /**
+   * Answer in audio, with this upstream id: `message.audio` (the id, data, expires_at and the reply as its transcript)
+   * and no content; streamed, `delta.audio` with the id and the first piece of transcript, the rest, then data and
+   * expires_at with the id again.
+   */
+  audio?: string;
   /** Reply with this tool call instead of text. */
   toolCall?: { name: string; arguments: string };
   /** The model the reply says served it; by default the requested one with `-fake`. */
@@ -248,7 +254,8 @@ function completion(body: Record<string, any>, b: Behaviour): Response {
   if (b.malformed) return new Response('{"id": "chatcmpl-fake", "choices": [', { headers: { "content-type": "application/json" } });
   const text = b.toolCall ? "" : (b.refusal ?? replyText(body, b));
   const usage = usageOf(body, b.toolCall ? b.toolCall.arguments : text, b);
-  const content = b.toolCall || b.refusal !== undefined ? null : text;
+  const content = b.toolCall || b.refusal !== undefined || b.audio ? null : text;
+  const audio = b.audio ? { audio: { id: b.audio, data: fakeAudioData, expires_at: 1_700_003_600, transcript: text } } : {};
   const reply = {
     id: "chatcmpl-fake",
     object: "chat.completion",
@@ -258,7 +265,7 @@ function completion(body: Record<string, any>, b: Behaviour): Response {
     choices: [
       {
         index: 0,
-        message: { role: "assistant", content, refusal: b.refusal ?? null, tool_calls: toolCalls(b) },
+        message: { role: "assistant", content, refusal: b.refusal ?? null, tool_calls: toolCalls(b), ...audio },
         finish_reason: b.toolCall ? "tool_calls" : "stop",
         logprobs: null,
       },
@@ -267,6 +274,9 @@ function completion(body: Record<string, any>, b: Behaviour): Response {
   };
   return b.breaksOff ? answered(JSON.stringify(reply), "application/json", true) : Response.json(reply);
 }
+
+/** The base64 of a few bytes of WAV header: what an audio answer's `data` holds here. */
+const fakeAudioData = "UklGRiQAAABXQVZF";
 
 /** A 200 of `text`, or, when it breaks off, of its first half and then a broken connection. */
 function answered(text: string, contentType: string, breaksOff = false): Response {
@@ -364,10 +374,12 @@ function stream(body: Record<string, any>, b: Behaviour, signal: AbortSignal): R
             return;
           }
           const running = b.chunkUsages?.[sent];
-          const delta = b.refusal !== undefined ? { refusal: content } : { content };
+          const spoken = sent === 0 ? { id: b.audio, transcript: content } : { transcript: content };
+          const delta = b.refusal !== undefined ? { refusal: content } : b.audio ? { audio: spoken } : { content };
           controller.enqueue(running === undefined ? chunk(delta) : event({ ...base, choices: [{ index: 0, delta, finish_reason: null }], usage: running }));
           sent++;
         }
+        if (b.audio) controller.enqueue(chunk({ audio: { id: b.audio, data: fakeAudioData, expires_at: 1_700_003_600 } }));
         await pause();
         if (signal.aborted) return;
         const stop = b.toolCall ? "tool_calls" : "stop";
