@@ -61,7 +61,7 @@ export function createBillingMetrics(
     }),
     authorizations: new Counter({
       name: "billing_key_authorizations_total",
-      help: "AuthorizeKey answers: ok, or rejected (unknown, revoked or expired key).",
+      help: "AuthorizeKey answers: ok, or rejected (unknown, revoked or expired key, or its org suspended).",
       labelNames: ["result"] as const,
       registers: [registry],
     }),

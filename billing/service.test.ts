@@ -1791,3 +1791,29 @@ test.skipIf(Boolean(process.env.DATABASE_URL))(
     }
   },
 );
+
+test("AuthorizeKey is counted as a key rejected only when the key is refused, not when Postgres fails the call", async () => {
+  const counted = async (registry: Registry) =>
+    (await registry.getSingleMetric("billing_key_authorizations_total")?.get())?.values.map((v) => [v.labels.result, v.value]);
+  const outage = new Registry();
+  const refusing = new pg.Pool({ connectionString: "postgres://billing@127.0.0.1:1/billing" });
+  try {
+    const down = createBillingApp({ pool: refusing, adminToken, clock: () => now, log, registry: outage });
+    const c = createClient(BillingService, createRouterTransport(down.routes));
+    expect(await code(c.authorizeKey({ secret: "sk-mesh-whatever" }, admin))).toBe(Code.Unavailable);
+  } finally {
+    await refusing.end();
+  }
+  expect(await counted(outage)).toEqual([]);
+
+  const registry = new Registry();
+  const up = createBillingApp({ pool: db.pool, adminToken, clock: () => now, log, registry });
+  const c = createClient(BillingService, createRouterTransport(up.routes));
+  expect(await code(c.authorizeKey({ secret: "sk-mesh-unknown" }, admin))).toBe(Code.Unauthenticated);
+  const { secret } = await client.createApiKey({ orgId: await newOrg() }, admin);
+  await c.authorizeKey({ secret }, admin);
+  expect(await counted(registry)).toEqual([
+    ["rejected", 1],
+    ["ok", 1],
+  ]);
+});

@@ -14,6 +14,7 @@ import {
   GenerateInvoiceResponseSchema,
   GetInvoiceResponseSchema,
   GetUsageSummaryResponseSchema,
+  KeyRefusalSchema,
   ListApiKeysResponseSchema,
   ListDiscountRulesResponseSchema,
   ListInvoicesResponseSchema,
@@ -243,11 +244,13 @@ export function createBillingService({
     async authorizeKey(req, ctx) {
       admin(ctx);
       const { apiKey, organization, lineageKeyIds } = await auth.resolveKey(req.secret, clock()).catch((e: unknown) => {
-        metrics?.authorizations.inc({ result: "rejected" });
+        // A key refused, not a lookup Postgres failed (Unavailable, counted with the RPC's code).
+        const refused = ConnectError.from(e).findDetails(KeyRefusalSchema).length > 0;
+        if (refused) metrics?.authorizations.inc({ result: "rejected" });
         throw e;
       });
-      metrics?.authorizations.inc({ result: "ok" });
       const spend = await usage.spend(organization, lineageKeyIds);
+      metrics?.authorizations.inc({ result: "ok" });
       // Saturated: the gateway compares these with limits, which are int64 too, so a larger total is simply over.
       const int64 = (total: bigint) => (total > maxInt64 ? maxInt64 : total);
       return create(AuthorizeKeyResponseSchema, {

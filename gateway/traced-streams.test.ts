@@ -339,3 +339,37 @@ test("every request's span says its request id, models, parameters, usage and fa
   const exported = JSON.stringify(exporter.getFinishedSpans().map((s) => s.attributes));
   expect(exported).not.toContain("three four");
 });
+
+test("each upstream call carries its request's trace context, so an upstream that traces continues the request's trace", async () => {
+  const trace = "7bf92f3577b34da6a3ce929d0e0e4741";
+  const sdk = new OpenAI({
+    baseURL: `${gateway.restUrl}/v1`,
+    apiKey: "sk-good",
+    maxRetries: 0,
+    defaultHeaders: { traceparent: `00-${trace}-${clientSpanId}-01` },
+  });
+  exporter.reset();
+  upstream.reset();
+  upstream.script("ok", {});
+  await sdk.chat.completions.create({ model: "ok", messages: hello });
+  for await (const _ of await sdk.chat.completions.create({ model: "ok", messages: hello, stream: true }));
+  await sdk.embeddings.create({ model: "ok", input: "one two" });
+  const made = await sdk.responses.create({ model: "ok", input: "one two" });
+  await sdk.responses.retrieve(made.id);
+  const sent = upstream.requests.map((r) => ({ path: r.path, traceparent: r.headers.traceparent }));
+  expect(sent.map((r) => r.path)).toEqual([
+    "/v1/chat/completions",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    expect.stringMatching(/^\/v1\/responses\/./),
+  ]);
+  // The attempt's own span is the upstream's parent; a stored response's call, which has none, the request's.
+  const spans = exporter.getFinishedSpans().filter((s) => s.spanContext().traceId === trace);
+  const attempts = spans.filter((s) => s.kind === SpanKind.CLIENT).map((s) => s.spanContext().spanId);
+  const retrieve = spans.find((s) => s.name === "GET /v1/responses/{response_id}")?.spanContext().spanId;
+  expect(attempts).toHaveLength(4);
+  expect(sent.map((r) => r.traceparent)).toEqual(
+    [...attempts, retrieve].map((spanId) => `00-${trace}-${spanId}-01`),
+  );
+});

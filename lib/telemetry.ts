@@ -264,6 +264,16 @@ export function extractContext(headers: Headers) {
   return propagation.extract(context.active(), headers, headerGetter);
 }
 
+/**
+ * The headers that carry the active trace context onward, in the formats OTEL_PROPAGATORS names, for a call that no
+ * interceptor sees (an upstream's HTTP request); none when there is no context to carry.
+ */
+export function outgoingTraceHeaders(): Record<string, string> {
+  const carrier: Record<string, string> = {};
+  propagation.inject(context.active(), carrier);
+  return carrier;
+}
+
 function rpcAttributes(service: string, method: string) {
   return { "rpc.system": "grpc", "rpc.service": service, "rpc.method": method };
 }

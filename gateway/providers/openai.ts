@@ -2,6 +2,7 @@ import OpenAI, { APIConnectionTimeoutError, APIError, AzureOpenAI } from "openai
 import { createParser, type EventSourceMessage } from "eventsource-parser";
 import { redactSecrets } from "../../lib/log.ts";
 import { watchSilence } from "../../lib/silence.ts";
+import { outgoingTraceHeaders } from "../../lib/telemetry.ts";
 import { type AzureProviderConfig, azureV1Path, type OpenAIProviderConfig } from "../config.ts";
 import { responsesPrompt } from "../responses-request.ts";
 import {
@@ -154,8 +155,14 @@ export function createOpenAIProvider(
       // configured headers but Authorization, to wherever it points, and a 301 or 302 would turn the POST into a GET.
       // Bun's own idle limit (5 minutes) is off: it would cut a model that thinks longer than that before it answers,
       // within the attempt's time limit, as a failure the upstream had not billed.
+      // The attempt's span is the active one: an upstream that traces continues the request's trace from it.
+      // The template's headers are shared by every call: a copy carries this one's.
+      const traced = Object.entries(outgoingTraceHeaders());
+      const headers = traced.length === 0 ? init.headers : new Headers(init.headers);
+      for (const [name, value] of traced) (headers as Headers).set(name, value);
       const response = await fetch(url, {
         ...init,
+        headers,
         body: JSON.stringify(body),
         signal: attempt.signal,
         redirect: "manual",
@@ -307,6 +314,7 @@ export function createOpenAIProvider(
         timeout,
         maxRetries: 0,
         fetchOptions: { redirect: "manual" as const },
+        headers: outgoingTraceHeaders(),
       };
       try {
         const call =
