@@ -346,7 +346,7 @@ test("each upstream call carries its request's trace context, so an upstream tha
     baseURL: `${gateway.restUrl}/v1`,
     apiKey: "sk-good",
     maxRetries: 0,
-    defaultHeaders: { traceparent: `00-${trace}-${clientSpanId}-01` },
+    defaultHeaders: { traceparent: `00-${trace}-${clientSpanId}-01`, baggage: "tenant.secret=s3cr3t" },
   });
   exporter.reset();
   upstream.reset();
@@ -357,6 +357,8 @@ test("each upstream call carries its request's trace context, so an upstream tha
   const made = await sdk.responses.create({ model: "ok", input: "one two" });
   await sdk.responses.retrieve(made.id);
   const sent = upstream.requests.map((r) => ({ path: r.path, traceparent: r.headers.traceparent }));
+  // A client's baggage is for the mesh's services, not a third party's.
+  for (const r of upstream.requests) expect(r.headers.baggage).toBeUndefined();
   expect(sent.map((r) => r.path)).toEqual([
     "/v1/chat/completions",
     "/v1/chat/completions",

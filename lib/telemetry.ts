@@ -266,11 +266,13 @@ export function extractContext(headers: Headers) {
 
 /**
  * The headers that carry the active trace context onward, in the formats OTEL_PROPAGATORS names, for a call that no
- * interceptor sees (an upstream's HTTP request); none when there is no context to carry.
+ * interceptor sees (an upstream's HTTP request); none when there is no context to carry. Baggage stays behind: it is
+ * whatever the client put there, and an upstream is a third party (api.openai.com), not a service of the mesh.
  */
 export function outgoingTraceHeaders(): Record<string, string> {
   const carrier: Record<string, string> = {};
   propagation.inject(context.active(), carrier);
+  delete carrier.baggage;
   return carrier;
 }
 
