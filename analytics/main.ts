@@ -56,6 +56,8 @@ const cfg = loadEnvOrExit({
 
 const runtime = createRuntime("analytics", cfg);
 const { log } = runtime;
+// A stop signal while the engine loads or migrations wait on a server ends the start: nothing is held yet.
+const signals = stopOnSignals(log);
 
 let driver: ClickHouseDriver;
 try {
@@ -72,10 +74,10 @@ try {
     ? // Report queries on connections of their own: busy dashboards do not hold up ingest or readiness.
       createClientDriver(clickHouseClient(cfg.CLICKHOUSE_URL), clickHouseClient(cfg.CLICKHOUSE_URL))
     : // Loaded only when used: the engine's library adds about 150 MB to the process and 0.2 s to its start.
-      (await import("./store/chdb-driver.ts")).createChdbDriver(join(cfg.MESH_DATA_DIR, "clickhouse"), {
-        reportTimeoutSeconds: cfg.ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS,
-        log,
-      });
+      (await signals.unlessStopped(import("./store/chdb-driver.ts"))).createChdbDriver(
+        join(cfg.MESH_DATA_DIR, "clickhouse"),
+        { reportTimeoutSeconds: cfg.ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS, log },
+      );
 } catch (e) {
   // An unusable MESH_DATA_DIR, say: one JSON line, as billing and the gateway write for theirs.
   log.error("clickhouse failed to start", { err: e });
@@ -88,7 +90,7 @@ const store = createAnalyticsStore(driver, {
   rollupLagMs: cfg.ANALYTICS_ROLLUP_LAG_MS,
 });
 try {
-  const applied = await store.migrate();
+  const applied = await signals.unlessStopped(store.migrate());
   log.info("clickhouse ready", {
     backend: cfg.CLICKHOUSE_URL ? "server" : "chdb",
     // Where the data is, as billing's and the gateway's logs say of theirs; a server's URL without its credentials.
@@ -156,7 +158,7 @@ const server = await listenOrExit(log, "ANALYTICS_PORT", cfg.ANALYTICS_PORT, () 
   }),
 );
 
-stopOnSignals(log, async () => {
+signals.serving(async () => {
   // Ingest stops reading, flushes and acks what it holds; its streams then end and the server can close.
   stopping.abort();
   await server.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS);
