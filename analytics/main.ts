@@ -54,6 +54,9 @@ const cfg = loadEnvOrExit({
   ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS: env.decimal(1, 300).default(defaultChdbReportTimeoutSeconds),
 });
 
+/** How long a stop waits for a roll-up still running (see the stop below). */
+const rollupStopWaitMs = 5_000;
+
 const runtime = createRuntime("analytics", cfg);
 const { log } = runtime;
 // A stop signal while the engine loads or migrations wait on a server ends the start: nothing is held yet.
@@ -161,9 +164,17 @@ const server = await listenOrExit(log, "ANALYTICS_PORT", cfg.ANALYTICS_PORT, () 
 signals.serving(async () => {
   // Ingest stops reading, flushes and acks what it holds; its streams then end and the server can close.
   stopping.abort();
-  await server.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS);
   clearInterval(rollupTimer);
-  await rollingUp;
-  await store.close();
+  await server.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS);
+  // A roll-up statement on a slow server runs until the client's request timeout (45 s), past the 30 s a pod has to
+  // stop: it is waited for a few seconds, then given up. Its chunk, not recorded as done, is rolled up again at the
+  // next start, replacing any rows the statement still writes; the store is left open, its statement in flight.
+  const given = Bun.sleep(rollupStopWaitMs).then(() => false);
+  if (await Promise.race([rollingUp?.then(() => true) ?? true, given])) await store.close();
+  else {
+    log.warn("roll-up still running at shutdown given up; the next start rolls its minutes up", {
+      waited_ms: rollupStopWaitMs,
+    });
+  }
   await runtime.telemetry.shutdown();
 });
