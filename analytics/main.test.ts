@@ -3,7 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, expect, test } from "bun:test";
 import { freePort } from "../lib/processes.ts";
-import { expectJsonStartFailure } from "../lib/testing.ts";
+import { expectJsonStartFailure, spawnAsContainerInit, waitForLine } from "../lib/testing.ts";
 
 const dataDir = mkdtempSync(join(tmpdir(), "analytics-main-"));
 afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
@@ -121,3 +121,72 @@ test("with an unusable MESH_DATA_DIR it exits 1, one JSON error line, as billing
   );
   expect(errors).toEqual([expect.objectContaining({ msg: "clickhouse failed to start" })]);
 }, 60_000);
+
+test("SIGTERM while its migrations wait on a ClickHouse server that never answers ends it at once, as pid 1 of a container", async () => {
+  let connected: () => void = () => {};
+  const asked = new Promise<void>((resolve) => (connected = resolve));
+  const silent = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { open: () => connected(), data() {} } });
+  const analytics = await spawnAsContainerInit([process.execPath, join(import.meta.dir, "main.ts")], {
+    env: {
+      MESH_DATA_DIR: dataDir,
+      ANALYTICS_PORT: String(await freePort()),
+      CLICKHOUSE_URL: `http://127.0.0.1:${silent.port}`,
+      LOG_LEVEL: "info",
+    },
+  });
+  try {
+    await asked;
+    const sent = Date.now();
+    process.kill(analytics.pid, "SIGTERM");
+    // Without a handler yet it waited out the client's 45 s request timeout, or (pid 1) ignored the signal for good.
+    const code = await Promise.race([analytics.exited, Bun.sleep(5_000).then(() => "still running")]);
+    expect(code).toBe(0);
+    expect(Date.now() - sent).toBeLessThan(2_000);
+    expect(analytics.lines.some((line) => line.includes('"msg":"stopped"'))).toBe(true);
+  } finally {
+    analytics.proc.kill("SIGKILL");
+    silent.stop(true);
+  }
+}, 30_000);
+
+test("SIGTERM while a roll-up waits on a slow ClickHouse server exits within the pod's grace period", async () => {
+  let rollupAsked: () => void = () => {};
+  const rollingUp = new Promise<void>((resolve) => (rollupAsked = resolve));
+  // A server that answers everything at once with no rows, but never the roll-up's first read (its marks).
+  const slow = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(req) {
+      const text = `${decodeURIComponent(req.url)} ${await req.text()}`;
+      if (text.includes("toString(marked_at)")) {
+        rollupAsked();
+        return new Promise<Response>(() => {});
+      }
+      return new Response("");
+    },
+  });
+  const analytics = await spawnAsContainerInit([process.execPath, join(import.meta.dir, "main.ts")], {
+    env: {
+      MESH_DATA_DIR: dataDir,
+      ANALYTICS_PORT: String(await freePort()),
+      CLICKHOUSE_URL: slow.url.origin,
+      ANALYTICS_ROLLUP_INTERVAL_MS: "100",
+      SHUTDOWN_GRACE_MS: "1000",
+      LOG_LEVEL: "info",
+    },
+  });
+  try {
+    await rollingUp;
+    await waitForLine(analytics.lines, '"msg":"listening"');
+    const sent = Date.now();
+    process.kill(analytics.pid, "SIGTERM");
+    // It waited for the roll-up's statement until the client's request timeout, 45 s, past the pod's 30 s.
+    const code = await Promise.race([analytics.exited, Bun.sleep(20_000).then(() => "still running")]);
+    expect(code).toBe(0);
+    expect(Date.now() - sent).toBeLessThan(10_000);
+    expect(analytics.lines.some((line) => line.includes("roll-up still running at shutdown"))).toBe(true);
+  } finally {
+    analytics.proc.kill("SIGKILL");
+    slow.stop(true);
+  }
+}, 40_000);

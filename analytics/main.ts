@@ -54,8 +54,13 @@ const cfg = loadEnvOrExit({
   ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS: env.decimal(1, 300).default(defaultChdbReportTimeoutSeconds),
 });
 
+/** How long a stop waits for a roll-up still running (see the stop below). */
+const rollupStopWaitMs = 5_000;
+
 const runtime = createRuntime("analytics", cfg);
 const { log } = runtime;
+// A stop signal while the engine loads or migrations wait on a server ends the start: nothing is held yet.
+const signals = stopOnSignals(log);
 
 let driver: ClickHouseDriver;
 try {
@@ -72,10 +77,10 @@ try {
     ? // Report queries on connections of their own: busy dashboards do not hold up ingest or readiness.
       createClientDriver(clickHouseClient(cfg.CLICKHOUSE_URL), clickHouseClient(cfg.CLICKHOUSE_URL))
     : // Loaded only when used: the engine's library adds about 150 MB to the process and 0.2 s to its start.
-      (await import("./store/chdb-driver.ts")).createChdbDriver(join(cfg.MESH_DATA_DIR, "clickhouse"), {
-        reportTimeoutSeconds: cfg.ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS,
-        log,
-      });
+      (await signals.unlessStopped(import("./store/chdb-driver.ts"))).createChdbDriver(
+        join(cfg.MESH_DATA_DIR, "clickhouse"),
+        { reportTimeoutSeconds: cfg.ANALYTICS_CHDB_QUERY_TIMEOUT_SECONDS, log },
+      );
 } catch (e) {
   // An unusable MESH_DATA_DIR, say: one JSON line, as billing and the gateway write for theirs.
   log.error("clickhouse failed to start", { err: e });
@@ -88,7 +93,7 @@ const store = createAnalyticsStore(driver, {
   rollupLagMs: cfg.ANALYTICS_ROLLUP_LAG_MS,
 });
 try {
-  const applied = await store.migrate();
+  const applied = await signals.unlessStopped(store.migrate());
   log.info("clickhouse ready", {
     backend: cfg.CLICKHOUSE_URL ? "server" : "chdb",
     // Where the data is, as billing's and the gateway's logs say of theirs; a server's URL without its credentials.
@@ -156,12 +161,20 @@ const server = await listenOrExit(log, "ANALYTICS_PORT", cfg.ANALYTICS_PORT, () 
   }),
 );
 
-stopOnSignals(log, async () => {
+signals.serving(async () => {
   // Ingest stops reading, flushes and acks what it holds; its streams then end and the server can close.
   stopping.abort();
-  await server.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS);
   clearInterval(rollupTimer);
-  await rollingUp;
-  await store.close();
+  await server.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS);
+  // A roll-up statement on a slow server runs until the client's request timeout (45 s), past the 30 s a pod has to
+  // stop: it is waited for a few seconds, then given up. Its chunk, not recorded as done, is rolled up again at the
+  // next start, replacing any rows the statement still writes; the store is left open, its statement in flight.
+  const given = Bun.sleep(rollupStopWaitMs).then(() => false);
+  if (await Promise.race([rollingUp?.then(() => true) ?? true, given])) await store.close();
+  else {
+    log.warn("roll-up still running at shutdown given up; the next start rolls its minutes up", {
+      waited_ms: rollupStopWaitMs,
+    });
+  }
   await runtime.telemetry.shutdown();
 });

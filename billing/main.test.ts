@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { readinessIntervalMs } from "../lib/health.ts";
 import { freePort, spawnService } from "../lib/processes.ts";
-import { expectJsonStartFailure } from "../lib/testing.ts";
+import { expectJsonStartFailure, spawnAsContainerInit } from "../lib/testing.ts";
 import { isAlive, postmasterPid } from "./store/embedded.ts";
 
 const root = resolve(import.meta.dir, "..");
@@ -201,3 +201,31 @@ test.each(["initialising postgres cluster", "postgres started"])(
   },
   90_000,
 );
+
+test("SIGTERM while its migrations wait on a Postgres that never answers ends it at once, as pid 1 of a container", async () => {
+  let connected: () => void = () => {};
+  const asked = new Promise<void>((resolve) => (connected = resolve));
+  const silent = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { open: () => connected(), data() {} } });
+  const billing = await spawnAsContainerInit([process.execPath, join(root, "billing", "main.ts")], {
+    cwd: root,
+    env: {
+      ADMIN_TOKEN: "main-test-admin-token-0123456789",
+      BILLING_PORT: String(await freePort()),
+      DATABASE_URL: `postgres://mesh:db-pass-0123456789@127.0.0.1:${silent.port}/mesh`,
+      LOG_LEVEL: "info",
+    },
+  });
+  try {
+    await asked;
+    const sent = Date.now();
+    process.kill(billing.pid, "SIGTERM");
+    // Without a handler yet, as pid 1 it ran on until its connection timed out and exited 1, a migration failure.
+    const code = await Promise.race([billing.exited, Bun.sleep(10_000).then(() => "still running")]);
+    expect(code).toBe(0);
+    expect(Date.now() - sent).toBeLessThan(2_000);
+    expect(billing.lines.some((line) => line.includes('"msg":"stopped"'))).toBe(true);
+  } finally {
+    billing.proc.kill("SIGKILL");
+    silent.stop(true);
+  }
+}, 30_000);

@@ -26,19 +26,17 @@ const cfg = loadEnvOrExit({
 const runtime = createRuntime("billing", cfg);
 const { log } = runtime;
 
-// A SIGTERM or Ctrl-C while the embedded server starts or migrations run (npm start stopped while it starts) would end
-// billing alone and leave that server running on its data directory: it is held until billing serves, then stops it.
-const held: NodeJS.Signals[] = [];
-const hold = (signal: NodeJS.Signals) => held.push(signal);
-if (!cfg.DATABASE_URL) for (const signal of ["SIGTERM", "SIGINT"] as const) process.on(signal, hold);
-
-// A start-up failure is one JSON error line and exit 1, as every line of the process is JSON, not an uncaught stack.
-const embedded = cfg.DATABASE_URL
+// A stop signal while the embedded server starts or migrations run ends the start (the server stopped once started).
+const signals = stopOnSignals(log);
+const starting = cfg.DATABASE_URL
   ? undefined
-  : await startEmbeddedPostgres({ dataDir: join(cfg.MESH_DATA_DIR, "postgres"), log }).catch((e: unknown) => {
-      log.error("embedded postgres failed to start", { err: e });
-      process.exit(1);
-    });
+  : startEmbeddedPostgres({ dataDir: join(cfg.MESH_DATA_DIR, "postgres"), log });
+signals.undoOnStop(async () => (await starting?.catch(() => undefined))?.stop());
+// A start-up failure is one JSON error line and exit 1, as every line of the process is JSON, not an uncaught stack.
+const embedded = await signals.unlessStopped(Promise.resolve(starting)).catch((e: unknown) => {
+  log.error("embedded postgres failed to start", { err: e });
+  process.exit(1);
+});
 const pool = createPool({
   connectionString: cfg.DATABASE_URL ?? embedded?.connectionString,
   max: 20,
@@ -48,13 +46,14 @@ const pool = createPool({
 pool.on("error", (e) => log.warn("idle postgres connection failed", { err: e }));
 
 try {
-  const { applied } = await migrate(pool, undefined, {
+  const migrating = migrate(pool, undefined, {
     onLockWait: (attempt, err) =>
       log.warn("migrations waited too long for a table another session holds; running them again shortly", {
         attempt,
         err,
       }),
   });
+  const { applied } = await signals.unlessStopped(migrating);
   log.info("migrations applied", { applied });
 } catch (e) {
   // pg's errors name the host, never the password.
@@ -63,6 +62,7 @@ try {
   process.exit(1);
 }
 const stopping = new AbortController();
+signals.undoOnStop(() => stopping.abort());
 // Billing cannot serve without its database and nothing here restarts it: exit so a supervisor restarts both.
 void embedded?.exited.then(() => {
   if (stopping.signal.aborted) return;
@@ -106,7 +106,7 @@ const server = await listenOrExit(
   },
 );
 
-stopOnSignals(log, async () => {
+signals.serving(async () => {
   // Key change streams would otherwise hold shutdown for the whole grace period; gateways reconnect elsewhere.
   stopping.abort();
   await server.close(cfg.SHUTDOWN_GRACE_MS, cfg.SHUTDOWN_DRAIN_MS);
@@ -114,5 +114,3 @@ stopOnSignals(log, async () => {
   await embedded?.stop();
   await runtime.telemetry.shutdown();
 });
-for (const signal of ["SIGTERM", "SIGINT"] as const) process.off(signal, hold);
-if (held[0]) process.kill(process.pid, held[0]);

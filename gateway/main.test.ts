@@ -1,9 +1,9 @@
 import { afterAll, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, runCommand } from "../lib/processes.ts";
-import { expectJsonStartFailure } from "../lib/testing.ts";
+import { expectJsonStartFailure, spawnAsContainerInit, waitForLine } from "../lib/testing.ts";
 
 const dataDir = mkdtempSync(join(tmpdir(), "gateway-main-"));
 afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
@@ -78,3 +78,32 @@ test("GATEWAY_RESPONSE_ID_SECRET shorter than 32 characters, or set but blank, i
     expect(stderr).toBe(`invalid environment: GATEWAY_RESPONSE_ID_SECRET (${shown}): must be at least 32 characters\n`);
   }
 });
+
+test("SIGTERM while it waits for the spool LOCK of the container before it ends it at once, as pid 1 of a container", async () => {
+  const spoolDir = join(dataDir, "held-spool");
+  mkdirSync(join(spoolDir, "gw-held"), { recursive: true });
+  // The container before this one in the pod, whose LOCK is still fresh: this one waits up to 15 s for it to go stale.
+  const lock = { pid: 1, host: hostname(), started: "1", pidNamespace: "pid:[4026531000]" };
+  writeFileSync(join(spoolDir, "gw-held", "LOCK"), JSON.stringify(lock));
+  const gateway = await spawnAsContainerInit([process.execPath, main], {
+    env: {
+      MESH_DATA_DIR: dataDir,
+      ADMIN_TOKEN: adminToken,
+      GATEWAY_INSTANCE_ID: "gw-held",
+      GATEWAY_SPOOL_DIR: spoolDir,
+      GATEWAY_PORT: String(await freePort()),
+      LOG_LEVEL: "info",
+    },
+  });
+  try {
+    await waitForLine(gateway.lines, "waiting for its lock to go stale");
+    const sent = Date.now();
+    process.kill(gateway.pid, "SIGTERM");
+    const code = await Promise.race([gateway.exited, Bun.sleep(5_000).then(() => "still running")]);
+    expect(code).toBe(0);
+    expect(Date.now() - sent).toBeLessThan(2_000);
+    expect(gateway.lines.some((line) => line.includes('"msg":"stopped"'))).toBe(true);
+  } finally {
+    gateway.proc.kill("SIGKILL");
+  }
+}, 30_000);

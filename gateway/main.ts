@@ -134,6 +134,8 @@ if (cfg.GATEWAY_BUDGET_LEASE_TTL_S * 1000 < longestRequestMs + 10_000) {
 
 const runtime = createRuntime("gateway", cfg, cfg.GATEWAY_INSTANCE_ID);
 const { log } = runtime;
+// A stop signal while it waits for an old spool LOCK ends the start; once the spool is open, its LOCK is released.
+const signals = stopOnSignals(log);
 
 if (cfg.BUN_CONFIG_MAX_HTTP_REQUESTS < 1024) {
   log.warn("upstream calls past this many at once wait inside fetch: set BUN_CONFIG_MAX_HTTP_REQUESTS (4096 in the image)", {
@@ -204,6 +206,8 @@ while (!spool) {
   }
 }
 log.info("metrics spool open", { dir: spool.dir, ...spool.recovery });
+const openSpool = spool;
+signals.undoOnStop(() => openSpool.close());
 const leaseJournal = openLeaseJournal(spool.dir, log.child({ component: "budget" }));
 const budget = createBudgetKeeper({
   billing,
@@ -236,6 +240,11 @@ const shipper = createMetricsShipper({
   registry: runtime.metrics.registry,
 });
 shipper.start();
+signals.undoOnStop(async () => {
+  await keyChanges.stop();
+  await shipper.close();
+  leaseJournal.close();
+});
 
 const breakers = createCircuitBreakers({
   failureThreshold: cfg.GATEWAY_BREAKER_FAILURES,
@@ -291,7 +300,7 @@ const fastRest =
       );
 log.info("gateway started", { models: config.models.size, instance: cfg.GATEWAY_INSTANCE_ID, url: server.url, rest_url: fastRest?.url });
 
-stopOnSignals(log, async () => {
+signals.serving(async () => {
   // Requests still running when the grace is over are told so (a 503, an error event) before their connections close.
   let cut = false;
   const cutInFlight = () => {

@@ -148,17 +148,38 @@ export async function listenOrExit<T>(
   }
 }
 
+export interface StopSignals {
+  /**
+   * Adds what a stop before serving must undo (stop a child server, release a lock); a stop signal then runs what was
+   * added, the last first, and exits 0.
+   */
+  undoOnStop(undo: () => unknown): void;
+  /** `step` of start-up, or once a stop signal has come a promise that never settles: what follows it does not run. */
+  unlessStopped<T>(step: Promise<T>): Promise<T>;
+  /** From now on SIGTERM or SIGINT runs `stop` (stop accepting, drain, flush) in place of the start-up's undoing. */
+  serving(stop: () => Promise<void>): void;
+}
+
 /**
- * On SIGTERM or SIGINT runs `stop` once (stop accepting, drain, flush), then exits 0;
- * exits 1 if stopping throws. A second signal exits at once.
+ * Handles SIGTERM and SIGINT from the start: as pid 1 of a container the kernel drops a signal with no handler (a pod
+ * deleted while it migrates waits out its whole grace period for SIGKILL), and elsewhere one would end the process
+ * without a word, leaving a child server running. A signal runs `stop` once (exit 0; 1 if it throws), or before
+ * `serving` the start-up's undoing; a second signal exits 1 at once.
  */
-export function stopOnSignals(log: Logger, stop: () => Promise<void>): void {
+export function stopOnSignals(log: Logger): StopSignals {
   let stopping = false;
+  let stop: (() => Promise<void>) | undefined;
+  const undos: (() => unknown)[] = [];
+  const undoStart = async () => {
+    for (const undo of undos.reverse()) {
+      await (async () => undo())().catch((err: unknown) => log.warn("stopping during start-up failed", { err }));
+    }
+  };
   const onSignal = (signal: string) => {
     if (stopping) process.exit(1);
     stopping = true;
-    log.info("stopping", { signal });
-    stop().then(
+    log.info("stopping", { signal, ...(stop ? {} : { starting: true }) });
+    (stop ?? undoStart)().then(
       () => {
         log.info("stopped");
         process.exit(0);
@@ -171,4 +192,19 @@ export function stopOnSignals(log: Logger, stop: () => Promise<void>): void {
   };
   process.on("SIGTERM", () => onSignal("SIGTERM"));
   process.on("SIGINT", () => onSignal("SIGINT"));
+  return {
+    undoOnStop(undo) {
+      undos.push(undo);
+    },
+    unlessStopped(step) {
+      const never = new Promise<never>(() => {});
+      return step.then(
+        (value) => (stopping ? never : value),
+        (e: unknown) => (stopping ? never : Promise.reject(e)),
+      );
+    },
+    serving(serve) {
+      stop = serve;
+    },
+  };
 }

@@ -82,3 +82,53 @@ export function keptAliveConnection(url: string) {
     destroy: () => socket.destroy(),
   };
 }
+
+/**
+ * Runs `cmd` as a container runs its command where it can (as root, with unshare): pid 1 of a PID namespace of its
+ * own, to which the kernel delivers only the signals it has a handler for (SIGKILL aside). Elsewhere it is a plain
+ * child. `pid` is the one to signal; `lines` fills with its output lines; `exited` resolves with its exit code.
+ */
+export async function spawnAsContainerInit(
+  cmd: string[],
+  options: { env: Record<string, string | undefined>; cwd?: string },
+) {
+  const asInit = process.getuid?.() === 0 && Bun.which("unshare") !== null;
+  const proc = Bun.spawn(asInit ? ["unshare", "--pid", "--fork", "--kill-child", ...cmd] : cmd, {
+    cwd: options.cwd,
+    env: { ...process.env, ...options.env },
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  const lines: string[] = [];
+  for (const stream of [proc.stdout, proc.stderr]) {
+    void (async () => {
+      let buffered = "";
+      for await (const chunk of stream) {
+        buffered += Buffer.from(chunk).toString();
+        const complete = buffered.split("\n");
+        buffered = complete.pop() ?? "";
+        lines.push(...complete.filter(Boolean));
+      }
+    })();
+  }
+  let pid = proc.pid;
+  for (let tries = 0; asInit && pid === proc.pid && tries < 100; tries++) {
+    const child = Number((await Bun.$`pgrep -P ${proc.pid}`.nothrow().text()).trim().split("\n")[0]);
+    if (child > 0) pid = child;
+    else await Bun.sleep(20);
+  }
+  return { proc, pid, asInit, lines, exited: proc.exited };
+}
+
+/** Resolves once one of `lines` contains `text`; rejects after `timeoutMs`. */
+export async function waitForLine(lines: readonly string[], text: string, timeoutMs = 30_000): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const line = lines.find((l) => l.includes(text));
+    if (line !== undefined) return line;
+    if (Date.now() > deadline) {
+      throw new Error(`no line with ${text} in ${timeoutMs} ms: ${lines.slice(-5).join("\n")}`);
+    }
+    await Bun.sleep(20);
+  }
+}

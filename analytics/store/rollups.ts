@@ -240,7 +240,7 @@ export function createRollups(
 
     /**
      * Rolls up the minutes closed since the last run and recomputes the marked ones. Once `signal` aborts (the process
-     * stopping), a backlog's next chunk is not started and marks wait for the next run.
+     * stopping), a backlog's next chunk and the next org's marked minutes are not started: they wait for the next run.
      */
     async rollUp(now = new Date(), signal?: AbortSignal): Promise<RollupResult> {
       const target = floorTo(now.getTime() * 1000 - lagUs, minuteUs);
@@ -290,6 +290,8 @@ export function createRollups(
       }
       let recomputed = 0;
       for (const [orgId, list] of byOrg) {
+        // Stopping, the marks are left for the next run, which recomputes their minutes.
+        if (signal?.aborted) return { rolledUntil: microsText(done).slice(0, 19), recomputedMinutes: recomputed };
         const all = [...new Set(list)].sort((a, b) => a - b);
         recomputed += all.length;
         for (let i = 0; i < all.length; i += maxListParam) {

@@ -534,6 +534,49 @@ for (const [name, makeDriver] of backends) {
   });
 }
 
+describe("a roll-up stopped while it recomputes late minutes", () => {
+  test("starts no other org's, keeps every mark for the next run, answers exact throughout", async () => {
+    const base = createChdbDriver(testDataDir());
+    let stopping: AbortController | undefined;
+    const recomputed: string[] = [];
+    const driver: ClickHouseDriver = {
+      ...base,
+      exec: async (sql, params) => {
+        await base.exec(sql, params);
+        // The process stopping while one org's late minutes are recomputed.
+        if (/INSERT INTO \w+\.requests_1m/.test(sql) && params?.org_id) {
+          recomputed.push(String(params.org_id));
+          stopping?.abort();
+        }
+      },
+    };
+    const store = await createTestStore({ driver });
+    try {
+      const orgs = ["org_stop_a", "org_stop_b", "org_stop_c"];
+      await store.insertRequests(orgs.map((orgId) => sampleMetrics(at(30_000), { orgId, costNanos: 5n })), "stop-1");
+      await store.rollUp();
+      await store.insertRequests(orgs.map((orgId) => sampleMetrics(at(40_000), { orgId, costNanos: 7n })), "stop-2");
+      const range = { start: timestampFromDate(at(0)), end: timestampFromDate(at(hour)) };
+      const totals = async () =>
+        Promise.all(orgs.map(async (orgId) => (await store.queryUsage({ orgId, ...range, groupBy: [], limit: 1 }))[0]));
+      const marks = async () =>
+        (await driver.query<{ n: string }>(`SELECT count() AS n FROM ${store.database}.rollup_dirty`))[0]?.n;
+      expect(await marks()).toBe("3");
+      stopping = new AbortController();
+      await store.rollUp(undefined, stopping.signal);
+      stopping = undefined;
+      expect(recomputed.length).toBe(1);
+      expect(await marks()).toBe("3");
+      for (const total of await totals()) expect([total?.requests, total?.costNanos]).toEqual([2n, 12n]);
+      expect((await store.rollUp()).recomputedMinutes).toBe(3);
+      expect(await marks()).toBe("0");
+      for (const total of await totals()) expect([total?.requests, total?.costNanos]).toEqual([2n, 12n]);
+    } finally {
+      await store.close();
+    }
+  }, 60_000);
+});
+
 describe("rollups of a new database", () => {
   test("the first run rolls up no later than its target, so rows arriving after it for earlier minutes count", async () => {
     const store = await createTestStore();
