@@ -37,7 +37,7 @@ import {
   type Invoice,
   InvoiceStatus,
   type KeyLimits,
-  type KeyLimitsSchema,
+  KeyLimitsSchema,
   type Organization,
   OrganizationState,
 } from "../gen/billing/v1/billing_pb.ts";
@@ -230,7 +230,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
       interceptors: [nameService("analytics", cfg.ANALYTICS_URL)],
     });
     const print = (schema: DescMessage, message: MessageShape<DescMessage>, table: () => string) =>
-      io.out(values.json ? `${JSON.stringify(toJson(schema, message), null, 2)}\n` : `${table()}\n`);
+      io.out(values.json ? `${JSON.stringify(asJson(schema, message), null, 2)}\n` : `${table()}\n`);
     const need = (value: string | undefined, what: string) => {
       if (!value) throw new UsageError(`missing ${what}`);
       return value;
@@ -390,7 +390,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         });
         io.out(
           values.json
-            ? `${JSON.stringify({ limits: key.limits ? toJson(schemaOf(key.limits), key.limits) : {}, usage: toJson(schemaOf(spent), spent), rotatedFrom }, null, 2)}\n`
+            ? `${JSON.stringify({ limits: asJson(KeyLimitsSchema, key.limits ?? create(KeyLimitsSchema)), usage: asJson(schemaOf(spent), spent), rotatedFrom }, null, 2)}\n`
             : `${table([
                 ["KEY", "LIMITS", "REQUESTS", "TOKENS", "SPENT (USD)"],
                 [
@@ -647,6 +647,15 @@ function errorLine(e: unknown): string {
 }
 
 const registry = createRegistry(file_billing_v1_billing, file_analytics_v1_analytics);
+
+/**
+ * A message as --json prints it: every field, zeros, empty lists and the first value of an enum included, so that a
+ * script reads the same shape whatever the values (protobuf's JSON leaves those out: no `apiKeys` for an org without
+ * keys, no `totalCents` on a $0.00 invoice). Unset messages and times (a key's `revokeTime`) stay out.
+ */
+function asJson(schema: DescMessage, message: MessageShape<DescMessage>) {
+  return toJson(schema, message, { alwaysEmitImplicit: true });
+}
 
 function schemaOf(message: { $typeName: string }): DescMessage {
   const schema = registry.getMessage(message.$typeName);
