@@ -524,6 +524,12 @@ describe("meshctl against a real billing", () => {
       1,
       /^meshctl: \[unavailable\] billing at http:\/\/127\.0\.0\.1:1: /,
     );
+    // A URL's user:password, a proxy's say, is no part of what stderr (a terminal, a CI log) shows.
+    for (const command of ["orgs list", "orgs create Creds", "invoices render inv_x --html"]) {
+      const run = await cli(command, { BILLING_URL: "http://ops:s3cret-pw@127.0.0.1:1" });
+      failsWith(run, 1, /^meshctl: \[unavailable\] billing at http:\/\/\*\*\*@127\.0\.0\.1:1: /);
+      expect(run.err).not.toContain("s3cret-pw");
+    }
     const none = await cli("");
     expect(none.code).toBe(2);
     expect(none.err).toContain("usage: meshctl");

@@ -42,7 +42,7 @@ import {
   OrganizationState,
 } from "../gen/billing/v1/billing_pb.ts";
 import { billingPeriod } from "../lib/billing-period.ts";
-import { commonEnv, env, parseEnv } from "../lib/config.ts";
+import { commonEnv, env, parseEnv, withoutCredentials } from "../lib/config.ts";
 import { formatCents, formatNanosUsd, parseUsdNanos } from "../lib/money.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 
@@ -221,13 +221,13 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
       baseUrl: cfg.BILLING_URL,
       bearerToken: cfg.ADMIN_TOKEN,
       timeoutMs: 30_000,
-      interceptors: [nameService("billing", cfg.BILLING_URL)],
+      interceptors: [nameService("billing", withoutCredentials(cfg.BILLING_URL))],
     });
     const analytics = createServiceClient(AnalyticsService, {
       baseUrl: cfg.ANALYTICS_URL,
       bearerToken: cfg.ADMIN_TOKEN,
       timeoutMs: 30_000,
-      interceptors: [nameService("analytics", cfg.ANALYTICS_URL)],
+      interceptors: [nameService("analytics", withoutCredentials(cfg.ANALYTICS_URL))],
     });
     const print = (schema: DescMessage, message: MessageShape<DescMessage>, table: () => string) =>
       io.out(values.json ? `${JSON.stringify(asJson(schema, message), null, 2)}\n` : `${table()}\n`);
@@ -540,7 +540,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           signal: AbortSignal.timeout(30_000),
         }).catch((e: Error) => {
           // fetch's own message names neither the service nor its address.
-          throw new ServiceError(`[unavailable] billing at ${cfg.BILLING_URL}: ${e.message}`);
+          throw new ServiceError(`[unavailable] billing at ${withoutCredentials(cfg.BILLING_URL)}: ${e.message}`);
         });
         if (!res.ok) {
           const reason = (await res.text()).split("\n")[0] || res.statusText;
@@ -603,7 +603,8 @@ async function analyticsRange(
 
 /**
  * A failure that is not the service's answer (nothing listening, another server at the address, out of time) names
- * the service and its address, as the invoice page's does: "[unimplemented] HTTP 404" alone said neither.
+ * the service and its address, as the invoice page's does: "[unimplemented] HTTP 404" alone said neither. The address
+ * comes with its `user:password@` masked.
  */
 function nameService(name: string, url: string): Interceptor {
   return (next) => async (req) => {
