@@ -538,6 +538,8 @@ describe("meshctl against a real billing", () => {
     expect(help.out).toContain("invoices generate --org ID");
     // An invoice names its last day; usage ranges end before --to, which the help says.
     expect(help.out).toContain("up to, not including, --to");
+    // So does a discount's validity, whose --until 2026-12-31 would leave out December's last day.
+    expect(help.out).toContain("up to, not including, --until: all of December is --from 2026-12-01 --until 2027-01-01");
   });
 });
 

@@ -83,7 +83,8 @@ const usage = `usage: meshctl <command> [flags] [--json]
                 [--percent P] [--tiers FROM_USD:PERCENT,...] [--hours 0-6] [--days 0,6] [--model M] [--provider P]
                 [--priority N] [--exclusive] [--from DATE] [--until DATE] [--cap-usd X]   (a negative N: --priority=-5)
       (--hours START-END in UTC, END excluded: 22-6 wraps past midnight, 0-24 is all day; --days (0 = Sunday .. 6)
-      are the days a window starts on, so --hours 22-6 --days 5 is Friday 22:00 to Saturday 06:00)
+      are the days a window starts on, so --hours 22-6 --days 5 is Friday 22:00 to Saturday 06:00; a rule applies
+      from --from up to, not including, --until: all of December is --from 2026-12-01 --until 2027-01-01)
   discounts list --org ID | discounts remove RULE_ID
   invoices generate --org ID [--period YYYY-MM] | invoices list --org ID | invoices show ID
       (--period: the billing period that starts in that month; default: the current one)
