@@ -129,6 +129,25 @@ describe("meshctl against a real billing", () => {
     expect(await ok(`projects list --org ${orgId}`)).toContain("web");
   });
 
+  test("--json has every field, zeros and empty lists included, so a script reads the same shape every time", async () => {
+    const created = await json<{ organization: { id: string } }>(`orgs create "Empty Co"`);
+    const id = created.organization.id;
+    expect(created.organization).toMatchObject({ taxRateBps: 0, monthlyBudgetNanos: "0", maxDiscountBps: 0 });
+    expect(await json(`keys list --org ${id}`)).toEqual({ apiKeys: [] });
+    expect(await json(`projects list --org ${id}`)).toEqual({ projects: [] });
+    expect(await json(`discounts list --org ${id}`)).toEqual({ rules: [] });
+    expect(await json(`invoices list --org ${id}`)).toEqual({ invoices: [] });
+    expect(await json(`usage --org ${id}`)).toMatchObject({ requests: "0", costNanos: "0" });
+    const { apiKey } = await json<{ apiKey: { id: string } }>(`keys create --org ${id}`);
+    expect(await json(`quota show ${apiKey.id} --org ${id}`)).toMatchObject({
+      limits: { monthlyBudgetNanos: "0", requestsPerMinute: 0, allowedModels: [] },
+      usage: { requests: "0", costNanos: "0" },
+      rotatedFrom: [],
+    });
+    const { invoice } = await json<{ invoice: Record<string, unknown> }>(`invoices generate --org ${id}`);
+    expect(invoice).toMatchObject({ subtotalCents: "0", taxCents: "0", totalCents: "0", lineItems: [] });
+  });
+
   test("orgs suspend and reinstate; orgs list shows the state", async () => {
     const org = await json<{ organization: { id: string } }>(`orgs create "Suspended Co"`);
     const id = org.organization.id;
@@ -267,8 +286,8 @@ describe("meshctl against a real billing", () => {
     expect(table.split("\n")[1]).toMatch(/^\s*2\s+300\s+3\s+30\s+3\s+3000000002\s+3\.000000002$/);
     const summary = await json<{ requests: string; costNanos: string }>(`usage --org ${orgId} --source billing`);
     expect(summary).toMatchObject({ requests: "2", costNanos: "3000000002" });
-    const ranged = await json<{ requests?: string }>(`usage --org ${orgId} --from 2020-01-01 --to 2020-02-01`);
-    expect(ranged.requests).toBeUndefined();
+    const ranged = await json<{ requests: string }>(`usage --org ${orgId} --from 2020-01-01 --to 2020-02-01`);
+    expect(ranged.requests).toBe("0");
 
     const fromAnalytics = await ok(`usage --org ${orgId} --source analytics`);
     expect(fromAnalytics.split("\n")[1]).toMatch(/^\s*3\s+30\s+3\s+12\s+1\s+4200\s+0\.0000042$/);
@@ -356,10 +375,10 @@ describe("meshctl against a real billing", () => {
     expect(
       await ok(`discounts add --org ${orgId} --name volume --kind volume-graduated --tiers 0:0,1:5,10:7.5`),
     ).toMatch(/^created discount rule disc_\w+\n$/);
-    const night = await json<{ rule: { id: string; stackable?: boolean } }>(
+    const night = await json<{ rule: { id: string; stackable: boolean } }>(
       `discounts add --org ${orgId} --name nights --kind time-window --percent 20 --hours 22-24 --days 0,6 --exclusive`,
     );
-    expect(night.rule.stackable).toBeUndefined();
+    expect(night.rule.stackable).toBe(false);
     const listed = await ok(`discounts list --org ${orgId}`);
     expect(listed).toMatch(/Spring promo\s+promotional\s+10%\s+5\s+yes\s+gpt-4o\s+2026-01-01\.\.2027-01-01\s+\$1/);
     expect(listed).toMatch(/volume\s+volume-graduated\s+\$0\+: 0%, \$1\+: 5%, \$10\+: 7\.5%\s+0\s+yes\s+all\s+always\s+-/);
@@ -505,6 +524,12 @@ describe("meshctl against a real billing", () => {
       1,
       /^meshctl: \[unavailable\] billing at http:\/\/127\.0\.0\.1:1: /,
     );
+    // A URL's user:password, a proxy's say, is no part of what stderr (a terminal, a CI log) shows.
+    for (const command of ["orgs list", "orgs create Creds", "invoices render inv_x --html"]) {
+      const run = await cli(command, { BILLING_URL: "http://ops:s3cret-pw@127.0.0.1:1" });
+      failsWith(run, 1, /^meshctl: \[unavailable\] billing at http:\/\/\*\*\*@127\.0\.0\.1:1: /);
+      expect(run.err).not.toContain("s3cret-pw");
+    }
     const none = await cli("");
     expect(none.code).toBe(2);
     expect(none.err).toContain("usage: meshctl");
@@ -513,6 +538,8 @@ describe("meshctl against a real billing", () => {
     expect(help.out).toContain("invoices generate --org ID");
     // An invoice names its last day; usage ranges end before --to, which the help says.
     expect(help.out).toContain("up to, not including, --to");
+    // So does a discount's validity, whose --until 2026-12-31 would leave out December's last day.
+    expect(help.out).toContain("up to, not including, --until: all of December is --from 2026-12-01 --until 2027-01-01");
   });
 });
 

@@ -37,12 +37,12 @@ import {
   type Invoice,
   InvoiceStatus,
   type KeyLimits,
-  type KeyLimitsSchema,
+  KeyLimitsSchema,
   type Organization,
   OrganizationState,
 } from "../gen/billing/v1/billing_pb.ts";
 import { billingPeriod } from "../lib/billing-period.ts";
-import { commonEnv, env, parseEnv } from "../lib/config.ts";
+import { commonEnv, env, parseEnv, withoutCredentials } from "../lib/config.ts";
 import { formatCents, formatNanosUsd, parseUsdNanos } from "../lib/money.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 
@@ -83,7 +83,8 @@ const usage = `usage: meshctl <command> [flags] [--json]
                 [--percent P] [--tiers FROM_USD:PERCENT,...] [--hours 0-6] [--days 0,6] [--model M] [--provider P]
                 [--priority N] [--exclusive] [--from DATE] [--until DATE] [--cap-usd X]   (a negative N: --priority=-5)
       (--hours START-END in UTC, END excluded: 22-6 wraps past midnight, 0-24 is all day; --days (0 = Sunday .. 6)
-      are the days a window starts on, so --hours 22-6 --days 5 is Friday 22:00 to Saturday 06:00)
+      are the days a window starts on, so --hours 22-6 --days 5 is Friday 22:00 to Saturday 06:00; a rule applies
+      from --from up to, not including, --until: all of December is --from 2026-12-01 --until 2027-01-01)
   discounts list --org ID | discounts remove RULE_ID
   invoices generate --org ID [--period YYYY-MM] | invoices list --org ID | invoices show ID
       (--period: the billing period that starts in that month; default: the current one)
@@ -221,16 +222,16 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
       baseUrl: cfg.BILLING_URL,
       bearerToken: cfg.ADMIN_TOKEN,
       timeoutMs: 30_000,
-      interceptors: [nameService("billing", cfg.BILLING_URL)],
+      interceptors: [nameService("billing", withoutCredentials(cfg.BILLING_URL))],
     });
     const analytics = createServiceClient(AnalyticsService, {
       baseUrl: cfg.ANALYTICS_URL,
       bearerToken: cfg.ADMIN_TOKEN,
       timeoutMs: 30_000,
-      interceptors: [nameService("analytics", cfg.ANALYTICS_URL)],
+      interceptors: [nameService("analytics", withoutCredentials(cfg.ANALYTICS_URL))],
     });
     const print = (schema: DescMessage, message: MessageShape<DescMessage>, table: () => string) =>
-      io.out(values.json ? `${JSON.stringify(toJson(schema, message), null, 2)}\n` : `${table()}\n`);
+      io.out(values.json ? `${JSON.stringify(asJson(schema, message), null, 2)}\n` : `${table()}\n`);
     const need = (value: string | undefined, what: string) => {
       if (!value) throw new UsageError(`missing ${what}`);
       return value;
@@ -390,7 +391,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         });
         io.out(
           values.json
-            ? `${JSON.stringify({ limits: key.limits ? toJson(schemaOf(key.limits), key.limits) : {}, usage: toJson(schemaOf(spent), spent), rotatedFrom }, null, 2)}\n`
+            ? `${JSON.stringify({ limits: asJson(KeyLimitsSchema, key.limits ?? create(KeyLimitsSchema)), usage: asJson(schemaOf(spent), spent), rotatedFrom }, null, 2)}\n`
             : `${table([
                 ["KEY", "LIMITS", "REQUESTS", "TOKENS", "SPENT (USD)"],
                 [
@@ -540,7 +541,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           signal: AbortSignal.timeout(30_000),
         }).catch((e: Error) => {
           // fetch's own message names neither the service nor its address.
-          throw new ServiceError(`[unavailable] billing at ${cfg.BILLING_URL}: ${e.message}`);
+          throw new ServiceError(`[unavailable] billing at ${withoutCredentials(cfg.BILLING_URL)}: ${e.message}`);
         });
         if (!res.ok) {
           const reason = (await res.text()).split("\n")[0] || res.statusText;
@@ -603,7 +604,8 @@ async function analyticsRange(
 
 /**
  * A failure that is not the service's answer (nothing listening, another server at the address, out of time) names
- * the service and its address, as the invoice page's does: "[unimplemented] HTTP 404" alone said neither.
+ * the service and its address, as the invoice page's does: "[unimplemented] HTTP 404" alone said neither. The address
+ * comes with its `user:password@` masked.
  */
 function nameService(name: string, url: string): Interceptor {
   return (next) => async (req) => {
@@ -647,6 +649,15 @@ function errorLine(e: unknown): string {
 }
 
 const registry = createRegistry(file_billing_v1_billing, file_analytics_v1_analytics);
+
+/**
+ * A message as --json prints it: every field, zeros, empty lists and the first value of an enum included, so that a
+ * script reads the same shape whatever the values (protobuf's JSON leaves those out: no `apiKeys` for an org without
+ * keys, no `totalCents` on a $0.00 invoice). Unset messages and times (a key's `revokeTime`) stay out.
+ */
+function asJson(schema: DescMessage, message: MessageShape<DescMessage>) {
+  return toJson(schema, message, { alwaysEmitImplicit: true });
+}
 
 function schemaOf(message: { $typeName: string }): DescMessage {
   const schema = registry.getMessage(message.$typeName);

@@ -273,7 +273,7 @@ function looksSecret(name: string): boolean {
  * its last `@`, as a password that makes the URL bad may hold a `/`, `?` or `#`. So is any `password=` value: a query
  * parameter (`?password=`, `sslpassword=`) or libpq's `host=db password=...`, which DATABASE_URL does not take.
  */
-function withoutCredentials(value: string): string {
+export function withoutCredentials(value: string): string {
   return value
     .replace(/^([A-Za-z][A-Za-z0-9+.-]*:\/\/)?.*@/s, (_, scheme: string | undefined) => `${scheme ?? ""}***@`)
     .replace(/(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s]*)/gi, "$1***");

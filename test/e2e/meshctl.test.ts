@@ -114,7 +114,7 @@ describe("meshctl drives the mesh", () => {
     expect(byKey[0]).toMatch(/^MODEL\s+KEY\s+REQUESTS\s/);
     expect(byKey[1]).toMatch(new RegExp(`^mock\\s+key_\\w+\\s+1\\s+.*\\s${cost}\\s`));
     const empty = await meshctl("latency", "--org", demo.orgId, "--from", "2020-01-01", "--to", "2020-02-01", "--json");
-    expect(JSON.parse(empty.out)).toEqual({});
+    expect(JSON.parse(empty.out)).toEqual({ models: [] });
     expect((await meshctl("latency", "--org", "org_missing")).code).toBe(1);
     expect((await meshctl("latency")).code).toBe(2);
   }, 60_000);
