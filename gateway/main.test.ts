@@ -1,5 +1,5 @@
 import { afterAll, expect, test } from "bun:test";
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, runCommand } from "../lib/processes.ts";
@@ -31,6 +31,45 @@ test.each(["GATEWAY_PORT", "GATEWAY_REST_PORT"])("with %s taken it exits 1, one 
     taken.stop(true);
   }
 }, 60_000);
+
+test.each(["GATEWAY_PORT", "GATEWAY_REST_PORT"])(
+  "with %s taken it releases its spool's LOCK as it exits: the next container opens the spool without waiting",
+  async (variable) => {
+    const spoolDir = join(dataDir, `taken-spool-${variable}`);
+    const taken = Bun.listen({ hostname: "0.0.0.0", port: 0, socket: { data() {} } });
+    const env = {
+      MESH_DATA_DIR: dataDir,
+      ADMIN_TOKEN: adminToken,
+      GATEWAY_INSTANCE_ID: "gw-taken",
+      GATEWAY_SPOOL_DIR: spoolDir,
+      LOG_LEVEL: "info",
+    };
+    const ports = async (busy: boolean) => {
+      const free = String(await freePort());
+      const [port, rest] = variable === "GATEWAY_PORT" ? [busy ? String(taken.port) : free, undefined] : [free, String(taken.port)];
+      return { GATEWAY_PORT: port, GATEWAY_REST_PORT: busy ? rest : undefined };
+    };
+    try {
+      // Containers of one pod, one after the other: the next cannot check the process of the one before.
+      const first = await spawnAsContainerInit([process.execPath, main], { env: { ...env, ...(await ports(true)) } });
+      expect(await first.exited).toBe(1);
+      await waitForLine(first.lines, `cannot listen on ${variable}`);
+      expect(existsSync(join(spoolDir, "gw-taken", "LOCK"))).toBe(false);
+      const next = await spawnAsContainerInit([process.execPath, main], { env: { ...env, ...(await ports(false)) } });
+      try {
+        await waitForLine(next.lines, "gateway started");
+        expect(next.lines.filter((line) => line.includes("waiting for its lock to go stale"))).toEqual([]);
+      } finally {
+        process.kill(next.pid, "SIGTERM");
+        await Promise.race([next.exited, Bun.sleep(10_000)]);
+        next.proc.kill("SIGKILL");
+      }
+    } finally {
+      taken.stop(true);
+    }
+  },
+  60_000,
+);
 
 test("GATEWAY_REST_PORT equal to GATEWAY_PORT is refused with the environment", async () => {
   const port = String(await freePort());

@@ -290,13 +290,19 @@ const server = await listenOrExit(log, "GATEWAY_PORT", cfg.GATEWAY_PORT, () =>
     readMaxBytes: cfg.GATEWAY_MAX_BODY_BYTES,
     cors,
   }),
+  // Releases the spool's LOCK, which the next start (the next container of a pod) would otherwise wait out.
+  () => signals.undoStart(),
 );
 const restPort = cfg.GATEWAY_REST_PORT;
 const fastRest =
   restPort === undefined
     ? undefined
-    : await listenOrExit(log, "GATEWAY_REST_PORT", restPort, () =>
-        serveRest(rest, { port: restPort, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log, cors }),
+    : await listenOrExit(
+        log,
+        "GATEWAY_REST_PORT",
+        restPort,
+        () => serveRest(rest, { port: restPort, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log, cors }),
+        () => signals.undoStart(),
       );
 log.info("gateway started", { models: config.models.size, instance: cfg.GATEWAY_INSTANCE_ID, url: server.url, rest_url: fastRest?.url });
 

@@ -154,6 +154,8 @@ export interface StopSignals {
    * added, the last first, and exits 0.
    */
   undoOnStop(undo: () => unknown): void;
+  /** Runs what undoOnStop added, the last first, once: for a start that fails after it (listenOrExit's cleanup). */
+  undoStart(): Promise<void>;
   /** `step` of start-up, or once a stop signal has come a promise that never settles: what follows it does not run. */
   unlessStopped<T>(step: Promise<T>): Promise<T>;
   /** From now on SIGTERM or SIGINT runs `stop` (stop accepting, drain, flush) in place of the start-up's undoing. */
@@ -170,11 +172,14 @@ export function stopOnSignals(log: Logger): StopSignals {
   let stopping = false;
   let stop: (() => Promise<void>) | undefined;
   const undos: (() => unknown)[] = [];
-  const undoStart = async () => {
-    for (const undo of undos.reverse()) {
-      await (async () => undo())().catch((err: unknown) => log.warn("stopping during start-up failed", { err }));
-    }
-  };
+  let undoing: Promise<void> | undefined;
+  // Once: a signal during a failed start's undoing waits for it rather than undoing again.
+  const undoStart = () =>
+    (undoing ??= (async () => {
+      for (const undo of undos.reverse()) {
+        await (async () => undo())().catch((err: unknown) => log.warn("stopping during start-up failed", { err }));
+      }
+    })());
   const onSignal = (signal: string) => {
     if (stopping) process.exit(1);
     stopping = true;
@@ -196,6 +201,7 @@ export function stopOnSignals(log: Logger): StopSignals {
     undoOnStop(undo) {
       undos.push(undo);
     },
+    undoStart,
     unlessStopped(step) {
       const never = new Promise<never>(() => {});
       return step.then(

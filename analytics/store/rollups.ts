@@ -174,7 +174,10 @@ export function createRollups(
 
   /**
    * Ends of the chunks that roll up [from, to), in order: whole minutes holding at most `chunkRows` raw rows each
-   * (counted with duplicates, so at most that many are read), or one minute that alone holds more. Covers up to a day.
+   * (counted with duplicates, so at most that many are read), or one minute that alone holds more. Covers up to a day,
+   * or, when that day has no rows, one chunk up to the next row's minute (or `to`): a database whose oldest row is
+   * years old (a gateway's clock reset) is not walked day by day. Its chunk still claims, then reads, its minutes, so a
+   * row stored there meanwhile is rolled up or marked as any other.
    */
   async function chunkEnds(from: Micros, to: Micros): Promise<Micros[]> {
     const until = Math.min(to, from + chunkPlanUs);
@@ -184,6 +187,15 @@ export function createRollups(
        GROUP BY minute ORDER BY minute`,
       { from: microsText(from), to: microsText(until) },
     );
+    if (counts.length === 0 && until < to) {
+      const [next] = await driver.query<{ minute: string }>(
+        `SELECT toString(toStartOfMinute(min(start_time))) AS minute FROM ${tables.requests}
+         WHERE start_time >= {from:DateTime64(6, 'UTC')} AND start_time < {to:DateTime64(6, 'UTC')}
+         HAVING count() > 0`,
+        { from: microsText(until), to: microsText(to) },
+      );
+      return [next ? textMicros(next.minute) : to];
+    }
     const ends: Micros[] = [];
     let start = from;
     let rows = 0;

@@ -598,6 +598,74 @@ describe("rollups of a new database", () => {
   });
 });
 
+describe("rollups of a database whose oldest row is decades old", () => {
+  test("the first run skips the days without rows in a few chunks, counting rows that arrive meanwhile", async () => {
+    const base = createChdbDriver(testDataDir());
+    const day = 24 * hour;
+    const now = Date.now();
+    const org = "org_old_row";
+    // The oldest row the longest retention keeps (a gateway whose clock was reset), one years later, and today's.
+    const oldest = new Date(now - (maxTtlDays - 1) * day);
+    const rows = [
+      sampleMetrics(oldest, { orgId: org, costNanos: 1n }),
+      sampleMetrics(new Date(now - 10 * 365 * day), { orgId: org, costNanos: 2n }),
+      ...Array.from({ length: 30 }, (_, i) => sampleMetrics(new Date(now - 3 * hour + i * 60_000), { orgId: org, costNanos: 10n })),
+    ];
+    // A row of a day with none, stored while a run looks past that day: either that run or a recomputation counts it.
+    const arriving = sampleMetrics(new Date(now - 20 * 365 * day), { orgId: org, costNanos: 100n });
+    let store: TestStore | undefined;
+    let arrived = false;
+    const windows: { from: string; to: string }[] = [];
+    let stopping: AbortController | undefined;
+    const driver: ClickHouseDriver = {
+      ...base,
+      query: async (sql, params, options) => {
+        const result = await base.query(sql, params, options);
+        if (/min\(start_time\)/.test(sql) && params?.from && !arrived && store) {
+          arrived = true;
+          await store.insertRequests([arriving], "old-arriving");
+        }
+        return result as never;
+      },
+      exec: async (sql, params) => {
+        if (/INSERT INTO \w+\.requests_1m .*FROM \w+\.requests FINAL/s.test(sql) && !params?.org_id) {
+          windows.push(params as { from: string; to: string });
+          // Bounds the walk: day by day it would take some 18,000 chunks.
+          if (windows.length >= 12) stopping?.abort();
+        }
+        await base.exec(sql, params);
+      },
+    };
+    store = await createTestStore({ driver, ttlDays: maxTtlDays });
+    try {
+      await store.insertRequests(rows, "old-1");
+      const range = { start: timestampFromDate(new Date(oldest.getTime() - hour)), end: timestampFromDate(new Date(now + hour)) };
+      const total = async () => {
+        const [row] = (await store?.queryUsage({ orgId: org, ...range, groupBy: [], limit: 1 })) ?? [];
+        return [row?.requests, row?.costNanos];
+      };
+      expect(await total()).toEqual([32n, 303n]);
+      stopping = new AbortController();
+      const first = await store.rollUp(new Date(now), stopping.signal);
+      stopping = undefined;
+      const target = new Date(Math.floor((now - 5 * 60_000) / 60_000) * 60_000);
+      expect(first.rolledUntil).toBe(target.toISOString().replace("T", " ").slice(0, 19));
+      expect(windows.length).toBeLessThan(12);
+      expect(arrived).toBe(true);
+      expect(await total()).toEqual([33n, 403n]);
+      await store.rollUp(new Date(now));
+      expect(await total()).toEqual([33n, 403n]);
+      const [rolled] = await driver.query<{ n: string; cost: string }>(
+        `SELECT sum(requests) AS n, sum(cost_nanos) AS cost FROM ${store.database}.requests_1h FINAL WHERE org_id = {org:String}`,
+        { org },
+      );
+      expect(rolled).toEqual({ n: "33", cost: "403" });
+    } finally {
+      await store.close();
+    }
+  }, 60_000);
+});
+
 describe("totals at the bounds of what a row may hold", () => {
   test("sums are exact in rollups and queries; a total past int64 is OutOfRange, never wrapped", async () => {
     const driver = createChdbDriver(testDataDir());

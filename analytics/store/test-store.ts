@@ -52,11 +52,18 @@ export interface TestStore extends AnalyticsStore {
 
 /** A migrated store in a fresh database of the shared chdb directory (or on `driver`); close() drops the database. */
 export async function createTestStore(
-  options: { driver?: ClickHouseDriver; database?: string; migrate?: boolean; rollupChunkRows?: number } = {},
+  options: {
+    driver?: ClickHouseDriver;
+    database?: string;
+    migrate?: boolean;
+    rollupChunkRows?: number;
+    ttlDays?: number;
+  } = {},
 ): Promise<TestStore> {
   const database = options.database ?? testDatabase();
   const driver = options.driver ?? createChdbDriver(testDataDir());
-  const store = createAnalyticsStore(driver, { database, ttlDays: 400, rollupChunkRows: options.rollupChunkRows });
+  const { rollupChunkRows, ttlDays = 400 } = options;
+  const store = createAnalyticsStore(driver, { database, ttlDays, rollupChunkRows });
   if (options.migrate ?? true) await store.migrate();
   return {
     ...store,
