@@ -1062,8 +1062,11 @@ describe("maximum cost of a request", () => {
     expect(maxInputTokens({ messages: [{ role: "assistant", content: null, refusal: "I can't" }] })).toBe(framing + 7);
   });
 
-  test("output is max_completion_tokens, else max_tokens, else the cap, times n", () => {
-    expect(maxOutputTokens({ max_completion_tokens: 10, max_tokens: 99, n: 3 }, 4096)).toBe(30);
+  test("output is max_completion_tokens or max_tokens, the larger of both, else the cap, times n", () => {
+    // Both go upstream, and one that reads only max_tokens produces up to 99 a choice.
+    expect(maxOutputTokens({ max_completion_tokens: 10, max_tokens: 99, n: 3 }, 4096)).toBe(297);
+    expect(maxOutputTokens({ max_completion_tokens: 99, max_tokens: 10 }, 4096)).toBe(99);
+    expect(maxOutputTokens({ max_completion_tokens: 10 }, 4096)).toBe(10);
     expect(maxOutputTokens({ max_tokens: 99 }, 4096)).toBe(99);
     expect(maxOutputTokens({}, 4096)).toBe(4096);
   });

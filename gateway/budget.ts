@@ -38,7 +38,7 @@ import type { ResponsesPrompt } from "./responses-request.ts";
  * granted lease money before the upstream is called, and grants never exceed the budget. The
  * reserved maximum is input tokens bounded by the prompt's UTF-8 bytes (byte-level BPE never
  * yields more tokens than bytes) plus framing, a fixed bound per image, file or audio part
- * (`partTokensBound`), and output of max_completion_tokens / max_tokens (or the model's configured
+ * (`partTokensBound`), and output of max_completion_tokens / max_tokens, the larger of both (or the model's configured
  * cap) times n, each at the dearest price of its kind. So overshoot happens only when an upstream
  * bills more output than the cap it was given (ignores max_tokens, or the client set none and the
  * reply outgrew the configured cap), an image, file or audio part costs more than its bound, or a
@@ -914,12 +914,17 @@ export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" |
   return chatInputTokens(request, (text) => Buffer.byteLength(text));
 }
 
-/** The most output a chat request may produce: its max_completion_tokens or max_tokens (else `cap`) times n. */
+/**
+ * The most output a chat request may produce: its max_completion_tokens or max_tokens, the larger when it sets both
+ * (both go upstream, and one that reads only max_tokens, as OpenAI-compatible servers older than
+ * max_completion_tokens do, is bound by that alone), else `cap`; times n.
+ */
 export function maxOutputTokens(
   request: Pick<ChatRequest, "max_completion_tokens" | "max_tokens" | "n">,
   cap: number,
 ): number {
-  const limit = request.max_completion_tokens ?? request.max_tokens ?? cap;
+  const { max_completion_tokens: completion, max_tokens: tokens } = request;
+  const limit = completion != null && tokens != null ? Math.max(completion, tokens) : (completion ?? tokens ?? cap);
   return limit * (request.n ?? 1);
 }
 

@@ -210,6 +210,8 @@ describe("what a running request counts at", () => {
     expect(estimatedChatTokens({ messages }, 4096)).toBe(prompt + 4096);
     expect(estimatedChatTokens({ messages, n: 8 }, 4096)).toBe(prompt + 8 * 4096);
     expect(estimatedChatTokens({ messages, max_tokens: 10, max_completion_tokens: 20, n: 2 }, 4096)).toBe(prompt + 40);
+    // Both sent upstream: one reading only max_tokens produces up to 50 a choice.
+    expect(estimatedChatTokens({ messages, max_tokens: 50, max_completion_tokens: 20, n: 2 }, 4096)).toBe(prompt + 100);
     // The part no max_tokens bounds, which may shrink to the room a key's TPM has left.
     expect(unsetOutputTokens({ n: 2 }, 4096)).toBe(8192);
     expect(unsetOutputTokens({ max_completion_tokens: 20 }, 4096)).toBe(0);
