@@ -1055,6 +1055,17 @@ describe("maximum cost of a request", () => {
     expect(withPart({ type: "input_audio", input_audio: { data: "UklGRg==", format: "wav" } })).toBe(framing + 128_000);
   });
 
+  test("legacy function definitions and an assistant's function_call are reserved as tools and tool calls are", () => {
+    const messages = [{ role: "user" as const, content: "hi" }];
+    const bound = maxInputTokens({ messages });
+    const functions = [{ name: "weather", description: "d".repeat(40_000) }];
+    expect(maxInputTokens({ messages, functions })).toBe(bound + JSON.stringify(functions).length + 32);
+    const function_call = { name: "weather", arguments: JSON.stringify({ notes: "n".repeat(40_000) }) };
+    const called = [...messages, { role: "assistant" as const, content: null, function_call }];
+    // The assistant turn's framing and role, then the call.
+    expect(maxInputTokens({ messages: called })).toBe(bound + 8 + 9 + JSON.stringify(function_call).length);
+  });
+
   test("an assistant turn without content is reserved at its refusal's bytes, or the audio bound for audio by id", () => {
     // Reply priming, then one assistant message's framing and role.
     const framing = 3 + 8 + 9;

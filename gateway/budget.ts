@@ -880,7 +880,7 @@ const framingPerTool = 32;
  * reserve (maxInputTokens); about four characters a token and typical parts, the estimate rate limits hold.
  */
 export function chatInputTokens(
-  request: Pick<ChatRequest, "messages" | "tools" | "response_format">,
+  request: Pick<ChatRequest, "messages" | "tools" | "functions" | "response_format">,
   textTokens: (text: string) => number,
   partTokens: ReadonlyMap<string, number> = partTokensBound,
 ): number {
@@ -900,17 +900,22 @@ export function chatInputTokens(
     // An assistant's earlier audio answer, referred to by id: the model hears it again, bounded as an audio part.
     if ("audio" in m && m.audio) tokens += partTokens.get("input_audio") as number;
     if ("tool_calls" in m && m.tool_calls) tokens += textTokens(JSON.stringify(m.tool_calls));
+    // The legacy form of a tool call, still sent back by clients of the deprecated `functions`.
+    if ("function_call" in m && m.function_call) tokens += textTokens(JSON.stringify(m.function_call));
     if ("tool_call_id" in m && typeof m.tool_call_id === "string") tokens += textTokens(m.tool_call_id);
   }
-  if (request.tools && request.tools.length > 0) {
-    tokens += textTokens(JSON.stringify(request.tools)) + framingPerTool * request.tools.length;
+  // Deprecated `functions` are tool definitions the model reads as it reads `tools`.
+  for (const definitions of [request.tools, request.functions]) {
+    if (definitions && definitions.length > 0) {
+      tokens += textTokens(JSON.stringify(definitions)) + framingPerTool * definitions.length;
+    }
   }
   if (request.response_format) tokens += textTokens(JSON.stringify(request.response_format));
   return tokens;
 }
 
 /** An upper bound on a chat request's input tokens: UTF-8 bytes of everything the model reads. */
-export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" | "response_format">): number {
+export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" | "functions" | "response_format">): number {
   return chatInputTokens(request, (text) => Buffer.byteLength(text));
 }
 
@@ -950,7 +955,10 @@ export function maxSpend(inputTokens: number, outputTokens: number, price: Price
  * its model reads (a prompt's bytes and a file's bound are taken no higher).
  */
 export function maxChatSpend(
-  request: Pick<ChatRequest, "messages" | "tools" | "response_format" | "max_completion_tokens" | "max_tokens" | "n">,
+  request: Pick<
+    ChatRequest,
+    "messages" | "tools" | "functions" | "response_format" | "max_completion_tokens" | "max_tokens" | "n"
+  >,
   price: Price,
   cap: number,
   contextWindow?: number,
