@@ -984,19 +984,19 @@ export function responsesInputTokens(
 
 /**
  * The most a Responses API request can use: its input's UTF-8 bytes and parts' bounds (the whole `contextWindow`, when
- * the model sets one, for a request chained to state the upstream holds, whose earlier turns it reads too), and its
- * `max_output_tokens`, else `cap`.
+ * the model sets one, for a request into which the upstream reads what the gateway does not see: the earlier turns of
+ * one chained to state it holds, an MCP server's tools and their outputs), and its `max_output_tokens`, else `cap`.
  */
 export function maxResponsesSpend(
   prompt: ResponsesPrompt,
   maxOutput: number | undefined,
-  chained: boolean,
+  readsUnseen: boolean,
   price: Price,
   cap: number,
   contextWindow?: number,
 ): Spend {
   const input = responsesInputTokens(prompt, (text) => Buffer.byteLength(text));
-  const read = contextWindow === undefined ? input : chained ? contextWindow : Math.min(input, contextWindow);
+  const read = contextWindow === undefined ? input : readsUnseen ? contextWindow : Math.min(input, contextWindow);
   return maxSpend(read, maxOutput ?? cap, price);
 }
 
