@@ -435,6 +435,20 @@ describe("limits and budgets on the Responses API", () => {
     });
   });
 
+  test("a response with an MCP tool reserves the model's whole context window, as what its server brings is unseen here", async () => {
+    // The upstream reads the MCP server's tool definitions and the outputs of its calls into the request: on a window of
+    // 500 tokens, 500 input + 16 output tokens are reserved, more than this key's 400 tokens ($1 a token here).
+    const key = await keyWith({ monthlyBudgetNanos: 400n * 1_000_000n });
+    const mcp = { type: "mcp", server_label: "docs", server_url: "https://mcp.example.com/mcp", require_approval: "never" };
+    const before = mockCalls;
+    const res = await respond(key, { model: "mock-small-window", input: "hi", max_output_tokens: 16, tools: [mcp] });
+    expect(res.status).toBe(429);
+    expect(await errorOf(res)).toMatchObject({ type: "insufficient_quota", code: "insufficient_quota" });
+    expect(mockCalls).toBe(before);
+    // Without it, the request is reserved at what it holds.
+    expect((await respond(key, { model: "mock-small-window", input: "hi", max_output_tokens: 16 })).status).toBe(200);
+  });
+
   test("a key's budget stops responses before the upstream with insufficient_quota, and billing records what was served under its endpoint", async () => {
     // Each response reserves 13 input (bytes bound) + 16 output tokens and costs 8 + 4 tokens: $1 a token here.
     const key = await keyWith({ monthlyBudgetNanos: 50n * 1_000_000n });

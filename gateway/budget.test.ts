@@ -1055,6 +1055,17 @@ describe("maximum cost of a request", () => {
     expect(withPart({ type: "input_audio", input_audio: { data: "UklGRg==", format: "wav" } })).toBe(framing + 128_000);
   });
 
+  test("legacy function definitions and an assistant's function_call are reserved as tools and tool calls are", () => {
+    const messages = [{ role: "user" as const, content: "hi" }];
+    const bound = maxInputTokens({ messages });
+    const functions = [{ name: "weather", description: "d".repeat(40_000) }];
+    expect(maxInputTokens({ messages, functions })).toBe(bound + JSON.stringify(functions).length + 32);
+    const function_call = { name: "weather", arguments: JSON.stringify({ notes: "n".repeat(40_000) }) };
+    const called = [...messages, { role: "assistant" as const, content: null, function_call }];
+    // The assistant turn's framing and role, then the call.
+    expect(maxInputTokens({ messages: called })).toBe(bound + 8 + 9 + JSON.stringify(function_call).length);
+  });
+
   test("an assistant turn without content is reserved at its refusal's bytes, or the audio bound for audio by id", () => {
     // Reply priming, then one assistant message's framing and role.
     const framing = 3 + 8 + 9;
@@ -1062,8 +1073,11 @@ describe("maximum cost of a request", () => {
     expect(maxInputTokens({ messages: [{ role: "assistant", content: null, refusal: "I can't" }] })).toBe(framing + 7);
   });
 
-  test("output is max_completion_tokens, else max_tokens, else the cap, times n", () => {
-    expect(maxOutputTokens({ max_completion_tokens: 10, max_tokens: 99, n: 3 }, 4096)).toBe(30);
+  test("output is max_completion_tokens or max_tokens, the larger of both, else the cap, times n", () => {
+    // Both go upstream, and one that reads only max_tokens produces up to 99 a choice.
+    expect(maxOutputTokens({ max_completion_tokens: 10, max_tokens: 99, n: 3 }, 4096)).toBe(297);
+    expect(maxOutputTokens({ max_completion_tokens: 99, max_tokens: 10 }, 4096)).toBe(99);
+    expect(maxOutputTokens({ max_completion_tokens: 10 }, 4096)).toBe(10);
     expect(maxOutputTokens({ max_tokens: 99 }, 4096)).toBe(99);
     expect(maxOutputTokens({}, 4096)).toBe(4096);
   });

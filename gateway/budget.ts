@@ -38,7 +38,7 @@ import type { ResponsesPrompt } from "./responses-request.ts";
  * granted lease money before the upstream is called, and grants never exceed the budget. The
  * reserved maximum is input tokens bounded by the prompt's UTF-8 bytes (byte-level BPE never
  * yields more tokens than bytes) plus framing, a fixed bound per image, file or audio part
- * (`partTokensBound`), and output of max_completion_tokens / max_tokens (or the model's configured
+ * (`partTokensBound`), and output of max_completion_tokens / max_tokens, the larger of both (or the model's configured
  * cap) times n, each at the dearest price of its kind. So overshoot happens only when an upstream
  * bills more output than the cap it was given (ignores max_tokens, or the client set none and the
  * reply outgrew the configured cap), an image, file or audio part costs more than its bound, or a
@@ -880,7 +880,7 @@ const framingPerTool = 32;
  * reserve (maxInputTokens); about four characters a token and typical parts, the estimate rate limits hold.
  */
 export function chatInputTokens(
-  request: Pick<ChatRequest, "messages" | "tools" | "response_format">,
+  request: Pick<ChatRequest, "messages" | "tools" | "functions" | "response_format">,
   textTokens: (text: string) => number,
   partTokens: ReadonlyMap<string, number> = partTokensBound,
 ): number {
@@ -900,26 +900,36 @@ export function chatInputTokens(
     // An assistant's earlier audio answer, referred to by id: the model hears it again, bounded as an audio part.
     if ("audio" in m && m.audio) tokens += partTokens.get("input_audio") as number;
     if ("tool_calls" in m && m.tool_calls) tokens += textTokens(JSON.stringify(m.tool_calls));
+    // The legacy form of a tool call, still sent back by clients of the deprecated `functions`.
+    if ("function_call" in m && m.function_call) tokens += textTokens(JSON.stringify(m.function_call));
     if ("tool_call_id" in m && typeof m.tool_call_id === "string") tokens += textTokens(m.tool_call_id);
   }
-  if (request.tools && request.tools.length > 0) {
-    tokens += textTokens(JSON.stringify(request.tools)) + framingPerTool * request.tools.length;
+  // Deprecated `functions` are tool definitions the model reads as it reads `tools`.
+  for (const definitions of [request.tools, request.functions]) {
+    if (definitions && definitions.length > 0) {
+      tokens += textTokens(JSON.stringify(definitions)) + framingPerTool * definitions.length;
+    }
   }
   if (request.response_format) tokens += textTokens(JSON.stringify(request.response_format));
   return tokens;
 }
 
 /** An upper bound on a chat request's input tokens: UTF-8 bytes of everything the model reads. */
-export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" | "response_format">): number {
+export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" | "functions" | "response_format">): number {
   return chatInputTokens(request, (text) => Buffer.byteLength(text));
 }
 
-/** The most output a chat request may produce: its max_completion_tokens or max_tokens (else `cap`) times n. */
+/**
+ * The most output a chat request may produce: its max_completion_tokens or max_tokens, the larger when it sets both
+ * (both go upstream, and one that reads only max_tokens, as OpenAI-compatible servers older than
+ * max_completion_tokens do, is bound by that alone), else `cap`; times n.
+ */
 export function maxOutputTokens(
   request: Pick<ChatRequest, "max_completion_tokens" | "max_tokens" | "n">,
   cap: number,
 ): number {
-  const limit = request.max_completion_tokens ?? request.max_tokens ?? cap;
+  const { max_completion_tokens: completion, max_tokens: tokens } = request;
+  const limit = completion != null && tokens != null ? Math.max(completion, tokens) : (completion ?? tokens ?? cap);
   return limit * (request.n ?? 1);
 }
 
@@ -945,7 +955,10 @@ export function maxSpend(inputTokens: number, outputTokens: number, price: Price
  * its model reads (a prompt's bytes and a file's bound are taken no higher).
  */
 export function maxChatSpend(
-  request: Pick<ChatRequest, "messages" | "tools" | "response_format" | "max_completion_tokens" | "max_tokens" | "n">,
+  request: Pick<
+    ChatRequest,
+    "messages" | "tools" | "functions" | "response_format" | "max_completion_tokens" | "max_tokens" | "n"
+  >,
   price: Price,
   cap: number,
   contextWindow?: number,
@@ -971,19 +984,19 @@ export function responsesInputTokens(
 
 /**
  * The most a Responses API request can use: its input's UTF-8 bytes and parts' bounds (the whole `contextWindow`, when
- * the model sets one, for a request chained to state the upstream holds, whose earlier turns it reads too), and its
- * `max_output_tokens`, else `cap`.
+ * the model sets one, for a request into which the upstream reads what the gateway does not see: the earlier turns of
+ * one chained to state it holds, an MCP server's tools and their outputs), and its `max_output_tokens`, else `cap`.
  */
 export function maxResponsesSpend(
   prompt: ResponsesPrompt,
   maxOutput: number | undefined,
-  chained: boolean,
+  readsUnseen: boolean,
   price: Price,
   cap: number,
   contextWindow?: number,
 ): Spend {
   const input = responsesInputTokens(prompt, (text) => Buffer.byteLength(text));
-  const read = contextWindow === undefined ? input : chained ? contextWindow : Math.min(input, contextWindow);
+  const read = contextWindow === undefined ? input : readsUnseen ? contextWindow : Math.min(input, contextWindow);
   return maxSpend(read, maxOutput ?? cap, price);
 }
 

@@ -586,7 +586,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       call,
       principal,
       route,
-      maxResponsesSpend(prompt, maxOutput, input.chained, reservationPrice(routed), cap, route.contextWindow),
+      maxResponsesSpend(prompt, maxOutput, input.readsUnseen, reservationPrice(routed), cap, route.contextWindow),
       estimatedResponsesTokens(prompt, maxOutput, cap),
       maxOutput === undefined ? cap : 0,
     );

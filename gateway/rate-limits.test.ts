@@ -210,6 +210,8 @@ describe("what a running request counts at", () => {
     expect(estimatedChatTokens({ messages }, 4096)).toBe(prompt + 4096);
     expect(estimatedChatTokens({ messages, n: 8 }, 4096)).toBe(prompt + 8 * 4096);
     expect(estimatedChatTokens({ messages, max_tokens: 10, max_completion_tokens: 20, n: 2 }, 4096)).toBe(prompt + 40);
+    // Both sent upstream: one reading only max_tokens produces up to 50 a choice.
+    expect(estimatedChatTokens({ messages, max_tokens: 50, max_completion_tokens: 20, n: 2 }, 4096)).toBe(prompt + 100);
     // The part no max_tokens bounds, which may shrink to the room a key's TPM has left.
     expect(unsetOutputTokens({ n: 2 }, 4096)).toBe(8192);
     expect(unsetOutputTokens({ max_completion_tokens: 20 }, 4096)).toBe(0);
@@ -217,6 +219,9 @@ describe("what a running request counts at", () => {
     // 200 KB of tool definitions is about 50,000 tokens; a schema and an image count too.
     const tools = [{ type: "function" as const, function: { name: "f", description: "d".repeat(200_000) } }];
     expect(estimatedChatTokens({ messages, tools, max_tokens: 10 }, 4096)).toBeGreaterThan(prompt + 50_000);
+    // So do the legacy `functions` the model reads as it reads tools.
+    const functions = [{ name: "f", description: "d".repeat(200_000) }];
+    expect(estimatedChatTokens({ messages, functions, max_tokens: 0 }, 4096)).toBeGreaterThan(prompt + 50_000);
     const schema = { type: "json_schema" as const, json_schema: { name: "s", schema: { description: "d".repeat(4000) } } };
     expect(estimatedChatTokens({ messages, response_format: schema, max_tokens: 0 }, 4096)).toBeGreaterThan(prompt + 1000);
     // An image counts at a typical size, not its budget bound: a key with TPM 10,000 runs several at once.

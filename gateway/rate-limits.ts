@@ -299,7 +299,10 @@ const partTokens = new Map([
  * counts it.
  */
 export function estimatedChatTokens(
-  request: Pick<ChatRequest, "messages" | "tools" | "response_format" | "max_completion_tokens" | "max_tokens" | "n">,
+  request: Pick<
+    ChatRequest,
+    "messages" | "tools" | "functions" | "response_format" | "max_completion_tokens" | "max_tokens" | "n"
+  >,
   cap: number,
 ): number {
   return chatInputTokens(request, estimatedTextTokens, partTokens) + maxOutputTokens(request, cap);

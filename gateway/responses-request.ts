@@ -39,6 +39,11 @@ export interface ResponsesInput {
    * only the model's first target can serve it, and the gateway does not see all it reads.
    */
   chained: boolean;
+  /**
+   * The upstream reads into the request what the gateway does not see: a chained request's earlier turns, or what an
+   * `mcp` tool brings (its server's tool definitions, the outputs of the calls the upstream makes to it).
+   */
+  readsUnseen: boolean;
 }
 
 /** What the model reads of a request, for token counts: texts, and parts whose size their bytes do not tell. */
@@ -207,7 +212,8 @@ export function parseResponsesInput(body: unknown): ResponsesInput {
     !absent(body.previous_response_id) ||
     (Array.isArray(input) && input.some((item) => isObject(item) && isItemReference(item)));
   const stream = body.stream === true;
-  return { model, upstream: upstream as unknown as ResponsesRequest, user, tags, stream, chained };
+  const readsUnseen = chained || (Array.isArray(tools) && tools.some((t) => isObject(t) && t.type === "mcp"));
+  return { model, upstream: upstream as unknown as ResponsesRequest, user, tags, stream, chained, readsUnseen };
 }
 
 const partKinds: Record<string, string> = { input_image: "image_url", input_file: "file", input_audio: "input_audio" };

@@ -51,6 +51,18 @@ describe("token counts", () => {
     expect(await countInputTokens({ messages: [{ role: "user", content: parts }] })).toBe(framed + 2 * partTokensEstimate);
   });
 
+  test("legacy function definitions and an assistant's function_call are counted as tools and tool calls are", async () => {
+    const framed = await countInputTokens({ messages: user("hello there friend") });
+    const functions = [{ name: "weather", description: "The weather in a city, in detail." }];
+    const definitions = await countTextTokens([JSON.stringify(functions)]);
+    expect(await countInputTokens({ messages: user("hello there friend"), functions })).toBe(framed + definitions);
+    const function_call = { name: "weather", arguments: '{"city":"Paris"}' };
+    const called = [...user("hello there friend"), { role: "assistant" as const, content: null, function_call }];
+    // 3 around the assistant message and 1 for "assistant", then the name and arguments.
+    const call = await countTextTokens(["weather", '{"city":"Paris"}']);
+    expect(await countInputTokens({ messages: called })).toBe(framed + 4 + call);
+  });
+
   test("a whole answer and the same answer streamed count the same generated text", async () => {
     const whole: string[] = [];
     addGenerated(whole, {

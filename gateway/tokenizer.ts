@@ -205,13 +205,13 @@ export const partTokensEstimate = 765;
 const lowDetailImageTokens = 85;
 
 /**
- * Prompt tokens of a chat request: messages (text, images, files, audio, tool calls), tool definitions and the
- * response format (a JSON schema is part of the prompt an upstream bills).
+ * Prompt tokens of a chat request: messages (text, images, files, audio, tool calls), tool definitions (and legacy
+ * `functions`) and the response format (a JSON schema is part of the prompt an upstream bills).
  */
 export async function countInputTokens(
-  request: Pick<ChatCompletionCreateParams, "messages" | "tools" | "response_format">,
+  request: Pick<ChatCompletionCreateParams, "messages" | "tools" | "functions" | "response_format">,
 ): Promise<number> {
-  const { messages, tools, response_format } = request;
+  const { messages, tools, functions, response_format } = request;
   const count = newCount();
   let tokens = replyPriming;
   for (const m of messages) {
@@ -243,8 +243,14 @@ export async function countInputTokens(
         }
       }
     }
+    // The legacy form of a tool call, and of tool definitions below: the model reads them as it reads tools.
+    if (m.role === "assistant" && m.function_call) {
+      count.add(m.function_call.name);
+      count.add(m.function_call.arguments);
+    }
   }
   if (tools && tools.length > 0) count.add(JSON.stringify(tools));
+  if (functions && functions.length > 0) count.add(JSON.stringify(functions));
   if (response_format) count.add(JSON.stringify(response_format));
   return tokens + (await count.total());
 }
