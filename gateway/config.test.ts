@@ -293,6 +293,37 @@ describe("gateway config", () => {
     expect(parseGatewayConfig(apim, "t.yaml").providers[0]).toMatchObject({ headers: { "Ocp-Apim-Subscription-Key": "k" }, keep_alive_ms: 1000 });
   });
 
+  test("a base_url the gateway's paths would miss on every call (an endpoint's URL, /v1 twice, a #fragment) is refused", () => {
+    const openai = (url: string) =>
+      `providers:\n  - { name: p, kind: openai, base_url: "${url}" }\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;
+    for (const url of [
+      "http://localhost:8000/v1/chat/completions",
+      "http://localhost:11434/v1/chat/completions/",
+      "https://openrouter.ai/api/v1/embeddings",
+      "https://api.openai.com/v1/responses",
+      "http://localhost:8000/v1/completions",
+    ]) {
+      expect([url, configError(openai(url))]).toEqual([
+        url,
+        expect.stringContaining("providers[0].base_url: give the base the gateway adds /chat/completions, /embeddings and /responses to"),
+      ]);
+    }
+    expect(configError(openai("http://localhost:8000/v1/v1"))).toContain("providers[0].base_url: /v1 is in it twice");
+    expect(configError(openai("http://localhost:8000/v1#models"))).toContain("providers[0].base_url: must not hold a #fragment");
+    // An Azure deployment's endpoint URL gets Azure's one message, not a second one with an example of another kind.
+    const azure = (url: string) =>
+      `providers:\n  - { name: p, kind: azure, api_key_env: K, base_url: "${url}" }\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;
+    for (const url of ["https://x.openai.azure.com/openai/deployments/d/chat/completions", "https://x.openai.azure.com/openai/v1/chat/completions"]) {
+      const message = configError(azure(url));
+      expect(message).toContain("providers[0].base_url: give the resource endpoint without /openai");
+      expect(message).not.toContain("give the base the gateway adds");
+    }
+    expect(configError(azure("https://apim.example.com/chat/completions"))).toContain("(such as https://example.openai.azure.com/)");
+    for (const url of ["http://localhost:8000/v1/", "https://openrouter.ai/api/v1", "https://api.groq.com/openai/v1", "http://h:1/v1?a=b"]) {
+      expect(parseGatewayConfig(openai(url), "t.yaml").providers[0]).toMatchObject({ base_url: url });
+    }
+  });
+
   test("an Azure base_url is the resource endpoint or its v1 API: any other under /openai, which the gateway adds, is refused", () => {
     const azure = (url: string) =>
       `providers:\n  - { name: p, kind: azure, api_key_env: AZURE_KEY, base_url: "${url}" }\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;

@@ -44,6 +44,24 @@ const baseUrl = z
     return username === "" && password === "";
   }, "must not hold credentials (user:password@): give the key in api_key_env, or an Authorization header in headers");
 
+/**
+ * The SDK appends each call's path to the base URL as written: an endpoint's URL, a version twice or a fragment (which
+ * fetch never sends) would have every call answered 404. `example` is a base URL of the provider's kind.
+ */
+const callableBase = (example: string) => (url: string, ctx: z.RefinementCtx) => {
+  const { pathname, hash } = new URL(url);
+  const endpoint = /\/(chat\/completions|completions|embeddings|responses)\/*$/i.exec(pathname);
+  const twice = /\/(v\d+)\/+\1(\/|$)/i.exec(pathname);
+  const problem = endpoint
+    ? `give the base the gateway adds /chat/completions, /embeddings and /responses to, without /${endpoint[1]} (such as ${example})`
+    : twice
+      ? `/${twice[1]} is in it twice: the gateway adds none, so give it once`
+      : hash
+        ? "must not hold a #fragment, which is never sent: the gateway adds each call's path after it"
+        : undefined;
+  if (problem) ctx.addIssue({ code: "custom", message: problem });
+};
+
 /** Extra request headers, refused at start if fetch would refuse them on every call. */
 const headers = z.record(z.string(), z.string()).superRefine((all, ctx) => {
   for (const [header, value] of Object.entries(all)) {
@@ -59,7 +77,7 @@ const openaiProvider = z.strictObject({
   name: providerName,
   kind: z.literal("openai"),
   /** Any OpenAI-compatible base URL; the OpenAI API by default. */
-  base_url: baseUrl.optional(),
+  base_url: baseUrl.superRefine(callableBase("http://localhost:8000/v1")).optional(),
   /** Variable holding the upstream key; unset for upstreams that need none. */
   api_key_env: envName.optional(),
   headers: headers.optional(),
@@ -82,10 +100,18 @@ const azureProvider = z.strictObject({
    * The resource endpoint, e.g. https://example.openai.azure.com/ (the provider adds /openai/deployments/... to it, so
    * it holds no /openai), or its v1 API, https://example.openai.azure.com/openai/v1.
    */
-  base_url: baseUrl.refine((url) => {
-    const path = new URL(url).pathname;
-    return azureV1Path.test(path) || !/\/openai(\/|$)/i.test(path);
-  }, "give the resource endpoint without /openai (e.g. https://example.openai.azure.com/): the gateway adds /openai/deployments/...; or its v1 API, https://example.openai.azure.com/openai/v1"),
+  base_url: baseUrl
+    .refine(
+      (url) => {
+        const path = new URL(url).pathname;
+        return azureV1Path.test(path) || !/\/openai(\/|$)/i.test(path);
+      },
+      {
+        error: "give the resource endpoint without /openai (e.g. https://example.openai.azure.com/): the gateway adds /openai/deployments/...; or its v1 API, https://example.openai.azure.com/openai/v1",
+        abort: true,
+      },
+    )
+    .superRefine(callableBase("https://example.openai.azure.com/")),
   api_key_env: envName,
   /** The api-version of deployment URLs (2024-10-21 unless set); the v1 API is sent one only when it is set. */
   api_version: z.string().min(1).optional(),
