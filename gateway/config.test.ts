@@ -324,6 +324,21 @@ describe("gateway config", () => {
     }
   });
 
+  test("a provider calling the OpenAI API without a key, which OpenAI refuses on every call, is refused", () => {
+    const openai = (fields: string) =>
+      `providers:\n  - { name: p, kind: openai${fields} }\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;
+    for (const fields of ["", ', base_url: "https://api.openai.com/v1"', ', base_url: "https://API.openai.com/v1/"', ', base_url: "https://eu.api.openai.com/v1"', ", headers: { X-Team: a }"]) {
+      expect([fields, configError(openai(fields))]).toEqual([
+        fields,
+        expect.stringContaining("providers[0].api_key_env: the OpenAI API needs a key: name the variable that holds it (such as OPENAI_API_KEY)"),
+      ]);
+    }
+    // A key of its own in a header, or an upstream that needs none.
+    for (const fields of [", api_key_env: OPENAI_API_KEY", ", headers: { authorization: Bearer sk-x }", ', base_url: "http://localhost:11434/v1"']) {
+      expect(parseGatewayConfig(openai(fields), "t.yaml").providers[0]?.name).toBe("p");
+    }
+  });
+
   test("an Azure base_url is the resource endpoint or its v1 API: any other under /openai, which the gateway adds, is refused", () => {
     const azure = (url: string) =>
       `providers:\n  - { name: p, kind: azure, api_key_env: AZURE_KEY, base_url: "${url}" }\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;

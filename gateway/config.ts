@@ -207,6 +207,16 @@ const file = z
     cfg.providers.forEach((p, i) => {
       if (providers.has(p.name)) ctx.addIssue({ code: "custom", path: ["providers", i, "name"], message: `duplicate provider "${p.name}"` });
       providers.add(p.name);
+      // Without a key the OpenAI API (or its regional eu.api.openai.com) answers every call 401; only other upstreams (a
+      // local server) may need none.
+      const openaiApi = p.kind === "openai" && (!p.base_url || /(^|\.)api\.openai\.com$/i.test(new URL(p.base_url).hostname));
+      if (openaiApi && !p.api_key_env && !Object.keys(p.headers ?? {}).some((h) => h.toLowerCase() === "authorization")) {
+        ctx.addIssue({
+          code: "custom",
+          path: ["providers", i, "api_key_env"],
+          message: "the OpenAI API needs a key: name the variable that holds it (such as OPENAI_API_KEY)",
+        });
+      }
     });
     const models = new Set<string>();
     cfg.models.forEach((m, i) => {
