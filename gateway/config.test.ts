@@ -250,6 +250,31 @@ describe("gateway config", () => {
     );
   });
 
+  test("an unknown key is named by its own path with the keys its place takes, so a typo says what to write", () => {
+    const file = `
+providers:
+  - { name: mock, kind: mock }
+  - { name: oa, kind: openai, api_key_envv: OPENAI_API_KEY }
+  - { name: az, kind: azure, base_url: "https://x.openai.azure.com/", api_key_env: AZ_KEY, deployment: gpt4o-prod }
+  - { name: local, kind: openai, base_url: "http://localhost:8000/v1", api_key: sk-local-0123456789 }
+models:
+  - name: m
+    targets: [{ provider: mock, model: x, weigth: 2 }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1", service_tiers: { flexx: { input_per_mtok: "1", output_per_mtok: "1" } } }
+`;
+    const problems = configError(file).replace("invalid gateway config test.yaml: ", "").split("; providers").join("\nproviders").split("; models").join("\nmodels").split("\n");
+    expect(problems).toEqual([
+      'providers[1].api_key_envv: unknown key (keys here: name, kind, base_url, api_key_env, headers, stream_usage, keep_alive_ms)',
+      expect.stringMatching(/^providers\[2\]\.deployment: unknown key: an Azure deployment is the model of a target naming this provider \(keys here: name, kind, base_url, api_key_env, api_version, /),
+      expect.stringMatching(/^providers\[3\]\.api_key: unknown key: name the variable that holds the key in api_key_env \(keys here: /),
+      "models[0].targets[0].weigth: unknown key (keys here: provider, model, weight, timeout_ms, retries)",
+      "models[0].pricing.service_tiers.flexx: unknown key (keys here: flex, scale, priority)",
+      // The key the typo meant is missing, too.
+      "providers[1].api_key_env: the OpenAI API needs a key: name the variable that holds it (such as OPENAI_API_KEY)",
+    ]);
+    expect(configError(file)).not.toContain("sk-local-0123456789");
+  });
+
   test("a JSON file repeating a key is refused, as YAML is: the last price would have won silently", () => {
     const json = `{"providers": [{"name": "mock", "kind": "mock"}], "models": [{"name": "m",
       "targets": [{"provider": "mock", "model": "x"}],

@@ -309,9 +309,14 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
   } catch (e) {
     throw new ConfigError(`invalid gateway config ${source}: ${(e as Error).message}`);
   }
-  const result = file.safeParse(raw);
+  const result = file.safeParse(raw, { error: (issue) => (issue.code === "unrecognized_keys" ? unknownKeys(issue) : undefined) });
   if (!result.success) {
-    const problems = result.error.issues.map((issue) => `${fieldPath(issue.path)}: ${issue.message}`);
+    // An unknown key by its own path ("providers[0].api_key_envv"), as a key of the wrong value is named.
+    const problems = result.error.issues.flatMap((issue) =>
+      issue.code === "unrecognized_keys"
+        ? issue.keys.map((key) => `${fieldPath([...issue.path, key])}: ${[unknownKeyHints[key] ?? "unknown key", issue.message].join(" ").trim()}`)
+        : [`${fieldPath(issue.path)}: ${issue.message}`],
+    );
     throw new ConfigError(`invalid gateway config ${source}: ${problems.join("; ")}`);
   }
   const models = new Map<string, ModelRoute>();
@@ -372,6 +377,19 @@ export function loadGatewayConfig(path: string): GatewayConfig {
     throw new ConfigError(`cannot read gateway config ${path}: ${(e as Error).message}`);
   }
   return parseGatewayConfig(text, path);
+}
+
+/** What an operator meant by keys other gateways take, for the message of an unknown key. */
+const unknownKeyHints: Record<string, string> = {
+  api_key: "unknown key: name the variable that holds the key in api_key_env",
+  deployment: "unknown key: an Azure deployment is the model of a target naming this provider",
+};
+
+/** The keys an object (or a record of fixed keys) takes, for the message of a key it does not: "(keys here: a, b)". */
+function unknownKeys(issue: z.core.$ZodRawIssue<z.core.$ZodIssueUnrecognizedKeys>): string {
+  const def = issue.inst?._zod.def as { shape?: object; keyType?: { options?: unknown[] } } | undefined;
+  const known = def?.shape ? Object.keys(def.shape) : (def?.keyType?.options ?? []).map(String);
+  return known.length > 0 ? `(keys here: ${known.join(", ")})` : "";
 }
 
 /** ["models", 0, "pricing"] -> "models[0].pricing" */
