@@ -250,6 +250,31 @@ describe("gateway config", () => {
     );
   });
 
+  test("an unknown key is named by its own path with the keys its place takes, so a typo says what to write", () => {
+    const file = `
+providers:
+  - { name: mock, kind: mock }
+  - { name: oa, kind: openai, api_key_envv: OPENAI_API_KEY }
+  - { name: az, kind: azure, base_url: "https://x.openai.azure.com/", api_key_env: AZ_KEY, deployment: gpt4o-prod }
+  - { name: local, kind: openai, base_url: "http://localhost:8000/v1", api_key: sk-local-0123456789 }
+models:
+  - name: m
+    targets: [{ provider: mock, model: x, weigth: 2 }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1", service_tiers: { flexx: { input_per_mtok: "1", output_per_mtok: "1" } } }
+`;
+    const problems = configError(file).replace("invalid gateway config test.yaml: ", "").split("; providers").join("\nproviders").split("; models").join("\nmodels").split("\n");
+    expect(problems).toEqual([
+      'providers[1].api_key_envv: unknown key (keys here: name, kind, base_url, api_key_env, headers, stream_usage, keep_alive_ms)',
+      expect.stringMatching(/^providers\[2\]\.deployment: unknown key: an Azure deployment is the model of a target naming this provider \(keys here: name, kind, base_url, api_key_env, api_version, /),
+      expect.stringMatching(/^providers\[3\]\.api_key: unknown key: name the variable that holds the key in api_key_env \(keys here: /),
+      "models[0].targets[0].weigth: unknown key (keys here: provider, model, weight, timeout_ms, retries)",
+      "models[0].pricing.service_tiers.flexx: unknown key (keys here: flex, scale, priority)",
+      // The key the typo meant is missing, too.
+      "providers[1].api_key_env: the OpenAI API needs a key: name the variable that holds it (such as OPENAI_API_KEY)",
+    ]);
+    expect(configError(file)).not.toContain("sk-local-0123456789");
+  });
+
   test("a JSON file repeating a key is refused, as YAML is: the last price would have won silently", () => {
     const json = `{"providers": [{"name": "mock", "kind": "mock"}], "models": [{"name": "m",
       "targets": [{"provider": "mock", "model": "x"}],
@@ -291,6 +316,52 @@ describe("gateway config", () => {
     // Azure API Management in front of a resource wants its subscription key in a header of its own.
     const apim = providers('{ name: p, kind: azure, api_key_env: AZURE_KEY, base_url: "https://apim.example.com/", headers: { Ocp-Apim-Subscription-Key: k }, keep_alive_ms: 1000 }');
     expect(parseGatewayConfig(apim, "t.yaml").providers[0]).toMatchObject({ headers: { "Ocp-Apim-Subscription-Key": "k" }, keep_alive_ms: 1000 });
+  });
+
+  test("a base_url the gateway's paths would miss on every call (an endpoint's URL, /v1 twice, a #fragment) is refused", () => {
+    const openai = (url: string) =>
+      `providers:\n  - { name: p, kind: openai, base_url: "${url}" }\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;
+    for (const url of [
+      "http://localhost:8000/v1/chat/completions",
+      "http://localhost:11434/v1/chat/completions/",
+      "https://openrouter.ai/api/v1/embeddings",
+      "https://api.openai.com/v1/responses",
+      "http://localhost:8000/v1/completions",
+    ]) {
+      expect([url, configError(openai(url))]).toEqual([
+        url,
+        expect.stringContaining("providers[0].base_url: give the base the gateway adds /chat/completions, /embeddings and /responses to"),
+      ]);
+    }
+    expect(configError(openai("http://localhost:8000/v1/v1"))).toContain("providers[0].base_url: /v1 is in it twice");
+    expect(configError(openai("http://localhost:8000/v1#models"))).toContain("providers[0].base_url: must not hold a #fragment");
+    // An Azure deployment's endpoint URL gets Azure's one message, not a second one with an example of another kind.
+    const azure = (url: string) =>
+      `providers:\n  - { name: p, kind: azure, api_key_env: K, base_url: "${url}" }\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;
+    for (const url of ["https://x.openai.azure.com/openai/deployments/d/chat/completions", "https://x.openai.azure.com/openai/v1/chat/completions"]) {
+      const message = configError(azure(url));
+      expect(message).toContain("providers[0].base_url: give the resource endpoint without /openai");
+      expect(message).not.toContain("give the base the gateway adds");
+    }
+    expect(configError(azure("https://apim.example.com/chat/completions"))).toContain("(such as https://example.openai.azure.com/)");
+    for (const url of ["http://localhost:8000/v1/", "https://openrouter.ai/api/v1", "https://api.groq.com/openai/v1", "http://h:1/v1?a=b"]) {
+      expect(parseGatewayConfig(openai(url), "t.yaml").providers[0]).toMatchObject({ base_url: url });
+    }
+  });
+
+  test("a provider calling the OpenAI API without a key, which OpenAI refuses on every call, is refused", () => {
+    const openai = (fields: string) =>
+      `providers:\n  - { name: p, kind: openai${fields} }\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;
+    for (const fields of ["", ', base_url: "https://api.openai.com/v1"', ', base_url: "https://API.openai.com/v1/"', ', base_url: "https://eu.api.openai.com/v1"', ", headers: { X-Team: a }"]) {
+      expect([fields, configError(openai(fields))]).toEqual([
+        fields,
+        expect.stringContaining("providers[0].api_key_env: the OpenAI API needs a key: name the variable that holds it (such as OPENAI_API_KEY)"),
+      ]);
+    }
+    // A key of its own in a header, or an upstream that needs none.
+    for (const fields of [", api_key_env: OPENAI_API_KEY", ", headers: { authorization: Bearer sk-x }", ', base_url: "http://localhost:11434/v1"']) {
+      expect(parseGatewayConfig(openai(fields), "t.yaml").providers[0]?.name).toBe("p");
+    }
   });
 
   test("an Azure base_url is the resource endpoint or its v1 API: any other under /openai, which the gateway adds, is refused", () => {

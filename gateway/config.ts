@@ -44,6 +44,24 @@ const baseUrl = z
     return username === "" && password === "";
   }, "must not hold credentials (user:password@): give the key in api_key_env, or an Authorization header in headers");
 
+/**
+ * The SDK appends each call's path to the base URL as written: an endpoint's URL, a version twice or a fragment (which
+ * fetch never sends) would have every call answered 404. `example` is a base URL of the provider's kind.
+ */
+const callableBase = (example: string) => (url: string, ctx: z.RefinementCtx) => {
+  const { pathname, hash } = new URL(url);
+  const endpoint = /\/(chat\/completions|completions|embeddings|responses)\/*$/i.exec(pathname);
+  const twice = /\/(v\d+)\/+\1(\/|$)/i.exec(pathname);
+  const problem = endpoint
+    ? `give the base the gateway adds /chat/completions, /embeddings and /responses to, without /${endpoint[1]} (such as ${example})`
+    : twice
+      ? `/${twice[1]} is in it twice: the gateway adds none, so give it once`
+      : hash
+        ? "must not hold a #fragment, which is never sent: the gateway adds each call's path after it"
+        : undefined;
+  if (problem) ctx.addIssue({ code: "custom", message: problem });
+};
+
 /** Extra request headers, refused at start if fetch would refuse them on every call. */
 const headers = z.record(z.string(), z.string()).superRefine((all, ctx) => {
   for (const [header, value] of Object.entries(all)) {
@@ -59,7 +77,7 @@ const openaiProvider = z.strictObject({
   name: providerName,
   kind: z.literal("openai"),
   /** Any OpenAI-compatible base URL; the OpenAI API by default. */
-  base_url: baseUrl.optional(),
+  base_url: baseUrl.superRefine(callableBase("http://localhost:8000/v1")).optional(),
   /** Variable holding the upstream key; unset for upstreams that need none. */
   api_key_env: envName.optional(),
   headers: headers.optional(),
@@ -82,10 +100,18 @@ const azureProvider = z.strictObject({
    * The resource endpoint, e.g. https://example.openai.azure.com/ (the provider adds /openai/deployments/... to it, so
    * it holds no /openai), or its v1 API, https://example.openai.azure.com/openai/v1.
    */
-  base_url: baseUrl.refine((url) => {
-    const path = new URL(url).pathname;
-    return azureV1Path.test(path) || !/\/openai(\/|$)/i.test(path);
-  }, "give the resource endpoint without /openai (e.g. https://example.openai.azure.com/): the gateway adds /openai/deployments/...; or its v1 API, https://example.openai.azure.com/openai/v1"),
+  base_url: baseUrl
+    .refine(
+      (url) => {
+        const path = new URL(url).pathname;
+        return azureV1Path.test(path) || !/\/openai(\/|$)/i.test(path);
+      },
+      {
+        error: "give the resource endpoint without /openai (e.g. https://example.openai.azure.com/): the gateway adds /openai/deployments/...; or its v1 API, https://example.openai.azure.com/openai/v1",
+        abort: true,
+      },
+    )
+    .superRefine(callableBase("https://example.openai.azure.com/")),
   api_key_env: envName,
   /** The api-version of deployment URLs (2024-10-21 unless set); the v1 API is sent one only when it is set. */
   api_version: z.string().min(1).optional(),
@@ -181,6 +207,16 @@ const file = z
     cfg.providers.forEach((p, i) => {
       if (providers.has(p.name)) ctx.addIssue({ code: "custom", path: ["providers", i, "name"], message: `duplicate provider "${p.name}"` });
       providers.add(p.name);
+      // Without a key the OpenAI API (or its regional eu.api.openai.com) answers every call 401; only other upstreams (a
+      // local server) may need none.
+      const openaiApi = p.kind === "openai" && (!p.base_url || /(^|\.)api\.openai\.com$/i.test(new URL(p.base_url).hostname));
+      if (openaiApi && !p.api_key_env && !Object.keys(p.headers ?? {}).some((h) => h.toLowerCase() === "authorization")) {
+        ctx.addIssue({
+          code: "custom",
+          path: ["providers", i, "api_key_env"],
+          message: "the OpenAI API needs a key: name the variable that holds it (such as OPENAI_API_KEY)",
+        });
+      }
     });
     const models = new Set<string>();
     cfg.models.forEach((m, i) => {
@@ -273,9 +309,14 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
   } catch (e) {
     throw new ConfigError(`invalid gateway config ${source}: ${(e as Error).message}`);
   }
-  const result = file.safeParse(raw);
+  const result = file.safeParse(raw, { error: (issue) => (issue.code === "unrecognized_keys" ? unknownKeys(issue) : undefined) });
   if (!result.success) {
-    const problems = result.error.issues.map((issue) => `${fieldPath(issue.path)}: ${issue.message}`);
+    // An unknown key by its own path ("providers[0].api_key_envv"), as a key of the wrong value is named.
+    const problems = result.error.issues.flatMap((issue) =>
+      issue.code === "unrecognized_keys"
+        ? issue.keys.map((key) => `${fieldPath([...issue.path, key])}: ${[unknownKeyHints[key] ?? "unknown key", issue.message].join(" ").trim()}`)
+        : [`${fieldPath(issue.path)}: ${issue.message}`],
+    );
     throw new ConfigError(`invalid gateway config ${source}: ${problems.join("; ")}`);
   }
   const models = new Map<string, ModelRoute>();
@@ -336,6 +377,19 @@ export function loadGatewayConfig(path: string): GatewayConfig {
     throw new ConfigError(`cannot read gateway config ${path}: ${(e as Error).message}`);
   }
   return parseGatewayConfig(text, path);
+}
+
+/** What an operator meant by keys other gateways take, for the message of an unknown key. */
+const unknownKeyHints: Record<string, string> = {
+  api_key: "unknown key: name the variable that holds the key in api_key_env",
+  deployment: "unknown key: an Azure deployment is the model of a target naming this provider",
+};
+
+/** The keys an object (or a record of fixed keys) takes, for the message of a key it does not: "(keys here: a, b)". */
+function unknownKeys(issue: z.core.$ZodRawIssue<z.core.$ZodIssueUnrecognizedKeys>): string {
+  const def = issue.inst?._zod.def as { shape?: object; keyType?: { options?: unknown[] } } | undefined;
+  const known = def?.shape ? Object.keys(def.shape) : (def?.keyType?.options ?? []).map(String);
+  return known.length > 0 ? `(keys here: ${known.join(", ")})` : "";
 }
 
 /** ["models", 0, "pricing"] -> "models[0].pricing" */

@@ -57,7 +57,7 @@ let upstream: Server<undefined>;
 const exporter = new InMemorySpanExporter();
 let setup: ReturnType<typeof build>;
 
-function build() {
+function build(keys: Record<string, string> = { FAKE_KEY: openaiKey, AZFAKE_KEY: azureKey }) {
   const base = `http://127.0.0.1:${upstream.port}`;
   const config = parseGatewayConfig(
     `
@@ -83,7 +83,7 @@ ${["fake", "azfake", "hdrfake"]
   const log = createTestLogger();
   const core = createGatewayCore({
     config,
-    providers: createProviders(config.providers, { FAKE_KEY: openaiKey, AZFAKE_KEY: azureKey }, { secrets: [adminToken] }),
+    providers: createProviders(config.providers, keys, { secrets: [adminToken] }),
     keys: createKeyAuthorizer({ billing: billing.client }),
     shipper: createRecordingShipper(),
     instanceId: "gw-test",
@@ -170,4 +170,33 @@ describe.each(["fake", "azfake", "hdrfake"])("a %s upstream quoting its key", (p
     expectNoSecret(lines);
     expectNoSecret(exported());
   });
+});
+
+// A Secret made from a file (`kubectl create secret --from-file`, an `echo key > file`) holds the key's line break; fetch
+// sends the key without it, and the upstream quotes it so.
+describe.each(["fake", "azfake"])("a %s key read with whitespace around it", (provider) => {
+  test("is redacted where the upstream quotes it, in the answer and the logs", async () => {
+    const padded = build({ FAKE_KEY: `${openaiKey}\n`, AZFAKE_KEY: ` ${azureKey}\r\n` });
+    const before = padded.log.lines.length;
+    for (const model of ["refuses", "rejects"]) {
+      const { status, text } = await padded.ask(`${provider}-${model}`);
+      expect(status).toBe(model === "refuses" ? 502 : 400);
+      expectNoSecret(text);
+    }
+    const lines = padded.log.lines.slice(before).join("");
+    expect(lines).toContain("[redacted]");
+    expectNoSecret(lines);
+    expectNoSecret(exported());
+  });
+});
+
+test("a key variable holding only whitespace is an unset one: heard of at start, not sent as an empty bearer", () => {
+  const config = parseGatewayConfig(
+    `providers: [{ name: blank, kind: openai, api_key_env: BLANK_KEY }]
+models: [{ name: m, targets: [{ provider: blank, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }]`,
+    "blank.yaml",
+  );
+  const missing: string[] = [];
+  createProviders(config.providers, { BLANK_KEY: " \n" }, { onMissingKey: (provider, variable) => missing.push(`${provider} ${variable}`) });
+  expect(missing).toEqual(["blank BLANK_KEY"]);
 });

@@ -33,8 +33,10 @@ export function createProviders(
     maxAnswerBytes?: number;
   } = {},
 ): Map<string, Provider> {
+  // Trimmed as fetch trims a header's value (a Secret made from a file holds the line break after the key): the key an
+  // upstream quotes back is then the one redacted, and a blank variable is an unset one.
   const keyOf = (config: ProviderConfig) =>
-    config.kind !== "mock" && config.api_key_env ? env[config.api_key_env] || undefined : undefined;
+    config.kind !== "mock" && config.api_key_env ? env[config.api_key_env]?.trim() || undefined : undefined;
   // Longest first, so a key that holds another is redacted whole.
   const secrets = [...new Set([...configs.map(keyOf), ...configs.flatMap(headerSecrets), ...(options.secrets ?? [])])]
     .filter((s): s is string => s !== undefined)
