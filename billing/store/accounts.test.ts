@@ -1,7 +1,7 @@
 import { expect, test } from "bun:test";
 import { sha256Hex } from "../../lib/auth.ts";
 import { createAccountStore } from "./accounts.ts";
-import { BillingError, createDb } from "./db.ts";
+import { BillingError, createDb, requestSha256 } from "./db.ts";
 import { newOrg as newOrgIn, noLimits, useTestStore } from "./test-db.ts";
 import type { KeyLimits } from "./types.ts";
 
@@ -83,6 +83,71 @@ test("projects belong to an existing org and are unique by name within it", asyn
   expect((await failure(fixture.store.createProject({ orgId: "org_missing", name: "web" }))).kind).toBe("not_found");
   expect(await fixture.store.listProjects(org.id)).toEqual([project]);
   expect((await failure(fixture.store.listProjects("org_missing"))).kind).toBe("not_found");
+});
+
+/** Resolves once a session of the test database waits for a lock another holds. */
+async function someoneWaitsForALock(): Promise<void> {
+  for (let i = 0; i < 500; i++) {
+    const rows = await fixture.db.pool.query(
+      "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    );
+    if (rows.rowCount) return;
+    await Bun.sleep(10);
+  }
+  throw new Error("nobody waited for a lock");
+}
+
+test("a create sent twice at once under one request_id makes one org or project, not a name already taken", async () => {
+  // Both sends can pass ON CONFLICT's check of the request_id before either has inserted; the later then waits on the
+  // earlier's row by its name. Played in that order: the earlier holds the name, uncommitted, when the later arrives.
+  const race = async (
+    insert: string,
+    params: unknown[],
+    table: string,
+    id: string,
+    content: object,
+    create: () => Promise<{ id: string }>,
+  ) => {
+    const earlier = await fixture.db.pool.connect();
+    try {
+      await earlier.query("BEGIN");
+      await earlier.query(insert, params);
+      const later = create();
+      await someoneWaitsForALock();
+      await earlier.query(`UPDATE ${table} SET request_id = 'twice', request_sha256 = $2 WHERE id = $1`, [
+        id,
+        requestSha256(content),
+      ]);
+      await earlier.query("COMMIT");
+      expect((await later).id).toBe(id);
+    } finally {
+      earlier.release();
+    }
+  };
+  const org = { name: "twice-org", taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n, maxDiscountBps: 0 };
+  await race(
+    `INSERT INTO organizations (id, name, tax_rate_bps, billing_day, monthly_budget_nanos, max_discount_bps)
+     VALUES ('org_twice', $1, 0, 1, 0, 0)`,
+    [org.name],
+    "organizations",
+    "org_twice",
+    org,
+    () => fixture.store.createOrganization(org, "twice"),
+  );
+  const project = { orgId: "org_twice", name: "twice-project" };
+  await race(
+    "INSERT INTO projects (id, org_id, name) VALUES ('proj_twice', $1, $2)",
+    [project.orgId, project.name],
+    "projects",
+    "proj_twice",
+    project,
+    () => fixture.store.createProject(project, "twice"),
+  );
+  // A name taken by a create of another request_id, or of none, is still taken.
+  expect((await failure(fixture.store.createOrganization(org, "other"))).message).toBe(
+    "name: an organization with this name already exists",
+  );
+  expect((await failure(fixture.store.createProject(project, "other"))).kind).toBe("already_exists");
 });
 
 test("a key's secret is random, shown once and stored only as its SHA-256", async () => {

@@ -118,6 +118,24 @@ function sameRequest<R extends Repeatable>(
   return earlier;
 }
 
+/**
+ * The rows of a create's insert, or with a `requestId` none when it found its name taken (the refusal kept): the same
+ * create sent twice at once can pass ON CONFLICT's check of the request_id in both before either has inserted, and the
+ * later then meets the earlier's row on its name once that commits. Its caller reads the request_id's row back, and
+ * rethrows the refusal only when there is none: the name is another create's.
+ */
+async function insertOrNameTaken<R>(
+  insert: Promise<R[]>,
+  requestId: string | null,
+): Promise<{ rows: R[]; nameTaken?: BillingError }> {
+  try {
+    return { rows: await insert };
+  } catch (e) {
+    if (requestId === null || !(e instanceof BillingError) || e.kind !== "already_exists") throw e;
+    return { rows: [], nameTaken: e };
+  }
+}
+
 export function createAccountStore(db: Db) {
   const requireOrganization = async (orgId: string) => {
     const rows = await db.query<OrgRow>(`SELECT ${orgColumns} FROM organizations WHERE id = $1`, [orgId]);
@@ -182,7 +200,7 @@ export function createAccountStore(db: Db) {
      */
     async createOrganization(org: NewOrganization, requestId: string | null = null): Promise<Organization> {
       const sha256 = requestId === null ? null : requestSha256(org);
-      const rows = await db.query<OrgRow>(
+      const insert = db.query<OrgRow>(
         `INSERT INTO organizations (id, name, tax_rate_bps, billing_day, monthly_budget_nanos, max_discount_bps,
            request_id, request_sha256)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
@@ -199,11 +217,13 @@ export function createAccountStore(db: Db) {
           sha256,
         ],
       );
+      const { rows, nameTaken } = await insertOrNameTaken(insert, requestId);
       if (rows[0]) return toOrganization(rows[0]);
       const [earlier] = await db.query<OrgRow & Repeatable>(
         `SELECT ${orgColumns}, request_sha256 FROM organizations WHERE request_id = $1`,
         [requestId],
       );
+      if (!earlier && nameTaken) throw nameTaken;
       return toOrganization(sameRequest(earlier, requestId, sha256, "organization", "another name or settings"));
     },
 
@@ -263,17 +283,19 @@ export function createAccountStore(db: Db) {
     /** Creates a project; a `requestId` repeated makes it safe to retry, as createOrganization's. */
     async createProject(project: { orgId: string; name: string }, requestId: string | null = null): Promise<Project> {
       const sha256 = requestId === null ? null : requestSha256(project);
-      const rows = await db.query<ProjectRow>(
+      const insert = db.query<ProjectRow>(
         `INSERT INTO projects (id, org_id, name, request_id, request_sha256) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (org_id, request_id) DO NOTHING
          RETURNING ${projectColumns}`,
         [`proj_${ulid()}`, project.orgId, project.name, requestId, sha256],
       );
+      const { rows, nameTaken } = await insertOrNameTaken(insert, requestId);
       if (rows[0]) return toProject(rows[0]);
       const [earlier] = await db.query<ProjectRow & Repeatable>(
         `SELECT ${projectColumns}, request_sha256 FROM projects WHERE org_id = $1 AND request_id = $2`,
         [project.orgId, requestId],
       );
+      if (!earlier && nameTaken) throw nameTaken;
       return toProject(sameRequest(earlier, requestId, sha256, "project", "another name"));
     },
 

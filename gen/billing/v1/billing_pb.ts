@@ -1180,8 +1180,10 @@ export type UsageRecord = Message<"billing.v1.UsageRecord"> & {
   costNanos: bigint;
 
   /**
-   * When the request started; decides the billing period. RecordUsage refuses a time more than 10 minutes past
-   * billing's clock (INVALID_ARGUMENT naming the request_id): it would fall outside every current period.
+   * When the request started; decides the billing period. A time more than 10 minutes past billing's clock (a
+   * gateway whose clock runs fast) is recorded as billing's clock, with a warning in billing's log naming the
+   * request_id: at its own time it would fall outside every current period, and refused it would never be sent again.
+   * Required; a time outside years 1..9999 is INVALID_ARGUMENT.
    *
    * @generated from field: google.protobuf.Timestamp occur_time = 10;
    */
