@@ -5,7 +5,7 @@ import { AnalyticsService, RequestStatus, UsageGroupBy } from "../gen/analytics/
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { analyticsRoutes } from "./routes.ts";
-import { createAnalyticsService, decodePageToken, encodePageToken, query } from "./service.ts";
+import { createAnalyticsService, decodePageToken, encodePageToken, listingScope, query } from "./service.ts";
 import { createChdbDriver } from "./store/chdb-driver.ts";
 import { createTestStore, sampleMetrics, type TestStore, testDataDir } from "./store/test-store.ts";
 import { createRecordingBilling } from "./test-helpers.ts";
@@ -191,6 +191,29 @@ describe("AnalyticsService queries", () => {
     expect((await client.listRequests({ orgId: "other", requestId })).requests).toEqual([]);
   });
 
+  test("a ListRequests page token is refused with other filters or another org, taken with another size or range", async () => {
+    const first = await client.listRequests({ orgId: org, range: day, pageSize: 2, model: "m-b" });
+    const pageToken = first.nextPageToken;
+    expect(pageToken).not.toBe("");
+    // Another filter would start its listing part way, leaving out its rows newer than the token's.
+    for (const other of [
+      { model: "m-a" },
+      { model: "" },
+      { model: "m-b", apiKeyId: "key_a" },
+      { model: "m-b", status: RequestStatus.OK },
+      { model: "m-b", requestId: metrics[1]?.requestId ?? "" },
+    ]) {
+      const call = client.listRequests({ orgId: org, range: day, pageSize: 2, pageToken, ...other });
+      expect(await codeOf(call)).toBe(Code.InvalidArgument);
+    }
+    expect(await codeOf(client.listRequests({ orgId: "org_other", range: day, pageToken, model: "m-b" }))).toBe(
+      Code.InvalidArgument,
+    );
+    const next = await client.listRequests({ orgId: org, range: range(base - 2 * hour, base + hour), pageSize: 3, pageToken, model: "m-b" });
+    const mB = metrics.filter((m) => m.requestedModel === "m-b").reverse();
+    expect(next.requests.map((r) => r.requestId)).toEqual(mB.slice(2, 5).map((m) => m.requestId));
+  });
+
   test("ListRequests validates page size, token and range", async () => {
     expect(await codeOf(client.listRequests({ orgId: org, range: day, pageSize: 1001 }))).toBe(Code.InvalidArgument);
     expect(await codeOf(client.listRequests({ orgId: org, range: day, pageSize: -1 }))).toBe(Code.InvalidArgument);
@@ -199,11 +222,11 @@ describe("AnalyticsService queries", () => {
     );
     expect(await codeOf(client.listRequests({ orgId: org }))).toBe(Code.InvalidArgument);
     const cursor = { startTime: "2026-01-02 03:04:05.123456", requestId: "01J0000000000000000000000" };
-    expect(decodePageToken(encodePageToken(cursor))).toEqual(cursor);
+    expect(decodePageToken(encodePageToken(cursor, "scope"), "scope")).toEqual(cursor);
     // Tokens this service never wrote: a 13th month, a 99th hour, a year it holds no rows for. They read as the end
     // of the listing before.
     for (const startTime of ["2026-13-45 99:99:99.000000", "2026-02-30 10:00:00.000000", "2399-01-01 00:00:00.000000"]) {
-      const pageToken = encodePageToken({ startTime, requestId: "zzz" });
+      const pageToken = encodePageToken({ startTime, requestId: "zzz" }, listingScope(org, "", "", 0, ""));
       expect(await codeOf(client.listRequests({ orgId: org, range: day, pageToken }))).toBe(Code.InvalidArgument);
     }
   });

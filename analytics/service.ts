@@ -5,6 +5,7 @@ import type { Tracer } from "@opentelemetry/api";
 import type { Registry } from "prom-client";
 import { type AnalyticsService, type TimeRange, UsageGroupBy } from "../gen/analytics/v1/analytics_pb.ts";
 import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { sha256Hex } from "../lib/auth.ts";
 import type { Logger } from "../lib/log.ts";
 import { createAnalyticsAuth } from "./auth.ts";
 import { createIngest, type IngestOptions } from "./ingest.ts";
@@ -138,7 +139,8 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       const window = req.requestId && !req.range ? undefined : parseRange(req.range);
       const pageSize = req.pageSize === 0 ? defaultPageSize : req.pageSize;
       if (pageSize < 1 || pageSize > maxPageSize) invalid(`page_size must be 1..${maxPageSize}`);
-      const after = req.pageToken ? decodePageToken(req.pageToken) : undefined;
+      const scope = listingScope(orgId, req.model, req.apiKeyId, req.status, req.requestId);
+      const after = req.pageToken ? decodePageToken(req.pageToken, scope) : undefined;
       const page = await report("ListRequests", orgId, ctx.signal, () =>
         store.listRequests({
           orgId,
@@ -152,7 +154,7 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
           requestId: req.requestId || undefined,
         }),
       );
-      return { requests: page.requests, nextPageToken: page.next ? encodePageToken(page.next) : "" };
+      return { requests: page.requests, nextPageToken: page.next ? encodePageToken(page.next, scope) : "" };
     },
   };
 }
@@ -225,28 +227,42 @@ function timedOut(e: unknown): boolean {
   return type === "TIMEOUT_EXCEEDED" || code === "159" || /\bTIMEOUT_EXCEEDED\b/.test(String(message ?? e));
 }
 
-export function encodePageToken(cursor: RequestCursor): string {
-  return Buffer.from(JSON.stringify([cursor.startTime, cursor.requestId])).toString("base64url");
+/**
+ * What a ListRequests token is valid for: its org and filters. A token taken with other filters would start their
+ * listing part way, leaving out their rows newer than it; the range and page size may change from page to page.
+ */
+export function listingScope(orgId: string, model: string, apiKeyId: string, status: number, requestId: string): string {
+  return sha256Hex(JSON.stringify([orgId, model, apiKeyId, status, requestId])).slice(0, 16);
 }
 
-export function decodePageToken(token: string): RequestCursor {
+export function encodePageToken(cursor: RequestCursor, scope: string): string {
+  return Buffer.from(JSON.stringify([cursor.startTime, cursor.requestId, scope])).toString("base64url");
+}
+
+export function decodePageToken(token: string, scope: string): RequestCursor {
+  let issued: { cursor: RequestCursor; scope: string } | undefined;
   try {
     const value: unknown = JSON.parse(Buffer.from(token, "base64url").toString("utf8"));
     if (
       Array.isArray(value) &&
-      value.length === 2 &&
+      value.length === 3 &&
       typeof value[0] === "string" &&
       /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$/.test(value[0]) &&
-      typeof value[1] === "string"
+      typeof value[1] === "string" &&
+      typeof value[2] === "string"
     ) {
       // A time this service wrote: it reads back as itself (no 13th month, no 25th hour) and in the years it holds.
       const us = textMicros(value[0]);
       if (microsText(us) === value[0] && us >= earliestMs * 1000 && us <= latestMs * 1000) {
-        return { startTime: value[0], requestId: value[1] };
+        issued = { cursor: { startTime: value[0], requestId: value[1] }, scope: value[2] };
       }
     }
   } catch {
-    // Falls through to the error below.
+    // Refused below.
   }
-  invalid("page_token is not one this service issued");
+  if (!issued) invalid("page_token is not one this service issued");
+  if (issued.scope !== scope) {
+    invalid("page_token was issued for another org_id, model, api_key_id, status or request_id; start from the first page");
+  }
+  return issued.cursor;
 }

@@ -679,7 +679,8 @@ export type ListRequestsRequest = Message<"analytics.v1.ListRequestsRequest"> & 
   pageSize: number;
 
   /**
-   * Opaque token from a previous response; empty for the first page.
+   * Opaque token from a previous response; empty for the first page. Valid only with the org_id, model, api_key_id,
+   * status and request_id it was issued for (InvalidArgument otherwise); range and page_size may change.
    *
    * @generated from field: string page_token = 4;
    */
