@@ -81,7 +81,12 @@ export function renderInvoiceHtml(invoice: Invoice): string {
   table.totals tr.total td { border-top: 2px solid #1a1a1a; font-weight: 600; font-size: 1.05rem; }
   table.totals tr.notice td { color: #b3261e; font-weight: 600; text-align: right; }
   footer { margin-top: 2rem; font-size: .8rem; color: #5f6368; }
-  @media print { main { margin: 0; max-width: none; } .status { border-width: 2px; } }
+  @media print {
+    main { margin: 0; max-width: none; }
+    .status { border-width: 2px; }
+    /* A page break never parts the total from the subtotal, tax or notice above and below it, nor splits a line. */
+    table.totals, tr, footer p { break-inside: avoid; }
+  }
 </style>
 </head>
 <body>

@@ -17,6 +17,9 @@ import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.
 
 const chromiumPath = process.env.CHROMIUM_PATH ?? Bun.which("chromium") ?? Bun.which("chromium-browser");
 if (!chromiumPath && process.env.CI) throw new Error("CI must provide Chromium (Debian's chromium package)");
+// Reads the text of printed pages, page by page.
+const pdftotext = Bun.which("pdftotext");
+if (!pdftotext && process.env.CI) throw new Error("CI must provide pdftotext (Debian's poppler-utils package)");
 
 const adminToken = "browser-admin-token-0123456789";
 let dataDir: string;
@@ -226,4 +229,44 @@ describe.skipIf(!chromiumPath)("browsers on other origins (needs Debian's chromi
       await page.close();
     }
   });
+
+  test.skipIf(!pdftotext)("a printed invoice keeps its totals and their notice on one page, wherever its lines end", async () => {
+    const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken });
+    const { organization } = await billing.createOrganization({ name: "Printed" });
+    const orgId = organization?.id as string;
+    const record = (model: string) => ({
+      requestId: ulid(),
+      orgId,
+      model,
+      provider: "mock",
+      endpoint: Endpoint.CHAT_COMPLETIONS,
+      usage: { inputTokens: 1000n, outputTokens: 500n },
+      costNanos: 123_456_789n,
+      occurTime: timestampFromDate(new Date()),
+    });
+    await billing.recordUsage({ records: Array.from({ length: 35 }, (_, i) => record(`model-${i}`)) });
+    const page = await browser.newPage();
+    const pdf = path.join(dataDir, "invoice.pdf");
+    const split: { lines: number; pages: number[] }[] = [];
+    try {
+      await page.setExtraHTTPHeaders({ authorization: `Bearer ${adminToken}` });
+      // One more line each time, over more than a page's worth, so the page's end falls at every point of the totals.
+      for (let lines = 36; lines <= 64; lines++) {
+        await billing.recordUsage({ records: [record(`model-${lines - 1}`)] });
+        const { invoice } = await billing.generateInvoice({ orgId, periodTime: timestampFromDate(new Date()) });
+        await page.goto(`${mesh.urls.billing}/invoices/${invoice?.id}`);
+        // Chromium's default margins when printing.
+        await page.pdf({ path: pdf, format: "A4", margin: { top: "0.4in", bottom: "0.4in", left: "0.4in", right: "0.4in" } });
+        const text = Bun.spawnSync([pdftotext as string, "-layout", pdf, "-"]).stdout.toString();
+        const pages = text.split("\f").flatMap((printed, i) =>
+          printed.split("\n").filter((l) => /^\s*(Subtotal|Discounts|Tax \(|Total)\b.*\$\d|not payable/.test(l)).map(() => i + 1),
+        );
+        expect(pages).toHaveLength(5);
+        if (new Set(pages).size > 1) split.push({ lines, pages });
+      }
+    } finally {
+      await page.close();
+    }
+    expect(split).toEqual([]);
+  }, 120_000);
 });
