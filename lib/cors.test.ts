@@ -17,14 +17,16 @@ describe("createCorsPolicy", () => {
     expect(policy.headers(null, "/v1/models")).toEqual({});
   });
 
-  test("a list: listed origins are echoed with Vary, others get nothing", () => {
+  test("a list: listed origins are echoed, others get no CORS headers, and every answer varies by Origin", () => {
     const policy = createCorsPolicy(["https://app.example.com", "http://localhost:5173"]);
     expect(policy.headers("http://localhost:5173", "/v1/models")).toMatchObject({
       "access-control-allow-origin": "http://localhost:5173",
       vary: "Origin",
     });
-    expect(policy.headers("https://evil.example.com", "/v1/models")).toEqual({});
-    expect(policy.headers("https://app.example.com.evil.example.com", "/v1/models")).toEqual({});
+    // A cache that kept one of these for a listed origin would hand it an answer its browser refuses.
+    expect(policy.headers("https://evil.example.com", "/v1/models")).toEqual({ vary: "Origin" });
+    expect(policy.headers("https://app.example.com.evil.example.com", "/v1/models")).toEqual({ vary: "Origin" });
+    expect(policy.headers(null, "/v1/models")).toEqual({ vary: "Origin" });
   });
 
   test("preflights grant the methods and the headers asked for, cached for two hours", () => {

@@ -54,9 +54,10 @@ export function createCorsPolicy(origins: readonly string[], expose: readonly st
   });
   const headers = (origin: string | null | undefined, path: string): Record<string, string> => {
     if (!forBrowsers(path)) return {};
-    if (!origin || (!any && !allowed.has(origin))) return {};
-    // A listed origin is echoed, so caches must keep answers to different origins apart.
-    return any ? allow("*") : { ...allow(origin), vary: "Origin" };
+    // With a list, whether an answer has CORS headers, and which origin they name, depends on the request's origin:
+    // caches must keep answers to different origins, and to none, apart.
+    if (!any) return origin && allowed.has(origin) ? { ...allow(origin), vary: "Origin" } : { vary: "Origin" };
+    return origin ? allow("*") : {};
   };
 
   return {

@@ -74,6 +74,8 @@ describe.each([
     const plain = await chat(base());
     expect(plain.status).toBe(200);
     expect(plain.headers.get("access-control-allow-origin")).toBeNull();
+    // Kept by a cache, either would be refused by a browser on the allowed origin: they say they vary by Origin.
+    expect([other.headers.get("vary"), plain.headers.get("vary")]).toEqual(["Origin", "Origin"]);
   });
 });
 
