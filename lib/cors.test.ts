@@ -9,27 +9,29 @@ const preflightFrom = (origin: string, asked = "authorization, content-type, x-s
 describe("createCorsPolicy", () => {
   test("any origin: *, with Connect's status headers and the extras exposed", () => {
     const policy = createCorsPolicy(["*"], ["x-request-id"]);
-    expect(policy.headers("https://app.example.com")).toEqual({
+    expect(policy.headers("https://app.example.com", "/v1/models")).toEqual({
       "access-control-allow-origin": "*",
       "access-control-expose-headers": [...connectCors.exposedHeaders, "x-request-id"].join(", "),
     });
     // Same-origin and non-browser requests send no Origin and need nothing.
-    expect(policy.headers(null)).toEqual({});
+    expect(policy.headers(null, "/v1/models")).toEqual({});
   });
 
-  test("a list: listed origins are echoed with Vary, others get nothing", () => {
+  test("a list: listed origins are echoed, others get no CORS headers, and every answer varies by Origin", () => {
     const policy = createCorsPolicy(["https://app.example.com", "http://localhost:5173"]);
-    expect(policy.headers("http://localhost:5173")).toMatchObject({
+    expect(policy.headers("http://localhost:5173", "/v1/models")).toMatchObject({
       "access-control-allow-origin": "http://localhost:5173",
       vary: "Origin",
     });
-    expect(policy.headers("https://evil.example.com")).toEqual({});
-    expect(policy.headers("https://app.example.com.evil.example.com")).toEqual({});
+    // A cache that kept one of these for a listed origin would hand it an answer its browser refuses.
+    expect(policy.headers("https://evil.example.com", "/v1/models")).toEqual({ vary: "Origin" });
+    expect(policy.headers("https://app.example.com.evil.example.com", "/v1/models")).toEqual({ vary: "Origin" });
+    expect(policy.headers(null, "/v1/models")).toEqual({ vary: "Origin" });
   });
 
   test("preflights grant the methods and the headers asked for, cached for two hours", () => {
     const policy = createCorsPolicy(["https://app.example.com"]);
-    expect(policy.preflight("OPTIONS", preflightFrom("https://app.example.com"))).toEqual({
+    expect(policy.preflight("OPTIONS", preflightFrom("https://app.example.com"), "/v1/chat/completions")).toEqual({
       status: 204,
       headers: {
         "access-control-allow-origin": "https://app.example.com",
@@ -41,19 +43,38 @@ describe("createCorsPolicy", () => {
       },
     });
     // Not allowed: an answer the browser refuses.
-    expect(policy.preflight("OPTIONS", preflightFrom("https://evil.example.com"))).toEqual({
+    expect(policy.preflight("OPTIONS", preflightFrom("https://evil.example.com"), "/v1/chat/completions")).toEqual({
       status: 204,
       headers: {},
     });
     // Header names that are not HTTP tokens are not echoed.
-    const odd = policy.preflight("OPTIONS", preflightFrom("https://app.example.com", "x-a, <script>"));
+    const odd = policy.preflight("OPTIONS", preflightFrom("https://app.example.com", "x-a, <script>"), "/v1/models");
     expect(odd?.headers["access-control-allow-headers"]).toBeUndefined();
+  });
+
+  test("the routes that take no token are for no origin, their preflights refused as an unlisted origin's", () => {
+    for (const policy of [createCorsPolicy(["*"]), createCorsPolicy(["https://app.example.com"])]) {
+      for (const path of ["/metrics", "/readyz", "/healthz", "/grpc.health.v1.Health/Check"]) {
+        expect(policy.headers("https://app.example.com", path)).toEqual({});
+        expect(policy.preflight("OPTIONS", preflightFrom("https://app.example.com"), path)).toEqual({
+          status: 204,
+          headers: {},
+        });
+      }
+      expect(policy.headers("https://app.example.com", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"))
+        .toEqual({});
+      // The APIs, REST and RPC, as before.
+      for (const path of ["/v1/models", "/billing.v1.BillingService/ListOrganizations", "/metrics/x", "/v1/metrics"]) {
+        expect(policy.headers("https://app.example.com", path)["access-control-allow-origin"]).toBeDefined();
+      }
+    }
   });
 
   test("only OPTIONS with Access-Control-Request-Method is a preflight", () => {
     const policy = createCorsPolicy(["*"]);
-    expect(policy.preflight("POST", preflightFrom("https://app.example.com"))).toBeUndefined();
-    expect(policy.preflight("OPTIONS", new Headers({ origin: "https://app.example.com" }))).toBeUndefined();
+    expect(policy.preflight("POST", preflightFrom("https://app.example.com"), "/v1/chat/completions")).toBeUndefined();
+    const notAsking = new Headers({ origin: "https://app.example.com" });
+    expect(policy.preflight("OPTIONS", notAsking, "/v1/models")).toBeUndefined();
   });
 });
 

@@ -1,20 +1,35 @@
 import { cors as connectCors } from "@connectrpc/connect";
 
 /**
- * Which browser origins may call a service, and what they may read. Auth is a bearer token, never a cookie, so a
- * cross-origin call carries no ambient credentials: allowing an origin only lets its pages use keys they hold.
+ * Which browser origins may call a service's APIs, and what they may read. Every API takes a bearer token, never a
+ * cookie, so a cross-origin call carries no ambient credentials: allowing an origin only lets its pages use keys they
+ * hold. The routes that take no token (see `forBrowsers`) are answered to no origin.
  */
 export interface CorsPolicy {
-  /** Headers for the answer to a request from `origin`; empty when there is no origin or it is not allowed. */
-  headers(origin: string | null | undefined): Record<string, string>;
   /**
-   * The answer to a preflight (OPTIONS with Access-Control-Request-Method); undefined for any other request. An
-   * origin that is not allowed gets 204 without CORS headers, which the browser refuses.
+   * Headers for the answer to a request from `origin` for `path` (without its query); no CORS headers when there is no
+   * origin, it is not allowed or the path is not for browsers.
+   */
+  headers(origin: string | null | undefined, path: string): Record<string, string>;
+  /**
+   * The answer to a preflight (OPTIONS with Access-Control-Request-Method) for `path`; undefined for any other
+   * request. An origin that is not allowed, or a path not for browsers, gets 204 without CORS headers, which the
+   * browser refuses.
    */
   preflight(
     method: string,
     headers: Pick<Headers, "get">,
+    path: string,
   ): { status: number; headers: Record<string, string> } | undefined;
+}
+
+/**
+ * Whether pages of other origins may read what `path` answers: not the operations endpoints, nor the health and
+ * reflection RPCs. They take no token, so with any origin allowed every site a browser opens could read a service's
+ * metrics and dependency status wherever the browser reaches it (this machine, an internal network).
+ */
+export function forBrowsers(path: string): boolean {
+  return !/^\/(healthz|readyz|metrics)$|^\/grpc\.(health|reflection)\./.test(path);
 }
 
 // Preflights are cached by the browser this long (Chromium caps it at 2 hours).
@@ -33,21 +48,25 @@ export function createCorsPolicy(origins: readonly string[], expose: readonly st
   const exposed = [...connectCors.exposedHeaders, ...expose].join(", ");
   const methods = ["GET", "POST", "DELETE"].join(", ");
 
-  const headers = (origin: string | null | undefined): Record<string, string> => {
-    if (!origin || (!any && !allowed.has(origin))) return {};
-    // A listed origin is echoed, so caches must keep answers to different origins apart.
-    return any
-      ? { "access-control-allow-origin": "*", "access-control-expose-headers": exposed }
-      : { "access-control-allow-origin": origin, "access-control-expose-headers": exposed, vary: "Origin" };
+  const allow = (origin: string) => ({
+    "access-control-allow-origin": origin,
+    "access-control-expose-headers": exposed,
+  });
+  const headers = (origin: string | null | undefined, path: string): Record<string, string> => {
+    if (!forBrowsers(path)) return {};
+    // With a list, whether an answer has CORS headers, and which origin they name, depends on the request's origin:
+    // caches must keep answers to different origins, and to none, apart.
+    if (!any) return origin && allowed.has(origin) ? { ...allow(origin), vary: "Origin" } : { vary: "Origin" };
+    return origin ? allow("*") : {};
   };
 
   return {
     headers,
-    preflight(method, request) {
+    preflight(method, request, path) {
       if (method !== "OPTIONS") return undefined;
       const wanted = request.get("access-control-request-method");
       if (wanted === null) return undefined;
-      const granted = headers(request.get("origin"));
+      const granted = headers(request.get("origin"), path);
       if (granted["access-control-allow-origin"] === undefined) return { status: 204, headers: {} };
       const asked = request.get("access-control-request-headers")?.trim() ?? "";
       return {

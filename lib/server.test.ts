@@ -11,6 +11,7 @@ import {
 } from "../gen/grpc/health/v1/health_pb.ts";
 import { bearerToken } from "./auth.ts";
 import { decodeBase64 } from "./grpc-web-text.ts";
+import { createCorsPolicy } from "./cors.ts";
 import { createLogger } from "./log.ts";
 import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
@@ -245,6 +246,61 @@ describe("one port for every protocol", () => {
     expect(text).toContain("nodejs_heap_size_used_bytes");
     // Collected by walking the whole heap, stalling the service at every scrape.
     expect(text).not.toContain("nodejs_heap_space_size");
+  });
+});
+
+describe("browsers", () => {
+  const origin = "https://any.example.com";
+
+  test("with any origin allowed, the routes without a token answer none: no page reads /metrics, /readyz", async () => {
+    const own = await startOwn({
+      name: "open",
+      registry: createMetrics("open").registry,
+      readiness: async () => ({ ready: false, checks: { postgres: "unreachable" } }),
+      cors: createCorsPolicy(["*"]),
+      routes: (router) =>
+        router.service(BillingService, {
+          async listOrganizations(_req, ctx) {
+            if (!bearerToken(ctx.requestHeader)) throw new ConnectError("no token", Code.Unauthenticated);
+            return {};
+          },
+        }),
+    });
+    try {
+      for (const route of ["/metrics", "/readyz", "/healthz"]) {
+        const res = await fetch(`${own.url}${route}`, { headers: { origin } });
+        expect(res.status).toBe(route === "/readyz" ? 503 : 200);
+        expect(res.headers.get("access-control-allow-origin")).toBeNull();
+        const preflight = await fetch(`${own.url}${route}`, {
+          method: "OPTIONS",
+          headers: { origin, "access-control-request-method": "GET" },
+        });
+        expect(preflight.status).toBe(204);
+        expect(preflight.headers.get("access-control-allow-origin")).toBeNull();
+      }
+      const check = await fetch(`${own.url}/grpc.health.v1.Health/Check`, {
+        method: "POST",
+        headers: { "content-type": "application/json", origin },
+        body: "{}",
+      });
+      expect(await check.json()).toEqual({ status: "NOT_SERVING" });
+      expect(check.headers.get("access-control-allow-origin")).toBeNull();
+      // An RPC that takes a token, as before.
+      const rpc = await fetch(`${own.url}/billing.v1.BillingService/ListOrganizations`, {
+        method: "POST",
+        headers: { "content-type": "application/json", authorization: "Bearer t", origin },
+        body: "{}",
+      });
+      expect(rpc.status).toBe(200);
+      expect(rpc.headers.get("access-control-allow-origin")).toBe("*");
+      const preflight = await fetch(`${own.url}/billing.v1.BillingService/ListOrganizations`, {
+        method: "OPTIONS",
+        headers: { origin, "access-control-request-method": "POST" },
+      });
+      expect(preflight.headers.get("access-control-allow-origin")).toBe("*");
+    } finally {
+      await own.close(1_000);
+    }
   });
 });
 

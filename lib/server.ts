@@ -82,7 +82,7 @@ export interface ServerOptions {
    * (a streamed RPC's, say) whose client takes none of it for as long is cut: its connection or HTTP/2 stream.
    */
   connectionIdleTimeoutMs?: number;
-  /** Which browser origins may call, answered on every route (RPCs, HTTP routes, ops); none when unset. */
+  /** Which browser origins may call, answered on every route but /healthz, /readyz, /metrics, health and reflection. */
   cors?: CorsPolicy;
 }
 
@@ -194,9 +194,12 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     try {
       if (options.cors) {
         const headers = headersOf(req.headers);
-        const preflight = options.cors.preflight(req.method ?? "GET", headers);
+        const bare = path.split("?")[0] ?? path;
+        const preflight = options.cors.preflight(req.method ?? "GET", headers, bare);
         if (preflight) return send(res, preflight.status, preflight.headers, "");
-        for (const [name, value] of Object.entries(options.cors.headers(headers.get("origin")))) res.setHeader(name, value);
+        for (const [name, value] of Object.entries(options.cors.headers(headers.get("origin"), bare))) {
+          res.setHeader(name, value);
+        }
       }
       if (req.method === "GET" && (await serveOps(path, res, options, readiness.current, draining.signal))) return;
       if (options.http && (await options.http(req, res))) return;

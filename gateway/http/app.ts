@@ -467,7 +467,7 @@ function queryOf(url: string): string | undefined {
 }
 
 /** The path of an absolute URL without parsing all of it. */
-function pathOf(url: string): string {
+export function pathOf(url: string): string {
   const start = url.indexOf("/", url.indexOf("//") + 2);
   if (start < 0) return "/";
   const query = url.indexOf("?", start);

@@ -4,7 +4,7 @@ import type { CorsPolicy } from "../../lib/cors.ts";
 import { cutAnswerMs } from "../../lib/server.ts";
 import type { Logger } from "../../lib/log.ts";
 import { errorBody, toGatewayError } from "../errors.ts";
-import type { RestApp } from "./app.ts";
+import { pathOf, type RestApp } from "./app.ts";
 
 export interface BunRestServer {
   readonly port: number;
@@ -57,7 +57,8 @@ export function serveRest(
     async fetch(request, bun) {
       // The idle limit would cut a body still arriving after `idle` seconds, data or not: it gets its own limit.
       bun.timeout(request, bodyTime);
-      const preflight = cors?.preflight(request.method, request.headers);
+      const path = cors && pathOf(request.url);
+      const preflight = path ? cors.preflight(request.method, request.headers, path) : undefined;
       if (preflight) return new Response(null, preflight);
       const response = await app.fetch(request, {
         // Once the request is read, its answer may be silent for as long as an upstream thinks: the gateway's own
@@ -69,7 +70,11 @@ export function serveRest(
         writeWaits: (closing) => bun.timeout(request, closing ? 1 : idle),
         writeDone: () => bun.timeout(request, 0),
       });
-      if (cors) for (const [name, value] of Object.entries(cors.headers(request.headers.get("origin")))) response.headers.set(name, value);
+      if (path) {
+        for (const [name, value] of Object.entries(cors.headers(request.headers.get("origin"), path))) {
+          response.headers.set(name, value);
+        }
+      }
       // Draining, a kept-alive connection's next request would stay here past the endpoint change and be reset when
       // the port closes: the client opens a new connection, which goes to a replica that is staying.
       if (draining) response.headers.set("connection", "close");

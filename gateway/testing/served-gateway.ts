@@ -1,4 +1,5 @@
 import type { Interceptor } from "@connectrpc/connect";
+import type { Registry } from "prom-client";
 import { type Tracer, trace } from "@opentelemetry/api";
 import type { RequestMetrics } from "../../gen/analytics/v1/analytics_pb.ts";
 import { GatewayService } from "../../gen/gateway/v1/gateway_pb.ts";
@@ -55,6 +56,8 @@ export async function startTestGateway(
     idleTimeoutSeconds?: number;
     requestBodyTimeoutSeconds?: number;
     cors?: CorsPolicy;
+    /** Served at the RPC port's /metrics (nothing there by default). */
+    registry?: Registry;
     /** The RPC port's interceptors and request gate, as main.ts wires them (none by default). */
     interceptors?: Interceptor[];
     gated?: boolean;
@@ -102,6 +105,7 @@ export async function startTestGateway(
     http: restRoutes(rest),
     log,
     cors: options.cors,
+    registry: options.registry,
     connectionIdleTimeoutMs: options.idleTimeoutSeconds === undefined ? undefined : options.idleTimeoutSeconds * 1000,
   });
 

@@ -181,6 +181,24 @@ describe.skipIf(!chromiumPath)("browsers on other origins (needs Debian's chromi
     expect(await stranger.evaluate(listOrganizations, mesh.urls.billing)).toEqual({ failed: "TypeError" });
   });
 
+  test("no page reads the metrics or dependency status of a service, which take no token", async () => {
+    const read = (url: string) =>
+      fetch(url)
+        .then((res) => ({ status: res.status }))
+        .catch((e: Error) => ({ failed: e.name }));
+    const ops = [mesh.urls.gateway, mesh.urls.billing, mesh.urls.analytics].flatMap((base) =>
+      ["/metrics", "/readyz"].map((route) => `${base}${route}`),
+    );
+    // The gateway and analytics allow any origin, billing lists the app's.
+    for (const url of ops) expect(await app.evaluate(read, url)).toEqual({ failed: "TypeError" });
+    // The API with a key, on either of the gateway's ports, as before.
+    const models = ({ url, apiKey }: { url: string; apiKey: string }) =>
+      fetch(url, { headers: { authorization: `Bearer ${apiKey}` } }).then((res) => res.status);
+    for (const base of [demo.baseUrl, `${mesh.urls.gateway}/v1`]) {
+      expect(await app.evaluate(models, { url: `${base}/models`, apiKey: demo.apiKey })).toBe(200);
+    }
+  });
+
   test("an invoice with long unbroken names and many lines keeps its amounts on the printed page", async () => {
     const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken });
     const { organization } = await billing.createOrganization({ name: `ACME_${"GLOBAL_HOLDINGS_".repeat(8)}LTD` });
