@@ -527,6 +527,27 @@ describe("budget leases", () => {
     await k.close();
   });
 
+  test("a wall clock stepped back an hour does not keep a lease in use past the lifetime billing granted", async () => {
+    const principal = await principalWith({ org: 10n ** 9n });
+    const wallClock = Date.now;
+    let stepMs = 0;
+    Date.now = () => wallClock.call(Date) + stepMs;
+    const { keeper: k } = keeper({ now: undefined, leaseTtlSeconds: 1, settleMarginMs: 0 });
+    try {
+      const [first] = (await k.reserve(principal, usd(100n), 100)).settle(usd(100n));
+      // The host's clock is stepped back (NTP, a restored snapshot); billing's is not.
+      stepMs = -3_600_000;
+      await Bun.sleep(1_100);
+      // The lease has expired, and billing grants its money again after its grace: a request draws on a new one.
+      const [second] = (await k.reserve(principal, usd(100n), 100)).settle(usd(100n));
+      expect(second?.leaseId).toBeDefined();
+      expect(second?.leaseId).not.toBe(first?.leaseId as string);
+    } finally {
+      Date.now = wallClock;
+      await k.close();
+    }
+  });
+
   test("idle leases go back to billing with what was spent", async () => {
     const principal = await principalWith({ org: 10n ** 9n });
     const { keeper: k, clock } = keeper({ idleReleaseMs: 5_000, maintenanceIntervalMs: 10 });

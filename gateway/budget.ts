@@ -150,7 +150,7 @@ export interface BudgetKeeperOptions {
   inherited?: { leaseIds: readonly string[]; spent?: ReadonlyMap<string, bigint>; recorded: () => boolean };
   /** True while billing is known not to answer (the key checks found so): leases held are kept for what they cover. */
   billingDown?: () => boolean;
-  /** Epoch ms. */
+  /** Milliseconds, for intervals only (a monotonic clock by default). */
   now?: () => number;
   log?: Logger;
   registry?: Registry;
@@ -258,7 +258,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const exhaustedBackoffMs = options.exhaustedBackoffMs ?? 1_000;
   const idleReleaseMs = options.idleReleaseMs ?? 30_000;
   const marginMs = options.settleMarginMs ?? 5_000;
-  const now = options.now ?? Date.now;
+  // Monotonic: a wall clock stepped back would keep leases in use past the lifetime billing granted them (and idle ones
+  // held, a spent budget refused without asking) for as long as the step; one stepped forward would drop them early.
+  const now = options.now ?? (() => performance.timeOrigin + performance.now());
   const scopes = new Map<string, Scope>();
   const scopesOfPrincipal = new WeakMap<Principal, Scope[]>();
   /** Releases on their way to billing, with the key of their scope. */
