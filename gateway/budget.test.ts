@@ -1,4 +1,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import type { ChatCompletionContentPart } from "openai/resources/chat/completions";
 import { BillingService, BudgetScope } from "../gen/billing/v1/billing_pb.ts";
@@ -10,11 +13,13 @@ import { createKeyAuthorizer, type Principal, watchKeyChanges } from "./auth.ts"
 import {
   type BudgetKeeperOptions,
   createBudgetKeeper,
+  type LeaseCharge,
   maxChatSpend,
   maxInputTokens,
   maxOutputTokens,
 } from "./budget.ts";
 import { type GatewayError, ShutdownCut } from "./errors.ts";
+import { openLeaseJournal } from "./lease-journal.ts";
 import { approxInputTokens } from "./providers/provider.ts";
 
 // A real billing service (Postgres included) behind an in-memory transport.
@@ -363,6 +368,50 @@ describe("budget leases", () => {
     expect(journal.size).toBe(0);
   });
 
+  test("a past life's spend its spool dropped still counts when the next life gives its leases back", async () => {
+    const cost = 10_000_000n;
+    const budget = 100n * cost;
+    const principal = await principalWith({ key: budget });
+    const dir = mkdtempSync(join(tmpdir(), "budget-journal-"));
+    try {
+      // The first life serves three requests under one lease; its spool (full) dropped the rows of two of them.
+      const dead = keeper({ minLeaseNanos: 80n * cost, journal: openLeaseJournal(dir) });
+      const charges: LeaseCharge[] = [];
+      for (let i = 0; i < 3; i++) {
+        charges.push(...(await dead.keeper.reserve(principal, usd(cost), 60_000)).settle(usd(cost)));
+      }
+      const record = {
+        requestId: "req-kept-in-the-spool",
+        orgId: principal.orgId,
+        apiKeyId: principal.apiKeyId,
+        model: "mock",
+        endpoint: 1,
+        costNanos: cost,
+        occurTime: { seconds: BigInt(Math.floor(Date.now() / 1000)), nanos: 0 },
+        budgetCharges: charges.slice(0, 1),
+      };
+      expect((await client.recordUsage({ records: [record] }, auth)).inserted).toBe(1);
+      // Killed: the next life opens the journal and gives the lease back once the spool's rows are acked.
+      const journal = openLeaseJournal(dir);
+      const { keeper: k, clock } = keeper({
+        journal,
+        inherited: { leaseIds: journal.inherited, spent: journal.inheritedSpent, recorded: () => true },
+        maintenanceIntervalMs: 5,
+      });
+      await until(async () => (await leasesOf(principal.apiKeyId)).every((l) => l.spent !== null));
+      // Released at what it spent, all three requests: billing counts the two it has no usage for.
+      expect((await leasesOf(principal.apiKeyId)).map((l) => l.spent)).toEqual([3n * cost]);
+      clock.t += 2_000;
+      (await k.reserve(principal, usd(budget - 3n * cost), 60_000)).settle(usd(budget - 3n * cost));
+      clock.t += 2_000;
+      expect((await refusal(k.reserve(principal, usd(1n), 60_000))).code).toBe("insufficient_quota");
+      await k.close();
+      journal.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test("a replica that asks billing for a whole budget leaves the other replicas about half of it", async () => {
     const principal = await principalWith({ org: 1_000_000_000n });
     // An old or misbehaving replica asks for everything; billing grants half plus its 0.1 USD floor.
@@ -476,6 +525,27 @@ describe("budget leases", () => {
     expect(k.snapshot().get(`organization:${principal.orgId}`)?.leases).toBe(1);
     expect((await leasesOf(principal.orgId))[0]).toEqual({ granted: 10_000n, spent: 200n });
     await k.close();
+  });
+
+  test("a wall clock stepped back an hour does not keep a lease in use past the lifetime billing granted", async () => {
+    const principal = await principalWith({ org: 10n ** 9n });
+    const wallClock = Date.now;
+    let stepMs = 0;
+    Date.now = () => wallClock.call(Date) + stepMs;
+    const { keeper: k } = keeper({ now: undefined, leaseTtlSeconds: 1, settleMarginMs: 0 });
+    try {
+      const [first] = (await k.reserve(principal, usd(100n), 100)).settle(usd(100n));
+      // The host's clock is stepped back (NTP, a restored snapshot); billing's is not.
+      stepMs = -3_600_000;
+      await Bun.sleep(1_100);
+      // The lease has expired, and billing grants its money again after its grace: a request draws on a new one.
+      const [second] = (await k.reserve(principal, usd(100n), 100)).settle(usd(100n));
+      expect(second?.leaseId).toBeDefined();
+      expect(second?.leaseId).not.toBe(first?.leaseId as string);
+    } finally {
+      Date.now = wallClock;
+      await k.close();
+    }
   });
 
   test("idle leases go back to billing with what was spent", async () => {

@@ -134,17 +134,23 @@ export interface BudgetKeeperOptions {
    * Notes every lease id before it is asked for and crosses it out once billing has settled it, so leases a crash
    * leaves unreleased are known to the next process (lease-journal.ts).
    */
-  journal?: { held(leaseId: string): void; settled(leaseId: string): void };
+  journal?: {
+    held(leaseId: string): void;
+    /** What leases have spent in all, noted as requests settle on them. */
+    spent?(leases: readonly { leaseId: string; spent: bigint }[]): void;
+    settled(leaseId: string): void;
+  };
   /**
    * Leases an earlier process of this replica left unreleased (killed, out of memory), or one whose spool this replica
    * adopted. They are released once `recorded()` says that the usage served under them, which waited in the spool, is
-   * all recorded in billing: billing then counts their spend from that usage, so each is released as spending nothing
-   * beyond it, and its unspent grant is free again within seconds of the restart rather than its TTL plus grace.
+   * all recorded in billing: each is released at what the journal says it spent (`spent`, 0 when absent), which
+   * billing counts only beyond that usage (so the spend of rows a full spool dropped still counts), and its unspent
+   * grant is free again within seconds of the restart rather than its TTL plus grace.
    */
-  inherited?: { leaseIds: readonly string[]; recorded: () => boolean };
+  inherited?: { leaseIds: readonly string[]; spent?: ReadonlyMap<string, bigint>; recorded: () => boolean };
   /** True while billing is known not to answer (the key checks found so): leases held are kept for what they cover. */
   billingDown?: () => boolean;
-  /** Epoch ms. */
+  /** Milliseconds, for intervals only (a monotonic clock by default). */
   now?: () => number;
   log?: Logger;
   registry?: Registry;
@@ -252,7 +258,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const exhaustedBackoffMs = options.exhaustedBackoffMs ?? 1_000;
   const idleReleaseMs = options.idleReleaseMs ?? 30_000;
   const marginMs = options.settleMarginMs ?? 5_000;
-  const now = options.now ?? Date.now;
+  // Monotonic: a wall clock stepped back would keep leases in use past the lifetime billing granted them (and idle ones
+  // held, a spent budget refused without asking) for as long as the step; one stepped forward would drop them early.
+  const now = options.now ?? (() => performance.timeOrigin + performance.now());
   const scopes = new Map<string, Scope>();
   const scopesOfPrincipal = new WeakMap<Principal, Scope[]>();
   /** Releases on their way to billing, with the key of their scope. */
@@ -658,7 +666,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     return parts;
   };
 
-  const settleScope = (scope: Scope, reserved: Part[], cost: bigint, charges: LeaseCharge[]) => {
+  const settleScope = (scope: Scope, reserved: Part[], cost: bigint, charges: LeaseCharge[], charged: Lease[]) => {
     let parts = reserved;
     const t = now();
     let left = cost;
@@ -675,6 +683,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       lease.spent += charge;
       if (charge > 0n) {
         charges.push({ leaseId: lease.id, nanos: scope.tokens ? 0n : charge, tokens: scope.tokens ? charge : 0n });
+        charged.push(lease);
       }
       lease.lastUsed = t;
       left -= charge;
@@ -688,16 +697,16 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     scope.decayedAt = t;
   };
 
-  /** Releases the leases an earlier process left, once their usage is all recorded; each at no spend beyond it. */
+  /** Releases the leases an earlier process left, once their usage is all recorded; each at what it noted spent. */
   const releaseInherited = () => {
     if (!inherited?.recorded()) return;
-    const { leaseIds } = inherited;
+    const { leaseIds, spent } = inherited;
     inherited = undefined;
     // Granted before this process started, so expired by one TTL after it at the latest.
     const expiresAt = startedAt + ttlMs;
     for (const id of leaseIds) {
       const lease = { id, granted: 0n, spent: 0n, reserved: 0n, expiresAt, lastUsed: now(), withdrawn: true };
-      void sendRelease({ scopeKey: "", lease, spentNanos: 0n, failures: 0, retryAt: 0 });
+      void sendRelease({ scopeKey: "", lease, spentNanos: spent?.get(id) ?? 0n, failures: 0, retryAt: 0 });
     }
     log?.info("releasing the budget leases an earlier process left, their usage recorded", { leases: leaseIds.length });
   };
@@ -756,7 +765,10 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
               if (done) return [];
               done = true;
               const charges: LeaseCharge[] = [];
-              for (const { scope, parts } of taken) settleScope(scope, parts, amountOf(scope, used), charges);
+              const charged: Lease[] = [];
+              for (const { scope, parts } of taken) settleScope(scope, parts, amountOf(scope, used), charges, charged);
+              // Noted for a crash: the next process releases these leases at it, whatever usage reaches billing.
+              if (charged.length > 0) options.journal?.spent?.(charged.map((l) => ({ leaseId: l.id, spent: l.spent })));
               return charges;
             },
           };

@@ -54,6 +54,36 @@ describe("budget lease journal", () => {
     expect(openLeaseJournal(dir).inherited).toEqual(["lease_c"]);
   });
 
+  test("what each lease spent is inherited with it, through rewrites, cut lines and an adopted spool", () => {
+    const root = newRoot();
+    const gone = openSpool(root, "gw-gone");
+    const first = openLeaseJournal(gone.dir);
+    first.held("lease_a");
+    first.held("lease_b");
+    first.spent([
+      { leaseId: "lease_a", spent: 5n },
+      { leaseId: "lease_b", spent: 7n },
+    ]);
+    first.spent([{ leaseId: "lease_a", spent: 12n }]);
+    first.settled("lease_b");
+    // Settled before its request's spend was noted: stays crossed out.
+    first.spent([{ leaseId: "lease_b", spent: 9n }]);
+    for (let i = 0; i < 1_000; i++) first.spent([{ leaseId: "lease_a", spent: 100n + BigInt(i) }]);
+    // Killed, its last line cut short.
+    appendFileSync(join(gone.dir, leaseJournalFile), "=lease_a 99999");
+    const second = openLeaseJournal(gone.dir);
+    expect(second.inherited).toEqual(["lease_a"]);
+    expect([...second.inheritedSpent]).toEqual([["lease_a", 1_099n]]);
+    gone.close();
+    writeFileSync(join(gone.dir, "LOCK"), JSON.stringify({ pid: deadPid, host: hostname(), started: null }));
+    const adopter = openSpool(root, "gw-next");
+    const adopted = openLeaseJournal(adopter.dir);
+    expect([...adopted.inheritedSpent]).toEqual([["lease_a", 1_099n]]);
+    adopted.settled("lease_a");
+    adopted.close();
+    adopter.close();
+  });
+
   test("grows by lines and is rewritten with the live leases; closed empty, it is gone", () => {
     const dir = newRoot();
     const journal = openLeaseJournal(dir);

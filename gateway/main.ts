@@ -220,7 +220,11 @@ const budget = createBudgetKeeper({
   registry: runtime.metrics.registry,
   billingDown: keys.billingDown,
   journal: leaseJournal,
-  inherited: { leaseIds: leaseJournal.inherited, recorded: inheritedUsageRecorded(spool) },
+  inherited: {
+    leaseIds: leaseJournal.inherited,
+    spent: leaseJournal.inheritedSpent,
+    recorded: inheritedUsageRecorded(spool),
+  },
 });
 const keyChanges = watchKeyChanges({
   billing,
