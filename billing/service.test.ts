@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { clone, create, type MessageInitShape } from "@bufbuild/protobuf";
+import { clone, create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { type Timestamp, TimestampSchema, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import pg from "pg";
@@ -13,6 +13,8 @@ import {
   KeyRefusalReason,
   KeyRefusalSchema,
   OrganizationState,
+  UpdateOrganizationRequestSchema,
+  UpdateOrganizationResponseSchema,
   type UsageRecord,
   UsageRecordSchema,
 } from "../gen/billing/v1/billing_pb.ts";
@@ -22,6 +24,7 @@ import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
 import { createBillingApp } from "./app.ts";
 import { databaseConflict, databaseUnavailable } from "./errors.ts";
+import { billingWrites } from "./routes.ts";
 import { createTestDatabase, type TestDatabase } from "./store/test-db.ts";
 
 const adminToken = "test-admin-token-0123456789";
@@ -849,6 +852,87 @@ test("serves Connect JSON and gRPC on one real port", async () => {
   } finally {
     await server.close(1_000);
   }
+});
+
+test("Connect JSON writes refuse unknown fields and enum names, naming them; reads and binary skip them", async () => {
+  const server = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes: app.routes, log });
+  const post = async (method: string, body: unknown) => {
+    const res = await fetch(`${server.url}/billing.v1.BillingService/${method}`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${adminToken}` },
+      body: JSON.stringify(body),
+    });
+    return { status: res.status, body: (await res.json()) as { code?: string; message?: string } };
+  };
+  try {
+    const orgId = await newOrg();
+    const limits = { monthlyBudgetNanos: 5_000_000_000n, requestsPerMinute: 60, allowedModels: ["gpt-4o"] };
+    const keyId = (await client.createApiKey({ orgId, limits }, admin)).apiKey?.id as string;
+    // A misspelt limit without an update_mask would have replaced them all, removing the key's budget.
+    const typo = await post("UpdateApiKeyLimits", { apiKeyId: keyId, limits: { montlyBudgetNanos: "9000000000" } });
+    expect(typo.status).toBe(400);
+    expect(typo.body.code).toBe("invalid_argument");
+    expect(typo.body.message).toContain("montlyBudgetNanos");
+    const keys = (await client.listApiKeys({ orgId }, admin)).apiKeys;
+    expect(keys[0]?.limits).toMatchObject(limits);
+
+    const misnamed = await post("UpdateOrganization", { orgId, taxRate: 800 });
+    expect([misnamed.status, misnamed.body.code]).toEqual([400, "invalid_argument"]);
+    expect(misnamed.body.message).toContain("taxRate");
+
+    const record = { requestId: "01TESTJSONUNKNOWNENDPOINT1", orgId, apiKeyId: keyId, occurTime: now.toISOString() };
+    const endpoint = await post("RecordUsage", { records: [{ ...record, endpoint: "ENDPOINT_CHAT_COMPLETION" }] });
+    expect([endpoint.status, endpoint.body.code]).toEqual([400, "invalid_argument"]);
+    expect(endpoint.body.message).toContain("ENDPOINT_CHAT_COMPLETION");
+    expect((await client.listUsageRecords({ orgId }, admin)).records).toEqual([]);
+    const recorded = await post("RecordUsage", { records: [{ ...record, endpoint: "ENDPOINT_CHAT_COMPLETIONS" }] });
+    expect(recorded).toEqual({ status: 200, body: { inserted: 1 } as never });
+
+    // Still only UTF-8: a Latin-1 name is refused, not stored with a replacement character.
+    const latin1 = await fetch(`${server.url}/billing.v1.BillingService/CreateOrganization`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${adminToken}` },
+      body: Buffer.from('{"name":"caf\xe9"}', "latin1"),
+    });
+    expect(latin1.status).toBe(400);
+
+    // Reads skip what they do not know, as before.
+    const listed = await post("ListApiKeys", { orgId, sortBy: "name" });
+    expect(listed.status).toBe(200);
+
+    // A binary message's unknown fields are a newer client's: skipped, so an older server still serves it.
+    const binary = new Uint8Array([
+      ...toBinary(UpdateOrganizationRequestSchema, create(UpdateOrganizationRequestSchema, { orgId, taxRateBps: 700 })),
+      ...[0xb8, 0x3e, 0x01], // field 999, varint 1
+    ]);
+    const res = await fetch(`${server.url}/billing.v1.BillingService/UpdateOrganization`, {
+      method: "POST",
+      headers: { "content-type": "application/proto", authorization: `Bearer ${adminToken}` },
+      body: binary,
+    });
+    expect(res.status).toBe(200);
+    const answer = fromBinary(UpdateOrganizationResponseSchema, new Uint8Array(await res.arrayBuffer()));
+    expect(answer.organization?.taxRateBps).toBe(700);
+  } finally {
+    await server.close(1_000);
+  }
+});
+
+test("every BillingService method is a write, held to strict JSON, or one of the reads", () => {
+  const writes = new Set<string>(billingWrites);
+  const reads = BillingService.methods.map((m) => m.localName).filter((name) => !writes.has(name));
+  expect(reads).toEqual([
+    "listOrganizations",
+    "listProjects",
+    "listApiKeys",
+    "authorizeKey",
+    "watchKeyChanges",
+    "getUsageSummary",
+    "listUsageRecords",
+    "listDiscountRules",
+    "listInvoices",
+    "getInvoice",
+  ]);
 });
 
 test("AuthorizeKey answers spend from memory, adds recorded usage and starts over in a new month", async () => {

@@ -1,6 +1,7 @@
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, type ConnectRouter, ConnectError, type HandlerContext, type MethodImpl, type ServiceImpl } from "@connectrpc/connect";
 import { bearerToken, peerAddressKey, refusePublishedTokenFromAfar, safeEqual } from "./auth.ts";
+import { strictJsonOptions } from "./server.ts";
 
 /** Largest message an admin method reads, unless it says otherwise. */
 export const adminMessageBytes = 1 << 20;
@@ -13,6 +14,12 @@ export interface GuardedRoutesOptions<S extends DescService> {
   orgMethods?: readonly (keyof ServiceImpl<S>)[];
   /** Methods that carry bulk (usage batches, metrics): their own read limit, in bytes. */
   bulk?: Partial<Record<keyof ServiceImpl<S>, number>>;
+  /**
+   * Methods that create, change or delete something: in JSON (Connect, gRPC-Web, gRPC+json) a field or enum name their
+   * message does not define is InvalidArgument rather than skipped (strictJsonOptions). Binary messages skip unknown
+   * fields on every method, as a newer client's are.
+   */
+  strictJson?: readonly (keyof ServiceImpl<S>)[];
 }
 
 /**
@@ -30,6 +37,7 @@ export function guardedRoutes<S extends DescService>(
 ) {
   const orgMethods = new Set<string>(options.orgMethods as readonly string[] | undefined);
   const bulk = (options.bulk ?? {}) as Record<string, number | undefined>;
+  const strictJson = new Set<string>(options.strictJson as readonly string[] | undefined);
   const gate = (ctx: HandlerContext) => {
     const token = bearerToken(ctx.requestHeader);
     if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
@@ -43,7 +51,9 @@ export function guardedRoutes<S extends DescService>(
       const name = method.localName;
       const readMaxBytes = bulk[name] ?? (orgMethods.has(name) ? orgMessageBytes : adminMessageBytes);
       const handler = (impl as Record<string, MethodImpl<DescMethod> | undefined>)[name];
-      if (handler) router.rpc(method, handler, { requestGate: gate, readMaxBytes });
+      // Unset, a method reads JSON as the server does; set undefined, it would replace the server's options with none.
+      const json = strictJson.has(name) && { jsonOptions: strictJsonOptions };
+      if (handler) router.rpc(method, handler, { requestGate: gate, readMaxBytes, ...json });
     }
   };
 }

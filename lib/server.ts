@@ -45,6 +45,13 @@ export const defaultReadMaxBytes = 16 * 1024 * 1024;
  */
 const jsonOptions = { ignoreUnknownFields: true, textDecoder: new TextDecoder("utf-8", { fatal: true }) };
 
+/**
+ * JSON messages as jsonOptions reads them, but a field or enum name the message does not define is InvalidArgument,
+ * naming it: for RPCs that change something, where a misspelt field skipped would be a change not made, or a limit
+ * removed. A method's own jsonOptions replace the server's whole, so this is the one to give it.
+ */
+export const strictJsonOptions = { ...jsonOptions, ignoreUnknownFields: false };
+
 export interface Readiness {
   ready: boolean;
   /** Per dependency: "ok" or what is wrong. */

@@ -2176,6 +2176,11 @@ export const InvoiceStatusSchema: GenEnum<InvoiceStatus> = /*@__PURE__*/
  * (`authorization: Bearer sk-...`) may read that org's usage and invoices and nothing else.
  * Gateways and analytics call with the admin (service) token.
  *
+ * Methods that create, change or delete something (all but the List*, Get*, AuthorizeKey and WatchKeyChanges reads)
+ * refuse, in JSON, a field or enum name their message does not define: INVALID_ARGUMENT naming it, rather than a typo
+ * skipped (a misspelt limit in UpdateApiKeyLimits without a mask would remove all of the key's limits). Binary
+ * messages' unknown fields are skipped on every method, as a newer client's are.
+ *
  * @generated from service billing.v1.BillingService
  */
 export const BillingService: GenService<{
