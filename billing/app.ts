@@ -18,6 +18,11 @@ export interface BillingAppOptions {
   /** Bearer token of admins and of the other mesh services. */
   adminToken: string;
   clock: () => Date;
+  /**
+   * The time budget leases live by in place of the database's, for tests that move time (see
+   * BudgetLeaseStoreOptions.clock); unset, every replica judges leases by Postgres's clock.
+   */
+  leaseClock?: () => Date;
   log: Logger;
   /** Aborted when the process is stopping. */
   stopSignal?: AbortSignal;
@@ -41,14 +46,16 @@ export interface BillingAppOptions {
 export function createBillingApp(options: BillingAppOptions) {
   const { pool, adminToken, clock, log, stopSignal, registry } = options;
   const { abandonedLeaseGraceMs, holderFloorNanos, holderFloorTokens } = options;
-  const store = createBillingStore(pool, { abandonedLeaseGraceMs, holderFloorNanos, holderFloorTokens });
+  const store = createBillingStore(pool, {
+    abandonedLeaseGraceMs, holderFloorNanos, holderFloorTokens, clock: options.leaseClock,
+  });
   const auth = createBillingAuth({ store, adminToken, clock });
   // A read of an org's usage is shared by the calls asking meanwhile: no one caller leaving cancels it.
   const load = (orgId: string, period: TimeRange) => callSignal.exit(() => store.periodUsage(orgId, period));
   const usage = createUsageTracker({ load, clock });
   const metrics =
     registry &&
-    createBillingMetrics(registry, { openLeases: (timeoutMs) => store.openBudgetLeases(clock(), timeoutMs) }, log);
+    createBillingMetrics(registry, { openLeases: (timeoutMs) => store.openBudgetLeases(timeoutMs) }, log);
   const { keyChangeHeartbeatMs } = options;
   // One outage, whether RPCs or invoice pages meet it.
   const databaseOutage = createDatabaseOutageLog(log);

@@ -38,7 +38,7 @@ let client: ReturnType<typeof createClient<typeof BillingService>>;
 
 beforeAll(async () => {
   db = await createTestDatabase();
-  app = createBillingApp({ pool: db.pool, adminToken, clock: () => now, log });
+  app = createBillingApp({ pool: db.pool, adminToken, clock: () => now, leaseClock: () => now, log });
   client = createClient(BillingService, createRouterTransport(app.routes));
 }, 60_000);
 afterAll(async () => {
@@ -622,6 +622,33 @@ test("budget leases over RPC", async () => {
     expect(await code(client.acquireBudgetLease({ ...valid, ...invalid }, admin))).toBe(Code.InvalidArgument);
   }
   expect(await code(client.releaseBudgetLease({ leaseId: "lease_missing" }, admin))).toBe(Code.NotFound);
+});
+
+test("a billing replica whose clock is an hour ahead leaves another's live lease alone", async () => {
+  // Two replicas on the database's clock, one of them with its own an hour ahead; a billing day two weeks off keeps
+  // both in one billing period.
+  const replica = (ahead: number) =>
+    createClient(BillingService, createRouterTransport(
+      createBillingApp({ pool: db.pool, adminToken, clock: () => new Date(Date.now() + ahead), log }).routes,
+    ));
+  const [steady, fast] = [replica(0), replica(3_600_000)];
+  const orgId = await newOrg({ monthlyBudgetNanos: 1_000n, billingDay: ((new Date().getUTCDate() + 13) % 28) + 1 });
+  const ask = { scope: BudgetScope.ORGANIZATION, scopeId: orgId, requestedNanos: 1_000n, ttlSeconds: 900 };
+  const before = Date.now();
+  const live = await steady.acquireBudgetLease({ ...ask, holder: "gw-a" }, admin);
+  expect(live.grantedNanos).toBe(1_000n);
+  // 15 minutes to live, and 10 of grace after: both over by the fast clock, not by the database's.
+  expect(await fast.acquireBudgetLease({ ...ask, holder: "gw-b" }, admin)).toMatchObject({
+    grantedNanos: 0n,
+    leasedNanos: 1_000n,
+  });
+  await steady.releaseBudgetLease({ leaseId: live.leaseId, spentNanos: 400n }, admin);
+  const next = await fast.acquireBudgetLease({ ...ask, holder: "gw-b" }, admin);
+  expect(next).toMatchObject({ grantedNanos: 600n, remainingNanos: 0n });
+  // Its expiry is the database's time plus its lifetime, not the fast clock's.
+  const expires = timestampDate(next.expireTime ?? timestampFromDate(new Date(0))).getTime();
+  expect(expires).toBeGreaterThanOrEqual(before + 900_000 - 1);
+  expect(expires).toBeLessThanOrEqual(Date.now() + 900_000);
 });
 
 test("a budget lease asked for again under its id, its first answer lost, is the same grant", async () => {

@@ -321,7 +321,6 @@ export function createBillingService({
       await store.releaseBudgetLease({
         leaseId: id(req.leaseId, "lease_id"),
         spentNanos: nonNegative(req.spentNanos, "spent_nanos"),
-        now: clock(),
       });
       return create(ReleaseBudgetLeaseResponseSchema);
     },

@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { defaultAbandonedLeaseGraceMs } from "./budget-leases.ts";
 import { BillingError, createPool } from "./db.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
@@ -9,11 +9,14 @@ let db: TestDatabase;
 let store: BillingStore;
 beforeAll(async () => {
   db = await createTestDatabase();
-  store = createBillingStore(db.pool);
+  // The database's clock cannot be moved: these tests' leases live by the time each call is made at.
+  store = createBillingStore(db.pool, { clock: () => leaseClock });
 }, 60_000);
 afterAll(() => db.drop());
 
 const now = new Date("2026-06-15T12:00:00Z");
+/** The time the store's leases live by, set by each call below to the `now` it is made at. */
+let leaseClock = now;
 const limits = (monthlyBudgetNanos: bigint): KeyLimits => ({
   monthlyBudgetNanos,
   monthlyTokens: 0n,
@@ -49,8 +52,9 @@ const spendRecord = (orgId: string, costNanos: bigint, apiKeyId: string | null =
 /** Records one request, as analytics would; a gateway's usage names the lease it spent from. */
 const recordSpend = (...args: Parameters<typeof spendRecord>) => store.recordUsage([spendRecord(...args)]);
 
-const acquire = (scopeId: string, requestedNanos: bigint, extra: Partial<BudgetLeaseRequest> = {}) =>
-  store.acquireBudgetLease({
+const acquire = (scopeId: string, requestedNanos: bigint, extra: Partial<BudgetLeaseRequest> = {}) => {
+  leaseClock = extra.now ?? now;
+  return store.acquireBudgetLease({
     scope: "organization",
     scopeId,
     holder: "gw-1",
@@ -60,6 +64,15 @@ const acquire = (scopeId: string, requestedNanos: bigint, extra: Partial<BudgetL
     now,
     ...extra,
   });
+};
+const release = (leaseId: string, spentNanos: bigint, at = now) => {
+  leaseClock = at;
+  return store.releaseBudgetLease({ leaseId, spentNanos });
+};
+const openAt = (at: Date) => {
+  leaseClock = at;
+  return store.openBudgetLeases();
+};
 
 test("grants never exceed what is left, and releases return the unspent part", async () => {
   const org = await newOrg(1000n);
@@ -83,16 +96,16 @@ test("grants never exceed what is left, and releases return the unspent part", a
     leasedNanos: 1000n,
   });
 
-  await store.releaseBudgetLease({ leaseId: first.leaseId as string, spentNanos: 100n, now });
+  await release(first.leaseId as string, 100n);
   // Releasing again is a no-op: the first settlement stands.
-  await store.releaseBudgetLease({ leaseId: first.leaseId as string, spentNanos: 0n, now });
+  await release(first.leaseId as string, 0n);
   expect(await acquire(org.id, 1000n, { holder: "gw-3" })).toMatchObject({
     grantedNanos: 500n,
     remainingNanos: 0n,
     leasedNanos: 400n,
   });
 
-  const missing = await store.releaseBudgetLease({ leaseId: "lease_missing", spentNanos: 0n, now }).catch((e) => e);
+  const missing = await release("lease_missing", 0n).catch((e) => e);
   expect((missing as BillingError).kind).toBe("not_found");
 });
 
@@ -119,7 +132,7 @@ test("an ask naming a lease already granted answers with that grant, and grants 
   const kind = (p: Promise<unknown>) => p.then(() => "granted", (e: BillingError) => e.kind);
   expect(await kind(acquire(other.id, 10n, { leaseId }))).toBe("invalid_argument");
   expect(await kind(acquire(org.id, 10n, { leaseId, holder: "gw-2" }))).toBe("invalid_argument");
-  await store.releaseBudgetLease({ leaseId, spentNanos: 0n, now });
+  await release(leaseId, 0n);
   expect(await kind(acquire(org.id, 10n, { leaseId }))).toBe("invalid_argument");
 
   // An ask that got nothing leaves its id free: asked again once there is budget, it is granted.
@@ -145,7 +158,7 @@ test("abandoned leases return to the pool after the grace window; recorded usage
   const expired = new Date(now.getTime() + 30_000);
   // It still reserves its grant, but no live lease holds any: nothing comes back before the grace ends.
   expect(await acquire(org.id, 1n, { now: expired })).toMatchObject({ grantedNanos: 0n, leasedNanos: 0n });
-  expect(await store.openBudgetLeases(expired)).toMatchObject({ abandoned: 1 });
+  expect(await openAt(expired)).toMatchObject({ abandoned: 1 });
   const afterGrace = new Date(expired.getTime() + defaultAbandonedLeaseGraceMs);
   expect(await acquire(org.id, 2000n, { now: afterGrace })).toMatchObject({ grantedNanos: 1000n, remainingNanos: 0n });
 
@@ -230,7 +243,7 @@ test("a key's monthly tokens are leased in tokens: its lineage's input + output 
   expect(lease).toMatchObject({ grantedNanos: 400n, remainingNanos: 500n });
   // The holder served three requests from it; one's usage is recorded, the release reports all three.
   await store.recordUsage([tokenRecord(first.id, lease.leaseId)]);
-  await store.releaseBudgetLease({ leaseId: lease.leaseId as string, spentNanos: 300n, now });
+  await release(lease.leaseId as string, 300n);
   // 1000 - 100 before - 300 released (100 of it recorded): each token counted once.
   const second = (await store.rotateApiKey(first.id)).apiKey;
   expect(await tokenLease(second.id, 10_000n, { holder: "gw-2" })).toMatchObject({
@@ -272,7 +285,7 @@ test("a rotated key's budget counts what the keys it replaced spent and still ho
 
   // The first key spends 250 (released; its usage is still on its way, 200 recorded so far) and holds 200 more.
   const spent = await keyLease(first.id, 300n);
-  await store.releaseBudgetLease({ leaseId: spent.leaseId as string, spentNanos: 250n, now });
+  await release(spent.leaseId as string, 250n);
   await recordSpend(org.id, 200n, first.id, spent.leaseId);
   const held = await keyLease(first.id, 200n);
   expect(held.grantedNanos).toBe(200n);
@@ -289,7 +302,7 @@ test("a rotated key's budget counts what the keys it replaced spent and still ho
   const last = await keyLease(third.id, 10_000n);
   expect(last).toMatchObject({ grantedNanos: 350n, remainingNanos: 0n });
   // The first key's gateway gives back what it did not spend: 50 of its 200.
-  await store.releaseBudgetLease({ leaseId: held.leaseId as string, spentNanos: 150n, now });
+  await release(held.leaseId as string, 150n);
   expect(await keyLease(third.id, 10_000n)).toMatchObject({ grantedNanos: 50n, remainingNanos: 0n });
 
   // Other keys of the org keep their own budgets, and a new period starts afresh.
@@ -303,14 +316,14 @@ test("released spend counts until its usage is recorded; a late release of an ex
   const org = await newOrg(1000n);
   const leases = await Promise.all([100n, 200n, 300n].map((n) => acquire(org.id, n)));
   await Promise.all(
-    leases.map((l, i) => store.releaseBudgetLease({ leaseId: l.leaseId as string, spentNanos: BigInt(i * 10), now })),
+    leases.map((l, i) => release(l.leaseId as string, BigInt(i * 10))),
   );
   const expiring = await acquire(org.id, 400n, { ttlSeconds: 1 });
   const later = new Date(now.getTime() + 2_000 + defaultAbandonedLeaseGraceMs);
   // Abandoned past the grace window: its grant is back in the pool.
   expect(await acquire(org.id, 1000n, { now: later, ttlSeconds: 1 })).toMatchObject({ grantedNanos: 970n });
   // Its holder reports what it spent after all.
-  await store.releaseBudgetLease({ leaseId: expiring.leaseId as string, spentNanos: 250n, now: later });
+  await release(expiring.leaseId as string, 250n, later);
   const afterAll = new Date(later.getTime() + 2_000 + defaultAbandonedLeaseGraceMs);
   expect(await acquire(org.id, 1000n, { now: afterAll })).toMatchObject({ grantedNanos: 720n, remainingNanos: 0n });
 });
@@ -336,7 +349,7 @@ test("a lease that lives on into the next period counts against it until release
   const org = await newOrg(1000n);
   const lastMinute = new Date("2026-06-30T23:59:00Z");
   const early = await acquire(org.id, 300n, { now: new Date("2026-06-30T23:40:00Z"), ttlSeconds: 60 });
-  await store.releaseBudgetLease({ leaseId: early.leaseId as string, spentNanos: 300n, now: lastMinute });
+  await release(early.leaseId as string, 300n, lastMinute);
   // Abandoned, but over before July: June's alone.
   await acquire(org.id, 100n, { now: lastMinute, ttlSeconds: 30, holder: "gw-gone" });
   const late = await acquire(org.id, 1000n, { now: lastMinute, ttlSeconds: 900, holder: "gw-a" });
@@ -350,7 +363,7 @@ test("a lease that lives on into the next period counts against it until release
   });
   // Released in July with 200 spent: all of it counts in July, as the release does not say how much was June's.
   const released = new Date(july.getTime() + 60_000);
-  await store.releaseBudgetLease({ leaseId: late.leaseId as string, spentNanos: 200n, now: released });
+  await release(late.leaseId as string, 200n, released);
   expect(await acquire(org.id, 1000n, { now: released, holder: "gw-c" })).toMatchObject({
     grantedNanos: 400n,
     remainingNanos: 0n,
@@ -388,7 +401,7 @@ test("usage recorded without a lease still counts while released spend waits for
     if (!lease.leaseId) break;
     leases.push(lease.leaseId);
     // Spent in full and released; its usage is still on its way (a gateway's spool, analytics' buffer).
-    await store.releaseBudgetLease({ leaseId: lease.leaseId, spentNanos: lease.grantedNanos, now });
+    await release(lease.leaseId, lease.grantedNanos);
   }
   expect(granted).toBe(10n);
   // The usage arrives, naming its lease; resent, it changes nothing. Still nothing left.
@@ -407,7 +420,7 @@ test("spend is counted once whether its usage is recorded before or after the re
   await recordSpend(org.id, 150n, null, open.leaseId);
   expect(await acquire(org.id, 10_000n, { holder: "gw-2" })).toMatchObject({ grantedNanos: 600n, remainingNanos: 0n });
   // Released with 300 spent, 150 of it recorded: 150 counts until its usage comes.
-  await store.releaseBudgetLease({ leaseId: open.leaseId as string, spentNanos: 300n, now });
+  await release(open.leaseId as string, 300n);
   // 1000 - (150 recorded + 150 unrecorded) - 600 held by gw-2 = 100.
   const check = async () => (await acquire(org.id, 10_000n, { holder: "gw-4" })).grantedNanos;
   expect(await check()).toBe(100n);
@@ -431,7 +444,7 @@ test("a request sent twice in one batch charges its lease once", async () => {
   const record = spendRecord(org.id, 300n, null, lease.leaseId);
   expect(await store.recordUsage([record, { ...record }])).toMatchObject({ inserted: 1, duplicates: 1 });
   // 600 spent: 300 recorded, another 300 on its way. 400 is left, not 700.
-  await store.releaseBudgetLease({ leaseId: lease.leaseId as string, spentNanos: 600n, now });
+  await release(lease.leaseId as string, 600n);
   expect(await acquire(org.id, 1000n)).toMatchObject({ grantedNanos: 400n });
 });
 
@@ -439,11 +452,11 @@ test("leases of periods long over are deleted; grants, usage and releases go on 
   const org = await newOrg(1000n);
   const january = new Date("2026-01-10T12:00:00Z");
   const released = (await acquire(org.id, 300n, { now: january })).leaseId as string;
-  await store.releaseBudgetLease({ leaseId: released, spentNanos: 100n, now: january });
+  await release(released, 100n, january);
   const abandoned = (await acquire(org.id, 200n, { now: january, holder: "gw-dead" })).leaseId as string;
   const april = new Date("2026-04-01T12:00:00Z");
   const recent = (await acquire(org.id, 300n, { now: april })).leaseId as string;
-  await store.releaseBudgetLease({ leaseId: recent, spentNanos: 300n, now: april });
+  await release(recent, 300n, april);
   const open = (await acquire(org.id, 400n)).leaseId as string;
   const leases = async () =>
     (await db.pool.query<{ id: string }>("SELECT id FROM budget_leases WHERE org_id = $1", [org.id])).rows.map(
@@ -451,7 +464,7 @@ test("leases of periods long over are deleted; grants, usage and releases go on 
     );
   const probe = async () => {
     const grant = await acquire(org.id, 1000n, { holder: "gw-probe" });
-    await store.releaseBudgetLease({ leaseId: grant.leaseId as string, spentNanos: 0n, now });
+    await release(grant.leaseId as string, 0n);
     return grant.grantedNanos;
   };
   const before = await probe();
@@ -465,7 +478,7 @@ test("leases of periods long over are deleted; grants, usage and releases go on 
   expect(await probe()).toBe(before);
   // Late usage naming a deleted lease is recorded; a late release of one finds nothing to settle.
   expect((await recordSpend(org.id, 10n, null, released)).inserted).toBe(1);
-  const late = store.releaseBudgetLease({ leaseId: abandoned, spentNanos: 50n, now });
+  const late = release(abandoned, 50n);
   expect(await late.catch((e: BillingError) => e.kind)).toBe("not_found");
   expect(await probe()).toBe(before - 10n);
 
@@ -474,4 +487,52 @@ test("leases of periods long over are deleted; grants, usage and releases go on 
   expect(await leases()).not.toContain(recent);
   expect(await leases()).toContain(open);
   expect(await probe()).toBe(before - 10n);
+});
+
+describe("lease lifetimes on the database's clock, whatever a replica's own says", () => {
+  // Stores on the database's real clock: a replica's clock is only the `now` it passes.
+  let replicas: BillingStore;
+  let shortGrace: BillingStore;
+  beforeAll(() => {
+    replicas = createBillingStore(db.pool);
+    shortGrace = createBillingStore(db.pool, { abandonedLeaseGraceMs: 60_000 });
+  });
+  // A billing day two weeks off, so a clock an hour ahead stays in the same billing period.
+  const farBillingDay = ((new Date().getUTCDate() + 13) % 28) + 1;
+  const realOrg = (monthlyBudgetNanos: bigint) =>
+    store.createOrganization({ name: `lease-org-${++orgs}`, taxRateBps: 0, billingDay: farBillingDay,
+      monthlyBudgetNanos, maxDiscountBps: 0 });
+  const ask = (on: BillingStore, scopeId: string, holder: string, clock: Date, ttlSeconds: number) =>
+    on.acquireBudgetLease({ scope: "organization", scopeId, holder, requestedNanos: 1000n, neededNanos: 0n,
+      ttlSeconds, now: clock });
+
+  test("a replica with its clock an hour ahead counts no live lease abandoned and dates no grant ahead", async () => {
+    const org = await realOrg(1000n);
+    const before = Date.now();
+    const live = await ask(replicas, org.id, "gw-1", new Date(), 900);
+    expect(live.grantedNanos).toBe(1000n);
+    const ahead = new Date(Date.now() + 3_600_000);
+    // The lease has 15 minutes to live: past them and the grace by the fast clock, not by the database's.
+    expect(await ask(replicas, org.id, "gw-2", ahead, 900)).toMatchObject({ grantedNanos: 0n, leasedNanos: 1000n });
+    expect(await replicas.openBudgetLeases()).toMatchObject({ abandoned: 0 });
+    await replicas.releaseBudgetLease({ leaseId: live.leaseId as string, spentNanos: 400n });
+    const next = await ask(replicas, org.id, "gw-2", ahead, 60);
+    expect(next).toMatchObject({ grantedNanos: 600n, remainingNanos: 0n });
+    // Its expiry is the database's time plus its lifetime, as the gateway counts it from its ask.
+    expect(next.expiresAt.getTime()).toBeGreaterThanOrEqual(before + 60_000 - 1);
+    expect(next.expiresAt.getTime()).toBeLessThanOrEqual(Date.now() + 60_000);
+  });
+
+  test("two replicas whose clocks are further apart than the grace never grant the same money twice", async () => {
+    const org = await realOrg(1000n);
+    const slow = new Date();
+    const fast = new Date(slow.getTime() + 300_000);
+    // By the fast replica's clock the slow one's lease expired 4 minutes ago, 3 past a grace of one.
+    expect((await ask(shortGrace, org.id, "gw-slow", slow, 60)).grantedNanos).toBe(1000n);
+    expect((await ask(shortGrace, org.id, "gw-fast", fast, 60)).grantedNanos).toBe(0n);
+    // The other way round: a lease granted by the fast one lives no longer than its lifetime asked.
+    const other = await realOrg(1000n);
+    const granted = await ask(shortGrace, other.id, "gw-fast", fast, 60);
+    expect(granted.expiresAt.getTime()).toBeLessThanOrEqual(Date.now() + 60_000);
+  });
 });

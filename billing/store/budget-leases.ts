@@ -10,6 +10,8 @@ interface ScopeRow {
   revoked_at: Date | null;
   expires_at: Date | null;
   suspended_at: Date | null;
+  /** The database's time (see `clock`), read once for the transaction. */
+  at: Date;
 }
 
 export interface BudgetLeaseStoreOptions {
@@ -29,6 +31,13 @@ export interface BudgetLeaseStoreOptions {
   holderFloorNanos?: bigint;
   /** The same for a key's monthly tokens, in tokens. Default 10,000. */
   holderFloorTokens?: bigint;
+  /**
+   * The time leases live by in place of Postgres's, for tests, which cannot move the database's clock. Unset, every
+   * lifetime (a grant's expiry, whether a lease is live, abandoned or past its grace, when it was released) is judged
+   * by the database's clock within the statement that decides, the one clock every replica shares: a replica's own
+   * clock may be off by more than the grace, and judged by it a live lease would be granted again.
+   */
+  clock?: () => Date;
 }
 
 export const defaultAbandonedLeaseGraceMs = 600_000;
@@ -46,6 +55,8 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
   const graceMs = options.abandonedLeaseGraceMs ?? defaultAbandonedLeaseGraceMs;
   const holderFloorNanos = options.holderFloorNanos ?? defaultHolderFloorNanos;
   const holderFloorTokens = options.holderFloorTokens ?? defaultHolderFloorTokens;
+  // null: the database's now(), the start of the deciding transaction.
+  const clockAt = () => options.clock?.() ?? null;
   return {
     /**
      * Grants up to `requestedNanos` of what is left of the scope's budget in the current billing period; a key's
@@ -63,6 +74,9 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
      * when that is more; less than asked when both are less. A request naming a lease already granted to the same
      * scope and holder (its asker lost the answer) grants nothing more: it answers with that lease as granted, even to
      * a key revoked since (so its holder can give it back), and with what is left as of now.
+     * Lifetimes are the database's (see `clock`): a grant expires `ttlSeconds` after its transaction began, and whether
+     * a lease is live or abandoned is judged at that time. `request.now` (billing's own clock) picks the billing period
+     * and judges the key's expiry, as billing's other RPCs do.
      */
     acquireBudgetLease(request: BudgetLeaseRequest): Promise<BudgetLeaseGrant> {
       return db.transaction(async (tx) => {
@@ -70,13 +84,13 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
         const scopeRows = await tx.query<ScopeRow>(
           request.scope === "organization"
             ? `SELECT id AS org_id, monthly_budget_nanos AS budget, billing_day, NULL AS revoked_at, NULL AS expires_at,
-                 suspended_at
+                 suspended_at, coalesce($2::timestamptz, now()) AS at
                FROM organizations WHERE id = $1 FOR NO KEY UPDATE`
             : `SELECT k.org_id, ${tokens ? "k.monthly_tokens" : "k.monthly_budget_nanos"} AS budget, o.billing_day,
-                 k.revoked_at, k.expires_at, o.suspended_at
+                 k.revoked_at, k.expires_at, o.suspended_at, coalesce($2::timestamptz, now()) AS at
                FROM api_keys k JOIN organizations o ON o.id = k.org_id
                WHERE k.id = $1 FOR NO KEY UPDATE OF k`,
-          [request.scopeId],
+          [request.scopeId, clockAt()],
         );
         const scope = scopeRows[0];
         const noun = request.scope === "organization" ? "organization" : "api key";
@@ -104,7 +118,9 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
             : "SELECT id FROM api_keys WHERE lineage_id = (SELECT lineage_id FROM api_keys WHERE id = $1)";
         const period = billingPeriod(request.now, scope.billing_day);
         const previousPeriodStart = billingPeriod(new Date(period.start.getTime() - 1), scope.billing_day).start;
-        const expiresAt = earlier?.expiresAt ?? new Date(request.now.getTime() + request.ttlSeconds * 1000);
+        // Every lease lifetime below is judged at the database's time, the same for every replica.
+        const at = scope.at;
+        const expiresAt = earlier?.expiresAt ?? new Date(at.getTime() + request.ttlSeconds * 1000);
         let granted = earlier?.grantedNanos ?? request.requestedNanos;
         let remaining: bigint | null = null;
         let leased = 0n;
@@ -139,11 +155,11 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
               utcDate(period.start),
               utcDate(period.end),
               request.scope,
-              new Date(request.now.getTime() - graceMs),
+              new Date(at.getTime() - graceMs),
               period.start,
               previousPeriodStart,
               request.holder,
-              request.now,
+              at,
             ],
           );
           const used = usedRows[0];
@@ -177,7 +193,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
             request.holder,
             period.start,
             granted.toString(),
-            request.now,
+            at,
             expiresAt,
           ],
         );
@@ -214,15 +230,16 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
     },
 
     /**
-     * Unreleased leases of current billing periods: still active, or expired without a release (holder gone). A query
-     * not answered within `timeoutMs` fails and gives its connection up.
+     * Unreleased leases of current billing periods: still active, or expired without a release (holder gone), by the
+     * database's clock as grants judge them. A query not answered within `timeoutMs` fails and gives its connection up.
      */
-    async openBudgetLeases(now: Date, timeoutMs?: number): Promise<{ active: number; abandoned: number }> {
+    async openBudgetLeases(timeoutMs?: number): Promise<{ active: number; abandoned: number }> {
       const rows = await db.query<{ active: number; abandoned: number }>(
-        `SELECT count(*) FILTER (WHERE expires_at > $1)::int AS active,
-                count(*) FILTER (WHERE expires_at <= $1)::int AS abandoned
-         FROM budget_leases WHERE released_at IS NULL AND period_start > $1::timestamptz - interval '32 days'`,
-        [now],
+        `WITH clock AS (SELECT coalesce($1::timestamptz, now()) AS at)
+         SELECT count(*) FILTER (WHERE expires_at > at)::int AS active,
+                count(*) FILTER (WHERE expires_at <= at)::int AS abandoned
+         FROM budget_leases, clock WHERE released_at IS NULL AND period_start > at - interval '32 days'`,
+        [clockAt()],
         timeoutMs,
       );
       return { active: rows[0]?.active ?? 0, abandoned: rows[0]?.abandoned ?? 0 };
@@ -232,22 +249,23 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
      * Settles a lease at what its holder spent: the rest returns to the pool, and what it spent beyond its recorded
      * usage counts until that usage is recorded. Releasing twice is a no-op. A lease released after its period ended,
      * having lived on into the next, settles in the next: its own period grants no more, and the next must count what
-     * it spent there before that usage is recorded (all of it, as a release does not say when it was spent).
+     * it spent there before that usage is recorded (all of it, as a release does not say when it was spent). Released
+     * at the database's time (see `clock`), as grants judge lifetimes.
      */
-    async releaseBudgetLease(release: { leaseId: string; spentNanos: bigint; now: Date }): Promise<void> {
+    async releaseBudgetLease(release: { leaseId: string; spentNanos: bigint }): Promise<void> {
       const rows = await db.query<{ known: boolean }>(
         // Periods are whole months from the billing day (at most the 28th), so the next starts a month later.
-        `WITH lease AS (
+        `WITH clock AS (SELECT coalesce($3::timestamptz, now()) AS at), lease AS (
            SELECT id, (period_start AT TIME ZONE 'UTC' + interval '1 month') AT TIME ZONE 'UTC' AS next_start
            FROM budget_leases WHERE id = $1
          ), released AS (
-           UPDATE budget_leases l SET released_at = $3, spent_nanos = $2,
-             settled_period_start = CASE WHEN $3 >= lease.next_start AND l.expires_at > lease.next_start
+           UPDATE budget_leases l SET released_at = clock.at, spent_nanos = $2,
+             settled_period_start = CASE WHEN clock.at >= lease.next_start AND l.expires_at > lease.next_start
                THEN lease.next_start ELSE l.period_start END
-           FROM lease WHERE l.id = lease.id AND l.released_at IS NULL
+           FROM lease, clock WHERE l.id = lease.id AND l.released_at IS NULL
          )
          SELECT EXISTS (SELECT 1 FROM lease) AS known`,
-        [release.leaseId, release.spentNanos.toString(), release.now],
+        [release.leaseId, release.spentNanos.toString(), clockAt()],
       );
       if (!rows[0]?.known) throw new BillingError("not_found", `budget lease ${release.leaseId} not found`);
     },

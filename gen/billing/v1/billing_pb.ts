@@ -1001,7 +1001,9 @@ export type AcquireBudgetLeaseRequest = Message<"billing.v1.AcquireBudgetLeaseRe
   requestedNanos: bigint;
 
   /**
-   * Lifetime asked for in seconds (1..3600); unspent leases return to the pool after it.
+   * Lifetime asked for in seconds (1..3600); unspent leases return to the pool after it. Billing times it, and every
+   * lease's expiry and grace, by its database's clock, the one all its replicas share: a holder counts it from when it
+   * asked, on a clock of its own that is not stepped, never from expire_time against its own wall clock.
    *
    * @generated from field: int32 ttl_seconds = 5;
    */
@@ -1055,6 +1057,8 @@ export type AcquireBudgetLeaseResponse = Message<"billing.v1.AcquireBudgetLeaseR
   grantedNanos: bigint;
 
   /**
+   * When the lease expires by billing's database's clock: ttl_seconds after billing began deciding the grant.
+   *
    * @generated from field: google.protobuf.Timestamp expire_time = 3;
    */
   expireTime?: Timestamp | undefined;
