@@ -250,6 +250,38 @@ describe("routing", () => {
     expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.INVALID_REQUEST, errorCode: "context_length_exceeded" });
   });
 
+  test("a whole response answered with status failed fails the attempt as a streamed one does, never a 200", async () => {
+    const failed = (error: Record<string, unknown>) => ({
+      contentType: "application/json",
+      text: JSON.stringify({ id: "resp_fake", object: "response", status: "failed", model: "primary", output: [], error, usage: null }),
+    });
+    upstream.script("primary", { body: failed({ code: "server_error", message: "The model failed." }) });
+    upstream.script("secondary", { usage, content: "answered second" });
+    const data = await sdk().responses.create({ model: "fallback", input: "hi" });
+    expect(data.status).toBe("completed");
+    expect(data.output_text).toBe("answered second");
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ fallbackUsed: true, status: RequestStatus.OK });
+
+    upstream.reset();
+    upstream.script("primary", { body: failed({ code: "server_error", message: "The model failed." }) });
+    upstream.script("secondary", { body: failed({ code: "server_error", message: "The model failed." }) });
+    const broken = await sdk()
+      .responses.create({ model: "fallback", input: "hi" })
+      .catch((e: unknown) => e);
+    expect((broken as APIError).status).toBe(502);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.UPSTREAM_ERROR, costNanos: 0n });
+
+    upstream.reset();
+    upstream.script("primary", { body: failed({ code: "context_length_exceeded", message: "Input too long." }) });
+    upstream.script("secondary", { content: "never" });
+    const refused = await sdk()
+      .responses.create({ model: "fallback", input: "hi" })
+      .catch((e: unknown) => e);
+    expect((refused as APIError).status).toBe(400);
+    expect(upstream.seen("secondary")).toHaveLength(0);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.INVALID_REQUEST, errorCode: "context_length_exceeded" });
+  });
+
   test("a request chained to an earlier response goes to the target that made it only, with no fallback", async () => {
     upstream.script("primary", { content: "first" });
     const earlier = await sdk().responses.create({ model: "fallback", input: "hi" });

@@ -279,6 +279,8 @@ export function createOpenAIProvider(
       if (!response || typeof response !== "object" || !Array.isArray(response.output)) {
         throw new UpstreamError("transient", `${config.name}: the response is not a Responses API response`);
       }
+      // Answered whole, a failed response is the attempt's failure, as a streamed one is before its first output.
+      if (response.status === "failed") throw failedResponse(config.name, { type: "response.failed", response }, redact);
       const output: string[] = [];
       const reasoning: string[] = [];
       addResponseOutput(output, reasoning, response.output);
