@@ -36,9 +36,6 @@ async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: str
     signal: gone.signal,
   };
   const response = await app.handle(request);
-  // A body refused before it was all read (too large, its key refused first) would be read on to its end, however
-  // long, to keep the connection: an HTTP/1.1 connection is closed instead.
-  if (req.httpVersionMajor === 1 && !req.complete) response.headers = { ...response.headers, connection: "close" };
   if (typeof response.body === "string") {
     send(res, response.status, response.headers, response.body);
     return;
