@@ -368,6 +368,42 @@ describe("close", () => {
   });
 });
 
+describe("answers given before the body is all read", () => {
+  test("close an HTTP/1.1 connection rather than read on whatever the client keeps sending", async () => {
+    const own = await startOwn({
+      name: "unread-bodies",
+      readMaxBytes: 1024,
+      routes: (router) => router.service(BillingService, { listProjects: async () => ({ projects: [] }) }),
+    });
+    const most = 256 * 1024 * 1024;
+    try {
+      // Over readMaxBytes, and to no procedure at all.
+      for (const path of ["/billing.v1.BillingService/ListProjects", "/nowhere"]) {
+        const socket = (await import("node:net")).connect(Number(new URL(own.url).port), "127.0.0.1");
+        let received = "";
+        let open = true;
+        socket.on("data", (d) => (received += d.toString()));
+        socket.on("error", () => {});
+        const closed = new Promise<void>((resolve) => socket.on("close", () => ((open = false), resolve())));
+        socket.write(`POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n`);
+        const chunk = `100000\r\n{"orgId":"${"x".repeat(0x100000 - 12)}"}\r\n`;
+        let sent = 0;
+        while (open && sent < most) {
+          sent += 0x100000;
+          if (!socket.write(chunk)) await new Promise((resolve) => (socket.once("drain", resolve), socket.once("close", resolve)));
+        }
+        socket.destroy();
+        await closed;
+        expect(received).toMatch(/^HTTP\/1.1 (429|404)/);
+        expect(received.toLowerCase()).toContain("connection: close");
+        expect(sent).toBeLessThan(most);
+      }
+    } finally {
+      await own.close(0);
+    }
+  }, 30_000);
+});
+
 describe("request bodies must arrive in time", () => {
   test("a body that stops arriving closes its connection; a slow answer to a whole body does not", async () => {
     const own = await startOwn({

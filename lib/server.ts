@@ -196,7 +196,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       if (draining.signal.aborted) res.setHeader("connection", "close");
     }
     const path = req.url ?? "/";
-    if (mayHaveBody(req) && !streamingRequests.has(path.split("?")[0] ?? path)) limitBodyTime(req, res, bodyTimeoutMs);
+    if (mayHaveBody(req) && !streamingRequests.has(path.split("?")[0] ?? path)) {
+      limitBodyTime(req, res, bodyTimeoutMs);
+      if (req.httpVersionMajor === 1) closeIfUnread(req as http.IncomingMessage, res as http.ServerResponse);
+    }
     limitWriteWait(req, res, idleMs);
     try {
       if (options.cors) {
@@ -384,6 +387,19 @@ export function peerAddress(req: NodeRequest): string {
 function mayHaveBody(req: NodeRequest): boolean {
   if (req.httpVersionMajor === 2) return !(req as http2.Http2ServerRequest).stream.endAfterHeaders;
   return req.headers["transfer-encoding"] !== undefined || (req.headers["content-length"] ?? "0") !== "0";
+}
+
+/**
+ * An HTTP/1.1 answer given before its request's body is all read (a message over readMaxBytes, a caller refused
+ * unread, a route that takes none) closes its connection: kept alive, the connection would read the rest of the body,
+ * whatever the client keeps sending, to find the next request.
+ */
+function closeIfUnread(req: http.IncomingMessage, res: http.ServerResponse): void {
+  const writeHead = res.writeHead.bind(res) as (...args: unknown[]) => http.ServerResponse;
+  res.writeHead = ((...args: unknown[]) => {
+    if (!req.complete) res.setHeader("connection", "close");
+    return writeHead(...args);
+  }) as typeof res.writeHead;
 }
 
 /**

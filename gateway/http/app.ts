@@ -321,19 +321,26 @@ export function createRestApp(options: RestAppOptions): RestApp {
   return {
     handle,
     async fetch(request, hooks) {
+      let read = false;
       const response = await handle({
         method: request.method,
         path: pathOf(request.url),
         query: queryOf(request.url),
         headers: request.headers,
-        text: (limit) => readText(request, limit).finally(() => hooks?.bodyRead?.()),
+        text: (limit) =>
+          readText(request, limit)
+            .then((text) => ((read = true), text))
+            .finally(() => hooks?.bodyRead?.()),
         signal: request.signal,
       });
       const body = response.body;
       if (typeof body === "string") hooks?.answered?.();
+      // A body refused before it was all read (too large, its key refused first) would be read on to its end, however
+      // long, to keep the connection: the connection is closed instead.
+      const unread = !read && hasBody(request.headers);
       return new Response(typeof body === "string" ? body : toReadable(body, request.signal, response.cutOff, hooks), {
         status: response.status,
-        headers: response.headers,
+        headers: unread ? { ...response.headers, connection: "close" } : response.headers,
       });
     },
   };
@@ -472,6 +479,11 @@ export function pathOf(url: string): string {
   if (start < 0) return "/";
   const query = url.indexOf("?", start);
   return query < 0 ? url.slice(start) : url.slice(start, query);
+}
+
+/** Whether an HTTP/1.1 request's head says a body follows it. */
+function hasBody(headers: Pick<Headers, "get">): boolean {
+  return headers.get("transfer-encoding") !== null || (headers.get("content-length") ?? "0") !== "0";
 }
 
 /** A Fetch body as text with a size limit: 413 past it, whether declared or streamed. */
