@@ -17,7 +17,7 @@ import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
 import { createServiceClient } from "./rpc-client.ts";
 import { maxStreamsPerConnection, type RunningServer, startServer } from "./server.ts";
-import { keptAliveConnection } from "./testing.ts";
+import { drainSeenKeptAlive } from "./testing.ts";
 
 const metrics = createMetrics("test");
 const quietLog = createLogger({ service: "test", write: () => {} });
@@ -354,17 +354,13 @@ describe("close", () => {
   });
   test("draining, a kept-alive HTTP/1.1 connection is closed after its next answer, not reset when the port closes", async () => {
     const own = await startOwn({ name: "drain-keep-alive", routes: () => {} });
-    const connection = keptAliveConnection(own.url);
-    expect(await connection.get("/healthz")).not.toMatch(/^connection: close/im);
-    const closed = own.close(1_000, 600);
-    await Bun.sleep(100);
+    const close = (grace: number, drain: number) => own.close(grace, drain);
+    const { before, during, closed } = await drainSeenKeptAlive(own.url, "/healthz", close);
+    expect(before).not.toMatch(/^connection: close/im);
     // Its client opens a new connection for the next request, which goes to a replica the endpoint change left.
-    const answer = await connection.get("/healthz");
-    expect(answer).toStartWith("HTTP/1.1 200");
-    expect(answer).toMatch(/^connection: close/im);
-    const when = await Promise.race([connection.closed.then(() => "before the port closed"), closed.then(() => "with the port")]);
-    expect(when).toBe("before the port closed");
-    await closed;
+    expect(during).toStartWith("HTTP/1.1 200");
+    expect(during).toMatch(/^connection: close/im);
+    expect(closed).toBe("before the port closed");
   });
 });
 

@@ -132,3 +132,25 @@ export async function waitForLine(lines: readonly string[], text: string, timeou
     await Bun.sleep(20);
   }
 }
+
+/**
+ * What a kept-alive HTTP/1.1 client sees of a server's drain (`close(graceMs, drainMs)`): its answer to `path` before
+ * the drain, its next one while draining, and whether its connection was closed before the port was.
+ */
+export async function drainSeenKeptAlive(
+  url: string,
+  path: string,
+  close: (graceMs: number, drainMs: number) => Promise<unknown>,
+): Promise<{ before: string; during: string; closed: "before the port closed" | "with the port" }> {
+  const connection = keptAliveConnection(url);
+  const before = await connection.get(path);
+  const closing = close(1_000, 600);
+  await Bun.sleep(100);
+  const during = await connection.get(path);
+  const closed = await Promise.race([
+    connection.closed.then(() => "before the port closed" as const),
+    closing.then(() => "with the port" as const),
+  ]);
+  await closing;
+  return { before, during, closed };
+}

@@ -5,7 +5,7 @@ import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
 import { oneModelRoutes, startTestGateway } from "../testing/served-gateway.ts";
 import { createTestLogger } from "../testing.ts";
-import { keptAliveConnection } from "../../lib/testing.ts";
+import { drainSeenKeptAlive } from "../../lib/testing.ts";
 import { serveRest } from "./bun.ts";
 
 // The REST port's connection limits: a request must arrive without long pauses, an answer may take as long as the
@@ -188,17 +188,13 @@ test("a failure that escapes the app is answered and logged under one request id
 test("draining, a kept-alive connection is closed after its next answer, not reset when the port closes", async () => {
   const app = { handle: () => Promise.reject(new Error("unused")), fetch: () => Promise.resolve(new Response("ok")) };
   const server = serveRest(app, { port: 0, hostname: "127.0.0.1", maxBodyBytes: 1024 });
-  const connection = keptAliveConnection(server.url);
-  expect(await connection.get("/v1/models")).not.toMatch(/^connection: close/im);
-  const closed = server.close(1_000, 600);
-  await Bun.sleep(100);
+  const close = (grace: number, drain: number) => server.close(grace, drain);
+  const { before, during, closed } = await drainSeenKeptAlive(server.url, "/v1/models", close);
+  expect(before).not.toMatch(/^connection: close/im);
   // Its client opens a new connection for the next request, which goes to a replica the endpoint change left.
-  const answer = await connection.get("/v1/models");
-  expect(answer).toStartWith("HTTP/1.1 200");
-  expect(answer).toMatch(/^connection: close/im);
-  const when = await Promise.race([connection.closed.then(() => "before the port closed"), closed.then(() => "with the port")]);
-  expect(when).toBe("before the port closed");
-  await closed;
+  expect(during).toStartWith("HTTP/1.1 200");
+  expect(during).toMatch(/^connection: close/im);
+  expect(closed).toBe("before the port closed");
 });
 
 /** A streamed request whose client reads nothing of the answer, keeping its connection open. */
