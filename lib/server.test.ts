@@ -17,7 +17,7 @@ import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
 import { createServiceClient } from "./rpc-client.ts";
 import { maxStreamsPerConnection, type RunningServer, startServer } from "./server.ts";
-import { drainSeenKeptAlive } from "./testing.ts";
+import { drainSeenKeptAlive, sendRegardless } from "./testing.ts";
 
 const metrics = createMetrics("test");
 const quietLog = createLogger({ service: "test", write: () => {} });
@@ -375,21 +375,12 @@ describe("answers given before the body is all read", () => {
     try {
       // Over readMaxBytes, and to no procedure at all.
       for (const path of ["/billing.v1.BillingService/ListProjects", "/nowhere"]) {
-        const socket = (await import("node:net")).connect(Number(new URL(own.url).port), "127.0.0.1");
-        let received = "";
-        let open = true;
-        socket.on("data", (d) => (received += d.toString()));
-        socket.on("error", () => {});
-        const closed = new Promise<void>((resolve) => socket.on("close", () => ((open = false), resolve())));
-        socket.write(`POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n`);
-        const chunk = `100000\r\n{"orgId":"${"x".repeat(0x100000 - 12)}"}\r\n`;
-        let sent = 0;
-        while (open && sent < most) {
-          sent += 0x100000;
-          if (!socket.write(chunk)) await new Promise((resolve) => (socket.once("drain", resolve), socket.once("close", resolve)));
-        }
-        socket.destroy();
-        await closed;
+        const { received, sent } = await sendRegardless(
+          own.url,
+          `POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n`,
+          `{"orgId":"${"x".repeat(0x100000 - 12)}"}`,
+          most,
+        );
         expect(received).toMatch(/^HTTP\/1.1 (429|404)/);
         expect(received.toLowerCase()).toContain("connection: close");
         expect(sent).toBeLessThan(most);

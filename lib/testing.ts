@@ -154,3 +154,27 @@ export async function drainSeenKeptAlive(
   await closing;
   return { before, during, closed };
 }
+
+/**
+ * A client that sends a chunked body on regardless of the answer, as one streaming a large upload does: `head` (the
+ * request line and headers, ending in a blank line), then chunks of 1 MiB (`chunk`, whose bytes that must be) until the
+ * server closes the connection or `most` bytes are sent. Returns what came back and how much was sent.
+ */
+export async function sendRegardless(url: string, head: string, chunk: string, most: number) {
+  const socket = net.connect(Number(new URL(url).port), "127.0.0.1");
+  let received = "";
+  let open = true;
+  socket.on("data", (d) => (received += d.toString()));
+  socket.on("error", () => {});
+  const closed = new Promise<void>((resolve) => socket.on("close", () => ((open = false), resolve())));
+  socket.write(head);
+  const framed = `100000\r\n${chunk}\r\n`;
+  let sent = 0;
+  while (open && sent < most) {
+    sent += 0x100000;
+    if (!socket.write(framed)) await new Promise((resolve) => (socket.once("drain", resolve), socket.once("close", resolve)));
+  }
+  socket.destroy();
+  await closed;
+  return { received, sent };
+}

@@ -5,7 +5,7 @@ import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
 import { oneModelRoutes, startTestGateway } from "../testing/served-gateway.ts";
 import { createTestLogger } from "../testing.ts";
-import { drainSeenKeptAlive } from "../../lib/testing.ts";
+import { drainSeenKeptAlive, sendRegardless } from "../../lib/testing.ts";
 import { serveRest } from "./bun.ts";
 
 // The REST port's connection limits: a request must arrive without long pauses, an answer may take as long as the
@@ -141,25 +141,14 @@ test("a body far past the limit gets OpenAI's 413, declared or streamed", async 
 test("a body refused before it is all read closes its connection: what is still coming is not read, on either port", async () => {
   const most = 256 * 1024 * 1024;
   for (const url of [gateway.restUrl, gateway.url]) {
-    const socket = net.connect(Number(new URL(url).port), "127.0.0.1");
-    let received = "";
-    let open = true;
-    socket.on("data", (d) => (received += d.toString()));
-    socket.on("error", () => {});
-    const closed = new Promise<void>((resolve) => socket.on("close", () => ((open = false), resolve())));
-    const chunk = `100000\r\n${"x".repeat(0x100000)}\r\n`;
-    socket.write(
+    // A client that sends on regardless of the answer, as one streaming a large upload does.
+    const { received, sent } = await sendRegardless(
+      url,
       "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\n" +
         "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+      "x".repeat(0x100000),
+      most,
     );
-    // A client that sends on regardless of the answer, as one streaming a large upload does.
-    let sent = 0;
-    while (open && sent < most) {
-      sent += 0x100000;
-      if (!socket.write(chunk)) await new Promise((resolve) => (socket.once("drain", resolve), socket.once("close", resolve)));
-    }
-    socket.destroy();
-    await closed;
     expect(received).toStartWith("HTTP/1.1 413");
     expect(received.toLowerCase()).toContain("connection: close");
     expect(sent).toBeLessThan(most);
