@@ -66,6 +66,7 @@ const invalid: Array<[string, Record<string, unknown>, string | null, string]> =
   ["stream not a boolean", { stream: "yes" }, "stream", "invalid_type"],
   ["stream_options without stream", { stream_options: { include_usage: true } }, "stream_options", "invalid_value"],
   ["include_usage not a boolean", { stream: true, stream_options: { include_usage: 1 } }, "stream_options.include_usage", "invalid_type"],
+  ["web search, charged per call", { web_search_options: {} }, "web_search_options", "unsupported_value"],
   ["tools as a string", { tools: "garbage" }, "tools", "invalid_type"],
   ["129 tools", { tools: Array.from({ length: 129 }, () => tool({})) }, "tools", "array_above_max_length"],
   ["a tool of unknown type", { tools: [{ type: "bogus" }] }, "tools[0].type", "invalid_value"],

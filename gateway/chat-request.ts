@@ -155,6 +155,17 @@ const fieldChecks = new Map<string, Check>([
       stopSequences(v, param);
     },
   ],
+  [
+    "web_search_options",
+    (_v, param) => {
+      throw invalidRequest(
+        `Invalid value for '${param}': a web search its upstream charges per call, which this gateway cannot bill ` +
+          "exactly; send the request without it.",
+        param,
+        "unsupported_value",
+      );
+    },
+  ],
   ["tools", arrayOf(tool, { max: maxTools })],
   [
     "tool_choice",

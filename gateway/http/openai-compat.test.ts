@@ -1193,6 +1193,20 @@ for (const port of ["rpc", "rest"] as const) {
         for (const row of gateway.shipper.rows.slice(before)) expect(row.costNanos).toBe(0n);
       });
 
+      test("web_search_options is a 400 naming it, metered at no cost: the upstream's per-search fee has no price", async () => {
+        const before = gateway.shipper.rows.length;
+        const web_search_options = { search_context_size: "low" as const };
+        for (const stream of [false, true]) {
+          const error = await apiError(
+            sdk().chat.completions.create({ model: "ok", messages: hello, web_search_options, stream }),
+          );
+          expect([error.constructor, error.param, error.code]).toEqual([BadRequestError, "web_search_options", "unsupported_value"]);
+        }
+        expect(upstream.requests).toHaveLength(0);
+        await eventually(() => gateway.shipper.rows.length >= before + 2);
+        for (const row of gateway.shipper.rows.slice(before)) expect(row.costNanos).toBe(0n);
+      });
+
       test("429 from the upstream is passed on with its Retry-After", async () => {
         upstream.script("rate-limited", { status: 429, retryAfter: "7" });
         const e = await apiError(sdk().chat.completions.create({ model: "rate-limited", messages: hello }));
