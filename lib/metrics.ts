@@ -9,7 +9,9 @@ export interface Metrics {
   clientInterceptor: Interceptor;
 }
 
-const rpcBuckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+// Up to the gateway's default whole-request limit (GATEWAY_REQUEST_TIMEOUT_MS): its chat RPCs wait on upstreams for
+// minutes, and a call past the last finite bucket would read as that bucket's bound in every quantile.
+const rpcBuckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600];
 
 /** One registry per process with process metrics and RPC server/client metrics. */
 export function createMetrics(service: string): Metrics {
