@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
+import { AnalyticsService, RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
@@ -91,4 +91,42 @@ test("a gateway streams batches over gRPC, acked on the open stream; Connect JSO
 
   const ready = await fetch(`${analyticsServer.url}/readyz`);
   expect(ready.status).toBe(200);
+});
+
+test("Connect JSON queries refuse fields and enum names they do not define, rather than answer without them", async () => {
+  const org = "org_strict";
+  const now = Date.now();
+  await store.insertRequests(
+    [
+      sampleMetrics(new Date(now - 2000), { orgId: org }),
+      sampleMetrics(new Date(now - 1000), { orgId: org, requestedModel: "m-b", status: RequestStatus.CANCELLED }),
+    ],
+    "strict-1",
+  );
+  const range = { start: new Date(now - 3_600_000).toISOString(), end: new Date(now + 60_000).toISOString() };
+  const call = async (method: string, body: Record<string, unknown>) => {
+    const res = await fetch(`${analyticsServer.url}/analytics.v1.AnalyticsService/${method}`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${adminToken}` },
+      body: JSON.stringify({ orgId: org, range, ...body }),
+    });
+    return { status: res.status, body: (await res.json()) as { code?: string; message?: string; requests?: unknown[] } };
+  };
+  const refused = async (method: string, body: Record<string, unknown>, named: string) => {
+    const { status, body: error } = await call(method, body);
+    expect([status, error.code]).toEqual([400, "invalid_argument"]);
+    expect(error.message).toContain(named);
+  };
+
+  // Skipped, each of these answered 200 for every request: both the OK one as cancelled, or every model as one.
+  await refused("ListRequests", { status: "REQUEST_STATUS_CANCELED" }, "REQUEST_STATUS_CANCELED");
+  await refused("ListRequests", { apiKey: "key_b" }, "apiKey");
+  await refused("QueryTimeSeries", { bucketSeconds: 3600, requestedModel: "m-b" }, "requestedModel");
+  await refused("QueryUsage", { groupBy: ["USAGE_GROUP_BY_MODLE"] }, "USAGE_GROUP_BY_MODLE");
+  await refused("QueryLatency", { groupBy: ["USAGE_GROUP_BY_MODEL"] }, "groupBy");
+
+  const cancelled = await call("ListRequests", { status: "REQUEST_STATUS_CANCELLED" });
+  expect(cancelled.status).toBe(200);
+  expect(cancelled.body.requests).toHaveLength(1);
+  expect((await call("QueryTimeSeries", { bucketSeconds: "3600", model: "m-b" })).status).toBe(200);
 });

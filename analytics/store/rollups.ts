@@ -9,8 +9,9 @@ export const minuteUs = 60_000_000;
 export const hourUs = 60 * minuteUs;
 // Past this many minutes awaiting recomputation in one window, a query reads the raw table alone.
 const maxDirtyMinutes = 100;
-// Items of a list bound as one query parameter: a server takes parameters in its request's URL, which it bounds
-// (http_max_uri_size, 1 MiB by default: about 14,000 marks' keys).
+// Items of a list bound as one query parameter: a statement's parameters go in its request's URL, which a server bounds
+// (http_max_uri_size, 1 MiB by default) and a proxy in front of one more tightly (nginx at 8 KB by default): a hundred
+// minutes, or marks' keys, bind about 4 KB.
 const maxListParam = 100;
 /**
  * Raw rows one roll-up statement reads at most, by default: a backlog (roll-ups stopped for hours) is rolled up in
@@ -132,6 +133,13 @@ export interface RollupResult {
   recomputedMinutes: number;
 }
 
+/**
+ * A mark's identity, as a roll-up deletes the marks it read: 32 hex characters whatever the org id, so a statement
+ * deleting maxListParam of them binds about 4 KB, inside the 8 KB of a request URL nginx takes by default in front of a
+ * server (the org id, minute and time spelt out, as they were, bound about 10 KB: every run failed there, its marks
+ * recomputed again and again and never cleared). 128 bits: no two marks share one.
+ */
+const markKey = "hex(sipHash128(org_id, minute, marked_at))";
 const dims = "org_id, project_id, api_key_id, requested_model, provider, status";
 // Over Int128, as the rollups hold them: a sum of Int64 wraps silently.
 export const totalsSql = ["input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "cost_nanos"]
@@ -258,8 +266,7 @@ export function createRollups(
       const target = floorTo(now.getTime() * 1000 - lagUs, minuteUs);
       // Marks are read first: their rows committed before them, so everything below sees those rows.
       const marks = await driver.query<{ org_id: string; minute: string; key: string }>(
-        `SELECT org_id, minute, concat(org_id, '|', toString(minute), '|', toString(marked_at)) AS key
-         FROM ${tables.dirty} LIMIT 100000`,
+        `SELECT org_id, minute, ${markKey} AS key FROM ${tables.dirty} LIMIT 100000`,
       );
       let done = await rolledUntil();
       if (done === undefined) {
@@ -338,8 +345,7 @@ export function createRollups(
       // Only the marks read above: one written meanwhile stays for the next run.
       for (let i = 0; i < marks.length; i += maxListParam) {
         await driver.exec(
-          `DELETE FROM ${tables.dirty}
-           WHERE concat(org_id, '|', toString(minute), '|', toString(marked_at)) IN {keys:Array(String)}`,
+          `DELETE FROM ${tables.dirty} WHERE ${markKey} IN {keys:Array(String)}`,
           { keys: marks.slice(i, i + maxListParam).map((m) => m.key) },
         );
       }

@@ -714,6 +714,36 @@ describe("totals at the bounds of what a row may hold", () => {
   }, 60_000);
 });
 
+describe("rollups through a proxy that caps request URLs at nginx's 8 KB", () => {
+  test("a roll-up clearing a hundred marks of orgs with real ids keeps its statements' URLs within it", async () => {
+    const proxied = startClickHouseHttpServer({ path: testDataDir(), maxUrlBytes: 8192 });
+    const store = await createTestStore({ driver: createClientDriver(createClient({ url: proxied.url })) });
+    try {
+      // Ids as billing makes them.
+      const orgs = ["org_01KB4Z8F6Q2M9T3V7W1X5Y0A2B", "org_01KB4Z8F6Q2M9T3V7W1X5Y0A2C"];
+      const onTime = orgs.flatMap((orgId) => Array.from({ length: 3 * 60 }, (_, m) => sampleMetrics(at(m * 60_000), { orgId })));
+      await store.insertRequests(onTime, "proxied-1");
+      await store.rollUp();
+      // Late rows in 60 minutes of each org: 120 marks, past one statement's hundred.
+      const late = orgs.flatMap((orgId) =>
+        Array.from({ length: 60 }, (_, m) => sampleMetrics(at(2 * m * 60_000 + 10_000), { orgId, costNanos: 7n })),
+      );
+      await store.insertRequests(late, "proxied-2");
+      expect((await store.rollUp()).recomputedMinutes).toBe(120);
+      const range = { start: timestampFromDate(at(0)), end: timestampFromDate(at(3 * hour)) };
+      for (const orgId of orgs) {
+        const [total] = await store.queryUsage({ orgId, ...range, groupBy: [], limit: 1 });
+        expect([total?.requests, total?.costNanos]).toEqual([240n, 180n * 12_345n + 60n * 7n]);
+      }
+      // Every mark cleared: the next run recomputes nothing.
+      expect((await store.rollUp()).recomputedMinutes).toBe(0);
+    } finally {
+      await store.close();
+      await proxied.stop();
+    }
+  }, 60_000);
+});
+
 describe("rollups under another lag or clock", () => {
   test("a row for a rolled-up minute counts whatever the lag or clock of the replica that stores it", async () => {
     const first = await createTestStore();

@@ -22,6 +22,11 @@ export interface ClickHouseHttpServerOptions {
   /** Credentials the server requires; unset accepts any. */
   user?: string;
   password?: string;
+  /**
+   * Longest request URL (path and query string) answered, as a proxy in front of a server caps it (nginx takes 8 KB by
+   * default); a longer one is 414, as such a proxy answers it. Unset, Bun's own bound (about 16 KB) holds.
+   */
+  maxUrlBytes?: number;
 }
 
 export interface ClickHouseHttpServer {
@@ -99,6 +104,9 @@ export function startClickHouseHttpServer(options: ClickHouseHttpServerOptions):
 
   const handle = async (req: Request): Promise<Response> => {
     const url = new URL(req.url);
+    if (options.maxUrlBytes !== undefined && url.pathname.length + url.search.length > options.maxUrlBytes) {
+      return new Response("414 Request-URI Too Large\n", { status: 414, headers: { "content-type": "text/html" } });
+    }
     if (url.pathname === "/ping" || (url.pathname === "/" && req.method === "GET" && !url.searchParams.has("query"))) {
       return new Response("Ok.\n", { headers: { "content-type": "text/html; charset=UTF-8" } });
     }
