@@ -5,15 +5,12 @@ import { guardedRoutes } from "../lib/routes.ts";
 
 /**
  * AnalyticsService's routes. Metrics batches come from gateways with the admin token and may be large; the queries an
- * org's own API key may make too are small messages. A query's fields are filters and dimensions: in JSON one it does
- * not define, skipped, would answer for every status, key or model, or ungrouped, as if it had been applied, so the
- * queries refuse fields and enum names they do not define there.
+ * org's own API key may make too are small messages.
  */
 export function analyticsRoutes(impl: ServiceImpl<typeof AnalyticsService>, adminToken: string): (router: ConnectRouter) => void {
   return guardedRoutes(AnalyticsService, impl, {
     adminToken,
     orgMethods: ["queryUsage", "queryTimeSeries", "queryLatency", "listRequests"],
     bulk: { ingestMetrics: defaultReadMaxBytes },
-    strictJson: ["queryUsage", "queryTimeSeries", "queryLatency", "listRequests"],
   });
 }

@@ -14,12 +14,6 @@ export interface GuardedRoutesOptions<S extends DescService> {
   orgMethods?: readonly (keyof ServiceImpl<S>)[];
   /** Methods that carry bulk (usage batches, metrics): their own read limit, in bytes. */
   bulk?: Partial<Record<keyof ServiceImpl<S>, number>>;
-  /**
-   * Methods that create, change or delete something: in JSON (Connect, gRPC-Web, gRPC+json) a field or enum name their
-   * message does not define is InvalidArgument rather than skipped (strictJsonOptions). Binary messages skip unknown
-   * fields on every method, as a newer client's are.
-   */
-  strictJson?: readonly (keyof ServiceImpl<S>)[];
 }
 
 /**
@@ -28,7 +22,9 @@ export interface GuardedRoutesOptions<S extends DescService> {
  * token is Unauthenticated; on a method only admins may call, another token than the admin's is PermissionDenied. A
  * method an org's API key may call passes any token for its handler to check, and reads a small message. On every
  * method the published default admin token is refused from a caller not on this machine and from web pages, so handlers
- * never see it.
+ * never see it. In JSON (Connect, gRPC-Web, gRPC+json) a field or enum name a message does not define is InvalidArgument
+ * (strictJsonOptions): JSON is written by people and scripts, and a misspelt field skipped is a change not made, a
+ * limit removed or a filter not applied, answered OK. Binary messages skip unknown fields, as a newer client's are.
  */
 export function guardedRoutes<S extends DescService>(
   service: S,
@@ -37,7 +33,6 @@ export function guardedRoutes<S extends DescService>(
 ) {
   const orgMethods = new Set<string>(options.orgMethods as readonly string[] | undefined);
   const bulk = (options.bulk ?? {}) as Record<string, number | undefined>;
-  const strictJson = new Set<string>(options.strictJson as readonly string[] | undefined);
   const gate = (ctx: HandlerContext) => {
     const token = bearerToken(ctx.requestHeader);
     if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
@@ -51,9 +46,7 @@ export function guardedRoutes<S extends DescService>(
       const name = method.localName;
       const readMaxBytes = bulk[name] ?? (orgMethods.has(name) ? orgMessageBytes : adminMessageBytes);
       const handler = (impl as Record<string, MethodImpl<DescMethod> | undefined>)[name];
-      // Unset, a method reads JSON as the server does; set undefined, it would replace the server's options with none.
-      const json = strictJson.has(name) && { jsonOptions: strictJsonOptions };
-      if (handler) router.rpc(method, handler, { requestGate: gate, readMaxBytes, ...json });
+      if (handler) router.rpc(method, handler, { requestGate: gate, readMaxBytes, jsonOptions: strictJsonOptions });
     }
   };
 }

@@ -47,8 +47,8 @@ const jsonOptions = { ignoreUnknownFields: true, textDecoder: new TextDecoder("u
 
 /**
  * JSON messages as jsonOptions reads them, but a field or enum name the message does not define is InvalidArgument,
- * naming it: for RPCs that change something, where a misspelt field skipped would be a change not made, or a limit
- * removed. A method's own jsonOptions replace the server's whole, so this is the one to give it.
+ * naming it: a misspelt field skipped would be a change not made, a limit removed or a filter not applied, answered
+ * OK. A method's own jsonOptions replace the server's whole, so this is the one to give it.
  */
 export const strictJsonOptions = { ...jsonOptions, ignoreUnknownFields: false };
 
