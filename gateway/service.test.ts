@@ -996,6 +996,25 @@ describe("a client's deadline, and a client that leaves", () => {
     }
   });
 
+  test("a deadline of 0, passed before the call begins, is answered and metered once as a timeout", async () => {
+    const before = served.shipper.rows.length;
+    // grpc-js sends `0m` for a deadline that passed before the call went out.
+    for (const path of [unary, streaming]) {
+      const answer = await grpcCall(path, { "grpc-timeout": "0m" });
+      expect(answer.status).toBe(String(Code.DeadlineExceeded));
+      expect(await served.row(answer.requestId)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504, orgId: "org_1" });
+    }
+    const res = await fetch(`${served.url}${unary}`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/json", "connect-timeout-ms": "0" },
+      body: JSON.stringify(params("lazy")),
+    });
+    expect(res.status).toBe(504);
+    expect(await served.row(res.headers.get("x-request-id") ?? "")).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+    await Bun.sleep(100);
+    expect(served.shipper.rows.length).toBe(before + 3);
+  });
+
   /** A grpc-js client, which gives up at its deadline and resets the stream, racing the server's own timer. */
   function grpcJsClient() {
     const definition = loadSync("gateway/v1/gateway.proto", { includeDirs: ["proto", "third_party/proto"], keepCase: true, longs: String });
