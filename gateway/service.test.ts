@@ -4,7 +4,8 @@ import net from "node:net";
 import * as grpc from "@grpc/grpc-js";
 import { loadSync } from "@grpc/proto-loader";
 import { create, toBinary } from "@bufbuild/protobuf";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { trace } from "@opentelemetry/api";
 import { Registry } from "prom-client";
 import { isValid as isUlid } from "ulid";
@@ -419,6 +420,26 @@ describe("the same server over plain HTTP", () => {
     const row = gateway.shipper.rows.find((m) => m.requestId === requestId);
     expect(row).toMatchObject({ status: RequestStatus.INVALID_REQUEST, orgId: "org_1", errorCode: "request_too_large" });
     expect(await gateway.core.settled(1000)).toBe(true);
+  });
+
+  test("a streamed chat's message over the limit is resource_exhausted and metered too large, not as a client that left", async () => {
+    const params = { model: "mock", messages: [{ role: "user", content: "x".repeat(5000) }] };
+    const transports = {
+      grpc: client("sk-good"),
+      "grpc-web over HTTP/1.1": createClient(GatewayService, createGrpcWebTransport({ baseUrl: server.url, httpVersion: "1.1" })),
+      "connect over HTTP/2": createClient(GatewayService, createConnectTransport({ baseUrl: server.url, httpVersion: "2" })),
+    };
+    for (const [name, rpc] of Object.entries(transports)) {
+      const streamed = async () => {
+        for await (const _ of rpc.streamChatCompletion({ params }, { headers: { authorization: "Bearer sk-good" } }));
+      };
+      const e = await rpcError(streamed());
+      expect([name, e.code]).toEqual([name, Code.ResourceExhausted]);
+      const requestId = e.metadata.get("x-request-id") ?? "";
+      for (let i = 0; i < 100 && !gateway.shipper.rows.some((m) => m.requestId === requestId); i++) await Bun.sleep(20);
+      const row = gateway.shipper.rows.find((m) => m.requestId === requestId);
+      expect([name, row?.status, row?.httpStatus, row?.errorCode]).toEqual([name, RequestStatus.INVALID_REQUEST, 413, "request_too_large"]);
+    }
   });
 
   test("a client that leaves while its message arrives is metered cancelled (499), as over REST, not invalid", async () => {
@@ -973,6 +994,25 @@ describe("a client's deadline, and a client that leaves", () => {
       expect(answer.status).toBe(String(Code.DeadlineExceeded));
       expect(await served.row(answer.requestId)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
     }
+  });
+
+  test("a deadline of 0, passed before the call begins, is answered and metered once as a timeout", async () => {
+    const before = served.shipper.rows.length;
+    // grpc-js sends `0m` for a deadline that passed before the call went out.
+    for (const path of [unary, streaming]) {
+      const answer = await grpcCall(path, { "grpc-timeout": "0m" });
+      expect(answer.status).toBe(String(Code.DeadlineExceeded));
+      expect(await served.row(answer.requestId)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504, orgId: "org_1" });
+    }
+    const res = await fetch(`${served.url}${unary}`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/json", "connect-timeout-ms": "0" },
+      body: JSON.stringify(params("lazy")),
+    });
+    expect(res.status).toBe(504);
+    expect(await served.row(res.headers.get("x-request-id") ?? "")).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });
+    await Bun.sleep(100);
+    expect(served.shipper.rows.length).toBe(before + 3);
   });
 
   /** A grpc-js client, which gives up at its deadline and resets the stream, racing the server's own timer. */

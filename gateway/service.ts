@@ -108,6 +108,13 @@ export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number
     const endpoint = endpoints.get(ctx.method);
     if (endpoint === undefined) return;
     const call = beginCall(core, endpoint, ctx);
+    // A deadline of 0 (`grpc-timeout: 0m`, which grpc-js sends for one already passed) aborts before any listener:
+    // answered at once, metered once the key is checked, as one that passes while billing checks it.
+    if (ctx.signal.aborted) {
+      const error = unreadMessage(ctx.signal.reason, maxBodyBytes);
+      void refuse(call, error);
+      throw failed(call, ctx, error);
+    }
     ctx.values.set(gatedCall, call);
     // Every RPC's signal aborts once it is answered; the reason is the error, when there was one.
     ctx.signal.addEventListener("abort", () => takeGatedCall(ctx) && void refuse(call, unreadMessage(ctx.signal.reason, maxBodyBytes)), { once: true });
