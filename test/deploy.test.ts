@@ -32,6 +32,11 @@ interface Container {
   env: EnvVar[];
   ports: { name: string; containerPort: number }[];
   volumeMounts?: { name: string; mountPath: string }[];
+  securityContext?: {
+    allowPrivilegeEscalation?: boolean;
+    readOnlyRootFilesystem?: boolean;
+    capabilities?: { drop?: string[] };
+  };
   readinessProbe: { httpGet: { path: string; port: string }; timeoutSeconds?: number };
   livenessProbe: { httpGet: { path: string; port: string } };
   startupProbe?: { httpGet: { path: string; port: string }; periodSeconds?: number; failureThreshold?: number };
@@ -224,6 +229,18 @@ describe("Kubernetes manifests", () => {
     // The volume belongs to the group the image's user runs in, so it can write there.
     const security = gateway.spec.template.spec.securityContext;
     expect(security?.fsGroup).toBe(security?.runAsGroup as number);
+  });
+
+  test("write nothing to the image, which runs without privileges", () => {
+    // A gateway writes its spool and lease journal on its volume (checked above); billing and analytics, required to use
+    // servers for their stores, write no file. Admission policies that require a read-only root would refuse the pods.
+    for (const w of workloads) {
+      expect(container(w.metadata.name).securityContext).toEqual({
+        allowPrivilegeEscalation: false,
+        readOnlyRootFilesystem: true,
+        capabilities: { drop: ["ALL"] },
+      });
+    }
   });
 
   test("give a stopping pod the time to drain, finish requests and ship what it holds", () => {
