@@ -50,6 +50,7 @@ interface Workload {
     template: {
       metadata: { labels: Record<string, string> };
       spec: {
+        automountServiceAccountToken?: boolean;
         terminationGracePeriodSeconds: number;
         securityContext?: { runAsUser?: number; runAsGroup?: number; fsGroup?: number };
         containers: Container[];
@@ -241,6 +242,15 @@ describe("Kubernetes manifests", () => {
         capabilities: { drop: ["ALL"] },
       });
     }
+  });
+
+  test("mount no Kubernetes API token, which no service uses", () => {
+    const sources = readdirSync(root, { recursive: true, encoding: "utf8" }).filter(
+      (f) => /^(gateway|billing|analytics|lib)\//.test(f) && f.endsWith(".ts") && !f.endsWith(".test.ts"),
+    );
+    const apiClient = /kubernetes\.io\/serviceaccount|KUBERNETES_SERVICE_HOST/;
+    for (const f of sources) expect(readFileSync(path.join(root, f), "utf8")).not.toMatch(apiClient);
+    for (const w of workloads) expect(w.spec.template.spec.automountServiceAccountToken).toBe(false);
   });
 
   test("give a stopping pod the time to drain, finish requests and ship what it holds", () => {
