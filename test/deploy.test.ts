@@ -32,6 +32,11 @@ interface Container {
   env: EnvVar[];
   ports: { name: string; containerPort: number }[];
   volumeMounts?: { name: string; mountPath: string }[];
+  securityContext?: {
+    allowPrivilegeEscalation?: boolean;
+    readOnlyRootFilesystem?: boolean;
+    capabilities?: { drop?: string[] };
+  };
   readinessProbe: { httpGet: { path: string; port: string }; timeoutSeconds?: number };
   livenessProbe: { httpGet: { path: string; port: string } };
   startupProbe?: { httpGet: { path: string; port: string }; periodSeconds?: number; failureThreshold?: number };
@@ -45,6 +50,7 @@ interface Workload {
     template: {
       metadata: { labels: Record<string, string> };
       spec: {
+        automountServiceAccountToken?: boolean;
         terminationGracePeriodSeconds: number;
         securityContext?: { runAsUser?: number; runAsGroup?: number; fsGroup?: number };
         containers: Container[];
@@ -224,6 +230,27 @@ describe("Kubernetes manifests", () => {
     // The volume belongs to the group the image's user runs in, so it can write there.
     const security = gateway.spec.template.spec.securityContext;
     expect(security?.fsGroup).toBe(security?.runAsGroup as number);
+  });
+
+  test("write nothing to the image, which runs without privileges", () => {
+    // A gateway writes its spool and lease journal on its volume (checked above); billing and analytics, required to use
+    // servers for their stores, write no file. Admission policies that require a read-only root would refuse the pods.
+    for (const w of workloads) {
+      expect(container(w.metadata.name).securityContext).toEqual({
+        allowPrivilegeEscalation: false,
+        readOnlyRootFilesystem: true,
+        capabilities: { drop: ["ALL"] },
+      });
+    }
+  });
+
+  test("mount no Kubernetes API token, which no service uses", () => {
+    const sources = readdirSync(root, { recursive: true, encoding: "utf8" }).filter(
+      (f) => /^(gateway|billing|analytics|lib)\//.test(f) && f.endsWith(".ts") && !f.endsWith(".test.ts"),
+    );
+    const apiClient = /kubernetes\.io\/serviceaccount|KUBERNETES_SERVICE_HOST/;
+    for (const f of sources) expect(readFileSync(path.join(root, f), "utf8")).not.toMatch(apiClient);
+    for (const w of workloads) expect(w.spec.template.spec.automountServiceAccountToken).toBe(false);
   });
 
   test("give a stopping pod the time to drain, finish requests and ship what it holds", () => {
