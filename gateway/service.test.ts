@@ -502,6 +502,21 @@ describe("the same server over plain HTTP", () => {
     expect(isUlid(res.headers.get("x-request-id") ?? "")).toBe(true);
     expect(((await res.json()) as { models: Array<{ id: string }> }).models.map((m) => m.id)).toEqual(["mock"]);
   });
+
+  test("refuses a Connect JSON field the contract does not define, naming it, rather than answer without it", async () => {
+    const call = (params: Record<string, unknown>) =>
+      fetch(`${server.url}/gateway.v1.GatewayService/CreateChatCompletion`, {
+        method: "POST",
+        headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+        body: JSON.stringify({ params: { ...hello, ...params } }),
+      });
+    const typo = await call({ maxCompletionTokenz: 1 });
+    expect(typo.status).toBe(400);
+    const error = (await typo.json()) as { code: string; message: string };
+    expect(error.code).toBe("invalid_argument");
+    expect(error.message).toContain("maxCompletionTokenz");
+    expect((await call({ maxCompletionTokens: 1 })).status).toBe(200);
+  });
 });
 
 describe("a client that takes its answer slowly, or takes nothing", () => {

@@ -20,6 +20,7 @@ import {
 } from "../gen/gateway/v1/gateway_pb.ts";
 import { bearerToken } from "../lib/auth.ts";
 import { limitMessages } from "../lib/message-limits.ts";
+import { strictJsonOptions } from "../lib/server.ts";
 import { maxMessages, maxStops, maxTools } from "./chat-request.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
 import type { Call, ChatOutcome, GatewayCore, MeteredOutcome } from "./core.ts";
@@ -156,10 +157,12 @@ const maxElements = new Map([
 /**
  * GatewayService's routes, each request message held to the contract's list limits and to maxRequestNodes before it
  * is decoded: what the core would refuse after decoding is refused while it is still a few kilobytes of wire bytes.
+ * In JSON a field or enum name the contract does not define is InvalidArgument, as OpenAI refuses an unknown
+ * parameter: skipped, a misspelt `maxCompletionTokens` or `temperature` would be answered as if it had not been sent.
  */
 export function gatewayRoutes(service: ServiceImpl<typeof GatewayService>, maxBodyBytes: number) {
   return (router: ConnectRouter) =>
-    limitMessages(router.service(GatewayService, service), {
+    limitMessages(router.service(GatewayService, service, { jsonOptions: strictJsonOptions }), {
       maxBytes: maxBodyBytes,
       maxNodes: maxRequestNodes,
       maxElements,
