@@ -1,4 +1,5 @@
 import { expect, test } from "bun:test";
+import pg from "pg";
 import { BillingError } from "./db.ts";
 import { createKeyChangeFeed } from "./key-changes.ts";
 import { newOrg as newOrgIn, noLimits, useTestStore } from "./test-db.ts";
@@ -154,6 +155,66 @@ test.skipIf(Boolean(process.env.DATABASE_URL))(
     }
   },
 );
+
+/**
+ * A pool whose connections answer every statement, LISTEN included, but are told of no notification while `deaf`:
+ * what a pooler in transaction mode (PgBouncer's pool_mode = transaction) does to LISTEN, run on whichever server
+ * connection is free, so that what commits elsewhere is announced to a session no longer linked to the listener.
+ */
+function poolHearing(hears: () => boolean): pg.Pool {
+  class Client extends pg.Client {
+    override emit(event: string | symbol, ...args: unknown[]): boolean {
+      return event === "notification" && !hears() ? false : super.emit(event, ...args);
+    }
+  }
+  return new pg.Pool({ connectionString: fixture.db.connectionString, Client, max: 4 });
+}
+
+test("a listening connection told of nothing committed elsewhere is never live: watchers fail as unavailable", async () => {
+  const pool = poolHearing(() => false);
+  const feed = createKeyChangeFeed(pool, { checkMs: 100, checkTimeoutMs: 300 });
+  const stop = new AbortController();
+  try {
+    const iterator = feed.watchKeyChanges(stop.signal)[Symbol.asyncIterator]();
+    const first = iterator.next().then(
+      (step) => step,
+      (e: unknown) => e,
+    );
+    const error = await Promise.race([first, Bun.sleep(3_000).then(() => "no answer")]);
+    expect(error).toBeInstanceOf(BillingError);
+    expect((error as BillingError).kind).toBe("unavailable");
+    expect((error as BillingError).internal?.cause).toBe(
+      "a key change notification committed through the pool was not heard within 300 ms",
+    );
+  } finally {
+    stop.abort();
+    await pool.end();
+  }
+});
+
+test("a live feed whose connection stops being told of commits elsewhere fails its watchers as unavailable", async () => {
+  let hearing = true;
+  const pool = poolHearing(() => hearing);
+  const feed = createKeyChangeFeed(pool, { checkMs: 100, checkTimeoutMs: 300 });
+  const stop = new AbortController();
+  try {
+    const iterator = feed.watchKeyChanges(stop.signal)[Symbol.asyncIterator]();
+    expect((await iterator.next()).value).toBeNull();
+    // The feed's own checks are no changes: none reaches the watcher while it hears them.
+    const next = iterator.next().then(
+      (step) => step,
+      (e: unknown) => e,
+    );
+    await Bun.sleep(500);
+    hearing = false;
+    const error = await Promise.race([next, Bun.sleep(3_000).then(() => "still watching")]);
+    expect(error).toBeInstanceOf(BillingError);
+    expect((error as BillingError).kind).toBe("unavailable");
+  } finally {
+    stop.abort();
+    await pool.end();
+  }
+});
 
 test("a settings change of an org with more keys than a watcher queues is one change; the watch goes on", async () => {
   const org = await newOrg("many-keys-org");

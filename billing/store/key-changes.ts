@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto";
 import type pg from "pg";
 import { keyChangesChannel } from "./accounts.ts";
 import { BillingError } from "./db.ts";
@@ -17,10 +18,18 @@ interface Watcher {
 }
 
 export interface KeyChangeFeedOptions {
-  /** How often the listening connection is asked to LISTEN again, to know it still answers (1 s by default)... */
+  /**
+   * How often the listening connection is asked to LISTEN again, to know it still answers, and a notification is sent
+   * through the pool, to know notifications reach it (1 s by default)...
+   */
   checkMs?: number;
-  /** ...and how long it may take to answer before the feed fails (2 s by default). */
+  /** ...and how long either may take before the feed fails (2 s by default). */
   checkTimeoutMs?: number;
+}
+
+/** What a feed notifies itself through the pool; never a change, never passed to watchers. */
+interface Probe {
+  probe: string;
 }
 
 /**
@@ -28,6 +37,9 @@ export interface KeyChangeFeedOptions {
  * least one watcher is subscribed and is returned to the pool when the last one leaves. A connection that stops
  * answering (a hung server, a failed-over one gone without a reset) would hear nothing while watchers' streams went
  * on: it is checked every `checkMs`, and one that does not answer fails the feed, so watchers reload and watch again.
+ * So does one that answers but is not told of what commits on other connections (through a pooler in transaction
+ * mode, LISTEN runs on whichever server connection is free): the feed notifies itself through the pool, as a change
+ * commits, first before watchers are told it is live and then every `checkMs`, and fails when that is not heard.
  */
 export function createKeyChangeFeed(pool: pg.Pool, { checkMs = 1_000, checkTimeoutMs = 2_000 }: KeyChangeFeedOptions = {}) {
   const watchers = new Set<Watcher>();
@@ -42,19 +54,52 @@ export function createKeyChangeFeed(pool: pg.Pool, { checkMs = 1_000, checkTimeo
   const listen = (): Promise<Listener> => {
     const started = (async () => {
       const client = await pool.connect();
+      // The probe not yet heard back, timed from its commit; `starting` waits for the first.
+      let probe: { id: string; committedAt?: number } | undefined;
+      let starting: { resolve: () => void; reject: (error: Error) => void } | undefined;
+      const sendProbe = () => {
+        const sent: { id: string; committedAt?: number } = { id: randomUUID() };
+        probe = sent;
+        const payload = JSON.stringify({ probe: sent.id } satisfies Probe);
+        const query = { text: "SELECT pg_notify($1, $2)", values: [keyChangesChannel, payload], query_timeout: checkTimeoutMs };
+        pool.query(query as pg.QueryConfig).then(
+          () => {
+            sent.committedAt = Date.now();
+          },
+          (error: Error) => {
+            // Not sent (the pool cannot reach Postgres): nothing to wait for; a live feed's next check sends another.
+            if (probe !== sent) return;
+            probe = undefined;
+            starting?.reject(error);
+          },
+        );
+      };
       const onNotification = (message: pg.Notification) => {
         if (message.channel !== keyChangesChannel || !message.payload) return;
-        const change = JSON.parse(message.payload) as KeyChange;
+        const change = JSON.parse(message.payload) as KeyChange | Probe;
+        if ("probe" in change) {
+          // Other replicas' probes are theirs to hear.
+          if (change.probe !== probe?.id) return;
+          probe = undefined;
+          starting?.resolve();
+          return;
+        }
         for (const watcher of watchers) watcher.push(change);
       };
       let checking = false;
       const check = setInterval(() => {
+        if (probe?.committedAt !== undefined && Date.now() - probe.committedAt > checkTimeoutMs) {
+          onError(new Error(`a key change notification committed through the pool was not heard within ${checkTimeoutMs} ms`));
+          return;
+        }
         if (checking) return;
         checking = true;
         // pg honours query_timeout per query, though its types leave it out.
         client.query({ text: `LISTEN ${keyChangesChannel}`, query_timeout: checkTimeoutMs } as pg.QueryConfig).then(
           () => {
             checking = false;
+            // Sent once the listener is idle again, as a change commits: not while a pooler links it to a server.
+            if (!probe && !released) sendProbe();
           },
           (error: Error) => onError(error),
         );
@@ -71,6 +116,7 @@ export function createKeyChangeFeed(pool: pg.Pool, { checkMs = 1_000, checkTimeo
       };
       const onError = (error: Error) => {
         release(error);
+        starting?.reject(error);
         // A listener already being stopped has no watchers of its own left to fail.
         if (listening !== started) return;
         listening = undefined;
@@ -80,9 +126,16 @@ export function createKeyChangeFeed(pool: pg.Pool, { checkMs = 1_000, checkTimeo
       client.on("error", onError);
       try {
         await client.query(`LISTEN ${keyChangesChannel}`);
+        // Live once a notification committed elsewhere is heard: a LISTEN that answers may still hear nothing.
+        await new Promise<void>((resolve, reject) => {
+          starting = { resolve, reject };
+          sendProbe();
+        });
       } catch (e) {
         release(e as Error);
         throw e;
+      } finally {
+        starting = undefined;
       }
       return {
         async stop() {
