@@ -52,10 +52,11 @@ import {
 import { billingPeriod } from "./period.ts";
 import { createDatabaseOutageLog, toConnectError } from "./errors.ts";
 import type { BillingMetrics } from "./metrics.ts";
+import { idCursor, pageAsked } from "./page-token.ts";
 import { invoiceNotFound } from "./store/invoices.ts";
 import { callSignal } from "./store/db.ts";
 import type { BillingStore } from "./store/store.ts";
-import type { BudgetScope as StoredBudgetScope, TimeRange } from "./store/types.ts";
+import type { DiscountRuleCursor, BudgetScope as StoredBudgetScope, TimeRange } from "./store/types.ts";
 import type { UsageCursor } from "./store/usage.ts";
 import type { UsageTracker } from "./usage-tracker.ts";
 import {
@@ -169,10 +170,14 @@ export function createBillingService({
       return create(ReinstateOrganizationResponseSchema, { organization: organizationMessage(organization) });
     },
 
-    async listOrganizations(_req, ctx) {
+    async listOrganizations(req, ctx) {
       admin(ctx);
-      const organizations = await store.listOrganizations();
-      return create(ListOrganizationsResponseSchema, { organizations: organizations.map(organizationMessage) });
+      const page = pageAsked(req, ["ListOrganizations"], idCursor);
+      const orgs = await store.listOrganizations(page);
+      return create(ListOrganizationsResponseSchema, {
+        organizations: orgs.items.map(organizationMessage),
+        nextPageToken: page.nextPageToken(orgs, (org) => org.id),
+      });
     },
 
     async createProject(req, ctx) {
@@ -186,8 +191,13 @@ export function createBillingService({
 
     async listProjects(req, ctx) {
       admin(ctx);
-      const projects = await store.listProjects(orgIdOf(req));
-      return create(ListProjectsResponseSchema, { projects: projects.map(projectMessage) });
+      const orgId = orgIdOf(req);
+      const page = pageAsked(req, ["ListProjects", orgId], idCursor);
+      const projects = await store.listProjects(orgId, page);
+      return create(ListProjectsResponseSchema, {
+        projects: projects.items.map(projectMessage),
+        nextPageToken: page.nextPageToken(projects, (project) => project.id),
+      });
     },
 
     async createApiKey(req, ctx) {
@@ -209,8 +219,13 @@ export function createBillingService({
 
     async listApiKeys(req, ctx) {
       admin(ctx);
-      const keys = await store.listApiKeys(orgIdOf(req), { includeRevoked: req.includeRevoked });
-      return create(ListApiKeysResponseSchema, { apiKeys: keys.map(apiKeyMessage) });
+      const orgId = orgIdOf(req);
+      const page = pageAsked(req, ["ListApiKeys", orgId, req.includeRevoked], idCursor);
+      const keys = await store.listApiKeys(orgId, { includeRevoked: req.includeRevoked }, page);
+      return create(ListApiKeysResponseSchema, {
+        apiKeys: keys.items.map(apiKeyMessage),
+        nextPageToken: page.nextPageToken(keys, (key) => key.id),
+      });
     },
 
     async revokeApiKey(req, ctx) {
@@ -411,8 +426,13 @@ export function createBillingService({
 
     async listDiscountRules(req, ctx) {
       admin(ctx);
-      const rules = await store.listDiscountRules(orgIdOf(req));
-      return create(ListDiscountRulesResponseSchema, { rules: rules.map(discountRuleMessage) });
+      const orgId = orgIdOf(req);
+      const page = pageAsked(req, ["ListDiscountRules", orgId], discountRuleCursor);
+      const rules = await store.listDiscountRules(orgId, page);
+      return create(ListDiscountRulesResponseSchema, {
+        rules: rules.items.map(discountRuleMessage),
+        nextPageToken: page.nextPageToken(rules, (rule) => ({ priority: rule.priority, id: rule.id })),
+      });
     },
 
     async deleteDiscountRule(req, ctx) {
@@ -438,8 +458,12 @@ export function createBillingService({
     async listInvoices(req, ctx) {
       const orgId = orgIdOf(req);
       await requireOrgReader(ctx, orgId);
-      const invoices = await store.listInvoices(orgId);
-      return create(ListInvoicesResponseSchema, { invoices: invoices.map(invoiceMessage) });
+      const page = pageAsked(req, ["ListInvoices", orgId], idCursor);
+      const invoices = await store.listInvoices(orgId, page);
+      return create(ListInvoicesResponseSchema, {
+        invoices: invoices.items.map(invoiceMessage),
+        nextPageToken: page.nextPageToken(invoices, (invoice) => invoice.id),
+      });
     },
 
     async getInvoice(req, ctx) {
@@ -478,6 +502,15 @@ export function createBillingService({
   }
 
   return withDomainErrors(impl, log, databaseOutage);
+}
+
+/** A discount rule cursor as a token carries it: the priority and id of the rule a page ended on. */
+function discountRuleCursor(value: unknown): DiscountRuleCursor | undefined {
+  const { priority, id } = (typeof value === "object" && value !== null ? value : {}) as Record<string, unknown>;
+  const ruleId = idCursor(id);
+  return typeof priority === "number" && Number.isInteger(priority) && Math.abs(priority) < 2 ** 31 && ruleId
+    ? { priority, id: ruleId }
+    : undefined;
 }
 
 function encodePageToken(cursor: UsageCursor): string {
