@@ -580,6 +580,23 @@ test("ListUsageRecords pages newest first with opaque tokens", async () => {
   expect(one.records.map((r) => r.costNanos)).toEqual([2n]);
   expect(await code(client.listUsageRecords({ orgId, pageToken: "garbage" }, admin))).toBe(Code.InvalidArgument);
   expect(await code(client.listUsageRecords({ orgId, pageSize: 1001 }, admin))).toBe(Code.InvalidArgument);
+
+  // A token goes on only with the org and request_id it came from: another org's listing from there would leave out
+  // every record of that org newer than the cursor, and say nothing of it.
+  const otherOrg = await newOrg();
+  await client.recordUsage({ records: [usage(otherOrg, "", 5n, new Date(Date.UTC(2026, 5, 2, 4)))] }, admin);
+  const elsewhere = client.listUsageRecords({ orgId: otherOrg, pageToken: first.nextPageToken }, admin);
+  expect(await failure(elsewhere)).toEqual({
+    code: Code.InvalidArgument,
+    message: "page_token: issued for another list, org_id or filters; start from the first page",
+  });
+  const narrowed = client.listUsageRecords({ orgId, requestId: ids[0], pageToken: first.nextPageToken }, admin);
+  expect(await code(narrowed)).toBe(Code.InvalidArgument);
+  expect(await code(client.listApiKeys({ orgId, pageToken: first.nextPageToken }, admin))).toBe(Code.InvalidArgument);
+  // The range may change from page to page, as ListRequests' may.
+  const ranged = { startTime: timestampFromDate(new Date(Date.UTC(2026, 5, 2))), endTime: timestampFromDate(now) };
+  const rest = await client.listUsageRecords({ orgId, ...ranged, pageToken: first.nextPageToken }, admin);
+  expect(rest.records.map((r) => r.requestId)).toEqual(ids.slice(0, 1));
 });
 
 test("budget leases over RPC", async () => {
@@ -1456,8 +1473,13 @@ test("text and ids with control characters are InvalidArgument naming the field,
   expect(await failure(client.listUsageRecords({ orgId, requestId: "a\u0000" }, own))).toEqual(refused("request_id"));
   expect(await failure(client.getUsageSummary({ orgId, projectId: "a\u0000" }, own))).toEqual(refused("project_id"));
   expect(await failure(client.getUsageSummary({ orgId, apiKeyId: "a\u001f" }, own))).toEqual(refused("api_key_id"));
-  const token = (cursor: unknown) => Buffer.from(JSON.stringify(cursor)).toString("base64url");
-  for (const cursor of [[now.toISOString(), "a\u0000"], ["-100000-01-01T00:00:00Z", "x"]]) {
+  // Checked before the listing it names: a cursor such as these is refused whichever listing it claims.
+  const token = (cursor: unknown) => Buffer.from(JSON.stringify([cursor, "0".repeat(16)])).toString("base64url");
+  const cursors = [
+    { occurredAt: now.toISOString(), requestId: "a\u0000" },
+    { occurredAt: "-100000-01-01T00:00:00Z", requestId: "x" },
+  ];
+  for (const cursor of cursors) {
     expect(await failure(client.listUsageRecords({ orgId, pageToken: token(cursor) }, own))).toEqual({
       code: Code.InvalidArgument,
       message: "page_token: not a token from a previous response",

@@ -93,8 +93,6 @@ export interface BillingServiceOptions {
 
 const maxUsageBatch = 10_000;
 const maxInt64 = 2n ** 63n - 1n;
-const defaultPageSize = 100;
-const maxPageSize = 1000;
 const budgetScopes: Partial<Record<BudgetScope, StoredBudgetScope>> = {
   [BudgetScope.ORGANIZATION]: "organization",
   [BudgetScope.API_KEY]: "api_key",
@@ -395,24 +393,19 @@ export function createBillingService({
     async listUsageRecords(req, ctx) {
       const orgId = orgIdOf(req);
       await requireOrgReader(ctx, orgId);
-      const limit = req.pageSize === 0 ? defaultPageSize : intInRange(req.pageSize, "page_size", 1, maxPageSize);
+      const lookup = optionalId(req.requestId, "request_id");
+      // The range may change from page to page, as ListRequests' may: the order and the cursor do not depend on it.
+      const asked = pageAsked(req, ["ListUsageRecords", orgId, lookup], usageCursor);
       const start = req.startTime ? rangeBound(req.startTime, "start_time") : null;
       const end = req.endTime ? rangeBound(req.endTime, "end_time") : null;
       ordered(start, end, "start_time", "end_time");
-      const page = await store.listUsageRecords({
-        orgId,
-        requestId: optionalId(req.requestId, "request_id"),
-        start,
-        end,
-        after: req.pageToken ? decodePageToken(req.pageToken) : null,
-        limit,
-      });
+      const { after, limit } = asked;
+      const page = await store.listUsageRecords({ orgId, requestId: lookup, start, end, after, limit });
       // An org nobody created is not_found, as in the other lists; asked only when there is nothing to list.
-      if (page.records.length === 0) await store.getOrganization(orgId);
-      const last = page.records.at(-1);
+      if (page.items.length === 0) await store.getOrganization(orgId);
       return create(ListUsageRecordsResponseSchema, {
-        records: page.records.map(usageRecordMessage),
-        nextPageToken: page.more && last ? encodePageToken(last) : "",
+        records: page.items.map(usageRecordMessage),
+        nextPageToken: asked.nextPageToken(page, (last) => ({ occurredAt: last.occurredAt, requestId: last.requestId })),
       });
     },
 
@@ -513,19 +506,16 @@ function discountRuleCursor(value: unknown): DiscountRuleCursor | undefined {
     : undefined;
 }
 
-function encodePageToken(cursor: UsageCursor): string {
-  return Buffer.from(JSON.stringify([cursor.occurredAt.toISOString(), cursor.requestId])).toString("base64url");
-}
-
-function decodePageToken(token: string): UsageCursor {
+/** A usage records cursor as a token carries it: the time and request id of the record a page ended on. */
+function usageCursor(value: unknown): UsageCursor | undefined {
+  const { occurredAt, requestId } = (typeof value === "object" && value !== null ? value : {}) as Record<string, unknown>;
+  if (typeof occurredAt !== "string" || typeof requestId !== "string") return undefined;
   try {
-    const [at, requestId] = JSON.parse(Buffer.from(token, "base64url").toString("utf8")) as [string, string];
-    if (typeof requestId !== "string") throw new Error("bad cursor");
-    // A token is client input like any other: the same checks as the fields it stands for.
-    const occurredAt = instant(timestampFromMs(Date.parse(at)), "page_token");
-    return { occurredAt, requestId: id(requestId, "page_token") };
+    // The same checks as the fields it stands for.
+    const at = instant(timestampFromMs(Date.parse(occurredAt)), "page_token");
+    return { occurredAt: at, requestId: id(requestId, "page_token") };
   } catch {
-    throw invalid("page_token", "not a token from a previous response");
+    return undefined;
   }
 }
 

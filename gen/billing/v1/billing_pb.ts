@@ -1440,7 +1440,8 @@ export type ListUsageRecordsRequest = Message<"billing.v1.ListUsageRecordsReques
   pageSize: number;
 
   /**
-   * Opaque token from a previous response; empty for the first page.
+   * Opaque token from a previous response; empty for the first page. Valid only with the org_id and request_id it was
+   * issued for (INVALID_ARGUMENT otherwise); the range and page_size may change.
    *
    * @generated from field: string page_token = 6;
    */
