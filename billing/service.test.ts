@@ -579,6 +579,23 @@ test("ListUsageRecords pages newest first with opaque tokens", async () => {
   expect(one.records.map((r) => r.costNanos)).toEqual([2n]);
   expect(await code(client.listUsageRecords({ orgId, pageToken: "garbage" }, admin))).toBe(Code.InvalidArgument);
   expect(await code(client.listUsageRecords({ orgId, pageSize: 1001 }, admin))).toBe(Code.InvalidArgument);
+
+  // A token goes on only with the org and request_id it came from: another org's listing from there would leave out
+  // every record of that org newer than the cursor, and say nothing of it.
+  const otherOrg = await newOrg();
+  await client.recordUsage({ records: [usage(otherOrg, "", 5n, new Date(Date.UTC(2026, 5, 2, 4)))] }, admin);
+  const elsewhere = client.listUsageRecords({ orgId: otherOrg, pageToken: first.nextPageToken }, admin);
+  expect(await failure(elsewhere)).toEqual({
+    code: Code.InvalidArgument,
+    message: "page_token: issued for another list, org_id or filters; start from the first page",
+  });
+  const narrowed = client.listUsageRecords({ orgId, requestId: ids[0], pageToken: first.nextPageToken }, admin);
+  expect(await code(narrowed)).toBe(Code.InvalidArgument);
+  expect(await code(client.listApiKeys({ orgId, pageToken: first.nextPageToken }, admin))).toBe(Code.InvalidArgument);
+  // The range may change from page to page, as ListRequests' may.
+  const ranged = { startTime: timestampFromDate(new Date(Date.UTC(2026, 5, 2))), endTime: timestampFromDate(now) };
+  const rest = await client.listUsageRecords({ orgId, ...ranged, pageToken: first.nextPageToken }, admin);
+  expect(rest.records.map((r) => r.requestId)).toEqual(ids.slice(0, 1));
 });
 
 test("budget leases over RPC", async () => {
@@ -1444,8 +1461,13 @@ test("text and ids with control characters are InvalidArgument naming the field,
   expect(await failure(client.listUsageRecords({ orgId, requestId: "a\u0000" }, own))).toEqual(refused("request_id"));
   expect(await failure(client.getUsageSummary({ orgId, projectId: "a\u0000" }, own))).toEqual(refused("project_id"));
   expect(await failure(client.getUsageSummary({ orgId, apiKeyId: "a\u001f" }, own))).toEqual(refused("api_key_id"));
-  const token = (cursor: unknown) => Buffer.from(JSON.stringify(cursor)).toString("base64url");
-  for (const cursor of [[now.toISOString(), "a\u0000"], ["-100000-01-01T00:00:00Z", "x"]]) {
+  // Checked before the listing it names: a cursor such as these is refused whichever listing it claims.
+  const token = (cursor: unknown) => Buffer.from(JSON.stringify([cursor, "0".repeat(16)])).toString("base64url");
+  const cursors = [
+    { occurredAt: now.toISOString(), requestId: "a\u0000" },
+    { occurredAt: "-100000-01-01T00:00:00Z", requestId: "x" },
+  ];
+  for (const cursor of cursors) {
     expect(await failure(client.listUsageRecords({ orgId, pageToken: token(cursor) }, own))).toEqual({
       code: Code.InvalidArgument,
       message: "page_token: not a token from a previous response",
@@ -1916,3 +1938,122 @@ test("AuthorizeKey is counted as a key rejected only when the key is refused, no
     ["ok", 1],
   ]);
 });
+
+/** Every row of a list, page by page, and how many pages it took. */
+async function pagesOf<R extends { nextPageToken: string }, T>(
+  list: (pageToken: string) => Promise<R>,
+  items: (res: R) => T[],
+): Promise<{ rows: T[]; pages: number }> {
+  const rows: T[] = [];
+  let pages = 0;
+  let token = "";
+  do {
+    const res = await list(token);
+    rows.push(...items(res));
+    pages++;
+    token = res.nextPageToken;
+  } while (token && pages < 1_000);
+  return { rows, pages };
+}
+
+test("ListApiKeys answers a page at a time, in creation order to the microsecond, its token bound to its listing", async () => {
+  const orgId = await newOrg();
+  for (let i = 0; i < 250; i++) await client.createApiKey({ orgId, name: `k${i}` }, admin);
+  // Keys made at once tie on created_at; others differ by less than a millisecond, which a Date would lose.
+  await db.pool.query(
+    `UPDATE api_keys SET created_at = '2026-06-01T00:00:00Z'::timestamptz + (hashtext(id) & 3) * interval '1 microsecond'
+     WHERE org_id = $1`,
+    [orgId],
+  );
+  const { rows: expected } = await db.pool.query<{ id: string }>(
+    "SELECT id FROM api_keys WHERE org_id = $1 ORDER BY created_at, id",
+    [orgId],
+  );
+  const first = await client.listApiKeys({ orgId }, admin);
+  expect(first.apiKeys).toHaveLength(100);
+  expect(first.nextPageToken).not.toBe("");
+  const listed = await pagesOf((pageToken) => client.listApiKeys({ orgId, pageToken }, admin), (r) => r.apiKeys);
+  expect(listed.pages).toBe(3);
+  expect(listed.rows.map((k) => k.id)).toEqual(expected.map((r) => r.id));
+  const big = await client.listApiKeys({ orgId, pageSize: 1000 }, admin);
+  expect([big.apiKeys.length, big.nextPageToken]).toEqual([250, ""]);
+
+  // A key revoked between pages leaves the active listing without moving the rest.
+  const second = await client.listApiKeys({ orgId, pageSize: 100, pageToken: first.nextPageToken }, admin);
+  await client.revokeApiKey({ apiKeyId: second.apiKeys[0]?.id ?? "" }, admin);
+  const rest = await pagesOf(
+    (pageToken) => client.listApiKeys({ orgId, pageSize: 7, pageToken: pageToken || first.nextPageToken }, admin),
+    (r) => r.apiKeys,
+  );
+  expect(rest.rows.map((k) => k.id)).toEqual(expected.slice(101).map((r) => r.id));
+
+  // A token is valid only for the listing it came from.
+  const token = first.nextPageToken;
+  const otherOrg = await newOrg();
+  expect(await code(client.listApiKeys({ orgId, includeRevoked: true, pageToken: token }, admin))).toBe(
+    Code.InvalidArgument,
+  );
+  expect(await code(client.listApiKeys({ orgId: otherOrg, pageToken: token }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.listProjects({ orgId, pageToken: token }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.listOrganizations({ pageToken: token }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.listApiKeys({ orgId, pageToken: "not-a-token" }, admin))).toBe(Code.InvalidArgument);
+  const forged = Buffer.from(JSON.stringify(["key_\u0000", "0".repeat(16)])).toString("base64url");
+  expect(await code(client.listApiKeys({ orgId, pageToken: forged }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.listApiKeys({ orgId, pageSize: 1001 }, admin))).toBe(Code.InvalidArgument);
+  expect(await code(client.listApiKeys({ orgId, pageSize: -1 }, admin))).toBe(Code.InvalidArgument);
+  const err = ConnectError.from(await client.listApiKeys({ orgId: otherOrg, pageToken: token }, admin).catch((e) => e));
+  expect(err.rawMessage).toContain("page_token");
+}, 60_000);
+
+test("ListOrganizations, ListProjects, ListDiscountRules and ListInvoices answer a page at a time", async () => {
+  const { rows: orgRows } = await db.pool.query<{ id: string }>("SELECT id FROM organizations ORDER BY created_at, id");
+  const orgs = await pagesOf(
+    (pageToken) => client.listOrganizations({ pageSize: 3, pageToken }, admin),
+    (r) => r.organizations,
+  );
+  expect(orgs.pages).toBe(Math.ceil(orgRows.length / 3));
+  expect(orgs.rows.map((o) => o.id)).toEqual(orgRows.map((r) => r.id));
+
+  const orgId = await newOrg();
+  const projects: string[] = [];
+  for (let i = 0; i < 5; i++) projects.push((await client.createProject({ orgId, name: `p${i}` }, admin)).project?.id ?? "");
+  const listedProjects = await pagesOf(
+    (pageToken) => client.listProjects({ orgId, pageSize: 2, pageToken }, admin),
+    (r) => r.projects,
+  );
+  expect([listedProjects.pages, listedProjects.rows.map((p) => p.id)]).toEqual([3, projects]);
+
+  // Highest priority first, ties by id; a rule deleted where a page ended leaves the next page where it was.
+  for (const priority of [1, 2, 2, 2, 3]) await client.createDiscountRule(promo(orgId, { priority }), admin);
+  const all = (await client.listDiscountRules({ orgId }, admin)).rules;
+  expect(all.map((r) => r.priority)).toEqual([3, 2, 2, 2, 1]);
+  const firstRules = await client.listDiscountRules({ orgId, pageSize: 2 }, admin);
+  expect(firstRules.rules.map((r) => r.id)).toEqual(all.slice(0, 2).map((r) => r.id));
+  await client.deleteDiscountRule({ ruleId: all[1]?.id ?? "" }, admin);
+  const restRules = await pagesOf(
+    (pageToken) => client.listDiscountRules({ orgId, pageSize: 2, pageToken: pageToken || firstRules.nextPageToken }, admin),
+    (r) => r.rules,
+  );
+  expect(restRules.rows.map((r) => r.id)).toEqual(all.slice(2).map((r) => r.id));
+
+  for (const month of ["01", "02", "03", "04", "05"]) {
+    await client.generateInvoice({ orgId, periodTime: timestampFromDate(new Date(`2026-${month}-15T00:00:00Z`)) }, admin);
+  }
+  const invoices = await pagesOf(
+    (pageToken) => client.listInvoices({ orgId, pageSize: 2, pageToken }, admin),
+    (r) => r.invoices,
+  );
+  expect(invoices.pages).toBe(3);
+  expect(invoices.rows.map((i) => timestampDate(i.periodStart as Timestamp).toISOString().slice(0, 7))).toEqual([
+    "2026-05",
+    "2026-04",
+    "2026-03",
+    "2026-02",
+    "2026-01",
+  ]);
+  const invoiceToken = (await client.listInvoices({ orgId, pageSize: 2 }, admin)).nextPageToken;
+  expect(await code(client.listInvoices({ orgId: await newOrg(), pageToken: invoiceToken }, admin))).toBe(
+    Code.InvalidArgument,
+  );
+  expect(await code(client.listDiscountRules({ orgId, pageToken: invoiceToken }, admin))).toBe(Code.InvalidArgument);
+}, 60_000);

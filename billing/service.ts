@@ -52,10 +52,11 @@ import {
 import { billingPeriod } from "./period.ts";
 import { createDatabaseOutageLog, toConnectError } from "./errors.ts";
 import type { BillingMetrics } from "./metrics.ts";
+import { idCursor, pageAsked } from "./page-token.ts";
 import { invoiceNotFound } from "./store/invoices.ts";
 import { callSignal } from "./store/db.ts";
 import type { BillingStore } from "./store/store.ts";
-import type { BudgetScope as StoredBudgetScope, TimeRange } from "./store/types.ts";
+import type { DiscountRuleCursor, BudgetScope as StoredBudgetScope, TimeRange } from "./store/types.ts";
 import type { UsageCursor } from "./store/usage.ts";
 import type { UsageTracker } from "./usage-tracker.ts";
 import {
@@ -92,8 +93,6 @@ export interface BillingServiceOptions {
 
 const maxUsageBatch = 10_000;
 const maxInt64 = 2n ** 63n - 1n;
-const defaultPageSize = 100;
-const maxPageSize = 1000;
 const budgetScopes: Partial<Record<BudgetScope, StoredBudgetScope>> = {
   [BudgetScope.ORGANIZATION]: "organization",
   [BudgetScope.API_KEY]: "api_key",
@@ -169,10 +168,14 @@ export function createBillingService({
       return create(ReinstateOrganizationResponseSchema, { organization: organizationMessage(organization) });
     },
 
-    async listOrganizations(_req, ctx) {
+    async listOrganizations(req, ctx) {
       admin(ctx);
-      const organizations = await store.listOrganizations();
-      return create(ListOrganizationsResponseSchema, { organizations: organizations.map(organizationMessage) });
+      const page = pageAsked(req, ["ListOrganizations"], idCursor);
+      const orgs = await store.listOrganizations(page);
+      return create(ListOrganizationsResponseSchema, {
+        organizations: orgs.items.map(organizationMessage),
+        nextPageToken: page.nextPageToken(orgs, (org) => org.id),
+      });
     },
 
     async createProject(req, ctx) {
@@ -186,8 +189,13 @@ export function createBillingService({
 
     async listProjects(req, ctx) {
       admin(ctx);
-      const projects = await store.listProjects(orgIdOf(req));
-      return create(ListProjectsResponseSchema, { projects: projects.map(projectMessage) });
+      const orgId = orgIdOf(req);
+      const page = pageAsked(req, ["ListProjects", orgId], idCursor);
+      const projects = await store.listProjects(orgId, page);
+      return create(ListProjectsResponseSchema, {
+        projects: projects.items.map(projectMessage),
+        nextPageToken: page.nextPageToken(projects, (project) => project.id),
+      });
     },
 
     async createApiKey(req, ctx) {
@@ -209,8 +217,13 @@ export function createBillingService({
 
     async listApiKeys(req, ctx) {
       admin(ctx);
-      const keys = await store.listApiKeys(orgIdOf(req), { includeRevoked: req.includeRevoked });
-      return create(ListApiKeysResponseSchema, { apiKeys: keys.map(apiKeyMessage) });
+      const orgId = orgIdOf(req);
+      const page = pageAsked(req, ["ListApiKeys", orgId, req.includeRevoked], idCursor);
+      const keys = await store.listApiKeys(orgId, { includeRevoked: req.includeRevoked }, page);
+      return create(ListApiKeysResponseSchema, {
+        apiKeys: keys.items.map(apiKeyMessage),
+        nextPageToken: page.nextPageToken(keys, (key) => key.id),
+      });
     },
 
     async revokeApiKey(req, ctx) {
@@ -380,24 +393,19 @@ export function createBillingService({
     async listUsageRecords(req, ctx) {
       const orgId = orgIdOf(req);
       await requireOrgReader(ctx, orgId);
-      const limit = req.pageSize === 0 ? defaultPageSize : intInRange(req.pageSize, "page_size", 1, maxPageSize);
+      const lookup = optionalId(req.requestId, "request_id");
+      // The range may change from page to page, as ListRequests' may: the order and the cursor do not depend on it.
+      const asked = pageAsked(req, ["ListUsageRecords", orgId, lookup], usageCursor);
       const start = req.startTime ? rangeBound(req.startTime, "start_time") : null;
       const end = req.endTime ? rangeBound(req.endTime, "end_time") : null;
       ordered(start, end, "start_time", "end_time");
-      const page = await store.listUsageRecords({
-        orgId,
-        requestId: optionalId(req.requestId, "request_id"),
-        start,
-        end,
-        after: req.pageToken ? decodePageToken(req.pageToken) : null,
-        limit,
-      });
+      const { after, limit } = asked;
+      const page = await store.listUsageRecords({ orgId, requestId: lookup, start, end, after, limit });
       // An org nobody created is not_found, as in the other lists; asked only when there is nothing to list.
-      if (page.records.length === 0) await store.getOrganization(orgId);
-      const last = page.records.at(-1);
+      if (page.items.length === 0) await store.getOrganization(orgId);
       return create(ListUsageRecordsResponseSchema, {
-        records: page.records.map(usageRecordMessage),
-        nextPageToken: page.more && last ? encodePageToken(last) : "",
+        records: page.items.map(usageRecordMessage),
+        nextPageToken: asked.nextPageToken(page, (last) => ({ occurredAt: last.occurredAt, requestId: last.requestId })),
       });
     },
 
@@ -411,8 +419,13 @@ export function createBillingService({
 
     async listDiscountRules(req, ctx) {
       admin(ctx);
-      const rules = await store.listDiscountRules(orgIdOf(req));
-      return create(ListDiscountRulesResponseSchema, { rules: rules.map(discountRuleMessage) });
+      const orgId = orgIdOf(req);
+      const page = pageAsked(req, ["ListDiscountRules", orgId], discountRuleCursor);
+      const rules = await store.listDiscountRules(orgId, page);
+      return create(ListDiscountRulesResponseSchema, {
+        rules: rules.items.map(discountRuleMessage),
+        nextPageToken: page.nextPageToken(rules, (rule) => ({ priority: rule.priority, id: rule.id })),
+      });
     },
 
     async deleteDiscountRule(req, ctx) {
@@ -438,8 +451,12 @@ export function createBillingService({
     async listInvoices(req, ctx) {
       const orgId = orgIdOf(req);
       await requireOrgReader(ctx, orgId);
-      const invoices = await store.listInvoices(orgId);
-      return create(ListInvoicesResponseSchema, { invoices: invoices.map(invoiceMessage) });
+      const page = pageAsked(req, ["ListInvoices", orgId], idCursor);
+      const invoices = await store.listInvoices(orgId, page);
+      return create(ListInvoicesResponseSchema, {
+        invoices: invoices.items.map(invoiceMessage),
+        nextPageToken: page.nextPageToken(invoices, (invoice) => invoice.id),
+      });
     },
 
     async getInvoice(req, ctx) {
@@ -480,19 +497,25 @@ export function createBillingService({
   return withDomainErrors(impl, log, databaseOutage);
 }
 
-function encodePageToken(cursor: UsageCursor): string {
-  return Buffer.from(JSON.stringify([cursor.occurredAt.toISOString(), cursor.requestId])).toString("base64url");
+/** A discount rule cursor as a token carries it: the priority and id of the rule a page ended on. */
+function discountRuleCursor(value: unknown): DiscountRuleCursor | undefined {
+  const { priority, id } = (typeof value === "object" && value !== null ? value : {}) as Record<string, unknown>;
+  const ruleId = idCursor(id);
+  return typeof priority === "number" && Number.isInteger(priority) && Math.abs(priority) < 2 ** 31 && ruleId
+    ? { priority, id: ruleId }
+    : undefined;
 }
 
-function decodePageToken(token: string): UsageCursor {
+/** A usage records cursor as a token carries it: the time and request id of the record a page ended on. */
+function usageCursor(value: unknown): UsageCursor | undefined {
+  const { occurredAt, requestId } = (typeof value === "object" && value !== null ? value : {}) as Record<string, unknown>;
+  if (typeof occurredAt !== "string" || typeof requestId !== "string") return undefined;
   try {
-    const [at, requestId] = JSON.parse(Buffer.from(token, "base64url").toString("utf8")) as [string, string];
-    if (typeof requestId !== "string") throw new Error("bad cursor");
-    // A token is client input like any other: the same checks as the fields it stands for.
-    const occurredAt = instant(timestampFromMs(Date.parse(at)), "page_token");
-    return { occurredAt, requestId: id(requestId, "page_token") };
+    // The same checks as the fields it stands for.
+    const at = instant(timestampFromMs(Date.parse(occurredAt)), "page_token");
+    return { occurredAt: at, requestId: id(requestId, "page_token") };
   } catch {
-    throw invalid("page_token", "not a token from a previous response");
+    return undefined;
   }
 }
 

@@ -133,10 +133,10 @@ describe("meshctl against a real billing", () => {
     const created = await json<{ organization: { id: string } }>(`orgs create "Empty Co"`);
     const id = created.organization.id;
     expect(created.organization).toMatchObject({ taxRateBps: 0, monthlyBudgetNanos: "0", maxDiscountBps: 0 });
-    expect(await json(`keys list --org ${id}`)).toEqual({ apiKeys: [] });
-    expect(await json(`projects list --org ${id}`)).toEqual({ projects: [] });
-    expect(await json(`discounts list --org ${id}`)).toEqual({ rules: [] });
-    expect(await json(`invoices list --org ${id}`)).toEqual({ invoices: [] });
+    expect(await json(`keys list --org ${id}`)).toEqual({ apiKeys: [], nextPageToken: "" });
+    expect(await json(`projects list --org ${id}`)).toEqual({ projects: [], nextPageToken: "" });
+    expect(await json(`discounts list --org ${id}`)).toEqual({ rules: [], nextPageToken: "" });
+    expect(await json(`invoices list --org ${id}`)).toEqual({ invoices: [], nextPageToken: "" });
     expect(await json(`usage --org ${id}`)).toMatchObject({ requests: "0", costNanos: "0" });
     const { apiKey } = await json<{ apiKey: { id: string } }>(`keys create --org ${id}`);
     expect(await json(`quota show ${apiKey.id} --org ${id}`)).toMatchObject({
@@ -632,4 +632,35 @@ describe("creates whose answer was lost", () => {
     failsWith(lost, 1, new RegExp(`^meshctl: api key ${lostId} was created, but the answer carrying its secret was lost`));
     expect(lost.err).toContain(`"meshctl keys rotate ${lostId}" gives it a new one`);
   });
+});
+
+describe("listings longer than billing's largest page", () => {
+  test("orgs list, keys list and quota show follow every page", async () => {
+    // More rows than one page of 1000 holds, made in bulk: one statement each rather than a thousand calls.
+    await db.pool.query(
+      `INSERT INTO organizations (id, name) SELECT 'org_bulk' || lpad(i::text, 5, '0'), 'bulk org ' || i
+       FROM generate_series(1, 1005) AS i`,
+    );
+    const { rows } = await db.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM organizations");
+    const orgs = await json<{ organizations: { id: string }[]; nextPageToken: string }>("orgs list");
+    expect(orgs.organizations).toHaveLength(rows[0]?.n as number);
+    expect(new Set(orgs.organizations.map((o) => o.id)).size).toBe(rows[0]?.n as number);
+    expect(orgs.nextPageToken).toBe("");
+    expect(await ok("orgs list")).toContain("bulk org 1005");
+
+    const orgId = "org_bulk01005";
+    await db.pool.query(
+      `INSERT INTO api_keys (id, org_id, name, secret_sha256, prefix)
+       SELECT 'key_bulk' || lpad(i::text, 5, '0'), $1, 'bulk key ' || i, encode(sha256(('bulk' || i)::bytea), 'hex'),
+         'sk-mesh-bulk'
+       FROM generate_series(1, 1010) AS i`,
+      [orgId],
+    );
+    const keys = await json<{ apiKeys: { id: string }[] }>(`keys list --org ${orgId}`);
+    const bulkIds = Array.from({ length: 1010 }, (_, i) => `key_bulk${String(i + 1).padStart(5, "0")}`);
+    expect(keys.apiKeys.map((k) => k.id)).toEqual(bulkIds);
+    expect(await ok(`keys list --org ${orgId}`)).toContain("key_bulk01010");
+    // The key looked up among its org's keys is on their second page.
+    expect(await ok(`quota show key_bulk01010 --org ${orgId}`)).toContain("key_bulk01010");
+  }, 60_000);
 });

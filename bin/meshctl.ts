@@ -44,7 +44,7 @@ import {
 import { billingPeriod } from "../lib/billing-period.ts";
 import { commonEnv, env, parseEnv, withoutCredentials } from "../lib/config.ts";
 import { formatCents, formatNanosUsd, parseUsdNanos } from "../lib/money.ts";
-import { createServiceClient } from "../lib/rpc-client.ts";
+import { allPages, createServiceClient } from "../lib/rpc-client.ts";
 
 export interface CliIo {
   env: Record<string, string | undefined>;
@@ -280,7 +280,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "orgs list": {
-        const res = await billing.listOrganizations({});
+        const res = await allOrganizations(billing);
         print(schemaOf(res), res, () => orgsTable(res.organizations));
         return 0;
       }
@@ -291,7 +291,8 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "projects list": {
-        const res = await billing.listProjects({ orgId: need(values.org, "--org") });
+        const orgId = need(values.org, "--org");
+        const res = await allPages((page) => billing.listProjects({ orgId, ...page }), (r) => r.projects);
         print(schemaOf(res), res, () =>
           table([["ID", "NAME", "CREATED"], ...res.projects.map((p) => [p.id, p.name, date(p.createTime)])]),
         );
@@ -322,7 +323,8 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "keys list": {
-        const res = await billing.listApiKeys({ orgId: need(values.org, "--org"), includeRevoked: values.all ?? false });
+        const ask = { orgId: need(values.org, "--org"), includeRevoked: values.all ?? false };
+        const res = await allPages((page) => billing.listApiKeys({ ...ask, ...page }), (r) => r.apiKeys);
         print(schemaOf(res), res, () =>
           table([
             ["ID", "PREFIX", "NAME", "PROJECT", "LIMITS", "STATUS"],
@@ -465,7 +467,8 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "discounts list": {
-        const res = await billing.listDiscountRules({ orgId: need(values.org, "--org") });
+        const orgId = need(values.org, "--org");
+        const res = await allPages((page) => billing.listDiscountRules({ orgId, ...page }), (r) => r.rules);
         print(schemaOf(res), res, () =>
           table([
             ["ID", "NAME", "KIND", "DISCOUNT", "PRIORITY", "STACKS", "SCOPE", "WHEN", "CAP"],
@@ -503,7 +506,8 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "invoices list": {
-        const res = await billing.listInvoices({ orgId: need(values.org, "--org") });
+        const orgId = need(values.org, "--org");
+        const res = await allPages((page) => billing.listInvoices({ orgId, ...page }), (r) => r.invoices);
         print(schemaOf(res), res, () =>
           table([
             ["ID", "NUMBER", "PERIOD", "STATUS", "TOTAL"],
@@ -565,15 +569,21 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
   }
 }
 
+/** Every org, over as many pages as there are. */
+function allOrganizations(billing: Client<typeof BillingService>) {
+  return allPages((page) => billing.listOrganizations(page), (r) => r.organizations);
+}
+
 /** A key by id, looked up in `orgId` or else in every org, with all the keys of its org (revoked ones too). */
 async function findKey(
   billing: Client<typeof BillingService>,
   keyId: string,
   orgId: string | undefined,
 ): Promise<{ key: ApiKey; orgKeys: ApiKey[] }> {
-  const orgIds = orgId ? [orgId] : (await billing.listOrganizations({})).organizations.map((o) => o.id);
+  const orgIds = orgId ? [orgId] : (await allOrganizations(billing)).organizations.map((o) => o.id);
   for (const id of orgIds) {
-    const orgKeys = (await billing.listApiKeys({ orgId: id, includeRevoked: true })).apiKeys;
+    const ask = { orgId: id, includeRevoked: true };
+    const orgKeys = (await allPages((page) => billing.listApiKeys({ ...ask, ...page }), (r) => r.apiKeys)).apiKeys;
     const key = orgKeys.find((k) => k.id === keyId);
     if (key) return { key, orgKeys };
   }
@@ -592,7 +602,7 @@ async function analyticsRange(
   to: Timestamp | undefined,
 ): Promise<{ start: Timestamp; end: Timestamp }> {
   if (from && to) return { start: from, end: to };
-  const orgs = await billing.listOrganizations({}).catch((e: unknown) => {
+  const orgs = await allOrganizations(billing).catch((e: unknown) => {
     if (ConnectError.from(e).code !== Code.PermissionDenied) throw e;
     throw new ServiceError(`${errorLine(e)} (an org's own API key reads its analytics with both --from and --to)`);
   });

@@ -100,3 +100,20 @@ const resendRefusedAfterGoaway: Interceptor = (next) => async (req) => {
     throw new ConnectError("the server closed the connection", Code.Unavailable, undefined, undefined, e);
   }
 };
+
+/**
+ * Every page of a List* RPC as one answer, its next_page_token empty, so a listing is complete however many rows
+ * there are: `list` is called with each token until one comes back empty, asking for the largest pages (1000).
+ */
+export async function allPages<R extends { nextPageToken: string }, T>(
+  list: (page: { pageSize: number; pageToken: string }) => Promise<R>,
+  items: (res: R) => T[],
+): Promise<R> {
+  const first = await list({ pageSize: 1000, pageToken: "" });
+  for (let res = first; res.nextPageToken; ) {
+    res = await list({ pageSize: 1000, pageToken: res.nextPageToken });
+    items(first).push(...items(res));
+  }
+  first.nextPageToken = "";
+  return first;
+}

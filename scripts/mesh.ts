@@ -11,7 +11,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { BillingService, KeyRefusalReason, KeyRefusalSchema, OrganizationState } from "../gen/billing/v1/billing_pb.ts";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { freePort, procStatFields, type ServiceProcess, spawnService, stopTimeoutMs } from "../lib/processes.ts";
-import { createServiceClient } from "../lib/rpc-client.ts";
+import { allPages, createServiceClient } from "../lib/rpc-client.ts";
 
 const root = path.resolve(import.meta.dir, "..");
 
@@ -213,7 +213,7 @@ export async function ensureDemo(mesh: Mesh, options: { dataDir: string; adminTo
       if (err.code !== Code.Unauthenticated) throw e;
     }
   }
-  const orgs = await billing.listOrganizations({});
+  const orgs = await allPages((page) => billing.listOrganizations(page), (r) => r.organizations);
   const org =
     orgs.organizations.find((o) => o.name === "demo") ?? (await billing.createOrganization({ name: "demo" })).organization;
   if (!org) throw new Error("billing returned no organization");

@@ -2,7 +2,7 @@ import { expect, test } from "bun:test";
 import { sha256Hex } from "../../lib/auth.ts";
 import { createAccountStore } from "./accounts.ts";
 import { BillingError, createDb, requestSha256 } from "./db.ts";
-import { newOrg as newOrgIn, noLimits, useTestStore } from "./test-db.ts";
+import { allRows, newOrg as newOrgIn, noLimits, useTestStore } from "./test-db.ts";
 import type { KeyLimits } from "./types.ts";
 
 const fixture = useTestStore();
@@ -45,7 +45,7 @@ test("creates and lists organizations; names are unique", async () => {
   });
   expect((await failure(badDay)).kind).toBe("invalid_argument");
 
-  const listed = await fixture.store.listOrganizations();
+  const listed = (await fixture.store.listOrganizations(allRows)).items;
   expect(listed.find((o) => o.id === org.id)).toEqual(org);
   expect(await fixture.store.getOrganization(org.id)).toEqual(org);
   expect((await failure(fixture.store.getOrganization("org_missing"))).kind).toBe("not_found");
@@ -65,12 +65,14 @@ test("suspending an org keeps its keys and its first suspension time; reinstatin
   const found = await fixture.store.findApiKeyBySecretHash(sha256Hex(secret));
   expect(found?.apiKey).toEqual(apiKey);
   expect(found?.organization).toMatchObject({ suspendedAt: suspended.suspendedAt, suspendReason: "abuse" });
-  expect((await fixture.store.listOrganizations()).find((o) => o.id === org.id)?.suspendedAt).toEqual(suspended.suspendedAt);
+  const listedNow = (await fixture.store.listOrganizations(allRows)).items;
+  expect(listedNow.find((o) => o.id === org.id)?.suspendedAt).toEqual(suspended.suspendedAt);
 
   const reinstated = await fixture.store.setOrganizationSuspended(org.id, null);
   expect(reinstated).toMatchObject({ suspendedAt: null, suspendReason: "" });
   expect(await fixture.store.setOrganizationSuspended(org.id, null)).toEqual(reinstated);
-  expect((await fixture.store.listApiKeys(org.id, { includeRevoked: false })).map((k) => k.id)).toEqual([apiKey.id]);
+  const keys = (await fixture.store.listApiKeys(org.id, { includeRevoked: false }, allRows)).items;
+  expect(keys.map((k) => k.id)).toEqual([apiKey.id]);
   expect((await failure(fixture.store.setOrganizationSuspended("org_missing", ""))).kind).toBe("not_found");
 });
 
@@ -81,8 +83,8 @@ test("projects belong to an existing org and are unique by name within it", asyn
   expect(project.id).toStartWith("proj_");
   expect((await failure(fixture.store.createProject({ orgId: org.id, name: "web" }))).kind).toBe("already_exists");
   expect((await failure(fixture.store.createProject({ orgId: "org_missing", name: "web" }))).kind).toBe("not_found");
-  expect(await fixture.store.listProjects(org.id)).toEqual([project]);
-  expect((await failure(fixture.store.listProjects("org_missing"))).kind).toBe("not_found");
+  expect((await fixture.store.listProjects(org.id, allRows)).items).toEqual([project]);
+  expect((await failure(fixture.store.listProjects("org_missing", allRows))).kind).toBe("not_found");
 });
 
 /** Resolves once a session of the test database waits for a lock another holds. */
@@ -230,8 +232,8 @@ test("revoke, rotate and update limits", async () => {
   expect(again.revokedAt).toEqual(revoked.revokedAt);
   expect((await failure(fixture.store.revokeApiKey("key_missing"))).kind).toBe("not_found");
 
-  expect(await fixture.store.listApiKeys(org.id, { includeRevoked: false })).toEqual([]);
-  const all = await fixture.store.listApiKeys(org.id, { includeRevoked: true });
+  expect((await fixture.store.listApiKeys(org.id, { includeRevoked: false }, allRows)).items).toEqual([]);
+  const all = (await fixture.store.listApiKeys(org.id, { includeRevoked: true }, allRows)).items;
   expect(all.map((k) => k.id)).toEqual([first.apiKey.id, rotated.apiKey.id]);
 });
 
@@ -276,7 +278,7 @@ test("a revoked key's limits are not changed: the change is refused, naming the 
     message: `api key ${first.apiKey.id} is revoked (rotated into ${successor.id})`,
   });
   expect(successor.limits.requestsPerMinute).toBe(100);
-  const stored = await fixture.store.listApiKeys(org.id, { includeRevoked: true });
+  const stored = (await fixture.store.listApiKeys(org.id, { includeRevoked: true }, allRows)).items;
   expect(stored.find((k) => k.id === first.apiKey.id)?.limits.requestsPerMinute).toBe(100);
   expect((await failure(fixture.store.rotateApiKey(first.apiKey.id))).message).toBe(
     `api key ${first.apiKey.id} is revoked (rotated into ${successor.id})`,
@@ -295,5 +297,5 @@ test("an expired key is not rotated: its successor would be born expired", async
   const refused = await failure(fixture.store.rotateApiKey(lapsed.apiKey.id));
   expect(refused).toMatchObject({ kind: "failed_precondition", message: expect.stringContaining("has expired") });
   // The old key stays as it was, and no new key appeared.
-  expect(await fixture.store.listApiKeys(org.id, { includeRevoked: true })).toEqual([lapsed.apiKey]);
+  expect((await fixture.store.listApiKeys(org.id, { includeRevoked: true }, allRows)).items).toEqual([lapsed.apiKey]);
 });

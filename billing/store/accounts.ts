@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { ulid } from "ulid";
 import { sha256Hex } from "../../lib/auth.ts";
-import { BillingError, type Db, type Queryable, requestSha256 } from "./db.ts";
+import { BillingError, type Db, pageOf, type Queryable, requestSha256 } from "./db.ts";
 import type {
   ApiKey,
   IssuedApiKey,
@@ -10,6 +10,8 @@ import type {
   NewOrganization,
   Organization,
   OrganizationChanges,
+  Page,
+  PageQuery,
   Project,
 } from "./types.ts";
 
@@ -227,9 +229,16 @@ export function createAccountStore(db: Db) {
       return toOrganization(sameRequest(earlier, requestId, sha256, "organization", "another name or settings"));
     },
 
-    async listOrganizations(): Promise<Organization[]> {
-      const rows = await db.query<OrgRow>(`SELECT ${orgColumns} FROM organizations ORDER BY created_at, id`);
-      return rows.map(toOrganization);
+    /** Oldest first; a page after an org goes on from it by its creation time and id, neither of which changes. */
+    async listOrganizations(page: PageQuery): Promise<Page<Organization>> {
+      const rows = await db.query<OrgRow>(
+        `SELECT ${orgColumns} FROM organizations
+         WHERE $1::text IS NULL OR (created_at, id) > (SELECT created_at, id FROM organizations WHERE id = $1)
+         ORDER BY created_at, id
+         LIMIT $2`,
+        [page.after, page.limit + 1],
+      );
+      return pageOf(rows.map(toOrganization), page);
     },
 
     getOrganization(orgId: string): Promise<Organization> {
@@ -299,13 +308,18 @@ export function createAccountStore(db: Db) {
       return toProject(sameRequest(earlier, requestId, sha256, "project", "another name"));
     },
 
-    async listProjects(orgId: string): Promise<Project[]> {
+    /** Oldest first, paged as listOrganizations. */
+    async listProjects(orgId: string, page: PageQuery): Promise<Page<Project>> {
       const rows = await db.query<ProjectRow>(
-        `SELECT ${projectColumns} FROM projects WHERE org_id = $1 ORDER BY created_at, id`,
-        [orgId],
+        `SELECT ${projectColumns} FROM projects
+         WHERE org_id = $1
+           AND ($2::text IS NULL OR (created_at, id) > (SELECT created_at, id FROM projects WHERE id = $2))
+         ORDER BY created_at, id
+         LIMIT $3`,
+        [orgId, page.after, page.limit + 1],
       );
       if (rows.length === 0) await requireOrganization(orgId);
-      return rows.map(toProject);
+      return pageOf(rows.map(toProject), page);
     },
 
     /**
@@ -316,15 +330,18 @@ export function createAccountStore(db: Db) {
       return insertKey(db, key, null, requestId);
     },
 
-    async listApiKeys(orgId: string, options: { includeRevoked: boolean }): Promise<ApiKey[]> {
+    /** Oldest first, paged as listOrganizations (keys are never deleted, so the key a page ended on is there). */
+    async listApiKeys(orgId: string, options: { includeRevoked: boolean }, page: PageQuery): Promise<Page<ApiKey>> {
       const rows = await db.query<KeyRow>(
         `SELECT ${keyColumns} FROM api_keys
          WHERE org_id = $1 AND ($2 OR revoked_at IS NULL)
-         ORDER BY created_at, id`,
-        [orgId, options.includeRevoked],
+           AND ($3::text IS NULL OR (created_at, id) > (SELECT created_at, id FROM api_keys WHERE id = $3))
+         ORDER BY created_at, id
+         LIMIT $4`,
+        [orgId, options.includeRevoked, page.after, page.limit + 1],
       );
       if (rows.length === 0) await requireOrganization(orgId);
-      return rows.map(toApiKey);
+      return pageOf(rows.map(toApiKey), page);
     },
 
     /** Revokes a key (a no-op when it already is) and announces it to watchers at commit. */

@@ -2,6 +2,7 @@ import { AsyncLocalStorage } from "node:async_hooks";
 import { connect } from "node:net";
 import pg from "pg";
 import { sha256Hex } from "../../lib/auth.ts";
+import type { Page } from "./types.ts";
 
 export type BillingErrorKind =
   | "not_found"
@@ -233,4 +234,9 @@ function missingReference(detail: string): string {
   if (values.length !== columns.length) return `${columns[0]}: ${noun} does not exist`;
   const within = columns[1] === "org_id" ? ` in organization ${values[1]}` : "";
   return `${columns[0]}: ${noun} ${values[0]} does not exist${within}`;
+}
+
+/** A page from rows read with a limit of one more than the page's: that one, when there, only says more follow. */
+export function pageOf<T>(rows: T[], page: { limit: number }): Page<T> {
+  return { items: rows.slice(0, page.limit), more: rows.length > page.limit };
 }

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, expect, test } from "bun:test";
 import { unscopedRule } from "../discounts/test-rules.ts";
 import { BillingError } from "./db.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
-import { createTestDatabase, type TestDatabase } from "./test-db.ts";
+import { allRows, createTestDatabase, type TestDatabase } from "./test-db.ts";
 import type { NewDiscountRule } from "./types.ts";
 
 let db: TestDatabase;
@@ -71,10 +71,10 @@ test("rules are stored with their tiers, listed highest priority first, and dele
     capNanos: 123n,
     tiers: [],
   });
-  expect((await store.listDiscountRules(orgId)).map((r) => r.name)).toEqual(["nights", "volume"]);
+  expect((await store.listDiscountRules(orgId, allRows)).items.map((r) => r.name)).toEqual(["nights", "volume"]);
 
   await store.deleteDiscountRule(volume.id);
-  expect((await store.listDiscountRules(orgId)).map((r) => r.id)).toEqual([window.id]);
+  expect((await store.listDiscountRules(orgId, allRows)).items.map((r) => r.id)).toEqual([window.id]);
   const tiers = await db.pool.query("SELECT count(*)::int AS n FROM discount_tiers WHERE rule_id = $1", [volume.id]);
   expect(tiers.rows[0].n).toBe(0);
   expect(kind(await store.deleteDiscountRule(volume.id).catch((e) => e))).toBe("not_found");
@@ -82,7 +82,7 @@ test("rules are stored with their tiers, listed highest priority first, and dele
 
 test("the schema refuses what the contract forbids", async () => {
   expect(kind(await store.createDiscountRule(rule({ orgId: "org_missing" })).catch((e) => e))).toBe("not_found");
-  expect(kind(await store.listDiscountRules("org_missing").catch((e) => e))).toBe("not_found");
+  expect(kind(await store.listDiscountRules("org_missing", allRows).catch((e) => e))).toBe("not_found");
   expect(kind(await store.createDiscountRule(rule({ discountBps: 10_001 })).catch((e) => e))).toBe("invalid_argument");
   expect(kind(await store.createDiscountRule(rule({ startHour: 6, endHour: 6 })).catch((e) => e))).toBe(
     "invalid_argument",
@@ -101,14 +101,14 @@ test("the schema refuses what the contract forbids", async () => {
   });
   expect(kind(await store.createDiscountRule(duplicateTier).catch((e) => e))).toBe("already_exists");
   // Nothing of a refused rule was kept.
-  expect(await store.listDiscountRules(orgId)).toHaveLength(1);
+  expect((await store.listDiscountRules(orgId, allRows)).items).toHaveLength(1);
 });
 
 test("the schema takes a time window that wraps past midnight, and refuses wrapping hours of other kinds", async () => {
   const nights = await store.createDiscountRule(
     rule({ kind: "time_window", startHour: 22, endHour: 6, daysOfWeek: [5] }),
   );
-  expect((await store.listDiscountRules(orgId)).find((r) => r.id === nights.id)).toMatchObject({
+  expect((await store.listDiscountRules(orgId, allRows)).items.find((r) => r.id === nights.id)).toMatchObject({
     startHour: 22,
     endHour: 6,
     daysOfWeek: [5],

@@ -1,6 +1,6 @@
 import { ulid } from "ulid";
-import { BillingError, type Db, type Queryable, requestSha256 } from "./db.ts";
-import type { DiscountKind, DiscountRule, NewDiscountRule } from "./types.ts";
+import { BillingError, type Db, pageOf, type Queryable, requestSha256 } from "./db.ts";
+import type { DiscountKind, DiscountRule, DiscountRuleCursor, NewDiscountRule, Page, PageQuery } from "./types.ts";
 
 interface RuleRow {
   id: string;
@@ -98,9 +98,17 @@ export function createDiscountStore(db: Db) {
       });
     },
 
-    async listDiscountRules(orgId: string): Promise<DiscountRule[]> {
-      const rules = await discountRulesOf(db, orgId);
-      if (rules.length === 0) {
+    /** Highest priority first, ties by id; a page goes on after where the last ended, that rule deleted or not. */
+    async listDiscountRules(orgId: string, page: PageQuery<DiscountRuleCursor>): Promise<Page<DiscountRule>> {
+      const rows = await db.query<RuleRow>(
+        `${ruleSelect} WHERE r.org_id = $1
+           AND ($2::int IS NULL OR r.priority < $2 OR (r.priority = $2 AND r.id > $3))
+         ORDER BY r.priority DESC, r.id
+         LIMIT $4`,
+        [orgId, page.after?.priority ?? null, page.after?.id ?? null, page.limit + 1],
+      );
+      const rules = pageOf(rows.map(toRule), page);
+      if (rules.items.length === 0) {
         const org = await db.query("SELECT 1 FROM organizations WHERE id = $1", [orgId]);
         if (org.length === 0) throw new BillingError("not_found", `organization ${orgId} not found`);
       }

@@ -8,7 +8,7 @@ import { unscopedRule } from "../discounts/test-rules.ts";
 import { type BillingError, createDb, type Queryable } from "./db.ts";
 import { createInvoiceStore } from "./invoices.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
-import { createTestDatabase, type TestDatabase } from "./test-db.ts";
+import { allRows, createTestDatabase, type TestDatabase } from "./test-db.ts";
 import type { DiscountRule, Invoice, NewDiscountRule, Organization, UsageRecord } from "./types.ts";
 
 let db: TestDatabase;
@@ -103,7 +103,7 @@ test("a period that has not begun is not invoiced: its draft would bill earlier 
   const early = await store.generateInvoice({ orgId: org.id, at: april, now: new Date(april.getTime() - 1) }).catch((e) => e);
   expect(kind(early)).toBe("failed_precondition");
   expect(String(early.message)).toContain("has not begun");
-  expect(await store.listInvoices(org.id)).toEqual([]);
+  expect((await store.listInvoices(org.id, allRows)).items).toEqual([]);
   expect((await store.generateInvoice({ orgId: org.id, at: april, now: april })).periodStart).toEqual(april);
 });
 
@@ -116,7 +116,7 @@ test("regenerating a draft replaces it in place; issued invoices never change", 
   const regenerated = await store.generateInvoice({ orgId: org.id, at: march, now: later });
   expect(regenerated).toMatchObject({ id: draft.id, number: draft.number, createdAt: later });
   expect(regenerated.lines[0]?.quantity).toBe(2n * 800n);
-  expect(await store.listInvoices(org.id)).toHaveLength(1);
+  expect((await store.listInvoices(org.id, allRows)).items).toHaveLength(1);
 
   const tooEarly = await store.updateInvoiceStatus({ invoiceId: draft.id, status: "issued", now: later }).catch((e) => e);
   expect(kind(tooEarly)).toBe("failed_precondition");
@@ -234,7 +234,7 @@ test("status moves draft -> issued -> paid or to void, and nowhere else", async 
   const third = await store.generateInvoice({ orgId: org.id, at: april, now: afterApril });
   expect(third.number).toBeNull();
   expect((await issue(third.id)).number).toBe("INV-2026-04-0003");
-  expect((await store.listInvoices(org.id)).map((i) => [i.number, i.status])).toEqual([
+  expect((await store.listInvoices(org.id, allRows)).items.map((i) => [i.number, i.status])).toEqual([
     ["INV-2026-04-0003", "issued"],
     ["INV-2026-04-0002", "void"],
     [null, "void"],
@@ -242,7 +242,7 @@ test("status moves draft -> issued -> paid or to void, and nowhere else", async 
   ]);
   expect(kind(await set("inv_missing", "void").catch((e) => e))).toBe("not_found");
   expect(kind(await store.getInvoice("inv_missing").catch((e) => e))).toBe("not_found");
-  expect(kind(await store.listInvoices("org_missing").catch((e) => e))).toBe("not_found");
+  expect(kind(await store.listInvoices("org_missing", allRows).catch((e) => e))).toBe("not_found");
   expect(kind(await store.generateInvoice({ orgId: "org_missing", at: march, now: march }).catch((e) => e))).toBe(
     "not_found",
   );
@@ -407,7 +407,7 @@ test("drafts issued out of period order each bill their own period, on one repli
 test("issuing while usage keeps arriving bills every record exactly once across invoices", async () => {
   const org = await newOrg({ taxRateBps: 0 });
   await store.generateInvoice({ orgId: org.id, at: march, now: afterMarch });
-  const draft = (await store.listInvoices(org.id))[0];
+  const draft = (await store.listInvoices(org.id, allRows)).items[0];
   let writing = true;
   const writer = (async () => {
     let batches = 0;
@@ -799,7 +799,7 @@ describe("a period's invoices, issued, voided and reissued in any order", () => 
       (await db.pool.query<R>(sql, params)).rows;
     const issued = new Set<string>();
     const granted = new Map<number, Map<string, bigint>>();
-    for (const summary of await store.listInvoices(org.id)) {
+    for (const summary of (await store.listInvoices(org.id, allRows)).items) {
       const invoice = await store.getInvoice(summary.id);
       const sum = (lines: Invoice["lines"]) => lines.reduce((total, l) => total + l.amountNanos, 0n);
       const subtotal = sum(invoice.lines.filter((l) => l.tokenType !== "discount"));
@@ -898,7 +898,7 @@ describe("a period's invoices, issued, voided and reissued in any order", () => 
           };
           for (const rule of initialRules) await add(rule);
           const live = async (p: number) =>
-            (await store.listInvoices(org.id)).find(
+            (await store.listInvoices(org.id, allRows)).items.find(
               (i) => i.periodStart.getTime() === starts[p]?.getTime() && i.status !== "void",
             );
           const generate = (p: number) => store.generateInvoice({ orgId: org.id, at: starts[p] as Date, now });

@@ -7,9 +7,9 @@ import {
   type UsageSlice,
 } from "../invoices/build.ts";
 import { billingPeriod } from "../period.ts";
-import { BillingError, type Db, type Queryable } from "./db.ts";
+import { BillingError, type Db, pageOf, type Queryable } from "./db.ts";
 import { discountRulesOf } from "./discounts.ts";
-import type { Invoice, InvoiceLine, InvoiceStatus, LineTokenType } from "./types.ts";
+import type { Invoice, InvoiceLine, InvoiceStatus, LineTokenType, Page, PageQuery } from "./types.ts";
 
 interface InvoiceRow {
   id: string;
@@ -117,18 +117,24 @@ export function createInvoiceStore(db: Db) {
       });
     },
 
-    /** An org's invoices without their lines, newest period first. */
-    async listInvoices(orgId: string): Promise<Invoice[]> {
+    /**
+     * An org's invoices without their lines, newest period first (of a period, the newest created first); a page goes
+     * on after the invoice it ended on, whose period, creation time and id never change (invoices are not deleted).
+     */
+    async listInvoices(orgId: string, page: PageQuery): Promise<Page<Invoice>> {
       const rows = await db.query<InvoiceRow>(
-        `SELECT ${invoiceColumns} FROM invoices WHERE org_id = $1
-         ORDER BY period_start DESC, created_at DESC, number DESC`,
-        [orgId],
+        `SELECT ${invoiceColumns} FROM invoices
+         WHERE org_id = $1 AND ($2::text IS NULL
+           OR (period_start, created_at, id) < (SELECT period_start, created_at, id FROM invoices WHERE id = $2))
+         ORDER BY period_start DESC, created_at DESC, id DESC
+         LIMIT $3`,
+        [orgId, page.after, page.limit + 1],
       );
       if (rows.length === 0) {
         const org = await db.query("SELECT 1 FROM organizations WHERE id = $1", [orgId]);
         if (org.length === 0) throw new BillingError("not_found", `organization ${orgId} not found`);
       }
-      return rows.map(toInvoice);
+      return pageOf(rows.map(toInvoice), page);
     },
 
     getInvoice(invoiceId: string): Promise<Invoice> {

@@ -32,6 +32,7 @@ const migrations = [
   "0013_create_request_ids.sql",
   "0014_invoice_discount_grants.sql",
   "0015_org_project_request_ids.sql",
+  "0016_list_page_order.sql",
 ];
 const billingTables = [
   "api_keys",

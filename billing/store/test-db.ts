@@ -126,3 +126,6 @@ export function useTestStore(): { readonly db: TestDatabase; readonly store: Bil
 export function newOrg(store: BillingStore, name: string) {
   return store.createOrganization({ name, taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n, maxDiscountBps: 0 });
 }
+
+/** A first page large enough for any test's rows. */
+export const allRows = { after: null, limit: 10_000 };

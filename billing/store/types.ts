@@ -260,3 +260,21 @@ export interface Invoice {
   createdAt: Date;
   issuedAt: Date | null;
 }
+
+/** Which page of a list: up to `limit` rows after the row `after` names (null: from the first). */
+export interface PageQuery<C = string> {
+  after: C | null;
+  limit: number;
+}
+
+/** A page of a list, and whether rows follow it. */
+export interface Page<T> {
+  items: T[];
+  more: boolean;
+}
+
+/** Where a page of discount rules ended: rules are deleted, so the cursor carries the sort key itself. */
+export interface DiscountRuleCursor {
+  priority: number;
+  id: string;
+}

@@ -185,7 +185,7 @@ test("a cost breakdown is stored with the record and must add up to its cost", a
     after: null,
     limit: 1,
   });
-  expect(listed.records).toEqual([itemised]);
+  expect(listed.items).toEqual([itemised]);
   const wrong = usage({ costNanos: 999n, costBreakdown });
   expect((await store.recordUsage([wrong]).catch((e: BillingError) => e)) as BillingError).toMatchObject({
     kind: "invalid_argument",
@@ -206,9 +206,9 @@ test("usage records page newest first", async () => {
     after: null,
     limit: 2,
   });
-  expect(first.records).toEqual([records[4], records[3]] as UsageRecord[]);
+  expect(first.items).toEqual([records[4], records[3]] as UsageRecord[]);
   expect(first.more).toBe(true);
-  const last = first.records[1] as UsageRecord;
+  const last = first.items[1] as UsageRecord;
   const rest = await store.listUsageRecords({
     orgId: pageOrg.id,
     requestId: null,
@@ -217,7 +217,7 @@ test("usage records page newest first", async () => {
     after: { occurredAt: last.occurredAt, requestId: last.requestId },
     limit: 10,
   });
-  expect(rest).toEqual({ records: [records[2], records[1]] as UsageRecord[], more: false });
+  expect(rest).toEqual({ items: [records[2], records[1]] as UsageRecord[], more: false });
 });
 
 test("usage must name an org, and a project and key of that org; none of them can be deleted afterwards", async () => {

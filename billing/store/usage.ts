@@ -1,6 +1,6 @@
 import { endOfUtcDay, startOfUtcDay, utcDate } from "../period.ts";
-import type { Db } from "./db.ts";
-import type { CostBreakdown, RecordedUsage, TimeRange, UsageRecord, UsageTotals } from "./types.ts";
+import { type Db, pageOf } from "./db.ts";
+import type { CostBreakdown, Page, RecordedUsage, TimeRange, UsageRecord, UsageTotals } from "./types.ts";
 
 const totalsColumns = `coalesce(sum(requests), 0) AS requests,
   coalesce(sum(input_tokens), 0) AS input_tokens,
@@ -230,7 +230,7 @@ export function createUsageStore(db: Db) {
     },
 
     /** Up to `limit` records of an org, newest first, and whether more follow. */
-    async listUsageRecords(query: UsageRecordQuery): Promise<{ records: UsageRecord[]; more: boolean }> {
+    async listUsageRecords(query: UsageRecordQuery): Promise<Page<UsageRecord>> {
       const rows = await db.query<UsageRecordRow>(
         `SELECT request_id, org_id, project_id, api_key_id, model, provider, endpoint, input_tokens,
            cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, occurred_at, input_cost_nanos,
@@ -253,7 +253,7 @@ export function createUsageStore(db: Db) {
           query.limit + 1,
         ],
       );
-      return { records: rows.slice(0, query.limit).map(toUsageRecord), more: rows.length > query.limit };
+      return pageOf(rows.map(toUsageRecord), query);
     },
 
     /**

@@ -1,0 +1,61 @@
+import { sha256Hex } from "../lib/auth.ts";
+import type { Page, PageQuery } from "./store/types.ts";
+import { id, intInRange, invalid } from "./validate.ts";
+
+const defaultPageSize = 100;
+const maxPageSize = 1000;
+
+/** A List* request's page: its size and where the last ended, and the token of the page after a page read. */
+export interface PageAsked<C> extends PageQuery<C> {
+  /** Empty when no rows follow `page`; else a token that goes on after its last row, where `cursorOf` says it is. */
+  nextPageToken<T>(page: Page<T>, cursorOf: (last: T) => C): string;
+}
+
+/**
+ * The page a List* request asks for: page_size 1..1000 (0 is 100) and page_token, whose cursor `cursorFrom` checks.
+ * A token carries a digest of the listing it came from (`listing`: the RPC, its org and filters), so one from another
+ * list or other filters is refused, INVALID_ARGUMENT: it would start their listing part way, leaving rows out.
+ */
+export function pageAsked<C>(
+  req: { pageSize: number; pageToken: string },
+  listing: unknown[],
+  cursorFrom: (value: unknown) => C | undefined,
+): PageAsked<C> {
+  const limit = req.pageSize === 0 ? defaultPageSize : intInRange(req.pageSize, "page_size", 1, maxPageSize);
+  const scope = sha256Hex(JSON.stringify(listing)).slice(0, 16);
+  let after: C | null = null;
+  if (req.pageToken) {
+    let issued: unknown;
+    try {
+      issued = JSON.parse(Buffer.from(req.pageToken, "base64url").toString("utf8"));
+    } catch {
+      // Refused below.
+    }
+    // A token is client input like any other: its cursor passes the same checks as the fields it stands for.
+    const cursor = Array.isArray(issued) && issued.length === 2 ? cursorFrom(issued[0]) : undefined;
+    if (cursor === undefined) throw invalid("page_token", "not a token from a previous response");
+    if ((issued as unknown[])[1] !== scope) {
+      throw invalid("page_token", "issued for another list, org_id or filters; start from the first page");
+    }
+    after = cursor;
+  }
+  return {
+    limit,
+    after,
+    nextPageToken(page, cursorOf) {
+      const last = page.items.at(-1);
+      if (!page.more || last === undefined) return "";
+      return Buffer.from(JSON.stringify([cursorOf(last), scope])).toString("base64url");
+    },
+  };
+}
+
+/** A cursor that is the id of the row a page ended on, for lists whose rows are never deleted; checked as ids are. */
+export function idCursor(value: unknown): string | undefined {
+  if (typeof value !== "string") return undefined;
+  try {
+    return id(value, "page_token");
+  } catch {
+    return undefined;
+  }
+}
