@@ -158,7 +158,7 @@ test("SIGTERM while a roll-up waits on a slow ClickHouse server exits within the
     port: 0,
     async fetch(req) {
       const text = `${decodeURIComponent(req.url)} ${await req.text()}`;
-      if (text.includes("toString(marked_at)")) {
+      if (text.includes("marked_at)) AS key FROM")) {
         rollupAsked();
         return new Promise<Response>(() => {});
       }
