@@ -2,11 +2,11 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { equals } from "@bufbuild/protobuf";
+import { create, equals, toBinary } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { createClient } from "@clickhouse/client";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { RequestMetricsSchema, RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
+import { ListRequestsResponseSchema, RequestMetricsSchema, RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { createLogger } from "../../lib/log.ts";
 import { query } from "../service.ts";
@@ -14,7 +14,7 @@ import { createChdbDriver } from "./chdb-driver.ts";
 import { createClientDriver } from "./client-driver.ts";
 import type { ClickHouseDriver } from "./driver.ts";
 import { loadMigrations, migrate } from "./migrate.ts";
-import { createAnalyticsStore, maxTtlDays } from "./store.ts";
+import { createAnalyticsStore, maxRequestPageBytes, maxTtlDays } from "./store.ts";
 import { startClickHouseHttpServer } from "./testing/clickhouse-http-server.ts";
 import { createTestStore, sampleMetrics, type TestStore, testDatabase, testDataDir } from "./test-store.ts";
 
@@ -111,6 +111,26 @@ for (const [name, makeDriver] of backends) {
       const page = await store.listRequests({ orgId: org, window, limit: 1000 });
       expect(page.requests).toHaveLength(51);
       expect(new Set(page.requests.map((r) => r.requestId)).size).toBe(51);
+    });
+
+    test("a page of requests stays within what a gRPC client takes, the rest on the pages after it", async () => {
+      const org = "org_big_pages";
+      // 16 tags of 64-character keys and 512 two-byte characters each: about 17 KB a row, as large as a gateway sends.
+      const tags = Object.fromEntries(Array.from({ length: 16 }, (_, i) => [`${i}`.padStart(64, "k"), "é".repeat(512)]));
+      const rows = Array.from({ length: 250 }, (_, i) => sampleMetrics(at(i * 100), { orgId: org, tags }));
+      await store.insertRequests(rows, "big-pages-1");
+      const seen: string[] = [];
+      const sizes: number[] = [];
+      let after: Awaited<ReturnType<typeof store.listRequests>>["next"];
+      do {
+        const page = await store.listRequests({ orgId: org, window, limit: 1000, after });
+        sizes.push(toBinary(ListRequestsResponseSchema, create(ListRequestsResponseSchema, page)).byteLength);
+        seen.push(...page.requests.map((r) => r.requestId));
+        after = page.next;
+      } while (after);
+      expect(sizes.length).toBe(2);
+      for (const size of sizes) expect(size).toBeLessThanOrEqual(maxRequestPageBytes);
+      expect(seen.toSorted()).toEqual(rows.map((r) => r.requestId).toSorted());
     });
 
     test("a Responses API request is stored and read back under its endpoint", async () => {

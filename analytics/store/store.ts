@@ -1,4 +1,4 @@
-import { create } from "@bufbuild/protobuf";
+import { create, toBinary } from "@bufbuild/protobuf";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import {
   type LatencyPercentiles,
@@ -6,6 +6,7 @@ import {
   type ModelLatency,
   ModelLatencySchema,
   type RequestMetrics,
+  RequestMetricsSchema,
   type RequestStatus,
   type TimeSeriesPoint,
   TimeSeriesPointSchema,
@@ -77,6 +78,12 @@ export interface RequestPage {
   /** Set when more rows may follow. */
   next?: RequestCursor;
 }
+
+/**
+ * Most a page of requests holds, encoded: a row may carry 16 tags of up to 2 KB each, so 1,000 of them could be 40 MB,
+ * past the 4 MiB gRPC clients take by default. A page holds as many rows as fit (one at least); the rest follow it.
+ */
+export const maxRequestPageBytes = 3 * 1024 * 1024;
 
 /** ClickHouse storage of request metrics. Every read counts each request_id once, merged or not. */
 export interface AnalyticsStore {
@@ -436,11 +443,19 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
         params,
         { orgId: q.orgId, signal: q.signal },
       );
-      const page = rows.slice(0, q.limit);
-      const last = page.at(-1);
+      const page: RequestMetrics[] = [];
+      let bytes = 0;
+      for (const row of rows.slice(0, q.limit)) {
+        const request = fromRequestRow(row);
+        // Each in its message's field: a tag, a length and the row.
+        bytes += toBinary(RequestMetricsSchema, request).byteLength + 6;
+        if (bytes > maxRequestPageBytes && page.length > 0) break;
+        page.push(request);
+      }
+      const last = rows[page.length - 1];
       return {
-        requests: page.map(fromRequestRow),
-        next: rows.length > q.limit && last ? { startTime: last.start_time, requestId: last.request_id } : undefined,
+        requests: page,
+        next: rows.length > page.length && last ? { startTime: last.start_time, requestId: last.request_id } : undefined,
       };
     },
 

@@ -672,7 +672,8 @@ export type ListRequestsRequest = Message<"analytics.v1.ListRequestsRequest"> & 
   range?: TimeRange | undefined;
 
   /**
-   * Page size, 1..1000; default 100.
+   * Page size, 1..1000; default 100. A page holds fewer when its requests would take more than 3 MiB encoded (within a
+   * gRPC client's default 4 MiB), one at least; the rest follow on the next pages.
    *
    * @generated from field: int32 page_size = 3;
    */
