@@ -24,7 +24,17 @@ import { maxMessages, maxStops, maxTools } from "./chat-request.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
 import type { Call, ChatOutcome, GatewayCore, MeteredOutcome } from "./core.ts";
 import { maxInputs } from "./embedding-request.ts";
-import { bodyTooLarge, cancelled, deadlineExceeded, GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
+import type { BodyBudget } from "./body-budget.ts";
+import {
+  bodiesAtCapacity,
+  bodyTooLarge,
+  cancelled,
+  deadlineExceeded,
+  GatewayError,
+  invalidRequest,
+  toConnectError,
+  toGatewayError,
+} from "./errors.ts";
 import { base64Floats } from "./providers/provider.ts";
 import { arrayTooLong, maxRequestNodes } from "./request-checks.ts";
 
@@ -156,8 +166,9 @@ const maxElements = new Map([
 /**
  * GatewayService's routes, each request message held to the contract's list limits and to maxRequestNodes before it
  * is decoded: what the core would refuse after decoding is refused while it is still a few kilobytes of wire bytes.
+ * Its bytes count against `bodies`, the bound on request bodies in flight, which answers Unavailable past it.
  */
-export function gatewayRoutes(service: ServiceImpl<typeof GatewayService>, maxBodyBytes: number) {
+export function gatewayRoutes(service: ServiceImpl<typeof GatewayService>, maxBodyBytes: number, bodies?: BodyBudget) {
   return (router: ConnectRouter) =>
     limitMessages(router.service(GatewayService, service), {
       maxBytes: maxBodyBytes,
@@ -169,6 +180,14 @@ export function gatewayRoutes(service: ServiceImpl<typeof GatewayService>, maxBo
           : invalidRequest(`The request message holds more than ${max} nested messages and list elements.`);
         // The error as REST words it; the request gate meters the call with it.
         return new ConnectError(error.message, Code.InvalidArgument, toConnectError(error).metadata, undefined, error);
+      },
+      bodies: bodies && {
+        hold: () => bodies.hold(),
+        refuse: () => {
+          const error = bodiesAtCapacity();
+          const { code, metadata } = toConnectError(error);
+          return new ConnectError(error.message, code, metadata, undefined, error);
+        },
       },
     });
 }
