@@ -173,6 +173,22 @@ export const bodyTooLarge = (limitBytes: number) =>
     RequestStatus.INVALID_REQUEST,
   );
 
+/**
+ * The request bodies the replica holds at once are at their bound (GATEWAY_MAX_INFLIGHT_BODY_BYTES): this one is refused
+ * before (the rest of) it is read, rather than a burst of large bodies taking the replica's memory and every request on
+ * it. Retried in a second, it finds room here or another replica.
+ */
+export const bodiesAtCapacity = () =>
+  new GatewayError(
+    503,
+    "api_error",
+    "gateway_overloaded",
+    "The gateway is holding as many request bodies as it can right now; retry shortly.",
+    RequestStatus.UNAVAILABLE,
+    null,
+    1,
+  );
+
 /** A request body sent compressed (or in any Content-Encoding but identity), which the gateway does not decode. */
 export const unsupportedContentEncoding = (encoding: string) =>
   new GatewayError(

@@ -81,10 +81,12 @@ test("GATEWAY_REST_PORT equal to GATEWAY_PORT is refused with the environment", 
   expect(stderr).toBe(`invalid environment: GATEWAY_REST_PORT (${port}): must differ from GATEWAY_PORT\n`);
 });
 
-test("a least past its most (lease sizes, retry backoff) is refused with the environment, not quietly ignored", async () => {
+test("a least past its most (lease sizes, retry backoff, body bytes) is refused with the environment, not quietly ignored", async () => {
   const pairs = [
     ["GATEWAY_BUDGET_MIN_LEASE_NANOS", "5000000000", "GATEWAY_BUDGET_MAX_LEASE_NANOS", "1000000000"],
     ["GATEWAY_RETRY_BASE_MS", "3000", "GATEWAY_RETRY_MAX_MS", "2000"],
+    // A body of the largest size allowed could never be read.
+    ["GATEWAY_MAX_BODY_BYTES", "8388608", "GATEWAY_MAX_INFLIGHT_BODY_BYTES", "4194304"],
   ];
   for (const [least, low, most, high] of pairs as [string, string, string, string][]) {
     const { stdout, stderr, code } = await runCommand([process.execPath, main], {

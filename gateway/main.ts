@@ -10,6 +10,7 @@ import { createServiceClient } from "../lib/rpc-client.ts";
 import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
 import { defaultReadMaxBytes, startServer } from "../lib/server.ts";
 import { createKeyAuthorizer, watchKeyChanges } from "./auth.ts";
+import { createBodyBudget } from "./body-budget.ts";
 import { createBudgetKeeper } from "./budget.ts";
 import { breakerStateMetric, createCircuitBreakers } from "./circuit-breaker.ts";
 import { type GatewayConfig, loadGatewayConfig } from "./config.ts";
@@ -51,6 +52,12 @@ const cfg = loadEnvOrExit({
    */
   GATEWAY_RESPONSE_ID_SECRET: env.setOrUnset(z.string().min(32, "must be at least 32 characters").optional()),
   GATEWAY_MAX_BODY_BYTES: env.int(1024, 64 * 1024 * 1024).default(4 * 1024 * 1024),
+  /**
+   * Request-body bytes all requests in flight may hold at once, on every port; past it a request is refused (503,
+   * Unavailable) before its body is read. A body held costs about twice its size in memory while its request runs:
+   * the default, a quarter of a 512 MiB container, keeps a burst of large (image) requests within it.
+   */
+  GATEWAY_MAX_INFLIGHT_BODY_BYTES: env.int(1024, 1024 ** 4).default(128 * 1024 * 1024),
   /** The most of an upstream's whole (not streamed) answer read; past it the attempt fails. */
   GATEWAY_MAX_UPSTREAM_ANSWER_BYTES: env.int(1024 * 1024, 1024 * 1024 * 1024).default(defaultMaxAnswerBytes),
   /**
@@ -107,6 +114,8 @@ if (cfg.GATEWAY_REST_PORT !== undefined && cfg.GATEWAY_REST_PORT !== 0 && cfg.GA
 for (const [least, most] of [
   ["GATEWAY_BUDGET_MIN_LEASE_NANOS", "GATEWAY_BUDGET_MAX_LEASE_NANOS"],
   ["GATEWAY_RETRY_BASE_MS", "GATEWAY_RETRY_MAX_MS"],
+  // A body of the largest size allowed could never be read.
+  ["GATEWAY_MAX_BODY_BYTES", "GATEWAY_MAX_INFLIGHT_BODY_BYTES"],
 ] as const) {
   if (cfg[least] > cfg[most]) {
     process.stderr.write(`invalid environment: ${least} (${cfg[least]}): must not exceed ${most} (${cfg[most]})\n`);
@@ -277,6 +286,7 @@ const core = createGatewayCore({
   responseIds: createResponseIds(responseIdKey(cfg.GATEWAY_RESPONSE_ID_SECRET, cfg.ADMIN_TOKEN)),
 });
 const service = createGatewayService(core);
+const bodies = createBodyBudget({ maxBytes: cfg.GATEWAY_MAX_INFLIGHT_BODY_BYTES, registry: runtime.metrics.registry });
 const rest = createRestApp({ core, tracer: runtime.telemetry.tracer, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES });
 
 const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, exposedHeaders);
@@ -284,10 +294,10 @@ const server = await listenOrExit(log, "GATEWAY_PORT", cfg.GATEWAY_PORT, () =>
   startServer({
     name: "gateway",
     port: cfg.GATEWAY_PORT,
-    routes: gatewayRoutes(service, cfg.GATEWAY_MAX_BODY_BYTES),
+    routes: gatewayRoutes(service, cfg.GATEWAY_MAX_BODY_BYTES, bodies),
     interceptors: runtime.serverInterceptors,
     requestGate: createGatewayRequestGate(core, cfg.GATEWAY_MAX_BODY_BYTES),
-    http: restRoutes(rest),
+    http: restRoutes(rest, { bodies }),
     readiness: createReadiness({ billingUrl: cfg.BILLING_URL, shipper, keysVouchedLately: keys.vouchedLately, log }),
     registry: runtime.metrics.registry,
     log,
@@ -305,7 +315,7 @@ const fastRest =
         log,
         "GATEWAY_REST_PORT",
         restPort,
-        () => serveRest(rest, { port: restPort, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log, cors }),
+        () => serveRest(rest, { port: restPort, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log, cors, bodies }),
         () => signals.undoStart(),
       );
 log.info("gateway started", { models: config.models.size, instance: cfg.GATEWAY_INSTANCE_ID, url: server.url, rest_url: fastRest?.url });

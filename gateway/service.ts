@@ -25,7 +25,17 @@ import { maxMessages, maxStops, maxTools } from "./chat-request.ts";
 import type { StreamOutcome } from "./chat-stream.ts";
 import type { Call, ChatOutcome, GatewayCore, MeteredOutcome } from "./core.ts";
 import { maxInputs } from "./embedding-request.ts";
-import { bodyTooLarge, cancelled, deadlineExceeded, GatewayError, invalidRequest, toConnectError, toGatewayError } from "./errors.ts";
+import type { BodyBudget } from "./body-budget.ts";
+import {
+  bodiesAtCapacity,
+  bodyTooLarge,
+  cancelled,
+  deadlineExceeded,
+  GatewayError,
+  invalidRequest,
+  toConnectError,
+  toGatewayError,
+} from "./errors.ts";
 import { base64Floats } from "./providers/provider.ts";
 import { arrayTooLong, maxRequestNodes } from "./request-checks.ts";
 
@@ -159,8 +169,9 @@ const maxElements = new Map([
  * is decoded: what the core would refuse after decoding is refused while it is still a few kilobytes of wire bytes.
  * In JSON a field or enum name the contract does not define is InvalidArgument, as OpenAI refuses an unknown
  * parameter: skipped, a misspelt `maxCompletionTokens` or `temperature` would be answered as if it had not been sent.
+ * Its bytes count against `bodies`, the bound on request bodies in flight, which answers Unavailable past it.
  */
-export function gatewayRoutes(service: ServiceImpl<typeof GatewayService>, maxBodyBytes: number) {
+export function gatewayRoutes(service: ServiceImpl<typeof GatewayService>, maxBodyBytes: number, bodies?: BodyBudget) {
   return (router: ConnectRouter) =>
     limitMessages(router.service(GatewayService, service, { jsonOptions: strictJsonOptions }), {
       maxBytes: maxBodyBytes,
@@ -172,6 +183,14 @@ export function gatewayRoutes(service: ServiceImpl<typeof GatewayService>, maxBo
           : invalidRequest(`The request message holds more than ${max} nested messages and list elements.`);
         // The error as REST words it; the request gate meters the call with it.
         return new ConnectError(error.message, Code.InvalidArgument, toConnectError(error).metadata, undefined, error);
+      },
+      bodies: bodies && {
+        hold: () => bodies.hold(),
+        refuse: () => {
+          const error = bodiesAtCapacity();
+          const { code, metadata } = toConnectError(error);
+          return new ConnectError(error.message, code, metadata, undefined, error);
+        },
       },
     });
 }

@@ -18,6 +18,14 @@ export interface MessageLimits {
   maxElements?: ReadonlyMap<DescField, number>;
   /** The error for a field over its limit, or (field undefined) for a message over maxNodes. */
   refuse: (field: DescField | undefined, max: number, count: number) => ConnectError;
+  /**
+   * A bound on the body bytes of every request in flight: each call's share covers its declared length before its
+   * body is read, or its bytes as they arrive, and is given back when the call ends. Past it, `refuse`'s error.
+   */
+  bodies?: {
+    hold(): { cover(bytes: number): boolean; release(): void };
+    refuse(): ConnectError;
+  };
 }
 
 const inflaters = new Map<string, (bytes: Uint8Array, options: zlib.ZlibOptions & zlib.BrotliOptions) => Promise<Buffer>>([
@@ -41,18 +49,34 @@ function limitedHandler(handler: UniversalHandler, limits: MessageLimits): Unive
   const limited = (req: UniversalServerRequest) => {
     const body = req.body;
     if (typeof body !== "object" || body === null || !(Symbol.asyncIterator in body)) return handler(req);
-    return handler({ ...req, body: checkedBody(body as AsyncIterable<Uint8Array>, req.header, handler.method.input, limits) });
+    return handler({ ...req, body: checkedBody(body as AsyncIterable<Uint8Array>, req, handler.method.input, limits) });
   };
   return Object.assign(limited, handler);
 }
 
-async function* checkedBody(body: AsyncIterable<Uint8Array>, header: Headers, input: DescMessage, limits: MessageLimits) {
+async function* checkedBody(
+  body: AsyncIterable<Uint8Array>,
+  req: UniversalServerRequest,
+  input: DescMessage,
+  limits: MessageLimits,
+) {
+  const header = req.header;
+  // The call's signal aborts once it is answered, or its client left: either way it is done with its body.
+  const bodies = limits.bodies;
+  const hold = bodies?.hold();
+  if (bodies && hold) {
+    if (req.signal.aborted) hold.release();
+    else req.signal.addEventListener("abort", () => hold.release(), { once: true });
+    // Not read at all when its declared length would pass the bound.
+    if (!hold.cover(Number(header.get("content-length") ?? 0))) throw bodies.refuse();
+  }
   const chunks: Uint8Array[] = [];
   let size = 0;
   for await (const chunk of body) {
     size += chunk.byteLength;
     // Room for the envelopes' five bytes; Connect itself refuses whatever is past its readMaxBytes.
     if (size > limits.maxBytes + 5) throw tooLarge(size, limits.maxBytes);
+    if (bodies && hold && !hold.cover(size)) throw bodies.refuse();
     chunks.push(chunk);
   }
   const bytes = Buffer.concat(chunks);

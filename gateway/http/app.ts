@@ -10,7 +10,9 @@ import type { ResponseStream } from "../responses-stream.ts";
 import type { ModelRoute } from "../config.ts";
 import type { Call, GatewayCore } from "../core.ts";
 import type { StoredResponseRequest } from "../providers/provider.ts";
+import type { BodyHold } from "../body-budget.ts";
 import {
+  bodiesAtCapacity,
   bodyTooLarge,
   cancelled,
   errorBody,
@@ -87,6 +89,8 @@ export interface FetchHooks {
    */
   writeWaits?(closing: boolean): void;
   writeDone?(): void;
+  /** Counts the body's bytes against the bound on bodies in flight; the server gives them back once it is answered. */
+  body?: BodyHold;
 }
 
 const modelsPrefix = "/v1/models/";
@@ -328,7 +332,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
         query: queryOf(request.url),
         headers: request.headers,
         text: (limit) =>
-          readText(request, limit)
+          readText(request, limit, hooks?.body)
             .then((text) => ((read = true), text))
             .finally(() => hooks?.bodyRead?.()),
         signal: request.signal,
@@ -486,11 +490,15 @@ function hasBody(headers: Pick<Headers, "get">): boolean {
   return headers.get("transfer-encoding") !== null || (headers.get("content-length") ?? "0") !== "0";
 }
 
-/** A Fetch body as text with a size limit: 413 past it, whether declared or streamed. */
-async function readText(request: Request, limit: number): Promise<string> {
+/**
+ * A Fetch body as text with a size limit: 413 past it, whether declared or streamed; 503 when its bytes, declared or
+ * as they arrive, would pass the bound on bodies in flight.
+ */
+async function readText(request: Request, limit: number, hold: BodyHold | undefined): Promise<string> {
   const declared = request.headers.get("content-length");
   if (declared !== null) {
     if (Number(declared) > limit) throw bodyTooLarge(limit);
+    if (hold && !hold.cover(Number(declared))) throw bodiesAtCapacity();
     // A declared length is the length the server reads: one read, no stream.
     return request.text();
   }
@@ -505,6 +513,10 @@ async function readText(request: Request, limit: number): Promise<string> {
     if (size > limit) {
       await reader.cancel();
       throw bodyTooLarge(limit);
+    }
+    if (hold && !hold.cover(size)) {
+      await reader.cancel();
+      throw bodiesAtCapacity();
     }
     chunks.push(value);
   }

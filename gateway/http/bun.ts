@@ -3,6 +3,7 @@ import { ulid } from "ulid";
 import type { CorsPolicy } from "../../lib/cors.ts";
 import { cutAnswerMs } from "../../lib/server.ts";
 import type { Logger } from "../../lib/log.ts";
+import type { BodyBudget } from "../body-budget.ts";
 import { errorBody, toGatewayError } from "../errors.ts";
 import { pathOf, type RestApp } from "./app.ts";
 
@@ -41,6 +42,8 @@ export function serveRest(
     requestBodyTimeoutSeconds?: number;
     /** Which browser origins may call; none when unset. */
     cors?: CorsPolicy;
+    /** The bound on request-body bytes in flight, shared with the gateway's other port. */
+    bodies?: BodyBudget;
   },
 ): BunRestServer {
   const idle = options.idleTimeoutSeconds ?? 65;
@@ -60,16 +63,29 @@ export function serveRest(
       const path = cors && pathOf(request.url);
       const preflight = path ? cors.preflight(request.method, request.headers, path) : undefined;
       if (preflight) return new Response(null, preflight);
-      const response = await app.fetch(request, {
-        // Once the request is read, its answer may be silent for as long as an upstream thinks: the gateway's own
-        // time limits end it. Then the connection is idle again and its limit is back.
-        bodyRead: () => bun.timeout(request, 0),
-        answered: () => bun.timeout(request, idle),
-        // A stream's client that takes none of it for the idle limit is gone all but in name: its connection is closed,
-        // at once (Bun's timer ticks in seconds) when the stream is over already.
-        writeWaits: (closing) => bun.timeout(request, closing ? 1 : idle),
-        writeDone: () => bun.timeout(request, 0),
-      });
+      // The body's bytes are given back once the answer is all handed over, the client has left, or the app failed.
+      const body = options.bodies?.hold();
+      if (body) request.signal.addEventListener("abort", () => body.release(), { once: true });
+      let response: Response;
+      try {
+        response = await app.fetch(request, {
+          // Once the request is read, its answer may be silent for as long as an upstream thinks: the gateway's own
+          // time limits end it. Then the connection is idle again and its limit is back.
+          bodyRead: () => bun.timeout(request, 0),
+          answered: () => {
+            body?.release();
+            bun.timeout(request, idle);
+          },
+          // A stream's client that takes none of it for the idle limit is gone all but in name: its connection is
+          // closed, at once (Bun's timer ticks in seconds) when the stream is over already.
+          writeWaits: (closing) => bun.timeout(request, closing ? 1 : idle),
+          writeDone: () => bun.timeout(request, 0),
+          body,
+        });
+      } catch (e) {
+        body?.release();
+        throw e;
+      }
       if (path) {
         for (const [name, value] of Object.entries(cors.headers(request.headers.get("origin"), path))) {
           response.headers.set(name, value);

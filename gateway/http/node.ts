@@ -1,7 +1,8 @@
 import type { ServerResponse } from "node:http";
 import { constants } from "node:http2";
 import { type HttpRoutes, headersOf, type NodeRequest, type NodeResponse, send } from "../../lib/server.ts";
-import { bodyTooLarge } from "../errors.ts";
+import type { BodyBudget, BodyHold } from "../body-budget.ts";
+import { bodiesAtCapacity, bodyTooLarge } from "../errors.ts";
 import type { RestApp, RestRequest } from "./app.ts";
 
 /**
@@ -10,20 +11,23 @@ import type { RestApp, RestRequest } from "./app.ts";
  * client takes nothing for the server's idle limit is cut by the server, as an RPC's is, and one whose events are cut
  * off while a write waits is ended here, its connection closed (HTTP/1.1) or its stream reset (HTTP/2).
  */
-export function restRoutes(app: RestApp, options: { prefix?: string } = {}): HttpRoutes {
+export function restRoutes(app: RestApp, options: { prefix?: string; bodies?: BodyBudget } = {}): HttpRoutes {
   const prefix = options.prefix ?? "/v1/";
+  const bodies = options.bodies;
   return (req, res) => {
     const url = req.url ?? "/";
     if (!url.startsWith(prefix)) return false;
-    return serve(app, req, res, url).then(() => true);
+    return serve(app, req, res, url, bodies?.hold()).then(() => true);
   };
 }
 
-async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: string): Promise<void> {
+async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: string, hold?: BodyHold): Promise<void> {
   const gone = new AbortController();
   // Closed before it was ended: the client left. Not writableFinished, which Bun sets on an HTTP/2 stream the client
   // reset (RST_STREAM), whose stream then went on unread and unmetered, waiting for a drain that never comes.
+  // Answered or not, the request is done with its body.
   res.once("close", () => {
+    hold?.release();
     if (!res.writableEnded) gone.abort();
   });
   const query = url.indexOf("?");
@@ -32,7 +36,7 @@ async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: str
     path: query < 0 ? url : url.slice(0, query),
     query: query < 0 ? undefined : url.slice(query + 1),
     headers: headersOf(req.headers),
-    text: (limit) => readText(req, limit),
+    text: (limit) => readText(req, limit, hold),
     signal: gone.signal,
   };
   const response = await app.handle(request);
@@ -88,12 +92,19 @@ function drained(res: NodeResponse, cutOff: AbortSignal | undefined): Promise<bo
   });
 }
 
-/** The body as text, up to `limit` bytes; past it the rest is drained so the 413 can still be sent. */
-function readText(req: NodeRequest, limit: number): Promise<string> {
+/**
+ * The body as text, up to `limit` bytes, its bytes counted in `hold` from its declared length or as they arrive; past
+ * either bound the rest is drained so the 413 or 503 can still be sent.
+ */
+function readText(req: NodeRequest, limit: number, hold: BodyHold | undefined): Promise<string> {
   const declared = req.headers["content-length"];
   if (declared !== undefined && Number(declared) > limit) {
     req.resume();
     return Promise.reject(bodyTooLarge(limit));
+  }
+  if (declared !== undefined && hold && !hold.cover(Number(declared))) {
+    req.resume();
+    return Promise.reject(bodiesAtCapacity());
   }
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
@@ -106,6 +117,12 @@ function readText(req: NodeRequest, limit: number): Promise<string> {
         over = true;
         chunks.length = 0;
         reject(bodyTooLarge(limit));
+        return;
+      }
+      if (hold && !hold.cover(size)) {
+        over = true;
+        chunks.length = 0;
+        reject(bodiesAtCapacity());
         return;
       }
       chunks.push(chunk);

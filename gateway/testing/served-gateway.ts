@@ -7,6 +7,7 @@ import type { CorsPolicy } from "../../lib/cors.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { defaultReadMaxBytes, startServer } from "../../lib/server.ts";
 import { createKeyAuthorizer } from "../auth.ts";
+import { createBodyBudget } from "../body-budget.ts";
 import { parseGatewayConfig } from "../config.ts";
 import { createGatewayCore } from "../core.ts";
 import { createRestApp } from "../http/app.ts";
@@ -62,6 +63,8 @@ export async function startTestGateway(
     interceptors?: Interceptor[];
     gated?: boolean;
     tracer?: Tracer;
+    /** The bound on request-body bytes in flight, shared by both ports and the RPCs (none by default). */
+    maxInflightBodyBytes?: number;
   } = {},
 ) {
   const billing = createBillingFake({
@@ -87,6 +90,8 @@ export async function startTestGateway(
   const tracer = options.tracer ?? trace.getTracer("test");
   const maxBodyBytes = options.maxBodyBytes ?? 64 * 1024;
   const rest = createRestApp({ core, tracer, maxBodyBytes });
+  const bodies =
+    options.maxInflightBodyBytes === undefined ? undefined : createBodyBudget({ maxBytes: options.maxInflightBodyBytes });
   const fast = serveRest(rest, {
     port: 0,
     hostname: "127.0.0.1",
@@ -94,15 +99,16 @@ export async function startTestGateway(
     idleTimeoutSeconds: options.idleTimeoutSeconds,
     requestBodyTimeoutSeconds: options.requestBodyTimeoutSeconds,
     cors: options.cors,
+    bodies,
   });
   const server = await startServer({
     name: "gateway-test",
     port: 0,
     host: "127.0.0.1",
-    routes: gatewayRoutes(createGatewayService(core), defaultReadMaxBytes),
+    routes: gatewayRoutes(createGatewayService(core), defaultReadMaxBytes, bodies),
     interceptors: options.interceptors,
     requestGate: options.gated ? createGatewayRequestGate(core, maxBodyBytes) : undefined,
-    http: restRoutes(rest),
+    http: restRoutes(rest, { bodies }),
     log,
     cors: options.cors,
     registry: options.registry,
@@ -124,6 +130,7 @@ export async function startTestGateway(
     url: server.url,
     restUrl: fast.url,
     core,
+    bodies,
     billing,
     shipper,
     log,

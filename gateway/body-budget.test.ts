@@ -1,0 +1,179 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import net from "node:net";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import { Registry } from "prom-client";
+import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
+import { GatewayService } from "../gen/gateway/v1/gateway_pb.ts";
+import { createBodyBudget } from "./body-budget.ts";
+import { startTestGateway } from "./testing/served-gateway.ts";
+
+test("a hold grows to what its body reached, is refused past the bound taking nothing, and gives back once", async () => {
+  const registry = new Registry();
+  const budget = createBodyBudget({ maxBytes: 100, registry });
+  const a = budget.hold();
+  const b = budget.hold();
+  expect(a.cover(40)).toBe(true);
+  expect(a.cover(30)).toBe(true);
+  expect(budget.heldBytes).toBe(40);
+  expect(b.cover(61)).toBe(false);
+  expect(budget.heldBytes).toBe(40);
+  expect(b.cover(60)).toBe(true);
+  expect(a.cover(41)).toBe(false);
+  // A length that is not a number takes nothing.
+  expect(a.cover(Number("ten"))).toBe(true);
+  expect(budget.heldBytes).toBe(100);
+  a.release();
+  a.release();
+  expect(budget.heldBytes).toBe(60);
+  // A late chunk of a request that is over takes nothing.
+  expect(a.cover(90)).toBe(true);
+  expect(budget.heldBytes).toBe(60);
+  const text = await registry.metrics();
+  expect(text).toContain("gateway_inflight_body_bytes 60");
+  expect(text).toContain("gateway_inflight_body_limit_bytes 100");
+  expect(text).toContain("gateway_inflight_body_refusals_total 2");
+  b.release();
+  expect(budget.heldBytes).toBe(0);
+});
+
+describe("request bodies in flight are bounded together, on both REST ports and the RPCs", () => {
+  const bound = 100_000;
+  let gateway: Awaited<ReturnType<typeof startTestGateway>>;
+  beforeAll(async () => {
+    gateway = await startTestGateway(
+      [
+        "providers:",
+        "  - { name: fast, kind: mock, latency_ms: 0 }",
+        "  - { name: slow, kind: mock, latency_ms: 60000 }",
+        "models:",
+        "  - name: fast",
+        "    targets: [{ provider: fast, model: f }]",
+        '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+        "  - name: slow",
+        "    targets: [{ provider: slow, model: s }]",
+        '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
+      ].join("\n"),
+      { maxInflightBodyBytes: bound, gated: true },
+    );
+  });
+  afterAll(() => gateway.close());
+
+  const held = () => gateway.bodies?.heldBytes;
+  const until = async (done: () => boolean) => {
+    for (let i = 0; i < 250 && !done(); i++) await Bun.sleep(20);
+    expect(done()).toBe(true);
+  };
+  const chatBody = (model: string, chars: number) =>
+    JSON.stringify({ model, messages: [{ role: "user", content: "x".repeat(chars) }] });
+  const post = (url: string, body: string | ReadableStream, signal?: AbortSignal) =>
+    fetch(`${url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+      body,
+      signal,
+    });
+  /** The body in pieces, sent chunked with no length declared. */
+  const chunked = (body: string) => {
+    let at = 0;
+    return new ReadableStream<Uint8Array>({
+      pull(controller) {
+        if (at >= body.length) return controller.close();
+        controller.enqueue(new TextEncoder().encode(body.slice(at, (at += 8192))));
+      },
+    });
+  };
+  /** What comes back to a request that declares `length` bytes of body and sends ten: the answer, unless it waits. */
+  const declaredOnly = async (url: string, path: string, contentType: string, length: number) => {
+    const socket = net.connect(Number(new URL(url).port), "127.0.0.1");
+    socket.on("error", () => {});
+    let received = "";
+    socket.on("data", (d) => (received += d.toString()));
+    socket.write(
+      `POST ${path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\nContent-Type: ${contentType}\r\n` +
+        `Content-Length: ${length}\r\n\r\n{"model":"`,
+    );
+    for (let i = 0; i < 50 && !received.includes("\r\n\r\n"); i++) await Bun.sleep(20);
+    socket.destroy();
+    return received;
+  };
+  /** A request to the model that answers in a minute, holding its body's bytes until `leave` (the client going). */
+  const holder = async (url: string, chars: number) => {
+    const abort = new AbortController();
+    const body = chatBody("slow", chars);
+    const answered = post(url, body, abort.signal).catch(() => undefined);
+    await until(() => held() === body.length);
+    return { bytes: body.length, leave: () => abort.abort(), answered };
+  };
+  const expectOverloaded = async (res: Response) => {
+    expect(res.status).toBe(503);
+    expect(res.headers.get("retry-after")).toBe("1");
+    expect(await res.json()).toMatchObject({ error: { type: "api_error", code: "gateway_overloaded" } });
+    const row = await gateway.row(res.headers.get("x-request-id") ?? "");
+    expect(row).toMatchObject({ status: RequestStatus.UNAVAILABLE, httpStatus: 503, errorCode: "gateway_overloaded" });
+  };
+
+  for (const port of ["Bun's", "node:http's"]) {
+    test(`on ${port} port a body that would pass the bound gets a 503, declared or as it arrives; bytes come back`, async () => {
+      const url = port === "Bun's" ? gateway.restUrl : gateway.url;
+      const first = await holder(url, 60_000);
+      const big = chatBody("fast", 50_000);
+      await expectOverloaded(await post(url, big));
+      await expectOverloaded(await post(url, chunked(big)));
+      // Its declared length is refused before any more of it arrives.
+      expect(await declaredOnly(url, "/v1/chat/completions", "application/json", big.length)).toStartWith("HTTP/1.1 503");
+      // Refused, they took nothing; one that fits is served, and gives its bytes back.
+      expect(held()).toBe(first.bytes);
+      expect((await post(url, chunked(chatBody("fast", 30_000)))).status).toBe(200);
+      await until(() => held() === first.bytes);
+      // The client that leaves gives its bytes back too.
+      first.leave();
+      await first.answered;
+      await until(() => held() === 0);
+      expect((await post(url, big)).status).toBe(200);
+      await until(() => held() === 0);
+    }, 20_000);
+  }
+
+  test("an RPC whose message would pass the bound is Unavailable with retry info, over gRPC and Connect", async () => {
+    const first = await holder(gateway.restUrl, 60_000);
+    const params = { model: "fast", messages: [{ role: "user", content: "x".repeat(50_000) }] };
+    const clients = {
+      // gRPC declares no length: the message is counted as it arrives.
+      grpc: createClient(GatewayService, createGrpcTransport({ baseUrl: gateway.url })),
+      // A Connect unary call over HTTP/1.1 declares its length: refused before it is read.
+      connect: createClient(GatewayService, createConnectTransport({ baseUrl: gateway.url, httpVersion: "1.1" })),
+    };
+    for (const client of Object.values(clients)) {
+      let requestId = "";
+      const refused = await client
+        .createChatCompletion({ params }, { headers: { authorization: "Bearer sk-good" }, onHeader: (h) => (requestId = h.get("x-request-id") ?? "") })
+        .then(() => undefined, ConnectError.from);
+      expect(refused?.code).toBe(Code.Unavailable);
+      expect(refused?.metadata.get("retry-after")).toBe("1");
+      expect(refused?.metadata.get("x-error-code")).toBe("gateway_overloaded");
+      requestId ||= refused?.metadata.get("x-request-id") ?? "";
+      expect(await gateway.row(requestId)).toMatchObject({ status: RequestStatus.UNAVAILABLE, httpStatus: 503 });
+      expect(held()).toBe(first.bytes);
+    }
+    const path = "/gateway.v1.GatewayService/CreateChatCompletion";
+    expect(await declaredOnly(gateway.url, path, "application/json", 50_000)).toStartWith("HTTP/1.1 503");
+    first.leave();
+    await first.answered;
+    await until(() => held() === 0);
+    for (const client of Object.values(clients)) {
+      const res = await client.createChatCompletion({ params }, { headers: { authorization: "Bearer sk-good" } });
+      expect(res.choices).toHaveLength(1);
+      await until(() => held() === 0);
+      // A call its client gives up on gives its bytes back.
+      const abort = new AbortController();
+      const left = client
+        .createChatCompletion({ params: { ...params, model: "slow" } }, { headers: { authorization: "Bearer sk-good" }, signal: abort.signal })
+        .catch(() => undefined);
+      await until(() => (held() ?? 0) > 0);
+      abort.abort();
+      await left;
+      await until(() => held() === 0);
+    }
+  }, 30_000);
+});

@@ -1,0 +1,84 @@
+import { Counter, Gauge, type Registry } from "prom-client";
+
+/**
+ * A bound on the request-body bytes every request in flight holds at once, on all the gateway's ports: each body
+ * counts from its declared length (before it is read) or from its bytes as they arrive, until its request is done.
+ * GATEWAY_MAX_BODY_BYTES bounds one body; this bounds a burst of them, which would otherwise exhaust a replica's memory.
+ */
+export interface BodyBudget {
+  readonly maxBytes: number;
+  /** What the requests in flight hold now. */
+  readonly heldBytes: number;
+  /** One request's share, empty until its body is counted. */
+  hold(): BodyHold;
+}
+
+export interface BodyHold {
+  /**
+   * Grows the share to `bytes` (the body's declared length, or what has arrived of it); false, taking nothing more,
+   * when that would pass the bound. Once released, a late chunk of a request that is over takes nothing.
+   */
+  cover(bytes: number): boolean;
+  /** Gives the share back; again does nothing. */
+  release(): void;
+}
+
+export function createBodyBudget(options: { maxBytes: number; registry?: Registry }): BodyBudget {
+  const { maxBytes } = options;
+  let held = 0;
+  const refusals = options.registry
+    ? new Counter({
+        name: "gateway_inflight_body_refusals_total",
+        help: "Requests refused (503, Unavailable) because their body would pass gateway_inflight_body_limit_bytes.",
+        registers: [options.registry],
+      })
+    : undefined;
+  if (options.registry) {
+    new Gauge({
+      name: "gateway_inflight_body_bytes",
+      help: "Request-body bytes held by the requests in flight, counted against gateway_inflight_body_limit_bytes.",
+      registers: [options.registry],
+      collect() {
+        this.set(held);
+      },
+    });
+    new Gauge({
+      name: "gateway_inflight_body_limit_bytes",
+      help: "Bound of the request-body bytes all requests in flight may hold (GATEWAY_MAX_INFLIGHT_BODY_BYTES).",
+      registers: [options.registry],
+      collect() {
+        this.set(maxBytes);
+      },
+    });
+  }
+  const hold = (): BodyHold => {
+    let taken = 0;
+    let released = false;
+    return {
+      cover(bytes) {
+        // A length that is not a number (an HTTP/2 header says what it likes) takes nothing: the bytes count as they come.
+        if (released || !(bytes > taken)) return true;
+        if (held + bytes - taken > maxBytes) {
+          refusals?.inc();
+          return false;
+        }
+        held += bytes - taken;
+        taken = bytes;
+        return true;
+      },
+      release() {
+        if (released) return;
+        released = true;
+        held -= taken;
+        taken = 0;
+      },
+    };
+  };
+  return {
+    maxBytes,
+    get heldBytes() {
+      return held;
+    },
+    hold,
+  };
+}
