@@ -384,6 +384,19 @@ describe("routing", () => {
       .catch((e: unknown) => e);
     expect((refused as APIError).status).toBe(429);
     expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED });
+    // And so does a response.failed naming one (rate_limit_exceeded is among the codes of a response's error).
+    upstream.reset();
+    const failed = {
+      type: "response.failed",
+      response: { id: "resp_fake", object: "response", status: "failed", model: "primary", output: [], error: { code: "rate_limit_exceeded", message: "Slow down." } },
+    };
+    upstream.script("primary", { firstEvent: failed });
+    upstream.script("secondary", { firstEvent: failed });
+    const failedLimited = await sdk()
+      .responses.create({ model: "fallback", input: "hi", stream: true })
+      .catch((e: unknown) => e);
+    expect((failedLimited as APIError).status).toBe(429);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED });
   });
 
   test("an upstream error event mid-stream is metered and passed on as an error the SDK raises", async () => {

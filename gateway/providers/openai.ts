@@ -774,15 +774,16 @@ function eventData(event: EventSourceMessage, provider: string): unknown {
 const preliminaryEvents = new Set(["response.created", "response.in_progress", "response.queued"]);
 
 /**
- * A `response.failed` event as an attempt's failure: a refusal when its error names the request's fault, the
- * upstream's failure otherwise.
+ * A `response.failed` event as an attempt's failure: a refusal when its error names the request's fault, a 429 when it
+ * names a rate limit, the upstream's failure otherwise.
  */
 function failedResponse(provider: string, event: ResponseEvent, redact: (text: string) => string): UpstreamError {
   const error = (event.response as { error?: unknown } | undefined)?.error;
   const message = (error as { message?: unknown } | null)?.message;
   const words = redact(typeof message === "string" ? message : JSON.stringify(error ?? null));
   const said = `${provider}: the response failed: ${words}`;
-  const status = refusedStatus(error);
+  // A rate limit (rate_limit_exceeded, a code of a response's error) is a 429's, as in an error event.
+  const status = refusedStatus(error) ?? (rateLimited(error) ? 429 : undefined);
   if (status === undefined) return new UpstreamError("transient", said);
   const body = upstreamErrorBody(error, redact);
   return new UpstreamError(failureOfStatus(status, body), said, status, undefined, body);
