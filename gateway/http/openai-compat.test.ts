@@ -1897,6 +1897,33 @@ for (const port of ["rpc", "rest"] as const) {
         expect(served.model).toBe("tpm-fake");
       });
 
+      test("Groq's 413 for a prompt over its whole TPM limit falls back as OpenAI's 429 does; an upstream's other 413 does not", async () => {
+        const tooLarge = {
+          message:
+            "Request too large for model `llama-3.1-8b-instant` in organization `[redacted]` service tier `on_demand` on tokens per minute (TPM): Limit 6000, Requested 9000, please reduce your message size and try again.",
+          type: "tokens",
+          param: null,
+          code: "rate_limit_exceeded",
+        };
+        upstream.script("tpm", { status: 413, error: tooLarge });
+        for (let i = 0; i < 6; i++) {
+          const served = await sdk().chat.completions.create({ model: "tpm", messages: hello });
+          expect(served.model).toBe("tpm-fallback-fake");
+        }
+        expect(upstream.seen("tpm")).toHaveLength(6);
+        // No target takes it: the client gets the refusal with its status, metered as its own.
+        upstream.script("tpm-fallback", { status: 413, error: tooLarge });
+        const e = await apiError(sdk().chat.completions.create({ model: "tpm", messages: hello }));
+        expectShape(e, 413, "rate_limit_exceeded", "tokens");
+        expect(upstream.seen("tpm-fallback")).toHaveLength(7);
+        expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.INVALID_REQUEST, httpStatus: 413 });
+        // A body too large for the upstream itself is too large for every target: no fallback.
+        upstream.script("tpm", { status: 413, error: { message: "Request Entity Too Large", type: "invalid_request_error", code: null } });
+        const big = await apiError(sdk().chat.completions.create({ model: "tpm", messages: hello }));
+        expect(big.status).toBe(413);
+        expect(upstream.seen("tpm-fallback")).toHaveLength(7);
+      });
+
       test("an upstream out of quota is not retried but falls back; alone the client gets 502, not a 429 to retry", async () => {
         const quota = {
           status: 429,

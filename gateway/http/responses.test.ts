@@ -250,6 +250,48 @@ describe("routing", () => {
     expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.INVALID_REQUEST, errorCode: "context_length_exceeded" });
   });
 
+  test("Azure's content filter ending a stream before any output (a response.failed of no error, then its error event) is the client's refusal", async () => {
+    const response = { id: "resp_fake", object: "response", model: "primary", output: [], error: null };
+    const filtered = (error: Record<string, unknown>) => ({
+      contentType: "text/event-stream",
+      text: [
+        { type: "response.created", sequence_number: 0, response: { ...response, status: "in_progress" } },
+        { type: "response.failed", sequence_number: 1, response: { ...response, status: "failed" } },
+        { type: "error", sequence_number: 2, error },
+      ]
+        .map((event) => `event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`)
+        .join(""),
+    });
+    const message = "The response was filtered due to the prompt triggering Azure OpenAI's content management policy.";
+    for (const error of [
+      { type: "invalid_request_error", code: "content_policy_violation", message, param: null },
+      { code: "content_filter", message },
+    ]) {
+      upstream.reset();
+      upstream.script("primary", { body: filtered(error) });
+      upstream.script("secondary", { content: "never" });
+      const refused = await sdk()
+        .responses.create({ model: "fallback", input: "hi", stream: true })
+        .catch((e: unknown) => e);
+      expect(refused).toBeInstanceOf(APIError);
+      expect([(refused as APIError).status, (refused as APIError).code]).toEqual([400, error.code]);
+      expect((refused as APIError).message).toContain("content management policy");
+      expect(upstream.seen("primary")).toHaveLength(1);
+      expect(upstream.seen("secondary")).toHaveLength(0);
+      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.INVALID_REQUEST, errorCode: error.code });
+    }
+    // A response.failed of no error that nothing follows is still the upstream's failure: on to the next target.
+    upstream.reset();
+    upstream.script("primary", { body: { ...filtered({}), text: filtered({}).text.split("event: error")[0] as string } });
+    upstream.script("secondary", { content: "answered second" });
+    let text = "";
+    for await (const event of await sdk().responses.create({ model: "fallback", input: "hi", stream: true })) {
+      if (event.type === "response.output_text.delta") text += event.delta;
+    }
+    expect(text).toBe("answered second");
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ fallbackUsed: true, status: RequestStatus.OK });
+  });
+
   test("a whole response answered with status failed fails the attempt as a streamed one does, never a 200", async () => {
     const failed = (error: Record<string, unknown>) => ({
       contentType: "application/json",
@@ -341,6 +383,19 @@ describe("routing", () => {
       .responses.create({ model: "fallback", input: "hi", stream: true })
       .catch((e: unknown) => e);
     expect((refused as APIError).status).toBe(429);
+    expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED });
+    // And so does a response.failed naming one (rate_limit_exceeded is among the codes of a response's error).
+    upstream.reset();
+    const failed = {
+      type: "response.failed",
+      response: { id: "resp_fake", object: "response", status: "failed", model: "primary", output: [], error: { code: "rate_limit_exceeded", message: "Slow down." } },
+    };
+    upstream.script("primary", { firstEvent: failed });
+    upstream.script("secondary", { firstEvent: failed });
+    const failedLimited = await sdk()
+      .responses.create({ model: "fallback", input: "hi", stream: true })
+      .catch((e: unknown) => e);
+    expect((failedLimited as APIError).status).toBe(429);
     expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.RATE_LIMITED });
   });
 

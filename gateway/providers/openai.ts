@@ -774,15 +774,16 @@ function eventData(event: EventSourceMessage, provider: string): unknown {
 const preliminaryEvents = new Set(["response.created", "response.in_progress", "response.queued"]);
 
 /**
- * A `response.failed` event as an attempt's failure: a refusal when its error names the request's fault, the
- * upstream's failure otherwise.
+ * A `response.failed` event as an attempt's failure: a refusal when its error names the request's fault, a 429 when it
+ * names a rate limit, the upstream's failure otherwise.
  */
 function failedResponse(provider: string, event: ResponseEvent, redact: (text: string) => string): UpstreamError {
   const error = (event.response as { error?: unknown } | undefined)?.error;
   const message = (error as { message?: unknown } | null)?.message;
   const words = redact(typeof message === "string" ? message : JSON.stringify(error ?? null));
   const said = `${provider}: the response failed: ${words}`;
-  const status = refusedStatus(error);
+  // A rate limit (rate_limit_exceeded, a code of a response's error) is a 429's, as in an error event.
+  const status = refusedStatus(error) ?? (rateLimited(error) ? 429 : undefined);
   if (status === undefined) return new UpstreamError("transient", said);
   const body = upstreamErrorBody(error, redact);
   return new UpstreamError(failureOfStatus(status, body), said, status, undefined, body);
@@ -802,6 +803,10 @@ function relayResponse(
   maxEventBytes: number,
 ): ResponseEventStream {
   let terminal = false;
+  // Past the events a response opens with: output has begun.
+  let begun = false;
+  // A response.failed that says nothing of why, before any output, held for the error event that may follow it.
+  let unexplained: ResponseEvent | undefined;
   const events = upstreamEvents<ResponseEvent>(response, provider, options, redact, maxEventBytes, {
     item(event) {
       if (event.data === "[DONE]") return undefined;
@@ -813,6 +818,19 @@ function relayResponse(
       if (typeof fields.type !== "string") {
         throw new UpstreamError("transient", `${provider}: a stream event is not a response event`);
       }
+      if (unexplained) {
+        // Not the error it was waiting for: the failure stands as it came, and ends the stream.
+        terminal = true;
+        return unexplained;
+      }
+      // Azure ends a stream its content filter stopped with a response.failed of no error, then an error event naming
+      // the filter: that event, read next, says whether the request (its prompt) or the upstream was at fault.
+      const failedError = (fields.response as { error?: unknown } | undefined)?.error;
+      if (fields.type === "response.failed" && !begun && !upstreamErrorBody(failedError) && !refusedStatus(failedError)) {
+        unexplained = fields as ResponseEvent;
+        return undefined;
+      }
+      if (!preliminaryEvents.has(fields.type)) begun = true;
       if (terminalResponseEvents.has(fields.type)) terminal = true;
       if (fields.type === "response.failed") {
         // Passed on to the client: its error in the upstream's words, redacted as refusals are.
@@ -828,6 +846,10 @@ function relayResponse(
   });
   async function* checked(): ResponseEventStream {
     yield* events;
+    if (unexplained && !terminal) {
+      terminal = true;
+      yield unexplained;
+    }
     if (!terminal) {
       const cut = new UpstreamError("transient", `${provider}: the stream ended before it finished`);
       throw Object.assign(cut, { promptTaken: true });
@@ -857,6 +879,9 @@ const requestFaults = new Set([
   "unsupported_parameter",
   "unsupported_value",
   "invalid_prompt",
+  // Azure's content filter, and the code its streamed responses name it by.
+  "content_filter",
+  "content_policy_violation",
 ]);
 
 /**

@@ -169,10 +169,12 @@ export function failureOfStatus(status: number, error?: UpstreamErrorBody): Upst
 
 /**
  * OpenAI's 429 for a request larger than the tokens-per-minute limit itself ("Request too large for gpt-4o ... The
- * input or output tokens must be reduced"): no wait lets it through, so it is the request's fault, not a rate limit.
+ * input or output tokens must be reduced"), and Groq's 413 for the same ("Request too large for model ... on tokens per
+ * minute (TPM)", code rate_limit_exceeded): no wait lets it through, so it is the request's fault, not a rate limit.
  * The limit is the account's tier, though: another target (another account or provider) may take the request.
  */
 export function overRateLimit(status: number, error: UpstreamErrorBody | undefined): boolean {
+  if (status === 413) return error?.code === "rate_limit_exceeded";
   return status === 429 && /\brequest too large\b|\bmust be reduced\b/i.test(error?.message ?? "");
 }
 
