@@ -403,6 +403,34 @@ test("a rotated key carries on its period: it hits its budget and token limits a
   ]);
 });
 
+test("GetApiKey answers a key by id alone, revoked or not, as ListApiKeys lists it; admin token only", async () => {
+  const orgId = await newOrg();
+  await newOrg();
+  const created = await client.createApiKey({ orgId, name: "ci", limits: { monthlyTokens: 9n } }, admin);
+  const keyId = created.apiKey?.id as string;
+  const rotated = await client.rotateApiKey({ apiKeyId: keyId }, admin);
+  const listed = (await client.listApiKeys({ orgId, includeRevoked: true }, admin)).apiKeys;
+  expect(listed).toHaveLength(2);
+  for (const key of listed) expect((await client.getApiKey({ apiKeyId: key.id }, admin)).apiKey).toEqual(key);
+  const revoked = (await client.getApiKey({ apiKeyId: keyId }, admin)).apiKey;
+  expect(revoked).toMatchObject({ id: keyId, orgId, name: "ci", limits: { monthlyTokens: 9n } });
+  expect(revoked?.revokeTime).toBeDefined();
+  const successor = (await client.getApiKey({ apiKeyId: rotated.apiKey?.id as string }, admin)).apiKey;
+  expect(successor?.rotatedFromApiKeyId).toBe(keyId);
+  expect(successor?.revokeTime).toBeUndefined();
+
+  const unknown = client.getApiKey({ apiKeyId: "key_missing" }, admin);
+  expect(await code(unknown)).toBe(Code.NotFound);
+  expect(await unknown.catch((e: unknown) => String(e))).toContain("api key key_missing not found");
+  expect(await code(client.getApiKey({ apiKeyId: "" }, admin))).toBe(Code.InvalidArgument);
+  // Not a read an org's key may make, not even of itself.
+  expect(await code(client.getApiKey({ apiKeyId: rotated.apiKey?.id as string }, as(rotated.secret)))).toBe(
+    Code.PermissionDenied,
+  );
+  expect(await code(client.getApiKey({ apiKeyId: keyId }, as("not-the-admin-token")))).toBe(Code.PermissionDenied);
+  expect(await code(client.getApiKey({ apiKeyId: keyId }))).toBe(Code.Unauthenticated);
+});
+
 test("usage charges a token lease in tokens, up to the request's input + output, and never nano-USD and tokens at once", async () => {
   const orgId = await newOrg();
   const { apiKey } = await client.createApiKey({ orgId, limits: { monthlyTokens: 1_000n } }, admin);

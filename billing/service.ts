@@ -12,6 +12,7 @@ import {
   CreateProjectResponseSchema,
   DeleteDiscountRuleResponseSchema,
   GenerateInvoiceResponseSchema,
+  GetApiKeyResponseSchema,
   GetInvoiceResponseSchema,
   GetUsageSummaryResponseSchema,
   KeyRefusalSchema,
@@ -224,6 +225,12 @@ export function createBillingService({
         apiKeys: keys.items.map(apiKeyMessage),
         nextPageToken: page.nextPageToken(keys, (key) => key.id),
       });
+    },
+
+    async getApiKey(req, ctx) {
+      admin(ctx);
+      const key = await store.getApiKey(id(req.apiKeyId, "api_key_id"));
+      return create(GetApiKeyResponseSchema, { apiKey: apiKeyMessage(key) });
     },
 
     async revokeApiKey(req, ctx) {

@@ -22,6 +22,8 @@ let billingServer: RunningServer;
 let analyticsServer: RunningServer;
 let dir: string;
 const analyticsQueries: QueryUsageRequest[] = [];
+// The methods billing was called with, in order.
+const billingCalls: string[] = [];
 // Billing's own clock, which a test may set apart from this machine's.
 let billingNow = () => new Date();
 
@@ -35,6 +37,12 @@ beforeAll(async () => {
     host: "127.0.0.1",
     routes: app.routes,
     http: app.http,
+    interceptors: [
+      (next) => (req) => {
+        billingCalls.push(req.method.name);
+        return next(req);
+      },
+    ],
     log,
   });
   // Analytics answers QueryUsage with one fixed row; the real service is driven in test/e2e/meshctl.test.ts.
@@ -662,5 +670,31 @@ describe("listings longer than billing's largest page", () => {
     expect(await ok(`keys list --org ${orgId}`)).toContain("key_bulk01010");
     // The key looked up among its org's keys is on their second page.
     expect(await ok(`quota show key_bulk01010 --org ${orgId}`)).toContain("key_bulk01010");
+  }, 60_000);
+
+  test("quota show looks a key up by its id alone, in one call however many orgs there are", async () => {
+    const { rows } = await db.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM organizations");
+    expect(rows[0]?.n).toBeGreaterThan(1000);
+    const calls = async (args: string) => {
+      billingCalls.length = 0;
+      const run = await cli(args);
+      return { ...run, calls: [...billingCalls] };
+    };
+    const shown = await calls("quota show key_bulk01010");
+    expect(shown.out).toContain("key_bulk01010");
+    expect(shown.calls).toEqual(["GetApiKey", "GetUsageSummary"]);
+
+    // A rotated key's predecessors, one lookup each.
+    const orgId = "org_bulk00001";
+    const first = await json<{ apiKey: { id: string } }>(`keys create --org ${orgId}`);
+    const second = await json<{ apiKey: { id: string } }>(`keys rotate ${first.apiKey.id}`);
+    const rotated = await calls(`quota show ${second.apiKey.id}`);
+    expect(rotated.out).toEndWith(`including the keys it was rotated from: ${first.apiKey.id}\n`);
+    expect(rotated.calls).toEqual(["GetApiKey", "GetApiKey", "GetUsageSummary", "GetUsageSummary"]);
+
+    const unknown = await calls("quota show key_missing");
+    failsWith(unknown, 1, /^meshctl: no key key_missing\n$/);
+    expect(unknown.calls).toEqual(["GetApiKey"]);
+    failsWith(await cli(`quota show ${first.apiKey.id} --org org_bulk00002`), 1, /no key \S+ in org org_bulk00002\n$/);
   }, 60_000);
 });

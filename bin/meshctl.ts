@@ -367,14 +367,12 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "quota show": {
-        const { key, orgKeys } = await findKey(billing, arg("KEY_ID"), values.org);
+        const key = await findKey(billing, arg("KEY_ID"), values.org);
         // Limits count the usage of the keys this one was rotated from too; each record stays with its own key.
         const rotatedFrom: string[] = [];
         for (let k = key; k.rotatedFromApiKeyId;) {
-          const previous = orgKeys.find((o) => o.id === k.rotatedFromApiKeyId);
-          if (!previous) break;
-          rotatedFrom.push(previous.id);
-          k = previous;
+          k = await findKey(billing, k.rotatedFromApiKeyId, key.orgId);
+          rotatedFrom.push(k.id);
         }
         const summaries = await Promise.all(
           [key.id, ...rotatedFrom].map((apiKeyId) => billing.getUsageSummary({ orgId: key.orgId, apiKeyId })),
@@ -574,20 +572,23 @@ function allOrganizations(billing: Client<typeof BillingService>) {
   return allPages((page) => billing.listOrganizations(page), (r) => r.organizations);
 }
 
-/** A key by id, looked up in `orgId` or else in every org, with all the keys of its org (revoked ones too). */
+/** A key by id, revoked or not, in one lookup however many orgs there are; unknown when `orgId` is not its org. */
 async function findKey(
   billing: Client<typeof BillingService>,
   keyId: string,
   orgId: string | undefined,
-): Promise<{ key: ApiKey; orgKeys: ApiKey[] }> {
-  const orgIds = orgId ? [orgId] : (await allOrganizations(billing)).organizations.map((o) => o.id);
-  for (const id of orgIds) {
-    const ask = { orgId: id, includeRevoked: true };
-    const orgKeys = (await allPages((page) => billing.listApiKeys({ ...ask, ...page }), (r) => r.apiKeys)).apiKeys;
-    const key = orgKeys.find((k) => k.id === keyId);
-    if (key) return { key, orgKeys };
+): Promise<ApiKey> {
+  const key = await billing.getApiKey({ apiKeyId: keyId }).then(
+    (res) => res.apiKey,
+    (e: unknown) => {
+      if (ConnectError.from(e).code === Code.NotFound) return undefined;
+      throw e;
+    },
+  );
+  if (!key || (orgId && key.orgId !== orgId)) {
+    throw new ServiceError(`no key ${keyId}${orgId ? ` in org ${orgId}` : ""}`);
   }
-  throw new ServiceError(`no key ${keyId}${orgId ? ` in org ${orgId}` : ""}`);
+  return key;
 }
 
 /**

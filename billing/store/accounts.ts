@@ -344,6 +344,13 @@ export function createAccountStore(db: Db) {
       return pageOf(rows.map(toApiKey), page);
     },
 
+    /** A key by id, revoked or not, whatever its org. */
+    async getApiKey(apiKeyId: string): Promise<ApiKey> {
+      const rows = await db.query<KeyRow>(`SELECT ${keyColumns} FROM api_keys WHERE id = $1`, [apiKeyId]);
+      if (!rows[0]) throw new BillingError("not_found", `api key ${apiKeyId} not found`);
+      return toApiKey(rows[0]);
+    },
+
     /** Revokes a key (a no-op when it already is) and announces it to watchers at commit. */
     async revokeApiKey(apiKeyId: string): Promise<ApiKey> {
       const rows = await db.query<KeyRow>(
