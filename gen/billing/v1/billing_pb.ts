@@ -2334,10 +2334,10 @@ export const InvoiceStatusSchema: GenEnum<InvoiceStatus> = /*@__PURE__*/
  * (`authorization: Bearer sk-...`) may read that org's usage and invoices and nothing else.
  * Gateways and analytics call with the admin (service) token.
  *
- * Methods that create, change or delete something (all but the List*, Get*, AuthorizeKey and WatchKeyChanges reads)
- * refuse, in JSON, a field or enum name their message does not define: INVALID_ARGUMENT naming it, rather than a typo
- * skipped (a misspelt limit in UpdateApiKeyLimits without a mask would remove all of the key's limits). Binary
- * messages' unknown fields are skipped on every method, as a newer client's are.
+ * In JSON every method refuses a field or enum name its message does not define: INVALID_ARGUMENT naming it, rather
+ * than a typo skipped (a misspelt limit in UpdateApiKeyLimits without a mask would remove all of the key's limits, a
+ * misspelt filter would list everything). Binary messages' unknown fields are skipped on every method, as a newer
+ * client's are.
  *
  * The List* methods answer a page at a time, in an order that stays put while rows are added between pages (an
  * org's usage records newest first; orgs, projects and keys oldest first; discount rules highest priority first;
