@@ -93,8 +93,11 @@ interface Chunk {
 }
 
 export interface Ingest {
-  /** Handles one IngestMetrics stream: its batches join the shared buffer; yields their acks in order. */
-  handle(batches: AsyncIterable<IngestMetricsRequest>): AsyncIterable<Ack>;
+  /**
+   * Handles one IngestMetrics stream: its batches join the shared buffer; yields their acks in order. Once `ending`
+   * is aborted (its connection is going away) no more of its batches are read, and it ends once those read are acked.
+   */
+  handle(batches: AsyncIterable<IngestMetricsRequest>, ending?: AbortSignal): AsyncIterable<Ack>;
 }
 
 /**
@@ -328,13 +331,14 @@ export function createIngest(deps: IngestDeps): Ingest {
   }
 
   /** Reads one stream into the buffer while there is room, until it ends, fails or the process stops. */
-  const read = async (batches: AsyncIterable<IngestMetricsRequest>, stream: StreamState) => {
+  const read = async (batches: AsyncIterable<IngestMetricsRequest>, stream: StreamState, ending?: AbortSignal) => {
     const pending = batches[Symbol.asyncIterator]();
+    const stop = ending && stopping ? AbortSignal.any([stopping, ending]) : (ending ?? stopping);
     try {
       for (;;) {
         await waitForRoom();
         if (stream.failure) return;
-        const next = await nextUnlessStopped(pending, stopping);
+        const next = await nextUnlessStopped(pending, stop);
         if (!next || next.done || stream.failure) return;
         const batch = next.value;
         try {
@@ -395,10 +399,10 @@ export function createIngest(deps: IngestDeps): Ingest {
   );
 
   return {
-    async *handle(batches) {
+    async *handle(batches, ending) {
       const stream: StreamState = { acks: [], unacked: 0, readerDone: false, failure: undefined, wake: undefined };
       instruments.streams.inc();
-      void read(batches, stream);
+      void read(batches, stream, ending);
       try {
         for (;;) {
           const ack = stream.acks.shift();

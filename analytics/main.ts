@@ -158,6 +158,8 @@ const server = await listenOrExit(log, "ANALYTICS_PORT", cfg.ANALYTICS_PORT, () 
     registry: runtime.metrics.registry,
     log,
     cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
+    connectionMaxAgeMs: cfg.CONNECTION_MAX_AGE_MS,
+    connectionMaxAgeGraceMs: cfg.CONNECTION_MAX_AGE_GRACE_MS,
   }),
 );
 

@@ -6,6 +6,7 @@ import type { Registry } from "prom-client";
 import { type AnalyticsService, type TimeRange, UsageGroupBy } from "../gen/analytics/v1/analytics_pb.ts";
 import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
+import { connectionEndingKey } from "../lib/health.ts";
 import type { Logger } from "../lib/log.ts";
 import { createAnalyticsAuth } from "./auth.ts";
 import { createIngest, type IngestOptions } from "./ingest.ts";
@@ -87,7 +88,7 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
   return {
     async *ingestMetrics(batches, ctx) {
       auth.requireAdmin(ctx.requestHeader);
-      yield* ingest.handle(batches);
+      yield* ingest.handle(batches, ctx.values.get(connectionEndingKey));
     },
 
     async queryUsage(req, ctx) {

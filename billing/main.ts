@@ -97,6 +97,8 @@ const server = await listenOrExit(
       log,
       cors: createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS),
       readiness,
+      connectionMaxAgeMs: cfg.CONNECTION_MAX_AGE_MS,
+      connectionMaxAgeGraceMs: cfg.CONNECTION_MAX_AGE_GRACE_MS,
     }),
   // The embedded server would outlive this process, holding its data directory.
   async () => {

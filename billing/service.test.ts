@@ -1357,6 +1357,26 @@ test("WatchKeyChanges streams end as soon as the service is told to stop", async
   }
 }, 60_000);
 
+test("a WatchKeyChanges stream ends, without an error, once its connection is past its age", async () => {
+  const server = await startServer({
+    name: "billing",
+    port: 0,
+    host: "127.0.0.1",
+    routes: app.routes,
+    log,
+    connectionMaxAgeMs: 300,
+  });
+  try {
+    const grpc = createServiceClient(BillingService, { baseUrl: server.url, bearerToken: adminToken });
+    let messages = 0;
+    // The gateway opens it again on a new connection, which its Service may send to another replica.
+    for await (const _ of grpc.watchKeyChanges({}, { timeoutMs: 0 })) messages++;
+    expect(messages).toBeGreaterThan(0);
+  } finally {
+    await server.close(0);
+  }
+}, 60_000);
+
 test("two gateways leasing concurrently over a real server never get more than the budget", async () => {
   const budget = 1_000_000n;
   const orgId = await newOrg({ monthlyBudgetNanos: budget });

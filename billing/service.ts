@@ -33,6 +33,7 @@ import {
   UpdateInvoiceStatusResponseSchema,
   WatchKeyChangesResponseSchema,
 } from "../gen/billing/v1/billing_pb.ts";
+import { connectionEndingKey } from "../lib/health.ts";
 import type { Logger, OutageLog } from "../lib/log.ts";
 import type { BillingAuth } from "./auth.ts";
 import {
@@ -285,7 +286,9 @@ export function createBillingService({
 
     async *watchKeyChanges(_req, ctx) {
       admin(ctx);
-      const signal = stopSignal ? AbortSignal.any([ctx.signal, stopSignal]) : ctx.signal;
+      // It also ends as its connection goes away past its age: the gateway watches again on a new one.
+      const ending = ctx.values.get(connectionEndingKey);
+      const signal = AbortSignal.any(stopSignal ? [ctx.signal, stopSignal, ending] : [ctx.signal, ending]);
       // null: the watch is live (sent once billing listens, so the gateway can trust the stream from then on), or a
       // heartbeat: a gateway hearing nothing knows this stream, or this replica, has stopped, and stops trusting it.
       for await (const change of withHeartbeats(store.watchKeyChanges(signal), heartbeatMs)) {

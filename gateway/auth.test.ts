@@ -3,6 +3,9 @@ import { Code, ConnectError, createClient, createRouterTransport } from "@connec
 import { Registry } from "prom-client";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
+import { connectionEndingKey, connectionKey } from "../lib/health.ts";
+import { createServiceClient } from "../lib/rpc-client.ts";
+import { startServer } from "../lib/server.ts";
 import { createKeyAuthorizer, type KeyAuthorizerOptions, watchKeyChanges } from "./auth.ts";
 import { GatewayError } from "./errors.ts";
 import { createBillingFake, createTestLogger } from "./testing.ts";
@@ -455,6 +458,53 @@ describe("watching key changes", () => {
 
     await watch.stop();
     expect(watch.healthy()).toBe(false);
+  });
+
+  test("over a server whose connections age out, the stream is opened again at once on each new one, missing nothing", async () => {
+    const connections: object[] = [];
+    let change: ((secretHash: string) => void) | undefined;
+    const server = await startServer({
+      name: "billing",
+      port: 0,
+      host: "127.0.0.1",
+      log: createTestLogger(),
+      connectionMaxAgeMs: 300,
+      routes: (router) =>
+        router.service(BillingService, {
+          async *watchKeyChanges(_req, ctx) {
+            connections.push(ctx.values.get(connectionKey) ?? {});
+            const ending = ctx.values.get(connectionEndingKey);
+            const changes: string[] = [];
+            change = (secretHash) => void changes.push(secretHash);
+            // Heartbeats, and any change, until the connection goes past its age.
+            while (!ending.aborted && !ctx.signal.aborted) {
+              const pending = changes.splice(0);
+              for (const secretHash of pending.length > 0 ? pending : [""]) yield { secretHash };
+              await Bun.sleep(20);
+            }
+          },
+        }),
+    });
+    const log = createTestLogger();
+    const { keys, forgotten } = recorder();
+    // A backoff no test waits out: each stream billing ends is opened again without one.
+    const watch = watchKeyChanges({
+      billing: createServiceClient(BillingService, { baseUrl: server.url }),
+      keys,
+      silenceMs: 100,
+      backoffMs: 60_000,
+      log,
+    });
+    try {
+      await until(() => connections.length >= 3 && watch.healthy());
+      expect(new Set(connections).size).toBe(connections.length);
+      change?.("abc");
+      await until(() => forgotten.includes("abc"));
+      expect(log.lines.filter((line) => /"level":"(warn|error)"/.test(line))).toEqual([]);
+    } finally {
+      await watch.stop();
+      await server.close(0);
+    }
   });
 
   test("a stream silent past silenceMs (a hung billing replica) is no longer trusted, and is reopened", async () => {

@@ -384,12 +384,15 @@ export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch 
     keys.setWatching(value);
   };
 
-  const once = async (): Promise<boolean> => {
+  /** Whether the stream delivered, and whether it then ended without an error after a silence's length. */
+  const once = async (): Promise<{ delivered: boolean; ended: boolean }> => {
     const call = new AbortController();
     const onStop = () => call.abort();
     stopping.signal.addEventListener("abort", onStop);
     // Trusted from billing's first message, not before: it comes once billing listens, so nothing after is missed.
     const silence = watchSilence(silenceMs, () => call.abort());
+    let ended = false;
+    const openedAt = performance.now();
     try {
       // No deadline: the stream is meant to stay open for the life of the process.
       for await (const change of billing.watchKeyChanges({}, { signal: call.signal, timeoutMs: 0 })) {
@@ -399,7 +402,10 @@ export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch 
         if (change.orgId) keys.forgetOrg(change.orgId);
         if (change.revoked && change.apiKeyId) options.onRevoked?.(change.apiKeyId);
       }
-      if (!stopping.signal.aborted) log?.warn("key change stream ended; watching again");
+      // Billing ends it as it stops, or as its connection goes past its age: watched again at once, unless it ended
+      // soon (a billing stopping ends each new stream it is sent).
+      ended = performance.now() - openedAt >= silenceMs;
+      if (!stopping.signal.aborted) log?.info("key change stream ended by billing; watching again");
     } catch (e) {
       if (silence.expired) log?.warn(`key change stream silent for ${silenceMs} ms; key cache uses its short TTL until it is back`);
       else if (!stopping.signal.aborted) {
@@ -410,17 +416,18 @@ export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch 
       silence.stop();
       stopping.signal.removeEventListener("abort", onStop);
     }
-    const wasHealthy = healthy;
+    const delivered = healthy;
     setHealthy(false);
-    return wasHealthy;
+    return { delivered, ended };
   };
 
   const running = (async () => {
     let backoff = baseBackoffMs;
     while (!stopping.signal.aborted) {
-      const delivered = await once();
+      const { delivered, ended } = await once();
       if (stopping.signal.aborted) break;
       if (delivered) backoff = baseBackoffMs;
+      if (delivered && ended) continue;
       const wait = backoff * (0.5 + random() / 2);
       backoff = Math.min(maxBackoffMs, backoff * 2);
       await new Promise<void>((resolve) => {

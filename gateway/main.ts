@@ -8,7 +8,7 @@ import { ConfigError, commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
-import { defaultReadMaxBytes, startServer } from "../lib/server.ts";
+import { defaultConnectionMaxAgeGraceMs, defaultReadMaxBytes, startServer } from "../lib/server.ts";
 import { createKeyAuthorizer, watchKeyChanges } from "./auth.ts";
 import { createBodyBudget } from "./body-budget.ts";
 import { createBudgetKeeper } from "./budget.ts";
@@ -303,6 +303,10 @@ const server = await listenOrExit(log, "GATEWAY_PORT", cfg.GATEWAY_PORT, () =>
     log,
     readMaxBytes: cfg.GATEWAY_MAX_BODY_BYTES,
     cors,
+    connectionMaxAgeMs: cfg.CONNECTION_MAX_AGE_MS,
+    // A request (a streamed completion) may run for as long as its time limit, past the connection's age.
+    connectionMaxAgeGraceMs:
+      cfg.CONNECTION_MAX_AGE_GRACE_MS ?? Math.max(defaultConnectionMaxAgeGraceMs, longestRequestMs),
   }),
   // Releases the spool's LOCK, which the next start (the next container of a pod) would otherwise wait out.
   () => signals.undoStart(),

@@ -305,13 +305,14 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   };
 
   /**
-   * One stream's life; true when it was up: acked something, or lasted settleMs with nothing to send. A stream that
-   * takes batches and never acks them (analytics up, billing down) was not up, so the backoff keeps growing.
+   * One stream's life; `up` when it acked something, or lasted settleMs with nothing to send. A stream that takes
+   * batches and never acks them (analytics up, billing down) was not up, so the backoff keeps growing. `ended` when
+   * analytics ended it without an error, having acked what it read (its connection past its age, say).
    */
   // Loud once per outage, quiet while retrying; its end is an ack, or a stream that stays up with nothing to send.
   const outage = createOutageLog(log, { failed: "analytics ingest stream lost", recovered: "analytics ingest stream is up again" });
 
-  const runStream = async (): Promise<boolean> => {
+  const runStream = async (): Promise<{ up: boolean; ended: boolean }> => {
     const s: Stream = {
       outbox: createOutbox<IngestMetricsRequest>(),
       abort: new AbortController(),
@@ -324,6 +325,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     pump();
     let acked = false;
     let settled = false;
+    let ended = false;
     const settle = setTimeout(() => {
       connected = true;
       settled = true;
@@ -349,6 +351,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
         onAck(s, res.ackedSequence);
       }
       lastError = "stream ended by analytics";
+      ended = true;
     } catch (e) {
       lastError = s.abort.signal.aborted && !closed ? "no ack in time" : ConnectError.from(e).message;
     } finally {
@@ -358,15 +361,22 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       stream = undefined;
       connected = false;
     }
-    return acked || (settled && s.lastSent === -1n);
+    return { up: acked || (settled && s.lastSent === -1n), ended };
   };
 
   const run = async () => {
     let failures = 0;
     while (!closed) {
-      if (await runStream()) failures = 0;
+      const { up, ended } = await runStream();
+      if (up) failures = 0;
       if (closed) break;
       instruments?.reconnects.inc();
+      // Ended by analytics once it had acked what it read: opened again at once, on a new connection; unacked batches
+      // (sent as it stopped reading) go again. Should that fail, it is an outage.
+      if (up && ended) {
+        log.debug("analytics ended the ingest stream; opening it again");
+        continue;
+      }
       outage.failed({ err: lastError, spooled_rows: spool.rows });
       const ceiling = Math.min(backoffMaxMs, backoffBaseMs * 2 ** Math.min(failures++, 20));
       await new Promise<void>((resolve) => {

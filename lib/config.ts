@@ -215,6 +215,15 @@ export const commonEnv = {
    */
   SHUTDOWN_DRAIN_MS: int(0, 120_000).default(0),
   /**
+   * How long a connection to the service's port takes new calls (each connection's age within ±10% of it) before it is
+   * sent GOAWAY, so clients that keep one connection to a Service spread their calls over its replicas; 0 for ever.
+   */
+  CONNECTION_MAX_AGE_MS: int(0, 86_400_000)
+    .refine((ms) => ms === 0 || ms >= 1000, "must be 0 (never) or at least 1000")
+    .default(300_000),
+  /** How long calls in flight on a connection past its age may take before they are cut (10 minutes unless set). */
+  CONNECTION_MAX_AGE_GRACE_MS: int(0, 86_400_000).optional(),
+  /**
    * Browser origins that may call the service's APIs. Any by default, as OpenAI's API allows: every API takes a bearer
    * token, never a cookie, so a page can only use a token it already holds.
    */

@@ -55,6 +55,12 @@ export function createReadinessPoller(check: () => Promise<Readiness>, intervalM
 /** The connection (HTTP/1.1 socket or HTTP/2 session) an RPC came in on, set by the server for per-connection caps. */
 export const connectionKey = createContextKey<object | undefined>(undefined);
 
+/**
+ * Aborted once the connection an RPC came in on is past its age (ServerOptions.connectionMaxAgeMs) and going away: a
+ * stream that would never end by itself ends then, so its client opens it again on a new connection.
+ */
+export const connectionEndingKey = createContextKey<AbortSignal>(new AbortController().signal);
+
 /** A health or reflection request is a name or two: nothing an unauthenticated caller needs megabytes for. */
 export const probeReadMaxBytes = 64 * 1024;
 
@@ -127,8 +133,10 @@ export function registerHealth(router: ConnectRouter, options: HealthOptions): v
           latest = state;
           wake?.();
         });
+        // Its connection going away past its age ends it too: the client watches again on a new one.
+        const ending = AbortSignal.any([options.stopSignal, ctx.values.get(connectionEndingKey)]);
         ctx.signal.addEventListener("abort", stop);
-        options.stopSignal.addEventListener("abort", stop);
+        ending.addEventListener("abort", stop);
         try {
           latest ??= await options.readiness.current();
           let last: Status | undefined;
@@ -136,19 +144,19 @@ export function registerHealth(router: ConnectRouter, options: HealthOptions): v
             const current = statusOf(req.service, latest);
             if (current !== last) yield { status: current };
             last = current;
-            if (options.stopSignal.aborted) return;
+            if (ending.aborted) return;
             const seen = latest;
             await new Promise<void>((resolve) => {
               wake = resolve;
               // A result that came while the last status was being sent is not waited past.
-              if (latest !== seen || ctx.signal.aborted || options.stopSignal.aborted) resolve();
+              if (latest !== seen || ctx.signal.aborted || ending.aborted) resolve();
             });
             wake = undefined;
           }
         } finally {
           unsubscribe();
           ctx.signal.removeEventListener("abort", stop);
-          options.stopSignal.removeEventListener("abort", stop);
+          ending.removeEventListener("abort", stop);
           release();
         }
       },

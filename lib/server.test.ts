@@ -5,19 +5,21 @@ import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/conn
 import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService, ListOrganizationsResponseSchema, OrganizationSchema } from "../gen/billing/v1/billing_pb.ts";
 import {
+  Health,
   HealthCheckRequestSchema,
   HealthCheckResponseSchema,
   HealthCheckResponse_ServingStatus as Status,
 } from "../gen/grpc/health/v1/health_pb.ts";
 import { bearerToken } from "./auth.ts";
 import { decodeBase64 } from "./grpc-web-text.ts";
+import { connectionEndingKey, connectionKey } from "./health.ts";
 import { createCorsPolicy } from "./cors.ts";
 import { createLogger } from "./log.ts";
 import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
 import { createServiceClient } from "./rpc-client.ts";
 import { maxStreamsPerConnection, type RunningServer, startServer } from "./server.ts";
-import { drainSeenKeptAlive, sendRegardless } from "./testing.ts";
+import { drainSeenKeptAlive, keptAliveConnection, sendRegardless } from "./testing.ts";
 
 const metrics = createMetrics("test");
 const quietLog = createLogger({ service: "test", write: () => {} });
@@ -890,6 +892,95 @@ describe("JSON messages that are not UTF-8", () => {
       const utf8 = await post("application/json", Buffer.from('{"name":"Soci\u00e9t\u00e9"}'));
       expect(utf8.status).toBe(200);
       expect(names).toEqual(["Soci\u00e9t\u00e9"]);
+    } finally {
+      await server.close(0);
+    }
+  });
+});
+
+describe("connections past their age", () => {
+  /** A server whose AuthorizeKey says which connection it came in on, and waits for it to age out if asked. */
+  const startAging = (options: { maxAgeMs: number; graceMs?: number }) => {
+    const connections: object[] = [];
+    const server = startOwn({
+      name: "aging",
+      connectionMaxAgeMs: options.maxAgeMs,
+      connectionMaxAgeGraceMs: options.graceMs,
+      routes: (router) =>
+        router.service(BillingService, {
+          async authorizeKey(req, ctx) {
+            const connection = ctx.values.get(connectionKey) ?? {};
+            if (!connections.includes(connection)) connections.push(connection);
+            const ending = ctx.values.get(connectionEndingKey);
+            if (req.secret === "until-aged") await new Promise((resolve) => ending.addEventListener("abort", resolve));
+            // Still running once its connection has been sent GOAWAY.
+            if (req.secret === "until-aged") await Bun.sleep(50);
+            if (req.secret === "forever") await new Promise(() => {});
+            return { organization: { id: String(connections.indexOf(connection)) } };
+          },
+          async *watchKeyChanges(_req, ctx) {
+            yield {};
+            const ending = ctx.values.get(connectionEndingKey);
+            await new Promise((resolve) => ending.addEventListener("abort", resolve));
+          },
+        }),
+    });
+    return { server, connections };
+  };
+
+  test("over HTTP/2 are sent GOAWAY: a call in flight finishes, the next goes on a new connection", async () => {
+    const aging = startAging({ maxAgeMs: 200 });
+    const server = await aging.server;
+    try {
+      const billing = createServiceClient(BillingService, { baseUrl: server.url, timeoutMs: 10_000 });
+      expect((await billing.authorizeKey({})).organization?.id).toBe("0");
+      // Answered on its connection after the GOAWAY went out.
+      expect((await billing.authorizeKey({ secret: "until-aged" })).organization?.id).toBe("0");
+      expect((await billing.authorizeKey({})).organization?.id).toBe("1");
+      // An endless stream is ended on its connection's age, cleanly: its client opens it again.
+      let messages = 0;
+      for await (const _ of billing.watchKeyChanges({}, { timeoutMs: 0 })) messages++;
+      expect(messages).toBe(1);
+      // So is a Health/Watch stream.
+      const health = createServiceClient(Health, { baseUrl: server.url });
+      const statuses: Status[] = [];
+      for await (const res of health.watch({}, { timeoutMs: 0 })) statuses.push(res.status);
+      expect(statuses).toEqual([Status.SERVING]);
+      expect(aging.connections.length).toBeGreaterThanOrEqual(2);
+    } finally {
+      await server.close(0);
+    }
+  });
+
+  test("over HTTP/2 a call still running at the end of the grace is cut with its connection; new calls are served", async () => {
+    const aging = startAging({ maxAgeMs: 100, graceMs: 100 });
+    const server = await aging.server;
+    try {
+      const billing = createServiceClient(BillingService, { baseUrl: server.url, timeoutMs: 10_000 });
+      const outcome = await billing.authorizeKey({ secret: "forever" }).then(
+        () => "answered",
+        (e: unknown) => Code[ConnectError.from(e).code],
+      );
+      expect(outcome).toBe("Unavailable");
+      expect((await billing.authorizeKey({})).organization?.id).toBe("1");
+    } finally {
+      await server.close(0);
+    }
+  });
+
+  test("over HTTP/1.1 a kept-alive connection past its age is closed after its next answer", async () => {
+    const server = await startOwn({ name: "aging-h1", connectionMaxAgeMs: 100, routes: () => {} });
+    try {
+      const connection = keptAliveConnection(server.url);
+      const first = await connection.get("/healthz");
+      expect(first).not.toMatch(/^connection: close/im);
+      let answer = first;
+      while (!/^connection: close/im.test(answer)) {
+        await Bun.sleep(20);
+        answer = await connection.get("/healthz");
+        expect(answer).toStartWith("HTTP/1.1 200");
+      }
+      await connection.closed;
     } finally {
       await server.close(0);
     }

@@ -6,6 +6,7 @@ import {
   type ConnectRouter,
   ConnectError,
   type ContextValues,
+  createContextKey,
   createContextValues,
   type Interceptor,
 } from "@connectrpc/connect";
@@ -17,7 +18,7 @@ import type { CorsPolicy } from "./cors.ts";
 import { gatedInterceptors, type RequestGate, routerWithGates } from "./gates.ts";
 import { sendGrpcMessageAsSpecified } from "./grpc-message.ts";
 import { isGrpcWebText, transcodeGrpcWebText } from "./grpc-web-text.ts";
-import { connectionKey, createReadinessPoller, registerHealth } from "./health.ts";
+import { connectionEndingKey, connectionKey, createReadinessPoller, registerHealth } from "./health.ts";
 import type { Logger } from "./log.ts";
 import { registerReflection } from "./reflection.ts";
 
@@ -91,7 +92,28 @@ export interface ServerOptions {
   connectionIdleTimeoutMs?: number;
   /** Which browser origins may call, answered on every route but /healthz, /readyz, /metrics, health and reflection. */
   cors?: CorsPolicy;
+  /**
+   * How long a connection takes new calls (defaultConnectionMaxAgeMs; 0 for as long as it lasts), each connection's
+   * age drawn within ±10% of it so that a client's connections do not all end at once. Past it an HTTP/2 connection
+   * is sent GOAWAY, so its client makes its next calls on a new connection, which a Kubernetes Service may send to
+   * another replica (clients keep one connection to a Service for as long as it lasts, and a replica added later would
+   * get none of their calls); streams that never end by themselves are told by connectionEndingKey and end, to be
+   * opened again. An HTTP/1.1 connection past its age answers its next request with `Connection: close`.
+   */
+  connectionMaxAgeMs?: number;
+  /**
+   * How long the calls in flight on an HTTP/2 connection past its age may take to finish
+   * (defaultConnectionMaxAgeGraceMs); those still running then are answered Unavailable and the connection closes.
+   */
+  connectionMaxAgeGraceMs?: number;
 }
+
+/** A connection's age by default: a replica added to a Service gets its share of calls within about this. */
+export const defaultConnectionMaxAgeMs = 5 * 60_000;
+/** What a connection past its age gives its calls in flight by default, more than any unary call takes. */
+export const defaultConnectionMaxAgeGraceMs = 10 * 60_000;
+/** Each connection's age is the configured one give or take this share, drawn at random. */
+const connectionAgeJitter = 0.1;
 
 export interface RunningServer {
   port: number;
@@ -126,7 +148,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   const readiness = createReadinessPoller(options.readiness ?? alwaysReady);
   // Paths whose request is a stream of messages: its body lasts as long as the call.
   const streamingRequests = new Set<string>();
-  const intercepted = gatedInterceptors([...(options.interceptors ?? []), failedAsClientLeft]);
+  const intercepted = gatedInterceptors([...(options.interceptors ?? []), failedAsClientLeft, endedWithConnection]);
   const rpc = connectNodeAdapter({
     routes: (router) => {
       options.routes(routerWithGates(router, intercepted.gate));
@@ -146,10 +168,14 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     interceptors: [intercepted.interceptor],
     // Every call has a gate, if only this one: a call refused before its handler runs is answered as it should be.
     requestGate: intercepted.gate(options.requestGate ?? (() => {})),
-    contextValues: (req) =>
-      (options.contextValues?.(req) ?? createContextValues())
-        .set(connectionKey, req.httpVersionMajor === 2 ? (req as http2.Http2ServerRequest).stream.session : req.socket)
-        .set(peerAddressKey, peerAddress(req)),
+    contextValues: (req) => {
+      const connection = req.httpVersionMajor === 2 ? (req as http2.Http2ServerRequest).stream.session : req.socket;
+      return (options.contextValues?.(req) ?? createContextValues())
+        .set(connectionKey, connection)
+        .set(connectionEndingKey, connection ? ending(connection).signal : new AbortController().signal)
+        .set(connectionCutKey, connection ? cutting(connection).signal : new AbortController().signal)
+        .set(peerAddressKey, peerAddress(req));
+    },
     shutdownSignal: shutdown.signal,
     readMaxBytes: options.readMaxBytes ?? defaultReadMaxBytes,
     // Fields a message does not define are skipped, not kept: each would be an object of its own.
@@ -179,6 +205,25 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     clearTimeout(idle.get(connection));
     idle.delete(connection);
   };
+  // Connections (sockets, HTTP/2 sessions) and what is aborted once each is past its age.
+  const maxAgeMs = options.connectionMaxAgeMs ?? defaultConnectionMaxAgeMs;
+  const ageGraceMs = options.connectionMaxAgeGraceMs ?? defaultConnectionMaxAgeGraceMs;
+  const endings = new WeakMap<object, AbortController>();
+  const ending = (connection: object) => controllerOf(endings, connection);
+  // And what is aborted once its grace is over, failing the calls still on it.
+  const cuts = new WeakMap<object, AbortController>();
+  const cutting = (connection: object) => controllerOf(cuts, connection);
+  /** Calls `end` once `connection` is past its age, unless it closes first. */
+  const ageOut = (connection: net.Socket | http2.ServerHttp2Session, end: () => void) => {
+    if (maxAgeMs <= 0) return;
+    const jitter = 1 - connectionAgeJitter + 2 * connectionAgeJitter * Math.random();
+    const timer = setTimeout(() => {
+      ending(connection).abort();
+      end();
+    }, maxAgeMs * jitter);
+    timer.unref?.();
+    connection.once("close", () => clearTimeout(timer));
+  };
 
   const handle = async (req: NodeRequest, res: NodeResponse) => {
     inFlight++;
@@ -192,8 +237,9 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         if (!socket.destroyed) idleFrom(socket, () => socket.destroy());
       });
       // Draining, a kept-alive connection's next request would stay here past the endpoint change and be reset when
-      // the port closes: the client opens a new connection, which goes to a replica that is staying.
-      if (draining.signal.aborted) res.setHeader("connection", "close");
+      // the port closes: the client opens a new connection, which goes to a replica that is staying. So it does past
+      // the connection's age, to a replica the Service picks.
+      if (draining.signal.aborted || ending(socket).signal.aborted) res.setHeader("connection", "close");
     }
     const path = req.url ?? "/";
     if (mayHaveBody(req) && !streamingRequests.has(path.split("?")[0] ?? path)) {
@@ -232,23 +278,44 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   h2.on("session", (s) => {
     sessions.add(s);
     // A session is idle while it has no streams; an IngestMetrics stream keeps it busy for as long as it lasts.
-    let streams = 0;
+    const open = new Set<http2.ServerHttp2Stream>();
     // GOAWAY first, so a client that is about to open a stream opens it on a new connection instead.
     const closeIdle = () => s.close();
     idleFrom(s, closeIdle);
     s.on("stream", (stream: http2.ServerHttp2Stream) => {
-      streams++;
+      open.add(stream);
       busy(s);
       stream.once("close", () => {
-        if (--streams === 0 && !s.destroyed) idleFrom(s, closeIdle);
+        open.delete(stream);
+        if (open.size === 0 && !s.destroyed) idleFrom(s, closeIdle);
       });
     });
     s.on("close", () => {
       sessions.delete(s);
       busy(s);
     });
+    // GOAWAY: the client's next calls go on a new connection; those in flight have the grace to finish.
+    const socket = arriving;
+    ageOut(s, () => {
+      s.close();
+      const grace = setTimeout(() => {
+        // Each call still on it is answered Unavailable (a Bun client would wait to its deadline on a stream reset or
+        // taken down with its connection), and the session then closes as its GOAWAY said. One that does not is
+        // destroyed, with its socket, which Bun's session leaves open.
+        cutting(s).abort();
+        setTimeout(() => {
+          for (const stream of open) stream.close(http2.constants.NGHTTP2_CANCEL);
+          s.destroy();
+          socket?.destroy();
+        }, cutAnswerMs).unref?.();
+      }, ageGraceMs);
+      grace.unref?.();
+      s.once("close", () => clearTimeout(grace));
+    });
   });
   const sockets = new Set<net.Socket>();
+  // The socket being handed to h2, whose session begins as it is.
+  let arriving: net.Socket | undefined;
   const listener = net.createServer((socket) => {
     sockets.add(socket);
     idleFrom(socket, () => socket.destroy());
@@ -260,9 +327,12 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       socket.pause();
       socket.unshift(first);
       const isH2 = first.subarray(0, h2Preface.length).equals(h2Preface);
-      // An HTTP/2 connection's idle time is its session's; an HTTP/1.1 one waits for its first request's head.
+      // An HTTP/2 connection's idle time and age are its session's; an HTTP/1.1 one waits for its first request's head.
       if (isH2) busy(socket);
+      else ageOut(socket, () => {});
+      arriving = socket;
       (isH2 ? h2 : h1).emit("connection", socket);
+      arriving = undefined;
       socket.resume();
     });
   });
@@ -306,6 +376,56 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     },
   };
 }
+
+/** The connection's grace past its age is over (ServerOptions.connectionMaxAgeGraceMs): its calls are cut. */
+const connectionCutKey = createContextKey<AbortSignal>(new AbortController().signal);
+
+function controllerOf(controllers: WeakMap<object, AbortController>, connection: object): AbortController {
+  let controller = controllers.get(connection);
+  if (!controller) controllers.set(connection, (controller = new AbortController()));
+  return controller;
+}
+
+/**
+ * A call still running once its connection's grace past its age is over fails Unavailable, to be made again on a new
+ * connection: its client hears it, where a stream reset or closed with its connection leaves a Bun client waiting.
+ */
+const endedWithConnection: Interceptor = (next) => async (req) => {
+  const cut = req.contextValues.get(connectionCutKey);
+  let fail = () => {};
+  const cutOff = new Promise<never>((_, reject) => {
+    fail = () => reject(new ConnectError("the connection closed past its age; call again", Code.Unavailable));
+  });
+  cutOff.catch(() => {});
+  if (cut.aborted) fail();
+  else cut.addEventListener("abort", fail, { once: true });
+  // A connection's signal outlives its calls (for ever, with no age): each call's listener goes with it.
+  const over = () => cut.removeEventListener("abort", fail);
+  const watched = <T>(step: Promise<T>, ends: (value: T) => boolean) =>
+    Promise.race([step, cutOff]).then(
+      (value) => (ends(value) && over(), value),
+      (e: unknown) => {
+        over();
+        throw e;
+      },
+    );
+  const res = await watched(next(req), (r) => !r.stream);
+  if (!res.stream) return res;
+  const messages = res.message;
+  return {
+    ...res,
+    message: {
+      [Symbol.asyncIterator]() {
+        const it = messages[Symbol.asyncIterator]();
+        return {
+          next: () => watched(it.next(), (step) => step.done === true),
+          throw: (e?: unknown) => (over(), it.throw ? it.throw(e) : Promise.reject(e)),
+          return: (value?: unknown) => (over(), it.return?.(value) ?? Promise.resolve({ done: true as const, value })),
+        };
+      },
+    } as typeof messages,
+  };
+};
 
 /**
  * A call whose client left while its message was still arriving fails with what reading the cut-off body made of it:
