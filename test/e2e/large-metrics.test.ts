@@ -120,14 +120,20 @@ function openSpool(root: string): FileSpool {
   return spool;
 }
 
-/** Rows of the org in ClickHouse, counted as merged (FINAL) and as stored. */
+/** Rows of the org in ClickHouse, counted as merged (FINAL, every page of them) and as stored. */
 async function stored(orgId: string) {
-  const page = await store.listRequests({ orgId, window, limit: 5000 });
+  const ids: string[] = [];
+  let after: Awaited<ReturnType<typeof store.listRequests>>["next"];
+  do {
+    const page = await store.listRequests({ orgId, window, limit: 5000, after });
+    ids.push(...page.requests.map((m) => m.requestId));
+    after = page.next;
+  } while (after);
   const [raw] = await driver().query<{ rows: string }>(
     `SELECT count() AS rows FROM ${store.database}.requests WHERE org_id = {org:String}`,
     { org: orgId },
   );
-  return { ids: page.requests.map((m) => m.requestId).sort(), raw: Number(raw?.rows) };
+  return { ids: ids.sort(), raw: Number(raw?.rows) };
 }
 
 describe("large request metrics, shipped to a real analytics server", () => {
