@@ -68,7 +68,7 @@ async function* checkedBody(
     if (req.signal.aborted) hold.release();
     else req.signal.addEventListener("abort", () => hold.release(), { once: true });
     // Not read at all when its declared length would pass the bound.
-    if (!hold.cover(Number(header.get("content-length") ?? 0))) throw bodies.refuse();
+    if (!hold.cover(Number(header.get("content-length") ?? 0))) throw unread(bodies.refuse());
   }
   const chunks: Uint8Array[] = [];
   let size = 0;
@@ -76,7 +76,7 @@ async function* checkedBody(
     size += chunk.byteLength;
     // Room for the envelopes' five bytes; Connect itself refuses whatever is past its readMaxBytes.
     if (size > limits.maxBytes + 5) throw tooLarge(size, limits.maxBytes);
-    if (bodies && hold && !hold.cover(size)) throw bodies.refuse();
+    if (bodies && hold && !hold.cover(size)) throw unread(bodies.refuse());
     chunks.push(chunk);
   }
   const bytes = Buffer.concat(chunks);
@@ -95,6 +95,22 @@ async function* checkedBody(
     }
   }
   yield bytes;
+}
+
+/**
+ * Refusals of a body the server stopped reading part-way (past the bound on bodies in flight): the request left unread
+ * then closes, aborting the call's signal as a client that leaves does, though the refusal is what happened.
+ */
+const unreadRefusals = new WeakSet<ConnectError>();
+
+function unread(error: ConnectError): ConnectError {
+  unreadRefusals.add(error);
+  return error;
+}
+
+/** Whether `error` refused a body this module stopped reading, rather than anything its client did. */
+export function refusedUnread(error: unknown): boolean {
+  return error instanceof ConnectError && unreadRefusals.has(error);
 }
 
 /** The message decompressed; undefined when it cannot be, which Connect answers itself. */
