@@ -1,7 +1,12 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import net from "node:net";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
+import {
+  compressionGzip,
+  createConnectTransport,
+  createGrpcTransport,
+  createGrpcWebTransport,
+} from "@connectrpc/connect-node";
 import { Registry } from "prom-client";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { GatewayService } from "../gen/gateway/v1/gateway_pb.ts";
@@ -175,6 +180,29 @@ describe("request bodies in flight are bounded together, on both REST ports and 
       const row = await gateway.row(requestId);
       expect([name, row.status, row.httpStatus, row.errorCode]).toEqual([name, RequestStatus.UNAVAILABLE, 503, "gateway_overloaded"]);
       expect(held()).toBe(first.bytes);
+    }
+    // Compressed, the same message arrives in a few hundred bytes, but is held inflated all the same.
+    const compressed = {
+      grpc: createClient(GatewayService, createGrpcTransport({ baseUrl: gateway.url, sendCompression: compressionGzip })),
+      connect: createClient(
+        GatewayService,
+        createConnectTransport({ baseUrl: gateway.url, httpVersion: "1.1", sendCompression: compressionGzip }),
+      ),
+    };
+    for (const [name, client] of Object.entries(compressed)) {
+      let requestId = "";
+      const onHeader = (h: Headers) => (requestId = h.get("x-request-id") ?? "");
+      const refused = await client
+        .createChatCompletion({ params }, { headers: { authorization: "Bearer sk-good" }, onHeader })
+        .then(() => undefined, ConnectError.from);
+      expect([name, refused?.code, refused?.metadata.get("retry-after")]).toEqual([name, Code.Unavailable, "1"]);
+      requestId ||= refused?.metadata.get("x-request-id") ?? "";
+      const row = await gateway.row(requestId);
+      expect([name, row.status, row.httpStatus, row.errorCode]).toEqual([name, RequestStatus.UNAVAILABLE, 503, "gateway_overloaded"]);
+      expect(held()).toBe(first.bytes);
+      const fits = { ...params, messages: [{ role: "user", content: "x".repeat(10_000) }] };
+      expect((await client.createChatCompletion({ params: fits }, { headers: { authorization: "Bearer sk-good" } })).choices).toHaveLength(1);
+      await until(() => held() === first.bytes);
     }
     const path = "/gateway.v1.GatewayService/CreateChatCompletion";
     expect(await declaredOnly(gateway.url, path, "application/json", 50_000)).toStartWith("HTTP/1.1 503");

@@ -20,7 +20,8 @@ export interface MessageLimits {
   refuse: (field: DescField | undefined, max: number, count: number) => ConnectError;
   /**
    * A bound on the body bytes of every request in flight: each call's share covers its declared length before its
-   * body is read, or its bytes as they arrive, and is given back when the call ends. Past it, `refuse`'s error.
+   * body is read, or its bytes as they arrive, and a compressed message's inflated bytes, and is given back when the
+   * call ends. Past it, `refuse`'s error.
    */
   bodies?: {
     hold(): { cover(bytes: number): boolean; release(): void };
@@ -80,17 +81,27 @@ async function* checkedBody(
     chunks.push(chunk);
   }
   const bytes = Buffer.concat(chunks);
+  // A compressed message is held inflated too, however few bytes it came in: those count against the bound as well.
+  let counted = size;
+  const decompressed = async (message: Uint8Array, encoding: string | null) => {
+    const out = await inflated(message, encoding, limits.maxBytes);
+    if (bodies && hold && out !== undefined && out !== message) {
+      counted += out.byteLength;
+      if (!hold.cover(counted)) throw unread(bodies.refuse());
+    }
+    return out;
+  };
   const contentType = header.get("content-type") ?? "";
   const json = /[/+]json(;|$)/i.test(contentType);
   // A Connect unary body is the bare message; the other protocols wrap each message in an envelope.
   if (/^application\/(proto|json)(;|$)/i.test(contentType)) {
-    check(input, await inflated(bytes, header.get("content-encoding"), limits.maxBytes), json, limits);
+    check(input, await decompressed(bytes, header.get("content-encoding")), json, limits);
   } else {
     const encoding = header.get("grpc-encoding") ?? header.get("connect-content-encoding");
     for (let pos = 0; pos + 5 <= bytes.length; ) {
       const length = bytes.readUInt32BE(pos + 1);
       const message = bytes.subarray(pos + 5, pos + 5 + length);
-      check(input, (bytes[pos] ?? 0) & 1 ? await inflated(message, encoding, limits.maxBytes) : message, json, limits);
+      check(input, (bytes[pos] ?? 0) & 1 ? await decompressed(message, encoding) : message, json, limits);
       pos += 5 + length;
     }
   }
@@ -98,8 +109,8 @@ async function* checkedBody(
 }
 
 /**
- * Refusals of a body the server stopped reading part-way (past the bound on bodies in flight): the request left unread
- * then closes, aborting the call's signal as a client that leaves does, though the refusal is what happened.
+ * Refusals past the bound on bodies in flight, the body often left unread part-way: the request then closes, aborting
+ * the call's signal as a client that leaves does, though the refusal is what happened.
  */
 const unreadRefusals = new WeakSet<ConnectError>();
 
@@ -108,7 +119,7 @@ function unread(error: ConnectError): ConnectError {
   return error;
 }
 
-/** Whether `error` refused a body this module stopped reading, rather than anything its client did. */
+/** Whether `error` is such a refusal of a body, rather than anything its client did. */
 export function refusedUnread(error: unknown): boolean {
   return error instanceof ConnectError && unreadRefusals.has(error);
 }
