@@ -1,7 +1,12 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import net from "node:net";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import {
+  compressionGzip,
+  createConnectTransport,
+  createGrpcTransport,
+  createGrpcWebTransport,
+} from "@connectrpc/connect-node";
 import { Registry } from "prom-client";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { GatewayService } from "../gen/gateway/v1/gateway_pb.ts";
@@ -135,7 +140,7 @@ describe("request bodies in flight are bounded together, on both REST ports and 
     }, 20_000);
   }
 
-  test("an RPC whose message would pass the bound is Unavailable with retry info, over gRPC and Connect", async () => {
+  test("an RPC whose message would pass the bound is Unavailable with retry info, over gRPC, gRPC-Web and Connect", async () => {
     const first = await holder(gateway.restUrl, 60_000);
     const params = { model: "fast", messages: [{ role: "user", content: "x".repeat(50_000) }] };
     const clients = {
@@ -155,6 +160,49 @@ describe("request bodies in flight are bounded together, on both REST ports and 
       requestId ||= refused?.metadata.get("x-request-id") ?? "";
       expect(await gateway.row(requestId)).toMatchObject({ status: RequestStatus.UNAVAILABLE, httpStatus: 503 });
       expect(held()).toBe(first.bytes);
+    }
+    // A streamed chat's message is read as it arrives, with no length declared, over every transport: its refusal is
+    // the gateway's, not a client that left (499) when the request it stopped reading closes.
+    const streaming = {
+      grpc: clients.grpc,
+      "grpc-web over HTTP/1.1": createClient(GatewayService, createGrpcWebTransport({ baseUrl: gateway.url, httpVersion: "1.1" })),
+      "connect over HTTP/1.1": clients.connect,
+    };
+    for (const [name, client] of Object.entries(streaming)) {
+      let requestId = "";
+      const onHeader = (h: Headers) => (requestId = h.get("x-request-id") ?? "");
+      const streamed = async () => {
+        for await (const _ of client.streamChatCompletion({ params }, { headers: { authorization: "Bearer sk-good" }, onHeader }));
+      };
+      const refused = await streamed().then(() => undefined, ConnectError.from);
+      expect([name, refused?.code, refused?.metadata.get("retry-after")]).toEqual([name, Code.Unavailable, "1"]);
+      requestId ||= refused?.metadata.get("x-request-id") ?? "";
+      const row = await gateway.row(requestId);
+      expect([name, row.status, row.httpStatus, row.errorCode]).toEqual([name, RequestStatus.UNAVAILABLE, 503, "gateway_overloaded"]);
+      expect(held()).toBe(first.bytes);
+    }
+    // Compressed, the same message arrives in a few hundred bytes, but is held inflated all the same.
+    const compressed = {
+      grpc: createClient(GatewayService, createGrpcTransport({ baseUrl: gateway.url, sendCompression: compressionGzip })),
+      connect: createClient(
+        GatewayService,
+        createConnectTransport({ baseUrl: gateway.url, httpVersion: "1.1", sendCompression: compressionGzip }),
+      ),
+    };
+    for (const [name, client] of Object.entries(compressed)) {
+      let requestId = "";
+      const onHeader = (h: Headers) => (requestId = h.get("x-request-id") ?? "");
+      const refused = await client
+        .createChatCompletion({ params }, { headers: { authorization: "Bearer sk-good" }, onHeader })
+        .then(() => undefined, ConnectError.from);
+      expect([name, refused?.code, refused?.metadata.get("retry-after")]).toEqual([name, Code.Unavailable, "1"]);
+      requestId ||= refused?.metadata.get("x-request-id") ?? "";
+      const row = await gateway.row(requestId);
+      expect([name, row.status, row.httpStatus, row.errorCode]).toEqual([name, RequestStatus.UNAVAILABLE, 503, "gateway_overloaded"]);
+      expect(held()).toBe(first.bytes);
+      const fits = { ...params, messages: [{ role: "user", content: "x".repeat(10_000) }] };
+      expect((await client.createChatCompletion({ params: fits }, { headers: { authorization: "Bearer sk-good" } })).choices).toHaveLength(1);
+      await until(() => held() === first.bytes);
     }
     const path = "/gateway.v1.GatewayService/CreateChatCompletion";
     expect(await declaredOnly(gateway.url, path, "application/json", 50_000)).toStartWith("HTTP/1.1 503");

@@ -20,7 +20,8 @@ export interface MessageLimits {
   refuse: (field: DescField | undefined, max: number, count: number) => ConnectError;
   /**
    * A bound on the body bytes of every request in flight: each call's share covers its declared length before its
-   * body is read, or its bytes as they arrive, and is given back when the call ends. Past it, `refuse`'s error.
+   * body is read, or its bytes as they arrive, and a compressed message's inflated bytes, and is given back when the
+   * call ends. Past it, `refuse`'s error.
    */
   bodies?: {
     hold(): { cover(bytes: number): boolean; release(): void };
@@ -68,7 +69,7 @@ async function* checkedBody(
     if (req.signal.aborted) hold.release();
     else req.signal.addEventListener("abort", () => hold.release(), { once: true });
     // Not read at all when its declared length would pass the bound.
-    if (!hold.cover(Number(header.get("content-length") ?? 0))) throw bodies.refuse();
+    if (!hold.cover(Number(header.get("content-length") ?? 0))) throw unread(bodies.refuse());
   }
   const chunks: Uint8Array[] = [];
   let size = 0;
@@ -76,25 +77,51 @@ async function* checkedBody(
     size += chunk.byteLength;
     // Room for the envelopes' five bytes; Connect itself refuses whatever is past its readMaxBytes.
     if (size > limits.maxBytes + 5) throw tooLarge(size, limits.maxBytes);
-    if (bodies && hold && !hold.cover(size)) throw bodies.refuse();
+    if (bodies && hold && !hold.cover(size)) throw unread(bodies.refuse());
     chunks.push(chunk);
   }
   const bytes = Buffer.concat(chunks);
+  // A compressed message is held inflated too, however few bytes it came in: those count against the bound as well.
+  let counted = size;
+  const decompressed = async (message: Uint8Array, encoding: string | null) => {
+    const out = await inflated(message, encoding, limits.maxBytes);
+    if (bodies && hold && out !== undefined && out !== message) {
+      counted += out.byteLength;
+      if (!hold.cover(counted)) throw unread(bodies.refuse());
+    }
+    return out;
+  };
   const contentType = header.get("content-type") ?? "";
   const json = /[/+]json(;|$)/i.test(contentType);
   // A Connect unary body is the bare message; the other protocols wrap each message in an envelope.
   if (/^application\/(proto|json)(;|$)/i.test(contentType)) {
-    check(input, await inflated(bytes, header.get("content-encoding"), limits.maxBytes), json, limits);
+    check(input, await decompressed(bytes, header.get("content-encoding")), json, limits);
   } else {
     const encoding = header.get("grpc-encoding") ?? header.get("connect-content-encoding");
     for (let pos = 0; pos + 5 <= bytes.length; ) {
       const length = bytes.readUInt32BE(pos + 1);
       const message = bytes.subarray(pos + 5, pos + 5 + length);
-      check(input, (bytes[pos] ?? 0) & 1 ? await inflated(message, encoding, limits.maxBytes) : message, json, limits);
+      check(input, (bytes[pos] ?? 0) & 1 ? await decompressed(message, encoding) : message, json, limits);
       pos += 5 + length;
     }
   }
   yield bytes;
+}
+
+/**
+ * Refusals past the bound on bodies in flight, the body often left unread part-way: the request then closes, aborting
+ * the call's signal as a client that leaves does, though the refusal is what happened.
+ */
+const unreadRefusals = new WeakSet<ConnectError>();
+
+function unread(error: ConnectError): ConnectError {
+  unreadRefusals.add(error);
+  return error;
+}
+
+/** Whether `error` is such a refusal of a body, rather than anything its client did. */
+export function refusedUnread(error: unknown): boolean {
+  return error instanceof ConnectError && unreadRefusals.has(error);
 }
 
 /** The message decompressed; undefined when it cannot be, which Connect answers itself. */

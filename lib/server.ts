@@ -20,6 +20,7 @@ import { sendGrpcMessageAsSpecified } from "./grpc-message.ts";
 import { isGrpcWebText, transcodeGrpcWebText } from "./grpc-web-text.ts";
 import { connectionEndingKey, connectionKey, createReadinessPoller, registerHealth } from "./health.ts";
 import type { Logger } from "./log.ts";
+import { refusedUnread } from "./message-limits.ts";
 import { registerReflection } from "./reflection.ts";
 
 export type NodeRequest = http.IncomingMessage | http2.Http2ServerRequest;
@@ -462,9 +463,10 @@ const failedAsClientLeft: Interceptor = (next) => async (req) => {
 
 /** The client's leaving in place of `error`, if it left: connect-node reads its reset stream or dropped connection so. */
 async function leftInstead(signal: AbortSignal, error: unknown): Promise<unknown> {
-  // A message over readMaxBytes is the server's own refusal: waiting would let the request it stopped reading close
-  // first, a bare abort of the call's signal that the request gate would take for the client leaving.
-  if (error instanceof ConnectError && error.code === Code.ResourceExhausted) return error;
+  // A message over readMaxBytes, or past the bound on bodies in flight, is the server's own refusal: waiting would let
+  // the request it stopped reading close first, a bare abort of the call's signal that the request gate would take for
+  // the client leaving.
+  if ((error instanceof ConnectError && error.code === Code.ResourceExhausted) || refusedUnread(error)) return error;
   // node:http2 closes a reset stream's request, which aborts the signal, just after its body ends.
   if (!signal.aborted) await new Promise((resolve) => setImmediate(resolve));
   const reason: unknown = signal.reason;
