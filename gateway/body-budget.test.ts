@@ -42,6 +42,20 @@ test("a hold grows to what its body reached, is refused past the bound taking no
   expect(budget.heldBytes).toBe(0);
 });
 
+test("a body alone is never refused, though it passes the bound: retrying it could not make it fit", () => {
+  const budget = createBodyBudget({ maxBytes: 100 });
+  const alone = budget.hold();
+  // An RPC message of the largest size allowed with its envelope, or compressed bytes and their inflated ones.
+  expect(alone.cover(105)).toBe(true);
+  expect(alone.cover(190)).toBe(true);
+  expect(budget.heldBytes).toBe(190);
+  expect(budget.hold().cover(1)).toBe(false);
+  alone.release();
+  const first = budget.hold();
+  expect(first.cover(10)).toBe(true);
+  expect(budget.hold().cover(95)).toBe(false);
+});
+
 describe("request bodies in flight are bounded together, on both REST ports and the RPCs", () => {
   const bound = 100_000;
   let gateway: Awaited<ReturnType<typeof startTestGateway>>;

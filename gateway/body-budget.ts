@@ -58,7 +58,10 @@ export function createBodyBudget(options: { maxBytes: number; registry?: Registr
       cover(bytes) {
         // A length that is not a number (an HTTP/2 header says what it likes) takes nothing: the bytes count as they come.
         if (released || !(bytes > taken)) return true;
-        if (held + bytes - taken > maxBytes) {
+        // A body alone always goes on: its own size is bounded by GATEWAY_MAX_BODY_BYTES (an RPC's envelope, or its
+        // inflated bytes beside its compressed ones, may take it past a bound set near that), and waiting for others
+        // to finish could not make it fit.
+        if (held + bytes - taken > maxBytes && held > taken) {
           refusals?.inc();
           return false;
         }
