@@ -22,6 +22,7 @@ import { connectionEndingKey, connectionKey, createReadinessPoller, registerHeal
 import type { Logger } from "./log.ts";
 import { refusedUnread } from "./message-limits.ts";
 import { registerReflection } from "./reflection.ts";
+import { eachStep } from "./streams.ts";
 
 export type NodeRequest = http.IncomingMessage | http2.Http2ServerRequest;
 export type NodeResponse = http.ServerResponse | http2.Http2ServerResponse;
@@ -412,20 +413,12 @@ const endedWithConnection: Interceptor = (next) => async (req) => {
     );
   const res = await watched(next(req), (r) => !r.stream);
   if (!res.stream) return res;
-  const messages = res.message;
-  return {
-    ...res,
-    message: {
-      [Symbol.asyncIterator]() {
-        const it = messages[Symbol.asyncIterator]();
-        return {
-          next: () => watched(it.next(), (step) => step.done === true),
-          throw: (e?: unknown) => (over(), it.throw ? it.throw(e) : Promise.reject(e)),
-          return: (value?: unknown) => (over(), it.return?.(value) ?? Promise.resolve({ done: true as const, value })),
-        };
-      },
-    } as typeof messages,
-  };
+  const message = eachStep(
+    res.message,
+    (move) => watched(move(), (step) => step.done === true),
+    (move) => (over(), move()),
+  );
+  return { ...res, message };
 };
 
 /**
@@ -440,22 +433,10 @@ const failedAsClientLeft: Interceptor = (next) => async (req) => {
   try {
     const res = await next(req);
     if (!res.stream) return res;
-    const messages = res.message;
-    return {
-      ...res,
-      message: {
-        [Symbol.asyncIterator]() {
-          const it = messages[Symbol.asyncIterator]();
-          const step = (move: () => Promise<IteratorResult<unknown>>) =>
-            move().catch(async (e: unknown) => Promise.reject(await leftInstead(req.signal, e)));
-          return {
-            next: () => step(() => it.next()),
-            throw: (e?: unknown) => step(() => (it.throw ? it.throw(e) : Promise.reject(e))),
-            return: (value?: unknown) => it.return?.(value) ?? Promise.resolve({ done: true as const, value }),
-          };
-        },
-      } as typeof messages,
-    };
+    const message = eachStep(res.message, (move) =>
+      move().catch(async (e: unknown) => Promise.reject(await leftInstead(req.signal, e))),
+    );
+    return { ...res, message };
   } catch (e) {
     throw await leftInstead(req.signal, e);
   }

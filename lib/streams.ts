@@ -41,20 +41,35 @@ export function onStreamEnd<T>(messages: AsyncIterable<T>, ended: (error?: unkno
   };
 }
 
+type Move<T> = () => Promise<IteratorResult<T>>;
+
+/**
+ * A stream whose `next` and `throw` steps go through `step`, and whose `return` (its reader abandoning it) through
+ * `finish`: each is handed the move on the stream behind it, to run when and how it says.
+ */
+export function eachStep<T>(
+  messages: AsyncIterable<T>,
+  step: (move: Move<T>) => Promise<IteratorResult<T>>,
+  finish: (move: Move<T>) => Promise<IteratorResult<T>> = (move) => move(),
+): AsyncIterable<T> {
+  return {
+    [Symbol.asyncIterator]() {
+      const it = messages[Symbol.asyncIterator]();
+      return {
+        next: (...args: [] | [unknown]) => step(() => it.next(...args)),
+        throw: (e?: unknown) => step(() => (it.throw ? it.throw(e) : Promise.reject(e))),
+        return: (value?: unknown) =>
+          finish(() => it.return?.(value) ?? Promise.resolve({ done: true as const, value: value as T })),
+      };
+    },
+  };
+}
+
 /**
  * A stream whose every step runs in `ctx`: a generator's body runs in the context of whoever calls `next`, so what a
  * handler's stream does after the handler returned (its spans, its logs) belongs to the request's span.
  */
 export function inContext<T>(messages: AsyncIterable<T>, ctx: Context): AsyncIterable<T> {
-  return {
-    [Symbol.asyncIterator]() {
-      const it = messages[Symbol.asyncIterator]();
-      return {
-        next: (...args: [] | [unknown]) => context.with(ctx, () => it.next(...args)),
-        throw: (e?: unknown) => context.with(ctx, () => (it.throw ? it.throw(e) : Promise.reject(e))),
-        return: (value?: unknown) =>
-          context.with(ctx, () => it.return?.(value) ?? Promise.resolve({ done: true as const, value: value as T })),
-      };
-    },
-  };
+  const inside = (move: Move<T>) => context.with(ctx, move);
+  return eachStep(messages, inside, inside);
 }
