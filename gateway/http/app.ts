@@ -491,16 +491,16 @@ function hasBody(headers: Pick<Headers, "get">): boolean {
 }
 
 /**
- * A Fetch body as text with a size limit: 413 past it, whether declared or streamed; 503 when its bytes, declared or
- * as they arrive, would pass the bound on bodies in flight.
+ * A Fetch body as text with a size limit: 413 past it, whether declared or streamed; 503 when its declared length
+ * could not fit beside the bodies in flight, or its bytes as they arrive would pass the bound on them.
  */
 async function readText(request: Request, limit: number, hold: BodyHold | undefined): Promise<string> {
   const declared = request.headers.get("content-length");
   if (declared !== null) {
     if (Number(declared) > limit) throw bodyTooLarge(limit);
-    if (hold && !hold.cover(Number(declared))) throw bodiesAtCapacity();
-    // A declared length is the length the server reads: one read, no stream.
-    return request.text();
+    if (hold && !hold.fits(Number(declared))) throw bodiesAtCapacity();
+    // A declared length is the length the server reads: one read, no stream, unless its bytes count as they arrive.
+    if (!hold) return request.text();
   }
   if (!request.body) return "";
   const reader = request.body.getReader();
