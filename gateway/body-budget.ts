@@ -17,6 +17,11 @@ export interface BodyBudget {
 
 export interface BodyHold {
   /**
+   * The largest declared length a body may be held at in full before it is read, and read in one piece: a 1,024th of
+   * the bound, 64 KiB at most. A slow sender holds at most that of the bound a connection before its bytes arrive.
+   */
+  readonly upfront: number;
+  /**
    * Whether a body declaring `bytes` could fit beside what the others hold now, taking nothing: false refuses it
    * before it is read, as it could only be refused once its bytes arrived.
    */
@@ -58,10 +63,12 @@ export function createBodyBudget(options: { maxBytes: number; registry?: Registr
       },
     });
   }
+  const upfront = Math.min(64 * 1024, Math.floor(maxBytes / 1024));
   const hold = (): BodyHold => {
     let taken = 0;
     let released = false;
     return {
+      upfront,
       fits(bytes) {
         // A length that is not a number fits: the bytes count as they come. So does a body alone, as in `cover`.
         if (released || !(bytes > taken) || held === taken || held - taken + bytes <= maxBytes) return true;
