@@ -56,6 +56,27 @@ test("a body alone is never refused, though it passes the bound: retrying it cou
   expect(budget.hold().cover(95)).toBe(false);
 });
 
+test("a declared length is checked against what the others hold, taking nothing, so one sent slowly holds no more", () => {
+  const budget = createBodyBudget({ maxBytes: 100 });
+  const other = budget.hold();
+  expect(other.cover(60)).toBe(true);
+  const declared = budget.hold();
+  expect(declared.fits(41)).toBe(false);
+  expect(declared.fits(40)).toBe(true);
+  expect(declared.fits(Number("ten"))).toBe(true);
+  expect(budget.heldBytes).toBe(60);
+  // What has arrived of it counts, and a length it declared does not.
+  expect(declared.cover(5)).toBe(true);
+  expect(budget.hold().fits(35)).toBe(true);
+  expect(budget.hold().fits(36)).toBe(false);
+  other.release();
+  expect(declared.fits(500)).toBe(true);
+  expect(budget.hold().fits(96)).toBe(false);
+  declared.release();
+  expect(budget.hold().fits(500)).toBe(true);
+  expect(budget.heldBytes).toBe(0);
+});
+
 describe("request bodies in flight are bounded together, on both REST ports and the RPCs", () => {
   const bound = 100_000;
   let gateway: Awaited<ReturnType<typeof startTestGateway>>;
@@ -153,6 +174,80 @@ describe("request bodies in flight are bounded together, on both REST ports and 
       await until(() => held() === 0);
     }, 20_000);
   }
+
+  for (const port of ["Bun's", "node:http's"]) {
+    test(`on ${port} port a body holds only what has arrived of it, so slow bodies declaring lengths block no one`, async () => {
+      const url = port === "Bun's" ? gateway.restUrl : gateway.url;
+      // Ten bodies declaring 40,000 bytes each, four times the bound, that send ten of them and wait.
+      const slow = Array.from({ length: 10 }, () => {
+        const body = chatBody("fast", 40_000 - chatBody("fast", 0).length);
+        const socket = net.connect(Number(new URL(url).port), "127.0.0.1");
+        socket.on("error", () => {});
+        let received = "";
+        socket.on("data", (d) => (received += d.toString()));
+        socket.write(
+          `POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\n` +
+            `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body.slice(0, 10)}`,
+        );
+        let sent = 10;
+        const send = (end: number) => socket.write(body.slice(sent, (sent = end)));
+        return { socket, send, answer: () => received };
+      });
+      try {
+        await until(() => held() === 100);
+        // A request of half the bound goes on.
+        expect((await post(url, chatBody("fast", 50_000))).status).toBe(200);
+        await until(() => held() === 100);
+        // Their bytes arriving count: three of them fit, the fourth's bytes pass the bound and it gets a 503.
+        for (const [i, sender] of slow.slice(0, 3).entries()) {
+          sender.send(29_000);
+          await until(() => held() === 100 + (i + 1) * 28_990);
+        }
+        const fourth = slow[3];
+        fourth?.send(29_000);
+        await until(() => fourth?.answer().includes("\r\n\r\n") ?? false);
+        expect(fourth?.answer()).toStartWith("HTTP/1.1 503");
+        expect(held()).toBe(100 + 3 * 28_990 - 10);
+        // A length that could not fit beside what has arrived is refused unread.
+        expect(await declaredOnly(url, "/v1/chat/completions", "application/json", 20_000)).toStartWith("HTTP/1.1 503");
+        expect((await post(url, chatBody("fast", 20_000))).status).toBe(503);
+        // Those that finish are served, and give their bytes back.
+        for (const sender of slow.slice(0, 3)) {
+          sender.send(40_000);
+          await until(() => sender.answer().startsWith("HTTP/1.1 200"));
+        }
+        await until(() => held() === 60);
+      } finally {
+        for (const sender of slow) sender.socket.destroy();
+      }
+      await until(() => held() === 0);
+    }, 20_000);
+  }
+
+  test("an RPC declaring its length holds only what has arrived of it", async () => {
+    const path = "/gateway.v1.GatewayService/CreateChatCompletion";
+    // Three calls declaring 40,000 bytes each, past the bound together, that send ten of them and wait.
+    const sockets = Array.from({ length: 3 }, () => {
+      const socket = net.connect(Number(new URL(gateway.url).port), "127.0.0.1");
+      socket.on("error", () => {});
+      socket.write(
+        `POST ${path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\nContent-Type: application/json\r\n` +
+          `Content-Length: 40000\r\n\r\n{"params":`,
+      );
+      return socket;
+    });
+    try {
+      await until(() => held() === 30);
+      const client = createClient(GatewayService, createConnectTransport({ baseUrl: gateway.url, httpVersion: "1.1" }));
+      const params = { model: "fast", messages: [{ role: "user", content: "x".repeat(50_000) }] };
+      const res = await client.createChatCompletion({ params }, { headers: { authorization: "Bearer sk-good" } });
+      expect(res.choices).toHaveLength(1);
+      await until(() => held() === 30);
+    } finally {
+      for (const socket of sockets) socket.destroy();
+    }
+    await until(() => held() === 0);
+  });
 
   test("an RPC whose message would pass the bound is Unavailable with retry info, over gRPC, gRPC-Web and Connect", async () => {
     const first = await holder(gateway.restUrl, 60_000);

@@ -2,8 +2,10 @@ import { Counter, Gauge, type Registry } from "prom-client";
 
 /**
  * A bound on the request-body bytes every request in flight holds at once, on all the gateway's ports: each body
- * counts from its declared length (before it is read) or from its bytes as they arrive, until its request is done.
- * GATEWAY_MAX_BODY_BYTES bounds one body; this bounds a burst of them, which would otherwise exhaust a replica's memory.
+ * counts its bytes as they arrive, what memory holds of it, until its request is done. A declared length is checked
+ * before the body is read, not held: a slow client declaring large bodies would otherwise hold the bound having sent
+ * nothing. GATEWAY_MAX_BODY_BYTES bounds one body; this bounds a burst of them, which would otherwise exhaust a
+ * replica's memory.
  */
 export interface BodyBudget {
   readonly maxBytes: number;
@@ -15,7 +17,17 @@ export interface BodyBudget {
 
 export interface BodyHold {
   /**
-   * Grows the share to `bytes` (the body's declared length, or what has arrived of it); false, taking nothing more,
+   * The largest declared length a body may be held at in full before it is read, and read in one piece: a 1,024th of
+   * the bound, 64 KiB at most. A slow sender holds at most that of the bound a connection before its bytes arrive.
+   */
+  readonly upfront: number;
+  /**
+   * Whether a body declaring `bytes` could fit beside what the others hold now, taking nothing: false refuses it
+   * before it is read, as it could only be refused once its bytes arrived.
+   */
+  fits(bytes: number): boolean;
+  /**
+   * Grows the share to `bytes`, what has arrived of the body (or what it inflates to); false, taking nothing more,
    * when that would pass the bound. Once released, a late chunk of a request that is over takes nothing.
    */
   cover(bytes: number): boolean;
@@ -51,10 +63,18 @@ export function createBodyBudget(options: { maxBytes: number; registry?: Registr
       },
     });
   }
+  const upfront = Math.min(64 * 1024, Math.floor(maxBytes / 1024));
   const hold = (): BodyHold => {
     let taken = 0;
     let released = false;
     return {
+      upfront,
+      fits(bytes) {
+        // A length that is not a number fits: the bytes count as they come. So does a body alone, as in `cover`.
+        if (released || !(bytes > taken) || held === taken || held - taken + bytes <= maxBytes) return true;
+        refusals?.inc();
+        return false;
+      },
       cover(bytes) {
         // A length that is not a number (an HTTP/2 header says what it likes) takes nothing: the bytes count as they come.
         if (released || !(bytes > taken)) return true;

@@ -19,12 +19,12 @@ export interface MessageLimits {
   /** The error for a field over its limit, or (field undefined) for a message over maxNodes. */
   refuse: (field: DescField | undefined, max: number, count: number) => ConnectError;
   /**
-   * A bound on the body bytes of every request in flight: each call's share covers its declared length before its
-   * body is read, or its bytes as they arrive, and a compressed message's inflated bytes, and is given back when the
-   * call ends. Past it, `refuse`'s error.
+   * A bound on the body bytes of every request in flight: each call's share covers its bytes as they arrive, and a
+   * compressed message's inflated bytes, and is given back when the call ends; a declared length that could not fit
+   * is refused before the body is read. Past it, `refuse`'s error.
    */
   bodies?: {
-    hold(): { cover(bytes: number): boolean; release(): void };
+    hold(): { fits(bytes: number): boolean; cover(bytes: number): boolean; release(): void };
     refuse(): ConnectError;
   };
 }
@@ -68,8 +68,8 @@ async function* checkedBody(
   if (bodies && hold) {
     if (req.signal.aborted) hold.release();
     else req.signal.addEventListener("abort", () => hold.release(), { once: true });
-    // Not read at all when its declared length would pass the bound.
-    if (!hold.cover(Number(header.get("content-length") ?? 0))) throw unread(bodies.refuse());
+    // Not read at all when its declared length could not fit; only what arrives of it is held.
+    if (!hold.fits(Number(header.get("content-length") ?? 0))) throw unread(bodies.refuse());
   }
   const chunks: Uint8Array[] = [];
   let size = 0;

@@ -93,8 +93,8 @@ function drained(res: NodeResponse, cutOff: AbortSignal | undefined): Promise<bo
 }
 
 /**
- * The body as text, up to `limit` bytes, its bytes counted in `hold` from its declared length or as they arrive; past
- * either bound the rest is drained so the 413 or 503 can still be sent.
+ * The body as text, up to `limit` bytes, its bytes counted in `hold` as they arrive (a declared length that could not
+ * fit refused unread); past either bound the rest is drained so the 413 or 503 can still be sent.
  */
 function readText(req: NodeRequest, limit: number, hold: BodyHold | undefined): Promise<string> {
   const declared = req.headers["content-length"];
@@ -102,7 +102,7 @@ function readText(req: NodeRequest, limit: number, hold: BodyHold | undefined): 
     req.resume();
     return Promise.reject(bodyTooLarge(limit));
   }
-  if (declared !== undefined && hold && !hold.cover(Number(declared))) {
+  if (declared !== undefined && hold && !hold.fits(Number(declared))) {
     req.resume();
     return Promise.reject(bodiesAtCapacity());
   }
