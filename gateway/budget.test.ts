@@ -108,6 +108,18 @@ const leasesOf = async (scopeId: string) =>
 /** A request's cost, for a principal whose key has no monthly tokens. */
 const usd = (nanos: bigint) => ({ nanos, tokens: 0n });
 
+/** The usage record of a chat request of the principal's that cost `cost` now, drawn from `charges`' leases. */
+const usageNow = (principal: Principal, requestId: string, cost: bigint, charges: LeaseCharge[]) => ({
+  requestId,
+  orgId: principal.orgId,
+  apiKeyId: principal.apiKeyId,
+  model: "mock",
+  endpoint: 1,
+  costNanos: cost,
+  occurTime: { seconds: BigInt(Math.floor(Date.now() / 1000)), nanos: 0 },
+  budgetCharges: charges,
+});
+
 const refusal = (p: Promise<unknown>) =>
   p.then(
     () => {
@@ -341,16 +353,7 @@ describe("budget leases", () => {
     expect((await leasesOf(principal.apiKeyId)).map((l) => l.spent)).toEqual([null]);
     expect((await refusal(k.reserve(principal, usd(50n * cost), 60_000))).code).toBe("insufficient_quota");
     // The spool's rows are acked: billing recorded the request against the lease.
-    const record = {
-      requestId: "req-before-the-crash",
-      orgId: principal.orgId,
-      apiKeyId: principal.apiKeyId,
-      model: "mock",
-      endpoint: 1,
-      costNanos: cost,
-      occurTime: { seconds: BigInt(Math.floor(Date.now() / 1000)), nanos: 0 },
-      budgetCharges: charges,
-    };
+    const record = usageNow(principal, "req-before-the-crash", cost, charges);
     expect((await client.recordUsage({ records: [record] }, auth)).inserted).toBe(1);
     recorded = true;
     await until(() => !journal.has(ids[0] as string));
@@ -380,16 +383,7 @@ describe("budget leases", () => {
       for (let i = 0; i < 3; i++) {
         charges.push(...(await dead.keeper.reserve(principal, usd(cost), 60_000)).settle(usd(cost)));
       }
-      const record = {
-        requestId: "req-kept-in-the-spool",
-        orgId: principal.orgId,
-        apiKeyId: principal.apiKeyId,
-        model: "mock",
-        endpoint: 1,
-        costNanos: cost,
-        occurTime: { seconds: BigInt(Math.floor(Date.now() / 1000)), nanos: 0 },
-        budgetCharges: charges.slice(0, 1),
-      };
+      const record = usageNow(principal, "req-kept-in-the-spool", cost, charges.slice(0, 1));
       expect((await client.recordUsage({ records: [record] }, auth)).inserted).toBe(1);
       // Killed: the next life opens the journal and gives the lease back once the spool's rows are acked.
       const journal = openLeaseJournal(dir);
@@ -489,16 +483,7 @@ describe("budget leases", () => {
     const charges = (await k.reserve(principal, usd(room), 60_000)).settle(usd(room));
     expect(charges.length).toBeLessThanOrEqual(8);
     expect(charges.reduce((sum, c) => sum + c.nanos, 0n)).toBe(2n * room);
-    const record = {
-      requestId: "req-fragmented-leases",
-      orgId: principal.orgId,
-      apiKeyId: principal.apiKeyId,
-      model: "mock",
-      endpoint: 1,
-      costNanos: room,
-      occurTime: { seconds: BigInt(Math.floor(Date.now() / 1000)), nanos: 0 },
-      budgetCharges: charges,
-    };
+    const record = usageNow(principal, "req-fragmented-leases", room, charges);
     expect((await client.recordUsage({ records: [record] }, auth)).inserted).toBe(1);
     for (const r of running.slice(1)) r.settle(usd(0n));
     await k.close();

@@ -137,7 +137,7 @@ export async function waitForLine(lines: readonly string[], text: string, timeou
  * What a kept-alive HTTP/1.1 client sees of a server's drain (`close(graceMs, drainMs)`): its answer to `path` before
  * the drain, its next one while draining, and whether its connection was closed before the port was.
  */
-export async function drainSeenKeptAlive(
+async function drainSeenKeptAlive(
   url: string,
   path: string,
   close: (graceMs: number, drainMs: number) => Promise<unknown>,
@@ -153,6 +153,23 @@ export async function drainSeenKeptAlive(
   ]);
   await closing;
   return { before, during, closed };
+}
+
+/**
+ * Checks that a draining server closes a kept-alive HTTP/1.1 connection after its next answer (`Connection: close`),
+ * rather than leaving it to be reset when the port closes: its client opens a new connection for the next request,
+ * which goes to a replica the endpoint change left.
+ */
+export async function expectDrainClosesKeptAlive(
+  url: string,
+  path: string,
+  close: (graceMs: number, drainMs: number) => Promise<unknown>,
+): Promise<void> {
+  const { before, during, closed } = await drainSeenKeptAlive(url, path, close);
+  expect(before).not.toMatch(/^connection: close/im);
+  expect(during).toStartWith("HTTP/1.1 200");
+  expect(during).toMatch(/^connection: close/im);
+  expect(closed).toBe("before the port closed");
 }
 
 /**
