@@ -59,6 +59,9 @@ export interface ServiceProcess {
  */
 export const stopTimeoutMs = 35_000;
 
+/** Set in a spawned service's environment to the pid of the process that spawned it. */
+export const parentPidVar = "MESH_PARENT_PID";
+
 export function spawnService(options: ServiceProcessOptions): ServiceProcess {
   const print = options.onLine ?? ((line: string) => process.stdout.write(`[${options.name}] ${line}\n`));
   // Its last words, for the error when it exits before it is ready.
@@ -70,7 +73,8 @@ export function spawnService(options: ServiceProcessOptions): ServiceProcess {
   };
   const proc = Bun.spawn(options.cmd, {
     cwd: options.cwd,
-    env: { ...process.env, ...options.env },
+    // Its parent, so it stops itself once this process is gone (see stopOnSignals in lib/runtime.ts).
+    env: { ...process.env, ...options.env, [parentPidVar]: String(process.pid) },
     stdout: "pipe",
     stderr: "pipe",
     stdin: "ignore",

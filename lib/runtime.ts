@@ -4,6 +4,7 @@ import pkg from "../package.json" with { type: "json" };
 import { defaultAdminToken, propagatorNames, type SamplerName, traceExporterNames } from "./config.ts";
 import { createLogger, type Logger, type LogLevel } from "./log.ts";
 import { createMetrics, type Metrics } from "./metrics.ts";
+import { parentPidVar } from "./processes.ts";
 import { setupTelemetry, type Telemetry } from "./telemetry.ts";
 
 export interface RuntimeConfig {
@@ -162,11 +163,15 @@ export interface StopSignals {
   serving(stop: () => Promise<void>): void;
 }
 
+/** Not a signal: a stop begun because the process that spawned this one is gone. */
+const orphanedSignal = "parent exited";
+
 /**
  * Handles SIGTERM and SIGINT from the start: as pid 1 of a container the kernel drops a signal with no handler (a pod
  * deleted while it migrates waits out its whole grace period for SIGKILL), and elsewhere one would end the process
  * without a word, leaving a child server running. A signal runs `stop` once (exit 0; 1 if it throws), or before
- * `serving` the start-up's undoing; a second signal exits 1 at once.
+ * `serving` the start-up's undoing; a second signal exits 1 at once. A service spawned by spawnService stops the same
+ * way once its spawner is gone.
  */
 export function stopOnSignals(log: Logger): StopSignals {
   let stopping = false;
@@ -180,8 +185,13 @@ export function stopOnSignals(log: Logger): StopSignals {
         await (async () => undo())().catch((err: unknown) => log.warn("stopping during start-up failed", { err }));
       }
     })());
+  // What started the stop: a stop begun because the parent went is waited out by one signal more (a next launcher
+  // clearing what a killed one left sends SIGTERM and waits); any other second signal exits at once.
+  let stoppedFor = "";
   const onSignal = (signal: string) => {
-    if (stopping) process.exit(1);
+    if (stopping && stoppedFor !== orphanedSignal) process.exit(1);
+    stoppedFor = signal;
+    if (stopping) return;
     stopping = true;
     log.info("stopping", { signal, ...(stop ? {} : { starting: true }) });
     (stop ?? undoStart)().then(
@@ -197,6 +207,20 @@ export function stopOnSignals(log: Logger): StopSignals {
   };
   process.on("SIGTERM", () => onSignal("SIGTERM"));
   process.on("SIGINT", () => onSignal("SIGINT"));
+  // Logs go to pipes that end with whoever reads them (a launcher killed with kill -9): a write to one then fails
+  // with EPIPE, which unhandled would end the process on the spot, mid-request or mid-stop.
+  for (const out of [process.stdout, process.stderr]) out.on("error", () => {});
+  // Spawned by a launcher or a test (spawnService): once that process is gone, a launcher killed with kill -9 or a
+  // test run cut short, stop as on SIGTERM rather than run on unwatched, holding ports and data directories.
+  const parent = Number(process.env[parentPidVar]);
+  if (Number.isSafeInteger(parent) && parent > 0) {
+    const orphaned = setInterval(() => {
+      if (process.ppid === parent) return;
+      clearInterval(orphaned);
+      if (!stopping) onSignal(orphanedSignal);
+    }, 1_000);
+    orphaned.unref();
+  }
   return {
     undoOnStop(undo) {
       undos.push(undo);
