@@ -41,5 +41,10 @@ export interface ClickHouseDriver {
   ping(timeoutMs?: number): Promise<void>;
   /** The time limit, in seconds, report queries need on this engine when the store is given none; 30 s when unset. */
   reportTimeoutSeconds?: number;
+  /**
+   * MergeTree settings every table needs on this engine, set after migrations (`ALTER TABLE ... MODIFY SETTING`); the
+   * in-process engine's make an insert's part reach the disk before it returns.
+   */
+  tableSettings?: string;
   close(): Promise<void>;
 }

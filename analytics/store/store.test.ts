@@ -835,6 +835,29 @@ describe("migrations", () => {
     }
   });
 
+  test("the in-process engine syncs each part it inserts to disk, in tables made before it did too", async () => {
+    const driver = createChdbDriver(testDataDir());
+    const database = testDatabase("fsync");
+    const unsynced = async () =>
+      (
+        await driver.query<{ name: string }>(
+          `SELECT name FROM system.tables WHERE database = {db:String} AND engine LIKE '%MergeTree'
+             AND NOT (engine_full LIKE '%fsync_after_insert = 1%' AND engine_full LIKE '%fsync_part_directory = 1%')`,
+          { db: database },
+        )
+      ).map((t) => t.name);
+    try {
+      // An acked batch leaves the gateway's spool: a part lost with the page cache would be lost for good.
+      await createAnalyticsStore({ ...driver, tableSettings: undefined }, { database, ttlDays: 400 }).migrate();
+      expect(await unsynced()).toContain("requests");
+      await createAnalyticsStore(driver, { database, ttlDays: 400 }).migrate();
+      expect(await unsynced()).toEqual([]);
+    } finally {
+      await driver.exec(`DROP DATABASE IF EXISTS ${database}`);
+      await driver.close();
+    }
+  });
+
   test("the longest retention keeps the rows it stores; one whose TTL would wrap past 2106 is refused", async () => {
     const driver = createChdbDriver(testDataDir());
     const database = testDatabase("ttl_max");

@@ -222,6 +222,20 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
     }
   }
 
+  /** The driver's table settings on every MergeTree table of the database, those a migration just made included. */
+  async function applyTableSettings(): Promise<void> {
+    const settings = driver.tableSettings;
+    if (!settings) return;
+    const tables = await driver.query<{ name: string; engine_full: string }>(
+      "SELECT name, engine_full FROM system.tables WHERE database = {database:String} AND engine LIKE '%MergeTree'",
+      { database: db },
+    );
+    for (const table of tables) {
+      if (table.engine_full.includes(settings)) continue;
+      await driver.exec(`ALTER TABLE ${db}.${table.name} MODIFY SETTING ${settings}`);
+    }
+  }
+
   /**
    * The rows of an org's window as (t, dimensions, n requests, tokens, cost): whole hours and minutes from the
    * rollups where they are complete, everything else from the raw table. `hourly` allows the hour rollup.
@@ -270,6 +284,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
     async migrate() {
       const applied = await migrate(driver, { database: db, cluster, vars: { ttl_days: options.ttlDays } });
       await applyRetention();
+      await applyTableSettings();
       return applied;
     },
 
