@@ -14,9 +14,12 @@ import { eventually } from "../support.ts";
 
 // Who may do what, across the three services, with billing's real answers about each kind of key: every RPC, the
 // REST API and the invoice page, called by the admin, org A's key, a key of A's project, org B's key, a revoked, an
-// expired and a suspended org's key, no credential, a credential that is not a bearer token, and a made-up key.
+// expired and a suspended org's key, no credential, a credential that is not a bearer token, a made-up key, and a token
+// that is no key and not the admin's (an operator's stale ADMIN_TOKEN).
 const adminToken = "e2e-tenancy-admin-token-0123456789";
-const callers = ["admin", "own", "project", "other", "revoked", "expired", "suspended", "none", "basic", "unknown"] as const;
+const callers = [
+  "admin", "own", "project", "other", "revoked", "expired", "suspended", "none", "basic", "unknown", "stale",
+] as const;
 type Caller = (typeof callers)[number];
 type Expected = Partial<Record<Caller, string>>;
 
@@ -55,6 +58,7 @@ beforeAll(async () => {
     none: undefined,
     basic: `Basic ${Buffer.from(`user:${own.secret}`).toString("base64")}`,
     unknown: bearer(`sk-mesh-${"x".repeat(43)}`),
+    stale: bearer("an-earlier-admin-token-0123456789"),
   });
   const post = async (secret: string, path: string, body: object) => {
     const res = await fetch(`${mesh.openaiUrl}/v1/${path}`, {
@@ -63,7 +67,8 @@ beforeAll(async () => {
       body: JSON.stringify({ model: "mock", ...body }),
     });
     expect(res.status).toBe(200);
-    return { requestId: res.headers.get("x-request-id") ?? "", body: (await res.json()) as { id: string; output: { id: string }[] } };
+    const answer = (await res.json()) as { id: string; output: { id: string }[] };
+    return { requestId: res.headers.get("x-request-id") ?? "", body: answer };
   };
   const chat = { messages: [{ role: "user", content: "hi" }] };
   const [, fromB, respA, respP] = await Promise.all([
@@ -138,20 +143,22 @@ const D = "PermissionDenied";
 // Reads of org A's data, through billing's or analytics' RPCs: its own keys, a project's too, and admins.
 const orgRead: Expected = {
   admin: "ok", own: "ok", project: "ok", other: D, revoked: U, expired: U, suspended: D, none: U, basic: U, unknown: U,
+  stale: D,
 };
 // Admin-only methods: any token but the admin's is refused before the message is read.
 const adminOnly: Expected = {
-  own: D, project: D, other: D, revoked: D, expired: D, suspended: D, none: U, basic: U, unknown: D,
+  own: D, project: D, other: D, revoked: D, expired: D, suspended: D, none: U, basic: U, unknown: D, stale: D,
 };
 // The gateway serving a key: any valid key of a working org, whichever org.
 const served: Expected = {
   admin: "401 invalid_api_key", own: "200", project: "200", other: "200", revoked: "401 invalid_api_key",
   expired: "401 expired_api_key", suspended: "403 organization_suspended", none: "401 missing_api_key",
-  basic: "401 missing_api_key", unknown: "401 invalid_api_key",
+  basic: "401 missing_api_key", unknown: "401 invalid_api_key", stale: "401 invalid_api_key",
 };
 const servedBut = (who: Caller): Expected => Object.fromEntries(Object.entries(served).filter(([k]) => k !== who));
 const servedRpc: Expected = {
   admin: U, own: "ok", project: "ok", other: "ok", revoked: U, expired: U, suspended: D, none: U, basic: U, unknown: U,
+  stale: U,
 };
 
 describe("tenant isolation across the mesh", () => {
@@ -162,6 +169,9 @@ describe("tenant isolation across the mesh", () => {
     const range = { start: timestampFromMs(Date.now() - 3_600_000), end: timestampFromMs(Date.now() + 3_600_000) };
     const v1 = `${mesh.openaiUrl}/v1`;
     const chat = { model: "mock", messages: [{ role: "user", content: "hi" }] };
+    const embedding = { model: "mock", input: "x" };
+    const after = { model: "mock", input: "hi", previous_response_id: ids.respA };
+    const naming = { model: "mock", input: [{ type: "item_reference", id: ids.itemA }] };
     const params = { params: { model: "mock", messages: [{ role: "user", content: "hi" }] } };
     const notFound = (code: string) => ({ project: code, other: code });
     const rows: [string, (who: Caller) => Promise<string>, Expected][] = [
@@ -177,12 +187,13 @@ describe("tenant isolation across the mesh", () => {
         { ...orgRead, other: "NotFound" }],
       ["billing invoice page", (w) => rest(`${mesh.urls.billing}/invoices/${ids.invA}`, w), {
         admin: "200", own: "200", project: "200", other: "404", revoked: "401", expired: "401", suspended: "403",
-        none: "401", basic: "401", unknown: "401",
+        none: "401", basic: "401", unknown: "401", stale: "403",
       }],
       ["analytics QueryUsage", (w) => rpc(analytics.queryUsage({ orgId: ids.orgA, range }, callOptions(w))), orgRead],
       ["analytics QueryTimeSeries", (w) =>
         rpc(analytics.queryTimeSeries({ orgId: ids.orgA, range, bucketSeconds: 3600n }, callOptions(w))), orgRead],
-      ["analytics QueryLatency", (w) => rpc(analytics.queryLatency({ orgId: ids.orgA, range }, callOptions(w))), orgRead],
+      ["analytics QueryLatency", (w) => rpc(analytics.queryLatency({ orgId: ids.orgA, range }, callOptions(w))),
+        orgRead],
       ["analytics ListRequests of B's request id", (w) =>
         found(analytics.listRequests({ orgId: ids.orgA, requestId: ids.reqB }, callOptions(w))),
         { ...orgRead, admin: "ok 0", own: "ok 0", project: "ok 0" }],
@@ -194,16 +205,15 @@ describe("tenant isolation across the mesh", () => {
         servedRpc],
       ["gateway ListModels", (w) => rpc(gateway.listModels({}, callOptions(w))), servedRpc],
       ["POST /v1/chat/completions", (w) => rest(`${v1}/chat/completions`, w, { method: "POST", body: chat }), served],
-      ["POST /v1/embeddings", (w) => rest(`${v1}/embeddings`, w, { method: "POST", body: { model: "mock", input: "x" } }),
-        served],
+      ["POST /v1/embeddings", (w) => rest(`${v1}/embeddings`, w, { method: "POST", body: embedding }), served],
       ["GET /v1/models", (w) => rest(`${v1}/models`, w), served],
       ["GET /v1/models/mock", (w) => rest(`${v1}/models/mock`, w), served],
       // A's org-wide responses are A's org keys' alone: neither B nor a project of A may name them.
       ["POST /v1/responses after A's response", (w) =>
-        rest(`${v1}/responses`, w, { method: "POST", body: { model: "mock", input: "hi", previous_response_id: ids.respA } }),
+        rest(`${v1}/responses`, w, { method: "POST", body: after }),
         { ...served, ...notFound("400 previous_response_not_found") }],
       ["POST /v1/responses naming A's item", (w) =>
-        rest(`${v1}/responses`, w, { method: "POST", body: { model: "mock", input: [{ type: "item_reference", id: ids.itemA }] } }),
+        rest(`${v1}/responses`, w, { method: "POST", body: naming }),
         { ...served, ...notFound("400 item_not_found") }],
       ["GET /v1/responses/{A's}", (w) => rest(`${v1}/responses/${ids.respA}`, w),
         { ...served, ...notFound("404 response_not_found") }],
@@ -234,8 +244,9 @@ describe("tenant isolation across the mesh", () => {
       "queryTimeSeries", "queryLatency", "listRequests"]);
     const got: Record<string, Expected> = {};
     const want: Record<string, Expected> = {};
-    for (const [service, baseUrl] of [[BillingService, mesh.urls.billing], [AnalyticsService, mesh.urls.analytics]] as const) {
-      const client = createServiceClient(service, { baseUrl }) as unknown as Record<string, (...args: unknown[]) => unknown>;
+    const services = [[BillingService, mesh.urls.billing], [AnalyticsService, mesh.urls.analytics]] as const;
+    for (const [service, baseUrl] of services) {
+      const client = createServiceClient(service, { baseUrl }) as unknown as Record<string, (...a: unknown[]) => unknown>;
       for (const method of service.methods as DescMethod[]) {
         if (orgMethods.has(method.localName)) continue;
         const name = `${service.name}.${method.name}`;
@@ -248,7 +259,8 @@ describe("tenant isolation across the mesh", () => {
         }
       }
     }
-    expect(Object.keys(want).length).toBe(BillingService.methods.length + AnalyticsService.methods.length - orgMethods.size);
+    const methods = BillingService.methods.length + AnalyticsService.methods.length;
+    expect(Object.keys(want).length).toBe(methods - orgMethods.size);
     expect(got).toEqual(want);
   }, 60_000);
 });
