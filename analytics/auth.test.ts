@@ -35,6 +35,30 @@ test("a flood of made-up keys does not push a working key out, and a made-up key
   expect(asked.length).toBe(51);
 });
 
+test("a token that is no API key nor the admin's is refused as billing refuses it, without asking billing", async () => {
+  let asked = 0;
+  const billing = createClient(
+    BillingService,
+    createRouterTransport((r) =>
+      r.service(BillingService, {
+        async authorizeKey() {
+          asked++;
+          throw new ConnectError("unknown api key", Code.Unauthenticated);
+        },
+      }),
+    ),
+  );
+  const auth = createAnalyticsAuth({ adminToken, billing });
+  const refused = await auth.requireOrgReader(as("an-earlier-admin-token-0123456789"), org).catch(ConnectError.from);
+  expect([refused?.code, refused?.rawMessage]).toEqual([Code.PermissionDenied, "invalid admin token"]);
+  expect(asked).toBe(0);
+  // A key billing does not know is still unknown.
+  expect(await auth.requireOrgReader(as("sk-mesh-made-up"), org).catch((e) => ConnectError.from(e).code)).toBe(
+    Code.Unauthenticated,
+  );
+  expect(asked).toBe(1);
+});
+
 test("a key is not remembered past its expiry: once it expires it reads nothing more, as billing refuses it", async () => {
   let clock = 1_000_000;
   const expireMs = clock + 5_000;

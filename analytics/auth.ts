@@ -1,7 +1,7 @@
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, type Client, ConnectError } from "@connectrpc/connect";
 import { type BillingService, KeyRefusalReason, KeyRefusalSchema } from "../gen/billing/v1/billing_pb.ts";
-import { bearerToken, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
+import { bearerToken, keySecretPrefix, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
 import { createKeyCache } from "../lib/key-cache.ts";
 import { createOutageLog, type Logger } from "../lib/log.ts";
 
@@ -102,6 +102,8 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
       const token = bearerToken(headers);
       if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
       if (safeEqual(token, adminToken)) return;
+      // No API key (a stale admin token, say): refused as billing refuses it, and never sent to billing as a key.
+      if (!token.startsWith(keySecretPrefix)) throw new ConnectError("invalid admin token", Code.PermissionDenied);
       const { orgId: keyOrg, suspended } = await orgOfKey(token);
       if (suspended) throw new ConnectError("the api key's organization is suspended", Code.PermissionDenied);
       if (keyOrg === undefined) throw new ConnectError("unknown, revoked or expired api key", Code.Unauthenticated);

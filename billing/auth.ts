@@ -1,7 +1,13 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { KeyRefusalReason, KeyRefusalSchema } from "../gen/billing/v1/billing_pb.ts";
-import { bearerToken, refusePublishedTokenFromAfar, requireAdmin, safeEqual, sha256Hex } from "../lib/auth.ts";
-import { keySecretPrefix } from "./store/accounts.ts";
+import {
+  bearerToken,
+  keySecretPrefix,
+  refusePublishedTokenFromAfar,
+  requireAdmin,
+  safeEqual,
+  sha256Hex,
+} from "../lib/auth.ts";
 import type { BillingStore } from "./store/store.ts";
 
 /** Who is calling: an admin (or another mesh service), or an org through one of its own API keys. */

@@ -2,6 +2,9 @@ import { hash, timingSafeEqual } from "node:crypto";
 import { Code, ConnectError, createContextKey } from "@connectrpc/connect";
 import { defaultAdminToken } from "./config.ts";
 
+/** Every API key's secret starts with this (billing makes them); a token without it is no key. */
+export const keySecretPrefix = "sk-mesh-";
+
 /** The token of an `authorization: Bearer <token>` header, or undefined. */
 export function bearerToken(headers: Pick<Headers, "get">): string | undefined {
   const value = headers.get("authorization");

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import { ulid } from "ulid";
-import { sha256Hex } from "../../lib/auth.ts";
+import { keySecretPrefix, sha256Hex } from "../../lib/auth.ts";
 import { BillingError, type Db, pageOf, type Queryable, requestSha256 } from "./db.ts";
 import type {
   ApiKey,
@@ -15,8 +15,7 @@ import type {
   Project,
 } from "./types.ts";
 
-/** Every key secret starts with this; the rest is base62 from a CSPRNG. */
-export const keySecretPrefix = "sk-mesh-";
+// A secret is keySecretPrefix and base62 from a CSPRNG.
 const secretLength = 43; // base62 characters: about 256 bits
 const visiblePrefixLength = keySecretPrefix.length + 4;
 const base62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
