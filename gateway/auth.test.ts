@@ -157,6 +157,24 @@ describe("key authorizer", () => {
     now.t += 15_000; // past the refreshed entry's refresh point, before its expiry
     expect((await keys.authorize("sk-good")).apiKeyId).toBe("key_1");
   });
+
+  test("keys used once are forgotten once of no more use, not kept until 100,000 push them out", async () => {
+    const now = { t: 1_000_000 };
+    const secrets = Array.from({ length: 600 }, (_, i) => `sk-${i}`);
+    const billing = createBillingFake(Object.fromEntries(secrets.map((s, i) => [s, { id: `key_${i}`, orgId: "org_1" }])));
+    const keys = createKeyAuthorizer({ billing: billing.client, hitTtlMs: 30_000, staleMs: 60_000, watching: true, now: () => now.t });
+    // A new key a second, and a made-up one: the last minute's keys (the stale window) and 2 s of refusals are held.
+    for (const secret of secrets) {
+      await keys.authorize(secret);
+      await failure(keys.authorize(`made-up-${secret}`));
+      now.t += 1_000;
+    }
+    expect(keys.size()).toBeLessThanOrEqual(65);
+    // Those still within the stale window serve while billing is down.
+    billing.setDown(true);
+    expect((await keys.authorize("sk-599")).apiKeyId).toBe("key_599");
+    expect((await keys.authorize("sk-550")).apiKeyId).toBe("key_550");
+  });
 });
 
 describe("keys while billing cannot be asked", () => {

@@ -49,6 +49,8 @@ export interface KeyAuthorizer {
   vouchedLately(): boolean;
   /** True while billing's last key check found it unreachable or unavailable and nothing has answered since. */
   billingDown(): boolean;
+  /** Keys remembered, working and refused. */
+  size(): number;
 }
 
 export interface KeyAuthorizerOptions {
@@ -114,6 +116,8 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   const cache = createKeyCache<Entry>({
     maxKeys: options.maxEntries ?? 100_000,
     maxRejected: options.maxRejectedEntries ?? 10_000,
+    // Past its TTL and the stale window a key is asked about again: its entry (about 1.5 KB) is of no more use.
+    expired: (entry) => now() - entry.loadedAt >= (entry.rejection ? missTtlMs : Math.max(hitTtlMs, staleMs)),
   });
   const loading = new Map<string, Load>();
   const lookups = options.registry
@@ -309,6 +313,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     },
     vouchedLately: () => now() - lastVouchedAt < staleMs,
     billingDown: () => billingDown,
+    size: () => cache.size(),
   };
 }
 

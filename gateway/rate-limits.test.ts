@@ -199,6 +199,23 @@ describe("tokens per minute", () => {
     limiter.admit("d", rpm, 0);
     expect(limiter.size()).toBe(1);
   });
+
+  test("keys idle for a window are dropped within another, however few are tracked", () => {
+    const clock = { t: 1_750_000_000_250 };
+    const limiter = createRateLimiter({ now: () => clock.t });
+    const rpm = { requestsPerMinute: 1, tokensPerMinute: 0 };
+    // A key a second, each used once: only the last two minutes' keys are held, never all of them.
+    for (let i = 0; i < 600; i++) {
+      limiter.admit(`key-${i}`, rpm, 0);
+      clock.t += 1_000;
+    }
+    expect(limiter.size()).toBeLessThanOrEqual(120);
+    // A key in use keeps its window: its minute still counts.
+    limiter.admit("busy", rpm, 0);
+    clock.t += 59_000;
+    limiter.admit("other", rpm, 0);
+    expect(refused(() => limiter.admit("busy", rpm, 0)).status).toBe(429);
+  });
 });
 
 describe("what a running request counts at", () => {
