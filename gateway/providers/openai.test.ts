@@ -404,6 +404,8 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   // An event that never ends (100 MiB of it here), after a chunk and before any.
   "endless-event": [chunkEvent({ content: "partial" }), 'data: {"pad":"', ...Array(400).fill("x".repeat(256 * 1024))],
   "endless-first": ['data: {"pad":"', ...Array(400).fill("x".repeat(256 * 1024))],
+  // A long answer sent faster than it is read: 20,000 chunks (2.3 MB) at once.
+  long: [Array.from({ length: 20_000 }, (_, i) => chunkEvent({ content: ` w${i}` })).join(""), chunkEvent({}, "stop")],
   // Two choices (n = 2): the first finishes, the second is cut off; then both finishing.
   "two-cut": [choiceEvent(0, { content: "one" }, "stop"), choiceEvent(1, { content: "tw" })],
   // Two asked for, the first finished, the connection closed before the second began.
@@ -498,6 +500,36 @@ describe("openai provider streams", () => {
     }
     const closed = () => closedEarly.includes("endless-event") && closedEarly.includes("endless-first");
     await eventually(() => closed() || undefined);
+  });
+
+  test("a long answer that arrived faster than it was read lets the event loop turn while it is read", async () => {
+    // The event loop's turns: timers, other requests' I/O and callbacks all wait for the next.
+    let turns = 0;
+    let turning = true;
+    const turn = () => {
+      turns++;
+      if (turning) setImmediate(turn);
+    };
+    setImmediate(turn);
+    let count = 0;
+    let inOneTurn = 0;
+    let most = 0;
+    let seenAt = -1;
+    try {
+      for await (const chunk of await streaming.streamChat(request("long"), { timeoutMs: 5000 })) {
+        // The answer arrives meanwhile: the next reads hold what Bun's fetch buffered (up to half a MiB).
+        if (count++ === 0) await Bun.sleep(200);
+        if (chunk.choices[0]?.delta.content === undefined) continue;
+        inOneTurn = turns === seenAt ? inOneTurn + 1 : 1;
+        seenAt = turns;
+        most = Math.max(most, inOneTurn);
+      }
+    } finally {
+      turning = false;
+    }
+    expect(count).toBe(20_001);
+    // A slice of a read (16 KiB) is about 140 of these chunks; a whole read was thousands.
+    expect(most).toBeLessThan(500);
   });
 
   test("a consumer that takes longer than the timeout to read a chunk is not the upstream's silence", async () => {

@@ -632,6 +632,9 @@ function indexToolCalls(delta: { tool_calls?: unknown }, choice: unknown, begun:
 /** How long a stream whose choices have all finished is still read for its usage after its client left. */
 export const usageGraceMs = 3_000;
 
+/** How much of a read of a stream is parsed into events at once. */
+const parsedSliceBytes = 16 * 1024;
+
 /** What the relay uses of a body's reader. */
 interface BodyReader {
   read(): Promise<{ done: true; value?: undefined } | { done: false; value: Uint8Array }>;
@@ -718,23 +721,34 @@ function upstreamEvents<T>(
         if (silence.expired || (signal?.aborted && !over())) break;
         // A last event without its blank line still counts once the body ends.
         if (read.done) ended = true;
-        const text = read.done ? `${decoder.decode()}\n\n` : decoder.decode(read.value, { stream: true });
-        unended += read.value?.byteLength ?? 0;
-        parser.feed(text);
-        if (unended > maxEventBytes && !failure) {
-          const said = `${provider}: an event longer than ${maxEventBytes} bytes, not read`;
-          failure = Object.assign(new UpstreamError("transient", said), { promptTaken: true });
+        const bytes = read.value ?? new Uint8Array(0);
+        // A read after the client was slow holds all that arrived meanwhile (half a MiB from Bun's fetch): parsed a
+        // slice at a time, only a slice's events wait as objects for a client that takes none of them.
+        for (let at = 0; at < bytes.byteLength || (read.done && at === 0); at += parsedSliceBytes) {
+          if (rules.done() || failure || silence.expired || (signal?.aborted && !over())) break;
+          // Every slice but the first waits for the event loop's next turn: the events of one read go out without
+          // another wait, so without it other requests, and every timer, would wait behind all of them.
+          if (at > 0) await new Promise((resolve) => setImmediate(resolve));
+          const slice = bytes.subarray(at, at + parsedSliceBytes);
+          const last = at + parsedSliceBytes >= bytes.byteLength;
+          const text = read.done && last ? `${decoder.decode(slice)}\n\n` : decoder.decode(slice, { stream: true });
+          unended += slice.byteLength;
+          parser.feed(text);
+          if (unended > maxEventBytes && !failure) {
+            const said = `${provider}: an event longer than ${maxEventBytes} bytes, not read`;
+            failure = Object.assign(new UpstreamError("transient", said), { promptTaken: true });
+          }
+          tail = (text.length >= 32 ? text : tail + text).slice(-32);
+          // Some upstreams send [DONE] without its blank line and hold the connection open: it never dispatches.
+          if (tail.includes("[DONE]") && /\n\ndata: ?\[DONE\]\n$/.test(tail.replace(/\r\n?/g, "\n"))) take(doneEvent);
+          for (const item of items.splice(0)) {
+            // Silence is the upstream's between events: not keep-alive comments, nor the time the client takes.
+            silence.pause();
+            yield item;
+            silence.heard();
+          }
         }
-        tail = (text.length >= 32 ? text : tail + text).slice(-32);
-        // Some upstreams send [DONE] without its blank line and hold the connection open: the event never dispatches.
-        if (tail.includes("[DONE]") && /\n\ndata: ?\[DONE\]\n$/.test(tail.replace(/\r\n?/g, "\n"))) take(doneEvent);
-        for (const item of items.splice(0)) {
-          // Silence is the upstream's between events: not keep-alive comments, nor the time the client takes to read.
-          silence.pause();
-          yield item;
-          silence.heard();
-        }
-        if (ended) break;
+        if (ended || silence.expired || (signal?.aborted && !over())) break;
       }
     } finally {
       silence.stop();
