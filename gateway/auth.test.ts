@@ -530,7 +530,7 @@ describe("watching key changes", () => {
   test("a stream silent past silenceMs (a hung billing replica) is no longer trusted, and is reopened", async () => {
     const billing = streamFake();
     const { keys, watching } = recorder();
-    const watch = watchKeyChanges({ billing: billing.client, keys, silenceMs: 100, backoffMs: 10, random: () => 1 });
+    const watch = watchKeyChanges({ billing: billing.client, keys, silenceMs: 400, backoffMs: 10, random: () => 1 });
     await until(() => billing.opened() === 1);
     billing.push({ secretHash: "", apiKeyId: "", revoked: false });
     await until(() => watch.healthy());
