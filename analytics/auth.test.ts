@@ -1,6 +1,6 @@
 import { expect, test } from "bun:test";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, createRouterTransport, type ServiceImpl } from "@connectrpc/connect";
 import { BillingService, KeyRefusalReason, KeyRefusalSchema } from "../gen/billing/v1/billing_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { createAnalyticsAuth } from "./auth.ts";
@@ -9,20 +9,17 @@ const adminToken = "test-admin-token-0123456789";
 const org = "org_auth";
 const as = (token: string) => new Headers({ authorization: `Bearer ${token}` });
 
+/** A billing client whose AuthorizeKey is `authorizeKey`, in process. */
+const billingAnswering = (authorizeKey: ServiceImpl<typeof BillingService>["authorizeKey"]) =>
+  createClient(BillingService, createRouterTransport((r) => r.service(BillingService, { authorizeKey })));
+
 test("a flood of made-up keys does not push a working key out, and a made-up key is checked with billing once", async () => {
   const asked: string[] = [];
-  const billing = createClient(
-    BillingService,
-    createRouterTransport((r) =>
-      r.service(BillingService, {
-        async authorizeKey(req) {
-          asked.push(req.secret);
-          if (req.secret !== "sk-mesh-of-org") throw new ConnectError("unknown api key", Code.Unauthenticated);
-          return { apiKey: { id: "key_1", orgId: org } };
-        },
-      }),
-    ),
-  );
+  const billing = billingAnswering(async (req) => {
+    asked.push(req.secret);
+    if (req.secret !== "sk-mesh-of-org") throw new ConnectError("unknown api key", Code.Unauthenticated);
+    return { apiKey: { id: "key_1", orgId: org } };
+  });
   const auth = createAnalyticsAuth({ adminToken, billing, maxKeys: 2, maxRejectedKeys: 10 });
   const refusal = (token: string) => auth.requireOrgReader(as(token), org).then(() => undefined, (e) => ConnectError.from(e).code);
 
@@ -37,17 +34,10 @@ test("a flood of made-up keys does not push a working key out, and a made-up key
 
 test("a token that is no API key nor the admin's is refused as billing refuses it, without asking billing", async () => {
   let asked = 0;
-  const billing = createClient(
-    BillingService,
-    createRouterTransport((r) =>
-      r.service(BillingService, {
-        async authorizeKey() {
-          asked++;
-          throw new ConnectError("unknown api key", Code.Unauthenticated);
-        },
-      }),
-    ),
-  );
+  const billing = billingAnswering(async () => {
+    asked++;
+    throw new ConnectError("unknown api key", Code.Unauthenticated);
+  });
   const auth = createAnalyticsAuth({ adminToken, billing });
   const refused = await auth.requireOrgReader(as("an-earlier-admin-token-0123456789"), org).catch(ConnectError.from);
   expect([refused?.code, refused?.rawMessage]).toEqual([Code.PermissionDenied, "invalid admin token"]);
@@ -63,18 +53,11 @@ test("a key is not remembered past its expiry: once it expires it reads nothing 
   let clock = 1_000_000;
   const expireMs = clock + 5_000;
   let asked = 0;
-  const billing = createClient(
-    BillingService,
-    createRouterTransport((r) =>
-      r.service(BillingService, {
-        async authorizeKey() {
-          asked++;
-          if (clock >= expireMs) throw new ConnectError("api key expired", Code.Unauthenticated);
-          return { apiKey: { id: "key_1", orgId: org, limits: { expireTime: timestampFromMs(expireMs) } } };
-        },
-      }),
-    ),
-  );
+  const billing = billingAnswering(async () => {
+    asked++;
+    if (clock >= expireMs) throw new ConnectError("api key expired", Code.Unauthenticated);
+    return { apiKey: { id: "key_1", orgId: org, limits: { expireTime: timestampFromMs(expireMs) } } };
+  });
   const auth = createAnalyticsAuth({ adminToken, billing, ttlMs: 30_000, now: () => clock });
   const refusal = () => auth.requireOrgReader(as("sk-mesh-expiring"), org).then(() => undefined, (e) => ConnectError.from(e).code);
 
@@ -91,19 +74,12 @@ test("a key of a suspended org is refused PermissionDenied once its org is no lo
   let clock = 1_000_000;
   let suspended = false;
   let asked = 0;
-  const billing = createClient(
-    BillingService,
-    createRouterTransport((r) =>
-      r.service(BillingService, {
-        async authorizeKey() {
-          asked++;
-          if (!suspended) return { apiKey: { id: "key_1", orgId: org } };
-          const detail = { desc: KeyRefusalSchema, value: { reason: KeyRefusalReason.ORGANIZATION_SUSPENDED, orgId: org } };
-          throw new ConnectError(`organization ${org} is suspended`, Code.PermissionDenied, undefined, [detail]);
-        },
-      }),
-    ),
-  );
+  const billing = billingAnswering(async () => {
+    asked++;
+    if (!suspended) return { apiKey: { id: "key_1", orgId: org } };
+    const detail = { desc: KeyRefusalSchema, value: { reason: KeyRefusalReason.ORGANIZATION_SUSPENDED, orgId: org } };
+    throw new ConnectError(`organization ${org} is suspended`, Code.PermissionDenied, undefined, [detail]);
+  });
   const auth = createAnalyticsAuth({ adminToken, billing, ttlMs: 30_000, rejectedTtlMs: 5_000, now: () => clock });
   const refusal = () =>
     auth.requireOrgReader(as("sk-mesh-suspended"), org).then(
@@ -130,18 +106,11 @@ test("a key of a suspended org is refused PermissionDenied once its org is no lo
 
 test("a key check billing cannot answer is logged with billing's words, once until billing answers again", async () => {
   let answer: "refuse token" | "down" | "ok" = "refuse token";
-  const billing = createClient(
-    BillingService,
-    createRouterTransport((r) =>
-      r.service(BillingService, {
-        async authorizeKey() {
-          if (answer === "refuse token") throw new ConnectError("invalid admin token", Code.PermissionDenied);
-          if (answer === "down") throw new ConnectError("connect ECONNREFUSED 10.0.0.5:8081", Code.Unavailable);
-          return { apiKey: { id: "key_1", orgId: org } };
-        },
-      }),
-    ),
-  );
+  const billing = billingAnswering(async () => {
+    if (answer === "refuse token") throw new ConnectError("invalid admin token", Code.PermissionDenied);
+    if (answer === "down") throw new ConnectError("connect ECONNREFUSED 10.0.0.5:8081", Code.Unavailable);
+    return { apiKey: { id: "key_1", orgId: org } };
+  });
   const lines: Record<string, unknown>[] = [];
   const log = createLogger({ service: "analytics", write: (line) => lines.push(JSON.parse(line)) });
   const auth = createAnalyticsAuth({ adminToken, billing, log });

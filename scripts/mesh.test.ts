@@ -243,6 +243,15 @@ test("npm start killed by kill -9 has its services and postgres stop themselves;
   }
 }, 120_000);
 
+/** A script that takes the launcher's lock on `dataDir`, says "locked" and lets it go. */
+const lockScript = (dataDir: string) =>
+  [
+    `const { lockDataDir } = await import(${JSON.stringify(launcher)});`,
+    `const lock = await lockDataDir(${JSON.stringify(dataDir)});`,
+    `console.log("locked");`,
+    `lock.release();`,
+  ].join("\n");
+
 test("a launcher finding services of a killed one still running (hung) stops them before it starts", async () => {
   const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
   // Stands in for a gateway that did not stop when its launcher was killed.
@@ -251,13 +260,7 @@ test("a launcher finding services of a killed one still running (hung) stops the
     const start = procStatFields(hung.pid)?.[19];
     const stale = { launcher: { pid: 999_999_999, start: "1" }, services: { gateway: { pid: hung.pid, start } } };
     await writeFile(join(dataDir, "mesh.pid"), JSON.stringify(stale));
-    const script = [
-      `const { lockDataDir } = await import(${JSON.stringify(launcher)});`,
-      `const lock = await lockDataDir(${JSON.stringify(dataDir)});`,
-      `console.log("locked");`,
-      `lock.release();`,
-    ].join("\n");
-    const { stdout: out, code } = await runCommand([process.execPath, "--eval", script]);
+    const { stdout: out, code } = await runCommand([process.execPath, "--eval", lockScript(dataDir)]);
     expect({ out, code }).toEqual({
       out: `stopping gateway (pid ${hung.pid}), left running by an npm start that was killed\nlocked\n`,
       code: 0,
@@ -364,12 +367,6 @@ test.skipIf(!canHideProc)(
     try {
       const [launcherPid, gatewayPid] = others.map((p) => p.pid);
       chownSync(dataDir, 65534, 65534);
-      const script = [
-        `const { lockDataDir } = await import(${JSON.stringify(launcher)});`,
-        `const lock = await lockDataDir(${JSON.stringify(dataDir)});`,
-        `console.log("locked");`,
-        `lock.release();`,
-      ].join("\n");
       // Refused as "another npm start (pid ...) is running"; then failed on kill() EPERM.
       for (const stale of [
         { launcher: { pid: launcherPid, start: "1" }, services: {} },
@@ -378,7 +375,7 @@ test.skipIf(!canHideProc)(
         await writeFile(join(dataDir, "mesh.pid"), JSON.stringify(stale));
         chownSync(join(dataDir, "mesh.pid"), 65534, 65534);
         const { stdout: out, stderr: err, code } = await runCommand(
-          [...hiddenProc, ...asNobody, process.execPath, "--eval", script],
+          [...hiddenProc, ...asNobody, process.execPath, "--eval", lockScript(dataDir)],
           { env: { HOME: dataDir } },
         );
         expect({ out, err, code }).toEqual({ out: "locked\n", err: "", code: 0 });
