@@ -287,9 +287,11 @@ export function createRollups(
             minutesFromRaw("start_time >= {from:DateTime64(6, 'UTC')} AND start_time < {to:DateTime64(6, 'UTC')}"),
             window,
           );
+          // Every minute of the hours touched, not only this chunk's: another replica may have rolled up the rest of
+          // the last one, and this row, written after its, would otherwise replace its whole hour with a part.
           await driver.exec(
-            hoursFromMinutes("minute >= {hour_from:DateTime64(6, 'UTC')} AND minute < {to:DateTime64(6, 'UTC')}"),
-            { ...window, hour_from: microsText(floorTo(done, hourUs)) },
+            hoursFromMinutes("minute >= {hour_from:DateTime64(6, 'UTC')} AND minute < {hour_to:DateTime64(6, 'UTC')}"),
+            { hour_from: microsText(floorTo(done, hourUs)), hour_to: microsText(ceilTo(end, hourUs)) },
           );
           done = end;
           // Each chunk recorded as done: a run stopped part way resumes after it.

@@ -764,6 +764,64 @@ describe("rollups through a proxy that caps request URLs at nginx's 8 KB", () =>
   }, 60_000);
 });
 
+describe("two replicas rolling up at once", () => {
+  test("an hour rolled up by one is not cut short by the other's run that stops before its end", async () => {
+    const first = await createTestStore();
+    // Each replica's statements on the one engine, paused where a slow server would hold them.
+    const gate = () => Promise.withResolvers<void>();
+    const [behindRead, aheadHour, behindDone] = [gate(), gate(), gate()];
+    type Hooks = { beforeHour?: () => Promise<void>; beforeDone?: () => Promise<void>; afterDone?: () => void };
+    const replica = (hooks: Hooks) => {
+      const driver = createChdbDriver(testDataDir());
+      let hours = 0;
+      const paused: ClickHouseDriver = {
+        ...driver,
+        async query(sql, params, report) {
+          const rows = await driver.query(sql, params, report);
+          if (/done_until FROM \w+\.rollup_state FINAL WHERE name/.test(sql)) behindRead.resolve();
+          return rows as never;
+        },
+        async exec(sql, params) {
+          if (/INSERT INTO \w+\.requests_1h/.test(sql) && hours++ === 0) await hooks.beforeHour?.();
+          return driver.exec(sql, params);
+        },
+        async insert(table, columns, values, settings) {
+          const done = table.endsWith("rollup_state") && values[0]?.[0] === "rollups";
+          if (done) await hooks.beforeDone?.();
+          await driver.insert(table, columns, values, settings);
+          if (done) hooks.afterDone?.();
+        },
+      };
+      return createAnalyticsStore(paused, { database: first.database, ttlDays: 400, rollupLagMs: 60_000 });
+    };
+    try {
+      const org = "org_two_rollups";
+      // A request in each minute of an hour.
+      const rows = Array.from({ length: 60 }, (_, m) => sampleMetrics(at(m * 60_000 + 1_000), { orgId: org }));
+      await first.insertRequests(rows, "two-1");
+      // The replica behind started its run first, for minutes up to 00:59; the one ahead, for the whole hour and more.
+      const behind = replica({ beforeHour: () => aheadHour.promise, afterDone: () => behindDone.resolve() });
+      const ahead = replica({
+        beforeDone: async () => {
+          aheadHour.resolve();
+          await behindDone.promise;
+        },
+      });
+      const behindRun = behind.rollUp(at(hour));
+      await behindRead.promise;
+      await Promise.all([behindRun, ahead.rollUp(at(hour + 3 * 60_000))]);
+      const range = { start: timestampFromDate(at(0)), end: timestampFromDate(at(hour)) };
+      const total = async () => (await first.queryUsage({ orgId: org, ...range, groupBy: [], limit: 1 }))[0]?.requests;
+      expect(await total()).toBe(60n);
+      // Later runs start past the hour and leave its row as it is.
+      await first.rollUp(at(hour + 10 * 60_000));
+      expect(await total()).toBe(60n);
+    } finally {
+      await first.close();
+    }
+  });
+});
+
 describe("rollups under another lag or clock", () => {
   test("a row for a rolled-up minute counts whatever the lag or clock of the replica that stores it", async () => {
     const first = await createTestStore();
