@@ -4,7 +4,7 @@ import { BillingError } from "./db.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
 import { createTestDatabase, noLimits, type TestDatabase } from "./test-db.ts";
 import type { ApiKey, Organization, UsageRecord } from "./types.ts";
-import { arrayLiteral } from "./usage.ts";
+import { arrayLiteral, createUsageStore } from "./usage.ts";
 
 let db: TestDatabase;
 let store: BillingStore;
@@ -219,6 +219,38 @@ test("usage records page newest first", async () => {
   });
   expect(rest).toEqual({ items: [records[2], records[1]] as UsageRecord[], more: false });
 });
+
+test("a page deep into a range starts at its cursor, not at the range's end", async () => {
+  const deepOrg = await newOrg("deep-pages-org");
+  const records = Array.from({ length: 20_000 }, (_, i) =>
+    usage({ orgId: deepOrg.id, apiKeyId: null, occurredAt: new Date(Date.UTC(2026, 6, 1) + i * 60_000) }),
+  );
+  await store.recordUsage(records);
+  await db.pool.query("ANALYZE usage_records");
+  let statement: { sql: string; params: unknown[] } | undefined;
+  const capturing = createUsageStore({
+    async query(sql, params = []) {
+      statement = { sql, params };
+      return (await db.pool.query(sql, params)).rows;
+    },
+    transaction: () => Promise.reject(new Error("not used")),
+  });
+  const cursor = records[100] as UsageRecord;
+  const page = await capturing.listUsageRecords({
+    orgId: deepOrg.id,
+    requestId: null,
+    start: new Date(Date.UTC(2026, 6, 1)),
+    end: new Date(Date.UTC(2026, 7, 1)),
+    after: { occurredAt: cursor.occurredAt, requestId: cursor.requestId },
+    limit: 10,
+  });
+  expect(page.items.map((r) => r.requestId)).toEqual(records.slice(90, 100).reverse().map((r) => r.requestId));
+  const [{ "QUERY PLAN": [plan] }] = (
+    await db.pool.query(`EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ${statement?.sql}`, statement?.params)
+  ).rows;
+  // The page's own index pages, not those of the 19,900 records between the cursor and the end.
+  expect(plan.Plan["Shared Hit Blocks"] + plan.Plan["Shared Read Blocks"]).toBeLessThan(20);
+}, 60_000);
 
 test("usage must name an org, and a project and key of that org; none of them can be deleted afterwards", async () => {
   const elsewhere = await newOrg("elsewhere-org");

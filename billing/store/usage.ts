@@ -231,6 +231,9 @@ export function createUsageStore(db: Db) {
 
     /** Up to `limit` records of an org, newest first, and whether more follow. */
     async listUsageRecords(query: UsageRecordQuery): Promise<Page<UsageRecord>> {
+      // A cursor before the end bounds the page alone: given both, Postgres began its backward index scan at the end
+      // and read every record after the cursor, so each page of a range was slower than the one before.
+      const end = query.after && query.end && query.after.occurredAt < query.end ? null : query.end;
       const rows = await db.query<UsageRecordRow>(
         `SELECT request_id, org_id, project_id, api_key_id, model, provider, endpoint, input_tokens,
            cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, occurred_at, input_cost_nanos,
@@ -247,7 +250,7 @@ export function createUsageStore(db: Db) {
           query.orgId,
           query.requestId,
           query.start,
-          query.end,
+          end,
           query.after?.occurredAt ?? null,
           query.after?.requestId ?? null,
           query.limit + 1,
