@@ -1117,3 +1117,37 @@ describe("deadlines", () => {
     }
   });
 });
+
+describe("a long server stream", () => {
+  test("holds none of the messages its client has taken while it goes on", async () => {
+    let release = () => {};
+    const goesOn = new Promise<void>((resolve) => (release = resolve));
+    const count = 400;
+    const server = await startOwn({
+      name: "long-stream",
+      routes: (router) =>
+        router.service(BillingService, {
+          async *watchKeyChanges() {
+            for (let i = 0; i < count; i++) yield { apiKeyId: `${i}`.padEnd(64 * 1024, "x") };
+            await goesOn;
+          },
+        }),
+    });
+    try {
+      const billing = createServiceClient(BillingService, { baseUrl: server.url, timeoutMs: 10_000 });
+      const messages = billing.watchKeyChanges({}, { timeoutMs: 0 })[Symbol.asyncIterator]();
+      Bun.gc(true);
+      const before = process.memoryUsage().heapUsed;
+      for (let i = 0; i < count; i++) expect((await messages.next()).done).toBe(false);
+      await Bun.sleep(100);
+      Bun.gc(true);
+      // 25 MiB were sent: the server holds a few of them at most while the stream is open.
+      expect(process.memoryUsage().heapUsed - before).toBeLessThan(8 * 2 ** 20);
+      release();
+      expect((await messages.next()).done).toBe(true);
+    } finally {
+      release();
+      await server.close(0);
+    }
+  });
+});

@@ -394,31 +394,20 @@ function controllerOf(controllers: WeakMap<object, AbortController>, connection:
  */
 const endedWithConnection: Interceptor = (next) => async (req) => {
   const cut = req.contextValues.get(connectionCutKey);
-  let fail = () => {};
-  const cutOff = new Promise<never>((_, reject) => {
-    fail = () => reject(new ConnectError("the connection closed past its age; call again", Code.Unavailable));
-  });
-  cutOff.catch(() => {});
-  if (cut.aborted) fail();
-  else cut.addEventListener("abort", fail, { once: true });
-  // A connection's signal outlives its calls (for ever, with no age): each call's listener goes with it.
-  const over = () => cut.removeEventListener("abort", fail);
-  const watched = <T>(step: Promise<T>, ends: (value: T) => boolean) =>
-    Promise.race([step, cutOff]).then(
-      (value) => (ends(value) && over(), value),
-      (e: unknown) => {
-        over();
-        throw e;
-      },
-    );
-  const res = await watched(next(req), (r) => !r.stream);
+  // Each step races a promise of its own: one promise raced by every step of a stream would hold a reaction per step,
+  // and with it every message the stream has sent, until the call ends.
+  const watched = <T>(step: Promise<T>) => {
+    let fail = () => {};
+    const cutOff = new Promise<never>((_, reject) => {
+      fail = () => reject(new ConnectError("the connection closed past its age; call again", Code.Unavailable));
+    });
+    if (cut.aborted) fail();
+    else cut.addEventListener("abort", fail, { once: true });
+    return Promise.race([step, cutOff]).finally(() => cut.removeEventListener("abort", fail));
+  };
+  const res = await watched(next(req));
   if (!res.stream) return res;
-  const message = eachStep(
-    res.message,
-    (move) => watched(move(), (step) => step.done === true),
-    (move) => (over(), move()),
-  );
-  return { ...res, message };
+  return { ...res, message: eachStep(res.message, (move) => watched(move())) };
 };
 
 /**
