@@ -101,6 +101,7 @@ export function apiKeyMessage(key: ApiKey): ApiKeyMessage {
       monthlyTokens: key.limits.monthlyTokens,
       requestsPerMinute: key.limits.requestsPerMinute,
       tokensPerMinute: key.limits.tokensPerMinute,
+      maxConcurrentRequests: key.limits.maxConcurrentRequests,
       allowedModels: key.limits.allowedModels,
       expireTime: key.limits.expiresAt ? timestampFromDate(key.limits.expiresAt) : undefined,
     }),
@@ -149,6 +150,12 @@ export function keyLimitsFrom(limits: KeyLimitsMessage | undefined, field = "lim
     monthlyTokens: nonNegative(limits?.monthlyTokens ?? 0n, `${field}.monthly_tokens`),
     requestsPerMinute: intInRange(limits?.requestsPerMinute ?? 0, `${field}.requests_per_minute`, 0, 2 ** 31 - 1),
     tokensPerMinute: nonNegative(limits?.tokensPerMinute ?? 0n, `${field}.tokens_per_minute`),
+    maxConcurrentRequests: intInRange(
+      limits?.maxConcurrentRequests ?? 0,
+      `${field}.max_concurrent_requests`,
+      0,
+      2 ** 31 - 1,
+    ),
     allowedModels: [...new Set(models.map((model, i) => text(model, `${field}.allowed_models[${i}]`)))],
     expiresAt: limits?.expireTime ? instant(limits.expireTime, `${field}.expire_time`) : null,
   };
@@ -160,6 +167,7 @@ const keyLimitPaths: Record<string, keyof KeyLimits> = {
   monthly_tokens: "monthlyTokens",
   requests_per_minute: "requestsPerMinute",
   tokens_per_minute: "tokensPerMinute",
+  max_concurrent_requests: "maxConcurrentRequests",
   allowed_models: "allowedModels",
   expire_time: "expiresAt",
 };

@@ -325,12 +325,19 @@ test("RotateApiKey issues a working key with the same limits and retires the old
   const masked = await client.updateApiKeyLimits(
     {
       apiKeyId: rotated.apiKey?.id as string,
-      limits: { requestsPerMinute: 30, monthlyTokens: 999n },
-      updateMask: { paths: ["requests_per_minute", "allowed_models"] },
+      limits: { requestsPerMinute: 30, monthlyTokens: 999n, maxConcurrentRequests: 4 },
+      updateMask: { paths: ["requests_per_minute", "allowed_models", "max_concurrent_requests"] },
     },
     admin,
   );
-  expect(masked.apiKey?.limits).toMatchObject({ monthlyTokens: 5n, requestsPerMinute: 30, allowedModels: [] });
+  expect(masked.apiKey?.limits).toMatchObject({
+    monthlyTokens: 5n,
+    requestsPerMinute: 30,
+    maxConcurrentRequests: 4,
+    allowedModels: [],
+  });
+  const concurrency = { apiKeyId: rotated.apiKey?.id as string, limits: { maxConcurrentRequests: -1 } };
+  expect(await code(client.updateApiKeyLimits(concurrency, admin))).toBe(Code.InvalidArgument);
   const unknownPath = client.updateApiKeyLimits(
     { apiKeyId: rotated.apiKey?.id as string, limits: {}, updateMask: { paths: ["monthly_tokens", "secret"] } },
     admin,
@@ -343,7 +350,7 @@ test("RotateApiKey issues a working key with the same limits and retires the old
     { apiKeyId: rotated.apiKey?.id as string, limits: { monthlyTokens: 77n }, updateMask: { paths: ["monthly_tokens"] } },
     admin,
   );
-  expect(viaJson.apiKey?.limits).toMatchObject({ monthlyTokens: 77n, requestsPerMinute: 30 });
+  expect(viaJson.apiKey?.limits).toMatchObject({ monthlyTokens: 77n, requestsPerMinute: 30, maxConcurrentRequests: 4 });
   const listed = await client.listApiKeys({ orgId }, admin);
   expect(listed.apiKeys.map((k) => k.id)).toEqual([rotated.apiKey?.id as string]);
 });

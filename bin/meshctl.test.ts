@@ -265,10 +265,13 @@ describe("meshctl against a real billing", () => {
     expect(await ok(`keys list --org ${orgId}`)).toMatch(
       new RegExp(`^${id} .*budget \\$50/mo, 1000000 tok/mo, 60 rpm, models gpt-4o,mock, expires 2030-01-01`, "m"),
     );
-    expect(await ok(`quota set ${id} --rpm 0 --models "" --tpm 100`)).toBe(
-      `${id}: budget $50/mo, 1000000 tok/mo, 100 tpm, expires 2030-01-01\n`,
+    expect(await ok(`quota set ${id} --rpm 0 --models "" --tpm 100 --concurrency 8`)).toBe(
+      `${id}: budget $50/mo, 1000000 tok/mo, 100 tpm, 8 concurrent, expires 2030-01-01\n`,
     );
-    expect(await ok(`quota set ${id} --budget-usd 0 --expires ""`)).toBe(`${id}: 1000000 tok/mo, 100 tpm\n`);
+    expect(await ok(`quota set ${id} --budget-usd 0 --expires "" --concurrency 0`)).toBe(
+      `${id}: 1000000 tok/mo, 100 tpm\n`,
+    );
+    failsWith(await cli(`quota set ${id} --concurrency -1`), 2, /--concurrency must not be negative/);
     failsWith(await cli(`quota set ${id}`), 2, /quota set needs at least one of --budget-usd/);
     failsWith(await cli(`quota set key_missing --rpm 1`), 1, /api key key_missing not found/);
   });

@@ -65,10 +65,11 @@ const usage = `usage: meshctl <command> [flags] [--json]
       (a suspended org's keys are refused, 403 organization_suspended, until it is reinstated; nothing is deleted)
   projects create --org ID NAME | projects list --org ID
   keys create --org ID [--project ID] [--name S] [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N]
-              [--models a,b] [--expires DATE]
+              [--concurrency N] [--models a,b] [--expires DATE]
   keys list --org ID [--all] | keys revoke KEY_ID | keys rotate KEY_ID
-  quota set KEY_ID [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N] [--models a,b]
+  quota set KEY_ID [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N] [--concurrency N] [--models a,b]
             [--expires DATE]
+      (--rpm, --tpm and --concurrency, the requests a key may have in flight at once, hold per gateway replica)
       (changes only the limits given, the others stay; 0, or --models '' and --expires '', removes a limit)
   quota show KEY_ID [--org ID]
       (usage this period, the keys it was rotated from included: what its limits count)
@@ -103,6 +104,7 @@ const flags = {
   "monthly-tokens": { type: "string" },
   rpm: { type: "string" },
   tpm: { type: "string" },
+  concurrency: { type: "string" },
   models: { type: "string" },
   expires: { type: "string" },
   all: { type: "boolean" },
@@ -143,13 +145,13 @@ const commands: Record<string, { flags: readonly FlagName[]; args: number }> = {
   "projects create": { flags: ["org"], args: 1 },
   "projects list": { flags: ["org"], args: 0 },
   "keys create": {
-    flags: ["org", "project", "name", "budget-usd", "monthly-tokens", "rpm", "tpm", "models", "expires"],
+    flags: ["org", "project", "name", "budget-usd", "monthly-tokens", "rpm", "tpm", "concurrency", "models", "expires"],
     args: 0,
   },
   "keys list": { flags: ["org", "all"], args: 0 },
   "keys revoke": { flags: [], args: 1 },
   "keys rotate": { flags: [], args: 1 },
-  "quota set": { flags: ["budget-usd", "monthly-tokens", "rpm", "tpm", "models", "expires"], args: 1 },
+  "quota set": { flags: ["budget-usd", "monthly-tokens", "rpm", "tpm", "concurrency", "models", "expires"], args: 1 },
   "quota show": { flags: ["org"], args: 1 },
   usage: { flags: ["org", "from", "to", "source", "by"], args: 0 },
   latency: { flags: ["org", "from", "to"], args: 0 },
@@ -729,13 +731,14 @@ function percentBps(text: string, flag: string): number {
 
 type Flags = { [K in keyof typeof flags]?: (typeof flags)[K]["type"] extends "boolean" ? boolean : string };
 
-const limitFlags = ["budget-usd", "monthly-tokens", "rpm", "tpm", "models", "expires"] as const;
+const limitFlags = ["budget-usd", "monthly-tokens", "rpm", "tpm", "concurrency", "models", "expires"] as const;
 /** The KeyLimits field each limit flag sets, as an update mask names it. */
 const limitPaths: Record<(typeof limitFlags)[number], string> = {
   "budget-usd": "monthly_budget_nanos",
   "monthly-tokens": "monthly_tokens",
   rpm: "requests_per_minute",
   tpm: "tokens_per_minute",
+  concurrency: "max_concurrent_requests",
   models: "allowed_models",
   expires: "expire_time",
 };
@@ -751,6 +754,7 @@ function limitsFrom(values: Flags): MessageInitShape<typeof KeyLimitsSchema> {
         : BigInt(int(values["monthly-tokens"], "--monthly-tokens", Number.MAX_SAFE_INTEGER)),
     requestsPerMinute: values.rpm === undefined ? 0 : int(values.rpm, "--rpm"),
     tokensPerMinute: values.tpm === undefined ? 0n : BigInt(int(values.tpm, "--tpm", Number.MAX_SAFE_INTEGER)),
+    maxConcurrentRequests: values.concurrency === undefined ? 0 : int(values.concurrency, "--concurrency"),
     allowedModels: (models ?? "")
       .split(",")
       .map((m) => m.trim())
@@ -807,6 +811,7 @@ function limitsText(limits: KeyLimits | undefined): string {
     limits.monthlyTokens ? `${limits.monthlyTokens} tok/mo` : "",
     limits.requestsPerMinute ? `${limits.requestsPerMinute} rpm` : "",
     limits.tokensPerMinute ? `${limits.tokensPerMinute} tpm` : "",
+    limits.maxConcurrentRequests ? `${limits.maxConcurrentRequests} concurrent` : "",
     limits.allowedModels.length ? `models ${limits.allowedModels.join(",")}` : "",
     limits.expireTime ? `expires ${date(limits.expireTime)}` : "",
   ].filter(Boolean);

@@ -403,6 +403,11 @@ describe("budget", () => {
       expect((await errorOf(res)).code).toBe("insufficient_quota");
       expect(res.headers.get("x-ratelimit-remaining-requests")).toBe("2");
     }
+    // Nor by its concurrent requests: a request its budget refuses gives its slot back at once.
+    const one = await keyWith({ monthlyBudgetNanos: 10n * 1_000_000n, maxConcurrentRequests: 1 });
+    for (let i = 0; i < 3; i++) {
+      expect((await errorOf(await post(one, hi("mock", { max_tokens: 5 })))).code).toBe("insufficient_quota");
+    }
   });
 });
 

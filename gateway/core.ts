@@ -209,7 +209,7 @@ export interface CoreOptions {
   random?: () => number;
   /** Circuit breakers, backoff and the whole-request limit; defaults when unset. */
   routing?: Partial<Omit<RouterOptions, "providers">>;
-  /** Per-key RPM and TPM limits; none when unset. */
+  /** Per-key RPM, TPM and concurrent request limits; none when unset. */
   rateLimits?: RateLimiter;
   /** Budget leases; budgets are not enforced when unset. */
   budget?: BudgetKeeper;
@@ -397,6 +397,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     const rateLimits = {
       requestsPerMinute: limits?.requestsPerMinute ?? 0,
       tokensPerMinute: Number(limits?.tokensPerMinute ?? 0n),
+      maxConcurrentRequests: limits?.maxConcurrentRequests ?? 0,
     };
     let ticket: RateTicket | undefined;
     let reservation: Reservation | undefined;
@@ -981,7 +982,12 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         upstreamQuery[param] = item.upstreamId;
       }
       // It uses no tokens, but it is a call on the upstream account every org shares: one of the key's requests.
-      const limits = { requestsPerMinute: principal.grant.apiKey?.limits?.requestsPerMinute ?? 0, tokensPerMinute: 0 };
+      const keyLimits = principal.grant.apiKey?.limits;
+      const limits = {
+        requestsPerMinute: keyLimits?.requestsPerMinute ?? 0,
+        tokensPerMinute: 0,
+        maxConcurrentRequests: keyLimits?.maxConcurrentRequests ?? 0,
+      };
       const ticket = options.rateLimits?.admit(principal.lineageId, limits, 0);
       if (ticket) admissions.set(call, { ticket, reservation: undefined });
       if (ticket?.state) call.limitHeaders = rateLimitHeaders(ticket.state);

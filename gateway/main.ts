@@ -280,7 +280,7 @@ const core = createGatewayCore({
     backoffMaxMs: cfg.GATEWAY_RETRY_MAX_MS,
     maxRetryAfterMs: cfg.GATEWAY_RETRY_AFTER_MAX_MS,
   },
-  rateLimits: createRateLimiter(),
+  rateLimits: createRateLimiter({ registry: runtime.metrics.registry }),
   budget,
   defaultMaxOutputTokens: cfg.GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS,
   responseIds: createResponseIds(responseIdKey(cfg.GATEWAY_RESPONSE_ID_SECRET, cfg.ADMIN_TOKEN)),

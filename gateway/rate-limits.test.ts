@@ -218,6 +218,66 @@ describe("tokens per minute", () => {
   });
 });
 
+describe("concurrent requests", () => {
+  test("a key runs up to its limit at once; each end, settled or released, frees a slot once", () => {
+    const { limiter } = setup();
+    const two = { requestsPerMinute: 0, tokensPerMinute: 0, maxConcurrentRequests: 2 };
+    const first = limiter.admit("k", two, 0);
+    const second = limiter.admit("k", two, 0);
+    const e = refused(() => limiter.admit("k", two, 0));
+    expect([e.status, e.type, e.code, e.retryAfterS]).toEqual([429, "requests", "rate_limit_exceeded", 1]);
+    expect(e.headers?.["retry-after-ms"]).toBe("1000");
+    expect(e.message).toBe(
+      "Rate limit reached for concurrent requests: limit 2, in flight 2. Retry once one of them has ended.",
+    );
+    // Other keys have their own slots; a refusal takes none.
+    limiter.admit("other", two, 0);
+    expect(limiter.concurrent()).toBe(3);
+    first.settle(10);
+    first.settle(10);
+    first.release();
+    expect(limiter.concurrent()).toBe(2);
+    const third = limiter.admit("k", two, 0);
+    refused(() => limiter.admit("k", two, 0));
+    second.release();
+    third.settle(0);
+    expect(limiter.concurrent()).toBe(1);
+    // Not counted against windows: a key with only this limit is tracked only while it has requests running.
+    expect(limiter.size()).toBe(0);
+  });
+
+  test("with per-minute limits, those are checked first, and a concurrency refusal carries their headers", () => {
+    const { limiter } = setup();
+    const limits = { requestsPerMinute: 3, tokensPerMinute: 0, maxConcurrentRequests: 1 };
+    const running = limiter.admit("k", limits, 0);
+    const e = refused(() => limiter.admit("k", limits, 0));
+    expect(e.message).toContain("concurrent requests: limit 1");
+    // The refused request counts against no window.
+    expect(e.headers?.["x-ratelimit-remaining-requests"]).toBe("2");
+    running.settle(0);
+    // Released (refused by its budget), a request gives back its minute's count as well as its slot.
+    limiter.admit("k", limits, 0).release();
+    limiter.admit("k", limits, 0).settle(0);
+    limiter.admit("k", limits, 0).settle(0);
+    // The minute is full: that is the wait that matters, not a slot.
+    expect(refused(() => limiter.admit("k", limits, 0)).message).toContain("requests per minute");
+    expect(limiter.concurrent()).toBe(0);
+  });
+
+  test("a limit lowered while requests run admits none until they are under it", () => {
+    const { limiter } = setup();
+    const three = { requestsPerMinute: 0, tokensPerMinute: 0, maxConcurrentRequests: 3 };
+    const held = [1, 2, 3].map(() => limiter.admit("k", three, 0));
+    const one = { requestsPerMinute: 0, tokensPerMinute: 0, maxConcurrentRequests: 1 };
+    expect(refused(() => limiter.admit("k", one, 0)).message).toContain("limit 1, in flight 3");
+    for (const ticket of held) ticket.settle(0);
+    limiter.admit("k", one, 0);
+    // Removed (0), the limit counts nothing more.
+    limiter.admit("k", { requestsPerMinute: 0, tokensPerMinute: 0, maxConcurrentRequests: 0 }, 0);
+    expect(limiter.concurrent()).toBe(1);
+  });
+});
+
 describe("what a running request counts at", () => {
   const messages = [{ role: "user" as const, content: "hi" }];
   const prompt = estimatedChatTokens({ messages, max_tokens: 0 }, 4096);

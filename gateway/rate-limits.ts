@@ -1,3 +1,4 @@
+import { Gauge, type Registry } from "prom-client";
 import { rateLimited } from "./errors.ts";
 import {
   chatInputTokens,
@@ -15,7 +16,8 @@ import { estimatedTextTokens, partTokensEstimate } from "./tokenizer.ts";
  * one-second buckets. A request is admitted while the window has room; its tokens count at an
  * estimate (prompt + max output) while it runs and at the actual usage for a minute from its end. A
  * request larger than the whole TPM limit is admitted into an empty window, so it is slow rather than impossible.
- * Limits hold per gateway replica.
+ * A key's concurrent requests are counted from admission until the ticket is settled or released (the request's end,
+ * however it ends). Limits hold per gateway replica.
  */
 
 export interface KeyRateLimits {
@@ -23,6 +25,8 @@ export interface KeyRateLimits {
   requestsPerMinute: number;
   /** 0 means unlimited. */
   tokensPerMinute: number;
+  /** Requests in flight at once; 0 or unset means unlimited. */
+  maxConcurrentRequests?: number;
 }
 
 /** Where one limit of a key stands: what OpenAI's x-ratelimit-{limit,remaining,reset}-* headers say. */
@@ -39,9 +43,12 @@ export interface RateState {
   tokens?: LimitState;
 }
 
-/** An admitted request's hold on the window; settle it once with the tokens it really used, or release it. */
+/**
+ * An admitted request's hold on the window and on a slot of its key's concurrent requests; settle it once with the
+ * tokens it really used, or release it. Either frees the slot.
+ */
 export interface RateTicket {
-  /** The key's limits with this request counted; undefined for a key without limits. */
+  /** The key's per-minute limits with this request counted; undefined for a key without them. */
   readonly state: RateState | undefined;
   settle(tokens: number): void;
   /**
@@ -64,6 +71,8 @@ export interface RateLimiter {
   state(keyId: string, limits: KeyRateLimits): RateState | undefined;
   /** Keys currently tracked. */
   size(): number;
+  /** Requests holding a slot of their key's concurrent requests, over every key. */
+  concurrent(): number;
 }
 
 export interface RateLimiterOptions {
@@ -71,6 +80,8 @@ export interface RateLimiterOptions {
   now?: () => number;
   /** Idle keys are dropped once a minute, and whenever this many are tracked. */
   maxKeys?: number;
+  /** Where the gauge of concurrent requests held goes; none when unset. */
+  registry?: Registry;
 }
 
 const windowSeconds = 60;
@@ -90,6 +101,8 @@ const noTicket: RateTicket = { state: undefined, settle() {}, release: () => und
 const oldest = Number.MIN_VALUE;
 // The Retry-After of a TPM refusal that requests still running might make room for by ending.
 const runningRetryS = 3;
+// The Retry-After of a refusal over a key's concurrent requests: a slot frees when any of them ends, at no known time.
+const concurrentRetryMs = 1000;
 
 export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter {
   // Monotonic by default: a wall clock stepped back would hold the window's newest buckets and expire nothing.
@@ -99,6 +112,48 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
   // Idle keys' windows (about 3 KB each) go every minute, not only at maxKeys: a replica that served 50,000 keys over
   // weeks otherwise held 150 MB for keys that had counted nothing since.
   let prunedAt = Number.NEGATIVE_INFINITY;
+  // Requests in flight by key, for keys with a concurrency limit; a key leaves when its last one ends.
+  const inFlight = new Map<string, number>();
+  let held = 0;
+  if (options.registry) {
+    new Gauge({
+      name: "gateway_key_concurrent_requests",
+      help: "Requests in flight holding a slot of their key's max_concurrent_requests, over every key.",
+      registers: [options.registry],
+      collect() {
+        this.set(held);
+      },
+    });
+  }
+
+  /**
+   * Takes a slot of the key's `max` concurrent requests, or throws a 429 carrying `headers` (the key's per-minute
+   * limits as they stand); returns what frees it, once however often it is called.
+   */
+  const occupy = (keyId: string, max: number, headers: () => Record<string, string>): (() => void) => {
+    if (max <= 0) return () => {};
+    const running = inFlight.get(keyId) ?? 0;
+    if (running >= max) {
+      throw rateLimited(
+        "requests",
+        `Rate limit reached for concurrent requests: limit ${max}, in flight ${running}. ` +
+          "Retry once one of them has ended.",
+        concurrentRetryMs,
+        headers(),
+      );
+    }
+    inFlight.set(keyId, running + 1);
+    held++;
+    let freed = false;
+    return () => {
+      if (freed) return;
+      freed = true;
+      held--;
+      const left = (inFlight.get(keyId) ?? 1) - 1;
+      if (left > 0) inFlight.set(keyId, left);
+      else inFlight.delete(keyId);
+    };
+  };
 
   const windowOf = (keyId: string, second: number): Window => {
     if (second - prunedAt >= windowSeconds) {
@@ -177,7 +232,12 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     admit(keyId, limits, estimatedTokens, unsetOutputTokens = 0) {
       const rpm = limits.requestsPerMinute;
       const tpm = limits.tokensPerMinute;
-      if (rpm <= 0 && tpm <= 0) return noTicket;
+      const maxConcurrent = limits.maxConcurrentRequests ?? 0;
+      if (rpm <= 0 && tpm <= 0) {
+        if (maxConcurrent <= 0) return noTicket;
+        const free = occupy(keyId, maxConcurrent, () => ({}));
+        return { state: undefined, settle: free, release: () => (free(), undefined) };
+      }
       const t = now();
       const second = Math.floor(t / 1000);
       const w = windowOf(keyId, second);
@@ -216,12 +276,15 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
           rateLimitHeaders(state()),
         );
       }
+      // Checked once the per-minute limits have room, so that a refusal's Retry-After is the wait that matters.
+      const free = occupy(keyId, maxConcurrent, () => rateLimitHeaders(state()));
       add(w, second, 1, estimate, estimate);
       const admitted = state();
       let settled = false;
       return {
         state: admitted,
         release() {
+          free();
           if (settled) return undefined;
           settled = true;
           // Out of its admitting second's bucket, unless that has expired already.
@@ -234,6 +297,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
           return stateOf(windows.get(keyId) ?? w, rpm, tpm, now());
         },
         settle(used) {
+          free();
           if (settled) return;
           settled = true;
           if (tpm <= 0) return;
@@ -261,6 +325,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       };
     },
     size: () => windows.size,
+    concurrent: () => held,
   };
 }
 

@@ -159,6 +159,7 @@ test("a key's secret is random, shown once and stored only as its SHA-256", asyn
     monthlyTokens: 1_000_000n,
     requestsPerMinute: 60,
     tokensPerMinute: 90_000n,
+    maxConcurrentRequests: 8,
     allowedModels: ["gpt-4o-mini", "mock"],
     expiresAt: new Date("2030-01-01T00:00:00Z"),
   };
@@ -178,6 +179,20 @@ test("a key's secret is random, shown once and stored only as its SHA-256", asyn
   expect(found?.apiKey).toEqual(apiKey);
   expect(found?.organization).toEqual(org);
   expect(await fixture.store.findApiKeyBySecretHash(sha256Hex(`${secret}x`))).toBeUndefined();
+});
+
+test("a key created before keys had a concurrency limit is found again by its request_id; one with the limit is another", async () => {
+  const org = await newOrg("repeat-keys-org");
+  const { maxConcurrentRequests: _, ...earlierLimits } = noLimits;
+  const key = { orgId: org.id, projectId: null, name: "ci", limits: noLimits };
+  const { apiKey } = await fixture.store.createApiKey(key, "k1");
+  // As a create of that time recorded it: its limits without the field.
+  const earlier = requestSha256({ ...key, limits: earlierLimits });
+  const [stored] = (await fixture.db.pool.query("SELECT request_sha256 FROM api_keys WHERE id = $1", [apiKey.id])).rows;
+  expect(stored.request_sha256).toBe(earlier);
+  expect(await fixture.store.createApiKey(key, "k1")).toEqual({ apiKey, secret: "" });
+  const other = fixture.store.createApiKey({ ...key, limits: { ...noLimits, maxConcurrentRequests: 2 } }, "k1");
+  expect((await failure(other)).kind).toBe("already_exists");
 });
 
 test("a key's project must belong to the key's org", async () => {
@@ -216,12 +231,16 @@ test("revoke, rotate and update limits", async () => {
     fixture.store.updateApiKeyLimits(rotated.apiKey.id, { ...noLimits, requestsPerMinute: 7 }, ["requestsPerMinute"]),
     fixture.store.updateApiKeyLimits(rotated.apiKey.id, { ...noLimits, allowedModels: ["mock"] }, ["allowedModels"]),
     fixture.store.updateApiKeyLimits(rotated.apiKey.id, { ...noLimits, expiresAt: expires }, ["expiresAt"]),
+    fixture.store.updateApiKeyLimits(rotated.apiKey.id, { ...noLimits, maxConcurrentRequests: 3 }, [
+      "maxConcurrentRequests",
+    ]),
   ]);
   const masked = await fixture.store.updateApiKeyLimits(rotated.apiKey.id, noLimits, ["monthlyBudgetNanos"]);
   expect(masked.limits).toEqual({
     ...noLimits,
     monthlyTokens: 42n,
     requestsPerMinute: 7,
+    maxConcurrentRequests: 3,
     allowedModels: ["mock"],
     expiresAt: expires,
   });

@@ -48,6 +48,7 @@ const keyFields = [
   "monthly_tokens",
   "requests_per_minute",
   "tokens_per_minute",
+  "max_concurrent_requests",
   "allowed_models",
   "expires_at",
   "created_at",
@@ -88,6 +89,7 @@ interface KeyRow {
   monthly_tokens: string;
   requests_per_minute: number;
   tokens_per_minute: string;
+  max_concurrent_requests: number;
   allowed_models: string[];
   expires_at: Date | null;
   created_at: Date;
@@ -151,11 +153,12 @@ export function createAccountStore(db: Db) {
     requestId: string | null = null,
   ): Promise<IssuedApiKey> => {
     const secret = generateSecret();
-    const sha256 = requestId === null ? null : requestSha256(key);
+    const sha256 = requestId === null ? null : requestSha256(repeatableContent(key));
     const rows = await q.query<KeyRow>(
       `INSERT INTO api_keys (id, org_id, project_id, name, prefix, secret_sha256, monthly_budget_nanos, monthly_tokens,
-         requests_per_minute, tokens_per_minute, allowed_models, expires_at, rotated_from, request_id, request_sha256)
-       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+         requests_per_minute, tokens_per_minute, max_concurrent_requests, allowed_models, expires_at, rotated_from,
+         request_id, request_sha256)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
        ON CONFLICT (org_id, request_id) DO NOTHING
        RETURNING ${keyColumns}`,
       [
@@ -407,12 +410,14 @@ export function createAccountStore(db: Db) {
       const rows = await db.query<KeyRow>(
         `WITH updated AS (
            UPDATE api_keys SET
-             monthly_budget_nanos = CASE WHEN 'monthlyBudgetNanos' = ANY($8) THEN $2 ELSE monthly_budget_nanos END,
-             monthly_tokens = CASE WHEN 'monthlyTokens' = ANY($8) THEN $3 ELSE monthly_tokens END,
-             requests_per_minute = CASE WHEN 'requestsPerMinute' = ANY($8) THEN $4 ELSE requests_per_minute END,
-             tokens_per_minute = CASE WHEN 'tokensPerMinute' = ANY($8) THEN $5 ELSE tokens_per_minute END,
-             allowed_models = CASE WHEN 'allowedModels' = ANY($8) THEN $6 ELSE allowed_models END,
-             expires_at = CASE WHEN 'expiresAt' = ANY($8) THEN $7 ELSE expires_at END
+             monthly_budget_nanos = CASE WHEN 'monthlyBudgetNanos' = ANY($9) THEN $2 ELSE monthly_budget_nanos END,
+             monthly_tokens = CASE WHEN 'monthlyTokens' = ANY($9) THEN $3 ELSE monthly_tokens END,
+             requests_per_minute = CASE WHEN 'requestsPerMinute' = ANY($9) THEN $4 ELSE requests_per_minute END,
+             tokens_per_minute = CASE WHEN 'tokensPerMinute' = ANY($9) THEN $5 ELSE tokens_per_minute END,
+             max_concurrent_requests =
+               CASE WHEN 'maxConcurrentRequests' = ANY($9) THEN $6 ELSE max_concurrent_requests END,
+             allowed_models = CASE WHEN 'allowedModels' = ANY($9) THEN $7 ELSE allowed_models END,
+             expires_at = CASE WHEN 'expiresAt' = ANY($9) THEN $8 ELSE expires_at END
            WHERE id = $1 AND revoked_at IS NULL RETURNING ${keyColumns}
          )
          SELECT updated.*, ${announceKeyChange} FROM updated`,
@@ -468,6 +473,7 @@ export const keyLimitFields = [
   "monthlyTokens",
   "requestsPerMinute",
   "tokensPerMinute",
+  "maxConcurrentRequests",
   "allowedModels",
   "expiresAt",
 ] as const satisfies readonly (keyof KeyLimits)[];
@@ -478,9 +484,20 @@ function limitParams(limits: KeyLimits): unknown[] {
     limits.monthlyTokens.toString(),
     limits.requestsPerMinute,
     limits.tokensPerMinute.toString(),
+    limits.maxConcurrentRequests,
     limits.allowedModels,
     limits.expiresAt,
   ];
+}
+
+/**
+ * What a create's request_id is compared on: a key without a concurrency limit as keys were before that limit existed,
+ * so a create sent again across that upgrade still finds its key rather than ALREADY_EXISTS.
+ */
+function repeatableContent(key: NewApiKey): object {
+  if (key.limits.maxConcurrentRequests !== 0) return key;
+  const { maxConcurrentRequests: _, ...limits } = key.limits;
+  return { ...key, limits };
 }
 
 function toOrganization(row: OrgRow): Organization {
@@ -514,6 +531,7 @@ function toApiKey(row: KeyRow): ApiKey {
       monthlyTokens: BigInt(row.monthly_tokens),
       requestsPerMinute: row.requests_per_minute,
       tokensPerMinute: BigInt(row.tokens_per_minute),
+      maxConcurrentRequests: row.max_concurrent_requests,
       allowedModels: row.allowed_models,
       expiresAt: row.expires_at,
     },

@@ -22,6 +22,7 @@ const limits = (monthlyBudgetNanos: bigint): KeyLimits => ({
   monthlyTokens: 0n,
   requestsPerMinute: 0,
   tokensPerMinute: 0n,
+  maxConcurrentRequests: 0,
   allowedModels: [],
   expiresAt: null,
 });

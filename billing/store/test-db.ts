@@ -94,6 +94,7 @@ export const noLimits: KeyLimits = {
   monthlyTokens: 0n,
   requestsPerMinute: 0,
   tokensPerMinute: 0n,
+  maxConcurrentRequests: 0,
   allowedModels: [],
   expiresAt: null,
 };

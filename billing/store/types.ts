@@ -41,6 +41,8 @@ export interface KeyLimits {
   monthlyTokens: bigint;
   requestsPerMinute: number;
   tokensPerMinute: bigint;
+  /** Requests in flight at once, counted by each gateway replica. */
+  maxConcurrentRequests: number;
   allowedModels: string[];
   expiresAt: Date | null;
 }
