@@ -33,6 +33,7 @@ const migrations = [
   "0014_invoice_discount_grants.sql",
   "0015_org_project_request_ids.sql",
   "0016_list_page_order.sql",
+  "0017_key_concurrent_requests.sql",
 ];
 const billingTables = [
   "api_keys",
