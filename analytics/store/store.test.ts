@@ -401,6 +401,34 @@ for (const [name, makeDriver] of backends) {
       const [total] = await store.queryUsage({ orgId, ...range, groupBy: [], limit: 1 });
       expect([total?.requests, total?.costNanos]).toEqual([1500n, 4500n]);
     }, 60_000);
+
+    test("a roll-up clears its marks through the sorting key, not by reading every mark waiting", async () => {
+      const orgId = "org_mark_key";
+      await store.rollUp();
+      await store.insertRequests([sampleMetrics(at(5 * 60_000 + 1_000), { orgId })], "mark-key-1");
+      let cleared: { sql: string; params?: Parameters<ClickHouseDriver["exec"]>[1] } | undefined;
+      const watched = createAnalyticsStore(
+        {
+          ...driver,
+          exec: (sql, params) => {
+            if (/^DELETE FROM \w+\.rollup_dirty/.test(sql)) cleared = { sql, params };
+            return driver.exec(sql, params);
+          },
+        },
+        { database: store.database, ttlDays: 400 },
+      );
+      await watched.rollUp();
+      const where = cleared?.sql.replace(/^DELETE FROM \S+/, "");
+      const engine = createChdbDriver(testDataDir());
+      const plan = await engine.query<{ explain: string }>(
+        `EXPLAIN indexes = 1 SELECT count() FROM ${store.database}.rollup_dirty ${where}`,
+        cleared?.params,
+      );
+      await engine.close();
+      const keyCondition = plan.map((r) => r.explain).find((line) => /^\W*Condition: /.test(line) && line.includes("org_id"));
+      expect(keyCondition).toContain(`(org_id in (-Inf, '${orgId}'])`);
+      expect(keyCondition).toContain(`(minute in (-Inf, ${(base.getTime() + 5 * 60_000) / 1000}])`);
+    });
   });
 }
 
