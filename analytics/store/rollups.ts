@@ -344,11 +344,25 @@ export function createRollups(
           );
         }
       }
-      // Only the marks read above: one written meanwhile stays for the next run.
-      for (let i = 0; i < marks.length; i += maxListParam) {
+      // Only the marks read above: one written meanwhile stays for the next run. Each statement also bounds the
+      // org and minute of its marks, so it reads their few granules rather than every mark's hash: by hash alone, a
+      // statement took about 1 s with 2M marks waiting, and a run clearing 100,000 of them over a quarter of an hour.
+      const sorted = [...marks].sort((a, b) => a.org_id.localeCompare(b.org_id) || a.minute.localeCompare(b.minute));
+      for (let i = 0; i < sorted.length; i += maxListParam) {
+        const chunk = sorted.slice(i, i + maxListParam);
+        const minutes = chunk.map((m) => m.minute).sort();
         await driver.exec(
-          `DELETE FROM ${tables.dirty} WHERE ${markKey} IN {keys:Array(String)}`,
-          { keys: marks.slice(i, i + maxListParam).map((m) => m.key) },
+          `DELETE FROM ${tables.dirty}
+           WHERE org_id >= {org_from:String} AND org_id <= {org_to:String}
+             AND minute >= {minute_from:DateTime('UTC')} AND minute <= {minute_to:DateTime('UTC')}
+             AND ${markKey} IN {keys:Array(String)}`,
+          {
+            org_from: chunk[0]?.org_id ?? "",
+            org_to: chunk[chunk.length - 1]?.org_id ?? "",
+            minute_from: minutes[0] ?? "",
+            minute_to: minutes[minutes.length - 1] ?? "",
+            keys: chunk.map((m) => m.key),
+          },
         );
       }
       return { rolledUntil: microsText(done).slice(0, 19), recomputedMinutes: recomputed };

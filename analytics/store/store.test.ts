@@ -274,6 +274,36 @@ for (const [name, makeDriver] of backends) {
       expect(sum?.costNanos).toBe(25n * 12_345n + 9_007_199_254_740_993n);
     });
 
+    test("a page after a cursor reads only the hours up to it, not the whole range", async () => {
+      const org = "org_deep_pages";
+      await store.insertRequests(
+        Array.from({ length: 12 }, (_, i) => sampleMetrics(at(i * hour + 60_000), { orgId: org })),
+        "deep-pages-1",
+      );
+      let last: { sql: string; params?: Parameters<ClickHouseDriver["query"]>[1] } | undefined;
+      const watched = createAnalyticsStore(
+        {
+          ...driver,
+          query: (sql, params, report) => {
+            if (report) last = { sql, params };
+            return driver.query(sql, params, report);
+          },
+        },
+        { database: store.database, ttlDays: 400 },
+      );
+      const first = await watched.listRequests({ orgId: org, window, limit: 9 });
+      const page = await watched.listRequests({ orgId: org, window, limit: 9, after: first.next });
+      expect(page.requests).toHaveLength(3);
+      expect(page.next).toBeUndefined();
+      // Explained on the engine in process, whichever backend ran the query (the test server runs no EXPLAIN).
+      const engine = createChdbDriver(testDataDir());
+      const plan = await engine.query<{ explain: string }>(`EXPLAIN indexes = 1 ${last?.sql}`, last?.params);
+      await engine.close();
+      const keyCondition = plan.map((r) => r.explain).find((line) => line.includes("Condition: and((toStartOfHour"));
+      // The hour of the cursor (the 9th newest row, 3 hours after `base`) bounds what the sorting key selects.
+      expect(keyCondition).toContain(`(-Inf, ${(base.getTime() + 3 * hour) / 1000}]`);
+    });
+
     test("a query past ClickHouse's time limit is ResourceExhausted on this backend too", async () => {
       const slow = () =>
         driver.query("SELECT count() FROM numbers(10000000000) WHERE sipHash64(number) = 7 SETTINGS max_execution_time = 1");
@@ -371,6 +401,34 @@ for (const [name, makeDriver] of backends) {
       const [total] = await store.queryUsage({ orgId, ...range, groupBy: [], limit: 1 });
       expect([total?.requests, total?.costNanos]).toEqual([1500n, 4500n]);
     }, 60_000);
+
+    test("a roll-up clears its marks through the sorting key, not by reading every mark waiting", async () => {
+      const orgId = "org_mark_key";
+      await store.rollUp();
+      await store.insertRequests([sampleMetrics(at(5 * 60_000 + 1_000), { orgId })], "mark-key-1");
+      let cleared: { sql: string; params?: Parameters<ClickHouseDriver["exec"]>[1] } | undefined;
+      const watched = createAnalyticsStore(
+        {
+          ...driver,
+          exec: (sql, params) => {
+            if (/^DELETE FROM \w+\.rollup_dirty/.test(sql)) cleared = { sql, params };
+            return driver.exec(sql, params);
+          },
+        },
+        { database: store.database, ttlDays: 400 },
+      );
+      await watched.rollUp();
+      const where = cleared?.sql.replace(/^DELETE FROM \S+/, "");
+      const engine = createChdbDriver(testDataDir());
+      const plan = await engine.query<{ explain: string }>(
+        `EXPLAIN indexes = 1 SELECT count() FROM ${store.database}.rollup_dirty ${where}`,
+        cleared?.params,
+      );
+      await engine.close();
+      const keyCondition = plan.map((r) => r.explain).find((line) => /^\W*Condition: /.test(line) && line.includes("org_id"));
+      expect(keyCondition).toContain(`(org_id in (-Inf, '${orgId}'])`);
+      expect(keyCondition).toContain(`(minute in (-Inf, ${(base.getTime() + 5 * 60_000) / 1000}])`);
+    });
   });
 }
 

@@ -444,7 +444,12 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
         params.request_id = q.requestId;
       }
       if (q.after) {
-        where.push("(start_time, request_id) < ({after_time:DateTime64(6, 'UTC')}, {after_id:String})");
+        // The bound on start_time alone lets the sorting key skip the rows newer than the cursor, which the tuple
+        // comparison does not: without it every page read the whole range, a deep one as much as the first.
+        where.push(
+          "start_time <= {after_time:DateTime64(6, 'UTC')}",
+          "(start_time, request_id) < ({after_time:DateTime64(6, 'UTC')}, {after_id:String})",
+        );
         params.after_time = q.after.startTime;
         params.after_id = q.after.requestId;
       }
