@@ -347,7 +347,10 @@ export function createRollups(
       // Only the marks read above: one written meanwhile stays for the next run. Each statement also bounds the
       // org and minute of its marks, so it reads their few granules rather than every mark's hash: by hash alone, a
       // statement took about 1 s with 2M marks waiting, and a run clearing 100,000 of them over a quarter of an hour.
-      const sorted = [...marks].sort((a, b) => a.org_id.localeCompare(b.org_id) || a.minute.localeCompare(b.minute));
+      // Compared by code unit, as ClickHouse compares strings by byte (ids and minutes are ASCII); localeCompare's order
+      // could put an id outside its chunk's bounds, and its mark would never be deleted.
+      const byUnit = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
+      const sorted = [...marks].sort((a, b) => byUnit(a.org_id, b.org_id) || byUnit(a.minute, b.minute));
       for (let i = 0; i < sorted.length; i += maxListParam) {
         const chunk = sorted.slice(i, i + maxListParam);
         const minutes = chunk.map((m) => m.minute).sort();
