@@ -33,6 +33,7 @@ const migrations = [
   "0014_invoice_discount_grants.sql",
   "0015_org_project_request_ids.sql",
   "0016_list_page_order.sql",
+  "0018_org_daily_spend.sql",
 ];
 const billingTables = [
   "api_keys",
@@ -45,6 +46,7 @@ const billingTables = [
   "organizations",
   "projects",
   "schema_migrations",
+  "usage_org_days",
   "usage_records",
   "usage_summaries",
 ];

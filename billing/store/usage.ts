@@ -81,8 +81,8 @@ export function createUsageStore(db: Db) {
   return {
     /**
      * Stores a batch in one statement: rows whose request_id is already known are skipped, and the daily
-     * summaries and the recorded spend of the budget leases they were drawn from grow by exactly the rows inserted,
-     * atomically with them.
+     * summaries, the orgs' daily spend and the recorded spend of the budget leases they were drawn from grow by exactly
+     * the rows inserted, atomically with them.
      */
     async recordUsage(batch: UsageRecord[]): Promise<RecordedUsage> {
       if (batch.length === 0) return { inserted: 0, duplicates: 0, xid: "", added: [] };
@@ -149,6 +149,12 @@ export function createUsageStore(db: Db) {
              output_tokens = s.output_tokens + excluded.output_tokens,
              reasoning_tokens = s.reasoning_tokens + excluded.reasoning_tokens,
              cost_nanos = s.cost_nanos + excluded.cost_nanos
+         ), org_days AS (
+           -- After the summaries, in one order in every batch, so concurrent batches cannot deadlock on an org's day.
+           INSERT INTO usage_org_days AS d (org_id, day, cost_nanos)
+           SELECT org_id, day, sum(cost_nanos) FROM added GROUP BY 1, 2
+           ORDER BY 1, 2
+           ON CONFLICT (org_id, day) DO UPDATE SET cost_nanos = d.cost_nanos + excluded.cost_nanos
          )
          SELECT org_id, api_key_id, day::text AS day, requests::int AS requests, cost_nanos::text AS cost_nanos,
            (input_tokens + output_tokens)::text AS tokens, pg_current_xact_id()::text AS xid
