@@ -51,7 +51,8 @@ export function createBillingApp(options: BillingAppOptions) {
   });
   const auth = createBillingAuth({ store, adminToken, clock });
   // A read of an org's usage is shared by the calls asking meanwhile: no one caller leaving cancels it.
-  const load = (orgId: string, period: TimeRange) => callSignal.exit(() => store.periodUsage(orgId, period));
+  const load = (orgId: string, period: TimeRange, keyIds: readonly string[]) =>
+    callSignal.exit(() => store.periodUsage(orgId, period, keyIds));
   const usage = createUsageTracker({ load, clock });
   const metrics =
     registry &&

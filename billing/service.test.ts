@@ -1487,6 +1487,7 @@ test("RecordUsage bounds a record's cost and its parts; totals past int64 fail i
   // Days that each fit can add up to more than an int64 field carries.
   await client.recordUsage({ records: [record(1n, new Date("2026-06-02T00:00:00Z"))] }, admin);
   await db.pool.query("UPDATE usage_summaries SET cost_nanos = $2 WHERE org_id = $1", [orgId, String(maxInt64 - 1n)]);
+  await db.pool.query("UPDATE usage_org_days SET cost_nanos = $2 WHERE org_id = $1", [orgId, String(maxInt64 - 1n)]);
   expect(await failure(client.getUsageSummary({ orgId }, admin))).toMatchObject({ code: Code.FailedPrecondition });
   expect((await failure(client.getUsageSummary({ orgId }, admin))).message).toContain("ask for a shorter range");
   const { secret } = await client.createApiKey({ orgId }, admin);

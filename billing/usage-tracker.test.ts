@@ -9,10 +9,12 @@ const org = { id: "org_1", billingDay: 1 };
 
 function fakeLoad(figures: () => { spent: bigint; snapshot: string }) {
   const calls: TimeRange[] = [];
+  const keysRead: (readonly string[])[] = [];
   let release: (() => void) | undefined;
   let gate: Promise<void> | undefined;
   return {
     calls,
+    keysRead,
     /** Holds the next loads until the returned function is called. */
     hold() {
       gate = new Promise((resolve) => (release = resolve));
@@ -21,8 +23,9 @@ function fakeLoad(figures: () => { spent: bigint; snapshot: string }) {
         release?.();
       };
     },
-    async load(_orgId: string, period: TimeRange): Promise<PeriodUsage> {
+    async load(_orgId: string, period: TimeRange, keyIds: readonly string[]): Promise<PeriodUsage> {
       calls.push(period);
+      keysRead.push(keyIds);
       const { spent, snapshot } = figures();
       await gate;
       return { orgSpentNanos: spent, keys: new Map([["key_1", { spentNanos: spent, tokens: 10n }]]), snapshot };
@@ -50,7 +53,8 @@ describe("snapshot visibility", () => {
 describe("in memory", () => {
   test("reads once, then answers from memory and adds what this replica records", async () => {
     let now = new Date("2026-06-15T12:00:00Z");
-    const source = fakeLoad(() => ({ spent: 1_000n, snapshot: "50:50:" }));
+    let figures = { spent: 1_000n, snapshot: "50:50:" };
+    const source = fakeLoad(() => figures);
     const tracker = createUsageTracker({ load: source.load, clock: () => now, refreshMs: 60_000 });
     expect(await tracker.spend(org, ["key_1"])).toEqual({
       orgSpentNanos: 1_000n,
@@ -66,9 +70,15 @@ describe("in memory", () => {
       keySpentNanos: 1_025n,
       keyTokens: 15n,
     });
-    expect(await tracker.spend(org, ["key_2"])).toEqual({ orgSpentNanos: 1_025n, keySpentNanos: 0n, keyTokens: 0n });
     expect(source.calls).toHaveLength(1);
     expect(source.calls[0]?.start.toISOString()).toBe("2026-06-01T00:00:00.000Z");
+    // Another key is read when first asked for, alone: the org's other keys are not read.
+    figures = { spent: 1_025n, snapshot: "61:61:" };
+    expect(await tracker.spend(org, ["key_2"])).toEqual({ orgSpentNanos: 1_025n, keySpentNanos: 0n, keyTokens: 0n });
+    expect(await tracker.spend(org, ["key_2"])).toEqual({ orgSpentNanos: 1_025n, keySpentNanos: 0n, keyTokens: 0n });
+    expect(source.keysRead).toEqual([["key_1"], ["key_2"]]);
+    expect(await tracker.spend(org, ["key_1"])).toMatchObject({ orgSpentNanos: 1_025n, keySpentNanos: 1_025n });
+    expect(source.calls).toHaveLength(2);
 
     // Usage of another period, or of an org nobody asked about, is ignored.
     tracker.record(batch(61, 7n, "2026-05-31"));
@@ -77,8 +87,8 @@ describe("in memory", () => {
 
     now = new Date("2026-07-01T00:00:00Z");
     await tracker.spend(org, ["key_1"]);
-    expect(source.calls).toHaveLength(2);
-    expect(source.calls[1]?.start.toISOString()).toBe("2026-07-01T00:00:00.000Z");
+    expect(source.calls).toHaveLength(3);
+    expect(source.calls[2]?.start.toISOString()).toBe("2026-07-01T00:00:00.000Z");
   });
 
   test("a key's spend and tokens add up the keys of its lineage", async () => {
@@ -141,6 +151,60 @@ describe("in memory", () => {
     expect(source.calls.length).toBe(reads + 1);
   });
 
+  test("a key lineage is read alone when first asked for; usage committed meanwhile counts once in each", async () => {
+    let clock = Date.parse("2026-06-15T12:00:00Z");
+    // The database: what each committed xid added, per key.
+    const committed: { xid: number; key: string; cost: bigint }[] = [{ xid: 10, key: "key_a", cost: 100n }];
+    const reads: (readonly string[])[] = [];
+    const gates: (() => void)[] = [];
+    const tracker = createUsageTracker({
+      clock: () => new Date(clock),
+      refreshMs: 1_000,
+      load: async (_orgId, _period, keyIds) => {
+        reads.push(keyIds);
+        // The snapshot is taken as the read starts, and answered once the test lets it through.
+        const seen = committed.filter((c) => c.xid < 1_000);
+        const xmax = Math.max(...committed.map((c) => c.xid)) + 1;
+        await new Promise<void>((resolve) => gates.push(resolve));
+        const keys = new Map<string, { spentNanos: bigint; tokens: bigint }>();
+        for (const c of seen.filter((c) => keyIds.includes(c.key))) {
+          const key = keys.get(c.key) ?? { spentNanos: 0n, tokens: 0n };
+          keys.set(c.key, { spentNanos: key.spentNanos + c.cost, tokens: key.tokens + 1n });
+        }
+        return { orgSpentNanos: seen.reduce((sum, c) => sum + c.cost, 0n), keys, snapshot: `${xmax}:${xmax}:` };
+      },
+    });
+    const commit = (xid: number, key: string, cost: bigint) => {
+      committed.push({ xid, key, cost });
+      tracker.record({
+        inserted: 1,
+        duplicates: 0,
+        xid: String(xid),
+        added: [{ orgId: "org_1", apiKeyId: key, day: "2026-06-15", costNanos: cost, tokens: 1n }],
+      });
+    };
+    const a = tracker.spend(org, ["key_a"]);
+    const b = tracker.spend(org, ["key_b_old", "key_b"]);
+    const b2 = tracker.spend(org, ["key_b_old", "key_b"]);
+    expect(reads).toEqual([["key_a"], ["key_b_old", "key_b"]]);
+    commit(11, "key_b", 20n);
+    commit(12, "key_a", 3n);
+    gates.shift()?.();
+    expect(await a).toEqual({ orgSpentNanos: 123n, keySpentNanos: 103n, keyTokens: 2n });
+    commit(13, "key_b_old", 5n);
+    gates.shift()?.();
+    expect(await b).toEqual({ orgSpentNanos: 128n, keySpentNanos: 25n, keyTokens: 2n });
+    expect(await b2).toEqual(await b);
+    // From memory until a second old, whichever key asks.
+    expect(await tracker.spend(org, ["key_a"])).toEqual({ orgSpentNanos: 128n, keySpentNanos: 103n, keyTokens: 2n });
+    expect(reads).toHaveLength(2);
+    clock += 1_000;
+    const again = tracker.spend(org, ["key_a"]);
+    gates.shift()?.();
+    expect(await again).toEqual({ orgSpentNanos: 128n, keySpentNanos: 103n, keyTokens: 2n });
+    expect(reads).toHaveLength(3);
+  });
+
   test("a failed read, first or of stale figures, fails the call and is retried on the next", async () => {
     let fail = true;
     let clock = Date.parse("2026-06-15T12:00:00Z");
@@ -187,9 +251,9 @@ describe("over Postgres", () => {
     let clock = now.getTime();
     let loads = 0;
     const tracker = createUsageTracker({
-      load: (orgId, period) => {
+      load: (orgId, period, keyIds) => {
         loads++;
-        return store.periodUsage(orgId, period);
+        return store.periodUsage(orgId, period, keyIds);
       },
       clock: () => new Date(clock),
       refreshMs: 5,
@@ -226,7 +290,8 @@ describe("over Postgres", () => {
     })();
     await Promise.all([...writers, readers]);
     await Bun.sleep(20);
-    const truth = await store.periodUsage(created.id, { start: new Date("2026-06-01"), end: new Date("2026-07-01") });
+    const june = { start: new Date("2026-06-01"), end: new Date("2026-07-01") };
+    const truth = await store.periodUsage(created.id, june, [apiKey.id]);
     const spend = await tracker.spend(created, [apiKey.id]);
     expect(truth.orgSpentNanos).toBe(10n * (1n + 2n + 3n + 4n) + 40n * 100n);
     expect(spend).toEqual({ orgSpentNanos: truth.orgSpentNanos, keySpentNanos: truth.orgSpentNanos, keyTokens: 560n });

@@ -11,8 +11,11 @@ export interface Spend {
 }
 
 export interface UsageTrackerOptions {
-  /** Reads an org's usage of a period with the snapshot it was read in (store.periodUsage). */
-  load: (orgId: string, period: TimeRange) => Promise<PeriodUsage>;
+  /**
+   * Reads an org's spend and that of the keys named in a period, with the snapshot it was read in
+   * (store.periodUsage).
+   */
+  load: (orgId: string, period: TimeRange, keyIds: readonly string[]) => Promise<PeriodUsage>;
   clock: () => Date;
   /**
    * Figures older than this are re-read before answering, picking up what other billing replicas recorded: no answer
@@ -23,44 +26,78 @@ export interface UsageTrackerOptions {
   maxOrgs?: number;
 }
 
-interface Entry {
-  period: TimeRange;
-  usage?: PeriodUsage;
-  visible?: (xid: bigint) => boolean;
-  /** When the read that gave `usage` began: its snapshot is no older. */
+/** Figures as of a read, and what this replica recorded since that the read did not see. */
+interface Figures {
+  spentNanos: bigint;
+  tokens: bigint;
+  visible: (xid: bigint) => boolean;
+  /** When the read that gave them began: its snapshot is no older. */
   loadedAt: number;
-  loading?: Promise<void>;
-  /** Usage committed while a load was running: the load's snapshot decides whether it already counts. */
+}
+
+interface Load {
+  done: Promise<void>;
+  /** Usage committed while the read runs: its snapshot decides whether it already counts. */
   pending: { xid: bigint; delta: UsageDelta }[];
 }
 
+interface Entry {
+  period: TimeRange;
+  org?: Figures;
+  /** Of the keys asked about, each as of its own latest read. */
+  keys: Map<string, Figures>;
+  /** Reads running, by the keys they read. */
+  loads: Map<string, Load>;
+}
+
 /**
- * "Spent so far this period" per org and key, in memory. An org's figures are read once per period, and again when
- * asked for once they are `refreshMs` old (concurrent callers share one read); usage this replica records is added as
- * it commits. Each added batch carries
- * its transaction id and each read its snapshot, so a batch is counted exactly once whichever finished first.
- * A new billing period (UTC, from the org's billing day) starts from a fresh read.
+ * "Spent so far this period" per org and key, in memory. An org's figures and a key lineage's are read together when
+ * first asked for, and again when asked for once they are `refreshMs` old (concurrent callers for the same keys share
+ * one read); a read takes the org's total and those keys' alone, never the org's other keys. Usage this replica
+ * records is added as it commits. Each added batch carries its transaction id and each read its snapshot, so a batch
+ * is counted exactly once whichever finished first. A new billing period (UTC, from the org's billing day) starts
+ * from a fresh read.
  */
 export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 10_000 }: UsageTrackerOptions) {
   const entries = new Map<string, Entry>();
 
-  const refresh = (orgId: string, entry: Entry): Promise<void> => {
-    entry.loading ??= (async () => {
+  const refresh = (orgId: string, entry: Entry, keyIds: readonly string[]): Promise<void> => {
+    const name = keyIds.join(",");
+    const running = entry.loads.get(name);
+    if (running) return running.done;
+    const run: Load = { done: Promise.resolve(), pending: [] };
+    entry.loads.set(name, run);
+    run.done = (async () => {
       try {
-        const startedAt = clock().getTime();
-        const usage = await load(orgId, entry.period);
+        const loadedAt = clock().getTime();
+        const usage = await load(orgId, entry.period, keyIds);
         const visible = snapshotVisibility(usage.snapshot);
-        for (const { xid, delta } of entry.pending) if (!visible(xid)) apply(usage, delta);
-        entry.usage = usage;
-        entry.visible = visible;
-        entry.loadedAt = startedAt;
+        const org: Figures = { spentNanos: usage.orgSpentNanos, tokens: 0n, visible, loadedAt };
+        const keys = new Map<string, Figures>();
+        for (const id of keyIds) {
+          const key = usage.keys.get(id);
+          keys.set(id, { spentNanos: key?.spentNanos ?? 0n, tokens: key?.tokens ?? 0n, visible, loadedAt });
+        }
+        for (const { xid, delta } of run.pending) {
+          if (visible(xid)) continue;
+          org.spentNanos += delta.costNanos;
+          const key = delta.apiKeyId ? keys.get(delta.apiKeyId) : undefined;
+          if (key) add(key, delta);
+        }
+        // A read that began before the figures held now (another caller's, for other keys) is older: kept out.
+        if (!entry.org || entry.org.loadedAt <= loadedAt) entry.org = org;
+        for (const [id, key] of keys) {
+          const held = entry.keys.get(id);
+          if (!held || held.loadedAt <= loadedAt) entry.keys.set(id, key);
+        }
       } finally {
-        entry.pending = [];
-        entry.loading = undefined;
+        entry.loads.delete(name);
       }
     })();
-    return entry.loading;
+    return run.done;
   };
+
+  const stale = (figures: Figures | undefined, now: number) => !figures || now - figures.loadedAt >= refreshMs;
 
   return {
     /**
@@ -73,17 +110,19 @@ export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 1
       let entry = entries.get(org.id);
       if (entry) entries.delete(org.id);
       if (!entry || entry.period.start.getTime() !== period.start.getTime()) {
-        entry = { period, loadedAt: 0, pending: [] };
+        entry = { period, keys: new Map(), loads: new Map() };
       }
       entries.set(org.id, entry);
       if (entries.size > maxOrgs) entries.delete(entries.keys().next().value as string);
 
       // Stale figures are not answered: another replica's usage since would go unseen for as long as nobody asked.
-      if (!entry.usage || now.getTime() - entry.loadedAt >= refreshMs) await refresh(org.id, entry);
-      const usage = entry.usage as PeriodUsage;
-      const spend = { orgSpentNanos: usage.orgSpentNanos, keySpentNanos: 0n, keyTokens: 0n };
+      const at = now.getTime();
+      if (stale(entry.org, at) || lineageKeyIds.some((id) => stale(entry.keys.get(id), at))) {
+        await refresh(org.id, entry, lineageKeyIds);
+      }
+      const spend = { orgSpentNanos: entry.org?.spentNanos ?? 0n, keySpentNanos: 0n, keyTokens: 0n };
       for (const keyId of lineageKeyIds) {
-        const key = usage.keys.get(keyId);
+        const key = entry.keys.get(keyId);
         spend.keySpentNanos += key?.spentNanos ?? 0n;
         spend.keyTokens += key?.tokens ?? 0n;
       }
@@ -99,8 +138,10 @@ export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 1
         if (!entry) continue;
         const day = Date.parse(`${delta.day}T00:00:00Z`);
         if (day < entry.period.start.getTime() || day >= entry.period.end.getTime()) continue;
-        if (entry.loading) entry.pending.push({ xid, delta });
-        if (entry.usage && entry.visible && !entry.visible(xid)) apply(entry.usage, delta);
+        for (const run of entry.loads.values()) run.pending.push({ xid, delta });
+        if (entry.org && !entry.org.visible(xid)) entry.org.spentNanos += delta.costNanos;
+        const key = delta.apiKeyId ? entry.keys.get(delta.apiKeyId) : undefined;
+        if (key && !key.visible(xid)) add(key, delta);
       }
     },
   };
@@ -108,13 +149,9 @@ export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 1
 
 export type UsageTracker = ReturnType<typeof createUsageTracker>;
 
-function apply(usage: PeriodUsage, delta: UsageDelta): void {
-  usage.orgSpentNanos += delta.costNanos;
-  if (!delta.apiKeyId) return;
-  const key = usage.keys.get(delta.apiKeyId) ?? { spentNanos: 0n, tokens: 0n };
+function add(key: Figures, delta: UsageDelta): void {
   key.spentNanos += delta.costNanos;
   key.tokens += delta.tokens;
-  usage.keys.set(delta.apiKeyId, key);
 }
 
 /**

@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { billingPeriod, utcDate } from "../period.ts";
 import { defaultAbandonedLeaseGraceMs } from "./budget-leases.ts";
 import { BillingError, createPool } from "./db.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
@@ -311,6 +312,73 @@ test("a rotated key's budget counts what the keys it replaced spent and still ho
   expect(await keyLease(other.id, 10_000n)).toMatchObject({ grantedNanos: 1000n });
   const july = new Date("2026-07-01T00:00:00Z");
   expect(await keyLease(third.id, 10_000n, { now: july })).toMatchObject({ grantedNanos: 1000n });
+});
+
+test("an org's grant counts exactly its keys' usage: late, resent, at period edges, across billing days", async () => {
+  const budget = 10n ** 12n;
+  const org = await newOrg(budget);
+  const projects = await Promise.all(["a", "b"].map((name) => store.createProject({ orgId: org.id, name })));
+  const key = async (projectId: string | null) =>
+    (await store.createApiKey({ orgId: org.id, projectId, name: "k", limits: limits(0n) })).apiKey;
+  const keys = [await key(projects[0]!.id), await key(projects[1]!.id), await key(null)];
+  keys.push((await store.rotateApiKey(keys[0]!.id)).apiKey);
+  let n = 0;
+  const at = (iso: string, cost: bigint, k: number | null = n % keys.length) => ({
+    ...spendRecord(org.id, cost, k === null ? null : keys[k]!.id),
+    projectId: k === null ? null : keys[k]!.projectId,
+    occurredAt: new Date(iso),
+    costNanos: cost + BigInt(++n),
+  });
+  const edges = ["2026-05-31T23:59:59.999Z", "2026-06-01T00:00:00Z", "2026-06-02T23:59:59Z", "2026-06-15T12:00:00Z",
+    "2026-06-28T00:00:00Z", "2026-06-30T23:59:59.999Z", "2026-07-01T00:00:00Z", "2026-07-03T00:00:00Z"];
+  const first = edges.flatMap((iso) => [at(iso, 1_000n), at(iso, 20_000n), at(iso, 300n, null)]);
+  await store.recordUsage(first);
+  // Resent, alone and within a larger batch; then late usage of earlier days, batches committing concurrently.
+  await store.recordUsage(first.slice(0, 5));
+  await store.recordUsage([...first.slice(3, 9), at("2026-06-15T13:00:00Z", 7n)]);
+  await Promise.all(
+    Array.from({ length: 6 }, (_, i) =>
+      store.recordUsage(edges.map((iso, j) => at(iso.replace(/T.*/, `T0${i}:00:00Z`), BigInt(j * 100))).reverse()),
+    ),
+  );
+
+  const days = await db.pool.query<{ org: string; summed: string }>(
+    `SELECT d.cost_nanos::text AS org, (SELECT sum(cost_nanos) FROM usage_summaries s
+       WHERE s.org_id = d.org_id AND s.day = d.day)::text AS summed
+     FROM usage_org_days d WHERE org_id = $1`,
+    [org.id],
+  );
+  expect(days.rows.length).toBe(8);
+  for (const day of days.rows) expect(day.org).toBe(day.summed);
+  for (const billingDay of [1, 2, 15, 28, 3]) {
+    await db.pool.query("UPDATE organizations SET billing_day = $2 WHERE id = $1", [org.id, billingDay]);
+    const period = billingPeriod(now, billingDay);
+    const summed = await db.pool.query<{ cost: string }>(
+      `SELECT coalesce(sum(cost_nanos), 0)::text AS cost FROM usage_summaries
+       WHERE org_id = $1 AND day >= $2::date AND day < $3::date`,
+      [org.id, utcDate(period.start), utcDate(period.end)],
+    );
+    const lease = await acquire(org.id, 1n, { holder: `gw-day-${billingDay}` });
+    expect(lease.remainingNanos).toBe(budget - BigInt(summed.rows[0]!.cost) - 1n);
+    await release(lease.leaseId as string, 0n);
+  }
+});
+
+test("an org's grant reads none of its keys' daily summaries", async () => {
+  const org = await newOrg(1000n);
+  await recordSpend(org.id, 300n);
+  const client = await db.pool.connect();
+  try {
+    await client.query("BEGIN");
+    await client.query("LOCK TABLE usage_summaries IN ACCESS EXCLUSIVE MODE");
+    const granting = acquire(org.id, 100n);
+    const answer = await Promise.race([granting, Bun.sleep(2_000).then(() => "held up behind usage_summaries")]);
+    await client.query("ROLLBACK");
+    await granting;
+    expect(answer).toMatchObject({ grantedNanos: 100n, remainingNanos: 600n });
+  } finally {
+    client.release();
+  }
 });
 
 test("released spend counts until its usage is recorded; a late release of an expired lease still counts", async () => {

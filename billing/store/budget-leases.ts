@@ -109,13 +109,20 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
         }
 
         const budget = BigInt(scope.budget);
-        const scopeColumn = request.scope === "organization" ? "org_id" : "api_key_id";
         // A key's budget counts its whole lineage: the keys it was rotated from spent from it too. They are revoked,
         // so every grant of the lineage goes through this key's row, locked above.
         const scopeIds =
           request.scope === "organization"
             ? "SELECT $1::text AS id"
             : "SELECT id FROM api_keys WHERE lineage_id = (SELECT lineage_id FROM api_keys WHERE id = $1)";
+        // An org's recorded usage from its daily spend, a row a day whatever its number of keys; a key's from the
+        // daily summaries of its lineage's keys.
+        const recordedUsage =
+          request.scope === "organization"
+            ? `SELECT coalesce(sum(cost_nanos), 0) FROM usage_org_days
+               WHERE org_id = $1 AND day >= $2::date AND day < $3::date`
+            : `SELECT coalesce(sum(${tokens ? "input_tokens + output_tokens" : "cost_nanos"}), 0) FROM usage_summaries
+               WHERE api_key_id IN (SELECT id FROM scope_ids) AND day >= $2::date AND day < $3::date`;
         const period = billingPeriod(request.now, scope.billing_day);
         const previousPeriodStart = billingPeriod(new Date(period.start.getTime() - 1), scope.billing_day).start;
         // Every lease lifetime below is judged at the database's time, the same for every replica.
@@ -138,8 +145,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
                  AND period_start >= $7 AND expires_at > greatest($5::timestamptz, $6::timestamptz)
              )
              SELECT
-               (SELECT coalesce(sum(${tokens ? "input_tokens + output_tokens" : "cost_nanos"}), 0) FROM usage_summaries
-                WHERE ${scopeColumn} IN (SELECT id FROM scope_ids) AND day >= $2::date AND day < $3::date)
+               (${recordedUsage})
                + (SELECT coalesce(sum(spent_nanos - recorded_nanos), 0) FROM budget_leases
                   WHERE spent_nanos > recorded_nanos AND scope = $4
                     AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids) AND settled_period_start = $6)

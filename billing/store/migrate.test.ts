@@ -34,6 +34,7 @@ const migrations = [
   "0015_org_project_request_ids.sql",
   "0016_list_page_order.sql",
   "0017_key_concurrent_requests.sql",
+  "0018_org_daily_spend.sql",
 ];
 const billingTables = [
   "api_keys",
@@ -46,6 +47,7 @@ const billingTables = [
   "organizations",
   "projects",
   "schema_migrations",
+  "usage_org_days",
   "usage_records",
   "usage_summaries",
 ];

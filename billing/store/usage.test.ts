@@ -162,12 +162,17 @@ test("totals narrow to a key, and period usage splits org and keys", async () =>
   const march = { start: new Date("2026-03-01T00:00:00Z"), end: new Date("2026-04-01T00:00:00Z") };
   const other = await store.usageTotals({ orgId: org.id, apiKeyId: otherKey.id }, march);
   expect(other).toMatchObject({ requests: 1n, inputTokens: 7n, costNanos: 1_234_567n });
-  const period = await store.periodUsage(org.id, march);
+  const period = await store.periodUsage(org.id, march, [key.id, otherKey.id]);
   expect(period.orgSpentNanos).toBe(1_234_567n * 2n + 1n + 10n);
   expect(period.keys.get(otherKey.id)).toEqual({ spentNanos: 1_234_567n, tokens: 57n });
   expect(period.keys.get(key.id)).toEqual({ spentNanos: 1_234_568n + 10n, tokens: 450n });
   expect(period.snapshot).toMatch(/^\d+:\d+:[\d,]*$/);
-  const empty = await store.periodUsage(org.id, { start: new Date("2027-01-01"), end: new Date("2027-02-01") });
+  // Keys not asked about are not read; the org's total counts them all the same.
+  const one = await store.periodUsage(org.id, march, [otherKey.id]);
+  expect(one.orgSpentNanos).toBe(period.orgSpentNanos);
+  expect([...one.keys.keys()]).toEqual([otherKey.id]);
+  const january = { start: new Date("2027-01-01"), end: new Date("2027-02-01") };
+  const empty = await store.periodUsage(org.id, january, [key.id]);
   expect(empty.orgSpentNanos).toBe(0n);
   expect(empty.keys.size).toBe(0);
   expect(empty.snapshot).toMatch(/^\d+:\d+:/);

@@ -65,7 +65,7 @@ interface AddedRow {
 
 export interface PeriodUsage {
   orgSpentNanos: bigint;
-  /** Per key that has usage in the period. */
+  /** Per key asked about that has usage in the period. */
   keys: Map<string, { spentNanos: bigint; tokens: bigint }>;
   /** The snapshot the figures were read in, as Postgres prints a pg_snapshot ("xmin:xmax:xip,..."). */
   snapshot: string;
@@ -81,8 +81,8 @@ export function createUsageStore(db: Db) {
   return {
     /**
      * Stores a batch in one statement: rows whose request_id is already known are skipped, and the daily
-     * summaries and the recorded spend of the budget leases they were drawn from grow by exactly the rows inserted,
-     * atomically with them.
+     * summaries, the orgs' daily spend and the recorded spend of the budget leases they were drawn from grow by exactly
+     * the rows inserted, atomically with them.
      */
     async recordUsage(batch: UsageRecord[]): Promise<RecordedUsage> {
       if (batch.length === 0) return { inserted: 0, duplicates: 0, xid: "", added: [] };
@@ -149,6 +149,12 @@ export function createUsageStore(db: Db) {
              output_tokens = s.output_tokens + excluded.output_tokens,
              reasoning_tokens = s.reasoning_tokens + excluded.reasoning_tokens,
              cost_nanos = s.cost_nanos + excluded.cost_nanos
+         ), org_days AS (
+           -- After the summaries, in one order in every batch, so concurrent batches cannot deadlock on an org's day.
+           INSERT INTO usage_org_days AS d (org_id, day, cost_nanos)
+           SELECT org_id, day, sum(cost_nanos) FROM added GROUP BY 1, 2
+           ORDER BY 1, 2
+           ON CONFLICT (org_id, day) DO UPDATE SET cost_nanos = d.cost_nanos + excluded.cost_nanos
          )
          SELECT org_id, api_key_id, day::text AS day, requests::int AS requests, cost_nanos::text AS cost_nanos,
            (input_tokens + output_tokens)::text AS tokens, pg_current_xact_id()::text AS xid
@@ -260,31 +266,36 @@ export function createUsageStore(db: Db) {
     },
 
     /**
-     * Spend and input+output tokens of an org and of each of its keys over a period of whole UTC days, and the
-     * snapshot they were read in (Postgres pg_snapshot text), which tells later transactions from included ones.
+     * Spend of an org, and spend and input+output tokens of each of `keyIds`, over a period of whole UTC days, and the
+     * snapshot they were read in (Postgres pg_snapshot text), which tells later transactions from included ones. The
+     * org's from its daily spend and the keys' from their own daily summaries: neither reads the org's other keys.
      */
-    async periodUsage(orgId: string, period: TimeRange): Promise<PeriodUsage> {
-      type Row = { api_key_id: string | null; spent: string | null; tokens: string | null; snapshot: string };
+    async periodUsage(orgId: string, period: TimeRange, keyIds: readonly string[]): Promise<PeriodUsage> {
+      type Row = { api_key_id: string | null; spent: string | null; tokens: string | null; snapshot: string | null };
       const rows = await db.query<Row>(
-        `SELECT api_key_id, sum(cost_nanos)::text AS spent, sum(input_tokens + output_tokens)::text AS tokens,
+        `SELECT NULL AS api_key_id, coalesce(sum(cost_nanos), 0)::text AS spent, NULL AS tokens,
            pg_current_snapshot()::text AS snapshot
-         FROM usage_summaries
+         FROM usage_org_days
          WHERE org_id = $1 AND day >= $2::date AND day < $3::date
-         GROUP BY api_key_id
          UNION ALL
-         SELECT NULL, NULL, NULL, pg_current_snapshot()::text`,
-        [orgId, utcDate(period.start), utcDate(period.end)],
+         SELECT api_key_id, sum(cost_nanos)::text, sum(input_tokens + output_tokens)::text, NULL
+         FROM usage_summaries
+         WHERE api_key_id = ANY($4::text[]) AND day >= $2::date AND day < $3::date
+         GROUP BY api_key_id`,
+        [orgId, utcDate(period.start), utcDate(period.end), arrayLiteral(keyIds)],
       );
       const keys = new Map<string, { spentNanos: bigint; tokens: bigint }>();
       let orgSpentNanos = 0n;
+      let snapshot = "";
       for (const row of rows) {
-        if (row.spent === null) continue;
-        orgSpentNanos += BigInt(row.spent);
-        if (row.api_key_id) {
-          keys.set(row.api_key_id, { spentNanos: BigInt(row.spent), tokens: BigInt(row.tokens ?? 0) });
+        if (row.api_key_id === null) {
+          orgSpentNanos = BigInt(row.spent ?? 0);
+          snapshot = row.snapshot ?? "";
+        } else {
+          keys.set(row.api_key_id, { spentNanos: BigInt(row.spent ?? 0), tokens: BigInt(row.tokens ?? 0) });
         }
       }
-      return { orgSpentNanos, keys, snapshot: rows.at(-1)?.snapshot ?? "" };
+      return { orgSpentNanos, keys, snapshot };
     },
   };
 }
