@@ -38,6 +38,8 @@ const constants: Record<string, unknown> = {
   defaultChdbReportTimeoutSeconds: (await import("../analytics/store/driver.ts")).defaultChdbReportTimeoutSeconds,
   defaultBatchBytes: (await import("../gateway/spool.ts")).defaultBatchBytes,
   defaultMaxAnswerBytes: (await import("../gateway/providers/index.ts")).defaultMaxAnswerBytes,
+  minBatchBytes: (await import("../gateway/spool.ts")).minBatchBytes,
+  defaultReadMaxBytes: (await import("../lib/server.ts")).defaultReadMaxBytes,
 };
 
 test("the configuration table's defaults are the schemas' defaults", () => {
@@ -60,6 +62,28 @@ test("the configuration table's defaults are the schemas' defaults", () => {
   }
   expect(differ).toEqual([]);
   expect(new Set(checked).size).toBeGreaterThan(50);
+});
+
+test("the configuration table's ranges are the schemas' bounds", () => {
+  // A meaning that gives its variable's range as (`1` to `300`), or (`1048576` to `1073741824`; ...).
+  const documented = [...read("README.md").matchAll(/^\| `([A-Z][A-Z0-9_]+)` \|.*\(`(\d+)` to `(\d+)`[;)]/gm)].map(
+    (m) => [m[1] as string, `${m[2]}..${m[3]}`] as const,
+  );
+  // env.int(least, most) or env.decimal(...), its bounds literals or the constants above.
+  const inCode = new Map<string, [string, string]>();
+  for (const file of schemaFiles) {
+    const schemas = read(file).matchAll(/^\s+([A-Z][A-Z0-9_]{2,}): (?:env\.)?(?:int|decimal)\(([^,()]+), ([^,()]+)\)/gm);
+    for (const [, name, least, most] of schemas) if (name && least && most) inCode.set(name, [least, most]);
+  }
+  const value = (expression: string) =>
+    Function(...Object.keys(constants), `return (${expression});`)(...Object.values(constants)) as number;
+  const differ = documented.flatMap(([name, range]) => {
+    const bounds = inCode.get(name);
+    const actual = bounds && `${value(bounds[0])}..${value(bounds[1])}`;
+    return actual === range ? [] : [`${name}: ${actual ?? "no range"} in code, ${range} in README`];
+  });
+  expect(documented.length).toBeGreaterThanOrEqual(4);
+  expect(differ).toEqual([]);
 });
 
 test("the REST API's list of errors names every status the gateway answers with", () => {
