@@ -307,7 +307,8 @@ describe("max_concurrent_requests", () => {
   }, 60_000);
 
   test("a new limit reaches a running gateway on billing's change stream; running requests keep their slots", async () => {
-    upstream.script("slow", slowly);
+    // A minute long: none may end on its own while the limit's changes reach the gateway on a loaded machine.
+    upstream.script("slow", { ...slowly, content: Array.from({ length: 200 }, (_, i) => `w${i}`).join(" ") });
     const key = await keyWith(1);
     /** Opens a stream once the key's limit lets it, as the gateway learns of a change. */
     const admitted = async (port: Port) => {
@@ -341,8 +342,10 @@ describe("max_concurrent_requests", () => {
     first.leave();
     second.abort();
     third.abort();
-    await until(() => limiter.concurrent() === 0);
-  }, 30_000);
+    // A slot frees once its request is metered: a stream left counts its output first (a first count loads the
+    // tokenizer), which takes seconds on a loaded machine.
+    await until(() => limiter.concurrent() === 0, 20_000);
+  }, 60_000);
 
   test("after many requests ending every way at once, on every entry point, no slot is held and none went below zero", async () => {
     upstream.script("slow", { ...slowly, chunkDelayMs: 20 });
@@ -389,7 +392,7 @@ describe("max_concurrent_requests", () => {
     );
     expect(outcomes.filter((s) => s === 429).length).toBeGreaterThan(0);
     expect(outcomes.filter((s) => s === 200).length).toBeGreaterThan(0);
-    await until(() => limiter.concurrent() === 0);
+    await until(() => limiter.concurrent() === 0, 20_000);
     expect(await heldGauge()).toBe(0);
     // Every slot is back: the key runs four at once again, and not five.
     upstream.script("slow", slowly);
@@ -397,7 +400,7 @@ describe("max_concurrent_requests", () => {
     expect((await post("node", key.secret, "chat/completions", hi("ok"))).status).toBe(429);
     expect(await heldGauge()).toBe(4);
     for (const s of running) s.leave();
-    await until(() => limiter.concurrent() === 0);
+    await until(() => limiter.concurrent() === 0, 20_000);
     expect(await heldGauge()).toBe(0);
   }, 60_000);
 });
