@@ -24,6 +24,7 @@ import { createRateLimiter } from "./rate-limits.ts";
 import { createResponseIds, responseIdKey } from "./response-ids.ts";
 import { createReadiness } from "./readiness.ts";
 import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "./service.ts";
+import { createStalledStreams } from "./stalled-streams.ts";
 import { defaultBatchBytes, minBatchBytes } from "./spool.ts";
 import { type FileSpool, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
 import { adoptLeaseJournal, leaseJournalFile, openLeaseJournal } from "./lease-journal.ts";
@@ -58,6 +59,12 @@ const cfg = loadEnvOrExit({
    * the default, a quarter of a 512 MiB container, keeps a burst of large (image) requests within it.
    */
   GATEWAY_MAX_INFLIGHT_BODY_BYTES: env.int(1024, 1024 ** 4).default(128 * 1024 * 1024),
+  /**
+   * Streams whose client has taken none of a write for 2 s that may be held at once, on every port; past it the one
+   * stalled longest is cut. Each costs about 10 MB of a pod's memory until its idle limit: the default, about 320 MB,
+   * fits a 512 MiB container beside GATEWAY_MAX_INFLIGHT_BODY_BYTES' bodies.
+   */
+  GATEWAY_MAX_STALLED_STREAMS: env.int(1, 1_000_000).default(32),
   /** The most of an upstream's whole (not streamed) answer read; past it the attempt fails. */
   GATEWAY_MAX_UPSTREAM_ANSWER_BYTES: env.int(1024 * 1024, 1024 * 1024 * 1024).default(defaultMaxAnswerBytes),
   /**
@@ -287,6 +294,7 @@ const core = createGatewayCore({
 });
 const service = createGatewayService(core);
 const bodies = createBodyBudget({ maxBytes: cfg.GATEWAY_MAX_INFLIGHT_BODY_BYTES, registry: runtime.metrics.registry });
+const stalls = createStalledStreams({ max: cfg.GATEWAY_MAX_STALLED_STREAMS, registry: runtime.metrics.registry });
 const rest = createRestApp({ core, tracer: runtime.telemetry.tracer, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES });
 
 const cors = createCorsPolicy(cfg.CORS_ALLOWED_ORIGINS, exposedHeaders);
@@ -298,6 +306,7 @@ const server = await listenOrExit(log, "GATEWAY_PORT", cfg.GATEWAY_PORT, () =>
     interceptors: runtime.serverInterceptors,
     requestGate: createGatewayRequestGate(core, cfg.GATEWAY_MAX_BODY_BYTES),
     http: restRoutes(rest, { bodies }),
+    writeStalls: stalls,
     readiness: createReadiness({ billingUrl: cfg.BILLING_URL, shipper, keysVouchedLately: keys.vouchedLately, log }),
     registry: runtime.metrics.registry,
     log,
@@ -319,7 +328,7 @@ const fastRest =
         log,
         "GATEWAY_REST_PORT",
         restPort,
-        () => serveRest(rest, { port: restPort, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log, cors, bodies }),
+        () => serveRest(rest, { port: restPort, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES, log, cors, bodies, stalls }),
         () => signals.undoStart(),
       );
 log.info("gateway started", { models: config.models.size, instance: cfg.GATEWAY_INSTANCE_ID, url: server.url, rest_url: fastRest?.url });

@@ -92,6 +92,8 @@ export interface ServerOptions {
    * (a streamed RPC's, say) whose client takes none of it for as long is cut: its connection or HTTP/2 stream.
    */
   connectionIdleTimeoutMs?: number;
+  /** Told of each response whose write waits for its client, which it may cut as the idle limit would (the gateway's). */
+  writeStalls?: WriteStalls;
   /** Which browser origins may call, answered on every route but /healthz, /readyz, /metrics, health and reflection. */
   cors?: CorsPolicy;
   /**
@@ -108,6 +110,15 @@ export interface ServerOptions {
    * (defaultConnectionMaxAgeGraceMs); those still running then are answered Unavailable and the connection closes.
    */
   connectionMaxAgeGraceMs?: number;
+}
+
+/** Responses whose writes wait for their clients: each may be cut before its idle limit, to bound their number. */
+export interface WriteStalls {
+  /**
+   * A write to a response's client began waiting; `cut` ends the response as its idle limit does. Returns what to call
+   * once the client took some of it or the response is over: the wait no longer counts.
+   */
+  waiting(cut: () => void): () => void;
 }
 
 /** A connection's age by default: a replica added to a Service gets its share of calls within about this. */
@@ -248,7 +259,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       limitBodyTime(req, res, bodyTimeoutMs);
       if (req.httpVersionMajor === 1) closeIfUnread(req as http.IncomingMessage, res as http.ServerResponse);
     }
-    limitWriteWait(req, res, idleMs);
+    limitWriteWait(req, res, idleMs, options.writeStalls);
     try {
       if (options.cors) {
         const headers = headersOf(req.headers);
@@ -519,7 +530,7 @@ function limitBodyTime(req: NodeRequest, res: NodeResponse, ms: number): void {
  * ERR_SOCKET_CLOSED, which connect-node takes for a fault of the server's (Internal, logged). Either is settled here
  * as the client's leaving.
  */
-function limitWriteWait(req: NodeRequest, res: NodeResponse, ms: number): void {
+function limitWriteWait(req: NodeRequest, res: NodeResponse, ms: number, stalls?: WriteStalls): void {
   type Done = (error?: Error | null) => void;
   type Write = (chunk: unknown, encoding?: unknown, callback?: Done) => boolean;
   const write = res.write.bind(res) as Write;
@@ -536,6 +547,7 @@ function limitWriteWait(req: NodeRequest, res: NodeResponse, ms: number): void {
     if (next === undefined) return ending?.();
     write(next.bytes, undefined, (e) => {
       writesOut++;
+      if (stalled) stall();
       const error = failure(e);
       // Once one fails, so do the rest: their writers wait on them.
       for (const piece of error ? pieces.splice(0) : pieces.splice(0, 1)) piece.done?.(error);
@@ -546,11 +558,20 @@ function limitWriteWait(req: NodeRequest, res: NodeResponse, ms: number): void {
   let unsent = 0;
   let owesDrain = false;
   let waiting: ReturnType<typeof setInterval> | undefined;
+  // While a write waits, what takes it off the stalls: its client taking some of it starts the wait anew.
+  let stalled: (() => void) | undefined;
+  const stall = () => {
+    stalled?.();
+    stalled = stalls?.waiting(() => cut(req));
+  };
   const wentOut = () => {
     clearInterval(waiting);
     waiting = undefined;
+    stalled?.();
+    stalled = undefined;
   };
   const watch = () => {
+    stall();
     let last = writesOut;
     let since = Date.now();
     return setInterval(() => {
@@ -591,6 +612,7 @@ function limitWriteWait(req: NodeRequest, res: NodeResponse, ms: number): void {
     } else {
       flushed = write(chunk, as, (error) => {
         writesOut++;
+        if (stalled) stall();
         done(failure(error));
       });
     }

@@ -1,7 +1,7 @@
 import type { Server } from "bun";
 import { ulid } from "ulid";
 import type { CorsPolicy } from "../../lib/cors.ts";
-import { cutAnswerMs } from "../../lib/server.ts";
+import { cutAnswerMs, type WriteStalls } from "../../lib/server.ts";
 import type { Logger } from "../../lib/log.ts";
 import type { BodyBudget } from "../body-budget.ts";
 import { errorBody, toGatewayError } from "../errors.ts";
@@ -44,6 +44,8 @@ export function serveRest(
     cors?: CorsPolicy;
     /** The bound on request-body bytes in flight, shared with the gateway's other port. */
     bodies?: BodyBudget;
+    /** The bound on stalled streams, shared with the gateway's other port: it may cut one as the idle limit would. */
+    stalls?: WriteStalls;
   },
 ): BunRestServer {
   const idle = options.idleTimeoutSeconds ?? 65;
@@ -66,6 +68,9 @@ export function serveRest(
       // The body's bytes are given back once the answer is all handed over, the client has left, or the app failed.
       const body = options.bodies?.hold();
       if (body) request.signal.addEventListener("abort", () => body.release(), { once: true });
+      // While a stream's write waits, what takes it off the stalls; once the stall bound cut it, nothing else times it.
+      let stalled: (() => void) | undefined;
+      let cut = false;
       let response: Response;
       try {
         response = await app.fetch(request, {
@@ -74,12 +79,26 @@ export function serveRest(
           bodyRead: () => bun.timeout(request, 0),
           answered: () => {
             body?.release();
-            bun.timeout(request, idle);
+            stalled?.();
+            stalled = undefined;
+            if (!cut) bun.timeout(request, idle);
           },
           // A stream's client that takes none of it for the idle limit is gone all but in name: its connection is
-          // closed, at once (Bun's timer ticks in seconds) when the stream is over already.
-          writeWaits: (closing) => bun.timeout(request, closing ? 1 : idle),
-          writeDone: () => bun.timeout(request, 0),
+          // closed, at once (Bun's timer ticks in seconds) when the stream is over already or the stall bound cuts it.
+          writeWaits: (closing) => {
+            if (cut) return;
+            bun.timeout(request, closing ? 1 : idle);
+            stalled ??= options.stalls?.waiting(() => {
+              cut = true;
+              stalled = undefined;
+              bun.timeout(request, 1);
+            });
+          },
+          writeDone: () => {
+            stalled?.();
+            stalled = undefined;
+            if (!cut) bun.timeout(request, 0);
+          },
           body,
         });
       } catch (e) {

@@ -16,6 +16,7 @@ import { restRoutes } from "../http/node.ts";
 import { createProviders } from "../providers/index.ts";
 import { createRateLimiter } from "../rate-limits.ts";
 import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "../service.ts";
+import { createStalledStreams } from "../stalled-streams.ts";
 import { createBillingFake, createRecordingShipper, createTestLogger } from "../testing.ts";
 
 /** Routes of one model, `ok`, served by the upstream at `url` (an OpenAI-compatible fake) at $1 per million tokens. */
@@ -65,6 +66,9 @@ export async function startTestGateway(
     tracer?: Tracer;
     /** The bound on request-body bytes in flight, shared by both ports and the RPCs (none by default). */
     maxInflightBodyBytes?: number;
+    /** The bound on stalled streams, shared by both ports (none by default), and how long a write waits to be one. */
+    maxStalledStreams?: number;
+    stalledAfterMs?: number;
   } = {},
 ) {
   const billing = createBillingFake({
@@ -92,6 +96,14 @@ export async function startTestGateway(
   const rest = createRestApp({ core, tracer, maxBodyBytes });
   const bodies =
     options.maxInflightBodyBytes === undefined ? undefined : createBodyBudget({ maxBytes: options.maxInflightBodyBytes });
+  const stalls =
+    options.maxStalledStreams === undefined
+      ? undefined
+      : createStalledStreams({
+          max: options.maxStalledStreams,
+          stalledAfterMs: options.stalledAfterMs,
+          registry: options.registry,
+        });
   const fast = serveRest(rest, {
     port: 0,
     hostname: "127.0.0.1",
@@ -100,6 +112,7 @@ export async function startTestGateway(
     requestBodyTimeoutSeconds: options.requestBodyTimeoutSeconds,
     cors: options.cors,
     bodies,
+    stalls,
   });
   const server = await startServer({
     name: "gateway-test",
@@ -113,6 +126,7 @@ export async function startTestGateway(
     cors: options.cors,
     registry: options.registry,
     connectionIdleTimeoutMs: options.idleTimeoutSeconds === undefined ? undefined : options.idleTimeoutSeconds * 1000,
+    writeStalls: stalls,
   });
 
   /** The metrics row of a request, once it has been recorded. */
@@ -131,6 +145,7 @@ export async function startTestGateway(
     restUrl: fast.url,
     core,
     bodies,
+    stalls,
     billing,
     shipper,
     log,
