@@ -477,9 +477,12 @@ function queryOf(url: string): string | undefined {
   return query < 0 ? undefined : url.slice(query + 1);
 }
 
-/** The path of an absolute URL without parsing all of it. */
+/**
+ * The path of a request's URL without parsing all of it: absolute, or the path alone, as Bun gives it for a request
+ * without a usable Host (HTTP/1.0, an empty Host).
+ */
 export function pathOf(url: string): string {
-  const start = url.indexOf("/", url.indexOf("//") + 2);
+  const start = url.startsWith("/") ? 0 : url.indexOf("/", url.indexOf("//") + 2);
   if (start < 0) return "/";
   const query = url.indexOf("?", start);
   return query < 0 ? url.slice(start) : url.slice(start, query);
