@@ -18,7 +18,7 @@ import { createLogger } from "./log.ts";
 import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
 import { createServiceClient } from "./rpc-client.ts";
-import { maxStreamsPerConnection, type RunningServer, startServer } from "./server.ts";
+import { maxPipelinedRequests, maxStreamsPerConnection, type RunningServer, startServer } from "./server.ts";
 import { expectDrainClosesKeptAlive, keptAliveConnection, sendRegardless } from "./testing.ts";
 
 const metrics = createMetrics("test");
@@ -979,6 +979,31 @@ describe("connections past their age", () => {
     } finally {
       await server.close(0);
     }
+  });
+});
+
+describe("requests one HTTP/1.1 connection may have waiting", () => {
+  test("are bounded: a connection that pipelines more than the limit is closed, fewer are all answered", async () => {
+    const net = await import("node:net");
+    const pipeline = async (count: number) => {
+      const socket = net.connect(Number(new URL(server.url).port), "127.0.0.1");
+      let received = "";
+      let closed = false;
+      socket.on("data", (d) => (received += d.toString()));
+      socket.on("error", () => {});
+      socket.on("close", () => (closed = true));
+      socket.write("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(count));
+      const answers = () => received.split("HTTP/1.1 200").length - 1;
+      for (let waited = 0; !closed && answers() < count && waited < 5_000; waited += 10) await Bun.sleep(10);
+      await Bun.sleep(100);
+      socket.destroy();
+      return { answers: answers(), closed };
+    };
+    // A client that sends thousands at once would otherwise have every answer held until it read them.
+    const many = await pipeline(5_000);
+    expect(many.closed).toBe(true);
+    expect(many.answers).toBeLessThanOrEqual(maxPipelinedRequests);
+    expect(await pipeline(maxPipelinedRequests)).toEqual({ answers: maxPipelinedRequests, closed: false });
   });
 });
 

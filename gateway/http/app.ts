@@ -477,9 +477,12 @@ function queryOf(url: string): string | undefined {
   return query < 0 ? undefined : url.slice(query + 1);
 }
 
-/** The path of an absolute URL without parsing all of it. */
+/**
+ * The path of a request's URL without parsing all of it: absolute, or the path alone, as Bun gives it for a request
+ * without a usable Host (HTTP/1.0, an empty Host).
+ */
 export function pathOf(url: string): string {
-  const start = url.indexOf("/", url.indexOf("//") + 2);
+  const start = url.startsWith("/") ? 0 : url.indexOf("/", url.indexOf("//") + 2);
   if (start < 0) return "/";
   const query = url.indexOf("?", start);
   return query < 0 ? url.slice(start) : url.slice(start, query);
@@ -502,10 +505,10 @@ async function readText(request: Request, limit: number, hold: BodyHold | undefi
     // A declared length is the length the server reads: a small body is held at it and read in one piece, as reading
     // it chunk by chunk cost a quarter more of the gateway's CPU per request; a larger one counts its bytes as they
     // arrive, so a slow sender holds of the bound only what it sent (and at most hold.upfront a connection otherwise).
-    if (!hold) return request.text();
+    if (!hold) return utf8Text(await request.arrayBuffer());
     if (length <= hold.upfront) {
       if (!hold.cover(length)) throw bodiesAtCapacity();
-      return request.text();
+      return utf8Text(await request.arrayBuffer());
     }
     if (!hold.fits(length)) throw bodiesAtCapacity();
   }
@@ -527,7 +530,21 @@ async function readText(request: Request, limit: number, hold: BodyHold | undefi
     }
     chunks.push(value);
   }
-  return Buffer.concat(chunks, size).toString("utf8");
+  return utf8Text(Buffer.concat(chunks, size));
+}
+
+const utf8 = new TextDecoder("utf-8", { fatal: true });
+
+/**
+ * A body's bytes as text (a byte order mark left out), refused when they are not UTF-8, a Latin-1 body say, rather
+ * than read with replacement characters and sent upstream so, as the RPCs refuse such a JSON message.
+ */
+export function utf8Text(bytes: ArrayBuffer | Uint8Array): string {
+  try {
+    return utf8.decode(bytes);
+  } catch {
+    throw invalidRequest("The request body is not valid UTF-8; send JSON encoded as UTF-8.", null, "invalid_json");
+  }
 }
 
 /**

@@ -155,6 +155,32 @@ test("a body refused before it is all read closes its connection: what is still 
   }
 }, 30_000);
 
+test("a request without a usable Host (HTTP/1.0, an empty Host) is routed by its whole path, on either port", async () => {
+  const body = chat();
+  const send = async (url: string, requestLine: string, host: string) => {
+    const socket = net.connect(Number(new URL(url).port), "127.0.0.1");
+    let received = "";
+    socket.on("data", (d) => (received += d.toString()));
+    socket.on("error", () => {});
+    const closed = new Promise((resolve) => socket.on("close", resolve));
+    socket.write(`${requestLine}\r\n${host}Authorization: Bearer sk-good\r\nContent-Type: application/json\r\n` +
+      `Content-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`);
+    await closed;
+    return received;
+  };
+  for (const url of [gateway.restUrl, gateway.url]) {
+    upstream.script("ok", {});
+    expect(await send(url, "POST /v1/chat/completions HTTP/1.0", "")).toStartWith("HTTP/1.1 200");
+    upstream.script("ok", {});
+    expect(await send(url, "POST /v1/chat/completions HTTP/1.1", "Host:\r\n")).toStartWith("HTTP/1.1 200");
+    const before = upstream.requests.length;
+    // The rest of the path is not the API's, whatever comes after it.
+    expect(await send(url, "POST /elsewhere/v1/chat/completions HTTP/1.0", "")).toStartWith("HTTP/1.1 404");
+    expect(await send(url, "POST /x/v1/chat/completions HTTP/1.1", "Host:\r\n")).toStartWith("HTTP/1.1 404");
+    expect(upstream.requests).toHaveLength(before);
+  }
+});
+
 test("a failure that escapes the app is answered and logged under one request id", async () => {
   const log = createTestLogger();
   const failing = {

@@ -3,7 +3,7 @@ import { constants } from "node:http2";
 import { type HttpRoutes, headersOf, type NodeRequest, type NodeResponse, send } from "../../lib/server.ts";
 import type { BodyBudget, BodyHold } from "../body-budget.ts";
 import { bodiesAtCapacity, bodyTooLarge } from "../errors.ts";
-import type { RestApp, RestRequest } from "./app.ts";
+import { type RestApp, type RestRequest, utf8Text } from "./app.ts";
 
 /**
  * Serves a RestApp on startServer's node:http(2) requests, for paths under `prefix`. Requests are
@@ -128,7 +128,12 @@ function readText(req: NodeRequest, limit: number, hold: BodyHold | undefined): 
       chunks.push(chunk);
     });
     req.once("end", () => {
-      if (!over) resolve(chunks.length === 1 ? (chunks[0] as Buffer).toString("utf8") : Buffer.concat(chunks, size).toString("utf8"));
+      if (over) return;
+      try {
+        resolve(utf8Text(chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks, size)));
+      } catch (e) {
+        reject(e);
+      }
     });
     req.once("error", reject);
   });

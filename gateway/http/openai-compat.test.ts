@@ -1148,6 +1148,37 @@ for (const port of ["rpc", "rest"] as const) {
         expect((await post("chat/completions", undefined, json)).status).toBe(200);
       });
 
+      test("a body that is not UTF-8 is invalid_json, declared or streamed, not sent upstream mangled", async () => {
+        const post = (body: Uint8Array, streamed: boolean) =>
+          fetch(`${base()}/v1/chat/completions`, {
+            method: "POST",
+            headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+            body: streamed ? new Blob([body]).stream() : body,
+          });
+        // "Société" in Latin-1, as a client that encodes text so would send it.
+        const latin1 = Buffer.from(JSON.stringify({ model: "ok", messages: [{ role: "user", content: "Société" }] }), "latin1");
+        for (const streamed of [false, true]) {
+          const response = await post(latin1, streamed);
+          expect(response.status).toBe(400);
+          expect(await response.json()).toEqual({
+            error: {
+              message: "The request body is not valid UTF-8; send JSON encoded as UTF-8.",
+              type: "invalid_request_error",
+              param: null,
+              code: "invalid_json",
+            },
+          });
+        }
+        expect(upstream.requests).toHaveLength(0);
+        // UTF-8 with a byte order mark is read without it, however it arrives.
+        const marked = Buffer.from(`\ufeff${JSON.stringify({ model: "ok", messages: [{ role: "user", content: "Société" }] })}`);
+        for (const streamed of [false, true]) expect((await post(marked, streamed)).status).toBe(200);
+        expect(upstream.requests.map((r) => (r.body as { messages: Array<{ content: string }> }).messages[0]?.content)).toEqual([
+          "Société",
+          "Société",
+        ]);
+      });
+
       test("an invalid field is a BadRequestError naming it, and the upstream never sees the request", async () => {
         const temperature = await apiError(
           sdk().chat.completions.create({ model: "ok", messages: hello, temperature: 5 }),
