@@ -13,11 +13,7 @@ import { encodeGrpcMessage, maxGrpcMessageBytes } from "../lib/grpc-message.ts";
 import { decodeBase64 } from "../lib/grpc-web-text.ts";
 import { answerToHead } from "../lib/testing.ts";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
-import {
-  CreateEmbeddingRequestSchema,
-  GatewayService,
-  StreamChatCompletionRequestSchema,
-} from "../gen/gateway/v1/gateway_pb.ts";
+import { CreateEmbeddingRequestSchema, GatewayService } from "../gen/gateway/v1/gateway_pb.ts";
 import { createMetrics } from "../lib/metrics.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { type RunningServer, startServer } from "../lib/server.ts";
@@ -26,7 +22,7 @@ import { restRoutes } from "./http/node.ts";
 import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "./service.ts";
 import { createTestCore } from "./testing.ts";
 import { startFakeUpstream } from "./testing/fake-upstream.ts";
-import { oneModelRoutes, startTestGateway } from "./testing/served-gateway.ts";
+import { grpcChatStreamByHand, oneModelRoutes, startTestGateway } from "./testing/served-gateway.ts";
 
 // One real server on port 0 carrying both the RPCs and the REST API, as main.ts wires them.
 let server: RunningServer;
@@ -558,21 +554,10 @@ describe("a client that takes its answer slowly, or takes nothing", () => {
     upstream.script("ok", { content: bigAnswer });
     const before = await cancelledStreams();
     // A window of 1 KB, taken up by the first message, and never opened again.
-    const session = http2.connect(served.url, { settings: { initialWindowSize: 1024 } });
-    session.on("error", () => {});
+    const { session, stream, requestId } = grpcChatStreamByHand(served.url, params);
     try {
-      const stream = session.request({
-        ":method": "POST",
-        ":path": "/gateway.v1.GatewayService/StreamChatCompletion",
-        "content-type": "application/grpc+proto",
-        te: "trailers",
-        authorization: "Bearer sk-good",
-      });
-      stream.on("error", () => {});
-      const requestId = new Promise<string>((resolve) => stream.once("response", (h) => resolve(String(h["x-request-id"]))));
       const reset = new Promise<number>((resolve) => stream.once("close", () => resolve(stream.rstCode)));
       stream.once("data", () => stream.pause());
-      stream.end(enveloped(toBinary(StreamChatCompletionRequestSchema, create(StreamChatCompletionRequestSchema, { params }))));
 
       expect(await within(reset, 8_000)).toBe(http2.constants.NGHTTP2_CANCEL);
       const row = await served.row(await requestId, 8_000);

@@ -1,12 +1,10 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import * as http2 from "node:http2";
 import net from "node:net";
-import { create, toBinary } from "@bufbuild/protobuf";
 import { Registry } from "prom-client";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
-import { StreamChatCompletionRequestSchema } from "../gen/gateway/v1/gateway_pb.ts";
 import { type FakeUpstream, startFakeUpstream } from "./testing/fake-upstream.ts";
-import { oneModelRoutes, startTestGateway } from "./testing/served-gateway.ts";
+import { grpcChatStreamByHand, oneModelRoutes, startTestGateway } from "./testing/served-gateway.ts";
 
 // Streams whose clients take nothing, past the bound of those a replica holds at once: the one stalled longest is cut
 // as the idle limit (65 s here, never reached) would cut it, on both ports and over the RPCs.
@@ -100,23 +98,13 @@ function overHttp1(url: string, kind: "rest" | "connect"): Reader {
 
 /** StreamChatCompletion over gRPC on HTTP/2, with a stream window of 1 KB that opens only as the client reads. */
 function overGrpc(url: string): Reader {
-  const session = http2.connect(url, { settings: { initialWindowSize: 1024 } });
-  session.on("error", () => {});
-  const stream = session.request({
-    ":method": "POST",
-    ":path": "/gateway.v1.GatewayService/StreamChatCompletion",
-    "content-type": "application/grpc+proto",
-    te: "trailers",
-    authorization: "Bearer sk-good",
-  });
-  stream.on("error", () => {});
+  const { session, stream, requestId } = grpcChatStreamByHand(url, chat);
   let received = 0;
   let wanted = 0;
   let arrived: () => void = () => {};
   let closed = false;
   const ended = new Promise<void>((resolve) => stream.once("close", () => resolve()));
   void ended.then(() => (closed = stream.rstCode !== http2.constants.NGHTTP2_NO_ERROR));
-  const requestId = new Promise<string>((resolve) => stream.once("response", (h) => resolve(String(h["x-request-id"]))));
   stream.on("data", (d: Buffer) => {
     received += d.length;
     if (received >= wanted) {
@@ -124,11 +112,6 @@ function overGrpc(url: string): Reader {
       arrived();
     }
   });
-  const message = toBinary(StreamChatCompletionRequestSchema, create(StreamChatCompletionRequestSchema, { params: chat }));
-  const body = Buffer.alloc(5 + message.length);
-  body.writeUInt32BE(message.length, 1);
-  body.set(message, 5);
-  stream.end(body);
   return {
     requestId,
     readSome(bytes) {

@@ -1,3 +1,7 @@
+import { expect } from "bun:test";
+import { rm } from "node:fs/promises";
+import type { Mesh } from "../scripts/mesh.ts";
+
 /** Helpers shared by tests that wait on other processes or background work. */
 
 export interface EventuallyOptions {
@@ -32,5 +36,15 @@ export async function eventually<T>(
       throw new Error(`${what}: not reached within ${timeoutMs} ms${cause}`);
     }
     await Bun.sleep(intervalMs);
+  }
+}
+
+/** Stops a test's mesh, every service expected to exit 0, then removes its data directory, however the stop went. */
+export async function stopMesh(mesh: Pick<Mesh, "stop"> | undefined, dataDir: string | undefined): Promise<void> {
+  try {
+    const codes = await mesh?.stop();
+    if (codes) expect(codes).toEqual({ gateway: 0, analytics: 0, billing: 0 });
+  } finally {
+    if (dataDir) await rm(dataDir, { recursive: true, force: true });
   }
 }

@@ -1,8 +1,10 @@
+import * as http2 from "node:http2";
+import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import type { Interceptor } from "@connectrpc/connect";
 import type { Registry } from "prom-client";
 import { type Tracer, trace } from "@opentelemetry/api";
 import type { RequestMetrics } from "../../gen/analytics/v1/analytics_pb.ts";
-import { GatewayService } from "../../gen/gateway/v1/gateway_pb.ts";
+import { GatewayService, StreamChatCompletionRequestSchema } from "../../gen/gateway/v1/gateway_pb.ts";
 import type { CorsPolicy } from "../../lib/cors.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { defaultReadMaxBytes, startServer } from "../../lib/server.ts";
@@ -18,6 +20,30 @@ import { createRateLimiter } from "../rate-limits.ts";
 import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "../service.ts";
 import { createStalledStreams } from "../stalled-streams.ts";
 import { createBillingFake, createRecordingShipper, createTestLogger } from "../testing.ts";
+
+/**
+ * A StreamChatCompletion over gRPC on HTTP/2 written by hand, its request sent, with a stream window of 1 KB that opens
+ * only as its client reads: a client that reads nothing holds the stream with its window full. Destroy the session.
+ */
+export function grpcChatStreamByHand(url: string, params: MessageInitShape<typeof StreamChatCompletionRequestSchema>["params"]) {
+  const session = http2.connect(url, { settings: { initialWindowSize: 1024 } });
+  session.on("error", () => {});
+  const stream = session.request({
+    ":method": "POST",
+    ":path": "/gateway.v1.GatewayService/StreamChatCompletion",
+    "content-type": "application/grpc+proto",
+    te: "trailers",
+    authorization: "Bearer sk-good",
+  });
+  stream.on("error", () => {});
+  const requestId = new Promise<string>((resolve) => stream.once("response", (h) => resolve(String(h["x-request-id"]))));
+  const message = toBinary(StreamChatCompletionRequestSchema, create(StreamChatCompletionRequestSchema, { params }));
+  const body = Buffer.alloc(5 + message.length);
+  body.writeUInt32BE(message.length, 1);
+  body.set(message, 5);
+  stream.end(body);
+  return { session, stream, requestId };
+}
 
 /** Routes of one model, `ok`, served by the upstream at `url` (an OpenAI-compatible fake) at $1 per million tokens. */
 export function oneModelRoutes(url: string): string {

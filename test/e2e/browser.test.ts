@@ -4,7 +4,7 @@
  * does); billing is started allowing only the page's origin, and a page from a second origin is refused by it.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
@@ -14,6 +14,7 @@ import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.ts";
+import { stopMesh } from "../support.ts";
 
 const chromiumPath = process.env.CHROMIUM_PATH ?? Bun.which("chromium") ?? Bun.which("chromium-browser");
 if (!chromiumPath && process.env.CI) throw new Error("CI must provide Chromium (Debian's chromium package)");
@@ -75,9 +76,7 @@ describe.skipIf(!chromiumPath)("browsers on other origins (needs Debian's chromi
   afterAll(async () => {
     await browser?.close();
     for (const p of pages) p.stop(true);
-    const codes = await mesh?.stop();
-    if (codes) expect(codes).toEqual({ gateway: 0, analytics: 0, billing: 0 });
-    if (dataDir) await rm(dataDir, { recursive: true, force: true });
+    await stopMesh(mesh, dataDir);
   }, 60_000);
 
   test("the OpenAI API: a whole completion with its headers readable, then a stream to [DONE]", async () => {

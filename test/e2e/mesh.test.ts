@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import OpenAI from "openai";
@@ -9,7 +9,7 @@ import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.ts";
-import { eventually } from "../support.ts";
+import { eventually, stopMesh } from "../support.ts";
 
 const adminToken = "e2e-admin-token-0123456789";
 let dataDir: string;
@@ -28,11 +28,7 @@ beforeAll(async () => {
   demo = await ensureDemo(mesh, { dataDir, adminToken });
 }, 120_000);
 
-afterAll(async () => {
-  const codes = await mesh?.stop();
-  if (codes) expect(codes).toEqual({ gateway: 0, analytics: 0, billing: 0 });
-  await rm(dataDir, { recursive: true, force: true });
-}, 60_000);
+afterAll(() => stopMesh(mesh, dataDir), 60_000);
 
 describe("the mesh end to end", () => {
   test("writes the demo credentials to <data dir>/demo.env, exported to what a shell that sources it starts", async () => {

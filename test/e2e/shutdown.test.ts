@@ -6,7 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readdirSync, readFileSync } from "node:fs";
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, writeFile } from "node:fs/promises";
 import * as net from "node:net";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
@@ -18,7 +18,7 @@ import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { isAlive, postmasterPid } from "../../billing/store/embedded.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Mesh, startMesh } from "../../scripts/mesh.ts";
-import { eventually } from "../support.ts";
+import { eventually, stopMesh } from "../support.ts";
 
 const adminToken = "shutdown-admin-token-0123456789";
 const graceMs = 4000;
@@ -78,14 +78,7 @@ beforeAll(async () => {
   billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken, timeoutMs: 30_000 });
 }, 120_000);
 
-afterAll(async () => {
-  try {
-    const codes = await mesh?.stop();
-    if (codes) expect(codes).toEqual({ gateway: 0, analytics: 0, billing: 0 });
-  } finally {
-    await rm(dataDir, { recursive: true, force: true });
-  }
-}, 60_000);
+afterAll(() => stopMesh(mesh, dataDir), 60_000);
 
 interface Org {
   id: string;

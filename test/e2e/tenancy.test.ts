@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import type { DescMethod } from "@bufbuild/protobuf";
@@ -10,7 +10,7 @@ import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { GatewayService } from "../../gen/gateway/v1/gateway_pb.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Mesh, startMesh } from "../../scripts/mesh.ts";
-import { eventually } from "../support.ts";
+import { eventually, stopMesh } from "../support.ts";
 
 // Who may do what, across the three services, with billing's real answers about each kind of key: every RPC, the
 // REST API and the invoice page, called by the admin, org A's key, a key of A's project, org B's key, a revoked, an
@@ -99,11 +99,7 @@ beforeAll(async () => {
   await Bun.sleep(Math.max(0, Number(expireTime.seconds) * 1000 + expireTime.nanos / 1e6 - Date.now() + 50));
 }, 120_000);
 
-afterAll(async () => {
-  const codes = await mesh?.stop();
-  if (codes) expect(codes).toEqual({ gateway: 0, analytics: 0, billing: 0 });
-  await rm(dataDir, { recursive: true, force: true });
-}, 60_000);
+afterAll(() => stopMesh(mesh, dataDir), 60_000);
 
 /** "ok", or the Connect code's name. */
 async function rpc(call: Promise<unknown> | AsyncIterable<unknown>): Promise<string> {
