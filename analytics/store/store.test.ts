@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
@@ -9,6 +9,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { ListRequestsResponseSchema, RequestMetricsSchema, RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { createLogger } from "../../lib/log.ts";
+import { runCommand } from "../../lib/processes.ts";
 import { query } from "../service.ts";
 import { createChdbDriver } from "./chdb-driver.ts";
 import { createClientDriver } from "./client-driver.ts";
@@ -929,6 +930,45 @@ describe("rollups under another lag or clock", () => {
 });
 
 describe("migrations", () => {
+  test("parts the in-process engine set aside as damaged at start are named, those an operator detached are not", async () => {
+    // Each step in a process of its own: the engine reads its parts once per process, when it opens its path.
+    const dir = mkdtempSync(join(tmpdir(), "detached-"));
+    const step = (body: string) =>
+      runCommand([
+        process.execPath,
+        "--eval",
+        [
+          `import { createChdbDriver } from ${JSON.stringify(join(import.meta.dir, "chdb-driver.ts"))};`,
+          `import { createAnalyticsStore } from ${JSON.stringify(join(import.meta.dir, "store.ts"))};`,
+          `import { sampleMetrics } from ${JSON.stringify(join(import.meta.dir, "test-store.ts"))};`,
+          `const driver = createChdbDriver(${JSON.stringify(dir)});`,
+          `const store = createAnalyticsStore(driver, { database: "detached", ttlDays: 400 });`,
+          body,
+          "await driver.close();",
+        ].join("\n"),
+      ]);
+    try {
+      const written = await step(`await store.migrate();
+        await store.insertRequests([sampleMetrics(new Date())], "detached-1");
+        await store.insertRequests([sampleMetrics(new Date())], "detached-2");
+        await driver.exec("SYSTEM STOP MERGES");
+        const parts = await driver.query("SELECT name, path FROM system.parts WHERE database = 'detached' AND table = 'requests' AND active ORDER BY name");
+        await driver.exec("ALTER TABLE detached.requests DETACH PART '" + parts[0].name + "'");
+        console.log(JSON.stringify(parts[1]));`);
+      expect(written.code).toBe(0);
+      // The host lost the part's last writes: its column files cut short.
+      const damaged = JSON.parse(written.stdout.trim().split("\n").at(-1) as string) as { name: string; path: string };
+      for (const file of readdirSync(damaged.path)) if (file.endsWith(".bin")) truncateSync(join(damaged.path, file), 3);
+      const read = await step("console.log(JSON.stringify(await store.detachedParts()));");
+      expect(read.code).toBe(0);
+      expect(JSON.parse(read.stdout.trim().split("\n").at(-1) as string)).toEqual([
+        { table: "requests", name: `broken-on-start_${damaged.name}`, reason: "broken-on-start" },
+      ]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 60_000);
+
   test("a changed migration that was already applied stops migrate", async () => {
     const dir = mkdtempSync(join(tmpdir(), "analytics-migrations-"));
     const file = join(dir, "0001_things.sql");

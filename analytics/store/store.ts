@@ -89,6 +89,12 @@ export const maxRequestPageBytes = 3 * 1024 * 1024;
 export interface AnalyticsStore {
   /** Creates the database, applies pending migrations and the configured retention; returns versions applied now. */
   migrate(): Promise<string[]>;
+  /**
+   * Parts of the database ClickHouse set aside on its own (`system.detached_parts` with a reason: a part found damaged
+   * at start, say): their rows are missing from every report, though billing recorded them. Parts an operator
+   * detached (no reason) are not counted.
+   */
+  detachedParts(): Promise<{ table: string; name: string; reason: string }[]>;
   /** Writes rows; a retry with the same dedupToken is a no-op, and any duplicate request_id is read once. */
   insertRequests(rows: readonly RequestMetrics[], dedupToken: string): Promise<void>;
   /**
@@ -286,6 +292,14 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
       await applyRetention();
       await applyTableSettings();
       return applied;
+    },
+
+    detachedParts() {
+      return driver.query<{ table: string; name: string; reason: string }>(
+        `SELECT table, name, reason FROM system.detached_parts
+         WHERE database = {database:String} AND reason != '' ORDER BY table, name`,
+        { database: db },
+      );
     },
 
     async insertRequests(rows, dedupToken) {
