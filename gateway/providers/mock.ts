@@ -432,18 +432,25 @@ function inputItems(request: ResponsesRequest): Record<string, unknown>[] {
   });
 }
 
-/** A page of input items, as the API pages them: `order` (desc by default), after the item `after`, `limit` (20). */
+/**
+ * A page of input items, as the API pages them: `order` (desc by default), `limit` (20), after the item `after` or
+ * the page just before the item `before` (a page back, whose `has_more` says whether more are before it).
+ */
 function itemPage(items: Record<string, unknown>[], query: StoredResponseRequest["query"]) {
   const ordered = query.order === "asc" ? [...items] : [...items].reverse();
-  const from = typeof query.after === "string" ? ordered.findIndex((item) => item.id === query.after) + 1 : 0;
+  const indexOf = (id: unknown) => ordered.findIndex((item) => item.id === id);
   const limit = Math.min(100, Math.max(1, Number(query.limit) || 20));
-  const data = ordered.slice(from, from + limit).map((item) => structuredClone(item));
+  let to = typeof query.before === "string" ? indexOf(query.before) : -1;
+  if (to < 0) to = ordered.length;
+  let from = typeof query.after === "string" ? indexOf(query.after) + 1 : 0;
+  if (typeof query.before === "string") from = Math.max(from, to - limit);
+  const data = ordered.slice(from, Math.min(to, from + limit)).map((item) => structuredClone(item));
   return {
     object: "list",
     data,
     first_id: data[0]?.id ?? null,
     last_id: data.at(-1)?.id ?? null,
-    has_more: from + limit < ordered.length,
+    has_more: typeof query.before === "string" ? from > 0 : from + limit < to,
   };
 }
 
