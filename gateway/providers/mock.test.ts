@@ -346,6 +346,38 @@ describe("mock provider's stored responses", () => {
     expect(evicted).toMatchObject({ status: 404, error: { message: `Response with id '${id}' not found.` } });
   });
 
+  test("pages input items back from `before`, as the API documents it", async () => {
+    const mock = createMockProvider({ name: "mock", latency_ms: 0 });
+    const input = ["1", "2", "3", "4", "5"].map((content) => ({ role: "user" as const, content }));
+    const { id } = (await mock.responses({ model: "m", input }, options)).response;
+    type Page = { data: { id: string; content: { text: string }[] }[]; has_more: boolean };
+    const page = async (query: Record<string, string>) => {
+      const got = (await mock.storedResponse({ action: "input_items", id, query }, options)) as Page;
+      return { texts: got.data.map((item) => item.content[0]?.text), more: got.has_more, ids: got.data.map((i) => i.id) };
+    };
+    const asc = await page({ order: "asc" });
+    expect(await page({ order: "asc", before: asc.ids[3] as string })).toMatchObject({ texts: ["1", "2", "3"], more: false });
+    expect(await page({ order: "asc", before: asc.ids[3] as string, limit: "2" })).toMatchObject({ texts: ["2", "3"], more: true });
+    expect(await page({ before: asc.ids[1] as string, limit: "2" })).toMatchObject({ texts: ["4", "3"], more: true });
+    expect(await page({ order: "asc", after: asc.ids[0] as string, before: asc.ids[3] as string })).toMatchObject({
+      texts: ["2", "3"],
+    });
+  });
+
+  test("keeps 32 MiB of them at most: a flood of 4 MB inputs evicts the oldest, the latest kept whatever its size", async () => {
+    const mock = createMockProvider({ name: "mock", latency_ms: 0 });
+    const big = "x".repeat(4_000_000);
+    const ids: string[] = [];
+    for (let i = 0; i < 9; i++) ids.push((await mock.responses({ model: "m", input: big, max_output_tokens: 16 }, options)).response.id);
+    const first = await mock.storedResponse({ action: "retrieve", id: ids[0] as string, query: {} }, options).catch((e: unknown) => e);
+    expect(first).toMatchObject({ status: 404 });
+    expect(await mock.storedResponse({ action: "retrieve", id: ids[8] as string, query: {} }, options)).toMatchObject({ id: ids[8] });
+    const huge = (await mock.responses({ model: "m", input: "y".repeat(40_000_000), max_output_tokens: 16 }, options)).response;
+    expect(await mock.storedResponse({ action: "retrieve", id: huge.id, query: {} }, options)).toMatchObject({ id: huge.id });
+    const evicted = await mock.storedResponse({ action: "retrieve", id: ids[8] as string, query: {} }, options).catch((e: unknown) => e);
+    expect(evicted).toMatchObject({ status: 404 });
+  });
+
   test("continues only a response it keeps, as an upstream account does", async () => {
     const mock = createMockProvider({ name: "mock", latency_ms: 0 });
     const kept = (await mock.responses({ model: "m", input: "a" }, options)).response;

@@ -38,8 +38,10 @@ const embeddingDimensions = 16;
 const maxReplyTokens = 4096;
 // The most values (inputs x dimensions) one embeddings response holds: about 20 MB of JSON floats.
 const maxEmbeddingValues = 1 << 20;
-// Responses kept for retrieval, as an upstream account stores them: the latest this many.
+// Responses kept for retrieval, as an upstream account stores them: the latest this many, and of so many characters
+// of JSON in all, so that requests of 4 MB each (an image costs 765 tokens whatever its bytes) cannot fill the memory.
 const maxStoredResponses = 1000;
+const maxStoredChars = 32 * 1024 * 1024;
 
 /**
  * An offline upstream whose replies and usage follow from the request alone: it echoes the last
@@ -52,7 +54,8 @@ export function createMockProvider(config: MockConfig): Provider {
   const latencyMs = config.latency_ms;
   const chunkLatencyMs = config.chunk_latency_ms ?? 0;
   // Each response made with `store` not false, with its input items, oldest first; copies, as callers change theirs.
-  const stored = new Map<string, { response: ResponseObject; items: Record<string, unknown>[] }>();
+  const stored = new Map<string, { response: ResponseObject; items: Record<string, unknown>[]; chars: number }>();
+  let storedChars = 0;
 
   /** A response's answer as the mock makes it, kept when the request lets it be; refused when it continues none kept. */
   const respond = (request: ResponsesRequest) => {
@@ -63,8 +66,16 @@ export function createMockProvider(config: MockConfig): Provider {
     }
     const reply = responseTo(request);
     if (request.store !== false) {
-      if (stored.size >= maxStoredResponses) stored.delete(stored.keys().next().value as string);
-      stored.set(reply.response.id, { response: structuredClone(reply.response), items: inputItems(request) });
+      const kept = { response: structuredClone(reply.response), items: inputItems(request), chars: 0 };
+      kept.chars = JSON.stringify(kept.response).length + JSON.stringify(kept.items).length;
+      // The oldest go first; the latest is kept whatever its size, bounded by the gateway's largest body.
+      for (const [id, old] of stored) {
+        if (stored.size < maxStoredResponses && storedChars + kept.chars <= maxStoredChars) break;
+        stored.delete(id);
+        storedChars -= old.chars;
+      }
+      stored.set(reply.response.id, kept);
+      storedChars += kept.chars;
     }
     return reply;
   };
@@ -206,6 +217,7 @@ export function createMockProvider(config: MockConfig): Provider {
       if (request.action === "retrieve") return structuredClone(found.response);
       if (request.action === "delete") {
         stored.delete(request.id);
+        storedChars -= found.chars;
         return { id: request.id, object: "response", deleted: true };
       }
       return itemPage(found.items, request.query);
@@ -420,18 +432,25 @@ function inputItems(request: ResponsesRequest): Record<string, unknown>[] {
   });
 }
 
-/** A page of input items, as the API pages them: `order` (desc by default), after the item `after`, `limit` (20). */
+/**
+ * A page of input items, as the API pages them: `order` (desc by default), `limit` (20), after the item `after` or
+ * the page just before the item `before` (a page back, whose `has_more` says whether more are before it).
+ */
 function itemPage(items: Record<string, unknown>[], query: StoredResponseRequest["query"]) {
   const ordered = query.order === "asc" ? [...items] : [...items].reverse();
-  const from = typeof query.after === "string" ? ordered.findIndex((item) => item.id === query.after) + 1 : 0;
+  const indexOf = (id: unknown) => ordered.findIndex((item) => item.id === id);
   const limit = Math.min(100, Math.max(1, Number(query.limit) || 20));
-  const data = ordered.slice(from, from + limit).map((item) => structuredClone(item));
+  let to = typeof query.before === "string" ? indexOf(query.before) : -1;
+  if (to < 0) to = ordered.length;
+  let from = typeof query.after === "string" ? indexOf(query.after) + 1 : 0;
+  if (typeof query.before === "string") from = Math.max(from, to - limit);
+  const data = ordered.slice(from, Math.min(to, from + limit)).map((item) => structuredClone(item));
   return {
     object: "list",
     data,
     first_id: data[0]?.id ?? null,
     last_id: data.at(-1)?.id ?? null,
-    has_more: from + limit < ordered.length,
+    has_more: typeof query.before === "string" ? from > 0 : from + limit < to,
   };
 }
 
