@@ -415,6 +415,9 @@ models:
     expect(() => loadGatewayConfig("/nonexistent/gateway.yaml")).toThrow(/nonexistent\/gateway\.yaml/);
     expect(configError("providers: [", "broken.yaml")).toContain("broken.yaml");
     expect(configError("{", "broken.json")).toContain("broken.json");
+    for (const empty of ["", "\n", "# routes come later\n"]) {
+      expect(configError(empty, "empty.yaml")).toBe("invalid gateway config empty.yaml: the file is empty (or only comments): give its providers and models");
+    }
   });
 
   test("broken syntax is named by line and column on one line, never quoting the file's lines and the credentials in them", () => {

@@ -315,6 +315,10 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
     const message = e instanceof YAMLError && e.code === "MULTIPLE_DOCS" ? "more than one document (a second ---): give one" : (e as Error).message;
     throw new ConfigError(`invalid gateway config ${source}: ${where}${message}`);
   }
+  // An empty file (a ConfigMap key that rendered nothing) would be "expected object, received null".
+  if (raw === null || raw === undefined) {
+    throw new ConfigError(`invalid gateway config ${source}: the file is empty (or only comments): give its providers and models`);
+  }
   const result = file.safeParse(raw, { error: (issue) => (issue.code === "unrecognized_keys" ? unknownKeys(issue) : undefined) });
   if (!result.success) {
     // An unknown key by its own path ("providers[0].api_key_envv"), as a key of the wrong value is named.
