@@ -415,5 +415,33 @@ models:
     expect(() => loadGatewayConfig("/nonexistent/gateway.yaml")).toThrow(/nonexistent\/gateway\.yaml/);
     expect(configError("providers: [", "broken.yaml")).toContain("broken.yaml");
     expect(configError("{", "broken.json")).toContain("broken.json");
+    for (const empty of ["", "\n", "# routes come later\n"]) {
+      expect(configError(empty, "empty.yaml")).toBe("invalid gateway config empty.yaml: the file is empty (or only comments): give its providers and models");
+    }
+  });
+
+  test("broken syntax is named by line and column on one line, never quoting the file's lines and the credentials in them", () => {
+    const provider = (headers: string) => `
+providers:
+  - name: up
+    kind: openai
+    base_url: https://llm.internal/v1
+    headers:
+${headers}
+models: []
+`;
+    const secret = "sk-live-0123456789abcdef";
+    const broken = [
+      [`      Authorization: "Bearer ${secret}`, "line 9, column 1: Missing closing"],
+      [`      Authorization: Bearer ${secret}\n      Authorization: Bearer ${secret}`, "line 8, column 7: Map keys must be unique"],
+      [`      Authorization: Bearer ${secret}\n     X-Team: search`, "line 8, column 1: All mapping items must start at the same column"],
+    ] as const;
+    for (const [headers, expected] of broken) {
+      const message = configError(provider(headers), "/etc/gateway/routes.yaml");
+      expect(message).toStartWith(`invalid gateway config /etc/gateway/routes.yaml: ${expected}`);
+      expect(message).not.toContain(secret);
+      expect(message).not.toContain("\n");
+    }
+    expect(configError(`${provider("      X-Team: a")}---\nmodels: []\n`)).toContain("line 9, column 1: more than one document (a second ---)");
   });
 });

@@ -1,5 +1,5 @@
 import { readFileSync } from "node:fs";
-import { parse as parseYaml } from "yaml";
+import { LineCounter, parse as parseYaml, YAMLError } from "yaml";
 import { z } from "zod";
 import { ConfigError } from "../lib/config.ts";
 import { parseUsdMicros, type Price } from "../lib/money.ts";
@@ -302,12 +302,22 @@ export interface GatewayConfig {
 /** Parses the text of a config file, YAML or JSON; `source` names it in errors. */
 export function parseGatewayConfig(text: string, source: string): GatewayConfig {
   let raw: unknown;
+  const lines = new LineCounter();
   try {
     // JSON through the YAML parser too (JSON is YAML): it refuses duplicate keys, which JSON.parse resolves to the
-    // last, so a repeated price could silently become 0.
-    raw = parseYaml(text, { uniqueKeys: true });
+    // last, so a repeated price could silently become 0. Its errors by line and column alone: the lines it would quote
+    // may hold a header's credential, and the message is logged.
+    raw = parseYaml(text, { uniqueKeys: true, prettyErrors: false, lineCounter: lines });
   } catch (e) {
-    throw new ConfigError(`invalid gateway config ${source}: ${(e as Error).message}`);
+    const at = e instanceof YAMLError ? lines.linePos(e.pos[0]) : undefined;
+    const where = at ? `line ${at.line}, column ${at.col}: ` : "";
+    // The parser's own advice (use YAML.parseAllDocuments()) is for programmers.
+    const message = e instanceof YAMLError && e.code === "MULTIPLE_DOCS" ? "more than one document (a second ---): give one" : (e as Error).message;
+    throw new ConfigError(`invalid gateway config ${source}: ${where}${message}`);
+  }
+  // An empty file (a ConfigMap key that rendered nothing) would be "expected object, received null".
+  if (raw === null || raw === undefined) {
+    throw new ConfigError(`invalid gateway config ${source}: the file is empty (or only comments): give its providers and models`);
   }
   const result = file.safeParse(raw, { error: (issue) => (issue.code === "unrecognized_keys" ? unknownKeys(issue) : undefined) });
   if (!result.success) {

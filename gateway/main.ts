@@ -159,12 +159,19 @@ if (cfg.BUN_CONFIG_MAX_HTTP_REQUESTS < 1024) {
   });
 }
 
-const providers = createProviders(config.providers, process.env, {
-  onMissingKey: (provider, variable) =>
-    log.warn("provider has no API key; its models fail until it is set", { provider, variable }),
-  secrets: [cfg.ADMIN_TOKEN, ...(cfg.GATEWAY_RESPONSE_ID_SECRET ? [cfg.GATEWAY_RESPONSE_ID_SECRET] : [])],
-  maxAnswerBytes: cfg.GATEWAY_MAX_UPSTREAM_ANSWER_BYTES,
-});
+let providers: ReturnType<typeof createProviders>;
+try {
+  providers = createProviders(config.providers, process.env, {
+    onMissingKey: (provider, variable) =>
+      log.warn("provider has no API key; its models fail until it is set", { provider, variable }),
+    secrets: [cfg.ADMIN_TOKEN, ...(cfg.GATEWAY_RESPONSE_ID_SECRET ? [cfg.GATEWAY_RESPONSE_ID_SECRET] : [])],
+    maxAnswerBytes: cfg.GATEWAY_MAX_UPSTREAM_ANSWER_BYTES,
+  });
+} catch (e) {
+  if (!(e instanceof ConfigError)) throw e;
+  process.stderr.write(`${e.message}\n`);
+  process.exit(2);
+}
 const billing = createServiceClient(BillingService, {
   baseUrl: cfg.BILLING_URL,
   bearerToken: cfg.ADMIN_TOKEN,

@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { trace } from "@opentelemetry/api";
 import { InMemorySpanExporter } from "@opentelemetry/sdk-trace";
 import type { Server } from "bun";
+import { ConfigError } from "../lib/config.ts";
 import { setupTelemetry } from "../lib/telemetry.ts";
 import { createKeyAuthorizer } from "./auth.ts";
 import { parseGatewayConfig } from "./config.ts";
@@ -199,4 +200,28 @@ models: [{ name: m, targets: [{ provider: blank, model: m }], pricing: { input_p
   const missing: string[] = [];
   createProviders(config.providers, { BLANK_KEY: " \n" }, { onMissingKey: (provider, variable) => missing.push(`${provider} ${variable}`) });
   expect(missing).toEqual(["blank BLANK_KEY"]);
+});
+
+test("a key fetch could never send (a … or a zero-width space copied with it) stops the start, naming its variable, not the key", () => {
+  const config = parseGatewayConfig(
+    `providers:
+  - { name: copied, kind: openai, base_url: "http://127.0.0.1:1/v1", api_key_env: COPIED_KEY }
+  - { name: az, kind: azure, base_url: "https://x.openai.azure.com/", api_key_env: AZ_KEY }
+models: [{ name: m, targets: [{ provider: copied, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }]`,
+    "copied.yaml",
+  );
+  const refusal = (env: Record<string, string>) => {
+    try {
+      createProviders(config.providers, env);
+    } catch (e) {
+      expect(e).toBeInstanceOf(ConfigError);
+      return (e as Error).message;
+    }
+    return undefined;
+  };
+  const message = refusal({ COPIED_KEY: "sk-proj-0123456789…", AZ_KEY: "0123456789abcdef\u200b0123456789abcdef" });
+  expect(message).toStartWith("invalid environment: COPIED_KEY (provider copied), AZ_KEY (provider az): the key holds a character no HTTP header may carry");
+  expect(message).not.toContain("0123456789");
+  // Spaces and Latin-1 go as fetch sends them; an upstream that refuses them says so.
+  expect(refusal({ COPIED_KEY: "sk-proj 0123456789", AZ_KEY: "0123456789abcdef\u00a0" })).toBeUndefined();
 });

@@ -1,4 +1,5 @@
 import type { ProviderConfig } from "../config.ts";
+import { ConfigError } from "../../lib/config.ts";
 import { createMockProvider } from "./mock.ts";
 import { createOpenAIProvider } from "./openai.ts";
 import type { Provider } from "./provider.ts";
@@ -17,9 +18,20 @@ function headerSecrets(config: ProviderConfig): string[] {
     .flatMap(([, value]) => [value.trim(), value.trim().replace(/^[A-Za-z][\w-]*\s+/, "")]);
 }
 
+/** Whether fetch would send `key` in a header: a character past Latin-1 or a control one would fail every call. */
+function sendable(key: string): boolean {
+  try {
+    new Headers([["authorization", `Bearer ${key}`]]);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /**
  * One Provider per configured provider, by name. `env` supplies the upstream keys named by api_key_env; `onMissingKey`
- * hears about each that is unset (those providers fail their calls). Every provider redacts all of those keys, the
+ * hears about each that is unset (those providers fail their calls), while one fetch could never send (a `…` or a
+ * zero-width space copied with it) is a ConfigError naming its variable. Every provider redacts all of those keys, the
  * credentials in every provider's configured headers, and `secrets` (the admin token), from the upstream's words it
  * passes on.
  */
@@ -41,6 +53,15 @@ export function createProviders(
   const secrets = [...new Set([...configs.map(keyOf), ...configs.flatMap(headerSecrets), ...(options.secrets ?? [])])]
     .filter((s): s is string => s !== undefined)
     .sort((a, b) => b.length - a.length);
+  const unsendable = configs.flatMap((c) => {
+    const key = keyOf(c);
+    return c.kind !== "mock" && key !== undefined && !sendable(key) ? [`${c.api_key_env} (provider ${c.name})`] : [];
+  });
+  if (unsendable.length > 0) {
+    throw new ConfigError(
+      `invalid environment: ${unsendable.join(", ")}: the key holds a character no HTTP header may carry (a … or a zero-width space copied with it), so every call would fail`,
+    );
+  }
   const providers = new Map<string, Provider>();
   for (const config of configs) {
     if (config.kind === "mock") {
