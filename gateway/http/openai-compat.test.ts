@@ -1523,6 +1523,26 @@ for (const port of ["rpc", "rest"] as const) {
         expect(streamed.usageEstimated).toBe(true);
       });
 
+      test("a stream's later usage whose details are null keeps the cached and reasoning tokens reported before", async () => {
+        const real = {
+          prompt_tokens: 1000,
+          completion_tokens: 500,
+          total_tokens: 1500,
+          prompt_tokens_details: { cached_tokens: 400 },
+          completion_tokens_details: { reasoning_tokens: 100 },
+        };
+        const nulls = { ...real, prompt_tokens_details: null, completion_tokens_details: null };
+        upstream.script("odd-usage", { content: "one two three", usage: real, laterUsages: [nulls] });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "odd-usage", messages: hello, stream: true })
+          .withResponse();
+        for await (const _ of stream);
+        const m = await meteredRow(response);
+        expect(m.usage).toMatchObject({ inputTokens: 1000n, cachedInputTokens: 400n, outputTokens: 500n, reasoningTokens: 100n });
+        // 600 input at $2.50/M, 400 cached at $1.25/M and 500 output at $10/M.
+        expect(m).toMatchObject({ usageEstimated: false, costNanos: 600n * 2_500n + 400n * 1_250n + 500n * 10_000n });
+      });
+
       test("a stream's usage is each count's largest: a later empty or all-zero usage takes nothing away", async () => {
         const real = { prompt_tokens: 1000, completion_tokens: 500, total_tokens: 1500 };
         // 1000 input at $2.50/M + 500 output at $10/M
