@@ -81,6 +81,8 @@ export interface FrameOptions extends StreamMetering {
   usage(): unknown;
   /** Counts the request's input tokens, for an upstream that reports no usage. */
   countInput(): Promise<number>;
+  /** The upstream model, in whose encoding what it generates is counted. */
+  model: string | undefined;
   /** The service tier the stream says served the request, if it has named one. */
   servedTier(): unknown;
 }
@@ -104,7 +106,7 @@ export function meteredFrame(options: FrameOptions) {
    */
   let phase: "idle" | "running" | "yielded" | "done" = "idle";
   // Generated text, as far as a count needs it, kept only to count tokens when the upstream reports no usage.
-  const text = generatedText();
+  const text = generatedText(options.model);
   let firstToken = true;
 
   /** Adds a delta's generated text; the first that has any is the call's first token. */
@@ -295,6 +297,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     settle,
     usage: () => usage,
     countInput: () => countInputTokens(request),
+    model: request.model,
     servedTier: () => servedTier,
   });
 

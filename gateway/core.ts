@@ -327,7 +327,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   /**
    * Runs a request's upstream attempts. One cut off by the client leaving or a time limit, or whose accepted answer
    * was lost, has already handed the prompt to its upstream, which bills for it: each such attempt adds the request's
-   * input tokens (`countInput`, by the tokenizer, marked estimated) to what the request is metered at, whether a later
+   * input tokens (`countInput`, by the tokenizer in its upstream model's encoding, marked estimated) to what the
+   * request is metered at, whether a later
    * attempt answers or the request fails, and `finish` charges them to its budget and quota. An upstream's refusal (a
    * 429 or 5xx, however the request then ends) bills nothing and adds nothing.
    */
@@ -336,22 +337,27 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     route: ModelRoute,
     price: Price,
     attempt: Attempt<T>,
-    countInput: () => Promise<number>,
+    countInput: (model: string) => Promise<number>,
     signal?: AbortSignal,
     stream = false,
   ): Promise<T> => {
-    let lost = 0;
+    // The upstream model of each attempt lost.
+    const lost: string[] = [];
     const watched: Attempt<T> = async (provider, model, options) => {
       try {
         return await attempt(provider, model, options);
       } catch (e) {
         const failure = e instanceof UpstreamError ? e.failure : undefined;
-        if (failure === "cancelled" || failure === "timeout" || (e as UpstreamError).promptTaken) lost++;
+        if (failure === "cancelled" || failure === "timeout" || (e as UpstreamError).promptTaken) lost.push(model);
         throw e;
       }
     };
     // Counted on the prompt the upstreams were sent (a count never fails, see tokenizer.ts).
-    const lostInput = async () => (lost === 0 ? 0 : lost * (await countInput()));
+    const lostInput = async () => {
+      let tokens = 0;
+      for (const model of new Set(lost)) tokens += lost.filter((m) => m === model).length * (await countInput(model));
+      return tokens;
+    };
     try {
       const result = await router.run(call, route, watched, signal, stream);
       call.lostInputTokens = await lostInput();
@@ -359,7 +365,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     } catch (e) {
       // Cut by a shutdown, it is answered at once: the count (the first loads the encoding, about a second) is made
       // meanwhile and metered before the call's metrics are recorded (see finish), so the answer goes out in time.
-      if (lost > 0 && call.signal?.reason instanceof ShutdownCut) lostPrompts.set(call, { tokens: lostInput(), price });
+      if (lost.length > 0 && call.signal?.reason instanceof ShutdownCut) lostPrompts.set(call, { tokens: lostInput(), price });
       else {
         const input = await lostInput();
         if (input > 0) meterUsage(call.metrics, estimatedTokens(input, 0), true, price);
@@ -463,7 +469,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     price: Price,
     admission: Admission,
     attempt: Attempt<AsyncIterable<T>>,
-    countInput: () => Promise<number>,
+    countInput: (model: string) => Promise<number>,
   ) => {
     const deadline = new AbortController();
     const limitMs = router.limitMs(route);
@@ -889,7 +895,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         route,
         price,
         (provider, model, options) => provider.chat({ ...input.upstream, model }, options).catch(inClientIds(call)),
-        () => countInputTokens(input.upstream),
+        (model) => countInputTokens({ ...input.upstream, model }),
       );
       const { completion } = result;
       clientAudio(completion.choices, ownAudioId(call, call.metrics.provider));
@@ -909,7 +915,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
           request = { ...input.upstream, model };
           return provider.streamChat(request, options).catch(inClientIds(call));
         },
-        () => countInputTokens(input.upstream),
+        (model) => countInputTokens({ ...input.upstream, model }),
       );
       const audioId = ownAudioId(call, call.metrics.provider);
       return meterChatStream({ ...metering, chunks: stream, request, includeUsage: input.includeUsage, audioId });
@@ -932,7 +938,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         route,
         route.price,
         (provider, model, options) => provider.embed({ ...input.upstream, model }, options),
-        () => countEmbeddingTokens(input.upstream.input),
+        (model) => countEmbeddingTokens(input.upstream.input, model),
       );
       return { response: result.response, ...metered(call, result, result.response.model, route.price) };
     },
@@ -945,7 +951,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         price,
         (provider, model, options) =>
           provider.responses({ ...upstreamFor(provider.name), model }, options).catch(inClientIds(call)),
-        () => countResponsesInputTokens(prompt),
+        (model) => countResponsesInputTokens(prompt, model),
       );
       const response = clientResponse(result.response, ownIds(call, call.metrics.provider));
       const outcome = metered(call, result, response.model, servedPrice(route, response.service_tier, price));
@@ -954,17 +960,20 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     },
     async responsesStream(call, body) {
       const { route, price, prompt, admission, upstreamFor } = await admitResponses(call, body, true);
+      let served: string | undefined;
       const { stream, metering } = await streamUpstream(
         call,
         route,
         price,
         admission,
-        (provider, model, options) =>
-          provider.streamResponses({ ...upstreamFor(provider.name), model }, options).catch(inClientIds(call)),
-        () => countResponsesInputTokens(prompt),
+        (provider, model, options) => {
+          served = model;
+          return provider.streamResponses({ ...upstreamFor(provider.name), model }, options).catch(inClientIds(call));
+        },
+        (model) => countResponsesInputTokens(prompt, model),
       );
       const events = withClientIds(stream, ownIds(call, call.metrics.provider));
-      return meterResponseStream({ ...metering, events, prompt });
+      return meterResponseStream({ ...metering, events, prompt, model: served });
     },
     async storedResponse(call, action, id, query) {
       const principal = call.principal ?? (await authorize(call));

@@ -21,6 +21,8 @@ export interface ResponseMeterOptions extends StreamMetering {
   events: ResponseEventStream;
   /** What the model reads of the request, for a count when the upstream reports no usage. */
   prompt: ResponsesPrompt;
+  /** The upstream model, in whose encoding a count is made. */
+  model: string | undefined;
 }
 
 /** Deltas of generated text, by event type: each adds to the output, reasoning ones to the reasoning too. */
@@ -51,7 +53,7 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
     // Nothing is read after the terminal event, which carries the usage.
     settle: async () => {},
     usage: () => responsesUsageAsChat(usage),
-    countInput: () => countResponsesInputTokens(prompt),
+    countInput: () => countResponsesInputTokens(prompt, options.model),
     servedTier: () => servedTier,
   });
 

@@ -5,6 +5,7 @@ import {
   countInputTokens,
   countTextTokens,
   encodedPieces,
+  encodingOf,
   estimatedTextTokens,
   exactChars,
   generatedText,
@@ -24,6 +25,24 @@ describe("token counts", () => {
     expect(await countTextTokens(["Hello", " world"])).toBe(2);
     expect(await countEmbeddingTokens(["Hello world", "Hello world"])).toBe(4);
     expect(await countEmbeddingTokens([[1, 2, 3], [4]])).toBe(4);
+  });
+
+  test("each upstream model is counted in its own encoding: cl100k_base for GPT-4, GPT-3.5 and embeddings", async () => {
+    for (const model of ["gpt-4", "gpt-4-0613", "gpt-4-turbo", "gpt-3.5-turbo", "gpt-35-turbo-16k", "ft:gpt-4-0613:acme::x"]) {
+      expect(encodingOf(model)).toBe("cl100k_base");
+    }
+    for (const model of ["text-embedding-3-small", "text-embedding-ada-002", "openai/gpt-4"]) {
+      expect(encodingOf(model)).toBe("cl100k_base");
+    }
+    for (const model of ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.5-preview", "o3", "gpt-5", "ft:gpt-4o-mini:acme::x", "llama3"]) {
+      expect(encodingOf(model)).toBe("o200k_base");
+    }
+    // 35 tokens in o200k_base, 111 in cl100k_base.
+    const hindi = "कृपया बोर्ड के लिए निम्नलिखित तिमाही रिपोर्ट का सारांश दें, राजस्व वृद्धि और ग्राहक मंथन पर ध्यान केंद्रित करें।";
+    expect(await countTextTokens([hindi], "gpt-4o")).toBe(35);
+    expect(await countTextTokens([hindi], "gpt-4")).toBe(111);
+    expect(await countEmbeddingTokens([hindi, "hello"], "text-embedding-3-small")).toBe(112);
+    expect(await countInputTokens({ model: "gpt-3.5-turbo", messages: user(hindi) })).toBe(framing + 111);
   });
 
   test("an assistant's refusal in the prompt is counted as its text", async () => {

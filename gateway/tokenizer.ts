@@ -1,11 +1,12 @@
 import type { ChatCompletionCreateParams } from "openai/resources/chat/completions";
 import type { Tokens } from "../lib/money.ts";
 import type { ResponsesPrompt } from "./responses-request.ts";
-import type { CountAnswer, CountRequest } from "./tokenizer-worker.ts";
+import type { CountAnswer, CountRequest, TokenEncoding } from "./tokenizer-worker.ts";
 
 /**
- * Token counts by OpenAI's o200k_base encoding (GPT-4o, GPT-4.1, o-series), for upstreams that
- * report no usage. They are encoded on a worker thread (tokenizer-worker.ts) started on first need, which loads the
+ * Token counts by the encoding of the upstream model (`encodingOf`: cl100k_base for GPT-4, GPT-3.5 and OpenAI's
+ * embedding models, o200k_base for GPT-4o, GPT-4.1, o-series and any other), for upstreams that
+ * report no usage. They are encoded on a worker thread (tokenizer-worker.ts) started on first need, which loads each
  * encoding there: loading takes about a second and ~110 MB, which a gateway whose upstreams report usage never pays,
  * and neither loading nor encoding ever holds the event loop (loading it there held every request in flight for
  * 0.8 s; a count of 16,384 CJK characters took 18 ms, up to 120 ms).
@@ -29,6 +30,16 @@ const longRun = new RegExp(`\\S{${maxRun + 1},}|\\s{${maxRun + 1},}`, "g");
  * CJK text on average); a count past them is estimated, so a flood of cancelled requests queues no more than that.
  */
 export const maxQueuedCounts = 256;
+
+// As tiktoken maps them: GPT-4 (and -turbo, -32k), GPT-3.5 (Azure's gpt-35 too), their fine-tunes, and the embedding
+// models. GPT-4o, GPT-4.1, GPT-4.5, GPT-5 and the o-series are o200k_base, and so is a model unknown here.
+const cl100kModels = /^(?:ft:)?(?:gpt-4(?:-|$)|gpt-3\.5-turbo|gpt-35-turbo|text-embedding-(?:ada-002|3-)|davinci-002|babbage-002)/i;
+
+/** The encoding an upstream model counts its tokens in, named as its provider names it (`openai/gpt-4` too). */
+export function encodingOf(model: string | undefined): TokenEncoding {
+  const name = model?.slice(model.lastIndexOf("/") + 1) ?? "";
+  return cl100kModels.test(name) ? "cl100k_base" : "o200k_base";
+}
 
 /** The pieces `text` is encoded in: itself, with each long run of whitespace or of anything else cut in `maxRun`s. */
 export function* encodedPieces(text: string): Generator<string> {
@@ -71,7 +82,8 @@ interface Count {
   total(): Promise<number>;
 }
 
-function newCount(): Count {
+function newCount(model: string | undefined): Count {
+  const encoding = encodingOf(model);
   // The texts encoded: the first `exactChars` characters of those added, in the pieces they were added in.
   const texts: string[] = [];
   let exact = 0;
@@ -88,7 +100,7 @@ function newCount(): Count {
       rest += chars;
     },
     async total() {
-      const tokens = (await encodeOffLoop(texts)) ?? texts.reduce((sum, text) => sum + estimatedTextTokens(text), 0);
+      const tokens = (await encodeOffLoop(texts, encoding)) ?? texts.reduce((sum, text) => sum + estimatedTextTokens(text), 0);
       return tokens + (rest === 0 ? 0 : Math.ceil((rest * Math.max(tokens, 1)) / Math.max(exact, 1)));
     },
   };
@@ -106,12 +118,13 @@ export const counterThread = {
   loadingMs: 30_000,
 };
 
-/** The thread counts are encoded on, once started; none when it could not start or load the encoding, or is closed. */
+/** The thread counts are encoded on, once started; none when it could not start or load an encoding, or is closed. */
 let counter: Worker | undefined;
 let counterUnavailable = false;
-let counted = false;
+/** The encodings the thread has answered a count in: one not among them may still be loading. */
+const counted = new Set<TokenEncoding>();
 let nextCount = 0;
-const waiting = new Map<number, (tokens: number | undefined) => void>();
+const waiting = new Map<number, { encoding: TokenEncoding; done: (tokens: number | undefined) => void }>();
 // Runs while counts wait: fires once the thread has answered nothing for its bound (see counterThread).
 let stallTimer: ReturnType<typeof setTimeout> | undefined;
 /** (Re)arms stallTimer for the thread: on its answers, and when a count comes to a thread nothing waited on. */
@@ -133,8 +146,9 @@ function startCounter(): Worker | undefined {
     if (counter !== worker) return;
     counter = undefined;
     clearTimeout(stallTimer);
-    if (!counted) counterUnavailable = true;
-    for (const done of waiting.values()) done(undefined);
+    if (counted.size === 0) counterUnavailable = true;
+    counted.clear();
+    for (const { done } of waiting.values()) done(undefined);
     waiting.clear();
   };
   // A wedged thread held every count waiting on it, and the requests metered by them, for good.
@@ -146,21 +160,23 @@ function startCounter(): Worker | undefined {
         lost();
         worker.terminate();
       },
-      counted ? counterThread.stalledMs : counterThread.loadingMs,
+      [...waiting.values()].every(({ encoding }) => counted.has(encoding))
+        ? counterThread.stalledMs
+        : counterThread.loadingMs,
     );
     stallTimer.unref?.();
   };
   worker.addEventListener("message", ({ data }: MessageEvent<CountAnswer>) => {
+    const count = waiting.get(data.id);
     if (data.unloaded) {
-      // Its encoding will not load: counts are estimated from now on, as the thread is of no more use.
+      // An encoding will not load: counts are estimated from now on, as the thread is of no more use.
       counterUnavailable = true;
       worker.terminate();
-    } else counted = true;
-    const done = waiting.get(data.id);
+    } else if (count) counted.add(count.encoding);
     waiting.delete(data.id);
     if (waiting.size === 0) worker.unref();
     watchCounter();
-    done?.(data.tokens);
+    count?.done(data.tokens);
   });
   worker.addEventListener("error", () => {
     lost();
@@ -172,7 +188,7 @@ function startCounter(): Worker | undefined {
 }
 
 /** Tokens of `texts` summed, each encoded in its `encodedPieces`, by the thread; none when it cannot count them. */
-async function encodeOffLoop(texts: string[]): Promise<number | undefined> {
+async function encodeOffLoop(texts: string[], encoding: TokenEncoding): Promise<number | undefined> {
   if (texts.length === 0) return 0;
   if (waiting.size >= maxQueuedCounts) return undefined;
   const worker = startCounter();
@@ -180,9 +196,10 @@ async function encodeOffLoop(texts: string[]): Promise<number | undefined> {
   const id = nextCount++;
   if (waiting.size === 0) worker.ref();
   const { promise, resolve } = Promise.withResolvers<number | undefined>();
-  waiting.set(id, resolve);
-  if (waiting.size === 1) watchCounter();
-  worker.postMessage({ id, texts } satisfies CountRequest);
+  waiting.set(id, { encoding, done: resolve });
+  // A count in an encoding not loaded yet may wait as long as its loading.
+  if (waiting.size === 1 || !counted.has(encoding)) watchCounter();
+  worker.postMessage({ id, texts, encoding } satisfies CountRequest);
   return promise;
 }
 
@@ -206,13 +223,13 @@ const lowDetailImageTokens = 85;
 
 /**
  * Prompt tokens of a chat request: messages (text, images, files, audio, tool calls), tool definitions (and legacy
- * `functions`) and the response format (a JSON schema is part of the prompt an upstream bills).
+ * `functions`) and the response format (a JSON schema is part of the prompt an upstream bills), in its model's encoding.
  */
 export async function countInputTokens(
-  request: Pick<ChatCompletionCreateParams, "messages" | "tools" | "functions" | "response_format">,
+  request: Pick<ChatCompletionCreateParams, "messages" | "tools" | "functions" | "response_format"> & { model?: string },
 ): Promise<number> {
   const { messages, tools, functions, response_format } = request;
-  const count = newCount();
+  const count = newCount(request.model);
   let tokens = replyPriming;
   for (const m of messages) {
     tokens += perMessage;
@@ -259,8 +276,8 @@ export async function countInputTokens(
  * Prompt tokens of a Responses API request, as countInputTokens counts a chat request's: its texts encoded, each item
  * framed as a message, images, files and audio at their estimates.
  */
-export async function countResponsesInputTokens(prompt: ResponsesPrompt): Promise<number> {
-  const count = newCount();
+export async function countResponsesInputTokens(prompt: ResponsesPrompt, model?: string): Promise<number> {
+  const count = newCount(model);
   for (const text of prompt.texts) count.add(text);
   return replyPriming + perMessage * prompt.items + partTokensEstimate * prompt.parts.length + (await count.total());
 }
@@ -310,12 +327,12 @@ export function addReasoning(pieces: string[], m: Generated): void {
 }
 
 /**
- * Tokens of generated text (content, refusals, tool call arguments), summed over pieces, and `scaledChars` characters
- * past them (as a count scales whatever follows its first `exactChars`).
+ * Tokens of generated text (content, refusals, tool call arguments) in `model`'s encoding, summed over pieces, and
+ * `scaledChars` characters past them (as a count scales whatever follows its first `exactChars`).
  */
-export async function countTextTokens(pieces: readonly string[], scaledChars = 0): Promise<number> {
+export async function countTextTokens(pieces: readonly string[], model?: string, scaledChars = 0): Promise<number> {
   if (pieces.length === 0) return 0;
-  const count = newCount();
+  const count = newCount(model);
   count.add(pieces.join(""));
   count.addScaled(scaledChars);
   return count.total();
@@ -326,9 +343,9 @@ export async function countTextTokens(pieces: readonly string[], scaledChars = 0
  * the length of the rest, which is scaled. It counts as the whole text would, in a bounded space however long the
  * stream.
  */
-export function generatedText() {
-  const output = keptText();
-  const reasoning = keptText();
+export function generatedText(model?: string) {
+  const output = keptText(model);
+  const reasoning = keptText(model);
   return {
     /** Adds a delta's generated text; whether it had any. */
     add(m: Generated): boolean {
@@ -348,7 +365,7 @@ export function generatedText() {
 }
 
 /** Text as far as its count needs it: its first `exactChars` characters and the length of the rest. */
-function keptText() {
+function keptText(model: string | undefined) {
   const kept: string[] = [];
   let room = exactChars;
   let past = 0;
@@ -365,13 +382,16 @@ function keptText() {
     },
     /** Whether the last add had any text. */
     any: () => added > 0,
-    tokens: () => countTextTokens(kept, past),
+    tokens: () => countTextTokens(kept, model, past),
   };
 }
 
-/** Tokens of embedding inputs: strings are encoded, token arrays counted as they are. */
-export async function countEmbeddingTokens(input: string | readonly string[] | readonly number[] | readonly number[][]): Promise<number> {
-  const count = newCount();
+/** Tokens of embedding inputs: strings are encoded in `model`'s encoding, token arrays counted as they are. */
+export async function countEmbeddingTokens(
+  input: string | readonly string[] | readonly number[] | readonly number[][],
+  model?: string,
+): Promise<number> {
+  const count = newCount(model);
   let tokens = 0;
   for (const item of typeof input === "string" ? [input] : input) {
     if (typeof item === "number") tokens++;

@@ -18,6 +18,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["ok"],
   ["premium"],
   ["no-usage"],
+  ["gpt-4-0613"],
   ["garbled"],
   ["cut"],
   ["tools"],
@@ -323,6 +324,26 @@ for (const port of ["rpc", "rest"] as const) {
         // The client is shown the counts it is charged for.
         const input = Number(m.usage?.inputTokens);
         expect(completion.usage).toEqual({ prompt_tokens: input, completion_tokens: 2, total_tokens: input + 2 });
+      });
+
+      test("without upstream usage, a GPT-4 or GPT-3.5 model is counted in cl100k_base, as OpenAI bills it", async () => {
+        // Hindi: 35 tokens in o200k_base, 111 in cl100k_base, the encoding of gpt-4 and gpt-3.5-turbo.
+        const hindi = "कृपया बोर्ड के लिए निम्नलिखित तिमाही रिपोर्ट का सारांश दें, राजस्व वृद्धि और ग्राहक मंथन पर ध्यान केंद्रित करें।";
+        const messages = [{ role: "user" as const, content: hindi }];
+        const metered = async (model: string) => {
+          upstream.script(model, { content: hindi, usage: false });
+          const { data: stream, response } = await sdk()
+            .chat.completions.create({ model, messages, stream: true })
+            .withResponse();
+          for await (const _ of stream);
+          return gateway.row(response.headers.get("x-request-id") ?? "");
+        };
+        const legacy = await metered("gpt-4-0613");
+        expect(legacy.usageEstimated).toBe(true);
+        // 3 priming, 3 framing and "user" around the text.
+        expect(legacy.usage).toMatchObject({ inputTokens: 7n + 111n, outputTokens: 111n });
+        const current = await metered("no-usage");
+        expect(current.usage).toMatchObject({ inputTokens: 7n + 35n, outputTokens: 35n });
       });
 
       test("a prompt an upstream reports as 0 tokens (Ollama's for a cached prompt) is counted with the tokenizer", async () => {
@@ -1500,6 +1521,26 @@ for (const port of ["rpc", "rest"] as const) {
         // "Hello world" is 2 tokens.
         expect(streamed.usage).toMatchObject({ inputTokens: 12n, outputTokens: 2n });
         expect(streamed.usageEstimated).toBe(true);
+      });
+
+      test("a stream's later usage whose details are null keeps the cached and reasoning tokens reported before", async () => {
+        const real = {
+          prompt_tokens: 1000,
+          completion_tokens: 500,
+          total_tokens: 1500,
+          prompt_tokens_details: { cached_tokens: 400 },
+          completion_tokens_details: { reasoning_tokens: 100 },
+        };
+        const nulls = { ...real, prompt_tokens_details: null, completion_tokens_details: null };
+        upstream.script("odd-usage", { content: "one two three", usage: real, laterUsages: [nulls] });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "odd-usage", messages: hello, stream: true })
+          .withResponse();
+        for await (const _ of stream);
+        const m = await meteredRow(response);
+        expect(m.usage).toMatchObject({ inputTokens: 1000n, cachedInputTokens: 400n, outputTokens: 500n, reasoningTokens: 100n });
+        // 600 input at $2.50/M, 400 cached at $1.25/M and 500 output at $10/M.
+        expect(m).toMatchObject({ usageEstimated: false, costNanos: 600n * 2_500n + 400n * 1_250n + 500n * 10_000n });
       });
 
       test("a stream's usage is each count's largest: a later empty or all-zero usage takes nothing away", async () => {

@@ -285,9 +285,9 @@ export function createOpenAIProvider(
       const reasoning: string[] = [];
       addResponseOutput(output, reasoning, response.output);
       const { tokens, estimated } = await meteredUsage(responsesUsageAsChat(response.usage), {
-        input: () => countResponsesInputTokens(responsesPrompt(request)),
-        output: () => countTextTokens(output),
-        reasoning: () => countTextTokens(reasoning),
+        input: () => countResponsesInputTokens(responsesPrompt(request), request.model),
+        output: () => countTextTokens(output, request.model),
+        reasoning: () => countTextTokens(reasoning, request.model),
       });
       response.usage = answeredResponsesUsage(response.usage, tokens) as ResponseObject["usage"];
       return { response, tokens, usageEstimated: estimated };
@@ -347,12 +347,12 @@ export function createOpenAIProvider(
         output: () => {
           const output: string[] = [];
           for (const c of completion.choices) if (c.message) addGenerated(output, c.message);
-          return countTextTokens(output);
+          return countTextTokens(output, request.model);
         },
         reasoning: () => {
           const reasoning: string[] = [];
           for (const c of completion.choices) if (c.message) addReasoning(reasoning, c.message);
-          return countTextTokens(reasoning);
+          return countTextTokens(reasoning, request.model);
         },
       });
       completion.usage = answeredUsage(completion.usage, tokens);
@@ -404,7 +404,7 @@ export function createOpenAIProvider(
         }
       }
       const { tokens, estimated } = await meteredUsage(response.usage, {
-        input: () => countEmbeddingTokens(request.input),
+        input: () => countEmbeddingTokens(request.input, request.model),
       });
       response.usage = answeredEmbeddingUsage(tokens);
       return { response, tokens, usageEstimated: estimated };

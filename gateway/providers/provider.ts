@@ -390,17 +390,18 @@ export async function meteredUsage(usage: unknown, estimate: TokenEstimates): Pr
 
 /**
  * The usage a stream holds once a chunk brings `next`: each count the largest either reported, so a later empty or
- * all-zero usage (some servers end with one) takes nothing away, and a server that reports its running total on every
- * chunk (vLLM's continuous usage) is held at its last.
+ * all-zero usage (some servers end with one), or one whose details are null, takes nothing away, and a server that
+ * reports its running total on every chunk (vLLM's continuous usage) is held at its last.
  */
 export function laterUsage(held: CompletionUsage | undefined, next: CompletionUsage): CompletionUsage {
   if (held === undefined) return next;
+  const isDetails = (value: unknown) => typeof value === "object" && value !== null;
   const merged = (a: unknown, b: unknown): Record<string, unknown> => {
     const before = record(a);
     const after = record(b);
     const both: Record<string, unknown> = { ...before, ...after };
     for (const key of Object.keys(both)) {
-      if (typeof both[key] === "object" && both[key] !== null) both[key] = merged(before[key], after[key]);
+      if (isDetails(before[key]) || isDetails(after[key])) both[key] = merged(before[key], after[key]);
       else {
         const kept = [before[key], after[key]].filter((v) => tokenCount(v) !== undefined) as number[];
         if (kept.length > 0) both[key] = Math.max(...kept);
