@@ -675,6 +675,21 @@ describe("listings longer than billing's largest page", () => {
     expect(await ok(`quota show key_bulk01010 --org ${orgId}`)).toContain("key_bulk01010");
   }, 60_000);
 
+  test("a list longer than a pipe holds reaches a reader that takes its time whole, as valid JSON", async () => {
+    // `meshctl orgs list --json | jq` on a busy host: a shell's pipe, whose reader starts late.
+    const script = `{ "$0" "$1" orgs list --json; echo "meshctl exited $?" >&2; } | { sleep 0.5; cat; }`;
+    const proc = Bun.spawn(["sh", "-c", script, process.execPath, join(import.meta.dir, "meshctl.ts")], {
+      env: { PATH: process.env.PATH, BILLING_URL: billingServer.url, ADMIN_TOKEN: adminToken },
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [out, err] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
+    expect(err).toBe("meshctl exited 0\n");
+    expect(out.length).toBeGreaterThan(256 * 1024);
+    const { rows } = await db.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM organizations");
+    expect((JSON.parse(out) as { organizations: unknown[] }).organizations).toHaveLength(rows[0]?.n as number);
+  }, 60_000);
+
   test("quota show looks a key up by its id alone, in one call however many orgs there are", async () => {
     const { rows } = await db.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM organizations");
     expect(rows[0]?.n).toBeGreaterThan(1000);

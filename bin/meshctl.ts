@@ -987,10 +987,17 @@ function table(cells: string[][]): string {
 }
 
 if (import.meta.main) {
+  // process.exit drops what a pipe has not taken yet (a --json list read by a script cut at 64 KiB): exit once the
+  // last write is out, or has failed on a reader that left (`| head`).
+  const writes: Promise<unknown>[] = [];
+  const writeTo = (stream: NodeJS.WriteStream) => (text: string) => {
+    writes.push(new Promise((done) => stream.write(text, done)));
+  };
   const code = await runCli(process.argv.slice(2), {
     env: process.env,
-    out: (t) => process.stdout.write(t),
-    err: (t) => process.stderr.write(t),
+    out: writeTo(process.stdout),
+    err: writeTo(process.stderr),
   });
+  await Promise.all(writes);
   process.exit(code);
 }
