@@ -789,8 +789,8 @@ function ruleFrom(values: Flags): MessageInitShape<typeof DiscountRuleSchema> {
       .split(",")
       .filter(Boolean)
       .map((tier) => {
-        const [from, percent] = tier.split(":");
-        if (from === undefined || percent === undefined) {
+        const [from, percent, ...extra] = tier.split(":");
+        if (from === undefined || percent === undefined || extra.length) {
           throw new UsageError(`--tiers must be FROM_USD:PERCENT,..., not "${values.tiers}"`);
         }
         return { fromNanos: usdNanos(from, "--tiers"), discountBps: percentBps(percent, "--tiers") };
