@@ -502,7 +502,15 @@ describe("meshctl against a real billing", () => {
     failsWith(await cli("keys create --org x --rpm lots"), 2, /--rpm must be a non-negative integer/);
     // Numbers past what the contract holds are the command line's fault, not the service's.
     failsWith(await cli("quota set key_x --rpm 99999999999"), 2, /--rpm must be a non-negative integer up to 2147483647/);
-    failsWith(await cli("quota set key_x --budget-usd 999999999999.999999999"), 2, /at most \$9,223,372,036.85/);
+    failsWith(
+      await cli("quota set key_x --budget-usd 999999999999.999999999"),
+      2,
+      /^meshctl: --budget-usd must be at most \$9,223,372,036\.854775807, not "999999999999\.999999999"\n$/,
+    );
+    // An amount meshctl cannot read names its flag: a discount takes three.
+    const amount = "discounts add --org x --name n --kind volume-graduated --tiers 0:0,100:5 --cap-usd";
+    failsWith(await cli(`${amount} 1,000`), 2, /^meshctl: --cap-usd must be a USD amount like 12\.50, .*not "1,000"\n$/);
+    failsWith(await cli(`keys create --org x --budget-usd 0.0000000001`), 2, /^meshctl: --budget-usd must be a USD amount/);
     // A negative amount is named as such, written either way, rather than as an ambiguous option.
     const negative = /^meshctl: --budget-usd must not be negative, not "-1"\n$/;
     failsWith(await cli("quota set key_x --budget-usd -1"), 2, negative);

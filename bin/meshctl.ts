@@ -698,10 +698,10 @@ function usdNanos(text: string | undefined, flag: string): bigint {
   let nanos: bigint;
   try {
     nanos = parseUsdNanos(text);
-  } catch (e) {
-    throw new UsageError((e as Error).message);
+  } catch {
+    throw new UsageError(`${flag} must be a USD amount like 12.50, with at most 9 decimals, not "${text}"`);
   }
-  if (nanos > maxNanos) throw new UsageError(`an amount must be at most $9,223,372,036.85, not "${text}"`);
+  if (nanos > maxNanos) throw new UsageError(`${flag} must be at most $9,223,372,036.854775807, not "${text}"`);
   return nanos;
 }
 
