@@ -701,6 +701,21 @@ describe("listings longer than billing's largest page", () => {
     expect((JSON.parse(out) as { organizations: unknown[] }).organizations).toHaveLength(rows[0]?.n as number);
   }, 60_000);
 
+  test("output that could not be written fails the command: a new key's secret sent to a full disk", async () => {
+    const orgId = "org_bulk00003";
+    const script = `"$0" "$1" keys create --org ${orgId} --name full > /dev/full`;
+    const proc = Bun.spawn(["sh", "-c", script, process.execPath, join(import.meta.dir, "meshctl.ts")], {
+      env: { PATH: process.env.PATH, BILLING_URL: billingServer.url, ADMIN_TOKEN: adminToken },
+      stderr: "pipe",
+    });
+    const [err, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
+    expect(code).toBe(1);
+    expect(err).toBe("meshctl: the output was not written: ENOSPC: no space left on device, write\n");
+    // The key was made: its secret is what was lost.
+    const keys = await json<{ apiKeys: { name: string }[] }>(`keys list --org ${orgId}`);
+    expect(keys.apiKeys.map((k) => k.name)).toEqual(["full"]);
+  }, 60_000);
+
   test("quota show looks a key up by its id alone, in one call however many orgs there are", async () => {
     const { rows } = await db.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM organizations");
     expect(rows[0]?.n).toBeGreaterThan(1000);

@@ -988,8 +988,9 @@ function table(cells: string[][]): string {
 
 if (import.meta.main) {
   // process.exit drops what a pipe has not taken yet (a --json list read by a script cut at 64 KiB): exit once the
-  // last write is out, or has failed on a reader that left (`| head`).
-  const writes: Promise<unknown>[] = [];
+  // last write is out. One that failed (a full disk, a new key's secret never stored) fails the command, unless its
+  // reader left (`| head`).
+  const writes: Promise<NodeJS.ErrnoException | null | undefined>[] = [];
   const writeTo = (stream: NodeJS.WriteStream) => (text: string) => {
     writes.push(new Promise((done) => stream.write(text, done)));
   };
@@ -998,6 +999,10 @@ if (import.meta.main) {
     out: writeTo(process.stdout),
     err: writeTo(process.stderr),
   });
-  await Promise.all(writes);
+  const failed = (await Promise.all(writes)).find((e) => e && e.code !== "EPIPE");
+  if (failed && code === 0) {
+    await new Promise((done) => process.stderr.write(`meshctl: the output was not written: ${failed.message}\n`, done));
+    process.exit(1);
+  }
   process.exit(code);
 }
