@@ -418,6 +418,9 @@ describe("meshctl against a real billing", () => {
     failsWith(await cli(`discounts add --org ${orgId} --name x --kind bogus`), 2, /--kind must be one of/);
     failsWith(await cli(`discounts add --org ${orgId} --name x --kind promotional`), 1, /invalid_argument.*discount_bps/);
     failsWith(await cli(`discounts add --org ${orgId} --name x --kind time-window --percent 5 --hours 9`), 2, /--hours/);
+    // A tier of three parts is refused whole, not read as its first two.
+    const tiers = `discounts add --org ${orgId} --name x --kind volume-graduated --tiers 0:0,100:5:3`;
+    failsWith(await cli(tiers), 2, /^meshctl: --tiers must be FROM_USD:PERCENT,\.\.\., not "0:0,100:5:3"\n$/);
     failsWith(await cli(`discounts remove ${night.rule.id}`), 1, /not_found/);
   });
 
@@ -499,7 +502,15 @@ describe("meshctl against a real billing", () => {
     failsWith(await cli("keys create --org x --rpm lots"), 2, /--rpm must be a non-negative integer/);
     // Numbers past what the contract holds are the command line's fault, not the service's.
     failsWith(await cli("quota set key_x --rpm 99999999999"), 2, /--rpm must be a non-negative integer up to 2147483647/);
-    failsWith(await cli("quota set key_x --budget-usd 999999999999.999999999"), 2, /at most \$9,223,372,036.85/);
+    failsWith(
+      await cli("quota set key_x --budget-usd 999999999999.999999999"),
+      2,
+      /^meshctl: --budget-usd must be at most \$9,223,372,036\.854775807, not "999999999999\.999999999"\n$/,
+    );
+    // An amount meshctl cannot read names its flag: a discount takes three.
+    const amount = "discounts add --org x --name n --kind volume-graduated --tiers 0:0,100:5 --cap-usd";
+    failsWith(await cli(`${amount} 1,000`), 2, /^meshctl: --cap-usd must be a USD amount like 12\.50, .*not "1,000"\n$/);
+    failsWith(await cli(`keys create --org x --budget-usd 0.0000000001`), 2, /^meshctl: --budget-usd must be a USD amount/);
     // A negative amount is named as such, written either way, rather than as an ambiguous option.
     const negative = /^meshctl: --budget-usd must not be negative, not "-1"\n$/;
     failsWith(await cli("quota set key_x --budget-usd -1"), 2, negative);
@@ -673,6 +684,36 @@ describe("listings longer than billing's largest page", () => {
     expect(await ok(`keys list --org ${orgId}`)).toContain("key_bulk01010");
     // The key looked up among its org's keys is on their second page.
     expect(await ok(`quota show key_bulk01010 --org ${orgId}`)).toContain("key_bulk01010");
+  }, 60_000);
+
+  test("a list longer than a pipe holds reaches a reader that takes its time whole, as valid JSON", async () => {
+    // `meshctl orgs list --json | jq` on a busy host: a shell's pipe, whose reader starts late.
+    const script = `{ "$0" "$1" orgs list --json; echo "meshctl exited $?" >&2; } | { sleep 0.5; cat; }`;
+    const proc = Bun.spawn(["sh", "-c", script, process.execPath, join(import.meta.dir, "meshctl.ts")], {
+      env: { PATH: process.env.PATH, BILLING_URL: billingServer.url, ADMIN_TOKEN: adminToken },
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [out, err] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
+    expect(err).toBe("meshctl exited 0\n");
+    expect(out.length).toBeGreaterThan(256 * 1024);
+    const { rows } = await db.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM organizations");
+    expect((JSON.parse(out) as { organizations: unknown[] }).organizations).toHaveLength(rows[0]?.n as number);
+  }, 60_000);
+
+  test("output that could not be written fails the command: a new key's secret sent to a full disk", async () => {
+    const orgId = "org_bulk00003";
+    const script = `"$0" "$1" keys create --org ${orgId} --name full > /dev/full`;
+    const proc = Bun.spawn(["sh", "-c", script, process.execPath, join(import.meta.dir, "meshctl.ts")], {
+      env: { PATH: process.env.PATH, BILLING_URL: billingServer.url, ADMIN_TOKEN: adminToken },
+      stderr: "pipe",
+    });
+    const [err, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
+    expect(code).toBe(1);
+    expect(err).toBe("meshctl: the output was not written: ENOSPC: no space left on device, write\n");
+    // The key was made: its secret is what was lost.
+    const keys = await json<{ apiKeys: { name: string }[] }>(`keys list --org ${orgId}`);
+    expect(keys.apiKeys.map((k) => k.name)).toEqual(["full"]);
   }, 60_000);
 
   test("quota show looks a key up by its id alone, in one call however many orgs there are", async () => {

@@ -698,10 +698,10 @@ function usdNanos(text: string | undefined, flag: string): bigint {
   let nanos: bigint;
   try {
     nanos = parseUsdNanos(text);
-  } catch (e) {
-    throw new UsageError((e as Error).message);
+  } catch {
+    throw new UsageError(`${flag} must be a USD amount like 12.50, with at most 9 decimals, not "${text}"`);
   }
-  if (nanos > maxNanos) throw new UsageError(`an amount must be at most $9,223,372,036.85, not "${text}"`);
+  if (nanos > maxNanos) throw new UsageError(`${flag} must be at most $9,223,372,036.854775807, not "${text}"`);
   return nanos;
 }
 
@@ -789,8 +789,8 @@ function ruleFrom(values: Flags): MessageInitShape<typeof DiscountRuleSchema> {
       .split(",")
       .filter(Boolean)
       .map((tier) => {
-        const [from, percent] = tier.split(":");
-        if (from === undefined || percent === undefined) {
+        const [from, percent, ...extra] = tier.split(":");
+        if (from === undefined || percent === undefined || extra.length) {
           throw new UsageError(`--tiers must be FROM_USD:PERCENT,..., not "${values.tiers}"`);
         }
         return { fromNanos: usdNanos(from, "--tiers"), discountBps: percentBps(percent, "--tiers") };
@@ -987,10 +987,22 @@ function table(cells: string[][]): string {
 }
 
 if (import.meta.main) {
+  // process.exit drops what a pipe has not taken yet (a --json list read by a script cut at 64 KiB): exit once the
+  // last write is out. One that failed (a full disk, a new key's secret never stored) fails the command, unless its
+  // reader left (`| head`).
+  const writes: Promise<NodeJS.ErrnoException | null | undefined>[] = [];
+  const writeTo = (stream: NodeJS.WriteStream) => (text: string) => {
+    writes.push(new Promise((done) => stream.write(text, done)));
+  };
   const code = await runCli(process.argv.slice(2), {
     env: process.env,
-    out: (t) => process.stdout.write(t),
-    err: (t) => process.stderr.write(t),
+    out: writeTo(process.stdout),
+    err: writeTo(process.stderr),
   });
+  const failed = (await Promise.all(writes)).find((e) => e && e.code !== "EPIPE");
+  if (failed && code === 0) {
+    await new Promise((done) => process.stderr.write(`meshctl: the output was not written: ${failed.message}\n`, done));
+    process.exit(1);
+  }
   process.exit(code);
 }
