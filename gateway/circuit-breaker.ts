@@ -60,8 +60,8 @@ export interface CircuitBreakers {
   /** Any success closes the breaker and ends a hold: the target serves. */
   succeed(target: string): void;
   /**
-   * A stream's attempt was answered: the target serves, so a hold for its 429s ends (and the probe after one) at once,
-   * while whether it failed (a 5xx breaker's half-open probe) is still told when the stream ends.
+   * A stream's attempt was answered (its first chunk came): the target serves, so a tripped breaker closes and a hold
+   * for its 429s ends (and the probe after one) at once; how the stream ends is still told, a failure counting then.
    */
   served(target: string, holder?: object): void;
   fail(target: string, holder?: object): void;
@@ -142,6 +142,19 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     b.holdMs = 0;
   };
 
+  // The target serves: the breaker closes and any hold ends.
+  const close = (target: string, b: Breaker) => {
+    const wasTripped = b.openUntil !== 0 || b.halfOpen;
+    b.failures = 0;
+    b.openUntil = 0;
+    b.halfOpen = false;
+    b.probe = undefined;
+    b.cooldownMs = baseCooldownMs;
+    endHold(b);
+    b.heldUntil = 0;
+    if (wasTripped) onChange(target, "closed");
+  };
+
   // Ends the probe when `holder` holds it; says whether it did.
   const endProbe = (b: Breaker, holder: object | undefined) => {
     if (b.probe === undefined || b.probe.holder !== holder) return false;
@@ -173,22 +186,16 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     },
     succeed(target) {
       const b = breakers.get(target);
-      if (!b) return;
-      const wasTripped = b.openUntil !== 0 || b.halfOpen;
-      b.failures = 0;
-      b.openUntil = 0;
-      b.halfOpen = false;
-      b.probe = undefined;
-      b.cooldownMs = baseCooldownMs;
-      endHold(b);
-      b.heldUntil = 0;
-      if (wasTripped) onChange(target, "closed");
+      if (b) close(target, b);
     },
     served(target, holder) {
       const b = breakers.get(target);
       if (!b) return;
-      // A half-open breaker's probe stays out until its stream ends and says whether the target failed.
-      if (b.holdMs > 0 && !b.halfOpen) endProbe(b, holder);
+      // A tripped breaker's probe (or a stream sent before it opened) is answered: the target serves, so it takes
+      // every request again now rather than once the stream ends, which may be minutes on; a failure later in the
+      // stream counts against it as any other.
+      if (b.openUntil !== 0 || b.halfOpen) return close(target, b);
+      if (b.holdMs > 0) endProbe(b, holder);
       endHold(b);
     },
     fail(target, holder) {

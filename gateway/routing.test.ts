@@ -530,6 +530,31 @@ describe("what an attempt's end says about its target", () => {
     expect(breakers.state("a/a-model")).toBe("closed");
   });
 
+  test("a streamed probe of a tripped breaker closes it once answered, not when its stream ends", async () => {
+    let healthy = false;
+    const { run, newCall, router, clock, attempts, breakers } = setup([t("a")], {}, async () => {
+      if (!healthy) throw new UpstreamError("transient", "a answered 500", 500);
+      return "a streams";
+    });
+    for (let i = 0; i < 3; i++) await failure(run());
+    expect(breakers.state("a/a-model")).toBe("open");
+    clock.t += 5_000;
+    healthy = true;
+    const probe = newCall();
+    expect(await run(probe, true)).toBe("a streams");
+    // The probe's stream runs on (a long answer); the target serves every other request meanwhile.
+    expect(breakers.state("a/a-model")).toBe("closed");
+    expect(await run()).toBe("a streams");
+    expect(await run(newCall(), true)).toBe("a streams");
+    expect(attempts).toHaveLength(6);
+    // Broken later on, the stream counts as one failure of a closed breaker.
+    router.streamEnded(probe, { status: 502, code: "upstream_error" } as GatewayError);
+    expect(breakers.state("a/a-model")).toBe("closed");
+    healthy = false;
+    for (let i = 0; i < 2; i++) await failure(run());
+    expect(breakers.state("a/a-model")).toBe("open");
+  });
+
   test("only a probe's own end frees it: attempts sent before the breaker opened do not let a second probe in", async () => {
     const pending: Array<{ resolve: (v: string) => void; reject: (e: UpstreamError) => void }> = [];
     const s = setup([t("a")], {}, () => new Promise<string>((resolve, reject) => pending.push({ resolve, reject })));
