@@ -69,7 +69,10 @@ export interface CircuitBreakers {
   throttle(target: string, askedMs: number | undefined, holder?: object): void;
   /** The attempt ended without saying anything about the target's health (client cancelled). */
   abandon(target: string, holder?: object): void;
-  /** Skips the target for `ms` (an upstream's long Retry-After with a 5xx), without a trip. */
+  /**
+   * Skips the target for `ms` (an upstream's long Retry-After with a 5xx), without a trip: it is unavailable meanwhile,
+   * not held for its rate limit (see held).
+   */
   holdFor(target: string, ms: number): void;
   state(target: string): BreakerState;
   /** Every target that has had a breaker, with its state now. */
@@ -94,8 +97,10 @@ interface Breaker {
   lastThrottler: object | undefined;
   /** Length of the last hold for 429s, in ms; 0 when the target has served since (no probe needed). */
   holdMs: number;
-  /** Epoch ms until which the target is held back for its rate limit (or a long Retry-After), separate from trips. */
+  /** Epoch ms until which the target is held back for its rate limit, separate from trips. */
   heldUntil: number;
+  /** Epoch ms until which the target is skipped as a 5xx's long Retry-After asked: unavailable, not rate limited. */
+  downUntil: number;
 }
 
 export function createCircuitBreakers(options: CircuitBreakerOptions = {}): CircuitBreakers {
@@ -121,6 +126,7 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
         lastThrottler: undefined,
         holdMs: 0,
         heldUntil: 0,
+        downUntil: 0,
       };
       breakers.set(target, b);
     }
@@ -152,6 +158,7 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     b.cooldownMs = baseCooldownMs;
     endHold(b);
     b.heldUntil = 0;
+    b.downUntil = 0;
     if (wasTripped) onChange(target, "closed");
   };
 
@@ -172,7 +179,7 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
       const b = breakers.get(target);
       if (!b) return true;
       const t = now();
-      if (t < b.heldUntil) return false;
+      if (t < b.heldUntil || t < b.downUntil) return false;
       const state = stateOf(b, t);
       if (state === "open") return false;
       if (state === "closed" && b.holdMs === 0) return true;
@@ -228,7 +235,7 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     holdFor(target, ms) {
       const b = get(target);
       // An upstream may ask for a day; no longer than a failing target's longest cooldown, after which it is tried.
-      b.heldUntil = Math.max(b.heldUntil, now() + Math.min(ms, maxCooldownMs));
+      b.downUntil = Math.max(b.downUntil, now() + Math.min(ms, maxCooldownMs));
     },
     state(target) {
       return stateOf(breakers.get(target), now());
@@ -247,7 +254,7 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
       const b = breakers.get(target);
       if (!b) return 0;
       const t = now();
-      let at = Math.max(t, b.heldUntil);
+      let at = Math.max(t, b.heldUntil, b.downUntil);
       if (stateOf(b, t) === "open") at = Math.max(at, b.openUntil);
       // A half-open breaker frees up when its probe ends, which is usually soon.
       else if (b.probe) at = Math.max(at, t + 1000);

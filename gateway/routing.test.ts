@@ -157,6 +157,24 @@ describe("retries and fallback", () => {
     expect(attempts.map((a) => a.provider)).toEqual(["a", "b", "b"]);
   });
 
+  test("a target held by a 5xx's long Retry-After is unavailable (503), not rate limited, until the hold is over", async () => {
+    let down = true;
+    const { run, attempts, clock } = setup([t("a")], {}, async () => {
+      if (down) throw new UpstreamError("transient", "a answered 503", 503, 30_000);
+      return "a";
+    });
+    expect(await failure(run())).toMatchObject({ status: 502, code: "upstream_error" });
+    for (let i = 0; i < 2; i++) {
+      clock.t += 1_000;
+      const e = await failure(run());
+      expect([e.status, e.code, e.type, e.retryAfterS]).toEqual([503, "upstream_unavailable", "api_error", 29 - i]);
+    }
+    expect(attempts).toHaveLength(1);
+    clock.t += 28_000;
+    down = false;
+    expect(await run()).toBe("a");
+  });
+
   test("per-target retries and timeouts override the model's", async () => {
     const { run, attempts } = setup([t("a", undefined, { retries: 0, timeoutMs: 250 }), t("b")], { retries: 4, timeoutMs: 9_000 }, async (p) => {
       if (p === "a") throw new UpstreamError("timeout", "a timed out");
