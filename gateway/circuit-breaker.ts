@@ -60,8 +60,8 @@ export interface CircuitBreakers {
   /** Any success closes the breaker and ends a hold: the target serves. */
   succeed(target: string): void;
   /**
-   * A stream's attempt was answered: the target serves, so a hold for its 429s ends (and the probe after one) at once,
-   * while whether it failed (a 5xx breaker's half-open probe) is still told when the stream ends.
+   * A stream's attempt was answered (its first chunk came): the target serves, so a tripped breaker closes and a hold
+   * for its 429s ends (and the probe after one) at once; how the stream ends is still told, a failure counting then.
    */
   served(target: string, holder?: object): void;
   fail(target: string, holder?: object): void;
@@ -69,7 +69,10 @@ export interface CircuitBreakers {
   throttle(target: string, askedMs: number | undefined, holder?: object): void;
   /** The attempt ended without saying anything about the target's health (client cancelled). */
   abandon(target: string, holder?: object): void;
-  /** Skips the target for `ms` (an upstream's long Retry-After with a 5xx), without a trip. */
+  /**
+   * Skips the target for `ms` (an upstream's long Retry-After with a 5xx), without a trip: it is unavailable meanwhile,
+   * not held for its rate limit (see held).
+   */
   holdFor(target: string, ms: number): void;
   state(target: string): BreakerState;
   /** Every target that has had a breaker, with its state now. */
@@ -94,8 +97,10 @@ interface Breaker {
   lastThrottler: object | undefined;
   /** Length of the last hold for 429s, in ms; 0 when the target has served since (no probe needed). */
   holdMs: number;
-  /** Epoch ms until which the target is held back for its rate limit (or a long Retry-After), separate from trips. */
+  /** Epoch ms until which the target is held back for its rate limit, separate from trips. */
   heldUntil: number;
+  /** Epoch ms until which the target is skipped as a 5xx's long Retry-After asked: unavailable, not rate limited. */
+  downUntil: number;
 }
 
 export function createCircuitBreakers(options: CircuitBreakerOptions = {}): CircuitBreakers {
@@ -121,6 +126,7 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
         lastThrottler: undefined,
         holdMs: 0,
         heldUntil: 0,
+        downUntil: 0,
       };
       breakers.set(target, b);
     }
@@ -142,6 +148,20 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     b.holdMs = 0;
   };
 
+  // The target serves: the breaker closes and any hold ends.
+  const close = (target: string, b: Breaker) => {
+    const wasTripped = b.openUntil !== 0 || b.halfOpen;
+    b.failures = 0;
+    b.openUntil = 0;
+    b.halfOpen = false;
+    b.probe = undefined;
+    b.cooldownMs = baseCooldownMs;
+    endHold(b);
+    b.heldUntil = 0;
+    b.downUntil = 0;
+    if (wasTripped) onChange(target, "closed");
+  };
+
   // Ends the probe when `holder` holds it; says whether it did.
   const endProbe = (b: Breaker, holder: object | undefined) => {
     if (b.probe === undefined || b.probe.holder !== holder) return false;
@@ -159,7 +179,7 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
       const b = breakers.get(target);
       if (!b) return true;
       const t = now();
-      if (t < b.heldUntil) return false;
+      if (t < b.heldUntil || t < b.downUntil) return false;
       const state = stateOf(b, t);
       if (state === "open") return false;
       if (state === "closed" && b.holdMs === 0) return true;
@@ -173,22 +193,16 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     },
     succeed(target) {
       const b = breakers.get(target);
-      if (!b) return;
-      const wasTripped = b.openUntil !== 0 || b.halfOpen;
-      b.failures = 0;
-      b.openUntil = 0;
-      b.halfOpen = false;
-      b.probe = undefined;
-      b.cooldownMs = baseCooldownMs;
-      endHold(b);
-      b.heldUntil = 0;
-      if (wasTripped) onChange(target, "closed");
+      if (b) close(target, b);
     },
     served(target, holder) {
       const b = breakers.get(target);
       if (!b) return;
-      // A half-open breaker's probe stays out until its stream ends and says whether the target failed.
-      if (b.holdMs > 0 && !b.halfOpen) endProbe(b, holder);
+      // A tripped breaker's probe (or a stream sent before it opened) is answered: the target serves, so it takes
+      // every request again now rather than once the stream ends, which may be minutes on; a failure later in the
+      // stream counts against it as any other.
+      if (b.openUntil !== 0 || b.halfOpen) return close(target, b);
+      if (b.holdMs > 0) endProbe(b, holder);
       endHold(b);
     },
     fail(target, holder) {
@@ -221,7 +235,7 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
     holdFor(target, ms) {
       const b = get(target);
       // An upstream may ask for a day; no longer than a failing target's longest cooldown, after which it is tried.
-      b.heldUntil = Math.max(b.heldUntil, now() + Math.min(ms, maxCooldownMs));
+      b.downUntil = Math.max(b.downUntil, now() + Math.min(ms, maxCooldownMs));
     },
     state(target) {
       return stateOf(breakers.get(target), now());
@@ -240,7 +254,7 @@ export function createCircuitBreakers(options: CircuitBreakerOptions = {}): Circ
       const b = breakers.get(target);
       if (!b) return 0;
       const t = now();
-      let at = Math.max(t, b.heldUntil);
+      let at = Math.max(t, b.heldUntil, b.downUntil);
       if (stateOf(b, t) === "open") at = Math.max(at, b.openUntil);
       // A half-open breaker frees up when its probe ends, which is usually soon.
       else if (b.probe) at = Math.max(at, t + 1000);

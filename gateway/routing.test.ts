@@ -157,6 +157,24 @@ describe("retries and fallback", () => {
     expect(attempts.map((a) => a.provider)).toEqual(["a", "b", "b"]);
   });
 
+  test("a target held by a 5xx's long Retry-After is unavailable (503), not rate limited, until the hold is over", async () => {
+    let down = true;
+    const { run, attempts, clock } = setup([t("a")], {}, async () => {
+      if (down) throw new UpstreamError("transient", "a answered 503", 503, 30_000);
+      return "a";
+    });
+    expect(await failure(run())).toMatchObject({ status: 502, code: "upstream_error" });
+    for (let i = 0; i < 2; i++) {
+      clock.t += 1_000;
+      const e = await failure(run());
+      expect([e.status, e.code, e.type, e.retryAfterS]).toEqual([503, "upstream_unavailable", "api_error", 29 - i]);
+    }
+    expect(attempts).toHaveLength(1);
+    clock.t += 28_000;
+    down = false;
+    expect(await run()).toBe("a");
+  });
+
   test("per-target retries and timeouts override the model's", async () => {
     const { run, attempts } = setup([t("a", undefined, { retries: 0, timeoutMs: 250 }), t("b")], { retries: 4, timeoutMs: 9_000 }, async (p) => {
       if (p === "a") throw new UpstreamError("timeout", "a timed out");
@@ -528,6 +546,31 @@ describe("what an attempt's end says about its target", () => {
     expect(attempts).toHaveLength(5);
     router.streamEnded(stream, undefined);
     expect(breakers.state("a/a-model")).toBe("closed");
+  });
+
+  test("a streamed probe of a tripped breaker closes it once answered, not when its stream ends", async () => {
+    let healthy = false;
+    const { run, newCall, router, clock, attempts, breakers } = setup([t("a")], {}, async () => {
+      if (!healthy) throw new UpstreamError("transient", "a answered 500", 500);
+      return "a streams";
+    });
+    for (let i = 0; i < 3; i++) await failure(run());
+    expect(breakers.state("a/a-model")).toBe("open");
+    clock.t += 5_000;
+    healthy = true;
+    const probe = newCall();
+    expect(await run(probe, true)).toBe("a streams");
+    // The probe's stream runs on (a long answer); the target serves every other request meanwhile.
+    expect(breakers.state("a/a-model")).toBe("closed");
+    expect(await run()).toBe("a streams");
+    expect(await run(newCall(), true)).toBe("a streams");
+    expect(attempts).toHaveLength(6);
+    // Broken later on, the stream counts as one failure of a closed breaker.
+    router.streamEnded(probe, { status: 502, code: "upstream_error" } as GatewayError);
+    expect(breakers.state("a/a-model")).toBe("closed");
+    healthy = false;
+    for (let i = 0; i < 2; i++) await failure(run());
+    expect(breakers.state("a/a-model")).toBe("open");
   });
 
   test("only a probe's own end frees it: attempts sent before the breaker opened do not let a second probe in", async () => {
