@@ -12,6 +12,7 @@ import { createRestApp } from "./http/app.ts";
 import { createProviders } from "./providers/index.ts";
 import type { ChatCompletionChunk, ChunkStream } from "./providers/provider.ts";
 import { createBillingFake, createRecordingShipper, createTestLogger, mockRoutes } from "./testing.ts";
+import { countTextTokens } from "./tokenizer.ts";
 
 // Every finished request is exactly one RequestMetrics, also when its stream is never read.
 function setup() {
@@ -213,5 +214,36 @@ describe("the usage a client is shown", () => {
     for await (const chunk of stream) seen.push(chunk);
     expect(seen.map((c) => c.usage)).toEqual([null, null, null, { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 }]);
     expect(seen.at(-1)).toMatchObject({ ...fields, choices: [] });
+  });
+
+  test("without upstream usage, the choices of a stream of several are counted each as its own text, as a whole answer's", async () => {
+    const texts = ["hello 0", "hello 1", "hello 2"];
+    const fields = { id: "c", object: "chat.completion.chunk" as const, created: 1, model: "m" };
+    // As OpenAI streams n choices: a chunk a choice, their deltas in turn.
+    const chunks = async function* () {
+      for (const piece of [(t: string) => t.slice(0, 5), (t: string) => " ", (t: string) => t.slice(6)]) {
+        for (const [index, text] of texts.entries()) {
+          yield { ...fields, choices: [{ index, delta: { content: piece(text) }, finish_reason: null, logprobs: null }] };
+        }
+      }
+      for (const index of texts.keys()) {
+        yield { ...fields, choices: [{ index, delta: {}, finish_reason: "stop" as const, logprobs: null }] };
+      }
+    };
+    const stream = meterChatStream({
+      call: { metrics: create(RequestMetricsSchema), upstreamMs: 0, startTick: performance.now(), startMs: Date.now(), requestId: "r" } as unknown as Call,
+      chunks: chunks() as ChunkStream,
+      request: { model: "m", messages: [{ role: "user", content: "x" }], n: 3 },
+      price: { inputMicros: 1n, cachedInputMicros: 1n, outputMicros: 1n, reasoningMicros: 1n },
+      includeUsage: true,
+      deadline: new AbortController().signal,
+      finish() {},
+    });
+    let usage: unknown;
+    for await (const chunk of stream) usage ??= chunk.usage ?? undefined;
+    const whole = await countTextTokens(texts);
+    expect(whole).toBe(9);
+    expect(usage).toMatchObject({ completion_tokens: whole });
+    expect(stream.outcome?.tokens.outputTokens).toBe(BigInt(whole));
   });
 });

@@ -109,9 +109,9 @@ export function meteredFrame(options: FrameOptions) {
   const text = generatedText(options.model);
   let firstToken = true;
 
-  /** Adds a delta's generated text; the first that has any is the call's first token. */
-  const noteGenerated = (delta: Generated) => {
-    if (!text.add(delta) || !firstToken) return;
+  /** Adds a delta's generated text (of its choice); the first that has any is the call's first token. */
+  const noteGenerated = (delta: Generated, choice?: number) => {
+    if (!text.add(delta, choice) || !firstToken) return;
     firstToken = false;
     const elapsed = performance.now() - call.startTick;
     m.firstTokenTime = timestampFromMs(Math.round(call.startMs + elapsed));
@@ -357,7 +357,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
           modelNamed = true;
         }
         last = chunk;
-        for (const choice of chunk.choices) if (choice.delta) noteGenerated(choice.delta);
+        for (const choice of chunk.choices) if (choice.delta) noteGenerated(choice.delta, choice.index);
         if (options.audioId) clientAudio(chunk.choices, options.audioId);
         yield chunk;
       }

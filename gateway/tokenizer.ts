@@ -341,20 +341,21 @@ export async function countTextTokens(pieces: readonly string[], model?: string,
 /**
  * A stream's generated text as far as its count needs it: the first `exactChars` characters, which are encoded, and
  * the length of the rest, which is scaled. It counts as the whole text would, in a bounded space however long the
- * stream.
+ * stream. The choices of a stream of several (`n`) are each counted as their own text, as a whole answer's are, not
+ * as their deltas came, one choice's in between another's.
  */
 export function generatedText(model?: string) {
   const output = keptText(model);
   const reasoning = keptText(model);
   return {
-    /** Adds a delta's generated text; whether it had any. */
-    add(m: Generated): boolean {
+    /** Adds a delta's generated text, of its choice; whether it had any. */
+    add(m: Generated, choice = 0): boolean {
       const pieces: string[] = [];
       addGenerated(pieces, m);
-      output.add(pieces);
+      output.add(pieces, choice);
       pieces.length = 0;
       addReasoning(pieces, m);
-      reasoning.add(pieces);
+      reasoning.add(pieces, choice);
       return output.any();
     },
     /** Tokens of all the output, reasoning included. */
@@ -364,17 +365,22 @@ export function generatedText(model?: string) {
   };
 }
 
-/** Text as far as its count needs it: its first `exactChars` characters and the length of the rest. */
+/**
+ * Text as far as its count needs it: its first `exactChars` characters, each choice's kept together, and the length of
+ * the rest.
+ */
 function keptText(model: string | undefined) {
-  const kept: string[] = [];
+  const kept = new Map<number, string[]>();
   let room = exactChars;
   let past = 0;
   let added = 0;
   return {
-    add(pieces: readonly string[]) {
+    add(pieces: readonly string[], choice: number) {
+      let own = kept.get(choice);
       for (const piece of pieces) {
-        if (room >= piece.length) kept.push(piece);
-        else if (room > 0) kept.push(piece.slice(0, room));
+        if (room > 0 && !own) kept.set(choice, (own = []));
+        if (room >= piece.length) own?.push(piece);
+        else if (room > 0) own?.push(piece.slice(0, room));
         past += Math.max(piece.length - room, 0);
         room = Math.max(room - piece.length, 0);
       }
@@ -382,7 +388,7 @@ function keptText(model: string | undefined) {
     },
     /** Whether the last add had any text. */
     any: () => added > 0,
-    tokens: () => countTextTokens(kept, model, past),
+    tokens: () => countTextTokens([...kept.values()].flat(), model, past),
   };
 }
 

@@ -205,5 +205,32 @@ for (const [port, base] of [
         ["call_c", { city: "Lima", days: 1 }],
       ]);
     });
+
+    test("parallel tool calls an upstream numbers alike (every one 0), each of its own id, are assembled apart", async () => {
+      const begins = (id: string, args: string) => ({
+        tool_calls: [{ index: 0, id, type: "function", function: { name: "weather", arguments: args } }],
+      });
+      upstream.script(
+        "ok",
+        events(
+          [
+            [{ role: "assistant", ...begins("call_a", '{"city":"Rome","days":1}') }],
+            [begins("call_b", '{"city":"Oslo",')],
+            // The second call's arguments continued under the index it came with.
+            [{ tool_calls: [{ index: 0, function: { arguments: '"days":2}' } }] }],
+            [{}, "tool_calls"],
+          ],
+          { prompt_tokens: 40, completion_tokens: 30, total_tokens: 70 },
+        ),
+      );
+      const tools = [zodFunction({ name: "weather", parameters: Weather })];
+      const messages = [{ role: "user" as const, content: "weather?" }];
+      const final = await sdk().chat.completions.stream({ model: "ok", messages, tools }).finalChatCompletion();
+      const calls = final.choices[0]?.message.tool_calls ?? [];
+      expect(calls.map((c) => [c.id, c.type === "function" ? c.function.parsed_arguments : undefined])).toEqual([
+        ["call_a", { city: "Rome", days: 1 }],
+        ["call_b", { city: "Oslo", days: 2 }],
+      ]);
+    });
   });
 }

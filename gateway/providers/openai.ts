@@ -603,31 +603,60 @@ function relay(
   return chunks();
 }
 
-/** The tool calls a choice has begun: by id, the next index, the last one a delta named. */
+/**
+ * The tool calls a choice has begun: by id, the index each index the upstream numbered a delta with was given last,
+ * the next index, the last one a delta named.
+ */
 interface BegunCalls {
   ids: Map<unknown, number>;
+  given: Map<number, number>;
   next: number;
   last?: number;
 }
 
 /**
- * Gives the tool calls of a choice's delta the index OpenAI's carry, where the upstream left it out: Gemini's
- * OpenAI-compatible endpoint streams each call whole without one, which the SDKs' stream helpers refuse ("invalid tool
- * call index: undefined"). A call of an id not seen before in the choice is its next; one of no id continues the last.
+ * Gives the tool calls of a choice's delta the index OpenAI's carry, where the upstream left it out or numbered a new
+ * call as one begun before: Gemini's OpenAI-compatible endpoint streams each call whole without one, which the SDKs'
+ * stream helpers refuse ("invalid tool call index: undefined"), and other compatible servers number every parallel call
+ * 0, which the helpers take for one call, the last one's name over arguments run together. A call of an id not seen
+ * before in the choice keeps the upstream's index unless a call was given that already, and is then the next; a piece
+ * of no id continues the call last given its upstream's index, or, of no index, the last call.
  */
 function indexToolCalls(delta: { tool_calls?: unknown }, choice: unknown, begun: Map<unknown, BegunCalls>): void {
   if (!Array.isArray(delta.tool_calls)) return;
-  for (const call of delta.tool_calls as Array<{ index?: unknown; id?: unknown }>) {
+  for (const call of delta.tool_calls as Array<ToolCallDelta>) {
     if (typeof call !== "object" || call === null) continue;
     let calls = begun.get(choice);
-    if (!calls) begun.set(choice, (calls = { ids: new Map(), next: 0 }));
-    if (typeof call.index !== "number") call.index = (call.id ? calls.ids.get(call.id) : calls.last) ?? calls.next;
+    if (!calls) begun.set(choice, (calls = { ids: new Map(), given: new Map(), next: 0 }));
+    const known = call.id ? calls.ids.get(call.id) : undefined;
+    if (typeof call.index !== "number") call.index = (call.id ? known : calls.last) ?? calls.next;
+    else {
+      const numbered = call.index;
+      // A new id without a name is not taken for a new call: some servers change a call's id after its first delta.
+      const moved = call.id && namesCall(call) && calls.given.has(numbered);
+      const given = known ?? (moved ? calls.next : (calls.given.get(numbered) ?? numbered));
+      calls.given.set(numbered, given);
+      call.index = given;
+    }
     const index = call.index as number;
     if (call.id) calls.ids.set(call.id, index);
     calls.last = index;
     calls.next = Math.max(calls.next, index + 1);
   }
 }
+
+/** A tool call's piece of a streamed delta, as far as its index needs it. */
+interface ToolCallDelta {
+  index?: unknown;
+  id?: unknown;
+  function?: { name?: unknown } | null;
+  custom?: { name?: unknown } | null;
+}
+
+/** Whether a tool call's delta names the function or custom tool it calls, as the first of each call does. */
+const namesCall = (call: ToolCallDelta) =>
+  (typeof call.function?.name === "string" && call.function.name !== "") ||
+  (typeof call.custom?.name === "string" && call.custom.name !== "");
 
 /** How long a stream whose choices have all finished is still read for its usage after its client left. */
 export const usageGraceMs = 3_000;
