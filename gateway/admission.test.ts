@@ -26,6 +26,7 @@ import { createRateLimiter } from "./rate-limits.ts";
 import { createGatewayService } from "./service.ts";
 import { createRecordingShipper, createTestLogger } from "./testing.ts";
 import { type FakeUpstream, startFakeUpstream } from "./testing/fake-upstream.ts";
+import { imageDataUrl } from "./testing/images.ts";
 
 // Real billing (Postgres) for keys, limits and leases; a real OpenAI-compatible upstream on a socket.
 const adminToken = "admission-test-admin-token-01";
@@ -89,6 +90,12 @@ models:
     request_timeout_ms: 400
   - name: late
     targets: [{ provider: fake, model: late }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+  - name: vision
+    targets: [{ provider: fake, model: gpt-4o }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+  - name: vision-mini
+    targets: [{ provider: fake, model: gpt-4o-mini }]
     pricing: { input_per_mtok: "1", output_per_mtok: "1" }
 `,
     "admission.yaml",
@@ -521,6 +528,44 @@ describe("budget with files", () => {
     const pdf = { type: "file", file: { filename: "a.pdf", file_data: "data:application/pdf;base64,JVBERi0xLjQK" } };
     const res = await post(key, { model: "mock-small-window", messages: [{ role: "user", content: [pdf] }], max_tokens: 5 });
     expect(res.status).toBe(200);
+  });
+});
+
+describe("images", () => {
+  const look = (model: string, url: string) => ({
+    model,
+    messages: [{ role: "user", content: [{ type: "image_url", image_url: { url } }] }],
+    max_tokens: 5,
+  });
+  // Reply priming, one user message's framing and role, and the output.
+  const framing = 3 + 8 + 4 + 5;
+
+  test("monthly tokens reserve an image at what its upstream model bills for its size, or the most it bills for any", async () => {
+    // gpt-4o-mini bills a 2048x800 image 8 tiles: 2,833 + 8 x 5,667 tokens, over the 45,000 a key has.
+    const key = await keyWith({ monthlyTokens: 45_000n });
+    upstream.script("gpt-4o-mini", { content: "a cat", usage: false });
+    for (const url of [imageDataUrl("png", 2048, 800), "https://example.com/wide.png"]) {
+      const res = await post(key, look("vision-mini", url));
+      expect(res.status).toBe(429);
+      expect((await errorOf(res)).message).toContain(`up to ${48_169 + framing} tokens`);
+    }
+    // A 1024-pixel image is 4 tiles: 25,501 tokens.
+    expect((await post(key, look("vision-mini", imageDataUrl("jpeg", 1024, 1024)))).status).toBe(200);
+    // On gpt-4o the same image is 765 tokens: a key with 2,000 is served it.
+    const small = await keyWith({ monthlyTokens: 2_000n });
+    upstream.script("gpt-4o", { content: "a cat", usage: false });
+    expect((await post(small, look("vision", imageDataUrl("png", 1024, 1024)))).status).toBe(200);
+  });
+
+  test("tokens per minute count an image at what its upstream model bills for it", async () => {
+    // 25,501 tokens each on gpt-4o-mini: the first runs in an empty minute, the second does not fit beside it.
+    const key = await keyWith({ tokensPerMinute: 30_000n });
+    upstream.script("gpt-4o-mini", { content: "a cat", usage: false });
+    const url = imageDataUrl("png", 1024, 1024);
+    expect((await post(key, look("vision-mini", url))).status).toBe(200);
+    const res = await post(key, look("vision-mini", url));
+    expect(res.status).toBe(429);
+    expect((await errorOf(res)).type).toBe("tokens");
   });
 });
 

@@ -21,6 +21,7 @@ import {
 import { type GatewayError, ShutdownCut } from "./errors.ts";
 import { openLeaseJournal } from "./lease-journal.ts";
 import { approxInputTokens } from "./providers/provider.ts";
+import { imageDataUrl } from "./testing/images.ts";
 
 // A real billing service (Postgres included) behind an in-memory transport.
 const adminToken = "budget-test-admin-token-0123";
@@ -1089,7 +1090,8 @@ describe("maximum cost of a request", () => {
     ];
     const bound = maxInputTokens({ messages });
     expect(bound).toBeGreaterThanOrEqual(approxInputTokens(messages));
-    expect(bound).toBe(3 + (8 + 6 + 8) + (8 + 4 + 21) + (8 + 4 + 4 + 40_000));
+    // The image, on a model whose image rules are not known here, at the most any of OpenAI's models bills for one.
+    expect(bound).toBe(3 + (8 + 6 + 8) + (8 + 4 + 21) + (8 + 4 + 4 + 48_169));
     expect(maxInputTokens({ messages, tools: [{ type: "function", function: { name: "f" } }] })).toBe(
       bound + JSON.stringify([{ type: "function", function: { name: "f" } }]).length + 32,
     );
@@ -1100,7 +1102,14 @@ describe("maximum cost of a request", () => {
       maxInputTokens({ messages: [{ role: "user", content: [part] }] });
     // Reply priming, then one user message's framing and role.
     const framing = 3 + 8 + 4;
-    expect(withPart({ type: "image_url", image_url: { url: "data:," } })).toBe(framing + 40_000);
+    // An image on a model of no known family: the most any of OpenAI's bills for one (gpt-4o-mini's 8 tiles).
+    expect(withPart({ type: "image_url", image_url: { url: "data:," } })).toBe(framing + 48_169);
+    // On a route's models, the most the dearest of them bills for it: exact where its data URL tells its size.
+    const image = (url: string) => ({ role: "user" as const, content: [{ type: "image_url" as const, image_url: { url } }] });
+    expect(maxInputTokens({ messages: [image(imageDataUrl("png", 1024, 1024))] }, ["gpt-4o"])).toBe(framing + 765);
+    expect(maxInputTokens({ messages: [image("https://example.com/a.png")] }, ["gpt-4o", "gpt-4o-mini"])).toBe(
+      framing + 2833 + 8 * 5667,
+    );
     // A PDF of hundreds of pages, named by id or sent inline, fills at most gpt-4.1's whole context window.
     expect(withPart({ type: "file", file: { file_id: "file-abc123" } })).toBe(framing + 1_047_576);
     expect(

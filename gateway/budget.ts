@@ -10,7 +10,8 @@ import { unlessAborted } from "../lib/waiters.ts";
 import type { Principal } from "./auth.ts";
 import { clientGone, insufficientQuota, organizationSuspended, serviceUnavailable, unauthorized } from "./errors.ts";
 import type { ChatRequest } from "./providers/provider.ts";
-import type { ResponsesPrompt } from "./responses-request.ts";
+import { maxImageTokens } from "./image-tokens.ts";
+import type { PromptPart, ResponsesPrompt } from "./responses-request.ts";
 
 /**
  * Budget enforcement through billing's leases (DESIGN.md section 5), with no billing round trip on
@@ -37,8 +38,9 @@ import type { ResponsesPrompt } from "./responses-request.ts";
  * max(0, actual cost - reserved maximum). Concurrency adds nothing: a reservation is taken from
  * granted lease money before the upstream is called, and grants never exceed the budget. The
  * reserved maximum is input tokens bounded by the prompt's UTF-8 bytes (byte-level BPE never
- * yields more tokens than bytes) plus framing, a fixed bound per image, file or audio part
- * (`partTokensBound`), and output of max_completion_tokens / max_tokens, the larger of both (or the model's configured
+ * yields more tokens than bytes) plus framing, a fixed bound per file or audio part
+ * (`partTokensBound`), each image at the most the route's upstream models bill for it (maxImageTokens),
+ * and output of max_completion_tokens / max_tokens, the larger of both (or the model's configured
  * cap) times n, each at the dearest price of its kind. So overshoot happens only when an upstream
  * bills more output than the cap it was given (ignores max_tokens, or the client set none and the
  * reply outgrew the configured cap), an image, file or audio part costs more than its bound, or a
@@ -873,28 +875,37 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
 const framingPerMessage = 8;
 const replyPriming = 3;
 /**
- * Tokens reserved for a content part whose few bytes do not bound what the model reads: an image is priced by its size
- * (the largest OpenAI charges today, gpt-4o-mini's 6 tiles, is under 40,000); a file (a PDF by file_id, text and an
- * image of every page) can fill at most a whole context window, 1,047,576 tokens for gpt-4.1, the largest of OpenAI's
- * models that read files; audio at most the 128,000-token context of OpenAI's audio models.
+ * Tokens reserved for a content part whose few bytes do not bound what the model reads: a file (a PDF by file_id, text
+ * and an image of every page) can fill at most a whole context window, 1,047,576 tokens for gpt-4.1, the largest of
+ * OpenAI's models that read files; audio at most the 128,000-token context of OpenAI's audio models. An image is
+ * priced by its model and size (maxImageTokens).
  */
 const partTokensBound = new Map([
-  ["image_url", 40_000],
   ["file", 1_047_576],
   ["input_audio", 128_000],
 ]);
+
+/** Tokens a content part counts at, by its kind (an image by its size and model too); none for any other kind. */
+export type PartTokens = (part: PromptPart) => number | undefined;
+
+/** The bounds of parts on whichever of `models` (a route's targets) serves them: an image at its dearest. */
+export function partBounds(models: readonly string[]): PartTokens {
+  return (part) =>
+    part.type === "image_url" ? maxImageTokens(part.image_url ?? {}, models) : partTokensBound.get(part.type);
+}
+
 // Tool definitions are rendered to the model in a form at most this much longer than their JSON.
 const framingPerTool = 32;
 
 /**
  * A chat request's input tokens, everything the model reads, with each text counted by `textTokens` and each image,
- * file or audio part at `partTokens` of its type: UTF-8 bytes and the parts' bounds make the upper bound budgets
- * reserve (maxInputTokens); about four characters a token and typical parts, the estimate rate limits hold.
+ * file or audio part by `partTokens`: UTF-8 bytes and the parts' bounds make the upper bound budgets reserve
+ * (maxInputTokens); about four characters a token and typical parts, the estimate rate limits hold.
  */
 export function chatInputTokens(
   request: Pick<ChatRequest, "messages" | "tools" | "functions" | "response_format">,
   textTokens: (text: string) => number,
-  partTokens: ReadonlyMap<string, number> = partTokensBound,
+  partTokens: PartTokens = partBounds([]),
 ): number {
   let tokens = replyPriming;
   for (const m of request.messages as readonly ChatCompletionMessageParam[]) {
@@ -903,14 +914,14 @@ export function chatInputTokens(
     const content = m.content;
     if (typeof content === "string") tokens += textTokens(content);
     else if (Array.isArray(content)) {
-      for (const part of content as readonly { type: string; text?: unknown }[]) {
+      for (const part of content as readonly (PromptPart & { text?: unknown })[]) {
         if (part.type === "text" && typeof part.text === "string") tokens += textTokens(part.text);
-        else tokens += partTokens.get(part.type) ?? textTokens(JSON.stringify(part));
+        else tokens += partTokens(part) ?? textTokens(JSON.stringify(part));
       }
     }
     if ("refusal" in m && typeof m.refusal === "string") tokens += textTokens(m.refusal);
     // An assistant's earlier audio answer, referred to by id: the model hears it again, bounded as an audio part.
-    if ("audio" in m && m.audio) tokens += partTokens.get("input_audio") as number;
+    if ("audio" in m && m.audio) tokens += partTokens({ type: "input_audio" }) as number;
     if ("tool_calls" in m && m.tool_calls) tokens += textTokens(JSON.stringify(m.tool_calls));
     // The legacy form of a tool call, still sent back by clients of the deprecated `functions`.
     if ("function_call" in m && m.function_call) tokens += textTokens(JSON.stringify(m.function_call));
@@ -926,9 +937,15 @@ export function chatInputTokens(
   return tokens;
 }
 
-/** An upper bound on a chat request's input tokens: UTF-8 bytes of everything the model reads. */
-export function maxInputTokens(request: Pick<ChatRequest, "messages" | "tools" | "functions" | "response_format">): number {
-  return chatInputTokens(request, (text) => Buffer.byteLength(text));
+/**
+ * An upper bound on a chat request's input tokens on any of `models`: UTF-8 bytes of everything the model reads, and
+ * the bounds of its parts.
+ */
+export function maxInputTokens(
+  request: Pick<ChatRequest, "messages" | "tools" | "functions" | "response_format">,
+  models: readonly string[] = [],
+): number {
+  return chatInputTokens(request, (text) => Buffer.byteLength(text), partBounds(models));
 }
 
 /**
@@ -964,7 +981,7 @@ export function maxSpend(inputTokens: number, outputTokens: number, price: Price
 
 /**
  * The most a chat request can use; `cap` is the output budgeted when it sets no max_tokens, `contextWindow` the most
- * its model reads (a prompt's bytes and a file's bound are taken no higher).
+ * its model reads (a prompt's bytes and a file's bound are taken no higher), `models` its route's upstream models.
  */
 export function maxChatSpend(
   request: Pick<
@@ -974,23 +991,24 @@ export function maxChatSpend(
   price: Price,
   cap: number,
   contextWindow?: number,
+  models: readonly string[] = [],
 ): Spend {
-  const input = maxInputTokens(request);
+  const input = maxInputTokens(request, models);
   return maxSpend(contextWindow === undefined ? input : Math.min(input, contextWindow), maxOutputTokens(request, cap), price);
 }
 
 /**
  * A Responses API request's input tokens, as chatInputTokens counts a chat request's: its texts by `textTokens`, each
- * image, file or audio part at `partTokens` of its kind, and each item framed as a message is.
+ * image, file or audio part by `partTokens`, and each item framed as a message is.
  */
 export function responsesInputTokens(
   prompt: ResponsesPrompt,
   textTokens: (text: string) => number,
-  partTokens: ReadonlyMap<string, number> = partTokensBound,
+  partTokens: PartTokens = partBounds([]),
 ): number {
   let tokens = replyPriming + framingPerMessage * prompt.items;
   for (const text of prompt.texts) tokens += textTokens(text);
-  for (const part of prompt.parts) tokens += partTokens.get(part) ?? 0;
+  for (const part of prompt.parts) tokens += partTokens(part) ?? 0;
   return tokens;
 }
 
@@ -1006,8 +1024,9 @@ export function maxResponsesSpend(
   price: Price,
   cap: number,
   contextWindow?: number,
+  models: readonly string[] = [],
 ): Spend {
-  const input = responsesInputTokens(prompt, (text) => Buffer.byteLength(text));
+  const input = responsesInputTokens(prompt, (text) => Buffer.byteLength(text), partBounds(models));
   const read = contextWindow === undefined ? input : readsUnseen ? contextWindow : Math.min(input, contextWindow);
   return maxSpend(read, maxOutput ?? cap, price);
 }

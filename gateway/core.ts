@@ -512,8 +512,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       call,
       principal,
       route,
-      maxChatSpend(input.upstream, reservationPrice(route), cap, route.contextWindow),
-      estimatedChatTokens(input.upstream, cap),
+      maxChatSpend(input.upstream, reservationPrice(route), cap, route.contextWindow, upstreamModels(route)),
+      estimatedChatTokens(input.upstream, cap, upstreamModels(route)),
       unsetOutputTokens(input.upstream, cap),
     );
     return { input, route, price, admission };
@@ -593,8 +593,16 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       call,
       principal,
       route,
-      maxResponsesSpend(prompt, maxOutput, input.readsUnseen, reservationPrice(routed), cap, route.contextWindow),
-      estimatedResponsesTokens(prompt, maxOutput, cap),
+      maxResponsesSpend(
+        prompt,
+        maxOutput,
+        input.readsUnseen,
+        reservationPrice(routed),
+        cap,
+        route.contextWindow,
+        upstreamModels(route),
+      ),
+      estimatedResponsesTokens(prompt, maxOutput, cap, upstreamModels(route)),
       maxOutput === undefined ? cap : 0,
     );
     return { input, route, price, prompt, admission, upstreamFor: upstreamFor(input, made) };
@@ -1220,6 +1228,11 @@ function requestedPrice(route: ModelRoute, request: { service_tier?: unknown }):
     "service_tier",
     "invalid_value",
   );
+}
+
+/** The upstream models a route may call: what an image costs before one of them is chosen is the dearest's. */
+function upstreamModels(route: ModelRoute): string[] {
+  return route.targets.map((t) => t.model);
 }
 
 /**

@@ -5,8 +5,10 @@ import {
   type EmbeddingInput,
   embeddingInputTokens,
   maxOutputTokens,
+  type PartTokens,
   responsesInputTokens,
 } from "./budget.ts";
+import { estimatedImageTokens } from "./image-tokens.ts";
 import type { ChatRequest } from "./providers/provider.ts";
 import type { ResponsesPrompt } from "./responses-request.ts";
 import { estimatedTextTokens, partTokensEstimate } from "./tokenizer.ts";
@@ -355,15 +357,19 @@ function duration(ms: number): string {
 }
 
 /**
- * What an image, file or audio part counts at while its request runs: the tokenizer's estimate of one. Their budget
- * bounds (tens of thousands of tokens and more) would let a key whose TPM is below one run such a request only into
- * an empty window; the real usage replaces this at the end.
+ * What a part counts at while its request runs: an image at what the dearest of `models` (the route's targets) bills
+ * for it (its size when its data URL tells it, else a 2048x2048 one's), a file or audio part at the tokenizer's
+ * estimate. Their budget bounds (tens of thousands of tokens and more) would let a key whose TPM is below one run such
+ * a request only into an empty window; the real usage replaces this at the end.
  */
-const partTokens = new Map([
-  ["image_url", partTokensEstimate],
-  ["file", partTokensEstimate],
-  ["input_audio", partTokensEstimate],
-]);
+function partTokens(models: readonly string[]): PartTokens {
+  return (part) =>
+    part.type === "image_url"
+      ? estimatedImageTokens(part.image_url ?? {}, models)
+      : part.type === "file" || part.type === "input_audio"
+        ? partTokensEstimate
+        : undefined;
+}
 
 /**
  * Tokens a chat request is counted at while it runs: everything it sends (about four characters a token, CJK ones three
@@ -376,8 +382,9 @@ export function estimatedChatTokens(
     "messages" | "tools" | "functions" | "response_format" | "max_completion_tokens" | "max_tokens" | "n"
   >,
   cap: number,
+  models: readonly string[] = [],
 ): number {
-  return chatInputTokens(request, estimatedTextTokens, partTokens) + maxOutputTokens(request, cap);
+  return chatInputTokens(request, estimatedTextTokens, partTokens(models)) + maxOutputTokens(request, cap);
 }
 
 /** Of estimatedChatTokens, the output a request did not bound (no max_tokens): the model's `cap` for each choice. */
@@ -386,8 +393,13 @@ export function unsetOutputTokens(request: Pick<ChatRequest, "max_completion_tok
 }
 
 /** Tokens a Responses API request is counted at while it runs, as a chat request is: its input and most output. */
-export function estimatedResponsesTokens(prompt: ResponsesPrompt, maxOutput: number | undefined, cap: number): number {
-  return responsesInputTokens(prompt, estimatedTextTokens, partTokens) + (maxOutput ?? cap);
+export function estimatedResponsesTokens(
+  prompt: ResponsesPrompt,
+  maxOutput: number | undefined,
+  cap: number,
+  models: readonly string[] = [],
+): number {
+  return responsesInputTokens(prompt, estimatedTextTokens, partTokens(models)) + (maxOutput ?? cap);
 }
 
 /** Tokens an embeddings request is counted at while it runs: its strings as estimatedTextTokens takes them. */

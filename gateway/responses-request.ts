@@ -49,8 +49,8 @@ export interface ResponsesInput {
 /** What the model reads of a request, for token counts: texts, and parts whose size their bytes do not tell. */
 export interface ResponsesPrompt {
   texts: string[];
-  /** Kinds of parts, as chat names them: `image_url`, `file`, `input_audio`. */
-  parts: string[];
+  /** Image, file and audio parts, as chat gives them: `image_url` (with its URL and detail), `file`, `input_audio`. */
+  parts: PromptPart[];
   /** Items (messages, tool calls and outputs) the input holds: each is framed. */
   items: number;
 }
@@ -216,6 +216,12 @@ export function parseResponsesInput(body: unknown): ResponsesInput {
   return { model, upstream: upstream as unknown as ResponsesRequest, user, tags, stream, chained, readsUnseen };
 }
 
+/** An image, file or audio part, as a chat request gives it. */
+export interface PromptPart {
+  type: string;
+  image_url?: { url?: unknown; detail?: unknown };
+}
+
 const partKinds: Record<string, string> = { input_image: "image_url", input_file: "file", input_audio: "input_audio" };
 
 /**
@@ -226,7 +232,7 @@ const partKinds: Record<string, string> = { input_image: "image_url", input_file
 export function responsesPrompt(request: ResponsesRequest): ResponsesPrompt {
   const r = request as unknown as Record<string, unknown>;
   const texts: string[] = [];
-  const parts: string[] = [];
+  const parts: PromptPart[] = [];
   let items = 0;
   if (typeof r.instructions === "string" && r.instructions) texts.push(r.instructions);
   const input = r.input;
@@ -239,7 +245,8 @@ export function responsesPrompt(request: ResponsesRequest): ResponsesPrompt {
     const addParts = (content: Record<string, unknown>[]) => {
       for (const part of content) {
         const kind = partKinds[part.type as string];
-        if (kind) parts.push(kind);
+        if (kind === "image_url") parts.push({ type: kind, image_url: { url: part.image_url, detail: part.detail } });
+        else if (kind) parts.push({ type: kind });
         else if (typeof part.text === "string") texts.push(part.text);
         else if (typeof part.refusal === "string") texts.push(part.refusal);
         else texts.push(JSON.stringify(part));

@@ -1,5 +1,6 @@
 import type { ChatCompletionCreateParams } from "openai/resources/chat/completions";
 import type { Tokens } from "../lib/money.ts";
+import { imageTokens } from "./image-tokens.ts";
 import type { ResponsesPrompt } from "./responses-request.ts";
 import type { CountAnswer, CountRequest, TokenEncoding } from "./tokenizer-worker.ts";
 
@@ -214,12 +215,11 @@ const perMessage = 3;
 const perName = 1;
 const replyPriming = 3;
 /**
- * What an image, file or audio part is estimated at, as it is not decoded: about what a 1024-pixel image costs gpt-4o
- * at high detail (four 170-token tiles and 85). A file or a recording may bill far more; their upstream's usage says.
+ * What a file or audio part is estimated at, as it is not decoded: what a 1024-pixel image costs gpt-4o at high
+ * detail (four 170-token tiles and 85). A file or a recording may bill far more; their upstream's usage says. An
+ * image is counted by its model's rules (image-tokens.ts).
  */
 export const partTokensEstimate = 765;
-// A low-detail image is one tile.
-const lowDetailImageTokens = 85;
 
 /**
  * Prompt tokens of a chat request: messages (text, images, files, audio, tool calls), tool definitions (and legacy
@@ -243,9 +243,8 @@ export async function countInputTokens(
     else if (Array.isArray(content)) {
       for (const part of content) {
         if (part.type === "text") count.add(part.text);
-        else if (part.type === "image_url") {
-          tokens += part.image_url.detail === "low" ? lowDetailImageTokens : partTokensEstimate;
-        } else if (part.type === "file" || part.type === "input_audio") tokens += partTokensEstimate;
+        else if (part.type === "image_url") tokens += imageTokens(part.image_url ?? {}, request.model);
+        else if (part.type === "file" || part.type === "input_audio") tokens += partTokensEstimate;
         else if (part.type === "refusal") count.add(part.refusal);
       }
     }
@@ -274,12 +273,16 @@ export async function countInputTokens(
 
 /**
  * Prompt tokens of a Responses API request, as countInputTokens counts a chat request's: its texts encoded, each item
- * framed as a message, images, files and audio at their estimates.
+ * framed as a message, images by their model's rules, files and audio at their estimate.
  */
 export async function countResponsesInputTokens(prompt: ResponsesPrompt, model?: string): Promise<number> {
   const count = newCount(model);
   for (const text of prompt.texts) count.add(text);
-  return replyPriming + perMessage * prompt.items + partTokensEstimate * prompt.parts.length + (await count.total());
+  let tokens = replyPriming + perMessage * prompt.items;
+  for (const part of prompt.parts) {
+    tokens += part.type === "image_url" ? imageTokens(part.image_url ?? {}, model) : partTokensEstimate;
+  }
+  return tokens + (await count.total());
 }
 
 /** What a whole answer's message or a streamed delta may hold of generated text. */
