@@ -179,7 +179,7 @@ export type KeyLimits = Message<"billing.v1.KeyLimits"> & {
   tokensPerMinute: bigint;
 
   /**
-   * Public model names the key may use; empty allows every model.
+   * Public model names the key may use, at most 1,000; empty allows every model.
    *
    * @generated from field: repeated string allowed_models = 5;
    */
@@ -1731,7 +1731,7 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   kind: DiscountKind;
 
   /**
-   * Higher applies first.
+   * Higher applies first; -1,000,000..1,000,000.
    *
    * @generated from field: int32 priority = 5;
    */
