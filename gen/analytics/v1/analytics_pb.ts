@@ -325,11 +325,15 @@ export const IngestMetricsResponseSchema: GenMessage<IngestMetricsResponse> = /*
  */
 export type TimeRange = Message<"analytics.v1.TimeRange"> & {
   /**
+   * First instant included; in the years 1900 to 2299.
+   *
    * @generated from field: google.protobuf.Timestamp start = 1;
    */
   start?: Timestamp | undefined;
 
   /**
+   * First instant excluded; after start (to the microsecond) and in the years 1900 to 2299.
+   *
    * @generated from field: google.protobuf.Timestamp end = 2;
    */
   end?: Timestamp | undefined;
@@ -343,6 +347,9 @@ export const TimeRangeSchema: GenMessage<TimeRange> = /*@__PURE__*/
   messageDesc(file_analytics_v1_analytics, 3);
 
 /**
+ * Reads take the admin token, or an API key of org_id (PermissionDenied for another org's key), as do the other
+ * queries. At most 4 queries of one org run at once (ResourceExhausted past that).
+ *
  * @generated from message analytics.v1.QueryUsageRequest
  */
 export type QueryUsageRequest = Message<"analytics.v1.QueryUsageRequest"> & {
@@ -429,6 +436,9 @@ export const UsageRowSchema: GenMessage<UsageRow> = /*@__PURE__*/
  */
 export type QueryUsageResponse = Message<"analytics.v1.QueryUsageResponse"> & {
   /**
+   * One row per group with data, ordered by the group values; one row without group_by. More than 100,000 groups
+   * are refused with ResourceExhausted.
+   *
    * @generated from field: repeated analytics.v1.UsageRow rows = 1;
    */
   rows: UsageRow[];
@@ -446,24 +456,29 @@ export const QueryUsageResponseSchema: GenMessage<QueryUsageResponse> = /*@__PUR
  */
 export type QueryTimeSeriesRequest = Message<"analytics.v1.QueryTimeSeriesRequest"> & {
   /**
+   * Organization to report on. Required.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
 
   /**
+   * Range of request start times. Required.
+   *
    * @generated from field: analytics.v1.TimeRange range = 2;
    */
   range?: TimeRange | undefined;
 
   /**
-   * Bucket width in seconds: 60, 300, 3600 or 86400. At most 2,000 buckets per query.
+   * Bucket width in seconds: 60, 300, 3600 or 86400; buckets are aligned to the Unix epoch (UTC). At most 2,000
+   * buckets per query, a partial first and last bucket included.
    *
    * @generated from field: int64 bucket_seconds = 3;
    */
   bucketSeconds: bigint;
 
   /**
-   * Optional filter on the requested model.
+   * Optional filter on the requested model; empty for all models.
    *
    * @generated from field: string model = 4;
    */
@@ -478,6 +493,8 @@ export const QueryTimeSeriesRequestSchema: GenMessage<QueryTimeSeriesRequest> = 
   messageDesc(file_analytics_v1_analytics, 7);
 
 /**
+ * Aggregates of the requests that started in one bucket.
+ *
  * @generated from message analytics.v1.TimeSeriesPoint
  */
 export type TimeSeriesPoint = Message<"analytics.v1.TimeSeriesPoint"> & {
@@ -489,26 +506,36 @@ export type TimeSeriesPoint = Message<"analytics.v1.TimeSeriesPoint"> & {
   bucketStart?: Timestamp | undefined;
 
   /**
+   * Distinct requests.
+   *
    * @generated from field: int64 requests = 2;
    */
   requests: bigint;
 
   /**
+   * Sum of input_tokens (cached input tokens included).
+   *
    * @generated from field: int64 input_tokens = 3;
    */
   inputTokens: bigint;
 
   /**
+   * Sum of output_tokens (reasoning tokens included).
+   *
    * @generated from field: int64 output_tokens = 4;
    */
   outputTokens: bigint;
 
   /**
+   * Sum of cost_nanos, in nano-USD.
+   *
    * @generated from field: int64 cost_nanos = 5;
    */
   costNanos: bigint;
 
   /**
+   * Requests whose status was not REQUEST_STATUS_OK (refused, failed, timed out or cancelled alike).
+   *
    * @generated from field: int64 errors = 6;
    */
   errors: bigint;
@@ -545,11 +572,15 @@ export const QueryTimeSeriesResponseSchema: GenMessage<QueryTimeSeriesResponse> 
  */
 export type QueryLatencyRequest = Message<"analytics.v1.QueryLatencyRequest"> & {
   /**
+   * Organization to report on. Required.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
 
   /**
+   * Range of request start times. Required.
+   *
    * @generated from field: analytics.v1.TimeRange range = 2;
    */
   range?: TimeRange | undefined;
@@ -570,16 +601,22 @@ export const QueryLatencyRequestSchema: GenMessage<QueryLatencyRequest> = /*@__P
  */
 export type LatencyPercentiles = Message<"analytics.v1.LatencyPercentiles"> & {
   /**
+   * Median.
+   *
    * @generated from field: int64 p50_us = 1;
    */
   p50Us: bigint;
 
   /**
+   * 90th percentile.
+   *
    * @generated from field: int64 p90_us = 2;
    */
   p90Us: bigint;
 
   /**
+   * 99th percentile.
+   *
    * @generated from field: int64 p99_us = 3;
    */
   p99Us: bigint;
@@ -593,6 +630,8 @@ export const LatencyPercentilesSchema: GenMessage<LatencyPercentiles> = /*@__PUR
   messageDesc(file_analytics_v1_analytics, 11);
 
 /**
+ * Latencies of one requested model's requests, failed ones included.
+ *
  * @generated from message analytics.v1.ModelLatency
  */
 export type ModelLatency = Message<"analytics.v1.ModelLatency"> & {
@@ -604,11 +643,15 @@ export type ModelLatency = Message<"analytics.v1.ModelLatency"> & {
   model: string;
 
   /**
+   * Distinct requests of the model in the range.
+   *
    * @generated from field: int64 requests = 2;
    */
   requests: bigint;
 
   /**
+   * Of total_latency_us, over every request.
+   *
    * @generated from field: analytics.v1.LatencyPercentiles total = 3;
    */
   total?: LatencyPercentiles | undefined;
@@ -628,6 +671,8 @@ export type ModelLatency = Message<"analytics.v1.ModelLatency"> & {
   timeToFirstToken?: LatencyPercentiles | undefined;
 
   /**
+   * Of gateway_overhead_us, over every request.
+   *
    * @generated from field: analytics.v1.LatencyPercentiles gateway_overhead = 6;
    */
   gatewayOverhead?: LatencyPercentiles | undefined;
@@ -645,6 +690,8 @@ export const ModelLatencySchema: GenMessage<ModelLatency> = /*@__PURE__*/
  */
 export type QueryLatencyResponse = Message<"analytics.v1.QueryLatencyResponse"> & {
   /**
+   * One per requested model with requests in the range, ordered by model name.
+   *
    * @generated from field: repeated analytics.v1.ModelLatency models = 1;
    */
   models: ModelLatency[];
@@ -662,11 +709,15 @@ export const QueryLatencyResponseSchema: GenMessage<QueryLatencyResponse> = /*@_
  */
 export type ListRequestsRequest = Message<"analytics.v1.ListRequestsRequest"> & {
   /**
+   * Organization to list. Required.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
 
   /**
+   * Range of request start times. Required, unless request_id is set.
+   *
    * @generated from field: analytics.v1.TimeRange range = 2;
    */
   range?: TimeRange | undefined;
@@ -695,11 +746,15 @@ export type ListRequestsRequest = Message<"analytics.v1.ListRequestsRequest"> & 
   model: string;
 
   /**
+   * Only requests made with this API key id.
+   *
    * @generated from field: string api_key_id = 6;
    */
   apiKeyId: string;
 
   /**
+   * Only requests with this outcome; REQUEST_STATUS_UNSPECIFIED for any.
+   *
    * @generated from field: analytics.v1.RequestStatus status = 7;
    */
   status: RequestStatus;
@@ -724,6 +779,8 @@ export const ListRequestsRequestSchema: GenMessage<ListRequestsRequest> = /*@__P
  */
 export type ListRequestsResponse = Message<"analytics.v1.ListRequestsResponse"> & {
   /**
+   * Newest first (by start_time, then request_id); each request once. budget_charges is always empty here.
+   *
    * @generated from field: repeated analytics.v1.RequestMetrics requests = 1;
    */
   requests: RequestMetrics[];
@@ -750,6 +807,8 @@ export const ListRequestsResponseSchema: GenMessage<ListRequestsResponse> = /*@_
  */
 export enum RequestStatus {
   /**
+   * Never set by the gateway; as a ListRequests filter, any status.
+   *
    * @generated from enum value: REQUEST_STATUS_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
@@ -832,41 +891,57 @@ export const RequestStatusSchema: GenEnum<RequestStatus> = /*@__PURE__*/
  */
 export enum UsageGroupBy {
   /**
+   * Not a dimension: refused with InvalidArgument.
+   *
    * @generated from enum value: USAGE_GROUP_BY_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
 
   /**
+   * RequestMetrics.requested_model.
+   *
    * @generated from enum value: USAGE_GROUP_BY_MODEL = 1;
    */
   MODEL = 1,
 
   /**
+   * RequestMetrics.api_key_id.
+   *
    * @generated from enum value: USAGE_GROUP_BY_API_KEY = 2;
    */
   API_KEY = 2,
 
   /**
+   * RequestMetrics.project_id; empty for keys without a project.
+   *
    * @generated from enum value: USAGE_GROUP_BY_PROJECT = 3;
    */
   PROJECT = 3,
 
   /**
+   * RequestMetrics.provider.
+   *
    * @generated from enum value: USAGE_GROUP_BY_PROVIDER = 4;
    */
   PROVIDER = 4,
 
   /**
+   * RequestMetrics.status as the enum value's name without its prefix, e.g. "OK", "RATE_LIMITED".
+   *
    * @generated from enum value: USAGE_GROUP_BY_STATUS = 5;
    */
   STATUS = 5,
 
   /**
+   * Start of the request's UTC day, e.g. "2026-01-31T00:00:00Z".
+   *
    * @generated from enum value: USAGE_GROUP_BY_DAY = 6;
    */
   DAY = 6,
 
   /**
+   * Start of the request's UTC hour, e.g. "2026-01-31T13:00:00Z".
+   *
    * @generated from enum value: USAGE_GROUP_BY_HOUR = 7;
    */
   HOUR = 7,

@@ -17,6 +17,8 @@ export const file_billing_v1_billing: GenFile = /*@__PURE__*/
   fileDesc("ChhiaWxsaW5nL3YxL2JpbGxpbmcucHJvdG8SCmJpbGxpbmcudjEitAIKDE9yZ2FuaXphdGlvbhIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEi8KC2NyZWF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgx0YXhfcmF0ZV9icHMYBCABKAUSEwoLYmlsbGluZ19kYXkYBSABKAUSHAoUbW9udGhseV9idWRnZXRfbmFub3MYBiABKAMSGAoQbWF4X2Rpc2NvdW50X2JwcxgHIAEoBRIsCgVzdGF0ZRgIIAEoDjIdLmJpbGxpbmcudjEuT3JnYW5pemF0aW9uU3RhdGUSMAoMc3VzcGVuZF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCg5zdXNwZW5kX3JlYXNvbhgKIAEoCSJkCgdQcm9qZWN0EgoKAmlkGAEgASgJEg4KBm9yZ19pZBgCIAEoCRIMCgRuYW1lGAMgASgJEi8KC2NyZWF0ZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLjAQoJS2V5TGltaXRzEhwKFG1vbnRobHlfYnVkZ2V0X25hbm9zGAEgASgDEhYKDm1vbnRobHlfdG9rZW5zGAIgASgDEhsKE3JlcXVlc3RzX3Blcl9taW51dGUYAyABKAUSGQoRdG9rZW5zX3Blcl9taW51dGUYBCABKAMSFgoOYWxsb3dlZF9tb2RlbHMYBSADKAkSLwoLZXhwaXJlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KF21heF9jb25jdXJyZW50X3JlcXVlc3RzGAcgASgFIoACCgZBcGlLZXkSCgoCaWQYASABKAkSDgoGb3JnX2lkGAIgASgJEhIKCnByb2plY3RfaWQYAyABKAkSDAoEbmFtZRgEIAEoCRIOCgZwcmVmaXgYBSABKAkSJQoGbGltaXRzGAYgASgLMhUuYmlsbGluZy52MS5LZXlMaW1pdHMSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIfChdyb3RhdGVkX2Zyb21fYXBpX2tleV9pZBgJIAEoCSKgAQoZQ3JlYXRlT3JnYW5pemF0aW9uUmVxdWVzdBIMCgRuYW1lGAEgASgJEhQKDHRheF9yYXRlX2JwcxgCIAEoBRITCgtiaWxsaW5nX2RheRgDIAEoBRIcChRtb250aGx5X2J1ZGdldF9uYW5vcxgEIAEoAxIYChBtYXhfZGlzY291bnRfYnBzGAUgASgFEhIKCnJlcXVlc3RfaWQYBiABKAkiTAoaQ3JlYXRlT3JnYW5pemF0aW9uUmVzcG9uc2USLgoMb3JnYW5pemF0aW9uGAEgASgLMhguYmlsbGluZy52MS5Pcmdhbml6YXRpb24iQQoYTGlzdE9yZ2FuaXphdGlvbnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJIuMBChlVcGRhdGVPcmdhbml6YXRpb25SZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRIRCgRuYW1lGAIgASgJSACIAQESGQoMdGF4X3JhdGVfYnBzGAMgASgFSAGIAQESIQoUbW9udGhseV9idWRnZXRfbmFub3MYBCABKANIAogBARIdChBtYXhfZGlzY291bnRfYnBzGAUgASgFSAOIAQFCBwoFX25hbWVCDwoNX3RheF9yYXRlX2Jwc0IXChVfbW9udGhseV9idWRnZXRfbmFub3NCEwoRX21heF9kaXNjb3VudF9icHMiTAoaVXBkYXRlT3JnYW5pemF0aW9uUmVzcG9uc2USLgoMb3JnYW5pemF0aW9uGAEgASgLMhguYmlsbGluZy52MS5Pcmdhbml6YXRpb24iPAoaU3VzcGVuZE9yZ2FuaXphdGlvblJlcXVlc3QSDgoGb3JnX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSJNChtTdXNwZW5kT3JnYW5pemF0aW9uUmVzcG9uc2USLgoMb3JnYW5pemF0aW9uGAEgASgLMhguYmlsbGluZy52MS5Pcmdhbml6YXRpb24iLgocUmVpbnN0YXRlT3JnYW5pemF0aW9uUmVxdWVzdBIOCgZvcmdfaWQYASABKAkiTwodUmVpbnN0YXRlT3JnYW5pemF0aW9uUmVzcG9uc2USLgoMb3JnYW5pemF0aW9uGAEgASgLMhguYmlsbGluZy52MS5Pcmdhbml6YXRpb24iZQoZTGlzdE9yZ2FuaXphdGlvbnNSZXNwb25zZRIvCg1vcmdhbml6YXRpb25zGAEgAygLMhguYmlsbGluZy52MS5Pcmdhbml6YXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkgKFENyZWF0ZVByb2plY3RSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRIMCgRuYW1lGAIgASgJEhIKCnJlcXVlc3RfaWQYAyABKAkiPQoVQ3JlYXRlUHJvamVjdFJlc3BvbnNlEiQKB3Byb2plY3QYASABKAsyEy5iaWxsaW5nLnYxLlByb2plY3QiTAoTTGlzdFByb2plY3RzUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiVgoUTGlzdFByb2plY3RzUmVzcG9uc2USJQoIcHJvamVjdHMYASADKAsyEy5iaWxsaW5nLnYxLlByb2plY3QSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIoIBChNDcmVhdGVBcGlLZXlSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEgwKBG5hbWUYAyABKAkSJQoGbGltaXRzGAQgASgLMhUuYmlsbGluZy52MS5LZXlMaW1pdHMSEgoKcmVxdWVzdF9pZBgFIAEoCSJLChRDcmVhdGVBcGlLZXlSZXNwb25zZRIjCgdhcGlfa2V5GAEgASgLMhIuYmlsbGluZy52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJImQKEkxpc3RBcGlLZXlzUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSFwoPaW5jbHVkZV9yZXZva2VkGAIgASgIEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlQKE0xpc3RBcGlLZXlzUmVzcG9uc2USJAoIYXBpX2tleXMYASADKAsyEi5iaWxsaW5nLnYxLkFwaUtleRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiJgoQR2V0QXBpS2V5UmVxdWVzdBISCgphcGlfa2V5X2lkGAEgASgJIjgKEUdldEFwaUtleVJlc3BvbnNlEiMKB2FwaV9rZXkYASABKAsyEi5iaWxsaW5nLnYxLkFwaUtleSIpChNSZXZva2VBcGlLZXlSZXF1ZXN0EhIKCmFwaV9rZXlfaWQYASABKAkiOwoUUmV2b2tlQXBpS2V5UmVzcG9uc2USIwoHYXBpX2tleRgBIAEoCzISLmJpbGxpbmcudjEuQXBpS2V5IikKE1JvdGF0ZUFwaUtleVJlcXVlc3QSEgoKYXBpX2tleV9pZBgBIAEoCSJLChRSb3RhdGVBcGlLZXlSZXNwb25zZRIjCgdhcGlfa2V5GAEgASgLMhIuYmlsbGluZy52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIocBChlVcGRhdGVBcGlLZXlMaW1pdHNSZXF1ZXN0EhIKCmFwaV9rZXlfaWQYASABKAkSJQoGbGltaXRzGAIgASgLMhUuYmlsbGluZy52MS5LZXlMaW1pdHMSLwoLdXBkYXRlX21hc2sYAyABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrIkEKGlVwZGF0ZUFwaUtleUxpbWl0c1Jlc3BvbnNlEiMKB2FwaV9rZXkYASABKAsyEi5iaWxsaW5nLnYxLkFwaUtleSIlChNBdXRob3JpemVLZXlSZXF1ZXN0Eg4KBnNlY3JldBgBIAEoCSLFAQoUQXV0aG9yaXplS2V5UmVzcG9uc2USIwoHYXBpX2tleRgBIAEoCzISLmJpbGxpbmcudjEuQXBpS2V5Ei4KDG9yZ2FuaXphdGlvbhgCIAEoCzIYLmJpbGxpbmcudjEuT3JnYW5pemF0aW9uEhcKD2tleV9zcGVudF9uYW5vcxgDIAEoAxIXCg9vcmdfc3BlbnRfbmFub3MYBCABKAMSEgoKa2V5X3Rva2VucxgFIAEoAxISCgpsaW5lYWdlX2lkGAYgASgJIkoKCktleVJlZnVzYWwSLAoGcmVhc29uGAEgASgOMhwuYmlsbGluZy52MS5LZXlSZWZ1c2FsUmVhc29uEg4KBm9yZ19pZBgCIAEoCSIYChZXYXRjaEtleUNoYW5nZXNSZXF1ZXN0ImMKF1dhdGNoS2V5Q2hhbmdlc1Jlc3BvbnNlEhIKCmFwaV9rZXlfaWQYASABKAkSEwoLc2VjcmV0X2hhc2gYAiABKAkSDwoHcmV2b2tlZBgDIAEoCBIOCgZvcmdfaWQYBCABKAkiuwEKGUFjcXVpcmVCdWRnZXRMZWFzZVJlcXVlc3QSJgoFc2NvcGUYASABKA4yFy5iaWxsaW5nLnYxLkJ1ZGdldFNjb3BlEhAKCHNjb3BlX2lkGAIgASgJEg4KBmhvbGRlchgDIAEoCRIXCg9yZXF1ZXN0ZWRfbmFub3MYBCABKAMSEwoLdHRsX3NlY29uZHMYBSABKAUSFAoMbmVlZGVkX25hbm9zGAYgASgDEhAKCGxlYXNlX2lkGAcgASgJIqUBChpBY3F1aXJlQnVkZ2V0TGVhc2VSZXNwb25zZRIQCghsZWFzZV9pZBgBIAEoCRIVCg1ncmFudGVkX25hbm9zGAIgASgDEi8KC2V4cGlyZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9yZW1haW5pbmdfbmFub3MYBCABKAMSFAoMbGVhc2VkX25hbm9zGAUgASgDIkIKGVJlbGVhc2VCdWRnZXRMZWFzZVJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSEwoLc3BlbnRfbmFub3MYAiABKAMiHAoaUmVsZWFzZUJ1ZGdldExlYXNlUmVzcG9uc2Ui7gIKC1VzYWdlUmVjb3JkEhIKCnJlcXVlc3RfaWQYASABKAkSDgoGb3JnX2lkGAIgASgJEhIKCnByb2plY3RfaWQYAyABKAkSEgoKYXBpX2tleV9pZBgEIAEoCRINCgVtb2RlbBgFIAEoCRIQCghwcm92aWRlchgGIAEoCRIlCghlbmRwb2ludBgHIAEoDjITLmNvbW1vbi52MS5FbmRwb2ludBIkCgV1c2FnZRgIIAEoCzIVLmNvbW1vbi52MS5Ub2tlblVzYWdlEhIKCmNvc3RfbmFub3MYCSABKAMSLgoKb2NjdXJfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoOY29zdF9icmVha2Rvd24YCyABKAsyGC5jb21tb24udjEuQ29zdEJyZWFrZG93bhIvCg5idWRnZXRfY2hhcmdlcxgMIAMoCzIXLmNvbW1vbi52MS5CdWRnZXRDaGFyZ2UiPgoSUmVjb3JkVXNhZ2VSZXF1ZXN0EigKB3JlY29yZHMYASADKAsyFy5iaWxsaW5nLnYxLlVzYWdlUmVjb3JkIjsKE1JlY29yZFVzYWdlUmVzcG9uc2USEAoIaW5zZXJ0ZWQYASABKAUSEgoKZHVwbGljYXRlcxgCIAEoBSKuAQoWR2V0VXNhZ2VTdW1tYXJ5UmVxdWVzdBIOCgZvcmdfaWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRISCgphcGlfa2V5X2lkGAMgASgJEi4KCnN0YXJ0X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJlChdHZXRVc2FnZVN1bW1hcnlSZXNwb25zZRIQCghyZXF1ZXN0cxgBIAEoAxIkCgV1c2FnZRgCIAEoCzIVLmNvbW1vbi52MS5Ub2tlblVzYWdlEhIKCmNvc3RfbmFub3MYAyABKAMiwgEKF0xpc3RVc2FnZVJlY29yZHNSZXF1ZXN0Eg4KBm9yZ19pZBgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJEi4KCnN0YXJ0X3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBSABKAUSEgoKcGFnZV90b2tlbhgGIAEoCSJdChhMaXN0VXNhZ2VSZWNvcmRzUmVzcG9uc2USKAoHcmVjb3JkcxgBIAMoCzIXLmJpbGxpbmcudjEuVXNhZ2VSZWNvcmQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjYKClZvbHVtZVRpZXISEgoKZnJvbV9uYW5vcxgBIAEoAxIUCgxkaXNjb3VudF9icHMYAiABKAUikwMKDERpc2NvdW50UnVsZRIKCgJpZBgBIAEoCRIOCgZvcmdfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRImCgRraW5kGAQgASgOMhguYmlsbGluZy52MS5EaXNjb3VudEtpbmQSEAoIcHJpb3JpdHkYBSABKAUSEQoJc3RhY2thYmxlGAYgASgIEg0KBW1vZGVsGAcgASgJEhAKCHByb3ZpZGVyGAggASgJEhQKDGRpc2NvdW50X2JwcxgJIAEoBRIlCgV0aWVycxgKIAMoCzIWLmJpbGxpbmcudjEuVm9sdW1lVGllchISCgpzdGFydF9ob3VyGAsgASgFEhAKCGVuZF9ob3VyGAwgASgFEhQKDGRheXNfb2Zfd2VlaxgNIAMoBRIuCgp2YWxpZF9mcm9tGA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt2YWxpZF91bnRpbBgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJY2FwX25hbm9zGBAgASgDIlcKGUNyZWF0ZURpc2NvdW50UnVsZVJlcXVlc3QSJgoEcnVsZRgBIAEoCzIYLmJpbGxpbmcudjEuRGlzY291bnRSdWxlEhIKCnJlcXVlc3RfaWQYAiABKAkiRAoaQ3JlYXRlRGlzY291bnRSdWxlUmVzcG9uc2USJgoEcnVsZRgBIAEoCzIYLmJpbGxpbmcudjEuRGlzY291bnRSdWxlIlEKGExpc3REaXNjb3VudFJ1bGVzUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiXQoZTGlzdERpc2NvdW50UnVsZXNSZXNwb25zZRInCgVydWxlcxgBIAMoCzIYLmJpbGxpbmcudjEuRGlzY291bnRSdWxlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIsChlEZWxldGVEaXNjb3VudFJ1bGVSZXF1ZXN0Eg8KB3J1bGVfaWQYASABKAkiHAoaRGVsZXRlRGlzY291bnRSdWxlUmVzcG9uc2UiiwEKD0ludm9pY2VMaW5lSXRlbRITCgtkZXNjcmlwdGlvbhgBIAEoCRINCgVtb2RlbBgCIAEoCRISCgp0b2tlbl90eXBlGAMgASgJEhAKCHF1YW50aXR5GAQgASgDEhQKDGFtb3VudF9uYW5vcxgFIAEoAxIYChBkaXNjb3VudF9ydWxlX2lkGAYgASgJIusDCgdJbnZvaWNlEgoKAmlkGAEgASgJEg4KBm9yZ19pZBgCIAEoCRIQCghvcmdfbmFtZRgQIAEoCRIOCgZudW1iZXIYAyABKAkSKQoGc3RhdHVzGAQgASgOMhkuYmlsbGluZy52MS5JbnZvaWNlU3RhdHVzEjAKDHBlcmlvZF9zdGFydBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcGVyaW9kX2VuZBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoKbGluZV9pdGVtcxgHIAMoCzIbLmJpbGxpbmcudjEuSW52b2ljZUxpbmVJdGVtEhYKDnN1YnRvdGFsX2NlbnRzGAggASgDEhYKDmRpc2NvdW50X2NlbnRzGAkgASgDEhEKCXRheF9jZW50cxgKIAEoAxITCgt0b3RhbF9jZW50cxgLIAEoAxIUCgx0YXhfcmF0ZV9icHMYDCABKAUSLwoLY3JlYXRlX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmlzc3VlX3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDXJvdW5kaW5nX3J1bGUYDyABKAkiWQoWR2VuZXJhdGVJbnZvaWNlUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSLwoLcGVyaW9kX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIj8KF0dlbmVyYXRlSW52b2ljZVJlc3BvbnNlEiQKB2ludm9pY2UYASABKAsyEy5iaWxsaW5nLnYxLkludm9pY2UiTAoTTGlzdEludm9pY2VzUmVxdWVzdBIOCgZvcmdfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiVgoUTGlzdEludm9pY2VzUmVzcG9uc2USJQoIaW52b2ljZXMYASADKAsyEy5iaWxsaW5nLnYxLkludm9pY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIicKEUdldEludm9pY2VSZXF1ZXN0EhIKCmludm9pY2VfaWQYASABKAkiOgoSR2V0SW52b2ljZVJlc3BvbnNlEiQKB2ludm9pY2UYASABKAsyEy5iaWxsaW5nLnYxLkludm9pY2UiWwoaVXBkYXRlSW52b2ljZVN0YXR1c1JlcXVlc3QSEgoKaW52b2ljZV9pZBgBIAEoCRIpCgZzdGF0dXMYAiABKA4yGS5iaWxsaW5nLnYxLkludm9pY2VTdGF0dXMiQwobVXBkYXRlSW52b2ljZVN0YXR1c1Jlc3BvbnNlEiQKB2ludm9pY2UYASABKAsyEy5iaWxsaW5nLnYxLkludm9pY2UqeAoRT3JnYW5pemF0aW9uU3RhdGUSIgoeT1JHQU5JWkFUSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASHQoZT1JHQU5JWkFUSU9OX1NUQVRFX0FDVElWRRABEiAKHE9SR0FOSVpBVElPTl9TVEFURV9TVVNQRU5ERUQQAirFAQoQS2V5UmVmdXNhbFJlYXNvbhIiCh5LRVlfUkVGVVNBTF9SRUFTT05fVU5TUEVDSUZJRUQQABIeChpLRVlfUkVGVVNBTF9SRUFTT05fVU5LTk9XThABEh4KGktFWV9SRUZVU0FMX1JFQVNPTl9SRVZPS0VEEAISHgoaS0VZX1JFRlVTQUxfUkVBU09OX0VYUElSRUQQAxItCilLRVlfUkVGVVNBTF9SRUFTT05fT1JHQU5JWkFUSU9OX1NVU1BFTkRFRBAEKoUBCgtCdWRnZXRTY29wZRIcChhCVURHRVRfU0NPUEVfVU5TUEVDSUZJRUQQABIdChlCVURHRVRfU0NPUEVfT1JHQU5JWkFUSU9OEAESGAoUQlVER0VUX1NDT1BFX0FQSV9LRVkQAhIfChtCVURHRVRfU0NPUEVfQVBJX0tFWV9UT0tFTlMQAyqzAQoMRGlzY291bnRLaW5kEh0KGURJU0NPVU5UX0tJTkRfVU5TUEVDSUZJRUQQABIiCh5ESVNDT1VOVF9LSU5EX1ZPTFVNRV9HUkFEVUFURUQQARIiCh5ESVNDT1VOVF9LSU5EX1ZPTFVNRV9BTExfVU5JVFMQAhIdChlESVNDT1VOVF9LSU5EX1RJTUVfV0lORE9XEAMSHQoZRElTQ09VTlRfS0lORF9QUk9NT1RJT05BTBAEKpYBCg1JbnZvaWNlU3RhdHVzEh4KGklOVk9JQ0VfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGAoUSU5WT0lDRV9TVEFUVVNfRFJBRlQQARIZChVJTlZPSUNFX1NUQVRVU19JU1NVRUQQAhIXChNJTlZPSUNFX1NUQVRVU19QQUlEEAMSFwoTSU5WT0lDRV9TVEFUVVNfVk9JRBAEMskTCg5CaWxsaW5nU2VydmljZRJjChJDcmVhdGVPcmdhbml6YXRpb24SJS5iaWxsaW5nLnYxLkNyZWF0ZU9yZ2FuaXphdGlvblJlcXVlc3QaJi5iaWxsaW5nLnYxLkNyZWF0ZU9yZ2FuaXphdGlvblJlc3BvbnNlEmAKEUxpc3RPcmdhbml6YXRpb25zEiQuYmlsbGluZy52MS5MaXN0T3JnYW5pemF0aW9uc1JlcXVlc3QaJS5iaWxsaW5nLnYxLkxpc3RPcmdhbml6YXRpb25zUmVzcG9uc2USYwoSVXBkYXRlT3JnYW5pemF0aW9uEiUuYmlsbGluZy52MS5VcGRhdGVPcmdhbml6YXRpb25SZXF1ZXN0GiYuYmlsbGluZy52MS5VcGRhdGVPcmdhbml6YXRpb25SZXNwb25zZRJmChNTdXNwZW5kT3JnYW5pemF0aW9uEiYuYmlsbGluZy52MS5TdXNwZW5kT3JnYW5pemF0aW9uUmVxdWVzdBonLmJpbGxpbmcudjEuU3VzcGVuZE9yZ2FuaXphdGlvblJlc3BvbnNlEmwKFVJlaW5zdGF0ZU9yZ2FuaXphdGlvbhIoLmJpbGxpbmcudjEuUmVpbnN0YXRlT3JnYW5pemF0aW9uUmVxdWVzdBopLmJpbGxpbmcudjEuUmVpbnN0YXRlT3JnYW5pemF0aW9uUmVzcG9uc2USVAoNQ3JlYXRlUHJvamVjdBIgLmJpbGxpbmcudjEuQ3JlYXRlUHJvamVjdFJlcXVlc3QaIS5iaWxsaW5nLnYxLkNyZWF0ZVByb2plY3RSZXNwb25zZRJRCgxMaXN0UHJvamVjdHMSHy5iaWxsaW5nLnYxLkxpc3RQcm9qZWN0c1JlcXVlc3QaIC5iaWxsaW5nLnYxLkxpc3RQcm9qZWN0c1Jlc3BvbnNlElEKDENyZWF0ZUFwaUtleRIfLmJpbGxpbmcudjEuQ3JlYXRlQXBpS2V5UmVxdWVzdBogLmJpbGxpbmcudjEuQ3JlYXRlQXBpS2V5UmVzcG9uc2USTgoLTGlzdEFwaUtleXMSHi5iaWxsaW5nLnYxLkxpc3RBcGlLZXlzUmVxdWVzdBofLmJpbGxpbmcudjEuTGlzdEFwaUtleXNSZXNwb25zZRJICglHZXRBcGlLZXkSHC5iaWxsaW5nLnYxLkdldEFwaUtleVJlcXVlc3QaHS5iaWxsaW5nLnYxLkdldEFwaUtleVJlc3BvbnNlElEKDFJldm9rZUFwaUtleRIfLmJpbGxpbmcudjEuUmV2b2tlQXBpS2V5UmVxdWVzdBogLmJpbGxpbmcudjEuUmV2b2tlQXBpS2V5UmVzcG9uc2USUQoMUm90YXRlQXBpS2V5Eh8uYmlsbGluZy52MS5Sb3RhdGVBcGlLZXlSZXF1ZXN0GiAuYmlsbGluZy52MS5Sb3RhdGVBcGlLZXlSZXNwb25zZRJjChJVcGRhdGVBcGlLZXlMaW1pdHMSJS5iaWxsaW5nLnYxLlVwZGF0ZUFwaUtleUxpbWl0c1JlcXVlc3QaJi5iaWxsaW5nLnYxLlVwZGF0ZUFwaUtleUxpbWl0c1Jlc3BvbnNlElEKDEF1dGhvcml6ZUtleRIfLmJpbGxpbmcudjEuQXV0aG9yaXplS2V5UmVxdWVzdBogLmJpbGxpbmcudjEuQXV0aG9yaXplS2V5UmVzcG9uc2USXAoPV2F0Y2hLZXlDaGFuZ2VzEiIuYmlsbGluZy52MS5XYXRjaEtleUNoYW5nZXNSZXF1ZXN0GiMuYmlsbGluZy52MS5XYXRjaEtleUNoYW5nZXNSZXNwb25zZTABEmMKEkFjcXVpcmVCdWRnZXRMZWFzZRIlLmJpbGxpbmcudjEuQWNxdWlyZUJ1ZGdldExlYXNlUmVxdWVzdBomLmJpbGxpbmcudjEuQWNxdWlyZUJ1ZGdldExlYXNlUmVzcG9uc2USYwoSUmVsZWFzZUJ1ZGdldExlYXNlEiUuYmlsbGluZy52MS5SZWxlYXNlQnVkZ2V0TGVhc2VSZXF1ZXN0GiYuYmlsbGluZy52MS5SZWxlYXNlQnVkZ2V0TGVhc2VSZXNwb25zZRJOCgtSZWNvcmRVc2FnZRIeLmJpbGxpbmcudjEuUmVjb3JkVXNhZ2VSZXF1ZXN0Gh8uYmlsbGluZy52MS5SZWNvcmRVc2FnZVJlc3BvbnNlEloKD0dldFVzYWdlU3VtbWFyeRIiLmJpbGxpbmcudjEuR2V0VXNhZ2VTdW1tYXJ5UmVxdWVzdBojLmJpbGxpbmcudjEuR2V0VXNhZ2VTdW1tYXJ5UmVzcG9uc2USXQoQTGlzdFVzYWdlUmVjb3JkcxIjLmJpbGxpbmcudjEuTGlzdFVzYWdlUmVjb3Jkc1JlcXVlc3QaJC5iaWxsaW5nLnYxLkxpc3RVc2FnZVJlY29yZHNSZXNwb25zZRJjChJDcmVhdGVEaXNjb3VudFJ1bGUSJS5iaWxsaW5nLnYxLkNyZWF0ZURpc2NvdW50UnVsZVJlcXVlc3QaJi5iaWxsaW5nLnYxLkNyZWF0ZURpc2NvdW50UnVsZVJlc3BvbnNlEmAKEUxpc3REaXNjb3VudFJ1bGVzEiQuYmlsbGluZy52MS5MaXN0RGlzY291bnRSdWxlc1JlcXVlc3QaJS5iaWxsaW5nLnYxLkxpc3REaXNjb3VudFJ1bGVzUmVzcG9uc2USYwoSRGVsZXRlRGlzY291bnRSdWxlEiUuYmlsbGluZy52MS5EZWxldGVEaXNjb3VudFJ1bGVSZXF1ZXN0GiYuYmlsbGluZy52MS5EZWxldGVEaXNjb3VudFJ1bGVSZXNwb25zZRJaCg9HZW5lcmF0ZUludm9pY2USIi5iaWxsaW5nLnYxLkdlbmVyYXRlSW52b2ljZVJlcXVlc3QaIy5iaWxsaW5nLnYxLkdlbmVyYXRlSW52b2ljZVJlc3BvbnNlElEKDExpc3RJbnZvaWNlcxIfLmJpbGxpbmcudjEuTGlzdEludm9pY2VzUmVxdWVzdBogLmJpbGxpbmcudjEuTGlzdEludm9pY2VzUmVzcG9uc2USSwoKR2V0SW52b2ljZRIdLmJpbGxpbmcudjEuR2V0SW52b2ljZVJlcXVlc3QaHi5iaWxsaW5nLnYxLkdldEludm9pY2VSZXNwb25zZRJmChNVcGRhdGVJbnZvaWNlU3RhdHVzEiYuYmlsbGluZy52MS5VcGRhdGVJbnZvaWNlU3RhdHVzUmVxdWVzdBonLmJpbGxpbmcudjEuVXBkYXRlSW52b2ljZVN0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_common_v1_common, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
+ * A customer: the owner of projects, API keys, usage, discount rules and invoices. Set by billing.
+ *
  * @generated from message billing.v1.Organization
  */
 export type Organization = Message<"billing.v1.Organization"> & {
@@ -35,6 +37,8 @@ export type Organization = Message<"billing.v1.Organization"> & {
   name: string;
 
   /**
+   * When CreateOrganization created it.
+   *
    * @generated from field: google.protobuf.Timestamp create_time = 3;
    */
   createTime?: Timestamp | undefined;
@@ -99,6 +103,8 @@ export const OrganizationSchema: GenMessage<Organization> = /*@__PURE__*/
   messageDesc(file_billing_v1_billing, 0);
 
 /**
+ * A label within an org that its keys' usage is recorded under (see ApiKey.project_id). Set by billing.
+ *
  * @generated from message billing.v1.Project
  */
 export type Project = Message<"billing.v1.Project"> & {
@@ -110,6 +116,8 @@ export type Project = Message<"billing.v1.Project"> & {
   id: string;
 
   /**
+   * The org the project belongs to.
+   *
    * @generated from field: string org_id = 2;
    */
   orgId: string;
@@ -122,6 +130,8 @@ export type Project = Message<"billing.v1.Project"> & {
   name: string;
 
   /**
+   * When CreateProject created it.
+   *
    * @generated from field: google.protobuf.Timestamp create_time = 4;
    */
   createTime?: Timestamp | undefined;
@@ -169,7 +179,7 @@ export type KeyLimits = Message<"billing.v1.KeyLimits"> & {
   tokensPerMinute: bigint;
 
   /**
-   * Public model names the key may use; empty allows every model.
+   * Public model names the key may use, at most 1,000; empty allows every model.
    *
    * @generated from field: repeated string allowed_models = 5;
    */
@@ -200,6 +210,8 @@ export const KeyLimitsSchema: GenMessage<KeyLimits> = /*@__PURE__*/
   messageDesc(file_billing_v1_billing, 2);
 
 /**
+ * An API key as billing stores it: everything but its secret. Set by billing.
+ *
  * @generated from message billing.v1.ApiKey
  */
 export type ApiKey = Message<"billing.v1.ApiKey"> & {
@@ -211,6 +223,8 @@ export type ApiKey = Message<"billing.v1.ApiKey"> & {
   id: string;
 
   /**
+   * The org the key belongs to, billed for its usage.
+   *
    * @generated from field: string org_id = 2;
    */
   orgId: string;
@@ -238,11 +252,15 @@ export type ApiKey = Message<"billing.v1.ApiKey"> & {
   prefix: string;
 
   /**
+   * The key's limits; always set, each 0 or empty when it has none.
+   *
    * @generated from field: billing.v1.KeyLimits limits = 6;
    */
   limits?: KeyLimits | undefined;
 
   /**
+   * When the key was created (by CreateApiKey or RotateApiKey).
+   *
    * @generated from field: google.protobuf.Timestamp create_time = 7;
    */
   createTime?: Timestamp | undefined;
@@ -276,11 +294,15 @@ export const ApiKeySchema: GenMessage<ApiKey> = /*@__PURE__*/
  */
 export type CreateOrganizationRequest = Message<"billing.v1.CreateOrganizationRequest"> & {
   /**
+   * Required; see Organization.name.
+   *
    * @generated from field: string name = 1;
    */
   name: string;
 
   /**
+   * Tax rate in basis points, 0..10000; 0 means no tax.
+   *
    * @generated from field: int32 tax_rate_bps = 2;
    */
   taxRateBps: number;
@@ -293,6 +315,8 @@ export type CreateOrganizationRequest = Message<"billing.v1.CreateOrganizationRe
   billingDay: number;
 
   /**
+   * Monthly spend budget of the whole org in nano-USD, 0 or more; 0 means unlimited.
+   *
    * @generated from field: int64 monthly_budget_nanos = 4;
    */
   monthlyBudgetNanos: bigint;
@@ -328,6 +352,8 @@ export const CreateOrganizationRequestSchema: GenMessage<CreateOrganizationReque
  */
 export type CreateOrganizationResponse = Message<"billing.v1.CreateOrganizationResponse"> & {
   /**
+   * The org created (or, for a repeated request_id, as it is now).
+   *
    * @generated from field: billing.v1.Organization organization = 1;
    */
   organization?: Organization | undefined;
@@ -372,6 +398,8 @@ export const ListOrganizationsRequestSchema: GenMessage<ListOrganizationsRequest
  */
 export type UpdateOrganizationRequest = Message<"billing.v1.UpdateOrganizationRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown org.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
@@ -384,16 +412,22 @@ export type UpdateOrganizationRequest = Message<"billing.v1.UpdateOrganizationRe
   name?: string | undefined;
 
   /**
+   * 0..10000 basis points; 0 means no tax. Applies to drafts generated and invoices issued from then on.
+   *
    * @generated from field: optional int32 tax_rate_bps = 3;
    */
   taxRateBps?: number | undefined;
 
   /**
+   * Nano-USD, 0 or more; 0 means unlimited. Counts the spend of the current billing period so far.
+   *
    * @generated from field: optional int64 monthly_budget_nanos = 4;
    */
   monthlyBudgetNanos?: bigint | undefined;
 
   /**
+   * 0..10000 basis points; 0 means no limit (see Organization.max_discount_bps).
+   *
    * @generated from field: optional int32 max_discount_bps = 5;
    */
   maxDiscountBps?: number | undefined;
@@ -411,6 +445,8 @@ export const UpdateOrganizationRequestSchema: GenMessage<UpdateOrganizationReque
  */
 export type UpdateOrganizationResponse = Message<"billing.v1.UpdateOrganizationResponse"> & {
   /**
+   * The org as it is after the change.
+   *
    * @generated from field: billing.v1.Organization organization = 1;
    */
   organization?: Organization | undefined;
@@ -428,6 +464,8 @@ export const UpdateOrganizationResponseSchema: GenMessage<UpdateOrganizationResp
  */
 export type SuspendOrganizationRequest = Message<"billing.v1.SuspendOrganizationRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown org.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
@@ -452,6 +490,8 @@ export const SuspendOrganizationRequestSchema: GenMessage<SuspendOrganizationReq
  */
 export type SuspendOrganizationResponse = Message<"billing.v1.SuspendOrganizationResponse"> & {
   /**
+   * The org, now ORGANIZATION_STATE_SUSPENDED.
+   *
    * @generated from field: billing.v1.Organization organization = 1;
    */
   organization?: Organization | undefined;
@@ -469,6 +509,8 @@ export const SuspendOrganizationResponseSchema: GenMessage<SuspendOrganizationRe
  */
 export type ReinstateOrganizationRequest = Message<"billing.v1.ReinstateOrganizationRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown org.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
@@ -486,6 +528,8 @@ export const ReinstateOrganizationRequestSchema: GenMessage<ReinstateOrganizatio
  */
 export type ReinstateOrganizationResponse = Message<"billing.v1.ReinstateOrganizationResponse"> & {
   /**
+   * The org, now ORGANIZATION_STATE_ACTIVE.
+   *
    * @generated from field: billing.v1.Organization organization = 1;
    */
   organization?: Organization | undefined;
@@ -529,11 +573,15 @@ export const ListOrganizationsResponseSchema: GenMessage<ListOrganizationsRespon
  */
 export type CreateProjectRequest = Message<"billing.v1.CreateProjectRequest"> & {
   /**
+   * Required.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
 
   /**
+   * Required; see Project.name.
+   *
    * @generated from field: string name = 2;
    */
   name: string;
@@ -559,6 +607,8 @@ export const CreateProjectRequestSchema: GenMessage<CreateProjectRequest> = /*@_
  */
 export type CreateProjectResponse = Message<"billing.v1.CreateProjectResponse"> & {
   /**
+   * The project created (or, for a repeated request_id, the one created then).
+   *
    * @generated from field: billing.v1.Project project = 1;
    */
   project?: Project | undefined;
@@ -576,6 +626,8 @@ export const CreateProjectResponseSchema: GenMessage<CreateProjectResponse> = /*
  */
 export type ListProjectsRequest = Message<"billing.v1.ListProjectsRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown org.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
@@ -634,6 +686,8 @@ export const ListProjectsResponseSchema: GenMessage<ListProjectsResponse> = /*@_
  */
 export type CreateApiKeyRequest = Message<"billing.v1.CreateApiKeyRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown org.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
@@ -646,11 +700,15 @@ export type CreateApiKeyRequest = Message<"billing.v1.CreateApiKeyRequest"> & {
   projectId: string;
 
   /**
+   * Human label, 0..200 characters; empty is allowed.
+   *
    * @generated from field: string name = 3;
    */
   name: string;
 
   /**
+   * Unset means no limits; see KeyLimits. An expire_time that is not in the future is INVALID_ARGUMENT.
+   *
    * @generated from field: billing.v1.KeyLimits limits = 4;
    */
   limits?: KeyLimits | undefined;
@@ -680,6 +738,8 @@ export const CreateApiKeyRequestSchema: GenMessage<CreateApiKeyRequest> = /*@__P
  */
 export type CreateApiKeyResponse = Message<"billing.v1.CreateApiKeyResponse"> & {
   /**
+   * The key created (or, for a repeated request_id, as it is now).
+   *
    * @generated from field: billing.v1.ApiKey api_key = 1;
    */
   apiKey?: ApiKey | undefined;
@@ -706,6 +766,8 @@ export const CreateApiKeyResponseSchema: GenMessage<CreateApiKeyResponse> = /*@_
  */
 export type ListApiKeysRequest = Message<"billing.v1.ListApiKeysRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown org.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
@@ -790,6 +852,8 @@ export const GetApiKeyRequestSchema: GenMessage<GetApiKeyRequest> = /*@__PURE__*
  */
 export type GetApiKeyResponse = Message<"billing.v1.GetApiKeyResponse"> & {
   /**
+   * The key, without its secret.
+   *
    * @generated from field: billing.v1.ApiKey api_key = 1;
    */
   apiKey?: ApiKey | undefined;
@@ -807,6 +871,8 @@ export const GetApiKeyResponseSchema: GenMessage<GetApiKeyResponse> = /*@__PURE_
  */
 export type RevokeApiKeyRequest = Message<"billing.v1.RevokeApiKeyRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown key.
+   *
    * @generated from field: string api_key_id = 1;
    */
   apiKeyId: string;
@@ -824,6 +890,8 @@ export const RevokeApiKeyRequestSchema: GenMessage<RevokeApiKeyRequest> = /*@__P
  */
 export type RevokeApiKeyResponse = Message<"billing.v1.RevokeApiKeyResponse"> & {
   /**
+   * The key, its revoke_time set.
+   *
    * @generated from field: billing.v1.ApiKey api_key = 1;
    */
   apiKey?: ApiKey | undefined;
@@ -841,6 +909,8 @@ export const RevokeApiKeyResponseSchema: GenMessage<RevokeApiKeyResponse> = /*@_
  */
 export type RotateApiKeyRequest = Message<"billing.v1.RotateApiKeyRequest"> & {
   /**
+   * The key to replace: required, and neither revoked nor expired; NOT_FOUND for an unknown key.
+   *
    * @generated from field: string api_key_id = 1;
    */
   apiKeyId: string;
@@ -865,6 +935,8 @@ export type RotateApiKeyResponse = Message<"billing.v1.RotateApiKeyResponse"> & 
   apiKey?: ApiKey | undefined;
 
   /**
+   * The new key's full secret; shown once, never stored or returned again.
+   *
    * @generated from field: string secret = 2;
    */
   secret: string;
@@ -882,11 +954,15 @@ export const RotateApiKeyResponseSchema: GenMessage<RotateApiKeyResponse> = /*@_
  */
 export type UpdateApiKeyLimitsRequest = Message<"billing.v1.UpdateApiKeyLimitsRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown key.
+   *
    * @generated from field: string api_key_id = 1;
    */
   apiKeyId: string;
 
   /**
+   * The new values of the fields update_mask names (all of them without one); unset means every limit 0 or empty.
+   *
    * @generated from field: billing.v1.KeyLimits limits = 2;
    */
   limits?: KeyLimits | undefined;
@@ -912,6 +988,8 @@ export const UpdateApiKeyLimitsRequestSchema: GenMessage<UpdateApiKeyLimitsReque
  */
 export type UpdateApiKeyLimitsResponse = Message<"billing.v1.UpdateApiKeyLimitsResponse"> & {
   /**
+   * The key with its limits as they are after the change.
+   *
    * @generated from field: billing.v1.ApiKey api_key = 1;
    */
   apiKey?: ApiKey | undefined;
@@ -925,6 +1003,8 @@ export const UpdateApiKeyLimitsResponseSchema: GenMessage<UpdateApiKeyLimitsResp
   messageDesc(file_billing_v1_billing, 29);
 
 /**
+ * Admin (service) token only.
+ *
  * @generated from message billing.v1.AuthorizeKeyRequest
  */
 export type AuthorizeKeyRequest = Message<"billing.v1.AuthorizeKeyRequest"> & {
@@ -952,11 +1032,15 @@ export const AuthorizeKeyRequestSchema: GenMessage<AuthorizeKeyRequest> = /*@__P
  */
 export type AuthorizeKeyResponse = Message<"billing.v1.AuthorizeKeyResponse"> & {
   /**
+   * The key the secret belongs to, with its limits.
+   *
    * @generated from field: billing.v1.ApiKey api_key = 1;
    */
   apiKey?: ApiKey | undefined;
 
   /**
+   * The key's org, with its monthly budget and billing day.
+   *
    * @generated from field: billing.v1.Organization organization = 2;
    */
   organization?: Organization | undefined;
@@ -970,6 +1054,8 @@ export type AuthorizeKeyResponse = Message<"billing.v1.AuthorizeKeyResponse"> & 
   keySpentNanos: bigint;
 
   /**
+   * Spend of the whole org (every key) so far in the current billing period, in nano-USD.
+   *
    * @generated from field: int64 org_spent_nanos = 4;
    */
   orgSpentNanos: bigint;
@@ -1005,6 +1091,8 @@ export const AuthorizeKeyResponseSchema: GenMessage<AuthorizeKeyResponse> = /*@_
  */
 export type KeyRefusal = Message<"billing.v1.KeyRefusal"> & {
   /**
+   * Why the key was refused; never KEY_REFUSAL_REASON_UNSPECIFIED.
+   *
    * @generated from field: billing.v1.KeyRefusalReason reason = 1;
    */
   reason: KeyRefusalReason;
@@ -1026,6 +1114,9 @@ export const KeyRefusalSchema: GenMessage<KeyRefusal> = /*@__PURE__*/
   messageDesc(file_billing_v1_billing, 32);
 
 /**
+ * Admin (service) token only. While nothing changes billing sends an empty message each second, so a watcher that
+ * hears nothing knows the stream is gone. The stream ends when billing stops or its connection ages out: watch again.
+ *
  * @generated from message billing.v1.WatchKeyChangesRequest
  */
 export type WatchKeyChangesRequest = Message<"billing.v1.WatchKeyChangesRequest"> & {
@@ -1083,10 +1174,14 @@ export const WatchKeyChangesResponseSchema: GenMessage<WatchKeyChangesResponse> 
   messageDesc(file_billing_v1_billing, 34);
 
 /**
+ * Admin (service) token only.
+ *
  * @generated from message billing.v1.AcquireBudgetLeaseRequest
  */
 export type AcquireBudgetLeaseRequest = Message<"billing.v1.AcquireBudgetLeaseRequest"> & {
   /**
+   * Which budget to draw on. Required.
+   *
    * @generated from field: billing.v1.BudgetScope scope = 1;
    */
   scope: BudgetScope;
@@ -1110,7 +1205,7 @@ export type AcquireBudgetLeaseRequest = Message<"billing.v1.AcquireBudgetLeaseRe
   holder: string;
 
   /**
-   * Amount wanted, in the scope's unit; billing may grant less (never more than what remains, nor than the holder's
+   * Amount wanted, in the scope's unit, above 0; billing may grant less (never more than what remains, nor than the holder's
    * share or needed_nanos, whichever is more).
    *
    * @generated from field: int64 requested_nanos = 4;
@@ -1155,6 +1250,8 @@ export const AcquireBudgetLeaseRequestSchema: GenMessage<AcquireBudgetLeaseReque
   messageDesc(file_billing_v1_billing, 35);
 
 /**
+ * A scope without a limit (0) is granted requested_nanos whole, with remaining_nanos -1 and leased_nanos 0.
+ *
  * @generated from message billing.v1.AcquireBudgetLeaseResponse
  */
 export type AcquireBudgetLeaseResponse = Message<"billing.v1.AcquireBudgetLeaseResponse"> & {
@@ -1204,6 +1301,8 @@ export const AcquireBudgetLeaseResponseSchema: GenMessage<AcquireBudgetLeaseResp
   messageDesc(file_billing_v1_billing, 36);
 
 /**
+ * Admin (service) token only.
+ *
  * @generated from message billing.v1.ReleaseBudgetLeaseRequest
  */
 export type ReleaseBudgetLeaseRequest = Message<"billing.v1.ReleaseBudgetLeaseRequest"> & {
@@ -1216,7 +1315,7 @@ export type ReleaseBudgetLeaseRequest = Message<"billing.v1.ReleaseBudgetLeaseRe
   leaseId: string;
 
   /**
-   * What the holder actually spent from the lease, in the scope's unit; the rest returns to the pool.
+   * What the holder actually spent from the lease, in the scope's unit, 0 or more; the rest returns to the pool.
    *
    * @generated from field: int64 spent_nanos = 2;
    */
@@ -1231,6 +1330,8 @@ export const ReleaseBudgetLeaseRequestSchema: GenMessage<ReleaseBudgetLeaseReque
   messageDesc(file_billing_v1_billing, 37);
 
 /**
+ * Empty: the lease is released.
+ *
  * @generated from message billing.v1.ReleaseBudgetLeaseResponse
  */
 export type ReleaseBudgetLeaseResponse = Message<"billing.v1.ReleaseBudgetLeaseResponse"> & {
@@ -1257,16 +1358,22 @@ export type UsageRecord = Message<"billing.v1.UsageRecord"> & {
   requestId: string;
 
   /**
+   * Org billed for the request. Required.
+   *
    * @generated from field: string org_id = 2;
    */
   orgId: string;
 
   /**
+   * Project of the key; empty for none.
+   *
    * @generated from field: string project_id = 3;
    */
   projectId: string;
 
   /**
+   * Key that served the request; empty for none.
+   *
    * @generated from field: string api_key_id = 4;
    */
   apiKeyId: string;
@@ -1279,16 +1386,22 @@ export type UsageRecord = Message<"billing.v1.UsageRecord"> & {
   model: string;
 
   /**
+   * Provider that served the request (RequestMetrics.provider), 0..200 characters; empty for none.
+   *
    * @generated from field: string provider = 6;
    */
   provider: string;
 
   /**
+   * API surface called; ENDPOINT_UNSPECIFIED is accepted and kept.
+   *
    * @generated from field: common.v1.Endpoint endpoint = 7;
    */
   endpoint: Endpoint;
 
   /**
+   * Token counts, each 0..2^31; cached_input_tokens at most input_tokens, reasoning_tokens at most output_tokens.
+   *
    * @generated from field: common.v1.TokenUsage usage = 8;
    */
   usage?: TokenUsage | undefined;
@@ -1336,6 +1449,9 @@ export const UsageRecordSchema: GenMessage<UsageRecord> = /*@__PURE__*/
   messageDesc(file_billing_v1_billing, 39);
 
 /**
+ * Admin (service) token only. One invalid record fails the whole batch with INVALID_ARGUMENT naming it
+ * (records[i].field) and stores none of it.
+ *
  * @generated from message billing.v1.RecordUsageRequest
  */
 export type RecordUsageRequest = Message<"billing.v1.RecordUsageRequest"> & {
@@ -1355,6 +1471,8 @@ export const RecordUsageRequestSchema: GenMessage<RecordUsageRequest> = /*@__PUR
   messageDesc(file_billing_v1_billing, 40);
 
 /**
+ * inserted + duplicates is the number of records sent.
+ *
  * @generated from message billing.v1.RecordUsageResponse
  */
 export type RecordUsageResponse = Message<"billing.v1.RecordUsageResponse"> & {
@@ -1385,12 +1503,14 @@ export const RecordUsageResponseSchema: GenMessage<RecordUsageResponse> = /*@__P
  */
 export type GetUsageSummaryRequest = Message<"billing.v1.GetUsageSummaryRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown org. An org's API key may name only its own org.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
 
   /**
-   * Optional narrowing.
+   * Optional narrowing: only usage recorded under this project; empty for all.
    *
    * @generated from field: string project_id = 2;
    */
@@ -1404,13 +1524,16 @@ export type GetUsageSummaryRequest = Message<"billing.v1.GetUsageSummaryRequest"
   apiKeyId: string;
 
   /**
-   * Range of request times; unset means the current billing period.
+   * Range of request times [start_time, end_time); unset means the current billing period. Unset start_time alone
+   * means the start of the billing period that holds end_time; unset end_time alone the end of the current one.
    *
    * @generated from field: google.protobuf.Timestamp start_time = 4;
    */
   startTime?: Timestamp | undefined;
 
   /**
+   * Exclusive: a request at exactly end_time is left out. After start_time.
+   *
    * @generated from field: google.protobuf.Timestamp end_time = 5;
    */
   endTime?: Timestamp | undefined;
@@ -1424,20 +1547,28 @@ export const GetUsageSummaryRequestSchema: GenMessage<GetUsageSummaryRequest> = 
   messageDesc(file_billing_v1_billing, 42);
 
 /**
+ * Totals over the usage records in the range; all 0 when there are none.
+ *
  * @generated from message billing.v1.GetUsageSummaryResponse
  */
 export type GetUsageSummaryResponse = Message<"billing.v1.GetUsageSummaryResponse"> & {
   /**
+   * Usage records (requests).
+   *
    * @generated from field: int64 requests = 1;
    */
   requests: bigint;
 
   /**
+   * Token sums.
+   *
    * @generated from field: common.v1.TokenUsage usage = 2;
    */
   usage?: TokenUsage | undefined;
 
   /**
+   * Sum of cost_nanos, in nano-USD, before discounts and tax.
+   *
    * @generated from field: int64 cost_nanos = 3;
    */
   costNanos: bigint;
@@ -1455,6 +1586,8 @@ export const GetUsageSummaryResponseSchema: GenMessage<GetUsageSummaryResponse> 
  */
 export type ListUsageRecordsRequest = Message<"billing.v1.ListUsageRecordsRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown org. An org's API key may name only its own org.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
@@ -1467,13 +1600,15 @@ export type ListUsageRecordsRequest = Message<"billing.v1.ListUsageRecordsReques
   requestId: string;
 
   /**
-   * Optional range of request times [start_time, end_time).
+   * Optional range of request times [start_time, end_time); either bound may be unset (open).
    *
    * @generated from field: google.protobuf.Timestamp start_time = 3;
    */
   startTime?: Timestamp | undefined;
 
   /**
+   * Exclusive; after start_time when both are set.
+   *
    * @generated from field: google.protobuf.Timestamp end_time = 4;
    */
   endTime?: Timestamp | undefined;
@@ -1506,6 +1641,8 @@ export const ListUsageRecordsRequestSchema: GenMessage<ListUsageRecordsRequest> 
  */
 export type ListUsageRecordsResponse = Message<"billing.v1.ListUsageRecordsResponse"> & {
   /**
+   * Newest first (by occur_time, then request_id). budget_charges is always empty here.
+   *
    * @generated from field: repeated billing.v1.UsageRecord records = 1;
    */
   records: UsageRecord[];
@@ -1526,18 +1663,21 @@ export const ListUsageRecordsResponseSchema: GenMessage<ListUsageRecordsResponse
   messageDesc(file_billing_v1_billing, 45);
 
 /**
+ * One step of a volume discount.
+ *
  * @generated from message billing.v1.VolumeTier
  */
 export type VolumeTier = Message<"billing.v1.VolumeTier"> & {
   /**
-   * Lower bound of monthly spend (before discounts) in nano-USD at which this tier starts.
+   * Lower bound of monthly spend (before discounts) in nano-USD at which this tier starts, 0 or more. Spend below the
+   * first tier's from_nanos gets no discount.
    *
    * @generated from field: int64 from_nanos = 1;
    */
   fromNanos: bigint;
 
   /**
-   * Discount in basis points for spend in this tier.
+   * Discount in basis points for spend in this tier, 0..10000.
    *
    * @generated from field: int32 discount_bps = 2;
    */
@@ -1570,6 +1710,8 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   id: string;
 
   /**
+   * The org whose usage the rule discounts. Required.
+   *
    * @generated from field: string org_id = 2;
    */
   orgId: string;
@@ -1582,12 +1724,14 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   name: string;
 
   /**
+   * How the rule applies. Required.
+   *
    * @generated from field: billing.v1.DiscountKind kind = 4;
    */
   kind: DiscountKind;
 
   /**
-   * Higher applies first.
+   * Higher applies first; -1,000,000..1,000,000.
    *
    * @generated from field: int32 priority = 5;
    */
@@ -1608,6 +1752,8 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   model: string;
 
   /**
+   * Only usage served by this provider (UsageRecord.provider); empty matches all.
+   *
    * @generated from field: string provider = 8;
    */
   provider: string;
@@ -1640,11 +1786,15 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   startHour: number;
 
   /**
+   * See start_hour.
+   *
    * @generated from field: int32 end_hour = 12;
    */
   endHour: number;
 
   /**
+   * See start_hour; values 0..6, repeats dropped, sorted by billing.
+   *
    * @generated from field: repeated int32 days_of_week = 13;
    */
   daysOfWeek: number[];
@@ -1657,6 +1807,8 @@ export type DiscountRule = Message<"billing.v1.DiscountRule"> & {
   validFrom?: Timestamp | undefined;
 
   /**
+   * Exclusive; after valid_from when both are set.
+   *
    * @generated from field: google.protobuf.Timestamp valid_until = 15;
    */
   validUntil?: Timestamp | undefined;
@@ -1711,6 +1863,8 @@ export const CreateDiscountRuleRequestSchema: GenMessage<CreateDiscountRuleReque
  */
 export type CreateDiscountRuleResponse = Message<"billing.v1.CreateDiscountRuleResponse"> & {
   /**
+   * The rule as stored, its id set.
+   *
    * @generated from field: billing.v1.DiscountRule rule = 1;
    */
   rule?: DiscountRule | undefined;
@@ -1728,6 +1882,8 @@ export const CreateDiscountRuleResponseSchema: GenMessage<CreateDiscountRuleResp
  */
 export type ListDiscountRulesRequest = Message<"billing.v1.ListDiscountRulesRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown org.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
@@ -1786,6 +1942,8 @@ export const ListDiscountRulesResponseSchema: GenMessage<ListDiscountRulesRespon
  */
 export type DeleteDiscountRuleRequest = Message<"billing.v1.DeleteDiscountRuleRequest"> & {
   /**
+   * Required.
+   *
    * @generated from field: string rule_id = 1;
    */
   ruleId: string;
@@ -1799,6 +1957,8 @@ export const DeleteDiscountRuleRequestSchema: GenMessage<DeleteDiscountRuleReque
   messageDesc(file_billing_v1_billing, 52);
 
 /**
+ * Empty: the rule is deleted.
+ *
  * @generated from message billing.v1.DeleteDiscountRuleResponse
  */
 export type DeleteDiscountRuleResponse = Message<"billing.v1.DeleteDiscountRuleResponse"> & {
@@ -1812,10 +1972,15 @@ export const DeleteDiscountRuleResponseSchema: GenMessage<DeleteDiscountRuleResp
   messageDesc(file_billing_v1_billing, 53);
 
 /**
+ * One line of an invoice: one model's usage of one token type, or one discount rule's discount.
+ *
  * @generated from message billing.v1.InvoiceLineItem
  */
 export type InvoiceLineItem = Message<"billing.v1.InvoiceLineItem"> & {
   /**
+   * Printed text, e.g. "gpt-4o-mini: output tokens" or "Discount: <rule name> (<its terms>)"; a model's usage from an
+   * earlier period not billed before says so.
+   *
    * @generated from field: string description = 1;
    */
   description: string;
@@ -1865,6 +2030,8 @@ export const InvoiceLineItemSchema: GenMessage<InvoiceLineItem> = /*@__PURE__*/
   messageDesc(file_billing_v1_billing, 54);
 
 /**
+ * An org's bill for one billing period. Set by billing.
+ *
  * @generated from message billing.v1.Invoice
  */
 export type Invoice = Message<"billing.v1.Invoice"> & {
@@ -1876,6 +2043,8 @@ export type Invoice = Message<"billing.v1.Invoice"> & {
   id: string;
 
   /**
+   * The org billed.
+   *
    * @generated from field: string org_id = 2;
    */
   orgId: string;
@@ -1898,21 +2067,29 @@ export type Invoice = Message<"billing.v1.Invoice"> & {
   number: string;
 
   /**
+   * Where the invoice is in its life.
+   *
    * @generated from field: billing.v1.InvoiceStatus status = 4;
    */
   status: InvoiceStatus;
 
   /**
+   * First instant of the billing period (the org's billing_day, 00:00 UTC).
+   *
    * @generated from field: google.protobuf.Timestamp period_start = 5;
    */
   periodStart?: Timestamp | undefined;
 
   /**
+   * First instant after the billing period (exclusive): the next period's start.
+   *
    * @generated from field: google.protobuf.Timestamp period_end = 6;
    */
   periodEnd?: Timestamp | undefined;
 
   /**
+   * Usage lines by model and token type, then discount lines, highest priority first. Empty in ListInvoices.
+   *
    * @generated from field: repeated billing.v1.InvoiceLineItem line_items = 7;
    */
   lineItems: InvoiceLineItem[];
@@ -1925,31 +2102,44 @@ export type Invoice = Message<"billing.v1.Invoice"> & {
   subtotalCents: bigint;
 
   /**
+   * The discounts' sum, positive (subtracted from the subtotal).
+   *
    * @generated from field: int64 discount_cents = 9;
    */
   discountCents: bigint;
 
   /**
+   * tax_rate_bps of the subtotal less discounts.
+   *
    * @generated from field: int64 tax_cents = 10;
    */
   taxCents: bigint;
 
   /**
+   * Subtotal less discounts plus tax, rounded once from its exact value: it may differ by a cent from
+   * subtotal_cents - discount_cents + tax_cents.
+   *
    * @generated from field: int64 total_cents = 11;
    */
   totalCents: bigint;
 
   /**
+   * The org's tax rate when the draft was last generated, or when it was issued, in basis points.
+   *
    * @generated from field: int32 tax_rate_bps = 12;
    */
   taxRateBps: number;
 
   /**
+   * When the invoice was last generated (each regeneration of a draft moves it).
+   *
    * @generated from field: google.protobuf.Timestamp create_time = 13;
    */
   createTime?: Timestamp | undefined;
 
   /**
+   * When it was issued; unset on a draft, and on an invoice voided while a draft.
+   *
    * @generated from field: google.protobuf.Timestamp issue_time = 14;
    */
   issueTime?: Timestamp | undefined;
@@ -1977,6 +2167,8 @@ export const InvoiceSchema: GenMessage<Invoice> = /*@__PURE__*/
  */
 export type GenerateInvoiceRequest = Message<"billing.v1.GenerateInvoiceRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown org.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
@@ -2001,6 +2193,8 @@ export const GenerateInvoiceRequestSchema: GenMessage<GenerateInvoiceRequest> = 
  */
 export type GenerateInvoiceResponse = Message<"billing.v1.GenerateInvoiceResponse"> & {
   /**
+   * The period's draft, with its line items.
+   *
    * @generated from field: billing.v1.Invoice invoice = 1;
    */
   invoice?: Invoice | undefined;
@@ -2018,6 +2212,8 @@ export const GenerateInvoiceResponseSchema: GenMessage<GenerateInvoiceResponse> 
  */
 export type ListInvoicesRequest = Message<"billing.v1.ListInvoicesRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown org. An org's API key may name only its own org.
+   *
    * @generated from field: string org_id = 1;
    */
   orgId: string;
@@ -2052,6 +2248,8 @@ export const ListInvoicesRequestSchema: GenMessage<ListInvoicesRequest> = /*@__P
  */
 export type ListInvoicesResponse = Message<"billing.v1.ListInvoicesResponse"> & {
   /**
+   * Invoices of every status, line_items empty.
+   *
    * @generated from field: repeated billing.v1.Invoice invoices = 1;
    */
   invoices: Invoice[];
@@ -2076,6 +2274,8 @@ export const ListInvoicesResponseSchema: GenMessage<ListInvoicesResponse> = /*@_
  */
 export type GetInvoiceRequest = Message<"billing.v1.GetInvoiceRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown id.
+   *
    * @generated from field: string invoice_id = 1;
    */
   invoiceId: string;
@@ -2093,6 +2293,8 @@ export const GetInvoiceRequestSchema: GenMessage<GetInvoiceRequest> = /*@__PURE_
  */
 export type GetInvoiceResponse = Message<"billing.v1.GetInvoiceResponse"> & {
   /**
+   * The invoice with its line items.
+   *
    * @generated from field: billing.v1.Invoice invoice = 1;
    */
   invoice?: Invoice | undefined;
@@ -2113,11 +2315,15 @@ export const GetInvoiceResponseSchema: GenMessage<GetInvoiceResponse> = /*@__PUR
  */
 export type UpdateInvoiceStatusRequest = Message<"billing.v1.UpdateInvoiceStatusRequest"> & {
   /**
+   * Required; NOT_FOUND for an unknown id.
+   *
    * @generated from field: string invoice_id = 1;
    */
   invoiceId: string;
 
   /**
+   * The status to move to; INVOICE_STATUS_UNSPECIFIED is INVALID_ARGUMENT.
+   *
    * @generated from field: billing.v1.InvoiceStatus status = 2;
    */
   status: InvoiceStatus;
@@ -2135,6 +2341,8 @@ export const UpdateInvoiceStatusRequestSchema: GenMessage<UpdateInvoiceStatusReq
  */
 export type UpdateInvoiceStatusResponse = Message<"billing.v1.UpdateInvoiceStatusResponse"> & {
   /**
+   * The invoice after the move; on issuing, rebuilt from exactly the usage it claims, and numbered.
+   *
    * @generated from field: billing.v1.Invoice invoice = 1;
    */
   invoice?: Invoice | undefined;
@@ -2148,15 +2356,21 @@ export const UpdateInvoiceStatusResponseSchema: GenMessage<UpdateInvoiceStatusRe
   messageDesc(file_billing_v1_billing, 63);
 
 /**
+ * Whether an org's keys work.
+ *
  * @generated from enum billing.v1.OrganizationState
  */
 export enum OrganizationState {
   /**
+   * Never set by billing.
+   *
    * @generated from enum value: ORGANIZATION_STATE_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
 
   /**
+   * Its keys work, within their limits and the org's budget.
+   *
    * @generated from enum value: ORGANIZATION_STATE_ACTIVE = 1;
    */
   ACTIVE = 1,
@@ -2176,10 +2390,14 @@ export const OrganizationStateSchema: GenEnum<OrganizationState> = /*@__PURE__*/
   enumDesc(file_billing_v1_billing, 0);
 
 /**
+ * Why AuthorizeKey refused a secret.
+ *
  * @generated from enum billing.v1.KeyRefusalReason
  */
 export enum KeyRefusalReason {
   /**
+   * Never sent by billing.
+   *
    * @generated from enum value: KEY_REFUSAL_REASON_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
@@ -2192,6 +2410,8 @@ export enum KeyRefusalReason {
   UNKNOWN = 1,
 
   /**
+   * RevokeApiKey (or RotateApiKey) revoked the key.
+   *
    * @generated from enum value: KEY_REFUSAL_REASON_REVOKED = 2;
    */
   REVOKED = 2,
@@ -2225,16 +2445,22 @@ export const KeyRefusalReasonSchema: GenEnum<KeyRefusalReason> = /*@__PURE__*/
  */
 export enum BudgetScope {
   /**
+   * Not a scope: AcquireBudgetLease refuses it (INVALID_ARGUMENT).
+   *
    * @generated from enum value: BUDGET_SCOPE_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
 
   /**
+   * An org's monthly spend budget (Organization.monthly_budget_nanos), in nano-USD; scope_id is the org id.
+   *
    * @generated from enum value: BUDGET_SCOPE_ORGANIZATION = 1;
    */
   ORGANIZATION = 1,
 
   /**
+   * A key's monthly spend budget (KeyLimits.monthly_budget_nanos), in nano-USD; scope_id is the api key id.
+   *
    * @generated from enum value: BUDGET_SCOPE_API_KEY = 2;
    */
   API_KEY = 2,
@@ -2261,6 +2487,8 @@ export const BudgetScopeSchema: GenEnum<BudgetScope> = /*@__PURE__*/
  */
 export enum DiscountKind {
   /**
+   * Not a kind: CreateDiscountRule refuses it (INVALID_ARGUMENT).
+   *
    * @generated from enum value: DISCOUNT_KIND_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
@@ -2301,30 +2529,42 @@ export const DiscountKindSchema: GenEnum<DiscountKind> = /*@__PURE__*/
   enumDesc(file_billing_v1_billing, 3);
 
 /**
+ * Where an invoice is in its life (see UpdateInvoiceStatusRequest for the moves allowed).
+ *
  * @generated from enum billing.v1.InvoiceStatus
  */
 export enum InvoiceStatus {
   /**
+   * Never set by billing; UpdateInvoiceStatus refuses it (INVALID_ARGUMENT).
+   *
    * @generated from enum value: INVOICE_STATUS_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
 
   /**
+   * Made by GenerateInvoice; regenerated from the usage and rules of the moment each time it is asked for again.
+   *
    * @generated from enum value: INVOICE_STATUS_DRAFT = 1;
    */
   DRAFT = 1,
 
   /**
+   * Final: numbered, its usage claimed, never changed again except to paid or void.
+   *
    * @generated from enum value: INVOICE_STATUS_ISSUED = 2;
    */
   ISSUED = 2,
 
   /**
+   * Issued and paid. Final.
+   *
    * @generated from enum value: INVOICE_STATUS_PAID = 3;
    */
   PAID = 3,
 
   /**
+   * Cancelled; its usage goes to the next invoice generated. Final.
+   *
    * @generated from enum value: INVOICE_STATUS_VOID = 4;
    */
   VOID = 4,
@@ -2357,6 +2597,8 @@ export const InvoiceStatusSchema: GenEnum<InvoiceStatus> = /*@__PURE__*/
  */
 export const BillingService: GenService<{
   /**
+   * Creates an active org; a name another org has is ALREADY_EXISTS.
+   *
    * @generated from rpc billing.v1.BillingService.CreateOrganization
    */
   createOrganization: {
@@ -2365,6 +2607,8 @@ export const BillingService: GenService<{
     output: typeof CreateOrganizationResponseSchema;
   },
   /**
+   * Every org, active or suspended, a page at a time.
+   *
    * @generated from rpc billing.v1.BillingService.ListOrganizations
    */
   listOrganizations: {
@@ -2407,6 +2651,8 @@ export const BillingService: GenService<{
     output: typeof ReinstateOrganizationResponseSchema;
   },
   /**
+   * Creates a project in an org (NOT_FOUND for an unknown org); a name the org's other projects have is ALREADY_EXISTS.
+   *
    * @generated from rpc billing.v1.BillingService.CreateProject
    */
   createProject: {
@@ -2415,6 +2661,8 @@ export const BillingService: GenService<{
     output: typeof CreateProjectResponseSchema;
   },
   /**
+   * An org's projects, a page at a time.
+   *
    * @generated from rpc billing.v1.BillingService.ListProjects
    */
   listProjects: {
@@ -2433,6 +2681,8 @@ export const BillingService: GenService<{
     output: typeof CreateApiKeyResponseSchema;
   },
   /**
+   * An org's keys (never their secrets), a page at a time.
+   *
    * @generated from rpc billing.v1.BillingService.ListApiKeys
    */
   listApiKeys: {
@@ -2452,6 +2702,9 @@ export const BillingService: GenService<{
     output: typeof GetApiKeyResponseSchema;
   },
   /**
+   * Revokes a key for good: AuthorizeKey refuses it from then on and gateways hear of it on WatchKeyChanges. Revoking
+   * a revoked key is a no-op that keeps its revoke_time. Its usage, leases and history are kept.
+   *
    * @generated from rpc billing.v1.BillingService.RevokeApiKey
    */
   revokeApiKey: {
@@ -2557,6 +2810,8 @@ export const BillingService: GenService<{
     output: typeof ListUsageRecordsResponseSchema;
   },
   /**
+   * Adds a discount rule to an org (NOT_FOUND for an unknown org); drafts generated or issued from then on apply it.
+   *
    * @generated from rpc billing.v1.BillingService.CreateDiscountRule
    */
   createDiscountRule: {
@@ -2565,6 +2820,8 @@ export const BillingService: GenService<{
     output: typeof CreateDiscountRuleResponseSchema;
   },
   /**
+   * An org's discount rules, a page at a time.
+   *
    * @generated from rpc billing.v1.BillingService.ListDiscountRules
    */
   listDiscountRules: {
@@ -2573,6 +2830,9 @@ export const BillingService: GenService<{
     output: typeof ListDiscountRulesResponseSchema;
   },
   /**
+   * Deletes a rule (NOT_FOUND for an unknown id). Invoices already issued keep its discount lines; a draft loses them
+   * when it is next generated or issued.
+   *
    * @generated from rpc billing.v1.BillingService.DeleteDiscountRule
    */
   deleteDiscountRule: {
@@ -2591,6 +2851,8 @@ export const BillingService: GenService<{
     output: typeof GenerateInvoiceResponseSchema;
   },
   /**
+   * An org's invoices of every status, without line items, a page at a time.
+   *
    * @generated from rpc billing.v1.BillingService.ListInvoices
    */
   listInvoices: {
@@ -2599,6 +2861,8 @@ export const BillingService: GenService<{
     output: typeof ListInvoicesResponseSchema;
   },
   /**
+   * One invoice with its line items, by id. An org's API key gets NOT_FOUND for another org's invoice.
+   *
    * @generated from rpc billing.v1.BillingService.GetInvoice
    */
   getInvoice: {

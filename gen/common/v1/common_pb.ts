@@ -63,6 +63,8 @@ export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
  */
 export type BudgetCharge = Message<"common.v1.BudgetCharge"> & {
   /**
+   * AcquireBudgetLeaseResponse.lease_id of the lease drawn from.
+   *
    * @generated from field: string lease_id = 1;
    */
   leaseId: string;
@@ -105,6 +107,8 @@ export type CostBreakdown = Message<"common.v1.CostBreakdown"> & {
   inputNanos: bigint;
 
   /**
+   * Cached input tokens, at the cached input rate (the input rate where the model has none).
+   *
    * @generated from field: int64 cached_input_nanos = 2;
    */
   cachedInputNanos: bigint;
@@ -117,6 +121,8 @@ export type CostBreakdown = Message<"common.v1.CostBreakdown"> & {
   outputNanos: bigint;
 
   /**
+   * Reasoning tokens, at the reasoning rate (the output rate where the model has none).
+   *
    * @generated from field: int64 reasoning_nanos = 4;
    */
   reasoningNanos: bigint;
@@ -136,6 +142,8 @@ export const CostBreakdownSchema: GenMessage<CostBreakdown> = /*@__PURE__*/
  */
 export enum Endpoint {
   /**
+   * Not known; never set by the gateway.
+   *
    * @generated from enum value: ENDPOINT_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,

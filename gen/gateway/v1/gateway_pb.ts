@@ -22,10 +22,14 @@ export const file_gateway_v1_gateway: GenFile = /*@__PURE__*/
  */
 export type ContentPart = Message<"gateway.v1.ContentPart"> & {
   /**
+   * Exactly one is set; a part with neither is refused (INVALID_ARGUMENT).
+   *
    * @generated from oneof gateway.v1.ContentPart.part
    */
   part: {
     /**
+     * A text part.
+     *
      * @generated from field: string text = 1;
      */
     value: string;
@@ -49,10 +53,14 @@ export const ContentPartSchema: GenMessage<ContentPart> = /*@__PURE__*/
   messageDesc(file_gateway_v1_gateway, 0);
 
 /**
+ * An image part of a message.
+ *
  * @generated from message gateway.v1.ImageUrl
  */
 export type ImageUrl = Message<"gateway.v1.ImageUrl"> & {
   /**
+   * The image, by URL or as a data: URL.
+   *
    * @generated from field: string url = 1;
    */
   url: string;
@@ -73,10 +81,14 @@ export const ImageUrlSchema: GenMessage<ImageUrl> = /*@__PURE__*/
   messageDesc(file_gateway_v1_gateway, 1);
 
 /**
+ * A function the model called.
+ *
  * @generated from message gateway.v1.FunctionCall
  */
 export type FunctionCall = Message<"gateway.v1.FunctionCall"> & {
   /**
+   * Name of the function (FunctionDefinition.name).
+   *
    * @generated from field: string name = 1;
    */
   name: string;
@@ -97,10 +109,15 @@ export const FunctionCallSchema: GenMessage<FunctionCall> = /*@__PURE__*/
   messageDesc(file_gateway_v1_gateway, 2);
 
 /**
+ * A tool call made by the model (or, in a request, by an earlier assistant message).
+ *
  * @generated from message gateway.v1.ToolCall
  */
 export type ToolCall = Message<"gateway.v1.ToolCall"> & {
   /**
+   * Id of the call, given by the upstream; a tool message answers it in tool_call_id. Empty on stream deltas
+   * after a call's first.
+   *
    * @generated from field: string id = 1;
    */
   id: string;
@@ -113,6 +130,8 @@ export type ToolCall = Message<"gateway.v1.ToolCall"> & {
   type: string;
 
   /**
+   * The function called and its arguments (in stream deltas, a piece of them).
+   *
    * @generated from field: gateway.v1.FunctionCall function = 3;
    */
   function?: FunctionCall | undefined;
@@ -134,6 +153,8 @@ export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
   messageDesc(file_gateway_v1_gateway, 3);
 
 /**
+ * One message of a conversation, as in the OpenAI API.
+ *
  * @generated from message gateway.v1.ChatMessage
  */
 export type ChatMessage = Message<"gateway.v1.ChatMessage"> & {
@@ -195,15 +216,21 @@ export const ChatMessageSchema: GenMessage<ChatMessage> = /*@__PURE__*/
   messageDesc(file_gateway_v1_gateway, 4);
 
 /**
+ * A function the model may call.
+ *
  * @generated from message gateway.v1.FunctionDefinition
  */
 export type FunctionDefinition = Message<"gateway.v1.FunctionDefinition"> & {
   /**
+   * 1..64 of a-z A-Z 0-9 _ -. Required.
+   *
    * @generated from field: string name = 1;
    */
   name: string;
 
   /**
+   * What the function does, for the model; empty for none.
+   *
    * @generated from field: string description = 2;
    */
   description: string;
@@ -216,6 +243,8 @@ export type FunctionDefinition = Message<"gateway.v1.FunctionDefinition"> & {
   parameters?: JsonObject | undefined;
 
   /**
+   * True to have the model follow parameters exactly (OpenAI's structured outputs); sent upstream only when true.
+   *
    * @generated from field: bool strict = 4;
    */
   strict: boolean;
@@ -229,17 +258,21 @@ export const FunctionDefinitionSchema: GenMessage<FunctionDefinition> = /*@__PUR
   messageDesc(file_gateway_v1_gateway, 5);
 
 /**
+ * A tool the model may call.
+ *
  * @generated from message gateway.v1.Tool
  */
 export type Tool = Message<"gateway.v1.Tool"> & {
   /**
-   * Always "function" today.
+   * Always "function" today; empty means "function".
    *
    * @generated from field: string type = 1;
    */
   type: string;
 
   /**
+   * Required.
+   *
    * @generated from field: gateway.v1.FunctionDefinition function = 2;
    */
   function?: FunctionDefinition | undefined;
@@ -253,6 +286,8 @@ export const ToolSchema: GenMessage<Tool> = /*@__PURE__*/
   messageDesc(file_gateway_v1_gateway, 6);
 
 /**
+ * The form of the model's answer.
+ *
  * @generated from message gateway.v1.ResponseFormat
  */
 export type ResponseFormat = Message<"gateway.v1.ResponseFormat"> & {
@@ -299,11 +334,15 @@ export type ChatCompletionParams = Message<"gateway.v1.ChatCompletionParams"> & 
   messages: ChatMessage[];
 
   /**
+   * Sampling temperature, 0..2.
+   *
    * @generated from field: optional double temperature = 3;
    */
   temperature?: number | undefined;
 
   /**
+   * Nucleus sampling mass, 0..1.
+   *
    * @generated from field: optional double top_p = 4;
    */
   topP?: number | undefined;
@@ -316,6 +355,9 @@ export type ChatCompletionParams = Message<"gateway.v1.ChatCompletionParams"> & 
   maxTokens?: number | undefined;
 
   /**
+   * Most output tokens (reasoning tokens included) to generate, 1..2^31-1. The larger of it and max_tokens, times n,
+   * bounds the output the gateway reserves budget for before calling upstream.
+   *
    * @generated from field: optional int32 max_completion_tokens = 6;
    */
   maxCompletionTokens?: number | undefined;
@@ -335,6 +377,8 @@ export type ChatCompletionParams = Message<"gateway.v1.ChatCompletionParams"> & 
   n?: number | undefined;
 
   /**
+   * Seed for best-effort deterministic sampling, where the upstream supports it.
+   *
    * @generated from field: optional int64 seed = 9;
    */
   seed?: bigint | undefined;
@@ -347,6 +391,8 @@ export type ChatCompletionParams = Message<"gateway.v1.ChatCompletionParams"> & 
   user: string;
 
   /**
+   * Tools the model may call, at most 128.
+   *
    * @generated from field: repeated gateway.v1.Tool tools = 11;
    */
   tools: Tool[];
@@ -359,6 +405,8 @@ export type ChatCompletionParams = Message<"gateway.v1.ChatCompletionParams"> & 
   toolChoice: string;
 
   /**
+   * Unset (or an empty type) leaves the upstream's default, text.
+   *
    * @generated from field: gateway.v1.ResponseFormat response_format = 13;
    */
   responseFormat?: ResponseFormat | undefined;
@@ -371,11 +419,15 @@ export type ChatCompletionParams = Message<"gateway.v1.ChatCompletionParams"> & 
   metadata: { [key: string]: string };
 
   /**
+   * -2..2.
+   *
    * @generated from field: optional double presence_penalty = 15;
    */
   presencePenalty?: number | undefined;
 
   /**
+   * -2..2.
+   *
    * @generated from field: optional double frequency_penalty = 16;
    */
   frequencyPenalty?: number | undefined;
@@ -389,15 +441,21 @@ export const ChatCompletionParamsSchema: GenMessage<ChatCompletionParams> = /*@_
   messageDesc(file_gateway_v1_gateway, 8);
 
 /**
+ * One answer of a chat completion.
+ *
  * @generated from message gateway.v1.Choice
  */
 export type Choice = Message<"gateway.v1.Choice"> & {
   /**
+   * 0..n-1.
+   *
    * @generated from field: int32 index = 1;
    */
   index: number;
 
   /**
+   * The assistant's message: content, refusal or tool_calls.
+   *
    * @generated from field: gateway.v1.ChatMessage message = 2;
    */
   message?: ChatMessage | undefined;
@@ -431,6 +489,8 @@ export type Accounting = Message<"gateway.v1.Accounting"> & {
   requestId: string;
 
   /**
+   * Tokens billed for the request: the upstream's counts, or the gateway's tokenizer's when usage_estimated.
+   *
    * @generated from field: common.v1.TokenUsage usage = 2;
    */
   usage?: TokenUsage | undefined;
@@ -469,6 +529,8 @@ export const AccountingSchema: GenMessage<Accounting> = /*@__PURE__*/
  */
 export type CreateChatCompletionRequest = Message<"gateway.v1.CreateChatCompletionRequest"> & {
   /**
+   * Required.
+   *
    * @generated from field: gateway.v1.ChatCompletionParams params = 1;
    */
   params?: ChatCompletionParams | undefined;
@@ -507,16 +569,22 @@ export type CreateChatCompletionResponse = Message<"gateway.v1.CreateChatComplet
   model: string;
 
   /**
+   * One per choice asked for (n), as the upstream answered them.
+   *
    * @generated from field: repeated gateway.v1.Choice choices = 4;
    */
   choices: Choice[];
 
   /**
+   * Always set.
+   *
    * @generated from field: gateway.v1.Accounting accounting = 5;
    */
   accounting?: Accounting | undefined;
 
   /**
+   * The upstream's system fingerprint; empty when it sent none.
+   *
    * @generated from field: string system_fingerprint = 6;
    */
   systemFingerprint: string;
@@ -534,6 +602,8 @@ export const CreateChatCompletionResponseSchema: GenMessage<CreateChatCompletion
  */
 export type StreamChatCompletionRequest = Message<"gateway.v1.StreamChatCompletionRequest"> & {
   /**
+   * Required.
+   *
    * @generated from field: gateway.v1.ChatCompletionParams params = 1;
    */
   params?: ChatCompletionParams | undefined;
@@ -547,10 +617,14 @@ export const StreamChatCompletionRequestSchema: GenMessage<StreamChatCompletionR
   messageDesc(file_gateway_v1_gateway, 13);
 
 /**
+ * A piece of one choice of a streamed chat completion.
+ *
  * @generated from message gateway.v1.ChoiceDelta
  */
 export type ChoiceDelta = Message<"gateway.v1.ChoiceDelta"> & {
   /**
+   * Which choice (0..n-1) the piece belongs to.
+   *
    * @generated from field: int32 index = 1;
    */
   index: number;
@@ -563,11 +637,15 @@ export type ChoiceDelta = Message<"gateway.v1.ChoiceDelta"> & {
   role: string;
 
   /**
+   * The next piece of the choice's text; empty when this delta carries none.
+   *
    * @generated from field: string content = 3;
    */
   content: string;
 
   /**
+   * Pieces of tool calls, each with its index.
+   *
    * @generated from field: repeated gateway.v1.ToolCall tool_calls = 4;
    */
   toolCalls: ToolCall[];
@@ -595,25 +673,35 @@ export const ChoiceDeltaSchema: GenMessage<ChoiceDelta> = /*@__PURE__*/
   messageDesc(file_gateway_v1_gateway, 14);
 
 /**
+ * One message of the stream: an upstream chunk, then a final message with the accounting and no choices.
+ *
  * @generated from message gateway.v1.StreamChatCompletionResponse
  */
 export type StreamChatCompletionResponse = Message<"gateway.v1.StreamChatCompletionResponse"> & {
   /**
+   * Upstream completion id, the same on every message.
+   *
    * @generated from field: string id = 1;
    */
   id: string;
 
   /**
+   * Unix seconds.
+   *
    * @generated from field: int64 created = 2;
    */
   created: bigint;
 
   /**
+   * Model that served, as reported upstream.
+   *
    * @generated from field: string model = 3;
    */
   model: string;
 
   /**
+   * Deltas of this chunk; empty on the final message (and on chunks that carry none).
+   *
    * @generated from field: repeated gateway.v1.ChoiceDelta choices = 4;
    */
   choices: ChoiceDelta[];
@@ -652,13 +740,15 @@ export type CreateEmbeddingRequest = Message<"gateway.v1.CreateEmbeddingRequest"
   input: string[];
 
   /**
-   * Optional output dimensions where the model supports it.
+   * Optional output dimensions where the model supports it, 1..65536.
    *
    * @generated from field: optional int32 dimensions = 3;
    */
   dimensions?: number | undefined;
 
   /**
+   * End-user id, recorded in metrics as end_user_id.
+   *
    * @generated from field: string user = 4;
    */
   user: string;
@@ -672,15 +762,21 @@ export const CreateEmbeddingRequestSchema: GenMessage<CreateEmbeddingRequest> = 
   messageDesc(file_gateway_v1_gateway, 16);
 
 /**
+ * The vector of one input.
+ *
  * @generated from message gateway.v1.Embedding
  */
 export type Embedding = Message<"gateway.v1.Embedding"> & {
   /**
+   * Position of the input in CreateEmbeddingRequest.input.
+   *
    * @generated from field: int32 index = 1;
    */
   index: number;
 
   /**
+   * The vector, as float32.
+   *
    * @generated from field: repeated float embedding = 2;
    */
   embedding: number[];
@@ -698,16 +794,22 @@ export const EmbeddingSchema: GenMessage<Embedding> = /*@__PURE__*/
  */
 export type CreateEmbeddingResponse = Message<"gateway.v1.CreateEmbeddingResponse"> & {
   /**
+   * Model that served, as reported upstream.
+   *
    * @generated from field: string model = 1;
    */
   model: string;
 
   /**
+   * One per input.
+   *
    * @generated from field: repeated gateway.v1.Embedding data = 2;
    */
   data: Embedding[];
 
   /**
+   * Always set.
+   *
    * @generated from field: gateway.v1.Accounting accounting = 3;
    */
   accounting?: Accounting | undefined;
@@ -721,6 +823,8 @@ export const CreateEmbeddingResponseSchema: GenMessage<CreateEmbeddingResponse> 
   messageDesc(file_gateway_v1_gateway, 18);
 
 /**
+ * Empty: the models are those of the caller's key.
+ *
  * @generated from message gateway.v1.ListModelsRequest
  */
 export type ListModelsRequest = Message<"gateway.v1.ListModelsRequest"> & {
@@ -734,6 +838,8 @@ export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE_
   messageDesc(file_gateway_v1_gateway, 19);
 
 /**
+ * A model of the gateway config.
+ *
  * @generated from message gateway.v1.Model
  */
 export type Model = Message<"gateway.v1.Model"> & {
@@ -759,11 +865,15 @@ export type Model = Message<"gateway.v1.Model"> & {
   inputPerMtok: string;
 
   /**
+   * The input price when the model has no cached input price.
+   *
    * @generated from field: string cached_input_per_mtok = 4;
    */
   cachedInputPerMtok: string;
 
   /**
+   * Output (and, unless configured apart, reasoning) tokens.
+   *
    * @generated from field: string output_per_mtok = 5;
    */
   outputPerMtok: string;
@@ -781,6 +891,8 @@ export const ModelSchema: GenMessage<Model> = /*@__PURE__*/
  */
 export type ListModelsResponse = Message<"gateway.v1.ListModelsResponse"> & {
   /**
+   * Those the key's allowed_models permit (every model when it has none), in config order.
+   *
    * @generated from field: repeated gateway.v1.Model models = 1;
    */
   models: Model[];
