@@ -692,6 +692,35 @@ describe("budget leases", () => {
     expect(leases.map((l) => l.spent).reduce((a, b) => (a ?? 0n) + (b ?? 0n), 0n)).toBe(55_100n);
   });
 
+  test("while billing cannot be asked, an idle lease is kept for the requests it covers, and goes back once it can", async () => {
+    const principal = await principalWith({ org: 1_000_000n });
+    const { keeper: k, clock } = keeper({
+      minLeaseNanos: 10_000n,
+      idleReleaseMs: 5_000,
+      maintenanceIntervalMs: 10,
+      billingDown: () => billingFault === "down",
+    });
+    (await k.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
+    billingFault = "down";
+    try {
+      const releases = calls.release;
+      // A lull longer than the idle release time while billing is down: the lease stays.
+      clock.t += 6_000;
+      await Bun.sleep(50);
+      expect(calls.release).toBe(releases);
+      for (let i = 0; i < 3; i++) (await k.reserve(principal, usd(1_000n), 60_000)).settle(usd(1_000n));
+      expect(k.snapshot().get(`organization:${principal.orgId}`)).toMatchObject({ leases: 1, spentNanos: 3_100n });
+    } finally {
+      billingFault = undefined;
+    }
+    // Billing answers again: the lease, idle again, goes back with what was spent.
+    clock.t += 6_000;
+    await until(() => k.snapshot().get(`organization:${principal.orgId}`) === undefined);
+    await until(async () => (await leasesOf(principal.orgId))[0]?.spent !== null);
+    expect(await leasesOf(principal.orgId)).toEqual([{ granted: 10_000n, spent: 3_100n }]);
+    await k.close();
+  });
+
   test("a release billing missed is sent again after its lease expired, so billing does not hold it for its grace", async () => {
     const principal = await principalWith({ key: 10_000n });
     const { keeper: k, clock } = keeper({

@@ -148,7 +148,10 @@ export interface BudgetKeeperOptions {
    * grant is free again within seconds of the restart rather than its TTL plus grace.
    */
   inherited?: { leaseIds: readonly string[]; spent?: ReadonlyMap<string, bigint>; recorded: () => boolean };
-  /** True while billing is known not to answer (the key checks found so): leases held are kept for what they cover. */
+  /**
+   * True while billing is known not to answer (a key check found so, or its key change stream is silent): leases held
+   * are kept for what they cover, idle ones too, and go back once billing answers again.
+   */
   billingDown?: () => boolean;
   /** Milliseconds, for intervals only (a monotonic clock by default). */
   now?: () => number;
@@ -713,6 +716,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
 
   const maintain = () => {
     const t = now();
+    const down = options.billingDown?.() ?? false;
     releaseInherited();
     for (const pending of [...unreleased.values()]) if (pending.retryAt <= t) void sendRelease(pending);
     for (const scope of scopes.values()) {
@@ -721,8 +725,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       }
       for (const lease of [...scope.leases]) {
         if (lease.reserved !== 0n) continue;
-        // Too close to expiry for the next request, or idle: let other replicas have it.
-        if (lease.expiresAt < t + scope.maxHoldMs + marginMs * 2 || t - lease.lastUsed >= idleReleaseMs)
+        // Too close to expiry for the next request, or idle: let other replicas have it. While billing does not answer,
+        // an idle lease stays for the requests it covers: given back, it would wait for billing with them refused.
+        if (lease.expiresAt < t + scope.maxHoldMs + marginMs * 2 || (t - lease.lastUsed >= idleReleaseMs && !down))
           void release(scope, lease);
       }
       if (scope.leases.length === 0 && !scope.acquiring && !scope.unanswered && t - scope.lastUsed >= idleReleaseMs)
