@@ -235,6 +235,24 @@ describe("budget leases", () => {
     await a.keeper.close();
   });
 
+  test("a budget whose remnants held anywhere cannot cover a request refuses it without Retry-After", async () => {
+    const principal = await principalWith({ key: 1_000n });
+    const a = keeper({ holder: "gw-a", minLeaseNanos: 500n, idleReleaseMs: 20_000 });
+    const b = keeper({ holder: "gw-b", minLeaseNanos: 500n });
+    const charges = (await b.keeper.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
+    // Its usage recorded, billing knows B's lease holds 400 of the budget's last money.
+    const record = usageNow(principal, "req_remnants", 100n, charges);
+    expect((await client.recordUsage({ records: [record] }, auth)).inserted).toBe(1);
+    (await a.keeper.reserve(principal, usd(500n), 60_000)).settle(usd(500n));
+    // B holds the last 400 unspent: a request of 500 cannot be served this month however long it waits.
+    const e = await refusal(a.keeper.reserve(principal, usd(500n), 60_000));
+    expect([e.status, e.code, e.retryAfterS]).toEqual([429, "insufficient_quota", undefined]);
+    // One of 400 can, once B gives its lease back.
+    expect((await refusal(a.keeper.reserve(principal, usd(400n), 60_000))).retryAfterS).toBe(20);
+    await b.keeper.close();
+    await a.keeper.close();
+  });
+
   test("a budget with 1 nano-USD left unleased is not asked for a zero-size lease in the background", async () => {
     const principal = await principalWith({ org: 1_001n });
     const { keeper: k } = keeper({ minLeaseNanos: 1_000n });

@@ -785,8 +785,13 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         if ((t < short.exhaustedUntil && left + takeable(short, until, maxPartsPerScope - 1) < amount) || round >= 10) {
           instruments?.rejected.inc();
           // Room can appear only where leases still hold some: requests running here settle under their reservation,
-          // other replicas give idle leases back. Otherwise nothing comes back this month, and no Retry-After says so.
-          const held = short.leasedElsewhere > 0n || short.leases.some((lease) => lease.reserved > 0n);
+          // other replicas give idle leases back. Otherwise nothing comes back this month, and no Retry-After says so;
+          // nor when all they hold with what billing has left could not cover this request (a budget's remnants).
+          let unspent = short.leasedElsewhere + (short.remaining ?? 0n);
+          for (const lease of short.leases) if (lease.granted > lease.spent) unspent += lease.granted - lease.spent;
+          const held =
+            (short.leasedElsewhere > 0n || short.leases.some((lease) => lease.reserved > 0n)) &&
+            (short.remaining === null || unspent >= amount);
           // Asked just now, billing had too little: what it granted is a remnant too small for this request, as are the
           // leases returned before asking. Kept idle here, such remnants on two replicas would be swapped at each ask
           // and refuse the request on both; given back, the next ask elsewhere gets them in one piece.
