@@ -236,6 +236,24 @@ describe("budget leases", () => {
     await a.keeper.close();
   });
 
+  test("a budget whose remnants held anywhere cannot cover a request refuses it without Retry-After", async () => {
+    const principal = await principalWith({ key: 1_000n });
+    const a = keeper({ holder: "gw-a", minLeaseNanos: 500n, idleReleaseMs: 20_000 });
+    const b = keeper({ holder: "gw-b", minLeaseNanos: 500n });
+    const charges = (await b.keeper.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
+    // Its usage recorded, billing knows B's lease holds 400 of the budget's last money.
+    const record = usageNow(principal, "req_remnants", 100n, charges);
+    expect((await client.recordUsage({ records: [record] }, auth)).inserted).toBe(1);
+    (await a.keeper.reserve(principal, usd(500n), 60_000)).settle(usd(500n));
+    // B holds the last 400 unspent: a request of 500 cannot be served this month however long it waits.
+    const e = await refusal(a.keeper.reserve(principal, usd(500n), 60_000));
+    expect([e.status, e.code, e.retryAfterS]).toEqual([429, "insufficient_quota", undefined]);
+    // One of 400 can, once B gives its lease back.
+    expect((await refusal(a.keeper.reserve(principal, usd(400n), 60_000))).retryAfterS).toBe(20);
+    await b.keeper.close();
+    await a.keeper.close();
+  });
+
   test("a budget with 1 nano-USD left unleased is not asked for a zero-size lease in the background", async () => {
     const principal = await principalWith({ org: 1_001n });
     const { keeper: k } = keeper({ minLeaseNanos: 1_000n });
@@ -691,6 +709,35 @@ describe("budget leases", () => {
     await k.close();
     const leases = await leasesOf(principal.orgId);
     expect(leases.map((l) => l.spent).reduce((a, b) => (a ?? 0n) + (b ?? 0n), 0n)).toBe(55_100n);
+  });
+
+  test("while billing cannot be asked, an idle lease is kept for the requests it covers, and goes back once it can", async () => {
+    const principal = await principalWith({ org: 1_000_000n });
+    const { keeper: k, clock } = keeper({
+      minLeaseNanos: 10_000n,
+      idleReleaseMs: 5_000,
+      maintenanceIntervalMs: 10,
+      billingDown: () => billingFault === "down",
+    });
+    (await k.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
+    billingFault = "down";
+    try {
+      const releases = calls.release;
+      // A lull longer than the idle release time while billing is down: the lease stays.
+      clock.t += 6_000;
+      await Bun.sleep(50);
+      expect(calls.release).toBe(releases);
+      for (let i = 0; i < 3; i++) (await k.reserve(principal, usd(1_000n), 60_000)).settle(usd(1_000n));
+      expect(k.snapshot().get(`organization:${principal.orgId}`)).toMatchObject({ leases: 1, spentNanos: 3_100n });
+    } finally {
+      billingFault = undefined;
+    }
+    // Billing answers again: the lease, idle again, goes back with what was spent.
+    clock.t += 6_000;
+    await until(() => k.snapshot().get(`organization:${principal.orgId}`) === undefined);
+    await until(async () => (await leasesOf(principal.orgId))[0]?.spent !== null);
+    expect(await leasesOf(principal.orgId)).toEqual([{ granted: 10_000n, spent: 3_100n }]);
+    await k.close();
   });
 
   test("a release billing missed is sent again after its lease expired, so billing does not hold it for its grace", async () => {

@@ -150,7 +150,10 @@ export interface BudgetKeeperOptions {
    * grant is free again within seconds of the restart rather than its TTL plus grace.
    */
   inherited?: { leaseIds: readonly string[]; spent?: ReadonlyMap<string, bigint>; recorded: () => boolean };
-  /** True while billing is known not to answer (the key checks found so): leases held are kept for what they cover. */
+  /**
+   * True while billing is known not to answer (a key check found so, or its key change stream is silent): leases held
+   * are kept for what they cover, idle ones too, and go back once billing answers again.
+   */
   billingDown?: () => boolean;
   /** Milliseconds, for intervals only (a monotonic clock by default). */
   now?: () => number;
@@ -715,6 +718,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
 
   const maintain = () => {
     const t = now();
+    const down = options.billingDown?.() ?? false;
     releaseInherited();
     for (const pending of [...unreleased.values()]) if (pending.retryAt <= t) void sendRelease(pending);
     for (const scope of scopes.values()) {
@@ -723,8 +727,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       }
       for (const lease of [...scope.leases]) {
         if (lease.reserved !== 0n) continue;
-        // Too close to expiry for the next request, or idle: let other replicas have it.
-        if (lease.expiresAt < t + scope.maxHoldMs + marginMs * 2 || t - lease.lastUsed >= idleReleaseMs)
+        // Too close to expiry for the next request, or idle: let other replicas have it. While billing does not answer,
+        // an idle lease stays for the requests it covers: given back, it would wait for billing with them refused.
+        if (lease.expiresAt < t + scope.maxHoldMs + marginMs * 2 || (t - lease.lastUsed >= idleReleaseMs && !down))
           void release(scope, lease);
       }
       if (scope.leases.length === 0 && !scope.acquiring && !scope.unanswered && t - scope.lastUsed >= idleReleaseMs)
@@ -782,8 +787,13 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         if ((t < short.exhaustedUntil && left + takeable(short, until, maxPartsPerScope - 1) < amount) || round >= 10) {
           instruments?.rejected.inc();
           // Room can appear only where leases still hold some: requests running here settle under their reservation,
-          // other replicas give idle leases back. Otherwise nothing comes back this month, and no Retry-After says so.
-          const held = short.leasedElsewhere > 0n || short.leases.some((lease) => lease.reserved > 0n);
+          // other replicas give idle leases back. Otherwise nothing comes back this month, and no Retry-After says so;
+          // nor when all they hold with what billing has left could not cover this request (a budget's remnants).
+          let unspent = short.leasedElsewhere + (short.remaining ?? 0n);
+          for (const lease of short.leases) if (lease.granted > lease.spent) unspent += lease.granted - lease.spent;
+          const held =
+            (short.leasedElsewhere > 0n || short.leases.some((lease) => lease.reserved > 0n)) &&
+            (short.remaining === null || unspent >= amount);
           // Asked just now, billing had too little: what it granted is a remnant too small for this request, as are the
           // leases returned before asking. Kept idle here, such remnants on two replicas would be swapped at each ask
           // and refuse the request on both; given back, the next ask elsewhere gets them in one piece.

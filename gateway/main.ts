@@ -241,7 +241,8 @@ const budget = createBudgetKeeper({
   maxLeaseNanos: cfg.GATEWAY_BUDGET_MAX_LEASE_NANOS,
   log: log.child({ component: "budget" }),
   registry: runtime.metrics.registry,
-  billingDown: keys.billingDown,
+  // A check found billing unreachable, or its change stream has gone silent (before any request asks, in a lull).
+  billingDown: () => keys.billingDown() || !keyChanges.healthy(),
   journal: leaseJournal,
   inherited: {
     leaseIds: leaseJournal.inherited,
