@@ -171,6 +171,33 @@ describe("IngestMetrics", () => {
     expect(billing.stored.size).toBe(5);
   });
 
+  test("billing or ClickHouse down is logged once as it starts and once as it ends, not at every resend", async () => {
+    const org = "org_outage_log";
+    const lines: string[] = [];
+    let insertFails = false;
+    const flaky: AnalyticsStore = {
+      ...store,
+      insertRequests: (...args) => (insertFails ? Promise.reject(new Error("connect ECONNREFUSED")) : store.insertRequests(...args)),
+    };
+    const { billing, send } = setup(flaky, { log: createLogger({ service: "analytics-test", write: (l) => lines.push(l) }) });
+    const batch = { gatewayInstanceId: "gw-3", sequence: 1n, metrics: rows(2, { orgId: org }) };
+    const messages = () => lines.map((l) => `${JSON.parse(l).level} ${JSON.parse(l).msg}`);
+
+    billing.fail();
+    for (let i = 0; i < 5; i++) expect((await send([batch])).error?.code).toBe(Code.Unavailable);
+    billing.fail(false);
+    expect((await send([batch])).error).toBeUndefined();
+    expect(messages()).toEqual(["error recording usage in billing failed", "info billing records usage again"]);
+    expect(JSON.parse(lines[1] ?? "{}").failures).toBe(5);
+
+    lines.length = 0;
+    insertFails = true;
+    for (let i = 0; i < 5; i++) expect((await send([batch])).error?.code).toBe(Code.Unavailable);
+    insertFails = false;
+    expect((await send([batch])).error).toBeUndefined();
+    expect(messages()).toEqual(["error writing a flush to ClickHouse failed", "info ClickHouse takes flushes again"]);
+  });
+
   test("a record billing refuses for good is set aside alone; the rest of its flush is billed and acked", async () => {
     const org = "org_poison";
     const refuse = (records: UsageRecord[]) => {

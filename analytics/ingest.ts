@@ -10,7 +10,7 @@ import type {
 } from "../gen/analytics/v1/analytics_pb.ts";
 import { type BillingService, type UsageRecord, UsageRecordSchema } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
-import type { Logger } from "../lib/log.ts";
+import { createOutageLog, type Logger } from "../lib/log.ts";
 import { MAX_COST_NANOS_PER_REQUEST, MAX_TOKENS_PER_REQUEST } from "../lib/money.ts";
 import { finishWith, withChildSpan } from "../lib/telemetry.ts";
 import { type AnalyticsStore, maxTtlDays } from "./store/store.ts";
@@ -129,6 +129,17 @@ export function createIngest(deps: IngestDeps): Ingest {
   const billingWaiters: (() => void)[] = [];
   const roomWaiters = new Set<() => void>();
   const stopping = deps.stopSignal;
+  // Every gateway resends what failed, every few seconds: an outage is logged as it starts and as it ends.
+  const clickHouseOutage = createOutageLog(
+    deps.log,
+    { failed: "writing a flush to ClickHouse failed", recovered: "ClickHouse takes flushes again" },
+    "error",
+  );
+  const billingOutage = createOutageLog(
+    deps.log,
+    { failed: "recording usage in billing failed", recovered: "billing records usage again" },
+    "error",
+  );
 
   const full = () => (held >= options.maxBufferedRows || heldBytes >= options.maxBufferedBytes) && !stopping?.aborted;
 
@@ -260,8 +271,9 @@ export function createIngest(deps: IngestDeps): Ingest {
         deps.store.insertRequests(rows, dedupToken(rows)),
       );
       stopTimer();
+      clickHouseOutage.recovered();
     } catch (e) {
-      deps.log.error("writing a flush to ClickHouse failed", { err: e, rows: rows.length });
+      clickHouseOutage.failed({ err: e, rows: rows.length });
       throw new ConnectError("writing the batch to ClickHouse failed; resend it", Code.Unavailable);
     } finally {
       instruments.insertBusy.end();
@@ -317,11 +329,13 @@ export function createIngest(deps: IngestDeps): Ingest {
     if (billingCalls >= options.billingConcurrency) await new Promise<void>((resolve) => billingWaiters.push(resolve));
     else billingCalls++;
     try {
-      return (await deps.billing.recordUsage({ records })).duplicates;
+      const { duplicates } = await deps.billing.recordUsage({ records });
+      billingOutage.recovered();
+      return duplicates;
     } catch (e) {
       const err = ConnectError.from(e);
       if (refusals.has(err.code)) return err;
-      deps.log.error("recording usage in billing failed", { err, code: Code[err.code] });
+      billingOutage.failed({ err, code: Code[err.code] });
       throw new ConnectError(`recording usage in billing failed (${Code[err.code]}); resend the batch`, Code.Unavailable);
     } finally {
       const next = billingWaiters.shift();

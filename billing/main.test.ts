@@ -2,8 +2,10 @@ import { expect, test } from "bun:test";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { readinessIntervalMs } from "../lib/health.ts";
 import { freePort, spawnService } from "../lib/processes.ts";
+import { createServiceClient } from "../lib/rpc-client.ts";
 import { expectJsonStartFailure, spawnAsContainerInit } from "../lib/testing.ts";
 import { isAlive, postmasterPid } from "./store/embedded.ts";
 
@@ -44,6 +46,39 @@ test("exits non-zero when its embedded postgres dies, so a supervisor restarts i
   } finally {
     await billing.stop("SIGKILL");
     if (pid && isAlive(pid)) process.kill(pid, "SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
+test("SIGTERM stops it and its embedded postgres without a warning about the connections it closed", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "billing-main-"));
+  const port = await freePort();
+  const lines: string[] = [];
+  const billing = spawnBilling(dataDir, port, "warn", (line) => lines.push(line));
+  try {
+    await billing.ready;
+    // Calls that leave the pool's connections idle, as a serving billing's are.
+    const calls = Array.from({ length: 16 }, () =>
+      fetch(`http://127.0.0.1:${port}/billing.v1.BillingService/ListOrganizations`, {
+        method: "POST",
+        headers: { "content-type": "application/json", authorization: "Bearer main-test-admin-token-0123456789" },
+        body: "{}",
+      }).then((r) => r.status),
+    );
+    expect(await Promise.all(calls)).toEqual(Array(16).fill(200));
+    // A gateway's key change stream: a connection of the pool LISTENs for it.
+    const client = createServiceClient(BillingService, {
+      baseUrl: `http://127.0.0.1:${port}`,
+      bearerToken: "main-test-admin-token-0123456789",
+    });
+    const watch = client.watchKeyChanges({})[Symbol.asyncIterator]();
+    await watch.next();
+    billing.proc.kill("SIGTERM");
+    await watch.next().catch(() => {});
+    expect(await billing.proc.exited).toBe(0);
+    expect(lines.filter((line) => /"level":"(warn|error)"/.test(line) && !line.includes("ADMIN_TOKEN"))).toEqual([]);
+  } finally {
+    await billing.stop("SIGKILL");
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 90_000);

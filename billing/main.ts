@@ -43,7 +43,8 @@ const pool = createPool({
   connectionTimeoutMillis: 5_000,
 });
 // Idle connections that break (a restarted server) are dropped by the pool; without a listener they crash the process.
-pool.on("error", (e) => log.warn("idle postgres connection failed", { err: e }));
+// Once the pool is ending, its connections close while the embedded server stops: nothing failed.
+pool.on("error", (e) => pool.ending || log.warn("idle postgres connection failed", { err: e }));
 
 try {
   const migrating = migrate(pool, undefined, {

@@ -547,6 +547,31 @@ describe("watching key changes", () => {
     await watch.stop();
   });
 
+  test("billing down through many retries is logged as the stream fails and as it delivers again, not at every retry", async () => {
+    let opened = 0;
+    const flaky = {
+      watchKeyChanges: (_req: unknown, { signal }: { signal: AbortSignal }) => {
+        const attempt = ++opened;
+        return (async function* () {
+          if (attempt <= 6) throw new ConnectError("connect ECONNREFUSED 10.0.0.3:8081", Code.Unavailable);
+          yield { secretHash: "", apiKeyId: "", revoked: false };
+          await new Promise((resolve) => signal.addEventListener("abort", resolve));
+        })();
+      },
+    };
+    const log = createTestLogger();
+    const watch = watchKeyChanges({ billing: flaky as never, keys: recorder().keys, backoffMs: 1, maxBackoffMs: 2, log });
+    await until(() => watch.healthy());
+    await watch.stop();
+    const logged = log.lines.map((line) => JSON.parse(line)).filter((l) => l.level !== "debug");
+    expect(logged.map((l) => `${l.level} ${l.msg}`)).toEqual([
+      "warn key change stream failed; key cache uses its short TTL until it is back",
+      "info key change stream delivers again",
+    ]);
+    expect(logged[0].err).toBe("connect ECONNREFUSED 10.0.0.3:8081");
+    expect(logged[1].failures).toBe(6);
+  });
+
   test("a message confirms the stream at once; a failing stream is retried with growing delays", async () => {
     const billing = streamFake();
     const { keys, watching } = recorder();

@@ -383,7 +383,13 @@ export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch 
     : undefined;
   up?.set(0);
 
+  // Retried with backoff for as long as billing is down: logged as that starts and as the stream delivers again.
+  const outage = createOutageLog(log, {
+    failed: "key change stream failed; key cache uses its short TTL until it is back",
+    recovered: "key change stream delivers again",
+  });
   const setHealthy = (value: boolean) => {
+    if (value) outage.recovered();
     healthy = value;
     up?.set(value ? 1 : 0);
     keys.setWatching(value);
@@ -412,10 +418,10 @@ export function watchKeyChanges(options: KeyChangeWatchOptions): KeyChangeWatch 
       ended = performance.now() - openedAt >= silenceMs;
       if (!stopping.signal.aborted) log?.info("key change stream ended by billing; watching again");
     } catch (e) {
-      if (silence.expired) log?.warn(`key change stream silent for ${silenceMs} ms; key cache uses its short TTL until it is back`);
+      if (silence.expired) outage.failed({ err: `silent for ${silenceMs} ms` });
       else if (!stopping.signal.aborted) {
         const err = ConnectError.from(e);
-        log?.warn("key change stream failed; key cache uses its short TTL until it is back", { code: Code[err.code], err: err.rawMessage });
+        outage.failed({ code: Code[err.code], err: err.rawMessage });
       }
     } finally {
       silence.stop();

@@ -9,9 +9,10 @@ import { createMetricsShipper, type MetricsShipper, type ShipperStatus } from ".
 import { createReadiness } from "./readiness.ts";
 import { createMemorySpool, type Spool } from "./spool.ts";
 import { openFileSpool } from "./spool-file.ts";
+import { createLogger, type Logger } from "../lib/log.ts";
 import { createTestLogger } from "./testing.ts";
 
-function setup(billing: () => Promise<Response>) {
+function setup(billing: () => Promise<Response>, log?: Logger) {
   const status: ShipperStatus = { connected: true, rows: 0, bytes: 0, maxBytes: 1000, full: false, lastError: undefined };
   let probes = 0;
   const readiness = createReadiness({
@@ -22,6 +23,7 @@ function setup(billing: () => Promise<Response>) {
       expect(url).toBe("http://billing.test/readyz");
       return billing();
     }) as unknown as typeof fetch,
+    log,
   });
   return { readiness, status, probes: () => probes };
 }
@@ -94,6 +96,27 @@ describe("readiness", () => {
       throw new Error("connection refused");
     }).readiness();
     expect(down).toMatchObject({ ready: false, checks: { billing: "unreachable" } });
+  });
+
+  test("billing down for many probes is logged as that starts and as it ends, not at every probe", async () => {
+    const lines: string[] = [];
+    let down = true;
+    const { readiness } = setup(
+      async () => {
+        if (down) throw new Error("connect ECONNREFUSED 10.0.0.2:8081");
+        return new Response("{}");
+      },
+      createLogger({ service: "t", write: (line) => lines.push(line) }),
+    );
+    for (let i = 0; i < 30; i++) expect((await readiness()).checks.billing).toBe("unreachable");
+    down = false;
+    for (let i = 0; i < 3; i++) expect((await readiness()).checks.billing).toBe("ok");
+    const logged = lines.map((line) => JSON.parse(line));
+    expect(logged.map((l) => `${l.level} ${l.msg}`)).toEqual([
+      "warn readiness: billing does not answer",
+      "info readiness: billing answers again",
+    ]);
+    expect(logged[1].failures).toBe(30);
   });
 
   test("billing down leaves the gateway ready while keys it vouched for lately are still admitted", async () => {

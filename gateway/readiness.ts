@@ -1,4 +1,4 @@
-import type { Logger } from "../lib/log.ts";
+import { createOutageLog, type Logger } from "../lib/log.ts";
 import type { Readiness } from "../lib/server.ts";
 import type { ShipperStatus } from "./metrics-pipe.ts";
 
@@ -25,13 +25,19 @@ export function createReadiness(options: ReadinessOptions): () => Promise<Readin
   const timeoutMs = options.timeoutMs ?? 1000;
   const doFetch = options.fetch ?? fetch;
   const url = `${options.billingUrl.replace(/\/$/, "")}/readyz`;
+  // Probed every second or so for as long as billing is down: logged as that starts and as it ends.
+  const outage = createOutageLog(options.log, {
+    failed: "readiness: billing does not answer",
+    recovered: "readiness: billing answers again",
+  });
   const probeBilling = async (): Promise<string> => {
     try {
       const res = await doFetch(url, { signal: AbortSignal.timeout(timeoutMs) });
       await res.body?.cancel();
+      outage.recovered();
       return res.ok ? "ok" : `not ready (HTTP ${res.status})`;
     } catch (e) {
-      options.log?.warn("readiness: billing does not answer", { err: e });
+      outage.failed({ err: e });
       return "unreachable";
     }
   };

@@ -31,6 +31,26 @@ test("a ping that never settles is a timeout once its bound has passed, and is t
   expect(await failing()).toEqual({ ready: false, checks: { postgres: "unreachable" } });
 });
 
+test("a store down for many checks is logged as the outage starts and as it ends, not at every check", async () => {
+  const lines: string[] = [];
+  let down = true;
+  const readiness = pingReadiness(
+    "postgres",
+    () => (down ? Promise.reject(new Error("connect ECONNREFUSED 10.0.0.1:5432")) : Promise.resolve()),
+    createLogger({ service: "t", write: (line) => lines.push(line) }),
+  );
+  for (let i = 0; i < 30; i++) expect((await readiness()).ready).toBe(false);
+  down = false;
+  for (let i = 0; i < 3; i++) expect((await readiness()).ready).toBe(true);
+  const logged = lines.map((line) => JSON.parse(line));
+  expect(logged.map((l) => `${l.level} ${l.msg}`)).toEqual([
+    "warn readiness: postgres does not answer",
+    "info readiness: postgres answers again",
+  ]);
+  expect(logged[0].err.message).toBe("connect ECONNREFUSED 10.0.0.1:5432");
+  expect(logged[1].failures).toBe(30);
+});
+
 describe("health under many probes", () => {
   let pings = 0;
   let ready = true;

@@ -1,6 +1,6 @@
 import { Code, type ConnectRouter, ConnectError, createContextKey, type HandlerContext } from "@connectrpc/connect";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../gen/grpc/health/v1/health_pb.ts";
-import type { Logger } from "./log.ts";
+import { createOutageLog, type Logger } from "./log.ts";
 import type { Readiness } from "./server.ts";
 
 /** How often readiness is checked at most, however many probes and Watch streams ask. */
@@ -180,18 +180,24 @@ export function pingReadiness(
   log: Logger,
   timeoutMs = pingTimeoutMs,
 ): () => Promise<Readiness> {
+  // Checked every second or so for as long as the store is down: logged as that starts and as it ends.
+  const outage = createOutageLog(log, {
+    failed: `readiness: ${name} does not answer`,
+    recovered: `readiness: ${name} answers again`,
+  });
   return async () => {
     let timer: ReturnType<typeof setTimeout> | undefined;
     const timedOut = Symbol("timeout");
     try {
       const expired = new Promise<typeof timedOut>((resolve) => (timer = setTimeout(() => resolve(timedOut), timeoutMs)));
       if ((await Promise.race([ping(timeoutMs), expired])) === timedOut) {
-        log.warn(`readiness: ${name} does not answer within ${timeoutMs} ms`);
+        outage.failed({ timeout_ms: timeoutMs });
         return { ready: false, checks: { [name]: "timeout" } };
       }
+      outage.recovered();
       return { ready: true, checks: { [name]: "ok" } };
     } catch (e) {
-      log.warn(`readiness: ${name} does not answer`, { err: e });
+      outage.failed({ err: e });
       return { ready: false, checks: { [name]: "unreachable" } };
     } finally {
       clearTimeout(timer);
