@@ -134,7 +134,10 @@ export interface ResponsesOutcome extends MeteredOutcome {
 }
 
 export interface EmbeddingOutcome extends MeteredOutcome {
+  /** Vectors as EmbeddingResult has them: for a client that asked for floats, floats or base64 to print as floats. */
   response: CreateEmbeddingResponse;
+  /** What the client asked for. */
+  encodingFormat: "float" | "base64";
 }
 
 /** The request pipeline REST and RPC share: auth, routing, upstream calls, cost and metrics. */
@@ -948,7 +951,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         (provider, model, options) => provider.embed({ ...input.upstream, model }, options),
         (model) => countEmbeddingTokens(input.upstream.input, model),
       );
-      return { response: result.response, ...metered(call, result, result.response.model, route.price) };
+      const outcome = metered(call, result, result.response.model, route.price);
+      return { response: result.response, encodingFormat: input.upstream.encoding_format, ...outcome };
     },
     async responses(call, body) {
       const { input, route, price, prompt, upstreamFor } = await admitResponses(call, body, false);

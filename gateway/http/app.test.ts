@@ -5,7 +5,8 @@ import { isValid as isUlid } from "ulid";
 import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { createTestCore } from "../testing.ts";
-import { createRestApp } from "./app.ts";
+import type { CreateEmbeddingResponse } from "../providers/provider.ts";
+import { createRestApp, embeddingJson } from "./app.ts";
 
 const maxBodyBytes = 4096;
 
@@ -429,6 +430,49 @@ describe("REST chat completions", () => {
       httpStatus: 499,
       errorCode: "client_closed_request",
     });
+  });
+});
+
+describe("embeddings answers written in pieces", () => {
+  const base64 = (values: number[]) => Buffer.from(Float32Array.from(values).buffer).toString("base64");
+  const written = (response: unknown, floats: boolean) =>
+    [...embeddingJson(response as CreateEmbeddingResponse, floats)].join("");
+
+  test("print what JSON.stringify prints of the floats, fields and their order as they came", () => {
+    const floats = [0.1, -0.5, 1e-7, 3.4e38, -0, 12345.678].map(Math.fround);
+    const vector = (embedding: unknown, index: number) => ({ index, embedding, object: "embedding", extra: undefined });
+    const answer = (embedding: (i: number) => unknown) => ({
+      model: "e",
+      object: "list",
+      data: [vector(embedding(0), 0), vector(embedding(1), 1), null, "odd"],
+      usage: { prompt_tokens: 3, total_tokens: 3 },
+      skipped: undefined,
+      provider: { data: [] },
+    });
+    const expected = JSON.stringify(answer(() => floats));
+    expect(written(answer(() => base64(floats)), true)).toBe(expected);
+    expect(written(answer(() => floats), true)).toBe(expected);
+    // Numbers an upstream that ignores encoding_format printed, float32s or not, go as they came.
+    expect(written(answer(() => [0.1, 0.2]), true)).toBe(JSON.stringify(answer(() => [0.1, 0.2])));
+    // Base64 of bytes that are not whole float32s is left as it came; a float32 that is no number prints as null.
+    expect(written(answer(() => "AAA="), true)).toBe(JSON.stringify(answer(() => "AAA=")));
+    expect(written(answer(() => base64([Number.NaN, 1])), true)).toBe(JSON.stringify(answer(() => [null, 1])));
+    // A client that asked for base64 gets it as it came.
+    expect(written(answer(() => base64(floats)), false)).toBe(JSON.stringify(answer(() => base64(floats))));
+    expect(written({ object: "list", data: [] }, true)).toBe('{"object":"list","data":[]}');
+    expect(written({}, true)).toBe("{}");
+  });
+
+  test("a large answer comes in pieces of about a quarter of a megabyte, a vector at most more", () => {
+    const vector = Array.from({ length: 3072 }, (_, i) => Math.fround(Math.sin(i) / 10));
+    const data = Array.from({ length: 200 }, (_, index) => ({ object: "embedding", index, embedding: base64(vector) }));
+    const answer = { object: "list", data, model: "e", usage: { prompt_tokens: 200, total_tokens: 200 } };
+    const pieces = [...embeddingJson(answer as unknown as CreateEmbeddingResponse, true)];
+    const whole = JSON.stringify({ ...answer, data: data.map((d) => ({ ...d, embedding: vector })) });
+    expect(pieces.join("")).toBe(whole);
+    expect(pieces.length).toBeGreaterThan(10);
+    const vectorChars = JSON.stringify(vector).length + 50;
+    for (const piece of pieces) expect(piece.length).toBeLessThan(256 * 1024 + vectorChars);
   });
 });
 

@@ -9,7 +9,7 @@ import type { ChatStream } from "../chat-stream.ts";
 import type { ResponseStream } from "../responses-stream.ts";
 import type { ModelRoute } from "../config.ts";
 import type { Call, GatewayCore } from "../core.ts";
-import type { StoredResponseRequest } from "../providers/provider.ts";
+import { base64Floats, type CreateEmbeddingResponse, type StoredResponseRequest } from "../providers/provider.ts";
 import type { BodyHold } from "../body-budget.ts";
 import {
   bodiesAtCapacity,
@@ -214,14 +214,21 @@ export function createRestApp(options: RestAppOptions): RestApp {
     }
   };
 
-  const embeddings = async (request: RestRequest): Promise<RestResponse> => {
+  const embeddings = async (request: RestRequest, span: Span): Promise<RestResponse> => {
     const call = begin(Endpoint.EMBEDDINGS, request);
     try {
       const outcome = await core.handle(call, async () => {
         await authorize(call, request);
         return core.embed(call, parseJson(await bodyText(request, maxBodyBytes)));
       });
-      return ok(call, JSON.stringify(outcome.response), outcome.costNanos);
+      // Written a piece at a time: 2048 vectors of 3072 dimensions are 130 MB of JSON floats printed in full, which as
+      // one string (and its bytes) took a replica past 500 MB. An answer of one piece goes whole, with its length.
+      const pieces = embeddingJson(outcome.response, outcome.encodingFormat === "float");
+      const first = pieces.next();
+      const second = pieces.next();
+      if (second.done) return ok(call, first.done ? "" : first.value, outcome.costNanos);
+      const response = ok(call, "", outcome.costNanos);
+      return { ...response, body: piecesOf([first.value as string, second.value], pieces, span) };
     } catch (e) {
       return failed(call, e);
     }
@@ -303,7 +310,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
     }
     if (path === "/v1/embeddings") {
       if (method !== "POST") return errorResponse(methodNotAllowed(method, path, "POST"), ulid());
-      return traced("/v1/embeddings", request, () => embeddings(request));
+      return traced("/v1/embeddings", request, (span) => embeddings(request, span));
     }
     if (path === "/v1/models") {
       if (method !== "GET") return errorResponse(methodNotAllowed(method, path, "GET"), ulid());
@@ -398,6 +405,70 @@ async function* responseEvents(stream: ResponseStream, span: Span): AsyncGenerat
   } finally {
     span.end();
   }
+}
+
+/** The pieces of a whole answer written as they come, its span ended with them. */
+async function* piecesOf(written: string[], rest: Iterator<string>, span: Span): AsyncGenerator<string> {
+  try {
+    yield* written;
+    for (let next = rest.next(); !next.done; next = rest.next()) yield next.value;
+  } finally {
+    span.end();
+  }
+}
+
+/** About how much of an embeddings answer each piece holds. */
+const embeddingPieceChars = 1 << 18;
+
+/**
+ * An embeddings answer as JSON, in pieces of about 256 KB: the JSON.stringify of it, with vectors of base64 for a
+ * client that asked for floats decoded and printed as floats, one vector at a time. Each float32 is printed as
+ * JSON.stringify prints the number (OpenAI and vLLM print its digits in full so), which parses back to it exactly.
+ */
+export function* embeddingJson(response: CreateEmbeddingResponse, floats: boolean): Generator<string> {
+  let out = "";
+  let members = "{";
+  for (const [key, value] of Object.entries(response) as [string, unknown][]) {
+    if (key !== "data" || !Array.isArray(value)) {
+      const text = JSON.stringify(value) as string | undefined;
+      if (text !== undefined) out += `${members}${JSON.stringify(key)}:${text}`;
+      members = ",";
+      continue;
+    }
+    out += `${members}"data":[`;
+    members = ",";
+    for (let i = 0; i < value.length; i++) {
+      const item: unknown = value[i];
+      out += i > 0 ? "," : "";
+      if (typeof item !== "object" || item === null || Array.isArray(item)) {
+        out += JSON.stringify(item) ?? "null";
+        continue;
+      }
+      let fields = "{";
+      for (const [name, field] of Object.entries(item) as [string, unknown][]) {
+        const text = name === "embedding" ? vectorJson(field, floats) : (JSON.stringify(field) as string | undefined);
+        if (text !== undefined) out += `${fields}${JSON.stringify(name)}:${text}`;
+        fields = ",";
+      }
+      out += fields === "{" ? "{}" : "}";
+      if (out.length >= embeddingPieceChars) {
+        yield out;
+        out = "";
+      }
+    }
+    out += "]";
+  }
+  yield `${out}${members === "{" ? "{}" : "}"}`;
+}
+
+/** A vector as JSON: base64 for a client that asked for floats as its float32s, anything else as it came. */
+function vectorJson(vector: unknown, floats: boolean): string | undefined {
+  const values = floats && typeof vector === "string" ? (base64Floats(vector) ?? vector) : vector;
+  // A list of finite numbers prints as JSON.stringify prints it, without building a copy of it first.
+  if (Array.isArray(values) && values.every((v) => typeof v === "number" && Number.isFinite(v))) {
+    return `[${values.join(",")}]`;
+  }
+  return JSON.stringify(values) as string | undefined;
 }
 
 export function errorResponse(error: GatewayError, requestId: string, limitHeaders?: Record<string, string>): RestResponse {

@@ -1083,6 +1083,31 @@ for (const port of ["rpc", "rest"] as const) {
         expect((await post({ encoding_format: "float" })).data[1]?.embedding).toEqual([0.04, 0.05, 0.06, 0.07].map(Math.fround));
       });
 
+      test("floats of a large batch are asked for in base64 and written in pieces, as a float upstream's answer", async () => {
+        const input = Array.from({ length: 256 }, (_, i) => `input ${i}`);
+        const post = () =>
+          fetch(`${base()}/v1/embeddings`, {
+            method: "POST",
+            headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+            body: JSON.stringify({ model: "embed", input, dimensions: 1536 }),
+          });
+        const decoded = await post();
+        expect(upstream.seen("embed").at(-1)?.body.encoding_format).toBe("base64");
+        // 7 MB of JSON floats never held as one string: it goes out a piece at a time, so without a length.
+        expect(decoded.headers.get("content-length")).toBeNull();
+        const text = await decoded.text();
+        // An upstream that answers the same float32s as JSON numbers printed in full: the client reads the same JSON.
+        upstream.script("embed", { encoding: "float" });
+        const relayed = await post();
+        expect(await relayed.text()).toBe(text);
+        expect(relayed.headers.get("x-gateway-cost-nanos")).toBe(decoded.headers.get("x-gateway-cost-nanos"));
+        const answer = JSON.parse(text) as { object: string; data: Array<{ index: number; embedding: number[] }> };
+        expect(answer.object).toBe("list");
+        expect(answer.data.map((d) => d.index)).toEqual(input.map((_, i) => i));
+        const last = Array.from({ length: 1536 }, (_, i) => Math.fround((input[255]!.length + i) / 100));
+        expect(answer.data[255]?.embedding).toEqual(last);
+      });
+
       test("embeddings without upstream usage are counted", async () => {
         upstream.script("embed", { usage: false });
         const { response } = await sdk().embeddings.create({ model: "embed", input: "Hello world" }).withResponse();

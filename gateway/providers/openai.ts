@@ -18,7 +18,6 @@ import {
   answeredEmbeddingUsage,
   answeredResponsesUsage,
   answeredUsage,
-  base64Floats,
   type CallOptions,
   type ChatCompletion,
   type ChatCompletionChunk,
@@ -392,15 +391,17 @@ export function createOpenAIProvider(
     },
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
-      // encoding_format is always set, so vectors come back as the client asked for them.
-      const response = await postJson<CreateEmbeddingResponse>("/embeddings", request, options);
+      // Vectors are asked for in base64 even when the client wants floats: a quarter of the bytes of float32s printed
+      // in full, which the REST answer's writer decodes a vector at a time (embeddingJson).
+      const asked = request.encoding_format === "float" ? { ...request, encoding_format: "base64" } : request;
+      const response = await postJson<CreateEmbeddingResponse>("/embeddings", asked, options);
       if (!response || !Array.isArray(response.data)) {
         throw new UpstreamError("transient", `${config.name}: the embeddings response has no data`);
       }
-      for (const item of response.data as unknown[]) {
+      for (const item of request.encoding_format === "base64" ? (response.data as unknown[]) : []) {
         if (typeof item === "object" && item !== null) {
           const embedding = item as { embedding: unknown };
-          embedding.embedding = encodedAs(embedding.embedding, request.encoding_format);
+          embedding.embedding = base64Of(embedding.embedding);
         }
       }
       const { tokens, estimated } = await meteredUsage(response.usage, {
@@ -440,15 +441,15 @@ function idleBound(keepAliveMs: number | undefined, cleartext: boolean): (() => 
 }
 
 /**
- * A vector in the encoding the client asked for: servers that ignore encoding_format (LM Studio, Ollama before it read
- * it) answer a request for base64, which OpenAI's .NET library always sends, with a list of floats its client cannot
- * read. Base64 is of little-endian float32s, as OpenAI encodes them; anything else is left as it came.
+ * A vector as base64, for a client that asked for it: servers that ignore encoding_format (LM Studio, Ollama before it
+ * read it) answer a request for base64, which OpenAI's .NET library always sends, with a list of floats its client
+ * cannot read. Base64 is of little-endian float32s, as OpenAI encodes them; anything else is left as it came. Vectors
+ * for a client that asked for floats are left as they came, base64 or floats, for the answer's writer to print.
  */
-function encodedAs(embedding: unknown, format: "float" | "base64"): unknown {
-  if (format === "base64" && Array.isArray(embedding) && embedding.every((v) => typeof v === "number")) {
+function base64Of(embedding: unknown): unknown {
+  if (Array.isArray(embedding) && embedding.every((v) => typeof v === "number")) {
     return Buffer.from(Float32Array.from(embedding).buffer).toString("base64");
   }
-  if (format === "float" && typeof embedding === "string") return base64Floats(embedding) ?? embedding;
   return embedding;
 }
 

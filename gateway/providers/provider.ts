@@ -71,7 +71,11 @@ export interface ChatResult {
 }
 
 export interface EmbeddingResult {
-  /** As the upstream returned it; vectors are base64 strings when the request asked for them. */
+  /**
+   * As the upstream returned it; vectors are base64 strings when the request asked for them. For a request for floats
+   * they are floats or base64 of float32s (an OpenAI-compatible upstream is asked for base64, a quarter of the size),
+   * to be printed as floats.
+   */
   response: CreateEmbeddingResponse;
   tokens: Tokens;
   usageEstimated: boolean;
