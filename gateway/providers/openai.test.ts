@@ -36,6 +36,12 @@ const upstream = Bun.serve({
             completion_tokens_details: { reasoning_tokens: 20 },
           },
         });
+      case "deepseek":
+        // DeepSeek's usage: its cache hits and misses beside prompt_tokens, no prompt_tokens_details.
+        return Response.json({
+          ...completion,
+          usage: { prompt_tokens: 1000, completion_tokens: 10, total_tokens: 1010, prompt_cache_hit_tokens: 800, prompt_cache_miss_tokens: 200 },
+        });
       case "no-usage":
         return Response.json(completion);
       case "slow":
@@ -99,6 +105,18 @@ describe("openai provider", () => {
     expect(result.completion.model).toBe("ok-2024");
     expect(result.tokens).toEqual({ inputTokens: 100n, cachedInputTokens: 40n, outputTokens: 50n, reasoningTokens: 20n });
     expect(result.usageEstimated).toBe(false);
+  });
+
+  test("reads DeepSeek's cache hits as cached input, shown to the client as OpenAI's cached_tokens", async () => {
+    const result = await provider.chat(request("deepseek"), { timeoutMs: 5000 });
+    expect(result.tokens).toEqual({ inputTokens: 1000n, cachedInputTokens: 800n, outputTokens: 10n, reasoningTokens: 0n });
+    expect(result.usageEstimated).toBe(false);
+    expect(result.completion.usage).toEqual({
+      prompt_tokens: 1000,
+      completion_tokens: 10,
+      total_tokens: 1010,
+      prompt_tokens_details: { cached_tokens: 800 },
+    });
   });
 
   test("each call carries its own body and the SDK's header for its own time limit", async () => {
