@@ -37,6 +37,15 @@ const upstream = Bun.serve({
             completion_tokens_details: { reasoning_tokens: 20 },
           },
         });
+      case "deepseek":
+        // DeepSeek's usage: its cache hits and misses beside prompt_tokens, no prompt_tokens_details.
+        return Response.json({
+          ...completion,
+          usage: { prompt_tokens: 1000, completion_tokens: 10, total_tokens: 1010, prompt_cache_hit_tokens: 800, prompt_cache_miss_tokens: 200 },
+        });
+      case "eos":
+        // Together's finish reason for a model that stopped by itself.
+        return Response.json({ ...completion, choices: [{ ...completion.choices[0], finish_reason: "eos" }] });
       case "no-usage":
         return Response.json(completion);
       case "slow":
@@ -100,6 +109,23 @@ describe("openai provider", () => {
     expect(result.completion.model).toBe("ok-2024");
     expect(result.tokens).toEqual({ inputTokens: 100n, cachedInputTokens: 40n, outputTokens: 50n, reasoningTokens: 20n });
     expect(result.usageEstimated).toBe(false);
+  });
+
+  test("reads DeepSeek's cache hits as cached input, shown to the client as OpenAI's cached_tokens", async () => {
+    const result = await provider.chat(request("deepseek"), { timeoutMs: 5000 });
+    expect(result.tokens).toEqual({ inputTokens: 1000n, cachedInputTokens: 800n, outputTokens: 10n, reasoningTokens: 0n });
+    expect(result.usageEstimated).toBe(false);
+    expect(result.completion.usage).toEqual({
+      prompt_tokens: 1000,
+      completion_tokens: 10,
+      total_tokens: 1010,
+      prompt_tokens_details: { cached_tokens: 800 },
+    });
+  });
+
+  test("a compatible server's own finish reason is answered as OpenAI's", async () => {
+    const result = await provider.chat(request("eos"), { timeoutMs: 5000 });
+    expect(result.completion.choices[0]?.finish_reason).toBe("stop");
   });
 
   test("each call carries its own body and the SDK's header for its own time limit", async () => {
@@ -348,6 +374,9 @@ const eAcute = new TextEncoder().encode(framedText).indexOf(0xc3);
 const streams: Record<string, Array<string | Uint8Array>> = {
   // Split inside events and inside a multi-byte character, CRLF line ends, a comment and a retry field.
   framed: cutBytes(framedText, 40, eAcute + 1, eAcute + 30),
+  // Finish reasons of compatible servers: Ollama's and SGLang's "" while unfinished, Together's eos, Mistral's.
+  "own-finish": [chunkEvent({ content: "a" }, ""), chunkEvent({}, "eos"), usageEvent, "data: [DONE]\n\n"],
+  "model-length": [chunkEvent({ content: "a" }, ""), chunkEvent({}, "model_length"), "data: [DONE]\n\n"],
   "error-event": [chunkEvent({ content: "partial" }), `data: {"error":{"message":"The server had an error","type":"server_error"}}\n\n`],
   "named-error": [chunkEvent({ content: "partial" }), `event: error\ndata: {"message":"overloaded"}\n\n`],
   // Failures before the first chunk: an error event first, a prefill longer than the attempt's limit.
@@ -531,6 +560,16 @@ describe("openai provider streams", () => {
     expect(count).toBe(20_001);
     // A slice of a read (16 KiB) is about 140 of these chunks; a whole read was thousands.
     expect(most).toBeLessThan(500);
+  });
+
+  test("a compatible server's own finish reasons reach the client as OpenAI's", async () => {
+    for (const [model, last] of [["own-finish", "stop"], ["model-length", "length"]]) {
+      const reasons: unknown[] = [];
+      for await (const chunk of await streaming.streamChat(request(model as string), { timeoutMs: 5000 })) {
+        for (const choice of chunk.choices) reasons.push(choice.finish_reason);
+      }
+      expect(reasons).toEqual([null, last]);
+    }
   });
 
   test("a consumer that takes longer than the timeout to read a chunk is not the upstream's silence", async () => {

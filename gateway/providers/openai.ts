@@ -341,6 +341,9 @@ export function createOpenAIProvider(
       if (!completion || typeof completion !== "object" || !Array.isArray(completion.choices)) {
         throw new UpstreamError("transient", `${config.name}: the response is not a chat completion`);
       }
+      for (const c of completion.choices) {
+        if (c && typeof c === "object" && c.finish_reason) c.finish_reason = openAIFinishReason(c.finish_reason);
+      }
       const { tokens, estimated } = await meteredUsage(completion.usage, {
         input: () => countInputTokens(request),
         output: () => {
@@ -993,11 +996,27 @@ function checkedChunk(data: unknown, provider: string): ChatCompletionChunk {
     if (typeof choice !== "object" || choice === null)
       throw new UpstreamError("transient", `${provider}: a malformed choice`);
     // As the SDK's stream does: a choice always has finish_reason, null until it finishes.
-    choice.finish_reason ??= null;
+    choice.finish_reason = openAIFinishReason(choice.finish_reason) ?? null;
     // And a delta, which Azure's asynchronous filter leaves out of a choice it annotates with content_filter_results.
     choice.delta ??= {};
   }
   return chunk;
+}
+
+/**
+ * Compatible servers' own finish reasons in OpenAI's words: Together's `eos`, TGI's and watsonx's `eos_token` and
+ * Mistral's `model_length` fail clients that read OpenAI's values only (the .NET SDK throws on `eos`), and the ""
+ * Ollama and SGLang have sent on chunks of a choice not yet finished is null. Any other value is left as it came.
+ */
+const finishReasons = new Map<unknown, ChatCompletionChunk.Choice["finish_reason"]>([
+  ["", null],
+  ["eos", "stop"],
+  ["eos_token", "stop"],
+  ["model_length", "length"],
+]);
+
+function openAIFinishReason<T>(reason: T): T {
+  return (finishReasons.has(reason) ? finishReasons.get(reason) : reason) as T;
 }
 
 /** Reads what is left of a body after [DONE], cancelling it if it has not ended within `limitMs`. */

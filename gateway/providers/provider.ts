@@ -368,7 +368,10 @@ export async function meteredUsage(usage: unknown, estimate: TokenEstimates): Pr
     estimated ||= count === undefined;
     outputTokens = count ?? BigInt(await estimate.output());
   }
-  const cached = tokenCount(record(reported.prompt_tokens_details).cached_tokens) ?? 0n;
+  // DeepSeek reports its cache hits beside the prompt's count rather than in its details (prompt_tokens is hits and
+  // misses): read where OpenAI's count is missing, else its cached input is billed at the full price.
+  const cached =
+    tokenCount(record(reported.prompt_tokens_details).cached_tokens) ?? tokenCount(reported.prompt_cache_hit_tokens) ?? 0n;
   // Reasoning is counted with the output it is part of, from what was streamed of it.
   const streamedReasoning = tokenCount(reported.completion_tokens) === undefined ? estimate.reasoning : undefined;
   const reasoning =
