@@ -486,12 +486,12 @@ function jsonReply(format: { type?: unknown; json_schema?: { schema?: unknown };
   // Chat's response_format holds the schema in json_schema, the Responses API's text.format in itself.
   const schema = format.type === "json_schema" ? (format.json_schema?.schema ?? format.schema) : undefined;
   if (schema === undefined) return JSON.stringify({ reply: echo });
-  return JSON.stringify(schemaInstance(schema, { root: schema, text: echo, values: 0, chars: maxInstanceChars }, 0));
+  return JSON.stringify(schemaInstance(schema, newInstance(schema, echo), 0));
 }
 
 /** A tool call's arguments: an object its parameters' schema accepts (the echo for its strings), else `{}`. */
 function toolArguments({ parameters }: RequiredTool, echo: string): string {
-  const args = parameters && schemaInstance(parameters, { root: parameters, text: echo, values: 0, chars: maxInstanceChars }, 0);
+  const args = parameters && schemaInstance(parameters, newInstance(parameters, echo), 0);
   return JSON.stringify(typeof args === "object" && args !== null && !Array.isArray(args) ? args : {});
 }
 
@@ -519,21 +519,42 @@ const formatted: Record<string, string> = {
   uri: "https://example.com/",
 };
 
+interface SchemaRead {
+  ref: unknown;
+  type: unknown;
+  required: string[];
+}
+
+/** An instance being made of the schema `root`: its echo, and what it may still hold. */
+interface Instance {
+  root: unknown;
+  text: string;
+  values: number;
+  chars: number;
+  /**
+   * What each schema's `$ref`, `type` list and `required` names come to, read once however many $refs name the schema:
+   * read at each, a 400 KB `$ref` path named by 4,096 required names held the event loop for 21 s.
+   */
+  read: Map<object, SchemaRead>;
+}
+
+function newInstance(root: unknown, text: string): Instance {
+  return { root, text, values: 0, chars: maxInstanceChars, read: new Map() };
+}
+
 /**
  * The least value a JSON schema accepts, as far as OpenAI's structured outputs let a schema say: its const or first
  * enum value, its first `anyOf` branch, `text` for a string (a string of its format's), the least number it allows,
  * false, its shortest array, an object of its required properties; `$ref`s resolved in `at.root`.
  */
-function schemaInstance(
-  schema: unknown,
-  at: { root: unknown; text: string; values: number; chars: number },
-  depth: number,
-): unknown {
+function schemaInstance(schema: unknown, at: Instance, depth: number): unknown {
   if (depth > maxSchemaDepth || ++at.values > maxInstanceValues) return null;
   const text = at.text.slice(0, at.chars);
   if (typeof schema !== "object" || schema === null) return taken(at, text);
   const s = schema as Record<string, unknown>;
-  if (typeof s.$ref === "string") return schemaInstance(resolveRef(at.root, s.$ref), at, depth + 1);
+  let read = at.read.get(s);
+  if (!read) at.read.set(s, (read = readSchema(s, at.root)));
+  if (typeof s.$ref === "string") return schemaInstance(read.ref, at, depth + 1);
   if ("const" in s || (Array.isArray(s.enum) && s.enum.length > 0)) {
     let length = givenLengths.get(s);
     if (length === undefined) givenLengths.set(s, (length = JSON.stringify("const" in s ? s.const : s.enum)?.length ?? 0));
@@ -543,14 +564,11 @@ function schemaInstance(
   }
   const branches = s.anyOf ?? s.oneOf ?? s.allOf;
   if (Array.isArray(branches) && branches.length > 0) return schemaInstance(branches[0], at, depth + 1);
-  const types = Array.isArray(s.type) ? s.type : [s.type];
-  const type = types.find((t) => t !== "null") ?? (types.includes("null") ? "null" : undefined);
+  const type = read.type;
   if (type === "object" || (type === undefined && typeof s.properties === "object" && s.properties !== null)) {
     const properties = (s.properties ?? {}) as Record<string, unknown>;
     const value: Record<string, unknown> = {};
-    for (const name of Array.isArray(s.required) ? s.required : []) {
-      if (typeof name === "string") value[name] = schemaInstance(properties[name], at, depth + 1);
-    }
+    for (const name of read.required) value[name] = schemaInstance(properties[name], at, depth + 1);
     return value;
   }
   if (type === "array") {
@@ -567,6 +585,16 @@ function schemaInstance(
   const longest = typeof s.maxLength === "number" ? s.maxLength : text.length;
   const least = Math.min(typeof s.minLength === "number" ? s.minLength : 0, at.chars);
   return taken(at, text.slice(0, longest).padEnd(least, "."));
+}
+
+/** A schema's resolved `$ref` (in `root`), the type its instance takes and its required property names. */
+function readSchema(s: Record<string, unknown>, root: unknown): SchemaRead {
+  const types = Array.isArray(s.type) ? s.type : [s.type];
+  return {
+    ref: typeof s.$ref === "string" ? resolveRef(root, s.$ref) : undefined,
+    type: types.find((t) => t !== "null") ?? (types.includes("null") ? "null" : undefined),
+    required: Array.isArray(s.required) ? s.required.filter((name): name is string => typeof name === "string") : [],
+  };
 }
 
 /** A string of an instance, counted against what its strings may hold. */
