@@ -402,6 +402,13 @@ describe("meshctl against a real billing", () => {
       /Friday night\s+time-window\s+20%\s+0\s+yes\s+all\s+22-6h UTC Fri/,
     );
     await ok(`discounts remove ${fridayNight.rule.id}`);
+    // A validity of hours within one day shows its hours, not that day twice.
+    const flash = await json<{ rule: { id: string } }>(
+      `discounts add --org ${orgId} --name flash --kind promotional --percent 50 --from 2026-12-01T14:00 ` +
+        "--until 2026-12-01T18:00",
+    );
+    expect(await ok(`discounts list --org ${orgId}`)).toMatch(/flash\s+promotional\s+50%.*2026-12-01T14:00\.\.2026-12-01T18:00/);
+    await ok(`discounts remove ${flash.rule.id}`);
     failsWith(
       await cli(`discounts add --org ${orgId} --name x --kind time-window --percent 5 --hours 6-6`),
       1,

@@ -933,9 +933,16 @@ function ruleWhen(rule: DiscountRule): string {
   const onDays = rule.daysOfWeek.length ? ` ${rule.daysOfWeek.map((d) => days[d]).join(",")}` : "";
   const parts = [
     rule.kind === DiscountKind.TIME_WINDOW ? `${rule.startHour}-${rule.endHour}h UTC${onDays}` : "",
-    rule.validFrom || rule.validUntil ? `${date(rule.validFrom)}..${date(rule.validUntil)}` : "",
+    rule.validFrom || rule.validUntil ? `${hourOf(rule.validFrom)}..${hourOf(rule.validUntil)}` : "",
   ].filter(Boolean);
   return parts.join(" ") || "always";
+}
+
+/** A validity bound as `--from` and `--until` take it: the day alone at midnight UTC, else the day and hour. */
+function hourOf(ts: Timestamp | undefined): string {
+  if (!ts) return "-";
+  const iso = timestampDate(ts).toISOString();
+  return iso.slice(11, 13) === "00" ? iso.slice(0, 10) : iso.slice(0, 13) + ":00";
 }
 
 function timestampMs(ts: Timestamp): number {

@@ -142,6 +142,39 @@ describe("examples", () => {
     ]);
   });
 
+  test("usage a non-stackable rule closed still counts towards the volume tiers of the rules after it", () => {
+    // $600 by day, $600 at night; the night's exclusive promotion gives 20%, capped at $3.
+    const day = hours(1, 600n * usd, { hour: new Date(monthStart + 10 * hourMs) });
+    const night = hours(1, 600n * usd, { hour: new Date(monthStart + 23 * hourMs) });
+    const offPeak = rule({
+      id: "a",
+      kind: "time_window",
+      discountBps: 2000,
+      startHour: 22,
+      endHour: 6,
+      priority: 2,
+      stackable: false,
+      capNanos: 3n * usd,
+    });
+    const graduated = rule({ id: "b", kind: "volume_graduated", tiers, priority: 1 });
+    const result = calculateDiscounts([...day, ...night], [offPeak, graduated], noMax);
+    // A $1,200 volume: 10% of $900 and 20% of $200, $130 or 10.8333...%, taken on the $600 by day.
+    expect(result.applied.map((a) => [a.rule.id, a.matchedNanos, a.volumeNanos, a.amountNanos])).toEqual([
+      ["a", 600n * usd, 600n * usd, 3n * usd],
+      ["b", 600n * usd, 1200n * usd, 65n * usd],
+    ]);
+    const allUnits = rule({ id: "b", kind: "volume_all_units", tiers, priority: 1 });
+    // The $1,000 tier's 20% on the $600 by day.
+    expect(calculateDiscounts([...day, ...night], [offPeak, allUnits], noMax).totalNanos).toBe(123n * usd);
+    // Late usage by night is closed to the volume rule, yet lifts its tier for the late usage by day with it.
+    const lateNight = hours(1, 300n * usd, { hour: new Date(monthStart + 47 * hourMs) });
+    const lateDay = hours(1, 100n * usd, { hour: new Date(monthStart + 34 * hourMs) });
+    const billed = [...day.map((u) => ({ ...u, costNanos: 500n * usd })), ...night];
+    expect(
+      marginalDiscounts(billed, [...lateDay, ...lateNight], [offPeak, allUnits], noMax).map((a) => a.amountNanos),
+    ).toEqual([0n, 20n * usd]);
+  });
+
   test("the org maximum cuts rules of lower priority first", () => {
     const usage = hours(1, 10_000n);
     const rules = [
@@ -158,7 +191,7 @@ describe("examples", () => {
     const late = hours(1, 100n * usd, { hour: new Date(monthStart + 5 * hourMs) });
     const capped = rule({ kind: "promotional", discountBps: 1000, capNanos: 20n * usd });
     expect(marginalDiscounts(billed, late, [capped], noMax)).toEqual([
-      { rule: capped, matchedNanos: 100n * usd, amountNanos: 5n * usd },
+      { rule: capped, matchedNanos: 100n * usd, volumeNanos: 250n * usd, amountNanos: 5n * usd },
     ]);
     // The billed $150 already passed the 10% tier at $100, so all of the $100 more is at 10%; alone it would be 0%.
     const graduated = rule({ kind: "volume_graduated", tiers });

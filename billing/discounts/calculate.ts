@@ -11,8 +11,10 @@ export interface UsageHour {
 
 export interface AppliedDiscount {
   rule: DiscountRule;
-  /** Usage the rule matched, before any discount. */
+  /** Usage the rule matched and discounted, before any discount: not what rules that do not stack closed to it. */
   matchedNanos: bigint;
+  /** The rule's volume: all the usage it matches before any discount, closed to it or not, which decides its tier. */
+  volumeNanos: bigint;
   /** What the rule took off, >= 0. */
   amountNanos: bigint;
 }
@@ -28,8 +30,8 @@ const bpsScale = 10_000n;
 
 /**
  * Discounts of one billing period. Rules apply highest priority first (ties by id), each to the usage it matches as
- * it stands after the rules before it; a rule that is not stackable closes the usage it matched to later rules.
- * Each rule is limited by its cap and by what is left of the org's maximum (`maxDiscountBps` of the subtotal, 0 = no
+ * it stands after the rules before it; a rule that is not stackable closes the usage it matched to later rules, which
+ * still counts towards their volume tiers (the volume is all the usage a rule matches, before any discount). Each rule is limited by its cap and by what is left of the org's maximum (`maxDiscountBps` of the subtotal, 0 = no
  * maximum). Every amount rounds down to the nano-USD, so no bound is ever crossed by rounding.
  */
 export function calculateDiscounts(
@@ -45,17 +47,20 @@ export function calculateDiscounts(
   const applied: AppliedDiscount[] = [];
 
   for (const rule of [...rules].sort(byPriority)) {
-    const matched = usage.flatMap((u, i) => (open[i] && matches(rule, u) ? [i] : []));
+    const all = usage.flatMap((u, i) => (matches(rule, u) ? [i] : []));
+    const matched = all.filter((i) => open[i]);
     if (matched.length === 0) continue;
-    const gross = sumAt(usage.map((u) => u.costNanos), matched);
+    const costs = usage.map((u) => u.costNanos);
+    const gross = sumAt(costs, matched);
+    const volume = sumAt(costs, all);
     const base = sumAt(remaining, matched);
-    let amount = ruleAmount(rule, gross, base);
+    let amount = ruleAmount(rule, volume, base);
     if (rule.capNanos > 0n && amount > rule.capNanos) amount = rule.capNanos;
     if (amount > allowance) amount = allowance;
     allowance -= amount;
     takeProportionally(remaining, matched, base, amount);
     if (!rule.stackable) for (const i of matched) open[i] = false;
-    applied.push({ rule, matchedNanos: gross, amountNanos: amount });
+    applied.push({ rule, matchedNanos: gross, volumeNanos: volume, amountNanos: amount });
   }
 
   const totalNanos = applied.reduce((sum, a) => sum + a.amountNanos, 0n);
@@ -73,7 +78,7 @@ export function calculateDiscounts(
  * again, so late usage that lifts its period into an all-units tier gets that tier's rate on itself, not a credit for
  * the usage billed before. What rules deleted since (ids not in `rules`) were granted counts against the org's maximum
  * only: a rule created again is a new rule, with a cap of its own. Rules that matched some of the usage, in the order
- * they were applied; `matchedNanos` is late usage.
+ * they were applied; `matchedNanos` is late usage, `volumeNanos` the period's.
  */
 export function marginalDiscounts(
   billed: readonly UsageHour[],
@@ -106,10 +111,10 @@ export function marginalDiscounts(
     if (left > share) left = share;
     if (left > ceiling) left = ceiling > 0n ? ceiling : 0n;
   }
-  return after.applied.map(({ rule, matchedNanos, amountNanos }) => {
+  return after.applied.map(({ rule, matchedNanos, volumeNanos, amountNanos }) => {
     const lateMatched = matchedNanos - (was.get(rule.id)?.matchedNanos ?? 0n);
     // Never more than the rule's rate, as the period's whole usage reaches it, on the late usage it matched.
-    const rateBps = rule.kind === "promotional" || rule.kind === "time_window" ? rule.discountBps : allUnitsBps(rule, matchedNanos);
+    const rateBps = rule.kind === "promotional" || rule.kind === "time_window" ? rule.discountBps : allUnitsBps(rule, volumeNanos);
     const atRate = (lateMatched * BigInt(rateBps)) / bpsScale;
     // The rule's discount over the period's whole usage is within its cap: what its invoices granted is taken out.
     let added = amountNanos - (given.get(rule.id) ?? 0n);
@@ -117,7 +122,7 @@ export function marginalDiscounts(
     // A discount never charges: a rule left less goes to 0 and the added total to rules in the order they apply.
     const amount = added <= 0n ? 0n : added < left ? added : left;
     left -= amount;
-    return { rule, matchedNanos: lateMatched, amountNanos: amount };
+    return { rule, matchedNanos: lateMatched, volumeNanos, amountNanos: amount };
   });
 }
 
@@ -146,20 +151,20 @@ export function matches(rule: DiscountRule, usage: UsageHour): boolean {
 }
 
 /**
- * What a rule takes off `base` (its matching usage after earlier rules), given `gross` (the same usage before
- * any discount, which decides volume tiers). Never more than `base`.
+ * What a rule takes off `base` (the usage it discounts, after earlier rules), given `volume` (all the usage it matches
+ * before any discount, which decides volume tiers). Never more than `base`.
  */
-function ruleAmount(rule: DiscountRule, gross: bigint, base: bigint): bigint {
+function ruleAmount(rule: DiscountRule, volume: bigint, base: bigint): bigint {
   if (base <= 0n) return 0n;
   switch (rule.kind) {
     case "time_window":
     case "promotional":
       return (base * BigInt(rule.discountBps)) / bpsScale;
     case "volume_all_units":
-      return (base * BigInt(allUnitsBps(rule, gross))) / bpsScale;
+      return (base * BigInt(allUnitsBps(rule, volume))) / bpsScale;
     case "volume_graduated":
-      // The graduated rate of the gross volume, applied to what is left of it.
-      return (graduatedBpsNanos(rule, gross) * base) / (gross * bpsScale);
+      // The graduated rate of the volume, applied to what is left of the usage it discounts.
+      return (graduatedBpsNanos(rule, volume) * base) / (volume * bpsScale);
   }
 }
 
