@@ -258,7 +258,7 @@ const unavailableCodes = new Set(["202", "210", "279", "999"]);
  * refused, reset or unresolved, no answer within @clickhouse/client's request timeout ("Timeout error."), or a server
  * out of query slots or out of reach of its replicas or Keeper.
  */
-function storeUnreachable(e: unknown): boolean {
+export function storeUnreachable(e: unknown): boolean {
   if (!(e instanceof Error)) return false;
   const { code } = e as { code?: unknown };
   return (
