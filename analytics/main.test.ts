@@ -190,3 +190,35 @@ test("SIGTERM while a roll-up waits on a slow ClickHouse server exits within the
     slow.stop(true);
   }
 }, 40_000);
+
+test("roll-ups on a ClickHouse server that is down are logged once as that starts and once as it ends", async () => {
+  // A server that answers everything with no rows, stopped and started again on its port.
+  const serve = (port = 0) => Bun.serve({ hostname: "127.0.0.1", port, fetch: () => new Response("") });
+  let clickhouse = serve();
+  const port = clickhouse.port;
+  const analytics = await spawnAsContainerInit([process.execPath, join(import.meta.dir, "main.ts")], {
+    env: {
+      MESH_DATA_DIR: dataDir,
+      ANALYTICS_PORT: String(await freePort()),
+      CLICKHOUSE_URL: `http://127.0.0.1:${port}`,
+      ANALYTICS_ROLLUP_INTERVAL_MS: "100",
+      LOG_LEVEL: "info",
+    },
+  });
+  const failures = () => analytics.lines.filter((line) => line.includes("rolling up failed")).length;
+  try {
+    await waitForLine(analytics.lines, '"msg":"listening"');
+    clickhouse.stop(true);
+    // About 15 roll-ups meet the outage.
+    await Bun.sleep(1500);
+    expect(failures()).toBe(1);
+    expect(analytics.lines.filter((line) => line.includes("HTTP request error"))).toEqual([]);
+    clickhouse = serve(port);
+    const recovered = JSON.parse(await waitForLine(analytics.lines, "roll-ups run again", 5000));
+    expect(recovered.failures).toBeGreaterThan(5);
+    expect(failures()).toBe(1);
+  } finally {
+    analytics.proc.kill("SIGKILL");
+    clickhouse.stop(true);
+  }
+}, 30_000);

@@ -5,12 +5,13 @@ import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { pingReadiness } from "../lib/health.ts";
+import { createOutageLog } from "../lib/log.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
 import { defaultIngestOptions } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
-import { createAnalyticsService } from "./service.ts";
+import { createAnalyticsService, storeUnreachable } from "./service.ts";
 import { clickHouseLoggerClass, clientRequestTimeoutMs, createClientDriver } from "./store/client-driver.ts";
 import { type ClickHouseDriver, defaultChdbReportTimeoutSeconds } from "./store/driver.ts";
 import { createAnalyticsStore, defaultQueryTimeoutSeconds, defaultRollupLagMs, maxTtlDays } from "./store/store.ts";
@@ -143,14 +144,25 @@ const service = createAnalyticsService({
 });
 
 let rollingUp: Promise<unknown> | undefined;
+// Tried every interval while ClickHouse is down: that is logged as it starts and as it ends.
+const rollupOutage = createOutageLog(log, {
+  failed: "rolling up failed: clickhouse unavailable; the next run retries",
+  recovered: "roll-ups run again",
+});
 const rollupTimer =
   cfg.ANALYTICS_ROLLUP_INTERVAL_MS > 0
     ? setInterval(() => {
         // Stopping, a backlog's run ends after its current chunk rather than holding the shutdown.
         rollingUp ??= store
           .rollUp(undefined, stopping.signal)
-          .then((result) => log.debug("rolled up", { ...result }))
-          .catch((e) => log.warn("rolling up failed; the next run retries", { err: e }))
+          .then((result) => {
+            rollupOutage.recovered();
+            log.debug("rolled up", { ...result });
+          })
+          .catch((e) => {
+            if (storeUnreachable(e)) rollupOutage.failed({ err: e });
+            else log.warn("rolling up failed; the next run retries", { err: e });
+          })
           .finally(() => (rollingUp = undefined));
       }, cfg.ANALYTICS_ROLLUP_INTERVAL_MS)
     : undefined;

@@ -7,7 +7,7 @@ import { type AnalyticsService, type TimeRange, UsageGroupBy } from "../gen/anal
 import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
 import { connectionEndingKey } from "../lib/health.ts";
-import type { Logger } from "../lib/log.ts";
+import { createOutageLog, type Logger, type OutageLog } from "../lib/log.ts";
 import { createAnalyticsAuth } from "./auth.ts";
 import { createIngest, type IngestOptions } from "./ingest.ts";
 import { ReportQueueFullError } from "./store/driver.ts";
@@ -68,6 +68,15 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
     return org;
   };
 
+  // Every dashboard's queries fail alike while ClickHouse is down: that is logged as it starts and as it ends.
+  const outage = createOutageLog(
+    deps.log,
+    {
+      failed: "analytics query failed: clickhouse unavailable",
+      recovered: "clickhouse answers analytics queries again",
+    },
+    "error",
+  );
   // Report queries running per org: one key, a browser page's included, cannot tie up the engine every org shares.
   const running = new Map<string, number>();
   const report = async <T>(rpc: string, orgId: string, signal: AbortSignal, run: () => Promise<T>): Promise<T> => {
@@ -77,7 +86,7 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
     }
     running.set(orgId, now + 1);
     try {
-      return await query(deps.log, rpc, run, signal);
+      return await query(deps.log, rpc, run, signal, outage);
     } finally {
       const left = (running.get(orgId) ?? 1) - 1;
       if (left > 0) running.set(orgId, left);
@@ -198,11 +207,20 @@ function toMicrosecondAbove(at: Timestamp): Timestamp {
 /**
  * Runs a store read; its failures reach the caller without ClickHouse internals: a query past the store's time limit
  * as ResourceExhausted (asking less helps), as is one the engine has no room to queue (retrying later helps), anything
- * else as Unavailable.
+ * else as Unavailable. A store that cannot be reached goes to `outage`, once as it starts and once as it ends; any
+ * other failure is logged each time.
  */
-export async function query<T>(log: Logger, rpc: string, run: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+export async function query<T>(
+  log: Logger,
+  rpc: string,
+  run: () => Promise<T>,
+  signal?: AbortSignal,
+  outage?: OutageLog,
+): Promise<T> {
   try {
-    return await run();
+    const answer = await run();
+    outage?.recovered({ rpc });
+    return answer;
   } catch (e) {
     // The caller left and its query was stopped: nothing failed, and nobody reads the answer.
     if (signal?.aborted) throw new ConnectError("the caller cancelled the query", Code.Canceled);
@@ -214,9 +232,39 @@ export async function query<T>(log: Logger, rpc: string, run: () => Promise<T>, 
       log.warn("analytics query ran out of time", { rpc });
       throw new ConnectError("the query ran out of time; narrow the range or group by fewer dimensions", Code.ResourceExhausted);
     }
-    log.error("analytics query failed", { rpc, err: e });
+    if (outage && storeUnreachable(e)) outage.failed({ rpc, err: e });
+    else log.error("analytics query failed", { rpc, err: e });
     throw new ConnectError("analytics store unavailable", Code.Unavailable);
   }
+}
+
+// How a socket says the server could not be reached or dropped the connection.
+const connectionErrnos = new Set([
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "ETIMEDOUT",
+  "EPIPE",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+  "ENOTFOUND",
+  "EAI_AGAIN",
+]);
+// ClickHouse's codes for a server that cannot serve any query now: TOO_MANY_SIMULTANEOUS_QUERIES, NETWORK_ERROR,
+// ALL_CONNECTION_TRIES_FAILED (its replicas, on a cluster) and KEEPER_EXCEPTION.
+const unavailableCodes = new Set(["202", "210", "279", "999"]);
+
+/**
+ * Whether `e` says ClickHouse could not be reached or serve now, as every query meets while it lasts: a connection
+ * refused, reset or unresolved, no answer within @clickhouse/client's request timeout ("Timeout error."), or a server
+ * out of query slots or out of reach of its replicas or Keeper.
+ */
+export function storeUnreachable(e: unknown): boolean {
+  if (!(e instanceof Error)) return false;
+  const { code } = e as { code?: unknown };
+  return (
+    (typeof code === "string" && (connectionErrnos.has(code) || unavailableCodes.has(code))) ||
+    e.message === "Timeout error."
+  );
 }
 
 /**

@@ -16,12 +16,16 @@ const querySettings = {
   wait_end_of_query: 1,
 } as const;
 
-/** What @clickhouse/client's error says when an abort signal ended its request. */
-const abortedRequest = "The user aborted a request.";
+/**
+ * How @clickhouse/client's line for a failed request reads ("Query: HTTP request error.", "Insert: ...", "Ping: ...").
+ * Its error is thrown to the caller, which logs it as it deserves (once per outage), so the line would say it again.
+ */
+const requestFailed = /^\w+: HTTP request error\.$/;
 
 /**
  * @clickhouse/client's `log.LoggerClass` writing through `log`, so its lines are JSON like every other (its own logger
- * prints multi-line text with stacks).
+ * prints multi-line text with stacks). Its lines for failed requests are debug: their callers log those failures, a
+ * request its caller's signal aborted (the caller left) failing nothing.
  */
 export function clickHouseLoggerClass(log: Logger): new () => ClickHouseLogger {
   const fields = ({ module, args, err }: WarnLogParams) => ({ module, ...args, ...(err ? { err } : {}) });
@@ -34,11 +38,11 @@ export function clickHouseLoggerClass(log: Logger): new () => ClickHouseLogger {
       log.info(p.message, fields(p));
     }
     warn(p: WarnLogParams) {
-      log.warn(p.message, fields(p));
+      if (requestFailed.test(p.message)) log.debug(p.message, fields(p));
+      else log.warn(p.message, fields(p));
     }
     error(p: WarnLogParams) {
-      // A request its caller's signal aborted (the caller left) failed nothing.
-      if (p.err?.message === abortedRequest) log.debug(p.message, fields(p));
+      if (requestFailed.test(p.message)) log.debug(p.message, fields(p));
       else log.error(p.message, fields(p));
     }
   };
