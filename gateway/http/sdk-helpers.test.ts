@@ -2,6 +2,9 @@ import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:tes
 import OpenAI from "openai";
 import { zodFunction, zodResponseFormat, zodResponsesFunction, zodTextFormat } from "openai/helpers/zod";
 import { z } from "zod";
+import { create } from "@bufbuild/protobuf";
+import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
+import { ChatCompletionParamsSchema } from "../../gen/gateway/v1/gateway_pb.ts";
 import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
 import { startTestGateway } from "../testing/served-gateway.ts";
 
@@ -175,6 +178,42 @@ for (const [port, base] of [
       ]);
     });
 
+    test("a stream whose chunks never finish a choice before [DONE] ends each open choice as stopped, a success", async () => {
+      // As some Gemini proxies and other compatible servers stream: no finish_reason on any chunk, then [DONE].
+      const usage = { prompt_tokens: 12, completion_tokens: 3, total_tokens: 15 };
+      upstream.script("ok", events([[{ role: "assistant", content: "Hel" }], [{ content: "lo" }]], usage));
+      const messages = [{ role: "user" as const, content: "hi" }];
+      const stream_options = { include_usage: true };
+      const final = await sdk().chat.completions.stream({ model: "ok", messages, stream_options }).finalChatCompletion();
+      expect(final.choices.map((c) => [c.message.content, c.finish_reason])).toEqual([["Hello", "stop"]]);
+      expect(final.usage).toMatchObject(usage);
+      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.OK, httpStatus: 200, costNanos: 15_000n });
+
+      // Of two choices, one finished: the other, still open at [DONE], is stopped, the finished one as it came.
+      const base = { id: "chatcmpl-up", object: "chat.completion.chunk", created: 1, model: "ok-up" };
+      const choice = (index: number, content: string, finish: string | null) => ({
+        ...base,
+        choices: [{ index, delta: { role: "assistant", content }, finish_reason: finish }],
+      });
+      const two = [choice(0, "one", null), choice(1, "two", null), choice(0, "", "length"), { ...base, choices: [], usage }];
+      const text = `${two.map((c) => `data: ${JSON.stringify(c)}\n\n`).join("")}data: [DONE]\n\n`;
+      upstream.script("ok", { body: { contentType: "text/event-stream", text } });
+      const both = await sdk().chat.completions.stream({ model: "ok", messages, n: 2 }).finalChatCompletion();
+      expect(both.choices.map((c) => [c.message.content, c.finish_reason])).toEqual([
+        ["one", "length"],
+        ["two", "stop"],
+      ]);
+      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.OK, costNanos: 15_000n });
+
+      // Without [DONE] the same stream was cut: the client gets the upstream's failure.
+      const cut = events([[{ role: "assistant", content: "Hel" }], [{ content: "lo" }]], usage);
+      cut.body.text = cut.body.text.replace("data: [DONE]\n\n", "");
+      upstream.script("ok", cut);
+      const failed = sdk().chat.completions.stream({ model: "ok", messages }).finalChatCompletion();
+      await expect(failed).rejects.toThrow("The upstream of `ok` failed mid-stream.");
+      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.UPSTREAM_ERROR, httpStatus: 502 });
+    });
+
     test("tool calls streamed without their index, as Gemini's OpenAI-compatible endpoint sends them, are assembled", async () => {
       const whole = (id: string, city: string) => ({
         id,
@@ -234,3 +273,18 @@ for (const [port, base] of [
     });
   });
 }
+
+test("the RPC stream of an upstream that never finishes a choice before [DONE] ends it as stopped, metered a success", async () => {
+  const usage = { prompt_tokens: 12, completion_tokens: 3, total_tokens: 15 };
+  upstream.script("ok", events([[{ role: "assistant", content: "Hel" }], [{ content: "lo" }]], usage));
+  const params = create(ChatCompletionParamsSchema, { model: "ok", messages: [{ role: "user", content: "hi" }] });
+  const messages = [];
+  for await (const message of gateway.rpc("sk-good").streamChatCompletion({ params })) messages.push(message);
+  expect(messages.flatMap((m) => m.choices.map((c) => [c.content, c.finishReason]))).toEqual([
+    ["Hel", ""],
+    ["lo", ""],
+    ["", "stop"],
+  ]);
+  expect(messages.at(-1)?.accounting?.usage).toMatchObject({ inputTokens: 12n, outputTokens: 3n });
+  expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.OK, costNanos: 15_000n });
+});

@@ -442,6 +442,9 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   "two-unbegun": [choiceEvent(0, { content: "one" }, "stop")],
   // A server that ignores n: one choice, then [DONE].
   "one-of-two": [choiceEvent(0, { content: "one" }, "stop"), "data: [DONE]\n\n"],
+  // Two choices, one finished, then [DONE]; one never finished, then [DONE].
+  "two-open-done": [choiceEvent(0, { content: "one" }, "length"), choiceEvent(1, { content: "two" }), "data: [DONE]\n\n"],
+  "unfinished-done": [chunkEvent({ content: "partial" }), usageEvent, "data: [DONE]\n\n"],
   "two-done": [
     choiceEvent(0, { content: "one" }),
     choiceEvent(1, { content: "two" }),
@@ -642,6 +645,27 @@ describe("openai provider streams", () => {
     const done = await drain("two-done");
     expect(done.error).toBeUndefined();
     expect(done.contents).toEqual(["one", "two"]);
+  });
+
+  test("[DONE] ends the choices still open as stopped; without it they were cut", async () => {
+    const read = async (model: string, n?: number) => {
+      const chunks: Array<{ id: string; model: string; choices: Array<{ index: number; finish_reason: unknown }> }> = [];
+      for await (const chunk of await streaming.streamChat({ ...request(model), ...(n ? { n } : {}) }, { timeoutMs: 5000 })) {
+        chunks.push(chunk);
+      }
+      const finished = chunks.flatMap((c) => c.choices.filter((choice) => choice.finish_reason));
+      return { last: chunks.at(-1), finishes: finished.map((choice) => [choice.index, choice.finish_reason]) };
+    };
+    // After the usage chunk, with the stream's id and model, as the upstream's own last chunk would have them.
+    const unfinished = await read("unfinished-done");
+    expect(unfinished.finishes).toEqual([[0, "stop"]]);
+    expect(unfinished.last).toMatchObject({ id: "c1", model: "m", choices: [{ index: 0, delta: {}, finish_reason: "stop" }] });
+    // Of several, a finished choice keeps its reason and only the open one is stopped.
+    expect((await read("two-open-done", 2)).finishes).toEqual([
+      [0, "length"],
+      [1, "stop"],
+    ]);
+    expect((await drain("cut")).error?.message).toContain("ended before it finished");
   });
 
   test("unreadable JSON, a stream cut short and silence past the timeout each fail the attempt", async () => {

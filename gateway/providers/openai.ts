@@ -544,9 +544,10 @@ function withHeaders<C extends OpenAI>(client: C, headers: Record<string, string
 /**
  * An upstream's chat stream as chunks, read as upstreamEvents reads every stream: an error event (a refusal when it
  * names the request's fault) or an event that is not a chunk fails the attempt, and a stream that ends before any
- * finish_reason was cut. Events after [DONE] are ignored. Once every choice has finished, generation is over and only
- * the usage the upstream bills is still to come: a client leaving then is no cancellation, and the rest is read for up
- * to `usageGraceMs` more; an upstream then silent for the attempt timeout has ended its stream.
+ * finish_reason, or with a choice unfinished, was cut; after [DONE], those choices end as stopped instead. Events after
+ * [DONE] are ignored. Once every choice has finished, generation is over and only the usage the upstream bills is still
+ * to come: a client leaving then is no cancellation, and the rest is read for up to `usageGraceMs` more; an upstream
+ * then silent for the attempt timeout has ended its stream.
  */
 function relay(
   response: Response,
@@ -585,6 +586,7 @@ function relay(
     over: () => open.size === 0 && done.size >= choices,
   });
   async function* chunks(): ChunkStream {
+    let last: ChatCompletionChunk | undefined;
     for await (const data of events) {
       const chunk = checkedChunk(data, provider);
       for (const choice of chunk.choices) {
@@ -594,7 +596,17 @@ function relay(
           done.add(choice.index);
         } else if (!done.has(choice.index)) open.add(choice.index);
       }
+      last = chunk;
       yield chunk;
+    }
+    // [DONE] says the answer is whole: a choice its chunks never finished (some Gemini proxies send no finish_reason at
+    // all) stopped there, which the SDKs' stream helpers need every choice to say.
+    if (sentinel && open.size > 0 && last) {
+      const { id, created, model } = last;
+      const stopped = [...open].map((index) => ({ index, delta: {}, finish_reason: "stop", logprobs: null }));
+      for (const index of open) done.add(index);
+      open.clear();
+      yield { id, object: "chat.completion.chunk", created, model, choices: stopped } as ChatCompletionChunk;
     }
     // Without [DONE], a stream that ends between choices may have lost the rest: all of them must have finished. (With
     // it the upstream says it is done: a server that ignores n answers fewer.)
