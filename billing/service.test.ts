@@ -24,6 +24,7 @@ import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
 import { createBillingApp } from "./app.ts";
 import { databaseConflict, databaseUnavailable } from "./errors.ts";
+import { createPool } from "./store/db.ts";
 import { createTestDatabase, type TestDatabase } from "./store/test-db.ts";
 
 const adminToken = "test-admin-token-0123456789";
@@ -1840,6 +1841,38 @@ test("a RecordUsage whose connection is cut mid-transaction is Unavailable, leav
   expect(rows.rowCount).toBe(0);
   expect(await client.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 1, duplicates: 0 });
   expect(await client.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 0, duplicates: 1 });
+});
+
+test("a write on a connection to a read-only server (a failed-over primary) is Unavailable, and the connection is dropped", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 1_000_000n });
+  // Its one connection left read-only, as one still open to a primary demoted to a replica; a new one is writable.
+  const pool = createPool({ connectionString: db.connectionString, max: 1 });
+  const demoted = async () => {
+    const stale = await pool.connect();
+    await stale.query("SET default_transaction_read_only = on");
+    stale.release();
+  };
+  const c = createClient(BillingService, createRouterTransport(createBillingApp({ pool, adminToken, clock: () => now, log }).routes));
+  const ask = { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-a", requestedNanos: 10n, ttlSeconds: 60 };
+  const record = usage(orgId, "", 5n);
+  const from = logLines.length;
+  try {
+    // A lease is granted in a transaction, usage recorded in one statement.
+    await demoted();
+    expect(await failure(c.acquireBudgetLease(ask, admin))).toEqual({ code: Code.Unavailable, message: databaseUnavailable });
+    expect((await c.acquireBudgetLease(ask, admin)).grantedNanos).toBe(10n);
+    await demoted();
+    expect(await failure(c.recordUsage({ records: [record] }, admin))).toEqual({
+      code: Code.Unavailable,
+      message: databaseUnavailable,
+    });
+    expect(await c.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 1, duplicates: 0 });
+    const said = logLines.slice(from).join("");
+    expect(said).toContain("25006");
+    expect(said).not.toContain('"level":"error"');
+  } finally {
+    await pool.end();
+  }
 });
 
 test("a call Postgres rolls back to break a deadlock with another session is Aborted, and succeeds when retried", async () => {
