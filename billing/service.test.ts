@@ -1937,6 +1937,36 @@ test("calls whose callers gave up behind a lock another session holds give their
   expect((await client.authorizeKey({ secret }, admin)).apiKey?.orgId).toBe(orgId);
 });
 
+test("key checks whose callers gave up behind a lock on the usage figures give their connections back at once", async () => {
+  const orgId = await newOrg();
+  // Each key's spend is read once for the checks asking meanwhile: one read per key, more keys than connections.
+  const secrets = await Promise.all(
+    Array.from({ length: 4 }, async (_, i) => (await client.createApiKey({ orgId, name: `usage-locked-${i}` }, admin)).secret),
+  );
+  const pool = new pg.Pool({ connectionString: db.connectionString, max: 3, connectionTimeoutMillis: 10_000 });
+  const small = createClient(BillingService, createRouterTransport(createBillingApp({ pool, adminToken, clock: () => now, log }).routes));
+  const locker = await db.pool.connect();
+  try {
+    await locker.query("BEGIN");
+    // As a migration rewriting the table would.
+    await locker.query("LOCK TABLE usage_org_days");
+    const checks = secrets.map((secret) => failure(small.authorizeKey({ secret }, { ...admin, timeoutMs: 200 })));
+    for (const outcome of await Promise.all(checks)) expect(outcome.code).toBe(Code.DeadlineExceeded);
+    const started = performance.now();
+    expect((await small.listOrganizations({}, admin)).organizations.length).toBeGreaterThan(0);
+    expect(performance.now() - started).toBeLessThan(5_000);
+    const waiting = await locker.query(
+      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    );
+    expect(waiting.rows[0].n).toBe(0);
+  } finally {
+    await locker.query("ROLLBACK");
+    locker.release();
+    await pool.end();
+  }
+  for (const secret of secrets) expect((await client.authorizeKey({ secret }, admin)).apiKey?.orgId).toBe(orgId);
+});
+
 test("calls whose callers gave up while waiting for a connection leave the pool's connections open", async () => {
   const orgId = await newOrg();
   const { secret } = await client.createApiKey({ orgId, name: "queued" }, admin);
