@@ -50,9 +50,9 @@ export function createBillingApp(options: BillingAppOptions) {
     abandonedLeaseGraceMs, holderFloorNanos, holderFloorTokens, clock: options.leaseClock,
   });
   const auth = createBillingAuth({ store, adminToken, clock });
-  // A read of an org's usage is shared by the calls asking meanwhile: no one caller leaving cancels it.
-  const load = (orgId: string, period: TimeRange, keyIds: readonly string[]) =>
-    callSignal.exit(() => store.periodUsage(orgId, period, keyIds));
+  // A read of an org's usage is shared by the calls asking meanwhile: no one caller leaving cancels it, all of them do.
+  const load = (orgId: string, period: TimeRange, keyIds: readonly string[], signal: AbortSignal) =>
+    callSignal.run(signal, () => store.periodUsage(orgId, period, keyIds));
   const usage = createUsageTracker({ load, clock });
   const metrics =
     registry &&

@@ -24,8 +24,12 @@ export function createDatabaseOutageLog(log: Logger): OutageLog {
   return createOutageLog(log, { failed: "request failed: postgres unavailable", recovered: "postgres answers again" });
 }
 
-// SQLSTATEs of a server shutting down or starting, out of connections, or of a statement cancelled or out of time.
-const unavailableStates = new Set(["57P01", "57P02", "57P03", "53000", "53300", "57014", "55P03"]);
+// SQLSTATEs of a server shutting down or starting, out of connections, or of a statement cancelled or out of time;
+// 25006, a write refused by a server that is read-only (a replica, or a primary demoted by a failover); and 57P05 and
+// 25P03, a connection the server closed for its idle_session_timeout or idle_in_transaction_session_timeout.
+const unavailableStates = new Set([
+  "57P01", "57P02", "57P03", "53000", "53300", "57014", "55P03", "25006", "57P05", "25P03",
+]);
 // How the socket and the driver say a connection failed, or could not be made or taken from the pool in time.
 const connectionErrnos = new Set(["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EPIPE", "EHOSTUNREACH", "ENETUNREACH"]);
 const connectionMessages =

@@ -24,6 +24,7 @@ import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
 import { createBillingApp } from "./app.ts";
 import { databaseConflict, databaseUnavailable } from "./errors.ts";
+import { createPool } from "./store/db.ts";
 import { createTestDatabase, type TestDatabase } from "./store/test-db.ts";
 
 const adminToken = "test-admin-token-0123456789";
@@ -1842,6 +1843,38 @@ test("a RecordUsage whose connection is cut mid-transaction is Unavailable, leav
   expect(await client.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 0, duplicates: 1 });
 });
 
+test("a write on a connection to a read-only server (a failed-over primary) is Unavailable, and the connection is dropped", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 1_000_000n });
+  // Its one connection left read-only, as one still open to a primary demoted to a replica; a new one is writable.
+  const pool = createPool({ connectionString: db.connectionString, max: 1 });
+  const demoted = async () => {
+    const stale = await pool.connect();
+    await stale.query("SET default_transaction_read_only = on");
+    stale.release();
+  };
+  const c = createClient(BillingService, createRouterTransport(createBillingApp({ pool, adminToken, clock: () => now, log }).routes));
+  const ask = { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-a", requestedNanos: 10n, ttlSeconds: 60 };
+  const record = usage(orgId, "", 5n);
+  const from = logLines.length;
+  try {
+    // A lease is granted in a transaction, usage recorded in one statement.
+    await demoted();
+    expect(await failure(c.acquireBudgetLease(ask, admin))).toEqual({ code: Code.Unavailable, message: databaseUnavailable });
+    expect((await c.acquireBudgetLease(ask, admin)).grantedNanos).toBe(10n);
+    await demoted();
+    expect(await failure(c.recordUsage({ records: [record] }, admin))).toEqual({
+      code: Code.Unavailable,
+      message: databaseUnavailable,
+    });
+    expect(await c.recordUsage({ records: [record] }, admin)).toMatchObject({ inserted: 1, duplicates: 0 });
+    const said = logLines.slice(from).join("");
+    expect(said).toContain("25006");
+    expect(said).not.toContain('"level":"error"');
+  } finally {
+    await pool.end();
+  }
+});
+
 test("a call Postgres rolls back to break a deadlock with another session is Aborted, and succeeds when retried", async () => {
   const orgId = await newOrg({ monthlyBudgetNanos: 1_000_000n });
   const operator = await db.pool.connect();
@@ -1902,6 +1935,36 @@ test("calls whose callers gave up behind a lock another session holds give their
     await pool.end();
   }
   expect((await client.authorizeKey({ secret }, admin)).apiKey?.orgId).toBe(orgId);
+});
+
+test("key checks whose callers gave up behind a lock on the usage figures give their connections back at once", async () => {
+  const orgId = await newOrg();
+  // Each key's spend is read once for the checks asking meanwhile: one read per key, more keys than connections.
+  const secrets = await Promise.all(
+    Array.from({ length: 4 }, async (_, i) => (await client.createApiKey({ orgId, name: `usage-locked-${i}` }, admin)).secret),
+  );
+  const pool = new pg.Pool({ connectionString: db.connectionString, max: 3, connectionTimeoutMillis: 10_000 });
+  const small = createClient(BillingService, createRouterTransport(createBillingApp({ pool, adminToken, clock: () => now, log }).routes));
+  const locker = await db.pool.connect();
+  try {
+    await locker.query("BEGIN");
+    // As a migration rewriting the table would.
+    await locker.query("LOCK TABLE usage_org_days");
+    const checks = secrets.map((secret) => failure(small.authorizeKey({ secret }, { ...admin, timeoutMs: 200 })));
+    for (const outcome of await Promise.all(checks)) expect(outcome.code).toBe(Code.DeadlineExceeded);
+    const started = performance.now();
+    expect((await small.listOrganizations({}, admin)).organizations.length).toBeGreaterThan(0);
+    expect(performance.now() - started).toBeLessThan(5_000);
+    const waiting = await locker.query(
+      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    );
+    expect(waiting.rows[0].n).toBe(0);
+  } finally {
+    await locker.query("ROLLBACK");
+    locker.release();
+    await pool.end();
+  }
+  for (const secret of secrets) expect((await client.authorizeKey({ secret }, admin)).apiKey?.orgId).toBe(orgId);
 });
 
 test("calls whose callers gave up while waiting for a connection leave the pool's connections open", async () => {

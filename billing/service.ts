@@ -270,7 +270,7 @@ export function createBillingService({
         if (refused) metrics?.authorizations.inc({ result: "rejected" });
         throw e;
       });
-      const spend = await usage.spend(organization, lineageKeyIds);
+      const spend = await usage.spend(organization, lineageKeyIds, ctx.signal);
       metrics?.authorizations.inc({ result: "ok" });
       // Saturated: the gateway compares these with limits, which are int64 too, so a larger total is simply over.
       const int64 = (total: bigint) => (total > maxInt64 ? maxInt64 : total);

@@ -151,6 +151,37 @@ describe("in memory", () => {
     expect(source.calls.length).toBe(reads + 1);
   });
 
+  test("a read shared by callers is cancelled once all of them have left, and the next caller reads again", async () => {
+    const now = new Date("2026-06-15T12:00:00Z");
+    const signals: AbortSignal[] = [];
+    let answer: (() => void) | undefined;
+    const tracker = createUsageTracker({
+      clock: () => now,
+      load: (_orgId, _period, _keyIds, signal) => {
+        signals.push(signal);
+        // Behind a lock: it answers when let through, or fails once cancelled.
+        return new Promise((resolve, reject) => {
+          answer = () => resolve({ orgSpentNanos: 7n, keys: new Map(), snapshot: "10:10:" });
+          signal.addEventListener("abort", () => reject(signal.reason), { once: true });
+        });
+      },
+    });
+    const [a, b] = [new AbortController(), new AbortController()];
+    const asked = [tracker.spend(org, ["key_1"], a.signal), tracker.spend(org, ["key_1"], b.signal)];
+    asked.forEach((p) => p.catch(() => {}));
+    a.abort(new Error("deadline"));
+    expect(signals.map((s) => s.aborted)).toEqual([false]);
+    b.abort(new Error("deadline"));
+    expect(signals.map((s) => s.aborted)).toEqual([true]);
+    await expect(asked[1]).rejects.toThrow("deadline");
+
+    // A caller with no signal of its own never leaves.
+    const next = tracker.spend(org, ["key_1"]);
+    expect(signals.length).toBe(2);
+    answer?.();
+    expect((await next).orgSpentNanos).toBe(7n);
+  });
+
   test("a key lineage is read alone when first asked for; usage committed meanwhile counts once in each", async () => {
     let clock = Date.parse("2026-06-15T12:00:00Z");
     // The database: what each committed xid added, per key.

@@ -13,9 +13,9 @@ export interface Spend {
 export interface UsageTrackerOptions {
   /**
    * Reads an org's spend and that of the keys named in a period, with the snapshot it was read in
-   * (store.periodUsage).
+   * (store.periodUsage); `signal` aborts once every caller waiting for the read has left.
    */
-  load: (orgId: string, period: TimeRange, keyIds: readonly string[]) => Promise<PeriodUsage>;
+  load: (orgId: string, period: TimeRange, keyIds: readonly string[], signal: AbortSignal) => Promise<PeriodUsage>;
   clock: () => Date;
   /**
    * Figures older than this are re-read before answering, picking up what other billing replicas recorded: no answer
@@ -37,6 +37,10 @@ interface Figures {
 
 interface Load {
   done: Promise<void>;
+  /** Aborts the read once the callers waiting for it have all left. */
+  abandon: AbortController;
+  /** Callers waiting for it that may still leave. */
+  waiting: number;
   /** Usage committed while the read runs: its snapshot decides whether it already counts. */
   pending: { xid: bigint; delta: UsageDelta }[];
 }
@@ -61,16 +65,32 @@ interface Entry {
 export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 10_000 }: UsageTrackerOptions) {
   const entries = new Map<string, Entry>();
 
-  const refresh = (orgId: string, entry: Entry, keyIds: readonly string[]): Promise<void> => {
+  const refresh = (orgId: string, entry: Entry, keyIds: readonly string[], signal?: AbortSignal): Promise<void> => {
     const name = keyIds.join(",");
-    const running = entry.loads.get(name);
-    if (running) return running.done;
-    const run: Load = { done: Promise.resolve(), pending: [] };
+    const run = entry.loads.get(name) ?? start(orgId, entry, keyIds, name);
+    if (!signal) return run.done;
+    // A read its callers have all left (their deadlines passed behind a lock, on a hung server) is cancelled, so it
+    // does not hold a connection of the pool for as long as Postgres takes; the next caller starts another.
+    run.waiting++;
+    const leave = () => {
+      if (--run.waiting > 0) return;
+      if (entry.loads.get(name) === run) entry.loads.delete(name);
+      run.abandon.abort(signal.reason);
+    };
+    if (signal.aborted) leave();
+    else signal.addEventListener("abort", leave, { once: true });
+    return run.done.finally(() => signal.removeEventListener("abort", leave));
+  };
+
+  const start = (orgId: string, entry: Entry, keyIds: readonly string[], name: string): Load => {
+    const run: Load = { done: Promise.resolve(), abandon: new AbortController(), waiting: 0, pending: [] };
     entry.loads.set(name, run);
     run.done = (async () => {
       try {
         const loadedAt = clock().getTime();
-        const usage = await load(orgId, entry.period, keyIds);
+        const usage = await load(orgId, entry.period, keyIds, run.abandon.signal);
+        // Left out of `loads` when abandoned, it missed the usage recorded since: its figures are not kept.
+        run.abandon.signal.throwIfAborted();
         const visible = snapshotVisibility(usage.snapshot);
         const org: Figures = { spentNanos: usage.orgSpentNanos, tokens: 0n, visible, loadedAt };
         const keys = new Map<string, Figures>();
@@ -91,10 +111,10 @@ export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 1
           if (!held || held.loadedAt <= loadedAt) entry.keys.set(id, key);
         }
       } finally {
-        entry.loads.delete(name);
+        if (entry.loads.get(name) === run) entry.loads.delete(name);
       }
     })();
-    return run.done;
+    return run;
   };
 
   const stale = (figures: Figures | undefined, now: number) => !figures || now - figures.loadedAt >= refreshMs;
@@ -103,8 +123,13 @@ export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 1
     /**
      * Spend of the org, and of the keys of a key's lineage together, in the org's current period; reads Postgres
      * on first use, in a new period and when the figures are `refreshMs` old, and fails when that read fails.
+     * `signal` is the caller's: a read all its callers have left is cancelled (none: a caller that stays).
      */
-    async spend(org: { id: string; billingDay: number }, lineageKeyIds: readonly string[]): Promise<Spend> {
+    async spend(
+      org: { id: string; billingDay: number },
+      lineageKeyIds: readonly string[],
+      signal?: AbortSignal,
+    ): Promise<Spend> {
       const now = clock();
       const period = billingPeriod(now, org.billingDay);
       let entry = entries.get(org.id);
@@ -118,7 +143,7 @@ export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 1
       // Stale figures are not answered: another replica's usage since would go unseen for as long as nobody asked.
       const at = now.getTime();
       if (stale(entry.org, at) || lineageKeyIds.some((id) => stale(entry.keys.get(id), at))) {
-        await refresh(org.id, entry, lineageKeyIds);
+        await refresh(org.id, entry, lineageKeyIds, signal);
       }
       const spend = { orgSpentNanos: entry.org?.spentNanos ?? 0n, keySpentNanos: 0n, keyTokens: 0n };
       for (const keyId of lineageKeyIds) {

@@ -138,7 +138,9 @@ export function createDb(pool: pg.Pool): Db {
           await client.query("COMMIT");
           return result;
         } catch (e) {
-          // A connection that cannot roll back is discarded rather than reused.
+          // A connection that cannot roll back is discarded rather than reused, as is one to a server that refused a
+          // write as read-only: still open to a primary a failover demoted, it would fail every later write.
+          if (e instanceof pg.DatabaseError && e.code === readOnlyTransaction) discard(e);
           await client.query("ROLLBACK").catch(discard);
           throw e;
         }
@@ -146,6 +148,9 @@ export function createDb(pool: pg.Pool): Db {
     },
   };
 }
+
+// SQLSTATE of a write refused by a server that is read-only (a hot standby, default_transaction_read_only).
+const readOnlyTransaction = "25006";
 
 /** Postgres's cancel request for what `client` runs, sent on a connection of its own, which needs no login. */
 function cancelStatement(client: pg.PoolClient): void {
