@@ -217,6 +217,7 @@ describe("upstream failures over gRPC", () => {
         model("tpm"),
         model("keyless", "keyless"),
         model("embed"),
+        model("floats-only"),
       ].join("\n"),
     );
   });
@@ -277,6 +278,15 @@ describe("upstream failures over gRPC", () => {
     upstream.script("embed", { encoding: "float" });
     const plain = await served.rpc("sk-good").createEmbedding({ model: "embed", input: ["alpha"], dimensions: 3 });
     expect(plain.data[0]?.embedding).toEqual(floats);
+  });
+
+  test("CreateEmbedding of an upstream that refuses base64 asks again for floats, and from then on", async () => {
+    upstream.script("floats-only", { floatsOnly: true });
+    for (let i = 0; i < 2; i++) {
+      const res = await served.rpc("sk-good").createEmbedding({ model: "floats-only", input: ["alpha"], dimensions: 3 });
+      expect(res.data[0]?.embedding).toEqual([0.05, 0.06, 0.07].map(Math.fround));
+    }
+    expect(upstream.seen("floats-only").map((r) => r.body.encoding_format)).toEqual(["base64", "float", "float"]);
   });
 
   test("an upstream's 429 for a prompt over its whole TPM limit is invalid_argument, not a rate limit to retry", async () => {
