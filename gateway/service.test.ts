@@ -4,7 +4,7 @@ import net from "node:net";
 import * as grpc from "@grpc/grpc-js";
 import { loadSync } from "@grpc/proto-loader";
 import { create, toBinary } from "@bufbuild/protobuf";
-import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, createHandlerContext } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { trace } from "@opentelemetry/api";
 import { Registry } from "prom-client";
@@ -217,6 +217,7 @@ describe("upstream failures over gRPC", () => {
         model("tpm"),
         model("keyless", "keyless"),
         model("embed"),
+        model("floats-only"),
       ].join("\n"),
     );
   });
@@ -277,6 +278,41 @@ describe("upstream failures over gRPC", () => {
     upstream.script("embed", { encoding: "float" });
     const plain = await served.rpc("sk-good").createEmbedding({ model: "embed", input: ["alpha"], dimensions: 3 });
     expect(plain.data[0]?.embedding).toEqual(floats);
+  });
+
+  test("CreateEmbedding of an upstream that refuses base64 asks again for floats, and from then on", async () => {
+    upstream.script("floats-only", { floatsOnly: true });
+    for (let i = 0; i < 2; i++) {
+      const res = await served.rpc("sk-good").createEmbedding({ model: "floats-only", input: ["alpha"], dimensions: 3 });
+      expect(res.data[0]?.embedding).toEqual([0.05, 0.06, 0.07].map(Math.fround));
+    }
+    expect(upstream.seen("floats-only").map((r) => r.body.encoding_format)).toEqual(["base64", "float", "float"]);
+  });
+
+  test("CreateEmbedding answers an upstream's lists of floats as they came, not copied", async () => {
+    upstream.script("floats-only", { floatsOnly: true });
+    let vectors: unknown[] = [];
+    const core = {
+      ...served.core,
+      embed: async (...args: Parameters<typeof served.core.embed>) => {
+        const outcome = await served.core.embed(...args);
+        vectors = outcome.response.data.map((d) => d.embedding);
+        return outcome;
+      },
+    };
+    const ctx = createHandlerContext({
+      service: GatewayService,
+      method: GatewayService.method.createEmbedding,
+      protocolName: "grpc",
+      requestMethod: "POST",
+      url: "http://localhost/gateway.v1.GatewayService/CreateEmbedding",
+      requestHeader: { authorization: "Bearer sk-good" },
+    });
+    const req = create(CreateEmbeddingRequestSchema, { model: "floats-only", input: ["alpha", "beta"], dimensions: 3 });
+    const res = await createGatewayService(core).createEmbedding(req, ctx);
+    expect(upstream.seen("floats-only").at(-1)?.body.encoding_format).toBe("float");
+    expect(res.data?.map((d) => d.embedding)).toEqual([[0.05, 0.06, 0.07].map(Math.fround), [0.04, 0.05, 0.06].map(Math.fround)]);
+    expect(res.data?.every((d, i) => d.embedding === vectors[i])).toBe(true);
   });
 
   test("an upstream's 429 for a prompt over its whole TPM limit is invalid_argument, not a rate limit to retry", async () => {

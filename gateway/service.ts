@@ -434,12 +434,13 @@ function streamResponse(chunk: ChatCompletionChunk): StreamChatCompletionRespons
 }
 
 /**
- * CreateEmbeddingRequest as the OpenAI JSON body. Vectors are asked for in base64, as the SDKs ask, and decoded to
- * floats: as JSON numbers 2048 vectors of 3072 dimensions are 88 MB from OpenAI, and 137 MB past the gateway's limit
- * on an answer from servers that print each float32 in full (vLLM), where base64 is 34 MB.
+ * CreateEmbeddingRequest as the OpenAI JSON body, for floats. An OpenAI-compatible upstream is asked for them in base64
+ * all the same, decoded here: as JSON numbers 2048 vectors of 3072 dimensions are 88 MB from OpenAI, and 137 MB past
+ * the gateway's limit on an answer from servers that print each float32 in full (vLLM), where base64 is 34 MB. One that
+ * refuses base64 is asked for floats, as a REST client's floats are.
  */
 function embeddingBody(req: CreateEmbeddingRequest): Record<string, unknown> {
-  const body: Record<string, unknown> = { model: req.model, input: req.input, encoding_format: "base64" };
+  const body: Record<string, unknown> = { model: req.model, input: req.input, encoding_format: "float" };
   if (req.dimensions !== undefined) body.dimensions = req.dimensions;
   if (req.user) body.user = req.user;
   return body;
@@ -462,8 +463,14 @@ function textOf(value: unknown): string {
   return typeof value === "string" ? value : value === null || value === undefined ? "" : JSON.stringify(value);
 }
 
-/** An embedding as floats: a list of numbers, or base64 of little-endian float32s as OpenAI encodes them. */
+/**
+ * An embedding as floats: a list of numbers, or base64 of little-endian float32s as OpenAI encodes them. A list of
+ * numbers goes as it came: a copy of 2048 vectors of 3072 dimensions is 50 MB more to collect.
+ */
 function floatsOf(value: unknown): number[] {
-  if (Array.isArray(value)) return value.map((v) => (typeof v === "number" ? v : Number.NaN));
+  if (Array.isArray(value)) {
+    if (value.every((v) => typeof v === "number")) return value;
+    return value.map((v) => (typeof v === "number" ? v : Number.NaN));
+  }
   return (typeof value === "string" && base64Floats(value)) || [];
 }

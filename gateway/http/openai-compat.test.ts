@@ -30,6 +30,7 @@ const models: Array<[name: string, extra?: string]> = [
   ["slow-stream"],
   ["embed"],
   ["embedder"],
+  ["floats-only"],
   ["chatter"],
   ["rejecting"],
   ["too-large"],
@@ -1106,6 +1107,23 @@ for (const port of ["rpc", "rest"] as const) {
         expect(answer.data.map((d) => d.index)).toEqual(input.map((_, i) => i));
         const last = Array.from({ length: 1536 }, (_, i) => Math.fround((input[255]!.length + i) / 100));
         expect(answer.data[255]?.embedding).toEqual(last);
+      });
+
+      test("an upstream that refuses base64 is asked again for floats, and from then on; a client's base64 is its own", async () => {
+        upstream.script("floats-only", { floatsOnly: true });
+        const asked = (encoding_format: "float" | "base64") =>
+          sdk().embeddings.create({ model: "floats-only", input: ["alpha", "beta"], encoding_format }).withResponse();
+        // The client's own base64, refused: its 422, which decides nothing for the floats asked after it.
+        expect((await apiError(asked("base64"))).status).toBe(422);
+        const floats = [0.05, 0.06, 0.07, 0.08].map(Math.fround);
+        for (let i = 0; i < 2; i++) {
+          const { data, response } = await asked("float");
+          expect(data.data[0]?.embedding).toEqual(floats);
+          const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+          expect(m).toMatchObject({ endpoint: Endpoint.EMBEDDINGS, status: RequestStatus.OK });
+        }
+        expect((await apiError(asked("base64"))).status).toBe(422);
+        expect(upstream.seen("floats-only").map((r) => r.body.encoding_format)).toEqual(["base64", "base64", "float", "float", "base64"]);
       });
 
       test("embeddings without upstream usage are counted", async () => {

@@ -200,8 +200,44 @@ export function createOpenAIProvider(
       return answer as T;
     });
 
+  /**
+   * An attempt asked with a field the gateway adds of its own accord, which some servers refuse: one that forbids fields
+   * it does not know (422 "extra fields not permitted"), Azure before its api version took stream_options (400), one
+   * that takes float embeddings alone. When the upstream model's refusal names the field (refusesOwn) and `mayRetry`
+   * (what it refused was the gateway's alone: a client's bad option is its 400, and never decides what other clients'
+   * calls are sent with), asked again without it (or, of encoding_format, for floats) within what is left of the
+   * attempt's time, and from then on. Remembered only once the same request went through without it: a refusal of
+   * anything else in it (a client's unknown field whose name merely starts the same) fails the retry too, and changes
+   * nothing.
+   */
+  const refusable = async <T>(
+    refusing: Set<string>,
+    model: string,
+    field: { name: string; own?: string },
+    mayRetry: boolean,
+    options: CallOptions,
+    attempt: (withField: boolean, options: CallOptions) => Promise<T>,
+  ): Promise<T> => {
+    if (refusing.has(model)) return attempt(false, options);
+    const started = performance.now();
+    try {
+      return await attempt(true, options);
+    } catch (e) {
+      if (!(mayRetry && e instanceof UpstreamError && e.failure === "rejected" && refusesOwn(e, field.name, field.own))) {
+        throw e;
+      }
+      const timeoutMs = Math.max(1, options.timeoutMs - (performance.now() - started));
+      const answer = await attempt(false, { ...options, timeoutMs });
+      if (refusing.size >= 512) refusing.clear();
+      refusing.add(model);
+      return answer;
+    }
+  };
+
   /** Upstream models that refused stream_options: their streams go without. */
   const refusesStreamOptions = new Set<string>();
+  /** Upstream models that refused encoding_format base64: floats are asked of them as floats. */
+  const refusesBase64 = new Set<string>();
 
   /**
    * One streamed attempt, resolved with its stream once it has begun: its first items are held until one `begins` it
@@ -371,33 +407,30 @@ export function createOpenAIProvider(
       // the upstream refuses stream_options: its usage is then counted.
       const { stream_options, ...rest } = request;
       const plain = { ...rest, stream: true as const };
-      if (config.stream_usage === false || refusesStreamOptions.has(request.model)) return open(plain, options);
-      const started = performance.now();
-      try {
-        return await open({ ...plain, stream_options: { ...stream_options, include_usage: true } }, options);
-      } catch (e) {
-        // A server that forbids fields it does not know (422 "extra fields not permitted"), Azure before its api
-        // version took stream_options (400): asked again without them, and from then on.
-        if (!(e instanceof UpstreamError && e.failure === "rejected" && refusesOwnStreamOptions(e))) throw e;
-        // Only when the gateway's own include_usage was all there was to refuse: a client's bad option is its 400, and
-        // never decides what other clients' streams are sent with.
-        const own = Object.keys(stream_options ?? {}).every((k) => k === "include_usage");
-        if (!own) throw e;
-        const timeoutMs = Math.max(1, options.timeoutMs - (performance.now() - started));
-        const stream = await open(plain, { ...options, timeoutMs });
-        // Remembered only once the same request went through without them: a refusal of anything else in it (a
-        // client's unknown field whose name merely starts the same) fails the retry too, and changes nothing.
-        if (refusesStreamOptions.size >= 512) refusesStreamOptions.clear();
-        refusesStreamOptions.add(request.model);
-        return stream;
-      }
+      if (config.stream_usage === false) return open(plain, options);
+      const usage = { ...plain, stream_options: { ...stream_options, include_usage: true } };
+      const own = Object.keys(stream_options ?? {}).every((k) => k === "include_usage");
+      const field = { name: "stream_options", own: "include_usage" };
+      return refusable(refusesStreamOptions, request.model, field, own, options, (asked, attemptOptions) =>
+        open(asked ? usage : plain, attemptOptions),
+      );
     },
 
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
       // Vectors are asked for in base64 even when the client wants floats: a quarter of the bytes of float32s printed
-      // in full, which the REST answer's writer decodes a vector at a time (embeddingJson).
-      const asked = request.encoding_format === "float" ? { ...request, encoding_format: "base64" } : request;
-      const response = await postJson<CreateEmbeddingResponse>("/embeddings", asked, options);
+      // in full, which the answer's writer decodes a vector at a time (embeddingJson). A server that takes floats
+      // alone is asked again for them, and from then on; its refusal of a client's own base64 is the client's.
+      const asked = (encoding_format: EmbeddingRequest["encoding_format"], attemptOptions: CallOptions) => {
+        const body: EmbeddingRequest = { ...request, encoding_format };
+        return postJson<CreateEmbeddingResponse>("/embeddings", body, attemptOptions);
+      };
+      const field = { name: "encoding_format" };
+      const response =
+        request.encoding_format === "float"
+          ? await refusable(refusesBase64, request.model, field, true, options, (base64, attemptOptions) =>
+              asked(base64 ? "base64" : "float", attemptOptions),
+            )
+          : await asked("base64", options);
       if (!response || !Array.isArray(response.data)) {
         throw new UpstreamError("transient", `${config.name}: the embeddings response has no data`);
       }
@@ -499,14 +532,15 @@ const json = /[/+]json\b/i;
 const eventStream = /^text\/event-stream\b/i;
 
 /**
- * The refusal names stream_options itself (or its include_usage): as the error's param, else as a word of the
- * upstream's message (FastAPI's `"loc":["body","stream_options"]`, Azure's "Unrecognized request argument supplied:
- * stream_options") not run on into a longer name such as a client's `stream_options_x`.
+ * The refusal names the gateway's own field `name` (stream_options, or its `own` member include_usage): as the error's
+ * param, else as a word of the upstream's message (FastAPI's `"loc":["body","stream_options"]`, Azure's "Unrecognized
+ * request argument supplied: stream_options") not run on into a longer name such as a client's `stream_options_x`.
  */
-function refusesOwnStreamOptions(e: UpstreamError): boolean {
+function refusesOwn(e: UpstreamError, name: string, own?: string): boolean {
   const param = e.error?.param;
-  if (param) return param === "stream_options" || param === "stream_options.include_usage";
-  return /(?<![\w.])stream_options(?!\w|\.(?!include_usage\b)\w)/.test(e.message);
+  if (param) return param === name || (own !== undefined && param === `${name}.${own}`);
+  const member = own === undefined ? "" : `(?!${own}\\b)`;
+  return new RegExp(`(?<![\\w.])${name}(?!\\w|\\.${member}\\w)`).test(e.message);
 }
 
 /** Chunks of no choice (Azure's prompt filter results) held before a stream is taken to have begun. */

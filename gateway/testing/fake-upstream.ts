@@ -29,6 +29,8 @@ export interface Behaviour {
   error?: { message?: string; type?: string | null; param?: string | null; code?: string | null; innererror?: unknown } | string;
   /** Refuse a request that has this field with 422, as servers that forbid extra fields do (FastAPI's `detail`). */
   rejectsField?: string;
+  /** Refuse a request for base64 embeddings with 422, as a server that takes floats alone does (FastAPI's `detail`). */
+  floatsOnly?: boolean;
   /** Retry-After header value sent with `status`. */
   retryAfter?: string;
   /** retry-after-ms header value (OpenAI's, in ms) sent with `status`. */
@@ -192,6 +194,10 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
       for (const part of fieldPath.slice(0, -1)) holder = holder?.[part];
       if (b.rejectsField !== undefined && typeof holder === "object" && holder !== null && (fieldPath.at(-1) as string) in holder) {
         const detail = [{ loc: ["body", ...fieldPath], msg: "extra fields not permitted", type: "value_error.extra" }];
+        return Response.json({ detail }, { status: 422 });
+      }
+      if (b.floatsOnly && body.encoding_format === "base64") {
+        const detail = [{ loc: ["body", "encoding_format"], msg: "unexpected value; permitted: 'float'", type: "value_error.const" }];
         return Response.json({ detail }, { status: 422 });
       }
       if (b.status) {
