@@ -59,7 +59,8 @@ class ServiceError extends Error {}
 
 const usage = `usage: meshctl <command> [flags] [--json]
 
-  orgs create NAME [--tax-bps N] [--billing-day N] [--budget-usd X] [--max-discount-percent P] | orgs list
+  orgs create NAME [--tax-bps N] [--billing-day N] [--budget-usd X] [--max-discount-percent P]
+  orgs list | orgs show ORG_ID
   orgs update ORG_ID [--name S] [--tax-bps N] [--budget-usd X] [--max-discount-percent P]
   orgs suspend ORG_ID [--reason S] | orgs reinstate ORG_ID
       (a suspended org's keys are refused, 403 organization_suspended, until it is reinstated; nothing is deleted)
@@ -141,6 +142,7 @@ const commands: Record<string, { flags: readonly FlagName[]; args: number }> = {
   "orgs update": { flags: ["name", "tax-bps", "budget-usd", "max-discount-percent"], args: 1 },
   "orgs suspend": { flags: ["reason"], args: 1 },
   "orgs reinstate": { flags: [], args: 1 },
+  "orgs show": { flags: [], args: 1 },
   "orgs list": { flags: [], args: 0 },
   "projects create": { flags: ["org"], args: 1 },
   "projects list": { flags: ["org"], args: 0 },
@@ -281,8 +283,13 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
         return 0;
       }
+      case "orgs show": {
+        const res = await billing.getOrganization({ orgId: arg("ORG_ID") });
+        print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
+        return 0;
+      }
       case "orgs list": {
-        const res = await allOrganizations(billing);
+        const res = await allPages((page) => billing.listOrganizations(page), (r) => r.organizations);
         print(schemaOf(res), res, () => orgsTable(res.organizations));
         return 0;
       }
@@ -569,11 +576,6 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
   }
 }
 
-/** Every org, over as many pages as there are. */
-function allOrganizations(billing: Client<typeof BillingService>) {
-  return allPages((page) => billing.listOrganizations(page), (r) => r.organizations);
-}
-
 /** A key by id, revoked or not, in one lookup however many orgs there are; unknown when `orgId` is not its org. */
 async function findKey(
   billing: Client<typeof BillingService>,
@@ -595,8 +597,7 @@ async function findKey(
 
 /**
  * An analytics query's range: --from and --to, either left out coming from the org's billing period, as billing's.
- * Only that period asks billing, whose org list needs the admin token: with both given, an org's own API key, which
- * may read its analytics, reads them.
+ * Only that period asks billing, for the one org (GetOrganization, which an org's own API key may ask of its org).
  */
 async function analyticsRange(
   billing: Client<typeof BillingService>,
@@ -605,12 +606,8 @@ async function analyticsRange(
   to: Timestamp | undefined,
 ): Promise<{ start: Timestamp; end: Timestamp }> {
   if (from && to) return { start: from, end: to };
-  const orgs = await allOrganizations(billing).catch((e: unknown) => {
-    if (ConnectError.from(e).code !== Code.PermissionDenied) throw e;
-    throw new ServiceError(`${errorLine(e)} (an org's own API key reads its analytics with both --from and --to)`);
-  });
-  const org = orgs.organizations.find((o) => o.id === orgId);
-  if (!org) throw new ServiceError(`no organization ${orgId}`);
+  const { organization: org } = await billing.getOrganization({ orgId });
+  if (!org) throw new ServiceError(`billing answered no organization ${orgId}`);
   const period = billingPeriod(new Date(to ? timestampMs(to) - 1 : Date.now()), org.billingDay);
   return { start: from ?? timestampFromDate(period.start), end: to ?? timestampFromDate(period.end) };
 }
