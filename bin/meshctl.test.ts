@@ -134,6 +134,11 @@ describe("meshctl against a real billing", () => {
     expect(updated).toMatch(/Acme Corp\s+20%\s+1\s+\$50\s+25%/);
     failsWith(await cli(`orgs update ${orgId} --tax-bps 20000`), 1, /tax_rate_bps/);
     expect(await ok(`orgs update ${orgId} --tax-bps 1000 --max-discount-percent 30`)).toMatch(/10%\s+1\s+\$50\s+30%/);
+    // An empty percentage is refused alike by both, not read by one as no limit.
+    const emptyPercent = /--max-discount-percent must be a percentage 0\.\.100 with at most 2 decimals, not ""/;
+    failsWith(await cli(`orgs create "Empty Cap" --max-discount-percent ""`), 2, emptyPercent);
+    failsWith(await cli(`orgs update ${orgId} --max-discount-percent ""`), 2, emptyPercent);
+    expect(await ok("orgs list")).not.toContain("Empty Cap");
     const uncapped = await json<{ organization: { id: string } }>(`orgs create "No Cap" --tax-bps 0`);
     expect(await ok("orgs list")).toMatch(new RegExp(`${uncapped.organization.id}\\s+No Cap\\s+0%\\s+1\\s+unlimited\\s+no limit\\s`));
     expect(await ok("projects create --org " + orgId + " web")).toContain("web");

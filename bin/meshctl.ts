@@ -253,9 +253,10 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           taxRateBps: int(values["tax-bps"], "--tax-bps"),
           billingDay: int(values["billing-day"], "--billing-day"),
           monthlyBudgetNanos: usdNanos(values["budget-usd"], "--budget-usd"),
-          maxDiscountBps: values["max-discount-percent"]
-            ? percentBps(values["max-discount-percent"], "--max-discount-percent")
-            : 0,
+          maxDiscountBps:
+            values["max-discount-percent"] === undefined
+              ? 0
+              : percentBps(values["max-discount-percent"], "--max-discount-percent"),
         };
         const res = await createOnce((requestId) => billing.createOrganization({ ...ask, requestId }));
         print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
