@@ -133,6 +133,11 @@ describe("meshctl against a real billing", () => {
     const updated = await ok(`orgs update ${orgId} --tax-bps 2000 --max-discount-percent 25`);
     expect(updated).toMatch(/Acme Corp\s+20%\s+1\s+\$50\s+25%/);
     failsWith(await cli(`orgs update ${orgId} --tax-bps 20000`), 1, /tax_rate_bps/);
+    // Nothing to change is the command line's mistake, as quota set's is, not an update sent empty.
+    billingCalls.length = 0;
+    const nothing = /^meshctl: orgs update needs at least one of --name, --tax-bps, --budget-usd, --max-discount-percent\n$/;
+    failsWith(await cli(`orgs update ${orgId}`), 2, nothing);
+    expect(billingCalls).toEqual([]);
     expect(await ok(`orgs update ${orgId} --tax-bps 1000 --max-discount-percent 30`)).toMatch(/10%\s+1\s+\$50\s+30%/);
     // An empty percentage is refused alike by both, not read by one as no limit.
     const emptyPercent = /--max-discount-percent must be a percentage 0\.\.100 with at most 2 decimals, not ""/;

@@ -263,9 +263,15 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         return 0;
       }
       case "orgs update": {
+        const orgId = arg("ORG_ID");
+        // Every flag it takes is a setting to change.
+        const settings = commands[command]?.flags ?? [];
+        if (!settings.some((flag) => values[flag] !== undefined)) {
+          throw new UsageError(`orgs update needs at least one of ${settings.map((f) => `--${f}`).join(", ")}`);
+        }
         const percent = values["max-discount-percent"];
         const res = await billing.updateOrganization({
-          orgId: arg("ORG_ID"),
+          orgId,
           name: values.name,
           taxRateBps: values["tax-bps"] === undefined ? undefined : int(values["tax-bps"], "--tax-bps"),
           monthlyBudgetNanos: values["budget-usd"] === undefined ? undefined : usdNanos(values["budget-usd"], "--budget-usd"),
