@@ -516,6 +516,8 @@ describe("meshctl against a real billing", () => {
     expect(html).not.toContain("Renamed");
     expect(await ok(`invoices render ${invoiceId} --html`)).toBe(html);
     failsWith(await cli(`invoices render ${invoiceId}`), 2, /needs --html/);
+    // HTML is all it renders: --json, which scripts read as JSON, is refused rather than answered with HTML.
+    failsWith(await cli(`invoices render ${invoiceId} --html --json`), 2, /render prints HTML.*invoices show --json/);
     failsWith(await cli("invoices render inv_missing --html"), 1, /billing answered 404 for invoice inv_missing/);
     failsWith(await cli(`invoices generate --org ${orgId} --period 2026-3`), 2, /--period must be YYYY-MM/);
   }, 60_000);

@@ -90,7 +90,7 @@ const usage = `usage: meshctl <command> [flags] [--json]
   discounts list --org ID | discounts remove RULE_ID
   invoices generate --org ID [--period YYYY-MM] | invoices list --org ID | invoices show ID
       (--period: the billing period that starts in that month; default: the current one)
-  invoices issue|pay|void ID | invoices render ID --html [--out FILE]
+  invoices issue|pay|void ID | invoices render ID --html [--out FILE]   (HTML only: invoices show --json for JSON)
 
 environment: BILLING_URL (http://127.0.0.1:8081), ANALYTICS_URL (http://127.0.0.1:8082), ADMIN_TOKEN
 dates: 2026-11-30 (midnight UTC) or 2026-11-30T14:00 (UTC unless an offset like +01:00 follows)
@@ -553,6 +553,9 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
       }
       case "invoices render": {
         if (!values.html) throw new UsageError("invoices render needs --html");
+        if (values.json) {
+          throw new UsageError("invoices render prints HTML, not JSON: leave out --json (invoices show --json has it)");
+        }
         const id = arg("INVOICE_ID");
         const res = await fetch(`${cfg.BILLING_URL}/invoices/${encodeURIComponent(id)}`, {
           headers: { authorization: `Bearer ${cfg.ADMIN_TOKEN}` },
