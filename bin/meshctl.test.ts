@@ -443,7 +443,9 @@ describe("meshctl against a real billing", () => {
     await ok(`discounts remove ${late.rule.id}`);
     failsWith(await cli(`discounts add --org ${orgId} --name x --kind bogus`), 2, /--kind must be one of/);
     failsWith(await cli(`discounts add --org ${orgId} --name x --kind promotional`), 1, /invalid_argument.*discount_bps/);
-    failsWith(await cli(`discounts add --org ${orgId} --name x --kind time-window --percent 5 --hours 9`), 2, /--hours/);
+    const hours = /^meshctl: --hours must be START-END in UTC hours, like 9-17 or 22-6, not "(9|)"\n$/;
+    failsWith(await cli(`discounts add --org ${orgId} --name x --kind time-window --percent 5 --hours 9`), 2, hours);
+    failsWith(await cli(`discounts add --org ${orgId} --name x --kind time-window --percent 5 --hours ""`), 2, hours);
     // A tier of three parts is refused whole, not read as its first two.
     const tiers = `discounts add --org ${orgId} --name x --kind volume-graduated --tiers 0:0,100:5:3`;
     failsWith(await cli(tiers), 2, /^meshctl: --tiers must be FROM_USD:PERCENT,\.\.\., not "0:0,100:5:3"\n$/);

@@ -779,7 +779,7 @@ function ruleFrom(values: Flags): MessageInitShape<typeof DiscountRuleSchema> {
   };
   const kind = kinds[values.kind ?? ""];
   if (!kind) throw new UsageError(`--kind must be one of ${Object.keys(kinds).join(", ")}`);
-  if (values.hours && !/^\d{1,2}-\d{1,2}$/.test(values.hours)) {
+  if (values.hours !== undefined && !/^\d{1,2}-\d{1,2}$/.test(values.hours)) {
     throw new UsageError(`--hours must be START-END in UTC hours, like 9-17 or 22-6, not "${values.hours}"`);
   }
   const [startHour, endHour] = (values.hours ?? "0-24").split("-").map((h) => int(h, "--hours"));
