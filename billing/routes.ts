@@ -10,7 +10,7 @@ import { guardedRoutes } from "../lib/routes.ts";
 export function billingRoutes(impl: ServiceImpl<typeof BillingService>, adminToken: string): (router: ConnectRouter) => void {
   return guardedRoutes(BillingService, impl, {
     adminToken,
-    orgMethods: ["getUsageSummary", "listUsageRecords", "listInvoices", "getInvoice"],
+    orgMethods: ["getOrganization", "getUsageSummary", "listUsageRecords", "listInvoices", "getInvoice"],
     bulk: { recordUsage: defaultReadMaxBytes },
   });
 }

@@ -439,6 +439,38 @@ test("GetApiKey answers a key by id alone, revoked or not, as ListApiKeys lists 
   expect(await code(client.getApiKey({ apiKeyId: keyId }))).toBe(Code.Unauthenticated);
 });
 
+test("GetOrganization answers one org by id, as ListOrganizations lists it, to admins and to that org's own keys", async () => {
+  const orgId = await newOrg({ billingDay: 12, monthlyBudgetNanos: 3_000_000_000n });
+  const otherOrgId = await newOrg();
+  const suspendedOrgId = await newOrg();
+  await client.suspendOrganization({ orgId: suspendedOrgId, reason: "unpaid" }, admin);
+  const listed = (await client.listOrganizations({ pageSize: 1000 }, admin)).organizations;
+  for (const id of [orgId, suspendedOrgId]) {
+    expect((await client.getOrganization({ orgId: id }, admin)).organization).toEqual(listed.find((o) => o.id === id));
+  }
+  expect((await client.getOrganization({ orgId: suspendedOrgId }, admin)).organization).toMatchObject({
+    state: OrganizationState.SUSPENDED,
+    suspendReason: "unpaid",
+  });
+
+  const { secret, apiKey } = await client.createApiKey({ orgId }, admin);
+  const own = (await client.getOrganization({ orgId }, as(secret))).organization;
+  expect(own).toMatchObject({ id: orgId, billingDay: 12, monthlyBudgetNanos: 3_000_000_000n });
+  // Another org's id is as unknown to a key as one no org has: the answers do not tell them apart.
+  const other = client.getOrganization({ orgId: otherOrgId }, as(secret));
+  expect(await code(other)).toBe(Code.NotFound);
+  expect(await other.catch((e: unknown) => String(e))).toContain(`organization ${otherOrgId} not found`);
+  const missing = client.getOrganization({ orgId: "org_missing" }, as(secret));
+  expect(await code(missing)).toBe(Code.NotFound);
+  expect(await code(client.getOrganization({ orgId: "org_missing" }, admin))).toBe(Code.NotFound);
+  expect(await code(client.getOrganization({ orgId: "" }, admin))).toBe(Code.InvalidArgument);
+
+  expect(await code(client.getOrganization({ orgId }))).toBe(Code.Unauthenticated);
+  expect(await code(client.getOrganization({ orgId }, as("not-the-admin-token")))).toBe(Code.PermissionDenied);
+  await client.revokeApiKey({ apiKeyId: apiKey?.id as string }, admin);
+  expect(await code(client.getOrganization({ orgId }, as(secret)))).toBe(Code.Unauthenticated);
+});
+
 test("usage charges a token lease in tokens, up to the request's input + output, and never nano-USD and tokens at once", async () => {
   const orgId = await newOrg();
   const { apiKey } = await client.createApiKey({ orgId, limits: { monthlyTokens: 1_000n } }, admin);

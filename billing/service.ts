@@ -14,6 +14,7 @@ import {
   GenerateInvoiceResponseSchema,
   GetApiKeyResponseSchema,
   GetInvoiceResponseSchema,
+  GetOrganizationResponseSchema,
   GetUsageSummaryResponseSchema,
   KeyRefusalSchema,
   ListApiKeysResponseSchema,
@@ -55,6 +56,7 @@ import { billingPeriod } from "./period.ts";
 import { createDatabaseOutageLog, toConnectError } from "./errors.ts";
 import type { BillingMetrics } from "./metrics.ts";
 import { idCursor, pageAsked } from "./page-token.ts";
+import { organizationNotFound } from "./store/accounts.ts";
 import { invoiceNotFound } from "./store/invoices.ts";
 import { callSignal } from "./store/db.ts";
 import type { BillingStore } from "./store/store.ts";
@@ -178,6 +180,14 @@ export function createBillingService({
         organizations: orgs.items.map(organizationMessage),
         nextPageToken: page.nextPageToken(orgs, (org) => org.id),
       });
+    },
+
+    async getOrganization(req, ctx) {
+      const caller = await auth.caller(ctx.requestHeader);
+      const orgId = orgIdOf(req);
+      auth.requireOwnRecord(caller, orgId, () => organizationNotFound(orgId));
+      const organization = await store.getOrganization(orgId);
+      return create(GetOrganizationResponseSchema, { organization: organizationMessage(organization) });
     },
 
     async createProject(req, ctx) {

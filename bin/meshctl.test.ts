@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { type Timestamp, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
 import { AnalyticsService, type QueryUsageRequest, UsageGroupBy } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
@@ -64,6 +64,9 @@ beforeAll(async () => {
               },
             ],
           };
+        },
+        async queryLatency() {
+          return { models: [] };
         },
       }),
     log,
@@ -130,7 +133,17 @@ describe("meshctl against a real billing", () => {
     const updated = await ok(`orgs update ${orgId} --tax-bps 2000 --max-discount-percent 25`);
     expect(updated).toMatch(/Acme Corp\s+20%\s+1\s+\$50\s+25%/);
     failsWith(await cli(`orgs update ${orgId} --tax-bps 20000`), 1, /tax_rate_bps/);
+    // Nothing to change is the command line's mistake, as quota set's is, not an update sent empty.
+    billingCalls.length = 0;
+    const nothing = /^meshctl: orgs update needs at least one of --name, --tax-bps, --budget-usd, --max-discount-percent\n$/;
+    failsWith(await cli(`orgs update ${orgId}`), 2, nothing);
+    expect(billingCalls).toEqual([]);
     expect(await ok(`orgs update ${orgId} --tax-bps 1000 --max-discount-percent 30`)).toMatch(/10%\s+1\s+\$50\s+30%/);
+    // An empty percentage is refused alike by both, not read by one as no limit.
+    const emptyPercent = /--max-discount-percent must be a percentage 0\.\.100 with at most 2 decimals, not ""/;
+    failsWith(await cli(`orgs create "Empty Cap" --max-discount-percent ""`), 2, emptyPercent);
+    failsWith(await cli(`orgs update ${orgId} --max-discount-percent ""`), 2, emptyPercent);
+    expect(await ok("orgs list")).not.toContain("Empty Cap");
     const uncapped = await json<{ organization: { id: string } }>(`orgs create "No Cap" --tax-bps 0`);
     expect(await ok("orgs list")).toMatch(new RegExp(`${uncapped.organization.id}\\s+No Cap\\s+0%\\s+1\\s+unlimited\\s+no limit\\s`));
     expect(await ok("projects create --org " + orgId + " web")).toContain("web");
@@ -322,7 +335,7 @@ describe("meshctl against a real billing", () => {
     failsWith(await cli(`usage --org ${orgId} --by model,key,day,status`), 2, /at most 3 dimensions, not 4/);
   });
 
-  test("an org's own API key reads its analytics with --from and --to, billing's org list not asked", async () => {
+  test("an org's own API key reads its analytics, a left-out bound from its org's billing period", async () => {
     const billing = createServiceClient(BillingService, { baseUrl: billingServer.url, bearerToken: adminToken });
     const orgKey = (await billing.createApiKey({ orgId, name: "reader" })).secret;
     const asOrg = { ADMIN_TOKEN: orgKey };
@@ -334,12 +347,18 @@ describe("meshctl against a real billing", () => {
     expect(timestampDate(analyticsQueries.at(-1)?.range?.end ?? timestampFromDate(new Date(0))).toISOString()).toBe(
       "2026-11-01T00:00:00.000Z",
     );
-    // The billing period a left-out bound comes from needs the admin token: the refusal says what to give instead.
-    failsWith(
-      await cli(`usage --org ${orgId} --source analytics --from 2026-10-01`, asOrg),
-      1,
-      /permission_denied.*both --from and --to/,
+    // The billing period a left-out bound comes from is the key's own org's, which it may look up.
+    billingCalls.length = 0;
+    await ok(`usage --org ${orgId} --source analytics --from 2026-10-01`, asOrg);
+    expect(billingCalls).toEqual(["GetOrganization"]);
+    expect(timestampDate(analyticsQueries.at(-1)?.range?.start ?? timestampFromDate(new Date(0))).toISOString()).toBe(
+      "2026-10-01T00:00:00.000Z",
     );
+    expect(await ok(`orgs show ${orgId}`, asOrg)).toContain(orgId);
+    // Another org is as unknown to it as one nobody created.
+    const otherOrgId = (await billing.createOrganization({ name: "someone else" })).organization?.id ?? "";
+    failsWith(await cli(`latency --org ${otherOrgId}`, asOrg), 1, /not_found.*organization \S+ not found/);
+    failsWith(await cli(`orgs show ${otherOrgId}`, asOrg), 1, /not_found/);
   });
 
   test("quota show counts the usage of the keys a key was rotated from, as its limits do", async () => {
@@ -424,7 +443,9 @@ describe("meshctl against a real billing", () => {
     await ok(`discounts remove ${late.rule.id}`);
     failsWith(await cli(`discounts add --org ${orgId} --name x --kind bogus`), 2, /--kind must be one of/);
     failsWith(await cli(`discounts add --org ${orgId} --name x --kind promotional`), 1, /invalid_argument.*discount_bps/);
-    failsWith(await cli(`discounts add --org ${orgId} --name x --kind time-window --percent 5 --hours 9`), 2, /--hours/);
+    const hours = /^meshctl: --hours must be START-END in UTC hours, like 9-17 or 22-6, not "(9|)"\n$/;
+    failsWith(await cli(`discounts add --org ${orgId} --name x --kind time-window --percent 5 --hours 9`), 2, hours);
+    failsWith(await cli(`discounts add --org ${orgId} --name x --kind time-window --percent 5 --hours ""`), 2, hours);
     // A tier of three parts is refused whole, not read as its first two.
     const tiers = `discounts add --org ${orgId} --name x --kind volume-graduated --tiers 0:0,100:5:3`;
     failsWith(await cli(tiers), 2, /^meshctl: --tiers must be FROM_USD:PERCENT,\.\.\., not "0:0,100:5:3"\n$/);
@@ -497,6 +518,8 @@ describe("meshctl against a real billing", () => {
     expect(html).not.toContain("Renamed");
     expect(await ok(`invoices render ${invoiceId} --html`)).toBe(html);
     failsWith(await cli(`invoices render ${invoiceId}`), 2, /needs --html/);
+    // HTML is all it renders: --json, which scripts read as JSON, is refused rather than answered with HTML.
+    failsWith(await cli(`invoices render ${invoiceId} --html --json`), 2, /render prints HTML.*invoices show --json/);
     failsWith(await cli("invoices render inv_missing --html"), 1, /billing answered 404 for invoice inv_missing/);
     failsWith(await cli(`invoices generate --org ${orgId} --period 2026-3`), 2, /--period must be YYYY-MM/);
   }, 60_000);
@@ -747,5 +770,32 @@ describe("listings longer than billing's largest page", () => {
     failsWith(unknown, 1, /^meshctl: no key key_missing\n$/);
     expect(unknown.calls).toEqual(["GetApiKey"]);
     failsWith(await cli(`quota show ${first.apiKey.id} --org org_bulk00002`), 1, /no key \S+ in org org_bulk00002\n$/);
+  }, 60_000);
+
+  test("usage, latency and orgs show look the org up by its id alone, in one call however many orgs there are", async () => {
+    const calls = async (args: string) => {
+      billingCalls.length = 0;
+      const run = await cli(args);
+      return { ...run, calls: [...billingCalls] };
+    };
+    const orgId = "org_bulk01003";
+    await db.pool.query("UPDATE organizations SET billing_day = 7 WHERE id = $1", [orgId]);
+    const usage = await calls(`usage --org ${orgId} --source analytics --to 2026-10-20`);
+    expect(usage.code).toBe(0);
+    expect(usage.calls).toEqual(["GetOrganization"]);
+    const range = analyticsQueries.at(-1)?.range;
+    const iso = (t: Timestamp | undefined) => (t ? timestampDate(t).toISOString() : "");
+    expect([iso(range?.start), iso(range?.end)]).toEqual(["2026-10-07T00:00:00.000Z", "2026-10-20T00:00:00.000Z"]);
+    const latency = await calls(`latency --org ${orgId}`);
+    expect(latency.code).toBe(0);
+    expect(latency.calls).toEqual(["GetOrganization"]);
+    const shown = await calls(`orgs show ${orgId}`);
+    expect(shown.out).toMatch(/^ID\s+NAME\s+TAX\s+BILLING DAY\s/);
+    expect(shown.out).toMatch(/org_bulk01003\s+bulk org 1003\s+0%\s+7\s/);
+    expect(shown.calls).toEqual(["GetOrganization"]);
+
+    const unknown = await calls("latency --org org_missing");
+    failsWith(unknown, 1, /not_found.*organization org_missing not found/);
+    expect(unknown.calls).toEqual(["GetOrganization"]);
   }, 60_000);
 });

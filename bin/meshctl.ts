@@ -59,7 +59,8 @@ class ServiceError extends Error {}
 
 const usage = `usage: meshctl <command> [flags] [--json]
 
-  orgs create NAME [--tax-bps N] [--billing-day N] [--budget-usd X] [--max-discount-percent P] | orgs list
+  orgs create NAME [--tax-bps N] [--billing-day N] [--budget-usd X] [--max-discount-percent P]
+  orgs list | orgs show ORG_ID
   orgs update ORG_ID [--name S] [--tax-bps N] [--budget-usd X] [--max-discount-percent P]
   orgs suspend ORG_ID [--reason S] | orgs reinstate ORG_ID
       (a suspended org's keys are refused, 403 organization_suspended, until it is reinstated; nothing is deleted)
@@ -89,7 +90,7 @@ const usage = `usage: meshctl <command> [flags] [--json]
   discounts list --org ID | discounts remove RULE_ID
   invoices generate --org ID [--period YYYY-MM] | invoices list --org ID | invoices show ID
       (--period: the billing period that starts in that month; default: the current one)
-  invoices issue|pay|void ID | invoices render ID --html [--out FILE]
+  invoices issue|pay|void ID | invoices render ID --html [--out FILE]   (HTML only: invoices show --json for JSON)
 
 environment: BILLING_URL (http://127.0.0.1:8081), ANALYTICS_URL (http://127.0.0.1:8082), ADMIN_TOKEN
 dates: 2026-11-30 (midnight UTC) or 2026-11-30T14:00 (UTC unless an offset like +01:00 follows)
@@ -141,6 +142,7 @@ const commands: Record<string, { flags: readonly FlagName[]; args: number }> = {
   "orgs update": { flags: ["name", "tax-bps", "budget-usd", "max-discount-percent"], args: 1 },
   "orgs suspend": { flags: ["reason"], args: 1 },
   "orgs reinstate": { flags: [], args: 1 },
+  "orgs show": { flags: [], args: 1 },
   "orgs list": { flags: [], args: 0 },
   "projects create": { flags: ["org"], args: 1 },
   "projects list": { flags: ["org"], args: 0 },
@@ -251,18 +253,25 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           taxRateBps: int(values["tax-bps"], "--tax-bps"),
           billingDay: int(values["billing-day"], "--billing-day"),
           monthlyBudgetNanos: usdNanos(values["budget-usd"], "--budget-usd"),
-          maxDiscountBps: values["max-discount-percent"]
-            ? percentBps(values["max-discount-percent"], "--max-discount-percent")
-            : 0,
+          maxDiscountBps:
+            values["max-discount-percent"] === undefined
+              ? 0
+              : percentBps(values["max-discount-percent"], "--max-discount-percent"),
         };
         const res = await createOnce((requestId) => billing.createOrganization({ ...ask, requestId }));
         print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
         return 0;
       }
       case "orgs update": {
+        const orgId = arg("ORG_ID");
+        // Every flag it takes is a setting to change.
+        const settings = commands[command]?.flags ?? [];
+        if (!settings.some((flag) => values[flag] !== undefined)) {
+          throw new UsageError(`orgs update needs at least one of ${settings.map((f) => `--${f}`).join(", ")}`);
+        }
         const percent = values["max-discount-percent"];
         const res = await billing.updateOrganization({
-          orgId: arg("ORG_ID"),
+          orgId,
           name: values.name,
           taxRateBps: values["tax-bps"] === undefined ? undefined : int(values["tax-bps"], "--tax-bps"),
           monthlyBudgetNanos: values["budget-usd"] === undefined ? undefined : usdNanos(values["budget-usd"], "--budget-usd"),
@@ -281,8 +290,13 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
         return 0;
       }
+      case "orgs show": {
+        const res = await billing.getOrganization({ orgId: arg("ORG_ID") });
+        print(schemaOf(res), res, () => orgsTable(res.organization ? [res.organization] : []));
+        return 0;
+      }
       case "orgs list": {
-        const res = await allOrganizations(billing);
+        const res = await allPages((page) => billing.listOrganizations(page), (r) => r.organizations);
         print(schemaOf(res), res, () => orgsTable(res.organizations));
         return 0;
       }
@@ -539,6 +553,9 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
       }
       case "invoices render": {
         if (!values.html) throw new UsageError("invoices render needs --html");
+        if (values.json) {
+          throw new UsageError("invoices render prints HTML, not JSON: leave out --json (invoices show --json has it)");
+        }
         const id = arg("INVOICE_ID");
         const res = await fetch(`${cfg.BILLING_URL}/invoices/${encodeURIComponent(id)}`, {
           headers: { authorization: `Bearer ${cfg.ADMIN_TOKEN}` },
@@ -569,11 +586,6 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
   }
 }
 
-/** Every org, over as many pages as there are. */
-function allOrganizations(billing: Client<typeof BillingService>) {
-  return allPages((page) => billing.listOrganizations(page), (r) => r.organizations);
-}
-
 /** A key by id, revoked or not, in one lookup however many orgs there are; unknown when `orgId` is not its org. */
 async function findKey(
   billing: Client<typeof BillingService>,
@@ -595,8 +607,7 @@ async function findKey(
 
 /**
  * An analytics query's range: --from and --to, either left out coming from the org's billing period, as billing's.
- * Only that period asks billing, whose org list needs the admin token: with both given, an org's own API key, which
- * may read its analytics, reads them.
+ * Only that period asks billing, for the one org (GetOrganization, which an org's own API key may ask of its org).
  */
 async function analyticsRange(
   billing: Client<typeof BillingService>,
@@ -605,12 +616,8 @@ async function analyticsRange(
   to: Timestamp | undefined,
 ): Promise<{ start: Timestamp; end: Timestamp }> {
   if (from && to) return { start: from, end: to };
-  const orgs = await allOrganizations(billing).catch((e: unknown) => {
-    if (ConnectError.from(e).code !== Code.PermissionDenied) throw e;
-    throw new ServiceError(`${errorLine(e)} (an org's own API key reads its analytics with both --from and --to)`);
-  });
-  const org = orgs.organizations.find((o) => o.id === orgId);
-  if (!org) throw new ServiceError(`no organization ${orgId}`);
+  const { organization: org } = await billing.getOrganization({ orgId });
+  if (!org) throw new ServiceError(`billing answered no organization ${orgId}`);
   const period = billingPeriod(new Date(to ? timestampMs(to) - 1 : Date.now()), org.billingDay);
   return { start: from ?? timestampFromDate(period.start), end: to ?? timestampFromDate(period.end) };
 }
@@ -772,7 +779,7 @@ function ruleFrom(values: Flags): MessageInitShape<typeof DiscountRuleSchema> {
   };
   const kind = kinds[values.kind ?? ""];
   if (!kind) throw new UsageError(`--kind must be one of ${Object.keys(kinds).join(", ")}`);
-  if (values.hours && !/^\d{1,2}-\d{1,2}$/.test(values.hours)) {
+  if (values.hours !== undefined && !/^\d{1,2}-\d{1,2}$/.test(values.hours)) {
     throw new UsageError(`--hours must be START-END in UTC hours, like 9-17 or 22-6, not "${values.hours}"`);
   }
   const [startHour, endHour] = (values.hours ?? "0-24").split("-").map((h) => int(h, "--hours"));

@@ -139,10 +139,13 @@ async function insertOrNameTaken<R>(
   }
 }
 
+/** The answer for an org that does not exist, and for another org's to an org's key (BillingAuth.requireOwnRecord). */
+export const organizationNotFound = (orgId: string) => new BillingError("not_found", `organization ${orgId} not found`);
+
 export function createAccountStore(db: Db) {
   const requireOrganization = async (orgId: string) => {
     const rows = await db.query<OrgRow>(`SELECT ${orgColumns} FROM organizations WHERE id = $1`, [orgId]);
-    if (!rows[0]) throw new BillingError("not_found", `organization ${orgId} not found`);
+    if (!rows[0]) throw organizationNotFound(orgId);
     return toOrganization(rows[0]);
   };
 
@@ -268,7 +271,7 @@ export function createAccountStore(db: Db) {
           changes.maxDiscountBps ?? null,
         ],
       );
-      if (!rows[0]) throw new BillingError("not_found", `organization ${orgId} not found`);
+      if (!rows[0]) throw organizationNotFound(orgId);
       return toOrganization(rows[0]);
     },
 
@@ -287,7 +290,7 @@ export function createAccountStore(db: Db) {
          SELECT updated.*, pg_notify('${keyChangesChannel}', json_build_object('orgId', id)::text) FROM updated`,
         [orgId, reason],
       );
-      if (!rows[0]) throw new BillingError("not_found", `organization ${orgId} not found`);
+      if (!rows[0]) throw organizationNotFound(orgId);
       return toOrganization(rows[0]);
     },
 

@@ -171,6 +171,9 @@ describe("tenant isolation across the mesh", () => {
     const params = { params: { model: "mock", messages: [{ role: "user", content: "hi" }] } };
     const notFound = (code: string) => ({ project: code, other: code });
     const rows: [string, (who: Caller) => Promise<string>, Expected][] = [
+      // Another org is as unknown to a key as one nobody created.
+      ["billing GetOrganization", (w) => rpc(billing.getOrganization({ orgId: ids.orgA }, callOptions(w))),
+        { ...orgRead, other: "NotFound" }],
       ["billing GetUsageSummary", (w) => rpc(billing.getUsageSummary({ orgId: ids.orgA }, callOptions(w))), orgRead],
       ["billing ListUsageRecords", (w) => rpc(billing.listUsageRecords({ orgId: ids.orgA }, callOptions(w))), orgRead],
       // Another org's request id, asked under one's own org, is as absent as a made-up one.
@@ -236,8 +239,8 @@ describe("tenant isolation across the mesh", () => {
   }, 60_000);
 
   test("every method only admins may call refuses any other token, and none, before reading the message", async () => {
-    const orgMethods = new Set(["getUsageSummary", "listUsageRecords", "listInvoices", "getInvoice", "queryUsage",
-      "queryTimeSeries", "queryLatency", "listRequests"]);
+    const orgMethods = new Set(["getOrganization", "getUsageSummary", "listUsageRecords", "listInvoices", "getInvoice",
+      "queryUsage", "queryTimeSeries", "queryLatency", "listRequests"]);
     const got: Record<string, Expected> = {};
     const want: Record<string, Expected> = {};
     const services = [[BillingService, mesh.urls.billing], [AnalyticsService, mesh.urls.analytics]] as const;
