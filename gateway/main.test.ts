@@ -98,6 +98,37 @@ test("a least past its most (lease sizes, retry backoff, body bytes) is refused 
   }
 });
 
+test("a budget lease lifetime not 10 s past the longest request time limit, a model's too, is refused at start", async () => {
+  // A request must be settled, and its lease given back, before billing takes the lease for expired and grants its
+  // money again; a request's time limit ends it however slowly its client reads.
+  const config = join(dataDir, "long-model.yaml");
+  writeFileSync(
+    config,
+    `providers:
+  - { name: mock, kind: mock, latency_ms: 0 }
+models:
+  - name: long
+    targets: [{ provider: mock, model: mock-long }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+    request_timeout_ms: 1800000
+`,
+  );
+  const cases = [
+    [{ GATEWAY_BUDGET_LEASE_TTL_S: "20", GATEWAY_REQUEST_TIMEOUT_MS: "10001" }, 20, 10_001],
+    [{ GATEWAY_CONFIG: config }, 900, 1_800_000],
+  ] as const;
+  for (const [env, ttl, longest] of cases) {
+    const { stdout, stderr, code } = await runCommand([process.execPath, main], {
+      env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", ...env },
+    });
+    expect(code).toBe(2);
+    expect(stdout).toBe("");
+    expect(stderr).toBe(
+      `GATEWAY_BUDGET_LEASE_TTL_S: ${ttl} s must exceed the longest request time limit (${longest} ms) by 10 s\n`,
+    );
+  }
+});
+
 test("GATEWAY_INSTANCE_ID of . or .., which would name the spool's parent directory, is refused with the environment", async () => {
   for (const id of [".", ".."]) {
     const { stdout, stderr, code } = await runCommand([process.execPath, main], {

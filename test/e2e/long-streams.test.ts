@@ -1,0 +1,158 @@
+/**
+ * A stream that outlives its request's time limit, with real processes: an upstream generating for far longer than the
+ * limit, and a client that reads nothing of the answer. Its budget reservation is drawn from a lease that outlives
+ * the limit (GATEWAY_BUDGET_LEASE_TTL_S exceeds it by 10 s), and billing grants an expired lease's money again once its
+ * grace is over (none here): the request must be settled, and its lease given back with what it spent, before that,
+ * however slowly its client reads, or the same money would be granted to another replica while the request still
+ * spends it.
+ */
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import * as net from "node:net";
+import { tmpdir } from "node:os";
+import * as path from "node:path";
+import { BillingService, BudgetScope } from "../../gen/billing/v1/billing_pb.ts";
+import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
+import { createServiceClient } from "../../lib/rpc-client.ts";
+import { type Mesh, startMesh } from "../../scripts/mesh.ts";
+import { eventually } from "../support.ts";
+
+const adminToken = "long-streams-admin-token-0123456789";
+// The shortest lease lifetime the gateway takes, and a request time limit it exceeds by 10 s.
+const leaseTtlSeconds = 20;
+const requestTimeoutMs = 10_000;
+// 64 choices of 4,096 tokens: about 26 MB of events, far more than the sockets' buffers hold, so the gateway waits on
+// its client's socket long before the answer ends. Output is $1 per million tokens: 1,000 nano-USD a token.
+const maxTokens = 4_096;
+const n = 64;
+const budget = 1_000_000_000n;
+
+let db: TestDatabase;
+let dataDir: string;
+let mesh: Mesh;
+let billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  dataDir = await mkdtemp(path.join(tmpdir(), "long-streams-"));
+  const config = path.join(dataDir, "routes.yaml");
+  await writeFile(
+    config,
+    `providers:
+  - { name: mock, kind: mock, latency_ms: 10 }
+models:
+  - name: m
+    targets: [{ provider: mock, model: mock-m }]
+    pricing: { input_per_mtok: "0.01", output_per_mtok: "1" }
+`,
+  );
+  mesh = await startMesh({
+    dataDir,
+    adminToken,
+    ports: { gateway: 0, billing: 0, analytics: 0 },
+    env: { DATABASE_URL: db.connectionString, LOG_LEVEL: "warn", GATEWAY_METRICS_INTERVAL_MS: "50" },
+    serviceEnv: {
+      gateway: {
+        GATEWAY_CONFIG: config,
+        GATEWAY_BUDGET_LEASE_TTL_S: String(leaseTtlSeconds),
+        GATEWAY_REQUEST_TIMEOUT_MS: String(requestTimeoutMs),
+      },
+      billing: { BUDGET_LEASE_GRACE_SECONDS: "0" },
+    },
+    onLine: (service, line) => {
+      if (process.env.LONG_STREAMS_LOG) process.stderr.write(`[${service}] ${line}\n`);
+    },
+  });
+  billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken, timeoutMs: 10_000 });
+}, 120_000);
+
+afterAll(async () => {
+  await mesh?.stop();
+  await db?.drop();
+  if (dataDir) await rm(dataDir, { recursive: true, force: true });
+}, 60_000);
+
+interface LeaseRow {
+  granted: string;
+  spent: string | null;
+  released_at: Date | null;
+  expires_at: Date;
+  expired: boolean;
+}
+
+const leasesOf = async (orgId: string) =>
+  (
+    await db.pool.query<LeaseRow>(
+      `SELECT granted_nanos::text AS granted, spent_nanos::text AS spent, released_at, expires_at,
+         expires_at <= now() AS expired
+       FROM budget_leases WHERE org_id = $1 ORDER BY created_at`,
+      [orgId],
+    )
+  ).rows;
+
+test("a stream whose client reads nothing is settled at its time limit, before billing could grant its lease again", async () => {
+  const orgId = (await billing.createOrganization({ name: "Long streams", monthlyBudgetNanos: budget })).organization
+    ?.id as string;
+  const { secret } = await billing.createApiKey({ orgId, name: "slow reader" });
+  const body = JSON.stringify({
+    model: "m",
+    stream: true,
+    max_tokens: maxTokens,
+    n,
+    messages: [{ role: "user", content: "x".repeat(4 * maxTokens) }],
+  });
+  const socket = net.connect(Number(new URL(mesh.openaiUrl).port), "127.0.0.1");
+  socket.on("error", () => {});
+  let received = "";
+  socket.on("data", (d) => {
+    received += d.toString();
+  });
+  socket.write(
+    `POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer ${secret}\r\n` +
+      `Content-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
+  );
+  try {
+    await eventually(() => received.includes("data: "), { what: "the stream's first chunk" });
+    // From here on the client reads nothing.
+    socket.pause();
+
+    // The request is metered at its time limit, at what it streamed, and its lease goes back with that spend while it
+    // is still live: billing grants a lease's money again only once it has expired.
+    const [record] = await eventually(
+      async () => {
+        const page = await billing.listUsageRecords({ orgId, pageSize: 10 });
+        return page.records.length > 0 ? page.records : undefined;
+      },
+      { timeoutMs: requestTimeoutMs + 10_000, what: "the stream metered" },
+    );
+    const cost = record?.costNanos ?? 0n;
+    expect(cost).toBeGreaterThan(0n);
+    // Far less than its reservation: the client took a few MB of the answer.
+    expect(cost).toBeLessThan(BigInt(maxTokens * n) * 1_000n);
+    const [lease] = await eventually(async () => {
+      const leases = await leasesOf(orgId);
+      return leases.every((l) => l.released_at !== null) ? leases : undefined;
+    });
+    expect(lease?.spent).toBe(cost.toString());
+    expect((lease?.released_at as Date).getTime()).toBeLessThan((lease?.expires_at as Date).getTime());
+
+    // Past the lease's lifetime (and a grace of none), another replica asking for the whole budget is granted what
+    // the request did not spend, not the request's money again.
+    await eventually(async () => (await leasesOf(orgId)).every((l) => l.expired), {
+      timeoutMs: leaseTtlSeconds * 1000,
+      what: "the lease expired",
+    });
+    const probe = await billing.acquireBudgetLease({
+      scope: BudgetScope.ORGANIZATION,
+      scopeId: orgId,
+      holder: "another-replica",
+      requestedNanos: budget,
+      neededNanos: budget,
+      ttlSeconds: 60,
+    });
+    expect(probe.grantedNanos).toBe(budget - cost);
+    expect(received).not.toContain("[DONE]");
+  } finally {
+    socket.destroy();
+  }
+}, 90_000);
