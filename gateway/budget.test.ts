@@ -711,6 +711,59 @@ describe("budget leases", () => {
     expect(leases.map((l) => l.spent).reduce((a, b) => (a ?? 0n) + (b ?? 0n), 0n)).toBe(55_100n);
   });
 
+  test("while billing does not answer, a burst of requests waits one billing call at most, sharing the asks", async () => {
+    const principal = await principalWith({ org: 1_000_000n });
+    // Billing frozen: every call to it ends at the client's timeout.
+    const timeoutMs = 500;
+    let frozen = false;
+    let asks = 0;
+    let unanswered = 0;
+    const timedOut = async () => {
+      unanswered++;
+      await Bun.sleep(timeoutMs);
+      unanswered--;
+      throw new ConnectError("the operation timed out", Code.DeadlineExceeded);
+    };
+    const freezing: BudgetKeeperOptions["billing"] = {
+      acquireBudgetLease: async (req) => {
+        asks++;
+        return frozen ? timedOut() : billing.acquireBudgetLease(req);
+      },
+      releaseBudgetLease: async (req) => (frozen ? timedOut() : billing.releaseBudgetLease(req)),
+    };
+    const { keeper: k } = keeper({ billing: freezing, minLeaseNanos: 10_000n, billingWaitMs: timeoutMs });
+    (await k.reserve(principal, usd(100n), 60_000)).settle(usd(100n));
+    frozen = true;
+    try {
+      // Covered by the lease held: served at once, billing not asked.
+      const before = asks;
+      (await k.reserve(principal, usd(1_000n), 60_000)).settle(usd(1_000n));
+      expect(asks).toBe(before);
+      // Too dear for it: one request every 100 ms for 1.2 s, each refused within about one call's time (it waited for
+      // one ask after another, up to 5 s), the ones that arrive while an ask is out waiting on it rather than asking.
+      const answers = await Promise.all(
+        Array.from({ length: 12 }, async (_, i) => {
+          await Bun.sleep(i * 100);
+          const start = performance.now();
+          const err = await refusal(k.reserve(principal, usd(50_000n), 60_000));
+          return { code: err.code, waitedMs: performance.now() - start };
+        }),
+      );
+      expect(answers.map((a) => a.code)).toEqual(Array(12).fill("budget_unavailable"));
+      expect(Math.max(...answers.map((a) => a.waitedMs))).toBeLessThan(timeoutMs * 3);
+      expect(asks - before).toBeLessThanOrEqual(4);
+      // The last ask out, which a request arriving now would share, fails too.
+      await until(() => unanswered === 0);
+    } finally {
+      frozen = false;
+    }
+    // Billing answers again: the dear request is granted, and the budget counts exactly what was spent.
+    (await k.reserve(principal, usd(50_000n), 60_000)).settle(usd(50_000n));
+    await k.close();
+    const leases = await leasesOf(principal.orgId);
+    expect(leases.map((l) => l.spent).reduce((a, b) => (a ?? 0n) + (b ?? 0n), 0n)).toBe(51_100n);
+  });
+
   test("while billing cannot be asked, an idle lease is kept for the requests it covers, and goes back once it can", async () => {
     const principal = await principalWith({ org: 1_000_000n });
     const { keeper: k, clock } = keeper({

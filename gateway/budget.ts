@@ -119,6 +119,11 @@ export interface BudgetKeeperOptions {
   maxLeaseTokens?: bigint;
   /** A scope billing reported exhausted is not asked again for this long. */
   exhaustedBackoffMs?: number;
+  /**
+   * The longest a request waits for billing's grants in all, however many asks it waits on (2 s by default: the billing
+   * client's call timeout); it is then refused 503 budget_unavailable, and its ask goes on for the requests after it.
+   */
+  billingWaitMs?: number;
   /** Leases untouched this long go back to billing. */
   idleReleaseMs?: number;
   /** Time a reservation needs after its request's deadline to be settled. */
@@ -237,6 +242,8 @@ interface Part {
   amount: bigint;
 }
 
+const budgetUnavailable = () =>
+  serviceUnavailable("Budgets cannot be checked right now; retry shortly.", "budget_unavailable");
 const rateTimeConstantMs = 30_000;
 // Billing takes at most 12 budget charges in a request's usage record, for its org's and its key's budgets and its
 // key's monthly tokens together: a reservation is drawn from at most this many leases of each budget.
@@ -261,6 +268,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   const minLease = { nanos: options.minLeaseNanos ?? 1_000_000n, tokens: options.minLeaseTokens ?? 1_000n };
   const maxLease = { nanos: options.maxLeaseNanos ?? 10_000_000_000n, tokens: options.maxLeaseTokens ?? 10_000_000n };
   const exhaustedBackoffMs = options.exhaustedBackoffMs ?? 1_000;
+  const billingWaitMs = options.billingWaitMs ?? 2_000;
   const idleReleaseMs = options.idleReleaseMs ?? 30_000;
   const marginMs = options.settleMarginMs ?? 5_000;
   // Monotonic: a wall clock stepped back would keep leases in use past the lifetime billing granted them (and idle ones
@@ -590,7 +598,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         if (!answered(e)) unanswered(scope, ask);
         grantOutage.failed({ scope: scope.key, code: Code[err.code], err: err.rawMessage });
         billingFailing = true;
-        throw serviceUnavailable("Budgets cannot be checked right now; retry shortly.", "budget_unavailable");
+        throw budgetUnavailable();
       }
     })().finally(() => {
       if (scope.acquiring === acquiring) scope.acquiring = undefined;
@@ -751,6 +759,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         return amount > 0n ? amount : 0n;
       };
       for (const scope of list) if (holdMs > scope.maxHoldMs) scope.maxHoldMs = holdMs;
+      /** Aborts once the request has waited billingWaitMs for billing, from its first wait. */
+      let waitLimit: AbortSignal | undefined;
       for (let round = 0; ; round++) {
         const t = now();
         const until = t + holdMs + marginMs;
@@ -809,13 +819,18 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
               "that left.";
           throw insufficientQuota(message, held ? Math.ceil(idleReleaseMs / 1000) : undefined);
         }
+        // One billing call's time in all: a request that went round again after each ask billing did not answer waited
+        // for one ask after another while billing was down (a burst's requests 2, 4, 6 ... s, then refused 429).
+        waitLimit ??= AbortSignal.timeout(billingWaitMs);
+        if (waitLimit.aborted) throw budgetUnavailable();
+        const stop = signal ? AbortSignal.any([signal, waitLimit]) : waitLimit;
         short.waiters++;
         try {
           const pending = short.acquiring;
           // Leftovers too small for this request are returned before asking, or they would sit idle here.
           // A request that ends meanwhile stops waiting; what billing grants stays for the others.
-          const gone = () => clientGone(signal);
-          if (pending) await unlessAborted(pending.catch(() => {}), signal, gone);
+          const gone = () => (signal?.aborted ? clientGone(signal) : budgetUnavailable());
+          if (pending) await unlessAborted(pending.catch(() => {}), stop, gone);
           else {
             const asking = acquire(
               short,
@@ -827,7 +842,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
               true,
               principal.apiKeyId,
             );
-            await unlessAborted(asking, signal, gone);
+            await unlessAborted(asking, stop, gone);
           }
         } finally {
           short.waiters--;

@@ -172,11 +172,12 @@ try {
   process.stderr.write(`${e.message}\n`);
   process.exit(2);
 }
+const billingTimeoutMs = 2000;
 const billing = createServiceClient(BillingService, {
   baseUrl: cfg.BILLING_URL,
   bearerToken: cfg.ADMIN_TOKEN,
   interceptors: runtime.clientInterceptors,
-  timeoutMs: 2000,
+  timeoutMs: billingTimeoutMs,
 });
 const analytics = createServiceClient(AnalyticsService, {
   baseUrl: cfg.ANALYTICS_URL,
@@ -239,6 +240,7 @@ const budget = createBudgetKeeper({
   leaseHorizonSeconds: cfg.GATEWAY_BUDGET_LEASE_HORIZON_S,
   minLeaseNanos: cfg.GATEWAY_BUDGET_MIN_LEASE_NANOS,
   maxLeaseNanos: cfg.GATEWAY_BUDGET_MAX_LEASE_NANOS,
+  billingWaitMs: billingTimeoutMs,
   log: log.child({ component: "budget" }),
   registry: runtime.metrics.registry,
   // A check found billing unreachable, or its change stream has gone silent (before any request asks, in a lull).
