@@ -218,6 +218,7 @@ describe("upstream failures over gRPC", () => {
         model("keyless", "keyless"),
         model("embed"),
         model("floats-only"),
+        model("floats-only-too"),
       ].join("\n"),
     );
   });
@@ -287,6 +288,22 @@ describe("upstream failures over gRPC", () => {
       expect(res.data[0]?.embedding).toEqual([0.05, 0.06, 0.07].map(Math.fround));
     }
     expect(upstream.seen("floats-only").map((r) => r.body.encoding_format)).toEqual(["base64", "float", "float"]);
+  });
+
+  test("CreateEmbedding asks for floats at once of an upstream that refused a REST client's base64", async () => {
+    upstream.script("floats-only-too", { floatsOnly: true });
+    const floats = [0.05, 0.06, 0.07].map(Math.fround);
+    const rest = await fetch(`${served.restUrl}/v1/embeddings`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+      body: JSON.stringify({ model: "floats-only-too", input: ["alpha"], dimensions: 3, encoding_format: "base64" }),
+    });
+    const answer = (await rest.json()) as { data: Array<{ embedding: string }> };
+    expect(answer.data[0]?.embedding).toBe(Buffer.from(Float32Array.from(floats).buffer).toString("base64"));
+    const res = await served.rpc("sk-good").createEmbedding({ model: "floats-only-too", input: ["alpha"], dimensions: 3 });
+    expect(res.data[0]?.embedding).toEqual(floats);
+    expect(res.accounting?.costNanos).toBe(BigInt(rest.headers.get("x-gateway-cost-nanos") ?? ""));
+    expect(upstream.seen("floats-only-too").map((r) => r.body.encoding_format)).toEqual(["base64", "float", "float"]);
   });
 
   test("CreateEmbedding answers an upstream's lists of floats as they came, not copied", async () => {

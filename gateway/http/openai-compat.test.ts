@@ -1109,21 +1109,40 @@ for (const port of ["rpc", "rest"] as const) {
         expect(answer.data[255]?.embedding).toEqual(last);
       });
 
-      test("an upstream that refuses base64 is asked again for floats, and from then on; a client's base64 is its own", async () => {
+      test("an upstream that refuses base64 is asked again for floats, and from then on; a client's base64 encoded from them", async () => {
         upstream.script("floats-only", { floatsOnly: true });
-        const asked = (encoding_format: "float" | "base64") =>
-          sdk().embeddings.create({ model: "floats-only", input: ["alpha", "beta"], encoding_format }).withResponse();
-        // The client's own base64, refused: its 422, which decides nothing for the floats asked after it.
-        expect((await apiError(asked("base64"))).status).toBe(422);
+        // The official SDK left at its default asks for base64 and decodes it itself.
+        const { data, response } = await sdk()
+          .embeddings.create({ model: "floats-only", input: ["alpha", "beta"] })
+          .withResponse();
         const floats = [0.05, 0.06, 0.07, 0.08].map(Math.fround);
-        for (let i = 0; i < 2; i++) {
-          const { data, response } = await asked("float");
-          expect(data.data[0]?.embedding).toEqual(floats);
-          const m = await gateway.row(response.headers.get("x-request-id") ?? "");
-          expect(m).toMatchObject({ endpoint: Endpoint.EMBEDDINGS, status: RequestStatus.OK });
+        expect(data.data[0]?.embedding).toEqual(floats);
+        expect(data.usage).toEqual({ prompt_tokens: 4, total_tokens: 4 });
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ endpoint: Endpoint.EMBEDDINGS, status: RequestStatus.OK, costNanos: 10_000n });
+        expect(response.headers.get("x-gateway-cost-nanos")).toBe("10000");
+        // A plain client's floats and base64 are what an upstream answering base64 gives: the same bytes, usage, cost.
+        const post = (model: string, body: Record<string, unknown>) =>
+          fetch(`${base()}/v1/embeddings`, {
+            method: "POST",
+            headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+            body: JSON.stringify({ model, input: ["alpha", "beta"], ...body }),
+          }).then(async (r) => {
+            const answer = (await r.json()) as { model: string; data: Array<{ embedding: unknown }> };
+            return { cost: r.headers.get("x-gateway-cost-nanos"), ...answer };
+          });
+        for (const body of [{}, { encoding_format: "float" }, { encoding_format: "base64" }]) {
+          const { model, ...answer } = await post("floats-only", body);
+          const { model: other, ...expected } = await post("embed", body);
+          expect([model, other]).toEqual(["floats-only-fake", "embed-fake"]);
+          expect(answer).toEqual(expected);
         }
-        expect((await apiError(asked("base64"))).status).toBe(422);
-        expect(upstream.seen("floats-only").map((r) => r.body.encoding_format)).toEqual(["base64", "base64", "float", "float", "base64"]);
+        const base64 = await post("floats-only", { encoding_format: "base64" });
+        const second = Float32Array.from([0.04, 0.05, 0.06, 0.07]);
+        expect(base64.data[1]?.embedding).toBe(Buffer.from(second.buffer).toString("base64"));
+        const asked = upstream.seen("floats-only").map((r) => r.body.encoding_format);
+        expect(asked).toEqual(["base64", "float", "float", "float", "float", "float"]);
+        expect(upstream.seen("embed").map((r) => r.body.encoding_format)).toEqual(["base64", "base64", "base64"]);
       });
 
       test("embeddings without upstream usage are counted", async () => {

@@ -419,18 +419,13 @@ export function createOpenAIProvider(
     async embed(request: EmbeddingRequest, options: CallOptions): Promise<EmbeddingResult> {
       // Vectors are asked for in base64 even when the client wants floats: a quarter of the bytes of float32s printed
       // in full, which the answer's writer decodes a vector at a time (embeddingJson). A server that takes floats
-      // alone is asked again for them, and from then on; its refusal of a client's own base64 is the client's.
-      const asked = (encoding_format: EmbeddingRequest["encoding_format"], attemptOptions: CallOptions) => {
-        const body: EmbeddingRequest = { ...request, encoding_format };
-        return postJson<CreateEmbeddingResponse>("/embeddings", body, attemptOptions);
-      };
+      // alone is asked again for them, and from then on, whichever the client asked for: the OpenAI SDKs ask for
+      // base64 whenever their user sets nothing, and its floats are encoded for them below, as OpenAI would have.
       const field = { name: "encoding_format" };
-      const response =
-        request.encoding_format === "float"
-          ? await refusable(refusesBase64, request.model, field, true, options, (base64, attemptOptions) =>
-              asked(base64 ? "base64" : "float", attemptOptions),
-            )
-          : await asked("base64", options);
+      const response = await refusable(refusesBase64, request.model, field, true, options, (base64, attemptOptions) => {
+        const body: EmbeddingRequest = { ...request, encoding_format: base64 ? "base64" : "float" };
+        return postJson<CreateEmbeddingResponse>("/embeddings", body, attemptOptions);
+      });
       if (!response || !Array.isArray(response.data)) {
         throw new UpstreamError("transient", `${config.name}: the embeddings response has no data`);
       }
@@ -479,8 +474,9 @@ function idleBound(keepAliveMs: number | undefined, cleartext: boolean): (() => 
 /**
  * A vector as base64, for a client that asked for it: servers that ignore encoding_format (LM Studio, Ollama before it
  * read it) answer a request for base64, which OpenAI's .NET library always sends, with a list of floats its client
- * cannot read. Base64 is of little-endian float32s, as OpenAI encodes them; anything else is left as it came. Vectors
- * for a client that asked for floats are left as they came, base64 or floats, for the answer's writer to print.
+ * cannot read, and one that takes floats alone was asked again for them. Base64 is of little-endian float32s, as
+ * OpenAI encodes them; anything else is left as it came. Vectors for a client that asked for floats are left as they
+ * came, base64 or floats, for the answer's writer to print.
  */
 function base64Of(embedding: unknown): unknown {
   if (Array.isArray(embedding) && embedding.every((v) => typeof v === "number")) {
