@@ -46,6 +46,9 @@ const upstream = Bun.serve({
       case "eos":
         // Together's finish reason for a model that stopped by itself.
         return Response.json({ ...completion, choices: [{ ...completion.choices[0], finish_reason: "eos" }] });
+      case "stop-sequence":
+        // TGI's for an answer one of the client's stop sequences ended.
+        return Response.json({ ...completion, choices: [{ ...completion.choices[0], finish_reason: "stop_sequence" }] });
       case "no-usage":
         return Response.json(completion);
       case "slow":
@@ -124,8 +127,10 @@ describe("openai provider", () => {
   });
 
   test("a compatible server's own finish reason is answered as OpenAI's", async () => {
-    const result = await provider.chat(request("eos"), { timeoutMs: 5000 });
-    expect(result.completion.choices[0]?.finish_reason).toBe("stop");
+    for (const model of ["eos", "stop-sequence"]) {
+      const result = await provider.chat(request(model), { timeoutMs: 5000 });
+      expect(result.completion.choices[0]?.finish_reason).toBe("stop");
+    }
   });
 
   test("each call carries its own body and the SDK's header for its own time limit", async () => {
@@ -377,6 +382,8 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   // Finish reasons of compatible servers: Ollama's and SGLang's "" while unfinished, Together's eos, Mistral's.
   "own-finish": [chunkEvent({ content: "a" }, ""), chunkEvent({}, "eos"), usageEvent, "data: [DONE]\n\n"],
   "model-length": [chunkEvent({ content: "a" }, ""), chunkEvent({}, "model_length"), "data: [DONE]\n\n"],
+  // TGI's for a stream one of the client's stop sequences ended.
+  "stop-sequence": [chunkEvent({ content: "a" }), chunkEvent({}, "stop_sequence"), "data: [DONE]\n\n"],
   "error-event": [chunkEvent({ content: "partial" }), `data: {"error":{"message":"The server had an error","type":"server_error"}}\n\n`],
   "named-error": [chunkEvent({ content: "partial" }), `event: error\ndata: {"message":"overloaded"}\n\n`],
   // Failures before the first chunk: an error event first, a prefill longer than the attempt's limit.
@@ -566,7 +573,11 @@ describe("openai provider streams", () => {
   });
 
   test("a compatible server's own finish reasons reach the client as OpenAI's", async () => {
-    for (const [model, last] of [["own-finish", "stop"], ["model-length", "length"]]) {
+    for (const [model, last] of [
+      ["own-finish", "stop"],
+      ["model-length", "length"],
+      ["stop-sequence", "stop"],
+    ]) {
       const reasons: unknown[] = [];
       for await (const chunk of await streaming.streamChat(request(model as string), { timeoutMs: 5000 })) {
         for (const choice of chunk.choices) reasons.push(choice.finish_reason);

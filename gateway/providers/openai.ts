@@ -1046,14 +1046,16 @@ function checkedChunk(data: unknown, provider: string): ChatCompletionChunk {
 }
 
 /**
- * Compatible servers' own finish reasons in OpenAI's words: Together's `eos`, TGI's and watsonx's `eos_token` and
- * Mistral's `model_length` fail clients that read OpenAI's values only (the .NET SDK throws on `eos`), and the ""
- * Ollama and SGLang have sent on chunks of a choice not yet finished is null. Any other value is left as it came.
+ * Compatible servers' own finish reasons in OpenAI's words: Together's `eos`, TGI's and watsonx's `eos_token`, TGI's
+ * `stop_sequence` (a stop the client gave ended it) and Mistral's `model_length` fail clients that read OpenAI's values
+ * only (the .NET SDK throws on `eos`), and the "" Ollama and SGLang have sent on chunks of a choice not yet finished is
+ * null. Any other value is left as it came.
  */
 const finishReasons = new Map<unknown, ChatCompletionChunk.Choice["finish_reason"]>([
   ["", null],
   ["eos", "stop"],
   ["eos_token", "stop"],
+  ["stop_sequence", "stop"],
   ["model_length", "length"],
 ]);
 
