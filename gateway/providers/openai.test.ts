@@ -452,6 +452,11 @@ const streams: Record<string, Array<string | Uint8Array>> = {
   // Two choices, one finished, then [DONE]; one never finished, then [DONE].
   "two-open-done": [choiceEvent(0, { content: "one" }, "length"), choiceEvent(1, { content: "two" }), "data: [DONE]\n\n"],
   "unfinished-done": [chunkEvent({ content: "partial" }), usageEvent, "data: [DONE]\n\n"],
+  "tools-open-done": [
+    choiceEvent(0, { content: "one" }),
+    choiceEvent(1, { tool_calls: [{ index: 0, id: "call_1", type: "function", function: { name: "f", arguments: "{}" } }] }),
+    "data: [DONE]\n\n",
+  ],
   "two-done": [
     choiceEvent(0, { content: "one" }),
     choiceEvent(1, { content: "two" }),
@@ -658,7 +663,7 @@ describe("openai provider streams", () => {
     expect(done.contents).toEqual(["one", "two"]);
   });
 
-  test("[DONE] ends the choices still open as stopped; without it they were cut", async () => {
+  test("[DONE] ends the choices still open as stopped (for their tool calls if they made any); without it they were cut", async () => {
     const read = async (model: string, n?: number) => {
       const chunks: Array<{ id: string; model: string; choices: Array<{ index: number; finish_reason: unknown }> }> = [];
       for await (const chunk of await streaming.streamChat({ ...request(model), ...(n ? { n } : {}) }, { timeoutMs: 5000 })) {
@@ -675,6 +680,11 @@ describe("openai provider streams", () => {
     expect((await read("two-open-done", 2)).finishes).toEqual([
       [0, "length"],
       [1, "stop"],
+    ]);
+    // A choice that called tools stopped for them to run.
+    expect((await read("tools-open-done", 2)).finishes).toEqual([
+      [0, "stop"],
+      [1, "tool_calls"],
     ]);
     expect((await drain("cut")).error?.message).toContain("ended before it finished");
   });

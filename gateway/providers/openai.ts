@@ -630,10 +630,14 @@ function relay(
       yield chunk;
     }
     // [DONE] says the answer is whole: a choice its chunks never finished (some Gemini proxies send no finish_reason at
-    // all) stopped there, which the SDKs' stream helpers need every choice to say.
+    // all) stopped there, which the SDKs' stream helpers need every choice to say; one that called tools stopped to
+    // have them run, as OpenAI says (agent loops go by it).
     if (sentinel && open.size > 0 && last) {
       const { id, created, model } = last;
-      const stopped = [...open].map((index) => ({ index, delta: {}, finish_reason: "stop", logprobs: null }));
+      const stopped = [...open].map((index) => {
+        const reason = toolCalls.has(index) ? "tool_calls" : "stop";
+        return { index, delta: {}, finish_reason: reason, logprobs: null };
+      });
       for (const index of open) done.add(index);
       open.clear();
       yield { id, object: "chat.completion.chunk", created, model, choices: stopped } as ChatCompletionChunk;
