@@ -461,6 +461,10 @@ describe("embeddings answers written in pieces", () => {
     expect(written(answer(() => base64(floats)), false)).toBe(JSON.stringify(answer(() => base64(floats))));
     expect(written({ object: "list", data: [] }, true)).toBe('{"object":"list","data":[]}');
     expect(written({}, true)).toBe("{}");
+    // A field JSON leaves out, first or alone, leaves no separator behind.
+    const first = { skipped: undefined, object: "list", data: [{ extra: undefined, index: 0 }, { extra: undefined }] };
+    expect(written(first, true)).toBe(JSON.stringify(first));
+    expect(written({ skipped: undefined }, true)).toBe("{}");
   });
 
   test("a large answer comes in pieces of about a quarter of a megabyte, a vector at most more", () => {

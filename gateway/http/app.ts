@@ -431,7 +431,8 @@ export function* embeddingJson(response: CreateEmbeddingResponse, floats: boolea
   for (const [key, value] of Object.entries(response) as [string, unknown][]) {
     if (key !== "data" || !Array.isArray(value)) {
       const text = JSON.stringify(value) as string | undefined;
-      if (text !== undefined) out += `${members}${JSON.stringify(key)}:${text}`;
+      if (text === undefined) continue;
+      out += `${members}${JSON.stringify(key)}:${text}`;
       members = ",";
       continue;
     }
@@ -447,7 +448,8 @@ export function* embeddingJson(response: CreateEmbeddingResponse, floats: boolea
       let fields = "{";
       for (const [name, field] of Object.entries(item) as [string, unknown][]) {
         const text = name === "embedding" ? vectorJson(field, floats) : (JSON.stringify(field) as string | undefined);
-        if (text !== undefined) out += `${fields}${JSON.stringify(name)}:${text}`;
+        if (text === undefined) continue;
+        out += `${fields}${JSON.stringify(name)}:${text}`;
         fields = ",";
       }
       out += fields === "{" ? "{}" : "}";
