@@ -1,5 +1,6 @@
 import { expect } from "bun:test";
-import { rm } from "node:fs/promises";
+import { rm, writeFile } from "node:fs/promises";
+import * as path from "node:path";
 import type { Mesh } from "../scripts/mesh.ts";
 
 /** Helpers shared by tests that wait on other processes or background work. */
@@ -47,4 +48,23 @@ export async function stopMesh(mesh: Pick<Mesh, "stop"> | undefined, dataDir: st
   } finally {
     if (dataDir) await rm(dataDir, { recursive: true, force: true });
   }
+}
+
+/**
+ * Writes `<dir>/routes.yaml`, a gateway config of one mock model `m` (10 ms latency) priced $0.01 per million input
+ * tokens and `outputPerMtok` per million output tokens; returns its path, for GATEWAY_CONFIG.
+ */
+export async function writeMockModelConfig(dir: string, outputPerMtok: string): Promise<string> {
+  const config = path.join(dir, "routes.yaml");
+  await writeFile(
+    config,
+    `providers:
+  - { name: mock, kind: mock, latency_ms: 10 }
+models:
+  - name: m
+    targets: [{ provider: mock, model: mock-m }]
+    pricing: { input_per_mtok: "0.01", output_per_mtok: "${outputPerMtok}" }
+`,
+  );
+  return config;
 }

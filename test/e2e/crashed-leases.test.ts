@@ -6,14 +6,14 @@
  * budget is never overspent, also when that usage waits in the spool while analytics is down.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Mesh, type ServiceName, startMesh } from "../../scripts/mesh.ts";
-import { eventually } from "../support.ts";
+import { eventually, writeMockModelConfig } from "../support.ts";
 
 const adminToken = "crashed-leases-admin-token-0123456789";
 // The mock counts 4 characters a token: 3 + 4 + 80/4 = 27 input tokens, and the reply is cut at max_tokens.
@@ -32,17 +32,7 @@ const gatewayEnv: Record<string, string | undefined> = {};
 beforeAll(async () => {
   db = await createTestDatabase();
   dataDir = await mkdtemp(path.join(tmpdir(), "crashed-leases-"));
-  const config = path.join(dataDir, "routes.yaml");
-  await writeFile(
-    config,
-    `providers:
-  - { name: mock, kind: mock, latency_ms: 10 }
-models:
-  - name: m
-    targets: [{ provider: mock, model: mock-m }]
-    pricing: { input_per_mtok: "0.01", output_per_mtok: "100" }
-`,
-  );
+  const config = await writeMockModelConfig(dataDir, "100");
   Object.assign(gatewayEnv, { GATEWAY_CONFIG: config, GATEWAY_INSTANCE_ID: "crash-gw" });
   mesh = await startMesh({
     dataDir,

@@ -7,7 +7,7 @@
  * spends it.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, rm } from "node:fs/promises";
 import * as net from "node:net";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
@@ -15,7 +15,7 @@ import { BillingService, BudgetScope } from "../../gen/billing/v1/billing_pb.ts"
 import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Mesh, startMesh } from "../../scripts/mesh.ts";
-import { eventually } from "../support.ts";
+import { eventually, writeMockModelConfig } from "../support.ts";
 
 const adminToken = "long-streams-admin-token-0123456789";
 // The shortest lease lifetime the gateway takes, and a request time limit it exceeds by 10 s.
@@ -35,17 +35,7 @@ let billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
 beforeAll(async () => {
   db = await createTestDatabase();
   dataDir = await mkdtemp(path.join(tmpdir(), "long-streams-"));
-  const config = path.join(dataDir, "routes.yaml");
-  await writeFile(
-    config,
-    `providers:
-  - { name: mock, kind: mock, latency_ms: 10 }
-models:
-  - name: m
-    targets: [{ provider: mock, model: mock-m }]
-    pricing: { input_per_mtok: "0.01", output_per_mtok: "1" }
-`,
-  );
+  const config = await writeMockModelConfig(dataDir, "1");
   mesh = await startMesh({
     dataDir,
     adminToken,
