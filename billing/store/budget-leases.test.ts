@@ -180,6 +180,36 @@ test("concurrent grants together never exceed the budget", async () => {
   expect(grants.filter((g) => g.grantedNanos === 70n)).toHaveLength(14);
 });
 
+test("rotations of one key at once make one successor, and grants racing them keep to the lineage's budget", async () => {
+  const org = await newOrg(0n);
+  const first = (await store.createApiKey({ orgId: org.id, projectId: null, name: "svc", limits: limits(1000n) })).apiKey;
+  const ask = (apiKeyId: string, holder: string) =>
+    acquire(apiKeyId, 70n, { scope: "api_key", holder }).then(
+      (grant) => grant.grantedNanos,
+      (e: unknown) => (e as BillingError).kind,
+    );
+  const before = Array.from({ length: 20 }, (_, i) => ask(first.id, `gw-${i}`));
+  const rotations = await Promise.allSettled(Array.from({ length: 5 }, () => store.rotateApiKey(first.id)));
+  const successor = rotations.flatMap((r) => (r.status === "fulfilled" ? [r.value.apiKey] : []));
+  expect(successor).toHaveLength(1);
+  const successorId = successor[0]!.id;
+  for (const r of rotations.filter((r) => r.status === "rejected")) {
+    expect(r.reason).toMatchObject({ kind: "failed_precondition" });
+    expect((r.reason as BillingError).message).toContain(`rotated into ${successorId}`);
+  }
+  const after = Array.from({ length: 20 }, (_, i) => ask(successorId, `gw-${20 + i}`));
+  const outcomes = await Promise.all([...before, ...after]);
+  // Grants on the old key that waited for the rotation are refused; together the two keys grant the budget once.
+  for (const outcome of outcomes) expect(typeof outcome === "bigint" || outcome === "failed_precondition").toBe(true);
+  const granted = outcomes.reduce<bigint>((sum, o) => sum + (typeof o === "bigint" ? o : 0n), 0n);
+  expect(granted).toBe(1000n);
+  const lineage = await db.pool.query<{ active: number }>(
+    "SELECT count(*) FILTER (WHERE revoked_at IS NULL)::int AS active FROM api_keys WHERE lineage_id = $1",
+    [first.id],
+  );
+  expect(lineage.rows[0]?.active).toBe(1);
+});
+
 test("concurrent grants keep to the budget, and usage is recorded, whatever the database's default isolation", async () => {
   const database = new URL(db.connectionString).pathname.slice(1);
   for (const level of ["repeatable read", "serializable"]) {
