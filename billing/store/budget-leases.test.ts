@@ -487,6 +487,23 @@ test("a June lease abandoned across the boundary reserves in July through its gr
   expect(await acquire(org.id, 1000n, { now: afterGrace })).toMatchObject({ grantedNanos: 1000n });
 });
 
+test("a request begun in June that spent from a July lease counts in July's budget, as its lease's grant did", async () => {
+  const org = await newOrg(1000n);
+  // It started a tenth of a second before July and waited for a grant, which billing made for July.
+  const july = new Date("2026-07-01T00:00:00.100Z");
+  const lease = await acquire(org.id, 1000n, { now: july, ttlSeconds: 600 });
+  expect(lease.grantedNanos).toBe(1000n);
+  const begun = { ...spendRecord(org.id, 600n, null, lease.leaseId), occurredAt: new Date("2026-06-30T23:59:59.900Z") };
+  await store.recordUsage([begun]);
+  // Open, the lease still holds its whole grant: 600 spent from it, 400 unspent.
+  expect(await acquire(org.id, 1000n, { now: july, holder: "gw-2" })).toMatchObject({ grantedNanos: 0n });
+  // Released: its 600 stays spent in July, though its usage is June's (and June's invoice bills it).
+  await release(lease.leaseId as string, 600n, new Date(july.getTime() + 60_000));
+  expect(await acquire(org.id, 1000n, { now: new Date(july.getTime() + 60_000), holder: "gw-3" })).toMatchObject({
+    grantedNanos: 400n,
+  });
+});
+
 test("usage recorded without a lease still counts while released spend waits for its usage", async () => {
   // $90 spent before the org had a budget, then a $100 budget: $10 is left, however often it is leased.
   const org = await newOrg(0n);

@@ -82,7 +82,8 @@ export function createUsageStore(db: Db) {
     /**
      * Stores a batch in one statement: rows whose request_id is already known are skipped, and the daily
      * summaries, the orgs' daily spend and the recorded spend of the budget leases they were drawn from grow by exactly
-     * the rows inserted, atomically with them.
+     * the rows inserted, atomically with them. A lease's recorded spend counts only usage dated in its period or later:
+     * what it paid for a request begun before its period stays counted in its period as released spend.
      */
     async recordUsage(batch: UsageRecord[]): Promise<RecordedUsage> {
       if (batch.length === 0) return { inserted: 0, duplicates: 0, xid: "", added: [] };
@@ -119,9 +120,12 @@ export function createUsageStore(db: Db) {
              output_tokens, reasoning_tokens, cost_nanos
          ), charges AS (
            -- What the newly recorded requests drew from each budget lease (a resent request adds nothing again).
+           -- Usage dated before its lease's period (begun before a period edge, granted after it) counts in an
+           -- earlier period than the grant: it stays unrecorded on the lease, which keeps it spent in its own period.
            SELECT c.lease_id, sum(c.nanos) AS nanos
            FROM unnest($18::text[], $19::text[], $20::bigint[]) AS c(request_id, lease_id, nanos)
            JOIN inserted USING (request_id)
+           JOIN budget_leases l ON l.id = c.lease_id AND inserted.occurred_at >= l.period_start
            GROUP BY c.lease_id
          ), locked AS (
            -- Locked in one order, so concurrent batches charging the same leases cannot deadlock.
