@@ -56,10 +56,18 @@ export const callSignal = new AsyncLocalStorage<AbortSignal>();
  * it (a grant reads the leases granted while it waited for its scope's lock): a database or role whose default is
  * another level (`ALTER DATABASE ... SET default_transaction_isolation`) let concurrent grants exceed a budget several
  * times over, or failed calls with serialization errors, so each connection is set back to it before its first use.
+ *
+ * Its transactions run their statements back to back, so one that sits idle for `idleInTransactionTimeoutMs` (10 s by
+ * default) belongs to a billing that stopped mid-call (frozen, its node gone, cut off from the database): the server
+ * ends that session and its locks with it, where it would otherwise hold an org's or key's lock, and every grant on it,
+ * until TCP keepalive gave up on the connection, two hours by default.
  */
-export function createPool(config: pg.PoolConfig): pg.Pool {
+export function createPool(config: pg.PoolConfig, { idleInTransactionTimeoutMs = 10_000 } = {}): pg.Pool {
+  const settings =
+    "SET default_transaction_isolation = 'read committed'; " +
+    `SET idle_in_transaction_session_timeout = ${Math.max(1, Math.round(idleInTransactionTimeoutMs))}`;
   // Awaited by the pool before it hands the connection out; a connection that cannot run it is closed, failing the call.
-  const onConnect = (client: pg.ClientBase) => client.query("SET default_transaction_isolation = 'read committed'");
+  const onConnect = (client: pg.ClientBase) => client.query(settings);
   return new pg.Pool({ ...config, onConnect });
 }
 
@@ -107,10 +115,14 @@ export function createDb(pool: pg.Pool): Db {
       client.end().catch(() => {});
     };
     signal?.addEventListener("abort", cancel, { once: true });
+    // The server ending the session between two of its statements (its idle-in-transaction timeout, a restart) is
+    // told to the connection, not to a statement: unheard, it would end the process. The next statement fails.
+    client.on("error", discard);
     try {
       return await use(client, discard);
     } finally {
       signal?.removeEventListener("abort", cancel);
+      client.off("error", discard);
       client.release(broken);
     }
   };
