@@ -635,3 +635,29 @@ test("a billing stopped in the middle of a grant holds its scope's lock no longe
     await pool.end();
   }
 });
+
+test("open leases read past their time behind a lock leave no statement waiting in Postgres", async () => {
+  const locker = await db.pool.connect();
+  try {
+    // As an operator's ALTER TABLE or VACUUM FULL in an open transaction would, while metrics are scraped.
+    await locker.query("BEGIN");
+    await locker.query("LOCK TABLE budget_leases");
+    for (let i = 0; i < 5; i++) {
+      const read = await store.openBudgetLeases(200).then(() => "answered", () => "failed");
+      expect(read).toBe("failed");
+    }
+    let waiting: number | undefined;
+    for (let i = 0; i < 200 && waiting !== 0; i++) {
+      if (waiting !== undefined) await Bun.sleep(10);
+      const { rows } = await db.pool.query<{ n: number }>(
+        "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+      );
+      waiting = rows[0]?.n;
+    }
+    expect(waiting).toBe(0);
+  } finally {
+    await locker.query("ROLLBACK");
+    locker.release();
+  }
+  expect(await store.openBudgetLeases(5_000)).toMatchObject({ active: expect.any(Number) });
+});

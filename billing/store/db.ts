@@ -35,11 +35,16 @@ export function requestSha256(content: object): string {
 }
 
 export interface Queryable {
-  /** A query given `timeoutMs` fails once that passes without an answer, giving its connection up. */
-  query<R extends pg.QueryResultRow>(sql: string, params?: unknown[], timeoutMs?: number): Promise<R[]>;
+  query<R extends pg.QueryResultRow>(sql: string, params?: unknown[]): Promise<R[]>;
 }
 
 export interface Db extends Queryable {
+  /**
+   * A query given `timeoutMs` is cancelled in Postgres once that passes without an answer, its connection closed: a
+   * query only given up on by the driver would go on waiting in the server, behind a lock say, holding one of its
+   * connections (a scrape's every 15 s, behind an hour's lock, would take a default server's 100).
+   */
+  query<R extends pg.QueryResultRow>(sql: string, params?: unknown[], timeoutMs?: number): Promise<R[]>;
   /** Runs `fn` in one transaction: committed when it resolves, rolled back when it throws. */
   transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
 }
@@ -74,13 +79,11 @@ export function createPool(config: pg.PoolConfig, { idleInTransactionTimeoutMs =
 /** Query helpers over a pool that turn constraint violations into BillingErrors. */
 export function createDb(pool: pg.Pool): Db {
   const on = (client: pg.Pool | pg.PoolClient, signal?: AbortSignal): Queryable => ({
-    async query<R extends pg.QueryResultRow>(sql: string, params?: unknown[], timeoutMs?: number) {
+    async query<R extends pg.QueryResultRow>(sql: string, params?: unknown[]) {
       // A call whose caller left runs no further statement.
       signal?.throwIfAborted();
       try {
-        if (timeoutMs === undefined) return (await client.query<R>(sql, params)).rows;
-        // pg honours query_timeout per query, though its types leave it out.
-        return (await client.query<R>({ text: sql, values: params, query_timeout: timeoutMs } as pg.QueryConfig)).rows;
+        return (await client.query<R>(sql, params)).rows;
       } catch (e) {
         throw fromPgError(e);
       }
@@ -109,7 +112,7 @@ export function createDb(pool: pg.Pool): Db {
       broken ??= reason;
     };
     const cancel = () => {
-      discard(new Error("statement cancelled: its caller left"));
+      discard(new Error("statement cancelled: its caller left or its time passed"));
       cancelStatement(client);
       // Fails the statement at once (pg drops the socket of a connection that is running one); the failure is `use`'s.
       client.end().catch(() => {});
@@ -129,12 +132,14 @@ export function createDb(pool: pg.Pool): Db {
 
   return {
     async query<R extends pg.QueryResultRow>(sql: string, params?: unknown[], timeoutMs?: number) {
-      const signal = callSignal.getStore();
-      if (!signal) return on(pool).query<R>(sql, params, timeoutMs);
+      const call = callSignal.getStore();
+      const expiry = timeoutMs === undefined ? undefined : AbortSignal.timeout(timeoutMs);
+      const signal = call && expiry ? AbortSignal.any([call, expiry]) : (call ?? expiry);
+      if (!signal) return on(pool).query<R>(sql, params);
       // As pool.query does, a connection whose query failed is not reused.
       return withClient(signal, (client, discard) =>
         on(client, signal)
-          .query<R>(sql, params, timeoutMs)
+          .query<R>(sql, params)
           .catch((e: unknown) => {
             discard(e as Error);
             throw e;
