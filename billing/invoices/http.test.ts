@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import pg from "pg";
 import { BillingService, InvoiceStatus } from "../../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { defaultAdminToken } from "../../lib/config.ts";
@@ -8,6 +9,10 @@ import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type RunningServer, startServer } from "../../lib/server.ts";
 import { externalAddress as external } from "../../lib/testing.ts";
 import { createBillingApp } from "../app.ts";
+import { createBillingAuth } from "../auth.ts";
+import { databaseUnavailable } from "../errors.ts";
+import { createBillingStore } from "../store/store.ts";
+import { invoicePages } from "./http.ts";
 import { createTestDatabase, type TestDatabase } from "../store/test-db.ts";
 
 const adminToken = "test-admin-token-0123456789";
@@ -185,4 +190,72 @@ test("on the published default admin token the page is refused to a web page or 
   } finally {
     await open.close(0);
   }
+});
+
+test("pages whose callers left behind a lock another session holds on invoices give their connections back", async () => {
+  const pool = new pg.Pool({ connectionString: db.connectionString, max: 3, connectionTimeoutMillis: 10_000 });
+  const app = createBillingApp({ pool, adminToken, clock: () => new Date("2026-06-15T12:00:00Z"), log });
+  const open = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes: app.routes, http: app.http, log });
+  const small = createServiceClient(BillingService, { baseUrl: open.url, bearerToken: adminToken });
+  const locker = await db.pool.connect();
+  const waitingOnLocks = async () =>
+    (
+      await db.pool.query<{ n: number }>(
+        "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+      )
+    ).rows[0]?.n;
+  try {
+    // As an operator's ALTER TABLE or VACUUM FULL in an open transaction would.
+    await locker.query("BEGIN");
+    await locker.query("LOCK TABLE invoices");
+    // More readers giving up on the page than the pool has connections.
+    const left = Array.from({ length: 6 }, () =>
+      fetch(`${open.url}/invoices/${invoiceId}`, {
+        headers: { authorization: `Bearer ${adminToken}` },
+        signal: AbortSignal.timeout(300),
+      }).then(
+        () => "answered",
+        (e: Error) => e.name,
+      ),
+    );
+    expect(await Promise.all(left)).toEqual(Array(6).fill("TimeoutError"));
+    let waiting = await waitingOnLocks();
+    for (let i = 0; i < 200 && waiting !== 0; i++) {
+      await Bun.sleep(10);
+      waiting = await waitingOnLocks();
+    }
+    expect(waiting).toBe(0);
+    const started = performance.now();
+    expect((await small.listOrganizations({}, { timeoutMs: 8_000 })).organizations.length).toBeGreaterThan(0);
+    expect(performance.now() - started).toBeLessThan(5_000);
+  } finally {
+    await locker.query("ROLLBACK");
+    locker.release();
+    await open.close(0);
+    await app.store.closePing();
+    await pool.end();
+  }
+});
+
+test("a page waiting past its time behind a lock is answered 503 and its statement cancelled", async () => {
+  const store = createBillingStore(db.pool);
+  const auth = createBillingAuth({ store, adminToken, clock: () => new Date("2026-06-15T12:00:00Z") });
+  const http = invoicePages({ store, auth, log, timeoutMs: 300 });
+  const open = await startServer({ name: "billing", port: 0, host: "127.0.0.1", routes: () => {}, http, log });
+  const locker = await db.pool.connect();
+  try {
+    await locker.query("BEGIN");
+    await locker.query("LOCK TABLE invoices");
+    const res = await fetch(`${open.url}/invoices/${invoiceId}`, { headers: { authorization: `Bearer ${adminToken}` } });
+    expect([res.status, await res.text()]).toEqual([503, `${databaseUnavailable}\n`]);
+    const { rows } = await db.pool.query<{ n: number }>(
+      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    );
+    expect(rows[0]?.n).toBe(0);
+  } finally {
+    await locker.query("ROLLBACK");
+    locker.release();
+    await open.close(0);
+  }
+  expect((await page(`/invoices/${invoiceId}`, adminToken)).status).toBe(200);
 });

@@ -3,7 +3,8 @@ import { callerMarkHeaders } from "../../lib/auth.ts";
 import type { Logger, OutageLog } from "../../lib/log.ts";
 import { type HttpRoutes, peerAddress, send } from "../../lib/server.ts";
 import type { BillingAuth } from "../auth.ts";
-import { createDatabaseOutageLog, toConnectError } from "../errors.ts";
+import { createDatabaseOutageLog, databaseUnavailable, toConnectError } from "../errors.ts";
+import { callSignal } from "../store/db.ts";
 import { invoiceNotFound } from "../store/invoices.ts";
 import type { BillingStore } from "../store/store.ts";
 import { renderInvoiceHtml } from "./render-html.ts";
@@ -35,11 +36,17 @@ export function invoicePages({
   auth,
   log,
   databaseOutage = createDatabaseOutageLog(log),
+  timeoutMs = 10_000,
 }: {
   store: Pick<BillingStore, "getInvoice">;
   auth: BillingAuth;
   log: Logger;
   databaseOutage?: OutageLog;
+  /**
+   * How long a page waits for the database, as an RPC waits its deadline at most: past it, or once its caller leaves,
+   * its statement is cancelled, so pages waiting behind a lock another session holds do not take every connection.
+   */
+  timeoutMs?: number;
 }): HttpRoutes {
   return async (req, res) => {
     const path = (req.url ?? "/").split("?")[0] ?? "/";
@@ -49,22 +56,31 @@ export function invoicePages({
       send(res, 405, { allow: "GET, HEAD", "content-type": "text/plain" }, "method not allowed\n");
       return true;
     }
+    const left = new AbortController();
+    res.once("close", () => left.abort(new ConnectError("the caller left", Code.Canceled)));
+    const signal = AbortSignal.any([left.signal, AbortSignal.timeout(timeoutMs)]);
+    const headers = new Headers();
+    // The token, and whether a web page or a proxy sent it (the published default admin token is refused from those).
+    for (const name of ["authorization", ...callerMarkHeaders]) {
+      const value = req.headers[name];
+      if (typeof value === "string") headers.set(name, value);
+    }
     try {
-      const headers = new Headers();
-      // The token, and whether a web page or a proxy sent it (the published default admin token is refused from those).
-      for (const name of ["authorization", ...callerMarkHeaders]) {
-        const value = req.headers[name];
-        if (typeof value === "string") headers.set(name, value);
-      }
-      const caller = await auth.caller(headers, peerAddress(req));
-      if (!match?.[1]) throw new ConnectError("no such invoice", Code.NotFound);
-      const invoice = await store.getInvoice(match[1]);
-      auth.requireOwnRecord(caller, invoice.orgId, () => invoiceNotFound(invoice.id));
+      const invoice = await callSignal.run(signal, async () => {
+        const caller = await auth.caller(headers, peerAddress(req));
+        if (!match?.[1]) throw new ConnectError("no such invoice", Code.NotFound);
+        const found = await store.getInvoice(match[1]);
+        auth.requireOwnRecord(caller, found.orgId, () => invoiceNotFound(found.id));
+        return found;
+      });
       const page = renderInvoiceHtml(invoice);
       databaseOutage.recovered();
       send(res, 200, pageHeaders, req.method === "HEAD" ? "" : page);
     } catch (e) {
-      const error = toConnectError(e, log, databaseOutage);
+      // Its statement cancelled for its time: a wait, not an outage to log.
+      const error = signal.aborted
+        ? new ConnectError(databaseUnavailable, Code.Unavailable)
+        : toConnectError(e, log, databaseOutage);
       const status = statuses[error.code] ?? 500;
       const headers: Record<string, string> = {
         "content-type": "text/plain; charset=utf-8",

@@ -1,7 +1,8 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { billingPeriod, utcDate } from "../period.ts";
 import { defaultAbandonedLeaseGraceMs } from "./budget-leases.ts";
-import { BillingError, createPool } from "./db.ts";
+import { isDatabaseUnavailable } from "../errors.ts";
+import { BillingError, callSignal, createDb, createPool } from "./db.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
 import { createTestDatabase, type TestDatabase } from "./test-db.ts";
 import type { BudgetLeaseRequest, KeyLimits } from "./types.ts";
@@ -651,4 +652,59 @@ describe("lease lifetimes on the database's clock, whatever a replica's own says
     const granted = await ask(shortGrace, other.id, "gw-fast", fast, 60);
     expect(granted.expiresAt.getTime()).toBeLessThanOrEqual(Date.now() + 60_000);
   });
+});
+
+test("a billing stopped in the middle of a grant holds its scope's lock no longer than its idle-in-transaction timeout", async () => {
+  const org = await newOrg(1000n);
+  const pool = createPool({ connectionString: db.connectionString, max: 2 }, { idleInTransactionTimeoutMs: 500 });
+  let thaw = () => {};
+  const frozen = new Promise<void>((resolve) => (thaw = resolve));
+  let locked = () => {};
+  const holding = new Promise<void>((resolve) => (locked = resolve));
+  try {
+    // What the database sees of a billing frozen, or cut off, after the grant's first statement: a session idle in
+    // its transaction, holding the org's row.
+    const stopped = createDb(pool).transaction(async (tx) => {
+      await tx.query("SELECT 1 FROM organizations WHERE id = $1 FOR NO KEY UPDATE", [org.id]);
+      locked();
+      await frozen;
+    });
+    stopped.catch(() => {});
+    await holding;
+    // Another replica's grant gets the lock once the server has ended that session (bounded here, not to hang).
+    const grant = await callSignal.run(AbortSignal.timeout(10_000), () => acquire(org.id, 100n));
+    expect(grant.grantedNanos).toBe(100n);
+    thaw();
+    const failed = await stopped.then(() => undefined, (e: unknown) => e);
+    expect(isDatabaseUnavailable(failed)).toBe(true);
+  } finally {
+    thaw();
+    await pool.end();
+  }
+});
+
+test("open leases read past their time behind a lock leave no statement waiting in Postgres", async () => {
+  const locker = await db.pool.connect();
+  try {
+    // As an operator's ALTER TABLE or VACUUM FULL in an open transaction would, while metrics are scraped.
+    await locker.query("BEGIN");
+    await locker.query("LOCK TABLE budget_leases");
+    for (let i = 0; i < 5; i++) {
+      const read = await store.openBudgetLeases(200).then(() => "answered", () => "failed");
+      expect(read).toBe("failed");
+    }
+    let waiting: number | undefined;
+    for (let i = 0; i < 200 && waiting !== 0; i++) {
+      if (waiting !== undefined) await Bun.sleep(10);
+      const { rows } = await db.pool.query<{ n: number }>(
+        "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+      );
+      waiting = rows[0]?.n;
+    }
+    expect(waiting).toBe(0);
+  } finally {
+    await locker.query("ROLLBACK");
+    locker.release();
+  }
+  expect(await store.openBudgetLeases(5_000)).toMatchObject({ active: expect.any(Number) });
 });

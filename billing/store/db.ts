@@ -35,11 +35,16 @@ export function requestSha256(content: object): string {
 }
 
 export interface Queryable {
-  /** A query given `timeoutMs` fails once that passes without an answer, giving its connection up. */
-  query<R extends pg.QueryResultRow>(sql: string, params?: unknown[], timeoutMs?: number): Promise<R[]>;
+  query<R extends pg.QueryResultRow>(sql: string, params?: unknown[]): Promise<R[]>;
 }
 
 export interface Db extends Queryable {
+  /**
+   * A query given `timeoutMs` is cancelled in Postgres once that passes without an answer, its connection closed: a
+   * query only given up on by the driver would go on waiting in the server, behind a lock say, holding one of its
+   * connections (a scrape's every 15 s, behind an hour's lock, would take a default server's 100).
+   */
+  query<R extends pg.QueryResultRow>(sql: string, params?: unknown[], timeoutMs?: number): Promise<R[]>;
   /** Runs `fn` in one transaction: committed when it resolves, rolled back when it throws. */
   transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
 }
@@ -56,23 +61,29 @@ export const callSignal = new AsyncLocalStorage<AbortSignal>();
  * it (a grant reads the leases granted while it waited for its scope's lock): a database or role whose default is
  * another level (`ALTER DATABASE ... SET default_transaction_isolation`) let concurrent grants exceed a budget several
  * times over, or failed calls with serialization errors, so each connection is set back to it before its first use.
+ *
+ * Its transactions run their statements back to back, so one that sits idle for `idleInTransactionTimeoutMs` (10 s by
+ * default) belongs to a billing that stopped mid-call (frozen, its node gone, cut off from the database): the server
+ * ends that session and its locks with it, where it would otherwise hold an org's or key's lock, and every grant on it,
+ * until TCP keepalive gave up on the connection, two hours by default.
  */
-export function createPool(config: pg.PoolConfig): pg.Pool {
+export function createPool(config: pg.PoolConfig, { idleInTransactionTimeoutMs = 10_000 } = {}): pg.Pool {
+  const settings =
+    "SET default_transaction_isolation = 'read committed'; " +
+    `SET idle_in_transaction_session_timeout = ${Math.max(1, Math.round(idleInTransactionTimeoutMs))}`;
   // Awaited by the pool before it hands the connection out; a connection that cannot run it is closed, failing the call.
-  const onConnect = (client: pg.ClientBase) => client.query("SET default_transaction_isolation = 'read committed'");
+  const onConnect = (client: pg.ClientBase) => client.query(settings);
   return new pg.Pool({ ...config, onConnect });
 }
 
 /** Query helpers over a pool that turn constraint violations into BillingErrors. */
 export function createDb(pool: pg.Pool): Db {
   const on = (client: pg.Pool | pg.PoolClient, signal?: AbortSignal): Queryable => ({
-    async query<R extends pg.QueryResultRow>(sql: string, params?: unknown[], timeoutMs?: number) {
+    async query<R extends pg.QueryResultRow>(sql: string, params?: unknown[]) {
       // A call whose caller left runs no further statement.
       signal?.throwIfAborted();
       try {
-        if (timeoutMs === undefined) return (await client.query<R>(sql, params)).rows;
-        // pg honours query_timeout per query, though its types leave it out.
-        return (await client.query<R>({ text: sql, values: params, query_timeout: timeoutMs } as pg.QueryConfig)).rows;
+        return (await client.query<R>(sql, params)).rows;
       } catch (e) {
         throw fromPgError(e);
       }
@@ -101,28 +112,34 @@ export function createDb(pool: pg.Pool): Db {
       broken ??= reason;
     };
     const cancel = () => {
-      discard(new Error("statement cancelled: its caller left"));
+      discard(new Error("statement cancelled: its caller left or its time passed"));
       cancelStatement(client);
       // Fails the statement at once (pg drops the socket of a connection that is running one); the failure is `use`'s.
       client.end().catch(() => {});
     };
     signal?.addEventListener("abort", cancel, { once: true });
+    // The server ending the session between two of its statements (its idle-in-transaction timeout, a restart) is
+    // told to the connection, not to a statement: unheard, it would end the process. The next statement fails.
+    client.on("error", discard);
     try {
       return await use(client, discard);
     } finally {
       signal?.removeEventListener("abort", cancel);
+      client.off("error", discard);
       client.release(broken);
     }
   };
 
   return {
     async query<R extends pg.QueryResultRow>(sql: string, params?: unknown[], timeoutMs?: number) {
-      const signal = callSignal.getStore();
-      if (!signal) return on(pool).query<R>(sql, params, timeoutMs);
+      const call = callSignal.getStore();
+      const expiry = timeoutMs === undefined ? undefined : AbortSignal.timeout(timeoutMs);
+      const signal = call && expiry ? AbortSignal.any([call, expiry]) : (call ?? expiry);
+      if (!signal) return on(pool).query<R>(sql, params);
       // As pool.query does, a connection whose query failed is not reused.
       return withClient(signal, (client, discard) =>
         on(client, signal)
-          .query<R>(sql, params, timeoutMs)
+          .query<R>(sql, params)
           .catch((e: unknown) => {
             discard(e as Error);
             throw e;
