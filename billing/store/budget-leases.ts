@@ -34,7 +34,8 @@ export interface BudgetLeaseStoreOptions {
   /**
    * The time leases live by in place of Postgres's, for tests, which cannot move the database's clock. Unset, every
    * lifetime (a grant's expiry, whether a lease is live, abandoned or past its grace, when it was released) and every
-   * period (the one a grant is of, the one a release settles in) is judged by the database's clock within the
+   * period (the one a grant is of, the one a release settles in, which leases are old enough to delete) is judged by
+   * the database's clock within the
    * statement that decides, the one clock every replica shares: a replica's own clock may be off by more than the
    * grace, and judged by it a live lease would be granted again; and a replica behind would grant July's money as
    * June's leftover, not counting what July's leases spent.
@@ -222,24 +223,24 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
 
     /**
      * Deletes the leases nothing reads again: expired, and settled in a period (their own while never released) that
-     * started, more than `retentionDays` (at least `minLeaseRetentionDays`) before `now`. No grant counts them, a
+     * started, more than `retentionDays` (at least `minLeaseRetentionDays`) ago by the database's clock, as grants judge
+     * periods (a billing whose clock runs ahead would delete leases grants still count). No grant counts them, a
      * release naming one finds nothing to settle (its gateway stopped sending it an hour after expiry), and usage that
      * names one is recorded all the same; invoices are made from usage alone. In batches, so no statement holds many
      * rows locked. Returns how many went.
      */
-    async pruneBudgetLeases(now: Date, retentionDays: number): Promise<number> {
+    async pruneBudgetLeases(retentionDays: number): Promise<number> {
       const days = Math.max(retentionDays, minLeaseRetentionDays);
-      const cutoff = new Date(now.getTime() - days * 86_400_000);
       let pruned = 0;
       for (;;) {
         const rows = await db.query<{ id: string }>(
-          `WITH doomed AS (
-             SELECT id FROM budget_leases
-             WHERE expires_at < $1 AND coalesce(settled_period_start, period_start) < $1
-             LIMIT ${pruneBatch} FOR UPDATE SKIP LOCKED
+          `WITH cutoff AS (SELECT coalesce($1::timestamptz, now()) - make_interval(days => $2) AS at), doomed AS (
+             SELECT id FROM budget_leases, cutoff
+             WHERE expires_at < cutoff.at AND coalesce(settled_period_start, period_start) < cutoff.at
+             LIMIT ${pruneBatch} FOR UPDATE OF budget_leases SKIP LOCKED
            )
            DELETE FROM budget_leases l USING doomed WHERE l.id = doomed.id RETURNING l.id`,
-          [cutoff],
+          [clockAt(), days],
         );
         pruned += rows.length;
         if (rows.length < pruneBatch) return pruned;
