@@ -74,7 +74,7 @@ export function createBillingApp(options: BillingAppOptions) {
 function pruneLeases(
   store: ReturnType<typeof createBillingStore>,
   retentionDays: number,
-  options: Pick<BillingAppOptions, "clock" | "stopSignal" | "leasePruneIntervalMs">,
+  options: Pick<BillingAppOptions, "stopSignal" | "leasePruneIntervalMs">,
   log: Logger,
 ) {
   // One run at a time: one held up (behind a lock, on a large backlog) is not joined by another every hour.
@@ -83,7 +83,7 @@ function pruneLeases(
     if (running) return;
     running = true;
     try {
-      const pruned = await store.pruneBudgetLeases(options.clock(), retentionDays);
+      const pruned = await store.pruneBudgetLeases(retentionDays);
       if (pruned > 0) log.info("old budget leases deleted", { pruned, retention_days: retentionDays });
     } catch (e) {
       log.warn("old budget leases not deleted; trying again later", { err: e });

@@ -30,6 +30,7 @@ import {
 } from "../gen/common/v1/common_pb.ts";
 import { MAX_COST_NANOS_PER_REQUEST, MAX_TOKENS_PER_REQUEST } from "../lib/money.ts";
 import { roundingRule } from "./invoices/build.ts";
+import { maxUsageClockSkewMs } from "./period.ts";
 import type {
   ApiKey,
   BudgetCharge,
@@ -191,12 +192,6 @@ export function unexpired(limits: KeyLimits, now: Date, field = "limits"): KeyLi
   if (limits.expiresAt && limits.expiresAt <= now) throw invalid(`${field}.expire_time`, "must be in the future");
   return limits;
 }
-
-/**
- * How far past billing's clock a usage record may be dated: a gateway's clock may run a little ahead, but a record
- * dated further would lie outside every current period, missing from summaries, budgets and invoices until then.
- */
-export const maxUsageClockSkewMs = 10 * 60_000;
 
 /**
  * A usage record from RecordUsage, checked field by field against billing's clock `now`; `at` names it in errors. A

@@ -1,5 +1,12 @@
 export { billingPeriod } from "../lib/billing-period.ts";
 
+/**
+ * How far ahead of billing's clocks a gateway's clock may run: a usage record dated further is dated at billing's clock
+ * (it would lie outside every current period), and a lease whose life ended this long before a period began still
+ * counts in that period, as its gateway may have dated its spend there.
+ */
+export const maxUsageClockSkewMs = 10 * 60_000;
+
 const dayMs = 86_400_000;
 
 /** Midnight UTC at or before `at`. */

@@ -888,7 +888,7 @@ test("a billing app with a lease retention deletes leases of periods long over, 
   const stopping = new AbortController();
   const lines = logLines.length;
   try {
-    const options = { pool: db.pool, adminToken, clock: () => now, log, stopSignal: stopping.signal };
+    const options = { pool: db.pool, adminToken, clock: () => now, leaseClock: () => now, log, stopSignal: stopping.signal };
     createBillingApp({ ...options, leaseRetentionDays: 90, leasePruneIntervalMs: 20 });
     // At start: January's lease is 120 days old, February's 89.
     for (let i = 0; i < 200 && (await kept(first)); i++) await Bun.sleep(10);
@@ -898,6 +898,43 @@ test("a billing app with a lease retention deletes leases of periods long over, 
     now = new Date("2026-05-20T12:00:00Z");
     for (let i = 0; i < 200 && (await kept(second)); i++) await Bun.sleep(10);
     expect(await kept(second)).toBe(false);
+  } finally {
+    stopping.abort();
+    now = saved;
+  }
+});
+
+test("a billing whose clock runs 60 days ahead of Postgres's deletes no lease a grant still counts", async () => {
+  const orgId = await newOrg({ monthlyBudgetNanos: 1_000n });
+  const saved = now;
+  const lease = async (spentNanos: bigint) => {
+    const grant = await client.acquireBudgetLease(
+      { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-ahead", requestedNanos: 1_000n, ttlSeconds: 60 },
+      admin,
+    );
+    await client.releaseBudgetLease({ leaseId: grant.leaseId, spentNanos }, admin);
+    return grant.leaseId;
+  };
+  const kept = async (id: string) =>
+    (await db.pool.query("SELECT 1 FROM budget_leases WHERE id = $1", [id])).rows.length === 1;
+  const stopping = new AbortController();
+  try {
+    now = new Date("2026-03-10T12:00:00Z");
+    const old = await lease(0n);
+    // June's lease spent 600 whose usage is still on its way: only the lease tells grants of it.
+    now = new Date("2026-06-15T12:00:00Z");
+    const current = await lease(600n);
+    const ahead = new Date(now.getTime() + 60 * 86_400_000);
+    const options = { pool: db.pool, adminToken, clock: () => ahead, leaseClock: () => now, log };
+    createBillingApp({ ...options, stopSignal: stopping.signal, leaseRetentionDays: 35, leasePruneIntervalMs: 20 });
+    for (let i = 0; i < 200 && (await kept(old)); i++) await Bun.sleep(10);
+    expect(await kept(old)).toBe(false);
+    expect(await kept(current)).toBe(true);
+    const grant = await client.acquireBudgetLease(
+      { scope: BudgetScope.ORGANIZATION, scopeId: orgId, holder: "gw-2", requestedNanos: 1_000n, ttlSeconds: 60 },
+      admin,
+    );
+    expect(grant.grantedNanos).toBe(400n);
   } finally {
     stopping.abort();
     now = saved;
@@ -915,7 +952,7 @@ test("a lease prune held up behind a lock is not joined by another at each inter
     await Bun.sleep(400);
     // Asked on the locking connection (read once in its transaction): the pool's may all be waiting.
     const waiting = await locker.query(
-      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE query LIKE 'WITH doomed AS%' AND wait_event_type = 'Lock'",
+      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE query LIKE '%doomed AS%' AND wait_event_type = 'Lock'",
     );
     expect(waiting.rows[0]?.n).toBe(1);
   } finally {

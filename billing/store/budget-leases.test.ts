@@ -450,8 +450,8 @@ test("a lease that lives on into the next period counts against it until release
   const lastMinute = new Date("2026-06-30T23:59:00Z");
   const early = await acquire(org.id, 300n, { now: new Date("2026-06-30T23:40:00Z"), ttlSeconds: 60 });
   await release(early.leaseId as string, 300n, lastMinute);
-  // Abandoned, but over before July: June's alone.
-  await acquire(org.id, 100n, { now: lastMinute, ttlSeconds: 30, holder: "gw-gone" });
+  // Abandoned, but over more than 10 minutes before July (as a gateway's clock may run ahead): June's alone.
+  await acquire(org.id, 100n, { now: new Date("2026-06-30T23:49:00Z"), ttlSeconds: 30, holder: "gw-gone" });
   const late = await acquire(org.id, 1000n, { now: lastMinute, ttlSeconds: 900, holder: "gw-a" });
   expect(late).toMatchObject({ grantedNanos: 600n, remainingNanos: 0n });
 
@@ -503,6 +503,44 @@ test("a request begun in June that spent from a July lease counts in July's budg
   expect(await acquire(org.id, 1000n, { now: new Date(july.getTime() + 60_000), holder: "gw-3" })).toMatchObject({
     grantedNanos: 400n,
   });
+});
+
+test("a billing and gateways whose clocks run ahead of Postgres's grant no more than a period's budget across its edge", async () => {
+  const org = await newOrg(1000n);
+  const lease = await acquire(org.id, 600n, { now: new Date("2026-06-30T23:50:00Z"), ttlSeconds: 900, holder: "gw-a" });
+  expect(lease.grantedNanos).toBe(600n);
+  // Billing's clock (and the gateways') runs 5 s ahead of the database's: July for them, June for Postgres.
+  const skewMs = 5_000;
+  const askAt = (database: Date, holder: string) => {
+    leaseClock = database;
+    return store.acquireBudgetLease({ scope: "organization", scopeId: org.id, holder, requestedNanos: 1000n,
+      neededNanos: 0n, ttlSeconds: 900, now: new Date(database.getTime() + skewMs) });
+  };
+  // gw-a spent all 600 in what its clock called July, and gives the lease back 3 s after the edge by its clock.
+  await release(lease.leaseId as string, 600n, new Date("2026-06-30T23:59:58Z"));
+  const asked = await askAt(new Date("2026-06-30T23:59:59Z"), "gw-b");
+  // Its usage is still on its way when Postgres's July has begun.
+  const inJuly = await askAt(new Date("2026-07-01T00:00:01Z"), "gw-c");
+  const spent = { ...spendRecord(org.id, 600n, null, lease.leaseId), occurredAt: new Date("2026-07-01T00:00:02Z") };
+  await store.recordUsage([spent]);
+  // July's budget is 1000, and 600 of it went to gw-a's usage dated July.
+  expect(asked.grantedNanos + inJuly.grantedNanos).toBeLessThanOrEqual(400n);
+  const after = await askAt(new Date("2026-07-01T00:01:00Z"), "gw-d");
+  expect(after.grantedNanos).toBe(0n);
+});
+
+test("a billing replica whose clock runs behind Postgres's grants none of a period that has ended", async () => {
+  const org = await newOrg(1000n);
+  // A replica on Postgres's time grants July's budget whole, and its gateway spends it and gives the lease back.
+  const july = new Date("2026-07-01T00:00:01Z");
+  const lease = await acquire(org.id, 1000n, { now: july, ttlSeconds: 900 });
+  expect(lease.grantedNanos).toBe(1000n);
+  await release(lease.leaseId as string, 1000n, new Date("2026-07-01T00:00:02Z"));
+  // A replica whose clock is 5 s behind still calls it June, which had nothing spent; its gateway spends in July.
+  leaseClock = new Date("2026-07-01T00:00:03Z");
+  const slow = await store.acquireBudgetLease({ scope: "organization", scopeId: org.id, holder: "gw-2",
+    requestedNanos: 1000n, neededNanos: 0n, ttlSeconds: 900, now: new Date("2026-06-30T23:59:58Z") });
+  expect(slow).toMatchObject({ grantedNanos: 0n, remainingNanos: 0n });
 });
 
 test("usage recorded without a lease still counts while released spend waits for its usage", async () => {
@@ -588,7 +626,8 @@ test("leases of periods long over are deleted; grants, usage and releases go on 
   expect(before).toBe(600n);
 
   // Kept 90 days: January's two go, April's (its period started 75 days ago) stays.
-  expect(await store.pruneBudgetLeases(now, 90)).toBe(2);
+  leaseClock = now;
+  expect(await store.pruneBudgetLeases(90)).toBe(2);
   expect(await leases()).not.toContain(released);
   expect(await leases()).not.toContain(abandoned);
   expect(await leases()).toContain(recent);
@@ -600,7 +639,8 @@ test("leases of periods long over are deleted; grants, usage and releases go on 
   expect(await probe()).toBe(before - 10n);
 
   // Never less than 35 days, so the current period's leases are kept whatever is asked.
-  expect(await store.pruneBudgetLeases(now, 1)).toBe(1);
+  leaseClock = now;
+  expect(await store.pruneBudgetLeases(1)).toBe(1);
   expect(await leases()).not.toContain(recent);
   expect(await leases()).toContain(open);
   expect(await probe()).toBe(before - 10n);

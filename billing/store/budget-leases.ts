@@ -1,5 +1,5 @@
 import { ulid } from "ulid";
-import { billingPeriod, utcDate } from "../period.ts";
+import { billingPeriod, maxUsageClockSkewMs, utcDate } from "../period.ts";
 import { BillingError, type Db, type Queryable } from "./db.ts";
 import type { BudgetLeaseGrant, BudgetLeaseRequest } from "./types.ts";
 
@@ -33,9 +33,12 @@ export interface BudgetLeaseStoreOptions {
   holderFloorTokens?: bigint;
   /**
    * The time leases live by in place of Postgres's, for tests, which cannot move the database's clock. Unset, every
-   * lifetime (a grant's expiry, whether a lease is live, abandoned or past its grace, when it was released) is judged
-   * by the database's clock within the statement that decides, the one clock every replica shares: a replica's own
-   * clock may be off by more than the grace, and judged by it a live lease would be granted again.
+   * lifetime (a grant's expiry, whether a lease is live, abandoned or past its grace, when it was released) and every
+   * period (the one a grant is of, the one a release settles in, which leases are old enough to delete) is judged by
+   * the database's clock within the
+   * statement that decides, the one clock every replica shares: a replica's own clock may be off by more than the
+   * grace, and judged by it a live lease would be granted again; and a replica behind would grant July's money as
+   * June's leftover, not counting what July's leases spent.
    */
   clock?: () => Date;
 }
@@ -69,14 +72,18 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
      * grant beyond their recorded usage, and so do expired unreleased ones for `abandonedLeaseGraceMs` after expiry;
      * older abandoned leases reserve nothing, their usage counting as it is recorded. A lease of the previous
      * period that lives on into this one can be spent in both, so it reserves here too until released, and is
-     * settled here when released after its own period ended (see releaseBudgetLease). One holder is granted no more
-     * than keeps its active leases within half of what is left to it plus `holderFloorNanos`, or than `neededNanos`
-     * when that is more; less than asked when both are less. A request naming a lease already granted to the same
-     * scope and holder (its asker lost the answer) grants nothing more: it answers with that lease as granted, even to
-     * a key revoked since (so its holder can give it back), and with what is left as of now.
-     * Lifetimes are the database's (see `clock`): a grant expires `ttlSeconds` after its transaction began, and whether
-     * a lease is live or abandoned is judged at that time. `request.now` (billing's own clock) picks the billing period
-     * and judges the key's expiry, as billing's other RPCs do.
+     * settled here when released after its own period ended (see releaseBudgetLease). One whose life (until its release
+     * or expiry) ended less than `maxUsageClockSkewMs` before this period began counts here too, as it does in its own,
+     * until its usage is recorded: a gateway whose clock runs ahead of Postgres's dates some of that usage here.
+     * One holder is granted no more than keeps its active leases within half of what is left to it plus
+     * `holderFloorNanos`, or than `neededNanos` when that is more; less than asked when both are less. A request naming
+     * a lease already granted to the same scope and holder (its asker lost the answer) grants nothing more: it answers
+     * with that lease as granted, even to a key revoked since (so its holder can give it back), and with what is left as
+     * of now.
+     * Lifetimes and periods are the database's (see `clock`): a grant expires `ttlSeconds` after its transaction began,
+     * is of the billing period containing that time, and whether a lease is live or abandoned is judged at that time,
+     * as releaseBudgetLease judges which period a release settles in. `request.now` (billing's own clock) only judges
+     * the key's expiry, as AuthorizeKey does.
      */
     acquireBudgetLease(request: BudgetLeaseRequest): Promise<BudgetLeaseGrant> {
       return db.transaction(async (tx) => {
@@ -123,10 +130,12 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
                WHERE org_id = $1 AND day >= $2::date AND day < $3::date`
             : `SELECT coalesce(sum(${tokens ? "input_tokens + output_tokens" : "cost_nanos"}), 0) FROM usage_summaries
                WHERE api_key_id IN (SELECT id FROM scope_ids) AND day >= $2::date AND day < $3::date`;
-        const period = billingPeriod(request.now, scope.billing_day);
-        const previousPeriodStart = billingPeriod(new Date(period.start.getTime() - 1), scope.billing_day).start;
-        // Every lease lifetime below is judged at the database's time, the same for every replica.
+        // The period and every lease lifetime below are judged at the database's time, the same for every replica.
         const at = scope.at;
+        const period = billingPeriod(at, scope.billing_day);
+        const previousPeriodStart = billingPeriod(new Date(period.start.getTime() - 1), scope.billing_day).start;
+        // Leases of the previous period whose life ended after this still count here (see above).
+        const spilloverFrom = new Date(period.start.getTime() - maxUsageClockSkewMs);
         const expiresAt = earlier?.expiresAt ?? new Date(at.getTime() + request.ttlSeconds * 1000);
         let granted = earlier?.grantedNanos ?? request.requestedNanos;
         let remaining: bigint | null = null;
@@ -142,13 +151,15 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
                SELECT greatest(granted_nanos - recorded_nanos, 0) AS unrecorded, holder, expires_at FROM budget_leases
                WHERE released_at IS NULL AND scope = $4
                  AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids)
-                 AND period_start >= $7 AND expires_at > greatest($5::timestamptz, $6::timestamptz)
+                 AND period_start >= $7 AND expires_at > greatest($5::timestamptz, $10::timestamptz)
              )
              SELECT
                (${recordedUsage})
                + (SELECT coalesce(sum(spent_nanos - recorded_nanos), 0) FROM budget_leases
                   WHERE spent_nanos > recorded_nanos AND scope = $4
-                    AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids) AND settled_period_start = $6)
+                    AND coalesce(api_key_id, org_id) IN (SELECT id FROM scope_ids)
+                    AND settled_period_start IN ($6::timestamptz, $7::timestamptz)
+                    AND (settled_period_start = $6 OR least(released_at, expires_at) > $10::timestamptz))
                  AS committed,
                (SELECT coalesce(sum(unrecorded), 0) FROM open_leases) AS reserved,
                (SELECT coalesce(sum(unrecorded) FILTER (WHERE expires_at > $9::timestamptz), 0) FROM open_leases) AS live,
@@ -166,6 +177,7 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
               previousPeriodStart,
               request.holder,
               at,
+              spilloverFrom,
             ],
           );
           const used = usedRows[0];
@@ -211,24 +223,24 @@ export function createBudgetLeaseStore(db: Db, options: BudgetLeaseStoreOptions 
 
     /**
      * Deletes the leases nothing reads again: expired, and settled in a period (their own while never released) that
-     * started, more than `retentionDays` (at least `minLeaseRetentionDays`) before `now`. No grant counts them, a
+     * started, more than `retentionDays` (at least `minLeaseRetentionDays`) ago by the database's clock, as grants judge
+     * periods (a billing whose clock runs ahead would delete leases grants still count). No grant counts them, a
      * release naming one finds nothing to settle (its gateway stopped sending it an hour after expiry), and usage that
      * names one is recorded all the same; invoices are made from usage alone. In batches, so no statement holds many
      * rows locked. Returns how many went.
      */
-    async pruneBudgetLeases(now: Date, retentionDays: number): Promise<number> {
+    async pruneBudgetLeases(retentionDays: number): Promise<number> {
       const days = Math.max(retentionDays, minLeaseRetentionDays);
-      const cutoff = new Date(now.getTime() - days * 86_400_000);
       let pruned = 0;
       for (;;) {
         const rows = await db.query<{ id: string }>(
-          `WITH doomed AS (
-             SELECT id FROM budget_leases
-             WHERE expires_at < $1 AND coalesce(settled_period_start, period_start) < $1
-             LIMIT ${pruneBatch} FOR UPDATE SKIP LOCKED
+          `WITH cutoff AS (SELECT coalesce($1::timestamptz, now()) - make_interval(days => $2) AS at), doomed AS (
+             SELECT id FROM budget_leases, cutoff
+             WHERE expires_at < cutoff.at AND coalesce(settled_period_start, period_start) < cutoff.at
+             LIMIT ${pruneBatch} FOR UPDATE OF budget_leases SKIP LOCKED
            )
            DELETE FROM budget_leases l USING doomed WHERE l.id = doomed.id RETURNING l.id`,
-          [cutoff],
+          [clockAt(), days],
         );
         pruned += rows.length;
         if (rows.length < pruneBatch) return pruned;

@@ -138,6 +138,7 @@ export interface BudgetLeaseRequest {
   /** Of requestedNanos, what the request at hand needs: granted if the budget has it, whatever the holder's share. */
   neededNanos: bigint;
   ttlSeconds: number;
+  /** Billing's clock: judges the key's expiry alone (the lease's period and lifetime are Postgres's). */
   now: Date;
   /** Id for the lease, chosen by the asker so a lost answer can be asked for again; billing picks one when absent. */
   leaseId?: string;
