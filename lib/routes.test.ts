@@ -71,6 +71,18 @@ describe("guarded routes", () => {
     expect(recorded).toBe(0);
   });
 
+  test("a request with two Authorization fields is refused, whichever of them holds the admin's token", async () => {
+    // node:http keeps the first field and drops the rest: a front proxy judging the request by another field would
+    // have let through a call served as the first's. The REST port (Fetch) joins them, which no token matches.
+    const path = "/billing.v1.BillingService/ListOrganizations";
+    const admin = `Authorization: Bearer ${adminToken}\r\n`;
+    const other = "Authorization: Bearer sk-mesh-somebody\r\n";
+    expect(await headOnly(path, admin)).not.toStartWith("HTTP/1.1 403");
+    expect(await headOnly(path, admin + other)).toStartWith("HTTP/1.1 403");
+    expect(await headOnly(path, other + admin)).toStartWith("HTTP/1.1 403");
+    expect(await headOnly(path, admin + admin)).toStartWith("HTTP/1.1 403");
+  });
+
   test("a call the gate refuses is counted and traced with the code its caller got", async () => {
     // As Prometheus scrapes it.
     const handled = async () => {

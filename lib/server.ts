@@ -248,6 +248,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   // HTTP/1.1 requests of each connection not yet answered.
   const pipelined = new WeakMap<net.Socket, number>();
   const handle = async (req: NodeRequest, res: NodeResponse) => {
+    joinAuthorizationFields(req);
     if (req.httpVersionMajor === 1) {
       const socket = req.socket;
       const waiting = (pipelined.get(socket) ?? 0) + 1;
@@ -482,6 +483,20 @@ export function headersOf(raw: http.IncomingHttpHeaders): Pick<Headers, "get"> {
       return value === undefined ? null : Array.isArray(value) ? value.join(", ") : value;
     },
   };
+}
+
+/**
+ * node:http and node:http2 keep the first of several Authorization fields and drop the rest, so a proxy in front that
+ * judged the request by another (or by all of them) would pass a call served as the first's. They are joined as Fetch
+ * joins them (the gateway's REST port): a value no token matches, refused in each route's own way.
+ */
+function joinAuthorizationFields(req: NodeRequest): void {
+  const raw = req.rawHeaders;
+  let values: string[] | undefined;
+  for (let i = 0; i < raw.length; i += 2) {
+    if (raw[i]?.toLowerCase() === "authorization") (values ??= []).push(raw[i + 1] ?? "");
+  }
+  if (values && values.length > 1) req.headers.authorization = values.join(", ");
 }
 
 /** The longest delay setTimeout takes: a longer one fires after 1 ms. */
