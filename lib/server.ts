@@ -494,7 +494,8 @@ function joinAuthorizationFields(req: NodeRequest): void {
   const raw = req.rawHeaders;
   let values: string[] | undefined;
   for (let i = 0; i < raw.length; i += 2) {
-    if (raw[i]?.toLowerCase() === "authorization") (values ??= []).push(raw[i + 1] ?? "");
+    const name = raw[i] as string;
+    if (name.length === 13 && name.toLowerCase() === "authorization") (values ??= []).push(raw[i + 1] ?? "");
   }
   if (values && values.length > 1) req.headers.authorization = values.join(", ");
 }
