@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { type BillingStore, createBillingStore } from "./store/store.ts";
-import { type TestDatabase, createTestDatabase, noLimits } from "./store/test-db.ts";
+import { type TestDatabase, createTestDatabase, newOrg, noLimits } from "./store/test-db.ts";
 import type { RecordedUsage, TimeRange, UsageRecord } from "./store/types.ts";
 import type { PeriodUsage } from "./store/usage.ts";
 import { createUsageTracker, snapshotVisibility } from "./usage-tracker.ts";
@@ -269,14 +269,32 @@ describe("over Postgres", () => {
   }, 60_000);
   afterAll(() => db.drop());
 
+  /** A request of 3 input and 4 output tokens. */
+  const usage = (
+    requestId: string,
+    orgId: string,
+    apiKeyId: string,
+    costNanos: bigint,
+    occurredAt: Date,
+  ): UsageRecord => ({
+    requestId,
+    orgId,
+    projectId: null,
+    apiKeyId,
+    model: "mock",
+    provider: "mock",
+    endpoint: "chat_completions",
+    inputTokens: 3n,
+    cachedInputTokens: 0n,
+    outputTokens: 4n,
+    reasoningTokens: 0n,
+    costNanos,
+    occurredAt,
+    costBreakdown: null,
+  });
+
   test("matches the database while batches commit concurrently with reads", async () => {
-    const created = await store.createOrganization({
-      name: "tracked",
-      taxRateBps: 0,
-      billingDay: 1,
-      monthlyBudgetNanos: 0n,
-      maxDiscountBps: 0,
-    });
+    const created = await newOrg(store, "tracked");
     const { apiKey } = await store.createApiKey({ orgId: created.id, projectId: null, name: "", limits: noLimits });
     const now = new Date("2026-06-15T12:00:00Z");
     let clock = now.getTime();
@@ -290,22 +308,7 @@ describe("over Postgres", () => {
       refreshMs: 5,
     });
     let n = 0;
-    const record = (costNanos: bigint): UsageRecord => ({
-      requestId: `req_tracked_${++n}`,
-      orgId: created.id,
-      projectId: null,
-      apiKeyId: apiKey.id,
-      model: "mock",
-      provider: "mock",
-      endpoint: "chat_completions",
-      inputTokens: 3n,
-      cachedInputTokens: 0n,
-      outputTokens: 4n,
-      reasoningTokens: 0n,
-      costNanos,
-      occurredAt: now,
-      costBreakdown: null,
-    });
+    const record = (costNanos: bigint) => usage(`req_tracked_${++n}`, created.id, apiKey.id, costNanos, now);
     // Writers and readers interleave; the clock moves so that refreshes keep racing the writes.
     const writers = Array.from({ length: 4 }, async (_, w) => {
       for (let i = 0; i < 10; i++) {
@@ -327,5 +330,33 @@ describe("over Postgres", () => {
     expect(truth.orgSpentNanos).toBe(10n * (1n + 2n + 3n + 4n) + 40n * 100n);
     expect(spend).toEqual({ orgSpentNanos: truth.orgSpentNanos, keySpentNanos: truth.orgSpentNanos, keyTokens: 560n });
     expect(loads).toBeGreaterThan(1);
+  }, 60_000);
+
+  test("forgets the figures of keys no longer asked about, so memory follows the keys in use, not the period's", async () => {
+    const created = await newOrg(store, "many keys");
+    const { apiKey } = await store.createApiKey({ orgId: created.id, projectId: null, name: "", limits: noLimits });
+    await store.recordUsage([usage("req_many_keys", created.id, apiKey.id, 42n, new Date("2026-06-15T11:00:00Z"))]);
+    let clock = Date.parse("2026-06-15T12:00:00Z");
+    const tracker = createUsageTracker({
+      load: (orgId, period, keyIds) => store.periodUsage(orgId, period, keyIds),
+      clock: () => new Date(clock),
+    });
+    const figures = { orgSpentNanos: 42n, keySpentNanos: 42n, keyTokens: 7n };
+    const nextTask = () => new Promise((resolve) => setTimeout(resolve, 0));
+    // A platform issuing a key per end user: each of them checked once, a second apart, over half an hour.
+    for (let i = 0; i < 2_000; i++) {
+      clock += 1_000;
+      await tracker.spend(created, [`key_end_user_${i}`]);
+    }
+    await nextTask();
+    // Those asked within the last sweep's interval (10 s) or since.
+    expect(tracker.held().keys).toBeLessThan(25);
+    expect(await tracker.spend(created, [apiKey.id])).toEqual(figures);
+    clock += 60_000;
+    await tracker.spend({ id: "org_other", billingDay: 1 }, ["key_other"]);
+    await nextTask();
+    expect(tracker.held()).toEqual({ orgs: 1, keys: 1 });
+    // A key forgotten is read again when next asked.
+    expect(await tracker.spend(created, [apiKey.id])).toEqual(figures);
   }, 60_000);
 });

@@ -24,6 +24,11 @@ export interface UsageTrackerOptions {
   refreshMs?: number;
   /** Orgs kept in memory; the least recently used beyond this are forgotten. */
   maxOrgs?: number;
+  /**
+   * How often figures `refreshMs` old are forgotten (at most; looked for as callers ask). They are read again before
+   * they answer, so they serve nothing: kept, every key an org had checked stayed in memory until its period ended.
+   */
+  sweepMs?: number;
 }
 
 /** Figures as of a read, and what this replica recorded since that the read did not see. */
@@ -62,8 +67,11 @@ interface Entry {
  * is counted exactly once whichever finished first. A new billing period (UTC, from the org's billing day) starts
  * from a fresh read.
  */
-export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 10_000 }: UsageTrackerOptions) {
+export function createUsageTracker(options: UsageTrackerOptions) {
+  const { load, clock, refreshMs = 1_000, maxOrgs = 10_000 } = options;
+  const sweepMs = options.sweepMs ?? Math.max(refreshMs, 10_000);
   const entries = new Map<string, Entry>();
+  let sweptAt = Number.NEGATIVE_INFINITY;
 
   const refresh = (orgId: string, entry: Entry, keyIds: readonly string[], signal?: AbortSignal): Promise<void> => {
     const name = keyIds.join(",");
@@ -119,6 +127,18 @@ export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 1
 
   const stale = (figures: Figures | undefined, now: number) => !figures || now - figures.loadedAt >= refreshMs;
 
+  /**
+   * Forgets stale figures, and orgs left with none and no read running. In a task of its own: a read that took longer
+   * than refreshMs gives stale figures that its callers, resumed in the same task, still answer from.
+   */
+  const sweep = () => {
+    const now = clock().getTime();
+    for (const [orgId, entry] of entries) {
+      for (const [keyId, key] of entry.keys) if (stale(key, now)) entry.keys.delete(keyId);
+      if (entry.keys.size === 0 && entry.loads.size === 0 && stale(entry.org, now)) entries.delete(orgId);
+    }
+  };
+
   return {
     /**
      * Spend of the org, and of the keys of a key's lineage together, in the org's current period; reads Postgres
@@ -131,6 +151,10 @@ export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 1
       signal?: AbortSignal,
     ): Promise<Spend> {
       const now = clock();
+      if (now.getTime() - sweptAt >= sweepMs) {
+        sweptAt = now.getTime();
+        setTimeout(sweep, 0);
+      }
       const period = billingPeriod(now, org.billingDay);
       let entry = entries.get(org.id);
       if (entry) entries.delete(org.id);
@@ -168,6 +192,13 @@ export function createUsageTracker({ load, clock, refreshMs = 1_000, maxOrgs = 1
         const key = delta.apiKeyId ? entry.keys.get(delta.apiKeyId) : undefined;
         if (key && !key.visible(xid)) add(key, delta);
       }
+    },
+
+    /** Orgs and keys whose figures are held in memory. */
+    held(): { orgs: number; keys: number } {
+      let keys = 0;
+      for (const entry of entries.values()) keys += entry.keys.size;
+      return { orgs: entries.size, keys };
     },
   };
 }
