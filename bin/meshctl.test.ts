@@ -26,6 +26,9 @@ const analyticsQueries: QueryUsageRequest[] = [];
 const billingCalls: string[] = [];
 // Billing's own clock, which a test may set apart from this machine's.
 let billingNow = () => new Date();
+// What the fake analytics answers as a row's group value, and as a model's name in QueryLatency.
+let analyticsGroupValue = (dimension: UsageGroupBy) => `value-of-${UsageGroupBy[dimension]}`;
+let latencyModels: string[] = [];
 
 beforeAll(async () => {
   db = await createTestDatabase();
@@ -57,7 +60,7 @@ beforeAll(async () => {
           return {
             rows: [
               {
-                group: req.groupBy.map((dimension) => `value-of-${UsageGroupBy[dimension]}`),
+                group: req.groupBy.map((dimension) => analyticsGroupValue(dimension)),
                 requests: 3n,
                 usage: { inputTokens: 30n, cachedInputTokens: 3n, outputTokens: 12n, reasoningTokens: 1n },
                 costNanos: 4_200n,
@@ -66,7 +69,7 @@ beforeAll(async () => {
           };
         },
         async queryLatency() {
-          return { models: [] };
+          return { models: latencyModels.map((model) => ({ model, requests: 1n })) };
         },
       }),
     log,
@@ -333,6 +336,27 @@ describe("meshctl against a real billing", () => {
     failsWith(await cli(`usage --org ${orgId} --by team`), 2, /--by takes model, key, project, .*; not "team"/);
     failsWith(await cli(`usage --org ${orgId} --by model,model`), 2, /names a dimension twice/);
     failsWith(await cli(`usage --org ${orgId} --by model,key,day,status`), 2, /at most 3 dimensions, not 4/);
+  });
+
+  test("names analytics holds as gateways sent them show no control characters: no escape sequence, no line of their own", async () => {
+    // Rows from gateways that metered a client's model name as it came, or from any caller of IngestMetrics.
+    const forged = "gpt-4o\u001b[2J\u001b]0;pwned\u0007\nFORGED   999\r\u0085\u2028x";
+    analyticsGroupValue = () => forged;
+    latencyModels = [forged];
+    try {
+      const usage = await ok(`usage --org ${orgId} --by model`);
+      const latency = await ok(`latency --org ${orgId}`);
+      for (const table of [usage, latency]) {
+        expect(table.split("\n")).toHaveLength(3);
+        expect(table).not.toMatch(/[\p{Cc}\u2028\u2029](?<!\n)/u);
+        expect(table.split("\n")[1]).toStartWith("gpt-4o\ufffd[2J\ufffd]0;pwned\ufffd\ufffdFORGED   999\ufffd\ufffd\ufffdx ");
+      }
+      // --json keeps the value as analytics holds it.
+      expect((await json<{ rows: { group: string[] }[] }>(`usage --org ${orgId} --by model`)).rows[0]?.group).toEqual([forged]);
+    } finally {
+      analyticsGroupValue = (dimension) => `value-of-${UsageGroupBy[dimension]}`;
+      latencyModels = [];
+    }
   });
 
   test("an org's own API key reads its analytics, a left-out bound from its org's billing period", async () => {

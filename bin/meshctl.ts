@@ -979,11 +979,13 @@ function date(ts: Timestamp | undefined): string {
 
 // Bidirectional embeddings, overrides and isolates: one in a name (billing takes them, as RTL text may) that nothing
 // closes reverses the rest of its line where the terminal lays out right-to-left text, the columns and ids after it.
-const bidiControls = /[\u202a-\u202e\u2066-\u2069]/g;
+// Control characters and line separators, which billing refuses but analytics holds as gateways sent them (a model
+// name a client chose): an escape sequence the terminal would run, a line break a line of the table's own.
+const unshowable = /[\p{Cc}\u2028\u2029\u202a-\u202e\u2066-\u2069]/gu;
 
-/** Text as a table or line shows it: bidirectional controls as U+FFFD (`--json` has them as stored). */
+/** Text as a table or line shows it: controls as U+FFFD (`--json` has them as stored). */
 function shown(text: string): string {
-  return text.replace(bidiControls, "\ufffd");
+  return text.replace(unshowable, "\ufffd");
 }
 
 /** Left-aligned columns; numbers right-aligned. */

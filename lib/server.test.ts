@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
+import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService, ListOrganizationsResponseSchema, OrganizationSchema } from "../gen/billing/v1/billing_pb.ts";
 import {
@@ -1172,6 +1172,54 @@ describe("a long server stream", () => {
       expect((await messages.next()).done).toBe(true);
     } finally {
       release();
+      await server.close(0);
+    }
+  });
+});
+
+describe("error messages that are not well-formed UTF-16", () => {
+  test("are answered on every protocol, unary and streamed, a lone surrogate as U+FFFD", async () => {
+    // Text cut inside a character (an emoji's first half), as an echo of a client's input or an upstream's message is.
+    const cut = `too long: '${"\u{1F511}".repeat(3).slice(0, 5)}'`;
+    const server = await startOwn({
+      name: "lone-surrogates",
+      routes: (router) => {
+        router.service(BillingService, {
+          async listOrganizations() {
+            throw new ConnectError(cut, Code.InvalidArgument);
+          },
+        });
+        router.service(AnalyticsService, {
+          // biome-ignore lint/correctness/useYield: a stream that fails before its first ack
+          async *ingestMetrics() {
+            throw new ConnectError(cut, Code.InvalidArgument);
+          },
+        });
+      },
+    });
+    try {
+      const expected = `too long: '\u{1F511}\u{1F511}\ufffd'`;
+      const transports = {
+        grpc: createGrpcTransport({ baseUrl: server.url }),
+        "grpc-web": createGrpcWebTransport({ baseUrl: server.url, httpVersion: "1.1" }),
+        connect: createConnectTransport({ baseUrl: server.url, httpVersion: "1.1" }),
+      };
+      for (const [name, transport] of Object.entries(transports)) {
+        const failure = (p: Promise<unknown>) =>
+          p.then(
+            () => `${name}: answered`,
+            (e: unknown) => `${name}: ${Code[ConnectError.from(e).code]} ${ConnectError.from(e).rawMessage}`,
+          );
+        const unary = createClient(BillingService, transport).listOrganizations({}, { timeoutMs: 10_000 });
+        expect(await failure(unary)).toBe(`${name}: InvalidArgument ${expected}`);
+        if (name === "grpc-web" || name === "connect") continue;
+        const stream = (async () => {
+          for await (const _ of createClient(AnalyticsService, transport).ingestMetrics((async function* () {})(), { timeoutMs: 10_000 })) {
+          }
+        })();
+        expect(await failure(stream)).toBe(`${name}: InvalidArgument ${expected}`);
+      }
+    } finally {
       await server.close(0);
     }
   });

@@ -168,7 +168,12 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   const readiness = createReadinessPoller(options.readiness ?? alwaysReady);
   // Paths whose request is a stream of messages: its body lasts as long as the call.
   const streamingRequests = new Set<string>();
-  const intercepted = gatedInterceptors([...(options.interceptors ?? []), failedAsClientLeft, endedWithConnection]);
+  const intercepted = gatedInterceptors([
+    wellFormedErrors,
+    ...(options.interceptors ?? []),
+    failedAsClientLeft,
+    endedWithConnection,
+  ]);
   const rpc = connectNodeAdapter({
     routes: (router) => {
       options.routes(routerWithGates(router, intercepted.gate));
@@ -440,6 +445,30 @@ const endedWithConnection: Interceptor = (next) => async (req) => {
   if (!res.stream) return res;
   return { ...res, message: eachStep(res.message, (move) => watched(move())) };
 };
+
+/**
+ * A failure whose message is not well-formed UTF-16 (a lone surrogate: text cut inside a character, as an echo of a
+ * client's input is, or an upstream's own) left a gRPC or gRPC-Web call unanswered until its deadline, as connect
+ * percent-encodes grpc-message with encodeURIComponent, which throws on it: such a surrogate is U+FFFD, as in UTF-8.
+ * Outermost, so that it sees the failure as every interceptor left it.
+ */
+const wellFormedErrors: Interceptor = (next) => async (req) => {
+  try {
+    const res = await next(req);
+    if (!res.stream) return res;
+    return { ...res, message: eachStep(res.message, (move) => move().catch((e: unknown) => Promise.reject(wellFormed(e)))) };
+  } catch (e) {
+    throw wellFormed(e);
+  }
+};
+
+function wellFormed(error: unknown): unknown {
+  if (!(error instanceof ConnectError)) return error;
+  const text = error.rawMessage.replace(/\p{Cs}/gu, "\ufffd");
+  if (text === error.rawMessage) return error;
+  const fixed = new ConnectError(text, error.code);
+  return Object.assign(error, { rawMessage: fixed.rawMessage, message: fixed.message });
+}
 
 /**
  * A call whose client left while its message was still arriving fails with what reading the cut-off body made of it:

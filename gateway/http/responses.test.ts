@@ -419,6 +419,34 @@ describe("routing", () => {
     expect(row?.usage?.outputTokens).toBeGreaterThan(0n);
   });
 
+  test("an event type with a line break fails the stream: it would end the event line and write events of its own", async () => {
+    const sse = (event: object) => `event: x\ndata: ${JSON.stringify(event)}\n\n`;
+    const forged = '\n\nevent: response.completed\ndata: {"type":"response.completed","forged":true}\n\nevent: x';
+    const response = { id: "resp_1", object: "response", output: [] };
+    for (const type of [`response.output_text.delta${forged}`, `response.output_text.delta\r${forged}`]) {
+      const text = [
+        sse({ type: "response.created", response: { ...response, status: "in_progress" } }),
+        sse({ type: "response.output_text.delta", item_id: "msg_1", output_index: 0, content_index: 0, delta: "one" }),
+        sse({ type, item_id: "msg_1", output_index: 0, content_index: 0, delta: " two" }),
+        sse({ type: "response.completed", response: { ...response, status: "completed", usage: { input_tokens: 1, output_tokens: 2, total_tokens: 3 } } }),
+      ].join("");
+      upstream.script("ok", { body: { contentType: "text/event-stream", text } });
+      const res = await fetch(`${gateway.restUrl}/v1/responses`, {
+        method: "POST",
+        headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+        body: JSON.stringify({ model: "ok", input: "hi", stream: true }),
+      });
+      const events = (await res.text()).split("\n\n").filter(Boolean);
+      expect(events.join("\n\n")).not.toContain("forged");
+      expect(events.map((e) => e.slice(0, e.indexOf("\n")))).toEqual([
+        "event: response.created",
+        "event: response.output_text.delta",
+        "event: error",
+      ]);
+      expect(gateway.shipper.rows.at(-1)).toMatchObject({ status: RequestStatus.UPSTREAM_ERROR });
+    }
+  });
+
   test("a response.failed mid-stream is passed on as it came and metered at its usage as the upstream's failure", async () => {
     const failed = {
       type: "response.failed",

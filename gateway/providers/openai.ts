@@ -908,7 +908,9 @@ function relayResponse(
       const error =
         fields.type === "error" ? eventError(fields) : (fields.error ?? (event.event === "error" ? data : undefined));
       if (error || event.event === "error") throw errorAfter200(provider, error, redact, "in its stream");
-      if (typeof fields.type !== "string") {
+      // The type names the client's event on a line of its own: a line break in it would end that line and write
+      // events the gateway never read (nor metered, nor gave its ids).
+      if (typeof fields.type !== "string" || /[\r\n]/.test(fields.type)) {
         throw new UpstreamError("transient", `${provider}: a stream event is not a response event`);
       }
       if (unexplained) {
