@@ -49,6 +49,7 @@ import type {
   VolumeTier,
 } from "./store/types.ts";
 import { atMost, id, instant, intInRange, invalid, nonNegative, optionalId, ordered, text } from "./validate.ts";
+import { clipped } from "../lib/text.ts";
 
 /** Conversions between contract messages and store records; inbound ones validate as they go. */
 
@@ -180,7 +181,7 @@ export function keyLimitFieldsFrom(mask: FieldMask | undefined, field = "update_
     ...new Set(
       mask.paths.map((path) => {
         const name = Object.hasOwn(keyLimitPaths, path) ? keyLimitPaths[path] : undefined;
-        if (!name) throw invalid(field, `unknown path "${path.slice(0, 100)}"; KeyLimits has ${Object.keys(keyLimitPaths).join(", ")}`);
+        if (!name) throw invalid(field, `unknown path "${clipped(path, 100)}"; KeyLimits has ${Object.keys(keyLimitPaths).join(", ")}`);
         return name;
       }),
     ),

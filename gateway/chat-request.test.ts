@@ -213,6 +213,15 @@ describe("chat input", () => {
     expect(rejection({ model: "m", messages: hello, metadata: { ["é".repeat(65)]: "v" } })).toEqual([`metadata.${"é".repeat(65)}`, "string_above_max_length"]);
   });
 
+  test("an over-long metadata key is echoed cut between characters, never inside one", () => {
+    // 256 UTF-16 units of "a" + emoji end inside the 128th emoji: half of it would be a lone surrogate, which JSON writes
+    // as an escape and gRPC's grpc-message cannot carry.
+    const key = `a${"\u{1F600}".repeat(200)}`;
+    const [param] = rejection({ model: "m", messages: hello, metadata: { [key]: "v" } }) as [string, string];
+    expect(param).toBe(`metadata.a${"\u{1F600}".repeat(127)}...`);
+    expect(() => encodeURIComponent(param)).not.toThrow();
+  });
+
   test.each(invalid)("400 for %s", (_, fields, param, code) => {
     expect(rejection({ model: "m", messages: hello, ...fields })).toEqual([param, code]);
   });

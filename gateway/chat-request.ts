@@ -1,3 +1,4 @@
+import { clipped } from "../lib/text.ts";
 import { invalidRequest } from "./errors.ts";
 import type { ChatRequest } from "./providers/provider.ts";
 import {
@@ -279,7 +280,7 @@ const noTags: Record<string, string> = Object.freeze({}) as Record<string, strin
 const tagValue = stringUpTo(maxTagValueChars);
 
 /** A client's text as an error echoes it: in full unless it is far longer than any name should be. */
-const echoed = (text: string) => (text.length > 256 ? `${text.slice(0, 256)}...` : text);
+const echoed = (text: string) => clipped(text, 256);
 
 export function parseTags(metadata: unknown): Record<string, string> {
   if (metadata === undefined || metadata === null) return noTags;

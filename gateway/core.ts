@@ -81,6 +81,7 @@ import {
 } from "./rate-limits.ts";
 import { type Attempt, createUpstreamRouter, limitStream, type RouterOptions } from "./routing.ts";
 import { countEmbeddingTokens, countInputTokens, countResponsesInputTokens, estimatedTokens } from "./tokenizer.ts";
+import { clipped } from "../lib/text.ts";
 
 // Request ids: ULIDs, increasing within a process; the factory finds its random source once, not per id.
 const newRequestId = monotonicFactory();
@@ -1228,7 +1229,7 @@ function requestedPrice(route: ModelRoute, request: { service_tier?: unknown }):
   if (price) return price;
   const offered = ["auto", "default", ...route.tierPrices.keys()].map((t) => `'${t}'`).join(", ");
   throw invalidRequest(
-    `Model '${route.name}' is not offered with service_tier '${String(tier).slice(0, 40)}' here; use one of ${offered}.`,
+    `Model '${route.name}' is not offered with service_tier '${clipped(String(tier), 40)}' here; use one of ${offered}.`,
     "service_tier",
     "invalid_value",
   );

@@ -1,6 +1,7 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import type { UpstreamErrorBody } from "./providers/provider.ts";
+import { clipped } from "../lib/text.ts";
 
 /**
  * A failure the client sees: its HTTP status, OpenAI-style type/code/param, and the outcome class
@@ -89,7 +90,7 @@ export const modelNotServed = (model: string, endpoint: "chat" | "embeddings" | 
   );
 
 /** A client's id as its error message shows it: cut short, as a URL may hold any length of it. */
-const shownId = (id: string) => (id.length > 200 ? `${id.slice(0, 200)}...` : id);
+const shownId = (id: string) => clipped(id, 200);
 
 /**
  * A response id that names no response the gateway made for the caller's org (another org's, altered, an upstream's
@@ -195,7 +196,7 @@ export const unsupportedContentEncoding = (encoding: string) =>
     415,
     "invalid_request_error",
     "unsupported_content_encoding",
-    `Content-Encoding '${encoding.length > 64 ? `${encoding.slice(0, 64)}...` : encoding}' is not supported: send the request body uncompressed.`,
+    `Content-Encoding '${clipped(encoding, 64)}' is not supported: send the request body uncompressed.`,
     RequestStatus.INVALID_REQUEST,
   );
 

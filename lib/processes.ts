@@ -1,6 +1,7 @@
 import { readFileSync } from "node:fs";
 import * as net from "node:net";
 import type { Subprocess } from "bun";
+import { clipped } from "./text.ts";
 
 /**
  * The fields of /proc/<pid>/stat after the command name (which is in parentheses and may hold spaces), so
@@ -67,7 +68,7 @@ export function spawnService(options: ServiceProcessOptions): ServiceProcess {
   // Its last words, for the error when it exits before it is ready.
   const recent: string[] = [];
   const onLine = (line: string) => {
-    recent.push(line.length > 500 ? `${line.slice(0, 500)}...` : line);
+    recent.push(clipped(line, 500));
     if (recent.length > 5) recent.shift();
     print(line);
   };

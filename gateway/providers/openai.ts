@@ -3,6 +3,7 @@ import { createParser, type EventSourceMessage } from "eventsource-parser";
 import { redactSecrets } from "../../lib/log.ts";
 import { watchSilence } from "../../lib/silence.ts";
 import { outgoingTraceHeaders } from "../../lib/telemetry.ts";
+import { clipped } from "../../lib/text.ts";
 import { type AzureProviderConfig, azureV1Path, type OpenAIProviderConfig } from "../config.ts";
 import { responsesPrompt } from "../responses-request.ts";
 import {
@@ -1034,7 +1035,7 @@ function checkedChunk(data: unknown, provider: string): ChatCompletionChunk {
   // chunks as "chat.completion" or "text_completion": an object that names anything else is not a chunk.
   const object: unknown = chunk.object;
   if (typeof object === "string" && object !== "" && !/^(chat\.completion|text_completion)/.test(object)) {
-    throw new UpstreamError("transient", `${provider}: a stream event is not a chunk object (${object.slice(0, 40)})`);
+    throw new UpstreamError("transient", `${provider}: a stream event is not a chunk object (${clipped(object, 40)})`);
   }
   // Some compatible servers leave choices out of the usage chunk.
   chunk.choices ??= [];

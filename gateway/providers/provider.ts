@@ -11,6 +11,7 @@ import type {
   ResponseCreateParamsNonStreaming,
 } from "openai/resources/responses/responses";
 import { MAX_TOKENS_PER_REQUEST, type Tokens } from "../../lib/money.ts";
+import { clipped } from "../../lib/text.ts";
 
 /** A validated chat request in the OpenAI wire shape; `model` is already the upstream model. */
 export type ChatRequest = ChatCompletionCreateParamsNonStreaming;
@@ -265,7 +266,7 @@ export function upstreamErrorBody(
   const scrub = (text: string) => redact(text).replace(accountIds, "[redacted]");
   const bounded = (text: string, max: number) => {
     const message = scrub(text.trim());
-    return message.length > max ? `${message.slice(0, max - 1)}\u2026` : message;
+    return message.length > max ? clipped(message, max - 1, "\u2026") : message;
   };
   if (typeof error === "string") {
     if (error.trim() === "") return undefined;
