@@ -912,7 +912,8 @@ function usageTable(lines: UsageLine[], groupBy: readonly UsageGroupBy[] = []): 
   return table([
     [...dimensions, "REQUESTS", "INPUT", "CACHED INPUT", "OUTPUT", "REASONING", "COST_NANOS", "COST (USD)"],
     ...lines.map((l) => [
-      ...(l.group ?? []),
+      // Requests with no model (GET /v1/models) or no key: an empty first cell read as a row shifted left.
+      ...(l.group ?? []).map((value) => value || "-"),
       ...[l.requests, l.input, l.cached, l.output, l.reasoning, l.cost].map(String),
       formatNanosUsd(l.cost),
     ]),
@@ -951,7 +952,7 @@ function latencyTable(models: ModelLatency[]): string {
   return table([
     ["MODEL", "REQUESTS", "TOTAL MS", "UPSTREAM MS", "FIRST TOKEN MS", "GATEWAY MS"],
     ...models.map((m) => [
-      m.model,
+      m.model || "-",
       String(m.requests),
       ms(m.total),
       ms(m.upstream),
