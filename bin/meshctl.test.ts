@@ -359,6 +359,19 @@ describe("meshctl against a real billing", () => {
     }
   });
 
+  test("requests without a model (GET /v1/models) show one as -, not as an empty cell the row shifts into", async () => {
+    analyticsGroupValue = () => "";
+    latencyModels = [""];
+    try {
+      expect((await ok(`usage --org ${orgId} --by model`)).split("\n")[1]).toMatch(/^-\s+3\s+30\s/);
+      expect((await ok(`latency --org ${orgId}`)).split("\n")[1]).toMatch(/^-\s+1\s+0\.0 \//);
+      expect((await json<{ rows: { group: string[] }[] }>(`usage --org ${orgId} --by model`)).rows[0]?.group).toEqual([""]);
+    } finally {
+      analyticsGroupValue = (dimension) => `value-of-${UsageGroupBy[dimension]}`;
+      latencyModels = [];
+    }
+  });
+
   test("an org's own API key reads its analytics, a left-out bound from its org's billing period", async () => {
     const billing = createServiceClient(BillingService, { baseUrl: billingServer.url, bearerToken: adminToken });
     const orgKey = (await billing.createApiKey({ orgId, name: "reader" })).secret;

@@ -22,7 +22,10 @@ import {
   AnalyticsService,
   file_analytics_v1_analytics,
   type LatencyPercentiles,
+  ListRequestsResponseSchema,
   type ModelLatency,
+  type RequestMetrics,
+  RequestStatus,
   UsageGroupBy,
 } from "../gen/analytics/v1/analytics_pb.ts";
 import {
@@ -41,6 +44,7 @@ import {
   type Organization,
   OrganizationState,
 } from "../gen/billing/v1/billing_pb.ts";
+import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import { billingPeriod } from "../lib/billing-period.ts";
 import { commonEnv, env, parseEnv, withoutCredentials } from "../lib/config.ts";
 import { formatCents, formatNanosUsd, parseUsdNanos } from "../lib/money.ts";
@@ -81,6 +85,10 @@ const usage = `usage: meshctl <command> [flags] [--json]
   latency --org ID [--from DATE] [--to DATE]
       (per model: total, upstream, time to first token and gateway overhead, p50 / p90 / p99 in ms, from analytics;
       the range as usage --source analytics)
+  requests --org ID [--from DATE] [--to DATE] [--model M] [--key KEY_ID] [--status S] [--id REQUEST_ID] [--limit N]
+      (each request, newest first, from analytics: its id (the x-request-id header), key, model, outcome, tokens,
+      cost and time; --status ok, rate_limited, unauthorized, ...; --limit, 100 by default, up to 100000;
+      the range as usage --source analytics, any with --id alone)
   discounts add --org ID --name S --kind volume-graduated|volume-all-units|time-window|promotional
                 [--percent P] [--tiers FROM_USD:PERCENT,...] [--hours 0-6] [--days 0,6] [--model M] [--provider P]
                 [--priority N] [--exclusive] [--from DATE] [--until DATE] [--cap-usd X]   (a negative N: --priority=-5)
@@ -124,6 +132,10 @@ const flags = {
   priority: { type: "string" },
   exclusive: { type: "boolean" },
   "cap-usd": { type: "string" },
+  key: { type: "string" },
+  status: { type: "string" },
+  id: { type: "string" },
+  limit: { type: "string" },
   "tax-bps": { type: "string" },
   "billing-day": { type: "string" },
   "max-discount-percent": { type: "string" },
@@ -157,6 +169,7 @@ const commands: Record<string, { flags: readonly FlagName[]; args: number }> = {
   "quota show": { flags: ["org"], args: 1 },
   usage: { flags: ["org", "from", "to", "source", "by"], args: 0 },
   latency: { flags: ["org", "from", "to"], args: 0 },
+  requests: { flags: ["org", "from", "to", "model", "key", "status", "id", "limit"], args: 0 },
   "discounts add": {
     flags: [
       ...["org", "name", "kind", "percent", "tiers", "hours", "days", "model", "provider"],
@@ -242,8 +255,8 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
     };
     const arg = (what: string) => need(rest[0], what);
 
-    // usage and latency are commands of one word; the others name a group and an action.
-    const oneWord = group === "usage" || group === "latency";
+    // usage, latency and requests are commands of one word; the others name a group and an action.
+    const oneWord = group === "usage" || group === "latency" || group === "requests";
     const command = `${group} ${oneWord ? "" : (action ?? "")}`.trim();
     checkCommandLine(command, values, oneWord ? positionals.slice(1) : rest);
     switch (command) {
@@ -472,6 +485,38 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         const to = values.to ? parseDate(values.to, "--to") : undefined;
         const res = await analytics.queryLatency({ orgId, range: await analyticsRange(billing, orgId, from, to) });
         print(schemaOf(res), res, () => latencyTable(res.models));
+        return 0;
+      }
+      case "requests": {
+        const orgId = need(values.org, "--org");
+        const from = values.from ? parseDate(values.from, "--from") : undefined;
+        const to = values.to ? parseDate(values.to, "--to") : undefined;
+        const limit = values.limit === undefined ? 100 : int(values.limit, "--limit", 100_000, 1);
+        const filters = {
+          orgId,
+          model: values.model ?? "",
+          apiKeyId: values.key ?? "",
+          status: values.status === undefined ? RequestStatus.UNSPECIFIED : requestStatus(values.status),
+          requestId: values.id ?? "",
+          // One request by its id is found in any range.
+          range: values.id && !from && !to ? undefined : await analyticsRange(billing, orgId, from, to),
+        };
+        const res = create(ListRequestsResponseSchema);
+        do {
+          const page = await analytics.listRequests({
+            ...filters,
+            pageSize: Math.min(limit - res.requests.length, 1000),
+            pageToken: res.nextPageToken,
+          });
+          res.requests.push(...page.requests);
+          res.nextPageToken = page.nextPageToken;
+        } while (res.nextPageToken && res.requests.length < limit);
+        print(schemaOf(res), res, () =>
+          [
+            requestsTable(res.requests),
+            ...(res.nextPageToken ? [`(the newest ${res.requests.length}; more with a larger --limit)`] : []),
+          ].join("\n"),
+        );
         return 0;
       }
       case "discounts add": {
@@ -867,9 +912,36 @@ function usageTable(lines: UsageLine[], groupBy: readonly UsageGroupBy[] = []): 
   return table([
     [...dimensions, "REQUESTS", "INPUT", "CACHED INPUT", "OUTPUT", "REASONING", "COST_NANOS", "COST (USD)"],
     ...lines.map((l) => [
-      ...(l.group ?? []),
+      // Requests with no model (GET /v1/models) or no key: an empty first cell read as a row shifted left.
+      ...(l.group ?? []).map((value) => value || "-"),
       ...[l.requests, l.input, l.cached, l.output, l.reasoning, l.cost].map(String),
       formatNanosUsd(l.cost),
+    ]),
+  ]);
+}
+
+/** A --status as the --by status column shows it, in any case: rate_limited, RATE_LIMITED. */
+function requestStatus(text: string): RequestStatus {
+  const names = Object.keys(RequestStatus).filter((n) => Number.isNaN(Number(n)) && n !== "UNSPECIFIED");
+  const name = names.find((n) => n === text.toUpperCase());
+  if (!name) throw new UsageError(`--status takes ${names.map((n) => n.toLowerCase()).join(", ")}; not "${text}"`);
+  return RequestStatus[name as keyof typeof RequestStatus];
+}
+
+function requestsTable(requests: RequestMetrics[]): string {
+  return table([
+    ["TIME", "REQUEST ID", "KEY", "MODEL", "ENDPOINT", "STATUS", "INPUT", "OUTPUT", "COST_NANOS", "MS"],
+    ...requests.map((r) => [
+      r.startTime ? timestampDate(r.startTime).toISOString().slice(0, 19).replace("T", " ") : "-",
+      r.requestId,
+      r.apiKeyId || "-",
+      r.requestedModel || "-",
+      (Endpoint[r.endpoint] ?? "unknown").toLowerCase(),
+      `${r.httpStatus} ${RequestStatus[r.status] ?? "unknown"}${r.errorCode ? ` ${r.errorCode}` : ""}`,
+      String(r.usage?.inputTokens ?? 0n),
+      String(r.usage?.outputTokens ?? 0n),
+      String(r.costNanos),
+      (Number(r.totalLatencyUs) / 1000).toFixed(1),
     ]),
   ]);
 }
@@ -880,7 +952,7 @@ function latencyTable(models: ModelLatency[]): string {
   return table([
     ["MODEL", "REQUESTS", "TOTAL MS", "UPSTREAM MS", "FIRST TOKEN MS", "GATEWAY MS"],
     ...models.map((m) => [
-      m.model,
+      m.model || "-",
       String(m.requests),
       ms(m.total),
       ms(m.upstream),

@@ -185,6 +185,17 @@ test("the try npm start prints, pasted into another terminal, gets an answer", a
     const { stdout, code } = await runCommand(["env", "-i", `PATH=${process.env.PATH}`, "bash", "-c", commands]);
     expect(code).toBe(0);
     expect(JSON.parse(stdout)).toMatchObject({ choices: [{ message: { content: "mock reply: hello" } }] });
+    // On ports of its own, meshctl pasted alone asked billing and analytics at 8081 and 8082: refused, or another mesh's.
+    const meshctl = /^operate it with meshctl: `(.+)`$/.exec(await mesh.waitFor(/^operate it with meshctl: /))?.[1] ?? "";
+    const run = (command: string) =>
+      runCommand(["env", "-i", `PATH=${process.env.PATH}`, `HOME=${process.env.HOME}`, "bash", "-c", command], {
+        cwd: join(import.meta.dir, ".."),
+      });
+    const orgs = await run(`${meshctl} --json`);
+    expect(orgs.stderr).toBe("");
+    const demo = JSON.parse(orgs.stdout).organizations.find((o: { name: string }) => o.name === "demo");
+    const usage = await run(`${meshctl.replace("orgs list", `usage --org ${demo.id} --source analytics`)} --json`);
+    expect({ stderr: usage.stderr, code: usage.code }).toEqual({ stderr: "", code: 0 });
     mesh.proc.kill("SIGINT");
     expect(await mesh.proc.exited).toBe(0);
   }, { prefix: "mesh launcher's " });
@@ -295,10 +306,10 @@ test("npm start after the demo org was suspended starts, keeps its key and says 
     await second.waitFor(/^Ctrl-C stops everything/);
     expect(await second.waitFor(/^OPENAI_API_KEY=/)).toBe(key);
     // The command says where billing is, here not at meshctl's default port.
-    const secondBillingUrl = /billing (http:\S+),/.exec(await second.waitFor(/^mesh ready in /))?.[1] ?? "";
+    const urls = /billing (http:\S+), analytics (http:\S+)$/.exec(await second.waitFor(/^mesh ready in /));
     expect(second.lines).toContain(
       `the demo org ${demo?.id} is suspended: its key is refused (403 organization_suspended) until ` +
-        `\`BILLING_URL=${secondBillingUrl} npm run -s ctl -- orgs reinstate ${demo?.id}\``,
+        `\`BILLING_URL=${urls?.[1]} ANALYTICS_URL=${urls?.[2]} npm run -s ctl -- orgs reinstate ${demo?.id}\``,
     );
     expect(await readFile(join(dataDir, "demo.env"), "utf8")).toContain(key);
     second.proc.kill("SIGINT");

@@ -228,6 +228,14 @@ async function writeDemo(file: string, baseUrl: string, apiKey: string) {
   await writeFile(file, `export OPENAI_BASE_URL=${baseUrl}\nexport OPENAI_API_KEY=${apiKey}\n`, { mode: 0o600 });
 }
 
+/** What meshctl, which asks billing and analytics at their default ports unless told otherwise, needs to reach them. */
+function meshctlEnv(urls: { billing: string; analytics: string }): string {
+  return (
+    (urls.billing === "http://127.0.0.1:8081" ? "" : `BILLING_URL=${urls.billing} `) +
+    (urls.analytics === "http://127.0.0.1:8082" ? "" : `ANALYTICS_URL=${urls.analytics} `)
+  );
+}
+
 /** A process by its pid and its start time (pids are reused), as recorded in a launcher's lock file. */
 interface ProcessId {
   pid: number;
@@ -448,11 +456,10 @@ if (import.meta.main) {
       ...(demo.suspended
         ? [
             `the demo org ${demo.orgId} is suspended: its key is refused (403 organization_suspended) until ` +
-              // meshctl asks billing at its default port unless told otherwise.
-              `\`${mesh.urls.billing === "http://127.0.0.1:8081" ? "" : `BILLING_URL=${mesh.urls.billing} `}` +
-              `npm run -s ctl -- orgs reinstate ${demo.orgId}\``,
+              `\`${meshctlEnv(mesh.urls)}npm run -s ctl -- orgs reinstate ${demo.orgId}\``,
           ]
         : []),
+      `operate it with meshctl: \`${meshctlEnv(mesh.urls)}npm run -s ctl -- orgs list\``,
       "",
       // This process cannot set its shell's OPENAI_API_KEY: the try pasted alone sent none, a 401.
       "try, in another terminal:",

@@ -119,6 +119,43 @@ describe("meshctl drives the mesh", () => {
     expect((await meshctl("latency")).code).toBe(2);
   }, 60_000);
 
+  test("requests lists each request with its id and outcome, found again by --status and --id", async () => {
+    const org = JSON.parse((await meshctl("orgs", "create", "Requests", "--json")).out).organization.id as string;
+    const created = JSON.parse((await meshctl("keys", "create", "--org", org, "--rpm", "1", "--json")).out);
+    const chat = () =>
+      fetch(`${demo.baseUrl}/chat/completions`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${created.secret}`, "content-type": "application/json" },
+        body: JSON.stringify({ model: "mock", messages: [{ role: "user", content: "list me" }] }),
+      });
+    const served = await chat();
+    const refused = await chat();
+    expect([served.status, refused.status]).toEqual([200, 429]);
+    const servedId = served.headers.get("x-request-id") ?? "";
+    const refusedId = refused.headers.get("x-request-id") ?? "";
+
+    const listed = await eventually(async () => {
+      const run = await meshctl("requests", "--org", org, "--json");
+      const { requests } = JSON.parse(run.out) as { requests: { requestId: string; costNanos: string }[] };
+      return requests.length === 2 ? requests : undefined;
+    }, { timeoutMs: 15_000, what: "both requests in analytics" });
+    // Newest first.
+    expect(listed.map((r) => r.requestId)).toEqual([refusedId, servedId]);
+    expect(listed[1]?.costNanos).toBe(served.headers.get("x-gateway-cost-nanos") ?? "");
+    const lines = (await meshctl("requests", "--org", org, "--status", "rate_limited")).out.trimEnd().split("\n");
+    expect(lines[0]).toMatch(/^TIME\s+REQUEST ID\s+KEY\s+MODEL\s+ENDPOINT\s+STATUS\s+INPUT\s+OUTPUT\s+COST_NANOS\s+MS$/);
+    expect(lines).toHaveLength(2);
+    expect(lines[1]).toContain(`${refusedId}  ${created.apiKey.id}  mock   chat_completions  429 RATE_LIMITED rate_limit_exceeded`);
+    const byId = await meshctl("requests", "--org", org, "--id", servedId, "--json");
+    expect(JSON.parse(byId.out).requests.map((r: { requestId: string }) => r.requestId)).toEqual([servedId]);
+    const first = await meshctl("requests", "--org", org, "--limit", "1");
+    expect(first.out).toContain(refusedId);
+    expect(first.out).not.toContain(servedId);
+    expect(first.out).toContain("(the newest 1; more with a larger --limit)");
+    const wrong = await meshctl("requests", "--org", org, "--status", "refused");
+    expect({ code: wrong.code, err: wrong.err }).toMatchObject({ code: 2, err: expect.stringContaining("--status takes ok,") });
+  }, 60_000);
+
   test("orgs, keys, discounts and an invoice rendered as HTML", async () => {
     const created = await meshctl("orgs", "create", "<script>alert(1)</script>", "--tax-bps", "2000");
     expect(created.code).toBe(0);
