@@ -125,8 +125,10 @@ function startAzure(issued: Map<string, number>) {
         const message = "Access token is missing, invalid, audience is incorrect (https://cognitiveservices.azure.com), or have expired.";
         return Response.json({ error: { code: "401", message: `${message} Got: ${token}` } }, { status: 401 });
       }
-      if (new URL(req.url).pathname !== "/openai/deployments/dep/chat/completions") return new Response("no", { status: 404 });
-      await req.json();
+      const { pathname } = new URL(req.url);
+      const body = (await req.json()) as { model: string };
+      const v1 = pathname === "/openai/v1/chat/completions" && body.model === "dep";
+      if (pathname !== "/openai/deployments/dep/chat/completions" && !v1) return new Response("no", { status: 404 });
       return Response.json({
         id: "c1",
         object: "chat.completion",
@@ -238,6 +240,23 @@ describe("Entra ID tokens", () => {
       const output = gateway.lines.join("\n") + (await gateway.stderr);
       for (const token of entra.state.issued.keys()) expect(output).not.toContain(token);
       expect(output).not.toContain(secret);
+    } finally {
+      await gateway.stop();
+      azure.stop();
+      entra.stop();
+    }
+  }, 60_000);
+
+  test("the resource's v1 API is sent the token as its bearer too", async () => {
+    const entra = startEntra(cert, key);
+    entra.state.secret = secret;
+    const azure = startAzure(entra.state.issued);
+    const v1 = servicePrincipal(entra.url, `${azure.url}openai/v1`);
+    const gateway = await startGateway(dir, routes(v1), { AZ_SECRET: secret });
+    try {
+      const response = await gateway.chat();
+      expect(response.status, await response.clone().text()).toBe(200);
+      expect(entra.state.issued.has(azure.seen[0]!)).toBe(true);
     } finally {
       await gateway.stop();
       azure.stop();
