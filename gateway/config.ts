@@ -112,7 +112,8 @@ const azureProvider = z.strictObject({
       },
     )
     .superRefine(callableBase("https://example.openai.azure.com/")),
-  api_key_env: envName,
+  /** Variable holding the resource's key; not with `auth: entra_id`. */
+  api_key_env: envName.optional(),
   /** The api-version of deployment URLs (2024-10-21 unless set); the v1 API is sent one only when it is set. */
   api_version: z.string().min(1).optional(),
   /** As for openai: older api versions (2024-02-01) refuse stream_options. */
@@ -121,6 +122,19 @@ const azureProvider = z.strictObject({
   headers: headers.optional(),
   /** ...and the idle bound of its connections. */
   keep_alive_ms: z.number().int().min(0).max(300_000).optional(),
+  /**
+   * `entra_id`: each call carries a Microsoft Entra ID token for `scope` rather than a key, from the service principal
+   * of tenant_id, client_id and client_secret_env when they are given, else from DefaultAzureCredential (workload
+   * identity, managed identity, AZURE_CLIENT_SECRET...). `api_key` (the default) sends api_key_env's key.
+   */
+  auth: z.enum(["api_key", "entra_id"]).optional(),
+  tenant_id: z.string().regex(/^[A-Za-z0-9.-]{1,128}$/, "must be a tenant id or domain").optional(),
+  client_id: z.string().regex(/^[A-Za-z0-9-]{1,128}$/, "must be an application (client) id").optional(),
+  client_secret_env: envName.optional(),
+  /** Where Entra ID tokens come from: https://login.microsoftonline.com unless set (a national cloud's, say). */
+  authority_host: z.url({ protocol: /^https$/, error: "must be an https:// URL" }).optional(),
+  /** What tokens are asked for: https://cognitiveservices.azure.com/.default unless set. */
+  scope: z.url({ protocol: /^https$/, error: "must be an https:// URL such as https://cognitiveservices.azure.com/.default" }).optional(),
 });
 
 const mockProvider = z.strictObject({
@@ -217,6 +231,7 @@ const file = z
           message: "the OpenAI API needs a key: name the variable that holds it (such as OPENAI_API_KEY)",
         });
       }
+      if (p.kind === "azure") azureAuthIssues(p).forEach(([key, message]) => ctx.addIssue({ code: "custom", path: ["providers", i, key], message }));
     });
     const models = new Set<string>();
     cfg.models.forEach((m, i) => {
@@ -256,6 +271,27 @@ const file = z
       }
     });
   });
+
+/** What is wrong with how an azure provider authenticates, by the key at fault. */
+function azureAuthIssues(p: z.infer<typeof azureProvider>): [string, string][] {
+  const servicePrincipal = (["tenant_id", "client_id", "client_secret_env"] as const).filter((key) => p[key] !== undefined);
+  const entra = ["authority_host", "scope", ...servicePrincipal] as const;
+  if (p.auth !== "entra_id") {
+    const stray = entra.filter((key) => p[key] !== undefined);
+    if (stray.length > 0) return stray.map((key) => [key, "only with auth: entra_id"]);
+    if (p.api_key_env === undefined) {
+      return [["api_key_env", "an azure provider needs a key (name the variable that holds it) or auth: entra_id"]];
+    }
+    return [];
+  }
+  if (p.api_key_env !== undefined) {
+    return [["api_key_env", "give api_key_env or auth: entra_id, not both: Entra ID tokens replace the key"]];
+  }
+  if (servicePrincipal.length > 0 && servicePrincipal.length < 3) {
+    return [["auth", "a service principal needs tenant_id, client_id and client_secret_env together (none for DefaultAzureCredential)"]];
+  }
+  return [];
+}
 
 export type ProviderConfig = z.infer<typeof provider>;
 export type OpenAIProviderConfig = z.infer<typeof openaiProvider>;

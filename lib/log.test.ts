@@ -44,6 +44,12 @@ test("key-shaped words in messages and text fields are redacted", () => {
   expect(lines[0]).not.toContain("abcd");
 });
 
+test("a JWT (an Entra ID access token) is redacted wherever it stands", () => {
+  const jwt = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJodHRwczovL2NvZ25pdGl2ZSJ9.c2lnbmF0dXJlX3NpZ25hdHVyZQ";
+  expect(redactSecrets(`token ${jwt} has expired; "${jwt}"`)).toBe('token [redacted] has expired; "[redacted]"');
+  expect(redactSecrets("eyJ is no token, nor eyJabc.def")).toBe("eyJ is no token, nor eyJabc.def");
+});
+
 test("keys of other shapes, and known secrets of any shape, are redacted", () => {
   const text = "gsk_abcdef0123456789abcdef xai-abcdef0123456789abcdef api-key: 0123456789abcdef, api_key=hunter22hunter22";
   expect(redactSecrets(text)).toBe("[redacted] [redacted] [redacted], [redacted]");

@@ -22,6 +22,8 @@ const secretText = new RegExp(
     // xAI's and Groq's keys are long: a model or provider named xai-something is not one.
     String.raw`\b(?:xai-|gsk_)[A-Za-z0-9]{20,}`,
     String.raw`\bBearer\s+[^\s,;'"]+`,
+    // A JWT (an Entra ID access token), wherever it stands: its header, payload and signature, base64url.
+    String.raw`\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*`,
     String.raw`\bapi[-_]?key["']?\s*[:=]\s*["']?[^\s,;'"]+`,
   ].join("|"),
   "gi",

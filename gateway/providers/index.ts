@@ -1,5 +1,6 @@
 import type { ProviderConfig } from "../config.ts";
 import { ConfigError } from "../../lib/config.ts";
+import { entraTokens } from "./entra.ts";
 import { createMockProvider } from "./mock.ts";
 import { createOpenAIProvider } from "./openai.ts";
 import type { Provider } from "./provider.ts";
@@ -29,11 +30,11 @@ function sendable(key: string): boolean {
 }
 
 /**
- * One Provider per configured provider, by name. `env` supplies the upstream keys named by api_key_env; `onMissingKey`
- * hears about each that is unset (those providers fail their calls), while one fetch could never send (a `…` or a
- * zero-width space copied with it) is a ConfigError naming its variable. Every provider redacts all of those keys, the
- * credentials in every provider's configured headers, and `secrets` (the admin token), from the upstream's words it
- * passes on.
+ * One Provider per configured provider, by name. `env` supplies the upstream keys named by api_key_env and the secrets
+ * of `auth: entra_id` providers' service principals (client_secret_env); `onMissingKey` hears about each that is unset
+ * (those providers fail their calls), while a key fetch could never send (a `…` or a zero-width space copied with it)
+ * is a ConfigError naming its variable. Every provider redacts all of those keys and secrets, the credentials in every
+ * provider's configured headers, and `secrets` (the admin token), from the upstream's words it passes on.
  */
 export function createProviders(
   configs: readonly ProviderConfig[],
@@ -49,8 +50,11 @@ export function createProviders(
   // upstream quotes back is then the one redacted, and a blank variable is an unset one.
   const keyOf = (config: ProviderConfig) =>
     config.kind !== "mock" && config.api_key_env ? env[config.api_key_env]?.trim() || undefined : undefined;
+  const clientSecretOf = (config: ProviderConfig) =>
+    config.kind === "azure" && config.client_secret_env ? env[config.client_secret_env]?.trim() || undefined : undefined;
   // Longest first, so a key that holds another is redacted whole.
-  const secrets = [...new Set([...configs.map(keyOf), ...configs.flatMap(headerSecrets), ...(options.secrets ?? [])])]
+  const known = [...configs.map(keyOf), ...configs.map(clientSecretOf), ...configs.flatMap(headerSecrets), ...(options.secrets ?? [])];
+  const secrets = [...new Set(known)]
     .filter((s): s is string => s !== undefined)
     .sort((a, b) => b.length - a.length);
   const unsendable = configs.flatMap((c) => {
@@ -66,6 +70,13 @@ export function createProviders(
   for (const config of configs) {
     if (config.kind === "mock") {
       providers.set(config.name, createMockProvider(config));
+      continue;
+    }
+    if (config.kind === "azure" && config.auth === "entra_id") {
+      const clientSecret = clientSecretOf(config);
+      if (config.client_secret_env && !clientSecret) options.onMissingKey?.(config.name, config.client_secret_env);
+      const tokens = !config.client_secret_env || clientSecret ? entraTokens(config, clientSecret) : undefined;
+      providers.set(config.name, createOpenAIProvider(config, tokens, secrets, options.maxAnswerBytes));
       continue;
     }
     const apiKey = keyOf(config);

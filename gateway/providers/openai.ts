@@ -5,6 +5,7 @@ import { watchSilence } from "../../lib/silence.ts";
 import { outgoingTraceHeaders } from "../../lib/telemetry.ts";
 import { clipped } from "../../lib/text.ts";
 import { type AzureProviderConfig, azureV1Path, type OpenAIProviderConfig } from "../config.ts";
+import { tokenFailure } from "./entra.ts";
 import { responsesPrompt } from "../responses-request.ts";
 import {
   addGenerated,
@@ -47,19 +48,24 @@ import {
 /**
  * OpenAI, Azure OpenAI or any OpenAI-compatible URL through the official SDK. The SDK builds each request (URL, auth,
  * Azure's deployment path and api-version, configured headers) and its error classes describe a refusal; the gateway
- * sends it with fetch, since it owns retries and timeouts. `apiKey` is undefined when the provider's key variable is
- * unset: every call then fails as misconfigured and routing moves on. The upstream's words in its errors are passed on
- * with `secrets` (the gateway's keys and tokens, this provider's key among them) redacted, as upstreams quote the key
- * they refused.
+ * sends it with fetch, since it owns retries and timeouts. `apiKey` is the provider's key, or what gets each call its
+ * Entra ID token (`auth: entra_id`); undefined when the variable holding the key (or the service principal's secret)
+ * is unset: every call then fails as misconfigured and routing moves on. The upstream's words in its errors are passed
+ * on with `secrets` (the gateway's keys and tokens, this provider's key among them) redacted, as upstreams quote the
+ * key they refused.
  */
 export function createOpenAIProvider(
   config: OpenAIProviderConfig | AzureProviderConfig,
-  apiKey: string | undefined,
-  secrets: readonly string[] = apiKey ? [apiKey] : [],
+  apiKey: string | (() => Promise<string>) | undefined,
+  secrets: readonly string[] = typeof apiKey === "string" ? [apiKey] : [],
   maxAnswerBytes = defaultMaxAnswerBytes,
 ): Provider {
-  const missingKey = config.api_key_env !== undefined && !apiKey;
-  const redact = (text: string) => redactSecrets(text, secrets);
+  const keyVariable = config.api_key_env ?? (config.kind === "azure" ? config.client_secret_env : undefined);
+  const missingKey = keyVariable !== undefined && !apiKey;
+  const tokens = typeof apiKey === "function" ? apiKey : undefined;
+  // The tokens sent lately, redacted from the upstream's words as keys are (any JWT is, too).
+  const sentTokens: string[] = [];
+  const redact = (text: string) => redactSecrets(text, sentTokens.length > 0 ? [...sentTokens, ...secrets] : secrets);
   // Explicit values keep the SDK from reading OPENAI_* and AZURE_OPENAI_* variables behind the config's back (a gateway
   // run with the demo's OPENAI_BASE_URL set, say); the gateway logs for itself.
   const common = { organization: null, project: null, webhookSecret: null, logLevel: "off" } as const;
@@ -75,7 +81,7 @@ export function createOpenAIProvider(
           new AzureOpenAI({
             ...common,
             baseURL: `${config.base_url.replace(/\/+$/, "")}/openai`,
-            apiKey,
+            ...(tokens ? { azureADTokenProvider: tokens } : { apiKey: apiKey as string | undefined }),
             apiVersion: config.api_version ?? "2024-10-21",
           }),
           config.headers,
@@ -97,8 +103,32 @@ export function createOpenAIProvider(
     /^http:\/\//i.test(config.base_url ?? ""),
   );
   const connected = (): OpenAI => {
-    if (!client) throw new UpstreamError("misconfigured", `provider ${config.name}: ${config.api_key_env} is not set`);
+    if (!client) throw new UpstreamError("misconfigured", `provider ${config.name}: ${keyVariable} is not set`);
     return client;
+  };
+
+  /**
+   * The Entra ID token for a call, got within its time limit (a token endpoint that does not answer fails the attempt
+   * as a timeout) as `authorization`; undefined for a provider with a key, which its template carries.
+   */
+  const bearer = async (signal: AbortSignal): Promise<string | undefined> => {
+    if (!tokens) return undefined;
+    let token: string;
+    try {
+      token = await new Promise<string>((resolve, reject) => {
+        const stop = () => reject(new UpstreamError("timeout", `${config.name}: timed out waiting for an Entra ID token`));
+        if (signal.aborted) stop();
+        signal.addEventListener("abort", stop, { once: true });
+        tokens().then(resolve, reject).finally(() => signal.removeEventListener("abort", stop));
+      });
+    } catch (e) {
+      throw e instanceof UpstreamError ? e : tokenFailure(config.name, e, redact);
+    }
+    if (!sentTokens.includes(token)) {
+      sentTokens.unshift(token);
+      sentTokens.length = Math.min(sentTokens.length, 2);
+    }
+    return `Bearer ${token}`;
   };
 
   /**
@@ -150,16 +180,20 @@ export function createOpenAIProvider(
     let answering = false;
     try {
       if (signal?.aborted) abort();
+      // Got first: building a template asks for one too, which the credential then answers from its cache.
+      const authorization = await bearer(attempt.signal);
       const { url, init } = await template(path, body.model, options.timeoutMs);
       // Serialised as the SDK does its JSON bodies. A redirect is not followed: fetch would send the prompt, and the
       // configured headers but Authorization, to wherever it points, and a 301 or 302 would turn the POST into a GET.
       // Bun's own idle limit (5 minutes) is off: it would cut a model that thinks longer than that before it answers,
       // within the attempt's time limit, as a failure the upstream had not billed.
       // The attempt's span is the active one: an upstream that traces continues the request's trace from it.
-      // The template's headers are shared by every call: a copy carries this one's.
+      // The template's headers are shared by every call: a copy carries this one's, and its current Entra ID token
+      // rather than the one the template was built with.
       const traced = Object.entries(outgoingTraceHeaders());
-      const headers = traced.length === 0 ? init.headers : new Headers(init.headers);
+      const headers = traced.length === 0 && !authorization ? init.headers : new Headers(init.headers);
       for (const [name, value] of traced) (headers as Headers).set(name, value);
+      if (authorization) (headers as Headers).set("authorization", authorization);
       const response = await fetch(url, {
         ...init,
         headers,
@@ -347,14 +381,17 @@ export function createOpenAIProvider(
       // bounded by the attempt's.
       const timeout = Math.max(1, Math.ceil(options.timeoutMs));
       const limit = AbortSignal.timeout(timeout);
+      const signal = options.signal ? AbortSignal.any([options.signal, limit]) : limit;
       const how = {
-        signal: options.signal ? AbortSignal.any([options.signal, limit]) : limit,
+        signal,
         timeout,
         maxRetries: 0,
         fetchOptions: { redirect: "manual" as const },
         headers: outgoingTraceHeaders(),
       };
       try {
+        // The SDK asks for the token itself, but not within the call's time: asked first, it answers from the cache.
+        await bearer(signal);
         const call =
           action === "retrieve"
             ? sdk.responses.retrieve(id, query, how)
@@ -365,7 +402,7 @@ export function createOpenAIProvider(
         return text.trim() === "" ? {} : JSON.parse(text);
       } catch (e) {
         if (options.signal?.aborted) throw new UpstreamError("cancelled", `${config.name}: request aborted`);
-        if (limit.aborted || e instanceof APIConnectionTimeoutError) {
+        if (limit.aborted || e instanceof APIConnectionTimeoutError || (e instanceof UpstreamError && e.failure === "timeout")) {
           throw new UpstreamError("timeout", `${config.name}: timed out`);
         }
         throw upstreamError(config.name, e, redact);

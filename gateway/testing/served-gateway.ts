@@ -95,6 +95,8 @@ export async function startTestGateway(
     /** The bound on stalled streams, shared by both ports (none by default), and how long a write waits to be one. */
     maxStalledStreams?: number;
     stalledAfterMs?: number;
+    /** Where providers read their keys and secrets (none by default). */
+    env?: Record<string, string | undefined>;
   } = {},
 ) {
   const billing = createBillingFake({
@@ -110,7 +112,7 @@ export async function startTestGateway(
   const config = parseGatewayConfig(routes, "test-routes.yaml");
   const core = createGatewayCore({
     config,
-    providers: createProviders(config.providers, {}),
+    providers: createProviders(config.providers, options.env ?? {}),
     keys: createKeyAuthorizer({ billing: billing.client }),
     shipper,
     rateLimits: createRateLimiter(),
