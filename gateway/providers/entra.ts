@@ -1,11 +1,4 @@
-import {
-  AggregateAuthenticationError,
-  AuthenticationError,
-  ClientSecretCredential,
-  CredentialUnavailableError,
-  DefaultAzureCredential,
-  getBearerTokenProvider,
-} from "@azure/identity";
+import type * as Identity from "@azure/identity";
 import { clipped } from "../../lib/text.ts";
 import type { AzureProviderConfig } from "../config.ts";
 import { UpstreamError } from "./provider.ts";
@@ -15,6 +8,16 @@ export const cognitiveServicesScope = "https://cognitiveservices.azure.com/.defa
 
 /** How long a token fetch may go unanswered before calls stop waiting for it and a new one is made. */
 export const tokenFetchHungAfterMs = 15_000;
+
+/**
+ * @azure/identity, loaded by a gateway with an `auth: entra_id` provider only: imported, it takes about 50 MB more
+ * memory and a quarter of a second at start, which every other gateway is spared.
+ */
+let identity: typeof Identity | undefined;
+const loadIdentity = async () => {
+  identity ??= await import("@azure/identity");
+  return identity;
+};
 
 /**
  * An `auth: entra_id` provider's tokens: each call gets the token current then, the credential caching it and fetching
@@ -33,18 +36,24 @@ export function entraTokens(config: AzureProviderConfig, clientSecret: string | 
     // The gateway retries an attempt, or falls back, within the request's time: a token fetch is not retried behind it.
     retryOptions: { maxRetries: 0 },
   };
-  const credential =
-    config.tenant_id && config.client_id && clientSecret
-      ? new ClientSecretCredential(config.tenant_id, config.client_id, clientSecret, options)
-      : new DefaultAzureCredential(options);
+  // Loaded as the provider is made, at start, so the first call does not wait for it; a failure is each call's.
+  const loaded = loadIdentity().then((id) => ({
+    id,
+    credential:
+      config.tenant_id && config.client_id && clientSecret
+        ? new id.ClientSecretCredential(config.tenant_id, config.client_id, clientSecret, options)
+        : new id.DefaultAzureCredential(options),
+  }));
+  loaded.catch(() => {});
   const scope = config.scope ?? cognitiveServicesScope;
-  let tokens = getBearerTokenProvider(credential, scope);
+  let tokens: (() => Promise<string>) | undefined;
   // Since when calls have waited without any of them getting an answer.
   let waitingSince: number | undefined;
   return async () => {
     const now = performance.now();
-    if (waitingSince !== undefined && now - waitingSince > tokenFetchHungAfterMs) {
-      tokens = getBearerTokenProvider(credential, scope);
+    const { id, credential } = await loaded;
+    if (!tokens || (waitingSince !== undefined && now - waitingSince > tokenFetchHungAfterMs)) {
+      tokens = id.getBearerTokenProvider(credential, scope);
       waitingSince = undefined;
     }
     const own = tokens;
@@ -69,10 +78,14 @@ export function tokenFailure(provider: string, e: unknown, redact: (text: string
   // Entra ID's refusal comes as MSAL's ServerError (its status, the error code such as invalid_client) within the
   // credential's own error.
   const cause = (e as { cause?: { name?: unknown; status?: unknown } } | undefined)?.cause;
+  // Without the library loaded, no error of its own can have come.
+  const id = identity;
   const refused =
-    e instanceof CredentialUnavailableError ||
-    (e instanceof AggregateAuthenticationError && e.errors.every((inner) => inner instanceof CredentialUnavailableError)) ||
-    (e instanceof AuthenticationError && refusal(e.statusCode)) ||
+    (id !== undefined &&
+      (e instanceof id.CredentialUnavailableError ||
+        (e instanceof id.AggregateAuthenticationError &&
+          e.errors.every((inner) => inner instanceof id.CredentialUnavailableError)) ||
+        (e instanceof id.AuthenticationError && refusal(e.statusCode)))) ||
     (cause?.name === "ServerError" && refusal(cause.status));
   const words = clipped(redact((e as Error)?.message ?? String(e)).replace(/\s+/g, " "), 500);
   return new UpstreamError(refused ? "misconfigured" : "transient", `${provider}: no Entra ID token: ${words}`);
