@@ -64,6 +64,7 @@ beforeAll(async () => {
                 requests: 3n,
                 usage: { inputTokens: 30n, cachedInputTokens: 3n, outputTokens: 12n, reasoningTokens: 1n },
                 costNanos: 4_200n,
+                errors: 1n,
               },
             ],
           };
@@ -317,7 +318,9 @@ describe("meshctl against a real billing", () => {
     expect(ranged.requests).toBe("0");
 
     const fromAnalytics = await ok(`usage --org ${orgId} --source analytics`);
-    expect(fromAnalytics.split("\n")[1]).toMatch(/^\s*3\s+30\s+3\s+12\s+1\s+4200\s+0\.0000042$/);
+    // Analytics counts the requests that failed, as --json has them; billing's summary does not.
+    expect(fromAnalytics.split("\n")[0]).toMatch(/^REQUESTS\s+ERRORS\s+INPUT\s/);
+    expect(fromAnalytics.split("\n")[1]).toMatch(/^\s*3\s+1\s+30\s+3\s+12\s+1\s+4200\s+0\.0000042$/);
     const query = analyticsQueries.at(-1);
     expect(query?.orgId).toBe(orgId);
     // The org's billing period, as billing uses by default.
@@ -328,8 +331,8 @@ describe("meshctl against a real billing", () => {
     // --by groups analytics' rows (and so asks analytics), a column per dimension in the order given.
     const grouped = (await ok(`usage --org ${orgId} --by key,model`)).split("\n");
     expect(analyticsQueries.at(-1)?.groupBy).toEqual([UsageGroupBy.API_KEY, UsageGroupBy.MODEL]);
-    expect(grouped[0]).toMatch(/^KEY\s+MODEL\s+REQUESTS\s+INPUT\s/);
-    expect(grouped[1]).toMatch(/^value-of-API_KEY\s+value-of-MODEL\s+3\s+30\s+3\s+12\s+1\s+4200\s+0\.0000042$/);
+    expect(grouped[0]).toMatch(/^KEY\s+MODEL\s+REQUESTS\s+ERRORS\s+INPUT\s/);
+    expect(grouped[1]).toMatch(/^value-of-API_KEY\s+value-of-MODEL\s+3\s+1\s+30\s+3\s+12\s+1\s+4200\s+0\.0000042$/);
     const byJson = await json<{ rows: { group: string[] }[] }>(`usage --org ${orgId} --by hour`);
     expect(byJson.rows[0]?.group).toEqual(["value-of-HOUR"]);
     failsWith(await cli(`usage --org ${orgId} --by key --source billing`), 2, /--by groups analytics' rows/);
@@ -363,7 +366,7 @@ describe("meshctl against a real billing", () => {
     analyticsGroupValue = () => "";
     latencyModels = [""];
     try {
-      expect((await ok(`usage --org ${orgId} --by model`)).split("\n")[1]).toMatch(/^-\s+3\s+30\s/);
+      expect((await ok(`usage --org ${orgId} --by model`)).split("\n")[1]).toMatch(/^-\s+3\s+1\s+30\s/);
       expect((await ok(`latency --org ${orgId}`)).split("\n")[1]).toMatch(/^-\s+1\s+0\.0 \//);
       expect((await json<{ rows: { group: string[] }[] }>(`usage --org ${orgId} --by model`)).rows[0]?.group).toEqual([""]);
     } finally {
@@ -377,7 +380,7 @@ describe("meshctl against a real billing", () => {
     const orgKey = (await billing.createApiKey({ orgId, name: "reader" })).secret;
     const asOrg = { ADMIN_TOKEN: orgKey };
     const range = `--from 2026-10-01 --to 2026-11-01`;
-    expect((await ok(`usage --org ${orgId} --source analytics ${range}`, asOrg)).split("\n")[1]).toMatch(/^\s*3\s+30\s/);
+    expect((await ok(`usage --org ${orgId} --source analytics ${range}`, asOrg)).split("\n")[1]).toMatch(/^\s*3\s+1\s+30\s/);
     expect(timestampDate(analyticsQueries.at(-1)?.range?.start ?? timestampFromDate(new Date(0))).toISOString()).toBe(
       "2026-10-01T00:00:00.000Z",
     );

@@ -52,7 +52,8 @@ import {
   schemaOf,
   statusText,
   table,
-  usageTable,
+  usageRowsTable,
+  usageSummaryTable,
 } from "./meshctl/format.ts";
 import { analyticsRange, createOnce, findKey, nameService, ServiceError } from "./meshctl/services.ts";
 
@@ -268,35 +269,11 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         }
         if (source === "billing") {
           const res = await billing.getUsageSummary({ orgId, startTime: from, endTime: to });
-          print(schemaOf(res), res, () =>
-            usageTable([
-              {
-                requests: res.requests,
-                input: res.usage?.inputTokens ?? 0n,
-                cached: res.usage?.cachedInputTokens ?? 0n,
-                output: res.usage?.outputTokens ?? 0n,
-                reasoning: res.usage?.reasoningTokens ?? 0n,
-                cost: res.costNanos,
-              },
-            ]),
-          );
+          print(schemaOf(res), res, () => usageSummaryTable(res));
         } else if (source === "analytics") {
           const range = await analyticsRange(billing, orgId, from, to);
           const res = await analytics.queryUsage({ orgId, range, groupBy });
-          print(schemaOf(res), res, () =>
-            usageTable(
-              res.rows.map((r) => ({
-                group: r.group,
-                requests: r.requests,
-                input: r.usage?.inputTokens ?? 0n,
-                cached: r.usage?.cachedInputTokens ?? 0n,
-                output: r.usage?.outputTokens ?? 0n,
-                reasoning: r.usage?.reasoningTokens ?? 0n,
-                cost: r.costNanos,
-              })),
-              groupBy,
-            ),
-          );
+          print(schemaOf(res), res, () => usageRowsTable(res.rows, groupBy));
         } else {
           throw new UsageError(`--source must be billing or analytics, not "${source}"`);
         }

@@ -8,6 +8,7 @@ import {
   type RequestMetrics,
   RequestStatus,
   type UsageGroupBy,
+  type UsageRow,
 } from "../../gen/analytics/v1/analytics_pb.ts";
 import {
   type ApiKey,
@@ -21,7 +22,7 @@ import {
   type Organization,
   OrganizationState,
 } from "../../gen/billing/v1/billing_pb.ts";
-import { Endpoint } from "../../gen/common/v1/common_pb.ts";
+import { Endpoint, type TokenUsage } from "../../gen/common/v1/common_pb.ts";
 import { formatCents, formatNanosUsd } from "../../lib/money.ts";
 import { usageDimensions } from "./args.ts";
 
@@ -117,28 +118,34 @@ export function quotaText(key: ApiKey, spent: GetUsageSummaryResponse, rotatedFr
   ].join("\n");
 }
 
-interface UsageLine {
-  /** Values of the --by dimensions, in their order. */
-  group?: readonly string[];
-  requests: bigint;
-  input: bigint;
-  cached: bigint;
-  output: bigint;
-  reasoning: bigint;
-  cost: bigint;
+const usageColumns = ["INPUT", "CACHED INPUT", "OUTPUT", "REASONING", "COST_NANOS", "COST (USD)"];
+
+function usageCells(usage: TokenUsage | undefined, costNanos: bigint): string[] {
+  const tokens = [usage?.inputTokens, usage?.cachedInputTokens, usage?.outputTokens, usage?.reasoningTokens];
+  return [...tokens.map((n) => String(n ?? 0n)), String(costNanos), formatNanosUsd(costNanos)];
 }
 
-export function usageTable(lines: UsageLine[], groupBy: readonly UsageGroupBy[] = []): string {
+/** Billing's usage of an org: one total. */
+export function usageSummaryTable(summary: GetUsageSummaryResponse): string {
+  return table([
+    ["REQUESTS", ...usageColumns],
+    [String(summary.requests), ...usageCells(summary.usage, summary.costNanos)],
+  ]);
+}
+
+/** Analytics' usage rows: a column per --by dimension, in their order, and the requests that failed, as --json has. */
+export function usageRowsTable(rows: UsageRow[], groupBy: readonly UsageGroupBy[]): string {
   const dimensions = groupBy.map(
     (g) => Object.entries(usageDimensions).find(([, value]) => value === g)?.[0].toUpperCase() ?? "",
   );
   return table([
-    [...dimensions, "REQUESTS", "INPUT", "CACHED INPUT", "OUTPUT", "REASONING", "COST_NANOS", "COST (USD)"],
-    ...lines.map((l) => [
+    [...dimensions, "REQUESTS", "ERRORS", ...usageColumns],
+    ...rows.map((r) => [
       // Requests with no model (GET /v1/models) or no key: an empty first cell read as a row shifted left.
-      ...(l.group ?? []).map((value) => value || "-"),
-      ...[l.requests, l.input, l.cached, l.output, l.reasoning, l.cost].map(String),
-      formatNanosUsd(l.cost),
+      ...r.group.map((value) => value || "-"),
+      String(r.requests),
+      String(r.errors),
+      ...usageCells(r.usage, r.costNanos),
     ]),
   ]);
 }
