@@ -219,6 +219,16 @@ describe("meshctl against a real billing", () => {
     expect(stored?.name).toBe("Rtl\u202e Co\u2067");
   });
 
+  test("names wider or narrower than their characters keep the columns after them in line", async () => {
+    // Two cells a CJK character, none a Thai vowel mark (which NFC leaves apart): counted in UTF-16 units, rows shifted.
+    const names = ["日本商事株式会社", "บริษัท ไทย", "Plain Name"];
+    for (const name of names) await ok(`orgs create "${name}"`);
+    const lines = (await ok("orgs list")).split("\n");
+    const rows = [lines[0] ?? "", ...names.map((name) => lines.find((line) => line.includes(name)) ?? "")];
+    const [header = 0, ...named] = rows.map((line) => Bun.stringWidth(line.slice(0, line.search(/ (TAX|0%) /) + 1)));
+    expect(named).toEqual([header, header, header]);
+  });
+
   test("keys create prints the secret once; list, rotate and revoke", async () => {
     const out = await ok(
       `keys create --org ${orgId} --name ci --budget-usd 5 --rpm 60 --models gpt-4o,mini --expires 2030-01-01`,

@@ -284,14 +284,20 @@ function shown(text: string): string {
   return text.replace(unshowable, "\ufffd");
 }
 
-/** Left-aligned columns; numbers right-aligned. */
+/**
+ * Left-aligned columns; numbers right-aligned. Widths are the terminal's cells, not UTF-16 units: a CJK character
+ * takes two and a combining mark none, so a name of either kept every column after it out of line.
+ */
 export function table(cells: string[][]): string {
   const rows = cells.map((r) => r.map(shown));
-  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? "").length))) ?? [];
+  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => Bun.stringWidth(r[i] ?? "")))) ?? [];
   return rows
-    .map((r) =>
+    .map((r, n) =>
       r
-        .map((cell, i) => (/^-?[\d,.$]+$/.test(cell) && rows.indexOf(r) > 0 ? cell.padStart(widths[i] ?? 0) : cell.padEnd(widths[i] ?? 0)))
+        .map((cell, i) => {
+          const fill = " ".repeat((widths[i] ?? 0) - Bun.stringWidth(cell));
+          return /^-?[\d,.$]+$/.test(cell) && n > 0 ? fill + cell : cell + fill;
+        })
         .join("  ")
         .trimEnd(),
     )
