@@ -49,9 +49,12 @@ export function gatedInterceptors(interceptors: Interceptor[]) {
           resolve(answer);
         };
         // Every RPC's signal aborts once it is answered: one answered before its handler ran (its message too large or
-        // unreadable) ends its interceptors with why.
+        // unreadable) ends its interceptors with why, too late for them to change what connect writes of it.
         const answered = () => {
-          if (!handedOver) undecodableAsInvalid(ctx.signal.reason);
+          if (!handedOver) {
+            undecodableAsInvalid(ctx.signal.reason);
+            wellFormed(ctx.signal.reason);
+          }
           reject(ctx.signal.reason);
         };
         // A deadline of 0 (`grpc-timeout: 0n`) has passed before the gate runs, and an aborted signal never aborts
@@ -102,6 +105,20 @@ function undecodableAsInvalid(reason: unknown): void {
   if (!reason.rawMessage.startsWith("parse binary:")) return;
   const invalid = new ConnectError(reason.rawMessage, Code.InvalidArgument);
   Object.assign(reason, { code: invalid.code, message: invalid.message });
+}
+
+/**
+ * A failure whose message is not well-formed UTF-16 (a lone surrogate: text cut inside a character, as an echo of a
+ * client's input is, an upstream's own, or protobuf's quote of a JSON value it cannot decode) left a gRPC or gRPC-Web
+ * call unanswered until its deadline, as connect percent-encodes grpc-message with encodeURIComponent, which throws on
+ * it: such a surrogate is U+FFFD, as in UTF-8. Changed in place, as connect may already hold it.
+ */
+export function wellFormed(error: unknown): unknown {
+  if (!(error instanceof ConnectError)) return error;
+  const text = error.rawMessage.replace(/\p{Cs}/gu, "\ufffd");
+  if (text === error.rawMessage) return error;
+  const fixed = new ConnectError(text, error.code);
+  return Object.assign(error, { rawMessage: fixed.rawMessage, message: fixed.message });
 }
 
 /** A request stream whose messages fail to decode as undecodableAsInvalid says; a unary request as it is. */

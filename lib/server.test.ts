@@ -1223,4 +1223,54 @@ describe("error messages that are not well-formed UTF-16", () => {
       await server.close(0);
     }
   });
+
+  test("are answered when a JSON message fails to decode before its handler runs", async () => {
+    const server = await startOwn({
+      name: "lone-surrogates-json",
+      routes: (router) => {
+        router.service(BillingService, {
+          async listOrganizations() {
+            return {};
+          },
+        });
+      },
+    });
+    const http2 = await import("node:http2");
+    const session = http2.connect(server.url);
+    try {
+      // page_size = "\ud83d": protobuf's refusal quotes the value, half of an emoji.
+      const message = Buffer.from('{"pageSize":"\\ud83d"}');
+      const envelope = Buffer.concat([Buffer.from([0, 0, 0, 0, message.length]), message]);
+      const path = "/billing.v1.BillingService/ListOrganizations";
+      const grpc = await new Promise<string>((resolve) => {
+        const stream = session.request({ ":method": "POST", ":path": path, "content-type": "application/grpc+json", te: "trailers" });
+        const unanswered = setTimeout(() => resolve("unanswered after 10 s"), 10_000);
+        stream.on("trailers", (trailers) => {
+          clearTimeout(unanswered);
+          resolve(`${trailers["grpc-status"]} ${decodeURIComponent(String(trailers["grpc-message"]))}`);
+        });
+        stream.on("error", () => {});
+        stream.resume();
+        stream.end(envelope);
+      });
+      expect(grpc).toStartWith("3 ");
+      expect(grpc).toEndWith('"\ufffd"');
+      const post = (contentType: string, body: Uint8Array) =>
+        fetch(`${server.url}${path}`, {
+          method: "POST",
+          headers: { "content-type": contentType },
+          body,
+          signal: AbortSignal.timeout(10_000),
+        }).then((res) => res.text());
+      const web = await post("application/grpc-web+json", envelope);
+      expect(web).toContain("grpc-status: 3");
+      expect(web).toContain(encodeURIComponent('"\ufffd"'));
+      const connect = JSON.parse(await post("application/json", message)) as { code: string; message: string };
+      expect(connect.code).toBe("invalid_argument");
+      expect(connect.message).toEndWith('"\ufffd"');
+    } finally {
+      session.close();
+      await server.close(0);
+    }
+  });
 });

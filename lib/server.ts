@@ -15,7 +15,7 @@ import type { Registry } from "prom-client";
 import { Health } from "../gen/grpc/health/v1/health_pb.ts";
 import { peerAddressKey } from "./auth.ts";
 import type { CorsPolicy } from "./cors.ts";
-import { gatedInterceptors, type RequestGate, routerWithGates } from "./gates.ts";
+import { gatedInterceptors, type RequestGate, routerWithGates, wellFormed } from "./gates.ts";
 import { sendGrpcMessageAsSpecified } from "./grpc-message.ts";
 import { isGrpcWebText, transcodeGrpcWebText } from "./grpc-web-text.ts";
 import { connectionEndingKey, connectionKey, createReadinessPoller, registerHealth } from "./health.ts";
@@ -447,10 +447,8 @@ const endedWithConnection: Interceptor = (next) => async (req) => {
 };
 
 /**
- * A failure whose message is not well-formed UTF-16 (a lone surrogate: text cut inside a character, as an echo of a
- * client's input is, or an upstream's own) left a gRPC or gRPC-Web call unanswered until its deadline, as connect
- * percent-encodes grpc-message with encodeURIComponent, which throws on it: such a surrogate is U+FFFD, as in UTF-8.
- * Outermost, so that it sees the failure as every interceptor left it.
+ * A failure of a call's handler or interceptors with a message that is not well-formed (see wellFormed); one answered
+ * before its handler ran is made so at its gate. Outermost, so that it sees the failure as every interceptor left it.
  */
 const wellFormedErrors: Interceptor = (next) => async (req) => {
   try {
@@ -461,14 +459,6 @@ const wellFormedErrors: Interceptor = (next) => async (req) => {
     throw wellFormed(e);
   }
 };
-
-function wellFormed(error: unknown): unknown {
-  if (!(error instanceof ConnectError)) return error;
-  const text = error.rawMessage.replace(/\p{Cs}/gu, "\ufffd");
-  if (text === error.rawMessage) return error;
-  const fixed = new ConnectError(text, error.code);
-  return Object.assign(error, { rawMessage: fixed.rawMessage, message: fixed.message });
-}
 
 /**
  * A call whose client left while its message was still arriving fails with what reading the cut-off body made of it:

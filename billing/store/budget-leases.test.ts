@@ -488,6 +488,18 @@ test("a June lease abandoned across the boundary reserves in July through its gr
   expect(await acquire(org.id, 1000n, { now: afterGrace })).toMatchObject({ grantedNanos: 1000n });
 });
 
+test("a June lease abandoned in June's last 10 minutes reserves in July through its grace window", async () => {
+  const org = await newOrg(1000n);
+  // Expired a minute before July by Postgres's clock; its gateway's clock, up to 10 minutes ahead, called it July.
+  await acquire(org.id, 400n, { now: new Date("2026-06-30T23:58:00Z"), ttlSeconds: 60, holder: "gw-dead" });
+  const july = new Date("2026-07-01T00:02:00Z");
+  const inJuly = await acquire(org.id, 1000n, { now: july });
+  expect(inJuly.grantedNanos).toBe(600n);
+  await release(inJuly.leaseId as string, 0n, july);
+  const afterGrace = new Date(Date.parse("2026-06-30T23:59:00Z") + defaultAbandonedLeaseGraceMs + 2_000);
+  expect(await acquire(org.id, 1000n, { now: afterGrace })).toMatchObject({ grantedNanos: 1000n });
+});
+
 test("a request begun in June that spent from a July lease counts in July's budget, as its lease's grant did", async () => {
   const org = await newOrg(1000n);
   // It started a tenth of a second before July and waited for a grant, which billing made for July.
