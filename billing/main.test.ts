@@ -1,5 +1,5 @@
 import { expect, test } from "bun:test";
-import { mkdtemp, rm } from "node:fs/promises";
+import { cp, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
@@ -8,6 +8,8 @@ import { freePort, spawnService } from "../lib/processes.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { expectJsonStartFailure, spawnAsContainerInit } from "../lib/testing.ts";
 import { isAlive, postmasterPid } from "./store/embedded.ts";
+import { migrate, migrationsDir } from "./store/migrate.ts";
+import { createTestDatabase } from "./store/test-db.ts";
 
 const root = resolve(import.meta.dir, "..");
 
@@ -203,6 +205,44 @@ test("with BILLING_PORT taken it exits 1, one JSON error line naming it, its emb
     await rm(dataDir, { recursive: true, force: true });
   }
 }, 90_000);
+
+test("on a database with a migration it lacks that older billing must not write past, it exits 1 having written nothing", async () => {
+  const db = await createTestDatabase({ migrate: false });
+  const newer = await mkdtemp(join(tmpdir(), "billing-migrations-"));
+  try {
+    // What billing of a later version would have applied.
+    await cp(migrationsDir, newer, { recursive: true });
+    await writeFile(join(newer, "0999_org_extra.sql"), "-- older-writers: stop\nCREATE TABLE org_extra (id text);\n");
+    await migrate(db.pool, newer);
+    const recorded = () => db.pool.query("SELECT * FROM schema_migrations ORDER BY name").then((r) => r.rows);
+    const before = await recorded();
+    const errors = await expectJsonStartFailure(
+      [process.execPath, join(root, "billing", "main.ts")],
+      {
+        ADMIN_TOKEN: "main-test-admin-token-0123456789",
+        BILLING_PORT: String(await freePort()),
+        DATABASE_URL: db.connectionString,
+        LOG_LEVEL: "info",
+      },
+      "main-test-admin-token-0123456789",
+      root,
+    );
+    expect(errors).toEqual([
+      expect.objectContaining({
+        msg: "postgres migration failed",
+        err: expect.objectContaining({
+          message:
+            "the database has migration 0999_org_extra.sql applied, which this billing does not have and after which " +
+            "older billing must not write; run billing of a version that has it on every replica (see README, Upgrades)",
+        }),
+      }),
+    ]);
+    expect(await recorded()).toEqual(before);
+  } finally {
+    await rm(newer, { recursive: true, force: true });
+    await db.drop();
+  }
+}, 60_000);
 
 test.each(["initialising postgres cluster", "postgres started"])(
   "SIGTERM while it starts (at %p) stops its embedded postgres before it exits, as npm start's Ctrl-C does",

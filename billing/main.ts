@@ -54,8 +54,10 @@ try {
         err,
       }),
   });
-  const { applied } = await signals.unlessStopped(migrating);
+  const { applied, unknown } = await signals.unlessStopped(migrating);
   log.info("migrations applied", { applied });
+  // A rollback across migrations that let older billing write; one that does not stops the start above.
+  if (unknown.length > 0) log.warn("the database has migrations this billing does not have", { unknown });
 } catch (e) {
   // pg's errors name the host, never the password.
   log.error("postgres migration failed", { err: e });

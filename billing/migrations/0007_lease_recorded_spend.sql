@@ -1,3 +1,4 @@
+-- older-writers: stop
 -- Usage names the budget leases it was drawn from (UsageRecord.budget_charges), and RecordUsage adds each newly
 -- recorded request's charge to its lease's recorded_nanos in the same statement. A budget's committed spend in a
 -- period is then its recorded usage plus what released leases reported spent beyond the usage recorded against them,

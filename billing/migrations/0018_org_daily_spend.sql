@@ -1,3 +1,4 @@
+-- older-writers: stop
 -- An org's spend per UTC day, kept by RecordUsage in the statement that keeps usage_summaries, from exactly the same
 -- rows. An org budget's grant sums the period's days here: at most 31 rows, where summing usage_summaries read one row
 -- per key and day (165,000 on the 30th for an org of 20,000 keys, under the org's lock). Days, like the summaries,

@@ -36,6 +36,7 @@ const migrations = [
   "0017_key_concurrent_requests.sql",
   "0018_org_daily_spend.sql",
 ];
+const stoppingOlderWriters = ["0007_lease_recorded_spend.sql", "0018_org_daily_spend.sql"];
 const billingTables = [
   "api_keys",
   "budget_leases",
@@ -117,7 +118,9 @@ test("upgrades a database that already holds data from the first migration", asy
               ('lease_2', 'organization', 'org_old', 'gw', '2026-06-01', 10, 3, now(), now()),
               ('lease_3', 'organization', 'org_old', 'gw', '2026-06-01', 10, NULL, now(), NULL)`,
     );
-    expect((await migrate(pool)).applied).toEqual(migrations.slice(1));
+    expect(await migrate(pool)).toEqual({ applied: migrations.slice(1), unknown: [] });
+    const declared = await pool.query("SELECT name FROM schema_migrations WHERE stops_older_writers ORDER BY name");
+    expect(declared.rows.map((row) => row.name)).toEqual(stoppingOlderWriters);
     const { rows } = await pool.query(
       `SELECT o.max_discount_bps, u.input_cost_nanos FROM organizations o JOIN usage_records u ON u.org_id = o.id`,
     );
@@ -371,5 +374,149 @@ test("a migration waiting for a table's lock gives way to the calls queued behin
   } finally {
     await Promise.all([backup.end(), replica.end()]);
     await rm(dir, { recursive: true, force: true });
+  }
+}, 60_000);
+
+/** A migrations folder holding `names` of this code's migrations and the `extra` files given, removed after `use`. */
+async function withMigrations(names: string[], extra: Record<string, string>, use: (dir: string) => Promise<void>) {
+  const dir = await mkdtemp(join(tmpdir(), "billing-migrations-"));
+  try {
+    for (const name of names) await cp(join(migrationsDir, name), join(dir, name));
+    for (const [name, sql] of Object.entries(extra)) await writeFile(join(dir, name), sql);
+    await use(dir);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+const recordedMigrations = async (pool: pg.Pool) =>
+  (
+    await pool.query<{ name: string; checksum: string; stops_older_writers: boolean }>(
+      "SELECT name, checksum, stops_older_writers FROM schema_migrations ORDER BY name",
+    )
+  ).rows;
+const compatible = "-- Old code leaves it to its default.\nALTER TABLE organizations ADD COLUMN extra int NOT NULL DEFAULT 0;\n";
+const breaking = "-- older-writers: stop\nCREATE TABLE org_extra (org_id text PRIMARY KEY);\n";
+
+test("a fresh database records which migrations older billing must not write past", async () => {
+  const { pool } = await emptyDatabase();
+  expect(await migrate(pool)).toEqual({ applied: migrations, unknown: [] });
+  const recorded = await recordedMigrations(pool);
+  expect(recorded.filter((row) => row.stops_older_writers).map((row) => row.name)).toEqual(stoppingOlderWriters);
+}, 60_000);
+
+test("billing without a migration older billing must not write past refuses to start, writing nothing", async () => {
+  const { pool } = await emptyDatabase();
+  await migrate(pool);
+  const before = await recordedMigrations(pool);
+  // Billing from before 0018 (a rollback, an old pod restarting mid-rollout) would record usage its org days miss.
+  await withMigrations(migrations.slice(0, -1), {}, async (older) => {
+    await expect(migrate(pool, older)).rejects.toThrow(
+      "the database has migration 0018_org_daily_spend.sql applied, which this billing does not have and after " +
+        "which older billing must not write; run billing of a version that has it on every replica " +
+        "(see README, Upgrades)",
+    );
+  });
+  // One with a new migration of its own, not yet applied, applies nothing either.
+  await withMigrations(migrations.slice(0, -1), { "0019_extra.sql": compatible }, async (other) => {
+    await expect(migrate(pool, other)).rejects.toThrow(/migration 0018_org_daily_spend.sql applied/);
+  });
+  expect(await recordedMigrations(pool)).toEqual(before);
+  expect((await pool.query("SELECT to_regclass('usage_org_days') IS NOT NULL AS kept")).rows).toEqual([{ kept: true }]);
+  const extra = await pool.query("SELECT attname FROM pg_attribute WHERE attrelid = 'organizations'::regclass");
+  expect(extra.rows.map((row) => row.attname)).not.toContain("extra");
+}, 60_000);
+
+test("a rollback across migrations older billing may write past starts, and is refused once a later one may not", async () => {
+  const { pool } = await emptyDatabase();
+  await withMigrations(migrations, { "0019_extra.sql": compatible }, async (newer) => {
+    expect((await migrate(pool, newer)).applied).toEqual([...migrations, "0019_extra.sql"]);
+  });
+  // This code, one version older: it starts, and what it writes is kept.
+  expect(await migrate(pool)).toEqual({ applied: [], unknown: ["0019_extra.sql"] });
+  const store = createBillingStore(pool);
+  const org = await store.createOrganization({
+    name: "rolled back",
+    taxRateBps: 0,
+    billingDay: 1,
+    monthlyBudgetNanos: 0n,
+    maxDiscountBps: 0,
+  });
+  const recorded = await store.recordUsage([
+    {
+      requestId: "req_rolled_back",
+      orgId: org.id,
+      projectId: null,
+      apiKeyId: null,
+      model: "mock",
+      provider: "mock",
+      endpoint: "chat_completions",
+      inputTokens: 1n,
+      cachedInputTokens: 0n,
+      outputTokens: 1n,
+      reasoningTokens: 0n,
+      costNanos: 7n,
+      occurredAt: new Date("2026-03-10T12:00:00Z"),
+      costBreakdown: null,
+    },
+  ]);
+  expect(recorded.inserted).toBe(1);
+  const days = await pool.query("SELECT cost_nanos::int AS cost FROM usage_org_days WHERE org_id = $1", [org.id]);
+  expect(days.rows).toEqual([{ cost: 7 }]);
+
+  // 0020 may not be written past: code without it is refused, whether or not it has 0019; code with it starts.
+  await withMigrations(migrations, { "0019_extra.sql": compatible, "0020_org_extra.sql": breaking }, async (newest) => {
+    expect((await migrate(pool, newest)).applied).toEqual(["0020_org_extra.sql"]);
+    await expect(migrate(pool)).rejects.toThrow(/migration 0020_org_extra.sql applied/);
+    await withMigrations(migrations, { "0019_extra.sql": compatible }, async (older) => {
+      await expect(migrate(pool, older)).rejects.toThrow(/migration 0020_org_extra.sql applied/);
+    });
+    expect(await migrate(pool, newest)).toEqual({ applied: [], unknown: [] });
+  });
+}, 60_000);
+
+test("a database migrated before migrations declared older writers' stop takes the declarations of those it has", async () => {
+  const { pool } = await emptyDatabase();
+  // 0007 and 0018 as first applied, without their declaration, by billing whose schema_migrations had no flag.
+  const undeclared = Object.fromEntries(
+    await Promise.all(
+      stoppingOlderWriters.map(async (name) => [
+        name,
+        (await Bun.file(join(migrationsDir, name)).text()).replace("-- older-writers: stop\n", ""),
+      ]),
+    ),
+  );
+  await withMigrations(
+    migrations.filter((name) => !stoppingOlderWriters.includes(name)),
+    undeclared,
+    async (dir) => {
+      expect((await migrate(pool, dir)).applied).toEqual(migrations);
+    },
+  );
+  await pool.query("ALTER TABLE schema_migrations DROP COLUMN stops_older_writers");
+  // Declaring them is no change to what they did: the upgrade applies nothing and refuses nothing.
+  expect(await migrate(pool)).toEqual({ applied: [], unknown: [] });
+  const recorded = await recordedMigrations(pool);
+  expect(recorded.filter((row) => row.stops_older_writers).map((row) => row.name)).toEqual(stoppingOlderWriters);
+  await withMigrations(migrations.slice(0, -1), {}, async (older) => {
+    await expect(migrate(pool, older)).rejects.toThrow(/migration 0018_org_daily_spend.sql applied/);
+  });
+}, 60_000);
+
+test("a start with nothing to apply waits for no table a backup holds", async () => {
+  const { pool, connectionString } = await emptyDatabase();
+  await migrate(pool);
+  // pg_dump holds every table it dumps, schema_migrations among them, until it is done.
+  const backup = new pg.Client({ connectionString });
+  try {
+    await backup.connect();
+    await backup.query("BEGIN");
+    await backup.query("SELECT count(*) FROM schema_migrations");
+    const waits: number[] = [];
+    expect(await migrate(pool, migrationsDir, { lockTimeoutMs: 300, onLockWait: (attempt) => waits.push(attempt) }))
+      .toEqual({ applied: [], unknown: [] });
+    expect(waits).toEqual([]);
+  } finally {
+    await backup.end();
   }
 }, 60_000);
