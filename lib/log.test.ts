@@ -107,3 +107,14 @@ test("an outage is logged once at its level, its repeats at debug, and its end o
   expect(end.failures).toBe(3);
   expect(end.outage_ms).toBeGreaterThanOrEqual(0);
 });
+
+test("an entry stays one line for readers that also break lines at NEL and the Unicode separators", () => {
+  const lines: string[] = [];
+  const log = createLogger({ service: "t", write: (l) => lines.push(l) });
+  const text = "a\u0085b\u2028c\u2029d\u009be";
+  log.warn("upstream said", { detail: text });
+  const line = lines[0] ?? "";
+  expect(line).not.toMatch(/[\u0080-\u009f\u2028\u2029]/);
+  expect(line.split(/\r\n|[\n\v\f\r\x1c-\x1e\x85\u2028\u2029]/).filter(Boolean)).toHaveLength(1);
+  expect(JSON.parse(line).detail).toBe(text);
+});

@@ -62,6 +62,14 @@ export interface LoggerOptions {
   write?: (line: string) => void;
 }
 
+/**
+ * Characters JSON leaves unescaped that line readers other than `\n`-splitting ones take for line breaks: C1 controls
+ * (NEL, U+0085) and the line and paragraph separators. Python's str.splitlines, for one, cuts an entry holding one (an
+ * upstream's error message, a client's model name) into two lines neither of which parses.
+ */
+const lineBreaksJsonKeeps = /[\u0080-\u009f\u2028\u2029]/g;
+const escapedChar = (c: string) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`;
+
 /** A logger that writes one JSON object per line with the active trace_id and span_id. */
 export function createLogger(options: LoggerOptions, bound: LogFields = {}): Logger {
   const min = order[options.level ?? "info"];
@@ -78,7 +86,7 @@ export function createLogger(options: LoggerOptions, bound: LogFields = {}): Log
       ...redact(bound),
       ...redact(fields),
     };
-    write(`${JSON.stringify(record, jsonSafe)}\n`);
+    write(`${JSON.stringify(record, jsonSafe).replace(lineBreaksJsonKeeps, escapedChar)}\n`);
   };
   return {
     debug: (m, f) => emit("debug", m, f),
