@@ -305,7 +305,8 @@ export type IngestMetricsResponse = Message<"analytics.v1.IngestMetricsResponse"
   ackedSequence: bigint;
 
   /**
-   * Rows in the batch that were already known (resends); informational.
+   * Rows in the batch that billing already knew (resends), counted only when the batch was written on its own; 0 when
+   * it was written together with other batches, resends or not. Informational.
    *
    * @generated from field: uint32 duplicate_rows = 2;
    */
