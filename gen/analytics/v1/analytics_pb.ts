@@ -103,7 +103,8 @@ export type RequestMetrics = Message<"analytics.v1.RequestMetrics"> & {
   provider: string;
 
   /**
-   * Model name the client asked for (the gateway's public model name).
+   * Model name the client asked for (the gateway's public model name); an unknown one as sent, in NFC with control
+   * characters as U+FFFD, cut to 200 characters.
    *
    * @generated from field: string requested_model = 12;
    */
@@ -304,7 +305,8 @@ export type IngestMetricsResponse = Message<"analytics.v1.IngestMetricsResponse"
   ackedSequence: bigint;
 
   /**
-   * Rows in the batch that were already known (resends); informational.
+   * Rows in the batch that billing already knew (resends), counted only when the batch was written on its own; 0 when
+   * it was written together with other batches, resends or not. Informational.
    *
    * @generated from field: uint32 duplicate_rows = 2;
    */
@@ -871,7 +873,8 @@ export enum RequestStatus {
 
   /**
    * Refused before any upstream because a service the gateway depends on (billing, to check the key or the budget)
-   * could not answer, or because the gateway is shutting down (HTTP 503); the client may retry.
+   * could not answer, because the gateway is shutting down, or because it holds as many request bodies as it may
+   * (HTTP 503); the client may retry.
    *
    * @generated from enum value: REQUEST_STATUS_UNAVAILABLE = 9;
    */

@@ -1225,8 +1225,9 @@ export type AcquireBudgetLeaseRequest = Message<"billing.v1.AcquireBudgetLeaseRe
   scope: BudgetScope;
 
   /**
-   * org id or api key id, per scope. A key's budget and monthly tokens are also spent by the keys it was rotated from:
-   * their spend and open leases of the period count.
+   * org id or api key id, per scope: NOT_FOUND for an unknown one, FAILED_PRECONDITION for a key that is revoked or
+   * has expired. A key's budget and monthly tokens are also spent by the keys it was rotated from: their spend and open
+   * leases of the period count.
    *
    * @generated from field: string scope_id = 2;
    */
@@ -1417,7 +1418,8 @@ export type UsageRecord = Message<"billing.v1.UsageRecord"> & {
   apiKeyId: string;
 
   /**
-   * Public model name requested.
+   * Public model name requested, 0..200 characters without control characters (RequestMetrics.requested_model as the
+   * gateway meters it).
    *
    * @generated from field: string model = 5;
    */
@@ -1488,7 +1490,8 @@ export const UsageRecordSchema: GenMessage<UsageRecord> = /*@__PURE__*/
 
 /**
  * Admin (service) token only. One invalid record fails the whole batch with INVALID_ARGUMENT naming it
- * (records[i].field) and stores none of it.
+ * (records[i].field) and stores none of it; so does one naming an org, project or key billing does not know, or a
+ * project or key of another org, with NOT_FOUND naming the field and its value.
  *
  * @generated from message billing.v1.RecordUsageRequest
  */
@@ -1541,7 +1544,7 @@ export const RecordUsageResponseSchema: GenMessage<RecordUsageResponse> = /*@__P
  */
 export type GetUsageSummaryRequest = Message<"billing.v1.GetUsageSummaryRequest"> & {
   /**
-   * Required; NOT_FOUND for an unknown org. An org's API key may name only its own org.
+   * Required; NOT_FOUND for an unknown org. An org's API key may name only its own org (PERMISSION_DENIED otherwise).
    *
    * @generated from field: string org_id = 1;
    */
@@ -1624,7 +1627,7 @@ export const GetUsageSummaryResponseSchema: GenMessage<GetUsageSummaryResponse> 
  */
 export type ListUsageRecordsRequest = Message<"billing.v1.ListUsageRecordsRequest"> & {
   /**
-   * Required; NOT_FOUND for an unknown org. An org's API key may name only its own org.
+   * Required; NOT_FOUND for an unknown org. An org's API key may name only its own org (PERMISSION_DENIED otherwise).
    *
    * @generated from field: string org_id = 1;
    */
@@ -2250,7 +2253,7 @@ export const GenerateInvoiceResponseSchema: GenMessage<GenerateInvoiceResponse> 
  */
 export type ListInvoicesRequest = Message<"billing.v1.ListInvoicesRequest"> & {
   /**
-   * Required; NOT_FOUND for an unknown org. An org's API key may name only its own org.
+   * Required; NOT_FOUND for an unknown org. An org's API key may name only its own org (PERMISSION_DENIED otherwise).
    *
    * @generated from field: string org_id = 1;
    */

@@ -348,7 +348,7 @@ export type ChatCompletionParams = Message<"gateway.v1.ChatCompletionParams"> & 
   topP?: number | undefined;
 
   /**
-   * Deprecated upstream in favour of max_completion_tokens; both pass through.
+   * Deprecated upstream in favour of max_completion_tokens; both pass through. 1..2^31-1.
    *
    * @generated from field: optional int32 max_tokens = 5;
    */
@@ -384,7 +384,7 @@ export type ChatCompletionParams = Message<"gateway.v1.ChatCompletionParams"> & 
   seed?: bigint | undefined;
 
   /**
-   * End-user id, recorded in metrics as end_user_id.
+   * End-user id, up to 256 characters, recorded in metrics as end_user_id.
    *
    * @generated from field: string user = 10;
    */
@@ -412,7 +412,8 @@ export type ChatCompletionParams = Message<"gateway.v1.ChatCompletionParams"> & 
   responseFormat?: ResponseFormat | undefined;
 
   /**
-   * Free-form tags recorded with the request's metrics.
+   * Free-form tags recorded with the request's metrics: at most 16 entries, keys up to 64 characters and values up to
+   * 512 (INVALID_ARGUMENT past any of them).
    *
    * @generated from field: map<string, string> metadata = 14;
    */
@@ -747,7 +748,7 @@ export type CreateEmbeddingRequest = Message<"gateway.v1.CreateEmbeddingRequest"
   dimensions?: number | undefined;
 
   /**
-   * End-user id, recorded in metrics as end_user_id.
+   * End-user id, up to 256 characters, recorded in metrics as end_user_id.
    *
    * @generated from field: string user = 4;
    */
@@ -908,7 +909,17 @@ export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PUR
 /**
  * GatewayService offers the OpenAI-compatible API as typed RPCs. Callers authenticate with
  * the same API key as on the REST API, in the `authorization: Bearer sk-...` header.
- * Every response carries the request id in the `x-request-id` response header.
+ * Every response carries the request id in the `x-request-id` response header, errors included.
+ *
+ * An error carries the REST API's message, and OpenAI's code, type and param in the `x-error-code`, `x-error-type` and
+ * `x-error-param` metadata; its code says what the caller should do: INVALID_ARGUMENT for a request refused as it is
+ * (a field out of its range, a list too long, an upstream's refusal of the request), UNAUTHENTICATED for a missing,
+ * unknown, revoked or expired key, PERMISSION_DENIED for a model the key may not use or a suspended org, NOT_FOUND for
+ * a model the gateway does not serve, RESOURCE_EXHAUSTED for the key's rate, token and concurrency limits, its budgets
+ * and upstream rate limits (with `retry-after` metadata when waiting helps), UNAVAILABLE when every upstream failed,
+ * billing could not check the key or budget, or the gateway is overloaded or stopping, DEADLINE_EXCEEDED past the
+ * gateway's time limit or the call's own deadline. A message over the gateway's size limit is INVALID_ARGUMENT when its
+ * length is declared (Connect unary), RESOURCE_EXHAUSTED from the transport otherwise (gRPC).
  *
  * @generated from service gateway.v1.GatewayService
  */
