@@ -197,6 +197,46 @@ test("a cost breakdown is stored with the record and must add up to its cost", a
   });
 });
 
+test("a time is stored to the millisecond and summarised on its UTC day in every year 1..9999", async () => {
+  const timesOrg = await newOrg("times-org");
+  const times = [
+    "0001-01-01T00:00:00.000Z",
+    "0001-01-01T00:00:00.999Z",
+    "1969-12-31T23:59:59.999Z",
+    "1970-01-01T00:00:00.000Z",
+    "2026-03-10T23:59:59.001Z",
+    "9999-12-31T23:59:59.999Z",
+  ];
+  const records = times.map((at) => usage({ orgId: timesOrg.id, apiKeyId: null, occurredAt: new Date(at) }));
+  await store.recordUsage(records);
+  const listed = await store.listUsageRecords({
+    orgId: timesOrg.id,
+    requestId: null,
+    start: null,
+    end: null,
+    after: null,
+    limit: 10,
+  });
+  expect(listed.items.map((r) => r.occurredAt.toISOString())).toEqual(times.toReversed());
+  // To the microsecond Postgres holds: nothing rounded on the way in.
+  const stored = await db.pool.query<{ at: string }>(
+    "SELECT (occurred_at AT TIME ZONE 'UTC')::text AS at FROM usage_records WHERE org_id = $1 ORDER BY occurred_at",
+    [timesOrg.id],
+  );
+  expect(stored.rows.map((r) => r.at)).toEqual(times.map((at) => at.replace("T", " ").replace(/\.?0*Z$/, "")));
+  const { rows } = await db.pool.query<{ day: string; requests: number }>(
+    "SELECT day::text AS day, requests::int FROM usage_summaries WHERE org_id = $1 ORDER BY day",
+    [timesOrg.id],
+  );
+  expect(rows).toEqual([
+    { day: "0001-01-01", requests: 2 },
+    { day: "1969-12-31", requests: 1 },
+    { day: "1970-01-01", requests: 1 },
+    { day: "2026-03-10", requests: 1 },
+    { day: "9999-12-31", requests: 1 },
+  ]);
+});
+
 test("usage records page newest first", async () => {
   const pageOrg = await newOrg("pages-org");
   const records = [0, 1, 2, 3, 4].map((i) =>
