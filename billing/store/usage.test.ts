@@ -237,6 +237,39 @@ test("a time is stored to the millisecond and summarised on its UTC day in every
   ]);
 });
 
+test("counts and amounts past 2^53 reach Postgres unrounded, for its checks to refuse", async () => {
+  const maxInt64 = 2n ** 63n - 1n;
+  for (const overrides of [
+    { costNanos: maxInt64 },
+    { inputTokens: maxInt64 },
+    { costNanos: 1_000n, costBreakdown: { inputNanos: maxInt64, cachedInputNanos: 0n, outputNanos: 0n, reasoningNanos: 0n } },
+  ]) {
+    const refused = (await store.recordUsage([usage(overrides)]).catch((e: BillingError) => e)) as BillingError;
+    expect(refused).toBeInstanceOf(BillingError);
+    expect(refused.kind).toBe("invalid_argument");
+  }
+  // The largest the checks take are stored as sent, beside a record without a breakdown in the same batch.
+  const largest = usage({
+    inputTokens: 2n ** 31n,
+    outputTokens: 2n ** 31n,
+    costNanos: 10n ** 15n,
+    costBreakdown: { inputNanos: 10n ** 15n - 7n, cachedInputNanos: 1n, outputNanos: 2n, reasoningNanos: 4n },
+  });
+  const unitemised = usage();
+  await store.recordUsage([largest, unitemised]);
+  for (const record of [largest, unitemised]) {
+    const listed = await store.listUsageRecords({
+      orgId: org.id,
+      requestId: record.requestId,
+      start: null,
+      end: null,
+      after: null,
+      limit: 1,
+    });
+    expect(listed.items).toEqual([record]);
+  }
+});
+
 test("usage records page newest first", async () => {
   const pageOrg = await newOrg("pages-org");
   const records = [0, 1, 2, 3, 4].map((i) =>

@@ -92,15 +92,16 @@ export function createUsageStore(db: Db) {
       const seen = new Set<string>();
       const records = batch.filter((r) => !seen.has(r.requestId) && seen.add(r.requestId));
       const column = (pick: (r: UsageRecord) => string | null) => arrayLiteral(records.map(pick));
-      // Numbers need no quoting in an array literal.
-      const plain = (pick: (r: UsageRecord) => bigint | number) => `{${records.map(pick).join(",")}}`;
+      // Numbers, and NULL, need no quoting in an array literal.
+      const plain = (pick: (r: UsageRecord) => bigint | number | "NULL") => `{${records.map(pick).join(",")}}`;
+      const amounts = (pick: (r: UsageRecord) => bigint) => plain((r) => decimal(pick(r)));
       // unnest pads shorter arrays with NULLs, so a batch without breakdowns sends empty arrays.
       const itemised = records.some((r) => r.costBreakdown);
       const charges = records.flatMap((r) =>
         (r.budgetCharges ?? []).map((c) => ({ requestId: r.requestId, leaseId: c.leaseId, nanos: c.nanos })),
       );
       const part = (pick: (b: CostBreakdown) => bigint) =>
-        itemised ? column((r) => (r.costBreakdown ? pick(r.costBreakdown).toString() : null)) : "{}";
+        itemised ? plain((r) => (r.costBreakdown ? decimal(pick(r.costBreakdown)) : "NULL")) : "{}";
       const rows = await db.query<AddedRow>(
         `WITH batch AS (
            SELECT request_id, org_id, project_id, api_key_id, model, provider, endpoint, input_tokens,
@@ -176,11 +177,11 @@ export function createUsageStore(db: Db) {
           column((r) => r.model),
           column((r) => r.provider),
           column((r) => r.endpoint),
-          plain((r) => r.inputTokens),
-          plain((r) => r.cachedInputTokens),
-          plain((r) => r.outputTokens),
-          plain((r) => r.reasoningTokens),
-          plain((r) => r.costNanos),
+          amounts((r) => r.inputTokens),
+          amounts((r) => r.cachedInputTokens),
+          amounts((r) => r.outputTokens),
+          amounts((r) => r.reasoningTokens),
+          amounts((r) => r.costNanos),
           plain((r) => r.occurredAt.getTime()),
           part((b) => b.inputNanos),
           part((b) => b.cachedInputNanos),
@@ -188,7 +189,7 @@ export function createUsageStore(db: Db) {
           part((b) => b.reasoningNanos),
           arrayLiteral(charges.map((c) => c.requestId)),
           arrayLiteral(charges.map((c) => c.leaseId)),
-          `{${charges.map((c) => c.nanos).join(",")}}`,
+          `{${charges.map((c) => decimal(c.nanos)).join(",")}}`,
         ],
       );
       const inserted = rows.reduce((sum, row) => sum + row.requests, 0);
@@ -307,6 +308,15 @@ export function createUsageStore(db: Db) {
       return { orgSpentNanos, keys, snapshot };
     },
   };
+}
+
+/**
+ * A bigint as a Number where that is exact, as every count and amount the schema takes is: Numbers print in half the
+ * time. Others stay bigints, for Postgres to refuse as before.
+ */
+function decimal(value: bigint): number | bigint {
+  const number = Number(value);
+  return Number.isSafeInteger(number) ? number : value;
 }
 
 /**
