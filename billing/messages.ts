@@ -206,32 +206,30 @@ export function usageRecordFrom(
   now: Date,
   datedAhead?: (requestId: string, occurredAt: Date) => void,
 ): UsageRecord {
-  const field = (name: string) => `${at}.${name}`;
-  const requestId = id(record.requestId, field("request_id"));
-  if (!record.occurTime) throw invalid(field("occur_time"), "required");
-  let occurredAt = instant(record.occurTime, field("occur_time"));
+  const requestId = id(record.requestId, `${at}.request_id`);
+  if (!record.occurTime) throw invalid(`${at}.occur_time`, "required");
+  let occurredAt = instant(record.occurTime, `${at}.occur_time`);
   if (occurredAt.getTime() > now.getTime() + maxUsageClockSkewMs) {
     datedAhead?.(requestId, occurredAt);
     occurredAt = now;
   }
   const endpoint = endpoints[record.endpoint];
-  if (!endpoint) throw invalid(field("endpoint"), `unknown value ${record.endpoint}`);
-  const tokens = (value: bigint | undefined, name: string) =>
-    atMost(value ?? 0n, field(`usage.${name}`), MAX_TOKENS_PER_REQUEST);
-  const inputTokens = tokens(record.usage?.inputTokens, "input_tokens");
-  const cachedInputTokens = tokens(record.usage?.cachedInputTokens, "cached_input_tokens");
-  const outputTokens = tokens(record.usage?.outputTokens, "output_tokens");
-  const reasoningTokens = tokens(record.usage?.reasoningTokens, "reasoning_tokens");
-  if (cachedInputTokens > inputTokens) throw invalid(field("usage.cached_input_tokens"), "exceeds input_tokens");
-  if (reasoningTokens > outputTokens) throw invalid(field("usage.reasoning_tokens"), "exceeds output_tokens");
-  const costNanos = atMost(record.costNanos, field("cost_nanos"), MAX_COST_NANOS_PER_REQUEST);
+  if (!endpoint) throw invalid(`${at}.endpoint`, `unknown value ${record.endpoint}`);
+  const usage = record.usage;
+  const inputTokens = tokens(usage?.inputTokens, at, "input_tokens");
+  const cachedInputTokens = tokens(usage?.cachedInputTokens, at, "cached_input_tokens");
+  const outputTokens = tokens(usage?.outputTokens, at, "output_tokens");
+  const reasoningTokens = tokens(usage?.reasoningTokens, at, "reasoning_tokens");
+  if (cachedInputTokens > inputTokens) throw invalid(`${at}.usage.cached_input_tokens`, "exceeds input_tokens");
+  if (reasoningTokens > outputTokens) throw invalid(`${at}.usage.reasoning_tokens`, "exceeds output_tokens");
+  const costNanos = atMost(record.costNanos, `${at}.cost_nanos`, MAX_COST_NANOS_PER_REQUEST);
   return {
     requestId,
-    orgId: id(record.orgId, field("org_id")),
-    projectId: optionalId(record.projectId, field("project_id")),
-    apiKeyId: optionalId(record.apiKeyId, field("api_key_id")),
-    model: text(record.model, field("model"), { min: 0 }),
-    provider: text(record.provider, field("provider"), { min: 0 }),
+    orgId: id(record.orgId, `${at}.org_id`),
+    projectId: optionalId(record.projectId, `${at}.project_id`),
+    apiKeyId: optionalId(record.apiKeyId, `${at}.api_key_id`),
+    model: text(record.model, `${at}.model`, { min: 0 }),
+    provider: text(record.provider, `${at}.provider`, { min: 0 }),
     endpoint,
     inputTokens,
     cachedInputTokens,
@@ -240,19 +238,22 @@ export function usageRecordFrom(
     costNanos,
     occurredAt,
     costBreakdown: record.costBreakdown
-      ? costBreakdownFrom(record.costBreakdown, costNanos, field("cost_breakdown"))
+      ? costBreakdownFrom(record.costBreakdown, costNanos, `${at}.cost_breakdown`)
       : null,
-    budgetCharges: budgetChargesFrom(
-      record.budgetCharges,
-      costNanos,
-      inputTokens + outputTokens,
-      field("budget_charges"),
-    ),
+    budgetCharges:
+      record.budgetCharges.length === 0
+        ? noBudgetCharges
+        : budgetChargesFrom(record.budgetCharges, costNanos, inputTokens + outputTokens, `${at}.budget_charges`),
   };
+}
+
+function tokens(value: bigint | undefined, at: string, name: string): bigint {
+  return atMost(value ?? 0n, `${at}.usage.${name}`, MAX_TOKENS_PER_REQUEST);
 }
 
 /** A request draws on at most its org's and its key's budgets and its key's monthly tokens, each from a few leases. */
 const maxBudgetCharges = 12;
+const noBudgetCharges: readonly BudgetCharge[] = Object.freeze([]);
 
 /** Charges in their lease's unit: nano-USD, or tokens (a lease of monthly tokens). */
 function budgetChargesFrom(

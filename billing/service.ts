@@ -363,11 +363,9 @@ export function createBillingService({
       if (req.records.length > maxUsageBatch) throw invalid("records", `at most ${maxUsageBatch} per batch`);
       const now = clock();
       const ahead: { request_id: string; occurred_at: string }[] = [];
-      const records = req.records.map((record, i) =>
-        usageRecordFrom(record, `records[${i}]`, now, (requestId, occurredAt) =>
-          ahead.push({ request_id: requestId, occurred_at: occurredAt.toISOString() }),
-        ),
-      );
+      const datedAhead = (requestId: string, occurredAt: Date) =>
+        ahead.push({ request_id: requestId, occurred_at: occurredAt.toISOString() });
+      const records = req.records.map((record, i) => usageRecordFrom(record, `records[${i}]`, now, datedAhead));
       if (ahead.length > 0) {
         log.warn("usage dated ahead of billing's clock is recorded at billing's clock: is a gateway's clock fast?", {
           records: ahead.length,

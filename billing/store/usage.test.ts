@@ -197,6 +197,79 @@ test("a cost breakdown is stored with the record and must add up to its cost", a
   });
 });
 
+test("a time is stored to the millisecond and summarised on its UTC day in every year 1..9999", async () => {
+  const timesOrg = await newOrg("times-org");
+  const times = [
+    "0001-01-01T00:00:00.000Z",
+    "0001-01-01T00:00:00.999Z",
+    "1969-12-31T23:59:59.999Z",
+    "1970-01-01T00:00:00.000Z",
+    "2026-03-10T23:59:59.001Z",
+    "9999-12-31T23:59:59.999Z",
+  ];
+  const records = times.map((at) => usage({ orgId: timesOrg.id, apiKeyId: null, occurredAt: new Date(at) }));
+  await store.recordUsage(records);
+  const listed = await store.listUsageRecords({
+    orgId: timesOrg.id,
+    requestId: null,
+    start: null,
+    end: null,
+    after: null,
+    limit: 10,
+  });
+  expect(listed.items.map((r) => r.occurredAt.toISOString())).toEqual(times.toReversed());
+  // To the microsecond Postgres holds: nothing rounded on the way in.
+  const stored = await db.pool.query<{ at: string }>(
+    "SELECT (occurred_at AT TIME ZONE 'UTC')::text AS at FROM usage_records WHERE org_id = $1 ORDER BY occurred_at",
+    [timesOrg.id],
+  );
+  expect(stored.rows.map((r) => r.at)).toEqual(times.map((at) => at.replace("T", " ").replace(/\.?0*Z$/, "")));
+  const { rows } = await db.pool.query<{ day: string; requests: number }>(
+    "SELECT day::text AS day, requests::int FROM usage_summaries WHERE org_id = $1 ORDER BY day",
+    [timesOrg.id],
+  );
+  expect(rows).toEqual([
+    { day: "0001-01-01", requests: 2 },
+    { day: "1969-12-31", requests: 1 },
+    { day: "1970-01-01", requests: 1 },
+    { day: "2026-03-10", requests: 1 },
+    { day: "9999-12-31", requests: 1 },
+  ]);
+});
+
+test("counts and amounts past 2^53 reach Postgres unrounded, for its checks to refuse", async () => {
+  const maxInt64 = 2n ** 63n - 1n;
+  for (const overrides of [
+    { costNanos: maxInt64 },
+    { inputTokens: maxInt64 },
+    { costNanos: 1_000n, costBreakdown: { inputNanos: maxInt64, cachedInputNanos: 0n, outputNanos: 0n, reasoningNanos: 0n } },
+  ]) {
+    const refused = (await store.recordUsage([usage(overrides)]).catch((e: BillingError) => e)) as BillingError;
+    expect(refused).toBeInstanceOf(BillingError);
+    expect(refused.kind).toBe("invalid_argument");
+  }
+  // The largest the checks take are stored as sent, beside a record without a breakdown in the same batch.
+  const largest = usage({
+    inputTokens: 2n ** 31n,
+    outputTokens: 2n ** 31n,
+    costNanos: 10n ** 15n,
+    costBreakdown: { inputNanos: 10n ** 15n - 7n, cachedInputNanos: 1n, outputNanos: 2n, reasoningNanos: 4n },
+  });
+  const unitemised = usage();
+  await store.recordUsage([largest, unitemised]);
+  for (const record of [largest, unitemised]) {
+    const listed = await store.listUsageRecords({
+      orgId: org.id,
+      requestId: record.requestId,
+      start: null,
+      end: null,
+      after: null,
+      limit: 1,
+    });
+    expect(listed.items).toEqual([record]);
+  }
+});
+
 test("usage records page newest first", async () => {
   const pageOrg = await newOrg("pages-org");
   const records = [0, 1, 2, 3, 4].map((i) =>
@@ -284,6 +357,8 @@ test("array literals carry any text through Postgres unchanged", async () => {
   const text = fc.string({ unit: "grapheme", maxLength: 12 }).map((t) => t.replaceAll("\u0000", ""));
   const samples = fc.sample(fc.array(fc.option(text, { nil: null }), { maxLength: 20 }), 50);
   samples.push([`"`, "\\", `a,b`, "{x}", "NULL", "", " spaced ", null, `\\"`, "é✓𝄞"]);
+  // Without NULLs or anything to escape, as most columns are: quoted by one join.
+  samples.push(["NULL", "", " spaced ", "a,b", "{x}", "é✓𝄞"], ["x"], []);
   const { rows } = await db.pool.query<{ value: (string | null)[] }>(
     `SELECT literal::text[] AS value FROM unnest($1::text[]) WITH ORDINALITY AS s(literal, n) ORDER BY n`,
     [samples.map(arrayLiteral)],

@@ -92,22 +92,28 @@ export function createUsageStore(db: Db) {
       const seen = new Set<string>();
       const records = batch.filter((r) => !seen.has(r.requestId) && seen.add(r.requestId));
       const column = (pick: (r: UsageRecord) => string | null) => arrayLiteral(records.map(pick));
-      // Numbers and ISO timestamps need no quoting in an array literal.
-      const plain = (pick: (r: UsageRecord) => bigint | string) => `{${records.map(pick).join(",")}}`;
+      // Numbers, and NULL, need no quoting in an array literal.
+      const plain = (pick: (r: UsageRecord) => bigint | number | "NULL") => `{${records.map(pick).join(",")}}`;
+      const amounts = (pick: (r: UsageRecord) => bigint) => plain((r) => decimal(pick(r)));
       // unnest pads shorter arrays with NULLs, so a batch without breakdowns sends empty arrays.
       const itemised = records.some((r) => r.costBreakdown);
       const charges = records.flatMap((r) =>
         (r.budgetCharges ?? []).map((c) => ({ requestId: r.requestId, leaseId: c.leaseId, nanos: c.nanos })),
       );
       const part = (pick: (b: CostBreakdown) => bigint) =>
-        itemised ? column((r) => (r.costBreakdown ? pick(r.costBreakdown).toString() : null)) : "{}";
+        itemised ? plain((r) => (r.costBreakdown ? decimal(pick(r.costBreakdown)) : "NULL")) : "{}";
       const rows = await db.query<AddedRow>(
         `WITH batch AS (
-           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-             $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::timestamptz[],
+           SELECT request_id, org_id, project_id, api_key_id, model, provider, endpoint, input_tokens,
+             cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos,
+             -- Sent as milliseconds since 1970: exact in every year 1..9999, and cheaper to read than ISO text.
+             to_timestamp(occurred_ms / 1000) + occurred_ms % 1000 * interval '1 millisecond' AS occurred_at,
+             input_cost_nanos, cached_input_cost_nanos, output_cost_nanos, reasoning_cost_nanos
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+             $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[],
              $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[])
            AS r(request_id, org_id, project_id, api_key_id, model, provider, endpoint, input_tokens,
-             cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, occurred_at, input_cost_nanos,
+             cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos, occurred_ms, input_cost_nanos,
              cached_input_cost_nanos, output_cost_nanos, reasoning_cost_nanos)
          ), inserted AS (
            INSERT INTO usage_records (request_id, org_id, project_id, api_key_id, model, provider, endpoint,
@@ -171,19 +177,19 @@ export function createUsageStore(db: Db) {
           column((r) => r.model),
           column((r) => r.provider),
           column((r) => r.endpoint),
-          plain((r) => r.inputTokens),
-          plain((r) => r.cachedInputTokens),
-          plain((r) => r.outputTokens),
-          plain((r) => r.reasoningTokens),
-          plain((r) => r.costNanos),
-          plain((r) => r.occurredAt.toISOString()),
+          amounts((r) => r.inputTokens),
+          amounts((r) => r.cachedInputTokens),
+          amounts((r) => r.outputTokens),
+          amounts((r) => r.reasoningTokens),
+          amounts((r) => r.costNanos),
+          plain((r) => r.occurredAt.getTime()),
           part((b) => b.inputNanos),
           part((b) => b.cachedInputNanos),
           part((b) => b.outputNanos),
           part((b) => b.reasoningNanos),
           arrayLiteral(charges.map((c) => c.requestId)),
           arrayLiteral(charges.map((c) => c.leaseId)),
-          `{${charges.map((c) => c.nanos).join(",")}}`,
+          `{${charges.map((c) => decimal(c.nanos)).join(",")}}`,
         ],
       );
       const inserted = rows.reduce((sum, row) => sum + row.requests, 0);
@@ -305,10 +311,23 @@ export function createUsageStore(db: Db) {
 }
 
 /**
+ * A bigint as a Number where that is exact, as every count and amount the schema takes is: Numbers print in half the
+ * time. Others stay bigints, for Postgres to refuse as before.
+ */
+function decimal(value: bigint): number | bigint {
+  const number = Number(value);
+  return Number.isSafeInteger(number) ? number : value;
+}
+
+/**
  * A Postgres array literal of text values (NULL for null), quoted and escaped. Written out here because pg's generic
  * array serialiser, two regex replaces per element, was the largest cost of RecordUsage after protobuf decoding.
  */
 export function arrayLiteral(values: readonly (string | null)[]): string {
+  // Most columns (ids, models, endpoints) hold no NULL and nothing to escape: one join quotes all their values.
+  if (values.length > 0 && values.every((value) => typeof value === "string" && !needsEscape.test(value))) {
+    return `{"${values.join('","')}"}`;
+  }
   let out = "{";
   for (let i = 0; i < values.length; i++) {
     const value = values[i];
