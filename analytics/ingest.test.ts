@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { create, equals, isMessage, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { TimestampSchema, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { Registry } from "prom-client";
@@ -8,9 +8,9 @@ import {
   type IngestMetricsRequestSchema,
   type IngestMetricsResponse,
   type RequestMetrics,
-  type RequestMetricsSchema,
+  RequestMetricsSchema,
 } from "../gen/analytics/v1/analytics_pb.ts";
-import { BillingService, type UsageRecord } from "../gen/billing/v1/billing_pb.ts";
+import { BillingService, RecordUsageRequestSchema, type UsageRecord, UsageRecordSchema } from "../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createLogger, type Logger } from "../lib/log.ts";
 import { dedupToken, estimatedBytes, type IngestOptions, maxBatchRows, toUsageRecord } from "./ingest.ts";
@@ -488,6 +488,25 @@ test("usage records carry what billing needs", () => {
   expect(record.usage).toEqual(m.usage);
   expect(record.costBreakdown).toEqual(m.costBreakdown);
   expect(create(BillingService.method.recordUsage.input, { records: [record] }).records).toHaveLength(1);
+});
+
+test("a usage record is the message create() makes of its fields, with or without a row's optional ones", () => {
+  const full = sampleMetrics(new Date(now), {
+    costBreakdown: { inputNanos: 50n, cachedInputNanos: 9n, outputNanos: 30n, reasoningNanos: 10n },
+    budgetCharges: [{ leaseId: "lease_x", nanos: 99n, tokens: 170n }],
+  });
+  // A row the gateway sent with no usage, cost parts, charges or times: validation sets it aside, billing never sees it.
+  const bare = create(RequestMetricsSchema, { requestId: "01JB0000000000000000000001", orgId: "org_x" });
+  const call = (records: UsageRecord[]) => toBinary(RecordUsageRequestSchema, create(RecordUsageRequestSchema, { records }));
+  for (const m of [full, bare]) {
+    const record = toUsageRecord(m);
+    const { $typeName, ...fields } = record;
+    const made = create(UsageRecordSchema, fields);
+    expect(isMessage(record, UsageRecordSchema)).toBe(true);
+    expect(equals(UsageRecordSchema, record, made)).toBe(true);
+    expect(call([record])).toEqual(call([made]));
+    expect(record.budgetCharges).toEqual(m.budgetCharges);
+  }
 });
 
 describe("dedupToken", () => {
