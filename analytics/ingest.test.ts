@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { create, equals, isMessage, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { TimestampSchema, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { Registry } from "prom-client";
@@ -8,8 +8,9 @@ import {
   type IngestMetricsRequestSchema,
   type IngestMetricsResponse,
   type RequestMetrics,
+  RequestMetricsSchema,
 } from "../gen/analytics/v1/analytics_pb.ts";
-import { BillingService, type UsageRecord } from "../gen/billing/v1/billing_pb.ts";
+import { BillingService, RecordUsageRequestSchema, type UsageRecord, UsageRecordSchema } from "../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createLogger, type Logger } from "../lib/log.ts";
 import { dedupToken, estimatedBytes, type IngestOptions, maxBatchRows, toUsageRecord } from "./ingest.ts";
@@ -224,18 +225,30 @@ describe("IngestMetrics", () => {
   test("rows with counts out of bounds are set aside, logged and counted; the rest of their batch is stored and billed", async () => {
     const org = "org_out_of_bounds";
     const registry = new Registry();
-    const { billing, send } = setup(store, { registry });
+    const lines: string[] = [];
+    const { billing, send } = setup(store, {
+      registry,
+      log: createLogger({ service: "analytics-test", level: "error", write: (line) => lines.push(line) }),
+    });
     const usage = (tokens: bigint) => ({ inputTokens: tokens, cachedInputTokens: 0n, outputTokens: 0n, reasoningTokens: 0n });
-    const odd = [
-      { costNanos: 6n * 10n ** 18n },
-      { costNanos: 10n ** 15n + 1n },
-      { costNanos: -1n },
-      { usage: usage(2n ** 31n + 1n) },
-      { usage: usage(-5n) },
-      { totalLatencyUs: 2n ** 63n - 1n },
-      { ttftUs: -1n },
-      { gatewayOverheadUs: 86_400_000_001n },
-    ].map((fields) => sampleMetrics(new Date(now - 60_000), { orgId: org, ...fields }));
+    const cases: [MessageInitShape<typeof RequestMetricsSchema>, string][] = [
+      [{ costNanos: 6n * 10n ** 18n }, "cost_nanos must be in 0..1000000000000000"],
+      [{ costNanos: 10n ** 15n + 1n }, "cost_nanos must be in 0..1000000000000000"],
+      [{ costNanos: -1n }, "cost_nanos must be in 0..1000000000000000"],
+      [{ usage: usage(2n ** 31n + 1n) }, "usage.input_tokens must be in 0..2147483648"],
+      [{ usage: usage(-5n) }, "usage.input_tokens must be in 0..2147483648"],
+      [{ usage: { ...usage(1n), cachedInputTokens: -1n } }, "usage.cached_input_tokens must be in 0..2147483648"],
+      [{ usage: { ...usage(1n), outputTokens: 2n ** 31n + 1n } }, "usage.output_tokens must be in 0..2147483648"],
+      [{ usage: { ...usage(1n), reasoningTokens: -1n } }, "usage.reasoning_tokens must be in 0..2147483648"],
+      [{ totalLatencyUs: 2n ** 63n - 1n }, "total_latency_us must be in 0..86400000000"],
+      [{ upstreamLatencyUs: -1n }, "upstream_latency_us must be in 0..86400000000"],
+      [{ ttftUs: -1n }, "ttft_us must be in 0..86400000000"],
+      [{ gatewayOverheadUs: 86_400_000_001n }, "gateway_overhead_us must be in 0..86400000000"],
+      // The first field out of bounds is the one named.
+      [{ usage: usage(-1n), costNanos: -1n, gatewayOverheadUs: -1n }, "usage.input_tokens must be in 0..2147483648"],
+      [{ costNanos: -1n, totalLatencyUs: -1n }, "cost_nanos must be in 0..1000000000000000"],
+    ];
+    const odd = cases.map(([fields]) => sampleMetrics(new Date(now - 60_000), { orgId: org, ...fields }));
     // The largest values a row may hold are taken.
     const largest = sampleMetrics(new Date(now - 60_000), {
       orgId: org,
@@ -255,6 +268,9 @@ describe("IngestMetrics", () => {
     expect(await totals(org)).toEqual({ requests: 3n, costNanos: 10n ** 15n + 2n * 12_345n });
     const [counted] = (await registry.getSingleMetric("analytics_ingest_out_of_bounds_rows_total")?.get())?.values ?? [];
     expect(counted?.value).toBe(odd.length);
+    expect(lines.map((line) => JSON.parse(line).err.message)).toEqual(
+      cases.map(([, problem], i) => `[invalid_argument] batch 1, row ${i + 1}: ${problem}`),
+    );
     // Every outcome is there from zero, so the first failure is an increase to AnalyticsIngestFailing.
     const batches = (await registry.getSingleMetric("analytics_ingest_batches_total")?.get())?.values ?? [];
     expect(Object.fromEntries(batches.map((v) => [v.labels.outcome, v.value]))).toEqual({ acked: 1, rejected: 0, failed: 0 });
@@ -472,6 +488,25 @@ test("usage records carry what billing needs", () => {
   expect(record.usage).toEqual(m.usage);
   expect(record.costBreakdown).toEqual(m.costBreakdown);
   expect(create(BillingService.method.recordUsage.input, { records: [record] }).records).toHaveLength(1);
+});
+
+test("a usage record is the message create() makes of its fields, with or without a row's optional ones", () => {
+  const full = sampleMetrics(new Date(now), {
+    costBreakdown: { inputNanos: 50n, cachedInputNanos: 9n, outputNanos: 30n, reasoningNanos: 10n },
+    budgetCharges: [{ leaseId: "lease_x", nanos: 99n, tokens: 170n }],
+  });
+  // A row the gateway sent with no usage, cost parts, charges or times: validation sets it aside, billing never sees it.
+  const bare = create(RequestMetricsSchema, { requestId: "01JB0000000000000000000001", orgId: "org_x" });
+  const call = (records: UsageRecord[]) => toBinary(RecordUsageRequestSchema, create(RecordUsageRequestSchema, { records }));
+  for (const m of [full, bare]) {
+    const record = toUsageRecord(m);
+    const { $typeName, ...fields } = record;
+    const made = create(UsageRecordSchema, fields);
+    expect(isMessage(record, UsageRecordSchema)).toBe(true);
+    expect(equals(UsageRecordSchema, record, made)).toBe(true);
+    expect(call([record])).toEqual(call([made]));
+    expect(record.budgetCharges).toEqual(m.budgetCharges);
+  }
 });
 
 describe("dedupToken", () => {

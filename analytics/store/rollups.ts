@@ -234,14 +234,18 @@ export function createRollups(
       // Both the claim and done_until: a database rolled up before claims were written has done_until alone.
       const [row] = await driver.query<{ until: string }>(`SELECT max(done_until) AS until FROM ${tables.state} FINAL`);
       const lateBefore = Math.max(now * 1000 - lagUs / 2, row ? textMicros(row.until) : 0);
-      const marks = new Map<string, string[]>();
+      // Each org's late minutes, written as text once each: a backlog resent after an outage is late row after row.
+      const minutesByOrg = new Map<string, Set<Micros>>();
       for (const m of rows) {
         const start = micros(m.startTime);
         if (start >= lateBefore) continue;
-        const minute = microsText(floorTo(start, minuteUs)).slice(0, 19);
-        marks.set(`${m.orgId}|${minute}`, [m.orgId, minute]);
+        let minutes = minutesByOrg.get(m.orgId);
+        if (!minutes) minutesByOrg.set(m.orgId, (minutes = new Set()));
+        minutes.add(floorTo(start, minuteUs));
       }
-      return [...marks.values()];
+      return [...minutesByOrg].flatMap(([orgId, minutes]) =>
+        [...minutes].map((minute) => [orgId, microsText(minute).slice(0, 19)]),
+      );
     },
 
     /**

@@ -547,6 +547,30 @@ describe("rollups", () => {
   });
 });
 
+test("each org's late minutes are marked once, whichever of its rows and in whatever order they came", async () => {
+  const driver = createChdbDriver(testDataDir());
+  const store = await createTestStore({ driver });
+  try {
+    // Two orgs' late rows interleaved, several in each minute, one org's minutes out of order.
+    const minutes = [2, 0, 2, 1, 0, 2];
+    const rows = minutes.flatMap((m, i) => [
+      sampleMetrics(at(m * 60_000 + i * 1_000), { orgId: "org_late_a" }),
+      sampleMetrics(at(m * 60_000 + 59_999), { orgId: "org_late_b" }),
+    ]);
+    // And one row of a third org that is not late.
+    await store.insertRequests([...rows, sampleMetrics(new Date(), { orgId: "org_on_time" })], "late-marks-1");
+    const marks = await driver.query<{ org_id: string; minute: string }>(
+      `SELECT org_id, toString(minute) AS minute FROM ${store.database}.rollup_dirty ORDER BY org_id, minute`,
+    );
+    const minute = (m: number) => at(m * 60_000).toISOString().replace("T", " ").slice(0, 19);
+    expect(marks).toEqual(
+      ["org_late_a", "org_late_b"].flatMap((org_id) => [0, 1, 2].map((m) => ({ org_id, minute: minute(m) }))),
+    );
+  } finally {
+    await store.close();
+  }
+});
+
 for (const [name, makeDriver] of backends) {
   describe(`a roll-up backlog on ${name}`, () => {
     test("is rolled up in bounded chunks, each recorded, stopping between them, answers exact throughout", async () => {
