@@ -186,17 +186,19 @@ export function meteredFrame(options: FrameOptions) {
   };
 
   const stream = <T>(events: AsyncGenerator<T>): MeteredStream<T> => {
+    // Made once a stream: an async `next` made a promise and a frame more for every event.
+    const stepped = (step: IteratorResult<T>) => {
+      phase = step.done ? "done" : "yielded";
+      return step;
+    };
+    const failed = (e: unknown): never => {
+      phase = "done";
+      throw e;
+    };
     const iterator: AsyncIterableIterator<T> = {
-      async next() {
+      next() {
         phase = "running";
-        try {
-          const step = await events.next();
-          phase = step.done ? "done" : "yielded";
-          return step;
-        } catch (e) {
-          phase = "done";
-          throw e;
-        }
+        return events.next().then(stepped, failed);
       },
       async return() {
         const idle = phase === "idle";
