@@ -358,6 +358,12 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     return left > 0n ? left : 0n;
   };
 
+  /**
+   * What a reservation that must settle before `until` may draw from a lease: a lease with any is one `take` draws on.
+   * Each bigint worked out is a new number on the heap: a lease's room is worked out once where it is used.
+   */
+  const roomUntil = (lease: Lease, until: number) => (lease.expiresAt >= until ? free(lease) : 0n);
+
   /** Unreserved lease money usable by a reservation that must settle before `until`. */
   const available = (scope: Scope, until: number) => {
     let sum = 0n;
@@ -368,18 +374,21 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   /** Leases usable by a reservation that must settle before `until`, with room, roomiest first (oldest of equals). */
   const roomiest = (scope: Scope, until: number) =>
     scope.leases
-      .filter((lease) => usable(lease, until))
+      .filter((lease) => roomUntil(lease, until) > 0n)
       .sort((a, b) => (free(a) > free(b) ? -1 : free(a) < free(b) ? 1 : 0));
-
-  /** Leases usable until `until` with room: the leases `take` draws on. */
-  const usable = (lease: Lease, until: number) => lease.expiresAt >= until && free(lease) > 0n;
 
   /** The most one reservation can take from at most `count` of the scope's leases usable until `until`. */
   const takeable = (scope: Scope, until: number, count: number) => {
     // Usually a scope holds a lease or two: all of them count, and nothing need be sorted.
     let usableLeases = 0;
-    for (const lease of scope.leases) if (usable(lease, until)) usableLeases++;
-    if (usableLeases <= count) return available(scope, until);
+    let sum = 0n;
+    for (const lease of scope.leases) {
+      const room = roomUntil(lease, until);
+      if (room === 0n) continue;
+      usableLeases++;
+      sum += room;
+    }
+    if (usableLeases <= count) return sum;
     return roomiest(scope, until)
       .slice(0, count)
       .reduce((sum, lease) => sum + free(lease), 0n);
@@ -641,7 +650,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     if (closed || scope.acquiring || now() < scope.exhaustedUntil) return;
     const room = available(scope, until);
     let low = BigInt(Math.ceil(spendRate(scope, now()) * Math.min(10, horizonS / 4)));
-    if (low < lastCost * 2n) low = lastCost * 2n;
+    const twice = lastCost * 2n;
+    if (low < twice) low = twice;
     if (room >= low) return;
     // Within a request of its share of what is left: the rest is for other replicas, and for this one's requests
     // that find too little room (they ask for what they need).
@@ -657,8 +667,9 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     let drawn = 0;
     for (const lease of scope.leases) {
       if (oldestFirst >= amount) break;
-      if (!usable(lease, until)) continue;
-      oldestFirst += free(lease);
+      const room = roomUntil(lease, until);
+      if (room === 0n) continue;
+      oldestFirst += room;
       drawn++;
     }
     const order = drawn > maxPartsPerScope ? roomiest(scope, until) : scope.leases;
@@ -666,8 +677,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     let left = amount;
     for (const lease of order) {
       if (left === 0n) break;
-      if (!usable(lease, until)) continue;
-      const room = free(lease);
+      const room = roomUntil(lease, until);
+      if (room === 0n) continue;
       const part = room < left ? room : left;
       lease.reserved += part;
       lease.lastUsed = t;

@@ -10,7 +10,7 @@ import { type Call, createGatewayCore } from "./core.ts";
 import type { GatewayError } from "./errors.ts";
 import { createRestApp } from "./http/app.ts";
 import { createProviders } from "./providers/index.ts";
-import type { ChatCompletionChunk, ChunkStream } from "./providers/provider.ts";
+import { type ChatCompletionChunk, type ChunkStream, UpstreamError } from "./providers/provider.ts";
 import { createBillingFake, createRecordingShipper, createTestLogger, mockRoutes } from "./testing.ts";
 import { countTextTokens } from "./tokenizer.ts";
 
@@ -161,6 +161,43 @@ describe("streams are metered exactly once however they end", () => {
     const rows = await rowsOf(call.requestId);
     expect(rows).toHaveLength(1);
     expect(rows[0]?.status).toBe(RequestStatus.CANCELLED);
+  });
+});
+
+describe("the call's time on the upstream", () => {
+  test("counts every wait for the upstream's next chunk, the one that failed too, and none of the client's reading", async () => {
+    const call = { metrics: create(RequestMetricsSchema), upstreamMs: 0, startTick: performance.now(), startMs: Date.now(), requestId: "r" };
+    const fields = { id: "c", object: "chat.completion.chunk" as const, created: 1, model: "m" };
+    const chunks = async function* () {
+      for (const content of ["one", " two", " three"]) {
+        await Bun.sleep(40);
+        yield { ...fields, choices: [{ index: 0, delta: { content }, finish_reason: null, logprobs: null }] };
+      }
+      await Bun.sleep(40);
+      throw new UpstreamError("transient", "m: the stream broke off");
+    };
+    const stream = meterChatStream({
+      call: call as unknown as Call,
+      chunks: chunks() as ChunkStream,
+      request: { model: "m", messages: [{ role: "user", content: "x" }] },
+      price: { inputMicros: 1n, cachedInputMicros: 1n, outputMicros: 1n, reasoningMicros: 1n },
+      includeUsage: false,
+      deadline: new AbortController().signal,
+      finish() {},
+    });
+    const started = performance.now();
+    let reading = 0;
+    const read = async () => {
+      for await (const _ of stream) {
+        const held = performance.now();
+        await Bun.sleep(60);
+        reading += performance.now() - held;
+      }
+    };
+    await expect(read()).rejects.toMatchObject({ status: 502 });
+    // Four waits of 40 ms on the upstream; the client's 180 ms of reading between them are the gateway's.
+    expect(call.upstreamMs).toBeGreaterThanOrEqual(150);
+    expect(call.upstreamMs).toBeLessThanOrEqual(performance.now() - started - reading);
   });
 });
 

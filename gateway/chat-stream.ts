@@ -186,17 +186,19 @@ export function meteredFrame(options: FrameOptions) {
   };
 
   const stream = <T>(events: AsyncGenerator<T>): MeteredStream<T> => {
+    // Made once a stream: an async `next` made a promise and a frame more for every event.
+    const stepped = (step: IteratorResult<T>) => {
+      phase = step.done ? "done" : "yielded";
+      return step;
+    };
+    const failed = (e: unknown): never => {
+      phase = "done";
+      throw e;
+    };
     const iterator: AsyncIterableIterator<T> = {
-      async next() {
+      next() {
         phase = "running";
-        try {
-          const step = await events.next();
-          phase = step.done ? "done" : "yielded";
-          return step;
-        } catch (e) {
-          phase = "done";
-          throw e;
-        }
+        return events.next().then(stepped, failed);
       },
       async return() {
         const idle = phase === "idle";
@@ -219,16 +221,6 @@ export function meteredFrame(options: FrameOptions) {
     };
   };
   return { noteGenerated, count, fail, close, stream };
-}
-
-/** The upstream's next event, the wait for it counted as the call's time on the upstream. */
-export async function timedNext<T>(call: Call, upstream: AsyncIterator<T>): Promise<IteratorResult<T>> {
-  const waited = performance.now();
-  try {
-    return await upstream.next();
-  } finally {
-    call.upstreamMs += performance.now() - waited;
-  }
 }
 
 export interface MeterOptions extends StreamMetering {
@@ -311,7 +303,15 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     let counted: MeteredTokens | undefined;
     try {
       for (;;) {
-        const step = await timedNext(call, upstream);
+        // The wait for the upstream's next chunk is the call's time on the upstream. Timed here rather than by an async
+        // helper, which made a promise and a frame more for every chunk.
+        const waited = performance.now();
+        let step: IteratorResult<ChatCompletionChunk>;
+        try {
+          step = await upstream.next();
+        } finally {
+          call.upstreamMs += performance.now() - waited;
+        }
         if (step.done) break;
         const chunk = step.value;
         note(chunk);

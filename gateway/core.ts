@@ -271,8 +271,9 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   };
   /** The client's id of an audio answer `provider` made for the call's org and project. */
   const ownAudioId = (call: Call, provider: string) => {
-    const scope = idScope(call.principal as Principal);
-    return (upstreamId: string) => responseIds.wrapAudio(upstreamId, scope, provider);
+    const principal = call.principal as Principal;
+    // Scoped when there is audio to name: most answers have none.
+    return (upstreamId: string) => responseIds.wrapAudio(upstreamId, idScope(principal), provider);
   };
   const admissions = new WeakMap<Call, Admission>();
   const finished = new WeakSet<Call>();
@@ -364,7 +365,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     };
     try {
       const result = await router.run(call, route, watched, signal, stream);
-      call.lostInputTokens = await lostInput();
+      // Most calls lose no attempt: nothing to count, and nothing to wait for.
+      call.lostInputTokens = lost.length === 0 ? 0 : await lostInput();
       return result;
     } catch (e) {
       // Cut by a shutdown, it is answered at once: the count (the first loads the encoding, about a second) is made
@@ -756,15 +758,18 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     const ids = continued.get(call) ?? new Map<string, string>();
     continued.set(call, ids.set(upstreamId, clientId));
   };
-  const inClientIds =
-    (call: Call) =>
-    (e: unknown): never => {
-      const ids = continued.get(call);
-      if (ids && e instanceof UpstreamError && e.error) {
+  /** An attempt whose refusal names what the call continues in the client's words; ids are opened before any attempt. */
+  const inClientIds = <T>(call: Call, attempt: Promise<T>): Promise<T> => {
+    const ids = continued.get(call);
+    // Most calls continue nothing: their attempt goes on as it is, with no handler made for it.
+    if (!ids) return attempt;
+    return attempt.catch((e: unknown): never => {
+      if (e instanceof UpstreamError && e.error) {
         for (const [upstreamId, clientId] of ids) e.error.message = e.error.message.replaceAll(upstreamId, clientId);
       }
       throw e;
-    };
+    });
+  };
 
   /** A stored response call's failure: the upstream's 404 is the client's id not found, as the gateway's own is. */
   const storedResponseError = (call: Call, e: unknown, id: string): GatewayError => {
@@ -906,7 +911,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         call,
         route,
         price,
-        (provider, model, options) => provider.chat({ ...input.upstream, model }, options).catch(inClientIds(call)),
+        (provider, model, options) => inClientIds(call, provider.chat({ ...input.upstream, model }, options)),
         (model) => countInputTokens({ ...input.upstream, model }),
       );
       const { completion } = result;
@@ -925,7 +930,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         admission,
         (provider, model, options) => {
           request = { ...input.upstream, model };
-          return provider.streamChat(request, options).catch(inClientIds(call));
+          return inClientIds(call, provider.streamChat(request, options));
         },
         (model) => countInputTokens({ ...input.upstream, model }),
       );
@@ -963,7 +968,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         route,
         price,
         (provider, model, options) =>
-          provider.responses({ ...upstreamFor(provider.name), model }, options).catch(inClientIds(call)),
+          inClientIds(call, provider.responses({ ...upstreamFor(provider.name), model }, options)),
         (model) => countResponsesInputTokens(prompt, model),
       );
       const response = clientResponse(result.response, ownIds(call, call.metrics.provider));
@@ -981,7 +986,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         admission,
         (provider, model, options) => {
           served = model;
-          return provider.streamResponses({ ...upstreamFor(provider.name), model }, options).catch(inClientIds(call));
+          return inClientIds(call, provider.streamResponses({ ...upstreamFor(provider.name), model }, options));
         },
         (model) => countResponsesInputTokens(prompt, model),
       );

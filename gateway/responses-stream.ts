@@ -1,5 +1,5 @@
 import type { MeteredStream, StreamMetering } from "./chat-stream.ts";
-import { meteredFrame, timedNext } from "./chat-stream.ts";
+import { meteredFrame } from "./chat-stream.ts";
 import { clientGone, type GatewayError, upstreamFailed } from "./errors.ts";
 import { meteredName } from "./metering.ts";
 import {
@@ -63,7 +63,14 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
     let modelNamed = false;
     try {
       for (;;) {
-        const step = await timedNext(call, upstream);
+        // The wait for the upstream's next event is the call's time on the upstream (see meterChatStream).
+        const waited = performance.now();
+        let step: IteratorResult<ResponseEvent>;
+        try {
+          step = await upstream.next();
+        } finally {
+          call.upstreamMs += performance.now() - waited;
+        }
         if (step.done) break;
         const event = step.value;
         const response = event.response as Record<string, unknown> | undefined;

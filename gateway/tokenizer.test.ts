@@ -152,6 +152,22 @@ describe("token counts", () => {
     expect(await kept.tokens()).toBe(await countTextTokens(deltas));
   });
 
+  test("a stream's reasoning counts as its output and as its reasoning, whatever each delta holds", async () => {
+    const deltas = [
+      { reasoning_content: "Think" },
+      { reasoning_content: " twice", content: "Yes" },
+      { content: ", and" },
+      { reasoning: " again" },
+      { tool_calls: [{ function: { name: "go", arguments: "{}" } }] },
+      {},
+    ];
+    const kept = generatedText();
+    const had = deltas.map((delta) => kept.add(delta));
+    expect(had).toEqual([true, true, true, true, true, false]);
+    expect(await kept.tokens()).toBe(await countTextTokens(["Think twiceYes, and againgo{}"]));
+    expect(await kept.reasoningTokens()).toBe(await countTextTokens(["Think twice again"]));
+  });
+
   test("loading the encoding and encoding counts never hold the event loop, nor keep a process from exiting", async () => {
     // A process of its own loads the encoding afresh (on the event loop, that held it 0.5 to 1.4 s).
     const { stdout, stderr, code } = await runCommand([process.execPath, `${import.meta.dir}/testing/tokenizer-loop.ts`]);

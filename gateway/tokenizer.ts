@@ -307,26 +307,31 @@ export interface Generated {
  * streamed are counted alike.
  */
 export function addGenerated(pieces: string[], m: Generated): void {
-  const add = (text: unknown) => {
-    if (typeof text === "string" && text) pieces.push(text);
-  };
   addReasoning(pieces, m);
-  add(m.content);
-  add(m.refusal);
-  add(m.audio?.transcript);
-  for (const call of m.tool_calls ?? []) {
-    add(call.function?.name);
-    add(call.function?.arguments);
-    add(call.custom?.name);
-    add(call.custom?.input);
+  addText(pieces, m.content);
+  addText(pieces, m.refusal);
+  addText(pieces, m.audio?.transcript);
+  if (m.tool_calls != null) {
+    for (const call of m.tool_calls) {
+      addText(pieces, call.function?.name);
+      addText(pieces, call.function?.arguments);
+      addText(pieces, call.custom?.name);
+      addText(pieces, call.custom?.input);
+    }
   }
-  add(m.function_call?.name);
-  add(m.function_call?.arguments);
+  addText(pieces, m.function_call?.name);
+  addText(pieces, m.function_call?.arguments);
 }
 
 /** Adds the reasoning text of a message or a delta, which is output too, to `pieces`. */
 export function addReasoning(pieces: string[], m: Generated): void {
-  for (const text of [m.reasoning_content, m.reasoning]) if (typeof text === "string" && text) pieces.push(text);
+  addText(pieces, m.reasoning_content);
+  addText(pieces, m.reasoning);
+}
+
+// Called for every streamed delta: no closure or list is made for one.
+function addText(pieces: string[], text: unknown): void {
+  if (typeof text === "string" && text) pieces.push(text);
 }
 
 /**
@@ -350,10 +355,12 @@ export async function countTextTokens(pieces: readonly string[], model?: string,
 export function generatedText(model?: string) {
   const output = keptText(model);
   const reasoning = keptText(model);
+  // One list for the pieces of every delta: each add takes what it keeps of them.
+  const pieces: string[] = [];
   return {
     /** Adds a delta's generated text, of its choice; whether it had any. */
     add(m: Generated, choice = 0): boolean {
-      const pieces: string[] = [];
+      pieces.length = 0;
       addGenerated(pieces, m);
       output.add(pieces, choice);
       pieces.length = 0;

@@ -70,6 +70,18 @@ export function eachStep<T>(
  * handler's stream does after the handler returned (its spans, its logs) belongs to the request's span.
  */
 export function inContext<T>(messages: AsyncIterable<T>, ctx: Context): AsyncIterable<T> {
-  const inside = (move: Move<T>) => context.with(ctx, move);
-  return eachStep(messages, inside, inside);
+  return {
+    [Symbol.asyncIterator]() {
+      const it = messages[Symbol.asyncIterator]();
+      // Made once a stream, not once a step (a closure and a list of arguments each, for every message it carries).
+      const next = (...args: [] | [unknown]) => it.next(...args);
+      const fail = (e?: unknown) => (it.throw ? it.throw(e) : Promise.reject(e));
+      const end = (value?: unknown) => it.return?.(value) ?? Promise.resolve({ done: true as const, value: value as T });
+      return {
+        next: (...args: [] | [unknown]) => context.with(ctx, next, undefined, ...args),
+        throw: (e?: unknown) => context.with(ctx, fail, undefined, e),
+        return: (value?: unknown) => context.with(ctx, end, undefined, value),
+      };
+    },
+  };
 }
