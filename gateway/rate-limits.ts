@@ -99,6 +99,8 @@ interface Window {
 }
 
 const noTicket: RateTicket = { state: undefined, settle() {}, release: () => undefined };
+// What frees the slot of a request whose key has no concurrent request limit: nothing.
+const unoccupied = () => {};
 // Any positive amount: the ms until it has expired is the ms until the oldest usage leaves the window.
 const oldest = Number.MIN_VALUE;
 // The Retry-After of a TPM refusal that requests still running might make room for by ending.
@@ -133,7 +135,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
    * limits as they stand); returns what frees it, once however often it is called.
    */
   const occupy = (keyId: string, max: number, headers: () => Record<string, string>): (() => void) => {
-    if (max <= 0) return () => {};
+    if (max <= 0) return unoccupied;
     const running = inFlight.get(keyId) ?? 0;
     if (running >= max) {
       throw rateLimited(
@@ -198,36 +200,40 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     w.running[slot] = (w.running[slot] as number) + running;
   };
 
-  /** Sum over the window, and the ms until `excess` of it has expired (oldest buckets first). */
-  const usage = (values: Float64Array, w: Window, second: number, excess: number, t: number) => {
-    let total = 0;
+  /** Sum over the window. */
+  const total = (values: Float64Array, w: Window, second: number) => {
+    let sum = 0;
     for (let i = 0; i < windowSeconds; i++) {
-      if ((w.seconds[i] as number) > second - windowSeconds) total += values[i] as number;
+      if ((w.seconds[i] as number) > second - windowSeconds) sum += values[i] as number;
     }
-    let waitMs = 0;
-    if (excess > 0) {
-      let freed = 0;
-      for (let s = second - windowSeconds + 1; s <= second; s++) {
-        const slot = s % windowSeconds;
-        if (w.seconds[slot] === s) freed += values[slot] as number;
-        if (freed >= excess) {
-          waitMs = (s + windowSeconds) * 1000 - t;
-          break;
-        }
-      }
-    }
-    return { total, waitMs };
+    return sum;
   };
+
+  /** The ms until `excess` of the window has expired (oldest buckets first). */
+  const expiryMs = (values: Float64Array, w: Window, second: number, excess: number, t: number) => {
+    if (excess <= 0) return 0;
+    let freed = 0;
+    for (let s = second - windowSeconds + 1; s <= second; s++) {
+      const slot = s % windowSeconds;
+      if (w.seconds[slot] === s) freed += values[slot] as number;
+      if (freed >= excess) return (s + windowSeconds) * 1000 - t;
+    }
+    return 0;
+  };
+
+  const limitState = (max: number, values: Float64Array, w: Window, second: number, t: number): LimitState => ({
+    limit: max,
+    remaining: Math.max(0, max - total(values, w, second)),
+    resetMs: expiryMs(values, w, second, oldest, t),
+  });
 
   /** Where a key's limits stand at `t`. */
   const stateOf = (w: Window, rpm: number, tpm: number, t: number): RateState => {
     const second = Math.floor(t / 1000);
-    const limit = (max: number, values: Float64Array): LimitState => ({
-      limit: max,
-      remaining: Math.max(0, max - usage(values, w, second, 0, t).total),
-      resetMs: usage(values, w, second, oldest, t).waitMs,
-    });
-    return { ...(rpm > 0 && { requests: limit(rpm, w.requests) }), ...(tpm > 0 && { tokens: limit(tpm, w.tokens) }) };
+    const state: RateState = {};
+    if (rpm > 0) state.requests = limitState(rpm, w.requests, w, second, t);
+    if (tpm > 0) state.tokens = limitState(tpm, w.tokens, w, second, t);
+    return state;
   };
 
   return {
@@ -243,14 +249,14 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       const t = now();
       const second = Math.floor(t / 1000);
       const w = windowOf(keyId, second);
-      const requests = rpm > 0 ? usage(w.requests, w, second, 0, t).total : 0;
+      const requests = rpm > 0 ? total(w.requests, w, second) : 0;
       let estimate = tpm > 0 ? Math.max(0, Math.ceil(estimatedTokens)) : 0;
-      const tokens = tpm > 0 ? usage(w.tokens, w, second, 0, t).total : 0;
-      const running = tpm > 0 ? usage(w.running, w, second, 0, t).total : 0;
+      const tokens = tpm > 0 ? total(w.tokens, w, second) : 0;
+      const running = tpm > 0 ? total(w.running, w, second) : 0;
       /** The key's limits as they stand now: after this request was counted, or at its refusal. */
       const state = () => stateOf(w, rpm, tpm, t);
       if (rpm > 0 && requests + 1 > rpm) {
-        const { waitMs } = usage(w.requests, w, second, requests + 1 - rpm, t);
+        const waitMs = expiryMs(w.requests, w, second, requests + 1 - rpm, t);
         throw rateLimited(
           "requests",
           `Rate limit reached for requests per minute (RPM): limit ${rpm}, used ${requests}. Retry in ${Math.ceil(waitMs / 1000)}s.`,
@@ -266,7 +272,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       }
       if (tpm > 0 && tokens > 0 && tokens + estimate > tpm) {
         // Room for this request once enough has expired; all of it when it alone exceeds the limit.
-        let { waitMs } = usage(w.tokens, w, second, Math.min(tokens, tokens + estimate - tpm), t);
+        let waitMs = expiryMs(w.tokens, w, second, Math.min(tokens, tokens + estimate - tpm), t);
         // Running requests hold their whole estimate and usually use less: when one ends the room may be there.
         const soon = running > 0 && tokens - running + estimate <= tpm;
         if (soon) waitMs = Math.min(waitMs, runningRetryS * 1000);
@@ -279,7 +285,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         );
       }
       // Checked once the per-minute limits have room, so that a refusal's Retry-After is the wait that matters.
-      const free = occupy(keyId, maxConcurrent, () => rateLimitHeaders(state()));
+      const free = maxConcurrent > 0 ? occupy(keyId, maxConcurrent, () => rateLimitHeaders(state())) : unoccupied;
       add(w, second, 1, estimate, estimate);
       const admitted = state();
       let settled = false;
@@ -337,16 +343,24 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
  */
 export function rateLimitHeaders(state: RateState): Record<string, string> {
   const headers: Record<string, string> = {};
-  for (const [name, limit] of [
-    ["requests", state.requests],
-    ["tokens", state.tokens],
-  ] as const) {
-    if (!limit) continue;
-    headers[`x-ratelimit-limit-${name}`] = String(limit.limit);
-    headers[`x-ratelimit-remaining-${name}`] = String(limit.remaining);
-    headers[`x-ratelimit-reset-${name}`] = duration(limit.resetMs);
-  }
+  addLimitHeaders(headers, requestLimitHeaders, state.requests);
+  addLimitHeaders(headers, tokenLimitHeaders, state.tokens);
   return headers;
+}
+
+// Written for every request a limited key makes: the names are made once.
+const requestLimitHeaders = ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"] as const;
+const tokenLimitHeaders = ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"] as const;
+
+function addLimitHeaders(
+  headers: Record<string, string>,
+  names: readonly [limit: string, remaining: string, reset: string],
+  limit: LimitState | undefined,
+): void {
+  if (!limit) return;
+  headers[names[0]] = String(limit.limit);
+  headers[names[1]] = String(limit.remaining);
+  headers[names[2]] = duration(limit.resetMs);
 }
 
 /** A duration as OpenAI writes it: "250ms", "12s", "1m0s". */
