@@ -8,6 +8,7 @@ import { type RequestMetrics, RequestMetricsSchema, RequestStatus } from "../gen
 import { BudgetChargeSchema, Endpoint } from "../gen/common/v1/common_pb.ts";
 import type { Logger } from "../lib/log.ts";
 import { createWaiters, unlessAborted } from "../lib/waiters.ts";
+import { createTalliedCounter } from "../lib/metrics.ts";
 import { withChildSpan } from "../lib/telemetry.ts";
 import { dearestPrice, type Price, type Tokens } from "../lib/money.ts";
 import type { KeyAuthorizer, Principal } from "./auth.ts";
@@ -1083,7 +1084,7 @@ function createInstruments(registry: Registry) {
   // token past the last finite bucket would read as that bucket's bound in every quantile.
   const latencyBuckets = [0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600];
   return {
-    requests: new Counter({
+    requests: createTalliedCounter({
       name: "gateway_requests_total",
       help: "Finished API requests by endpoint, requested model, serving provider, outcome and HTTP status.",
       labelNames: ["endpoint", "model", "provider", "status", "code"] as const,
@@ -1118,7 +1119,7 @@ function createInstruments(registry: Registry) {
       buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
       registers: [registry],
     }),
-    tokens: new Counter({
+    tokens: createTalliedCounter({
       name: "gateway_tokens_total",
       help: "Tokens metered, by requested model and type (input includes cached input, output includes reasoning).",
       labelNames: ["model", "type"] as const,
