@@ -175,10 +175,14 @@ export function clientEvent<T extends object>(event: T, ids: ClientIds): T {
  * (`delta.audio.id`), in place: each choice gets an audio object of its own.
  */
 export function clientAudio(choices: readonly object[], audioId: (upstreamId: string) => string): void {
+  // Called for every streamed chunk: each choice's message and delta are looked at without a list made for them.
   for (const choice of choices as { message?: unknown; delta?: unknown }[]) {
-    for (const said of [choice.message, choice.delta]) {
-      if (!isObject(said) || !isObject(said.audio) || typeof said.audio.id !== "string") continue;
-      said.audio = { ...said.audio, id: audioId(said.audio.id) };
-    }
+    withClientAudio(choice.message, audioId);
+    withClientAudio(choice.delta, audioId);
   }
+}
+
+function withClientAudio(said: unknown, audioId: (upstreamId: string) => string): void {
+  if (!isObject(said) || !isObject(said.audio) || typeof said.audio.id !== "string") return;
+  said.audio = { ...said.audio, id: audioId(said.audio.id) };
 }

@@ -93,6 +93,7 @@ export interface FetchHooks {
   body?: BodyHold;
 }
 
+const serverSpan = { kind: SpanKind.SERVER };
 const modelsPrefix = "/v1/models/";
 const responsesPrefix = "/v1/responses/";
 const json = "application/json";
@@ -114,21 +115,23 @@ export function createRestApp(options: RestAppOptions): RestApp {
   const allModels = JSON.stringify({ object: "list", data: core.routes.map(renderModel) });
 
   // Named and described as OpenTelemetry's HTTP conventions have it: the route a request matched, `{model}` for a name.
+  // Described once it is known to be recorded (no sampler of the gateway's reads them): a span nobody records (no
+  // exporter, or not sampled) would have its attributes copied and checked for nothing, on every request.
   const traced = (route: string, request: RestRequest, handler: (span: Span) => Promise<RestResponse>) =>
     tracer.startActiveSpan(
       `${request.method} ${route}`,
-      {
-        kind: SpanKind.SERVER,
-        attributes: {
-          "http.request.method": request.method,
-          "http.route": route,
-          "url.path": request.path,
-          // The gateway serves plain HTTP; TLS ends before it.
-          "url.scheme": "http",
-        },
-      },
+      serverSpan,
       propagation.extract(context.active(), request.headers, traceHeaders),
       async (span) => {
+        if (span.isRecording()) {
+          span.setAttributes({
+            "http.request.method": request.method,
+            "http.route": route,
+            "url.path": request.path,
+            // The gateway serves plain HTTP; TLS ends before it.
+            "url.scheme": "http",
+          });
+        }
         let response: RestResponse | undefined;
         try {
           response = await handler(span);
