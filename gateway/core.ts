@@ -289,17 +289,25 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const awaitingCount = new Map<Call, GatewayError | undefined>();
   const allFinished = createWaiters();
 
+  const admitted = (call: Call, principal: Principal) => {
+    call.principal = principal;
+    const m = call.metrics;
+    m.orgId = principal.orgId;
+    m.projectId = principal.projectId;
+    m.apiKeyId = principal.apiKeyId;
+    return principal;
+  };
+
+  /** A key checked lately is answered from the cache at once; billing is asked otherwise, or for a client that left. */
+  const checkKey = (call: Call): Principal | Promise<Principal> =>
+    (call.signal?.aborted ? undefined : keys.cached(call.secret)) ?? keys.authorize(call.secret);
+
   const authorize = async (call: Call) => {
     // Checked once a call: an RPC's key is checked before its message is read, then again by its handler.
     if (call.principal) return call.principal;
-    const checking = withChildSpan("gateway.authorize_key", {}, () => keys.authorize(call.secret)).then((principal) => {
-      call.principal = principal;
-      const m = call.metrics;
-      m.orgId = principal.orgId;
-      m.projectId = principal.projectId;
-      m.apiKeyId = principal.apiKeyId;
-      return principal;
-    });
+    const checked = withChildSpan("gateway.authorize_key", {}, () => checkKey(call));
+    if (!(checked instanceof Promise)) return admitted(call, checked);
+    const checking = checked.then((principal) => admitted(call, principal));
     // A call that ends while billing checks the key (the client left, the gateway cut it) is answered at once, and
     // metered under its key's org once billing has answered (see finish).
     keyChecks.set(call, checking);
