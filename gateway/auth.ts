@@ -36,6 +36,11 @@ export interface Principal {
 export interface KeyAuthorizer {
   /** The principal of a presented secret, or a 401/403/503 GatewayError. */
   authorize(secret: string | undefined): Promise<Principal>;
+  /**
+   * As authorize, at once, when the cache can answer (a key checked lately): its principal, or its refusal thrown.
+   * Undefined when billing must be asked, which authorize does.
+   */
+  cached(secret: string | undefined): Principal | undefined;
   /** Drops a cached key by the SHA-256 hex of its secret (revocations, limit changes). */
   forget(secretHash: string): void;
   /** Drops every cached key of an org, and the refusals of its keys while it was suspended (its settings changed). */
@@ -251,41 +256,56 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     return principal;
   };
 
+  const presented = (secret: string | undefined): string => {
+    if (!secret) {
+      throw unauthorized("You didn't provide an API key: send `Authorization: Bearer <key>`.", "missing_api_key");
+    }
+    return secret;
+  };
+
+  /** The principal of a key the cache holds, or its refusal thrown; undefined when billing must be asked. */
+  const fromCache = (hash: string, secret: string): Principal | undefined => {
+    const t = now();
+    const entry = cache.get(hash);
+    if (!entry) return undefined;
+    const age = t - entry.loadedAt;
+    const ttl = ttlOf(entry);
+    if (age < ttl) {
+      if (age >= ttl * 0.8 && entry.principal && !loading.has(hash)) {
+        // A failed refresh keeps the entry until it expires.
+        load(hash, secret).catch(() => {});
+      }
+      hits?.inc();
+      return admit(entry, t);
+    }
+    if (staleEntry(hash, t)) {
+      hits?.inc();
+      return admitStale(hash, secret, entry, t);
+    }
+    return undefined;
+  };
+
   return {
+    cached(secret) {
+      const key = presented(secret);
+      return fromCache(sha256Hex(key), key);
+    },
     async authorize(secret) {
-      if (!secret) {
-        throw unauthorized("You didn't provide an API key: send `Authorization: Bearer <key>`.", "missing_api_key");
-      }
-      const hash = sha256Hex(secret);
-      const t = now();
-      const entry = cache.get(hash);
-      if (entry) {
-        const age = t - entry.loadedAt;
-        const ttl = ttlOf(entry);
-        if (age < ttl) {
-          if (age >= ttl * 0.8 && entry.principal && !loading.has(hash)) {
-            // A failed refresh keeps the entry until it expires.
-            load(hash, secret).catch(() => {});
-          }
-          hits?.inc();
-          return admit(entry, t);
-        }
-        if (staleEntry(hash, t)) {
-          hits?.inc();
-          return admitStale(hash, secret, entry, t);
-        }
-      }
+      const key = presented(secret);
+      const hash = sha256Hex(key);
+      const cached = fromCache(hash, key);
+      if (cached) return cached;
       misses?.inc();
       let loaded: Entry;
       try {
-        loaded = await load(hash, secret);
+        loaded = await load(hash, key);
       } catch (e) {
         const t = now();
         const kept = staleEntry(hash, t);
         if (!kept) throw e;
         // Billing was just asked.
         kept.retryAt = t + fallbackTtlMs;
-        return admitStale(hash, secret, kept, t);
+        return admitStale(hash, key, kept, t);
       }
       return admit(loaded, now());
     },

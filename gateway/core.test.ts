@@ -59,3 +59,58 @@ test("a request held up by a slow key check has its overhead in a finite bucket,
   expect(finite.find((b) => b.count === 1)?.le).toBeGreaterThanOrEqual(0.5);
   expect(Math.max(...finite.map((b) => b.le))).toBeGreaterThanOrEqual(2);
 });
+
+test("a key in the cache is answered at once; a client gone before its key is checked is told so, metered under its org", async () => {
+  const { core, billing, shipper } = createTestCore();
+  const body = { model: "mock", messages: [{ role: "user", content: "hello" }] };
+  const first = core.begin(Endpoint.CHAT_COMPLETIONS, "sk-good");
+  await core.handle(first, () => core.chat(first, body));
+  const asked = billing.calls();
+
+  const cached = core.begin(Endpoint.CHAT_COMPLETIONS, "sk-good");
+  const checking = core.authorize(cached);
+  // Known before anything is awaited.
+  expect(cached.principal?.orgId).toBe("org_1");
+  expect(await checking).toBe(cached.principal as NonNullable<typeof cached.principal>);
+  expect(billing.calls()).toBe(asked);
+
+  const gone = new AbortController();
+  gone.abort();
+  const left = core.begin(Endpoint.CHAT_COMPLETIONS, "sk-good", gone.signal);
+  const refused = await core.handle(left, () => core.chat(left, body)).catch((e: unknown) => e);
+  expect(refused).toMatchObject({ status: 499, code: "client_closed_request" });
+  for (let i = 0; i < 100 && !shipper.rows.some((m) => m.requestId === left.requestId); i++) await Bun.sleep(5);
+  expect(shipper.rows.filter((m) => m.requestId === left.requestId)).toEqual([
+    expect.objectContaining({ orgId: "org_1", apiKeyId: "key_good", status: RequestStatus.CANCELLED, httpStatus: 499 }),
+  ]);
+  expect(billing.calls()).toBe(asked);
+});
+
+test("a request's metrics are counted under its endpoint, model, provider and outcome, whole or streamed", async () => {
+  const registry = new Registry();
+  const { core } = createTestCore({ registry });
+  const body = { model: "mock", messages: [{ role: "user", content: "hello there" }] };
+  const whole = core.begin(Endpoint.CHAT_COMPLETIONS, "sk-good");
+  await core.handle(whole, () => core.chat(whole, body));
+  const streamed = core.begin(Endpoint.CHAT_COMPLETIONS, "sk-good");
+  const stream = await core.handle(streamed, () => core.chatStream(streamed, { ...body, stream: true }));
+  for await (const _ of stream);
+  const refused = core.begin(Endpoint.CHAT_COMPLETIONS, "sk-good");
+  await core.handle(refused, () => core.chat(refused, { ...body, model: "nope" })).catch(() => {});
+  const text = await registry.metrics();
+  const series = (name: string) => text.split("\n").filter((line) => line.startsWith(`${name}{`) || line.startsWith(`${name} `));
+  expect(series("gateway_requests_total")).toEqual([
+    'gateway_requests_total{endpoint="chat_completions",model="mock",provider="mock",status="ok",code="200"} 2',
+    'gateway_requests_total{endpoint="chat_completions",model="unknown",provider="",status="invalid_request",code="404"} 1',
+  ]);
+  expect(series("gateway_request_duration_seconds_count")).toEqual([
+    'gateway_request_duration_seconds_count{endpoint="chat_completions"} 3',
+  ]);
+  expect(series("gateway_overhead_seconds_count")).toEqual(['gateway_overhead_seconds_count{endpoint="chat_completions"} 3']);
+  expect(series("gateway_upstream_duration_seconds_count")).toEqual([
+    'gateway_upstream_duration_seconds_count{endpoint="chat_completions",provider="mock"} 2',
+  ]);
+  expect(series("gateway_time_to_first_token_seconds_count")).toEqual([
+    'gateway_time_to_first_token_seconds_count{model="mock"} 1',
+  ]);
+});

@@ -2,13 +2,13 @@ import { randomBytes } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { type Attributes, isSpanContextValid, type Span, trace } from "@opentelemetry/api";
-import { Counter, Histogram, type Registry } from "prom-client";
+import { Counter, Histogram, type HistogramConfiguration, type Registry } from "prom-client";
 import { monotonicFactory } from "ulid";
 import { type RequestMetrics, RequestMetricsSchema, RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { BudgetChargeSchema, Endpoint } from "../gen/common/v1/common_pb.ts";
 import type { Logger } from "../lib/log.ts";
 import { createWaiters, unlessAborted } from "../lib/waiters.ts";
-import { createTalliedCounter } from "../lib/metrics.ts";
+import { bySeries, createTalliedCounter } from "../lib/metrics.ts";
 import { withChildSpan } from "../lib/telemetry.ts";
 import { dearestPrice, type Price, type Tokens } from "../lib/money.ts";
 import type { KeyAuthorizer, Principal } from "./auth.ts";
@@ -241,6 +241,13 @@ const endpointLabels: Record<number, string> = {
   [Endpoint.RESPONSES]: "responses",
 };
 
+// Each outcome's label, written once: lower-cased for every request, it was a new string each time.
+const statusLabels: Record<number, string> = Object.fromEntries(
+  Object.entries(RequestStatus)
+    .filter((entry): entry is [string, number] => typeof entry[1] === "number")
+    .map(([name, status]) => [status, name.toLowerCase()]),
+);
+
 export function createGatewayCore(options: CoreOptions): GatewayCore {
   const { config, providers, keys, shipper, instanceId, log } = options;
   const random = options.random ?? Math.random;
@@ -289,17 +296,25 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const awaitingCount = new Map<Call, GatewayError | undefined>();
   const allFinished = createWaiters();
 
+  const admitted = (call: Call, principal: Principal) => {
+    call.principal = principal;
+    const m = call.metrics;
+    m.orgId = principal.orgId;
+    m.projectId = principal.projectId;
+    m.apiKeyId = principal.apiKeyId;
+    return principal;
+  };
+
+  /** A key checked lately is answered from the cache at once; billing is asked otherwise, or for a client that left. */
+  const checkKey = (call: Call): Principal | Promise<Principal> =>
+    (call.signal?.aborted ? undefined : keys.cached(call.secret)) ?? keys.authorize(call.secret);
+
   const authorize = async (call: Call) => {
     // Checked once a call: an RPC's key is checked before its message is read, then again by its handler.
     if (call.principal) return call.principal;
-    const checking = withChildSpan("gateway.authorize_key", {}, () => keys.authorize(call.secret)).then((principal) => {
-      call.principal = principal;
-      const m = call.metrics;
-      m.orgId = principal.orgId;
-      m.projectId = principal.projectId;
-      m.apiKeyId = principal.apiKeyId;
-      return principal;
-    });
+    const checked = withChildSpan("gateway.authorize_key", {}, () => checkKey(call));
+    if (!(checked instanceof Promise)) return admitted(call, checked);
+    const checking = checked.then((principal) => admitted(call, principal));
     // A call that ends while billing checks the key (the client left, the gateway cut it) is answered at once, and
     // metered under its key's org once billing has answered (see finish).
     keyChecks.set(call, checking);
@@ -826,12 +841,12 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const endpoint = endpointLabels[m.endpoint] ?? "unspecified";
       // Clients name any model they like: the label only takes configured names, so series stay bounded.
       const model = config.models.has(m.requestedModel) ? m.requestedModel : "unknown";
-      const status = (RequestStatus[m.status] ?? "unspecified").toLowerCase();
+      const status = statusLabels[m.status] ?? "unspecified";
       instruments.requests.inc({ endpoint, model, provider: m.provider, status, code: m.httpStatus });
-      instruments.duration.observe({ endpoint }, totalMs / 1000);
-      instruments.overhead.observe({ endpoint }, (totalUs - upstreamUs) / 1e6);
-      if (upstreamUs > 0) instruments.upstream.observe({ endpoint, provider: m.provider }, upstreamUs / 1e6);
-      if (m.ttftUs > 0n) instruments.ttft.observe({ model }, Number(m.ttftUs) / 1e6);
+      instruments.duration({ endpoint }).observe(totalMs / 1000);
+      instruments.overhead({ endpoint }).observe((totalUs - upstreamUs) / 1e6);
+      if (upstreamUs > 0) instruments.upstream({ endpoint, provider: m.provider }).observe(upstreamUs / 1e6);
+      if (m.ttftUs > 0n) instruments.ttft({ model }).observe(Number(m.ttftUs) / 1e6);
       const usage = m.usage;
       if (usage) {
         instruments.tokens.inc({ model, type: "input" }, Number(usage.inputTokens));
@@ -1079,6 +1094,15 @@ async function* withClientIds(events: ResponseEventStream, ids: ClientIds): Resp
   for await (const event of events) yield clientEvent(event, once);
 }
 
+/**
+ * A histogram observed through one child a series, made once (see bySeries): observing with labels made a closure and
+ * an object every time.
+ */
+function observedBySeries<L extends string>(config: HistogramConfiguration<L> & { labelNames: readonly [L, ...L[]] }) {
+  const histogram = new Histogram(config);
+  return bySeries(config.labelNames, (labels) => histogram.labels(labels));
+}
+
 function createInstruments(registry: Registry) {
   // Up to the default whole-request limit (GATEWAY_REQUEST_TIMEOUT_MS): a longer stream or a reasoning model's first
   // token past the last finite bucket would read as that bucket's bound in every quantile.
@@ -1090,21 +1114,21 @@ function createInstruments(registry: Registry) {
       labelNames: ["endpoint", "model", "provider", "status", "code"] as const,
       registers: [registry],
     }),
-    duration: new Histogram({
+    duration: observedBySeries({
       name: "gateway_request_duration_seconds",
       help: "Time from a request's arrival to its end.",
       labelNames: ["endpoint"] as const,
       buckets: latencyBuckets,
       registers: [registry],
     }),
-    upstream: new Histogram({
+    upstream: observedBySeries({
       name: "gateway_upstream_duration_seconds",
       help: "Time a request spent waiting on upstream attempts, retries included.",
       labelNames: ["endpoint", "provider"] as const,
       buckets: latencyBuckets,
       registers: [registry],
     }),
-    ttft: new Histogram({
+    ttft: observedBySeries({
       name: "gateway_time_to_first_token_seconds",
       help: "Time from a streamed request's arrival to its first content token.",
       labelNames: ["model"] as const,
@@ -1112,7 +1136,7 @@ function createInstruments(registry: Registry) {
       registers: [registry],
     }),
     // Microseconds when keys and leases are cached; seconds when billing is slow to check a key or grant a lease.
-    overhead: new Histogram({
+    overhead: observedBySeries({
       name: "gateway_overhead_seconds",
       help: "What the gateway itself added to a request: total time minus time waiting on upstreams.",
       labelNames: ["endpoint"] as const,

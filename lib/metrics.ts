@@ -82,6 +82,32 @@ export function createMetrics(service: string): Metrics {
   };
 }
 
+/**
+ * One `T` for each series of values of `labelNames`, made by `make` the first time, then found by the values alone: a
+ * metric's series are few, the requests that touch them many.
+ */
+export function bySeries<L extends string, T>(
+  labelNames: readonly [L, ...L[]],
+  make: (labels: Record<L, string | number>) => T,
+): (labels: Record<L, string | number>) => T {
+  const last = labelNames.length - 1;
+  // By the value of each label in turn, the series' own last.
+  const root = new Map<unknown, unknown>();
+  return (labels) => {
+    let level = root;
+    for (let i = 0; i < last; i++) {
+      const value = labels[labelNames[i] as L];
+      let next = level.get(value) as Map<unknown, unknown> | undefined;
+      if (!next) level.set(value, (next = new Map()));
+      level = next;
+    }
+    const value = labels[labelNames[last] as L];
+    let found = level.get(value) as T | undefined;
+    if (found === undefined) level.set(value, (found = make(labels)));
+    return found;
+  };
+}
+
 /** A counter of whole numbers, increased as prom-client's are: by 1 unless told how much. */
 export interface TalliedCounter<L extends string> {
   inc(labels: Record<L, string | number>, by?: number): void;
@@ -101,10 +127,6 @@ export function createTalliedCounter<L extends string>(
     labels: Record<L, string | number>;
     count: number;
   }
-  const { labelNames } = config;
-  const last = labelNames.length - 1;
-  // By the value of each label in turn, the series last.
-  const root = new Map<unknown, unknown>();
   const series: Series[] = [];
   new Counter<L>({
     ...config,
@@ -115,23 +137,11 @@ export function createTalliedCounter<L extends string>(
       }
     },
   });
-  const seriesOf = (labels: Record<L, string | number>): Series => {
-    let level = root;
-    for (let i = 0; i < last; i++) {
-      const value = labels[labelNames[i] as L];
-      let next = level.get(value) as Map<unknown, unknown> | undefined;
-      if (!next) level.set(value, (next = new Map()));
-      level = next;
-    }
-    const value = labels[labelNames[last] as L];
-    let found = level.get(value) as Series | undefined;
-    if (!found) {
-      found = { labels: { ...labels }, count: 0 };
-      level.set(value, found);
-      series.push(found);
-    }
-    return found;
-  };
+  const seriesOf = bySeries(config.labelNames, (labels): Series => {
+    const made = { labels: { ...labels }, count: 0 };
+    series.push(made);
+    return made;
+  });
   return {
     inc(labels, by = 1) {
       // Refused here, as the counter would refuse it, rather than when it is read.

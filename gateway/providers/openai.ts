@@ -180,8 +180,9 @@ export function createOpenAIProvider(
     let answering = false;
     try {
       if (signal?.aborted) abort();
-      // Got first: building a template asks for one too, which the credential then answers from its cache.
-      const authorization = await bearer(attempt.signal);
+      // Got first: building a template asks for one too, which the credential then answers from its cache. A provider
+      // with a key has none to wait for.
+      const authorization = tokens ? await bearer(attempt.signal) : undefined;
       const { url, init } = await template(path, body.model, options.timeoutMs);
       // Serialised as the SDK does its JSON bodies. A redirect is not followed: fetch would send the prompt, and the
       // configured headers but Authorization, to wherever it points, and a 301 or 302 would turn the POST into a GET.
