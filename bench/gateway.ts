@@ -10,7 +10,9 @@
  * every row three times (direct and gateway alternating) and prints medians, with the added latency's spread.
  *
  * BENCH_RATES=200,1000 replaces the fixed rates (500, 1000, 2000; 0 is saturation); BENCH_ONLY=whole:1000,stream:max
- * runs just those rows. BENCH_GATEWAY_MEMORY_MB=128 paces the gateway's garbage collector to that much memory, as a
+ * runs just those rows. Before any row, each gateway path is warmed at saturation for BENCH_WARMUP_SECONDS (20; half
+ * that streamed), and measuring waits until the warm-up's metrics are ingested. BENCH_GATEWAY_ENV="NAME=value ..."
+ * adds to the gateway's environment (BUN_JSC_logGC=1, say). BENCH_GATEWAY_MEMORY_MB=128 paces the gateway's garbage collector to that much memory, as a
  * container's memory limit does (Bun reads the cgroup's); unset, it is paced to this machine's memory. "CPU/req" is what each process used per request during
  * the gateway's run (gateway, billing with its Postgres, analytics, the fake upstream, and this process, which
  * generates the load; from /proc), in microseconds, and "direct CPU/req" the same for the direct run (upstream and
@@ -43,6 +45,12 @@ const repeat = Math.max(1, Number(process.env.BENCH_REPEAT ?? 1));
 const rates = process.env.BENCH_RATES?.split(",").map(Number) ?? [500, 1000, 2000, 0];
 const only = process.env.BENCH_ONLY?.split(",").map((s) => s.trim());
 const gatewayMemoryMb = Number(process.env.BENCH_GATEWAY_MEMORY_MB ?? 0);
+// Seconds of saturating load on each gateway path (whole, then half as long streamed) before any row is measured.
+const warmupSeconds = Number(process.env.BENCH_WARMUP_SECONDS ?? 20);
+// BENCH_GATEWAY_ENV="BUN_JSC_logGC=1 NAME=value": extra environment for the gateway alone.
+const gatewayEnv = Object.fromEntries(
+  (process.env.BENCH_GATEWAY_ENV ?? "").split(/\s+/).filter(Boolean).map((pair) => [pair.slice(0, pair.indexOf("=")), pair.slice(pair.indexOf("=") + 1)]),
+);
 const root = path.resolve(import.meta.dir, "..");
 
 interface Run {
@@ -144,6 +152,17 @@ async function saturate(url: string, headers: Record<string, string>, body: stri
   };
 }
 
+/** Waits (up to a minute) until the gateway's metrics spool holds no rows: all it sent is ingested and acked. */
+async function spoolDrained(gatewayUrl: string) {
+  const deadline = performance.now() + 60_000;
+  while (performance.now() < deadline) {
+    const text = await (await fetch(`${gatewayUrl}/metrics`)).text();
+    if (Number(/^gateway_spool_rows(?:\{[^}]*\})? (\S+)$/m.exec(text)?.[1] ?? 0) === 0) return;
+    await Bun.sleep(200);
+  }
+  throw new Error("the gateway's metrics spool did not drain within a minute of the warm-up");
+}
+
 async function startUpstream() {
   const proc = Bun.spawn([process.execPath, path.join(root, "gateway/testing/fake-upstream.ts"), "0"], {
     stdout: "pipe",
@@ -190,6 +209,7 @@ async function main() {
         gateway: {
           GATEWAY_CONFIG: configFile,
           ...(gatewayMemoryMb > 0 ? { BUN_JSC_forceRAMSize: String(gatewayMemoryMb * 1048576) } : {}),
+          ...gatewayEnv,
         },
       },
       onLine: (service, line) => {
@@ -220,16 +240,25 @@ async function main() {
     const run = (t: Target, stream: boolean, rate: number, duration = seconds) =>
       rate > 0 ? paced(t.url, t.headers, bodyFor(t.model, stream), rate, duration) : saturate(t.url, t.headers, bodyFor(t.model, stream), duration);
 
-    // Warm every path (JIT, connection pools, the key cache, budget leases) before measuring.
-    for (const t of [direct, fast, shared]) {
-      await run(t, false, 0, 2);
-      await run(t, true, 0, 1);
-    }
-
-    const rows: string[][] = [];
+    const labelOf = (stream: boolean, rate: number, via: Target) =>
+      `${stream ? "stream" : "whole"}${via === shared ? "-rpc-port" : ""}:${rate > 0 ? rate : "max"}`;
     const plan: Array<[stream: boolean, rate: number, via: Target]> = [];
     for (const stream of [false, true]) for (const rate of rates) plan.push([stream, rate, fast]);
     plan.push([false, 1000, shared]);
+    const planned = (via: Target) => plan.some(([stream, rate, t]) => t === via && (!only || only.includes(labelOf(stream, rate, t))));
+
+    // Warm every path (JIT, connection pools, the key cache, budget leases) before measuring. The engine keeps
+    // compiling a path's functions into faster tiers for tens of thousands of requests, on threads that take a core
+    // for milliseconds at a time: measured sooner, a run's p99 is the compiler's rather than a running gateway's.
+    const warm = (t: Target) => (t === direct ? 2 : t === shared && !planned(shared) ? 1 : warmupSeconds);
+    for (const t of [direct, fast, shared]) {
+      await run(t, false, 0, warm(t));
+      await run(t, true, 0, Math.max(1, warm(t) / 2));
+    }
+    // The warm-up's metrics, sent faster than any measured row sends them, are ingested before measuring starts.
+    await spoolDrained(mesh.urls.gateway);
+
+    const rows: string[][] = [];
     // Billing's CPU includes its Postgres server's processes; the load generator is this process.
     const pids = [...(["gateway", "billing", "analytics"] as const).map((name) => mesh?.processes[name].proc.pid ?? 0), upstream.proc.pid];
     const cpuNow = () => {
@@ -280,7 +309,7 @@ async function main() {
       return { base, gw, directUs, perRequest, rss: runPeakRss, stolen: stolen(), delay, own };
     };
     for (const [stream, rate, via] of plan) {
-      const label = `${stream ? "stream" : "whole"}${via === shared ? "-rpc-port" : ""}:${rate > 0 ? rate : "max"}`;
+      const label = labelOf(stream, rate, via);
       if (only && !only.includes(label)) continue;
       const runs: Awaited<ReturnType<typeof measure>>[] = [];
       for (let i = 0; i < repeat; i++) {
