@@ -310,12 +310,17 @@ describe("max_concurrent_requests", () => {
     // A minute long: none may end on its own while the limit's changes reach the gateway on a loaded machine.
     upstream.script("slow", { ...slowly, content: Array.from({ length: 200 }, (_, i) => `w${i}`).join(" ") });
     const key = await keyWith(1);
+    // Held until the end: an answer nothing refers to may be collected, and its request closed with it.
+    const open: Response[] = [];
     /** Opens a stream once the key's limit lets it, as the gateway learns of a change. */
     const admitted = async (port: Port) => {
       for (;;) {
         const leave = new AbortController();
         const res = await post(port, key.secret, "chat/completions", hi("slow", { stream: true }), leave.signal);
-        if (res.status === 200) return leave;
+        if (res.status === 200) {
+          open.push(res);
+          return leave;
+        }
         expect(res.status).toBe(429);
         await res.text();
         await Bun.sleep(20);
@@ -345,6 +350,7 @@ describe("max_concurrent_requests", () => {
     // A slot frees once its request is metered: a stream left counts its output first (a first count loads the
     // tokenizer), which takes seconds on a loaded machine.
     await until(() => limiter.concurrent() === 0, 20_000);
+    expect(open).toHaveLength(2);
   }, 60_000);
 
   test("after many requests ending every way at once, on every entry point, no slot is held and none went below zero", async () => {
