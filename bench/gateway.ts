@@ -30,12 +30,13 @@
  * latencies between runs more than most changes do. Past its capacity an open-loop rate queues requests in the
  * gateway, so rows beyond it show latency and memory growing with the backlog.
  */
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, rm } from "node:fs/promises";
 import { monitorEventLoopDelay } from "node:perf_hooks";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import autocannon from "autocannon";
-import { ensureDemo, type Mesh, startMesh } from "../scripts/mesh.ts";
+import type { Mesh } from "../scripts/mesh.ts";
+import { benchGatewayEnv, percentile, spoolDrained, startBenchMesh, startUpstream } from "./gateway-bench.ts";
 import { ceilingPerSecond, cpuSeconds, rssMb, stolenShare } from "./proc-stats.ts";
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 10);
@@ -47,10 +48,6 @@ const only = process.env.BENCH_ONLY?.split(",").map((s) => s.trim());
 const gatewayMemoryMb = Number(process.env.BENCH_GATEWAY_MEMORY_MB ?? 0);
 // Seconds of saturating load on each gateway path (whole, then half as long streamed) before any row is measured.
 const warmupSeconds = Number(process.env.BENCH_WARMUP_SECONDS ?? 20);
-// BENCH_GATEWAY_ENV="BUN_JSC_logGC=1 NAME=value": extra environment for the gateway alone.
-const gatewayEnv = Object.fromEntries(
-  (process.env.BENCH_GATEWAY_ENV ?? "").split(/\s+/).filter(Boolean).map((pair) => [pair.slice(0, pair.indexOf("=")), pair.slice(pair.indexOf("=") + 1)]),
-);
 const root = path.resolve(import.meta.dir, "..");
 
 interface Run {
@@ -67,13 +64,6 @@ function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const mid = Math.floor(sorted.length / 2);
   return sorted.length % 2 === 1 ? (sorted[mid] as number) : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2;
-}
-
-/** Exact percentiles of float ms (autocannon's own histogram keeps whole ms only). */
-function percentile(values: number[], p: number): number {
-  if (values.length === 0) return Number.NaN;
-  const sorted = Float64Array.from(values).sort();
-  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] as number;
 }
 
 const decoder = new TextDecoder();
@@ -152,71 +142,28 @@ async function saturate(url: string, headers: Record<string, string>, body: stri
   };
 }
 
-/** Waits (up to a minute) until the gateway's metrics spool holds no rows: all it sent is ingested and acked. */
-async function spoolDrained(gatewayUrl: string) {
-  const deadline = performance.now() + 60_000;
-  while (performance.now() < deadline) {
-    const text = await (await fetch(`${gatewayUrl}/metrics`)).text();
-    if (Number(/^gateway_spool_rows(?:\{[^}]*\})? (\S+)$/m.exec(text)?.[1] ?? 0) === 0) return;
-    await Bun.sleep(200);
-  }
-  throw new Error("the gateway's metrics spool did not drain within a minute of the warm-up");
-}
-
-async function startUpstream() {
-  const proc = Bun.spawn([process.execPath, path.join(root, "gateway/testing/fake-upstream.ts"), "0"], {
-    stdout: "pipe",
-    stderr: "inherit",
-  });
-  const reader = proc.stdout.getReader();
-  let line = "";
-  while (!line.includes("\n")) {
-    const { done, value } = await reader.read();
-    if (done) throw new Error("the fake upstream exited before it listened");
-    line += new TextDecoder().decode(value);
-  }
-  return { proc, url: line.trim() };
-}
-
 const fmt = (ms: number) => (Number.isNaN(ms) ? "-" : ms.toFixed(3));
 const fmtRate = (n: number) => Math.round(n).toLocaleString("en-US");
 
 async function main() {
   const dataDir = await mkdtemp(path.join(tmpdir(), "bench-gateway-"));
-  const upstream = await startUpstream();
-  const configFile = path.join(dataDir, "gateway.yaml");
-  await writeFile(
-    configFile,
-    [
-      "providers:",
-      `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
-      "models:",
-      "  - name: bench",
-      "    targets: [{ provider: fake, model: bench-model }]",
-      '    pricing: { input_per_mtok: "2.50", cached_input_per_mtok: "1.25", output_per_mtok: "10" }',
-      "",
-    ].join("\n"),
-  );
+  const upstream = await startUpstream([process.execPath, path.join(root, "gateway/testing/fake-upstream.ts"), "0"]);
   const errors: string[] = [];
   let mesh: Mesh | undefined;
   try {
-    mesh = await startMesh({
+    const started = await startBenchMesh({
       dataDir,
-      adminToken: "bench-admin-token-0123456789",
-      ports: { gateway: 0, billing: 0, analytics: 0 },
-      env: { LOG_LEVEL: "warn" },
-      serviceEnv: {
-        gateway: {
-          GATEWAY_CONFIG: configFile,
-          ...(gatewayMemoryMb > 0 ? { BUN_JSC_forceRAMSize: String(gatewayMemoryMb * 1048576) } : {}),
-          ...gatewayEnv,
-        },
+      upstreamUrl: upstream.url,
+      gatewayEnv: {
+        ...(gatewayMemoryMb > 0 ? { BUN_JSC_forceRAMSize: String(gatewayMemoryMb * 1048576) } : {}),
+        ...benchGatewayEnv(),
       },
       onLine: (service, line) => {
         if (line.includes('"level":"error"')) errors.push(`[${service}] ${line}`);
       },
     });
-    const demo = await ensureDemo(mesh, { dataDir, adminToken: "bench-admin-token-0123456789" });
+    mesh = started.mesh;
+    const demo = started.demo;
     const gatewayPid = mesh.processes.gateway.proc.pid;
     let peakRss = 0;
     // Peak over the whole benchmark, and over the current gateway run (reset before each).
