@@ -367,7 +367,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   /** Unreserved lease money usable by a reservation that must settle before `until`. */
   const available = (scope: Scope, until: number) => {
     let sum = 0n;
-    for (const lease of scope.leases) if (lease.expiresAt >= until) sum += free(lease);
+    for (const lease of scope.leases) sum += roomUntil(lease, until);
     return sum;
   };
 

@@ -131,10 +131,10 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
   }
 
   /**
-   * Takes a slot of the key's `max` concurrent requests, or throws a 429 carrying `headers` (the key's per-minute
-   * limits as they stand); returns what frees it, once however often it is called.
+   * Takes a slot of the key's `max` concurrent requests, or throws a 429 carrying the headers of `state` (the key's
+   * per-minute limits as they stand, when it has any); returns what frees it, once however often it is called.
    */
-  const occupy = (keyId: string, max: number, headers: () => Record<string, string>): (() => void) => {
+  const occupy = (keyId: string, max: number, state?: () => RateState): (() => void) => {
     if (max <= 0) return unoccupied;
     const running = inFlight.get(keyId) ?? 0;
     if (running >= max) {
@@ -143,7 +143,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         `Rate limit reached for concurrent requests: limit ${max}, in flight ${running}. ` +
           "Retry once one of them has ended.",
         concurrentRetryMs,
-        headers(),
+        state ? rateLimitHeaders(state()) : {},
       );
     }
     inFlight.set(keyId, running + 1);
@@ -243,7 +243,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       const maxConcurrent = limits.maxConcurrentRequests ?? 0;
       if (rpm <= 0 && tpm <= 0) {
         if (maxConcurrent <= 0) return noTicket;
-        const free = occupy(keyId, maxConcurrent, () => ({}));
+        const free = occupy(keyId, maxConcurrent);
         return { state: undefined, settle: free, release: () => (free(), undefined) };
       }
       const t = now();
@@ -285,7 +285,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         );
       }
       // Checked once the per-minute limits have room, so that a refusal's Retry-After is the wait that matters.
-      const free = maxConcurrent > 0 ? occupy(keyId, maxConcurrent, () => rateLimitHeaders(state())) : unoccupied;
+      const free = occupy(keyId, maxConcurrent, state);
       add(w, second, 1, estimate, estimate);
       const admitted = state();
       let settled = false;
