@@ -99,6 +99,9 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
         ADMIN_TOKEN: options.adminToken,
         // Read by Bun at start: upstream calls past 256 at once would wait inside the gateway's fetch.
         BUN_CONFIG_MAX_HTTP_REQUESTS: process.env.BUN_CONFIG_MAX_HTTP_REQUESTS ?? "4096",
+        // Read by Bun at start: the gateway's collections marked by its own thread alone, not handed back and forth
+        // with a helper thread that other processes' threads keep off a core (see BUN_JSC_numberOfGCMarkers in README).
+        ...(name === "gateway" ? { BUN_JSC_numberOfGCMarkers: process.env.BUN_JSC_numberOfGCMarkers ?? "1" } : {}),
         // What is known so far: a service starts after the ones whose addresses it needs.
         ...known({
           BILLING_URL: urls.billing,

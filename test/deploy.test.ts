@@ -133,9 +133,16 @@ describe("Kubernetes manifests", () => {
       const c = container(w.metadata.name);
       const entry = path.join(root, c.args[0] as string);
       expect(existsSync(entry)).toBe(true);
-      const declared = declaredEnv(entry);
+      // Bun itself reads these at start, before any service code runs.
+      const declared = new Set([...declaredEnv(entry), "BUN_JSC_numberOfGCMarkers"]);
       for (const variable of c.env) expect(declared).toContain(variable.name);
     }
+  });
+
+  test("run the gateway's collections marked by its serving thread alone", () => {
+    expect(envOf("gateway", "BUN_JSC_numberOfGCMarkers")?.value).toBe("1");
+    expect(envOf("billing", "BUN_JSC_numberOfGCMarkers")).toBeUndefined();
+    expect(envOf("analytics", "BUN_JSC_numberOfGCMarkers")).toBeUndefined();
   });
 
   test("line up ports, probes and Services with the containers", () => {
