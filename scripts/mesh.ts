@@ -101,7 +101,13 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
         BUN_CONFIG_MAX_HTTP_REQUESTS: process.env.BUN_CONFIG_MAX_HTTP_REQUESTS ?? "4096",
         // Read by Bun at start: the gateway's collections marked by its own thread alone, not handed back and forth
         // with a helper thread that other processes' threads keep off a core (see BUN_JSC_numberOfGCMarkers in README).
-        ...(name === "gateway" ? { BUN_JSC_numberOfGCMarkers: process.env.BUN_JSC_numberOfGCMarkers ?? "1" } : {}),
+        // Its heap sized for 1 GiB of memory, not the host's (see BUN_JSC_forceRAMSize in README).
+        ...(name === "gateway"
+          ? {
+              BUN_JSC_numberOfGCMarkers: process.env.BUN_JSC_numberOfGCMarkers ?? "1",
+              BUN_JSC_forceRAMSize: process.env.BUN_JSC_forceRAMSize ?? String(2 ** 30),
+            }
+          : {}),
         // What is known so far: a service starts after the ones whose addresses it needs.
         ...known({
           BILLING_URL: urls.billing,

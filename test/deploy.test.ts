@@ -23,7 +23,11 @@ const base = path.join(root, "deploy/k8s/base");
 interface EnvVar {
   name: string;
   value?: string;
-  valueFrom?: { secretKeyRef?: { name: string; key: string; optional?: boolean }; fieldRef?: { fieldPath: string } };
+  valueFrom?: {
+    secretKeyRef?: { name: string; key: string; optional?: boolean };
+    fieldRef?: { fieldPath: string };
+    resourceFieldRef?: { containerName: string; resource: string };
+  };
 }
 interface Container {
   name: string;
@@ -32,6 +36,7 @@ interface Container {
   env: EnvVar[];
   ports: { name: string; containerPort: number }[];
   volumeMounts?: { name: string; mountPath: string }[];
+  resources?: { requests?: { cpu?: string; memory?: string }; limits?: { memory?: string } };
   securityContext?: {
     allowPrivilegeEscalation?: boolean;
     readOnlyRootFilesystem?: boolean;
@@ -134,7 +139,7 @@ describe("Kubernetes manifests", () => {
       const entry = path.join(root, c.args[0] as string);
       expect(existsSync(entry)).toBe(true);
       // Bun itself reads these at start, before any service code runs.
-      const declared = new Set([...declaredEnv(entry), "BUN_JSC_numberOfGCMarkers"]);
+      const declared = new Set([...declaredEnv(entry), "BUN_JSC_numberOfGCMarkers", "BUN_JSC_forceRAMSize"]);
       for (const variable of c.env) expect(declared).toContain(variable.name);
     }
   });
@@ -143,6 +148,15 @@ describe("Kubernetes manifests", () => {
     expect(envOf("gateway", "BUN_JSC_numberOfGCMarkers")?.value).toBe("1");
     expect(envOf("billing", "BUN_JSC_numberOfGCMarkers")).toBeUndefined();
     expect(envOf("analytics", "BUN_JSC_numberOfGCMarkers")).toBeUndefined();
+  });
+
+  test("size the gateway's heap for its pod's memory limit", () => {
+    expect(envOf("gateway", "BUN_JSC_forceRAMSize")?.valueFrom).toEqual({
+      resourceFieldRef: { containerName: "gateway", resource: "limits.memory" },
+    });
+    expect(container("gateway").resources?.limits?.memory).toBeDefined();
+    expect(envOf("billing", "BUN_JSC_forceRAMSize")).toBeUndefined();
+    expect(envOf("analytics", "BUN_JSC_forceRAMSize")).toBeUndefined();
   });
 
   test("line up ports, probes and Services with the containers", () => {

@@ -202,12 +202,15 @@ describe("the mesh end to end", () => {
     expect(logs.some((line) => line.includes("BUN_CONFIG_MAX_HTTP_REQUESTS"))).toBe(false);
   });
 
-  test("the gateway, and it alone, marks its heap with one thread", async () => {
+  test("the gateway, and it alone, marks its heap with one thread and sizes it for 1 GiB", async () => {
     const environ = async (name: "gateway" | "billing" | "analytics") =>
       (await Bun.file(`/proc/${mesh.processes[name].proc.pid}/environ`).text()).split("\0");
     expect(await environ("gateway")).toContain("BUN_JSC_numberOfGCMarkers=1");
-    for (const name of ["billing", "analytics"] as const)
-      expect((await environ(name)).some((entry) => entry.startsWith("BUN_JSC_numberOfGCMarkers="))).toBe(false);
+    expect(await environ("gateway")).toContain(`BUN_JSC_forceRAMSize=${2 ** 30}`);
+    for (const name of ["billing", "analytics"] as const) {
+      const set = (await environ(name)).filter((entry) => /^BUN_JSC_(numberOfGCMarkers|forceRAMSize)=/.test(entry));
+      expect(set).toEqual([]);
+    }
   });
 
   test("no secret appears in any service log", () => {
