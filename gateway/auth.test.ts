@@ -2,7 +2,7 @@ import { describe, expect, test } from "bun:test";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { Registry } from "prom-client";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
-import { sha256Hex } from "../lib/auth.ts";
+import { isKeySecretShaped, sha256Hex } from "../lib/auth.ts";
 import { connectionEndingKey, connectionKey } from "../lib/health.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
@@ -46,6 +46,28 @@ describe("key authorizer", () => {
     const values = (await registry.getSingleMetric("gateway_key_cache_lookups_total")?.get())?.values ?? [];
     const count = (result: string) => values.find((v) => v.labels.result === result)?.value;
     expect([count("hit"), count("miss")]).toEqual([4, 1]);
+  });
+
+  test("with a key shape, a token of another shape is refused as an unknown key without asking billing", async () => {
+    const shaped = `sk-mesh-${"a".repeat(43)}`;
+    const billing = createBillingFake({ [shaped]: { id: "key_1", orgId: "org_1" } });
+    const registry = new Registry();
+    const keys = createKeyAuthorizer({ billing: billing.client, watching: true, registry, keyShaped: isKeySecretShaped });
+    for (const token of ["sk-good", `${shaped}b`, shaped.slice(0, -1), `${shaped.slice(0, -1)}-`, "Bearer x"]) {
+      const refused = await failure(keys.authorize(token));
+      expect([refused.status, refused.code, refused.message]).toEqual([401, "invalid_api_key", "Incorrect API key provided."]);
+      expect(() => keys.cached(token)).toThrow("Incorrect API key provided.");
+    }
+    expect(billing.calls()).toBe(0);
+    expect(keys.size()).toBe(0);
+    // A well-shaped token is asked about, known or not; the refusal reads the same.
+    expect((await keys.authorize(shaped)).apiKeyId).toBe("key_1");
+    const unknown = await failure(keys.authorize(`sk-mesh-${"b".repeat(43)}`));
+    expect([unknown.status, unknown.code, unknown.message]).toEqual([401, "invalid_api_key", "Incorrect API key provided."]);
+    expect(billing.calls()).toBe(2);
+    const values = (await registry.getSingleMetric("gateway_key_cache_lookups_total")?.get())?.values ?? [];
+    const count = (result: string) => values.find((v) => v.labels.result === result)?.value;
+    expect([count("malformed"), count("miss")]).toEqual([10, 2]);
   });
 
   test("concurrent misses for one key share a single billing call", async () => {

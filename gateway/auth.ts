@@ -15,6 +15,8 @@ import { type GatewayError, organizationSuspended, serviceUnavailable, unauthori
 
 /** The same answer whether the key expired while cached or billing already refuses it as expired. */
 const keyExpired = () => unauthorized("This API key has expired.", "expired_api_key");
+/** The refusal of a secret that is no key: billing knows none by it, or it has no key's shape. */
+const unknownKeyMessage = "Incorrect API key provided.";
 
 /** Who is calling, as billing resolved the API key. */
 export interface Principal {
@@ -78,6 +80,12 @@ export interface KeyAuthorizerOptions {
   maxRejectedEntries?: number;
   /** Start as if the change stream were healthy (callers that apply changes by other means). */
   watching?: boolean;
+  /**
+   * Whether a secret has the shape of the keys billing makes. One that has not is refused at once as an unknown key
+   * would be, without a billing call or a place in the cache: made-up tokens cost billing nothing. Unset, every secret
+   * is asked about.
+   */
+  keyShaped?: (secret: string) => boolean;
   now?: () => number;
   log?: Logger;
   /** Where the cache's hit and miss counts register; none when unset. */
@@ -128,13 +136,17 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   const lookups = options.registry
     ? new Counter({
         name: "gateway_key_cache_lookups_total",
-        help: "API key lookups: hit (answered from the cache, no billing call) or miss (AuthorizeKey called or joined).",
+        help:
+          "API key lookups: hit (answered from the cache, no billing call), miss (AuthorizeKey called or joined) or " +
+          "malformed (no key's shape, refused without either).",
         labelNames: ["result"] as const,
         registers: [options.registry],
       })
     : undefined;
   const hits = lookups?.labels({ result: "hit" });
   const misses = lookups?.labels({ result: "miss" });
+  const malformed = lookups?.labels({ result: "malformed" });
+  const keyShaped = options.keyShaped;
   const staleAdmissions = options.registry
     ? new Counter({
         name: "gateway_key_stale_admissions_total",
@@ -226,7 +238,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
           if (err.code === Code.Unauthenticated) {
             answered();
             const expired = err.findDetails(KeyRefusalSchema).some((d) => d.reason === KeyRefusalReason.EXPIRED);
-            const rejection = expired ? keyExpired() : unauthorized("Incorrect API key provided.");
+            const rejection = expired ? keyExpired() : unauthorized(unknownKeyMessage);
             return { principal: undefined, rejection, loadedAt };
           }
           billingOutage.failed({ code: Code[err.code], err: err.rawMessage });
@@ -259,6 +271,10 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   const presented = (secret: string | undefined): string => {
     if (!secret) {
       throw unauthorized("You didn't provide an API key: send `Authorization: Bearer <key>`.", "missing_api_key");
+    }
+    if (keyShaped && !keyShaped(secret)) {
+      malformed?.inc();
+      throw unauthorized(unknownKeyMessage);
     }
     return secret;
   };

@@ -4,6 +4,7 @@ import { fileURLToPath } from "node:url";
 import { z } from "zod";
 import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
+import { isKeySecretShaped } from "../lib/auth.ts";
 import { ConfigError, commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
@@ -194,6 +195,8 @@ const keys = createKeyAuthorizer({
   registry: runtime.metrics.registry,
   // A key billing now refuses gives its budget leases back, even if its revocation was not heard on the stream.
   onRefused: (apiKeyId) => budget.releaseKey(apiKeyId),
+  // Billing makes every key's secret in one shape: any other token is refused here, billing not asked.
+  keyShaped: isKeySecretShaped,
 });
 let spool: FileSpool | undefined;
 // A LOCK left by a process that cannot be checked from here (the container before this one, in a pod) is

@@ -2,12 +2,34 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
-import { isLoopback } from "./auth.ts";
+import { isKeySecretShaped, isLoopback, keySecretLength, keySecretPrefix } from "./auth.ts";
 import { defaultAdminToken } from "./config.ts";
 import { createLogger } from "./log.ts";
 import { guardedRoutes } from "./routes.ts";
 import { type RunningServer, startServer } from "./server.ts";
 import { externalAddress as external } from "./testing.ts";
+
+test("a key secret's shape is the prefix and 43 base62 characters, nothing more or else", () => {
+  const base62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+  const body = base62.slice(0, keySecretLength);
+  expect(isKeySecretShaped(`${keySecretPrefix}${body}`)).toBe(true);
+  expect(isKeySecretShaped(`${keySecretPrefix}${base62.slice(-keySecretLength)}`)).toBe(true);
+  const others = [
+    "",
+    keySecretPrefix,
+    `${keySecretPrefix}${body.slice(1)}`,
+    `${keySecretPrefix}${body}0`,
+    `${keySecretPrefix}${body}\n`,
+    ` ${keySecretPrefix}${body}`,
+    `${keySecretPrefix}${body.slice(1)}-`,
+    `${keySecretPrefix}${body.slice(1)}_`,
+    `${keySecretPrefix}${body.slice(1)}é`,
+    `sk-mash-${body}`,
+    `SK-MESH-${body}`,
+    "sk-good",
+  ];
+  for (const token of others) expect([token, isKeySecretShaped(token)]).toEqual([token, false]);
+});
 
 test("loopback is 127.0.0.0/8 and ::1, IPv4-mapped too; nothing else", () => {
   for (const address of ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1", "::FFFF:127.9.9.9"]) {

@@ -4,6 +4,14 @@ import { defaultAdminToken } from "./config.ts";
 
 /** Every API key's secret starts with this (billing makes them); a token without it is no key. */
 export const keySecretPrefix = "sk-mesh-";
+/** Base62 characters after the prefix in every key secret billing makes: about 256 bits. */
+export const keySecretLength = 43;
+const keySecretShape = new RegExp(`^${keySecretPrefix}[0-9A-Za-z]{${keySecretLength}}$`);
+
+/** Whether a token has the shape of every key secret billing has made: the prefix, then keySecretLength base62. */
+export function isKeySecretShaped(token: string): boolean {
+  return keySecretShape.test(token);
+}
 
 /** The token of an `authorization: Bearer <token>` header, or undefined. */
 export function bearerToken(headers: Pick<Headers, "get">): string | undefined {

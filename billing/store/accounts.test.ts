@@ -1,5 +1,5 @@
 import { expect, test } from "bun:test";
-import { sha256Hex } from "../../lib/auth.ts";
+import { isKeySecretShaped, sha256Hex } from "../../lib/auth.ts";
 import { createAccountStore } from "./accounts.ts";
 import { BillingError, createDb, requestSha256 } from "./db.ts";
 import { allRows, newOrg as newOrgIn, noLimits, useTestStore } from "./test-db.ts";
@@ -167,6 +167,8 @@ test("a key's secret is random, shown once and stored only as its SHA-256", asyn
   const other = await fixture.store.createApiKey({ orgId: org.id, projectId: null, name: "ci", limits: noLimits });
 
   expect(secret).toMatch(/^sk-mesh-[0-9A-Za-z]{43}$/);
+  // The shape the gateway refuses other tokens by, billing not asked.
+  expect(isKeySecretShaped(secret)).toBe(true);
   expect(other.secret).not.toBe(secret);
   expect(apiKey.prefix).toBe(secret.slice(0, 12));
   expect(apiKey.secretSha256).toBe(sha256Hex(secret));

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import { ulid } from "ulid";
-import { keySecretPrefix, sha256Hex } from "../../lib/auth.ts";
+import { keySecretLength, keySecretPrefix, sha256Hex } from "../../lib/auth.ts";
 import { BillingError, type Db, pageOf, type Queryable, requestSha256 } from "./db.ts";
 import type {
   ApiKey,
@@ -15,8 +15,7 @@ import type {
   Project,
 } from "./types.ts";
 
-// A secret is keySecretPrefix and base62 from a CSPRNG.
-const secretLength = 43; // base62 characters: about 256 bits
+// A secret is keySecretPrefix and keySecretLength base62 characters from a CSPRNG.
 const visiblePrefixLength = keySecretPrefix.length + 4;
 const base62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
@@ -461,10 +460,10 @@ export function createAccountStore(db: Db) {
 
 function generateSecret(): string {
   let out = keySecretPrefix;
-  while (out.length < keySecretPrefix.length + secretLength) {
+  while (out.length < keySecretPrefix.length + keySecretLength) {
     for (const byte of randomBytes(64)) {
       // Rejection sampling keeps every character equally likely (248 = 4 * 62).
-      if (byte < 248 && out.length < keySecretPrefix.length + secretLength) out += base62[byte % 62];
+      if (byte < 248 && out.length < keySecretPrefix.length + keySecretLength) out += base62[byte % 62];
     }
   }
   return out;

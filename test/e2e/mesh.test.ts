@@ -113,16 +113,32 @@ describe("the mesh end to end", () => {
     });
   }, 30_000);
 
-  test("a bad key gets an OpenAI-style 401", async () => {
-    const res = await fetch(`${demo.baseUrl}/chat/completions`, {
-      method: "POST",
-      headers: { authorization: "Bearer sk-mesh-not-a-real-key", "content-type": "application/json" },
-      body: JSON.stringify({ model: "mock", messages: [{ role: "user", content: "hi" }] }),
+  test("a bad key gets an OpenAI-style 401, the same whether billing was asked or the token has no key's shape", async () => {
+    const lookups = async () => {
+      const text = await (await fetch(`${mesh.urls.gateway}/metrics`)).text();
+      const count = (result: string) =>
+        Number(new RegExp(`^gateway_key_cache_lookups_total\\{result="${result}"[^}]*\\} (\\d+)$`, "m").exec(text)?.[1] ?? 0);
+      return { malformed: count("malformed"), miss: count("miss") };
+    };
+    const refusal = async (secret: string) => {
+      const res = await fetch(`${demo.baseUrl}/chat/completions`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${secret}`, "content-type": "application/json" },
+        body: JSON.stringify({ model: "mock", messages: [{ role: "user", content: "hi" }] }),
+      });
+      expect(res.headers.get("x-request-id")).toBeTruthy();
+      return { status: res.status, body: await res.json() };
+    };
+    const before = await lookups();
+    // Shaped as billing makes keys, so billing is asked; and a token of no key's shape, refused without asking.
+    const unknown = await refusal(`sk-mesh-${"Z".repeat(43)}`);
+    const malformed = await refusal("sk-mesh-not-a-real-key");
+    expect(unknown).toEqual({
+      status: 401,
+      body: { error: { message: "Incorrect API key provided.", type: "invalid_request_error", param: null, code: "invalid_api_key" } },
     });
-    expect(res.status).toBe(401);
-    const body = (await res.json()) as { error: { message: string; type: string } };
-    expect(body.error.message).toBeTruthy();
-    expect(res.headers.get("x-request-id")).toBeTruthy();
+    expect(malformed).toEqual(unknown);
+    expect(await lookups()).toEqual({ malformed: before.malformed + 1, miss: before.miss + 1 });
   });
 
   test("an expired key is 401 expired_api_key, whether the gateway met it before it expired or not", async () => {
