@@ -52,7 +52,12 @@ describe("key authorizer", () => {
     const shaped = `sk-mesh-${"a".repeat(43)}`;
     const billing = createBillingFake({ [shaped]: { id: "key_1", orgId: "org_1" } });
     const registry = new Registry();
-    const keys = createKeyAuthorizer({ billing: billing.client, watching: true, registry, keyShaped: isKeySecretShaped });
+    let shapeTests = 0;
+    const keyShaped = (secret: string) => {
+      shapeTests++;
+      return isKeySecretShaped(secret);
+    };
+    const keys = createKeyAuthorizer({ billing: billing.client, watching: true, registry, keyShaped });
     for (const token of ["sk-good", `${shaped}b`, shaped.slice(0, -1), `${shaped.slice(0, -1)}-`, "Bearer x"]) {
       const refused = await failure(keys.authorize(token));
       expect([refused.status, refused.code, refused.message]).toEqual([401, "invalid_api_key", "Incorrect API key provided."]);
@@ -65,9 +70,16 @@ describe("key authorizer", () => {
     const unknown = await failure(keys.authorize(`sk-mesh-${"b".repeat(43)}`));
     expect([unknown.status, unknown.code, unknown.message]).toEqual([401, "invalid_api_key", "Incorrect API key provided."]);
     expect(billing.calls()).toBe(2);
+    // A key the cache answers for is not tested again: the shape costs the hot path nothing.
+    const tested = shapeTests;
+    for (let i = 0; i < 10; i++) {
+      expect((await keys.authorize(shaped)).apiKeyId).toBe("key_1");
+      expect(keys.cached(shaped)?.apiKeyId).toBe("key_1");
+    }
+    expect(shapeTests).toBe(tested);
     const values = (await registry.getSingleMetric("gateway_key_cache_lookups_total")?.get())?.values ?? [];
     const count = (result: string) => values.find((v) => v.labels.result === result)?.value;
-    expect([count("malformed"), count("miss")]).toEqual([10, 2]);
+    expect([count("malformed"), count("miss"), count("hit")]).toEqual([10, 2, 20]);
   });
 
   test("concurrent misses for one key share a single billing call", async () => {

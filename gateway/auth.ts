@@ -272,11 +272,19 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     if (!secret) {
       throw unauthorized("You didn't provide an API key: send `Authorization: Bearer <key>`.", "missing_api_key");
     }
+    return secret;
+  };
+
+  /**
+   * Throws for a secret without a key's shape. Asked only once the cache has not answered: such a secret is never
+   * cached, so a cached key is not tested again on every request.
+   */
+  const refuseMalformed = (secret: string): undefined => {
     if (keyShaped && !keyShaped(secret)) {
       malformed?.inc();
       throw unauthorized(unknownKeyMessage);
     }
-    return secret;
+    return undefined;
   };
 
   /** The principal of a key the cache holds, or its refusal thrown; undefined when billing must be asked. */
@@ -304,13 +312,14 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   return {
     cached(secret) {
       const key = presented(secret);
-      return fromCache(sha256Hex(key), key);
+      return fromCache(sha256Hex(key), key) ?? refuseMalformed(key);
     },
     async authorize(secret) {
       const key = presented(secret);
       const hash = sha256Hex(key);
       const cached = fromCache(hash, key);
       if (cached) return cached;
+      refuseMalformed(key);
       misses?.inc();
       let loaded: Entry;
       try {
