@@ -7,10 +7,12 @@
  *             upstream call, and any wait for a core or for a collection to end;
  *   upstream  the upstream's own time;
  *   out       from the upstream's answer to the load generator's receipt.
- * Then the share of requests slower than the direct run's p99 plus 2 ms (a p99 target of 2 ms added allows 1%), and
- * those requests' bursts: when, how many, the worst, and how its time split. With BUN_JSC_logGC=1 in
- * BENCH_GATEWAY_ENV it also counts the gateway's collections, their pauses, and the slow requests that overlapped one
- * (a collection's log line is timed when it arrives, so within a millisecond or so).
+ * The same load then goes through a bare Bun proxy (bare-proxy.ts: Bun's server and fetch, nothing else), for what the
+ * runtime alone adds in the same run. Then the share of requests slower than the direct run's p99 plus 2 ms (a p99
+ * target of 2 ms added allows 1%), and the gateway's slow requests' bursts: when, how many, the worst, and how its
+ * time split. With BUN_JSC_logGC=1 in BENCH_GATEWAY_ENV it also counts the gateway's collections, their pauses, and
+ * the slow requests that overlapped one (a collection's log line is timed when it arrives, so within a millisecond or
+ * so).
  *
  *   ./node_modules/.bin/bun bench/gateway-tail.ts   (BENCH_RATE=1000, BENCH_SECONDS=10, BENCH_WARMUP_SECONDS=40)
  *
@@ -126,6 +128,7 @@ function summary(name: string, rows: Timed[]): string {
 async function main() {
   const dataDir = await mkdtemp(path.join(tmpdir(), "bench-tail-"));
   const upstream = await startUpstream([process.execPath, import.meta.path, "--upstream"]);
+  const bareProxy = await startUpstream([process.execPath, path.join(import.meta.dir, "bare-proxy.ts"), upstream.url]);
   // The gateway's collections, from BUN_JSC_logGC=1's lines: when each line arrived, and the pause it reports.
   const collections: Array<[at: number, pauseMs: number]> = [];
   try {
@@ -141,7 +144,9 @@ async function main() {
     try {
       const direct = { url: `${upstream.url}/chat/completions`, headers: { "content-type": "application/json" }, model: "bench-model" };
       const gateway = { url: `${demo.baseUrl}/chat/completions`, headers: { ...direct.headers, authorization: `Bearer ${demo.apiKey}` }, model: "bench" };
+      const bare = { ...direct, url: `${bareProxy.url}/chat/completions` };
       await paced(direct.url, direct.headers, direct.model, 2);
+      await paced(bare.url, bare.headers, bare.model, 2);
       await paced(gateway.url, gateway.headers, gateway.model, warmupSeconds);
       await spoolDrained(mesh.urls.gateway);
       await fetch(upstream.url);
@@ -151,6 +156,8 @@ async function main() {
       collections.length = 0;
       const through = await paced(gateway.url, gateway.headers, gateway.model, seconds);
       const gatewayRows = await timed(upstream.url, through.sent);
+      const bareRun = await paced(bare.url, bare.headers, bare.model, seconds);
+      const bareRows = await timed(upstream.url, bareRun.sent);
 
       const slowAfter = percentile(directRows.map((r) => r.total), 99) + allowanceMs;
       const slow = gatewayRows.filter((r) => r.total > slowAfter);
@@ -159,8 +166,11 @@ async function main() {
       console.log(`gateway tail: ${rate} requests/s for ${seconds} s, after ${warmupSeconds} s of warm-up; p50 / p99 in ms`);
       console.log(summary("direct", directRows));
       console.log(summary("gateway", gatewayRows));
-      console.log(`failed: direct ${base.failed}, gateway ${through.failed}`);
-      console.log(`slower than the direct p99 + ${allowanceMs} ms (${ms(slowAfter)} ms): direct ${share(directRows)}, gateway ${share(gatewayRows)}`);
+      console.log(summary("bare", bareRows));
+      console.log(`failed: direct ${base.failed}, gateway ${through.failed}, bare proxy ${bareRun.failed}`);
+      console.log(
+        `slower than the direct p99 + ${allowanceMs} ms (${ms(slowAfter)} ms): direct ${share(directRows)}, gateway ${share(gatewayRows)}, bare proxy ${share(bareRows)}`,
+      );
       // Slow requests less than 30 ms apart belong to one burst.
       const bursts: Timed[][] = [];
       for (const r of slow) {
@@ -188,6 +198,7 @@ async function main() {
       await mesh.stop();
     }
   } finally {
+    bareProxy.proc.kill();
     upstream.proc.kill();
     await rm(dataDir, { recursive: true, force: true });
   }

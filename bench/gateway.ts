@@ -19,7 +19,9 @@
  * load generator); "gw ceiling" is what this machine's cores could carry at the gateway run's total CPU per
  * request, whatever the scheduling; "ratio bound, gw free" the highest ratio these cores would allow if the gateway
  * itself used no CPU (the direct run's CPU per request against the rest of the gateway run's: accounting in billing,
- * its Postgres and analytics, the upstream and the load generator); "gw RSS" the gateway's peak resident memory during
+ * its Postgres and analytics, the upstream and the load generator); "bare proxy" the same load sent through
+ * bench/bare-proxy.ts after the gateway's run (Bun's server and fetch in front of the upstream, doing nothing else), so
+ * that what the runtime itself adds is measured in the same run as what the gateway adds; "gw RSS" the gateway's peak resident memory during
  * that run; "gw's own overhead" the gateway's own measure of what it added (its gateway_overhead_seconds histogram:
  * arrival to answer less the time waiting on the upstream, so neither network hop nor the wait for a core to run on),
  * as the bucket bound under which half and 99% of the run's requests fell, in ms; "loop delay" how
@@ -148,6 +150,7 @@ const fmtRate = (n: number) => Math.round(n).toLocaleString("en-US");
 async function main() {
   const dataDir = await mkdtemp(path.join(tmpdir(), "bench-gateway-"));
   const upstream = await startUpstream([process.execPath, path.join(root, "gateway/testing/fake-upstream.ts"), "0"]);
+  const bareProxy = await startUpstream([process.execPath, path.join(root, "bench/bare-proxy.ts"), upstream.url]);
   const errors: string[] = [];
   let mesh: Mesh | undefined;
   try {
@@ -180,6 +183,8 @@ async function main() {
     const json = { "content-type": "application/json" };
     const auth = { ...json, authorization: `Bearer ${demo.apiKey}` };
     const direct = { name: "direct", url: `${upstream.url}/chat/completions`, headers: json, model: "bench-model" };
+    // What Bun's server and fetch add with nothing else to do (bench/bare-proxy.ts), in the same run.
+    const bare = { name: "bare proxy", url: `${bareProxy.url}/chat/completions`, headers: json, model: "bench-model" };
     const fast = { name: "gateway", url: `${demo.baseUrl}/chat/completions`, headers: auth, model: "bench" };
     // The same REST API on the port it shares with the RPCs (node:http), for comparison.
     const shared = { name: "gateway (rpc port)", url: `${mesh.urls.gateway}/v1/chat/completions`, headers: auth, model: "bench" };
@@ -197,8 +202,8 @@ async function main() {
     // Warm every path (JIT, connection pools, the key cache, budget leases) before measuring. The engine keeps
     // compiling a path's functions into faster tiers for tens of thousands of requests, on threads that take a core
     // for milliseconds at a time: measured sooner, a run's p99 is the compiler's rather than a running gateway's.
-    const warm = (t: Target) => (t === direct ? 2 : t === shared && !planned(shared) ? 1 : warmupSeconds);
-    for (const t of [direct, fast, shared]) {
+    const warm = (t: Target) => (t === direct || t === bare ? 2 : t === shared && !planned(shared) ? 1 : warmupSeconds);
+    for (const t of [direct, bare, fast, shared]) {
       await run(t, false, 0, warm(t));
       await run(t, true, 0, Math.max(1, warm(t) / 2));
     }
@@ -253,7 +258,8 @@ async function main() {
       const scrape = await gatewayLoopDelay();
       const delay = { gateway: scrape, loadGen: { p99: ownDelay.percentile(99) / 1e6, max: ownDelay.max / 1e6 } };
       const own = [50, 99].map((p) => overheadBound(scrapeBefore.overhead, scrape.overhead, p));
-      return { base, gw, directUs, perRequest, rss: runPeakRss, stolen: stolen(), delay, own };
+      const bareRun = await run(bare, stream, rate);
+      return { base, gw, bare: bareRun, directUs, perRequest, rss: runPeakRss, stolen: stolen(), delay, own };
     };
     for (const [stream, rate, via] of plan) {
       const label = labelOf(stream, rate, via);
@@ -281,6 +287,7 @@ async function main() {
         fmt(med((r) => r.base.p99)),
         fmt(med((r) => r.gw.p99)),
         `${fmt(med(added99))}${spread(added99)}`,
+        `${fmt(med((r) => r.bare.p50 - r.base.p50))} / ${fmt(med((r) => r.bare.p99 - r.base.p99))}`,
         `≤${med((r) => r.own[0] ?? Number.NaN)} / ≤${med((r) => r.own[1] ?? Number.NaN)}`,
         stream && rate > 0
           ? `${fmt(med((r) => r.gw.ttft50 - r.base.ttft50))} / ${fmt(med((r) => r.gw.ttft99 - r.base.ttft99))}`
@@ -288,10 +295,11 @@ async function main() {
         med((r) => r.base.rps).toFixed(0),
         med((r) => r.gw.rps).toFixed(0),
         rate > 0 ? "" : med((r) => r.gw.rps / r.base.rps).toFixed(2),
+        rate > 0 ? "" : med((r) => r.bare.rps / r.base.rps).toFixed(2),
         // The ratio's bound on this machine's cores if the gateway's own CPU were zero: the direct run's CPU per
         // request against what the rest of the gateway run (accounting, upstream, load generator) used.
         rate > 0 ? "" : med((r) => r.directUs / r.perRequest.slice(1).reduce((a, b) => a + b, 0)).toFixed(2),
-        String(runs.reduce((n, r) => n + r.base.errors + r.gw.errors, 0)),
+        String(runs.reduce((n, r) => n + r.base.errors + r.gw.errors + r.bare.errors, 0)),
         med((r) => r.directUs).toFixed(0),
         perRequest.map((us) => us.toFixed(0)).join(" / "),
         fmtRate(med((r) => ceilingPerSecond(r.perRequest.reduce((a, b) => a + b, 0)))),
@@ -303,7 +311,7 @@ async function main() {
     }
     clearInterval(sampler);
 
-    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "gw's own overhead p50 / p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "ratio bound, gw free", "errors", "direct CPU/req µs", "gw CPU/req µs: gw / billing+pg / analytics / upstream / load gen", "gw ceiling req/s", "gw RSS MB", "loop delay p99 / max: gw · load gen", "stolen %"];
+    const header = ["mode", "req/s", "direct p50", "gw p50", "added p50", "direct p99", "gw p99", "added p99", "bare proxy added p50 / p99", "gw's own overhead p50 / p99", "TTFT added p50/p99", "direct rps", "gw rps", "ratio", "bare proxy ratio", "ratio bound, gw free", "errors", "direct CPU/req µs", "gw CPU/req µs: gw / billing+pg / analytics / upstream / load gen", "gw ceiling req/s", "gw RSS MB", "loop delay p99 / max: gw · load gen", "stolen %"];
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
     const line = (cells: string[]) => `| ${cells.map((c, i) => c.padStart(widths[i] ?? 0)).join(" | ")} |`;
     const out = [
@@ -317,8 +325,9 @@ async function main() {
     process.stdout.write(`${out.join("\n")}\n`);
   } finally {
     await mesh?.stop();
+    bareProxy.proc.kill();
     upstream.proc.kill();
-    await upstream.proc.exited;
+    await Promise.all([bareProxy.proc.exited, upstream.proc.exited]);
     await rm(dataDir, { recursive: true, force: true });
   }
 }
