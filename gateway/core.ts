@@ -177,8 +177,15 @@ export interface GatewayCore {
   model(call: Call, name: string): ModelRoute;
   /** Records the model a body names (if it names one) for a call refused before its body was parsed. */
   namedModel(call: Call, body: unknown): void;
-  /** Every configured model, in config order. */
+  /** Every configured model, in config order: a new list once the config is reloaded. */
   readonly routes: readonly ModelRoute[];
+  /**
+   * Serves `config` and `providers` (a reloaded config) from the next request on: its models, prices, routes, limits
+   * and providers. A request already admitted keeps its model's route and price; of its later attempts, one on a
+   * provider the config no longer has fails as not configured (so the next target is tried), one on a provider kept
+   * by name goes to the new one. Throws, changing nothing, when a model names a provider `providers` lacks.
+   */
+  reconfigure(config: GatewayConfig, providers: ReadonlyMap<string, Provider>): void;
   /**
    * Records the metrics of a finished call (shipped to analytics only once its key was accepted); `handle` calls it,
    * streams call it when they end.
@@ -248,15 +255,25 @@ const statusLabels: Record<number, string> = Object.fromEntries(
     .map(([name, status]) => [status, name.toLowerCase()]),
 );
 
-export function createGatewayCore(options: CoreOptions): GatewayCore {
-  const { config, providers, keys, shipper, instanceId, log } = options;
-  const random = options.random ?? Math.random;
+/** The models of `config`, in config order, once each names only providers `providers` has. */
+function routesOf(config: GatewayConfig, providers: ReadonlyMap<string, Provider>): ModelRoute[] {
   const routes = [...config.models.values()];
   for (const route of routes) {
     for (const target of route.targets) {
       if (!providers.has(target.provider)) throw new Error(`no provider "${target.provider}" for model ${route.name}`);
     }
   }
+  return routes;
+}
+
+export function createGatewayCore(options: CoreOptions): GatewayCore {
+  const { keys, shipper, instanceId, log } = options;
+  const random = options.random ?? Math.random;
+  // What new requests are served by; reconfigure swaps all three at once. The map is the router's too: a provider a
+  // reload removed is gone from the next attempt on, one it kept by name is the new one.
+  let config = options.config;
+  const providers = new Map(options.providers);
+  let routes = routesOf(config, providers);
   const instruments = options.registry ? createInstruments(options.registry) : undefined;
   const router = createUpstreamRouter({
     providers,
@@ -861,7 +878,16 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   };
 
   return {
-    routes,
+    get routes() {
+      return routes;
+    },
+    reconfigure(next, nextProviders) {
+      const nextRoutes = routesOf(next, nextProviders);
+      for (const name of providers.keys()) if (!nextProviders.has(name)) providers.delete(name);
+      for (const [name, provider] of nextProviders) providers.set(name, provider);
+      config = next;
+      routes = nextRoutes;
+    },
     begin(endpoint, secret, signal) {
       // The call's own signal: the client leaving (with its reason), or the gateway cutting it at shutdown.
       const own = new AbortController();

@@ -1,6 +1,7 @@
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { Counter } from "prom-client";
 import { z } from "zod";
 import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
@@ -140,8 +141,11 @@ try {
   process.exit(2);
 }
 
+/** The longest whole-request time limit of `config`'s models, or the default's, in ms. */
+const longestRequestMsOf = (config: GatewayConfig) =>
+  Math.max(cfg.GATEWAY_REQUEST_TIMEOUT_MS, ...[...config.models.values()].map((m) => m.requestTimeoutMs ?? 0));
 // Leases must outlive every request that reserves on them, or billing could regrant money still in use.
-const longestRequestMs = Math.max(cfg.GATEWAY_REQUEST_TIMEOUT_MS, ...[...config.models.values()].map((m) => m.requestTimeoutMs ?? 0));
+const longestRequestMs = longestRequestMsOf(config);
 if (cfg.GATEWAY_BUDGET_LEASE_TTL_S * 1000 < longestRequestMs + 10_000) {
   process.stderr.write(
     `GATEWAY_BUDGET_LEASE_TTL_S: ${cfg.GATEWAY_BUDGET_LEASE_TTL_S} s must exceed the longest request time limit (${longestRequestMs} ms) by 10 s\n`,
@@ -153,6 +157,9 @@ const runtime = createRuntime("gateway", cfg, cfg.GATEWAY_INSTANCE_ID);
 const { log } = runtime;
 // A stop signal while it waits for an old spool LOCK ends the start; once the spool is open, its LOCK is released.
 const signals = stopOnSignals(log);
+// SIGHUP reloads GATEWAY_CONFIG once the gateway serves (see reloadConfig below); unhandled, it would end the process.
+let reloadConfig = () => log.warn("SIGHUP while the gateway starts: the config it starts with was read already; send it again");
+process.on("SIGHUP", () => reloadConfig());
 
 if (cfg.BUN_CONFIG_MAX_HTTP_REQUESTS < 1024) {
   log.warn("upstream calls past this many at once wait inside fetch: set BUN_CONFIG_MAX_HTTP_REQUESTS (4096 in the image)", {
@@ -160,14 +167,14 @@ if (cfg.BUN_CONFIG_MAX_HTTP_REQUESTS < 1024) {
   });
 }
 
+const providerOptions: Parameters<typeof createProviders>[2] = {
+  onMissingKey: (provider, variable) => log.warn("provider has no API key; its models fail until it is set", { provider, variable }),
+  secrets: [cfg.ADMIN_TOKEN, ...(cfg.GATEWAY_RESPONSE_ID_SECRET ? [cfg.GATEWAY_RESPONSE_ID_SECRET] : [])],
+  maxAnswerBytes: cfg.GATEWAY_MAX_UPSTREAM_ANSWER_BYTES,
+};
 let providers: ReturnType<typeof createProviders>;
 try {
-  providers = createProviders(config.providers, process.env, {
-    onMissingKey: (provider, variable) =>
-      log.warn("provider has no API key; its models fail until it is set", { provider, variable }),
-    secrets: [cfg.ADMIN_TOKEN, ...(cfg.GATEWAY_RESPONSE_ID_SECRET ? [cfg.GATEWAY_RESPONSE_ID_SECRET] : [])],
-    maxAnswerBytes: cfg.GATEWAY_MAX_UPSTREAM_ANSWER_BYTES,
-  });
+  providers = createProviders(config.providers, process.env, providerOptions);
 } catch (e) {
   if (!(e instanceof ConfigError)) throw e;
   process.stderr.write(`${e.message}\n`);
@@ -306,6 +313,40 @@ const core = createGatewayCore({
   responseIds: createResponseIds(responseIdKey(cfg.GATEWAY_RESPONSE_ID_SECRET, cfg.ADMIN_TOKEN)),
 });
 const service = createGatewayService(core);
+
+const configReloads = new Counter({
+  name: "gateway_config_reloads_total",
+  help: "Reloads of GATEWAY_CONFIG asked for with SIGHUP: applied, or refused (the running config stays).",
+  labelNames: ["result"] as const,
+  registers: [runtime.metrics.registry],
+});
+for (const result of ["applied", "refused"]) configReloads.labels({ result }).inc(0);
+/**
+ * Reads GATEWAY_CONFIG again and serves it from the next request on (see GatewayCore.reconfigure), or, when it does
+ * not hold, logs why and keeps the running config. A model may not get a longer request time limit than the gateway
+ * started with: budget lease lifetimes and connection ages were sized by it.
+ */
+reloadConfig = () => {
+  let next: GatewayConfig;
+  let nextProviders: ReturnType<typeof createProviders>;
+  try {
+    next = loadGatewayConfig(cfg.GATEWAY_CONFIG);
+    const longest = longestRequestMsOf(next);
+    if (longest > longestRequestMs) {
+      throw new ConfigError(
+        `a request time limit of ${longest} ms is longer than the gateway started with (${longestRequestMs} ms), which its budget leases and connections are sized by: restart the gateway to raise it`,
+      );
+    }
+    nextProviders = createProviders(next.providers, process.env, providerOptions);
+    core.reconfigure(next, nextProviders);
+  } catch (e) {
+    configReloads.labels({ result: "refused" }).inc();
+    log.error("gateway config not reloaded; the running config stays", { file: cfg.GATEWAY_CONFIG, err: (e as Error).message });
+    return;
+  }
+  configReloads.labels({ result: "applied" }).inc();
+  log.info("gateway config reloaded", { file: cfg.GATEWAY_CONFIG, models: next.models.size, providers: nextProviders.size });
+};
 const bodies = createBodyBudget({ maxBytes: cfg.GATEWAY_MAX_INFLIGHT_BODY_BYTES, registry: runtime.metrics.registry });
 const stalls = createStalledStreams({ max: cfg.GATEWAY_MAX_STALLED_STREAMS, registry: runtime.metrics.registry });
 const rest = createRestApp({ core, tracer: runtime.telemetry.tracer, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES });

@@ -128,7 +128,12 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
       for (let t = 0; t < order.length; t++) {
         const target = order[t] as Target;
         const key = targetKey(target);
-        const provider = providers.get(target.provider) as Provider;
+        const provider = providers.get(target.provider);
+        if (!provider) {
+          // Its provider left the config (a reload) while this request ran: a target that cannot serve, so the next.
+          last = new UpstreamError("misconfigured", `${target.provider}: no longer configured`);
+          continue;
+        }
         const retries = target.retries ?? route.retries;
         for (let retry = 0; retry <= retries; retry++) {
           // A retry after a 429 waits out a short hold that 429s set rather than give up.

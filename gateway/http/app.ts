@@ -111,8 +111,12 @@ export function createRestApp(options: RestAppOptions): RestApp {
     created,
     owned_by: route.targets[0]?.provider ?? "",
   });
-  // Unrestricted keys (most) all see the same list: render it once.
-  const allModels = JSON.stringify({ object: "list", data: core.routes.map(renderModel) });
+  // Unrestricted keys (most) all see the same list: rendered once per config (a reload makes a new list).
+  let allModels = { routes: core.routes, json: JSON.stringify({ object: "list", data: core.routes.map(renderModel) }) };
+  const allModelsJson = (routes: readonly ModelRoute[]) => {
+    if (allModels.routes !== routes) allModels = { routes, json: JSON.stringify({ object: "list", data: routes.map(renderModel) }) };
+    return allModels.json;
+  };
 
   // Named and described as OpenTelemetry's HTTP conventions have it: the route a request matched, `{model}` for a name.
   // Described once it is known to be recorded (no sampler of the gateway's reads them): a span nobody records (no
@@ -261,7 +265,7 @@ export function createRestApp(options: RestAppOptions): RestApp {
       const body = await core.handle(call, async () => {
         await core.authorize(call);
         const models = core.models(call);
-        return models === core.routes ? allModels : JSON.stringify({ object: "list", data: models.map(renderModel) });
+        return models === core.routes ? allModelsJson(models) : JSON.stringify({ object: "list", data: models.map(renderModel) });
       });
       return ok(call, body);
     } catch (e) {

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { copyFile, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import OpenAI from "openai";
@@ -12,10 +12,20 @@ const adminToken = "ops-admin-token-0123456789";
 let dataDir: string;
 let mesh: Mesh;
 let demo: Demo;
+// The gateway's config: the default one, copied where the reload test may rewrite it.
+let gatewayConfig: string;
 
 beforeAll(async () => {
   dataDir = await mkdtemp(path.join(tmpdir(), "mesh-ops-"));
-  mesh = await startMesh({ dataDir, adminToken, ports: { gateway: 0, billing: 0, analytics: 0 }, onLine: () => {} });
+  gatewayConfig = path.join(dataDir, "gateway.yaml");
+  await copyFile(path.join(import.meta.dir, "../../gateway/config.default.yaml"), gatewayConfig);
+  mesh = await startMesh({
+    dataDir,
+    adminToken,
+    ports: { gateway: 0, billing: 0, analytics: 0 },
+    serviceEnv: { gateway: { GATEWAY_CONFIG: gatewayConfig } },
+    onLine: () => {},
+  });
   demo = await ensureDemo(mesh, { dataDir, adminToken });
   const client = new OpenAI({ baseURL: demo.baseUrl, apiKey: demo.apiKey, maxRetries: 0 });
   for (let i = 0; i < 3; i++) {
@@ -116,4 +126,65 @@ describe("health", () => {
     expect(ready.status).toBe(200);
     expect(((await ready.json()) as { status: string }).status).toBe("ready");
   });
+});
+
+describe("config reload", () => {
+  const reloads = async () => {
+    const text = await (await fetch(`${mesh.urls.gateway}/metrics`)).text();
+    const count = (result: string) =>
+      Number(new RegExp(`^gateway_config_reloads_total\\{[^}]*result="${result}"[^}]*\\} (\\S+)$`, "m").exec(text)?.[1]);
+    return { applied: count("applied"), refused: count("refused") };
+  };
+  const until = async <T>(read: () => Promise<T>, done: (value: T) => boolean): Promise<T> => {
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      const value = await read();
+      if (done(value) || Date.now() > deadline) return value;
+      await Bun.sleep(50);
+    }
+  };
+
+  test("SIGHUP serves the config file as it now reads, from the next request; a file that does not hold is refused and the running config stays", async () => {
+    const client = new OpenAI({ baseURL: demo.baseUrl, apiKey: demo.apiKey, maxRetries: 0 });
+    const ask = (model: string) => client.chat.completions.create({ model, messages: [{ role: "user", content: "reloaded?" }] }).withResponse();
+    const gateway = mesh.processes.gateway.proc.pid;
+    const original = await readFile(gatewayConfig, "utf8");
+    expect((await client.models.list()).data.map((m) => m.id)).not.toContain("mock-reloaded");
+    const unknown = await ask("mock-reloaded").catch((e: unknown) => e);
+    expect(unknown).toMatchObject({ status: 404, code: "model_not_found" });
+
+    // A model added, at ten times the mock model's prices.
+    await writeFile(
+      gatewayConfig,
+      `${original}
+  - name: mock-reloaded
+    targets:
+      - { provider: mock, model: mock-echo-1 }
+    pricing: { input_per_mtok: "5", output_per_mtok: "15" }
+`,
+    );
+    process.kill(gateway, "SIGHUP");
+    expect(await until(reloads, (r) => r.applied === 1)).toEqual({ applied: 1, refused: 0 });
+    expect((await client.models.list()).data.map((m) => m.id)).toContain("mock-reloaded");
+    const [mock, reloaded] = [await ask("mock"), await ask("mock-reloaded")];
+    expect(reloaded.data.usage).toEqual(mock.data.usage);
+    const cost = (answer: typeof mock) => BigInt(answer.response.headers.get("x-gateway-cost-nanos") ?? "-1");
+    expect(cost(reloaded)).toBe(cost(mock) * 10n);
+
+    // A file that does not parse, then one naming a provider it does not define: both refused, nothing changes.
+    for (const broken of ["models: [", `${original}\n  - name: ghost\n    targets: [{ provider: nowhere, model: x }]\n    pricing: { input_per_mtok: "1", output_per_mtok: "1" }\n`]) {
+      await writeFile(gatewayConfig, broken);
+      const before = await reloads();
+      process.kill(gateway, "SIGHUP");
+      expect(await until(reloads, (r) => r.refused === before.refused + 1)).toEqual({ applied: 1, refused: before.refused + 1 });
+      expect((await ask("mock-reloaded")).response.status).toBe(200);
+    }
+    expect(await until(reloads, (r) => r.refused === 2)).toEqual({ applied: 1, refused: 2 });
+
+    // Back to the file the gateway started with: the added model is gone again.
+    await writeFile(gatewayConfig, original);
+    process.kill(gateway, "SIGHUP");
+    expect(await until(reloads, (r) => r.applied === 2)).toEqual({ applied: 2, refused: 2 });
+    expect((await client.models.list()).data.map((m) => m.id)).not.toContain("mock-reloaded");
+  }, 60_000);
 });

@@ -1,0 +1,117 @@
+import { expect, test } from "bun:test";
+import { Endpoint } from "../gen/common/v1/common_pb.ts";
+import { createKeyAuthorizer } from "./auth.ts";
+import { parseGatewayConfig } from "./config.ts";
+import { createGatewayCore } from "./core.ts";
+import { GatewayError } from "./errors.ts";
+import { createProviders } from "./providers/index.ts";
+import { type Provider, UpstreamError } from "./providers/provider.ts";
+import { createBillingFake, createRecordingShipper, createTestLogger } from "./testing.ts";
+
+/** A config of mock providers: `latency` answers after `ms`, `spare` at once; `models` is the models section. */
+const configOf = (models: string, ms = 0) =>
+  parseGatewayConfig(
+    `providers:
+  - { name: latency, kind: mock, latency_ms: ${ms} }
+  - { name: spare, kind: mock }
+models:
+${models}`,
+    "reload-test.yaml",
+  );
+
+const priced = (name: string, provider: string, price: string) => `  - name: ${name}
+    targets: [{ provider: ${provider}, model: mock-echo-1 }]
+    pricing: { input_per_mtok: "${price}", output_per_mtok: "${price}" }
+`;
+
+function startCore(config: ReturnType<typeof configOf>, providers: ReadonlyMap<string, Provider> = createProviders(config.providers, {})) {
+  const billing = createBillingFake({ "sk-good": { id: "key_good", orgId: "org_1" } });
+  const shipper = createRecordingShipper();
+  const core = createGatewayCore({
+    config,
+    providers,
+    keys: createKeyAuthorizer({ billing: billing.client }),
+    shipper,
+    instanceId: "gw-reload",
+    log: createTestLogger(),
+  });
+  const chat = (model: string) => {
+    const call = core.begin(Endpoint.CHAT_COMPLETIONS, "sk-good");
+    return core.handle(call, () => core.chat(call, { model, messages: [{ role: "user", content: "the same prompt" }] }));
+  };
+  return { core, shipper, chat };
+}
+
+test("a reloaded config's models and prices serve from the next request on; a model it dropped is unknown", async () => {
+  const { core, chat } = startCore(configOf(priced("kept", "spare", "1") + priced("dropped", "spare", "1")));
+  const before = await chat("kept");
+  expect(core.routes.map((r) => r.name)).toEqual(["kept", "dropped"]);
+
+  const next = configOf(priced("kept", "spare", "10") + priced("added", "latency", "2"));
+  core.reconfigure(next, createProviders(next.providers, {}));
+
+  expect(core.routes.map((r) => r.name)).toEqual(["kept", "added"]);
+  const after = await chat("kept");
+  // The same prompt and answer, ten times the price.
+  expect(after.tokens).toEqual(before.tokens);
+  expect(after.costNanos).toBe(before.costNanos * 10n);
+  expect((await chat("added")).provider).toBe("latency");
+  const dropped = await chat("dropped").catch((e: unknown) => e);
+  expect(dropped).toBeInstanceOf(GatewayError);
+  expect(dropped).toMatchObject({ status: 404, code: "model_not_found" });
+});
+
+test("a request admitted before a reload is metered at the price it began under", async () => {
+  const { core, chat, shipper } = startCore(configOf(priced("m", "latency", "1"), 150));
+  const baseline = await chat("m");
+  const running = chat("m");
+  // Admitted and waiting on its upstream (150 ms) when the price goes up.
+  await Bun.sleep(40);
+  const next = configOf(priced("m", "latency", "3"), 150);
+  core.reconfigure(next, createProviders(next.providers, {}));
+  expect((await running).costNanos).toBe(baseline.costNanos);
+  expect((await chat("m")).costNanos).toBe(baseline.costNanos * 3n);
+  expect(shipper.rows.map((row) => row.costNanos)).toEqual([baseline.costNanos, baseline.costNanos, baseline.costNanos * 3n]);
+});
+
+test("a config naming a provider it was not given is refused, and the running config stays", async () => {
+  const config = configOf(priced("m", "spare", "1"));
+  const { core, chat } = startCore(config);
+  const next = configOf(priced("m", "spare", "1") + priced("n", "latency", "1"));
+  const withoutLatency = new Map([...createProviders(next.providers, {})].filter(([name]) => name !== "latency"));
+  expect(() => core.reconfigure(next, withoutLatency)).toThrow('no provider "latency" for model n');
+  expect(core.routes.map((r) => r.name)).toEqual(["m"]);
+  expect((await chat("m")).provider).toBe("spare");
+});
+
+test("an attempt on a provider a reload removed fails as not configured: the next target is tried, and the last says so", async () => {
+  // `latency` fails each attempt after 100 ms; the route falls back to `spare`, which a reload removes meanwhile.
+  const fallback = `  - name: r
+    targets: [{ provider: latency, model: mock-echo-1 }, { provider: spare, model: mock-echo-1 }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+`;
+  const config = configOf(fallback);
+  const providers = new Map(createProviders(config.providers, {}));
+  const failing = async (): Promise<never> => {
+    await Bun.sleep(100);
+    throw new UpstreamError("transient", "latency answered 500: boom", 500);
+  };
+  providers.set("latency", {
+    name: "latency",
+    kind: "mock",
+    chat: failing,
+    streamChat: failing,
+    embed: failing,
+    responses: failing,
+    streamResponses: failing,
+    storedResponse: failing,
+  });
+  const { core, chat } = startCore(config, providers);
+  const running = chat("r").catch((e: unknown) => e);
+  await Bun.sleep(30);
+  const next = configOf(priced("r", "latency", "1"));
+  core.reconfigure(next, new Map([...providers].filter(([name]) => name !== "spare")));
+  const failed = await running;
+  expect(failed).toBeInstanceOf(GatewayError);
+  expect(failed).toMatchObject({ status: 502, message: "Every upstream of `r` failed; the last one is not configured." });
+});
