@@ -416,13 +416,16 @@ function priceOf(p: z.infer<typeof prices>, model?: z.infer<typeof prices>) {
 
 /** Reads and parses the config file at `path`, or throws a ConfigError naming the file and field. */
 export function loadGatewayConfig(path: string): GatewayConfig {
-  let text: string;
+  return parseGatewayConfig(readGatewayConfigText(path), path);
+}
+
+/** The text of the config file at `path`; a ConfigError naming it when it cannot be read. */
+export function readGatewayConfigText(path: string): string {
   try {
-    text = readFileSync(path, "utf8");
+    return readFileSync(path, "utf8");
   } catch (e) {
     throw new ConfigError(`cannot read gateway config ${path}: ${(e as Error).message}`);
   }
-  return parseGatewayConfig(text, path);
 }
 
 /** What an operator meant by keys other gateways take, for the message of an unknown key. */

@@ -1,5 +1,5 @@
 import { afterAll, expect, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, runCommand } from "../lib/processes.ts";
@@ -179,3 +179,69 @@ test("SIGTERM while it waits for the spool LOCK of the container before it ends 
     gateway.proc.kill("SIGKILL");
   }
 }, 30_000);
+
+test("GATEWAY_CONFIG_POLL_MS reloads the config file once its content changes, refuses one that does not hold once, and SIGHUP reloads it", async () => {
+  const config = join(dataDir, "polled.yaml");
+  const model = (name: string) => `  - name: ${name}
+    targets: [{ provider: mock, model: mock-echo-1 }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+`;
+  const file = (...names: string[]) => `providers:\n  - { name: mock, kind: mock }\nmodels:\n${names.map(model).join("")}`;
+  // Replaced whole, as a ConfigMap's files are: a poll never reads one half written.
+  const put = (text: string) => {
+    writeFileSync(`${config}.new`, text);
+    renameSync(`${config}.new`, config);
+  };
+  put(file("first"));
+  const port = await freePort();
+  const gateway = await spawnAsContainerInit([process.execPath, main], {
+    env: {
+      MESH_DATA_DIR: dataDir,
+      ADMIN_TOKEN: adminToken,
+      GATEWAY_INSTANCE_ID: "gw-polled",
+      GATEWAY_PORT: String(port),
+      GATEWAY_CONFIG: config,
+      GATEWAY_CONFIG_POLL_MS: "50",
+      LOG_LEVEL: "info",
+    },
+  });
+  const logged = (msg: string) => gateway.lines.filter((line) => line.includes(`"msg":"${msg}`));
+  const reloaded = () => logged("gateway config reloaded");
+  const refused = () => logged("gateway config not reloaded");
+  const until = async (done: () => boolean) => {
+    for (const deadline = Date.now() + 10_000; !done() && Date.now() < deadline; ) await Bun.sleep(20);
+  };
+  try {
+    await waitForLine(gateway.lines, "gateway started");
+    await Bun.sleep(200);
+    // Unchanged, it is not read as new.
+    expect(reloaded()).toEqual([]);
+
+    put(file("first", "second"));
+    await until(() => reloaded().length === 1);
+    expect(reloaded()).toEqual([expect.stringContaining('"models":2')]);
+
+    put("models: [");
+    await until(() => refused().length === 1);
+    rmSync(config);
+    await until(() => refused().length === 2);
+    // Each refused once, however many polls see it since.
+    await Bun.sleep(300);
+    expect(refused()).toEqual([expect.stringContaining("line 1"), expect.stringContaining("cannot read gateway config")]);
+
+    put(file("first", "second", "third"));
+    await until(() => reloaded().length === 2);
+    expect(reloaded()[1]).toContain('"models":3');
+    process.kill(gateway.pid, "SIGHUP");
+    await until(() => reloaded().length === 3);
+    expect(reloaded().length).toBe(3);
+
+    const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    expect(metrics).toMatch(/^gateway_config_reloads_total\{[^}]*result="applied"[^}]*\} 3$/m);
+    expect(metrics).toMatch(/^gateway_config_reloads_total\{[^}]*result="refused"[^}]*\} 2$/m);
+  } finally {
+    process.kill(gateway.pid, "SIGTERM");
+    await Promise.race([gateway.exited, Bun.sleep(10_000)]);
+    gateway.proc.kill("SIGKILL");
+  }
+}, 60_000);

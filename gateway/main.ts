@@ -15,7 +15,7 @@ import { createKeyAuthorizer, watchKeyChanges } from "./auth.ts";
 import { createBodyBudget } from "./body-budget.ts";
 import { createBudgetKeeper } from "./budget.ts";
 import { breakerStateMetric, createCircuitBreakers } from "./circuit-breaker.ts";
-import { type GatewayConfig, loadGatewayConfig } from "./config.ts";
+import { type GatewayConfig, parseGatewayConfig, readGatewayConfigText } from "./config.ts";
 import { createGatewayCore } from "./core.ts";
 import { createRestApp, exposedHeaders } from "./http/app.ts";
 import { serveRest } from "./http/bun.ts";
@@ -39,8 +39,10 @@ const cfg = loadEnvOrExit({
   GATEWAY_REST_PORT: env.int(0, 65535).optional(),
   BILLING_URL: env.httpUrl.default("http://127.0.0.1:8081"),
   ANALYTICS_URL: env.httpUrl.default("http://127.0.0.1:8082"),
-  /** Routes and prices, YAML or JSON. */
+  /** Routes and prices, YAML or JSON; read again on SIGHUP. */
   GATEWAY_CONFIG: env.setOrUnset(env.filled.default(fileURLToPath(new URL("./config.default.yaml", import.meta.url)))),
+  /** Reads GATEWAY_CONFIG this often and reloads it once its content changed (a ConfigMap updated in place); 0: never. */
+  GATEWAY_CONFIG_POLL_MS: env.int(0, 3_600_000).default(0),
   /** Names this replica in metrics; stable per pod in Kubernetes. */
   GATEWAY_INSTANCE_ID: z
     .string()
@@ -133,8 +135,11 @@ for (const [least, most] of [
 }
 
 let config: GatewayConfig;
+/** What GATEWAY_CONFIG held when last read (or why it could not be read): a poll reloads only once it changes. */
+let configSeen: string;
 try {
-  config = loadGatewayConfig(cfg.GATEWAY_CONFIG);
+  configSeen = readGatewayConfigText(cfg.GATEWAY_CONFIG);
+  config = parseGatewayConfig(configSeen, cfg.GATEWAY_CONFIG);
 } catch (e) {
   if (!(e instanceof ConfigError)) throw e;
   process.stderr.write(`${e.message}\n`);
@@ -321,16 +326,27 @@ const configReloads = new Counter({
   registers: [runtime.metrics.registry],
 });
 for (const result of ["applied", "refused"]) configReloads.labels({ result }).inc(0);
+const refuseConfig = (err: string) => {
+  configReloads.labels({ result: "refused" }).inc();
+  log.error("gateway config not reloaded; the running config stays", { file: cfg.GATEWAY_CONFIG, err });
+};
 /**
- * Reads GATEWAY_CONFIG again and serves it from the next request on (see GatewayCore.reconfigure), or, when it does
- * not hold, logs why and keeps the running config. A model may not get a longer request time limit than the gateway
- * started with: budget lease lifetimes and connection ages were sized by it.
+ * Serves GATEWAY_CONFIG as it now reads (`text`, else read now) from the next request on (see
+ * GatewayCore.reconfigure), or, when it does not hold, logs why and keeps the running config. A model may not get a
+ * longer request time limit than the gateway started with: budget lease lifetimes and connection ages were sized by it.
  */
-reloadConfig = () => {
+const reload = (text?: string) => {
   let next: GatewayConfig;
   let nextProviders: ReturnType<typeof createProviders>;
   try {
-    next = loadGatewayConfig(cfg.GATEWAY_CONFIG);
+    try {
+      configSeen = text ?? readGatewayConfigText(cfg.GATEWAY_CONFIG);
+    } catch (e) {
+      // Seen as a poll would see it: not refused again at the next poll.
+      configSeen = (e as Error).message;
+      throw e;
+    }
+    next = parseGatewayConfig(configSeen, cfg.GATEWAY_CONFIG);
     const longest = longestRequestMsOf(next);
     if (longest > longestRequestMs) {
       throw new ConfigError(
@@ -340,13 +356,29 @@ reloadConfig = () => {
     nextProviders = createProviders(next.providers, process.env, providerOptions);
     core.reconfigure(next, nextProviders);
   } catch (e) {
-    configReloads.labels({ result: "refused" }).inc();
-    log.error("gateway config not reloaded; the running config stays", { file: cfg.GATEWAY_CONFIG, err: (e as Error).message });
+    refuseConfig((e as Error).message);
     return;
   }
   configReloads.labels({ result: "applied" }).inc();
   log.info("gateway config reloaded", { file: cfg.GATEWAY_CONFIG, models: next.models.size, providers: nextProviders.size });
 };
+reloadConfig = () => reload();
+if (cfg.GATEWAY_CONFIG_POLL_MS > 0) {
+  // A file that cannot be read is refused once, as a changed text is: not again at every poll while it stays so.
+  const poll = setInterval(() => {
+    let seen: string;
+    try {
+      seen = readGatewayConfigText(cfg.GATEWAY_CONFIG);
+    } catch (e) {
+      seen = (e as Error).message;
+      if (seen !== configSeen) refuseConfig(seen);
+      configSeen = seen;
+      return;
+    }
+    if (seen !== configSeen) reload(seen);
+  }, cfg.GATEWAY_CONFIG_POLL_MS);
+  poll.unref();
+}
 const bodies = createBodyBudget({ maxBytes: cfg.GATEWAY_MAX_INFLIGHT_BODY_BYTES, registry: runtime.metrics.registry });
 const stalls = createStalledStreams({ max: cfg.GATEWAY_MAX_STALLED_STREAMS, registry: runtime.metrics.registry });
 const rest = createRestApp({ core, tracer: runtime.telemetry.tracer, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES });
