@@ -115,3 +115,33 @@ test("an attempt on a provider a reload removed fails as not configured: the nex
   expect(failed).toBeInstanceOf(GatewayError);
   expect(failed).toMatchObject({ status: 502, message: "Every upstream of `r` failed; the last one is not configured." });
 });
+
+test("reloads while requests run lose none: each is answered and metered once, at one config's price or the other's", async () => {
+  const cheap = configOf(priced("m", "latency", "1"), 5);
+  const dear = configOf(priced("m", "latency", "2"), 5);
+  const { core, chat, shipper } = startCore(cheap);
+  const unit = (await chat("m")).costNanos;
+  let reloads = 0;
+  const reloading = (async () => {
+    for (; reloads < 40; reloads++) {
+      const next = reloads % 2 === 0 ? dear : cheap;
+      core.reconfigure(next, createProviders(next.providers, {}));
+      await Bun.sleep(2);
+    }
+  })();
+  // Begun ten at a time, a millisecond apart, so that they straddle the reloads.
+  const running: ReturnType<typeof chat>[] = [];
+  for (let i = 0; i < 300; i++) {
+    running.push(chat("m"));
+    if (i % 10 === 9) await Bun.sleep(1);
+  }
+  const answers = await Promise.all(running);
+  await reloading;
+  expect(reloads).toBe(40);
+  const costs = answers.map((a) => a.costNanos);
+  expect(costs.every((c) => c === unit || c === unit * 2n)).toBe(true);
+  expect(new Set(costs).size).toBe(2);
+  expect(shipper.rows.length).toBe(301);
+  expect(new Set(shipper.rows.map((row) => row.requestId)).size).toBe(301);
+  expect(shipper.rows.slice(1).map((row) => row.costNanos)).toEqual(costs);
+});
