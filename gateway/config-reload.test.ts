@@ -1,7 +1,10 @@
-import { expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
+import { Registry } from "prom-client";
 import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createKeyAuthorizer } from "./auth.ts";
+import { ConfigError } from "../lib/config.ts";
 import { parseGatewayConfig } from "./config.ts";
+import { createConfigReloader } from "./config-reload.ts";
 import { createGatewayCore } from "./core.ts";
 import { GatewayError } from "./errors.ts";
 import { createProviders } from "./providers/index.ts";
@@ -144,4 +147,91 @@ test("reloads while requests run lose none: each is answered and metered once, a
   expect(shipper.rows.length).toBe(301);
   expect(new Set(shipper.rows.map((row) => row.requestId)).size).toBe(301);
   expect(shipper.rows.slice(1).map((row) => row.costNanos)).toEqual(costs);
+});
+
+describe("the config reloader", () => {
+  /** A file in memory: its text, or undefined when it cannot be read; and what was applied and logged. */
+  function reloaderOn(initialText: string, pollMs = 0) {
+    const file = { text: initialText as string | undefined };
+    const applied: string[] = [];
+    const registry = new Registry();
+    const log = createTestLogger();
+    const reloader = createConfigReloader({
+      path: "/etc/gateway.yaml",
+      initialText,
+      pollMs,
+      log,
+      registry,
+      read: (path) => {
+        if (file.text === undefined) throw new ConfigError(`cannot read gateway config ${path}: ENOENT`);
+        return file.text;
+      },
+      apply(text) {
+        if (text.includes("broken")) throw new ConfigError("line 1, column 9: broken");
+        applied.push(text);
+        return { models: text.length };
+      },
+    });
+    const counts = async () => {
+      const metrics = await registry.getSingleMetricAsString("gateway_config_reloads_total");
+      const count = (result: string) => Number(new RegExp(`result="${result}"\\} (\\d+)`).exec(metrics)?.[1]);
+      return { applied: count("applied"), refused: count("refused") };
+    };
+    const logged = (msg: string) => log.lines.filter((line) => line.includes(`"msg":"${msg}`));
+    return { file, applied, reloader, counts, logged };
+  }
+
+  test("reload() applies the file as it reads now, changed or not, and refuses one that does not hold or cannot be read", async () => {
+    const { file, applied, reloader, counts, logged } = reloaderOn("v1");
+    reloader.reload();
+    file.text = "v2";
+    reloader.reload();
+    file.text = "v2 broken";
+    reloader.reload();
+    file.text = undefined;
+    reloader.reload();
+    expect(applied).toEqual(["v1", "v2"]);
+    expect(await counts()).toEqual({ applied: 2, refused: 2 });
+    expect(logged("gateway config reloaded")).toEqual([
+      expect.stringContaining('"models":2'),
+      expect.stringContaining('"models":2'),
+    ]);
+    expect(logged("gateway config not reloaded")).toEqual([
+      expect.stringContaining('"err":"line 1, column 9: broken"'),
+      expect.stringContaining('"err":"cannot read gateway config /etc/gateway.yaml: ENOENT"'),
+    ]);
+  });
+
+  test("a poll applies a changed file once, and refuses a broken or unreadable one once however many polls see it", async () => {
+    const { file, applied, reloader, counts } = reloaderOn("v1", 5);
+    const until = async (done: () => Promise<boolean>) => {
+      for (const deadline = Date.now() + 5_000; !(await done()) && Date.now() < deadline; ) await Bun.sleep(5);
+    };
+    const settled = async (expected: { applied: number; refused: number }) => {
+      await until(async () => JSON.stringify(await counts()) === JSON.stringify(expected));
+      // Several more polls see the same file.
+      await Bun.sleep(40);
+      expect(await counts()).toEqual(expected);
+    };
+    try {
+      await Bun.sleep(40);
+      expect(applied).toEqual([]);
+      file.text = "v2";
+      await settled({ applied: 1, refused: 0 });
+      expect(applied).toEqual(["v2"]);
+      file.text = "v3 broken";
+      await settled({ applied: 1, refused: 1 });
+      file.text = undefined;
+      await settled({ applied: 1, refused: 2 });
+      // Readable again with the text last applied: a change from what the poll last saw, so applied again.
+      file.text = "v2";
+      await settled({ applied: 2, refused: 2 });
+      expect(applied).toEqual(["v2", "v2"]);
+    } finally {
+      reloader.stop();
+    }
+    file.text = "v4";
+    await Bun.sleep(40);
+    expect(applied).toEqual(["v2", "v2"]);
+  });
 });

@@ -1,7 +1,6 @@
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { Counter } from "prom-client";
 import { z } from "zod";
 import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
@@ -16,6 +15,7 @@ import { createBodyBudget } from "./body-budget.ts";
 import { createBudgetKeeper } from "./budget.ts";
 import { breakerStateMetric, createCircuitBreakers } from "./circuit-breaker.ts";
 import { type GatewayConfig, parseGatewayConfig, readGatewayConfigText } from "./config.ts";
+import { createConfigReloader } from "./config-reload.ts";
 import { createGatewayCore } from "./core.ts";
 import { createRestApp, exposedHeaders } from "./http/app.ts";
 import { serveRest } from "./http/bun.ts";
@@ -135,11 +135,11 @@ for (const [least, most] of [
 }
 
 let config: GatewayConfig;
-/** What GATEWAY_CONFIG held when last read (or why it could not be read): a poll reloads only once it changes. */
-let configSeen: string;
+/** What GATEWAY_CONFIG held at start: a poll reloads it once it changes. */
+let configText: string;
 try {
-  configSeen = readGatewayConfigText(cfg.GATEWAY_CONFIG);
-  config = parseGatewayConfig(configSeen, cfg.GATEWAY_CONFIG);
+  configText = readGatewayConfigText(cfg.GATEWAY_CONFIG);
+  config = parseGatewayConfig(configText, cfg.GATEWAY_CONFIG);
 } catch (e) {
   if (!(e instanceof ConfigError)) throw e;
   process.stderr.write(`${e.message}\n`);
@@ -162,7 +162,7 @@ const runtime = createRuntime("gateway", cfg, cfg.GATEWAY_INSTANCE_ID);
 const { log } = runtime;
 // A stop signal while it waits for an old spool LOCK ends the start; once the spool is open, its LOCK is released.
 const signals = stopOnSignals(log);
-// SIGHUP reloads GATEWAY_CONFIG once the gateway serves (see reloadConfig below); unhandled, it would end the process.
+// SIGHUP reloads GATEWAY_CONFIG once the gateway serves (see configReloader below); unhandled, it would end the process.
 let reloadConfig = () => log.warn("SIGHUP while the gateway starts: the config it starts with was read already; send it again");
 process.on("SIGHUP", () => reloadConfig());
 
@@ -319,66 +319,28 @@ const core = createGatewayCore({
 });
 const service = createGatewayService(core);
 
-const configReloads = new Counter({
-  name: "gateway_config_reloads_total",
-  help: "Reloads of GATEWAY_CONFIG asked for with SIGHUP: applied, or refused (the running config stays).",
-  labelNames: ["result"] as const,
-  registers: [runtime.metrics.registry],
-});
-for (const result of ["applied", "refused"]) configReloads.labels({ result }).inc(0);
-const refuseConfig = (err: string) => {
-  configReloads.labels({ result: "refused" }).inc();
-  log.error("gateway config not reloaded; the running config stays", { file: cfg.GATEWAY_CONFIG, err });
-};
-/**
- * Serves GATEWAY_CONFIG as it now reads (`text`, else read now) from the next request on (see
- * GatewayCore.reconfigure), or, when it does not hold, logs why and keeps the running config. A model may not get a
- * longer request time limit than the gateway started with: budget lease lifetimes and connection ages were sized by it.
- */
-const reload = (text?: string) => {
-  let next: GatewayConfig;
-  let nextProviders: ReturnType<typeof createProviders>;
-  try {
-    try {
-      configSeen = text ?? readGatewayConfigText(cfg.GATEWAY_CONFIG);
-    } catch (e) {
-      // Seen as a poll would see it: not refused again at the next poll.
-      configSeen = (e as Error).message;
-      throw e;
-    }
-    next = parseGatewayConfig(configSeen, cfg.GATEWAY_CONFIG);
+// A model may not get a longer request time limit than the gateway started with: budget lease lifetimes and
+// connection ages were sized by it.
+const configReloader = createConfigReloader({
+  path: cfg.GATEWAY_CONFIG,
+  initialText: configText,
+  pollMs: cfg.GATEWAY_CONFIG_POLL_MS,
+  log,
+  registry: runtime.metrics.registry,
+  apply(text) {
+    const next = parseGatewayConfig(text, cfg.GATEWAY_CONFIG);
     const longest = longestRequestMsOf(next);
     if (longest > longestRequestMs) {
       throw new ConfigError(
         `a request time limit of ${longest} ms is longer than the gateway started with (${longestRequestMs} ms), which its budget leases and connections are sized by: restart the gateway to raise it`,
       );
     }
-    nextProviders = createProviders(next.providers, process.env, providerOptions);
+    const nextProviders = createProviders(next.providers, process.env, providerOptions);
     core.reconfigure(next, nextProviders);
-  } catch (e) {
-    refuseConfig((e as Error).message);
-    return;
-  }
-  configReloads.labels({ result: "applied" }).inc();
-  log.info("gateway config reloaded", { file: cfg.GATEWAY_CONFIG, models: next.models.size, providers: nextProviders.size });
-};
-reloadConfig = () => reload();
-if (cfg.GATEWAY_CONFIG_POLL_MS > 0) {
-  // A file that cannot be read is refused once, as a changed text is: not again at every poll while it stays so.
-  const poll = setInterval(() => {
-    let seen: string;
-    try {
-      seen = readGatewayConfigText(cfg.GATEWAY_CONFIG);
-    } catch (e) {
-      seen = (e as Error).message;
-      if (seen !== configSeen) refuseConfig(seen);
-      configSeen = seen;
-      return;
-    }
-    if (seen !== configSeen) reload(seen);
-  }, cfg.GATEWAY_CONFIG_POLL_MS);
-  poll.unref();
-}
+    return { models: next.models.size, providers: nextProviders.size };
+  },
+});
+reloadConfig = () => configReloader.reload();
 const bodies = createBodyBudget({ maxBytes: cfg.GATEWAY_MAX_INFLIGHT_BODY_BYTES, registry: runtime.metrics.registry });
 const stalls = createStalledStreams({ max: cfg.GATEWAY_MAX_STALLED_STREAMS, registry: runtime.metrics.registry });
 const rest = createRestApp({ core, tracer: runtime.telemetry.tracer, maxBodyBytes: cfg.GATEWAY_MAX_BODY_BYTES });
@@ -420,6 +382,7 @@ const fastRest =
 log.info("gateway started", { models: config.models.size, instance: cfg.GATEWAY_INSTANCE_ID, url: server.url, rest_url: fastRest?.url });
 
 signals.serving(async () => {
+  configReloader.stop();
   // Requests still running when the grace is over are told so (a 503, an error event) before their connections close.
   let cut = false;
   const cutInFlight = () => {
