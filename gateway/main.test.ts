@@ -129,6 +129,17 @@ models:
   }
 });
 
+test("GATEWAY_CONFIG_POLL_MS between 0 and 50, a poll that would take the serving thread's time for nothing, is refused with the environment", async () => {
+  for (const ms of ["1", "49"]) {
+    const { stdout, stderr, code } = await runCommand([process.execPath, main], {
+      env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", GATEWAY_CONFIG_POLL_MS: ms },
+    });
+    expect(code).toBe(2);
+    expect(stdout).toBe("");
+    expect(stderr).toBe(`invalid environment: GATEWAY_CONFIG_POLL_MS ("${ms}"): must be 0 (never) or at least 50 (ms)\n`);
+  }
+});
+
 test("GATEWAY_INSTANCE_ID of . or .., which would name the spool's parent directory, is refused with the environment", async () => {
   for (const id of [".", ".."]) {
     const { stdout, stderr, code } = await runCommand([process.execPath, main], {

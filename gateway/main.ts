@@ -42,7 +42,11 @@ const cfg = loadEnvOrExit({
   /** Routes and prices, YAML or JSON; read again on SIGHUP. */
   GATEWAY_CONFIG: env.setOrUnset(env.filled.default(fileURLToPath(new URL("./config.default.yaml", import.meta.url)))),
   /** Reads GATEWAY_CONFIG this often and reloads it once its content changed (a ConfigMap updated in place); 0: never. */
-  GATEWAY_CONFIG_POLL_MS: env.int(0, 3_600_000).default(0),
+  GATEWAY_CONFIG_POLL_MS: env
+    .int(0, 3_600_000)
+    // Read on the serving thread: a poll every few milliseconds would take its time for nothing.
+    .refine((ms) => ms === 0 || ms >= 50, "must be 0 (never) or at least 50 (ms)")
+    .default(0),
   /** Names this replica in metrics; stable per pod in Kubernetes. */
   GATEWAY_INSTANCE_ID: z
     .string()
