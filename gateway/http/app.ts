@@ -111,12 +111,9 @@ export function createRestApp(options: RestAppOptions): RestApp {
     created,
     owned_by: route.targets[0]?.provider ?? "",
   });
+  const modelList = (routes: readonly ModelRoute[]) => JSON.stringify({ object: "list", data: routes.map(renderModel) });
   // Unrestricted keys (most) all see the same list: rendered once per config (a reload makes a new list).
-  let allModels = { routes: core.routes, json: JSON.stringify({ object: "list", data: core.routes.map(renderModel) }) };
-  const allModelsJson = (routes: readonly ModelRoute[]) => {
-    if (allModels.routes !== routes) allModels = { routes, json: JSON.stringify({ object: "list", data: routes.map(renderModel) }) };
-    return allModels.json;
-  };
+  let allModels = { routes: core.routes, json: modelList(core.routes) };
 
   // Named and described as OpenTelemetry's HTTP conventions have it: the route a request matched, `{model}` for a name.
   // Described once it is known to be recorded (no sampler of the gateway's reads them): a span nobody records (no
@@ -265,7 +262,9 @@ export function createRestApp(options: RestAppOptions): RestApp {
       const body = await core.handle(call, async () => {
         await core.authorize(call);
         const models = core.models(call);
-        return models === core.routes ? allModelsJson(models) : JSON.stringify({ object: "list", data: models.map(renderModel) });
+        if (models !== core.routes) return modelList(models);
+        if (allModels.routes !== models) allModels = { routes: models, json: modelList(models) };
+        return allModels.json;
       });
       return ok(call, body);
     } catch (e) {
