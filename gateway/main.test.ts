@@ -10,6 +10,16 @@ afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
 const main = join(import.meta.dir, "main.ts");
 const adminToken = "main-test-admin-token-0123456789";
 
+/** Starts the gateway with `env` (on any port, in the test's data directory) and expects exit 2 with this one line. */
+async function expectRefused(env: Record<string, string>, line: string) {
+  const { stdout, stderr, code } = await runCommand([process.execPath, main], {
+    env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", ...env },
+  });
+  expect(code).toBe(2);
+  expect(stdout).toBe("");
+  expect(stderr).toBe(`${line}\n`);
+}
+
 test.each(["GATEWAY_PORT", "GATEWAY_REST_PORT"])("with %s taken it exits 1, one JSON error line naming it", async (variable) => {
   const taken = Bun.listen({ hostname: "0.0.0.0", port: 0, socket: { data() {} } });
   const free = String(await freePort());
@@ -73,12 +83,10 @@ test.each(["GATEWAY_PORT", "GATEWAY_REST_PORT"])(
 
 test("GATEWAY_REST_PORT equal to GATEWAY_PORT is refused with the environment", async () => {
   const port = String(await freePort());
-  const { stdout, stderr, code } = await runCommand([process.execPath, main], {
-    env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: port, GATEWAY_REST_PORT: port },
-  });
-  expect(code).toBe(2);
-  expect(stdout).toBe("");
-  expect(stderr).toBe(`invalid environment: GATEWAY_REST_PORT (${port}): must differ from GATEWAY_PORT\n`);
+  await expectRefused(
+    { GATEWAY_PORT: port, GATEWAY_REST_PORT: port },
+    `invalid environment: GATEWAY_REST_PORT (${port}): must differ from GATEWAY_PORT`,
+  );
 });
 
 test("a least past its most (lease sizes, retry backoff, body bytes) is refused with the environment, not quietly ignored", async () => {
@@ -89,12 +97,7 @@ test("a least past its most (lease sizes, retry backoff, body bytes) is refused 
     ["GATEWAY_MAX_BODY_BYTES", "8388608", "GATEWAY_MAX_INFLIGHT_BODY_BYTES", "4194304"],
   ];
   for (const [least, low, most, high] of pairs as [string, string, string, string][]) {
-    const { stdout, stderr, code } = await runCommand([process.execPath, main], {
-      env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", [least]: low, [most]: high },
-    });
-    expect(code).toBe(2);
-    expect(stdout).toBe("");
-    expect(stderr).toBe(`invalid environment: ${least} (${low}): must not exceed ${most} (${high})\n`);
+    await expectRefused({ [least]: low, [most]: high }, `invalid environment: ${least} (${low}): must not exceed ${most} (${high})`);
   }
 });
 
@@ -118,47 +121,25 @@ models:
     [{ GATEWAY_CONFIG: config }, 900, 1_800_000],
   ] as const;
   for (const [env, ttl, longest] of cases) {
-    const { stdout, stderr, code } = await runCommand([process.execPath, main], {
-      env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", ...env },
-    });
-    expect(code).toBe(2);
-    expect(stdout).toBe("");
-    expect(stderr).toBe(
-      `GATEWAY_BUDGET_LEASE_TTL_S: ${ttl} s must exceed the longest request time limit (${longest} ms) by 10 s\n`,
-    );
+    await expectRefused(env, `GATEWAY_BUDGET_LEASE_TTL_S: ${ttl} s must exceed the longest request time limit (${longest} ms) by 10 s`);
   }
 });
 
 test("GATEWAY_CONFIG_POLL_MS between 0 and 50, a poll that would take the serving thread's time for nothing, is refused with the environment", async () => {
   for (const ms of ["1", "49"]) {
-    const { stdout, stderr, code } = await runCommand([process.execPath, main], {
-      env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", GATEWAY_CONFIG_POLL_MS: ms },
-    });
-    expect(code).toBe(2);
-    expect(stdout).toBe("");
-    expect(stderr).toBe(`invalid environment: GATEWAY_CONFIG_POLL_MS ("${ms}"): must be 0 (never) or at least 50 (ms)\n`);
+    await expectRefused({ GATEWAY_CONFIG_POLL_MS: ms }, `invalid environment: GATEWAY_CONFIG_POLL_MS ("${ms}"): must be 0 (never) or at least 50 (ms)`);
   }
 });
 
 test("GATEWAY_INSTANCE_ID of . or .., which would name the spool's parent directory, is refused with the environment", async () => {
   for (const id of [".", ".."]) {
-    const { stdout, stderr, code } = await runCommand([process.execPath, main], {
-      env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", GATEWAY_INSTANCE_ID: id },
-    });
-    expect(code).toBe(2);
-    expect(stdout).toBe("");
-    expect(stderr).toBe(`invalid environment: GATEWAY_INSTANCE_ID ("${id}"): must name a directory: not . or ..\n`);
+    await expectRefused({ GATEWAY_INSTANCE_ID: id }, `invalid environment: GATEWAY_INSTANCE_ID ("${id}"): must name a directory: not . or ..`);
   }
 });
 
 test("GATEWAY_RESPONSE_ID_SECRET shorter than 32 characters, or set but blank, is refused with the environment, unshown", async () => {
   for (const [secret, shown] of [["too-short-a-secret", '"***"'], ["  ", "set but blank"]]) {
-    const { stdout, stderr, code } = await runCommand([process.execPath, main], {
-      env: { MESH_DATA_DIR: dataDir, GATEWAY_PORT: "0", GATEWAY_RESPONSE_ID_SECRET: secret as string },
-    });
-    expect(code).toBe(2);
-    expect(stdout).toBe("");
-    expect(stderr).toBe(`invalid environment: GATEWAY_RESPONSE_ID_SECRET (${shown}): must be at least 32 characters\n`);
+    await expectRefused({ GATEWAY_RESPONSE_ID_SECRET: secret as string }, `invalid environment: GATEWAY_RESPONSE_ID_SECRET (${shown}): must be at least 32 characters`);
   }
 });
 
