@@ -9,6 +9,7 @@ import { createGatewayCore } from "./core.ts";
 import { GatewayError } from "./errors.ts";
 import { createProviders } from "./providers/index.ts";
 import { type Provider, UpstreamError } from "./providers/provider.ts";
+import { eventually } from "../test/support.ts";
 import { createBillingFake, createRecordingShipper, createTestLogger } from "./testing.ts";
 
 /** A config of mock providers: `latency` answers after `ms`, `spare` at once; `models` is the models section. */
@@ -204,11 +205,8 @@ describe("the config reloader", () => {
 
   test("a poll applies a changed file once, and refuses a broken or unreadable one once however many polls see it", async () => {
     const { file, applied, reloader, counts } = reloaderOn("v1", 5);
-    const until = async (done: () => Promise<boolean>) => {
-      for (const deadline = Date.now() + 5_000; !(await done()) && Date.now() < deadline; ) await Bun.sleep(5);
-    };
     const settled = async (expected: { applied: number; refused: number }) => {
-      await until(async () => JSON.stringify(await counts()) === JSON.stringify(expected));
+      await eventually(async () => JSON.stringify(await counts()) === JSON.stringify(expected), { intervalMs: 5 });
       // Several more polls see the same file.
       await Bun.sleep(40);
       expect(await counts()).toEqual(expected);

@@ -4,6 +4,7 @@ import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, runCommand } from "../lib/processes.ts";
 import { expectJsonStartFailure, spawnAsContainerInit, waitForLine } from "../lib/testing.ts";
+import { eventually } from "../test/support.ts";
 
 const dataDir = mkdtempSync(join(tmpdir(), "gateway-main-"));
 afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
@@ -200,9 +201,6 @@ test("GATEWAY_CONFIG_POLL_MS reloads the config file once its content changes, r
   const logged = (msg: string) => gateway.lines.filter((line) => line.includes(`"msg":"${msg}`));
   const reloaded = () => logged("gateway config reloaded");
   const refused = () => logged("gateway config not reloaded");
-  const until = async (done: () => boolean) => {
-    for (const deadline = Date.now() + 10_000; !done() && Date.now() < deadline; ) await Bun.sleep(20);
-  };
   try {
     await waitForLine(gateway.lines, "gateway started");
     await Bun.sleep(200);
@@ -210,22 +208,22 @@ test("GATEWAY_CONFIG_POLL_MS reloads the config file once its content changes, r
     expect(reloaded()).toEqual([]);
 
     put(file("first", "second"));
-    await until(() => reloaded().length === 1);
+    await eventually(() => reloaded().length === 1, { intervalMs: 20 });
     expect(reloaded()).toEqual([expect.stringContaining('"models":2')]);
 
     put("models: [");
-    await until(() => refused().length === 1);
+    await eventually(() => refused().length === 1, { intervalMs: 20 });
     rmSync(config);
-    await until(() => refused().length === 2);
+    await eventually(() => refused().length === 2, { intervalMs: 20 });
     // Each refused once, however many polls see it since.
     await Bun.sleep(300);
     expect(refused()).toEqual([expect.stringContaining("line 1"), expect.stringContaining("cannot read gateway config")]);
 
     put(file("first", "second", "third"));
-    await until(() => reloaded().length === 2);
+    await eventually(() => reloaded().length === 2, { intervalMs: 20 });
     expect(reloaded()[1]).toContain('"models":3');
     process.kill(gateway.pid, "SIGHUP");
-    await until(() => reloaded().length === 3);
+    await eventually(() => reloaded().length === 3, { intervalMs: 20 });
     expect(reloaded().length).toBe(3);
 
     const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();

@@ -5,6 +5,7 @@ import * as path from "node:path";
 import OpenAI from "openai";
 import { freePort, runCommand, spawnService } from "../../lib/processes.ts";
 import { type Demo, ensureDemo, type Mesh, type ServiceName, startMesh } from "../../scripts/mesh.ts";
+import { eventually } from "../support.ts";
 
 // Operators' view of the mesh: a stock Prometheus scrapes every service, promtool accepts every
 // exposition, and the health endpoints mean what the README says.
@@ -135,14 +136,12 @@ describe("config reload", () => {
       Number(new RegExp(`^gateway_config_reloads_total\\{[^}]*result="${result}"[^}]*\\} (\\S+)$`, "m").exec(text)?.[1]);
     return { applied: count("applied"), refused: count("refused") };
   };
-  const until = async <T>(read: () => Promise<T>, done: (value: T) => boolean): Promise<T> => {
-    const deadline = Date.now() + 10_000;
-    for (;;) {
-      const value = await read();
-      if (done(value) || Date.now() > deadline) return value;
-      await Bun.sleep(50);
-    }
-  };
+  /** The reload counts, once `done` holds for them. */
+  const reloadsWhen = (done: (r: Awaited<ReturnType<typeof reloads>>) => boolean) =>
+    eventually(async () => {
+      const r = await reloads();
+      return done(r) && r;
+    });
 
   test("SIGHUP serves the config file as it now reads, from the next request; a file that does not hold is refused and the running config stays", async () => {
     const client = new OpenAI({ baseURL: demo.baseUrl, apiKey: demo.apiKey, maxRetries: 0 });
@@ -164,7 +163,7 @@ describe("config reload", () => {
 `,
     );
     process.kill(gateway, "SIGHUP");
-    expect(await until(reloads, (r) => r.applied === 1)).toEqual({ applied: 1, refused: 0 });
+    expect(await reloadsWhen((r) => r.applied === 1)).toEqual({ applied: 1, refused: 0 });
     expect((await client.models.list()).data.map((m) => m.id)).toContain("mock-reloaded");
     const [mock, reloaded] = [await ask("mock"), await ask("mock-reloaded")];
     expect(reloaded.data.usage).toEqual(mock.data.usage);
@@ -176,15 +175,15 @@ describe("config reload", () => {
       await writeFile(gatewayConfig, broken);
       const before = await reloads();
       process.kill(gateway, "SIGHUP");
-      expect(await until(reloads, (r) => r.refused === before.refused + 1)).toEqual({ applied: 1, refused: before.refused + 1 });
+      expect(await reloadsWhen((r) => r.refused === before.refused + 1)).toEqual({ applied: 1, refused: before.refused + 1 });
       expect((await ask("mock-reloaded")).response.status).toBe(200);
     }
-    expect(await until(reloads, (r) => r.refused === 2)).toEqual({ applied: 1, refused: 2 });
+    expect(await reloadsWhen((r) => r.refused === 2)).toEqual({ applied: 1, refused: 2 });
 
     // Back to the file the gateway started with: the added model is gone again.
     await writeFile(gatewayConfig, original);
     process.kill(gateway, "SIGHUP");
-    expect(await until(reloads, (r) => r.applied === 2)).toEqual({ applied: 2, refused: 2 });
+    expect(await reloadsWhen((r) => r.applied === 2)).toEqual({ applied: 2, refused: 2 });
     expect((await client.models.list()).data.map((m) => m.id)).not.toContain("mock-reloaded");
   }, 60_000);
 });
