@@ -21,6 +21,7 @@ import {
   type Reservation,
   type Spend,
 } from "./budget.ts";
+import type { CallJournal } from "./call-journal.ts";
 import { type ChatInput, parseChatInput } from "./chat-request.ts";
 import { type ChatStream, meterChatStream } from "./chat-stream.ts";
 import { createCircuitBreakers } from "./circuit-breaker.ts";
@@ -229,6 +230,8 @@ export interface CoreOptions {
   defaultMaxOutputTokens?: number;
   /** Seals the Responses API ids clients get (see response-ids.ts); under a key of this process alone when unset. */
   responseIds?: ResponseIds;
+  /** Notes the calls admitted until their metrics are recorded (see call-journal.ts); none when unset. */
+  calls?: Pick<CallJournal, "begun" | "ended">;
 }
 
 /** What a call holds while it runs: its rate-limit ticket, budget reservation, and a stream's deadline and upstream. */
@@ -302,6 +305,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   };
   const admissions = new WeakMap<Call, Admission>();
   const finished = new WeakSet<Call>();
+  const journaled = new WeakSet<Call>();
   // Calls begun and not yet finished, each with what aborts its signal, and who waits for there to be none.
   const unfinished = new Map<Call, AbortController>();
   // Billing's key check of each call, and the calls that ended while it was under way, with how.
@@ -463,7 +467,15 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     }
     const admission: Admission = { ticket, reservation };
     admissions.set(call, admission);
+    noteInFlight(call);
     return admission;
+  };
+
+  /** Notes an admitted call in the calls journal, so that a crash before it finishes still has it recorded. */
+  const noteInFlight = (call: Call) => {
+    if (!options.calls) return;
+    options.calls.begun(call.metrics);
+    journaled.add(call);
   };
 
   const finish = (call: Call, error?: GatewayError) => {
@@ -854,6 +866,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       call.span.setAttributes(outcomeAttributes(m, call.response, error, providers.get(m.provider)?.kind));
     }
     if (m.orgId !== "") withChildSpan("gateway.enqueue_metrics", {}, () => shipper.record(m));
+    // Only now that its row is written (or dropped): see call-journal.ts.
+    if (journaled.delete(call)) options.calls?.ended(call.requestId);
     if (instruments) {
       const endpoint = endpointLabels[m.endpoint] ?? "unspecified";
       // Clients name any model they like: the label only takes configured names, so series stay bounded.
@@ -1059,6 +1073,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       };
       const ticket = options.rateLimits?.admit(principal.lineageId, limits, 0);
       if (ticket) admissions.set(call, { ticket, reservation: undefined });
+      noteInFlight(call);
       if (ticket?.state) call.limitHeaders = rateLimitHeaders(ticket.state);
       const sent = performance.now();
       try {

@@ -31,12 +31,9 @@ function newRoot(): string {
 }
 
 const deadPid = Bun.spawnSync(["true"]).pid;
-const sidecar = {
-  file: leaseJournalFile,
-  adopt: (orphanDir: string, ownDir: string) => adoptLeaseJournal(orphanDir, ownDir),
-};
+const sidecars = [{ file: leaseJournalFile, adopt: (orphanDir: string, ownDir: string) => adoptLeaseJournal(orphanDir, ownDir) }];
 const openSpool = (root: string, name: string) =>
-  openFileSpool({ root, name, maxBytes: 1024 * 1024, fsync: "never", log: createTestLogger(), sidecar });
+  openFileSpool({ root, name, maxBytes: 1024 * 1024, fsync: "never", log: createTestLogger(), sidecars });
 
 describe("budget lease journal", () => {
   test("the leases a killed process held are what the next one inherits; those settled are not", () => {

@@ -30,6 +30,7 @@ import { createStalledStreams } from "./stalled-streams.ts";
 import { defaultBatchBytes, minBatchBytes } from "./spool.ts";
 import { type FileSpool, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
 import { adoptLeaseJournal, leaseJournalFile, openLeaseJournal } from "./lease-journal.ts";
+import { adoptedCalls, callJournalFile, openCallJournal } from "./call-journal.ts";
 import { closeTokenizer } from "./tokenizer.ts";
 
 const cfg = loadEnvOrExit({
@@ -230,7 +231,10 @@ while (!spool) {
       batchRows: cfg.GATEWAY_METRICS_BATCH_ROWS,
       batchBytes: cfg.GATEWAY_METRICS_BATCH_BYTES,
       log: log.child({ component: "spool" }),
-      sidecar: { file: leaseJournalFile, adopt: (orphanDir, ownDir) => adoptLeaseJournal(orphanDir, ownDir, log) },
+      sidecars: [
+        { file: leaseJournalFile, adopt: (orphanDir, ownDir) => adoptLeaseJournal(orphanDir, ownDir, log) },
+        { file: callJournalFile, rows: (orphanDir, lastRow) => adoptedCalls(orphanDir, lastRow, log) },
+      ],
     });
   } catch (e) {
     if (e instanceof SpoolInUseError && e.mayGoStale && Date.now() < lockDeadline) {
@@ -288,11 +292,18 @@ const shipper = createMetricsShipper({
   intervalMs: cfg.GATEWAY_METRICS_INTERVAL_MS,
   registry: runtime.metrics.registry,
 });
+// Calls a killed process left unfinished here are recorded as interrupted before any new one is noted.
+const calls = openCallJournal(spool.dir, {
+  lastRow: spool.lastRow,
+  record: (metrics) => shipper.record(metrics),
+  log: log.child({ component: "calls" }),
+});
 shipper.start();
 signals.undoOnStop(async () => {
   await keyChanges.stop();
   await shipper.close();
   leaseJournal.close();
+  calls.close();
 });
 
 const breakers = createCircuitBreakers({
@@ -319,6 +330,7 @@ const core = createGatewayCore({
   rateLimits: createRateLimiter({ registry: runtime.metrics.registry }),
   budget,
   defaultMaxOutputTokens: cfg.GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS,
+  calls,
   responseIds: createResponseIds(responseIdKey(cfg.GATEWAY_RESPONSE_ID_SECRET, cfg.ADMIN_TOKEN)),
 });
 const service = createGatewayService(core);
@@ -406,6 +418,7 @@ signals.serving(async () => {
   // In-flight requests have settled: hand every lease back with what was spent from it.
   await budget.close();
   leaseJournal.close();
+  calls.close();
   await keyChanges.stop();
   if (!(await shipper.flush(cfg.GATEWAY_FLUSH_TIMEOUT_MS))) {
     log.error("request metrics not acked by analytics before exit", { rows: shipper.status().rows });

@@ -97,14 +97,23 @@ export interface FileSpoolOptions {
   cacheRows?: number;
   /** How often the open spool refreshes its LOCK, for owners that cannot check this process (default 2 s). */
   lockRefreshMs?: number;
-  /**
-   * Another component's state kept in this directory (the budget lease journal), in `file`: the directory stays at
-   * close while that file does, and `adopt` carries an orphan's into this directory before the orphan is deleted.
-   */
-  sidecar?: { file: string; adopt(orphanDir: string, ownDir: string): void };
+  /** Other components' state kept in this directory (the budget lease journal, the calls in flight). */
+  sidecars?: readonly SpoolSidecar[];
   /** Writes length bytes of data from offset at the descriptor's position (fs.writeSync); tests fill the disk here. */
   write?: (fd: number, data: Uint8Array, offset: number, length: number) => number;
   log?: Logger;
+}
+
+/**
+ * A component's state kept in a spool directory, in `file`: the directory stays at close while that file does. When an
+ * orphan is adopted, `rows` gives the rows its file there stands for (`lastRow` is the newest row the orphan held), moved
+ * here with the orphan's own; once all are here, `adopt` carries its state into this directory, and the orphan is
+ * deleted.
+ */
+export interface SpoolSidecar {
+  file: string;
+  rows?(orphanDir: string, lastRow: Uint8Array | undefined): Uint8Array[];
+  adopt?(orphanDir: string, ownDir: string): void;
 }
 
 /**
@@ -148,6 +157,11 @@ export interface SpoolRecovery {
 export interface FileSpool extends Spool {
   readonly dir: string;
   readonly recovery: SpoolRecovery;
+  /**
+   * The newest row this directory held when it was opened, before any orphan's rows moved in: a component that notes
+   * each row written just after it (the calls journal) knows from it which row a crash may have cut that note short of.
+   */
+  readonly lastRow: Uint8Array | undefined;
   /** Resolves once background file work (segment deletions, closes, the spare segment) has caught up. */
   idle(): Promise<void>;
 }
@@ -207,6 +221,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const cacheRows = options.cacheRows ?? 100_000;
   const fsyncPolicy = options.fsync;
   const write = options.write ?? ((fd, data, offset, length) => writeSync(fd, data, offset, length));
+  const sidecars = options.sidecars ?? [];
 
   // The root as well as this replica's own: it holds the other replicas' spools, adopted from there once they are gone.
   for (const path of [options.root, dir]) ownerOnlyDir(path, log);
@@ -639,6 +654,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
   const spool: FileSpool = {
     dir,
     recovery,
+    lastRow: loaded.lastRow,
     append: appendRow,
     seal: (maxRows, maxBytes) => sealPending(maxRows, maxBytes, false),
     unacked: () => batches.values(),
@@ -738,11 +754,10 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       }
       clearInterval(lockTimer);
       openDirs.delete(dir);
-      const sidecar = options.sidecar && join(dir, options.sidecar.file);
       if (pending.length === 0 && batches.size === 0) {
-        if (!sidecar || !existsSync(sidecar)) rmSync(dir, { recursive: true, force: true });
+        if (!sidecars.some((s) => existsSync(join(dir, s.file)))) rmSync(dir, { recursive: true, force: true });
         else {
-          // Empty, but the sidecar's state is for the next process to open or adopt this directory.
+          // Empty, but a sidecar's state is for the next process to open or adopt this directory.
           for (const name of readdirSync(dir)) if (/^\d{10}\.seg$/.test(name)) rmSync(join(dir, name), { force: true });
           rmSync(join(dir, "LOCK"), { force: true });
         }
@@ -750,7 +765,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     },
   };
 
-  adoptOrphans(options.root, dir, log, options.sidecar, (orphanDir, orphan) => {
+  adoptOrphans(options.root, dir, log, (orphanDir, orphan) => {
     let moved = 0;
     const sealFull = (force: boolean) => {
       while (
@@ -772,9 +787,14 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
       if (!(complete = move(orphanReader(batch.parts)))) break;
     }
     if (complete) complete = move(orphanReader(partsOf(orphan.unsealed)));
+    for (const sidecar of sidecars) {
+      if (complete && sidecar.rows) complete = move(sidecar.rows(orphanDir, orphan.lastRow));
+    }
     sealFull(true);
-    // The orphan is deleted next: its rows must be on disk here first.
+    // The orphan is deleted next: its rows must be on disk here first...
     if (current && fsyncPolicy !== "never") fdatasyncSync(current.fd);
+    // ...and, once they all are, its sidecars' state (leases released once those rows are acked).
+    if (complete) for (const sidecar of sidecars) sidecar.adopt?.(orphanDir, dir);
     recovery.adoptedRows += moved;
     if (complete) recovery.adoptedDirs.push(orphanDir);
     return complete;
@@ -794,6 +814,8 @@ interface Loaded {
   torn: number;
   /** Records in the middle of a segment that failed their crc, skipped. */
   damaged: number;
+  /** The payload of the newest whole ROW record, acked or not. */
+  lastRow: Uint8Array | undefined;
 }
 
 /** Replays a spool directory: which batches are sealed and unacked, and which rows were never sealed. */
@@ -805,6 +827,7 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
   let maxSequence = 0n;
   let torn = 0;
   let damaged = 0;
+  let lastRow: Uint8Array | undefined;
   const files = readdirSync(dir)
     .filter((name) => /^\d{10}\.seg$/.test(name))
     .sort();
@@ -825,7 +848,10 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
       buf,
       magic.length,
       (type, payload, start, recordEnd) => {
-        if (type === rowType) rows.push({ segment: id, start, end: recordEnd, index: rows.length });
+        if (type === rowType) {
+          rows.push({ segment: id, start, end: recordEnd, index: rows.length });
+          lastRow = payload;
+        }
         else if (type === sealType) {
           const seal = decodeSeal(payload);
           seals.push(seal);
@@ -891,7 +917,8 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
       while (end < rows.length && (rows[end] as Part).end <= part.end) end++;
       return rows.slice(first, end);
     });
-  return { segments, batches, unsealed, rowsIn, maxSequence, torn, damaged };
+  // A copy: the payload is a view of its whole segment's buffer.
+  return { segments, batches, unsealed, rowsIn, maxSequence, torn, damaged, lastRow: lastRow && Uint8Array.from(lastRow) };
 }
 
 /**
@@ -1045,7 +1072,6 @@ function adoptOrphans(
   root: string,
   ownDir: string,
   log: Logger | undefined,
-  sidecar: FileSpoolOptions["sidecar"],
   adopt: (dir: string, orphan: Loaded) => boolean,
 ): void {
   let names: string[];
@@ -1063,8 +1089,6 @@ function adoptOrphans(
     let complete = false;
     try {
       complete = adopt(dir, loadDir(dir, log));
-      // Only once all its rows are here: its sidecar state may wait on them (leases released once they are acked).
-      if (complete) sidecar?.adopt(dir, ownDir);
     } catch (e) {
       log?.error("adopting an orphaned metrics spool failed", { err: e, dir });
     }
