@@ -75,7 +75,7 @@ const name: Check = (v, param) => {
 
 const contentPart = byType({
   text: objectWith({ text: string }),
-  image_url: objectWith({ image_url: objectWith({ url: string }) }),
+  image_url: objectWith({ image_url: objectWith({ url: string }, { detail: oneOf("auto", "low", "high") }) }),
   input_audio: objectWith({ input_audio: objectWith({ data: string, format: string }) }),
   file: objectWith({
     file: (v, param) => {
@@ -209,6 +209,7 @@ export function parseChatInput(body: unknown): ChatInput {
   if (body.top_logprobs !== undefined && body.top_logprobs !== null && body.logprobs !== true) {
     throw invalidRequest("Invalid 'top_logprobs': only allowed when 'logprobs' is true.", "top_logprobs", "invalid_value");
   }
+  checkToolChoice(body.tool_choice, body.tools);
   const stream = body.stream === true;
   const includeUsage = parseStreamOptions(body.stream_options, stream);
   if (isObject(body.stream_options)) upstream.stream_options = body.stream_options;
@@ -217,6 +218,27 @@ export function parseChatInput(body: unknown): ChatInput {
   // A stored completion keeps its metadata at the upstream, where the client filters stored completions by it.
   if (body.store === true && tags !== noTags) upstream.metadata = tags;
   return { model, upstream: upstream as unknown as ChatRequest, user, tags, stream, includeUsage };
+}
+
+/** A tool_choice needs tools, and one naming a tool names one of them (the shapes of both are checked already). */
+function checkToolChoice(choice: unknown, tools: unknown): void {
+  if (absent(choice)) return;
+  const declared = Array.isArray(tools) ? (tools as Record<string, unknown>[]) : [];
+  if (declared.length === 0) {
+    throw invalidRequest(
+      "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+      "tool_choice",
+    );
+  }
+  if (!isObject(choice) || (choice.type !== "function" && choice.type !== "custom")) return;
+  const type = choice.type;
+  const named = (choice[type] as Record<string, unknown>).name as string;
+  if (!declared.some((t) => t.type === type && (t[type] as { name?: unknown }).name === named)) {
+    throw invalidRequest(
+      `Invalid value for 'tool_choice': no ${type} tool named '${echoed(named)}' is among 'tools'.`,
+      `tool_choice.${type}.name`,
+    );
+  }
 }
 
 function parseMessages(messages: unknown): void {

@@ -61,7 +61,7 @@ export const modelNotAllowed = (model: string) =>
     403,
     "permission_error",
     "model_not_allowed",
-    `This API key may not use the model \`${model}\`.`,
+    `This API key may not use the model \`${clipped(model, 256)}\`.`,
     RequestStatus.UNAUTHORIZED,
     "model",
   );
@@ -71,7 +71,7 @@ export const modelNotFound = (model: string) =>
     404,
     "invalid_request_error",
     "model_not_found",
-    `The model \`${model}\` does not exist.`,
+    `The model \`${clipped(model, 256)}\` does not exist.`,
     RequestStatus.INVALID_REQUEST,
     "model",
   );
@@ -84,7 +84,7 @@ export const modelNotServed = (model: string, endpoint: "chat" | "embeddings" | 
     404,
     "invalid_request_error",
     "model_not_supported",
-    `The model \`${model}\` does not serve ${endpointNames[endpoint]}.`,
+    `The model \`${clipped(model, 256)}\` does not serve ${endpointNames[endpoint]}.`,
     RequestStatus.INVALID_REQUEST,
     "model",
   );

@@ -133,6 +133,10 @@ describe("GatewayService over gRPC", () => {
     expect(await invalid({ responseFormat: { type: "bogus" } })).toEqual(["response_format.type", "invalid_value"]);
     expect(await invalid({ responseFormat: { type: "json_schema" } })).toEqual(["response_format.json_schema.name", "missing_required_parameter"]);
     expect(await invalid({ tools: [{ type: "function", function: { name: "look up" } }] })).toEqual(["tools[0].function.name", "invalid_value"]);
+    // A tool_choice names a tool the request declares, as over REST.
+    expect(await invalid({ toolChoice: "banana" })).toEqual(["tool_choice", "invalid_value"]);
+    const lookUp = { type: "function", function: { name: "look_up" } };
+    expect(await invalid({ tools: [lookUp], toolChoice: "banana" })).toEqual(["tool_choice.function.name", "invalid_value"]);
     expect(await invalid({ messages: [...hello.messages, { role: "tool", content: "42" }] })).toEqual([
       "messages[2].tool_call_id",
       "missing_required_parameter",

@@ -117,6 +117,9 @@ describe("REST chat completions", () => {
     const { chat, call, shipper } = setup(registry);
     const odd = `${"é".repeat(150)}\u0000${"x".repeat(100)}`;
     await expectError(await chat({ ...hello, model: odd }), 404, "model_not_found", "model");
+    // Echoed cut short: a name of 3,000 characters is not sent back whole.
+    const huge = await expectError(await chat({ ...hello, model: "m".repeat(3000) }), 404, "model_not_found", "model");
+    expect(huge.message).toBe(`The model \`${"m".repeat(256)}...\` does not exist.`);
     await expectError(
       await call(`/v1/models/${encodeURIComponent("nul\u0000model")}`, { key: "sk-good" }),
       404,
@@ -124,7 +127,7 @@ describe("REST chat completions", () => {
       "model",
     );
     for (let i = 0; i < 5; i++) await chat({ ...hello, model: `made-up-${i}` });
-    const [long, nul] = shipper.rows.map((m) => m.requestedModel);
+    const [long, , nul] = shipper.rows.map((m) => m.requestedModel);
     expect([...(long as string)]).toHaveLength(200);
     expect(long).toStartWith(`${"é".repeat(150)}\ufffd`);
     expect(nul).toBe("nul\ufffdmodel");
