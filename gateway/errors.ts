@@ -153,6 +153,16 @@ export const unknownUrl = (method: string, path: string) =>
     RequestStatus.INVALID_REQUEST,
   );
 
+/** A request the port's HTTP/1.1 parser refused (see unparsableAnswer in lib/server.ts), with its status. */
+export const unparsableRequest = (status: number, message: string) =>
+  new GatewayError(
+    status,
+    "invalid_request_error",
+    status === 431 ? "request_header_fields_too_large" : status === 501 ? "method_not_supported" : "invalid_request",
+    message,
+    RequestStatus.INVALID_REQUEST,
+  );
+
 export const methodNotAllowed = (method: string, path: string, allowed: string) =>
   new GatewayError(
     405,

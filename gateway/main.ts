@@ -1,6 +1,7 @@
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { ulid } from "ulid";
 import { z } from "zod";
 import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
@@ -16,6 +17,7 @@ import { createBudgetKeeper } from "./budget.ts";
 import { breakerStateMetric, createCircuitBreakers } from "./circuit-breaker.ts";
 import { type GatewayConfig, parseGatewayConfig, readGatewayConfigText } from "./config.ts";
 import { createConfigReloader } from "./config-reload.ts";
+import { errorBody, unparsableRequest } from "./errors.ts";
 import { createGatewayCore } from "./core.ts";
 import { createRestApp, exposedHeaders } from "./http/app.ts";
 import { serveRest } from "./http/bun.ts";
@@ -376,6 +378,11 @@ const server = await listenOrExit(log, "GATEWAY_PORT", cfg.GATEWAY_PORT, () =>
     log,
     readMaxBytes: cfg.GATEWAY_MAX_BODY_BYTES,
     cors,
+    // A request its parser refuses is answered in OpenAI's error shape too, with a request id.
+    unparsable: (status, message) => ({
+      headers: { "x-request-id": ulid() },
+      body: errorBody(unparsableRequest(status, message)),
+    }),
     connectionMaxAgeMs: cfg.CONNECTION_MAX_AGE_MS,
     // A request (a streamed completion) may run for as long as its time limit, past the connection's age.
     connectionMaxAgeGraceMs:

@@ -19,7 +19,7 @@ import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
 import { createServiceClient } from "./rpc-client.ts";
 import { maxPipelinedRequests, maxStreamsPerConnection, type RunningServer, startServer } from "./server.ts";
-import { expectDrainClosesKeptAlive, keptAliveConnection, sendRegardless } from "./testing.ts";
+import { answerUntilClosed, expectDrainClosesKeptAlive, keptAliveConnection, sendRegardless } from "./testing.ts";
 
 const metrics = createMetrics("test");
 const quietLog = createLogger({ service: "test", write: () => {} });
@@ -165,6 +165,26 @@ describe("one port for every protocol", () => {
       .listProjects({})
       .catch((e: unknown) => ConnectError.from(e));
     expect((unknownRpc as ConnectError).code).toBe(Code.Unimplemented);
+  });
+
+  test("a request HTTP/1.1's parser refuses is answered with Connect's JSON error, then the connection closes", async () => {
+    const answer = async (bytes: string) => {
+      const text = await answerUntilClosed(server.url, bytes);
+      const [head = "", body = ""] = text.split("\r\n\r\n");
+      return { status: head.split(" ")[1], head: head.toLowerCase(), body: JSON.parse(body) as unknown };
+    };
+    expect(await answer("FOO /x HTTP/1.1\r\nhost: a\r\n\r\n")).toMatchObject({
+      status: "501",
+      body: { code: "unimplemented", message: "The request's method is not one this server implements." },
+    });
+    const big = await answer(`GET /healthz HTTP/1.1\r\nhost: a\r\nx-big: ${"a".repeat(64 * 1024)}\r\n\r\n`);
+    expect(big).toMatchObject({ status: "431", body: { code: "resource_exhausted" } });
+    expect(big.head).toContain("content-type: application/json");
+    expect(big.head).toContain("connection: close");
+    expect(await answer("GET /healthz HTTP/1.1\r\nhost: a\r\ncontent-length: x\r\n\r\n")).toMatchObject({
+      status: "400",
+      body: { code: "invalid_argument", message: "The request is not well-formed HTTP/1.1." },
+    });
   });
 
   test("gRPC-Web text, as protoc-gen-grpc-web sends it: unary calls, an error and a server stream", async () => {

@@ -117,6 +117,11 @@ export interface ServerOptions {
    * (defaultConnectionMaxAgeGraceMs); those still running then are answered Unavailable and the connection closes.
    */
   connectionMaxAgeGraceMs?: number;
+  /**
+   * The body (and headers) of the answer to an HTTP/1.1 request the parser cannot read, given its status and what was
+   * wrong (see unparsableAnswer); Connect's JSON error when unset. The connection then closes.
+   */
+  unparsable?: (status: number, message: string) => { headers?: Record<string, string>; body: string };
 }
 
 /** Responses whose writes wait for their clients: each may be cut before its idle limit, to bound their number. */
@@ -311,6 +316,11 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   };
 
   const h1 = http.createServer({ keepAliveTimeout: 65_000 }, handle);
+  // Node's own answer is a bare 400 with no body, or none at all: clients get the protocol's JSON error instead.
+  h1.on("clientError", (err: NodeJS.ErrnoException, socket: net.Socket) => {
+    if (err.code === "ECONNRESET" || !socket.writable) return socket.destroy();
+    socket.end(unparsableAnswer(err.code, options.unparsable));
+  });
   const h2 = http2.createServer({ settings: { maxConcurrentStreams: maxStreamsPerConnection } }, handle);
   const sessions = new Set<http2.ServerHttp2Session>();
   h2.on("session", (s) => {
@@ -738,6 +748,24 @@ async function serveOps(
 }
 
 /** Writes a whole response; one signature for HTTP/1.1 and HTTP/2 responses. */
+/**
+ * The whole HTTP/1.1 answer to a request its parser refused, by the parser's error code: a head past the limit is 431,
+ * a method it does not know 501 (as HTTP says of a method a server does not implement), anything else 400.
+ */
+export function unparsableAnswer(code: string | undefined, render: ServerOptions["unparsable"]): string {
+  const [status, message, connectCode] =
+    code === "HPE_HEADER_OVERFLOW"
+      ? [431, "The request's headers are too large.", "resource_exhausted"]
+      : code === "HPE_INVALID_METHOD"
+        ? [501, "The request's method is not one this server implements.", "unimplemented"]
+        : [400, "The request is not well-formed HTTP/1.1.", "invalid_argument"];
+  const { headers = {}, body } = render?.(status, message) ?? { body: JSON.stringify({ code: connectCode, message }) };
+  const lines = [`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}`, "content-type: application/json"];
+  for (const [name, value] of Object.entries(headers)) lines.push(`${name}: ${value}`);
+  lines.push(`content-length: ${Buffer.byteLength(body)}`, "connection: close", "", body);
+  return lines.join("\r\n");
+}
+
 export function send(res: NodeResponse, status: number, headers: Record<string, string>, body: string | Uint8Array): void {
   // Declared, as a whole body's is, though a large one goes out as writes (HTTP/1.1 would otherwise chunk it).
   const size = typeof body === "string" ? Buffer.byteLength(body) : body.length;

@@ -47,6 +47,18 @@ export function answerToHead(url: string, head: string): Promise<string> {
   });
 }
 
+/** Sends `bytes` over a raw connection to `url`; resolves with all that comes back until the server closes it. */
+export function answerUntilClosed(url: string, bytes: string): Promise<string> {
+  return new Promise((resolve) => {
+    const socket = net.connect(Number(new URL(url).port), "127.0.0.1");
+    let received = "";
+    socket.on("data", (d) => (received += d.toString()));
+    socket.on("error", () => resolve(received));
+    socket.on("close", () => resolve(received));
+    socket.write(bytes);
+  });
+}
+
 /** A non-loopback IPv4 address of this machine's: a call to it arrives from it, as one from the network would. */
 export const externalAddress: string | undefined = Object.values(networkInterfaces())
   .flat()

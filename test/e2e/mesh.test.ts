@@ -8,6 +8,7 @@ import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { createServiceClient } from "../../lib/rpc-client.ts";
+import { answerUntilClosed } from "../../lib/testing.ts";
 import { type Demo, ensureDemo, type Mesh, startMesh } from "../../scripts/mesh.ts";
 import { eventually, stopMesh } from "../support.ts";
 
@@ -182,6 +183,24 @@ describe("the mesh end to end", () => {
       expect(record.requestId).toBe(requestId);
     }
   }, 30_000);
+
+  test("a request the gateway port's HTTP/1.1 parser refuses gets OpenAI's error shape and a request id", async () => {
+    const text = await answerUntilClosed(mesh.urls.gateway, "FOO /v1/models HTTP/1.1\r\nhost: a\r\n\r\n");
+    const [head = "", body = ""] = text.split("\r\n\r\n");
+    expect(head).toStartWith("HTTP/1.1 501 ");
+    expect(head).toMatch(/\r\nx-request-id: [0-9A-HJKMNP-TV-Z]{26}\r\n/);
+    expect(JSON.parse(body)).toEqual({
+      error: {
+        message: "The request's method is not one this server implements.",
+        type: "invalid_request_error",
+        param: null,
+        code: "method_not_supported",
+      },
+    });
+    const big = await answerUntilClosed(mesh.urls.gateway, `GET /v1/models HTTP/1.1\r\nauthorization: Bearer ${"a".repeat(20_000)}\r\n\r\n`);
+    expect(big).toStartWith("HTTP/1.1 431 ");
+    expect(JSON.parse(big.split("\r\n\r\n")[1] ?? "")).toMatchObject({ error: { code: "request_header_fields_too_large" } });
+  });
 
   test("a restart keeps the demo key and every recorded request", async () => {
     const before = await createServiceClient(BillingService, {
