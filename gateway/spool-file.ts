@@ -851,8 +851,7 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
         if (type === rowType) {
           rows.push({ segment: id, start, end: recordEnd, index: rows.length });
           lastRow = payload;
-        }
-        else if (type === sealType) {
+        } else if (type === sealType) {
           const seal = decodeSeal(payload);
           seals.push(seal);
           if (seal.sequence > maxSequence) maxSequence = seal.sequence;

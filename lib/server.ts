@@ -318,7 +318,9 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   const h1 = http.createServer({ keepAliveTimeout: 65_000 }, handle);
   // Node's own answer is a bare 400 with no body, or none at all: clients get the protocol's JSON error instead.
   h1.on("clientError", (err: NodeJS.ErrnoException, socket: net.Socket) => {
-    if (err.code === "ECONNRESET" || !socket.writable) return socket.destroy();
+    // An answer to an earlier request still going out on it (pipelining) must not be cut into: the connection just ends.
+    const answering = (socket as net.Socket & { _httpMessage?: unknown })._httpMessage;
+    if (err.code === "ECONNRESET" || !socket.writable || answering) return socket.destroy();
     socket.end(unparsableAnswer(err.code, options.unparsable));
   });
   const h2 = http2.createServer({ settings: { maxConcurrentStreams: maxStreamsPerConnection } }, handle);
@@ -747,12 +749,11 @@ async function serveOps(
   return false;
 }
 
-/** Writes a whole response; one signature for HTTP/1.1 and HTTP/2 responses. */
 /**
  * The whole HTTP/1.1 answer to a request its parser refused, by the parser's error code: a head past the limit is 431,
  * a method it does not know 501 (as HTTP says of a method a server does not implement), anything else 400.
  */
-export function unparsableAnswer(code: string | undefined, render: ServerOptions["unparsable"]): string {
+function unparsableAnswer(code: string | undefined, render: ServerOptions["unparsable"]): string {
   const [status, message, connectCode] =
     code === "HPE_HEADER_OVERFLOW"
       ? [431, "The request's headers are too large.", "resource_exhausted"]
@@ -766,6 +767,7 @@ export function unparsableAnswer(code: string | undefined, render: ServerOptions
   return lines.join("\r\n");
 }
 
+/** Writes a whole response; one signature for HTTP/1.1 and HTTP/2 responses. */
 export function send(res: NodeResponse, status: number, headers: Record<string, string>, body: string | Uint8Array): void {
   // Declared, as a whole body's is, though a large one goes out as writes (HTTP/1.1 would otherwise chunk it).
   const size = typeof body === "string" ? Buffer.byteLength(body) : body.length;
