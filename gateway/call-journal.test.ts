@@ -111,6 +111,15 @@ describe("calls journal", () => {
     expect(one.upstreamLatencyUs).toBe(one.totalLatencyUs);
     expect(one.gatewayOverheadUs).toBe(0n);
     expect(three.streamed).toBe(true);
+    // A process stopped long before it was killed: its calls last no longer than a request may.
+    const stopped = newDir();
+    const third = open(stopped);
+    third.journal.begun(admitted(4));
+    kill(third.journal);
+    const daysLater = new Date(startMs + 3 * 86_400_000);
+    utimesSync(join(stopped, callJournalFile), daysLater, daysLater);
+    const [four] = open(stopped).recorded;
+    expect(four?.totalLatencyUs).toBe(3_600_000_000n);
     // Recorded once: the file now holds nothing, so a third process (the second killed too) records none again.
     kill(second.journal);
     expect(open(dir).recorded).toEqual([]);

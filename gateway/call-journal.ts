@@ -276,8 +276,12 @@ function parseNote(json: string): Note | undefined {
   }
 }
 
+// No call outlives the longest request time limit a config may set (request_timeout_ms): a process stopped for days
+// before it was killed does not make its calls last that long.
+const longestCallMs = 3_600_000;
+
 function interruptedRow(note: Note, lastAliveMs: number): RequestMetrics {
-  const endMs = Math.max(note.start, Math.floor(lastAliveMs));
+  const endMs = Math.min(Math.max(note.start, Math.floor(lastAliveMs)), note.start + longestCallMs);
   const elapsedUs = BigInt(endMs - note.start) * 1000n;
   return create(RequestMetricsSchema, {
     requestId: note.id,
