@@ -471,6 +471,12 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     return admission;
   };
 
+  /** Records the model a request's body names, if it names one as a string, before the body is checked. */
+  const nameModel = (call: Call, body: unknown) => {
+    const model = typeof body === "object" && body !== null ? (body as { model?: unknown }).model : undefined;
+    if (typeof model === "string") call.metrics.requestedModel = meteredName(model);
+  };
+
   /** Notes an admitted call in the calls journal, so that a crash before it finishes still has it recorded. */
   const noteInFlight = (call: Call) => {
     if (!options.calls) return;
@@ -552,6 +558,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   /** Parses and admits a chat request; a whole one must not ask for a stream. */
   const admitChat = async (call: Call, body: unknown, stream: boolean) => {
     const principal = call.principal ?? (await authorize(call));
+    // A body refused below is metered under the model it names all the same.
+    nameModel(call, body);
     const input = parseChatInput(body);
     if (call.span?.isRecording()) call.span.setAttributes(chatRequestAttributes(input.upstream, stream));
     call.metrics.streamed = stream;
@@ -627,6 +635,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
    */
   const admitResponses = async (call: Call, body: unknown, stream: boolean) => {
     const principal = call.principal ?? (await authorize(call));
+    // A body refused below is metered under the model it names all the same.
+    nameModel(call, body);
     const input = parseResponsesInput(body);
     if (call.span?.isRecording()) call.span.setAttributes(responsesRequestAttributes(input.upstream, stream));
     const m = call.metrics;
@@ -995,6 +1005,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     },
     async embed(call, body) {
       const principal = call.principal ?? (await authorize(call));
+      // A body refused below is metered under the model it names all the same.
+      nameModel(call, body);
       const input = parseEmbeddingInput(body);
       if (call.span?.isRecording()) call.span.setAttributes(embeddingRequestAttributes(input));
       const route = routeFor(call, principal, input);
@@ -1092,10 +1104,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const allowed = call.principal?.allowedModels;
       return allowed ? routes.filter((r) => allowed.has(r.name)) : routes;
     },
-    namedModel(call, body) {
-      const model = typeof body === "object" && body !== null ? (body as { model?: unknown }).model : undefined;
-      if (typeof model === "string") call.metrics.requestedModel = meteredName(model);
-    },
+    namedModel: nameModel,
     model(call, name) {
       call.metrics.requestedModel = meteredName(name);
       return admitModel(call.principal as Principal, name);

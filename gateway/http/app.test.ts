@@ -112,6 +112,16 @@ describe("REST chat completions", () => {
     expect(m.totalLatencyUs).toBe(m.upstreamLatencyUs + m.gatewayOverheadUs);
   });
 
+  test("a body refused as invalid is metered under the model it names", async () => {
+    const { chat, shipper } = setup();
+    await expectError(await chat({ ...hello, temperature: 5 }), 400, "decimal_above_max_value", "temperature");
+    await expectError(await chat({ ...hello, messages: [] }), 400, "empty_array", "messages");
+    expect(shipper.rows.map((m) => [m.requestedModel, m.status])).toEqual([
+      [hello.model, RequestStatus.INVALID_REQUEST],
+      [hello.model, RequestStatus.INVALID_REQUEST],
+    ]);
+  });
+
   test("a model name the client makes up is metered fit for billing, and labels no new metric series", async () => {
     const registry = new Registry();
     const { chat, call, shipper } = setup(registry);
