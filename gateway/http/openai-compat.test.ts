@@ -513,6 +513,38 @@ for (const port of ["rpc", "rest"] as const) {
         expect(m.totalLatencyUs).toBe(m.upstreamLatencyUs + m.gatewayOverheadUs);
       });
 
+      test("a streamed request the upstream answers whole, in JSON, is streamed to the client and metered at its usage", async () => {
+        upstream.script("ok", {
+          whole: true,
+          content: "one two three",
+          usage: { prompt_tokens: 10, completion_tokens: 3, total_tokens: 13 },
+        });
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model: "ok", messages: hello, stream: true, stream_options: { include_usage: true } })
+          .withResponse();
+        expect(response.status).toBe(200);
+        const chunks = [];
+        for await (const chunk of stream) chunks.push(chunk);
+        expect(chunks.map((c) => c.choices[0]?.delta.content ?? "").join("")).toBe("one two three");
+        expect(chunks.at(-2)?.choices[0]?.finish_reason).toBe("stop");
+        expect(chunks.at(-1)?.usage).toEqual({ prompt_tokens: 10, completion_tokens: 3, total_tokens: 13 });
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ status: RequestStatus.OK, httpStatus: 200, streamed: true, usageEstimated: false });
+        // 10 input at $2.50/M + 3 output at $10/M
+        expect(m.costNanos).toBe(55_000n);
+        expect(m.usage).toMatchObject({ inputTokens: 10n, outputTokens: 3n });
+
+        // A tool call streams with its index, which the SDK's stream helper needs to put it together.
+        upstream.script("ok", { whole: true, toolCall: { name: "lookup", arguments: '{"q":"x"}' } });
+        const tools = [{ type: "function" as const, function: { name: "lookup", parameters: { type: "object" } } }];
+        const called = await sdk().chat.completions.stream({ model: "ok", messages: hello, tools }).finalChatCompletion();
+        expect(called.choices[0]?.finish_reason).toBe("tool_calls");
+        expect(called.choices[0]?.message.tool_calls?.[0]).toMatchObject({
+          type: "function",
+          function: { name: "lookup", arguments: '{"q":"x"}' },
+        });
+      });
+
       test("the client's stream options reach the upstream as it set them, with usage always asked for", async () => {
         const stream = await sdk().chat.completions.create({
           model: "ok",

@@ -117,6 +117,38 @@ for (const [port, base] of [
       });
     });
 
+    test("a streamed request the upstream answers with the whole response is streamed as its events and metered", async () => {
+      upstream.script("ok", { usage, content: "one two three", whole: true });
+      const { data: stream, response } = await sdk(base())
+        .responses.create({ model: "ok", input: "hi", stream: true })
+        .withResponse();
+      const types: string[] = [];
+      let text = "";
+      for await (const event of stream) {
+        types.push(event.type);
+        if (event.type === "response.output_text.delta") text += event.delta;
+      }
+      expect(text).toBe("one two three");
+      expect(types).toEqual([
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+      ]);
+      // The SDK's stream helper puts the same response together from them.
+      const final = await sdk(base()).responses.stream({ model: "ok", input: "hi" }).finalResponse();
+      expect(final.output_text).toBe("one two three");
+      expect(final.usage?.input_tokens).toBe(1000);
+      const row = await gateway.row(response.headers.get("x-request-id") as string);
+      const fields = { endpoint: Endpoint.RESPONSES, streamed: true, status: RequestStatus.OK, costNanos: costOfUsage };
+      expect(row).toMatchObject(fields);
+    });
+
     test("a streamed response passes the upstream's events on, named, without [DONE], and is metered from response.completed", async () => {
       upstream.script("ok", { usage, content: "one two three" });
       const { data: stream, response } = await sdk(base())

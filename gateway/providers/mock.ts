@@ -15,13 +15,13 @@ import {
   type EmbeddingResult,
   messageText,
   type Provider,
-  type ResponseEvent,
   type ResponseEventStream,
   type ResponseObject,
   type ResponsesRequest,
   type ResponsesResult,
   answeredResponsesUsage,
   failureOfStatus,
+  responseEvents,
   type StoredResponseRequest,
   type UpstreamErrorBody,
   UpstreamError,
@@ -171,43 +171,15 @@ export function createMockProvider(config: MockConfig): Provider {
 
     async streamResponses(request: ResponsesRequest, options: CallOptions): Promise<ResponseEventStream> {
       await answer(options);
-      const { response, item, text, tokens } = respond(request);
       const signal = options.signal;
-      let sequence = 0;
-      const event = (type: string, fields: Record<string, unknown>): ResponseEvent => ({
-        type,
-        sequence_number: sequence++,
-        ...fields,
-      });
-      return (async function* () {
-        const started = { ...response, status: "in_progress", output: [], usage: null, incomplete_details: null };
-        yield event("response.created", { response: started });
-        yield event("response.in_progress", { response: started });
-        const at = { item_id: item.id, output_index: 0 };
-        const call = item.type === "function_call";
-        yield event("response.output_item.added", {
-          output_index: 0,
-          item: { ...item, status: "in_progress", ...(call ? { arguments: "" } : { content: [] }) },
-        });
-        const part = { type: "output_text", text: "", annotations: [] };
-        if (!call) yield event("response.content_part.added", { ...at, content_index: 0, part });
-        // A tool call's arguments stream as text would, one token an event.
+      // A tool call's arguments stream as text would, one token an event.
+      return responseEvents(respond(request).response, async function* (text) {
         for (let from = 0; from < text.length; from += chunkChars) {
           if (chunkLatencyMs > 0) await wait(chunkLatencyMs, signal);
           else if (signal?.aborted) throw new UpstreamError("cancelled", "client went away");
-          const delta = text.slice(from, from + chunkChars);
-          if (call) yield event("response.function_call_arguments.delta", { ...at, delta });
-          else yield event("response.output_text.delta", { ...at, content_index: 0, delta, logprobs: [] });
+          yield text.slice(from, from + chunkChars);
         }
-        if (call) yield event("response.function_call_arguments.done", { ...at, arguments: text });
-        else {
-          yield event("response.output_text.done", { ...at, content_index: 0, text, logprobs: [] });
-          yield event("response.content_part.done", { ...at, content_index: 0, part: { ...part, text } });
-        }
-        yield event("response.output_item.done", { output_index: 0, item });
-        const done = response.status === "incomplete" ? "response.incomplete" : "response.completed";
-        yield event(done, { response: { ...response, usage: answeredResponsesUsage(undefined, tokens) } });
-      })();
+      });
     },
 
     async storedResponse(request: StoredResponseRequest, options: CallOptions): Promise<unknown> {
@@ -400,7 +372,7 @@ function responseTo(request: ResponsesRequest) {
     metadata: r.metadata ?? {},
     usage: answeredResponsesUsage(undefined, tokens),
   } as unknown as ResponseObject;
-  return { response, item: item as { id: string; type: string }, text, tokens };
+  return { response, tokens };
 }
 
 /** A function tool the model is obliged to call: its name and its parameters' JSON schema. */

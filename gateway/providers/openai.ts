@@ -37,6 +37,7 @@ import {
   type ResponseObject,
   type ResponsesRequest,
   type ResponsesResult,
+  responseEvents,
   responsesUsageAsChat,
   type StoredResponseRequest,
   terminalResponseEvents,
@@ -276,26 +277,45 @@ export function createOpenAIProvider(
   const refusesBase64 = new Set<string>();
 
   /**
+   * A streamed request's answer in JSON rather than events: the items `whole` makes of a whole answer, as a server that
+   * does not stream (or a proxy that gathers streams) answers, which a model wrote and its upstream bills; otherwise a
+   * failure, as some proxies answer one with a 200, its error read as a refusal's and taken as a whole answer's error
+   * is.
+   */
+  const streamedWhole = async <T>(response: Response, whole: (answer: unknown) => AsyncIterable<T> | undefined) => {
+    const text = await bodyText(response, maxAnswerBytes, config.name);
+    let answer: unknown;
+    try {
+      answer = JSON.parse(text);
+    } catch {
+      answer = undefined;
+    }
+    const items = answer === undefined ? undefined : whole(answer);
+    if (items) return items;
+    const refused = refusalOf(response, text);
+    if (refused.error) throw errorAfter200(config.name, refused.error, redact, "in its answer");
+    throw new UpstreamError("transient", upstreamError(config.name, refused, redact).message);
+  };
+
+  /**
    * One streamed attempt, resolved with its stream once it has begun: its first items are held until one `begins` it
    * (or maxHeldChunks have come), and until then a failure (an error event, a stream that ends, what `begins` throws)
-   * is the attempt's, which routing may retry or fall back from.
+   * is the attempt's, which routing may retry or fall back from. A whole answer in JSON streams as the items `whole`
+   * makes of it.
    */
   const openStream = <T>(
     path: string,
     body: { model: string; stream: true },
     options: CallOptions,
     relayed: (response: Response) => AsyncIterable<T>,
+    whole: (answer: unknown) => AsyncIterable<T> | undefined,
     begins: (item: T) => boolean,
   ) =>
     post(path, body, options, eventStream, async (response) => {
-      if (json.test(response.headers.get("content-type") ?? "")) {
-        // JSON rather than events, as some proxies answer a failure with a 200: its error, read as a refusal's, and
-        // taken as a whole answer's error is.
-        const answer = await refusal(response);
-        if (answer.error) throw errorAfter200(config.name, answer.error, redact, "in its answer");
-        throw new UpstreamError("transient", upstreamError(config.name, answer, redact).message);
-      }
-      const items = relayed(response)[Symbol.asyncIterator]();
+      const answer = json.test(response.headers.get("content-type") ?? "")
+        ? await streamedWhole(response, whole)
+        : relayed(response);
+      const items = answer[Symbol.asyncIterator]();
       const held: T[] = [];
       try {
         for (;;) {
@@ -319,6 +339,7 @@ export function createOpenAIProvider(
       body,
       options,
       (response) => relay(response, config.name, options, choices, redact, maxAnswerBytes),
+      (answer) => completionChunks(answer, config.name),
       // Azure's first chunk holds its prompt filter's results alone, before the model has read the prompt: the answer
       // begins with the first chunk of a choice (or of usage).
       (chunk) => chunk.choices.length > 0 || Boolean(chunk.usage),
@@ -335,6 +356,7 @@ export function createOpenAIProvider(
       body,
       options,
       (response) => relayResponse(response, config.name, options, redact, maxAnswerBytes),
+      (answer) => (wholeResponse(answer) ? responseEvents(answer) : undefined),
       (event) => {
         if (event.type === "response.failed") throw failedResponse(config.name, event, redact);
         return !preliminaryEvents.has(event.type);
@@ -1091,6 +1113,53 @@ function checkedChunk(data: unknown, provider: string): ChatCompletionChunk {
 }
 
 /**
+ * A whole chat completion, answered to a streamed request, as the chunks that would have streamed it: one with each
+ * choice's message as its delta (its tool calls numbered) and its finish reason, then one of the usage, if the answer
+ * has it, as `stream_options.include_usage` has it come; undefined when the answer is no completion.
+ */
+function completionChunks(answer: unknown, provider: string): ChunkStream | undefined {
+  if (typeof answer !== "object" || answer === null) return undefined;
+  const fields = answer as Record<string, unknown>;
+  const { id, created, model, choices, usage, system_fingerprint, service_tier } = fields;
+  if (fields.object !== undefined && fields.object !== "chat.completion") return undefined;
+  if (!Array.isArray(choices) || choices.length === 0) return undefined;
+  const streamed: ChatCompletionChunk.Choice[] = [];
+  for (const [at, choice] of choices.entries()) {
+    const { index, message, finish_reason, logprobs } = (choice ?? {}) as Record<string, unknown>;
+    if (typeof message !== "object" || message === null) return undefined;
+    const { tool_calls, ...said } = message as Record<string, unknown>;
+    const calls = Array.isArray(tool_calls) ? tool_calls : [];
+    const delta = calls.length === 0 ? said : { ...said, tool_calls: calls.map((call, n) => ({ index: n, ...call })) };
+    // A finish reason left out is said as a stream's [DONE] says it (see relay).
+    const finished = finish_reason ?? (calls.length > 0 ? "tool_calls" : "stop");
+    const numbered = typeof index === "number" ? index : at;
+    const streamedChoice = { index: numbered, delta, finish_reason: finished, logprobs };
+    streamed.push(streamedChoice as unknown as ChatCompletionChunk.Choice);
+  }
+  const object = "chat.completion.chunk";
+  const chunk = (fields: Partial<ChatCompletionChunk>) =>
+    checkedChunk({ id, object, created, model, system_fingerprint, service_tier, ...fields }, provider);
+  const chunks = [chunk({ choices: streamed })];
+  if (typeof usage === "object" && usage !== null) {
+    chunks.push(chunk({ choices: [], usage: usage as ChatCompletionChunk["usage"] }));
+  }
+  return (async function* () {
+    yield* chunks;
+  })();
+}
+
+/** Whether an answer is a whole Responses API response, done (completed, incomplete or failed). */
+function wholeResponse(answer: unknown): answer is ResponseObject {
+  if (typeof answer !== "object" || answer === null) return false;
+  const { object, output, status } = answer as Record<string, unknown>;
+  return (
+    (object === undefined || object === "response") &&
+    Array.isArray(output) &&
+    (status === "completed" || status === "incomplete" || status === "failed")
+  );
+}
+
+/**
  * Compatible servers' own finish reasons in OpenAI's words: Together's `eos`, TGI's and watsonx's `eos_token`, TGI's
  * `stop_sequence` (a stop the client gave ended it) and Mistral's `model_length` fail clients that read OpenAI's values
  * only (the .NET SDK throws on `eos`), and the "" Ollama and SGLang have sent on chunks of a choice not yet finished is
@@ -1129,6 +1198,11 @@ async function refusal(response: Response): Promise<APIError> {
   const text = await bodyText(response, maxRefusalBytes, "", true).catch(
     (e: unknown) => (e as Error).message ?? String(e),
   );
+  return refusalOf(response, text);
+}
+
+/** A refused call's APIError (see refusal), of its body's text. */
+function refusalOf(response: Response, text: string): APIError {
   let body: unknown;
   try {
     body = JSON.parse(text);

@@ -600,3 +600,57 @@ export function approxInputTokens(messages: readonly ChatCompletionMessageParam[
   for (const m of messages) tokens += tokensPerMessage + approxTokens(messageText(m));
   return tokens;
 }
+
+/**
+ * The events of a streamed response made from the response whole, in the order OpenAI streams them: created and in
+ * progress, then each output item added, the text of each of its parts (or a call's arguments) as the deltas `pieces`
+ * cuts it into (all of it at once by default), and done, and last the event of its status (`response.completed`,
+ * `.incomplete` or `.failed`) with the whole response. The mock streams its answers so, and a server that answers a
+ * streamed request whole is relayed so.
+ */
+export async function* responseEvents(
+  response: ResponseObject,
+  pieces: (text: string) => AsyncIterable<string> | Iterable<string> = (text) => (text ? [text] : []),
+): ResponseEventStream {
+  let sequence = 0;
+  const event = (type: string, fields: Record<string, unknown>): ResponseEvent => ({
+    type,
+    sequence_number: sequence++,
+    ...fields,
+  });
+  const started = { ...response, status: "in_progress", output: [], usage: null, incomplete_details: null };
+  yield event("response.created", { response: started });
+  yield event("response.in_progress", { response: started });
+  const output: unknown[] = Array.isArray(response.output) ? response.output : [];
+  for (const [output_index, item] of output.entries()) {
+    const { id, type, arguments: args, content } = record(item);
+    const at = { item_id: id, output_index };
+    const begun = { ...record(item), status: "in_progress" };
+    if (type === "function_call" && typeof args === "string") {
+      yield event("response.output_item.added", { output_index, item: { ...begun, arguments: "" } });
+      for await (const delta of pieces(args)) yield event("response.function_call_arguments.delta", { ...at, delta });
+      yield event("response.function_call_arguments.done", { ...at, arguments: args });
+    } else if (type === "message" && Array.isArray(content)) {
+      yield event("response.output_item.added", { output_index, item: { ...begun, content: [] } });
+      for (const [content_index, part] of content.entries()) {
+        // Text (output_text) or a refusal, each with its own events; the text's carry its log probabilities, if asked.
+        const refusal = record(part).type === "refusal";
+        const field = refusal ? "refusal" : "text";
+        const kind = refusal ? "response.refusal" : "response.output_text";
+        const whole = record(part)[field];
+        const text = typeof whole === "string" ? whole : "";
+        const logprobs = refusal ? {} : { logprobs: [] };
+        yield event("response.content_part.added", { ...at, content_index, part: { ...record(part), [field]: "" } });
+        for await (const delta of pieces(text)) {
+          yield event(`${kind}.delta`, { ...at, content_index, delta, ...logprobs });
+        }
+        yield event(`${kind}.done`, { ...at, content_index, [field]: text, ...logprobs });
+        yield event("response.content_part.done", { ...at, content_index, part });
+      }
+    } else yield event("response.output_item.added", { output_index, item });
+    yield event("response.output_item.done", { output_index, item });
+  }
+  const status = response.status;
+  const terminal = status === "incomplete" || status === "failed" ? `response.${status}` : "response.completed";
+  yield event(terminal, { response });
+}

@@ -99,6 +99,8 @@ export interface Behaviour {
   reasoning?: string;
   /** The delta field reasoning goes in: `reasoning_content` (vLLM, DeepSeek) by default, or `reasoning` (OpenRouter). */
   reasoningField?: "reasoning_content" | "reasoning";
+  /** Streaming asked for: answer whole, in JSON, as a server that does not stream does. */
+  whole?: boolean;
   /** Embeddings: vectors in this encoding whatever the request asked, as servers that ignore encoding_format answer. */
   encoding?: "float" | "base64";
 }
@@ -209,9 +211,10 @@ export function startFakeUpstream(options: { port?: number; record?: boolean } =
       }
       if (b.body) return answered(b.body.text, b.body.contentType, b.breaksOff);
       if (path === "/v1/embeddings") return embeddings(body, b);
-      if (path === "/v1/responses") return body.stream === true ? responseStream(body, b, req.signal) : response(body, b);
+      const streamed = body.stream === true && !b.whole;
+      if (path === "/v1/responses") return streamed ? responseStream(body, b, req.signal) : response(body, b);
       if (path !== "/v1/chat/completions") return new Response("not found", { status: 404 });
-      return body.stream === true ? stream(body, b, req.signal) : completion(body, b);
+      return streamed ? stream(body, b, req.signal) : completion(body, b);
     },
   });
 
