@@ -1,3 +1,4 @@
+import { type DescMessage, type MessageShape, toBinary } from "@bufbuild/protobuf";
 import { sha256Hex } from "../lib/auth.ts";
 import type { Page, PageQuery } from "./store/types.ts";
 import { id, intInRange, invalid } from "./validate.ts";
@@ -5,10 +6,27 @@ import { id, intInRange, invalid } from "./validate.ts";
 const defaultPageSize = 100;
 const maxPageSize = 1000;
 
+/**
+ * Most of a page's rows an answer holds, encoded: a gRPC client takes messages of up to 4 MB by default, and a key's
+ * allowed models alone may take 200 KB, an invoice's line items more.
+ */
+export const maxPageBytes = 3 * 1024 * 1024;
+
 /** A List* request's page: its size and where the last ended, and the token of the page after a page read. */
 export interface PageAsked<C> extends PageQuery<C> {
   /** Empty when no rows follow `page`; else a token that goes on after its last row, where `cursorOf` says it is. */
   nextPageToken<T>(page: Page<T>, cursorOf: (last: T) => C): string;
+  /**
+   * A page read, as the messages answered: as many of its rows as take up to `maxBytes` encoded (the first whatever
+   * its size), and the token that goes on after the last of them, so a page cut short by size goes on where it ended.
+   */
+  answer<T, S extends DescMessage>(
+    page: Page<T>,
+    schema: S,
+    message: (row: T) => MessageShape<S>,
+    cursorOf: (last: T) => C,
+    maxBytes?: number,
+  ): { messages: MessageShape<S>[]; nextPageToken: string };
 }
 
 /**
@@ -39,7 +57,7 @@ export function pageAsked<C>(
     }
     after = cursor;
   }
-  return {
+  const asked: PageAsked<C> = {
     limit,
     after,
     nextPageToken(page, cursorOf) {
@@ -47,7 +65,21 @@ export function pageAsked<C>(
       if (!page.more || last === undefined) return "";
       return Buffer.from(JSON.stringify([cursorOf(last), scope])).toString("base64url");
     },
+    answer(page, schema, message, cursorOf, maxBytes = maxPageBytes) {
+      const messages: MessageShape<typeof schema>[] = [];
+      let bytes = 0;
+      for (const row of page.items) {
+        const answered = message(row);
+        bytes += toBinary(schema, answered).byteLength;
+        if (bytes > maxBytes && messages.length > 0) break;
+        messages.push(answered);
+      }
+      const cut = messages.length < page.items.length;
+      const held = cut ? { items: page.items.slice(0, messages.length), more: true } : page;
+      return { messages, nextPageToken: asked.nextPageToken(held, cursorOf) };
+    },
   };
+  return asked;
 }
 
 /** A cursor that is the id of the row a page ended on, for lists whose rows are never deleted; checked as ids are. */

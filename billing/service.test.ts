@@ -12,6 +12,7 @@ import {
   InvoiceStatus,
   KeyRefusalReason,
   KeyRefusalSchema,
+  ListApiKeysResponseSchema,
   OrganizationState,
   UpdateOrganizationRequestSchema,
   UpdateOrganizationResponseSchema,
@@ -2180,6 +2181,34 @@ test("ListApiKeys answers a page at a time, in creation order to the microsecond
   expect(await code(client.listApiKeys({ orgId, pageSize: -1 }, admin))).toBe(Code.InvalidArgument);
   const err = ConnectError.from(await client.listApiKeys({ orgId: otherOrg, pageToken: token }, admin).catch((e) => e));
   expect(err.rawMessage).toContain("page_token");
+}, 60_000);
+
+test("a page holds as many rows as fit in 3 MiB encoded, so no answer passes a gRPC client's 4 MB; the next goes on", async () => {
+  const orgId = await newOrg();
+  for (let i = 0; i < 24; i++) await client.createApiKey({ orgId, name: `k${i}` }, admin);
+  // Each key allowed the most models a key may have, of the longest names: about 200 KB a key.
+  await db.pool.query(
+    `UPDATE api_keys SET allowed_models = ARRAY(SELECT lpad(n::text, 200, 'm') FROM generate_series(1, 1000) n)
+     WHERE org_id = $1`,
+    [orgId],
+  );
+  const { rows: expected } = await db.pool.query<{ id: string }>(
+    "SELECT id FROM api_keys WHERE org_id = $1 ORDER BY created_at, id",
+    [orgId],
+  );
+  const sizes: number[] = [];
+  const listed = await pagesOf(
+    async (pageToken) => {
+      const res = await client.listApiKeys({ orgId, pageSize: 1000, pageToken }, admin);
+      sizes.push(toBinary(ListApiKeysResponseSchema, res).byteLength);
+      return res;
+    },
+    (r) => r.apiKeys,
+  );
+  expect(listed.rows.map((k) => k.id)).toEqual(expected.map((r) => r.id));
+  expect(listed.rows.every((k) => k.limits?.allowedModels.length === 1000)).toBe(true);
+  expect(listed.pages).toBe(2);
+  expect(Math.max(...sizes)).toBeLessThanOrEqual(3 * 1024 * 1024 + 1024);
 }, 60_000);
 
 test("ListOrganizations, ListProjects, ListDiscountRules and ListInvoices answer a page at a time", async () => {

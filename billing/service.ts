@@ -3,6 +3,7 @@ import { timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import {
   AcquireBudgetLeaseResponseSchema,
+  ApiKeySchema,
   AuthorizeKeyResponseSchema,
   BillingService,
   BudgetScope,
@@ -11,11 +12,13 @@ import {
   CreateOrganizationResponseSchema,
   CreateProjectResponseSchema,
   DeleteDiscountRuleResponseSchema,
+  DiscountRuleSchema,
   GenerateInvoiceResponseSchema,
   GetApiKeyResponseSchema,
   GetInvoiceResponseSchema,
   GetOrganizationResponseSchema,
   GetUsageSummaryResponseSchema,
+  InvoiceSchema,
   KeyRefusalSchema,
   ListApiKeysResponseSchema,
   ListDiscountRulesResponseSchema,
@@ -23,6 +26,8 @@ import {
   ListOrganizationsResponseSchema,
   ListProjectsResponseSchema,
   ListUsageRecordsResponseSchema,
+  OrganizationSchema,
+  ProjectSchema,
   RecordUsageResponseSchema,
   ReinstateOrganizationResponseSchema,
   ReleaseBudgetLeaseResponseSchema,
@@ -32,6 +37,7 @@ import {
   UpdateApiKeyLimitsResponseSchema,
   UpdateOrganizationResponseSchema,
   UpdateInvoiceStatusResponseSchema,
+  UsageRecordSchema,
   WatchKeyChangesResponseSchema,
 } from "../gen/billing/v1/billing_pb.ts";
 import { connectionEndingKey } from "../lib/health.ts";
@@ -176,10 +182,8 @@ export function createBillingService({
       admin(ctx);
       const page = pageAsked(req, ["ListOrganizations"], idCursor);
       const orgs = await store.listOrganizations(page);
-      return create(ListOrganizationsResponseSchema, {
-        organizations: orgs.items.map(organizationMessage),
-        nextPageToken: page.nextPageToken(orgs, (org) => org.id),
-      });
+      const { messages, nextPageToken } = page.answer(orgs, OrganizationSchema, organizationMessage, (org) => org.id);
+      return create(ListOrganizationsResponseSchema, { organizations: messages, nextPageToken });
     },
 
     async getOrganization(req, ctx) {
@@ -204,10 +208,8 @@ export function createBillingService({
       const orgId = orgIdOf(req);
       const page = pageAsked(req, ["ListProjects", orgId], idCursor);
       const projects = await store.listProjects(orgId, page);
-      return create(ListProjectsResponseSchema, {
-        projects: projects.items.map(projectMessage),
-        nextPageToken: page.nextPageToken(projects, (project) => project.id),
-      });
+      const { messages, nextPageToken } = page.answer(projects, ProjectSchema, projectMessage, (project) => project.id);
+      return create(ListProjectsResponseSchema, { projects: messages, nextPageToken });
     },
 
     async createApiKey(req, ctx) {
@@ -232,10 +234,8 @@ export function createBillingService({
       const orgId = orgIdOf(req);
       const page = pageAsked(req, ["ListApiKeys", orgId, req.includeRevoked], idCursor);
       const keys = await store.listApiKeys(orgId, { includeRevoked: req.includeRevoked }, page);
-      return create(ListApiKeysResponseSchema, {
-        apiKeys: keys.items.map(apiKeyMessage),
-        nextPageToken: page.nextPageToken(keys, (key) => key.id),
-      });
+      const { messages, nextPageToken } = page.answer(keys, ApiKeySchema, apiKeyMessage, (key) => key.id);
+      return create(ListApiKeysResponseSchema, { apiKeys: messages, nextPageToken });
     },
 
     async getApiKey(req, ctx) {
@@ -421,10 +421,11 @@ export function createBillingService({
       const page = await store.listUsageRecords({ orgId, requestId: lookup, start, end, after, limit });
       // An org nobody created is not_found, as in the other lists; asked only when there is nothing to list.
       if (page.items.length === 0) await store.getOrganization(orgId);
-      return create(ListUsageRecordsResponseSchema, {
-        records: page.items.map(usageRecordMessage),
-        nextPageToken: asked.nextPageToken(page, (last) => ({ occurredAt: last.occurredAt, requestId: last.requestId })),
-      });
+      const { messages, nextPageToken } = asked.answer(page, UsageRecordSchema, usageRecordMessage, (last) => ({
+        occurredAt: last.occurredAt,
+        requestId: last.requestId,
+      }));
+      return create(ListUsageRecordsResponseSchema, { records: messages, nextPageToken });
     },
 
     async createDiscountRule(req, ctx) {
@@ -440,10 +441,11 @@ export function createBillingService({
       const orgId = orgIdOf(req);
       const page = pageAsked(req, ["ListDiscountRules", orgId], discountRuleCursor);
       const rules = await store.listDiscountRules(orgId, page);
-      return create(ListDiscountRulesResponseSchema, {
-        rules: rules.items.map(discountRuleMessage),
-        nextPageToken: page.nextPageToken(rules, (rule) => ({ priority: rule.priority, id: rule.id })),
-      });
+      const { messages, nextPageToken } = page.answer(rules, DiscountRuleSchema, discountRuleMessage, (rule) => ({
+        priority: rule.priority,
+        id: rule.id,
+      }));
+      return create(ListDiscountRulesResponseSchema, { rules: messages, nextPageToken });
     },
 
     async deleteDiscountRule(req, ctx) {
@@ -471,10 +473,8 @@ export function createBillingService({
       await requireOrgReader(ctx, orgId);
       const page = pageAsked(req, ["ListInvoices", orgId], idCursor);
       const invoices = await store.listInvoices(orgId, page);
-      return create(ListInvoicesResponseSchema, {
-        invoices: invoices.items.map(invoiceMessage),
-        nextPageToken: page.nextPageToken(invoices, (invoice) => invoice.id),
-      });
+      const { messages, nextPageToken } = page.answer(invoices, InvoiceSchema, invoiceMessage, (invoice) => invoice.id);
+      return create(ListInvoicesResponseSchema, { invoices: messages, nextPageToken });
     },
 
     async getInvoice(req, ctx) {
