@@ -545,6 +545,34 @@ describe("the same server over plain HTTP", () => {
     expect(/grpc-status:\s*(\d+)/.exec(trailers)?.[1]).toBe(String(Code.ResourceExhausted));
   });
 
+  test("a gRPC-Web text body that is not base64 is INVALID_ARGUMENT, never decoded into other bytes and served", async () => {
+    const message = toBinary(CreateEmbeddingRequestSchema, create(CreateEmbeddingRequestSchema, { model: "mock", input: ["hi"] }));
+    const frame = Buffer.alloc(5 + message.length);
+    frame.writeUInt32BE(message.length, 1);
+    frame.set(message, 5);
+    const valid = frame.toString("base64");
+    const before = gateway.shipper.rows.length;
+    // Characters outside the alphabet between its groups, which Buffer skips; a body of nothing but them.
+    for (const body of [valid.replace(/(.{8})/g, "$1!*~"), "!!!notbase64***", valid.replace(/=+$/, "").slice(0, -1)]) {
+      const res = await fetch(`${server.url}/gateway.v1.GatewayService/CreateEmbedding`, {
+        method: "POST",
+        headers: { "content-type": "application/grpc-web-text", "x-grpc-web": "1", authorization: "Bearer sk-good" },
+        body,
+      });
+      const text = await res.text();
+      const said = `${text ? Buffer.from(decodeBase64(text)).toString("latin1") : ""} ${res.headers.get("grpc-status")}`;
+      expect([body, /(\d+)/.exec(said.replace(/.*grpc-status:\s*/s, ""))?.[1]]).toEqual([body, String(Code.InvalidArgument)]);
+    }
+    const served = await fetch(`${server.url}/gateway.v1.GatewayService/CreateEmbedding`, {
+      method: "POST",
+      headers: { "content-type": "application/grpc-web-text", "x-grpc-web": "1", authorization: "Bearer sk-good" },
+      body: valid,
+    });
+    expect(Buffer.from(decodeBase64(await served.text())).toString("latin1")).toMatch(/grpc-status:\s*0/);
+    for (let i = 0; i < 100 && gateway.shipper.rows.length < before + 1; i++) await Bun.sleep(20);
+    expect(gateway.shipper.rows.slice(before).filter((r) => r.status === RequestStatus.OK)).toHaveLength(1);
+  });
+
   test("answers Connect JSON calls, as a browser would make them", async () => {
     const res = await fetch(`${server.url}/gateway.v1.GatewayService/ListModels`, {
       method: "POST",

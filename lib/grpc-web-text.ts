@@ -1,4 +1,5 @@
 import type * as http from "node:http";
+import { Code, ConnectError } from "@connectrpc/connect";
 import type { NodeRequest, NodeResponse } from "./server.ts";
 
 const textType = "application/grpc-web-text";
@@ -46,7 +47,18 @@ async function* decodeBase64Stream(text: AsyncIterable<Uint8Array | string>): As
   if (pending) yield decodeBase64(pending);
 }
 
-/** Base64 that may hold padding between its parts. */
+/** One part of base64 text: whole groups of four, the last maybe padded, or left short at the end of the text. */
+const base64Part = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}(?:==)?|[A-Za-z0-9+/]{3}=?)?$/;
+
+/**
+ * Base64 that may hold padding between its parts. Anything else (a character outside its alphabet, a part cut short
+ * mid-text) is INVALID_ARGUMENT, as a message that does not decode is: Buffer would skip it and decode the rest into
+ * other bytes.
+ */
 export function decodeBase64(text: string): Uint8Array {
-  return Buffer.concat(text.split(/(?<==)(?=[^=])/).map((part) => Buffer.from(part, "base64")));
+  const parts = text.split(/(?<==)(?=[^=])/);
+  for (const part of parts) {
+    if (!base64Part.test(part)) throw new ConnectError("the request body is not base64 (grpc-web-text)", Code.InvalidArgument);
+  }
+  return Buffer.concat(parts.map((part) => Buffer.from(part, "base64")));
 }
