@@ -223,21 +223,34 @@ export function parseChatInput(body: unknown): ChatInput {
 /** A tool_choice needs tools, and one naming a tool names one of them (the shapes of both are checked already). */
 function checkToolChoice(choice: unknown, tools: unknown): void {
   if (absent(choice)) return;
-  const declared = Array.isArray(tools) ? (tools as Record<string, unknown>[]) : [];
-  if (declared.length === 0) {
+  if (!Array.isArray(tools) || tools.length === 0) {
     throw invalidRequest(
       "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
       "tool_choice",
     );
   }
+  checkNamedTool(choice, tools, (v, type) => (v[type] as Record<string, unknown> | undefined)?.name, (type) => `${type}.name`);
+}
+
+/**
+ * A tool_choice naming a function or custom tool names one of `tools` of that type, the name read by `nameOf` (chat
+ * nests it under the type, the Responses API does not) at `tool_choice.<param>`: the model would otherwise be made to
+ * call a tool the client never declared.
+ */
+export function checkNamedTool(
+  choice: unknown,
+  tools: unknown,
+  nameOf: (v: Record<string, unknown>, type: string) => unknown,
+  param: (type: string) => string,
+): void {
   if (!isObject(choice) || (choice.type !== "function" && choice.type !== "custom")) return;
   const type = choice.type;
-  const named = (choice[type] as Record<string, unknown>).name as string;
-  if (!declared.some((t) => t.type === type && (t[type] as { name?: unknown }).name === named)) {
-    throw invalidRequest(
-      `Invalid value for 'tool_choice': no ${type} tool named '${echoed(named)}' is among 'tools'.`,
-      `tool_choice.${type}.name`,
-    );
+  const named = nameOf(choice, type);
+  const at = `tool_choice.${param(type)}`;
+  if (typeof named !== "string") throw wrongType(at, "a string", named);
+  const declared = Array.isArray(tools) ? tools : [];
+  if (!declared.some((t) => isObject(t) && t.type === type && nameOf(t, type) === named)) {
+    throw invalidRequest(`Invalid value for 'tool_choice': no ${type} tool named '${echoed(named)}' is among 'tools'.`, at);
   }
 }
 

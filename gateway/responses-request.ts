@@ -1,4 +1,4 @@
-import { parseTags } from "./chat-request.ts";
+import { checkNamedTool, parseTags } from "./chat-request.ts";
 import { invalidRequest } from "./errors.ts";
 import type { ResponsesRequest } from "./providers/provider.ts";
 import {
@@ -176,6 +176,11 @@ export function parseResponsesInput(body: unknown): ResponsesInput {
     if (tools.length > maxTools) throw arrayTooLong("tools", maxTools, tools.length);
     for (let i = 0; i < tools.length; i++) tool(tools[i], `tools[${i}]`);
   }
+  // A choice that obliges the model to call a tool needs one to call.
+  if (body.tool_choice === "required" && (!Array.isArray(tools) || tools.length === 0)) {
+    throw invalidRequest("Invalid value for 'tool_choice': 'required' needs at least one tool in 'tools'.", "tool_choice");
+  }
+  checkNamedTool(body.tool_choice, tools, (v) => v.name, () => "name");
   // A background response is answered before it has run, its usage known only to whoever polls it later: unbillable.
   if (body.background === true) {
     throw invalidRequest(

@@ -637,6 +637,12 @@ describe("refusals", () => {
       // Only the upstream account's own, every org's: the gateway serves no Conversations API to make one.
       [{ input: "x", conversation: "conv_123" }, "conversation"],
       [{ input: "x", conversation: { id: "conv_123" } }, "conversation"],
+      // A call the model is made to make must be of a tool the client declared, which it can run.
+      [{ input: "x", tool_choice: "required" }, "tool_choice"],
+      [{ input: "x", tools: [], tool_choice: "required" }, "tool_choice"],
+      [{ input: "x", tools: [{ type: "function", name: "f" }], tool_choice: { type: "function", name: "g" } }, "tool_choice.name"],
+      [{ input: "x", tools: [{ type: "function", name: "f" }], tool_choice: { type: "custom", name: "f" } }, "tool_choice.name"],
+      [{ input: "x", tools: [{ type: "function", name: "f" }], tool_choice: { type: "function" } }, "tool_choice.name"],
     ];
     for (const [body, param] of cases) {
       const res = await fetch(`${gateway.restUrl}/v1/responses`, {
