@@ -529,7 +529,7 @@ describe("REST models and routing", () => {
     expect(get.headers.get("allow")).toBe("POST");
     await expectError(get, 405, "method_not_allowed");
     const del = await call("/v1/models", { method: "DELETE", key: "sk-good" });
-    expect(del.headers.get("allow")).toBe("GET");
+    expect(del.headers.get("allow")).toBe("GET, HEAD");
     await expectError(del, 405, "method_not_allowed");
     expect(shipper.rows).toHaveLength(0);
   });

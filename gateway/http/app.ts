@@ -285,6 +285,9 @@ export function createRestApp(options: RestAppOptions): RestApp {
     }
   };
 
+  /** What a URL that is read answers: GET, and HEAD, its headers alone (the server leaves out the body). */
+  const reads = (method: string) => method === "GET" || method === "HEAD";
+
   const handle = async (request: RestRequest): Promise<RestResponse> => {
     const { path, method } = request;
     if (path === "/v1/chat/completions") {
@@ -300,8 +303,8 @@ export function createRestApp(options: RestAppOptions): RestApp {
       if (!encoded || more.length > 0 || (what !== undefined && what !== "input_items")) {
         return errorResponse(unknownUrl(method, path), ulid());
       }
-      const allowed = what === undefined ? "GET, DELETE" : "GET";
-      if (method !== "GET" && !(method === "DELETE" && what === undefined)) {
+      const allowed = what === undefined ? "GET, HEAD, DELETE" : "GET, HEAD";
+      if (!reads(method) && !(method === "DELETE" && what === undefined)) {
         return errorResponse(methodNotAllowed(method, path, allowed), ulid());
       }
       let id: string;
@@ -319,11 +322,11 @@ export function createRestApp(options: RestAppOptions): RestApp {
       return traced("/v1/embeddings", request, (span) => embeddings(request, span));
     }
     if (path === "/v1/models") {
-      if (method !== "GET") return errorResponse(methodNotAllowed(method, path, "GET"), ulid());
+      if (!reads(method)) return errorResponse(methodNotAllowed(method, path, "GET, HEAD"), ulid());
       return traced("/v1/models", request, () => listModels(request));
     }
     if (path.startsWith(modelsPrefix) && path.length > modelsPrefix.length) {
-      if (method !== "GET") return errorResponse(methodNotAllowed(method, path, "GET"), ulid());
+      if (!reads(method)) return errorResponse(methodNotAllowed(method, path, "GET, HEAD"), ulid());
       let name: string;
       try {
         name = decodeURIComponent(path.slice(modelsPrefix.length));

@@ -1198,6 +1198,19 @@ for (const port of ["rpc", "rest"] as const) {
           "permission_error",
         );
       });
+
+      test("HEAD of a model list or a model answers what GET does, without its body", async () => {
+        for (const path of ["/v1/models", "/v1/models/ok"]) {
+          const got = await fetch(`${base()}${path}`, { headers: { authorization: "Bearer sk-good" } });
+          const head = await fetch(`${base()}${path}`, { method: "HEAD", headers: { authorization: "Bearer sk-good" } });
+          expect([path, head.status, head.headers.get("content-type")]).toEqual([path, 200, got.headers.get("content-type")]);
+          expect(await head.text()).toBe("");
+          expect(isUlid(head.headers.get("x-request-id") ?? "")).toBe(true);
+          await got.text();
+        }
+        const refused = await fetch(`${base()}/v1/models`, { method: "HEAD" });
+        expect(refused.status).toBe(401);
+      });
     });
 
     describe("error shapes for every status", () => {
