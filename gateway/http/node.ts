@@ -3,7 +3,7 @@ import { constants } from "node:http2";
 import { type HttpRoutes, headersOf, type NodeRequest, type NodeResponse, send } from "../../lib/server.ts";
 import type { BodyBudget, BodyHold } from "../body-budget.ts";
 import { bodiesAtCapacity, bodyTooLarge } from "../errors.ts";
-import { type RestApp, type RestRequest, utf8Text } from "./app.ts";
+import { pathOf, type RestApp, type RestRequest, utf8Text } from "./app.ts";
 
 /**
  * Serves a RestApp on startServer's node:http(2) requests, for paths under `prefix`. Requests are
@@ -14,14 +14,24 @@ import { type RestApp, type RestRequest, utf8Text } from "./app.ts";
 export function restRoutes(app: RestApp, options: { prefix?: string; bodies?: BodyBudget } = {}): HttpRoutes {
   const prefix = options.prefix ?? "/v1/";
   const bodies = options.bodies;
+  const root = prefix.replace(/\/$/, "");
   return (req, res) => {
     const url = req.url ?? "/";
-    if (!url.startsWith(prefix)) return false;
-    return serve(app, req, res, url, bodies?.hold()).then(() => true);
+    // Of an absolute-form target (`POST http://host/v1/...`, as a proxy is sent it), its path.
+    const path = pathOf(url);
+    if (!path.startsWith(prefix) && path !== root) return false;
+    return serve(app, req, res, url, path, bodies?.hold()).then(() => true);
   };
 }
 
-async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: string, hold?: BodyHold): Promise<void> {
+async function serve(
+  app: RestApp,
+  req: NodeRequest,
+  res: NodeResponse,
+  url: string,
+  path: string,
+  hold?: BodyHold,
+): Promise<void> {
   const gone = new AbortController();
   // Closed before it was ended: the client left. Not writableFinished, which Bun sets on an HTTP/2 stream the client
   // reset (RST_STREAM), whose stream then went on unread and unmetered, waiting for a drain that never comes.
@@ -33,7 +43,7 @@ async function serve(app: RestApp, req: NodeRequest, res: NodeResponse, url: str
   const query = url.indexOf("?");
   const request: RestRequest = {
     method: req.method ?? "GET",
-    path: query < 0 ? url : url.slice(0, query),
+    path,
     query: query < 0 ? undefined : url.slice(query + 1),
     headers: headersOf(req.headers),
     text: (limit) => readText(req, limit, hold),

@@ -8,6 +8,7 @@ import { startTestGateway } from "../testing/served-gateway.ts";
 import { countTextTokens } from "../tokenizer.ts";
 import { usageGraceMs } from "../providers/openai.ts";
 import { eventually } from "../../test/support.ts";
+import { answerUntilClosed } from "../../lib/testing.ts";
 
 // The gateway in front of a real OpenAI-compatible upstream on a socket, called with the official SDK.
 let upstream: FakeUpstream;
@@ -1210,6 +1211,17 @@ for (const port of ["rpc", "rest"] as const) {
         }
         const refused = await fetch(`${base()}/v1/models`, { method: "HEAD" });
         expect(refused.status).toBe(401);
+      });
+
+      test("a request's target in absolute form, as a proxy is sent one, is served by its path; /v1 alone is the API's 404", async () => {
+        const head = "Authorization: Bearer sk-good\r\nConnection: close\r\n\r\n";
+        const listed = await answerUntilClosed(base(), `GET http://elsewhere.example/v1/models?x=1 HTTP/1.1\r\nHost: x\r\n${head}`);
+        expect(listed).toStartWith("HTTP/1.1 200");
+        expect(listed).toContain('"object":"list"');
+        const bare = await answerUntilClosed(base(), `GET /v1 HTTP/1.1\r\nHost: x\r\n${head}`);
+        expect(bare).toStartWith("HTTP/1.1 404");
+        expect(bare).toContain('"code":"unknown_url"');
+        expect(bare.toLowerCase()).toContain("x-request-id: ");
       });
     });
 

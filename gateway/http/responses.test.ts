@@ -1098,7 +1098,7 @@ for (const [port, base] of [
       expect(((await streamed.json()) as { error: { param: string } }).error.param).toBe("stream");
       const posted = await raw(`/v1/responses/${mine.id}`, "POST");
       expect(posted.status).toBe(405);
-      expect(posted.headers.get("allow")).toBe("GET, DELETE");
+      expect(posted.headers.get("allow")).toBe("GET, HEAD, DELETE");
       expect((await raw(`/v1/responses/${mine.id}/cancel`, "POST")).status).toBe(404);
     });
   });
