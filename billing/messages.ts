@@ -304,7 +304,11 @@ export function discountRuleFrom(rule: DiscountRuleMessage | undefined, field = 
   if (!rule) throw invalid(field, "required");
   const at = (name: string) => `${field}.${name}`;
   const kind = discountKinds[rule.kind];
-  if (!kind) throw invalid(at("kind"), "required");
+  if (!kind) {
+    // A number the contract does not name is not a missing kind: a newer client's, or a mistake.
+    if (rule.kind !== 0) throw invalid(at("kind"), `${rule.kind} is not a discount kind`);
+    throw invalid(at("kind"), "required");
+  }
   const volume = kind === "volume_graduated" || kind === "volume_all_units";
   const window = kind === "time_window";
 

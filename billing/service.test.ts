@@ -1734,10 +1734,29 @@ test("an empty or reversed time range is InvalidArgument wherever one is taken",
   expect(await failure(client.listUsageRecords({ orgId, startTime: at, endTime: at }, admin))).toEqual(refused);
   expect(await failure(client.listUsageRecords({ orgId, startTime: at, endTime: before }, admin))).toEqual(refused);
   expect(await failure(client.getUsageSummary({ orgId, startTime: at, endTime: at }, admin))).toEqual(refused);
+  // Ordered as sent, a range whose bounds round up to the same millisecond is empty, not refused.
+  const within = (nanos: number) => create(TimestampSchema, { seconds: at.seconds, nanos: at.nanos + nanos });
+  const sameMs = { startTime: within(500), endTime: within(900) };
+  expect((await client.listUsageRecords({ orgId, ...sameMs }, admin)).records).toEqual([]);
+  expect((await client.getUsageSummary({ orgId, ...sameMs }, admin)).requests).toBe(0n);
+  const reversed = { startTime: within(900), endTime: within(500) };
+  expect(await failure(client.listUsageRecords({ orgId, ...reversed }, admin))).toEqual(refused);
   const hour = timestampFromDate(new Date("2026-06-01T00:00:00Z"));
   expect(await failure(client.createDiscountRule(promo(orgId, { validFrom: hour, validUntil: hour }), admin))).toEqual({
     code: Code.InvalidArgument,
     message: "rule.valid_until: must be after valid_from",
+  });
+});
+
+test("a discount rule of no kind is refused as missing it, one of a kind the contract does not name as that", async () => {
+  const orgId = await newOrg();
+  expect(await failure(client.createDiscountRule(promo(orgId, { kind: 0 }), admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "rule.kind: required",
+  });
+  expect(await failure(client.createDiscountRule(promo(orgId, { kind: 99 as DiscountKind }), admin))).toEqual({
+    code: Code.InvalidArgument,
+    message: "rule.kind: 99 is not a discount kind",
   });
 });
 

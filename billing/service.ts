@@ -77,10 +77,9 @@ import {
   invalid,
   nonNegative,
   optionalId,
-  ordered,
   periodAnchor,
   positive,
-  rangeBound,
+  usageBounds,
   requestId,
   text,
 } from "./validate.ts";
@@ -384,11 +383,8 @@ export function createBillingService({
     async getUsageSummary(req, ctx) {
       const orgId = orgIdOf(req);
       await requireOrgReader(ctx, orgId);
-      const range = await usageRange(
-        orgId,
-        req.startTime && rangeBound(req.startTime, "start_time"),
-        req.endTime && rangeBound(req.endTime, "end_time"),
-      );
+      const bounds = usageBounds(req.startTime, req.endTime);
+      const range = await usageRange(orgId, bounds.start, bounds.end);
       const totals = await store.usageTotals(
         { orgId, projectId: optionalId(req.projectId, "project_id"), apiKeyId: optionalId(req.apiKeyId, "api_key_id") },
         range,
@@ -414,9 +410,8 @@ export function createBillingService({
       const lookup = optionalId(req.requestId, "request_id");
       // The range may change from page to page, as ListRequests' may: the order and the cursor do not depend on it.
       const asked = pageAsked(req, ["ListUsageRecords", orgId, lookup], usageCursor);
-      const start = req.startTime ? rangeBound(req.startTime, "start_time") : null;
-      const end = req.endTime ? rangeBound(req.endTime, "end_time") : null;
-      ordered(start, end, "start_time", "end_time");
+      const bounds = usageBounds(req.startTime, req.endTime);
+      const [start, end] = [bounds.start ?? null, bounds.end ?? null];
       const { after, limit } = asked;
       const page = await store.listUsageRecords({ orgId, requestId: lookup, start, end, after, limit });
       // An org nobody created is not_found, as in the other lists; asked only when there is nothing to list.
@@ -505,10 +500,10 @@ export function createBillingService({
       if (start && start >= period.end) {
         throw invalid("start_time", `must be before the end of the current billing period, ${period.end.toISOString()}`);
       }
+      // The bound derived is past the one given (start before the period's end, end after its start).
       start ??= period.start;
       end ??= period.end;
     }
-    ordered(start, end, "start_time", "end_time");
     return { start, end };
   }
 

@@ -117,3 +117,16 @@ export function periodAnchor(at: Date, field: string): Date {
 export function ordered(start: Date | null, end: Date | null, startField: string, endField: string): void {
   if (start && end && end <= start) throw invalid(endField, `must be after ${startField}`);
 }
+
+/**
+ * A usage range as a request gives it, [start_time, end_time), each bound rounded up to the millisecond as usage is
+ * stored (rangeBound): INVALID_ARGUMENT when end_time is not after start_time as sent, while bounds that round to the
+ * same millisecond make an empty range, not an invalid one.
+ */
+export function usageBounds(start: Timestamp | undefined, end: Timestamp | undefined): { start?: Date; end?: Date } {
+  const range = { start: start && rangeBound(start, "start_time"), end: end && rangeBound(end, "end_time") };
+  if (start && end && (end.seconds < start.seconds || (end.seconds === start.seconds && end.nanos <= start.nanos))) {
+    throw invalid("end_time", "must be after start_time");
+  }
+  return range;
+}
