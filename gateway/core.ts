@@ -920,6 +920,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const startMs = Date.now();
       const requestId = newRequestId(startMs);
       const span = trace.getActiveSpan();
+      // Now rather than as it ends: a stream refused before its handler can end its span before its refusal is metered.
+      if (span?.isRecording()) span.setAttribute("gateway.request_id", requestId);
       const call: Call = {
         requestId,
         span: span?.isRecording() ? span : undefined,

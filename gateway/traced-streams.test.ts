@@ -217,6 +217,30 @@ test("an RPC the key gate refuses is counted with its code and traced, its key c
   expect(children(spans[2] as ReadableSpan)).toContain("gateway.authorize_key");
 });
 
+test("a streamed RPC whose message cannot be read has its request id and its error's code on its span", async () => {
+  const trace = "abf92f3577b34da6a3ce929d0e0e473c";
+  // An envelope that says 100 bytes and holds 10.
+  const body = Buffer.concat([Buffer.from([0, 0, 0, 0, 100]), Buffer.from('{"params":')]);
+  const res = await fetch(`${gateway.url}/gateway.v1.GatewayService/StreamChatCompletion`, {
+    method: "POST",
+    headers: {
+      "content-type": "application/connect+json",
+      authorization: "Bearer sk-good",
+      traceparent: `00-${trace}-${clientSpanId}-01`,
+    },
+    body,
+  });
+  const requestId = res.headers.get("x-request-id") ?? "";
+  await res.arrayBuffer();
+  let span: ReadableSpan | undefined;
+  for (let i = 0; i < 100 && !span; i++, await Bun.sleep(20)) {
+    span = exporter.getFinishedSpans().find((s) => s.spanContext().traceId === trace && s.kind === SpanKind.SERVER);
+  }
+  expect(span?.name).toBe("gateway.v1.GatewayService/StreamChatCompletion");
+  // The stream's span ends as its refusal is answered, before the key is checked and the refusal metered.
+  expect(span?.attributes).toMatchObject({ "gateway.request_id": requestId, "error.type": "invalid_argument" });
+});
+
 // An upstream bills the tier that served a request, which need not be the one asked for (flex served as default, auto
 // as priority): the budget reservation covers the dearest, so the overshoot bound holds whichever serves.
 test("a request is reserved at the dearest tier it can be billed at, whatever tier it asks for", async () => {

@@ -42,6 +42,7 @@ import {
 } from "@opentelemetry/sdk-trace";
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { codeToString } from "@connectrpc/connect/protocol-connect";
 import type { PropagatorName, SamplerName } from "./config.ts";
 import { type Logger, redactSecrets } from "./log.ts";
 import { inContext, onStreamEnd } from "./streams.ts";
@@ -352,6 +353,10 @@ export async function finishWith<T>(span: Span, fn: () => Promise<T>, errors?: R
   } catch (e) {
     const err = ConnectError.from(e);
     span.setAttribute("rpc.grpc.status_code", err.code);
+    // What the call's own code said of it (the gateway's OpenAI code), or else Connect's name for the status code.
+    if ((span as Partial<ReadableSpan>).attributes?.["error.type"] === undefined) {
+      span.setAttribute("error.type", err.metadata.get("x-error-code") || codeToString(err.code));
+    }
     if (errors ? errors.has(err.code) : err.code !== Code.Canceled) {
       span.setStatus({ code: SpanStatusCode.ERROR, message: redactSecrets(err.rawMessage) });
     }
