@@ -222,6 +222,38 @@ describe("IngestMetrics", () => {
     expect(billing.stored.size).toBe(10);
   });
 
+  test("records of an org or key billing does not know are set aside together in a few calls, not one call each", async () => {
+    const org = "org_restored_away";
+    let tried = 0;
+    const refuse = (records: UsageRecord[]) => {
+      tried++;
+      const unknown = records.find((r) => r.orgId === org);
+      if (unknown) throw new ConnectError(`org_id: organization ${unknown.orgId} does not exist`, Code.NotFound);
+    };
+    const registry = new Registry();
+    const lines: string[] = [];
+    const { billing, send } = setup(store, {
+      registry,
+      billing: createRecordingBilling({ onRecord: refuse }),
+      log: createLogger({ service: "analytics-test", level: "error", write: (line) => lines.push(line) }),
+    });
+    // Interleaved with rows of orgs billing knows, under two keys of the unknown org.
+    const metrics = rows(2000, { orgId: org }).map((m, i) =>
+      i % 3 === 0 ? { ...m, orgId: `org_known_${i % 4}` } : { ...m, apiKeyId: `key_${i % 2}` },
+    ) as RequestMetrics[];
+    const sent = await send([{ gatewayInstanceId: "gw-restored", sequence: 1n, metrics }]);
+    expect(sent.error).toBeUndefined();
+    expect(sequences(sent.acks)).toEqual([1n]);
+    const known = metrics.filter((m) => m.orgId !== org);
+    expect([...billing.stored.keys()].sort()).toEqual(known.map((m) => m.requestId).sort());
+    // A handful of calls, where splitting down to single records took about two per record.
+    expect(tried).toBeLessThan(40);
+    const unbillable = await registry.getSingleMetric("analytics_ingest_unbillable_rows_total")?.get();
+    expect(unbillable?.values[0]?.value).toBe(metrics.length - known.length);
+    expect(lines.length).toBeLessThanOrEqual(4);
+    expect(JSON.parse(lines[0] as string)).toMatchObject({ org_id: org, code: "NotFound" });
+  });
+
   test("rows with counts out of bounds are set aside, logged and counted; the rest of their batch is stored and billed", async () => {
     const org = "org_out_of_bounds";
     const registry = new Registry();

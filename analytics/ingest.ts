@@ -284,7 +284,9 @@ export function createIngest(deps: IngestDeps): Ingest {
   async function recordUsage(rows: readonly RequestMetrics[]): Promise<number> {
     const stopTimer = instruments.billingSeconds.startTimer();
     instruments.billingBusy.start();
-    const records = rows.map(toUsageRecord);
+    // Each owner's records together (a stable sort: a request's copies keep their order), so a refusal of an org or
+    // key billing does not know splits them off whole (see recordBatch).
+    const records = rows.map(toUsageRecord).sort((a, b) => compareOwners(ownerOf(a), ownerOf(b)));
     const size = Math.min(options.billingBatchRows, maxBatchRows);
     const calls: Promise<number>[] = [];
     for (let i = 0; i < records.length; i += size) calls.push(recordBatch(records.slice(i, i + size)));
@@ -299,26 +301,31 @@ export function createIngest(deps: IngestDeps): Ingest {
 
   /**
    * One RecordUsage call. Billing refuses a whole call for one record it cannot take (invalid, or naming an org or key
-   * it does not know), and would refuse every resend: such a call is split until the refused records are alone, and
-   * those are set aside (kept in ClickHouse, logged with their request_id, counted), so one bad row never holds back
-   * the rest. Any other failure fails the flush, to be resent.
+   * it does not know), and would refuse every resend: such a call is split, at the boundary between owners (org,
+   * project and key) nearest its middle, until the refused records are alone, or are all of one owner refused as not
+   * found (an org or key billing does not know is every one of its records' fault alike), and those are set aside
+   * (kept in ClickHouse, logged with their request_id, counted), so bad rows never hold back the rest: one owner's
+   * thousands take one call, not two for each. Any other failure fails the flush, to be resent.
    */
   async function recordBatch(records: UsageRecord[]): Promise<number> {
     const outcome = await callBilling(records);
     if (typeof outcome === "number") return outcome;
-    if (records.length === 1) {
-      const [record] = records as [UsageRecord];
-      instruments.unbillable.inc();
-      deps.log.error("billing refused a usage record; it stays in ClickHouse and is not billed", {
-        request_id: record.requestId,
-        org_id: record.orgId,
+    const first = ownerOf(records[0] as UsageRecord);
+    const oneOwner = records.every((r) => ownerOf(r) === first);
+    if (records.length === 1 || (oneOwner && outcome.code === Code.NotFound)) {
+      instruments.unbillable.inc(records.length);
+      deps.log.error("billing refused usage records; they stay in ClickHouse and are not billed", {
+        rows: records.length,
+        request_ids: records.slice(0, maxLoggedIds).map((r) => r.requestId),
+        org_id: records[0]?.orgId,
+        api_key_id: records[0]?.apiKeyId || undefined,
         code: Code[outcome.code],
         err: outcome.rawMessage,
       });
       return 0;
     }
     // A refused call stored nothing: its halves can be tried alone.
-    const half = Math.ceil(records.length / 2);
+    const half = oneOwner ? Math.ceil(records.length / 2) : ownerBoundary(records);
     const [a, b] = await Promise.all([recordBatch(records.slice(0, half)), recordBatch(records.slice(half))]);
     return a + b;
   }
@@ -545,6 +552,26 @@ export function dedupToken(rows: readonly RequestMetrics[]): string {
  * The usage record billing takes for a row. Its fields are already messages and values of the right types, so it is
  * written as the plain object a message is: create() would only check and copy each of them, for every row billed.
  */
+/** Request ids of records set aside together that their log line names; the rest are counted. */
+const maxLoggedIds = 20;
+
+/** Whose a usage record is: its org, project and key, which billing must know. */
+const ownerOf = (r: UsageRecord) => `${r.orgId}\n${r.projectId}\n${r.apiKeyId}`;
+
+const compareOwners = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
+
+/** The index nearest the middle of records sorted by owner where one owner's end and the next one's begin. */
+function ownerBoundary(records: UsageRecord[]): number {
+  const mid = Math.ceil(records.length / 2);
+  const boundary = (at: number) =>
+    at > 0 && at < records.length && ownerOf(records[at - 1] as UsageRecord) !== ownerOf(records[at] as UsageRecord);
+  for (let step = 0; step < records.length; step++) {
+    if (boundary(mid - step)) return mid - step;
+    if (boundary(mid + step)) return mid + step;
+  }
+  return mid;
+}
+
 export function toUsageRecord(m: RequestMetrics): UsageRecord {
   return {
     $typeName: "billing.v1.UsageRecord",
