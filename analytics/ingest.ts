@@ -284,9 +284,7 @@ export function createIngest(deps: IngestDeps): Ingest {
   async function recordUsage(rows: readonly RequestMetrics[]): Promise<number> {
     const stopTimer = instruments.billingSeconds.startTimer();
     instruments.billingBusy.start();
-    // Each owner's records together (a stable sort: a request's copies keep their order), so a refusal of an org or
-    // key billing does not know splits them off whole (see recordBatch).
-    const records = rows.map(toUsageRecord).sort((a, b) => compareOwners(ownerOf(a), ownerOf(b)));
+    const records = rows.map(toUsageRecord);
     const size = Math.min(options.billingBatchRows, maxBatchRows);
     const calls: Promise<number>[] = [];
     for (let i = 0; i < records.length; i += size) calls.push(recordBatch(records.slice(i, i + size)));
@@ -307,9 +305,11 @@ export function createIngest(deps: IngestDeps): Ingest {
    * (kept in ClickHouse, logged with their request_id, counted), so bad rows never hold back the rest: one owner's
    * thousands take one call, not two for each. Any other failure fails the flush, to be resent.
    */
-  async function recordBatch(records: UsageRecord[]): Promise<number> {
-    const outcome = await callBilling(records);
+  async function recordBatch(called: UsageRecord[], sorted = false): Promise<number> {
+    const outcome = await callBilling(called);
     if (typeof outcome === "number") return outcome;
+    // Each owner's records together (a stable sort: a request's copies keep their order), so they split off whole.
+    const records = sorted ? called : byOwner(called);
     const first = ownerOf(records[0] as UsageRecord);
     const oneOwner = records.every((r) => ownerOf(r) === first);
     if (records.length === 1 || (oneOwner && outcome.code === Code.NotFound)) {
@@ -326,7 +326,7 @@ export function createIngest(deps: IngestDeps): Ingest {
     }
     // A refused call stored nothing: its halves can be tried alone.
     const half = oneOwner ? Math.ceil(records.length / 2) : ownerBoundary(records);
-    const [a, b] = await Promise.all([recordBatch(records.slice(0, half)), recordBatch(records.slice(half))]);
+    const [a, b] = await Promise.all([recordBatch(records.slice(0, half), true), recordBatch(records.slice(half), true)]);
     return a + b;
   }
 
@@ -558,7 +558,12 @@ const maxLoggedIds = 20;
 /** Whose a usage record is: its org, project and key, which billing must know. */
 const ownerOf = (r: UsageRecord) => `${r.orgId}\n${r.projectId}\n${r.apiKeyId}`;
 
-const compareOwners = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
+/** Records in the order of their owners, each owner's in the order they came. */
+function byOwner(records: UsageRecord[]): UsageRecord[] {
+  const keyed = records.map((record) => ({ record, owner: ownerOf(record) }));
+  keyed.sort((a, b) => (a.owner < b.owner ? -1 : a.owner > b.owner ? 1 : 0));
+  return keyed.map((k) => k.record);
+}
 
 /** The index nearest the middle of records sorted by owner where one owner's end and the next one's begin. */
 function ownerBoundary(records: UsageRecord[]): number {
