@@ -161,6 +161,12 @@ describe("AnalyticsService queries", () => {
     expect(await codeOf(client.queryUsage({ orgId: org, range: range(Date.UTC(1899, 11, 31), Date.UTC(1900, 0, 2)) }))).toBe(
       Code.InvalidArgument,
     );
+    // Bounds are checked to the nanosecond as sent: a nanosecond past 400 days is past them, the last one of 2299 in.
+    const at = (ms: number, nanos = 0) => ({ seconds: BigInt(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1_000_000 + nanos });
+    const justOver = { start: at(base - 400 * 24 * hour), end: at(base, 1) };
+    expect(await codeOf(client.queryUsage({ orgId: org, range: justOver }))).toBe(Code.InvalidArgument);
+    const lastOf2299 = { start: at(Date.UTC(2299, 11, 31)), end: at(Date.UTC(2300, 0, 1) - 1, 999_999) };
+    expect(await codeOf(client.queryUsage({ orgId: org, range: lastOf2299 }))).toBe(undefined);
     const g = UsageGroupBy;
     for (const groupBy of [[g.MODEL, g.DAY, g.HOUR, g.STATUS], [g.MODEL, g.MODEL], [g.UNSPECIFIED]]) {
       expect(await codeOf(client.queryUsage({ orgId: org, range: day, groupBy }))).toBe(Code.InvalidArgument);

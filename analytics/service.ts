@@ -43,8 +43,12 @@ const maxBuckets = 2000;
 const defaultPageSize = 100;
 const maxQueriesPerOrg = 4;
 // What ClickHouse's DateTime64 holds.
-const earliestMs = Date.UTC(1900, 0, 1);
-const latestMs = Date.UTC(2300, 0, 1) - 1;
+const nanosPerSecond = 1_000_000_000n;
+const earliestNs = BigInt(Date.UTC(1900, 0, 1)) * 1_000_000n;
+const endOfLatestNs = BigInt(Date.UTC(2300, 0, 1)) * 1_000_000n;
+
+/** A timestamp's nanoseconds since 1970, exactly. */
+const nanosOf = (at: Timestamp) => at.seconds * nanosPerSecond + BigInt(at.nanos);
 const maxPageSize = 1000;
 
 const dimensions: Partial<Record<UsageGroupBy, UsageDimension>> = {
@@ -182,18 +186,19 @@ function parseRange(range: TimeRange | undefined): TimeWindow {
   const end = range?.end;
   if (!start || !end) invalid("range.start and range.end are required");
   for (const [name, at] of [["start", start], ["end", end]] as const) {
-    const ms = timestampMs(at);
-    if (!(ms >= earliestMs && ms <= latestMs)) invalid(`range.${name} must be in the years 1900 to 2299`);
-  }
-  for (const [name, at] of [["start", start], ["end", end]] as const) {
     if (!(at.nanos >= 0 && at.nanos < 1_000_000_000)) invalid(`range.${name}.nanos must be 0..999999999`);
+  }
+  // Checked to the nanosecond as sent (timestampMs rounds to the nearest millisecond).
+  for (const [name, at] of [["start", start], ["end", end]] as const) {
+    const ns = nanosOf(at);
+    if (!(ns >= earliestNs && ns < endOfLatestNs)) invalid(`range.${name} must be in the years 1900 to 2299`);
+  }
+  if (nanosOf(end) - nanosOf(start) > BigInt(maxRangeDays) * 86_400n * nanosPerSecond) {
+    invalid(`range must be at most ${maxRangeDays} days`);
   }
   // Rows are stored to the microsecond: bounds rounded up to it select exactly the rows in [start, end).
   const window = { start: toMicrosecondAbove(start), end: toMicrosecondAbove(end) };
-  const startNs = window.start.seconds * 1_000_000_000n + BigInt(window.start.nanos);
-  const endNs = window.end.seconds * 1_000_000_000n + BigInt(window.end.nanos);
-  if (endNs <= startNs) invalid("range.end must be after range.start (to the microsecond)");
-  if (timestampMs(end) - timestampMs(start) > maxRangeDays * 86_400_000) invalid(`range must be at most ${maxRangeDays} days`);
+  if (nanosOf(window.end) <= nanosOf(window.start)) invalid("range.end must be after range.start (to the microsecond)");
   return window;
 }
 
@@ -302,7 +307,8 @@ export function decodePageToken(token: string, scope: string): RequestCursor {
     ) {
       // A time this service wrote: it reads back as itself (no 13th month, no 25th hour) and in the years it holds.
       const us = textMicros(value[0]);
-      if (microsText(us) === value[0] && us >= earliestMs * 1000 && us <= latestMs * 1000) {
+      const ns = BigInt(us) * 1000n;
+      if (microsText(us) === value[0] && ns >= earliestNs && ns < endOfLatestNs) {
         issued = { cursor: { startTime: value[0], requestId: value[1] }, scope: value[2] };
       }
     }
