@@ -167,6 +167,8 @@ describe("AnalyticsService queries", () => {
     expect(await codeOf(client.queryUsage({ orgId: org, range: justOver }))).toBe(Code.InvalidArgument);
     const lastOf2299 = { start: at(Date.UTC(2299, 11, 31)), end: at(Date.UTC(2300, 0, 1) - 1, 999_999) };
     expect(await codeOf(client.queryUsage({ orgId: org, range: lastOf2299 }))).toBe(undefined);
+    expect(await codeOf(client.listRequests({ orgId: org, range: day, status: 42 as RequestStatus }))).toBe(Code.InvalidArgument);
+    expect(await codeOf(client.listRequests({ orgId: org, range: day, status: RequestStatus.OK }))).toBe(undefined);
     const g = UsageGroupBy;
     for (const groupBy of [[g.MODEL, g.DAY, g.HOUR, g.STATUS], [g.MODEL, g.MODEL], [g.UNSPECIFIED]]) {
       expect(await codeOf(client.queryUsage({ orgId: org, range: day, groupBy }))).toBe(Code.InvalidArgument);

@@ -3,7 +3,7 @@ import { type Timestamp, TimestampSchema, timestampMs } from "@bufbuild/protobuf
 import { Code, ConnectError, type Client, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { Tracer } from "@opentelemetry/api";
 import type { Registry } from "prom-client";
-import { type AnalyticsService, type TimeRange, UsageGroupBy } from "../gen/analytics/v1/analytics_pb.ts";
+import { type AnalyticsService, RequestStatus, type TimeRange, UsageGroupBy } from "../gen/analytics/v1/analytics_pb.ts";
 import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
 import { connectionEndingKey } from "../lib/health.ts";
@@ -153,6 +153,8 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       const window = req.requestId && !req.range ? undefined : parseRange(req.range);
       const pageSize = req.pageSize === 0 ? defaultPageSize : req.pageSize;
       if (pageSize < 1 || pageSize > maxPageSize) invalid(`page_size must be 1..${maxPageSize}`);
+      // A number the contract does not name matches no row: refused, as an unknown group_by is, not an empty page.
+      if (!(req.status in RequestStatus)) invalid(`status ${req.status} is not a request status`);
       const scope = listingScope(orgId, req.model, req.apiKeyId, req.status, req.requestId);
       const after = req.pageToken ? decodePageToken(req.pageToken, scope) : undefined;
       const page = await report("ListRequests", orgId, ctx.signal, () =>
