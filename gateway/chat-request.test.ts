@@ -84,7 +84,14 @@ const invalid: Array<[string, Record<string, unknown>, string | null, string]> =
   ["tool_choice without the function", { tool_choice: { type: "function" } }, "tool_choice.function", "missing_required_parameter"],
   ["tool_choice without the name", { tool_choice: { type: "function", function: {} } }, "tool_choice.function.name", "missing_required_parameter"],
   ["tool_choice without tools", { tool_choice: "auto" }, "tool_choice", "invalid_value"],
-  ["tool_choice with no tool", { tools: [], tool_choice: "none" }, "tool_choice", "invalid_value"],
+  ["an empty list of tools", { tools: [] }, "tools", "empty_array"],
+  ["a function of the deprecated form with a name the API does not take", { functions: [{ name: "bad name" }] }, "functions[0].name", "invalid_value"],
+  ["function_call without functions", { function_call: "auto" }, "function_call", "invalid_value"],
+  ["function_call naming a function not among them", { functions: [{ name: "f" }], function_call: { name: "g" } }, "function_call.name", "invalid_value"],
+  ["an image in a system message", { messages: [{ role: "system", content: [{ type: "image_url", image_url: { url: "https://x/y.png" } }] }] }, "messages[0].content[0].type", "invalid_value"],
+  ["a refusal part in a user message", { messages: [{ role: "user", content: [{ type: "refusal", refusal: "no" }] }] }, "messages[0].content[0].type", "invalid_value"],
+  ["an image in an assistant message", { messages: [{ role: "assistant", content: [{ type: "image_url", image_url: { url: "https://x/y.png" } }] }] }, "messages[0].content[0].type", "invalid_value"],
+  ["audio in a format the API does not take", { messages: [{ role: "user", content: [{ type: "input_audio", input_audio: { data: "AAAA", format: "ogg" } }] }] }, "messages[0].content[0].input_audio.format", "invalid_value"],
   ["tool_choice naming a function not among the tools", { tools: [tool({ name: "f" })], tool_choice: { type: "function", function: { name: "g" } } }, "tool_choice.function.name", "invalid_value"],
   ["tool_choice naming a custom tool as a function", { tools: [{ type: "custom", custom: { name: "f" } }], tool_choice: { type: "function", function: { name: "f" } } }, "tool_choice.function.name", "invalid_value"],
   ["response_format of unknown type", { response_format: { type: "bogus" } }, "response_format.type", "invalid_value"],
@@ -247,7 +254,7 @@ describe("chat input", () => {
     );
     expect(message({ model: "m", messages: [{ role: "tool", content: "x" }] })).toBe("Missing required parameter: 'messages[0].tool_call_id'.");
     expect(message(withPart({ type: "bogus" }))).toBe(
-      "Invalid value for 'messages[0].content[0].type': 'bogus'. Supported values are: 'text', 'image_url', 'input_audio', 'file', 'refusal'.",
+      "Invalid value for 'messages[0].content[0].type': 'bogus'. Supported values are: 'text', 'image_url', 'input_audio', 'file'.",
     );
   });
 

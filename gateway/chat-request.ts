@@ -73,18 +73,27 @@ const name: Check = (v, param) => {
   }
 };
 
-const contentPart = byType({
-  text: objectWith({ text: string }),
-  image_url: objectWith({ image_url: objectWith({ url: string }, { detail: oneOf("auto", "low", "high") }) }),
-  input_audio: objectWith({ input_audio: objectWith({ data: string, format: string }) }),
-  file: objectWith({
-    file: (v, param) => {
-      if (!isObject(v)) throw wrongType(param, "an object", v);
-      if (!absent(v.file_id)) throw storedFile(`${param}.file_id`);
-    },
+const textPart = objectWith({ text: string });
+
+/** The content parts each role's message may hold, as the API types them: images, audio and files are a user's. */
+const contentParts: Record<string, Check> = {
+  user: byType({
+    text: textPart,
+    image_url: objectWith({ image_url: objectWith({ url: string }, { detail: oneOf("auto", "low", "high") }) }),
+    input_audio: objectWith({ input_audio: objectWith({ data: string, format: oneOf("wav", "mp3") }) }),
+    file: objectWith({
+      file: (v, param) => {
+        if (!isObject(v)) throw wrongType(param, "an object", v);
+        if (!absent(v.file_id)) throw storedFile(`${param}.file_id`);
+      },
+    }),
   }),
-  refusal: objectWith({ refusal: string }),
-});
+  assistant: byType({ text: textPart, refusal: objectWith({ refusal: string }) }),
+  system: byType({ text: textPart }),
+  developer: byType({ text: textPart }),
+  tool: byType({ text: textPart }),
+  function: byType({ text: textPart }),
+};
 
 const toolCall = byType({
   function: objectWith({ id: string, function: objectWith({ name: string, arguments: string }) }),
@@ -167,7 +176,9 @@ const fieldChecks = new Map<string, Check>([
       );
     },
   ],
-  ["tools", arrayOf(tool, { max: maxTools })],
+  ["tools", arrayOf(tool, { max: maxTools, nonEmpty: true })],
+  // The deprecated form of tools, which OpenAI still takes (and its SDKs still type).
+  ["functions", arrayOf(objectWith({ name }, { description: string, parameters: object }), { max: maxTools, nonEmpty: true })],
   [
     "tool_choice",
     (v, param) => {
@@ -210,6 +221,7 @@ export function parseChatInput(body: unknown): ChatInput {
     throw invalidRequest("Invalid 'top_logprobs': only allowed when 'logprobs' is true.", "top_logprobs", "invalid_value");
   }
   checkToolChoice(body.tool_choice, body.tools);
+  checkFunctionCall(body.function_call, body.functions);
   const stream = body.stream === true;
   const includeUsage = parseStreamOptions(body.stream_options, stream);
   if (isObject(body.stream_options)) upstream.stream_options = body.stream_options;
@@ -230,6 +242,22 @@ function checkToolChoice(choice: unknown, tools: unknown): void {
     );
   }
   checkNamedTool(choice, tools, (v, type) => (v[type] as Record<string, unknown> | undefined)?.name, (type) => `${type}.name`);
+}
+
+/** The deprecated function_call: "none", "auto", or one of `functions` by name, which it needs. */
+function checkFunctionCall(choice: unknown, functions: unknown): void {
+  if (absent(choice)) return;
+  if (typeof choice === "string") oneOf("none", "auto")(choice, "function_call");
+  else if (isObject(choice)) string(choice.name, "function_call.name");
+  else throw wrongType("function_call", "a string or an object", choice);
+  if (!Array.isArray(functions) || functions.length === 0) {
+    throw invalidRequest("Invalid value for 'function_call': 'function_call' is only allowed when 'functions' are specified.", "function_call");
+  }
+  const named = isObject(choice) ? choice.name : undefined;
+  if (named !== undefined && !functions.some((f) => isObject(f) && f.name === named)) {
+    const said = `Invalid value for 'function_call': no function named '${echoed(named as string)}' is among 'functions'.`;
+    throw invalidRequest(said, "function_call.name");
+  }
 }
 
 /**
@@ -273,6 +301,7 @@ function checkMessage(m: unknown, i: number): void {
   const content = m.content;
   if (Array.isArray(content)) {
     if (content.length === 0) throw emptyArray(at(".content"));
+    const contentPart = contentParts[role] as Check;
     for (let j = 0; j < content.length; j++) contentPart(content[j], at(`.content[${j}]`));
   } else if (content !== undefined && content !== null) {
     if (typeof content !== "string") throw wrongType(at(".content"), "a string or an array of content parts", content);
