@@ -238,6 +238,16 @@ describe("chat input", () => {
     expect(rejection({ model: "m", messages: hello, ...fields })).toEqual([param, code]);
   });
 
+  test("a value echoed in an error is cut at 256 characters, however long it came", () => {
+    let said = "";
+    try {
+      parseChatInput({ model: "m", messages: [{ role: "r".repeat(100_000), content: "x" }] });
+    } catch (e) {
+      said = (e as Error).message;
+    }
+    expect(said).toStartWith(`Invalid value for 'messages[0].role': '${"r".repeat(256)}...'. Supported values are:`);
+  });
+
   test("errors read as OpenAI's", () => {
     const message = (body: unknown) => {
       try {

@@ -1,3 +1,4 @@
+import { clipped } from "../lib/text.ts";
 import { type GatewayError, invalidRequest } from "./errors.ts";
 
 /**
@@ -37,8 +38,9 @@ export const missing = (param: string): GatewayError =>
 export const wrongType = (param: string, expected: string, v: unknown): GatewayError =>
   invalidRequest(`Invalid type for '${param}': expected ${expected}, but got ${kind(v)} instead.`, param, "invalid_type");
 
+/** A value none of `supported`, echoed up to 256 characters (a role or type of 100 KB is not sent back whole). */
 export const unsupported = (param: string, v: string, supported: readonly string[]): GatewayError =>
-  invalidRequest(`Invalid value for '${param}': '${v}'. Supported values are: ${quoted(supported)}.`, param, "invalid_value");
+  invalidRequest(`Invalid value for '${param}': '${clipped(v, 256)}'. Supported values are: ${quoted(supported)}.`, param, "invalid_value");
 
 /**
  * A file named by id. The gateway serves no Files API, so the id could only name a file of the upstream account every
