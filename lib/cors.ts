@@ -67,7 +67,8 @@ export function createCorsPolicy(origins: readonly string[], expose: readonly st
       const wanted = request.get("access-control-request-method");
       if (wanted === null) return undefined;
       const granted = headers(request.get("origin"), path);
-      if (granted["access-control-allow-origin"] === undefined) return { status: 204, headers: {} };
+      // Refused: no CORS headers, but with a list the answer still depends on the origin (see headers).
+      if (granted["access-control-allow-origin"] === undefined) return { status: 204, headers: granted };
       const asked = request.get("access-control-request-headers")?.trim() ?? "";
       return {
         status: 204,
