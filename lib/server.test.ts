@@ -1,3 +1,4 @@
+import * as grpc from "@grpc/grpc-js";
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
@@ -153,7 +154,7 @@ describe("one port for every protocol", () => {
     expect(result.watch).toBe("SERVING");
   }, 20_000);
 
-  test("a path that is neither an RPC nor a route is a 404 in Connect's error shape", async () => {
+  test("a path that is neither an RPC nor a route is a 404 in Connect's error shape, Unimplemented to gRPC", async () => {
     const res = await fetch(`${server.url}/nowhere?x=1`, { method: "POST", body: "{}" });
     expect(res.status).toBe(404);
     expect(res.headers.get("content-type")).toBe("application/json");
@@ -165,6 +166,32 @@ describe("one port for every protocol", () => {
       .listProjects({})
       .catch((e: unknown) => ConnectError.from(e));
     expect((unknownRpc as ConnectError).code).toBe(Code.Unimplemented);
+
+    // A gRPC client is told in gRPC's own form, whose message it shows, not by an HTTP 404 it can only guess from.
+    const client = new grpc.Client(new URL(server.url).host, grpc.credentials.createInsecure());
+    const refused = await new Promise<grpc.ServiceError>((resolve) =>
+      client.makeUnaryRequest(
+        "/billing.v1.BillingService/NoSuchMethod",
+        (b: Buffer) => b,
+        (b: Buffer) => b,
+        Buffer.alloc(0),
+        (e) => resolve(e as grpc.ServiceError),
+      ),
+    );
+    client.close();
+    expect({ code: refused.code, details: refused.details }).toEqual({
+      code: grpc.status.UNIMPLEMENTED,
+      details: "no procedure or route at POST /billing.v1.BillingService/NoSuchMethod",
+    });
+    for (const type of ["application/grpc-web+proto", "application/grpc-web-text"]) {
+      const web = await fetch(`${server.url}/billing.v1.BillingService/NoSuchMethod`, {
+        method: "POST",
+        headers: { "content-type": type },
+        body: "",
+      });
+      expect([type, web.status, web.headers.get("grpc-status")]).toEqual([type, 200, "12"]);
+      expect(web.headers.get("content-type")).toStartWith(type);
+    }
   });
 
   test("a request HTTP/1.1's parser refuses is answered with Connect's JSON error, then the connection closes", async () => {

@@ -211,12 +211,22 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     // Fields a message does not define are skipped, not kept: each would be an object of its own.
     binaryOptions: { readUnknownFields: false },
     jsonOptions,
-    // Neither an RPC nor a route: a 404 that says so in Connect's error shape (gRPC clients read it as Unimplemented).
-    fallback: (req, res) =>
-      sendJson(res as NodeResponse, 404, {
-        code: "unimplemented",
-        message: `no procedure or route at ${req.method} ${(req.url ?? "/").split("?")[0]}`,
-      }),
+    // Neither an RPC nor a route: a 404 that says so in Connect's error shape; to a gRPC or gRPC-Web call, its
+    // Unimplemented in gRPC's own form (a trailers-only answer), whose message its client then shows.
+    fallback: (req, res) => {
+      const message = `no procedure or route at ${req.method} ${(req.url ?? "/").split("?")[0]}`;
+      const type = req.headers["content-type"] ?? "";
+      if (!/^application\/grpc(?:-web(?:-text)?)?(?:[+;]|$)/.test(type)) {
+        sendJson(res as NodeResponse, 404, { code: "unimplemented", message });
+        return;
+      }
+      const grpc = { "grpc-status": String(Code.Unimplemented), "grpc-message": encodeURIComponent(message) };
+      const out = res as http.ServerResponse;
+      // gRPC-Web reads the status from the headers; gRPC over HTTP/2 from trailers.
+      out.writeHead(200, { "content-type": type.split(";")[0] as string, ...grpc });
+      if (req.httpVersionMajor === 2) out.addTrailers(grpc);
+      out.end();
+    },
   });
 
   // Responses not yet closed, and handlers not yet returned (a cut stream's handler still meters what it sent).
