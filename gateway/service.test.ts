@@ -573,6 +573,24 @@ describe("the same server over plain HTTP", () => {
     expect(gateway.shipper.rows.slice(before).filter((r) => r.status === RequestStatus.OK)).toHaveLength(1);
   });
 
+  test("a request envelope flagged as anything but compressed (an answer's end or trailers) is INVALID_ARGUMENT", async () => {
+    const message = toBinary(CreateEmbeddingRequestSchema, create(CreateEmbeddingRequestSchema, { model: "mock", input: ["hi"] }));
+    const statusOf = async (flags: number) => {
+      const frame = Buffer.alloc(5 + message.length);
+      frame[0] = flags;
+      frame.writeUInt32BE(message.length, 1);
+      frame.set(message, 5);
+      const res = await fetch(`${server.url}/gateway.v1.GatewayService/CreateEmbedding`, {
+        method: "POST",
+        headers: { "content-type": "application/grpc-web+proto", "x-grpc-web": "1", authorization: "Bearer sk-good" },
+        body: frame,
+      });
+      const said = `${res.headers.get("grpc-status") ?? ""} ${Buffer.from(await res.arrayBuffer()).toString("latin1")}`;
+      return /grpc-status:\s*(\d+)/.exec(said)?.[1] ?? res.headers.get("grpc-status");
+    };
+    expect([await statusOf(0x80), await statusOf(0x02), await statusOf(0)]).toEqual([String(Code.InvalidArgument), String(Code.InvalidArgument), "0"]);
+  });
+
   test("answers Connect JSON calls, as a browser would make them", async () => {
     const res = await fetch(`${server.url}/gateway.v1.GatewayService/ListModels`, {
       method: "POST",

@@ -99,9 +99,14 @@ async function* checkedBody(
   } else {
     const encoding = header.get("grpc-encoding") ?? header.get("connect-content-encoding");
     for (let pos = 0; pos + 5 <= bytes.length; ) {
+      const flags = bytes[pos] ?? 0;
+      // A request's envelope says only whether it is compressed: the end-of-stream and trailer flags are answers'.
+      if (flags & ~1) {
+        throw new ConnectError(`a request message's envelope has flags 0x${flags.toString(16)}; only 0x01, compressed, is a request's`, Code.InvalidArgument);
+      }
       const length = bytes.readUInt32BE(pos + 1);
       const message = bytes.subarray(pos + 5, pos + 5 + length);
-      check(input, (bytes[pos] ?? 0) & 1 ? await decompressed(message, encoding) : message, json, limits);
+      check(input, flags & 1 ? await decompressed(message, encoding) : message, json, limits);
       pos += 5 + length;
     }
   }
