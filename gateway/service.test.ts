@@ -400,6 +400,20 @@ describe("the same server over plain HTTP", () => {
     const stranger = await post("sk-unknown");
     expect(stranger.status).toBe(401);
     expect(isUlid(stranger.headers.get("x-request-id") ?? "")).toBe(true);
+
+    // Declared within the limit, gzipped, and past it once inflated: refused alike, not as resource_exhausted (a 429).
+    const zipped = await fetch(`${server.url}/gateway.v1.GatewayService/CreateChatCompletion`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-good", "content-type": "application/json", "content-encoding": "gzip" },
+      body: Bun.gzipSync(big),
+    });
+    expect(zipped.status).toBe(400);
+    expect(await zipped.json()).toEqual({ code: "invalid_argument", message: "The request body exceeds the limit of 4096 bytes." });
+    expect(zipped.headers.get("x-error-code")).toBe("request_too_large");
+    const zippedId = zipped.headers.get("x-request-id");
+    for (let i = 0; i < 100 && !gateway.shipper.rows.some((m) => m.requestId === zippedId); i++) await Bun.sleep(20);
+    const zippedRow = gateway.shipper.rows.find((m) => m.requestId === zippedId);
+    expect(zippedRow).toMatchObject({ status: RequestStatus.INVALID_REQUEST, errorCode: "request_too_large" });
   });
 
   test("an error naming a client's long input echoes a bounded part of it, and no header longer than a field path", async () => {

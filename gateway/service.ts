@@ -184,6 +184,12 @@ export function gatewayRoutes(service: ServiceImpl<typeof GatewayService>, maxBo
         // The error as REST words it; the request gate meters the call with it.
         return new ConnectError(error.message, Code.InvalidArgument, toConnectError(error).metadata, undefined, error);
       },
+      // Declared within the limit but inflating past it: refused as a declared length past it is (see the gate).
+      inflatedTooLarge: () => {
+        const error = bodyTooLarge(maxBodyBytes);
+        const { code, metadata } = toConnectError(error);
+        return new ConnectError(error.message, code, metadata, undefined, error);
+      },
       bodies: bodies && {
         hold: () => bodies.hold(),
         refuse: () => {

@@ -14,6 +14,11 @@ export interface MessageLimits {
   maxBytes: number;
   /** Most values one message may decode into: nested messages, map entries and repeated elements; in JSON, any value. */
   maxNodes: number;
+  /**
+   * The error for a Connect unary message (a body of declared length, within maxBytes) that inflates past maxBytes;
+   * Connect's own resource_exhausted when unset, as for a message of no declared length.
+   */
+  inflatedTooLarge?: () => ConnectError;
   /** Most elements a repeated or map field may hold in one message. */
   maxElements?: ReadonlyMap<DescField, number>;
   /** The error for a field over its limit, or (field undefined) for a message over maxNodes. */
@@ -95,7 +100,10 @@ async function* checkedBody(
   const json = /[/+]json(;|$)/i.test(contentType);
   // A Connect unary body is the bare message; the other protocols wrap each message in an envelope.
   if (/^application\/(proto|json)(;|$)/i.test(contentType)) {
-    check(input, await decompressed(bytes, header.get("content-encoding")), json, limits);
+    const message = await decompressed(bytes, header.get("content-encoding")).catch((e: unknown) => {
+      throw tooLargeErrors.has(e as ConnectError) && limits.inflatedTooLarge ? limits.inflatedTooLarge() : e;
+    });
+    check(input, message, json, limits);
   } else {
     const encoding = header.get("grpc-encoding") ?? header.get("connect-content-encoding");
     for (let pos = 0; pos + 5 <= bytes.length; ) {
@@ -147,8 +155,14 @@ async function inflated(bytes: Uint8Array, encoding: string | null, maxBytes: nu
   );
 }
 
-const tooLarge = (size: number, maxBytes: number) =>
-  new ConnectError(`message size ${size} is larger than configured readMaxBytes ${maxBytes}`, Code.ResourceExhausted);
+/** Refusals of a message past maxBytes once inflated. */
+const tooLargeErrors = new WeakSet<ConnectError>();
+
+function tooLarge(size: number, maxBytes: number): ConnectError {
+  const error = new ConnectError(`message size ${size} is larger than configured readMaxBytes ${maxBytes}`, Code.ResourceExhausted);
+  tooLargeErrors.add(error);
+  return error;
+}
 
 function check(input: DescMessage, bytes: Uint8Array | undefined, json: boolean, limits: MessageLimits): void {
   if (bytes === undefined) return;
