@@ -306,6 +306,28 @@ describe("max_concurrent_requests", () => {
     await free();
   }, 60_000);
 
+  test("a client leaving once every choice has finished frees its slot at once, while the usage after it is read", async () => {
+    const usage = { prompt_tokens: 7, completion_tokens: 2, total_tokens: 9 };
+    upstream.script("slow", { content: "one two", chunkDelayMs: 5, usageDelayMs: 2_500, usage });
+    const key = await keyWith(1);
+    for (const port of ["bun", "node"] as const) {
+      const leave = new AbortController();
+      const res = await post(port, key.secret, "chat/completions", hi("slow", { stream: true }), leave.signal);
+      const reader = (res.body as ReadableStream<Uint8Array>).getReader();
+      let text = "";
+      while (!text.includes('"finish_reason":"stop"')) text += new TextDecoder().decode((await reader.read()).value);
+      leave.abort();
+      // Well before the upstream's usage comes, 2.5 s after the last choice finished.
+      await until(() => limiter.concurrent() === 0, 1_500);
+      const requestId = res.headers.get("x-request-id");
+      await until(() => shipper.rows.some((m) => m.requestId === requestId), 6_000);
+      const row = shipper.rows.find((m) => m.requestId === requestId);
+      expect(row?.usage).toMatchObject({ inputTokens: 7n, outputTokens: 2n });
+      expect(row?.usageEstimated).toBe(false);
+    }
+    upstream.script("slow", slowly);
+  }, 30_000);
+
   test("a new limit reaches a running gateway on billing's change stream; running requests keep their slots", async () => {
     // A minute long: none may end on its own while the limit's changes reach the gateway on a loaded machine.
     upstream.script("slow", { ...slowly, content: Array.from({ length: 200 }, (_, i) => `w${i}`).join(" ") });

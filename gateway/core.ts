@@ -465,6 +465,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       if (state) call.limitHeaders = rateLimitHeaders(state);
       throw e;
     }
+    // A request holds its key's slot until its client is gone, not while the rest of its answer is read for usage.
+    if (ticket) call.signal?.addEventListener("abort", () => ticket.leave(), { once: true });
     const admission: Admission = { ticket, reservation };
     admissions.set(call, admission);
     noteInFlight(call);

@@ -59,6 +59,11 @@ export interface RateTicket {
    * as they stand without it.
    */
   release(): RateState | undefined;
+  /**
+   * Frees its slot of the key's concurrent requests at once, for a request whose client has gone while the rest of its
+   * answer is still read for the usage it bills (see usageGraceMs); settling it later still counts its tokens.
+   */
+  leave(): void;
 }
 
 export interface RateLimiter {
@@ -98,7 +103,7 @@ interface Window {
   lastSecond: number;
 }
 
-const noTicket: RateTicket = { state: undefined, settle() {}, release: () => undefined };
+const noTicket: RateTicket = { state: undefined, settle() {}, release: () => undefined, leave() {} };
 // What frees the slot of a request whose key has no concurrent request limit: nothing.
 const unoccupied = () => {};
 // Any positive amount: the ms until it has expired is the ms until the oldest usage leaves the window.
@@ -244,7 +249,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       if (rpm <= 0 && tpm <= 0) {
         if (maxConcurrent <= 0) return noTicket;
         const free = occupy(keyId, maxConcurrent);
-        return { state: undefined, settle: free, release: () => (free(), undefined) };
+        return { state: undefined, settle: free, release: () => (free(), undefined), leave: free };
       }
       const t = now();
       const second = Math.floor(t / 1000);
@@ -291,6 +296,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       let settled = false;
       return {
         state: admitted,
+        leave: free,
         release() {
           free();
           if (settled) return undefined;
