@@ -126,6 +126,12 @@ describe("parseEnv", () => {
     expect(() => parseEnv(shape, { SHUTDOWN_GRACE_MS: "1e3" })).toThrow('SHUTDOWN_GRACE_MS ("1e3")');
   });
 
+  test("takes an amount up to the largest int64, which the contracts carry, and no more", () => {
+    const amounts = { LEASE_NANOS: env.bigint(1n).default(1n) };
+    expect(parseEnv(amounts, { LEASE_NANOS: "9223372036854775807" })).toEqual({ LEASE_NANOS: 2n ** 63n - 1n });
+    expect(() => parseEnv(amounts, { LEASE_NANOS: "9223372036854775808" })).toThrow('LEASE_NANOS ("9223372036854775808")');
+  });
+
   test("refuses an admin token with surrounding whitespace, which no caller's trimmed token could match", () => {
     for (const token of ["own-admin-token-0123456789\n", " own-admin-token-0123456789", " ".repeat(20), "\n"]) {
       expect(() => parseEnv(shape, { ADMIN_TOKEN: token })).toThrow("ADMIN_TOKEN");

@@ -23,14 +23,17 @@ const decimal = (min: number, max: number) =>
     .transform(Number)
     .pipe(z.number().min(min).max(max));
 
-/** A whole number of any size (nano-USD amounts), in decimal digits alone. */
+/** The largest int64, which the contracts' amounts (nano-USD, tokens) are. */
+const maxInt64 = 2n ** 63n - 1n;
+
+/** A whole number up to the largest int64 (nano-USD amounts, token counts), in decimal digits alone. */
 const bigint = (min: bigint) =>
   z
     .string()
     .trim()
     .regex(/^\d+$/, "must be a whole number in decimal digits")
     .transform(BigInt)
-    .pipe(z.bigint().min(min));
+    .pipe(z.bigint().min(min).max(maxInt64));
 
 /** A port to listen on; 0 asks the system for any free one (its number is logged), as it always did. */
 const port = (fallback: number) => int(0, 65535).default(fallback);
