@@ -128,14 +128,15 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
       for (let t = 0; t < order.length; t++) {
         const target = order[t] as Target;
         const key = targetKey(target);
-        const provider = providers.get(target.provider);
-        if (!provider) {
-          // Its provider left the config (a reload) while this request ran: a target that cannot serve, so the next.
-          last = new UpstreamError("misconfigured", `${target.provider}: no longer configured`);
-          continue;
-        }
         const retries = target.retries ?? route.retries;
         for (let retry = 0; retry <= retries; retry++) {
+          // Looked up for each attempt: a reload while this request ran may have replaced the provider (its URL, its
+          // key) or taken it out of the config, which leaves a target that cannot serve, so the next is tried.
+          const provider = providers.get(target.provider);
+          if (!provider) {
+            last = new UpstreamError("misconfigured", `${target.provider}: no longer configured`);
+            break;
+          }
           // A retry after a 429 waits out a short hold that 429s set rather than give up.
           const heldMs = retry > 0 && breakers.held(key) ? breakers.waitMs(key) : 0;
           if (heldMs > 0 && heldMs <= maxRetryAfterMs && tick() + heldMs < end) await waitUpstream(call, heldMs);
