@@ -614,11 +614,11 @@ describe("meshctl against a real billing", () => {
       1,
       /^meshctl: \[unavailable\] billing at http:\/\/127\.0\.0\.1:1: connect ECONNREFUSED/,
     );
-    // BILLING_URL set to analytics' address, say: "[unimplemented] HTTP 404" said neither.
+    // BILLING_URL set to analytics' address, say: the server says which method it does not have.
     failsWith(
       await cli("orgs list", { BILLING_URL: analyticsServer.url }),
       1,
-      new RegExp(`^meshctl: \\[unimplemented\\] billing at ${analyticsServer.url}: HTTP 404\n$`),
+      /^meshctl: \[unimplemented\] no procedure or route at POST \/billing\.v1\.BillingService\/ListOrganizations\n$/,
     );
     // The HTML page is fetched outside the RPCs: its failure names the service and address all the same.
     failsWith(
