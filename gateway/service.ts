@@ -157,6 +157,12 @@ export function createGatewayRequestGate(core: GatewayCore, maxBodyBytes: number
   };
 }
 
+/** A refusal as the client gets it, carrying the GatewayError the request gate meters the call with. */
+function carrying(error: GatewayError): ConnectError {
+  const { code, metadata } = toConnectError(error);
+  return new ConnectError(error.message, code, metadata, undefined, error);
+}
+
 const maxElements = new Map([
   [ChatCompletionParamsSchema.field.messages, maxMessages],
   [ChatCompletionParamsSchema.field.tools, maxTools],
@@ -185,18 +191,10 @@ export function gatewayRoutes(service: ServiceImpl<typeof GatewayService>, maxBo
         return new ConnectError(error.message, Code.InvalidArgument, toConnectError(error).metadata, undefined, error);
       },
       // Declared within the limit but inflating past it: refused as a declared length past it is (see the gate).
-      inflatedTooLarge: () => {
-        const error = bodyTooLarge(maxBodyBytes);
-        const { code, metadata } = toConnectError(error);
-        return new ConnectError(error.message, code, metadata, undefined, error);
-      },
+      inflatedTooLarge: () => carrying(bodyTooLarge(maxBodyBytes)),
       bodies: bodies && {
         hold: () => bodies.hold(),
-        refuse: () => {
-          const error = bodiesAtCapacity();
-          const { code, metadata } = toConnectError(error);
-          return new ConnectError(error.message, code, metadata, undefined, error);
-        },
+        refuse: () => carrying(bodiesAtCapacity()),
       },
     });
 }
