@@ -24,6 +24,7 @@ function setup(targets: Target[], extra: Partial<ModelRoute> = {}, script: Scrip
   const clock = { t: 10_000 };
   const sleeps: number[] = [];
   const attempts: { provider: string; timeoutMs: number }[] = [];
+  const called: Provider[] = [];
   const providers = new Map<string, Provider>();
   for (const t of targets) providers.set(t.provider, { name: t.provider } as Provider);
   const breakers = createCircuitBreakers({ failureThreshold: 3, cooldownMs: 5_000, now: () => clock.t });
@@ -67,12 +68,13 @@ function setup(targets: Target[], extra: Partial<ModelRoute> = {}, script: Scrip
       route,
       (provider, _model, options) => {
         attempts.push({ provider: provider.name, timeoutMs: options.timeoutMs });
+        called.push(provider);
         return script(provider.name, options);
       },
       call.signal,
       stream,
     );
-  return { clock, sleeps, attempts, breakers, run, newCall, router };
+  return { clock, sleeps, attempts, called, breakers, run, newCall, router, providers };
 }
 
 const failure = (p: Promise<unknown>) =>
@@ -121,6 +123,35 @@ describe("retries and fallback", () => {
     // base * 2^retry * (0.5 + random / 2) with random = 0.5
     expect(sleeps).toEqual([75, 150]);
     expect(call.metrics).toMatchObject({ provider: "b", servedModel: "b-model", fallbackUsed: true, retries: 3 });
+  });
+
+  test("a reload between attempts: a removed provider is not retried, a replaced one is retried as it now is", async () => {
+    // `reload` runs inside the first attempt of "a", as a config reload landing while it is on the wire.
+    const reloading = (reload: (providers: Map<string, Provider>) => void) => {
+      let reloaded = false;
+      const parts = setup([t("a"), t("b")], { retries: 2 }, async (p) => {
+        if (p === "a" && !reloaded) {
+          reloaded = true;
+          reload(parts.providers);
+        }
+        if (p === "a") throw new UpstreamError("transient", "a answered 500", 500);
+        return "b served";
+      });
+      return parts;
+    };
+
+    // Removed: the next target at once, not two more tries of a provider that is gone.
+    const removed = reloading((providers) => providers.delete("a"));
+    expect(await removed.run()).toBe("b served");
+    expect(removed.attempts.map((a) => a.provider)).toEqual(["a", "b"]);
+
+    // Replaced (a new URL or key): the retries call the new one.
+    const after = { name: "a" } as Provider;
+    const replaced = reloading((providers) => providers.set("a", after));
+    const before = replaced.providers.get("a");
+    expect(await replaced.run()).toBe("b served");
+    expect(replaced.called.map((p) => p === after)).toEqual([false, true, true, false]);
+    expect(replaced.called[0]).toBe(before as Provider);
   });
 
   test("Retry-After is honoured when it is longer than the backoff", async () => {
