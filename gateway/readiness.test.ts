@@ -11,9 +11,12 @@ import { createMemorySpool, type Spool } from "./spool.ts";
 import { openFileSpool } from "./spool-file.ts";
 import { createLogger, type Logger } from "../lib/log.ts";
 import { createTestLogger } from "./testing.ts";
+import { pingTimeoutMs } from "../lib/health.ts";
+
+const fine: ShipperStatus = { connected: true, rows: 0, bytes: 0, maxBytes: 1000, full: false, lastError: undefined };
 
 function setup(billing: () => Promise<Response>, log?: Logger) {
-  const status: ShipperStatus = { connected: true, rows: 0, bytes: 0, maxBytes: 1000, full: false, lastError: undefined };
+  const status: ShipperStatus = { ...fine };
   let probes = 0;
   const readiness = createReadiness({
     billingUrl: "http://billing.test/",
@@ -96,6 +99,29 @@ describe("readiness", () => {
       throw new Error("connection refused");
     }).readiness();
     expect(down).toMatchObject({ ready: false, checks: { billing: "unreachable" } });
+  });
+
+  test("a billing whose store ping timed out reads as not ready, not as unreachable; one that hangs as unreachable", async () => {
+    // Billing answers 503 once its own Postgres ping gives up (pingTimeoutMs): the gateway waits long enough to read it.
+    let hang = false;
+    const billing = Bun.serve({
+      port: 0,
+      hostname: "127.0.0.1",
+      fetch: async () => {
+        await Bun.sleep(hang ? 60_000 : pingTimeoutMs + 50);
+        return Response.json({ ready: false, checks: { postgres: "timeout" } }, { status: 503 });
+      },
+    });
+    try {
+      const readiness = createReadiness({ billingUrl: `http://127.0.0.1:${billing.port}`, shipper: { status: () => fine } });
+      expect((await readiness()).checks.billing).toBe("not ready (HTTP 503)");
+      hang = true;
+      const started = performance.now();
+      expect((await readiness()).checks.billing).toBe("unreachable");
+      expect(performance.now() - started).toBeLessThan(3_000);
+    } finally {
+      billing.stop(true);
+    }
   });
 
   test("billing down for many probes is logged as that starts and as it ends, not at every probe", async () => {

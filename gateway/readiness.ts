@@ -1,3 +1,4 @@
+import { pingTimeoutMs } from "../lib/health.ts";
 import { createOutageLog, type Logger } from "../lib/log.ts";
 import type { Readiness } from "../lib/server.ts";
 import type { ShipperStatus } from "./metrics-pipe.ts";
@@ -11,6 +12,7 @@ export interface ReadinessOptions {
    * answering then leaves the gateway ready, as taking every replica out of rotation would refuse those keys too.
    */
   keysVouchedLately?: () => boolean;
+  /** How long billing's /readyz is waited for: by default past billing's own store ping, so its 503 is read. */
   timeoutMs?: number;
   fetch?: typeof fetch;
   /** Hears why billing did not answer; /readyz answers anyone, so it says no more than "unreachable". */
@@ -22,7 +24,7 @@ export interface ReadinessOptions {
  * it once a second at most (lib/health.ts createReadinessPoller), so frequent probes do not hammer billing.
  */
 export function createReadiness(options: ReadinessOptions): () => Promise<Readiness> {
-  const timeoutMs = options.timeoutMs ?? 1000;
+  const timeoutMs = options.timeoutMs ?? pingTimeoutMs + 500;
   const doFetch = options.fetch ?? fetch;
   const url = `${options.billingUrl.replace(/\/$/, "")}/readyz`;
   // Probed every second or so for as long as billing is down: logged as that starts and as it ends.
