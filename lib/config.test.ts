@@ -390,6 +390,33 @@ test("an OTEL_RESOURCE_ATTRIBUTES OpenTelemetry would discard stops the service,
   }
 });
 
+test("OTLP headers the exporter would drop or cut stop the service, naming the entry but never its value", () => {
+  const fine = "x-collector-token=t0k3n, authorization=Basic%20dTpwAw%3D%3D,,x-b=a%3Bb";
+  expect(parseEnv(shape, { OTEL_EXPORTER_OTLP_HEADERS: fine }).OTEL_EXPORTER_OTLP_HEADERS).toBe(fine);
+  for (const [value, problem] of [
+    ["x-a=1,s3cr3t", "entry 2 is not name=value"],
+    ["=s3cr3t", "entry 1 is not name=value"],
+    ["x-a=", "entry 1 (x-a) has an empty value"],
+    ["x a=s3cr3t", "entry 1 has a name that is no HTTP header name"],
+    ["x-a=s3cr3t;v=1", "entry 1 (x-a) has a ; in its value, which the exporter cuts it at (percent-encode it: %3B)"],
+    ["x-a=s3cr3t%E0%A4%A", "entry 1 (x-a) has a bad percent-encoding in its value"],
+    ["x-a=s3cr3t%0D%0Ax-b: 1", "entry 1 (x-a) has a control character in its value"],
+  ]) {
+    for (const name of ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"]) {
+      const refused = (() => {
+        try {
+          parseEnv(shape, { [name]: value });
+          return "";
+        } catch (e) {
+          return (e as Error).message;
+        }
+      })();
+      expect(refused).toBe(`invalid environment: ${name} ("***"): ${problem}`);
+      expect(refused).not.toContain("s3cr3t");
+    }
+  }
+});
+
 test("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is where traces go, as it is, alone or over OTEL_EXPORTER_OTLP_ENDPOINT", async () => {
   const alone = await exportedWith({ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: "$COLLECTOR/otlp/traces" });
   expect(alone.received.map((r) => r.path)).toEqual(["/otlp/traces"]);

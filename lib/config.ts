@@ -113,6 +113,51 @@ const resourceAttributes = z.string().transform((value, ctx) => {
   return attributes;
 });
 
+/** An HTTP field name (RFC 9110's token). */
+const httpFieldName = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+
+/** `text` percent-decoded, or undefined for a bad escape. */
+function percentDecoded(text: string): string | undefined {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * OTEL_EXPORTER_OTLP_HEADERS (and its _TRACES_ form), which the exporter reads itself: comma-separated name=value
+ * pairs, percent-encoded. The SDK drops an entry without `=`, with an empty value or a bad escape, and cuts a value at
+ * a `;` (baggage metadata to it): the collector would refuse every export for a credential that never went out, so
+ * such an entry stops the service. Errors name the entry by number and header name, never its value (a credential).
+ */
+const otlpHeaders = z.string().superRefine((value, ctx) => {
+  value.split(",").forEach((entry, i) => {
+    if (entry.trim() === "") return;
+    const at = entry.indexOf("=");
+    const name = percentDecoded(entry.slice(0, Math.max(at, 0)).trim());
+    const raw = entry.slice(at + 1).trim();
+    const decoded = percentDecoded(raw);
+    const problem =
+      at <= 0 || !name
+        ? "is not name=value"
+        : !httpFieldName.test(name)
+          ? "has a name that is no HTTP header name"
+          : raw === ""
+            ? "has an empty value"
+            : raw.includes(";")
+              ? "has a ; in its value, which the exporter cuts it at (percent-encode it: %3B)"
+              : decoded === undefined
+                ? "has a bad percent-encoding in its value"
+                : /[\x00-\x08\x0a-\x1f\x7f]/.test(decoded)
+                  ? "has a control character in its value"
+                  : undefined;
+    if (!problem) return;
+    const named = name && httpFieldName.test(name) ? ` (${name})` : "";
+    ctx.addIssue({ code: "custom", message: `entry ${i + 1}${named} ${problem}` });
+  });
+});
+
 /** OTEL_TRACES_SAMPLER's values as OpenTelemetry SDKs read them (the ones built in). */
 export const samplerNames = [
   "always_on",
@@ -176,6 +221,10 @@ export const commonEnv = {
   OTEL_EXPORTER_OTLP_ENDPOINT: httpUrl.optional(),
   /** The full URL traces are posted to, as is (no /v1/traces appended), over OTEL_EXPORTER_OTLP_ENDPOINT. */
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: httpUrl.optional(),
+  /** Headers sent with every export (a collector's credentials), as the exporter reads them; see otlpHeaders. */
+  OTEL_EXPORTER_OTLP_HEADERS: otlpHeaders.optional(),
+  /** The same for traces alone, over OTEL_EXPORTER_OTLP_HEADERS' header of the same name. */
+  OTEL_EXPORTER_OTLP_TRACES_HEADERS: otlpHeaders.optional(),
   /**
    * The OTLP transport asked for: `http/protobuf` (OpenTelemetry's default, which every OTLP/HTTP receiver takes) or
    * `http/json`. `grpc` goes as http/protobuf and is warned of at start, its endpoint (4317) being the collector's gRPC
@@ -277,7 +326,7 @@ export function loadEnvOrExit<S extends z.ZodRawShape>(shape: S): z.infer<z.ZodO
 }
 
 function looksSecret(name: string): boolean {
-  return /TOKEN|KEY|SECRET|PASSWORD/i.test(name);
+  return /TOKEN|KEY|SECRET|PASSWORD|HEADERS/i.test(name);
 }
 
 /**

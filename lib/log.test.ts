@@ -33,6 +33,17 @@ test("one JSON object per line, secrets redacted, trace ids from the active span
   expect(trace.getActiveSpan()).toBeUndefined();
 });
 
+test("fields named as secrets are redacted, counts of tokens are not", () => {
+  const lines: string[] = [];
+  const log = createLogger({ service: "t", write: (l) => lines.push(l) });
+  const secrets = { token: "a", admin_token: "b", accessToken: "c", client_secret: "d", db_password: "e", cookie: "f" };
+  const counts = { input_tokens: 5, tokens: 7, token_count: 3, monthly_tokens: 9, tokens_per_minute: 60 };
+  log.info("x", { ...secrets, ...counts });
+  const record = JSON.parse(lines[0] ?? "");
+  for (const name of Object.keys(secrets)) expect(record[name]).toBe("[redacted]");
+  expect(record).toMatchObject(counts);
+});
+
 test("key-shaped words in messages and text fields are redacted", () => {
   const lines: string[] = [];
   const log = createLogger({ service: "t", write: (l) => lines.push(l) });

@@ -13,8 +13,9 @@ export interface Logger {
 
 const order: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40 };
 
-// Field names whose values are never written, whatever the caller passes.
-const secretField = /secret|password|token|authorization|api_?key$|cookie/i;
+// Field names whose values are never written, whatever the caller passes. A name ending in "token" (admin_token,
+// accessToken) is one; counts of tokens (input_tokens, token_count, monthly_tokens) are not.
+const secretField = /secret|password|passwd|authorization|cookie|api_?key$|token$/i;
 // Key-shaped words inside text (an upstream's error message may quote the key it refused, masked or not).
 const secretText = new RegExp(
   [
