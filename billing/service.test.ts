@@ -554,6 +554,11 @@ test("RecordUsage validates every record and the batch size", async () => {
   expect(await code(bad((r) => (r.occurTime = undefined)))).toBe(Code.InvalidArgument);
   expect(await code(bad((r) => (r.occurTime = { $typeName: "google.protobuf.Timestamp", seconds: 10n ** 15n, nanos: 0 }))))
     .toBe(Code.InvalidArgument);
+  // Nanos outside 0..999,999,999 would move the record by seconds, across a period's edge: refused, not carried over.
+  for (const nanos of [1_000_000_000, -1]) {
+    const moved = ConnectError.from(await bad((r) => r.occurTime && (r.occurTime.nanos = nanos)).catch((e) => e));
+    expect([moved.code, moved.rawMessage]).toEqual([Code.InvalidArgument, "records[1].occur_time.nanos: must be 0..999999999"]);
+  }
   expect(await code(bad((r) => r.usage && (r.usage.cachedInputTokens = 101n)))).toBe(Code.InvalidArgument);
   expect(await code(bad((r) => r.usage && (r.usage.outputTokens = -1n)))).toBe(Code.InvalidArgument);
   const error = ConnectError.from(await bad((r) => (r.requestId = "")).catch((e) => e));
@@ -1033,6 +1038,17 @@ test("Connect JSON refuses unknown fields and enum names, naming them, on writes
     const endpoint = await post("RecordUsage", { records: [{ ...record, endpoint: "ENDPOINT_CHAT_COMPLETION" }] });
     expect([endpoint.status, endpoint.body.code]).toEqual([400, "invalid_argument"]);
     expect(endpoint.body.message).toContain("ENDPOINT_CHAT_COMPLETION");
+    expect((await client.listUsageRecords({ orgId }, admin)).records).toEqual([]);
+    // A date the calendar does not have is refused, not rolled over into the next month (and billing period).
+    for (const [occurTime, why] of [
+      ["2026-11-31T10:00:00Z", "November 2026 has days 01..30"],
+      ["2026-02-29T10:00:00Z", "February 2026 has days 01..28"],
+      ["2026-11-30T24:00:00Z", "its time of day is not within 00:00:00..23:59:59"],
+    ]) {
+      const rolled = await post("RecordUsage", { records: [record, { ...record, occurTime }] });
+      expect([rolled.status, rolled.body.code]).toEqual([400, "invalid_argument"]);
+      expect(rolled.body.message).toBe(`records[1].occur_time: "${occurTime}" is no date-time: ${why}`);
+    }
     expect((await client.listUsageRecords({ orgId }, admin)).records).toEqual([]);
     const recorded = await post("RecordUsage", { records: [{ ...record, endpoint: "ENDPOINT_CHAT_COMPLETIONS" }] });
     expect(recorded).toEqual({ status: 200, body: { inserted: 1 } as never });

@@ -82,9 +82,11 @@ const maxInstantMs = new Date(0).setUTCFullYear(10_000, 0, 1);
 
 /**
  * A timestamp as a Date (to the millisecond, rounded down: 23:59:59.9999 is still that day, and that billing period),
- * InvalidArgument outside years 1..9999.
+ * InvalidArgument outside years 1..9999 or with nanos outside 0..999,999,999, as Timestamp's definition has them.
  */
 export function instant(value: Timestamp, field: string): Date {
+  // Out of range, nanos would move the instant by seconds, into another day or billing period.
+  if (!(value.nanos >= 0 && value.nanos <= 999_999_999)) throw invalid(`${field}.nanos`, "must be 0..999999999");
   const ms = Number(value.seconds) * 1000 + Math.floor(value.nanos / 1_000_000);
   if (!(ms >= minInstantMs && ms < maxInstantMs)) throw invalid(field, "must be a time in years 1..9999");
   return new Date(ms);

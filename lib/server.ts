@@ -19,6 +19,7 @@ import { gatedInterceptors, type RequestGate, routerWithGates, wellFormed } from
 import { sendGrpcMessageAsSpecified } from "./grpc-message.ts";
 import { isGrpcWebText, transcodeGrpcWebText } from "./grpc-web-text.ts";
 import { connectionEndingKey, connectionKey, createReadinessPoller, registerHealth } from "./health.ts";
+import { checkJsonTimestampsOf } from "./json-timestamps.ts";
 import type { Logger } from "./log.ts";
 import { refusedUnread } from "./message-limits.ts";
 import { registerReflection } from "./reflection.ts";
@@ -182,6 +183,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   const rpc = connectNodeAdapter({
     routes: (router) => {
       options.routes(routerWithGates(router, intercepted.gate));
+      checkJsonTimestampsOf(router, options.readMaxBytes ?? defaultReadMaxBytes);
       for (const h of router.handlers) {
         if (h.method.methodKind === "client_streaming" || h.method.methodKind === "bidi_streaming") {
           streamingRequests.add(h.requestPath);
