@@ -91,6 +91,11 @@ test("admin RPCs need the admin token: none is Unauthenticated, a wrong one Perm
   // An org's own key is not an admin.
   expect(await code(client.listOrganizations({}, as(secret)))).toBe(Code.PermissionDenied);
   expect(await code(client.authorizeKey({ secret }, as(secret)))).toBe(Code.PermissionDenied);
+  // Told so, rather than that the admin token it sent is wrong.
+  const denied = ConnectError.from(await client.generateInvoice({ orgId }, as(secret)).catch((e) => e));
+  expect(denied.rawMessage).toBe("this method takes the admin token only, not an org's API key");
+  const wrong = ConnectError.from(await client.listOrganizations({}, as("not-the-admin-token")).catch((e) => e));
+  expect(wrong.rawMessage).toBe("invalid admin token");
   expect((await client.listOrganizations({}, admin)).organizations.map((o) => o.id)).toContain(orgId);
 });
 

@@ -39,7 +39,19 @@ export function sha256Hex(text: string): string {
 export function requireAdmin(headers: Headers, adminToken: string): void {
   const token = bearerToken(headers);
   if (!token) throw new ConnectError("missing bearer token", Code.Unauthenticated);
-  if (!safeEqual(token, adminToken)) throw new ConnectError("invalid admin token", Code.PermissionDenied);
+  requireAdminToken(token, adminToken);
+}
+
+/**
+ * Throws PermissionDenied unless `token` is the admin token. A key's shape is told so: its caller should hear that
+ * the method is the operator's, not retype the key.
+ */
+export function requireAdminToken(token: string, adminToken: string): void {
+  if (safeEqual(token, adminToken)) return;
+  if (token.startsWith(keySecretPrefix)) {
+    throw new ConnectError("this method takes the admin token only, not an org's API key", Code.PermissionDenied);
+  }
+  throw new ConnectError("invalid admin token", Code.PermissionDenied);
 }
 
 /** The address a request came from, set by the server; undefined for a call made in-process, without a socket. */
