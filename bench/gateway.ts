@@ -12,7 +12,8 @@
  * BENCH_RATES=200,1000 replaces the fixed rates (500, 1000, 2000; 0 is saturation); BENCH_ONLY=whole:1000,stream:max
  * runs just those rows. Before any row, each gateway path is warmed at saturation for BENCH_WARMUP_SECONDS (20; half
  * that streamed), and measuring waits until the warm-up's metrics are ingested. BENCH_GATEWAY_ENV="NAME=value ..."
- * adds to the gateway's environment (BUN_JSC_logGC=1, say). BENCH_GATEWAY_MEMORY_MB=128 paces the gateway's garbage collector to that much memory, as a
+ * adds to the gateway's environment (BUN_JSC_logGC=1, say; what the runtime prints is shown on stderr); BENCH_CPU_PROF=<dir>
+ * has the gateway write a CPU profile into <dir> (see bench/profile-summary.ts). BENCH_GATEWAY_MEMORY_MB=128 paces the gateway's garbage collector to that much memory, as a
  * container's memory limit does (Bun reads the cgroup's); unset, it is paced to this machine's memory. "CPU/req" is what each process used per request during
  * the gateway's run (gateway, billing with its Postgres, analytics, the fake upstream, and this process, which
  * generates the load; from /proc), in microseconds, and "direct CPU/req" the same for the direct run (upstream and
@@ -39,7 +40,7 @@ import * as path from "node:path";
 import autocannon from "autocannon";
 import type { Mesh } from "../scripts/mesh.ts";
 import { benchGatewayEnv, percentile, spoolDrained, startBenchMesh, startUpstream } from "./gateway-bench.ts";
-import { ceilingPerSecond, cpuSeconds, rssMb, stolenShare } from "./proc-stats.ts";
+import { ceilingPerSecond, cpuProfileEnv, cpuSeconds, rssMb, stolenShare } from "./proc-stats.ts";
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 10);
 const connections = Number(process.env.BENCH_CONNECTIONS ?? 50);
@@ -159,10 +160,13 @@ async function main() {
       upstreamUrl: upstream.url,
       gatewayEnv: {
         ...(gatewayMemoryMb > 0 ? { BUN_JSC_forceRAMSize: String(gatewayMemoryMb * 1048576) } : {}),
+        ...cpuProfileEnv("gateway"),
         ...benchGatewayEnv(),
       },
       onLine: (service, line) => {
         if (line.includes('"level":"error"')) errors.push(`[${service}] ${line}`);
+        // What the runtime itself prints (BUN_JSC_logGC=1's lines, say) is not a log record: shown as it comes.
+        if (service === "gateway" && !line.startsWith("{")) process.stderr.write(`[gateway] ${line}\n`);
       },
     });
     mesh = started.mesh;

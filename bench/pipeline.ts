@@ -14,6 +14,8 @@
  * table, same batch size) in this process. Checks that every row arrived once everywhere, prints a table, exits.
  *
  *   ./node_modules/.bin/bun bench/pipeline.ts     (BENCH_ROWS=300000, BENCH_FLUSH_ROWS=10000, BENCH_KEYS=8)
+ *
+ * BENCH_CPU_PROF=<dir> has billing and each analytics write a CPU profile into <dir> (see bench/profile-summary.ts).
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -33,7 +35,7 @@ import { createLogger } from "../lib/log.ts";
 import { freePort, type ServiceProcess, spawnService } from "../lib/processes.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
-import { ceilingPerSecond, cpuSeconds, stolenShare } from "./proc-stats.ts";
+import { ceilingPerSecond, cpuProfileEnv, cpuSeconds, stolenShare } from "./proc-stats.ts";
 
 const rowCount = Number(process.env.BENCH_ROWS ?? 300_000);
 const flushRows = Number(process.env.BENCH_FLUSH_ROWS ?? 10_000);
@@ -58,7 +60,14 @@ async function spawn(name: "billing" | "analytics", env: Record<string, string |
     name,
     cmd: [process.execPath, path.join(root, name, "main.ts")],
     cwd: root,
-    env: { ADMIN_TOKEN: adminToken, LOG_LEVEL: "warn", OTEL_EXPORTER_OTLP_ENDPOINT: undefined, [portVar]: String(port), ...env },
+    env: {
+      ADMIN_TOKEN: adminToken,
+      LOG_LEVEL: "warn",
+      OTEL_EXPORTER_OTLP_ENDPOINT: undefined,
+      [portVar]: String(port),
+      ...cpuProfileEnv(name),
+      ...env,
+    },
     readyUrl: `http://127.0.0.1:${port}/readyz`,
     readyTimeoutMs: 120_000,
     onLine: (line) => process.stderr.write(`[${name}] ${line}\n`),

@@ -1,5 +1,6 @@
 import { readdirSync, readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
+import { resolve } from "node:path";
 import { procStatFields } from "../lib/processes.ts";
 
 /** Live processes whose ancestor is `pid` (children, grandchildren, ...). */
@@ -70,4 +71,13 @@ export function stolenShare(): () => number {
     const total = now.total - start.total;
     return total > 0 ? (now.steal - start.steal) / total : 0;
   };
+}
+
+/**
+ * BENCH_CPU_PROF=<dir>: the environment that has a Bun service write its CPU profile (`<name>-<pid>.cpuprofile`,
+ * Chrome's format) into <dir> when it exits; bench/profile-summary.ts reads it. Empty when the variable is unset.
+ */
+export function cpuProfileEnv(name: string, dir = process.env.BENCH_CPU_PROF): Record<string, string> {
+  if (!dir) return {};
+  return { BUN_OPTIONS: `--cpu-prof --cpu-prof-dir=${resolve(dir)} --cpu-prof-name=${name}-${process.pid}-${Date.now()}.cpuprofile` };
 }
