@@ -77,6 +77,13 @@ test("GET /invoices/<id> serves a printable page to admins and the org's own key
   }
   const head = await page(`/invoices/${invoiceId}`, adminToken, "HEAD");
   expect(head.status).toBe(200);
+  // What GET would send, without the body: its type and its length.
+  const got = await page(`/invoices/${invoiceId}`, adminToken);
+  const body = new Uint8Array(await got.arrayBuffer());
+  expect(head.headers.get("content-type")).toBe("text/html; charset=utf-8");
+  expect(head.headers.get("content-length")).toBe(String(body.length));
+  expect(got.headers.get("content-length")).toBe(String(body.length));
+  expect((await head.arrayBuffer()).byteLength).toBe(0);
 });
 
 test("everyone else gets 401, 403 or 404; another org's invoice is as unknown as a missing one", async () => {

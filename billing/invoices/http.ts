@@ -75,7 +75,9 @@ export function invoicePages({
       });
       const page = renderInvoiceHtml(invoice);
       databaseOutage.recovered();
-      send(res, 200, pageHeaders, req.method === "HEAD" ? "" : page);
+      // HEAD answers with the headers GET would send, its length included, and no body.
+      const length = { "content-length": String(Buffer.byteLength(page)) };
+      send(res, 200, { ...pageHeaders, ...length }, req.method === "HEAD" ? "" : page);
     } catch (e) {
       // Its statement cancelled for its time: a wait, not an outage to log.
       const error = signal.aborted
