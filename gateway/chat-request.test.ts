@@ -39,6 +39,9 @@ const invalid: Array<[string, Record<string, unknown>, string | null, string]> =
   ["frequency_penalty below -2", { frequency_penalty: -99 }, "frequency_penalty", "decimal_below_min_value"],
   ["seed as a string", { seed: "x" }, "seed", "invalid_type"],
   ["seed as a fraction", { seed: 1.5 }, "seed", "invalid_type"],
+  // 2^53 + 1 reads as 2^53: passing it on would change the seed.
+  ["seed past 2^53", { seed: 2 ** 53 }, "seed", "integer_above_max_value"],
+  ["seed below -2^53", { seed: -(2 ** 60) }, "seed", "integer_below_min_value"],
   ["logit_bias not an object", { logit_bias: [1] }, "logit_bias", "invalid_type"],
   ["logit_bias above 100", { logit_bias: { "50256": 101 } }, "logit_bias.50256", "decimal_above_max_value"],
   ["logit_bias below -100", { logit_bias: { "50256": -101 } }, "logit_bias.50256", "decimal_below_min_value"],
@@ -258,6 +261,10 @@ describe("chat input", () => {
     };
     expect(message({ model: "m", messages: hello, temperature: 5 })).toBe(
       "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got 5 instead.",
+    );
+    // As the body arrived: its seed already rounded by JSON.parse, so the number read is not repeated back.
+    expect(message(JSON.parse(`{"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": 9007199254740993}`))).toBe(
+      "Invalid 'seed': integer above maximum value. Expected a value <= 9007199254740991, but got a number past 2^53, which JSON numbers do not carry exactly instead.",
     );
     expect(message({ model: "m", messages: hello, temperature: "hot" })).toBe(
       "Invalid type for 'temperature': expected a decimal, but got a string instead.",

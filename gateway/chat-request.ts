@@ -134,7 +134,8 @@ const fieldChecks = new Map<string, Check>([
   ["max_tokens", integer(1, int32Max)],
   ["max_completion_tokens", integer(1, int32Max)],
   // An int64, as closely as a JSON number can say.
-  ["seed", integer(-(2 ** 63), 2 ** 63)],
+  // Passed on as sent: a seed JSON numbers cannot carry exactly would be rounded into another seed, so it is refused.
+  ["seed", integer(Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER)],
   ["logprobs", boolean],
   ["top_logprobs", integer(0, 20)],
   ["parallel_tool_calls", boolean],

@@ -118,16 +118,18 @@ function numberIn(min: number, max: number, integer: boolean): Check {
     if (typeof v !== "number" || !Number.isFinite(v) || (integer && !Number.isInteger(v))) {
       throw wrongType(param, `a${integer ? "n integer" : " decimal"}`, v);
     }
+    // Past 2^53 a JSON number has already been rounded when it is read: what arrived is not what was sent.
+    const got = integer && !Number.isSafeInteger(v) ? "a number past 2^53, which JSON numbers do not carry exactly" : v;
     if (v > max) {
       throw invalidRequest(
-        `Invalid '${param}': ${noun} above maximum value. Expected a value <= ${max}, but got ${v} instead.`,
+        `Invalid '${param}': ${noun} above maximum value. Expected a value <= ${max}, but got ${got} instead.`,
         param,
         `${noun}_above_max_value`,
       );
     }
     if (v < min) {
       throw invalidRequest(
-        `Invalid '${param}': ${noun} below minimum value. Expected a value >= ${min}, but got ${v} instead.`,
+        `Invalid '${param}': ${noun} below minimum value. Expected a value >= ${min}, but got ${got} instead.`,
         param,
         `${noun}_below_min_value`,
       );

@@ -130,6 +130,9 @@ describe("GatewayService over gRPC", () => {
     };
     expect(await invalid({ temperature: 5 })).toEqual(["temperature", "decimal_above_max_value"]);
     expect(await invalid({ n: 129 })).toEqual(["n", "integer_above_max_value"]);
+    // An int64 seed JSON numbers cannot carry exactly upstream is refused, not rounded into another seed.
+    expect(await invalid({ seed: 2n ** 53n + 1n })).toEqual(["seed", "integer_above_max_value"]);
+    expect(await invalid({ seed: -(2n ** 63n) })).toEqual(["seed", "integer_below_min_value"]);
     expect(await invalid({ responseFormat: { type: "bogus" } })).toEqual(["response_format.type", "invalid_value"]);
     expect(await invalid({ responseFormat: { type: "json_schema" } })).toEqual(["response_format.json_schema.name", "missing_required_parameter"]);
     expect(await invalid({ tools: [{ type: "function", function: { name: "look up" } }] })).toEqual(["tools[0].function.name", "invalid_value"]);
