@@ -456,14 +456,33 @@ describe("what an attempt's end says about its target", () => {
     expect(attempts).toEqual([]);
   });
 
-  test("an attempt cut by the request's own time limit is not its target's failure", async () => {
-    const { run, attempts, breakers } = setup([t("a")], { requestTimeoutMs: 1_000 }, async () => {
-      throw new UpstreamError("timeout", "a: timed out");
+  test("an attempt cut short by what earlier attempts left of the request's limit is not its target's failure", async () => {
+    const { run, attempts, breakers, clock } = setup([t("a")], { retries: 1, requestTimeoutMs: 1_000 }, async (_p, options) => {
+      clock.t += Math.min(600, options.timeoutMs);
+      throw options.timeoutMs > 600 ? new UpstreamError("transient", "a answered 500", 500) : new UpstreamError("timeout", "a: timed out");
     });
-    for (let i = 0; i < 5; i++) expect((await failure(run())).code).toBe("request_timeout");
-    // Each attempt had what was left of the second, not the target's 30 s.
-    expect(attempts.every((a) => a.timeoutMs === 1_000)).toBe(true);
+    for (let i = 0; i < 2; i++) expect((await failure(run())).code).toBe("request_timeout");
+    // Each request: a 500 after 600 ms, a 75 ms backoff, then a retry with the 325 ms left, cut by the request's limit.
+    expect(attempts.map((a) => a.timeoutMs)).toEqual([1_000, 325, 1_000, 325]);
+    // Two failures (the 500s) of the three that open it: the cut retries said nothing.
     expect(breakers.state("a/a-model")).toBe("closed");
+  });
+
+  test("a target that does not answer within the request's whole limit fails: its breaker opens, later requests fall back", async () => {
+    // The request's limit (1 s) is below the target's own timeout (30 s), so its first attempt has the request's all.
+    const { run, attempts, breakers, clock } = setup([t("dead"), t("b")], { requestTimeoutMs: 1_000 }, async (p, options) => {
+      if (p === "b") return p;
+      clock.t += options.timeoutMs;
+      throw new UpstreamError("timeout", "dead: timed out");
+    });
+    for (let i = 0; i < 3; i++) expect((await failure(run())).code).toBe("request_timeout");
+    expect(attempts.map((a) => [a.provider, a.timeoutMs])).toEqual([
+      ["dead", 1_000],
+      ["dead", 1_000],
+      ["dead", 1_000],
+    ]);
+    expect(breakers.state("dead/dead-model")).toBe("open");
+    for (let i = 0; i < 3; i++) expect(await run()).toBe("b");
   });
 
   test("waiting out a Retry-After is the upstream's time, not the gateway's", async () => {

@@ -207,8 +207,14 @@ export function createUpstreamRouter(options: RouterOptions): UpstreamRouter {
               throw call.signal?.aborted || !signal?.aborted ? clientGone(call.signal) : requestTimeout(limitMs);
             }
             if (last.failure === "timeout" && timeoutMs < ownTimeoutMs) {
-              // Cut by what was left of the request's own limit, not by the target's: nothing said about the target.
-              breakers.abandon(key, call);
+              // Cut by the request's own limit, not by the target's. The request's first attempt had all of it: its
+              // target did not answer within the longest this model's requests wait, a failure, so that a target that
+              // never answers opens its breaker and later requests go on to the next one. A later attempt had only
+              // what earlier ones left: nothing said about its target.
+              if (attempts === 1) {
+                breakers.fail(key, call);
+                log?.warn("upstream attempt failed", { request_id: call.requestId, provider: target.provider, err: last.message });
+              } else breakers.abandon(key, call);
               throw requestTimeout(limitMs);
             }
             if (last.failure === "rejected" && refusedByTarget(last.status ?? 0, last.error)) {
