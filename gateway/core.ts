@@ -278,6 +278,21 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
   const providers = new Map(options.providers);
   let routes = routesOf(config, providers);
   const instruments = options.registry ? createInstruments(options.registry) : undefined;
+  // Each model and tier warned about once: an upstream that serves every request at an unpriced tier would flood the log.
+  const unpricedWarned = new Set<string>();
+  const priceServed = (route: ModelRoute, served: unknown, requested: Price) =>
+    servedPrice(route, served, requested, (answered) => {
+      // The upstream's word, so a label of bounded values.
+      const tier = /^[a-z_]{1,16}$/.test(answered) ? answered : "other";
+      instruments?.unpricedTiers.inc({ model: route.name, tier });
+      if (unpricedWarned.size < 1_000 && !unpricedWarned.has(`${route.name}\n${tier}`)) {
+        unpricedWarned.add(`${route.name}\n${tier}`);
+        log.warn("an upstream served a service tier the config does not price: billed at the model's dearest price", {
+          model: route.name,
+          service_tier: tier,
+        });
+      }
+    });
   const router = createUpstreamRouter({
     providers,
     breakers: createCircuitBreakers(),
@@ -548,7 +563,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       metering: {
         call,
         price,
-        servedPrice: (tier: unknown) => servedPrice(route, tier, price),
+        servedPrice: (tier: unknown) => priceServed(route, tier, price),
         upstreamEnded: (error: GatewayError | undefined) => router.streamEnded(call, error),
         deadline: deadline.signal,
         finish,
@@ -986,7 +1001,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       );
       const { completion } = result;
       clientAudio(completion.choices, ownAudioId(call, call.metrics.provider));
-      const outcome = metered(call, result, completion.model, servedPrice(route, completion.service_tier, price));
+      const outcome = metered(call, result, completion.model, priceServed(route, completion.service_tier, price));
       call.response = { id: completion.id, finishReasons: completion.choices.map((c) => c.finish_reason ?? "") };
       return { completion, ...outcome };
     },
@@ -1044,7 +1059,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         (model) => countResponsesInputTokens(prompt, model),
       );
       const response = clientResponse(result.response, ownIds(call, call.metrics.provider));
-      const outcome = metered(call, result, response.model, servedPrice(route, response.service_tier, price));
+      const outcome = metered(call, result, response.model, priceServed(route, response.service_tier, price));
       call.response = { id: response.id, finishReasons: [String(response.status ?? "")] };
       return { response, ...outcome };
     },
@@ -1215,6 +1230,12 @@ function createInstruments(registry: Registry) {
       labelNames: ["model"] as const,
       registers: [registry],
     }),
+    unpricedTiers: new Counter({
+      name: "gateway_unpriced_service_tier_total",
+      help: "Requests an upstream said it served at a service tier the config does not price, billed at the model's dearest price.",
+      labelNames: ["model", "tier"] as const,
+      registers: [registry],
+    }),
     fallbacks: new Counter({
       name: "gateway_fallbacks_total",
       help: "Requests served or last tried by a target other than their first choice, by requested model.",
@@ -1338,8 +1359,16 @@ function reservationPrice(route: ModelRoute): Price {
   return price;
 }
 
-/** The price of the tier an upstream says served a request (`service_tier` of its answer), else the requested one. */
-function servedPrice(route: ModelRoute, served: unknown, requested: Price): Price {
+/**
+ * The price of the tier an upstream says served a request (`service_tier` of its answer), else the requested one. A
+ * tier the config does not price (an OpenAI project that defaults to priority answers `priority` for `auto`) costs what
+ * the gateway cannot know: it is billed at the model's dearest price, what was reserved, and `unpriced` hears of it.
+ */
+function servedPrice(route: ModelRoute, served: unknown, requested: Price, unpriced?: (tier: string) => void): Price {
   if (served === "default") return route.price;
-  return (typeof served === "string" && route.tierPrices.get(served)) || requested;
+  if (typeof served !== "string" || served === "" || served === "auto") return requested;
+  const price = route.tierPrices.get(served);
+  if (price) return price;
+  unpriced?.(served);
+  return reservationPrice(route);
 }

@@ -421,6 +421,13 @@ for (const port of ["rpc", "rest"] as const) {
         expect(await charged({ service_tier: "auto" }, "priority")).toBe(at.priority);
         expect(await charged({ service_tier: "flex" }, "default")).toBe(at.default);
         expect(upstream.seen("tiered").at(-1)?.body.service_tier).toBe("flex");
+        // A tier the config does not price costs what the gateway cannot know: the dearest price, what was reserved,
+        // never the default's, and the log says so, once.
+        expect(await charged({}, "scale")).toBe(at.priority);
+        expect(await charged({ service_tier: "auto" }, "scale")).toBe(at.priority);
+        const warned = gateway.log.lines.filter((line) => line.includes("a service tier the config does not price"));
+        expect(warned).toHaveLength(1);
+        expect(warned[0]).toContain('"service_tier":"scale"');
 
         // Streamed, the chunks name the tier.
         upstream.script("tiered", { usage, serviceTier: "flex" });
