@@ -1126,6 +1126,10 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     namedModel: nameModel,
     model(call, name) {
       call.metrics.requestedModel = meteredName(name);
+      // As the list it belongs to: a model the key may not use is one it does not see, so that asking for names one by
+      // one tells a restricted key nothing of the models it may not use (404 as for an unknown one, as OpenAI answers).
+      const allowed = call.principal?.allowedModels;
+      if (allowed && !allowed.has(name)) throw modelNotFound(name);
       return admitModel(call.principal as Principal, name);
     },
     finish,

@@ -71,7 +71,7 @@ export const modelNotFound = (model: string) =>
     404,
     "invalid_request_error",
     "model_not_found",
-    `The model \`${clipped(model, 256)}\` does not exist.`,
+    `The model \`${clipped(model, 256)}\` does not exist or you do not have access to it.`,
     RequestStatus.INVALID_REQUEST,
     "model",
   );

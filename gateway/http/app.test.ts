@@ -129,7 +129,7 @@ describe("REST chat completions", () => {
     await expectError(await chat({ ...hello, model: odd }), 404, "model_not_found", "model");
     // Echoed cut short: a name of 3,000 characters is not sent back whole.
     const huge = await expectError(await chat({ ...hello, model: "m".repeat(3000) }), 404, "model_not_found", "model");
-    expect(huge.message).toBe(`The model \`${"m".repeat(256)}...\` does not exist.`);
+    expect(huge.message).toBe(`The model \`${"m".repeat(256)}...\` does not exist or you do not have access to it.`);
     await expectError(
       await call(`/v1/models/${encodeURIComponent("nul\u0000model")}`, { key: "sk-good" }),
       404,
@@ -519,7 +519,13 @@ describe("REST models and routing", () => {
     const res = await call("/v1/models/premium", { key: "sk-good" });
     expect(((await res.json()) as { id: string }).id).toBe("premium");
     await expectError(await call("/v1/models/nope", { key: "sk-good" }), 404, "model_not_found", "model");
-    await expectError(await call("/v1/models/premium", { key: "sk-limited" }), 403, "model_not_allowed", "model");
+    // A model the key may not use is as unknown to it as one that does not exist: the same 404, the same words.
+    const hidden = await call("/v1/models/premium", { key: "sk-limited" });
+    const missing = await call("/v1/models/premiun", { key: "sk-limited" });
+    expect([hidden.status, missing.status]).toEqual([404, 404]);
+    const said = async (res: Response) => ((await res.json()) as { error: Record<string, unknown> }).error;
+    expect({ ...(await said(hidden)), message: "" }).toEqual({ ...(await said(missing)), message: "" });
+    expect((await said(await call("/v1/models/premium", { key: "sk-limited" }))).message).toContain("premium");
   });
 
   test("unknown paths are 404 and wrong methods 405, in the same error shape", async () => {
