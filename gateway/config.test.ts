@@ -335,6 +335,14 @@ models:
     }
     expect(configError(openai("http://localhost:8000/v1/v1"))).toContain("providers[0].base_url: /v1 is in it twice");
     expect(configError(openai("http://localhost:8000/v1#models"))).toContain("providers[0].base_url: must not hold a #fragment");
+    // The OpenAI API's own host answers only under /v1.
+    for (const url of ["https://api.openai.com", "https://api.openai.com/", "https://API.openai.com/v2", "https://eu.api.openai.com/v1/chat"]) {
+      expect([url, configError(openai(url))]).toEqual([url, expect.stringContaining("providers[0].base_url: the OpenAI API's base is https://api.openai.com/v1")]);
+    }
+    for (const url of ["https://api.openai.com/v1", "https://eu.api.openai.com/v1/", "https://api.openai.com.example.net/"]) {
+      const keyed = openai(url).replace("kind: openai,", "kind: openai, api_key_env: OPENAI_API_KEY,");
+      expect(parseGatewayConfig(keyed, "t.yaml").providers[0]).toMatchObject({ base_url: url });
+    }
     // An Azure deployment's endpoint URL gets Azure's one message, not a second one with an example of another kind.
     const azure = (url: string) =>
       `providers:\n  - { name: p, kind: azure, api_key_env: K, base_url: "${url}" }\nmodels:\n  - { name: m, targets: [{ provider: p, model: m }], pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`;

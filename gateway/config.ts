@@ -49,16 +49,20 @@ const baseUrl = z
  * fetch never sends) would have every call answered 404. `example` is a base URL of the provider's kind.
  */
 const callableBase = (example: string) => (url: string, ctx: z.RefinementCtx) => {
-  const { pathname, hash } = new URL(url);
+  const { hostname, pathname, hash } = new URL(url);
   const endpoint = /\/(chat\/completions|completions|embeddings|responses)\/*$/i.exec(pathname);
   const twice = /\/(v\d+)\/+\1(\/|$)/i.exec(pathname);
+  // The OpenAI API answers only under /v1: its host without it (https://api.openai.com) is a 404 for every call.
+  const openaiApi = /(^|\.)api\.openai\.com\.?$/i.test(hostname) && !/^\/v1\/*$/i.test(pathname);
   const problem = endpoint
     ? `give the base the gateway adds /chat/completions, /embeddings and /responses to, without /${endpoint[1]} (such as ${example})`
     : twice
       ? `/${twice[1]} is in it twice: the gateway adds none, so give it once`
       : hash
         ? "must not hold a #fragment, which is never sent: the gateway adds each call's path after it"
-        : undefined;
+        : openaiApi
+          ? "the OpenAI API's base is https://api.openai.com/v1 (its calls are all under /v1), or leave base_url out"
+          : undefined;
   if (problem) ctx.addIssue({ code: "custom", message: problem });
 };
 
