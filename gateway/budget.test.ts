@@ -845,6 +845,52 @@ describe("budget leases", () => {
     }
   });
 
+  test("a budget set over spend still on its way to billing holds it: the scope's first grant waits until it is recorded", async () => {
+    const org = await client.createOrganization({ name: `budget-org-${++orgs}` }, auth);
+    const orgId = org.organization?.id as string;
+    const key = await client.createApiKey({ orgId, name: "k" }, auth);
+    const authorize = () =>
+      createKeyAuthorizer({
+        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
+        watching: true,
+      }).authorize(key.secret);
+    // The spool as the keeper sees it: rows spooled, and how many of the first analytics acked once billing had them.
+    const rows = { spooled: 0, acked: 0 };
+    const ingest = { recordedRows: () => rows.spooled, ackedRows: () => rows.acked };
+    const { keeper: k, clock } = keeper({ minLeaseNanos: 10_000n, billingWaitMs: 200, ingest });
+    // Served with no budget anywhere: 7 requests of 100,000, their rows spooled, none recorded yet.
+    const before = await authorize();
+    for (let i = 0; i < 7; i++) {
+      (await k.reserve(before, usd(100_000n), 60_000)).settle(usd(100_000n));
+      rows.spooled++;
+    }
+    // A budget of 800,000 for the key and one of 750,000 for its org: 100,000 and 50,000 left of them.
+    await client.updateApiKeyLimits({ apiKeyId: key.apiKey?.id as string, limits: { monthlyBudgetNanos: 800_000n } }, auth);
+    await client.updateOrganization({ orgId, monthlyBudgetNanos: 750_000n }, auth);
+    clock.t += 1;
+    const after = await authorize();
+    // Billing would grant them whole: the grant waits for the spend, then says why it cannot wait longer.
+    const acquired = calls.acquire;
+    const waiting = await refusal(k.reserve(after, usd(40_000n), 60_000));
+    expect([waiting.status, waiting.code]).toEqual([503, "budget_unavailable"]);
+    expect(waiting.message).toContain("still on its way to billing");
+    expect(calls.acquire).toBe(acquired);
+    // Recorded (analytics acks the rows once billing has them): the budgets count it, and hold.
+    const records = Array.from({ length: 7 }, (_, i) => usageNow(before, `req_unleased_${orgId}_${i}`, 100_000n, []));
+    expect((await client.recordUsage({ records }, auth)).inserted).toBe(7);
+    rows.acked = 6;
+    const lastRow = k.reserve(after, usd(40_000n), 60_000);
+    await Bun.sleep(60);
+    expect(calls.acquire).toBe(acquired);
+    rows.acked = 7;
+    (await lastRow).settle(usd(40_000n));
+    rows.spooled++;
+    clock.t += 2_000;
+    // 10,000 left of the org's budget, 60,000 of the key's.
+    expect((await refusal(k.reserve(after, usd(20_000n), 60_000))).code).toBe("insufficient_quota");
+    await k.close();
+  });
+
   test("a budget lowered below its spend is refused at once; running requests keep their reservations", async () => {
     const org = await client.createOrganization({ name: `budget-org-${++orgs}`, monthlyBudgetNanos: 100_000n }, auth);
     const orgId = org.organization?.id as string;

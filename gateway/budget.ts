@@ -156,6 +156,13 @@ export interface BudgetKeeperOptions {
    */
   inherited?: { leaseIds: readonly string[]; spent?: ReadonlyMap<string, bigint>; recorded: () => boolean };
   /**
+   * Where this replica's spend reaches billing: the rows of finished requests it has spooled, and how many of the first
+   * of them analytics has acked, which it does once billing has recorded them (metrics-pipe.ts). Spend a request made
+   * on a scope that had no budget here, and so drew on no lease of it, is counted by billing only once recorded: the
+   * scope's first grant waits for that, so that a budget set over spend still on its way to billing holds.
+   */
+  ingest?: { recordedRows(): number; ackedRows(): number };
+  /**
    * True while billing is known not to answer (a key check found so, or its key change stream is silent): leases held
    * are kept for what they cover, idle ones too, and go back once billing answers again.
    */
@@ -249,6 +256,14 @@ const rateTimeConstantMs = 30_000;
 // key's monthly tokens together: a reservation is drawn from at most this many leases of each budget.
 const maxPartsPerScope = 4;
 const settled: Reservation = { settle: () => [] };
+const allScopes = [BudgetScope.ORGANIZATION, BudgetScope.API_KEY, BudgetScope.API_KEY_TOKENS];
+/** How often a grant waiting for spend to reach billing looks again. */
+const ingestPollMs = 20;
+const spendUnrecorded = () =>
+  serviceUnavailable(
+    "Budgets cannot be checked right now: spend served before the budget was set is still on its way to billing; retry shortly.",
+    "budget_unavailable",
+  );
 const scopeNames: Record<BudgetScope, string> = {
   [BudgetScope.UNSPECIFIED]: "unspecified",
   [BudgetScope.ORGANIZATION]: "organization",
@@ -287,6 +302,44 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   /** Billing's last answer to a grant or release was a failure to answer: an outage, as far as this replica knows. */
   let billingFailing = false;
   const instruments = options.registry ? createInstruments(options.registry) : undefined;
+  const ingest = options.ingest;
+  /**
+   * Per scope key, the spooled rows (a count from ingest.recordedRows) that must be acked before billing's usage holds
+   * all the spend this replica made on the scope without a lease of it.
+   */
+  const unrecorded = new Map<string, number>();
+
+  /** Notes spend that drew on no lease of some of the principal's scopes (those not in `leased`). */
+  const noteUnleased = (principal: Principal, used: Spend, leased: readonly Scope[]) => {
+    if (!ingest || (used.nanos <= 0n && used.tokens <= 0n)) return;
+    // Settled as its row is spooled, in the same turn: its row is the next one.
+    const row = ingest.recordedRows() + 1;
+    for (const kind of allScopes) {
+      if ((kind === BudgetScope.API_KEY_TOKENS ? used.tokens : used.nanos) <= 0n) continue;
+      const key = `${scopeNames[kind]}:${kind === BudgetScope.ORGANIZATION ? principal.orgId : principal.apiKeyId}`;
+      if (!leased.some((scope) => scope.key === key)) unrecorded.set(key, row);
+    }
+    // Scopes whose rows are all recorded need no note: dropped in bulk, so the map holds the scopes of recent spend.
+    if (unrecorded.size > 10_000) {
+      const acked = ingest.ackedRows();
+      for (const [key, mark] of unrecorded) if (mark <= acked) unrecorded.delete(key);
+    }
+  };
+
+  /**
+   * Waits, up to `stop`, until billing has recorded the spend this replica made on the scope without a lease of it;
+   * false when it has not by then.
+   */
+  const spendRecorded = async (scope: Scope, stop: AbortSignal): Promise<boolean> => {
+    const mark = unrecorded.get(scope.key);
+    if (mark === undefined || !ingest) return true;
+    while (ingest.ackedRows() < mark) {
+      if (stop.aborted) return false;
+      await new Promise((resolve) => setTimeout(resolve, ingestPollMs));
+    }
+    if (unrecorded.get(scope.key) === mark) unrecorded.delete(scope.key);
+    return true;
+  };
 
   const budgetOf = (principal: Principal, kind: BudgetScope) =>
     (kind === BudgetScope.ORGANIZATION
@@ -762,7 +815,17 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   return {
     async reserve(principal, most, holdMs, signal) {
       const list = scopesOf(principal);
-      if (list.length === 0) return settled;
+      if (list.length === 0) {
+        if (!ingest) return settled;
+        let done = false;
+        return {
+          settle(used) {
+            if (!done) noteUnleased(principal, used, list);
+            done = true;
+            return [];
+          },
+        };
+      }
       if (closed) throw serviceUnavailable("The gateway is shutting down.", "budget_unavailable");
       /** What a request of this size takes from the scope, in its unit. */
       const amountOf = (scope: Scope, spend: Spend) => {
@@ -797,6 +860,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
               for (const { scope, parts } of taken) settleScope(scope, parts, amountOf(scope, used), charges, charged);
               // Noted for a crash: the next process releases these leases at it, whatever usage reaches billing.
               if (charged.length > 0) options.journal?.spent?.(charged.map((l) => ({ leaseId: l.id, spent: l.spent })));
+              if (list.length < allScopes.length) noteUnleased(principal, used, list);
               return charges;
             },
           };
@@ -835,6 +899,12 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         waitLimit ??= AbortSignal.timeout(billingWaitMs);
         if (waitLimit.aborted) throw budgetUnavailable();
         const stop = signal ? AbortSignal.any([signal, waitLimit]) : waitLimit;
+        // A grant counts the spend billing has recorded: this replica's on the scope before it had a budget here is
+        // waited for, or the budget would not hold it (all of it while analytics is down).
+        if (!(await spendRecorded(short, stop))) {
+          if (signal?.aborted) throw clientGone(signal);
+          throw spendUnrecorded();
+        }
         short.waiters++;
         try {
           const pending = short.acquiring;

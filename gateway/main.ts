@@ -271,6 +271,8 @@ const budget = createBudgetKeeper({
   // A check found billing unreachable, or its change stream has gone silent (before any request asks, in a lull).
   billingDown: () => keys.billingDown() || !keyChanges.healthy(),
   journal: leaseJournal,
+  // The shipper is made below; asked only as requests settle and grants are asked for, once it is.
+  ingest: { recordedRows: () => shipper.recordedRows(), ackedRows: () => shipper.ackedRows() },
   inherited: {
     leaseIds: leaseJournal.inherited,
     spent: leaseJournal.inheritedSpent,

@@ -135,6 +135,30 @@ describe("metrics shipper", () => {
     expect(shipper.status()).toMatchObject({ connected: true, rows: 0, full: false });
   });
 
+  test("counts its rows spooled and, of the first of them, those analytics acked; not rows an earlier process left", async () => {
+    const spool = createMemorySpool({ firstSequence: 1n });
+    // Left pending by an earlier process: sealed first, with this one's first rows.
+    for (let i = 0; i < 3; i++) spool.append(toBinary(RequestMetricsSchema, row(900 + i)));
+    const { analytics, shipper } = setup({ spool });
+    analytics.ackDelayMs = 30;
+    shipper.start();
+    for (let i = 0; i < 25; i++) shipper.record(row(i));
+    expect(shipper.recordedRows()).toBe(25);
+    const seen = [shipper.ackedRows()];
+    const flushed = shipper.flush(5_000);
+    let done = false;
+    void flushed.then(() => (done = true));
+    while (!done) {
+      if (shipper.ackedRows() !== seen.at(-1)) seen.push(shipper.ackedRows());
+      await Bun.sleep(2);
+    }
+    expect(await flushed).toBe(true);
+    if (shipper.ackedRows() !== seen.at(-1)) seen.push(shipper.ackedRows());
+    // Batches of 10: 3 earlier rows and 7 of this process's, then 10, then 8; each ack moves the count past its batch.
+    expect(analytics.received.map((b) => b.metrics.length)).toEqual([10, 10, 8]);
+    expect(seen).toEqual([0, 7, 17, 25]);
+  });
+
   test("a batch is also sealed by the encoded size of its rows; the rest wait for the next", async () => {
     const rowBytes = toBinary(RequestMetricsSchema, row(0)).length;
     const { analytics, shipper } = setup({ batchRows: 100, batchBytes: 3 * rowBytes + 1 });

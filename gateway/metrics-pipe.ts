@@ -64,6 +64,13 @@ export interface MetricsShipper {
   /** Stops streaming; what is not acked stays in the spool (the caller closes the spool). */
   close(): Promise<void>;
   status(): ShipperStatus;
+  /** Rows this process has spooled so far... */
+  recordedRows(): number;
+  /**
+   * ...and how many of the first of them analytics has acked, which it does once billing has recorded them: spend of
+   * the rows before this count is in billing's usage (a row dropped unspooled counts as acked, as it never will be).
+   */
+  ackedRows(): number;
 }
 
 // A stream that has not failed for this long counts as connected even before its first ack.
@@ -143,6 +150,39 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
 
   const instruments = options.registry ? createInstruments(options.registry, spool, () => connected) : undefined;
 
+  // Which of this process's rows analytics has acked. Rows are counted as the spool takes them, and batches are sealed
+  // from the oldest pending rows, so each batch holds a range of them and the acked ones from the first are a count.
+  // Rows pending when this process started (adopted from an earlier one) are sealed first and are not counted.
+  let spooledRows = 0;
+  let foreignPending = spool.pendingRows;
+  let sealedOwnRows = 0;
+  /** This process's batches in seal order, from `ownHead` on: where each ends in the count, and whether it is acked. */
+  const ownBatches: { end: number; acked: boolean }[] = [];
+  let ownHead = 0;
+  const ownBySequence = new Map<bigint, { end: number; acked: boolean }>();
+  let ackedOwnRows = 0;
+  const noteSealed = (batch: SpoolBatch) => {
+    const foreign = Math.min(foreignPending, batch.rows);
+    foreignPending -= foreign;
+    if (batch.rows === foreign) return;
+    sealedOwnRows += batch.rows - foreign;
+    const entry = { end: sealedOwnRows, acked: false };
+    ownBatches.push(entry);
+    ownBySequence.set(batch.sequence, entry);
+  };
+  /** Called for every batch the spool forgets: acked, or dropped as damaged. */
+  const noteAcked = (sequence: bigint) => {
+    const entry = ownBySequence.get(sequence);
+    if (!entry) return;
+    ownBySequence.delete(sequence);
+    entry.acked = true;
+    while (ownHead < ownBatches.length && ownBatches[ownHead]?.acked) ackedOwnRows = (ownBatches[ownHead++] as { end: number }).end;
+    if (ownHead > 1024 && ownHead * 2 > ownBatches.length) {
+      ownBatches.splice(0, ownHead);
+      ownHead = 0;
+    }
+  };
+
   // Loud once while batches cannot be read for now (descriptors or memory run out, a disk error), quiet while retrying.
   const readOutage = createOutageLog(
     log,
@@ -186,7 +226,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       });
       instruments?.dropped.inc({ reason: "damaged" }, lost);
       if (e.rows.length === 0) {
-        spool.ack(batch.sequence);
+        if (spool.ack(batch.sequence)) noteAcked(batch.sequence);
         if (spool.rows === 0) drained.wakeAll();
         return true;
       }
@@ -255,7 +295,11 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       clearTimeout(sealTimer);
       sealTimer = undefined;
     }
-    while ((fullOnly ? full() : spool.pendingRows > 0) && spool.seal(batchRows, batchBytes));
+    while (fullOnly ? full() : spool.pendingRows > 0) {
+      const batch = spool.seal(batchRows, batchBytes);
+      if (!batch) break;
+      noteSealed(batch);
+    }
     const failed = fullOnly ? full() : spool.pendingRows > 0;
     if (failed && !sealFailing) {
       log.error("metrics spool: rows cannot be sealed; retrying", { pending_rows: spool.pendingRows });
@@ -296,6 +340,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     }
     sentBefore.delete(sequence);
     if (spool.ack(sequence)) {
+      noteAcked(sequence);
       instruments?.acked.inc();
       // Room freed, and a disk that refused writes may take them again: the next append says.
       appendFailing = false;
@@ -419,9 +464,13 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       dropping = false;
       appendFailing = false;
       diskProbes = 0;
+      spooledRows++;
       if (full()) sealPending(true);
       else armSealTimer();
     },
+    recordedRows: () => spooledRows,
+    // Rows spooled and not sealed yet are not acked: the count stops at the first batch not acked, or at the sealed.
+    ackedRows: () => (ownHead < ownBatches.length ? ackedOwnRows : sealedOwnRows),
     start() {
       // Rows a restart found that the spool could not seal yet.
       if (spool.pendingRows > 0) armSealTimer();

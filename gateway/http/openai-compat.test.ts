@@ -1199,11 +1199,12 @@ for (const port of ["rpc", "rest"] as const) {
         const limited = await sdk("sk-limited").models.list();
         expect(limited.data.map((m) => m.id)).toEqual(["ok"]);
         expect((await sdk("sk-limited").models.retrieve("ok")).id).toBe("ok");
+        // One it may not use is as unknown to it as one that does not exist, as OpenAI answers.
         expectShape(
           await apiError(sdk("sk-limited").models.retrieve("premium")),
-          403,
-          "model_not_allowed",
-          "permission_error",
+          404,
+          "model_not_found",
+          "invalid_request_error",
         );
       });
 

@@ -220,6 +220,51 @@ describe("faults with ClickHouse in process (chdb)", () => {
     expect(await checker.expectInvariant(org, result)).toEqual({ served: 5000, stored: 5000, unanswered: 0 });
   }, 180_000);
 
+  test("a budget set while analytics is down, over spend still in the gateway's spool, holds it", async () => {
+    const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken, timeoutMs: 10_000 });
+    const org = await createOrg(mesh, "faults-budget-over-unrecorded");
+    const keyId = (await billing.authorizeKey({ secret: org.apiKey })).apiKey?.id as string;
+    let answered = 0;
+    const chat = async () => {
+      const res = await fetch(`${gateway()}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${org.apiKey}`, "content-type": "application/json" },
+        body: JSON.stringify({ model: "mock", messages: [{ role: "user", content: "spend before the budget" }], max_tokens: 20 }),
+      });
+      const body = (await res.json()) as { error?: { code: string } };
+      answered++;
+      return { status: res.status, code: body.error?.code, cost: BigInt(res.headers.get("x-gateway-cost-nanos") ?? "0") };
+    };
+    expect(await mesh.processes.analytics.stop()).toBe(0);
+    // Served with no budget while analytics is down: the spend waits in the gateway's spool, unknown to billing.
+    const before = await Promise.all(Array.from({ length: 20 }, chat));
+    expect(before.every((r) => r.status === 200)).toBe(true);
+    const spent = before.reduce((sum, r) => sum + r.cost, 0n);
+    // A budget of half that: already spent, though billing has no usage to show for it yet.
+    await billing.updateApiKeyLimits({ apiKeyId: keyId, limits: { monthlyBudgetNanos: spent / 2n }, updateMask: { paths: ["monthly_budget_nanos"] } });
+    // Once the gateway hears of the budget, nothing more is served: it waits for its spool, then asks to retry.
+    const waiting = await eventually(async () => {
+      const r = await chat();
+      if (r.status === 200) throw new Error("served: the gateway has not heard of the budget yet");
+      return r;
+    }, { what: "the budget heard of" });
+    expect([waiting.status, waiting.code]).toEqual([503, "budget_unavailable"]);
+    await mesh.restart("analytics");
+    // Its rows recorded, the budget is seen spent.
+    const refused = await eventually(async () => {
+      const r = await chat();
+      if (r.status !== 429) throw new Error(`answered ${r.status} ${r.code}`);
+      return r;
+    }, { timeoutMs: 30_000, what: "the budget seen spent once analytics is back" });
+    expect(refused.code).toBe("insufficient_quota");
+    // Every request is recorded once, the refused ones at no cost: the spend is the 20 served before the budget.
+    const usage = await eventually(async () => {
+      const summary = await billing.getUsageSummary({ orgId: org.id, apiKeyId: keyId });
+      return summary.requests === BigInt(answered) && summary;
+    });
+    expect(usage.costNanos).toBe(spent);
+  }, 120_000);
+
   test("kill -9 the gateway in the middle, then restart it", async () => {
     const org = await createOrg(mesh, "faults-kill-gateway");
     const load = startLoad(gateway, org, { total: 1500, concurrency: 16 });
