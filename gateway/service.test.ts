@@ -226,10 +226,20 @@ describe("upstream failures over gRPC", () => {
         model("embed"),
         model("floats-only"),
         model("floats-only-too"),
+        `  - { name: slow, targets: [{ provider: fake, model: slow }], timeout_ms: 300, pricing: { input_per_mtok: "1", output_per_mtok: "1" } }`,
       ].join("\n"),
     );
   });
   afterAll(() => Promise.all([served.close(), upstream.stop()]));
+
+  test("a failure that costs (a prompt sent to an upstream that timed out) says what in its metadata, as REST's header", async () => {
+    upstream.script("slow", { delayMs: 2_000, content: "late" });
+    const e = await rpcError(served.rpc("sk-good").createChatCompletion({ params: { ...hello, model: "slow" } }));
+    expect(e.code).toBe(Code.DeadlineExceeded);
+    const m = await served.row(e.metadata.get("x-request-id") ?? "");
+    expect(m.costNanos).toBeGreaterThan(0n);
+    expect(e.metadata.get("x-gateway-cost-nanos")).toBe(String(m.costNanos));
+  });
 
   test("an upstream's refusal keeps its message, code, type and param; gateway-side failures keep internals out", async () => {
     const context = {

@@ -84,6 +84,8 @@ const setLimitHeaders = (call: Call, ctx: HandlerContext) => {
 
 const failed = (call: Call, ctx: HandlerContext, e: unknown) => {
   setLimitHeaders(call, ctx);
+  // What the failure cost (the prompts of attempts that timed out), in the error's metadata as the REST API's header.
+  if (call.metrics.costNanos > 0n) ctx.responseHeader.set("x-gateway-cost-nanos", call.metrics.costNanos.toString());
   return toConnectError(toGatewayError(e));
 };
 

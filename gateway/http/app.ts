@@ -155,7 +155,12 @@ export function createRestApp(options: RestAppOptions): RestApp {
     if (call.limitHeaders) Object.assign(headers, call.limitHeaders);
     return { status: 200, headers, body };
   };
-  const failed = (call: Call, e: unknown) => errorResponse(toGatewayError(e), call.requestId, call.limitHeaders);
+  const failed = (call: Call, e: unknown) => {
+    // A failure can cost too (the prompts upstreams were sent by attempts that timed out): it says so, as an answer does.
+    const cost = call.metrics.costNanos;
+    const headers = cost > 0n ? { ...call.limitHeaders, "x-gateway-cost-nanos": cost.toString() } : call.limitHeaders;
+    return errorResponse(toGatewayError(e), call.requestId, headers);
+  };
 
   /**
    * Checks the key before the body is read: a caller without one costs no more. When billing cannot check it, the

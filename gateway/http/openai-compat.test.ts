@@ -2345,6 +2345,8 @@ for (const port of ["rpc", "rest"] as const) {
         expect(m.status).toBe(timedOut ? RequestStatus.TIMEOUT : RequestStatus.UPSTREAM_ERROR);
         if (timedOut) expect(m.costNanos).toBeGreaterThan(0n);
         else expect(m.costNanos).toBe(0n);
+        // The error says what it cost, as an answer does; one that cost nothing carries no header.
+        expect(e.headers?.get("x-gateway-cost-nanos") ?? null).toBe(timedOut ? String(m.costNanos) : null);
       });
 
       test.each(lostRows)(
@@ -2393,6 +2395,7 @@ for (const port of ["rpc", "rest"] as const) {
           // Four attempts, each 10 tokens of prompt at $1 per million when a model had it.
           expect(m.usage?.inputTokens ?? 0n).toBe(taken ? 40n : 0n);
           expect(m.costNanos).toBe(taken ? 40_000n : 0n);
+          expect(e.headers?.get("x-gateway-cost-nanos") ?? null).toBe(taken ? "40000" : null);
         },
       );
 
