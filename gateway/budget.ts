@@ -308,17 +308,24 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
    * all the spend this replica made on the scope without a lease of it.
    */
   const unrecorded = new Map<string, number>();
+  /** The keys of every scope a principal has, budget or not, made once per principal (requests reuse principals). */
+  const scopeKeysOf = new WeakMap<Principal, string[]>();
 
   /** Notes spend that drew on no lease of some of the principal's scopes (those not in `leased`). */
   const noteUnleased = (principal: Principal, used: Spend, leased: readonly Scope[]) => {
     if (!ingest || (used.nanos <= 0n && used.tokens <= 0n)) return;
     // Settled as its row is spooled, in the same turn: its row is the next one.
     const row = ingest.recordedRows() + 1;
-    for (const kind of allScopes) {
-      if ((kind === BudgetScope.API_KEY_TOKENS ? used.tokens : used.nanos) <= 0n) continue;
-      const key = `${scopeNames[kind]}:${kind === BudgetScope.ORGANIZATION ? principal.orgId : principal.apiKeyId}`;
-      if (!leased.some((scope) => scope.key === key)) unrecorded.set(key, row);
+    let keys = scopeKeysOf.get(principal);
+    if (!keys) {
+      keys = allScopes.map((kind) => `${scopeNames[kind]}:${kind === BudgetScope.ORGANIZATION ? principal.orgId : principal.apiKeyId}`);
+      scopeKeysOf.set(principal, keys);
     }
+    allScopes.forEach((kind, i) => {
+      const key = keys[i] as string;
+      if ((kind === BudgetScope.API_KEY_TOKENS ? used.tokens : used.nanos) <= 0n) return;
+      if (!leased.some((scope) => scope.key === key)) unrecorded.set(key, row);
+    });
     // Scopes whose rows are all recorded need no note: dropped in bulk, so the map holds the scopes of recent spend.
     if (unrecorded.size > 10_000) {
       const acked = ingest.ackedRows();

@@ -176,7 +176,7 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
     if (!entry) return;
     ownBySequence.delete(sequence);
     entry.acked = true;
-    while (ownHead < ownBatches.length && ownBatches[ownHead]?.acked) ackedOwnRows = (ownBatches[ownHead++] as { end: number }).end;
+    for (let first = ownBatches[ownHead]; first?.acked; first = ownBatches[++ownHead]) ackedOwnRows = first.end;
     if (ownHead > 1024 && ownHead * 2 > ownBatches.length) {
       ownBatches.splice(0, ownHead);
       ownHead = 0;
@@ -469,8 +469,8 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
       else armSealTimer();
     },
     recordedRows: () => spooledRows,
-    // Rows spooled and not sealed yet are not acked: the count stops at the first batch not acked, or at the sealed.
-    ackedRows: () => (ownHead < ownBatches.length ? ackedOwnRows : sealedOwnRows),
+    // Up to the first batch not acked; rows spooled and not sealed yet are not acked.
+    ackedRows: () => ackedOwnRows,
     start() {
       // Rows a restart found that the spool could not seal yet.
       if (spool.pendingRows > 0) armSealTimer();
