@@ -74,7 +74,7 @@ export function stolenShare(): () => number {
 }
 
 /**
- * BENCH_CPU_PROF=<dir>: the environment that has a Bun service write its CPU profile (`<name>-<pid>.cpuprofile`,
+ * BENCH_CPU_PROF=<dir>: the environment that has a Bun service write its CPU profile (`<name>-<bench pid>-<ms>.cpuprofile`,
  * Chrome's format) into <dir> when it exits; bench/profile-summary.ts reads it. Empty when the variable is unset.
  */
 export function cpuProfileEnv(name: string, dir = process.env.BENCH_CPU_PROF): Record<string, string> {

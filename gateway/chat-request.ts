@@ -133,8 +133,7 @@ const fieldChecks = new Map<string, Check>([
   ["n", integer(1, maxChoices)],
   ["max_tokens", integer(1, int32Max)],
   ["max_completion_tokens", integer(1, int32Max)],
-  // An int64, as closely as a JSON number can say.
-  // Passed on as sent: a seed JSON numbers cannot carry exactly would be rounded into another seed, so it is refused.
+  // An int64 as far as a JSON number carries one exactly: a larger seed would be rounded into another, so it is refused.
   ["seed", integer(Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER)],
   ["logprobs", boolean],
   ["top_logprobs", integer(0, 20)],
