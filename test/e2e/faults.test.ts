@@ -239,13 +239,17 @@ describe("faults with ClickHouse in process (chdb)", () => {
     // Served with no budget while analytics is down: the spend waits in the gateway's spool, unknown to billing.
     const before = await Promise.all(Array.from({ length: 20 }, chat));
     expect(before.every((r) => r.status === 200)).toBe(true);
-    const spent = before.reduce((sum, r) => sum + r.cost, 0n);
+    let spent = before.reduce((sum, r) => sum + r.cost, 0n);
     // A budget of half that: already spent, though billing has no usage to show for it yet.
     await billing.updateApiKeyLimits({ apiKeyId: keyId, limits: { monthlyBudgetNanos: spent / 2n }, updateMask: { paths: ["monthly_budget_nanos"] } });
     // Once the gateway hears of the budget, nothing more is served: it waits for its spool, then asks to retry.
     const waiting = await eventually(async () => {
       const r = await chat();
-      if (r.status === 200) throw new Error("served: the gateway has not heard of the budget yet");
+      if (r.status === 200) {
+        // Served before the gateway heard of the budget: spend like the 20 before it.
+        spent += r.cost;
+        throw new Error("served: the gateway has not heard of the budget yet");
+      }
       return r;
     }, { what: "the budget heard of" });
     expect([waiting.status, waiting.code]).toEqual([503, "budget_unavailable"]);
@@ -257,7 +261,7 @@ describe("faults with ClickHouse in process (chdb)", () => {
       return r;
     }, { timeoutMs: 30_000, what: "the budget seen spent once analytics is back" });
     expect(refused.code).toBe("insufficient_quota");
-    // Every request is recorded once, the refused ones at no cost: the spend is the 20 served before the budget.
+    // Every request is recorded once, the refused ones at no cost: the spend is what was served before the budget was heard of.
     const usage = await eventually(async () => {
       const summary = await billing.getUsageSummary({ orgId: org.id, apiKeyId: keyId });
       return summary.requests === BigInt(answered) && summary;
