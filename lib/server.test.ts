@@ -1,10 +1,17 @@
 import * as grpc from "@grpc/grpc-js";
+import * as http2 from "node:http2";
+import * as net from "node:net";
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
-import { BillingService, ListOrganizationsResponseSchema, OrganizationSchema } from "../gen/billing/v1/billing_pb.ts";
+import {
+  BillingService,
+  ListOrganizationsResponseSchema,
+  ListProjectsRequestSchema,
+  OrganizationSchema,
+} from "../gen/billing/v1/billing_pb.ts";
 import {
   Health,
   HealthCheckRequestSchema,
@@ -19,7 +26,7 @@ import { createLogger } from "./log.ts";
 import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
 import { createServiceClient } from "./rpc-client.ts";
-import { maxPipelinedRequests, maxStreamsPerConnection, type RunningServer, startServer } from "./server.ts";
+import { maxPipelinedRequests, maxStreamsPerConnection, type RunningServer, send, startServer } from "./server.ts";
 import { answerUntilClosed, expectDrainClosesKeptAlive, keptAliveConnection, sendRegardless } from "./testing.ts";
 
 const metrics = createMetrics("test");
@@ -435,6 +442,77 @@ describe("answers given before the body is all read", () => {
   }, 30_000);
 });
 
+describe("answers given before the body is all read, over HTTP/2", () => {
+  /** Sends an endless body on one stream; what came back, and the stream's reset code, once it closes (or not). */
+  const sendEndlessly = async (url: string, path: string) => {
+    const session = http2.connect(url);
+    const stream = session.request({ ":method": "POST", ":path": path, "content-type": "application/json" });
+    let status = 0;
+    const chunks: Buffer[] = [];
+    stream.on("response", (headers) => {
+      status = Number(headers[":status"]);
+    });
+    stream.on("data", (chunk: Buffer) => chunks.push(chunk));
+    stream.on("error", () => {});
+    const closed = new Promise<number>((resolve) => stream.on("close", () => resolve(stream.rstCode ?? -1)));
+    const piece = Buffer.alloc(16 * 1024, 120);
+    const pump = () => {
+      while (!stream.destroyed && stream.write(piece)) {}
+      if (!stream.destroyed) stream.once("drain", pump);
+    };
+    stream.write('{"orgId":"');
+    pump();
+    const rstCode = await Promise.race([closed, Bun.sleep(10_000).then(() => "still open")]);
+    session.destroy();
+    return { status, body: Buffer.concat(chunks), rstCode };
+  };
+
+  test("reset their stream with NO_ERROR behind the whole answer, so the client stops sending", async () => {
+    const big = Buffer.alloc(4 * 1024 * 1024, 97);
+    const own = await startOwn({
+      name: "unread-h2-bodies",
+      readMaxBytes: 1024,
+      requestBodyTimeoutMs: 60_000,
+      routes: (router) => router.service(BillingService, { listProjects: async () => ({ projects: [] }) }),
+      // A route that answers at length without reading the body at all.
+      http: async (req, res) => {
+        if (req.url !== "/unread") return false;
+        send(res, 200, { "content-type": "text/plain" }, big);
+        return true;
+      },
+    });
+    try {
+      const over = await sendEndlessly(own.url, "/billing.v1.BillingService/ListProjects");
+      expect(over.status).toBe(429);
+      expect(JSON.parse(over.body.toString())).toEqual({
+        code: "resource_exhausted",
+        message: "message size is larger than configured readMaxBytes 1024",
+      });
+      expect(over.rstCode).toBe(http2.constants.NGHTTP2_NO_ERROR);
+      const unread = await sendEndlessly(own.url, "/unread");
+      expect([unread.status, unread.body.equals(big), unread.rstCode]).toEqual([200, true, http2.constants.NGHTTP2_NO_ERROR]);
+      // gRPC's status, in trailers after the answer, still reaches its client.
+      const client = new grpc.Client(new URL(own.url).host, grpc.credentials.createInsecure());
+      const refused = await new Promise<grpc.ServiceError>((resolve) =>
+        client.makeUnaryRequest(
+          "/billing.v1.BillingService/ListProjects",
+          (b: Buffer) => b,
+          (b: Buffer) => b,
+          Buffer.from(toBinary(ListProjectsRequestSchema, create(ListProjectsRequestSchema, { orgId: "x".repeat(3_000_000) }))),
+          (e) => resolve(e as grpc.ServiceError),
+        ),
+      );
+      client.close();
+      expect([refused.code, refused.details]).toEqual([
+        grpc.status.RESOURCE_EXHAUSTED,
+        "message size 3000005 is larger than configured readMaxBytes 1024",
+      ]);
+    } finally {
+      await own.close(0);
+    }
+  }, 30_000);
+});
+
 describe("request bodies must arrive in time", () => {
   test("a body that stops arriving closes its connection; a slow answer to a whole body does not", async () => {
     const own = await startOwn({
@@ -484,7 +562,6 @@ describe("request bodies must arrive in time", () => {
         router.service(AnalyticsService, ackingIngest);
       },
     });
-    const http2 = await import("node:http2");
     const session = http2.connect(own.url);
     session.on("error", () => {});
     try {
@@ -550,7 +627,6 @@ describe("responses a client stops taking", () => {
         router.service(AnalyticsService, ackingIngest);
       },
     });
-    const http2 = await import("node:http2");
     const session = http2.connect(own.url);
     session.on("error", () => {});
     const enveloped = (value: unknown) => {
@@ -627,8 +703,6 @@ describe("whole answers larger than a stream's window", () => {
         return true;
       },
     });
-    const http2 = await import("node:http2");
-    const net = await import("node:net");
     const session = http2.connect(own.url);
     session.on("error", () => {});
     const request = () => {
@@ -686,7 +760,6 @@ describe("connections with nothing to do", () => {
       connectionIdleTimeoutMs: 1_000,
       routes: (router) => router.service(AnalyticsService, ackingIngest),
     });
-    const net = await import("node:net");
     const { port } = new URL(own.url);
     const open = (first?: string) => {
       const socket = net.connect(Number(port), "127.0.0.1");
@@ -796,8 +869,6 @@ describe("RPC metrics", () => {
       const values = (await own.registry.getSingleMetric("rpc_server_handled_total")?.get())?.values ?? [];
       return Object.fromEntries(values.filter((v) => v.value > 0).map((v) => [String(v.labels.code), v.value])) as Record<string, number>;
     };
-    const http2 = await import("node:http2");
-    const net = await import("node:net");
     const path = "/billing.v1.BillingService/WatchKeyChanges";
     try {
       // gRPC streams reset (RST_STREAM CANCEL) before their message, and part-way through it (its 5-byte prefix and
@@ -858,7 +929,6 @@ describe("binary messages that do not decode", () => {
     // name = 1: a lone surrogate as a JavaScript protobuf encoder writes it (ED A0 80), not UTF-8.
     const notUtf8 = new Uint8Array([0x0a, 0x03, 0xed, 0xa0, 0x80]);
     const envelope = (message: Uint8Array) => new Uint8Array([0, 0, 0, 0, message.length, ...message]);
-    const http2 = await import("node:http2");
     try {
       const post = (path: string, contentType: string, body: Uint8Array) =>
         fetch(`${server.url}/billing.v1.BillingService/${path}`, { method: "POST", headers: { "content-type": contentType }, body });
@@ -1031,7 +1101,6 @@ describe("connections past their age", () => {
 
 describe("requests one HTTP/1.1 connection may have waiting", () => {
   test("are bounded: a connection that pipelines more than the limit is closed, fewer are all answered", async () => {
-    const net = await import("node:net");
     const pipeline = async (count: number) => {
       const socket = net.connect(Number(new URL(server.url).port), "127.0.0.1");
       let received = "";
@@ -1067,7 +1136,6 @@ describe("streams one HTTP/2 connection may hold", () => {
         });
       },
     });
-    const net = await import("node:net");
     try {
       // Streams that send their headers and never their body, from a client that takes no notice of the server's
       // SETTINGS, as an attacker would not: each would be held for the 120 s a body may take.
@@ -1282,7 +1350,6 @@ describe("error messages that are not well-formed UTF-16", () => {
         });
       },
     });
-    const http2 = await import("node:http2");
     const session = http2.connect(server.url);
     try {
       // page_size = "\ud83d": protobuf's refusal quotes the value, half of an emoji.

@@ -300,6 +300,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     if (mayHaveBody(req) && !streamingRequests.has(path.split("?")[0] ?? path)) {
       limitBodyTime(req, res, bodyTimeoutMs);
       if (req.httpVersionMajor === 1) closeIfUnread(req as http.IncomingMessage, res as http.ServerResponse);
+      else resetIfUnread(req as http2.Http2ServerRequest, res as http2.Http2ServerResponse);
     }
     limitWriteWait(req, res, idleMs, options.writeStalls);
     try {
@@ -584,6 +585,25 @@ function closeIfUnread(req: http.IncomingMessage, res: http.ServerResponse): voi
     if (!req.complete) res.setHeader("connection", "close");
     return writeHead(...args);
   }) as typeof res.writeHead;
+}
+
+/**
+ * An HTTP/2 answer given before its request's body is all read resets the stream with NO_ERROR behind it (RFC 9113
+ * section 8.1): the client stops sending and keeps the answer. Bun's node:http2 ends such a stream on its side without
+ * a frame, so the client would go on sending into a window nobody reads, its stream open until the body's time limit.
+ * Bun sends the reset after the answer's data and trailers, so gRPC's status still reaches its client.
+ */
+function resetIfUnread(req: http2.Http2ServerRequest, res: http2.Http2ServerResponse): void {
+  let ended = false;
+  req.once("end", () => {
+    ended = true;
+  });
+  const end = res.end.bind(res) as (...args: unknown[]) => http2.Http2ServerResponse;
+  res.end = ((...args: unknown[]) => {
+    const answered = end(...args);
+    if (!ended && !req.stream.closed) req.stream.close(http2.constants.NGHTTP2_NO_ERROR);
+    return answered;
+  }) as typeof res.end;
 }
 
 /**
