@@ -20,6 +20,7 @@ import {
   UsageRecordSchema,
 } from "../gen/billing/v1/billing_pb.ts";
 import { BudgetChargeSchema, CostBreakdownSchema, Endpoint } from "../gen/common/v1/common_pb.ts";
+import { sha256Hex } from "../lib/auth.ts";
 import { createLogger } from "../lib/log.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { startServer } from "../lib/server.ts";
@@ -2303,3 +2304,19 @@ test("ListOrganizations, ListProjects, ListDiscountRules and ListInvoices answer
   );
   expect(await code(client.listDiscountRules({ orgId, pageToken: invoiceToken }, admin))).toBe(Code.InvalidArgument);
 }, 60_000);
+
+test("a page token naming another org's invoice tells an org's key no more than one naming no invoice", async () => {
+  const orgId = await newOrg();
+  const { secret } = await client.createApiKey({ orgId }, admin);
+  await client.generateInvoice({ orgId, periodTime: timestampFromDate(new Date("2026-01-15T00:00:00Z")) }, admin);
+  const otherOrgId = await newOrg();
+  const periodTime = timestampFromDate(new Date("2026-05-15T00:00:00Z"));
+  const otherInvoiceId = (await client.generateInvoice({ orgId: otherOrgId, periodTime }, admin)).invoice?.id ?? "";
+  // A token is its cursor and a digest of its listing, which anyone can write for an org they may list.
+  const scope = sha256Hex(JSON.stringify(["ListInvoices", orgId])).slice(0, 16);
+  const after = async (invoiceId: string) => {
+    const pageToken = Buffer.from(JSON.stringify([invoiceId, scope])).toString("base64url");
+    return (await client.listInvoices({ orgId, pageToken }, as(secret))).invoices.map((i) => i.id);
+  };
+  expect(await after(otherInvoiceId)).toEqual(await after("inv_01NOSUCHINVOICE000000000000"));
+});

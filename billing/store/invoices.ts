@@ -119,13 +119,15 @@ export function createInvoiceStore(db: Db) {
 
     /**
      * An org's invoices without their lines, newest period first (of a period, the newest created first); a page goes
-     * on after the invoice it ended on, whose period, creation time and id never change (invoices are not deleted).
+     * on after the invoice it ended on, whose period, creation time and id never change (invoices are not deleted). A
+     * token's cursor is the client's to write: one naming another org's invoice is as one naming none, an empty page.
      */
     async listInvoices(orgId: string, page: PageQuery): Promise<Page<Invoice>> {
       const rows = await db.query<InvoiceRow>(
         `SELECT ${invoiceColumns} FROM invoices
          WHERE org_id = $1 AND ($2::text IS NULL
-           OR (period_start, created_at, id) < (SELECT period_start, created_at, id FROM invoices WHERE id = $2))
+           OR (period_start, created_at, id)
+             < (SELECT period_start, created_at, id FROM invoices WHERE id = $2 AND org_id = $1))
          ORDER BY period_start DESC, created_at DESC, id DESC
          LIMIT $3`,
         [orgId, page.after, page.limit + 1],
