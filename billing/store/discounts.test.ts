@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { unscopedRule } from "../discounts/test-rules.ts";
 import { BillingError } from "./db.ts";
+import { maxDiscountRulesPerOrg } from "./discounts.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
 import { allRows, createTestDatabase, type TestDatabase } from "./test-db.ts";
 import type { NewDiscountRule } from "./types.ts";
@@ -102,6 +103,31 @@ test("the schema refuses what the contract forbids", async () => {
   expect(kind(await store.createDiscountRule(duplicateTier).catch((e) => e))).toBe("already_exists");
   // Nothing of a refused rule was kept.
   expect((await store.listDiscountRules(orgId, allRows)).items).toHaveLength(1);
+});
+
+test("an org holds at most maxDiscountRulesPerOrg rules, two creates at once taking its last place one at most", async () => {
+  const full = (
+    await store.createOrganization({ name: "full", taxRateBps: 0, billingDay: 1, monthlyBudgetNanos: 0n, maxDiscountBps: 0 })
+  ).id;
+  const ruleOf = (i: number) => rule({ orgId: full, name: `rule ${i}` });
+  const first = await store.createDiscountRule(ruleOf(0), "req-0");
+  for (let i = 1; i < maxDiscountRulesPerOrg - 1; i++) await store.createDiscountRule(ruleOf(i));
+  // The last place, asked for twice at once.
+  const raced = await Promise.allSettled([store.createDiscountRule(ruleOf(98)), store.createDiscountRule(ruleOf(99))]);
+  expect(raced.map((r) => r.status).sort()).toEqual(["fulfilled", "rejected"]);
+  const refused = raced.find((r) => r.status === "rejected")?.reason;
+  expect([kind(refused), (refused as Error).message]).toEqual([
+    "failed_precondition",
+    `organization ${full} has ${maxDiscountRulesPerOrg} discount rules, the most it may have: delete one first`,
+  ]);
+  expect((await store.listDiscountRules(full, allRows)).items).toHaveLength(maxDiscountRulesPerOrg);
+  // A retried create is answered with its rule, full or not.
+  expect((await store.createDiscountRule(ruleOf(0), "req-0")).id).toBe(first.id);
+  await store.deleteDiscountRule(first.id);
+  await store.createDiscountRule(ruleOf(100));
+  expect(kind(await store.createDiscountRule(ruleOf(101)).catch((e) => e))).toBe("failed_precondition");
+  // Other orgs' rules are their own.
+  await store.deleteDiscountRule((await store.createDiscountRule(rule({ name: "elsewhere" }))).id);
 });
 
 test("the schema takes a time window that wraps past midnight, and refuses wrapping hours of other kinds", async () => {

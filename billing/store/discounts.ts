@@ -35,16 +35,25 @@ export async function discountRulesOf(q: Queryable, orgId: string): Promise<Disc
   return rows.map(toRule);
 }
 
+/**
+ * Most discount rules an org may have. Every invoice of the org weighs each rule against each hour of its usage, while
+ * holding the org's invoice lock: a thousand rules took over a second a pass.
+ */
+export const maxDiscountRulesPerOrg = 100;
+
 export function createDiscountStore(db: Db) {
   return {
     /**
      * Stores a rule and its tiers together. With a `requestId` its org used before, stores nothing and answers with the
      * rule stored then, or already_exists when that was another rule; of two at once, one stores and the other waits.
+     * A rule past an org's maxDiscountRulesPerOrg is refused (failed_precondition), a request_id's answer is not.
      */
     createDiscountRule(rule: NewDiscountRule, requestId: string | null = null): Promise<DiscountRule> {
       const sha256 = requestId === null ? null : requestSha256(rule);
       return db.transaction(async (tx) => {
         const id = `disc_${ulid()}`;
+        // Creates for one org one at a time, so two at once cannot both take its last place.
+        await tx.query("SELECT pg_advisory_xact_lock(hashtextextended('billing.discount_rules:' || $1, 0))", [rule.orgId]);
         const inserted = await tx.query(
           `INSERT INTO discount_rules (id, org_id, name, kind, priority, stackable, model, provider, discount_bps,
              start_hour, end_hour, days_of_week, valid_from, valid_until, cap_nanos, request_id, request_sha256)
@@ -85,6 +94,16 @@ export function createDiscountStore(db: Db) {
           }
           const rows = await tx.query<RuleRow>(`${ruleSelect} WHERE r.id = $1`, [earlier.id]);
           return toRule(rows[0] as RuleRow);
+        }
+        const [held] = await tx.query<{ rules: number }>(
+          "SELECT count(*)::int AS rules FROM discount_rules WHERE org_id = $1",
+          [rule.orgId],
+        );
+        if ((held?.rules ?? 0) > maxDiscountRulesPerOrg) {
+          throw new BillingError(
+            "failed_precondition",
+            `organization ${rule.orgId} has ${maxDiscountRulesPerOrg} discount rules, the most it may have: delete one first`,
+          );
         }
         if (rule.tiers.length > 0) {
           await tx.query(

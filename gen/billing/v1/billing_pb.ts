@@ -2864,6 +2864,7 @@ export const BillingService: GenService<{
   },
   /**
    * Adds a discount rule to an org (NOT_FOUND for an unknown org); drafts generated or issued from then on apply it.
+   * An org holds at most 100 rules: one more is FAILED_PRECONDITION.
    *
    * @generated from rpc billing.v1.BillingService.CreateDiscountRule
    */
