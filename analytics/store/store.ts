@@ -201,6 +201,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
     },
     options.rollupLagMs ?? defaultRollupLagMs,
     options.rollupChunkRows,
+    cluster !== undefined,
   );
   // A Distributed insert returns only once every shard has its rows, so an ack means they are stored.
   const insertSettings: Record<string, string> = cluster ? { distributed_foreground_insert: "1" } : {};
