@@ -38,6 +38,9 @@ const maxRangeDays = 400;
 const maxGroupBy = 3;
 // A grouped usage answer larger than this is a mistake (e.g. hours x keys over a year); narrow the query.
 const maxUsageRows = 100_000;
+// An unknown model is recorded as the client sent it, so a client inventing names makes as many "models": past this
+// many the answer would outgrow the 4 MiB a gRPC client takes by default.
+const maxLatencyModels = 10_000;
 const bucketWidths = new Set([60, 300, 3600, 86400]);
 const maxBuckets = 2000;
 const defaultPageSize = 100;
@@ -142,8 +145,11 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       const orgId = await readable(ctx, req.orgId);
       const window = parseRange(req.range);
       const models = await report("QueryLatency", orgId, ctx.signal, () =>
-        store.queryLatency({ orgId, ...window, signal: ctx.signal }),
+        store.queryLatency({ orgId, ...window, limit: maxLatencyModels + 1, signal: ctx.signal }),
       );
+      if (models.length > maxLatencyModels) {
+        throw new ConnectError(`more than ${maxLatencyModels} requested models; narrow the range`, Code.ResourceExhausted);
+      }
       return { models };
     },
 

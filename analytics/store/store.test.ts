@@ -210,7 +210,7 @@ for (const [name, makeDriver] of backends) {
       const page = await store.listRequests({ orgId, window, limit: 10, model: "') OR ('1'='1", requestId: "\\'" });
       expect(page.requests).toEqual([]);
       expect(await store.queryTimeSeries({ orgId, ...window, bucketSeconds: 3600, model: "'" })).toEqual([]);
-      expect(await store.queryLatency({ orgId, ...window })).toEqual([]);
+      expect(await store.queryLatency({ orgId, ...window, limit: 10 })).toEqual([]);
     });
 
     test("requests page newest first with a cursor and round-trip every field", async () => {
@@ -322,7 +322,7 @@ for (const [name, makeDriver] of backends) {
         sampleMetrics(at(5000 + i), { orgId: org, status: RequestStatus.RATE_LIMITED, upstreamLatencyUs: 0n }),
       );
       await store.insertRequests([...reached, ...refused], "upstream-1");
-      const [model] = await store.queryLatency({ orgId: org, ...window });
+      const [model] = await store.queryLatency({ orgId: org, ...window, limit: 10 });
       expect(model?.requests).toBe(5n);
       expect(model?.upstream?.p50Us).toBe(2000n);
     });
@@ -359,7 +359,7 @@ for (const [name, makeDriver] of backends) {
       const onlyStream = await store.queryTimeSeries({ orgId: org, ...window, bucketSeconds: 60, model: "m-stream" });
       expect(onlyStream.map((p) => p.requests)).toEqual([1n]);
 
-      const models = await store.queryLatency({ orgId: org, ...window });
+      const models = await store.queryLatency({ orgId: org, ...window, limit: 10 });
       expect(models.map((m) => m.model)).toEqual(["gpt-4o-mini", "m-stream"]);
       const [plain, streamed] = models;
       expect(plain?.requests).toBe(5n);
