@@ -281,12 +281,20 @@ export function storeUnreachable(e: unknown): boolean {
 }
 
 /**
- * Whether ClickHouse stopped a query at its time limit: chdb says TIMEOUT_EXCEEDED in its message, @clickhouse/client
- * moves the name into the error's `type` and its number, 159, into `code`.
+ * Whether ClickHouse stopped a query at its time limit (TIMEOUT_EXCEEDED, 159), or before it as one it estimated would
+ * pass the limit (TOO_SLOW, 160: servers before max_estimated_execution_time estimate against max_execution_time once a
+ * query has run 10 s). chdb says the name in its message, @clickhouse/client moves it into the error's `type` and the
+ * number into `code`.
  */
 function timedOut(e: unknown): boolean {
   const { message, type, code } = (typeof e === "object" && e !== null ? e : {}) as Record<string, unknown>;
-  return type === "TIMEOUT_EXCEEDED" || code === "159" || /\bTIMEOUT_EXCEEDED\b/.test(String(message ?? e));
+  return (
+    type === "TIMEOUT_EXCEEDED" ||
+    type === "TOO_SLOW" ||
+    code === "159" ||
+    code === "160" ||
+    /\b(TIMEOUT_EXCEEDED|TOO_SLOW)\b/.test(String(message ?? e))
+  );
 }
 
 /**

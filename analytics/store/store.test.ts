@@ -313,6 +313,21 @@ for (const [name, makeDriver] of backends) {
       expect(err instanceof ConnectError && err.code).toBe(Code.ResourceExhausted);
     }, 30_000);
 
+    test("a query ClickHouse estimates would outrun its time limit (TOO_SLOW) is ResourceExhausted too", async () => {
+      // Servers before max_estimated_execution_time stop a report so once it has run 10 s, against max_execution_time.
+      const slow = () =>
+        driver.query(
+          `SELECT count() FROM numbers(10000000000) WHERE sipHash64(number) = 7
+           SETTINGS max_execution_time = 30, max_estimated_execution_time = 30, timeout_before_checking_execution_speed = 0.2`,
+        );
+      const silent = createLogger({ service: "t", level: "error", write: () => {} });
+      const err = await query(silent, "Slow", slow).catch((e: unknown) => ConnectError.from(e));
+      expect(err instanceof ConnectError && [err.code, err.rawMessage]).toEqual([
+        Code.ResourceExhausted,
+        "the query ran out of time; narrow the range or group by fewer dimensions",
+      ]);
+    }, 30_000);
+
     test("upstream latency counts requests that reached an upstream only", async () => {
       const org = "org_upstream";
       const reached = [1000n, 3000n].map((us, i) =>
