@@ -328,6 +328,17 @@ for (const [name, makeDriver] of backends) {
       ]);
     }, 30_000);
 
+    test("a query past ClickHouse's memory limit is ResourceExhausted, not an unavailable store", async () => {
+      const large = () =>
+        driver.query(
+          `SELECT number % 10000000 AS k, count() FROM numbers(20000000) GROUP BY k ORDER BY k LIMIT 1
+           SETTINGS max_memory_usage = 20000000`,
+        );
+      const silent = createLogger({ service: "t", level: "error", write: () => {} });
+      const err = await query(silent, "Large", large).catch((e: unknown) => ConnectError.from(e));
+      expect(err instanceof ConnectError && err.code).toBe(Code.ResourceExhausted);
+    }, 30_000);
+
     test("upstream latency counts requests that reached an upstream only", async () => {
       const org = "org_upstream";
       const reached = [1000n, 3000n].map((us, i) =>
