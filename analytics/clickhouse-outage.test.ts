@@ -111,8 +111,10 @@ test("ClickHouse down is logged once as it starts and once as it ends, however m
 test("a query ClickHouse refuses or stops at its limit while it serves others is logged each time, once", async () => {
   lines.length = 0;
   try {
-    exception = "Code: 241. DB::Exception: Memory limit (for query) exceeded: would use 9.31 GiB. (MEMORY_LIMIT_EXCEEDED)";
+    exception = "Code: 60. DB::Exception: Unknown table expression identifier 'mesh.requests'. (UNKNOWN_TABLE)";
     for (let i = 0; i < 2; i++) expect(await report(i)).toBe(Code.Unavailable);
+    exception = "Code: 241. DB::Exception: Memory limit (for query) exceeded: would use 9.31 GiB. (MEMORY_LIMIT_EXCEEDED)";
+    for (let i = 0; i < 2; i++) expect(await report(i)).toBe(Code.ResourceExhausted);
     exception = "Code: 159. DB::Exception: Timeout exceeded: elapsed 30.1 seconds, maximum: 30. (TIMEOUT_EXCEEDED)";
     for (let i = 0; i < 2; i++) expect(await report(i)).toBe(Code.ResourceExhausted);
   } finally {
@@ -121,9 +123,11 @@ test("a query ClickHouse refuses or stops at its limit while it serves others is
   expect(messages()).toEqual([
     "error analytics query failed",
     "error analytics query failed",
+    "warn analytics query ran out of memory",
+    "warn analytics query ran out of memory",
     "warn analytics query ran out of time",
     "warn analytics query ran out of time",
   ]);
   expect(await report(0)).toBeUndefined();
-  expect(lines).toHaveLength(4);
+  expect(lines).toHaveLength(6);
 });

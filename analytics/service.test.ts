@@ -295,4 +295,16 @@ describe("AnalyticsService queries", () => {
       ["m-b", 8n, 1_200_000n, 50_000n],
     ]);
   });
+
+  test("QueryLatency over more requested models than an answer may hold is ResourceExhausted", async () => {
+    // A client that invents model names: each unknown one is recorded as sent.
+    const orgId = "org_many_models";
+    const invented = Array.from({ length: 10_001 }, (_, i) =>
+      sampleMetrics(new Date(base + 3 * hour + i), { orgId, requestedModel: `gpt-4o-${i}`, status: RequestStatus.INVALID_REQUEST }),
+    );
+    await store.insertRequests([sampleMetrics(new Date(base), { orgId }), ...invented], "svc-many-models");
+    expect(await codeOf(client.queryLatency({ orgId, range: day }))).toBe(Code.ResourceExhausted);
+    const before = await client.queryLatency({ orgId, range: range(base - hour, base + hour) });
+    expect(before.models.map((m) => [m.model, m.requests])).toEqual([["gpt-4o-mini", 1n]]);
+  });
 });

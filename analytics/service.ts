@@ -38,6 +38,9 @@ const maxRangeDays = 400;
 const maxGroupBy = 3;
 // A grouped usage answer larger than this is a mistake (e.g. hours x keys over a year); narrow the query.
 const maxUsageRows = 100_000;
+// An unknown model is recorded as the client sent it, so a client inventing names makes as many "models": past this
+// many the answer would outgrow the 4 MiB a gRPC client takes by default.
+const maxLatencyModels = 10_000;
 const bucketWidths = new Set([60, 300, 3600, 86400]);
 const maxBuckets = 2000;
 const defaultPageSize = 100;
@@ -142,8 +145,11 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       const orgId = await readable(ctx, req.orgId);
       const window = parseRange(req.range);
       const models = await report("QueryLatency", orgId, ctx.signal, () =>
-        store.queryLatency({ orgId, ...window, signal: ctx.signal }),
+        store.queryLatency({ orgId, ...window, limit: maxLatencyModels + 1, signal: ctx.signal }),
       );
+      if (models.length > maxLatencyModels) {
+        throw new ConnectError(`more than ${maxLatencyModels} requested models; narrow the range`, Code.ResourceExhausted);
+      }
       return { models };
     },
 
@@ -212,10 +218,10 @@ function toMicrosecondAbove(at: Timestamp): Timestamp {
 }
 
 /**
- * Runs a store read; its failures reach the caller without ClickHouse internals: a query past the store's time limit
- * as ResourceExhausted (asking less helps), as is one the engine has no room to queue (retrying later helps), anything
- * else as Unavailable. A store that cannot be reached goes to `outage`, once as it starts and once as it ends; any
- * other failure is logged each time.
+ * Runs a store read; its failures reach the caller without ClickHouse internals: a query past the store's time or
+ * memory limit as ResourceExhausted (asking less helps), as is one the engine has no room to queue (retrying later
+ * helps), anything else as Unavailable. A store that cannot be reached goes to `outage`, once as it starts and once as
+ * it ends; any other failure is logged each time.
  */
 export async function query<T>(
   log: Logger,
@@ -238,6 +244,10 @@ export async function query<T>(
     if (timedOut(e)) {
       log.warn("analytics query ran out of time", { rpc });
       throw new ConnectError("the query ran out of time; narrow the range or group by fewer dimensions", Code.ResourceExhausted);
+    }
+    if (clickHouseError(e, "MEMORY_LIMIT_EXCEEDED", 241)) {
+      log.warn("analytics query ran out of memory", { rpc });
+      throw new ConnectError("the query ran out of memory; narrow the range or group by fewer dimensions", Code.ResourceExhausted);
     }
     if (outage && storeUnreachable(e)) outage.failed({ rpc, err: e });
     else log.error("analytics query failed", { rpc, err: e });
@@ -275,12 +285,21 @@ export function storeUnreachable(e: unknown): boolean {
 }
 
 /**
- * Whether ClickHouse stopped a query at its time limit: chdb says TIMEOUT_EXCEEDED in its message, @clickhouse/client
- * moves the name into the error's `type` and its number, 159, into `code`.
+ * Whether ClickHouse stopped a query at its time limit (TIMEOUT_EXCEEDED), or before it as one it estimated would pass
+ * the limit (TOO_SLOW: servers before max_estimated_execution_time estimate against max_execution_time once a query has
+ * run 10 s).
  */
 function timedOut(e: unknown): boolean {
-  const { message, type, code } = (typeof e === "object" && e !== null ? e : {}) as Record<string, unknown>;
-  return type === "TIMEOUT_EXCEEDED" || code === "159" || /\bTIMEOUT_EXCEEDED\b/.test(String(message ?? e));
+  return clickHouseError(e, "TIMEOUT_EXCEEDED", 159) || clickHouseError(e, "TOO_SLOW", 160);
+}
+
+/**
+ * Whether `e` is ClickHouse's error `name`, number `code`: chdb says the name in its message, @clickhouse/client moves
+ * it into the error's `type` and the number into `code`.
+ */
+function clickHouseError(e: unknown, name: string, code: number): boolean {
+  const fields = (typeof e === "object" && e !== null ? e : {}) as Record<string, unknown>;
+  return fields.type === name || fields.code === String(code) || new RegExp(`\\b${name}\\b`).test(String(fields.message ?? e));
 }
 
 /**

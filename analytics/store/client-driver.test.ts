@@ -1,12 +1,14 @@
 import { afterAll, expect, test } from "bun:test";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { createClient } from "@clickhouse/client";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { createLogger } from "../../lib/log.ts";
 import { eventually } from "../../test/support.ts";
 import { query } from "../service.ts";
 import { clickHouseLoggerClass, clientRequestTimeoutMs, createClientDriver } from "./client-driver.ts";
+import { createAnalyticsStore } from "./store.ts";
 import { startClickHouseHttpServer } from "./testing/clickhouse-http-server.ts";
-import { testDataDir } from "./test-store.ts";
+import { createTestStore, sampleMetrics, testDataDir } from "./test-store.ts";
 
 // A ClickHouse server that stops every query at its 1 s limit, as a real one does: a little after it, with code 159.
 const limitSeconds = 1;
@@ -116,5 +118,33 @@ test("report queries holding all their connections leave readiness and ingest co
   } finally {
     await driver.close();
     busy.stop(true);
+  }
+});
+
+test("requests and buckets read back as stored when the server's profile formats dates otherwise", async () => {
+  const clickhouse = startClickHouseHttpServer({ path: testDataDir() });
+  const log = { LoggerClass: clickHouseLoggerClass(silent) };
+  const store = await createTestStore({ driver: createClientDriver(createClient({ url: clickhouse.url, log })) });
+  // As a user's profile on the server may set it: "2026-01-02T03:04:05.123456Z", or seconds since 1970.
+  const readers = (["iso", "unix_timestamp"] as const).map((format) =>
+    createClientDriver(createClient({ url: clickhouse.url, log, clickhouse_settings: { date_time_output_format: format } })),
+  );
+  try {
+    const at = Math.floor(Date.now() / 3_600_000) * 3_600_000 - 3_600_000;
+    const rows = [0, 1, 2].map((i) => sampleMetrics(new Date(at + i * 1000 + 123), { orgId: "org_formats" }));
+    await store.insertRequests(rows, "formats-1");
+    const window = { start: timestampFromDate(new Date(at - 3_600_000)), end: timestampFromDate(new Date(at + 3_600_000)) };
+    for (const driver of readers) {
+      const reader = createAnalyticsStore(driver, { database: store.database, ttlDays: 400 });
+      const first = await reader.listRequests({ orgId: "org_formats", window, limit: 2 });
+      const second = await reader.listRequests({ orgId: "org_formats", window, limit: 2, after: first.next });
+      expect([...first.requests, ...second.requests].map((r) => r.startTime)).toEqual(rows.map((r) => r.startTime).reverse());
+      const points = await reader.queryTimeSeries({ orgId: "org_formats", ...window, bucketSeconds: 3600, model: "" });
+      expect(points.map((p) => [p.bucketStart?.seconds, p.requests])).toEqual([[BigInt(at / 1000), 3n]]);
+    }
+  } finally {
+    for (const driver of readers) await driver.close();
+    await store.close();
+    await clickhouse.stop();
   }
 });

@@ -5,6 +5,9 @@ import type { ClickHouseDriver, QueryParams, ReportOf } from "./driver.ts";
 const querySettings = {
   // Quoted 64-bit integers keep sums of nano-USD exact through JSON.parse.
   output_format_json_quote_64bit_integers: 1,
+  // Dates as the store reads and writes them ("2026-01-02 03:04:05.123456"), whatever a user's profile sets: in another
+  // format every timestamp read back was NaN, failing ListRequests, and page tokens were refused.
+  date_time_output_format: "simple",
   // A query whose caller went away (its signal aborted the HTTP request) stops in the server instead of running on.
   cancel_http_readonly_queries_on_client_close: 1,
   // ...which a server does for read-only queries alone: only a GET is read-only by default, and queries are POSTs.

@@ -104,6 +104,23 @@ describe("DDL for a ClickHouse cluster (CLICKHOUSE_CLUSTER)", () => {
       settings: { distributed_foreground_insert: "1", insert_deduplication_token: "token-1" },
     });
   });
+
+  test("a roll-up writes through the Distributed rollup tables synchronously, so hours sum minutes every shard has", async () => {
+    const recording = recordingDriver();
+    const rolledUntil = new Date(Date.now() - 2 * 3_600_000).toISOString().slice(0, 19).replace("T", " ");
+    const driver: ClickHouseDriver = {
+      ...recording,
+      async query<T>(sql: string, params?: Parameters<ClickHouseDriver["query"]>[1]) {
+        if (sql.includes("SELECT done_until FROM")) return [{ done_until: rolledUntil }] as T[];
+        return recording.query<T>(sql, params);
+      },
+    };
+    const store = createAnalyticsStore(driver, { database: "mesh", ttlDays: 30, cluster: "mesh_cluster" });
+    await store.rollUp();
+    const rollups = recording.sent.map((s) => s.sql).filter((sql) => /^INSERT INTO mesh\.requests_1[mh] /.test(sql));
+    expect(rollups.length).toBeGreaterThanOrEqual(2);
+    for (const sql of rollups) expect(sql).toMatch(/^INSERT INTO \S+ \([^)]*\) SETTINGS distributed_foreground_insert = 1\s+SELECT /);
+  });
 });
 
 test("without a cluster the same migrations create plain tables", () => {

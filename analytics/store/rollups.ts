@@ -159,16 +159,20 @@ export function createRollups(
   tables: RollupTables,
   lagMs: number,
   chunkRows = defaultRollupChunkRows,
+  distributed = false,
 ) {
   const lagUs = lagMs * 1000;
+  // Through a Distributed table an insert returns before remote shards have its rows unless told to wait: the hours
+  // would be summed from minutes not there yet, and done_until recorded over rows still queued.
+  const waitForShards = distributed ? " SETTINGS distributed_foreground_insert = 1" : "";
 
   const minutesFromRaw = (where: string) =>
-    `INSERT INTO ${tables.minutes} (${rollupColumns("minute")})
+    `INSERT INTO ${tables.minutes} (${rollupColumns("minute")})${waitForShards}
      SELECT toStartOfMinute(start_time) AS minute, ${dims}, count() AS requests, ${totalsSql}, now64(6)
      FROM ${tables.requests} FINAL WHERE ${where}
      GROUP BY minute, ${dims}`;
   const hoursFromMinutes = (where: string) =>
-    `INSERT INTO ${tables.hours} (${rollupColumns("hour")})
+    `INSERT INTO ${tables.hours} (${rollupColumns("hour")})${waitForShards}
      SELECT toStartOfHour(minute) AS hour, ${dims}, sum(requests) AS requests, ${totalsSql}, now64(6)
      FROM ${tables.minutes} FINAL WHERE ${where}
      GROUP BY hour, ${dims}`;

@@ -210,7 +210,7 @@ for (const [name, makeDriver] of backends) {
       const page = await store.listRequests({ orgId, window, limit: 10, model: "') OR ('1'='1", requestId: "\\'" });
       expect(page.requests).toEqual([]);
       expect(await store.queryTimeSeries({ orgId, ...window, bucketSeconds: 3600, model: "'" })).toEqual([]);
-      expect(await store.queryLatency({ orgId, ...window })).toEqual([]);
+      expect(await store.queryLatency({ orgId, ...window, limit: 10 })).toEqual([]);
     });
 
     test("requests page newest first with a cursor and round-trip every field", async () => {
@@ -313,6 +313,32 @@ for (const [name, makeDriver] of backends) {
       expect(err instanceof ConnectError && err.code).toBe(Code.ResourceExhausted);
     }, 30_000);
 
+    test("a query ClickHouse estimates would outrun its time limit (TOO_SLOW) is ResourceExhausted too", async () => {
+      // Servers before max_estimated_execution_time stop a report so once it has run 10 s, against max_execution_time.
+      const slow = () =>
+        driver.query(
+          `SELECT count() FROM numbers(10000000000) WHERE sipHash64(number) = 7
+           SETTINGS max_execution_time = 30, max_estimated_execution_time = 30, timeout_before_checking_execution_speed = 0.2`,
+        );
+      const silent = createLogger({ service: "t", level: "error", write: () => {} });
+      const err = await query(silent, "Slow", slow).catch((e: unknown) => ConnectError.from(e));
+      expect(err instanceof ConnectError && [err.code, err.rawMessage]).toEqual([
+        Code.ResourceExhausted,
+        "the query ran out of time; narrow the range or group by fewer dimensions",
+      ]);
+    }, 30_000);
+
+    test("a query past ClickHouse's memory limit is ResourceExhausted, not an unavailable store", async () => {
+      const large = () =>
+        driver.query(
+          `SELECT number % 10000000 AS k, count() FROM numbers(20000000) GROUP BY k ORDER BY k LIMIT 1
+           SETTINGS max_memory_usage = 20000000`,
+        );
+      const silent = createLogger({ service: "t", level: "error", write: () => {} });
+      const err = await query(silent, "Large", large).catch((e: unknown) => ConnectError.from(e));
+      expect(err instanceof ConnectError && err.code).toBe(Code.ResourceExhausted);
+    }, 30_000);
+
     test("upstream latency counts requests that reached an upstream only", async () => {
       const org = "org_upstream";
       const reached = [1000n, 3000n].map((us, i) =>
@@ -322,7 +348,7 @@ for (const [name, makeDriver] of backends) {
         sampleMetrics(at(5000 + i), { orgId: org, status: RequestStatus.RATE_LIMITED, upstreamLatencyUs: 0n }),
       );
       await store.insertRequests([...reached, ...refused], "upstream-1");
-      const [model] = await store.queryLatency({ orgId: org, ...window });
+      const [model] = await store.queryLatency({ orgId: org, ...window, limit: 10 });
       expect(model?.requests).toBe(5n);
       expect(model?.upstream?.p50Us).toBe(2000n);
     });
@@ -359,7 +385,7 @@ for (const [name, makeDriver] of backends) {
       const onlyStream = await store.queryTimeSeries({ orgId: org, ...window, bucketSeconds: 60, model: "m-stream" });
       expect(onlyStream.map((p) => p.requests)).toEqual([1n]);
 
-      const models = await store.queryLatency({ orgId: org, ...window });
+      const models = await store.queryLatency({ orgId: org, ...window, limit: 10 });
       expect(models.map((m) => m.model)).toEqual(["gpt-4o-mini", "m-stream"]);
       const [plain, streamed] = models;
       expect(plain?.requests).toBe(5n);

@@ -53,7 +53,10 @@ export interface TimeSeriesQuery extends TimeWindow, ReportQuery {
   model: string;
 }
 
-export interface LatencyQuery extends TimeWindow, ReportQuery {}
+export interface LatencyQuery extends TimeWindow, ReportQuery {
+  /** Most models returned. */
+  limit: number;
+}
 
 /** Position after the last row of a page, newest first. */
 export interface RequestCursor {
@@ -201,6 +204,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
     },
     options.rollupLagMs ?? defaultRollupLagMs,
     options.rollupChunkRows,
+    cluster !== undefined,
   );
   // A Distributed insert returns only once every shard has its rows, so an ack means they are stored.
   const insertSettings: Record<string, string> = cluster ? { distributed_foreground_insert: "1" } : {};
@@ -415,8 +419,9 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
          WHERE ${orgWindow}
          GROUP BY model
          ORDER BY model
+         LIMIT {limit:UInt32}
          ${reportLimits}`,
-        windowParams(q),
+        { ...windowParams(q), limit: q.limit },
         { orgId: q.orgId, signal: q.signal },
       );
       const toPercentiles = ([p50, p90, p99]: Triple): LatencyPercentiles =>

@@ -692,7 +692,8 @@ export const ModelLatencySchema: GenMessage<ModelLatency> = /*@__PURE__*/
  */
 export type QueryLatencyResponse = Message<"analytics.v1.QueryLatencyResponse"> & {
   /**
-   * One per requested model with requests in the range, ordered by model name.
+   * One per requested model with requests in the range, ordered by model name. More than 10,000 models (an unknown
+   * model is recorded as the client sent it) are refused with ResourceExhausted.
    *
    * @generated from field: repeated analytics.v1.ModelLatency models = 1;
    */
