@@ -296,6 +296,23 @@ describe("AnalyticsService queries", () => {
     ]);
   });
 
+  test("QueryUsage whose groups take more than a gRPC client takes is ResourceExhausted, saying how large", async () => {
+    // Fewer groups than the limit on their number, but long names: 13,000 rows of about 270 bytes.
+    const orgId = "org_long_models";
+    const invented = Array.from({ length: 13_000 }, (_, i) =>
+      sampleMetrics(new Date(base + 3 * hour + i), { orgId, requestedModel: `${"m".repeat(250)}-${i}`, status: RequestStatus.INVALID_REQUEST }),
+    );
+    await store.insertRequests([sampleMetrics(new Date(base), { orgId }), ...invented], "svc-long-models");
+    const refused = await client.queryUsage({ orgId, range: day, groupBy: [UsageGroupBy.MODEL] }).catch((e) => ConnectError.from(e));
+    expect(refused).toBeInstanceOf(ConnectError);
+    expect([(refused as ConnectError).code, (refused as ConnectError).rawMessage]).toEqual([
+      Code.ResourceExhausted,
+      "the answer's 13001 groups take 3.4 MiB, more than 3.0 MiB; narrow the range or group by fewer dimensions",
+    ]);
+    const before = await client.queryUsage({ orgId, range: range(base - hour, base + hour), groupBy: [UsageGroupBy.MODEL] });
+    expect(before.rows.map((r) => r.requests)).toEqual([1n]);
+  });
+
   test("QueryLatency over more requested models than an answer may hold is ResourceExhausted", async () => {
     // A client that invents model names: each unknown one is recorded as sent.
     const orgId = "org_many_models";

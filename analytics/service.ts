@@ -1,13 +1,21 @@
-import { create } from "@bufbuild/protobuf";
+import { create, type DescMessage, type MessageInitShape, type MessageShape, toBinary } from "@bufbuild/protobuf";
 import { type Timestamp, TimestampSchema, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { Tracer } from "@opentelemetry/api";
 import type { Registry } from "prom-client";
-import { type AnalyticsService, RequestStatus, type TimeRange, UsageGroupBy } from "../gen/analytics/v1/analytics_pb.ts";
+import {
+  type AnalyticsService,
+  QueryLatencyResponseSchema,
+  QueryUsageResponseSchema,
+  RequestStatus,
+  type TimeRange,
+  UsageGroupBy,
+} from "../gen/analytics/v1/analytics_pb.ts";
 import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
 import { connectionEndingKey } from "../lib/health.ts";
 import { createOutageLog, type Logger, type OutageLog } from "../lib/log.ts";
+import { maxAnswerBytes } from "../lib/message-limits.ts";
 import { createAnalyticsAuth } from "./auth.ts";
 import { createIngest, type IngestOptions } from "./ingest.ts";
 import { ReportQueueFullError } from "./store/driver.ts";
@@ -116,13 +124,9 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       const rows = await report("QueryUsage", orgId, ctx.signal, () =>
         store.queryUsage({ orgId, ...window, groupBy, limit: maxUsageRows + 1, signal: ctx.signal }),
       );
-      if (rows.length > maxUsageRows) {
-        throw new ConnectError(
-          `more than ${maxUsageRows} groups; narrow the range or group by fewer dimensions`,
-          Code.ResourceExhausted,
-        );
-      }
-      return { rows };
+      const narrow = "narrow the range or group by fewer dimensions";
+      if (rows.length > maxUsageRows) throw new ConnectError(`more than ${maxUsageRows} groups; ${narrow}`, Code.ResourceExhausted);
+      return withinAnswerBytes(QueryUsageResponseSchema, { rows }, `${rows.length} groups`, narrow);
     },
 
     async queryTimeSeries(req, ctx) {
@@ -150,7 +154,7 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       if (models.length > maxLatencyModels) {
         throw new ConnectError(`more than ${maxLatencyModels} requested models; narrow the range`, Code.ResourceExhausted);
       }
-      return { models };
+      return withinAnswerBytes(QueryLatencyResponseSchema, { models }, `${models.length} models`, "narrow the range");
     },
 
     async listRequests(req, ctx) {
@@ -179,6 +183,25 @@ export function createAnalyticsService(deps: AnalyticsServiceDeps): ServiceImpl<
       return { requests: page.requests, nextPageToken: page.next ? encodePageToken(page.next, scope) : "" };
     },
   };
+}
+
+/**
+ * A report's answer, refused (ResourceExhausted) when it takes more than maxAnswerBytes encoded: a gRPC client would
+ * refuse it past 4 MiB, and a report has no pages to spread it over. `what` names its rows, `narrow` how to ask less.
+ */
+function withinAnswerBytes<Desc extends DescMessage>(
+  schema: Desc,
+  init: MessageInitShape<Desc>,
+  what: string,
+  narrow: string,
+): MessageShape<Desc> {
+  const answer = create(schema, init);
+  const bytes = toBinary(schema, answer).byteLength;
+  if (bytes > maxAnswerBytes) {
+    const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+    throw new ConnectError(`the answer's ${what} take ${mib(bytes)}, more than ${mib(maxAnswerBytes)}; ${narrow}`, Code.ResourceExhausted);
+  }
+  return answer;
 }
 
 function invalid(message: string): never {

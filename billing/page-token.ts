@@ -1,5 +1,6 @@
 import { type DescMessage, type MessageShape, toBinary } from "@bufbuild/protobuf";
 import { sha256Hex } from "../lib/auth.ts";
+import { maxAnswerBytes } from "../lib/message-limits.ts";
 import type { Page, PageQuery } from "./store/types.ts";
 import { id, intInRange, invalid } from "./validate.ts";
 
@@ -7,10 +8,10 @@ const defaultPageSize = 100;
 const maxPageSize = 1000;
 
 /**
- * Most of a page's rows an answer holds, encoded: a gRPC client takes messages of up to 4 MB by default, and a key's
- * allowed models alone may take 200 KB, an invoice's line items more.
+ * Most of a page's rows an answer holds, encoded (see maxAnswerBytes): a key's allowed models alone may take 200 KB, an
+ * invoice's line items more.
  */
-export const maxPageBytes = 3 * 1024 * 1024;
+export const maxPageBytes = maxAnswerBytes;
 
 /** A List* request's page: its size and where the last ended, and the token of the page after a page read. */
 export interface PageAsked<C> extends PageQuery<C> {

@@ -5,6 +5,13 @@ import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
 import type { UniversalHandler, UniversalServerRequest } from "@connectrpc/connect/protocol";
 
 /**
+ * Most an answer's rows take encoded: gRPC clients (grpc-js, grpc-go, grpc-java) refuse a message past 4 MiB by
+ * default, which would fail the call at the client after the server did all the work. A page ends there, its token
+ * going on after it; a report that cannot be paged is refused (ResourceExhausted) with what to narrow.
+ */
+export const maxAnswerBytes = 3 * 1024 * 1024;
+
+/**
  * How much a request message may hold, counted on its encoded form before it is decoded: a few bytes on the wire
  * (an empty element is two) become an object of hundreds of bytes, so a message within the byte limit can still cost
  * hundreds of megabytes to decode.

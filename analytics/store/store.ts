@@ -14,6 +14,7 @@ import {
   UsageRowSchema,
 } from "../../gen/analytics/v1/analytics_pb.ts";
 import { TokenUsageSchema } from "../../gen/common/v1/common_pb.ts";
+import { maxAnswerBytes } from "../../lib/message-limits.ts";
 import type { ClickHouseDriver, QueryParams } from "./driver.ts";
 import { migrate } from "./migrate.ts";
 import { createRollups, micros, microsText, planSources, type RollupResult, type Span, totalsSql } from "./rollups.ts";
@@ -83,10 +84,10 @@ export interface RequestPage {
 }
 
 /**
- * Most a page of requests holds, encoded: a row may carry 16 tags of up to 2 KB each, so 1,000 of them could be 40 MB,
- * past the 4 MiB gRPC clients take by default. A page holds as many rows as fit (one at least); the rest follow it.
+ * Most a page of requests holds, encoded (see maxAnswerBytes): a row may carry 16 tags of up to 2 KB each, so 1,000
+ * of them could be 40 MB. A page holds as many rows as fit (one at least); the rest follow it.
  */
-export const maxRequestPageBytes = 3 * 1024 * 1024;
+export const maxRequestPageBytes = maxAnswerBytes;
 
 /** ClickHouse storage of request metrics. Every read counts each request_id once, merged or not. */
 export interface AnalyticsStore {

@@ -438,8 +438,9 @@ export const UsageRowSchema: GenMessage<UsageRow> = /*@__PURE__*/
  */
 export type QueryUsageResponse = Message<"analytics.v1.QueryUsageResponse"> & {
   /**
-   * One row per group with data, ordered by the group values; one row without group_by. More than 100,000 groups
-   * are refused with ResourceExhausted.
+   * One row per group with data, ordered by the group values; one row without group_by. More than 100,000 groups,
+   * or groups that take more than 3 MiB encoded (gRPC clients take 4 MiB by default), are refused with
+   * ResourceExhausted.
    *
    * @generated from field: repeated analytics.v1.UsageRow rows = 1;
    */
@@ -693,7 +694,8 @@ export const ModelLatencySchema: GenMessage<ModelLatency> = /*@__PURE__*/
 export type QueryLatencyResponse = Message<"analytics.v1.QueryLatencyResponse"> & {
   /**
    * One per requested model with requests in the range, ordered by model name. More than 10,000 models (an unknown
-   * model is recorded as the client sent it) are refused with ResourceExhausted.
+   * model is recorded as the client sent it), or models that take more than 3 MiB encoded, are refused with
+   * ResourceExhausted.
    *
    * @generated from field: repeated analytics.v1.ModelLatency models = 1;
    */
