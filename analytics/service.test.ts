@@ -136,6 +136,19 @@ describe("AnalyticsService queries", () => {
     expect((error as ConnectError).code).toBe(Code.ResourceExhausted);
   });
 
+  test("a query stopped as its deadline passed is DeadlineExceeded; one its caller left is Canceled", async () => {
+    // As connect's handler context aborts its signal for each.
+    const reasons = [new ConnectError("the operation timed out", Code.DeadlineExceeded), new ConnectError("left", Code.Canceled)];
+    const codes = [];
+    for (const reason of reasons) {
+      const controller = new AbortController();
+      controller.abort(reason);
+      const stopped = () => Promise.reject(new Error("the query was stopped"));
+      codes.push(await query(log, "test", stopped, controller.signal).catch((e: unknown) => ConnectError.from(e).code));
+    }
+    expect(codes).toEqual([Code.DeadlineExceeded, Code.Canceled]);
+  });
+
   test("QueryUsage groups in the order asked", async () => {
     const res = await client.queryUsage({ orgId: org, range: day, groupBy: [UsageGroupBy.MODEL, UsageGroupBy.STATUS] });
     expect(res.rows.map((r) => [r.group, r.requests, r.errors, r.costNanos])).toEqual([

@@ -258,8 +258,13 @@ export async function query<T>(
     outage?.recovered({ rpc });
     return answer;
   } catch (e) {
-    // The caller left and its query was stopped: nothing failed, and nobody reads the answer.
-    if (signal?.aborted) throw new ConnectError("the caller cancelled the query", Code.Canceled);
+    // The caller left, or its deadline passed, and its query was stopped: nothing failed, and nobody reads the answer.
+    if (signal?.aborted) {
+      if (ConnectError.from(signal.reason).code === Code.DeadlineExceeded) {
+        throw new ConnectError("the query's deadline passed", Code.DeadlineExceeded);
+      }
+      throw new ConnectError("the caller cancelled the query", Code.Canceled);
+    }
     if (e instanceof ReportQueueFullError) throw new ConnectError(e.message, Code.ResourceExhausted);
     if (e instanceof TotalTooLargeError) {
       throw new ConnectError(`${e.message}; narrow the range or group by more dimensions`, Code.OutOfRange);
