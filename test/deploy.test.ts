@@ -239,6 +239,15 @@ describe("Kubernetes manifests", () => {
     }
   });
 
+  test("let a gateway open its spool before liveness counts", () => {
+    // It listens once its spool is open, after the LOCK of the container before it has aged: a liveness probe failing
+    // meanwhile would kill it and leave a LOCK the next start waits out again.
+    const c = container("gateway");
+    expect(c.startupProbe?.httpGet).toEqual(c.livenessProbe.httpGet);
+    const seconds = (c.startupProbe?.periodSeconds ?? 10) * (c.startupProbe?.failureThreshold ?? 3);
+    expect(seconds).toBeGreaterThanOrEqual(5 * 60);
+  });
+
   test("keep each gateway replica's spool on its own volume under a stable name", () => {
     const gateway = workload("gateway");
     expect(gateway.kind).toBe("StatefulSet");
