@@ -1772,6 +1772,17 @@ for (const port of ["rpc", "rest"] as const) {
         expect(estimated.usage?.inputTokens).toBe(2n);
         expect(estimated.usageEstimated).toBe(true);
       });
+
+      test("embeddings whose upstream counts only total_tokens (Voyage AI's usage) are metered at it, not counted", async () => {
+        upstream.script("embed", { usage: odd({ total_tokens: 9 }) });
+        const { data: embedding, response } = await sdk()
+          .embeddings.create({ model: "embed", input: "Hello world" })
+          .withResponse();
+        expect(embedding.usage).toEqual({ prompt_tokens: 9, total_tokens: 9 });
+        const m = await meteredRow(response);
+        expect(m.usage?.inputTokens).toBe(9n);
+        expect(m).toMatchObject({ usageEstimated: false, costNanos: 9n * 2_500n });
+      });
     });
 
     describe("upstream failures seen by the client", () => {

@@ -29,6 +29,7 @@ import {
   type CreateEmbeddingResponse,
   type EmbeddingRequest,
   type EmbeddingResult,
+  embeddingUsage,
   failureOfStatus,
   meteredUsage,
   type Provider,
@@ -496,7 +497,7 @@ export function createOpenAIProvider(
           embedding.embedding = base64Of(embedding.embedding);
         }
       }
-      const { tokens, estimated } = await meteredUsage(response.usage, {
+      const { tokens, estimated } = await meteredUsage(embeddingUsage(response.usage), {
         input: () => countEmbeddingTokens(request.input, request.model),
       });
       response.usage = answeredEmbeddingUsage(tokens);
