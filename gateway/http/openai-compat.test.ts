@@ -901,6 +901,34 @@ for (const port of ["rpc", "rest"] as const) {
         }
       });
 
+      test("a stream whose connection breaks once every choice has finished ends as an answer, its usage counted", async () => {
+        const base = { id: "chatcmpl-up", object: "chat.completion.chunk", created: 1, model: "ok-up" };
+        const events = [
+          { ...base, choices: [{ index: 0, delta: { role: "assistant", content: "forty two" }, finish_reason: null }] },
+          { ...base, choices: [{ index: 0, delta: {}, finish_reason: "stop" }] },
+        ]
+          .map((chunk) => `data: ${JSON.stringify(chunk)}\n\n`)
+          .join("");
+        // Broken off halfway through: inside the comment that follows the finish_reason, before any usage or [DONE].
+        const text = `${events}: ${"x".repeat(events.length * 2)}\n\n`;
+        upstream.script("ok", { body: { contentType: "text/event-stream", text }, breaksOff: true });
+        const { data, response } = await sdk()
+          .chat.completions.create({ model: "ok", messages: hello, stream: true, stream_options: { include_usage: true } })
+          .withResponse();
+        let content = "";
+        let usage: OpenAI.CompletionUsage | undefined;
+        for await (const chunk of data) {
+          content += chunk.choices[0]?.delta.content ?? "";
+          usage = chunk.usage ?? usage;
+        }
+        expect(content).toBe("forty two");
+        const output = await countTextTokens(["forty two"]);
+        expect(usage).toMatchObject({ prompt_tokens: 10, completion_tokens: output });
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ status: RequestStatus.OK, httpStatus: 200, usageEstimated: true });
+        expect(m.usage).toMatchObject({ inputTokens: 10n, outputTokens: BigInt(output) });
+      });
+
       test("a finished stream waits for a usage that comes seconds after its finish_reason, and is billed at it", async () => {
         const billed = {
           prompt_tokens: 1000,

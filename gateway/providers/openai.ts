@@ -639,7 +639,7 @@ function withHeaders<C extends OpenAI>(client: C, headers: Record<string, string
  * finish_reason, or with a choice unfinished, was cut; after [DONE], those choices end as stopped instead. Events after
  * [DONE] are ignored. Once every choice has finished, generation is over and only the usage the upstream bills is still
  * to come: a client leaving then is no cancellation, and the rest is read for up to `usageGraceMs` more; an upstream
- * then silent for the attempt timeout has ended its stream.
+ * then silent for the attempt timeout, or whose body then breaks off, has ended its stream.
  */
 function relay(
   response: Response,
@@ -798,7 +798,8 @@ interface EventRules<T> {
  * on, unreadable JSON, an event longer than `maxEventBytes` or a body that breaks off fails the attempt. Events after
  * the stream is done are ignored, and what is left of its body is drained in the background; a stream left early
  * closes its upstream connection. Once generation is over (`rules.over`), a client leaving is no cancellation and the
- * rest is read for up to `usageGraceMs` more, and an upstream then silent for the attempt timeout has ended its stream.
+ * rest is read for up to `usageGraceMs` more, and an upstream then silent for the attempt timeout, or whose body then
+ * breaks off, has ended its stream.
  */
 function upstreamEvents<T>(
   response: Response,
@@ -854,8 +855,9 @@ function upstreamEvents<T>(
         try {
           read = await reader.read();
         } catch (e) {
-          // Cut off by the timeout or the client: said below, as when the read ends instead.
-          if (silence.expired || signal?.aborted) break;
+          // Cut off by the timeout or the client, or broken once generation was over (only usage was still to come):
+          // said below, as when the read ends instead.
+          if (silence.expired || signal?.aborted || over()) break;
           throw Object.assign(upstreamError(provider, e, redact), { promptTaken: true });
         }
         // Cut off by the timeout or the client: what arrived of an event is not one.
