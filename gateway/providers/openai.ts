@@ -441,6 +441,7 @@ export function createOpenAIProvider(
       }
       for (const c of completion.choices) {
         if (c && typeof c === "object" && c.finish_reason) c.finish_reason = openAIFinishReason(c.finish_reason);
+        if (Array.isArray(c?.message?.tool_calls)) c.message.tool_calls.forEach(typeFunctionCall);
       }
       const { tokens, estimated } = await meteredUsage(completion.usage, {
         input: () => countInputTokens(request),
@@ -727,10 +728,11 @@ interface BegunCalls {
 }
 
 /**
- * Gives the tool calls of a choice's delta the index OpenAI's carry, where the upstream left it out or numbered a new
- * call as one begun before: Gemini's OpenAI-compatible endpoint streams each call whole without one, which the SDKs'
- * stream helpers refuse ("invalid tool call index: undefined"), and other compatible servers number every parallel call
- * 0, which the helpers take for one call, the last one's name over arguments run together. A call of an id not seen
+ * Gives the tool calls of a choice's delta the index OpenAI's carry (and a call's first delta its type, see
+ * typeFunctionCall), where the upstream left it out or numbered a new call as one begun before: Gemini's
+ * OpenAI-compatible endpoint streams each call whole without one, which the SDKs' stream helpers refuse ("invalid tool
+ * call index: undefined"), and other compatible servers number every parallel call 0, which the helpers take for one
+ * call, the last one's name over arguments run together. A call of an id not seen
  * before in the choice keeps the upstream's index unless a call was given that already, and is then the next; a piece
  * of no id continues the call last given its upstream's index, or, of no index, the last call.
  */
@@ -738,6 +740,7 @@ function indexToolCalls(delta: { tool_calls?: unknown }, choice: unknown, begun:
   if (!Array.isArray(delta.tool_calls)) return;
   for (const call of delta.tool_calls as Array<ToolCallDelta>) {
     if (typeof call !== "object" || call === null) continue;
+    typeFunctionCall(call);
     let calls = begun.get(choice);
     if (!calls) begun.set(choice, (calls = { ids: new Map(), given: new Map(), next: 0 }));
     const known = call.id ? calls.ids.get(call.id) : undefined;
@@ -761,8 +764,21 @@ function indexToolCalls(delta: { tool_calls?: unknown }, choice: unknown, begun:
 interface ToolCallDelta {
   index?: unknown;
   id?: unknown;
+  type?: unknown;
   function?: { name?: unknown } | null;
   custom?: { name?: unknown } | null;
+}
+
+/**
+ * Types a tool call (or a streamed call's first piece) that names a function but has no `type`, as Mistral's API sends
+ * them, whole or streamed: OpenAI's say `"function"`, which the SDKs' helpers need (a call of none fails the stream's
+ * `finalChatCompletion()`, "tool call snapshot missing `type`") and the RPCs answer function calls by.
+ */
+function typeFunctionCall(call: unknown): void {
+  if (typeof call !== "object" || call === null) return;
+  const named = call as ToolCallDelta;
+  const name = named.function?.name;
+  if (named.type == null && typeof name === "string" && name !== "") named.type = "function";
 }
 
 /** Whether a tool call's delta names the function or custom tool it calls, as the first of each call does. */
@@ -1132,6 +1148,7 @@ function completionChunks(answer: unknown, provider: string): ChunkStream | unde
     if (typeof message !== "object" || message === null) return undefined;
     const { tool_calls, ...said } = message as Record<string, unknown>;
     const calls = Array.isArray(tool_calls) ? tool_calls : [];
+    calls.forEach(typeFunctionCall);
     const delta = calls.length === 0 ? said : { ...said, tool_calls: calls.map((call, n) => ({ index: n, ...call })) };
     // A finish reason left out is said as a stream's [DONE] says it (see relay).
     const finished = finish_reason ?? (calls.length > 0 ? "tool_calls" : "stop");
