@@ -276,6 +276,23 @@ for (const [port, base] of [
       ]);
     });
 
+    test("a stream that never says its role (an older llama.cpp's, or MiniMax's empty one) is the assistant's to the helpers", async () => {
+      const usage = { prompt_tokens: 12, completion_tokens: 3, total_tokens: 15 };
+      const messages = [{ role: "user" as const, content: "hi" }];
+      for (const first of [{ content: "Hel" }, { role: "", content: "Hel" }]) {
+        upstream.script("ok", events([[first], [{ content: "lo" }], [{}, "stop"]], usage));
+        const said: string[] = [];
+        const stream = sdk()
+          .chat.completions.stream({ model: "ok", messages })
+          .on("content", (delta) => void said.push(delta));
+        const final = await stream.finalChatCompletion();
+        expect(final.choices.map((c) => [c.message.role, c.message.content, c.finish_reason])).toEqual([
+          ["assistant", "Hello", "stop"],
+        ]);
+        expect(said).toEqual(["Hel", "lo"]);
+      }
+    });
+
     test("parallel tool calls an upstream numbers alike (every one 0), each of its own id, are assembled apart", async () => {
       const begins = (id: string, args: string) => ({
         tool_calls: [{ index: 0, id, type: "function", function: { name: "weather", arguments: args } }],

@@ -683,6 +683,9 @@ function relay(
     for await (const data of events) {
       const chunk = checkedChunk(data, provider);
       for (const choice of chunk.choices) {
+        // A choice's first delta says whose it is: the SDKs' stream helpers take a choice of no role for no message
+        // ("missing role for choice 0"), as older llama.cpp servers and MiniMax's (an empty one) stream them.
+        if (!choice.delta.role && !open.has(choice.index) && !done.has(choice.index)) choice.delta.role = "assistant";
         indexToolCalls(choice.delta, choice.index, toolCalls);
         if (choice.finish_reason) {
           open.delete(choice.index);
