@@ -24,7 +24,7 @@ import {
   usageOfTokens,
 } from "./providers/provider.ts";
 import { clientAudio } from "./response-ids.ts";
-import { meteredName, meterUsage } from "./metering.ts";
+import { meteredName, meterUsage, withLostInput } from "./metering.ts";
 import { countInputTokens, type Generated, generatedText } from "./tokenizer.ts";
 
 /** Accounting of a stream, known once it has ended however it ended. */
@@ -368,16 +368,17 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         return;
       }
       // A client that asked for usage gets one usage chunk: the upstream's, its counts the metered ones (normalised, or
-      // counted where it had none), or else the gateway's count.
+      // counted where it had none, with the prompts of lost attempts), or else the gateway's count.
+      const shown = withLostInput(counted.tokens, call.lostInputTokens);
       if (usageChunk) {
-        usageChunk.usage = answeredUsage(usage, counted.tokens);
+        usageChunk.usage = answeredUsage(usage, shown);
         if (last) usageChunk.id ||= last.id;
         yield usageChunk;
       } else if (includeUsage && last) {
         yield {
           ...usageChunkOf(last),
           // Groq's usage came in x_groq, on no chunk of its own.
-          usage: usage ? answeredUsage(usage, counted.tokens) : usageOfTokens(counted.tokens),
+          usage: usage ? answeredUsage(usage, shown) : usageOfTokens(shown),
         };
       }
     } catch (e) {

@@ -48,6 +48,8 @@ import {
   upstreamTimeout,
 } from "./errors.ts";
 import {
+  answeredEmbeddingUsage,
+  answeredUsage,
   type ChatCompletion,
   type ChatRequest,
   type CreateEmbeddingResponse,
@@ -1002,6 +1004,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       const { completion } = result;
       clientAudio(completion.choices, ownAudioId(call, call.metrics.provider));
       const outcome = metered(call, result, completion.model, priceServed(route, completion.service_tier, price));
+      // The usage shown is what is charged, the prompts of lost attempts with it, as the RPC's accounting says.
+      if (call.lostInputTokens) completion.usage = answeredUsage(completion.usage, outcome.tokens);
       call.response = { id: completion.id, finishReasons: completion.choices.map((c) => c.finish_reason ?? "") };
       return { completion, ...outcome };
     },
@@ -1045,6 +1049,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
         (model) => countEmbeddingTokens(input.upstream.input, model),
       );
       const outcome = metered(call, result, result.response.model, route.price);
+      if (call.lostInputTokens) result.response.usage = answeredEmbeddingUsage(outcome.tokens);
       return { response: result.response, encodingFormat: input.upstream.encoding_format, ...outcome };
     },
     async responses(call, body) {

@@ -22,17 +22,24 @@ export function meterUsage(
   price: Price,
   lostInputTokens = 0,
 ): bigint {
-  const lost = BigInt(lostInputTokens);
-  const input = answered.inputTokens + lost;
-  const inputTokens = input < MAX_TOKENS_PER_REQUEST ? input : MAX_TOKENS_PER_REQUEST;
-  const tokens = lost > 0n ? { ...answered, inputTokens } : answered;
-  const estimated = answeredEstimated || lost > 0n;
+  const tokens = withLostInput(answered, lostInputTokens);
+  const estimated = answeredEstimated || lostInputTokens > 0;
   const { totalNanos, ...parts } = withinBound(costParts(tokens, price));
   metrics.usage = create(TokenUsageSchema, tokens);
   metrics.usageEstimated = estimated;
   metrics.costNanos = totalNanos;
   metrics.costBreakdown = create(CostBreakdownSchema, parts);
   return totalNanos;
+}
+
+/**
+ * The tokens a request is metered at: those `answered`, and the prompts of lost attempts (see meterUsage) as input on
+ * top, within the bound of a request's tokens. What its client is shown, as what it is charged.
+ */
+export function withLostInput(answered: Tokens, lostInputTokens = 0): Tokens {
+  if (lostInputTokens <= 0) return answered;
+  const input = answered.inputTokens + BigInt(lostInputTokens);
+  return { ...answered, inputTokens: input < MAX_TOKENS_PER_REQUEST ? input : MAX_TOKENS_PER_REQUEST };
 }
 
 /**

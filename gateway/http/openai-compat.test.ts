@@ -162,6 +162,8 @@ beforeEach(() => upstream.reset());
 let base = () => gateway.url;
 const sdk = (apiKey = "sk-good") => new OpenAI({ baseURL: `${base()}/v1`, apiKey, maxRetries: 0 });
 const hello = [{ role: "user" as const, content: "hello there friend" }];
+/** The prompt tokens the fake upstream reports of `hello` by default (its messages' JSON, four characters a token). */
+const fakePromptTokens = Math.ceil(JSON.stringify(hello).length / 4);
 
 async function apiError(p: Promise<unknown>): Promise<APIError> {
   try {
@@ -901,6 +903,34 @@ for (const port of ["rpc", "rest"] as const) {
         }
       });
 
+      test("a stream whose connection breaks once every choice has finished ends as an answer, its usage counted", async () => {
+        const base = { id: "chatcmpl-up", object: "chat.completion.chunk", created: 1, model: "ok-up" };
+        const events = [
+          { ...base, choices: [{ index: 0, delta: { role: "assistant", content: "forty two" }, finish_reason: null }] },
+          { ...base, choices: [{ index: 0, delta: {}, finish_reason: "stop" }] },
+        ]
+          .map((chunk) => `data: ${JSON.stringify(chunk)}\n\n`)
+          .join("");
+        // Broken off halfway through: inside the comment that follows the finish_reason, before any usage or [DONE].
+        const text = `${events}: ${"x".repeat(events.length * 2)}\n\n`;
+        upstream.script("ok", { body: { contentType: "text/event-stream", text }, breaksOff: true });
+        const { data, response } = await sdk()
+          .chat.completions.create({ model: "ok", messages: hello, stream: true, stream_options: { include_usage: true } })
+          .withResponse();
+        let content = "";
+        let usage: OpenAI.CompletionUsage | undefined;
+        for await (const chunk of data) {
+          content += chunk.choices[0]?.delta.content ?? "";
+          usage = chunk.usage ?? usage;
+        }
+        expect(content).toBe("forty two");
+        const output = await countTextTokens(["forty two"]);
+        expect(usage).toMatchObject({ prompt_tokens: 10, completion_tokens: output });
+        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+        expect(m).toMatchObject({ status: RequestStatus.OK, httpStatus: 200, usageEstimated: true });
+        expect(m.usage).toMatchObject({ inputTokens: 10n, outputTokens: BigInt(output) });
+      });
+
       test("a finished stream waits for a usage that comes seconds after its finish_reason, and is billed at it", async () => {
         const billed = {
           prompt_tokens: 1000,
@@ -1066,6 +1096,31 @@ for (const port of ["rpc", "rest"] as const) {
         expect(m).toMatchObject({ status: RequestStatus.TIMEOUT, usageEstimated: true });
         expect(m?.usage).toMatchObject({ inputTokens: 20n, outputTokens: 0n });
         expect(m?.costNanos).toBe(50_000n);
+      });
+
+      test("the usage a client is shown of a request that lost an attempt's prompt is what it is charged, as over RPC", async () => {
+        const billed = { prompt_tokens: 10, completion_tokens: 4, total_tokens: 14 };
+        // Timed out, then answered: two prompts of 10 tokens and 4 output, whole, streamed and embedded alike.
+        const charged = { prompt_tokens: 20, completion_tokens: 4, total_tokens: 24 };
+        upstream.script("retried", { hang: true }, { content: "a b c d", usage: billed });
+        const { data: whole, response } = await sdk()
+          .chat.completions.create({ model: "retried", messages: hello })
+          .withResponse();
+        expect(whole.usage).toEqual(charged);
+        expect(response.headers.get("x-gateway-cost-nanos")).toBe("90000");
+
+        upstream.script("retried", { hang: true }, { content: "a b c d", usage: billed });
+        let usage: OpenAI.CompletionUsage | undefined;
+        const stream_options = { include_usage: true };
+        for await (const chunk of await sdk().chat.completions.create({ model: "retried", messages: hello, stream: true, stream_options })) {
+          usage = chunk.usage ?? usage;
+        }
+        expect(usage).toEqual(charged);
+
+        upstream.script("retried", { hang: true }, { usage: billed });
+        const { data: embedding } = await sdk().embeddings.create({ model: "retried", input: "Hello world" }).withResponse();
+        // "Hello world" counted: 2 tokens lost, then 10 billed.
+        expect(embedding.usage).toEqual({ prompt_tokens: 12, total_tokens: 12 });
       });
 
       test("an embedding whose upstream times out is metered at its input", async () => {
@@ -1772,6 +1827,17 @@ for (const port of ["rpc", "rest"] as const) {
         expect(estimated.usage?.inputTokens).toBe(2n);
         expect(estimated.usageEstimated).toBe(true);
       });
+
+      test("embeddings whose upstream counts only total_tokens (Voyage AI's usage) are metered at it, not counted", async () => {
+        upstream.script("embed", { usage: odd({ total_tokens: 9 }) });
+        const { data: embedding, response } = await sdk()
+          .embeddings.create({ model: "embed", input: "Hello world" })
+          .withResponse();
+        expect(embedding.usage).toEqual({ prompt_tokens: 9, total_tokens: 9 });
+        const m = await meteredRow(response);
+        expect(m.usage?.inputTokens).toBe(9n);
+        expect(m).toMatchObject({ usageEstimated: false, costNanos: 9n * 2_500n });
+      });
     });
 
     describe("upstream failures seen by the client", () => {
@@ -2329,9 +2395,12 @@ for (const port of ["rpc", "rest"] as const) {
         const m = await gateway.row(response.headers.get("x-request-id") ?? "");
         expect(m).toMatchObject({ status: RequestStatus.OK, fallbackUsed: true, servedModel: "stream-secondary-fake" });
         // Billed for the answer the client got, at $1 per million tokens, and for the prompt the first upstream was
-        // sent when the time limit cut it off ("hello there friend" framed as a user message: 10 tokens).
+        // sent when the time limit cut it off ("hello there friend" framed as a user message: 10 tokens), which the
+        // usage the client is shown counts too.
         const lost = failure.firstChunkDelayMs !== undefined ? 10 : 0;
-        expect(m.costNanos).toBe(BigInt(((usage?.prompt_tokens ?? 0) + lost + (usage?.completion_tokens ?? 0)) * 1000));
+        expect(usage?.prompt_tokens).toBe(fakePromptTokens + lost);
+        expect(m.usage?.inputTokens).toBe(BigInt(fakePromptTokens + lost));
+        expect(m.costNanos).toBe(BigInt(((usage?.prompt_tokens ?? 0) + (usage?.completion_tokens ?? 0)) * 1000));
         expect(m.usageEstimated).toBe(lost > 0);
       });
 
@@ -2370,10 +2439,12 @@ for (const port of ["rpc", "rest"] as const) {
           const m = await gateway.row(response.headers.get("x-request-id") ?? "");
           expect(upstream.seen(`lost-${i}-primary`)).toHaveLength(2);
           expect(m).toMatchObject({ status: RequestStatus.OK, fallbackUsed: true, servedModel: `lost-${i}-secondary-fake` });
-          // Each of the two attempts a model had adds the prompt, 10 tokens at $1 per million.
+          // Each of the two attempts a model had adds the prompt, 10 tokens at $1 per million, to what is metered and
+          // to the usage the client is shown.
           const lost = taken ? 2 * 10 : 0;
-          expect(m.usage?.inputTokens).toBe(BigInt((usage?.prompt_tokens ?? 0) + lost));
-          expect(m.costNanos).toBe(BigInt(((usage?.prompt_tokens ?? 0) + lost + (usage?.completion_tokens ?? 0)) * 1000));
+          expect(usage?.prompt_tokens).toBe(fakePromptTokens + lost);
+          expect(m.usage?.inputTokens).toBe(BigInt(fakePromptTokens + lost));
+          expect(m.costNanos).toBe(BigInt(((usage?.prompt_tokens ?? 0) + (usage?.completion_tokens ?? 0)) * 1000));
           expect(m.usageEstimated).toBe(taken);
         },
       );

@@ -245,6 +245,54 @@ for (const [port, base] of [
       ]);
     });
 
+    test("tool calls an upstream sends without their type (Mistral's), streamed or whole, are function calls the helpers take", async () => {
+      // As Mistral's API sends them: each call whole, of no type.
+      const untyped = (id: string, city: string) => ({
+        id,
+        function: { name: "weather", arguments: JSON.stringify({ city, days: 1 }) },
+        index: 0,
+      });
+      const usage = { prompt_tokens: 40, completion_tokens: 30, total_tokens: 70 };
+      upstream.script(
+        "ok",
+        events([[{ role: "assistant", content: "", tool_calls: [untyped("call_a", "Rome")] }], [{}, "tool_calls"]], usage),
+      );
+      const tools = [zodFunction({ name: "weather", parameters: Weather })];
+      const messages = [{ role: "user" as const, content: "weather?" }];
+      const streamed = await sdk().chat.completions.stream({ model: "ok", messages, tools }).finalChatCompletion();
+      const calls = streamed.choices[0]?.message.tool_calls ?? [];
+      expect(calls.map((c) => [c.id, c.type, c.type === "function" ? c.function.parsed_arguments : undefined])).toEqual([
+        ["call_a", "function", { city: "Rome", days: 1 }],
+      ]);
+
+      const { index: _, ...call } = untyped("call_b", "Oslo");
+      const message = { role: "assistant", content: null, tool_calls: [call] };
+      const whole = { id: "chatcmpl-up", object: "chat.completion", created: 1, model: "ok-up", usage };
+      const answer = { ...whole, choices: [{ index: 0, message, finish_reason: "tool_calls" }] };
+      upstream.script("ok", { body: { contentType: "application/json", text: JSON.stringify(answer) } });
+      const parsed = await sdk().chat.completions.parse({ model: "ok", messages, tools });
+      expect(parsed.choices[0]?.message.tool_calls).toMatchObject([
+        { id: "call_b", type: "function", function: { parsed_arguments: { city: "Oslo", days: 1 } } },
+      ]);
+    });
+
+    test("a stream that never says its role (an older llama.cpp's, or MiniMax's empty one) is the assistant's to the helpers", async () => {
+      const usage = { prompt_tokens: 12, completion_tokens: 3, total_tokens: 15 };
+      const messages = [{ role: "user" as const, content: "hi" }];
+      for (const first of [{ content: "Hel" }, { role: "", content: "Hel" }]) {
+        upstream.script("ok", events([[first], [{ content: "lo" }], [{}, "stop"]], usage));
+        const said: string[] = [];
+        const stream = sdk()
+          .chat.completions.stream({ model: "ok", messages })
+          .on("content", (delta) => void said.push(delta));
+        const final = await stream.finalChatCompletion();
+        expect(final.choices.map((c) => [c.message.role, c.message.content, c.finish_reason])).toEqual([
+          ["assistant", "Hello", "stop"],
+        ]);
+        expect(said).toEqual(["Hel", "lo"]);
+      }
+    });
+
     test("parallel tool calls an upstream numbers alike (every one 0), each of its own id, are assembled apart", async () => {
       const begins = (id: string, args: string) => ({
         tool_calls: [{ index: 0, id, type: "function", function: { name: "weather", arguments: args } }],
@@ -273,6 +321,24 @@ for (const [port, base] of [
     });
   });
 }
+
+test("over RPC, an upstream's tool call of no type (Mistral's) is the function call it is, whole or streamed", async () => {
+  const call = { id: "call_a", function: { name: "weather", arguments: '{"city":"Rome","days":1}' } };
+  const usage = { prompt_tokens: 40, completion_tokens: 30, total_tokens: 70 };
+  const message = { role: "assistant", content: null, tool_calls: [call] };
+  const answer = { id: "chatcmpl-up", object: "chat.completion", created: 1, model: "ok-up", usage };
+  const choices = [{ index: 0, message, finish_reason: "tool_calls" }];
+  upstream.script("ok", { body: { contentType: "application/json", text: JSON.stringify({ ...answer, choices }) } });
+  const tools = [{ function: { name: "weather" } }];
+  const params = create(ChatCompletionParamsSchema, { model: "ok", messages: [{ role: "user", content: "hi" }], tools });
+  const whole = await gateway.rpc("sk-good").createChatCompletion({ params });
+  expect(whole.choices[0]?.message?.toolCalls).toMatchObject([{ id: "call_a", type: "function", function: call.function }]);
+
+  upstream.script("ok", events([[{ role: "assistant", tool_calls: [{ ...call, index: 0 }] }], [{}, "tool_calls"]], usage));
+  const streamed = [];
+  for await (const m of gateway.rpc("sk-good").streamChatCompletion({ params })) streamed.push(...m.choices.flatMap((c) => c.toolCalls));
+  expect(streamed).toMatchObject([{ id: "call_a", type: "function", function: call.function }]);
+});
 
 test("the RPC stream of an upstream that never finishes a choice before [DONE] ends it as stopped, metered a success", async () => {
   const usage = { prompt_tokens: 12, completion_tokens: 3, total_tokens: 15 };

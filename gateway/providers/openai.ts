@@ -29,6 +29,7 @@ import {
   type CreateEmbeddingResponse,
   type EmbeddingRequest,
   type EmbeddingResult,
+  embeddingUsage,
   failureOfStatus,
   meteredUsage,
   type Provider,
@@ -440,6 +441,7 @@ export function createOpenAIProvider(
       }
       for (const c of completion.choices) {
         if (c && typeof c === "object" && c.finish_reason) c.finish_reason = openAIFinishReason(c.finish_reason);
+        if (Array.isArray(c?.message?.tool_calls)) c.message.tool_calls.forEach(typeFunctionCall);
       }
       const { tokens, estimated } = await meteredUsage(completion.usage, {
         input: () => countInputTokens(request),
@@ -496,7 +498,7 @@ export function createOpenAIProvider(
           embedding.embedding = base64Of(embedding.embedding);
         }
       }
-      const { tokens, estimated } = await meteredUsage(response.usage, {
+      const { tokens, estimated } = await meteredUsage(embeddingUsage(response.usage), {
         input: () => countEmbeddingTokens(request.input, request.model),
       });
       response.usage = answeredEmbeddingUsage(tokens);
@@ -638,7 +640,7 @@ function withHeaders<C extends OpenAI>(client: C, headers: Record<string, string
  * finish_reason, or with a choice unfinished, was cut; after [DONE], those choices end as stopped instead. Events after
  * [DONE] are ignored. Once every choice has finished, generation is over and only the usage the upstream bills is still
  * to come: a client leaving then is no cancellation, and the rest is read for up to `usageGraceMs` more; an upstream
- * then silent for the attempt timeout has ended its stream.
+ * then silent for the attempt timeout, or whose body then breaks off, has ended its stream.
  */
 function relay(
   response: Response,
@@ -681,6 +683,9 @@ function relay(
     for await (const data of events) {
       const chunk = checkedChunk(data, provider);
       for (const choice of chunk.choices) {
+        // A choice's first delta says whose it is: the SDKs' stream helpers take a choice of no role for no message
+        // ("missing role for choice 0"), as older llama.cpp servers and MiniMax's (an empty one) stream them.
+        if (!choice.delta.role && !open.has(choice.index) && !done.has(choice.index)) choice.delta.role = "assistant";
         indexToolCalls(choice.delta, choice.index, toolCalls);
         if (choice.finish_reason) {
           open.delete(choice.index);
@@ -726,10 +731,11 @@ interface BegunCalls {
 }
 
 /**
- * Gives the tool calls of a choice's delta the index OpenAI's carry, where the upstream left it out or numbered a new
- * call as one begun before: Gemini's OpenAI-compatible endpoint streams each call whole without one, which the SDKs'
- * stream helpers refuse ("invalid tool call index: undefined"), and other compatible servers number every parallel call
- * 0, which the helpers take for one call, the last one's name over arguments run together. A call of an id not seen
+ * Gives the tool calls of a choice's delta the index OpenAI's carry (and a call's first delta its type, see
+ * typeFunctionCall), where the upstream left it out or numbered a new call as one begun before: Gemini's
+ * OpenAI-compatible endpoint streams each call whole without one, which the SDKs' stream helpers refuse ("invalid tool
+ * call index: undefined"), and other compatible servers number every parallel call 0, which the helpers take for one
+ * call, the last one's name over arguments run together. A call of an id not seen
  * before in the choice keeps the upstream's index unless a call was given that already, and is then the next; a piece
  * of no id continues the call last given its upstream's index, or, of no index, the last call.
  */
@@ -737,6 +743,7 @@ function indexToolCalls(delta: { tool_calls?: unknown }, choice: unknown, begun:
   if (!Array.isArray(delta.tool_calls)) return;
   for (const call of delta.tool_calls as Array<ToolCallDelta>) {
     if (typeof call !== "object" || call === null) continue;
+    typeFunctionCall(call);
     let calls = begun.get(choice);
     if (!calls) begun.set(choice, (calls = { ids: new Map(), given: new Map(), next: 0 }));
     const known = call.id ? calls.ids.get(call.id) : undefined;
@@ -760,8 +767,21 @@ function indexToolCalls(delta: { tool_calls?: unknown }, choice: unknown, begun:
 interface ToolCallDelta {
   index?: unknown;
   id?: unknown;
+  type?: unknown;
   function?: { name?: unknown } | null;
   custom?: { name?: unknown } | null;
+}
+
+/**
+ * Types a tool call (or a streamed call's first piece) that names a function but has no `type`, as Mistral's API sends
+ * them, whole or streamed: OpenAI's say `"function"`, which the SDKs' helpers need (a call of none fails the stream's
+ * `finalChatCompletion()`, "tool call snapshot missing `type`") and the RPCs answer function calls by.
+ */
+function typeFunctionCall(call: unknown): void {
+  if (typeof call !== "object" || call === null) return;
+  const named = call as ToolCallDelta;
+  const name = named.function?.name;
+  if (named.type == null && typeof name === "string" && name !== "") named.type = "function";
 }
 
 /** Whether a tool call's delta names the function or custom tool it calls, as the first of each call does. */
@@ -797,7 +817,8 @@ interface EventRules<T> {
  * on, unreadable JSON, an event longer than `maxEventBytes` or a body that breaks off fails the attempt. Events after
  * the stream is done are ignored, and what is left of its body is drained in the background; a stream left early
  * closes its upstream connection. Once generation is over (`rules.over`), a client leaving is no cancellation and the
- * rest is read for up to `usageGraceMs` more, and an upstream then silent for the attempt timeout has ended its stream.
+ * rest is read for up to `usageGraceMs` more, and an upstream then silent for the attempt timeout, or whose body then
+ * breaks off, has ended its stream.
  */
 function upstreamEvents<T>(
   response: Response,
@@ -853,8 +874,9 @@ function upstreamEvents<T>(
         try {
           read = await reader.read();
         } catch (e) {
-          // Cut off by the timeout or the client: said below, as when the read ends instead.
-          if (silence.expired || signal?.aborted) break;
+          // Cut off by the timeout or the client, or broken once generation was over (only usage was still to come):
+          // said below, as when the read ends instead.
+          if (silence.expired || signal?.aborted || over()) break;
           throw Object.assign(upstreamError(provider, e, redact), { promptTaken: true });
         }
         // Cut off by the timeout or the client: what arrived of an event is not one.
@@ -1129,6 +1151,7 @@ function completionChunks(answer: unknown, provider: string): ChunkStream | unde
     if (typeof message !== "object" || message === null) return undefined;
     const { tool_calls, ...said } = message as Record<string, unknown>;
     const calls = Array.isArray(tool_calls) ? tool_calls : [];
+    calls.forEach(typeFunctionCall);
     const delta = calls.length === 0 ? said : { ...said, tool_calls: calls.map((call, n) => ({ index: n, ...call })) };
     // A finish reason left out is said as a stream's [DONE] says it (see relay).
     const finished = finish_reason ?? (calls.length > 0 ? "tool_calls" : "stop");

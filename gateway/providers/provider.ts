@@ -510,6 +510,16 @@ export function base64Floats(base64: string): number[] | undefined {
   return floats;
 }
 
+/**
+ * An embeddings answer's usage as meteredUsage reads it: one that counts its input as `total_tokens` alone, as Voyage
+ * AI's does (`{"total_tokens": 9}`), has that as its prompt's count, since embeddings generate nothing.
+ */
+export function embeddingUsage(usage: unknown): unknown {
+  const reported = record(usage);
+  if (tokenCount(reported.prompt_tokens) !== undefined || tokenCount(reported.total_tokens) === undefined) return usage;
+  return { ...reported, prompt_tokens: reported.total_tokens };
+}
+
 /** The usage object to answer an embeddings client with: the metered input tokens, as answeredUsage does for chat. */
 export function answeredEmbeddingUsage(tokens: Tokens): CreateEmbeddingResponse["usage"] {
   const input = Number(tokens.inputTokens);
