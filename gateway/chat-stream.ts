@@ -352,7 +352,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         if (includeUsage) chunk.usage = null;
         else if (chunk.usage !== undefined) chunk.usage = undefined;
         // The first model named: Azure's first chunk (its prompt filter results) names none.
-        if (!modelNamed && chunk.model) {
+        if (!modelNamed && typeof chunk.model === "string" && chunk.model) {
           m.servedModel = meteredName(chunk.model);
           modelNamed = true;
         }

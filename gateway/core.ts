@@ -442,7 +442,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     price: Price,
   ): MeteredOutcome => {
     const m = call.metrics;
-    if (model) m.servedModel = meteredName(model);
+    // As the upstream's JSON says it: a name that is no string (a number, say) names nothing.
+    if (typeof model === "string" && model) m.servedModel = meteredName(model);
     const costNanos = meterUsage(m, result.tokens, result.usageEstimated, price, call.lostInputTokens);
     return { tokens: m.usage ?? result.tokens, costNanos, usageEstimated: m.usageEstimated, provider: m.provider };
   };

@@ -188,6 +188,25 @@ describe("refusals", () => {
 });
 
 describe("odd but parseable upstream answers", () => {
+  test("a model named with no string (a number) is answered over RPC, whole, streamed and embedded", async () => {
+    upstream.script("upstream-model", { model: 4 as unknown as string });
+    try {
+      const params = create(ChatCompletionParamsSchema, { model: "ok", messages: [{ role: "user", content: "hi" }] });
+      const whole = await gateway.rpc("sk-good").createChatCompletion({ params });
+      const chunks = [];
+      for await (const message of gateway.rpc("sk-good").streamChatCompletion({ params })) chunks.push(message);
+      const embedded = await gateway.rpc("sk-good").createEmbedding({ model: "ok", input: ["alpha"] });
+      expect([whole.model, chunks.at(-1)?.model, embedded.model]).toEqual(["4", "4", "4"]);
+      expect([whole.accounting?.costNanos, chunks.at(-1)?.accounting?.costNanos]).toEqual([expect.any(BigInt), expect.any(BigInt)]);
+      expect(embedded.data).toHaveLength(1);
+    } finally {
+      upstream.script("upstream-model", {
+        content: "the same answer both ways",
+        usage: { prompt_tokens: 321, completion_tokens: 45, total_tokens: 366, prompt_tokens_details: { cached_tokens: 100 } },
+      });
+    }
+  });
+
   test("a fractional created and tool arguments sent as an object are answered over RPC as over REST, not failed", async () => {
     upstream.script("upstream-model", {
       toolCall: { name: "weather", arguments: "unused" },

@@ -484,6 +484,24 @@ for (const port of ["rpc", "rest"] as const) {
     });
 
     describe("streaming through the official SDK", () => {
+      test("an upstream that names its model with no string is answered, metered as served by its target's model", async () => {
+        // JSON a proxy or a hand-written server may send: a number where OpenAI sends the model's name.
+        const numbered = 4 as unknown as string;
+        upstream.script("ok", { model: numbered });
+        upstream.script("embed", { model: numbered });
+        const whole = await sdk().chat.completions.create({ model: "ok", messages: hello }).withResponse();
+        const streamed = await sdk().chat.completions.create({ model: "ok", messages: hello, stream: true }).withResponse();
+        const contents: string[] = [];
+        for await (const chunk of streamed.data) contents.push(chunk.choices[0]?.delta.content ?? "");
+        const embedded = await sdk().embeddings.create({ model: "embed", input: "alpha" }).withResponse();
+        expect(whole.data.choices[0]?.message.content).toBeTruthy();
+        expect([contents.join(""), embedded.data.data.length]).toEqual([whole.data.choices[0]?.message.content ?? "", 1]);
+        for (const { response } of [whole, streamed, embedded]) {
+          const m = await gateway.row(response.headers.get("x-request-id") ?? "");
+          expect([m.status, m.servedModel]).toEqual([RequestStatus.OK, expect.stringMatching(/^[a-z-]+$/)]);
+        }
+      });
+
       test("chunks in OpenAI's shape, usage last when asked for, TTFT and cost in the metrics", async () => {
         upstream.script("ok", {
           content: "one two three four",
