@@ -49,6 +49,7 @@ import {
 } from "./errors.ts";
 import {
   answeredEmbeddingUsage,
+  answeredResponsesUsage,
   answeredUsage,
   type ChatCompletion,
   type ChatRequest,
@@ -1066,6 +1067,8 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       );
       const response = clientResponse(result.response, ownIds(call, call.metrics.provider));
       const outcome = metered(call, result, response.model, priceServed(route, response.service_tier, price));
+      // The usage shown is what is charged, the prompts of lost attempts with it, as chat's is.
+      if (call.lostInputTokens) response.usage = answeredResponsesUsage(response.usage, outcome.tokens) as typeof response.usage;
       call.response = { id: response.id, finishReasons: [String(response.status ?? "")] };
       return { response, ...outcome };
     },

@@ -1,7 +1,7 @@
 import type { MeteredStream, StreamMetering } from "./chat-stream.ts";
 import { meteredFrame } from "./chat-stream.ts";
 import { clientGone, type GatewayError, upstreamFailed } from "./errors.ts";
-import { meteredName } from "./metering.ts";
+import { meteredName, withLostInput } from "./metering.ts";
 import {
   answeredResponsesUsage,
   type MeteredTokens,
@@ -92,7 +92,7 @@ export function meterResponseStream(options: ResponseMeterOptions): ResponseStre
           call.response?.finishReasons.push(String(response.status ?? event.type.slice("response.".length)));
           counted = await count();
           // The client is shown what it is charged for, as chat's usage chunk shows it.
-          response.usage = answeredResponsesUsage(usage, counted.tokens);
+          response.usage = answeredResponsesUsage(usage, withLostInput(counted.tokens, call.lostInputTokens));
           // Once output has begun, a failed response is the upstream's failure, whatever its error says.
           if (event.type === "response.failed") {
             error = upstreamFailed(`The upstream of \`${m.requestedModel}\` failed the response.`);

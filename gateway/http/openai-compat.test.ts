@@ -1141,6 +1141,29 @@ for (const port of ["rpc", "rest"] as const) {
         expect(embedding.usage).toEqual({ prompt_tokens: 12, total_tokens: 12 });
       });
 
+      test("so is the usage of a Responses API request that lost an attempt's prompt, whole and streamed", async () => {
+        const billed = { prompt_tokens: 10, completion_tokens: 4, total_tokens: 14 };
+        const shown: Array<[OpenAI.Responses.ResponseUsage | undefined, string]> = [];
+        upstream.script("retried", { hang: true }, { content: "a b c d", usage: billed });
+        const { data: whole, response } = await sdk().responses.create({ model: "retried", input: "Hello world" }).withResponse();
+        shown.push([whole.usage, response.headers.get("x-request-id") ?? ""]);
+        upstream.script("retried", { hang: true }, { content: "a b c d", usage: billed });
+        const streamed = await sdk().responses.create({ model: "retried", input: "Hello world", stream: true }).withResponse();
+        let completed: OpenAI.Responses.ResponseUsage | undefined;
+        for await (const event of streamed.data) if (event.type === "response.completed") completed = event.response.usage;
+        shown.push([completed, streamed.response.headers.get("x-request-id") ?? ""]);
+        for (const [usage, requestId] of shown) {
+          const m = await gateway.row(requestId);
+          // The lost attempt's prompt, counted, on top of the 10 the answering attempt was billed.
+          expect(m.usage?.inputTokens).toBeGreaterThan(10n);
+          expect(usage).toMatchObject({
+            input_tokens: Number(m.usage?.inputTokens),
+            output_tokens: 4,
+            total_tokens: Number(m.usage?.inputTokens) + 4,
+          });
+        }
+      });
+
       test("an embedding whose upstream times out is metered at its input", async () => {
         upstream.script("slow", { hang: true });
         const before = gateway.shipper.rows.length;
