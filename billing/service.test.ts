@@ -2305,6 +2305,25 @@ test("ListOrganizations, ListProjects, ListDiscountRules and ListInvoices answer
   expect(await code(client.listDiscountRules({ orgId, pageToken: invoiceToken }, admin))).toBe(Code.InvalidArgument);
 }, 60_000);
 
+test("page tokens naming another org's project or key list what those naming none do", async () => {
+  // The other org's first: a listing that went on after them would hold this org's.
+  const otherOrgId = await newOrg();
+  const otherProject = (await client.createProject({ orgId: otherOrgId, name: "q" }, admin)).project?.id ?? "";
+  const otherKey = (await client.createApiKey({ orgId: otherOrgId }, admin)).apiKey?.id ?? "";
+  const orgId = await newOrg();
+  await client.createProject({ orgId, name: "p" }, admin);
+  await client.createApiKey({ orgId }, admin);
+  // Written as the service writes them: the cursor and a digest of the listing.
+  const token = (listing: unknown[], after: string) =>
+    Buffer.from(JSON.stringify([after, sha256Hex(JSON.stringify(listing)).slice(0, 16)])).toString("base64url");
+  const projectsAfter = async (after: string) =>
+    (await client.listProjects({ orgId, pageToken: token(["ListProjects", orgId], after) }, admin)).projects.map((p) => p.id);
+  const keysAfter = async (after: string) =>
+    (await client.listApiKeys({ orgId, pageToken: token(["ListApiKeys", orgId, false], after) }, admin)).apiKeys.map((k) => k.id);
+  expect(await projectsAfter(otherProject)).toEqual(await projectsAfter("proj_01NOSUCHPROJECT00000000000"));
+  expect(await keysAfter(otherKey)).toEqual(await keysAfter("key_01NOSUCHKEY0000000000000000"));
+});
+
 test("a page token naming another org's invoice tells an org's key no more than one naming no invoice", async () => {
   const orgId = await newOrg();
   const { secret } = await client.createApiKey({ orgId }, admin);

@@ -312,12 +312,12 @@ export function createAccountStore(db: Db) {
       return toProject(sameRequest(earlier, requestId, sha256, "project", "another name"));
     },
 
-    /** Oldest first, paged as listOrganizations. */
+    /** Oldest first, paged as listOrganizations; a page after a project of another org is empty, as after none. */
     async listProjects(orgId: string, page: PageQuery): Promise<Page<Project>> {
       const rows = await db.query<ProjectRow>(
         `SELECT ${projectColumns} FROM projects
          WHERE org_id = $1
-           AND ($2::text IS NULL OR (created_at, id) > (SELECT created_at, id FROM projects WHERE id = $2))
+           AND ($2::text IS NULL OR (created_at, id) > (SELECT created_at, id FROM projects WHERE id = $2 AND org_id = $1))
          ORDER BY created_at, id
          LIMIT $3`,
         [orgId, page.after, page.limit + 1],
@@ -334,12 +334,15 @@ export function createAccountStore(db: Db) {
       return insertKey(db, key, null, requestId);
     },
 
-    /** Oldest first, paged as listOrganizations (keys are never deleted, so the key a page ended on is there). */
+    /**
+     * Oldest first, paged as listOrganizations (keys are never deleted, so the key a page ended on is there); a page
+     * after a key of another org is empty, as after none.
+     */
     async listApiKeys(orgId: string, options: { includeRevoked: boolean }, page: PageQuery): Promise<Page<ApiKey>> {
       const rows = await db.query<KeyRow>(
         `SELECT ${keyColumns} FROM api_keys
          WHERE org_id = $1 AND ($2 OR revoked_at IS NULL)
-           AND ($3::text IS NULL OR (created_at, id) > (SELECT created_at, id FROM api_keys WHERE id = $3))
+           AND ($3::text IS NULL OR (created_at, id) > (SELECT created_at, id FROM api_keys WHERE id = $3 AND org_id = $1))
          ORDER BY created_at, id
          LIMIT $4`,
         [orgId, options.includeRevoked, page.after, page.limit + 1],
