@@ -130,3 +130,29 @@ test("a key check billing cannot answer is logged with billing's words, once unt
     expect.objectContaining({ level: "info", msg: "billing AuthorizeKey answers again", failures: 3 }),
   );
 });
+
+test("a key is remembered 30 s from when billing was asked, not from its answer: a slow answer adds nothing", async () => {
+  let clock = 1_000_000;
+  let revoked = false;
+  let asked = 0;
+  const billing = billingAnswering(async () => {
+    asked++;
+    if (revoked) throw new ConnectError("api key revoked", Code.Unauthenticated);
+    // Billing read the key, then took 20 s over the rest of its answer (its usage figures behind a lock), and the key
+    // was revoked meanwhile.
+    clock += 20_000;
+    revoked = true;
+    return { apiKey: { id: "key_1", orgId: org } };
+  });
+  const auth = createAnalyticsAuth({ adminToken, billing, ttlMs: 30_000, now: () => clock });
+  const refusal = () => auth.requireOrgReader(as("sk-mesh-slow"), org).then(() => undefined, (e) => ConnectError.from(e).code);
+
+  const asking = clock;
+  expect(await refusal()).toBeUndefined();
+  clock = asking + 29_999;
+  expect(await refusal()).toBeUndefined();
+  expect(asked).toBe(1);
+  clock = asking + 30_000;
+  expect(await refusal()).toBe(Code.Unauthenticated);
+  expect(asked).toBe(2);
+});

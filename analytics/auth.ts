@@ -58,6 +58,8 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
     let orgId: string | undefined;
     let suspended = false;
     let expireMs = Number.POSITIVE_INFINITY;
+    // From the ask: a slow answer (billing is given 30 s) must not keep a key revoked meanwhile working any longer.
+    const askedAt = now();
     try {
       const apiKey = (await billing.authorizeKey({ secret })).apiKey;
       orgId = apiKey?.orgId;
@@ -74,7 +76,7 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
     }
     billingOutage.recovered();
     // A key that expires within its TTL is remembered until it expires, when billing and the gateway refuse it too.
-    const until = orgId ? Math.min(now() + ttlMs, expireMs) : now() + rejectedTtlMs;
+    const until = orgId ? Math.min(askedAt + ttlMs, expireMs) : askedAt + rejectedTtlMs;
     const remembered = { orgId, suspended, until };
     keys.set(hash, remembered, orgId === undefined);
     return remembered;
