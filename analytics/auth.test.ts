@@ -1,4 +1,4 @@
-import { expect, test } from "bun:test";
+import { expect, setSystemTime, test } from "bun:test";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport, type ServiceImpl } from "@connectrpc/connect";
 import { BillingService, KeyRefusalReason, KeyRefusalSchema } from "../gen/billing/v1/billing_pb.ts";
@@ -58,7 +58,7 @@ test("a key is not remembered past its expiry: once it expires it reads nothing 
     if (clock >= expireMs) throw new ConnectError("api key expired", Code.Unauthenticated);
     return { apiKey: { id: "key_1", orgId: org, limits: { expireTime: timestampFromMs(expireMs) } } };
   });
-  const auth = createAnalyticsAuth({ adminToken, billing, ttlMs: 30_000, now: () => clock });
+  const auth = createAnalyticsAuth({ adminToken, billing, ttlMs: 30_000, now: () => clock, clock: () => clock });
   const refusal = () => auth.requireOrgReader(as("sk-mesh-expiring"), org).then(() => undefined, (e) => ConnectError.from(e).code);
 
   expect(await refusal()).toBeUndefined();
@@ -129,4 +129,54 @@ test("a key check billing cannot answer is logged with billing's words, once unt
   expect(lines.at(-1)).toEqual(
     expect.objectContaining({ level: "info", msg: "billing AuthorizeKey answers again", failures: 3 }),
   );
+});
+
+test("a key is remembered 30 s from when billing was asked, not from its answer: a slow answer adds nothing", async () => {
+  let clock = 1_000_000;
+  let revoked = false;
+  let asked = 0;
+  const billing = billingAnswering(async () => {
+    asked++;
+    if (revoked) throw new ConnectError("api key revoked", Code.Unauthenticated);
+    // Billing read the key, then took 20 s over the rest of its answer (its usage figures behind a lock), and the key
+    // was revoked meanwhile.
+    clock += 20_000;
+    revoked = true;
+    return { apiKey: { id: "key_1", orgId: org } };
+  });
+  const auth = createAnalyticsAuth({ adminToken, billing, ttlMs: 30_000, now: () => clock });
+  const refusal = () => auth.requireOrgReader(as("sk-mesh-slow"), org).then(() => undefined, (e) => ConnectError.from(e).code);
+
+  const asking = clock;
+  expect(await refusal()).toBeUndefined();
+  clock = asking + 29_999;
+  expect(await refusal()).toBeUndefined();
+  expect(asked).toBe(1);
+  clock = asking + 30_000;
+  expect(await refusal()).toBe(Code.Unauthenticated);
+  expect(asked).toBe(2);
+});
+
+test("a wall clock stepped back keeps no key longer: how long one is remembered is timed on a clock that is not stepped", async () => {
+  let revoked = false;
+  let asked = 0;
+  const billing = billingAnswering(async () => {
+    asked++;
+    if (revoked) throw new ConnectError("api key revoked", Code.Unauthenticated);
+    return { apiKey: { id: "key_1", orgId: org } };
+  });
+  const auth = createAnalyticsAuth({ adminToken, billing, ttlMs: 50 });
+  const refusal = () => auth.requireOrgReader(as("sk-mesh-stepped"), org).then(() => undefined, (e) => ConnectError.from(e).code);
+
+  expect(await refusal()).toBeUndefined();
+  revoked = true;
+  // NTP steps the host's clock back an hour (it ran fast); the key's 50 ms pass all the same.
+  setSystemTime(new Date(Date.now() - 3_600_000));
+  try {
+    await Bun.sleep(60);
+    expect(await refusal()).toBe(Code.Unauthenticated);
+    expect(asked).toBe(2);
+  } finally {
+    setSystemTime();
+  }
 });

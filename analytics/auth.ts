@@ -23,7 +23,13 @@ export interface AnalyticsAuthOptions {
   maxKeys?: number;
   /** Unknown keys remembered at most (10,000 by default), apart from the working ones, which they cannot push out. */
   maxRejectedKeys?: number;
+  /**
+   * Milliseconds, for how long keys are remembered: a monotonic clock by default, since a wall clock stepped back would
+   * keep a revoked key working for as long as the step.
+   */
   now?: () => number;
+  /** Wall-clock milliseconds, which keys' expire_time is compared with (Date.now by default). */
+  clock?: () => number;
   /** Where a key check billing cannot answer is logged, once until billing answers again. */
   log?: Logger;
 }
@@ -32,7 +38,10 @@ interface Remembered {
   orgId: string | undefined;
   /** The key is valid but its org is suspended. */
   suspended: boolean;
+  /** By `now`: when billing is asked again. */
   until: number;
+  /** By `clock`: when the key expires. */
+  expireMs: number;
 }
 
 /**
@@ -43,7 +52,8 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
   const { adminToken, billing } = options;
   const ttlMs = options.ttlMs ?? 30_000;
   const rejectedTtlMs = options.rejectedTtlMs ?? 5_000;
-  const now = options.now ?? Date.now;
+  const now = options.now ?? (() => performance.now());
+  const clock = options.clock ?? Date.now;
   const keys = createKeyCache<Remembered>({ maxKeys: options.maxKeys ?? 10_000, maxRejected: options.maxRejectedKeys ?? 10_000 });
 
   // Lookups in flight, by hash: concurrent first uses of a key share one billing call.
@@ -58,6 +68,8 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
     let orgId: string | undefined;
     let suspended = false;
     let expireMs = Number.POSITIVE_INFINITY;
+    // From the ask: a slow answer (billing is given 30 s) must not keep a key revoked meanwhile working any longer.
+    const askedAt = now();
     try {
       const apiKey = (await billing.authorizeKey({ secret })).apiKey;
       orgId = apiKey?.orgId;
@@ -73,9 +85,7 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
       }
     }
     billingOutage.recovered();
-    // A key that expires within its TTL is remembered until it expires, when billing and the gateway refuse it too.
-    const until = orgId ? Math.min(now() + ttlMs, expireMs) : now() + rejectedTtlMs;
-    const remembered = { orgId, suspended, until };
+    const remembered = { orgId, suspended, until: askedAt + (orgId ? ttlMs : rejectedTtlMs), expireMs };
     keys.set(hash, remembered, orgId === undefined);
     return remembered;
   };
@@ -83,7 +93,8 @@ export function createAnalyticsAuth(options: AnalyticsAuthOptions) {
   const orgOfKey = (secret: string): Promise<Remembered> => {
     const hash = sha256Hex(secret);
     const known = keys.get(hash);
-    if (known && known.until > now()) return Promise.resolve(known);
+    // A key that expires within its TTL is remembered until it expires, when billing and the gateway refuse it too.
+    if (known && known.until > now() && known.expireMs > clock()) return Promise.resolve(known);
     let pending = checking.get(hash);
     if (!pending) {
       pending = lookUp(secret, hash).finally(() => checking.delete(hash));

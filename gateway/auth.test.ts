@@ -1,4 +1,4 @@
-import { describe, expect, test } from "bun:test";
+import { describe, expect, setSystemTime, test } from "bun:test";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { Registry } from "prom-client";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
@@ -16,7 +16,14 @@ function setup(now = { t: 1_000_000 }) {
     "sk-limited": { id: "key_2", orgId: "org_1", allowedModels: ["mock"] },
     "sk-expiring": { id: "key_3", orgId: "org_1", expireMs: now.t + 10_000 },
   });
-  const keys = createKeyAuthorizer({ billing: billing.client, hitTtlMs: 30_000, missTtlMs: 2_000, watching: true, now: () => now.t });
+  const keys = createKeyAuthorizer({
+    billing: billing.client,
+    hitTtlMs: 30_000,
+    missTtlMs: 2_000,
+    watching: true,
+    now: () => now.t,
+    clock: () => now.t,
+  });
   return { billing, keys, now };
 }
 
@@ -327,7 +334,7 @@ describe("keys while billing cannot be asked", () => {
   test("a key whose own expiry passed during the outage is refused", async () => {
     const now = { t: 1_000_000 };
     const billing = createBillingFake({ "sk-expiring": { id: "key_3", orgId: "org_1", expireMs: now.t + 5_000 } });
-    const keys = createKeyAuthorizer({ billing: billing.client, staleMs: 60_000, now: () => now.t });
+    const keys = createKeyAuthorizer({ billing: billing.client, staleMs: 60_000, now: () => now.t, clock: () => now.t });
     await keys.authorize("sk-expiring");
     billing.setDown(true);
     now.t += 1_500;
@@ -361,6 +368,23 @@ describe("key cache without and with the change stream", () => {
     keys.setWatching(false);
     await keys.authorize("sk-good");
     expect(billing.calls()).toBe(4);
+  });
+
+  test("a wall clock stepped back keeps no entry longer: TTLs are timed on a clock that is not stepped", async () => {
+    const billing = createBillingFake({ "sk-good": { id: "key_1", orgId: "org_1" } });
+    // The stream is down: a key revoked meanwhile is heard of only by asking billing once its entry's 50 ms are over.
+    const keys = createKeyAuthorizer({ billing: billing.client, hitTtlMs: 30_000, fallbackTtlMs: 50 });
+    await keys.authorize("sk-good");
+    billing.revoke("sk-good");
+    // NTP steps the host's clock back an hour (it ran fast); the entry's 50 ms pass all the same.
+    setSystemTime(new Date(Date.now() - 3_600_000));
+    try {
+      await Bun.sleep(60);
+      expect((await failure(keys.authorize("sk-good"))).status).toBe(401);
+      expect(billing.calls()).toBe(2);
+    } finally {
+      setSystemTime();
+    }
   });
 
   /** Billing whose answers, once `hold` is called, stay on their way until the function it returns is called. */

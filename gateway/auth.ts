@@ -31,7 +31,7 @@ export interface Principal {
   expireMs: number | undefined;
   /** Everything billing returned (limits, spend), for budgets and quotas. */
   grant: AuthorizeKeyResponse;
-  /** Epoch ms (the authorizer's clock) when the AuthorizeKey call that returned `grant` started: its figures are at least this recent. */
+  /** When (by the authorizer's `now`) the AuthorizeKey call that returned `grant` started: its figures are at least this recent. */
   authorizedAt: number;
 }
 
@@ -86,7 +86,13 @@ export interface KeyAuthorizerOptions {
    * is asked about.
    */
   keyShaped?: (secret: string) => boolean;
+  /**
+   * Milliseconds, for cache ages and the stale window: a monotonic clock by default, since a wall clock stepped back
+   * would keep entries, a revoked key's among them, for as long as the step.
+   */
   now?: () => number;
+  /** Wall-clock milliseconds, which keys' expire_time is compared with (Date.now by default). */
+  clock?: () => number;
   log?: Logger;
   /** Where the cache's hit and miss counts register; none when unset. */
   registry?: Registry;
@@ -125,7 +131,8 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   const fallbackTtlMs = Math.min(hitTtlMs, options.fallbackTtlMs ?? 1_000);
   const missTtlMs = options.missTtlMs ?? 2_000;
   const staleMs = options.staleMs ?? 0;
-  const now = options.now ?? Date.now;
+  const now = options.now ?? (() => performance.timeOrigin + performance.now());
+  const clock = options.clock ?? Date.now;
   const cache = createKeyCache<Entry>({
     maxKeys: options.maxEntries ?? 100_000,
     maxRejected: options.maxRejectedEntries ?? 10_000,
@@ -201,7 +208,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
       entry.retryAt = t + fallbackTtlMs;
       load(hash, secret).catch(() => {});
     }
-    const principal = admit(entry, t);
+    const principal = admit(entry);
     if (servedStale++ === 0) staleOutage.failed({ stale_seconds: staleMs / 1000 });
     staleAdmissions?.inc();
     return principal;
@@ -259,10 +266,10 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
     return current.promise;
   };
 
-  const admit = (entry: Entry, t: number): Principal => {
+  const admit = (entry: Entry): Principal => {
     if (entry.rejection) throw entry.rejection;
     const principal = entry.principal as Principal;
-    if (principal.expireMs !== undefined && t >= principal.expireMs) {
+    if (principal.expireMs !== undefined && clock() >= principal.expireMs) {
       throw keyExpired();
     }
     return principal;
@@ -300,7 +307,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
         load(hash, secret).catch(() => {});
       }
       hits?.inc();
-      return admit(entry, t);
+      return admit(entry);
     }
     if (staleEntry(hash, t)) {
       hits?.inc();
@@ -332,7 +339,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
         kept.retryAt = t + fallbackTtlMs;
         return admitStale(hash, key, kept, t);
       }
-      return admit(loaded, now());
+      return admit(loaded);
     },
     forget(secretHash) {
       cache.delete(secretHash);

@@ -1,4 +1,4 @@
-import { expect, test } from "bun:test";
+import { expect, setSystemTime, test } from "bun:test";
 import pg from "pg";
 import { BillingError } from "./db.ts";
 import { createKeyChangeFeed } from "./key-changes.ts";
@@ -217,6 +217,31 @@ test("a live feed whose connection stops being told of commits elsewhere fails i
     expect(error).toBeInstanceOf(BillingError);
     expect((error as BillingError).kind).toBe("unavailable");
   } finally {
+    stop.abort();
+    await pool.end();
+  }
+});
+
+test("a feed that stops hearing its checks fails its watchers though the wall clock was stepped back meanwhile", async () => {
+  let hearing = true;
+  const pool = poolHearing(() => hearing);
+  const feed = createKeyChangeFeed(pool, { checkMs: 100, checkTimeoutMs: 300 });
+  const stop = new AbortController();
+  try {
+    const iterator = feed.watchKeyChanges(stop.signal)[Symbol.asyncIterator]();
+    expect((await iterator.next()).value).toBeNull();
+    const next = iterator.next().then(
+      (step) => step,
+      (e: unknown) => e,
+    );
+    hearing = false;
+    // NTP steps the host's clock back an hour (it ran fast): the 300 ms a check may take pass all the same.
+    setSystemTime(new Date(Date.now() - 3_600_000));
+    const error = await Promise.race([next, Bun.sleep(3_000).then(() => "still watching")]);
+    expect(error).toBeInstanceOf(BillingError);
+    expect((error as BillingError).kind).toBe("unavailable");
+  } finally {
+    setSystemTime();
     stop.abort();
     await pool.end();
   }

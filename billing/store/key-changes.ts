@@ -64,7 +64,7 @@ export function createKeyChangeFeed(pool: pg.Pool, { checkMs = 1_000, checkTimeo
         const query = { text: "SELECT pg_notify($1, $2)", values: [keyChangesChannel, payload], query_timeout: checkTimeoutMs };
         pool.query(query as pg.QueryConfig).then(
           () => {
-            sent.committedAt = Date.now();
+            sent.committedAt = performance.now();
           },
           (error: Error) => {
             // Not sent (the pool cannot reach Postgres): nothing to wait for; a live feed's next check sends another.
@@ -88,7 +88,7 @@ export function createKeyChangeFeed(pool: pg.Pool, { checkMs = 1_000, checkTimeo
       };
       let checking = false;
       const check = setInterval(() => {
-        if (probe?.committedAt !== undefined && Date.now() - probe.committedAt > checkTimeoutMs) {
+        if (probe?.committedAt !== undefined && performance.now() - probe.committedAt > checkTimeoutMs) {
           onError(new Error(`a key change notification committed through the pool was not heard within ${checkTimeoutMs} ms`));
           return;
         }
