@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setSystemTime, test } from "bun:test";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../gen/grpc/health/v1/health_pb.ts";
@@ -49,6 +49,21 @@ test("a store down for many checks is logged as the outage starts and as it ends
   ]);
   expect(logged[0].err.message).toBe("connect ECONNREFUSED 10.0.0.1:5432");
   expect(logged[1].failures).toBe(30);
+});
+
+test("a wall clock stepped back keeps no readiness result past its interval", async () => {
+  let ready = false;
+  const poller = createReadinessPoller(async () => ({ ready, checks: {} }), 50);
+  expect((await poller.current()).ready).toBe(false);
+  ready = true;
+  // NTP steps the host's clock back an hour (it ran fast); the result's 50 ms pass all the same.
+  setSystemTime(new Date(Date.now() - 3_600_000));
+  try {
+    await Bun.sleep(60);
+    expect((await poller.current()).ready).toBe(true);
+  } finally {
+    setSystemTime();
+  }
 });
 
 describe("health under many probes", () => {

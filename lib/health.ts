@@ -16,18 +16,20 @@ export interface ReadinessPoller {
 
 /**
  * One readiness check per interval at most, however many ask: /readyz answers anyone, and a probe that pinged the
- * store on every call (or every second per Watch stream) could take the service out of rotation by itself.
+ * store on every call (or every second per Watch stream) could take the service out of rotation by itself. Timed on
+ * a monotonic clock: on the wall clock, a host's time stepped back (NTP) kept the last result, a failure say, for as
+ * long as the step.
  */
 export function createReadinessPoller(check: () => Promise<Readiness>, intervalMs = readinessIntervalMs): ReadinessPoller {
   let last: { at: number; pending: boolean; result: Promise<Readiness> } | undefined;
   const listeners = new Set<(state: Readiness) => void>();
   let timer: ReturnType<typeof setInterval> | undefined;
   const current = () => {
-    if (last && (last.pending || Date.now() - last.at < intervalMs)) return last.result;
-    const entry = { at: Date.now(), pending: true, result: check() };
+    if (last && (last.pending || performance.now() - last.at < intervalMs)) return last.result;
+    const entry = { at: performance.now(), pending: true, result: check() };
     const settle = () => {
       entry.pending = false;
-      entry.at = Date.now();
+      entry.at = performance.now();
     };
     entry.result.then(settle, settle);
     last = entry;

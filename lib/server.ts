@@ -421,8 +421,8 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       h1.closeIdleConnections();
       /** Until every call has settled, for `ms` at most. */
       const settling = async (ms: number) => {
-        const deadline = Date.now() + ms;
-        while (!settled() && Date.now() < deadline) await Bun.sleep(10);
+        const deadline = performance.now() + ms;
+        while (!settled() && performance.now() < deadline) await Bun.sleep(10);
       };
       await settling(graceMs);
       if (!settled() && cut) {
@@ -671,12 +671,13 @@ function limitWriteWait(req: NodeRequest, res: NodeResponse, ms: number, stalls?
   const watch = () => {
     stall();
     let last = writesOut;
-    let since = Date.now();
+    // On a clock the host's time being stepped (NTP) does not move, as every time limit here.
+    let since = performance.now();
     return setInterval(() => {
       if (writesOut !== last) {
         last = writesOut;
-        since = Date.now();
-      } else if (Date.now() - since >= ms) {
+        since = performance.now();
+      } else if (performance.now() - since >= ms) {
         // Still waiting, as the response's close reads it.
         clearInterval(waiting);
         cut(req);
