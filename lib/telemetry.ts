@@ -84,6 +84,11 @@ export interface TelemetryOptions {
   exporter?: SpanExporter;
   /** Where OpenTelemetry's own warnings and errors go (failed exports among them); nowhere when unset. */
   log?: Logger;
+  /**
+   * Values redacted from those warnings and errors besides key-shaped words: the OTLP headers' credentials, which a
+   * collector refusing an export may quote back in the answer the exporter's error carries.
+   */
+  secrets?: readonly string[];
   /** How long shutdown waits for the last spans to be exported (default 3 s). */
   shutdownTimeoutMs?: number;
 }
@@ -102,7 +107,7 @@ let installed = false;
 
 /** Installs the global tracer provider, context manager and propagators. Call first in main.ts. */
 export function setupTelemetry(options: TelemetryOptions): Telemetry {
-  if (options.log) logDiagnostics(options.log);
+  if (options.log) logDiagnostics(options.log, options.secrets);
   const processors: SpanProcessor[] = [];
   const base = options.otlpEndpoint?.replace(/\/$/, "");
   const url = options.otlpTracesEndpoint ?? (base && `${base}/v1/traces`);
@@ -234,18 +239,23 @@ function logExporter(log: Logger): SpanExporter {
 /** A message OpenTelemetry repeats (an export to a collector that is down, every 500 ms) is logged once this often. */
 export const diagnosticEveryMs = 60_000;
 
-/** Sends OpenTelemetry's warnings and errors, an export's failure among them, to `log`. */
-function logDiagnostics(log: Logger): void {
+/** Sends OpenTelemetry's warnings and errors, an export's failure among them, to `log`, `secrets` redacted. */
+function logDiagnostics(log: Logger, secrets: readonly string[] = []): void {
   const lastLogged = new Map<string, number>();
+  // Longest first, so a value that holds another is redacted whole.
+  const known = [...new Set(secrets)].sort((a, b) => b.length - a.length);
   const emit =
     (level: "warn" | "error") =>
-    (message: string, ...args: unknown[]) => {
+    (raw: string, ...args: unknown[]) => {
+      // A failed export's message is its error's properties, the collector's answer among them.
+      const message = redactSecrets(raw, known);
       const now = Date.now();
       if (now - (lastLogged.get(message) ?? -Infinity) < diagnosticEveryMs) return;
       // Messages that vary without end (ones naming a span) cannot grow the map past a bound.
       if (lastLogged.size >= 1000) lastLogged.clear();
       lastLogged.set(message, now);
-      log[level](`opentelemetry: ${message}`, args.length > 0 ? { details: args.map((a) => String(a)) } : undefined);
+      const details = args.map((a) => redactSecrets(String(a), known));
+      log[level](`opentelemetry: ${message}`, args.length > 0 ? { details } : undefined);
     };
   const ignore = () => {};
   diag.setLogger(
