@@ -141,11 +141,10 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
         ...(options.serviceName && { [ATTR_SERVICE_NAME]: options.serviceName }),
       }),
     ),
-    // With nowhere to export, record nothing: spans still carry context (ids in logs, traceparent onward).
-    sampler:
-      processors.length === 0
-        ? new AlwaysOffSampler()
-        : createSampler(options.sampler ?? "parentbased_traceidratio", options.sampleRatio ?? 1),
+    // With nowhere to export, record nothing but what a caller's traceparent asks a parent-based sampler for: spans still
+    // carry context (ids in logs, traceparent onward), and a span not recorded would send the caller's decision onward
+    // as unsampled, so billing, analytics and upstreams that trace would drop the caller's trace.
+    sampler: createSampler(options.sampler ?? "parentbased_traceidratio", options.sampleRatio ?? 1, processors.length > 0),
     spanProcessors: processors,
   });
   if (!installed) {
@@ -192,10 +191,10 @@ const propagators: Record<PropagatorName, () => TextMapPropagator[]> = {
 
 /**
  * The sampler OTEL_TRACES_SAMPLER names. One that is not parent-based decides alone, whatever a caller's traceparent
- * asks: clients on the internet cannot have every request they send traced.
+ * asks: clients on the internet cannot have every request they send traced. Not `exporting`, it samples nothing itself.
  */
-function createSampler(name: SamplerName, ratio: number): Sampler {
-  const own = name.endsWith("always_off")
+function createSampler(name: SamplerName, ratio: number, exporting: boolean): Sampler {
+  const own = !exporting || name.endsWith("always_off")
     ? new AlwaysOffSampler()
     : name.endsWith("traceidratio")
       ? new TraceIdRatioBasedSampler(ratio)
