@@ -306,6 +306,34 @@ test("a collector refusing exports with the credentials it was sent quoted back 
   }
 }, 60_000);
 
+test("a collector refusing every export in words of its own each time (a request id) is still logged once a minute", async () => {
+  let refusals = 0;
+  const collector = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    fetch: () => new Response(`forbidden (request ${++refusals})`, { status: 403 }),
+  });
+  const script = `
+    import { commonEnv, parseEnv } from "./lib/config.ts";
+    import { createRuntime } from "./lib/runtime.ts";
+    const runtime = createRuntime("config-test", parseEnv(commonEnv));
+    for (let i = 0; i < 3; i++) {
+      runtime.telemetry.tracer.startSpan("s").end();
+      await Bun.sleep(700);
+    }
+    await runtime.telemetry.shutdown();
+  `;
+  try {
+    const env = { ADMIN_TOKEN: "own-admin-token-0123456789", OTEL_EXPORTER_OTLP_ENDPOINT: `http://127.0.0.1:${collector.port}` };
+    const { stdout } = await runCommand([process.execPath, "-e", script], { env });
+    expect(refusals).toBe(3);
+    const refused = stdout.trim().split("\n").map((l) => JSON.parse(l)).filter((l) => l.msg.includes("Forbidden"));
+    expect(refused).toEqual([expect.objectContaining({ level: "error", msg: expect.stringContaining("forbidden (request 1)") })]);
+  } finally {
+    await collector.stop(true);
+  }
+}, 60_000);
+
 /** The parts of an OTLP trace export the tests below read. */
 interface OtlpRequest {
   resourceSpans: {

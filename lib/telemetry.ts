@@ -238,6 +238,20 @@ function logExporter(log: Logger): SpanExporter {
 /** A message OpenTelemetry repeats (an export to a collector that is down, every 500 ms) is logged once this often. */
 export const diagnosticEveryMs = 60_000;
 
+/**
+ * What makes a diagnostic a repeat of another: a failed export's error (its properties as JSON) without the collector's
+ * answer (`data`), which may differ at every export (a request id, a time) while the failure stays the same.
+ */
+function repeatOf(message: string): string {
+  if (!message.startsWith("{")) return message;
+  try {
+    const { data: _, ...error } = JSON.parse(message) as Record<string, unknown>;
+    return JSON.stringify(error);
+  } catch {
+    return message;
+  }
+}
+
 /** Sends OpenTelemetry's warnings and errors, an export's failure among them, to `log`, `secrets` redacted. */
 function logDiagnostics(log: Logger, secrets: readonly string[] = []): void {
   const lastLogged = new Map<string, number>();
@@ -248,11 +262,12 @@ function logDiagnostics(log: Logger, secrets: readonly string[] = []): void {
     (raw: string, ...args: unknown[]) => {
       // A failed export's message is its error's properties, the collector's answer among them.
       const message = redactSecrets(raw, known);
+      const key = repeatOf(message);
       const now = Date.now();
-      if (now - (lastLogged.get(message) ?? -Infinity) < diagnosticEveryMs) return;
+      if (now - (lastLogged.get(key) ?? -Infinity) < diagnosticEveryMs) return;
       // Messages that vary without end (ones naming a span) cannot grow the map past a bound.
       if (lastLogged.size >= 1000) lastLogged.clear();
-      lastLogged.set(message, now);
+      lastLogged.set(key, now);
       const details = args.map((a) => redactSecrets(String(a), known));
       log[level](`opentelemetry: ${message}`, args.length > 0 ? { details } : undefined);
     };
