@@ -272,6 +272,68 @@ test("failed trace exports are logged, once a minute, and an endpoint ending in 
   expect(warning).toMatchObject({ level: "warn", msg: expect.stringMatching(/^OTEL_EXPORTER_OTLP_ENDPOINT ends in \/v1\/traces/) });
 }, 60_000);
 
+test("a collector refusing exports with the credentials it was sent quoted back has them redacted from the log", async () => {
+  const collector = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    fetch: (req) =>
+      new Response(`denied: ${req.headers.get("authorization")} (user ${req.headers.get("x-scope-token")})`, { status: 401 }),
+  });
+  const script = `
+    import { commonEnv, parseEnv } from "./lib/config.ts";
+    import { createRuntime } from "./lib/runtime.ts";
+    const runtime = createRuntime("config-test", parseEnv(commonEnv));
+    runtime.telemetry.tracer.startSpan("s").end();
+    await Bun.sleep(1000);
+    await runtime.telemetry.shutdown();
+  `;
+  try {
+    const { stdout } = await runCommand([process.execPath, "-e", script], {
+      env: {
+        ADMIN_TOKEN: "own-admin-token-0123456789",
+        OTEL_EXPORTER_OTLP_ENDPOINT: `http://127.0.0.1:${collector.port}`,
+        OTEL_EXPORTER_OTLP_HEADERS: "authorization=Basic%20bWVzaDpjb2xsZWN0b3ItcGFzcw%3D%3D",
+        OTEL_EXPORTER_OTLP_TRACES_HEADERS: "x-scope-token=scope-token-0123456789",
+      },
+    });
+    const refused = stdout.trim().split("\n").map((l) => JSON.parse(l)).filter((l) => l.msg.includes("Unauthorized"));
+    expect(refused).toEqual([expect.objectContaining({ level: "error" })]);
+    expect(refused[0].msg).toContain("denied: [redacted] (user [redacted])");
+    expect(stdout).not.toContain("bWVzaDpjb2xsZWN0b3ItcGFzcw");
+    expect(stdout).not.toContain("scope-token-0123456789");
+  } finally {
+    await collector.stop(true);
+  }
+}, 60_000);
+
+test("a collector refusing every export in words of its own each time (a request id) is still logged once a minute", async () => {
+  let refusals = 0;
+  const collector = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    fetch: () => new Response(`forbidden (request ${++refusals})`, { status: 403 }),
+  });
+  const script = `
+    import { commonEnv, parseEnv } from "./lib/config.ts";
+    import { createRuntime } from "./lib/runtime.ts";
+    const runtime = createRuntime("config-test", parseEnv(commonEnv));
+    for (let i = 0; i < 3; i++) {
+      runtime.telemetry.tracer.startSpan("s").end();
+      await Bun.sleep(700);
+    }
+    await runtime.telemetry.shutdown();
+  `;
+  try {
+    const env = { ADMIN_TOKEN: "own-admin-token-0123456789", OTEL_EXPORTER_OTLP_ENDPOINT: `http://127.0.0.1:${collector.port}` };
+    const { stdout } = await runCommand([process.execPath, "-e", script], { env });
+    expect(refusals).toBe(3);
+    const refused = stdout.trim().split("\n").map((l) => JSON.parse(l)).filter((l) => l.msg.includes("Forbidden"));
+    expect(refused).toEqual([expect.objectContaining({ level: "error", msg: expect.stringContaining("forbidden (request 1)") })]);
+  } finally {
+    await collector.stop(true);
+  }
+}, 60_000);
+
 /** The parts of an OTLP trace export the tests below read. */
 interface OtlpRequest {
   resourceSpans: {

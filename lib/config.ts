@@ -158,6 +158,21 @@ const otlpHeaders = z.string().superRefine((value, ctx) => {
   });
 });
 
+/**
+ * The values OTLP header variables send (`authorization=Basic%20...`), decoded, with the credential after a scheme word
+ * on its own too (`Basic dXNl...` and `dXNl...`): what a collector quoting them back must not put in the logs.
+ */
+export function otlpHeaderValues(...variables: (string | undefined)[]): string[] {
+  return variables.flatMap((value) =>
+    (value ?? "").split(",").flatMap((entry) => {
+      const decoded = percentDecoded(entry.slice(entry.indexOf("=") + 1).trim())?.trim();
+      if (!entry.includes("=") || !decoded) return [];
+      const words = decoded.split(/\s+/);
+      return words.length > 1 ? [decoded, ...words.slice(1)] : [decoded];
+    }),
+  );
+}
+
 /** OTEL_TRACES_SAMPLER's values as OpenTelemetry SDKs read them (the ones built in). */
 export const samplerNames = [
   "always_on",

@@ -1,7 +1,7 @@
 import { hostname } from "node:os";
 import type { Interceptor } from "@connectrpc/connect";
 import pkg from "../package.json" with { type: "json" };
-import { defaultAdminToken, propagatorNames, type SamplerName, traceExporterNames } from "./config.ts";
+import { defaultAdminToken, otlpHeaderValues, propagatorNames, type SamplerName, traceExporterNames } from "./config.ts";
 import { createLogger, type Logger, type LogLevel } from "./log.ts";
 import { createMetrics, type Metrics } from "./metrics.ts";
 import { parentPidVar } from "./processes.ts";
@@ -21,6 +21,8 @@ export interface RuntimeConfig {
   OTEL_BSP_MAX_EXPORT_BATCH_SIZE?: number | undefined;
   OTEL_EXPORTER_OTLP_ENDPOINT?: string | undefined;
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT?: string | undefined;
+  OTEL_EXPORTER_OTLP_HEADERS?: string | undefined;
+  OTEL_EXPORTER_OTLP_TRACES_HEADERS?: string | undefined;
   OTEL_SERVICE_NAME?: string | undefined;
   OTEL_RESOURCE_ATTRIBUTES?: Record<string, string> | undefined;
   OTEL_TRACES_SAMPLER: SamplerName;
@@ -68,6 +70,7 @@ export function createRuntime(service: string, config: RuntimeConfig, instanceId
     sampleRatio: config.OTEL_TRACES_SAMPLER_ARG,
     propagators: knownNames(log, "OTEL_PROPAGATORS", config.OTEL_PROPAGATORS, propagatorNames, "tracecontext,baggage"),
     log,
+    secrets: otlpHeaderValues(config.OTEL_EXPORTER_OTLP_HEADERS, config.OTEL_EXPORTER_OTLP_TRACES_HEADERS),
   });
   // The general endpoint, where traces go to it.
   const exported = otlp && !config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;

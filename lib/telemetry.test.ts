@@ -1,10 +1,10 @@
 import { afterAll, expect, test } from "bun:test";
-import { ROOT_CONTEXT, TraceFlags, trace } from "@opentelemetry/api";
+import { context, propagation, ROOT_CONTEXT, TraceFlags, trace } from "@opentelemetry/api";
 import { InMemorySpanExporter } from "@opentelemetry/sdk-trace";
 import { listen } from "bun";
 import type { SamplerName } from "./config.ts";
 import { createLogger } from "./log.ts";
-import { setupTelemetry } from "./telemetry.ts";
+import { extractContext, setupTelemetry } from "./telemetry.ts";
 
 // A collector that takes connections and never answers; and a port nobody listens on.
 const hung = listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
@@ -78,4 +78,25 @@ test("OTEL_TRACES_SAMPLER decides whether a caller's sampled traceparent is foll
     "service.version": "0",
     "service.instance.id": "gw-7",
   });
+});
+
+test("with nowhere to export, a caller's traceparent goes onward with its sampling decision, unless the sampler decides alone", () => {
+  const onward = (flags: string | undefined, sampler?: SamplerName) => {
+    const { tracer } = setupTelemetry({ service: "t", version: "0", sampler });
+    const traceparent = `00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-${flags}`;
+    const parent = extractContext(new Headers(flags === undefined ? {} : { traceparent }));
+    return tracer.startActiveSpan("called", {}, parent, (span) => {
+      const sent: Record<string, string> = {};
+      propagation.inject(context.active(), sent);
+      span.end();
+      return sent.traceparent?.replace(/-[0-9a-f]{16}-/, "-<span>-");
+    });
+  };
+  // Billing, analytics and an upstream that traces follow the caller's decision, as they would with no gateway between.
+  expect(onward("01")).toBe("00-4bf92f3577b34da6a3ce929d0e0e4736-<span>-01");
+  expect(onward("00")).toBe("00-4bf92f3577b34da6a3ce929d0e0e4736-<span>-00");
+  // A request of its own is traced by none: nothing would see it.
+  for (const sampler of [undefined, "always_on", "parentbased_always_on"] as const) expect(onward(undefined, sampler)).toMatch(/-00$/);
+  // A sampler that is not parent-based keeps callers from deciding, exporting or not.
+  expect(onward("01", "traceidratio")).toBe("00-4bf92f3577b34da6a3ce929d0e0e4736-<span>-00");
 });

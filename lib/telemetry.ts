@@ -84,6 +84,11 @@ export interface TelemetryOptions {
   exporter?: SpanExporter;
   /** Where OpenTelemetry's own warnings and errors go (failed exports among them); nowhere when unset. */
   log?: Logger;
+  /**
+   * Values redacted from those warnings and errors besides key-shaped words: the OTLP headers' credentials, which a
+   * collector refusing an export may quote back in the answer the exporter's error carries.
+   */
+  secrets?: readonly string[];
   /** How long shutdown waits for the last spans to be exported (default 3 s). */
   shutdownTimeoutMs?: number;
 }
@@ -102,7 +107,7 @@ let installed = false;
 
 /** Installs the global tracer provider, context manager and propagators. Call first in main.ts. */
 export function setupTelemetry(options: TelemetryOptions): Telemetry {
-  if (options.log) logDiagnostics(options.log);
+  if (options.log) logDiagnostics(options.log, options.secrets);
   const processors: SpanProcessor[] = [];
   const base = options.otlpEndpoint?.replace(/\/$/, "");
   const url = options.otlpTracesEndpoint ?? (base && `${base}/v1/traces`);
@@ -136,11 +141,10 @@ export function setupTelemetry(options: TelemetryOptions): Telemetry {
         ...(options.serviceName && { [ATTR_SERVICE_NAME]: options.serviceName }),
       }),
     ),
-    // With nowhere to export, record nothing: spans still carry context (ids in logs, traceparent onward).
-    sampler:
-      processors.length === 0
-        ? new AlwaysOffSampler()
-        : createSampler(options.sampler ?? "parentbased_traceidratio", options.sampleRatio ?? 1),
+    // With nowhere to export, record nothing but what a caller's traceparent asks a parent-based sampler for: spans still
+    // carry context (ids in logs, traceparent onward), and a span not recorded would send the caller's decision onward
+    // as unsampled, so billing, analytics and upstreams that trace would drop the caller's trace.
+    sampler: createSampler(options.sampler ?? "parentbased_traceidratio", options.sampleRatio ?? 1, processors.length > 0),
     spanProcessors: processors,
   });
   if (!installed) {
@@ -187,10 +191,10 @@ const propagators: Record<PropagatorName, () => TextMapPropagator[]> = {
 
 /**
  * The sampler OTEL_TRACES_SAMPLER names. One that is not parent-based decides alone, whatever a caller's traceparent
- * asks: clients on the internet cannot have every request they send traced.
+ * asks: clients on the internet cannot have every request they send traced. Not `exporting`, it samples nothing itself.
  */
-function createSampler(name: SamplerName, ratio: number): Sampler {
-  const own = name.endsWith("always_off")
+function createSampler(name: SamplerName, ratio: number, exporting: boolean): Sampler {
+  const own = !exporting || name.endsWith("always_off")
     ? new AlwaysOffSampler()
     : name.endsWith("traceidratio")
       ? new TraceIdRatioBasedSampler(ratio)
@@ -234,18 +238,38 @@ function logExporter(log: Logger): SpanExporter {
 /** A message OpenTelemetry repeats (an export to a collector that is down, every 500 ms) is logged once this often. */
 export const diagnosticEveryMs = 60_000;
 
-/** Sends OpenTelemetry's warnings and errors, an export's failure among them, to `log`. */
-function logDiagnostics(log: Logger): void {
+/**
+ * What makes a diagnostic a repeat of another: a failed export's error (its properties as JSON) without the collector's
+ * answer (`data`), which may differ at every export (a request id, a time) while the failure stays the same.
+ */
+function repeatOf(message: string): string {
+  if (!message.startsWith("{")) return message;
+  try {
+    const { data: _, ...error } = JSON.parse(message) as Record<string, unknown>;
+    return JSON.stringify(error);
+  } catch {
+    return message;
+  }
+}
+
+/** Sends OpenTelemetry's warnings and errors, an export's failure among them, to `log`, `secrets` redacted. */
+function logDiagnostics(log: Logger, secrets: readonly string[] = []): void {
   const lastLogged = new Map<string, number>();
+  // Longest first, so a value that holds another is redacted whole.
+  const known = [...new Set(secrets)].sort((a, b) => b.length - a.length);
   const emit =
     (level: "warn" | "error") =>
-    (message: string, ...args: unknown[]) => {
+    (raw: string, ...args: unknown[]) => {
+      // A failed export's message is its error's properties, the collector's answer among them.
+      const message = redactSecrets(raw, known);
+      const key = repeatOf(message);
       const now = Date.now();
-      if (now - (lastLogged.get(message) ?? -Infinity) < diagnosticEveryMs) return;
+      if (now - (lastLogged.get(key) ?? -Infinity) < diagnosticEveryMs) return;
       // Messages that vary without end (ones naming a span) cannot grow the map past a bound.
       if (lastLogged.size >= 1000) lastLogged.clear();
-      lastLogged.set(message, now);
-      log[level](`opentelemetry: ${message}`, args.length > 0 ? { details: args.map((a) => String(a)) } : undefined);
+      lastLogged.set(key, now);
+      const details = args.map((a) => redactSecrets(String(a), known));
+      log[level](`opentelemetry: ${message}`, args.length > 0 ? { details } : undefined);
     };
   const ignore = () => {};
   diag.setLogger(
