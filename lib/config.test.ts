@@ -41,6 +41,10 @@ describe("parseEnv", () => {
       ["clickhouse://mesh:hunter2@ch:9000/mesh", "clickhouse://***@ch:9000/mesh"],
       ["mesh:p@ss:w0rd@ch:8123", "***@ch:8123"],
       ["https://mesh:hunter2@ch:8443x", "https://***@ch:8443x"],
+      // A credential in a query parameter, as collectors and proxies take them.
+      ["collector:4318?api-key=abc123&region=eu", "collector:4318?api-key=***&region=eu"],
+      ["billing:8081/x?access_token=abc#top", "billing:8081/x?access_token=***#top"],
+      ["billing:8081/x?X-Amz-Signature=abc&region=eu", "billing:8081/x?X-Amz-Signature=***&region=eu"],
     ];
     for (const [value, shown] of cases) {
       let message = "";

@@ -347,10 +347,16 @@ function looksSecret(name: string): boolean {
 /**
  * A URL's `user:password@` masked (CLICKHOUSE_URL and DATABASE_URL may carry them), with or without its scheme: up to
  * its last `@`, as a password that makes the URL bad may hold a `/`, `?` or `#`. So is any `password=` value: a query
- * parameter (`?password=`, `sslpassword=`) or libpq's `host=db password=...`, which DATABASE_URL does not take.
+ * parameter (`?password=`, `sslpassword=`) or libpq's `host=db password=...`, which DATABASE_URL does not take; and
+ * the value of a query parameter named as a credential (`?api-key=`, `access_token=`, `sig=`), as collectors and
+ * proxies take them.
  */
 export function withoutCredentials(value: string): string {
   return value
     .replace(/^([A-Za-z][A-Za-z0-9+.-]*:\/\/)?.*@/s, (_, scheme: string | undefined) => `${scheme ?? ""}***@`)
-    .replace(/(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s]*)/gi, "$1***");
+    .replace(/(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s]*)/gi, "$1***")
+    .replace(credentialParameter, "$1***");
 }
+
+// A query parameter whose name says it is a credential: its value is up to the next parameter, fragment or space.
+const credentialParameter = /([?&;][\w.-]*(?:key|token|secret|sig|signature|auth|credential|passwd|pwd)[\w.-]*=)[^&#\s]*/gi;
