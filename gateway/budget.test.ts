@@ -927,6 +927,37 @@ describe("budget leases", () => {
     expect(spent(await leasesOf(key.apiKey?.id as string))).toBe(12_000n);
   });
 
+  test("a budget removed gives its leases back at once, so set again it holds what was spent while it was unset", async () => {
+    const org = await client.createOrganization({ name: `budget-org-${++orgs}` }, auth);
+    const orgId = org.organization?.id as string;
+    const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: 100_000n } }, auth);
+    const apiKeyId = key.apiKey?.id as string;
+    const authorize = () =>
+      createKeyAuthorizer({
+        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
+        watching: true,
+      }).authorize(key.secret);
+    const { keeper: k, clock } = keeper({ minLeaseNanos: 50_000n });
+    const limited = await authorize();
+    const first = await k.reserve(limited, usd(1_000n), 60_000);
+    const charges = first.settle(usd(1_000n));
+    expect((await client.recordUsage({ records: [usageNow(limited, "removed-1", 1_000n, charges)] }, auth)).inserted).toBe(1);
+
+    await client.updateApiKeyLimits({ apiKeyId, limits: { monthlyBudgetNanos: 0n } }, auth);
+    clock.t += 1;
+    const unlimited = await authorize();
+    (await k.reserve(unlimited, usd(99_000n), 60_000)).settle(usd(99_000n));
+    // Served while the key had no budget, and recorded.
+    expect((await client.recordUsage({ records: [usageNow(unlimited, "removed-2", 99_000n, [])] }, auth)).inserted).toBe(1);
+
+    await client.updateApiKeyLimits({ apiKeyId, limits: { monthlyBudgetNanos: 100_000n } }, auth);
+    clock.t += 1;
+    // The lease of 50,000 granted before it was removed would have covered this.
+    expect((await refusal(k.reserve(await authorize(), usd(1_000n), 60_000))).code).toBe("insufficient_quota");
+    await k.close();
+    expect(await leasesOf(apiKeyId)).toEqual([{ granted: 50_000n, spent: 1_000n }]);
+  });
+
   test("a key's monthly tokens are leased in tokens beside its budget; lowered, they apply at once; revoked, they go back", async () => {
     const org = await client.createOrganization({ name: `budget-org-${++orgs}` }, auth);
     const orgId = org.organization?.id as string;

@@ -400,8 +400,13 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     let list = scopesOfPrincipal.get(principal);
     if (!list) {
       list = [];
-      for (const kind of [BudgetScope.ORGANIZATION, BudgetScope.API_KEY, BudgetScope.API_KEY_TOKENS])
+      for (const kind of [BudgetScope.ORGANIZATION, BudgetScope.API_KEY, BudgetScope.API_KEY_TOKENS]) {
+        const id = kind === BudgetScope.ORGANIZATION ? principal.orgId : principal.apiKeyId;
         if (budgetOf(principal, kind) > 0n) list.push(scopeFor(kind, principal));
+        // A budget removed is a budget changed: the leases granted under it go back, or set again they would serve
+        // what was spent while it was unset.
+        else if (scopes.has(`${scopeNames[kind]}:${id}`)) scopeFor(kind, principal);
+      }
       scopesOfPrincipal.set(principal, list);
     }
     // Scopes dropped by the maintenance sweep come back on use.
