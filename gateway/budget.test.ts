@@ -1072,6 +1072,34 @@ describe("budget leases", () => {
     await k.close();
   });
 
+  test("a key billing refused that works again (its expiry moved, its org reinstated) keeps its leases as before", async () => {
+    const org = await client.createOrganization({ name: `budget-org-${++orgs}` }, auth);
+    const orgId = org.organization?.id as string;
+    const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: 100_000n } }, auth);
+    const authorize = () =>
+      createKeyAuthorizer({
+        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
+        watching: true,
+      }).authorize(key.secret);
+    const { keeper: k } = keeper({ minLeaseNanos: 10_000n });
+    const before = await authorize();
+    (await k.reserve(before, usd(100n), 60_000)).settle(usd(100n));
+    // Refused by billing in a check begun now: its lease goes back, as a revoked key's does.
+    k.releaseKey(before.apiKeyId, performance.timeOrigin + performance.now());
+    await until(async () => (await leasesOf(before.apiKeyId)).every((l) => l.spent !== null));
+    // A request of a principal from before the refusal still gives its lease back as it settles.
+    (await k.reserve(before, usd(100n), 60_000)).settle(usd(100n));
+    await until(async () => (await leasesOf(before.apiKeyId)).every((l) => l.spent !== null));
+
+    const again = await authorize();
+    const asked = calls.acquire;
+    for (let i = 0; i < 5; i++) (await k.reserve(again, usd(100n), 60_000)).settle(usd(100n));
+    // One grant serves them all, rather than a grant and a release each.
+    expect(calls.acquire - asked).toBe(1);
+    expect(k.snapshot().get(`api_key:${before.apiKeyId}`)?.leases).toBe(1);
+    await k.close();
+  });
+
   test("a revoked key's lease granted while billing was being asked goes back as it arrives", async () => {
     const principal = await principalWith({ key: 10_000n });
     let gate: Promise<unknown> | undefined;
