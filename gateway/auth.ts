@@ -99,8 +99,10 @@ export interface KeyAuthorizerOptions {
   /**
    * Told of a key that worked and billing now refuses (revoked or expired while the change stream was down, so its
    * change went unheard): its budget leases can go back to billing, as for a revocation the stream reports.
+   * `refusedAt` is when (by `now`) the refused check began: a key that works again (its expiry moved, its org
+   * reinstated) is authorized after it.
    */
-  onRefused?: (apiKeyId: string) => void;
+  onRefused?: (apiKeyId: string, refusedAt: number) => void;
 }
 
 interface Entry {
@@ -172,7 +174,7 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
 
   const store = (hash: string, entry: Entry) => {
     const was = cache.get(hash)?.principal;
-    if (entry.rejection && was) options.onRefused?.(was.apiKeyId);
+    if (entry.rejection && was) options.onRefused?.(was.apiKeyId, entry.loadedAt);
     cache.set(hash, entry, entry.rejection !== undefined);
   };
 

@@ -927,6 +927,37 @@ describe("budget leases", () => {
     expect(spent(await leasesOf(key.apiKey?.id as string))).toBe(12_000n);
   });
 
+  test("a budget removed gives its leases back at once, so set again it holds what was spent while it was unset", async () => {
+    const org = await client.createOrganization({ name: `budget-org-${++orgs}` }, auth);
+    const orgId = org.organization?.id as string;
+    const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: 100_000n } }, auth);
+    const apiKeyId = key.apiKey?.id as string;
+    const authorize = () =>
+      createKeyAuthorizer({
+        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
+        watching: true,
+      }).authorize(key.secret);
+    const { keeper: k, clock } = keeper({ minLeaseNanos: 50_000n });
+    const limited = await authorize();
+    const first = await k.reserve(limited, usd(1_000n), 60_000);
+    const charges = first.settle(usd(1_000n));
+    expect((await client.recordUsage({ records: [usageNow(limited, "removed-1", 1_000n, charges)] }, auth)).inserted).toBe(1);
+
+    await client.updateApiKeyLimits({ apiKeyId, limits: { monthlyBudgetNanos: 0n } }, auth);
+    clock.t += 1;
+    const unlimited = await authorize();
+    (await k.reserve(unlimited, usd(99_000n), 60_000)).settle(usd(99_000n));
+    // Served while the key had no budget, and recorded.
+    expect((await client.recordUsage({ records: [usageNow(unlimited, "removed-2", 99_000n, [])] }, auth)).inserted).toBe(1);
+
+    await client.updateApiKeyLimits({ apiKeyId, limits: { monthlyBudgetNanos: 100_000n } }, auth);
+    clock.t += 1;
+    // The lease of 50,000 granted before it was removed would have covered this.
+    expect((await refusal(k.reserve(await authorize(), usd(1_000n), 60_000))).code).toBe("insufficient_quota");
+    await k.close();
+    expect(await leasesOf(apiKeyId)).toEqual([{ granted: 50_000n, spent: 1_000n }]);
+  });
+
   test("a key's monthly tokens are leased in tokens beside its budget; lowered, they apply at once; revoked, they go back", async () => {
     const org = await client.createOrganization({ name: `budget-org-${++orgs}` }, auth);
     const orgId = org.organization?.id as string;
@@ -1038,6 +1069,34 @@ describe("budget leases", () => {
     k.releaseKey(idle.apiKeyId);
     await until(async () => (await leasesOf(idle.apiKeyId))[0]?.spent !== null);
     expect(await leasesOf(idle.apiKeyId)).toEqual([{ granted: 10_000n, spent: 30n }]);
+    await k.close();
+  });
+
+  test("a key billing refused that works again (its expiry moved, its org reinstated) keeps its leases as before", async () => {
+    const org = await client.createOrganization({ name: `budget-org-${++orgs}` }, auth);
+    const orgId = org.organization?.id as string;
+    const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: 100_000n } }, auth);
+    const authorize = () =>
+      createKeyAuthorizer({
+        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
+        watching: true,
+      }).authorize(key.secret);
+    const { keeper: k } = keeper({ minLeaseNanos: 10_000n });
+    const before = await authorize();
+    (await k.reserve(before, usd(100n), 60_000)).settle(usd(100n));
+    // Refused by billing in a check begun now: its lease goes back, as a revoked key's does.
+    k.releaseKey(before.apiKeyId, performance.timeOrigin + performance.now());
+    await until(async () => (await leasesOf(before.apiKeyId)).every((l) => l.spent !== null));
+    // A request of a principal from before the refusal still gives its lease back as it settles.
+    (await k.reserve(before, usd(100n), 60_000)).settle(usd(100n));
+    await until(async () => (await leasesOf(before.apiKeyId)).every((l) => l.spent !== null));
+
+    const again = await authorize();
+    const asked = calls.acquire;
+    for (let i = 0; i < 5; i++) (await k.reserve(again, usd(100n), 60_000)).settle(usd(100n));
+    // One grant serves them all, rather than a grant and a release each.
+    expect(calls.acquire - asked).toBe(1);
+    expect(k.snapshot().get(`api_key:${before.apiKeyId}`)?.leases).toBe(1);
     await k.close();
   });
 

@@ -81,9 +81,10 @@ export interface BudgetKeeper {
   /**
    * Gives a revoked key's leases back to billing: those no request is using at once, the others as their last
    * request settles. A rotated key's successor shares its budget, and billing counts these leases against it until
-   * they are released.
+   * they are released. A key billing refused in a check begun at `refusedAt` (by the key authorizer's clock; expired,
+   * or its org suspended) may work again: a principal of it authorized after that keeps leases as before.
    */
-  releaseKey(apiKeyId: string): void;
+  releaseKey(apiKeyId: string, refusedAt?: number): void;
   /** Stops background work and releases every lease to billing, reporting what was spent. */
   close(): Promise<void>;
   /** Local accounting per scope ("organization:<id>", "api_key:<id>", "api_key_tokens:<id>"), for tests. */
@@ -212,6 +213,8 @@ interface Scope {
   waiters: number;
   /** Its key was revoked: leases go back to billing as soon as nothing is reserved on them. */
   retired: boolean;
+  /** Of a retired key refused rather than revoked: principals authorized after this take it back; undefined never. */
+  revivableAfter: number | undefined;
   /** The monthly budget its leases were granted under (in its unit), as of the key authorization at `budgetAt`. */
   budgetNanos: bigint;
   budgetAt: number;
@@ -361,6 +364,12 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     const budgetNanos = budgetOf(principal, kind);
     let scope = scopes.get(key);
     if (scope) {
+      // Refused by billing, then authorized again (its expiry moved, its org reinstated): its leases serve it again,
+      // rather than each go back as its request settles, a grant and a release for every request.
+      if (scope.revivableAfter !== undefined && principal.authorizedAt > scope.revivableAfter) {
+        scope.retired = false;
+        scope.revivableAfter = undefined;
+      }
       // Billing announced a change, the key was authorized again: leases granted under another budget go back.
       if (principal.authorizedAt >= scope.budgetAt) {
         if (budgetNanos !== scope.budgetNanos) withdraw(scope);
@@ -386,6 +395,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         maxHoldMs: 0,
         waiters: 0,
         retired: false,
+        revivableAfter: undefined,
         budgetNanos,
         budgetAt: principal.authorizedAt,
         generation: 0,
@@ -400,8 +410,13 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
     let list = scopesOfPrincipal.get(principal);
     if (!list) {
       list = [];
-      for (const kind of [BudgetScope.ORGANIZATION, BudgetScope.API_KEY, BudgetScope.API_KEY_TOKENS])
+      for (const kind of [BudgetScope.ORGANIZATION, BudgetScope.API_KEY, BudgetScope.API_KEY_TOKENS]) {
+        const id = kind === BudgetScope.ORGANIZATION ? principal.orgId : principal.apiKeyId;
         if (budgetOf(principal, kind) > 0n) list.push(scopeFor(kind, principal));
+        // A budget removed is a budget changed: the leases granted under it go back, or set again they would serve
+        // what was spent while it was unset.
+        else if (scopes.has(`${scopeNames[kind]}:${id}`)) scopeFor(kind, principal);
+      }
       scopesOfPrincipal.set(principal, list);
     }
     // Scopes dropped by the maintenance sweep come back on use.
@@ -938,10 +953,13 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
       }
     },
 
-    releaseKey(apiKeyId) {
+    releaseKey(apiKeyId, refusedAt) {
       for (const kind of [BudgetScope.API_KEY, BudgetScope.API_KEY_TOKENS]) {
         const scope = scopes.get(`${scopeNames[kind]}:${apiKeyId}`);
         if (!scope) continue;
+        // A revocation is for good, whatever refusals came before or after it.
+        const revivable = refusedAt !== undefined && (!scope.retired || scope.revivableAfter !== undefined);
+        scope.revivableAfter = revivable ? Math.max(scope.revivableAfter ?? refusedAt, refusedAt) : undefined;
         scope.retired = true;
         for (const lease of [...scope.leases]) if (lease.reserved === 0n) void release(scope, lease);
       }

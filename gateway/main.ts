@@ -213,7 +213,7 @@ const keys = createKeyAuthorizer({
   log,
   registry: runtime.metrics.registry,
   // A key billing now refuses gives its budget leases back, even if its revocation was not heard on the stream.
-  onRefused: (apiKeyId) => budget.releaseKey(apiKeyId),
+  onRefused: (apiKeyId, refusedAt) => budget.releaseKey(apiKeyId, refusedAt),
   // Billing makes every key's secret in one shape: any other token is refused here, billing not asked.
   keyShaped: isKeySecretShaped,
 });

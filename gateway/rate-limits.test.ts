@@ -129,6 +129,23 @@ describe("tokens per minute", () => {
     limiter.admit("k2", tpm, 10);
   });
 
+  test("a request running longer than a minute counts at its estimate until it ends", () => {
+    const { clock, limiter } = setup();
+    const tpm = { requestsPerMinute: 0, tokensPerMinute: 1000 };
+    const long = limiter.admit("k", tpm, 600);
+    clock.t += 90_000;
+    // Its admitting second has left the window; it still runs, and may still produce all it was counted at.
+    expect(limiter.state("k", tpm)?.tokens?.remaining).toBe(400);
+    const e = refused(() => limiter.admit("k", tpm, 500));
+    expect(e.message).toContain("used 600 (600 held by requests still running");
+    expect(e.retryAfterS).toBe(3);
+    // Nor is it dropped with the window of a key idle for a minute.
+    for (let i = 0; i < 3; i++) limiter.admit(`other-${i}`, tpm, 0);
+    expect(refused(() => limiter.admit("k", tpm, 500)).type).toBe("tokens");
+    long.settle(100);
+    limiter.admit("k", tpm, 500);
+  });
+
   test("a refusal for room that running requests hold says to retry in a few seconds, and their end makes room", () => {
     const { clock, limiter } = setup();
     const tpm = { requestsPerMinute: 0, tokensPerMinute: 1000 };

@@ -101,6 +101,16 @@ interface Window {
   /** Of `tokens`, the estimates of requests admitted in that second that are still running. */
   running: Float64Array;
   lastSecond: number;
+  /**
+   * Requests running with an estimate, by the second they were admitted in: one still running once that second has
+   * left the window counts at its estimate all the same, until it ends.
+   */
+  flights: Set<Flight>;
+}
+
+interface Flight {
+  second: number;
+  estimate: number;
 }
 
 const noTicket: RateTicket = { state: undefined, settle() {}, release: () => undefined, leave() {} };
@@ -178,6 +188,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         tokens: new Float64Array(windowSeconds),
         running: new Float64Array(windowSeconds),
         lastSecond: second,
+        flights: new Set(),
       };
       windows.set(keyId, w);
     }
@@ -186,7 +197,16 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
   };
 
   const prune = (second: number) => {
-    for (const [key, w] of windows) if (second - w.lastSecond >= windowSeconds) windows.delete(key);
+    for (const [key, w] of windows) {
+      if (second - w.lastSecond >= windowSeconds && w.flights.size === 0) windows.delete(key);
+    }
+  };
+
+  /** The estimates of requests still running that were admitted in a second the window has left. */
+  const overdue = (w: Window, second: number) => {
+    let sum = 0;
+    for (const flight of w.flights) if (flight.second <= second - windowSeconds) sum += flight.estimate;
+    return sum;
   };
 
   /** Adds to the bucket of the current `second`. */
@@ -226,9 +246,9 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     return 0;
   };
 
-  const limitState = (max: number, values: Float64Array, w: Window, second: number, t: number): LimitState => ({
+  const limitState = (max: number, values: Float64Array, w: Window, second: number, t: number, held = 0): LimitState => ({
     limit: max,
-    remaining: Math.max(0, max - total(values, w, second)),
+    remaining: Math.max(0, max - total(values, w, second) - held),
     resetMs: expiryMs(values, w, second, oldest, t),
   });
 
@@ -237,7 +257,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     const second = Math.floor(t / 1000);
     const state: RateState = {};
     if (rpm > 0) state.requests = limitState(rpm, w.requests, w, second, t);
-    if (tpm > 0) state.tokens = limitState(tpm, w.tokens, w, second, t);
+    if (tpm > 0) state.tokens = limitState(tpm, w.tokens, w, second, t, overdue(w, second));
     return state;
   };
 
@@ -256,8 +276,9 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       const w = windowOf(keyId, second);
       const requests = rpm > 0 ? total(w.requests, w, second) : 0;
       let estimate = tpm > 0 ? Math.max(0, Math.ceil(estimatedTokens)) : 0;
-      const tokens = tpm > 0 ? total(w.tokens, w, second) : 0;
-      const running = tpm > 0 ? total(w.running, w, second) : 0;
+      const overrun = tpm > 0 ? overdue(w, second) : 0;
+      const tokens = tpm > 0 ? total(w.tokens, w, second) + overrun : 0;
+      const running = tpm > 0 ? total(w.running, w, second) + overrun : 0;
       /** The key's limits as they stand now: after this request was counted, or at its refusal. */
       const state = () => stateOf(w, rpm, tpm, t);
       if (rpm > 0 && requests + 1 > rpm) {
@@ -277,7 +298,9 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       }
       if (tpm > 0 && tokens > 0 && tokens + estimate > tpm) {
         // Room for this request once enough has expired; all of it when it alone exceeds the limit.
-        let waitMs = expiryMs(w.tokens, w, second, Math.min(tokens, tokens + estimate - tpm), t);
+        // What expires from the window cannot help when requests running past their minute hold it all.
+        const expiring = Math.min(tokens - overrun, tokens + estimate - tpm);
+        let waitMs = expiring > 0 ? expiryMs(w.tokens, w, second, expiring, t) : runningRetryS * 1000;
         // Running requests hold their whole estimate and usually use less: when one ends the room may be there.
         const soon = running > 0 && tokens - running + estimate <= tpm;
         if (soon) waitMs = Math.min(waitMs, runningRetryS * 1000);
@@ -292,6 +315,8 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       // Checked once the per-minute limits have room, so that a refusal's Retry-After is the wait that matters.
       const free = occupy(keyId, maxConcurrent, state);
       add(w, second, 1, estimate, estimate);
+      const flight = { second, estimate };
+      if (estimate > 0) w.flights.add(flight);
       const admitted = state();
       let settled = false;
       return {
@@ -301,6 +326,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
           free();
           if (settled) return undefined;
           settled = true;
+          w.flights.delete(flight);
           // Out of its admitting second's bucket, unless that has expired already.
           const slot = second % windowSeconds;
           if (w.seconds[slot] === second) {
@@ -314,6 +340,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
           free();
           if (settled) return;
           settled = true;
+          w.flights.delete(flight);
           if (tpm <= 0) return;
           // The estimate leaves its admitting second (unless that has expired already); the actual usage is known
           // now, so it counts for a minute from now.
