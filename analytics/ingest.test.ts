@@ -138,6 +138,31 @@ describe("IngestMetrics", () => {
     expect(await totals(org)).toEqual({ requests: 4n, costNanos: 4n * 12_345n });
   });
 
+  test("a flush whose rows span more than 100 months is written whole; the other gateways' batches in it are acked", async () => {
+    const org = "org_months";
+    const { billing, client } = setup(store, { ingest: { flushIntervalMs: 300 } });
+    // A gateway whose clock wandered: one row in each of 120 months ahead (ClickHouse refused past 100 per insert).
+    const base = new Date(now);
+    const wandering = Array.from({ length: 120 }, (_, i) =>
+      sampleMetrics(new Date(Date.UTC(base.getUTCFullYear(), base.getUTCMonth() + i, 2)), { orgId: org }),
+    );
+    const streams = [
+      { gw: "gw-clock", metrics: wandering },
+      { gw: "gw-fine", metrics: rows(2, { orgId: org }) },
+    ].map(({ gw, metrics }) => {
+      const queue = createBatchQueue();
+      const acks = client.ingestMetrics(queue, { headers })[Symbol.asyncIterator]();
+      queue.push({ gatewayInstanceId: gw, sequence: 3n, metrics });
+      return { queue, acks };
+    });
+    for (const s of streams) expect((await s.acks.next()).value?.ackedSequence).toBe(3n);
+    for (const s of streams) s.queue.end();
+    expect(billing.stored.size).toBe(122);
+    const everything = { start: timestampFromDate(new Date(now - 86_400_000)), end: timestampFromDate(new Date(Date.UTC(2040, 0))) };
+    const [total] = await store.queryUsage({ orgId: org, ...everything, groupBy: [], limit: 1 });
+    expect(total?.requests).toBe(122n);
+  });
+
   test("no ack when ClickHouse fails, and billing is not called", async () => {
     // A database that was never migrated: every insert fails inside ClickHouse itself.
     const broken = await createTestStore({ migrate: false });
