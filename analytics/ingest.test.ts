@@ -1,11 +1,12 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { create, equals, isMessage, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
+import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
 import { TimestampSchema, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { Registry } from "prom-client";
 import {
   AnalyticsService,
-  type IngestMetricsRequestSchema,
+  IngestMetricsRequestSchema,
   type IngestMetricsResponse,
   type RequestMetrics,
   RequestMetricsSchema,
@@ -331,6 +332,26 @@ describe("IngestMetrics", () => {
     // Every outcome is there from zero, so the first failure is an increase to AnalyticsIngestFailing.
     const batches = (await registry.getSingleMetric("analytics_ingest_batches_total")?.get())?.values ?? [];
     expect(Object.fromEntries(batches.map((v) => [v.labels.outcome, v.value]))).toEqual({ acked: 1, rejected: 0, failed: 0 });
+  });
+
+  test("a batch that does not decode (a string not UTF-8) ends its stream with InvalidArgument; other streams go on", async () => {
+    const org = "org_undecodable";
+    const { billing, send } = setup(store);
+    const good = rows(2, { orgId: org });
+    // A row whose request_id is not UTF-8: no message can be made of it, only bytes sent as field 3 (metrics).
+    const broken = toBinary(RequestMetricsSchema, sampleMetrics(new Date(now - 60_000), { orgId: org, requestId: "bad-id" }));
+    const at = broken.indexOf(0x62); // the "b" of "bad-id", right after its tag and length
+    broken[at] = 0xff;
+    const batch = create(IngestMetricsRequestSchema, { gatewayInstanceId: "gw-utf8", sequence: 2n });
+    const framed = new BinaryWriter().bytes(broken).finish();
+    batch.$unknown = [{ no: 3, wireType: WireType.LengthDelimited, data: framed }];
+    const { acks, error } = await send([{ gatewayInstanceId: "gw-utf8", sequence: 1n, metrics: good }, batch]);
+    // Not ended as if read in full: the gateway is told why, and resends its batches in order, as after any refusal.
+    expect(error?.code).toBe(Code.InvalidArgument);
+    expect(error?.rawMessage).toContain("utf-8");
+    expect(acks).toEqual([]);
+    expect((await send([{ gatewayInstanceId: "gw-other", sequence: 1n, metrics: good }])).error).toBeUndefined();
+    expect([...billing.stored.keys()].sort()).toEqual(good.map((m) => m.requestId).sort());
   });
 
   test("a batch of more than 10,000 rows is refused before anything is written", async () => {

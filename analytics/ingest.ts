@@ -400,9 +400,19 @@ export function createIngest(deps: IngestDeps): Ingest {
         maybeFlush();
       }
     } catch (e) {
-      // The gateway went away or broke the stream: nothing more to read from it.
+      // The gateway went away, broke the stream, or sent what is not a batch: nothing more to read from it. Unless it
+      // left, its stream ends with why, as a stream ended cleanly says that all it sent was read.
       const err = ConnectError.from(e);
-      if (err.code !== Code.Canceled) deps.log.debug("ingest stream ended with an error", { err });
+      if (err.code !== Code.Canceled) {
+        // A message that does not decode (a string not UTF-8) or is too large: the batch's fault, not analytics'.
+        if (err.code === Code.Internal || err.code === Code.ResourceExhausted) {
+          instruments.batches.inc({ outcome: "rejected" });
+          deps.log.warn("rejected a batch that cannot be read", { err });
+        } else deps.log.debug("ingest stream ended with an error", { err });
+        const refused =
+          err.code === Code.Internal ? new ConnectError(`a batch cannot be read: ${err.rawMessage}`, Code.InvalidArgument) : err;
+        fail([{ stream, sequence: 0n, rows: [], bytes: 0 }], refused);
+      }
     } finally {
       stream.readerDone = true;
       settle(stream);
