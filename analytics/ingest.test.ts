@@ -587,6 +587,20 @@ test("a usage record is the message create() makes of its fields, with or withou
   }
 });
 
+test("a row's estimated memory counts every string and budget charge a gateway sizes, not only its models and tags", () => {
+  const at = new Date(now);
+  const plain = estimatedBytes(sampleMetrics(at));
+  // Any string may be as long as a message holds; only a few are the sizes the base allows for.
+  const long = "x".repeat(100_000);
+  for (const field of ["requestId", "traceId", "spanId", "orgId", "projectId", "apiKeyId", "provider", "errorCode", "gatewayInstanceId"]) {
+    expect(estimatedBytes(sampleMetrics(at, { [field]: long }))).toBeGreaterThan(plain + 2 * long.length - 1000);
+  }
+  const charges = Array.from({ length: 10_000 }, () => ({ leaseId: "lease_01J", nanos: 1n }));
+  expect(estimatedBytes(sampleMetrics(at, { budgetCharges: charges }))).toBeGreaterThanOrEqual(plain + 100 * charges.length);
+  // Short ids and codes are in the base, as before.
+  expect(plain).toBe(1200 + 2 * ("user-1".length + "gpt-4o-mini".length + "mock-gpt-4o-mini".length) + 100 + 2 * "teamsearch".length);
+});
+
 describe("dedupToken", () => {
   test("depends on the set of request ids only, and keeps its format across versions", () => {
     const rows = ["01JB0000000000000000000002", "01JB0000000000000000000001", "01JB0000000000000000000003"].map((requestId) =>

@@ -540,14 +540,28 @@ function storableStart(ts: Timestamp): boolean {
 
 // What a decoded row takes in memory, measured on Bun: about 1.2 KB with short strings (ids, names), plus two bytes
 // per UTF-16 unit of the strings clients and upstreams size (protobuf-es decodes into two-byte strings) and the
-// objects of each tag.
+// objects of each tag and budget charge.
 const rowBaseBytes = 1200;
 const tagBaseBytes = 100;
+// The base holds ids, names and codes this short; a gateway gone wrong may send any of them as long as a message.
+const shortChars = 64;
+const beyondShort = (s: string) => (s.length > shortChars ? 2 * s.length : 0);
 
 /** Estimated memory of a decoded row, for the byte bound: cheap, as every row of every batch is counted. */
 export function estimatedBytes(m: RequestMetrics): number {
   let bytes = rowBaseBytes + 2 * (m.endUserId.length + m.requestedModel.length + m.servedModel.length);
   for (const key in m.tags) bytes += tagBaseBytes + 2 * (key.length + (m.tags[key] as string).length);
+  bytes +=
+    beyondShort(m.requestId) +
+    beyondShort(m.traceId) +
+    beyondShort(m.spanId) +
+    beyondShort(m.orgId) +
+    beyondShort(m.projectId) +
+    beyondShort(m.apiKeyId) +
+    beyondShort(m.provider) +
+    beyondShort(m.errorCode) +
+    beyondShort(m.gatewayInstanceId);
+  for (const charge of m.budgetCharges) bytes += tagBaseBytes + beyondShort(charge.leaseId);
   return bytes;
 }
 
