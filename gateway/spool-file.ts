@@ -1084,7 +1084,13 @@ function adoptOrphans(
   for (const name of names) {
     const dir = join(root, name);
     if (dir === ownDir || openDirs.has(dir)) continue;
-    if (acquireLock(dir) !== undefined) continue;
+    try {
+      if (acquireLock(dir) !== undefined) continue;
+    } catch (e) {
+      // Not this process's to lock (a volume root's lost+found): left alone, as a spool held by another is.
+      log?.warn("a directory beside the metrics spool cannot be locked to adopt; it is left alone", { err: e, dir });
+      continue;
+    }
     let complete = false;
     try {
       complete = adopt(dir, loadDir(dir, log));
