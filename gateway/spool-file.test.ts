@@ -681,4 +681,16 @@ describe("file spool", () => {
     expect(readdirSync(root).sort()).toEqual(["gw-live", "gw-new"]);
     expect(live.rows).toBe(1);
   });
+
+  test("a directory in the root that holds no spool (a volume's lost+found, an operator's) is neither adopted nor deleted", () => {
+    const root = newRoot();
+    mkdirSync(join(root, "lost+found"));
+    writeFileSync(join(root, "lost+found", "#1234"), "a file fsck recovered");
+    mkdirSync(join(root, "empty"));
+    const fresh = openSpool(root, { name: "gw-new" });
+    expect(fresh.recovery.adoptedDirs).toEqual([]);
+    expect(readFileSync(join(root, "lost+found", "#1234"), "utf8")).toBe("a file fsck recovered");
+    expect(readdirSync(join(root, "lost+found"))).toEqual(["#1234"]);
+    expect(readdirSync(join(root, "empty"))).toEqual([]);
+  });
 });
