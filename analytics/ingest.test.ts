@@ -248,6 +248,26 @@ describe("IngestMetrics", () => {
     expect(billing.stored.size).toBe(10);
   });
 
+  test("records whose cost would take billing's daily total past int64 are set aside; the rest of the flush is acked", async () => {
+    const org = "org_overflow";
+    // Billing's answer once a key's day would pass 2^63-1 nano-USD: no resend can change it.
+    const refuse = (records: UsageRecord[]) => {
+      if (records.some((r) => r.apiKeyId === "key_full")) {
+        throw new ConnectError("a total would exceed the largest amount billing can hold (2^63-1)", Code.FailedPrecondition);
+      }
+    };
+    const { billing, send } = setup(store, { billing: createRecordingBilling({ onRecord: refuse }), ingest: { billingBatchRows: 4 } });
+    const full = rows(3, { orgId: org, apiKeyId: "key_full", costNanos: 10n ** 15n });
+    const other = rows(5, { orgId: org, apiKeyId: "key_other" });
+    const { acks, error } = await send([
+      { gatewayInstanceId: "gw-full", sequence: 1n, metrics: full },
+      { gatewayInstanceId: "gw-full", sequence: 2n, metrics: other },
+    ]);
+    expect(error).toBeUndefined();
+    expect(sequences(acks)).toEqual([1n, 2n]);
+    expect([...billing.stored.keys()].sort()).toEqual(other.map((m) => m.requestId).sort());
+  });
+
   test("records of an org or key billing does not know are set aside together in a few calls, not one call each", async () => {
     const org = "org_restored_away";
     let tried = 0;

@@ -19,8 +19,9 @@ import { type AnalyticsStore, maxTtlDays } from "./store/store.ts";
 export const maxBatchRows = 10_000;
 // A flush span links to at most this many request spans; more would bloat every exported span.
 const maxSpanLinks = 128;
-// Billing's answers to records it will never take, however often they are resent.
-const refusals = new Set([Code.InvalidArgument, Code.NotFound]);
+// Billing's answers to records it will never take, however often they are resent: invalid, of an org or key it does
+// not know, or taking a total past int64 (totals only grow, and resent forever they failed every flush they shared).
+const refusals = new Set([Code.InvalidArgument, Code.NotFound, Code.FailedPrecondition]);
 
 export interface IngestOptions {
   /** A flush starts once this many rows are buffered (across every gateway's stream)... */
@@ -298,12 +299,12 @@ export function createIngest(deps: IngestDeps): Ingest {
   }
 
   /**
-   * One RecordUsage call. Billing refuses a whole call for one record it cannot take (invalid, or naming an org or key
-   * it does not know), and would refuse every resend: such a call is split, at the boundary between owners (org,
-   * project and key) nearest its middle, until the refused records are alone, or are all of one owner refused as not
-   * found (an org or key billing does not know is every one of its records' fault alike), and those are set aside
-   * (kept in ClickHouse, logged with their request_id, counted), so bad rows never hold back the rest: one owner's
-   * thousands take one call, not two for each. Any other failure fails the flush, to be resent.
+   * One RecordUsage call. Billing refuses a whole call for one record it cannot take (invalid, naming an org or key
+   * it does not know, or taking a total past int64), and would refuse every resend: such a call is split, at the
+   * boundary between owners (org, project and key) nearest its middle, until the refused records are alone, or are all
+   * of one owner refused as not found (an org or key billing does not know is every one of its records' fault alike),
+   * and those are set aside (kept in ClickHouse, logged with their request_id, counted), so bad rows never hold back
+   * the rest: one owner's thousands take one call, not two for each. Any other failure fails the flush, to be resent.
    */
   async function recordBatch(called: UsageRecord[], sorted = false): Promise<number> {
     const outcome = await callBilling(called);
@@ -674,7 +675,9 @@ function createInstruments(registers: Registry[], held: () => { rows: number; by
     }),
     unbillable: new Counter({
       name: "analytics_ingest_unbillable_rows_total",
-      help: "Rows billing refused as invalid or of an unknown org or key: kept in ClickHouse, logged, not billed.",
+      help:
+        "Rows billing refused as invalid, of an unknown org or key, or past its totals' bound: kept in ClickHouse, " +
+        "logged, not billed.",
       registers,
     }),
     outOfBounds: new Counter({
