@@ -1,11 +1,12 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { create, equals, isMessage, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
+import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
 import { TimestampSchema, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { Registry } from "prom-client";
 import {
   AnalyticsService,
-  type IngestMetricsRequestSchema,
+  IngestMetricsRequestSchema,
   type IngestMetricsResponse,
   type RequestMetrics,
   RequestMetricsSchema,
@@ -138,6 +139,31 @@ describe("IngestMetrics", () => {
     expect(await totals(org)).toEqual({ requests: 4n, costNanos: 4n * 12_345n });
   });
 
+  test("a flush whose rows span more than 100 months is written whole; the other gateways' batches in it are acked", async () => {
+    const org = "org_months";
+    const { billing, client } = setup(store, { ingest: { flushIntervalMs: 300 } });
+    // A gateway whose clock wandered: one row in each of 120 months ahead (ClickHouse refused past 100 per insert).
+    const base = new Date(now);
+    const wandering = Array.from({ length: 120 }, (_, i) =>
+      sampleMetrics(new Date(Date.UTC(base.getUTCFullYear(), base.getUTCMonth() + i, 2)), { orgId: org }),
+    );
+    const streams = [
+      { gw: "gw-clock", metrics: wandering },
+      { gw: "gw-fine", metrics: rows(2, { orgId: org }) },
+    ].map(({ gw, metrics }) => {
+      const queue = createBatchQueue();
+      const acks = client.ingestMetrics(queue, { headers })[Symbol.asyncIterator]();
+      queue.push({ gatewayInstanceId: gw, sequence: 3n, metrics });
+      return { queue, acks };
+    });
+    for (const s of streams) expect((await s.acks.next()).value?.ackedSequence).toBe(3n);
+    for (const s of streams) s.queue.end();
+    expect(billing.stored.size).toBe(122);
+    const everything = { start: timestampFromDate(new Date(now - 86_400_000)), end: timestampFromDate(new Date(Date.UTC(2040, 0))) };
+    const [total] = await store.queryUsage({ orgId: org, ...everything, groupBy: [], limit: 1 });
+    expect(total?.requests).toBe(122n);
+  });
+
   test("no ack when ClickHouse fails, and billing is not called", async () => {
     // A database that was never migrated: every insert fails inside ClickHouse itself.
     const broken = await createTestStore({ migrate: false });
@@ -220,6 +246,26 @@ describe("IngestMetrics", () => {
     const next = await send([{ gatewayInstanceId: "gw-poison", sequence: 2n, metrics: rows(2, { orgId: org }) }]);
     expect(sequences(next.acks)).toEqual([2n]);
     expect(billing.stored.size).toBe(10);
+  });
+
+  test("records whose cost would take billing's daily total past int64 are set aside; the rest of the flush is acked", async () => {
+    const org = "org_overflow";
+    // Billing's answer once a key's day would pass 2^63-1 nano-USD: no resend can change it.
+    const refuse = (records: UsageRecord[]) => {
+      if (records.some((r) => r.apiKeyId === "key_full")) {
+        throw new ConnectError("a total would exceed the largest amount billing can hold (2^63-1)", Code.FailedPrecondition);
+      }
+    };
+    const { billing, send } = setup(store, { billing: createRecordingBilling({ onRecord: refuse }), ingest: { billingBatchRows: 4 } });
+    const full = rows(3, { orgId: org, apiKeyId: "key_full", costNanos: 10n ** 15n });
+    const other = rows(5, { orgId: org, apiKeyId: "key_other" });
+    const { acks, error } = await send([
+      { gatewayInstanceId: "gw-full", sequence: 1n, metrics: full },
+      { gatewayInstanceId: "gw-full", sequence: 2n, metrics: other },
+    ]);
+    expect(error).toBeUndefined();
+    expect(sequences(acks)).toEqual([1n, 2n]);
+    expect([...billing.stored.keys()].sort()).toEqual(other.map((m) => m.requestId).sort());
   });
 
   test("records of an org or key billing does not know are set aside together in a few calls, not one call each", async () => {
@@ -306,6 +352,26 @@ describe("IngestMetrics", () => {
     // Every outcome is there from zero, so the first failure is an increase to AnalyticsIngestFailing.
     const batches = (await registry.getSingleMetric("analytics_ingest_batches_total")?.get())?.values ?? [];
     expect(Object.fromEntries(batches.map((v) => [v.labels.outcome, v.value]))).toEqual({ acked: 1, rejected: 0, failed: 0 });
+  });
+
+  test("a batch that does not decode (a string not UTF-8) ends its stream with InvalidArgument; other streams go on", async () => {
+    const org = "org_undecodable";
+    const { billing, send } = setup(store);
+    const good = rows(2, { orgId: org });
+    // A row whose request_id is not UTF-8: no message can be made of it, only bytes sent as field 3 (metrics).
+    const broken = toBinary(RequestMetricsSchema, sampleMetrics(new Date(now - 60_000), { orgId: org, requestId: "bad-id" }));
+    const at = broken.indexOf(0x62); // the "b" of "bad-id", right after its tag and length
+    broken[at] = 0xff;
+    const batch = create(IngestMetricsRequestSchema, { gatewayInstanceId: "gw-utf8", sequence: 2n });
+    const framed = new BinaryWriter().bytes(broken).finish();
+    batch.$unknown = [{ no: 3, wireType: WireType.LengthDelimited, data: framed }];
+    const { acks, error } = await send([{ gatewayInstanceId: "gw-utf8", sequence: 1n, metrics: good }, batch]);
+    // Not ended as if read in full: the gateway is told why, and resends its batches in order, as after any refusal.
+    expect(error?.code).toBe(Code.InvalidArgument);
+    expect(error?.rawMessage).toContain("utf-8");
+    expect(acks).toEqual([]);
+    expect((await send([{ gatewayInstanceId: "gw-other", sequence: 1n, metrics: good }])).error).toBeUndefined();
+    expect([...billing.stored.keys()].sort()).toEqual(good.map((m) => m.requestId).sort());
   });
 
   test("a batch of more than 10,000 rows is refused before anything is written", async () => {
@@ -539,6 +605,20 @@ test("a usage record is the message create() makes of its fields, with or withou
     expect(call([record])).toEqual(call([made]));
     expect(record.budgetCharges).toEqual(m.budgetCharges);
   }
+});
+
+test("a row's estimated memory counts every string and budget charge a gateway sizes, not only its models and tags", () => {
+  const at = new Date(now);
+  const plain = estimatedBytes(sampleMetrics(at));
+  // Any string may be as long as a message holds; only a few are the sizes the base allows for.
+  const long = "x".repeat(100_000);
+  for (const field of ["requestId", "traceId", "spanId", "orgId", "projectId", "apiKeyId", "provider", "errorCode", "gatewayInstanceId"]) {
+    expect(estimatedBytes(sampleMetrics(at, { [field]: long }))).toBeGreaterThan(plain + 2 * long.length - 1000);
+  }
+  const charges = Array.from({ length: 10_000 }, () => ({ leaseId: "lease_01J", nanos: 1n }));
+  expect(estimatedBytes(sampleMetrics(at, { budgetCharges: charges }))).toBeGreaterThanOrEqual(plain + 100 * charges.length);
+  // Short ids and codes are in the base, as before.
+  expect(plain).toBe(1200 + 2 * ("user-1".length + "gpt-4o-mini".length + "mock-gpt-4o-mini".length) + 100 + 2 * "teamsearch".length);
 });
 
 describe("dedupToken", () => {

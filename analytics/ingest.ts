@@ -19,8 +19,9 @@ import { type AnalyticsStore, maxTtlDays } from "./store/store.ts";
 export const maxBatchRows = 10_000;
 // A flush span links to at most this many request spans; more would bloat every exported span.
 const maxSpanLinks = 128;
-// Billing's answers to records it will never take, however often they are resent.
-const refusals = new Set([Code.InvalidArgument, Code.NotFound]);
+// Billing's answers to records it will never take, however often they are resent: invalid, of an org or key it does
+// not know, or taking a total past int64 (totals only grow, and resent forever they failed every flush they shared).
+const refusals = new Set([Code.InvalidArgument, Code.NotFound, Code.FailedPrecondition]);
 
 export interface IngestOptions {
   /** A flush starts once this many rows are buffered (across every gateway's stream)... */
@@ -298,12 +299,12 @@ export function createIngest(deps: IngestDeps): Ingest {
   }
 
   /**
-   * One RecordUsage call. Billing refuses a whole call for one record it cannot take (invalid, or naming an org or key
-   * it does not know), and would refuse every resend: such a call is split, at the boundary between owners (org,
-   * project and key) nearest its middle, until the refused records are alone, or are all of one owner refused as not
-   * found (an org or key billing does not know is every one of its records' fault alike), and those are set aside
-   * (kept in ClickHouse, logged with their request_id, counted), so bad rows never hold back the rest: one owner's
-   * thousands take one call, not two for each. Any other failure fails the flush, to be resent.
+   * One RecordUsage call. Billing refuses a whole call for one record it cannot take (invalid, naming an org or key
+   * it does not know, or taking a total past int64), and would refuse every resend: such a call is split, at the
+   * boundary between owners (org, project and key) nearest its middle, until the refused records are alone, or are all
+   * of one owner refused as not found (an org or key billing does not know is every one of its records' fault alike),
+   * and those are set aside (kept in ClickHouse, logged with their request_id, counted), so bad rows never hold back
+   * the rest: one owner's thousands take one call, not two for each. Any other failure fails the flush, to be resent.
    */
   async function recordBatch(called: UsageRecord[], sorted = false): Promise<number> {
     const outcome = await callBilling(called);
@@ -400,9 +401,19 @@ export function createIngest(deps: IngestDeps): Ingest {
         maybeFlush();
       }
     } catch (e) {
-      // The gateway went away or broke the stream: nothing more to read from it.
+      // The gateway went away, broke the stream, or sent what is not a batch: nothing more to read from it. Unless it
+      // left, its stream ends with why, as a stream ended cleanly says that all it sent was read.
       const err = ConnectError.from(e);
-      if (err.code !== Code.Canceled) deps.log.debug("ingest stream ended with an error", { err });
+      if (err.code !== Code.Canceled) {
+        // A message that does not decode (a string not UTF-8) or is too large: the batch's fault, not analytics'.
+        if (err.code === Code.Internal || err.code === Code.ResourceExhausted) {
+          instruments.batches.inc({ outcome: "rejected" });
+          deps.log.warn("rejected a batch that cannot be read", { err });
+        } else deps.log.debug("ingest stream ended with an error", { err });
+        const refused =
+          err.code === Code.Internal ? new ConnectError(`a batch cannot be read: ${err.rawMessage}`, Code.InvalidArgument) : err;
+        fail([{ stream, sequence: 0n, rows: [], bytes: 0 }], refused);
+      }
     } finally {
       stream.readerDone = true;
       settle(stream);
@@ -530,14 +541,28 @@ function storableStart(ts: Timestamp): boolean {
 
 // What a decoded row takes in memory, measured on Bun: about 1.2 KB with short strings (ids, names), plus two bytes
 // per UTF-16 unit of the strings clients and upstreams size (protobuf-es decodes into two-byte strings) and the
-// objects of each tag.
+// objects of each tag and budget charge.
 const rowBaseBytes = 1200;
 const tagBaseBytes = 100;
+// The base holds ids, names and codes this short; a gateway gone wrong may send any of them as long as a message.
+const shortChars = 64;
+const beyondShort = (s: string) => (s.length > shortChars ? 2 * s.length : 0);
 
 /** Estimated memory of a decoded row, for the byte bound: cheap, as every row of every batch is counted. */
 export function estimatedBytes(m: RequestMetrics): number {
   let bytes = rowBaseBytes + 2 * (m.endUserId.length + m.requestedModel.length + m.servedModel.length);
   for (const key in m.tags) bytes += tagBaseBytes + 2 * (key.length + (m.tags[key] as string).length);
+  bytes +=
+    beyondShort(m.requestId) +
+    beyondShort(m.traceId) +
+    beyondShort(m.spanId) +
+    beyondShort(m.orgId) +
+    beyondShort(m.projectId) +
+    beyondShort(m.apiKeyId) +
+    beyondShort(m.provider) +
+    beyondShort(m.errorCode) +
+    beyondShort(m.gatewayInstanceId);
+  for (const charge of m.budgetCharges) bytes += tagBaseBytes + beyondShort(charge.leaseId);
   return bytes;
 }
 
@@ -650,7 +675,9 @@ function createInstruments(registers: Registry[], held: () => { rows: number; by
     }),
     unbillable: new Counter({
       name: "analytics_ingest_unbillable_rows_total",
-      help: "Rows billing refused as invalid or of an unknown org or key: kept in ClickHouse, logged, not billed.",
+      help:
+        "Rows billing refused as invalid, of an unknown org or key, or past its totals' bound: kept in ClickHouse, " +
+        "logged, not billed.",
       registers,
     }),
     outOfBounds: new Counter({

@@ -2,6 +2,7 @@ import { afterEach, describe, expect, test } from "bun:test";
 import {
   appendFileSync,
   existsSync,
+  mkdirSync,
   mkdtempSync,
   readFileSync,
   rmSync,
@@ -158,6 +159,22 @@ describe("calls journal", () => {
     expect(lines).toBeLessThan(10_000);
     kill(journal);
     expect(idsOf(open(dir).recorded)).toEqual(["req-0", "req-20000"]);
+  });
+
+  test("a rewrite the disk refuses keeps the line it was to hold: a call crossed out then stays crossed out", () => {
+    const dir = newDir();
+    const { journal } = open(dir);
+    // The rewrite's new file cannot be made (as on a full disk); the file written so far is still there.
+    mkdirSync(join(dir, `${callJournalFile}.tmp`));
+    journal.begun(admitted(0));
+    journal.begun(admitted(5000));
+    for (let i = 1; i < 5000; i++) {
+      journal.begun(admitted(i));
+      // The 10,000th line, where the file is rewritten: req-4999's "-".
+      journal.ended(`req-${i}`);
+    }
+    kill(journal);
+    expect(idsOf(open(dir).recorded)).toEqual(["req-0", "req-5000"]);
   });
 
   test("a write the disk refuses empties the file until writes work again, with the calls then in flight", () => {

@@ -145,12 +145,11 @@ export function openCallJournal(dir: string, options: CallJournalOptions): CallJ
   const append = (text: string) => {
     lines++;
     if (lines >= compactAt) {
-      // The whole file written again holds the line: when it is mostly calls crossed out, or to start again.
+      // The whole file written again holds the line: when it is mostly calls crossed out, or to start again. Refused,
+      // the file as it was is kept, and the line goes there as any other: a "-" lost had its call recorded twice.
       if (failing || lines > live.size * 2) {
-        rewrite();
-        return;
-      }
-      compactAt = lines + compactLines;
+        if (rewrite() || failing) return;
+      } else compactAt = lines + compactLines;
     }
     if (failing) return;
     try {

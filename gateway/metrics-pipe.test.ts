@@ -31,6 +31,8 @@ function createAnalyticsFake() {
     /** Break the current stream right after receiving this many batches on it (without acking the last). */
     breakAfter: undefined as number | undefined,
     acking: true,
+    /** Sequences acked, before the next ack, though no stream sent them (an analytics with a bug). */
+    strayAcks: [] as bigint[],
     /** Wait this long before each ack, one batch after another (an analytics behind a backlog). */
     ackDelayMs: 0,
     /** Fail every stream this long after its first batch arrives (as analytics does when billing is down). */
@@ -61,6 +63,7 @@ function createAnalyticsFake() {
               throw new ConnectError("analytics crashed", Code.Unavailable);
             }
             if (fake.ackDelayMs > 0) await Bun.sleep(fake.ackDelayMs);
+            for (const sequence of fake.strayAcks.splice(0)) yield { ackedSequence: sequence };
             if (fake.acking) yield { ackedSequence: req.sequence };
           }
         },
@@ -273,6 +276,18 @@ describe("metrics shipper", () => {
     expect(await shipper.flush(5000)).toBe(true);
     expect(new Set(analytics.requestIds())).toEqual(new Set(ids(0, 55)));
     expectOrderedStreams(analytics.streams);
+  });
+
+  test("an ack for a batch not sent on the stream is ignored: the batch stays spooled and is sent", async () => {
+    const { analytics, spool, shipper } = setup({ maxInFlightRows: 10 });
+    analytics.strayAcks = [2n, 3n];
+    for (let i = 0; i < 30; i++) shipper.record(row(i));
+    await Bun.sleep(50);
+    expect([...spool.unacked()].map((b) => b.sequence)).toEqual([1n, 2n, 3n]);
+    shipper.start();
+    expect(await shipper.flush(3000)).toBe(true);
+    expect(analytics.requestIds()).toEqual(ids(0, 30));
+    expect(analytics.received.map((b) => b.sequence)).toEqual([1n, 2n, 3n]);
   });
 
   test("a restarted gateway resends from its file spool what analytics never acked, and counts it", async () => {

@@ -332,12 +332,16 @@ export function createMetricsShipper(options: MetricsShipperOptions): MetricsShi
   };
 
   const onAck = (s: Stream, sequence: bigint) => {
-    s.lastAckAt = performance.now();
     const sent = s.inFlight.get(sequence);
-    if (sent) {
-      s.inFlight.delete(sequence);
-      s.inFlightRows -= sent.rows;
+    // Analytics can only have stored what this stream sent it: an ack of anything else (a peer's bug) would drop
+    // rows it never received, and does not show the stream is moving either.
+    if (!sent) {
+      log.warn("analytics acked a batch this stream did not send; it stays spooled", { sequence });
+      return;
     }
+    s.lastAckAt = performance.now();
+    s.inFlight.delete(sequence);
+    s.inFlightRows -= sent.rows;
     sentBefore.delete(sequence);
     if (spool.ack(sequence)) {
       noteAcked(sequence);

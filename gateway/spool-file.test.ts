@@ -626,11 +626,13 @@ describe("file spool", () => {
   });
 
   test.skipIf(process.getuid?.() !== 0)(
-    "a spool root the process may not narrow (a volume it does not own) is warned of, and the spool opens",
+    "a spool root the process may not narrow (a volume it does not own, its lost+found locked) is warned of, and the spool opens",
     async () => {
       // A shared volume's root, owned by root and open to all; the gateway runs as nobody.
       const root = newRoot();
       chmodSync(root, 0o777);
+      // A filesystem's own directory at a volume's root, which no spool adopts and nobody may write to.
+      mkdirSync(join(root, "lost+found"), { mode: 0o700 });
       const script = [
         `import { createLogger } from ${JSON.stringify(join(import.meta.dir, "../lib/log.ts"))};`,
         `import { openFileSpool } from ${JSON.stringify(join(import.meta.dir, "spool-file.ts"))};`,
@@ -649,6 +651,7 @@ describe("file spool", () => {
       const lines = out.split("\n").filter(Boolean).map((line) => JSON.parse(line) as Record<string, unknown>);
       expect(lines).toEqual([
         expect.objectContaining({ level: "warn", msg: expect.stringContaining("readable by this user alone"), dir: root }),
+        expect.objectContaining({ level: "warn", msg: expect.stringContaining("left alone"), dir: join(root, "lost+found") }),
         { msg: "opened", uid: 65534, mode: 0o700 },
       ]);
       expect(statSync(root).mode & 0o777).toBe(0o777);
@@ -677,5 +680,17 @@ describe("file spool", () => {
     expect(batches.flatMap((b) => ids(fresh.read(b))).sort()).toEqual([...range(0, 5), ...range(10, 12), ...range(100, 103)]);
     expect(readdirSync(root).sort()).toEqual(["gw-live", "gw-new"]);
     expect(live.rows).toBe(1);
+  });
+
+  test("a directory in the root that holds no spool (a volume's lost+found, an operator's) is neither adopted nor deleted", () => {
+    const root = newRoot();
+    mkdirSync(join(root, "lost+found"));
+    writeFileSync(join(root, "lost+found", "#1234"), "a file fsck recovered");
+    mkdirSync(join(root, "empty"));
+    const fresh = openSpool(root, { name: "gw-new" });
+    expect(fresh.recovery.adoptedDirs).toEqual([]);
+    expect(readFileSync(join(root, "lost+found", "#1234"), "utf8")).toBe("a file fsck recovered");
+    expect(readdirSync(join(root, "lost+found"))).toEqual(["#1234"]);
+    expect(readdirSync(join(root, "empty"))).toEqual([]);
   });
 });

@@ -765,7 +765,7 @@ export function openFileSpool(options: FileSpoolOptions): FileSpool {
     },
   };
 
-  adoptOrphans(options.root, dir, log, (orphanDir, orphan) => {
+  adoptOrphans(options.root, dir, sidecars.map((s) => s.file), log, (orphanDir, orphan) => {
     let moved = 0;
     const sealFull = (force: boolean) => {
       while (
@@ -1070,9 +1070,12 @@ function createDirReader(segments: ReadonlyMap<number, Segment>) {
 function adoptOrphans(
   root: string,
   ownDir: string,
+  sidecarFiles: readonly string[],
   log: Logger | undefined,
   adopt: (dir: string, orphan: Loaded) => boolean,
 ): void {
+  // What a spool's directory holds while it has anything to adopt; any other directory is not a spool's, and is kept.
+  const spoolFile = (name: string) => name === "LOCK" || /^\d{10}\.seg$/.test(name) || sidecarFiles.includes(name);
   let names: string[];
   try {
     names = readdirSync(root, { withFileTypes: true })
@@ -1084,7 +1087,13 @@ function adoptOrphans(
   for (const name of names) {
     const dir = join(root, name);
     if (dir === ownDir || openDirs.has(dir)) continue;
-    if (acquireLock(dir) !== undefined) continue;
+    try {
+      if (!readdirSync(dir).some(spoolFile) || acquireLock(dir) !== undefined) continue;
+    } catch (e) {
+      // Not this process's to read or lock (a volume root's lost+found): left alone, as a spool held by another is.
+      log?.warn("a directory beside the metrics spool cannot be locked to adopt; it is left alone", { err: e, dir });
+      continue;
+    }
     let complete = false;
     try {
       complete = adopt(dir, loadDir(dir, log));

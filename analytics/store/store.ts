@@ -207,8 +207,13 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
     options.rollupChunkRows,
     cluster !== undefined,
   );
-  // A Distributed insert returns only once every shard has its rows, so an ack means they are stored.
-  const insertSettings: Record<string, string> = cluster ? { distributed_foreground_insert: "1" } : {};
+  // A Distributed insert returns only once every shard has its rows, so an ack means they are stored. A flush may hold
+  // rows of any month ingest takes (a gateway's clock astray): past ClickHouse's 100 partitions per insert it failed
+  // at every resend, and with it every other gateway's batches flushed alongside.
+  const insertSettings: Record<string, string> = {
+    max_partitions_per_insert_block: "0",
+    ...(cluster ? { distributed_foreground_insert: "1" } : {}),
+  };
   const windowParams = (q: { orgId: string } & TimeWindow): QueryParams => ({
     org_id: q.orgId,
     start: toDateTime64(q.start),
