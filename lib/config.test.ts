@@ -32,6 +32,10 @@ describe("parseEnv", () => {
     expect(message).toContain('BILLING_URL ("not a url")');
   });
 
+  test("shows a refused value's line breaks escaped, keeping its message on one line", () => {
+    expect(() => parseEnv(shape, { GATEWAY_PORT: "80a\n9000" })).toThrow(/^invalid environment: GATEWAY_PORT \("80a\\n9000"\): [^\n]*$/);
+  });
+
   test("never echoes a secret's value", () => {
     expect(() => parseEnv(shape, { ADMIN_TOKEN: "short" })).toThrow('ADMIN_TOKEN ("***")');
   });

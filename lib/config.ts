@@ -322,7 +322,8 @@ export function parseEnv<S extends z.ZodRawShape>(
           ? "set but empty"
           : value.trim() === ""
             ? "set but blank"
-            : `"${looksSecret(name) ? "***" : withoutCredentials(value)}"`;
+            : // Escaped, so a value's line break keeps the message on one line.
+              JSON.stringify(looksSecret(name) ? "***" : withoutCredentials(value));
     const entry = typeof inside[0] === "number" ? `, entry ${inside[0] + 1}` : "";
     return `${name} (${shown}${entry}): ${issue.message}`;
   });
