@@ -212,8 +212,9 @@ export const defaultAdminToken = "dev-admin-token-change-me";
 
 /** Variables every service reads. Service schemas extend this shape. */
 export const commonEnv = {
-  LOG_LEVEL: z.enum(["debug", "info", "warn", "error"]).default("info"),
-  MESH_DATA_DIR: z.string().min(1).default(".data"),
+  // Trimmed, as numbers and URLs are: a value from a file or `echo` ends in a newline.
+  LOG_LEVEL: z.string().trim().pipe(z.enum(["debug", "info", "warn", "error"])).default("info"),
+  MESH_DATA_DIR: z.string().trim().min(1).default(".data"),
   /** Bearer token for admin RPCs and service-to-service calls. */
   ADMIN_TOKEN: setOrUnset(
     z
