@@ -168,7 +168,7 @@ if (cfg.GATEWAY_BUDGET_LEASE_TTL_S * 1000 < longestRequestMs + 10_000) {
 const runtime = createRuntime("gateway", cfg, cfg.GATEWAY_INSTANCE_ID);
 const { log } = runtime;
 // A stop signal while it waits for an old spool LOCK ends the start; once the spool is open, its LOCK is released.
-const signals = stopOnSignals(log);
+const signals = stopOnSignals(log, "reload");
 // SIGHUP reloads GATEWAY_CONFIG once the gateway serves (see configReloader below); unhandled, it would end the process.
 let reloadConfig = () => log.warn("SIGHUP while the gateway starts: the config it starts with was read already; send it again");
 process.on("SIGHUP", () => reloadConfig());
