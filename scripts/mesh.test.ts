@@ -40,6 +40,18 @@ test("npm start -- --help says what configures it, and an argument it does not t
   }
 });
 
+test("a MESH_DATA_DIR that cannot be a directory (a file there) is refused in one line naming it, nothing started", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "mesh-file-"));
+  try {
+    await writeFile(join(dir, "data"), "");
+    const run = await runCommand([process.execPath, launcher], { env: { MESH_DATA_DIR: join(dir, "data") } });
+    expect(run.code).toBe(1);
+    expect(run.stderr).toMatch(/^mesh failed to start: cannot make the data directory .*\/data \(MESH_DATA_DIR\): EEXIST[^\n]*\n$/);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 /** `npm start` on a data directory of its own and free ports, its output read line by line. */
 function launch(dataDir: string, env: Record<string, string> = {}) {
   const proc = Bun.spawn([process.execPath, launcher], {

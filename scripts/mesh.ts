@@ -316,7 +316,10 @@ export async function lockDataDir(
     }
   };
   let writing = Promise.resolve();
-  await mkdir(dataDir, { recursive: true, mode: 0o700 });
+  await mkdir(dataDir, { recursive: true, mode: 0o700 }).catch((e: Error) => {
+    // A file in its place, a parent that is one, a read-only parent: which variable names it.
+    throw new Error(`cannot make the data directory ${dataDir} (MESH_DATA_DIR): ${e.message}`);
+  });
   for (;;) {
     try {
       await write("link");
