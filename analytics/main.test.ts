@@ -80,6 +80,33 @@ test("main.ts starts ready, keeps its data across restarts and exits 0 on SIGTER
   expect(await second.proc.exited).toBe(0);
 });
 
+test("on a data directory another analytics still runs on it exits 1, its error line naming that one's pid", async () => {
+  const first = await startAnalytics();
+  try {
+    const second = Bun.spawn([process.execPath, join(import.meta.dir, "main.ts")], {
+      env: { ...process.env, MESH_DATA_DIR: dataDir, ANALYTICS_PORT: String(await freePort()), CLICKHOUSE_URL: undefined },
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [out, code] = await Promise.all([new Response(second.stdout).text(), second.exited]);
+    expect(code).toBe(1);
+    const errors = out.split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l)).filter((l) => l.level === "error");
+    expect(errors).toEqual([
+      expect.objectContaining({
+        msg: "clickhouse failed to start",
+        err: expect.objectContaining({
+          message: `${join(dataDir, "clickhouse")} is in use by the analytics (pid ${first.proc.pid}) still running on it: stop that one first, or give this one another MESH_DATA_DIR`,
+        }),
+      }),
+    ]);
+    // The first serves on.
+    expect((await fetch(`${first.url}/readyz`)).status).toBe(200);
+  } finally {
+    first.proc.kill("SIGTERM");
+    await first.proc.exited;
+  }
+}, 60_000);
+
 test("with its ClickHouse server unreachable it exits 1, every line it writes one JSON object", async () => {
   const closed = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
   const port = closed.port;

@@ -85,6 +85,24 @@ test("SIGTERM stops it and its embedded postgres without a warning about the con
   }
 }, 90_000);
 
+test("SIGHUP (its terminal closed, npm run billing) stops it and its embedded postgres, as SIGTERM does", async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), "billing-main-"));
+  const port = await freePort();
+  const billing = spawnBilling(dataDir, port, "warn", () => {});
+  let pid: number | undefined;
+  try {
+    await billing.ready;
+    pid = await postmasterPid(join(dataDir, "postgres"));
+    billing.proc.kill("SIGHUP");
+    expect(await billing.proc.exited).toBe(0);
+    expect(isAlive(pid as number)).toBe(false);
+  } finally {
+    await billing.stop("SIGKILL");
+    if (pid && isAlive(pid)) process.kill(pid, "SIGKILL");
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}, 90_000);
+
 test("/readyz and the gRPC health check answer 503 postgres timeout within about a second while postgres hangs", async () => {
   const dataDir = await mkdtemp(join(tmpdir(), "billing-main-"));
   const port = await freePort();

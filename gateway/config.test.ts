@@ -177,6 +177,14 @@ describe("gateway config", () => {
     expect(message).toContain('"abc"');
   });
 
+  test("a price written with whitespace around it is listed without it, as it is charged", () => {
+    const cfg = parseGatewayConfig(
+      base(`  - { name: m, targets: [{ provider: mock, model: x }], pricing: { input_per_mtok: " 2.50", output_per_mtok: "10 " } }`),
+      "t.yaml",
+    );
+    expect(cfg.models.get("m")?.pricing).toEqual({ input: "2.50", cachedInput: "2.50", output: "10", reasoning: "10" });
+  });
+
   test("a price over $10,000 per million tokens, or cached input dearer than input, is refused", () => {
     const priced = (pricing: string) => base(`  - { name: m, targets: [{ provider: mock, model: x }], pricing: ${pricing} }`);
     expect(configError(priced('{ input_per_mtok: "999999999", output_per_mtok: "1" }'))).toContain(

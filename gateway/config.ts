@@ -24,6 +24,8 @@ const envName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, "must be an environ
 // Strings only: a YAML number such as 0.1 would reach us as a binary float.
 const usdPerMtok = z
   .string({ error: 'must be a decimal USD string such as "2.50" (quote it in YAML)' })
+  // Listed as configured (ListModels), so as it is charged: " 2.50" is 2.50.
+  .trim()
   .transform((text, ctx) => {
     try {
       return { text, micros: parseUsdMicros(text) };

@@ -43,7 +43,7 @@ const cfg = loadEnvOrExit({
   BILLING_URL: env.httpUrl.default("http://127.0.0.1:8081"),
   ANALYTICS_URL: env.httpUrl.default("http://127.0.0.1:8082"),
   /** Routes and prices, YAML or JSON; read again on SIGHUP. */
-  GATEWAY_CONFIG: env.setOrUnset(env.filled.default(fileURLToPath(new URL("./config.default.yaml", import.meta.url)))),
+  GATEWAY_CONFIG: env.setOrUnset(env.filled.trim().default(fileURLToPath(new URL("./config.default.yaml", import.meta.url)))),
   /** Reads GATEWAY_CONFIG this often and reloads it once its content changed (a ConfigMap updated in place); 0: never. */
   GATEWAY_CONFIG_POLL_MS: env
     .int(0, 3_600_000)
@@ -106,10 +106,10 @@ const cfg = loadEnvOrExit({
   GATEWAY_BUDGET_MIN_LEASE_NANOS: env.bigint(1n).default(1_000_000n),
   GATEWAY_BUDGET_MAX_LEASE_NANOS: env.bigint(1n).default(10_000_000_000n),
   /** Holds one metrics spool directory per replica (named by GATEWAY_INSTANCE_ID); default <MESH_DATA_DIR>/spool. */
-  GATEWAY_SPOOL_DIR: z.string().min(1).optional(),
+  GATEWAY_SPOOL_DIR: z.string().trim().min(1).optional(),
   GATEWAY_SPOOL_MAX_BYTES: env.int(1024 * 1024, 1024 ** 4).default(256 * 1024 * 1024),
   /** always: fdatasync per request; interval: every GATEWAY_SPOOL_FSYNC_INTERVAL_MS; never: the OS decides. */
-  GATEWAY_SPOOL_FSYNC: z.enum(["always", "interval", "never"]).default("interval"),
+  GATEWAY_SPOOL_FSYNC: z.string().trim().pipe(z.enum(["always", "interval", "never"])).default("interval"),
   GATEWAY_SPOOL_FSYNC_INTERVAL_MS: env.int(1, 60_000).default(1000),
   GATEWAY_METRICS_BATCH_ROWS: env.int(1, 10_000).default(1000),
   /**
@@ -168,7 +168,7 @@ if (cfg.GATEWAY_BUDGET_LEASE_TTL_S * 1000 < longestRequestMs + 10_000) {
 const runtime = createRuntime("gateway", cfg, cfg.GATEWAY_INSTANCE_ID);
 const { log } = runtime;
 // A stop signal while it waits for an old spool LOCK ends the start; once the spool is open, its LOCK is released.
-const signals = stopOnSignals(log);
+const signals = stopOnSignals(log, "reload");
 // SIGHUP reloads GATEWAY_CONFIG once the gateway serves (see configReloader below); unhandled, it would end the process.
 let reloadConfig = () => log.warn("SIGHUP while the gateway starts: the config it starts with was read already; send it again");
 process.on("SIGHUP", () => reloadConfig());

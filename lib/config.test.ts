@@ -32,6 +32,15 @@ describe("parseEnv", () => {
     expect(message).toContain('BILLING_URL ("not a url")');
   });
 
+  test("reads a level or a path with surrounding whitespace (a newline from a file or echo) as numbers are read", () => {
+    const cfg = parseEnv(shape, { LOG_LEVEL: "debug\n", MESH_DATA_DIR: " /var/lib/mesh\n", GATEWAY_PORT: " 9000\n" });
+    expect([cfg.LOG_LEVEL, cfg.MESH_DATA_DIR, cfg.GATEWAY_PORT]).toEqual(["debug", "/var/lib/mesh", 9000]);
+  });
+
+  test("shows a refused value's line breaks escaped, keeping its message on one line", () => {
+    expect(() => parseEnv(shape, { GATEWAY_PORT: "80a\n9000" })).toThrow(/^invalid environment: GATEWAY_PORT \("80a\\n9000"\): [^\n]*$/);
+  });
+
   test("never echoes a secret's value", () => {
     expect(() => parseEnv(shape, { ADMIN_TOKEN: "short" })).toThrow('ADMIN_TOKEN ("***")');
   });

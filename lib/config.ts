@@ -212,8 +212,9 @@ export const defaultAdminToken = "dev-admin-token-change-me";
 
 /** Variables every service reads. Service schemas extend this shape. */
 export const commonEnv = {
-  LOG_LEVEL: z.enum(["debug", "info", "warn", "error"]).default("info"),
-  MESH_DATA_DIR: z.string().min(1).default(".data"),
+  // Trimmed, as numbers and URLs are: a value from a file or `echo` ends in a newline.
+  LOG_LEVEL: z.string().trim().pipe(z.enum(["debug", "info", "warn", "error"])).default("info"),
+  MESH_DATA_DIR: z.string().trim().min(1).default(".data"),
   /** Bearer token for admin RPCs and service-to-service calls. */
   ADMIN_TOKEN: setOrUnset(
     z
@@ -322,7 +323,8 @@ export function parseEnv<S extends z.ZodRawShape>(
           ? "set but empty"
           : value.trim() === ""
             ? "set but blank"
-            : `"${looksSecret(name) ? "***" : withoutCredentials(value)}"`;
+            : // Escaped, so a value's line break keeps the message on one line.
+              JSON.stringify(looksSecret(name) ? "***" : withoutCredentials(value));
     const entry = typeof inside[0] === "number" ? `, entry ${inside[0] + 1}` : "";
     return `${name} (${shown}${entry}): ${issue.message}`;
   });

@@ -174,9 +174,10 @@ const orphanedSignal = "parent exited";
  * deleted while it migrates waits out its whole grace period for SIGKILL), and elsewhere one would end the process
  * without a word, leaving a child server running. A signal runs `stop` once (exit 0; 1 if it throws), or before
  * `serving` the start-up's undoing; a second signal exits 1 at once. A service spawned by spawnService stops the same
- * way once its spawner is gone.
+ * way once its spawner is gone. SIGHUP (its terminal closed) stops it too, unless `hangup` is "reload": a process that
+ * handles it itself (the gateway rereads its config).
  */
-export function stopOnSignals(log: Logger): StopSignals {
+export function stopOnSignals(log: Logger, hangup: "stop" | "reload" = "stop"): StopSignals {
   let stopping = false;
   let stop: (() => Promise<void>) | undefined;
   const undos: (() => unknown)[] = [];
@@ -210,6 +211,8 @@ export function stopOnSignals(log: Logger): StopSignals {
   };
   process.on("SIGTERM", () => onSignal("SIGTERM"));
   process.on("SIGINT", () => onSignal("SIGINT"));
+  // Unhandled, it would end the process on the spot, leaving what it started (billing's embedded Postgres) running.
+  if (hangup === "stop") process.on("SIGHUP", () => onSignal("SIGHUP"));
   // Logs go to pipes that end with whoever reads them (a launcher killed with kill -9): a write to one then fails
   // with EPIPE, which unhandled would end the process on the spot, mid-request or mid-stop.
   for (const out of [process.stdout, process.stderr]) out.on("error", () => {});

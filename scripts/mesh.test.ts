@@ -21,6 +21,37 @@ test("the launcher reads MESH_READY_TIMEOUT_MS as a whole number in decimal digi
   }
 });
 
+test("npm start -- --help says what configures it, and an argument it does not take is refused, nothing started", async () => {
+  const dataDir = join(await mkdtemp(join(tmpdir(), "mesh-args-")), "data");
+  try {
+    const help = await runCommand([process.execPath, launcher, "--help"], { env: { MESH_DATA_DIR: dataDir } });
+    expect(help).toMatchObject({ code: 0, stderr: "" });
+    expect(help.stdout).toStartWith("usage: npm start");
+    expect(help.stdout).toContain("MESH_DATA_DIR (.data), GATEWAY_PORT (8080)");
+    const other = await runCommand([process.execPath, launcher, "--port", "9000"], { env: { MESH_DATA_DIR: dataDir } });
+    expect(other).toEqual({
+      code: 2,
+      stdout: "",
+      stderr: 'npm start takes no arguments, not "--port": it is configured by its environment (npm start -- --help)\n',
+    });
+    expect(readdirSync(join(dataDir, ".."))).toEqual([]);
+  } finally {
+    await rm(join(dataDir, ".."), { recursive: true, force: true });
+  }
+});
+
+test("a MESH_DATA_DIR that cannot be a directory (a file there) is refused in one line naming it, nothing started", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "mesh-file-"));
+  try {
+    await writeFile(join(dir, "data"), "");
+    const run = await runCommand([process.execPath, launcher], { env: { MESH_DATA_DIR: join(dir, "data") } });
+    expect(run.code).toBe(1);
+    expect(run.stderr).toMatch(/^mesh failed to start: cannot make the data directory .*\/data \(MESH_DATA_DIR\): EEXIST[^\n]*\n$/);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 /** `npm start` on a data directory of its own and free ports, its output read line by line. */
 function launch(dataDir: string, env: Record<string, string> = {}) {
   const proc = Bun.spawn([process.execPath, launcher], {

@@ -316,7 +316,10 @@ export async function lockDataDir(
     }
   };
   let writing = Promise.resolve();
-  await mkdir(dataDir, { recursive: true, mode: 0o700 });
+  await mkdir(dataDir, { recursive: true, mode: 0o700 }).catch((e: Error) => {
+    // A file in its place, a parent that is one, a read-only parent: which variable names it.
+    throw new Error(`cannot make the data directory ${dataDir} (MESH_DATA_DIR): ${e.message}`);
+  });
   for (;;) {
     try {
       await write("link");
@@ -369,6 +372,20 @@ export async function lockDataDir(
 }
 
 if (import.meta.main) {
+  // Anything on the command line would otherwise be ignored, `--help` starting the whole mesh.
+  const [first] = process.argv.slice(2);
+  if (first === "--help" || first === "-h") {
+    process.stdout.write(
+      "usage: npm start (bun scripts/mesh.ts): billing, analytics and the gateway until Ctrl-C\n" +
+        "environment: MESH_DATA_DIR (.data), GATEWAY_PORT (8080), GATEWAY_REST_PORT (8090), BILLING_PORT (8081),\n" +
+        "ANALYTICS_PORT (8082), ADMIN_TOKEN, MESH_READY_TIMEOUT_MS (60000), and each service's (README, Configuration)\n",
+    );
+    process.exit(0);
+  }
+  if (first !== undefined) {
+    process.stderr.write(`npm start takes no arguments, not "${first}": it is configured by its environment (npm start -- --help)\n`);
+    process.exit(2);
+  }
   const cfg = loadEnvOrExit({
     MESH_DATA_DIR: commonEnv.MESH_DATA_DIR,
     ADMIN_TOKEN: commonEnv.ADMIN_TOKEN,

@@ -1,4 +1,5 @@
-import { resolve } from "node:path";
+import { readFileSync } from "node:fs";
+import { join, resolve } from "node:path";
 import { Session } from "chdb";
 import type { Logger } from "../../lib/log.ts";
 import { ownerOnlyDir } from "../../lib/owner-only-dir.ts";
@@ -32,7 +33,7 @@ export function openChdbSession(path: string, log?: Logger): { session: Session;
     }
     // Rows hold tenants' request metadata: the directory is this user's alone, as billing's Postgres directory is.
     ownerOnlyDir(key, log);
-    shared = { session: connect(key), users: 0 };
+    shared = { session: connectOrExplain(key), users: 0 };
     sessions.set(key, shared);
   }
   shared.users++;
@@ -50,6 +51,41 @@ export function openChdbSession(path: string, log?: Logger): { session: Session;
       }
     },
   };
+}
+
+/**
+ * The process's first connection to `key`. The engine refuses a directory another process's engine holds saying only
+ * "Failed to create connection": which process holds it, from the pid its `status` file names, is what to stop.
+ */
+function connectOrExplain(key: string): Session {
+  try {
+    return connect(key);
+  } catch (e) {
+    const pid = Number(/^PID: (\d+)$/m.exec(readText(join(key, "status")))?.[1]);
+    if (pid > 0 && pid !== process.pid && running(pid)) {
+      throw new Error(
+        `${key} is in use by the analytics (pid ${pid}) still running on it: stop that one first, or give this one another MESH_DATA_DIR`,
+      );
+    }
+    throw e;
+  }
+}
+
+function readText(path: string): string {
+  try {
+    return readFileSync(path, "utf8");
+  } catch {
+    return "";
+  }
+}
+
+function running(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
 }
 
 /** A new connection to the engine on the data directory `key` (an absolute path). */
