@@ -202,10 +202,17 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     }
   };
 
-  /** The estimates of requests still running that were admitted in a second the window has left. */
+  /**
+   * The estimates of requests still running that were admitted in a second the window has left. A set iterates in the
+   * order its requests were admitted, oldest first, so the walk stops at the first still in the window: a key with many
+   * requests running pays for the few that outlived their minute, not for all of them.
+   */
   const overdue = (w: Window, second: number) => {
     let sum = 0;
-    for (const flight of w.flights) if (flight.second <= second - windowSeconds) sum += flight.estimate;
+    for (const flight of w.flights) {
+      if (flight.second > second - windowSeconds) break;
+      sum += flight.estimate;
+    }
     return sum;
   };
 
