@@ -405,13 +405,15 @@ export function createIngest(deps: IngestDeps): Ingest {
       // left, its stream ends with why, as a stream ended cleanly says that all it sent was read.
       const err = ConnectError.from(e);
       if (err.code !== Code.Canceled) {
-        // A message that does not decode (a string not UTF-8) or is too large: the batch's fault, not analytics'.
-        if (err.code === Code.Internal || err.code === Code.ResourceExhausted) {
+        // A message that does not decode (a string not UTF-8) or is too large: the batch's fault, not analytics'. A
+        // connection reset is Internal or ResourceExhausted too, and neither: told apart by connect's own words.
+        const undecodable = err.code === Code.Internal && err.rawMessage.startsWith("parse binary");
+        const tooLarge = err.code === Code.ResourceExhausted && err.rawMessage.includes("larger than configured readMaxBytes");
+        if (undecodable || tooLarge) {
           instruments.batches.inc({ outcome: "rejected" });
           deps.log.warn("rejected a batch that cannot be read", { err });
         } else deps.log.debug("ingest stream ended with an error", { err });
-        const refused =
-          err.code === Code.Internal ? new ConnectError(`a batch cannot be read: ${err.rawMessage}`, Code.InvalidArgument) : err;
+        const refused = undecodable ? new ConnectError(`a batch cannot be read: ${err.rawMessage}`, Code.InvalidArgument) : err;
         fail([{ stream, sequence: 0n, rows: [], bytes: 0 }], refused);
       }
     } finally {
