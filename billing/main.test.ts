@@ -7,7 +7,8 @@ import { readinessIntervalMs } from "../lib/health.ts";
 import { freePort, spawnService } from "../lib/processes.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { expectJsonStartFailure, spawnAsContainerInit } from "../lib/testing.ts";
-import { isAlive, postmasterPid } from "./store/embedded.ts";
+import { isAlive } from "../lib/processes.ts";
+import { postmasterPid } from "./store/embedded.ts";
 import { migrate, migrationsDir } from "./store/migrate.ts";
 import { createTestDatabase } from "./store/test-db.ts";
 

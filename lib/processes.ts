@@ -17,6 +17,17 @@ export function procStatFields(pid: number): string[] | undefined {
   }
 }
 
+/** Whether a process runs (a zombie does not). */
+export function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+  // An exited process orphaned by a killed parent stays a zombie until an init process reaps it.
+  return procStatFields(pid)?.[0] !== "Z";
+}
+
 /** A free TCP port on loopback, picked by the kernel. */
 export async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {

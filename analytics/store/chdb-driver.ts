@@ -3,6 +3,7 @@ import { join, resolve } from "node:path";
 import { Session } from "chdb";
 import type { Logger } from "../../lib/log.ts";
 import { ownerOnlyDir } from "../../lib/owner-only-dir.ts";
+import { isAlive } from "../../lib/processes.ts";
 import {
   type ClickHouseDriver,
   defaultChdbReportTimeoutSeconds,
@@ -62,7 +63,7 @@ function connectOrExplain(key: string): Session {
     return connect(key);
   } catch (e) {
     const pid = Number(/^PID: (\d+)$/m.exec(readText(join(key, "status")))?.[1]);
-    if (pid > 0 && pid !== process.pid && running(pid)) {
+    if (pid > 0 && pid !== process.pid && isAlive(pid)) {
       throw new Error(
         `${key} is in use by the analytics (pid ${pid}) still running on it: stop that one first, or give this one another MESH_DATA_DIR`,
       );
@@ -76,15 +77,6 @@ function readText(path: string): string {
     return readFileSync(path, "utf8");
   } catch {
     return "";
-  }
-}
-
-function running(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === "EPERM";
   }
 }
 

@@ -6,7 +6,8 @@ import { join } from "node:path";
 import pg from "pg";
 import { createLogger } from "../../lib/log.ts";
 import { procStatFields } from "../../lib/processes.ts";
-import { type EmbeddedPostgresServer, isAlive as alive, startEmbeddedPostgres } from "./embedded.ts";
+import { isAlive as alive } from "../../lib/processes.ts";
+import { type EmbeddedPostgresServer, startEmbeddedPostgres } from "./embedded.ts";
 
 // A first life that creates the cluster, writes a row and prints the postmaster pid, then waits to be killed.
 const firstLife = `

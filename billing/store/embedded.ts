@@ -4,7 +4,7 @@ import { chmod, mkdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import pg from "pg";
 import type { Logger } from "../../lib/log.ts";
-import { freePort, procStatFields } from "../../lib/processes.ts";
+import { freePort, isAlive, procStatFields } from "../../lib/processes.ts";
 
 export interface EmbeddedPostgresOptions {
   /** Cluster directory, e.g. `<MESH_DATA_DIR>/postgres`; its password lives next to it in `<dir>.password`. */
@@ -196,17 +196,6 @@ async function stopStalePostmaster(dataDir: string, log: Logger): Promise<void> 
   if (await waitForExit(pid, 15_000)) return;
   process.kill(pid, "SIGQUIT");
   if (!(await waitForExit(pid, 5_000))) throw new Error(`stale postgres ${pid} on ${dataDir} does not stop`);
-}
-
-/** Whether a process runs (a zombie does not). */
-export function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === "EPERM";
-  }
-  // An exited server orphaned by a killed parent stays a zombie until an init process reaps it.
-  return procStatFields(pid)?.[0] !== "Z";
 }
 
 function readLink(path: string): string {
