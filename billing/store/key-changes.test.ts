@@ -235,7 +235,9 @@ test("a feed that stops hearing its checks fails its watchers though the wall cl
       (e: unknown) => e,
     );
     hearing = false;
-    // NTP steps the host's clock back an hour (it ran fast): the 300 ms a check may take pass all the same.
+    // A check is committed, unheard, and then NTP steps the host's clock back an hour (it ran fast): the 300 ms it may
+    // take pass all the same.
+    await Bun.sleep(150);
     setSystemTime(new Date(Date.now() - 3_600_000));
     const error = await Promise.race([next, Bun.sleep(3_000).then(() => "still watching")]);
     expect(error).toBeInstanceOf(BillingError);
