@@ -101,7 +101,7 @@ describe("DDL for a ClickHouse cluster (CLICKHOUSE_CLUSTER)", () => {
     await store.insertRequests([sampleMetrics(new Date())], "token-1");
     expect(driver.sent.find((s) => s.sql === "INSERT INTO mesh.requests")).toEqual({
       sql: "INSERT INTO mesh.requests",
-      settings: { distributed_foreground_insert: "1", insert_deduplication_token: "token-1" },
+      settings: { distributed_foreground_insert: "1", insert_deduplication_token: "token-1", max_partitions_per_insert_block: "0" },
     });
   });
 
