@@ -198,31 +198,11 @@ test("a listening connection told of nothing committed elsewhere is never live: 
   }
 });
 
-test("a live feed whose connection stops being told of commits elsewhere fails its watchers as unavailable", async () => {
-  let hearing = true;
-  const pool = poolHearing(() => hearing);
-  const feed = createKeyChangeFeed(pool, { checkMs: 100, checkTimeoutMs: 300 });
-  const stop = new AbortController();
-  try {
-    const iterator = feed.watchKeyChanges(stop.signal)[Symbol.asyncIterator]();
-    expect((await iterator.next()).value).toBeNull();
-    // The feed's own checks are no changes: none reaches the watcher while it hears them.
-    const next = iterator.next().then(
-      (step) => step,
-      (e: unknown) => e,
-    );
-    await Bun.sleep(500);
-    hearing = false;
-    const error = await Promise.race([next, Bun.sleep(3_000).then(() => "still watching")]);
-    expect(error).toBeInstanceOf(BillingError);
-    expect((error as BillingError).kind).toBe("unavailable");
-  } finally {
-    stop.abort();
-    await pool.end();
-  }
-});
-
-test("a feed that stops hearing its checks fails its watchers though the wall clock was stepped back meanwhile", async () => {
+/**
+ * What a watcher of a live feed (checks every 100 ms, heard within 300 ms) gets once its connection stops hearing
+ * them: `deafen` stops the hearing when and as its test wants. An error, or "still watching" after 3 s.
+ */
+async function watchedUntilDeaf(deafen: (stopHearing: () => void) => Promise<void>): Promise<unknown> {
   let hearing = true;
   const pool = poolHearing(() => hearing);
   const feed = createKeyChangeFeed(pool, { checkMs: 100, checkTimeoutMs: 300 });
@@ -234,19 +214,37 @@ test("a feed that stops hearing its checks fails its watchers though the wall cl
       (step) => step,
       (e: unknown) => e,
     );
-    hearing = false;
-    // A check is committed, unheard, and then NTP steps the host's clock back an hour (it ran fast): the 300 ms it may
-    // take pass all the same.
-    await Bun.sleep(150);
-    setSystemTime(new Date(Date.now() - 3_600_000));
-    const error = await Promise.race([next, Bun.sleep(3_000).then(() => "still watching")]);
-    expect(error).toBeInstanceOf(BillingError);
-    expect((error as BillingError).kind).toBe("unavailable");
+    await deafen(() => {
+      hearing = false;
+    });
+    return await Promise.race([next, Bun.sleep(3_000).then(() => "still watching")]);
   } finally {
     setSystemTime();
     stop.abort();
     await pool.end();
   }
+}
+
+test("a live feed whose connection stops being told of commits elsewhere fails its watchers as unavailable", async () => {
+  const error = await watchedUntilDeaf(async (stopHearing) => {
+    // The feed's own checks are no changes: none reaches the watcher while it hears them.
+    await Bun.sleep(500);
+    stopHearing();
+  });
+  expect(error).toBeInstanceOf(BillingError);
+  expect((error as BillingError).kind).toBe("unavailable");
+});
+
+test("a feed that stops hearing its checks fails its watchers though the wall clock was stepped back meanwhile", async () => {
+  const error = await watchedUntilDeaf(async (stopHearing) => {
+    stopHearing();
+    // A check is committed, unheard, and then NTP steps the host's clock back an hour (it ran fast): the 300 ms it
+    // may take pass all the same.
+    await Bun.sleep(150);
+    setSystemTime(new Date(Date.now() - 3_600_000));
+  });
+  expect(error).toBeInstanceOf(BillingError);
+  expect((error as BillingError).kind).toBe("unavailable");
 });
 
 test("a settings change of an org with more keys than a watcher queues is one change; the watch goes on", async () => {
