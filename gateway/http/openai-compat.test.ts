@@ -1852,31 +1852,27 @@ for (const port of ["rpc", "rest"] as const) {
         expect(embedding.usage).toEqual({ prompt_tokens: 7, total_tokens: 7 });
       });
 
+      /** The usage a client is shown of "Hello world" embedded by an upstream that reports `usage`, and its metered row. */
+      const embedded = async (usage: Record<string, number>) => {
+        upstream.script("embed", { usage: odd(usage) });
+        const { data, response } = await sdk().embeddings.create({ model: "embed", input: "Hello world" }).withResponse();
+        return { shown: data.usage, m: await meteredRow(response) };
+      };
+
       test("embeddings: a fraction rounds up, a negative count is estimated", async () => {
-        upstream.script("embed", { usage: odd({ prompt_tokens: 7.2, total_tokens: 7.2 }) });
-        const { data: embedding, response } = await sdk()
-          .embeddings.create({ model: "embed", input: "Hello world" })
-          .withResponse();
-        expect(embedding.usage).toEqual({ prompt_tokens: 8, total_tokens: 8 });
-        const m = await meteredRow(response);
+        const { shown, m } = await embedded({ prompt_tokens: 7.2, total_tokens: 7.2 });
+        expect(shown).toEqual({ prompt_tokens: 8, total_tokens: 8 });
         expect(m.usage?.inputTokens).toBe(8n);
         expect(m).toMatchObject({ usageEstimated: false, costNanos: 8n * 2_500n });
 
-        upstream.script("embed", { usage: odd({ prompt_tokens: -1, total_tokens: -1 }) });
-        const estimated = await meteredRow(
-          (await sdk().embeddings.create({ model: "embed", input: "Hello world" }).withResponse()).response,
-        );
+        const { m: estimated } = await embedded({ prompt_tokens: -1, total_tokens: -1 });
         expect(estimated.usage?.inputTokens).toBe(2n);
         expect(estimated.usageEstimated).toBe(true);
       });
 
       test("embeddings whose upstream counts only total_tokens (Voyage AI's usage) are metered at it, not counted", async () => {
-        upstream.script("embed", { usage: odd({ total_tokens: 9 }) });
-        const { data: embedding, response } = await sdk()
-          .embeddings.create({ model: "embed", input: "Hello world" })
-          .withResponse();
-        expect(embedding.usage).toEqual({ prompt_tokens: 9, total_tokens: 9 });
-        const m = await meteredRow(response);
+        const { shown, m } = await embedded({ total_tokens: 9 });
+        expect(shown).toEqual({ prompt_tokens: 9, total_tokens: 9 });
         expect(m.usage?.inputTokens).toBe(9n);
         expect(m).toMatchObject({ usageEstimated: false, costNanos: 9n * 2_500n });
       });
