@@ -64,11 +64,15 @@ async function principalWith(budgets: { org?: bigint; key?: bigint }): Promise<P
   );
   const orgId = org.organization?.id as string;
   const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: budgets.key ?? 0n } }, auth);
-  const keys = createKeyAuthorizer({
+  return authorizedAfresh(key.secret);
+}
+
+/** The key of `secret` as billing authorizes it now, by an authorizer of its own: as after billing announced a change. */
+function authorizedAfresh(secret: string): Promise<Principal> {
+  return createKeyAuthorizer({
     billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
     watching: true,
-  });
-  return keys.authorize(key.secret);
+  }).authorize(secret);
 }
 
 function keeper(extra: Partial<BudgetKeeperOptions> = {}) {
@@ -849,11 +853,7 @@ describe("budget leases", () => {
     const org = await client.createOrganization({ name: `budget-org-${++orgs}` }, auth);
     const orgId = org.organization?.id as string;
     const key = await client.createApiKey({ orgId, name: "k" }, auth);
-    const authorize = () =>
-      createKeyAuthorizer({
-        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
-        watching: true,
-      }).authorize(key.secret);
+    const authorize = () => authorizedAfresh(key.secret);
     // The spool as the keeper sees it: rows spooled, and how many of the first analytics acked once billing had them.
     const rows = { spooled: 0, acked: 0 };
     const ingest = { recordedRows: () => rows.spooled, ackedRows: () => rows.acked };
@@ -896,11 +896,7 @@ describe("budget leases", () => {
     const orgId = org.organization?.id as string;
     const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: 100_000n } }, auth);
     // A fresh authorization each time, as after billing announced the key's change.
-    const authorize = () =>
-      createKeyAuthorizer({
-        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
-        watching: true,
-      }).authorize(key.secret);
+    const authorize = () => authorizedAfresh(key.secret);
     const { keeper: k, clock } = keeper({ minLeaseNanos: 50_000n });
     const before = await authorize();
     for (let i = 0; i < 10; i++) (await k.reserve(before, usd(1_000n), 60_000)).settle(usd(1_000n));
@@ -932,11 +928,7 @@ describe("budget leases", () => {
     const orgId = org.organization?.id as string;
     const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: 100_000n } }, auth);
     const apiKeyId = key.apiKey?.id as string;
-    const authorize = () =>
-      createKeyAuthorizer({
-        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
-        watching: true,
-      }).authorize(key.secret);
+    const authorize = () => authorizedAfresh(key.secret);
     const { keeper: k, clock } = keeper({ minLeaseNanos: 50_000n });
     const limited = await authorize();
     const first = await k.reserve(limited, usd(1_000n), 60_000);
@@ -964,11 +956,7 @@ describe("budget leases", () => {
     const limits = { monthlyBudgetNanos: 1_000_000n, monthlyTokens: 1_000n };
     const key = await client.createApiKey({ orgId, name: "k", limits }, auth);
     const keyId = key.apiKey?.id as string;
-    const authorize = () =>
-      createKeyAuthorizer({
-        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
-        watching: true,
-      }).authorize(key.secret);
+    const authorize = () => authorizedAfresh(key.secret);
     const { keeper: k, clock } = keeper({ minLeaseNanos: 10_000n, minLeaseTokens: 300n });
     const principal = await authorize();
     // Each budget is charged in its own unit: the cost from the money lease, the tokens from the token lease.
@@ -1076,11 +1064,7 @@ describe("budget leases", () => {
     const org = await client.createOrganization({ name: `budget-org-${++orgs}` }, auth);
     const orgId = org.organization?.id as string;
     const key = await client.createApiKey({ orgId, name: "k", limits: { monthlyBudgetNanos: 100_000n } }, auth);
-    const authorize = () =>
-      createKeyAuthorizer({
-        billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
-        watching: true,
-      }).authorize(key.secret);
+    const authorize = () => authorizedAfresh(key.secret);
     const { keeper: k } = keeper({ minLeaseNanos: 10_000n });
     const before = await authorize();
     (await k.reserve(before, usd(100n), 60_000)).settle(usd(100n));
@@ -1190,10 +1174,7 @@ describe("budget leases", () => {
     const most = { nanos: 2_000_950n, tokens: 115n };
     const limits = { monthlyBudgetNanos: most.nanos * 6n, monthlyTokens: 1_000n };
     const key = await client.createApiKey({ orgId, name: "k", limits }, auth);
-    const principal = await createKeyAuthorizer({
-      billing: { authorizeKey: (req) => client.authorizeKey(req, auth) },
-      watching: true,
-    }).authorize(key.secret);
+    const principal = await authorizedAfresh(key.secret);
     const replicas = ["gw-0", "gw-1", "gw-2"].map((holder) => keeper({ holder, minLeaseNanos: 1_000_000n }));
     let served = 0;
     for (let i = 0; i < 30; i++) {
