@@ -493,6 +493,25 @@ describe("IngestMetrics", () => {
     await underPressure("org_pressure", {}, { maxBufferedRows: 30 });
   });
 
+  test("a gateway that does not take its acks is not read past maxUnsentAcks; once it does, each batch is acked once", async () => {
+    const org = "org_unread_acks";
+    const { billing, client } = setup(store, { ingest: { flushRows: 1, flushIntervalMs: 5, maxUnsentAcks: 5 } });
+    const queue = createBatchQueue();
+    const acks = client.ingestMetrics(queue, { headers })[Symbol.asyncIterator]();
+    for (let i = 1; i <= 40; i++) queue.push({ sequence: BigInt(i), metrics: rows(1, { orgId: org }) });
+    expect((await acks.next()).value?.ackedSequence).toBe(1n);
+    // The gateway takes no more acks for a while: only the batches it owes acks for are read, the rest wait unread.
+    await Bun.sleep(300);
+    expect(queue.taken).toBeLessThanOrEqual(1 + 5 + 1);
+    const seen = [1n];
+    for (let i = 2; i <= 40; i++) seen.push((await acks.next()).value?.ackedSequence ?? -1n);
+    expect(seen).toEqual(Array.from({ length: 40 }, (_, i) => BigInt(i + 1)));
+    queue.end();
+    expect((await acks.next()).done).toBe(true);
+    expect(billing.stored.size).toBe(40);
+    expect(await totals(org)).toEqual({ requests: 40n, costNanos: 40n * 12_345n });
+  });
+
   test("rows are held back by their size in memory too: large ones stop the reading long before the row bound", async () => {
     // As large as the gateway's request checks allow: 16 tags of 64 and 512 characters.
     const tags = Object.fromEntries(Array.from({ length: 16 }, (_, t) => [`${t}`.padStart(64, "k"), "v".repeat(512)]));

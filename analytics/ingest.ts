@@ -41,6 +41,11 @@ export interface IngestOptions {
   billingBatchRows: number;
   /** ...and calls in flight at once, across flushes. */
   billingConcurrency: number;
+  /**
+   * Acks one stream may owe (batches read and not yet acked, plus acks its gateway has not taken yet): past it the
+   * stream is not read until its gateway takes acks, so one that never reads them cannot make them pile up.
+   */
+  maxUnsentAcks: number;
 }
 
 export const defaultIngestOptions: IngestOptions = {
@@ -58,6 +63,9 @@ export const defaultIngestOptions: IngestOptions = {
   // Two calls of 5,000 keep both billing and its Postgres busy (bench/billing.ts measures the same shape).
   billingBatchRows: 5000,
   billingConcurrency: 2,
+  // Far beyond a gateway's window in batches (100 of 1,000 rows, or seconds of batches sealed every 100 ms), at some
+  // 100 bytes an ack.
+  maxUnsentAcks: 4096,
 };
 
 export interface IngestDeps {
@@ -82,6 +90,8 @@ interface StreamState {
   readerDone: boolean;
   failure: ConnectError | undefined;
   wake: (() => void) | undefined;
+  /** Wakes the reader waiting for its gateway to take acks. */
+  wakeReader: (() => void) | undefined;
 }
 
 /** One gateway batch inside the buffer or a flush. */
@@ -359,6 +369,9 @@ export function createIngest(deps: IngestDeps): Ingest {
     try {
       for (;;) {
         await waitForRoom();
+        while (stream.acks.length + stream.unacked >= options.maxUnsentAcks && !stream.failure && !stop?.aborted) {
+          await new Promise<void>((resolve) => (stream.wakeReader = resolve));
+        }
         if (stream.failure) return;
         const next = await nextUnlessStopped(pending, stop);
         if (!next || next.done || stream.failure) return;
@@ -434,7 +447,20 @@ export function createIngest(deps: IngestDeps): Ingest {
 
   return {
     async *handle(batches, ending) {
-      const stream: StreamState = { acks: [], unacked: 0, readerDone: false, failure: undefined, wake: undefined };
+      const stream: StreamState = {
+        acks: [],
+        unacked: 0,
+        readerDone: false,
+        failure: undefined,
+        wake: undefined,
+        wakeReader: undefined,
+      };
+      const wakeReader = () => {
+        stream.wakeReader?.();
+        stream.wakeReader = undefined;
+      };
+      ending?.addEventListener("abort", wakeReader, { once: true });
+      stopping?.addEventListener("abort", wakeReader, { once: true });
       instruments.streams.inc();
       void read(batches, stream, ending);
       try {
@@ -442,6 +468,7 @@ export function createIngest(deps: IngestDeps): Ingest {
           const ack = stream.acks.shift();
           if (ack) {
             yield ack;
+            wakeReader();
             continue;
           }
           if (stream.failure) throw stream.failure;
@@ -453,6 +480,9 @@ export function createIngest(deps: IngestDeps): Ingest {
         instruments.streams.dec();
         // A closed stream cannot be acked: its buffered rows still go in, and its gateway resends them.
         if (!stream.failure) stream.failure = new ConnectError("stream closed", Code.Canceled);
+        wakeReader();
+        ending?.removeEventListener("abort", wakeReader);
+        stopping?.removeEventListener("abort", wakeReader);
       }
     },
   };
