@@ -278,19 +278,37 @@ describe("file spool", () => {
     expect(batches.slice(1).flatMap((b) => ids(after.read(b)))).toEqual(range(10, 25));
   });
 
-  test("a record whose length is damaged as well ends its segment's reading there", () => {
-    const root = newRoot();
-    const spool = openSpool(root);
-    for (let i = 0; i < 5; i++) spool.append(row(i));
-    abandon(spool);
-    const path = join(spool.dir, segmentFiles(spool.dir)[0]!);
-    const bytes = readFileSync(path);
-    const second = 8 + 9 + bytes.readUInt32LE(8);
-    bytes[second] = bytes[second]! ^ 0x40;
-    writeFileSync(path, bytes);
-    const after = openSpool(root);
-    expect(after.recovery).toMatchObject({ rows: 1, tornRecords: 1, damagedRecords: 0 });
-  });
+  for (const flip of [0x01, 0x40]) {
+    test(`a record whose length is damaged (bits ${flip.toString(16)}) is skipped up to the next whole record: those after it are read`, () => {
+      const root = newRoot();
+      const spool = openSpool(root);
+      for (let i = 0; i < 5; i++) spool.append(row(i));
+      spool.seal(5, noByteLimit);
+      for (let i = 5; i < 10; i++) spool.append(row(i));
+      abandon(spool);
+      // Records: rows 0-4, their SEAL, rows 5-9. Row 1's length is damaged, so it no longer leads to row 2.
+      const path = join(spool.dir, segmentFiles(spool.dir)[0]!);
+      const bytes = readFileSync(path);
+      const second = 8 + 9 + bytes.readUInt32LE(8);
+      bytes[second] = bytes[second]! ^ flip;
+      writeFileSync(path, bytes);
+
+      const logger = createTestLogger();
+      const after = openSpool(root, { log: logger });
+      expect(after.recovery).toMatchObject({ rows: 10, tornRecords: 0, damagedRecords: 1 });
+      expect(logger.lines.some((l) => l.includes("damaged record"))).toBe(true);
+      const [sealed, ...rest] = [...after.unacked()];
+      let damaged: SpoolBatchDamagedError | undefined;
+      try {
+        after.read(sealed!);
+      } catch (e) {
+        damaged = e as SpoolBatchDamagedError;
+      }
+      // The damaged row is never sent; the whole rows of its batch and every row after it are.
+      expect(ids(damaged!.rows)).toEqual([requestId(0), requestId(2), requestId(3), requestId(4)]);
+      expect(rest.flatMap((b) => ids(after.read(b)))).toEqual(range(5, 10));
+    });
+  }
 
   test("a segment whose header is damaged keeps its whole records: its unacked batches are neither dropped nor deleted", () => {
     const root = newRoot();

@@ -62,8 +62,8 @@ const fsAsync = {
  * it is acked and it is no longer the one being written, so SEAL and ACK records (which may sit in a newer
  * segment) outlive the rows they describe. The next segment is created ahead of need and may be empty.
  * A record cut short by a crash fails its length or crc check and ends the reading of its segment; one damaged in the
- * middle (its crc fails, its length leads to a whole record) is skipped alone. ROW records no SEAL
- * covers (never sealed, or sealed while the disk refused the SEAL) are sealed again at the next open.
+ * middle (its crc fails, whether or not its length holds) is skipped up to the next record whose crc holds. ROW
+ * records no SEAL covers (never sealed, or sealed while the disk refused the SEAL) are sealed again at the next open.
  */
 const magic = Buffer.from("MSPOOL01");
 const headerBytes = 9;
@@ -921,9 +921,10 @@ function loadDir(dir: string, log: Logger | undefined): Loaded {
 }
 
 /**
- * Calls fn for each whole record from `offset`; returns where the whole records end. A record failing its crc whose
- * length still leads to a whole record (a damaged byte in its payload) is skipped, told to `damaged`, and reading goes
- * on after it; one that does not (cut short by a crash, or its length damaged) ends the reading.
+ * Calls fn for each whole record from `offset`; returns where the whole records end. A record failing its crc is
+ * skipped up to the next whole record, told to `damaged`, and reading goes on there: where its length leads, if that
+ * is a whole record (a damaged byte in its payload), else the first offset after it where a record matches its crc (its
+ * length damaged too). With no whole record after it (cut short by a crash) the reading ends.
  */
 function forEachRecord(
   buf: Uint8Array,
@@ -935,15 +936,34 @@ function forEachRecord(
   let at = offset;
   while (at + headerBytes <= buf.length) {
     const end = at + headerBytes + view.getUint32(at, true);
-    if (end > buf.length) break;
-    if (!wholeRecordAt(buf, view, at)) {
-      if (!damaged || end === buf.length || !wholeRecordAt(buf, view, end)) break;
-      damaged(at, end);
-    } else fn(buf[at + 8] as number, buf.subarray(at + headerBytes, end), at, end);
-    at = end;
+    if (end <= buf.length && wholeRecordAt(buf, view, at)) {
+      fn(buf[at + 8] as number, buf.subarray(at + headerBytes, end), at, end);
+      at = end;
+      continue;
+    }
+    const next = damaged && nextWholeRecord(buf, view, at, end);
+    if (!next) break;
+    damaged(at, next);
+    at = next;
   }
   return at;
 }
+
+/** Where the first whole record after the damaged one at `at` starts (`end` if its length holds), if any does. */
+function nextWholeRecord(buf: Uint8Array, view: DataView, at: number, end: number): number | undefined {
+  if (end < buf.length && wholeRecordAt(buf, view, end)) return end;
+  // A crc holds by chance once in 2^32 offsets. Types where this record's and the next one's are, and a length inside
+  // the segment, rule out most offsets before one is computed, so garbage is skipped at a scan's pace.
+  for (let p = at + 1; p + headerBytes <= buf.length; p++) {
+    if (!knownType(buf[p + 8])) continue;
+    const next = p + headerBytes + view.getUint32(p, true);
+    if (next > buf.length || (next + headerBytes <= buf.length && !knownType(buf[next + 8]))) continue;
+    if (wholeRecordAt(buf, view, p)) return p;
+  }
+  return undefined;
+}
+
+const knownType = (type: number | undefined) => type === rowType || type === sealType || type === ackType;
 
 /** Whether a record starting at `at` is inside buf and matches its crc. */
 function wholeRecordAt(buf: Uint8Array, view: DataView, at: number): boolean {
