@@ -21,6 +21,7 @@ import {
 import { type GatewayError, ShutdownCut } from "./errors.ts";
 import { openLeaseJournal } from "./lease-journal.ts";
 import { approxInputTokens } from "./providers/provider.ts";
+import { createTestLogger } from "./testing.ts";
 import { imageDataUrl } from "./testing/images.ts";
 
 // A real billing service (Postgres included) behind an in-memory transport.
@@ -256,6 +257,26 @@ describe("budget leases", () => {
     expect((await refusal(a.keeper.reserve(principal, usd(400n), 60_000))).retryAfterS).toBe(20);
     await b.keeper.close();
     await a.keeper.close();
+  });
+
+  test("a lease billing refuses as invalid fails its request with a 500, not as an outage: idle leases still go back", async () => {
+    const other = await principalWith({ org: 1_000_000n });
+    const valid = await principalWith({ org: 1_000_000n });
+    // An org id longer than billing takes: it refuses the lease as InvalidArgument.
+    const invalid: Principal = { ...valid, orgId: "o".repeat(200) };
+    const logger = createTestLogger();
+    const { keeper: k } = keeper({ log: logger });
+    (await k.reserve(other, usd(100n), 60_000)).settle(usd(100n));
+    const [lease] = await leasesOf(other.orgId);
+    const e = await refusal(k.reserve(invalid, usd(100n), 60_000));
+    expect([e.status, e.code]).toEqual([500, "internal_error"]);
+    // Billing answered: its leftover lease, idle and too small for the next request, goes back before it asks again,
+    // as it does while billing answers (during an outage it would stay, for the requests it covers).
+    (await k.reserve(other, usd(lease!.granted * 2n), 60_000)).settle(usd(0n));
+    expect((await leasesOf(other.orgId))[0]).toEqual({ granted: lease!.granted, spent: 100n });
+    expect(logger.lines.some((l) => l.includes("budget lease request failed"))).toBe(false);
+    expect(logger.lines.some((l) => l.includes("refused a budget lease request as invalid"))).toBe(true);
+    await k.close();
   });
 
   test("a budget with 1 nano-USD left unleased is not asked for a zero-size lease in the background", async () => {

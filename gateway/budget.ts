@@ -8,7 +8,14 @@ import { createOutageLog, type Logger } from "../lib/log.ts";
 import { costNanos, type Price } from "../lib/money.ts";
 import { unlessAborted } from "../lib/waiters.ts";
 import type { Principal } from "./auth.ts";
-import { clientGone, insufficientQuota, organizationSuspended, serviceUnavailable, unauthorized } from "./errors.ts";
+import {
+  clientGone,
+  insufficientQuota,
+  internal,
+  organizationSuspended,
+  serviceUnavailable,
+  unauthorized,
+} from "./errors.ts";
 import type { ChatRequest } from "./providers/provider.ts";
 import { maxImageTokens } from "./image-tokens.ts";
 import type { PromptPart, ResponsesPrompt } from "./responses-request.ts";
@@ -679,6 +686,11 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         }
         // Billing's one refusal of a lease to a gateway whose token AuthorizeKey has accepted.
         if (err.code === Code.PermissionDenied) throw organizationSuspended();
+        // Billing answered, refusing what this replica asked: its own fault, not billing's outage.
+        if (err.code === Code.InvalidArgument) {
+          log?.error("billing refused a budget lease request as invalid", { scope: scope.key, err: err.rawMessage });
+          throw internal();
+        }
         if (!answered(e)) unanswered(scope, ask);
         grantOutage.failed({ scope: scope.key, code: Code[err.code], err: err.rawMessage });
         billingFailing = true;

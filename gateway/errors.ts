@@ -371,7 +371,7 @@ export const clientGone = (signal: AbortSignal | undefined) =>
       ? deadlineExceeded()
       : cancelled();
 
-const internal = () =>
+export const internal = () =>
   new GatewayError(500, "server_error", "internal_error", "The gateway failed to handle the request.", RequestStatus.INTERNAL_ERROR);
 
 /** Any thrown value as a GatewayError; anything unexpected becomes a 500 without leaking its message. */
