@@ -123,6 +123,8 @@ models:
       },
       holder: "gw-admission",
       leaseTtlSeconds: 3600,
+      // Mid-period: a budget spent is refused without Retry-After whenever the suite runs.
+      wallClock: () => Date.UTC(2026, 5, 15),
     })),
     routing: {
       breakers: createCircuitBreakers({ failureThreshold: 2, cooldownMs: 60_000 }),

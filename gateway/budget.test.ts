@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import type { ChatCompletionContentPart } from "openai/resources/chat/completions";
 import { BillingService, BudgetScope } from "../gen/billing/v1/billing_pb.ts";
+import { billingPeriod } from "../lib/billing-period.ts";
 import { createLogger } from "../lib/log.ts";
 import { costNanos } from "../lib/money.ts";
 import { createBillingApp } from "../billing/app.ts";
@@ -86,6 +87,8 @@ function keeper(extra: Partial<BudgetKeeperOptions> = {}) {
     exhaustedBackoffMs: 1_000,
     maintenanceIntervalMs: 60_000,
     now: () => clock.t,
+    // Mid-period, so refusals are not near a billing period's end whenever the suite runs.
+    wallClock: () => Date.UTC(2026, 5, 15),
     ...extra,
   });
   return { keeper: k, clock };
@@ -257,6 +260,21 @@ describe("budget leases", () => {
     expect((await refusal(a.keeper.reserve(principal, usd(400n), 60_000))).retryAfterS).toBe(20);
     await b.keeper.close();
     await a.keeper.close();
+  });
+
+  test("a budget spent within the last hour of its billing period is refused with Retry-After at the period's end", async () => {
+    const principal = await principalWith({ key: 1_000n });
+    // The org's billing day is 1: its periods end at the start of a month.
+    const periodEnd = billingPeriod(new Date(Date.UTC(2026, 5, 15)), 1).end.getTime();
+    const near = keeper({ minLeaseNanos: 1_000n, wallClock: () => periodEnd - 42_500 });
+    (await near.keeper.reserve(principal, usd(1_000n), 60_000)).settle(usd(1_000n));
+    const spent = await refusal(near.keeper.reserve(principal, usd(100n), 60_000));
+    expect([spent.status, spent.code, spent.retryAfterS]).toEqual([429, "insufficient_quota", 43]);
+    await near.keeper.close();
+    // Further out, nothing comes back this period: no Retry-After.
+    const far = keeper({ minLeaseNanos: 1_000n, wallClock: () => periodEnd - 3_600_001 });
+    expect((await refusal(far.keeper.reserve(principal, usd(100n), 60_000))).retryAfterS).toBeUndefined();
+    await far.keeper.close();
   });
 
   test("a lease billing refuses as invalid fails its request with a 500, not as an outage: idle leases still go back", async () => {

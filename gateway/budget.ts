@@ -4,6 +4,7 @@ import type { ChatCompletionMessageParam } from "openai/resources/chat/completio
 import { Counter, type Registry } from "prom-client";
 import { ulid } from "ulid";
 import { type BillingService, BudgetScope } from "../gen/billing/v1/billing_pb.ts";
+import { billingPeriod } from "../lib/billing-period.ts";
 import { createOutageLog, type Logger } from "../lib/log.ts";
 import { costNanos, type Price } from "../lib/money.ts";
 import { unlessAborted } from "../lib/waiters.ts";
@@ -177,6 +178,8 @@ export interface BudgetKeeperOptions {
   billingDown?: () => boolean;
   /** Milliseconds, for intervals only (a monotonic clock by default). */
   now?: () => number;
+  /** Epoch milliseconds by the wall clock, for when a billing period ends (Date.now by default). */
+  wallClock?: () => number;
   log?: Logger;
   registry?: Registry;
 }
@@ -262,6 +265,8 @@ interface Part {
 const budgetUnavailable = () =>
   serviceUnavailable("Budgets cannot be checked right now; retry shortly.", "budget_unavailable");
 const rateTimeConstantMs = 30_000;
+// A budget refused this close to its billing period's end says when the period ends; further out, no wait is a retry.
+const periodEndRetryS = 3600;
 // Billing takes at most 12 budget charges in a request's usage record, for its org's and its key's budgets and its
 // key's monthly tokens together: a reservation is drawn from at most this many leases of each budget.
 const maxPartsPerScope = 4;
@@ -299,6 +304,7 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
   // Monotonic: a wall clock stepped back would keep leases in use past the lifetime billing granted them (and idle ones
   // held, a spent budget refused without asking) for as long as the step; one stepped forward would drop them early.
   const now = options.now ?? (() => performance.timeOrigin + performance.now());
+  const wallClock = options.wallClock ?? Date.now;
   const scopes = new Map<string, Scope>();
   const scopesOfPrincipal = new WeakMap<Principal, Scope[]>();
   /** Releases on their way to billing, with the key of their scope. */
@@ -906,8 +912,8 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
         if ((t < short.exhaustedUntil && left + takeable(short, until, maxPartsPerScope - 1) < amount) || round >= 10) {
           instruments?.rejected.inc();
           // Room can appear only where leases still hold some: requests running here settle under their reservation,
-          // other replicas give idle leases back. Otherwise nothing comes back this month, and no Retry-After says so;
-          // nor when all they hold with what billing has left could not cover this request (a budget's remnants).
+          // other replicas give idle leases back. Otherwise nothing comes back before the billing period ends, nor
+          // when all they hold with what billing has left could not cover this request (a budget's remnants).
           let unspent = short.leasedElsewhere + (short.remaining ?? 0n);
           for (const lease of short.leases) if (lease.granted > lease.spent) unspent += lease.granted - lease.spent;
           const held =
@@ -926,7 +932,15 @@ export function createBudgetKeeper(options: BudgetKeeperOptions): BudgetKeeper {
               "tokens has less than that left this billing period."
             : `This request may cost up to ${formatUsd(amount)} and the ${owner} monthly budget has less than ` +
               "that left.";
-          throw insufficientQuota(message, held ? Math.ceil(idleReleaseMs / 1000) : undefined);
+          // The budget is whole again once its billing period ends: close to that, the client is told when.
+          const wall = wallClock();
+          const periodEnd = billingPeriod(new Date(wall), principal.grant.organization?.billingDay || 1).end.getTime();
+          const untilPeriodEndS = Math.max(1, Math.ceil((periodEnd - wall) / 1000));
+          const retryAfterS = Math.min(
+            held ? Math.ceil(idleReleaseMs / 1000) : Number.POSITIVE_INFINITY,
+            untilPeriodEndS <= periodEndRetryS ? untilPeriodEndS : Number.POSITIVE_INFINITY,
+          );
+          throw insufficientQuota(message, Number.isFinite(retryAfterS) ? retryAfterS : undefined);
         }
         // One billing call's time in all: a request that went round again after each ask billing did not answer waited
         // for one ask after another while billing was down (a burst's requests 2, 4, 6 ... s, then refused 429).
