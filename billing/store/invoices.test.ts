@@ -96,6 +96,39 @@ test("an invoice itemises the period's usage per model and token type, with disc
   expect(await store.getInvoice(invoice.id)).toEqual(invoice);
 });
 
+test("a discount line of exactly 2^63-1 nano-USD is invoiced; one more nano-USD discounted fails in words, not wrapped", async () => {
+  const org = await newOrg();
+  const maxInt64 = 2n ** 63n - 1n;
+  const maxCost = 10n ** 15n;
+  // As the table holds them (each at most the per-request bound), one model's records adding up to exactly 2^63-1.
+  const insert = (model: string, count: number, cost: bigint, from: number) =>
+    db.pool.query(
+      `INSERT INTO usage_records (request_id, org_id, model, provider, endpoint, input_tokens, cached_input_tokens,
+         output_tokens, reasoning_tokens, cost_nanos, occurred_at)
+       SELECT 'req_edge_' || $1 || '_' || i, $1, $2, 'p', 'chat_completions', 1, 0, 1, 0, $3, $4
+       FROM generate_series($5::int, $5::int + $6::int - 1) AS i`,
+      [org.id, model, String(cost), march.toISOString(), from, count],
+    );
+  const whole = maxInt64 / maxCost;
+  await insert("big", Number(whole), maxCost, 0);
+  await insert("big", 1, maxInt64 - whole * maxCost, Number(whole));
+  await store.createDiscountRule({ ...unscopedRule, orgId: org.id, name: "all of it", kind: "promotional", discountBps: 10_000 });
+  const invoice = await store.generateInvoice({ orgId: org.id, at: march, now: afterMarch });
+  expect(invoice.lines.map((l) => [l.tokenType, l.amountNanos])).toEqual([
+    ["usage", maxInt64],
+    ["discount", -maxInt64],
+  ]);
+  expect(invoice).toMatchObject({ subtotalCents: nanosToCents(maxInt64), discountCents: nanosToCents(maxInt64), totalCents: 0n });
+  // Another model's line fits, but the discount of both does not: the draft stays as it was.
+  await insert("small", 1, 1n, Number(whole) + 1);
+  const refused = await store.generateInvoice({ orgId: org.id, at: march, now: afterMarch }).catch((e: unknown) => e);
+  expect([kind(refused), (refused as BillingError).message]).toEqual([
+    "failed_precondition",
+    "a total would exceed the largest amount billing can hold (2^63-1)",
+  ]);
+  expect(await store.getInvoice(invoice.id)).toEqual(invoice);
+});
+
 test("a period that has not begun is not invoiced: its draft would bill earlier usage as its own", async () => {
   const org = await newOrg();
   await store.recordUsage([usage(org.id)]);
