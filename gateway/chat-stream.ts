@@ -186,9 +186,10 @@ export function meteredFrame(options: FrameOptions) {
       if (!readGivenUp) await released;
       await end(error, counted);
     };
-    // Cut by a shutdown, its client is told at once: what it used is read and counted meanwhile (the first count
-    // loads the encoding, about a second) and metered before its metrics are recorded, so the event goes out in time.
-    if (call.signal?.reason instanceof ShutdownCut) void ending();
+    // Cut by a shutdown before it was counted, its client is told at once: what it used is read and counted meanwhile
+    // (the first count loads the encoding, about a second) and metered before its metrics are recorded, so the event
+    // goes out in time.
+    if (call.signal?.reason instanceof ShutdownCut && !counted) void ending();
     else await ending();
   };
 
@@ -260,14 +261,18 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   const givenUp: IteratorResult<ChatCompletionChunk> = { done: true, value: undefined };
   let cut: Promise<IteratorResult<ChatCompletionChunk>> | undefined;
   /**
-   * Resolves (to `givenUp`) once the request's time limit has passed: after every choice has finished, the usage still
-   * to come is then not waited for (the provider would read for it up to usageGraceMs).
+   * Resolves (to `givenUp`) once the request's time limit has passed or a shutdown has cut it: after every choice has
+   * finished, the usage still to come is then not waited for (the provider would read for it up to usageGraceMs).
    */
   const cutShort = () =>
     (cut ??= new Promise((resolve) => {
-      if (deadline.aborted) resolve(givenUp);
-      else deadline.addEventListener("abort", () => resolve(givenUp), { once: true });
+      const check = () => (deadline.aborted || call.signal?.reason instanceof ShutdownCut) && resolve(givenUp);
+      if (check()) return;
+      deadline.addEventListener("abort", check, { once: true });
+      call.signal?.addEventListener("abort", check, { once: true });
     }));
+  /** Whether the client left (or its own deadline passed): a client cut by a shutdown is still there to be answered. */
+  const clientLeft = () => call.signal?.aborted === true && !(call.signal.reason instanceof ShutdownCut);
 
   /** Takes what a chunk says of the stream's accounting: the tier that served it, its usage, its finished choices. */
   const note = (chunk: ChatCompletionChunk) => {
@@ -333,7 +338,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         } catch (e) {
           // Every choice has finished: the answer is given, and what fails now (its time limit, an error event in
           // place of the usage) ends it as an answer. The upstream's own account is logged.
-          if (finished.size < choices || call.signal?.aborted) throw e;
+          if (finished.size < choices || clientLeft()) throw e;
           fail(e);
           step = givenUp;
         } finally {
@@ -390,7 +395,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       }
       counted = await count();
       // The client left once generation was over, and the usage was read without it.
-      if (call.signal?.aborted) {
+      if (clientLeft()) {
         error = clientGone(call.signal);
         return;
       }

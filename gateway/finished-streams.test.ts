@@ -1,11 +1,12 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { ConnectError } from "@connectrpc/connect";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { type FakeUpstream, startFakeUpstream } from "./testing/fake-upstream.ts";
 import { startTestGateway } from "./testing/served-gateway.ts";
 import { countTextTokens } from "./tokenizer.ts";
 
 // A stream whose every choice has finished has given its answer: only the usage the upstream bills is still to come.
-// Whatever then ends it early (the whole-request limit, an error event), it ends as an answer.
+// Whatever then ends it early (the whole-request limit, an error event, a shutdown), it ends as an answer.
 let upstream: FakeUpstream;
 beforeAll(() => {
   upstream = startFakeUpstream();
@@ -111,3 +112,66 @@ describe("a stream ended early once every choice has finished is an answer", () 
   });
 });
 
+test("a shutdown cutting streams whose answer is complete ends them as answers, over REST and RPC alike", async () => {
+  const gateway = await startTestGateway(routes(upstream.url));
+  // The usage comes long after the grace: each stream is still waiting for it when the shutdown cuts.
+  upstream.script("ok", { content: "one two", usage: billed, usageDelayMs: 10_000 });
+  const finished = '"finish_reason":"stop"';
+  const rest = await Promise.all(
+    [gateway.url, gateway.restUrl].map(async (base) => {
+      const res = await fetch(`${base}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: "Bearer sk-good", "content-type": "application/json" },
+        body: JSON.stringify({ model: "ok", messages, stream: true, stream_options: { include_usage: true } }),
+      });
+      const reader = res.body?.getReader() as ReadableStreamDefaultReader<Uint8Array>;
+      let text = "";
+      while (!text.includes(finished)) text += new TextDecoder().decode((await reader.read()).value);
+      return { reader, text, requestId: res.headers.get("x-request-id") ?? "" };
+    }),
+  );
+  let rpcRequestId = "";
+  const rpcMessages = gateway
+    .rpc("sk-good")
+    .streamChatCompletion(
+      { params: { model: "ok", messages } },
+      { onHeader: (h) => (rpcRequestId = h.get("x-request-id") ?? "") },
+    )
+    [Symbol.asyncIterator]();
+  const rpcReceived = [];
+  while (rpcReceived.at(-1)?.choices[0]?.finishReason !== "stop") {
+    rpcReceived.push((await rpcMessages.next()).value);
+  }
+  const rpcEnd = (async () => {
+    try {
+      for (let step = await rpcMessages.next(); !step.done; step = await rpcMessages.next()) {
+        rpcReceived.push(step.value);
+      }
+    } catch (e) {
+      return ConnectError.from(e);
+    }
+  })();
+
+  const cuts: number[] = [];
+  await gateway.close(200, () => void cuts.push(gateway.core.cutInFlight()));
+  expect(cuts[0]).toBe(3);
+
+  const output = BigInt(await countTextTokens(["one two"]));
+  for (const { reader, text: received } of rest) {
+    let text = received;
+    for (let step = await reader.read(); !step.done; step = await reader.read()) {
+      text += new TextDecoder().decode(step.value);
+    }
+    const data = text.trimEnd().split("\n\n").map((event) => event.slice("data: ".length));
+    expect(data.at(-1)).toBe("[DONE]");
+    expect(JSON.parse(data.at(-2) as string).usage).toMatchObject({ completion_tokens: Number(output) });
+  }
+  expect(await rpcEnd).toBeUndefined();
+  expect(rpcReceived.at(-1)?.accounting).toMatchObject({ requestId: rpcRequestId, usageEstimated: true });
+  expect(await gateway.core.settled(10_000)).toBe(true);
+  for (const requestId of [...rest.map((r) => r.requestId), rpcRequestId]) {
+    const row = await gateway.row(requestId);
+    expect(row).toMatchObject({ status: RequestStatus.OK, httpStatus: 200, usageEstimated: true });
+    expect(row.usage?.outputTokens).toBe(output);
+  }
+}, 30_000);
