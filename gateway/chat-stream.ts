@@ -170,18 +170,26 @@ export function meteredFrame(options: FrameOptions) {
   /**
    * Ends the stream as its generator stops: `counted` once complete, else with the `error` it failed with, else
    * stopped by its consumer (the client left). What it used is read (settle) and counted, and the upstream let go:
-   * failed, left, or past its terminal event (the provider then lets the rest of the body end in the background).
+   * failed, left, or past its terminal event (the provider then lets the rest of the body end in the background);
+   * `readGivenUp` when a read of it is still pending.
    */
-  const close = async (error: GatewayError | undefined, counted: MeteredTokens | undefined): Promise<void> => {
+  const close = async (
+    error: GatewayError | undefined,
+    counted: MeteredTokens | undefined,
+    readGivenUp = false,
+  ): Promise<void> => {
     if (!counted && !error) error = clientGone(call.signal);
     const ending = async () => {
       if (!counted) await options.settle();
-      await upstream.return?.().catch(() => undefined);
+      const released = upstream.return?.().catch(() => undefined);
+      // A read given up at a cut ends once the provider lets its upstream go (usageGraceMs at most): not waited for.
+      if (!readGivenUp) await released;
       await end(error, counted);
     };
-    // Cut by a shutdown, its client is told at once: what it used is read and counted meanwhile (the first count
-    // loads the encoding, about a second) and metered before its metrics are recorded, so the event goes out in time.
-    if (call.signal?.reason instanceof ShutdownCut) void ending();
+    // Cut by a shutdown before it was counted, its client is told at once: what it used is read and counted meanwhile
+    // (the first count loads the encoding, about a second) and metered before its metrics are recorded, so the event
+    // goes out in time.
+    if (call.signal?.reason instanceof ShutdownCut && !counted) void ending();
     else await ending();
   };
 
@@ -239,7 +247,7 @@ export interface MeterOptions extends StreamMetering {
  * cancel or failure), exact cost, and the call's metrics when the stream ends.
  */
 export function meterChatStream(options: MeterOptions): ChatStream {
-  const { call, request, includeUsage } = options;
+  const { call, request, includeUsage, deadline } = options;
   const m = call.metrics;
   const upstream = options.chunks[Symbol.asyncIterator]();
   let usage: CompletionUsage | undefined;
@@ -249,6 +257,22 @@ export function meterChatStream(options: MeterOptions): ChatStream {
   const finished = new Set<number>();
   const choices = typeof request.n === "number" && request.n > 1 ? request.n : 1;
   let settling: Promise<void> | undefined;
+  /** What a read ends with when the answer is given and the rest of the stream is not waited for. */
+  const givenUp: IteratorResult<ChatCompletionChunk> = { done: true, value: undefined };
+  let cut: Promise<IteratorResult<ChatCompletionChunk>> | undefined;
+  /**
+   * Resolves (to `givenUp`) once the request's time limit has passed or a shutdown has cut it: after every choice has
+   * finished, the usage still to come is then not waited for (the provider would read for it up to usageGraceMs).
+   */
+  const cutShort = () =>
+    (cut ??= new Promise((resolve) => {
+      const check = () => (deadline.aborted || call.signal?.reason instanceof ShutdownCut) && resolve(givenUp);
+      if (check()) return;
+      deadline.addEventListener("abort", check, { once: true });
+      call.signal?.addEventListener("abort", check, { once: true });
+    }));
+  /** Whether the client left (or its own deadline passed): a client cut by a shutdown is still there to be answered. */
+  const clientLeft = () => call.signal?.aborted === true && !(call.signal.reason instanceof ShutdownCut);
 
   /** Takes what a chunk says of the stream's accounting: the tier that served it, its usage, its finished choices. */
   const note = (chunk: ChatCompletionChunk) => {
@@ -301,6 +325,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
     let modelNamed = false;
     let error: GatewayError | undefined;
     let counted: MeteredTokens | undefined;
+    let readGivenUp = false;
     try {
       for (;;) {
         // The wait for the upstream's next chunk is the call's time on the upstream. Timed here rather than by an async
@@ -308,7 +333,14 @@ export function meterChatStream(options: MeterOptions): ChatStream {
         const waited = performance.now();
         let step: IteratorResult<ChatCompletionChunk>;
         try {
-          step = await upstream.next();
+          step = finished.size < choices ? await upstream.next() : await Promise.race([upstream.next(), cutShort()]);
+          readGivenUp = step === givenUp;
+        } catch (e) {
+          // Every choice has finished: the answer is given, and what fails now (its time limit, an error event in
+          // place of the usage) ends it as an answer. The upstream's own account is logged.
+          if (finished.size < choices || clientLeft()) throw e;
+          fail(e);
+          step = givenUp;
         } finally {
           call.upstreamMs += performance.now() - waited;
         }
@@ -363,7 +395,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       }
       counted = await count();
       // The client left once generation was over, and the usage was read without it.
-      if (call.signal?.aborted) {
+      if (clientLeft()) {
         error = clientGone(call.signal);
         return;
       }
@@ -385,7 +417,7 @@ export function meterChatStream(options: MeterOptions): ChatStream {
       error = fail(e);
       throw error;
     } finally {
-      await close(error, counted);
+      await close(error, counted, readGivenUp);
     }
   }
 

@@ -32,7 +32,7 @@ import {
   clientGone,
   cutAtShutdown,
   ShutdownCut,
-  type GatewayError,
+  GatewayError,
   invalidRequest,
   itemNotFound,
   modelNotAllowed,
@@ -360,6 +360,24 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
     return unlessAborted(checking, call.signal, () => clientGone(call.signal));
   };
 
+  /**
+   * The key of a call whose body has been read, checked again: bodies take up to 120 s, and a key revoked meanwhile is
+   * refused. From the cache, with no billing round trip while it vouches for the key; once it does not (a change
+   * dropped the key, its TTL ran out) as any call's key is checked. Billing unable to answer keeps the key as checked.
+   */
+  const authorizeBody = async (call: Call): Promise<Principal> => {
+    const checked = call.principal;
+    if (!checked) return authorize(call);
+    try {
+      const cached = keys.cached(call.secret);
+      if (cached) return admitted(call, cached);
+      return admitted(call, await unlessAborted(keys.authorize(call.secret), call.signal, () => clientGone(call.signal)));
+    } catch (e) {
+      if (e instanceof GatewayError && e.outcome === RequestStatus.UNAVAILABLE) return checked;
+      throw e;
+    }
+  };
+
   const admitModel = (principal: Principal, name: string): ModelRoute => {
     const route = config.models.get(name);
     if (!route) throw modelNotFound(name);
@@ -578,7 +596,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
 
   /** Parses and admits a chat request; a whole one must not ask for a stream. */
   const admitChat = async (call: Call, body: unknown, stream: boolean) => {
-    const principal = call.principal ?? (await authorize(call));
+    const principal = await authorizeBody(call);
     // A body refused below is metered under the model it names all the same.
     nameModel(call, body);
     const input = parseChatInput(body);
@@ -655,7 +673,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
    * know that state, so falling back would fail, or answer without the context the client meant.
    */
   const admitResponses = async (call: Call, body: unknown, stream: boolean) => {
-    const principal = call.principal ?? (await authorize(call));
+    const principal = await authorizeBody(call);
     // A body refused below is metered under the model it names all the same.
     nameModel(call, body);
     const input = parseResponsesInput(body);
@@ -1029,7 +1047,7 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
       return meterChatStream({ ...metering, chunks: stream, request, includeUsage: input.includeUsage, audioId });
     },
     async embed(call, body) {
-      const principal = call.principal ?? (await authorize(call));
+      const principal = await authorizeBody(call);
       // A body refused below is metered under the model it names all the same.
       nameModel(call, body);
       const input = parseEmbeddingInput(body);

@@ -165,6 +165,20 @@ const hello = [{ role: "user" as const, content: "hello there friend" }];
 /** The prompt tokens the fake upstream reports of `hello` by default (its messages' JSON, four characters a token). */
 const fakePromptTokens = Math.ceil(JSON.stringify(hello).length / 4);
 
+/** A streamed chat of `model` that asks for usage, read to its end: its content, the usage shown, its metrics row. */
+async function streamed(model: string) {
+  const { data: stream, response } = await sdk()
+    .chat.completions.create({ model, messages: hello, stream: true, stream_options: { include_usage: true } })
+    .withResponse();
+  let content = "";
+  let usage: OpenAI.CompletionUsage | undefined;
+  for await (const chunk of stream) {
+    content += chunk.choices[0]?.delta.content ?? "";
+    usage = chunk.usage ?? usage;
+  }
+  return { content, usage, m: await gateway.row(response.headers.get("x-request-id") ?? "") };
+}
+
 async function apiError(p: Promise<unknown>): Promise<APIError> {
   try {
     await p;
@@ -589,18 +603,6 @@ for (const port of ["rpc", "rest"] as const) {
       });
 
       test("an upstream that refuses stream_options is asked again without, and from then on; or is never asked", async () => {
-        const streamed = async (model: string) => {
-          const { data: stream, response } = await sdk()
-            .chat.completions.create({ model, messages: hello, stream: true, stream_options: { include_usage: true } })
-            .withResponse();
-          let content = "";
-          let usage: OpenAI.CompletionUsage | undefined;
-          for await (const chunk of stream) {
-            content += chunk.choices[0]?.delta.content ?? "";
-            usage = chunk.usage ?? usage;
-          }
-          return { content, usage, m: await gateway.row(response.headers.get("x-request-id") ?? "") };
-        };
         upstream.script("no-usage", { rejectsField: "stream_options" });
         for (const model of ["no-usage", "no-usage", "unasked"]) {
           const { content, usage, m } = await streamed(model);
@@ -903,19 +905,10 @@ for (const port of ["rpc", "rest"] as const) {
           const billed = { prompt_tokens: 10, completion_tokens: 2, total_tokens: 12 };
           upstream.script(model, { content: "one two", usage: billed, doneHeldOpen: true });
           const started = performance.now();
-          const { data, response } = await sdk()
-            .chat.completions.create({ model, messages: hello, stream: true, stream_options: { include_usage: true } })
-            .withResponse();
-          let content = "";
-          let usage: OpenAI.CompletionUsage | undefined;
-          for await (const chunk of data) {
-            content += chunk.choices[0]?.delta.content ?? "";
-            usage = chunk.usage ?? usage;
-          }
+          const { content, usage, m } = await streamed(model);
           expect(performance.now() - started).toBeLessThan(1500);
           expect(content).toBe("one two");
           expect(usage).toMatchObject(billed);
-          const m = await gateway.row(response.headers.get("x-request-id") ?? "");
           expect(m).toMatchObject({ status: RequestStatus.OK, httpStatus: 200, usageEstimated: false });
           expect(m.usage).toMatchObject({ inputTokens: 10n, outputTokens: 2n });
           await eventually(() => upstream.seen(model).at(-1)?.aborted || undefined, { what: "the upstream closed" });
@@ -933,19 +926,10 @@ for (const port of ["rpc", "rest"] as const) {
         // Broken off halfway through: inside the comment that follows the finish_reason, before any usage or [DONE].
         const text = `${events}: ${"x".repeat(events.length * 2)}\n\n`;
         upstream.script("ok", { body: { contentType: "text/event-stream", text }, breaksOff: true });
-        const { data, response } = await sdk()
-          .chat.completions.create({ model: "ok", messages: hello, stream: true, stream_options: { include_usage: true } })
-          .withResponse();
-        let content = "";
-        let usage: OpenAI.CompletionUsage | undefined;
-        for await (const chunk of data) {
-          content += chunk.choices[0]?.delta.content ?? "";
-          usage = chunk.usage ?? usage;
-        }
+        const { content, usage, m } = await streamed("ok");
         expect(content).toBe("forty two");
         const output = await countTextTokens(["forty two"]);
         expect(usage).toMatchObject({ prompt_tokens: 10, completion_tokens: output });
-        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
         expect(m).toMatchObject({ status: RequestStatus.OK, httpStatus: 200, usageEstimated: true });
         expect(m.usage).toMatchObject({ inputTokens: 10n, outputTokens: BigInt(output) });
       });
@@ -958,18 +942,8 @@ for (const port of ["rpc", "rest"] as const) {
           completion_tokens_details: { reasoning_tokens: 20_000 },
         };
         upstream.script("reasoner", { content: "forty two", usage: billed, usageDelayMs: usageGraceMs + 500 });
-        const { data, response } = await sdk()
-          .chat.completions.create({
-            model: "reasoner",
-            messages: hello,
-            stream: true,
-            stream_options: { include_usage: true },
-          })
-          .withResponse();
-        let usage: OpenAI.CompletionUsage | undefined;
-        for await (const chunk of data) usage = chunk.usage ?? usage;
+        const { usage, m } = await streamed("reasoner");
         expect(usage).toMatchObject(billed);
-        const m = await gateway.row(response.headers.get("x-request-id") ?? "");
         expect(m).toMatchObject({ status: RequestStatus.OK, httpStatus: 200, usageEstimated: false });
         expect(m.usage).toMatchObject({ inputTokens: 1000n, outputTokens: 20_005n, reasoningTokens: 20_000n });
         expect(m.costNanos).toBe(201_300_000n);

@@ -75,7 +75,8 @@ export const dripAndSlowRoutes = [
  * A whole gateway (core, REST and RPC) on a real port, plus the REST API alone on Bun's server
  * (`restUrl`), configured by `routes` (gateway config YAML), with the billing fake's keys sk-good
  * (any model; org_1, proj_1), sk-limited (only "ok"; org_2), sk-rpm (sk-good's project, 3 requests a minute), sk-proj1
- * (another key of sk-good's project), sk-org (org_1, no project) and sk-proj2 (org_1, proj_2).
+ * (another key of sk-good's project), sk-org (org_1, no project) and sk-proj2 (org_1, proj_2); `keys` is its key
+ * cache, which a test tells of key changes as the change stream does.
  */
 export async function startTestGateway(
   routes: string,
@@ -110,10 +111,11 @@ export async function startTestGateway(
   const shipper = createRecordingShipper();
   const log = createTestLogger();
   const config = parseGatewayConfig(routes, "test-routes.yaml");
+  const keys = createKeyAuthorizer({ billing: billing.client });
   const core = createGatewayCore({
     config,
     providers: createProviders(config.providers, options.env ?? {}),
-    keys: createKeyAuthorizer({ billing: billing.client }),
+    keys,
     shipper,
     rateLimits: createRateLimiter(),
     instanceId: "gw-test",
@@ -175,6 +177,7 @@ export async function startTestGateway(
     bodies,
     stalls,
     billing,
+    keys,
     shipper,
     log,
     row,
