@@ -30,7 +30,7 @@ import { createReadiness } from "./readiness.ts";
 import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "./service.ts";
 import { createStalledStreams } from "./stalled-streams.ts";
 import { defaultBatchBytes, minBatchBytes } from "./spool.ts";
-import { type FileSpool, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
+import { type FileSpool, lockStaleMs, openFileSpool, SpoolInUseError, spoolDirName } from "./spool-file.ts";
 import { adoptLeaseJournal, leaseJournalFile, openLeaseJournal } from "./lease-journal.ts";
 import { adoptedCalls, callJournalFile, openCallJournal } from "./call-journal.ts";
 import { closeTokenizer } from "./tokenizer.ts";
@@ -226,7 +226,7 @@ while (!spool) {
   try {
     spool = openFileSpool({
       root: cfg.GATEWAY_SPOOL_DIR ?? join(cfg.MESH_DATA_DIR, "spool"),
-      name: cfg.GATEWAY_INSTANCE_ID.replace(/[^A-Za-z0-9._-]/g, "_"),
+      name: spoolDirName(cfg.GATEWAY_INSTANCE_ID),
       maxBytes: cfg.GATEWAY_SPOOL_MAX_BYTES,
       fsync: cfg.GATEWAY_SPOOL_FSYNC,
       fsyncIntervalMs: cfg.GATEWAY_SPOOL_FSYNC_INTERVAL_MS,
