@@ -6,7 +6,7 @@ import { z } from "zod";
 import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { isKeySecretShaped } from "../lib/auth.ts";
-import { ConfigError, commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
+import { ConfigError, commonEnv, env, exitOnArguments, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
@@ -35,6 +35,11 @@ import { adoptLeaseJournal, leaseJournalFile, openLeaseJournal } from "./lease-j
 import { adoptedCalls, callJournalFile, openCallJournal } from "./call-journal.ts";
 import { closeTokenizer } from "./tokenizer.ts";
 
+exitOnArguments({
+  command: "npm run gateway",
+  script: "gateway/main.ts",
+  about: "the OpenAI-compatible API and gateway.v1.GatewayService in front of the configured providers",
+});
 const cfg = loadEnvOrExit({
   ...commonEnv,
   GATEWAY_PORT: env.port(8080),

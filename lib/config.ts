@@ -331,6 +331,28 @@ export function parseEnv<S extends z.ZodRawShape>(
   throw new ConfigError(`invalid environment: ${problems.join("; ")}`);
 }
 
+/**
+ * The command line of a program configured by its environment alone: `--help` (or `-h`) prints what it does and where
+ * its variables are described, exit 0; any other argument is refused, exit 2, rather than ignored (`--help` would
+ * otherwise start it). `about` is what follows the usage line.
+ */
+export function exitOnArguments(usage: { command: string; script: string; about: string }, args = process.argv.slice(2)): void {
+  const [first] = args;
+  if (first === "--help" || first === "-h") {
+    process.stdout.write(
+      `usage: ${usage.command} (bun ${usage.script}): ${usage.about}\n` +
+        "configured by environment variables, not arguments: each is described in README.md, section Configuration\n",
+    );
+    process.exit(0);
+  }
+  if (first !== undefined) {
+    process.stderr.write(
+      `${usage.command} takes no arguments, not "${first}": it is configured by its environment (${usage.command} -- --help)\n`,
+    );
+    process.exit(2);
+  }
+}
+
 /** parseEnv for composition roots: prints the error on stderr and exits 2. */
 export function loadEnvOrExit<S extends z.ZodRawShape>(shape: S): z.infer<z.ZodObject<S>> {
   try {

@@ -9,7 +9,7 @@ import * as net from "node:net";
 import * as path from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { BillingService, KeyRefusalReason, KeyRefusalSchema, OrganizationState } from "../gen/billing/v1/billing_pb.ts";
-import { commonEnv, defaultAdminToken, env, loadEnvOrExit } from "../lib/config.ts";
+import { commonEnv, defaultAdminToken, env, exitOnArguments, loadEnvOrExit } from "../lib/config.ts";
 import { freePort, procStatFields, type ServiceProcess, spawnService, stopTimeoutMs } from "../lib/processes.ts";
 import { allPages, createServiceClient } from "../lib/rpc-client.ts";
 
@@ -385,20 +385,14 @@ export async function lockDataDir(
 }
 
 if (import.meta.main) {
-  // Anything on the command line would otherwise be ignored, `--help` starting the whole mesh.
-  const [first] = process.argv.slice(2);
-  if (first === "--help" || first === "-h") {
-    process.stdout.write(
-      "usage: npm start (bun scripts/mesh.ts): billing, analytics and the gateway until Ctrl-C\n" +
-        "environment: MESH_DATA_DIR (.data), GATEWAY_PORT (8080), GATEWAY_REST_PORT (8090), BILLING_PORT (8081),\n" +
-        "ANALYTICS_PORT (8082), ADMIN_TOKEN, MESH_READY_TIMEOUT_MS (60000), and each service's (README, Configuration)\n",
-    );
-    process.exit(0);
-  }
-  if (first !== undefined) {
-    process.stderr.write(`npm start takes no arguments, not "${first}": it is configured by its environment (npm start -- --help)\n`);
-    process.exit(2);
-  }
+  exitOnArguments({
+    command: "npm start",
+    script: "scripts/mesh.ts",
+    about:
+      "billing, analytics and the gateway until Ctrl-C\n" +
+      "environment: MESH_DATA_DIR (.data), GATEWAY_PORT (8080), GATEWAY_REST_PORT (8090), BILLING_PORT (8081),\n" +
+      "ANALYTICS_PORT (8082), ADMIN_TOKEN, MESH_READY_TIMEOUT_MS (60000), and each service's",
+  });
   const cfg = loadEnvOrExit({
     MESH_DATA_DIR: commonEnv.MESH_DATA_DIR,
     ADMIN_TOKEN: commonEnv.ADMIN_TOKEN,
