@@ -132,14 +132,10 @@ function percentDecoded(text: string): string | undefined {
  * such an entry stops the service. Errors name the entry by number and header name, never its value (a credential).
  */
 const otlpHeaders = z.string().superRefine((value, ctx) => {
-  value.split(",").forEach((entry, i) => {
+  otlpHeaderEntries(value).forEach(({ entry, name, raw, decoded }, i) => {
     if (entry.trim() === "") return;
-    const at = entry.indexOf("=");
-    const name = percentDecoded(entry.slice(0, Math.max(at, 0)).trim());
-    const raw = entry.slice(at + 1).trim();
-    const decoded = percentDecoded(raw);
     const problem =
-      at <= 0 || !name
+      name === undefined
         ? "is not name=value"
         : !httpFieldName.test(name)
           ? "has a name that is no HTTP header name"
@@ -159,16 +155,29 @@ const otlpHeaders = z.string().superRefine((value, ctx) => {
 });
 
 /**
+ * An OTLP header variable's entries as the exporter splits them: the name (undefined without one before a `=`, or when
+ * its percent-encoding is bad), the value as written and percent-decoded (undefined when that fails).
+ */
+function otlpHeaderEntries(value: string): { entry: string; name?: string; raw: string; decoded?: string }[] {
+  return value.split(",").map((entry) => {
+    const at = entry.indexOf("=");
+    const raw = entry.slice(at + 1).trim();
+    const name = at > 0 ? percentDecoded(entry.slice(0, at).trim()) || undefined : undefined;
+    return { entry, name, raw, decoded: percentDecoded(raw) };
+  });
+}
+
+/**
  * The values OTLP header variables send (`authorization=Basic%20...`), decoded, with the credential after a scheme word
  * on its own too (`Basic dXNl...` and `dXNl...`): what a collector quoting them back must not put in the logs.
  */
 export function otlpHeaderValues(...variables: (string | undefined)[]): string[] {
   return variables.flatMap((value) =>
-    (value ?? "").split(",").flatMap((entry) => {
-      const decoded = percentDecoded(entry.slice(entry.indexOf("=") + 1).trim())?.trim();
-      if (!entry.includes("=") || !decoded) return [];
-      const words = decoded.split(/\s+/);
-      return words.length > 1 ? [decoded, ...words.slice(1)] : [decoded];
+    otlpHeaderEntries(value ?? "").flatMap(({ entry, decoded }) => {
+      const sent = decoded?.trim();
+      if (!entry.includes("=") || !sent) return [];
+      const words = sent.split(/\s+/);
+      return words.length > 1 ? [sent, ...words.slice(1)] : [sent];
     }),
   );
 }
