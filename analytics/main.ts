@@ -2,7 +2,7 @@ import { join, resolve } from "node:path";
 import { createClient } from "@clickhouse/client";
 import { z } from "zod";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
-import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
+import { commonEnv, env, exitOnArguments, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { pingReadiness } from "../lib/health.ts";
 import { createOutageLog } from "../lib/log.ts";
@@ -16,6 +16,11 @@ import { clickHouseLoggerClass, clientRequestTimeoutMs, createClientDriver } fro
 import { type ClickHouseDriver, defaultChdbReportTimeoutSeconds } from "./store/driver.ts";
 import { createAnalyticsStore, defaultQueryTimeoutSeconds, defaultRollupLagMs, maxTtlDays } from "./store/store.ts";
 
+exitOnArguments({
+  command: "npm run analytics",
+  script: "analytics/main.ts",
+  about: "takes the gateways' request metrics into ClickHouse and billing, and answers usage queries",
+});
 const cfg = loadEnvOrExit({
   ...commonEnv,
   ANALYTICS_PORT: env.port(8082),

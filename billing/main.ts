@@ -1,5 +1,5 @@
 import { join } from "node:path";
-import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
+import { commonEnv, env, exitOnArguments, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
 import { startServer } from "../lib/server.ts";
@@ -9,6 +9,11 @@ import { createPool } from "./store/db.ts";
 import { startEmbeddedPostgres } from "./store/embedded.ts";
 import { migrate } from "./store/migrate.ts";
 
+exitOnArguments({
+  command: "npm run billing",
+  script: "billing/main.ts",
+  about: "orgs, API keys, budgets, usage and invoices in Postgres, served over Connect, gRPC and gRPC-Web",
+});
 const cfg = loadEnvOrExit({
   ...commonEnv,
   BILLING_PORT: env.port(8081),

@@ -217,6 +217,27 @@ describe("gateway config", () => {
     expect(message).toContain("quote it");
   });
 
+  test("a name YAML reads as a number or boolean is refused naming its entry and saying to quote it", () => {
+    const message = configError(`
+providers:
+  - { name: 7, kind: mock }
+models:
+  - name: m
+    targets: [{ provider: mock, model: x }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+  - name: 4
+    targets: [{ provider: "7", model: 3.5 }, { provider: mock, model: true }]
+    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
+`);
+    // Was zod's own "Invalid input: expected string, received number" for each.
+    expect(message.replace("invalid gateway config test.yaml: ", "").split("; ")).toEqual([
+      'providers[0].name: a name must be a string, but YAML reads 7 as a number: quote it as written (name: "7")',
+      'models[1].name: a name must be a string, but YAML reads 4 as a number: quote it as written (name: "4")',
+      'models[1].targets[0].model: a name must be a string, but YAML reads 3.5 as a number: quote it as written (model: "3.5")',
+      'models[1].targets[1].model: a name must be a string, but YAML reads true as a boolean: quote it as written (model: "true")',
+    ]);
+  });
+
   test("an unknown provider reference names the field and the known providers", () => {
     const message = configError(
       base(`

@@ -361,7 +361,10 @@ export function parseGatewayConfig(text: string, source: string): GatewayConfig 
   if (raw === null || raw === undefined) {
     throw new ConfigError(`invalid gateway config ${source}: the file is empty (or only comments): give its providers and models`);
   }
-  const result = file.safeParse(raw, { error: (issue) => (issue.code === "unrecognized_keys" ? unknownKeys(issue) : undefined) });
+  const result = file.safeParse(raw, {
+    error: (issue) =>
+      issue.code === "unrecognized_keys" ? unknownKeys(issue) : issue.code === "invalid_type" ? unquoted(issue) : undefined,
+  });
   if (!result.success) {
     // An unknown key by its own path ("providers[0].api_key_envv"), as a key of the wrong value is named.
     const problems = result.error.issues.flatMap((issue) =>
@@ -445,6 +448,19 @@ function unknownKeys(issue: z.core.$ZodRawIssue<z.core.$ZodIssueUnrecognizedKeys
   const def = issue.inst?._zod.def as { shape?: object; keyType?: { options?: unknown[] } } | undefined;
   const known = def?.shape ? Object.keys(def.shape) : (def?.keyType?.options ?? []).map(String);
   return known.length > 0 ? `(keys here: ${known.join(", ")})` : "";
+}
+
+/**
+ * A name YAML read as a number or boolean (`name: 4`, `model: 3.5`): that it must be quoted, rather than zod's "expected
+ * string, received number".
+ */
+function unquoted(issue: z.core.$ZodRawIssue<z.core.$ZodIssueInvalidType>): string | undefined {
+  const { input } = issue;
+  if (issue.expected !== "string" || (typeof input !== "number" && typeof input !== "boolean")) return undefined;
+  const key = issue.path?.at(-1);
+  const what = key === "name" || key === "provider" || key === "model" ? "a name" : "it";
+  const quoted = typeof key === "string" ? `${key}: "${input}"` : `"${input}"`;
+  return `${what} must be a string, but YAML reads ${input} as a ${typeof input}: quote it as written (${quoted})`;
 }
 
 /** ["models", 0, "pricing"] -> "models[0].pricing" */

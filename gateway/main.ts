@@ -6,7 +6,7 @@ import { z } from "zod";
 import { AnalyticsService } from "../gen/analytics/v1/analytics_pb.ts";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { isKeySecretShaped } from "../lib/auth.ts";
-import { ConfigError, commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
+import { ConfigError, commonEnv, env, exitOnArguments, loadEnvOrExit } from "../lib/config.ts";
 import { createCorsPolicy } from "../lib/cors.ts";
 import { createServiceClient } from "../lib/rpc-client.ts";
 import { createRuntime, listenOrExit, stopOnSignals } from "../lib/runtime.ts";
@@ -30,11 +30,16 @@ import { createReadiness } from "./readiness.ts";
 import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "./service.ts";
 import { createStalledStreams } from "./stalled-streams.ts";
 import { defaultBatchBytes, minBatchBytes } from "./spool.ts";
-import { type FileSpool, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
+import { type FileSpool, lockStaleMs, openFileSpool, SpoolInUseError, spoolDirName } from "./spool-file.ts";
 import { adoptLeaseJournal, leaseJournalFile, openLeaseJournal } from "./lease-journal.ts";
 import { adoptedCalls, callJournalFile, openCallJournal } from "./call-journal.ts";
 import { closeTokenizer } from "./tokenizer.ts";
 
+exitOnArguments({
+  command: "npm run gateway",
+  script: "gateway/main.ts",
+  about: "the OpenAI-compatible API and gateway.v1.GatewayService in front of the configured providers",
+});
 const cfg = loadEnvOrExit({
   ...commonEnv,
   GATEWAY_PORT: env.port(8080),
@@ -226,7 +231,7 @@ while (!spool) {
   try {
     spool = openFileSpool({
       root: cfg.GATEWAY_SPOOL_DIR ?? join(cfg.MESH_DATA_DIR, "spool"),
-      name: cfg.GATEWAY_INSTANCE_ID.replace(/[^A-Za-z0-9._-]/g, "_"),
+      name: spoolDirName(cfg.GATEWAY_INSTANCE_ID),
       maxBytes: cfg.GATEWAY_SPOOL_MAX_BYTES,
       fsync: cfg.GATEWAY_SPOOL_FSYNC,
       fsyncIntervalMs: cfg.GATEWAY_SPOOL_FSYNC_INTERVAL_MS,

@@ -18,7 +18,14 @@ import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { RequestMetricsSchema } from "../gen/analytics/v1/analytics_pb.ts";
-import { type FileSpool, type FileSpoolOptions, lockStaleMs, openFileSpool, SpoolInUseError } from "./spool-file.ts";
+import {
+  type FileSpool,
+  type FileSpoolOptions,
+  lockStaleMs,
+  openFileSpool,
+  SpoolInUseError,
+  spoolDirName,
+} from "./spool-file.ts";
 import { type SpoolBatch, SpoolBatchDamagedError } from "./spool.ts";
 import { createFillingDisk, createTestLogger } from "./testing.ts";
 
@@ -561,6 +568,17 @@ describe("file spool", () => {
     mkdirSync(other);
     writeFileSync(join(other, "LOCK"), JSON.stringify({ pid: process.ppid, host: hostname(), started: null }));
     expect(() => openSpool(root, { name: "gw-live" })).toThrow(`in use by pid ${process.ppid}`);
+  });
+
+  test("replicas whose instance ids differ only in characters a directory name cannot hold each get a spool of their own", () => {
+    const root = newRoot();
+    const ids = ["gw/1", "gw:1", "gw 1", "gw_1", "gw_1~"];
+    // Sharing one, the second was refused as in use by the first.
+    const spools = ids.map((id) => openSpool(root, { name: spoolDirName(id) }));
+    expect(new Set(spools.map((s) => s.dir)).size).toBe(ids.length);
+    expect(readdirSync(root)).toHaveLength(ids.length);
+    // An id a directory can hold keeps its name, so a replica finds the spool it had before.
+    expect(spools[3]?.dir).toBe(join(root, "gw_1"));
   });
 
   test("a LOCK from another container is held while refreshed, and taken over once stale", () => {

@@ -21,6 +21,7 @@ import {
   writeFileSync,
   writeSync,
 } from "node:fs";
+import { createHash } from "node:crypto";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -208,6 +209,17 @@ const openDirs = new Set<string>();
 
 // Rows hold tenants' request metadata: the spool is this user's alone, as billing's Postgres directory is.
 const ownerOnlyFile = 0o600;
+
+/**
+ * The spool directory of a replica, by its instance id: the id itself when it is all letters, digits and `._-` (a pod
+ * name); any other id has those characters replaced and a hash of the whole id after a `~`, which no id kept as it is
+ * holds, so two ids differing only in the replaced characters never share a directory.
+ */
+export function spoolDirName(instanceId: string): string {
+  if (/^[A-Za-z0-9._-]+$/.test(instanceId)) return instanceId;
+  const hash = createHash("sha256").update(instanceId).digest("hex").slice(0, 16);
+  return `${instanceId.replace(/[^A-Za-z0-9._-]/g, "_")}~${hash}`;
+}
 
 /** Opens (or creates) this replica's spool: replays what an earlier process left, then adopts orphans. */
 export function openFileSpool(options: FileSpoolOptions): FileSpool {

@@ -132,14 +132,10 @@ function percentDecoded(text: string): string | undefined {
  * such an entry stops the service. Errors name the entry by number and header name, never its value (a credential).
  */
 const otlpHeaders = z.string().superRefine((value, ctx) => {
-  value.split(",").forEach((entry, i) => {
+  otlpHeaderEntries(value).forEach(({ entry, name, raw, decoded }, i) => {
     if (entry.trim() === "") return;
-    const at = entry.indexOf("=");
-    const name = percentDecoded(entry.slice(0, Math.max(at, 0)).trim());
-    const raw = entry.slice(at + 1).trim();
-    const decoded = percentDecoded(raw);
     const problem =
-      at <= 0 || !name
+      name === undefined
         ? "is not name=value"
         : !httpFieldName.test(name)
           ? "has a name that is no HTTP header name"
@@ -159,16 +155,29 @@ const otlpHeaders = z.string().superRefine((value, ctx) => {
 });
 
 /**
+ * An OTLP header variable's entries as the exporter splits them: the name (undefined without one before a `=`, or when
+ * its percent-encoding is bad), the value as written and percent-decoded (undefined when that fails).
+ */
+function otlpHeaderEntries(value: string): { entry: string; name?: string; raw: string; decoded?: string }[] {
+  return value.split(",").map((entry) => {
+    const at = entry.indexOf("=");
+    const raw = entry.slice(at + 1).trim();
+    const name = at > 0 ? percentDecoded(entry.slice(0, at).trim()) || undefined : undefined;
+    return { entry, name, raw, decoded: percentDecoded(raw) };
+  });
+}
+
+/**
  * The values OTLP header variables send (`authorization=Basic%20...`), decoded, with the credential after a scheme word
  * on its own too (`Basic dXNl...` and `dXNl...`): what a collector quoting them back must not put in the logs.
  */
 export function otlpHeaderValues(...variables: (string | undefined)[]): string[] {
   return variables.flatMap((value) =>
-    (value ?? "").split(",").flatMap((entry) => {
-      const decoded = percentDecoded(entry.slice(entry.indexOf("=") + 1).trim())?.trim();
-      if (!entry.includes("=") || !decoded) return [];
-      const words = decoded.split(/\s+/);
-      return words.length > 1 ? [decoded, ...words.slice(1)] : [decoded];
+    otlpHeaderEntries(value ?? "").flatMap(({ entry, decoded }) => {
+      const sent = decoded?.trim();
+      if (!entry.includes("=") || !sent) return [];
+      const words = sent.split(/\s+/);
+      return words.length > 1 ? [sent, ...words.slice(1)] : [sent];
     }),
   );
 }
@@ -329,6 +338,28 @@ export function parseEnv<S extends z.ZodRawShape>(
     return `${name} (${shown}${entry}): ${issue.message}`;
   });
   throw new ConfigError(`invalid environment: ${problems.join("; ")}`);
+}
+
+/**
+ * The command line of a program configured by its environment alone: `--help` (or `-h`) prints what it does and where
+ * its variables are described, exit 0; any other argument is refused, exit 2, rather than ignored (`--help` would
+ * otherwise start it). `about` is what follows the usage line.
+ */
+export function exitOnArguments(usage: { command: string; script: string; about: string }, args = process.argv.slice(2)): void {
+  const [first] = args;
+  if (first === "--help" || first === "-h") {
+    process.stdout.write(
+      `usage: ${usage.command} (bun ${usage.script}): ${usage.about}\n` +
+        "configured by environment variables, not arguments: each is described in README.md, section Configuration\n",
+    );
+    process.exit(0);
+  }
+  if (first !== undefined) {
+    process.stderr.write(
+      `${usage.command} takes no arguments, not "${first}": it is configured by its environment (${usage.command} -- --help)\n`,
+    );
+    process.exit(2);
+  }
 }
 
 /** parseEnv for composition roots: prints the error on stderr and exits 2. */

@@ -1,6 +1,14 @@
 import { promisify } from "node:util";
 import * as zlib from "node:zlib";
-import type { DescField, DescMessage } from "@bufbuild/protobuf";
+import {
+  create,
+  type DescField,
+  type DescMessage,
+  type MessageInitShape,
+  type MessageShape,
+  ScalarType,
+  toBinary,
+} from "@bufbuild/protobuf";
 import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
 import type { UniversalHandler, UniversalServerRequest } from "@connectrpc/connect/protocol";
 
@@ -368,4 +376,181 @@ export function jsonShape(
     else if (c === 0x3a && !values) nodes++;
   }
   return { depth: deepest, nodes };
+}
+
+/**
+ * The bytes `message` takes in protobuf's binary format, as toBinary writes it (unknown fields too), counted without
+ * writing it: an answer is measured against maxAnswerBytes without being encoded once more than it is sent.
+ */
+export function encodedBytes<Desc extends DescMessage>(schema: Desc, message: MessageShape<Desc>): number {
+  return messageBytes(schema, message as unknown as LocalMessage);
+}
+
+type LocalMessage = Record<string, unknown> & { $typeName: string; $unknown?: { no: number; wireType: number; data: Uint8Array }[] };
+
+// google.protobuf.FeatureSet.FieldPresence.IMPLICIT: a field set unless it holds its zero value.
+const implicitPresence = 2;
+const lengthDelimited = 2;
+
+function messageBytes(desc: DescMessage, message: LocalMessage): number {
+  let bytes = 0;
+  for (const field of desc.fields) {
+    if (field.oneof) {
+      const chosen = message[field.oneof.localName] as { case?: string; value?: unknown };
+      if (chosen.case === field.localName) bytes += valueBytes(desc, field, chosen.value, true);
+    } else if (field.fieldKind === "list") {
+      const items = message[field.localName] as unknown[];
+      if (field.listKind === "message") for (const item of items) bytes += valueBytes(desc, field, item, false);
+      else if (field.packed && items.length > 0) {
+        const scalar = field.listKind === "enum" ? ScalarType.INT32 : field.scalar;
+        let content = 0;
+        for (const item of items) content += scalarBytes(scalar, item);
+        bytes += tagBytes(field.number) + varintBytes(content) + content;
+      } else for (const item of items) bytes += valueBytes(desc, field, item, false);
+    } else if (field.fieldKind === "map") {
+      const record = message[field.localName] as Record<string, unknown>;
+      for (const key of Object.keys(record)) {
+        const value = record[key];
+        // A map entry's key is field 1 and its value field 2; a message value that is not one (a Struct's JSON) is
+        // measured by encoding its entry alone.
+        if (field.mapKind === "message" && (value as LocalMessage).$typeName !== field.message.typeName) {
+          bytes += alone(desc, field, { [key]: value });
+          continue;
+        }
+        const entry =
+          tagBytes(1) +
+          scalarBytes(field.mapKey, mapKey(field.mapKey, key)) +
+          tagBytes(2) +
+          (field.mapKind === "message"
+            ? lengthPrefixed(messageBytes(field.message, value as LocalMessage))
+            : scalarBytes(field.mapKind === "enum" ? ScalarType.INT32 : field.scalar, value));
+        bytes += tagBytes(field.number) + lengthPrefixed(entry);
+      }
+    } else {
+      const value = message[field.localName];
+      const set =
+        field.presence !== implicitPresence
+          ? value !== undefined && Object.hasOwn(message, field.localName)
+          : field.fieldKind === "enum"
+            ? value !== field.enum.values[0]?.number
+            : !isZero(field.scalar ?? ScalarType.INT32, value);
+      if (set) bytes += valueBytes(desc, field, value, false);
+    }
+  }
+  for (const { no, data } of message.$unknown ?? []) bytes += tagBytes(no) + data.byteLength;
+  return bytes;
+}
+
+/** A singular value or list element with its tag. */
+function valueBytes(parent: DescMessage, field: DescField, value: unknown, inOneof: boolean): number {
+  const message = field.message;
+  if (message) {
+    // Kept in a form of its own (a wrapper's bare value, a Struct's JSON): measured by encoding the field alone.
+    if ((value as LocalMessage | undefined)?.$typeName !== message.typeName) {
+      const local = field.fieldKind === "list" ? [value] : value;
+      return alone(parent, field, inOneof ? { case: field.localName, value } : local);
+    }
+    const content = messageBytes(message, value as LocalMessage);
+    // A group: its start and end tags around its fields.
+    return field.delimitedEncoding ? 2 * tagBytes(field.number) + content : tagBytes(field.number) + lengthPrefixed(content);
+  }
+  const scalar = field.scalar ?? ScalarType.INT32;
+  return tagBytes(field.number) + scalarBytes(scalar, value);
+}
+
+function alone(parent: DescMessage, field: DescField, local: unknown): number {
+  const name = field.oneof ? field.oneof.localName : field.localName;
+  return toBinary(parent, create(parent, { [name]: local } as MessageInitShape<DescMessage>)).byteLength;
+}
+
+function isZero(scalar: ScalarType, value: unknown): boolean {
+  switch (scalar) {
+    case ScalarType.BOOL:
+      return value === false;
+    case ScalarType.STRING:
+      return value === "";
+    case ScalarType.BYTES:
+      return value instanceof Uint8Array && value.byteLength === 0;
+    case ScalarType.DOUBLE:
+    case ScalarType.FLOAT:
+      return Object.is(value, 0);
+    default:
+      // 0n, 0 and "0", as toBinary compares them.
+      return value == 0;
+  }
+}
+
+function scalarBytes(scalar: ScalarType, value: unknown): number {
+  switch (scalar) {
+    case ScalarType.DOUBLE:
+    case ScalarType.FIXED64:
+    case ScalarType.SFIXED64:
+      return 8;
+    case ScalarType.FLOAT:
+    case ScalarType.FIXED32:
+    case ScalarType.SFIXED32:
+      return 4;
+    case ScalarType.BOOL:
+      return 1;
+    case ScalarType.STRING:
+      return lengthPrefixed(utf8Bytes(value as string));
+    case ScalarType.BYTES:
+      return lengthPrefixed((value as Uint8Array).byteLength);
+    case ScalarType.INT32: {
+      const n = Number(value);
+      // A negative int32 is sign-extended to ten bytes.
+      return n < 0 ? 10 : varintBytes(n);
+    }
+    case ScalarType.UINT32:
+      return varintBytes(Number(value) >>> 0);
+    case ScalarType.SINT32: {
+      const n = Number(value);
+      return varintBytes(((n << 1) ^ (n >> 31)) >>> 0);
+    }
+    case ScalarType.SINT64: {
+      const n = typeof value === "bigint" ? value : BigInt(value as string | number);
+      return bigVarintBytes(n < 0n ? -2n * n - 1n : 2n * n);
+    }
+    default: {
+      // INT64 and UINT64: a negative int64 as its 64-bit two's complement, ten bytes.
+      const n = typeof value === "bigint" ? value : BigInt(value as string | number);
+      return n < 0n ? 10 : bigVarintBytes(n);
+    }
+  }
+}
+
+/**
+ * A string's UTF-8 length, as toBinary's TextEncoder writes it (a lone surrogate as U+FFFD, three bytes, as
+ * Buffer.byteLength counts it): ASCII, most of an answer's text, counted here, anything else by Buffer.
+ */
+function utf8Bytes(text: string): number {
+  for (let i = 0; i < text.length; i++) if (text.charCodeAt(i) > 0x7f) return Buffer.byteLength(text, "utf8");
+  return text.length;
+}
+
+/** A map key, held as an object key (a string), as the scalar it is. */
+function mapKey(scalar: ScalarType, key: string): unknown {
+  return scalar === ScalarType.STRING ? key : scalar === ScalarType.BOOL ? key === "true" : key;
+}
+
+function tagBytes(fieldNumber: number): number {
+  // The wire type takes the low three bits; every wire type gives the same length.
+  return varintBytes(fieldNumber * 8 + lengthDelimited);
+}
+
+function lengthPrefixed(length: number): number {
+  return varintBytes(length) + length;
+}
+
+function varintBytes(n: number): number {
+  let bytes = 1;
+  while (n >= 128) {
+    n = Math.floor(n / 128);
+    bytes++;
+  }
+  return bytes;
+}
+
+function bigVarintBytes(n: bigint): number {
+  return n <= 0xffff_ffffn ? varintBytes(Number(n)) : 4 + varintBytes(Number(n >> 28n));
 }

@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { SpanStatusCode } from "@opentelemetry/api";
 import { InMemorySpanExporter } from "@opentelemetry/sdk-trace";
 import { BillingService } from "../gen/billing/v1/billing_pb.ts";
@@ -113,6 +114,29 @@ describe("guarded routes", () => {
       [SpanStatusCode.UNSET, Code.PermissionDenied],
       [SpanStatusCode.UNSET, 0],
     ]);
+  });
+
+  test("an RPC's spans, the caller's and the server's, name its protocol: Connect's as connect_rpc, gRPC and gRPC-Web's as grpc", async () => {
+    const interceptors = [telemetry.clientInterceptor];
+    const transports = {
+      connect_rpc: createConnectTransport({ baseUrl: server.url, httpVersion: "1.1", interceptors }),
+      grpc: createGrpcTransport({ baseUrl: server.url, interceptors }),
+      "grpc (gRPC-Web)": createGrpcWebTransport({ baseUrl: server.url, httpVersion: "1.1", interceptors }),
+    };
+    const systems: Record<string, unknown[]> = {};
+    for (const [name, transport] of Object.entries(transports)) {
+      exporter.reset();
+      const headers = { authorization: `Bearer ${adminToken}` };
+      await createClient(BillingService, transport).listOrganizations({}, { headers });
+      const spans = exporter.getFinishedSpans().filter((s) => s.name === "billing.v1.BillingService/ListOrganizations");
+      systems[name] = spans.map((s) => s.attributes["rpc.system"]);
+    }
+    // Connect's were tagged grpc.
+    expect(systems).toEqual({
+      connect_rpc: ["connect_rpc", "connect_rpc"],
+      grpc: ["grpc", "grpc"],
+      "grpc (gRPC-Web)": ["grpc", "grpc"],
+    });
   });
 
   test("each method reads at most its own size of message", async () => {

@@ -1388,3 +1388,28 @@ describe("error messages that are not well-formed UTF-16", () => {
     }
   });
 });
+
+test("a handler that fails is logged with its request's path, not its query string, which may carry a credential", async () => {
+  const lines: string[] = [];
+  const own = await startServer({
+    name: "failing-handler",
+    port: 0,
+    host: "127.0.0.1",
+    log: createLogger({ service: "test", write: (line) => lines.push(line) }),
+    routes: (router) => router.service(BillingService, {}),
+    http: async () => {
+      throw new Error("handler bug");
+    },
+  });
+  try {
+    const res = await fetch(`${own.url}/invoices/inv_1?access_token=query-credential-0123&sig=signature-0123`);
+    expect(res.status).toBe(500);
+    await res.text();
+    const failed = lines.map((line) => JSON.parse(line)).filter((entry) => entry.msg === "http handler failed");
+    // Logged whole before: the token's value went to the logs (only api-key= and Bearer were masked).
+    expect(failed).toEqual([expect.objectContaining({ path: "/invoices/inv_1" })]);
+    expect(lines.join("\n")).not.toContain("query-credential");
+  } finally {
+    await own.close(0);
+  }
+});

@@ -297,7 +297,9 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       if (draining.signal.aborted || ending(socket).signal.aborted) res.setHeader("connection", "close");
     }
     const path = req.url ?? "/";
-    if (mayHaveBody(req) && !streamingRequests.has(path.split("?")[0] ?? path)) {
+    // The path without the query string, which may carry a credential (?access_token=, ?sig=): what is logged.
+    const bare = path.split("?")[0] ?? path;
+    if (mayHaveBody(req) && !streamingRequests.has(bare)) {
       limitBodyTime(req, res, bodyTimeoutMs);
       if (req.httpVersionMajor === 1) closeIfUnread(req as http.IncomingMessage, res as http.ServerResponse);
       else resetIfUnread(req as http2.Http2ServerRequest, res as http2.Http2ServerResponse);
@@ -306,7 +308,6 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     try {
       if (options.cors) {
         const headers = headersOf(req.headers);
-        const bare = path.split("?")[0] ?? path;
         const preflight = options.cors.preflight(req.method ?? "GET", headers, bare);
         if (preflight) return send(res, preflight.status, preflight.headers, "");
         for (const [name, value] of Object.entries(options.cors.headers(headers.get("origin"), bare))) {
@@ -320,7 +321,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       if (req.headers["content-type"]?.startsWith("application/grpc")) sendGrpcMessageAsSpecified(res);
       rpc(req, res);
     } catch (e) {
-      options.log.error("http handler failed", { err: e, path: req.url });
+      options.log.error("http handler failed", { err: e, path: bare });
       if (!res.headersSent) sendJson(res, 500, { error: { message: "internal error", type: "server_error" } });
       else res.end();
     } finally {

@@ -301,8 +301,14 @@ export function outgoingTraceHeaders(): Record<string, string> {
   return carrier;
 }
 
-function rpcAttributes(service: string, method: string) {
-  return { "rpc.system": "grpc", "rpc.service": service, "rpc.method": method };
+/**
+ * An RPC span's attributes, `rpc.system` by the protocol its content type names: `grpc` for gRPC and gRPC-Web (which
+ * OpenTelemetry's conventions give no value of its own), `connect_rpc` for the Connect protocol (application/proto,
+ * application/json, application/connect+...).
+ */
+function rpcAttributes(req: { service: { typeName: string }; method: { name: string }; header: Headers }) {
+  const grpc = /^application\/grpc(?:-web)?(?:[+;]|$)/i.test(req.header.get("content-type") ?? "");
+  return { "rpc.system": grpc ? "grpc" : "connect_rpc", "rpc.service": req.service.typeName, "rpc.method": req.method.name };
 }
 
 function rpcServerTracing(tracer: Tracer): Interceptor {
@@ -311,7 +317,7 @@ function rpcServerTracing(tracer: Tracer): Interceptor {
     const name = `${req.service.typeName}/${req.method.name}`;
     return tracer.startActiveSpan(
       name,
-      { kind: SpanKind.SERVER, attributes: rpcAttributes(req.service.typeName, req.method.name) },
+      { kind: SpanKind.SERVER, attributes: rpcAttributes(req) },
       parent,
       async (span) => {
         const res = await next(req).catch((e: unknown) => finishWith(span, () => Promise.reject(e), serverErrors));
@@ -337,7 +343,7 @@ function rpcClientTracing(tracer: Tracer): Interceptor {
     const name = `${req.service.typeName}/${req.method.name}`;
     return tracer.startActiveSpan(
       name,
-      { kind: SpanKind.CLIENT, attributes: rpcAttributes(req.service.typeName, req.method.name) },
+      { kind: SpanKind.CLIENT, attributes: rpcAttributes(req) },
       (span) => {
         propagation.inject(context.active(), req.header, headerSetter);
         // A stream's code comes at its end, after the span (it ends once the call has answered).

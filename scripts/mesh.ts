@@ -9,7 +9,7 @@ import * as net from "node:net";
 import * as path from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { BillingService, KeyRefusalReason, KeyRefusalSchema, OrganizationState } from "../gen/billing/v1/billing_pb.ts";
-import { commonEnv, env, loadEnvOrExit } from "../lib/config.ts";
+import { commonEnv, defaultAdminToken, env, exitOnArguments, loadEnvOrExit } from "../lib/config.ts";
 import { freePort, procStatFields, type ServiceProcess, spawnService, stopTimeoutMs } from "../lib/processes.ts";
 import { allPages, createServiceClient } from "../lib/rpc-client.ts";
 
@@ -234,12 +234,34 @@ export async function ensureDemo(mesh: Mesh, options: { dataDir: string; adminTo
 /** Exported, so `source demo.env` reaches the programs the shell starts (the SDKs read their environment). */
 async function writeDemo(file: string, baseUrl: string, apiKey: string) {
   await mkdir(path.dirname(file), { recursive: true });
-  await writeFile(file, `export OPENAI_BASE_URL=${baseUrl}\nexport OPENAI_API_KEY=${apiKey}\n`, { mode: 0o600 });
+  await writeWhole(file, `export OPENAI_BASE_URL=${baseUrl}\nexport OPENAI_API_KEY=${apiKey}\n`, "rename");
 }
 
-/** What meshctl, which asks billing and analytics at their default ports unless told otherwise, needs to reach them. */
-function meshctlEnv(urls: { billing: string; analytics: string }): string {
+/**
+ * Writes `text` (owner-only) to a file of its own, then links it into place (refused if `file` exists) or renames it
+ * over `file`: a reader, or a launcher killed mid-write, never leaves it half written.
+ */
+async function writeWhole(file: string, text: string, place: "link" | "rename"): Promise<void> {
+  const temp = `${file}.${process.pid}`;
+  await writeFile(temp, text, { mode: 0o600 });
+  try {
+    await (place === "link" ? link(temp, file) : rename(temp, file));
+  } finally {
+    await rm(temp, { force: true });
+  }
+}
+
+/**
+ * What meshctl, which asks billing and analytics at their default ports with the default admin token unless told
+ * otherwise, needs to reach them. A token of one's own is read from an owner-only file in the data directory, not
+ * printed.
+ */
+async function meshctlEnv(urls: { billing: string; analytics: string }, dataDir: string, adminToken: string): Promise<string> {
+  const tokenFile = path.join(dataDir, "admin-token");
+  if (adminToken === defaultAdminToken) await rm(tokenFile, { force: true });
+  else await writeWhole(tokenFile, adminToken, "rename");
   return (
+    (adminToken === defaultAdminToken ? "" : `ADMIN_TOKEN="$(cat ${shellWord(tokenFile)})" `) +
     (urls.billing === "http://127.0.0.1:8081" ? "" : `BILLING_URL=${urls.billing} `) +
     (urls.analytics === "http://127.0.0.1:8082" ? "" : `ANALYTICS_URL=${urls.analytics} `)
   );
@@ -305,16 +327,7 @@ export async function lockDataDir(
 ): Promise<DataDirLock> {
   const file = path.join(dataDir, "mesh.pid");
   const content: LockContent = { launcher: processId(process.pid), services: {} };
-  // Written whole to a file of its own, then linked into place: a reader never sees it half written.
-  const write = async (target: "link" | "rename") => {
-    const temp = `${file}.${process.pid}`;
-    await writeFile(temp, `${JSON.stringify(content)}\n`, { mode: 0o600 });
-    try {
-      await (target === "link" ? link(temp, file) : rename(temp, file));
-    } finally {
-      await rm(temp, { force: true });
-    }
-  };
+  const write = (place: "link" | "rename") => writeWhole(file, `${JSON.stringify(content)}\n`, place);
   let writing = Promise.resolve();
   await mkdir(dataDir, { recursive: true, mode: 0o700 }).catch((e: Error) => {
     // A file in its place, a parent that is one, a read-only parent: which variable names it.
@@ -372,20 +385,14 @@ export async function lockDataDir(
 }
 
 if (import.meta.main) {
-  // Anything on the command line would otherwise be ignored, `--help` starting the whole mesh.
-  const [first] = process.argv.slice(2);
-  if (first === "--help" || first === "-h") {
-    process.stdout.write(
-      "usage: npm start (bun scripts/mesh.ts): billing, analytics and the gateway until Ctrl-C\n" +
-        "environment: MESH_DATA_DIR (.data), GATEWAY_PORT (8080), GATEWAY_REST_PORT (8090), BILLING_PORT (8081),\n" +
-        "ANALYTICS_PORT (8082), ADMIN_TOKEN, MESH_READY_TIMEOUT_MS (60000), and each service's (README, Configuration)\n",
-    );
-    process.exit(0);
-  }
-  if (first !== undefined) {
-    process.stderr.write(`npm start takes no arguments, not "${first}": it is configured by its environment (npm start -- --help)\n`);
-    process.exit(2);
-  }
+  exitOnArguments({
+    command: "npm start",
+    script: "scripts/mesh.ts",
+    about:
+      "billing, analytics and the gateway until Ctrl-C\n" +
+      "environment: MESH_DATA_DIR (.data), GATEWAY_PORT (8080), GATEWAY_REST_PORT (8090), BILLING_PORT (8081),\n" +
+      "ANALYTICS_PORT (8082), ADMIN_TOKEN, MESH_READY_TIMEOUT_MS (60000), and each service's",
+  });
   const cfg = loadEnvOrExit({
     MESH_DATA_DIR: commonEnv.MESH_DATA_DIR,
     ADMIN_TOKEN: commonEnv.ADMIN_TOKEN,
@@ -464,13 +471,15 @@ if (import.meta.main) {
       }
     });
   }
-  const demo = await ensureDemo(mesh, { dataDir, adminToken: cfg.ADMIN_TOKEN }).catch((e: Error) => {
-    // Stopped in order, as on Ctrl-C, rather than by the exit hook after a stack trace.
-    process.stderr.write(`mesh failed to start: cannot set up the demo key: ${e.message.split("\n")[0]}\n`);
+  // Stopped in order, as on Ctrl-C, rather than by the exit hook after a stack trace.
+  const failStart = (what: string) => (e: Error) => {
+    process.stderr.write(`mesh failed to start: ${what}: ${e.message.split("\n")[0]}\n`);
     failed = true;
     void shutdown();
     return new Promise<never>(() => {});
-  });
+  };
+  const demo = await ensureDemo(mesh, { dataDir, adminToken: cfg.ADMIN_TOKEN }).catch(failStart("cannot set up the demo key"));
+  const meshctl = await meshctlEnv(mesh.urls, dataDir, cfg.ADMIN_TOKEN).catch(failStart("cannot write meshctl's token file"));
   const seconds = ((Date.now() - started) / 1000).toFixed(1);
   process.stdout.write(
     [
@@ -482,10 +491,10 @@ if (import.meta.main) {
       ...(demo.suspended
         ? [
             `the demo org ${demo.orgId} is suspended: its key is refused (403 organization_suspended) until ` +
-              `\`${meshctlEnv(mesh.urls)}npm run -s ctl -- orgs reinstate ${demo.orgId}\``,
+              `\`${meshctl}npm run -s ctl -- orgs reinstate ${demo.orgId}\``,
           ]
         : []),
-      `operate it with meshctl: \`${meshctlEnv(mesh.urls)}npm run -s ctl -- orgs list\``,
+      `operate it with meshctl: \`${meshctl}npm run -s ctl -- orgs list\``,
       "",
       // This process cannot set its shell's OPENAI_API_KEY: the try pasted alone sent none, a 401.
       "try, in another terminal:",
