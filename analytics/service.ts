@@ -1,4 +1,4 @@
-import { create, type DescMessage, type MessageInitShape, type MessageShape } from "@bufbuild/protobuf";
+import { create, type DescMessage, type MessageInitShape, type MessageShape, toBinary } from "@bufbuild/protobuf";
 import { type Timestamp, TimestampSchema, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { Tracer } from "@opentelemetry/api";
@@ -15,7 +15,7 @@ import type { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
 import { connectionEndingKey } from "../lib/health.ts";
 import { createOutageLog, type Logger, type OutageLog } from "../lib/log.ts";
-import { encodedBytes, maxAnswerBytes } from "../lib/message-limits.ts";
+import { maxAnswerBytes } from "../lib/message-limits.ts";
 import { createAnalyticsAuth } from "./auth.ts";
 import { createIngest, type IngestOptions } from "./ingest.ts";
 import { ReportQueueFullError } from "./store/driver.ts";
@@ -196,7 +196,7 @@ function withinAnswerBytes<Desc extends DescMessage>(
   narrow: string,
 ): MessageShape<Desc> {
   const answer = create(schema, init);
-  const bytes = encodedBytes(schema, answer);
+  const bytes = toBinary(schema, answer).byteLength;
   if (bytes > maxAnswerBytes) {
     const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
     throw new ConnectError(`the answer's ${what} take ${mib(bytes)}, more than ${mib(maxAnswerBytes)}; ${narrow}`, Code.ResourceExhausted);

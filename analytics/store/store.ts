@@ -1,4 +1,4 @@
-import { create } from "@bufbuild/protobuf";
+import { create, toBinary } from "@bufbuild/protobuf";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import {
   type LatencyPercentiles,
@@ -14,7 +14,7 @@ import {
   UsageRowSchema,
 } from "../../gen/analytics/v1/analytics_pb.ts";
 import { TokenUsageSchema } from "../../gen/common/v1/common_pb.ts";
-import { encodedBytes, maxAnswerBytes } from "../../lib/message-limits.ts";
+import { maxAnswerBytes } from "../../lib/message-limits.ts";
 import type { ClickHouseDriver, QueryParams } from "./driver.ts";
 import { migrate } from "./migrate.ts";
 import { createRollups, micros, microsText, planSources, type RollupResult, type Span, totalsSql } from "./rollups.ts";
@@ -493,7 +493,7 @@ export function createAnalyticsStore(driver: ClickHouseDriver, options: StoreOpt
       for (const row of rows.slice(0, q.limit)) {
         const request = fromRequestRow(row);
         // Each in its message's field: a tag, a length and the row.
-        bytes += encodedBytes(RequestMetricsSchema, request) + 6;
+        bytes += toBinary(RequestMetricsSchema, request).byteLength + 6;
         if (bytes > maxRequestPageBytes && page.length > 0) break;
         page.push(request);
       }
