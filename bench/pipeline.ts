@@ -16,6 +16,9 @@
  *   ./node_modules/.bin/bun bench/pipeline.ts     (BENCH_ROWS=300000, BENCH_FLUSH_ROWS=10000, BENCH_KEYS=8)
  *
  * BENCH_CPU_PROF=<dir> has billing and each analytics write a CPU profile into <dir> (see bench/profile-summary.ts).
+ *
+ * Billing and analytics run with MIMALLOC_PURGE_DELAY=-1, as the launcher and their manifests run them (see README),
+ * unless this process's environment sets it; the table says which was used.
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -47,6 +50,7 @@ const log = createLogger({ service: "bench", level: "warn", write: (line) => pro
 const fmt = (n: number) => Math.round(n).toLocaleString("en-US");
 const mib = (bytes: number) => `${Math.round(bytes / 1024 / 1024)} MiB`;
 
+const purgeDelay = process.env.MIMALLOC_PURGE_DELAY ?? "-1";
 const services: ServiceProcess[] = [];
 const stopAll = async () => {
   for (const s of services.splice(0).reverse()) await s.stop();
@@ -64,6 +68,7 @@ async function spawn(name: "billing" | "analytics", env: Record<string, string |
       ADMIN_TOKEN: adminToken,
       LOG_LEVEL: "warn",
       OTEL_EXPORTER_OTLP_ENDPOINT: undefined,
+      MIMALLOC_PURGE_DELAY: purgeDelay,
       [portVar]: String(port),
       ...cpuProfileEnv(name),
       ...env,
@@ -263,6 +268,7 @@ const table: string[][] = [
   ["gateway spool peak", mib(stubPass.spoolPeak), mib(realPass.spoolPeak)],
   ["machine CPU time taken by the hypervisor for other guests", `${(100 * stubPass.stolen).toFixed(1)}%`, `${(100 * realPass.stolen).toFixed(1)}%`],
   ["every row once, costs exact (ClickHouse; and billing)", String(stubPass.exact), String(realPass.exact)],
+  ["MIMALLOC_PURGE_DELAY of billing and analytics (Bun's default: 100)", purgeDelay, purgeDelay],
 ];
 const widths = [0, 1, 2].map((c) => Math.max(...table.map((r) => (r[c] ?? "").length)));
 process.stdout.write(`\nrows: ${fmt(rowCount)}; chdb raw insert of the same rows: ${fmt(rawRate)} rows/s\n`);

@@ -107,7 +107,11 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
               BUN_JSC_numberOfGCMarkers: process.env.BUN_JSC_numberOfGCMarkers ?? "1",
               BUN_JSC_forceRAMSize: process.env.BUN_JSC_forceRAMSize ?? String(2 ** 30),
             }
-          : {}),
+          : {
+              // Read by Bun's allocator at start: memory billing and analytics free is kept for their next batches
+              // rather than handed back to the system and faulted in again (see MIMALLOC_PURGE_DELAY in README).
+              MIMALLOC_PURGE_DELAY: process.env.MIMALLOC_PURGE_DELAY ?? "-1",
+            }),
         // What is known so far: a service starts after the ones whose addresses it needs.
         ...known({
           BILLING_URL: urls.billing,

@@ -139,7 +139,12 @@ describe("Kubernetes manifests", () => {
       const entry = path.join(root, c.args[0] as string);
       expect(existsSync(entry)).toBe(true);
       // Bun itself reads these at start, before any service code runs.
-      const declared = new Set([...declaredEnv(entry), "BUN_JSC_numberOfGCMarkers", "BUN_JSC_forceRAMSize"]);
+      const declared = new Set([
+        ...declaredEnv(entry),
+        "BUN_JSC_numberOfGCMarkers",
+        "BUN_JSC_forceRAMSize",
+        "MIMALLOC_PURGE_DELAY",
+      ]);
       for (const variable of c.env) expect(declared).toContain(variable.name);
     }
   });
@@ -148,6 +153,16 @@ describe("Kubernetes manifests", () => {
     expect(envOf("gateway", "BUN_JSC_numberOfGCMarkers")?.value).toBe("1");
     expect(envOf("billing", "BUN_JSC_numberOfGCMarkers")).toBeUndefined();
     expect(envOf("analytics", "BUN_JSC_numberOfGCMarkers")).toBeUndefined();
+  });
+
+  test("have billing and analytics keep the memory they free for their next batches", async () => {
+    for (const name of ["billing", "analytics"]) expect(envOf(name, "MIMALLOC_PURGE_DELAY")?.value).toBe("-1");
+    expect(envOf("gateway", "MIMALLOC_PURGE_DELAY")).toBeUndefined();
+    // Bun's allocator reads the variable as the process starts: what it printed in its options.
+    const { stderr } = await runCommand([process.execPath, "-e", "0"], {
+      env: { MIMALLOC_VERBOSE: "1", MIMALLOC_PURGE_DELAY: "-1" },
+    });
+    expect(stderr).toMatch(/option 'purge_delay': -1\b/);
   });
 
   test("size the gateway's heap for its pod's memory limit", () => {
@@ -380,6 +395,7 @@ describe("the image", () => {
   test("lets a gateway's fetch run 4096 upstream calls at once (Bun's default is 256)", () => {
     expect(dockerfile).toMatch(/^ENV .*BUN_CONFIG_MAX_HTTP_REQUESTS=4096/m);
   });
+
 });
 
 const havePromtool = Bun.which("promtool") !== null;

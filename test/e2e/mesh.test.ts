@@ -237,6 +237,13 @@ describe("the mesh end to end", () => {
     expect(logs.some((line) => line.includes("BUN_CONFIG_MAX_HTTP_REQUESTS"))).toBe(false);
   });
 
+  test("billing and analytics, not the gateway, keep the memory they free for their next batches", async () => {
+    const environ = async (name: "gateway" | "billing" | "analytics") =>
+      (await Bun.file(`/proc/${mesh.processes[name].proc.pid}/environ`).text()).split("\0");
+    for (const name of ["billing", "analytics"] as const) expect(await environ(name)).toContain("MIMALLOC_PURGE_DELAY=-1");
+    expect((await environ("gateway")).filter((entry) => entry.startsWith("MIMALLOC_PURGE_DELAY="))).toEqual([]);
+  });
+
   test("the gateway, and it alone, marks its heap with one thread and sizes it for 1 GiB", async () => {
     const environ = async (name: "gateway" | "billing" | "analytics") =>
       (await Bun.file(`/proc/${mesh.processes[name].proc.pid}/environ`).text()).split("\0");
