@@ -605,10 +605,6 @@ export function dedupToken(rows: readonly RequestMetrics[]): string {
   return `ingest-${sha256Hex(`${ids.join("\n")}\n`)}`;
 }
 
-/**
- * The usage record billing takes for a row. Its fields are already messages and values of the right types, so it is
- * written as the plain object a message is: create() would only check and copy each of them, for every row billed.
- */
 /** Request ids of records set aside together that their log line names; the rest are counted. */
 const maxLoggedIds = 20;
 
@@ -634,6 +630,10 @@ function ownerBoundary(records: UsageRecord[]): number {
   return mid;
 }
 
+/**
+ * The usage record billing takes for a row. Its fields are already messages and values of the right types, so it is
+ * written as the plain object a message is: create() would only check and copy each of them, for every row billed.
+ */
 export function toUsageRecord(m: RequestMetrics): UsageRecord {
   return {
     $typeName: "billing.v1.UsageRecord",
