@@ -45,6 +45,11 @@ export interface KeyAuthorizer {
   cached(secret: string | undefined): Principal | undefined;
   /** Drops a cached key by the SHA-256 hex of its secret (revocations, limit changes). */
   forget(secretHash: string): void;
+  /**
+   * Whether a principal this authorizer gave is still good to serve with: not expired, and its key not dropped since
+   * by a change (revoked, its limits or its org changed). No hashing, no billing call: for a key checked moments ago.
+   */
+  stillGood(principal: Principal): boolean;
   /** Drops every cached key of an org, and the refusals of its keys while it was suspended (its settings changed). */
   forgetOrg(orgId: string): void;
   /**
@@ -135,6 +140,8 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
   const staleMs = options.staleMs ?? 0;
   const now = options.now ?? (() => performance.timeOrigin + performance.now());
   const clock = options.clock ?? Date.now;
+  /** Principals whose keys a change dropped from the cache: a call admitted with one is checked again. */
+  const dropped = new WeakSet<Principal>();
   const cache = createKeyCache<Entry>({
     maxKeys: options.maxEntries ?? 100_000,
     maxRejected: options.maxRejectedEntries ?? 10_000,
@@ -343,7 +350,12 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
       }
       return admit(loaded);
     },
+    stillGood(principal) {
+      return !dropped.has(principal) && (principal.expireMs === undefined || clock() < principal.expireMs);
+    },
     forget(secretHash) {
+      const principal = cache.get(secretHash)?.principal;
+      if (principal) dropped.add(principal);
       cache.delete(secretHash);
       const pending = loading.get(secretHash);
       if (pending) {
@@ -352,7 +364,11 @@ export function createKeyAuthorizer(options: KeyAuthorizerOptions): KeyAuthorize
       }
     },
     forgetOrg(orgId) {
-      for (const [hash, entry] of cache.working()) if (entry.principal?.orgId === orgId) cache.delete(hash);
+      for (const [hash, entry] of cache.working()) {
+        if (entry.principal?.orgId !== orgId) continue;
+        dropped.add(entry.principal);
+        cache.delete(hash);
+      }
       for (const [hash, entry] of cache.refused()) if (entry.suspendedOrgId === orgId) cache.delete(hash);
       // Whose org a load in flight is of is not known until it answers: none of them is kept.
       for (const pending of loading.values()) pending.stale = true;

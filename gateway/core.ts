@@ -362,15 +362,14 @@ export function createGatewayCore(options: CoreOptions): GatewayCore {
 
   /**
    * The key of a call whose body has been read, checked again: bodies take up to 120 s, and a key revoked meanwhile is
-   * refused. From the cache, with no billing round trip while it vouches for the key; once it does not (a change
-   * dropped the key, its TTL ran out) as any call's key is checked. Billing unable to answer keeps the key as checked.
+   * refused. The principal it was admitted with serves while still good; once a change dropped its key (or it expired)
+   * the key is checked as any call's is. Billing unable to answer keeps the key as checked.
    */
   const authorizeBody = async (call: Call): Promise<Principal> => {
     const checked = call.principal;
     if (!checked) return authorize(call);
+    if (keys.stillGood(checked)) return checked;
     try {
-      const cached = keys.cached(call.secret);
-      if (cached) return admitted(call, cached);
       return admitted(call, await unlessAborted(keys.authorize(call.secret), call.signal, () => clientGone(call.signal)));
     } catch (e) {
       if (e instanceof GatewayError && e.outcome === RequestStatus.UNAVAILABLE) return checked;

@@ -2,6 +2,7 @@ import { afterAll, beforeAll, expect, test } from "bun:test";
 import * as http2 from "node:http2";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
+import { Registry } from "prom-client";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { CreateChatCompletionRequestSchema } from "../gen/gateway/v1/gateway_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
@@ -12,8 +13,9 @@ import { startTestGateway } from "./testing/served-gateway.ts";
 // A key is checked as its call begins, before its body is read; bodies may take up to 120 s. A key revoked meanwhile
 // is refused once the body is read, from the key cache billing's change stream keeps.
 let gateway: Awaited<ReturnType<typeof startTestGateway>>;
+const registry = new Registry();
 beforeAll(async () => {
-  gateway = await startTestGateway(mockRoutes, { gated: true });
+  gateway = await startTestGateway(mockRoutes, { gated: true, registry });
 });
 afterAll(() => gateway.close());
 
@@ -110,4 +112,20 @@ test("a key still good when its body has arrived is served from the cache, witho
   expect((await rpcCall("sk-rpm", () => {})).status).toBe("0");
   // Each key checked once, as its call began.
   expect(gateway.billing.calls() - before).toBe(2);
+});
+
+test("a call whose key is cached is one cache lookup, its body's arrival adding none", async () => {
+  const hits = async () =>
+    (await registry.getSingleMetric("gateway_key_cache_lookups_total")?.get())?.values.find((v) => v.labels.result === "hit")
+      ?.value ?? 0;
+  const chat = () =>
+    fetch(`${gateway.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: "Bearer sk-proj1", "content-type": "application/json" },
+      body: JSON.stringify({ model: "mock", messages }),
+    });
+  expect((await chat()).status).toBe(200);
+  const before = await hits();
+  for (let i = 0; i < 3; i++) expect((await chat()).status).toBe(200);
+  expect((await hits()) - before).toBe(3);
 });

@@ -111,7 +111,7 @@ export async function startTestGateway(
   const shipper = createRecordingShipper();
   const log = createTestLogger();
   const config = parseGatewayConfig(routes, "test-routes.yaml");
-  const keys = createKeyAuthorizer({ billing: billing.client });
+  const keys = createKeyAuthorizer({ billing: billing.client, registry: options.registry });
   const core = createGatewayCore({
     config,
     providers: createProviders(config.providers, options.env ?? {}),
