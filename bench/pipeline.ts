@@ -16,6 +16,9 @@
  *   ./node_modules/.bin/bun bench/pipeline.ts     (BENCH_ROWS=300000, BENCH_FLUSH_ROWS=10000, BENCH_KEYS=8)
  *
  * BENCH_CPU_PROF=<dir> has billing and each analytics write a CPU profile into <dir> (see bench/profile-summary.ts).
+ * BENCH_CLICKHOUSE=server has each analytics write through @clickhouse/client to a ClickHouse HTTP server in a process
+ * of its own (the test-only one over chdb), as deployed against a ClickHouse server: analytics' RSS is then its own,
+ * without the engine's.
  *
  * Billing and analytics run with MIMALLOC_PURGE_DELAY=-1, as the launcher and their manifests run them (see README),
  * unless this process's environment sets it; the table says which was used.
@@ -51,6 +54,11 @@ const fmt = (n: number) => Math.round(n).toLocaleString("en-US");
 const mib = (bytes: number) => `${Math.round(bytes / 1024 / 1024)} MiB`;
 
 const purgeDelay = process.env.MIMALLOC_PURGE_DELAY ?? "-1";
+const clickhouseMode = process.env.BENCH_CLICKHOUSE ?? "in-process";
+if (clickhouseMode !== "in-process" && clickhouseMode !== "server") {
+  process.stderr.write(`BENCH_CLICKHOUSE is in-process (the default) or server, not "${clickhouseMode}"\n`);
+  process.exit(2);
+}
 const services: ServiceProcess[] = [];
 const stopAll = async () => {
   for (const s of services.splice(0).reverse()) await s.stop();
@@ -153,13 +161,37 @@ interface Pass {
   exact: boolean;
 }
 
+/** A ClickHouse HTTP server over chdb in its own process, for BENCH_CLICKHOUSE=server. */
+async function spawnClickHouseServer(name: string): Promise<string> {
+  const port = await freePort();
+  const server = spawnService({
+    name: `clickhouse-${name}`,
+    cmd: [
+      process.execPath,
+      path.join(root, "analytics/store/testing/clickhouse-http-server.ts"),
+      "--path",
+      path.join(dataDir, `${name}-clickhouse`),
+      "--port",
+      String(port),
+    ],
+    cwd: root,
+    env: {},
+    readyUrl: `http://127.0.0.1:${port}/ping`,
+    readyTimeoutMs: 120_000,
+    onLine: (line) => process.stderr.write(`[clickhouse] ${line}\n`),
+  });
+  services.push(server);
+  await server.ready;
+  return `http://127.0.0.1:${port}`;
+}
+
 async function runPass(name: string, billingUrl: string, checkBilling: boolean): Promise<Pass> {
   const analyticsProcess = await spawn("analytics", {
     MESH_DATA_DIR: path.join(dataDir, name),
     BILLING_URL: billingUrl,
     ANALYTICS_FLUSH_ROWS: String(flushRows),
     ANALYTICS_ROLLUP_INTERVAL_MS: "0",
-    CLICKHOUSE_URL: undefined,
+    CLICKHOUSE_URL: clickhouseMode === "server" ? await spawnClickHouseServer(name) : undefined,
   });
   const analyticsUrl = urlOf(analyticsProcess);
   const rss = async () => {
@@ -269,6 +301,7 @@ const table: string[][] = [
   ["machine CPU time taken by the hypervisor for other guests", `${(100 * stubPass.stolen).toFixed(1)}%`, `${(100 * realPass.stolen).toFixed(1)}%`],
   ["every row once, costs exact (ClickHouse; and billing)", String(stubPass.exact), String(realPass.exact)],
   ["MIMALLOC_PURGE_DELAY of billing and analytics (Bun's default: 100)", purgeDelay, purgeDelay],
+  ["ClickHouse of analytics (BENCH_CLICKHOUSE)", clickhouseMode, clickhouseMode],
 ];
 const widths = [0, 1, 2].map((c) => Math.max(...table.map((r) => (r[c] ?? "").length)));
 process.stdout.write(`\nrows: ${fmt(rowCount)}; chdb raw insert of the same rows: ${fmt(rawRate)} rows/s\n`);
