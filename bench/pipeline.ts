@@ -18,7 +18,8 @@
  * BENCH_CPU_PROF=<dir> has billing and each analytics write a CPU profile into <dir> (see bench/profile-summary.ts).
  * BENCH_CLICKHOUSE=server has each analytics write through @clickhouse/client to a ClickHouse HTTP server in a process
  * of its own (the test-only one over chdb), as deployed against a ClickHouse server: analytics' RSS is then its own,
- * without the engine's.
+ * without the engine's, and the engine's CPU is in none of the CPU rows (compare analytics' own, not the sums, with
+ * an in-process run).
  *
  * Billing and analytics run with MIMALLOC_PURGE_DELAY=-1, as the launcher and their manifests run them (see README),
  * unless this process's environment sets it; the table says which was used.
