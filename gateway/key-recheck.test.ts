@@ -6,6 +6,7 @@ import { Registry } from "prom-client";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { CreateChatCompletionRequestSchema } from "../gen/gateway/v1/gateway_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
+import { grpcFrame } from "../lib/testing.ts";
 import { eventually } from "../test/support.ts";
 import { mockRoutes } from "./testing.ts";
 import { startTestGateway } from "./testing/served-gateway.ts";
@@ -54,10 +55,7 @@ async function restCall(base: string, secret: string, meanwhile: () => void) {
 /** The same over gRPC: the request message in two parts, `meanwhile` between them once the key has been checked. */
 async function rpcCall(secret: string, meanwhile: () => void) {
   const request = create(CreateChatCompletionRequestSchema, { params: { model: "mock", messages } });
-  const message = toBinary(CreateChatCompletionRequestSchema, request);
-  const envelope = Buffer.alloc(5 + message.length);
-  envelope.writeUInt32BE(message.length, 1);
-  envelope.set(message, 5);
+  const envelope = grpcFrame(toBinary(CreateChatCompletionRequestSchema, request));
   const calls = gateway.billing.calls();
   const session = http2.connect(gateway.url);
   try {

@@ -11,7 +11,7 @@ import { Registry } from "prom-client";
 import { isValid as isUlid } from "ulid";
 import { encodeGrpcMessage, maxGrpcMessageBytes } from "../lib/grpc-message.ts";
 import { decodeBase64 } from "../lib/grpc-web-text.ts";
-import { answerToHead } from "../lib/testing.ts";
+import { answerToHead, grpcFrame, grpcFrames } from "../lib/testing.ts";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { CreateEmbeddingRequestSchema, GatewayService } from "../gen/gateway/v1/gateway_pb.ts";
 import { createMetrics } from "../lib/metrics.ts";
@@ -541,10 +541,7 @@ describe("the same server over plain HTTP", () => {
   test("a gRPC-Web message near the limit is served in text mode as in binary: its size is the decoded one", async () => {
     // 90% of the limit; its base64 is 120%.
     const request = create(CreateEmbeddingRequestSchema, { model: "mock", input: ["x".repeat(3680)] });
-    const message = toBinary(CreateEmbeddingRequestSchema, request);
-    const frame = Buffer.alloc(5 + message.length);
-    frame.writeUInt32BE(message.length, 1);
-    frame.set(message, 5);
+    const frame = grpcFrame(toBinary(CreateEmbeddingRequestSchema, request));
     for (const [type, body] of [
       ["application/grpc-web+proto", frame],
       ["application/grpc-web-text", frame.toString("base64")],
@@ -574,10 +571,7 @@ describe("the same server over plain HTTP", () => {
 
   test("a gRPC-Web text body that is not base64 is INVALID_ARGUMENT, never decoded into other bytes and served", async () => {
     const message = toBinary(CreateEmbeddingRequestSchema, create(CreateEmbeddingRequestSchema, { model: "mock", input: ["hi"] }));
-    const frame = Buffer.alloc(5 + message.length);
-    frame.writeUInt32BE(message.length, 1);
-    frame.set(message, 5);
-    const valid = frame.toString("base64");
+    const valid = grpcFrame(message).toString("base64");
     const before = gateway.shipper.rows.length;
     // Characters outside the alphabet between its groups, which Buffer skips; a body of nothing but them.
     for (const body of [valid.replace(/(.{8})/g, "$1!*~"), "!!!notbase64***", valid.replace(/=+$/, "").slice(0, -1)]) {
@@ -603,14 +597,10 @@ describe("the same server over plain HTTP", () => {
   test("a request envelope flagged as anything but compressed (an answer's end or trailers) is INVALID_ARGUMENT", async () => {
     const message = toBinary(CreateEmbeddingRequestSchema, create(CreateEmbeddingRequestSchema, { model: "mock", input: ["hi"] }));
     const statusOf = async (flags: number) => {
-      const frame = Buffer.alloc(5 + message.length);
-      frame[0] = flags;
-      frame.writeUInt32BE(message.length, 1);
-      frame.set(message, 5);
       const res = await fetch(`${server.url}/gateway.v1.GatewayService/CreateEmbedding`, {
         method: "POST",
         headers: { "content-type": "application/grpc-web+proto", "x-grpc-web": "1", authorization: "Bearer sk-good" },
-        body: frame,
+        body: grpcFrame(message, flags),
       });
       const said = `${res.headers.get("grpc-status") ?? ""} ${Buffer.from(await res.arrayBuffer()).toString("latin1")}`;
       return /grpc-status:\s*(\d+)/.exec(said)?.[1] ?? res.headers.get("grpc-status");
@@ -661,12 +651,6 @@ describe("a client that takes its answer slowly, or takes nothing", () => {
   // Words of a thousand characters, 8 MB in all: far more than a stream's window or a socket's buffers hold.
   const bigAnswer = ` ${"x".repeat(999)}`.repeat(8000);
   const params = { model: "ok", messages: [{ role: "user", content: "hello" }] };
-  const enveloped = (message: Uint8Array) => {
-    const out = Buffer.alloc(5 + message.length);
-    out.writeUInt32BE(message.length, 1);
-    out.set(message, 5);
-    return out;
-  };
   const cancelledStreams = async () => {
     const line = (await metrics.registry.metrics())
       .split("\n")
@@ -750,7 +734,7 @@ describe("a client that takes its answer slowly, or takes nothing", () => {
           resolve(d.toString("latin1"));
         }),
       );
-      const body = enveloped(Buffer.from(JSON.stringify({ params })));
+      const body = grpcFrame(Buffer.from(JSON.stringify({ params })));
       socket.write(
         "POST /gateway.v1.GatewayService/StreamChatCompletion HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-good\r\n" +
           `Content-Type: application/connect+json\r\nContent-Length: ${body.length}\r\n\r\n`,
@@ -951,9 +935,6 @@ describe("request messages are held to the contract's limits before they are dec
     try {
       for (const compressed of [false, true]) {
         const message = compressed ? Bun.gzipSync(bomb) : bomb;
-        const envelope = Buffer.alloc(5);
-        envelope[0] = compressed ? 1 : 0;
-        envelope.writeUInt32BE(message.length, 1);
         const answer = await cheaply(
           () =>
             new Promise<Record<string, unknown>>((resolve, reject) => {
@@ -971,7 +952,7 @@ describe("request messages are held to the contract's limits before they are dec
               stream.on("error", reject);
               stream.on("close", () => resolve(status));
               stream.resume();
-              stream.end(Buffer.concat([envelope, message]));
+              stream.end(grpcFrame(message, compressed ? 1 : 0));
             }),
         );
         expect(answer["grpc-status"]).toBe(String(Code.InvalidArgument));
@@ -1062,12 +1043,7 @@ describe("a client's deadline, and a client that leaves", () => {
   const params = (model: string) => ({ params: { model, messages: [{ role: "user", content: "word ".repeat(100) }] } });
   const unary = "/gateway.v1.GatewayService/CreateChatCompletion";
   const streaming = "/gateway.v1.GatewayService/StreamChatCompletion";
-  const envelope = (json: unknown) => {
-    const message = Buffer.from(JSON.stringify(json));
-    const head = Buffer.alloc(5);
-    head.writeUInt32BE(message.length, 1);
-    return Buffer.concat([head, message]);
-  };
+  const envelope = (json: unknown) => grpcFrame(Buffer.from(JSON.stringify(json)));
 
   /** A gRPC call made by hand, so that only the server's answer (not a client's own timer) decides its status. */
   function grpcCall(path: string, headers: Record<string, string>) {
@@ -1109,8 +1085,7 @@ describe("a client's deadline, and a client that leaves", () => {
     });
     const body = Buffer.from(await stream.arrayBuffer());
     // The last envelope ends the stream with its error.
-    let end = "";
-    for (let pos = 0; pos < body.length; pos += 5 + body.readUInt32BE(pos + 1)) end = body.subarray(pos + 5, pos + 5 + body.readUInt32BE(pos + 1)).toString();
+    const end = grpcFrames(body).at(-1)?.message.toString() ?? "";
     expect(JSON.parse(end)).toMatchObject({ error: { code: "deadline_exceeded" } });
     const row = await served.row(stream.headers.get("x-request-id") ?? "");
     expect(row).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504 });

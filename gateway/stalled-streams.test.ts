@@ -3,6 +3,7 @@ import * as http2 from "node:http2";
 import net from "node:net";
 import { Registry } from "prom-client";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
+import { grpcFrame } from "../lib/testing.ts";
 import { type FakeUpstream, startFakeUpstream } from "./testing/fake-upstream.ts";
 import { grpcChatStreamByHand, oneModelRoutes, startTestGateway } from "./testing/served-gateway.ts";
 
@@ -66,10 +67,7 @@ function overHttp1(url: string, kind: "rest" | "connect"): Reader {
     body = Buffer.from(JSON.stringify({ ...chat, stream: true }));
     head = "POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\n";
   } else {
-    const message = Buffer.from(JSON.stringify({ params: chat }));
-    body = Buffer.alloc(5 + message.length);
-    body.writeUInt32BE(message.length, 1);
-    body.set(message, 5);
+    body = grpcFrame(Buffer.from(JSON.stringify({ params: chat })));
     head = "POST /gateway.v1.GatewayService/StreamChatCompletion HTTP/1.1\r\nContent-Type: application/connect+json\r\n";
   }
   socket.write(`${head}Host: gw\r\nAuthorization: Bearer sk-good\r\nContent-Length: ${body.length}\r\n\r\n`);

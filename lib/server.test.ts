@@ -27,7 +27,7 @@ import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
 import { createServiceClient } from "./rpc-client.ts";
 import { maxPipelinedRequests, maxStreamsPerConnection, type RunningServer, send, startServer } from "./server.ts";
-import { answerUntilClosed, expectDrainClosesKeptAlive, keptAliveConnection, sendRegardless } from "./testing.ts";
+import { answerUntilClosed, expectDrainClosesKeptAlive, grpcFrame, grpcFrames, keptAliveConnection, sendRegardless } from "./testing.ts";
 
 const metrics = createMetrics("test");
 const quietLog = createLogger({ service: "test", write: () => {} });
@@ -222,27 +222,17 @@ describe("one port for every protocol", () => {
   });
 
   test("gRPC-Web text, as protoc-gen-grpc-web sends it: unary calls, an error and a server stream", async () => {
-    const frame = (message: Uint8Array) => {
-      const out = new Uint8Array(5 + message.length);
-      new DataView(out.buffer).setUint32(1, message.length);
-      out.set(message, 5);
-      return out;
-    };
     /** The whole frames in `bytes`, and the trailers frame's fields. */
     const framesOf = (bytes: Uint8Array) => {
       const messages: Uint8Array[] = [];
       const trailers: Record<string, string> = {};
-      for (let at = 0; at + 5 <= bytes.length; ) {
-        const end = at + 5 + new DataView(bytes.buffer, bytes.byteOffset + at).getUint32(1);
-        if (end > bytes.length) break;
-        const data = bytes.subarray(at + 5, end);
-        if ((bytes[at] as number) & 0x80) {
-          for (const line of new TextDecoder().decode(data).split("\r\n").filter(Boolean)) {
+      for (const { flags, message } of grpcFrames(bytes)) {
+        if (flags & 0x80) {
+          for (const line of message.toString().split("\r\n").filter(Boolean)) {
             const colon = line.indexOf(":");
             trailers[line.slice(0, colon).trim()] = line.slice(colon + 1).trim();
           }
-        } else messages.push(data);
-        at = end;
+        } else messages.push(message);
       }
       return { messages, trailers };
     };
@@ -256,7 +246,7 @@ describe("one port for every protocol", () => {
     const base64 = (bytes: Uint8Array) => Buffer.from(bytes).toString("base64");
 
     // Sent in two base64 pieces, the first padded, as a client that encodes each write on its own does.
-    const check = frame(toBinary(HealthCheckRequestSchema, create(HealthCheckRequestSchema, { service: "billing.v1.BillingService" })));
+    const check = grpcFrame(toBinary(HealthCheckRequestSchema, create(HealthCheckRequestSchema, { service: "billing.v1.BillingService" })));
     const checked = await call("/grpc.health.v1.Health/Check", base64(check.subarray(0, 5)) + base64(check.subarray(5)));
     expect(checked.status).toBe(200);
     expect(checked.headers.get("content-type")).toBe("application/grpc-web-text+proto");
@@ -264,20 +254,20 @@ describe("one port for every protocol", () => {
     expect(messages.map((m) => fromBinary(HealthCheckResponseSchema, m).status)).toEqual([Status.SERVING]);
     expect(trailers["grpc-status"]).toBe("0");
 
-    const listed = await call("/billing.v1.BillingService/ListOrganizations", base64(frame(new Uint8Array())), {
+    const listed = await call("/billing.v1.BillingService/ListOrganizations", base64(grpcFrame(new Uint8Array())), {
       authorization: "Bearer t",
     });
     const organizations = framesOf(decodeBase64(await listed.text())).messages.map((m) => fromBinary(ListOrganizationsResponseSchema, m));
     expect(organizations[0]?.organizations[0]?.name).toBe("acme");
 
-    const denied = await call("/billing.v1.BillingService/ListOrganizations", base64(frame(new Uint8Array())));
+    const denied = await call("/billing.v1.BillingService/ListOrganizations", base64(grpcFrame(new Uint8Array())));
     const deniedTrailers = { ...Object.fromEntries(denied.headers), ...framesOf(decodeBase64(await denied.text())).trailers };
     expect(deniedTrailers["grpc-status"]).toBe("16");
     expect(decodeURIComponent(deniedTrailers["grpc-message"] ?? "")).toBe(deniedMessage);
 
     // A server stream's first message arrives while the stream stays open.
     const stop = new AbortController();
-    const watch = await call("/grpc.health.v1.Health/Watch", base64(frame(new Uint8Array())), {}, stop.signal);
+    const watch = await call("/grpc.health.v1.Health/Watch", base64(grpcFrame(new Uint8Array())), {}, stop.signal);
     expect(watch.headers.get("content-type")).toBe("application/grpc-web-text+proto");
     const reader = (watch.body as ReadableStream<Uint8Array>).getReader();
     let text = "";
@@ -629,13 +619,7 @@ describe("responses a client stops taking", () => {
     });
     const session = http2.connect(own.url);
     session.on("error", () => {});
-    const enveloped = (value: unknown) => {
-      const json = Buffer.from(JSON.stringify(value));
-      const out = Buffer.alloc(5 + json.length);
-      out.writeUInt32BE(json.length, 1);
-      json.copy(out, 5);
-      return out;
-    };
+    const enveloped = (value: unknown) => grpcFrame(Buffer.from(JSON.stringify(value)));
     const call = (path: string) =>
       session.request({ ":method": "POST", ":path": path, "content-type": "application/connect+json" }, { endStream: false });
     try {
@@ -928,7 +912,6 @@ describe("binary messages that do not decode", () => {
     };
     // name = 1: a lone surrogate as a JavaScript protobuf encoder writes it (ED A0 80), not UTF-8.
     const notUtf8 = new Uint8Array([0x0a, 0x03, 0xed, 0xa0, 0x80]);
-    const envelope = (message: Uint8Array) => new Uint8Array([0, 0, 0, 0, message.length, ...message]);
     try {
       const post = (path: string, contentType: string, body: Uint8Array) =>
         fetch(`${server.url}/billing.v1.BillingService/${path}`, { method: "POST", headers: { "content-type": contentType }, body });
@@ -941,7 +924,7 @@ describe("binary messages that do not decode", () => {
         expect(res.status).toBe(400);
         expect(((await res.json()) as { code: string }).code).toBe("invalid_argument");
       }
-      const web = await post("CreateOrganization", "application/grpc-web+proto", envelope(notUtf8));
+      const web = await post("CreateOrganization", "application/grpc-web+proto", grpcFrame(notUtf8));
       expect(Buffer.from(await web.arrayBuffer()).toString()).toContain("grpc-status: 3");
 
       const session = http2.connect(server.url);
@@ -951,7 +934,7 @@ describe("binary messages that do not decode", () => {
           stream.on("trailers", (trailers) => resolve(trailers["grpc-status"]));
           stream.on("error", () => {});
           stream.resume();
-          stream.end(Buffer.from(envelope(body)));
+          stream.end(grpcFrame(body));
         });
       expect(await grpcStatus("/billing.v1.BillingService/CreateOrganization", notUtf8)).toBe("3");
       // gateway_instance_id = 1 of an IngestMetrics batch, read by its handler.
@@ -987,7 +970,6 @@ describe("JSON messages that are not UTF-8", () => {
     try {
       // "Société" as a Latin-1 encoder writes it (Python's http.client does for a str body): E9 is not UTF-8.
       const latin1 = Buffer.from('{"name":"Soci\u00e9t\u00e9"}', "latin1");
-      const envelope = (message: Uint8Array) => new Uint8Array([0, 0, 0, 0, message.length, ...message]);
       const post = (contentType: string, body: Uint8Array) =>
         fetch(`${server.url}/billing.v1.BillingService/CreateOrganization`, {
           method: "POST",
@@ -997,7 +979,7 @@ describe("JSON messages that are not UTF-8", () => {
       const res = await post("application/json", latin1);
       expect(res.status).toBe(400);
       expect(((await res.json()) as { code: string }).code).toBe("invalid_argument");
-      const web = await post("application/grpc-web+json", envelope(latin1));
+      const web = await post("application/grpc-web+json", grpcFrame(latin1));
       expect(Buffer.from(await web.arrayBuffer()).toString()).toContain("grpc-status: 3");
       expect(names).toEqual([]);
       // The same name in UTF-8 is read as it was written.
@@ -1354,7 +1336,7 @@ describe("error messages that are not well-formed UTF-16", () => {
     try {
       // page_size = "\ud83d": protobuf's refusal quotes the value, half of an emoji.
       const message = Buffer.from('{"pageSize":"\\ud83d"}');
-      const envelope = Buffer.concat([Buffer.from([0, 0, 0, 0, message.length]), message]);
+      const envelope = grpcFrame(message);
       const path = "/billing.v1.BillingService/ListOrganizations";
       const grpc = await new Promise<string>((resolve) => {
         const stream = session.request({ ":method": "POST", ":path": path, "content-type": "application/grpc+json", te: "trailers" });

@@ -8,6 +8,7 @@ import { GatewayService, StreamChatCompletionRequestSchema } from "../../gen/gat
 import type { CorsPolicy } from "../../lib/cors.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { defaultReadMaxBytes, startServer } from "../../lib/server.ts";
+import { grpcFrame } from "../../lib/testing.ts";
 import { createKeyAuthorizer } from "../auth.ts";
 import { createBodyBudget } from "../body-budget.ts";
 import { parseGatewayConfig } from "../config.ts";
@@ -38,10 +39,7 @@ export function grpcChatStreamByHand(url: string, params: MessageInitShape<typeo
   stream.on("error", () => {});
   const requestId = new Promise<string>((resolve) => stream.once("response", (h) => resolve(String(h["x-request-id"]))));
   const message = toBinary(StreamChatCompletionRequestSchema, create(StreamChatCompletionRequestSchema, { params }));
-  const body = Buffer.alloc(5 + message.length);
-  body.writeUInt32BE(message.length, 1);
-  body.set(message, 5);
-  stream.end(body);
+  stream.end(grpcFrame(message));
   return { session, stream, requestId };
 }
 
