@@ -6,7 +6,7 @@ import { Registry } from "prom-client";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
 import { CreateChatCompletionRequestSchema } from "../gen/gateway/v1/gateway_pb.ts";
 import { sha256Hex } from "../lib/auth.ts";
-import { grpcFrame } from "../lib/testing.ts";
+import { grpcFrame } from "../lib/grpc-frames.ts";
 import { eventually } from "../test/support.ts";
 import { mockRoutes } from "./testing.ts";
 import { startTestGateway } from "./testing/served-gateway.ts";

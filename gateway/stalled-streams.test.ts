@@ -3,7 +3,7 @@ import * as http2 from "node:http2";
 import net from "node:net";
 import { Registry } from "prom-client";
 import { RequestStatus } from "../gen/analytics/v1/analytics_pb.ts";
-import { grpcFrame } from "../lib/testing.ts";
+import { grpcFrame } from "../lib/grpc-frames.ts";
 import { type FakeUpstream, startFakeUpstream } from "./testing/fake-upstream.ts";
 import { grpcChatStreamByHand, oneModelRoutes, startTestGateway } from "./testing/served-gateway.ts";
 

@@ -27,7 +27,8 @@ import { createMetrics } from "./metrics.ts";
 import { runCommand } from "./processes.ts";
 import { createServiceClient } from "./rpc-client.ts";
 import { maxPipelinedRequests, maxStreamsPerConnection, type RunningServer, send, startServer } from "./server.ts";
-import { answerUntilClosed, expectDrainClosesKeptAlive, grpcFrame, grpcFrames, keptAliveConnection, sendRegardless } from "./testing.ts";
+import { grpcFrame, grpcFrames } from "./grpc-frames.ts";
+import { answerUntilClosed, expectDrainClosesKeptAlive, keptAliveConnection, sendRegardless } from "./testing.ts";
 
 const metrics = createMetrics("test");
 const quietLog = createLogger({ service: "test", write: () => {} });

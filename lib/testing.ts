@@ -59,31 +59,6 @@ export function answerUntilClosed(url: string, bytes: string): Promise<string> {
   });
 }
 
-/**
- * A message in the envelope gRPC, gRPC-Web and Connect streams carry it in: a byte of `flags` (0x01 compressed, 0x80 an
- * answer's trailers or end), the message's length as a big-endian 32-bit number, then the message.
- */
-export function grpcFrame(message: Uint8Array, flags = 0): Buffer {
-  const frame = Buffer.alloc(5 + message.length);
-  frame[0] = flags;
-  frame.writeUInt32BE(message.length, 1);
-  frame.set(message, 5);
-  return frame;
-}
-
-/** The whole envelopes (as grpcFrame writes them) at the start of `bytes`, in order; one cut short is left out. */
-export function grpcFrames(bytes: Uint8Array): { flags: number; message: Buffer }[] {
-  const buffer = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const frames: { flags: number; message: Buffer }[] = [];
-  for (let at = 0; at + 5 <= buffer.length; ) {
-    const end = at + 5 + buffer.readUInt32BE(at + 1);
-    if (end > buffer.length) break;
-    frames.push({ flags: buffer[at] as number, message: buffer.subarray(at + 5, end) });
-    at = end;
-  }
-  return frames;
-}
-
 /** A non-loopback IPv4 address of this machine's: a call to it arrives from it, as one from the network would. */
 export const externalAddress: string | undefined = Object.values(networkInterfaces())
   .flat()

@@ -8,7 +8,7 @@ import { GatewayService, StreamChatCompletionRequestSchema } from "../../gen/gat
 import type { CorsPolicy } from "../../lib/cors.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { defaultReadMaxBytes, startServer } from "../../lib/server.ts";
-import { grpcFrame } from "../../lib/testing.ts";
+import { grpcFrame } from "../../lib/grpc-frames.ts";
 import { createKeyAuthorizer } from "../auth.ts";
 import { createBodyBudget } from "../body-budget.ts";
 import { parseGatewayConfig } from "../config.ts";
