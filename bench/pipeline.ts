@@ -21,6 +21,12 @@
  * without the engine's, and the engine's CPU is in none of the CPU rows (compare analytics' own, not the sums, with
  * an in-process run).
  *
+ * BENCH_GATEWAYS=<n> (1) splits the rows among n producers in this process, each a gateway of its own: its file spool,
+ * instance id and shipper with its own IngestMetrics stream; the producer row and the spool peak are then theirs
+ * together. BENCH_BACKLOG=1 has every producer spool all its rows before any shipper starts, then starts them all at
+ * once, so analytics takes the catch-up of n gateways at once (as after an outage of analytics), and end to end is
+ * timed from the shippers' start.
+ *
  * Billing and analytics run with MIMALLOC_PURGE_DELAY=-1, as the launcher and their manifests run them (see README),
  * unless this process's environment sets it; the table says which was used.
  */
@@ -47,6 +53,12 @@ import { ceilingPerSecond, cpuProfileEnv, cpuSeconds, stolenShare } from "./proc
 const rowCount = Number(process.env.BENCH_ROWS ?? 300_000);
 const flushRows = Number(process.env.BENCH_FLUSH_ROWS ?? 10_000);
 const keyCount = Number(process.env.BENCH_KEYS ?? 8);
+const gatewayCount = Number(process.env.BENCH_GATEWAYS ?? 1);
+const backlog = process.env.BENCH_BACKLOG === "1";
+if (!Number.isInteger(gatewayCount) || gatewayCount < 1) {
+  process.stderr.write(`BENCH_GATEWAYS is a number of gateways, 1 or more, not "${process.env.BENCH_GATEWAYS}"\n`);
+  process.exit(2);
+}
 const adminToken = "bench-admin-token-0123456789";
 const root = path.resolve(import.meta.dir, "..");
 const dataDir = mkdtempSync(path.join(tmpdir(), "bench-pipeline-"));
@@ -186,6 +198,28 @@ async function spawnClickHouseServer(name: string): Promise<string> {
   return `http://127.0.0.1:${port}`;
 }
 
+/** One gateway's side of the pipeline: a file spool and a shipper, fed its share of the rows. */
+function openGateway(name: string, analyticsUrl: string, share: RequestMetrics[]) {
+  const spool = openFileSpool({ root: path.join(dataDir, "spool"), name, maxBytes: 1024 ** 3, fsync: "interval", log });
+  const shipper = createMetricsShipper({
+    client: createServiceClient(AnalyticsService, { baseUrl: analyticsUrl, bearerToken: adminToken }),
+    spool,
+    instanceId: `bench-${name}`,
+    log,
+  });
+  return {
+    spool,
+    shipper,
+    /** Records the share a thousand rows at a time, letting the shipper run between them. */
+    async produce() {
+      for (let i = 0; i < share.length; i += 1000) {
+        for (let j = i; j < Math.min(i + 1000, share.length); j++) shipper.record(share[j] as RequestMetrics);
+        await new Promise((resolve) => setImmediate(resolve));
+      }
+    },
+  };
+}
+
 async function runPass(name: string, billingUrl: string, checkBilling: boolean): Promise<Pass> {
   const analyticsProcess = await spawn("analytics", {
     MESH_DATA_DIR: path.join(dataDir, name),
@@ -206,29 +240,32 @@ async function runPass(name: string, billingUrl: string, checkBilling: boolean):
   const billingCpu = cpuSeconds(billingPid, { tree: true });
   const ownCpu = process.cpuUsage();
   const stolen = stolenShare();
-  const spool = openFileSpool({ root: path.join(dataDir, "spool"), name, maxBytes: 1024 ** 3, fsync: "interval", log });
-  const shipper = createMetricsShipper({
-    client: createServiceClient(AnalyticsService, { baseUrl: analyticsUrl, bearerToken: adminToken }),
-    spool,
-    instanceId: `bench-${name}`,
-    log,
+  const gateways = Array.from({ length: gatewayCount }, (_, g) => {
+    const share = rows.slice(Math.floor((g * rowCount) / gatewayCount), Math.floor(((g + 1) * rowCount) / gatewayCount));
+    return openGateway(`${name}-${g + 1}`, analyticsUrl, share);
   });
-  shipper.start();
+  const startShippers = () => {
+    for (const gateway of gateways) gateway.shipper.start();
+  };
+  if (!backlog) startShippers();
   const quarters = [0, 0, 0, 0];
   let spoolPeak = 0;
   const sampler = setInterval(async () => {
-    spoolPeak = Math.max(spoolPeak, spool.bytes);
-    const quarter = Math.min(3, Math.floor((4 * (rowCount - spool.rows)) / rowCount));
+    spoolPeak = Math.max(spoolPeak, gateways.reduce((sum, gateway) => sum + gateway.spool.bytes, 0));
+    const waitingRows = gateways.reduce((sum, gateway) => sum + gateway.spool.rows, 0);
+    const quarter = Math.min(3, Math.floor((4 * (rowCount - waitingRows)) / rowCount));
     const now = await rss();
     quarters[quarter] = Math.max(quarters[quarter] as number, now);
   }, 100);
   started = performance.now();
-  for (let i = 0; i < rowCount; i += 1000) {
-    for (let j = i; j < Math.min(i + 1000, rowCount); j++) shipper.record(rows[j] as RequestMetrics);
-    await new Promise((resolve) => setImmediate(resolve));
-  }
+  await Promise.all(gateways.map((gateway) => gateway.produce()));
   const producedSeconds = (performance.now() - started) / 1000;
-  if (!(await shipper.flush(600_000))) throw new Error(`${name}: analytics did not ack every row`);
+  if (backlog) {
+    started = performance.now();
+    startShippers();
+  }
+  const flushed = await Promise.all(gateways.map((gateway) => gateway.shipper.flush(600_000)));
+  if (!flushed.every(Boolean)) throw new Error(`${name}: analytics did not ack every row`);
   const endToEndSeconds = (performance.now() - started) / 1000;
   const cpuUs = {
     analytics: ((cpuSeconds(analyticsProcess.proc.pid) - analyticsCpu) * 1e6) / rowCount,
@@ -237,8 +274,10 @@ async function runPass(name: string, billingUrl: string, checkBilling: boolean):
   };
   const stolenShareOfPass = stolen();
   clearInterval(sampler);
-  await shipper.close();
-  spool.close();
+  for (const gateway of gateways) {
+    await gateway.shipper.close();
+    gateway.spool.close();
+  }
 
   const metrics = await fetch(`${analyticsUrl}/metrics`).then((r) => r.text());
   const metric = (m: string) => Number(new RegExp(`^${m}(?:\\{[^}]*\\})? ([0-9.e+-]+)$`, "m").exec(metrics)?.[1] ?? Number.NaN);
@@ -305,6 +344,10 @@ const table: string[][] = [
   ["ClickHouse of analytics (BENCH_CLICKHOUSE)", clickhouseMode, clickhouseMode],
 ];
 const widths = [0, 1, 2].map((c) => Math.max(...table.map((r) => (r[c] ?? "").length)));
-process.stdout.write(`\nrows: ${fmt(rowCount)}; chdb raw insert of the same rows: ${fmt(rawRate)} rows/s\n`);
+const source =
+  gatewayCount === 1 && !backlog
+    ? ""
+    : ` from ${gatewayCount} gateway${gatewayCount === 1 ? "" : "s"}${backlog ? ", spooled before their shippers start" : ""}`;
+process.stdout.write(`\nrows: ${fmt(rowCount)}${source}; chdb raw insert of the same rows: ${fmt(rawRate)} rows/s\n`);
 for (const r of table) process.stdout.write(`${r.map((cell, c) => (c === 0 ? cell.padEnd(widths[0] ?? 0) : cell.padStart(widths[c] ?? 0))).join("  ")}\n`);
 process.exit(stubPass.exact && realPass.exact ? 0 : 1);
