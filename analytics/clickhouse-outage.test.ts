@@ -3,15 +3,13 @@ import { createClient as createClickHouseClient } from "@clickhouse/client";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { AnalyticsService, UsageGroupBy } from "../gen/analytics/v1/analytics_pb.ts";
-import { BillingService } from "../gen/billing/v1/billing_pb.ts";
 import { createLogger } from "../lib/log.ts";
 import { analyticsRoutes } from "./routes.ts";
-import { createAnalyticsService } from "./service.ts";
 import { clickHouseLoggerClass, createClientDriver } from "./store/client-driver.ts";
 import { type AnalyticsStore, createAnalyticsStore } from "./store/store.ts";
 import { type ClickHouseHttpServer, startClickHouseHttpServer } from "./store/testing/clickhouse-http-server.ts";
 import { sampleMetrics, testDatabase, testDataDir } from "./store/test-store.ts";
-import { createRecordingBilling } from "./test-helpers.ts";
+import { createAnalyticsWithRecordingBilling } from "./test-helpers.ts";
 
 // Analytics on a ClickHouse server that goes away: between them a proxy that is stopped (connections refused) and
 // started again on its port, or made to answer every query with a ClickHouse exception.
@@ -53,14 +51,7 @@ beforeAll(async () => {
     createClickHouseClient({ url: `http://127.0.0.1:${proxy.port}`, log: { LoggerClass: clickHouseLoggerClass(log) } });
   store = createAnalyticsStore(createClientDriver(chClient(), chClient()), { database: testDatabase("outage"), ttlDays: 400 });
   await store.migrate();
-  const billing = createRecordingBilling();
-  const service = createAnalyticsService({
-    store,
-    billing: createClient(BillingService, createRouterTransport((r) => r.service(BillingService, billing.impl))),
-    log,
-    adminToken,
-    ingest: { flushIntervalMs: 20 },
-  });
+  const { service } = createAnalyticsWithRecordingBilling({ store, log, adminToken, ingest: { flushIntervalMs: 20 } });
   client = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service, adminToken)));
 });
 

@@ -16,10 +16,9 @@ import { Endpoint } from "../gen/common/v1/common_pb.ts";
 import { createLogger, type Logger } from "../lib/log.ts";
 import { dedupToken, estimatedBytes, type IngestOptions, maxBatchRows, toUsageRecord } from "./ingest.ts";
 import { analyticsRoutes } from "./routes.ts";
-import { createAnalyticsService } from "./service.ts";
 import type { AnalyticsStore } from "./store/store.ts";
 import { createTestStore, sampleMetrics, type TestStore } from "./store/test-store.ts";
-import { createBatchQueue, createRecordingBilling } from "./test-helpers.ts";
+import { createAnalyticsWithRecordingBilling, createBatchQueue, createRecordingBilling } from "./test-helpers.ts";
 
 const adminToken = "test-admin-token-0123456789";
 const headers = { authorization: `Bearer ${adminToken}` };
@@ -38,18 +37,18 @@ interface SetupOptions {
 }
 
 function setup(store: AnalyticsStore, options: SetupOptions = {}) {
-  const billing = options.billing ?? createRecordingBilling();
-  const billingTransport = createRouterTransport((r) => r.service(BillingService, billing.impl));
-  const service = createAnalyticsService({
-    store,
-    billing: createClient(BillingService, billingTransport),
-    log: options.log ?? log,
-    adminToken,
-    stopSignal: options.stopSignal,
-    registry: options.registry,
-    // Short intervals keep the suite fast; each test that cares sets its own.
-    ingest: { flushIntervalMs: 20, ...options.ingest },
-  });
+  const { service, billing } = createAnalyticsWithRecordingBilling(
+    {
+      store,
+      log: options.log ?? log,
+      adminToken,
+      stopSignal: options.stopSignal,
+      registry: options.registry,
+      // Short intervals keep the suite fast; each test that cares sets its own.
+      ingest: { flushIntervalMs: 20, ...options.ingest },
+    },
+    options.billing,
+  );
   const client = createClient(AnalyticsService, createRouterTransport(analyticsRoutes(service, adminToken)));
   /** Sends the batches on one stream; returns the acks received and the error that ended the stream, if any. */
   const send = async (batches: Batch[]) => {

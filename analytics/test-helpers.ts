@@ -1,7 +1,8 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, createRouterTransport, type ServiceImpl } from "@connectrpc/connect";
 import type { IngestMetricsRequestSchema } from "../gen/analytics/v1/analytics_pb.ts";
-import type { BillingService, UsageRecord } from "../gen/billing/v1/billing_pb.ts";
+import { BillingService, type UsageRecord } from "../gen/billing/v1/billing_pb.ts";
+import { type AnalyticsServiceDeps, createAnalyticsService } from "./service.ts";
 
 /**
  * An in-test BillingService that only records usage: idempotent by request_id like the real one,
@@ -34,6 +35,15 @@ export function createRecordingBilling(options: { onRecord?: (records: UsageReco
       failure = on ? new ConnectError("billing is down", Code.Unavailable) : undefined;
     },
   };
+}
+
+/** An analytics service of `deps` whose billing is `billing`, a recording one, served in process. */
+export function createAnalyticsWithRecordingBilling(
+  deps: Omit<AnalyticsServiceDeps, "billing">,
+  billing = createRecordingBilling(),
+) {
+  const client = createClient(BillingService, createRouterTransport((r) => r.service(BillingService, billing.impl)));
+  return { service: createAnalyticsService({ ...deps, billing: client }), billing };
 }
 
 /** An IngestMetrics input stream the test feeds one batch at a time, like a gateway's spool. */

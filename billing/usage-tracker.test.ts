@@ -1,6 +1,5 @@
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { type BillingStore, createBillingStore } from "./store/store.ts";
-import { type TestDatabase, createTestDatabase, newOrg, noLimits } from "./store/test-db.ts";
+import { describe, expect, test } from "bun:test";
+import { newOrg, noLimits, useTestStore } from "./store/test-db.ts";
 import type { RecordedUsage, TimeRange, UsageRecord } from "./store/types.ts";
 import type { PeriodUsage } from "./store/usage.ts";
 import { createUsageTracker, snapshotVisibility } from "./usage-tracker.ts";
@@ -261,13 +260,7 @@ describe("in memory", () => {
 });
 
 describe("over Postgres", () => {
-  let db: TestDatabase;
-  let store: BillingStore;
-  beforeAll(async () => {
-    db = await createTestDatabase();
-    store = createBillingStore(db.pool);
-  }, 60_000);
-  afterAll(() => db.drop());
+  const fixture = useTestStore();
 
   /** A request of 3 input and 4 output tokens. */
   const usage = (
@@ -294,6 +287,7 @@ describe("over Postgres", () => {
   });
 
   test("matches the database while batches commit concurrently with reads", async () => {
+    const { store } = fixture;
     const created = await newOrg(store, "tracked");
     const { apiKey } = await store.createApiKey({ orgId: created.id, projectId: null, name: "", limits: noLimits });
     const now = new Date("2026-06-15T12:00:00Z");
@@ -333,6 +327,7 @@ describe("over Postgres", () => {
   }, 60_000);
 
   test("forgets the figures of keys no longer asked about, so memory follows the keys in use, not the period's", async () => {
+    const { store } = fixture;
     const created = await newOrg(store, "many keys");
     const { apiKey } = await store.createApiKey({ orgId: created.id, projectId: null, name: "", limits: noLimits });
     await store.recordUsage([usage("req_many_keys", created.id, apiKey.id, 42n, new Date("2026-06-15T11:00:00Z"))]);

@@ -42,33 +42,40 @@ function setup() {
     return { call, stream };
   };
   /**
-   * The metrics rows of a request, after giving any late ones time to arrive. The first row may wait on the
-   * tokenizer's first load, seconds on a busy machine.
+   * The metrics row of a request, checked to be its only one after giving any late ones time to arrive. The first row
+   * may wait on the tokenizer's first load, seconds on a busy machine.
    */
-  const rowsOf = async (requestId: string, settleMs = 150) => {
+  const rowOf = async (requestId: string, settleMs = 150) => {
     const deadline = performance.now() + 15_000;
     while (!shipper.rows.some((m) => m.requestId === requestId) && performance.now() < deadline) await Bun.sleep(5);
     await Bun.sleep(settleMs);
-    return shipper.rows.filter((m) => m.requestId === requestId);
+    const rows = shipper.rows.filter((m) => m.requestId === requestId);
+    expect(rows).toHaveLength(1);
+    return rows[0];
   };
-  return { core, shipper, open, rowsOf };
+  return { core, shipper, open, rowOf };
+}
+
+/** A stream of `mock` that its client can leave, and the one metrics row of it. */
+async function openMock() {
+  const { open, rowOf } = setup();
+  const gone = new AbortController();
+  const { call, stream } = await open("mock", gone.signal);
+  return { stream, leave: () => gone.abort(), row: () => rowOf(call.requestId) };
 }
 
 describe("streams that are never iterated", () => {
   test("a client that leaves before the first read is metered once, as cancelled with its input tokens", async () => {
-    const { open, rowsOf } = setup();
-    const gone = new AbortController();
-    const { call } = await open("mock", gone.signal);
-    gone.abort();
-    const rows = await rowsOf(call.requestId);
-    expect(rows).toHaveLength(1);
-    expect(rows[0]).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, errorCode: "client_closed_request", streamed: true });
-    expect(rows[0]?.usage?.inputTokens).toBeGreaterThan(0n);
-    expect(rows[0]?.usage?.outputTokens).toBe(0n);
+    const { leave, row } = await openMock();
+    leave();
+    const metered = await row();
+    expect(metered).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499, errorCode: "client_closed_request", streamed: true });
+    expect(metered?.usage?.inputTokens).toBeGreaterThan(0n);
+    expect(metered?.usage?.outputTokens).toBe(0n);
   });
 
   test("a REST client that disconnects before the body is read is metered once", async () => {
-    const { core, shipper, rowsOf } = setup();
+    const { core, shipper, rowOf } = setup();
     const app = createRestApp({ core, tracer: trace.getTracer("test"), maxBodyBytes: 4096 });
     const gone = new AbortController();
     const res = await app.fetch(
@@ -81,28 +88,22 @@ describe("streams that are never iterated", () => {
     );
     expect(res.status).toBe(200);
     gone.abort();
-    const rows = await rowsOf(res.headers.get("x-request-id") ?? "");
-    expect(rows).toHaveLength(1);
-    expect(rows[0]).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499 });
+    expect(await rowOf(res.headers.get("x-request-id") ?? "")).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499 });
     expect(shipper.rows).toHaveLength(1);
   });
 
   test("a stream disposed without being iterated is metered once", async () => {
-    const { open, rowsOf } = setup();
+    const { open, rowOf } = setup();
     const { call, stream } = await open();
     await stream[Symbol.asyncIterator]().return?.();
-    const rows = await rowsOf(call.requestId);
-    expect(rows).toHaveLength(1);
-    expect(rows[0]).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499 });
+    expect(await rowOf(call.requestId)).toMatchObject({ status: RequestStatus.CANCELLED, httpStatus: 499 });
     expect(stream.outcome?.error?.code).toBe("client_closed_request");
   });
 
   test("a stream nobody reads before its whole-request limit is metered once, as timed out", async () => {
-    const { open, rowsOf } = setup();
+    const { open, rowOf } = setup();
     const { call } = await open("brief");
-    const rows = await rowsOf(call.requestId);
-    expect(rows).toHaveLength(1);
-    expect(rows[0]).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504, errorCode: "request_timeout" });
+    expect(await rowOf(call.requestId)).toMatchObject({ status: RequestStatus.TIMEOUT, httpStatus: 504, errorCode: "request_timeout" });
   });
 });
 
@@ -119,51 +120,36 @@ describe("streams are metered exactly once however they end", () => {
   };
 
   test("read to the end, then the client leaves", async () => {
-    const { open, rowsOf } = setup();
-    const gone = new AbortController();
-    const { call, stream } = await open("mock", gone.signal);
+    const { stream, leave, row } = await openMock();
     expect(await drain(stream)).toBeUndefined();
-    gone.abort();
-    const rows = await rowsOf(call.requestId);
-    expect(rows).toHaveLength(1);
-    expect(rows[0]).toMatchObject({ status: RequestStatus.OK, httpStatus: 200 });
-    expect(rows[0]?.usage?.outputTokens).toBeGreaterThan(0n);
+    leave();
+    const metered = await row();
+    expect(metered).toMatchObject({ status: RequestStatus.OK, httpStatus: 200 });
+    expect(metered?.usage?.outputTokens).toBeGreaterThan(0n);
   });
 
   test("the client leaves, then the stream is read anyway", async () => {
-    const { open, rowsOf } = setup();
-    const gone = new AbortController();
-    const { call, stream } = await open("mock", gone.signal);
-    gone.abort();
+    const { stream, leave, row } = await openMock();
+    leave();
     expect((await drain(stream))?.code).toBe("client_closed_request");
-    const rows = await rowsOf(call.requestId);
-    expect(rows).toHaveLength(1);
-    expect(rows[0]?.status).toBe(RequestStatus.CANCELLED);
+    expect((await row())?.status).toBe(RequestStatus.CANCELLED);
   });
 
   test("the client leaves while its reader holds a chunk and never comes back", async () => {
-    const { open, rowsOf } = setup();
-    const gone = new AbortController();
-    const { call, stream } = await open("mock", gone.signal);
+    const { stream, leave, row } = await openMock();
     const iterator = stream[Symbol.asyncIterator]();
     expect((await iterator.next()).done).toBe(false);
-    gone.abort();
-    const rows = await rowsOf(call.requestId);
-    expect(rows).toHaveLength(1);
-    expect(rows[0]?.status).toBe(RequestStatus.CANCELLED);
+    leave();
+    expect((await row())?.status).toBe(RequestStatus.CANCELLED);
   });
 
   test("the client leaves while holding a chunk, then stops reading", async () => {
-    const { open, rowsOf } = setup();
-    const gone = new AbortController();
-    const { call, stream } = await open("mock", gone.signal);
+    const { stream, leave, row } = await openMock();
     const iterator = stream[Symbol.asyncIterator]();
     expect((await iterator.next()).done).toBe(false);
-    gone.abort();
+    leave();
     await iterator.return?.();
-    const rows = await rowsOf(call.requestId);
-    expect(rows).toHaveLength(1);
-    expect(rows[0]?.status).toBe(RequestStatus.CANCELLED);
+    expect((await row())?.status).toBe(RequestStatus.CANCELLED);
   });
 });
 

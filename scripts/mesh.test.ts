@@ -82,6 +82,8 @@ function launch(dataDir: string, env: Record<string, string> = {}) {
   return {
     proc,
     lines,
+    /** Its exit code, or "still running" once `timeoutMs` have passed without it. */
+    exitCode: (timeoutMs: number) => Promise.race([proc.exited, Bun.sleep(timeoutMs).then(() => "still running")]),
     async waitFor(pattern: RegExp, timeoutMs = 60_000): Promise<string> {
       const deadline = Date.now() + timeoutMs;
       for (;;) {
@@ -107,20 +109,26 @@ function meshPids(launcherPid: number, lines: string[]): number[] {
 }
 
 /**
- * Runs `body` against `npm start` on a data directory of its own. However the body ended, the launcher is killed
- * afterwards with whatever it left running (its services, and the postgres billing started there), and the directory
- * removed: a failing test leaves no service behind.
+ * Runs `body` against `npm start` on a data directory of its own, and any other `launchAgain` starts there. However the
+ * body ended, each launcher is killed afterwards with whatever it left running (its services, and the postgres billing
+ * started there), and the directory removed: a failing test leaves no service behind.
  */
 async function withLaunch(
-  body: (mesh: ReturnType<typeof launch>, dataDir: string) => Promise<void>,
+  body: (mesh: ReturnType<typeof launch>, dataDir: string, launchAgain: () => ReturnType<typeof launch>) => Promise<void>,
   options: { env?: Record<string, string>; prefix?: string } = {},
 ): Promise<void> {
   const dataDir = await mkdtemp(join(tmpdir(), options.prefix ?? "mesh-launcher-"));
   const mesh = launch(dataDir, options.env);
+  const launched = [mesh];
+  const launchAgain = () => {
+    const next = launch(dataDir, options.env);
+    launched.push(next);
+    return next;
+  };
   try {
-    await body(mesh, dataDir);
+    await body(mesh, dataDir, launchAgain);
   } finally {
-    killLaunched(mesh, dataDir);
+    for (const each of launched) killLaunched(each, dataDir);
     await rm(dataDir, { recursive: true, force: true });
   }
 }
@@ -237,15 +245,11 @@ test("the try npm start prints, pasted into another terminal, gets an answer", a
 }, 90_000);
 
 test("a second npm start on the data directory of a running one is refused in one line, the first runs on", async () => {
-  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
-  const first = launch(dataDir);
-  let second: ReturnType<typeof launch> | undefined;
-  try {
+  await withLaunch(async (first, dataDir, launchAgain) => {
     await first.waitFor(/^Ctrl-C stops everything/);
     const pids = meshPids(first.proc.pid, first.lines);
-    second = launch(dataDir);
-    const code = await Promise.race([second.proc.exited, Bun.sleep(30_000).then(() => "still running")]);
-    expect(code).toBe(1);
+    const second = launchAgain();
+    expect(await second.exitCode(30_000)).toBe(1);
     expect(second.lines).toEqual([
       `mesh failed to start: another npm start (pid ${first.proc.pid}) is running the mesh on ${dataDir}: stop it ` +
         `first (Ctrl-C in its terminal, or kill ${first.proc.pid}), or give this one another MESH_DATA_DIR`,
@@ -253,18 +257,11 @@ test("a second npm start on the data directory of a running one is refused in on
     expect(pids.filter(running)).toEqual(pids);
     first.proc.kill("SIGINT");
     expect(await first.proc.exited).toBe(0);
-  } finally {
-    killLaunched(first, dataDir);
-    if (second) killLaunched(second, dataDir);
-    await rm(dataDir, { recursive: true, force: true });
-  }
+  });
 }, 90_000);
 
 test("npm start killed by kill -9 has its services and postgres stop themselves; the next starts with the same key", async () => {
-  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
-  const first = launch(dataDir);
-  let second: ReturnType<typeof launch> | undefined;
-  try {
+  await withLaunch(async (first, dataDir, launchAgain) => {
     const key = await first.waitFor(/^OPENAI_API_KEY=/);
     await first.waitFor(/^Ctrl-C stops everything/);
     const pids = meshPids(first.proc.pid, first.lines);
@@ -279,7 +276,7 @@ test("npm start killed by kill -9 has its services and postgres stop themselves;
     // What a reader that opened demo.env before the restart holds: replaced whole, never cut short and rewritten.
     const before = await readFile(join(dataDir, "demo.env"), "utf8");
     linkSync(join(dataDir, "demo.env"), join(dataDir, "demo.env.opened"));
-    second = launch(dataDir);
+    const second = launchAgain();
     expect(await second.waitFor(/^OPENAI_API_KEY=/)).toBe(key);
     await second.waitFor(/^Ctrl-C stops everything/);
     expect(second.lines.filter((l) => l.includes("left running"))).toEqual([]);
@@ -287,11 +284,7 @@ test("npm start killed by kill -9 has its services and postgres stop themselves;
     expect(statSync(join(dataDir, "demo.env")).ino).not.toBe(statSync(join(dataDir, "demo.env.opened")).ino);
     second.proc.kill("SIGINT");
     expect(await second.proc.exited).toBe(0);
-  } finally {
-    killLaunched(first, dataDir);
-    if (second) killLaunched(second, dataDir);
-    await rm(dataDir, { recursive: true, force: true });
-  }
+  });
 }, 120_000);
 
 /** A script that takes the launcher's lock on `dataDir`, says "locked" and lets it go. */
@@ -324,10 +317,7 @@ test("a launcher finding services of a killed one still running (hung) stops the
 }, 60_000);
 
 test("npm start after the demo org was suspended starts, keeps its key and says how to reinstate the org", async () => {
-  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
-  const first = launch(dataDir);
-  let second: ReturnType<typeof launch> | undefined;
-  try {
+  await withLaunch(async (first, dataDir, launchAgain) => {
     const key = await first.waitFor(/^OPENAI_API_KEY=/);
     const ready = await first.waitFor(/^mesh ready in /);
     const billingUrl = /billing (http:\S+),/.exec(ready)?.[1] ?? "";
@@ -342,7 +332,7 @@ test("npm start after the demo org was suspended starts, keeps its key and says 
 
     // Crashed with a stack trace on the key's PERMISSION_DENIED, every time, so billing could not be reached to
     // reinstate the org.
-    second = launch(dataDir);
+    const second = launchAgain();
     await second.waitFor(/^Ctrl-C stops everything/);
     expect(await second.waitFor(/^OPENAI_API_KEY=/)).toBe(key);
     // The command says where billing is, here not at meshctl's default port.
@@ -354,11 +344,7 @@ test("npm start after the demo org was suspended starts, keeps its key and says 
     expect(await readFile(join(dataDir, "demo.env"), "utf8")).toContain(key);
     second.proc.kill("SIGINT");
     expect(await second.proc.exited).toBe(0);
-  } finally {
-    killLaunched(first, dataDir);
-    if (second) killLaunched(second, dataDir);
-    await rm(dataDir, { recursive: true, force: true });
-  }
+  });
 }, 120_000);
 
 test("a demo key npm start cannot set up stops the mesh in order with one line, and exit 1", async () => {
@@ -367,8 +353,7 @@ test("a demo key npm start cannot set up stops the mesh in order with one line, 
   await mkdir(join(dataDir, "demo.env"));
   const mesh = launch(dataDir);
   try {
-    const code = await Promise.race([mesh.proc.exited, Bun.sleep(60_000).then(() => "still running")]);
-    expect(code).toBe(1);
+    expect(await mesh.exitCode(60_000)).toBe(1);
     const pids = meshPids(mesh.proc.pid, mesh.lines);
     expect(mesh.lines.filter((l) => !l.startsWith("["))).toEqual([
       "mesh failed to start: cannot set up the demo key: EISDIR: illegal operation on a directory, " +
@@ -440,41 +425,36 @@ test.skipIf(!canHideProc)(
   30_000,
 );
 
+/** Runs `npm start` with `env` to its exit, which must be 1 with the one line `refusal` and nothing in its data directory. */
+async function expectRefusedStart(env: Record<string, string>, refusal: string) {
+  await withLaunch(
+    async (mesh, dataDir) => {
+      expect(await mesh.exitCode(30_000)).toBe(1);
+      expect(mesh.lines).toEqual([refusal]);
+      expect(readdirSync(dataDir)).toEqual([]);
+    },
+    { env },
+  );
+}
+
 test("one port given to two services is refused in one line before anything starts", async () => {
-  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
   // The gateway was ready on billing's /readyz, the demo key printed, then it could not listen and the mesh stopped.
-  const mesh = launch(dataDir, { BILLING_PORT: "51999", GATEWAY_PORT: "51999" });
-  try {
-    const code = await Promise.race([mesh.proc.exited, Bun.sleep(30_000).then(() => "still running")]);
-    expect(code).toBe(1);
-    expect(mesh.lines).toEqual([
-      "mesh failed to start: BILLING_PORT and GATEWAY_PORT are both 51999: give each service a port of its own",
-    ]);
-    expect(readdirSync(dataDir)).toEqual([]);
-  } finally {
-    mesh.proc.kill("SIGINT");
-    await mesh.proc.exited;
-    await rm(dataDir, { recursive: true, force: true });
-  }
+  await expectRefusedStart(
+    { BILLING_PORT: "51999", GATEWAY_PORT: "51999" },
+    "mesh failed to start: BILLING_PORT and GATEWAY_PORT are both 51999: give each service a port of its own",
+  );
 }, 60_000);
 
 test("a port another program holds, one answering every probe, is refused in one line before anything starts", async () => {
-  const dataDir = await mkdtemp(join(tmpdir(), "mesh-launcher-"));
   // Another checkout's mesh, say: ready to any probe.
   const other = Bun.serve({ port: 0, hostname: "127.0.0.1", fetch: () => new Response("ok") });
-  const mesh = launch(dataDir, { BILLING_PORT: String(other.port) });
   try {
-    const code = await Promise.race([mesh.proc.exited, Bun.sleep(30_000).then(() => "still running")]);
-    expect(code).toBe(1);
-    expect(mesh.lines).toEqual([
+    await expectRefusedStart(
+      { BILLING_PORT: String(other.port) },
       `mesh failed to start: port ${other.port} (BILLING_PORT) is in use by another program: stop it, ` +
         "or set BILLING_PORT to a free port",
-    ]);
-    expect(readdirSync(dataDir)).toEqual([]);
+    );
   } finally {
-    mesh.proc.kill("SIGINT");
-    await mesh.proc.exited;
     await other.stop(true);
-    await rm(dataDir, { recursive: true, force: true });
   }
 }, 60_000);

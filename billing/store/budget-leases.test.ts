@@ -4,7 +4,7 @@ import { defaultAbandonedLeaseGraceMs } from "./budget-leases.ts";
 import { isDatabaseUnavailable } from "../errors.ts";
 import { BillingError, callSignal, createDb, createPool } from "./db.ts";
 import { type BillingStore, createBillingStore } from "./store.ts";
-import { createTestDatabase, type TestDatabase } from "./test-db.ts";
+import { createTestDatabase, noLimits, type TestDatabase } from "./test-db.ts";
 import type { BudgetLeaseRequest, KeyLimits } from "./types.ts";
 
 let db: TestDatabase;
@@ -19,15 +19,7 @@ afterAll(() => db.drop());
 const now = new Date("2026-06-15T12:00:00Z");
 /** The time the store's leases live by, set by each call below to the `now` it is made at. */
 let leaseClock = now;
-const limits = (monthlyBudgetNanos: bigint): KeyLimits => ({
-  monthlyBudgetNanos,
-  monthlyTokens: 0n,
-  requestsPerMinute: 0,
-  tokensPerMinute: 0n,
-  maxConcurrentRequests: 0,
-  allowedModels: [],
-  expiresAt: null,
-});
+const limits = (monthlyBudgetNanos: bigint): KeyLimits => ({ ...noLimits, monthlyBudgetNanos });
 
 let orgs = 0;
 const newOrg = (monthlyBudgetNanos: bigint) =>

@@ -1,22 +1,21 @@
-import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import OpenAI, { type APIError } from "openai";
 import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
-import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
-import { startTestGateway } from "../testing/served-gateway.ts";
+import type { FakeUpstream } from "../testing/fake-upstream.ts";
+import { gatewayOnFakeUpstream, type TestGateway } from "../testing/gateway-on-fake-upstream.ts";
 
 // Chat completions answered in audio, through the gateway in front of a real OpenAI-compatible upstream on a socket,
 // called with the official SDK on both REST ports: the audio ids clients get, and give back to have the model hear
 // its earlier answer again.
 let upstream: FakeUpstream;
-let gateway: Awaited<ReturnType<typeof startTestGateway>>;
+let gateway: TestGateway;
 
-beforeAll(async () => {
-  upstream = startFakeUpstream();
-  gateway = await startTestGateway(
+gatewayOnFakeUpstream(
+  (url) =>
     [
       "providers:",
-      `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
-      `  - { name: fake2, kind: openai, base_url: "${upstream.url}" }`,
+      `  - { name: fake, kind: openai, base_url: "${url}" }`,
+      `  - { name: fake2, kind: openai, base_url: "${url}" }`,
       "models:",
       "  - name: ok",
       "    targets: [{ provider: fake, model: ok }]",
@@ -25,15 +24,8 @@ beforeAll(async () => {
       "    targets: [{ provider: fake, model: left }, { provider: fake2, model: right }]",
       '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
     ].join("\n"),
-  );
-});
-
-afterAll(async () => {
-  await gateway?.close();
-  await upstream?.stop();
-});
-
-beforeEach(() => upstream.reset());
+  (served) => ({ upstream, gateway } = served),
+);
 
 const spoken = { modalities: ["text", "audio"] as ("text" | "audio")[], audio: { voice: "alloy" as const, format: "wav" as const } };
 const hello: OpenAI.ChatCompletionMessageParam[] = [{ role: "user", content: "is a golden retriever a good dog?" }];

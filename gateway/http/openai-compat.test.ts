@@ -75,67 +75,36 @@ function routes(url: string) {
     "    targets: [{ provider: fake, model: tiered }]",
     `    pricing:`,
     `      { input_per_mtok: "2", output_per_mtok: "8", service_tiers: { flex: { input_per_mtok: "1", output_per_mtok: "4" }, priority: { input_per_mtok: "4", output_per_mtok: "16" } } }`,
-    "  - name: fallback",
-    "    targets: [{ provider: fake, model: fallback-primary }, { provider: fake, model: fallback-secondary }]",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    "  - name: quota-fallback",
-    "    targets: [{ provider: fake, model: quota-primary }, { provider: fake, model: quota-secondary }]",
-    "    retries: 2",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    "  - name: keyless",
-    "    targets: [{ provider: keyless, model: keyless }]",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    "  - name: breaker",
-    "    targets: [{ provider: fake, model: breaker-primary }, { provider: mock, model: mock-echo-1 }]",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    "  - name: stream-fallback",
-    "    targets: [{ provider: fake, model: stream-primary }, { provider: fake, model: stream-secondary }]",
-    "    timeout_ms: 300",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    "  - name: stream-alone",
-    "    targets: [{ provider: fake, model: stream-alone }]",
-    "    timeout_ms: 300",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    "  - name: unasked",
-    "    targets: [{ provider: no-stream-usage, model: unasked }]",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    "  - name: refused-stream",
-    "    targets: [{ provider: fake, model: refused-stream-primary }, { provider: fake, model: refused-stream-secondary }]",
-    "    retries: 1",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    "  - name: tpm",
-    "    targets: [{ provider: fake, model: tpm }, { provider: fake, model: tpm-fallback }]",
-    "    retries: 2",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    "  - name: briefly-throttled",
-    "    targets: [{ provider: fake, model: briefly-throttled }]",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
     "  - name: embeddings-only",
     "    endpoints: [embeddings]",
     "    targets: [{ provider: fake, model: embeddings-only }]",
     `    pricing: { input_per_mtok: "1", output_per_mtok: "0" }`,
-    "  - name: misrouted",
-    "    targets: [{ provider: fake, model: misrouted-primary }, { provider: fake, model: misrouted-secondary }]",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    "  - name: api-version",
-    "    targets: [{ provider: fake, model: api-version-primary }, { provider: fake, model: api-version-secondary }]",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    "  - name: stream-throttled",
-    "    targets: [{ provider: fake, model: stream-throttled }]",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    "  - name: stream-breaker",
-    "    targets: [{ provider: fake, model: stream-breaker-primary }, { provider: mock, model: mock-echo-1 }]",
-    `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
   );
+  /** A model at $1 a million tokens in and out, served by `targets` in turn: `provider/model`, or the fake's model. */
+  const routed = (name: string, targets: string[], ...knobs: string[]) => {
+    const listed = targets.map((target) => {
+      const [provider, model] = target.includes("/") ? target.split("/") : ["fake", target];
+      return `{ provider: ${provider}, model: ${model} }`;
+    });
+    lines.push(`  - name: ${name}`, `    targets: [${listed.join(", ")}]`, ...knobs.map((knob) => `    ${knob}`));
+    lines.push(`    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`);
+  };
+  routed("fallback", ["fallback-primary", "fallback-secondary"]);
+  routed("quota-fallback", ["quota-primary", "quota-secondary"], "retries: 2");
+  routed("keyless", ["keyless/keyless"]);
+  routed("breaker", ["breaker-primary", "mock/mock-echo-1"]);
+  routed("stream-fallback", ["stream-primary", "stream-secondary"], "timeout_ms: 300");
+  routed("stream-alone", ["stream-alone"], "timeout_ms: 300");
+  routed("unasked", ["no-stream-usage/unasked"]);
+  routed("refused-stream", ["refused-stream-primary", "refused-stream-secondary"], "retries: 1");
+  routed("tpm", ["tpm", "tpm-fallback"], "retries: 2");
+  routed("briefly-throttled", ["briefly-throttled"]);
+  routed("misrouted", ["misrouted-primary", "misrouted-secondary"]);
+  routed("api-version", ["api-version-primary", "api-version-secondary"]);
+  routed("stream-throttled", ["stream-throttled"]);
+  routed("stream-breaker", ["stream-breaker-primary", "mock/mock-echo-1"]);
   // Models of their own for each case of lost attempts, so one case's failures trip no breaker for the next.
-  for (let i = 0; i < lostCases.length; i++) {
-    lines.push(
-      `  - name: lost-${i}`,
-      `    targets: [{ provider: fake, model: lost-${i}-primary }, { provider: fake, model: lost-${i}-secondary }]`,
-      "    retries: 1",
-      `    pricing: { input_per_mtok: "1", output_per_mtok: "1" }`,
-    );
-  }
+  for (let i = 0; i < lostCases.length; i++) routed(`lost-${i}`, [`lost-${i}-primary`, `lost-${i}-secondary`], "retries: 1");
   return lines.join("\n");
 }
 
@@ -242,6 +211,19 @@ for (const port of ["rpc", "rest"] as const) {
             function: { name: "lookup", description: "find", parameters: { type: "object", properties: {} } },
           },
         ];
+        const common = {
+          tools,
+          tool_choice: "auto" as const,
+          response_format: { type: "json_object" as const },
+          temperature: 0.3,
+          top_p: 0.9,
+          max_tokens: 50,
+          max_completion_tokens: 60,
+          stop: ["\n\n"],
+          n: 2,
+          seed: 42,
+          user: "end-user-1",
+        };
         await sdk().chat.completions.create({
           model: "ok",
           messages: [
@@ -260,34 +242,11 @@ for (const port of ["rpc", "rest"] as const) {
             },
             { role: "tool", tool_call_id: "c1", content: "a cat" },
           ],
-          tools,
-          tool_choice: "auto",
-          response_format: { type: "json_object" },
-          temperature: 0.3,
-          top_p: 0.9,
-          max_tokens: 50,
-          max_completion_tokens: 60,
-          stop: ["\n\n"],
-          n: 2,
-          seed: 42,
-          user: "end-user-1",
+          ...common,
           metadata: { team: "vision" },
         });
         const sent = upstream.seen("ok")[0]?.body ?? {};
-        expect(sent).toMatchObject({
-          model: "ok",
-          tools,
-          tool_choice: "auto",
-          response_format: { type: "json_object" },
-          temperature: 0.3,
-          top_p: 0.9,
-          max_tokens: 50,
-          max_completion_tokens: 60,
-          stop: ["\n\n"],
-          n: 2,
-          seed: 42,
-          user: "end-user-1",
-        });
+        expect(sent).toMatchObject({ model: "ok", ...common });
         expect(sent.messages[1].content[1]).toEqual({
           type: "image_url",
           image_url: { url: "data:image/png;base64,AAAA", detail: "low" },
@@ -1558,6 +1517,23 @@ for (const port of ["rpc", "rest"] as const) {
         if (charged !== null) expect(charged).toBe(String(m.costNanos));
         return m;
       };
+      /** A chat of `model` streamed to its end: the usages its client was shown, and its response. */
+      const streamedUsages = async (model: string, include_usage = true) => {
+        const { data: stream, response } = await sdk()
+          .chat.completions.create({ model, messages: hello, stream: true, stream_options: { include_usage } })
+          .withResponse();
+        const usages: OpenAI.CompletionUsage[] = [];
+        for await (const chunk of stream) if (chunk.usage) usages.push(chunk.usage);
+        return { usages, response };
+      };
+      /** The accounting a chat of `model` streamed over RPC ends with. */
+      const streamedAccounting = async (model: string) => {
+        const messages = [];
+        for await (const message of gateway.rpc("sk-good").streamChatCompletion({ params: { model, messages: hello } })) {
+          messages.push(message);
+        }
+        return messages.at(-1)?.accounting;
+      };
       const fractional = odd({
         prompt_tokens: 10.5,
         completion_tokens: 4,
@@ -1565,6 +1541,8 @@ for (const port of ["rpc", "rest"] as const) {
         prompt_tokens_details: { cached_tokens: 20 },
         completion_tokens_details: { reasoning_tokens: 9 },
       });
+      // Metered: the input rounded up, the cached input within it, the reasoning beside the output added to it.
+      const fractionalMetered = { inputTokens: 11n, cachedInputTokens: 11n, outputTokens: 13n, reasoningTokens: 9n };
       // 11 cached input at $1.25/M + 4 output and 9 reasoning beside it (more than the output), at $10/M
       const fractionalCost = 11n * 1_250n + 13n * 10_000n;
 
@@ -1584,36 +1562,17 @@ for (const port of ["rpc", "rest"] as const) {
           .withResponse();
         expect(completion.usage).toEqual(answered);
         const m = await meteredRow(response);
-        expect(m.usage).toMatchObject({
-          inputTokens: 11n,
-          cachedInputTokens: 11n,
-          outputTokens: 13n,
-          reasoningTokens: 9n,
-        });
+        expect(m.usage).toMatchObject(fractionalMetered);
         expect(m).toMatchObject({ usageEstimated: false, costNanos: fractionalCost });
         expect(upstream.seen("odd-usage")).toHaveLength(1);
       });
 
       test("a streamed completion is metered by the same rule", async () => {
         upstream.script("odd-usage", { content: "one two", usage: fractional });
-        const { data: stream, response } = await sdk()
-          .chat.completions.create({
-            model: "odd-usage",
-            messages: hello,
-            stream: true,
-            stream_options: { include_usage: true },
-          })
-          .withResponse();
-        const usages = [];
-        for await (const chunk of stream) if (chunk.usage) usages.push(chunk.usage);
+        const { usages, response } = await streamedUsages("odd-usage");
         expect(usages).toEqual([answered]);
         const m = await meteredRow(response);
-        expect(m.usage).toMatchObject({
-          inputTokens: 11n,
-          cachedInputTokens: 11n,
-          outputTokens: 13n,
-          reasoningTokens: 9n,
-        });
+        expect(m.usage).toMatchObject(fractionalMetered);
         expect(m).toMatchObject({ usageEstimated: false, costNanos: fractionalCost });
       });
 
@@ -1641,22 +1600,14 @@ for (const port of ["rpc", "rest"] as const) {
           expect((await meteredRow(response)).usage).toMatchObject(metered);
           expect(response.headers.get("x-gateway-cost-nanos")).toBe(String(nanos));
 
-          const { data: stream, response: streamed } = await sdk()
-            .chat.completions.create({ model, messages: hello, stream: true, stream_options: { include_usage: true } })
-            .withResponse();
-          const usages = [];
-          for await (const chunk of stream) if (chunk.usage) usages.push(chunk.usage);
+          const { usages, response: streamed } = await streamedUsages(model);
           expect(usages).toEqual([usage]);
           const m = await meteredRow(streamed);
           expect(m).toMatchObject({ usageEstimated: false, costNanos: nanos, usage: metered });
 
           const rpc = await gateway.rpc("sk-good").createChatCompletion({ params: { model, messages: hello } });
           expect(rpc.accounting).toMatchObject({ costNanos: nanos, usage: metered });
-          const messages = [];
-          for await (const message of gateway.rpc("sk-good").streamChatCompletion({ params: { model, messages: hello } })) {
-            messages.push(message);
-          }
-          expect(messages.at(-1)?.accounting).toMatchObject({ costNanos: nanos, usage: metered });
+          expect(await streamedAccounting(model)).toMatchObject({ costNanos: nanos, usage: metered });
         }
       });
 
@@ -1678,21 +1629,13 @@ for (const port of ["rpc", "rest"] as const) {
         expect(response.headers.get("x-gateway-cost-nanos")).toBe(String(nanos));
         expect(await meteredRow(response)).toMatchObject({ costNanos: nanos, costBreakdown, usage: metered });
 
-        const { data: stream, response: streamed } = await sdk()
-          .chat.completions.create({ model: "audio", messages: hello, stream: true, stream_options: { include_usage: true } })
-          .withResponse();
-        const usages = [];
-        for await (const chunk of stream) if (chunk.usage) usages.push(chunk.usage);
+        const { usages, response: streamed } = await streamedUsages("audio");
         expect(usages).toEqual([usage]);
         expect(await meteredRow(streamed)).toMatchObject({ costNanos: nanos, costBreakdown, usage: metered });
 
         const rpc = await gateway.rpc("sk-good").createChatCompletion({ params: { model: "audio", messages: hello } });
         expect(rpc.accounting).toMatchObject({ costNanos: nanos, usage: metered });
-        const messages = [];
-        for await (const message of gateway.rpc("sk-good").streamChatCompletion({ params: { model: "audio", messages: hello } })) {
-          messages.push(message);
-        }
-        expect(messages.at(-1)?.accounting).toMatchObject({ costNanos: nanos, usage: metered });
+        expect(await streamedAccounting("audio")).toMatchObject({ costNanos: nanos, usage: metered });
       });
 
       test("a negative count is no count: the tokenizer's estimate stands in for it, marked estimated", async () => {
@@ -1759,27 +1702,14 @@ for (const port of ["rpc", "rest"] as const) {
         for (const behaviour of scripts) {
           for (const includeUsage of [true, false]) {
             upstream.script("odd-usage", behaviour);
-            const { data: stream, response } = await sdk()
-              .chat.completions.create({
-                model: "odd-usage",
-                messages: hello,
-                stream: true,
-                stream_options: { include_usage: includeUsage },
-              })
-              .withResponse();
-            const usages = [];
-            for await (const chunk of stream) if (chunk.usage) usages.push(chunk.usage);
+            const { usages, response } = await streamedUsages("odd-usage", includeUsage);
             expect(usages).toEqual(includeUsage ? [real] : []);
             const m = await meteredRow(response);
             expect(m.usage).toMatchObject({ inputTokens: 1000n, outputTokens: 500n });
             expect(m).toMatchObject({ usageEstimated: false, costNanos: realCost });
           }
           upstream.script("odd-usage", behaviour);
-          const messages = [];
-          for await (const message of gateway.rpc("sk-good").streamChatCompletion({ params: { model: "odd-usage", messages: hello } })) {
-            messages.push(message);
-          }
-          expect(messages.at(-1)?.accounting).toMatchObject({ costNanos: realCost, usageEstimated: false });
+          expect(await streamedAccounting("odd-usage")).toMatchObject({ costNanos: realCost, usageEstimated: false });
         }
       });
 
@@ -1811,15 +1741,7 @@ for (const port of ["rpc", "rest"] as const) {
         expect(response.headers.get("x-gateway-cost-nanos")).toBe(String(80n * 2_500n + 20n * 1_250n + 40n * 10_000n));
 
         upstream.script("odd-usage", { content: "one two", usage: openRouter });
-        const stream = await sdk().chat.completions.create({
-          model: "odd-usage",
-          messages: hello,
-          stream: true,
-          stream_options: { include_usage: true },
-        });
-        const usages = [];
-        for await (const chunk of stream) if (chunk.usage) usages.push(chunk.usage);
-        expect(usages).toEqual([answered]);
+        expect((await streamedUsages("odd-usage")).usages).toEqual([answered]);
 
         upstream.script("embed", { usage: odd({ prompt_tokens: 7, total_tokens: 7, cost: 0.0000014 }) });
         const embedding = await sdk().embeddings.create({ model: "embed", input: "Hello world" });

@@ -1,26 +1,25 @@
-import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import OpenAI, { APIError } from "openai";
 import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { Endpoint } from "../../gen/common/v1/common_pb.ts";
 import { eventually } from "../../test/support.ts";
 import { responsesPrompt } from "../responses-request.ts";
-import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
-import { startTestGateway } from "../testing/served-gateway.ts";
+import type { FakeUpstream } from "../testing/fake-upstream.ts";
+import { gatewayOnFakeUpstream, type TestGateway } from "../testing/gateway-on-fake-upstream.ts";
 import { countResponsesInputTokens, countTextTokens } from "../tokenizer.ts";
 
 // The Responses API through the gateway, in front of a real OpenAI-compatible upstream on a socket and the mock
 // provider, called with the official SDK on both REST ports.
 let upstream: FakeUpstream;
-let gateway: Awaited<ReturnType<typeof startTestGateway>>;
+let gateway: TestGateway;
 
-beforeAll(async () => {
-  upstream = startFakeUpstream();
-  gateway = await startTestGateway(
+gatewayOnFakeUpstream(
+  (url) =>
     [
       "providers:",
-      `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
+      `  - { name: fake, kind: openai, base_url: "${url}" }`,
       "  - { name: mock, kind: mock }",
-      `  - { name: fake2, kind: openai, base_url: "${upstream.url}" }`,
+      `  - { name: fake2, kind: openai, base_url: "${url}" }`,
       "models:",
       "  - name: ok",
       "    targets: [{ provider: fake, model: ok }]",
@@ -43,15 +42,8 @@ beforeAll(async () => {
       "    targets: [{ provider: fake, model: ok }]",
       '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
     ].join("\n"),
-  );
-});
-
-afterAll(async () => {
-  await gateway?.close();
-  await upstream?.stop();
-});
-
-beforeEach(() => upstream.reset());
+  (served) => ({ upstream, gateway } = served),
+);
 
 const sdk = (base = gateway.restUrl, apiKey = "sk-good") => new OpenAI({ baseURL: `${base}/v1`, apiKey, maxRetries: 0 });
 

@@ -1,26 +1,25 @@
-import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import OpenAI from "openai";
 import { zodFunction, zodResponseFormat, zodResponsesFunction, zodTextFormat } from "openai/helpers/zod";
 import { z } from "zod";
 import { create } from "@bufbuild/protobuf";
 import { RequestStatus } from "../../gen/analytics/v1/analytics_pb.ts";
 import { ChatCompletionParamsSchema } from "../../gen/gateway/v1/gateway_pb.ts";
-import { type FakeUpstream, startFakeUpstream } from "../testing/fake-upstream.ts";
-import { startTestGateway } from "../testing/served-gateway.ts";
+import type { FakeUpstream } from "../testing/fake-upstream.ts";
+import { gatewayOnFakeUpstream, type TestGateway } from "../testing/gateway-on-fake-upstream.ts";
 
 // The official SDK's higher-level helpers (structured outputs parsed against a schema, tool arguments parsed, stream
 // helpers assembling a final object, the tool loop) against the gateway's mock provider and an OpenAI-compatible
 // upstream on a socket, on both REST ports.
-let gateway: Awaited<ReturnType<typeof startTestGateway>>;
+let gateway: TestGateway;
 let upstream: FakeUpstream;
 
-beforeAll(async () => {
-  upstream = startFakeUpstream();
-  gateway = await startTestGateway(
+gatewayOnFakeUpstream(
+  (url) =>
     [
       "providers:",
       "  - { name: mock, kind: mock }",
-      `  - { name: fake, kind: openai, base_url: "${upstream.url}" }`,
+      `  - { name: fake, kind: openai, base_url: "${url}" }`,
       "models:",
       "  - name: mock",
       "    targets: [{ provider: mock, model: mock-echo-1 }]",
@@ -29,13 +28,8 @@ beforeAll(async () => {
       "    targets: [{ provider: fake, model: ok }]",
       '    pricing: { input_per_mtok: "1", output_per_mtok: "1" }',
     ].join("\n"),
-  );
-});
-afterAll(async () => {
-  await gateway?.close();
-  await upstream?.stop();
-});
-beforeEach(() => upstream.reset());
+  (served) => ({ upstream, gateway } = served),
+);
 
 const Plan = z.object({
   title: z.string(),
@@ -128,6 +122,14 @@ for (const [port, base] of [
 ] as const) {
   describe(`the SDK's helpers on an OpenAI-compatible upstream, ${port}`, () => {
     const sdk = () => new OpenAI({ baseURL: `${base()}/v1`, apiKey: "sk-good", maxRetries: 0 });
+    /** The tool calls the SDK's stream helper assembles of `deltas` that the upstream streams, asked for the weather. */
+    const assembledCalls = async (deltas: Parameters<typeof events>[0]) => {
+      upstream.script("ok", events(deltas, { prompt_tokens: 40, completion_tokens: 30, total_tokens: 70 }));
+      const tools = [zodFunction({ name: "weather", parameters: Weather })];
+      const messages = [{ role: "user" as const, content: "weather?" }];
+      const final = await sdk().chat.completions.stream({ model: "ok", messages, tools }).finalChatCompletion();
+      return final.choices[0]?.message.tool_calls ?? [];
+    };
 
     test("parallel tool calls streamed in pieces are assembled, each round of the tool loop metered", async () => {
       const call = (index: number, id: string) => ({
@@ -222,22 +224,12 @@ for (const [port, base] of [
       });
       // Each call whole in one delta, two in the first chunk; a third's arguments continued in a delta of no id.
       const later = { id: "call_c", type: "function", function: { name: "weather", arguments: '{"city":"Lima",' } };
-      upstream.script(
-        "ok",
-        events(
-          [
-            [{ role: "assistant", tool_calls: [whole("call_a", "Rome"), whole("call_b", "Oslo")] }],
-            [{ tool_calls: [later] }],
-            [{ tool_calls: [{ function: { arguments: '"days":1}' } }] }],
-            [{}, "tool_calls"],
-          ],
-          { prompt_tokens: 40, completion_tokens: 30, total_tokens: 70 },
-        ),
-      );
-      const tools = [zodFunction({ name: "weather", parameters: Weather })];
-      const messages = [{ role: "user" as const, content: "weather?" }];
-      const final = await sdk().chat.completions.stream({ model: "ok", messages, tools }).finalChatCompletion();
-      const calls = final.choices[0]?.message.tool_calls ?? [];
+      const calls = await assembledCalls([
+        [{ role: "assistant", tool_calls: [whole("call_a", "Rome"), whole("call_b", "Oslo")] }],
+        [{ tool_calls: [later] }],
+        [{ tool_calls: [{ function: { arguments: '"days":1}' } }] }],
+        [{}, "tool_calls"],
+      ]);
       expect(calls.map((c) => [c.id, c.type === "function" ? c.function.parsed_arguments : undefined])).toEqual([
         ["call_a", { city: "Rome", days: 1 }],
         ["call_b", { city: "Oslo", days: 1 }],
@@ -297,23 +289,13 @@ for (const [port, base] of [
       const begins = (id: string, args: string) => ({
         tool_calls: [{ index: 0, id, type: "function", function: { name: "weather", arguments: args } }],
       });
-      upstream.script(
-        "ok",
-        events(
-          [
-            [{ role: "assistant", ...begins("call_a", '{"city":"Rome","days":1}') }],
-            [begins("call_b", '{"city":"Oslo",')],
-            // The second call's arguments continued under the index it came with.
-            [{ tool_calls: [{ index: 0, function: { arguments: '"days":2}' } }] }],
-            [{}, "tool_calls"],
-          ],
-          { prompt_tokens: 40, completion_tokens: 30, total_tokens: 70 },
-        ),
-      );
-      const tools = [zodFunction({ name: "weather", parameters: Weather })];
-      const messages = [{ role: "user" as const, content: "weather?" }];
-      const final = await sdk().chat.completions.stream({ model: "ok", messages, tools }).finalChatCompletion();
-      const calls = final.choices[0]?.message.tool_calls ?? [];
+      const calls = await assembledCalls([
+        [{ role: "assistant", ...begins("call_a", '{"city":"Rome","days":1}') }],
+        [begins("call_b", '{"city":"Oslo",')],
+        // The second call's arguments continued under the index it came with.
+        [{ tool_calls: [{ index: 0, function: { arguments: '"days":2}' } }] }],
+        [{}, "tool_calls"],
+      ]);
       expect(calls.map((c) => [c.id, c.type === "function" ? c.function.parsed_arguments : undefined])).toEqual([
         ["call_a", { city: "Rome", days: 1 }],
         ["call_b", { city: "Oslo", days: 2 }],

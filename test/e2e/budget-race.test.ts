@@ -7,11 +7,17 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { decodeTime } from "ulid";
-import type { ServiceProcess } from "../../lib/processes.ts";
-import type { TestDatabase } from "../../billing/store/test-db.ts";
-import type { Mesh } from "../../scripts/mesh.ts";
 import { eventually } from "../support.ts";
-import { raceChat, raceInputTokens, raceMaxTokens, type Replicas, startReplicas, streamsConfirmed } from "./replicas.ts";
+import {
+  billedUsage,
+  raceChat,
+  raceInputTokens,
+  raceMaxTokens,
+  raceWaves,
+  type Replicas,
+  startReplicas,
+  streamsConfirmed,
+} from "./replicas.ts";
 
 const N = 20;
 // Input $0.01 and output $100 per million tokens: 10 and 100,000 nano-USD a token.
@@ -20,33 +26,18 @@ const budget = costPerRequest * BigInt(N);
 // Overshoot bound of budget.ts: the sum of (actual - reserved) over requests where positive; the mock never goes over.
 const estimationBound = 0n;
 
-const routes = `
-providers:
-  - { name: mock, kind: mock, latency_ms: 40 }
-models:
-  - name: race
-    targets: [{ provider: mock, model: mock-race }]
-    pricing: { input_per_mtok: "0.01", output_per_mtok: "100" }
-`;
-
 let replicas: Replicas;
-let db: TestDatabase;
-let mesh: Mesh;
-let second: ServiceProcess;
-let gateways: string[];
 let billing: Replicas["billing"];
 let orgId: string;
-const logs: string[] = [];
 
 beforeAll(async () => {
   const gatewayEnv = {
     // Small leases (a burst would otherwise take the whole budget in one): many grants and releases race in billing.
     GATEWAY_BUDGET_MIN_LEASE_NANOS: String(costPerRequest * 2n),
     GATEWAY_BUDGET_MAX_LEASE_NANOS: String(costPerRequest * 3n),
-    GATEWAY_BUDGET_LEASE_HORIZON_S: "1",
   };
-  replicas = await startReplicas({ name: "race", routes, gatewayEnv, logs });
-  ({ db, mesh, second, gateways, billing } = replicas);
+  replicas = await startReplicas({ name: "race", pricing: { input: "0.01", output: "100" }, gatewayEnv });
+  billing = replicas.billing;
   orgId = (await billing.createOrganization({ name: "race" })).organization?.id as string;
 }, 120_000);
 
@@ -68,13 +59,9 @@ describe("a budget raced by two gateway replicas", () => {
     async () => {
       const { secret, apiKey } = await billing.createApiKey({ orgId, name: "race", limits: { monthlyBudgetNanos: budget } });
       const keyId = apiKey?.id as string;
+      const { db, mesh, second } = replicas;
 
-      const burst = (count: number) => Promise.all(Array.from({ length: count }, (_, i) => raceChat(gateways[i % 2] as string, secret)));
-      const responses = await burst(10 * N);
-      // A second wave once the replicas may ask billing again: leftovers too small for a request go back and are
-      // granted again, so leases are released and re-granted while requests race.
-      await Bun.sleep(1_100);
-      responses.push(...(await burst(2 * N)));
+      const responses = await raceWaves(replicas.gateways, secret, N);
       const total = responses.length;
       const statuses = responses.map((r) => r.status);
       const served = responses.filter((r) => r.status === 200);
@@ -89,11 +76,7 @@ describe("a budget raced by two gateway replicas", () => {
       expect(served.length).toBeGreaterThanOrEqual(N - 3);
 
       // The pipeline drains: billing has a usage record for every request, refused ones at no cost.
-      const usage = await eventually(async () => {
-        const summary = await billing.getUsageSummary({ orgId, apiKeyId: keyId });
-        return summary.requests === BigInt(total) ? summary : undefined;
-      }, { timeoutMs: 20_000, what: "every served request billed" });
-      const spent = usage.costNanos;
+      const spent = (await billedUsage(billing, orgId, keyId, total)).costNanos;
       expect(spent).toBe(costPerRequest * BigInt(served.length));
       expect(spent).toBeLessThanOrEqual(budget + estimationBound);
 
@@ -141,13 +124,13 @@ describe("a budget raced by two gateway replicas", () => {
       );
 
       mesh.processes.gateway = await mesh.restart("gateway");
-      gateways = [mesh.urls.gateway];
+      replicas.gateways = [mesh.urls.gateway];
     },
     120_000,
   );
 
   test("a revoked key is refused by a gateway that had it cached within a second; a limit change too", async () => {
-    const gateway = gateways[0] as string;
+    const gateway = replicas.gateways[0] as string;
     await streamsConfirmed([gateway]); // the restarted gateway
     // Within a second here, though a busy machine may take longer: well before the key's 30 s in the cache ends.
     const { secret, apiKey } = await billing.createApiKey({ orgId, name: "revoked soon" });
@@ -173,7 +156,7 @@ describe("a budget raced by two gateway replicas", () => {
   }, 30_000);
 
   test("a budget lowered below what was spent is refused within a second, though a gateway holds leases", async () => {
-    const gateway = gateways[0] as string;
+    const gateway = replicas.gateways[0] as string;
     const org = await billing.createOrganization({ name: "lowered", monthlyBudgetNanos: costPerRequest * 10n });
     const loweredOrgId = org.organization?.id as string;
     const { secret } = await billing.createApiKey({ orgId: loweredOrgId, name: "lowered" });

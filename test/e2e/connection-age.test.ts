@@ -5,16 +5,13 @@
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { createClient, createRouterTransport } from "@connectrpc/connect";
 import { analyticsRoutes } from "../../analytics/routes.ts";
-import { createAnalyticsService } from "../../analytics/service.ts";
 import { createTestStore, sampleMetrics, type TestStore } from "../../analytics/store/test-store.ts";
-import { createRecordingBilling } from "../../analytics/test-helpers.ts";
+import { createAnalyticsWithRecordingBilling } from "../../analytics/test-helpers.ts";
 import { createMetricsShipper } from "../../gateway/metrics-pipe.ts";
 import { createMemorySpool } from "../../gateway/spool.ts";
 import { createTestLogger } from "../../gateway/testing.ts";
 import { AnalyticsService } from "../../gen/analytics/v1/analytics_pb.ts";
-import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { connectionKey } from "../../lib/health.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { startServer } from "../../lib/server.ts";
@@ -32,14 +29,7 @@ afterAll(() => store.close());
 
 test("the metrics stream to analytics outlives its connections' ages: every row once in ClickHouse and billing", async () => {
   const org = "org_aging";
-  const billing = createRecordingBilling();
-  const service = createAnalyticsService({
-    store,
-    billing: createClient(BillingService, createRouterTransport((r) => r.service(BillingService, billing.impl))),
-    log,
-    adminToken,
-    ingest: { flushIntervalMs: 20 },
-  });
+  const { service, billing } = createAnalyticsWithRecordingBilling({ store, log, adminToken, ingest: { flushIntervalMs: 20 } });
   // The connection each IngestMetrics stream came in on.
   const connections = new Set<object>();
   const routes = analyticsRoutes(service, adminToken);

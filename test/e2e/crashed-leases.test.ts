@@ -6,16 +6,10 @@
  * budget is never overspent, also when that usage waits in the spool while analytics is down.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import * as path from "node:path";
-import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
-import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
-import { createServiceClient } from "../../lib/rpc-client.ts";
-import { type Mesh, type ServiceName, startMesh } from "../../scripts/mesh.ts";
-import { eventually, writeMockModelConfig } from "../support.ts";
+import type { ServiceName } from "../../scripts/mesh.ts";
+import { eventually } from "../support.ts";
+import { type MeshWithDatabase, startMeshWithDatabase } from "./mesh-with-database.ts";
 
-const adminToken = "crashed-leases-admin-token-0123456789";
 // The mock counts 4 characters a token: 3 + 4 + 80/4 = 27 input tokens, and the reply is cut at max_tokens.
 const maxTokens = 20;
 // Input $0.01 and output $100 per million tokens: 10 and 100,000 nano-USD a token.
@@ -23,45 +17,30 @@ const costPerRequest = 27n * 10n + BigInt(maxTokens) * 100_000n;
 const N = 200;
 const budget = costPerRequest * BigInt(N);
 
-let db: TestDatabase;
-let dataDir: string;
-let mesh: Mesh;
-let billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
-const gatewayEnv: Record<string, string | undefined> = {};
+let started: MeshWithDatabase;
 
 beforeAll(async () => {
-  db = await createTestDatabase();
-  dataDir = await mkdtemp(path.join(tmpdir(), "crashed-leases-"));
-  const config = await writeMockModelConfig(dataDir, "100");
-  Object.assign(gatewayEnv, { GATEWAY_CONFIG: config, GATEWAY_INSTANCE_ID: "crash-gw" });
-  mesh = await startMesh({
-    dataDir,
-    adminToken,
-    ports: { gateway: 0, billing: 0, analytics: 0 },
-    env: { DATABASE_URL: db.connectionString, LOG_LEVEL: "warn", GATEWAY_METRICS_INTERVAL_MS: "50" },
-    serviceEnv: { gateway: gatewayEnv },
-    onLine: (service, line) => {
-      if (process.env.LEASES_LOG) process.stderr.write(`[${service}] ${line}\n`);
-    },
+  started = await startMeshWithDatabase({
+    name: "crashed-leases",
+    outputPerMtok: "100",
+    gatewayEnv: { GATEWAY_INSTANCE_ID: "crash-gw" },
+    logVariable: "LEASES_LOG",
   });
-  billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken, timeoutMs: 10_000 });
 }, 120_000);
 
 afterAll(async () => {
-  await mesh?.stop();
-  await db?.drop();
-  if (dataDir) await rm(dataDir, { recursive: true, force: true });
+  await started?.stop();
 }, 60_000);
 
 async function createOrg(name: string) {
-  const orgId = (await billing.createOrganization({ name, monthlyBudgetNanos: budget })).organization?.id as string;
-  const { secret } = await billing.createApiKey({ orgId, name });
+  const orgId = (await started.billing.createOrganization({ name, monthlyBudgetNanos: budget })).organization?.id as string;
+  const { secret } = await started.billing.createApiKey({ orgId, name });
   return { orgId, secret };
 }
 
 /** Request id -> HTTP status of every answer. */
 async function chat(secret: string, answered: Map<string, number>) {
-  const res = await fetch(`${mesh.urls.gateway}/v1/chat/completions`, {
+  const res = await fetch(`${started.mesh.urls.gateway}/v1/chat/completions`, {
     method: "POST",
     headers: { authorization: `Bearer ${secret}`, "content-type": "application/json" },
     body: JSON.stringify({ model: "m", messages: [{ role: "user", content: "x".repeat(80) }], max_tokens: maxTokens }),
@@ -99,7 +78,7 @@ interface LeaseRow {
 
 const leasesOf = async (orgId: string) =>
   (
-    await db.pool.query<LeaseRow>(
+    await started.db.pool.query<LeaseRow>(
       `SELECT id, holder, granted_nanos::text, recorded_nanos::text, spent_nanos::text, released_at
        FROM budget_leases WHERE org_id = $1 ORDER BY created_at`,
       [orgId],
@@ -113,7 +92,7 @@ const unreleasedLeases = async (orgId: string) => {
 };
 
 const kill9 = async (name: ServiceName) => {
-  const { proc } = mesh.processes[name];
+  const { proc } = started.mesh.processes[name];
   proc.kill("SIGKILL");
   await proc.exited;
 };
@@ -123,14 +102,14 @@ async function expectBilledOnce(orgId: string, answered: Map<string, number>) {
   const served = [...answered.values()].filter((status) => status === 200).length;
   const records = await eventually(
     async () => {
-      const page = await billing.listUsageRecords({ orgId, pageSize: 1000 });
+      const page = await started.billing.listUsageRecords({ orgId, pageSize: 1000 });
       return page.records.length === answered.size ? page.records : undefined;
     },
     { timeoutMs: 30_000, what: "every answered request billed" },
   );
   expect(new Set(records.map((r) => r.requestId))).toEqual(new Set(answered.keys()));
   for (const r of records) expect(r.costNanos).toBe(answered.get(r.requestId) === 200 ? costPerRequest : 0n);
-  const summary = await billing.getUsageSummary({ orgId });
+  const summary = await started.billing.getUsageSummary({ orgId });
   expect(summary.costNanos).toBe(costPerRequest * BigInt(served));
   expect(summary.costNanos).toBeLessThanOrEqual(budget);
   return served;
@@ -148,7 +127,7 @@ describe("budget leases of a gateway killed with SIGKILL", () => {
     const held = dead.reduce((sum, l) => sum + BigInt(l.granted_nanos) - BigInt(l.recorded_nanos), 0n);
     expect(held).toBeGreaterThan(costPerRequest * 10n);
     const restart = Date.now();
-    await mesh.restart("gateway");
+    await started.mesh.restart("gateway");
     // Released at what they spent, all of it recorded as usage against them by then, which billing counts once.
     await eventually(
       async () => {
@@ -184,15 +163,15 @@ describe("budget leases of a gateway killed with SIGKILL", () => {
     const dead = await unreleasedLeases(orgId);
     expect(dead.length).toBeGreaterThan(0);
     // Another instance id: the restarted gateway adopts the dead one's spool, and its leases with it.
-    gatewayEnv.GATEWAY_INSTANCE_ID = "crash-gw-next";
-    await mesh.restart("gateway");
+    started.gatewayEnv.GATEWAY_INSTANCE_ID = "crash-gw-next";
+    await started.mesh.restart("gateway");
 
     // Released now, the leases would give back money spent by requests billing has not recorded, to be granted again.
     await Bun.sleep(3_000);
     for (const row of await leasesOf(orgId)) {
       if (dead.some((d) => d.id === row.id)) expect(row.released_at).toBeNull();
     }
-    await mesh.restart("analytics");
+    await started.mesh.restart("analytics");
     await eventually(
       async () => {
         const rows = await leasesOf(orgId);

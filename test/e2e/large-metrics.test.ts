@@ -8,13 +8,11 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { toBinary } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { createClient, createRouterTransport } from "@connectrpc/connect";
 import { Registry } from "prom-client";
 import { analyticsRoutes } from "../../analytics/routes.ts";
-import { createAnalyticsService } from "../../analytics/service.ts";
 import { createChdbDriver } from "../../analytics/store/chdb-driver.ts";
 import { createTestStore, sampleMetrics, testDataDir, type TestStore } from "../../analytics/store/test-store.ts";
-import { createRecordingBilling } from "../../analytics/test-helpers.ts";
+import { createAnalyticsWithRecordingBilling } from "../../analytics/test-helpers.ts";
 import { parseChatInput } from "../../gateway/chat-request.ts";
 import { meteredName } from "../../gateway/metering.ts";
 import { createMetricsShipper, type MetricsShipper } from "../../gateway/metrics-pipe.ts";
@@ -22,7 +20,6 @@ import { minBatchBytes } from "../../gateway/spool.ts";
 import { type FileSpool, openFileSpool } from "../../gateway/spool-file.ts";
 import { createTestLogger } from "../../gateway/testing.ts";
 import { AnalyticsService, type RequestMetrics, RequestMetricsSchema } from "../../gen/analytics/v1/analytics_pb.ts";
-import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type RunningServer, startServer } from "../../lib/server.ts";
 
@@ -71,17 +68,7 @@ afterEach(async () => {
 
 /** A real analytics service on a real port, billing recorded in process. */
 async function startAnalytics() {
-  const billing = createRecordingBilling();
-  const service = createAnalyticsService({
-    store,
-    billing: createClient(
-      BillingService,
-      createRouterTransport((r) => r.service(BillingService, billing.impl)),
-    ),
-    log,
-    adminToken,
-    ingest: { flushIntervalMs: 50 },
-  });
+  const { service, billing } = createAnalyticsWithRecordingBilling({ store, log, adminToken, ingest: { flushIntervalMs: 50 } });
   const server: RunningServer = await startServer({
     name: "analytics",
     port: 0,

@@ -7,17 +7,11 @@
  * spends it.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { mkdtemp, rm } from "node:fs/promises";
 import * as net from "node:net";
-import { tmpdir } from "node:os";
-import * as path from "node:path";
-import { BillingService, BudgetScope } from "../../gen/billing/v1/billing_pb.ts";
-import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
-import { createServiceClient } from "../../lib/rpc-client.ts";
-import { type Mesh, startMesh } from "../../scripts/mesh.ts";
-import { eventually, writeMockModelConfig } from "../support.ts";
+import { BudgetScope } from "../../gen/billing/v1/billing_pb.ts";
+import { eventually } from "../support.ts";
+import { type MeshWithDatabase, startMeshWithDatabase } from "./mesh-with-database.ts";
 
-const adminToken = "long-streams-admin-token-0123456789";
 // The shortest lease lifetime the gateway takes, and a request time limit it exceeds by 10 s.
 const leaseTtlSeconds = 20;
 const requestTimeoutMs = 10_000;
@@ -28,39 +22,23 @@ const maxTokens = 4_096;
 const n = 64;
 const budget = 1_000_000_000n;
 
-let db: TestDatabase;
-let dataDir: string;
-let mesh: Mesh;
-let billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
+let started: MeshWithDatabase;
 
 beforeAll(async () => {
-  db = await createTestDatabase();
-  dataDir = await mkdtemp(path.join(tmpdir(), "long-streams-"));
-  const config = await writeMockModelConfig(dataDir, "1");
-  mesh = await startMesh({
-    dataDir,
-    adminToken,
-    ports: { gateway: 0, billing: 0, analytics: 0 },
-    env: { DATABASE_URL: db.connectionString, LOG_LEVEL: "warn", GATEWAY_METRICS_INTERVAL_MS: "50" },
-    serviceEnv: {
-      gateway: {
-        GATEWAY_CONFIG: config,
-        GATEWAY_BUDGET_LEASE_TTL_S: String(leaseTtlSeconds),
-        GATEWAY_REQUEST_TIMEOUT_MS: String(requestTimeoutMs),
-      },
-      billing: { BUDGET_LEASE_GRACE_SECONDS: "0" },
+  started = await startMeshWithDatabase({
+    name: "long-streams",
+    outputPerMtok: "1",
+    gatewayEnv: {
+      GATEWAY_BUDGET_LEASE_TTL_S: String(leaseTtlSeconds),
+      GATEWAY_REQUEST_TIMEOUT_MS: String(requestTimeoutMs),
     },
-    onLine: (service, line) => {
-      if (process.env.LONG_STREAMS_LOG) process.stderr.write(`[${service}] ${line}\n`);
-    },
+    billingEnv: { BUDGET_LEASE_GRACE_SECONDS: "0" },
+    logVariable: "LONG_STREAMS_LOG",
   });
-  billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken, timeoutMs: 10_000 });
 }, 120_000);
 
 afterAll(async () => {
-  await mesh?.stop();
-  await db?.drop();
-  if (dataDir) await rm(dataDir, { recursive: true, force: true });
+  await started?.stop();
 }, 60_000);
 
 interface LeaseRow {
@@ -73,7 +51,7 @@ interface LeaseRow {
 
 const leasesOf = async (orgId: string) =>
   (
-    await db.pool.query<LeaseRow>(
+    await started.db.pool.query<LeaseRow>(
       `SELECT granted_nanos::text AS granted, spent_nanos::text AS spent, released_at, expires_at,
          expires_at <= now() AS expired
        FROM budget_leases WHERE org_id = $1 ORDER BY created_at`,
@@ -82,6 +60,7 @@ const leasesOf = async (orgId: string) =>
   ).rows;
 
 test("a stream whose client reads nothing is settled at its time limit, before billing could grant its lease again", async () => {
+  const { billing, mesh } = started;
   const orgId = (await billing.createOrganization({ name: "Long streams", monthlyBudgetNanos: budget })).organization
     ?.id as string;
   const { secret } = await billing.createApiKey({ orgId, name: "slow reader" });

@@ -19,6 +19,18 @@ const root = path.resolve(import.meta.dir, "../..");
 export const raceInputTokens = 27n;
 export const raceMaxTokens = 20;
 
+/** The gateways' config: model `race` on the mock, 40 ms a call, at these prices in USD per million tokens. */
+function raceRoutes(pricing: { input: string; output: string }): string {
+  return `
+providers:
+  - { name: mock, kind: mock, latency_ms: 40 }
+models:
+  - name: race
+    targets: [{ provider: mock, model: mock-race }]
+    pricing: { input_per_mtok: "${pricing.input}", output_per_mtok: "${pricing.output}" }
+`;
+}
+
 /** One request of the race to model `race` on `gateway`, with `key`. */
 export function raceChat(gateway: string, key: string): Promise<Response> {
   return fetch(`${gateway}/v1/chat/completions`, {
@@ -26,6 +38,17 @@ export function raceChat(gateway: string, key: string): Promise<Response> {
     headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
     body: JSON.stringify({ model: "race", messages: [{ role: "user", content: "x".repeat(80) }], max_tokens: raceMaxTokens }),
   });
+}
+
+/** The race with `key`: 10 * `n` requests at once, the replicas taking turns, then 2 * `n` more. */
+export async function raceWaves(gateways: string[], key: string, n: number): Promise<Response[]> {
+  const burst = (count: number) => Promise.all(Array.from({ length: count }, (_, i) => raceChat(gateways[i % 2] as string, key)));
+  const responses = await burst(10 * n);
+  // A second wave once the replicas may ask billing again: leftovers too small for a request go back and are
+  // granted again, so leases are released and re-granted while requests race.
+  await Bun.sleep(1_100);
+  responses.push(...(await burst(2 * n)));
+  return responses;
 }
 
 export interface Replicas {
@@ -37,27 +60,29 @@ export interface Replicas {
   /** Both gateways' base URLs. */
   gateways: string[];
   billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
+  /** Every service's log lines. */
+  logs: string[];
   stop(): Promise<void>;
 }
 
 /**
- * Starts the mesh with `routes` as the gateways' config and `gatewayEnv` in both; their instance ids are
- * `<name>-gw-1` and `<name>-gw-2`. Every service's log lines go to `logs`.
+ * Starts the mesh with model `race` at `pricing` as the gateways' config, a lease horizon of one second and
+ * `gatewayEnv` in both; their instance ids are `<name>-gw-1` and `<name>-gw-2`.
  */
 export async function startReplicas(options: {
   name: string;
-  routes: string;
-  gatewayEnv: Record<string, string>;
+  pricing: { input: string; output: string };
+  gatewayEnv?: Record<string, string>;
   billingEnv?: Record<string, string>;
-  logs: string[];
 }): Promise<Replicas> {
-  const { name, logs } = options;
+  const { name } = options;
+  const logs: string[] = [];
   const adminToken = `${name}-admin-token-0123456789`;
   const db = await createTestDatabase();
   const dataDir = await mkdtemp(path.join(tmpdir(), `${name}-race-`));
   const config = path.join(dataDir, "race.yaml");
-  await writeFile(config, options.routes);
-  const gatewayEnv = { GATEWAY_CONFIG: config, ...options.gatewayEnv };
+  await writeFile(config, raceRoutes(options.pricing));
+  const gatewayEnv = { GATEWAY_CONFIG: config, GATEWAY_BUDGET_LEASE_HORIZON_S: "1", ...options.gatewayEnv };
   const mesh = await startMesh({
     dataDir,
     adminToken,
@@ -98,6 +123,7 @@ export async function startReplicas(options: {
     second,
     gateways,
     billing,
+    logs,
     async stop() {
       await second.stop();
       await mesh.stop();
@@ -105,6 +131,17 @@ export async function startReplicas(options: {
       await rm(dataDir, { recursive: true, force: true });
     },
   };
+}
+
+/** The usage summary of `apiKeyId` once billing has recorded all `requests` of it. */
+export function billedUsage(billing: Replicas["billing"], orgId: string, apiKeyId: string, requests: number) {
+  return eventually(
+    async () => {
+      const summary = await billing.getUsageSummary({ orgId, apiKeyId });
+      return summary.requests === BigInt(requests) ? summary : undefined;
+    },
+    { timeoutMs: 20_000, what: "every request billed" },
+  );
 }
 
 /** Once each gateway has billing's key change stream confirmed: keys it loads from then on are cached for 30 s. */

@@ -6,11 +6,7 @@
  * released with its spend recorded against it, so billing counts none of it twice.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import type { ServiceProcess } from "../../lib/processes.ts";
-import type { TestDatabase } from "../../billing/store/test-db.ts";
-import type { Mesh } from "../../scripts/mesh.ts";
-import { eventually } from "../support.ts";
-import { raceChat, raceInputTokens, raceMaxTokens, type Replicas, startReplicas } from "./replicas.ts";
+import { billedUsage, raceInputTokens, raceMaxTokens, raceWaves, type Replicas, startReplicas } from "./replicas.ts";
 
 const N = 20;
 const tokensPerRequest = raceInputTokens + BigInt(raceMaxTokens);
@@ -19,36 +15,17 @@ const limit = tokensPerRequest * BigInt(N);
 // goes over.
 const estimationBound = 0n;
 
-const routes = `
-providers:
-  - { name: mock, kind: mock, latency_ms: 40 }
-models:
-  - name: race
-    targets: [{ provider: mock, model: mock-race }]
-    pricing: { input_per_mtok: "1", output_per_mtok: "1" }
-`;
-
 let replicas: Replicas;
-let db: TestDatabase;
-let mesh: Mesh;
-let second: ServiceProcess;
-let gateways: string[];
-let billing: Replicas["billing"];
 let orgId: string;
-const logs: string[] = [];
 
 beforeAll(async () => {
-  const gatewayEnv = { GATEWAY_BUDGET_LEASE_HORIZON_S: "1" };
   replicas = await startReplicas({
     name: "token",
-    routes,
-    gatewayEnv,
+    pricing: { input: "1", output: "1" },
     // No floor beyond half of what is left: the replicas split the limit, and grants and releases race in billing.
     billingEnv: { BUDGET_LEASE_HOLDER_FLOOR_TOKENS: "0" },
-    logs,
   });
-  ({ db, mesh, second, gateways, billing } = replicas);
-  orgId = (await billing.createOrganization({ name: "token race" })).organization?.id as string;
+  orgId = (await replicas.billing.createOrganization({ name: "token race" })).organization?.id as string;
 }, 120_000);
 
 afterAll(async () => {
@@ -67,16 +44,11 @@ describe("a key's monthly tokens raced by two gateway replicas", () => {
   test(
     `${10 * N} concurrent requests against monthly tokens for ${N}: no overshoot, each request billed once`,
     async () => {
+      const { db, mesh, second, billing } = replicas;
       const { secret, apiKey } = await billing.createApiKey({ orgId, name: "race", limits: { monthlyTokens: limit } });
       const keyId = apiKey?.id as string;
 
-      const burst = (count: number) =>
-        Promise.all(Array.from({ length: count }, (_, i) => raceChat(gateways[i % 2] as string, secret)));
-      const responses = await burst(10 * N);
-      // A second wave once the replicas may ask billing again: leftovers too small for a request go back and are
-      // granted again, so leases are released and re-granted while requests race.
-      await Bun.sleep(1_100);
-      responses.push(...(await burst(2 * N)));
+      const responses = await raceWaves(replicas.gateways, secret, N);
       const total = responses.length;
       const served = responses.filter((r) => r.status === 200);
       const bodies = (await Promise.all(responses.map((r) => r.json()))) as {
@@ -101,13 +73,7 @@ describe("a key's monthly tokens raced by two gateway replicas", () => {
       expect(served.length).toBeGreaterThanOrEqual(Math.floor(Number(limit) / 115));
 
       // The pipeline drains: billing has a usage record for every request, refused ones at no tokens.
-      const usage = await eventually(
-        async () => {
-          const summary = await billing.getUsageSummary({ orgId, apiKeyId: keyId });
-          return summary.requests === BigInt(total) ? summary : undefined;
-        },
-        { timeoutMs: 20_000, what: "every request billed" },
-      );
+      const usage = await billedUsage(billing, orgId, keyId, total);
       expect((usage.usage?.inputTokens ?? 0n) + (usage.usage?.outputTokens ?? 0n)).toBe(tokensServed);
       const { rows: records } = await db.pool.query<{ n: number; distinct: number }>(
         `SELECT count(*)::int AS n, count(DISTINCT request_id)::int AS distinct FROM usage_records
