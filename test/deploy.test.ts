@@ -171,7 +171,11 @@ describe("Kubernetes manifests", () => {
     });
     expect(container("gateway").resources?.limits?.memory).toBeDefined();
     expect(envOf("billing", "BUN_JSC_forceRAMSize")).toBeUndefined();
-    expect(envOf("analytics", "BUN_JSC_forceRAMSize")).toBeUndefined();
+  });
+
+  test("size analytics' heap for half its pod's memory limit, the rest left to what its allocator keeps", () => {
+    expect(container("analytics").resources?.limits?.memory).toBe("1Gi");
+    expect(envOf("analytics", "BUN_JSC_forceRAMSize")?.value).toBe(String(2 ** 30 / 2));
   });
 
   test("line up ports, probes and Services with the containers", () => {
