@@ -7,7 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import type { ServiceName } from "../../scripts/mesh.ts";
-import { eventually } from "../support.ts";
+import { eventually, writeMockModelConfig } from "../support.ts";
 import { type MeshWithDatabase, startMeshWithDatabase } from "./mesh-with-database.ts";
 
 // The mock counts 4 characters a token: 3 + 4 + 80/4 = 27 input tokens, and the reply is cut at max_tokens.
@@ -22,7 +22,7 @@ let started: MeshWithDatabase;
 beforeAll(async () => {
   started = await startMeshWithDatabase({
     name: "crashed-leases",
-    outputPerMtok: "100",
+    routes: (dir) => writeMockModelConfig(dir, "100"),
     gatewayEnv: { GATEWAY_INSTANCE_ID: "crash-gw" },
     logVariable: "LEASES_LOG",
   });

@@ -9,7 +9,7 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import * as net from "node:net";
 import { BudgetScope } from "../../gen/billing/v1/billing_pb.ts";
-import { eventually } from "../support.ts";
+import { eventually, writeMockModelConfig } from "../support.ts";
 import { type MeshWithDatabase, startMeshWithDatabase } from "./mesh-with-database.ts";
 
 // The shortest lease lifetime the gateway takes, and a request time limit it exceeds by 10 s.
@@ -27,7 +27,7 @@ let started: MeshWithDatabase;
 beforeAll(async () => {
   started = await startMeshWithDatabase({
     name: "long-streams",
-    outputPerMtok: "1",
+    routes: (dir) => writeMockModelConfig(dir, "1"),
     gatewayEnv: {
       GATEWAY_BUDGET_LEASE_TTL_S: String(leaseTtlSeconds),
       GATEWAY_REQUEST_TIMEOUT_MS: String(requestTimeoutMs),

@@ -1,6 +1,6 @@
 /**
- * The mesh of tests that read billing's tables: billing on a Postgres database of its own, the mock model of
- * writeMockModelConfig, and billing's admin client.
+ * The mesh of tests that read billing's tables: billing on a Postgres database of its own, the gateway's model config
+ * the test writes, and billing's admin client.
  */
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -9,10 +9,11 @@ import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
 import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
 import { createServiceClient } from "../../lib/rpc-client.ts";
 import { type Mesh, startMesh } from "../../scripts/mesh.ts";
-import { writeMockModelConfig } from "../support.ts";
 
 export interface MeshWithDatabase {
   db: TestDatabase;
+  dataDir: string;
+  adminToken: string;
   mesh: Mesh;
   billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
   /** The gateway's environment: a change to it holds from the gateway's next restart. */
@@ -22,13 +23,13 @@ export interface MeshWithDatabase {
 }
 
 /**
- * Starts the mesh in a data directory named after `name`, the mock model priced `outputPerMtok` per million output
- * tokens, the gateway sending its metrics every 50 ms, and `gatewayEnv` and `billingEnv` in those services. Their log
+ * Starts the mesh in a data directory named after `name`, the gateway's config the file `routes` writes there (its
+ * path), the gateway sending its metrics every 50 ms, and `gatewayEnv` and `billingEnv` in those services. Their log
  * lines go to stderr while the environment variable `logVariable` is set.
  */
 export async function startMeshWithDatabase(options: {
   name: string;
-  outputPerMtok: string;
+  routes: (dataDir: string) => Promise<string>;
   gatewayEnv?: Record<string, string>;
   billingEnv?: Record<string, string>;
   logVariable: string;
@@ -41,7 +42,7 @@ export async function startMeshWithDatabase(options: {
     await rm(dataDir, { recursive: true, force: true });
   };
   try {
-    const config = await writeMockModelConfig(dataDir, options.outputPerMtok);
+    const config = await options.routes(dataDir);
     const gatewayEnv: Record<string, string | undefined> = { GATEWAY_CONFIG: config, ...options.gatewayEnv };
     const mesh = await startMesh({
       dataDir,
@@ -56,6 +57,8 @@ export async function startMeshWithDatabase(options: {
     const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken, timeoutMs: 10_000 });
     return {
       db,
+      dataDir,
+      adminToken,
       mesh,
       billing,
       gatewayEnv,

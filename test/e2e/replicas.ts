@@ -2,15 +2,11 @@
  * The mesh of the race tests: billing (on a Postgres of its own), analytics and two gateway replicas sharing one
  * model config, each gateway with billing's key change stream confirmed, so keys it loads are cached for 30 s.
  */
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { writeFile } from "node:fs/promises";
 import * as path from "node:path";
-import { BillingService } from "../../gen/billing/v1/billing_pb.ts";
-import { createTestDatabase, type TestDatabase } from "../../billing/store/test-db.ts";
 import { freePort, type ServiceProcess, spawnService } from "../../lib/processes.ts";
-import { createServiceClient } from "../../lib/rpc-client.ts";
-import { type Mesh, startMesh } from "../../scripts/mesh.ts";
 import { eventually } from "../support.ts";
+import { type MeshWithDatabase, startMeshWithDatabase } from "./mesh-with-database.ts";
 
 const root = path.resolve(import.meta.dir, "../..");
 
@@ -51,23 +47,17 @@ export async function raceWaves(gateways: string[], key: string, n: number): Pro
   return responses;
 }
 
-export interface Replicas {
-  db: TestDatabase;
-  dataDir: string;
-  mesh: Mesh;
+export interface Replicas extends MeshWithDatabase {
   /** The second gateway replica; the first is the mesh's. */
   second: ServiceProcess;
   /** Both gateways' base URLs. */
   gateways: string[];
-  billing: ReturnType<typeof createServiceClient<typeof BillingService>>;
-  /** Every service's log lines. */
-  logs: string[];
-  stop(): Promise<void>;
 }
 
 /**
  * Starts the mesh with model `race` at `pricing` as the gateways' config, a lease horizon of one second and
- * `gatewayEnv` in both; their instance ids are `<name>-gw-1` and `<name>-gw-2`.
+ * `gatewayEnv` in both; their instance ids are `<name>-gw-1` and `<name>-gw-2`. Log lines go to stderr while RACE_LOG
+ * is set.
  */
 export async function startReplicas(options: {
   name: string;
@@ -76,59 +66,53 @@ export async function startReplicas(options: {
   billingEnv?: Record<string, string>;
 }): Promise<Replicas> {
   const { name } = options;
-  const logs: string[] = [];
-  const adminToken = `${name}-admin-token-0123456789`;
-  const db = await createTestDatabase();
-  const dataDir = await mkdtemp(path.join(tmpdir(), `${name}-race-`));
-  const config = path.join(dataDir, "race.yaml");
-  await writeFile(config, raceRoutes(options.pricing));
-  const gatewayEnv = { GATEWAY_CONFIG: config, GATEWAY_BUDGET_LEASE_HORIZON_S: "1", ...options.gatewayEnv };
-  const mesh = await startMesh({
-    dataDir,
-    adminToken,
-    ports: { gateway: 0, billing: 0, analytics: 0 },
-    env: { DATABASE_URL: db.connectionString, LOG_LEVEL: "warn" },
-    serviceEnv: {
-      gateway: { ...gatewayEnv, GATEWAY_INSTANCE_ID: `${name}-gw-1` },
-      ...(options.billingEnv ? { billing: options.billingEnv } : {}),
+  const started = await startMeshWithDatabase({
+    name: `${name}-race`,
+    routes: async (dataDir) => {
+      const config = path.join(dataDir, "race.yaml");
+      await writeFile(config, raceRoutes(options.pricing));
+      return config;
     },
-    onLine: (service, line) => logs.push(`[${service}] ${line}`),
+    gatewayEnv: { GATEWAY_BUDGET_LEASE_HORIZON_S: "1", ...options.gatewayEnv, GATEWAY_INSTANCE_ID: `${name}-gw-1` },
+    billingEnv: options.billingEnv,
+    logVariable: "RACE_LOG",
   });
+  const { mesh } = started;
   const port = await freePort();
   const second = spawnService({
     name: "gateway-2",
     cmd: [process.execPath, path.join(root, "gateway", "main.ts")],
     cwd: root,
     env: {
-      MESH_DATA_DIR: dataDir,
-      ADMIN_TOKEN: adminToken,
+      MESH_DATA_DIR: started.dataDir,
+      ADMIN_TOKEN: started.adminToken,
       BILLING_URL: mesh.urls.billing,
       ANALYTICS_URL: mesh.urls.analytics,
       LOG_LEVEL: "warn",
       GATEWAY_PORT: String(port),
-      ...gatewayEnv,
+      ...started.gatewayEnv,
       GATEWAY_INSTANCE_ID: `${name}-gw-2`,
     },
     readyUrl: `http://127.0.0.1:${port}/readyz`,
-    onLine: (line) => logs.push(`[gateway-2] ${line}`),
+    onLine: (line) => {
+      if (process.env.RACE_LOG) process.stderr.write(`[gateway-2] ${line}\n`);
+    },
   });
-  await second.ready;
+  try {
+    await second.ready;
+  } catch (e) {
+    await started.stop();
+    throw e;
+  }
   const gateways = [mesh.urls.gateway, `http://127.0.0.1:${port}`];
-  const billing = createServiceClient(BillingService, { baseUrl: mesh.urls.billing, bearerToken: adminToken, timeoutMs: 10_000 });
   await streamsConfirmed(gateways);
   return {
-    db,
-    dataDir,
-    mesh,
+    ...started,
     second,
     gateways,
-    billing,
-    logs,
     async stop() {
       await second.stop();
-      await mesh.stop();
-      await db.drop();
-      await rm(dataDir, { recursive: true, force: true });
+      await started.stop();
     },
   };
 }
