@@ -405,3 +405,141 @@ describe("where a key stands", () => {
     ]);
   });
 });
+
+describe("across replicas", () => {
+  // The setup clock's second, and the first second of its window.
+  const now = 1_750_000_000;
+  const since = now - 59;
+  const count = (keyId: string, second: number, requests: number, tokens = 0) => ({ keyId, second, requests, tokens });
+
+  test("what the other replicas counted refuses admission, and shows in the headers and Retry-After", () => {
+    const { limiter } = setup();
+    const rpm = { requestsPerMinute: 5, tokensPerMinute: 0 };
+    limiter.admit("k", rpm, 0);
+    limiter.learnOthers(["k"], since, [count("k", now - 30, 3)]);
+    expect(limiter.state("k", rpm)?.requests).toEqual({ limit: 5, remaining: 1, resetMs: 29_750 });
+    expect(limiter.admit("k", rpm, 0).state?.requests?.remaining).toBe(0);
+    const e = refused(() => limiter.admit("k", rpm, 0));
+    expect(e.type).toBe("requests");
+    expect(e.message).toContain("used 5");
+    // The others' 3 requests 30 s ago leave the window first.
+    expect(e.retryAfterS).toBe(30);
+    expect(e.headers).toEqual({
+      "x-ratelimit-limit-requests": "5",
+      "x-ratelimit-remaining-requests": "0",
+      "x-ratelimit-reset-requests": "30s",
+      "retry-after-ms": "29750",
+    });
+
+    const tpm = { requestsPerMinute: 0, tokensPerMinute: 100 };
+    limiter.admit("t", tpm, 10).settle(10);
+    limiter.learnOthers(["t"], since, [count("t", now - 10, 1, 80)]);
+    const tokens = refused(() => limiter.admit("t", tpm, 20));
+    expect(tokens.type).toBe("tokens");
+    expect(tokens.message).toContain("used 90");
+    expect(tokens.retryAfterS).toBe(50);
+    expect(tokens.headers?.["x-ratelimit-remaining-tokens"]).toBe("10");
+    limiter.admit("t", tpm, 10);
+  });
+
+  test("each answer replaces the others' counts of the seconds it covers, and they expire with the window", () => {
+    const { clock, limiter } = setup();
+    const rpm = { requestsPerMinute: 10, tokensPerMinute: 0 };
+    const remaining = (key = "k") => limiter.state(key, rpm)?.requests?.remaining;
+    limiter.admit("k", rpm, 0);
+    limiter.admit("j", rpm, 0);
+    limiter.learnOthers(["k", "j"], since, [count("k", now - 1, 4), count("k", now, 3), count("j", now, 2)]);
+    expect([remaining("k"), remaining("j")]).toEqual([2, 7]);
+    // Not added to what was known: a second the answer leaves out counted nothing; a key not asked keeps its counts.
+    limiter.learnOthers(["k"], since, [count("k", now, 5)]);
+    expect([remaining("k"), remaining("j")]).toEqual([4, 7]);
+    limiter.learnOthers(["k"], since, []);
+    expect(remaining("k")).toBe(9);
+    // Seconds before the window, and keys this replica does not track, are not taken.
+    limiter.learnOthers(["k", "x"], since, [count("k", since - 1, 5), count("x", now, 5)]);
+    expect([remaining("k"), limiter.size()]).toEqual([9, 2]);
+
+    limiter.learnOthers(["k"], since, [count("k", now, 5)]);
+    clock.t += 59_000;
+    expect(limiter.state("k", rpm)?.requests).toEqual({ limit: 10, remaining: 4, resetMs: 750 });
+    clock.t += 1_000;
+    expect(remaining("k")).toBe(10);
+    limiter.admit("k", rpm, 0);
+    expect(remaining("k")).toBe(9);
+  });
+
+  test("changes taken out follow admissions, releases and settlements, each once", () => {
+    const { clock, limiter } = setup();
+    const both = { requestsPerMinute: 10, tokensPerMinute: 1000 };
+    const bySecond = () =>
+      limiter.takeChanges().usage.sort((a, b) => a.keyId.localeCompare(b.keyId) || a.second - b.second);
+    expect(limiter.takeChanges()).toEqual({ sinceSecond: since, usage: [] });
+    const first = limiter.admit("k", both, 100);
+    limiter.admit("r", { requestsPerMinute: 1, tokensPerMinute: 0 }, 100);
+    limiter.admit("u", { requestsPerMinute: 0, tokensPerMinute: 0 }, 100);
+    expect(bySecond()).toEqual([count("k", now, 1, 100), count("r", now, 1, 0)]);
+    expect(bySecond()).toEqual([]);
+
+    const second = limiter.admit("k", both, 50);
+    limiter.admit("k", both, 30).release();
+    expect(bySecond()).toEqual([count("k", now, 1, 50)]);
+    second.release();
+    second.release();
+    expect(bySecond()).toEqual([count("k", now, -1, -50)]);
+
+    clock.t += 2_000;
+    first.settle(70);
+    first.settle(700);
+    expect(bySecond()).toEqual([count("k", now, 0, -100), count("k", now + 2, 0, 70)]);
+
+    // A request that ran past its admitting second's minute: only its usage counts, from its end.
+    const long = limiter.admit("k", both, 40);
+    expect(bySecond()).toEqual([count("k", now + 2, 1, 40)]);
+    clock.t += 61_000;
+    long.settle(25);
+    expect(limiter.takeChanges()).toEqual({ sinceSecond: now + 4, usage: [count("k", now + 63, 0, 25)] });
+  });
+
+  test("changes put back after a failed sync come out with the newer ones, unless their second left the window", () => {
+    const { clock, limiter } = setup();
+    const both = { requestsPerMinute: 10, tokensPerMinute: 1000 };
+    limiter.admit("k", both, 10);
+    const failed = limiter.takeChanges().usage;
+    limiter.admit("k", both, 5);
+    clock.t += 1_000;
+    limiter.admit("k", both, 1);
+    limiter.restoreChanges(failed);
+    const merged = limiter.takeChanges().usage.sort((a, b) => a.second - b.second);
+    expect(merged).toEqual([count("k", now, 2, 15), count("k", now + 1, 1, 1)]);
+
+    // Failed again, and the window moves on past the first second: that second's change goes, the next one's stays.
+    clock.t += 59_000;
+    limiter.restoreChanges(merged);
+    expect(limiter.takeChanges()).toEqual({ sinceSecond: now + 1, usage: [count("k", now + 1, 1, 1)] });
+    clock.t += 1_000;
+    limiter.admit("k", both, 3);
+    limiter.restoreChanges(merged);
+    expect(limiter.takeChanges().usage).toEqual([count("k", now + 61, 1, 3)]);
+  });
+
+  test("changes waiting to be reported are at most a key's window's worth, however long no sync takes them", () => {
+    const { clock, limiter } = setup();
+    const rpm = { requestsPerMinute: 1_000, tokensPerMinute: 0 };
+    // Three keys (the most setup's limiter tracks), each admitting every second for three minutes; every sync fails.
+    let failed = limiter.takeChanges().usage;
+    for (let i = 0; i < 180; i++) {
+      for (const key of ["a", "b", "c"]) limiter.admit(key, rpm, 0);
+      if (i % 7 === 0) {
+        limiter.restoreChanges(failed);
+        failed = limiter.takeChanges().usage;
+      }
+      clock.t += 1_000;
+    }
+    limiter.restoreChanges(failed);
+    const { sinceSecond, usage } = limiter.takeChanges();
+    expect(usage.length).toBeLessThanOrEqual(3 * 60);
+    expect(usage.every((change) => change.second >= sinceSecond && change.requests === 1)).toBe(true);
+    // Every second of the window still counted is there, once.
+    expect(usage.length).toBe(3 * 59);
+  });
+});

@@ -19,7 +19,11 @@ import { estimatedTextTokens, partTokensEstimate } from "./tokenizer.ts";
  * estimate (prompt + max output) while it runs and at the actual usage for a minute from its end. A
  * request larger than the whole TPM limit is admitted into an empty window, so it is slow rather than impossible.
  * A key's concurrent requests are counted from admission until the ticket is settled or released (the request's end,
- * however it ends). Limits hold per gateway replica.
+ * however it ends), on this replica alone.
+ *
+ * The per-minute limits hold across gateway replicas: what this replica changes in its buckets is taken out
+ * (takeChanges) for billing, and what the other replicas counted in a key's window comes back (learnOthers); a
+ * request is admitted while this replica's counts plus theirs leave room.
  */
 
 export interface KeyRateLimits {
@@ -66,6 +70,22 @@ export interface RateTicket {
   leave(): void;
 }
 
+/** What one replica counted, or changed, in one second of a key lineage's window. */
+export interface RateCount {
+  keyId: string;
+  /** Unix second. */
+  second: number;
+  requests: number;
+  tokens: number;
+}
+
+/** This replica's changes to its keys' windows, to report to billing. */
+export interface RateChanges {
+  /** The first second of the window (the current second less 59): no change is of an earlier one. */
+  sinceSecond: number;
+  usage: RateCount[];
+}
+
 export interface RateLimiter {
   /**
    * Admits one request of `estimatedTokens` for `keyId`, or throws a 429 GatewayError with Retry-After. Of those,
@@ -78,6 +98,21 @@ export interface RateLimiter {
   state(keyId: string, limits: KeyRateLimits): RateState | undefined;
   /** Keys currently tracked. */
   size(): number;
+  /** The key lineages tracked: those whose windows the other replicas' counts are wanted for. */
+  keyIds(): IterableIterator<string>;
+  /**
+   * Takes out what this replica changed in its keys' windows since the last call, by key and second, of the seconds
+   * still in the window: held as each bucket less what of it was taken out, so what waits is at most a bucket's worth
+   * per key and second of the window, however long nothing takes it.
+   */
+  takeChanges(): RateChanges;
+  /** Puts back changes taken out that billing did not get; those of seconds that have left the window are dropped. */
+  restoreChanges(usage: readonly RateCount[]): void;
+  /**
+   * Replaces what the other replicas counted in the windows of `keyIds` from `sinceSecond` on by `others`: a second of
+   * those keys that `others` leaves out counted nothing.
+   */
+  learnOthers(keyIds: readonly string[], sinceSecond: number, others: Iterable<RateCount>): void;
   /** Requests holding a slot of their key's concurrent requests, over every key. */
   concurrent(): number;
 }
@@ -93,13 +128,23 @@ export interface RateLimiterOptions {
 
 const windowSeconds = 60;
 
-interface Window {
+/** Counts of a window, in one-second buckets. */
+interface Counts {
   /** Second (of the clock) each slot holds; a slot with an older second is empty. */
   seconds: Float64Array;
   requests: Float64Array;
   tokens: Float64Array;
+}
+
+interface Window extends Counts {
+  keyId: string;
   /** Of `tokens`, the estimates of requests admitted in that second that are still running. */
   running: Float64Array;
+  /** Of `requests` and `tokens`, what takeChanges took out; the rest is this replica's change since. */
+  reportedRequests: Float64Array;
+  reportedTokens: Float64Array;
+  /** What the other replicas counted, as billing last answered; undefined until it answers any for the key. */
+  others: Counts | undefined;
   lastSecond: number;
   /**
    * Requests running with an estimate, by the second they were admitted in: one still running once that second has
@@ -124,12 +169,16 @@ const runningRetryS = 3;
 const concurrentRetryMs = 1000;
 
 export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter {
-  // Monotonic by default: a wall clock stepped back would hold the window's newest buckets and expire nothing.
+  // Monotonic by default: a wall clock stepped back would hold the window's newest buckets and expire nothing. It starts
+  // at the wall clock's time, so its seconds are the Unix seconds other replicas count in.
   const now = options.now ?? (() => performance.timeOrigin + performance.now());
   const maxKeys = options.maxKeys ?? 50_000;
   const windows = new Map<string, Window>();
-  // Idle keys' windows (about 3 KB each) go every minute, not only at maxKeys: a replica that served 50,000 keys over
-  // weeks otherwise held 150 MB for keys that had counted nothing since.
+  // Windows whose buckets changed since takeChanges last looked.
+  const changed = new Set<Window>();
+  // Idle keys' windows (about 4.5 KB each, 6.5 KB once the other replicas' counts are known) go every minute, not only
+  // at maxKeys: a replica that served 50,000 keys over weeks otherwise held 225 MB for keys that had counted nothing
+  // since.
   let prunedAt = Number.NEGATIVE_INFINITY;
   // Requests in flight by key, for keys with a concurrency limit; a key leaves when its last one ends.
   const inFlight = new Map<string, number>();
@@ -183,10 +232,14 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     if (!w) {
       if (windows.size >= maxKeys) prune(second);
       w = {
+        keyId,
         seconds: new Float64Array(windowSeconds).fill(-1),
         requests: new Float64Array(windowSeconds),
         tokens: new Float64Array(windowSeconds),
         running: new Float64Array(windowSeconds),
+        reportedRequests: new Float64Array(windowSeconds),
+        reportedTokens: new Float64Array(windowSeconds),
+        others: undefined,
         lastSecond: second,
         flights: new Set(),
       };
@@ -196,9 +249,13 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     return w;
   };
 
+  // A window idle for a minute has no change left to report; the other replicas' counts of its key go with it.
   const prune = (second: number) => {
     for (const [key, w] of windows) {
-      if (second - w.lastSecond >= windowSeconds && w.flights.size === 0) windows.delete(key);
+      if (second - w.lastSecond >= windowSeconds && w.flights.size === 0) {
+        windows.delete(key);
+        changed.delete(w);
+      }
     }
   };
 
@@ -226,45 +283,67 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       w.requests[slot] = 0;
       w.tokens[slot] = 0;
       w.running[slot] = 0;
+      w.reportedRequests[slot] = 0;
+      w.reportedTokens[slot] = 0;
     }
     w.requests[slot] = (w.requests[slot] as number) + requests;
     w.tokens[slot] = (w.tokens[slot] as number) + tokens;
     w.running[slot] = (w.running[slot] as number) + running;
+    changed.add(w);
   };
 
-  /** Sum over the window. */
-  const total = (values: Float64Array, w: Window, second: number) => {
+  /**
+   * Takes a request admitted in `second`, or its estimate, out of that second's bucket, unless the window has left it
+   * at `current` (it counts for nothing there any more, nor in the other replicas' windows).
+   */
+  const subtract = (w: Window, second: number, current: number, requests: number, estimate: number) => {
+    const slot = second % windowSeconds;
+    if (w.seconds[slot] !== second || second <= current - windowSeconds) return;
+    w.requests[slot] = Math.max(0, (w.requests[slot] as number) - requests);
+    w.tokens[slot] = Math.max(0, (w.tokens[slot] as number) - estimate);
+    w.running[slot] = Math.max(0, (w.running[slot] as number) - estimate);
+    changed.add(w);
+  };
+
+  /** Sum over the window of `values`, in the buckets of `seconds`. */
+  const sumOf = (seconds: Float64Array, values: Float64Array, second: number) => {
     let sum = 0;
     for (let i = 0; i < windowSeconds; i++) {
-      if ((w.seconds[i] as number) > second - windowSeconds) sum += values[i] as number;
+      if ((seconds[i] as number) > second - windowSeconds) sum += values[i] as number;
     }
     return sum;
   };
 
-  /** The ms until `excess` of the window has expired (oldest buckets first). */
-  const expiryMs = (values: Float64Array, w: Window, second: number, excess: number, t: number) => {
+  /** Requests or tokens counted in the window, by this replica and the others. */
+  const total = (w: Window, counted: "requests" | "tokens", second: number) =>
+    sumOf(w.seconds, w[counted], second) + (w.others ? sumOf(w.others.seconds, w.others[counted], second) : 0);
+
+  /** The ms until `excess` of the window's requests or tokens, this replica's and the others', has expired (oldest first). */
+  const expiryMs = (w: Window, counted: "requests" | "tokens", second: number, excess: number, t: number) => {
     if (excess <= 0) return 0;
+    const others = w.others;
     let freed = 0;
     for (let s = second - windowSeconds + 1; s <= second; s++) {
       const slot = s % windowSeconds;
-      if (w.seconds[slot] === s) freed += values[slot] as number;
+      if (w.seconds[slot] === s) freed += w[counted][slot] as number;
+      if (others?.seconds[slot] === s) freed += others[counted][slot] as number;
       if (freed >= excess) return (s + windowSeconds) * 1000 - t;
     }
     return 0;
   };
 
-  const limitState = (max: number, values: Float64Array, w: Window, second: number, t: number, held = 0): LimitState => ({
+  const limitState = (max: number, w: Window, counted: "requests" | "tokens", second: number, t: number, held = 0): LimitState => ({
     limit: max,
-    remaining: Math.max(0, max - total(values, w, second) - held),
-    resetMs: expiryMs(values, w, second, oldest, t),
+    remaining: Math.max(0, max - total(w, counted, second) - held),
+    resetMs: expiryMs(w, counted, second, oldest, t),
   });
 
   /** Where a key's limits stand at `t`. */
   const stateOf = (w: Window, rpm: number, tpm: number, t: number): RateState => {
     const second = Math.floor(t / 1000);
     const state: RateState = {};
-    if (rpm > 0) state.requests = limitState(rpm, w.requests, w, second, t);
-    if (tpm > 0) state.tokens = limitState(tpm, w.tokens, w, second, t, overdue(w, second));
+    if (rpm > 0) state.requests = limitState(rpm, w, "requests", second, t);
+    if (tpm > 0) state.tokens = limitState(tpm, w, "tokens", second, t, overdue(w, second));
     return state;
   };
 
@@ -281,15 +360,15 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       const t = now();
       const second = Math.floor(t / 1000);
       const w = windowOf(keyId, second);
-      const requests = rpm > 0 ? total(w.requests, w, second) : 0;
+      const requests = rpm > 0 ? total(w, "requests", second) : 0;
       let estimate = tpm > 0 ? Math.max(0, Math.ceil(estimatedTokens)) : 0;
       const overrun = tpm > 0 ? overdue(w, second) : 0;
-      const tokens = tpm > 0 ? total(w.tokens, w, second) + overrun : 0;
-      const running = tpm > 0 ? total(w.running, w, second) + overrun : 0;
+      const tokens = tpm > 0 ? total(w, "tokens", second) + overrun : 0;
+      const running = tpm > 0 ? sumOf(w.seconds, w.running, second) + overrun : 0;
       /** The key's limits as they stand now: after this request was counted, or at its refusal. */
       const state = () => stateOf(w, rpm, tpm, t);
       if (rpm > 0 && requests + 1 > rpm) {
-        const waitMs = expiryMs(w.requests, w, second, requests + 1 - rpm, t);
+        const waitMs = expiryMs(w, "requests", second, requests + 1 - rpm, t);
         throw rateLimited(
           "requests",
           `Rate limit reached for requests per minute (RPM): limit ${rpm}, used ${requests}. Retry in ${Math.ceil(waitMs / 1000)}s.`,
@@ -307,7 +386,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         // Room for this request once enough has expired; all of it when it alone exceeds the limit.
         // What expires from the window cannot help when requests running past their minute hold it all.
         const expiring = Math.min(tokens - overrun, tokens + estimate - tpm);
-        let waitMs = expiring > 0 ? expiryMs(w.tokens, w, second, expiring, t) : runningRetryS * 1000;
+        let waitMs = expiring > 0 ? expiryMs(w, "tokens", second, expiring, t) : runningRetryS * 1000;
         // Running requests hold their whole estimate and usually use less: when one ends the room may be there.
         const soon = running > 0 && tokens - running + estimate <= tpm;
         if (soon) waitMs = Math.min(waitMs, runningRetryS * 1000);
@@ -334,14 +413,9 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
           if (settled) return undefined;
           settled = true;
           w.flights.delete(flight);
-          // Out of its admitting second's bucket, unless that has expired already.
-          const slot = second % windowSeconds;
-          if (w.seconds[slot] === second) {
-            w.requests[slot] = Math.max(0, (w.requests[slot] as number) - 1);
-            w.tokens[slot] = Math.max(0, (w.tokens[slot] as number) - estimate);
-            w.running[slot] = Math.max(0, (w.running[slot] as number) - estimate);
-          }
-          return stateOf(windows.get(keyId) ?? w, rpm, tpm, now());
+          const t = now();
+          subtract(w, second, Math.floor(t / 1000), 1, estimate);
+          return stateOf(windows.get(keyId) ?? w, rpm, tpm, t);
         },
         settle(used) {
           free();
@@ -349,16 +423,11 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
           settled = true;
           w.flights.delete(flight);
           if (tpm <= 0) return;
-          // The estimate leaves its admitting second (unless that has expired already); the actual usage is known
-          // now, so it counts for a minute from now.
-          const slot = second % windowSeconds;
-          if (w.seconds[slot] === second) {
-            w.tokens[slot] = Math.max(0, (w.tokens[slot] as number) - estimate);
-            w.running[slot] = Math.max(0, (w.running[slot] as number) - estimate);
-          }
+          // The estimate leaves its admitting second; the actual usage is known now, so it counts for a minute from now.
           const current = Math.floor(now() / 1000);
+          subtract(w, second, current, 0, estimate);
           // The key's window as it is now: an idle one may have been dropped while this request ran.
-          add(windowOf(keyId, current), current, 0, Math.max(0, used), 0);
+          add(windowOf(keyId, current), current, 0, Math.max(0, Math.ceil(used)), 0);
         },
       };
     },
@@ -374,6 +443,58 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     },
     size: () => windows.size,
     concurrent: () => held,
+    keyIds: () => windows.keys(),
+    takeChanges() {
+      const sinceSecond = Math.floor(now() / 1000) - windowSeconds + 1;
+      const usage: RateCount[] = [];
+      for (const w of changed) {
+        for (let slot = 0; slot < windowSeconds; slot++) {
+          const second = w.seconds[slot] as number;
+          if (second < sinceSecond) continue;
+          const requests = (w.requests[slot] as number) - (w.reportedRequests[slot] as number);
+          const tokens = (w.tokens[slot] as number) - (w.reportedTokens[slot] as number);
+          if (requests === 0 && tokens === 0) continue;
+          usage.push({ keyId: w.keyId, second, requests, tokens });
+          w.reportedRequests[slot] = w.requests[slot] as number;
+          w.reportedTokens[slot] = w.tokens[slot] as number;
+        }
+      }
+      changed.clear();
+      return { sinceSecond, usage };
+    },
+    restoreChanges(usage) {
+      for (const change of usage) {
+        const w = windows.get(change.keyId);
+        const slot = change.second % windowSeconds;
+        // Once its slot holds a later second, this one has left the window, and its change with it.
+        if (!w || w.seconds[slot] !== change.second) continue;
+        w.reportedRequests[slot] = (w.reportedRequests[slot] as number) - change.requests;
+        w.reportedTokens[slot] = (w.reportedTokens[slot] as number) - change.tokens;
+        changed.add(w);
+      }
+    },
+    learnOthers(keyIds, sinceSecond, others) {
+      for (const keyId of keyIds) {
+        const counts = windows.get(keyId)?.others;
+        if (!counts) continue;
+        for (let slot = 0; slot < windowSeconds; slot++) {
+          if ((counts.seconds[slot] as number) >= sinceSecond) counts.seconds[slot] = -1;
+        }
+      }
+      for (const count of others) {
+        const w = windows.get(count.keyId);
+        if (!w || count.second < sinceSecond) continue;
+        w.others ??= {
+          seconds: new Float64Array(windowSeconds).fill(-1),
+          requests: new Float64Array(windowSeconds),
+          tokens: new Float64Array(windowSeconds),
+        };
+        const slot = count.second % windowSeconds;
+        w.others.seconds[slot] = count.second;
+        w.others.requests[slot] = count.requests;
+        w.others.tokens[slot] = count.tokens;
+      }
+    },
   };
 }
 
