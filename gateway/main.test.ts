@@ -132,6 +132,12 @@ test("GATEWAY_CONFIG_POLL_MS between 0 and 50, a poll that would take the servin
   }
 });
 
+test("GATEWAY_RATE_SYNC_MS between 0 and 50, more billing calls a second than they are worth, is refused with the environment", async () => {
+  for (const ms of ["1", "49"]) {
+    await expectRefused({ GATEWAY_RATE_SYNC_MS: ms }, `invalid environment: GATEWAY_RATE_SYNC_MS ("${ms}"): must be 0 (off) or at least 50 (ms)`);
+  }
+});
+
 test("GATEWAY_INSTANCE_ID of . or .., which would name the spool's parent directory, is refused with the environment", async () => {
   for (const id of [".", ".."]) {
     await expectRefused({ GATEWAY_INSTANCE_ID: id }, `invalid environment: GATEWAY_INSTANCE_ID ("${id}"): must name a directory: not . or ..`);

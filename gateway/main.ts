@@ -25,6 +25,7 @@ import { restRoutes } from "./http/node.ts";
 import { createMetricsShipper } from "./metrics-pipe.ts";
 import { createProviders, defaultMaxAnswerBytes } from "./providers/index.ts";
 import { createRateLimiter } from "./rate-limits.ts";
+import { startRateSync } from "./rate-sync.ts";
 import { createResponseIds, responseIdKey } from "./response-ids.ts";
 import { createReadiness } from "./readiness.ts";
 import { createGatewayRequestGate, createGatewayService, gatewayRoutes } from "./service.ts";
@@ -110,6 +111,15 @@ const cfg = loadEnvOrExit({
   GATEWAY_BUDGET_LEASE_HORIZON_S: env.int(1, 3600).default(60),
   GATEWAY_BUDGET_MIN_LEASE_NANOS: env.bigint(1n).default(1_000_000n),
   GATEWAY_BUDGET_MAX_LEASE_NANOS: env.bigint(1n).default(10_000_000_000n),
+  /**
+   * Sends billing this replica's per-minute counts and learns the other replicas' this often, so requests_per_minute
+   * and tokens_per_minute hold across replicas; 0: each replica counts alone.
+   */
+  GATEWAY_RATE_SYNC_MS: env
+    .int(0, 10_000)
+    // Each sync is a billing call: more than 20 a second per replica loads billing for little.
+    .refine((ms) => ms === 0 || ms >= 50, "must be 0 (off) or at least 50 (ms)")
+    .default(250),
   /** Holds one metrics spool directory per replica (named by GATEWAY_INSTANCE_ID); default <MESH_DATA_DIR>/spool. */
   GATEWAY_SPOOL_DIR: z.string().trim().min(1).optional(),
   GATEWAY_SPOOL_MAX_BYTES: env.int(1024 * 1024, 1024 ** 4).default(256 * 1024 * 1024),
@@ -315,6 +325,21 @@ signals.undoOnStop(async () => {
   calls.close();
 });
 
+const rateLimits = createRateLimiter({ registry: runtime.metrics.registry });
+const rateSync =
+  cfg.GATEWAY_RATE_SYNC_MS > 0
+    ? startRateSync({
+        billing,
+        limiter: rateLimits,
+        holder: cfg.GATEWAY_INSTANCE_ID,
+        intervalMs: cfg.GATEWAY_RATE_SYNC_MS,
+        timeoutMs: billingTimeoutMs,
+        log: log.child({ component: "rate-sync" }),
+        registry: runtime.metrics.registry,
+      })
+    : undefined;
+signals.undoOnStop(() => rateSync?.close());
+
 const breakers = createCircuitBreakers({
   failureThreshold: cfg.GATEWAY_BREAKER_FAILURES,
   cooldownMs: cfg.GATEWAY_BREAKER_COOLDOWN_MS,
@@ -336,7 +361,7 @@ const core = createGatewayCore({
     backoffMaxMs: cfg.GATEWAY_RETRY_MAX_MS,
     maxRetryAfterMs: cfg.GATEWAY_RETRY_AFTER_MAX_MS,
   },
-  rateLimits: createRateLimiter({ registry: runtime.metrics.registry }),
+  rateLimits,
   budget,
   defaultMaxOutputTokens: cfg.GATEWAY_DEFAULT_MAX_OUTPUT_TOKENS,
   calls,
@@ -429,8 +454,9 @@ signals.serving(async () => {
   if (!(await core.settled(5_000))) {
     log.warn("requests still unfinished at shutdown metered as cancelled", { requests: core.cutUnfinished() });
   }
-  // In-flight requests have settled: hand every lease back with what was spent from it.
-  await budget.close();
+  // In-flight requests have settled: hand every lease back with what was spent from it, and tell billing the last of
+  // what they counted in their keys' minutes.
+  await Promise.all([budget.close(), rateSync?.close()]);
   leaseJournal.close();
   calls.close();
   await keyChanges.stop();
