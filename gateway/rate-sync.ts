@@ -22,6 +22,7 @@ export interface RateSyncOptions {
    * replica's, not as nothing.
    */
   holder: string;
+  /** Between two syncs' starts; above 0. */
   intervalMs: number;
   /** Deadline of each call. */
   timeoutMs?: number;
