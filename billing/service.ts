@@ -1,5 +1,5 @@
 import { create } from "@bufbuild/protobuf";
-import { timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import {
   AcquireBudgetLeaseResponseSchema,
@@ -363,8 +363,10 @@ export function createBillingService({
     async syncRateUsage(req, ctx) {
       admin(ctx);
       if (req.usage.length > maxRateSyncEntries) throw invalid("usage", `at most ${maxRateSyncEntries} per call`);
-      if (req.keyIds.length > maxRateSyncEntries) throw invalid("key_ids", `at most ${maxRateSyncEntries} per call`);
-      const others = await store.syncRateUsage({
+      if (req.keyIds.length + req.newKeyIds.length > maxRateSyncEntries) {
+        throw invalid("key_ids", `at most ${maxRateSyncEntries} per call with new_key_ids`);
+      }
+      const { others, asOf } = await store.syncRateUsage({
         holder: text(req.holder, "holder"),
         // Changes may be below 0: requests given back, token estimates moved to the second their request ended in.
         usage: req.usage.map((change, i) => ({
@@ -375,8 +377,10 @@ export function createBillingService({
         })),
         keyIds: req.keyIds.map((keyId, i) => id(keyId, `key_ids[${i}]`)),
         sinceSecond: positive(req.sinceSecond, "since_second"),
+        changedAfter: req.changedAfter && timestampDate(req.changedAfter),
+        newKeyIds: req.newKeyIds.map((keyId, i) => id(keyId, `new_key_ids[${i}]`)),
       });
-      return create(SyncRateUsageResponseSchema, { others });
+      return create(SyncRateUsageResponseSchema, { others, asOf: timestampFromDate(asOf) });
     },
 
     async recordUsage(req, ctx) {
