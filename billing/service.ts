@@ -1,5 +1,5 @@
 import { create } from "@bufbuild/protobuf";
-import { timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import {
   AcquireBudgetLeaseResponseSchema,
@@ -34,6 +34,7 @@ import {
   RevokeApiKeyResponseSchema,
   RotateApiKeyResponseSchema,
   SuspendOrganizationResponseSchema,
+  SyncRateUsageResponseSchema,
   UpdateApiKeyLimitsResponseSchema,
   UpdateOrganizationResponseSchema,
   UpdateInvoiceStatusResponseSchema,
@@ -101,6 +102,8 @@ export interface BillingServiceOptions {
 }
 
 const maxUsageBatch = 10_000;
+/** Most changes, and most key ids, one SyncRateUsage call carries. */
+const maxRateSyncEntries = 10_000;
 const maxInt64 = 2n ** 63n - 1n;
 const budgetScopes: Partial<Record<BudgetScope, StoredBudgetScope>> = {
   [BudgetScope.ORGANIZATION]: "organization",
@@ -355,6 +358,29 @@ export function createBillingService({
         spentNanos: nonNegative(req.spentNanos, "spent_nanos"),
       });
       return create(ReleaseBudgetLeaseResponseSchema);
+    },
+
+    async syncRateUsage(req, ctx) {
+      admin(ctx);
+      if (req.usage.length > maxRateSyncEntries) throw invalid("usage", `at most ${maxRateSyncEntries} per call`);
+      if (req.keyIds.length + req.newKeyIds.length > maxRateSyncEntries) {
+        throw invalid("key_ids", `at most ${maxRateSyncEntries} per call with new_key_ids`);
+      }
+      const { others, asOf } = await store.syncRateUsage({
+        holder: text(req.holder, "holder"),
+        // Changes may be below 0: requests given back, token estimates moved to the second their request ended in.
+        usage: req.usage.map((change, i) => ({
+          keyId: id(change.keyId, `usage[${i}].key_id`),
+          second: positive(change.second, `usage[${i}].second`),
+          requests: change.requests,
+          tokens: change.tokens,
+        })),
+        keyIds: req.keyIds.map((keyId, i) => id(keyId, `key_ids[${i}]`)),
+        sinceSecond: positive(req.sinceSecond, "since_second"),
+        changedAfter: req.changedAfter && timestampDate(req.changedAfter),
+        newKeyIds: req.newKeyIds.map((keyId, i) => id(keyId, `new_key_ids[${i}]`)),
+      });
+      return create(SyncRateUsageResponseSchema, { others, asOf: timestampFromDate(asOf) });
     },
 
     async recordUsage(req, ctx) {

@@ -111,6 +111,11 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
               // Read by Bun's allocator at start: memory billing and analytics free is kept for their next batches
               // rather than handed back to the system and faulted in again (see MIMALLOC_PURGE_DELAY in README).
               MIMALLOC_PURGE_DELAY: process.env.MIMALLOC_PURGE_DELAY ?? "-1",
+              // Analytics' heap paced for 512 MiB, as its manifest paces it: what it frees stays in the process, and
+              // paced by the host's memory it grew with every batch it took (see BUN_JSC_forceRAMSize in README).
+              ...(name === "analytics" && {
+                BUN_JSC_forceRAMSize: process.env.BUN_JSC_forceRAMSize ?? String(2 ** 29),
+              }),
             }),
         // What is known so far: a service starts after the ones whose addresses it needs.
         ...known({

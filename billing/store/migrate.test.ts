@@ -35,8 +35,11 @@ const migrations = [
   "0016_list_page_order.sql",
   "0017_key_concurrent_requests.sql",
   "0018_org_daily_spend.sql",
+  "0019_rate_usage.sql",
 ];
 const stoppingOlderWriters = ["0007_lease_recorded_spend.sql", "0018_org_daily_spend.sql"];
+/** The migrations of billing from before 0018, the latest one older billing must not write past. */
+const beforeOrgDays = migrations.slice(0, migrations.indexOf("0018_org_daily_spend.sql"));
 const billingTables = [
   "api_keys",
   "budget_leases",
@@ -47,6 +50,7 @@ const billingTables = [
   "invoices",
   "organizations",
   "projects",
+  "rate_usage",
   "schema_migrations",
   "usage_org_days",
   "usage_records",
@@ -410,7 +414,7 @@ test("billing without a migration older billing must not write past refuses to s
   await migrate(pool);
   const before = await recordedMigrations(pool);
   // Billing from before 0018 (a rollback, an old pod restarting mid-rollout) would record usage its org days miss.
-  await withMigrations(migrations.slice(0, -1), {}, async (older) => {
+  await withMigrations(beforeOrgDays, {}, async (older) => {
     await expect(migrate(pool, older)).rejects.toThrow(
       "the database has migration 0018_org_daily_spend.sql applied, which this billing does not have and after " +
         "which older billing must not write; run billing of a version that has it on every replica " +
@@ -418,7 +422,7 @@ test("billing without a migration older billing must not write past refuses to s
     );
   });
   // One with a new migration of its own, not yet applied, applies nothing either.
-  await withMigrations(migrations.slice(0, -1), { "0019_extra.sql": compatible }, async (other) => {
+  await withMigrations(beforeOrgDays, { "0020_extra.sql": compatible }, async (other) => {
     await expect(migrate(pool, other)).rejects.toThrow(/migration 0018_org_daily_spend.sql applied/);
   });
   expect(await recordedMigrations(pool)).toEqual(before);
@@ -429,11 +433,11 @@ test("billing without a migration older billing must not write past refuses to s
 
 test("a rollback across migrations older billing may write past starts, and is refused once a later one may not", async () => {
   const { pool } = await emptyDatabase();
-  await withMigrations(migrations, { "0019_extra.sql": compatible }, async (newer) => {
-    expect((await migrate(pool, newer)).applied).toEqual([...migrations, "0019_extra.sql"]);
+  await withMigrations(migrations, { "0020_extra.sql": compatible }, async (newer) => {
+    expect((await migrate(pool, newer)).applied).toEqual([...migrations, "0020_extra.sql"]);
   });
   // This code, one version older: it starts, and what it writes is kept.
-  expect(await migrate(pool)).toEqual({ applied: [], unknown: ["0019_extra.sql"] });
+  expect(await migrate(pool)).toEqual({ applied: [], unknown: ["0020_extra.sql"] });
   const store = createBillingStore(pool);
   const org = await store.createOrganization({
     name: "rolled back",
@@ -464,12 +468,12 @@ test("a rollback across migrations older billing may write past starts, and is r
   const days = await pool.query("SELECT cost_nanos::int AS cost FROM usage_org_days WHERE org_id = $1", [org.id]);
   expect(days.rows).toEqual([{ cost: 7 }]);
 
-  // 0020 may not be written past: code without it is refused, whether or not it has 0019; code with it starts.
-  await withMigrations(migrations, { "0019_extra.sql": compatible, "0020_org_extra.sql": breaking }, async (newest) => {
-    expect((await migrate(pool, newest)).applied).toEqual(["0020_org_extra.sql"]);
-    await expect(migrate(pool)).rejects.toThrow(/migration 0020_org_extra.sql applied/);
-    await withMigrations(migrations, { "0019_extra.sql": compatible }, async (older) => {
-      await expect(migrate(pool, older)).rejects.toThrow(/migration 0020_org_extra.sql applied/);
+  // 0021 may not be written past: code without it is refused, whether or not it has 0020; code with it starts.
+  await withMigrations(migrations, { "0020_extra.sql": compatible, "0021_org_extra.sql": breaking }, async (newest) => {
+    expect((await migrate(pool, newest)).applied).toEqual(["0021_org_extra.sql"]);
+    await expect(migrate(pool)).rejects.toThrow(/migration 0021_org_extra.sql applied/);
+    await withMigrations(migrations, { "0020_extra.sql": compatible }, async (older) => {
+      await expect(migrate(pool, older)).rejects.toThrow(/migration 0021_org_extra.sql applied/);
     });
     expect(await migrate(pool, newest)).toEqual({ applied: [], unknown: [] });
   });
@@ -498,7 +502,7 @@ test("a database migrated before migrations declared older writers' stop takes t
   expect(await migrate(pool)).toEqual({ applied: [], unknown: [] });
   const recorded = await recordedMigrations(pool);
   expect(recorded.filter((row) => row.stops_older_writers).map((row) => row.name)).toEqual(stoppingOlderWriters);
-  await withMigrations(migrations.slice(0, -1), {}, async (older) => {
+  await withMigrations(beforeOrgDays, {}, async (older) => {
     await expect(migrate(pool, older)).rejects.toThrow(/migration 0018_org_daily_spend.sql applied/);
   });
 }, 60_000);

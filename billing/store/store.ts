@@ -5,6 +5,7 @@ import { createDb } from "./db.ts";
 import { createDiscountStore } from "./discounts.ts";
 import { createInvoiceStore } from "./invoices.ts";
 import { createKeyChangeFeed } from "./key-changes.ts";
+import { createRateUsageStore } from "./rate-usage.ts";
 import { createUsageStore } from "./usage.ts";
 
 /** Everything billing keeps in Postgres, over one pool. */
@@ -17,6 +18,7 @@ export function createBillingStore(pool: pg.Pool, options: BudgetLeaseStoreOptio
     ...createAccountStore(db),
     ...createUsageStore(db),
     ...createBudgetLeaseStore(db, options),
+    ...createRateUsageStore(db),
     ...createDiscountStore(db),
     ...createInvoiceStore(db),
     ...createKeyChangeFeed(pool),

@@ -157,6 +157,37 @@ export interface BudgetLeaseGrant {
   repeated?: boolean;
 }
 
+/** What one gateway replica counted in one second of a key lineage's per-minute windows, or a change to that. */
+export interface RateUsage {
+  /** The key's lineage id. */
+  keyId: string;
+  /** Unix second, by the counting gateway's clock. */
+  second: bigint;
+  requests: bigint;
+  tokens: bigint;
+}
+
+export interface RateUsageSync {
+  /** The gateway replica reporting. */
+  holder: string;
+  /** Its changes since its last sync; those of seconds before sinceSecond are dropped. */
+  usage: readonly RateUsage[];
+  /** Key lineages whose other holders' counts to answer where they changed after changedAfter. */
+  keyIds: readonly string[];
+  /** The first second of the holder's window. */
+  sinceSecond: bigint;
+  /** The asOf of the holder's last answer; undefined answers keyIds whole, as newKeyIds. */
+  changedAfter?: Date | undefined;
+  /** Key lineages whose other holders' counts to answer in every second of the window. */
+  newKeyIds: readonly string[];
+}
+
+/** What the other holders counted in the seconds answered, and when by the database's clock. */
+export interface RateUsageAnswer {
+  others: RateUsage[];
+  asOf: Date;
+}
+
 /** Cost of a request per token type, adding up to its cost. */
 export interface CostBreakdown {
   inputNanos: bigint;
