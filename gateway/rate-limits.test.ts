@@ -416,7 +416,7 @@ describe("across replicas", () => {
     const { limiter } = setup();
     const rpm = { requestsPerMinute: 5, tokensPerMinute: 0 };
     limiter.admit("k", rpm, 0);
-    limiter.learnOthers(["k"], since, [count("k", now - 30, 3)]);
+    limiter.learnOthers(since, [count("k", now - 30, 3)], ["k"]);
     expect(limiter.state("k", rpm)?.requests).toEqual({ limit: 5, remaining: 1, resetMs: 29_750 });
     expect(limiter.admit("k", rpm, 0).state?.requests?.remaining).toBe(0);
     const e = refused(() => limiter.admit("k", rpm, 0));
@@ -433,7 +433,7 @@ describe("across replicas", () => {
 
     const tpm = { requestsPerMinute: 0, tokensPerMinute: 100 };
     limiter.admit("t", tpm, 10).settle(10);
-    limiter.learnOthers(["t"], since, [count("t", now - 10, 1, 80)]);
+    limiter.learnOthers(since, [count("t", now - 10, 1, 80)], ["t"]);
     const tokens = refused(() => limiter.admit("t", tpm, 20));
     expect(tokens.type).toBe("tokens");
     expect(tokens.message).toContain("used 90");
@@ -442,30 +442,40 @@ describe("across replicas", () => {
     limiter.admit("t", tpm, 10);
   });
 
-  test("each answer replaces the others' counts of the seconds it covers, and they expire with the window", () => {
+  test("an answer replaces what was known of the seconds it names, and of every second of the keys answered whole", () => {
     const { clock, limiter } = setup();
     const rpm = { requestsPerMinute: 10, tokensPerMinute: 0 };
     const remaining = (key = "k") => limiter.state(key, rpm)?.requests?.remaining;
     limiter.admit("k", rpm, 0);
     limiter.admit("j", rpm, 0);
-    limiter.learnOthers(["k", "j"], since, [count("k", now - 1, 4), count("k", now, 3), count("j", now, 2)]);
+    expect(limiter.trackedKeys()).toEqual({ keyIds: [], newKeyIds: ["k", "j"] });
+    limiter.learnOthers(since, [count("k", now - 1, 4), count("k", now, 3), count("j", now, 2)], ["k", "j"]);
     expect([remaining("k"), remaining("j")]).toEqual([2, 7]);
-    // Not added to what was known: a second the answer leaves out counted nothing; a key not asked keeps its counts.
-    limiter.learnOthers(["k"], since, [count("k", now, 5)]);
-    expect([remaining("k"), remaining("j")]).toEqual([4, 7]);
-    limiter.learnOthers(["k"], since, []);
+    expect(limiter.trackedKeys()).toEqual({ keyIds: ["k", "j"], newKeyIds: [] });
+    // Answered as what changed: the second named is replaced, not added to; the others are as they were.
+    limiter.learnOthers(since, [count("k", now, 5), count("j", now, 0)], []);
+    expect([remaining("k"), remaining("j")]).toEqual([0, 9]);
+    // Answered whole: a second left out counted nothing.
+    limiter.learnOthers(since, [count("k", now, 5)], ["k"]);
+    expect(remaining("k")).toBe(4);
+    limiter.learnOthers(since, [], ["k"]);
     expect(remaining("k")).toBe(9);
     // Seconds before the window, and keys this replica does not track, are not taken.
-    limiter.learnOthers(["k", "x"], since, [count("k", since - 1, 5), count("x", now, 5)]);
+    limiter.learnOthers(since, [count("k", since - 1, 5), count("x", now, 5)], ["x"]);
     expect([remaining("k"), limiter.size()]).toEqual([9, 2]);
 
-    limiter.learnOthers(["k"], since, [count("k", now, 5)]);
+    // They expire with the window.
+    limiter.learnOthers(since, [count("k", now, 5)], []);
     clock.t += 59_000;
     expect(limiter.state("k", rpm)?.requests).toEqual({ limit: 10, remaining: 4, resetMs: 750 });
     clock.t += 1_000;
     expect(remaining("k")).toBe(10);
     limiter.admit("k", rpm, 0);
     expect(remaining("k")).toBe(9);
+    // A key dropped once idle for a minute and counted again is new again: its window is asked whole.
+    clock.t += 120_000;
+    limiter.admit("j", rpm, 0);
+    expect(limiter.trackedKeys()).toEqual({ keyIds: [], newKeyIds: ["j"] });
   });
 
   test("changes taken out follow admissions, releases and settlements, each once", () => {

@@ -98,8 +98,11 @@ export interface RateLimiter {
   state(keyId: string, limits: KeyRateLimits): RateState | undefined;
   /** Keys currently tracked. */
   size(): number;
-  /** The key lineages tracked: those whose windows the other replicas' counts are wanted for. */
-  keyIds(): IterableIterator<string>;
+  /**
+   * The key lineages tracked, whose windows the other replicas' counts are wanted for: `newKeyIds` those whose whole
+   * window no answer has covered yet (learnOthers' `wholeKeyIds`), `keyIds` the others.
+   */
+  trackedKeys(): { keyIds: string[]; newKeyIds: string[] };
   /**
    * Takes out what this replica changed in its keys' windows since the last call, by key and second, of the seconds
    * still in the window: held as each bucket less what of it was taken out, so what waits is at most a bucket's worth
@@ -109,10 +112,10 @@ export interface RateLimiter {
   /** Puts back changes taken out that billing did not get; those of seconds that have left the window are dropped. */
   restoreChanges(usage: readonly RateCount[]): void;
   /**
-   * Replaces what the other replicas counted in the windows of `keyIds` from `sinceSecond` on by `others`: a second of
-   * those keys that `others` leaves out counted nothing.
+   * Takes what the other replicas counted from `sinceSecond` on: each of `others` replaces what was known of its key's
+   * second; in the windows of `wholeKeyIds`, answered whole, a second `others` leaves out counted nothing.
    */
-  learnOthers(keyIds: readonly string[], sinceSecond: number, others: Iterable<RateCount>): void;
+  learnOthers(sinceSecond: number, others: Iterable<RateCount>, wholeKeyIds: readonly string[]): void;
   /** Requests holding a slot of their key's concurrent requests, over every key. */
   concurrent(): number;
 }
@@ -145,6 +148,8 @@ interface Window extends Counts {
   reportedTokens: Float64Array;
   /** What the other replicas counted, as billing last answered; undefined until it answers any for the key. */
   others: Counts | undefined;
+  /** Whether an answer has covered the whole window since it was made: later ones need only say what changed. */
+  othersKnown: boolean;
   lastSecond: number;
   /**
    * Requests running with an estimate, by the second they were admitted in: one still running once that second has
@@ -240,6 +245,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         reportedRequests: new Float64Array(windowSeconds),
         reportedTokens: new Float64Array(windowSeconds),
         others: undefined,
+        othersKnown: false,
         lastSecond: second,
         flights: new Set(),
       };
@@ -443,7 +449,12 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     },
     size: () => windows.size,
     concurrent: () => held,
-    keyIds: () => windows.keys(),
+    trackedKeys() {
+      const keyIds: string[] = [];
+      const newKeyIds: string[] = [];
+      for (const w of windows.values()) (w.othersKnown ? keyIds : newKeyIds).push(w.keyId);
+      return { keyIds, newKeyIds };
+    },
     takeChanges() {
       const sinceSecond = Math.floor(now() / 1000) - windowSeconds + 1;
       const usage: RateCount[] = [];
@@ -473,12 +484,14 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         changed.add(w);
       }
     },
-    learnOthers(keyIds, sinceSecond, others) {
-      for (const keyId of keyIds) {
-        const counts = windows.get(keyId)?.others;
-        if (!counts) continue;
+    learnOthers(sinceSecond, others, wholeKeyIds) {
+      for (const keyId of wholeKeyIds) {
+        const w = windows.get(keyId);
+        if (!w) continue;
+        w.othersKnown = true;
+        if (!w.others) continue;
         for (let slot = 0; slot < windowSeconds; slot++) {
-          if ((counts.seconds[slot] as number) >= sinceSecond) counts.seconds[slot] = -1;
+          if ((w.others.seconds[slot] as number) >= sinceSecond) w.others.seconds[slot] = -1;
         }
       }
       for (const count of others) {

@@ -1,3 +1,4 @@
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import type { Client } from "@connectrpc/connect";
 import { Counter, type Registry } from "prom-client";
 import { ulid } from "ulid";
@@ -8,9 +9,10 @@ import type { RateLimiter } from "./rate-limits.ts";
 /**
  * Keeps a key's requests_per_minute and tokens_per_minute across gateway replicas, as Kong's rate limiting does with a
  * sync rate: every `intervalMs` while the limiter tracks keys with those limits, one SyncRateUsage call sends billing
- * what this replica changed in their windows and learns what the other replicas counted in them. Requests never wait
- * on it; between syncs, and while billing does not answer, each replica goes on with its own counts and the others'
- * last known, which expire with the window.
+ * what this replica changed in their windows and learns what the other replicas counted in them (the whole window of a
+ * key new here, what changed since the last answer of the others). Requests never wait on it; between syncs, and
+ * while billing does not answer, each replica goes on with its own counts and the others' last known, which expire
+ * with the window.
  */
 
 export interface RateSyncOptions {
@@ -60,12 +62,24 @@ export function startRateSync(options: RateSyncOptions): RateSync {
       })
     : undefined;
 
+  /**
+   * Billing's clock at the first answer of the last sync whose calls were all answered: the next sync asks only for the
+   * seconds the other replicas changed after it, besides the keys no answer has covered whole yet.
+   */
+  let changedAfter: Timestamp | undefined;
+
   const round = async (deadlineMs: number) => {
     const { sinceSecond, usage } = limiter.takeChanges();
-    const keyIds = [...limiter.keyIds()];
-    const calls = Math.max(Math.ceil(keyIds.length / maxKeysPerCall), Math.ceil(usage.length / maxUsagePerCall));
+    const tracked = limiter.trackedKeys();
+    const keys = [...tracked.keyIds, ...tracked.newKeyIds];
+    // With no answer to go on from, every key is asked whole.
+    const known = changedAfter ? tracked.keyIds : [];
+    const calls = Math.max(Math.ceil(keys.length / maxKeysPerCall), Math.ceil(usage.length / maxUsagePerCall));
+    let asOf: Timestamp | undefined;
     for (let i = 0; i < calls; i++) {
-      const asked = keyIds.slice(i * maxKeysPerCall, (i + 1) * maxKeysPerCall);
+      const [from, to] = [i * maxKeysPerCall, (i + 1) * maxKeysPerCall];
+      const keyIds = known.slice(from, to);
+      const newKeyIds = keys.slice(Math.max(from, known.length), to);
       try {
         const answer = await billing.syncRateUsage(
           {
@@ -76,29 +90,32 @@ export function startRateSync(options: RateSyncOptions): RateSync {
               requests: BigInt(change.requests),
               tokens: BigInt(change.tokens),
             })),
-            keyIds: asked,
+            keyIds,
+            newKeyIds,
             sinceSecond: BigInt(sinceSecond),
+            changedAfter,
           },
           { timeoutMs: deadlineMs },
         );
-        limiter.learnOthers(
-          asked,
-          sinceSecond,
-          answer.others.map((count) => ({
-            keyId: count.keyId,
-            second: Number(count.second),
-            requests: Number(count.requests),
-            tokens: Number(count.tokens),
-          })),
-        );
+        asOf ??= answer.asOf;
+        const others = answer.others.map((count) => ({
+          keyId: count.keyId,
+          second: Number(count.second),
+          requests: Number(count.requests),
+          tokens: Number(count.tokens),
+        }));
+        limiter.learnOthers(sinceSecond, others, newKeyIds);
       } catch (err) {
-        // What billing did not get goes with the next sync; the others' counts already known stay until they expire.
+        // What billing did not get goes with the next sync; the others' counts already known stay until they expire. A
+        // call whose answer was lost after billing had added its changes counts them twice for the rest of their
+        // minute: stricter, never looser.
         limiter.restoreChanges(usage.slice(i * maxUsagePerCall));
         failures?.inc();
         outage.failed({ err });
         return;
       }
     }
+    changedAfter = asOf;
     outage.recovered();
   };
 
