@@ -21,7 +21,8 @@ export const usage = `usage: meshctl <command> [flags] [--json]
   keys list --org ID [--all] | keys revoke KEY_ID | keys rotate KEY_ID
   quota set KEY_ID [--budget-usd X] [--monthly-tokens N] [--rpm N] [--tpm N] [--concurrency N] [--models a,b]
             [--expires DATE]
-      (--rpm, --tpm and --concurrency, the requests a key may have in flight at once, hold per gateway replica)
+      (--rpm and --tpm hold over every gateway replica; --concurrency, the requests a key may have in flight at once,
+      on each replica)
       (changes only the limits given, the others stay; 0, or --models '' and --expires '', removes a limit)
   quota show KEY_ID [--org ID]
       (usage this period, the keys it was rotated from included: what its limits count)
