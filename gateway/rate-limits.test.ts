@@ -1,5 +1,4 @@
 import { describe, expect, test } from "bun:test";
-import type { GatewayError } from "./errors.ts";
 import {
   createRateLimiter,
   estimatedChatTokens,
@@ -7,6 +6,7 @@ import {
   rateLimitHeaders,
   unsetOutputTokens,
 } from "./rate-limits.ts";
+import { refused } from "./testing.ts";
 
 function setup() {
   // 12:00:00.250 on some day: 250 ms into a second.
@@ -14,15 +14,6 @@ function setup() {
   const limiter = createRateLimiter({ now: () => clock.t, maxKeys: 3 });
   return { clock, limiter };
 }
-
-const refused = (f: () => unknown): GatewayError => {
-  try {
-    f();
-  } catch (e) {
-    return e as GatewayError;
-  }
-  throw new Error("expected a 429");
-};
 
 describe("requests per minute", () => {
   test("admits up to the limit in a sliding minute, then 429 until the oldest requests leave the window", () => {

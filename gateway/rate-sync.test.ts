@@ -11,10 +11,9 @@ import { createServiceClient } from "../lib/rpc-client.ts";
 import { eventually } from "../test/support.ts";
 import { createBillingApp } from "../billing/app.ts";
 import { createTestDatabase, type TestDatabase } from "../billing/store/test-db.ts";
-import type { GatewayError } from "./errors.ts";
 import { createRateLimiter } from "./rate-limits.ts";
 import { type RateSync, type RateSyncOptions, startRateSync } from "./rate-sync.ts";
-import { createTestLogger } from "./testing.ts";
+import { createTestLogger, refused } from "./testing.ts";
 
 const rpm = { requestsPerMinute: 10, tokensPerMinute: 0 };
 const syncs: RateSync[] = [];
@@ -159,14 +158,6 @@ describe("through billing", () => {
   const replica = (name: string, log = createTestLogger()) => {
     const limiter = createRateLimiter();
     return { limiter, sync: started({ billing, limiter, holder: name, intervalMs: 60_000, log }), log };
-  };
-  const refused = (f: () => unknown): GatewayError => {
-    try {
-      f();
-    } catch (e) {
-      return e as GatewayError;
-    }
-    throw new Error("expected a 429");
   };
 
   test("two replicas hold a key's limit together, and one restarted under its name counts its past life's as another's", async () => {

@@ -10,6 +10,7 @@ import { parseGatewayConfig } from "./config.ts";
 import { type CoreOptions, createGatewayCore } from "./core.ts";
 import { createProviders } from "./providers/index.ts";
 import { UpstreamError } from "./providers/provider.ts";
+import type { GatewayError } from "./errors.ts";
 
 /** The gateway config of one model, `mock`, on the mock provider at $1 per million tokens: more models may follow. */
 export const mockRoutes = `
@@ -174,4 +175,14 @@ export function createFillingDisk() {
     },
   };
   return disk;
+}
+
+/** The error `f` throws (a limiter's 429, say); fails the test when it throws none. */
+export function refused(f: () => unknown): GatewayError {
+  try {
+    f();
+  } catch (e) {
+    return e as GatewayError;
+  }
+  throw new Error("expected a 429");
 }
