@@ -1,5 +1,5 @@
 import { create } from "@bufbuild/protobuf";
-import { timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import {
   AcquireBudgetLeaseResponseSchema,
@@ -363,24 +363,21 @@ export function createBillingService({
     async syncRateUsage(req, ctx) {
       admin(ctx);
       if (req.usage.length > maxRateSyncEntries) throw invalid("usage", `at most ${maxRateSyncEntries} per call`);
-      if (req.keyIds.length + req.newKeyIds.length > maxRateSyncEntries) {
-        throw invalid("key_ids", `at most ${maxRateSyncEntries} per call with new_key_ids`);
-      }
-      const { others, asOf } = await store.syncRateUsage({
+      if (req.newKeyIds.length > maxRateSyncEntries) throw invalid("new_key_ids", `at most ${maxRateSyncEntries} per call`);
+      const { others, watermark } = await store.syncRateUsage({
         holder: text(req.holder, "holder"),
-        // Changes may be below 0: requests given back, token estimates moved to the second their request ended in.
-        usage: req.usage.map((change, i) => ({
-          keyId: id(change.keyId, `usage[${i}].key_id`),
-          second: positive(change.second, `usage[${i}].second`),
-          requests: change.requests,
-          tokens: change.tokens,
+        usage: req.usage.map((count, i) => ({
+          keyId: id(count.keyId, `usage[${i}].key_id`),
+          second: positive(count.second, `usage[${i}].second`),
+          requests: nonNegative(count.requests, `usage[${i}].requests`),
+          tokens: nonNegative(count.tokens, `usage[${i}].tokens`),
         })),
-        keyIds: req.keyIds.map((keyId, i) => id(keyId, `key_ids[${i}]`)),
         sinceSecond: positive(req.sinceSecond, "since_second"),
-        changedAfter: req.changedAfter && timestampDate(req.changedAfter),
+        changesSince: nonNegative(req.changesSince, "changes_since"),
         newKeyIds: req.newKeyIds.map((keyId, i) => id(keyId, `new_key_ids[${i}]`)),
+        sequence: positive(req.sequence, "sequence"),
       });
-      return create(SyncRateUsageResponseSchema, { others, asOf: timestampFromDate(asOf) });
+      return create(SyncRateUsageResponseSchema, { others, watermark });
     },
 
     async recordUsage(req, ctx) {

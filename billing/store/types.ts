@@ -157,7 +157,7 @@ export interface BudgetLeaseGrant {
   repeated?: boolean;
 }
 
-/** What one gateway replica counted in one second of a key lineage's per-minute windows, or a change to that. */
+/** What one gateway replica counts in one second of a key lineage's per-minute windows. */
 export interface RateUsage {
   /** The key's lineage id. */
   keyId: string;
@@ -170,22 +170,22 @@ export interface RateUsage {
 export interface RateUsageSync {
   /** The gateway replica reporting. */
   holder: string;
-  /** Its changes since its last sync; those of seconds before sinceSecond are dropped. */
+  /** Its counts in the seconds that changed since it reported them; those of seconds before sinceSecond are dropped. */
   usage: readonly RateUsage[];
-  /** Key lineages whose other holders' counts to answer where they changed after changedAfter. */
-  keyIds: readonly string[];
   /** The first second of the holder's window. */
   sinceSecond: bigint;
-  /** The asOf of the holder's last answer; undefined answers keyIds whole, as newKeyIds. */
-  changedAfter?: Date | undefined;
+  /** The watermark of the holder's last answer; 0n answers no key's changes, only newKeyIds. */
+  changesSince: bigint;
   /** Key lineages whose other holders' counts to answer in every second of the window. */
   newKeyIds: readonly string[];
+  /** The holder's call: a row is replaced only by a later one's count. */
+  sequence: bigint;
 }
 
-/** What the other holders counted in the seconds answered, and when by the database's clock. */
+/** What the other holders count in the seconds answered, and the watermark the changes answered end at. */
 export interface RateUsageAnswer {
   others: RateUsage[];
-  asOf: Date;
+  watermark: bigint;
 }
 
 /** Cost of a request per token type, adding up to its cost. */
