@@ -469,7 +469,7 @@ describe("across replicas", () => {
     expect(limiter.trackedKeys()).toEqual({ keyIds: [], newKeyIds: ["j"] });
   });
 
-  test("changes taken out follow admissions, releases and settlements, each once", () => {
+  test("the seconds that admissions, releases and settlements changed are taken out once, at what they count now", () => {
     const { clock, limiter } = setup();
     const both = { requestsPerMinute: 10, tokensPerMinute: 1000 };
     const bySecond = () =>
@@ -483,25 +483,25 @@ describe("across replicas", () => {
 
     const second = limiter.admit("k", both, 50);
     limiter.admit("k", both, 30).release();
-    expect(bySecond()).toEqual([count("k", now, 1, 50)]);
+    expect(bySecond()).toEqual([count("k", now, 2, 150)]);
     second.release();
     second.release();
-    expect(bySecond()).toEqual([count("k", now, -1, -50)]);
+    expect(bySecond()).toEqual([count("k", now, 1, 100)]);
 
     clock.t += 2_000;
     first.settle(70);
     first.settle(700);
-    expect(bySecond()).toEqual([count("k", now, 0, -100), count("k", now + 2, 0, 70)]);
+    expect(bySecond()).toEqual([count("k", now, 1, 0), count("k", now + 2, 0, 70)]);
 
     // A request that ran past its admitting second's minute: only its usage counts, from its end.
     const long = limiter.admit("k", both, 40);
-    expect(bySecond()).toEqual([count("k", now + 2, 1, 40)]);
+    expect(bySecond()).toEqual([count("k", now + 2, 1, 110)]);
     clock.t += 61_000;
     long.settle(25);
     expect(limiter.takeChanges()).toEqual({ sinceSecond: now + 4, usage: [count("k", now + 63, 0, 25)] });
   });
 
-  test("changes put back after a failed sync come out with the newer ones, unless their second left the window", () => {
+  test("seconds billing did not get are taken out again at what they count then, unless they left the window", () => {
     const { clock, limiter } = setup();
     const both = { requestsPerMinute: 10, tokensPerMinute: 1000 };
     limiter.admit("k", both, 10);
@@ -512,6 +512,12 @@ describe("across replicas", () => {
     limiter.restoreChanges(failed);
     const merged = limiter.takeChanges().usage.sort((a, b) => a.second - b.second);
     expect(merged).toEqual([count("k", now, 2, 15), count("k", now + 1, 1, 1)]);
+    // Unchanged since, or changed down, a second comes out again as it stands: billing replaces what it had of it.
+    const released = limiter.admit("k", both, 7);
+    expect(limiter.takeChanges().usage).toEqual([count("k", now + 1, 2, 8)]);
+    released.release();
+    limiter.restoreChanges(merged);
+    expect(limiter.takeChanges().usage.sort((a, b) => a.second - b.second)).toEqual(merged);
 
     // Failed again, and the window moves on past the first second: that second's change goes, the next one's stays.
     clock.t += 59_000;
@@ -523,7 +529,7 @@ describe("across replicas", () => {
     expect(limiter.takeChanges().usage).toEqual([count("k", now + 61, 1, 3)]);
   });
 
-  test("changes waiting to be reported are at most a key's window's worth, however long no sync takes them", () => {
+  test("counts waiting to be reported are at most a key's window's worth, however long no sync takes them", () => {
     const { clock, limiter } = setup();
     const rpm = { requestsPerMinute: 1_000, tokensPerMinute: 0 };
     // Three keys (the most setup's limiter tracks), each admitting every second for three minutes; every sync fails.

@@ -21,8 +21,8 @@ import { estimatedTextTokens, partTokensEstimate } from "./tokenizer.ts";
  * A key's concurrent requests are counted from admission until the ticket is settled or released (the request's end,
  * however it ends), on this replica alone.
  *
- * The per-minute limits hold across gateway replicas: what this replica changes in its buckets is taken out
- * (takeChanges) for billing, and what the other replicas counted in a key's window comes back (learnOthers); a
+ * The per-minute limits hold across gateway replicas: the buckets this replica changed are taken out (takeChanges) for
+ * billing at what they count now, and what the other replicas count in a key's window comes back (learnOthers); a
  * request is admitted while this replica's counts plus theirs leave room.
  */
 
@@ -70,7 +70,7 @@ export interface RateTicket {
   leave(): void;
 }
 
-/** What one replica counted, or changed, in one second of a key lineage's window. */
+/** What one replica counts in one second of a key lineage's window. */
 export interface RateCount {
   keyId: string;
   /** Unix second. */
@@ -79,9 +79,9 @@ export interface RateCount {
   tokens: number;
 }
 
-/** This replica's changes to its keys' windows, to report to billing. */
+/** This replica's counts of the seconds of its keys' windows that changed since they were reported, for billing. */
 export interface RateChanges {
-  /** The first second of the window (the current second less 59): no change is of an earlier one. */
+  /** The first second of the window (the current second less 59): no count is of an earlier one. */
   sinceSecond: number;
   usage: RateCount[];
 }
@@ -104,12 +104,15 @@ export interface RateLimiter {
    */
   trackedKeys(): { keyIds: string[]; newKeyIds: string[] };
   /**
-   * Takes out what this replica changed in its keys' windows since the last call, by key and second, of the seconds
-   * still in the window: held as each bucket less what of it was taken out, so what waits is at most a bucket's worth
-   * per key and second of the window, however long nothing takes it.
+   * Takes out what this replica counts now in each second of its keys' windows whose bucket changed since it was last
+   * taken out, and holds those counts as reported: what waits is at most one count per key and second of the window,
+   * however long nothing takes it.
    */
   takeChanges(): RateChanges;
-  /** Puts back changes taken out that billing did not get; those of seconds that have left the window are dropped. */
+  /**
+   * Marks the seconds of counts taken out that billing did not get as not reported, so the next takeChanges has their
+   * counts as they are then; those of seconds that have left the window are dropped.
+   */
   restoreChanges(usage: readonly RateCount[]): void;
   /**
    * Takes what the other replicas counted from `sinceSecond` on: each of `others` replaces what was known of its key's
@@ -143,7 +146,7 @@ interface Window extends Counts {
   keyId: string;
   /** Of `tokens`, the estimates of requests admitted in that second that are still running. */
   running: Float64Array;
-  /** Of `requests` and `tokens`, what takeChanges took out; the rest is this replica's change since. */
+  /** Of `requests` and `tokens`, what takeChanges last took out; NaN for a count billing did not get. */
   reportedRequests: Float64Array;
   reportedTokens: Float64Array;
   /** What the other replicas counted, as billing last answered; undefined until it answers any for the key. */
@@ -289,6 +292,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       w.requests[slot] = 0;
       w.tokens[slot] = 0;
       w.running[slot] = 0;
+      // Billing has no count of a second new here from this replica, as if it had been reported at 0.
       w.reportedRequests[slot] = 0;
       w.reportedTokens[slot] = 0;
     }
@@ -462,12 +466,12 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         for (let slot = 0; slot < windowSeconds; slot++) {
           const second = w.seconds[slot] as number;
           if (second < sinceSecond) continue;
-          const requests = (w.requests[slot] as number) - (w.reportedRequests[slot] as number);
-          const tokens = (w.tokens[slot] as number) - (w.reportedTokens[slot] as number);
-          if (requests === 0 && tokens === 0) continue;
+          const requests = w.requests[slot] as number;
+          const tokens = w.tokens[slot] as number;
+          if (requests === w.reportedRequests[slot] && tokens === w.reportedTokens[slot]) continue;
           usage.push({ keyId: w.keyId, second, requests, tokens });
-          w.reportedRequests[slot] = w.requests[slot] as number;
-          w.reportedTokens[slot] = w.tokens[slot] as number;
+          w.reportedRequests[slot] = requests;
+          w.reportedTokens[slot] = tokens;
         }
       }
       changed.clear();
@@ -477,10 +481,10 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       for (const change of usage) {
         const w = windows.get(change.keyId);
         const slot = change.second % windowSeconds;
-        // Once its slot holds a later second, this one has left the window, and its change with it.
+        // Once its slot holds a later second, this one has left the window, and its count with it.
         if (!w || w.seconds[slot] !== change.second) continue;
-        w.reportedRequests[slot] = (w.reportedRequests[slot] as number) - change.requests;
-        w.reportedTokens[slot] = (w.reportedTokens[slot] as number) - change.tokens;
+        // NaN equals no count, so the next takeChanges takes this second out again, at its count then.
+        w.reportedRequests[slot] = Number.NaN;
         changed.add(w);
       }
     },
