@@ -529,6 +529,24 @@ describe("across replicas", () => {
     expect(limiter.takeChanges().usage).toEqual([count("k", now + 61, 1, 3)]);
   });
 
+  test("keys idle for a minute are dropped by the syncs' trackedKeys and takeChanges too, once a minute", () => {
+    const { clock, limiter } = setup();
+    const rpm = { requestsPerMinute: 1, tokensPerMinute: 0 };
+    limiter.admit("k", rpm, 0);
+    clock.t += 59_000;
+    limiter.admit("j", rpm, 0);
+    clock.t += 1_000;
+    // A minute after its request, with no admission since, "k" is dropped; "j" still counts.
+    expect(limiter.trackedKeys()).toEqual({ keyIds: [], newKeyIds: ["j"] });
+    expect(limiter.takeChanges().usage).toEqual([count("j", now + 59, 1)]);
+    clock.t += 59_000;
+    expect([limiter.takeChanges().usage, limiter.size()]).toEqual([[], 1]);
+    // The next prune, a minute after the last, drops "j": a replica with no limited traffic has nothing left to sync.
+    clock.t += 1_000;
+    expect(limiter.takeChanges()).toEqual({ sinceSecond: now + 61, usage: [] });
+    expect(limiter.size()).toBe(0);
+  });
+
   test("counts waiting to be reported are at most a key's window's worth, however long no sync takes them", () => {
     const { clock, limiter } = setup();
     const rpm = { requestsPerMinute: 1_000, tokensPerMinute: 0 };

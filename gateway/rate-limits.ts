@@ -96,7 +96,7 @@ export interface RateLimiter {
   admit(keyId: string, limits: KeyRateLimits, estimatedTokens: number, unsetOutputTokens?: number): RateTicket;
   /** Where the key's limits stand, counting nothing more: for a request refused before it was admitted here. */
   state(keyId: string, limits: KeyRateLimits): RateState | undefined;
-  /** Keys currently tracked. */
+  /** Keys currently tracked: admissions, trackedKeys and takeChanges drop those idle for a minute, once a minute. */
   size(): number;
   /**
    * The key lineages tracked, whose windows the other replicas' counts are wanted for: `newKeyIds` those whose whole
@@ -186,7 +186,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
   const changed = new Set<Window>();
   // Idle keys' windows (about 4.5 KB each, 6.5 KB once the other replicas' counts are known) go every minute, not only
   // at maxKeys: a replica that served 50,000 keys over weeks otherwise held 225 MB for keys that had counted nothing
-  // since.
+  // since. The syncs prune them too, not only admissions: a replica whose keys have all gone idle stops calling billing.
   let prunedAt = Number.NEGATIVE_INFINITY;
   // Requests in flight by key, for keys with a concurrency limit; a key leaves when its last one ends.
   const inFlight = new Map<string, number>();
@@ -232,10 +232,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
   };
 
   const windowOf = (keyId: string, second: number): Window => {
-    if (second - prunedAt >= windowSeconds) {
-      prunedAt = second;
-      prune(second);
-    }
+    pruneIdle(second);
     let w = windows.get(keyId);
     if (!w) {
       if (windows.size >= maxKeys) prune(second);
@@ -266,6 +263,13 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
         changed.delete(w);
       }
     }
+  };
+
+  /** Prunes at most once a window's length. */
+  const pruneIdle = (second: number) => {
+    if (second - prunedAt < windowSeconds) return;
+    prunedAt = second;
+    prune(second);
   };
 
   /**
@@ -454,13 +458,16 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     size: () => windows.size,
     concurrent: () => held,
     trackedKeys() {
+      pruneIdle(Math.floor(now() / 1000));
       const keyIds: string[] = [];
       const newKeyIds: string[] = [];
       for (const w of windows.values()) (w.othersKnown ? keyIds : newKeyIds).push(w.keyId);
       return { keyIds, newKeyIds };
     },
     takeChanges() {
-      const sinceSecond = Math.floor(now() / 1000) - windowSeconds + 1;
+      const current = Math.floor(now() / 1000);
+      pruneIdle(current);
+      const sinceSecond = current - windowSeconds + 1;
       const usage: RateCount[] = [];
       for (const w of changed) {
         for (let slot = 0; slot < windowSeconds; slot++) {
