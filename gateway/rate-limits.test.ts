@@ -165,6 +165,28 @@ describe("tokens per minute", () => {
     refused(() => limiter.admit("k", rpm, 0));
   });
 
+  test("a wall clock stepped back a few seconds counts the seconds ahead of it, and says to retry within a minute", () => {
+    const { clock, limiter } = setup();
+    const rpm = { requestsPerMinute: 1, tokensPerMinute: 0 };
+    const tpm = { requestsPerMinute: 0, tokensPerMinute: 100 };
+    clock.t += 10_000;
+    limiter.admit("r", rpm, 0);
+    limiter.admit("t", tpm, 10).settle(100);
+    clock.t -= 5_000;
+    // The requests of 10 s leave the window 64.75 s from now by the clock as it is: said as a minute.
+    const requests = refused(() => limiter.admit("r", rpm, 0));
+    expect([requests.retryAfterS, requests.headers?.["retry-after-ms"]]).toEqual([60, "60000"]);
+    expect(requests.headers?.["x-ratelimit-reset-requests"]).toBe("1m0s");
+    expect(refused(() => limiter.admit("t", tpm, 10)).retryAfterS).toBe(60);
+    expect(limiter.state("t", tpm)?.tokens).toEqual({ limit: 100, remaining: 0, resetMs: 60_000 });
+    // Their second still counts when the clock has come back to it, and leaves the window a minute after it.
+    clock.t += 60_000;
+    expect(refused(() => limiter.admit("r", rpm, 0)).headers?.["retry-after-ms"]).toBe("4750");
+    clock.t += 4_750;
+    limiter.admit("r", rpm, 0);
+    limiter.admit("t", tpm, 100);
+  });
+
   test("both limits apply together; a refused request holds nothing", () => {
     const { limiter } = setup();
     const both = { requestsPerMinute: 2, tokensPerMinute: 100 };

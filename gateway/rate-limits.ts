@@ -124,7 +124,7 @@ export interface RateLimiter {
 }
 
 export interface RateLimiterOptions {
-  /** Milliseconds on any clock that only moves forward. */
+  /** Unix milliseconds: Date.now by default, as the other replicas' seconds are the wall clock's. */
   now?: () => number;
   /** Idle keys are dropped once a minute, and whenever this many are tracked. */
   maxKeys?: number;
@@ -177,9 +177,10 @@ const runningRetryS = 3;
 const concurrentRetryMs = 1000;
 
 export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter {
-  // Monotonic by default: a wall clock stepped back would hold the window's newest buckets and expire nothing. It starts
-  // at the wall clock's time, so its seconds are the Unix seconds other replicas count in.
-  const now = options.now ?? (() => performance.timeOrigin + performance.now());
+  // The wall clock, whose seconds the other replicas count in too; a clock that only moves forward drifts from it. One
+  // stepped back leaves the newest buckets ahead of it, and they count until it has passed them again: stricter, for
+  // as long as the step.
+  const now = options.now ?? Date.now;
   const maxKeys = options.maxKeys ?? 50_000;
   const windows = new Map<string, Window>();
   // Windows whose buckets changed since takeChanges last looked.
@@ -343,7 +344,13 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       if (others?.seconds[slot] === s) freed += others[counted][slot] as number;
       if (freed >= excess) return (s + windowSeconds) * 1000 - t;
     }
-    return 0;
+    // The rest counts in seconds ahead of the clock (stepped back, or another replica's a little fast), which leave the
+    // window over a minute from now: said as a minute, the most a retry waits.
+    for (let slot = 0; slot < windowSeconds; slot++) {
+      if ((w.seconds[slot] as number) > second) freed += w[counted][slot] as number;
+      if (others && (others.seconds[slot] as number) > second) freed += others[counted][slot] as number;
+    }
+    return freed >= excess ? windowSeconds * 1000 : 0;
   };
 
   const limitState = (max: number, w: Window, counted: "requests" | "tokens", second: number, t: number, held = 0): LimitState => ({
