@@ -115,8 +115,9 @@ export interface RateLimiter {
    */
   restoreChanges(usage: readonly RateCount[]): void;
   /**
-   * Takes what the other replicas counted from `sinceSecond` on: each of `others` replaces what was known of its key's
-   * second; in the windows of `wholeKeyIds`, answered whole, a second `others` leaves out counted nothing.
+   * Takes what the other replicas count from `sinceSecond` on in the keys tracked here (a count of another key is left
+   * out, not tracked): each of `others` replaces what was known of its key's second; in the windows of `wholeKeyIds`,
+   * answered whole, a second `others` leaves out counts nothing.
    */
   learnOthers(sinceSecond: number, others: Iterable<RateCount>, wholeKeyIds: readonly string[]): void;
   /** Requests holding a slot of their key's concurrent requests, over every key. */
