@@ -165,6 +165,28 @@ describe("tokens per minute", () => {
     refused(() => limiter.admit("k", rpm, 0));
   });
 
+  test("a wall clock stepped back a few seconds counts the seconds ahead of it, and says to retry within a minute", () => {
+    const { clock, limiter } = setup();
+    const rpm = { requestsPerMinute: 1, tokensPerMinute: 0 };
+    const tpm = { requestsPerMinute: 0, tokensPerMinute: 100 };
+    clock.t += 10_000;
+    limiter.admit("r", rpm, 0);
+    limiter.admit("t", tpm, 10).settle(100);
+    clock.t -= 5_000;
+    // The requests of 10 s leave the window 64.75 s from now by the clock as it is: said as a minute.
+    const requests = refused(() => limiter.admit("r", rpm, 0));
+    expect([requests.retryAfterS, requests.headers?.["retry-after-ms"]]).toEqual([60, "60000"]);
+    expect(requests.headers?.["x-ratelimit-reset-requests"]).toBe("1m0s");
+    expect(refused(() => limiter.admit("t", tpm, 10)).retryAfterS).toBe(60);
+    expect(limiter.state("t", tpm)?.tokens).toEqual({ limit: 100, remaining: 0, resetMs: 60_000 });
+    // Their second still counts when the clock has come back to it, and leaves the window a minute after it.
+    clock.t += 60_000;
+    expect(refused(() => limiter.admit("r", rpm, 0)).headers?.["retry-after-ms"]).toBe("4750");
+    clock.t += 4_750;
+    limiter.admit("r", rpm, 0);
+    limiter.admit("t", tpm, 100);
+  });
+
   test("both limits apply together; a refused request holds nothing", () => {
     const { limiter } = setup();
     const both = { requestsPerMinute: 2, tokensPerMinute: 100 };
@@ -469,7 +491,7 @@ describe("across replicas", () => {
     expect(limiter.trackedKeys()).toEqual({ keyIds: [], newKeyIds: ["j"] });
   });
 
-  test("changes taken out follow admissions, releases and settlements, each once", () => {
+  test("the seconds that admissions, releases and settlements changed are taken out once, at what they count now", () => {
     const { clock, limiter } = setup();
     const both = { requestsPerMinute: 10, tokensPerMinute: 1000 };
     const bySecond = () =>
@@ -483,25 +505,25 @@ describe("across replicas", () => {
 
     const second = limiter.admit("k", both, 50);
     limiter.admit("k", both, 30).release();
-    expect(bySecond()).toEqual([count("k", now, 1, 50)]);
+    expect(bySecond()).toEqual([count("k", now, 2, 150)]);
     second.release();
     second.release();
-    expect(bySecond()).toEqual([count("k", now, -1, -50)]);
+    expect(bySecond()).toEqual([count("k", now, 1, 100)]);
 
     clock.t += 2_000;
     first.settle(70);
     first.settle(700);
-    expect(bySecond()).toEqual([count("k", now, 0, -100), count("k", now + 2, 0, 70)]);
+    expect(bySecond()).toEqual([count("k", now, 1, 0), count("k", now + 2, 0, 70)]);
 
     // A request that ran past its admitting second's minute: only its usage counts, from its end.
     const long = limiter.admit("k", both, 40);
-    expect(bySecond()).toEqual([count("k", now + 2, 1, 40)]);
+    expect(bySecond()).toEqual([count("k", now + 2, 1, 110)]);
     clock.t += 61_000;
     long.settle(25);
     expect(limiter.takeChanges()).toEqual({ sinceSecond: now + 4, usage: [count("k", now + 63, 0, 25)] });
   });
 
-  test("changes put back after a failed sync come out with the newer ones, unless their second left the window", () => {
+  test("seconds billing did not get are taken out again at what they count then, unless they left the window", () => {
     const { clock, limiter } = setup();
     const both = { requestsPerMinute: 10, tokensPerMinute: 1000 };
     limiter.admit("k", both, 10);
@@ -512,6 +534,12 @@ describe("across replicas", () => {
     limiter.restoreChanges(failed);
     const merged = limiter.takeChanges().usage.sort((a, b) => a.second - b.second);
     expect(merged).toEqual([count("k", now, 2, 15), count("k", now + 1, 1, 1)]);
+    // Unchanged since, or changed down, a second comes out again as it stands: billing replaces what it had of it.
+    const released = limiter.admit("k", both, 7);
+    expect(limiter.takeChanges().usage).toEqual([count("k", now + 1, 2, 8)]);
+    released.release();
+    limiter.restoreChanges(merged);
+    expect(limiter.takeChanges().usage.sort((a, b) => a.second - b.second)).toEqual(merged);
 
     // Failed again, and the window moves on past the first second: that second's change goes, the next one's stays.
     clock.t += 59_000;
@@ -523,7 +551,25 @@ describe("across replicas", () => {
     expect(limiter.takeChanges().usage).toEqual([count("k", now + 61, 1, 3)]);
   });
 
-  test("changes waiting to be reported are at most a key's window's worth, however long no sync takes them", () => {
+  test("keys idle for a minute are dropped by the syncs' trackedKeys and takeChanges too, once a minute", () => {
+    const { clock, limiter } = setup();
+    const rpm = { requestsPerMinute: 1, tokensPerMinute: 0 };
+    limiter.admit("k", rpm, 0);
+    clock.t += 59_000;
+    limiter.admit("j", rpm, 0);
+    clock.t += 1_000;
+    // A minute after its request, with no admission since, "k" is dropped; "j" still counts.
+    expect(limiter.trackedKeys()).toEqual({ keyIds: [], newKeyIds: ["j"] });
+    expect(limiter.takeChanges().usage).toEqual([count("j", now + 59, 1)]);
+    clock.t += 59_000;
+    expect([limiter.takeChanges().usage, limiter.size()]).toEqual([[], 1]);
+    // The next prune, a minute after the last, drops "j": a replica with no limited traffic has nothing left to sync.
+    clock.t += 1_000;
+    expect(limiter.takeChanges()).toEqual({ sinceSecond: now + 61, usage: [] });
+    expect(limiter.size()).toBe(0);
+  });
+
+  test("counts waiting to be reported are at most a key's window's worth, however long no sync takes them", () => {
     const { clock, limiter } = setup();
     const rpm = { requestsPerMinute: 1_000, tokensPerMinute: 0 };
     // Three keys (the most setup's limiter tracks), each admitting every second for three minutes; every sync fails.

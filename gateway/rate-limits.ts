@@ -21,8 +21,8 @@ import { estimatedTextTokens, partTokensEstimate } from "./tokenizer.ts";
  * A key's concurrent requests are counted from admission until the ticket is settled or released (the request's end,
  * however it ends), on this replica alone.
  *
- * The per-minute limits hold across gateway replicas: what this replica changes in its buckets is taken out
- * (takeChanges) for billing, and what the other replicas counted in a key's window comes back (learnOthers); a
+ * The per-minute limits hold across gateway replicas: the buckets this replica changed are taken out (takeChanges) for
+ * billing at what they count now, and what the other replicas count in a key's window comes back (learnOthers); a
  * request is admitted while this replica's counts plus theirs leave room.
  */
 
@@ -70,7 +70,7 @@ export interface RateTicket {
   leave(): void;
 }
 
-/** What one replica counted, or changed, in one second of a key lineage's window. */
+/** What one replica counts in one second of a key lineage's window. */
 export interface RateCount {
   keyId: string;
   /** Unix second. */
@@ -79,9 +79,9 @@ export interface RateCount {
   tokens: number;
 }
 
-/** This replica's changes to its keys' windows, to report to billing. */
+/** This replica's counts of the seconds of its keys' windows that changed since they were reported, for billing. */
 export interface RateChanges {
-  /** The first second of the window (the current second less 59): no change is of an earlier one. */
+  /** The first second of the window (the current second less 59): no count is of an earlier one. */
   sinceSecond: number;
   usage: RateCount[];
 }
@@ -96,7 +96,7 @@ export interface RateLimiter {
   admit(keyId: string, limits: KeyRateLimits, estimatedTokens: number, unsetOutputTokens?: number): RateTicket;
   /** Where the key's limits stand, counting nothing more: for a request refused before it was admitted here. */
   state(keyId: string, limits: KeyRateLimits): RateState | undefined;
-  /** Keys currently tracked. */
+  /** Keys currently tracked: admissions, trackedKeys and takeChanges drop those idle for a minute, once a minute. */
   size(): number;
   /**
    * The key lineages tracked, whose windows the other replicas' counts are wanted for: `newKeyIds` those whose whole
@@ -104,16 +104,20 @@ export interface RateLimiter {
    */
   trackedKeys(): { keyIds: string[]; newKeyIds: string[] };
   /**
-   * Takes out what this replica changed in its keys' windows since the last call, by key and second, of the seconds
-   * still in the window: held as each bucket less what of it was taken out, so what waits is at most a bucket's worth
-   * per key and second of the window, however long nothing takes it.
+   * Takes out what this replica counts now in each second of its keys' windows whose bucket changed since it was last
+   * taken out, and holds those counts as reported: what waits is at most one count per key and second of the window,
+   * however long nothing takes it.
    */
   takeChanges(): RateChanges;
-  /** Puts back changes taken out that billing did not get; those of seconds that have left the window are dropped. */
+  /**
+   * Marks the seconds of counts taken out that billing did not get as not reported, so the next takeChanges has their
+   * counts as they are then; those of seconds that have left the window are dropped.
+   */
   restoreChanges(usage: readonly RateCount[]): void;
   /**
-   * Takes what the other replicas counted from `sinceSecond` on: each of `others` replaces what was known of its key's
-   * second; in the windows of `wholeKeyIds`, answered whole, a second `others` leaves out counted nothing.
+   * Takes what the other replicas count from `sinceSecond` on in the keys tracked here (a count of another key is left
+   * out, not tracked): each of `others` replaces what was known of its key's second; in the windows of `wholeKeyIds`,
+   * answered whole, a second `others` leaves out counts nothing.
    */
   learnOthers(sinceSecond: number, others: Iterable<RateCount>, wholeKeyIds: readonly string[]): void;
   /** Requests holding a slot of their key's concurrent requests, over every key. */
@@ -121,7 +125,7 @@ export interface RateLimiter {
 }
 
 export interface RateLimiterOptions {
-  /** Milliseconds on any clock that only moves forward. */
+  /** Unix milliseconds: Date.now by default, as the other replicas' seconds are the wall clock's. */
   now?: () => number;
   /** Idle keys are dropped once a minute, and whenever this many are tracked. */
   maxKeys?: number;
@@ -143,7 +147,7 @@ interface Window extends Counts {
   keyId: string;
   /** Of `tokens`, the estimates of requests admitted in that second that are still running. */
   running: Float64Array;
-  /** Of `requests` and `tokens`, what takeChanges took out; the rest is this replica's change since. */
+  /** Of `requests` and `tokens`, what takeChanges last took out; NaN for a count billing did not get. */
   reportedRequests: Float64Array;
   reportedTokens: Float64Array;
   /** What the other replicas counted, as billing last answered; undefined until it answers any for the key. */
@@ -174,16 +178,17 @@ const runningRetryS = 3;
 const concurrentRetryMs = 1000;
 
 export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter {
-  // Monotonic by default: a wall clock stepped back would hold the window's newest buckets and expire nothing. It starts
-  // at the wall clock's time, so its seconds are the Unix seconds other replicas count in.
-  const now = options.now ?? (() => performance.timeOrigin + performance.now());
+  // The wall clock, whose seconds the other replicas count in too; a clock that only moves forward drifts from it. One
+  // stepped back leaves the newest buckets ahead of it, and they count until it has passed them again: stricter, for
+  // as long as the step.
+  const now = options.now ?? Date.now;
   const maxKeys = options.maxKeys ?? 50_000;
   const windows = new Map<string, Window>();
   // Windows whose buckets changed since takeChanges last looked.
   const changed = new Set<Window>();
   // Idle keys' windows (about 4.5 KB each, 6.5 KB once the other replicas' counts are known) go every minute, not only
   // at maxKeys: a replica that served 50,000 keys over weeks otherwise held 225 MB for keys that had counted nothing
-  // since.
+  // since. The syncs prune them too, not only admissions: a replica whose keys have all gone idle stops calling billing.
   let prunedAt = Number.NEGATIVE_INFINITY;
   // Requests in flight by key, for keys with a concurrency limit; a key leaves when its last one ends.
   const inFlight = new Map<string, number>();
@@ -229,10 +234,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
   };
 
   const windowOf = (keyId: string, second: number): Window => {
-    if (second - prunedAt >= windowSeconds) {
-      prunedAt = second;
-      prune(second);
-    }
+    pruneIdle(second);
     let w = windows.get(keyId);
     if (!w) {
       if (windows.size >= maxKeys) prune(second);
@@ -265,6 +267,13 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     }
   };
 
+  /** Prunes at most once a window's length. */
+  const pruneIdle = (second: number) => {
+    if (second - prunedAt < windowSeconds) return;
+    prunedAt = second;
+    prune(second);
+  };
+
   /**
    * The estimates of requests still running that were admitted in a second the window has left. A set iterates in the
    * order its requests were admitted, oldest first, so the walk stops at the first still in the window: a key with many
@@ -289,6 +298,7 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       w.requests[slot] = 0;
       w.tokens[slot] = 0;
       w.running[slot] = 0;
+      // Billing has no count of a second new here from this replica, as if it had been reported at 0.
       w.reportedRequests[slot] = 0;
       w.reportedTokens[slot] = 0;
     }
@@ -335,7 +345,13 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       if (others?.seconds[slot] === s) freed += others[counted][slot] as number;
       if (freed >= excess) return (s + windowSeconds) * 1000 - t;
     }
-    return 0;
+    // The rest counts in seconds ahead of the clock (stepped back, or another replica's a little fast), which leave the
+    // window over a minute from now: said as a minute, the most a retry waits.
+    for (let slot = 0; slot < windowSeconds; slot++) {
+      if ((w.seconds[slot] as number) > second) freed += w[counted][slot] as number;
+      if (others && (others.seconds[slot] as number) > second) freed += others[counted][slot] as number;
+    }
+    return freed >= excess ? windowSeconds * 1000 : 0;
   };
 
   const limitState = (max: number, w: Window, counted: "requests" | "tokens", second: number, t: number, held = 0): LimitState => ({
@@ -450,24 +466,27 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     size: () => windows.size,
     concurrent: () => held,
     trackedKeys() {
+      pruneIdle(Math.floor(now() / 1000));
       const keyIds: string[] = [];
       const newKeyIds: string[] = [];
       for (const w of windows.values()) (w.othersKnown ? keyIds : newKeyIds).push(w.keyId);
       return { keyIds, newKeyIds };
     },
     takeChanges() {
-      const sinceSecond = Math.floor(now() / 1000) - windowSeconds + 1;
+      const current = Math.floor(now() / 1000);
+      pruneIdle(current);
+      const sinceSecond = current - windowSeconds + 1;
       const usage: RateCount[] = [];
       for (const w of changed) {
         for (let slot = 0; slot < windowSeconds; slot++) {
           const second = w.seconds[slot] as number;
           if (second < sinceSecond) continue;
-          const requests = (w.requests[slot] as number) - (w.reportedRequests[slot] as number);
-          const tokens = (w.tokens[slot] as number) - (w.reportedTokens[slot] as number);
-          if (requests === 0 && tokens === 0) continue;
+          const requests = w.requests[slot] as number;
+          const tokens = w.tokens[slot] as number;
+          if (requests === w.reportedRequests[slot] && tokens === w.reportedTokens[slot]) continue;
           usage.push({ keyId: w.keyId, second, requests, tokens });
-          w.reportedRequests[slot] = w.requests[slot] as number;
-          w.reportedTokens[slot] = w.tokens[slot] as number;
+          w.reportedRequests[slot] = requests;
+          w.reportedTokens[slot] = tokens;
         }
       }
       changed.clear();
@@ -477,10 +496,10 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
       for (const change of usage) {
         const w = windows.get(change.keyId);
         const slot = change.second % windowSeconds;
-        // Once its slot holds a later second, this one has left the window, and its change with it.
+        // Once its slot holds a later second, this one has left the window, and its count with it.
         if (!w || w.seconds[slot] !== change.second) continue;
-        w.reportedRequests[slot] = (w.reportedRequests[slot] as number) - change.requests;
-        w.reportedTokens[slot] = (w.reportedTokens[slot] as number) - change.tokens;
+        // NaN equals no count, so the next takeChanges takes this second out again, at its count then.
+        w.reportedRequests[slot] = Number.NaN;
         changed.add(w);
       }
     },

@@ -1,6 +1,5 @@
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
-import { create } from "@bufbuild/protobuf";
-import { timestampNow } from "@bufbuild/protobuf/wkt";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { Registry } from "prom-client";
 import { ulid } from "ulid";
@@ -98,36 +97,133 @@ describe("while billing does not answer", () => {
   });
 });
 
-test("a replica with more keys than one call may carry asks in several, one at a time", async () => {
-  const calls: SyncRateUsageRequest[] = [];
-  let running = 0;
-  const billing: RateSyncOptions["billing"] = {
-    async syncRateUsage(req) {
-      expect(++running).toBe(1);
-      calls.push(req as SyncRateUsageRequest);
-      await Bun.sleep(1);
-      running--;
-      return create(SyncRateUsageResponseSchema, { asOf: timestampNow() });
-    },
+describe("with billing's answers made up", () => {
+  type Others = MessageInitShape<typeof SyncRateUsageResponseSchema>["others"];
+  /** A billing that answers each call with `others` and the next watermark, and fails the calls `failing` picks. */
+  const answering = (others: () => Others = () => []) => {
+    const calls: SyncRateUsageRequest[] = [];
+    let watermark = 100n;
+    let running = 0;
+    let most = 0;
+    const fake = {
+      calls,
+      failing: (_req: SyncRateUsageRequest) => false,
+      /** The watermark of the last call answered. */
+      watermark: () => watermark,
+      /** The most calls under way at once. */
+      most: () => most,
+      billing: {
+        async syncRateUsage(req) {
+          const call = req as SyncRateUsageRequest;
+          calls.push(call);
+          most = Math.max(most, ++running);
+          await Bun.sleep(1);
+          running--;
+          if (fake.failing(call)) throw new ConnectError("billing is unreachable", Code.Unavailable);
+          watermark += 10n;
+          return create(SyncRateUsageResponseSchema, { others: others(), watermark });
+        },
+      } satisfies RateSyncOptions["billing"],
+    };
+    return fake;
   };
-  const limiter = createRateLimiter();
-  for (let i = 0; i < 25_000; i++) limiter.admit(`key_${i}`, rpm, 0);
-  const sync = started({ billing, limiter, holder: "gw", intervalMs: 60_000 });
-  await sync.sync();
-  expect(calls.map((req) => [req.keyIds.length, req.newKeyIds.length, req.usage.length])).toEqual([
-    [0, 10_000, 10_000],
-    [0, 10_000, 10_000],
-    [0, 5_000, 5_000],
-  ]);
-  expect(new Set(calls.flatMap((req) => req.newKeyIds)).size).toBe(25_000);
-  calls.length = 0;
-  limiter.admit("key_0", rpm, 0);
-  await sync.sync();
-  expect(calls.map((req) => [req.keyIds.length, req.newKeyIds.length, req.usage.length])).toEqual([
-    [10_000, 0, 1],
-    [10_000, 0, 0],
-    [5_000, 0, 0],
-  ]);
+  const shape = (req: SyncRateUsageRequest) => ({
+    sequence: req.sequence,
+    changesSince: req.changesSince,
+    newKeyIds: req.newKeyIds,
+    usage: req.usage.map((count) => [count.keyId, Number(count.requests)]),
+  });
+
+  test("calls are numbered, failed ones too; a sync asks for the changes since the last watermark, and resends a failed call's seconds at their counts then", async () => {
+    const fake = answering();
+    const limiter = createRateLimiter();
+    const sync = started({ billing: fake.billing, limiter, holder: "gw", intervalMs: 60_000 });
+    limiter.admit("k", rpm, 0);
+    await sync.sync();
+    limiter.admit("j", rpm, 0);
+    await sync.sync();
+    await sync.sync();
+    fake.failing = () => true;
+    limiter.admit("k", rpm, 0);
+    await sync.sync();
+    fake.failing = () => false;
+    limiter.admit("k", rpm, 0);
+    await sync.sync();
+    expect(fake.calls.map(shape)).toEqual([
+      // A first call asks for every key's whole window, and for no changes.
+      { sequence: 1n, changesSince: 0n, newKeyIds: ["k"], usage: [["k", 1]] },
+      { sequence: 2n, changesSince: 110n, newKeyIds: ["j"], usage: [["j", 1]] },
+      { sequence: 3n, changesSince: 120n, newKeyIds: [], usage: [] },
+      { sequence: 4n, changesSince: 130n, newKeyIds: [], usage: [["k", 2]] },
+      // The failed call's second again, at what it counts now: billing replaces its 1 (or the 2 of an answer lost).
+      { sequence: 5n, changesSince: 130n, newKeyIds: [], usage: [["k", 3]] },
+    ]);
+  });
+
+  test("more new keys or counts than one call carries go in several, one at a time; only the first asks for the changes, and the watermark moves once all are answered", async () => {
+    const fake = answering();
+    const limiter = createRateLimiter();
+    for (let i = 0; i < 25_000; i++) limiter.admit(`key_${i}`, rpm, 0);
+    const sync = started({ billing: fake.billing, limiter, holder: "gw", intervalMs: 60_000 });
+    await sync.sync();
+    const sizes = (req: SyncRateUsageRequest) => [req.sequence, req.changesSince, req.newKeyIds.length, req.usage.length];
+    expect(fake.calls.map(sizes)).toEqual([
+      [1n, 0n, 10_000, 10_000],
+      [2n, 0n, 10_000, 10_000],
+      [3n, 0n, 5_000, 5_000],
+    ]);
+    expect(new Set(fake.calls.flatMap((req) => req.newKeyIds)).size).toBe(25_000);
+
+    // 15,000 keys more, and the second call of their sync fails: the next asks again for the changes since the same
+    // watermark, and for the whole windows of the keys that call named, with its counts.
+    fake.calls.length = 0;
+    for (let i = 25_000; i < 40_000; i++) limiter.admit(`key_${i}`, rpm, 0);
+    limiter.admit("key_0", rpm, 0);
+    fake.failing = (req) => req.sequence === 5n;
+    await sync.sync();
+    await sync.sync();
+    expect(fake.calls.map(sizes)).toEqual([
+      [4n, 110n, 10_000, 10_000],
+      [5n, 0n, 5_000, 5_001],
+      [6n, 110n, 5_000, 5_001],
+    ]);
+    expect(fake.calls[2]?.newKeyIds).toEqual(fake.calls[1]?.newKeyIds as string[]);
+    expect(fake.most()).toBe(1);
+  });
+
+  test("counts of keys not tracked here are left out, and track nothing", async () => {
+    const second = BigInt(Math.floor(Date.now() / 1000));
+    const fake = answering(() => [
+      { keyId: "k", second, requests: 4n },
+      { keyId: "x", second, requests: 4n },
+    ]);
+    const limiter = createRateLimiter();
+    limiter.admit("k", rpm, 0);
+    await started({ billing: fake.billing, limiter, holder: "gw", intervalMs: 60_000 }).sync();
+    expect(limiter.state("k", rpm)?.requests?.remaining).toBe(5);
+    expect(limiter.trackedKeys()).toEqual({ keyIds: ["k"], newKeyIds: [] });
+    expect(limiter.state("x", rpm)?.requests?.remaining).toBe(10);
+  });
+
+  test("a replica whose keys have gone idle stops calling billing, and keeps its watermark for the next key it tracks", async () => {
+    const fake = answering();
+    const clock = { t: Date.now() };
+    const limiter = createRateLimiter({ now: () => clock.t });
+    limiter.admit("k", rpm, 0);
+    started({ billing: fake.billing, limiter, holder: "gw", intervalMs: 20 });
+    await eventually(() => fake.calls.length >= 2, { intervalMs: 20, what: "two syncs" });
+    // Two minutes on, the key has been idle for one at the first prune: the sync that drops it makes no call.
+    clock.t += 120_000;
+    await eventually(() => limiter.size() === 0, { intervalMs: 20, what: "the idle key dropped" });
+    await Bun.sleep(50);
+    const made = fake.calls.length;
+    const watermark = fake.watermark();
+    await Bun.sleep(200);
+    expect(fake.calls.length).toBe(made);
+    limiter.admit("j", rpm, 0);
+    await eventually(() => fake.calls.length > made, { intervalMs: 20, what: "a sync of the new key" });
+    expect(fake.calls[made]).toMatchObject({ changesSince: watermark, newKeyIds: ["j"] });
+  });
 });
 
 describe("through billing", () => {
@@ -136,6 +232,8 @@ describe("through billing", () => {
   let db: TestDatabase;
   let billing: RateSyncOptions["billing"];
   let billingDown = false;
+  // Billing takes the call, and its answer is lost on the way back.
+  let answerLost = false;
   const requests: SyncRateUsageRequest[] = [];
   beforeAll(async () => {
     db = await createTestDatabase();
@@ -148,7 +246,9 @@ describe("through billing", () => {
       async syncRateUsage(req, options) {
         requests.push(req as SyncRateUsageRequest);
         if (billingDown) throw new ConnectError("billing is unreachable", Code.Unavailable);
-        return client.syncRateUsage(req, { ...options, headers: { authorization: `Bearer ${adminToken}` } });
+        const answer = await client.syncRateUsage(req, { ...options, headers: { authorization: `Bearer ${adminToken}` } });
+        if (answerLost) throw new ConnectError("the answer was lost", Code.DeadlineExceeded);
+        return answer;
       },
     };
   }, 60_000);
@@ -234,7 +334,26 @@ describe("through billing", () => {
     expect(messages[1]).toMatchObject({ failures: 2 });
   });
 
-  test("once answered, a sync asks only for what changed, besides the keys no answer has covered whole", async () => {
+  test("a call whose answer was lost after billing took it counts once: the resend's counts replace its", async () => {
+    const key = `key_${ulid()}`;
+    const a = replica("gw-a");
+    const b = replica("gw-b");
+    b.limiter.admit(key, rpm, 0);
+    for (let i = 0; i < 3; i++) a.limiter.admit(key, rpm, 0);
+    answerLost = true;
+    try {
+      await a.sync.sync();
+    } finally {
+      answerLost = false;
+    }
+    a.limiter.admit(key, rpm, 0);
+    await a.sync.sync();
+    await b.sync.sync();
+    // The first replica's 4 and the second's 1, where adding changes counted 3 + 4.
+    expect(b.limiter.state(key, rpm)?.requests?.remaining).toBe(5);
+  });
+
+  test("once answered, a sync asks for what changed since its watermark, besides the keys no answer has covered whole", async () => {
     const [first, second] = [`key_${ulid()}`, `key_${ulid()}`];
     const a = replica("gw-a");
     const b = replica("gw-b");
@@ -245,7 +364,8 @@ describe("through billing", () => {
     a.limiter.admit(second, rpm, 0);
     requests.length = 0;
     await a.sync.sync();
-    expect(requests[0]).toMatchObject({ keyIds: [first], newKeyIds: [second], changedAfter: expect.anything() });
+    expect(requests[0]?.newKeyIds).toEqual([second]);
+    expect(requests[0]?.changesSince).toBeGreaterThan(0n);
     // The second replica's count of the first key reached its first answer; the next ones leave that second out.
     expect(a.limiter.state(first, rpm)?.requests?.remaining).toBe(8);
     b.limiter.admit(second, rpm, 0);
@@ -260,10 +380,9 @@ describe("through billing", () => {
     } finally {
       billingDown = false;
     }
-    const failed = requests.at(-1);
-    expect(failed?.changedAfter).toBeDefined();
+    const failed = requests.at(-1) as SyncRateUsageRequest;
     await a.sync.sync();
-    expect(requests.at(-1)).toMatchObject({ keyIds: [first, second], newKeyIds: [], changedAfter: failed?.changedAfter });
+    expect(requests.at(-1)).toMatchObject({ newKeyIds: [], changesSince: failed.changesSince, sequence: failed.sequence + 1n });
   });
 
   test("closing sends what is left to billing", async () => {

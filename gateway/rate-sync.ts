@@ -1,4 +1,3 @@
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import type { Client } from "@connectrpc/connect";
 import { Counter, type Registry } from "prom-client";
 import { ulid } from "ulid";
@@ -9,10 +8,10 @@ import type { RateLimiter } from "./rate-limits.ts";
 /**
  * Keeps a key's requests_per_minute and tokens_per_minute across gateway replicas, as Kong's rate limiting does with a
  * sync rate: every `intervalMs` while the limiter tracks keys with those limits, one SyncRateUsage call sends billing
- * what this replica changed in their windows and learns what the other replicas counted in them (the whole window of a
- * key new here, what changed since the last answer of the others). Requests never wait on it; between syncs, and
- * while billing does not answer, each replica goes on with its own counts and the others' last known, which expire
- * with the window.
+ * what this replica counts now in the seconds of their windows that changed, and learns what the other replicas count
+ * in them (the whole window of a key new here, what changed since the last answer for the others). Requests never wait
+ * on it; between syncs, and while billing does not answer, each replica goes on with its own counts and the others'
+ * last known, which expire with the window.
  */
 
 export interface RateSyncOptions {
@@ -42,7 +41,7 @@ export interface RateSync {
   close(): Promise<void>;
 }
 
-// SyncRateUsageRequest's bounds: a replica with more keys or changes than that makes several calls, one at a time.
+// SyncRateUsageRequest's bounds: a replica with more new keys or counts than that makes several calls, one at a time.
 const maxKeysPerCall = 10_000;
 const maxUsagePerCall = 10_000;
 
@@ -62,60 +61,64 @@ export function startRateSync(options: RateSyncOptions): RateSync {
       })
     : undefined;
 
+  // Numbers the calls: billing replaces a count only with a later call's, so a call it finished after this replica gave
+  // up on it cannot undo the resend that followed.
+  let sequence = 0n;
   /**
-   * Billing's clock at the first answer of the last sync whose calls were all answered: the next sync asks only for the
-   * seconds the other replicas changed after it, besides the keys no answer has covered whole yet.
+   * The watermark of the first answer of the last sync whose calls were all answered: the next sync asks for what the
+   * other replicas changed in every key since it, besides the whole windows of the keys no answer has covered yet.
+   * Undefined until a sync is answered, when every key is asked whole.
    */
-  let changedAfter: Timestamp | undefined;
+  let watermark: bigint | undefined;
 
   const round = async (deadlineMs: number) => {
     const { sinceSecond, usage } = limiter.takeChanges();
     const tracked = limiter.trackedKeys();
-    const keys = [...tracked.keyIds, ...tracked.newKeyIds];
-    // With no answer to go on from, every key is asked whole.
-    const known = changedAfter ? tracked.keyIds : [];
-    const calls = Math.max(Math.ceil(keys.length / maxKeysPerCall), Math.ceil(usage.length / maxUsagePerCall));
-    let asOf: Timestamp | undefined;
+    // A replica tracking no key has nothing to report or ask, and keeps its watermark for when it tracks one again.
+    if (tracked.keyIds.length + tracked.newKeyIds.length === 0) return;
+    const newKeyIds = watermark === undefined ? [...tracked.keyIds, ...tracked.newKeyIds] : tracked.newKeyIds;
+    const calls = Math.max(1, Math.ceil(newKeyIds.length / maxKeysPerCall), Math.ceil(usage.length / maxUsagePerCall));
+    let answered: bigint | undefined;
     for (let i = 0; i < calls; i++) {
-      const [from, to] = [i * maxKeysPerCall, (i + 1) * maxKeysPerCall];
-      const keyIds = known.slice(from, to);
-      const newKeyIds = keys.slice(Math.max(from, known.length), to);
+      const newKeys = newKeyIds.slice(i * maxKeysPerCall, (i + 1) * maxKeysPerCall);
       try {
         const answer = await billing.syncRateUsage(
           {
             holder,
-            usage: usage.slice(i * maxUsagePerCall, (i + 1) * maxUsagePerCall).map((change) => ({
-              keyId: change.keyId,
-              second: BigInt(change.second),
-              requests: BigInt(change.requests),
-              tokens: BigInt(change.tokens),
+            usage: usage.slice(i * maxUsagePerCall, (i + 1) * maxUsagePerCall).map((count) => ({
+              keyId: count.keyId,
+              second: BigInt(count.second),
+              requests: BigInt(count.requests),
+              tokens: BigInt(count.tokens),
             })),
-            keyIds,
-            newKeyIds,
             sinceSecond: BigInt(sinceSecond),
-            changedAfter,
+            // The changes since the watermark come once a sync, with its first answer.
+            changesSince: i === 0 ? (watermark ?? 0n) : 0n,
+            newKeyIds: newKeys,
+            sequence: ++sequence,
           },
           { timeoutMs: deadlineMs },
         );
-        asOf ??= answer.asOf;
+        if (i === 0) answered = answer.watermark;
         const others = answer.others.map((count) => ({
           keyId: count.keyId,
           second: Number(count.second),
           requests: Number(count.requests),
           tokens: Number(count.tokens),
         }));
-        limiter.learnOthers(sinceSecond, others, newKeyIds);
+        limiter.learnOthers(sinceSecond, others, newKeys);
       } catch (err) {
-        // What billing did not get goes with the next sync; the others' counts already known stay until they expire. A
-        // call whose answer was lost after billing had added its changes counts them twice for the rest of their
-        // minute: stricter, never looser.
+        // The seconds billing did not get go with the next sync, at their counts then, which replace any it did get of a
+        // call whose answer was lost. The watermark stays: the next sync asks again for what this one's answers held, and
+        // the others' counts already known stay until they expire.
         limiter.restoreChanges(usage.slice(i * maxUsagePerCall));
         failures?.inc();
         outage.failed({ err });
         return;
       }
     }
-    changedAfter = asOf;
+    // A watermark of 0 would ask for no changes: the keys are then asked whole.
+    watermark = answered || undefined;
     outage.recovered();
   };
 
