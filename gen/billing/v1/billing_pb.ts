@@ -2967,9 +2967,11 @@ export const BillingService: GenService<{
     output: typeof ReleaseBudgetLeaseResponseSchema;
   },
   /**
-   * Adds what a gateway replica counted in its keys' per-minute windows since its last call, and answers what every
-   * other replica counted in those keys' windows, so that requests_per_minute and tokens_per_minute hold across
-   * replicas. Each gateway calls it a few times a second while keys with those limits are in use.
+   * Sets what a gateway replica counts now in the seconds of its keys' per-minute windows that changed since it last
+   * reported them, and answers what the other replicas changed since the caller's last answer (the whole window of keys
+   * new to it), so that requests_per_minute and tokens_per_minute hold across replicas. Each gateway calls it a few
+   * times a second while keys with those limits are in use. Refused (INVALID_ARGUMENT) without a sequence: a gateway
+   * older than sequence and changes_since counts alone until it is upgraded.
    *
    * @generated from rpc billing.v1.BillingService.SyncRateUsage
    */
