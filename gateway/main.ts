@@ -51,11 +51,8 @@ const cfg = loadEnvOrExit({
   /** Routes and prices, YAML or JSON; read again on SIGHUP. */
   GATEWAY_CONFIG: env.setOrUnset(env.filled.trim().default(fileURLToPath(new URL("./config.default.yaml", import.meta.url)))),
   /** Reads GATEWAY_CONFIG this often and reloads it once its content changed (a ConfigMap updated in place); 0: never. */
-  GATEWAY_CONFIG_POLL_MS: env
-    .int(0, 3_600_000)
-    // Read on the serving thread: a poll every few milliseconds would take its time for nothing.
-    .refine((ms) => ms === 0 || ms >= 50, "must be 0 (never) or at least 50 (ms)")
-    .default(0),
+  // Read on the serving thread: a poll every few milliseconds would take its time for nothing.
+  GATEWAY_CONFIG_POLL_MS: env.periodMs(3_600_000, "never").default(0),
   /** Names this replica in metrics; stable per pod in Kubernetes. */
   GATEWAY_INSTANCE_ID: z
     .string()
@@ -113,13 +110,10 @@ const cfg = loadEnvOrExit({
   GATEWAY_BUDGET_MAX_LEASE_NANOS: env.bigint(1n).default(10_000_000_000n),
   /**
    * Sends billing this replica's per-minute counts and learns the other replicas' this often, so requests_per_minute
-   * and tokens_per_minute hold across replicas; 0: each replica counts alone.
+   * and tokens_per_minute hold across replicas; 0: each replica counts alone. Each sync is a billing call: more than 20
+   * a second per replica would load billing for little.
    */
-  GATEWAY_RATE_SYNC_MS: env
-    .int(0, 10_000)
-    // Each sync is a billing call: more than 20 a second per replica loads billing for little.
-    .refine((ms) => ms === 0 || ms >= 50, "must be 0 (off) or at least 50 (ms)")
-    .default(250),
+  GATEWAY_RATE_SYNC_MS: env.periodMs(10_000, "off").default(250),
   /** Holds one metrics spool directory per replica (named by GATEWAY_INSTANCE_ID); default <MESH_DATA_DIR>/spool. */
   GATEWAY_SPOOL_DIR: z.string().trim().min(1).optional(),
   GATEWAY_SPOOL_MAX_BYTES: env.int(1024 * 1024, 1024 ** 4).default(256 * 1024 * 1024),

@@ -35,6 +35,13 @@ const bigint = (min: bigint) =>
     .transform(BigInt)
     .pipe(z.bigint().min(min).max(maxInt64));
 
+/**
+ * Milliseconds between runs of something a process does over and over (a poll, a sync), up to `max`: 0 never runs
+ * it (`off` says how the refusal names that), and fewer than 50 would take its thread's time for nothing.
+ */
+const periodMs = (max: number, off: string) =>
+  int(0, max).refine((ms) => ms === 0 || ms >= 50, `must be 0 (${off}) or at least 50 (ms)`);
+
 /** A port to listen on; 0 asks the system for any free one (its number is logged), as it always did. */
 const port = (fallback: number) => int(0, 65535).default(fallback);
 
@@ -307,7 +314,7 @@ export const commonEnv = {
   CORS_ALLOWED_ORIGINS: origins.default(["*"]),
 };
 
-export const env = { port, int, decimal, bigint, httpUrl, filled, postgresUrl, setOrUnset };
+export const env = { port, int, periodMs, decimal, bigint, httpUrl, filled, postgresUrl, setOrUnset };
 
 /** Parses `source` with the schema built from `shape`, or throws a ConfigError naming each bad variable. */
 export function parseEnv<S extends z.ZodRawShape>(
