@@ -102,7 +102,7 @@ export interface BillingServiceOptions {
 }
 
 const maxUsageBatch = 10_000;
-/** Most changes, and most key ids, one SyncRateUsage call carries. */
+/** Most counts, and most new key ids, one SyncRateUsage call carries. */
 const maxRateSyncEntries = 10_000;
 const maxInt64 = 2n ** 63n - 1n;
 const budgetScopes: Partial<Record<BudgetScope, StoredBudgetScope>> = {
